@@ -1,0 +1,40 @@
+# The README's commands. `make test` and `make demo` each build .venv from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU machines install the CPU build of torch first; anything else would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test lint demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet torch; \
+		else $(PIP) install --quiet "$(TORCH_SPEC)"; fi; \
+	fi
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup
+	$(VENV)/bin/ruff check .
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=600 tests
+
+demo: setup
+	$(PY) -m retnet.demo
+
+bench: setup
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/serve.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

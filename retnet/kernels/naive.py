@@ -1,0 +1,204 @@
+"""fp32 PyTorch references for retention, in its three equivalent forms.
+
+All three share one signature and layout with the Triton ops in ``chunk.py`` / ``recurrent.py``:
+
+    q, k: [B, T, H, K]    v: [B, T, H, V]    log_decay: [H] (natural log of γ_h, float32, < 0)
+    initial_state / final_state: [B, H, K, V] float32 (or [N, H, K, V] with ``cu_seqlens``)
+
+The recurrence they all compute is
+
+    S_t = γ · S_{t-1} + k_tᵀ v_t,        o_t = scale · q_t S_t,        scale = K^-1/2 by default.
+
+The decay is kept in log space and only exponentiated as ``exp(n · log γ)`` for a distance n, because
+γ = 1 - 2^(-5-h) rounds to exactly 1.0 in bf16 from head 4 (and in fp32 from head 20): a decay mask
+built from a rounded γ would stop decaying, and one built in low precision leaks future tokens.
+No row stabiliser is applied: the per-head norm that follows retention in the model would cancel it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with q's B, T, H {tuple(q.shape[:3])}; got {tuple(v.shape)}")
+    num_heads = q.shape[2]
+    if log_decay.shape != (num_heads,):
+        raise ValueError(f"log_decay must be [H] = [{num_heads}]; got {tuple(log_decay.shape)}")
+    if cu_seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens the batch must be packed into B=1; got B={q.shape[0]}")
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[1]:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at T={q.shape[1]}; got {cu_seqlens.tolist()}"
+            )
+    num_states = q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+    expected_state = (num_states, num_heads, q.shape[3], v.shape[3])
+    if initial_state is not None and tuple(initial_state.shape) != expected_state:
+        raise ValueError(
+            f"initial_state must be [B or N, H, K, V] = {list(expected_state)}; got {tuple(initial_state.shape)}"
+        )
+
+
+def _per_sequence(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, **kw):
+    """Run ``form`` on each packed sequence of a varlen batch (B=1) and stitch the results."""
+    outputs, states = [], []
+    bounds = cu_seqlens.tolist()
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = None if initial_state is None else initial_state[i : i + 1]
+        o, s = form(q[:, start:end], k[:, start:end], v[:, start:end], log_decay, scale, h0, True, **kw)
+        outputs.append(o)
+        states.append(s)
+    final = torch.cat(states) if output_final_state else None
+    return torch.cat(outputs, dim=1), final
+
+
+def _decay_powers(log_decay: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """γ_h^n for every head h and exponent n: [H, len(exponents)], computed as exp(n · log γ)."""
+    return torch.exp(log_decay.float()[:, None] * exponents.float()[None, :])
+
+
+def _causal_decay_mask(log_decay: torch.Tensor, length: int) -> torch.Tensor:
+    """D[h, t, s] = γ_h^(t-s) for s <= t, else 0: [H, T, T] float32."""
+    position = torch.arange(length, device=log_decay.device, dtype=torch.float32)
+    distance = position[:, None] - position[None, :]
+    exponent = log_decay.float()[:, None, None] * distance
+    # -inf before exp (not a multiply by a 0/1 mask) so the upper triangle is exactly 0 and never inf*0.
+    return torch.exp(exponent.masked_fill(distance < 0, float("-inf")))
+
+
+def parallel_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Parallel form: O = scale · (Q Kᵀ ⊙ D) V (+ the initial state's contribution). O(T²) per head.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; log_decay: ``[H]`` float32, log γ per head.
+        scale: multiplies q·k; defaults to ``K ** -0.5``.
+        initial_state: ``[B, H, K, V]`` float32 state before the first token, or None for zeros.
+        output_final_state: also return the state after the last token.
+        cu_seqlens: ``[N + 1]`` int offsets of N sequences packed into B=1; states are then ``[N, H, K, V]``.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32 or None)``.
+    """
+    _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return _per_sequence(
+            parallel_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    length = q.shape[1]
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    scores = (qf @ kf.transpose(-1, -2)) * _causal_decay_mask(log_decay, length)
+    o = scores @ vf
+    steps = torch.arange(length + 1, device=q.device)
+    if initial_state is not None:
+        # o_t also sees γ^(t+1) S_0.
+        decay_from_start = _decay_powers(log_decay, steps[1:])[None, :, :, None]
+        o = o + (qf * decay_from_start) @ initial_state.float()
+    final_state = None
+    if output_final_state:
+        decay_to_end = _decay_powers(log_decay, length - 1 - steps[:-1])[None, :, :, None]
+        final_state = (kf * decay_to_end).transpose(-1, -2) @ vf
+        if initial_state is not None:
+            final_state = final_state + _decay_powers(log_decay, steps[-1:])[None, :, :, None] * initial_state
+    return (scale * o).transpose(1, 2).to(v.dtype), final_state
+
+
+def chunk_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise recurrent form: parallel inside chunks of ``chunk_size``, recurrent across them. O(T·C).
+
+    Same arguments and returns as :func:`parallel_retention`; T need not be a multiple of ``chunk_size``.
+    """
+    _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if cu_seqlens is not None:
+        return _per_sequence(
+            chunk_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
+            chunk_size=chunk_size,
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, length, heads, key_dim = q.shape
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    state = (
+        torch.zeros(batch, heads, key_dim, v.shape[-1], device=q.device, dtype=torch.float32)
+        if initial_state is None
+        else initial_state.float()
+    )
+    outputs = []
+    for start in range(0, length, chunk_size):
+        end = min(start + chunk_size, length)
+        size = end - start
+        qc, kc, vc = qf[:, :, start:end], kf[:, :, start:end], vf[:, :, start:end]
+        steps = torch.arange(size + 1, device=q.device)
+        intra = ((qc @ kc.transpose(-1, -2)) * _causal_decay_mask(log_decay, size)) @ vc
+        inter = (qc * _decay_powers(log_decay, steps[1:])[None, :, :, None]) @ state
+        outputs.append(intra + inter)
+        decay_to_end = _decay_powers(log_decay, size - 1 - steps[:-1])[None, :, :, None]
+        state = _decay_powers(log_decay, steps[-1:])[None, :, :, None] * state + (
+            (kc * decay_to_end).transpose(-1, -2) @ vc
+        )
+    o = torch.cat(outputs, dim=2) if outputs else vf.new_zeros(batch, heads, 0, v.shape[-1])
+    return (scale * o).transpose(1, 2).to(v.dtype), (state if output_final_state else None)
+
+
+def recurrent_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Recurrent form: one state update per token, O(1) in the context length. Used for decoding.
+
+    Same arguments and returns as :func:`parallel_retention`.
+    """
+    _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return _per_sequence(
+            recurrent_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, length, heads, key_dim = q.shape
+    qf, kf, vf = q.float(), k.float(), v.float()
+    decay = torch.exp(log_decay.float())[None, :, None, None]
+    state = (
+        torch.zeros(batch, heads, key_dim, v.shape[-1], device=q.device, dtype=torch.float32)
+        if initial_state is None
+        else initial_state.float()
+    )
+    outputs = []
+    for t in range(length):
+        state = decay * state + kf[:, t, :, :, None] * vf[:, t, :, None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], state))
+    o = torch.stack(outputs, dim=1) if outputs else vf.new_zeros(batch, 0, heads, v.shape[-1])
+    return (scale * o).to(v.dtype), (state if output_final_state else None)

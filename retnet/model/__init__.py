@@ -1,0 +1,7 @@
+"""The RetNet model: configuration, recurrent-state cache, HuggingFace model classes, activations."""
+
+from retnet.model.cache import RetNetCache
+from retnet.model.configuration_retnet import PRESETS, RetNetConfig
+from retnet.model.modeling_retnet import RetNetForCausalLM, RetNetModel, RetNetPreTrainedModel
+
+__all__ = ["PRESETS", "RetNetCache", "RetNetConfig", "RetNetForCausalLM", "RetNetModel", "RetNetPreTrainedModel"]

@@ -1,0 +1,115 @@
+"""The recurrent-state cache: what a RetNet carries from one decoding step to the next.
+
+Unlike a Transformer's KV cache it does not grow with the context: per layer it is one fp32 state
+``[B, H, K, V]`` (the retention recurrence S_t = γ S_{t−1} + k_tᵀ v_t), plus per sequence the count of real
+(non-padding) tokens seen, which gives the next token's rotary position. That is all ``generate()`` and the
+server need, and why a decoding step costs O(1) in the context length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class RetNetCache:
+    """Per-layer fp32 retention states and per-sequence positions.
+
+    Attributes:
+        states: one ``[B, H, K, V]`` float32 tensor per layer (``None`` until the layer first runs).
+        offsets: ``[B]`` int64, real tokens seen per sequence (the next token's position).
+        seen_tokens: columns consumed so far, padding included (what ``generate`` slices its inputs by).
+    """
+
+    # Read by transformers' generation utilities: the state is not a sliceable KV cache.
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int):
+        self.states: list[torch.Tensor | None] = [None] * num_layers
+        self.offsets: torch.Tensor | None = None
+        self.seen_tokens = 0
+
+    # -- what transformers' generate() asks of a cache --------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True] * len(self.states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep rows ``beam_idx`` (beam search); in place."""
+        self.states = [None if s is None else s.index_select(0, beam_idx.to(s.device)) for s in self.states]
+        if self.offsets is not None:
+            self.offsets = self.offsets.index_select(0, beam_idx.to(self.offsets.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(torch.as_tensor(indices, dtype=torch.long))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.states = [None if s is None else s.repeat_interleave(repeats, dim=0) for s in self.states]
+        if self.offsets is not None:
+            self.offsets = self.offsets.repeat_interleave(repeats, dim=0)
+
+    # -- what the server's batching engine needs ------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.offsets is None else self.offsets.shape[0]
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> RetNetCache:
+        """A new cache with rows ``indices`` (copies; the original is unchanged)."""
+        out = self.clone()
+        out.reorder_cache(torch.as_tensor(indices, dtype=torch.long))
+        return out
+
+    def clone(self) -> RetNetCache:
+        out = RetNetCache(len(self.states))
+        out.states = [None if s is None else s.clone() for s in self.states]
+        out.offsets = None if self.offsets is None else self.offsets.clone()
+        out.seen_tokens = self.seen_tokens
+        return out
+
+    @classmethod
+    def concat(cls, caches: Sequence[RetNetCache]) -> RetNetCache:
+        """Stack the rows of several caches (each already run through every layer) into one batch."""
+        if not caches:
+            raise ValueError("concat needs at least one cache")
+        num_layers = len(caches[0])
+        if any(len(c) != num_layers or c.offsets is None for c in caches):
+            raise ValueError("concat needs caches of the same layer count, each already filled by a forward pass")
+        out = cls(num_layers)
+        out.states = [torch.cat([c.states[i] for c in caches]) for i in range(num_layers)]
+        out.offsets = torch.cat([c.offsets for c in caches])
+        out.seen_tokens = max(c.seen_tokens for c in caches)
+        return out
+
+    def split(self) -> list[RetNetCache]:
+        """One single-row cache per sequence (views into this cache's tensors)."""
+        rows = []
+        for b in range(self.batch_size):
+            row = RetNetCache(len(self.states))
+            row.states = [s[b : b + 1] for s in self.states]
+            row.offsets = self.offsets[b : b + 1]
+            row.seen_tokens = int(self.offsets[b])
+            rows.append(row)
+        return rows
+
+    def nbytes(self) -> int:
+        """Bytes held by the states: constant in the context length."""
+        return sum(s.numel() * s.element_size() for s in self.states if s is not None)
+
+    def to(self, device: torch.device | str) -> RetNetCache:
+        self.states = [None if s is None else s.to(device) for s in self.states]
+        self.offsets = None if self.offsets is None else self.offsets.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"RetNetCache(layers={len(self)}, batch={self.batch_size}, seen_tokens={self.seen_tokens})"
+
+
+__all__ = ["RetNetCache"]

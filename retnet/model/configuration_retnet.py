@@ -1,0 +1,171 @@
+"""RetNet model configuration.
+
+Every architectural choice of the paper (Sun et al., 2023, "Retentive Network") is a field whose default is
+the paper's value. A configuration that cannot work is refused when it is built or loaded, with the field's
+name and the value received.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from retnet.model.activations import validate_activation
+
+RETENTION_MODES = ("auto", "parallel", "chunkwise", "recurrent")
+NORM_TYPES = ("layernorm", "rmsnorm")
+DECAY_SCHEDULES = ("paper", "linspace")
+
+# The paper's sizes (Table 1 of Sun et al., 2023) and a tiny one for tests and the CPU demo.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, chunk_size=32,
+        tie_word_embeddings=True,
+    ),
+    "small": dict(
+        vocab_size=16384, hidden_size=512, num_hidden_layers=6, num_attention_heads=4, tie_word_embeddings=True,
+    ),
+    "retnet-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=8),
+    "retnet-2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=10),
+    "retnet-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=16),
+}
+
+
+class RetNetConfig(PretrainedConfig):
+    r"""Configuration of a RetNet decoder.
+
+    Shapes: ``hidden_size = d``; each of the ``num_attention_heads = H`` retention heads has a key/query
+    dimension ``head_dim`` (default ``d / H``; 256 in the paper's sizes) and a value dimension
+    ``value_factor · d / H`` (paper: value_factor 2). The FFN is ``intermediate_size`` wide (paper: 2d).
+
+    ``hidden_act`` is one activation name for every layer or a list with one name per layer (``identity``
+    makes a layer's FFN linear); ``hidden_act_kwargs`` is one dict of parameters or a list of dicts.
+    Decay: ``decay_schedule="paper"`` gives γ_h = 1 − 2^(−5−h); ``"linspace"`` spaces the exponent evenly
+    from ``decay_exponent_min`` to ``decay_exponent_max`` across the heads.
+    ``retention_mode``: ``auto`` picks the recurrent form for single-token steps and the chunkwise form
+    otherwise; ``parallel``, ``chunkwise`` and ``recurrent`` force one (all three give the same result).
+    """
+
+    model_type = "retnet"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 8
+    head_dim: int | None = None
+    value_factor: float = 2.0
+    intermediate_size: int | None = None
+    hidden_act: str | list[str] = "gelu"
+    hidden_act_kwargs: dict | list[dict] | None = None
+    ffn_glu: bool = False
+    ffn_bias: bool = False
+    norm_type: str = "layernorm"
+    rms_norm_eps: float = 1e-6
+    use_head_norm: bool = True
+    use_output_gate: bool = True
+    rope_theta: float = 10000.0
+    use_xpos: bool = False
+    xpos_scale_base: float = 512.0
+    decay_schedule: str = "paper"
+    decay_exponent_min: float = 5.0
+    decay_exponent_max: float = 9.0
+    chunk_size: int = 64
+    retention_mode: str = "auto"
+    initializer_range: float = 0.02
+    dropout: float = 0.0
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None and self.num_attention_heads and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 2 * self.hidden_size
+        super().__post_init__(**kwargs)
+        self.validate_retnet()
+
+    # -- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def value_head_dim(self) -> int:
+        return int(self.hidden_size * self.value_factor) // self.num_attention_heads
+
+    @property
+    def layer_activations(self) -> list[tuple[str, dict]]:
+        """(name, kwargs) of the FFN activation of each layer."""
+        names = self.hidden_act if isinstance(self.hidden_act, list) else [self.hidden_act] * self.num_hidden_layers
+        kwargs = self.hidden_act_kwargs
+        if kwargs is None or isinstance(kwargs, dict):
+            kwargs = [dict(kwargs or {})] * self.num_hidden_layers
+        return list(zip(names, kwargs))
+
+    def log_decays(self) -> list[float]:
+        """ln γ_h per head, computed in float64 as log1p(−2^−e) so γ ≈ 1 keeps its distance from 1."""
+        heads = self.num_attention_heads
+        if self.decay_schedule == "paper":
+            exponents = [5.0 + h for h in range(heads)]
+        else:
+            step = (self.decay_exponent_max - self.decay_exponent_min) / max(heads - 1, 1)
+            exponents = [self.decay_exponent_min + step * h for h in range(heads)]
+        return [math.log1p(-(2.0 ** -e)) for e in exponents]
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def validate_retnet(self) -> None:
+        """Refuse a configuration that cannot work; the message names the field and the value."""
+
+        def refuse(field: str, expected: str) -> None:
+            raise ValueError(f"RetNetConfig.{field} {expected}; got {getattr(self, field)!r}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                      "intermediate_size", "chunk_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                refuse(field, "must be a positive integer")
+        if self.hidden_size % self.num_attention_heads != 0:
+            refuse("hidden_size", f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        if self.value_factor <= 0 or (self.hidden_size * self.value_factor) % self.num_attention_heads != 0:
+            refuse("value_factor", f"must be > 0 and make value_factor * hidden_size ({self.hidden_size}) "
+                   f"divisible by num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2 != 0:
+            refuse("head_dim", "must be even (rotary position pairs the key dimensions)")
+        if self.retention_mode not in RETENTION_MODES:
+            refuse("retention_mode", f"must be one of {RETENTION_MODES}")
+        if self.norm_type not in NORM_TYPES:
+            refuse("norm_type", f"must be one of {NORM_TYPES}")
+        if self.decay_schedule not in DECAY_SCHEDULES:
+            refuse("decay_schedule", f"must be one of {DECAY_SCHEDULES}")
+        if self.decay_schedule == "linspace" and not 0 < self.decay_exponent_min <= self.decay_exponent_max:
+            refuse("decay_exponent_min", f"must satisfy 0 < decay_exponent_min <= decay_exponent_max "
+                   f"({self.decay_exponent_max})")
+        if not self.rms_norm_eps > 0:
+            refuse("rms_norm_eps", "must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            refuse("dropout", "must be in [0, 1)")
+        if not self.rope_theta > 0:
+            refuse("rope_theta", "must be > 0")
+        if isinstance(self.hidden_act, list) and len(self.hidden_act) != self.num_hidden_layers:
+            refuse("hidden_act", f"as a list must have one name per layer (num_hidden_layers="
+                   f"{self.num_hidden_layers}), but has {len(self.hidden_act)}")
+        if isinstance(self.hidden_act_kwargs, list) and len(self.hidden_act_kwargs) != self.num_hidden_layers:
+            refuse("hidden_act_kwargs", f"as a list must have one dict per layer (num_hidden_layers="
+                   f"{self.num_hidden_layers}), but has {len(self.hidden_act_kwargs)}")
+        for layer, (name, kwargs) in enumerate(self.layer_activations):
+            try:
+                validate_activation(name, kwargs)
+            except ValueError as error:
+                raise ValueError(f"RetNetConfig.hidden_act (layer {layer}): {error}") from None
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RetNetConfig:
+        """A configuration of one of :data:`PRESETS` (``tiny``, ``small``, ``retnet-1.3b`` ...)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown RetNet preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+__all__ = ["PRESETS", "RETENTION_MODES", "RetNetConfig"]

@@ -1,0 +1,552 @@
+"""RetNet (Sun et al., 2023, "Retentive Network: A Successor to Transformer for Large Language Models").
+
+Ordered like transformers' ``modeling_llama.py``: norms and position encoding, the multi-scale retention
+layer, the FFN, the decoder block, then ``RetNetPreTrainedModel``, ``RetNetModel`` and
+``RetNetForCausalLM``. Retention itself (parallel, chunkwise, recurrent) lives in :mod:`retnet.kernels`; this
+file only projects, positions, masks and normalises around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import utils as generation_utils
+from transformers.modeling_outputs import ModelOutput
+
+from retnet import kernels
+from retnet.model.activations import get_activation
+from retnet.model.cache import RetNetCache
+from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
+
+try:  # transformers' guarded initialisers leave weights that were loaded from a checkpoint untouched
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older transformers 5.x
+    from torch.nn import init
+
+# transformers renamed the generation kwarg `past_key_values` to `cache` in 5.2x; accept both, emit the
+# one this transformers expects.
+CACHE_KWARG = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", []) else "past_key_values"
+
+# Without Triton the chunkwise reference loops over chunks in Python; the parallel form is faster up to
+# here and its T² memory is still small.
+REFERENCE_PARALLEL_MAX_LEN = 512
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Norms and position encoding
+# ----------------------------------------------------------------------------------------------------------
+class RetNetRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)
+        return (normed * self.weight.float()).to(hidden_states.dtype)
+
+
+def build_norm(config: RetNetConfig, size: int) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return RetNetRMSNorm(size, eps=config.rms_norm_eps)
+    return nn.LayerNorm(size, eps=config.rms_norm_eps)
+
+
+class RetNetHeadNorm(nn.Module):
+    """Per-head normalisation of the retention output (the paper's GroupNorm, one group per head).
+
+    It makes each head's output scale-free, which is why retention needs no row stabiliser: a per-row
+    scalar on a head's output is cancelled here.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float, norm_type: str):
+        super().__init__()
+        self.num_heads, self.head_dim, self.eps, self.norm_type = num_heads, head_dim, eps, norm_type
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        """o: [B, T, H, V] -> [B, T, H·V]."""
+        shape = (self.head_dim,)
+        of = o.float()
+        normed = F.rms_norm(of, shape, eps=self.eps) if self.norm_type == "rmsnorm" else F.layer_norm(
+            of, shape, eps=self.eps
+        )
+        return (normed.flatten(-2) * self.weight.float()).to(o.dtype)
+
+
+class RetNetRotaryEmbedding(nn.Module):
+    """θ-shift (rotary) positions on q and k, with optional xPos scaling (Sun et al., 2022).
+
+    Computed from the positions on each call, in fp32; the inverse frequencies are cached per device rather
+    than registered as a buffer, so checkpoints hold no derived tensors.
+    """
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.use_xpos = config.use_xpos
+        self.xpos_scale_base = config.xpos_scale_base
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._tables:
+            pair = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device)
+            inv_freq = (1.0 / self.theta ** (pair / self.head_dim)).float()
+            xpos_base = ((pair + 0.4 * self.head_dim) / (1.4 * self.head_dim)).float()
+            self._tables[device] = (inv_freq, xpos_base)
+        return self._tables[device]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
+        """q, k: [B, T, H, K]; position_ids: [B, T] -> rotated (q, k) in their dtype."""
+        inv_freq, xpos_base = self._table(q.device)
+        positions = position_ids.float()[:, :, None, None]  # [B, T, 1, 1]
+        angles = positions * inv_freq  # [B, T, 1, K/2]
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        qf, kf = q.float(), k.float()
+        q_rot = qf * cos + _rotate_half(qf) * sin
+        k_rot = kf * cos + _rotate_half(kf) * sin
+        if self.use_xpos:
+            # ζ^(n/base) on q and ζ^(−n/base) on k: the product depends only on the distance.
+            scale = torch.cat([xpos_base] * 2) ** (positions / self.xpos_scale_base)
+            q_rot, k_rot = q_rot * scale, k_rot / scale
+        return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Retention and FFN
+# ----------------------------------------------------------------------------------------------------------
+def resolve_retention_mode(mode: str, length: int, q: torch.Tensor) -> str:
+    """``auto``: recurrent for single-token steps; else chunkwise on the Triton path, and on the reference
+    path parallel up to :data:`REFERENCE_PARALLEL_MAX_LEN` tokens (faster there), chunkwise beyond."""
+    if mode not in RETENTION_MODES:
+        raise ValueError(f"retention_mode must be one of {RETENTION_MODES}; got {mode!r}")
+    if mode != "auto":
+        return mode
+    if length == 1:
+        return "recurrent"
+    if kernels.use_triton(q) or length > REFERENCE_PARALLEL_MAX_LEN:
+        return "chunkwise"
+    return "parallel"
+
+
+class RetNetMultiScaleRetention(nn.Module):
+    """Multi-scale retention: per-head decays γ_h, per-head norm, swish output gate (paper §2.2)."""
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.value_head_dim = config.value_head_dim
+        qk_size, v_size = self.num_heads * self.head_dim, self.num_heads * self.value_head_dim
+        self.q_proj = nn.Linear(config.hidden_size, qk_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, qk_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, v_size, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, v_size, bias=False) if config.use_output_gate else None
+        self.o_proj = nn.Linear(v_size, config.hidden_size, bias=False)
+        self.o_proj.is_residual_output = True
+        self.rotary = RetNetRotaryEmbedding(config)
+        self.head_norm = (
+            RetNetHeadNorm(self.num_heads, self.value_head_dim, config.rms_norm_eps, config.norm_type)
+            if config.use_head_norm
+            else None
+        )
+        self._log_decay: dict[torch.device, torch.Tensor] = {}
+
+    def log_decay(self, device: torch.device) -> torch.Tensor:
+        """ln γ per head, [H] float32 (fixed, not a parameter; kept in log space, see kernels/naive.py)."""
+        if device not in self._log_decay:
+            self._log_decay[device] = torch.tensor(self.config.log_decays(), dtype=torch.float32, device=device)
+        return self._log_decay[device]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        initial_state: torch.Tensor | None,
+        output_final_state: bool,
+        mode: str,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.value_head_dim)
+        q, k = self.rotary(q, k, position_ids)
+        if token_mask is not None:
+            # A padded position writes nothing into the state (its kᵀv is zero).
+            k = k * token_mask[:, :, None, None].to(k.dtype)
+        log_decay = self.log_decay(q.device)
+        mode = resolve_retention_mode(mode, length, q)
+        common = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        if mode == "parallel":
+            o, state = kernels.parallel_retention(q, k, v, log_decay, **common)
+        elif mode == "chunkwise":
+            o, state = kernels.chunk_retention(q, k, v, log_decay, chunk_size=self.config.chunk_size, **common)
+        else:
+            o, state = kernels.recurrent_retention(q, k, v, log_decay, **common)
+        o = self.head_norm(o) if self.head_norm is not None else o.flatten(-2)
+        if self.g_proj is not None:
+            o = F.silu(self.g_proj(hidden_states)) * o
+        return self.o_proj(o), state
+
+
+class RetNetMLP(nn.Module):
+    """The FFN: ``down(act(up(x)))``, or with ``ffn_glu`` ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        name, kwargs = config.layer_activations[layer_idx]
+        self.act_fn = get_activation(name, **kwargs)
+        width = config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.ffn_bias) if config.ffn_glu else None
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=config.ffn_bias)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.ffn_bias)
+        self.down_proj.is_residual_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+class RetNetDecoderLayer(nn.Module):
+    """Pre-norm block: x + Retention(Norm(x)), then + FFN(Norm(·))."""
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        self.retention_norm = build_norm(config, config.hidden_size)
+        self.retention = RetNetMultiScaleRetention(config, layer_idx)
+        self.ffn_norm = build_norm(config, config.hidden_size)
+        self.mlp = RetNetMLP(config, layer_idx)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states, position_ids, token_mask, initial_state, output_final_state, mode, cu_seqlens):
+        retained, state = self.retention(
+            self.retention_norm(hidden_states), position_ids, token_mask, initial_state, output_final_state,
+            mode, cu_seqlens,
+        )
+        hidden_states = hidden_states + self.dropout(retained)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.ffn_norm(hidden_states)))
+        return hidden_states, state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pretrained model, base model, causal LM
+# ----------------------------------------------------------------------------------------------------------
+class _CacheAlias:
+    """Outputs carry the cache under the field name this transformers uses (``cache`` from 5.2x,
+    ``past_key_values`` before); both names read it."""
+
+    @property
+    def cache(self) -> RetNetCache | None:
+        return self.get(CACHE_KWARG)
+
+    @property
+    def past_key_values(self) -> RetNetCache | None:
+        return self.get(CACHE_KWARG)
+
+
+@dataclass
+class RetNetModelOutput(_CacheAlias, ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    if CACHE_KWARG == "cache":
+        cache: RetNetCache | None = None
+    else:
+        past_key_values: RetNetCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class RetNetCausalLMOutput(_CacheAlias, ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    if CACHE_KWARG == "cache":
+        cache: RetNetCache | None = None
+    else:
+        past_key_values: RetNetCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class RetNetPreTrainedModel(PreTrainedModel):
+    config_class = RetNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RetNetDecoderLayer"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            # Residual-branch outputs scaled by 1/sqrt(2L) (GPT-2), so the residual stream's variance
+            # does not grow with depth.
+            is_residual_out = getattr(module, "is_residual_output", False)
+            scale = (2 * self.config.num_hidden_layers) ** -0.5 if is_residual_out else 1.0
+            init.normal_(module.weight, mean=0.0, std=std * scale)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, RetNetRMSNorm, RetNetHeadNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The recurrent state is not a KV cache; the model builds its own RetNetCache.
+        return False
+
+
+class RetNetModel(RetNetPreTrainedModel):
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(RetNetDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = build_norm(config, config.hidden_size)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: RetNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        retention_mode: str | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        **kwargs,
+    ) -> RetNetModelOutput | tuple:
+        """Run the decoder.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (or ``inputs_embeds`` ``[B, T, d]``).
+            attention_mask: ``[B, T]`` or ``[B, past + T]`` (as ``generate`` passes it), 1 for real tokens,
+                0 for padding; padded positions write nothing into the state. Left padding is supported.
+            position_ids: ``[B, T]``; by default counted from the cache's per-sequence offsets over real tokens.
+            cache / past_key_values: a :class:`RetNetCache` to continue from (and update in place).
+            use_cache: return the cache (a new one if none was given).
+            retention_mode: overrides ``config.retention_mode`` for this call.
+            cu_seqlens: ``[N + 1]`` offsets of N documents packed into B=1; no state crosses a boundary and
+                positions restart at each document.
+        """
+        cache = cache if cache is not None else past_key_values
+        output_hidden_states = bool(output_hidden_states)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden_states.shape[:2]
+        mode = retention_mode or self.config.retention_mode
+        if cu_seqlens is not None and (batch != 1 or cache is not None or attention_mask is not None):
+            raise ValueError("cu_seqlens needs a packed batch (B=1) without cache or attention_mask")
+
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if use_cache and cache is None and not checkpointing:
+            cache = RetNetCache(len(self.layers))
+        if checkpointing:
+            cache = None  # a checkpointed layer replays its forward; a cache would be written twice
+
+        token_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+                raise ValueError(
+                    f"attention_mask must be [B, T] or [B, past + T] with B={batch}, T={length}; "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            token_mask = attention_mask[:, -length:]
+        past_offsets = None if cache is None else cache.offsets
+        if position_ids is None:
+            position_ids = self._positions(batch, length, token_mask, past_offsets, cu_seqlens, hidden_states.device)
+
+        all_hidden_states = ()
+        for index, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            initial_state = None if cache is None else cache.states[index]
+            args = (hidden_states, position_ids, token_mask, initial_state, cache is not None, mode, cu_seqlens)
+            if checkpointing:
+                hidden_states, state = self._gradient_checkpointing_func(layer.__call__, *args)
+            else:
+                hidden_states, state = layer(*args)
+            if cache is not None:
+                cache.states[index] = state
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        if cache is not None:
+            real_tokens = length if token_mask is None else token_mask.sum(-1).long()
+            base = past_offsets if past_offsets is not None else torch.zeros(batch, dtype=torch.long,
+                                                                             device=hidden_states.device)
+            cache.offsets = base + real_tokens
+            cache.seen_tokens += length
+        output = RetNetModelOutput(
+            last_hidden_state=hidden_states,
+            **{CACHE_KWARG: cache if use_cache else None},
+            hidden_states=all_hidden_states if output_hidden_states else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    @staticmethod
+    def _positions(batch, length, token_mask, past_offsets, cu_seqlens, device) -> torch.Tensor:
+        """Each sequence's real tokens numbered from its cache offset; padding gets the next real position."""
+        if cu_seqlens is not None:
+            steps = torch.arange(length, device=device)
+            doc_start = cu_seqlens[torch.searchsorted(cu_seqlens, steps, right=True) - 1]
+            return (steps - doc_start)[None]
+        start = torch.zeros(batch, 1, dtype=torch.long, device=device) if past_offsets is None else past_offsets[:, None]
+        if token_mask is None:
+            return start + torch.arange(length, device=device)[None]
+        return start + (token_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: RetNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        retention_mode: str | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: RetNetCache | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> RetNetCausalLMOutput | tuple:
+        """Logits ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when > 0) and, with
+        ``labels`` ``[B, T]``, the next-token cross-entropy with −100 ignored. Other arguments as
+        :meth:`RetNetModel.forward`."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            retention_mode=retention_mode,
+            cu_seqlens=cu_seqlens,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        output = RetNetCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            **{CACHE_KWARG: outputs.cache},
+            hidden_states=outputs.hidden_states,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    # -- generation -----------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: RetNetCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        past_key_values: RetNetCache | None = None,
+        **kwargs,
+    ) -> dict:
+        """Feed only the tokens the state has not seen: after the prefill, one token per step."""
+        cache = cache if cache is not None else past_key_values
+        seen = 0 if cache is None else cache.get_seq_length()
+        model_inputs: dict = {}
+        if inputs_embeds is not None and seen == 0:
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            new_ids = input_ids[:, -next_sequence_length:] if next_sequence_length else input_ids[:, seen:]
+            model_inputs["input_ids"] = new_ids.contiguous()
+        model_inputs["cache"] = cache
+        model_inputs["attention_mask"] = attention_mask
+        for key in ("use_cache", "output_hidden_states", "retention_mode", "logits_to_keep", "position_ids"):
+            if key in kwargs:
+                model_inputs[key] = kwargs[key]
+        if model_inputs.get("position_ids") is not None:
+            length = next(v for k, v in model_inputs.items() if k in ("input_ids", "inputs_embeds")).shape[1]
+            model_inputs["position_ids"] = model_inputs["position_ids"][:, -length:]
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        model_kwargs[CACHE_KWARG] = outputs.cache
+        return model_kwargs
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) over labels that are not −100; ``num_items_in_batch``
+    replaces the mean's denominator when gradient accumulation needs a global count."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return total / num_items_in_batch
+
+
+__all__ = ["RetNetForCausalLM", "RetNetModel", "RetNetPreTrainedModel", "causal_lm_loss"]
