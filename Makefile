@@ -27,8 +27,12 @@ test: setup
 	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=600 tests
 
+# Train the tiny preset on the Python standard library's own sources (a few minutes on 2 CPU cores),
+# then serve it, stream one completion and keep serving until Ctrl-C.
+DEMO_DIR ?= runs/demo
 demo: setup
-	$(PY) -m retnet.demo
+	$(PY) -m retnet.train --config tiny --train.output_dir=$(DEMO_DIR)
+	$(PY) -m retnet.serve.demo --model $(DEMO_DIR)/export
 
 bench: setup
 	$(PY) benchmarks/decode.py

@@ -1,0 +1,101 @@
+"""Per-token decode latency and state size: RetNet's O(1) recurrent state vs a Llama KV cache.
+
+Both models (~25M parameters, matched width/depth/vocab) are built in the same run; for each context
+length the prompt is prefilled once, then ``--steps`` single-token decode steps are timed (median). The
+ratios are Llama / RetNet, so > 1 means RetNet is faster or smaller.
+
+    python benchmarks/decode.py [--contexts 128 1024 4096] [--steps 32] [--device cpu|cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import retnet  # noqa: F401
+from retnet.model import RetNetConfig, RetNetForCausalLM
+
+VOCAB, HIDDEN, LAYERS = 16384, 512, 6
+
+
+def build_models(device: torch.device, dtype: torch.dtype):
+    retnet_model = RetNetForCausalLM(RetNetConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+        tie_word_embeddings=True,
+    ))
+    # Llama matched to RetNet per layer: q,k (2d²) + v,g (2·2d²) + o (2d²) + FFN (2·d·2d) = 12d² = 4d² + 3·d·I.
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=8,
+        num_key_value_heads=8, intermediate_size=HIDDEN * 8 // 3, tie_word_embeddings=True,
+        max_position_embeddings=8192, attn_implementation="sdpa",
+    ))
+    return [("retnet", retnet_model.to(device, dtype).eval()), ("llama", llama.to(device, dtype).eval())]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(name, model, context: int, steps: int, device: torch.device) -> dict:
+    prompt = torch.randint(0, VOCAB, (1, context), device=device)
+    cache = None if name == "retnet" else DynamicCache(config=model.config)
+    out = model(prompt, **({"cache": cache} if cache is not None else {}), use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+    token = out.logits[:, -1:].argmax(-1)
+    latencies = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        out = model(token, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        synchronize(device)
+        latencies.append(time.perf_counter() - start)
+    if name == "retnet":
+        state_bytes = cache.nbytes()
+    else:
+        state_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return {"model": name, "context": context, "ms_per_token": 1e3 * statistics.median(latencies),
+            "state_bytes": state_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="contexts 128 and 1024, 8 steps")
+    args = parser.parse_args()
+    if args.quick:
+        args.contexts, args.steps = [128, 1024], 8
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    models = build_models(device, dtype)
+    for name, model in models:
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    rows = []
+    for context in args.contexts:
+        results = {name: measure(name, model, context, args.steps, device) for name, model in models}
+        rows.extend(results.values())
+        r, ll = results["retnet"], results["llama"]
+        print(f"context {context:>5}: retnet {r['ms_per_token']:.2f} ms/token, {r['state_bytes'] / 2**20:.2f} MiB state"
+              f" | llama {ll['ms_per_token']:.2f} ms/token, {ll['state_bytes'] / 2**20:.2f} MiB KV"
+              f" | latency ratio llama/retnet {ll['ms_per_token'] / r['ms_per_token']:.2f}x,"
+              f" memory ratio {ll['state_bytes'] / r['state_bytes']:.2f}x")
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"decode-{device.type}.json"
+    path.write_text(json.dumps({"device": str(device), "dtype": str(dtype), "rows": rows}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

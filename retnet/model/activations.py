@@ -1,0 +1,413 @@
+"""Activation functions for the RetNet FFN, and a registry that builds them by name.
+
+The FFN (``RetNetMLP``) calls ``get_activation(config.hidden_act, **config.hidden_act_kwargs)`` once per
+layer; ``RetNetConfig`` calls :func:`validate_activation` at load time so that a bad name or parameter is
+refused with a message that names it and its value.
+
+Registered names
+----------------
+``identity``
+    f(x) = x. Makes the FFN an affine map.
+``relu``
+    f(x) = max(x, 0) (Nair & Hinton, 2010).
+``leaky_relu`` (``negative_slope=0.01``)
+    f(x) = max(x, s·x) (Maas et al., 2013).
+``gelu``
+    f(x) = x·Φ(x) with Φ the standard normal CDF, computed with erf (Hendrycks & Gimpel, 2016,
+    "Gaussian Error Linear Units", arXiv:1606.08415).
+``gelu_tanh``
+    GELU's tanh approximation 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) (same paper).
+``silu`` (alias ``swish``)
+    f(x) = x·sigmoid(x) (Elfwing et al., 2018; Ramachandran et al., 2017, "Searching for Activation
+    Functions", arXiv:1710.05941).
+``sau`` (``alpha=0.15, sigma=1.0, trainable_alpha=True, trainable_sigma=False``)
+    Smooth Activation Unit (Biswas et al., 2021, "SAU: Smooth activation function using convolution with
+    approximate identities", arXiv:2109.13210): the Leaky ReLU ``f_α(x) = αx + (1−α)·relu(x)`` (equal
+    to max(x, αx) for α ≤ 1) convolved with the Gaussian N(0, σ²). In closed form, because
+    relu ∗ N(0, σ²) (x) = ∫ relu(x−y) N(y; 0, σ²) dy = x·Φ(x/σ) + σ·φ(x/σ)::
+
+        SAU(x) = αx + (1−α)·[x·Φ(x/σ) + σ·φ(x/σ)]
+
+    with Φ / φ the standard normal CDF / pdf. Derivatives: ∂/∂x = α + (1−α)·Φ(x/σ),
+    ∂/∂α = x − [x·Φ(x/σ) + σ·φ(x/σ)], ∂/∂σ = (1−α)·φ(x/σ). α is trainable by default (paper init 0.15);
+    σ is fixed by default and, when trainable, is stored as log σ so that it stays positive.
+``smelu`` (``beta=2.0``)
+    Smooth ReLU (Shamir, Lin & Coviello, 2020, "Smooth Activations and Reproducibility in Deep
+    Networks", arXiv:2010.09931): 0 for x ≤ −β, (x+β)²/(4β) for |x| < β, x for x ≥ β.
+``gsmelu`` (``alpha=2.0, beta=2.0, g_minus=0.0, g_plus=1.0, t=0.0``)
+    Generalized SmeLU (same paper): slope g₋ left of −α, slope g₊ right of β, and between them the
+    quadratic whose value and slope are continuous at both ends::
+
+        f(x) = g₋·x + t                               x ≤ −α
+        f(x) = a·x² + b·x + c                          −α < x < β
+        f(x) = f(β) + g₊·(x − β)                       x ≥ β
+        a = (g₊ − g₋) / (2(α+β)),   b = (α·g₊ + β·g₋) / (α+β),   c = t + a·α²
+        f(β) = g₋·β + t + (g₊ − g₋)(α+β)/2
+
+    so ``t`` is the intercept of the left piece (f(−α) = −g₋·α + t) and shifts the whole curve
+    vertically. A right piece through the origin (f(x) = g₊·x for x ≥ β) is t = (g₊ − g₋)(β − α)/2;
+    alpha = beta, g₋ = 0, g₊ = 1, t = 0 is SmeLU(beta). α may be negative as long as α + β > 0.
+
+Numerics: SAU, SmeLU and gSmeLU upcast fp16/bf16 (and fp32) inputs to float32 — float64 stays float64 —
+compute there, and cast the result back, with their parameters upcast too (a model cast to bf16 keeps
+working). SAU never forms 1/σ² at all: it computes z = x/σ once in float32 after clamping x to
+±40σ, where Φ and φ are exactly 1/0 in float32 and float64, so the clamp changes no value but keeps huge
+inputs from producing inf·0 = nan in the backward pass. The built-in ReLU/GELU/SiLU use torch's
+kernels, which already compute half-precision inputs in float32.
+
+Cost: ``nonlinear_evals_per_element``
+-------------------------------------
+Each activation class has an integer ``nonlinear_evals_per_element``: the number of non-polynomial
+evaluations one element costs, counted as
+
+* one per transcendental function: exp, erf/erfc, tanh, sigmoid (a sigmoid is one exp);
+* one per region selection: a compare-and-select such as max(x, 0) — a piecewise function counts one,
+  however many pieces it has;
+* adds, multiplies, squares and multiplications by constants are free, and clamps that only guard the
+  numerics (SAU's ±40σ overflow guard) are not counted.
+
+So identity 0; relu, leaky_relu, smelu, gsmelu 1 (one selection); gelu 1 (erf); gelu_tanh 1 (tanh);
+silu 1 (sigmoid); sau 2 (erf + exp). :func:`nonlinear_evals_per_token` multiplies it by the FFN width.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "GELU",
+    "SAU",
+    "Activation",
+    "GELUTanh",
+    "GeneralizedSmeLU",
+    "Identity",
+    "LeakyReLU",
+    "ReLU",
+    "SiLU",
+    "SmeLU",
+    "generalized_smelu",
+    "get_activation",
+    "nonlinear_evals_per_token",
+    "sau",
+    "smelu",
+    "validate_activation",
+]
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# |x/σ| beyond which Φ(x/σ) is exactly 0 or 1 and φ(x/σ) exactly 0, in float32 and float64 alike
+# (φ(40) = e^−800/√(2π) underflows float64), so clamping x/σ there changes no value.
+_SAU_Z_LIMIT = 40.0
+
+
+# -- parameter checks ------------------------------------------------------------------------------------
+
+
+def _real(activation: str, param: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"activation {activation!r}: {param} must be a finite real number; got {param}={value!r}")
+    return float(value)
+
+
+def _positive(activation: str, param: str, value: Any) -> float:
+    value = _real(activation, param, value)
+    if not value > 0:
+        raise ValueError(f"activation {activation!r}: {param} must be > 0; got {param}={value!r}")
+    return value
+
+
+def _flag(activation: str, param: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"activation {activation!r}: {param} must be true or false; got {param}={value!r}")
+    return value
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for fp16/bf16/fp32 inputs, float64 for float64 ones."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+# -- functional forms ------------------------------------------------------------------------------------
+
+
+def _sau_impl(x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """SAU in the dtype of its (already upcast) arguments."""
+    bound = _SAU_Z_LIMIT * sigma
+    z = torch.clamp(x, min=-bound, max=bound) / sigma
+    cdf = 0.5 * torch.special.erfc(-_SQRT_HALF * z)  # Φ(z); erfc keeps the left tail's relative accuracy
+    pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)  # φ(z)
+    smooth_relu = x * cdf + sigma * pdf  # (relu ∗ N(0, σ²))(x)
+    # αx + (1−α)·g written as g + α(x − g): exactly x where g = x, exactly αx where g = 0.
+    return smooth_relu + alpha * (x - smooth_relu)
+
+
+def sau(x: torch.Tensor, alpha: float | torch.Tensor = 0.15, sigma: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """SAU(x) = αx + (1−α)·[x·Φ(x/σ) + σ·φ(x/σ)], computed in float32 (float64 for float64 ``x``).
+
+    ``alpha`` / ``sigma`` are floats or scalar tensors (differentiable); ``sigma`` must be > 0.
+    """
+    if not isinstance(sigma, torch.Tensor):
+        _positive("sau", "sigma", sigma)
+    dtype = _compute_dtype(x)
+    alpha = alpha.to(dtype) if isinstance(alpha, torch.Tensor) else torch.tensor(alpha, dtype=dtype, device=x.device)
+    sigma = sigma.to(dtype) if isinstance(sigma, torch.Tensor) else torch.tensor(sigma, dtype=dtype, device=x.device)
+    return _sau_impl(x.to(dtype), alpha, sigma).to(x.dtype)
+
+
+def generalized_smelu(x: torch.Tensor, alpha: float = 2.0, beta: float = 2.0, g_minus: float = 0.0,
+                      g_plus: float = 1.0, t: float = 0.0) -> torch.Tensor:
+    """Generalized SmeLU (see the module docstring); computed in float32 (float64 for float64 ``x``)."""
+    if not alpha + beta > 0:
+        raise ValueError(f"activation 'gsmelu': alpha + beta must be > 0; got alpha={alpha!r}, beta={beta!r}")
+    xf = x.to(_compute_dtype(x))
+    a = (g_plus - g_minus) / (2.0 * (alpha + beta))
+    value_at_beta = g_minus * beta + t + 0.5 * (g_plus - g_minus) * (alpha + beta)
+    # Left of −α the clamp pins u at −α and the quadratic term vanishes, leaving g₋·x + t; in between it is
+    # g₋·x + t + a(x+α)², i.e. a·x² + b·x + c expanded around −α (no cancellation near −α).
+    u = torch.clamp(xf, min=-alpha, max=beta)
+    middle = g_minus * xf + t + a * (u + alpha) ** 2
+    right = value_at_beta + g_plus * (xf - beta)
+    return torch.where(xf > beta, right, middle).to(x.dtype)
+
+
+def smelu(x: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """SmeLU: 0 for x ≤ −β, (x+β)²/(4β) for |x| < β, x for x ≥ β; computed in float32 (float64 for float64)."""
+    beta = _positive("smelu", "beta", beta)
+    xf = x.to(_compute_dtype(x))
+    quadratic = (torch.clamp(xf, min=-beta, max=beta) + beta) ** 2 / (4.0 * beta)  # 0 left of −β
+    return torch.where(xf >= beta, xf, quadratic).to(x.dtype)
+
+
+# -- modules ---------------------------------------------------------------------------------------------
+
+
+class Activation(nn.Module):
+    """Base class of the registered activations: elementwise, shape-preserving."""
+
+    name: ClassVar[str] = ""
+    nonlinear_evals_per_element: ClassVar[int] = 0
+
+
+class Identity(Activation):
+    """f(x) = x."""
+
+    name = "identity"
+    nonlinear_evals_per_element = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class ReLU(Activation):
+    """f(x) = max(x, 0)."""
+
+    name = "relu"
+    nonlinear_evals_per_element = 1  # one compare-select
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x)
+
+
+class LeakyReLU(Activation):
+    """f(x) = x for x ≥ 0, negative_slope·x below."""
+
+    name = "leaky_relu"
+    nonlinear_evals_per_element = 1  # one compare-select
+
+    def __init__(self, negative_slope: float = 0.01):
+        super().__init__()
+        self.negative_slope = _real(self.name, "negative_slope", negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+
+class GELU(Activation):
+    """f(x) = x·Φ(x), Φ through erf."""
+
+    name = "gelu"
+    nonlinear_evals_per_element = 1  # erf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x)
+
+
+class GELUTanh(Activation):
+    """GELU's tanh approximation."""
+
+    name = "gelu_tanh"
+    nonlinear_evals_per_element = 1  # tanh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class SiLU(Activation):
+    """f(x) = x·sigmoid(x) (Swish with β = 1)."""
+
+    name = "silu"
+    nonlinear_evals_per_element = 1  # sigmoid (one exp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
+
+
+class SAU(Activation):
+    """Smooth Activation Unit: Leaky ReLU(α) convolved with N(0, σ²), in closed form (module docstring).
+
+    Parameters (state-dict names): ``alpha`` — an ``nn.Parameter`` when ``trainable_alpha`` (the default),
+    else a buffer; ``log_sigma`` — log σ, an ``nn.Parameter`` when ``trainable_sigma``, else a buffer. Both
+    are float32 and are upcast in ``forward`` if the module was cast to a lower precision.
+    """
+
+    name = "sau"
+    nonlinear_evals_per_element = 2  # erf (Φ) + exp (φ)
+
+    def __init__(self, alpha: float = 0.15, sigma: float = 1.0, trainable_alpha: bool = True,
+                 trainable_sigma: bool = False):
+        super().__init__()
+        self.init_alpha = _real(self.name, "alpha", alpha)
+        self.init_sigma = _positive(self.name, "sigma", sigma)
+        self.trainable_alpha = _flag(self.name, "trainable_alpha", trainable_alpha)
+        self.trainable_sigma = _flag(self.name, "trainable_sigma", trainable_sigma)
+        alpha_t = torch.tensor(self.init_alpha, dtype=torch.float32)
+        log_sigma_t = torch.tensor(math.log(self.init_sigma), dtype=torch.float32)
+        if self.trainable_alpha:
+            self.alpha = nn.Parameter(alpha_t)
+        else:
+            self.register_buffer("alpha", alpha_t)
+        if self.trainable_sigma:
+            self.log_sigma = nn.Parameter(log_sigma_t)
+        else:
+            self.register_buffer("log_sigma", log_sigma_t)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """σ = exp(log σ), in float32."""
+        return self.log_sigma.float().exp()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Back to the constructor's α and σ (for a model initialised on the meta device)."""
+        self.alpha.fill_(self.init_alpha)
+        self.log_sigma.fill_(math.log(self.init_sigma))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        alpha = self.alpha.to(dtype)
+        sigma = self.log_sigma.to(dtype).exp()
+        return _sau_impl(x.to(dtype), alpha, sigma).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.init_alpha} (init), sigma={self.init_sigma} (init), "
+                f"trainable_alpha={self.trainable_alpha}, trainable_sigma={self.trainable_sigma}")
+
+
+class SmeLU(Activation):
+    """Smooth ReLU: 0 for x ≤ −β, (x+β)²/(4β) for |x| < β, x for x ≥ β."""
+
+    name = "smelu"
+    nonlinear_evals_per_element = 1  # one region selection
+
+    def __init__(self, beta: float = 2.0):
+        super().__init__()
+        self.beta = _positive(self.name, "beta", beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return smelu(x, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
+
+
+class GeneralizedSmeLU(Activation):
+    """Generalized SmeLU: slopes g_minus / g_plus outside [−alpha, beta], a C¹ quadratic inside."""
+
+    name = "gsmelu"
+    nonlinear_evals_per_element = 1  # one region selection
+
+    def __init__(self, alpha: float = 2.0, beta: float = 2.0, g_minus: float = 0.0, g_plus: float = 1.0,
+                 t: float = 0.0):
+        super().__init__()
+        self.alpha = _real(self.name, "alpha", alpha)
+        self.beta = _real(self.name, "beta", beta)
+        if not self.alpha + self.beta > 0:
+            raise ValueError(f"activation {self.name!r}: alpha + beta must be > 0; got alpha={alpha!r}, "
+                             f"beta={beta!r}")
+        self.g_minus = _real(self.name, "g_minus", g_minus)
+        self.g_plus = _real(self.name, "g_plus", g_plus)
+        self.t = _real(self.name, "t", t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return generalized_smelu(x, self.alpha, self.beta, self.g_minus, self.g_plus, self.t)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, g_minus={self.g_minus}, g_plus={self.g_plus}, t={self.t}"
+
+
+# -- registry --------------------------------------------------------------------------------------------
+
+ACTIVATIONS: dict[str, type[Activation]] = {
+    "identity": Identity,
+    "relu": ReLU,
+    "leaky_relu": LeakyReLU,
+    "gelu": GELU,
+    "gelu_tanh": GELUTanh,
+    "silu": SiLU,
+    "swish": SiLU,
+    "sau": SAU,
+    "smelu": SmeLU,
+    "gsmelu": GeneralizedSmeLU,
+}
+
+
+def _lookup(name: Any) -> type[Activation]:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def get_activation(name: str, **kwargs: Any) -> Activation:
+    """A fresh activation module: ``get_activation("smelu", beta=2.0)``.
+
+    Raises ValueError for an unknown name (listing the known ones) and for an unknown or invalid parameter
+    (naming it and its value).
+    """
+    cls = _lookup(name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key, value in kwargs.items():
+        if key not in accepted:
+            raise ValueError(f"activation {name!r} has no parameter {key!r} (got {key}={value!r}); "
+                             f"its parameters: {accepted}")
+    return cls(**kwargs)
+
+
+def validate_activation(name: str, kwargs: dict[str, Any] | None = None) -> None:
+    """Raise the ValueError :func:`get_activation` would raise, without keeping a module."""
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"activation {name!r}: parameters must be a dict; got {kwargs!r}")
+    get_activation(name, **kwargs)
+
+
+def nonlinear_evals_per_token(module_or_name: str | Activation | type[Activation], width: int) -> int:
+    """``nonlinear_evals_per_element`` × ``width``: the activation's cost for one token of an FFN that wide."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        raise ValueError(f"width must be a non-negative integer; got width={width!r}")
+    source = _lookup(module_or_name) if isinstance(module_or_name, str) else module_or_name
+    per_element = getattr(source, "nonlinear_evals_per_element", None)
+    if not isinstance(per_element, int):
+        raise ValueError(f"{module_or_name!r} is not a registered activation (no nonlinear_evals_per_element)")
+    return per_element * width

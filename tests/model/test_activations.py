@@ -1,0 +1,373 @@
+"""The FFN activations: values against independent computations, gradients, low precision, the registry."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.integrate import quad
+from torch.autograd import gradcheck
+from torch.func import functional_call
+
+from retnet.model.activations import (
+    ACTIVATIONS,
+    SAU,
+    Activation,
+    GeneralizedSmeLU,
+    SmeLU,
+    generalized_smelu,
+    get_activation,
+    nonlinear_evals_per_token,
+    sau,
+    smelu,
+    validate_activation,
+)
+
+X_POINTS = [-1000.0, -50.0, -8.0, -3.0, -1.0, -0.3, 0.0, 0.2, 1.0, 2.5, 7.0, 50.0, 1000.0]
+
+
+# -- independent references ------------------------------------------------------------------------------
+
+
+def sau_by_quadrature(x: float, alpha: float, sigma: float) -> float:
+    """∫ LeakyReLU_α(x − y) N(y; 0, σ²) dy by adaptive quadrature (the definition, not the closed form)."""
+    leaky = lambda u: u if u >= 0 else alpha * u
+    gauss = lambda y: math.exp(-0.5 * (y / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    lo, hi = -12 * sigma, 12 * sigma  # the Gaussian mass outside is ~1e-33
+    points = [x] if lo < x < hi else None  # the kink of the integrand
+    value, _ = quad(lambda y: leaky(x - y) * gauss(y), lo, hi, points=points, epsabs=1e-13, epsrel=1e-13,
+                    limit=200)
+    return value
+
+
+def smelu_numpy(x: np.ndarray, beta: float) -> np.ndarray:
+    return np.where(x <= -beta, 0.0, np.where(x >= beta, x, (x + beta) ** 2 / (4 * beta)))
+
+
+def gsmelu_numpy(x: np.ndarray, alpha: float, beta: float, g_minus: float, g_plus: float, t: float) -> np.ndarray:
+    """Piecewise evaluation with the coefficients solved from the continuity conditions, not from formulas.
+
+    Unknowns a, b, c (quadratic a x² + b x + c) and d (right piece g₊ x + d); left piece g₋ x + t.
+    """
+    system = np.array([
+        [-2 * alpha, 1.0, 0.0, 0.0],        # slope at −α is g₋
+        [2 * beta, 1.0, 0.0, 0.0],          # slope at β is g₊
+        [alpha**2, -alpha, 1.0, 0.0],       # value at −α is −g₋α + t
+        [beta**2, beta, 1.0, -1.0],         # value at β is g₊β + d
+    ])
+    rhs = np.array([g_minus, g_plus, -g_minus * alpha + t, g_plus * beta])
+    a, b, c, d = np.linalg.solve(system, rhs)
+    return np.where(x <= -alpha, g_minus * x + t, np.where(x >= beta, g_plus * x + d, a * x**2 + b * x + c))
+
+
+GSMELU_SETTINGS = [
+    dict(alpha=2.0, beta=2.0, g_minus=0.0, g_plus=1.0, t=0.0),
+    dict(alpha=1.0, beta=3.0, g_minus=0.1, g_plus=1.2, t=0.5),
+    dict(alpha=-0.5, beta=1.5, g_minus=-0.2, g_plus=2.0, t=-1.0),  # quadratic region [0.5, 1.5]
+    dict(alpha=0.5, beta=0.5, g_minus=1.0, g_plus=0.0, t=0.0),  # concave: slope 1 then 0
+]
+
+
+# -- SAU -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.15, 0.5])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_sau_closed_form_matches_quadrature_of_the_convolution(alpha, sigma):
+    x = torch.tensor(X_POINTS, dtype=torch.float64)
+    expected = torch.tensor([sau_by_quadrature(v, alpha, sigma) for v in X_POINTS], dtype=torch.float64)
+    torch.testing.assert_close(sau(x, alpha, sigma), expected, rtol=1e-9, atol=1e-9)
+    # The module stores α and log σ in float32: equal up to that rounding.
+    module = SAU(alpha=alpha, sigma=sigma)
+    torch.testing.assert_close(module(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha, sigma", [(0.0, 1.0), (0.15, 0.5), (0.5, 3.0)])
+def test_sau_gradient_matches_derivative_of_quadrature(alpha, sigma):
+    points = [-8.0, -3.0, -1.0, -0.3, 0.0, 0.2, 1.0, 2.5, 7.0]
+    x = torch.tensor(points, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(sau(x, alpha, sigma).sum(), x)
+    h = 1e-4
+    numeric = [(sau_by_quadrature(v + h, alpha, sigma) - sau_by_quadrature(v - h, alpha, sigma)) / (2 * h)
+               for v in points]
+    torch.testing.assert_close(grad, torch.tensor(numeric, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    # and the closed-form derivative α + (1−α)Φ(x/σ)
+    phi_cdf = 0.5 * torch.special.erfc(-x.detach() / (sigma * math.sqrt(2)))
+    torch.testing.assert_close(grad, alpha + (1 - alpha) * phi_cdf, rtol=1e-12, atol=1e-12)
+
+
+def test_sau_limits_are_leaky_relu():
+    x = torch.tensor([-500.0, -40.0, 40.0, 500.0], dtype=torch.float64)
+    torch.testing.assert_close(sau(x, 0.15, 1.0), torch.where(x > 0, x, 0.15 * x), rtol=0, atol=0)
+    # σ → 0: the convolution tends to the Leaky ReLU itself
+    y = torch.linspace(-3, 3, 61, dtype=torch.float64)
+    torch.testing.assert_close(sau(y, 0.15, 1e-4), F.leaky_relu(y, 0.15), rtol=0, atol=1e-4)
+
+
+def test_sau_gradcheck_functional_wrt_x_alpha_sigma():
+    x = torch.tensor([-6.0, -2.3, -0.7, -0.1, 0.05, 0.4, 1.3, 3.1, 9.0], dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor(0.15, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(sau, (x, alpha, sigma), eps=1e-6, atol=1e-7)
+    # ∂/∂σ = (1−α)φ(x/σ) and ∂/∂α = x − (relu ∗ N)(x)
+    out = sau(x, alpha, sigma)
+    d_alpha, d_sigma = torch.autograd.grad(out.sum(), (alpha, sigma))
+    z = x.detach() / 0.8
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    smooth = x.detach() * 0.5 * torch.special.erfc(-z / math.sqrt(2)) + 0.8 * pdf
+    torch.testing.assert_close(d_sigma, (0.85 * pdf).sum(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_alpha, (x.detach() - smooth).sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_sau_module_gradcheck_with_trainable_sigma():
+    module = SAU(alpha=0.3, sigma=0.7, trainable_alpha=True, trainable_sigma=True)
+    assert {name for name, _ in module.named_parameters()} == {"alpha", "log_sigma"}
+    x = torch.tensor([-4.0, -1.1, -0.2, 0.3, 0.9, 2.2, 5.0], dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    log_sigma = torch.tensor(math.log(0.7), dtype=torch.float64, requires_grad=True)
+    call = lambda x, a, ls: functional_call(module, {"alpha": a, "log_sigma": ls}, (x,))
+    assert gradcheck(call, (x, alpha, log_sigma), eps=1e-6, atol=1e-7)
+    # the module really trains σ: its gradient reaches log_sigma, and σ stays positive after big steps
+    module.float()
+    module(torch.randn(64)).sum().backward()
+    assert module.log_sigma.grad is not None and module.alpha.grad is not None
+    with torch.no_grad():
+        module.log_sigma -= 50.0
+    assert module.sigma.item() > 0
+    assert torch.isfinite(module(torch.linspace(-5, 5, 11))).all()
+    module.reset_parameters()
+    assert module.sigma.item() == pytest.approx(0.7, rel=1e-6)
+    assert module.alpha.item() == pytest.approx(0.3, rel=1e-6)
+
+
+def test_sau_trainability_flags():
+    default = SAU()
+    assert [name for name, _ in default.named_parameters()] == ["alpha"]
+    assert default.alpha.item() == pytest.approx(0.15)
+    frozen = SAU(trainable_alpha=False)
+    assert list(frozen.parameters()) == []
+    assert set(frozen.state_dict()) == {"alpha", "log_sigma"}  # saved with the model either way
+
+
+# -- SmeLU / generalized SmeLU ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.25, 1.0, 2.0, 5.0])
+def test_smelu_matches_piecewise_numpy(beta):
+    values = np.concatenate([np.linspace(-3 * beta, 3 * beta, 601), [-beta, beta, -1e4, 1e4]])
+    out = SmeLU(beta)(torch.tensor(values, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(out, smelu_numpy(values, beta), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("setting", GSMELU_SETTINGS)
+def test_gsmelu_matches_piecewise_numpy(setting):
+    lo, hi = -abs(setting["alpha"]) - 3, setting["beta"] + 3
+    values = np.concatenate([np.linspace(lo, hi, 601), [-setting["alpha"], setting["beta"], -1e4, 1e4]])
+    out = GeneralizedSmeLU(**setting)(torch.tensor(values, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(out, gsmelu_numpy(values, **setting), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0, 3.7])
+def test_gsmelu_reduces_to_smelu(beta):
+    x = torch.linspace(-3 * beta, 3 * beta, 301, dtype=torch.float64, requires_grad=True)
+    general = GeneralizedSmeLU(alpha=beta, beta=beta, g_minus=0.0, g_plus=1.0, t=0.0)
+    a = general(x)
+    b = SmeLU(beta)(x)
+    torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+    (ga,) = torch.autograd.grad(a.sum(), x)
+    (gb,) = torch.autograd.grad(b.sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=1e-14, atol=1e-14)
+
+
+def test_gsmelu_t_is_the_left_intercept_and_the_documented_origin_normalisation_holds():
+    alpha, beta, g_minus, g_plus = 1.0, 3.0, 0.1, 1.2
+    x = torch.tensor([-7.0, -alpha, beta, 9.0], dtype=torch.float64)
+    shifted = generalized_smelu(x, alpha, beta, g_minus, g_plus, t=0.75) - generalized_smelu(x, alpha, beta, g_minus, g_plus)
+    torch.testing.assert_close(shifted, torch.full_like(x, 0.75), rtol=0, atol=1e-12)  # a vertical shift
+    assert generalized_smelu(x, alpha, beta, g_minus, g_plus, t=0.75)[0].item() == pytest.approx(-7 * g_minus + 0.75)
+    # t = (g₊ − g₋)(β − α)/2 puts the right piece through the origin: f(x) = g₊·x for x ≥ β
+    t = (g_plus - g_minus) * (beta - alpha) / 2
+    right = torch.tensor([beta, 4.0, 50.0], dtype=torch.float64)
+    torch.testing.assert_close(generalized_smelu(right, alpha, beta, g_minus, g_plus, t), g_plus * right)
+
+
+def test_smelu_gsmelu_gradcheck_away_from_kinks():
+    x = torch.tensor([-5.0, -2.5, -1.9, -0.6, 0.0, 0.7, 1.95, 2.1, 6.0], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda v: smelu(v, 2.0), (x,), eps=1e-6, atol=1e-7)
+    for setting in GSMELU_SETTINGS:
+        kinks = torch.tensor([-setting["alpha"], setting["beta"]], dtype=torch.float64)
+        y = torch.linspace(-6, 6, 37, dtype=torch.float64)
+        y = y[(y[:, None] - kinks).abs().min(dim=1).values > 1e-3].requires_grad_()
+        assert gradcheck(lambda v, s=setting: generalized_smelu(v, **s), (y,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("setting", [*GSMELU_SETTINGS, "smelu"])
+def test_gradient_is_continuous_at_the_kinks(setting):
+    if setting == "smelu":
+        fn, kinks = (lambda v: smelu(v, 1.5)), [(-1.5, 0.0), (1.5, 1.0)]
+    else:
+        fn = lambda v, s=setting: generalized_smelu(v, **s)
+        kinks = [(-setting["alpha"], setting["g_minus"]), (setting["beta"], setting["g_plus"])]
+    h = 1e-6
+    for kink, slope in kinks:
+        k = torch.tensor(kink, dtype=torch.float64)
+        left = (fn(k) - fn(k - h)) / h
+        right = (fn(k + h) - fn(k)) / h
+        assert left.item() == pytest.approx(slope, abs=1e-5)
+        assert right.item() == pytest.approx(slope, abs=1e-5)
+        # autograd just left of, at, and just right of the kink agrees with the slope
+        pts = torch.tensor([kink - h, kink, kink + h], dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(fn(pts).sum(), pts)
+        torch.testing.assert_close(grad, torch.full_like(grad, slope), rtol=0, atol=1e-5)
+
+
+# -- built-ins -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, reference",
+    [
+        ("identity", {}, lambda x: x),
+        ("relu", {}, F.relu),
+        ("leaky_relu", {"negative_slope": 0.2}, lambda x: F.leaky_relu(x, 0.2)),
+        ("gelu", {}, F.gelu),
+        ("gelu_tanh", {}, lambda x: F.gelu(x, approximate="tanh")),
+        ("silu", {}, F.silu),
+        ("swish", {}, F.silu),
+    ],
+)
+def test_builtins_match_torch_functional(name, kwargs, reference):
+    x = torch.randn(4, 33, dtype=torch.float64) * 4
+    torch.testing.assert_close(get_activation(name, **kwargs)(x), reference(x), rtol=0, atol=0)
+
+
+# -- low precision ---------------------------------------------------------------------------------------
+
+LOW_PRECISION_X = torch.tensor([
+    -60000.0, -30000.0, -1000.0, -100.0, -10.0, -3.0, -1.0, -0.5, -1e-3, -1e-4, 0.0, 1e-4, 1e-3, 0.5, 1.0,
+    3.0, 10.0, 100.0, 1000.0, 30000.0, 60000.0,
+])
+
+LOW_PRECISION_CASES = [(name, {}) for name in ACTIVATIONS] + [
+    ("sau", {"sigma": 1e-3}),
+    ("sau", {"sigma": 3.0, "alpha": 0.5}),
+    ("smelu", {"beta": 100.0}),  # (x+β)²/(4β) reaches 40000 inside: would overflow fp16 if squared there
+    ("gsmelu", {"alpha": 1.0, "beta": 3.0, "g_minus": 0.1, "g_plus": 1.0, "t": 0.5}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name, kwargs", LOW_PRECISION_CASES)
+def test_low_precision_is_finite_and_matches_fp32(name, kwargs, dtype):
+    act = get_activation(name, **kwargs)
+    x = torch.cat([LOW_PRECISION_X, torch.randn(200, generator=torch.Generator().manual_seed(0)) * 5])
+    x_low = x.to(dtype).requires_grad_()
+    out = act(x_low)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    (grad,) = torch.autograd.grad(out.float().sum(), x_low)
+    assert torch.isfinite(grad).all()
+    reference = act(x_low.detach().float())  # the same (rounded) inputs, in fp32
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), reference, rtol=eps, atol=1e-5)
+
+
+def test_sau_tiny_sigma_in_bf16_with_a_bf16_module():
+    act = SAU(alpha=0.15, sigma=1e-3, trainable_sigma=True).to(torch.bfloat16)
+    x = torch.cat([LOW_PRECISION_X, torch.tensor([1e30, -1e30, 3e38, -3e38])]).to(torch.bfloat16)
+    x.requires_grad_()
+    out = act(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.isfinite(act.alpha.grad) and torch.isfinite(act.log_sigma.grad)
+
+
+# -- registry --------------------------------------------------------------------------------------------
+
+
+def test_every_registered_name_builds_a_fresh_module():
+    assert set(ACTIVATIONS) == {"identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "swish", "sau",
+                                "smelu", "gsmelu"}
+    x = torch.randn(2, 3, 5)
+    for name in ACTIVATIONS:
+        first, second = get_activation(name), get_activation(name)
+        assert isinstance(first, Activation) and isinstance(first, ACTIVATIONS[name])
+        assert first is not second
+        assert first(x).shape == x.shape
+        validate_activation(name, {})
+        validate_activation(name, None)
+    assert get_activation("sau").alpha is not get_activation("sau").alpha
+    assert get_activation("smelu", beta=1.5).beta == 1.5
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="not_an_activation") as error:
+        get_activation("not_an_activation")
+    assert "smelu" in str(error.value) and "gelu_tanh" in str(error.value)
+    with pytest.raises(ValueError, match="GELU"):
+        validate_activation("GELU", {})
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, expected",
+    [
+        ("sau", {"sigma": 0}, "sigma=0"),
+        ("sau", {"sigma": -1.0}, "sigma=-1.0"),
+        ("sau", {"alpha": float("nan")}, "alpha=nan"),
+        ("sau", {"trainable_alpha": "yes"}, "trainable_alpha='yes'"),
+        ("sau", {"gamma": 1.0}, "gamma=1.0"),
+        ("smelu", {"beta": -1}, "beta=-1"),
+        ("smelu", {"beta": 0.0}, "beta=0.0"),
+        ("smelu", {"beta": "2"}, "beta='2'"),
+        ("gsmelu", {"alpha": 1.0, "beta": -1.0}, "alpha=1.0, beta=-1.0"),
+        ("gsmelu", {"alpha": -3.0, "beta": 1.0}, "alpha=-3.0, beta=1.0"),
+        ("gsmelu", {"g_plus": math.inf}, "g_plus=inf"),
+        ("leaky_relu", {"negative_slope": True}, "negative_slope=True"),
+        ("relu", {"beta": 1}, "beta=1"),
+    ],
+)
+def test_bad_parameters_name_the_field_and_value(name, kwargs, expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        get_activation(name, **kwargs)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        validate_activation(name, kwargs)
+
+
+def test_validate_refuses_non_dict_parameters_and_functional_refuses_bad_sigma():
+    with pytest.raises(ValueError, match="dict"):
+        validate_activation("sau", [0.2])
+    with pytest.raises(ValueError, match=re.escape("sigma=0.0")):
+        sau(torch.zeros(3), 0.15, 0.0)
+    with pytest.raises(ValueError, match=re.escape("beta=-2.0")):
+        smelu(torch.zeros(3), -2.0)
+
+
+# -- cost accounting -------------------------------------------------------------------------------------
+
+EXPECTED_EVALS = {"identity": 0, "relu": 1, "leaky_relu": 1, "gelu": 1, "gelu_tanh": 1, "silu": 1, "swish": 1,
+                  "sau": 2, "smelu": 1, "gsmelu": 1}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_nonlinear_evals(name):
+    cls = ACTIVATIONS[name]
+    assert isinstance(cls.nonlinear_evals_per_element, int)
+    assert cls.nonlinear_evals_per_element == EXPECTED_EVALS[name]
+    module = get_activation(name)
+    for source in (name, cls, module):
+        assert nonlinear_evals_per_token(source, 1408) == EXPECTED_EVALS[name] * 1408
+        assert nonlinear_evals_per_token(source, 0) == 0
+
+
+def test_nonlinear_evals_per_token_refuses_bad_inputs():
+    with pytest.raises(ValueError, match="width=-1"):
+        nonlinear_evals_per_token("relu", -1)
+    with pytest.raises(ValueError, match=re.escape("width=2.5")):
+        nonlinear_evals_per_token("relu", 2.5)
+    with pytest.raises(ValueError, match="softmax"):
+        nonlinear_evals_per_token("softmax", 8)
+    with pytest.raises(ValueError, match="nonlinear_evals_per_element"):
+        nonlinear_evals_per_token(torch.nn.Tanh(), 8)

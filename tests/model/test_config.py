@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+import retnet  # noqa: F401
+from retnet.model import PRESETS, RetNetConfig
+
+
+def test_defaults_follow_the_paper():
+    config = RetNetConfig.from_preset("retnet-1.3b")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (2048, 24, 8)
+    assert config.head_dim == 256  # the paper's key head dim
+    assert config.value_head_dim * config.num_attention_heads == 2 * config.hidden_size
+    assert config.intermediate_size == 2 * config.hidden_size
+    assert config.norm_type == "layernorm" and config.use_output_gate and config.use_head_norm
+    assert config.decay_schedule == "paper"
+    # γ_h = 1 − 2^(−5−h)
+    gammas = torch.tensor(config.log_decays(), dtype=torch.float64).exp()
+    expected = 1 - 2.0 ** (-5 - torch.arange(8, dtype=torch.float64))
+    torch.testing.assert_close(gammas, expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_valid_configs(name):
+    config = RetNetConfig.from_preset(name)
+    assert config.hidden_size % config.num_attention_heads == 0
+
+
+def test_paper_sizes():
+    assert RetNetConfig.from_preset("retnet-2.7b").head_dim == 256
+    big = RetNetConfig.from_preset("retnet-6.7b")
+    assert (big.hidden_size, big.num_hidden_layers, big.num_attention_heads, big.head_dim) == (4096, 32, 16, 256)
+
+
+def test_log_decays_stay_below_one_in_fp32_for_many_heads():
+    # 1 − 2^(−5−h) rounds to 1.0 in fp32 from head 20; its log must not.
+    config = RetNetConfig(hidden_size=256, num_attention_heads=32, num_hidden_layers=1, vocab_size=10)
+    log_decay = torch.tensor(config.log_decays(), dtype=torch.float32)
+    assert (log_decay < 0).all()
+    assert len(set(log_decay.tolist())) == 32
+
+
+def test_linspace_schedule():
+    config = RetNetConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=10,
+                          decay_schedule="linspace", decay_exponent_min=5, decay_exponent_max=8)
+    gammas = torch.tensor(config.log_decays(), dtype=torch.float64).exp()
+    torch.testing.assert_close(gammas, 1 - 2.0 ** -torch.tensor([5.0, 6, 7, 8], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(hidden_size=100, num_attention_heads=3), "hidden_size"),
+        (dict(hidden_act="not_an_activation"), "hidden_act"),
+        (dict(hidden_act=["gelu", "relu", "gelu"]), "hidden_act"),
+        (dict(hidden_act_kwargs=[{}, {}, {}]), "hidden_act_kwargs"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(intermediate_size=-5), "intermediate_size"),
+        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(retention_mode="magic"), "retention_mode"),
+        (dict(norm_type="batchnorm"), "norm_type"),
+        (dict(decay_schedule="cosine"), "decay_schedule"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(head_dim=15), "head_dim"),
+        (dict(value_factor=0.3), "value_factor"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(hidden_act="smelu", hidden_act_kwargs={"beta": -1.0}), "hidden_act"),
+    ],
+)
+def test_invalid_configs_name_the_field_and_value(overrides, field):
+    settings = dict(vocab_size=10, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    settings.update(overrides)
+    with pytest.raises(ValueError, match=field):
+        RetNetConfig(**settings)
+
+
+def test_bad_config_file_is_refused_at_load(tmp_path):
+    config = RetNetConfig(vocab_size=10, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["num_attention_heads"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"hidden_size.*64"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_auto_config_roundtrip(tmp_path):
+    config = RetNetConfig(vocab_size=10, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          hidden_act=["sau", "identity"], hidden_act_kwargs=[{"alpha": 0.2}, {}])
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, RetNetConfig)
+    assert loaded.hidden_act == ["sau", "identity"]
+    assert loaded.layer_activations == [("sau", {"alpha": 0.2}), ("identity", {})]

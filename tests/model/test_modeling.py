@@ -1,0 +1,182 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from retnet.model import RetNetConfig, RetNetForCausalLM
+
+MODES = ("parallel", "chunkwise", "recurrent")
+
+
+def _ids(batch=2, length=37, vocab=101, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (batch, length), generator=generator)
+
+
+@torch.no_grad()
+def test_three_retention_modes_give_the_same_logits(tiny_model):
+    ids = _ids()  # 37 tokens: not a multiple of the chunk size 8
+    logits = {mode: tiny_model(ids, retention_mode=mode).logits for mode in MODES}
+    for mode in ("chunkwise", "recurrent"):
+        torch.testing.assert_close(logits[mode], logits["parallel"], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prefill_mode", ("auto", *MODES))
+def test_prefill_then_cached_decoding_equals_full_forward_with_left_padding(tiny_model, prefill_mode):
+    ids = _ids(length=29)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # row 1 is left padded
+    ids[1, :6] = 0
+    full = tiny_model(ids, attention_mask=mask, retention_mode="parallel").logits
+
+    split = 13
+    out = tiny_model(ids[:, :split], attention_mask=mask[:, :split], use_cache=True, retention_mode=prefill_mode)
+    pieces, cache = [out.logits], out.cache
+    for t in range(split, ids.shape[1]):
+        out = tiny_model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.cache
+    stepped = torch.cat(pieces, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(stepped[real], full[real], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_left_padding_contributes_nothing(tiny_model):
+    ids = _ids(batch=1, length=20)
+    padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 20, dtype=torch.long)], dim=1)
+    for mode in MODES:
+        alone = tiny_model(ids, retention_mode=mode).logits
+        padded_logits = tiny_model(padded, attention_mask=mask, retention_mode=mode).logits[:, 7:]
+        torch.testing.assert_close(padded_logits, alone, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_state_is_constant_size_and_accepts_the_deprecated_kwarg(tiny_model):
+    ids = _ids(batch=1, length=40)
+    out = tiny_model(ids[:, :10], use_cache=True)
+    size_after_10 = out.cache.nbytes()
+    out2 = tiny_model(ids[:, 10:], past_key_values=out.cache, use_cache=True)
+    assert out2.cache is out.cache
+    assert out2.cache.nbytes() == size_after_10  # O(1) in the context length
+    assert out2.cache.get_seq_length() == 40
+    config = tiny_model.config
+    expected = config.num_hidden_layers * config.num_attention_heads * config.head_dim * config.value_head_dim * 4
+    assert size_after_10 == expected
+
+
+def test_loss_ignores_minus_100_labels(tiny_model):
+    ids = _ids(length=17)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = tiny_model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, tiny_model.config.vocab_size)
+    expected = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert tiny_model.model.embed_tokens.weight.grad is not None
+
+
+def test_gradients_agree_across_modes(model_factory):
+    model = model_factory()
+    ids = _ids(length=19)
+    grads = {}
+    for mode in MODES:
+        model.zero_grad()
+        model(ids, labels=ids, retention_mode=mode).loss.backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads["chunkwise"], grads["parallel"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads["recurrent"], grads["parallel"], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model_factory):
+    ids = _ids(length=16)
+    plain, checkpointed = model_factory().train(), model_factory().train()
+    checkpointed.gradient_checkpointing_enable()
+    for model in (plain, checkpointed):
+        model(ids, labels=ids).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@torch.no_grad()
+def test_packed_documents_do_not_leak_into_each_other(tiny_model):
+    docs = [_ids(batch=1, length=n, seed=n) for n in (11, 5, 17)]
+    packed = torch.cat(docs, dim=1)
+    cu_seqlens = torch.tensor([0, 11, 16, 33])
+    for mode in MODES:
+        logits = tiny_model(packed, cu_seqlens=cu_seqlens, retention_mode=mode).logits
+        alone = torch.cat([tiny_model(d, retention_mode=mode).logits for d in docs], dim=1)
+        torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_output_hidden_states(tiny_model):
+    out = tiny_model(_ids(length=9), output_hidden_states=True)
+    assert len(out.hidden_states) == tiny_model.config.num_hidden_layers + 1
+    assert out.hidden_states[0].shape == (2, 9, tiny_model.config.hidden_size)
+
+
+def test_resize_token_embeddings_keeps_ties(tiny_model):
+    tiny_model.resize_token_embeddings(130)
+    assert tiny_model.config.vocab_size == 130
+    assert tiny_model.lm_head.weight.shape[0] == 130
+    assert tiny_model.lm_head.weight.data_ptr() == tiny_model.model.embed_tokens.weight.data_ptr()
+    assert tiny_model(torch.tensor([[129, 3]])).logits.shape == (1, 2, 130)
+
+
+@torch.no_grad()
+def test_per_layer_activations_and_linear_ffn(model_factory):
+    model = model_factory(hidden_act=["sau", "identity"], hidden_act_kwargs=[{"alpha": 0.2, "sigma": 0.5}, {}])
+    assert type(model.model.layers[0].mlp.act_fn).__name__ == "SAU"
+    linear_mlp = model.model.layers[1].mlp
+    x = torch.randn(3, model.config.hidden_size)
+    # identity activation: the FFN is an affine map, so it is additive
+    torch.testing.assert_close(linear_mlp(x + x), 2 * linear_mlp(x), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(model(_ids(length=7)).logits).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("overrides", [dict(ffn_glu=True, hidden_act="silu"), dict(norm_type="rmsnorm", use_xpos=True),
+                                       dict(use_output_gate=False, use_head_norm=False, decay_schedule="linspace")])
+def test_variants_agree_across_modes(model_factory, overrides):
+    model = model_factory(**overrides)
+    ids = _ids(length=21)
+    reference = model(ids, retention_mode="parallel").logits
+    for mode in ("chunkwise", "recurrent"):
+        torch.testing.assert_close(model(ids, retention_mode=mode).logits, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_save_pretrained_roundtrip(tmp_path, model_factory):
+    model = model_factory(hidden_act="smelu", hidden_act_kwargs={"beta": 1.5})
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "generation_config.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, RetNetForCausalLM)
+    ids = _ids(length=12)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@torch.no_grad()
+def test_bf16_long_sequence_with_32_heads_matches_fp32():
+    config = RetNetConfig(vocab_size=64, hidden_size=256, num_hidden_layers=1, num_attention_heads=32,
+                          chunk_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 4096))
+    reference = model(ids, retention_mode="chunkwise").logits
+    low = model.to(torch.bfloat16)(ids, retention_mode="chunkwise").logits.float()
+    assert torch.isfinite(low).all()
+    # bf16 has 8 bits of mantissa: relative error of the logits ~1e-2 of their spread
+    error = (low - reference).abs().max() / reference.abs().max()
+    assert error < 5e-2, error
+    assert (low.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+
+
+def test_unknown_retention_mode_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="retention_mode"):
+        tiny_model(_ids(length=3), retention_mode="sideways")
