@@ -8,6 +8,7 @@ file only projects, positions, masks and normalises around it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from transformers.generation import utils as generation_utils
 from transformers.modeling_outputs import ModelOutput
 
 from retnet import kernels
-from retnet.model.activations import get_activation
+from retnet.model.activations import SAU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
 
@@ -304,6 +305,9 @@ class RetNetPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, SAU):
+            init.constant_(module.alpha, module.init_alpha)
+            init.constant_(module.log_sigma, math.log(module.init_sigma))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

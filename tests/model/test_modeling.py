@@ -180,3 +180,14 @@ def test_bf16_long_sequence_with_32_heads_matches_fp32():
 def test_unknown_retention_mode_is_refused(tiny_model):
     with pytest.raises(ValueError, match="retention_mode"):
         tiny_model(_ids(length=3), retention_mode="sideways")
+
+
+def test_trained_activation_parameters_survive_save_and_load(tmp_path, model_factory):
+    model = model_factory(hidden_act="sau", hidden_act_kwargs={"alpha": 0.15, "sigma": 2.0})
+    with torch.no_grad():
+        model.model.layers[1].mlp.act_fn.alpha.fill_(0.42)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.layers[1].mlp.act_fn.alpha.item() == pytest.approx(0.42)
+    assert loaded.model.layers[0].mlp.act_fn.alpha.item() == pytest.approx(0.15)
+    assert loaded.model.layers[0].mlp.act_fn.sigma.item() == pytest.approx(2.0)
