@@ -44,26 +44,42 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure(name, model, context: int, steps: int, device: torch.device) -> dict:
+def prefill(name, model, context: int, device: torch.device):
+    """Run the prompt once; returns (cache, next token)."""
     prompt = torch.randint(0, VOCAB, (1, context), device=device)
     cache = None if name == "retnet" else DynamicCache(config=model.config)
     out = model(prompt, **({"cache": cache} if cache is not None else {}), use_cache=True, logits_to_keep=1)
-    cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
-    token = out.logits[:, -1:].argmax(-1)
-    latencies = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        out = model(token, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        synchronize(device)
-        latencies.append(time.perf_counter() - start)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    return cache, out.logits[:, -1:].argmax(-1)
+
+
+def state_bytes(name, cache) -> int:
     if name == "retnet":
-        state_bytes = cache.nbytes()
-    else:
-        state_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return {"model": name, "context": context, "ms_per_token": 1e3 * statistics.median(latencies),
-            "state_bytes": state_bytes}
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+@torch.no_grad()
+def measure(models, context: int, steps: int, device: torch.device) -> dict:
+    """Median ms per decode step of each model. Steps alternate between the models, so load from other
+    processes on a shared machine hits both alike and the ratio stays meaningful."""
+    running = {name: prefill(name, model, context, device) for name, model in models}
+    latencies = {name: [] for name, _ in models}
+    for _ in range(steps):
+        for name, model in models:
+            cache, token = running[name]
+            synchronize(device)
+            start = time.perf_counter()
+            out = model(token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            synchronize(device)
+            latencies[name].append(time.perf_counter() - start)
+            running[name] = (cache, token)
+    return {
+        name: {"model": name, "context": context, "ms_per_token": 1e3 * statistics.median(latencies[name]),
+               "state_bytes": state_bytes(name, running[name][0])}
+        for name, _ in models
+    }
 
 
 def main() -> None:
@@ -83,7 +99,7 @@ def main() -> None:
         print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     rows = []
     for context in args.contexts:
-        results = {name: measure(name, model, context, args.steps, device) for name, model in models}
+        results = measure(models, context, args.steps, device)
         rows.extend(results.values())
         r, ll = results["retnet"], results["llama"]
         print(f"context {context:>5}: retnet {r['ms_per_token']:.2f} ms/token, {r['state_bytes'] / 2**20:.2f} MiB state"
