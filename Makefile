@@ -25,7 +25,7 @@ lint: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --timeout=600 tests
+	$(PY) -m pytest -q --timeout=600 tests
 
 # Train the tiny preset on the Python standard library's own sources (a few minutes on 2 CPU cores),
 # then serve it, stream one completion and keep serving until Ctrl-C.

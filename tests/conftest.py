@@ -1,8 +1,11 @@
-"""Suite-wide settings. Triton's interpreter must be chosen before triton is first imported, so the
-kernel tests run on this CPU-only machine (TRITON_INTERPRET=1)."""
+"""Suite-wide settings. Without a GPU the Triton kernels run under Triton's interpreter, which must be
+chosen before triton is first imported (TRITON_INTERPRET=1); on a GPU they compile for real."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -3,6 +3,15 @@
 Each op picks its implementation per call: the Triton kernels for CUDA tensors, the fp32 PyTorch
 references (``naive.py``) elsewhere. ``RETNET_KERNELS=torch`` or ``=triton`` forces one (``triton`` on
 CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is imported).
+
+Triton is imported lazily, on the first call that dispatches to it, so ``import retnet`` works without
+triton installed and tests can set ``TRITON_INTERPRET`` first.
+
+- ``chunk_retention``: Triton chunkwise kernels (``chunk.py``), forward and backward.
+- ``recurrent_retention``: the fused Triton recurrent kernel (``recurrent.py``), forward only; with
+  inputs that require grad it is served by the Triton chunkwise op (same function, has a backward).
+- ``parallel_retention``: there is no Triton parallel-form kernel; on the Triton path it is served by
+  the Triton chunkwise op, which computes the same function in O(T) memory instead of O(T²).
 """
 
 from __future__ import annotations
@@ -27,7 +36,16 @@ def use_triton(x) -> bool:
 
 
 def parallel_retention(q, k, v, log_decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """Parallel form; see :func:`retnet.kernels.naive.parallel_retention` for shapes."""
+    """Parallel form; see :func:`retnet.kernels.naive.parallel_retention` for shapes.
+
+    On the Triton path this is the Triton chunkwise op (identical result, linear cost).
+    """
+    if use_triton(q):
+        from retnet.kernels.chunk import chunk_retention as triton_chunk_retention
+
+        return triton_chunk_retention(
+            q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens
+        )
     return naive.parallel_retention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
 
 
@@ -35,6 +53,12 @@ def chunk_retention(
     q, k, v, log_decay, scale=None, initial_state=None, output_final_state=False, chunk_size=64, cu_seqlens=None
 ):
     """Chunkwise form; see :func:`retnet.kernels.naive.chunk_retention` for shapes."""
+    if use_triton(q):
+        from retnet.kernels.chunk import chunk_retention as triton_chunk_retention
+
+        return triton_chunk_retention(
+            q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens
+        )
     return naive.chunk_retention(
         q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens
     )
@@ -44,4 +68,10 @@ def recurrent_retention(
     q, k, v, log_decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
 ):
     """Recurrent form; see :func:`retnet.kernels.naive.recurrent_retention` for shapes."""
+    if use_triton(q):
+        from retnet.kernels.recurrent import recurrent_retention as triton_recurrent_retention
+
+        return triton_recurrent_retention(
+            q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens
+        )
     return naive.recurrent_retention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)

@@ -17,6 +17,8 @@ No row stabiliser is applied: the per-head norm that follows retention in the mo
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -51,7 +53,7 @@ def _per_sequence(form, q, k, v, log_decay, scale, initial_state, output_final_s
     """Run ``form`` on each packed sequence of a varlen batch (B=1) and stitch the results."""
     outputs, states = [], []
     bounds = cu_seqlens.tolist()
-    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
         h0 = None if initial_state is None else initial_state[i : i + 1]
         o, s = form(q[:, start:end], k[:, start:end], v[:, start:end], log_decay, scale, h0, True, **kw)
         outputs.append(o)

@@ -34,7 +34,7 @@ CACHE_KWARG = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES",
 
 # Without Triton the chunkwise reference loops over chunks in Python; the parallel form is faster up to
 # here and its T² memory is still small.
-REFERENCE_PARALLEL_MAX_LEN = 512
+REFERENCE_PARALLEL_MAX_LEN = 256
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,573 @@
+"""Triton chunkwise retention: forward and backward, fixed per-head decay, optional varlen packing.
+
+Layout and math follow :func:`retnet.kernels.naive.chunk_retention` (the fp32 reference)::
+
+    q, k: [B, T, H, K]    v: [B, T, H, V]    log_decay: [H] float32 (ln γ_h < 0)
+    states: [B, H, K, V] float32 ([N, H, K, V] with ``cu_seqlens``, B = 1)
+    S_t = γ S_{t-1} + k_tᵀ v_t,     o_t = scale · q_t S_t
+
+The sequence is cut into chunks of BT tokens. With i, j the positions inside a chunk, L its length and h
+the state before it, every chunk computes
+
+    o_i    = scale · ( Σ_{j≤i} γ^(i-j) (q_i·k_j) v_j  +  γ^(i+1) q_i h )
+    h_next = γ^L h + Σ_j γ^(L-1-j) k_jᵀ v_j
+
+Kernels (one program per tile, masked pointer loads everywhere, fp32 accumulators):
+
+1. ``_chunk_state_fwd_kernel`` - grid (K-tiles, V-tiles, N·H): walks the chunks of one sequence in order
+   and writes the fp32 state before each chunk (and the final state).
+2. ``_chunk_output_fwd_kernel`` - grid (V-tiles, chunks, B·H): the outputs of one chunk, in parallel
+   over chunks: intra-chunk (q kᵀ ⊙ decay) v plus the inter-chunk q h.
+3. ``_chunk_state_bwd_kernel`` - grid (K-tiles, V-tiles, N·H): walks the chunks backwards and writes the
+   fp32 gradient of the state *after* each chunk; what is left at the start is the initial state's
+   gradient. It starts from the final state's upstream gradient (dht) when there is one.
+4. ``_chunk_dv_bwd_kernel`` - grid (V-tiles, chunks, B·H) and ``_chunk_dqk_bwd_kernel`` - grid
+   (K-tiles, chunks, B·H): dv, and dq/dk, of one chunk from q, k, v, do, the states and their gradients.
+
+The states are recomputed in fp32 for the backward (kernel 1 again) rather than kept from the forward:
+a [chunks, H, K, V] fp32 tensor per layer would dominate the activation memory.
+
+Decay is only ever used as ``exp2(n · log2 γ)`` for a non-negative distance n inside a chunk, in fp32
+(γ itself would round to 1.0 in bf16, and in fp32 for the slowest heads). For bf16 inputs the state
+matmuls run in bf16 on the tensor cores (the state is rounded to bf16 for the multiply only); for fp16
+the state stays fp32 in those matmuls (tf32), because a long-context state can exceed fp16's range;
+for fp32 inputs every matmul is full-precision fp32 ("ieee"), not tf32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from retnet.kernels import naive
+
+__all__ = ["check_retention_inputs", "chunk_retention", "chunk_retention_bwd", "chunk_retention_fwd"]
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _configs(num_warps: list[int], num_stages: list[int]) -> list:
+    """Autotune configs: the full sweep on a GPU, a single one under the interpreter (which can't tune)."""
+    if not _on_gpu():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in num_warps for s in num_stages]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_tile(base, n_rows, col0, n_cols, ROW_STRIDE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """[BR, BC] tile of a row-major matrix at ``base``: rows 0..BR (< n_rows), columns col0.. (< n_cols)."""
+    rows = tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return tl.load(base + rows[:, None] * ROW_STRIDE + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, value, n_rows, col0, n_cols, ROW_STRIDE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    rows = tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    tl.store(base + rows[:, None] * ROW_STRIDE + cols[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _state_tile_ptrs(base, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Pointers and mask of the [BK, BV] tile (i_k, i_v) of a [K, V] fp32 state at ``base``."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    return base + o_k[:, None] * V + o_v[None, :], (o_k < K)[:, None] & (o_v < V)[None, :]
+
+
+@triton.autotune(configs=_configs([2, 4, 8], [1, 2]), key=["H", "K", "V", "BT", "BK", "BV"])
+@triton.jit(do_not_specialize=["T"])
+def _chunk_state_fwd_kernel(
+    k, v, h, h0, ht, log_decay, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_H: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        NT = tl.cdiv(T, BT)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = tl.cast(i_n, tl.int64) * T
+        NT = tl.cdiv(T, BT)
+        boh = tl.cast(i_n, tl.int64) * NT
+    log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
+    o_t = tl.arange(0, BT)
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        p_h0, m_h = _state_tile_ptrs(h0 + tl.cast(i_nh, tl.int64) * K * V, i_k, i_v, K, V, BK, BV)
+        b_h += tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)
+    for i_t in range(NT):
+        if STORE_H:
+            p_h, m_h = _state_tile_ptrs(h + ((boh + i_t) * H + i_h) * K * V, i_k, i_v, K, V, BK, BV)
+            tl.store(p_h, b_h, mask=m_h)
+        row0 = bos + i_t * BT
+        n_rows = T - i_t * BT
+        b_k = _load_tile(k + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
+        b_v = _load_tile(v + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
+        length = tl.minimum(n_rows, BT)
+        # k_j carries γ^(L-1-j) to the chunk's end; rows past the end are zero (and their exponent unused).
+        w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
+        b_kw = (b_k * w_end[:, None]).to(b_k.dtype)
+        b_h = b_h * tl.exp2(length.to(tl.float32) * log2_decay)
+        b_h += tl.dot(tl.trans(b_kw), b_v, input_precision=DOT_PRECISION)
+    if STORE_HT:
+        p_ht, m_h = _state_tile_ptrs(ht + tl.cast(i_nh, tl.int64) * K * V, i_k, i_v, K, V, BK, BV)
+        tl.store(p_ht, b_h, mask=m_h)
+
+
+@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["H", "K", "V", "BT", "BK", "BV", "STATE_F32"])
+@triton.jit(do_not_specialize=["T"])
+def _chunk_output_fwd_kernel(
+    q, k, v, h, o, log_decay, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = tl.cast(i_t, tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        NT = tl.cdiv(T, BT)
+        i_tg = tl.cast(i_b, tl.int64) * NT + i_t
+        bos = tl.cast(i_b, tl.int64) * T
+    log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
+    row0 = bos + i_t * BT
+    n_rows = T - i_t * BT
+    q += (row0 * H + i_h) * K
+    k += (row0 * H + i_h) * K
+    h += (i_tg * H + i_h) * K * V
+
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        b_q = _load_tile(q, n_rows, i_k * BK, K, H * K, BT, BK)
+        b_k = _load_tile(k, n_rows, i_k * BK, K, H * K, BT, BK)
+        p_h, m_h = _state_tile_ptrs(h, i_k, i_v, K, V, BK, BV)
+        b_h = tl.load(p_h, mask=m_h, other=0.0)
+        b_A += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+        if STATE_F32:
+            b_o += tl.dot(b_q.to(tl.float32), b_h, input_precision=DOT_PRECISION)
+        else:
+            b_o += tl.dot(b_q, b_h.to(b_q.dtype))
+
+    o_t = tl.arange(0, BT)
+    distance = o_t[:, None] - o_t[None, :]
+    m_A = (distance >= 0) & (o_t < n_rows)[:, None] & (o_t < n_rows)[None, :]
+    b_A = tl.where(m_A, b_A * tl.exp2(tl.maximum(distance, 0).to(tl.float32) * log2_decay) * scale, 0.0)
+    b_v = _load_tile(v + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
+    b_o = b_o * (scale * tl.exp2((o_t + 1).to(tl.float32) * log2_decay))[:, None]
+    b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    _store_tile(o + (row0 * H + i_h) * V, b_o, n_rows, i_v * BV, V, H * V, BT, BV)
+
+
+@triton.autotune(configs=_configs([2, 4, 8], [1, 2]), key=["H", "K", "V", "BT", "BK", "BV"])
+@triton.jit(do_not_specialize=["T"])
+def _chunk_state_bwd_kernel(
+    q, do, dh, dht, dh0, log_decay, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        NT = tl.cdiv(T, BT)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = tl.cast(i_n, tl.int64) * T
+        NT = tl.cdiv(T, BT)
+        boh = tl.cast(i_n, tl.int64) * NT
+    log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
+    o_t = tl.arange(0, BT)
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        p_dht, m_h = _state_tile_ptrs(dht + tl.cast(i_nh, tl.int64) * K * V, i_k, i_v, K, V, BK, BV)
+        b_dh += tl.load(p_dht, mask=m_h, other=0.0).to(tl.float32)
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        # dh[chunk] is the gradient of the state *after* the chunk.
+        p_dh, m_h = _state_tile_ptrs(dh + ((boh + i_t) * H + i_h) * K * V, i_k, i_v, K, V, BK, BV)
+        tl.store(p_dh, b_dh, mask=m_h)
+        row0 = bos + i_t * BT
+        n_rows = T - i_t * BT
+        b_q = _load_tile(q + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
+        b_do = _load_tile(do + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
+        length = tl.minimum(n_rows, BT)
+        # o_i read the state before the chunk through scale · γ^(i+1) q_i.
+        w_start = tl.where(o_t < length, scale * tl.exp2((o_t + 1).to(tl.float32) * log2_decay), 0.0)
+        b_qw = (b_q * w_start[:, None]).to(b_q.dtype)
+        b_dh = b_dh * tl.exp2(length.to(tl.float32) * log2_decay)
+        b_dh += tl.dot(tl.trans(b_qw), b_do.to(b_qw.dtype), input_precision=DOT_PRECISION)
+    if STORE_DH0:
+        p_dh0, m_h = _state_tile_ptrs(dh0 + tl.cast(i_nh, tl.int64) * K * V, i_k, i_v, K, V, BK, BV)
+        tl.store(p_dh0, b_dh, mask=m_h)
+
+
+@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["H", "K", "V", "BT", "BK", "BV", "STATE_F32"])
+@triton.jit(do_not_specialize=["T"])
+def _chunk_dv_bwd_kernel(
+    q, k, do, dh, dv, log_decay, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = tl.cast(i_t, tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        NT = tl.cdiv(T, BT)
+        i_tg = tl.cast(i_b, tl.int64) * NT + i_t
+        bos = tl.cast(i_b, tl.int64) * T
+    log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
+    row0 = bos + i_t * BT
+    n_rows = T - i_t * BT
+    q += (row0 * H + i_h) * K
+    k += (row0 * H + i_h) * K
+    dh += (i_tg * H + i_h) * K * V
+
+    # b_A[j, i] = k_j · q_i ; b_dv[j] = k_j dh
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        b_q = _load_tile(q, n_rows, i_k * BK, K, H * K, BT, BK)
+        b_k = _load_tile(k, n_rows, i_k * BK, K, H * K, BT, BK)
+        p_dh, m_h = _state_tile_ptrs(dh, i_k, i_v, K, V, BK, BV)
+        b_dh = tl.load(p_dh, mask=m_h, other=0.0)
+        b_A += tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
+        if STATE_F32:
+            b_dv += tl.dot(b_k.to(tl.float32), b_dh, input_precision=DOT_PRECISION)
+        else:
+            b_dv += tl.dot(b_k, b_dh.to(b_k.dtype))
+
+    o_t = tl.arange(0, BT)
+    length = tl.minimum(n_rows, BT)
+    distance = o_t[None, :] - o_t[:, None]  # i - j
+    m_A = (distance >= 0) & (o_t < n_rows)[:, None] & (o_t < n_rows)[None, :]
+    b_A = tl.where(m_A, b_A * tl.exp2(tl.maximum(distance, 0).to(tl.float32) * log2_decay) * scale, 0.0)
+    w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
+    b_do = _load_tile(do + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
+    b_dv = b_dv * w_end[:, None] + tl.dot(b_A.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    _store_tile(dv + (row0 * H + i_h) * V, b_dv, n_rows, i_v * BV, V, H * V, BT, BV)
+
+
+@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["H", "K", "V", "BT", "BK", "BV", "STATE_F32"])
+@triton.jit(do_not_specialize=["T"])
+def _chunk_dqk_bwd_kernel(
+    q, k, v, h, do, dh, dq, dk, log_decay, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = tl.cast(i_t, tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        NT = tl.cdiv(T, BT)
+        i_tg = tl.cast(i_b, tl.int64) * NT + i_t
+        bos = tl.cast(i_b, tl.int64) * T
+    log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
+    row0 = bos + i_t * BT
+    n_rows = T - i_t * BT
+    v += (row0 * H + i_h) * V
+    do += (row0 * H + i_h) * V
+    h += (i_tg * H + i_h) * K * V
+    dh += (i_tg * H + i_h) * K * V
+
+    # b_dA[i, j] = do_i · v_j ; b_dq[i] = do_i hᵀ ; b_dk[j] = v_j dhᵀ
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        b_v = _load_tile(v, n_rows, i_v * BV, V, H * V, BT, BV)
+        b_do = _load_tile(do, n_rows, i_v * BV, V, H * V, BT, BV).to(b_v.dtype)
+        p_h, m_h = _state_tile_ptrs(h, i_k, i_v, K, V, BK, BV)
+        b_h = tl.load(p_h, mask=m_h, other=0.0)
+        p_dh, _ = _state_tile_ptrs(dh, i_k, i_v, K, V, BK, BV)
+        b_dh = tl.load(p_dh, mask=m_h, other=0.0)
+        b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+        if STATE_F32:
+            b_dq += tl.dot(b_do.to(tl.float32), tl.trans(b_h), input_precision=DOT_PRECISION)
+            b_dk += tl.dot(b_v.to(tl.float32), tl.trans(b_dh), input_precision=DOT_PRECISION)
+        else:
+            b_dq += tl.dot(b_do, tl.trans(b_h.to(b_do.dtype)))
+            b_dk += tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)))
+
+    o_t = tl.arange(0, BT)
+    length = tl.minimum(n_rows, BT)
+    distance = o_t[:, None] - o_t[None, :]  # i - j
+    m_A = (distance >= 0) & (o_t < n_rows)[:, None] & (o_t < n_rows)[None, :]
+    b_dA = tl.where(m_A, b_dA * tl.exp2(tl.maximum(distance, 0).to(tl.float32) * log2_decay) * scale, 0.0)
+    w_start = scale * tl.exp2((o_t + 1).to(tl.float32) * log2_decay)
+    w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
+    b_q = _load_tile(q + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
+    b_k = _load_tile(k + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
+    b_dA = b_dA.to(b_k.dtype)
+    b_dq = b_dq * w_start[:, None] + tl.dot(b_dA, b_k, input_precision=DOT_PRECISION)
+    b_dk = b_dk * w_end[:, None] + tl.dot(tl.trans(b_dA), b_q, input_precision=DOT_PRECISION)
+    _store_tile(dq + (row0 * H + i_h) * K, b_dq, n_rows, i_k * BK, K, H * K, BT, BK)
+    _store_tile(dk + (row0 * H + i_h) * K, b_dk, n_rows, i_k * BK, K, H * K, BT, BK)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _block_size(chunk_size: int) -> int:
+    """The chunk length the kernels tile with: ``chunk_size`` when it is a power of two in [16, 128], else
+    the nearest such value (the result does not depend on it; ``tl.dot`` needs tiles of at least 16)."""
+    return min(128, max(16, _pow2(chunk_size)))
+
+
+def _head_blocks(K: int, V: int) -> tuple[int, int, int, int]:
+    """(BK, BV) for the state kernels and (BK, BV) for the per-chunk kernels; all in [16, 128]."""
+    k2, v2 = max(16, _pow2(K)), max(16, _pow2(V))
+    return min(64, k2), min(64, v2), min(64, k2), min(128, v2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def prepare_chunks(cu_seqlens: torch.Tensor, BT: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For a varlen batch: ``chunk_offsets`` [N+1] (first chunk of each sequence), ``chunk_indices``
+    [chunks, 2] int32 (sequence, chunk-within-sequence) and the total chunk count."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    counts = (lengths + BT - 1) // BT
+    chunk_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    total = int(chunk_offsets[-1])
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts)
+    local = torch.arange(total, device=cu_seqlens.device) - chunk_offsets[seq]
+    chunk_indices = torch.stack([seq, local], dim=1).to(torch.int32).contiguous()
+    return chunk_offsets.to(torch.int32).contiguous(), chunk_indices, total
+
+
+def _layout(q, v, chunk_size, cu_seqlens, chunks=None):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT = _block_size(chunk_size)
+    if cu_seqlens is None:
+        N, NT = B, triton.cdiv(T, BT)
+        chunk_offsets = chunk_indices = None
+        total = B * NT
+    else:
+        N, NT = len(cu_seqlens) - 1, None
+        chunk_offsets, chunk_indices, total = chunks if chunks is not None else prepare_chunks(cu_seqlens, BT)
+    return B, T, H, K, V, BT, N, NT, total, chunk_offsets, chunk_indices
+
+
+def _chunk_states(k, v, log_decay, initial_state, output_final_state, store_states, lay, cu_seqlens):
+    """Kernel 1: fp32 states before every chunk ([chunks, H, K, V], or None) and the final state."""
+    _, T, H, K, V, BT, N, _, total, chunk_offsets, _ = lay
+    BK, BV, _, _ = _head_blocks(K, V)
+    h = k.new_empty(total, H, K, V, dtype=torch.float32) if store_states else None
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
+    _chunk_state_fwd_kernel[grid](
+        k, v, h, initial_state, ht, log_decay, cu_seqlens, chunk_offsets, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_H0=initial_state is not None, STORE_H=store_states, STORE_HT=output_final_state,
+        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(k.dtype),
+    )
+    return h, ht
+
+
+def chunk_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens,
+                        chunks=None):
+    """Forward on validated, contiguous inputs: ``(o [B, T, H, V] in v's dtype, final state or None)``."""
+    lay = _layout(q, v, chunk_size, cu_seqlens, chunks)
+    B, T, H, K, V, BT, _, NT, total, _, chunk_indices = lay
+    h, ht = _chunk_states(k, v, log_decay, initial_state, output_final_state, True, lay, cu_seqlens)
+    o = torch.empty_like(v)
+    _, _, BK, BV = _head_blocks(K, V)
+    grid = (triton.cdiv(V, BV), total, H) if cu_seqlens is not None else (triton.cdiv(V, BV), NT, B * H)
+    _chunk_output_fwd_kernel[grid](
+        q, k, v, h, o, log_decay, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
+        STATE_F32=q.dtype != torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return o, ht
+
+
+def chunk_retention_bwd(q, k, v, log_decay, scale, initial_state, do, dht, chunk_size, cu_seqlens, chunks=None):
+    """Backward on contiguous inputs: ``(dq, dk, dv, d initial_state or None)``; dht may be None."""
+    lay = _layout(q, v, chunk_size, cu_seqlens, chunks)
+    B, T, H, K, V, BT, N, NT, total, chunk_offsets, chunk_indices = lay
+    h, _ = _chunk_states(k, v, log_decay, initial_state, False, True, lay, cu_seqlens)
+    BKs, BVs, BK, BV = _head_blocks(K, V)
+    dh = q.new_empty(total, H, K, V, dtype=torch.float32)
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if initial_state is not None else None
+    is_varlen, precision, state_f32 = cu_seqlens is not None, _dot_precision(q.dtype), q.dtype != torch.bfloat16
+    _chunk_state_bwd_kernel[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), N * H)](
+        q, do, dh, dht, dh0, log_decay, cu_seqlens, chunk_offsets, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BKs, BV=BVs,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=is_varlen, DOT_PRECISION=precision,
+    )
+    chunk_grid = (total, H) if is_varlen else (NT, B * H)
+    dv = torch.empty_like(v)
+    _chunk_dv_bwd_kernel[(triton.cdiv(V, BV), *chunk_grid)](
+        q, k, do, dh, dv, log_decay, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=is_varlen, STATE_F32=state_f32, DOT_PRECISION=precision,
+    )
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    # dq/dk: 64-wide K tiles (each recomputes do·vᵀ over all of V; wider tiles would spill registers).
+    BKq, BVq = min(64, max(16, _pow2(K))), min(64, max(16, _pow2(V)))
+    _chunk_dqk_bwd_kernel[(triton.cdiv(K, BKq), *chunk_grid)](
+        q, k, v, h, do, dh, dq, dk, log_decay, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BKq, BV=BVq,
+        IS_VARLEN=is_varlen, STATE_F32=state_f32, DOT_PRECISION=precision,
+    )
+    return dq, dk, dv, dh0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------
+class ChunkRetentionFunction(torch.autograd.Function):
+    """Triton chunkwise retention with a Triton backward for q, k, v and the initial state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens):
+        chunks = None if cu_seqlens is None else prepare_chunks(cu_seqlens, _block_size(chunk_size))
+        o, ht = chunk_retention_fwd(
+            q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens, chunks
+        )
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens)
+        ctx.scale, ctx.chunk_size, ctx.chunks = scale, chunk_size, chunks
+        ctx.set_materialize_grads(False)  # an unused final state then costs no dht pass
+        return o, ht
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dht):
+        q, k, v, log_decay, initial_state, cu_seqlens = ctx.saved_tensors
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        dq, dk, dv, dh0 = chunk_retention_bwd(
+            q, k, v, log_decay, ctx.scale, initial_state, do, dht, ctx.chunk_size, cu_seqlens, ctx.chunks
+        )
+        if dh0 is not None:
+            dh0 = dh0.to(initial_state.dtype)
+        return dq, dk, dv, None, None, dh0, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------------------
+def check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, op: str = "retention"):
+    """Guard rails of the Triton ops: shapes (as the reference), head dims, dtypes, devices.
+
+    Raises ``ValueError`` naming what was expected and what was received.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor; got {type(x).__name__}")
+    naive._check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
+    K, V = q.shape[-1], v.shape[-1]
+    if not (1 <= K <= MAX_HEAD_DIM and 1 <= V <= MAX_HEAD_DIM):
+        raise ValueError(f"{op}: head dims must be in [1, {MAX_HEAD_DIM}]; got K={K}, V={V}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: dtype must be one of float32, float16, bfloat16; got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{op}: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not log_decay.is_floating_point():
+        raise ValueError(f"{op}: log_decay must be floating point (float32); got {log_decay.dtype}")
+    if initial_state is not None and not initial_state.is_floating_point():
+        raise ValueError(f"{op}: initial_state must be floating point (float32); got {initial_state.dtype}")
+    if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point()):
+        raise ValueError(
+            f"{op}: cu_seqlens must be a 1-D integer tensor [N + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    devices = {x.device for x in (q, k, v, log_decay, initial_state, cu_seqlens) if x is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}")
+
+
+def chunk_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise retention in Triton, differentiable in q, k, v and ``initial_state``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; float32, float16 or bfloat16, K and V at most 256.
+            Any T (need not be a multiple of the chunk size).
+        log_decay: ``[H]`` float32, ln γ per head (< 0). Gets no gradient.
+        scale: multiplies q·k; defaults to ``K ** -0.5``.
+        initial_state: ``[B, H, K, V]`` float32 state before the first token (``[N, H, K, V]`` with
+            ``cu_seqlens``), or None for zeros.
+        output_final_state: also return the state after the last token (its gradient is honoured).
+        chunk_size: tile length; the kernels use the nearest power of two in [16, 128] (the result does
+            not depend on it).
+        cu_seqlens: ``[N + 1]`` integer offsets of N sequences packed into B = 1; no state crosses them.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [B or N, H, K, V] float32 or None)``.
+    """
+    check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "chunk_retention")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_retention: chunk_size must be >= 1; got {chunk_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    log_decay = log_decay.float().contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    if q.shape[0] == 0 or q.shape[1] == 0:  # nothing to launch: the state passes through unchanged
+        return naive.chunk_retention(
+            q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens
+        )
+    return ChunkRetentionFunction.apply(
+        q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens
+    )

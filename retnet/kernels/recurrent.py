@@ -1,0 +1,136 @@
+"""Fused Triton recurrent retention for decoding: a few tokens per sequence, many sequences per launch.
+
+Same signature and layout as :func:`retnet.kernels.naive.recurrent_retention`::
+
+    q, k: [B, T, H, K]    v: [B, T, H, V]    log_decay: [H] float32
+    S_t = γ S_{t-1} + k_tᵀ v_t,     o_t = scale · q_t S_t,     states [B, H, K, V] float32
+
+One program owns a [K, BV] slice of one sequence's state for one head (all of K, so the output needs no
+cross-program reduction), keeps it in fp32 registers across the T tokens and writes it back once.
+Grid: (V-tiles, N·H). Varlen (``cu_seqlens``, B = 1) batches sequences of different lengths in one launch.
+
+Forward only: it is the inference path. Called with inputs that require grad (under grad mode) it
+hands the call to the Triton chunkwise op, which computes the same function and has a backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from retnet.kernels import chunk as _chunk
+from retnet.kernels import naive as _naive
+from retnet.kernels.chunk import _configs, _pow2, check_retention_inputs
+
+__all__ = ["recurrent_retention"]
+
+
+@triton.autotune(configs=_configs([1, 2, 4], [1]), key=["H", "K", "V", "BK", "BV"])
+@triton.jit(do_not_specialize=["T"])
+def _recurrent_fwd_kernel(
+    q, k, v, o, h0, ht, log_decay, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        bos = tl.cast(i_n, tl.int64) * T
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    # γ in fp32 (its rounding only matters beyond what an fp32 state can represent anyway).
+    decay = tl.exp(tl.load(log_decay + i_h).to(tl.float32))
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    state_offsets = tl.cast(i_nh, tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    if USE_H0:
+        b_h += tl.load(h0 + state_offsets, mask=m_h, other=0.0).to(tl.float32)
+    p_q = q + (bos * H + i_h) * K + o_k
+    p_k = k + (bos * H + i_h) * K + o_k
+    p_v = v + (bos * H + i_h) * V + o_v
+    p_o = o + (bos * H + i_h) * V + o_v
+    for _ in range(T):
+        b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
+        b_h = b_h * decay + b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+        p_q += H * K
+        p_k += H * K
+        p_v += H * V
+        p_o += H * V
+    if STORE_HT:
+        tl.store(ht + state_offsets, b_h, mask=m_h)
+
+
+def recurrent_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
+    """Launch on validated, contiguous inputs: ``(o in v's dtype, final state [N, H, K, V] fp32 or None)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    BK = _pow2(K)
+    # Keep the [K, BV] fp32 state slice at <= 8K elements (32 KiB of registers per program).
+    BV = min(_pow2(V), max(16, 8192 // BK))
+    o = torch.empty_like(v)
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    _recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, v, o, initial_state, ht, log_decay, cu_seqlens, scale, T,
+        H=H, K=K, V=V, BK=BK, BV=BV,
+        USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None,
+    )
+    return o, ht
+
+
+def recurrent_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Recurrent retention in one fused Triton kernel (decoding). Forward only.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; float32, float16 or bfloat16, K and V at most 256.
+            T is meant to be small (1 for plain decoding, a few for speculative decoding); the cost is
+            sequential in T.
+        log_decay: ``[H]`` float32, ln γ per head.
+        scale: multiplies q·k; defaults to ``K ** -0.5``.
+        initial_state: ``[B, H, K, V]`` float32 (``[N, H, K, V]`` with ``cu_seqlens``) or None for zeros.
+        output_final_state: also return the state after the last token.
+        cu_seqlens: ``[N + 1]`` integer offsets of N sequences packed into B = 1.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [B or N, H, K, V] float32 or None)``.
+
+    With grad mode on and an input that requires grad, the call is served by the Triton chunkwise op
+    (:func:`retnet.kernels.chunk.chunk_retention`): same function, with a backward.
+    """
+    check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "recurrent_retention")
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, initial_state)
+    )
+    if needs_grad:
+        return _chunk.chunk_retention(
+            q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    log_decay = log_decay.float().contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    if q.numel() == 0 or v.numel() == 0:  # nothing to launch
+        return _naive.recurrent_retention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+    return recurrent_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)

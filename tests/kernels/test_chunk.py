@@ -1,0 +1,234 @@
+"""Triton chunkwise retention (forward and backward) against the fp32 reference.
+
+On a CPU machine these run under Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py),
+which computes fp32 and fp16 faithfully but not bf16: bf16 is checked on CUDA only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import retnet.kernels as kernels
+from retnet.kernels import naive
+from retnet.kernels.chunk import chunk_retention
+
+# Real kernels on a GPU; the interpreter (conftest.py sets TRITON_INTERPRET=1 without one) on the CPU.
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+# Relative to the largest reference value. Measured: ~3e-7 (fp32), ~6e-4 (fp16).
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# (B, T, H, K, V, chunk_size)
+CASES = [
+    (1, 1, 2, 16, 16, 16),  # a single token
+    (2, 37, 2, 32, 16, 16),  # batch, a partial last chunk
+    (1, 100, 3, 16, 32, 64),  # partial chunk at the default size, K != V
+    (1, 37, 2, 40, 24, 16),  # head dims that are not powers of two (masked tiles)
+    (1, 20, 1, 256, 256, 16),  # the largest head dims: several K and V tiles
+    (1, 33, 1, 64, 200, 32),  # K != V, V spans two output tiles
+    (1, 150, 1, 16, 16, 16),  # many chunks
+    (2, 130, 2, 64, 128, 64),  # model-like tiles: 64-token chunks, full 64-wide K tile, V = 128
+]
+
+
+def _case_id(case):
+    return "B{}-T{}-H{}-K{}-V{}-C{}".format(*case)
+
+
+def _reference(kt, q, k, v, log_decay, h0, output_final_state, **kwargs):
+    """fp32 reference on fp32 copies of the (possibly low-precision) inputs."""
+    return kt.run_with_grads(
+        naive.chunk_retention, q.float(), k.float(), v.float(), log_decay, h0, output_final_state, **kwargs
+    )
+
+
+def _compare(kt, got, ref, tol, label=""):
+    o, ht, grads = got
+    ref_o, ref_ht, ref_grads = ref
+    kt.assert_close_scaled(o, ref_o, tol, f"{label} o")
+    if ref_ht is None:
+        assert ht is None
+    else:
+        assert ht.dtype == torch.float32
+        kt.assert_close_scaled(ht, ref_ht, tol, f"{label} final state")
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        kt.assert_close_scaled(grads[name], ref_grads[name], tol, f"{label} d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(kt, case, dtype):
+    B, T, H, K, V, chunk_size = case
+    q, k, v, log_decay, h0 = kt.make_inputs(B, T, H, K, V, dtype, initial_state=True, seed=T, device=DEVICE)
+    got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=chunk_size)
+    assert got[0].dtype == dtype and got[0].shape == (B, T, H, V)
+    assert got[2]["q"].dtype == dtype and got[2]["h0"].dtype == torch.float32
+    _compare(kt, got, _reference(kt, q, k, v, log_decay, h0, True), TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "initial_state, output_final_state", [(False, False), (False, True), (True, False)]
+)
+def test_state_options(kt, initial_state, output_final_state):
+    q, k, v, log_decay, h0 = kt.make_inputs(2, 37, 2, 32, 16, initial_state=initial_state, device=DEVICE)
+    got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, output_final_state, chunk_size=16)
+    ref = _reference(kt, q, k, v, log_decay, h0, output_final_state)
+    _compare(kt, got, ref, TOL[torch.float32])
+
+
+def test_final_state_alone_carries_gradient(kt):
+    """A loss on the final state alone (o unused, so no do) reaches k, v and the initial state."""
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 37, 2, 16, 16, initial_state=True, device=DEVICE)
+    leaves = [x.clone().requires_grad_() for x in (k, v, h0)]
+    ref_leaves = [x.clone().requires_grad_() for x in (k, v, h0)]
+    dht = torch.randn(1, 2, 16, 16, device=DEVICE)
+    _, ht = chunk_retention(q, leaves[0], leaves[1], log_decay, None, leaves[2], True, chunk_size=16)
+    _, ref_ht = naive.chunk_retention(q, ref_leaves[0], ref_leaves[1], log_decay, None, ref_leaves[2], True)
+    grads = torch.autograd.grad((ht * dht).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_ht * dht).sum(), ref_leaves)
+    for name, g, r in zip(["k", "v", "h0"], grads, ref_grads):
+        kt.assert_close_scaled(g, r, TOL[torch.float32], f"d{name}")
+
+
+def test_strong_decay_and_explicit_scale(kt):
+    """ln γ = -3 (γ^chunk underflows: exponents must be masked, not inf·0) next to the slowest head."""
+    q, k, v, _, h0 = kt.make_inputs(1, 70, 2, 16, 16, initial_state=True, device=DEVICE)
+    log_decay = torch.tensor([-3.0, kt.SCHEDULE_32[-1].item()], device=DEVICE)
+    got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=32)
+    for x in (got[0], got[1], *got[2].values()):
+        assert torch.isfinite(x).all()
+    ref = _reference(kt, q, k, v, log_decay, h0, True)
+    _compare(kt, got, ref, TOL[torch.float32])
+    o, _ = chunk_retention(q, k, v, log_decay, scale=0.3, chunk_size=32)
+    ref_o, _ = naive.chunk_retention(q, k, v, log_decay, scale=0.3)
+    kt.assert_close_scaled(o, ref_o, TOL[torch.float32], "scale=0.3")
+
+
+def test_chunk_size_is_only_a_tiling_choice(kt):
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 70, 2, 16, 16, initial_state=True, device=DEVICE)
+    ref_o, ref_ht = naive.parallel_retention(q, k, v, log_decay, None, h0, True)
+    for chunk_size in (1, 16, 32, 100):  # 1 -> 16 and 100 -> 128 (nearest supported tile)
+        o, ht = chunk_retention(q, k, v, log_decay, None, h0, True, chunk_size=chunk_size)
+        kt.assert_close_scaled(o, ref_o, TOL[torch.float32], f"chunk {chunk_size} o")
+        kt.assert_close_scaled(ht, ref_ht, TOL[torch.float32], f"chunk {chunk_size} state")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_varlen_equals_each_sequence_alone(kt, dtype):
+    bounds = [0, 5, 5, 41, 60]  # includes an empty sequence; lengths cross chunk edges differently
+    cu_seqlens = torch.tensor(bounds, device=DEVICE, dtype=torch.int32)
+    q, k, v, log_decay, h0 = kt.make_inputs(
+        1, 60, 2, 24, 16, dtype, initial_state=True, num_states=4, device=DEVICE
+    )
+    got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=16, cu_seqlens=cu_seqlens)
+    assert got[1].shape == (4, 2, 24, 16)
+    _compare(kt, got, _reference(kt, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens), TOL[dtype], "varlen")
+    # The same sequences one by one through the Triton op: no state leaks across documents.
+    with torch.no_grad():
+        o, ht = got[0], got[1]
+        for i, (s, e) in enumerate(itertools.pairwise(bounds)):
+            if s == e:
+                torch.testing.assert_close(ht[i], h0[i])  # an empty document passes its state through
+                continue
+            o_i, ht_i = chunk_retention(q[:, s:e], k[:, s:e], v[:, s:e], log_decay, None, h0[i : i + 1], True, 16)
+            kt.assert_close_scaled(o[:, s:e], o_i, TOL[dtype], f"o[{i}]")
+            kt.assert_close_scaled(ht[i : i + 1], ht_i, TOL[dtype], f"state[{i}]")
+
+
+def test_noncontiguous_inputs(kt):
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 37, 2, 16, 16, initial_state=True, device=DEVICE)
+    # [B, H, T, D] storage viewed as [B, T, H, D]
+    qt, kt_, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not qt.is_contiguous()
+    h0t = h0.transpose(-1, -2).contiguous().transpose(-1, -2)
+    o, ht = chunk_retention(qt, kt_, vt, log_decay, None, h0t, True, chunk_size=16)
+    ref_o, ref_ht = chunk_retention(q, k, v, log_decay, None, h0, True, chunk_size=16)
+    torch.testing.assert_close(o, ref_o)
+    torch.testing.assert_close(ht, ref_ht)
+
+
+def test_public_ops_dispatch_to_triton(kt, kernels_env):
+    """With RETNET_KERNELS=triton the public chunk and parallel ops never touch the references."""
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 20, 2, 16, 16, initial_state=True, device=DEVICE)
+    ref_o, ref_ht = naive.parallel_retention(q, k, v, log_decay, None, h0, True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("reference called on the Triton path")
+
+    kernels_env.setattr(naive, "chunk_retention", refuse)
+    kernels_env.setattr(naive, "parallel_retention", refuse)
+    for op in (kernels.chunk_retention, kernels.parallel_retention):
+        o, ht = op(q, k, v, log_decay, None, h0, True)
+        kt.assert_close_scaled(o, ref_o, TOL[torch.float32], op.__name__)
+        kt.assert_close_scaled(ht, ref_ht, TOL[torch.float32], op.__name__)
+    kernels_env.setenv("RETNET_KERNELS", "torch")
+    with pytest.raises(AssertionError, match="reference called"):
+        kernels.chunk_retention(q, k, v, log_decay)
+
+
+def _inputs(**overrides):
+    x = dict(
+        q=torch.randn(1, 8, 2, 16), k=torch.randn(1, 8, 2, 16), v=torch.randn(1, 8, 2, 16),
+        log_decay=torch.tensor([-0.1, -0.01]), initial_state=None, cu_seqlens=None,
+    )
+    x.update(overrides)
+    return x
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(q=torch.randn(8, 2, 16)), r"\[B, T, H, D\].*\(8, 2, 16\)"),
+        (dict(k=torch.randn(1, 8, 2, 32)), r"same shape.*\(1, 8, 2, 16\) and \(1, 8, 2, 32\)"),
+        (dict(v=torch.randn(1, 9, 2, 16)), r"v must be \[B, T, H, V\].*\(1, 9, 2, 16\)"),
+        (dict(log_decay=torch.tensor([-0.1])), r"log_decay must be \[H\] = \[2\]; got \(1,\)"),
+        (dict(initial_state=torch.zeros(1, 2, 16, 8)), r"initial_state must be .*\[1, 2, 16, 16\]"),
+        (
+            dict(q=torch.randn(1, 8, 2, 300), k=torch.randn(1, 8, 2, 300)),
+            r"head dims must be in \[1, 256\]; got K=300, V=16",
+        ),
+        (
+            dict(v=torch.randn(1, 8, 2, 512)),
+            r"head dims must be in \[1, 256\]; got K=16, V=512",
+        ),
+        (
+            dict(q=torch.ones(1, 8, 2, 16, dtype=torch.int32), k=torch.ones(1, 8, 2, 16, dtype=torch.int32)),
+            "dtype must be one of float32, float16, bfloat16; got torch.int32",
+        ),
+        (dict(v=torch.randn(1, 8, 2, 16, dtype=torch.float16)), "share one dtype"),
+        (dict(cu_seqlens=torch.tensor([0, 3, 7])), "end at T=8"),
+        (dict(cu_seqlens=torch.tensor([0.0, 8.0])), "integer"),
+    ],
+    ids=[
+        "rank", "qk-shape", "v-shape", "log-decay", "state-shape", "K>256", "V>256", "int-dtype",
+        "mixed-dtype", "cu-seqlens-end", "cu-seqlens-float",
+    ],
+)
+def test_guard_rails(overrides, match):
+    x = _inputs(**overrides)
+    with pytest.raises(ValueError, match=match):
+        chunk_retention(
+            x["q"], x["k"], x["v"], x["log_decay"], initial_state=x["initial_state"], cu_seqlens=x["cu_seqlens"]
+        )
+
+
+def test_guard_rails_batch_with_cu_seqlens_and_chunk_size():
+    q = torch.randn(2, 8, 2, 16)
+    with pytest.raises(ValueError, match="B=1"):
+        chunk_retention(q, q, q, torch.tensor([-0.1, -0.01]), cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="chunk_size must be >= 1; got 0"):
+        chunk_retention(q, q, q, torch.tensor([-0.1, -0.01]), chunk_size=0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA without TRITON_INTERPRET: the interpreter computes bf16 wrongly")
+@pytest.mark.parametrize("case", [(2, 300, 4, 128, 128, 64), (1, 100, 2, 256, 64, 64)], ids=_case_id)
+def test_bf16_on_cuda(kt, case):
+    B, T, H, K, V, chunk_size = case
+    q, k, v, log_decay, h0 = kt.make_inputs(B, T, H, K, V, torch.bfloat16, initial_state=True, device="cuda")
+    got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=chunk_size)
+    _compare(kt, got, _reference(kt, q, k, v, log_decay, h0, True), TOL[torch.bfloat16], "bf16")

@@ -1,0 +1,132 @@
+"""The three fp32 reference forms (parallel, chunkwise, recurrent) compute one function."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from retnet.kernels import naive
+
+FORMS = {
+    "parallel": naive.parallel_retention,
+    "chunk16": lambda *a, **kw: naive.chunk_retention(*a, chunk_size=16, **kw),
+    "chunk64": lambda *a, **kw: naive.chunk_retention(*a, chunk_size=64, **kw),
+    "recurrent": naive.recurrent_retention,
+}
+TOL = 1e-5
+
+
+def test_decay_schedule_is_exact_in_log_space(kt):
+    # γ for the slowest heads rounds to 1.0 in fp32, ln γ must not.
+    assert kt.SCHEDULE_32.dtype == torch.float32
+    assert (kt.SCHEDULE_32 < 0).all()
+    assert torch.exp(kt.SCHEDULE_32[-1]) == 1.0
+    expected = torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(32, dtype=torch.float64)))
+    torch.testing.assert_close(kt.SCHEDULE_32.double(), expected, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("T", [1, 37, 100])
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_forms_agree_forward(kt, T, initial_state):
+    q, k, v, log_decay, h0 = kt.make_inputs(2, T, 32, 16, 8, initial_state=initial_state, seed=T)
+    assert log_decay.shape == (32,)
+    ref_o, ref_ht = naive.parallel_retention(q, k, v, log_decay, None, h0, True)
+    for name, form in FORMS.items():
+        o, ht = form(q, k, v, log_decay, None, h0, True)
+        assert o.shape == (2, T, 32, 8) and ht.shape == (2, 32, 16, 8) and ht.dtype == torch.float32
+        kt.assert_close_scaled(o, ref_o, TOL, f"{name} o")
+        kt.assert_close_scaled(ht, ref_ht, TOL, f"{name} final state")
+        o2, none = form(q, k, v, log_decay, None, h0, False)
+        assert none is None
+        torch.testing.assert_close(o2, o)
+
+
+@pytest.mark.parametrize("T", [1, 37, 100])
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_forms_agree_gradients(kt, T, initial_state):
+    q, k, v, log_decay, h0 = kt.make_inputs(1, T, 32, 16, 8, initial_state=initial_state, seed=T + 1)
+    ref_o, ref_ht, ref_grads = kt.run_with_grads(naive.parallel_retention, q, k, v, log_decay, h0, True)
+    for name, form in FORMS.items():
+        o, ht, grads = kt.run_with_grads(form, q, k, v, log_decay, h0, True)
+        kt.assert_close_scaled(o, ref_o, TOL, f"{name} o")
+        kt.assert_close_scaled(ht, ref_ht, TOL, f"{name} final state")
+        assert grads.keys() == ref_grads.keys()
+        for g in grads:
+            kt.assert_close_scaled(grads[g], ref_grads[g], TOL, f"{name} d{g}")
+
+
+def test_strong_decay_and_scale(kt):
+    """A fast-decaying head (γ^64 underflows) and an explicit scale: still one function."""
+    q, k, v, _, h0 = kt.make_inputs(1, 70, 2, 8, 8, initial_state=True)
+    log_decay = torch.tensor([-3.0, -1e-3])
+    ref = naive.parallel_retention(q, k, v, log_decay, 0.3, h0, True)
+    for name, form in FORMS.items():
+        o, ht = form(q, k, v, log_decay, 0.3, h0, True)
+        assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+        kt.assert_close_scaled(o, ref[0], TOL, f"{name} o")
+        kt.assert_close_scaled(ht, ref[1], TOL, f"{name} final state")
+
+
+def test_output_dtype_follows_v(kt):
+    q, k, v, log_decay, _ = kt.make_inputs(1, 5, 2, 8, 8, dtype=torch.bfloat16)
+    for form in FORMS.values():
+        o, ht = form(q, k, v, log_decay, None, None, True)
+        assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+
+
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_varlen_equals_each_sequence_alone(kt, initial_state):
+    bounds = [0, 3, 40, 40, 57]  # includes an empty sequence
+    cu_seqlens = torch.tensor(bounds)
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 57, 4, 8, 16, initial_state=initial_state, num_states=4)
+    for name, form in FORMS.items():
+        o, ht = form(q, k, v, log_decay, None, h0, True, cu_seqlens=cu_seqlens)
+        assert ht.shape == (4, 4, 8, 16)
+        for i, (s, e) in enumerate(itertools.pairwise(bounds)):
+            h0_i = None if h0 is None else h0[i : i + 1]
+            o_i, ht_i = naive.parallel_retention(q[:, s:e], k[:, s:e], v[:, s:e], log_decay, None, h0_i, True)
+            kt.assert_close_scaled(o[:, s:e], o_i, TOL, f"{name} o[{i}]")
+            kt.assert_close_scaled(ht[i : i + 1], ht_i, TOL, f"{name} state[{i}]")
+
+
+def test_varlen_gradients(kt):
+    cu_seqlens = torch.tensor([0, 20, 33])
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 33, 2, 8, 8, initial_state=True, num_states=2)
+    ref = kt.run_with_grads(naive.parallel_retention, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)
+    for name, form in FORMS.items():
+        o, ht, grads = kt.run_with_grads(form, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)
+        kt.assert_close_scaled(o, ref[0], TOL, f"{name} o")
+        kt.assert_close_scaled(ht, ref[1], TOL, f"{name} final state")
+        for g in grads:
+            kt.assert_close_scaled(grads[g], ref[2][g], TOL, f"{name} d{g}")
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (dict(q=(2, 5, 3)), "must be \\[B, T, H, D\\]"),
+        (dict(k=(2, 5, 3, 9)), "same shape"),
+        (dict(v=(2, 6, 3, 4)), "v must be"),
+        (dict(log_decay=(4,)), "log_decay must be"),
+        (dict(h0=(2, 3, 8, 5)), "initial_state must be"),
+    ],
+)
+def test_bad_shapes_raise(shapes, match):
+    dims = dict(q=(2, 5, 3, 8), k=(2, 5, 3, 8), v=(2, 5, 3, 4), log_decay=(3,), h0=(2, 3, 8, 4)) | shapes
+    q, k, v, h0 = (torch.randn(dims[n]) for n in ("q", "k", "v", "h0"))
+    log_decay = -torch.rand(dims["log_decay"])
+    for form in FORMS.values():
+        with pytest.raises(ValueError, match=match):
+            form(q, k, v, log_decay, None, h0, True)
+
+
+def test_bad_cu_seqlens_raise():
+    q = torch.randn(2, 6, 1, 4)
+    with pytest.raises(ValueError, match="B=1"):
+        naive.chunk_retention(q, q, q, torch.tensor([-0.1]), cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="end at T"):
+        naive.chunk_retention(q[:1], q[:1], q[:1], torch.tensor([-0.1]), cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        naive.chunk_retention(q, q, q, torch.tensor([-0.1]), chunk_size=0)

@@ -1,0 +1,144 @@
+"""The fused Triton recurrent (decoding) kernel against the fp32 reference.
+
+Runs under Triton's CPU interpreter on machines without a GPU (see conftest.py); bf16 on CUDA only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import retnet.kernels as kernels
+from retnet.kernels import naive
+from retnet.kernels.chunk import chunk_retention
+from retnet.kernels.recurrent import recurrent_retention
+
+# Real kernels on a GPU; the interpreter (conftest.py sets TRITON_INTERPRET=1 without one) on the CPU.
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# (B, T, H, K, V)
+CASES = [
+    (3, 1, 2, 16, 16),  # plain decoding step, batched
+    (2, 3, 2, 32, 48),  # a few tokens per sequence (speculative decoding), K != V
+    (1, 1, 2, 256, 256),  # the largest head dims (several V tiles)
+    (2, 2, 3, 40, 24),  # head dims that are not powers of two
+]
+
+
+@pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no-h0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-H{}-K{}-V{}".format(*c))
+def test_matches_reference(kt, case, dtype, initial_state):
+    B, T, H, K, V = case
+    q, k, v, log_decay, h0 = kt.make_inputs(B, T, H, K, V, dtype, initial_state=initial_state, device=DEVICE)
+    with torch.no_grad():
+        o, ht = recurrent_retention(q, k, v, log_decay, None, h0, True)
+        ref_o, ref_ht = naive.recurrent_retention(q.float(), k.float(), v.float(), log_decay, None, h0, True)
+        o_only, none = recurrent_retention(q, k, v, log_decay, None, h0, False)
+    assert o.dtype == dtype and o.shape == (B, T, H, V)
+    assert ht.dtype == torch.float32 and ht.shape == (B, H, K, V)
+    assert none is None
+    kt.assert_close_scaled(o, ref_o, TOL[dtype], "o")
+    kt.assert_close_scaled(ht, ref_ht, TOL[dtype], "final state")
+    torch.testing.assert_close(o_only, o)
+
+
+def test_decode_continues_a_chunked_prefill(kt):
+    """Prefill 37 tokens with the chunk kernel, decode 3 more one at a time: equals one pass over 40."""
+    q, k, v, log_decay, _ = kt.make_inputs(2, 40, 2, 32, 16, device=DEVICE)
+    ref_o, ref_ht = naive.parallel_retention(q, k, v, log_decay, None, None, True)
+    with torch.no_grad():
+        o, state = chunk_retention(q[:, :37], k[:, :37], v[:, :37], log_decay, None, None, True, 16)
+        outputs = [o]
+        for t in range(37, 40):
+            o, state = recurrent_retention(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], log_decay, None, state, True)
+            outputs.append(o)
+    kt.assert_close_scaled(torch.cat(outputs, dim=1), ref_o, TOL[torch.float32], "o")
+    kt.assert_close_scaled(state, ref_ht, TOL[torch.float32], "state")
+
+
+@pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no-h0"])
+def test_varlen_batches_sequences_of_different_lengths(kt, initial_state):
+    bounds = [0, 1, 3, 3, 7]  # 1, 2, 0 and 4 tokens
+    cu_seqlens = torch.tensor(bounds, device=DEVICE)
+    q, k, v, log_decay, h0 = kt.make_inputs(
+        1, 7, 2, 16, 32, initial_state=initial_state, num_states=4, device=DEVICE
+    )
+    with torch.no_grad():
+        o, ht = recurrent_retention(q, k, v, log_decay, None, h0, True, cu_seqlens)
+        for i, (s, e) in enumerate(itertools.pairwise(bounds)):
+            h0_i = None if h0 is None else h0[i : i + 1]
+            ref_o, ref_ht = naive.recurrent_retention(q[:, s:e], k[:, s:e], v[:, s:e], log_decay, None, h0_i, True)
+            if e > s:
+                kt.assert_close_scaled(o[:, s:e], ref_o, TOL[torch.float32], f"o[{i}]")
+            kt.assert_close_scaled(ht[i : i + 1], ref_ht, TOL[torch.float32], f"state[{i}]")
+
+
+def test_inputs_requiring_grad_get_correct_gradients(kt):
+    """The kernel is forward only; with grad-requiring inputs the op still differentiates correctly."""
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 3, 2, 16, 16, initial_state=True, device=DEVICE)
+    got = kt.run_with_grads(recurrent_retention, q, k, v, log_decay, h0, True)
+    ref = kt.run_with_grads(naive.recurrent_retention, q, k, v, log_decay, h0, True)
+    kt.assert_close_scaled(got[0], ref[0], TOL[torch.float32], "o")
+    kt.assert_close_scaled(got[1], ref[1], TOL[torch.float32], "state")
+    for name in ref[2]:
+        kt.assert_close_scaled(got[2][name], ref[2][name], TOL[torch.float32], f"d{name}")
+
+
+def test_public_op_dispatches_to_triton(kt, kernels_env):
+    q, k, v, log_decay, h0 = kt.make_inputs(2, 1, 2, 16, 16, initial_state=True, device=DEVICE)
+    ref_o, ref_ht = naive.recurrent_retention(q, k, v, log_decay, None, h0, True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("reference called on the Triton path")
+
+    kernels_env.setattr(naive, "recurrent_retention", refuse)
+    o, ht = kernels.recurrent_retention(q, k, v, log_decay, None, h0, True)
+    kt.assert_close_scaled(o, ref_o, TOL[torch.float32], "o")
+    kt.assert_close_scaled(ht, ref_ht, TOL[torch.float32], "state")
+
+
+def test_noncontiguous_state(kt):
+    q, k, v, log_decay, h0 = kt.make_inputs(2, 1, 2, 16, 16, initial_state=True, device=DEVICE)
+    h0t = h0.transpose(-1, -2).contiguous().transpose(-1, -2)
+    qt = q.transpose(0, 2).contiguous().transpose(0, 2)
+    assert not h0t.is_contiguous() and not qt.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            recurrent_retention(qt, k, v, log_decay, None, h0t, True),
+            recurrent_retention(q, k, v, log_decay, None, h0, True),
+        )
+
+
+@pytest.mark.parametrize(
+    "q_shape, v_shape, h0_shape, dtype, match",
+    [
+        ((2, 1, 2), (2, 1, 2, 16), None, torch.float32, r"\[B, T, H, D\]"),
+        ((2, 1, 2, 16), (2, 1, 3, 16), None, torch.float32, "v must be"),
+        ((2, 1, 2, 16), (2, 1, 2, 16), (1, 2, 16, 16), torch.float32, r"initial_state must be .*\[2, 2, 16, 16\]"),
+        ((2, 1, 2, 512), (2, 1, 2, 16), None, torch.float32, r"head dims .*K=512"),
+        ((2, 1, 2, 16), (2, 1, 2, 16), None, torch.float64, "got torch.float64"),
+    ],
+    ids=["rank", "v-shape", "state-shape", "K>256", "float64"],
+)
+def test_guard_rails(q_shape, v_shape, h0_shape, dtype, match):
+    q = torch.randn(q_shape, dtype=dtype)
+    v = torch.randn(v_shape, dtype=dtype)
+    h0 = None if h0_shape is None else torch.zeros(h0_shape)
+    with pytest.raises(ValueError, match=match):
+        recurrent_retention(q, q, v, torch.tensor([-0.1, -0.01]), None, h0, True)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA without TRITON_INTERPRET: the interpreter computes bf16 wrongly")
+def test_bf16_on_cuda(kt):
+    q, k, v, log_decay, h0 = kt.make_inputs(8, 2, 4, 128, 128, torch.bfloat16, initial_state=True, device="cuda")
+    with torch.no_grad():
+        o, ht = recurrent_retention(q, k, v, log_decay, None, h0, True)
+        ref_o, ref_ht = naive.recurrent_retention(q.float(), k.float(), v.float(), log_decay, None, h0, True)
+    kt.assert_close_scaled(o, ref_o, TOL[torch.bfloat16], "o")
+    kt.assert_close_scaled(ht, ref_ht, TOL[torch.bfloat16], "state")
