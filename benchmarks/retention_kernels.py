@@ -9,8 +9,8 @@ a fixed token budget per step (B = tokens / T) and a fixed model width (H = 2048
 On a CPU: the fp32 references only, to show the chunkwise form's linear cost in T against the parallel
 form's quadratic one.
 
-    python benchmarks/kernels.py            # full run (GPU: < 3 minutes on one H200)
-    python benchmarks/kernels.py --quick    # a few shapes
+    python benchmarks/retention_kernels.py            # full run (GPU: < 3 minutes on one H200)
+    python benchmarks/retention_kernels.py --quick    # a few shapes
 
 Results are printed as a table and written to ``benchmarks/results/kernels-<device>.json``.
 """

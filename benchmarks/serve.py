@@ -1,0 +1,346 @@
+"""Serving throughput and latency: retnet-serve (continuous batching) vs a one-at-a-time HF server.
+
+Everything runs on loopback in one invocation:
+
+- ``retnet``: ``python -m retnet.serve`` on a RetNet (random weights, ~matched to the Llama below);
+- ``baseline``: the usual small server: the same RetNet through HF ``generate`` + ``TextIteratorStreamer``,
+  one request at a time (a FastAPI app in this file, started with ``--baseline-server``);
+- ``llama``: the same baseline server on a matched-size HF Llama, at long contexts.
+
+For 1, 8, 32 and 64 concurrent streaming clients it reports aggregate tokens/s, p50/p99 time to first
+token and inter-token latency, and the server's peak RSS; then single-stream long-context runs. Ratios
+are retnet / baseline for throughput, baseline / retnet for latency (> 1: retnet better).
+
+    python benchmarks/serve.py [--quick] [--model DIR]       # writes benchmarks/results/serve-<device>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from fastapi import Request
+
+# Run as a script, this folder is sys.path[0]: put the repository there instead, so `retnet` imports from
+# the source tree (as on the GPU machine) and no script here can shadow a package transformers probes for.
+REPO = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == REPO / "benchmarks":
+    sys.path[0] = str(REPO)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The baseline server (runs in its own process)
+# ----------------------------------------------------------------------------------------------------------
+def baseline_server(model_dir: str, port: int) -> None:
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+    import retnet  # noqa: F401
+
+    class TokenStreamer(TextIteratorStreamer):
+        """TextIteratorStreamer flushes on word boundaries; random weights rarely write one, so flush every
+        token (as a real server's client would see them)."""
+
+        def put(self, value):
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            for token in value.reshape(-1).tolist():
+                self.on_finalized_text(self.tokenizer.decode([token]) or "\ufffd")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    app = FastAPI()
+    lock = asyncio.Lock()  # one generation at a time: how a plain HF server behaves
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        prompt = body["prompt"]
+        ids = torch.tensor([prompt if isinstance(prompt, list) else tokenizer.encode(prompt)])
+        max_tokens = int(body.get("max_tokens", 16))
+
+        async def stream():
+            async with lock:
+                streamer = TokenStreamer(tokenizer, skip_prompt=True)
+                kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False, streamer=streamer,
+                              pad_token_id=tokenizer.pad_token_id)
+                thread = threading.Thread(target=lambda: model.generate(**kwargs), daemon=True)
+                thread.start()
+                iterator = iter(streamer)
+                while True:
+                    text = await asyncio.to_thread(next, iterator, None)
+                    if text is None:
+                        break
+                    if text:
+                        yield f"data: {json.dumps({'choices': [{'index': 0, 'text': text}]})}\n\n"
+                await asyncio.to_thread(thread.join)
+            usage = {"completion_tokens": max_tokens}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------
+def build_models(out: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, Path, dict]:
+    """A RetNet and a matched Llama (random weights) with one BPE tokenizer, saved as the trainer exports."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import retnet  # noqa: F401
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+    from retnet.tokenization import train_byte_level_bpe
+
+    texts = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60]]
+    tokenizer = train_byte_level_bpe(texts, vocab_size=vocab)
+    torch.manual_seed(0)
+    retnet_model = RetNetForCausalLM(RetNetConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    # Matched per layer: RetNet's q,k (2d²) + v,g (4d²) + o (2d²) + FFN (4d²) = 12d² = Llama's 4d² + 3·d·I.
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=8, intermediate_size=hidden * 8 // 3, tie_word_embeddings=True,
+        max_position_embeddings=65536, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    dirs = (out / "retnet", out / "llama")
+    for model, path in zip((retnet_model, llama), dirs):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    params = {"retnet": sum(p.numel() for p in retnet_model.parameters()),
+              "llama": sum(p.numel() for p in llama.parameters())}
+    return dirs[0], dirs[1], params
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Load generation
+# ----------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, cmd: list[str], port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode(errors="replace"))
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.peak = 0
+        self._sampling = False
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def sample_rss(self):
+        self.peak, self._sampling = self.rss(), True
+
+        def loop():
+            while self._sampling:
+                self.peak = max(self.peak, self.rss())
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        return thread
+
+    def stop_sampling(self) -> int:
+        self._sampling = False
+        return self.peak
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, prompt, max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    stamps, tokens = [], 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                stamps.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    done = time.perf_counter()
+    # Mean time per generated token after the first: robust to streamers that flush several tokens at once.
+    per_token = (done - stamps[0]) / max(tokens - 1, 1)
+    return {"ttft": stamps[0] - start, "itl": [b - a for a, b in itertools.pairwise(stamps)], "tokens": tokens,
+            "chunks": len(stamps), "per_token": per_token}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+async def load(server: Server, concurrency: int, prompt, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        await one_stream(client, server.url, prompt, 2)  # warm-up
+        sampler = server.sample_rss()
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, server.url, prompt, max_tokens)
+                                         for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+        peak = server.stop_sampling()
+        sampler.join()
+    ttft = [r["ttft"] for r in results]
+    # Tokens per chunk can exceed 1 for the baseline's streamer (it flushes on word boundaries): inter-token
+    # latency is each gap divided by the tokens it carried, on average.
+    itl = [gap * r["chunks"] / max(r["tokens"], 1) for r in results for gap in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"concurrency": concurrency, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": 1000 * pct(ttft, 0.5), "ttft_p99_ms": 1000 * pct(ttft, 0.99),
+            "itl_p50_ms": 1000 * pct(itl, 0.5), "itl_p99_ms": 1000 * pct(itl, 0.99),
+            "decode_ms_per_token": 1000 * pct([r["per_token"] for r in results], 0.5), "peak_rss_mb": peak / 2**20}
+
+
+def serve_cmd(model_dir: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "retnet.serve", "--model", str(model_dir), "--port", str(port),
+            "--log-level", "warning", "--max-running", "64", "--max-queue", "256", "--prefix-cache-entries", "0",
+            "--max-prompt-tokens", "65536", "--max-body-bytes", "8388608"]
+
+
+def baseline_cmd(model_dir: Path, port: int) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--port", str(port)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, short outputs (CPU, a few minutes)")
+    parser.add_argument("--model", help="a saved RetNet to serve instead of a random one (no Llama run then)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--contexts", type=int, nargs="+")
+    parser.add_argument("--baseline-server", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        return baseline_server(args.baseline_server, args.port)
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, layers, vocab = (256, 4, 2048) if args.quick else (512, 6, 8192)
+    max_tokens = args.max_tokens or (32 if args.quick else 128)
+    contexts = args.contexts or ([512, 2048] if args.quick else [1024, 4096, 16384])
+    tmp = Path(tempfile.mkdtemp(prefix="retnet-serve-bench-"))
+    if args.model:
+        retnet_dir, llama_dir, params = Path(args.model), None, {}
+    else:
+        retnet_dir, llama_dir, params = build_models(tmp, hidden, layers, vocab)
+    prompt = "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
+    report = {"device": device, "quick": args.quick, "max_tokens": max_tokens, "params": params,
+              "model": {"hidden": hidden, "layers": layers, "vocab": vocab}, "load": {}, "long_context": {}}
+
+    for name, cmd, model in (("retnet", serve_cmd, retnet_dir), ("baseline", baseline_cmd, retnet_dir)):
+        port = free_port()
+        server = Server(cmd(model, port), port)
+        try:
+            rows = []
+            for c in args.concurrency:
+                row = asyncio.run(load(server, c, prompt, max_tokens))
+                rows.append(row)
+                print(f"{name:9s} c={c:3d}  {row['tokens_per_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:8.1f} "
+                      f"p99 {row['ttft_p99_ms']:8.1f} ms  ITL p50 {row['itl_p50_ms']:6.1f} p99 {row['itl_p99_ms']:7.1f}"
+                      f" ms  RSS {row['peak_rss_mb']:6.0f} MB", flush=True)
+            report["load"][name] = rows
+        finally:
+            server.stop()
+
+    print("\nratios (retnet vs baseline; > 1: retnet better)")
+    report["ratios"] = []
+    for ours, base in zip(report["load"]["retnet"], report["load"]["baseline"]):
+        ratio = {"concurrency": ours["concurrency"],
+                 "throughput": ours["tokens_per_s"] / base["tokens_per_s"],
+                 "ttft_p50": base["ttft_p50_ms"] / ours["ttft_p50_ms"],
+                 "ttft_p99": base["ttft_p99_ms"] / ours["ttft_p99_ms"]}
+        report["ratios"].append(ratio)
+        print(f"  c={ratio['concurrency']:3d}  throughput x{ratio['throughput']:.2f}  TTFT p50 x{ratio['ttft_p50']:.2f}"
+              f"  p99 x{ratio['ttft_p99']:.2f}")
+
+    if llama_dir is not None:
+        print(f"\nlong contexts, one stream, {max_tokens} new tokens")
+        long_tokens = max_tokens
+        for name, cmd, model in (("retnet", serve_cmd, retnet_dir), ("baseline", baseline_cmd, retnet_dir),
+                                 ("llama", baseline_cmd, llama_dir)):
+            port = free_port()
+            server = Server(cmd(model, port), port)
+            try:
+                rows = []
+                for ctx in contexts:
+                    ids = [(i * 7919) % (vocab - 2) + 2 for i in range(ctx)]
+                    row = asyncio.run(load(server, 1, ids, long_tokens))
+                    row["context"] = ctx
+                    rows.append(row)
+                    print(f"  {name:9s} ctx={ctx:6d}  TTFT {row['ttft_p50_ms']:9.1f} ms  decode "
+                          f"{row['decode_ms_per_token']:6.1f} ms/token  RSS {row['peak_rss_mb']:6.0f} MB",
+                          flush=True)
+                report["long_context"][name] = rows
+            finally:
+                server.stop()
+        print("  ratios llama / retnet-serve (> 1: retnet better)")
+        for ours, llama in zip(report["long_context"]["retnet"], report["long_context"]["llama"]):
+            print(f"    ctx={ours['context']:6d}  decode x{llama['decode_ms_per_token'] / ours['decode_ms_per_token']:.2f}  "
+                  f"TTFT x{llama['ttft_p50_ms'] / ours['ttft_p50_ms']:.2f}  "
+                  f"RSS x{llama['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
+
+    out = REPO / "benchmarks" / "results" / f"serve-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""An OpenAI-compatible server for RetNet models, with continuous batching of O(1)-state decoding.
+
+``create_app(settings)`` builds the FastAPI app (routes in :mod:`app`, request and response models in
+:mod:`protocol`, the batching scheduler in :mod:`engine`); ``retnet-serve --model DIR`` runs it under uvicorn.
+"""
+
+from retnet.serve.settings import ServeSettings
+
+__all__ = ["ServeSettings", "create_app"]
+
+
+def create_app(settings: ServeSettings | None = None, **overrides):
+    """Build the FastAPI app (imported lazily so ``import retnet.serve`` stays light)."""
+    from retnet.serve.app import create_app as _create_app
+
+    return _create_app(settings, **overrides)

@@ -1,0 +1,51 @@
+"""``retnet-serve --model DIR`` / ``python -m retnet.serve --model DIR``: the OpenAI-compatible server.
+
+Every setting of :class:`~retnet.serve.settings.ServeSettings` is a flag (``--max-running 32``) and a
+``RETNET_*`` environment variable (``RETNET_MAX_RUNNING=32``); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from retnet.serve.settings import ServeSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retnet-serve", description=__doc__.splitlines()[0])
+    for name, info in ServeSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = "required" if info.is_required() else f"default {info.default!r}" if info.default_factory is None \
+            else "default none"
+        help_text = f"{info.description or name} ({default}; env RETNET_{name.upper()})"
+        parser.add_argument(flag, dest=name, default=None, help=help_text)
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> ServeSettings:
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return ServeSettings(**given)
+    except Exception as exc:  # pydantic's message names the field and the value
+        print(f"retnet-serve: invalid settings:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    import retnet  # noqa: F401  (registers the Auto classes)
+    from retnet.serve.app import create_app
+
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
+
+
+if __name__ == "__main__":
+    main()

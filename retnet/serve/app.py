@@ -1,0 +1,231 @@
+"""``create_app(settings)``: the FastAPI app. Routes are thin: they take typed requests and call the
+handlers on ``app.state`` (:class:`~retnet.serve.serving.OpenAIServing`); every error leaves as OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx unless the server itself failed."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from retnet.serve.engine import Engine
+from retnet.serve.metrics import ServeMetrics
+from retnet.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from retnet.serve.serving import OpenAIServing
+from retnet.serve.settings import ServeSettings
+
+logger = logging.getLogger("retnet.serve")
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# pydantic's names for union members in an error's location; they are not fields.
+_TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=None) -> FastAPI:
+    """Build the app for ``settings`` (read from ``RETNET_*`` variables when None). ``model`` and
+    ``tokenizer`` may be given already loaded (tests); otherwise they load from ``settings.model``, the
+    model in the scheduler thread (``/health`` is 503 until it is ready)."""
+    settings = settings or ServeSettings()
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    metrics = ServeMetrics()
+    engine = Engine(settings, tokenizer, metrics, model=model)
+    serving = OpenAIServing(settings, engine, tokenizer, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        # uvicorn has already let open streams finish (timeout_graceful_shutdown); cancel what is left.
+        engine.shutdown(grace_s=0.0)
+
+    app = FastAPI(title="retnet-serve", version="0.1.0", lifespan=lifespan)
+    app.state.settings, app.state.engine, app.state.serving, app.state.metrics = settings, engine, serving, metrics
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _install_error_handlers(app)
+
+    def require_api_key(request: Request) -> None:
+        if not settings.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        ok = False
+        if scheme.lower() == "bearer" and key:
+            for allowed in settings.api_keys:  # every key compared: the time says nothing about which matched
+                ok |= hmac.compare_digest(key.strip().encode(), allowed.encode())
+        if not ok:
+            raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", "authorization",
+                           "invalid_api_key", type="authentication_error")
+
+    auth = [Depends(require_api_key)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.healthy:
+            return JSONResponse({"status": "ok"})
+        status = "failed" if engine.dead else ("stopping" if engine.stopping else "loading")
+        return JSONResponse({"status": status, "detail": engine.dead}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.sessions.set(len(engine.sessions))
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models():
+        return serving.models()
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: CompletionRequest, raw: Request):
+        return await serving.completions(request, raw)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: ChatCompletionRequest, raw: Request):
+        return await serving.chat(request, raw)
+
+    @app.delete("/v1/sessions/{session_id}", dependencies=auth)
+    async def delete_session(session_id: str):
+        if not engine.sessions.delete(session_id):
+            raise APIError(404, f"no idle session {session_id!r}", "session_id", "session_not_found")
+        return {"id": session_id, "object": "session", "deleted": True}
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           type: str | None = None, headers: dict | None = None) -> JSONResponse:
+    exc = APIError(status, message, param, code, type)
+    return JSONResponse(exc.body(), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError):
+        return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        return _error(400, *_describe_validation(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "the request body could not be read as UTF-8 JSON"
+        return _error(exc.status_code, message, None, None, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception):  # a bug: say so without leaking internals
+        logger.exception("unhandled error")
+        return _error(500, f"internal error ({type(exc).__name__})", None, "internal_error", "server_error")
+
+
+def _describe_validation(errors) -> tuple[str, str | None, str]:
+    """(message, param, code) for the first problem pydantic found, naming the field."""
+    if not errors:
+        return "invalid request", None, "invalid_request"
+    first = errors[0]
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON ({detail})", None, "invalid_json"
+    if not loc:
+        if first.get("type") == "missing":
+            return "the request needs a JSON object body", None, "invalid_request"
+        return f"the request body must be a JSON object: {first.get('msg')}", None, "invalid_request"
+    path = []
+    for part in loc:
+        if isinstance(part, str) and (part in _TYPE_LOCS or "[" in part or "(" in part):
+            break
+        path.append(str(part))
+    param = ".".join(path)
+    if path and path[0] == "prompt" and len(path) == 1:
+        message = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    else:
+        message = f"{param}: {first.get('msg')}"
+        if "input" in first and first.get("type") != "missing":
+            received = repr(first["input"])
+            message += f" (got {received[:80]})"
+    return message, param, first.get("type", "invalid_value")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Middleware (pure ASGI: they must not buffer streaming responses)
+# ----------------------------------------------------------------------------------------------------------
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413 before the app sees them (the body is read here, at most
+    ``max_bytes + 1`` bytes of it, and replayed to the app)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = _error(413, f"the request body is larger than {self.max_bytes} bytes", None, "body_too_large")
+        await response(scope, receive, send)
+
+
+class MetricsMiddleware:
+    """Count requests by route and status code."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = {"code": 500}
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,116 @@
+"""Start the real server on a model, stream one completion from it as a client would, then keep serving.
+
+    python -m retnet.serve.demo --model runs/demo/export            # serve until Ctrl-C
+    python -m retnet.serve.demo --model runs/demo/export --exit-after
+
+Uvicorn runs in a thread of this process on 127.0.0.1:8000 (a free port if 8000 is taken); the completion
+is streamed over real HTTP with httpx, printing each piece of text as its SSE chunk arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import socket
+import sys
+import threading
+import time
+
+import httpx
+
+
+def pick_port(host: str, wanted: int) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, wanted))
+            return sock.getsockname()[1]
+        except OSError:
+            sock.bind((host, 0))
+            return sock.getsockname()[1]
+
+
+def stream_once(url: str, prompt: str, max_tokens: int) -> None:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.95, "seed": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = None
+    print(f"\n--- streaming from {url}/v1/completions ---\n{prompt}", end="", flush=True)
+    with httpx.Client(timeout=120) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        usage = None
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            for choice in chunk["choices"]:
+                if first is None:
+                    first = time.perf_counter() - start
+                print(choice["text"], end="", flush=True)
+            usage = chunk.get("usage") or usage
+    total = time.perf_counter() - start
+    tokens = usage["completion_tokens"] if usage else 0
+    print(f"\n--- {tokens} tokens in {total:.2f} s (first after {1000 * (first or 0):.0f} ms) ---\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m retnet.serve.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a save_pretrained directory (the training export)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--prompt", default="def fibonacci(n):\n")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--exit-after", action="store_true", help="stop after the one completion")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    import retnet  # noqa: F401  (registers the Auto classes)
+    from retnet.serve.app import create_app
+    from retnet.serve.settings import ServeSettings
+
+    port = pick_port(args.host, args.port)
+    settings = ServeSettings(model=args.model, host=args.host, port=port)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://{args.host}:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if not thread.is_alive():
+            sys.exit("the server failed to start")
+        time.sleep(0.1)
+    else:
+        sys.exit("the server did not become ready in 120 s")
+
+    print(f"retnet-serve is up at {url} serving {settings.model_name!r}")
+    stream_once(url, args.prompt, args.max_tokens)
+    body = json.dumps({"model": settings.model_name, "prompt": "def add(a, b):", "max_tokens": 32, "stream": True})
+    print("Try it yourself:")
+    print(f"  curl -N {url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    chat = json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(chat)}")
+    print(f"  curl {url}/metrics")
+    if args.exit_after:
+        server.should_exit = True
+        thread.join(timeout=30)
+        return
+    print("Serving until Ctrl-C.")
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Streaming text out of token ids: incremental detokenisation and stop strings across token boundaries.
+
+Text is released only when it is final: bytes of an unfinished UTF-8 character wait for the next token,
+and so does any tail that could be the start of a stop string. A stop string is never emitted.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    """Decode one token at a time (vLLM's prefix/read offsets): the new text is the decoding of a short
+    window of recent tokens minus the decoding of the same window without the newest ones, so tokenisers
+    whose pieces depend on their neighbours (leading spaces, byte fallback) still decode exactly."""
+
+    def __init__(self, decode, context_ids: list[int] | None = None, window: int = 6):
+        self.decode = decode  # ids -> str
+        self.ids: list[int] = list(context_ids[-window:]) if context_ids else []
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        prefix = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held (an unfinished character decodes as U+FFFD)."""
+        prefix = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :] if len(full) > len(prefix) else ""
+
+
+class StopStrings:
+    """Accumulates generated text and releases the part that can no longer turn into a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        """Add ``delta``; return the text now safe to emit. Sets ``stopped`` when a stop string appeared
+        (the text from it on is dropped)."""
+        self.text += delta
+        if not self.stops:
+            return self._release(len(self.text))
+        hits = [p for p in (self.text.find(s, self.emitted) for s in self.stops) if p >= 0]
+        if hits:
+            self.stopped = True
+            self.text = self.text[: min(hits)]
+            return self._release(len(self.text))
+        return self._release(len(self.text) - self._held())
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def _held(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        tail = self.text[self.emitted :]
+        best = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(tail)), best, -1):
+                if tail.endswith(stop[:k]):
+                    best = k
+                    break
+        return best
+
+    def _release(self, end: int) -> str:
+        out = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return out
+
+
+__all__ = ["IncrementalDetokenizer", "StopStrings"]

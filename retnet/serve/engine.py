@@ -1,0 +1,540 @@
+"""The scheduler: continuous batching of RetNet decoding.
+
+One thread owns the model. Each iteration it
+
+1. admits waiting requests while slots are free (``max_running`` sequences at most);
+2. prefills new prompts with the chunkwise form, in pieces of ``prefill_chunk_tokens`` and at most
+   ``prefill_token_budget`` tokens per iteration, so a long prompt never stalls the running streams for long
+   and its length is bounded by time, not memory (the state is O(1) in it). A prompt starts from the longest
+   cached prefix state or from its session's saved state;
+3. rebuilds the batch when sequences joined or left (their fp32 states stacked into one cache);
+4. runs ONE batched recurrent step for every running sequence and samples each row with its own generator.
+
+Results go to each request's ``asyncio.Queue`` on the event loop (``call_soon_threadsafe``), so the loop never
+waits on the model. A cancelled request (client gone) leaves the batch at the next iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from retnet.model import RetNetCache
+from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
+from retnet.serve.metrics import ServeMetrics
+from retnet.serve.sampling import RowSampler, SamplingParams, prompt_logprobs, sample_step
+from retnet.serve.settings import ServeSettings
+from retnet.serve.state_cache import PrefixCache, Session, SessionBusy, SessionStore
+
+logger = logging.getLogger("retnet.serve")
+
+# Prompts are prefilled with the chunkwise form: linear in the prompt, and the same pieces alone or batched.
+PREFILL_MODE = "chunkwise"
+
+
+class EngineUnavailable(Exception):
+    """The engine is loading, stopping or dead."""
+
+
+class QueueFull(Exception):
+    """More sequences than ``max_running + max_queue`` would be in the server."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the engine sends back
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SeqOutput:
+    """New output of one choice: text safe to show, the tokens sampled, and ``finish_reason`` on the last."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs, on the first output
+
+
+@dataclass(slots=True)
+class EngineFailure:
+    message: str
+
+
+class RequestHandle:
+    """One API request: its prompts × n choices, and the queue their outputs arrive on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, num_choices: int):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.num_choices = num_choices
+        self.arrival = time.perf_counter()
+        self.cancelled = False
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.session_tokens = 0
+
+    def cancel(self) -> None:
+        """Stop generating (the client left); the scheduler drops the sequences at its next iteration."""
+        self.cancelled = True
+
+    def emit(self, item) -> None:
+        # RuntimeError: the event loop is closed, nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scheduler bookkeeping
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Group:
+    """One prompt of a request and its ``n`` choices, while it waits and is prefilled."""
+
+    handle: RequestHandle
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    first_index: int
+    session_id: str | None = None
+    session: Session | None = None
+    prefix_hint: int | None = None  # a token offset worth caching the state at (the chat's history)
+    inputs: list[int] = field(default_factory=list)  # tokens to feed from the starting state
+    pos: int = 0
+    cache: RetNetCache | None = None
+    last_logits: torch.Tensor | None = None
+    started: bool = False
+    cacheable: bool = True  # False when the state continues a session: its tokens are not a prompt prefix
+    prompt_lp: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Sequence:
+    group: Group
+    index: int
+    sampler: RowSampler
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    t_last: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.group.handle.cancelled
+
+
+class Engine:
+    """Owns the model, the tokenizer's decoder, the state caches and the scheduler thread."""
+
+    def __init__(self, settings: ServeSettings, tokenizer, metrics: ServeMetrics, model=None):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.metrics = metrics
+        self.model = model
+        self.config = model.config if model is not None else _load_config(settings.model)
+        self.vocab_size = int(self.config.vocab_size)
+        self.eos_ids = _eos_ids(settings.model, tokenizer, self.config)
+        self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
+                                        settings.prefix_cache_min_tokens)
+        self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s)
+
+        self.cond = threading.Condition()
+        self.waiting: deque[Group] = deque()  # guarded by cond
+        self.in_system = 0  # sequences admitted and not finished; guarded by cond
+        self.accepting = True
+        self.stopping = False
+        self.ready = False
+        self.dead: str | None = None
+        self.thread: threading.Thread | None = None
+        # Owned by the scheduler thread:
+        self.prefilling: list[Group] = []
+        self.running: list[Sequence] = []
+        self.joining: list[tuple[Sequence, RetNetCache]] = []
+        self.batch: RetNetCache | None = None
+        self.device = torch.device("cpu")
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="retnet-scheduler", daemon=True)
+        self.thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready and self.dead is None and not self.stopping
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.ready and self.dead is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.ready and self.dead is None
+
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        """Stop accepting work, let running sequences finish for up to ``grace_s``, then cancel the rest."""
+        with self.cond:
+            self.accepting = False
+        deadline = time.monotonic() + grace_s
+        while self.in_system > 0 and time.monotonic() < deadline and self.dead is None:
+            time.sleep(0.02)
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self.metrics.engine_ready.set(0)
+
+    # -- the API the routes call (event-loop thread) -------------------------------------------------------------
+    def submit(
+        self, prompts: list[list[int]], params: SamplingParams, n: int = 1, session_id: str | None = None,
+        prefix_hints: list[int | None] | None = None,
+    ) -> RequestHandle:
+        """Queue ``prompts`` (token ids) × ``n`` choices; outputs arrive on ``handle.queue``.
+
+        Raises EngineUnavailable, QueueFull or SessionBusy.
+        """
+        handle = RequestHandle(asyncio.get_running_loop(), len(prompts) * n)
+        handle.prompt_tokens = sum(len(p) for p in prompts)
+        if not self.healthy or not self.accepting:
+            raise EngineUnavailable(self.dead or "the engine is not ready")
+        with self.cond:
+            limit = self.settings.max_running + self.settings.max_queue
+            if self.in_system + handle.num_choices > limit:
+                raise QueueFull(f"{self.in_system} sequences in the server; the limit is {limit}")
+            session = self.sessions.acquire(session_id) if session_id is not None else None
+            hints = prefix_hints or [None] * len(prompts)
+            for i, prompt in enumerate(prompts):
+                self.waiting.append(Group(handle, list(prompt), params, n, i * n, session_id, session, hints[i]))
+            self.in_system += handle.num_choices
+            self.metrics.prompt_tokens.inc(handle.prompt_tokens)
+            self.cond.notify_all()
+        return handle
+
+    # -- the scheduler thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._load()
+            self.ready = True
+            self.metrics.engine_ready.set(1)
+            logger.info("engine ready on %s", self.device)
+            with torch.inference_mode():
+                while self._iteration():
+                    pass
+            self._fail_all("the server is shutting down")
+        except Exception as exc:  # the engine is dead: fail every request, /health turns 503
+            logger.exception("engine failed")
+            self.dead = f"engine failed: {type(exc).__name__}: {exc}"
+            self.metrics.engine_ready.set(0)
+            self._fail_all(self.dead)
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        requested = self.settings.device
+        if requested == "auto":
+            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(requested)
+        if self.model is None:
+            dtype = self.settings.dtype
+            if dtype == "auto":
+                dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+            self.model = AutoModelForCausalLM.from_pretrained(self.settings.model, dtype=getattr(torch, dtype))
+        self.model = self.model.to(self.device).eval()
+
+    def _iteration(self) -> bool:
+        with self.cond:
+            while not (self.waiting or self.prefilling or self.running or self.joining or self.stopping):
+                self.cond.wait(timeout=1.0)
+            if self.stopping:
+                return False
+            self._drop_cancelled_waiting()
+            busy = len(self.running) + len(self.joining) + sum(g.n for g in self.prefilling)
+            while self.waiting and busy + self.waiting[0].n <= self.settings.max_running:
+                group = self.waiting.popleft()
+                self.prefilling.append(group)
+                busy += group.n
+            self.metrics.queue_depth.set(sum(g.n for g in self.waiting))
+        self._prefill()
+        self._rebuild_batch()
+        self.metrics.running.set(len(self.running))
+        self.metrics.prefilling.set(sum(g.n for g in self.prefilling))
+        if self.running:
+            self._decode_step()
+        return True
+
+    def _drop_cancelled_waiting(self) -> None:
+        kept = deque()
+        for group in self.waiting:
+            if group.handle.cancelled:
+                self._finish_cancelled(group, group.n)
+            else:
+                kept.append(group)
+        self.waiting = kept
+
+    def _finish_cancelled(self, group: Group, count: int) -> None:
+        self.metrics.cancelled.inc(count)
+        self._release_slots(count)
+        if group.session_id is not None:
+            self.sessions.release(group.session_id)
+
+    def _release_slots(self, count: int) -> None:
+        with self.cond:
+            self.in_system -= count
+
+    # -- prefill -----------------------------------------------------------------------------------------------
+    def _prefill(self) -> None:
+        budget = self.settings.prefill_token_budget
+        for group in list(self.prefilling):
+            if group.handle.cancelled:
+                self.prefilling.remove(group)
+                self._finish_cancelled(group, group.n)
+                continue
+            if not group.started:
+                self._start(group)
+            while group.pos < len(group.inputs) and budget > 0:
+                end = min(group.pos + self.settings.prefill_chunk_tokens, len(group.inputs))
+                if group.prefix_hint is not None and group.pos < group.prefix_hint < end:
+                    end = group.prefix_hint  # stop at the boundary worth caching
+                budget -= end - group.pos
+                self._prefill_piece(group, end)
+            if group.pos >= len(group.inputs):
+                self.prefilling.remove(group)
+                self._spawn(group)
+            if budget <= 0:
+                break
+
+    def _start(self, group: Group) -> None:
+        group.started = True
+        session = group.session
+        if session is not None and session.cache is not None:
+            group.cache = session.cache.clone()
+            group.inputs = session.pending + group.prompt_ids
+            group.prefix_hint = None
+            group.cacheable = False
+            group.handle.session_tokens = session.tokens
+            self.metrics.session_resumes.inc()
+            return
+        group.inputs = group.prompt_ids
+        if group.params.prompt_logprobs or self.settings.prefix_cache_entries == 0:
+            return
+        entry = self.prefix_cache.lookup(group.inputs)
+        if entry is None:
+            self.metrics.prefix_cache_misses.inc()
+            return
+        self.metrics.prefix_cache_hits.inc()
+        self.metrics.prefix_cache_hit_tokens.inc(len(entry.tokens))
+        group.cache = entry.cache.clone()
+        group.pos = len(entry.tokens)
+        group.handle.cached_tokens += group.pos
+        if group.pos == len(group.inputs):
+            group.last_logits = entry.logits
+
+    def _prefill_piece(self, group: Group, end: int) -> None:
+        piece = torch.tensor([group.inputs[group.pos : end]], dtype=torch.long, device=self.device)
+        keep_all = group.params.prompt_logprobs
+        out = self.model(input_ids=piece, cache=group.cache, use_cache=True,
+                         retention_mode=PREFILL_MODE, logits_to_keep=0 if keep_all else 1)
+        group.cache = out.cache
+        logits = out.logits[0].float().cpu()
+        if keep_all:
+            # The previous piece's last logits predict this piece's first token; logits[t] predicts pos+t+1.
+            ids = group.inputs[group.pos + 1 : end]
+            context = logits[: len(ids)]
+            if group.last_logits is not None:
+                ids = [group.inputs[group.pos], *ids]
+                context = torch.cat([group.last_logits[None], context])
+            group.prompt_lp.extend(self._lp_entries(context, ids, group.params.logprobs))
+        self.metrics.prefill_tokens.inc(end - group.pos)
+        group.pos = end
+        group.last_logits = logits[-1]
+        at_boundary = end == group.prefix_hint or end == len(group.inputs)
+        if group.cacheable and self.settings.prefix_cache_entries and not keep_all and at_boundary:
+            self.prefix_cache.insert(group.inputs[:end], group.cache, group.last_logits)
+            self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
+            self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
+
+    def _lp_entries(self, logits: torch.Tensor, ids: list[int], k: int | None) -> list[TokenLogprob]:
+        out = []
+        for token, (value, alts) in zip(ids, prompt_logprobs(logits, ids, k or 0)):
+            out.append(TokenLogprob(token, self._text(token), value, [(self._text(t), v) for t, v in alts]))
+        return out
+
+    def _spawn(self, group: Group) -> None:
+        """The prompt is in the state: sample each choice's first token and queue it to join the batch."""
+        handle = group.handle
+        seqs = []
+        for j in range(group.n):
+            sampler = RowSampler(group.params, group.inputs, self.vocab_size, seed_offset=group.first_index + j)
+            seqs.append(Sequence(group, group.first_index + j, sampler,
+                                 IncrementalDetokenizer(self._decode, group.inputs),
+                                 StopStrings(group.params.stop)))
+        logits = group.last_logits[None].expand(group.n, -1)
+        sample = sample_step(logits, [s.sampler for s in seqs])
+        outputs = []
+        for i, seq in enumerate(seqs):
+            out = self._advance(seq, i, sample)
+            if group.params.prompt_logprobs:
+                first = TokenLogprob(group.inputs[0], self._text(group.inputs[0]), None)
+                out.prompt_logprobs = [first, *group.prompt_lp]
+            outputs.append(out)
+            if seq.finish_reason is None:
+                self.joining.append((seq, group.cache))
+            else:
+                self._finished(seq, group.cache)
+        handle.emit(outputs)
+
+    # -- decode ------------------------------------------------------------------------------------------------
+    def _rebuild_batch(self) -> None:
+        keep = [i for i, s in enumerate(self.running) if not s.done]
+        for seq in self.running:
+            if seq.finish_reason is None and seq.group.handle.cancelled:
+                seq.finish_reason = "abort"
+                self._finish_cancelled(seq.group, 1)
+        joining = [(s, c) for s, c in self.joining if not s.done]
+        for seq, _ in self.joining:
+            if seq.finish_reason is None and seq.group.handle.cancelled:
+                seq.finish_reason = "abort"
+                self._finish_cancelled(seq.group, 1)
+        self.joining = []
+        if len(keep) == len(self.running) and not joining:
+            return
+        parts = []
+        if keep:
+            parts.append(self.batch if len(keep) == len(self.running) else self.batch.select(keep))
+        parts.extend(cache for _, cache in joining)
+        self.running = [self.running[i] for i in keep] + [s for s, _ in joining]
+        self.batch = RetNetCache.concat(parts) if parts else None
+
+    def _decode_step(self) -> None:
+        start = time.perf_counter()
+        last = torch.tensor([[s.tokens[-1]] for s in self.running], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=last, cache=self.batch, use_cache=True, retention_mode="recurrent",
+                         logits_to_keep=1)
+        self.batch = out.cache
+        logits = out.logits[:, -1].float().cpu()
+        sample = sample_step(logits, [s.sampler for s in self.running])
+        per_handle: dict[int, tuple[RequestHandle, list[SeqOutput]]] = {}
+        for i, seq in enumerate(self.running):
+            output = self._advance(seq, i, sample)
+            if seq.finish_reason is not None:
+                self._finished(seq, None, row=i)
+            handle = seq.group.handle
+            per_handle.setdefault(id(handle), (handle, []))[1].append(output)
+        for handle, outputs in per_handle.values():
+            handle.emit(outputs)
+        self.metrics.step.observe(time.perf_counter() - start)
+
+    def _advance(self, seq: Sequence, row: int, sample) -> SeqOutput:
+        """Record the token sampled for ``seq`` (row ``row`` of ``sample``) and apply the stopping rules."""
+        token = sample.tokens[row]
+        seq.tokens.append(token)
+        now = time.perf_counter()
+        if len(seq.tokens) == 1:
+            self.metrics.ttft.observe(now - seq.group.handle.arrival)
+        else:
+            self.metrics.itl.observe(now - seq.t_last)
+        seq.t_last = now
+        self.metrics.generation_tokens.inc()
+        params = seq.group.params
+        eos = token in self.eos_ids and not params.ignore_eos
+        text = "" if eos else seq.stops.push(seq.detok.push(token))
+        finish = None
+        if seq.stops.stopped or eos:
+            finish = "stop"
+        elif len(seq.tokens) >= params.max_tokens:
+            finish = "length"
+        if finish is not None and not seq.stops.stopped:
+            text += seq.stops.push(seq.detok.flush())
+            text += "" if seq.stops.stopped else seq.stops.flush()
+            finish = "stop" if seq.stops.stopped else finish
+        seq.finish_reason = finish
+        logprobs = None
+        if params.logprobs is not None:
+            top = [(self._text(t), v) for t, v in (sample.top[row] if sample.top else [])]
+            logprobs = [TokenLogprob(token, self._text(token), sample.logprobs[row], top)]
+        return SeqOutput(seq.index, text, [token], logprobs, finish)
+
+    def _finished(self, seq: Sequence, cache: RetNetCache | None, row: int | None = None) -> None:
+        """A sequence ended normally: free its slot, and save its session (state + the unfed last token)."""
+        group = seq.group
+        if group.session_id is not None:
+            state = cache.clone() if cache is not None else self.batch.select([row])
+            self.sessions.release(group.session_id, state, [seq.tokens[-1]],
+                                  tokens=len(group.prompt_ids) + len(seq.tokens))
+            self.metrics.sessions.set(len(self.sessions))
+        self._release_slots(1)
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _text(self, token: int) -> str:
+        if self.backend is not None:
+            return self.backend.decode([token], skip_special_tokens=False)
+        return self.tokenizer.decode([token])
+
+    def _fail_all(self, message: str) -> None:
+        with self.cond:
+            groups = list(self.waiting) + list(self.prefilling)
+            self.waiting.clear()
+            handles = {id(g.handle): g.handle for g in groups}
+            for seq in self.running + [s for s, _ in self.joining]:
+                handles[id(seq.group.handle)] = seq.group.handle
+            for group in groups:
+                if group.session_id is not None:
+                    self.sessions.release(group.session_id)
+            for seq in self.running + [s for s, _ in self.joining]:
+                if seq.group.session_id is not None and seq.finish_reason is None:
+                    self.sessions.release(seq.group.session_id)
+            self.prefilling, self.running, self.joining, self.batch = [], [], [], None
+            self.in_system = 0
+        for handle in handles.values():
+            handle.emit(EngineFailure(message))
+        self.metrics.running.set(0)
+        self.metrics.queue_depth.set(0)
+
+
+def _load_config(model_dir: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def _eos_ids(model_dir: str, tokenizer, config) -> set[int]:
+    ids: set[int] = set()
+
+    def add(value):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(config, "eos_token_id", None))
+    add(getattr(tokenizer, "eos_token_id", None))
+    if model_dir and (Path(model_dir) / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        with contextlib.suppress(OSError, ValueError):
+            add(GenerationConfig.from_pretrained(model_dir).eos_token_id)
+    return ids
+
+
+__all__ = ["Engine", "EngineFailure", "EngineUnavailable", "QueueFull", "RequestHandle", "SeqOutput",
+           "SessionBusy", "TokenLogprob"]

@@ -1,0 +1,49 @@
+"""Prometheus metrics, on a registry of the app's own (several apps in one process do not clash)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServeMetrics:
+    """Every metric the server exports; the engine and the routes update them (prometheus-client is
+    thread-safe, so the scheduler thread writes directly)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("retnet_requests", "HTTP requests by route and status code", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("retnet_prompt_tokens", "prompt tokens received", registry=r)
+        self.generation_tokens = Counter("retnet_generation_tokens", "tokens generated", registry=r)
+        self.prefill_tokens = Counter("retnet_prefill_tokens", "prompt tokens run through the model", registry=r)
+        self.prefix_cache_hits = Counter("retnet_prefix_cache_hits", "prompts that started from a cached prefix state",
+                                         registry=r)
+        self.prefix_cache_misses = Counter("retnet_prefix_cache_misses", "prompts with no cached prefix", registry=r)
+        self.prefix_cache_hit_tokens = Counter("retnet_prefix_cache_hit_tokens",
+                                               "prompt tokens not prefilled thanks to a cached prefix", registry=r)
+        self.session_resumes = Counter("retnet_session_resumes", "requests that continued a saved session", registry=r)
+        self.cancelled = Counter("retnet_sequences_cancelled", "sequences cancelled (client gone, shutdown)",
+                                 registry=r)
+        self.rejected = Counter("retnet_requests_rejected", "requests refused before running", ["reason"], registry=r)
+        self.queue_depth = Gauge("retnet_queue_depth", "sequences waiting for a slot", registry=r)
+        self.running = Gauge("retnet_running_sequences", "sequences in the batched decode step", registry=r)
+        self.prefilling = Gauge("retnet_prefilling_sequences", "sequences being prefilled", registry=r)
+        self.prefix_cache_entries = Gauge("retnet_prefix_cache_entries", "states in the prefix cache", registry=r)
+        self.prefix_cache_bytes = Gauge("retnet_prefix_cache_bytes", "bytes of state in the prefix cache", registry=r)
+        self.sessions = Gauge("retnet_sessions", "saved sessions", registry=r)
+        self.engine_ready = Gauge("retnet_engine_ready", "1 while the engine serves", registry=r)
+        self.ttft = Histogram("retnet_time_to_first_token_seconds", "arrival to first token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("retnet_inter_token_latency_seconds", "time between a sequence's tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.step = Histogram("retnet_decode_step_seconds", "one batched recurrent decode step",
+                              buckets=LATENCY_BUCKETS, registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+__all__ = ["ServeMetrics"]

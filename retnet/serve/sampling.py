@@ -1,0 +1,177 @@
+"""Per-sequence sampling parameters and the batched sampler of one decode step.
+
+Every rule is row-wise (a row's result never depends on the other rows), and every random draw comes
+from the sequence's own ``torch.Generator``, so a request samples the same tokens alone or in any batch:
+``seed`` makes a request reproducible however busy the server is.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """What one request asks of the sampler and the stopping rules (OpenAI's names; 0 temperature: greedy)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top-k alternatives'
+    prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' logprobs too
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def truncates(self) -> bool:
+        return (self.top_k > 0) or self.top_p < 1.0 or self.min_p > 0.0
+
+
+class RowSampler:
+    """One sequence's sampling state: its generator and the token counts the penalties need."""
+
+    __slots__ = ("counts", "generator", "params", "seen")
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, seed_offset: int = 0):
+        self.params = params
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed((seed + seed_offset) % (2**63))
+        self.counts: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+        if params.needs_penalties:
+            self.counts = torch.zeros(vocab_size)
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            ids = torch.tensor([i for i in prompt_ids if i < vocab_size], dtype=torch.long)
+            self.seen[ids] = True
+
+    def record(self, token: int) -> None:
+        if self.counts is not None and token < self.counts.shape[0]:
+            self.counts[token] += 1
+            self.seen[token] = True
+
+    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply repetition (prompt + output; CTRL's divide/multiply rule), then presence and frequency
+        (output only; OpenAI's rule) to a ``[V]`` row; returns a new row."""
+        p = self.params
+        logits = logits.clone()
+        if p.repetition_penalty != 1.0:
+            seen = self.seen
+            logits[seen] = torch.where(logits[seen] > 0, logits[seen] / p.repetition_penalty,
+                                       logits[seen] * p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
+        return logits
+
+
+@dataclass(slots=True)
+class StepSample:
+    """One step's result for B rows."""
+
+    tokens: list[int]
+    logprobs: list[float] | None  # the chosen tokens' logprobs (raw model distribution)
+    top: list[list[tuple[int, float]]] | None  # per row, the top-k alternatives (k per row's request)
+
+
+def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
+    """Pick one token per row.
+
+    Args:
+        logits: ``[B, V]`` float32, the model's next-token logits.
+        rows: B samplers, row-aligned.
+    """
+    logits = logits.float()
+    raw = logits
+    penalised = [i for i, r in enumerate(rows) if r.params.needs_penalties]
+    if penalised:
+        logits = logits.clone()
+        for i in penalised:
+            logits[i] = rows[i].penalise(logits[i])
+
+    chosen = logits.argmax(-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        index = torch.tensor(sampled, dtype=torch.long)
+        temperature = torch.tensor([rows[i].params.temperature for i in sampled])
+        scaled = logits.index_select(0, index) / temperature[:, None]
+        if any(rows[i].params.truncates for i in sampled):
+            scaled, order = scaled.sort(-1, descending=True)
+            probs = scaled.softmax(-1)
+            keep = torch.ones_like(probs, dtype=torch.bool)
+            ranks = torch.arange(probs.shape[-1])[None]
+            top_k = torch.tensor([rows[i].params.top_k if rows[i].params.top_k > 0 else probs.shape[-1]
+                                  for i in sampled])
+            keep &= ranks < top_k[:, None]
+            top_p = torch.tensor([rows[i].params.top_p for i in sampled])
+            # Keep a token while the mass strictly before it is below top_p (the top token always stays).
+            keep &= (probs.cumsum(-1) - probs) < top_p[:, None]
+            min_p = torch.tensor([rows[i].params.min_p for i in sampled])
+            keep &= probs >= min_p[:, None] * probs[:, :1]
+            keep[:, 0] = True
+            probs = probs * keep
+        else:
+            order = None
+            probs = scaled.softmax(-1)
+        # Inverse-CDF sampling with one uniform draw from each row's own generator.
+        cdf = probs.double().cumsum(-1)
+        draws = torch.tensor([torch.rand(1, generator=rows[i].generator, dtype=torch.float64).item()
+                              for i in sampled], dtype=torch.float64)
+        picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)
+        picks = picks.clamp(max=probs.shape[-1] - 1)
+        if order is not None:
+            picks = order.gather(-1, picks[:, None]).squeeze(-1)
+        chosen = chosen.clone()
+        chosen[index] = picks
+
+    tokens = chosen.tolist()
+    for row, token in zip(rows, tokens):
+        row.record(token)
+
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not want:
+        return StepSample(tokens, None, None)
+    logprobs_all = raw.log_softmax(-1)
+    chosen_lp = logprobs_all.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+    top: list[list[tuple[int, float]]] = [[] for _ in rows]
+    k_max = max(rows[i].params.logprobs for i in want)
+    if k_max > 0:
+        values, ids = logprobs_all.topk(min(k_max, logprobs_all.shape[-1]), dim=-1)
+        for i in want:
+            k = rows[i].params.logprobs
+            top[i] = list(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
+    return StepSample(tokens, chosen_lp, top)
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For echo: the logprob of each ``next_ids[t]`` under ``logits[t]`` (``[T, V]``) and its top-k."""
+    lp = logits.float().log_softmax(-1)
+    ids = torch.tensor(next_ids, dtype=torch.long)
+    chosen = lp.gather(-1, ids[:, None]).squeeze(-1).tolist()
+    out = []
+    if k > 0:
+        values, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        tops = [list(zip(a, b)) for a, b in zip(top_ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    for value, alts in zip(chosen, tops):
+        out.append((value, alts))
+    return out
+
+
+__all__ = ["RowSampler", "SamplingParams", "StepSample", "prompt_logprobs", "sample_step"]

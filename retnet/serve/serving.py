@@ -1,0 +1,391 @@
+"""The handlers behind the routes: validate against the server's limits, tokenise, submit to the engine,
+and shape its outputs as OpenAI completions (whole, or SSE chunks ending ``data: [DONE]``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from retnet.serve.engine import Engine, EngineFailure, EngineUnavailable, QueueFull, RequestHandle, SeqOutput
+from retnet.serve.metrics import ServeMetrics
+from retnet.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    SamplingFields,
+    TopLogprob,
+    Usage,
+    dump,
+    random_id,
+)
+from retnet.serve.sampling import SamplingParams
+from retnet.serve.settings import ServeSettings
+from retnet.serve.state_cache import SessionBusy
+from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# How often a non-streaming request checks that its client is still there.
+DISCONNECT_POLL_S = 0.5
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+class OpenAIServing:
+    """Completions and chat completions over one :class:`Engine`."""
+
+    def __init__(self, settings: ServeSettings, engine: Engine, tokenizer, metrics: ServeMetrics):
+        self.settings, self.engine, self.tokenizer, self.metrics = settings, engine, tokenizer, metrics
+        self.model_name = settings.model_name
+        # HF fast tokenisers may not be entered from two threads at once (the scheduler decodes).
+        self.tokenizer_lock = threading.Lock()
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name)])
+
+    # -- /v1/completions ---------------------------------------------------------------------------------------
+    async def completions(self, request: CompletionRequest, raw: Request):
+        self._check_common(request)
+        if request.suffix:
+            raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
+        if request.logprobs is not None and request.logprobs > self.settings.max_logprobs:
+            raise APIError(400, f"logprobs must be <= {self.settings.max_logprobs}; got {request.logprobs}", "logprobs")
+        texts, prompts = self._completion_prompts(request.prompt)
+        params = self._params(request, request.max_tokens, request.logprobs)
+        params.prompt_logprobs = request.echo and request.logprobs is not None
+        handle = self._submit(prompts, params, request)
+        echo_texts = [texts[i // request.n] for i in range(handle.num_choices)] if request.echo else None
+        if request.stream:
+            return self._stream(self._completion_chunks(request, handle, prompts, echo_texts), handle)
+        outputs = await self._collect(handle, raw)
+        choices = []
+        for index, seq in enumerate(outputs):
+            text = "".join(o.text for o in seq)
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = CompletionLogprobs()
+                offset = 0
+                if request.echo:
+                    offset = _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], 0)
+                    text = echo_texts[index] + text
+                for o in seq:
+                    offset = _add_completion_logprobs(logprobs, o.logprobs or [], offset)
+            elif request.echo:
+                text = echo_texts[index] + text
+            choices.append(CompletionChoice(
+                index=index, text=text, logprobs=logprobs, finish_reason=seq[-1].finish_reason,
+                **self._ids(request, prompts[index // request.n], seq),
+            ))
+        response = CompletionResponse(id=random_id("cmpl"), model=self.model_name, choices=choices,
+                                      usage=self._usage(handle, outputs), session_id=request.session_id)
+        return JSONResponse(dump(response))
+
+    def _completion_prompts(self, prompt) -> tuple[list[str], list[list[int]]]:
+        if isinstance(prompt, str):
+            texts = [prompt]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            texts = list(prompt)
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            return [self._decode(prompt)], [self._check_ids(list(prompt))]
+        elif prompt and all(isinstance(p, list) for p in prompt):
+            ids = [self._check_ids(list(p)) for p in prompt]
+            return [self._decode(p) for p in ids], ids
+        else:
+            raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
+        if len(texts) > self.settings.max_prompts:
+            raise APIError(400, f"at most {self.settings.max_prompts} prompts per request; got {len(texts)}", "prompt")
+        prompts = []
+        for text in texts:
+            if not text:
+                raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
+            with self.tokenizer_lock:
+                ids = self.tokenizer.encode(text, add_special_tokens=True)
+            prompts.append(self._check_ids(ids))
+        return texts, prompts
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
+                           f"{self.settings.max_prompt_tokens}", "prompt", "context_length_exceeded")
+        bad = [i for i in ids if i >= self.engine.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt: token id {bad[0]} is out of the vocabulary (size {self.engine.vocab_size})",
+                           "prompt", "invalid_token_id")
+        return ids
+
+    async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle, prompts,
+                                 echo_texts) -> AsyncIterator[str]:
+        rid, created = random_id("cmpl"), int(time.time())
+        usage_opt = bool(request.stream_options and request.stream_options.include_usage)
+        offsets = [0] * handle.num_choices
+        first = [True] * handle.num_choices
+        counts = [0] * handle.num_choices
+        async for out in self._outputs(handle):
+            counts[out.index] += len(out.token_ids)
+            text, logprobs = out.text, None
+            if request.logprobs is not None:
+                logprobs = CompletionLogprobs()
+                if first[out.index] and request.echo:
+                    offsets[out.index] = _add_completion_logprobs(logprobs, out.prompt_logprobs or [], 0)
+                offsets[out.index] = _add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index])
+            if first[out.index] and echo_texts is not None:
+                text = echo_texts[out.index] + text
+            first[out.index] = False
+            if not (text or out.finish_reason or logprobs or request.return_token_ids):
+                continue
+            choice = CompletionChoice(index=out.index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
+                                      token_ids=out.token_ids if request.return_token_ids else None)
+            chunk = dump(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice],
+                                            session_id=request.session_id))
+            if not usage_opt:
+                chunk.pop("usage", None)
+            yield sse(chunk)
+        if usage_opt:
+            usage = self._usage_counts(handle, sum(counts))
+            yield sse(dump(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
+                                              usage=usage)))
+
+    # -- /v1/chat/completions ----------------------------------------------------------------------------------
+    async def chat(self, request: ChatCompletionRequest, raw: Request):
+        self._check_common(request)
+        top = request.top_logprobs if request.top_logprobs is not None else 0
+        if top > self.settings.max_logprobs:
+            raise APIError(400, f"top_logprobs must be <= {self.settings.max_logprobs}; got {top}", "top_logprobs")
+        prompt, hint = self._chat_prompt(request)
+        params = self._params(request, request.max_completion_tokens or request.max_tokens,
+                              top if request.logprobs else None)
+        handle = self._submit([prompt], params, request, [hint])
+        if request.stream:
+            return self._stream(self._chat_chunks(request, handle), handle)
+        outputs = await self._collect(handle, raw)
+        choices = []
+        for index, seq in enumerate(outputs):
+            logprobs = None
+            if request.logprobs:
+                logprobs = ChatLogprobs(content=[_chat_logprob(t) for o in seq for t in (o.logprobs or [])])
+            choices.append(ChatChoice(
+                index=index, message=AssistantMessage(content="".join(o.text for o in seq)), logprobs=logprobs,
+                finish_reason=seq[-1].finish_reason, **self._ids(request, prompt, seq),
+            ))
+        response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self.model_name, choices=choices,
+                                          usage=self._usage(handle, outputs), session_id=request.session_id)
+        return JSONResponse(dump(response))
+
+    def _chat_prompt(self, request: ChatCompletionRequest) -> tuple[list[int], int | None]:
+        """Token ids of the templated conversation, and the offset where its last message starts (the
+        history before it is a prefix worth caching) when the tokenisation agrees there."""
+        template = getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in request.messages]
+        try:
+            with self.tokenizer_lock:
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=request.add_generation_prompt,
+                    chat_template=template)
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                hint = None
+                if len(messages) > 1:
+                    head = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False,
+                                                              add_generation_prompt=False, chat_template=template)
+                    head_ids = self.tokenizer.encode(head, add_special_tokens=False)
+                    if 0 < len(head_ids) < len(ids) and ids[: len(head_ids)] == head_ids:
+                        hint = len(head_ids)
+        except APIError:
+            raise
+        except Exception as exc:  # a template that rejects these messages (roles out of order, ...)
+            raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
+        if not ids:
+            raise APIError(400, "the templated conversation is empty", "messages", "empty_prompt")
+        return self._check_ids(ids), hint
+
+    async def _chat_chunks(self, request: ChatCompletionRequest, handle: RequestHandle) -> AsyncIterator[str]:
+        rid, created = random_id("chatcmpl"), int(time.time())
+        usage_opt = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> str:
+            data = dump(ChatCompletionChunk(id=rid, created=created, model=self.model_name,
+                                            choices=[choice] if choice else [], usage=usage,
+                                            session_id=request.session_id))
+            if not usage_opt:
+                data.pop("usage", None)
+            return sse(data)
+
+        for index in range(handle.num_choices):
+            yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
+        total = 0
+        async for out in self._outputs(handle):
+            total += len(out.token_ids)
+            logprobs = ChatLogprobs(content=[_chat_logprob(t) for t in out.logprobs]) if out.logprobs else None
+            ids = out.token_ids if request.return_token_ids else None
+            if out.text or logprobs or ids:
+                yield chunk(ChatChunkChoice(index=out.index, delta=DeltaMessage(content=out.text),
+                                            logprobs=logprobs, token_ids=ids))
+            if out.finish_reason:
+                yield chunk(ChatChunkChoice(index=out.index, delta=DeltaMessage(), finish_reason=out.finish_reason))
+        if usage_opt:
+            yield chunk(None, self._usage_counts(handle, total))
+
+    # -- shared ------------------------------------------------------------------------------------------------
+    def _check_common(self, request: SamplingFields) -> None:
+        s = self.settings
+        if request.model is not None and request.model not in (self.model_name, s.model):
+            raise APIError(404, f"the model {request.model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+        n_limit = min(s.max_n, s.max_running)
+        if request.n > n_limit:
+            raise APIError(400, f"n must be <= {n_limit}; got {request.n}", "n")
+        stops = request.stop_list()
+        if len(stops) > s.max_stop:
+            raise APIError(400, f"at most {s.max_stop} stop sequences; got {len(stops)}", "stop")
+        for stop in stops:
+            if not stop or len(stop) > s.max_stop_chars:
+                raise APIError(400, f"each stop sequence must have 1 to {s.max_stop_chars} characters; "
+                               f"got {len(stop)}", "stop")
+        if request.session_id is not None:
+            if s.max_sessions == 0:
+                raise APIError(400, "sessions are turned off on this server", "session_id")
+            if request.n != 1:
+                raise APIError(400, "session_id needs n = 1 (one continuation to save)", "session_id")
+
+    def _params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        max_tokens = self.settings.default_max_tokens if max_tokens is None else max_tokens
+        if max_tokens > self.settings.max_tokens_limit:
+            raise APIError(400, f"max_tokens must be <= {self.settings.max_tokens_limit}; got {max_tokens}",
+                           "max_tokens")
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+            min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            stop=request.stop_list(), ignore_eos=request.ignore_eos, seed=request.seed, logprobs=logprobs,
+        )
+
+    def _submit(self, prompts, params, request: SamplingFields, hints=None) -> RequestHandle:
+        if request.session_id is not None and len(prompts) != 1:
+            raise APIError(400, "session_id needs a single prompt", "session_id")
+        try:
+            return self.engine.submit(prompts, params, request.n, request.session_id, hints)
+        except QueueFull as exc:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(429, f"the server is busy ({exc}); retry later", None, "queue_full",
+                           type="rate_limit_error", headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+        except SessionBusy as exc:
+            self.metrics.rejected.labels("session_busy").inc()
+            raise APIError(409, f"session {request.session_id!r} is in use by another request", "session_id",
+                           "session_busy") from exc
+        except EngineUnavailable as exc:
+            self.metrics.rejected.labels("unavailable").inc()
+            raise APIError(503, f"the server cannot take requests now: {exc}", None, "unavailable",
+                           type="server_error", headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+
+    async def _outputs(self, handle: RequestHandle) -> AsyncIterator[SeqOutput]:
+        remaining = handle.num_choices
+        while remaining:
+            item = await handle.queue.get()
+            if isinstance(item, EngineFailure):
+                raise APIError(503, item.message, None, "engine_failure", type="server_error")
+            for out in item:
+                if out.finish_reason is not None:
+                    remaining -= 1
+                yield out
+
+    async def _collect(self, handle: RequestHandle, raw: Request) -> list[list[SeqOutput]]:
+        """All outputs per choice; cancels the work if the client goes away meanwhile."""
+        per_choice: list[list[SeqOutput]] = [[] for _ in range(handle.num_choices)]
+        remaining = handle.num_choices
+        try:
+            while remaining:
+                try:
+                    item = await asyncio.wait_for(handle.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await raw.is_disconnected():
+                        handle.cancel()
+                        raise APIError(499, "client closed the request", None, "client_closed") from None
+                    continue
+                if isinstance(item, EngineFailure):
+                    raise APIError(503, item.message, None, "engine_failure", type="server_error")
+                for out in item:
+                    per_choice[out.index].append(out)
+                    remaining -= out.finish_reason is not None
+        finally:
+            if remaining:
+                handle.cancel()
+        return per_choice
+
+    def _stream(self, chunks: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            finished = False
+            try:
+                async for chunk in chunks:
+                    yield chunk
+                finished = True
+            except APIError as exc:  # the engine failed mid-stream: an error event, then the end
+                yield sse(exc.body())
+                finished = True
+            finally:
+                if not finished:  # the client left (or the server is cancelling us): free the slot
+                    handle.cancel()
+            yield sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    def _usage(self, handle: RequestHandle, outputs: list[list[SeqOutput]]) -> Usage:
+        return self._usage_counts(handle, sum(len(o.token_ids) for seq in outputs for o in seq))
+
+    def _usage_counts(self, handle: RequestHandle, completion: int) -> Usage:
+        details = PromptTokensDetails(cached_tokens=handle.cached_tokens) if handle.cached_tokens else None
+        return Usage(prompt_tokens=handle.prompt_tokens, completion_tokens=completion,
+                     total_tokens=handle.prompt_tokens + completion, prompt_tokens_details=details)
+
+    @staticmethod
+    def _ids(request: SamplingFields, prompt: list[int], seq: list[SeqOutput]) -> dict:
+        if not request.return_token_ids:
+            return {}
+        return {"prompt_token_ids": prompt, "token_ids": [t for o in seq for t in o.token_ids]}
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode([i for i in ids if i < self.engine.vocab_size])
+
+
+def _add_completion_logprobs(target: CompletionLogprobs, entries, offset: int) -> int:
+    for entry in entries:
+        target.tokens.append(entry.token)
+        target.token_logprobs.append(entry.logprob)
+        target.top_logprobs.append(dict(entry.top) if entry.logprob is not None else None)
+        target.text_offset.append(offset)
+        offset += len(entry.token)
+    return offset
+
+
+def _chat_logprob(entry) -> ChatTokenLogprob:
+    return ChatTokenLogprob(
+        token=entry.token, logprob=entry.logprob, bytes=list(entry.token.encode("utf-8")),
+        top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8"))) for t, v in entry.top],
+    )
+
+
+__all__ = ["OpenAIServing", "sse"]

@@ -1,0 +1,73 @@
+"""Server settings: command-line flags and ``RETNET_*`` environment variables (pydantic-settings).
+
+Every limit the server enforces is here, so an operator can read in one place what a request may ask for.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    """What ``retnet-serve`` reads from flags (``--max-running 32``) or the environment (``RETNET_MAX_RUNNING=32``)."""
+
+    model_config = SettingsConfigDict(env_prefix="RETNET_", extra="ignore")
+
+    # -- model and network ------------------------------------------------------------------------------------
+    model: str = Field(description="directory written by save_pretrained (config.json, model.safetensors, tokenizer)")
+    served_model_name: str | None = Field(None, description="the name clients pass as `model` (default: the directory's name)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights' dtype; auto: float32 on CPU, bfloat16 on CUDA (states stay float32)"
+    )
+    api_keys: list[str] = Field(default_factory=list, description="accepted `Authorization: Bearer` keys; empty: no auth")
+    log_level: str = "info"
+
+    # -- scheduling -------------------------------------------------------------------------------------------
+    max_running: int = Field(64, ge=1, description="sequences decoded together in one batched recurrent step")
+    max_queue: int = Field(256, ge=0, description="sequences waiting for a slot; beyond it requests get 429")
+    prefill_chunk_tokens: int = Field(512, ge=1, description="a prompt is prefilled in pieces of this many tokens")
+    prefill_token_budget: int = Field(2048, ge=1, description="prompt tokens prefilled between two decode steps")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After header sent with 429")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running streams get this long to finish")
+
+    # -- request limits ---------------------------------------------------------------------------------------
+    max_prompt_tokens: int = Field(8192, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1, description="largest `max_tokens` a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when a request leaves it out")
+    max_n: int = Field(8, ge=1)
+    max_prompts: int = Field(16, ge=1, description="prompts in one /v1/completions request")
+    max_stop: int = Field(4, ge=0, description="stop strings per request (OpenAI's limit is 4)")
+    max_stop_chars: int = Field(64, ge=1)
+    max_logprobs: int = Field(5, ge=0, description="top alternatives per token in `logprobs`")
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    # -- state reuse ------------------------------------------------------------------------------------------
+    prefix_cache_entries: int = Field(64, ge=0, description="saved prompt-prefix states (LRU); 0 turns the cache off")
+    prefix_cache_bytes: int = Field(1 << 30, ge=0)
+    prefix_cache_min_tokens: int = Field(4, ge=1, description="shorter prefixes are not worth an entry")
+    max_sessions: int = Field(256, ge=0, description="resumable sessions kept at once (LRU); 0 turns sessions off")
+    session_bytes: int = Field(2 << 30, ge=0)
+    session_ttl_s: float = Field(1800.0, gt=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        # RETNET_API_KEYS=a,b (a plain comma list) as well as JSON.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+
+        return self.served_model_name or Path(self.model).resolve().name
+
+
+__all__ = ["ServeSettings"]

@@ -1,0 +1,177 @@
+"""Reusable recurrent states: the prompt-prefix cache and resumable sessions.
+
+A RetNet's whole context is one fixed-size state, so keeping the state after a prefix costs the same for
+10 tokens or 100 000 — unlike a Transformer's KV cache. Two uses:
+
+- :class:`PrefixCache`: an LRU of states keyed by the token prefix that produced them (a system prompt,
+  the earlier turns of a chat, a repeated prompt). A prompt that starts with a cached prefix is prefilled
+  from that state: the prefix costs no compute.
+- :class:`SessionStore`: a named conversation's state after its last request, so the next request sends
+  only its new tokens. Bounded in count and bytes, expiring after a TTL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from retnet.model import RetNetCache
+
+
+@dataclass(slots=True)
+class PrefixEntry:
+    tokens: tuple[int, ...]
+    cache: RetNetCache  # one row, owned by the entry (never mutated; users clone it)
+    logits: torch.Tensor | None  # [V] next-token logits after the prefix (lets an exact repeat skip all compute)
+    nbytes: int
+
+
+class PrefixCache:
+    """Longest-prefix lookup over at most ``max_entries`` states and ``max_bytes`` bytes (LRU eviction).
+
+    Used only from the scheduler thread.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, min_tokens: int = 1):
+        self.max_entries, self.max_bytes, self.min_tokens = max_entries, max_bytes, min_tokens
+        self.entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, tokens: list[int] | tuple[int, ...]) -> PrefixEntry | None:
+        """The entry of the longest cached prefix of ``tokens`` (the whole of it included), or None."""
+        if not self.entries:
+            return None
+        tokens = tuple(tokens)
+        best: PrefixEntry | None = None
+        for key, entry in self.entries.items():
+            n = len(key)
+            if n <= len(tokens) and (best is None or n > len(best.tokens)) and tokens[:n] == key:
+                if n == len(tokens) and entry.logits is None:
+                    continue  # an exact match is only useful with the logits that follow it
+                best = entry
+        if best is not None:
+            self.entries.move_to_end(best.tokens)
+        return best
+
+    def insert(self, tokens: list[int] | tuple[int, ...], cache: RetNetCache, logits: torch.Tensor | None) -> None:
+        tokens = tuple(tokens)
+        if self.max_entries == 0 or len(tokens) < self.min_tokens:
+            return
+        old = self.entries.get(tokens)
+        if old is not None:
+            if old.logits is None and logits is not None:
+                old.logits = logits.detach().clone()
+            self.entries.move_to_end(tokens)
+            return
+        entry = PrefixEntry(tokens, cache.clone(), None if logits is None else logits.detach().clone(),
+                            cache.nbytes())
+        if entry.nbytes > self.max_bytes:
+            return
+        self.entries[tokens] = entry
+        self.nbytes += entry.nbytes
+        while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
+            _, evicted = self.entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+
+class SessionBusy(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Session:
+    """A conversation's state: ``cache`` has absorbed every token but ``pending`` (the last one sampled),
+    which the next request feeds first."""
+
+    cache: RetNetCache | None = None
+    pending: list[int] = field(default_factory=list)
+    tokens: int = 0  # tokens of history (prompt and generated), for the response and the README's claims
+    busy: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes()
+
+
+class SessionStore:
+    """Named sessions, at most ``max_sessions`` and ``max_bytes`` of state (idle LRU evicted), each expiring
+    ``ttl_s`` after its last use. Used from the event loop (acquire) and the scheduler (release): locked."""
+
+    def __init__(self, max_sessions: int, max_bytes: int, ttl_s: float):
+        self.max_sessions, self.max_bytes, self.ttl_s = max_sessions, max_bytes, ttl_s
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def nbytes(self) -> int:
+        with self.lock:
+            return sum(s.nbytes for s in self.sessions.values())
+
+    def acquire(self, session_id: str) -> Session:
+        """The session (a new empty one if unknown or expired), marked busy until :meth:`release`."""
+        with self.lock:
+            self._expire()
+            session = self.sessions.get(session_id)
+            if session is None:
+                session = Session()
+                self.sessions[session_id] = session
+            elif session.busy:
+                raise SessionBusy(session_id)
+            session.busy = True
+            session.last_used = time.monotonic()
+            self.sessions.move_to_end(session_id)
+            return session
+
+    def release(self, session_id: str, cache: RetNetCache | None = None, pending: list[int] | None = None,
+                tokens: int = 0) -> None:
+        """Unmark the session; with ``cache``, replace its state (a finished request); without, keep the old
+        one (a cancelled or failed request leaves the session as it was)."""
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return
+            session.busy = False
+            session.last_used = time.monotonic()
+            if cache is not None:
+                session.cache, session.pending, session.tokens = cache, list(pending or []), session.tokens + tokens
+            if session.cache is None:
+                del self.sessions[session_id]  # nothing to resume
+            self._evict()
+
+    def delete(self, session_id: str) -> bool:
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None or session.busy:
+                return False
+            del self.sessions[session_id]
+            return True
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, s in self.sessions.items() if not s.busy and now - s.last_used > self.ttl_s]:
+            del self.sessions[key]
+
+    def _evict(self) -> None:
+        self._expire()
+        total = sum(s.nbytes for s in self.sessions.values())
+        for key in list(self.sessions):
+            if len(self.sessions) <= self.max_sessions and total <= self.max_bytes:
+                break
+            session = self.sessions[key]
+            if not session.busy:
+                total -= session.nbytes
+                del self.sessions[key]
+
+
+__all__ = ["PrefixCache", "PrefixEntry", "Session", "SessionBusy", "SessionStore"]

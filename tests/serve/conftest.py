@@ -1,0 +1,146 @@
+"""Shared fixtures: a micro random RetNet and a small BPE tokenizer saved as the training launcher exports
+them (save_pretrained), an in-process app factory, and a real uvicorn server in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import retnet  # noqa: F401  (registers the Auto classes)
+from retnet.model import RetNetConfig, RetNetForCausalLM
+from retnet.serve.settings import ServeSettings
+
+REPO = Path(__file__).resolve().parents[2]
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "The retention mechanism replaces attention with a decaying recurrence.\n",
+    "Hello world! How are you today? I am fine, thank you.\n",
+    "A recurrent state of fixed size carries the whole context from one token to the next.\n",
+    "Unicode: café, naïve, 東京, emoji 🙂 and more.\n",
+] * 10
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """config.json, model.safetensors, generation_config.json and the tokenizer files of a micro RetNet."""
+    from retnet.tokenization import train_byte_level_bpe
+
+    path = tmp_path_factory.mktemp("retnet-micro")
+    tokenizer = train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1)
+    config = RetNetConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, chunk_size=16,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        # A wider init than training's makes the random model's logits less flat, so greedy choices are far
+        # from ties and no test depends on the last bits of a float.
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_settings(model_dir: Path, **overrides) -> ServeSettings:
+    values = dict(model=str(model_dir), served_model_name="micro", max_running=64, max_queue=64)
+    values.update(overrides)
+    return ServeSettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def serve_app(model_dir: Path, **overrides):
+    """An httpx client on an in-process app whose engine runs (lifespan entered, model ready)."""
+    from retnet.serve.app import create_app
+
+    app = create_app(make_settings(model_dir, **overrides))
+    async with app.router.lifespan_context(app):
+        assert await asyncio.to_thread(app.state.engine.wait_ready, 60)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            client.app = app
+            yield client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model_dir: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "retnet.serve", "--model", str(model_dir), "--port", str(self.port),
+               "--served-model-name", "micro", "--log-level", "warning", *args]
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode(errors='replace')}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError("server did not become healthy")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.stdout.read().decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def server(model_dir):
+    """A real ``python -m retnet.serve`` on a free loopback port, shared by the end-to-end tests."""
+    proc = ServerProcess(model_dir, "--max-running", "64", "--max-queue", "64")
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def open_app(model_dir):
+    """``async with open_app(**settings) as client``: a fresh in-process server on the micro model."""
+    return lambda **overrides: serve_app(model_dir, **overrides)
+
+
+@pytest.fixture
+def server_process(model_dir):
+    """``ServerProcess(*flags)`` factory for tests that need their own uvicorn process."""
+    started = []
+
+    def start(*args, **kwargs):
+        started.append(ServerProcess(model_dir, *args, **kwargs))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop()

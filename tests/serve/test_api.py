@@ -1,0 +1,279 @@
+"""Every route and parameter against an in-process app (httpx on ASGI, the engine thread running)."""
+
+import asyncio
+import json
+
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def sse_events(text: str) -> list:
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+async def metric(client, name: str) -> float:
+    text = (await client.get("/metrics")).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture
+async def client(open_app):
+    async with open_app() as c:
+        yield c
+
+
+async def test_models_health_metrics(client):
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    models = (await client.get("/v1/models")).json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "micro"
+    text = (await client.get("/metrics")).text
+    for name in ("retnet_requests_total", "retnet_queue_depth", "retnet_running_sequences",
+                 "retnet_time_to_first_token_seconds_bucket", "retnet_inter_token_latency_seconds_bucket",
+                 "retnet_prompt_tokens_total", "retnet_generation_tokens_total", "retnet_prefix_cache_hits_total"):
+        assert name in text
+
+
+async def test_completion_shape_usage_and_length(client):
+    r = await client.post("/v1/completions", json={"model": "micro", "prompt": "def add(a, b):", "max_tokens": 7,
+                                                    **GREEDY})
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "text_completion"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length" and isinstance(choice["text"], str)
+    assert body["usage"]["completion_tokens"] == 7
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 7
+
+
+async def test_chat_completion_and_stream_format(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
+    whole = (await client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 6, **GREEDY})).json()
+    assert whole["object"] == "chat.completion"
+    assert whole["choices"][0]["message"]["role"] == "assistant"
+    r = await client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 6, "stream": True,
+                                                        "stream_options": {"include_usage": True}, **GREEDY})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert content == whole["choices"][0]["message"]["content"]
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+
+
+async def test_streamed_completion_equals_whole(client):
+    req = {"prompt": "for i in range(10):", "max_tokens": 12, **GREEDY}
+    whole = (await client.post("/v1/completions", json=req)).json()["choices"][0]["text"]
+    events = sse_events((await client.post("/v1/completions", json={**req, "stream": True})).text)
+    assert "usage" not in events[0]
+    assert "".join(e["choices"][0]["text"] for e in events) == whole
+
+
+async def test_seed_reproducible_and_n_choices_differ(client):
+    req = {"prompt": "Hello", "max_tokens": 12, "temperature": 1.0, "top_p": 0.95, "top_k": 50, "min_p": 0.01,
+           "seed": 1234, "n": 3, "ignore_eos": True}
+    a = (await client.post("/v1/completions", json=req)).json()
+    b = (await client.post("/v1/completions", json=req)).json()
+    texts = [c["text"] for c in a["choices"]]
+    assert texts == [c["text"] for c in b["choices"]]
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2]
+    assert len(set(texts)) > 1
+
+
+async def test_penalties_logprobs_echo_and_token_ids(client):
+    req = {"prompt": "Hello world", "max_tokens": 5, "logprobs": 2, "echo": True, "return_token_ids": True,
+           "repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.5, **GREEDY}
+    choice = (await client.post("/v1/completions", json=req)).json()["choices"][0]
+    assert choice["text"].startswith("Hello world")
+    lp = choice["logprobs"]
+    prompt_len = len(choice["prompt_token_ids"])
+    assert len(lp["tokens"]) == prompt_len + 5 and lp["token_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    assert len(choice["token_ids"]) == 5
+    chat = (await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2,
+        **GREEDY})).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and len(content[0]["top_logprobs"]) == 2
+
+
+async def test_stop_strings_across_token_boundaries(client):
+    # Find what the model writes greedily, then stop on a string that spans several tokens of it.
+    base = (await client.post("/v1/completions", json={"prompt": "The retention", "max_tokens": 30,
+                                                       "return_token_ids": True, **GREEDY})).json()["choices"][0]
+    text = base["text"]
+    tokens = base["token_ids"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(client.app.state.settings.model)
+    # A stop string that starts inside the 3rd token and ends inside a later one.
+    start = len(tok.decode(tokens[:2])) + 1
+    stop = text[start : start + 4]
+    assert stop and len(tok.decode(tokens[2:3])) >= 1
+    expected = text[: text.index(stop)]
+    for stream in (False, True):
+        r = await client.post("/v1/completions", json={"prompt": "The retention", "max_tokens": 30, "stop": [stop],
+                                                       "stream": stream, **GREEDY})
+        if stream:
+            events = sse_events(r.text)
+            got = "".join(e["choices"][0]["text"] for e in events)
+            reason = events[-1]["choices"][0]["finish_reason"]
+        else:
+            got, reason = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+        assert got == expected and reason == "stop" and stop not in got
+
+
+async def test_prefix_cache_hit_skips_prefill_and_keeps_output(client, open_app):
+    system = {"role": "system", "content": "You are a helpful assistant who answers about Python code. " * 3}
+    first = {"messages": [system, {"role": "user", "content": "def add(a, b)"}], "max_tokens": 8, **GREEDY}
+    second = {"messages": [system, {"role": "user", "content": "class Stack"}], "max_tokens": 8, **GREEDY}
+    a = (await client.post("/v1/chat/completions", json=first)).json()
+    prefill_before = await metric(client, "retnet_prefill_tokens_total")
+    hits_before = await metric(client, "retnet_prefix_cache_hits_total")
+    b = (await client.post("/v1/chat/completions", json=second)).json()
+    prefilled = await metric(client, "retnet_prefill_tokens_total") - prefill_before
+    assert await metric(client, "retnet_prefix_cache_hits_total") == hits_before + 1
+    cached = b["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 20 and prefilled == b["usage"]["prompt_tokens"] - cached  # the system prompt cost nothing
+    # The same request again is a full hit: no prefill at all, the same text as the first time.
+    again = (await client.post("/v1/chat/completions", json=first)).json()
+    assert again["choices"][0]["message"] == a["choices"][0]["message"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"]
+    # And a server with the cache off gives the same text.
+    async with open_app(prefix_cache_entries=0) as cold:
+        cold_b = (await cold.post("/v1/chat/completions", json=second)).json()
+    assert cold_b["choices"][0]["message"] == b["choices"][0]["message"]
+
+
+async def test_session_continuation_equals_whole_history(client):
+    first = (await client.post("/v1/completions", json={
+        "prompt": "def add(a, b):", "max_tokens": 6, "session_id": "s-1", "return_token_ids": True, **GREEDY,
+    })).json()
+    assert first["session_id"] == "s-1"
+    turn = first["choices"][0]
+    second = (await client.post("/v1/completions", json={
+        "prompt": "\nclass Stack:", "max_tokens": 6, "session_id": "s-1", "return_token_ids": True, **GREEDY,
+    })).json()["choices"][0]
+    history = turn["prompt_token_ids"] + turn["token_ids"] + second["prompt_token_ids"]
+    whole = (await client.post("/v1/completions", json={"prompt": history, "max_tokens": 6,
+                                                        "return_token_ids": True, **GREEDY})).json()
+    assert whole["choices"][0]["token_ids"] == second["token_ids"]
+    assert await metric(client, "retnet_session_resumes_total") >= 1
+    assert (await client.delete("/v1/sessions/s-1")).status_code == 200
+    assert (await client.delete("/v1/sessions/s-1")).status_code == 404
+
+
+async def test_long_prompt_is_prefilled_in_chunks(open_app):
+    async with open_app(prefill_chunk_tokens=16, prefill_token_budget=32, prefix_cache_entries=0) as c:
+        prompt = "A recurrent state of fixed size carries the whole context. " * 12
+        chunked = (await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, **GREEDY})).json()
+    async with open_app(prefix_cache_entries=0) as c:
+        whole = (await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, **GREEDY})).json()
+    assert chunked["usage"]["prompt_tokens"] > 64
+    assert chunked["choices"][0]["text"] == whole["choices"][0]["text"]
+
+
+BAD_REQUESTS = [
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "n": 1000}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": ["x" * 500]}, "stop"),
+    ({"prompt": "x", "logprobs": 99}, "logprobs"),
+    ({"prompt": "x", "model": "gpt-4"}, "model"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 2, 10**6]}, "prompt"),
+    ({"prompt": 12}, "prompt"),
+    ({"prompt": "word " * 3000}, "prompt"),
+    ({"max_tokens": 3}, "prompt"),
+    ({"prompt": "x", "session_id": "bad id!"}, "session_id"),
+    ({"prompt": "x", "seed": "abc"}, "seed"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_REQUESTS, ids=[p for _, p in BAD_REQUESTS])
+async def test_invalid_completion_requests_name_the_field(client, body, param):
+    r = await client.post("/v1/completions", json=body)
+    assert 400 <= r.status_code < 500, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+async def test_invalid_chat_and_malformed_bodies(client):
+    cases = [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50}, "top_logprobs"),
+    ]
+    for body, param in cases:
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    headers = {"content-type": "application/json"}
+    for raw in (b'{"prompt": ', b'{"prompt": "\xff\xfe"}', b"[1, 2]", b"null", b""):
+        r = await client.post("/v1/completions", content=raw, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["message"], (raw, r.text)
+    r = await client.post("/v1/completions", content=b'{"prompt": "' + b"a" * (2 << 20) + b'"}', headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert (await client.get("/v1/nothing")).json()["error"]["message"]
+    ok = await client.post("/v1/completions", json={"prompt": "still fine", "max_tokens": 2})
+    assert ok.status_code == 200
+    assert await metric(client, 'retnet_requests_total{route="/v1/completions",status="400"}') >= 5
+
+
+async def test_api_keys(open_app):
+    async with open_app(api_keys=["k1", "k2"]) as c:
+        req = {"prompt": "hi", "max_tokens": 2}
+        assert (await c.post("/v1/completions", json=req)).status_code == 401
+        bad = await c.post("/v1/completions", json=req, headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+        assert (await c.get("/v1/models", headers={"Authorization": "Bearer k2"})).status_code == 200
+        good = await c.post("/v1/completions", json=req, headers={"Authorization": "Bearer k1"})
+        assert good.status_code == 200
+        assert (await c.get("/health")).status_code == 200  # probes need no key
+
+
+async def test_queue_full_gives_429_with_retry_after(open_app):
+    async with open_app(max_running=1, max_queue=1, retry_after_s=3) as c:
+        long = {"prompt": "hello", "max_tokens": 400, **GREEDY}
+        first = asyncio.create_task(c.post("/v1/completions", json=long))
+        second = asyncio.create_task(c.post("/v1/completions", json=long))
+        while c.app.state.engine.in_system < 2:
+            await asyncio.sleep(0.01)
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["retry-after"] == "3"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert (await first).status_code == 200 and (await second).status_code == 200
+        assert (await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})).status_code == 200
+
+
+async def test_health_is_503_when_the_engine_dies(open_app):
+    async with open_app() as c:
+        engine = c.app.state.engine
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated device failure")
+
+        engine.model.forward = broken
+        r = await c.post("/v1/completions", json={"prompt": "boom", "max_tokens": 3})
+        assert r.status_code == 503 and "simulated device failure" in r.json()["error"]["message"]
+        health = await c.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        r = await c.post("/v1/completions", json={"prompt": "boom", "max_tokens": 3})
+        assert r.status_code == 503

@@ -1,0 +1,132 @@
+"""End to end: a real ``python -m retnet.serve`` (uvicorn) on loopback, real streaming HTTP clients."""
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+pytestmark = pytest.mark.anyio
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> tuple[str, list[dict]]:
+    events = []
+    async with client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        async for line in r.aiter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: ")
+            payload = line[len("data: "):]
+            if payload == "[DONE]":
+                break
+            events.append(json.loads(payload))
+    return "".join(c["text"] for e in events for c in e["choices"]), events
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+PROMPTS = [f"{word} {i}:" for i, word in enumerate(["def", "class", "for", "Hello", "The", "import", "A", "x"] * 4)]
+
+
+async def test_32_concurrent_streams_equal_sequential_greedy(server):
+    body = {"max_tokens": 16, "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        sequential = []
+        for prompt in PROMPTS:
+            r = await client.post(server.url + "/v1/completions", json={**body, "prompt": prompt})
+            sequential.append(r.json()["choices"][0]["text"])
+        results = await asyncio.gather(*(stream_completion(client, server.url, {**body, "prompt": p})
+                                         for p in PROMPTS))
+    for (text, events), expected in zip(results, sequential):
+        assert text == expected
+        assert all(e["object"] == "text_completion" and e["id"] == events[0]["id"] for e in events)
+        finishes = [c["finish_reason"] for e in events for c in e["choices"]]
+        assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 16
+    assert len(PROMPTS) == 32
+
+
+async def test_client_disconnect_frees_its_slot(server):
+    cancelled_before = metric(server.url, "retnet_sequences_cancelled_total")
+    async with httpx.AsyncClient(timeout=60) as client:
+        body = {"prompt": "Hello", "max_tokens": 4000, "stream": True, **GREEDY}
+        async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 3:
+                    break
+            assert metric(server.url, "retnet_running_sequences") >= 1
+        # The connection is closed: the server cancels the sequence and the batch shrinks.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if (metric(server.url, "retnet_running_sequences") == 0
+                    and metric(server.url, "retnet_sequences_cancelled_total") > cancelled_before):
+                break
+            await asyncio.sleep(0.1)
+        assert metric(server.url, "retnet_running_sequences") == 0
+        assert metric(server.url, "retnet_sequences_cancelled_total") == cancelled_before + 1
+
+
+def test_bad_requests_then_a_good_one(server):
+    url = server.url + "/v1/completions"
+    headers = {"content-type": "application/json"}
+    for raw in (b"{not json", b'{"prompt": "\xc3\x28"}', b'{"prompt": "x", "max_tokens": -3}',
+                b'{"prompt": "x", "n": "two"}', b'{"prompt": "x", "model": "nope"}', b'{"prompt": ""}'):
+        r = httpx.post(url, content=raw, headers=headers)
+        assert 400 <= r.status_code < 500 and r.json()["error"]["message"], r.text
+    r = httpx.post(url, json={"prompt": "def add", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+
+
+def test_api_key_on_a_real_server(server_process):
+    proc = server_process("--api-keys", "secret", env={"RETNET_MAX_RUNNING": "4"})
+    proc.wait_healthy()
+    url = proc.url + "/v1/completions"
+    assert httpx.post(url, json={"prompt": "x", "max_tokens": 1}).status_code == 401
+    r = httpx.post(url, json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer secret"})
+    assert r.status_code == 200
+
+
+def test_graceful_shutdown_finishes_the_running_stream(server_process):
+    proc = server_process("--shutdown-grace-s", "20")
+    proc.wait_healthy()
+    body = {"prompt": "Hello", "max_tokens": 60, "stream": True, **GREEDY}
+    lines = []
+    with httpx.Client(timeout=60) as client, client.stream("POST", proc.url + "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line)
+                if len(lines) == 2:
+                    proc.proc.send_signal(signal.SIGTERM)
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert proc.proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+
+
+def test_demo_streams_one_completion_and_exits(model_dir):
+    out = subprocess.run(
+        [sys.executable, "-m", "retnet.serve.demo", "--model", str(model_dir), "--exit-after", "--port", "0",
+         "--max-tokens", "12"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "curl" in out.stdout and "/v1/completions" in out.stdout

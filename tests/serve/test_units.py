@@ -1,0 +1,96 @@
+"""The pieces without a server: stop strings, incremental detokenisation, the sampler, the state caches."""
+
+import torch
+
+from retnet.model import RetNetCache
+from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
+from retnet.serve.sampling import RowSampler, SamplingParams, sample_step
+from retnet.serve.state_cache import PrefixCache, SessionBusy, SessionStore
+
+
+def feed(stops, pieces):
+    s = StopStrings(stops)
+    out = "".join(s.push(p) for p in pieces)
+    return out + ("" if s.stopped else s.flush()), s.stopped
+
+
+def test_stop_string_split_across_pieces_is_never_emitted():
+    assert feed(["END"], ["abc E", "N", "D more"]) == ("abc ", True)
+    assert feed(["\n\n"], ["line\n", "\nnext"]) == ("line", True)
+
+
+def test_held_back_prefix_is_released_when_it_does_not_complete():
+    s = StopStrings(["STOP"])
+    assert s.push("go ST") == "go "  # "ST" could begin STOP
+    assert s.push("AR") == "STAR"
+    assert not s.stopped
+
+
+def test_earliest_of_several_stops_wins():
+    assert feed(["yz", "b"], ["a", "bcxyz"]) == ("a", True)
+
+
+def test_incremental_detokenizer_matches_full_decode(model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = "Unicode: café, 東京 🙂 and def add(a, b):\n    return a + b"
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(lambda x: tok.decode(x, skip_special_tokens=True))
+    streamed = "".join(detok.push(i) for i in ids) + detok.flush()
+    assert streamed == text
+
+
+def test_sampler_is_row_independent_and_seeded():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.01, seed=7)
+    alone = [sample_step(logits[i : i + 1], [RowSampler(params, [], 50)]).tokens[0] for i in range(4)]
+    together = sample_step(logits, [RowSampler(params, [], 50) for _ in range(4)]).tokens
+    assert alone == together
+
+
+def test_top_k_one_is_greedy_and_penalties_change_the_choice():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
+    assert sample_step(logits, [RowSampler(SamplingParams(top_k=1, seed=1), [], 4)]).tokens == [1]
+    row = RowSampler(SamplingParams(temperature=0.0, repetition_penalty=2.0), [1], 4)
+    assert sample_step(logits, [row]).tokens == [2]  # token 1 was in the prompt: 5.0 / 2 < 4.9
+    row = RowSampler(SamplingParams(temperature=0.0, frequency_penalty=2.0), [], 4)
+    assert [sample_step(logits, [row]).tokens[0] for _ in range(2)] == [1, 2]
+
+
+def _row_cache(value: float) -> RetNetCache:
+    cache = RetNetCache(1)
+    cache.states = [torch.full((1, 2, 2, 2), value)]
+    cache.offsets = torch.tensor([3])
+    return cache
+
+
+def test_prefix_cache_longest_match_and_lru_bound():
+    cache = PrefixCache(max_entries=2, max_bytes=1 << 20)
+    cache.insert([1, 2], _row_cache(1), None)
+    cache.insert([1, 2, 3, 4], _row_cache(2), torch.zeros(5))
+    assert cache.lookup([1, 2, 3, 4, 5]).tokens == (1, 2, 3, 4)
+    assert cache.lookup([1, 2, 9]).tokens == (1, 2)
+    assert cache.lookup([7]) is None
+    cache.insert([5, 6], _row_cache(3), None)  # evicts the least recently used, (1, 2, 3, 4)
+    assert cache.lookup([1, 2, 3, 4]).tokens == (1, 2)
+
+
+def test_sessions_busy_ttl_and_count_bound():
+    store = SessionStore(max_sessions=1, max_bytes=1 << 20, ttl_s=60)
+    session = store.acquire("a")
+    try:
+        store.acquire("a")
+        raise AssertionError("a busy session must be refused")
+    except SessionBusy:
+        pass
+    store.release("a", _row_cache(1), [5], tokens=3)
+    assert store.acquire("a").pending == [5]
+    store.release("a")
+    store.acquire("b")
+    store.release("b", _row_cache(2), [6], tokens=2)
+    assert list(store.sessions) == ["b"]  # bounded to one: "a" evicted
+    store.ttl_s = 0.0
+    assert store.acquire("b").cache is None  # expired: starts afresh
+    assert session is not None
