@@ -1,0 +1,131 @@
+"""Training throughput and MFU: RetNet presets vs a matched HF Llama (SDPA), in the same run.
+
+For each preset (``tiny``, ``small``) and sequence length (512, 2048) both models run a full training step
+(forward, backward, AdamW step) on random tokens; the steps alternate between the models so that noise on
+a shared machine hits both. Llama is matched per layer: RetNet's q, k (2d²), v, gate (4d²), out (2d²) and
+FFN (4d²) = 12d² = Llama's 4d² attention + 3·d·I with I = 8d/3; same hidden size, layers, heads and vocab.
+The ratio is RetNet / Llama tokens/s (> 1: RetNet trains faster). MFU uses ``retnet.train.trainer``'s
+FLOP count for RetNet and 6N + 12·L·d·T (nanoGPT's) for Llama, against ``--peak-flops`` or the GPU table.
+
+    python benchmarks/train.py [--presets tiny small] [--seq-lens 512 2048] [--steps 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import retnet  # noqa: F401
+from retnet.model import RetNetConfig, RetNetForCausalLM
+from retnet.train.trainer import flops_per_token, peak_flops
+
+
+def build(preset: str, device: torch.device):
+    config = RetNetConfig.from_preset(preset)
+    torch.manual_seed(0)
+    ret = RetNetForCausalLM(config).to(device)
+    d = config.hidden_size
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=d, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_attention_heads,
+        intermediate_size=d * 8 // 3, tie_word_embeddings=config.tie_word_embeddings,
+        max_position_embeddings=8192, attn_implementation="sdpa",
+    )).to(device)
+    return config, {"retnet": ret.train(), "llama": llama.train()}
+
+
+def llama_flops_per_token(model, seq_len: int) -> float:
+    config = model.config
+    # parameters minus the input embedding (a lookup); when tied it is also the output head, counted once
+    n = sum(p.numel() for p in model.parameters()) - (
+        0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    return 6.0 * n + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def step_fn(model, optimizer, batch, device):
+    def step() -> float:
+        autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                        enabled=False)
+        with autocast:
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss.item()
+
+    return step
+
+
+def measure(preset: str, seq_len: int, batch: int, steps: int, device: torch.device, peak: float | None) -> list[dict]:
+    config, models = build(preset, device)
+    runners, times = {}, {name: [] for name in models}
+    for name, model in models.items():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        data = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+        runners[name] = step_fn(model, optimizer, data, device)
+        runners[name]()  # warm-up (allocations, kernel selection)
+    for _ in range(steps):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    rows = []
+    for name, model in models.items():
+        seconds = statistics.median(times[name])
+        tokens_per_s = batch * seq_len / seconds
+        flops = flops_per_token(config, seq_len) if name == "retnet" else llama_flops_per_token(model, seq_len)
+        rows.append({
+            "preset": preset, "model": name, "seq_len": seq_len, "batch": batch,
+            "params": sum(p.numel() for p in model.parameters()), "step_s": seconds,
+            "tokens_per_s": tokens_per_s, "flops_per_token": flops,
+            "mfu": flops * tokens_per_s / peak if peak else None,
+        })
+    del models, runners
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = tokens / seq_len)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU")
+    parser.add_argument("--quick", action="store_true", help="2 timed steps of 2048 tokens")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.tokens = 2, 2048
+    device = torch.device(args.device)
+    peak = peak_flops(device, args.peak_flops)
+    rows = []
+    print(f"device {device}; tokens/step {args.tokens}; peak {peak or 'n/a'} FLOP/s")
+    print(f"{'preset':<7} {'seq':>5} {'model':<7} {'params':>8} {'tok/s':>10} {'MFU':>7}")
+    for preset in args.presets:
+        for seq_len in args.seq_lens:
+            batch = max(1, args.tokens // seq_len)
+            pair = measure(preset, seq_len, batch, args.steps, device, peak)
+            rows.extend(pair)
+            for row in pair:
+                mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+                print(f"{preset:<7} {seq_len:>5} {row['model']:<7} {row['params'] / 1e6:>7.1f}M "
+                      f"{row['tokens_per_s']:>10,.0f} {mfu:>7}")
+            print(f"{'':<7} {'':>5} ratio retnet/llama tokens/s: {pair[0]['tokens_per_s'] / pair[1]['tokens_per_s']:.2f}")
+    out_dir = Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"train-{device.type}.json"
+    path.write_text(json.dumps({"device": str(device), "tokens_per_step": args.tokens, "steps": args.steps,
+                                "quick": args.quick, "peak_flops": peak, "rows": rows}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""The training configuration: a small dataclass tree, read from TOML and overridden from the command line.
+
+    config = load_config("tiny", ["--optim.lr=3e-4", "--train.output_dir", "runs/x"])
+
+``name_or_path`` is a preset shipped in ``retnet/train/configs/<name>.toml`` (``tiny``, ``small``,
+``retnet-1.3b`` ...) or a path to a TOML file with the tables ``[model]``, ``[data]``, ``[optim]``,
+``[train]``, ``[checkpoint]``, ``[logging]``. Overrides are ``--section.key=value`` (or ``--section.key
+value``), coerced to the field's type; ``--model.extra.KEY=VALUE`` sets any other ``RetNetConfig`` field
+(VALUE read as a TOML value). Unknown keys and values of the wrong type are refused with the key's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the tomli backport (same API)
+    import tomli as tomllib
+
+SCHEDULES = ("cosine", "linear", "constant")
+PARALLELISMS = ("ddp", "fsdp")
+PRECISIONS = ("bf16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key (``section.field``)."""
+
+
+def _refuse(key: str, expected: str, value: Any) -> typing.NoReturn:
+    raise ConfigError(f"{key} {expected}; got {value!r}")
+
+
+def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            _refuse(f"{section}.{name}", "must be >= 0" if allow_zero else "must be > 0", value)
+
+
+class _Section:
+    """``to_dict()`` for logging and checkpoints (a plain, JSON-able dict)."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig(_Section):
+    """The RetNet to train: a preset of ``retnet.model.PRESETS`` plus overrides (None keeps the preset's).
+
+    The model's vocabulary is the tokenizer's size; ``vocab_size`` is the size of the BPE trained when
+    ``data.tokenizer`` is not given (default: the preset's vocab_size).
+    """
+
+    preset: str = "tiny"
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    intermediate_size: int | None = None
+    chunk_size: int | None = None
+    hidden_act: str | None = None
+    dropout: float | None = None
+    extra: dict = field(default_factory=dict)  # any other RetNetConfig field, e.g. {use_xpos = true}
+
+    def __post_init__(self) -> None:
+        from retnet.model import PRESETS
+
+        if self.preset not in PRESETS:
+            _refuse("model.preset", f"must be one of {sorted(PRESETS)}", self.preset)
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                _refuse(f"model.{name}", "must be > 0", value)
+
+    def overrides(self) -> dict[str, Any]:
+        """The RetNetConfig keyword arguments this section sets on top of the preset."""
+        fixed = {name: getattr(self, name) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                        "intermediate_size", "chunk_size", "hidden_act", "dropout")}
+        return {**{k: v for k, v in fixed.items() if v is not None}, **self.extra}
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig(_Section):
+    """Where the text comes from and how it becomes token blocks.
+
+    ``dataset``: ``"stdlib"`` (the running interpreter's standard-library ``*.py`` sources: needs no
+    download), a local file, directory or glob of .txt/.md/.py/.json/.jsonl/.parquet/.csv files, or a hub
+    dataset name (with ``name`` and ``split``). ``tokenizer``: a tokenizer directory to load; when empty a
+    byte-level BPE of ``model.vocab_size`` tokens is trained on up to ``tokenizer_train_chars`` characters
+    of the training split.
+    """
+
+    dataset: str = "stdlib"
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    max_documents: int = 0  # 0 = all
+    tokenizer: str | None = None
+    tokenizer_train_chars: int = 5_000_000
+    seq_len: int = 256
+    val_fraction: float = 0.02  # of the documents (non-streaming); held out before the tokenizer is trained
+    val_documents: int = 200  # streaming: the first N documents are the validation split
+    cache_dir: str = ""  # "" = $XDG_CACHE_HOME/retnet/train (or ~/.cache/retnet/train)
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            _refuse("data.dataset", "must name 'stdlib', a local path or a hub dataset", self.dataset)
+        _positive("data", self, "seq_len", "tokenizer_train_chars")
+        _positive("data", self, "max_documents", "val_documents", allow_zero=True)
+        if self.seq_len < 2:
+            _refuse("data.seq_len", "must be >= 2 (a block predicts its own next tokens)", self.seq_len)
+        if not 0.0 < self.val_fraction < 0.5:
+            _refuse("data.val_fraction", "must be in (0, 0.5)", self.val_fraction)
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig(_Section):
+    """AdamW and the learning-rate schedule (linear warmup, then cosine/linear decay to ``min_lr``)."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings (see trainer.build_optimizer)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _positive("optim", self, "lr", "eps")
+        _positive("optim", self, "min_lr", "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
+        if self.min_lr > self.lr:
+            _refuse("optim.min_lr", f"must be <= optim.lr ({self.lr})", self.min_lr)
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _refuse(f"optim.{name}", "must be in [0, 1)", getattr(self, name))
+        if self.schedule not in SCHEDULES:
+            _refuse("optim.schedule", f"must be one of {SCHEDULES}", self.schedule)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig(_Section):
+    """The loop. One optimizer step sees ``global_batch_size`` blocks of ``data.seq_len`` tokens, split as
+    ``micro_batch_size × grad_accum_steps × world_size``; the accumulation count is derived."""
+
+    output_dir: str = "runs/default"
+    steps: int = 1000
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    parallelism: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per decoder layer)
+    mixed_precision: str = "bf16"  # bf16 autocast on CUDA; CPU always trains in fp32
+    activation_checkpointing: bool = False
+    compile: bool = False
+    resume: str = "auto"  # auto (latest valid checkpoint in output_dir, else start) | none | a checkpoint dir
+    eval_interval: int = 100  # steps; 0 = only at the start and the end
+    eval_blocks: int = 128  # validation blocks per evaluation (evenly spaced over the split), shared by the ranks
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            _refuse("train.output_dir", "must be a directory path", self.output_dir)
+        _positive("train", self, "steps", "global_batch_size", "micro_batch_size", "eval_blocks")
+        _positive("train", self, "eval_interval", allow_zero=True)
+        if self.global_batch_size % self.micro_batch_size:
+            _refuse("train.global_batch_size", f"must be a multiple of train.micro_batch_size "
+                    f"({self.micro_batch_size})", self.global_batch_size)
+        if self.device not in ("auto", "cpu", "cuda"):
+            _refuse("train.device", "must be one of ('auto', 'cpu', 'cuda')", self.device)
+        if self.parallelism not in PARALLELISMS:
+            _refuse("train.parallelism", f"must be one of {PARALLELISMS}", self.parallelism)
+        if self.mixed_precision not in PRECISIONS:
+            _refuse("train.mixed_precision", f"must be one of {PRECISIONS}", self.mixed_precision)
+        if not self.resume:
+            _refuse("train.resume", "must be 'auto', 'none' or a checkpoint directory", self.resume)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """global_batch_size / (micro_batch_size × world_size), refusing a batch that does not divide."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size × world_size = {self.micro_batch_size} × {world_size} = {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig(_Section):
+    interval: int = 500  # steps between checkpoints (and one at the end); 0 = only at the end
+    keep_last: int = 3
+    export: bool = True  # save_pretrained model + tokenizer into <output_dir>/export at the end
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint", self, "keep_last")
+        _positive("checkpoint", self, "interval", allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig(_Section):
+    log_interval: int = 10  # steps between metrics.jsonl / TensorBoard records
+    progress: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = True
+    peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU table (n/a on CPU)
+
+    def __post_init__(self) -> None:
+        _positive("logging", self, "log_interval")
+        _positive("logging", self, "peak_flops", allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class JobConfig(_Section):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: presets, TOML files, overrides
+# ----------------------------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    """The configs shipped as package data (``retnet/train/configs/*.toml``)."""
+    folder = resources.files("retnet.train") / "configs"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _read_toml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        text = path.read_text()
+    elif name_or_path in preset_names():
+        text = (resources.files("retnet.train") / "configs" / f"{name_or_path}.toml").read_text()
+    else:
+        raise ConfigError(f"--config {name_or_path!r} is neither a TOML file nor a preset; presets: {preset_names()}")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--config {name_or_path!r}: invalid TOML: {error}") from None
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(key: str, annotation: Any, value: Any) -> Any:
+    """``value`` (from TOML or a coerced override) as ``annotation``, or a ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, option, value)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{key} expects int; got bool {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key} expects {expected.__name__}; got {type(value).__name__} {value!r}")
+    return value
+
+
+def _coerce_string(key: str, annotation: Any, text: str) -> Any:
+    """An override's text as the field's type."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        options = [o for o in typing.get_args(annotation) if o is not type(None)]
+        if text.lower() in ("none", "null") and len(options) < len(typing.get_args(annotation)):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _coerce_string(key, option, text)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    expected = origin or annotation
+    try:
+        if expected is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+        if expected is int:
+            return int(text)
+        if expected is float:
+            return float(text)
+        if expected is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+    except ValueError:
+        raise ConfigError(f"{key} expects {expected.__name__}; got {text!r}") from None
+    return text
+
+
+def _parse_toml_value(text: str) -> Any:
+    """``--model.extra.KEY=VALUE``: VALUE as a TOML value (``true``, ``3``, ``[1, 2]``), else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """``["--a.b=1", "--c.d", "2"]`` -> ``[("a.b", "1"), ("c.d", "2")]``."""
+    pairs, index = [], 0
+    while index < len(args):
+        arg = args[index]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"expected an override --section.key=value; got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if index + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} has no value")
+            key, value = arg[2:], args[index + 1]
+            index += 1
+        pairs.append((key, value))
+        index += 1
+    return pairs
+
+
+def build_config(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) -> JobConfig:
+    """A validated JobConfig from a TOML-shaped dict plus ``(dotted key, text)`` overrides."""
+    sections = {f.name: f.type for f in dataclasses.fields(JobConfig)}
+    section_types = _section_types(JobConfig)
+    values: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for section, table in raw.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r}; known: {sorted(sections)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"config section {section!r} must be a table; got {table!r}")
+        hints = _section_types(section_types[section])
+        for key, value in table.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key {section}.{key}; known: {sorted(hints)}")
+            values[section][key] = _check_type(f"{section}.{key}", hints[key], value)
+    for dotted, text in overrides:
+        section, _, key = dotted.partition(".")
+        if section not in sections:
+            raise ConfigError(f"unknown config key {dotted!r}: no section {section!r}; known: {sorted(sections)}")
+        hints = _section_types(section_types[section])
+        field_name, _, subkey = key.partition(".")
+        if field_name not in hints:
+            raise ConfigError(f"unknown config key {dotted!r}; known in [{section}]: {sorted(hints)}")
+        if subkey:
+            if hints[field_name] is not dict:
+                raise ConfigError(f"unknown config key {dotted!r}: {section}.{field_name} is not a table")
+            values[section].setdefault(field_name, {})[subkey] = _parse_toml_value(text)
+        else:
+            values[section][field_name] = _coerce_string(dotted, hints[field_name], text)
+    try:
+        built = {name: section_types[name](**values[name]) for name in sections}
+    except TypeError as error:  # pragma: no cover - keys are checked above
+        raise ConfigError(str(error)) from None
+    return JobConfig(**built)
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobConfig:
+    """A preset name or TOML path, plus ``--section.key=value`` overrides, as a validated JobConfig."""
+    return build_config(_read_toml(name_or_path), parse_overrides(list(overrides or [])))
+
+
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
+    "TrainConfig", "build_config", "load_config", "parse_overrides", "preset_names",
+]

@@ -1,0 +1,447 @@
+"""Text -> tokenizer -> packed token blocks, sharded deterministically across ranks.
+
+Sources (``data.dataset``): ``stdlib`` (the running interpreter's standard-library ``*.py`` files, sorted:
+the embedded corpus that needs no download), local files (``.txt/.md/.py/.rst`` one document per file,
+``.json/.jsonl/.parquet/.csv`` one document per row's ``text_field``) or a hub dataset, all through HF
+``datasets`` except ``stdlib``.
+
+Non-streaming (the default): a held-out fraction of the documents is the validation split; a tokenizer is
+loaded (``data.tokenizer``) or a byte-level BPE trained on the training documents; every document is encoded
+with EOS appended and the concatenation cut into ``seq_len`` blocks, cached on disk as ``uint16``/``uint32``
+arrays under a key hashing the data files, the tokenizer and the block size. Batches: step ``s`` takes the
+next ``global_batch_size`` blocks of a per-epoch seeded permutation; rank ``r``'s micro-batch ``m`` is slice
+``(m · world + r)`` of it, so the global batch is the same set of blocks for any world size and the data
+position is one integer (blocks consumed) that a checkpoint stores and a resume restores.
+
+Streaming (``data.streaming = true``, for sets too large to cache): the first ``val_documents`` documents are
+the validation split, the rest is split by node (``datasets.distributed.split_dataset_by_node``) and packed
+on the fly; each rank's position is the number of blocks it has consumed and a resume skips that many.
+
+Packed rows hold several documents separated by EOS and the retention state runs across the boundary (the
+model's ``cu_seqlens`` only works for B = 1); EOS is what tells the model a new document starts, as in GPT-2.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retnet.train.config import ConfigError, DataConfig
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# Bumped when the cached format changes, so old caches are not misread.
+CACHE_VERSION = 1
+SPLIT_SEED = 20240601  # fixed: the held-out documents do not change with the training seed
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "retnet" / "train"
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library ``*.py`` files (no site-packages), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub name is ``owner/name`` without a suffix; anything else that names a file is a path."""
+    return (
+        spec.startswith((".", "/", "~"))
+        or (os.sep in spec and Path(spec).suffix != "")
+        or any(spec.endswith(s) for s in (*TEXT_SUFFIXES, *BUILDERS))
+    )
+
+
+def local_files(spec: str) -> list[Path] | None:
+    """The files a local ``data.dataset`` names (a file, a directory, a glob), None if it is no local path.
+
+    Raises FileNotFoundError for something that looks like a path but does not exist."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix in BUILDERS))
+        if not files:
+            raise FileNotFoundError(f"data.dataset: directory {spec!r} holds no "
+                                    f"{sorted(TEXT_SUFFIXES | set(BUILDERS))} files")
+    elif any(c in spec for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"data.dataset: glob {spec!r} matches no files")
+    elif _looks_like_path(spec):
+        raise FileNotFoundError(f"data.dataset: no such file or directory: {spec!r}")
+    else:
+        return None
+    kinds = {"text" if p.suffix in TEXT_SUFFIXES else BUILDERS.get(p.suffix) for p in files}
+    if None in kinds:
+        bad = next(p for p in files if p.suffix not in TEXT_SUFFIXES and p.suffix not in BUILDERS)
+        raise ConfigError(f"data.dataset: unsupported file type {bad.suffix!r} ({bad}); "
+                          f"expected one of {sorted(TEXT_SUFFIXES | set(BUILDERS))}")
+    if len(kinds) > 1:
+        raise ConfigError(f"data.dataset: {spec!r} mixes file kinds {sorted(kinds)}; use one kind per run")
+    return files
+
+
+def _hash(*parts: Any) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(cfg: DataConfig, files: list[Path] | None) -> str:
+    """Changes when the files (path, size, mtime) or the selection/split settings change."""
+    listing = None if files is None else [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    settings = {k: getattr(cfg, k) for k in ("dataset", "name", "split", "text_field", "streaming",
+                                                 "max_documents", "val_fraction", "val_documents")}
+    return _hash(CACHE_VERSION, settings, listing)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Documents
+# ----------------------------------------------------------------------------------------------------------
+def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, streaming: bool):
+    import datasets
+
+    if files is None:  # a hub name
+        try:
+            return datasets.load_dataset(cfg.dataset, cfg.name, split=cfg.split, streaming=streaming,
+                                         cache_dir=str(cache_dir / "hf"))
+        except Exception as error:  # offline, unknown name, private ...
+            raise ConfigError(f"data.dataset {cfg.dataset!r} is no local path and could not be loaded from the "
+                              f"hub: {type(error).__name__}: {error}") from None
+    if files[0].suffix in TEXT_SUFFIXES:
+        return datasets.load_dataset("text", data_files=[str(p) for p in files], sample_by="document", split="train",
+                                     streaming=streaming, cache_dir=str(cache_dir / "hf"))
+    return datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(p) for p in files], split="train",
+                                 streaming=streaming, cache_dir=str(cache_dir / "hf"))
+
+
+def _check_text_field(cfg: DataConfig, columns: list[str] | None) -> None:
+    if columns is not None and cfg.text_field not in columns:
+        raise ConfigError(f"data.text_field {cfg.text_field!r} is not a column of {cfg.dataset!r}; columns: {columns}")
+
+
+def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> list[str]:
+    """All documents (non-streaming), in a deterministic order, at most ``max_documents``."""
+    limit = cfg.max_documents or None
+    if cfg.dataset == "stdlib":
+        return [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()[:limit]]
+    dataset = _hf_dataset(cfg, files, cache_dir, streaming=False)
+    _check_text_field(cfg, dataset.column_names)
+    if limit:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return [t for t in dataset[cfg.text_field] if t]
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val): a seeded random ``val_fraction`` of the documents (at least one) is held out."""
+    if len(docs) < 2:
+        raise ConfigError(f"data.dataset has {len(docs)} document(s); need at least 2 (one for validation)")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(docs))
+    n_val = max(1, round(val_fraction * len(docs)))
+    val_ids = set(order[:n_val].tolist())
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------
+def load_tokenizer(path: str | Path):
+    """A transformers tokenizer from a local directory; it must have an EOS token."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"data.tokenizer: no such tokenizer directory: {str(path)!r}")
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()))
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"data.tokenizer {str(path)!r} has no EOS token; documents are separated by EOS")
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return _hash(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id)
+
+
+def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` then rename tmp to ``final``; a concurrent writer of the same content may win."""
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another node's rank wrote the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, max_chars: int):
+    """A byte-level BPE (``retnet.tokenization``) trained on the first ``max_chars`` characters of ``texts``."""
+    from retnet.tokenization import train_byte_level_bpe
+
+    sample, total = [], 0
+    for text in texts:
+        sample.append(text[: max_chars - total])
+        total += len(sample[-1])
+        if total >= max_chars:
+            break
+    return train_byte_level_bpe(sample, vocab_size=vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packed blocks
+# ----------------------------------------------------------------------------------------------------------
+def encode_documents(tokenizer, texts: list[str], batch: int = 512) -> np.ndarray:
+    """Every document's ids followed by EOS, concatenated; uint16 when the vocabulary fits."""
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    eos = tokenizer.eos_token_id
+    backend = tokenizer.backend_tokenizer
+    pieces = []
+    for start in range(0, len(texts), batch):
+        for encoding in backend.encode_batch(texts[start:start + batch], add_special_tokens=False):
+            pieces.append(np.asarray([*encoding.ids, eos], dtype=dtype))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def _blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    n = len(tokens) // seq_len
+    return tokens[: n * seq_len].reshape(n, seq_len)
+
+
+class PackedData:
+    """Fixed-length blocks of a cached token array; this rank's micro-batches for each step."""
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, tokenizer, *, seed: int, micro_batch: int,
+                 global_batch: int, rank: int, world_size: int):
+        if len(train) == 0:
+            raise ConfigError("data: the training split is shorter than one block of data.seq_len tokens; "
+                              "use more data or a shorter data.seq_len")
+        if len(val) == 0:
+            raise ConfigError("data: the validation split is shorter than one block of data.seq_len tokens; "
+                              "raise data.val_fraction or lower data.seq_len")
+        self.train, self.val, self.tokenizer = train, val, tokenizer
+        self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.consumed = 0  # global blocks consumed: the data position
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.shape[1]
+
+    @property
+    def train_tokens(self) -> int:
+        return self.train.size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _global_blocks(self, start: int, count: int) -> np.ndarray:
+        out = []
+        for position in range(start, start + count):
+            epoch, index = divmod(position, len(self.train))
+            out.append(self._permutation(epoch)[index])
+        return np.asarray(out)
+
+    def micro_batches(self, accum: int) -> list[torch.Tensor]:
+        """This rank's ``accum`` micro-batches ``[micro_batch, seq_len]`` (int64) of the next step."""
+        ids = self._global_blocks(self.consumed, self.global_batch)
+        self.consumed += self.global_batch
+        out = []
+        for m in range(accum):
+            lo = (m * self.world_size + self.rank) * self.micro_batch
+            rows = self.train[ids[lo:lo + self.micro_batch]]
+            out.append(torch.from_numpy(rows.astype(np.int64)))
+        return out
+
+    def val_batches(self, max_blocks: int) -> list[torch.Tensor]:
+        """This rank's share of ``max_blocks`` validation blocks (rounded down to a multiple of
+        the world size, so every rank runs the same number of forwards), in micro-batches. The set does not
+        depend on the world size, so neither does the validation loss."""
+        total = min(max_blocks, len(self.val))
+        total = max(total - total % self.world_size, self.world_size)
+        # evenly spaced over the split, so a few long documents do not make up the whole sample
+        chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)
+        mine = chosen[self.rank::self.world_size]
+        return [torch.from_numpy(self.val[mine[i:i + self.micro_batch]].astype(np.int64))
+                for i in range(0, len(mine), self.micro_batch)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "packed", "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "packed":
+            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a non-streaming run")
+        self.consumed = int(state["consumed"])
+
+
+class StreamingData:
+    """On-the-fly packing of a streamed dataset; each rank reads its own part (split by node)."""
+
+    def __init__(self, stream, val_blocks: np.ndarray, tokenizer, *, text_field: str, seq_len: int,
+                 micro_batch: int, rank: int, world_size: int):
+        from datasets.distributed import split_dataset_by_node
+
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        self.val, self.tokenizer, self.text_field = val_blocks, tokenizer, text_field
+        self.seq_len, self.micro_batch = seq_len, micro_batch
+        self.rank, self.world_size = rank, world_size
+        self.position = 0  # blocks this rank has consumed
+        self.train_tokens = None
+        self._iterator: Iterator[np.ndarray] | None = None
+
+    def _generate(self) -> Iterator[np.ndarray]:
+        eos, buffer, epoch = self.tokenizer.eos_token_id, [], 0
+        while True:
+            self.stream.set_epoch(epoch)
+            seen = False
+            for example in self.stream:
+                text = example[self.text_field]
+                if not text:
+                    continue
+                seen = True
+                buffer.extend([*self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, eos])
+                while len(buffer) >= self.seq_len:
+                    yield np.asarray(buffer[: self.seq_len], dtype=np.int64)
+                    del buffer[: self.seq_len]
+            if not seen:
+                raise ConfigError(f"data.dataset {self.stream!r} gave rank {self.rank} no documents")
+            epoch += 1
+
+    def _next_block(self) -> np.ndarray:
+        if self._iterator is None:
+            self._iterator = self._generate()
+            for _ in range(self.position):  # resume: regenerate and skip what was consumed
+                next(self._iterator)
+        self.position += 1
+        return next(self._iterator)
+
+    def micro_batches(self, accum: int) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.stack([self._next_block() for _ in range(self.micro_batch)])) for _ in range(accum)]
+
+    val_batches = PackedData.val_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "streaming", "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "streaming":
+            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a streaming run")
+        self.position, self._iterator = int(state["position"]), None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------------------
+def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int, global_batch: int, rank: int,
+               local_rank: int, world_size: int, tokenizer_dir: Path | None, barrier: Callable[[], None]):
+    """The training data for this rank. Local rank 0 of each node prepares the caches (tokenizer, token
+    arrays), the others wait at ``barrier`` and then read them. ``tokenizer_dir`` overrides
+    ``cfg.tokenizer`` (a resumed run reuses the tokenizer it saved)."""
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    files = stdlib_files()[: cfg.max_documents or None] if cfg.dataset == "stdlib" else local_files(cfg.dataset)
+    fingerprint = data_fingerprint(cfg, files)
+    source = tokenizer_dir or (Path(cfg.tokenizer).expanduser() if cfg.tokenizer else None)
+    if cfg.streaming:
+        return _build_streaming(cfg, files, cache_dir, fingerprint, source, vocab_size=vocab_size,
+                                micro_batch=micro_batch, rank=rank, local_rank=local_rank,
+                                world_size=world_size, barrier=barrier)
+
+    tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
+    tokenizer = load_tokenizer(source) if source is not None else None
+    key = _hash(fingerprint, tokenizer_fingerprint(tokenizer) if tokenizer else str(tokenizer_cache), cfg.seq_len)
+    token_cache = cache_dir / f"tokens-{key}"
+
+    if local_rank == 0 and not (token_cache / "meta.json").exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("data: reading %s", cfg.dataset)
+        train_docs, val_docs = split_documents(load_documents(cfg, files, cache_dir), cfg.val_fraction)
+        if tokenizer is None and not (tokenizer_cache / "tokenizer.json").exists():
+            logger.info("data: training a %d-token byte-level BPE on the training split", vocab_size)
+            trained = train_tokenizer(train_docs, vocab_size, cfg.tokenizer_train_chars)
+            _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
+        tok = tokenizer or load_tokenizer(tokenizer_cache)
+        logger.info("data: tokenizing %d + %d documents", len(train_docs), len(val_docs))
+
+        def write(tmp: Path) -> None:
+            for name, docs in (("train", train_docs), ("val", val_docs)):
+                blocks = _blocks(encode_documents(tok, docs), cfg.seq_len)
+                blocks.tofile(tmp / f"{name}.bin")
+                (tmp / f"{name}.json").write_text(json.dumps({"rows": len(blocks), "dtype": str(blocks.dtype)}))
+            # meta.json last: its presence marks a complete cache
+            (tmp / "meta.json").write_text(json.dumps({"seq_len": cfg.seq_len, "dataset": cfg.dataset,
+                                                      "documents": [len(train_docs), len(val_docs)]}))
+
+        _atomic_dir(token_cache, write)
+    barrier()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(tokenizer_cache)
+    arrays = {}
+    for name in ("train", "val"):
+        info = json.loads((token_cache / f"{name}.json").read_text())
+        shape = (info["rows"], cfg.seq_len)
+        arrays[name] = (np.memmap(token_cache / f"{name}.bin", dtype=info["dtype"], mode="r", shape=shape)
+                        if info["rows"] else np.zeros(shape, dtype=info["dtype"]))
+    logger.info("data: %d train blocks, %d val blocks of %d tokens (cache %s)", len(arrays["train"]),
+                len(arrays["val"]), cfg.seq_len, token_cache)
+    return PackedData(arrays["train"], arrays["val"], tokenizer, seed=seed, micro_batch=micro_batch,
+                      global_batch=global_batch, rank=rank, world_size=world_size)
+
+
+def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, micro_batch, rank, local_rank,
+                     world_size, barrier):
+    if cfg.dataset == "stdlib":
+        raise ConfigError("data.streaming is for large local/hub datasets; the stdlib corpus is not streamed")
+    stream = _hf_dataset(cfg, files, cache_dir, streaming=True)
+    _check_text_field(cfg, stream.column_names)
+    if cfg.max_documents:
+        stream = stream.take(cfg.max_documents)
+    val_stream, train_stream = stream.take(cfg.val_documents or 1), stream.skip(cfg.val_documents or 1)
+    tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
+    if source is None and local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
+        def sample() -> Iterator[str]:
+            total = 0
+            for example in train_stream:
+                text = example[cfg.text_field] or ""
+                yield text
+                total += len(text)
+                if total >= cfg.tokenizer_train_chars:
+                    return
+
+        trained = train_tokenizer(list(sample()), vocab_size, cfg.tokenizer_train_chars)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
+    barrier()
+    tokenizer = load_tokenizer(source if source is not None else tokenizer_cache)
+    val = _blocks(encode_documents(tokenizer, [e[cfg.text_field] for e in val_stream if e[cfg.text_field]]),
+                  cfg.seq_len)
+    return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, seq_len=cfg.seq_len,
+                         micro_batch=micro_batch, rank=rank, world_size=world_size)
+
+
+__all__ = ["PackedData", "StreamingData", "build_data", "encode_documents", "load_tokenizer", "local_files",
+           "split_documents", "stdlib_files", "train_tokenizer"]

@@ -1,0 +1,580 @@
+"""The training loop: data, model, AdamW, accumulation, clipping, evaluation, logging, checkpoints.
+
+Launch (see also ``retnet/train/__main__.py``)::
+
+    retnet-train --config tiny                                   # one process (CPU or one GPU)
+    python -m retnet.train --config tiny --train.output_dir=runs/demo
+    torchrun --standalone --nproc_per_node=8 -m retnet.train --config retnet-1.3b
+    # two nodes, run on each (node_rank 0 and 1), MASTER reachable from both:
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK \\
+        --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=$JOB_ID \\
+        -m retnet.train --config retnet-6.7b --train.parallelism=fsdp
+
+One optimizer step: ``global_batch_size`` blocks of ``seq_len`` tokens, as ``micro_batch_size`` per forward,
+``grad_accum_steps`` forwards per rank and ``world_size`` ranks. Gradients are only all-reduced on the last
+micro-batch (DDP ``require_backward_grad_sync`` / FSDP2 ``set_requires_gradient_sync``), then clipped to
+``optim.grad_clip`` and stepped with AdamW. ``get_lr`` is linear warmup then cosine (or linear) decay.
+Each step's loss is the mean over the whole global batch (every block has the same token count, so the mean
+of per-rank means is the global mean): a 2-rank run logs the same losses as a 1-rank run with the same
+global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from retnet.train.checkpoint import (
+    CheckpointError,
+    export_pretrained,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from retnet.train.config import ConfigError, JobConfig, OptimConfig
+from retnet.train.data import build_data
+
+logger = logging.getLogger("retnet.train")
+
+# Dense bf16 tensor-core peak per device (FLOP/s), for the MFU estimate; matched as substrings of
+# torch.cuda.get_device_name(). Set logging.peak_flops for anything else (or a CPU).
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+    "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stops without saving (the last checkpoint stays the last good one)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedule, FLOPs, optimizer
+# ----------------------------------------------------------------------------------------------------------
+def get_lr(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps``, then
+    ``schedule`` (cosine / linear / constant) from ``lr`` down to ``min_lr`` at ``total_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward).
+
+    Matmuls: 6·N with N the parameters minus the input embedding (a lookup), plus the output projection
+    even when tied. Retention, per layer and head (key dim K, value dim V, chunk C): the chunkwise form
+    multiplies the state in and out (q·S, kᵀ·v: 2·2·K·V) and does the intra-chunk q·kᵀ and (q·kᵀ)·v
+    (2·C·K + 2·C·V) per token. No T² term: retention's cost is linear in the sequence length."""
+    d, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    k_dim, v_dim = config.head_dim, config.value_head_dim
+    ffn = config.intermediate_size * d * (3 if config.ffn_glu else 2)
+    per_layer = d * heads * k_dim * 2 + d * heads * v_dim * 2 + heads * v_dim * d + ffn
+    n_matmul = layers * per_layer + config.vocab_size * d
+    chunk = min(config.chunk_size, seq_len)
+    retention = layers * heads * (4 * k_dim * v_dim + 2 * chunk * (k_dim + v_dim))
+    return 6.0 * n_matmul + 3.0 * retention
+
+
+def peak_flops(device: torch.device, configured: float) -> float | None:
+    """Per-device peak FLOP/s: ``logging.peak_flops`` if set, else the GPU table, else None (n/a)."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+            if key in name:
+                return value
+    return None
+
+
+def no_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Parameters without weight decay: norm weights/biases, biases, embeddings (and the output head tied
+    to them), and any 1-D parameter (e.g. SAU's α, σ). Decaying embeddings pulls rare tokens towards 0 for
+    no gain in a byte-level vocabulary; most recent LLM recipes exempt them too."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, nn.Embedding) or param.ndim < 2 or param_name.endswith("bias"):
+                names.add(full)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        names.update(n for n, _ in model.named_parameters(remove_duplicate=False) if n.startswith("lm_head."))
+    return names
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    skip = no_decay_parameter_names(model)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name in skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------------------
+def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1.
+    NCCL on CUDA, gloo on CPU."""
+    if device_kind == "auto":
+        device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return rank, local_rank, world_size, device
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Builds everything from a JobConfig; ``train()`` runs to ``train.steps`` (or a stop signal);
+    ``close()`` releases loggers and signal handlers."""
+
+    def __init__(self, cfg: JobConfig):
+        from retnet.model import RetNetConfig, RetNetForCausalLM
+
+        self.cfg = cfg
+        self.rank, self.local_rank, self.world_size, self.device = init_distributed(cfg.train.device)
+        self.is_main = self.rank == 0
+        self.accum = cfg.train.grad_accum_steps(self.world_size)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.step, self.stop_requested, self.last_saved_step = 0, False, -1
+        self._writer = self._progress = self._metrics = None
+        self._previous_handlers: dict[int, Any] = {}
+        _setup_logging(self.rank)
+
+        resume_path = self._resolve_resume()
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+
+        # Data (and tokenizer): a run that saved its tokenizer keeps using it.
+        saved_tokenizer = self.output_dir / "tokenizer"
+        preset_vocab = RetNetConfig.from_preset(cfg.model.preset).vocab_size
+        self.data = build_data(
+            cfg.data, vocab_size=cfg.model.vocab_size or preset_vocab, seed=cfg.train.seed,
+            micro_batch=cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size, rank=self.rank,
+            local_rank=self.local_rank, world_size=self.world_size,
+            tokenizer_dir=saved_tokenizer if (saved_tokenizer / "tokenizer_config.json").exists() else None,
+            barrier=barrier,
+        )
+        self.tokenizer = self.data.tokenizer
+        if self.is_main and not saved_tokenizer.exists():
+            self.tokenizer.save_pretrained(saved_tokenizer)
+
+        # Model: the same init on every rank (one seed), then per-rank seeds for anything random after.
+        try:
+            self.model_config = RetNetConfig.from_preset(
+                cfg.model.preset, **cfg.model.overrides(), vocab_size=len(self.tokenizer),
+                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            )
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model: {error}") from None
+        torch.manual_seed(cfg.train.seed)
+        self.raw_model = RetNetForCausalLM(self.model_config).to(self.device)
+        self.n_params = sum(p.numel() for p in self.raw_model.parameters())
+        self.flops_per_token = flops_per_token(self.model_config, self.data.seq_len)
+        self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
+        self._seed_rank()
+        self.model = self._wrap(self.raw_model)
+        self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device)
+        use_bf16 = cfg.train.mixed_precision == "bf16" and self.device.type == "cuda"
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if use_bf16 and not self.fsdp else contextlib.nullcontext())
+
+        if resume_path is not None:
+            self._load(resume_path)
+        self.start_step = self.step
+        if self.is_main:
+            self._open_loggers()
+        self._install_signal_handlers()
+        logger.info(
+            "model %s: %.2fM parameters; world %d × micro %d × accum %d = global %d blocks of %d tokens; "
+            "%s on %s%s", cfg.model.preset, self.n_params / 1e6, self.world_size, cfg.train.micro_batch_size,
+            self.accum, cfg.train.global_batch_size, self.data.seq_len, cfg.train.parallelism if _distributed()
+            else "single process", self.device, f"; resumed from {resume_path} at step {self.step}"
+            if resume_path else "",
+        )
+
+    # -- setup -------------------------------------------------------------------------------------------
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg.train.parallelism == "fsdp" and _distributed()
+
+    def _seed_rank(self) -> None:
+        seed = self.cfg.train.seed + self.rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.train.compile:
+            for layer in model.model.layers:
+                layer.compile()
+        if self.fsdp:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
+                self.cfg.train.mixed_precision == "bf16" and self.device.type == "cuda") else MixedPrecisionPolicy()
+            for layer in model.model.layers:
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            return model
+        if _distributed():
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def _resolve_resume(self) -> Path | None:
+        """Rank 0 picks the checkpoint (or the error) and every rank gets the same answer."""
+        answer: list[Any] = [None]
+        if self.is_main:
+            try:
+                answer[0] = ("ok", self._pick_checkpoint())
+            except (CheckpointError, ConfigError) as error:
+                answer[0] = (type(error).__name__, str(error))
+        if _distributed():
+            dist.broadcast_object_list(answer, src=0)
+        kind, value = answer[0]
+        if kind == "CheckpointError":
+            raise CheckpointError(value)
+        if kind == "ConfigError":
+            raise ConfigError(value)
+        return None if value is None else Path(value)
+
+    def _pick_checkpoint(self) -> str | None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            existing = list_checkpoints(self.ckpt_root)
+            if existing:
+                raise ConfigError(f"train.resume is 'none' but {str(self.ckpt_root)!r} already holds checkpoints "
+                                  f"({existing[-1].name}); use --train.resume=auto or another train.output_dir")
+            return None
+        if resume == "auto":
+            found = find_resume_checkpoint(self.ckpt_root)
+            return None if found is None else str(found)
+        load_checkpoint_path = Path(resume)
+        from retnet.train.checkpoint import verify_checkpoint
+
+        verify_checkpoint(load_checkpoint_path)
+        return str(load_checkpoint_path)
+
+    def _open_loggers(self) -> None:
+        # A resumed run drops the records after its checkpoint (they will be redone).
+        if self.metrics_path.exists():
+            keep = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and _record_step(line) <= self.step]
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.metrics_path)
+        self._metrics = open(self.metrics_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if self.cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.step + 1)
+            except ImportError:
+                logger.warning("tensorboard is not installed; logging.tensorboard ignored")
+        if self.cfg.logging.progress:
+            from tqdm.auto import tqdm
+
+            self._progress = tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step",
+                                  dynamic_ncols=True, mininterval=0.5)
+        (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            logger.warning("received %s: saving a checkpoint after this step, then exiting",
+                           signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (embedded): signals stay as they are
+                self._previous_handlers[sig] = signal.signal(sig, request_stop)
+
+    # -- state -------------------------------------------------------------------------------------------
+    def _full_state(self) -> tuple[dict, dict]:
+        """(model, optimizer) full state dicts on CPU; a collective under FSDP (every rank calls it)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return (get_model_state_dict(self.model, options=options),
+                    get_optimizer_state_dict(self.model, self.optimizer, options=options))
+        if not self.is_main:
+            return {}, {}
+        model = {k: v.detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
+        return model, self.optimizer.state_dict()
+
+    def _set_full_state(self, model_state: dict, optim_state: dict) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, model_state, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=options)
+            return
+        self.raw_model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optim_state)
+
+    def save(self) -> None:
+        """Checkpoint the current step (every rank calls it; rank 0 writes)."""
+        if self.step == self.last_saved_step:
+            return
+        model_state, optim_state = self._full_state()
+        mine = {"rng": rng_state(), "data": self.data.state_dict()}
+        ranks = [None] * self.world_size
+        if _distributed():
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        if self.is_main:
+            path = save_checkpoint(self.ckpt_root, self.step, model=model_state, optimizer=optim_state, trainer={
+                "step": self.step, "world_size": self.world_size, "ranks": ranks, "config": self.cfg.to_dict(),
+            }, keep_last=self.cfg.checkpoint.keep_last)
+            logger.info("saved checkpoint %s", path)
+        barrier()
+        self.last_saved_step = self.step
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self._set_full_state(state["model"], state["optimizer"])
+        trainer = state["trainer"]
+        self.step = self.last_saved_step = int(trainer["step"])
+        ranks = trainer["ranks"]
+        if len(ranks) != self.world_size:
+            logger.warning("checkpoint was written by %d ranks, resuming with %d: data order is kept, RNG "
+                           "streams are not (no exact replay)", len(ranks), self.world_size)
+        mine = ranks[self.rank % len(ranks)]
+        self.data.load_state_dict(mine["data"])
+        set_rng_state(mine["rng"])
+
+    # -- loop --------------------------------------------------------------------------------------------
+    def _set_grad_sync(self, sync: bool) -> None:
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+        elif _distributed():
+            self.model.require_backward_grad_sync = sync  # DDP: skip the all-reduce until the last micro-batch
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the global-batch mean loss. Raises NonFiniteLossError before the
+        update if it is NaN/inf (nothing is saved, so the last checkpoint stays good)."""
+        lr = get_lr(self.step, self.cfg.optim, self.cfg.train.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for index, batch in enumerate(self.data.micro_batches(self.accum)):
+            batch = batch.to(self.device, non_blocking=True)
+            self._set_grad_sync(index == self.accum - 1)
+            with self.autocast:
+                loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss / self.accum
+            loss.backward()
+            loss_sum += loss.detach()
+        # One small all-reduce carries the loss and any rank's stop request.
+        stats = torch.stack([loss_sum.float(), torch.tensor(float(self.stop_requested), device=self.device)])
+        if _distributed():
+            dist.all_reduce(stats)
+        loss_value = stats[0].item() / self.world_size
+        self.stop_requested = self.stop_requested or stats[1].item() > 0
+        if not math.isfinite(loss_value):
+            last = list_checkpoints(self.ckpt_root)
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {self.step + 1}; stopping without saving. The last good checkpoint "
+                f"is {str(last[-1]) if last else 'none (no checkpoint yet)'}; lower optim.lr or raise "
+                f"optim.warmup_steps and resume")
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._last = {"lr": lr, "grad_norm": float(grad_norm)}
+        return loss_value
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over ``train.eval_blocks`` validation blocks (all ranks)."""
+        self.model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for batch in self.data.val_batches(self.cfg.train.eval_blocks):
+            batch = batch.to(self.device)
+            with self.autocast:  # blocks have equal lengths: the mean of block means is the token mean
+                total += self.model(input_ids=batch, labels=batch, use_cache=False).loss.float() * len(batch)
+            count += len(batch)
+        stats = torch.stack([total, torch.tensor(float(count), device=self.device)])
+        if _distributed():
+            dist.all_reduce(stats)
+        self.model.train()
+        val_loss = (stats[0] / stats[1]).item()
+        self._log({"kind": "val", "step": self.step, "val_loss": val_loss,
+                   "val_ppl": math.exp(min(val_loss, 50.0))})
+        if self._progress is None and self.is_main:
+            logger.info("step %d: val loss %.4f, ppl %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
+        return val_loss
+
+    def train(self) -> dict[str, Any]:
+        """Run to ``train.steps``; returns a summary. Saves every ``checkpoint.interval`` steps and at the end
+        (or when a SIGTERM/SIGINT arrives), then exports and plots."""
+        cfg = self.cfg
+        self.model.train()
+        tokens_per_step = cfg.train.global_batch_size * self.data.seq_len
+        if self.step == 0:
+            self.evaluate()
+        window_tokens, window_losses, window_start, loss = 0, [], time.perf_counter(), float("nan")
+        while self.step < cfg.train.steps and not self.stop_requested:
+            window_losses.append(self.train_step())
+            window_tokens += tokens_per_step
+            final = self.step == cfg.train.steps
+            if self.step % cfg.logging.log_interval == 0 or final or self.stop_requested:
+                loss = sum(window_losses) / len(window_losses)  # mean over the steps since the last record
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+                       if self.peak_flops else None)
+                self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._last["lr"],
+                           "grad_norm": self._last["grad_norm"], "tokens_per_s": tokens_per_s,
+                           "tokens": self.step * tokens_per_step, "mfu": mfu})
+                if self._progress is not None:
+                    self._progress.set_postfix(loss=f"{loss:.3f}", lr=f"{self._last['lr']:.2e}",
+                                               tok_s=f"{tokens_per_s:,.0f}", mfu="n/a" if mfu is None
+                                               else f"{100 * mfu:.1f}%", refresh=False)
+                elif self.is_main:
+                    logger.info("step %d: loss %.4f lr %.2e %.0f tok/s", self.step, loss, self._last["lr"],
+                                tokens_per_s)
+                window_tokens, window_losses, window_start = 0, [], time.perf_counter()
+            if self._progress is not None:
+                self._progress.update(1)
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and not final:
+                self.evaluate()
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not final:
+                self.save()
+        interrupted = self.step < cfg.train.steps
+        val_loss = None
+        if not interrupted and self.step > self.start_step:  # (a finished run resumed again only re-exports)
+            val_loss = self.evaluate()
+        self.save()
+        summary = {"step": self.step, "loss": loss, "interrupted": interrupted}
+        if self.is_main:
+            if not interrupted and cfg.checkpoint.export:
+                self.export()
+            from retnet.train.plots import plot_losses
+
+            self._metrics.flush()
+            plot_losses(self.metrics_path, self.output_dir / "loss.png",
+                        title=f"RetNet {cfg.model.preset} ({self.n_params / 1e6:.1f}M params)")
+            summary["val_loss"] = val_loss
+            logger.info("%s at step %d; outputs in %s", "stopped by signal" if interrupted else "finished",
+                        self.step, self.output_dir)
+        barrier()
+        return summary
+
+    def export(self) -> Path:
+        """save_pretrained model + tokenizer into ``<output_dir>/export`` (rank 0, after ``save``)."""
+        state = load_checkpoint(self.ckpt_root / f"step_{self.step:08d}")["model"] if self.fsdp else \
+            self.raw_model.state_dict()
+        path = export_pretrained(self.output_dir / "export", self.model_config, state, self.tokenizer)
+        logger.info("exported model and tokenizer to %s", path)
+        return path
+
+    # -- logging -----------------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        record = {**record, "time": time.time()}
+        self._metrics.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            prefix = "train" if record["kind"] == "train" else "val"
+            for key, value in record.items():
+                if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+        if self._progress is not None:
+            self._progress.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._metrics is not None:
+            self._metrics.close()
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except ValueError:
+        return 1 << 62
+
+
+def _setup_logging(rank: int) -> None:
+    root = logging.getLogger("retnet")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+__all__ = ["NonFiniteLossError", "Trainer", "build_optimizer", "flops_per_token", "get_lr", "init_distributed"]

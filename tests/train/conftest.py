@@ -1,0 +1,115 @@
+"""Shared pieces of the training tests: a small JSONL corpus, one trained tokenizer, one token cache, and
+helpers that launch real ``python -m retnet.train`` / ``torchrun`` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def micro_args(corpus: Path, tokenizer: Path, cache: Path, output_dir: Path, **overrides) -> list[str]:
+    """CLI arguments of a micro model (hidden 32, 2 layers, 32-token blocks) on the test corpus."""
+    values = {
+        "model.hidden_size": 32, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
+        "model.chunk_size": 16, "data.dataset": corpus, "data.tokenizer": tokenizer, "data.cache_dir": cache,
+        "data.seq_len": 32, "data.val_fraction": 0.1, "train.output_dir": output_dir, "train.steps": 6,
+        "train.global_batch_size": 4, "train.micro_batch_size": 2, "train.eval_interval": 0,
+        "train.eval_blocks": 8, "optim.lr": 3e-3, "optim.warmup_steps": 1, "checkpoint.interval": 0,
+        "checkpoint.export": False, "logging.progress": False, "logging.tensorboard": False,
+        "logging.log_interval": 1,
+    }
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return ["--config", "tiny", *[f"--{k}={v}" for k, v in values.items()]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return env
+
+
+def train_command(args: list[str], nproc: int | None = None) -> list[str]:
+    """``python -m retnet.train ARGS`` or, with ``nproc``, a real torchrun of that many processes."""
+    if nproc is None:
+        return [sys.executable, "-m", "retnet.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+            f"--master_port={free_port()}", "-m", "retnet.train", *args]
+
+
+def run_train(args: list[str], nproc: int | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(args, nproc), cwd=REPO, env=train_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(output_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """~150 documents of real Python (stdlib sources cut to 3000 characters) as JSONL."""
+    from retnet.train.data import stdlib_files
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as handle:
+        for file in stdlib_files()[:150]:
+            handle.write(json.dumps({"text": file.read_text(errors="replace")[:3000]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus, tmp_path_factory) -> Path:
+    from retnet.tokenization import train_byte_level_bpe
+
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_byte_level_bpe(texts, vocab_size=512).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture
+def micro(corpus, tokenizer_dir, cache_dir):
+    """``micro(output_dir, **overrides)`` -> CLI arguments (``section__key=value`` overrides)."""
+    return lambda output_dir, **overrides: micro_args(corpus, tokenizer_dir, cache_dir, output_dir, **overrides)
+
+
+@pytest.fixture
+def run():
+    """``run(args, nproc=None)``: a finished training process (CompletedProcess)."""
+    return run_train
+
+
+@pytest.fixture
+def launch():
+    """``launch(args, nproc=None)``: a running training process (Popen), output in a temp file."""
+    def start(args: list[str], nproc: int | None = None, log: Path | None = None) -> subprocess.Popen:
+        out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
+        return subprocess.Popen(train_command(args, nproc), cwd=REPO, env=train_env(), stdout=out, stderr=out)
+
+    return start
+
+
+@pytest.fixture
+def read_metrics():
+    return metrics

@@ -1,0 +1,122 @@
+"""Config parsing, overrides, validation; the schedule, FLOPs and optimizer groups."""
+
+import math
+
+import pytest
+
+from retnet.train.config import ConfigError, build_config, load_config, parse_overrides, preset_names
+from retnet.train.trainer import flops_per_token, get_lr, no_decay_parameter_names
+
+
+def test_presets_ship_and_load():
+    assert {"tiny", "small", "retnet-1.3b", "retnet-2.7b", "retnet-6.7b"} <= set(preset_names())
+    for name in preset_names():
+        config = load_config(name)
+        assert config.model.preset in ("tiny", "small", name)
+    assert load_config("retnet-6.7b").train.parallelism == "fsdp"
+
+
+def test_overrides_are_coerced_to_field_types():
+    config = load_config("tiny", ["--optim.lr=1e-3", "--train.steps", "7", "--train.compile=true",
+                                  "--data.tokenizer=none", "--model.hidden_size=64",
+                                  "--model.extra.use_xpos=true", "--model.extra.rope_theta=500.0"])
+    assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)
+    assert config.train.steps == 7 and config.train.compile is True
+    assert config.data.tokenizer is None and config.model.hidden_size == 64
+    assert config.model.overrides() == {"hidden_size": 64, "use_xpos": True, "rope_theta": 500.0}
+    assert config.to_dict()["optim"]["lr"] == 1e-3
+
+
+def test_toml_file_and_int_for_float(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[optim]\nlr = 1\n[train]\nsteps = 3\nwarmup_steps_missing = 1\n')
+    with pytest.raises(ConfigError, match=r"train\.warmup_steps_missing"):
+        load_config(str(path))
+    path.write_text('[optim]\nlr = 1\nwarmup_steps = 2\n[train]\nsteps = 3\n')
+    config = load_config(str(path))
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--optim.learning_rate=1", "optim.learning_rate"),
+    ("--trainer.steps=1", "trainer"),
+    ("--model.extra=1", "model.extra"),
+])
+def test_unknown_keys_are_refused_by_name(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--optim.lr=fast", "optim.lr"),
+    ("--train.steps=1.5", "train.steps"),
+    ("--train.compile=maybe", "train.compile"),
+])
+def test_wrong_types_are_refused_by_name(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+def test_toml_wrong_type_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.steps expects int; got str"):
+        build_config({"train": {"steps": "ten"}})
+    with pytest.raises(ConfigError, match=r"train\.steps expects int; got bool"):
+        build_config({"train": {"steps": True}})
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--optim.lr=-1", "optim.lr"),
+    ("--train.parallelism=zero3", "train.parallelism"),
+    ("--optim.schedule=step", "optim.schedule"),
+    ("--model.preset=huge", "model.preset"),
+    ("--data.val_fraction=0.9", "data.val_fraction"),
+    ("--train.global_batch_size=10", "train.global_batch_size"),  # micro 16 in tiny
+])
+def test_invalid_values_name_the_field(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+def test_batch_that_does_not_divide_across_ranks():
+    config = load_config("tiny", ["--train.global_batch_size=48", "--train.micro_batch_size=8"])
+    assert config.train.grad_accum_steps(1) == 6 and config.train.grad_accum_steps(2) == 3
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size \(48\).*8 × 4 = 32"):
+        config.train.grad_accum_steps(4)
+
+
+def test_parse_overrides_and_bad_arguments():
+    assert parse_overrides(["--a.b=1", "--c.d", "x=y"]) == [("a.b", "1"), ("c.d", "x=y")]
+    with pytest.raises(ConfigError, match="--steps"):
+        parse_overrides(["--steps=3"])
+    with pytest.raises(ConfigError, match="no value"):
+        parse_overrides(["--a.b"])
+    with pytest.raises(ConfigError, match="neither a TOML file nor a preset"):
+        load_config("no-such-config")
+
+
+def test_lr_schedule():
+    optim = load_config("tiny", ["--optim.lr=1.0", "--optim.min_lr=0.1", "--optim.warmup_steps=10"]).optim
+    assert get_lr(0, optim, 110) == pytest.approx(1 / 11)
+    assert get_lr(9, optim, 110) == pytest.approx(10 / 11)
+    assert get_lr(10, optim, 110) == pytest.approx(1.0)
+    assert get_lr(60, optim, 110) == pytest.approx(0.55)
+    assert get_lr(110, optim, 110) == pytest.approx(0.1)
+    linear = load_config("tiny", ["--optim.lr=1.0", "--optim.min_lr=0.0", "--optim.warmup_steps=0",
+                                  "--optim.schedule=linear"]).optim
+    assert get_lr(50, linear, 100) == pytest.approx(0.5)
+
+
+def test_flops_and_no_decay_groups():
+    import retnet  # noqa: F401
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+
+    config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      vocab_size=300)
+    model = RetNetForCausalLM(config)
+    n = sum(p.numel() for p in model.parameters())
+    flops = flops_per_token(config, 64)
+    assert 6 * (n - 300 * 32) < flops < 6 * n * 2 and math.isfinite(flops)
+    skip = no_decay_parameter_names(model)
+    assert "model.embed_tokens.weight" in skip and "model.norm.weight" in skip
+    decayed = [n for n, p in model.named_parameters() if n not in skip]
+    assert decayed and all(p.ndim == 2 for n, p in model.named_parameters() if n in decayed)

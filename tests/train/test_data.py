@@ -1,0 +1,71 @@
+"""Data: the embedded corpus, local files, packing and the per-rank sharding of the global batch."""
+
+import numpy as np
+import pytest
+import torch
+
+from retnet.train.config import ConfigError, DataConfig
+from retnet.train.data import PackedData, build_data, local_files, split_documents, stdlib_files
+
+
+def test_stdlib_corpus_is_deterministic_and_local():
+    files = stdlib_files()
+    assert len(files) > 200 and files == sorted(files)
+    assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+
+
+def test_missing_and_unsupported_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        local_files(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "a.xyz").write_text("x")
+    with pytest.raises(ConfigError, match=r"\.xyz"):
+        local_files(str(tmp_path / "a.xyz"))
+    assert local_files("someone/some-dataset") is None  # a hub name
+
+
+def test_split_holds_out_documents():
+    docs = [f"doc {i}" for i in range(100)]
+    train, val = split_documents(docs, 0.1)
+    assert len(val) == 10 and set(train) | set(val) == set(docs) and not set(train) & set(val)
+    assert split_documents(docs, 0.1) == (train, val)
+
+
+def _packed(rank, world, micro, global_batch):
+    blocks = np.arange(40 * 4, dtype=np.uint16).reshape(40, 4)
+    return PackedData(blocks, blocks[:8], None, seed=3, micro_batch=micro, global_batch=global_batch, rank=rank,
+                      world_size=world)
+
+
+def test_global_batch_is_the_same_set_for_any_world_size():
+    single = _packed(0, 1, 2, 8)
+    ranks = [_packed(r, 2, 2, 8) for r in range(2)]
+    for _ in range(7):  # crosses an epoch boundary (40 blocks)
+        whole = torch.cat(single.micro_batches(4))
+        shards = torch.cat([torch.cat(r.micro_batches(2)) for r in ranks])
+        assert sorted(map(tuple, whole.tolist())) == sorted(map(tuple, shards.tolist()))
+    assert single.state_dict() == {"kind": "packed", "consumed": 56}
+
+
+def test_position_resumes_exactly():
+    a, b = _packed(0, 1, 2, 4), _packed(0, 1, 2, 4)
+    for _ in range(5):
+        a.micro_batches(2)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(a.micro_batches(2), b.micro_batches(2)))
+
+
+def test_build_from_jsonl_caches_tokens(corpus, tokenizer_dir, tmp_path):
+    config = DataConfig(dataset=str(corpus), tokenizer=str(tokenizer_dir), seq_len=32, cache_dir=str(tmp_path))
+    kwargs = dict(vocab_size=512, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0, world_size=1,
+                  tokenizer_dir=None, barrier=lambda: None)
+    data = build_data(config, **kwargs)
+    assert data.train.shape[1] == 32 and len(data.val) > 0
+    eos = data.tokenizer.eos_token_id
+    assert (np.asarray(data.train) == eos).sum() > 50  # documents separated by EOS
+    caches = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("tokens-"))
+    again = build_data(config, **kwargs)  # read back from the cache, same key
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("tokens-")) == caches
+    assert np.array_equal(np.asarray(again.train), np.asarray(data.train))
+    other = build_data(DataConfig(dataset=str(corpus), tokenizer=str(tokenizer_dir), seq_len=16,
+                                  cache_dir=str(tmp_path)), **kwargs)
+    assert other.train.shape[1] == 16 and len(list(tmp_path.glob("tokens-*"))) == 2

@@ -1,0 +1,217 @@
+"""End-to-end runs: real processes (``python -m retnet.train`` and ``torchrun``), checkpoints, resume,
+signals, bad input, and the tiny preset learning on the embedded stdlib corpus."""
+
+import hashlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retnet.train.__main__ import EXIT_CONFIG, main
+from retnet.train.checkpoint import list_checkpoints, verify_checkpoint
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _wait_for(predicate, process, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        assert process.poll() is None, f"training exited early with {process.returncode}"
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input (in-process: main() returns the exit status and prints the error)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("--data.dataset={tmp}/missing/docs.jsonl", "missing/docs.jsonl"),
+    ("--data.tokenizer={tmp}/no-tokenizer", "no-tokenizer"),
+    ("--optim.betas=0.9", "optim.betas"),
+    ("--train.steps=many", "train.steps"),
+    ("--data.dataset=nobody/no-such-dataset", "could not be loaded from the hub"),
+])
+def test_bad_input_is_a_clear_error(override, message, micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*micro(out), override.format(tmp=tmp_path)]) == EXIT_CONFIG
+    assert message in capsys.readouterr().err
+    assert not list_checkpoints(out / "checkpoints")
+
+
+def test_corrupt_checkpoint_is_refused_and_skipped(micro, tmp_path, capsys, read_metrics):
+    out = tmp_path / "run"
+    assert main(micro(out, checkpoint__interval=2, train__steps=4)) == 0
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000002", "step_00000004"]
+    with open(ckpts[-1] / "model.pt", "r+b") as handle:  # flip bytes in the newest checkpoint
+        handle.seek(200)
+        handle.write(b"\xff\xfe\xfd\xfc")
+    before = _tree_digest(out / "checkpoints")
+
+    # An explicitly named corrupt checkpoint: a clear error naming the file, nothing written.
+    assert main(micro(out, checkpoint__interval=2, train__steps=6, train__resume=ckpts[-1])) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "step_00000004/model.pt" in err and "corrupt" in err
+    assert _tree_digest(out / "checkpoints") == before
+
+    # 'none' with checkpoints present refuses to start over them.
+    assert main(micro(out, train__resume="none")) == EXIT_CONFIG
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+    # auto: skips the corrupt one, resumes from step 2; the corrupt directory is moved aside, not overwritten.
+    assert main(micro(out, checkpoint__interval=2, train__steps=6)) == 0
+    assert "step_00000004/model.pt" in capsys.readouterr().err
+    aside = list((out / "checkpoints").glob("step_00000004.corrupt-*"))
+    assert len(aside) == 1 and _tree_digest(aside[0])["model.pt"] == before["step_00000004/model.pt"]
+    assert verify_checkpoint(out / "checkpoints" / "step_00000006")["step"] == 6
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+    # Every checkpoint corrupt: an error naming them, nothing changed.
+    for ckpt in list_checkpoints(out / "checkpoints"):
+        (ckpt / "manifest.json").unlink()
+    before = _tree_digest(out / "checkpoints")
+    assert main(micro(out, train__steps=8)) == EXIT_CONFIG
+    assert "no valid checkpoint" in capsys.readouterr().err
+    assert _tree_digest(out / "checkpoints") == before
+
+
+def test_train_export_and_checkpoint_contents(micro, tmp_path, read_metrics):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=4, checkpoint__export=True, train__eval_interval=2)) == 0
+    assert [r["step"] for r in read_metrics(out, "val")] == [0, 2, 4]
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "config.json").exists()
+    state = torch.load(out / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=False)
+    assert state["step"] == 4 and state["ranks"][0]["data"] == {"kind": "packed", "consumed": 16}
+    assert set(state["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    tokenizer = AutoTokenizer.from_pretrained(out / "export")
+    ids = tokenizer("def f(x):", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+
+
+def test_streaming_jsonl_trains_and_resumes(micro, tmp_path, read_metrics):
+    out = tmp_path / "run"
+    args = micro(out, data__streaming=True, data__val_documents=10, checkpoint__interval=2)
+    assert main([*args, "--train.steps=3"]) == 0
+    state = torch.load(out / "checkpoints" / "step_00000003" / "trainer.pt", weights_only=False)
+    assert state["ranks"][0]["data"] == {"kind": "streaming", "position": 12}
+    assert main([*args, "--train.steps=5"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes: kill/resume, SIGTERM, DDP, FSDP2
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run, launch, read_metrics):
+    common = dict(train__steps=80, checkpoint__interval=10, model__dropout=0.1)  # dropout: RNG state matters
+    reference = tmp_path / "reference"
+    done = run(micro(reference, **common))
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "killed"
+    process = launch(micro(out, **common), log=tmp_path / "killed.log")
+    _wait_for(lambda: any((p / "manifest.json").exists() for p in list_checkpoints(out / "checkpoints")), process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    resumed_from = max(int(p.name[5:]) for p in list_checkpoints(out / "checkpoints"))
+    assert resumed_from < 80
+
+    done = run(micro(out, **common))  # --train.resume=auto is the default
+    assert done.returncode == 0, done.stderr
+    assert f"at step {resumed_from}" in done.stderr
+    expected = [(r["step"], r["loss"]) for r in read_metrics(reference)]
+    got = [(r["step"], r["loss"]) for r in read_metrics(out)]
+    assert got == expected  # bit-for-bit on CPU, before and after the resume
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(micro, tmp_path, launch, read_metrics):
+    out = tmp_path / "run"
+    process = launch(micro(out, train__steps=100000, checkpoint__export=True), log=tmp_path / "log")
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, (tmp_path / "log").read_text()
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert len(ckpts) == 1
+    step = verify_checkpoint(ckpts[0])["step"]
+    assert 3 <= step < 100000 and read_metrics(out)[-1]["step"] == step
+    assert not (out / "export").exists()  # an interrupted run is resumed, not exported
+    assert "SIGTERM" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(micro, tmp_path, run, read_metrics):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = dict(train__steps=5, train__eval_interval=5)
+    one = run(micro(single, **common))  # global 4 = micro 2 × accum 2 × 1 rank
+    assert one.returncode == 0, one.stderr
+    two = run(micro(ddp, **common), nproc=2)  # global 4 = micro 2 × accum 1 × 2 ranks
+    assert two.returncode == 0, two.stderr + two.stdout
+    assert "world 2 × micro 2 × accum 1" in two.stderr
+    a = [r["loss"] for r in read_metrics(single)]
+    b = [r["loss"] for r in read_metrics(ddp)]
+    assert len(a) == len(b) == 5 and a[0] != a[-1]
+    assert b == pytest.approx(a, rel=1e-4)
+    assert [r["val_loss"] for r in read_metrics(ddp, "val")] == pytest.approx(
+        [r["val_loss"] for r in read_metrics(single, "val")], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_batch_that_does_not_divide_across_two_ranks(micro, tmp_path, run):
+    out = tmp_path / "run"
+    done = run(micro(out, train__global_batch_size=6, train__micro_batch_size=2), nproc=2)
+    assert done.returncode != 0
+    assert "train.global_batch_size (6) must be a multiple of train.micro_batch_size × world_size" in done.stderr
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_train_and_checkpoint(micro, tmp_path, run, read_metrics):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fsdp"
+    done = run(micro(out, train__parallelism="fsdp", train__steps=6, checkpoint__interval=3,
+                     checkpoint__export=True), nproc=2)
+    assert done.returncode == 0, done.stderr + done.stdout
+    losses = [r["loss"] for r in read_metrics(out)]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert [verify_checkpoint(p)["step"] for p in list_checkpoints(out / "checkpoints")] == [3, 6]
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tiny preset on the embedded corpus
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tiny_preset_learns_on_stdlib_and_exports(tmp_path, run, read_metrics):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "tiny"
+    # The tiny preset, shortened: fewer steps, shorter blocks, the first 200 stdlib files.
+    done = run(["--config", "tiny", f"--train.output_dir={out}", f"--data.cache_dir={tmp_path / 'cache'}",
+                "--data.max_documents=200", "--data.seq_len=64", "--data.tokenizer_train_chars=1000000",
+                "--train.steps=150", "--train.eval_interval=50", "--optim.warmup_steps=15",
+                "--logging.progress=false", "--logging.tensorboard=false"])
+    assert done.returncode == 0, done.stderr
+    val = [r["val_loss"] for r in read_metrics(out, "val")]
+    assert val[0] > 7.5 and val[-1] < val[0] - 2.5, val
+    assert (out / "loss.png").exists()
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    tokenizer = AutoTokenizer.from_pretrained(out / "export")
+    ids = tokenizer("import os\n", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert generated.shape[1] > ids.shape[1] and isinstance(tokenizer.decode(generated[0]), str)
+    assert os.path.exists(out / "export" / "model.safetensors")
