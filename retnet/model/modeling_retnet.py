@@ -190,6 +190,9 @@ class RetNetMultiScaleRetention(nn.Module):
             # A padded position writes nothing into the state (its kᵀv is zero).
             k = k * token_mask[:, :, None, None].to(k.dtype)
         log_decay = self.log_decay(q.device)
+        if cu_seqlens is not None and mode == "auto" and not kernels.use_triton(q):
+            # The reference runs a packed row document by document: pick the form for the longest one.
+            length = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         mode = resolve_retention_mode(mode, length, q)
         common = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
         if mode == "parallel":

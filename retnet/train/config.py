@@ -112,6 +112,9 @@ class DataConfig(_Section):
     tokenizer: str | None = None
     tokenizer_train_chars: int = 5_000_000
     seq_len: int = 256
+    # Reset the retention state (and rotary positions) at every EOS inside a packed block, through the
+    # kernels' varlen path, so no document is conditioned on the one before it.
+    document_boundaries: bool = True
     val_fraction: float = 0.02  # of the documents (non-streaming); held out before the tokenizer is trained
     val_documents: int = 200  # streaming: the first N documents are the validation split
     cache_dir: str = ""  # "" = $XDG_CACHE_HOME/retnet/train (or ~/.cache/retnet/train)

@@ -17,8 +17,10 @@ Streaming (``data.streaming = true``, for sets too large to cache): the first ``
 the validation split, the rest is split by node (``datasets.distributed.split_dataset_by_node``) and packed
 on the fly; each rank's position is the number of blocks it has consumed and a resume skips that many.
 
-Packed rows hold several documents separated by EOS and the retention state runs across the boundary (the
-model's ``cu_seqlens`` only works for B = 1); EOS is what tells the model a new document starts, as in GPT-2.
+Packed rows hold several documents separated by EOS. With ``data.document_boundaries`` (the default) the
+trainer flattens each micro-batch into one packed row and passes ``cu_seqlens`` with a segment starting at
+every block start and every EOS (:func:`packed_segments`), so the retention state never crosses a document
+boundary; otherwise the state runs across EOS, as attention does in GPT-2-style packing.
 """
 
 from __future__ import annotations
@@ -222,6 +224,23 @@ def encode_documents(tokenizer, texts: list[str], batch: int = 512) -> np.ndarra
         for encoding in backend.encode_batch(texts[start:start + batch], add_special_tokens=False):
             pieces.append(np.asarray([*encoding.ids, eos], dtype=dtype))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def packed_segments(blocks: torch.Tensor, eos_token_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs for ``[B, T]`` packed blocks as one varlen row ``[1, B·T]``.
+
+    A segment starts at every block start and at every EOS: the EOS opens the next document (like a BOS),
+    so the last token of a document still learns to predict EOS while its state stays behind. The label of
+    each block's first token is -100, because in the flattened row it would be predicted from the previous
+    block; the loss then averages over exactly the B·(T−1) targets of the unflattened batch."""
+    batch, length = blocks.shape
+    starts = blocks == eos_token_id
+    starts[:, 0] = True
+    bounds = starts.flatten().nonzero().flatten()
+    cu_seqlens = torch.cat([bounds, bounds.new_tensor([batch * length])]).to(torch.int32)
+    labels = blocks.clone()
+    labels[:, 0] = -100
+    return {"input_ids": blocks.reshape(1, -1), "labels": labels.reshape(1, -1), "cu_seqlens": cu_seqlens}
 
 
 def _blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:

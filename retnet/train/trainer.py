@@ -48,7 +48,7 @@ from retnet.train.checkpoint import (
     set_rng_state,
 )
 from retnet.train.config import ConfigError, JobConfig, OptimConfig
-from retnet.train.data import build_data
+from retnet.train.data import build_data, packed_segments
 
 logger = logging.getLogger("retnet.train")
 
@@ -415,6 +415,14 @@ class Trainer:
         elif _distributed():
             self.model.require_backward_grad_sync = sync  # DDP: skip the all-reduce until the last micro-batch
 
+    def _loss(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of ``[B, T]`` blocks, documents isolated when ``data.document_boundaries``."""
+        if self.cfg.data.document_boundaries:
+            inputs = packed_segments(blocks, self.tokenizer.eos_token_id)
+        else:
+            inputs = {"input_ids": blocks, "labels": blocks}
+        return self.model(**inputs, use_cache=False).loss
+
     def train_step(self) -> float:
         """One optimizer step; returns the global-batch mean loss. Raises NonFiniteLossError before the
         update if it is NaN/inf (nothing is saved, so the last checkpoint stays good)."""
@@ -426,7 +434,7 @@ class Trainer:
             batch = batch.to(self.device, non_blocking=True)
             self._set_grad_sync(index == self.accum - 1)
             with self.autocast:
-                loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss / self.accum
+                loss = self._loss(batch) / self.accum
             loss.backward()
             loss_sum += loss.detach()
         # One small all-reduce carries the loss and any rank's stop request.
@@ -459,7 +467,7 @@ class Trainer:
         for batch in self.data.val_batches(self.cfg.train.eval_blocks):
             batch = batch.to(self.device)
             with self.autocast:  # blocks have equal lengths: the mean of block means is the token mean
-                total += self.model(input_ids=batch, labels=batch, use_cache=False).loss.float() * len(batch)
+                total += self._loss(batch).float() * len(batch)
             count += len(batch)
         stats = torch.stack([total, torch.tensor(float(count), device=self.device)])
         if _distributed():

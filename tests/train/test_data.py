@@ -3,9 +3,17 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from retnet.train.config import ConfigError, DataConfig
-from retnet.train.data import PackedData, build_data, local_files, split_documents, stdlib_files
+from retnet.train.data import (
+    PackedData,
+    build_data,
+    local_files,
+    packed_segments,
+    split_documents,
+    stdlib_files,
+)
 
 
 def test_stdlib_corpus_is_deterministic_and_local():
@@ -69,3 +77,36 @@ def test_build_from_jsonl_caches_tokens(corpus, tokenizer_dir, tmp_path):
     other = build_data(DataConfig(dataset=str(corpus), tokenizer=str(tokenizer_dir), seq_len=16,
                                   cache_dir=str(tmp_path)), **kwargs)
     assert other.train.shape[1] == 16 and len(list(tmp_path.glob("tokens-*"))) == 2
+
+
+def test_packed_segments_isolate_documents():
+    """The packed loss equals the loss of every document run on its own, and differs from letting the
+    state run across EOS (so the test would notice a leak)."""
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+
+    torch.manual_seed(0)
+    eos, length = 0, 23
+    model = RetNetForCausalLM(RetNetConfig.from_preset("tiny", vocab_size=50, eos_token_id=eos)).eval()
+    blocks = torch.randint(1, 50, (3, length))
+    blocks[0, [5, 6, 17]] = eos  # two documents end in block 0 (one of them empty), one in block 2
+    blocks[2, 0] = eos
+    inputs = packed_segments(blocks.clone(), eos)
+    assert inputs["cu_seqlens"].tolist() == [0, 5, 6, 17, 23, 46, 69]
+
+    total, count = 0.0, 0
+    for start, end in zip(inputs["cu_seqlens"][:-1].tolist(), inputs["cu_seqlens"][1:].tolist(), strict=True):
+        row, col = divmod(start, length)
+        segment = blocks[row, col:col + end - start]
+        logits = model(input_ids=segment[None]).logits[0].double()
+        # a segment's last position predicts the next token of the same block (the EOS that opens the next
+        # document), never the first token of the next block
+        targets = blocks[row, col + 1:col + end - start + 1]
+        logits = logits[: len(targets)]
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += len(targets)
+    with torch.no_grad():
+        packed = model(**inputs).loss.item()
+        leaky = model(input_ids=blocks, labels=blocks).loss.item()
+    assert count == 3 * (length - 1)
+    assert packed == pytest.approx(total / count, rel=1e-5)
+    assert abs(leaky - packed) > 1e-4

@@ -47,6 +47,24 @@ def test_bad_input_is_a_clear_error(override, message, micro, tmp_path, capsys):
     assert not list_checkpoints(out / "checkpoints")
 
 
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path, capsys, read_metrics):
+    """An absurd learning rate (after a checkpoint at step 2) blows the weights up to inf: the run stops with
+    exit status 3 and a message naming the last good checkpoint, which still verifies; nothing is exported."""
+    from retnet.train.__main__ import EXIT_NONFINITE
+
+    out = tmp_path / "run"
+    assert main(micro(out, checkpoint__interval=2, train__steps=2)) == 0
+    before = _tree_digest(out / "checkpoints")
+    status = main(micro(out, checkpoint__interval=2, train__steps=40, optim__lr=1e30, optim__min_lr=1e30,
+                        optim__grad_clip=0, train__resume="auto"))
+    err = capsys.readouterr().err
+    assert status == EXIT_NONFINITE, err
+    assert "loss is" in err and "step_00000002" in err
+    assert _tree_digest(out / "checkpoints") == before
+    assert verify_checkpoint(out / "checkpoints" / "step_00000002")["step"] == 2
+    assert not (out / "export").exists()
+
+
 def test_corrupt_checkpoint_is_refused_and_skipped(micro, tmp_path, capsys, read_metrics):
     out = tmp_path / "run"
     assert main(micro(out, checkpoint__interval=2, train__steps=4)) == 0
