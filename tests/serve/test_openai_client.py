@@ -1,0 +1,91 @@
+"""The official ``openai`` client, unchanged, against a real ``python -m retnet.serve`` (uvicorn) process:
+what "OpenAI-compatible" has to mean for the users who already have that client in their code."""
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is in the [dev] extra")
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as api:
+        yield api
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list().data] == ["micro"]
+
+
+def test_completion_streamed_equals_non_streamed(client):
+    whole = client.completions.create(model="micro", prompt="def add(a, b):", max_tokens=12, **GREEDY)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "length"
+    assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 0
+
+    chunks = list(client.completions.create(model="micro", prompt="def add(a, b):", max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == choice.text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    assert {c.id for c in chunks} == {chunks[0].id}
+
+
+def test_chat_stream_with_usage_and_roles(client):
+    stream = client.chat.completions.create(
+        model="micro", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+        max_tokens=8, stream=True, stream_options={"include_usage": True}, **GREEDY,
+    )
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+
+    whole = client.chat.completions.create(
+        model="micro", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+        max_tokens=8, **GREEDY,
+    )
+    assert whole.choices[0].message.content == "".join(d.content or "" for d in deltas)
+
+
+def test_seed_n_and_logprobs(client):
+    def sample():
+        return client.completions.create(model="micro", prompt="class Stack:", max_tokens=6, temperature=1.0,
+                                         seed=7, n=2, logprobs=2)
+
+    first, second = sample(), sample()
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert [c.index for c in first.choices] == [0, 1]
+    logprobs = first.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(len(top) >= 1 for top in logprobs.top_logprobs)
+
+
+def test_errors_become_the_clients_exceptions(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="micro", prompt="x", max_tokens=-1)
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "max_tokens"
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    assert missing.value.body["param"] == "model"
+
+    # and the server still serves
+    assert client.completions.create(model="micro", prompt="x", max_tokens=2).usage.completion_tokens <= 2
+
+
+def test_session_continues_without_resending_history(client):
+    session = {"ignore_eos": True, "return_token_ids": True, "session_id": "oa-1"}
+    first = client.completions.create(model="micro", prompt="def add(a, b):", max_tokens=4, temperature=0,
+                                      extra_body=session)
+    second = client.completions.create(model="micro", prompt="\nclass Stack:", max_tokens=4, temperature=0,
+                                       extra_body=session)
+    turn, follow = first.choices[0], second.choices[0]
+    history = turn.prompt_token_ids + turn.token_ids + follow.prompt_token_ids
+    whole = client.completions.create(model="micro", prompt=history, max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert whole.choices[0].token_ids == follow.token_ids
+    assert whole.usage.prompt_tokens == len(history) > second.usage.prompt_tokens
