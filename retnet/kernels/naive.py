@@ -49,6 +49,9 @@ def _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens):
         )
 
 
+# The loop's trip count and slice lengths come from cu_seqlens' values: under torch.compile every batch
+# would be a new graph with new dynamic shapes (and inductor fails on them), so it always runs eagerly.
+@torch.compiler.disable
 def _per_sequence(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, **kw):
     """Run ``form`` on each packed sequence of a varlen batch (B=1) and stitch the results."""
     outputs, states = [], []

@@ -187,6 +187,22 @@ def test_ddp_two_processes_match_one_process(micro, tmp_path, run, read_metrics)
 
 
 @pytest.mark.slow
+def test_torch_compile_matches_eager(micro, tmp_path, run, read_metrics):
+    """``train.compile`` (per-layer torch.compile, inductor on CPU) trains the packed varlen batches and
+    follows the eager run's losses."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = dict(train__steps=3, data__seq_len=128, model__hidden_size=128, model__num_attention_heads=4,
+                  model__chunk_size=64, train__global_batch_size=16, train__micro_batch_size=16)
+    assert run(micro(eager, **common)).returncode == 0
+    done = run(micro(compiled, **common, train__compile=True), timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = [r["loss"] for r in read_metrics(eager)]
+    b = [r["loss"] for r in read_metrics(compiled)]
+    assert len(a) == len(b) == 3
+    assert b == pytest.approx(a, rel=1e-4)
+
+
+@pytest.mark.slow
 def test_batch_that_does_not_divide_across_two_ranks(micro, tmp_path, run):
     out = tmp_path / "run"
     done = run(micro(out, train__global_batch_size=6, train__micro_batch_size=2), nproc=2)
