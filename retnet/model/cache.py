@@ -19,7 +19,9 @@ class RetNetCache:
     Attributes:
         states: one ``[B, H, K, V]`` float32 tensor per layer (``None`` until the layer first runs).
         offsets: ``[B]`` int64, real tokens seen per sequence (the next token's position).
-        seen_tokens: columns consumed so far, padding included (what ``generate`` slices its inputs by).
+        seen_tokens: columns consumed so far, padding included (what ``generate`` slices its inputs by). For
+            rows of different lengths (after a packed ``cu_seqlens`` forward, ``concat``) it is the longest
+            row's count, the width a padded batch of them would have.
     """
 
     # Read by transformers' generation utilities: the state is not a sliceable KV cache.
@@ -75,6 +77,19 @@ class RetNetCache:
         return out
 
     @classmethod
+    def zeros(cls, config, batch_size: int, device: torch.device | str | None = None) -> RetNetCache:
+        """``batch_size`` rows that have seen nothing: zero states ``[B, H, K, V]`` fp32, offsets 0.
+
+        What a sequence that starts from scratch contributes when it is stacked (``concat``) with sequences
+        that already have a state; ``config`` is the model's :class:`RetNetConfig`.
+        """
+        shape = (batch_size, config.num_attention_heads, config.head_dim, config.value_head_dim)
+        out = cls(config.num_hidden_layers)
+        out.states = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in out.states]
+        out.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return out
+
+    @classmethod
     def concat(cls, caches: Sequence[RetNetCache]) -> RetNetCache:
         """Stack the rows of several caches (each already run through every layer) into one batch."""
         if not caches:
@@ -91,11 +106,11 @@ class RetNetCache:
     def split(self) -> list[RetNetCache]:
         """One single-row cache per sequence (views into this cache's tensors)."""
         rows = []
-        for b in range(self.batch_size):
+        for b, seen in enumerate(self.offsets.tolist()):  # one device sync, not one per row
             row = RetNetCache(len(self.states))
             row.states = [s[b : b + 1] for s in self.states]
             row.offsets = self.offsets[b : b + 1]
-            row.seen_tokens = int(self.offsets[b])
+            row.seen_tokens = seen
             rows.append(row)
         return rows
 

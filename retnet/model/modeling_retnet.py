@@ -358,8 +358,13 @@ class RetNetModel(RetNetPreTrainedModel):
             cache / past_key_values: a :class:`RetNetCache` to continue from (and update in place).
             use_cache: return the cache (a new one if none was given).
             retention_mode: overrides ``config.retention_mode`` for this call.
-            cu_seqlens: ``[N + 1]`` offsets of N documents packed into B=1; no state crosses a boundary and
-                positions restart at each document.
+            cu_seqlens: ``[N + 1]`` offsets of N sequences packed into one row (B=1, no ``attention_mask``);
+                no state crosses a boundary. Without a cache (or with a new, empty one) every sequence starts
+                from a zero state at position 0. With a cache of N rows, sequence i continues row i: its
+                initial state is ``cache.states[layer][i]``, its positions count from ``cache.offsets[i]``,
+                and the final states ``[N, H, K, V]`` and offsets (each advanced by its sequence's length)
+                go back into the cache. ``RetNetForCausalLM``'s ``logits_to_keep=cu_seqlens[1:] - 1`` then
+                gives each sequence's last-token logits.
         """
         cache = cache if cache is not None else past_key_values
         output_hidden_states = bool(output_hidden_states)
@@ -369,8 +374,8 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden_states.shape[:2]
         mode = retention_mode or self.config.retention_mode
-        if cu_seqlens is not None and (batch != 1 or cache is not None or attention_mask is not None):
-            raise ValueError("cu_seqlens needs a packed batch (B=1) without cache or attention_mask")
+        if cu_seqlens is not None:
+            _check_packed(cu_seqlens, batch, attention_mask, cache)
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if use_cache and cache is None and not checkpointing:
@@ -407,11 +412,20 @@ class RetNetModel(RetNetPreTrainedModel):
             all_hidden_states += (hidden_states,)
 
         if cache is not None:
-            real_tokens = length if token_mask is None else token_mask.sum(-1).long()
-            base = past_offsets if past_offsets is not None else torch.zeros(batch, dtype=torch.long,
+            if cu_seqlens is None:
+                real_tokens = length if token_mask is None else token_mask.sum(-1).long()
+            else:
+                real_tokens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(hidden_states.device, torch.long)
+            rows = batch if cu_seqlens is None else len(cu_seqlens) - 1
+            base = past_offsets if past_offsets is not None else torch.zeros(rows, dtype=torch.long,
                                                                              device=hidden_states.device)
             cache.offsets = base + real_tokens
-            cache.seen_tokens += length
+            if cu_seqlens is None:
+                cache.seen_tokens += length
+            else:
+                # Packed sequences advance by different counts: keep the longest row's, the width a padded
+                # batch of them would have (as concat and split keep it).
+                cache.seen_tokens = int(cache.offsets.max())
         output = RetNetModelOutput(
             last_hidden_state=hidden_states,
             **{CACHE_KWARG: cache if use_cache else None},
@@ -423,13 +437,31 @@ class RetNetModel(RetNetPreTrainedModel):
     def _positions(batch, length, token_mask, past_offsets, cu_seqlens, device) -> torch.Tensor:
         """Each sequence's real tokens numbered from its cache offset; padding gets the next real position."""
         if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(device)
             steps = torch.arange(length, device=device)
-            doc_start = cu_seqlens[torch.searchsorted(cu_seqlens, steps, right=True) - 1]
-            return (steps - doc_start)[None]
+            segment = torch.searchsorted(cu_seqlens, steps, right=True) - 1
+            positions = steps - cu_seqlens[segment]
+            return (positions if past_offsets is None else positions + past_offsets[segment])[None]
         start = torch.zeros(batch, 1, dtype=torch.long, device=device) if past_offsets is None else past_offsets[:, None]
         if token_mask is None:
             return start + torch.arange(length, device=device)[None]
         return start + (token_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _check_packed(cu_seqlens: torch.Tensor, batch: int, attention_mask, cache: RetNetCache | None) -> None:
+    """A packed row has no padding to mask, and a cache must hold one row per packed sequence."""
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs the sequences packed into one row (B=1); got B={batch}")
+    if attention_mask is not None:
+        raise ValueError("cu_seqlens takes no attention_mask: a packed row has no padding")
+    if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+        raise ValueError(f"cu_seqlens must be [N + 1] offsets with N >= 1; got shape {tuple(cu_seqlens.shape)}")
+    sequences = len(cu_seqlens) - 1
+    if cache is not None and cache.offsets is not None and cache.batch_size != sequences:
+        raise ValueError(
+            f"cu_seqlens packs {sequences} sequences, so the cache must hold {sequences} rows; "
+            f"got {cache.batch_size}"
+        )
 
 
 class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
@@ -472,9 +504,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> RetNetCausalLMOutput | tuple:
-        """Logits ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when > 0) and, with
-        ``labels`` ``[B, T]``, the next-token cross-entropy with −100 ignored. Other arguments as
-        :meth:`RetNetModel.forward`."""
+        """Logits ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when an int > 0, only the
+        positions it lists when an index tensor, e.g. ``cu_seqlens[1:] - 1`` for the last token of each packed
+        sequence) and, with ``labels`` ``[B, T]``, the next-token cross-entropy with −100 ignored. Other
+        arguments as :meth:`RetNetModel.forward`."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -5,8 +5,10 @@ One thread owns the model. Each iteration it
 1. admits waiting requests while slots are free (``max_running`` sequences at most);
 2. prefills new prompts with the chunkwise form, in pieces of ``prefill_chunk_tokens`` and at most
    ``prefill_token_budget`` tokens per iteration, so a long prompt never stalls the running streams for long
-   and its length is bounded by time, not memory (the state is O(1) in it). A prompt starts from the longest
-   cached prefix state or from its session's saved state;
+   and its length is bounded by time, not memory (the state is O(1) in it). The prompts being prefilled
+   advance together: each round packs one piece of each into a single row (``cu_seqlens``) and runs ONE
+   forward, every piece continuing its own state. A prompt starts from the longest cached prefix state or
+   from its session's saved state;
 3. rebuilds the batch when sequences joined or left (their fp32 states stacked into one cache);
 4. runs ONE batched recurrent step for every running sequence and samples each row with its own generator.
 
@@ -298,25 +300,77 @@ class Engine:
 
     # -- prefill -----------------------------------------------------------------------------------------------
     def _prefill(self) -> None:
+        """Feed prompts for up to ``prefill_token_budget`` tokens, in rounds: each round every prefilling group
+        contributes its next piece, and the pieces run as ONE packed forward, so a burst of arrivals costs a
+        forward per round between two decode steps, not one per prompt."""
         budget = self.settings.prefill_token_budget
+        while True:
+            pieces = self._next_pieces(budget)
+            budget -= sum(end - group.pos for group, end in pieces)
+            # Prompt logprobs need every position's logits; the packed forward keeps only each piece's last.
+            packed = [(group, end) for group, end in pieces if not group.params.prompt_logprobs]
+            for group, end in pieces:
+                if group.params.prompt_logprobs:
+                    self._prefill_piece(group, end)
+            if len(packed) == 1:
+                self._prefill_piece(*packed[0])
+            elif packed:
+                self._prefill_packed(packed)
+            self._spawn_prefilled()
+            if not pieces or budget <= 0:
+                return
+
+    def _next_pieces(self, budget: int) -> list[tuple[Group, int]]:
+        """This round's ``(group, end)``: the next piece of each prefilling group, in arrival order, until the
+        pieces reach ``budget`` tokens. Starts the groups it reaches and drops the cancelled ones."""
+        pieces = []
         for group in list(self.prefilling):
+            if budget <= 0:
+                break
             if group.handle.cancelled:
                 self.prefilling.remove(group)
                 self._finish_cancelled(group, group.n)
                 continue
             if not group.started:
+                if self._awaits_shared_prefix(group):
+                    continue
                 self._start(group)
-            while group.pos < len(group.inputs) and budget > 0:
-                end = min(group.pos + self.settings.prefill_chunk_tokens, len(group.inputs))
-                if group.prefix_hint is not None and group.pos < group.prefix_hint < end:
-                    end = group.prefix_hint  # stop at the boundary worth caching
-                budget -= end - group.pos
-                self._prefill_piece(group, end)
             if group.pos >= len(group.inputs):
+                continue  # the whole prompt was cached: nothing to feed
+            end = min(group.pos + self.settings.prefill_chunk_tokens, len(group.inputs))
+            if group.prefix_hint is not None and group.pos < group.prefix_hint < end:
+                end = group.prefix_hint  # stop at the boundary worth caching
+            pieces.append((group, end))
+            budget -= end - group.pos
+        return pieces
+
+    def _awaits_shared_prefix(self, group: Group) -> bool:
+        """Whether ``group`` should start later, from a prefix state another prefilling group is about to cache.
+
+        Prompts of one burst often share a system prompt or are repeats. Started together they would each
+        compute the shared part; one round later the first has cached it and the others start from its state.
+        """
+        if self.settings.prefix_cache_entries == 0 or group.params.prompt_logprobs:
+            return False
+        if group.session is not None and group.session.cache is not None:
+            return False  # it continues its session's state, not a cached prefix
+        inputs = group.prompt_ids
+        for other in self.prefilling:
+            if not (other.started and other.cacheable and not other.params.prompt_logprobs):
+                continue
+            hint = other.prefix_hint
+            boundary = hint if hint is not None and other.pos < hint else len(other.inputs)
+            if other.pos >= boundary or boundary < self.settings.prefix_cache_min_tokens or boundary > len(inputs):
+                continue
+            if inputs[0] == other.inputs[0] and inputs[:boundary] == other.inputs[:boundary]:
+                return True
+        return False
+
+    def _spawn_prefilled(self) -> None:
+        for group in list(self.prefilling):
+            if group.started and group.pos >= len(group.inputs):
                 self.prefilling.remove(group)
                 self._spawn(group)
-            if budget <= 0:
-                break
 
     def _start(self, group: Group) -> None:
         group.started = True
@@ -345,10 +399,12 @@ class Engine:
             group.last_logits = entry.logits
 
     def _prefill_piece(self, group: Group, end: int) -> None:
+        """One group's piece ``inputs[pos:end]`` alone (a single piece, or a prompt that wants logprobs)."""
         piece = torch.tensor([group.inputs[group.pos : end]], dtype=torch.long, device=self.device)
         keep_all = group.params.prompt_logprobs
         out = self.model(input_ids=piece, cache=group.cache, use_cache=True,
                          retention_mode=PREFILL_MODE, logits_to_keep=0 if keep_all else 1)
+        self.metrics.prefill_batch.observe(1)
         group.cache = out.cache
         logits = out.logits[0].float().cpu()
         if keep_all:
@@ -359,9 +415,38 @@ class Engine:
                 ids = [group.inputs[group.pos], *ids]
                 context = torch.cat([group.last_logits[None], context])
             group.prompt_lp.extend(self._lp_entries(context, ids, group.params.logprobs))
+        self._piece_done(group, end, logits[-1])
+
+    def _prefill_packed(self, pieces: list[tuple[Group, int]]) -> None:
+        """Several groups' pieces as ONE forward: packed into a row (``cu_seqlens``), each continuing its own
+        state (a zero one if it has none yet); only each piece's last logits are computed."""
+        ids = [token for group, end in pieces for token in group.inputs[group.pos : end]]
+        bounds = [0]
+        for group, end in pieces:
+            bounds.append(bounds[-1] + end - group.pos)
+        cu_seqlens = torch.tensor(bounds, dtype=torch.long, device=self.device)
+        if all(group.cache is None for group, _ in pieces):
+            cache = RetNetCache(self.config.num_hidden_layers)  # the model starts every piece from zero
+        else:
+            cache = RetNetCache.concat([
+                group.cache if group.cache is not None else RetNetCache.zeros(self.config, 1, self.device)
+                for group, _ in pieces
+            ])
+        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device), cache=cache,
+                         use_cache=True, retention_mode=PREFILL_MODE, cu_seqlens=cu_seqlens,
+                         logits_to_keep=cu_seqlens[1:] - 1)
+        self.metrics.prefill_batch.observe(len(pieces))
+        logits = out.logits[0].float().cpu()
+        for (group, end), row, last in zip(pieces, out.cache.split(), logits):
+            group.cache = row
+            self._piece_done(group, end, last)
+
+    def _piece_done(self, group: Group, end: int, last_logits: torch.Tensor) -> None:
+        """``group``'s state now holds ``inputs[:end]``: advance it, and cache the state at a boundary."""
+        keep_all = group.params.prompt_logprobs
         self.metrics.prefill_tokens.inc(end - group.pos)
         group.pos = end
-        group.last_logits = logits[-1]
+        group.last_logits = last_logits
         at_boundary = end == group.prefix_hint or end == len(group.inputs)
         if group.cacheable and self.settings.prefix_cache_entries and not keep_all and at_boundary:
             self.prefix_cache.insert(group.inputs[:end], group.cache, group.last_logits)

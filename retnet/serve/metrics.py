@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServeMetrics:
@@ -39,6 +40,9 @@ class ServeMetrics:
                               registry=r)
         self.itl = Histogram("retnet_inter_token_latency_seconds", "time between a sequence's tokens",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill_batch = Histogram("retnet_prefill_batch_prompts",
+                                       "prompt pieces run together in one prefill forward", buckets=BATCH_BUCKETS,
+                                       registry=r)
         self.step = Histogram("retnet_decode_step_seconds", "one batched recurrent decode step",
                               buckets=LATENCY_BUCKETS, registry=r)
 
