@@ -49,9 +49,47 @@ def _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens):
         )
 
 
-# The loop's trip count and slice lengths come from cu_seqlens' values: under torch.compile every batch
-# would be a new graph with new dynamic shapes (and inductor fails on them), so it always runs eagerly.
+# Padding the packed sequences into one batch does at most this many times the packed row's work; beyond
+# it (one long document among many short ones) they run one by one.
+MAX_PADDING_FACTOR = 2.0
+
+
+# The shapes below come from cu_seqlens' values: under torch.compile every batch would be a new graph with
+# new dynamic shapes (and inductor fails on them), so varlen always runs eagerly.
 @torch.compiler.disable
+def _varlen(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, **kw):
+    """Run ``form`` on the N sequences packed into a varlen row (B=1): as one right-padded batch when that
+    wastes little, else one by one."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    count, longest = len(lengths), int(lengths.max()) if len(lengths) else 0
+    if count > 1 and longest > 0 and count * longest <= MAX_PADDING_FACTOR * q.shape[1]:
+        return _padded_batch(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
+                             lengths, longest, **kw)
+    return _per_sequence(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, **kw)
+
+
+def _padded_batch(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, lengths,
+                  longest, **kw):
+    """The packed sequences as a ``[N, longest]`` batch padded on the right: a causal output never sees the
+    padding after it, so the outputs are exact. The padding would decay the final states, so those are formed
+    directly: ``S_n = γ^{L_n} S0_n + Σ_{s < L_n} γ^{L_n − 1 − s} k_sᵀ v_s``."""
+    steps = torch.arange(longest, device=q.device)
+    valid = steps[None] < lengths[:, None]  # [N, longest]
+    rows = (cu_seqlens[:-1].long()[:, None] + steps[None]).clamp(max=q.shape[1] - 1)
+    qb, kb, vb = q[0][rows], k[0][rows] * valid[..., None, None].to(k.dtype), v[0][rows]
+    o, _ = form(qb, kb, vb, log_decay, scale, initial_state, False, **kw)
+    out = o[valid][None]  # segments are contiguous and in order, so this is the packed order
+    if not output_final_state:
+        return out, None
+    to_end = (lengths[:, None] - 1 - steps[None]).clamp(min=0).float()
+    weights = torch.exp(to_end[..., None] * log_decay.float()) * valid[..., None]  # [N, longest, H]
+    final = torch.einsum("nlh,nlhk,nlhv->nhkv", weights, kb.float(), vb.float())
+    if initial_state is not None:
+        through = torch.exp(lengths.float()[:, None] * log_decay.float())  # [N, H]
+        final = final + through[..., None, None] * initial_state.float()
+    return out, final
+
+
 def _per_sequence(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, **kw):
     """Run ``form`` on each packed sequence of a varlen batch (B=1) and stitch the results."""
     outputs, states = [], []
@@ -103,7 +141,7 @@ def parallel_retention(
     """
     _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
     if cu_seqlens is not None:
-        return _per_sequence(
+        return _varlen(
             parallel_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -144,7 +182,7 @@ def chunk_retention(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     if cu_seqlens is not None:
-        return _per_sequence(
+        return _varlen(
             chunk_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
             chunk_size=chunk_size,
         )
@@ -189,7 +227,7 @@ def recurrent_retention(
     """
     _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
     if cu_seqlens is not None:
-        return _per_sequence(
+        return _varlen(
             recurrent_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -76,11 +77,16 @@ def test_output_dtype_follows_v(kt):
         assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
 
 
+# Both include an empty sequence; the first is too ragged to pad (run one by one), the second is run as one
+# right-padded batch.
+VARLEN_BOUNDS = {"ragged": [0, 3, 40, 40, 57], "padded": [0, 20, 20, 33, 50]}
+
+
+@pytest.mark.parametrize("bounds", VARLEN_BOUNDS.values(), ids=VARLEN_BOUNDS.keys())
 @pytest.mark.parametrize("initial_state", [False, True])
-def test_varlen_equals_each_sequence_alone(kt, initial_state):
-    bounds = [0, 3, 40, 40, 57]  # includes an empty sequence
+def test_varlen_equals_each_sequence_alone(kt, initial_state, bounds):
     cu_seqlens = torch.tensor(bounds)
-    q, k, v, log_decay, h0 = kt.make_inputs(1, 57, 4, 8, 16, initial_state=initial_state, num_states=4)
+    q, k, v, log_decay, h0 = kt.make_inputs(1, bounds[-1], 4, 8, 16, initial_state=initial_state, num_states=4)
     for name, form in FORMS.items():
         o, ht = form(q, k, v, log_decay, None, h0, True, cu_seqlens=cu_seqlens)
         assert ht.shape == (4, 4, 8, 16)
@@ -92,9 +98,11 @@ def test_varlen_equals_each_sequence_alone(kt, initial_state):
 
 
 def test_varlen_gradients(kt):
+    """Every form's varlen path (here the padded batch) against the parallel form run sequence by sequence."""
     cu_seqlens = torch.tensor([0, 20, 33])
     q, k, v, log_decay, h0 = kt.make_inputs(1, 33, 2, 8, 8, initial_state=True, num_states=2)
-    ref = kt.run_with_grads(naive.parallel_retention, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)
+    one_by_one = functools.partial(naive._per_sequence, naive.parallel_retention)
+    ref = kt.run_with_grads(one_by_one, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)
     for name, form in FORMS.items():
         o, ht, grads = kt.run_with_grads(form, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)
         kt.assert_close_scaled(o, ref[0], TOL, f"{name} o")
