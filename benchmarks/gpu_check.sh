@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU session: one short script for the lent H200 (torch, Triton and transformers are
 # preinstalled there and no registry is reachable, so it runs from the source tree).
-#   run: bash benchmarks/gpu_check.sh        (about 6-8 minutes; results land in $OUT or benchmarks/results)
+#   run: bash benchmarks/gpu_check.sh        (at most ~12 minutes: every step has its own timeout; results land in $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -15,3 +15,10 @@ timeout 240 python -m pytest -q -x -p no:cacheprovider tests/kernels tests/model
 timeout 200 python benchmarks/retention_kernels.py --out "$OUT/kernels-cuda.json" 2>&1 | tail -40 | tee "$OUT/gpu-kernels.txt"
 timeout 60 python benchmarks/decode.py 2>&1 | tail -6 | tee "$OUT/gpu-decode.txt"
 cp benchmarks/results/decode-cuda.json "$OUT/" 2>/dev/null || true
+# 3. Training on the GPU: NCCL through torchrun (one rank), bf16 autocast, the Triton varlen kernels on packed
+#    documents; then training throughput and MFU against a matched Llama (bf16 where the machine has it).
+timeout 120 torchrun --standalone --nproc_per_node=1 -m retnet.train --config tiny --train.steps=300 \
+    --train.output_dir="$OUT/train-gpu" --logging.progress=false --logging.tensorboard=false \
+    --checkpoint.export=false 2>&1 | tail -12 | tee "$OUT/gpu-train.txt"
+timeout 80 python benchmarks/train.py --steps 3 --tokens 16384 2>&1 | tail -14 | tee "$OUT/gpu-train-bench.txt"
+cp benchmarks/results/train-cuda.json "$OUT/" 2>/dev/null || true

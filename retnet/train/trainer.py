@@ -528,8 +528,11 @@ class Trainer:
             from retnet.train.plots import plot_losses
 
             self._metrics.flush()
-            plot_losses(self.metrics_path, self.output_dir / "loss.png",
-                        title=f"RetNet {cfg.model.preset} ({self.n_params / 1e6:.1f}M params)")
+            try:
+                plot_losses(self.metrics_path, self.output_dir / "loss.png",
+                            title=f"RetNet {cfg.model.preset} ({self.n_params / 1e6:.1f}M params)")
+            except ImportError:  # a bring-your-own-torch machine without the [train] extra: keep the run
+                logger.warning("matplotlib is not installed; no loss.png (metrics.jsonl has the curve)")
             summary["val_loss"] = val_loss
             logger.info("%s at step %d; outputs in %s", "stopped by signal" if interrupted else "finished",
                         self.step, self.output_dir)
