@@ -2,8 +2,8 @@
 
 Sources (``data.dataset``): ``stdlib`` (the running interpreter's standard-library ``*.py`` files, sorted:
 the embedded corpus that needs no download), local files (``.txt/.md/.py/.rst`` one document per file,
-``.json/.jsonl/.parquet/.csv`` one document per row's ``text_field``) or a hub dataset, all through HF
-``datasets`` except ``stdlib``.
+``.json/.jsonl/.parquet/.csv`` one document per row's ``text_field``), a ``save_to_disk`` directory or a hub
+dataset, all through HF ``datasets`` except ``stdlib``.
 
 Non-streaming (the default): a held-out fraction of the documents is the validation split; a tokenizer is
 loaded (``data.tokenizer``) or a byte-level BPE trained on the training documents; every document is encoded
@@ -77,6 +77,8 @@ def local_files(spec: str) -> list[Path] | None:
 
     Raises FileNotFoundError for something that looks like a path but does not exist."""
     path = Path(spec).expanduser()
+    if saved_dataset_dir(path):
+        return [path]  # loaded whole by datasets.load_from_disk
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -102,6 +104,12 @@ def local_files(spec: str) -> list[Path] | None:
     return files
 
 
+def saved_dataset_dir(path: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (pre-tokenized or
+    filtered data prepared once, e.g. on an offline cluster)."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
 def _hash(*parts: Any) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -112,6 +120,8 @@ def _hash(*parts: Any) -> str:
 
 def data_fingerprint(cfg: DataConfig, files: list[Path] | None) -> str:
     """Changes when the files (path, size, mtime) or the selection/split settings change."""
+    if files is not None and len(files) == 1 and saved_dataset_dir(files[0]):
+        files = sorted(p for p in files[0].rglob("*") if p.is_file())
     listing = None if files is None else [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     settings = {k: getattr(cfg, k) for k in ("dataset", "name", "split", "text_field", "streaming",
                                                  "max_documents", "val_fraction", "val_documents")}
@@ -131,11 +141,26 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
         except Exception as error:  # offline, unknown name, private ...
             raise ConfigError(f"data.dataset {cfg.dataset!r} is no local path and could not be loaded from the "
                               f"hub: {type(error).__name__}: {error}") from None
+    if saved_dataset_dir(files[0]):
+        return _load_saved(cfg, files[0], streaming)
     if files[0].suffix in TEXT_SUFFIXES:
         return datasets.load_dataset("text", data_files=[str(p) for p in files], sample_by="document", split="train",
                                      streaming=streaming, cache_dir=str(cache_dir / "hf"))
     return datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(p) for p in files], split="train",
                                  streaming=streaming, cache_dir=str(cache_dir / "hf"))
+
+
+def _load_saved(cfg: DataConfig, path: Path, streaming: bool):
+    """A ``save_to_disk`` directory: a Dataset, or a DatasetDict from which ``data.split`` is taken."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if cfg.split not in loaded:
+            raise ConfigError(f"data.split {cfg.split!r} is not a split of {str(path)!r}; splits: {sorted(loaded)}")
+        loaded = loaded[cfg.split]
+    # one shard per CPU at most, so split_dataset_by_node can still give every rank whole shards
+    return loaded.to_iterable_dataset(num_shards=min(len(loaded), os.cpu_count() or 1)) if streaming else loaded
 
 
 def _check_text_field(cfg: DataConfig, columns: list[str] | None) -> None:

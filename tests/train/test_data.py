@@ -79,6 +79,31 @@ def test_build_from_jsonl_caches_tokens(corpus, tokenizer_dir, tmp_path):
     assert other.train.shape[1] == 16 and len(list(tmp_path.glob("tokens-*"))) == 2
 
 
+def test_save_to_disk_directory_gives_the_same_blocks_as_its_jsonl(corpus, tokenizer_dir, tmp_path):
+    """A ``DatasetDict.save_to_disk`` directory (split picked by data.split) trains on exactly the blocks the
+    same documents give as JSONL, streamed too; a missing split names the ones there are."""
+    import json
+
+    import datasets
+
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
+                          "test": datasets.Dataset.from_dict({"text": texts[:3]})}).save_to_disk(str(saved))
+    kwargs = dict(vocab_size=512, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0, world_size=1,
+                  tokenizer_dir=None, barrier=lambda: None)
+    common = dict(tokenizer=str(tokenizer_dir), seq_len=32, cache_dir=str(tmp_path / "cache"))
+    from_jsonl = build_data(DataConfig(dataset=str(corpus), **common), **kwargs)
+    from_disk = build_data(DataConfig(dataset=str(saved), **common), **kwargs)
+    assert np.array_equal(np.asarray(from_disk.train), np.asarray(from_jsonl.train))
+    assert np.array_equal(np.asarray(from_disk.val), np.asarray(from_jsonl.val))
+
+    streamed = build_data(DataConfig(dataset=str(saved), streaming=True, val_documents=5, **common), **kwargs)
+    assert streamed.micro_batches(2)[0].shape == (2, 32)
+    with pytest.raises(ConfigError, match=r"data\.split 'validation'.*'test', 'train'"):
+        build_data(DataConfig(dataset=str(saved), split="validation", **common), **kwargs)
+
+
 def test_packed_segments_isolate_documents():
     """The packed loss equals the loss of every document run on its own, and differs from letting the
     state run across EOS (so the test would notice a leak)."""
