@@ -255,7 +255,11 @@ class Trainer:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.2x renamed it activation_checkpointing_enable; 5.17 (still in use) has only the old name
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.train.compile:
             for layer in model.model.layers:
                 layer.compile()
