@@ -21,6 +21,7 @@ became NaN/inf.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default="tiny",
                         help=f"a preset ({', '.join(preset_names())}) or a TOML file (default: tiny)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (preset + file + overrides) as JSON and exit")
     return parser
 
 
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         config = load_config(args.config, overrides)
+        if args.print_config:
+            print(json.dumps(config.to_dict(), indent=2))
+            return EXIT_OK
         trainer = Trainer(config)
         trainer.train()
         return EXIT_OK

@@ -65,6 +65,17 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path
     assert not (out / "export").exists()
 
 
+def test_print_config_shows_the_resolved_values_and_trains_nothing(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert main(["--config", "tiny", "--print-config", "--optim.lr=1e-3", f"--train.output_dir={out}"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["optim"]["lr"] == 1e-3 and resolved["model"]["preset"] == "tiny"
+    assert resolved["train"]["steps"] == 600  # from the preset file
+    assert not out.exists()
+
+
 def test_corrupt_checkpoint_is_refused_and_skipped(micro, tmp_path, capsys, read_metrics):
     out = tmp_path / "run"
     assert main(micro(out, checkpoint__interval=2, train__steps=4)) == 0
