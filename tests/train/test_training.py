@@ -224,6 +224,24 @@ def test_torch_compile_matches_eager(micro, tmp_path, run, read_metrics):
 
 
 @pytest.mark.slow
+def test_streaming_two_ranks_resume_the_same_losses(micro, tmp_path, run, read_metrics):
+    """Streaming data split by node across 2 torchrun ranks: a run of 3 steps extended to 5 replays the
+    5-step run's losses (each rank skips exactly the blocks it had consumed). A constant learning rate, so
+    that the schedule does not depend on train.steps."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    common = dict(data__streaming=True, data__val_documents=10, checkpoint__interval=3, optim__schedule="constant")
+    done = run(micro(whole, **common, train__steps=5), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run(micro(resumed, **common, train__steps=3), nproc=2).returncode == 0
+    again = run(micro(resumed, **common, train__steps=5), nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "at step 3" in again.stderr
+    expected = [r["loss"] for r in read_metrics(whole)]
+    got = [r["loss"] for r in read_metrics(resumed)]
+    assert len(expected) == 5 and got[-2:] == pytest.approx(expected[-2:], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_batch_that_does_not_divide_across_two_ranks(micro, tmp_path, run):
     out = tmp_path / "run"
     done = run(micro(out, train__global_batch_size=6, train__micro_batch_size=2), nproc=2)
