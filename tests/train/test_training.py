@@ -224,12 +224,16 @@ def test_torch_compile_matches_eager(micro, tmp_path, run, read_metrics):
 
 
 @pytest.mark.slow
-def test_streaming_two_ranks_resume_the_same_losses(micro, tmp_path, run, read_metrics):
-    """Streaming data split by node across 2 torchrun ranks: a run of 3 steps extended to 5 replays the
-    5-step run's losses (each rank skips exactly the blocks it had consumed). A constant learning rate, so
-    that the schedule does not depend on train.steps."""
+@pytest.mark.parametrize("setup", [
+    dict(data__streaming=True, data__val_documents=10),  # DDP, streaming data split by node
+    dict(train__parallelism="fsdp"),  # FSDP2: sharded state gathered into the checkpoint and re-sharded
+], ids=["ddp-streaming", "fsdp2"])
+def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, read_metrics):
+    """2 torchrun ranks: a run of 3 steps extended to 5 replays the 5-step run's losses (model, optimizer and
+    each rank's data position restored). A constant learning rate, so the schedule does not depend on
+    train.steps."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    common = dict(data__streaming=True, data__val_documents=10, checkpoint__interval=3, optim__schedule="constant")
+    common = dict(**setup, checkpoint__interval=3, optim__schedule="constant")
     done = run(micro(whole, **common, train__steps=5), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert run(micro(resumed, **common, train__steps=3), nproc=2).returncode == 0
