@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import typing
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from retnet.train.config import ConfigError, load_config
     from retnet.train.trainer import NonFiniteLossError, Trainer
 
-    trainer = None
+    trainer, status = None, None
     try:
         config = load_config(args.config, overrides)
         if args.print_config:
@@ -63,18 +65,35 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         trainer = Trainer(config)
         trainer.train()
-        return EXIT_OK
+        status = EXIT_OK
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"retnet-train: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        status = EXIT_CONFIG
     except NonFiniteLossError as error:
         print(f"retnet-train: error: {error}", file=sys.stderr)
-        return EXIT_NONFINITE
+        status = EXIT_NONFINITE
     finally:
         if trainer is not None:
             trainer.close()
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            if status is not None:
+                _exit_without_teardown(status)
+            dist.destroy_process_group()  # an unexpected error: let its traceback through
+    return status
+
+
+def _exit_without_teardown(status: int) -> typing.NoReturn:
+    """End a distributed run without running destructors.
+
+    Destroying a gloo process group (the last reference is DDP's reducer, released when ``main`` returns)
+    joins gloo's worker thread, and that thread may still be releasing the last collective's tensors, which
+    needs the GIL the destroying thread holds: an intermittent hang at exit after the run has finished. Every
+    rank is past its last collective here, and the checkpoint, metrics and plot are written and closed.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
