@@ -190,9 +190,6 @@ class RetNetMultiScaleRetention(nn.Module):
             # A padded position writes nothing into the state (its kᵀv is zero).
             k = k * token_mask[:, :, None, None].to(k.dtype)
         log_decay = self.log_decay(q.device)
-        if cu_seqlens is not None and mode == "auto" and not kernels.use_triton(q):
-            # The reference runs a packed row document by document: pick the form for the longest one.
-            length = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         mode = resolve_retention_mode(mode, length, q)
         common = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
         if mode == "parallel":
@@ -376,6 +373,10 @@ class RetNetModel(RetNetPreTrainedModel):
         mode = retention_mode or self.config.retention_mode
         if cu_seqlens is not None:
             _check_packed(cu_seqlens, batch, attention_mask, cache)
+            if mode == "auto" and not kernels.use_triton(hidden_states):
+                # The reference runs a packed row sequence by sequence: pick the form for the longest one,
+                # once for all layers (it costs a host sync).
+                mode = resolve_retention_mode(mode, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()), hidden_states)
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if use_cache and cache is None and not checkpointing:
