@@ -36,7 +36,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/decode.py
-	$(PY) benchmarks/retention_kernels.py
+	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/serve.py
 

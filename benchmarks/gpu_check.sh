@@ -12,7 +12,7 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 # 1. Correctness on the real compiler: kernels (bf16 included) and the model on the Triton path.
 timeout 240 python -m pytest -q -x -p no:cacheprovider tests/kernels tests/model 2>&1 | tail -25 | tee "$OUT/gpu-tests.txt"
 # 2. Speed: kernels vs the PyTorch reference, SDPA and flash-linear-attention (if installed); decode.
-timeout 200 python benchmarks/retention_kernels.py --out "$OUT/kernels-cuda.json" 2>&1 | tail -40 | tee "$OUT/gpu-kernels.txt"
+timeout 200 python benchmarks/kernels.py --out "$OUT/kernels-cuda.json" 2>&1 | tail -40 | tee "$OUT/gpu-kernels.txt"
 timeout 60 python benchmarks/decode.py 2>&1 | tail -6 | tee "$OUT/gpu-decode.txt"
 cp benchmarks/results/decode-cuda.json "$OUT/" 2>/dev/null || true
 # 3. Training on the GPU: NCCL through torchrun (one rank), bf16 autocast, the Triton varlen kernels on packed

@@ -31,7 +31,11 @@ Decay is only ever used as ``exp2(n · log2 γ)`` for a non-negative distance n 
 (γ itself would round to 1.0 in bf16, and in fp32 for the slowest heads). For bf16 inputs the state
 matmuls run in bf16 on the tensor cores (the state is rounded to bf16 for the multiply only); for fp16
 the state stays fp32 in those matmuls (tf32), because a long-context state can exceed fp16's range;
-for fp32 inputs every matmul is full-precision fp32 ("ieee"), not tf32.
+for fp32 inputs every matmul is 3xTF32: tensor cores, fp32 accuracy (plain tf32 would drop 13 mantissa
+bits; "ieee" fp32 dots run on the FMA units and spill registers).
+
+``python -m retnet.kernels.aot`` compiles every launch and autotune config for sm_80/sm_90 through
+Triton and ptxas on any machine and reports registers, spills and shared memory.
 """
 
 from __future__ import annotations
@@ -56,11 +60,19 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
-def _configs(num_warps: list[int], num_stages: list[int]) -> list:
-    """Autotune configs: the full sweep on a GPU, a single one under the interpreter (which can't tune)."""
-    if not _on_gpu():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in num_warps for s in num_stages]
+def _autotune(key: list[str], num_warps: list[int], num_stages: list[int]):
+    """``@triton.autotune`` over num_warps × num_stages on a GPU; one config under the interpreter, which
+    can't tune. The GPU sweep stays readable as ``kernel.gpu_configs`` (``retnet.kernels.aot`` compiles
+    every one of them for a CUDA target, GPU or not)."""
+    sweep = [triton.Config({}, num_warps=w, num_stages=s) for w in num_warps for s in num_stages]
+
+    def decorate(kernel):
+        configs = sweep if _on_gpu() else [triton.Config({}, num_warps=4, num_stages=1)]
+        tuner = triton.autotune(configs=configs, key=key)(kernel)
+        tuner.gpu_configs = sweep
+        return tuner
+
+    return decorate
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,7 +103,7 @@ def _state_tile_ptrs(base, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.co
     return base + o_k[:, None] * V + o_v[None, :], (o_k < K)[:, None] & (o_v < V)[None, :]
 
 
-@triton.autotune(configs=_configs([2, 4, 8], [1, 2]), key=["H", "K", "V", "BT", "BK", "BV"])
+@_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2])
 @triton.jit(do_not_specialize=["T"])
 def _chunk_state_fwd_kernel(
     k, v, h, h0, ht, log_decay, cu_seqlens, chunk_offsets, T,
@@ -137,7 +149,7 @@ def _chunk_state_fwd_kernel(
         tl.store(p_ht, b_h, mask=m_h)
 
 
-@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["H", "K", "V", "BT", "BK", "BV", "STATE_F32"])
+@_autotune(["H", "K", "V", "BT", "BK", "BV", "STATE_F32"], num_warps=[4, 8], num_stages=[2, 3])
 @triton.jit(do_not_specialize=["T"])
 def _chunk_output_fwd_kernel(
     q, k, v, h, o, log_decay, cu_seqlens, chunk_indices, scale, T,
@@ -187,7 +199,7 @@ def _chunk_output_fwd_kernel(
     _store_tile(o + (row0 * H + i_h) * V, b_o, n_rows, i_v * BV, V, H * V, BT, BV)
 
 
-@triton.autotune(configs=_configs([2, 4, 8], [1, 2]), key=["H", "K", "V", "BT", "BK", "BV"])
+@_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2])
 @triton.jit(do_not_specialize=["T"])
 def _chunk_state_bwd_kernel(
     q, do, dh, dht, dh0, log_decay, cu_seqlens, chunk_offsets, scale, T,
@@ -234,7 +246,7 @@ def _chunk_state_bwd_kernel(
         tl.store(p_dh0, b_dh, mask=m_h)
 
 
-@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["H", "K", "V", "BT", "BK", "BV", "STATE_F32"])
+@_autotune(["H", "K", "V", "BT", "BK", "BV", "STATE_F32"], num_warps=[4, 8], num_stages=[2, 3])
 @triton.jit(do_not_specialize=["T"])
 def _chunk_dv_bwd_kernel(
     q, k, do, dh, dv, log_decay, cu_seqlens, chunk_indices, scale, T,
@@ -286,7 +298,7 @@ def _chunk_dv_bwd_kernel(
     _store_tile(dv + (row0 * H + i_h) * V, b_dv, n_rows, i_v * BV, V, H * V, BT, BV)
 
 
-@triton.autotune(configs=_configs([4, 8], [2, 3]), key=["H", "K", "V", "BT", "BK", "BV", "STATE_F32"])
+@_autotune(["H", "K", "V", "BT", "BK", "BV", "STATE_F32"], num_warps=[4, 8], num_stages=[2, 3])
 @triton.jit(do_not_specialize=["T"])
 def _chunk_dqk_bwd_kernel(
     q, k, v, h, do, dh, dq, dk, log_decay, cu_seqlens, chunk_indices, scale, T,
@@ -362,14 +374,21 @@ def _block_size(chunk_size: int) -> int:
     return min(128, max(16, _pow2(chunk_size)))
 
 
-def _head_blocks(K: int, V: int) -> tuple[int, int, int, int]:
-    """(BK, BV) for the state kernels and (BK, BV) for the per-chunk kernels; all in [16, 128]."""
+def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
+    """Tile widths, all in [16, 128]: (BK, BV) of the state kernels, (BK, BV) of the per-chunk output and
+    dv kernels, (BK, BV) of the dq/dk kernel. fp32 inputs take narrower tiles: their 3xTF32 dots hold
+    each operand twice (high and low parts), and the 16-bit widths spill hundreds of bytes of registers
+    per thread. ``python -m retnet.kernels.aot`` measured these as spill-free on sm_90 and on sm_80 (bar
+    16 bytes in fp32 dq/dk there)."""
     k2, v2 = max(16, _pow2(K)), max(16, _pow2(V))
-    return min(64, k2), min(64, v2), min(64, k2), min(128, v2)
+    if dtype == torch.float32:
+        return min(32, k2), min(64, v2), min(32, k2), min(32, v2), min(16, k2), min(32, v2)
+    # dq/dk: 64-wide K tiles (each recomputes do·vᵀ over all of V; wider tiles would spill registers).
+    return min(64, k2), min(64, v2), min(64, k2), min(128, v2), min(64, k2), min(64, v2)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def prepare_chunks(cu_seqlens: torch.Tensor, BT: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -402,7 +421,7 @@ def _layout(q, v, chunk_size, cu_seqlens, chunks=None):
 def _chunk_states(k, v, log_decay, initial_state, output_final_state, store_states, lay, cu_seqlens):
     """Kernel 1: fp32 states before every chunk ([chunks, H, K, V], or None) and the final state."""
     _, T, H, K, V, BT, N, _, total, chunk_offsets, _ = lay
-    BK, BV, _, _ = _head_blocks(K, V)
+    BK, BV, *_ = _head_blocks(K, V, k.dtype)
     h = k.new_empty(total, H, K, V, dtype=torch.float32) if store_states else None
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
@@ -422,7 +441,7 @@ def chunk_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_s
     B, T, H, K, V, BT, _, NT, total, _, chunk_indices = lay
     h, ht = _chunk_states(k, v, log_decay, initial_state, output_final_state, True, lay, cu_seqlens)
     o = torch.empty_like(v)
-    _, _, BK, BV = _head_blocks(K, V)
+    _, _, BK, BV, _, _ = _head_blocks(K, V, q.dtype)
     grid = (triton.cdiv(V, BV), total, H) if cu_seqlens is not None else (triton.cdiv(V, BV), NT, B * H)
     _chunk_output_fwd_kernel[grid](
         q, k, v, h, o, log_decay, cu_seqlens, chunk_indices, scale, T,
@@ -437,7 +456,7 @@ def chunk_retention_bwd(q, k, v, log_decay, scale, initial_state, do, dht, chunk
     lay = _layout(q, v, chunk_size, cu_seqlens, chunks)
     B, T, H, K, V, BT, N, NT, total, chunk_offsets, chunk_indices = lay
     h, _ = _chunk_states(k, v, log_decay, initial_state, False, True, lay, cu_seqlens)
-    BKs, BVs, BK, BV = _head_blocks(K, V)
+    BKs, BVs, BK, BV, BKq, BVq = _head_blocks(K, V, q.dtype)
     dh = q.new_empty(total, H, K, V, dtype=torch.float32)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if initial_state is not None else None
     is_varlen, precision, state_f32 = cu_seqlens is not None, _dot_precision(q.dtype), q.dtype != torch.bfloat16
@@ -453,8 +472,6 @@ def chunk_retention_bwd(q, k, v, log_decay, scale, initial_state, do, dht, chunk
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=is_varlen, STATE_F32=state_f32, DOT_PRECISION=precision,
     )
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    # dq/dk: 64-wide K tiles (each recomputes do·vᵀ over all of V; wider tiles would spill registers).
-    BKq, BVq = min(64, max(16, _pow2(K))), min(64, max(16, _pow2(V)))
     _chunk_dqk_bwd_kernel[(triton.cdiv(K, BKq), *chunk_grid)](
         q, k, v, h, do, dh, dq, dk, log_decay, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BKq, BV=BVq,

@@ -21,12 +21,12 @@ import triton.language as tl
 
 from retnet.kernels import chunk as _chunk
 from retnet.kernels import naive as _naive
-from retnet.kernels.chunk import _configs, _pow2, check_retention_inputs
+from retnet.kernels.chunk import _autotune, _pow2, check_retention_inputs
 
 __all__ = ["recurrent_retention"]
 
 
-@triton.autotune(configs=_configs([1, 2, 4], [1]), key=["H", "K", "V", "BK", "BV"])
+@_autotune(["H", "K", "V", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1])
 @triton.jit(do_not_specialize=["T"])
 def _recurrent_fwd_kernel(
     q, k, v, o, h0, ht, log_decay, cu_seqlens, scale, T,

@@ -9,8 +9,8 @@ a fixed token budget per step (B = tokens / T) and a fixed model width (H = 2048
 On a CPU: the fp32 references only, to show the chunkwise form's linear cost in T against the parallel
 form's quadratic one.
 
-    python benchmarks/retention_kernels.py            # full run (GPU: < 3 minutes on one H200)
-    python benchmarks/retention_kernels.py --quick    # a few shapes
+    python benchmarks/kernels.py            # full run (GPU: < 3 minutes on one H200)
+    python benchmarks/kernels.py --quick    # a few shapes
 
 Results are printed as a table and written to ``benchmarks/results/kernels-<device>.json``.
 """
@@ -27,11 +27,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-import torch
+# Run as a script, this file's folder is sys.path[0], where it would shadow HuggingFace's `kernels` package
+# (transformers probes for it): the repository root takes that place instead, before anything is imported.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402 - after the sys.path fix above
 
-from retnet.kernels import naive
+from retnet.kernels import naive  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CHUNK = 64

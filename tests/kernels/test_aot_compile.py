@@ -1,0 +1,71 @@
+"""The Triton kernels compile for real GPUs, on this machine too: Triton's compiler and ptxas, not the
+interpreter, for sm_90 (H100/H200) and sm_80 (A100), in bf16, fp16 and fp32.
+
+The interpreted tests check what the kernels compute; these check what only the real compiler sees:
+that every launch lowers to PTX and assembles, that at least one config of each autotune sweep fits in
+the GPU's shared memory, and that the heaviest launches (head dim 256, packed batches, initial and final
+states) keep a config free of register spills. ``python -m retnet.kernels.aot`` prints the full table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "report.json"
+    # The interpreter must be off in the compiling process (conftest.py turns it on for this one).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    command = [
+        sys.executable, "-m", "retnet.kernels.aot", "--arch", "90", "80", "--dtypes", "bfloat16", "float16", "float32",
+        "--head-dims", "256", "--layouts", "packed", "--configs", "extremes", "--json", str(out),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return done, json.loads(out.read_text()) if out.exists() else []
+
+
+def test_every_launch_compiles(report):
+    done, results = report
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    failed = [f"sm_{r['arch']} {r['launch']} w{r['num_warps']}s{r['num_stages']}: {r['error']}"
+              for r in results if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    kernels = {r["launch"].split()[0] for r in results}
+    assert kernels == {
+        "_chunk_state_fwd_kernel", "_chunk_output_fwd_kernel", "_chunk_state_bwd_kernel",
+        "_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel", "_recurrent_fwd_kernel",
+    }
+    assert {r["arch"] for r in results} == {80, 90}
+
+
+# Spilled bytes per thread tolerated in a launch's best config: none for 16-bit inputs; a few for fp32
+# (3xTF32, the accuracy path, not the fast one), where some launches keep 16 bytes at any tile width
+# on sm_80, and in the two configs compiled here on sm_90 (hundreds, before its tiles were narrowed).
+SPILL_ALLOWANCE = {"*fp32": 64}
+
+
+def test_every_launch_has_a_config_that_fits_without_spills(report):
+    _, results = report
+    assert results
+    best = defaultdict(lambda: float("inf"))
+    for r in results:
+        if r["ok"] and r["fits"]:
+            key = (r["arch"], r["launch"])
+            best[key] = min(best[key], r["spill_bytes"])
+    bad = [
+        f"sm_{arch}: {launch}: {spilled} bytes"
+        for (arch, launch), spilled in best.items()
+        if spilled > SPILL_ALLOWANCE.get(launch.split()[1], 0)
+    ]
+    assert not bad, "best config spills registers (or none fits in shared memory):\n" + "\n".join(bad)
+    assert {launch for _, launch in best} == {r["launch"] for r in results}
