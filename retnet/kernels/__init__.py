@@ -65,13 +65,17 @@ def chunk_retention(
 
 
 def recurrent_retention(
-    q, k, v, log_decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+    q, k, v, log_decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    update_state_inplace=False,
 ):
-    """Recurrent form; see :func:`retnet.kernels.naive.recurrent_retention` for shapes."""
+    """Recurrent form; see :func:`retnet.kernels.naive.recurrent_retention` for shapes and
+    ``update_state_inplace`` (the final state written over ``initial_state``)."""
     if use_triton(q):
         from retnet.kernels.recurrent import recurrent_retention as triton_recurrent_retention
 
         return triton_recurrent_retention(
-            q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens
+            q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, update_state_inplace
         )
-    return naive.recurrent_retention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+    return naive.recurrent_retention(
+        q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, update_state_inplace
+    )

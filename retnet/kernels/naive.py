@@ -211,6 +211,19 @@ def chunk_retention(
     return (scale * o).transpose(1, 2).to(v.dtype), (state if output_final_state else None)
 
 
+def check_inplace_state(q, k, v, initial_state) -> None:
+    """What ``update_state_inplace=True`` needs: an fp32 contiguous initial state and no gradient."""
+    if initial_state is None:
+        raise ValueError("update_state_inplace=True needs an initial_state to update; got None")
+    if initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
+        raise ValueError(
+            "update_state_inplace=True needs a contiguous float32 initial_state; "
+            f"got {initial_state.dtype}, contiguous={initial_state.is_contiguous()}"
+        )
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial_state)):
+        raise ValueError("update_state_inplace=True is for inference: no input may require grad under grad mode")
+
+
 def recurrent_retention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -220,11 +233,18 @@ def recurrent_retention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    update_state_inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recurrent form: one state update per token, O(1) in the context length. Used for decoding.
 
-    Same arguments and returns as :func:`parallel_retention`.
+    Same arguments and returns as :func:`parallel_retention`, plus ``update_state_inplace``: write the
+    final state into ``initial_state`` (fp32, contiguous) and return that tensor as the final state, for
+    decode loops that keep their state buffers (no gradient; see :func:`check_inplace_state`).
     """
+    if update_state_inplace:
+        check_inplace_state(q, k, v, initial_state)
+        o, state = recurrent_retention(q, k, v, log_decay, scale, initial_state, True, cu_seqlens)
+        return o, initial_state.copy_(state)
     _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
     if cu_seqlens is not None:
         return _varlen(

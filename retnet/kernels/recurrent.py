@@ -70,8 +70,12 @@ def _recurrent_fwd_kernel(
         tl.store(ht + state_offsets, b_h, mask=m_h)
 
 
-def recurrent_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
-    """Launch on validated, contiguous inputs: ``(o in v's dtype, final state [N, H, K, V] fp32 or None)``."""
+def recurrent_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
+                            update_state_inplace=False):
+    """Launch on validated, contiguous inputs: ``(o in v's dtype, final state [N, H, K, V] fp32 or None)``.
+
+    In place, each program reads its state slice into registers before writing it back, and no two
+    programs share a slice, so the final state can overwrite the initial one."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -79,11 +83,14 @@ def recurrent_retention_fwd(q, k, v, log_decay, scale, initial_state, output_fin
     # Keep the [K, BV] fp32 state slice at <= 8K elements (32 KiB of registers per program).
     BV = min(_pow2(V), max(16, 8192 // BK))
     o = torch.empty_like(v)
-    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    if update_state_inplace:
+        ht = initial_state
+    else:
+        ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     _recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, o, initial_state, ht, log_decay, cu_seqlens, scale, T,
         H=H, K=K, V=V, BK=BK, BV=BV,
-        USE_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None,
+        USE_H0=initial_state is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None,
     )
     return o, ht
 
@@ -97,6 +104,7 @@ def recurrent_retention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    update_state_inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recurrent retention in one fused Triton kernel (decoding). Forward only.
 
@@ -109,6 +117,8 @@ def recurrent_retention(
         initial_state: ``[B, H, K, V]`` float32 (``[N, H, K, V]`` with ``cu_seqlens``) or None for zeros.
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N + 1]`` integer offsets of N sequences packed into B = 1.
+        update_state_inplace: write the final state over ``initial_state`` (fp32, contiguous, no grad) and
+            return that tensor: a decode loop keeps one state buffer per layer (CUDA graphs need that).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [B or N, H, K, V] float32 or None)``.
@@ -117,6 +127,16 @@ def recurrent_retention(
     (:func:`retnet.kernels.chunk.chunk_retention`): same function, with a backward.
     """
     check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "recurrent_retention")
+    if update_state_inplace:
+        _naive.check_inplace_state(q, k, v, initial_state)
+        if q.numel() == 0 or v.numel() == 0:  # nothing to launch, nothing changes
+            return _naive.recurrent_retention(q, k, v, log_decay, scale, initial_state, True, cu_seqlens, True)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
+        return recurrent_retention_fwd(
+            q, k, v, log_decay.float().contiguous(), scale, initial_state, True, cu_seqlens, True
+        )
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, initial_state)
     )

@@ -62,6 +62,46 @@ def test_decode_continues_a_chunked_prefill(kt):
     kt.assert_close_scaled(state, ref_ht, TOL[torch.float32], "state")
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "varlen"])
+@pytest.mark.parametrize("op", [recurrent_retention, naive.recurrent_retention], ids=["triton", "reference"])
+def test_update_state_inplace(kt, op, packed):
+    """The final state overwrites the initial one (the same tensor comes back), with the values and
+    outputs of the out-of-place call, decoding several steps on one buffer; V spans two kernel tiles."""
+    q, k, v, log_decay, h0 = kt.make_inputs(3, 3, 2, 64, 160, initial_state=True, device=DEVICE)
+    cu_seqlens = None
+    if packed:
+        q, k, v = (x.reshape(1, 9, *x.shape[2:])[:, :6] for x in (q, k, v))
+        cu_seqlens = torch.tensor([0, 1, 4, 6], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        expected_o, expected_state = naive.recurrent_retention(q, k, v, log_decay, None, h0, True, cu_seqlens)
+        buffer = h0.clone()
+        address = buffer.data_ptr()
+        o, state = op(q, k, v, log_decay, None, buffer, False, cu_seqlens, update_state_inplace=True)
+    assert state is buffer and buffer.data_ptr() == address
+    kt.assert_close_scaled(o, expected_o, TOL[torch.float32], "o")
+    kt.assert_close_scaled(buffer, expected_state, TOL[torch.float32], "state")
+    # A decode loop on the one buffer: each step continues from the last.
+    with torch.no_grad():
+        op(q, k, v, log_decay, None, buffer, False, cu_seqlens, update_state_inplace=True)
+        _, twice = naive.recurrent_retention(q, k, v, log_decay, None, expected_state, True, cu_seqlens)
+    kt.assert_close_scaled(buffer, twice, TOL[torch.float32], "second step")
+
+
+@pytest.mark.parametrize("op", [recurrent_retention, naive.recurrent_retention], ids=["triton", "reference"])
+def test_update_state_inplace_refuses_what_it_cannot_do(kt, op):
+    q, k, v, log_decay, h0 = kt.make_inputs(2, 1, 2, 16, 16, initial_state=True, device=DEVICE)
+    with pytest.raises(ValueError, match="needs an initial_state"):
+        op(q, k, v, log_decay, None, None, True, update_state_inplace=True)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        op(q, k, v, log_decay, None, h0.double(), True, update_state_inplace=True)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        op(q, k, v, log_decay, None, h0.transpose(2, 3), True, update_state_inplace=True)
+    before = h0.clone()
+    with pytest.raises(ValueError, match="require grad"):
+        op(q.requires_grad_(), k, v, log_decay, None, h0, True, update_state_inplace=True)
+    torch.testing.assert_close(h0, before, rtol=0, atol=0)  # nothing was written
+
+
 @pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no-h0"])
 def test_varlen_batches_sequences_of_different_lengths(kt, initial_state):
     bounds = [0, 1, 3, 3, 7]  # 1, 2, 0 and 4 tokens
