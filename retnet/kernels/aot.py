@@ -70,6 +70,7 @@ class CompileResult:
     error: str = ""
     registers: int = 0
     spill_bytes: int = 0  # stack + local memory per thread: what ptxas had to spill
+    matmul: str = ""  # the instructions tl.dot became: wgmma (Hopper warpgroup), mma (sm_80 style) or fma
     shared_bytes: int = 0
     shared_limit: int = 0
 
@@ -160,6 +161,13 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(fields.get("REG", 0)), int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
 
 
+def _matmul_instructions(ptx: str) -> str:
+    """Which tensor-core path the dots took: ``wgmma`` needs sm_90 and 4-warp groups, ``mma`` is the
+    sm_80 path, ``fma`` means no tensor cores at all."""
+    found = [name for name, marker in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if marker in ptx]
+    return "+".join(found) or "fma"
+
+
 def compile_launch(launch: Launch, arch: int, num_warps: int, num_stages: int) -> CompileResult:
     """Compile one launch with one config for ``sm_<arch>``; errors are caught into the result."""
     import importlib
@@ -180,6 +188,7 @@ def compile_launch(launch: Launch, arch: int, num_warps: int, num_stages: int) -
             source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
         )
         result.registers, result.spill_bytes = _resource_usage(compiled.asm["cubin"])
+        result.matmul = _matmul_instructions(compiled.asm["ptx"])
         result.shared_bytes = compiled.metadata.shared
         result.ok = True
     except Exception as error:  # any compiler failure is the finding being reported
@@ -224,12 +233,12 @@ def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int],
 
 
 def format_report(results: list[CompileResult]) -> str:
-    lines = [f"{'arch':>4} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem KiB':>8}  launch"]
+    lines = [f"{'arch':>4} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem KiB':>8} {'dots':>9}  launch"]
     for r in results:
         if r.ok:
             smem = f"{r.shared_bytes / 1024:.0f}" + ("" if r.fits else f">{r.shared_limit // 1024}!")
             lines.append(f"{r.arch:>4} {r.num_warps:>5} {r.num_stages:>6} {r.registers:>4} {r.spill_bytes:>5} "
-                         f"{smem:>8}  {r.launch}")
+                         f"{smem:>8} {r.matmul:>9}  {r.launch}")
         else:
             lines.append(f"{r.arch:>4} {r.num_warps:>5} {r.num_stages:>6}  FAILED  {r.launch}: {r.error}")
     return "\n".join(lines)

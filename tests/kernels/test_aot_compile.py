@@ -69,3 +69,15 @@ def test_every_launch_has_a_config_that_fits_without_spills(report):
     ]
     assert not bad, "best config spills registers (or none fits in shared memory):\n" + "\n".join(bad)
     assert {launch for _, launch in best} == {r["launch"] for r in results}
+
+
+def test_bf16_chunk_kernels_use_hopper_tensor_cores(report):
+    """On sm_90 each bf16 chunk kernel has a clean config whose dots became wgmma (warpgroup MMA), not the
+    older mma.sync path or FMA: without it, it could not compete with FlashAttention or fla on an H100."""
+    _, results = report
+    wgmma = defaultdict(bool)
+    for r in results:
+        if r["arch"] == 90 and r["launch"].split()[1] == "*bf16/*fp32" and "chunk" in r["launch"]:
+            wgmma[r["launch"]] |= r["fits"] and r["spill_bytes"] == 0 and "wgmma" in r["matmul"]
+    assert len(wgmma) == 6  # state fwd (with and without final state), output, state bwd, dv, dq/dk
+    assert all(wgmma.values()), [launch for launch, ok in wgmma.items() if not ok]
