@@ -1,6 +1,6 @@
 """Retention kernel benchmark.
 
-On a GPU: forward and forward+backward time and TFLOP/s, bf16, of the Triton chunkwise kernel
+On a GPU: forward and forward+backward time, TFLOP/s and peak memory, bf16, of the Triton chunkwise kernel
 (``retnet.kernels.chunk``) against the PyTorch chunkwise reference, causal
 ``scaled_dot_product_attention`` at the same shapes, and flash-linear-attention's
 ``fla.ops.retention.chunk_retention`` when it is installed. T from 1k to 16k, head dims 128 and 256,
@@ -152,13 +152,30 @@ def _fla_op():
     return fla_chunk_retention
 
 
-def measure(op, q, k, v, do, backward: bool) -> float:
-    """Milliseconds of ``op(q, k, v)``, or of it and its backward from ``do``."""
+def measure(op, q, k, v, do, backward: bool) -> tuple[float, float | None]:
+    """(milliseconds, peak MiB above the inputs) of ``op(q, k, v)``, or of it and its backward from ``do``.
+    The peak comes from one extra call (CUDA only): what the op allocates, output and gradients included."""
     if backward:
         fn = lambda: torch.autograd.backward(op(q, k, v), do)
-        return time_gpu(fn, grad_to_none=[q, k, v]) if q.is_cuda else time_cpu(fn, 1)
-    with torch.no_grad():
-        return time_gpu(lambda: op(q, k, v)) if q.is_cuda else time_cpu(lambda: op(q, k, v), 1)
+        ms = time_gpu(fn, grad_to_none=[q, k, v]) if q.is_cuda else time_cpu(fn, 1)
+    else:
+        fn = lambda: op(q, k, v)
+        with torch.no_grad():
+            ms = time_gpu(fn) if q.is_cuda else time_cpu(fn, 1)
+    if not q.is_cuda:
+        return ms, None
+    for x in (q, k, v):
+        x.grad = None
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.set_grad_enabled(backward):
+        fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    for x in (q, k, v):
+        x.grad = None
+    return ms, peak
 
 
 def run_gpu(args) -> dict:
@@ -204,12 +221,12 @@ def run_gpu(args) -> dict:
                 print(f"check D={D} T={T}: max |triton - reference| / max |reference| = {err:.2e}")
             for mode in ("fwd", "fwd+bwd"):
                 backward = mode == "fwd+bwd"
-                timed = {}
+                timed, peaks = {}, {}
                 for name, op in ops.items():
                     if name == "torch-ref" and max_ref_T < T:
                         continue
                     try:
-                        timed[name] = measure(op, q, k, v, do, backward)
+                        timed[name], peaks[name] = measure(op, q, k, v, do, backward)
                     except Exception as exc:  # e.g. out of memory, or an fla/triton mismatch
                         print(f"  {name} D={D} T={T} {mode}: failed ({type(exc).__name__}: {str(exc)[:120]})")
                         torch.cuda.empty_cache()
@@ -219,7 +236,7 @@ def run_gpu(args) -> dict:
                     )
                     rows.append(dict(
                         D=D, T=T, B=B, H=H, mode=mode, provider=name, ms=ms,
-                        tflops=flops / (ms * 1e-3) / 1e12,
+                        tflops=flops / (ms * 1e-3) / 1e12, peak_mib=peaks.get(name),
                         speedup_of_triton=(ms / timed["triton"]) if "triton" in timed else None,
                     ))
             del q, k, v, do
@@ -228,7 +245,7 @@ def run_gpu(args) -> dict:
           "speedup = provider time / triton time (> 1: triton faster)")
     print_table(rows, [
         ("D", "D", "4"), ("T", "T", "6"), ("B", "B", "3"), ("H", "H", "3"), ("mode", "mode", "8"),
-        ("provider", "provider", "10"), ("ms", "ms", "9"), ("tflops", "TFLOP/s", "8"),
+        ("provider", "provider", "10"), ("ms", "ms", "9"), ("tflops", "TFLOP/s", "8"), ("peak_mib", "peak MiB", "9"),
         ("speedup_of_triton", "speedup", "8"),
     ])
     return dict(

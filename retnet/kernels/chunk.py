@@ -15,21 +15,23 @@ the state before it, every chunk computes
 Kernels (one program per tile, masked pointer loads everywhere, fp32 accumulators):
 
 1. ``_chunk_state_fwd_kernel`` - grid (K-tiles, V-tiles, N·H): walks the chunks of one sequence in order
-   and writes the fp32 state before each chunk (and the final state).
+   and writes the state before each chunk (and the fp32 final state).
 2. ``_chunk_output_fwd_kernel`` - grid (V-tiles, chunks, B·H): the outputs of one chunk, in parallel
    over chunks: intra-chunk (q kᵀ ⊙ decay) v plus the inter-chunk q h.
 3. ``_chunk_state_bwd_kernel`` - grid (K-tiles, V-tiles, N·H): walks the chunks backwards and writes the
-   fp32 gradient of the state *after* each chunk; what is left at the start is the initial state's
+   gradient of the state *after* each chunk; what is left at the start is the initial state's
    gradient. It starts from the final state's upstream gradient (dht) when there is one.
 4. ``_chunk_dv_bwd_kernel`` - grid (V-tiles, chunks, B·H) and ``_chunk_dqk_bwd_kernel`` - grid
    (K-tiles, chunks, B·H): dv, and dq/dk, of one chunk from q, k, v, do, the states and their gradients.
 
 The states are recomputed in fp32 for the backward (kernel 1 again) rather than kept from the forward:
-a [chunks, H, K, V] fp32 tensor per layer would dominate the activation memory.
+a [chunks, H, K, V] tensor per layer would dominate the activation memory. The walking kernels accumulate
+in fp32 registers and store each chunk's state (and state gradient) in the dtype its consumers multiply
+in: bf16 for bf16 inputs (the same rounding the dot applied before; half the traffic), else fp32.
 
 Decay is only ever used as ``exp2(n · log2 γ)`` for a non-negative distance n inside a chunk, in fp32
 (γ itself would round to 1.0 in bf16, and in fp32 for the slowest heads). For bf16 inputs the state
-matmuls run in bf16 on the tensor cores (the state is rounded to bf16 for the multiply only); for fp16
+matmuls run in bf16 on the tensor cores (the stored state is rounded to bf16, the running one is not); for fp16
 the state stays fp32 in those matmuls (tf32), because a long-context state can exceed fp16's range;
 for fp32 inputs every matmul is 3xTF32: tensor cores, fp32 accuracy (plain tf32 would drop 13 mantissa
 bits; "ieee" fp32 dots run on the FMA units and spill registers).
@@ -387,6 +389,14 @@ def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int, int, int
     return min(64, k2), min(64, v2), min(64, k2), min(128, v2), min(64, k2), min(64, v2)
 
 
+def _chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the per-chunk states h and their gradients dh (always accumulated in fp32): what their
+    consumers multiply in. bf16 inputs round them to bf16 for the tensor-core dot anyway, so storing bf16
+    gives bit-identical results at half the memory and traffic (at head dim 256, h outweighs q, k and v
+    together); fp16 inputs keep fp32 states in their dots (range), fp32 inputs need fp32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
@@ -422,7 +432,7 @@ def _chunk_states(k, v, log_decay, initial_state, output_final_state, store_stat
     """Kernel 1: fp32 states before every chunk ([chunks, H, K, V], or None) and the final state."""
     _, T, H, K, V, BT, N, _, total, chunk_offsets, _ = lay
     BK, BV, *_ = _head_blocks(K, V, k.dtype)
-    h = k.new_empty(total, H, K, V, dtype=torch.float32) if store_states else None
+    h = k.new_empty(total, H, K, V, dtype=_chunk_state_dtype(k.dtype)) if store_states else None
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
     _chunk_state_fwd_kernel[grid](
@@ -457,7 +467,7 @@ def chunk_retention_bwd(q, k, v, log_decay, scale, initial_state, do, dht, chunk
     B, T, H, K, V, BT, N, NT, total, chunk_offsets, chunk_indices = lay
     h, _ = _chunk_states(k, v, log_decay, initial_state, False, True, lay, cu_seqlens)
     BKs, BVs, BK, BV, BKq, BVq = _head_blocks(K, V, q.dtype)
-    dh = q.new_empty(total, H, K, V, dtype=torch.float32)
+    dh = q.new_empty(total, H, K, V, dtype=_chunk_state_dtype(q.dtype))
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if initial_state is not None else None
     is_varlen, precision, state_f32 = cu_seqlens is not None, _dot_precision(q.dtype), q.dtype != torch.bfloat16
     _chunk_state_bwd_kernel[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), N * H)](
