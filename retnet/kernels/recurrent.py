@@ -26,7 +26,33 @@ from retnet.kernels.chunk import _autotune, _pow2, check_retention_inputs
 __all__ = ["recurrent_retention"]
 
 
-@_autotune(["H", "K", "V", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1])
+class _InplaceStateGuard:
+    """Autotuning hooks of the recurrent kernel. Tuning runs the kernel once per trial before the real
+    launch; when the final state overwrites the initial one (``update_state_inplace``), each trial would
+    advance the state again. The pre-hook snapshots such a state, the post-hook puts it back, so the
+    real launch starts from the caller's state. Out-of-place launches cost nothing here."""
+
+    def __init__(self):
+        self.snapshot: torch.Tensor | None = None
+
+    def save(self, kwargs, reset_only: bool = False) -> None:
+        h0, ht = kwargs.get("h0"), kwargs.get("ht")
+        if not reset_only and h0 is not None and ht is not None and h0.data_ptr() == ht.data_ptr():
+            self.snapshot = ht.clone()
+
+    def restore(self, kwargs, exception=None) -> None:
+        if self.snapshot is not None:
+            kwargs["ht"].copy_(self.snapshot)
+            self.snapshot = None
+
+
+_inplace_state_guard = _InplaceStateGuard()
+
+
+@_autotune(
+    ["H", "K", "V", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1],
+    pre_hook=_inplace_state_guard.save, post_hook=_inplace_state_guard.restore,
+)
 @triton.jit(do_not_specialize=["T"])
 def _recurrent_fwd_kernel(
     q, k, v, o, h0, ht, log_decay, cu_seqlens, scale, T,

@@ -87,6 +87,31 @@ def test_update_state_inplace(kt, op, packed):
     kt.assert_close_scaled(buffer, twice, TOL[torch.float32], "second step")
 
 
+def test_autotuning_trials_leave_an_inplace_state_alone():
+    """On a GPU the autotuner runs the kernel once per trial config before the real launch (the interpreter
+    has one config and never tunes, so this protocol is replayed here with the kernel's own hooks): an
+    in-place state must come out of tuning as it went in, or the real launch would advance it again."""
+    from retnet.kernels.recurrent import _recurrent_fwd_kernel
+
+    hooks = (_recurrent_fwd_kernel.pre_hook, _recurrent_fwd_kernel.post_hook)
+    state = torch.randn(2, 3, 16, 16)
+    original = state.clone()
+    inplace = {"h0": state, "ht": state, "o": torch.zeros(1)}
+    for _ in range(3):  # three trial configs: each pre-hook, launch (advances the state), post-hook
+        hooks[0](inplace)
+        state.mul_(0.5).add_(1.0)
+        hooks[1](inplace, exception=None)
+    hooks[0](inplace, reset_only=True)  # what the tuner calls once a config is chosen: no snapshot
+    torch.testing.assert_close(state, original, rtol=0, atol=0)
+    # Out of place, the hooks copy nothing and restore nothing: a fresh ht is the kernel's output.
+    fresh = torch.zeros_like(state)
+    out_of_place = {"h0": state, "ht": fresh}
+    hooks[0](out_of_place)
+    fresh.fill_(7.0)
+    hooks[1](out_of_place, exception=None)
+    assert bool((fresh == 7.0).all())
+
+
 @pytest.mark.parametrize("op", [recurrent_retention, naive.recurrent_retention], ids=["triton", "reference"])
 def test_update_state_inplace_refuses_what_it_cannot_do(kt, op):
     q, k, v, log_decay, h0 = kt.make_inputs(2, 1, 2, 16, 16, initial_state=True, device=DEVICE)
