@@ -230,6 +230,10 @@ def run_gpu(args) -> dict:
                     except Exception as exc:  # e.g. out of memory, or an fla/triton mismatch
                         print(f"  {name} D={D} T={T} {mode}: failed ({type(exc).__name__}: {str(exc)[:120]})")
                         torch.cuda.empty_cache()
+                print(f"  D={D} T={T} B={B} {mode}: " + ", ".join(
+                    f"{name} {ms:.3g} ms" + (f" {peaks[name]:.0f} MiB" if peaks.get(name) is not None else "")
+                    for name, ms in timed.items()
+                ), flush=True)  # as it goes: a run cut off by a timeout keeps what it measured
                 for name, ms in timed.items():
                     flops = attention_flops(B, T, H, D, backward) if name == "sdpa" else chunk_flops(
                         B, T, H, D, D, backward
