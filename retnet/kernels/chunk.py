@@ -105,6 +105,39 @@ def _state_tile_ptrs(base, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.co
     return base + o_k[:, None] * V + o_v[None, :], (o_k < K)[:, None] & (o_v < V)[None, :]
 
 
+@triton.jit
+def _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """For a program that walks sequence ``i_n``: (its first row, its length, its chunk count, the index of
+    its first chunk among all chunks, where the per-chunk states live)."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        NT = tl.cdiv(T, BT)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = tl.cast(i_n, tl.int64) * T
+        NT = tl.cdiv(T, BT)
+        boh = tl.cast(i_n, tl.int64) * NT
+    return bos, T, NT, boh
+
+
+@triton.jit
+def _chunk_span(i_t, i_b, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """For a program on chunk ``i_t`` (of batch row ``i_b``; with varlen, the i_t-th chunk of the packed row):
+    (its index among all chunks, its index within its sequence, the sequence's first row and length)."""
+    if IS_VARLEN:
+        i_tg = tl.cast(i_t, tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        NT = tl.cdiv(T, BT)
+        i_tg = tl.cast(i_b, tl.int64) * NT + i_t
+        bos = tl.cast(i_b, tl.int64) * T
+    return i_tg, i_t, bos, T
+
+
 @_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2])
 @triton.jit(do_not_specialize=["T"])
 def _chunk_state_fwd_kernel(
@@ -116,15 +149,7 @@ def _chunk_state_fwd_kernel(
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        NT = tl.cdiv(T, BT)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = tl.cast(i_n, tl.int64) * T
-        NT = tl.cdiv(T, BT)
-        boh = tl.cast(i_n, tl.int64) * NT
+    bos, T, NT, boh = _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
     o_t = tl.arange(0, BT)
 
@@ -161,16 +186,7 @@ def _chunk_output_fwd_kernel(
 ):
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_tg = tl.cast(i_t, tl.int64)
-        i_n = tl.load(chunk_indices + i_t * 2)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        NT = tl.cdiv(T, BT)
-        i_tg = tl.cast(i_b, tl.int64) * NT + i_t
-        bos = tl.cast(i_b, tl.int64) * T
+    i_tg, i_t, bos, T = _chunk_span(i_t, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
     row0 = bos + i_t * BT
     n_rows = T - i_t * BT
@@ -212,15 +228,7 @@ def _chunk_state_bwd_kernel(
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        NT = tl.cdiv(T, BT)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = tl.cast(i_n, tl.int64) * T
-        NT = tl.cdiv(T, BT)
-        boh = tl.cast(i_n, tl.int64) * NT
+    bos, T, NT, boh = _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
     o_t = tl.arange(0, BT)
 
@@ -258,16 +266,7 @@ def _chunk_dv_bwd_kernel(
 ):
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_tg = tl.cast(i_t, tl.int64)
-        i_n = tl.load(chunk_indices + i_t * 2)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        NT = tl.cdiv(T, BT)
-        i_tg = tl.cast(i_b, tl.int64) * NT + i_t
-        bos = tl.cast(i_b, tl.int64) * T
+    i_tg, i_t, bos, T = _chunk_span(i_t, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
     row0 = bos + i_t * BT
     n_rows = T - i_t * BT
@@ -310,16 +309,7 @@ def _chunk_dqk_bwd_kernel(
 ):
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_tg = tl.cast(i_t, tl.int64)
-        i_n = tl.load(chunk_indices + i_t * 2)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-    else:
-        NT = tl.cdiv(T, BT)
-        i_tg = tl.cast(i_b, tl.int64) * NT + i_t
-        bos = tl.cast(i_b, tl.int64) * T
+    i_tg, i_t, bos, T = _chunk_span(i_t, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
     row0 = bos + i_t * BT
     n_rows = T - i_t * BT
