@@ -138,6 +138,28 @@ def _chunk_span(i_t, i_b, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VAR
     return i_tg, i_t, bos, T
 
 
+@triton.jit
+def _scores_and_state_product(
+    x, y, state, n_rows, i_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STATE_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One chunk's ``x yᵀ`` [BT, BT] and ``x · state[:, V-tile i_v]`` [BT, BV], both summed over K tiles:
+    (q, k, h) gives the output's scores and inter-chunk term, (k, q, dh) the same for dv."""
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_xs = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        b_x = _load_tile(x, n_rows, i_k * BK, K, H * K, BT, BK)
+        b_y = _load_tile(y, n_rows, i_k * BK, K, H * K, BT, BK)
+        p_s, m_s = _state_tile_ptrs(state, i_k, i_v, K, V, BK, BV)
+        b_s = tl.load(p_s, mask=m_s, other=0.0)
+        b_A += tl.dot(b_x, tl.trans(b_y), input_precision=DOT_PRECISION)
+        if STATE_F32:
+            b_xs += tl.dot(b_x.to(tl.float32), b_s, input_precision=DOT_PRECISION)
+        else:
+            b_xs += tl.dot(b_x, b_s.to(b_x.dtype))
+    return b_A, b_xs
+
+
 @_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2])
 @triton.jit(do_not_specialize=["T"])
 def _chunk_state_fwd_kernel(
@@ -194,18 +216,7 @@ def _chunk_output_fwd_kernel(
     k += (row0 * H + i_h) * K
     h += (i_tg * H + i_h) * K * V
 
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        b_q = _load_tile(q, n_rows, i_k * BK, K, H * K, BT, BK)
-        b_k = _load_tile(k, n_rows, i_k * BK, K, H * K, BT, BK)
-        p_h, m_h = _state_tile_ptrs(h, i_k, i_v, K, V, BK, BV)
-        b_h = tl.load(p_h, mask=m_h, other=0.0)
-        b_A += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-        if STATE_F32:
-            b_o += tl.dot(b_q.to(tl.float32), b_h, input_precision=DOT_PRECISION)
-        else:
-            b_o += tl.dot(b_q, b_h.to(b_q.dtype))
+    b_A, b_o = _scores_and_state_product(q, k, h, n_rows, i_v, H, K, V, BT, BK, BV, STATE_F32, DOT_PRECISION)
 
     o_t = tl.arange(0, BT)
     distance = o_t[:, None] - o_t[None, :]
@@ -275,18 +286,7 @@ def _chunk_dv_bwd_kernel(
     dh += (i_tg * H + i_h) * K * V
 
     # b_A[j, i] = k_j · q_i ; b_dv[j] = k_j dh
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        b_q = _load_tile(q, n_rows, i_k * BK, K, H * K, BT, BK)
-        b_k = _load_tile(k, n_rows, i_k * BK, K, H * K, BT, BK)
-        p_dh, m_h = _state_tile_ptrs(dh, i_k, i_v, K, V, BK, BV)
-        b_dh = tl.load(p_dh, mask=m_h, other=0.0)
-        b_A += tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
-        if STATE_F32:
-            b_dv += tl.dot(b_k.to(tl.float32), b_dh, input_precision=DOT_PRECISION)
-        else:
-            b_dv += tl.dot(b_k, b_dh.to(b_k.dtype))
+    b_A, b_dv = _scores_and_state_product(k, q, dh, n_rows, i_v, H, K, V, BT, BK, BV, STATE_F32, DOT_PRECISION)
 
     o_t = tl.arange(0, BT)
     length = tl.minimum(n_rows, BT)
