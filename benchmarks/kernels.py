@@ -83,8 +83,12 @@ def time_cpu(fn, repeats: int) -> float:
 
 
 def time_gpu(fn, grad_to_none=None, rep: int = 60) -> float:
+    """Mean ms by triton's do_bench, after one untimed call: do_bench sizes its warmup and repetitions
+    from its first calls, and a first call that compiles and autotunes (seconds) would leave one repetition."""
     from triton.testing import do_bench
 
+    fn()
+    torch.cuda.synchronize()
     return do_bench(fn, warmup=15, rep=rep, grad_to_none=grad_to_none)
 
 
