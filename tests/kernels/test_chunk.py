@@ -232,3 +232,26 @@ def test_bf16_on_cuda(kt, case):
     q, k, v, log_decay, h0 = kt.make_inputs(B, T, H, K, V, torch.bfloat16, initial_state=True, device="cuda")
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=chunk_size)
     _compare(kt, got, _reference(kt, q, k, v, log_decay, h0, True), TOL[torch.bfloat16], "bf16")
+
+
+@pytest.mark.parametrize(
+    "dtype, stored", [(torch.bfloat16, "*bf16"), (torch.float16, "*fp32"), (torch.float32, "*fp32")],
+    ids=["bf16", "fp16", "fp32"],
+)
+def test_chunk_states_are_stored_in_the_dtype_their_dots_use(dtype, stored):
+    """The per-chunk states h and their gradients dh, the largest intermediates, are stored in bf16 for
+    bf16 inputs (their dots round them to bf16 anyway) and fp32 otherwise; the final state and the initial
+    state's gradient stay fp32 always. Read off the launches the forward and backward make."""
+    from retnet.kernels.aot import record_launches
+
+    launches = record_launches(dtype, 64, varlen=True)
+    types = {}
+    for launch in launches:
+        for name, kind in launch.signature:
+            if name in ("h", "dh", "ht", "dh0") and kind != "constexpr":
+                types.setdefault((launch.kernel, name), set()).add(kind)
+    per_chunk = {key: kinds for key, kinds in types.items() if key[1] in ("h", "dh")}
+    assert len(per_chunk) == 6  # h: state fwd, output, dq/dk; dh: state bwd, dv, dq/dk
+    assert all(kinds == {stored} for kinds in per_chunk.values()), per_chunk
+    final = {key: kinds for key, kinds in types.items() if key[1] in ("ht", "dh0")}
+    assert final and all(kinds == {"*fp32"} for kinds in final.values()), final
