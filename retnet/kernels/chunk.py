@@ -376,7 +376,10 @@ def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int, int, int
     if dtype == torch.float32:
         return min(32, k2), min(64, v2), min(32, k2), min(32, v2), min(16, k2), min(32, v2)
     # dq/dk: 64-wide K tiles (each recomputes do·vᵀ over all of V; wider tiles would spill registers).
-    return min(64, k2), min(64, v2), min(64, k2), min(128, v2), min(64, k2), min(64, v2)
+    # fp16 multiplies fp32 states there (tf32), twice the operand registers: 32-wide V tiles (64 spilled
+    # ~450 bytes per thread at K = V = 64 on sm_80/sm_89, and in 4-warp configs on sm_90).
+    dqk_bv = 32 if dtype == torch.float16 else 64
+    return min(64, k2), min(64, v2), min(64, k2), min(128, v2), min(64, k2), min(dqk_bv, v2)
 
 
 def _chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
