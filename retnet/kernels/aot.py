@@ -3,8 +3,9 @@
 Every launch the launchers make for a given dtype and head dim is recorded (the launchers run on CPU
 tensors with the kernels swapped for recorders), then each recorded launch is compiled with every
 config of its GPU autotune sweep by Triton's real compiler and ptxas for the target architecture.
-The report gives, per compile: registers per thread, spilled bytes (stack/local), and the shared
-memory the launch needs against what one block may use on that GPU. A kernel that fails to lower,
+The report gives, per compile: registers per thread, spilled bytes (stack/local), the shared memory
+the launch needs against what one block may use on that GPU, and the instructions its dots became
+(wgmma on Hopper, mma.sync, or plain FMA). A kernel that fails to lower,
 fails ptxas, or fits no config of its sweep shows up here instead of on a user's GPU.
 
     python -m retnet.kernels.aot                       # sm_90 (H100/H200), every dtype, K = V in 64/128/256
