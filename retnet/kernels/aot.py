@@ -116,7 +116,7 @@ def _triton_type(name: str, value) -> str:
     raise TypeError(f"argument {name}: no Triton type for {type(value).__name__}")
 
 
-def record_launches(dtype: torch.dtype, head_dim: int, varlen: bool, num_heads: int = 8) -> set[Launch]:
+def record_launches(dtype: torch.dtype, head_dim: int, varlen: bool, num_heads: int = 8, chunk_size: int = 64) -> set[Launch]:
     """Every kernel specialization that forward + backward of the chunk op and the recurrent op launch
     for this dtype, K = V = ``head_dim`` and layout, with initial and final states in play (the variant
     with the most code)."""
@@ -139,8 +139,8 @@ def record_launches(dtype: torch.dtype, head_dim: int, varlen: bool, num_heads: 
     for patch in patches:
         patch.start()
     try:
-        chunk.chunk_retention_fwd(q, q, q, log_decay, scale, h0, True, 64, cu_seqlens)
-        chunk.chunk_retention_bwd(q, q, q, log_decay, scale, h0, q, h0, 64, cu_seqlens)
+        chunk.chunk_retention_fwd(q, q, q, log_decay, scale, h0, True, chunk_size, cu_seqlens)
+        chunk.chunk_retention_bwd(q, q, q, log_decay, scale, h0, q, h0, chunk_size, cu_seqlens)
         recurrent.recurrent_retention_fwd(q[:, :3], q[:, :3], q[:, :3], log_decay, scale, h0, True,
                                           None if cu_seqlens is None else torch.tensor([0, 1, 3], dtype=torch.int32))
     finally:
@@ -202,7 +202,8 @@ def _compile_job(job):
 
 
 def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int], varlen: Iterable[bool] = (False, True),
-          configs: str = "all", workers: int | None = None, kernels: Iterable[str] | None = None) -> list[CompileResult]:
+          configs: str = "all", workers: int | None = None, kernels: Iterable[str] | None = None,
+          chunk_sizes: Iterable[int] = (64,)) -> list[CompileResult]:
     """Compile every recorded launch with its autotune configs (``configs="all"``), or with two of them
     (``"extremes"``): the fewest warps with the most stages, the heaviest on registers per thread and on
     shared memory, and the most warps with the fewest stages, the lightest. ``varlen`` picks the padded
@@ -215,7 +216,8 @@ def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int],
     for dtype in dtypes:
         for head_dim in head_dims:
             for packed in varlen:
-                launches |= record_launches(DTYPES[dtype], head_dim, packed)
+                for chunk_size in chunk_sizes:
+                    launches |= record_launches(DTYPES[dtype], head_dim, packed, chunk_size=chunk_size)
     if kernels is not None:
         launches = {launch for launch in launches if any(name in launch.kernel for name in kernels)}
     jobs = []
@@ -260,13 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--configs", choices=["all", "extremes"], default="all")
     parser.add_argument("--layouts", nargs="+", choices=["padded", "packed"], default=["padded", "packed"])
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[64],
+                        help="chunk_size values to launch with (the kernels tile with powers of two in 16..64)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--kernels", nargs="+", default=None, help="only kernels whose name contains one of these")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     varlen = [layout == "packed" for layout in args.layouts]
     results = check(args.arch, args.dtypes, args.head_dims, varlen, configs=args.configs, workers=args.workers,
-                    kernels=args.kernels)
+                    kernels=args.kernels, chunk_sizes=args.chunk_sizes)
     print(format_report(results))
     if args.json:
         with open(args.json, "w") as handle:

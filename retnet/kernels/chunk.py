@@ -361,9 +361,11 @@ def _pow2(n: int) -> int:
 
 
 def _block_size(chunk_size: int) -> int:
-    """The chunk length the kernels tile with: ``chunk_size`` when it is a power of two in [16, 128], else
-    the nearest such value (the result does not depend on it; ``tl.dot`` needs tiles of at least 16)."""
-    return min(128, max(16, _pow2(chunk_size)))
+    """The chunk length the kernels tile with: ``chunk_size`` when it is a power of two in [16, 64], else
+    the nearest such value (the result does not depend on it; ``tl.dot`` needs tiles of at least 16).
+    Not 128: its [128, 128] score tiles spill hundreds of bytes per thread on sm_80/sm_89, and fp32 dq/dk
+    then fits no config in an sm_89's shared memory (``python -m retnet.kernels.aot --chunk-sizes 128``)."""
+    return min(64, max(16, _pow2(chunk_size)))
 
 
 def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
@@ -567,7 +569,7 @@ def chunk_retention(
         initial_state: ``[B, H, K, V]`` float32 state before the first token (``[N, H, K, V]`` with
             ``cu_seqlens``), or None for zeros.
         output_final_state: also return the state after the last token (its gradient is honoured).
-        chunk_size: tile length; the kernels use the nearest power of two in [16, 128] (the result does
+        chunk_size: tile length; the kernels use the nearest power of two in [16, 64] (the result does
             not depend on it).
         cu_seqlens: ``[N + 1]`` integer offsets of N sequences packed into B = 1; no state crosses them.
 

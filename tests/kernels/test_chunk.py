@@ -112,7 +112,7 @@ def test_strong_decay_and_explicit_scale(kt):
 def test_chunk_size_is_only_a_tiling_choice(kt):
     q, k, v, log_decay, h0 = kt.make_inputs(1, 70, 2, 16, 16, initial_state=True, device=DEVICE)
     ref_o, ref_ht = naive.parallel_retention(q, k, v, log_decay, None, h0, True)
-    for chunk_size in (1, 16, 32, 100):  # 1 -> 16 and 100 -> 128 (nearest supported tile)
+    for chunk_size in (1, 16, 32, 100):  # 1 -> 16 and 100 -> 64 (nearest supported tile)
         o, ht = chunk_retention(q, k, v, log_decay, None, h0, True, chunk_size=chunk_size)
         kt.assert_close_scaled(o, ref_o, TOL[torch.float32], f"chunk {chunk_size} o")
         kt.assert_close_scaled(ht, ref_ht, TOL[torch.float32], f"chunk {chunk_size} state")
@@ -255,3 +255,11 @@ def test_chunk_states_are_stored_in_the_dtype_their_dots_use(dtype, stored):
     assert all(kinds == {stored} for kinds in per_chunk.values()), per_chunk
     final = {key: kinds for key, kinds in types.items() if key[1] in ("ht", "dh0")}
     assert final and all(kinds == {"*fp32"} for kinds in final.values()), final
+
+
+@pytest.mark.parametrize("chunk_size, tile", [(1, 16), (16, 16), (24, 32), (64, 64), (100, 64), (4096, 64)])
+def test_chunk_size_maps_to_a_tile_every_gpu_can_hold(chunk_size, tile):
+    """Tiles stop at 64: 128-token tiles spill on sm_80/sm_89 and overflow an sm_89's shared memory."""
+    from retnet.kernels.chunk import _block_size
+
+    assert _block_size(chunk_size) == tile
