@@ -153,16 +153,9 @@ def recurrent_retention(
     (:func:`retnet.kernels.chunk.chunk_retention`): same function, with a backward.
     """
     check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "recurrent_retention")
-    if update_state_inplace:
+    if update_state_inplace:  # (refuses inputs that require grad, so the chunk op below never takes it)
         _naive.check_inplace_state(q, k, v, initial_state)
-        if q.numel() == 0 or v.numel() == 0:  # nothing to launch, nothing changes
-            return _naive.recurrent_retention(q, k, v, log_decay, scale, initial_state, True, cu_seqlens, True)
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
-        return recurrent_retention_fwd(
-            q, k, v, log_decay.float().contiguous(), scale, initial_state, True, cu_seqlens, True
-        )
+        output_final_state = True
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, initial_state)
     )
@@ -174,9 +167,10 @@ def recurrent_retention(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     log_decay = log_decay.float().contiguous()
     if initial_state is not None:
-        initial_state = initial_state.float().contiguous()
+        initial_state = initial_state.float().contiguous()  # the same tensor when updated in place
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
+    args = (q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, update_state_inplace)
     if q.numel() == 0 or v.numel() == 0:  # nothing to launch
-        return _naive.recurrent_retention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
-    return recurrent_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+        return _naive.recurrent_retention(*args)
+    return recurrent_retention_fwd(*args)
