@@ -65,12 +65,16 @@ def _on_gpu() -> bool:
 def _autotune(key: list[str], num_warps: list[int], num_stages: list[int], pre_hook=None, post_hook=None):
     """``@triton.autotune`` over num_warps × num_stages on a GPU; one config under the interpreter, which
     can't tune. The GPU sweep stays readable as ``kernel.gpu_configs`` (``retnet.kernels.aot`` compiles
-    every one of them for a CUDA target, GPU or not). The hooks run around every tuning trial."""
+    every one of them for a CUDA target, GPU or not). The hooks run around every tuning trial. Tuning results
+    are cached on disk (Triton's cache, keyed by GPU, Triton version, kernel source and shapes), so a
+    restarted server or a resumed training run does not tune again."""
     sweep = [triton.Config({}, num_warps=w, num_stages=s) for w in num_warps for s in num_stages]
 
     def decorate(kernel):
         configs = sweep if _on_gpu() else [triton.Config({}, num_warps=4, num_stages=1)]
-        tuner = triton.autotune(configs=configs, key=key, pre_hook=pre_hook, post_hook=post_hook)(kernel)
+        tuner = triton.autotune(
+            configs=configs, key=key, pre_hook=pre_hook, post_hook=post_hook, cache_results=True
+        )(kernel)
         tuner.gpu_configs = sweep
         return tuner
 
