@@ -17,6 +17,8 @@ Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces the JIT functi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import re
@@ -120,15 +122,9 @@ def record_launches(dtype: torch.dtype, head_dim: int, varlen: bool, num_heads: 
     """Every kernel specialization that forward + backward of the chunk op and the recurrent op launch
     for this dtype, K = V = ``head_dim`` and layout, with initial and final states in play (the variant
     with the most code)."""
-    import importlib
-
     from retnet.kernels import chunk, recurrent
 
     launches: set[Launch] = set()
-    patches = []
-    for module_name, name in KERNELS:
-        module = importlib.import_module(module_name)
-        patches.append(mock.patch.object(module, name, _Recorder(module_name, name, getattr(module, name), launches)))
     B, T = (1, 150) if varlen else (2, 75)
     cu_seqlens = torch.tensor([0, 37, 150], dtype=torch.int32) if varlen else None
     N = 2
@@ -136,16 +132,15 @@ def record_launches(dtype: torch.dtype, head_dim: int, varlen: bool, num_heads: 
     h0 = torch.zeros(N, num_heads, head_dim, head_dim)
     log_decay = torch.full((num_heads,), -0.1)
     scale = head_dim**-0.5
-    for patch in patches:
-        patch.start()
-    try:
+    with contextlib.ExitStack() as patches:
+        for module_name, name in KERNELS:
+            module = importlib.import_module(module_name)
+            recorder = _Recorder(module_name, name, getattr(module, name), launches)
+            patches.enter_context(mock.patch.object(module, name, recorder))
         chunk.chunk_retention_fwd(q, q, q, log_decay, scale, h0, True, chunk_size, cu_seqlens)
         chunk.chunk_retention_bwd(q, q, q, log_decay, scale, h0, q, h0, chunk_size, cu_seqlens)
         recurrent.recurrent_retention_fwd(q[:, :3], q[:, :3], q[:, :3], log_decay, scale, h0, True,
                                           None if cu_seqlens is None else torch.tensor([0, 1, 3], dtype=torch.int32))
-    finally:
-        for patch in patches:
-            patch.stop()
     return launches
 
 
@@ -171,8 +166,6 @@ def _matmul_instructions(ptx: str) -> str:
 
 def compile_launch(launch: Launch, arch: int, num_warps: int, num_stages: int) -> CompileResult:
     """Compile one launch with one config for ``sm_<arch>``; errors are caught into the result."""
-    import importlib
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -208,8 +201,6 @@ def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int],
     (``"extremes"``): the fewest warps with the most stages, the heaviest on registers per thread and on
     shared memory, and the most warps with the fewest stages, the lightest. ``varlen`` picks the padded
     (False) and/or packed (True) layouts."""
-    import importlib
-
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("retnet.kernels.aot compiles real kernels: unset TRITON_INTERPRET")
     launches: set[Launch] = set()

@@ -36,8 +36,8 @@ the state stays fp32 in those matmuls (tf32), because a long-context state can e
 for fp32 inputs every matmul is 3xTF32: tensor cores, fp32 accuracy (plain tf32 would drop 13 mantissa
 bits; "ieee" fp32 dots run on the FMA units and spill registers).
 
-``python -m retnet.kernels.aot`` compiles every launch and autotune config for sm_80/sm_90 through
-Triton and ptxas on any machine and reports registers, spills and shared memory.
+``python -m retnet.kernels.aot`` compiles every launch and autotune config for sm_80/sm_89/sm_90 through
+Triton and ptxas on any machine and reports registers, spills, shared memory and the tensor-core path.
 """
 
 from __future__ import annotations
@@ -376,8 +376,8 @@ def _head_blocks(K: int, V: int, dtype: torch.dtype) -> tuple[int, int, int, int
     """Tile widths, all in [16, 128]: (BK, BV) of the state kernels, (BK, BV) of the per-chunk output and
     dv kernels, (BK, BV) of the dq/dk kernel. fp32 inputs take narrower tiles: their 3xTF32 dots hold
     each operand twice (high and low parts), and the 16-bit widths spill hundreds of bytes of registers
-    per thread. ``python -m retnet.kernels.aot`` measured these as spill-free on sm_90 and on sm_80 (bar
-    16 bytes in fp32 dq/dk there)."""
+    per thread. ``python -m retnet.kernels.aot`` measured these as spill-free on sm_90, and on sm_80/sm_89
+    bar 8-16 bytes in fp32 dq/dk."""
     k2, v2 = max(16, _pow2(K)), max(16, _pow2(V))
     if dtype == torch.float32:
         return min(32, k2), min(64, v2), min(32, k2), min(32, v2), min(16, k2), min(32, v2)
@@ -428,7 +428,8 @@ def _layout(q, v, chunk_size, cu_seqlens, chunks=None):
 
 
 def _chunk_states(k, v, log_decay, initial_state, output_final_state, store_states, lay, cu_seqlens):
-    """Kernel 1: fp32 states before every chunk ([chunks, H, K, V], or None) and the final state."""
+    """Kernel 1: the states before every chunk ([chunks, H, K, V] in ``_chunk_state_dtype``, or None) and
+    the fp32 final state."""
     _, T, H, K, V, BT, N, _, total, chunk_offsets, _ = lay
     BK, BV, *_ = _head_blocks(K, V, k.dtype)
     h = k.new_empty(total, H, K, V, dtype=_chunk_state_dtype(k.dtype)) if store_states else None
@@ -455,7 +456,7 @@ def chunk_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_s
     _chunk_output_fwd_kernel[grid](
         q, k, v, h, o, log_decay, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
-        STATE_F32=q.dtype != torch.bfloat16, DOT_PRECISION=_dot_precision(q.dtype),
+        STATE_F32=h.dtype == torch.float32, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return o, ht
 
@@ -468,7 +469,7 @@ def chunk_retention_bwd(q, k, v, log_decay, scale, initial_state, do, dht, chunk
     BKs, BVs, BK, BV, BKq, BVq = _head_blocks(K, V, q.dtype)
     dh = q.new_empty(total, H, K, V, dtype=_chunk_state_dtype(q.dtype))
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if initial_state is not None else None
-    is_varlen, precision, state_f32 = cu_seqlens is not None, _dot_precision(q.dtype), q.dtype != torch.bfloat16
+    is_varlen, precision, state_f32 = cu_seqlens is not None, _dot_precision(q.dtype), dh.dtype == torch.float32
     _chunk_state_bwd_kernel[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), N * H)](
         q, do, dh, dht, dh0, log_decay, cu_seqlens, chunk_offsets, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BKs, BV=BVs,
