@@ -9,3 +9,39 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _interpreted_bf16_dots_in_fp32() -> None:
+    """Make the interpreter's ``tl.dot`` right for bf16 operands, so bf16 kernels are tested here too.
+
+    The interpreter holds bf16 as raw uint16 bits and its ``create_dot`` multiplies those bits (values near
+    1e10; triton-lang/triton#11584, closed upstream as unsupported). Loads, stores and casts of bf16 are
+    right. Widening a bf16 operand to fp32 is exact (the bits shifted up 16), and an fp32 matmul of
+    bf16-valued operands is what the tensor cores compute for a bf16 dot: exact products, fp32 sums.
+    """
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "widens_bf16", False):
+        return
+    original = builder.create_dot
+
+    def widen(operand):
+        if operand.dtype.scalar != tl.bfloat16:
+            return operand
+        bits = operand.data.view(np.uint16).astype(np.uint32) << np.uint32(16)
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot.widens_bf16 = True
+    builder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _interpreted_bf16_dots_in_fp32()
