@@ -123,6 +123,32 @@ def test_activation_checkpointing_follows_the_same_losses(micro, tmp_path, read_
     assert len(a) == 3 and a[0] != a[-1]
 
 
+def test_triton_kernels_train_the_packed_documents(micro, tmp_path, monkeypatch, read_metrics):
+    """The GPU training path, interpreted on CPU: chunkwise retention on the Triton kernels, forward and
+    backward, fed packed rows with ``cu_seqlens`` at every document start; the losses follow those of the
+    PyTorch reference path."""
+    from retnet.kernels import chunk
+
+    varlen_launches = []
+    forward = chunk.chunk_retention_fwd
+
+    def spy(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens, chunks=None):
+        varlen_launches.append(cu_seqlens is not None and len(cu_seqlens) > 2)
+        return forward(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens, chunks)
+
+    monkeypatch.setattr(chunk, "chunk_retention_fwd", spy)
+    common = dict(train__steps=3, model__extra__retention_mode="chunkwise")
+    monkeypatch.setenv("RETNET_KERNELS", "torch")
+    assert main(micro(tmp_path / "reference", **common)) == 0
+    assert not varlen_launches
+    monkeypatch.setenv("RETNET_KERNELS", "triton")
+    assert main(micro(tmp_path / "triton", **common)) == 0
+    assert varlen_launches and all(varlen_launches)  # several documents per row, every layer, every step
+    reference = [r["loss"] for r in read_metrics(tmp_path / "reference")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "triton")] == pytest.approx(reference, rel=1e-5)
+    assert len(reference) == 3 and reference[0] != reference[-1]
+
+
 def test_train_export_and_checkpoint_contents(micro, tmp_path, read_metrics):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
