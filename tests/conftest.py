@@ -7,6 +7,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU every new shape would otherwise tune each kernel over its whole sweep (4-6 compiles), and the
+# suite runs dozens of shapes: each kernel's default config instead (checked spill-free by
+# test_aot_compile.py); test_recurrent.py tunes for real in a process of its own.
+os.environ.setdefault("RETNET_AUTOTUNE", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -4,6 +4,9 @@ Each op picks its implementation per call: the Triton kernels for CUDA tensors, 
 references (``naive.py``) elsewhere. ``RETNET_KERNELS=torch`` or ``=triton`` forces one (``triton`` on
 CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is imported).
 
+On a GPU each kernel autotunes its launch config on the first call per shape (cached on disk);
+``RETNET_AUTOTUNE=0`` launches each kernel's default config instead (no tuning, one compile per shape).
+
 Triton is imported lazily, on the first call that dispatches to it, so ``import retnet`` works without
 triton installed and tests can set ``TRITON_INTERPRET`` first.
 

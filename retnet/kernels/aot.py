@@ -197,10 +197,11 @@ def _compile_job(job):
 def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int], varlen: Iterable[bool] = (False, True),
           configs: str = "all", workers: int | None = None, kernels: Iterable[str] | None = None,
           chunk_sizes: Iterable[int] = (64,)) -> list[CompileResult]:
-    """Compile every recorded launch with its autotune configs (``configs="all"``), or with two of them
+    """Compile every recorded launch with its autotune configs (``configs="all"``), with its default config
+    alone (``"default"``: what runs untuned, under ``RETNET_AUTOTUNE=0``), or with three of them
     (``"extremes"``): the fewest warps with the most stages, the heaviest on registers per thread and on
-    shared memory, and the most warps with the fewest stages, the lightest. ``varlen`` picks the padded
-    (False) and/or packed (True) layouts."""
+    shared memory, the most warps with the fewest stages, the lightest, and the default. ``varlen`` picks the
+    padded (False) and/or packed (True) layouts."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("retnet.kernels.aot compiles real kernels: unset TRITON_INTERPRET")
     launches: set[Launch] = set()
@@ -213,11 +214,14 @@ def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int],
         launches = {launch for launch in launches if any(name in launch.kernel for name in kernels)}
     jobs = []
     for launch in sorted(launches, key=lambda item: (item.kernel, item.describe())):
-        sweep = getattr(importlib.import_module(launch.module), launch.kernel).gpu_configs
-        pairs = sorted({(c.num_warps, c.num_stages) for c in sweep})
+        kernel = getattr(importlib.import_module(launch.module), launch.kernel)
+        pairs = sorted({(c.num_warps, c.num_stages) for c in kernel.gpu_configs})
+        default = (kernel.default_config.num_warps, kernel.default_config.num_stages)
         if configs == "extremes":
             warps, stages = [w for w, _ in pairs], [s for _, s in pairs]
-            pairs = sorted({(min(warps), max(stages)), (max(warps), min(stages))})
+            pairs = sorted({(min(warps), max(stages)), (max(warps), min(stages)), default})
+        elif configs == "default":
+            pairs = [default]
         jobs += [(launch, arch, w, s) for arch in archs for w, s in pairs]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers <= 1:
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 80 89 90")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--configs", choices=["all", "extremes"], default="all")
+    parser.add_argument("--configs", choices=["all", "extremes", "default"], default="all")
     parser.add_argument("--layouts", nargs="+", choices=["padded", "packed"], default=["padded", "packed"])
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[64],
                         help="chunk_size values to launch with (the kernels tile with powers of two in 16..64)")

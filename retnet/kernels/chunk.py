@@ -62,20 +62,34 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
-def _autotune(key: list[str], num_warps: list[int], num_stages: list[int], pre_hook=None, post_hook=None):
-    """``@triton.autotune`` over num_warps × num_stages on a GPU; one config under the interpreter, which
-    can't tune. The GPU sweep stays readable as ``kernel.gpu_configs`` (``retnet.kernels.aot`` compiles
-    every one of them for a CUDA target, GPU or not). The hooks run around every tuning trial. Tuning results
-    are cached on disk (Triton's cache, keyed by GPU, Triton version, kernel source and shapes), so a
-    restarted server or a resumed training run does not tune again."""
+def _autotune_enabled() -> bool:
+    choice = os.environ.get("RETNET_AUTOTUNE", "1").lower()
+    if choice not in ("0", "1", "off", "on", "false", "true"):
+        raise ValueError(f"RETNET_AUTOTUNE must be 1/on or 0/off; got {choice!r}")
+    return choice in ("1", "on", "true")
+
+
+def _autotune(key: list[str], num_warps: list[int], num_stages: list[int], default: tuple[int, int],
+              pre_hook=None, post_hook=None):
+    """``@triton.autotune`` over num_warps × num_stages on a GPU. ``default`` (warps, stages), spill-free on
+    sm_80/sm_89/sm_90 for every dtype and head dim (``retnet.kernels.aot``, checked in the tests), is the only
+    config under the interpreter (which can't tune) and with ``RETNET_AUTOTUNE=0``: each new shape then
+    compiles one variant instead of tuning the sweep (seconds per kernel), for short jobs and test suites.
+    The sweep stays readable as ``kernel.gpu_configs`` and the default as ``kernel.default_config``
+    (``retnet.kernels.aot`` compiles them for a CUDA target, GPU or not). The hooks run around every tuning
+    trial. Tuning results are cached on disk (Triton's cache, keyed by GPU, Triton version, kernel source
+    and shapes), so a restarted server or a resumed training run does not tune again."""
     sweep = [triton.Config({}, num_warps=w, num_stages=s) for w in num_warps for s in num_stages]
+    fallback = triton.Config({}, num_warps=default[0], num_stages=default[1])
+    if (default[0], default[1]) not in {(c.num_warps, c.num_stages) for c in sweep}:
+        raise ValueError(f"default config {default} is not in the sweep {num_warps} × {num_stages}")
 
     def decorate(kernel):
-        configs = sweep if _on_gpu() else [triton.Config({}, num_warps=4, num_stages=1)]
+        configs = sweep if _on_gpu() and _autotune_enabled() else [fallback]
         tuner = triton.autotune(
             configs=configs, key=key, pre_hook=pre_hook, post_hook=post_hook, cache_results=True
         )(kernel)
-        tuner.gpu_configs = sweep
+        tuner.gpu_configs, tuner.default_config = sweep, fallback
         return tuner
 
     return decorate
@@ -164,7 +178,7 @@ def _scores_and_state_product(
     return b_A, b_xs
 
 
-@_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2])
+@_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2], default=(4, 2))
 @triton.jit(do_not_specialize=["T"])
 def _chunk_state_fwd_kernel(
     k, v, h, h0, ht, log_decay, cu_seqlens, chunk_offsets, T,
@@ -202,7 +216,7 @@ def _chunk_state_fwd_kernel(
         tl.store(p_ht, b_h, mask=m_h)
 
 
-@_autotune(["H", "K", "V", "BT", "BK", "BV", "STATE_F32"], num_warps=[4, 8], num_stages=[2, 3])
+@_autotune(["H", "K", "V", "BT", "BK", "BV", "STATE_F32"], num_warps=[4, 8], num_stages=[2, 3], default=(8, 2))
 @triton.jit(do_not_specialize=["T"])
 def _chunk_output_fwd_kernel(
     q, k, v, h, o, log_decay, cu_seqlens, chunk_indices, scale, T,
@@ -232,7 +246,7 @@ def _chunk_output_fwd_kernel(
     _store_tile(o + (row0 * H + i_h) * V, b_o, n_rows, i_v * BV, V, H * V, BT, BV)
 
 
-@_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2])
+@_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2], default=(4, 2))
 @triton.jit(do_not_specialize=["T"])
 def _chunk_state_bwd_kernel(
     q, do, dh, dht, dh0, log_decay, cu_seqlens, chunk_offsets, scale, T,
@@ -271,7 +285,7 @@ def _chunk_state_bwd_kernel(
         tl.store(p_dh0, b_dh, mask=m_h)
 
 
-@_autotune(["H", "K", "V", "BT", "BK", "BV", "STATE_F32"], num_warps=[4, 8], num_stages=[2, 3])
+@_autotune(["H", "K", "V", "BT", "BK", "BV", "STATE_F32"], num_warps=[4, 8], num_stages=[2, 3], default=(8, 2))
 @triton.jit(do_not_specialize=["T"])
 def _chunk_dv_bwd_kernel(
     q, k, do, dh, dv, log_decay, cu_seqlens, chunk_indices, scale, T,
@@ -303,7 +317,7 @@ def _chunk_dv_bwd_kernel(
     _store_tile(dv + (row0 * H + i_h) * V, b_dv, n_rows, i_v * BV, V, H * V, BT, BV)
 
 
-@_autotune(["H", "K", "V", "BT", "BK", "BV", "STATE_F32"], num_warps=[4, 8], num_stages=[2, 3])
+@_autotune(["H", "K", "V", "BT", "BK", "BV", "STATE_F32"], num_warps=[4, 8], num_stages=[2, 3], default=(8, 2))
 @triton.jit(do_not_specialize=["T"])
 def _chunk_dqk_bwd_kernel(
     q, k, v, h, do, dh, dq, dk, log_decay, cu_seqlens, chunk_indices, scale, T,

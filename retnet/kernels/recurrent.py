@@ -50,7 +50,7 @@ _inplace_state_guard = _InplaceStateGuard()
 
 
 @_autotune(
-    ["H", "K", "V", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1],
+    ["H", "K", "V", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1], default=(4, 1),
     pre_hook=_inplace_state_guard.save, post_hook=_inplace_state_guard.restore,
 )
 @triton.jit(do_not_specialize=["T"])

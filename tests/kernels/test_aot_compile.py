@@ -4,8 +4,9 @@ bf16, fp16 and fp32.
 
 The interpreted tests check what the kernels compute; these check what only the real compiler sees:
 that every launch lowers to PTX and assembles, that at least one config of each autotune sweep fits in
-the GPU's shared memory, and that every launch (head dims 64 and 256, packed batches, initial and final
-states) keeps a config free of register spills. ``python -m retnet.kernels.aot`` prints the full table.
+the GPU's shared memory, that every launch (head dims 64 and 256, packed batches, initial and final
+states) keeps a config free of register spills, and that the default config each kernel runs untuned
+(``RETNET_AUTOTUNE=0``) is one of those. ``python -m retnet.kernels.aot`` prints the full table.
 """
 
 from __future__ import annotations
@@ -71,6 +72,31 @@ def test_every_launch_has_a_config_that_fits_without_spills(report):
     ]
     assert not bad, "best config spills registers (or none fits in shared memory):\n" + "\n".join(bad)
     assert {launch for _, launch in best} == {r["launch"] for r in results}
+
+
+def test_the_untuned_default_config_fits_without_spills_everywhere(report):
+    """With ``RETNET_AUTOTUNE=0`` (and before tuning has anything to choose from) each kernel launches its
+    default config: on every arch, dtype and head dim it must compile, fit and not spill."""
+    from retnet.kernels import chunk, recurrent
+
+    _, results = report
+    defaults = {}
+    for module in (chunk, recurrent):
+        for name in dir(module):
+            config = getattr(getattr(module, name), "default_config", None)
+            if config is not None:
+                defaults[name] = (config.num_warps, config.num_stages)
+    assert len(defaults) == 6
+    checked, bad = set(), []
+    for r in results:
+        kernel, dtype = r["launch"].split()[:2]
+        if (r["num_warps"], r["num_stages"]) != defaults[kernel]:
+            continue
+        checked.add((r["arch"], r["launch"]))
+        if not (r["ok"] and r["fits"]) or r["spill_bytes"] > SPILL_ALLOWANCE.get(dtype, 0):
+            bad.append(f"sm_{r['arch']}: {r['launch']}: ok={r['ok']} fits={r['fits']} spill={r['spill_bytes']}")
+    assert not bad, "\n".join(bad)
+    assert checked == {(r["arch"], r["launch"]) for r in results}
 
 
 def test_bf16_chunk_kernels_use_hopper_tensor_cores(report):

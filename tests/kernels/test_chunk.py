@@ -283,3 +283,14 @@ def test_chunk_size_maps_to_a_tile_every_gpu_can_hold(chunk_size, tile):
     from retnet.kernels.chunk import _block_size
 
     assert _block_size(chunk_size) == tile
+
+
+def test_autotune_switch(monkeypatch):
+    from retnet.kernels.chunk import _autotune_enabled
+
+    for value, enabled in [("1", True), ("on", True), ("0", False), ("OFF", False)]:
+        monkeypatch.setenv("RETNET_AUTOTUNE", value)
+        assert _autotune_enabled() is enabled
+    monkeypatch.setenv("RETNET_AUTOTUNE", "sometimes")
+    with pytest.raises(ValueError, match="RETNET_AUTOTUNE must be 1/on or 0/off; got 'sometimes'"):
+        _autotune_enabled()

@@ -112,6 +112,39 @@ def test_autotuning_trials_leave_an_inplace_state_alone():
     assert bool((fresh == 7.0).all())
 
 
+TUNED_INPLACE_DECODE = """
+import torch
+from retnet.kernels.recurrent import _recurrent_fwd_kernel, recurrent_retention
+assert len(_recurrent_fwd_kernel.configs) > 1, "not tuning"
+gen = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(5, 1, 3, dim, generator=gen).cuda() for dim in (96, 96, 80))
+log_decay = torch.tensor([-0.5, -0.05, -0.005], device="cuda")
+state = torch.randn(5, 3, 96, 80, generator=gen).cuda()
+initial = state.clone()
+# In place first: this launch, the first at this shape, is the one that tunes.
+o, same = recurrent_retention(q, k, v, log_decay, None, state, True, update_state_inplace=True)
+expected_o, expected = recurrent_retention(q, k, v, log_decay, None, initial, True)
+assert same is state
+torch.testing.assert_close(state, expected, rtol=0, atol=0)
+torch.testing.assert_close(o, expected_o, rtol=0, atol=0)
+print("tuned", len(_recurrent_fwd_kernel.configs), "configs")
+"""
+
+
+@pytest.mark.skipif(not ON_GPU, reason="autotuning runs on a GPU only (the interpreter has one config)")
+def test_real_autotuning_advances_an_inplace_state_once():
+    """The same with Triton's real autotuner (the suite runs untuned, so in a process of its own): the first
+    in-place launch at a new shape tunes over every config and must still advance the state exactly once."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RETNET_AUTOTUNE="1")
+    done = subprocess.run([sys.executable, "-c", TUNED_INPLACE_DECODE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "tuned 3 configs" in done.stdout
+
+
 @pytest.mark.parametrize("op", [recurrent_retention, naive.recurrent_retention], ids=["triton", "reference"])
 def test_update_state_inplace_refuses_what_it_cannot_do(kt, op):
     q, k, v, log_decay, h0 = kt.make_inputs(2, 1, 2, 16, 16, initial_state=True, device=DEVICE)
