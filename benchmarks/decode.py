@@ -12,8 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
+
+# Run as a script, this file's folder is sys.path[0], where benchmarks/kernels.py would shadow HuggingFace's
+# `kernels` package (transformers probes for it): the repository root takes that place, before any import.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM

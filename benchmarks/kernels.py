@@ -31,9 +31,9 @@ from pathlib import Path
 # (transformers probes for it): the repository root takes that place instead, before anything is imported.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch  # noqa: E402 - after the sys.path fix above
+import torch
 
-from retnet.kernels import naive  # noqa: E402
+from retnet.kernels import naive
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CHUNK = 64
