@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -42,7 +43,7 @@ def _refuse(key: str, expected: str, value: Any) -> typing.NoReturn:
 def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
-        if value < 0 or (value == 0 and not allow_zero):
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):  # nan passes both comparisons
             _refuse(f"{section}.{name}", "must be >= 0" if allow_zero else "must be > 0", value)
 
 
@@ -75,10 +76,15 @@ class ModelConfig(_Section):
     extra: dict = field(default_factory=dict)  # any other RetNetConfig field, e.g. {use_xpos = true}
 
     def __post_init__(self) -> None:
-        from retnet.model import PRESETS
+        from retnet.model import PRESETS, RetNetConfig
 
         if self.preset not in PRESETS:
             _refuse("model.preset", f"must be one of {sorted(PRESETS)}", self.preset)
+        # RetNetConfig keeps unknown keyword arguments as attributes, so a misspelt field would be ignored
+        known = set(RetNetConfig().to_dict())
+        for key in self.extra:
+            if key not in known:
+                raise ConfigError(f"unknown config key model.extra.{key}: not a RetNetConfig field")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "chunk_size"):
             value = getattr(self, name)

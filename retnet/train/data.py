@@ -14,8 +14,9 @@ next ``global_batch_size`` blocks of a per-epoch seeded permutation; rank ``r``'
 position is one integer (blocks consumed) that a checkpoint stores and a resume restores.
 
 Streaming (``data.streaming = true``, for sets too large to cache): the first ``val_documents`` documents are
-the validation split, the rest is split by node (``datasets.distributed.split_dataset_by_node``) and packed
-on the fly; each rank's position is the number of blocks it has consumed and a resume skips that many.
+the validation split (kept out of training wherever they occur), the rest is split by node
+(``datasets.distributed.split_dataset_by_node``) and packed on the fly; each rank's position is the number of
+blocks it has consumed and a resume skips that many.
 
 Packed rows hold several documents separated by EOS. With ``data.document_boundaries`` (the default) the
 trainer flattens each micro-batch into one packed row and passes ``cu_seqlens`` with a segment starting at
@@ -350,6 +351,9 @@ class StreamingData:
                  micro_batch: int, rank: int, world_size: int):
         from datasets.distributed import split_dataset_by_node
 
+        if len(val_blocks) == 0:
+            raise ConfigError(f"data: the first data.val_documents documents (the validation split) are shorter than "
+                              f"one block of data.seq_len ({seq_len}) tokens; raise data.val_documents")
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         self.val, self.tokenizer, self.text_field = val_blocks, tokenizer, text_field
         self.seq_len, self.micro_batch = seq_len, micro_batch
@@ -464,7 +468,12 @@ def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, 
     _check_text_field(cfg, stream.column_names)
     if cfg.max_documents:
         stream = stream.take(cfg.max_documents)
-    val_stream, train_stream = stream.take(cfg.val_documents or 1), stream.skip(cfg.val_documents or 1)
+    val_stream = stream.take(cfg.val_documents or 1)
+    # Not stream.skip(n): when split_dataset_by_node hands each rank whole shards, datasets splits the n skipped
+    # documents between the ranks' own shards, so rank 0 would train on part of the validation split.
+    val_texts = [e[cfg.text_field] for e in val_stream]
+    held_out = frozenset(val_texts)
+    train_stream = stream.filter(lambda example: example[cfg.text_field] not in held_out)
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
     if source is None and local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
         def sample() -> Iterator[str]:
@@ -481,8 +490,7 @@ def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, 
         _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
     barrier()
     tokenizer = load_tokenizer(source if source is not None else tokenizer_cache)
-    val = _blocks(encode_documents(tokenizer, [e[cfg.text_field] for e in val_stream if e[cfg.text_field]]),
-                  cfg.seq_len)
+    val = _blocks(encode_documents(tokenizer, [text for text in val_texts if text]), cfg.seq_len)
     return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, seq_len=cfg.seq_len,
                          micro_batch=micro_batch, rank=rank, world_size=world_size)
 

@@ -30,7 +30,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -62,7 +62,8 @@ PEAK_FLOPS = {
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stops without saving (the last checkpoint stays the last good one)."""
+    """The loss or the gradient norm became NaN or inf; the run stops without saving (the last checkpoint stays
+    the last good one)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def flops_per_token(config, seq_len: int) -> float:
     d, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
     k_dim, v_dim = config.head_dim, config.value_head_dim
     ffn = config.intermediate_size * d * (3 if config.ffn_glu else 2)
-    per_layer = d * heads * k_dim * 2 + d * heads * v_dim * 2 + heads * v_dim * d + ffn
+    value_projections = 2 if config.use_output_gate else 1  # v, and the gate g when there is one
+    per_layer = d * heads * k_dim * 2 + d * heads * v_dim * value_projections + heads * v_dim * d + ffn
     n_matmul = layers * per_layer + config.vocab_size * d
     chunk = min(config.chunk_size, seq_len)
     retention = layers * heads * (4 * k_dim * v_dim + 2 * chunk * (k_dim + v_dim))
@@ -185,6 +187,9 @@ class Trainer:
         self.ckpt_root = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.step, self.stop_requested, self.last_saved_step = 0, False, -1
+        # A signal only marks this rank; the loop stops on stop_requested, which every rank takes from the same
+        # all-reduce, because a rank that left alone would leave the others waiting in the next collective.
+        self.signal_received = False
         self._writer = self._progress = self._metrics = None
         self._previous_handlers: dict[int, Any] = {}
         _setup_logging(self.rank)
@@ -337,9 +342,9 @@ class Trainer:
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
-            if self.stop_requested and signum == signal.SIGINT:
+            if self.signal_received and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.stop_requested = True
+            self.signal_received = True
             logger.warning("received %s: saving a checkpoint after this step, then exiting",
                            signal.Signals(signum).name)
 
@@ -429,7 +434,7 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step; returns the global-batch mean loss. Raises NonFiniteLossError before the
-        update if it is NaN/inf (nothing is saved, so the last checkpoint stays good)."""
+        update if it or the gradient norm is NaN/inf (nothing is saved, so the last checkpoint stays good)."""
         lr = get_lr(self.step, self.cfg.optim, self.cfg.train.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -442,26 +447,31 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         # One small all-reduce carries the loss and any rank's stop request.
-        stats = torch.stack([loss_sum.float(), torch.tensor(float(self.stop_requested), device=self.device)])
+        stats = torch.stack([loss_sum.float(), torch.tensor(float(self.signal_received), device=self.device)])
         if _distributed():
             dist.all_reduce(stats)
         loss_value = stats[0].item() / self.world_size
-        self.stop_requested = self.stop_requested or stats[1].item() > 0
+        self.stop_requested = stats[1].item() > 0
         if not math.isfinite(loss_value):
-            last = list_checkpoints(self.ckpt_root)
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at step {self.step + 1}; stopping without saving. The last good checkpoint "
-                f"is {str(last[-1]) if last else 'none (no checkpoint yet)'}; lower optim.lr or raise "
-                f"optim.warmup_steps and resume")
+            self._stop_nonfinite(f"loss is {loss_value}")
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
+        if not math.isfinite(float(grad_norm)):  # a finite loss can still backpropagate NaN/inf into the weights
+            self._stop_nonfinite(f"gradient norm is {float(grad_norm)} (loss {loss_value})")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._last = {"lr": lr, "grad_norm": float(grad_norm)}
         return loss_value
+
+    def _stop_nonfinite(self, problem: str) -> NoReturn:
+        last = list_checkpoints(self.ckpt_root)
+        raise NonFiniteLossError(
+            f"{problem} at step {self.step + 1}; stopping without saving. The last good checkpoint "
+            f"is {str(last[-1]) if last else 'none (no checkpoint yet)'}; lower optim.lr or raise "
+            f"optim.warmup_steps and resume")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -516,10 +526,12 @@ class Trainer:
                 window_tokens, window_losses, window_start = 0, [], time.perf_counter()
             if self._progress is not None:
                 self._progress.update(1)
+            paused = time.perf_counter()
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and not final:
                 self.evaluate()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not final:
                 self.save()
+            window_start += time.perf_counter() - paused  # evaluation and checkpoints are not training throughput
         interrupted = self.step < cfg.train.steps
         val_loss = None
         if not interrupted and self.step > self.start_step:  # (a finished run resumed again only re-exports)

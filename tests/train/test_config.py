@@ -41,6 +41,7 @@ def test_toml_file_and_int_for_float(tmp_path):
     ("--optim.learning_rate=1", "optim.learning_rate"),
     ("--trainer.steps=1", "trainer"),
     ("--model.extra=1", "model.extra"),
+    ("--model.extra.use_xpso=true", "model.extra.use_xpso"),  # RetNetConfig itself would keep it silently
 ])
 def test_unknown_keys_are_refused_by_name(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -71,6 +72,9 @@ def test_toml_wrong_type_is_refused():
     ("--model.preset=huge", "model.preset"),
     ("--data.val_fraction=0.9", "data.val_fraction"),
     ("--train.global_batch_size=10", "train.global_batch_size"),  # micro 16 in tiny
+    ("--optim.lr=nan", "optim.lr"),
+    ("--optim.grad_clip=nan", "optim.grad_clip"),  # would disable clipping without a word
+    ("--logging.peak_flops=inf", "logging.peak_flops"),
 ])
 def test_invalid_values_name_the_field(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -120,3 +124,20 @@ def test_flops_and_no_decay_groups():
     assert "model.embed_tokens.weight" in skip and "model.norm.weight" in skip
     decayed = [n for n, p in model.named_parameters() if n not in skip]
     assert decayed and all(p.ndim == 2 for n, p in model.named_parameters() if n in decayed)
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_output_gate": False}, {"ffn_glu": True}])
+def test_flops_count_every_projection_the_model_has(extra):
+    """6 FLOPs per token per Linear weight (lm_head counted even when tied), plus the retention term."""
+    from torch import nn
+
+    import retnet  # noqa: F401
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+
+    config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      vocab_size=300, **extra)
+    model = RetNetForCausalLM(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    heads, k_dim, v_dim, chunk = 2, config.head_dim, config.value_head_dim, min(config.chunk_size, 64)
+    retention = 2 * heads * (4 * k_dim * v_dim + 2 * chunk * (k_dim + v_dim))
+    assert flops_per_token(config, 64) == pytest.approx(6 * linear + 3 * retention)

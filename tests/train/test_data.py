@@ -104,6 +104,38 @@ def test_save_to_disk_directory_gives_the_same_blocks_as_its_jsonl(corpus, token
         build_data(DataConfig(dataset=str(saved), split="validation", **common), **kwargs)
 
 
+def test_streaming_validation_shorter_than_a_block_is_refused(tokenizer_dir, tmp_path):
+    """Otherwise the first evaluation fails with an IndexError on the empty validation array."""
+    import json
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["tiny", *["def f(x):\n    return x\n" * 30] * 5]))
+    config = DataConfig(dataset=str(docs), tokenizer=str(tokenizer_dir), seq_len=32, streaming=True, val_documents=1,
+                        cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"data\.val_documents"):
+        build_data(config, vocab_size=512, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0, world_size=1,
+                   tokenizer_dir=None, barrier=lambda: None)
+
+
+def test_streaming_ranks_hold_out_the_validation_documents(tokenizer_dir, tmp_path):
+    """Two ranks streaming two files (one whole file each): the first data.val_documents documents are the
+    validation split for every world size, so no rank trains on them and no rank drops other documents."""
+    import json
+
+    docs = [f"document {i}: " + "def f(x):\n    return x\n" * 5 for i in range(40)]
+    for part in range(2):
+        (tmp_path / f"part{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                            for t in docs[20 * part:20 * (part + 1)]))
+    config = DataConfig(dataset=str(tmp_path / "*.jsonl"), tokenizer=str(tokenizer_dir), seq_len=32, streaming=True,
+                        val_documents=6, cache_dir=str(tmp_path / "cache"))
+    trained = []
+    for rank in range(2):
+        data = build_data(config, vocab_size=512, seed=0, micro_batch=2, global_batch=4, rank=rank, local_rank=rank,
+                          world_size=2, tokenizer_dir=None, barrier=lambda: None)
+        trained += [example["text"] for example in data.stream]
+    assert sorted(trained) == sorted(docs[6:])
+
+
 def test_packed_segments_isolate_documents():
     """The packed loss equals the loss of every document run on its own, and differs from letting the
     state run across EOS (so the test would notice a leak)."""

@@ -65,6 +65,32 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path
     assert not (out / "export").exists()
 
 
+def test_nonfinite_gradient_stops_before_the_update(micro, tmp_path, monkeypatch, capsys):
+    """A finite loss whose gradients are NaN must not reach AdamW: the step would turn every weight into NaN
+    and the checkpoint of that step would be saved with them. The run stops with exit status 3 instead."""
+    from retnet.train.__main__ import EXIT_NONFINITE
+    from retnet.train.trainer import Trainer
+
+    class NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    loss = Trainer._loss
+    monkeypatch.setattr(Trainer, "_loss", lambda self, blocks: NanGradient.apply(loss(self, blocks))
+                        if self.step == 1 else loss(self, blocks))
+    out = tmp_path / "run"
+    assert main(micro(out, checkpoint__interval=1, train__steps=4)) == EXIT_NONFINITE
+    assert "gradient norm is nan" in (err := capsys.readouterr().err) and "step_00000001;" in err
+    for ckpt in list_checkpoints(out / "checkpoints"):
+        state = torch.load(ckpt / "model.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt.name
+
+
 def test_print_config_shows_the_resolved_values_and_trains_nothing(tmp_path, capsys):
     import json
 
@@ -163,6 +189,32 @@ def test_train_export_and_checkpoint_contents(micro, tmp_path, read_metrics):
     tokenizer = AutoTokenizer.from_pretrained(out / "export")
     ids = tokenizer("def f(x):", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+
+
+def test_tokens_per_second_leave_out_evaluation_and_checkpoint_time(micro, tmp_path, monkeypatch, read_metrics):
+    """A slow evaluation and a slow checkpoint between two records must not lower the next record's
+    tokens/s (and MFU): they are not training throughput."""
+    from retnet.train.trainer import Trainer
+
+    evaluate, save = Trainer.evaluate, Trainer.save
+
+    def slow(method):
+        def wrapper(self):
+            result = method(self)
+            if self.step:  # not the evaluation before the first step
+                time.sleep(2.0)
+            return result
+        return wrapper
+
+    monkeypatch.setattr(Trainer, "evaluate", slow(evaluate))
+    monkeypatch.setattr(Trainer, "save", slow(save))
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=4, train__eval_interval=2, checkpoint__interval=3)) == 0
+    records = read_metrics(out)
+    tokens_per_step = 4 * 32
+    seconds = {r["step"]: tokens_per_step / r["tokens_per_s"] for r in records}
+    assert sorted(seconds) == [1, 2, 3, 4]
+    assert all(s < 1.5 for s in seconds.values()), seconds  # steps 3 and 4 follow the slow eval and save
 
 
 def test_streaming_jsonl_trains_and_resumes(micro, tmp_path, read_metrics):
@@ -269,6 +321,55 @@ def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, read_metr
     expected = [r["loss"] for r in read_metrics(whole)]
     got = [r["loss"] for r in read_metrics(resumed)]
     assert len(expected) == 5 and got[-2:] == pytest.approx(expected[-2:], rel=1e-6)
+
+
+SIGNAL_ONE_RANK = """
+import os, signal, sys
+from retnet.train.__main__ import main
+from retnet.train.trainer import Trainer
+
+step = Trainer.train_step
+
+def train_step(self):
+    loss = step(self)
+    if self.rank == 1 and self.step == 2:  # after this step's all-reduce, before the loop checks for a stop
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss
+
+Trainer.train_step = train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(micro, tmp_path, read_metrics):
+    """A SIGTERM that reaches one rank between the step's all-reduce and the loop's check must not let that
+    rank leave the loop alone (the others would wait in the next step's collectives for ever): every rank
+    stops at the step they agree on, saves and exits 0."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    script = tmp_path / "signal_one_rank.py"
+    script.write_text(SIGNAL_ONE_RANK)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script),
+               *micro(out, train__steps=50)]
+    log = tmp_path / "log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=repo, env=env, stdout=handle, stderr=handle)
+    try:
+        process.wait(timeout=150)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun passes it on to its workers and kills them after a grace period
+        process.wait(timeout=120)
+        pytest.fail("the ranks did not stop together (hung):\n" + log.read_text()[-3000:])
+    assert process.returncode == 0, log.read_text()[-3000:]
+    (checkpoint,) = list_checkpoints(out / "checkpoints")
+    step = verify_checkpoint(checkpoint)["step"]
+    assert 2 <= step < 50 and read_metrics(out)[-1]["step"] == step
 
 
 @pytest.mark.slow
