@@ -212,9 +212,11 @@ class Engine:
         """
         handle = RequestHandle(asyncio.get_running_loop(), len(prompts) * n)
         handle.prompt_tokens = sum(len(p) for p in prompts)
-        if not self.healthy or not self.accepting:
-            raise EngineUnavailable(self.dead or "the engine is not ready")
         with self.cond:
+            # Checked under the lock: a request queued after a dying scheduler's _fail_all would never
+            # be answered.
+            if not self.healthy or not self.accepting:
+                raise EngineUnavailable(self.dead or "the engine is not ready")
             limit = self.settings.max_running + self.settings.max_queue
             if self.in_system + handle.num_choices > limit:
                 raise QueueFull(f"{self.in_system} sequences in the server; the limit is {limit}")
@@ -369,8 +371,9 @@ class Engine:
     def _spawn_prefilled(self) -> None:
         for group in list(self.prefilling):
             if group.started and group.pos >= len(group.inputs):
-                self.prefilling.remove(group)
+                # Removed only once spawned: if _spawn raises, _fail_all must still find the request.
                 self._spawn(group)
+                self.prefilling.remove(group)
 
     def _start(self, group: Group) -> None:
         group.started = True
@@ -485,16 +488,19 @@ class Engine:
 
     # -- decode ------------------------------------------------------------------------------------------------
     def _rebuild_batch(self) -> None:
-        keep = [i for i, s in enumerate(self.running) if not s.done]
+        # Aborts are marked first and the batch is chosen from finish_reason alone: ``cancelled`` flips on
+        # the event loop at any moment, and a sequence kept by one look and aborted by the next would run
+        # on and free its slot a second time.
         for seq in self.running:
             if seq.finish_reason is None and seq.group.handle.cancelled:
                 seq.finish_reason = "abort"
                 self._finish_cancelled(seq.group, 1)
-        joining = [(s, c) for s, c in self.joining if not s.done]
+        keep = [i for i, s in enumerate(self.running) if s.finish_reason is None]
         for seq, _ in self.joining:
             if seq.finish_reason is None and seq.group.handle.cancelled:
                 seq.finish_reason = "abort"
                 self._finish_cancelled(seq.group, 1)
+        joining = [(s, c) for s, c in self.joining if s.finish_reason is None]
         self.joining = []
         if len(keep) == len(self.running) and not joining:
             return

@@ -110,24 +110,31 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
         index = torch.tensor(sampled, dtype=torch.long)
         temperature = torch.tensor([rows[i].params.temperature for i in sampled])
         scaled = logits.index_select(0, index) / temperature[:, None]
-        if any(rows[i].params.truncates for i in sampled):
-            scaled, order = scaled.sort(-1, descending=True)
-            probs = scaled.softmax(-1)
-            keep = torch.ones_like(probs, dtype=torch.bool)
-            ranks = torch.arange(probs.shape[-1])[None]
-            top_k = torch.tensor([rows[i].params.top_k if rows[i].params.top_k > 0 else probs.shape[-1]
-                                  for i in sampled])
+        probs = scaled.softmax(-1)
+        order = None
+        # Only the truncating rows are sorted: the inverse CDF maps a draw to a different token in sorted
+        # order, so sorting a row because ANOTHER row truncates would change its sample with the batch.
+        cut = [j for j, i in enumerate(sampled) if rows[i].params.truncates]
+        if cut:
+            cut_rows = [rows[sampled[j]].params for j in cut]
+            sub = torch.tensor(cut, dtype=torch.long)
+            cut_scaled, cut_order = scaled.index_select(0, sub).sort(-1, descending=True)
+            cut_probs = cut_scaled.softmax(-1)
+            keep = torch.ones_like(cut_probs, dtype=torch.bool)
+            ranks = torch.arange(cut_probs.shape[-1])[None]
+            # Clamped: a top_k past the vocabulary means no truncation, and past int64 it would not fit.
+            vocab = cut_probs.shape[-1]
+            top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in cut_rows])
             keep &= ranks < top_k[:, None]
-            top_p = torch.tensor([rows[i].params.top_p for i in sampled])
+            top_p = torch.tensor([p.top_p for p in cut_rows])
             # Keep a token while the mass strictly before it is below top_p (the top token always stays).
-            keep &= (probs.cumsum(-1) - probs) < top_p[:, None]
-            min_p = torch.tensor([rows[i].params.min_p for i in sampled])
-            keep &= probs >= min_p[:, None] * probs[:, :1]
+            keep &= (cut_probs.cumsum(-1) - cut_probs) < top_p[:, None]
+            min_p = torch.tensor([p.min_p for p in cut_rows])
+            keep &= cut_probs >= min_p[:, None] * cut_probs[:, :1]
             keep[:, 0] = True
-            probs = probs * keep
-        else:
-            order = None
-            probs = scaled.softmax(-1)
+            probs[sub] = cut_probs * keep
+            order = torch.arange(probs.shape[-1]).repeat(len(sampled), 1)
+            order[sub] = cut_order
         # Inverse-CDF sampling with one uniform draw from each row's own generator.
         cdf = probs.double().cumsum(-1)
         draws = torch.tensor([torch.rand(1, generator=rows[i].generator, dtype=torch.float64).item()

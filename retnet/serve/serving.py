@@ -110,12 +110,12 @@ class OpenAIServing:
         elif prompt and all(isinstance(p, int) for p in prompt):
             return [self._decode(prompt)], [self._check_ids(list(prompt))]
         elif prompt and all(isinstance(p, list) for p in prompt):
+            self._check_prompt_count(len(prompt))
             ids = [self._check_ids(list(p)) for p in prompt]
             return [self._decode(p) for p in ids], ids
         else:
             raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
-        if len(texts) > self.settings.max_prompts:
-            raise APIError(400, f"at most {self.settings.max_prompts} prompts per request; got {len(texts)}", "prompt")
+        self._check_prompt_count(len(texts))
         prompts = []
         for text in texts:
             if not text:
@@ -124,6 +124,10 @@ class OpenAIServing:
                 ids = self.tokenizer.encode(text, add_special_tokens=True)
             prompts.append(self._check_ids(ids))
         return texts, prompts
+
+    def _check_prompt_count(self, count: int) -> None:
+        if count > self.settings.max_prompts:
+            raise APIError(400, f"at most {self.settings.max_prompts} prompts per request; got {count}", "prompt")
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:
@@ -286,6 +290,11 @@ class OpenAIServing:
     def _submit(self, prompts, params, request: SamplingFields, hints=None) -> RequestHandle:
         if request.session_id is not None and len(prompts) != 1:
             raise APIError(400, "session_id needs a single prompt", "session_id")
+        # More sequences than the server ever holds would get 429 (retry later) forever.
+        limit, wanted = self.settings.max_running + self.settings.max_queue, len(prompts) * request.n
+        if wanted > limit:
+            raise APIError(400, f"prompts × n is {wanted}; this server holds at most {limit} sequences",
+                           "n" if request.n > 1 else "prompt")
         try:
             return self.engine.submit(prompts, params, request.n, request.session_id, hints)
         except QueueFull as exc:
@@ -316,14 +325,21 @@ class OpenAIServing:
         """All outputs per choice; cancels the work if the client goes away meanwhile."""
         per_choice: list[list[SeqOutput]] = [[] for _ in range(handle.num_choices)]
         remaining = handle.num_choices
+        checked = time.monotonic()
         try:
             while remaining:
                 try:
                     item = await asyncio.wait_for(handle.queue.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    item = None
+                # Checked by the clock, not only when the queue is idle: a running request gets outputs
+                # every decode step, and a long one would otherwise run to max_tokens for nobody.
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
                     if await raw.is_disconnected():
                         handle.cancel()
-                        raise APIError(499, "client closed the request", None, "client_closed") from None
+                        raise APIError(499, "client closed the request", None, "client_closed")
+                if item is None:
                     continue
                 if isinstance(item, EngineFailure):
                     raise APIError(503, item.message, None, "engine_failure", type="server_error")

@@ -5,6 +5,7 @@ Every limit the server enforces is here, so an operator can read in one place wh
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -25,7 +26,10 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights' dtype; auto: float32 on CPU, bfloat16 on CUDA (states stay float32)"
     )
-    api_keys: list[str] = Field(default_factory=list, description="accepted `Authorization: Bearer` keys; empty: no auth")
+    # `| str`: pydantic-settings then lets a RETNET_API_KEYS that is not JSON through to the validator
+    # instead of failing at startup on it.
+    api_keys: list[str] | str = Field(default_factory=list,
+                                      description="accepted `Authorization: Bearer` keys; empty: no auth")
     log_level: str = "info"
 
     # -- scheduling -------------------------------------------------------------------------------------------
@@ -59,7 +63,9 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _split_keys(cls, value):
         # RETNET_API_KEYS=a,b (a plain comma list) as well as JSON.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 

@@ -198,6 +198,7 @@ BAD_REQUESTS = [
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [1, 2, 10**6]}, "prompt"),
+    ({"prompt": [[1, 2]] * 17}, "prompt"),  # token-id prompts count against max_prompts too
     ({"prompt": 12}, "prompt"),
     ({"prompt": "word " * 3000}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
@@ -263,6 +264,35 @@ async def test_queue_full_gives_429_with_retry_after(open_app):
         assert (await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})).status_code == 200
 
 
+async def test_more_choices_than_the_server_holds_is_400_not_429(open_app):
+    async with open_app(max_running=2, max_queue=0) as c:
+        r = await c.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        r = await c.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        assert (await c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})).status_code == 200
+
+
+async def test_a_top_k_beyond_the_vocabulary_harms_nobody(client):
+    # It used to overflow int64 in the scheduler thread and kill the engine for every request.
+    req = {"prompt": "Hello", "max_tokens": 4, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    vocab = client.app.state.engine.vocab_size
+    same = (await client.post("/v1/completions", json={**req, "top_k": vocab})).json()["choices"][0]["text"]
+    r = await asyncio.wait_for(client.post("/v1/completions", json={**req, "top_k": 10**30}), 30)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == same
+    assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_failure_while_sampling_the_first_token_answers_503_not_never(open_app, monkeypatch):
+    async with open_app() as c:
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated sampler failure")
+
+        monkeypatch.setattr("retnet.serve.engine.sample_step", broken)
+        r = await asyncio.wait_for(c.post("/v1/completions", json={"prompt": "boom", "max_tokens": 3}), 30)
+        assert r.status_code == 503 and "simulated sampler failure" in r.json()["error"]["message"]
+
+
 async def test_health_is_503_when_the_engine_dies(open_app):
     async with open_app() as c:
         engine = c.app.state.engine
@@ -277,3 +307,31 @@ async def test_health_is_503_when_the_engine_dies(open_app):
         assert health.status_code == 503 and health.json()["status"] == "failed"
         r = await c.post("/v1/completions", json={"prompt": "boom", "max_tokens": 3})
         assert r.status_code == 503
+
+
+async def test_a_non_streaming_client_that_leaves_mid_generation_frees_its_slot(open_app):
+    # Tokens arrive every decode step, so the client's absence must be noticed while they flow too.
+    async with open_app() as c:
+        app, engine = c.app, c.app.state.engine
+        body = json.dumps({"prompt": "hello", "max_tokens": 4096, **GREEDY}).encode()
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            pass
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        await asyncio.wait_for(app(scope, receive, send), 60)
+        while engine.in_system:
+            await asyncio.sleep(0.01)
+        assert await metric(c, "retnet_sequences_cancelled_total") == 1
+        assert await metric(c, "retnet_generation_tokens_total") < 4096

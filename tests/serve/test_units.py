@@ -1,5 +1,6 @@
 """The pieces without a server: stop strings, incremental detokenisation, the sampler, the state caches."""
 
+import pytest
 import torch
 
 from retnet.model import RetNetCache
@@ -50,6 +51,19 @@ def test_sampler_is_row_independent_and_seeded():
     assert alone == together
 
 
+def test_a_seeded_row_samples_the_same_next_to_a_row_that_truncates():
+    # One request without top_p/top_k/min_p, batched with one that uses top_p: same seed, same tokens.
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    truncating = SamplingParams(temperature=1.0, top_p=0.5, seed=5)
+    for seed in range(10):
+        plain = SamplingParams(temperature=1.0, seed=seed)
+        alone = sample_step(logits[:1], [RowSampler(plain, [], 50)]).tokens[0]
+        together = sample_step(logits, [RowSampler(plain, [], 50), RowSampler(truncating, [], 50)]).tokens
+        assert together[0] == alone, seed
+        assert together[1] == sample_step(logits[1:], [RowSampler(truncating, [], 50)]).tokens[0]
+
+
 def test_top_k_one_is_greedy_and_penalties_change_the_choice():
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
     assert sample_step(logits, [RowSampler(SamplingParams(top_k=1, seed=1), [], 4)]).tokens == [1]
@@ -94,3 +108,79 @@ def test_sessions_busy_ttl_and_count_bound():
     store.ttl_s = 0.0
     assert store.acquire("b").cache is None  # expired: starts afresh
     assert session is not None
+
+
+def standalone_engine(model_dir):
+    """An engine whose scheduler the test drives itself (no thread): ``engine._iteration()``."""
+    from transformers import AutoTokenizer
+
+    from retnet.model import RetNetForCausalLM
+    from retnet.serve.engine import Engine
+    from retnet.serve.metrics import ServeMetrics
+    from retnet.serve.settings import ServeSettings
+
+    engine = Engine(ServeSettings(model=str(model_dir)), AutoTokenizer.from_pretrained(model_dir), ServeMetrics(),
+                    model=RetNetForCausalLM.from_pretrained(model_dir))
+    engine._load()
+    engine.ready = True
+    return engine
+
+
+@pytest.mark.anyio
+async def test_a_cancel_landing_anywhere_in_an_iteration_frees_the_slot_once(model_dir):
+    # The event loop cancels while the scheduler thread runs: wherever the flag turns on, one release.
+    from retnet.serve.engine import RequestHandle
+
+    class LateCancel(RequestHandle):
+        @property
+        def cancelled(self):
+            self.looks += 1
+            return self.looks >= self.cancel_at
+
+        @cancelled.setter
+        def cancelled(self, value):
+            pass
+
+    engine = standalone_engine(model_dir)
+    for cancel_at in range(1, 16):
+        handle = engine.submit([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        handle.__class__, handle.looks, handle.cancel_at = LateCancel, 0, cancel_at
+        with torch.inference_mode():
+            while engine.waiting or engine.prefilling or engine.joining or engine.running:
+                engine._iteration()
+        assert engine.in_system == 0, cancel_at
+
+
+@pytest.mark.anyio
+async def test_a_request_submitted_as_the_engine_dies_is_refused_not_left_hanging(model_dir):
+    from retnet.serve.engine import EngineUnavailable
+
+    engine = standalone_engine(model_dir)
+    lock = engine.cond
+
+    class DiesWhileWaitedFor:
+        """The scheduler thread dies (and fails every queued request) just before submit gets the lock."""
+
+        def __enter__(self):
+            engine.cond = lock
+            engine.dead = "engine failed: simulated"
+            engine._fail_all(engine.dead)
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+
+    engine.cond = DiesWhileWaitedFor()
+    with pytest.raises(EngineUnavailable):
+        engine.submit([[5, 6, 7]], SamplingParams(max_tokens=2))
+    assert not engine.waiting and engine.in_system == 0
+
+
+def test_api_keys_from_the_environment_as_a_comma_list_or_json(monkeypatch):
+    from retnet.serve.settings import ServeSettings
+
+    for value, keys in (("k1,k2", ["k1", "k2"]), ("k1", ["k1"]), ('["k1", "k2"]', ["k1", "k2"])):
+        monkeypatch.setenv("RETNET_API_KEYS", value)
+        assert ServeSettings(model="x").api_keys == keys
+    monkeypatch.delenv("RETNET_API_KEYS")
+    assert ServeSettings(model="x", api_keys="a, b").api_keys == ["a", "b"]  # the --api-keys flag
