@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -33,7 +35,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows fp32 to inf and softmax gives NaN; the limit is greedy.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

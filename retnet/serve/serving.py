@@ -372,7 +372,7 @@ class OpenAIServing:
         return self._usage_counts(handle, sum(len(o.token_ids) for seq in outputs for o in seq))
 
     def _usage_counts(self, handle: RequestHandle, completion: int) -> Usage:
-        details = PromptTokensDetails(cached_tokens=handle.cached_tokens) if handle.cached_tokens else None
+        details = PromptTokensDetails(cached_tokens=handle.cached_tokens)  # OpenAI sends it, 0 included
         return Usage(prompt_tokens=handle.prompt_tokens, completion_tokens=completion,
                      total_tokens=handle.prompt_tokens + completion, prompt_tokens_details=details)
 

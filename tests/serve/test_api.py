@@ -138,6 +138,7 @@ async def test_prefix_cache_hit_skips_prefill_and_keeps_output(client, open_app)
     first = {"messages": [system, {"role": "user", "content": "def add(a, b)"}], "max_tokens": 8, **GREEDY}
     second = {"messages": [system, {"role": "user", "content": "class Stack"}], "max_tokens": 8, **GREEDY}
     a = (await client.post("/v1/chat/completions", json=first)).json()
+    assert a["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # sent at 0 too, as OpenAI does
     prefill_before = await metric(client, "retnet_prefill_tokens_total")
     hits_before = await metric(client, "retnet_prefix_cache_hits_total")
     b = (await client.post("/v1/chat/completions", json=second)).json()

@@ -73,6 +73,14 @@ def test_top_k_one_is_greedy_and_penalties_change_the_choice():
     assert [sample_step(logits, [row]).tokens[0] for _ in range(2)] == [1, 2]
 
 
+def test_a_vanishing_temperature_is_greedy():
+    """1e-40 would overflow logits / temperature to inf and softmax to NaN (which sampled the last token)."""
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
+    for temperature in (1e-40, 1e-6):
+        rows = [RowSampler(SamplingParams(temperature=temperature, seed=seed), [], 4) for seed in range(8)]
+        assert sample_step(logits.repeat(8, 1), rows).tokens == [1] * 8
+
+
 def _row_cache(value: float) -> RetNetCache:
     cache = RetNetCache(1)
     cache.states = [torch.full((1, 2, 2, 2), value)]
