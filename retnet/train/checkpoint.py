@@ -10,10 +10,15 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_00000100`` holding
 It is written into ``.tmp-step_…`` (each file fsynced), the manifest last, then renamed into place and the
 parent directory fsynced. A crash at any point leaves either no ``step_*`` directory or a complete one; a
 ``step_*`` directory without a manifest, or whose files do not match it, is refused with the file named.
+Saving a step that already has a checkpoint replaces it (the running process's state wins), swapped in with
+one ``renameat2(RENAME_EXCHANGE)`` where the OS has it. ``.tmp-*`` directories left by a process that died
+mid-save are removed by :func:`remove_stale_temp` when the next run starts.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -34,6 +39,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FILES = ("model.pt", "optimizer.pt", "trainer.pt")
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -92,36 +98,96 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(root: Path, step: int, *, model: dict, optimizer: dict, trainer: dict, keep_last: int) -> Path:
     """Write a checkpoint atomically (rank 0 only) and keep the newest ``keep_last`` valid ones.
 
-    A ``step_*`` directory already at this step that does not verify is moved aside to
-    ``step_….corrupt-<time>`` (never overwritten or deleted)."""
+    A valid ``step_*`` directory already at this step is replaced by the new one (a run resumed from an older
+    checkpoint has diverged from it). One that does not verify is moved aside to ``step_….corrupt-<time>``
+    (never overwritten or deleted)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    entries = {}
-    for name, obj in (("model.pt", model), ("optimizer.pt", optimizer), ("trainer.pt", trainer)):
-        _write_durable(tmp / name, obj)
-        entries[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-    manifest = {"format": FORMAT_VERSION, "step": step, "time": time.time(), "files": entries}
-    with open(tmp / MANIFEST, "w") as handle:
-        json.dump(manifest, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    _fsync_dir(tmp)
+    try:
+        entries = {}
+        for name, obj in (("model.pt", model), ("optimizer.pt", optimizer), ("trainer.pt", trainer)):
+            _write_durable(tmp / name, obj)
+            entries[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        manifest = {"format": FORMAT_VERSION, "step": step, "time": time.time(), "files": entries}
+        with open(tmp / MANIFEST, "w") as handle:
+            json.dump(manifest, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full of our half-written copy
+        raise
     if final.exists():
         try:
             verify_checkpoint(final)
-            shutil.rmtree(tmp)
-            return final  # the same step is already saved and valid (e.g. a resumed run that had finished)
         except CheckpointError as error:
             aside = final.with_name(f"{final.name}.corrupt-{int(time.time())}")
             logger.warning("moving invalid checkpoint aside to %s: %s", aside, error)
             os.rename(final, aside)
-    os.rename(tmp, final)
+    if final.exists():
+        _replace(tmp, final)
+    else:
+        os.rename(tmp, final)
     _fsync_dir(root)
     _prune(root, keep_last)
     return final
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this kernel or filesystem cannot swap
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _replace(new: Path, final: Path) -> None:
+    """Put the complete checkpoint ``new`` at ``final``, which holds a valid one. With an atomic swap there is
+    never a moment without a valid ``final``; without one there is a short gap between two renames, and a
+    crash inside it loses this step (``remove_stale_temp`` deletes both ``.tmp-`` copies; resume falls back to
+    the step before), never leaves a half-written ``step_*``."""
+    if not _exchange(new, final):
+        old = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}-old")
+        os.rename(final, old)
+        os.rename(new, final)
+        new = old
+    shutil.rmtree(new)  # now the superseded checkpoint, under a .tmp- name
+
+
+def remove_stale_temp(root: Path) -> list[Path]:
+    """Remove the ``.tmp-*`` directories under ``root``: call it before this process saves anything, so every
+    one of them belongs to a process that died mid-save (a preemption loop would otherwise fill the disk)."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def supersede_after(root: Path, step: int) -> list[Path]:
+    """Move ``step_*`` checkpoints newer than ``step`` aside to ``step_….abandoned-<time>``: a run resumed
+    explicitly from ``step`` replaces their trajectory, and left in place they would be what ``resume=auto``
+    picks next and what ``keep_last`` pruning keeps. Moved, not deleted: the explicit path may be a mistake."""
+    moved = []
+    stamp = int(time.time())
+    for path in list_checkpoints(root):
+        if int(STEP_DIR.match(path.name).group(1)) > step:
+            aside = path.with_name(f"{path.name}.abandoned-{stamp}")
+            os.rename(path, aside)
+            moved.append(aside)
+    if moved:
+        _fsync_dir(root)
+    return moved
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -148,16 +214,23 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: no {MANIFEST} (a crash while writing?)")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as error:
+    except ValueError as error:
         raise CheckpointError(f"checkpoint {str(manifest_path)!r} is unreadable: {error}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or type(manifest.get("step")) is not int:
+        raise CheckpointError(f"checkpoint {str(manifest_path)!r} is malformed: not an object with an integer "
+                              f"'step' and a 'files' object")
     for name in FILES:
         file = path / name
         if name not in files:
             raise CheckpointError(f"checkpoint {str(path)!r}: {MANIFEST} lists no {name}")
+        entry = files[name]
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
+            raise CheckpointError(f"checkpoint {str(manifest_path)!r} is malformed: the entry of {name} is not "
+                                  f"{{'sha256': str, 'bytes': int}}")
         if not file.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} is missing {name}")
-        if file.stat().st_size != files[name]["bytes"] or _sha256(file) != files[name]["sha256"]:
+        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
             raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt: its size or sha256 does not match "
                                   f"{MANIFEST}")
     return manifest
@@ -223,5 +296,5 @@ def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer
 
 __all__ = [
     "CheckpointError", "export_pretrained", "find_resume_checkpoint", "list_checkpoints", "load_checkpoint",
-    "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint",
+    "remove_stale_temp", "rng_state", "save_checkpoint", "set_rng_state", "supersede_after", "verify_checkpoint",
 ]

@@ -43,9 +43,11 @@ from retnet.train.checkpoint import (
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    remove_stale_temp,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    supersede_after,
 )
 from retnet.train.config import ConfigError, JobConfig, OptimConfig
 from retnet.train.data import build_data, packed_segments
@@ -197,6 +199,10 @@ class Trainer:
         resume_path = self._resolve_resume()
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            stale = remove_stale_temp(self.ckpt_root)
+            if stale:
+                logger.info("removed stale temporary checkpoint directories of an interrupted save: %s",
+                            ", ".join(p.name for p in stale))
         barrier()
 
         # Data (and tokenizer): a run that saved its tokenizer keeps using it.
@@ -235,6 +241,12 @@ class Trainer:
 
         if resume_path is not None:
             self._load(resume_path)
+            if self.is_main and cfg.train.resume not in ("auto", "none"):
+                abandoned = supersede_after(self.ckpt_root, self.step)
+                if abandoned:
+                    logger.warning("resuming explicitly from step %d: the later checkpoints of the trajectory it "
+                                   "leaves are moved aside (delete them when no longer needed): %s", self.step,
+                                   ", ".join(p.name for p in abandoned))
         self.start_step = self.step
         if self.is_main:
             self._open_loggers()
@@ -406,16 +418,45 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        self._set_full_state(state["model"], state["optimizer"])
+        self._check_fits(path, state["model"])
         trainer = state["trainer"]
-        self.step = self.last_saved_step = int(trainer["step"])
         ranks = trainer["ranks"]
         if len(ranks) != self.world_size:
+            if ranks[0]["data"].get("kind") == "streaming":
+                # Each rank's position counts blocks of the part split_dataset_by_node gave it; under another
+                # split those counts skip or repeat data, and there is no exact mapping between splits.
+                raise ConfigError(
+                    f"checkpoint {str(path)!r} was written by {len(ranks)} ranks on streamed data "
+                    f"(data.streaming=true) and this run has world size {self.world_size}: each rank's stream "
+                    f"position holds only for the split it was read with; resume it with {len(ranks)} ranks")
             logger.warning("checkpoint was written by %d ranks, resuming with %d: data order is kept, RNG "
                            "streams are not (no exact replay)", len(ranks), self.world_size)
+        self._set_full_state(state["model"], state["optimizer"])
+        self.step = self.last_saved_step = int(trainer["step"])
         mine = ranks[self.rank % len(ranks)]
         self.data.load_state_dict(mine["data"])
         set_rng_state(mine["rng"])
+
+    def _check_fits(self, path: Path, saved: dict) -> None:
+        """CheckpointError naming the tensors when the saved model is not the configured one (load_state_dict
+        would stop with a bare traceback). Under resume=auto too: the checkpoint is valid, the config changed."""
+        expected = {k: list(v.shape) for k, v in self.raw_model.state_dict().items()}  # DTensor: global shape
+        got = {k: list(v.shape) for k, v in saved.items()}
+        problems = [f"{k}: checkpoint {got[k]}, model {shape}" for k, shape in expected.items()
+                    if k in got and got[k] != shape]
+        missing, unexpected = [k for k in expected if k not in got], [k for k in got if k not in expected]
+        if missing:
+            problems.append(f"missing from the checkpoint: {', '.join(missing[:3])}"
+                            + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        if unexpected:
+            problems.append(f"not in the model: {', '.join(unexpected[:3])}"
+                            + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
+        if problems:
+            shown = problems[:4] + ([f"… {len(problems) - 4} more"] if len(problems) > 4 else [])
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit the configured model: {'; '.join(shown)}. The model "
+                f"settings differ from those it was saved with (its trainer.pt holds its config): resume with "
+                f"those, or start in another train.output_dir")
 
     # -- loop --------------------------------------------------------------------------------------------
     def _set_grad_sync(self, sync: bool) -> None:

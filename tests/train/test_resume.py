@@ -1,0 +1,223 @@
+"""Checkpoint housekeeping and resume edge cases: stale temp directories, malformed manifests, a model that
+no longer fits, resuming explicitly from an older checkpoint, and a streamed run resumed on another world
+size. In-process runs (``main`` returns the exit status)."""
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retnet.train import checkpoint as ckpt_module
+from retnet.train.__main__ import EXIT_CONFIG, main
+from retnet.train.checkpoint import (
+    CheckpointError,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _log_to_the_current_stderr():
+    """The trainer adds its log handler once, holding the sys.stderr of that moment, which capsys closes after
+    its test: here the handler writes to whatever sys.stderr is, so each test captures its own runs' logs."""
+    root = logging.getLogger("retnet")
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(handler)
+    handler = _CurrentStderr()
+    root.addHandler(handler)
+    yield
+    root.removeHandler(handler)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): _digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Stale temp directories
+# ----------------------------------------------------------------------------------------------------------
+def test_stale_temp_checkpoints_are_removed_at_start(micro, tmp_path, capsys):
+    """A process killed mid-save leaves ``.tmp-step_…`` behind; the next start removes it (a preemption loop
+    would otherwise fill the disk), and leaves checkpoints and moved-aside corrupt ones alone."""
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2)) == 0
+    root = out / "checkpoints"
+    stale = [root / ".tmp-step_00000004-424242", root / ".tmp-step_00000006-7"]
+    for path in stale:
+        path.mkdir()
+        (path / "model.pt").write_bytes(b"x" * 1000)
+    corrupt = root / "step_00000001.corrupt-123"
+    corrupt.mkdir()
+    assert main(micro(out, train__steps=3)) == 0
+    assert not any(path.exists() for path in stale)
+    assert "removed stale" in capsys.readouterr().err
+    assert corrupt.is_dir()
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000003"]
+
+
+def test_a_failed_save_removes_its_temp_directory(tmp_path, monkeypatch):
+    def full_disk(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_module, "_write_durable", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 3, model={}, optimizer={}, trainer={}, keep_last=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. A checkpoint that does not fit the configured model
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("resume", ["auto", "explicit"])
+def test_model_shape_mismatch_is_a_checkpoint_error(resume, micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2)) == 0
+    before = _tree_digest(out / "checkpoints")
+    target = "auto" if resume == "auto" else out / "checkpoints" / "step_00000002"
+    assert main(micro(out, train__steps=4, model__hidden_size=64, train__resume=target)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "step_00000002" in err and "does not fit the configured model" in err
+    assert "[512, 32]" in err and "[512, 64]" in err  # the embedding's shape, saved and configured
+    assert "Traceback" not in err
+    assert _tree_digest(out / "checkpoints") == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. A manifest that is JSON of the wrong structure
+# ----------------------------------------------------------------------------------------------------------
+def _malformed(manifest: dict) -> list:
+    files = manifest["files"]
+    return [
+        [],
+        "step 4",
+        {"format": 1, "step": 4},
+        {**manifest, "files": list(files)},
+        {**manifest, "files": {**files, "model.pt": "abc"}},
+        {**manifest, "files": {**files, "model.pt": {"sha256": files["model.pt"]["sha256"]}}},
+        {**manifest, "files": {**files, "model.pt": {**files["model.pt"], "bytes": "12"}}},
+        {k: v for k, v in manifest.items() if k != "step"},
+        {**manifest, "step": "4"},
+    ]
+
+
+def test_malformed_manifest_is_a_corrupt_checkpoint(micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(micro(out, checkpoint__interval=2, train__steps=4)) == 0
+    root = out / "checkpoints"
+    newest = root / "step_00000004"
+    good = json.loads((newest / "manifest.json").read_text())
+    for bad in _malformed(good):
+        (newest / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="step_00000004"):
+            verify_checkpoint(newest)
+        assert find_resume_checkpoint(root) == root / "step_00000002", bad
+
+    # Named explicitly: refused with the manifest named, nothing written.
+    before = _tree_digest(root)
+    assert main(micro(out, train__steps=6, train__resume=newest)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "step_00000004/manifest.json" in err and "Traceback" not in err
+    assert _tree_digest(root) == before
+
+    # auto: skipped with a warning; the run resumes from step 2.
+    assert main(micro(out, checkpoint__interval=2, train__steps=6)) == 0
+    assert "at step 2" in capsys.readouterr().err
+    assert verify_checkpoint(root / "step_00000006")["step"] == 6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The newer run's state wins
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
+def test_saving_a_step_again_replaces_it(exchange, tmp_path, monkeypatch):
+    if not exchange:
+        monkeypatch.setattr(ckpt_module, "_exchange", lambda a, b: False)
+    first = save_checkpoint(tmp_path, 4, model={"w": torch.zeros(3)}, optimizer={}, trainer={"n": 1}, keep_last=3)
+    again = save_checkpoint(tmp_path, 4, model={"w": torch.ones(3)}, optimizer={}, trainer={"n": 2}, keep_last=3)
+    assert again == first
+    state = load_checkpoint(again)
+    assert torch.equal(state["model"]["w"], torch.ones(3)) and state["trainer"] == {"n": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000004"]
+
+
+def test_explicit_resume_from_an_older_checkpoint_supersedes_the_newer_ones(micro, tmp_path, capsys):
+    """Resuming explicitly from step 2 of a run that saved 2, 4, 6 (here with another learning rate) starts
+    a new trajectory: its step 4 replaces the old step 4, the old step 6 is moved aside (not deleted), and a
+    later ``resume=auto`` continues the new trajectory."""
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    assert main(micro(out, checkpoint__interval=2, checkpoint__keep_last=3, train__steps=6)) == 0
+    old_step_4 = _digest(root / "step_00000004" / "model.pt")
+    old_step_6 = _tree_digest(root / "step_00000006")
+    capsys.readouterr()
+
+    assert main(micro(out, checkpoint__interval=2, checkpoint__keep_last=3, train__steps=4, optim__lr=1e-3,
+                      train__resume=root / "step_00000002")) == 0
+    err = capsys.readouterr().err
+    assert "step_00000006" in err and "abandoned" in err
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000004"]
+    assert _digest(root / "step_00000004" / "model.pt") != old_step_4
+    trainer = torch.load(root / "step_00000004" / "trainer.pt", weights_only=False)
+    assert trainer["config"]["optim"]["lr"] == 1e-3
+    (aside,) = root.glob("step_00000006.abandoned-*")
+    assert _tree_digest(aside) == old_step_6
+    assert not list(root.glob(".tmp-*"))
+
+    assert main(micro(out, checkpoint__interval=2, checkpoint__keep_last=3, train__steps=5, optim__lr=1e-3)) == 0
+    assert "at step 4" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Resuming on another world size
+# ----------------------------------------------------------------------------------------------------------
+def _as_if_two_ranks(src: Path, dst: Path) -> None:
+    """Copy ``src``'s newest checkpoint into ``dst`` as though two ranks had written it."""
+    state = load_checkpoint(list_checkpoints(src)[-1])
+    trainer = state["trainer"]
+    trainer["world_size"], trainer["ranks"] = 2, [trainer["ranks"][0], trainer["ranks"][0]]
+    save_checkpoint(dst, state["step"], model=state["model"], optimizer=state["optimizer"], trainer=trainer,
+                    keep_last=2)
+
+
+def test_streamed_data_refuses_another_world_size(micro, tmp_path, capsys):
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    args = dict(data__streaming=True, data__val_documents=10)
+    assert main(micro(out, **args, train__steps=2)) == 0
+    _as_if_two_ranks(out / "checkpoints", moved / "checkpoints")
+    before = _tree_digest(moved / "checkpoints")
+    assert main(micro(moved, **args, train__steps=4)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "data.streaming" in err and "2 ranks" in err and "world size 1" in err
+    assert _tree_digest(moved / "checkpoints") == before
+
+
+def test_packed_data_resumes_on_another_world_size(micro, tmp_path, capsys, read_metrics):
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    assert main(micro(out, train__steps=2)) == 0
+    _as_if_two_ranks(out / "checkpoints", moved / "checkpoints")
+    shutil.copy(out / "metrics.jsonl", moved / "metrics.jsonl")
+    assert main(micro(moved, train__steps=4)) == 0
+    assert "written by 2 ranks" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(moved)] == [1, 2, 3, 4]
