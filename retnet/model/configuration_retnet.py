@@ -102,7 +102,8 @@ class RetNetConfig(PretrainedConfig):
         kwargs = self.hidden_act_kwargs
         if kwargs is None or isinstance(kwargs, dict):
             kwargs = [dict(kwargs or {})] * self.num_hidden_layers
-        return list(zip(names, kwargs))
+        # validate_activation takes a null entry (config.json) as no parameters; so must the layers.
+        return [(name, {} if layer_kwargs is None else layer_kwargs) for name, layer_kwargs in zip(names, kwargs)]
 
     def log_decays(self) -> list[float]:
         """ln γ_h per head, computed in float64 as log1p(−2^−e) so γ ≈ 1 keeps its distance from 1."""
@@ -148,6 +149,13 @@ class RetNetConfig(PretrainedConfig):
             refuse("dropout", "must be in [0, 1)")
         if not self.rope_theta > 0:
             refuse("rope_theta", "must be > 0")
+        if self.use_xpos and not 0 < self.xpos_scale_base < math.inf:
+            refuse("xpos_scale_base", "must be a finite number > 0 with use_xpos (positions are divided by it)")
+        if not self.initializer_range >= 0:
+            refuse("initializer_range", "must be >= 0 (it is the init's standard deviation)")
+        if self.pad_token_id is not None and not -self.vocab_size <= self.pad_token_id < self.vocab_size:
+            refuse("pad_token_id", f"must be None or an id within vocab_size={self.vocab_size} (the embedding's "
+                   "padding row)")
         if isinstance(self.hidden_act, list) and len(self.hidden_act) != self.num_hidden_layers:
             refuse("hidden_act", f"as a list must have one name per layer (num_hidden_layers="
                    f"{self.num_hidden_layers}), but has {len(self.hidden_act)}")
@@ -159,6 +167,14 @@ class RetNetConfig(PretrainedConfig):
                 validate_activation(name, kwargs)
             except ValueError as error:
                 raise ValueError(f"RetNetConfig.hidden_act (layer {layer}): {error}") from None
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        # transformers sets from_pretrained's overrides (from_pretrained(path, chunk_size=0)) on the config
+        # after building it, past __post_init__'s validation: check again with them applied.
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate_retnet()
+        return result
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> RetNetConfig:

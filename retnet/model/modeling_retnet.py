@@ -180,7 +180,10 @@ class RetNetMultiScaleRetention(nn.Module):
         output_final_state: bool,
         mode: str,
         cu_seqlens: torch.Tensor | None = None,
+        packed_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``packed_rows``: ``(index, row_cu_seqlens)`` of the real tokens of a padded batch (see
+        :func:`_pack_padded_rows`); retention then runs on those alone, one packed sequence per row."""
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
@@ -191,6 +194,11 @@ class RetNetMultiScaleRetention(nn.Module):
             k = k * token_mask[:, :, None, None].to(k.dtype)
         log_decay = self.log_decay(q.device)
         mode = resolve_retention_mode(mode, length, q)
+        if packed_rows is not None:
+            # The decay runs per position, padding included: a pad after real tokens (or after a cached state)
+            # would decay the state it does not write to. Packed, the pads are simply not there.
+            index, cu_seqlens = packed_rows
+            q, k, v = (x.flatten(0, 1)[index][None] for x in (q, k, v))
         common = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
         if mode == "parallel":
             o, state = kernels.parallel_retention(q, k, v, log_decay, **common)
@@ -198,6 +206,8 @@ class RetNetMultiScaleRetention(nn.Module):
             o, state = kernels.chunk_retention(q, k, v, log_decay, chunk_size=self.config.chunk_size, **common)
         else:
             o, state = kernels.recurrent_retention(q, k, v, log_decay, **common)
+        if packed_rows is not None:
+            o = o.new_zeros(batch * length, *o.shape[2:]).index_copy(0, index, o[0]).view(batch, length, *o.shape[2:])
         o = self.head_norm(o) if self.head_norm is not None else o.flatten(-2)
         if self.g_proj is not None:
             o = F.silu(self.g_proj(hidden_states)) * o
@@ -234,10 +244,11 @@ class RetNetDecoderLayer(nn.Module):
         self.mlp = RetNetMLP(config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states, position_ids, token_mask, initial_state, output_final_state, mode, cu_seqlens):
+    def forward(self, hidden_states, position_ids, token_mask, initial_state, output_final_state, mode, cu_seqlens,
+                packed_rows=None):
         retained, state = self.retention(
             self.retention_norm(hidden_states), position_ids, token_mask, initial_state, output_final_state,
-            mode, cu_seqlens,
+            mode, cu_seqlens, packed_rows,
         )
         hidden_states = hidden_states + self.dropout(retained)
         hidden_states = hidden_states + self.dropout(self.mlp(self.ffn_norm(hidden_states)))
@@ -395,13 +406,15 @@ class RetNetModel(RetNetPreTrainedModel):
         past_offsets = None if cache is None else cache.offsets
         if position_ids is None:
             position_ids = self._positions(batch, length, token_mask, past_offsets, cu_seqlens, hidden_states.device)
+        packed_rows = None if token_mask is None else _pack_padded_rows(token_mask, past_offsets is not None)
 
         all_hidden_states = ()
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             initial_state = None if cache is None else cache.states[index]
-            args = (hidden_states, position_ids, token_mask, initial_state, cache is not None, mode, cu_seqlens)
+            args = (hidden_states, position_ids, token_mask, initial_state, cache is not None, mode, cu_seqlens,
+                    packed_rows)
             if checkpointing:
                 hidden_states, state = self._gradient_checkpointing_func(layer.__call__, *args)
             else:
@@ -447,6 +460,20 @@ class RetNetModel(RetNetPreTrainedModel):
         if token_mask is None:
             return start + torch.arange(length, device=device)[None]
         return start + (token_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _pack_padded_rows(token_mask: torch.Tensor, has_state: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(index, cu_seqlens)`` packing each row's real tokens as one sequence, when some padding would meet a
+    non-zero state: padding after a real token, or any padding with a cached state. Leading padding on a fresh
+    state decays only zeros, so it keeps the plain batched path (None)."""
+    real = token_mask.bool()
+    if bool(real.all()):
+        return None
+    if not has_state and not bool((real[:, :-1] & ~real[:, 1:]).any()):
+        return None
+    index = real.flatten().nonzero().squeeze(-1)
+    cu_seqlens = F.pad(real.sum(-1).cumsum(0), (1, 0))
+    return index, cu_seqlens
 
 
 def _check_packed(cu_seqlens: torch.Tensor, batch: int, attention_mask, cache: RetNetCache | None) -> None:
@@ -569,11 +596,26 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             model_inputs["position_ids"] = model_inputs["position_ids"][:, -length:]
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # transformers repeats only tensors for beams / num_return_sequences; a cache passed in to continue
+        # from must be repeated with its prompts, row by row.
+        batch = None if input_ids is None else input_ids.shape[0]
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        for key in ("cache", "past_key_values"):
+            cache = model_kwargs.get(key)
+            if expand_size > 1 and isinstance(cache, RetNetCache) and cache.batch_size > 0 and cache.batch_size == batch:
+                cache.batch_repeat_interleave(expand_size)
+        return input_ids, model_kwargs
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        model_kwargs[CACHE_KWARG] = outputs.cache
+        # Without a cache (use_cache=False) the key must stay absent: beam search reorders whatever it holds.
+        if outputs.cache is not None:
+            model_kwargs[CACHE_KWARG] = outputs.cache
         return model_kwargs
 
 

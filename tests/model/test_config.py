@@ -67,6 +67,10 @@ def test_linspace_schedule():
         (dict(value_factor=0.3), "value_factor"),
         (dict(dropout=1.5), "dropout"),
         (dict(hidden_act="smelu", hidden_act_kwargs={"beta": -1.0}), "hidden_act"),
+        (dict(use_xpos=True, xpos_scale_base=0), "xpos_scale_base"),
+        (dict(use_xpos=True, xpos_scale_base=float("nan")), "xpos_scale_base"),
+        (dict(initializer_range=-0.02), "initializer_range"),
+        (dict(pad_token_id=10), "pad_token_id"),
     ],
 )
 def test_invalid_configs_name_the_field_and_value(overrides, field):
@@ -84,6 +88,23 @@ def test_bad_config_file_is_refused_at_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"hidden_size.*64"):
         AutoConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("override", [dict(num_attention_heads=5), dict(chunk_size=0), dict(hidden_act="nope")])
+def test_from_pretrained_overrides_are_validated(tmp_path, override):
+    # transformers applies from_pretrained's keyword overrides after building (and validating) the config
+    RetNetConfig(vocab_size=10, hidden_size=64, num_hidden_layers=2, num_attention_heads=4).save_pretrained(tmp_path)
+    field = next(iter(override))
+    with pytest.raises(ValueError, match=field if field != "num_attention_heads" else "hidden_size"):
+        AutoConfig.from_pretrained(tmp_path, **override)
+
+
+def test_null_activation_parameters_in_a_list_build_a_model():
+    from retnet.model import RetNetForCausalLM
+
+    config = RetNetConfig(vocab_size=10, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          hidden_act=["smelu", "gelu"], hidden_act_kwargs=[None, {}])
+    assert type(RetNetForCausalLM(config).model.layers[0].mlp.act_fn).__name__ == "SmeLU"
 
 
 def test_auto_config_roundtrip(tmp_path):

@@ -61,6 +61,27 @@ def test_beam_search_reorders_the_state(tiny_model):
 
 
 @torch.no_grad()
+def test_beam_search_without_a_cache_matches_with_one(tiny_model):
+    prompt = _prompt(7, batch=2)
+    kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None)
+    assert torch.equal(tiny_model.generate(prompt, use_cache=False, **kwargs), tiny_model.generate(prompt, **kwargs))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kwargs", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)])
+@pytest.mark.parametrize("name", ("cache", "past_key_values"))
+def test_continuing_from_a_returned_cache_with_several_sequences_per_prompt(tiny_model, kwargs, name):
+    first = tiny_model.generate(_prompt(7), max_new_tokens=3, do_sample=False, eos_token_id=None,
+                                return_dict_in_generate=True)
+    cache = first.past_key_values if getattr(first, "past_key_values", None) is not None else first.cache
+    torch.manual_seed(0)
+    continued = tiny_model.generate(first.sequences, max_new_tokens=4, eos_token_id=None, **{name: cache}, **kwargs)
+    torch.manual_seed(0)
+    recomputed = tiny_model.generate(first.sequences, max_new_tokens=4, eos_token_id=None, **kwargs)
+    assert torch.equal(continued, recomputed)
+
+
+@torch.no_grad()
 def test_sampling_is_seeded_and_respects_top_k(tiny_model):
     prompt = _prompt(6)
     kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=3, top_p=0.95, eos_token_id=None)

@@ -54,6 +54,45 @@ def test_left_padding_contributes_nothing(tiny_model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("mode", MODES)
+def test_right_padding_and_holes_leave_each_rows_cache_as_alone(model_factory, mode):
+    # a padded position writes no kᵀv, but the decay must not run over it either
+    model = model_factory(use_xpos=True)
+    ids = _ids(batch=3, length=11)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padded
+    mask[2, 2:4] = 0  # a hole, then right padding
+    mask[2, 9:] = 0
+    out = model(ids, attention_mask=mask, use_cache=True, retention_mode=mode)
+    for row in range(3):
+        real = mask[row].bool()
+        alone = model(ids[row, real][None], use_cache=True, retention_mode=mode)
+        torch.testing.assert_close(out.logits[row, real], alone.logits[0], rtol=1e-5, atol=1e-5)
+        for state, alone_state in zip(out.cache.states, alone.cache.states):
+            torch.testing.assert_close(state[row], alone_state[0], rtol=1e-5, atol=1e-6, msg=f"row {row}")
+        assert out.cache.offsets[row] == alone.cache.offsets[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", (*MODES, "auto"))
+def test_left_padded_chunk_continues_each_rows_cache(tiny_model, mode):
+    prefix = _ids(batch=3, length=6, seed=2)
+    cache = tiny_model(prefix, use_cache=True, retention_mode=mode).cache
+    chunk = _ids(batch=3, length=5, seed=3)
+    chunk_mask = torch.ones_like(chunk)
+    chunk_mask[0, :2] = 0
+    chunk_mask[1] = 0  # nothing new for row 1
+    mask = torch.cat([torch.ones_like(prefix), chunk_mask], dim=1)
+    out = tiny_model(chunk, attention_mask=mask, cache=cache, use_cache=True, retention_mode=mode)
+    for row in range(3):
+        real = chunk_mask[row].bool()
+        alone = tiny_model(torch.cat([prefix[row], chunk[row, real]])[None], use_cache=True, retention_mode=mode)
+        torch.testing.assert_close(out.logits[row, real], alone.logits[0, 6:], rtol=1e-5, atol=1e-5)
+        for state, alone_state in zip(out.cache.states, alone.cache.states):
+            torch.testing.assert_close(state[row], alone_state[0], rtol=1e-5, atol=1e-6, msg=f"row {row}")
+
+
+@torch.no_grad()
 def test_state_is_constant_size_and_accepts_the_deprecated_kwarg(tiny_model):
     ids = _ids(batch=1, length=40)
     out = tiny_model(ids[:, :10], use_cache=True)
