@@ -174,6 +174,24 @@ def remove_stale_temp(root: Path) -> list[Path]:
     return stale
 
 
+def remove_stale_export(directory: Path) -> list[Path]:
+    """Remove the ``.tmp-<name>-*`` and ``.old-<name>-*`` siblings of the export ``directory`` that
+    :func:`export_pretrained` leaves when its process dies: call it before this process exports anything.
+    When ``directory`` itself is missing (a death between the two renames), an ``.old-`` one is the last
+    complete export and is renamed back instead of removed."""
+    directory = Path(directory)
+    if not directory.parent.is_dir():
+        return []
+    old = sorted(p for p in directory.parent.glob(f".old-{directory.name}-*") if p.is_dir())
+    if old and not directory.exists():
+        os.rename(old.pop(), directory)
+    stale = [*directory.parent.glob(f".tmp-{directory.name}-*"), *old]
+    stale = [p for p in stale if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def supersede_after(root: Path, step: int) -> list[Path]:
     """Move ``step_*`` checkpoints newer than ``step`` aside to ``step_….abandoned-<time>``: a run resumed
     explicitly from ``step`` replaces their trajectory, and left in place they would be what ``resume=auto``
@@ -296,5 +314,6 @@ def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer
 
 __all__ = [
     "CheckpointError", "export_pretrained", "find_resume_checkpoint", "list_checkpoints", "load_checkpoint",
-    "remove_stale_temp", "rng_state", "save_checkpoint", "set_rng_state", "supersede_after", "verify_checkpoint",
+    "remove_stale_export", "remove_stale_temp", "rng_state", "save_checkpoint", "set_rng_state", "supersede_after",
+    "verify_checkpoint",
 ]

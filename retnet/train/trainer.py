@@ -28,6 +28,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -43,6 +44,7 @@ from retnet.train.checkpoint import (
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    remove_stale_export,
     remove_stale_temp,
     rng_state,
     save_checkpoint,
@@ -202,6 +204,10 @@ class Trainer:
             stale = remove_stale_temp(self.ckpt_root)
             if stale:
                 logger.info("removed stale temporary checkpoint directories of an interrupted save: %s",
+                            ", ".join(p.name for p in stale))
+            stale = remove_stale_export(self.output_dir / "export")
+            if stale:
+                logger.info("removed stale temporary export directories of an interrupted export: %s",
                             ", ".join(p.name for p in stale))
         barrier()
 
@@ -421,6 +427,15 @@ class Trainer:
         self._check_fits(path, state["model"])
         trainer = state["trainer"]
         ranks = trainer["ranks"]
+        saved = str(ranks[0]["data"].get("kind") == "streaming").lower()
+        current = str(self.data.state_dict()["kind"] == "streaming").lower()
+        if saved != current:
+            # A packed position counts shuffled blocks of the token cache, a streamed one blocks read in file
+            # order: neither means anything in the other mode, so there is no data position to resume from.
+            raise ConfigError(
+                f"checkpoint {str(path)!r} was written with data.streaming={saved} and this run has "
+                f"data.streaming={current}: its data position cannot resume the other mode; resume it with "
+                f"data.streaming={saved}, or start in another train.output_dir")
         if len(ranks) != self.world_size:
             if ranks[0]["data"].get("kind") == "streaming":
                 # Each rank's position counts blocks of the part split_dataset_by_node gave it; under another
@@ -635,10 +650,24 @@ def _record_step(line: str) -> int:
         return 1 << 62
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stderr`` is when a record is emitted: ``main`` may run again in the
+    same process after the stderr of the first run was replaced and closed (pytest's capsys, a notebook cell
+    with redirected output), and a handler holding that old stream would only print "Logging error"."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # StreamHandler.__init__ and setStream assign it; the current sys.stderr always wins
+
+
 def _setup_logging(rank: int) -> None:
     root = logging.getLogger("retnet")
     if not root.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
         root.propagate = False

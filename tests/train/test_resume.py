@@ -4,9 +4,7 @@ size. In-process runs (``main`` returns the exit status)."""
 
 import hashlib
 import json
-import logging
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,32 +17,10 @@ from retnet.train.checkpoint import (
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    remove_stale_export,
     save_checkpoint,
     verify_checkpoint,
 )
-
-
-class _CurrentStderr(logging.StreamHandler):
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-@pytest.fixture(autouse=True)
-def _log_to_the_current_stderr():
-    """The trainer adds its log handler once, holding the sys.stderr of that moment, which capsys closes after
-    its test: here the handler writes to whatever sys.stderr is, so each test captures its own runs' logs."""
-    root = logging.getLogger("retnet")
-    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
-        root.removeHandler(handler)
-    handler = _CurrentStderr()
-    root.addHandler(handler)
-    yield
-    root.removeHandler(handler)
 
 
 def _digest(path: Path) -> str:
@@ -75,6 +51,35 @@ def test_stale_temp_checkpoints_are_removed_at_start(micro, tmp_path, capsys):
     assert "removed stale" in capsys.readouterr().err
     assert corrupt.is_dir()
     assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000003"]
+
+
+def test_stale_export_directories_are_removed_at_start(micro, tmp_path, capsys):
+    """A process killed mid-export leaves ``.tmp-export-<pid>`` / ``.old-export-<pid>`` beside the export;
+    the next start removes them before it exports anything, and leaves the export itself alone."""
+    out = tmp_path / "run"
+    export = out / "export"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    stale = [out / ".tmp-export-424242", out / ".old-export-7"]
+    for path in stale:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"x" * 1000)
+    assert main(micro(out, train__steps=1)) == 0
+    assert not any(path.exists() for path in stale)
+    assert "removed stale temporary export" in capsys.readouterr().err
+    assert (export / "config.json").read_text() == "{}"
+
+
+def test_an_export_moved_aside_by_a_dead_process_is_restored(tmp_path):
+    """Death between export_pretrained's two renames leaves only ``.old-export-<pid>`` complete: it is
+    renamed back, not deleted, and the half-written ``.tmp-`` one is removed."""
+    old, tmp = tmp_path / ".old-export-7", tmp_path / ".tmp-export-7"
+    for path in (old, tmp):
+        path.mkdir()
+        (path / "config.json").write_text(path.name)
+    assert remove_stale_export(tmp_path / "export") == [tmp]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert (tmp_path / "export" / "config.json").read_text() == ".old-export-7"
 
 
 def test_a_failed_save_removes_its_temp_directory(tmp_path, monkeypatch):
@@ -211,6 +216,20 @@ def test_streamed_data_refuses_another_world_size(micro, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.streaming" in err and "2 ranks" in err and "world size 1" in err
     assert _tree_digest(moved / "checkpoints") == before
+
+
+@pytest.mark.parametrize("streamed_first", [True, False], ids=["streamed-then-packed", "packed-then-streamed"])
+def test_resuming_in_the_other_data_mode_is_a_config_error(streamed_first, micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    streamed = dict(data__streaming=True, data__val_documents=10)
+    first, then = (streamed, {}) if streamed_first else ({}, streamed)
+    assert main(micro(out, **first, train__steps=2)) == 0
+    before = _tree_digest(out / "checkpoints")
+    assert main(micro(out, **then, train__steps=4)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "step_00000002" in err and f"data.streaming={str(streamed_first).lower()}" in err
+    assert "Traceback" not in err
+    assert _tree_digest(out / "checkpoints") == before
 
 
 def test_packed_data_resumes_on_another_world_size(micro, tmp_path, capsys, read_metrics):

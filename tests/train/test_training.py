@@ -2,9 +2,12 @@
 signals, bad input, and the tiny preset learning on the embedded stdlib corpus."""
 
 import hashlib
+import io
+import logging
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +31,26 @@ def _wait_for(predicate, process, timeout=120.0):
         assert process.poll() is None, f"training exited early with {process.returncode}"
         time.sleep(0.02)
     raise AssertionError("timed out")
+
+
+def test_a_second_run_in_the_process_logs_to_the_current_stderr(micro, tmp_path, monkeypatch):
+    """``main`` again after the first run's stderr was replaced and closed (capsys, a notebook cell with
+    redirected output): the records reach the stderr of the second run, not a "Logging error" about the
+    closed one, and the second run adds no second handler."""
+    root = logging.getLogger("retnet")
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh process: the first run adds the handler
+    monkeypatch.setattr(root, "propagate", root.propagate)
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    assert main(micro(tmp_path / "first", train__steps=1)) == 0
+    assert "parameters" in first.getvalue()
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    assert main(micro(tmp_path / "second", train__steps=1)) == 0
+    err = second.getvalue()
+    assert "Logging error" not in err
+    assert err.count("parameters") == 1  # the start-up record, once
+    assert len(root.handlers) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
