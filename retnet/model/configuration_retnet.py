@@ -17,6 +17,17 @@ from retnet.model.activations import validate_activation
 RETENTION_MODES = ("auto", "parallel", "chunkwise", "recurrent")
 NORM_TYPES = ("layernorm", "rmsnorm")
 DECAY_SCHEDULES = ("paper", "linspace")
+BOOL_FIELDS = ("ffn_glu", "ffn_bias", "use_head_norm", "use_output_gate", "use_xpos", "use_cache",
+               "tie_word_embeddings")
+# JSON or TOML may give a whole number as an int (value_factor = 2), which is fine; a bool or a string is not.
+FLOAT_FIELDS = ("value_factor", "rms_norm_eps", "rope_theta", "xpos_scale_base", "decay_exponent_min",
+                "decay_exponent_max", "initializer_range", "dropout")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; True is not a size.
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 # The paper's sizes (Table 1 of Sun et al., 2023) and a tiny one for tests and the CPU demo.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -83,9 +94,12 @@ class RetNetConfig(PretrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        if self.head_dim is None and self.num_attention_heads and self.num_attention_heads > 0:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.intermediate_size is None:
+        # Derive only from real integers: a string here would raise a TypeError (or make 2 * "64" == "6464")
+        # before validate_retnet could refuse the field by name.
+        heads = self.num_attention_heads
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(heads) and heads > 0:
+            self.head_dim = self.hidden_size // heads
+        if self.intermediate_size is None and _is_int(self.hidden_size):
             self.intermediate_size = 2 * self.hidden_size
         super().__post_init__(**kwargs)
         self.validate_retnet()
@@ -125,8 +139,19 @@ class RetNetConfig(PretrainedConfig):
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                       "intermediate_size", "chunk_size"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 refuse(field, "must be a positive integer")
+        # Types first, so the range checks below compare numbers and the truthiness tests read real bools
+        # (use_head_norm="no" would otherwise count as true). config.json gives JSON true/false as bools.
+        for field in BOOL_FIELDS:
+            if not isinstance(getattr(self, field), bool):
+                refuse(field, "must be a bool (true or false)")
+        for field in FLOAT_FIELDS:
+            value = getattr(self, field)
+            if (not _is_int(value) and not isinstance(value, float)) or not math.isfinite(value):
+                refuse(field, "must be a finite number")
+        if self.pad_token_id is not None and not _is_int(self.pad_token_id):
+            refuse("pad_token_id", "must be None or an integer token id")
         if self.hidden_size % self.num_attention_heads != 0:
             refuse("hidden_size", f"must be divisible by num_attention_heads={self.num_attention_heads}")
         if self.value_factor <= 0 or (self.hidden_size * self.value_factor) % self.num_attention_heads != 0:

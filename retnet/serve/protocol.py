@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 
@@ -88,8 +88,17 @@ class SamplingFields(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+def _refuse_bool(value: Any) -> Any:
+    # bool is an int subclass, so lax int validation would take JSON true/false as token ids 1/0.
+    if isinstance(value, bool):
+        raise ValueError("a token id must be an integer, not a boolean")
+    return value
+
+
+TokenId = Annotated[int, BeforeValidator(_refuse_bool), Field(ge=0)]
+
 PromptType = Annotated[
-    str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]],
+    str | list[str] | list[TokenId] | list[list[TokenId]],
     Field(union_mode="left_to_right"),
 ]
 

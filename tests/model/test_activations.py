@@ -250,6 +250,8 @@ LOW_PRECISION_X = torch.tensor([
     3.0, 10.0, 100.0, 1000.0, 30000.0, 60000.0,
 ])
 
+# The finiteness promise (README, "Activations") holds only for slopes of at most 1 in magnitude: a steeper
+# one makes the true value at ±60000 exceed fp16's 65504 (see test_steep_gsmelu_overflows_fp16_only).
 LOW_PRECISION_CASES = [(name, {}) for name in ACTIVATIONS] + [
     ("sau", {"sigma": 1e-3}),
     ("sau", {"sigma": 3.0, "alpha": 0.5}),
@@ -261,6 +263,8 @@ LOW_PRECISION_CASES = [(name, {}) for name in ACTIVATIONS] + [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name, kwargs", LOW_PRECISION_CASES)
 def test_low_precision_is_finite_and_matches_fp32(name, kwargs, dtype):
+    slope_keys = {"sau": ("alpha",), "gsmelu": ("g_minus", "g_plus")}.get(name, ())  # gSmeLU's alpha is a breakpoint
+    assert all(abs(kwargs.get(key, 0.0)) <= 1 for key in slope_keys), "the finiteness promise is for slopes <= 1"
     act = get_activation(name, **kwargs)
     x = torch.cat([LOW_PRECISION_X, torch.randn(200, generator=torch.Generator().manual_seed(0)) * 5])
     x_low = x.to(dtype).requires_grad_()
@@ -272,6 +276,15 @@ def test_low_precision_is_finite_and_matches_fp32(name, kwargs, dtype):
     reference = act(x_low.detach().float())  # the same (rounded) inputs, in fp32
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out.float(), reference, rtol=eps, atol=1e-5)
+
+
+def test_steep_gsmelu_overflows_fp16_only():
+    # g_plus = 2: the true value at 60000 is ~120000, beyond fp16's 65504 but well inside bf16's range.
+    act = get_activation("gsmelu", g_plus=2.0)
+    x = torch.tensor([-60000.0, 0.0, 30000.0, 60000.0])
+    assert torch.isinf(act(x.half())[-1])
+    assert torch.isfinite(act(x.half())[:-1]).all()
+    torch.testing.assert_close(act(x.bfloat16()).float(), act(x.bfloat16().float()), rtol=2 ** -8, atol=0)
 
 
 def test_sau_tiny_sigma_in_bf16_with_a_bf16_module():

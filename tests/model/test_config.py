@@ -71,6 +71,19 @@ def test_linspace_schedule():
         (dict(use_xpos=True, xpos_scale_base=float("nan")), "xpos_scale_base"),
         (dict(initializer_range=-0.02), "initializer_range"),
         (dict(pad_token_id=10), "pad_token_id"),
+        # A string is truthy; only real bools (JSON true/false) are accepted for the switches.
+        (dict(use_head_norm="no"), r"use_head_norm.*'no'"),
+        (dict(use_xpos=1), r"use_xpos.*1"),
+        (dict(tie_word_embeddings="false"), r"tie_word_embeddings.*'false'"),
+        # Numbers given as strings (or bools) are refused by name, not with a bare TypeError.
+        (dict(value_factor="2"), r"value_factor.*'2'"),
+        (dict(value_factor=True), r"value_factor.*True"),
+        (dict(rms_norm_eps="1e-6"), r"rms_norm_eps.*'1e-6'"),
+        (dict(dropout="0.1"), r"dropout.*'0.1'"),
+        (dict(hidden_size="64"), r"hidden_size.*'64'"),
+        (dict(pad_token_id="3"), r"pad_token_id.*'3'"),
+        (dict(rope_theta=float("inf")), r"rope_theta.*inf"),
+        (dict(rope_theta=float("nan")), r"rope_theta.*nan"),
     ],
 )
 def test_invalid_configs_name_the_field_and_value(overrides, field):

@@ -201,6 +201,8 @@ BAD_REQUESTS = [
     ({"prompt": [1, 2, 10**6]}, "prompt"),
     ({"prompt": [[1, 2]] * 17}, "prompt"),  # token-id prompts count against max_prompts too
     ({"prompt": 12}, "prompt"),
+    ({"prompt": [True, False]}, "prompt"),  # bool is an int subclass: not token ids 1 and 0
+    ({"prompt": [[1, 2], [True]]}, "prompt"),
     ({"prompt": "word " * 3000}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "x", "session_id": "bad id!"}, "session_id"),
