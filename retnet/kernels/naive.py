@@ -37,10 +37,13 @@ def _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens):
     if cu_seqlens is not None:
         if q.shape[0] != 1:
             raise ValueError(f"with cu_seqlens the batch must be packed into B=1; got B={q.shape[0]}")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[1]:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at T={q.shape[1]}; got {cu_seqlens.tolist()}"
-            )
+        # One host read for all three checks; a decreasing offset would give a kernel a negative length, whose
+        # rows it would never write (the output holds whatever memory it was allocated on).
+        if cu_seqlens.dim() != 1 or len(cu_seqlens) == 0:
+            raise ValueError(f"cu_seqlens must be a 1-D tensor [N + 1]; got shape {tuple(cu_seqlens.shape)}")
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != q.shape[1] or any(b < a for a, b in itertools.pairwise(offsets)):
+            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T={q.shape[1]}; got {offsets}")
     num_states = q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
     expected_state = (num_states, num_heads, q.shape[3], v.shape[3])
     if initial_state is not None and tuple(initial_state.shape) != expected_state:

@@ -223,11 +223,12 @@ def _inputs(**overrides):
         ),
         (dict(v=torch.randn(1, 8, 2, 16, dtype=torch.float16)), "share one dtype"),
         (dict(cu_seqlens=torch.tensor([0, 3, 7])), "end at T=8"),
+        (dict(cu_seqlens=torch.tensor([0, 6, 3, 8])), r"never decrease and end at T=8; got \[0, 6, 3, 8\]"),
         (dict(cu_seqlens=torch.tensor([0.0, 8.0])), "integer"),
     ],
     ids=[
         "rank", "qk-shape", "v-shape", "log-decay", "state-shape", "K>256", "V>256", "int-dtype",
-        "mixed-dtype", "cu-seqlens-end", "cu-seqlens-float",
+        "mixed-dtype", "cu-seqlens-end", "cu-seqlens-decreasing", "cu-seqlens-float",
     ],
 )
 def test_guard_rails(overrides, match):
