@@ -85,6 +85,11 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     async def list_models():
         return serving.models()
 
+    # ``path``: a served name may contain "/" (an HF id, the model directory), as the client sends it.
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def retrieve_model(model_id: str):
+        return serving.model(model_id)
+
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: CompletionRequest, raw: Request):
         return await serving.completions(request, raw)

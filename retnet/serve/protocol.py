@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 
@@ -63,10 +63,19 @@ class SamplingFields(BaseModel):
     # them still work.
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI takes null for every optional parameter, and its Python client sends one for each argument
+        # given as None (temperature=None, n=None ...): null must mean "the default", not a type error.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # OpenAI accepts 0; the top token always stays
     top_k: int = Field(-1, ge=-1, description="-1 or 0: off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)

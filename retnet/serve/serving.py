@@ -65,6 +65,12 @@ class OpenAIServing:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name)])
 
+    def model(self, model_id: str) -> ModelCard:
+        if model_id not in (self.model_name, self.settings.model):
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+        return ModelCard(id=self.model_name)
+
     # -- /v1/completions ---------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request):
         self._check_common(request)

@@ -189,7 +189,7 @@ BAD_REQUESTS = [
     ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
     ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
     ({"prompt": "x", "temperature": -0.5}, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
     ({"prompt": "x", "n": 1000}, "n"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),

@@ -16,6 +16,31 @@ def client(server):
 
 def test_models_list(client):
     assert [m.id for m in client.models.list().data] == ["micro"]
+    assert client.models.retrieve("micro").id == "micro"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4")
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_parameters_given_as_none_mean_the_default(client):
+    # The client sends an argument given as None as JSON null; OpenAI reads that as "not given".
+    nulls = {"n": None, "top_p": None, "presence_penalty": None, "frequency_penalty": None, "stream": None}
+    base = client.completions.create(model="micro", prompt="def add(a, b):", max_tokens=4, **GREEDY)
+    got = client.completions.create(model="micro", prompt="def add(a, b):", max_tokens=4, echo=None,
+                                    logprobs=None, **nulls, **GREEDY)
+    assert got.choices[0].text == base.choices[0].text
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hello!"}]}]
+    chat = client.chat.completions.create(model="micro", messages=messages, max_completion_tokens=3,
+                                          temperature=None, logprobs=None, top_logprobs=None, **nulls,
+                                          extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 3
+
+
+def test_top_p_zero_is_accepted_and_greedy(client):
+    greedy = client.completions.create(model="micro", prompt="class Stack:", max_tokens=6, **GREEDY)
+    nucleus = client.completions.create(model="micro", prompt="class Stack:", max_tokens=6, temperature=1.0,
+                                        top_p=0, seed=5, extra_body={"ignore_eos": True})
+    assert nucleus.choices[0].text == greedy.choices[0].text
 
 
 def test_completion_streamed_equals_non_streamed(client):
