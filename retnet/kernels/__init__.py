@@ -34,8 +34,25 @@ def use_triton(x) -> bool:
     if choice == "torch":
         return False
     if choice == "triton":
+        if not x.is_cuda and not _kernels_interpreted():
+            # Compiled kernels can't read host memory: Triton would fail deep in its launcher with a
+            # message naming neither the device nor the fix ("0 active drivers" without a GPU).
+            raise ValueError(
+                f"RETNET_KERNELS=triton on {x.device} tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported, or pass CUDA tensors, or use RETNET_KERNELS=torch|auto"
+            )
         return True
     return x.is_cuda
+
+
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were defined under Triton's interpreter (``@triton.jit`` decides at import, so the
+    kernel modules are asked rather than today's ``TRITON_INTERPRET``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from retnet.kernels import chunk
+
+    return isinstance(chunk._load_tile, InterpretedFunction)
 
 
 def parallel_retention(q, k, v, log_decay, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):

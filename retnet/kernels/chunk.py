@@ -538,8 +538,9 @@ class ChunkRetentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------------------
-def check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, op: str = "retention"):
-    """Guard rails of the Triton ops: shapes (as the reference), head dims, dtypes, devices.
+def check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, op: str = "retention", scale=None):
+    """Guard rails of the Triton ops: shapes (as the reference), head dims, dtypes, devices, and no gradient
+    asked of log_decay or a tensor scale.
 
     Raises ``ValueError`` naming what was expected and what was received.
     """
@@ -565,6 +566,15 @@ def check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, op: st
     devices = {x.device for x in (q, k, v, log_decay, initial_state, cu_seqlens) if x is not None}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}")
+    # The kernels take both as constants and the backward returns no gradient for them: autograd would
+    # leave .grad at None without a word, where the reference differentiates them.
+    if torch.is_grad_enabled():
+        for name, x in (("log_decay", log_decay), ("scale", scale)):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                raise ValueError(
+                    f"{op}: {name} gets no gradient on the Triton path; got one that requires grad "
+                    f"(pass {name}.detach(), or use the references with RETNET_KERNELS=torch)"
+                )
 
 
 def chunk_retention(
@@ -583,7 +593,8 @@ def chunk_retention(
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; float32, float16 or bfloat16, K and V at most 256.
             Any T (need not be a multiple of the chunk size).
-        log_decay: ``[H]`` float32, ln γ per head (< 0). Gets no gradient.
+        log_decay: ``[H]`` float32, ln γ per head (< 0). Gets no gradient: one that requires grad is refused
+            under grad mode (so is a ``scale`` tensor that does).
         scale: multiplies q·k; defaults to ``K ** -0.5``.
         initial_state: ``[B, H, K, V]`` float32 state before the first token (``[N, H, K, V]`` with
             ``cu_seqlens``), or None for zeros.
@@ -595,7 +606,7 @@ def chunk_retention(
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [B or N, H, K, V] float32 or None)``.
     """
-    check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "chunk_retention")
+    check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "chunk_retention", scale=scale)
     if chunk_size < 1:
         raise ValueError(f"chunk_retention: chunk_size must be >= 1; got {chunk_size}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

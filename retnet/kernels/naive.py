@@ -102,6 +102,10 @@ def _per_sequence(form, q, k, v, log_decay, scale, initial_state, output_final_s
         o, s = form(q[:, start:end], k[:, start:end], v[:, start:end], log_decay, scale, h0, True, **kw)
         outputs.append(o)
         states.append(s)
+    if not outputs:  # cu_seqlens = [0]: no sequences, an empty row and no states (torch.cat refuses [])
+        heads, key_dim, value_dim = q.shape[2], q.shape[3], v.shape[3]
+        final = q.new_zeros(0, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state else None
+        return v.new_zeros(1, 0, heads, value_dim), final
     final = torch.cat(states) if output_final_state else None
     return torch.cat(outputs, dim=1), final
 
@@ -195,7 +199,8 @@ def chunk_retention(
     state = (
         torch.zeros(batch, heads, key_dim, v.shape[-1], device=q.device, dtype=torch.float32)
         if initial_state is None
-        else initial_state.float()
+        # A copy: with T=0 this is the final state, which must not be the caller's tensor (nor alias it).
+        else initial_state.to(torch.float32, copy=True)
     )
     outputs = []
     for start in range(0, length, chunk_size):
@@ -260,7 +265,8 @@ def recurrent_retention(
     state = (
         torch.zeros(batch, heads, key_dim, v.shape[-1], device=q.device, dtype=torch.float32)
         if initial_state is None
-        else initial_state.float()
+        # A copy: with T=0 this is the final state, which must not be the caller's tensor (nor alias it).
+        else initial_state.to(torch.float32, copy=True)
     )
     outputs = []
     for t in range(length):

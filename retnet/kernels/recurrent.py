@@ -152,7 +152,7 @@ def recurrent_retention(
     With grad mode on and an input that requires grad, the call is served by the Triton chunkwise op
     (:func:`retnet.kernels.chunk.chunk_retention`): same function, with a backward.
     """
-    check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "recurrent_retention")
+    check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "recurrent_retention", scale=scale)
     if update_state_inplace:  # (refuses inputs that require grad, so the chunk op below never takes it)
         _naive.check_inplace_state(q, k, v, initial_state)
         output_final_state = True

@@ -16,6 +16,7 @@ import torch
 import retnet.kernels as kernels
 from retnet.kernels import naive
 from retnet.kernels.chunk import chunk_retention
+from retnet.kernels.recurrent import recurrent_retention
 
 # Real kernels on a GPU; the interpreter (conftest.py sets TRITON_INTERPRET=1 without one) on the CPU.
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -295,3 +296,76 @@ def test_autotune_switch(monkeypatch):
     monkeypatch.setenv("RETNET_AUTOTUNE", "sometimes")
     with pytest.raises(ValueError, match="RETNET_AUTOTUNE must be 1/on or 0/off; got 'sometimes'"):
         _autotune_enabled()
+
+
+TRITON_OPS = [
+    pytest.param(chunk_retention, id="triton-chunk"), pytest.param(recurrent_retention, id="triton-recurrent")
+]
+ALL_OPS = [
+    pytest.param(naive.parallel_retention, id="reference-parallel"),
+    pytest.param(naive.chunk_retention, id="reference-chunk"),
+    pytest.param(naive.recurrent_retention, id="reference-recurrent"),
+    *TRITON_OPS,
+]
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_packed_row_without_sequences(op):
+    """cu_seqlens = [0]: N = 0 documents in an empty row (an empty batch of prompts), on every op and path."""
+    q, v = torch.randn(1, 0, 2, 16, device=DEVICE), torch.randn(1, 0, 2, 24, device=DEVICE)
+    log_decay = torch.tensor([-0.1, -0.01], device=DEVICE)
+    cu_seqlens = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    o, ht = op(q, q, v, log_decay, None, None, True, cu_seqlens=cu_seqlens)
+    assert o.shape == (1, 0, 2, 24) and o.dtype == v.dtype
+    assert ht.shape == (0, 2, 16, 24) and ht.dtype == torch.float32
+    o, ht = op(q, q, v, log_decay, None, torch.zeros(0, 2, 16, 24, device=DEVICE), False, cu_seqlens=cu_seqlens)
+    assert o.shape == (1, 0, 2, 24) and ht is None
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_final_state_of_no_tokens_is_a_new_tensor(op):
+    """With T = 0 the final state equals the initial one but is not that tensor: a caller that updates one
+    (a decode buffer, ``update_state_inplace``) must not change the other."""
+    q, v = torch.randn(2, 0, 2, 16, device=DEVICE), torch.randn(2, 0, 2, 16, device=DEVICE)
+    h0 = torch.randn(2, 2, 16, 16, device=DEVICE)
+    _, ht = op(q, q, v, torch.tensor([-0.1, -0.01], device=DEVICE), None, h0, True)
+    torch.testing.assert_close(ht, h0, rtol=0, atol=0)
+    assert ht.data_ptr() != h0.data_ptr()
+
+
+@pytest.mark.parametrize("op", TRITON_OPS)
+def test_log_decay_or_scale_requiring_grad_is_refused(kt, op):
+    """The Triton ops give log_decay and scale no gradient: asked for one, they refuse, rather than leave
+    .grad at None where the reference would have differentiated them."""
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 5, 2, 16, 16, initial_state=True, device=DEVICE)
+    learnable = log_decay.clone().requires_grad_()
+    with pytest.raises(ValueError, match="log_decay gets no gradient on the Triton path"):
+        op(q, k, v, learnable, None, h0, True)
+    with pytest.raises(ValueError, match="scale gets no gradient on the Triton path"):
+        op(q, k, v, log_decay, torch.tensor(0.3, device=DEVICE, requires_grad=True), h0, True)
+    with torch.no_grad():  # inference may hold a learnable decay
+        o, _ = op(q, k, v, learnable, None, h0, True)
+    ref_o, _ = naive.chunk_retention(q, k, v, log_decay, None, h0, True)
+    kt.assert_close_scaled(o, ref_o, TOL[torch.float32], "o")
+
+
+def test_forcing_triton_on_cpu_without_the_interpreter_says_so():
+    """RETNET_KERNELS=triton with CPU tensors and compiled (not interpreted) kernels: a ValueError naming the
+    fix, not Triton's "0 active drivers" from deep in its launcher. In a process of its own (this one
+    interprets)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, retnet.kernels as K\n"
+        "q = torch.randn(1, 4, 2, 16)\n"
+        "try:\n"
+        "    K.chunk_retention(q, q, q, torch.tensor([-0.1, -0.01]))\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["RETNET_KERNELS"] = "triton"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "refused: RETNET_KERNELS=triton on cpu tensors needs Triton's interpreter" in done.stdout, done.stdout
