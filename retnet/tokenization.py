@@ -6,7 +6,10 @@ Byte-level means every string encodes (no unknown token) and decodes back exactl
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
+from functools import lru_cache
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -49,4 +52,87 @@ def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "EOS_TOKEN", "PAD_TOKEN", "train_byte_level_bpe", "wrap_tokenizer"]
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-printable-character map, inverted: what a byte-level token's characters stand for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_types(decoder: dict | None) -> set[str]:
+    if not decoder:
+        return set()
+    return {decoder.get("type", ""), *(t for d in decoder.get("decoders") or [] for t in _decoder_types(d))}
+
+
+class TokenBytes:
+    """The raw bytes one token stands for, which decoding it alone cannot give when it holds part of a
+    multi-byte character (it decodes to U+FFFD). Logprobs report these bytes, as OpenAI's API does.
+
+    Byte-level BPE tokens map back through GPT-2's byte alphabet; SentencePiece byte-fallback tokens
+    (``<0xE2>``) are their byte; any other token is its decoded text.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = backend
+        decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+        types = _decoder_types(decoder)
+        self.byte_level = "ByteLevel" in types
+        self.byte_fallback = "ByteFallback" in types
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        cached = self._cache.get(token_id)
+        if cached is None:
+            cached = self._cache[token_id] = self._bytes(token_id)
+        return cached
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.backend.id_to_token(token_id) if self.backend is not None else None
+        if piece is not None and token_id not in self.special_ids:
+            if self.byte_level:
+                alphabet = _byte_level_alphabet()
+                if all(c in alphabet for c in piece):
+                    return bytes(alphabet[c] for c in piece)
+            if self.byte_fallback and (match := _BYTE_FALLBACK.fullmatch(piece)):
+                return bytes([int(match.group(1), 16)])
+        return self._decode(token_id).encode("utf-8")
+
+    def _decode(self, token_id: int) -> str:
+        if self.backend is not None:
+            return self.backend.decode([token_id], skip_special_tokens=False)
+        return self.tokenizer.decode([token_id])
+
+    def label(self, token_id: int) -> str:
+        """The token as text, or ``bytes:\\xe2\\x80`` when its bytes are not whole characters (so that two
+        such tokens keep apart as keys of ``top_logprobs``, where both would decode to U+FFFD)."""
+        raw = self(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def characters_started(raw: bytes) -> int:
+    """How many characters start in ``raw``: its length in characters when it decodes, counting a character
+    split across tokens once, in the token holding its first byte (for ``text_offset``)."""
+    return sum(1 for b in raw if b & 0xC0 != 0x80)
+
+
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE", "EOS_TOKEN", "PAD_TOKEN", "TokenBytes", "characters_started", "train_byte_level_bpe",
+    "wrap_tokenizer",
+]

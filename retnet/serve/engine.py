@@ -35,6 +35,7 @@ from retnet.serve.metrics import ServeMetrics
 from retnet.serve.sampling import RowSampler, SamplingParams, prompt_logprobs, sample_step
 from retnet.serve.settings import ServeSettings
 from retnet.serve.state_cache import PrefixCache, Session, SessionBusy, SessionStore
+from retnet.tokenization import TokenBytes
 
 logger = logging.getLogger("retnet.serve")
 
@@ -55,10 +56,14 @@ class QueueFull(Exception):
 # ----------------------------------------------------------------------------------------------------------
 @dataclass(slots=True)
 class TokenLogprob:
+    """One token's logprob. ``token`` is its text, or a ``bytes:\\x..`` label when it holds part of a character;
+    ``token_bytes`` are the bytes it stands for either way."""
+
     token_id: int
     token: str
+    token_bytes: bytes
     logprob: float | None
-    top: list[tuple[str, float]] = field(default_factory=list)
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -148,6 +153,7 @@ class Engine:
         self.settings = settings
         self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.token_bytes = TokenBytes(tokenizer)
         self.metrics = metrics
         self.model = model
         self.config = model.config if model is not None else _load_config(settings.model)
@@ -459,7 +465,7 @@ class Engine:
     def _lp_entries(self, logits: torch.Tensor, ids: list[int], k: int | None) -> list[TokenLogprob]:
         out = []
         for token, (value, alts) in zip(ids, prompt_logprobs(logits, ids, k or 0)):
-            out.append(TokenLogprob(token, self._text(token), value, [(self._text(t), v) for t, v in alts]))
+            out.append(self._logprob(token, value, alts))
         return out
 
     def _spawn(self, group: Group) -> None:
@@ -477,7 +483,7 @@ class Engine:
         for i, seq in enumerate(seqs):
             out = self._advance(seq, i, sample)
             if group.params.prompt_logprobs:
-                first = TokenLogprob(group.inputs[0], self._text(group.inputs[0]), None)
+                first = self._logprob(group.inputs[0], None)
                 out.prompt_logprobs = [first, *group.prompt_lp]
             outputs.append(out)
             if seq.finish_reason is None:
@@ -556,8 +562,7 @@ class Engine:
         seq.finish_reason = finish
         logprobs = None
         if params.logprobs is not None:
-            top = [(self._text(t), v) for t, v in (sample.top[row] if sample.top else [])]
-            logprobs = [TokenLogprob(token, self._text(token), sample.logprobs[row], top)]
+            logprobs = [self._logprob(token, sample.logprobs[row], sample.top[row] if sample.top else [])]
         return SeqOutput(seq.index, text, [token], logprobs, finish)
 
     def _finished(self, seq: Sequence, cache: RetNetCache | None, row: int | None = None) -> None:
@@ -576,10 +581,9 @@ class Engine:
             return self.backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _text(self, token: int) -> str:
-        if self.backend is not None:
-            return self.backend.decode([token], skip_special_tokens=False)
-        return self.tokenizer.decode([token])
+    def _logprob(self, token: int, value: float | None, alternatives=()) -> TokenLogprob:
+        top = [self._logprob(t, v) for t, v in alternatives]
+        return TokenLogprob(token, self.token_bytes.label(token), self.token_bytes(token), value, top)
 
     def _fail_all(self, message: str) -> None:
         with self.cond:

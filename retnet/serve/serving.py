@@ -41,7 +41,7 @@ from retnet.serve.protocol import (
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.settings import ServeSettings
 from retnet.serve.state_cache import SessionBusy
-from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
+from retnet.tokenization import DEFAULT_CHAT_TEMPLATE, characters_started
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # How often a non-streaming request checks that its client is still there.
@@ -397,16 +397,16 @@ def _add_completion_logprobs(target: CompletionLogprobs, entries, offset: int) -
     for entry in entries:
         target.tokens.append(entry.token)
         target.token_logprobs.append(entry.logprob)
-        target.top_logprobs.append(dict(entry.top) if entry.logprob is not None else None)
+        target.top_logprobs.append({t.token: t.logprob for t in entry.top} if entry.logprob is not None else None)
         target.text_offset.append(offset)
-        offset += len(entry.token)
+        offset += characters_started(entry.token_bytes)
     return offset
 
 
 def _chat_logprob(entry) -> ChatTokenLogprob:
     return ChatTokenLogprob(
-        token=entry.token, logprob=entry.logprob, bytes=list(entry.token.encode("utf-8")),
-        top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8"))) for t, v in entry.top],
+        token=entry.token, logprob=entry.logprob, bytes=list(entry.token_bytes),
+        top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token_bytes)) for t in entry.top],
     )
 
 

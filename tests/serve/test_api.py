@@ -107,6 +107,38 @@ async def test_penalties_logprobs_echo_and_token_ids(client):
     assert len(content) == 3 and len(content[0]["top_logprobs"]) == 2
 
 
+async def test_logprobs_report_the_true_bytes_of_tokens_that_split_a_character(client):
+    # 中 is not in the tokenizer's corpus: it is three byte tokens, none a character on its own.
+    prompt = "a 中 b"
+    req = {"prompt": prompt, "max_tokens": 6, "logprobs": 5, "echo": True, "return_token_ids": True, **GREEDY}
+    choice = (await client.post("/v1/completions", json=req)).json()["choices"][0]
+    lp = choice["logprobs"]
+    n_prompt = len(choice["prompt_token_ids"])
+    assert [t for t in lp["tokens"][:n_prompt] if t.startswith("bytes:")] == ["bytes:\\xe4", "bytes:\\xb8",
+                                                                                 "bytes:\\xad"]
+    # Offsets count characters of the text: the character starts in its first byte's token.
+    starts = [i for i, t in enumerate(lp["tokens"]) if t.startswith("bytes:\\xe4")]
+    assert lp["text_offset"][starts[0]] == prompt.index("中")
+    assert lp["text_offset"][starts[0] + 3] == prompt.index("中") + 1
+    # Every alternative keeps its own key: byte tokens no longer all collapse into "\ufffd".
+    assert all(len(top) == 5 for top in lp["top_logprobs"][1:])
+    assert all("\ufffd" not in key for top in lp["top_logprobs"][1:] for key in top)
+
+    chat = (await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "中"}], "max_tokens": 8, "logprobs": True, "top_logprobs": 5,
+        **GREEDY})).json()["choices"][0]
+    content = chat["logprobs"]["content"]
+    # The bytes of the tokens are the message, even where a token alone is not valid UTF-8.
+    assert bytes(b for entry in content for b in entry["bytes"]).decode("utf-8") == chat["message"]["content"]
+    for entry in content:
+        assert len({alt["token"] for alt in entry["top_logprobs"]}) == 5
+        for alt in entry["top_logprobs"]:
+            raw = bytes(alt["bytes"])
+            label = alt["token"]
+            assert label == raw.decode("utf-8") if not label.startswith("bytes:") else label == "bytes:" + "".join(
+                f"\\x{b:02x}" for b in raw)
+
+
 async def test_stop_strings_across_token_boundaries(client):
     # Find what the model writes greedily, then stop on a string that spans several tokens of it.
     base = (await client.post("/v1/completions", json={"prompt": "The retention", "max_tokens": 30,

@@ -42,6 +42,38 @@ def test_incremental_detokenizer_matches_full_decode(model_dir):
     assert streamed == text
 
 
+def test_token_bytes_and_labels_for_a_character_split_across_tokens(model_dir):
+    from transformers import AutoTokenizer
+
+    from retnet.tokenization import TokenBytes, characters_started
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    token_bytes = TokenBytes(tok)
+    text = "naïve 中文 🙂 ok"  # 中文 is not in the tokenizer's corpus: its bytes are separate tokens
+    ids = tok.encode(text)
+    assert b"".join(token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert sum(characters_started(token_bytes(i)) for i in ids) == len(text)
+    labels = [token_bytes.label(i) for i in ids]
+    assert "bytes:\\xe4" in labels and "bytes:\\xb8" in labels  # the three bytes of 中: e4 b8 ad
+    assert all("\ufffd" not in label for label in labels)
+    assert token_bytes.label(tok.eos_token_id) == tok.eos_token
+
+
+def test_token_bytes_of_a_sentencepiece_byte_fallback_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from retnet.tokenization import TokenBytes
+
+    vocab = {"<unk>": 0, "▁hi": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    token_bytes = TokenBytes(tok)
+    assert token_bytes(2 + 0xE4) == b"\xe4" and token_bytes.label(2 + 0xE4) == "bytes:\\xe4"
+    assert token_bytes(1) == b" hi" and token_bytes.label(1) == " hi"
+
+
 def test_sampler_is_row_independent_and_seeded():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
