@@ -3,6 +3,8 @@
 Each op picks its implementation per call: the Triton kernels for CUDA tensors, the fp32 PyTorch
 references (``naive.py``) elsewhere. ``RETNET_KERNELS=torch`` or ``=triton`` forces one (``triton`` on
 CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is imported).
+Both paths apply one set of input rules (``checks.py``): what one accepts the other accepts, and what
+one refuses the other refuses with the same ``ValueError``.
 
 On a GPU each kernel autotunes its launch config on the first call per shape (cached on disk);
 ``RETNET_AUTOTUNE=0`` launches each kernel's default config instead (no tuning, one compile per shape).

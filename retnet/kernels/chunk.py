@@ -50,11 +50,10 @@ import triton
 import triton.language as tl
 
 from retnet.kernels import naive
+from retnet.kernels.checks import check_chunk_size, check_inputs
 
 __all__ = ["check_retention_inputs", "chunk_retention", "chunk_retention_bwd", "chunk_retention_fwd"]
 
-MAX_HEAD_DIM = 256
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
 
 
@@ -539,42 +538,9 @@ class ChunkRetentionFunction(torch.autograd.Function):
 # Public op
 # ----------------------------------------------------------------------------------------------------------
 def check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, op: str = "retention", scale=None):
-    """Guard rails of the Triton ops: shapes (as the reference), head dims, dtypes, devices, and no gradient
-    asked of log_decay or a tensor scale.
-
-    Raises ``ValueError`` naming what was expected and what was received.
-    """
-    for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a torch.Tensor; got {type(x).__name__}")
-    naive._check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
-    K, V = q.shape[-1], v.shape[-1]
-    if not (1 <= K <= MAX_HEAD_DIM and 1 <= V <= MAX_HEAD_DIM):
-        raise ValueError(f"{op}: head dims must be in [1, {MAX_HEAD_DIM}]; got K={K}, V={V}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{op}: dtype must be one of float32, float16, bfloat16; got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{op}: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not log_decay.is_floating_point():
-        raise ValueError(f"{op}: log_decay must be floating point (float32); got {log_decay.dtype}")
-    if initial_state is not None and not initial_state.is_floating_point():
-        raise ValueError(f"{op}: initial_state must be floating point (float32); got {initial_state.dtype}")
-    if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point()):
-        raise ValueError(
-            f"{op}: cu_seqlens must be a 1-D integer tensor [N + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-        )
-    devices = {x.device for x in (q, k, v, log_decay, initial_state, cu_seqlens) if x is not None}
-    if len(devices) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}")
-    # The kernels take both as constants and the backward returns no gradient for them: autograd would
-    # leave .grad at None without a word, where the reference differentiates them.
-    if torch.is_grad_enabled():
-        for name, x in (("log_decay", log_decay), ("scale", scale)):
-            if isinstance(x, torch.Tensor) and x.requires_grad:
-                raise ValueError(
-                    f"{op}: {name} gets no gradient on the Triton path; got one that requires grad "
-                    f"(pass {name}.detach(), or use the references with RETNET_KERNELS=torch)"
-                )
+    """The ops' input rules (:func:`retnet.kernels.checks.check_inputs`, the same as the references'); returns
+    ``scale`` as a float (or None). Raises ``ValueError`` naming what was expected and what was received."""
+    return check_inputs(op, q, k, v, log_decay, scale, initial_state, cu_seqlens)
 
 
 def chunk_retention(
@@ -591,25 +557,25 @@ def chunk_retention(
     """Chunkwise retention in Triton, differentiable in q, k, v and ``initial_state``.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; float32, float16 or bfloat16, K and V at most 256.
-            Any T (need not be a multiple of the chunk size).
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; one dtype of float32, float16 or bfloat16, K and V at
+            most 512. Any T (need not be a multiple of the chunk size). The input rules are the references'
+            (:mod:`retnet.kernels.checks`).
         log_decay: ``[H]`` float32, ln γ per head (< 0). Gets no gradient: one that requires grad is refused
-            under grad mode (so is a ``scale`` tensor that does).
-        scale: multiplies q·k; defaults to ``K ** -0.5``.
+            under grad mode (so is a ``scale`` tensor that does), as by the references.
+        scale: multiplies q·k: a float or a one-element tensor; defaults to ``K ** -0.5``.
         initial_state: ``[B, H, K, V]`` float32 state before the first token (``[N, H, K, V]`` with
             ``cu_seqlens``), or None for zeros.
         output_final_state: also return the state after the last token (its gradient is honoured).
-        chunk_size: tile length; the kernels use the nearest power of two in [16, 64] (the result does
+        chunk_size: an int >= 1, the tile length; the kernels use the nearest power of two in [16, 64] (the result does
             not depend on it).
         cu_seqlens: ``[N + 1]`` integer offsets of N sequences packed into B = 1; no state crosses them.
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [B or N, H, K, V] float32 or None)``.
     """
-    check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "chunk_retention", scale=scale)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_retention: chunk_size must be >= 1; got {chunk_size}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = check_inputs("chunk_retention", q, k, v, log_decay, scale, initial_state, cu_seqlens)
+    chunk_size = check_chunk_size(chunk_size, "chunk_retention")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     log_decay = log_decay.float().contiguous()
     if initial_state is not None:

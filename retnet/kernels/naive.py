@@ -1,6 +1,7 @@
 """fp32 PyTorch references for retention, in its three equivalent forms.
 
-All three share one signature and layout with the Triton ops in ``chunk.py`` / ``recurrent.py``:
+All three share one signature and layout with the Triton ops in ``chunk.py`` / ``recurrent.py``, and their
+input rules (``checks.py``: a call one path refuses, the other refuses with the same error):
 
     q, k: [B, T, H, K]    v: [B, T, H, V]    log_decay: [H] (natural log of γ_h, float32, < 0)
     initial_state / final_state: [B, H, K, V] float32 (or [N, H, K, V] with ``cu_seqlens``)
@@ -21,36 +22,7 @@ import itertools
 
 import torch
 
-
-def _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] with q's B, T, H {tuple(q.shape[:3])}; got {tuple(v.shape)}")
-    num_heads = q.shape[2]
-    if log_decay.shape != (num_heads,):
-        raise ValueError(f"log_decay must be [H] = [{num_heads}]; got {tuple(log_decay.shape)}")
-    if cu_seqlens is not None:
-        if q.shape[0] != 1:
-            raise ValueError(f"with cu_seqlens the batch must be packed into B=1; got B={q.shape[0]}")
-        # One host read for all three checks; a decreasing offset would give a kernel a negative length, whose
-        # rows it would never write (the output holds whatever memory it was allocated on).
-        if cu_seqlens.dim() != 1 or len(cu_seqlens) == 0:
-            raise ValueError(f"cu_seqlens must be a 1-D tensor [N + 1]; got shape {tuple(cu_seqlens.shape)}")
-        offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] != q.shape[1] or any(b < a for a, b in itertools.pairwise(offsets)):
-            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T={q.shape[1]}; got {offsets}")
-    num_states = q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
-    expected_state = (num_states, num_heads, q.shape[3], v.shape[3])
-    if initial_state is not None and tuple(initial_state.shape) != expected_state:
-        raise ValueError(
-            f"initial_state must be [B or N, H, K, V] = {list(expected_state)}; got {tuple(initial_state.shape)}"
-        )
-
+from retnet.kernels.checks import check_chunk_size, check_inputs
 
 # Padding the packed sequences into one batch does at most this many times the packed row's work; beyond
 # it (one long document among many short ones) they run one by one.
@@ -137,8 +109,11 @@ def parallel_retention(
     """Parallel form: O = scale · (Q Kᵀ ⊙ D) V (+ the initial state's contribution). O(T²) per head.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; log_decay: ``[H]`` float32, log γ per head.
-        scale: multiplies q·k; defaults to ``K ** -0.5``.
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``: one dtype of float32, float16, bfloat16, K and V at most
+            512 (the Triton ops' rules, ``checks.py``). log_decay: ``[H]`` float32, log γ per head (a constant:
+            one that requires grad is refused under grad mode).
+        scale: multiplies q·k: a float or a one-element tensor (read as a float; no gradient); defaults to
+            ``K ** -0.5``.
         initial_state: ``[B, H, K, V]`` float32 state before the first token, or None for zeros.
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N + 1]`` int offsets of N sequences packed into B=1; states are then ``[N, H, K, V]``.
@@ -146,7 +121,7 @@ def parallel_retention(
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32 or None)``.
     """
-    _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
+    scale = check_inputs("parallel_retention", q, k, v, log_decay, scale, initial_state, cu_seqlens)
     if cu_seqlens is not None:
         return _varlen(
             parallel_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens
@@ -185,9 +160,8 @@ def chunk_retention(
 
     Same arguments and returns as :func:`parallel_retention`; T need not be a multiple of ``chunk_size``.
     """
-    _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    scale = check_inputs("chunk_retention", q, k, v, log_decay, scale, initial_state, cu_seqlens)
+    chunk_size = check_chunk_size(chunk_size, "chunk_retention")
     if cu_seqlens is not None:
         return _varlen(
             chunk_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
@@ -219,17 +193,20 @@ def chunk_retention(
     return (scale * o).transpose(1, 2).to(v.dtype), (state if output_final_state else None)
 
 
-def check_inplace_state(q, k, v, initial_state) -> None:
-    """What ``update_state_inplace=True`` needs: an fp32 contiguous initial state and no gradient."""
+def check_inplace_state(q, k, v, initial_state, op: str = "recurrent_retention") -> None:
+    """What ``update_state_inplace=True`` needs: an fp32 contiguous initial state and no gradient (checked
+    after :func:`retnet.kernels.checks.check_inputs`, on both paths)."""
     if initial_state is None:
-        raise ValueError("update_state_inplace=True needs an initial_state to update; got None")
+        raise ValueError(f"{op}: update_state_inplace=True needs an initial_state to update; got None")
     if initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
         raise ValueError(
-            "update_state_inplace=True needs a contiguous float32 initial_state; "
+            f"{op}: update_state_inplace=True needs a contiguous float32 initial_state; "
             f"got {initial_state.dtype}, contiguous={initial_state.is_contiguous()}"
         )
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial_state)):
-        raise ValueError("update_state_inplace=True is for inference: no input may require grad under grad mode")
+        raise ValueError(
+            f"{op}: update_state_inplace=True is for inference: no input may require grad under grad mode"
+        )
 
 
 def recurrent_retention(
@@ -249,11 +226,11 @@ def recurrent_retention(
     final state into ``initial_state`` (fp32, contiguous) and return that tensor as the final state, for
     decode loops that keep their state buffers (no gradient; see :func:`check_inplace_state`).
     """
+    scale = check_inputs("recurrent_retention", q, k, v, log_decay, scale, initial_state, cu_seqlens)
     if update_state_inplace:
-        check_inplace_state(q, k, v, initial_state)
+        check_inplace_state(q, k, v, initial_state, "recurrent_retention")
         o, state = recurrent_retention(q, k, v, log_decay, scale, initial_state, True, cu_seqlens)
         return o, initial_state.copy_(state)
-    _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
     if cu_seqlens is not None:
         return _varlen(
             recurrent_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens

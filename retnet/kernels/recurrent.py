@@ -135,11 +135,12 @@ def recurrent_retention(
     """Recurrent retention in one fused Triton kernel (decoding). Forward only.
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; float32, float16 or bfloat16, K and V at most 256.
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; one dtype of float32, float16 or bfloat16, K and V at
+            most 512 (the references' rules, :mod:`retnet.kernels.checks`).
             T is meant to be small (1 for plain decoding, a few for speculative decoding); the cost is
             sequential in T.
         log_decay: ``[H]`` float32, ln γ per head.
-        scale: multiplies q·k; defaults to ``K ** -0.5``.
+        scale: multiplies q·k: a float or a one-element tensor; defaults to ``K ** -0.5``.
         initial_state: ``[B, H, K, V]`` float32 (``[N, H, K, V]`` with ``cu_seqlens``) or None for zeros.
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N + 1]`` integer offsets of N sequences packed into B = 1.
@@ -152,9 +153,9 @@ def recurrent_retention(
     With grad mode on and an input that requires grad, the call is served by the Triton chunkwise op
     (:func:`retnet.kernels.chunk.chunk_retention`): same function, with a backward.
     """
-    check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "recurrent_retention", scale=scale)
+    scale = check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, "recurrent_retention", scale)
     if update_state_inplace:  # (refuses inputs that require grad, so the chunk op below never takes it)
-        _naive.check_inplace_state(q, k, v, initial_state)
+        _naive.check_inplace_state(q, k, v, initial_state, "recurrent_retention")
         output_final_state = True
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, initial_state)
@@ -163,7 +164,7 @@ def recurrent_retention(
         return _chunk.chunk_retention(
             q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens
         )
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     log_decay = log_decay.float().contiguous()
     if initial_state is not None:

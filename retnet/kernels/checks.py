@@ -1,0 +1,140 @@
+"""The one set of input rules of the retention ops, shared by the fp32 references (``naive.py``) and the
+Triton ops (``chunk.py`` / ``recurrent.py``): a call one path accepts the other accepts, and a call one
+refuses the other refuses with the same ``ValueError`` (what was expected, what was received), so code
+that runs on CPU does not fail on a GPU, nor the reverse.
+
+The rules, in the order they are checked:
+
+- q, k, v, log_decay are tensors; initial_state and cu_seqlens are None or tensors.
+- q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_decay ``[H]``, head dims K and V in ``[1, MAX_HEAD_DIM]``.
+- q, k, v share one dtype, float32, float16 or bfloat16 (the references compute in fp32 either way; the
+  kernels exist for these three). log_decay and initial_state are floating point (used as fp32).
+- cu_seqlens: a 1-D integer tensor ``[N + 1]`` (B = 1) that starts at 0, never decreases and ends at T;
+  initial_state ``[B or N, H, K, V]``; every tensor on one device.
+- scale: None, a real number, or a one-element tensor (read once as a Python float).
+- chunk_size (chunkwise op): an int >= 1.
+- Under grad mode neither log_decay nor a tensor scale may require grad: both are constants of the ops
+  (the Triton backward gives them none), and a gradient silently left at None would be worse than a refusal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+import operator
+
+import torch
+
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "check_chunk_size", "check_inputs", "check_scale"]
+
+# The paper's presets have V = 2 · K = 512. The kernels tile K and V in at most 128-wide tiles (the recurrent
+# kernel holds all of K: a [512, 16] fp32 state slice at 512), and ``python -m retnet.kernels.aot
+# --head-dims 512`` compiles every launch's default config for sm_80/sm_90 within shared memory, spilling
+# only where it does at 256 (fp32 dq/dk on sm_80, 16 bytes).
+MAX_HEAD_DIM = 512
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_scale(scale, op: str) -> float | None:
+    """``scale`` as a Python float (None stays None), or a ``ValueError`` naming it."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.is_complex():
+            raise ValueError(
+                f"{op}: scale must be a float or a one-element real tensor; got a {scale.dtype} tensor of shape "
+                f"{tuple(scale.shape)}"
+            )
+        if torch.is_grad_enabled() and scale.requires_grad:
+            raise ValueError(
+                f"{op}: scale gets no gradient (the ops take it as a constant); got one that requires grad "
+                "(pass scale.detach())"
+            )
+        return float(scale.item())
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"{op}: scale must be a float or a one-element real tensor; got {type(scale).__name__}")
+    return float(scale)
+
+
+def check_chunk_size(chunk_size, op: str) -> int:
+    """``chunk_size`` as an int >= 1, or a ``ValueError`` naming it."""
+    if isinstance(chunk_size, (bool, float)):
+        value = None
+    else:
+        try:
+            value = operator.index(chunk_size)
+        except TypeError:
+            value = None
+    if value is None or value < 1:
+        shown = chunk_size if value is None else value
+        raise ValueError(f"{op}: chunk_size must be an int >= 1; got {shown!r} ({type(chunk_size).__name__})")
+    return value
+
+
+def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seqlens=None) -> float | None:
+    """Apply the module's rules to one call of ``op``; return ``scale`` as a float (or None).
+
+    Raises ``ValueError`` stating what was expected and what was received.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor; got {type(x).__name__}")
+    for name, x in (("initial_state", initial_state), ("cu_seqlens", cu_seqlens)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor or None; got {type(x).__name__}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"{op}: q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape != k.shape:
+        raise ValueError(
+            f"{op}: q and k must have the same shape [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{op}: v must be [B, T, H, V] with q's B, T, H {tuple(q.shape[:3])}; got {tuple(v.shape)}")
+    num_heads, key_dim, value_dim = q.shape[2], q.shape[3], v.shape[3]
+    if log_decay.shape != (num_heads,):
+        raise ValueError(f"{op}: log_decay must be [H] = [{num_heads}]; got {tuple(log_decay.shape)}")
+    if not (1 <= key_dim <= MAX_HEAD_DIM and 1 <= value_dim <= MAX_HEAD_DIM):
+        raise ValueError(f"{op}: head dims must be in [1, {MAX_HEAD_DIM}]; got K={key_dim}, V={value_dim}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: dtype must be one of float32, float16, bfloat16; got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{op}: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not log_decay.is_floating_point():
+        raise ValueError(f"{op}: log_decay must be floating point (float32); got {log_decay.dtype}")
+    if initial_state is not None and not initial_state.is_floating_point():
+        raise ValueError(f"{op}: initial_state must be floating point (float32); got {initial_state.dtype}")
+    if cu_seqlens is not None and (
+        cu_seqlens.dim() != 1 or len(cu_seqlens) == 0
+        or cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"{op}: cu_seqlens must be a 1-D integer tensor [N + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    # Before cu_seqlens is read on the host (a meta or foreign-device tensor would fail there otherwise).
+    devices = {x.device for x in (q, k, v, log_decay, initial_state, cu_seqlens) if x is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}")
+    if cu_seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"{op}: with cu_seqlens the batch must be packed into B=1; got B={q.shape[0]}")
+        # One host read; a decreasing offset would give a kernel a negative length, whose rows it would never
+        # write (the output holds whatever memory it was allocated on).
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != q.shape[1] or any(b < a for a, b in itertools.pairwise(offsets)):
+            raise ValueError(
+                f"{op}: cu_seqlens must start at 0, never decrease and end at T={q.shape[1]}; got {offsets}"
+            )
+    num_states = q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+    expected_state = (num_states, num_heads, key_dim, value_dim)
+    if initial_state is not None and tuple(initial_state.shape) != expected_state:
+        raise ValueError(
+            f"{op}: initial_state must be [B or N, H, K, V] = {list(expected_state)}; got {tuple(initial_state.shape)}"
+        )
+    if torch.is_grad_enabled() and log_decay.requires_grad:
+        raise ValueError(
+            f"{op}: log_decay gets no gradient (the ops take it as a constant); got one that requires grad "
+            "(pass log_decay.detach())"
+        )
+    return check_scale(scale, op)
