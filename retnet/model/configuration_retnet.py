@@ -17,6 +17,9 @@ from retnet.model.activations import validate_activation
 RETENTION_MODES = ("auto", "parallel", "chunkwise", "recurrent")
 NORM_TYPES = ("layernorm", "rmsnorm")
 DECAY_SCHEDULES = ("paper", "linspace")
+# The retention ops' largest head dim (retnet.kernels.checks.MAX_HEAD_DIM; a test keeps them equal), here
+# so that loading a config does not import the kernels.
+MAX_HEAD_DIM = 512
 BOOL_FIELDS = ("ffn_glu", "ffn_bias", "use_head_norm", "use_output_gate", "use_xpos", "use_cache",
                "tie_word_embeddings")
 # JSON or TOML may give a whole number as an int (value_factor = 2), which is fine; a bool or a string is not.
@@ -159,6 +162,11 @@ class RetNetConfig(PretrainedConfig):
                    f"divisible by num_attention_heads={self.num_attention_heads}")
         if self.head_dim % 2 != 0:
             refuse("head_dim", "must be even (rotary position pairs the key dimensions)")
+        if self.head_dim > MAX_HEAD_DIM:
+            refuse("head_dim", f"must be <= {MAX_HEAD_DIM} (the retention kernels' largest head dim)")
+        if self.value_head_dim > MAX_HEAD_DIM:
+            refuse("value_factor", f"must keep the value head dim value_factor * hidden_size / num_attention_heads "
+                   f"(now {self.value_head_dim}) <= {MAX_HEAD_DIM} (the retention kernels' largest head dim)")
         if self.retention_mode not in RETENTION_MODES:
             refuse("retention_mode", f"must be one of {RETENTION_MODES}")
         if self.norm_type not in NORM_TYPES:

@@ -79,11 +79,38 @@ class RetNetHeadNorm(nn.Module):
         return (normed.flatten(-2) * self.weight.float()).to(o.dtype)
 
 
+# xPos scales q by ζ^(n/base) and k by ζ^(−n/base) (ζ < 1 per key dimension, the smallest 0.4/1.4): at a large
+# position n one underflows and the other overflows (fp32 from n ≈ 70·base, fp16 from n ≈ 9.7·base). Only n − m
+# enters q_n·k_m, so positions are taken relative to a frame near the tokens; a frame moves forward by scaling
+# the state's key rows by ζ^(shift/base) (a decay, ≤ 1). Within one frame the scales stay within this factor:
+XPOS_MAX_GROWTH = 2.0**8
+# and a (fp32) state returned for a cache whose offsets lag behind the positions grows by at most this:
+XPOS_MAX_STATE_GROWTH = 2.0**64
+# A packed row runs each sequence in one frame (the kernels take no per-sequence frames), so there the limit is
+# the dtype's range rather than a comfortable margin: scales within 2^100 keep q, k, kᵀv and the fp32/bf16
+# state finite (28 k positions at base 512, about where an absolute frame overflowed before); fp16 (max 2^16)
+# allows 2^10.
+XPOS_PACKED_MAX_GROWTH = {torch.float16: 2.0**10}
+XPOS_PACKED_MAX_GROWTH_DEFAULT = 2.0**100
+XPOS_MIN_ZETA = 0.4 / 1.4
+
+
+def xpos_span(config: RetNetConfig, growth: float = XPOS_MAX_GROWTH) -> int:
+    """Positions one xPos frame covers with q/k scales within ``growth`` (2 240 at ``xpos_scale_base=512``,
+    chunk_size 64, for :data:`XPOS_MAX_GROWTH`); a multiple of ``chunk_size`` when it is longer than a chunk."""
+    span = int(math.log(growth) * config.xpos_scale_base / -math.log(XPOS_MIN_ZETA))
+    if span >= config.chunk_size:
+        span -= span % config.chunk_size
+    return max(span, 1)
+
+
 class RetNetRotaryEmbedding(nn.Module):
     """θ-shift (rotary) positions on q and k, with optional xPos scaling (Sun et al., 2022).
 
-    Computed from the positions on each call, in fp32; the inverse frequencies are cached per device rather
-    than registered as a buffer, so checkpoints hold no derived tensors.
+    Angles are computed from the positions on each call in float64 (fp32 would be off by up to ~0.06 rad at
+    position 10⁶), the rotation in fp32. The xPos scale takes positions relative to a frame (``xpos_positions``,
+    see :data:`XPOS_MAX_GROWTH`); :meth:`shift_state` moves a state from one frame to a later one. The inverse
+    frequencies are cached per device rather than registered as a buffer, so checkpoints hold no derived tensors.
     """
 
     def __init__(self, config: RetNetConfig):
@@ -95,27 +122,37 @@ class RetNetRotaryEmbedding(nn.Module):
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inverse frequencies [K/2], ln ζ [K]), float64."""
         if device not in self._tables:
             pair = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device)
-            inv_freq = (1.0 / self.theta ** (pair / self.head_dim)).float()
-            xpos_base = ((pair + 0.4 * self.head_dim) / (1.4 * self.head_dim)).float()
-            self._tables[device] = (inv_freq, xpos_base)
+            inv_freq = 1.0 / self.theta ** (pair / self.head_dim)
+            log_zeta = torch.log((pair + 0.4 * self.head_dim) / (1.4 * self.head_dim))
+            self._tables[device] = (inv_freq, torch.cat([log_zeta] * 2))
         return self._tables[device]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor):
-        """q, k: [B, T, H, K]; position_ids: [B, T] -> rotated (q, k) in their dtype."""
-        inv_freq, xpos_base = self._table(q.device)
-        positions = position_ids.float()[:, :, None, None]  # [B, T, 1, 1]
-        angles = positions * inv_freq  # [B, T, 1, K/2]
-        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
+                xpos_positions: torch.Tensor | None = None):
+        """q, k: [B, T, H, K]; position_ids: [B, T]; xpos_positions: [B, T] positions relative to the xPos
+        frame (default ``position_ids``) -> rotated (q, k) in their dtype."""
+        inv_freq, log_zeta = self._table(q.device)
+        angles = position_ids.double()[:, :, None, None] * inv_freq  # [B, T, 1, K/2]
+        cos = torch.cat([angles.cos()] * 2, -1).float()
+        sin = torch.cat([angles.sin()] * 2, -1).float()
         qf, kf = q.float(), k.float()
         q_rot = qf * cos + _rotate_half(qf) * sin
         k_rot = kf * cos + _rotate_half(kf) * sin
         if self.use_xpos:
             # ζ^(n/base) on q and ζ^(−n/base) on k: the product depends only on the distance.
-            scale = torch.cat([xpos_base] * 2) ** (positions / self.xpos_scale_base)
+            relative = position_ids if xpos_positions is None else xpos_positions
+            scale = torch.exp(relative.double()[:, :, None, None] / self.xpos_scale_base * log_zeta).float()
             q_rot, k_rot = q_rot * scale, k_rot / scale
         return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+    def shift_state(self, state: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """The state ``[N, H, K, V]`` of an xPos frame moved ``shift`` ``[N]`` positions later (key rows × ζ^(shift/base))."""
+        _, log_zeta = self._table(state.device)
+        factor = torch.exp(shift.to(state.device).double()[:, None] / self.xpos_scale_base * log_zeta)
+        return state * factor.to(state.dtype)[:, None, :, None]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -181,19 +218,67 @@ class RetNetMultiScaleRetention(nn.Module):
         mode: str,
         cu_seqlens: torch.Tensor | None = None,
         packed_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+        xpos: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``packed_rows``: ``(index, row_cu_seqlens)`` of the real tokens of a padded batch (see
-        :func:`_pack_padded_rows`); retention then runs on those alone, one packed sequence per row."""
+        :func:`_pack_padded_rows`); retention then runs on those alone, one packed sequence per row.
+
+        ``xpos`` (with ``use_xpos``): ``(relative [B, T], target [N])``, each token's position relative to its
+        sequence's origin (the frame ``initial_state`` is in) and the frame, relative to the same origin, that
+        the final state is returned in. Unpacked, the tokens run in pieces of :func:`xpos_span` positions, each
+        in its own frame, the state carried from piece to piece."""
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.value_head_dim)
-        q, k = self.rotary(q, k, position_ids)
+        mode = resolve_retention_mode(mode, length, q)
+        if xpos is None:
+            q, k = self.rotary(q, k, position_ids)
+            o, state = self._retain(q, k, v, token_mask, initial_state, output_final_state, mode, cu_seqlens,
+                                    packed_rows)
+        elif packed_rows is not None or cu_seqlens is not None:
+            # One frame, the origin (RetNetModel checked that the positions stay within xpos_span of it).
+            relative, target = xpos
+            q, k = self.rotary(q, k, position_ids, relative)
+            o, state = self._retain(q, k, v, token_mask, initial_state, output_final_state, mode, cu_seqlens,
+                                    packed_rows)
+            if state is not None and target is not None:
+                state = self.rotary.shift_state(state, target)
+        else:
+            relative, target = xpos
+            span = xpos_span(self.config)
+            outputs, state, frame = [], initial_state, relative.new_zeros(batch)
+            for start in range(0, max(length, 1), span):
+                end = min(start + span, length)
+                piece = slice(start, end)
+                if end > start:
+                    new_frame = relative[:, start]
+                    if state is not None:
+                        state = self.rotary.shift_state(state, new_frame - frame)
+                    frame = new_frame
+                q_piece, k_piece = self.rotary(q[:, piece], k[:, piece], position_ids[:, piece],
+                                               relative[:, piece] - frame[:, None])
+                last = end >= length
+                o, state = self._retain(q_piece, k_piece, v[:, piece],
+                                        None if token_mask is None else token_mask[:, piece], state,
+                                        output_final_state or not last, mode, None, None)
+                outputs.append(o)
+            o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
+            if state is not None and output_final_state and target is not None:
+                state = self.rotary.shift_state(state, target - frame)
+            state = state if output_final_state else None
+        o = self.head_norm(o) if self.head_norm is not None else o.flatten(-2)
+        if self.g_proj is not None:
+            o = F.silu(self.g_proj(hidden_states)) * o
+        return self.o_proj(o), state
+
+    def _retain(self, q, k, v, token_mask, initial_state, output_final_state, mode, cu_seqlens, packed_rows):
+        """Retention of rotated q, k -> (o [B, T, H, V], final state or None)."""
+        batch, length = q.shape[:2]
         if token_mask is not None:
             # A padded position writes nothing into the state (its kᵀv is zero).
             k = k * token_mask[:, :, None, None].to(k.dtype)
         log_decay = self.log_decay(q.device)
-        mode = resolve_retention_mode(mode, length, q)
         if packed_rows is not None:
             # The decay runs per position, padding included: a pad after real tokens (or after a cached state)
             # would decay the state it does not write to. Packed, the pads are simply not there.
@@ -208,10 +293,7 @@ class RetNetMultiScaleRetention(nn.Module):
             o, state = kernels.recurrent_retention(q, k, v, log_decay, **common)
         if packed_rows is not None:
             o = o.new_zeros(batch * length, *o.shape[2:]).index_copy(0, index, o[0]).view(batch, length, *o.shape[2:])
-        o = self.head_norm(o) if self.head_norm is not None else o.flatten(-2)
-        if self.g_proj is not None:
-            o = F.silu(self.g_proj(hidden_states)) * o
-        return self.o_proj(o), state
+        return o, state
 
 
 class RetNetMLP(nn.Module):
@@ -245,10 +327,10 @@ class RetNetDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, position_ids, token_mask, initial_state, output_final_state, mode, cu_seqlens,
-                packed_rows=None):
+                packed_rows=None, xpos=None):
         retained, state = self.retention(
             self.retention_norm(hidden_states), position_ids, token_mask, initial_state, output_final_state,
-            mode, cu_seqlens, packed_rows,
+            mode, cu_seqlens, packed_rows, xpos,
         )
         hidden_states = hidden_states + self.dropout(retained)
         hidden_states = hidden_states + self.dropout(self.mlp(self.ffn_norm(hidden_states)))
@@ -298,6 +380,13 @@ class RetNetPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["RetNetDecoderLayer"]
     _is_stateful = True
+
+    def __init__(self, config: RetNetConfig, *inputs, **kwargs):
+        # The config validated itself when built, but it is a mutable object: a field set since then
+        # (config.chunk_size = 0) would otherwise surface as a shape error deep inside a layer.
+        if isinstance(config, RetNetConfig):
+            config.validate_retnet()
+        super().__init__(config, *inputs, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -404,9 +493,27 @@ class RetNetModel(RetNetPreTrainedModel):
                 )
             token_mask = attention_mask[:, -length:]
         past_offsets = None if cache is None else cache.offsets
+        custom_positions = position_ids is not None
         if position_ids is None:
             position_ids = self._positions(batch, length, token_mask, past_offsets, cu_seqlens, hidden_states.device)
         packed_rows = None if token_mask is None else _pack_padded_rows(token_mask, past_offsets is not None)
+        new_offsets = None
+        if cache is not None:
+            if cu_seqlens is None:
+                real_tokens = length if token_mask is None else token_mask.sum(-1).long()
+            else:
+                real_tokens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(hidden_states.device, torch.long)
+            rows = batch if cu_seqlens is None else len(cu_seqlens) - 1
+            base = past_offsets if past_offsets is not None else torch.zeros(rows, dtype=torch.long,
+                                                                             device=hidden_states.device)
+            new_offsets = base + real_tokens
+        xpos = None
+        if self.config.use_xpos:
+            compute_dtype = hidden_states.dtype
+            if torch.is_autocast_enabled(hidden_states.device.type):
+                compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
+            xpos = self._xpos_frames(position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows,
+                                     custom_positions, compute_dtype)
 
         all_hidden_states = ()
         for index, layer in enumerate(self.layers):
@@ -414,7 +521,7 @@ class RetNetModel(RetNetPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             initial_state = None if cache is None else cache.states[index]
             args = (hidden_states, position_ids, token_mask, initial_state, cache is not None, mode, cu_seqlens,
-                    packed_rows)
+                    packed_rows, xpos)
             if checkpointing:
                 hidden_states, state = self._gradient_checkpointing_func(layer.__call__, *args)
             else:
@@ -426,14 +533,7 @@ class RetNetModel(RetNetPreTrainedModel):
             all_hidden_states += (hidden_states,)
 
         if cache is not None:
-            if cu_seqlens is None:
-                real_tokens = length if token_mask is None else token_mask.sum(-1).long()
-            else:
-                real_tokens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(hidden_states.device, torch.long)
-            rows = batch if cu_seqlens is None else len(cu_seqlens) - 1
-            base = past_offsets if past_offsets is not None else torch.zeros(rows, dtype=torch.long,
-                                                                             device=hidden_states.device)
-            cache.offsets = base + real_tokens
+            cache.offsets = new_offsets
             if cu_seqlens is None:
                 cache.seen_tokens += length
             else:
@@ -446,6 +546,62 @@ class RetNetModel(RetNetPreTrainedModel):
             hidden_states=all_hidden_states if output_hidden_states else None,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def _xpos_frames(self, position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows, custom_positions,
+                     compute_dtype):
+        """``(relative, target)`` for the layers (see :meth:`RetNetMultiScaleRetention.forward`).
+
+        A cached state is kept in the xPos frame of its next position, ``cache.offsets``: each sequence's
+        positions count from there (its origin), and the final state is moved to the new offsets. Without a
+        cached state the origin is position 0, or with ``position_ids`` given the sequence's first position.
+        """
+        length = position_ids.shape[1]
+        device = position_ids.device
+        segment = None
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(device)
+            segment = torch.searchsorted(cu_seqlens, torch.arange(length, device=device), right=True) - 1
+        if past_offsets is not None:
+            origin = past_offsets
+        elif not custom_positions or length == 0:
+            rows = position_ids.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+            origin = torch.zeros(rows, dtype=torch.long, device=device)
+        elif cu_seqlens is None:
+            origin = position_ids[:, 0]
+        else:
+            origin = position_ids[0, cu_seqlens[:-1].clamp(max=length - 1)]
+        origin = origin.to(device, torch.long)
+        relative = position_ids - (origin[:, None] if segment is None else origin[segment][None])
+        target = None if new_offsets is None else new_offsets - origin
+        growth = XPOS_PACKED_MAX_GROWTH.get(compute_dtype, XPOS_PACKED_MAX_GROWTH_DEFAULT)
+        span = xpos_span(self.config, growth)
+        packed = packed_rows is not None or cu_seqlens is not None
+        if packed and (custom_positions or length > span):
+            # A packed row runs in one frame per sequence: its positions must stay within one span of it.
+            low, high = (int(relative.min()), int(relative.max())) if length else (0, 0)
+            if low < 0 or high >= span:
+                raise ValueError(
+                    f"use_xpos: a packed or padded sequence reaches position {high if high >= span else low} from "
+                    f"its start, but one forward covers at most {span} positions per sequence when packed "
+                    f"(xpos_scale_base={self.config.xpos_scale_base}, {compute_dtype}: q/k scales stay within "
+                    f"{growth:g}); "
+                    "feed it in pieces with the cache, or unpacked"
+                )
+        if custom_positions and target is not None and length:
+            # The state returned is moved from the frame of the last positions to the cache's offsets.
+            ends = relative.max(-1).values if segment is None else torch.full_like(target, -(2**62)).scatter_reduce(
+                0, segment, relative[0], "amax")
+            ahead = int((ends - target).max())
+            # Moving the state back to the offsets scales it by up to ζ^(−ahead/base); it is fp32.
+            limit = int(math.log(XPOS_MAX_STATE_GROWTH) * self.config.xpos_scale_base / -math.log(XPOS_MIN_ZETA))
+            if ahead > limit:
+                raise ValueError(
+                    f"use_xpos: position_ids run {ahead} positions past the cache's offsets (the next position by "
+                    f"its count, which the state's xPos frame follows); at most {limit} are supported "
+                    f"(xpos_scale_base={self.config.xpos_scale_base}). Pass positions that follow cache.offsets, "
+                    "or use_cache=False"
+                )
+        return relative, target
 
     @staticmethod
     def _positions(batch, length, token_mask, past_offsets, cu_seqlens, device) -> torch.Tensor:

@@ -84,6 +84,9 @@ def test_linspace_schedule():
         (dict(pad_token_id="3"), r"pad_token_id.*'3'"),
         (dict(rope_theta=float("inf")), r"rope_theta.*inf"),
         (dict(rope_theta=float("nan")), r"rope_theta.*nan"),
+        # Beyond the retention ops' largest head dim (512) nothing could run it, on CPU or GPU.
+        (dict(num_attention_heads=1, head_dim=514), r"head_dim.*<= 512.*514"),
+        (dict(num_attention_heads=1, hidden_size=300, value_factor=2), r"value_factor.*now 600.*<= 512"),
     ],
 )
 def test_invalid_configs_name_the_field_and_value(overrides, field):
@@ -128,3 +131,41 @@ def test_auto_config_roundtrip(tmp_path):
     assert isinstance(loaded, RetNetConfig)
     assert loaded.hidden_act == ["sau", "identity"]
     assert loaded.layer_activations == [("sau", {"alpha": 0.2}), ("identity", {})]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("chunk_size", 0, r"chunk_size.*0"),
+        ("num_attention_heads", 7, r"hidden_size.*num_attention_heads=7"),
+        ("head_dim", 15, r"head_dim.*15"),
+        ("use_xpos", "yes", r"use_xpos.*'yes'"),
+    ],
+)
+@pytest.mark.parametrize("model_class", ["RetNetForCausalLM", "RetNetModel"])
+def test_config_mutated_after_construction_is_revalidated_by_the_model(field, value, message, model_class):
+    import retnet.model as model_module
+
+    config = RetNetConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        getattr(model_module, model_class)(config)
+
+
+def test_from_pretrained_still_loads_with_transformers_own_settings(tmp_path):
+    from retnet.model import RetNetForCausalLM
+
+    config = RetNetConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    RetNetForCausalLM(config).save_pretrained(tmp_path)
+    # transformers sets _attn_implementation, dtype and architectures on the config while loading.
+    model = RetNetForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
+    assert model.dtype == torch.bfloat16 and model.config.architectures == ["RetNetForCausalLM"]
+    with pytest.raises(ValueError, match=r"chunk_size.*0"):
+        RetNetForCausalLM.from_pretrained(tmp_path, chunk_size=0)
+
+
+def test_the_configs_head_dim_limit_is_the_kernels():
+    from retnet.kernels.checks import MAX_HEAD_DIM
+    from retnet.model.configuration_retnet import MAX_HEAD_DIM as CONFIG_MAX_HEAD_DIM
+
+    assert CONFIG_MAX_HEAD_DIM == MAX_HEAD_DIM
