@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from retnet.serve.engine import Engine
 from retnet.serve.metrics import ServeMetrics
@@ -134,15 +135,35 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):  # a bug: say so without leaking internals
+        if isinstance(exc, ClientDisconnect):  # an ASGI 2.4 server's send failed: the client left, no bug
+            logger.info("client disconnected before the response was sent")
+            return _error(499, "client closed the request", None, "client_closed")
         logger.exception("unhandled error")
         return _error(500, f"internal error ({type(exc).__name__})", None, "internal_error", "server_error")
+
+
+def _is_union_member(part) -> bool:
+    return isinstance(part, str) and (part in _TYPE_LOCS or "[" in part or "(" in part)
+
+
+def _most_specific(errors) -> dict:
+    """The first error, or where it is one member of a union failing (``content`` is not a string), the
+    deepest error of the same field: the member the value was meant as (a list of parts whose part 1 has
+    no ``type``), not the first member tried."""
+    first = errors[0]
+    loc = list(first.get("loc", ()))
+    cut = next((i for i, part in enumerate(loc) if _is_union_member(part)), None)
+    if cut is None:
+        return first
+    same_field = [e for e in errors if list(e.get("loc", ()))[:cut] == loc[:cut]]
+    return max(same_field, key=lambda e: len(e.get("loc", ())))  # max keeps the first of the longest
 
 
 def _describe_validation(errors) -> tuple[str, str | None, str]:
     """(message, param, code) for the first problem pydantic found, naming the field."""
     if not errors:
         return "invalid request", None, "invalid_request"
-    first = errors[0]
+    first = _most_specific(errors)
     loc = [part for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
@@ -151,13 +172,11 @@ def _describe_validation(errors) -> tuple[str, str | None, str]:
         if first.get("type") == "missing":
             return "the request needs a JSON object body", None, "invalid_request"
         return f"the request body must be a JSON object: {first.get('msg')}", None, "invalid_request"
-    path = []
-    for part in loc:
-        if isinstance(part, str) and (part in _TYPE_LOCS or "[" in part or "(" in part):
-            break
-        path.append(str(part))
-    param = ".".join(path)
-    if path and path[0] == "prompt" and len(path) == 1:
+    path = [part for part in loc if not _is_union_member(part)]
+    # OpenAI's form: ``messages[0].role``, list indices in brackets.
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+    if path and path[0] == "prompt":
+        param = "prompt"
         message = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
     else:
         message = f"{param}: {first.get('msg')}"

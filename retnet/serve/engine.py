@@ -477,14 +477,25 @@ class Engine:
             seqs.append(Sequence(group, group.first_index + j, sampler,
                                  IncrementalDetokenizer(self._decode, group.inputs),
                                  StopStrings(group.params.stop)))
-        logits = group.last_logits[None].expand(group.n, -1)
-        sample = sample_step(logits, [s.sampler for s in seqs])
+        # max_tokens 0 (a completion's echo): the prompt is scored, and saved in its session, but nothing sampled.
+        score_only = group.params.max_tokens == 0
+        if not score_only:
+            logits = group.last_logits[None].expand(group.n, -1)
+            sample = sample_step(logits, [s.sampler for s in seqs])
+        prompt_lp = None
+        if group.params.prompt_logprobs:
+            # Entries for ``inputs``; a session's inputs start with its unfed tokens, which are not this
+            # request's prompt: the echo gets the prompt's own, the first one scored after the history.
+            prompt_lp = [self._logprob(group.inputs[0], None), *group.prompt_lp]
+            prompt_lp = prompt_lp[len(group.inputs) - len(group.prompt_ids) :]
         outputs = []
         for i, seq in enumerate(seqs):
-            out = self._advance(seq, i, sample)
-            if group.params.prompt_logprobs:
-                first = self._logprob(group.inputs[0], None)
-                out.prompt_logprobs = [first, *group.prompt_lp]
+            if score_only:
+                seq.finish_reason = "length"
+                out = SeqOutput(seq.index, "", [], [] if group.params.logprobs is not None else None, "length")
+            else:
+                out = self._advance(seq, i, sample)
+            out.prompt_logprobs = prompt_lp
             outputs.append(out)
             if seq.finish_reason is None:
                 self.joining.append((seq, group.cache))
@@ -570,7 +581,7 @@ class Engine:
         group = seq.group
         if group.session_id is not None:
             state = cache.clone() if cache is not None else self.batch.select([row])
-            self.sessions.release(group.session_id, state, [seq.tokens[-1]],
+            self.sessions.release(group.session_id, state, seq.tokens[-1:],  # none if max_tokens was 0
                                   tokens=len(group.prompt_ids) + len(seq.tokens))
             self.metrics.sessions.set(len(self.sessions))
         self._release_slots(1)

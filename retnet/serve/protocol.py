@@ -73,7 +73,8 @@ class SamplingFields(BaseModel):
         return data
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    # 0 only for a completion with echo (score the prompt, generate nothing); serving refuses it otherwise.
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, ge=0.0, le=1.0)  # OpenAI accepts 0; the top token always stays
     top_k: int = Field(-1, ge=-1, description="-1 or 0: off")
@@ -119,16 +120,21 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    """One part of a message's ``content`` list. Any ``type`` parses, so that serving can refuse the ones it
+    does not support (only ``text``) by name instead of with a union's type error."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -136,7 +142,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):

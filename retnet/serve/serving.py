@@ -4,6 +4,7 @@ and shape its outputs as OpenAI completions (whole, or SSE chunks ending ``data:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -78,13 +79,19 @@ class OpenAIServing:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
         if request.logprobs is not None and request.logprobs > self.settings.max_logprobs:
             raise APIError(400, f"logprobs must be <= {self.settings.max_logprobs}; got {request.logprobs}", "logprobs")
+        if request.max_tokens == 0 and not request.echo:
+            # OpenAI and vLLM take 0 only to echo (and score) the prompt: without echo there is nothing to return.
+            raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (to return, and "
+                           "score with logprobs, the prompt alone)", "max_tokens")
         texts, prompts = self._completion_prompts(request.prompt)
         params = self._params(request, request.max_tokens, request.logprobs)
         params.prompt_logprobs = request.echo and request.logprobs is not None
         handle = self._submit(prompts, params, request)
-        echo_texts = [texts[i // request.n] for i in range(handle.num_choices)] if request.echo else None
+        # Each choice's prompt text: echoed before the completion, and where its text_offset starts either way
+        # (OpenAI's offsets index prompt + completion, echoed or not).
+        prompt_texts = [texts[i // request.n] for i in range(handle.num_choices)]
         if request.stream:
-            return self._stream(self._completion_chunks(request, handle, prompts, echo_texts), handle)
+            return self._stream(self._completion_chunks(request, handle, prompt_texts), handle)
         outputs = await self._collect(handle, raw)
         choices = []
         for index, seq in enumerate(outputs):
@@ -92,14 +99,13 @@ class OpenAIServing:
             logprobs = None
             if request.logprobs is not None:
                 logprobs = CompletionLogprobs()
-                offset = 0
                 if request.echo:
-                    offset = _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], 0)
-                    text = echo_texts[index] + text
+                    _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], 0)
+                offset = len(prompt_texts[index])
                 for o in seq:
                     offset = _add_completion_logprobs(logprobs, o.logprobs or [], offset)
-            elif request.echo:
-                text = echo_texts[index] + text
+            if request.echo:
+                text = prompt_texts[index] + text
             choices.append(CompletionChoice(
                 index=index, text=text, logprobs=logprobs, finish_reason=seq[-1].finish_reason,
                 **self._ids(request, prompts[index // request.n], seq),
@@ -147,11 +153,11 @@ class OpenAIServing:
                            "prompt", "invalid_token_id")
         return ids
 
-    async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle, prompts,
-                                 echo_texts) -> AsyncIterator[str]:
+    async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle,
+                                 prompt_texts: list[str]) -> AsyncIterator[str]:
         rid, created = random_id("cmpl"), int(time.time())
         usage_opt = bool(request.stream_options and request.stream_options.include_usage)
-        offsets = [0] * handle.num_choices
+        offsets = [len(text) for text in prompt_texts]
         first = [True] * handle.num_choices
         counts = [0] * handle.num_choices
         async for out in self._outputs(handle):
@@ -160,10 +166,10 @@ class OpenAIServing:
             if request.logprobs is not None:
                 logprobs = CompletionLogprobs()
                 if first[out.index] and request.echo:
-                    offsets[out.index] = _add_completion_logprobs(logprobs, out.prompt_logprobs or [], 0)
+                    _add_completion_logprobs(logprobs, out.prompt_logprobs or [], 0)
                 offsets[out.index] = _add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index])
-            if first[out.index] and echo_texts is not None:
-                text = echo_texts[out.index] + text
+            if first[out.index] and request.echo:
+                text = prompt_texts[out.index] + text
             first[out.index] = False
             if not (text or out.finish_reason or logprobs or request.return_token_ids):
                 continue
@@ -182,12 +188,17 @@ class OpenAIServing:
     # -- /v1/chat/completions ----------------------------------------------------------------------------------
     async def chat(self, request: ChatCompletionRequest, raw: Request):
         self._check_common(request)
+        _check_content_parts(request)
         top = request.top_logprobs if request.top_logprobs is not None else 0
         if top > self.settings.max_logprobs:
             raise APIError(400, f"top_logprobs must be <= {self.settings.max_logprobs}; got {top}", "top_logprobs")
+        # max_completion_tokens is chat's newer name for max_tokens; it wins when both are sent.
+        name = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
+        max_tokens = getattr(request, name)
+        if max_tokens == 0:
+            raise APIError(400, f"{name} must be at least 1 (0 is accepted only by /v1/completions with echo)", name)
         prompt, hint = self._chat_prompt(request)
-        params = self._params(request, request.max_completion_tokens or request.max_tokens,
-                              top if request.logprobs else None)
+        params = self._params(request, max_tokens, top if request.logprobs else None, name)
         handle = self._submit([prompt], params, request, [hint])
         if request.stream:
             return self._stream(self._chat_chunks(request, handle), handle)
@@ -242,6 +253,8 @@ class OpenAIServing:
                                             session_id=request.session_id))
             if not usage_opt:
                 data.pop("usage", None)
+            for item in data["choices"]:
+                item["delta"] = {key: value for key, value in item["delta"].items() if value is not None}
             return sse(data)
 
         for index in range(handle.num_choices):
@@ -281,11 +294,12 @@ class OpenAIServing:
             if request.n != 1:
                 raise APIError(400, "session_id needs n = 1 (one continuation to save)", "session_id")
 
-    def _params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                name: str = "max_tokens") -> SamplingParams:
+        """``name``: the field ``max_tokens`` came from, for the error."""
         max_tokens = self.settings.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > self.settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens must be <= {self.settings.max_tokens_limit}; got {max_tokens}",
-                           "max_tokens")
+            raise APIError(400, f"{name} must be <= {self.settings.max_tokens_limit}; got {max_tokens}", name)
         return SamplingParams(
             max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             min_p=request.min_p, repetition_penalty=request.repetition_penalty,
@@ -359,20 +373,16 @@ class OpenAIServing:
 
     def _stream(self, chunks: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
-            finished = False
             try:
                 async for chunk in chunks:
                     yield chunk
-                finished = True
             except APIError as exc:  # the engine failed mid-stream: an error event, then the end
                 yield sse(exc.body())
-                finished = True
-            finally:
-                if not finished:  # the client left (or the server is cancelling us): free the slot
-                    handle.cancel()
+            response.finished = True  # every choice has ended: nothing left to cancel
             yield sse("[DONE]")
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+        response = EngineStreamingResponse(body(), handle, media_type="text/event-stream", headers=SSE_HEADERS)
+        return response
 
     def _usage(self, handle: RequestHandle, outputs: list[list[SeqOutput]]) -> Usage:
         return self._usage_counts(handle, sum(len(o.token_ids) for seq in outputs for o in seq))
@@ -391,6 +401,44 @@ class OpenAIServing:
     def _decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
             return self.tokenizer.decode([i for i in ids if i < self.engine.vocab_size])
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """An SSE response that cancels its request unless the whole body was sent. The body generator's own
+    ``finally`` is not enough: a client gone before (or while) the headers are sent fails the response
+    before the body is ever started, and a generator never started runs no ``finally``; the request
+    would then generate to ``max_tokens`` for nobody, holding its slot."""
+
+    def __init__(self, content: AsyncIterator[str], handle: RequestHandle, **kwargs):
+        super().__init__(content, **kwargs)
+        self.handle = handle
+        self.finished = False  # set by the body once every choice has ended
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Also when __call__ returned: before ASGI 2.4 a disconnect ends the response without an error.
+            if not self.finished:  # the client left (or the server is cancelling us): free the slot
+                self.handle.cancel()
+            # Close the body now (not when collected), so the generators under it end here.
+            with contextlib.suppress(RuntimeError):
+                await self.body_iterator.aclose()
+
+
+def _check_content_parts(request: ChatCompletionRequest) -> None:
+    """Only text parts are supported (no images, audio or files): refuse any other by its place."""
+    for i, message in enumerate(request.messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            where = f"messages[{i}].content[{j}]"
+            if part.type != "text":
+                raise APIError(400, f"{where}.type: only text content parts are supported (type 'text'); got type "
+                               f"{part.type!r}", f"{where}.type", "unsupported_content_type")
+            if part.text is None:
+                raise APIError(400, f"{where}.text: a text content part needs a string 'text'", f"{where}.text",
+                               "missing")
 
 
 def _add_completion_logprobs(target: CompletionLogprobs, entries, offset: int) -> int:

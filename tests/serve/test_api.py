@@ -1,6 +1,7 @@
 """Every route and parameter against an in-process app (httpx on ASGI, the engine thread running)."""
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -254,8 +255,8 @@ async def test_invalid_completion_requests_name_the_field(client, body, param):
 async def test_invalid_chat_and_malformed_bodies(client):
     cases = [
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50}, "top_logprobs"),
     ]
     for body, param in cases:
@@ -370,3 +371,173 @@ async def test_a_non_streaming_client_that_leaves_mid_generation_frees_its_slot(
             await asyncio.sleep(0.01)
         assert await metric(c, "retnet_sequences_cancelled_total") == 1
         assert await metric(c, "retnet_generation_tokens_total") < 4096
+
+
+async def test_completion_text_offset_counts_from_the_prompt_without_echo(client):
+    # OpenAI's offsets index prompt + completion: without echo the first generated token starts after the prompt.
+    prompts = ["Hello world", "a 中 b"]
+    req = {"prompt": prompts, "max_tokens": 5, "logprobs": 1, **GREEDY}
+    whole = (await client.post("/v1/completions", json=req)).json()["choices"]
+    echoed = (await client.post("/v1/completions", json={**req, "echo": True})).json()["choices"]
+    events = sse_events((await client.post("/v1/completions", json={**req, "stream": True})).text)
+    for index, prompt in enumerate(prompts):
+        offsets = whole[index]["logprobs"]["text_offset"]
+        assert offsets[0] == len(prompt)
+        assert echoed[index]["logprobs"]["text_offset"][-5:] == offsets
+        streamed = [o for e in events if e["choices"][0]["index"] == index
+                    for o in (e["choices"][0]["logprobs"] or {}).get("text_offset", [])]
+        assert streamed == offsets
+
+
+async def test_max_tokens_zero_with_echo_scores_the_prompt(client):
+    prompt = "Hello world"
+    before = await metric(client, "retnet_generation_tokens_total")
+    req = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "return_token_ids": True, **GREEDY}
+    r = await client.post("/v1/completions", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length" and choice["token_ids"] == []
+    assert body["usage"]["completion_tokens"] == 0
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] == len(choice["prompt_token_ids"])
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(choice["prompt_token_ids"]) and lp["token_logprobs"][0] is None
+    scored = (await client.post("/v1/completions", json={**req, "max_tokens": 2})).json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][1:] == pytest.approx(scored["token_logprobs"][1 : len(lp["tokens"])])
+    events = sse_events((await client.post("/v1/completions", json={**req, "stream": True})).text)
+    assert "".join(e["choices"][0]["text"] for e in events) == prompt
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    plain = (await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True})).json()
+    assert plain["choices"][0]["text"] == prompt and plain["choices"][0]["logprobs"] is None
+    assert await metric(client, "retnet_generation_tokens_total") == before + 2  # only the max_tokens=2 request
+    assert client.app.state.engine.in_system == 0
+    # Without echo there is nothing to return: refused, naming the field and saying why.
+    for url, body in (("/v1/completions", {"prompt": prompt, "max_tokens": 0}),
+                      ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})):
+        r = await client.post(url, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        assert "echo" in r.json()["error"]["message"]
+
+
+async def test_max_tokens_zero_in_a_session_adds_the_prompt_to_it(client):
+    first = (await client.post("/v1/completions", json={
+        "prompt": "def add(a, b):", "max_tokens": 0, "echo": True, "session_id": "s-zero", "return_token_ids": True,
+        **GREEDY})).json()["choices"][0]
+    assert first["token_ids"] == []
+    second = (await client.post("/v1/completions", json={
+        "prompt": "\nclass Stack:", "max_tokens": 6, "session_id": "s-zero", "return_token_ids": True,
+        "echo": True, "logprobs": 0, **GREEDY,
+    })).json()["choices"][0]
+    # The session kept no token to feed, so no logits score this prompt's first token: null, then aligned.
+    n = len(second["prompt_token_ids"])
+    assert len(second["logprobs"]["tokens"]) == n + 6 and second["logprobs"]["token_logprobs"][0] is None
+    history = first["prompt_token_ids"] + second["prompt_token_ids"]
+    whole = (await client.post("/v1/completions", json={"prompt": history, "max_tokens": 6,
+                                                        "return_token_ids": True, **GREEDY})).json()
+    assert whole["choices"][0]["token_ids"] == second["token_ids"]
+
+
+async def test_chat_content_parts_other_than_text_are_refused_by_name(client):
+    parts = [{"type": "text", "text": "What is this?"},
+             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}],
+        "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages[1].content[1].type" and error["type"] == "invalid_request_error"
+    assert "only text" in error["message"] and "image_url" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "text"}]}],
+                                                        "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].text", r.text
+    # A malformed part is named too, not reported as content failing to be a string.
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"text": "hi"}]}],
+                                                        "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].type", r.text
+    ok = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts[:1] * 2}],
+                                                         "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+async def test_streamed_chat_sends_the_role_once_per_choice(client):
+    req = {"messages": [{"role": "user", "content": "Hello world!"}], "max_tokens": 4, "n": 2, "stream": True,
+           "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    events = sse_events((await client.post("/v1/chat/completions", json=req)).text)
+    for index in range(2):
+        deltas = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == index]
+        assert deltas[0]["delta"] == {"role": "assistant", "content": ""}
+        assert all("role" not in d["delta"] for d in deltas[1:])
+        assert deltas[-1]["finish_reason"] == "length" and deltas[-1]["delta"] == {}  # OpenAI's last delta is {}
+
+
+async def test_max_completion_tokens_errors_name_it(client):
+    msgs = [{"role": "user", "content": "hi"}]
+    for value in (10**9, 0, -3):
+        r = await client.post("/v1/chat/completions", json={"messages": msgs, "max_completion_tokens": value})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "max_completion_tokens" and "max_completion_tokens" in error["message"], error
+
+
+def _stream_scope(body: bytes, spec_version: str) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+async def test_a_streaming_client_gone_before_the_headers_frees_its_slot(open_app, spec_version, caplog):
+    # ASGI 2.4: the server's send raises OSError; before 2.4 the app hears http.disconnect. Either way the
+    # response never starts its body, so the slot must be freed by the response itself, not the body's finally.
+    async with open_app() as c:
+        app, engine = c.app, c.app.state.engine
+        body = json.dumps({"prompt": "hello", "max_tokens": 4096, "stream": True, **GREEDY}).encode()
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                if spec_version == "2.4":
+                    raise OSError("connection reset by peer")
+                await asyncio.sleep(0.5)  # the disconnect is heard meanwhile
+
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(app(_stream_scope(body, spec_version), receive, send), 60)
+        await asyncio.wait_for(_drained(engine), 60)
+        assert await metric(c, "retnet_sequences_cancelled_total") == 1
+        assert await metric(c, "retnet_generation_tokens_total") < 4096
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a client leaving is not a server bug
+
+
+async def _drained(engine) -> None:
+    while engine.in_system:
+        await asyncio.sleep(0.01)
+
+
+async def test_session_echo_logprobs_cover_this_requests_prompt(client):
+    await client.post("/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 4, "session_id": "s-echo",
+                                               "return_token_ids": True, **GREEDY})
+    first = (await client.post("/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 4,
+                                                        "return_token_ids": True, **GREEDY})).json()["choices"][0]
+    prompt = "\nclass Stack:"
+    req = {"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1, "return_token_ids": True, **GREEDY}
+    second = (await client.post("/v1/completions", json={**req, "session_id": "s-echo"})).json()["choices"][0]
+    alone = (await client.post("/v1/completions", json=req)).json()["choices"][0]
+    n = len(second["prompt_token_ids"])
+    lp = second["logprobs"]
+    assert second["text"].startswith(prompt) and len(lp["tokens"]) == n + 3
+    assert lp["tokens"][:n] == alone["logprobs"]["tokens"][:n]
+    assert lp["text_offset"][:n] == alone["logprobs"]["text_offset"][:n] and lp["text_offset"][n] == len(prompt)
+    # The prompt's logprobs are the ones it has after the session's history, its first token's included.
+    history = first["prompt_token_ids"] + first["token_ids"] + second["prompt_token_ids"]
+    whole = (await client.post("/v1/completions", json={**req, "prompt": history})).json()["choices"][0]
+    assert lp["token_logprobs"][:n] == pytest.approx(whole["logprobs"]["token_logprobs"][-3 - n : -3], abs=1e-4)
+    assert lp["tokens"][n:] == whole["logprobs"]["tokens"][-3:]
