@@ -48,7 +48,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
         # uvicorn has already let open streams finish (timeout_graceful_shutdown); cancel what is left.
         engine.shutdown(grace_s=0.0)
 
-    app = FastAPI(title="retnet-serve", version="0.1.0", lifespan=lifespan)
+    # strict_content_type=False: a body without a Content-Type is read as JSON (other types: require_json).
+    app = FastAPI(title="retnet-serve", version="0.1.0", lifespan=lifespan, strict_content_type=False)
     app.state.settings, app.state.engine, app.state.serving, app.state.metrics = settings, engine, serving, metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -68,6 +69,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
                            "invalid_api_key", type="authentication_error")
 
     auth = [Depends(require_api_key)]
+    json_body = [*auth, Depends(require_json)]
 
     @app.get("/health")
     async def health() -> Response:
@@ -91,21 +93,36 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     async def retrieve_model(model_id: str):
         return serving.model(model_id)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=json_body)
     async def completions(request: CompletionRequest, raw: Request):
         return await serving.completions(request, raw)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=json_body)
     async def chat_completions(request: ChatCompletionRequest, raw: Request):
         return await serving.chat(request, raw)
 
     @app.delete("/v1/sessions/{session_id}", dependencies=auth)
     async def delete_session(session_id: str):
         if not engine.sessions.delete(session_id):
-            raise APIError(404, f"no idle session {session_id!r}", "session_id", "session_not_found")
+            session = engine.sessions.sessions.get(session_id)
+            if session is not None and session.busy:  # the same answer as a second request on it
+                raise APIError(409, f"session {session_id!r} is in use by a request", "session_id", "session_busy")
+            raise APIError(404, f"no session {session_id!r}", "session_id", "session_not_found")
         return {"id": session_id, "object": "session", "deleted": True}
 
     return app
+
+
+def require_json(request: Request) -> None:
+    """A body sent as another type (``curl -d`` alone sends a form) is 415 naming the header, not a
+    "must be a JSON object" error about a body that is one."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise APIError(415, f"the request body must be JSON sent with `Content-Type: application/json`; got "
+                       f"Content-Type {content_type!r}", "content-type", "unsupported_media_type")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -54,13 +54,16 @@ class APIError(Exception):
 # ----------------------------------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM's extra: with include_usage, every chunk also carries the usage so far.
+    continuous_usage_stats: bool = False
 
 
 class SamplingFields(BaseModel):
     """What both endpoints share: sampling, stopping, streaming and the server's extras."""
 
-    # Unknown fields (logit_bias, user, ...) are accepted and ignored, as vLLM does, so clients that send
-    # them still work.
+    # Unknown fields (user, metadata, ...) are accepted and ignored, as vLLM does, so clients that send them
+    # still work. Fields that would change the output (response_format, tools, best_of ...) are declared, so
+    # that serving can refuse the values it does not support by name instead of ignoring them.
     model_config = ConfigDict(extra="ignore")
 
     @model_validator(mode="before")
@@ -83,6 +86,8 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
+    # Token id (a JSON object's keys are strings) -> -100..100, added to the logits before sampling.
+    logit_bias: dict[str, float] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -118,6 +123,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
 
 
 class ContentPart(BaseModel):
@@ -151,6 +157,12 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    # Not supported beyond their no-op values (serving refuses the others by name).
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (before penalties and sampling)
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top-k alternatives'
@@ -50,7 +51,7 @@ class SamplingParams:
 class RowSampler:
     """One sequence's sampling state: its generator and the token counts the penalties need."""
 
-    __slots__ = ("counts", "generator", "params", "seen")
+    __slots__ = ("bias_ids", "bias_values", "counts", "generator", "params", "seen")
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, seed_offset: int = 0):
         self.params = params
@@ -58,6 +59,10 @@ class RowSampler:
         self.generator = torch.Generator().manual_seed((seed + seed_offset) % (2**63))
         self.counts: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
+        self.bias_ids = self.bias_values = None
+        if params.logit_bias:
+            self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+            self.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
         if params.needs_penalties:
             self.counts = torch.zeros(vocab_size)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
@@ -100,7 +105,12 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
         rows: B samplers, row-aligned.
     """
     logits = logits.float()
-    raw = logits
+    raw = logits  # logprobs report the model's distribution, before bias and penalties
+    biased = [i for i, r in enumerate(rows) if r.bias_ids is not None]
+    if biased:
+        logits = logits.clone()
+        for i in biased:
+            logits[i, rows[i].bias_ids] += rows[i].bias_values
     penalised = [i for i, r in enumerate(rows) if r.params.needs_penalties]
     if penalised:
         logits = logits.clone()

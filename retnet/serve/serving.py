@@ -60,23 +60,28 @@ class OpenAIServing:
     def __init__(self, settings: ServeSettings, engine: Engine, tokenizer, metrics: ServeMetrics):
         self.settings, self.engine, self.tokenizer, self.metrics = settings, engine, tokenizer, metrics
         self.model_name = settings.model_name
+        self.created = int(time.time())  # the model card's `created`: when the server started, not per request
         # HF fast tokenisers may not be entered from two threads at once (the scheduler decodes).
         self.tokenizer_lock = threading.Lock()
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name)])
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
 
     def model(self, model_id: str) -> ModelCard:
         if model_id not in (self.model_name, self.settings.model):
             raise APIError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")
-        return ModelCard(id=self.model_name)
+        return ModelCard(id=self.model_name, created=self.created)
 
     # -- /v1/completions ---------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request):
         self._check_common(request)
         if request.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
+        if request.best_of is not None and request.best_of != request.n:
+            # best_of > n would need the candidates ranked; OpenAI refuses best_of < n (and vLLM's V1 best_of).
+            raise APIError(400, f"best_of is supported only equal to n ({request.n}); got {request.best_of}",
+                           "best_of", "unsupported_parameter")
         if request.logprobs is not None and request.logprobs > self.settings.max_logprobs:
             raise APIError(400, f"logprobs must be <= {self.settings.max_logprobs}; got {request.logprobs}", "logprobs")
         if request.max_tokens == 0 and not request.echo:
@@ -141,12 +146,14 @@ class OpenAIServing:
         if count > self.settings.max_prompts:
             raise APIError(400, f"at most {self.settings.max_prompts} prompts per request; got {count}", "prompt")
 
-    def _check_ids(self, ids: list[int]) -> list[int]:
+    def _check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
+        """``param``: what the prompt came from, for the errors (a chat's is ``messages``)."""
         if not ids:
-            raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
+            raise APIError(400, "prompt must not be empty", param, "empty_prompt")
         if len(ids) > self.settings.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
-                           f"{self.settings.max_prompt_tokens}", "prompt", "context_length_exceeded")
+            what = "the prompt" if param == "prompt" else "the templated messages"
+            raise APIError(400, f"{what} has {len(ids)} tokens; this server accepts at most "
+                           f"{self.settings.max_prompt_tokens}", param, "context_length_exceeded")
         bad = [i for i in ids if i >= self.engine.vocab_size]
         if bad:
             raise APIError(400, f"prompt: token id {bad[0]} is out of the vocabulary (size {self.engine.vocab_size})",
@@ -156,7 +163,7 @@ class OpenAIServing:
     async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle,
                                  prompt_texts: list[str]) -> AsyncIterator[str]:
         rid, created = random_id("cmpl"), int(time.time())
-        usage_opt = bool(request.stream_options and request.stream_options.include_usage)
+        usage_opt, continuous = _usage_options(request)
         offsets = [len(text) for text in prompt_texts]
         first = [True] * handle.num_choices
         counts = [0] * handle.num_choices
@@ -175,8 +182,9 @@ class OpenAIServing:
                 continue
             choice = CompletionChoice(index=out.index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
                                       token_ids=out.token_ids if request.return_token_ids else None)
+            usage = self._usage_counts(handle, sum(counts)) if continuous else None
             chunk = dump(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice],
-                                            session_id=request.session_id))
+                                            usage=usage, session_id=request.session_id))
             if not usage_opt:
                 chunk.pop("usage", None)
             yield sse(chunk)
@@ -189,6 +197,9 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest, raw: Request):
         self._check_common(request)
         _check_content_parts(request)
+        _check_chat_features(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         top = request.top_logprobs if request.top_logprobs is not None else 0
         if top > self.settings.max_logprobs:
             raise APIError(400, f"top_logprobs must be <= {self.settings.max_logprobs}; got {top}", "top_logprobs")
@@ -241,13 +252,16 @@ class OpenAIServing:
             raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
         if not ids:
             raise APIError(400, "the templated conversation is empty", "messages", "empty_prompt")
-        return self._check_ids(ids), hint
+        return self._check_ids(ids, "messages"), hint
 
     async def _chat_chunks(self, request: ChatCompletionRequest, handle: RequestHandle) -> AsyncIterator[str]:
         rid, created = random_id("chatcmpl"), int(time.time())
-        usage_opt = bool(request.stream_options and request.stream_options.include_usage)
+        usage_opt, continuous = _usage_options(request)
+        total = 0
 
         def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> str:
+            if continuous and usage is None:
+                usage = self._usage_counts(handle, total)
             data = dump(ChatCompletionChunk(id=rid, created=created, model=self.model_name,
                                             choices=[choice] if choice else [], usage=usage,
                                             session_id=request.session_id))
@@ -259,7 +273,6 @@ class OpenAIServing:
 
         for index in range(handle.num_choices):
             yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
-        total = 0
         async for out in self._outputs(handle):
             total += len(out.token_ids)
             logprobs = ChatLogprobs(content=[_chat_logprob(t) for t in out.logprobs]) if out.logprobs else None
@@ -288,11 +301,34 @@ class OpenAIServing:
             if not stop or len(stop) > s.max_stop_chars:
                 raise APIError(400, f"each stop sequence must have 1 to {s.max_stop_chars} characters; "
                                f"got {len(stop)}", "stop")
+        if request.stream_options is not None and not request.stream:
+            # OpenAI's rule: the options only shape a stream, and a client sending them meant one.
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        self._logit_bias(request)
         if request.session_id is not None:
             if s.max_sessions == 0:
                 raise APIError(400, "sessions are turned off on this server", "session_id")
             if request.n != 1:
                 raise APIError(400, "session_id needs n = 1 (one continuation to save)", "session_id")
+
+    def _logit_bias(self, request: SamplingFields) -> dict[int, float] | None:
+        """``logit_bias`` with integer keys, checked: token ids in the vocabulary, biases in [-100, 100]."""
+        if not request.logit_bias:
+            return None
+        bias = {}
+        for key, value in request.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise APIError(400, f"logit_bias: the keys must be token ids; got {key!r}", "logit_bias") from None
+            if not 0 <= token < self.engine.vocab_size:
+                raise APIError(400, f"logit_bias: token id {token} is out of the vocabulary (size "
+                               f"{self.engine.vocab_size})", "logit_bias", "invalid_token_id")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias: each bias must be in [-100, 100]; got {value} for token {token}",
+                               "logit_bias")
+            bias[token] = float(value)
+        return bias
 
     def _params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None,
                 name: str = "max_tokens") -> SamplingParams:
@@ -304,7 +340,7 @@ class OpenAIServing:
             max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             min_p=request.min_p, repetition_penalty=request.repetition_penalty,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            stop=request.stop_list(), ignore_eos=request.ignore_eos, seed=request.seed, logprobs=logprobs,
+            stop=request.stop_list(), logit_bias=self._logit_bias(request), ignore_eos=request.ignore_eos, seed=request.seed, logprobs=logprobs,
         )
 
     def _submit(self, prompts, params, request: SamplingFields, hints=None) -> RequestHandle:
@@ -426,6 +462,13 @@ class EngineStreamingResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+def _usage_options(request: SamplingFields) -> tuple[bool, bool]:
+    """(a last chunk with the usage, the usage so far on every chunk too) for a stream."""
+    options = request.stream_options
+    include = bool(options and options.include_usage)
+    return include, include and options.continuous_usage_stats
+
+
 def _check_content_parts(request: ChatCompletionRequest) -> None:
     """Only text parts are supported (no images, audio or files): refuse any other by its place."""
     for i, message in enumerate(request.messages):
@@ -439,6 +482,22 @@ def _check_content_parts(request: ChatCompletionRequest) -> None:
             if part.text is None:
                 raise APIError(400, f"{where}.text: a text content part needs a string 'text'", f"{where}.text",
                                "missing")
+
+
+def _check_chat_features(request: ChatCompletionRequest) -> None:
+    """Structured output and tool calling are not supported: their no-op values pass, the others are refused
+    by name (ignoring them would return plain text where the client expects JSON or a tool call)."""
+    if request.response_format is not None and request.response_format.get("type", "text") != "text":
+        raise APIError(400, f"response_format: only type 'text' is supported; got "
+                       f"{request.response_format.get('type')!r}", "response_format", "unsupported_parameter")
+    for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+        wanted, how = getattr(request, tools), getattr(request, choice)
+        if how is not None and how not in ("none", "auto"):
+            raise APIError(400, f"{choice}: tool calling is not supported; only 'none' (or 'auto' without "
+                           f"{tools}) is accepted", choice, "unsupported_parameter")
+        if wanted and how != "none":
+            raise APIError(400, f"{tools}: tool calling is not supported (send {choice}: 'none' to have the "
+                           f"{tools} ignored)", tools, "unsupported_parameter")
 
 
 def _add_completion_logprobs(target: CompletionLogprobs, entries, offset: int) -> int:

@@ -350,25 +350,12 @@ async def test_a_non_streaming_client_that_leaves_mid_generation_frees_its_slot(
     async with open_app() as c:
         app, engine = c.app, c.app.state.engine
         body = json.dumps({"prompt": "hello", "max_tokens": 4096, **GREEDY}).encode()
-        sent = False
-
-        async def receive():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return {"type": "http.disconnect"}
 
         async def send(message):
             pass
 
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-        await asyncio.wait_for(app(scope, receive, send), 60)
-        while engine.in_system:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(app(_post_scope(body, "2.3"), _leaving_client(body), send), 60)
+        await asyncio.wait_for(_drained(engine), 60)
         assert await metric(c, "retnet_sequences_cancelled_total") == 1
         assert await metric(c, "retnet_generation_tokens_total") < 4096
 
@@ -480,7 +467,21 @@ async def test_max_completion_tokens_errors_name_it(client):
         assert error["param"] == "max_completion_tokens" and "max_completion_tokens" in error["message"], error
 
 
-def _stream_scope(body: bytes, spec_version: str) -> dict:
+def _leaving_client(body: bytes):
+    """An ASGI receive that delivers the request body, then reports the client gone."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _post_scope(body: bytes, spec_version: str) -> dict:
     return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
@@ -494,14 +495,6 @@ async def test_a_streaming_client_gone_before_the_headers_frees_its_slot(open_ap
     async with open_app() as c:
         app, engine = c.app, c.app.state.engine
         body = json.dumps({"prompt": "hello", "max_tokens": 4096, "stream": True, **GREEDY}).encode()
-        sent = False
-
-        async def receive():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return {"type": "http.disconnect"}
 
         async def send(message):
             if message["type"] == "http.response.start":
@@ -510,7 +503,7 @@ async def test_a_streaming_client_gone_before_the_headers_frees_its_slot(open_ap
                 await asyncio.sleep(0.5)  # the disconnect is heard meanwhile
 
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(app(_stream_scope(body, spec_version), receive, send), 60)
+            await asyncio.wait_for(app(_post_scope(body, spec_version), _leaving_client(body), send), 60)
         await asyncio.wait_for(_drained(engine), 60)
         assert await metric(c, "retnet_sequences_cancelled_total") == 1
         assert await metric(c, "retnet_generation_tokens_total") < 4096
@@ -541,3 +534,164 @@ async def test_session_echo_logprobs_cover_this_requests_prompt(client):
     whole = (await client.post("/v1/completions", json={**req, "prompt": history})).json()["choices"][0]
     assert lp["token_logprobs"][:n] == pytest.approx(whole["logprobs"]["token_logprobs"][-3 - n : -3], abs=1e-4)
     assert lp["tokens"][n:] == whole["logprobs"]["tokens"][-3:]
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+async def test_stream_options_without_stream_is_400_as_openai_does(client):
+    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 3}), ("/v1/chat/completions", CHAT)):
+        r = await client.post(path, json={**body, "stream_options": {"include_usage": True}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+        # null (what the openai client sends for an unset argument) is no stream_options at all
+        assert (await client.post(path, json={**body, "stream_options": None})).status_code == 200
+
+
+async def test_chat_top_logprobs_needs_logprobs_true(client):
+    r = await client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text
+    r = await client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2, "logprobs": False})
+    assert r.status_code == 400, r.text
+    ok = await client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2, "logprobs": True})
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+
+
+async def test_logit_bias_is_applied_on_both_routes(client):
+    req = {"prompt": "Hello", "max_tokens": 4, "return_token_ids": True, **GREEDY}
+    greedy = (await client.post("/v1/completions", json=req)).json()["choices"][0]["token_ids"]
+    banned = (await client.post("/v1/completions", json={**req, "logit_bias": {str(greedy[0]): -100}})).json()
+    assert banned["choices"][0]["token_ids"][0] != greedy[0]
+    forced_id = 300 if greedy[0] != 300 else 301
+    for stream in (False, True):
+        r = await client.post("/v1/completions", json={**req, "stream": stream, "logit_bias": {str(forced_id): 100}})
+        ids = ([t for e in sse_events(r.text) for t in e["choices"][0]["token_ids"]] if stream
+               else r.json()["choices"][0]["token_ids"])
+        assert ids == [forced_id] * 4
+    sampled = {**req, "temperature": 1.0, "seed": 7, "logit_bias": {str(forced_id): 100}}
+    assert (await client.post("/v1/completions", json=sampled)).json()["choices"][0]["token_ids"] == [forced_id] * 4
+    chat = await client.post("/v1/chat/completions", json={**CHAT, **GREEDY, "return_token_ids": True,
+                                                           "logit_bias": {str(forced_id): 100}})
+    assert chat.json()["choices"][0]["token_ids"] == [forced_id] * 3
+    # {} is what LangChain's OpenAI LLM sends by default
+    assert (await client.post("/v1/completions", json={**req, "logit_bias": {}})).json()["choices"][0][
+        "token_ids"] == greedy
+    vocab = client.app.state.engine.vocab_size
+    for bad in ({"abc": 1}, {str(vocab): 1}, {"-1": 1}, {"5": 101}, {"5": -100.5}):
+        r = await client.post("/v1/completions", json={**req, "logit_bias": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", (bad, r.text)
+
+
+@pytest.mark.parametrize(("path", "extra", "param"), [
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
+     "tools"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 1}, "best_of"),
+], ids=lambda v: v if isinstance(v, str) else None)
+async def test_unsupported_openai_features_are_refused_by_name(client, path, extra, param):
+    base = CHAT if path.endswith("chat/completions") else {"max_tokens": 3}
+    r = await client.post(path, json={**base, **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param in error["message"] and error["type"] == "invalid_request_error"
+
+
+async def test_no_op_values_of_unsupported_features_are_accepted(client):
+    for extra in ({"response_format": {"type": "text"}}, {"tools": []}, {"tool_choice": "none"},
+                  {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
+                  {"tool_choice": "auto"}, {"user": "someone"}, {"parallel_tool_calls": False}):
+        r = await client.post("/v1/chat/completions", json={**CHAT, **extra})
+        assert r.status_code == 200, (extra, r.text)
+    for extra in ({"best_of": 1}, {"best_of": 2, "n": 2}, {"user": "someone"}):
+        r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra})
+        assert r.status_code == 200, (extra, r.text)
+
+
+async def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 4}), ("/v1/chat/completions", CHAT)):
+        r = await client.post(path, json={**body, **GREEDY, "n": 2, "stream": True, "stream_options": options})
+        events = sse_events(r.text)
+        final = events[-1]
+        assert final["choices"] == [] and final["usage"]["completion_tokens"] == 2 * body["max_tokens"]
+        done = [e["usage"]["completion_tokens"] for e in events[:-1]]
+        assert all(e["usage"]["prompt_tokens"] == final["usage"]["prompt_tokens"] for e in events[:-1])
+        assert done == sorted(done) and done[-1] == final["usage"]["completion_tokens"]
+        # without continuous_usage_stats: usage null until the last chunk (OpenAI's shape)
+        r = await client.post(path, json={**body, **GREEDY, "stream": True, "stream_options": {"include_usage": True}})
+        events = sse_events(r.text)
+        assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"]["completion_tokens"]
+
+
+async def test_a_body_that_is_not_sent_as_json_is_415_naming_the_content_type(client):
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):  # curl -d alone sends a form
+        r = await client.post("/v1/completions", content=body, headers={"content-type": content_type})
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    r = await client.post("/v1/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/completions", content=body)  # no Content-Type at all: read as JSON
+    assert r.status_code == 200, r.text
+
+
+async def test_model_cards_have_a_stable_created(client):
+    first = (await client.get("/v1/models")).json()
+    await asyncio.sleep(1.1)
+    again = (await client.get("/v1/models")).json()
+    card = (await client.get("/v1/models/micro")).json()
+    assert first["object"] == "list" and first == again
+    assert card["created"] == first["data"][0]["created"] and card["owned_by"] == "retnet"
+
+
+async def test_an_over_long_chat_is_refused_naming_messages_with_the_numbers(open_app):
+    async with open_app(max_prompt_tokens=50) as c:
+        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 100}]})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "messages" and error["code"] == "context_length_exceeded"
+        assert "50" in error["message"]
+
+
+async def test_stop_with_n_choices_ends_each_choice_on_its_own(client):
+    req = {"prompt": "Hello", "max_tokens": 16, "temperature": 1.0, "seed": 11, "n": 4, "ignore_eos": True}
+    free = [c["text"] for c in (await client.post("/v1/completions", json=req)).json()["choices"]]
+    stop = next(t[3:5] for t in free if len(t) >= 6)  # a piece of one choice's text: that one stops early
+    whole = (await client.post("/v1/completions", json={**req, "stop": stop})).json()["choices"]
+    for text, choice in zip(free, whole):
+        assert choice["text"] == text.split(stop)[0]
+        assert choice["finish_reason"] == ("stop" if stop in text else "length")
+    events = sse_events((await client.post("/v1/completions", json={**req, "stop": stop, "stream": True})).text)
+    for i, choice in enumerate(whole):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [choice["finish_reason"]]
+    chat = {**CHAT, "max_tokens": 16, "temperature": 1.0, "seed": 11, "n": 3, "ignore_eos": True}
+    free = [c["message"]["content"] for c in (await client.post("/v1/chat/completions", json=chat)).json()["choices"]]
+    stop = next(t[3:5] for t in free if len(t) >= 6)
+    events = sse_events((await client.post("/v1/chat/completions", json={**chat, "stop": stop,
+                                                                        "stream": True})).text)
+    for i, text in enumerate(free):
+        mine = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == i]
+        assert "".join(c["delta"].get("content", "") for c in mine) == text.split(stop)[0]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["stop" if stop in text else "length"]
+
+
+async def test_concurrent_requests_on_one_session_get_409(client):
+    slow = asyncio.create_task(client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 300,
+                                                                   "session_id": "s409", **GREEDY}))
+    while "s409" not in client.app.state.engine.sessions.sessions:
+        await asyncio.sleep(0.01)
+    r = await client.post("/v1/completions", json={"prompt": "again", "max_tokens": 2, "session_id": "s409"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy"
+    r = await client.delete("/v1/sessions/s409")  # nor can it be deleted under the running request
+    assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy"
+    assert (await slow).status_code == 200
+    r = await client.post("/v1/completions", json={"prompt": "again", "max_tokens": 2, "session_id": "s409"})
+    assert r.status_code == 200

@@ -114,3 +114,17 @@ def test_session_continues_without_resending_history(client):
                                       extra_body={"ignore_eos": True, "return_token_ids": True})
     assert whole.choices[0].token_ids == follow.token_ids
     assert whole.usage.prompt_tokens == len(history) > second.usage.prompt_tokens
+
+
+def test_logit_bias_applies_and_unsupported_features_raise(client):
+    forced = client.completions.create(model="micro", prompt="class Stack:", max_tokens=3, logit_bias={"300": 100},
+                                       extra_body={"ignore_eos": True, "return_token_ids": True}, temperature=0)
+    assert forced.choices[0].token_ids == [300, 300, 300]
+    messages = [{"role": "user", "content": "Hello!"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for kwargs, param in (({"tools": [tool]}, "tools"), ({"response_format": {"type": "json_object"}},
+                                                         "response_format"),
+                          ({"stream_options": {"include_usage": True}}, "stream_options")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="micro", messages=messages, max_tokens=2, **kwargs)
+        assert bad.value.body["param"] == param
