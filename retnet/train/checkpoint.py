@@ -132,7 +132,7 @@ def save_checkpoint(root: Path, step: int, *, model: dict, optimizer: dict, trai
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
-    _prune(root, keep_last)
+    _prune(root, keep_last, step)
     return final
 
 
@@ -208,8 +208,12 @@ def supersede_after(root: Path, step: int) -> list[Path]:
     return moved
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    steps = list_checkpoints(root)
+def _prune(root: Path, keep_last: int, step: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``step``, the one just saved. A newer ``step_*`` can only
+    be one that ``resume=auto`` skipped as invalid: counted in, it would push out the checkpoint just saved
+    (keep_last=1) and the good ones before it, and leave the run nothing to resume from. It stays until this
+    run reaches its step and moves it aside."""
+    steps = [p for p in list_checkpoints(root) if int(STEP_DIR.match(p.name).group(1)) <= step]
     for old in steps[:-keep_last]:
         shutil.rmtree(old)
 

@@ -240,9 +240,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_chars: int):
 # ----------------------------------------------------------------------------------------------------------
 # Packed blocks
 # ----------------------------------------------------------------------------------------------------------
+def vocab_bound(tokenizer) -> int:
+    """One more than the largest id ``tokenizer`` can produce: the embedding rows the model needs. Usually
+    ``len(tokenizer)``, but a tokenizer whose ids have gaps (tokens removed from a vocabulary, added tokens
+    at fixed ids) has ids at or beyond its length, which would index past an embedding of ``len`` rows."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
 def encode_documents(tokenizer, texts: list[str], batch: int = 512) -> np.ndarray:
-    """Every document's ids followed by EOS, concatenated; uint16 when the vocabulary fits."""
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    """Every document's ids followed by EOS, concatenated; uint16 when every id fits."""
+    dtype = np.uint16 if vocab_bound(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     eos = tokenizer.eos_token_id
     backend = tokenizer.backend_tokenizer
     pieces = []
@@ -421,23 +428,33 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
 
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
     tokenizer = load_tokenizer(source) if source is not None else None
-    key = _hash(fingerprint, tokenizer_fingerprint(tokenizer) if tokenizer else str(tokenizer_cache), cfg.seq_len)
+    split: tuple[list[str], list[str]] | None = None
+    if tokenizer is None:
+        if local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            logger.info("data: reading %s", cfg.dataset)
+            split = split_documents(load_documents(cfg, files, cache_dir), cfg.val_fraction)
+            logger.info("data: training a %d-token byte-level BPE on the training split", vocab_size)
+            trained = train_tokenizer(split[0], vocab_size, cfg.tokenizer_train_chars)
+            _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
+        barrier()
+        tokenizer = load_tokenizer(tokenizer_cache)
+    # Keyed by the tokenizer itself, not where it came from: a resumed run loads the copy saved in its
+    # output_dir, and must find the tokens its first run cached (not tokenize the whole dataset again).
+    key = _hash(fingerprint, tokenizer_fingerprint(tokenizer), cfg.seq_len)
     token_cache = cache_dir / f"tokens-{key}"
 
     if local_rank == 0 and not (token_cache / "meta.json").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("data: reading %s", cfg.dataset)
-        train_docs, val_docs = split_documents(load_documents(cfg, files, cache_dir), cfg.val_fraction)
-        if tokenizer is None and not (tokenizer_cache / "tokenizer.json").exists():
-            logger.info("data: training a %d-token byte-level BPE on the training split", vocab_size)
-            trained = train_tokenizer(train_docs, vocab_size, cfg.tokenizer_train_chars)
-            _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
-        tok = tokenizer or load_tokenizer(tokenizer_cache)
+        if split is None:
+            logger.info("data: reading %s", cfg.dataset)
+            split = split_documents(load_documents(cfg, files, cache_dir), cfg.val_fraction)
+        train_docs, val_docs = split
         logger.info("data: tokenizing %d + %d documents", len(train_docs), len(val_docs))
 
         def write(tmp: Path) -> None:
             for name, docs in (("train", train_docs), ("val", val_docs)):
-                blocks = _blocks(encode_documents(tok, docs), cfg.seq_len)
+                blocks = _blocks(encode_documents(tokenizer, docs), cfg.seq_len)
                 blocks.tofile(tmp / f"{name}.bin")
                 (tmp / f"{name}.json").write_text(json.dumps({"rows": len(blocks), "dtype": str(blocks.dtype)}))
             # meta.json last: its presence marks a complete cache
@@ -446,8 +463,6 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
 
         _atomic_dir(token_cache, write)
     barrier()
-    if tokenizer is None:
-        tokenizer = load_tokenizer(tokenizer_cache)
     arrays = {}
     for name in ("train", "val"):
         info = json.loads((token_cache / f"{name}.json").read_text())
@@ -496,4 +511,4 @@ def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, 
 
 
 __all__ = ["PackedData", "StreamingData", "build_data", "encode_documents", "load_tokenizer", "local_files",
-           "split_documents", "stdlib_files", "train_tokenizer"]
+           "split_documents", "stdlib_files", "train_tokenizer", "vocab_bound"]

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -52,7 +53,7 @@ from retnet.train.checkpoint import (
     supersede_after,
 )
 from retnet.train.config import ConfigError, JobConfig, OptimConfig
-from retnet.train.data import build_data, packed_segments
+from retnet.train.data import build_data, packed_segments, vocab_bound
 
 logger = logging.getLogger("retnet.train")
 
@@ -198,37 +199,43 @@ class Trainer:
         self._previous_handlers: dict[int, Any] = {}
         _setup_logging(self.rank)
 
-        resume_path = self._resolve_resume()
+        resume_path = self._resolve_resume()  # (rank 0 also creates output_dir)
+        self.resumed = resume_path is not None
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             stale = remove_stale_temp(self.ckpt_root)
             if stale:
                 logger.info("removed stale temporary checkpoint directories of an interrupted save: %s",
                             ", ".join(p.name for p in stale))
-            stale = remove_stale_export(self.output_dir / "export")
+            stale = [*remove_stale_export(self.output_dir / "export"),
+                     *remove_stale_export(self.output_dir / "tokenizer")]
             if stale:
-                logger.info("removed stale temporary export directories of an interrupted export: %s",
+                logger.info("removed stale temporary export or tokenizer directories of an interrupted write: %s",
                             ", ".join(p.name for p in stale))
         barrier()
 
-        # Data (and tokenizer): a run that saved its tokenizer keeps using it.
+        # Data (and tokenizer): a resumed run keeps using the tokenizer its checkpoints were trained with; a
+        # run that starts (even in an output_dir whose earlier run died before its first checkpoint) takes the
+        # configured one, and saves it for its own resumes.
         saved_tokenizer = self.output_dir / "tokenizer"
+        reuse = self.resumed and (saved_tokenizer / "tokenizer_config.json").exists()
+        if reuse and cfg.data.tokenizer and self.is_main:
+            logger.info("resuming: using the tokenizer saved in %s (data.tokenizer is only read by a run that "
+                        "starts)", saved_tokenizer)
         preset_vocab = RetNetConfig.from_preset(cfg.model.preset).vocab_size
         self.data = build_data(
             cfg.data, vocab_size=cfg.model.vocab_size or preset_vocab, seed=cfg.train.seed,
             micro_batch=cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size, rank=self.rank,
             local_rank=self.local_rank, world_size=self.world_size,
-            tokenizer_dir=saved_tokenizer if (saved_tokenizer / "tokenizer_config.json").exists() else None,
-            barrier=barrier,
+            tokenizer_dir=saved_tokenizer if reuse else None, barrier=barrier,
         )
         self.tokenizer = self.data.tokenizer
-        if self.is_main and not saved_tokenizer.exists():
-            self.tokenizer.save_pretrained(saved_tokenizer)
+        if self.is_main and not reuse:
+            _save_tokenizer(self.tokenizer, saved_tokenizer)
 
         # Model: the same init on every rank (one seed), then per-rank seeds for anything random after.
         try:
             self.model_config = RetNetConfig.from_preset(
-                cfg.model.preset, **cfg.model.overrides(), vocab_size=len(self.tokenizer),
+                cfg.model.preset, **cfg.model.overrides(), vocab_size=vocab_bound(self.tokenizer),
                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             )
         except (TypeError, ValueError) as error:
@@ -306,6 +313,7 @@ class Trainer:
         answer: list[Any] = [None]
         if self.is_main:
             try:
+                self._make_output_dir()
                 answer[0] = ("ok", self._pick_checkpoint())
             except (CheckpointError, ConfigError) as error:
                 answer[0] = (type(error).__name__, str(error))
@@ -317,6 +325,16 @@ class Trainer:
         if kind == "ConfigError":
             raise ConfigError(value)
         return None if value is None else Path(value)
+
+    def _make_output_dir(self) -> None:
+        """Create ``train.output_dir`` (a ConfigError naming it, not a traceback, when it cannot be)."""
+        for path in (self.output_dir, self.ckpt_root):
+            if path.exists() and not path.is_dir():
+                raise ConfigError(f"train.output_dir: {str(path)!r} exists and is not a directory")
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"train.output_dir {str(self.output_dir)!r} cannot be created: {error}") from None
 
     def _pick_checkpoint(self) -> str | None:
         resume = self.cfg.train.resume
@@ -336,10 +354,11 @@ class Trainer:
         return str(load_checkpoint_path)
 
     def _open_loggers(self) -> None:
-        # A resumed run drops the records after its checkpoint (they will be redone).
+        # A resumed run drops the records after its checkpoint (they will be redone); a run that starts drops
+        # them all (those of an earlier run here that died before its first checkpoint), its step 0 included.
         if self.metrics_path.exists():
             keep = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and _record_step(line) <= self.step]
+                    if self.resumed and line.strip() and _record_step(line) <= self.step]
             tmp = self.metrics_path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in keep))
             os.replace(tmp, self.metrics_path)
@@ -348,7 +367,8 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.step + 1)
+                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"),
+                                             purge_step=self.step + 1 if self.resumed else 0)
             except ImportError:
                 logger.warning("tensorboard is not installed; logging.tensorboard ignored")
         if self.cfg.logging.progress:
@@ -641,6 +661,16 @@ class Trainer:
             self._writer.close()
         if self._metrics is not None:
             self._metrics.close()
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    """``save_pretrained`` into ``directory``, replacing what was there (files of another tokenizer left
+    beside the new ones could be what a later load picks)."""
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.rename(tmp, directory)
 
 
 def _record_step(line: str) -> int:

@@ -167,3 +167,44 @@ def test_packed_segments_isolate_documents():
     assert count == 3 * (length - 1)
     assert packed == pytest.approx(total / count, rel=1e-5)
     assert abs(leaky - packed) > 1e-4
+
+
+def test_a_resumed_run_finds_the_token_cache_of_its_trained_tokenizer(corpus, tmp_path):
+    """A run without data.tokenizer trains a BPE and saves it in its output_dir; its resume loads that copy.
+    The token cache is keyed by the tokenizer itself, so the resume reads the first run's cache instead of
+    tokenizing the whole dataset again into a second copy."""
+    config = DataConfig(dataset=str(corpus), seq_len=32, cache_dir=str(tmp_path / "cache"),
+                        tokenizer_train_chars=20_000)
+    kwargs = dict(vocab_size=300, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0, world_size=1,
+                  barrier=lambda: None)
+    first = build_data(config, tokenizer_dir=None, **kwargs)
+    first.tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")  # what the trainer keeps for its resumes
+    caches = sorted(p.name for p in (tmp_path / "cache").glob("tokens-*"))
+    assert len(caches) == 1
+    resumed = build_data(config, tokenizer_dir=tmp_path / "run" / "tokenizer", **kwargs)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("tokens-*")) == caches
+    assert np.array_equal(np.asarray(resumed.train), np.asarray(first.train))
+
+
+def _tokenizer_with_an_id_gap(source, target):
+    """A copy of the BPE at ``source`` whose last merge has id 900: 512 tokens, ids up to 900."""
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    spec = json.loads((target / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab[max(vocab, key=vocab.get)] = 900
+    (target / "tokenizer.json").write_text(json.dumps(spec))
+    return target
+
+
+def test_vocab_bound_covers_ids_beyond_the_tokenizer_length(tokenizer_dir, tmp_path):
+    from retnet.train.data import encode_documents, load_tokenizer, vocab_bound
+
+    normal = load_tokenizer(tokenizer_dir)
+    assert vocab_bound(normal) == len(normal) == 512
+    gappy = load_tokenizer(_tokenizer_with_an_id_gap(tokenizer_dir, tmp_path / "tok"))
+    assert len(gappy) == 512 and vocab_bound(gappy) == 901
+    ids = encode_documents(gappy, ["for example, a simple sample"])
+    assert ids.max() == 900

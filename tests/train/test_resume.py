@@ -240,3 +240,60 @@ def test_packed_data_resumes_on_another_world_size(micro, tmp_path, capsys, read
     assert main(micro(moved, train__steps=4)) == 0
     assert "written by 2 ranks" in capsys.readouterr().err
     assert [r["step"] for r in read_metrics(moved)] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Pruning, a run that starts over an earlier one, output_dir
+# ----------------------------------------------------------------------------------------------------------
+def test_pruning_keeps_the_checkpoint_just_saved_under_a_newer_invalid_one(tmp_path):
+    """resume=auto skipped an invalid step 10 and resumed from step 2: with keep_last=1, saving step 3 must keep
+    step 3 (counting the invalid step 10 in, pruning deleted the checkpoint just written and left nothing
+    valid to resume from)."""
+    state = dict(model={"w": torch.zeros(2)}, optimizer={}, trainer={})
+    save_checkpoint(tmp_path, 2, **state, keep_last=1)
+    (tmp_path / "step_00000010").mkdir()  # no manifest: invalid
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "step_00000002"
+    save_checkpoint(tmp_path, 3, **state, keep_last=1)
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "step_00000003"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000010"]
+    save_checkpoint(tmp_path, 10, **state, keep_last=2)  # reaching its step moves the invalid one aside
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000010"]
+    assert verify_checkpoint(tmp_path / "step_00000010")["step"] == 10
+    assert len(list(tmp_path.glob("step_00000010.corrupt-*"))) == 1
+
+
+def test_a_run_that_starts_over_a_run_without_checkpoints_starts_clean(micro, tmp_path, read_metrics):
+    """An earlier run in the same output_dir died before its first checkpoint (here: its checkpoints removed).
+    The new run starts from step 0 with the configuration it is given: its own tokenizer (not the one the
+    dead run saved), and metrics without the dead run's records (no second step-0 evaluation)."""
+    from retnet.train.data import load_tokenizer
+
+    out = tmp_path / "run"
+    trained = [a for a in micro(out, train__steps=1, model__vocab_size=300, data__tokenizer_train_chars=20_000,
+                                data__cache_dir=tmp_path / "cache") if not a.startswith("--data.tokenizer=")]
+    assert main(trained) == 0
+    assert len(load_tokenizer(out / "tokenizer")) == 300
+    shutil.rmtree(out / "checkpoints")
+
+    assert main(micro(out, train__steps=2)) == 0  # data.tokenizer: the 512-token test tokenizer
+    assert len(load_tokenizer(out / "tokenizer")) == 512
+    model = load_checkpoint(out / "checkpoints" / "step_00000002")["model"]
+    assert model["model.embed_tokens.weight"].shape[0] == 512
+    assert [r["step"] for r in read_metrics(out, "val")] == [0, 2]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+    assert main(micro(out, train__steps=3)) == 0  # a resume keeps its records up to its checkpoint
+    assert [r["step"] for r in read_metrics(out, "val")] == [0, 2, 3]
+
+
+@pytest.mark.parametrize("where", ["output_dir", "checkpoints"])
+def test_output_dir_that_is_a_file_is_a_config_error(where, micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    if where == "output_dir":
+        out.write_text("not a directory")
+    else:
+        out.mkdir()
+        (out / "checkpoints").write_text("not a directory")
+    assert main(micro(out, train__steps=1)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "train.output_dir" in err and "not a directory" in err and "Traceback" not in err

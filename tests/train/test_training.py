@@ -446,3 +446,24 @@ def test_tiny_preset_learns_on_stdlib_and_exports(tmp_path, run, read_metrics):
     generated = model.generate(ids, max_new_tokens=16, do_sample=False)
     assert generated.shape[1] > ids.shape[1] and isinstance(tokenizer.decode(generated[0]), str)
     assert os.path.exists(out / "export" / "model.safetensors")
+
+
+def test_a_tokenizer_with_ids_beyond_its_length_trains(micro, tmp_path, tokenizer_dir):
+    """A tokenizer of 512 tokens whose ids reach 900 (a gap in its vocabulary): the model's embedding covers
+    every id it produces (with len(tokenizer) rows, id 900 was an IndexError, a device-side assert on GPU,
+    at the first batch that held it)."""
+    import json
+    import shutil
+
+    from retnet.train.checkpoint import load_checkpoint
+
+    gappy = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, gappy)
+    spec = json.loads((gappy / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab[max(vocab, key=vocab.get)] = 900  # a frequent merge ("mple"): in most blocks of the corpus
+    (gappy / "tokenizer.json").write_text(json.dumps(spec))
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=3, data__tokenizer=gappy, data__cache_dir=tmp_path / "cache")) == 0
+    model = load_checkpoint(out / "checkpoints" / "step_00000003")["model"]
+    assert model["model.embed_tokens.weight"].shape[0] == 901
