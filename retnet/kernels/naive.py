@@ -159,38 +159,96 @@ def chunk_retention(
     """Chunkwise recurrent form: parallel inside chunks of ``chunk_size``, recurrent across them. O(T·C).
 
     Same arguments and returns as :func:`parallel_retention`; T need not be a multiple of ``chunk_size``.
+
+    All chunks of all sequences (the batch rows, or the sequences packed by ``cu_seqlens``) are computed
+    at once, as batched matmuls; only the hand-over of the state from chunk to chunk is a loop. Each
+    sequence is padded in front to whole chunks: in its first chunk, which starts ``pad`` zero tokens
+    early, the queries see the initial state decayed by γ^(j+1−pad) and the state is carried on by
+    γ^(C−pad), so the padding neither writes nor decays anything.
     """
     scale = check_inputs("chunk_retention", q, k, v, log_decay, scale, initial_state, cu_seqlens)
     chunk_size = check_chunk_size(chunk_size, "chunk_retention")
-    if cu_seqlens is not None:
-        return _varlen(
-            chunk_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
-            chunk_size=chunk_size,
-        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is None:  # one "sequence" spanning all batch rows: they share their chunking
+        return _chunkwise(q, k, v, log_decay, scale, [initial_state], output_final_state, chunk_size, [q.shape[1]])
+    lengths = [end - start for start, end in itertools.pairwise(cu_seqlens.tolist())]
+    initial = [None if initial_state is None else initial_state[i : i + 1] for i in range(len(lengths))]
+    return _chunkwise_varlen(q, k, v, log_decay, scale, initial, output_final_state, chunk_size, lengths)
+
+
+def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_size, lengths):
+    """:func:`chunk_retention` of the sequences of ``lengths`` (one spanning all B rows, or those packed in
+    B=1), with ``initial`` the initial state of each (or None); the final states are concatenated."""
     batch, length, heads, key_dim = q.shape
-    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    state = (
-        torch.zeros(batch, heads, key_dim, v.shape[-1], device=q.device, dtype=torch.float32)
-        if initial_state is None
-        # A copy: with T=0 this is the final state, which must not be the caller's tensor (nor alias it).
-        else initial_state.to(torch.float32, copy=True)
-    )
-    outputs = []
-    for start in range(0, length, chunk_size):
-        end = min(start + chunk_size, length)
-        size = end - start
-        qc, kc, vc = qf[:, :, start:end], kf[:, :, start:end], vf[:, :, start:end]
-        steps = torch.arange(size + 1, device=q.device)
-        intra = ((qc @ kc.transpose(-1, -2)) * _causal_decay_mask(log_decay, size)) @ vc
-        inter = (qc * _decay_powers(log_decay, steps[1:])[None, :, :, None]) @ state
-        outputs.append(intra + inter)
-        decay_to_end = _decay_powers(log_decay, size - 1 - steps[:-1])[None, :, :, None]
-        state = _decay_powers(log_decay, steps[-1:])[None, :, :, None] * state + (
-            (kc * decay_to_end).transpose(-1, -2) @ vc
-        )
-    o = torch.cat(outputs, dim=2) if outputs else vf.new_zeros(batch, heads, 0, v.shape[-1])
-    return (scale * o).transpose(1, 2).to(v.dtype), (state if output_final_state else None)
+    value_dim = v.shape[-1]
+    counts = [-(-size // chunk_size) for size in lengths]  # chunks per sequence
+    pads = [count * chunk_size - size for count, size in zip(counts, lengths, strict=True)]
+    first_chunks = list(itertools.accumulate(counts, initial=0))[:-1]
+    num_chunks = sum(counts)
+    # Where each token sits in the padded row of num_chunks · chunk_size positions.
+    token_starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+    shifts = [first * chunk_size + pad - start
+              for first, pad, start in zip(first_chunks, pads, token_starts, strict=True)]
+    dest = torch.arange(length, device=q.device) + torch.repeat_interleave(
+        torch.tensor(shifts, device=q.device, dtype=torch.long), torch.tensor(lengths, device=q.device))
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, D] -> [B, H, chunks, C, D] float32 and contiguous, zeros at the padding."""
+        x = x.float().transpose(1, 2)
+        if num_chunks * chunk_size == length:  # a batch of whole chunks: no padding anywhere
+            return x.contiguous().view(batch, heads, num_chunks, chunk_size, -1)
+        padded = x.new_zeros(batch, heads, num_chunks * chunk_size, x.shape[-1]).index_copy(2, dest, x)
+        return padded.view(batch, heads, num_chunks, chunk_size, -1)
+
+    qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
+    log_decay = log_decay.float()
+    steps = torch.arange(chunk_size, device=q.device)
+    chunk_pad = [0] * num_chunks  # the padding in front of each chunk: only a sequence's first has some
+    for first, count, pad in zip(first_chunks, counts, pads, strict=True):
+        if count:
+            chunk_pad[first] = pad
+    chunk_pad = torch.tensor(chunk_pad, device=q.device, dtype=torch.long)
+    # Decays (all ≤ 1): inside a chunk; from a token to its chunk's end; from the chunk's start to a query.
+    intra_decay = _causal_decay_mask(log_decay, chunk_size)[:, None]  # [H, 1, C, C]
+    key_decay = _decay_powers(log_decay, chunk_size - 1 - steps)[:, None, :, None]  # [H, 1, C, 1]
+    query_exponent = (steps[None] + 1 - chunk_pad[:, None]).clamp(min=0)  # [chunks, C]; padded queries are 0
+    query_decay = torch.exp(log_decay[:, None, None] * query_exponent)[..., None]  # [H, chunks, C, 1]
+    carry = _decay_powers(log_decay, chunk_size - chunk_pad).T[:, None, :, None, None]  # [chunks, 1, H, 1, 1]
+
+    intra = ((qc @ kc.transpose(-1, -2)) * intra_decay) @ vc
+    writes = (kc * key_decay).transpose(-1, -2) @ vc  # each chunk's kᵀv decayed to its end: [B, H, chunks, K, V]
+    starts = {first: i for i, (first, count) in enumerate(zip(first_chunks, counts, strict=True)) if count}
+    ends = {first + count - 1: i for i, (first, count) in enumerate(zip(first_chunks, counts, strict=True)) if count}
+    states, finals = [], [None] * len(lengths)  # states: the state before each chunk
+    state = None
+    for index, write in enumerate(writes.unbind(2)):
+        if index in starts:
+            start_state = initial[starts[index]]
+            state = writes.new_zeros(write.shape) if start_state is None else start_state.float()
+        states.append(state)
+        state = carry[index] * state + write
+        if index in ends:
+            finals[ends[index]] = state
+    o = intra
+    if states:
+        o = o + (qc * query_decay) @ torch.stack(states, 2)
+    o = o.view(batch, heads, num_chunks * chunk_size, value_dim)
+    if num_chunks * chunk_size != length:
+        o = o.index_select(2, dest)
+    o = o.transpose(1, 2)
+    final_state = None
+    if output_final_state:
+        rows = batch if len(lengths) == 1 else 1
+        for i, final in enumerate(finals):
+            if final is None:  # an empty sequence: its state passes through (a copy, never the caller's tensor)
+                finals[i] = (torch.zeros(rows, heads, key_dim, value_dim, device=q.device) if initial[i] is None
+                             else initial[i].to(torch.float32, copy=True))
+        final_state = finals[0] if len(finals) == 1 else torch.cat(finals)
+    return (scale * o).to(v.dtype), final_state
+
+
+# The chunking comes from cu_seqlens' values: run eagerly, like _varlen.
+_chunkwise_varlen = torch.compiler.disable(_chunkwise)
 
 
 def check_inplace_state(q, k, v, initial_state, op: str = "recurrent_retention") -> None:

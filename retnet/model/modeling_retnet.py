@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - older transformers 5.x
 # one this transformers expects.
 CACHE_KWARG = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", []) else "past_key_values"
 
-# Without Triton the chunkwise reference loops over chunks in Python; the parallel form is faster up to
-# here and its T² memory is still small.
+# Without Triton the chunkwise reference hands a K×V state from chunk to chunk in Python; the parallel form
+# is faster up to here (at head dims 128/256) and its T² memory is still small.
 REFERENCE_PARALLEL_MAX_LEN = 256
 
 

@@ -138,3 +138,19 @@ def test_bad_cu_seqlens_raise():
         naive.chunk_retention(q[:1], q[:1], q[:1], torch.tensor([-0.1]), cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="chunk_size"):
         naive.chunk_retention(q, q, q, torch.tensor([-0.1]), chunk_size=0)
+
+
+@pytest.mark.parametrize("bounds", [[0, 5, 5], [0, 0, 16, 49, 50], [0, 33]])
+def test_chunkwise_varlen_pads_each_sequence_to_whole_chunks(kt, bounds):
+    """The chunkwise form runs all packed sequences' chunks at once, each sequence padded in front: empty,
+    partial-chunk and trailing empty sequences, outputs, states and gradients, against one by one."""
+    cu_seqlens = torch.tensor(bounds)
+    n = len(bounds) - 1
+    q, k, v, log_decay, h0 = kt.make_inputs(1, bounds[-1], 3, 8, 4, initial_state=True, num_states=n, seed=n)
+    one_by_one = functools.partial(naive._per_sequence, naive.parallel_retention)
+    ref = kt.run_with_grads(one_by_one, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)
+    o, ht, grads = kt.run_with_grads(FORMS["chunk16"], q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)
+    kt.assert_close_scaled(o, ref[0], TOL, "o")
+    kt.assert_close_scaled(ht, ref[1], TOL, "final state")
+    for g in grads:
+        kt.assert_close_scaled(grads[g], ref[2][g], TOL, f"d{g}")
