@@ -161,7 +161,8 @@ def chunk_retention(
     Same arguments and returns as :func:`parallel_retention`; T need not be a multiple of ``chunk_size``.
 
     All chunks of all sequences (the batch rows, or the sequences packed by ``cu_seqlens``) are computed
-    at once, as batched matmuls; only the hand-over of the state from chunk to chunk is a loop. Each
+    as batched matmuls, in blocks of chunks whose K×V states fit :data:`STATE_BLOCK_BYTES` (so inference
+    memory does not grow as T/C · K·V); only the hand-over of the state from chunk to chunk is a loop. Each
     sequence is padded in front to whole chunks: in its first chunk, which starts ``pad`` zero tokens
     early, the queries see the initial state decayed by γ^(j+1−pad) and the state is carried on by
     γ^(C−pad), so the padding neither writes nor decays anything.
@@ -174,6 +175,10 @@ def chunk_retention(
     lengths = [end - start for start, end in itertools.pairwise(cu_seqlens.tolist())]
     initial = [None if initial_state is None else initial_state[i : i + 1] for i in range(len(lengths))]
     return _chunkwise_varlen(q, k, v, log_decay, scale, initial, output_final_state, chunk_size, lengths)
+
+
+# The most bytes of chunk states (and as many of the chunks' kᵀv) the chunkwise reference forms at once.
+STATE_BLOCK_BYTES = 64 * 2**20
 
 
 def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_size, lengths):
@@ -190,15 +195,17 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
     shifts = [first * chunk_size + pad - start
               for first, pad, start in zip(first_chunks, pads, token_starts, strict=True)]
     dest = torch.arange(length, device=q.device) + torch.repeat_interleave(
-        torch.tensor(shifts, device=q.device, dtype=torch.long), torch.tensor(lengths, device=q.device))
+        torch.tensor(shifts, device=q.device, dtype=torch.long),
+        torch.tensor(lengths, device=q.device, dtype=torch.long))  # long even when empty (cu_seqlens = [0])
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
         """[B, T, H, D] -> [B, H, chunks, C, D] float32 and contiguous, zeros at the padding."""
         x = x.float().transpose(1, 2)
         if num_chunks * chunk_size == length:  # a batch of whole chunks: no padding anywhere
-            return x.contiguous().view(batch, heads, num_chunks, chunk_size, -1)
+            # (the last dim spelled out: with no elements, T = 0 or B = 0, a -1 would be ambiguous)
+            return x.contiguous().view(batch, heads, num_chunks, chunk_size, x.shape[-1])
         padded = x.new_zeros(batch, heads, num_chunks * chunk_size, x.shape[-1]).index_copy(2, dest, x)
-        return padded.view(batch, heads, num_chunks, chunk_size, -1)
+        return padded.view(batch, heads, num_chunks, chunk_size, x.shape[-1])
 
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
     log_decay = log_decay.float()
@@ -215,23 +222,35 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
     query_decay = torch.exp(log_decay[:, None, None] * query_exponent)[..., None]  # [H, chunks, C, 1]
     carry = _decay_powers(log_decay, chunk_size - chunk_pad).T[:, None, :, None, None]  # [chunks, 1, H, 1, 1]
 
-    intra = ((qc @ kc.transpose(-1, -2)) * intra_decay) @ vc
-    writes = (kc * key_decay).transpose(-1, -2) @ vc  # each chunk's kᵀv decayed to its end: [B, H, chunks, K, V]
     starts = {first: i for i, (first, count) in enumerate(zip(first_chunks, counts, strict=True)) if count}
     ends = {first + count - 1: i for i, (first, count) in enumerate(zip(first_chunks, counts, strict=True)) if count}
-    states, finals = [], [None] * len(lengths)  # states: the state before each chunk
+    finals = [None] * len(lengths)
     state = None
-    for index, write in enumerate(writes.unbind(2)):
-        if index in starts:
-            start_state = initial[starts[index]]
-            state = writes.new_zeros(write.shape) if start_state is None else start_state.float()
-        states.append(state)
-        state = carry[index] * state + write
-        if index in ends:
-            finals[ends[index]] = state
-    o = intra
-    if states:
-        o = o + (qc * query_decay) @ torch.stack(states, 2)
+    # The chunks' kᵀv and the states before them are [B, H, K, V] each: formed for a block of chunks at a time
+    # (at most STATE_BLOCK_BYTES of each), so that without autograd the memory does not grow as T/C · K·V.
+    block = max(1, STATE_BLOCK_BYTES // max(1, batch * heads * key_dim * value_dim * 4))
+    outputs = []
+    for begin in range(0, num_chunks, block):
+        part = slice(begin, min(begin + block, num_chunks))
+        qp, kp, vp = qc[:, :, part], kc[:, :, part], vc[:, :, part]
+        intra = ((qp @ kp.transpose(-1, -2)) * intra_decay) @ vp
+        writes = (kp * key_decay).transpose(-1, -2) @ vp  # each chunk's kᵀv decayed to its end: [B, H, n, K, V]
+        states = []  # the state before each chunk of the block
+        for index, write in enumerate(writes.unbind(2), start=begin):
+            if index in starts:
+                start_state = initial[starts[index]]
+                state = writes.new_zeros(write.shape) if start_state is None else start_state.float()
+            states.append(state)
+            state = carry[index] * state + write
+            if index in ends:
+                finals[ends[index]] = state
+        outputs.append(intra + (qp * query_decay[:, part]) @ torch.stack(states, 2))
+    if len(outputs) == 1:
+        o = outputs[0]
+    elif outputs:
+        o = torch.cat(outputs, 2)
+    else:  # no chunks at all (T = 0, or only empty sequences)
+        o = qc.new_zeros(batch, heads, 0, chunk_size, value_dim)
     o = o.view(batch, heads, num_chunks * chunk_size, value_dim)
     if num_chunks * chunk_size != length:
         o = o.index_select(2, dest)
@@ -243,7 +262,10 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
             if final is None:  # an empty sequence: its state passes through (a copy, never the caller's tensor)
                 finals[i] = (torch.zeros(rows, heads, key_dim, value_dim, device=q.device) if initial[i] is None
                              else initial[i].to(torch.float32, copy=True))
-        final_state = finals[0] if len(finals) == 1 else torch.cat(finals)
+        if not finals:  # cu_seqlens = [0]: no sequences, no states (torch.cat refuses [])
+            final_state = torch.zeros(0, heads, key_dim, value_dim, device=q.device)
+        else:
+            final_state = finals[0] if len(finals) == 1 else torch.cat(finals)
     return (scale * o).to(v.dtype), final_state
 
 
