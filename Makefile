@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # CPU machines install the CPU build of torch first; anything else would pull a multi-GB CUDA build.
+# PyPI's torch wheel for Linux is that CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu takes
+# the CPU one from PyTorch's index. Empty (the default) installs from pip's configured index or wheelhouse.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup test lint demo bench aot clean
 
@@ -13,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 		if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet torch; \
-		else $(PIP) install --quiet "$(TORCH_SPEC)"; fi; \
+		else $(PIP) install --quiet $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)" )"$(TORCH_SPEC)"; fi; \
 	fi
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@

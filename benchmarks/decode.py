@@ -1,6 +1,6 @@
 """Per-token decode latency and state size: RetNet's O(1) recurrent state vs a Llama KV cache.
 
-Both models (~25M parameters, matched width/depth/vocab) are built in the same run; for each context
+Both models (~27.3M parameters, matched width/depth/vocab) are built in the same run; for each context
 length the prompt is prefilled once, then ``--steps`` single-token decode steps are timed (median). The
 ratios are Llama / RetNet, so > 1 means RetNet is faster or smaller.
 

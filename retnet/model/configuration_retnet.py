@@ -58,8 +58,9 @@ class RetNetConfig(PretrainedConfig):
     makes a layer's FFN linear); ``hidden_act_kwargs`` is one dict of parameters or a list of dicts.
     Decay: ``decay_schedule="paper"`` gives γ_h = 1 − 2^(−5−h); ``"linspace"`` spaces the exponent evenly
     from ``decay_exponent_min`` to ``decay_exponent_max`` across the heads.
-    ``retention_mode``: ``auto`` picks the recurrent form for single-token steps and the chunkwise form
-    otherwise; ``parallel``, ``chunkwise`` and ``recurrent`` force one (all three give the same result).
+    ``retention_mode``: ``auto`` picks the recurrent form for single-token steps, else the chunkwise form on
+    the Triton path and, on the PyTorch references, the parallel form up to 256 tokens and the chunkwise one
+    beyond; ``parallel``, ``chunkwise`` and ``recurrent`` force one (all three give the same result).
     """
 
     model_type = "retnet"

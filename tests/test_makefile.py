@@ -1,0 +1,31 @@
+"""The Makefile's setup recipe, read with ``make -n`` (prints the commands, runs none): the README's
+`TORCH_INDEX` knob for a CPU build of torch where pip's index would serve the CUDA one."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _setup_commands(tmp_path: Path, *variables: str) -> str:
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    # A venv path that does not exist, so the setup target is out of date and make prints its recipe.
+    done = subprocess.run(["make", "-n", "-C", str(REPO), "setup", f"VENV={tmp_path / 'venv'}", *variables],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_cpu_torch_install_uses_pip_index_by_default(tmp_path):
+    out = _setup_commands(tmp_path)
+    assert 'install --quiet "torch==2.13.0"' in out
+    assert "--index-url" not in out
+
+
+def test_torch_index_selects_the_index(tmp_path):
+    out = _setup_commands(tmp_path, "TORCH_INDEX=https://download.pytorch.org/whl/cpu")
+    assert 'install --quiet --index-url "https://download.pytorch.org/whl/cpu" "torch==2.13.0"' in out
