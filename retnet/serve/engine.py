@@ -501,6 +501,10 @@ class Engine:
                 self.joining.append((seq, group.cache))
             else:
                 self._finished(seq, group.cache)
+        # The joining entries hold the state until it is stacked into the batch; every sequence keeps its
+        # group for as long as it runs, and must not keep a second copy of its state alive through it (nor,
+        # for a packed prefill, the whole forward's states its row is a view of).
+        group.cache = group.last_logits = None
         handle.emit(outputs)
 
     # -- decode ------------------------------------------------------------------------------------------------
@@ -523,7 +527,12 @@ class Engine:
             return
         parts = []
         if keep:
-            parts.append(self.batch if len(keep) == len(self.running) else self.batch.select(keep))
+            if len(keep) == len(self.running):
+                parts.append(self.batch)
+            else:
+                # Views of the rows kept, copied once by concat (``select`` would first copy every row).
+                rows = self.batch.split()
+                parts.extend(rows[i] for i in keep)
         parts.extend(cache for _, cache in joining)
         self.running = [self.running[i] for i in keep] + [s for s, _ in joining]
         self.batch = RetNetCache.concat(parts) if parts else None
@@ -580,13 +589,22 @@ class Engine:
         """A sequence ended normally: free its slot, and save its session (state + the unfed last token)."""
         group = seq.group
         if group.session_id is not None:
-            state = cache.clone() if cache is not None else self.batch.select([row])
+            # A copy of the row alone (``batch.select`` would copy the whole batch first).
+            state = (cache if cache is not None else self._row(row)).clone()
             self.sessions.release(group.session_id, state, seq.tokens[-1:],  # none if max_tokens was 0
                                   tokens=len(group.prompt_ids) + len(seq.tokens))
             self.metrics.sessions.set(len(self.sessions))
         self._release_slots(1)
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    def _row(self, row: int) -> RetNetCache:
+        """Row ``row`` of the batch as a one-row cache of views (no copy)."""
+        out = RetNetCache(len(self.batch.states))
+        out.states = [s[row : row + 1] for s in self.batch.states]
+        out.offsets = self.batch.offsets[row : row + 1]
+        out.seen_tokens = int(out.offsets[0])
+        return out
+
     def _decode(self, ids: list[int]) -> str:
         if self.backend is not None:
             return self.backend.decode(ids, skip_special_tokens=True)

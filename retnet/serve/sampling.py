@@ -140,8 +140,12 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
             top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in cut_rows])
             keep &= ranks < top_k[:, None]
             top_p = torch.tensor([p.top_p for p in cut_rows])
-            # Keep a token while the mass strictly before it is below top_p (the top token always stays).
-            keep &= (cut_probs.cumsum(-1) - cut_probs) < top_p[:, None]
+            # top_p measures what top_k kept, renormalised (vLLM's and transformers' order); rows without a
+            # top_k keep their probabilities bit for bit. Keep a token while the mass strictly before it is
+            # below top_p (the top token always stays).
+            kept = cut_probs * keep
+            kept = torch.where((top_k < vocab)[:, None], kept / kept.sum(-1, keepdim=True), cut_probs)
+            keep &= (kept.cumsum(-1) - kept) < top_p[:, None]
             min_p = torch.tensor([p.min_p for p in cut_rows])
             keep &= cut_probs >= min_p[:, None] * cut_probs[:, :1]
             keep[:, 0] = True

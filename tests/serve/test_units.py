@@ -105,6 +105,18 @@ def test_top_k_one_is_greedy_and_penalties_change_the_choice():
     assert [sample_step(logits, [row]).tokens[0] for _ in range(2)] == [1, 2]
 
 
+def test_top_p_applies_to_what_top_k_kept():
+    # vLLM's and transformers' order: top_k first, then top_p over the renormalised top-k distribution.
+    # Probabilities 0.3, 0.2 and 0.1 x 5: the top 2 renormalised are 0.6, 0.4, so top_p 0.5 keeps only the
+    # first; measured against the whole distribution (0.3 < 0.5) it would keep the second as well.
+    logits = torch.tensor([[0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1]]).log()
+    rows = [RowSampler(SamplingParams(temperature=1.0, top_k=2, top_p=0.5, seed=seed), [], 7) for seed in range(32)]
+    assert sample_step(logits.repeat(32, 1), rows).tokens == [0] * 32
+    # Without top_k, top_p alone measures the whole distribution: 0.3 < 0.5 keeps the second (and no more).
+    rows = [RowSampler(SamplingParams(temperature=1.0, top_p=0.5, seed=seed), [], 7) for seed in range(32)]
+    assert set(sample_step(logits.repeat(32, 1), rows).tokens) == {0, 1}
+
+
 def test_a_vanishing_temperature_is_greedy():
     """1e-40 would overflow logits / temperature to inf and softmax to NaN (which sampled the last token)."""
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])

@@ -1,0 +1,80 @@
+"""The scheduler's state handling, driven one iteration at a time (no thread): what a sequence keeps alive,
+what it starts from, and what it frees."""
+
+import asyncio
+import gc
+import weakref
+
+import pytest
+import torch
+
+from retnet.serve.engine import EngineFailure
+from retnet.serve.sampling import SamplingParams
+from tests.serve.test_units import standalone_engine
+
+pytestmark = pytest.mark.anyio
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def drain(handle) -> dict[int, list[int]]:
+    tokens: dict[int, list[int]] = {}
+    while not handle.queue.empty():
+        item = handle.queue.get_nowait()
+        assert not isinstance(item, EngineFailure), item.message
+        for out in item:
+            tokens.setdefault(out.index, []).extend(out.token_ids)
+    return tokens
+
+
+async def test_a_running_sequence_does_not_keep_its_prefill_state_alive(model_dir):
+    # Once a prompt's state has joined the batch, the batch holds the only copy it needs: the group's own
+    # prefill state (for a packed burst, a view that keeps the whole packed forward's state alive) must go,
+    # or every running sequence costs its state twice.
+    engine = standalone_engine(model_dir)
+    refs = []
+    spawn = engine._spawn
+
+    def spawn_and_watch(group):
+        refs.extend(weakref.ref(state) for state in group.cache.states)
+        spawn(group)
+
+    engine._spawn = spawn_and_watch
+    with engine.cond:  # a burst: packed into one prefill forward
+        engine.submit([[5, 6, 7, 8, 9]], GREEDY, n=2)
+        engine.submit([[10, 11, 12, 13, 14, 15]], GREEDY)
+    with torch.inference_mode():
+        engine._iteration()
+        engine._iteration()
+    assert len(engine.running) == 3 and all(s.finish_reason is None for s in engine.running)
+    assert len(refs) == 2 * engine.config.num_hidden_layers
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
+async def test_rows_leaving_the_batch_never_copy_the_whole_batch(model_dir, monkeypatch):
+    # A sequence that ends (and saves its session) or leaves the batch must cost a copy of ITS row, not of
+    # every row's state: at 64 running sequences a whole-batch copy is 64 states more, at the busiest moment.
+    from retnet.model import RetNetCache
+
+    copied = []
+    clone = RetNetCache.clone
+
+    def watched_clone(self):
+        copied.append(self.batch_size)
+        return clone(self)
+
+    monkeypatch.setattr(RetNetCache, "clone", watched_clone)
+    engine = standalone_engine(model_dir)
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    with engine.cond:
+        engine.submit([[5, 6, 7, 8, 9]], GREEDY, n=3)
+        session = engine.submit([[20, 21, 22, 23]], short, session_id="s")
+        leaving = engine.submit([[30, 31, 32, 33]], short)
+    with torch.inference_mode():
+        while engine.running or engine.joining or engine.prefilling or engine.waiting:
+            engine._iteration()
+    assert engine.in_system == 0 and engine.sessions.sessions["s"].cache.batch_size == 1
+    assert copied and max(copied) == 1, copied
+    await asyncio.sleep(0)  # the outputs were queued with call_soon_threadsafe
+    assert len(drain(session)[0]) == 3 and len(drain(leaving)[0]) == 3
