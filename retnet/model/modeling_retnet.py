@@ -464,6 +464,7 @@ class RetNetModel(RetNetPreTrainedModel):
                 gives each sequence's last-token logits.
         """
         cache = cache if cache is not None else past_key_values
+        _check_cache_and_outputs(cache, kwargs)
         output_hidden_states = bool(output_hidden_states)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if (input_ids is None) == (inputs_embeds is None):
@@ -618,6 +619,21 @@ class RetNetModel(RetNetPreTrainedModel):
         return start + (token_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _check_cache_and_outputs(cache, kwargs: dict) -> None:
+    """Refuse, by name, what a recurrent state cannot give: a KV cache (``DynamicCache``, ``StaticCache``, ...)
+    passed as the cache, and attention weights (retention forms none)."""
+    if cache is not None and not isinstance(cache, RetNetCache):
+        raise TypeError(
+            f"RetNet carries a recurrent state, a RetNetCache, not a key/value cache; got {type(cache).__name__}. "
+            "Pass no cache (the model makes its own) or the RetNetCache a previous call returned"
+        )
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "RetNet has no attention weights to output (retention is a decaying recurrence, not softmax "
+            "attention); call it without output_attentions"
+        )
+
+
 def _pack_padded_rows(token_mask: torch.Tensor, has_state: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(index, cu_seqlens)`` packing each row's real tokens as one sequence, when some padding would meet a
     non-zero state: padding after a real token, or any padding with a cached state. Leading padding on a fresh
@@ -692,6 +708,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         positions it lists when an index tensor, e.g. ``cu_seqlens[1:] - 1`` for the last token of each packed
         sequence) and, with ``labels`` ``[B, T]``, the next-token cross-entropy with −100 ignored. Other
         arguments as :meth:`RetNetModel.forward`."""
+        _check_cache_and_outputs(cache if cache is not None else past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -733,24 +750,63 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         past_key_values: RetNetCache | None = None,
         **kwargs,
     ) -> dict:
-        """Feed only the tokens the state has not seen: after the prefill, one token per step."""
+        """Feed only the tokens the state has not seen: after the prefill, one token per step. The prefill
+        (or each chunk of a chunked one) gets its tokens already cut to the new ones by :meth:`_prefill`."""
         cache = cache if cache is not None else past_key_values
         seen = 0 if cache is None else cache.get_seq_length()
         model_inputs: dict = {}
         if inputs_embeds is not None and seen == 0:
             model_inputs["inputs_embeds"] = inputs_embeds
         else:
-            new_ids = input_ids[:, -next_sequence_length:] if next_sequence_length else input_ids[:, seen:]
+            if next_sequence_length:
+                new_ids = input_ids[:, -next_sequence_length:]
+            elif is_first_iteration:
+                new_ids = input_ids
+            else:
+                # No cache (all of them), or a chunk of an older transformers' chunked prefill (the mask ends at
+                # the chunk): the mask's columns past the state's.
+                width = attention_mask.shape[-1] if attention_mask is not None else input_ids.shape[1]
+                new = min(max(width - seen, 0), input_ids.shape[1])
+                new_ids = input_ids[:, input_ids.shape[1] - new:]
             model_inputs["input_ids"] = new_ids.contiguous()
         model_inputs["cache"] = cache
         model_inputs["attention_mask"] = attention_mask
-        for key in ("use_cache", "output_hidden_states", "retention_mode", "logits_to_keep", "position_ids"):
+        for key in ("use_cache", "output_hidden_states", "output_attentions", "retention_mode", "logits_to_keep",
+                    "position_ids"):
             if key in kwargs:
                 model_inputs[key] = kwargs[key]
         if model_inputs.get("position_ids") is not None:
             length = next(v for k, v in model_inputs.items() if k in ("input_ids", "inputs_embeds")).shape[1]
             model_inputs["position_ids"] = model_inputs["position_ids"][:, -length:]
         return model_inputs
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        # Continuing a cache, `input_ids` is the whole sequence or only the new tokens; the attention mask (or,
+        # when transformers dropped an all-ones one, the width it recorded) covers the whole sequence, so its
+        # columns past the state's are the new tokens. Cut them here, once, before a chunked prefill splits them.
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        seen = cache.get_seq_length() if isinstance(cache, RetNetCache) else 0
+        if seen and model_kwargs.get("inputs_embeds") is None:
+            mask = model_kwargs.get("attention_mask")
+            width = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
+            if width is None or width < 0:
+                width = input_ids.shape[1]
+            new = min(max(width - seen, 0), input_ids.shape[1])
+            input_ids = input_ids[:, input_ids.shape[1] - new:]
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # The model makes its own cache on the first forward; a chunked prefill needs it before (transformers
+        # refuses `prefill_chunk_size` without one), so it gets an empty one here.
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if (
+            getattr(generation_config, "prefill_chunk_size", None) is not None
+            and generation_config.use_cache is not False
+            and model_kwargs.get("cache") is None
+            and model_kwargs.get("past_key_values") is None
+        ):
+            model_kwargs[CACHE_KWARG] = RetNetCache(self.config.num_hidden_layers)
+        return result
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # transformers repeats only tensors for beams / num_return_sequences; a cache passed in to continue

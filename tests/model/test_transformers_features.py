@@ -1,0 +1,127 @@
+"""transformers features a causal-LM user reaches for, on a tiny random RetNet: what works with a recurrent
+state gives the same tokens as without one; what cannot (a rolled-back or KV cache, attention weights) is a
+clear error."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from retnet.model import RetNetCache
+from retnet.model.modeling_retnet import CACHE_KWARG
+
+GREEDY = dict(do_sample=False, eos_token_id=None)
+
+
+def _prompt(length, seed=5, batch=2):
+    return torch.randint(2, 101, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_padded():
+    ids = _prompt(9)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    return ids, mask
+
+
+@pytest.fixture
+def model(model_factory):
+    # a larger init than the default so that greedy decoding does not settle on one repeated token
+    return model_factory(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, initializer_range=0.5)
+
+
+@torch.no_grad()
+def test_output_attentions_is_refused_clearly(model):
+    with pytest.raises(ValueError, match="no attention weights"):
+        model(_prompt(5), output_attentions=True)
+    with pytest.raises(ValueError, match="no attention weights"):
+        model.generate(_prompt(5), max_new_tokens=2, output_attentions=True, return_dict_in_generate=True, **GREEDY)
+    assert model(_prompt(5), output_attentions=False).logits.shape == (2, 5, 101)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ("cache", "past_key_values"))
+def test_a_kv_cache_is_refused_clearly(model, name):
+    with pytest.raises(TypeError, match="RetNetCache"):
+        model(_prompt(5), **{name: DynamicCache()})
+    with pytest.raises(TypeError, match="RetNetCache"):
+        model.generate(_prompt(5), max_new_tokens=2, **{name: DynamicCache()}, **GREEDY)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("user_cache", (False, True))
+@pytest.mark.parametrize("padded", (False, True))
+def test_chunked_prefill_gives_the_same_tokens(model, user_cache, padded):
+    ids, mask = _left_padded() if padded else (_prompt(9), None)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, **GREEDY)
+    extra = {CACHE_KWARG: RetNetCache(1)} if user_cache else {}
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, prefill_chunk_size=4, **extra, **GREEDY)
+    assert torch.equal(out, expected)
+
+
+@torch.no_grad()
+def test_continuing_a_cache_from_only_the_new_tokens_and_the_full_mask(model):
+    ids, mask = _left_padded()
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+    cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+    # the last sampled token (not yet fed) and a few more, as a chat turn would append
+    full = torch.cat([first.sequences, _prompt(4, seed=8)], 1)
+    full_mask = torch.cat([mask, torch.ones(2, full.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+    expected = model.generate(full, attention_mask=full_mask, max_new_tokens=5, **GREEDY)[:, full.shape[1]:]
+    new = full[:, cache.get_seq_length():]
+    continued = model.generate(new, attention_mask=full_mask, **{CACHE_KWARG: cache}, max_new_tokens=5, **GREEDY)
+    assert torch.equal(continued[:, new.shape[1]:], expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kwargs", [dict(assistant_model="self"), dict(prompt_lookup_num_tokens=3)])
+def test_assisted_decoding_is_refused_for_the_recurrent_state(model, kwargs):
+    # candidates rejected by the verifier would need the state rolled back, which a recurrent state cannot do
+    if kwargs.get("assistant_model") == "self":
+        kwargs = dict(assistant_model=model)
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(_prompt(6, batch=1), max_new_tokens=4, **kwargs, **GREEDY)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("implementation", ("static", "dynamic"))
+def test_a_kv_cache_implementation_is_ignored_safely(model, implementation):
+    ids = _prompt(7)
+    expected = model.generate(ids, max_new_tokens=5, **GREEDY)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, cache_implementation=implementation, **GREEDY), expected)
+    model.generation_config.cache_implementation = implementation
+    assert torch.equal(model.generate(ids, max_new_tokens=5, **GREEDY), expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kwargs", [GREEDY, dict(do_sample=True, top_k=5, top_p=0.9, temperature=0.7, eos_token_id=None),
+                                    dict(num_beams=2, length_penalty=0.5, early_stopping=True, **GREEDY)])
+def test_scores_and_logits_with_the_cache_match_recomputing(model, kwargs):
+    ids, mask = _left_padded()
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=use_cache, output_scores=True,
+                                      output_logits=True, return_dict_in_generate=True, **kwargs))
+    cached, recomputed = outputs
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for a, b in zip(cached.scores + cached.logits, recomputed.scores + recomputed.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("use_cache", (True, False))
+def test_generate_from_inputs_embeds(model, use_cache):
+    ids, mask = _left_padded()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, **GREEDY)[:, ids.shape[1]:]
+    embeds = model.get_input_embeddings()(ids)
+    out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, use_cache=use_cache, **GREEDY)
+    assert torch.equal(out, expected)
+
+
+@torch.no_grad()
+def test_an_all_ones_mask_is_no_mask(model):
+    ids = _prompt(9)
+    ones = torch.ones_like(ids)
+    assert torch.equal(model(ids, attention_mask=ones).logits, model(ids).logits)
+    assert torch.equal(model.generate(ids, attention_mask=ones, max_new_tokens=4, **GREEDY),
+                       model.generate(ids, max_new_tokens=4, **GREEDY))
