@@ -64,9 +64,10 @@ class RetNetCache:
         return 0 if self.offsets is None else self.offsets.shape[0]
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> RetNetCache:
-        """A new cache with rows ``indices`` (copies; the original is unchanged)."""
-        out = self.clone()
-        out.reorder_cache(torch.as_tensor(indices, dtype=torch.long))
+        """A new cache with rows ``indices`` (copies of those rows only; the original is unchanged)."""
+        out = RetNetCache(len(self.states))
+        out.states, out.offsets, out.seen_tokens = self.states, self.offsets, self.seen_tokens
+        out.reorder_cache(torch.as_tensor(indices, dtype=torch.long))  # index_select: new tensors
         return out
 
     def clone(self) -> RetNetCache:

@@ -589,22 +589,13 @@ class Engine:
         """A sequence ended normally: free its slot, and save its session (state + the unfed last token)."""
         group = seq.group
         if group.session_id is not None:
-            # A copy of the row alone (``batch.select`` would copy the whole batch first).
-            state = (cache if cache is not None else self._row(row)).clone()
+            state = cache.clone() if cache is not None else self.batch.select([row])
             self.sessions.release(group.session_id, state, seq.tokens[-1:],  # none if max_tokens was 0
                                   tokens=len(group.prompt_ids) + len(seq.tokens))
             self.metrics.sessions.set(len(self.sessions))
         self._release_slots(1)
 
     # -- helpers -----------------------------------------------------------------------------------------------
-    def _row(self, row: int) -> RetNetCache:
-        """Row ``row`` of the batch as a one-row cache of views (no copy)."""
-        out = RetNetCache(len(self.batch.states))
-        out.states = [s[row : row + 1] for s in self.batch.states]
-        out.offsets = self.batch.offsets[row : row + 1]
-        out.seen_tokens = int(out.offsets[0])
-        return out
-
     def _decode(self, ids: list[int]) -> str:
         if self.backend is not None:
             return self.backend.decode(ids, skip_special_tokens=True)

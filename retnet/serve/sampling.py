@@ -106,16 +106,14 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
     """
     logits = logits.float()
     raw = logits  # logprobs report the model's distribution, before bias and penalties
-    biased = [i for i, r in enumerate(rows) if r.bias_ids is not None]
-    if biased:
+    adjusted = [i for i, r in enumerate(rows) if r.bias_ids is not None or r.params.needs_penalties]
+    if adjusted:
         logits = logits.clone()
-        for i in biased:
-            logits[i, rows[i].bias_ids] += rows[i].bias_values
-    penalised = [i for i, r in enumerate(rows) if r.params.needs_penalties]
-    if penalised:
-        logits = logits.clone()
-        for i in penalised:
-            logits[i] = rows[i].penalise(logits[i])
+        for i in adjusted:
+            if rows[i].bias_ids is not None:
+                logits[i, rows[i].bias_ids] += rows[i].bias_values
+            if rows[i].params.needs_penalties:
+                logits[i] = rows[i].penalise(logits[i])
 
     chosen = logits.argmax(-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]

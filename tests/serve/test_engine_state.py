@@ -57,14 +57,20 @@ async def test_rows_leaving_the_batch_never_copy_the_whole_batch(model_dir, monk
     # every row's state: at 64 running sequences a whole-batch copy is 64 states more, at the busiest moment.
     from retnet.model import RetNetCache
 
-    copied = []
-    clone = RetNetCache.clone
+    copied = []  # rows copied by each clone / select
+    clone, select = RetNetCache.clone, RetNetCache.select
 
     def watched_clone(self):
         copied.append(self.batch_size)
         return clone(self)
 
+    def watched_select(self, indices):
+        out = select(self, indices)
+        copied.append(out.batch_size)
+        return out
+
     monkeypatch.setattr(RetNetCache, "clone", watched_clone)
+    monkeypatch.setattr(RetNetCache, "select", watched_select)
     engine = standalone_engine(model_dir)
     short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     with engine.cond:
