@@ -296,9 +296,6 @@ def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer
     atomically, so ``AutoModelForCausalLM.from_pretrained(directory)`` and ``AutoTokenizer`` load it."""
     from retnet.model import RetNetForCausalLM
 
-    directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model = RetNetForCausalLM(model_config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if k not in ("lm_head.weight",) or not model_config.tie_word_embeddings]
@@ -306,8 +303,20 @@ def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer
         raise RuntimeError(f"export: state dict does not fit the model: missing {missing}, unexpected {unexpected}")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return replace_directory(Path(directory), write)
+
+
+def replace_directory(directory: Path, write) -> Path:
+    """``write(tmp)`` into a sibling ``.tmp-`` directory, then swap it in for ``directory``: a crash never leaves
+    a half-written ``directory`` (its leftovers are what :func:`remove_stale_export` removes)."""
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
     old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
     if directory.exists():
         os.rename(directory, old)
@@ -318,6 +327,6 @@ def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer
 
 __all__ = [
     "CheckpointError", "export_pretrained", "find_resume_checkpoint", "list_checkpoints", "load_checkpoint",
-    "remove_stale_export", "remove_stale_temp", "rng_state", "save_checkpoint", "set_rng_state", "supersede_after",
+    "remove_stale_export", "remove_stale_temp", "replace_directory", "rng_state", "save_checkpoint", "set_rng_state", "supersede_after",
     "verify_checkpoint",
 ]

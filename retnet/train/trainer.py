@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -47,6 +46,7 @@ from retnet.train.checkpoint import (
     load_checkpoint,
     remove_stale_export,
     remove_stale_temp,
+    replace_directory,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -230,7 +230,8 @@ class Trainer:
         )
         self.tokenizer = self.data.tokenizer
         if self.is_main and not reuse:
-            _save_tokenizer(self.tokenizer, saved_tokenizer)
+            # Replacing what was there: files of another tokenizer left beside these could be what a load picks.
+            replace_directory(saved_tokenizer, self.tokenizer.save_pretrained)
 
         # Model: the same init on every rank (one seed), then per-rank seeds for anything random after.
         try:
@@ -661,16 +662,6 @@ class Trainer:
             self._writer.close()
         if self._metrics is not None:
             self._metrics.close()
-
-
-def _save_tokenizer(tokenizer, directory: Path) -> None:
-    """``save_pretrained`` into ``directory``, replacing what was there (files of another tokenizer left
-    beside the new ones could be what a later load picks)."""
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.rename(tmp, directory)
 
 
 def _record_step(line: str) -> int:
