@@ -304,7 +304,6 @@ class OpenAIServing:
         if request.stream_options is not None and not request.stream:
             # OpenAI's rule: the options only shape a stream, and a client sending them meant one.
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
-        self._logit_bias(request)
         if request.session_id is not None:
             if s.max_sessions == 0:
                 raise APIError(400, "sessions are turned off on this server", "session_id")
@@ -340,7 +339,8 @@ class OpenAIServing:
             max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             min_p=request.min_p, repetition_penalty=request.repetition_penalty,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            stop=request.stop_list(), logit_bias=self._logit_bias(request), ignore_eos=request.ignore_eos, seed=request.seed, logprobs=logprobs,
+            stop=request.stop_list(), logit_bias=self._logit_bias(request), ignore_eos=request.ignore_eos,
+            seed=request.seed, logprobs=logprobs,
         )
 
     def _submit(self, prompts, params, request: SamplingFields, hints=None) -> RequestHandle:
