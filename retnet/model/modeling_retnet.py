@@ -104,55 +104,99 @@ def xpos_span(config: RetNetConfig, growth: float = XPOS_MAX_GROWTH) -> int:
     return max(span, 1)
 
 
+@dataclass
+class RetNetPositionPiece:
+    """One run of tokens in one xPos frame: the rotation (and xPos scale) of its q and k, and the factor that
+    moves the state carried into it from the previous frame into its own."""
+
+    tokens: slice
+    cos: torch.Tensor  # [B, t, 1, K] float32
+    sin: torch.Tensor  # [B, t, 1, K] float32
+    scale: torch.Tensor | None  # [B, t, 1, K] float32 ζ^(n/base), None without xPos
+    state_shift: torch.Tensor | None  # [N, 1, K, 1] float32, None when the frame does not move
+
+
+@dataclass
+class RetNetPositionEncoding:
+    """The position encoding of one forward, computed once and shared by every layer (their rotations are the
+    same): the pieces of the sequence, each in its own xPos frame, and the factor that moves the final state
+    into the frame the cache keeps it in (``None``: it stays)."""
+
+    pieces: list[RetNetPositionPiece]
+    final_shift: torch.Tensor | None
+
+    @staticmethod
+    def apply(piece: RetNetPositionPiece, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k ``[B, t, H, K]`` -> rotated (and xPos-scaled) q, k in their dtype, computed in fp32."""
+        qf, kf = q.float(), k.float()
+        q_rot = qf * piece.cos + _rotate_half(qf) * piece.sin
+        k_rot = kf * piece.cos + _rotate_half(kf) * piece.sin
+        if piece.scale is not None:
+            # ζ^(n/base) on q and ζ^(−n/base) on k: the product depends only on the distance.
+            q_rot, k_rot = q_rot * piece.scale, k_rot / piece.scale
+        return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+
 class RetNetRotaryEmbedding(nn.Module):
     """θ-shift (rotary) positions on q and k, with optional xPos scaling (Sun et al., 2022).
 
-    Angles are computed from the positions on each call in float64 (fp32 would be off by up to ~0.06 rad at
-    position 10⁶), the rotation in fp32. The xPos scale takes positions relative to a frame (``xpos_positions``,
-    see :data:`XPOS_MAX_GROWTH`); :meth:`shift_state` moves a state from one frame to a later one. The inverse
-    frequencies are cached per device rather than registered as a buffer, so checkpoints hold no derived tensors.
+    Angles are computed from the positions in float64 (fp32 would be off by up to ~0.06 rad at position 10⁶),
+    the rotation in fp32, once per forward for all layers (:class:`RetNetPositionEncoding`). The xPos scale
+    takes positions relative to a frame (see :data:`XPOS_MAX_GROWTH`); a state moves from one frame to a later
+    one by a factor on its key rows. The inverse frequencies are cached per device rather than registered as a
+    buffer, so checkpoints hold no derived tensors.
     """
 
     def __init__(self, config: RetNetConfig):
         super().__init__()
+        self.config = config
         self.head_dim = config.head_dim
-        self.theta = config.rope_theta
-        self.use_xpos = config.use_xpos
-        self.xpos_scale_base = config.xpos_scale_base
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(inverse frequencies [K/2], ln ζ [K]), float64."""
         if device not in self._tables:
             pair = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device)
-            inv_freq = 1.0 / self.theta ** (pair / self.head_dim)
+            inv_freq = 1.0 / self.config.rope_theta ** (pair / self.head_dim)
             log_zeta = torch.log((pair + 0.4 * self.head_dim) / (1.4 * self.head_dim))
             self._tables[device] = (inv_freq, torch.cat([log_zeta] * 2))
         return self._tables[device]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
-                xpos_positions: torch.Tensor | None = None):
-        """q, k: [B, T, H, K]; position_ids: [B, T]; xpos_positions: [B, T] positions relative to the xPos
-        frame (default ``position_ids``) -> rotated (q, k) in their dtype."""
-        inv_freq, log_zeta = self._table(q.device)
+    def forward(self, position_ids: torch.Tensor, xpos: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                packed: bool = False) -> RetNetPositionEncoding:
+        """position_ids ``[B, T]``; ``xpos`` (with ``use_xpos``): ``(relative [B, T], target [N] or None)``, each
+        token's position relative to its sequence's origin (the frame the initial state is in) and the frame,
+        relative to the same origin, the final state is returned in. Unpacked, the tokens run in pieces of
+        :func:`xpos_span` positions, each in its own frame; ``packed`` rows run in one frame, the origin
+        (RetNetModel checked that their positions stay within reach of it)."""
+        inv_freq, log_zeta = self._table(position_ids.device)
         angles = position_ids.double()[:, :, None, None] * inv_freq  # [B, T, 1, K/2]
         cos = torch.cat([angles.cos()] * 2, -1).float()
         sin = torch.cat([angles.sin()] * 2, -1).float()
-        qf, kf = q.float(), k.float()
-        q_rot = qf * cos + _rotate_half(qf) * sin
-        k_rot = kf * cos + _rotate_half(kf) * sin
-        if self.use_xpos:
-            # ζ^(n/base) on q and ζ^(−n/base) on k: the product depends only on the distance.
-            relative = position_ids if xpos_positions is None else xpos_positions
-            scale = torch.exp(relative.double()[:, :, None, None] / self.xpos_scale_base * log_zeta).float()
-            q_rot, k_rot = q_rot * scale, k_rot / scale
-        return q_rot.to(q.dtype), k_rot.to(k.dtype)
+        length = position_ids.shape[1]
+        if xpos is None:
+            return RetNetPositionEncoding([RetNetPositionPiece(slice(0, length), cos, sin, None, None)], None)
+        relative, target = xpos
+        span = max(length, 1) if packed else xpos_span(self.config)
+        pieces, frame = [], relative.new_zeros(relative.shape[0])
+        for start in range(0, max(length, 1), span):
+            tokens = slice(start, min(start + span, length))
+            state_shift = None
+            if length and not packed:
+                new_frame = relative[:, start]
+                state_shift = self._state_factor(new_frame - frame)
+                frame = new_frame
+            scale = torch.exp((relative[:, tokens] - frame[:, None]).double()[:, :, None, None]
+                              / self.config.xpos_scale_base * log_zeta).float()
+            pieces.append(RetNetPositionPiece(tokens, cos[:, tokens], sin[:, tokens], scale, state_shift))
+        final_shift = None if target is None else self._state_factor(target - frame)
+        return RetNetPositionEncoding(pieces, final_shift)
 
-    def shift_state(self, state: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """The state ``[N, H, K, V]`` of an xPos frame moved ``shift`` ``[N]`` positions later (key rows × ζ^(shift/base))."""
-        _, log_zeta = self._table(state.device)
-        factor = torch.exp(shift.to(state.device).double()[:, None] / self.xpos_scale_base * log_zeta)
-        return state * factor.to(state.dtype)[:, None, :, None]
+    def _state_factor(self, shift: torch.Tensor) -> torch.Tensor:
+        """``[N, 1, K, 1]`` fp32: a state ``[N, H, K, V]`` times it moves ``shift`` ``[N]`` positions later
+        (key rows × ζ^(shift/base), a decay)."""
+        _, log_zeta = self._table(shift.device)
+        return torch.exp(shift.double()[:, None] / self.config.xpos_scale_base * log_zeta).float()[:, None, :, None]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +238,6 @@ class RetNetMultiScaleRetention(nn.Module):
         self.g_proj = nn.Linear(config.hidden_size, v_size, bias=False) if config.use_output_gate else None
         self.o_proj = nn.Linear(v_size, config.hidden_size, bias=False)
         self.o_proj.is_residual_output = True
-        self.rotary = RetNetRotaryEmbedding(config)
         self.head_norm = (
             RetNetHeadNorm(self.num_heads, self.value_head_dim, config.rms_norm_eps, config.norm_type)
             if config.use_head_norm
@@ -211,62 +254,37 @@ class RetNetMultiScaleRetention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_ids: torch.Tensor,
+        positions: RetNetPositionEncoding,
         token_mask: torch.Tensor | None,
         initial_state: torch.Tensor | None,
         output_final_state: bool,
         mode: str,
         cu_seqlens: torch.Tensor | None = None,
         packed_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-        xpos: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``packed_rows``: ``(index, row_cu_seqlens)`` of the real tokens of a padded batch (see
-        :func:`_pack_padded_rows`); retention then runs on those alone, one packed sequence per row.
-
-        ``xpos`` (with ``use_xpos``): ``(relative [B, T], target [N])``, each token's position relative to its
-        sequence's origin (the frame ``initial_state`` is in) and the frame, relative to the same origin, that
-        the final state is returned in. Unpacked, the tokens run in pieces of :func:`xpos_span` positions, each
-        in its own frame, the state carried from piece to piece."""
+        """``positions``: the forward's :class:`RetNetPositionEncoding`; each of its pieces runs in its own xPos
+        frame, the state carried from piece to piece. ``packed_rows``: ``(index, row_cu_seqlens)`` of the real
+        tokens of a padded batch (see :func:`_pack_padded_rows`); retention then runs on those alone, one packed
+        sequence per row (in one piece)."""
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.value_head_dim)
         mode = resolve_retention_mode(mode, length, q)
-        if xpos is None:
-            q, k = self.rotary(q, k, position_ids)
-            o, state = self._retain(q, k, v, token_mask, initial_state, output_final_state, mode, cu_seqlens,
-                                    packed_rows)
-        elif packed_rows is not None or cu_seqlens is not None:
-            # One frame, the origin (RetNetModel checked that the positions stay within xpos_span of it).
-            relative, target = xpos
-            q, k = self.rotary(q, k, position_ids, relative)
-            o, state = self._retain(q, k, v, token_mask, initial_state, output_final_state, mode, cu_seqlens,
-                                    packed_rows)
-            if state is not None and target is not None:
-                state = self.rotary.shift_state(state, target)
-        else:
-            relative, target = xpos
-            span = xpos_span(self.config)
-            outputs, state, frame = [], initial_state, relative.new_zeros(batch)
-            for start in range(0, max(length, 1), span):
-                end = min(start + span, length)
-                piece = slice(start, end)
-                if end > start:
-                    new_frame = relative[:, start]
-                    if state is not None:
-                        state = self.rotary.shift_state(state, new_frame - frame)
-                    frame = new_frame
-                q_piece, k_piece = self.rotary(q[:, piece], k[:, piece], position_ids[:, piece],
-                                               relative[:, piece] - frame[:, None])
-                last = end >= length
-                o, state = self._retain(q_piece, k_piece, v[:, piece],
-                                        None if token_mask is None else token_mask[:, piece], state,
-                                        output_final_state or not last, mode, None, None)
-                outputs.append(o)
-            o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
-            if state is not None and output_final_state and target is not None:
-                state = self.rotary.shift_state(state, target - frame)
-            state = state if output_final_state else None
+        outputs, state = [], initial_state
+        for number, piece in enumerate(positions.pieces):
+            if state is not None and piece.state_shift is not None:
+                state = state * piece.state_shift
+            tokens = piece.tokens
+            q_piece, k_piece = positions.apply(piece, q[:, tokens], k[:, tokens])
+            last = number == len(positions.pieces) - 1
+            o, state = self._retain(q_piece, k_piece, v[:, tokens],
+                                    None if token_mask is None else token_mask[:, tokens], state,
+                                    output_final_state or not last, mode, cu_seqlens, packed_rows)
+            outputs.append(o)
+        o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
+        if state is not None and positions.final_shift is not None:
+            state = state * positions.final_shift
         o = self.head_norm(o) if self.head_norm is not None else o.flatten(-2)
         if self.g_proj is not None:
             o = F.silu(self.g_proj(hidden_states)) * o
@@ -326,11 +344,11 @@ class RetNetDecoderLayer(nn.Module):
         self.mlp = RetNetMLP(config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states, position_ids, token_mask, initial_state, output_final_state, mode, cu_seqlens,
-                packed_rows=None, xpos=None):
+    def forward(self, hidden_states, positions, token_mask, initial_state, output_final_state, mode, cu_seqlens,
+                packed_rows=None):
         retained, state = self.retention(
-            self.retention_norm(hidden_states), position_ids, token_mask, initial_state, output_final_state,
-            mode, cu_seqlens, packed_rows, xpos,
+            self.retention_norm(hidden_states), positions, token_mask, initial_state, output_final_state,
+            mode, cu_seqlens, packed_rows,
         )
         hidden_states = hidden_states + self.dropout(retained)
         hidden_states = hidden_states + self.dropout(self.mlp(self.ffn_norm(hidden_states)))
@@ -421,6 +439,7 @@ class RetNetModel(RetNetPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(RetNetDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = build_norm(config, config.hidden_size)
+        self.rotary_emb = RetNetRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -515,14 +534,15 @@ class RetNetModel(RetNetPreTrainedModel):
                 compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
             xpos = self._xpos_frames(position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows,
                                      custom_positions, compute_dtype)
+        positions = self.rotary_emb(position_ids, xpos, packed=packed_rows is not None or cu_seqlens is not None)
 
         all_hidden_states = ()
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             initial_state = None if cache is None else cache.states[index]
-            args = (hidden_states, position_ids, token_mask, initial_state, cache is not None, mode, cu_seqlens,
-                    packed_rows, xpos)
+            args = (hidden_states, positions, token_mask, initial_state, cache is not None, mode, cu_seqlens,
+                    packed_rows)
             if checkpointing:
                 hidden_states, state = self._gradient_checkpointing_func(layer.__call__, *args)
             else:

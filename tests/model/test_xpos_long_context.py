@@ -135,3 +135,16 @@ def test_packed_sequences_longer_than_a_frame_match_the_unpacked_run():
     alone = torch.cat([model(ids[:, :97], use_cache=False).logits, model(ids[:, 97:], use_cache=False).logits], 1)
     assert torch.isfinite(packed).all()
     torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_the_position_encoding_is_computed_once_per_forward_for_all_layers(monkeypatch):
+    # Every layer rotates by the same angles and frames: one float64 table per forward, not one per layer
+    # (a decode step of a 12-layer model ran ~450 of its ~1 540 ops there).
+    model = xpos_model(xpos_scale_base=4.0, num_hidden_layers=3)
+    calls = []
+    original = modeling_retnet.RetNetRotaryEmbedding.forward
+    monkeypatch.setattr(modeling_retnet.RetNetRotaryEmbedding, "forward",
+                        lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))
+    cache = model(torch.randint(2, 101, (2, 40))).cache  # 40 tokens: 3 frames of 16 positions
+    model(torch.randint(2, 101, (2, 1)), cache=cache)
+    assert len(calls) == 2
