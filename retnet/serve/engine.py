@@ -291,16 +291,21 @@ class Engine:
         kept = deque()
         for group in self.waiting:
             if group.handle.cancelled:
-                self._finish_cancelled(group, group.n)
+                self._finish_cancelled(group, range(group.first_index, group.first_index + group.n))
             else:
                 kept.append(group)
         self.waiting = kept
 
-    def _finish_cancelled(self, group: Group, count: int) -> None:
-        self.metrics.cancelled.inc(count)
-        self._release_slots(count)
+    def _finish_cancelled(self, group: Group, indices: range | list[int]) -> None:
+        """Choices ``indices`` of ``group`` were cancelled (their client left) before they finished: free their
+        slots, leave the session as it was, and end them with ``abort``, so that a request still waiting on
+        them (a non-streaming one that noticed its client leave) learns from the engine whether its work
+        was cancelled or had finished first (see :meth:`_finished`)."""
+        self.metrics.cancelled.inc(len(indices))
+        self._release_slots(len(indices))
         if group.session_id is not None:
             self.sessions.release(group.session_id)
+        group.handle.emit([SeqOutput(i, "", [], finish_reason="abort") for i in indices])
 
     def _release_slots(self, count: int) -> None:
         with self.cond:
@@ -337,7 +342,7 @@ class Engine:
                 break
             if group.handle.cancelled:
                 self.prefilling.remove(group)
-                self._finish_cancelled(group, group.n)
+                self._finish_cancelled(group, range(group.first_index, group.first_index + group.n))
                 continue
             if not group.started:
                 if self._awaits_shared_prefix(group):
@@ -515,12 +520,12 @@ class Engine:
         for seq in self.running:
             if seq.finish_reason is None and seq.group.handle.cancelled:
                 seq.finish_reason = "abort"
-                self._finish_cancelled(seq.group, 1)
+                self._finish_cancelled(seq.group, [seq.index])
         keep = [i for i, s in enumerate(self.running) if s.finish_reason is None]
         for seq, _ in self.joining:
             if seq.finish_reason is None and seq.group.handle.cancelled:
                 seq.finish_reason = "abort"
-                self._finish_cancelled(seq.group, 1)
+                self._finish_cancelled(seq.group, [seq.index])
         joining = [(s, c) for s, c in self.joining if s.finish_reason is None]
         self.joining = []
         if len(keep) == len(self.running) and not joining:
@@ -586,7 +591,13 @@ class Engine:
         return SeqOutput(seq.index, text, [token], logprobs, finish)
 
     def _finished(self, seq: Sequence, cache: RetNetCache | None, row: int | None = None) -> None:
-        """A sequence ended normally: free its slot, and save its session (state + the unfed last token)."""
+        """A sequence ended normally: free its slot, and save its session (state + the unfed last token).
+
+        A session changes here and only here: with every token of the response generated. A request whose
+        client left after this is still saved (the response was complete, the client did not read it); one
+        cancelled before ends in :meth:`_finish_cancelled` and leaves the session as it was, never half
+        updated.
+        """
         group = seq.group
         if group.session_id is not None:
             state = cache.clone() if cache is not None else self.batch.select([row])

@@ -271,11 +271,21 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object, with vLLM's ``max_model_len`` and the two limits it is the sum of.
+
+    A RetNet has no context length (its state is O(1) in the tokens seen); what bounds a request is the
+    server's prompt limit and completion limit, each checked on its own, so ``max_model_len`` (the most
+    tokens one request can span, prompt and completion) is their sum, and a client sizing a request
+    from it needs the two parts too.
+    """
+
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "retnet"
-    max_model_len: int | None = None
+    max_model_len: int
+    max_prompt_tokens: int
+    max_completion_tokens: int
 
 
 class ModelList(BaseModel):

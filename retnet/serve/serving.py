@@ -65,13 +65,18 @@ class OpenAIServing:
         self.tokenizer_lock = threading.Lock()
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
+        return ModelList(data=[self._card()])
 
     def model(self, model_id: str) -> ModelCard:
         if model_id not in (self.model_name, self.settings.model):
             raise APIError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")
-        return ModelCard(id=self.model_name, created=self.created)
+        return self._card()
+
+    def _card(self) -> ModelCard:
+        prompt, completion = self.settings.max_prompt_tokens, self.settings.max_tokens_limit
+        return ModelCard(id=self.model_name, created=self.created, max_model_len=prompt + completion,
+                         max_prompt_tokens=prompt, max_completion_tokens=completion)
 
     # -- /v1/completions ---------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request):
@@ -378,33 +383,38 @@ class OpenAIServing:
                 yield out
 
     async def _collect(self, handle: RequestHandle, raw: Request) -> list[list[SeqOutput]]:
-        """All outputs per choice; cancels the work if the client goes away meanwhile."""
+        """All outputs per choice. A client that goes away meanwhile cancels the work, and the engine's answer
+        decides the outcome: 499 if it cancelled a choice (its session left as it was), the whole response if
+        every choice had already finished (its session saved, whether or not anyone reads the response)."""
         per_choice: list[list[SeqOutput]] = [[] for _ in range(handle.num_choices)]
         remaining = handle.num_choices
         checked = time.monotonic()
+        gone = False
         try:
             while remaining:
                 try:
                     item = await asyncio.wait_for(handle.queue.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
                     item = None
-                # Checked by the clock, not only when the queue is idle: a running request gets outputs
-                # every decode step, and a long one would otherwise run to max_tokens for nobody.
-                if time.monotonic() - checked >= DISCONNECT_POLL_S:
-                    checked = time.monotonic()
-                    if await raw.is_disconnected():
-                        handle.cancel()
-                        raise APIError(499, "client closed the request", None, "client_closed")
-                if item is None:
-                    continue
                 if isinstance(item, EngineFailure):
                     raise APIError(503, item.message, None, "engine_failure", type="server_error")
-                for out in item:
+                for out in item or ():
                     per_choice[out.index].append(out)
                     remaining -= out.finish_reason is not None
+                # Checked by the clock, not only when the queue is idle: a running request gets outputs
+                # every decode step, and a long one would otherwise run to max_tokens for nobody.
+                if remaining and not gone and time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
+                    if await raw.is_disconnected():
+                        # Not a 499 yet: the engine may have finished (and saved the session) already, its
+                        # last outputs still on their way. Every choice ends either way (abort or finished).
+                        gone = True
+                        handle.cancel()
         finally:
             if remaining:
                 handle.cancel()
+        if any(seq and seq[-1].finish_reason == "abort" for seq in per_choice):
+            raise APIError(499, "client closed the request", None, "client_closed")
         return per_choice
 
     def _stream(self, chunks: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,7 +53,7 @@ class ServeSettings(BaseSettings):
 
     # -- state reuse ------------------------------------------------------------------------------------------
     prefix_cache_entries: int = Field(64, ge=0, description="saved prompt-prefix states (LRU); 0 turns the cache off")
-    prefix_cache_bytes: int = Field(1 << 30, ge=0)
+    prefix_cache_bytes: int = Field(1 << 30, ge=0, description="bytes the prefix cache holds: each entry's state and logits")
     prefix_cache_min_tokens: int = Field(4, ge=1, description="shorter prefixes are not worth an entry")
     max_sessions: int = Field(256, ge=0, description="resumable sessions kept at once (LRU); 0 turns sessions off")
     session_bytes: int = Field(2 << 30, ge=0)
@@ -68,6 +68,17 @@ class ServeSettings(BaseSettings):
                 return json.loads(value)
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _default_within_limit(self):
+        # A default over the limit refused every request that leaves out max_tokens, with a 400 about a
+        # max_tokens the client never sent. Only a lowered limit: the default follows it; both set: an error.
+        if self.default_max_tokens > self.max_tokens_limit:
+            if "default_max_tokens" in self.model_fields_set:
+                raise ValueError(f"default_max_tokens must be <= max_tokens_limit ({self.max_tokens_limit}); got "
+                                 f"{self.default_max_tokens}")
+            self.default_max_tokens = self.max_tokens_limit
+        return self
 
     @property
     def model_name(self) -> str:

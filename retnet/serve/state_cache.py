@@ -22,12 +22,22 @@ import torch
 from retnet.model import RetNetCache
 
 
+def held_bytes(cache: RetNetCache | None, *tensors: torch.Tensor | None) -> int:
+    """Bytes of every tensor ``cache`` holds (states and offsets) plus ``tensors``: what keeping them costs.
+
+    ``RetNetCache.nbytes`` counts the states alone; a prefix entry also holds the ``[V]`` logits after it,
+    which for a small model's state and a large vocabulary can be several times the state.
+    """
+    held = [*(cache.states if cache is not None else ()), cache.offsets if cache is not None else None, *tensors]
+    return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+
 @dataclass(slots=True)
 class PrefixEntry:
     tokens: tuple[int, ...]
     cache: RetNetCache  # one row, owned by the entry (never mutated; users clone it)
     logits: torch.Tensor | None  # [V] next-token logits after the prefix (lets an exact repeat skip all compute)
-    nbytes: int
+    nbytes: int  # held_bytes(cache, logits)
 
 
 class PrefixCache:
@@ -66,16 +76,25 @@ class PrefixCache:
             return
         old = self.entries.get(tokens)
         if old is not None:
-            if old.logits is None and logits is not None:
-                old.logits = logits.detach().clone()
             self.entries.move_to_end(tokens)
+            grown = held_bytes(old.cache, logits)
+            if old.logits is None and logits is not None and grown <= self.max_bytes:
+                old.logits = logits.detach().clone()
+                self.nbytes += grown - old.nbytes
+                old.nbytes = grown
+                self._evict()
             return
-        entry = PrefixEntry(tokens, cache.clone(), None if logits is None else logits.detach().clone(),
-                            cache.nbytes())
-        if entry.nbytes > self.max_bytes:
-            return
-        self.entries[tokens] = entry
-        self.nbytes += entry.nbytes
+        nbytes = held_bytes(cache, logits)
+        if nbytes > self.max_bytes:
+            return  # checked before cloning: an entry that cannot fit must not cost a copy of the state
+        self.entries[tokens] = PrefixEntry(tokens, cache.clone(), None if logits is None else logits.detach().clone(),
+                                           nbytes)
+        self.nbytes += nbytes
+        self._evict()
+
+    def _evict(self) -> None:
+        # The entry just inserted (or given its logits) is the most recently used and fits alone: it is never
+        # the one evicted.
         while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
             _, evicted = self.entries.popitem(last=False)
             self.nbytes -= evicted.nbytes
@@ -98,7 +117,7 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.cache is None else self.cache.nbytes()
+        return held_bytes(self.cache)
 
 
 class SessionStore:
@@ -174,4 +193,4 @@ class SessionStore:
                 del self.sessions[key]
 
 
-__all__ = ["PrefixCache", "PrefixEntry", "Session", "SessionBusy", "SessionStore"]
+__all__ = ["PrefixCache", "PrefixEntry", "Session", "SessionBusy", "SessionStore", "held_bytes"]

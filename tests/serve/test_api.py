@@ -651,6 +651,22 @@ async def test_model_cards_have_a_stable_created(client):
     assert card["created"] == first["data"][0]["created"] and card["owned_by"] == "retnet"
 
 
+async def test_model_cards_give_the_most_tokens_a_request_can_span(open_app):
+    # max_model_len was null. A RetNet has no context length; the server's two limits bound a request, each
+    # on its own, so the card gives their sum and both parts, and a request spanning exactly that is served.
+    async with open_app(max_prompt_tokens=20, max_tokens_limit=5) as c:
+        card = (await c.get("/v1/models")).json()["data"][0]
+        assert card == {**card, "max_model_len": 25, "max_prompt_tokens": 20, "max_completion_tokens": 5}
+        assert (await c.get("/v1/models/micro")).json() == card
+        prompt = list(range(5, 25))
+        r = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, **GREEDY})
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == card["max_model_len"], r.text
+        r = await c.post("/v1/completions", json={"prompt": [*prompt, 5], "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = await c.post("/v1/completions", json={"prompt": prompt[:1], "max_tokens": 6})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 async def test_an_over_long_chat_is_refused_naming_messages_with_the_numbers(open_app):
     async with open_app(max_prompt_tokens=50) as c:
         r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "word " * 100}]})
@@ -695,3 +711,76 @@ async def test_concurrent_requests_on_one_session_get_409(client):
     assert (await slow).status_code == 200
     r = await client.post("/v1/completions", json={"prompt": "again", "max_tokens": 2, "session_id": "s409"})
     assert r.status_code == 200
+
+
+async def test_a_session_whose_client_leaves_mid_generation_is_left_as_it_was(open_app):
+    async with open_app() as c:
+        app, engine = c.app, c.app.state.engine
+        first = {"prompt": "def add(a, b):", "max_tokens": 4, "session_id": "s-left", **GREEDY}
+        assert (await c.post("/v1/completions", json=first)).status_code == 200
+        before = engine.sessions.sessions["s-left"]
+        state, pending, tokens = before.cache, list(before.pending), before.tokens
+        body = json.dumps({"prompt": "\nclass", "max_tokens": 4096, "session_id": "s-left", **GREEDY}).encode()
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await asyncio.wait_for(app(_post_scope(body, "2.3"), _leaving_client(body), send), 60)
+        await asyncio.wait_for(_drained(engine), 60)
+        assert sent[0]["status"] == 499
+        after = engine.sessions.sessions["s-left"]
+        assert (after.cache, after.pending, after.tokens, after.busy) == (state, pending, tokens, False)
+
+
+async def test_a_session_finished_before_its_client_left_is_saved_and_answered_whole(open_app, monkeypatch):
+    # The engine generated every token and saved the session; the server noticed the client gone only then,
+    # with the last outputs still on their way. That request finished: the response is the whole
+    # completion (200, unread), not a 499 "client closed" for work that completed and changed the session.
+    import threading
+    import time
+
+    monkeypatch.setattr("retnet.serve.serving.DISCONNECT_POLL_S", 1e-3)
+    async with open_app() as c:
+        app, engine = c.app, c.app.state.engine
+        body = json.dumps({"prompt": "def add(a, b):", "max_tokens": 64, "session_id": "s-done",
+                           "return_token_ids": True, **GREEDY}).encode()
+        polled = threading.Event()
+        receive_body = _leaving_client(body)
+
+        async def receive():
+            message = await receive_body()
+            if message["type"] == "http.disconnect":
+                polled.set()
+                # Blocks the event loop (so no output is taken meanwhile) until the engine has saved the session.
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    session = engine.sessions.sessions.get("s-done")
+                    if session is not None and session.cache is not None and not session.busy:
+                        break
+                    time.sleep(0.005)
+            return message
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await asyncio.wait_for(app(_post_scope(body, "2.3"), receive, send), 60)
+        assert polled.is_set(), "the server never looked for the client: the test did not test the race"
+        assert sent[0]["status"] == 200, sent
+        choice = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["choices"][0]
+        assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 64
+        session = engine.sessions.sessions["s-done"]
+        assert session.tokens == len(choice["prompt_token_ids"]) + 64 and session.pending == choice["token_ids"][-1:]
+        assert await metric(c, "retnet_sequences_cancelled_total") == 0
+
+
+async def test_a_request_without_max_tokens_is_served_under_a_lowered_limit(open_app):
+    # --max-tokens-limit below the default --default-max-tokens (256) made every request that left out
+    # max_tokens a 400 "max_tokens must be <= 8; got 256".
+    async with open_app(max_tokens_limit=8) as c:
+        r = await c.post("/v1/completions", json={"prompt": "def add", **GREEDY})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
+        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **GREEDY})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text

@@ -86,6 +86,40 @@ async def test_client_disconnect_frees_its_slot(server):
         assert metric(server.url, "retnet_sequences_cancelled_total") == cancelled_before + 1
 
 
+async def test_a_session_stream_cut_mid_generation_leaves_the_session_as_it_was(server):
+    # A session is saved only with a whole response: a client that drops its stream halfway must not leave
+    # the session holding the half it generated, so the next turn continues as if the cut one never ran.
+    url = server.url + "/v1/completions"
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def turn(session_id: str, prompt: str) -> list[int]:
+            r = await client.post(url, json={"prompt": prompt, "max_tokens": 6, "session_id": session_id,
+                                             "return_token_ids": True, **GREEDY})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+        assert await turn("e2e-cut", "def add(a, b):") == await turn("e2e-kept", "def add(a, b):")
+        cancelled_before = metric(server.url, "retnet_sequences_cancelled_total")
+        body = {"prompt": "\nclass Stack:", "max_tokens": 4000, "session_id": "e2e-cut", "stream": True, **GREEDY}
+        async with client.stream("POST", url, json=body) as r:
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 3:
+                    break
+        deadline = time.monotonic() + 20
+        while metric(server.url, "retnet_sequences_cancelled_total") == cancelled_before:
+            assert time.monotonic() < deadline, "the cut stream was never cancelled"
+            await asyncio.sleep(0.1)
+        for _ in range(100):  # the session is free once the engine has dropped the cut request
+            r = await client.post(url, json={"prompt": " for i in", "max_tokens": 6, "session_id": "e2e-cut",
+                                             "return_token_ids": True, **GREEDY})
+            if r.status_code != 409:
+                break
+            await asyncio.sleep(0.1)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == await turn("e2e-kept", " for i in")
+
+
 def test_bad_requests_then_a_good_one(server):
     url = server.url + "/v1/completions"
     headers = {"content-type": "application/json"}

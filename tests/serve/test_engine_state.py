@@ -84,3 +84,54 @@ async def test_rows_leaving_the_batch_never_copy_the_whole_batch(model_dir, monk
     assert copied and max(copied) == 1, copied
     await asyncio.sleep(0)  # the outputs were queued with call_soon_threadsafe
     assert len(drain(session)[0]) == 3 and len(drain(leaving)[0]) == 3
+
+
+async def test_a_session_changes_only_with_a_finished_response_wherever_a_cancel_lands(model_dir):
+    # The event loop cancels while the scheduler runs: at every point the cancel can land, each choice ends
+    # once, either finished ("length": the whole response generated, the session saved) or "abort" (the
+    # session left exactly as it was, never half updated); and the request hears which, so a non-streaming
+    # one whose client left can answer by what the engine did.
+    from retnet.serve.engine import RequestHandle
+
+    class LateCancel(RequestHandle):
+        @property
+        def cancelled(self):
+            self.looks += 1
+            return self.looks >= self.cancel_at
+
+        @cancelled.setter
+        def cancelled(self, value):
+            pass
+
+    def run():
+        with torch.inference_mode():
+            while engine.waiting or engine.prefilling or engine.joining or engine.running:
+                engine._iteration()
+
+    engine = standalone_engine(model_dir)
+    outcomes = set()
+    for max_tokens in (1, 3):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        for cancel_at in range(1, 12):
+            engine.submit([[5, 6, 7, 8]], params, session_id="s")
+            run()
+            saved = engine.sessions.sessions["s"]
+            before = (saved.cache, list(saved.pending), saved.tokens)
+            handle = engine.submit([[9, 10, 11]], params, session_id="s")
+            handle.__class__, handle.looks, handle.cancel_at = LateCancel, 0, cancel_at
+            run()
+            await asyncio.sleep(0)
+            ends = []
+            while not handle.queue.empty():
+                ends += [out.finish_reason for out in handle.queue.get_nowait() if out.finish_reason]
+            assert len(ends) == 1 and ends[0] in ("length", "abort"), (max_tokens, cancel_at, ends)
+            session = engine.sessions.sessions["s"]
+            after = (session.cache, session.pending, session.tokens)
+            if ends[0] == "abort":
+                assert after == before, (max_tokens, cancel_at)
+            else:
+                assert session.cache is not before[0] and session.tokens == before[2] + 3 + max_tokens
+            assert engine.in_system == 0 and not session.busy
+            outcomes.add(ends[0])
+            assert engine.sessions.delete("s")
+    assert outcomes == {"length", "abort"}  # the sweep reached both sides

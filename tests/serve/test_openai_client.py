@@ -16,7 +16,9 @@ def client(server):
 
 def test_models_list(client):
     assert [m.id for m in client.models.list().data] == ["micro"]
-    assert client.models.retrieve("micro").id == "micro"
+    card = client.models.retrieve("micro")
+    assert card.id == "micro" and (card.max_prompt_tokens, card.max_completion_tokens) == (8192, 4096)
+    assert card.max_model_len == 8192 + 4096
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("gpt-4")
     assert missing.value.body["code"] == "model_not_found"

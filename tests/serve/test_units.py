@@ -6,7 +6,7 @@ import torch
 from retnet.model import RetNetCache
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
 from retnet.serve.sampling import RowSampler, SamplingParams, sample_step
-from retnet.serve.state_cache import PrefixCache, SessionBusy, SessionStore
+from retnet.serve.state_cache import PrefixCache, PrefixEntry, SessionBusy, SessionStore
 
 
 def feed(stops, pieces):
@@ -143,6 +143,39 @@ def test_prefix_cache_longest_match_and_lru_bound():
     assert cache.lookup([1, 2, 3, 4]).tokens == (1, 2)
 
 
+def _entry_bytes(entry) -> int:
+    """Every tensor a prefix entry keeps alive, counted here independently of the cache's own bookkeeping."""
+    tensors = [*entry.cache.states, entry.cache.offsets, entry.logits]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def test_the_prefix_cache_byte_limit_counts_the_logits_each_entry_holds():
+    # An entry keeps the [V] logits after its prefix besides its state; with a real vocabulary they outweigh
+    # a small model's state, and a limit that counted the state alone was overrun many times over.
+    logits = torch.zeros(1000)  # 4000 bytes, against the state's 32 and its offsets' 8
+    full = _entry_bytes(PrefixEntry((), _row_cache(0), logits, 0))
+    cache = PrefixCache(max_entries=100, max_bytes=3 * full)
+    for i in range(10):
+        cache.insert([i, i + 1], _row_cache(i), logits)
+    assert len(cache) == 3 and list(cache.entries) == [(7, 8), (8, 9), (9, 10)]
+    assert cache.nbytes == sum(_entry_bytes(e) for e in cache.entries.values()) <= cache.max_bytes
+
+    # Logits given later to an entry that had none grow it, and what no longer fits is evicted.
+    state_only = _entry_bytes(PrefixEntry((), _row_cache(0), None, 0))
+    cache = PrefixCache(max_entries=100, max_bytes=full + state_only)
+    cache.insert([1, 2], _row_cache(1), None)
+    cache.insert([3, 4], _row_cache(2), None)
+    cache.insert([1, 2], _row_cache(1), logits)
+    assert len(cache) == 2 and cache.nbytes == full + state_only
+    cache.insert([3, 4], _row_cache(2), logits)
+    assert list(cache.entries) == [(3, 4)] and cache.entries[(3, 4)].logits is not None
+    assert cache.nbytes == sum(_entry_bytes(e) for e in cache.entries.values()) <= cache.max_bytes
+    # An entry that could never fit is refused whole.
+    tiny = PrefixCache(max_entries=1, max_bytes=full - 1)
+    tiny.insert([1, 2], _row_cache(1), logits)
+    assert len(tiny) == 0 and tiny.nbytes == 0
+
+
 def test_sessions_busy_ttl_and_count_bound():
     store = SessionStore(max_sessions=1, max_bytes=1 << 20, ttl_s=60)
     session = store.acquire("a")
@@ -236,3 +269,13 @@ def test_api_keys_from_the_environment_as_a_comma_list_or_json(monkeypatch):
         assert ServeSettings(model="x").api_keys == keys
     monkeypatch.delenv("RETNET_API_KEYS")
     assert ServeSettings(model="x", api_keys="a, b").api_keys == ["a", "b"]  # the --api-keys flag
+
+
+def test_default_max_tokens_never_exceeds_the_limit():
+    # Over the limit, every request that left out max_tokens was refused, naming a field it never sent.
+    from retnet.serve.settings import ServeSettings
+
+    assert ServeSettings(model="x", max_tokens_limit=100).default_max_tokens == 100  # follows a lowered limit
+    assert ServeSettings(model="x", max_tokens_limit=100, default_max_tokens=50).default_max_tokens == 50
+    with pytest.raises(ValueError, match=r"default_max_tokens must be <= max_tokens_limit \(100\); got 200"):
+        ServeSettings(model="x", max_tokens_limit=100, default_max_tokens=200)
