@@ -4,7 +4,9 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_00000100`` holding
 
     model.pt       the full (unsharded) model state dict
     optimizer.pt   the full optimizer state dict (FQN-keyed under FSDP2)
-    trainer.pt     step, per-rank data positions and RNG states (python, numpy, torch, cuda), config
+    trainer.pt     step, per-rank data positions and RNG states (python, numpy, torch, cuda), config, the
+                   losses and seconds of the steps since the last metrics record, and whether this step's
+                   evaluation is still to run (a stop signal skipped it)
     manifest.json  written last: step and the sha256 and size of each file above
 
 It is written into ``.tmp-step_…`` (each file fsynced), the manifest last, then renamed into place and the

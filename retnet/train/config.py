@@ -139,7 +139,8 @@ class DataConfig(_Section):
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig(_Section):
-    """AdamW and the learning-rate schedule (linear warmup, then cosine/linear decay to ``min_lr``)."""
+    """AdamW and the learning-rate schedule: linear warmup to ``lr`` on the ``warmup_steps``-th step (at most
+    ``train.steps``), then cosine/linear decay to ``min_lr`` on the final step."""
 
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -241,6 +242,13 @@ class JobConfig(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        # Here, not in OptimConfig: the bound is another section's field. The warmup's last step is the one at
+        # optim.lr, so a warmup of more steps than the run has would end below it.
+        if self.optim.warmup_steps > self.train.steps:
+            _refuse("optim.warmup_steps", f"must be <= train.steps ({self.train.steps}): a longer warmup never "
+                    f"reaches optim.lr (a shortened run needs a shorter warmup too)", self.optim.warmup_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------

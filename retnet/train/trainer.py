@@ -75,16 +75,18 @@ class NonFiniteLossError(RuntimeError):
 # Schedule, FLOPs, optimizer
 # ----------------------------------------------------------------------------------------------------------
 def get_lr(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps``, then
-    ``schedule`` (cosine / linear / constant) from ``lr`` down to ``min_lr`` at ``total_steps``."""
+    """Learning rate of optimizer step ``step`` (0-based, the last one ``total_steps - 1``): a linear warmup
+    whose ``warmup_steps``-th step reaches ``lr``, then ``schedule`` (cosine / linear / constant) from ``lr``
+    down to ``min_lr``, reached exactly on the final step."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+        return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    if cfg.schedule == "linear":
-        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    peak = max(cfg.warmup_steps - 1, 0)  # the decay starts from the step at lr: the warmup's last, or step 0
+    progress = min(1.0, (step - peak) / max(1, total_steps - 1 - peak))
+    # min_lr plus a share of the range: exactly min_lr at progress 1 (lr - (lr - min_lr) can miss it by an ulp)
+    share = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + share * (cfg.lr - cfg.min_lr)
 
 
 def flops_per_token(config, seq_len: int) -> float:
@@ -192,6 +194,13 @@ class Trainer:
         self.ckpt_root = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.step, self.stop_requested, self.last_saved_step = 0, False, -1
+        # The steps since the last metrics record (global-batch losses, training seconds): checkpoints carry
+        # them, so a resumed run's next record averages the same steps as that of a run never stopped.
+        self.window_losses: list[float] = []
+        self.window_seconds = 0.0
+        # The evaluation a stop left undone at its step (a preemption's grace period is for the checkpoint);
+        # checkpoints carry it, and the resumed run evaluates that step before its first step.
+        self.pending_eval = False
         # A signal only marks this rank; the loop stops on stop_requested, which every rank takes from the same
         # all-reduce, because a rank that left alone would leave the others waiting in the next collective.
         self.signal_received = False
@@ -355,11 +364,14 @@ class Trainer:
         return str(load_checkpoint_path)
 
     def _open_loggers(self) -> None:
-        # A resumed run drops the records after its checkpoint (they will be redone); a run that starts drops
-        # them all (those of an earlier run here that died before its first checkpoint), its step 0 included.
+        # A resumed run drops the records after its checkpoint (they will be redone), and that of the evaluation
+        # the checkpoint left pending (an earlier resume may have written it before dying); a run that starts
+        # drops them all (those of an earlier run here that died before its first checkpoint), step 0 included.
         if self.metrics_path.exists():
+            redone = (self.step, "val") if self.pending_eval else None
             keep = [line for line in self.metrics_path.read_text().splitlines()
-                    if self.resumed and line.strip() and _record_step(line) <= self.step]
+                    if self.resumed and line.strip() and (key := _record_key(line))[0] <= self.step
+                    and key != redone]
             tmp = self.metrics_path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in keep))
             os.replace(tmp, self.metrics_path)
@@ -438,6 +450,8 @@ class Trainer:
         if self.is_main:
             path = save_checkpoint(self.ckpt_root, self.step, model=model_state, optimizer=optim_state, trainer={
                 "step": self.step, "world_size": self.world_size, "ranks": ranks, "config": self.cfg.to_dict(),
+                "log_window": {"losses": list(self.window_losses), "seconds": self.window_seconds},
+                "pending_eval": self.pending_eval,
             }, keep_last=self.cfg.checkpoint.keep_last)
             logger.info("saved checkpoint %s", path)
         barrier()
@@ -469,6 +483,9 @@ class Trainer:
                            "streams are not (no exact replay)", len(ranks), self.world_size)
         self._set_full_state(state["model"], state["optimizer"])
         self.step = self.last_saved_step = int(trainer["step"])
+        window = trainer.get("log_window", {})  # absent from checkpoints written before it was saved
+        self.window_losses, self.window_seconds = list(window.get("losses", [])), float(window.get("seconds", 0.0))
+        self.pending_eval = bool(trainer.get("pending_eval", False))
         mine = ranks[self.rank % len(ranks)]
         self.data.load_state_dict(mine["data"])
         set_rng_state(mine["rng"])
@@ -573,43 +590,33 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Run to ``train.steps``; returns a summary. Saves every ``checkpoint.interval`` steps and at the end
-        (or when a SIGTERM/SIGINT arrives), then exports and plots."""
+        (or, without evaluating first, when a SIGTERM/SIGINT arrives), then exports and plots."""
         cfg = self.cfg
         self.model.train()
         tokens_per_step = cfg.train.global_batch_size * self.data.seq_len
-        if self.step == 0:
+        if self.step == 0 or self.pending_eval:
             self.evaluate()
-        window_tokens, window_losses, window_start, loss = 0, [], time.perf_counter(), float("nan")
+            self.pending_eval = False
+        loss = float("nan")
         while self.step < cfg.train.steps and not self.stop_requested:
-            window_losses.append(self.train_step())
-            window_tokens += tokens_per_step
+            started = time.perf_counter()
+            self.window_losses.append(self.train_step())
+            # Only the steps count: evaluations and checkpoints are not training throughput.
+            self.window_seconds += time.perf_counter() - started
             final = self.step == cfg.train.steps
-            if self.step % cfg.logging.log_interval == 0 or final or self.stop_requested:
-                loss = sum(window_losses) / len(window_losses)  # mean over the steps since the last record
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
-                       if self.peak_flops else None)
-                self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._last["lr"],
-                           "grad_norm": self._last["grad_norm"], "tokens_per_s": tokens_per_s,
-                           "tokens": self.step * tokens_per_step, "mfu": mfu})
-                if self._progress is not None:
-                    self._progress.set_postfix(loss=f"{loss:.3f}", lr=f"{self._last['lr']:.2e}",
-                                               tok_s=f"{tokens_per_s:,.0f}", mfu="n/a" if mfu is None
-                                               else f"{100 * mfu:.1f}%", refresh=False)
-                elif self.is_main:
-                    logger.info("step %d: loss %.4f lr %.2e %.0f tok/s", self.step, loss, self._last["lr"],
-                                tokens_per_s)
-                window_tokens, window_losses, window_start = 0, [], time.perf_counter()
+            if self.step % cfg.logging.log_interval == 0 or final:
+                loss = self._log_window(tokens_per_step)
             if self._progress is not None:
                 self._progress.update(1)
-            paused = time.perf_counter()
-            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and not final:
+            eval_due = bool(cfg.train.eval_interval) and self.step % cfg.train.eval_interval == 0
+            if self.stop_requested:
+                self.pending_eval = eval_due or final
+                break
+            if eval_due and not final:
                 self.evaluate()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not final:
                 self.save()
-            window_start += time.perf_counter() - paused  # evaluation and checkpoints are not training throughput
-        interrupted = self.step < cfg.train.steps
+        interrupted = self.stop_requested
         val_loss = None
         if not interrupted and self.step > self.start_step:  # (a finished run resumed again only re-exports)
             val_loss = self.evaluate()
@@ -627,10 +634,31 @@ class Trainer:
             except ImportError:  # a bring-your-own-torch machine without the [train] extra: keep the run
                 logger.warning("matplotlib is not installed; no loss.png (metrics.jsonl has the curve)")
             summary["val_loss"] = val_loss
-            logger.info("%s at step %d; outputs in %s", "stopped by signal" if interrupted else "finished",
-                        self.step, self.output_dir)
+            if interrupted:
+                logger.info("stopped by signal at step %d; outputs in %s%s", self.step, self.output_dir,
+                            "; the resumed run evaluates this step first" if self.pending_eval else "")
+            else:
+                logger.info("finished at step %d; outputs in %s", self.step, self.output_dir)
         barrier()
         return summary
+
+    def _log_window(self, tokens_per_step: int) -> float:
+        """Write the record of the steps since the last one and start the next window; returns its mean loss."""
+        loss = sum(self.window_losses) / len(self.window_losses)
+        tokens_per_s = len(self.window_losses) * tokens_per_step / max(self.window_seconds, 1e-9)
+        mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+               if self.peak_flops else None)
+        self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._last["lr"],
+                   "grad_norm": self._last["grad_norm"], "tokens_per_s": tokens_per_s,
+                   "tokens": self.step * tokens_per_step, "mfu": mfu})
+        if self._progress is not None:
+            self._progress.set_postfix(loss=f"{loss:.3f}", lr=f"{self._last['lr']:.2e}",
+                                       tok_s=f"{tokens_per_s:,.0f}", mfu="n/a" if mfu is None
+                                       else f"{100 * mfu:.1f}%", refresh=False)
+        elif self.is_main:
+            logger.info("step %d: loss %.4f lr %.2e %.0f tok/s", self.step, loss, self._last["lr"], tokens_per_s)
+        self.window_losses, self.window_seconds = [], 0.0
+        return loss
 
     def export(self) -> Path:
         """save_pretrained model + tokenizer into ``<output_dir>/export`` (rank 0, after ``save``)."""
@@ -664,11 +692,13 @@ class Trainer:
             self._metrics.close()
 
 
-def _record_step(line: str) -> int:
+def _record_key(line: str) -> tuple[int, str | None]:
+    """(step, kind) of a metrics.jsonl line; a line cut short by a crash sorts after every step."""
     try:
-        return int(json.loads(line).get("step", 0))
+        record = json.loads(line)
+        return int(record.get("step", 0)), record.get("kind")
     except ValueError:
-        return 1 << 62
+        return 1 << 62, None
 
 
 class _CurrentStderrHandler(logging.StreamHandler):

@@ -17,8 +17,8 @@ def test_presets_ship_and_load():
 
 
 def test_overrides_are_coerced_to_field_types():
-    config = load_config("tiny", ["--optim.lr=1e-3", "--train.steps", "7", "--train.compile=true",
-                                  "--data.tokenizer=none", "--model.hidden_size=64",
+    config = load_config("tiny", ["--optim.lr=1e-3", "--train.steps", "7", "--optim.warmup_steps=2",
+                                  "--train.compile=true", "--data.tokenizer=none", "--model.hidden_size=64",
                                   "--model.extra.use_xpos=true", "--model.extra.rope_theta=500.0"])
     assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)
     assert config.train.steps == 7 and config.train.compile is True
@@ -100,14 +100,37 @@ def test_parse_overrides_and_bad_arguments():
 
 def test_lr_schedule():
     optim = load_config("tiny", ["--optim.lr=1.0", "--optim.min_lr=0.1", "--optim.warmup_steps=10"]).optim
-    assert get_lr(0, optim, 110) == pytest.approx(1 / 11)
-    assert get_lr(9, optim, 110) == pytest.approx(10 / 11)
-    assert get_lr(10, optim, 110) == pytest.approx(1.0)
-    assert get_lr(60, optim, 110) == pytest.approx(0.55)
-    assert get_lr(110, optim, 110) == pytest.approx(0.1)
+    assert get_lr(0, optim, 110) == pytest.approx(1 / 10)
+    assert get_lr(9, optim, 110) == 1.0  # the last warmup step is the peak
+    assert get_lr(59, optim, 110) == pytest.approx(0.55)  # halfway from the peak (step 9) to the end (109)
+    assert get_lr(109, optim, 110) == 0.1
     linear = load_config("tiny", ["--optim.lr=1.0", "--optim.min_lr=0.0", "--optim.warmup_steps=0",
                                   "--optim.schedule=linear"]).optim
-    assert get_lr(50, linear, 100) == pytest.approx(0.5)
+    assert get_lr(0, linear, 101) == pytest.approx(1.0)
+    assert get_lr(50, linear, 101) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("warmup, steps", [(0, 1), (0, 7), (1, 7), (3, 7), (6, 7), (30, 600), (375, 25_000)])
+def test_lr_schedule_ends_at_min_lr_on_the_final_step(schedule, warmup, steps):
+    """Steps are 0-based: the final one is ``steps - 1``, and it runs at ``min_lr`` exactly (not one step's
+    decay above it). The warmup climbs to ``lr`` on its last step and the decay never rises."""
+    optim = load_config("tiny", [f"--optim.warmup_steps={warmup}", f"--optim.schedule={schedule}"]).optim
+    lrs = [get_lr(step, optim, steps) for step in range(steps)]
+    if steps > 1:
+        assert lrs[-1] == optim.min_lr
+    assert max(lrs) == pytest.approx(optim.lr)
+    peak = max(warmup - 1, 0)
+    assert lrs[:peak + 1] == sorted(lrs[:peak + 1]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+    assert all(0 < lr <= optim.lr for lr in lrs)
+
+
+def test_warmup_longer_than_the_run_is_refused():
+    """A warmup of more steps than the run has would stop short of ``optim.lr``."""
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps must be <= train\.steps \(10\).*got 11"):
+        load_config("tiny", ["--train.steps=10", "--optim.warmup_steps=11"])
+    config = load_config("tiny", ["--train.steps=10", "--optim.warmup_steps=10"])
+    assert get_lr(9, config.optim, config.train.steps) == config.optim.lr
 
 
 def test_flops_and_no_decay_groups():

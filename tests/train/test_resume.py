@@ -1,10 +1,12 @@
 """Checkpoint housekeeping and resume edge cases: stale temp directories, malformed manifests, a model that
 no longer fits, resuming explicitly from an older checkpoint, and a streamed run resumed on another world
-size. In-process runs (``main`` returns the exit status)."""
+size; what a resumed run logs. In-process runs (``main`` returns the exit status)."""
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -297,3 +299,95 @@ def test_output_dir_that_is_a_file_is_a_config_error(where, micro, tmp_path, cap
     assert main(micro(out, train__steps=1)) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "train.output_dir" in err and "not a directory" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. What a resumed run logs: the same records as a run never stopped
+# ----------------------------------------------------------------------------------------------------------
+def _interrupt(monkeypatch, during_step: int, how: str) -> None:
+    """Make the next run stop in 1-based step ``during_step``: a SIGTERM before it (the loop stops after it) or a
+    crash before it, as a SIGKILL would (the records written after the last checkpoint stay in the file)."""
+    from retnet.train.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def train_step(self):
+        if self.step == during_step - 1:
+            if how == "crash":
+                raise RuntimeError("killed")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def _records(out: Path, read_metrics, kind: str) -> list[tuple]:
+    keys = ("step", "loss", "lr", "grad_norm", "tokens") if kind == "train" else ("step", "val_loss")
+    return [tuple(r[k] for k in keys) for r in read_metrics(out, kind)]
+
+
+@pytest.mark.parametrize("how", ["crash", "signal"])
+def test_a_resumed_run_logs_the_records_of_an_uninterrupted_one(how, micro, tmp_path, monkeypatch, read_metrics):
+    """A record every 4 steps, checkpoints every 3: a crash in step 5 resumes from step 3, a SIGTERM in step 6
+    saves step 6, both inside a record's window. The record closing that window averages the steps before the
+    checkpoint too (it carries them), so the losses are those of the run never stopped, bit for bit, and a
+    stop adds no record of its own."""
+    common = dict(train__steps=8, logging__log_interval=4, checkpoint__interval=3)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(micro(whole, **common)) == 0
+    with monkeypatch.context() as patch:
+        _interrupt(patch, during_step=5 if how == "crash" else 6, how=how)
+        if how == "crash":
+            with pytest.raises(RuntimeError, match="killed"):
+                main(micro(stopped, **common))
+        else:
+            assert main(micro(stopped, **common)) == 0
+    assert [r["step"] for r in read_metrics(stopped)] == [4]
+    assert main(micro(stopped, **common)) == 0
+    assert [r["step"] for r in read_metrics(whole)] == [4, 8]
+    assert _records(stopped, read_metrics, "train") == _records(whole, read_metrics, "train")
+    assert all(r["tokens_per_s"] > 0 for r in read_metrics(stopped))
+
+
+@pytest.mark.parametrize("during_step", [2, 4], ids=["eval-step", "final-step"])
+def test_a_stop_on_an_eval_step_saves_first_and_the_resume_evaluates(during_step, micro, tmp_path, monkeypatch,
+                                                                     read_metrics):
+    """A SIGTERM in a step that ends with an evaluation (step 2 of eval_interval=2, or the final step with its
+    evaluation and export) saves and exits without evaluating: a preemption's grace period is short. The
+    resumed run evaluates that step first, and ends with the metrics and export of a run never stopped."""
+    common = dict(train__steps=4, train__eval_interval=2, checkpoint__export=True)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(micro(whole, **common)) == 0
+    with monkeypatch.context() as patch:
+        _interrupt(patch, during_step=during_step, how="signal")
+        assert main(micro(stopped, **common)) == 0
+    assert [p.name for p in list_checkpoints(stopped / "checkpoints")] == [f"step_{during_step:08d}"]
+    assert [r["step"] for r in read_metrics(stopped, "val")] == [0, 2][:during_step // 2]  # not the stop step's
+    assert not (stopped / "export").exists()
+
+    assert main(micro(stopped, **common)) == 0
+    assert [r["step"] for r in read_metrics(whole, "val")] == [0, 2, 4]
+    assert _records(stopped, read_metrics, "val") == _records(whole, read_metrics, "val")
+    assert _records(stopped, read_metrics, "train") == _records(whole, read_metrics, "train")
+    assert (stopped / "export" / "model.safetensors").is_file()
+
+
+def test_the_evaluation_left_by_a_stop_is_not_logged_twice(micro, tmp_path, monkeypatch, read_metrics):
+    """The resumed run evaluates the step a SIGTERM left unevaluated, then crashes before its next checkpoint:
+    the run after it resumes from the same checkpoint and evaluates that step again, in place of the record
+    the crashed run wrote, not beside it."""
+    common = dict(train__steps=4, train__eval_interval=2)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(micro(whole, **common)) == 0
+    for how, during_step in (("signal", 2), ("crash", 4)):
+        with monkeypatch.context() as patch:
+            _interrupt(patch, during_step=during_step, how=how)
+            if how == "crash":
+                with pytest.raises(RuntimeError, match="killed"):
+                    main(micro(stopped, **common))
+            else:
+                assert main(micro(stopped, **common)) == 0
+    assert [r["step"] for r in read_metrics(stopped, "val")] == [0, 2]
+    assert main(micro(stopped, **common)) == 0
+    assert _records(stopped, read_metrics, "val") == _records(whole, read_metrics, "val")
+    assert _records(stopped, read_metrics, "train") == _records(whole, read_metrics, "train")
