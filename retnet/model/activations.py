@@ -52,8 +52,9 @@ Numerics: SAU, SmeLU and gSmeLU upcast fp16/bf16 (and fp32) inputs to float32 �
 compute there, and cast the result back, with their parameters upcast too (a model cast to bf16 keeps
 working). SAU never forms 1/σ² at all: it computes z = x/σ once in float32 after clamping x to
 ±40σ, where Φ and φ are exactly 1/0 in float32 and float64, so the clamp changes no value but keeps huge
-inputs from producing inf·0 = nan in the backward pass. The built-in ReLU/GELU/SiLU use torch's
-kernels, which already compute half-precision inputs in float32.
+inputs from producing inf·0 = nan in the backward pass. σ is floored at √(smallest normal) of the compute
+dtype (1.1e-19 in float32), so a vanishing σ gives the Leaky ReLU rather than nan. The built-in
+ReLU/GELU/SiLU use torch's kernels, which already compute half-precision inputs in float32.
 
 Cost: ``nonlinear_evals_per_element``
 -------------------------------------
@@ -140,6 +141,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _sau_impl(x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """SAU in the dtype of its (already upcast) arguments."""
+    # A σ that is subnormal or underflows to 0 (a float like 1e-50, a trained log σ far below −87) makes
+    # x/σ 0/0 and the backward's z/σ (up to 40/σ) overflow against a zero gradient (inf·0 = nan). At σ ≥ √tiny
+    # it stays far from overflow; SAU moves by at most 0.4·Δσ, so a value changes by < 5e-20 in float32.
+    sigma = sigma.clamp_min(torch.finfo(sigma.dtype).tiny ** 0.5)
     bound = _SAU_Z_LIMIT * sigma
     z = torch.clamp(x, min=-bound, max=bound) / sigma
     cdf = 0.5 * torch.special.erfc(-_SQRT_HALF * z)  # Φ(z); erfc keeps the left tail's relative accuracy
@@ -385,7 +390,10 @@ def get_activation(name: str, **kwargs: Any) -> Activation:
     (naming it and its value).
     """
     cls = _lookup(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    # A class without its own __init__ shows nn.Module's (*args, **kwargs), which are not parameters.
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.name != "self" and p.kind not in variadic]
     for key, value in kwargs.items():
         if key not in accepted:
             raise ValueError(f"activation {name!r} has no parameter {key!r} (got {key}={value!r}); "
@@ -399,6 +407,11 @@ def validate_activation(name: str, kwargs: dict[str, Any] | None = None) -> None
         kwargs = {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"activation {name!r}: parameters must be a dict; got {kwargs!r}")
+    _lookup(name)  # an unknown name first, whatever its parameters
+    for key, value in kwargs.items():
+        if not isinstance(key, str):  # ** would raise a bare TypeError
+            raise ValueError(f"activation {name!r} has no parameter {key!r} (got {key!r}: {value!r}); parameter "
+                             "names are strings")
     get_activation(name, **kwargs)
 
 

@@ -107,6 +107,8 @@ class RetNetCache:
     def split(self) -> list[RetNetCache]:
         """One single-row cache per sequence (views into this cache's tensors)."""
         rows = []
+        if self.offsets is None:  # nothing run yet: batch_size 0
+            return rows
         for b, seen in enumerate(self.offsets.tolist()):  # one device sync, not one per row
             row = RetNetCache(len(self.states))
             row.states = [s[b : b + 1] for s in self.states]

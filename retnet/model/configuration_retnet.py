@@ -111,7 +111,7 @@ class RetNetConfig(PretrainedConfig):
     # -- derived sizes -------------------------------------------------------------------------------------
     @property
     def value_head_dim(self) -> int:
-        return int(self.hidden_size * self.value_factor) // self.num_attention_heads
+        return round(self.hidden_size * self.value_factor) // self.num_attention_heads
 
     @property
     def layer_activations(self) -> list[tuple[str, dict]]:
@@ -156,9 +156,18 @@ class RetNetConfig(PretrainedConfig):
                 refuse(field, "must be a finite number")
         if self.pad_token_id is not None and not _is_int(self.pad_token_id):
             refuse("pad_token_id", "must be None or an integer token id")
+        for field in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, field)
+            ids = value if field == "eos_token_id" and isinstance(value, list) else [value]
+            if value is not None and not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                refuse(field, f"must be None or a token id in [0, vocab_size={self.vocab_size})"
+                       + (" or a list of them" if field == "eos_token_id" else ""))
         if self.hidden_size % self.num_attention_heads != 0:
             refuse("hidden_size", f"must be divisible by num_attention_heads={self.num_attention_heads}")
-        if self.value_factor <= 0 or (self.hidden_size * self.value_factor) % self.num_attention_heads != 0:
+        # A float value_factor rounds: 1600 * 1.1 is 1760.0000000000002, yet it means 1760 value dims.
+        value_dims = self.hidden_size * self.value_factor
+        if (self.value_factor <= 0 or abs(value_dims - round(value_dims)) > 1e-9 * value_dims
+                or round(value_dims) % self.num_attention_heads != 0):
             refuse("value_factor", f"must be > 0 and make value_factor * hidden_size ({self.hidden_size}) "
                    f"divisible by num_attention_heads={self.num_attention_heads}")
         if self.head_dim % 2 != 0:
@@ -177,6 +186,9 @@ class RetNetConfig(PretrainedConfig):
         if self.decay_schedule == "linspace" and not 0 < self.decay_exponent_min <= self.decay_exponent_max:
             refuse("decay_exponent_min", f"must satisfy 0 < decay_exponent_min <= decay_exponent_max "
                    f"({self.decay_exponent_max})")
+        if self.decay_schedule == "linspace" and not 2.0 ** -self.decay_exponent_min < 1.0:
+            # γ = 1 − 2^−e would be 0 and ln γ (log_decays) −inf.
+            refuse("decay_exponent_min", "must be large enough that 2^-decay_exponent_min < 1 (γ > 0)")
         if not self.rms_norm_eps > 0:
             refuse("rms_norm_eps", "must be > 0")
         if not 0.0 <= self.dropout < 1.0:
@@ -190,6 +202,8 @@ class RetNetConfig(PretrainedConfig):
         if self.pad_token_id is not None and not -self.vocab_size <= self.pad_token_id < self.vocab_size:
             refuse("pad_token_id", f"must be None or an id within vocab_size={self.vocab_size} (the embedding's "
                    "padding row)")
+        if self.hidden_act_kwargs is not None and not isinstance(self.hidden_act_kwargs, (dict, list)):
+            refuse("hidden_act_kwargs", "must be None, one dict of activation parameters or a list of one per layer")
         if isinstance(self.hidden_act, list) and len(self.hidden_act) != self.num_hidden_layers:
             refuse("hidden_act", f"as a list must have one name per layer (num_hidden_layers="
                    f"{self.num_hidden_layers}), but has {len(self.hidden_act)}")

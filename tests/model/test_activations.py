@@ -384,3 +384,53 @@ def test_nonlinear_evals_per_token_refuses_bad_inputs():
         nonlinear_evals_per_token("softmax", 8)
     with pytest.raises(ValueError, match="nonlinear_evals_per_element"):
         nonlinear_evals_per_token(torch.nn.Tanh(), 8)
+
+
+# -- review regressions ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sigma", [1e-30, 1e-39, 1e-50, 1e-320])
+def test_sau_with_vanishing_sigma_is_leaky_relu_with_finite_gradients(sigma, dtype):
+    # 1e-39 is subnormal in float32, 1e-50 underflows it to 0 (0/0 in x/σ), 1e-320 is subnormal in float64:
+    # in each the backward's z/σ would overflow and meet a zero gradient (inf·0 = nan).
+    x = torch.tensor([-60000.0, -3.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 3.0, 60000.0], dtype=dtype)
+    expected = F.leaky_relu(x.double(), 0.15)
+    xf = x.clone().requires_grad_()
+    out = sau(xf, 0.15, sigma)
+    out.double().sum().backward()
+    torch.testing.assert_close(out.double(), expected, rtol=torch.finfo(dtype).eps, atol=1e-18)
+    assert torch.isfinite(xf.grad).all()
+    module = SAU(alpha=0.15, sigma=sigma, trainable_sigma=True)
+    xm = x.clone().requires_grad_()
+    out = module(xm)
+    out.double().sum().backward()
+    expected = F.leaky_relu(x.double(), module.alpha.item())  # α as the module stores it, in float32
+    torch.testing.assert_close(out.double(), expected, rtol=torch.finfo(dtype).eps, atol=1e-18)
+    assert torch.isfinite(xm.grad).all()
+    assert torch.isfinite(module.alpha.grad) and torch.isfinite(module.log_sigma.grad)
+
+
+def test_sau_trained_log_sigma_far_below_float32_range_stays_finite():
+    module = SAU(sigma=0.7, trainable_sigma=True)
+    with torch.no_grad():
+        module.log_sigma.fill_(-200.0)  # σ = e^−200 underflows float32
+    x = torch.linspace(-5, 5, 11, requires_grad=True)
+    out = module(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, F.leaky_relu(x.detach(), 0.15), rtol=0, atol=1e-7)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(module.log_sigma.grad)
+
+
+@pytest.mark.parametrize("name", ["identity", "relu", "gelu", "gelu_tanh", "silu", "swish"])
+def test_parameterless_activations_refuse_any_parameter_by_name(name):
+    # Their classes take no parameters: nn.Module's (*args, **kwargs) must not count as "args"/"kwargs" ones.
+    for key in ("kwargs", "args", "negative_slope"):
+        with pytest.raises(ValueError, match=re.escape(f"{key}=1")) as error:
+            validate_activation(name, {key: 1})
+        assert "its parameters: []" in str(error.value)
+
+
+def test_non_string_parameter_names_are_refused_by_name():
+    with pytest.raises(ValueError, match=re.escape("parameter 1 ")):
+        validate_activation("sau", {1: 0.2})

@@ -87,6 +87,18 @@ def test_linspace_schedule():
         # Beyond the retention ops' largest head dim (512) nothing could run it, on CPU or GPU.
         (dict(num_attention_heads=1, head_dim=514), r"head_dim.*<= 512.*514"),
         (dict(num_attention_heads=1, hidden_size=300, value_factor=2), r"value_factor.*now 600.*<= 512"),
+        # Neither one dict nor a list of them: a string was read character by character, "" built no layer.
+        (dict(hidden_act_kwargs="alpha=0.2"), r"hidden_act_kwargs.*'alpha=0.2'"),
+        (dict(hidden_act_kwargs=""), r"hidden_act_kwargs.*''"),
+        (dict(hidden_act_kwargs=3), r"hidden_act_kwargs.*3"),
+        (dict(eos_token_id="x"), r"eos_token_id.*'x'"),
+        (dict(eos_token_id=[1, "2"]), r"eos_token_id.*\[1, '2'\]"),
+        (dict(eos_token_id=True), r"eos_token_id.*True"),
+        (dict(eos_token_id=10), r"eos_token_id.*10"),
+        (dict(bos_token_id=1.0), r"bos_token_id.*1.0"),
+        (dict(bos_token_id=-1), r"bos_token_id.*-1"),
+        # 2^−1e−300 rounds to 1: γ = 0, whose log (the first forward's) is a bare "math domain error".
+        (dict(decay_schedule="linspace", decay_exponent_min=1e-300), r"decay_exponent_min.*1e-300"),
     ],
 )
 def test_invalid_configs_name_the_field_and_value(overrides, field):
@@ -169,3 +181,22 @@ def test_the_configs_head_dim_limit_is_the_kernels():
     from retnet.model.configuration_retnet import MAX_HEAD_DIM as CONFIG_MAX_HEAD_DIM
 
     assert CONFIG_MAX_HEAD_DIM == MAX_HEAD_DIM
+
+
+def test_special_token_ids_within_the_vocabulary_are_accepted():
+    config = RetNetConfig(vocab_size=10, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          bos_token_id=0, eos_token_id=[9, 1], pad_token_id=2)
+    assert config.eos_token_id == [9, 1]
+
+
+@pytest.mark.parametrize("hidden_size, heads, value_factor, value_head_dim",
+                         [(1600, 8, 1.1, 220), (1440, 8, 0.7, 126), (800, 8, 2.3, 230), (640, 8, 1.1, 88)])
+def test_value_factor_is_not_refused_for_float_rounding(hidden_size, heads, value_factor, value_head_dim):
+    # 1600 * 1.1 is 1760.0000000000002 and 1440 * 0.7 is 1007.9999999999999 in floating point: 1760 and 1008
+    # value dims, split evenly over 8 heads.
+    config = RetNetConfig(vocab_size=10, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=heads,
+                          value_factor=value_factor)
+    assert config.value_head_dim == value_head_dim
+    with pytest.raises(ValueError, match=r"value_factor.*1.0001"):  # not a whole number of value dims
+        RetNetConfig(vocab_size=10, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=heads,
+                     value_factor=1.0001)

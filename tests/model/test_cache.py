@@ -1,0 +1,34 @@
+"""RetNetCache's bookkeeping: row selection, stacking and splitting, on hand-made states."""
+
+import torch
+
+from retnet.model import RetNetCache
+
+
+def test_an_empty_cache_splits_into_no_rows():
+    cache = RetNetCache(2)
+    assert cache.batch_size == 0
+    assert cache.split() == []
+
+
+def _filled(rows: int, layers: int = 2) -> RetNetCache:
+    cache = RetNetCache(layers)
+    cache.states = [torch.arange(rows * 6, dtype=torch.float32).view(rows, 1, 2, 3) + 100 * i for i in range(layers)]
+    cache.offsets = torch.arange(rows, dtype=torch.long) + 3
+    cache.seen_tokens = rows + 2
+    return cache
+
+
+def test_select_concat_split_and_reorder_keep_rows_and_offsets_together():
+    cache = _filled(4)
+    picked = cache.select([2, 0])
+    assert picked.offsets.tolist() == [5, 3] and picked.seen_tokens == cache.seen_tokens
+    assert torch.equal(picked.states[1], cache.states[1][[2, 0]])
+    rows = cache.split()
+    assert [r.seen_tokens for r in rows] == [3, 4, 5, 6]
+    joined = RetNetCache.concat([rows[3], rows[1]])
+    assert joined.offsets.tolist() == [6, 4] and joined.seen_tokens == 6
+    assert torch.equal(joined.states[0], cache.states[0][[3, 1]])
+    cache.reorder_cache(torch.tensor([1, 1, 0, 3]))
+    assert cache.offsets.tolist() == [4, 4, 3, 6]
+    assert torch.equal(cache.states[1][0], cache.states[1][1])
