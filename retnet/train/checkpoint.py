@@ -68,6 +68,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``, itself included: after a power loss a renamed directory
+    can otherwise hold empty or truncated files, the rename having reached the disk before their data."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
 def _write_durable(path: Path, obj: Any) -> None:
     with open(path, "wb") as handle:
         torch.save(obj, handle)
@@ -319,16 +332,19 @@ def replace_directory(directory: Path, write) -> Path:
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    # a resume loads output_dir/tokenizer: a crash of the machine must not leave it renamed in but empty
+    fsync_tree(tmp)
     old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
     if directory.exists():
         os.rename(directory, old)
     os.rename(tmp, directory)
+    _fsync_dir(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
 __all__ = [
-    "CheckpointError", "export_pretrained", "find_resume_checkpoint", "list_checkpoints", "load_checkpoint",
-    "remove_stale_export", "remove_stale_temp", "replace_directory", "rng_state", "save_checkpoint", "set_rng_state", "supersede_after",
-    "verify_checkpoint",
+    "CheckpointError", "export_pretrained", "find_resume_checkpoint", "fsync_tree", "list_checkpoints",
+    "load_checkpoint", "remove_stale_export", "remove_stale_temp", "replace_directory", "rng_state", "save_checkpoint",
+    "set_rng_state", "supersede_after", "verify_checkpoint",
 ]

@@ -26,6 +26,7 @@ boundary; otherwise the state runs across EOS, as attention does in GPT-2-style 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -33,6 +34,7 @@ import logging
 import os
 import shutil
 import sysconfig
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,14 +42,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from retnet.train.checkpoint import fsync_tree
 from retnet.train.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-# Bumped when the cached format changes, so old caches are not misread.
-CACHE_VERSION = 1
+# Bumped when the cached format changes, or what a cache holds under the same key, so old caches are not misread.
+CACHE_VERSION = 2
 SPLIT_SEED = 20240601  # fixed: the held-out documents do not change with the training seed
 
 
@@ -65,12 +68,20 @@ def stdlib_files() -> list[Path]:
 
 
 def _looks_like_path(spec: str) -> bool:
-    """A hub name is ``owner/name`` without a suffix; anything else that names a file is a path."""
+    """A hub name is ``owner/name`` without a data file's suffix (its name may hold dots:
+    ``teknium/OpenHermes-2.5``); anything else that names a file is a path."""
     return (
         spec.startswith((".", "/", "~"))
-        or (os.sep in spec and Path(spec).suffix != "")
-        or any(spec.endswith(s) for s in (*TEXT_SUFFIXES, *BUILDERS))
+        or spec.count("/") > 1
+        or (os.sep != "/" and os.sep in spec)
+        or spec.lower().endswith((*TEXT_SUFFIXES, *BUILDERS))
     )
+
+
+def _kind(path: Path) -> str | None:
+    """``text`` or the ``datasets`` builder of a data file, None for another file; ``.JSONL`` is ``.jsonl``."""
+    suffix = path.suffix.lower()
+    return "text" if suffix in TEXT_SUFFIXES else BUILDERS.get(suffix)
 
 
 def local_files(spec: str) -> list[Path] | None:
@@ -83,7 +94,7 @@ def local_files(spec: str) -> list[Path] | None:
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix in BUILDERS))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
         if not files:
             raise FileNotFoundError(f"data.dataset: directory {spec!r} holds no "
                                     f"{sorted(TEXT_SUFFIXES | set(BUILDERS))} files")
@@ -95,9 +106,9 @@ def local_files(spec: str) -> list[Path] | None:
         raise FileNotFoundError(f"data.dataset: no such file or directory: {spec!r}")
     else:
         return None
-    kinds = {"text" if p.suffix in TEXT_SUFFIXES else BUILDERS.get(p.suffix) for p in files}
+    kinds = {_kind(p) for p in files}
     if None in kinds:
-        bad = next(p for p in files if p.suffix not in TEXT_SUFFIXES and p.suffix not in BUILDERS)
+        bad = next(p for p in files if _kind(p) is None)
         raise ConfigError(f"data.dataset: unsupported file type {bad.suffix!r} ({bad}); "
                           f"expected one of {sorted(TEXT_SUFFIXES | set(BUILDERS))}")
     if len(kinds) > 1:
@@ -144,18 +155,36 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
                               f"hub: {type(error).__name__}: {error}") from None
     if saved_dataset_dir(files[0]):
         return _load_saved(cfg, files[0], streaming)
-    if files[0].suffix in TEXT_SUFFIXES:
-        return datasets.load_dataset("text", data_files=[str(p) for p in files], sample_by="document", split="train",
-                                     streaming=streaming, cache_dir=str(cache_dir / "hf"))
-    return datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(p) for p in files], split="train",
-                                 streaming=streaming, cache_dir=str(cache_dir / "hf"))
+    kind = _kind(files[0])
+    # invalid UTF-8 becomes U+FFFD, as in the stdlib corpus, not an error that names no file
+    options = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
+    with _reading(cfg.dataset, cfg.text_field):
+        return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=streaming,
+                                     cache_dir=str(cache_dir / "hf"), **options)
+
+
+@contextlib.contextmanager
+def _reading(dataset: str, text_field: str) -> Iterator[None]:
+    """Errors of ``datasets`` reading local files, as a ConfigError naming them. Its own errors name no file:
+    a bare StopIteration when every file is empty, a CastError or DatasetGenerationError when a later file
+    does not fit the columns and types it took from the first rows it read."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as error:
+        cause = error.__cause__ or error
+        detail = f"{type(cause).__name__}: {cause}" if str(cause) else f"{type(cause).__name__} (no rows in any file?)"
+        raise ConfigError(f"data.dataset {dataset!r}: datasets could not read it ({detail}); local files need "
+                          f"data.text_field {text_field!r} in every file, as text, and the same columns") from error
 
 
 def _load_saved(cfg: DataConfig, path: Path, streaming: bool):
     """A ``save_to_disk`` directory: a Dataset, or a DatasetDict from which ``data.split`` is taken."""
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    with _reading(cfg.dataset, cfg.text_field):  # an empty saved Dataset fails with a bare IndexError
+        loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if cfg.split not in loaded:
             raise ConfigError(f"data.split {cfg.split!r} is not a split of {str(path)!r}; splits: {sorted(loaded)}")
@@ -166,25 +195,40 @@ def _load_saved(cfg: DataConfig, path: Path, streaming: bool):
 
 def _check_text_field(cfg: DataConfig, columns: list[str] | None) -> None:
     if columns is not None and cfg.text_field not in columns:
-        raise ConfigError(f"data.text_field {cfg.text_field!r} is not a column of {cfg.dataset!r}; columns: {columns}")
+        raise ConfigError(f"data.text_field {cfg.text_field!r} is not a column of {cfg.dataset!r}; columns: {columns}"
+                          f" (of local files: those datasets found in the first rows it read)")
+
+
+def _check_texts(dataset: str, text_field: str, texts: list) -> None:
+    """ConfigError naming the field for a value that is no string: the tokenizer would take a number for a
+    TypeError without a name, and a list of two strings for a pair of sequences, silently."""
+    bad = next((t for t in texts if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise ConfigError(f"data.text_field {text_field!r} of {dataset!r} holds {type(bad).__name__} values "
+                          f"({bad!r:.80}); expected text (str)")
 
 
 def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> list[str]:
     """All documents (non-streaming), in a deterministic order, at most ``max_documents``."""
     limit = cfg.max_documents or None
     if cfg.dataset == "stdlib":
-        return [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()[:limit]]
+        # empty files (many __init__.py) dropped as the other sources drop empty rows: each would be a lone EOS
+        return [t for p in stdlib_files()[:limit] if (t := p.read_text(encoding="utf-8", errors="replace"))]
     dataset = _hf_dataset(cfg, files, cache_dir, streaming=False)
     _check_text_field(cfg, dataset.column_names)
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))
-    return [t for t in dataset[cfg.text_field] if t]
+    texts = dataset[cfg.text_field]
+    _check_texts(cfg.dataset, cfg.text_field, texts)
+    return [t for t in texts if t]
 
 
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """(train, val): a seeded random ``val_fraction`` of the documents (at least one) is held out."""
     if len(docs) < 2:
-        raise ConfigError(f"data.dataset has {len(docs)} document(s); need at least 2 (one for validation)")
+        raise ConfigError(f"data.dataset has {len(docs)} document(s); need at least 2 (one for validation). A "
+                          f"{'/'.join(sorted(TEXT_SUFFIXES))} file is one document: split a single one into several, "
+                          f"or give JSONL/CSV/Parquet rows")
     order = np.random.default_rng(SPLIT_SEED).permutation(len(docs))
     n_val = max(1, round(val_fraction * len(docs)))
     val_ids = set(order[:n_val].tolist())
@@ -214,14 +258,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` then rename tmp to ``final``; a concurrent writer of the same content may win."""
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # not the pid alone: the writers are local rank 0 of every node, and containers often give them equal pids
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
-    write(tmp)
     try:
-        os.rename(tmp, final)
-    except OSError:  # another node's rank wrote the same cache first
-        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        # the next run trusts a cache by its presence: it must not be renamed in before its data is on disk
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # another node's rank wrote the same cache first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write must not leave its half in the cache
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_chars: int):
@@ -247,11 +298,25 @@ def vocab_bound(tokenizer) -> int:
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
+def document_encoder(tokenizer):
+    """A copy of ``tokenizer``'s backend that encodes whole documents, and the text of its special tokens as
+    text: a document quoting ``<|endoftext|>`` would otherwise hold an EOS, which ends the document there (a
+    packed segment starts). Truncation and padding saved in a ``tokenizer.json`` (a tokenizer prepared for a
+    classifier) would cut every document to ``max_length`` and fill the short ones with pad tokens."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
 def encode_documents(tokenizer, texts: list[str], batch: int = 512) -> np.ndarray:
     """Every document's ids followed by EOS, concatenated; uint16 when every id fits."""
     dtype = np.uint16 if vocab_bound(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     eos = tokenizer.eos_token_id
-    backend = tokenizer.backend_tokenizer
+    backend = document_encoder(tokenizer)
     pieces = []
     for start in range(0, len(texts), batch):
         for encoding in backend.encode_batch(texts[start:start + batch], add_special_tokens=False):
@@ -367,6 +432,7 @@ class StreamingData:
         self.rank, self.world_size = rank, world_size
         self.position = 0  # blocks this rank has consumed
         self.train_tokens = None
+        self._encoder = document_encoder(tokenizer)
         self._iterator: Iterator[np.ndarray] | None = None
 
     def _generate(self) -> Iterator[np.ndarray]:
@@ -378,8 +444,9 @@ class StreamingData:
                 text = example[self.text_field]
                 if not text:
                     continue
+                _check_texts(repr(self.stream), self.text_field, [text])
                 seen = True
-                buffer.extend([*self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, eos])
+                buffer.extend([*self._encoder.encode(text, add_special_tokens=False).ids, eos])
                 while len(buffer) >= self.seq_len:
                     yield np.asarray(buffer[: self.seq_len], dtype=np.int64)
                     del buffer[: self.seq_len]
@@ -480,13 +547,17 @@ def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, 
     if cfg.dataset == "stdlib":
         raise ConfigError("data.streaming is for large local/hub datasets; the stdlib corpus is not streamed")
     stream = _hf_dataset(cfg, files, cache_dir, streaming=True)
-    _check_text_field(cfg, stream.column_names)
+    with _reading(cfg.dataset, cfg.text_field):  # a stream reads its files from here on, lazily
+        columns = stream.column_names
+    _check_text_field(cfg, columns)
     if cfg.max_documents:
         stream = stream.take(cfg.max_documents)
     val_stream = stream.take(cfg.val_documents or 1)
     # Not stream.skip(n): when split_dataset_by_node hands each rank whole shards, datasets splits the n skipped
     # documents between the ranks' own shards, so rank 0 would train on part of the validation split.
-    val_texts = [e[cfg.text_field] for e in val_stream]
+    with _reading(cfg.dataset, cfg.text_field):
+        val_texts = [e[cfg.text_field] for e in val_stream]
+    _check_texts(cfg.dataset, cfg.text_field, val_texts)
     held_out = frozenset(val_texts)
     train_stream = stream.filter(lambda example: example[cfg.text_field] not in held_out)
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
@@ -495,12 +566,15 @@ def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, 
             total = 0
             for example in train_stream:
                 text = example[cfg.text_field] or ""
+                _check_texts(cfg.dataset, cfg.text_field, [text])
                 yield text
                 total += len(text)
                 if total >= cfg.tokenizer_train_chars:
                     return
 
-        trained = train_tokenizer(list(sample()), vocab_size, cfg.tokenizer_train_chars)
+        with _reading(cfg.dataset, cfg.text_field):
+            texts = list(sample())
+        trained = train_tokenizer(texts, vocab_size, cfg.tokenizer_train_chars)
         cache_dir.mkdir(parents=True, exist_ok=True)
         _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
     barrier()
@@ -510,5 +584,5 @@ def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, 
                          micro_batch=micro_batch, rank=rank, world_size=world_size)
 
 
-__all__ = ["PackedData", "StreamingData", "build_data", "encode_documents", "load_tokenizer", "local_files",
-           "split_documents", "stdlib_files", "train_tokenizer", "vocab_bound"]
+__all__ = ["PackedData", "StreamingData", "build_data", "document_encoder", "encode_documents", "load_tokenizer",
+           "local_files", "split_documents", "stdlib_files", "train_tokenizer", "vocab_bound"]

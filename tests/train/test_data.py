@@ -208,3 +208,190 @@ def test_vocab_bound_covers_ids_beyond_the_tokenizer_length(tokenizer_dir, tmp_p
     assert len(gappy) == 512 and vocab_bound(gappy) == 901
     ids = encode_documents(gappy, ["for example, a simple sample"])
     assert ids.max() == 900
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs a user may hand over: names, odd files, odd values
+# ----------------------------------------------------------------------------------------------------------
+_BUILD = dict(vocab_size=512, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0, world_size=1,
+              tokenizer_dir=None, barrier=lambda: None)
+_DOCS = [f"document {i}: " + "def f(x):\n    return x + 1\n" * 4 for i in range(30)]
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_hub_names_with_a_dot_are_not_paths(tmp_path):
+    """Hub names may hold dots (``teknium/OpenHermes-2.5``); one taken for a missing file could never load."""
+    assert local_files("teknium/OpenHermes-2.5") is None
+    with pytest.raises(FileNotFoundError, match=r"v1\.2"):
+        local_files(str(tmp_path / "corpus" / "v1.2"))
+
+
+def test_upper_case_suffixes_are_data_files(tokenizer_dir, tmp_path):
+    for i, text in enumerate(_DOCS[:3]):
+        (tmp_path / "dir").mkdir(exist_ok=True)
+        (tmp_path / "dir" / f"{i}.TXT").write_text(text)
+    assert [p.name for p in local_files(str(tmp_path / "dir"))] == ["0.TXT", "1.TXT", "2.TXT"]
+    path = _jsonl(tmp_path / "DOCS.JSONL", [{"text": t} for t in _DOCS])
+    data = build_data(DataConfig(dataset=str(path), tokenizer=str(tokenizer_dir), seq_len=16, val_fraction=0.2,
+                                 cache_dir=str(tmp_path / "cache")), **_BUILD)
+    assert len(data.train) > 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("case", ["all files empty", "first file lacks the field", "field null in first file"])
+def test_files_datasets_cannot_read_are_a_config_error_naming_them(case, streaming, tokenizer_dir, tmp_path):
+    """datasets infers one schema from the first rows it reads: an empty set fails with a bare StopIteration,
+    a first file without the text (or with it null) with a CastError that names neither file nor setting."""
+    first, second = {
+        "all files empty": ([], []),
+        "first file lacks the field": ([{"id": 1}], [{"text": t, "id": 2} for t in _DOCS]),
+        "field null in first file": ([{"text": None}], [{"text": t} for t in _DOCS]),
+    }[case]
+    _jsonl(tmp_path / "a.jsonl", first)
+    _jsonl(tmp_path / "b.jsonl", second)
+    config = DataConfig(dataset=str(tmp_path / "*.jsonl"), tokenizer=str(tokenizer_dir), seq_len=16,
+                        streaming=streaming, val_documents=3, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"data\.(dataset|text_field) .*\*\.jsonl"):
+        build_data(config, **_BUILD)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("value", [12345, ["a list of", "strings"]])
+def test_text_values_that_are_not_strings_are_refused_by_name(value, streaming, tokenizer_dir, tmp_path):
+    """A numeric CSV column or a list in JSON would otherwise reach the tokenizer: TypeError 'TextEncodeInput'."""
+    path = _jsonl(tmp_path / "docs.jsonl", [{"body": value}] * 20)
+    config = DataConfig(dataset=str(path), text_field="body", tokenizer=str(tokenizer_dir), seq_len=16,
+                        streaming=streaming, val_documents=3, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=rf"data\.text_field 'body'.*{type(value).__name__}"):
+        data = build_data(config, **_BUILD)
+        data.micro_batches(1)
+
+
+def test_text_files_that_are_not_utf8_are_read_like_the_stdlib_corpus(tokenizer_dir, tmp_path):
+    """Invalid UTF-8 is replaced (U+FFFD), as the stdlib corpus reads it, instead of stopping with
+    ``DatasetGenerationError: An error occurred while generating the dataset``."""
+    from retnet.train.data import load_documents
+
+    for i, text in enumerate(_DOCS[:5]):
+        (tmp_path / f"{i}.txt").write_text(text)
+    (tmp_path / "latin1.txt").write_bytes("café crème ".encode("latin-1") * 10)
+    config = DataConfig(dataset=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    docs = load_documents(config, local_files(config.dataset), tmp_path / "cache")
+    assert "caf\ufffd cr\ufffdme " * 10 in docs and len(docs) == 6
+
+
+def test_special_token_text_inside_a_document_is_not_a_document_boundary(tokenizer_dir, tmp_path):
+    """A document quoting ``<|endoftext|>`` (GPT-2 code, posts about tokenizers) keeps it as text: only the EOS
+    appended after each document ends one, so the state is not reset mid-document and no EOS is learnt there."""
+    import datasets
+
+    from retnet.train.data import StreamingData, encode_documents, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    docs = ["x = '<|endoftext|>'  # GPT-2's separator", "<|endoftext|>", "print(1)"]
+    ids = encode_documents(tokenizer, docs)
+    assert (ids == eos).sum() == len(docs) and ids[-1] == eos
+    assert tokenizer.decode(ids[: list(ids).index(eos)]) == docs[0]
+
+    stream = datasets.Dataset.from_dict({"text": docs * 20}).to_iterable_dataset()
+    val = np.zeros((1, 16), dtype=np.int64)
+    streamed = StreamingData(stream, val, tokenizer, text_field="text", seq_len=16, micro_batch=4, rank=0,
+                             world_size=1)
+    blocks = torch.cat(streamed.micro_batches(3)).flatten()
+    assert torch.equal(blocks, torch.from_numpy(np.tile(ids, 20)[: blocks.numel()].astype(np.int64)))
+
+
+def test_empty_stdlib_files_are_no_documents(tmp_path, monkeypatch):
+    """The stdlib has empty files (``__init__.py``); as documents they would be lone EOS tokens, which the
+    other sources drop."""
+    import retnet.train.data as data
+
+    files = []
+    for i, text in enumerate(["", "import os\n", "", "x = 1\n"]):
+        files.append(tmp_path / f"m{i}.py")
+        files[-1].write_text(text)
+    monkeypatch.setattr(data, "stdlib_files", lambda: files)
+    assert data.load_documents(DataConfig(dataset="stdlib"), files, tmp_path) == ["import os\n", "x = 1\n"]
+
+
+def test_cache_writers_with_the_same_pid_do_not_share_a_temp_directory(tmp_path, monkeypatch):
+    """Local rank 0 of every node writes the shared cache; in containers their pids are often equal. One
+    writer must not delete the other's half-written directory (or publish it)."""
+    import os
+
+    from retnet.train.data import _atomic_dir
+
+    monkeypatch.setattr(os, "getpid", lambda: 7)
+    final = tmp_path / "tokens-0123"
+
+    def other_node(tmp):
+        (tmp / "meta.json").write_text("other")
+
+    def this_node(tmp):
+        (tmp / "train.bin").write_bytes(b"\0" * 8)
+        _atomic_dir(final, other_node)  # the other node finishes first
+        (tmp / "meta.json").write_text("this")
+
+    _atomic_dir(final, this_node)
+    assert (final / "meta.json").read_text() == "other"
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+def test_a_failed_cache_write_leaves_no_temp_directory(tmp_path):
+    from retnet.train.data import _atomic_dir
+
+    def fail(tmp):
+        (tmp / "train.bin").write_bytes(b"\0" * 8)
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        _atomic_dir(tmp_path / "tokens-0123", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_saved_dataset_is_a_config_error_naming_it(tokenizer_dir, tmp_path):
+    """datasets' load_from_disk fails on an empty Dataset with a bare ``IndexError: list index out of range``."""
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")})
+                               ).save_to_disk(str(saved))
+    config = DataConfig(dataset=str(saved), tokenizer=str(tokenizer_dir), seq_len=16, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match=r"data\.dataset .*saved"):
+        build_data(config, **_BUILD)
+
+
+def test_a_single_text_file_says_how_to_train_on_it(tokenizer_dir, tmp_path):
+    """One .txt file (tinyshakespeare's input.txt) is one document, too few for a validation split."""
+    (tmp_path / "input.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    config = DataConfig(dataset=str(tmp_path / "input.txt"), tokenizer=str(tokenizer_dir), seq_len=16,
+                        cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match=r"1 document.*\.txt file is one document: split"):
+        build_data(config, **_BUILD)
+
+
+def test_truncation_and_padding_saved_with_a_tokenizer_do_not_cut_documents(tokenizer_dir, tmp_path):
+    """A tokenizer.json may carry truncation and padding (saved after ``enable_truncation``/``enable_padding``);
+    the backend applies them to every encode, so each document became its first 8 tokens plus pad tokens."""
+    import json
+    import shutil
+
+    from retnet.train.data import encode_documents, load_tokenizer
+
+    docs = ["def f(x):\n    return x + 1\n" * 10, "x"]
+    plain = encode_documents(load_tokenizer(tokenizer_dir), docs)
+    shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 8}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 1,
+                       "pad_type_id": 0, "pad_token": "<|pad|>"}
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    assert np.array_equal(encode_documents(load_tokenizer(tmp_path / "tok"), docs), plain)
+    assert len(plain) > 20
