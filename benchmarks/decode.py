@@ -10,6 +10,7 @@ ratios are Llama / RetNet, so > 1 means RetNet is faster or smaller.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -48,12 +49,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cache_kwarg(model) -> str:
+    """The name the model's forward takes its cache under. transformers renamed ``past_key_values`` to
+    ``cache`` in 5.2x (RetNet takes both); a name the forward lacks would vanish into its ``**kwargs``
+    and every decode step would silently start from an empty cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def prefill(name, model, context: int, device: torch.device):
     """Run the prompt once; returns (cache, next token)."""
     prompt = torch.randint(0, VOCAB, (1, context), device=device)
     cache = None if name == "retnet" else DynamicCache(config=model.config)
-    out = model(prompt, **({"cache": cache} if cache is not None else {}), use_cache=True, logits_to_keep=1)
+    out = model(prompt, **({cache_kwarg(model): cache} if cache is not None else {}), use_cache=True,
+                logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     return cache, out.logits[:, -1:].argmax(-1)
 
@@ -75,7 +84,7 @@ def measure(models, context: int, steps: int, device: torch.device) -> dict:
             cache, token = running[name]
             synchronize(device)
             start = time.perf_counter()
-            out = model(token, cache=cache, use_cache=True)
+            out = model(token, **{cache_kwarg(model): cache}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             synchronize(device)
             latencies[name].append(time.perf_counter() - start)

@@ -7,7 +7,7 @@
 # pytest runs verbose for the same reason (a killed run prints no summary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=.
+export PYTHONPATH="$PWD"  # absolute: a step that changes directory still imports this tree
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 PYTEST=(python -m pytest -v --tb=short -p no:cacheprovider --durations=10)

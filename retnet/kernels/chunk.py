@@ -68,6 +68,36 @@ def _autotune_enabled() -> bool:
     return choice in ("1", "on", "true")
 
 
+def _interpreter_index_fix() -> None:
+    """Under Triton's interpreter a runtime loop bound (``range(NT)``, NT from a scalar argument) goes
+    through ``tensor.__index__``, which Triton 3.6 and earlier implement as ``int()`` of a one-element 1-D array:
+    NumPy >= 2.4 refuses that (triton-lang/triton#9171, fixed upstream by squeezing first). Squeeze here
+    too; a no-op for Triton versions that already do. Compiled kernels never take this path."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - a Triton without the interpreter module
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "squeezes_index", False):
+        return
+
+    def patch_lang_tensor(tensor, *args, **kwargs):
+        original(tensor, *args, **kwargs)
+        index = lambda self: int(self.handle.data.squeeze())
+        scope = args[0] if args else kwargs.get("scope")
+        if scope is None:  # older Triton patches the class without a scope to undo it
+            tensor.__index__ = index
+        else:
+            scope.set_attr(tensor, "__index__", index)
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _interpreter_index_fix()
+
+
 def _autotune(key: list[str], num_warps: list[int], num_stages: list[int], default: tuple[int, int],
               pre_hook=None, post_hook=None):
     """``@triton.autotune`` over num_warps × num_stages on a GPU. ``default`` (warps, stages), spill-free on
