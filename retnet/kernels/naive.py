@@ -309,25 +309,40 @@ def recurrent_retention(
     scale = check_inputs("recurrent_retention", q, k, v, log_decay, scale, initial_state, cu_seqlens)
     if update_state_inplace:
         check_inplace_state(q, k, v, initial_state, "recurrent_retention")
-        o, state = recurrent_retention(q, k, v, log_decay, scale, initial_state, True, cu_seqlens)
-        return o, initial_state.copy_(state)
     if cu_seqlens is not None:
+        if update_state_inplace:
+            o, state = recurrent_retention(q, k, v, log_decay, scale, initial_state, True, cu_seqlens)
+            return o, initial_state.copy_(state)
         return _varlen(
             recurrent_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    rows = batch * heads
     qf, kf, vf = q.float(), k.float(), v.float()
     decay = torch.exp(log_decay.float())[None, :, None, None]
-    state = (
-        torch.zeros(batch, heads, key_dim, v.shape[-1], device=q.device, dtype=torch.float32)
-        if initial_state is None
-        # A copy: with T=0 this is the final state, which must not be the caller's tensor (nor alias it).
-        else initial_state.to(torch.float32, copy=True)
-    )
+    # Decoding is bound by passes over the K×V states: decay and update them in place (one pass each, no
+    # materialised kᵀv) whenever autograd does not need the earlier ones, and never in the caller's tensor
+    # unless asked to (the first decay writes a new one).
+    tracked = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, initial_state))
+    if initial_state is None:
+        state, owned = torch.zeros(batch, heads, key_dim, value_dim, device=q.device, dtype=torch.float32), True
+    else:
+        state, owned = initial_state.float(), update_state_inplace
     outputs = []
     for t in range(length):
-        state = decay * state + kf[:, t, :, :, None] * vf[:, t, :, None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], state))
-    o = torch.stack(outputs, dim=1) if outputs else vf.new_zeros(batch, 0, heads, v.shape[-1])
+        state = state.mul_(decay) if owned and not tracked else state * decay
+        owned = True
+        flat = state.view(rows, key_dim, value_dim)
+        step_k, step_v = kf[:, t].reshape(rows, key_dim, 1), vf[:, t].reshape(rows, 1, value_dim)
+        flat = torch.baddbmm(flat, step_k, step_v) if tracked else flat.baddbmm_(step_k, step_v)
+        state = flat.view(batch, heads, key_dim, value_dim)
+        outputs.append(torch.bmm(qf[:, t].reshape(rows, 1, key_dim), flat).view(batch, heads, value_dim))
+    if not owned:  # T=0: the final state is the initial one, but must not be the caller's tensor (nor alias it)
+        state = initial_state.to(torch.float32, copy=True)
+    o = torch.stack(outputs, dim=1) if outputs else vf.new_zeros(batch, 0, heads, value_dim)
+    if update_state_inplace:
+        return (scale * o).to(v.dtype), initial_state  # updated in place above (state is a view of it)
     return (scale * o).to(v.dtype), (state if output_final_state else None)

@@ -224,3 +224,25 @@ def test_chunkwise_in_blocks_of_chunks_matches(kt, monkeypatch, bounds):
     kt.assert_close_scaled(ht, ref[1], TOL, "final state")
     for g in grads:
         kt.assert_close_scaled(grads[g], ref[2][g], TOL, f"d{g}")
+
+
+@pytest.mark.parametrize("T", [0, 1, 5])
+@pytest.mark.parametrize("grad", [False, True])
+def test_recurrent_leaves_the_callers_state_alone_and_matches_under_inference(kt, T, grad):
+    # The decode path updates its own state in place (no kᵀv materialised): never the caller's tensor, and
+    # with inputs that need gradients it stays out of place.
+    q, k, v, log_decay, h0 = kt.make_inputs(3, max(T, 1), 4, 16, 8, initial_state=True, seed=T)
+    q, k, v = q[:, :T], k[:, :T], v[:, :T]
+    before = h0.clone()
+    expected_o, expected_ht = naive.parallel_retention(q, k, v, log_decay, None, h0, True)
+    inputs = [x.detach().requires_grad_(grad) for x in (q, k, v, h0)]
+    o, ht = naive.recurrent_retention(*inputs[:3], log_decay, None, inputs[3], True)
+    assert torch.equal(h0, before) and ht.data_ptr() != h0.data_ptr()
+    kt.assert_close_scaled(o, expected_o, TOL, "o")
+    kt.assert_close_scaled(ht, expected_ht, TOL, "ht")
+    if grad and T:
+        (o.sum() + ht.sum()).backward()
+        assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in inputs)
+    with torch.inference_mode():
+        o_inf, ht_inf = naive.recurrent_retention(q, k, v, log_decay, None, h0, True)
+    assert torch.equal(o_inf, o.detach()) and torch.equal(ht_inf, ht.detach()) and torch.equal(h0, before)
