@@ -26,6 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,9 +102,25 @@ class RequestHandle:
         self.cancelled = True
 
     def emit(self, item) -> None:
+        emit_all([(self, item)])
+
+
+def emit_all(deliveries: list[tuple[RequestHandle, Any]]) -> None:
+    """Queue each ``(handle, item)`` on its handle's event loop, with one wake-up per loop: every
+    ``call_soon_threadsafe`` writes to the loop's self-pipe, which a decode step would otherwise do once per
+    running request (~50 µs each on CPU)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+    for handle, item in deliveries:
+        by_loop.setdefault(handle.loop, []).append((handle.queue, item))
+    for loop, items in by_loop.items():
         # RuntimeError: the event loop is closed, nobody is listening any more.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -557,8 +574,7 @@ class Engine:
                 self._finished(seq, None, row=i)
             handle = seq.group.handle
             per_handle.setdefault(id(handle), (handle, []))[1].append(output)
-        for handle, outputs in per_handle.values():
-            handle.emit(outputs)
+        emit_all(list(per_handle.values()))
         self.metrics.step.observe(time.perf_counter() - start)
 
     def _advance(self, seq: Sequence, row: int, sample) -> SeqOutput:

@@ -279,3 +279,26 @@ def test_default_max_tokens_never_exceeds_the_limit():
     assert ServeSettings(model="x", max_tokens_limit=100, default_max_tokens=50).default_max_tokens == 50
     with pytest.raises(ValueError, match=r"default_max_tokens must be <= max_tokens_limit \(100\); got 200"):
         ServeSettings(model="x", max_tokens_limit=100, default_max_tokens=200)
+
+
+def test_a_steps_outputs_reach_every_request_with_one_wake_up_of_the_loop():
+    # Each call_soon_threadsafe writes the loop's self-pipe: a decode step of 64 streams did it 64 times.
+    import asyncio
+
+    from retnet.serve.engine import RequestHandle, emit_all
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wake_ups = []
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: wake_ups.append(args) or original(*args)
+        handles = [RequestHandle(loop, 1) for _ in range(3)]
+        emit_all([(handle, [f"step1-{i}"]) for i, handle in enumerate(handles)])
+        emit_all([(handles[0], ["step2"])])
+        await asyncio.sleep(0)
+        received = [[handle.queue.get_nowait() for _ in range(handle.queue.qsize())] for handle in handles]
+        return len(wake_ups), received
+
+    wake_ups, received = asyncio.run(main())
+    assert wake_ups == 2
+    assert received == [[["step1-0"], ["step2"]], [["step1-1"]], [["step1-2"]]]
