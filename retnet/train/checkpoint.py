@@ -147,6 +147,7 @@ def save_checkpoint(root: Path, step: int, *, model: dict, optimizer: dict, trai
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
+    _checked[final.absolute()] = (_identity(final), True)  # hashed above, as it was written
     _prune(root, keep_last, step)
     return final
 
@@ -224,13 +225,53 @@ def supersede_after(root: Path, step: int) -> list[Path]:
 
 
 def _prune(root: Path, keep_last: int, step: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints up to ``step``, the one just saved. A newer ``step_*`` can only
-    be one that ``resume=auto`` skipped as invalid: counted in, it would push out the checkpoint just saved
-    (keep_last=1) and the good ones before it, and leave the run nothing to resume from. It stays until this
-    run reaches its step and moves it aside."""
-    steps = [p for p in list_checkpoints(root) if int(STEP_DIR.match(p.name).group(1)) <= step]
-    for old in steps[:-keep_last]:
-        shutil.rmtree(old)
+    """Keep the newest ``keep_last`` valid checkpoints up to ``step``, the one just saved, and remove those older
+    than them. An invalid one is not counted (it would push out a valid one that a resume needs); it stays
+    until it falls behind the ones kept. A newer ``step_*`` can only be one that ``resume=auto`` skipped as
+    invalid: it stays until this run reaches its step and moves it aside."""
+    kept = 0
+    for path in reversed(list_checkpoints(root)):
+        if int(STEP_DIR.match(path.name).group(1)) > step:
+            continue
+        if kept >= keep_last:
+            shutil.rmtree(path)
+            _checked.pop(path.absolute(), None)
+        elif _is_valid(path):
+            kept += 1
+
+
+# Whether each checkpoint verified, with the identity of its files when it was checked: pruning at every save
+# asks it of every kept checkpoint, and must not hash again tens of GB that this process wrote or verified. A
+# file replaced or written to since has another identity (inode, size or mtime) and is verified again.
+_checked: dict[Path, tuple[tuple, bool]] = {}
+
+
+def _identity(path: Path) -> tuple:
+    """(inode, size, mtime) of the manifest and each file; () when one is missing."""
+    stats = []
+    for name in (MANIFEST, *FILES):
+        try:
+            stat = (path / name).stat()
+        except OSError:
+            return ()
+        stats.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(stats)
+
+
+def _is_valid(path: Path) -> bool:
+    """``verify_checkpoint`` as a bool, answered from ``_checked`` while the files are unchanged."""
+    identity = _identity(path)
+    known = _checked.get(path.absolute())
+    if identity and known is not None and known[0] == identity:
+        return known[1]
+    try:
+        verify_checkpoint(path)
+        valid = True
+    except CheckpointError as error:
+        logger.warning("not counting an invalid checkpoint towards checkpoint.keep_last: %s", error)
+        valid = False
+    _checked[path.absolute()] = (identity, valid)
+    return valid
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -270,6 +311,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
             raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt: its size or sha256 does not match "
                                   f"{MANIFEST}")
+    _checked[path.absolute()] = (_identity(path), True)
     return manifest
 
 

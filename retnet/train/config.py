@@ -28,6 +28,8 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport (same API)
     import tomli as tomllib
 
 SCHEDULES = ("cosine", "linear", "constant")
+# retnet.tokenization.train_byte_level_bpe's floor: the 256 byte tokens and its two special tokens (EOS, pad)
+MIN_TRAINED_VOCAB = 258
 PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 
@@ -249,6 +251,46 @@ class JobConfig(_Section):
         if self.optim.warmup_steps > self.train.steps:
             _refuse("optim.warmup_steps", f"must be <= train.steps ({self.train.steps}): a longer warmup never "
                     f"reaches optim.lr (a shortened run needs a shorter warmup too)", self.optim.warmup_steps)
+        # Here rather than when the tokenizer is trained: that comes after the whole dataset has been read, and
+        # with a tokenizer given, the tokenizer sets the vocabulary and vocab_size is not used.
+        if self.data.tokenizer is None and self.model.vocab_size is not None \
+                and self.model.vocab_size < MIN_TRAINED_VOCAB:
+            _refuse("model.vocab_size", f"must be >= {MIN_TRAINED_VOCAB} (256 bytes + EOS + pad) for the byte-level "
+                    f"BPE trained when data.tokenizer is not given", self.model.vocab_size)
+
+
+def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused: bool) -> list[str]:
+    """The settings that define a run's token blocks and their order which differ between a checkpoint's
+    config (``saved``, a ``JobConfig.to_dict()``) and ``current``, as ``"data.seq_len: checkpoint 128, now
+    256"``. A checkpoint's data position counts blocks of that stream, so a resume with any of them changed
+    would go on in other data.
+
+    Free to change: everything else. ``train.steps`` (extending a run), logging, evaluation, checkpointing,
+    the batch sizes (the position counts blocks, not steps), the optimizer, ``data.cache_dir`` (a cache miss
+    rebuilds the same blocks) and ``data.document_boundaries`` (the blocks stay; how the model reads them is a
+    training choice, like the learning rate). ``data.streaming`` is left to the trainer, which refuses it from
+    the checkpoint's data state. Tokenizer settings count only where the resume cannot use the tokenizer
+    saved in its output_dir (``tokenizer_reused`` false); otherwise they are not read. Settings a checkpoint
+    from an older version does not hold are skipped."""
+    streaming = current.data.streaming
+    keys = ["data.dataset", "data.name", "data.split", "data.text_field", "data.max_documents", "data.seq_len"]
+    # A stream's validation split is its first val_documents documents; packed data holds out val_fraction of
+    # them and shuffles its blocks with train.seed. Each is ignored in the other mode.
+    keys += ["data.val_documents"] if streaming else ["data.val_fraction", "train.seed"]
+    if not tokenizer_reused:
+        keys.append("data.tokenizer")
+        if current.data.tokenizer is None:  # a BPE is trained: its size and sample decide the tokens
+            keys += ["data.tokenizer_train_chars", "model.vocab_size"]
+    changes = []
+    now = current.to_dict()
+    for key in keys:
+        section, name = key.split(".")
+        if name not in saved.get(section, {}):
+            continue
+        old, new = saved[section][name], now[section][name]
+        if old != new:
+            changes.append(f"{key}: checkpoint {old!r}, now {new!r}")
+    return changes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -411,5 +453,5 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
-    "TrainConfig", "build_config", "load_config", "parse_overrides", "preset_names",
+    "TrainConfig", "build_config", "data_changes", "load_config", "parse_overrides", "preset_names",
 ]

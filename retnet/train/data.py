@@ -94,7 +94,10 @@ def local_files(spec: str) -> list[Path] | None:
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
+        # Hidden files and directories below it (.ipynb_checkpoints/, .git/, .github/, editor swap files) hold
+        # copies of documents or files that are no data; the directory named may itself be hidden.
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise FileNotFoundError(f"data.dataset: directory {spec!r} holds no "
                                     f"{sorted(TEXT_SUFFIXES | set(BUILDERS))} files")

@@ -52,7 +52,7 @@ from retnet.train.checkpoint import (
     set_rng_state,
     supersede_after,
 )
-from retnet.train.config import ConfigError, JobConfig, OptimConfig
+from retnet.train.config import ConfigError, JobConfig, OptimConfig, data_changes
 from retnet.train.data import build_data, packed_segments, vocab_bound
 
 logger = logging.getLogger("retnet.train")
@@ -227,6 +227,9 @@ class Trainer:
         # configured one, and saves it for its own resumes.
         saved_tokenizer = self.output_dir / "tokenizer"
         reuse = self.resumed and (saved_tokenizer / "tokenizer_config.json").exists()
+        if resume_path is not None:
+            # Before the data is built: reading and tokenizing another dataset can take hours, only to be refused.
+            self._check_resume_data(resume_path, tokenizer_reused=reuse)
         if reuse and cfg.data.tokenizer and self.is_main:
             logger.info("resuming: using the tokenizer saved in %s (data.tokenizer is only read by a run that "
                         "starts)", saved_tokenizer)
@@ -457,13 +460,15 @@ class Trainer:
         barrier()
         self.last_saved_step = self.step
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        self._check_fits(path, state["model"])
-        trainer = state["trainer"]
+    def _check_resume_data(self, path: Path, *, tokenizer_reused: bool) -> None:
+        """ConfigError unless this run's data continues the checkpoint's: the same mode (packed or streamed),
+        a world size its stream positions hold for, and the same data-defining settings
+        (:func:`~retnet.train.config.data_changes`). Every rank reads the checkpoint, so each refuses alike."""
+        # rank 0 verified it in _resolve_resume; _load verifies it again before the state is used
+        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         ranks = trainer["ranks"]
         saved = str(ranks[0]["data"].get("kind") == "streaming").lower()
-        current = str(self.data.state_dict()["kind"] == "streaming").lower()
+        current = str(self.cfg.data.streaming).lower()
         if saved != current:
             # A packed position counts shuffled blocks of the token cache, a streamed one blocks read in file
             # order: neither means anything in the other mode, so there is no data position to resume from.
@@ -471,16 +476,28 @@ class Trainer:
                 f"checkpoint {str(path)!r} was written with data.streaming={saved} and this run has "
                 f"data.streaming={current}: its data position cannot resume the other mode; resume it with "
                 f"data.streaming={saved}, or start in another train.output_dir")
+        if len(ranks) != self.world_size and saved == "true":
+            # Each rank's position counts blocks of the part split_dataset_by_node gave it; under another split
+            # those counts skip or repeat data, and there is no exact mapping between splits.
+            raise ConfigError(
+                f"checkpoint {str(path)!r} was written by {len(ranks)} ranks on streamed data "
+                f"(data.streaming=true) and this run has world size {self.world_size}: each rank's stream "
+                f"position holds only for the split it was read with; resume it with {len(ranks)} ranks")
+        changes = data_changes(trainer.get("config", {}), self.cfg, tokenizer_reused=tokenizer_reused)
+        if changes:
+            raise ConfigError(
+                f"checkpoint {str(path)!r} was trained on other data: {'; '.join(changes)}. Its data position "
+                f"counts blocks of the token stream those settings made, so resuming would not continue that run. "
+                f"Restore the checkpoint's settings to resume it, or start a new run in another train.output_dir")
         if len(ranks) != self.world_size:
-            if ranks[0]["data"].get("kind") == "streaming":
-                # Each rank's position counts blocks of the part split_dataset_by_node gave it; under another
-                # split those counts skip or repeat data, and there is no exact mapping between splits.
-                raise ConfigError(
-                    f"checkpoint {str(path)!r} was written by {len(ranks)} ranks on streamed data "
-                    f"(data.streaming=true) and this run has world size {self.world_size}: each rank's stream "
-                    f"position holds only for the split it was read with; resume it with {len(ranks)} ranks")
             logger.warning("checkpoint was written by %d ranks, resuming with %d: data order is kept, RNG "
                            "streams are not (no exact replay)", len(ranks), self.world_size)
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self._check_fits(path, state["model"])
+        trainer = state["trainer"]
+        ranks = trainer["ranks"]
         self._set_full_state(state["model"], state["optimizer"])
         self.step = self.last_saved_step = int(trainer["step"])
         window = trainer.get("log_window", {})  # absent from checkpoints written before it was saved

@@ -164,3 +164,22 @@ def test_flops_count_every_projection_the_model_has(extra):
     heads, k_dim, v_dim, chunk = 2, config.head_dim, config.value_head_dim, min(config.chunk_size, 64)
     retention = 2 * heads * (4 * k_dim * v_dim + 2 * chunk * (k_dim + v_dim))
     assert flops_per_token(config, 64) == pytest.approx(6 * linear + 3 * retention)
+
+
+def test_a_vocabulary_too_small_for_the_trained_bpe_is_refused_by_name(tmp_path, capsys):
+    """Without data.tokenizer a byte-level BPE of model.vocab_size tokens is trained: it needs the 256 bytes and
+    its 2 special tokens. A smaller size was a bare ValueError traceback from the tokenizer trainer, after the
+    dataset had been read."""
+    from retnet.train.__main__ import EXIT_CONFIG, main
+
+    with pytest.raises(ConfigError, match=r"model\.vocab_size must be >= 258 .*data\.tokenizer.*got 257"):
+        load_config("tiny", ["--model.vocab_size=257"])
+    assert load_config("tiny", ["--model.vocab_size=258"]).model.vocab_size == 258
+    # with a tokenizer given, the tokenizer sets the model's vocabulary and vocab_size is not used
+    assert load_config("tiny", ["--model.vocab_size=100", "--data.tokenizer=tok"]).model.vocab_size == 100
+
+    out = tmp_path / "run"
+    assert main(["--config", "tiny", "--model.vocab_size=100", f"--train.output_dir={out}"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "model.vocab_size" in err and "100" in err and "Traceback" not in err
+    assert not out.exists()

@@ -395,3 +395,20 @@ def test_truncation_and_padding_saved_with_a_tokenizer_do_not_cut_documents(toke
     (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
     assert np.array_equal(encode_documents(load_tokenizer(tmp_path / "tok"), docs), plain)
     assert len(plain) > 20
+
+
+def test_a_directory_skips_hidden_files_and_directories(tmp_path):
+    """Notebook checkpoints, VCS and CI directories hold copies or unrelated files: read, they duplicate
+    documents (``.ipynb_checkpoints/a-checkpoint.txt``) or mix file kinds (``.github/README.md`` beside .txt)."""
+    root = tmp_path / ".corpora" / "docs"  # a hidden directory above the one named is not skipped
+    for name in ("a.txt", "sub/b.txt", ".ipynb_checkpoints/a-checkpoint.txt", "sub/.ipynb_checkpoints/b.txt",
+                 ".git/notes.txt", ".github/README.md", ".hidden.txt", "sub/.draft.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    assert [p.relative_to(root).as_posix() for p in local_files(str(root))] == ["a.txt", "sub/b.txt"]
+
+    only_hidden = tmp_path / "only-hidden"
+    (only_hidden / ".git").mkdir(parents=True)
+    (only_hidden / ".git" / "x.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        local_files(str(only_hidden))

@@ -264,6 +264,38 @@ def test_pruning_keeps_the_checkpoint_just_saved_under_a_newer_invalid_one(tmp_p
     assert len(list(tmp_path.glob("step_00000010.corrupt-*"))) == 1
 
 
+def test_pruning_counts_only_valid_checkpoints(tmp_path, monkeypatch):
+    """keep_last counts checkpoints that verify: an invalid step 3 (a file corrupted in place, same size) must
+    not take the place of the valid step 2, which would leave step 4 the only one to resume from. The invalid
+    one is left where it is until it falls out of the window, then removed with the older ones."""
+    state = dict(model={"w": torch.zeros(2)}, optimizer={}, trainer={})
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, **state, keep_last=3)
+    with open(tmp_path / "step_00000003" / "model.pt", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\xff\xfe\xfd")
+    # saved as by an earlier process: within the same clock tick as its write, the rewrite keeps its mtime
+    monkeypatch.setattr(ckpt_module, "_checked", {})
+    save_checkpoint(tmp_path, 4, **state, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003", "step_00000004"]
+    save_checkpoint(tmp_path, 5, **state, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
+
+
+def test_pruning_does_not_hash_checkpoints_again(tmp_path, monkeypatch):
+    """Checking validity at every save must not read back every kept checkpoint (tens of GB each at the paper
+    sizes): one written or verified by this process and unchanged since is known to be valid."""
+    state = dict(model={"w": torch.zeros(2)}, optimizer={}, trainer={})
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, **state, keep_last=3)
+    hashed = []
+    sha256 = ckpt_module._sha256
+    monkeypatch.setattr(ckpt_module, "_sha256", lambda path: hashed.append(path) or sha256(path))
+    save_checkpoint(tmp_path, 4, **state, keep_last=3)
+    assert len(hashed) == len(ckpt_module.FILES)  # the new checkpoint's own files, once, for its manifest
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003", "step_00000004"]
+
+
 def test_a_run_that_starts_over_a_run_without_checkpoints_starts_clean(micro, tmp_path, read_metrics):
     """An earlier run in the same output_dir died before its first checkpoint (here: its checkpoints removed).
     The new run starts from step 0 with the configuration it is given: its own tokenizer (not the one the
@@ -391,3 +423,78 @@ def test_the_evaluation_left_by_a_stop_is_not_logged_twice(micro, tmp_path, monk
     assert main(micro(stopped, **common)) == 0
     assert _records(stopped, read_metrics, "val") == _records(whole, read_metrics, "val")
     assert _records(stopped, read_metrics, "train") == _records(whole, read_metrics, "train")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Data settings: a resume continues the same token stream, or is refused
+# ----------------------------------------------------------------------------------------------------------
+def test_resuming_with_other_data_settings_is_refused_naming_each(micro, corpus, tmp_path, capsys):
+    """A checkpoint's data position counts blocks of the token stream its settings made: with another dataset,
+    block length, text field, validation split or shuffling seed it would point into other blocks, and the run
+    would silently stop being a continuation. Refused with each changed setting named, nothing written."""
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2)) == 0
+    root = out / "checkpoints"
+    before = _tree_digest(root)
+    moved = tmp_path / "elsewhere" / "docs.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(corpus, moved)
+    cases = [
+        (dict(data__seq_len=64), ["data.seq_len: checkpoint 32, now 64"]),
+        (dict(data__dataset=moved), [f"data.dataset: checkpoint {str(corpus)!r}, now {str(moved)!r}"]),
+        (dict(data__text_field="body"), ["data.text_field: checkpoint 'text', now 'body'"]),
+        (dict(data__val_fraction=0.2), ["data.val_fraction: checkpoint 0.1, now 0.2"]),
+        (dict(data__max_documents=100), ["data.max_documents: checkpoint 0, now 100"]),
+        (dict(train__seed=7), ["train.seed: checkpoint 1337, now 7"]),
+        (dict(data__seq_len=64, train__seed=7, train__resume=root / "step_00000002"),
+         ["data.seq_len: checkpoint 32, now 64", "train.seed: checkpoint 1337, now 7"]),
+    ]
+    for overrides, expected in cases:
+        assert main(micro(out, train__steps=4, **overrides)) == EXIT_CONFIG, overrides
+        err = capsys.readouterr().err
+        assert all(line in err for line in expected), err
+        assert "step_00000002" in err and "another train.output_dir" in err and "Traceback" not in err
+        assert _tree_digest(root) == before
+
+
+def test_resuming_with_settings_that_keep_the_data_is_allowed(micro, tokenizer_dir, tmp_path, read_metrics):
+    """What does not change the blocks or their order stays free on a resume: the steps (extending a run),
+    logging, evaluation, checkpointing, the batch split, the optimizer, the cache location, the streaming
+    split size of a packed run, and tokenizer settings while the run's saved tokenizer is the one it uses."""
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2)) == 0
+    copy = tmp_path / "tokenizer-copy"
+    shutil.copytree(tokenizer_dir, copy)
+    assert main(micro(out, train__steps=4, logging__log_interval=2, train__eval_interval=3, train__eval_blocks=4,
+                      checkpoint__interval=3, checkpoint__keep_last=1, train__micro_batch_size=1, optim__lr=1e-3,
+                      data__cache_dir=tmp_path / "other-cache", data__val_documents=50, data__tokenizer=copy,
+                      data__tokenizer_train_chars=1000, model__vocab_size=300)) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 4]
+
+
+def test_a_resume_without_its_saved_tokenizer_refuses_another_one(micro, tokenizer_dir, tmp_path, capsys):
+    """A resume tokenizes with the copy saved in output_dir; where that copy is gone it takes the configured
+    tokenizer, which must then be the one the checkpoint was trained with."""
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2)) == 0
+    shutil.rmtree(out / "tokenizer")
+    copy = tmp_path / "tokenizer-copy"
+    shutil.copytree(tokenizer_dir, copy)
+    assert main(micro(out, train__steps=4, data__tokenizer=copy)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"data.tokenizer: checkpoint {str(tokenizer_dir)!r}, now {str(copy)!r}" in err
+    assert main(micro(out, train__steps=4)) == 0
+
+
+def test_a_streamed_resume_refuses_another_validation_split(micro, tmp_path, capsys):
+    """A stream's validation split is its first data.val_documents documents, kept out of training: another
+    count changes what is trained on. data.val_fraction (packed runs) and the seed of the packed permutation
+    do not touch a stream."""
+    out = tmp_path / "run"
+    streamed = dict(data__streaming=True, data__val_documents=10)
+    assert main(micro(out, **streamed, train__steps=2)) == 0
+    before = _tree_digest(out / "checkpoints")
+    assert main(micro(out, **{**streamed, "data__val_documents": 20}, train__steps=4)) == EXIT_CONFIG
+    assert "data.val_documents: checkpoint 10, now 20" in capsys.readouterr().err
+    assert _tree_digest(out / "checkpoints") == before
+    assert main(micro(out, **streamed, data__val_fraction=0.2, train__seed=7, train__steps=3)) == 0
