@@ -10,7 +10,7 @@ import torch
 
 from retnet.serve.engine import EngineFailure
 from retnet.serve.sampling import SamplingParams
-from tests.serve.test_units import standalone_engine
+from tests.serve.test_units import cancel_late, standalone_engine
 
 pytestmark = pytest.mark.anyio
 
@@ -91,18 +91,6 @@ async def test_a_session_changes_only_with_a_finished_response_wherever_a_cancel
     # once, either finished ("length": the whole response generated, the session saved) or "abort" (the
     # session left exactly as it was, never half updated); and the request hears which, so a non-streaming
     # one whose client left can answer by what the engine did.
-    from retnet.serve.engine import RequestHandle
-
-    class LateCancel(RequestHandle):
-        @property
-        def cancelled(self):
-            self.looks += 1
-            return self.looks >= self.cancel_at
-
-        @cancelled.setter
-        def cancelled(self, value):
-            pass
-
     def run():
         with torch.inference_mode():
             while engine.waiting or engine.prefilling or engine.joining or engine.running:
@@ -118,7 +106,7 @@ async def test_a_session_changes_only_with_a_finished_response_wherever_a_cancel
             saved = engine.sessions.sessions["s"]
             before = (saved.cache, list(saved.pending), saved.tokens)
             handle = engine.submit([[9, 10, 11]], params, session_id="s")
-            handle.__class__, handle.looks, handle.cancel_at = LateCancel, 0, cancel_at
+            cancel_late(handle, cancel_at)
             run()
             await asyncio.sleep(0)
             ends = []

@@ -5,6 +5,7 @@ import torch
 
 from retnet.model import RetNetCache
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
+from retnet.serve.engine import RequestHandle
 from retnet.serve.sampling import RowSampler, SamplingParams, sample_step
 from retnet.serve.state_cache import PrefixCache, PrefixEntry, SessionBusy, SessionStore
 
@@ -195,6 +196,24 @@ def test_sessions_busy_ttl_and_count_bound():
     assert session is not None
 
 
+class LateCancel(RequestHandle):
+    """A request whose ``cancelled`` turns true at its ``cancel_at``-th look: a cancel from the event loop
+    landing at a chosen point of a scheduler iteration (see :func:`cancel_late`)."""
+
+    @property
+    def cancelled(self):
+        self.looks += 1
+        return self.looks >= self.cancel_at
+
+    @cancelled.setter
+    def cancelled(self, value):
+        pass
+
+
+def cancel_late(handle: RequestHandle, cancel_at: int) -> None:
+    handle.__class__, handle.looks, handle.cancel_at = LateCancel, 0, cancel_at
+
+
 def standalone_engine(model_dir):
     """An engine whose scheduler the test drives itself (no thread): ``engine._iteration()``."""
     from transformers import AutoTokenizer
@@ -214,22 +233,10 @@ def standalone_engine(model_dir):
 @pytest.mark.anyio
 async def test_a_cancel_landing_anywhere_in_an_iteration_frees_the_slot_once(model_dir):
     # The event loop cancels while the scheduler thread runs: wherever the flag turns on, one release.
-    from retnet.serve.engine import RequestHandle
-
-    class LateCancel(RequestHandle):
-        @property
-        def cancelled(self):
-            self.looks += 1
-            return self.looks >= self.cancel_at
-
-        @cancelled.setter
-        def cancelled(self, value):
-            pass
-
     engine = standalone_engine(model_dir)
     for cancel_at in range(1, 16):
         handle = engine.submit([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        handle.__class__, handle.looks, handle.cancel_at = LateCancel, 0, cancel_at
+        cancel_late(handle, cancel_at)
         with torch.inference_mode():
             while engine.waiting or engine.prefilling or engine.joining or engine.running:
                 engine._iteration()
@@ -285,7 +292,7 @@ def test_a_steps_outputs_reach_every_request_with_one_wake_up_of_the_loop():
     # Each call_soon_threadsafe writes the loop's self-pipe: a decode step of 64 streams did it 64 times.
     import asyncio
 
-    from retnet.serve.engine import RequestHandle, emit_all
+    from retnet.serve.engine import emit_all
 
     async def main():
         loop = asyncio.get_running_loop()
