@@ -16,6 +16,8 @@ from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+# The smallest vocabulary train_byte_level_bpe makes: the 256 byte tokens and the two special tokens.
+MIN_VOCAB_SIZE = 256 + 2
 # Used by the server when a tokenizer has no chat template of its own (documented in the README).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -28,8 +30,8 @@ DEFAULT_CHAT_TEMPLATE = (
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of at most ``vocab_size`` tokens (including the 256 bytes and the special
     tokens ``<|endoftext|>`` (EOS, id 0) and ``<|pad|>`` (id 1)) on ``texts``."""
-    if vocab_size < 258:
-        raise ValueError(f"vocab_size must be >= 258 (256 bytes + 2 special tokens); got {vocab_size}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (256 bytes + 2 special tokens); got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

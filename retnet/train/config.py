@@ -22,14 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from retnet.tokenization import MIN_VOCAB_SIZE
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 needs the tomli backport (same API)
     import tomli as tomllib
 
 SCHEDULES = ("cosine", "linear", "constant")
-# retnet.tokenization.train_byte_level_bpe's floor: the 256 byte tokens and its two special tokens (EOS, pad)
-MIN_TRAINED_VOCAB = 258
 PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 
@@ -254,8 +254,8 @@ class JobConfig(_Section):
         # Here rather than when the tokenizer is trained: that comes after the whole dataset has been read, and
         # with a tokenizer given, the tokenizer sets the vocabulary and vocab_size is not used.
         if self.data.tokenizer is None and self.model.vocab_size is not None \
-                and self.model.vocab_size < MIN_TRAINED_VOCAB:
-            _refuse("model.vocab_size", f"must be >= {MIN_TRAINED_VOCAB} (256 bytes + EOS + pad) for the byte-level "
+                and self.model.vocab_size < MIN_VOCAB_SIZE:
+            _refuse("model.vocab_size", f"must be >= {MIN_VOCAB_SIZE} (256 bytes + EOS + pad) for the byte-level "
                     f"BPE trained when data.tokenizer is not given", self.model.vocab_size)
 
 
