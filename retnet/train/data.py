@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import sysconfig
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +53,9 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 # Bumped when the cached format changes, or what a cache holds under the same key, so old caches are not misread.
 CACHE_VERSION = 2
 SPLIT_SEED = 20240601  # fixed: the held-out documents do not change with the training seed
+# A cache temp directory untouched this long was left by a killed writer. Not less: another node may be writing
+# one into the shared cache right now, and a large split is written only after all of it is encoded.
+ABANDONED_TEMP_SECONDS = 24 * 3600
 
 
 def default_cache_dir() -> Path:
@@ -133,11 +137,13 @@ def _hash(*parts: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def data_fingerprint(cfg: DataConfig, files: list[Path] | None) -> str:
-    """Changes when the files (path, size, mtime) or the selection/split settings change."""
+def data_fingerprint(cfg: DataConfig, files: list[Path] | None, hub_fingerprint: str | None = None) -> str:
+    """Changes when the files (path, size, mtime), the loaded hub dataset (``hub_fingerprint``) or the
+    selection/split settings change."""
     if files is not None and len(files) == 1 and saved_dataset_dir(files[0]):
         files = sorted(p for p in files[0].rglob("*") if p.is_file())
-    listing = None if files is None else [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    listing = (hub_fingerprint if files is None
+               else [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     settings = {k: getattr(cfg, k) for k in ("dataset", "name", "split", "text_field", "streaming",
                                                  "max_documents", "val_fraction", "val_documents")}
     return _hash(CACHE_VERSION, settings, listing)
@@ -211,13 +217,14 @@ def _check_texts(dataset: str, text_field: str, texts: list) -> None:
                           f"({bad!r:.80}); expected text (str)")
 
 
-def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> list[str]:
-    """All documents (non-streaming), in a deterministic order, at most ``max_documents``."""
+def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loaded=None) -> list[str]:
+    """All documents (non-streaming), in a deterministic order, at most ``max_documents``; from ``loaded``
+    (the ``datasets.Dataset`` already loaded) when given."""
     limit = cfg.max_documents or None
     if cfg.dataset == "stdlib":
         # empty files (many __init__.py) dropped as the other sources drop empty rows: each would be a lone EOS
         return [t for p in stdlib_files()[:limit] if (t := p.read_text(encoding="utf-8", errors="replace"))]
-    dataset = _hf_dataset(cfg, files, cache_dir, streaming=False)
+    dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
     _check_text_field(cfg, dataset.column_names)
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))
@@ -276,6 +283,34 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
             # another node's rank wrote the same cache first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write must not leave its half in the cache
+
+
+def _remove_abandoned_temp_dirs(cache_dir: Path) -> None:
+    """Delete the temp directories of cache writers that were killed (``_atomic_dir`` cleans up after any
+    failure it sees, not after SIGKILL or a lost node); recent ones may belong to a writer still running."""
+    now = time.time()
+    for tmp in [*cache_dir.glob(".tmp-tokens-*"), *cache_dir.glob(".tmp-tokenizer-*")]:
+        try:
+            if not tmp.is_dir():
+                continue
+            touched = max([tmp.stat().st_mtime, *(p.stat().st_mtime for p in tmp.iterdir())])
+        except OSError:  # its writer renamed or removed it meanwhile
+            continue
+        if now - touched > ABANDONED_TEMP_SECONDS:
+            logger.info("data: removing abandoned cache temp directory %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_hub(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: Callable[[], None]):
+    """The hub dataset (non-streaming), loaded by every rank: its fingerprint, which follows the revision of
+    its data files, is part of every cache key, so an updated dataset is not served the old one's tokens.
+    Local rank 0 downloads it first; the others then load it from the HF cache."""
+    loaded = _hf_dataset(cfg, None, cache_dir, streaming=False) if local_rank == 0 else None
+    barrier()
+    if loaded is None:
+        loaded = _hf_dataset(cfg, None, cache_dir, streaming=False)
+    # datasets' private attribute: the public API exposes no identity of the loaded data
+    return loaded, getattr(loaded, "_fingerprint", None)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_chars: int):
@@ -488,8 +523,13 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
     arrays), the others wait at ``barrier`` and then read them. ``tokenizer_dir`` overrides
     ``cfg.tokenizer`` (a resumed run reuses the tokenizer it saved)."""
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if local_rank == 0:
+        _remove_abandoned_temp_dirs(cache_dir)
     files = stdlib_files()[: cfg.max_documents or None] if cfg.dataset == "stdlib" else local_files(cfg.dataset)
-    fingerprint = data_fingerprint(cfg, files)
+    loaded, hub_fingerprint = None, None
+    if files is None and not cfg.streaming:
+        loaded, hub_fingerprint = _load_hub(cfg, cache_dir, local_rank, barrier)
+    fingerprint = data_fingerprint(cfg, files, hub_fingerprint)
     source = tokenizer_dir or (Path(cfg.tokenizer).expanduser() if cfg.tokenizer else None)
     if cfg.streaming:
         return _build_streaming(cfg, files, cache_dir, fingerprint, source, vocab_size=vocab_size,
@@ -503,7 +543,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         if local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
             logger.info("data: reading %s", cfg.dataset)
-            split = split_documents(load_documents(cfg, files, cache_dir), cfg.val_fraction)
+            split = split_documents(load_documents(cfg, files, cache_dir, loaded), cfg.val_fraction)
             logger.info("data: training a %d-token byte-level BPE on the training split", vocab_size)
             trained = train_tokenizer(split[0], vocab_size, cfg.tokenizer_train_chars)
             _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
@@ -518,7 +558,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         cache_dir.mkdir(parents=True, exist_ok=True)
         if split is None:
             logger.info("data: reading %s", cfg.dataset)
-            split = split_documents(load_documents(cfg, files, cache_dir), cfg.val_fraction)
+            split = split_documents(load_documents(cfg, files, cache_dir, loaded), cfg.val_fraction)
         train_docs, val_docs = split
         logger.info("data: tokenizing %d + %d documents", len(train_docs), len(val_docs))
 
@@ -562,7 +602,14 @@ def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, 
         val_texts = [e[cfg.text_field] for e in val_stream]
     _check_texts(cfg.dataset, cfg.text_field, val_texts)
     held_out = frozenset(val_texts)
-    train_stream = stream.filter(lambda example: example[cfg.text_field] not in held_out)
+
+    def training(example) -> bool:
+        text = example[cfg.text_field]
+        # checked before the lookup: a list or dict would fail in it as an "unhashable type" naming nothing
+        _check_texts(cfg.dataset, cfg.text_field, [text])
+        return text not in held_out
+
+    train_stream = stream.filter(training)
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
     if source is None and local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
         def sample() -> Iterator[str]:

@@ -412,3 +412,62 @@ def test_a_directory_skips_hidden_files_and_directories(tmp_path):
     (only_hidden / ".git" / "x.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="holds no"):
         local_files(str(only_hidden))
+
+
+def test_an_updated_hub_dataset_is_tokenized_again(tokenizer_dir, tmp_path, monkeypatch):
+    """A hub name stays the same when its data changes; the cache key must follow the loaded data."""
+    import datasets
+
+    old = [t.replace("document", "old document") for t in _DOCS]
+    current = {"text": old}
+    loads = []
+
+    def load_dataset(path, name=None, **kwargs):  # the hub, offline: whatever revision it holds now
+        assert path == "someone/corpus"
+        loads.append(path)
+        return datasets.Dataset.from_dict(current)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    config = DataConfig(dataset="someone/corpus", tokenizer=str(tokenizer_dir), seq_len=16, val_fraction=0.2,
+                        cache_dir=str(tmp_path))
+    first = build_data(config, **_BUILD)
+    again = build_data(config, **_BUILD)
+    assert np.array_equal(np.asarray(again.train), np.asarray(first.train))
+    assert len(list(tmp_path.glob("tokens-*"))) == 1
+    current["text"] = [t.replace("document", "new") for t in _DOCS]
+    updated = build_data(config, **_BUILD)
+    assert len(list(tmp_path.glob("tokens-*"))) == 2
+    decoded = updated.tokenizer.decode(np.asarray(updated.train).reshape(-1).tolist())
+    assert "new" in decoded and "old" not in decoded
+    assert len(loads) == 3  # once per build: the documents are not read a second time
+
+
+def test_abandoned_cache_temp_directories_are_removed(tokenizer_dir, tmp_path):
+    """A writer killed mid-tokenize leaves its temp directory; one as recent as another node's live writer
+    must stay."""
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    abandoned, live = cache / ".tmp-tokens-0123-7-deadbeef", cache / ".tmp-tokens-0123-8-cafef00d"
+    for tmp in (abandoned, live):
+        tmp.mkdir(parents=True)
+        (tmp / "train.bin").write_bytes(b"\0" * 8)
+    old = time.time() - 25 * 3600
+    for path in (abandoned / "train.bin", abandoned):
+        os.utime(path, (old, old))
+    path = _jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in _DOCS])
+    build_data(DataConfig(dataset=str(path), tokenizer=str(tokenizer_dir), seq_len=16, val_fraction=0.2,
+                          cache_dir=str(cache)), **_BUILD)
+    assert not abandoned.exists() and (live / "train.bin").exists()
+
+
+@pytest.mark.parametrize("value", [12345, ["a list of", "strings"], {"a": "dict"}])
+def test_streamed_text_values_after_the_validation_rows_are_refused_by_name(value, tokenizer_dir, tmp_path):
+    """The held-out filter looks each training text up in a set: a list would fail there as 'unhashable'."""
+    path = _jsonl(tmp_path / "docs.jsonl", [{"body": t} for t in _DOCS[:3]] + [{"body": value}] * 5)
+    config = DataConfig(dataset=str(path), text_field="body", tokenizer=str(tokenizer_dir), seq_len=16,
+                        streaming=True, val_documents=3, cache_dir=str(tmp_path / "cache"))
+    data = build_data(config, **_BUILD)
+    with pytest.raises(ConfigError, match=rf"data\.text_field 'body' of '{path}'.*{type(value).__name__}"):
+        data.micro_batches(1)
