@@ -50,10 +50,12 @@ class StopStrings:
         self.text += delta
         if not self.stops:
             return self._release(len(self.text))
-        hits = [p for p in (self.text.find(s, self.emitted) for s in self.stops) if p >= 0]
+        hits = [(p + len(s), p) for s in self.stops if (p := self.text.find(s, self.emitted)) >= 0]
         if hits:
+            # The stop that completes first (then the longest) is the one generation meets first; the
+            # earliest start would make the cut depend on how the tokens split the text.
             self.stopped = True
-            self.text = self.text[: min(hits)]
+            self.text = self.text[: min(hits)[1]]
             return self._release(len(self.text))
         return self._release(len(self.text) - self._held())
 

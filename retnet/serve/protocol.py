@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 
@@ -75,6 +75,23 @@ class SamplingFields(BaseModel):
             return {key: value for key, value in data.items() if value is not None}
         return data
 
+    # bool is an int subclass, and lax validation takes JSON true as 1: n, max_tokens, seed, temperature ...
+    # would silently become 1 where OpenAI answers 400. check_fields=False: some are the endpoints' own.
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty", "seed", "n", "best_of", "max_completion_tokens",
+                     "top_logprobs", mode="before", check_fields=False)
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any) -> Any:
+        return _refuse_bool_number(value)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _biases_are_not_booleans(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for bias in value.values():
+                _refuse_bool_number(bias)
+        return value
+
     model: str | None = None
     # 0 only for a completion with echo (score the prompt, generate nothing); serving refuses it otherwise.
     max_tokens: int | None = Field(None, ge=0)
@@ -103,6 +120,12 @@ class SamplingFields(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+def _refuse_bool_number(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
 def _refuse_bool(value: Any) -> Any:
     # bool is an int subclass, so lax int validation would take JSON true/false as token ids 1/0.
     if isinstance(value, bool):
@@ -124,6 +147,12 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+
+    # Chat's logprobs is a boolean; here it is a count, and true would silently ask for one alternative.
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_is_not_a_boolean(cls, value: Any) -> Any:
+        return _refuse_bool_number(value)
 
 
 class ContentPart(BaseModel):

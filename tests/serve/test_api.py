@@ -240,6 +240,12 @@ BAD_REQUESTS = [
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "x", "session_id": "bad id!"}, "session_id"),
     ({"prompt": "x", "seed": "abc"}, "seed"),
+    # bool is an int subclass: true is not n = 1, one alternative, or a bias of 1, as OpenAI answers too
+    ({"prompt": "x", "n": True}, "n"),
+    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "temperature": True}, "temperature"),
+    ({"prompt": "x", "logit_bias": {"5": True}}, "logit_bias"),
 ]
 
 
@@ -258,6 +264,7 @@ async def test_invalid_chat_and_malformed_bodies(client):
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 50}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": True}, "top_logprobs"),
     ]
     for body, param in cases:
         r = await client.post("/v1/chat/completions", json=body)

@@ -32,6 +32,19 @@ def test_earliest_of_several_stops_wins():
     assert feed(["yz", "b"], ["a", "bcxyz"]) == ("a", True)
 
 
+def test_the_stop_that_completes_first_wins_however_the_text_is_split():
+    # "bc" is complete at "abc", before "abcd" is: the cut must not depend on whether "abcd" came as one
+    # token or several.
+    for pieces in (["abcd"], ["a", "b", "c", "d"], ["ab", "cd"]):
+        s = StopStrings(["abcd", "bc"])
+        out = ""
+        for piece in pieces:
+            out += s.push(piece)
+            if s.stopped:
+                break
+        assert (out, s.stopped) == ("a", True), pieces
+
+
 def test_incremental_detokenizer_matches_full_decode(model_dir):
     from transformers import AutoTokenizer
 
