@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
+# A repetition penalty near 0 (the range allows any > 0) divides a logit past fp32's range: inf, then NaN from
+# softmax. Penalised logits stay within this, which even / GREEDY_BELOW_TEMPERATURE keeps finite.
+PENALISED_LOGIT_LIMIT = 1e30
 
 
 @dataclass(slots=True)
@@ -82,7 +85,8 @@ class RowSampler:
         if p.repetition_penalty != 1.0:
             seen = self.seen
             logits[seen] = torch.where(logits[seen] > 0, logits[seen] / p.repetition_penalty,
-                                       logits[seen] * p.repetition_penalty)
+                                       logits[seen] * p.repetition_penalty).clamp(-PENALISED_LOGIT_LIMIT,
+                                                                                  PENALISED_LOGIT_LIMIT)
         if p.presence_penalty or p.frequency_penalty:
             logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
         return logits

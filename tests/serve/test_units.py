@@ -1,5 +1,7 @@
 """The pieces without a server: stop strings, incremental detokenisation, the sampler, the state caches."""
 
+import math
+
 import pytest
 import torch
 
@@ -322,3 +324,14 @@ def test_a_steps_outputs_reach_every_request_with_one_wake_up_of_the_loop():
     wake_ups, received = asyncio.run(main())
     assert wake_ups == 2
     assert received == [[["step1-0"], ["step2"]], [["step1-1"]], [["step1-2"]]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-5, 1.0])
+def test_an_extreme_repetition_penalty_stays_finite(temperature):
+    # 5 / 1e-38 is past fp32's range: inf logits made softmax NaN (and the multinomial draw fail).
+    params = SamplingParams(repetition_penalty=1e-38, temperature=temperature, seed=0, logprobs=0)
+    row = RowSampler(params, prompt_ids=[3, 4], vocab_size=8)
+    logits = torch.tensor([[0.5, 1.0, 2.0, 5.0, -4.0, 0.0, 1.5, 0.1]])
+    sample = sample_step(logits, [row])
+    assert sample.tokens == [3]  # the seen positive logit, multiplied up
+    assert all(math.isfinite(value) for value in sample.logprobs)
