@@ -118,8 +118,8 @@ class RetNetCache:
         return rows
 
     def nbytes(self) -> int:
-        """Bytes held by the states: constant in the context length."""
-        return sum(s.numel() * s.element_size() for s in self.states if s is not None)
+        """Bytes this cache holds (states and offsets): constant in the context length."""
+        return sum(t.numel() * t.element_size() for t in (*self.states, self.offsets) if t is not None)
 
     def to(self, device: torch.device | str) -> RetNetCache:
         self.states = [None if s is None else s.to(device) for s in self.states]

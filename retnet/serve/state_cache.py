@@ -23,13 +23,10 @@ from retnet.model import RetNetCache
 
 
 def held_bytes(cache: RetNetCache | None, *tensors: torch.Tensor | None) -> int:
-    """Bytes of every tensor ``cache`` holds (states and offsets) plus ``tensors``: what keeping them costs.
-
-    ``RetNetCache.nbytes`` counts the states alone; a prefix entry also holds the ``[V]`` logits after it,
-    which for a small model's state and a large vocabulary can be several times the state.
-    """
-    held = [*(cache.states if cache is not None else ()), cache.offsets if cache is not None else None, *tensors]
-    return sum(t.numel() * t.element_size() for t in held if t is not None)
+    """Bytes of ``cache`` plus ``tensors``: what keeping them costs (a prefix entry also holds the ``[V]``
+    logits after it, which for a small model's state and a large vocabulary can be several times the state)."""
+    held = 0 if cache is None else cache.nbytes()
+    return held + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass(slots=True)
