@@ -146,6 +146,11 @@ class Group:
     cacheable: bool = True  # False when the state continues a session: its tokens are not a prompt prefix
     prompt_lp: list[TokenLogprob] = field(default_factory=list)
 
+    @property
+    def choice_indices(self) -> range:
+        """The response's choice indices this prompt's ``n`` choices take."""
+        return range(self.first_index, self.first_index + self.n)
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -308,7 +313,7 @@ class Engine:
         kept = deque()
         for group in self.waiting:
             if group.handle.cancelled:
-                self._finish_cancelled(group, range(group.first_index, group.first_index + group.n))
+                self._finish_cancelled(group, group.choice_indices)
             else:
                 kept.append(group)
         self.waiting = kept
@@ -359,7 +364,7 @@ class Engine:
                 break
             if group.handle.cancelled:
                 self.prefilling.remove(group)
-                self._finish_cancelled(group, range(group.first_index, group.first_index + group.n))
+                self._finish_cancelled(group, group.choice_indices)
                 continue
             if not group.started:
                 if self._awaits_shared_prefix(group):
