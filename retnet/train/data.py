@@ -482,7 +482,6 @@ class StreamingData:
                 text = example[self.text_field]
                 if not text:
                     continue
-                _check_texts(repr(self.stream), self.text_field, [text])
                 seen = True
                 buffer.extend([*self._encoder.encode(text, add_special_tokens=False).ids, eos])
                 while len(buffer) >= self.seq_len:
@@ -615,8 +614,7 @@ def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, 
         def sample() -> Iterator[str]:
             total = 0
             for example in train_stream:
-                text = example[cfg.text_field] or ""
-                _check_texts(cfg.dataset, cfg.text_field, [text])
+                text = example[cfg.text_field] or ""  # checked by the filter training() on the way
                 yield text
                 total += len(text)
                 if total >= cfg.tokenizer_train_chars:
