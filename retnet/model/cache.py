@@ -64,10 +64,17 @@ class RetNetCache:
         return 0 if self.offsets is None else self.offsets.shape[0]
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> RetNetCache:
-        """A new cache with rows ``indices`` (copies of those rows only; the original is unchanged)."""
+        """A new cache with rows ``indices`` (copies of those rows only; the original is unchanged); a boolean
+        mask of ``batch_size`` rows selects the rows where it is true."""
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:  # a cast to long would read True/False as the rows 1 and 0
+            if indices.shape != (self.batch_size,):
+                raise ValueError(f"select got a boolean mask of {indices.shape[0] if indices.dim() else 0} rows for "
+                                 f"a cache of {self.batch_size} rows")
+            indices = indices.nonzero().squeeze(-1)
         out = RetNetCache(len(self.states))
         out.states, out.offsets, out.seen_tokens = self.states, self.offsets, self.seen_tokens
-        out.reorder_cache(torch.as_tensor(indices, dtype=torch.long))  # index_select: new tensors
+        out.reorder_cache(indices.long())  # index_select: new tensors
         return out
 
     def clone(self) -> RetNetCache:

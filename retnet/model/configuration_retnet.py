@@ -199,14 +199,20 @@ class RetNetConfig(PretrainedConfig):
             refuse("xpos_scale_base", "must be a finite number > 0 with use_xpos (positions are divided by it)")
         if not self.initializer_range >= 0:
             refuse("initializer_range", "must be >= 0 (it is the init's standard deviation)")
-        if self.pad_token_id is not None and not -self.vocab_size <= self.pad_token_id < self.vocab_size:
-            refuse("pad_token_id", f"must be None or an id within vocab_size={self.vocab_size} (the embedding's "
-                   "padding row)")
+        # Not negative either: generate pads finished sequences with this id and embeds it, and a token id of -1
+        # is out of the embedding's range (though nn.Embedding takes -1 for its padding row).
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            refuse("pad_token_id", f"must be None or a token id in [0, vocab_size={self.vocab_size}) (the "
+                   "embedding's padding row)")
         if self.hidden_act_kwargs is not None and not isinstance(self.hidden_act_kwargs, (dict, list)):
             refuse("hidden_act_kwargs", "must be None, one dict of activation parameters or a list of one per layer")
         if isinstance(self.hidden_act, list) and len(self.hidden_act) != self.num_hidden_layers:
             refuse("hidden_act", f"as a list must have one name per layer (num_hidden_layers="
                    f"{self.num_hidden_layers}), but has {len(self.hidden_act)}")
+        # Checked here, not per layer below, so the refusal names this field rather than hidden_act.
+        if isinstance(self.hidden_act_kwargs, list) and not all(k is None or isinstance(k, dict)
+                                                                 for k in self.hidden_act_kwargs):
+            refuse("hidden_act_kwargs", "as a list must hold one dict of parameters (or null) per layer")
         if isinstance(self.hidden_act_kwargs, list) and len(self.hidden_act_kwargs) != self.num_hidden_layers:
             refuse("hidden_act_kwargs", f"as a list must have one dict per layer (num_hidden_layers="
                    f"{self.num_hidden_layers}), but has {len(self.hidden_act_kwargs)}")

@@ -493,16 +493,21 @@ class RetNetModel(RetNetPreTrainedModel):
         mode = retention_mode or self.config.retention_mode
         if cu_seqlens is not None:
             _check_packed(cu_seqlens, batch, attention_mask, cache)
+            # Offsets are often built on the host; the kernels take them only on the tokens' device.
+            cu_seqlens = cu_seqlens.to(hidden_states.device)
             if mode == "auto" and not kernels.use_triton(hidden_states):
                 # The reference runs a packed row sequence by sequence: pick the form for the longest one,
                 # once for all layers (it costs a host sync).
                 mode = resolve_retention_mode(mode, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()), hidden_states)
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # Checkpointed training makes no cache of its own (transformers turns use_cache off there), but one
+        # passed in holds the state to continue from. The layers never write it (the loop below does, once),
+        # so a replayed layer cannot update it twice.
         if use_cache and cache is None and not checkpointing:
             cache = RetNetCache(len(self.layers))
-        if checkpointing:
-            cache = None  # a checkpointed layer replays its forward; a cache would be written twice
+        if cache is not None:
+            _check_cache_fits(cache, len(self.layers), batch if cu_seqlens is None else None)
 
         token_mask = None
         if attention_mask is not None:
@@ -598,8 +603,10 @@ class RetNetModel(RetNetPreTrainedModel):
         span = xpos_span(self.config, growth)
         packed = packed_rows is not None or cu_seqlens is not None
         if packed and (custom_positions or length > span):
-            # A packed row runs in one frame per sequence: its positions must stay within one span of it.
-            low, high = (int(relative.min()), int(relative.max())) if length else (0, 0)
+            # A packed row runs in one frame per sequence: its positions must stay within one span of it. Only
+            # real tokens are packed, so padding's positions (generate gives them 0) do not count.
+            real = relative if packed_rows is None else relative.flatten()[packed_rows[0]]
+            low, high = (int(real.min()), int(real.max())) if real.numel() else (0, 0)
             if low < 0 or high >= span:
                 raise ValueError(
                     f"use_xpos: a packed or padded sequence reaches position {high if high >= span else low} from "
@@ -651,6 +658,19 @@ def _check_cache_and_outputs(cache, kwargs: dict) -> None:
         raise ValueError(
             "RetNet has no attention weights to output (retention is a decaying recurrence, not softmax "
             "attention); call it without output_attentions"
+        )
+
+
+def _check_cache_fits(cache: RetNetCache, num_layers: int, batch: int | None) -> None:
+    """A cache of another model or batch would fail deep in a layer (or, with fewer layers, silently leave
+    states out): refuse it naming both sizes. ``batch`` None: a packed row (``_check_packed`` checks it)."""
+    if len(cache) != num_layers:
+        raise ValueError(f"the cache has {len(cache)} layers, but the model has {num_layers}; pass a RetNetCache "
+                         "this model returned (or none)")
+    if batch is not None and cache.offsets is not None and cache.batch_size != batch:
+        raise ValueError(
+            f"the cache holds {cache.batch_size} rows, but the inputs are a batch of {batch}: each row continues "
+            "its own state (a beam search returns its beams' states; cache.select(rows) keeps some rows)"
         )
 
 
@@ -775,7 +795,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         seen = 0 if cache is None else cache.get_seq_length()
         model_inputs: dict = {}
-        if inputs_embeds is not None and seen == 0:
+        if inputs_embeds is not None and (seen == 0 or is_first_iteration):
             model_inputs["inputs_embeds"] = inputs_embeds
         else:
             if next_sequence_length:
@@ -804,15 +824,29 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         # Continuing a cache, `input_ids` is the whole sequence or only the new tokens; the attention mask (or,
         # when transformers dropped an all-ones one, the width it recorded) covers the whole sequence, so its
         # columns past the state's are the new tokens. Cut them here, once, before a chunked prefill splits them.
+        # The same holds for `inputs_embeds` (transformers passes the whole sequence's; the prefill embeds them).
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         seen = cache.get_seq_length() if isinstance(cache, RetNetCache) else 0
-        if seen and model_kwargs.get("inputs_embeds") is None:
+        if seen:
+            embeds = model_kwargs.get("inputs_embeds")
+            inputs = input_ids if embeds is None else embeds
             mask = model_kwargs.get("attention_mask")
             width = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
             if width is None or width < 0:
-                width = input_ids.shape[1]
-            new = min(max(width - seen, 0), input_ids.shape[1])
-            input_ids = input_ids[:, input_ids.shape[1] - new:]
+                width = inputs.shape[1]
+            new = min(max(width - seen, 0), inputs.shape[1])
+            if new == 0:  # the forward would get no tokens and fail on an empty logits row
+                raise ValueError(
+                    f"the cache has seen {seen} tokens, but the inputs (and attention_mask) cover only {width} "
+                    "columns, so none of them is new: pass the whole sequence (what the cache saw, then the new "
+                    "tokens), or only the new tokens with an attention_mask covering the whole sequence. generate "
+                    "feeds at least one token to get the next one's logits: a cache prefilled by hand should hold "
+                    "all but the prompt's last token"
+                )
+            if embeds is None:
+                input_ids = input_ids[:, input_ids.shape[1] - new:]
+            else:
+                model_kwargs["inputs_embeds"] = embeds[:, embeds.shape[1] - new:]
         return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):

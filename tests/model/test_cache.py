@@ -1,5 +1,6 @@
 """RetNetCache's bookkeeping: row selection, stacking and splitting, on hand-made states."""
 
+import pytest
 import torch
 
 from retnet.model import RetNetCache
@@ -32,3 +33,14 @@ def test_select_concat_split_and_reorder_keep_rows_and_offsets_together():
     cache.reorder_cache(torch.tensor([1, 1, 0, 3]))
     assert cache.offsets.tolist() == [4, 4, 3, 6]
     assert torch.equal(cache.states[1][0], cache.states[1][1])
+
+
+def test_select_takes_a_boolean_mask_as_a_mask():
+    # torch.as_tensor(mask, dtype=long) would read True/False as the row indices 1/0
+    cache = _filled(4)
+    for mask in ([False, True, True, False], torch.tensor([False, True, True, False])):
+        picked = cache.select(mask)
+        assert picked.offsets.tolist() == [4, 5]
+        assert torch.equal(picked.states[0], cache.states[0][1:3])
+    with pytest.raises(ValueError, match=r"mask of 2 rows.*4 rows"):
+        cache.select([True, False])

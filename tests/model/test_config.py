@@ -71,6 +71,8 @@ def test_linspace_schedule():
         (dict(use_xpos=True, xpos_scale_base=float("nan")), "xpos_scale_base"),
         (dict(initializer_range=-0.02), "initializer_range"),
         (dict(pad_token_id=10), "pad_token_id"),
+        # A negative id indexes the embedding from its end, but generate pads finished rows with it: IndexError.
+        (dict(pad_token_id=-1), r"pad_token_id.*-1"),
         # A string is truthy; only real bools (JSON true/false) are accepted for the switches.
         (dict(use_head_norm="no"), r"use_head_norm.*'no'"),
         (dict(use_xpos=1), r"use_xpos.*1"),
@@ -91,6 +93,7 @@ def test_linspace_schedule():
         (dict(hidden_act_kwargs="alpha=0.2"), r"hidden_act_kwargs.*'alpha=0.2'"),
         (dict(hidden_act_kwargs=""), r"hidden_act_kwargs.*''"),
         (dict(hidden_act_kwargs=3), r"hidden_act_kwargs.*3"),
+        (dict(hidden_act_kwargs=[{}, "beta=2"]), r"hidden_act_kwargs.*\[\{\}, 'beta=2'\]"),
         (dict(eos_token_id="x"), r"eos_token_id.*'x'"),
         (dict(eos_token_id=[1, "2"]), r"eos_token_id.*\[1, '2'\]"),
         (dict(eos_token_id=True), r"eos_token_id.*True"),

@@ -232,3 +232,50 @@ def test_trained_activation_parameters_survive_save_and_load(tmp_path, model_fac
     assert loaded.model.layers[1].mlp.act_fn.alpha.item() == pytest.approx(0.42)
     assert loaded.model.layers[0].mlp.act_fn.alpha.item() == pytest.approx(0.15)
     assert loaded.model.layers[0].mlp.act_fn.sigma.item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("reentrant", (True, False))
+def test_gradient_checkpointing_continues_a_given_cache(model_factory, reentrant):
+    # Training on from a carried state (truncated BPTT): checkpointing must not drop the cache's state.
+    prefix, ids = _ids(length=10, seed=4), _ids(length=7, seed=5)
+    plain, checkpointed = model_factory().train(), model_factory().train()
+    # transformers 5.2x renamed gradient_checkpointing_enable (and its kwargs argument); 5.17 has the old names
+    if hasattr(checkpointed, "activation_checkpointing_enable"):
+        checkpointed.activation_checkpointing_enable({"use_reentrant": reentrant})
+    else:
+        checkpointed.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    results = []
+    for model in (plain, checkpointed):
+        with torch.no_grad():
+            cache = model(prefix, use_cache=True).cache
+        out = model(ids, labels=ids, cache=cache, use_cache=True)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.cache))
+    (loss, cache), (checkpointed_loss, checkpointed_cache) = results
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=1e-6, atol=0)
+    assert checkpointed_cache is not None and checkpointed_cache.offsets.tolist() == [17, 17]
+    for got, want in zip(checkpointed_cache.states, cache.states):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@torch.no_grad()
+def test_a_cache_of_another_batch_or_depth_is_refused_by_name(tiny_model):
+    from retnet.model import RetNetCache
+    from retnet.model.modeling_retnet import CACHE_KWARG
+
+    three_rows = tiny_model(_ids(batch=3, length=5), use_cache=True).cache
+    for batch in (1, 2):
+        with pytest.raises(ValueError, match=rf"cache holds 3 rows.*batch of {batch}"):
+            tiny_model(_ids(batch=batch, length=4), cache=three_rows, use_cache=True)
+    for layers in (1, 5):
+        with pytest.raises(ValueError, match=rf"cache has {layers} layers.*2"):
+            tiny_model(_ids(batch=1, length=4), cache=RetNetCache(layers), use_cache=True)
+    # beam search returns its beams' states: continuing the best sequence alone from them is refused
+    out = tiny_model.generate(_ids(batch=1, length=7), num_beams=3, max_new_tokens=3, do_sample=False,
+                              eos_token_id=None, return_dict_in_generate=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    with pytest.raises(ValueError, match=r"cache holds 3 rows.*batch of 1"):
+        tiny_model.generate(out.sequences, **{CACHE_KWARG: cache}, max_new_tokens=2, do_sample=False,
+                            eos_token_id=None)

@@ -125,3 +125,51 @@ def test_an_all_ones_mask_is_no_mask(model):
     assert torch.equal(model(ids, attention_mask=ones).logits, model(ids).logits)
     assert torch.equal(model.generate(ids, attention_mask=ones, max_new_tokens=4, **GREEDY),
                        model.generate(ids, max_new_tokens=4, **GREEDY))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("whole", (True, False))
+def test_generate_from_inputs_embeds_continues_a_cache(model, whole):
+    ids, mask = _left_padded()
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+    cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1)
+    expected = model.generate(first.sequences, attention_mask=full_mask, max_new_tokens=5, **GREEDY)[:, -5:]
+    embeds = model.get_input_embeddings()(first.sequences)
+    # transformers' convention: the whole sequence's embeddings, or only the new ones with the whole mask
+    embeds = embeds if whole else embeds[:, cache.get_seq_length():]
+    out = model.generate(inputs_embeds=embeds, attention_mask=full_mask, **{CACHE_KWARG: cache}, max_new_tokens=5,
+                         **GREEDY)
+    assert torch.equal(out, expected)
+
+
+@torch.no_grad()
+def test_xpos_continuation_with_padding_in_the_new_tokens(model_factory):
+    # generate passes position_ids of 0 at padded positions; a padded chunk on top of a cache runs packed, and
+    # only its real tokens' positions may count against the packed xPos frame
+    model = model_factory(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, initializer_range=0.5,
+                          use_xpos=True)
+    ids, mask = _left_padded()
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+    cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+    extra = _prompt(5, seed=9)
+    extra_mask = torch.ones_like(extra)
+    extra_mask[1, :3] = 0
+    full = torch.cat([first.sequences, extra], 1)
+    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype), extra_mask], 1)
+    expected = model.generate(full, attention_mask=full_mask, max_new_tokens=5, **GREEDY)
+    continued = model.generate(full, attention_mask=full_mask, **{CACHE_KWARG: cache}, max_new_tokens=5, **GREEDY)
+    assert torch.equal(continued, expected)
+
+
+@torch.no_grad()
+def test_continuing_a_cache_from_inputs_it_has_already_seen_is_refused_clearly(model):
+    # Only the new tokens without the whole mask: transformers takes input_ids as the whole sequence, of which
+    # the cache has seen more than there is, so nothing would be fed to the model.
+    first = model.generate(_prompt(9), max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+    cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+    with pytest.raises(ValueError, match=r"seen 11 tokens.*4 columns.*whole sequence"):
+        model.generate(_prompt(4, seed=8), **{CACHE_KWARG: cache}, max_new_tokens=2, **GREEDY)
+    embeds = model.get_input_embeddings()(_prompt(4, seed=8))
+    with pytest.raises(ValueError, match=r"seen 11 tokens.*4 columns.*whole sequence"):
+        model.generate(inputs_embeds=embeds, **{CACHE_KWARG: cache}, max_new_tokens=2, **GREEDY)
