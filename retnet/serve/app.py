@@ -189,6 +189,8 @@ def _describe_validation(errors) -> tuple[str, str | None, str]:
         if first.get("type") == "missing":
             return "the request needs a JSON object body", None, "invalid_request"
         return f"the request body must be a JSON object: {first.get('msg')}", None, "invalid_request"
+    if first.get("type") == "invalid_unicode":  # its message names the place inside the field
+        return first.get("msg"), first["ctx"]["where"], "invalid_unicode"
     path = [part for part in loc if not _is_union_member(part)]
     # OpenAI's form: ``messages[0].role``, list indices in brackets.
     param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")

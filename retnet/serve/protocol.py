@@ -8,13 +8,24 @@ the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: `
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,6 +95,17 @@ class SamplingFields(BaseModel):
     def _numbers_are_not_booleans(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
 
+    # JSON may escape half of a surrogate pair ("\ud83d", a string cut inside an emoji): Python takes it, but
+    # it is no Unicode text, and the tokenizer (and the UTF-8 response) fail on it.
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        where = _lone_surrogate_at(value, info.field_name)
+        if where is not None:
+            raise PydanticCustomError("invalid_unicode", "{where}: a lone UTF-16 surrogate is not Unicode text (a "
+                                      "string cut inside a surrogate pair?)", {"where": where})
+        return value
+
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _biases_are_not_booleans(cls, value: Any) -> Any:
@@ -118,6 +140,29 @@ class SamplingFields(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def _lone_surrogate_at(value: Any, where: str) -> str | None:
+    """Where in ``value`` (a field's JSON, ``where`` its name) a string holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        return where if _SURROGATE.search(value) else None
+    if isinstance(value, list):
+        items = enumerate(value)
+        place = "{}[{}]"
+    elif isinstance(value, dict):
+        if any(isinstance(key, str) and _SURROGATE.search(key) for key in value):
+            return where
+        items = value.items()
+        place = "{}.{}"
+    else:
+        return None
+    for key, item in items:
+        # Type-checked here, not in a call per item: a prompt of token ids has 10^5 of them.
+        if isinstance(item, (str, list, dict)):
+            found = _lone_surrogate_at(item, place.format(where, key))
+            if found is not None:
+                return found
+    return None
 
 
 def _refuse_bool_number(value: Any) -> Any:

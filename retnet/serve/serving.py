@@ -93,7 +93,9 @@ class OpenAIServing:
             # OpenAI and vLLM take 0 only to echo (and score) the prompt: without echo there is nothing to return.
             raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (to return, and "
                            "score with logprobs, the prompt alone)", "max_tokens")
-        texts, prompts = self._completion_prompts(request.prompt)
+        # Off the event loop: a megabyte of prompt takes the tokenizer about a second, which every running
+        # stream would wait for.
+        texts, prompts = await asyncio.to_thread(self._completion_prompts, request.prompt)
         params = self._params(request, request.max_tokens, request.logprobs)
         params.prompt_logprobs = request.echo and request.logprobs is not None
         handle = self._submit(prompts, params, request)
@@ -161,8 +163,8 @@ class OpenAIServing:
                            f"{self.settings.max_prompt_tokens}", param, "context_length_exceeded")
         bad = [i for i in ids if i >= self.engine.vocab_size]
         if bad:
-            raise APIError(400, f"prompt: token id {bad[0]} is out of the vocabulary (size {self.engine.vocab_size})",
-                           "prompt", "invalid_token_id")
+            raise APIError(400, f"{param}: token id {bad[0]} is out of the vocabulary (size {self.engine.vocab_size})",
+                           param, "invalid_token_id")
         return ids
 
     async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle,
@@ -213,7 +215,7 @@ class OpenAIServing:
         max_tokens = getattr(request, name)
         if max_tokens == 0:
             raise APIError(400, f"{name} must be at least 1 (0 is accepted only by /v1/completions with echo)", name)
-        prompt, hint = self._chat_prompt(request)
+        prompt, hint = await asyncio.to_thread(self._chat_prompt, request)  # off the loop, as a completion's
         params = self._params(request, max_tokens, top if request.logprobs else None, name)
         handle = self._submit([prompt], params, request, [hint])
         if request.stream:
@@ -235,7 +237,8 @@ class OpenAIServing:
     def _chat_prompt(self, request: ChatCompletionRequest) -> tuple[list[int], int | None]:
         """Token ids of the templated conversation, and the offset where its last message starts (the
         history before it is a prefix worth caching) when the tokenisation agrees there."""
-        template = getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
+        template = None if getattr(self.tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in request.messages]
         try:
@@ -244,17 +247,18 @@ class OpenAIServing:
                     messages, tokenize=False, add_generation_prompt=request.add_generation_prompt,
                     chat_template=template)
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
-                hint = None
-                if len(messages) > 1:
-                    head = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False,
-                                                              add_generation_prompt=False, chat_template=template)
-                    head_ids = self.tokenizer.encode(head, add_special_tokens=False)
-                    if 0 < len(head_ids) < len(ids) and ids[: len(head_ids)] == head_ids:
-                        hint = len(head_ids)
-        except APIError:
-            raise
         except Exception as exc:  # a template that rejects these messages (roles out of order, ...)
             raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
+        hint = None
+        # The history alone is templated only to find a prefix worth caching; a template may refuse it on its
+        # own (Qwen3's wants a user message), which must not refuse the conversation.
+        with contextlib.suppress(Exception), self.tokenizer_lock:
+            if len(messages) > 1:
+                head = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False,
+                                                          add_generation_prompt=False, chat_template=template)
+                head_ids = self.tokenizer.encode(head, add_special_tokens=False)
+                if 0 < len(head_ids) < len(ids) and ids[: len(head_ids)] == head_ids:
+                    hint = len(head_ids)
         if not ids:
             raise APIError(400, "the templated conversation is empty", "messages", "empty_prompt")
         return self._check_ids(ids, "messages"), hint
@@ -514,7 +518,12 @@ def _add_completion_logprobs(target: CompletionLogprobs, entries, offset: int) -
     for entry in entries:
         target.tokens.append(entry.token)
         target.token_logprobs.append(entry.logprob)
-        target.top_logprobs.append({t.token: t.logprob for t in entry.top} if entry.logprob is not None else None)
+        top = None
+        if entry.logprob is not None:
+            # OpenAI's completions (and vLLM's) always hold the chosen token too: up to logprobs + 1 entries.
+            top = {t.token: t.logprob for t in entry.top}
+            top.setdefault(entry.token, entry.logprob)
+        target.top_logprobs.append(top)
         target.text_offset.append(offset)
         offset += characters_started(entry.token_bytes)
     return offset

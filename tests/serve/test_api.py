@@ -99,7 +99,7 @@ async def test_penalties_logprobs_echo_and_token_ids(client):
     prompt_len = len(choice["prompt_token_ids"])
     assert len(lp["tokens"]) == prompt_len + 5 and lp["token_logprobs"][0] is None
     assert all(v <= 0 for v in lp["token_logprobs"][1:])
-    assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    assert all(len(t) <= 3 for t in lp["top_logprobs"][1:])  # the top 2, and the chosen token if not among them
     assert len(choice["token_ids"]) == 5
     chat = (await client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2,
@@ -122,7 +122,7 @@ async def test_logprobs_report_the_true_bytes_of_tokens_that_split_a_character(c
     assert lp["text_offset"][starts[0]] == prompt.index("中")
     assert lp["text_offset"][starts[0] + 3] == prompt.index("中") + 1
     # Every alternative keeps its own key: byte tokens no longer all collapse into "\ufffd".
-    assert all(len(top) == 5 for top in lp["top_logprobs"][1:])
+    assert all(len(top) in (5, 6) for top in lp["top_logprobs"][1:])  # 6: the chosen token outside the top 5
     assert all("\ufffd" not in key for top in lp["top_logprobs"][1:] for key in top)
 
     chat = (await client.post("/v1/chat/completions", json={
@@ -791,3 +791,111 @@ async def test_a_request_without_max_tokens_is_served_under_a_lowered_limit(open
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
         r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **GREEDY})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
+
+
+async def test_a_lone_surrogate_in_the_text_is_400_naming_where_it_is(client):
+    # JSON can escape half of a surrogate pair ("\ud83d": a client's string cut inside an emoji). That is no
+    # Unicode text: the tokenizer cannot take it, and a prompt holding one was a 500.
+    cases = [
+        ("/v1/completions", '{"prompt": "hi \\ud83d", "max_tokens": 2}', "prompt"),
+        ("/v1/completions", '{"prompt": ["ok", "\\udc00 x"], "max_tokens": 2}', "prompt[1]"),
+        ("/v1/completions", '{"prompt": "hi", "stop": ["\\ud83d"], "max_tokens": 2}', "stop[0]"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud83d"}]}', "messages[0].content"),
+        ("/v1/chat/completions",
+         '{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfff"}]}]}',
+         "messages[0].content[0].text"),
+    ]
+    for path, body, param in cases:
+        r = await client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["code"] == "invalid_unicode", (body, error)
+        assert param in error["message"] and "surrogate" in error["message"]
+    # A whole pair, escaped as JSON allows, is the character it stands for.
+    r = await client.post("/v1/completions", content='{"prompt": "hi \\ud83d\\ude42", "max_tokens": 1}',
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+async def test_a_template_that_refuses_the_history_alone_still_serves_the_conversation(client):
+    # The messages before the last one are templated too, only to find a prefix state worth caching. A template
+    # may refuse them on their own (Qwen3's raises "No user query found" without a user message): that made a
+    # valid [system, user] conversation a 400 "the chat template rejected the messages".
+    from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
+
+    client.app.state.serving.tokenizer.chat_template = (
+        "{% set ns = namespace(user=false) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% set ns.user = true %}{% endif %}{% endfor %}"
+        "{% if not ns.user %}{{ raise_exception('No user query found in messages.') }}{% endif %}"
+        + DEFAULT_CHAT_TEMPLATE)
+    system = {"role": "system", "content": "Be brief."}
+    r = await client.post("/v1/chat/completions", json={"messages": [system, {"role": "user", "content": "hi"}],
+                                                        "max_tokens": 2, **GREEDY})
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/chat/completions", json={"messages": [system], "max_tokens": 2})
+    assert r.status_code == 400 and "No user query" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_tokenizing_a_prompt_leaves_the_event_loop_free(client, monkeypatch, path):
+    # A megabyte prompt takes the tokenizer about a second; encoded on the event loop, it stalled every other
+    # request and every running stream for that long.
+    import time
+
+    tokenizer = client.app.state.serving.tokenizer
+    encode = tokenizer.encode
+
+    def slow_encode(*args, **kwargs):
+        time.sleep(1.0)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+    body = {"prompt": "hi"} if path == "/v1/completions" else CHAT
+    start = time.monotonic()
+    slow = asyncio.create_task(client.post(path, json={**body, "max_tokens": 1}))
+    await asyncio.sleep(0.05)
+    assert (await client.get("/health")).status_code == 200
+    assert time.monotonic() - start < 0.6
+    assert (await slow).status_code == 200
+
+
+async def test_a_chat_whose_template_gives_ids_beyond_the_model_names_messages(client, monkeypatch):
+    # A tokenizer with tokens added after training (a chat template's markers) encodes ids the model does not
+    # have; on a chat request the error named `prompt`, a parameter the request does not have.
+    monkeypatch.setattr(client.app.state.engine, "vocab_size", 3)
+    r = await client.post("/v1/chat/completions", json=CHAT)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "invalid_token_id", r.text
+    assert error["param"] == "messages" and error["message"].startswith("messages:"), error
+
+
+async def test_a_tokenizer_with_several_named_chat_templates_uses_its_default(client):
+    # transformers keeps a tokenizer's named templates as a dict ({"default": ..., "tool_use": ...}); handed
+    # back as `chat_template=` that dict is no template, and every chat request was a 400.
+    tokenizer = client.app.state.serving.tokenizer
+    tokenizer.chat_template = {"default": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+                               "tool_use": "{{ raise_exception('not this one') }}"}
+    r = await client.post("/v1/chat/completions", json={**CHAT, "return_token_ids": True, **GREEDY})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["prompt_token_ids"] == tokenizer.encode("[hi]", add_special_tokens=False)
+
+
+async def test_completion_top_logprobs_always_hold_the_chosen_token(client):
+    # OpenAI's completions: "the API will always return the logprob of the sampled token, so there may be up to
+    # logprobs+1 elements" (vLLM does the same, echoed prompt tokens included). A sampled token outside the
+    # top k was missing, and logprobs: 0 gave {} everywhere.
+    for k in (0, 1):
+        req = {"prompt": "Hello world", "max_tokens": 24, "temperature": 2.0, "seed": 3, "ignore_eos": True,
+               "logprobs": k, "echo": True}
+        for stream in (False, True):
+            r = await client.post("/v1/completions", json={**req, "stream": stream})
+            if stream:
+                events = sse_events(r.text)
+                lp = {key: [v for e in events for v in e["choices"][0]["logprobs"][key]]
+                      for key in ("tokens", "token_logprobs", "top_logprobs")}
+            else:
+                lp = r.json()["choices"][0]["logprobs"]
+            assert lp["top_logprobs"][0] is None  # the first prompt token has no logprob
+            for token, value, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+                assert top[token] == value and k <= len(top) <= k + 1, (k, stream, token, top)
+            assert any(len(top) == k + 1 for top in lp["top_logprobs"][1:])  # some draw was outside the top k
