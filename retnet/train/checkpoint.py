@@ -4,9 +4,10 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_00000100`` holding
 
     model.pt       the full (unsharded) model state dict
     optimizer.pt   the full optimizer state dict (FQN-keyed under FSDP2)
-    trainer.pt     step, per-rank data positions and RNG states (python, numpy, torch, cuda), config, the
-                   losses and seconds of the steps since the last metrics record, and whether this step's
-                   evaluation is still to run (a stop signal skipped it)
+    trainer.pt     step, tokens trained on, per-rank data positions and RNG states (python, numpy, torch,
+                   cuda), config, the losses, seconds and tokens of the steps since the last metrics record,
+                   whether this step's evaluation is still to run (a stop signal skipped it), and the
+                   fingerprint of the hub data trained on (a resume reads the same)
     manifest.json  written last: step and the sha256 and size of each file above
 
 It is written into ``.tmp-step_…`` (each file fsynced), the manifest last, then renamed into place and the
@@ -104,7 +105,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Saved for every GPU the process saw; a resume on a machine with fewer (another world size) has only these.
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport (same API)
 SCHEDULES = ("cosine", "linear", "constant")
 PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
+_ANY_VOCAB_SIZE = 2**31 - 1  # a stand-in at load, large enough for any token id a tokenizer may hold
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,17 @@ class ModelConfig(_Section):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 _refuse(f"model.{name}", "must be > 0", value)
+        for key, instead in (("vocab_size", "model.vocab_size (the size of the BPE trained without data.tokenizer)"),
+                             ("eos_token_id", "nothing: the tokenizer sets it"),
+                             ("pad_token_id", "nothing: the tokenizer sets it")):
+            if key in self.extra:  # the trainer passes these itself: a second value is a TypeError there
+                raise ConfigError(f"model.extra.{key} cannot be set; use {instead}; got {self.extra[key]!r}")
+        # Checked here, not only when the trainer builds the model: that comes after the dataset has been read and
+        # tokenized. The vocabulary is the tokenizer's, known only then; token ids are checked against it there.
+        try:
+            RetNetConfig.from_preset(self.preset, **self.overrides(), vocab_size=_ANY_VOCAB_SIZE)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model: {error}") from None
 
     def overrides(self) -> dict[str, Any]:
         """The RetNetConfig keyword arguments this section sets on top of the preset."""
@@ -137,6 +149,9 @@ class DataConfig(_Section):
             _refuse("data.seq_len", "must be >= 2 (a block predicts its own next tokens)", self.seq_len)
         if not 0.0 < self.val_fraction < 0.5:
             _refuse("data.val_fraction", "must be in (0, 0.5)", self.val_fraction)
+        if self.streaming and self.val_documents == 0:
+            _refuse("data.val_documents", "must be > 0 with data.streaming (its first documents are the validation "
+                    "split)", self.val_documents)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -190,6 +205,9 @@ class TrainConfig(_Section):
             _refuse("train.output_dir", "must be a directory path", self.output_dir)
         _positive("train", self, "steps", "global_batch_size", "micro_batch_size", "eval_blocks")
         _positive("train", self, "eval_interval", allow_zero=True)
+        # numpy's SeedSequence (the block permutation) takes no negative seed, torch.manual_seed none of 2**64
+        if not 0 <= self.seed < 2**63:
+            _refuse("train.seed", "must be in [0, 2**63)", self.seed)
         if self.global_batch_size % self.micro_batch_size:
             _refuse("train.global_batch_size", f"must be a multiple of train.micro_batch_size "
                     f"({self.micro_batch_size})", self.global_batch_size)
@@ -253,7 +271,8 @@ class JobConfig(_Section):
                     f"reaches optim.lr (a shortened run needs a shorter warmup too)", self.optim.warmup_steps)
         # Here rather than when the tokenizer is trained: that comes after the whole dataset has been read, and
         # with a tokenizer given, the tokenizer sets the vocabulary and vocab_size is not used.
-        if self.data.tokenizer is None and self.model.vocab_size is not None \
+        # not data.tokenizer: "" is how a TOML file (which has no null) leaves it out, and the trainer reads it so
+        if not self.data.tokenizer and self.model.vocab_size is not None \
                 and self.model.vocab_size < MIN_VOCAB_SIZE:
             _refuse("model.vocab_size", f"must be >= {MIN_VOCAB_SIZE} (256 bytes + EOS + pad) for the byte-level "
                     f"BPE trained when data.tokenizer is not given", self.model.vocab_size)
@@ -279,7 +298,7 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
     keys += ["data.val_documents"] if streaming else ["data.val_fraction", "train.seed"]
     if not tokenizer_reused:
         keys.append("data.tokenizer")
-        if current.data.tokenizer is None:  # a BPE is trained: its size and sample decide the tokens
+        if not current.data.tokenizer:  # a BPE is trained (also for ""): its size and sample decide the tokens
             keys += ["data.tokenizer_train_chars", "model.vocab_size"]
     changes = []
     now = current.to_dict()
@@ -290,6 +309,36 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
         old, new = saved[section][name], now[section][name]
         if old != new:
             changes.append(f"{key}: checkpoint {old!r}, now {new!r}")
+    return changes
+
+
+# How the model is computed or regularized, or only initialized, not what its weights compute: free on a resume.
+FREE_MODEL_FIELDS = frozenset({"dropout", "chunk_size", "retention_mode", "use_cache", "initializer_range"})
+# Set from the tokenizer: data_changes and the tokenizer a resume keeps cover them.
+_TOKENIZER_FIELDS = frozenset({"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"})
+
+
+def model_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
+    """The RetNetConfig fields that differ between the model of a checkpoint's config (``saved``, a
+    ``JobConfig.to_dict()``) and ``current``'s, as ``"model.extra.rope_theta: checkpoint 10000.0, now 500.0"``.
+    The trainer checks the shapes on the model; these change what the same weights compute, so a resume would
+    train another model. ``FREE_MODEL_FIELDS`` may change. A checkpoint of a version whose model section no
+    longer loads is not compared."""
+    from retnet.model import RetNetConfig
+
+    try:
+        old = ModelConfig(**saved["model"])
+    except (KeyError, TypeError, ConfigError):
+        return []
+    resolved = [RetNetConfig.from_preset(m.preset, **m.overrides(), vocab_size=_ANY_VOCAB_SIZE).to_dict()
+                for m in (old, current.model)]
+    fixed = {f.name for f in dataclasses.fields(ModelConfig)}
+    changes = []
+    for name in RetNetConfig.__annotations__:
+        if name in FREE_MODEL_FIELDS | _TOKENIZER_FIELDS or resolved[0].get(name) == resolved[1].get(name):
+            continue
+        key = f"model.{name}" if name in fixed else f"model.extra.{name}"
+        changes.append(f"{key}: checkpoint {resolved[0].get(name)!r}, now {resolved[1].get(name)!r}")
     return changes
 
 
@@ -453,5 +502,5 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
-    "TrainConfig", "build_config", "data_changes", "load_config", "parse_overrides", "preset_names",
+    "TrainConfig", "build_config", "data_changes", "load_config", "model_changes", "parse_overrides", "preset_names",
 ]

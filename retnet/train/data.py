@@ -152,7 +152,7 @@ def data_fingerprint(cfg: DataConfig, files: list[Path] | None, hub_fingerprint:
 # ----------------------------------------------------------------------------------------------------------
 # Documents
 # ----------------------------------------------------------------------------------------------------------
-def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, streaming: bool):
+def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, streaming: bool, world_size: int = 1):
     import datasets
 
     if files is None:  # a hub name
@@ -160,16 +160,34 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
             return datasets.load_dataset(cfg.dataset, cfg.name, split=cfg.split, streaming=streaming,
                                          cache_dir=str(cache_dir / "hf"))
         except Exception as error:  # offline, unknown name, private ...
-            raise ConfigError(f"data.dataset {cfg.dataset!r} is no local path and could not be loaded from the "
-                              f"hub: {type(error).__name__}: {error}") from None
+            raise _hub_error(cfg, error) from None
     if saved_dataset_dir(files[0]):
-        return _load_saved(cfg, files[0], streaming)
+        return _load_saved(cfg, files[0], streaming, world_size)
     kind = _kind(files[0])
     # invalid UTF-8 becomes U+FFFD, as in the stdlib corpus, not an error that names no file
     options = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
     with _reading(cfg.dataset, cfg.text_field):
         return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=streaming,
                                      cache_dir=str(cache_dir / "hf"), **options)
+
+
+def _hub_error(cfg: DataConfig, error: Exception) -> ConfigError:
+    return ConfigError(f"data.dataset {cfg.dataset!r} is no local path and could not be loaded from the hub: "
+                       f"{type(error).__name__}: {error}")
+
+
+def _hub_stream(cfg: DataConfig, cache_dir: Path):
+    """(stream, fingerprint) of a hub dataset: ``load_dataset(streaming=True)`` is these two calls, and the
+    builder tells what is streamed. An IterableDataset has no fingerprint; the builder's config id and hash
+    cover its data files, resolved at the hub commit, as the fingerprint of a non-streamed load does."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(cfg.dataset, cfg.name, cache_dir=str(cache_dir / "hf"))
+        stream = builder.as_streaming_dataset(split=cfg.split)
+    except Exception as error:
+        raise _hub_error(cfg, error) from None
+    return stream, _hash(builder.config_id, str(builder.config.version), builder.hash)
 
 
 @contextlib.contextmanager
@@ -188,7 +206,7 @@ def _reading(dataset: str, text_field: str) -> Iterator[None]:
                           f"data.text_field {text_field!r} in every file, as text, and the same columns") from error
 
 
-def _load_saved(cfg: DataConfig, path: Path, streaming: bool):
+def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 1):
     """A ``save_to_disk`` directory: a Dataset, or a DatasetDict from which ``data.split`` is taken."""
     import datasets
 
@@ -198,8 +216,9 @@ def _load_saved(cfg: DataConfig, path: Path, streaming: bool):
         if cfg.split not in loaded:
             raise ConfigError(f"data.split {cfg.split!r} is not a split of {str(path)!r}; splits: {sorted(loaded)}")
         loaded = loaded[cfg.split]
-    # one shard per CPU at most, so split_dataset_by_node can still give every rank whole shards
-    return loaded.to_iterable_dataset(num_shards=min(len(loaded), os.cpu_count() or 1)) if streaming else loaded
+    # One shard per rank: split_dataset_by_node gives each a whole one. Not one per CPU: ranks on machines with
+    # other counts would read overlapping parts, and a resume elsewhere would skip blocks of other documents.
+    return loaded.to_iterable_dataset(num_shards=min(len(loaded), world_size)) if streaming else loaded
 
 
 def _check_text_field(cfg: DataConfig, columns: list[str] | None) -> None:
@@ -254,9 +273,18 @@ def load_tokenizer(path: str | Path):
     """A transformers tokenizer from a local directory; it must have an EOS token."""
     from transformers import AutoTokenizer
 
-    if not Path(path).expanduser().exists():
+    local = Path(path).expanduser()
+    if not local.exists():
         raise FileNotFoundError(f"data.tokenizer: no such tokenizer directory: {str(path)!r}")
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()))
+    # A file (its tokenizer.json) would go to the hub as a model name: retries offline, then some other error.
+    if not local.is_dir():
+        raise ConfigError(f"data.tokenizer {str(path)!r} is not a directory; give the directory that holds its "
+                          f"tokenizer.json (a save_pretrained directory)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"data.tokenizer {str(path)!r} could not be loaded as a tokenizer: "
+                          f"{type(error).__name__}: {str(error).strip()[:300]}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"data.tokenizer {str(path)!r} has no EOS token; documents are separated by EOS")
     return tokenizer
@@ -399,6 +427,7 @@ class PackedData:
         self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
         self.rank, self.world_size = rank, world_size
         self.consumed = 0  # global blocks consumed: the data position
+        self.hub_fingerprint: str | None = None  # of a hub dataset: a checkpoint keeps it for its resume
         self._perm_epoch, self._perm = -1, None
 
     @property
@@ -469,6 +498,7 @@ class StreamingData:
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
         self.position = 0  # blocks this rank has consumed
+        self.hub_fingerprint: str | None = None  # of a hub dataset: a checkpoint keeps it for its resume
         self.train_tokens = None
         self._encoder = document_encoder(tokenizer)
         self._iterator: Iterator[np.ndarray] | None = None
@@ -517,23 +547,48 @@ class StreamingData:
 # Building
 # ----------------------------------------------------------------------------------------------------------
 def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int, global_batch: int, rank: int,
-               local_rank: int, world_size: int, tokenizer_dir: Path | None, barrier: Callable[[], None]):
+               local_rank: int, world_size: int, tokenizer_dir: Path | None, barrier: Callable[[], None],
+               hub_fingerprint: str | None = None):
     """The training data for this rank. Local rank 0 of each node prepares the caches (tokenizer, token
     arrays), the others wait at ``barrier`` and then read them. ``tokenizer_dir`` overrides
-    ``cfg.tokenizer`` (a resumed run reuses the tokenizer it saved)."""
+    ``cfg.tokenizer`` (a resumed run reuses the tokenizer it saved). ``hub_fingerprint``: that of the hub data
+    a resumed run's checkpoint was trained on (the data's ``hub_fingerprint``), so the resume reads the same
+    data or is refused, and finds its caches without loading the set."""
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if local_rank == 0:
         _remove_abandoned_temp_dirs(cache_dir)
     files = stdlib_files()[: cfg.max_documents or None] if cfg.dataset == "stdlib" else local_files(cfg.dataset)
-    loaded, hub_fingerprint = None, None
-    if files is None and not cfg.streaming:
+    expected, loaded, stream = hub_fingerprint, None, None
+    if cfg.streaming:
+        if cfg.dataset == "stdlib":
+            raise ConfigError("data.streaming is for large local/hub datasets; the stdlib corpus is not streamed")
+        if files is None:
+            stream, hub_fingerprint = _hub_stream(cfg, cache_dir)
+        else:
+            stream, hub_fingerprint = _hf_dataset(cfg, files, cache_dir, streaming=True, world_size=world_size), None
+    elif files is None and expected is None:
         loaded, hub_fingerprint = _load_hub(cfg, cache_dir, local_rank, barrier)
+    # A resume knows what it was trained on: with its caches present, it needs no copy of the hub set (offline,
+    # the HF cache cleared), and the set is loaded below only to rebuild them.
+    if files is None and expected is not None and hub_fingerprint != expected:
+        raise _hub_changed(cfg)
     fingerprint = data_fingerprint(cfg, files, hub_fingerprint)
     source = tokenizer_dir or (Path(cfg.tokenizer).expanduser() if cfg.tokenizer else None)
     if cfg.streaming:
-        return _build_streaming(cfg, files, cache_dir, fingerprint, source, vocab_size=vocab_size,
+        data = _build_streaming(cfg, stream, cache_dir, fingerprint, source, vocab_size=vocab_size,
                                 micro_batch=micro_batch, rank=rank, local_rank=local_rank,
                                 world_size=world_size, barrier=barrier)
+        data.hub_fingerprint = hub_fingerprint
+        return data
+
+    def documents() -> tuple[list[str], list[str]]:
+        nonlocal loaded
+        logger.info("data: reading %s", cfg.dataset)
+        if files is None and loaded is None:
+            loaded = _hf_dataset(cfg, None, cache_dir, streaming=False)
+            if getattr(loaded, "_fingerprint", None) != hub_fingerprint:
+                raise _hub_changed(cfg)
+        return split_documents(load_documents(cfg, files, cache_dir, loaded), cfg.val_fraction)
 
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
     tokenizer = load_tokenizer(source) if source is not None else None
@@ -541,8 +596,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
     if tokenizer is None:
         if local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
-            logger.info("data: reading %s", cfg.dataset)
-            split = split_documents(load_documents(cfg, files, cache_dir, loaded), cfg.val_fraction)
+            split = documents()
             logger.info("data: training a %d-token byte-level BPE on the training split", vocab_size)
             trained = train_tokenizer(split[0], vocab_size, cfg.tokenizer_train_chars)
             _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
@@ -556,8 +610,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
     if local_rank == 0 and not (token_cache / "meta.json").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         if split is None:
-            logger.info("data: reading %s", cfg.dataset)
-            split = split_documents(load_documents(cfg, files, cache_dir, loaded), cfg.val_fraction)
+            split = documents()
         train_docs, val_docs = split
         logger.info("data: tokenizing %d + %d documents", len(train_docs), len(val_docs))
 
@@ -580,21 +633,34 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
                         if info["rows"] else np.zeros(shape, dtype=info["dtype"]))
     logger.info("data: %d train blocks, %d val blocks of %d tokens (cache %s)", len(arrays["train"]),
                 len(arrays["val"]), cfg.seq_len, token_cache)
-    return PackedData(arrays["train"], arrays["val"], tokenizer, seed=seed, micro_batch=micro_batch,
+    data = PackedData(arrays["train"], arrays["val"], tokenizer, seed=seed, micro_batch=micro_batch,
                       global_batch=global_batch, rank=rank, world_size=world_size)
+    data.hub_fingerprint = hub_fingerprint
+    return data
 
 
-def _build_streaming(cfg, files, cache_dir, fingerprint, source, *, vocab_size, micro_batch, rank, local_rank,
+def _hub_changed(cfg: DataConfig) -> ConfigError:
+    return ConfigError(
+        f"data.dataset {cfg.dataset!r} now holds other data than the checkpoint was trained on (a new revision on "
+        f"the hub?){'' if cfg.streaming else ', and the token cache of that data is gone'}: the checkpoint's data "
+        f"position would point into other blocks. Restore that data (or data.cache_dir), or start a new run in "
+        f"another train.output_dir")
+
+
+def _build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, micro_batch, rank, local_rank,
                      world_size, barrier):
-    if cfg.dataset == "stdlib":
-        raise ConfigError("data.streaming is for large local/hub datasets; the stdlib corpus is not streamed")
-    stream = _hf_dataset(cfg, files, cache_dir, streaming=True)
     with _reading(cfg.dataset, cfg.text_field):  # a stream reads its files from here on, lazily
         columns = stream.column_names
     _check_text_field(cfg, columns)
     if cfg.max_documents:
-        stream = stream.take(cfg.max_documents)
-    val_stream = stream.take(cfg.val_documents or 1)
+        # One shard, read whole by every rank, which keeps every world_size-th document: split_dataset_by_node
+        # would split the taken documents between the ranks' own whole shards, each rank taking max_documents /
+        # world_size of its own files, not its part of the first max_documents.
+        import datasets
+
+        limited = stream.take(cfg.max_documents)
+        stream = datasets.IterableDataset.from_generator(lambda: iter(limited))
+    val_stream = stream.take(cfg.val_documents)
     # Not stream.skip(n): when split_dataset_by_node hands each rank whole shards, datasets splits the n skipped
     # documents between the ranks' own shards, so rank 0 would train on part of the validation split.
     with _reading(cfg.dataset, cfg.text_field):

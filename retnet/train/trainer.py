@@ -22,6 +22,7 @@ global batch.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ from retnet.train.checkpoint import (
     set_rng_state,
     supersede_after,
 )
-from retnet.train.config import ConfigError, JobConfig, OptimConfig, data_changes
+from retnet.train.config import ConfigError, JobConfig, OptimConfig, data_changes, model_changes
 from retnet.train.data import build_data, packed_segments, vocab_bound
 
 logger = logging.getLogger("retnet.train")
@@ -164,6 +165,8 @@ def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
     if "RANK" in os.environ and world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 **({"device_id": device} if device.type == "cuda" else {}))
+        global _wait_group
+        _wait_group = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
     return rank, local_rank, world_size, device
 
 
@@ -171,9 +174,19 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+# The ranks wait here while local rank 0 downloads and tokenizes the dataset (hours for a large one) and rank 0
+# writes a checkpoint or the export: longer than the default group's timeout (10 minutes for NCCL). A group of its
+# own, so the training collectives keep their timeout and a rank that hangs in one is still reported.
+WAIT_TIMEOUT = datetime.timedelta(days=2)
+_wait_group: tuple[Any, Any] | None = None  # (the default group it belongs with, the group)
+
+
 def barrier() -> None:
+    """Wait for every rank, for up to WAIT_TIMEOUT."""
     if _distributed():
-        dist.barrier()
+        # the default group where the process group was made elsewhere (not by init_distributed)
+        mine = _wait_group is not None and _wait_group[0] is dist.group.WORLD
+        dist.barrier(group=_wait_group[1] if mine else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,6 +211,8 @@ class Trainer:
         # them, so a resumed run's next record averages the same steps as that of a run never stopped.
         self.window_losses: list[float] = []
         self.window_seconds = 0.0
+        # Counted, not step × global batch: a resume may change the batch (and so the tokens of a step).
+        self.tokens = self.window_tokens = 0
         # The evaluation a stop left undone at its step (a preemption's grace period is for the checkpoint);
         # checkpoints carry it, and the resumed run evaluates that step before its first step.
         self.pending_eval = False
@@ -227,9 +242,10 @@ class Trainer:
         # configured one, and saves it for its own resumes.
         saved_tokenizer = self.output_dir / "tokenizer"
         reuse = self.resumed and (saved_tokenizer / "tokenizer_config.json").exists()
+        hub_fingerprint = None
         if resume_path is not None:
             # Before the data is built: reading and tokenizing another dataset can take hours, only to be refused.
-            self._check_resume_data(resume_path, tokenizer_reused=reuse)
+            hub_fingerprint = self._check_resume_data(resume_path, tokenizer_reused=reuse)
         if reuse and cfg.data.tokenizer and self.is_main:
             logger.info("resuming: using the tokenizer saved in %s (data.tokenizer is only read by a run that "
                         "starts)", saved_tokenizer)
@@ -238,7 +254,7 @@ class Trainer:
             cfg.data, vocab_size=cfg.model.vocab_size or preset_vocab, seed=cfg.train.seed,
             micro_batch=cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size, rank=self.rank,
             local_rank=self.local_rank, world_size=self.world_size,
-            tokenizer_dir=saved_tokenizer if reuse else None, barrier=barrier,
+            tokenizer_dir=saved_tokenizer if reuse else None, barrier=barrier, hub_fingerprint=hub_fingerprint,
         )
         self.tokenizer = self.data.tokenizer
         if self.is_main and not reuse:
@@ -331,6 +347,7 @@ class Trainer:
             except (CheckpointError, ConfigError) as error:
                 answer[0] = (type(error).__name__, str(error))
         if _distributed():
+            barrier()  # while rank 0 hashes the checkpoints it verifies (tens of GB for a large model)
             dist.broadcast_object_list(answer, src=0)
         kind, value = answer[0]
         if kind == "CheckpointError":
@@ -453,17 +470,20 @@ class Trainer:
         if self.is_main:
             path = save_checkpoint(self.ckpt_root, self.step, model=model_state, optimizer=optim_state, trainer={
                 "step": self.step, "world_size": self.world_size, "ranks": ranks, "config": self.cfg.to_dict(),
-                "log_window": {"losses": list(self.window_losses), "seconds": self.window_seconds},
-                "pending_eval": self.pending_eval,
+                "log_window": {"losses": list(self.window_losses), "seconds": self.window_seconds,
+                               "tokens": self.window_tokens}, "tokens": self.tokens,
+                "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
             }, keep_last=self.cfg.checkpoint.keep_last)
             logger.info("saved checkpoint %s", path)
         barrier()
         self.last_saved_step = self.step
 
-    def _check_resume_data(self, path: Path, *, tokenizer_reused: bool) -> None:
+    def _check_resume_data(self, path: Path, *, tokenizer_reused: bool) -> str | None:
         """ConfigError unless this run's data continues the checkpoint's: the same mode (packed or streamed),
         a world size its stream positions hold for, and the same data-defining settings
-        (:func:`~retnet.train.config.data_changes`). Every rank reads the checkpoint, so each refuses alike."""
+        (:func:`~retnet.train.config.data_changes`). Every rank reads the checkpoint, so each refuses alike.
+        Returns the fingerprint of the hub data it was trained on (None for local data), which build_data
+        holds the hub set to."""
         # rank 0 verified it in _resolve_resume; _load verifies it again before the state is used
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         ranks = trainer["ranks"]
@@ -492,16 +512,26 @@ class Trainer:
         if len(ranks) != self.world_size:
             logger.warning("checkpoint was written by %d ranks, resuming with %d: data order is kept, RNG "
                            "streams are not (no exact replay)", len(ranks), self.world_size)
+        return trainer.get("hub_fingerprint")  # absent from checkpoints written before it was saved
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
         self._check_fits(path, state["model"])
         trainer = state["trainer"]
+        changes = model_changes(trainer.get("config", {}), self.cfg)
+        if changes:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was trained with other model settings: {'; '.join(changes)}. With them "
+                f"its weights would compute another model: resume with those settings, or start in another "
+                f"train.output_dir")
         ranks = trainer["ranks"]
         self._set_full_state(state["model"], state["optimizer"])
         self.step = self.last_saved_step = int(trainer["step"])
         window = trainer.get("log_window", {})  # absent from checkpoints written before it was saved
         self.window_losses, self.window_seconds = list(window.get("losses", [])), float(window.get("seconds", 0.0))
+        tokens_per_step = self.cfg.train.global_batch_size * self.data.seq_len  # older checkpoints: as counted then
+        self.tokens = int(trainer.get("tokens", self.step * tokens_per_step))
+        self.window_tokens = int(window.get("tokens", len(self.window_losses) * tokens_per_step))
         self.pending_eval = bool(trainer.get("pending_eval", False))
         mine = ranks[self.rank % len(ranks)]
         self.data.load_state_dict(mine["data"])
@@ -620,9 +650,11 @@ class Trainer:
             self.window_losses.append(self.train_step())
             # Only the steps count: evaluations and checkpoints are not training throughput.
             self.window_seconds += time.perf_counter() - started
+            self.tokens += tokens_per_step
+            self.window_tokens += tokens_per_step
             final = self.step == cfg.train.steps
             if self.step % cfg.logging.log_interval == 0 or final:
-                loss = self._log_window(tokens_per_step)
+                loss = self._log_window()
             if self._progress is not None:
                 self._progress.update(1)
             eval_due = bool(cfg.train.eval_interval) and self.step % cfg.train.eval_interval == 0
@@ -659,22 +691,22 @@ class Trainer:
         barrier()
         return summary
 
-    def _log_window(self, tokens_per_step: int) -> float:
+    def _log_window(self) -> float:
         """Write the record of the steps since the last one and start the next window; returns its mean loss."""
         loss = sum(self.window_losses) / len(self.window_losses)
-        tokens_per_s = len(self.window_losses) * tokens_per_step / max(self.window_seconds, 1e-9)
+        tokens_per_s = self.window_tokens / max(self.window_seconds, 1e-9)
         mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
                if self.peak_flops else None)
         self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._last["lr"],
                    "grad_norm": self._last["grad_norm"], "tokens_per_s": tokens_per_s,
-                   "tokens": self.step * tokens_per_step, "mfu": mfu})
+                   "tokens": self.tokens, "mfu": mfu})
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{loss:.3f}", lr=f"{self._last['lr']:.2e}",
                                        tok_s=f"{tokens_per_s:,.0f}", mfu="n/a" if mfu is None
                                        else f"{100 * mfu:.1f}%", refresh=False)
         elif self.is_main:
             logger.info("step %d: loss %.4f lr %.2e %.0f tok/s", self.step, loss, self._last["lr"], tokens_per_s)
-        self.window_losses, self.window_seconds = [], 0.0
+        self.window_losses, self.window_seconds, self.window_tokens = [], 0.0, 0
         return loss
 
     def export(self) -> Path:

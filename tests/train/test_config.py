@@ -75,6 +75,8 @@ def test_toml_wrong_type_is_refused():
     ("--optim.lr=nan", "optim.lr"),
     ("--optim.grad_clip=nan", "optim.grad_clip"),  # would disable clipping without a word
     ("--logging.peak_flops=inf", "logging.peak_flops"),
+    ("--train.seed=-1", "train.seed"),  # the block permutation's seed: a ValueError at the first step
+    (f"--train.seed={2**64}", "train.seed"),  # too large for torch.manual_seed
 ])
 def test_invalid_values_name_the_field(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -183,3 +185,43 @@ def test_a_vocabulary_too_small_for_the_trained_bpe_is_refused_by_name(tmp_path,
     err = capsys.readouterr().err
     assert "model.vocab_size" in err and "100" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--model.num_attention_heads=3", r"hidden_size must be divisible by num_attention_heads=3; got 128"),
+    ("--model.dropout=1.5", r"dropout must be in \[0, 1\); got 1\.5"),
+    ("--model.hidden_act=nope", r"hidden_act"),
+    ("--model.extra.vocab_size=300", r"model\.extra\.vocab_size.*model\.vocab_size"),
+    ("--model.extra.eos_token_id=3", r"model\.extra\.eos_token_id.*tokenizer"),
+])
+def test_a_model_that_cannot_be_built_is_refused_at_load(override, message, tmp_path, capsys):
+    """The model is built after the dataset has been read and tokenized (hours for a large one): a model setting
+    it refuses must be refused when the config is loaded, with the field named."""
+    from retnet.train.__main__ import EXIT_CONFIG, main
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+    out = tmp_path / "run"
+    assert main(["--config", "tiny", override, f"--train.output_dir={out}", f"--data.cache_dir={tmp_path}"]) \
+        == EXIT_CONFIG
+    assert "Traceback" not in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("token*"))
+
+
+def test_a_stream_needs_validation_documents():
+    """A stream's validation split is its first data.val_documents documents; 0 was taken as 1."""
+    with pytest.raises(ConfigError, match=r"data\.val_documents must be > 0 with data\.streaming.*; got 0"):
+        load_config("tiny", ["--data.streaming=true", "--data.val_documents=0"])
+    assert load_config("tiny", ["--data.val_documents=0"]).data.val_documents == 0  # unused by packed data
+
+
+def test_an_empty_tokenizer_path_is_no_tokenizer():
+    """TOML has no null: ``tokenizer = ""`` is how a file says "train a BPE", as the trainer reads it. The
+    vocabulary check (and what a resume compares) must read it so too."""
+    from retnet.train.config import data_changes
+
+    with pytest.raises(ConfigError, match=r"model\.vocab_size must be >= 258"):
+        build_config({"data": {"tokenizer": ""}, "model": {"vocab_size": 100}})
+    saved = build_config({"data": {"tokenizer": ""}, "model": {"vocab_size": 300}}).to_dict()
+    now = build_config({"data": {"tokenizer": ""}, "model": {"vocab_size": 400}})
+    assert data_changes(saved, now, tokenizer_reused=False) == ["model.vocab_size: checkpoint 300, now 400"]

@@ -1,5 +1,7 @@
 """Data: the embedded corpus, local files, packing and the per-rank sharding of the global batch."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -471,3 +473,126 @@ def test_streamed_text_values_after_the_validation_rows_are_refused_by_name(valu
     data = build_data(config, **_BUILD)
     with pytest.raises(ConfigError, match=rf"data\.text_field 'body' of '{path}'.*{type(value).__name__}"):
         data.micro_batches(1)
+
+
+def test_an_updated_streamed_hub_dataset_trains_its_tokenizer_again(tmp_path, monkeypatch):
+    """A streamed hub set caches the BPE trained on it: the key must follow the revision streamed (a hub
+    dataset's data files are resolved at a commit), as the token cache of a non-streamed one does."""
+    import datasets
+
+    revisions = {}
+    for name, word in (("rev1", "old"), ("rev2", "new")):
+        revisions[name] = _jsonl(tmp_path / f"{name}.jsonl", [{"text": t.replace("document", word)} for t in _DOCS])
+    current = {"file": revisions["rev1"]}
+    real_builder, real_load = datasets.load_dataset_builder, datasets.load_dataset
+
+    def load_dataset_builder(path, name=None, **kwargs):  # the hub, offline: its files at the current commit
+        assert path == "someone/corpus"
+        return real_builder("json", data_files=str(current["file"]), cache_dir=kwargs.get("cache_dir"))
+
+    def load_dataset(path, name=None, **kwargs):
+        assert path == "someone/corpus" and kwargs.get("streaming")
+        return real_load("json", data_files=str(current["file"]), split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset_builder)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cache = tmp_path / "cache"
+    config = DataConfig(dataset="someone/corpus", streaming=True, seq_len=16, val_documents=3, cache_dir=str(cache))
+    build = {**_BUILD, "vocab_size": 300}
+    first = build_data(config, **build)
+    build_data(config, **build)
+    assert len(list(cache.glob("tokenizer-*"))) == 1
+    current["file"] = revisions["rev2"]
+    updated = build_data(config, **build)
+    assert len(list(cache.glob("tokenizer-*"))) == 2
+    assert "new" in updated.tokenizer.get_vocab() and "new" not in first.tokenizer.get_vocab()
+
+
+def test_a_resume_reads_the_hub_data_its_checkpoint_was_trained_on(tokenizer_dir, tmp_path, monkeypatch):
+    """Given the fingerprint of the hub data its checkpoint was trained on, a resume finds the token cache
+    without loading the set (offline, no HF cache); where that cache is gone and the hub holds other data, it
+    is refused, not trained on from the checkpoint's position."""
+    import datasets
+
+    current = {"text": list(_DOCS)}
+
+    def load_dataset(path, name=None, **kwargs):
+        assert path == "someone/corpus"
+        if current is None:
+            raise ConnectionError("offline and not in the HF cache")
+        return datasets.Dataset.from_dict(current)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    config = DataConfig(dataset="someone/corpus", tokenizer=str(tokenizer_dir), seq_len=16, val_fraction=0.2,
+                        cache_dir=str(tmp_path))
+    first = build_data(config, **_BUILD)
+    assert first.hub_fingerprint
+    current = None
+    resumed = build_data(config, **_BUILD, hub_fingerprint=first.hub_fingerprint)
+    assert np.array_equal(np.asarray(resumed.train), np.asarray(first.train))
+    assert resumed.hub_fingerprint == first.hub_fingerprint
+    for cache in tmp_path.glob("tokens-*"):
+        shutil.rmtree(cache)
+    current = {"text": [t.replace("document", "new") for t in _DOCS]}
+    with pytest.raises(ConfigError, match=r"data\.dataset 'someone/corpus' now holds other data than the checkpoint"):
+        build_data(config, **_BUILD, hub_fingerprint=first.hub_fingerprint)
+    current = {"text": list(_DOCS)}  # the same data again: its cache is rebuilt
+    again = build_data(config, **_BUILD, hub_fingerprint=first.hub_fingerprint)
+    assert np.array_equal(np.asarray(again.train), np.asarray(first.train))
+
+
+def test_a_saved_dataset_streams_the_same_rank_split_on_any_machine(tokenizer_dir, tmp_path, monkeypatch):
+    """Each rank's stream must not depend on the machine's CPU count: nodes with other counts would read
+    overlapping parts, and a resume on another machine would skip blocks of other documents."""
+    import os
+
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": _DOCS}).save_to_disk(str(saved))
+    config = DataConfig(dataset=str(saved), tokenizer=str(tokenizer_dir), seq_len=16, streaming=True,
+                        val_documents=3, cache_dir=str(tmp_path / "cache"))
+    streams = []
+    for cpus in (2, 3):
+        monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
+        streams.append([[e["text"] for e in build_data(config, **{**_BUILD, "rank": rank, "world_size": 2}).stream]
+                        for rank in range(2)])
+    assert streams[0] == streams[1]
+    assert sorted(streams[0][0] + streams[0][1]) == sorted(_DOCS[3:])
+
+
+def test_streamed_ranks_share_the_first_max_documents(tokenizer_dir, tmp_path):
+    """data.max_documents of a stream is its first N documents for any world size. datasets splits a take(N)
+    between the ranks' whole shards: each rank took N / 2 of its own file, so two ranks trained on other
+    documents than one, and a rank whose share was all validation documents had none to train on."""
+    import json
+
+    docs = [f"document {i}: " + "def f(x):\n    return x\n" * 5 for i in range(40)]
+    for part in range(2):
+        (tmp_path / f"part{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                            for t in docs[20 * part:20 * (part + 1)]))
+    for val_documents in (6, 15):
+        config = DataConfig(dataset=str(tmp_path / "*.jsonl"), tokenizer=str(tokenizer_dir), seq_len=32,
+                            streaming=True, val_documents=val_documents, max_documents=30,
+                            cache_dir=str(tmp_path / "cache"))
+        trained = []
+        for rank in range(2):
+            data = build_data(config, **{**_BUILD, "rank": rank, "local_rank": rank, "world_size": 2})
+            trained += [example["text"] for example in data.stream]
+            assert data.micro_batches(1)[0].shape == (2, 32)
+        assert sorted(trained) == sorted(docs[val_documents:30])
+
+
+def test_a_tokenizer_path_that_holds_no_tokenizer_is_refused_by_name(tokenizer_dir, tmp_path):
+    """data.tokenizer is a directory: its tokenizer.json given instead went to the hub as a model name (network
+    retries, then an unrelated 'no EOS token'), and a directory without a tokenizer was a bare traceback."""
+    from retnet.train.data import load_tokenizer
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = _jsonl(tmp_path / "docs.jsonl", [{"text": "x"}])
+    for path, problem in ((tokenizer_dir / "tokenizer.json", "not a directory"), (other, "not a directory"),
+                          (empty, "could not be loaded")):
+        with pytest.raises(ConfigError, match=rf"data\.tokenizer '{path}'.*{problem}"):
+            load_tokenizer(path)
+    assert load_tokenizer(tokenizer_dir).eos_token_id is not None

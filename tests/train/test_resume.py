@@ -111,6 +111,24 @@ def test_model_shape_mismatch_is_a_checkpoint_error(resume, micro, tmp_path, cap
     assert _tree_digest(out / "checkpoints") == before
 
 
+def test_model_settings_that_change_what_the_weights_compute_are_refused(micro, tmp_path, capsys, read_metrics):
+    """Same shapes, another function (rotary base, activation, xPos): the resumed run would silently train
+    another model from the checkpoint's weights. How the model is computed or regularized may change."""
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2)) == 0
+    before = _tree_digest(out / "checkpoints")
+    assert main([*micro(out, train__steps=4), "--model.extra.rope_theta=500", "--model.hidden_act=silu"]) \
+        == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "model.extra.rope_theta: checkpoint 10000.0, now 500" in err
+    assert "model.hidden_act: checkpoint 'gelu', now 'silu'" in err
+    assert "step_00000002" in err and "Traceback" not in err
+    assert _tree_digest(out / "checkpoints") == before
+    assert main([*micro(out, train__steps=4, model__dropout=0.1, model__chunk_size=8),
+                 "--model.extra.retention_mode=chunkwise"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. A manifest that is JSON of the wrong structure
 # ----------------------------------------------------------------------------------------------------------
@@ -498,3 +516,85 @@ def test_a_streamed_resume_refuses_another_validation_split(micro, tmp_path, cap
     assert "data.val_documents: checkpoint 10, now 20" in capsys.readouterr().err
     assert _tree_digest(out / "checkpoints") == before
     assert main(micro(out, **streamed, data__val_fraction=0.2, train__seed=7, train__steps=3)) == 0
+
+
+def test_a_hub_dataset_run_resumes_offline_from_its_token_cache(micro, corpus, tmp_path, monkeypatch, read_metrics,
+                                                                capsys):
+    """The checkpoint keeps the fingerprint of the hub data it was trained on: the resume finds its token cache
+    without the hub or the HF cache, and refuses a hub set that changed once that cache is gone."""
+    import datasets
+
+    docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    current = {"text": docs}
+
+    def load_dataset(path, name=None, **kwargs):  # the hub, offline: whatever its HF cache holds
+        assert path == "someone/corpus"
+        if current is None:
+            raise ConnectionError("offline, and the dataset is not in the HF cache")
+        return datasets.Dataset.from_dict(current)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    hub = dict(data__dataset="someone/corpus", data__cache_dir=cache)
+    assert main(micro(out, **hub, train__steps=2)) == 0
+    current = None
+    assert main(micro(out, **hub, train__steps=4)) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    for tokens in cache.glob("tokens-*"):
+        shutil.rmtree(tokens)
+    current = {"text": [d.replace("def ", "async def ") for d in docs]}
+    capsys.readouterr()
+    assert main(micro(out, **hub, train__steps=6)) == EXIT_CONFIG
+    assert "data.dataset 'someone/corpus' now holds other data than the checkpoint" in capsys.readouterr().err
+
+
+def test_tokens_count_what_each_step_trained_on_across_a_batch_change(micro, tmp_path, monkeypatch, read_metrics):
+    """A resume may change the global batch: the "tokens" of a record count the tokens trained on, not the
+    step times the current batch, and tokens/s counts each step of a window at its own batch."""
+    import itertools
+    import time
+    import types
+
+    from retnet.train import trainer as trainer_module
+
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2, logging__log_interval=1)) == 0  # 4 blocks of 32 tokens a step
+    assert main(micro(out, train__steps=4, logging__log_interval=1, train__global_batch_size=8)) == 0
+    assert [r["tokens"] for r in read_metrics(out)] == [128, 256, 512, 768]
+
+    # every step takes 1 s; a SIGTERM stops after step 1 (128 tokens), inside the window that step 2 (256) closes
+    clock = itertools.count()
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock)),
+                                                                      time=time.time))
+    window = tmp_path / "window"
+    with monkeypatch.context() as patch:
+        _interrupt(patch, during_step=1, how="signal")
+        assert main(micro(window, train__steps=2, logging__log_interval=2)) == 0
+    assert main(micro(window, train__steps=2, logging__log_interval=2, train__global_batch_size=8)) == 0
+    [record] = read_metrics(window)
+    assert (record["step"], record["tokens"], record["tokens_per_s"]) == (2, 384, 192.0)
+
+
+def test_rng_states_of_more_gpus_than_this_machine_has_restore_the_ones_it_has(monkeypatch):
+    """A packed run may resume on another world size, and so on a machine with fewer GPUs: each rank saved the
+    states of every GPU it saw, and restoring one per saved state asked for devices that are not there."""
+    from retnet.train.checkpoint import rng_state, set_rng_state
+
+    state = {**rng_state(), "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}
+    restored = {}
+
+    def set_one(new_state, device="cuda"):
+        index = torch.device(device).index if not isinstance(device, int) else device
+        assert (index or 0) < 2, f"no GPU {index} on this machine"
+        restored[index or 0] = int(new_state[0])
+
+    def set_all(new_states):
+        for index, new_state in enumerate(new_states):
+            set_one(new_state, index)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_one)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    set_rng_state(state)
+    assert restored == {0: 0, 1: 1}

@@ -467,3 +467,39 @@ def test_a_tokenizer_with_ids_beyond_its_length_trains(micro, tmp_path, tokenize
     assert main(micro(out, train__steps=3, data__tokenizer=gappy, data__cache_dir=tmp_path / "cache")) == 0
     model = load_checkpoint(out / "checkpoints" / "step_00000003")["model"]
     assert model["model.embed_tokens.weight"].shape[0] == 901
+
+
+_WAIT_SCRIPT = """
+import datetime, sys, time
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+c10d.default_pg_timeout = datetime.timedelta(seconds=3)  # the group's timeout: 10 min for NCCL, 30 for gloo
+from retnet.train.trainer import barrier, init_distributed
+rank, _, _, _ = init_distributed("cpu")
+barrier()
+if rank == 0:
+    time.sleep(8)  # tokenizing the dataset, downloading it, writing a checkpoint or the export
+barrier()
+dist.all_reduce(__import__("torch").ones(1))  # the training collectives still run on the default group
+print("rank", rank, "done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_rank_0_longer_than_the_process_group_timeout(tmp_path):
+    """Local rank 0 prepares the data caches (hours for a large set) and rank 0 writes checkpoints and the export
+    while the other ranks wait in a barrier: that wait must not end in the process group's timeout."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _WAIT_SCRIPT], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs
+    assert all(f"rank {r} done" in outputs[r] for r in range(2))
