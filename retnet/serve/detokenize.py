@@ -44,11 +44,12 @@ class StopStrings:
         self.emitted = 0
         self.stopped = False
 
-    def push(self, delta: str) -> str:
+    def push(self, delta: str, search: bool = True) -> str:
         """Add ``delta``; return the text now safe to emit. Sets ``stopped`` when a stop string appeared
-        (the text from it on is dropped)."""
+        (the text from it on is dropped). ``search=False`` releases ``delta`` unsearched (the text of the
+        first ``min_tokens`` tokens), and later searches start after it."""
         self.text += delta
-        if not self.stops:
+        if not self.stops or not search:
             return self._release(len(self.text))
         hits = [(p + len(s), p) for s in self.stops if (p := self.text.find(s, self.emitted)) >= 0]
         if hits:

@@ -498,9 +498,16 @@ class Engine:
     def _spawn(self, group: Group) -> None:
         """The prompt is in the state: sample each choice's first token and queue it to join the batch."""
         handle = group.handle
+        params = group.params
+        ban = None
+        if params.min_tokens:
+            # EOS is masked with ignore_eos too, as vLLM does: min_tokens asks for that many tokens of text.
+            ban = torch.tensor(sorted(t for t in params.stop_token_ids | self.eos_ids if t < self.vocab_size),
+                               dtype=torch.long)
         seqs = []
         for j in range(group.n):
-            sampler = RowSampler(group.params, group.inputs, self.vocab_size, seed_offset=group.first_index + j)
+            sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=group.first_index + j,
+                                 ban_ids=ban)
             seqs.append(Sequence(group, group.first_index + j, sampler,
                                  IncrementalDetokenizer(self._decode, group.inputs),
                                  StopStrings(group.params.stop)))
@@ -594,15 +601,18 @@ class Engine:
         seq.t_last = now
         self.metrics.generation_tokens.inc()
         params = seq.group.params
-        eos = token in self.eos_ids and not params.ignore_eos
-        text = "" if eos else seq.stops.push(seq.detok.push(token))
+        # vLLM's rule: no stop condition is checked on the first min_tokens tokens (their stop tokens were
+        # masked, and a stop string in their text does not end the choice, nor is it looked for later).
+        checked = len(seq.tokens) > params.min_tokens
+        stop_token = checked and ((token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids)
+        text = "" if stop_token else seq.stops.push(seq.detok.push(token), search=checked)
         finish = None
-        if seq.stops.stopped or eos:
+        if seq.stops.stopped or stop_token:
             finish = "stop"
         elif len(seq.tokens) >= params.max_tokens:
             finish = "length"
         if finish is not None and not seq.stops.stopped:
-            text += seq.stops.push(seq.detok.flush())
+            text += seq.stops.push(seq.detok.flush(), search=checked)
             text += "" if seq.stops.stopped else seq.stops.flush()
             finish = "stop" if seq.stops.stopped else finish
         seq.finish_reason = finish

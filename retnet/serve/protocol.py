@@ -3,7 +3,8 @@
 Field names and defaults follow OpenAI's, so existing clients work unchanged. Limits that depend on the
 server's settings (``max_tokens``, ``n``, prompt length ...) are checked in :mod:`retnet.serve.serving`;
 the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: ``top_k``, ``min_p``,
-``repetition_penalty``, ``ignore_eos``, ``session_id`` and ``return_token_ids``.
+``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``session_id`` and
+``return_token_ids``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ class APIError(Exception):
 # ----------------------------------------------------------------------------------------------------------
 # Requests
 # ----------------------------------------------------------------------------------------------------------
+def _refuse_bool(value: Any) -> Any:
+    # bool is an int subclass, so lax int validation would take JSON true/false as token ids 1/0.
+    if isinstance(value, bool):
+        raise ValueError("a token id must be an integer, not a boolean")
+    return value
+
+
+TokenId = Annotated[int, BeforeValidator(_refuse_bool), Field(ge=0)]
+
+
+# vLLM's and llama.cpp's structured-output extras, refused when set (not null).
+STRUCTURED_OUTPUT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                            "grammar", "json_schema")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
     # vLLM's extra: with include_usage, every chunk also carries the usage so far.
@@ -90,7 +106,7 @@ class SamplingFields(BaseModel):
     # would silently become 1 where OpenAI answers 400. check_fields=False: some are the endpoints' own.
     @field_validator("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty", "seed", "n", "best_of", "max_completion_tokens",
-                     "top_logprobs", mode="before", check_fields=False)
+                     "top_logprobs", "min_tokens", mode="before", check_fields=False)
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
@@ -132,9 +148,23 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    # vLLM's: no stop condition (EOS, stop_token_ids, stop strings) ends a choice before this many tokens.
+    min_tokens: int = Field(0, ge=0)
+    # vLLM's: sampling one ends the choice as EOS does (counted, its text left out).
+    stop_token_ids: list[TokenId] | None = None
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
                                    description="continue this session's saved state, then save it again")
     return_token_ids: bool = False
+    # Structured output is not supported: declared so that serving refuses a value by name (see
+    # STRUCTURED_OUTPUT_FIELDS) rather than answer free text where the client expects JSON or a grammar.
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    grammar: Any = None  # llama.cpp's
+    json_schema: Any = None  # llama.cpp's
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -170,15 +200,6 @@ def _refuse_bool_number(value: Any) -> Any:
         raise ValueError("expected a number, not a boolean")
     return value
 
-
-def _refuse_bool(value: Any) -> Any:
-    # bool is an int subclass, so lax int validation would take JSON true/false as token ids 1/0.
-    if isinstance(value, bool):
-        raise ValueError("a token id must be an integer, not a boolean")
-    return value
-
-
-TokenId = Annotated[int, BeforeValidator(_refuse_bool), Field(ge=0)]
 
 PromptType = Annotated[
     str | list[str] | list[TokenId] | list[list[TokenId]],
@@ -232,7 +253,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     # Not supported beyond their no-op values (serving refuses the others by name).
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None

@@ -33,6 +33,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (before penalties and sampling)
     ignore_eos: bool = False
+    min_tokens: int = 0  # before this many tokens, no stop token may be sampled and no stop condition holds
+    stop_token_ids: frozenset[int] = frozenset()  # end the choice as EOS does
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top-k alternatives'
     prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' logprobs too
@@ -54,9 +56,12 @@ class SamplingParams:
 class RowSampler:
     """One sequence's sampling state: its generator and the token counts the penalties need."""
 
-    __slots__ = ("bias_ids", "bias_values", "counts", "generator", "params", "seen")
+    __slots__ = ("adjusts", "ban_ids", "ban_left", "bias_ids", "bias_values", "counts", "generator", "params",
+                 "seen")
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, seed_offset: int = 0):
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, seed_offset: int = 0,
+                 ban_ids: torch.Tensor | None = None):
+        """``ban_ids``: token ids masked out until ``params.min_tokens`` tokens were sampled (the stop tokens)."""
         self.params = params
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed((seed + seed_offset) % (2**63))
@@ -71,11 +76,21 @@ class RowSampler:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             ids = torch.tensor([i for i in prompt_ids if i < vocab_size], dtype=torch.long)
             self.seen[ids] = True
+        self.ban_left = params.min_tokens
+        self.ban_ids = ban_ids if ban_ids is not None and ban_ids.numel() and self.ban_left > 0 else None
+        # Whether sample_step must touch this row's logits: computed here and when the ban ends, so that a
+        # step over rows that need nothing costs one attribute read per row.
+        self.adjusts = self.ban_ids is not None or self.bias_ids is not None or params.needs_penalties
 
     def record(self, token: int) -> None:
         if self.counts is not None and token < self.counts.shape[0]:
             self.counts[token] += 1
             self.seen[token] = True
+        if self.ban_ids is not None:
+            self.ban_left -= 1
+            if self.ban_left <= 0:
+                self.ban_ids = None
+                self.adjusts = self.bias_ids is not None or self.params.needs_penalties
 
     def penalise(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply repetition (prompt + output; CTRL's divide/multiply rule), then presence and frequency
@@ -110,14 +125,23 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
     """
     logits = logits.float()
     raw = logits  # logprobs report the model's distribution, before bias and penalties
-    adjusted = [i for i, r in enumerate(rows) if r.bias_ids is not None or r.params.needs_penalties]
+    adjusted = [i for i, r in enumerate(rows) if r.adjusts]
     if adjusted:
         logits = logits.clone()
+        banned = []
         for i in adjusted:
             if rows[i].bias_ids is not None:
                 logits[i, rows[i].bias_ids] += rows[i].bias_values
             if rows[i].params.needs_penalties:
                 logits[i] = rows[i].penalise(logits[i])
+            if rows[i].ban_ids is not None:
+                banned.append(i)
+        # Last, after the penalties (which clamp -inf back to a finite logit): the greedy argmax and every
+        # sampling rule below then see a probability of exactly 0. One write for every banned row.
+        if banned:
+            ban = [rows[i].ban_ids for i in banned]
+            which = torch.repeat_interleave(torch.tensor(banned), torch.tensor([len(b) for b in ban]))
+            logits.index_put_((which, torch.cat(ban)), torch.tensor(float("-inf")))
 
     chosen = logits.argmax(-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]

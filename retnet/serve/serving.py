@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from retnet.serve.engine import Engine, EngineFailure, EngineUnavailable, QueueFull, RequestHandle, SeqOutput
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import (
+    STRUCTURED_OUTPUT_FIELDS,
     APIError,
     AssistantMessage,
     ChatChoice,
@@ -310,6 +311,7 @@ class OpenAIServing:
             if not stop or len(stop) > s.max_stop_chars:
                 raise APIError(400, f"each stop sequence must have 1 to {s.max_stop_chars} characters; "
                                f"got {len(stop)}", "stop")
+        _check_structured_output(request)
         if request.stream_options is not None and not request.stream:
             # OpenAI's rule: the options only shape a stream, and a client sending them meant one.
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
@@ -344,13 +346,30 @@ class OpenAIServing:
         max_tokens = self.settings.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > self.settings.max_tokens_limit:
             raise APIError(400, f"{name} must be <= {self.settings.max_tokens_limit}; got {max_tokens}", name)
+        if request.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens must be <= {name} ({max_tokens}); got {request.min_tokens}",
+                           "min_tokens")
         return SamplingParams(
             max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             min_p=request.min_p, repetition_penalty=request.repetition_penalty,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             stop=request.stop_list(), logit_bias=self._logit_bias(request), ignore_eos=request.ignore_eos,
+            min_tokens=request.min_tokens, stop_token_ids=self._stop_token_ids(request),
             seed=request.seed, logprobs=logprobs,
         )
+
+    def _stop_token_ids(self, request: SamplingFields) -> frozenset[int]:
+        ids = frozenset(request.stop_token_ids or ())
+        vocab = self.engine.vocab_size
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise APIError(400, f"stop_token_ids: token id {min(bad)} is out of the vocabulary (size {vocab})",
+                           "stop_token_ids", "invalid_token_id")
+        # min_tokens masks these and EOS: with every token masked there would be nothing left to sample.
+        if request.min_tokens and len(ids | {t for t in self.engine.eos_ids if t < vocab}) >= vocab:
+            raise APIError(400, "stop_token_ids: with min_tokens, the stop token ids and EOS must leave some "
+                           "token to generate; they cover the whole vocabulary", "stop_token_ids")
+        return ids
 
     def _submit(self, prompts, params, request: SamplingFields, hints=None) -> RequestHandle:
         if request.session_id is not None and len(prompts) != 1:
@@ -498,12 +517,21 @@ def _check_content_parts(request: ChatCompletionRequest) -> None:
                                "missing")
 
 
-def _check_chat_features(request: ChatCompletionRequest) -> None:
-    """Structured output and tool calling are not supported: their no-op values pass, the others are refused
-    by name (ignoring them would return plain text where the client expects JSON or a tool call)."""
+def _check_structured_output(request: SamplingFields) -> None:
+    """Structured output is not supported on either route: ``response_format`` type ``text`` and nulls pass,
+    anything else is refused by name (ignoring it would return free text where the client expects JSON)."""
     if request.response_format is not None and request.response_format.get("type", "text") != "text":
         raise APIError(400, f"response_format: only type 'text' is supported; got "
                        f"{request.response_format.get('type')!r}", "response_format", "unsupported_parameter")
+    for name in STRUCTURED_OUTPUT_FIELDS:
+        if getattr(request, name) is not None:
+            raise APIError(400, f"{name}: structured output (guided decoding, grammars, JSON schemas) is not "
+                           "supported", name, "unsupported_parameter")
+
+
+def _check_chat_features(request: ChatCompletionRequest) -> None:
+    """Tool calling is not supported: its no-op values pass, the others are refused by name (ignoring them
+    would return plain text where the client expects a tool call)."""
     for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
         wanted, how = getattr(request, tools), getattr(request, choice)
         if how is not None and how not in ("none", "auto"):

@@ -141,6 +141,36 @@ def test_a_vanishing_temperature_is_greedy():
         assert sample_step(logits.repeat(8, 1), rows).tokens == [1] * 8
 
 
+def test_min_tokens_masks_only_its_own_rows_and_only_until_then():
+    # Row 0 bans tokens 1 and 2 (its stop tokens) for 2 tokens, with a repetition penalty (which clamps
+    # logits) and a sampled draw; row 1, the same logits unbanned, is untouched and samples as it would alone.
+    logits = torch.tensor([[0.0, 9.0, 8.0, -1.0]]).repeat(2, 1)
+    ban = torch.tensor([1, 2])
+    banned = RowSampler(SamplingParams(temperature=0.0, repetition_penalty=1.5, min_tokens=2), [1], 4, ban_ids=ban)
+    free = SamplingParams(temperature=1.0, seed=3)
+    alone = RowSampler(free, [], 4)
+    expected = [sample_step(logits[1:], [alone]).tokens[0] for _ in range(3)]
+    row = RowSampler(free, [], 4)
+    steps = [sample_step(logits, [banned, row]).tokens for _ in range(3)]
+    # Step 3 is free of the ban: 2, as token 1 (in the prompt) is penalised below it.
+    assert [s[0] for s in steps] == [0, 0, 2] and [s[1] for s in steps] == expected
+    sampled = [RowSampler(SamplingParams(temperature=2.0, seed=s, min_tokens=1), [], 4, ban_ids=ban)
+               for s in range(16)]
+    assert not {1, 2} & set(sample_step(logits[:1].repeat(16, 1), sampled).tokens)
+    # min_tokens 0, or nothing to ban: the row is not touched at all.
+    assert not RowSampler(SamplingParams(min_tokens=0), [], 4, ban_ids=ban).adjusts
+    assert not RowSampler(SamplingParams(min_tokens=3), [], 4, ban_ids=torch.tensor([], dtype=torch.long)).adjusts
+
+
+def test_stop_strings_are_not_looked_for_in_unsearched_text():
+    s = StopStrings(["ab"])
+    assert s.push("xab", search=False) == "xab" and not s.stopped
+    assert s.push("a", search=False) == "a"
+    # A stop starting in the unsearched text is not found after it; one wholly after it is.
+    assert s.push("b") == "b" and not s.stopped
+    assert s.push("cab") == "c" and s.stopped
+
+
 def _row_cache(value: float) -> RetNetCache:
     cache = RetNetCache(1)
     cache.states = [torch.full((1, 2, 2, 2), value)]
