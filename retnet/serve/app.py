@@ -53,7 +53,6 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     app.state.settings, app.state.engine, app.state.serving, app.state.metrics = settings, engine, serving, metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    _install_error_handlers(app)
 
     def require_api_key(request: Request) -> None:
         if not settings.api_keys:
@@ -68,6 +67,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", "authorization",
                            "invalid_api_key", type="authentication_error")
 
+    _install_error_handlers(app, require_api_key)
     auth = [Depends(require_api_key)]
     json_body = [*auth, Depends(require_json)]
 
@@ -134,13 +134,20 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(exc.body(), status_code=status, headers=headers)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, require_api_key) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
         return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
+    async def validation_error(request: Request, exc: RequestValidationError):
+        # FastAPI parses a JSON body before the route's dependencies run: without this a client with no key
+        # would be told how its body was read (400) instead of 401, as OpenAI answers. Every /v1 route wants it.
+        if request.url.path.startswith("/v1/"):
+            try:
+                require_api_key(request)
+            except APIError as denied:
+                return await api_error(request, denied)
         return _error(400, *_describe_validation(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)

@@ -77,6 +77,12 @@ TokenId = Annotated[int, BeforeValidator(_refuse_bool), Field(ge=0)]
 # vLLM's and llama.cpp's structured-output extras, refused when set (not null).
 STRUCTURED_OUTPUT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
                             "grammar", "json_schema")
+# vLLM's other extras that change the output, each with the value that changes nothing (what passes; null always
+# does): a client sending another one would get output it did not ask for if they were ignored.
+UNSUPPORTED_EXTRAS: dict[str, Any] = {
+    "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False, "bad_words": [],
+    "allowed_token_ids": None, "truncate_prompt_tokens": None, "prompt_logprobs": None, "logits_processors": None,
+}
 
 
 class StreamOptions(BaseModel):
@@ -165,6 +171,15 @@ class SamplingFields(BaseModel):
     structured_outputs: Any = None
     grammar: Any = None  # llama.cpp's
     json_schema: Any = None  # llama.cpp's
+    # UNSUPPORTED_EXTRAS, refused likewise unless they hold the value that changes nothing.
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    include_stop_str_in_output: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    truncate_prompt_tokens: Any = None
+    prompt_logprobs: Any = None
+    logits_processors: Any = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -17,6 +17,7 @@ from retnet.serve.engine import Engine, EngineFailure, EngineUnavailable, QueueF
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import (
     STRUCTURED_OUTPUT_FIELDS,
+    UNSUPPORTED_EXTRAS,
     APIError,
     AssistantMessage,
     ChatChoice,
@@ -519,7 +520,8 @@ def _check_content_parts(request: ChatCompletionRequest) -> None:
 
 def _check_structured_output(request: SamplingFields) -> None:
     """Structured output is not supported on either route: ``response_format`` type ``text`` and nulls pass,
-    anything else is refused by name (ignoring it would return free text where the client expects JSON)."""
+    anything else is refused by name (ignoring it would return free text where the client expects JSON); so
+    are vLLM's other output-changing extras (``UNSUPPORTED_EXTRAS``) unless set to their no-op value."""
     if request.response_format is not None and request.response_format.get("type", "text") != "text":
         raise APIError(400, f"response_format: only type 'text' is supported; got "
                        f"{request.response_format.get('type')!r}", "response_format", "unsupported_parameter")
@@ -527,6 +529,12 @@ def _check_structured_output(request: SamplingFields) -> None:
         if getattr(request, name) is not None:
             raise APIError(400, f"{name}: structured output (guided decoding, grammars, JSON schemas) is not "
                            "supported", name, "unsupported_parameter")
+    for name, no_op in UNSUPPORTED_EXTRAS.items():
+        value = getattr(request, name)
+        # bool-checked too: in Python true == 1, and a length_penalty of true is no 1.0
+        if value is not None and not (value == no_op and isinstance(value, bool) == isinstance(no_op, bool)):
+            raise APIError(400, f"{name}: not supported (only {json.dumps(no_op)} or null is accepted); got "
+                           f"{json.dumps(value)}", name, "unsupported_parameter")
 
 
 def _check_chat_features(request: ChatCompletionRequest) -> None:

@@ -291,6 +291,13 @@ async def test_api_keys(open_app):
         good = await c.post("/v1/completions", json=req, headers={"Authorization": "Bearer k1"})
         assert good.status_code == 200
         assert (await c.get("/health")).status_code == 200  # probes need no key
+        # A body that is not JSON, or not a valid request, says nothing to a client without a key: 401 first.
+        for content in (b"{not json", b'{"prompt": 5}'):
+            r = await c.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        keyed = await c.post("/v1/completions", content=b"{not json",
+                             headers={"Content-Type": "application/json", "Authorization": "Bearer k1"})
+        assert keyed.status_code == 400, keyed.text
 
 
 async def test_queue_full_gives_429_with_retry_after(open_app):

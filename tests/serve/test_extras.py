@@ -255,3 +255,39 @@ async def test_no_op_structured_output_values_are_accepted(client, path):
     for extra in (nulls, {"response_format": {"type": "text"}}):
         r = await client.post(path, json={**base, **extra})
         assert r.status_code == 200, (extra, r.text)
+
+
+# -- vLLM's other output-changing extras: refused unless they would change nothing -----------------------------
+REFUSED_EXTRAS = [
+    ("use_beam_search", True),
+    ("length_penalty", 0.5),
+    ("length_penalty", True),
+    ("include_stop_str_in_output", True),
+    ("include_stop_str_in_output", 0),
+    ("bad_words", ["foo"]),
+    ("allowed_token_ids", [1, 2]),
+    ("truncate_prompt_tokens", 4),
+    ("prompt_logprobs", 1),
+    ("logits_processors", ["x"]),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("field", "value"), REFUSED_EXTRAS,
+                         ids=[f"{f}-{i}" for i, (f, _) in enumerate(REFUSED_EXTRAS)])
+async def test_output_changing_vllm_extras_are_refused_by_name(client, path, field, value):
+    base = CHAT if path.endswith("chat/completions") else {"prompt": "hi", "max_tokens": 3}
+    r = await client.post(path, json={**base, field: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and field in error["message"] and error["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_vllm_extras_at_their_no_op_values_are_accepted(client, path):
+    base = CHAT if path.endswith("chat/completions") else {"prompt": "hi", "max_tokens": 3}
+    no_ops = {"use_beam_search": False, "length_penalty": 1, "include_stop_str_in_output": False, "bad_words": [],
+              "allowed_token_ids": None, "truncate_prompt_tokens": None, "prompt_logprobs": None,
+              "logits_processors": None}
+    r = await client.post(path, json={**base, **no_ops})
+    assert r.status_code == 200, r.text
