@@ -48,9 +48,20 @@ Registered names
     vertically. A right piece through the origin (f(x) = g₊·x for x ≥ β) is t = (g₊ − g₋)(β − α)/2;
     alpha = beta, g₋ = 0, g₊ = 1, t = 0 is SmeLU(beta). α may be negative as long as α + β > 0.
 
+    ``trainable=True`` (default False) makes the five of them float32 ``nn.Parameter`` objects, learned as
+    the paper's generalized form allows and initialised to the given values; the default keeps them Python
+    floats (no parameters, no state-dict entries). Training could drive the width w = α + β to 0 or below, where
+    ``a`` divides by zero and the quadratic piece turns inside out. So the forward pass uses the width
+    max(w, w_min) with w_min = 1e-3·w₀ (w₀ the initial α + β, so the floor never binds at init and scales
+    with the chosen breakpoints), widening α and β by the same (w_min − w)/2 so that the midpoint
+    (β − α)/2 stays where training put it. Above the floor this changes no value or gradient; below it the
+    function is the gSmeLU of width w_min — C¹ and finite — and the width's own gradient is 0 (the gradient
+    of what is computed), while the midpoint, slopes and t keep training. The stored α and β are not
+    modified: the floor acts in ``forward`` only. g₋, g₊ and t are unconstrained.
+
 Numerics: SAU, SmeLU and gSmeLU upcast fp16/bf16 (and fp32) inputs to float32 — float64 stays float64 —
-compute there, and cast the result back, with their parameters upcast too (a model cast to bf16 keeps
-working). SAU never forms 1/σ² at all: it computes z = x/σ once in float32 after clamping x to
+compute there, and cast the result back, with their parameters (SAU's, a trainable gSmeLU's) upcast too (a
+model cast to bf16 keeps working). SAU never forms 1/σ² at all: it computes z = x/σ once in float32 after clamping x to
 ±40σ, where Φ and φ are exactly 1/0 in float32 and float64, so the clamp changes no value but keeps huge
 inputs from producing inf·0 = nan in the backward pass. σ is floored at √(smallest normal) of the compute
 dtype (1.1e-19 in float32), so a vanishing σ gives the Leaky ReLU rather than nan. The built-in
@@ -65,9 +76,10 @@ evaluations one element costs, counted as
 * one per region selection: a compare-and-select such as max(x, 0) — a piecewise function counts one,
   however many pieces it has;
 * adds, multiplies, squares and multiplications by constants are free, and clamps that only guard the
-  numerics (SAU's ±40σ overflow guard) are not counted.
+  numerics (SAU's ±40σ overflow guard) are not counted, nor is work done once per call on the scalar
+  parameters rather than per element (a trainable gSmeLU's width floor).
 
-So identity 0; relu, leaky_relu, smelu, gsmelu 1 (one selection); gelu 1 (erf); gelu_tanh 1 (tanh);
+So identity 0; relu, leaky_relu, smelu, gsmelu 1 (one selection, trainable or not); gelu 1 (erf); gelu_tanh 1 (tanh);
 silu 1 (sigmoid); sau 2 (erf + exp). :func:`nonlinear_evals_per_token` multiplies it by the FFN width.
 """
 
@@ -107,6 +119,9 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # |x/σ| beyond which Φ(x/σ) is exactly 0 or 1 and φ(x/σ) exactly 0, in float32 and float64 alike
 # (φ(40) = e^−800/√(2π) underflows float64), so clamping x/σ there changes no value.
 _SAU_Z_LIMIT = 40.0
+# A trainable gSmeLU's width α + β is floored at this fraction of its initial value (module docstring).
+_GSMELU_MIN_WIDTH_FRACTION = 1e-3
+_GSMELU_PARAMETERS = ("alpha", "beta", "g_minus", "g_plus", "t")
 
 
 # -- parameter checks ------------------------------------------------------------------------------------
@@ -181,6 +196,26 @@ def generalized_smelu(x: torch.Tensor, alpha: float = 2.0, beta: float = 2.0, g_
     middle = g_minus * xf + t + a * (u + alpha) ** 2
     right = value_at_beta + g_plus * (xf - beta)
     return torch.where(xf > beta, right, middle).to(x.dtype)
+
+
+def _gsmelu_trainable_impl(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, g_minus: torch.Tensor,
+                           g_plus: torch.Tensor, t: torch.Tensor, min_width: float) -> torch.Tensor:
+    """Generalized SmeLU with tensor parameters and the width floor, in the dtype of its (upcast) arguments."""
+    width = alpha + beta
+    floored = width.clamp_min(min_width)
+    # Exactly 0 above the floor, so values and gradients there are those of the fixed-parameter form.
+    shift = 0.5 * (floored - width)
+    alpha, beta = alpha + shift, beta + shift
+    # Divide by the floored width itself, not by the shifted α + β: with |α| ≫ w_min the shift can round
+    # away in α + β, which would bring back the division by ~0 the floor exists to prevent.
+    a = (g_plus - g_minus) / (2.0 * floored)
+    value_at_beta = g_minus * beta + t + 0.5 * (g_plus - g_minus) * floored
+    # Same expressions as generalized_smelu. At x = β exactly, clamp gives u's gradient to x, not to β:
+    # that is the one-sided derivative that makes ∂f/∂β continuous there (the right piece's −(g₊−g₋)/2).
+    u = torch.clamp(x, min=-alpha, max=beta)
+    middle = g_minus * x + t + a * (u + alpha) ** 2
+    right = value_at_beta + g_plus * (x - beta)
+    return torch.where(x > beta, right, middle)
 
 
 def smelu(x: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
@@ -337,28 +372,53 @@ class SmeLU(Activation):
 
 
 class GeneralizedSmeLU(Activation):
-    """Generalized SmeLU: slopes g_minus / g_plus outside [−alpha, beta], a C¹ quadratic inside."""
+    """Generalized SmeLU: slopes g_minus / g_plus outside [−alpha, beta], a C¹ quadratic inside.
+
+    With ``trainable=True`` the five parameters are float32 ``nn.Parameter`` objects (state-dict names
+    ``alpha``, ``beta``, ``g_minus``, ``g_plus``, ``t``), upcast in ``forward`` if the module was cast to a
+    lower precision, and the width α + β is floored at ``min_width`` in ``forward`` (module docstring).
+    Without it they are plain floats, as the fixed form has always been.
+    """
 
     name = "gsmelu"
-    nonlinear_evals_per_element = 1  # one region selection
+    nonlinear_evals_per_element = 1  # one region selection; the width floor is per call, not per element
 
     def __init__(self, alpha: float = 2.0, beta: float = 2.0, g_minus: float = 0.0, g_plus: float = 1.0,
-                 t: float = 0.0):
+                 t: float = 0.0, trainable: bool = False):
         super().__init__()
-        self.alpha = _real(self.name, "alpha", alpha)
-        self.beta = _real(self.name, "beta", beta)
-        if not self.alpha + self.beta > 0:
+        alpha = _real(self.name, "alpha", alpha)
+        beta = _real(self.name, "beta", beta)
+        if not alpha + beta > 0:
             raise ValueError(f"activation {self.name!r}: alpha + beta must be > 0; got alpha={alpha!r}, "
                              f"beta={beta!r}")
-        self.g_minus = _real(self.name, "g_minus", g_minus)
-        self.g_plus = _real(self.name, "g_plus", g_plus)
-        self.t = _real(self.name, "t", t)
+        self.init_values = {"alpha": alpha, "beta": beta, "g_minus": _real(self.name, "g_minus", g_minus),
+                            "g_plus": _real(self.name, "g_plus", g_plus), "t": _real(self.name, "t", t)}
+        self.trainable = _flag(self.name, "trainable", trainable)
+        self.min_width = _GSMELU_MIN_WIDTH_FRACTION * (alpha + beta)
+        for key, value in self.init_values.items():
+            # Plain floats when fixed: the forward and the state dict stay exactly what they were before the
+            # trainable form existed.
+            setattr(self, key, nn.Parameter(torch.tensor(value, dtype=torch.float32)) if self.trainable else value)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Back to the constructor's values (for a model initialised on the meta device); fixed: nothing."""
+        if self.trainable:
+            for key, value in self.init_values.items():
+                getattr(self, key).fill_(value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return generalized_smelu(x, self.alpha, self.beta, self.g_minus, self.g_plus, self.t)
+        if not self.trainable:
+            return generalized_smelu(x, self.alpha, self.beta, self.g_minus, self.g_plus, self.t)
+        dtype = _compute_dtype(x)
+        params = [getattr(self, key).to(dtype) for key in _GSMELU_PARAMETERS]
+        return _gsmelu_trainable_impl(x.to(dtype), *params, self.min_width).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, g_minus={self.g_minus}, g_plus={self.g_plus}, t={self.t}"
+        values = ", ".join(f"{key}={value}" for key, value in self.init_values.items())
+        if not self.trainable:
+            return values
+        return f"{values} (init), trainable=True, min_width={self.min_width:g}"
 
 
 # -- registry --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from transformers.generation import utils as generation_utils
 from transformers.modeling_outputs import ModelOutput
 
 from retnet import kernels
-from retnet.model.activations import SAU, get_activation
+from retnet.model.activations import SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
 
@@ -426,6 +426,11 @@ class RetNetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SAU):
             init.constant_(module.alpha, module.init_alpha)
             init.constant_(module.log_sigma, math.log(module.init_sigma))
+        elif isinstance(module, GeneralizedSmeLU) and module.trainable:
+            # from_pretrained builds on the meta device: without this, parameters missing from a checkpoint
+            # (one saved before trainable was set) would keep uninitialised memory.
+            for key, value in module.init_values.items():
+                init.constant_(getattr(module, key), value)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

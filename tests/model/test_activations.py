@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from scipy.integrate import quad
 from torch.autograd import gradcheck
 from torch.func import functional_call
+from transformers import AutoModelForCausalLM
 
+from retnet.model import RetNetConfig
 from retnet.model.activations import (
     ACTIVATIONS,
     SAU,
@@ -338,6 +340,7 @@ def test_unknown_name_lists_the_known_ones():
         ("gsmelu", {"alpha": 1.0, "beta": -1.0}, "alpha=1.0, beta=-1.0"),
         ("gsmelu", {"alpha": -3.0, "beta": 1.0}, "alpha=-3.0, beta=1.0"),
         ("gsmelu", {"g_plus": math.inf}, "g_plus=inf"),
+        ("gsmelu", {"trainable": "yes"}, "trainable='yes'"),
         ("leaky_relu", {"negative_slope": True}, "negative_slope=True"),
         ("relu", {"beta": 1}, "beta=1"),
     ],
@@ -434,3 +437,234 @@ def test_parameterless_activations_refuse_any_parameter_by_name(name):
 def test_non_string_parameter_names_are_refused_by_name():
     with pytest.raises(ValueError, match=re.escape("parameter 1 ")):
         validate_activation("sau", {1: 0.2})
+
+
+# -- trainable generalized SmeLU -------------------------------------------------------------------------
+
+GSMELU_PARAMETERS = ("alpha", "beta", "g_minus", "g_plus", "t")
+
+
+def _gsmelu_inputs(setting: dict, dtype: torch.dtype) -> torch.Tensor:
+    breakpoints = [-setting["alpha"], setting["beta"]]
+    noise = torch.randn(300, generator=torch.Generator().manual_seed(1)) * 6
+    return torch.cat([torch.tensor([-1000.0, -20.0, *breakpoints, 0.0, 20.0, 1000.0]), noise]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("setting", GSMELU_SETTINGS)
+def test_trainable_gsmelu_equals_the_fixed_one_at_init(setting, dtype):
+    fixed, trainable = GeneralizedSmeLU(**setting), GeneralizedSmeLU(**setting, trainable=True)
+    x = _gsmelu_inputs(setting, dtype)
+    outs, grads = [], []
+    for module in (fixed, trainable):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        (grad,) = torch.autograd.grad(out.double().sum(), xi)
+        assert out.dtype == dtype and grad.dtype == dtype
+        outs.append(out)
+        grads.append(grad)
+    if setting == GSMELU_SETTINGS[0] or dtype in (torch.float16, torch.bfloat16):
+        # Exactly representable parameters (and, in half precision, the rounding of the output) leave no room
+        # for float32 storage to show: the same expressions give the same bits.
+        rtol = atol = 0.0
+    else:
+        # The trainable form holds the parameters in float32 (1.2 becomes 1.2000000477): equal up to that.
+        rtol, atol = 1e-6, 1e-6
+    torch.testing.assert_close(outs[1], outs[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(grads[1], grads[0], rtol=rtol, atol=atol)
+
+
+def _as_float64_call(module: GeneralizedSmeLU):
+    """The module as a function of (x, alpha, beta, g_minus, g_plus, t) with float64 parameters."""
+    return lambda x, *params: functional_call(module, dict(zip(GSMELU_PARAMETERS, params)), (x,))
+
+
+def _float64_parameters(values: dict) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.tensor(values[key], dtype=torch.float64, requires_grad=True) for key in GSMELU_PARAMETERS)
+
+
+@pytest.mark.parametrize("setting", GSMELU_SETTINGS)
+def test_trainable_gsmelu_parameter_gradients_match_finite_differences(setting):
+    call = _as_float64_call(GeneralizedSmeLU(**setting, trainable=True))
+    kinks = torch.tensor([-setting["alpha"], setting["beta"]], dtype=torch.float64)
+    x = torch.linspace(-6, 6, 41, dtype=torch.float64)
+    x = x[(x[:, None] - kinks).abs().min(dim=1).values > 1e-3].requires_grad_()
+    assert gradcheck(call, (x, *_float64_parameters(setting)), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("setting", GSMELU_SETTINGS)
+def test_trainable_gsmelu_parameter_gradients_at_the_breakpoints(setting):
+    # f is C¹ in the parameters too, but autograd must pick the right side of the clamp at x = β exactly:
+    # crediting u = clamp(x, −α, β) to β there would be off by g₊ − g₋ in ∂f/∂β.
+    call = _as_float64_call(GeneralizedSmeLU(**setting, trainable=True))
+    params = _float64_parameters(setting)
+    for point in (-setting["alpha"], setting["beta"]):
+        x = torch.tensor([point], dtype=torch.float64)
+        grads = torch.autograd.grad(call(x, *params).sum(), params)
+        h = 1e-6
+        for i, key in enumerate(GSMELU_PARAMETERS):
+            up = [p.detach() + (h if j == i else 0.0) for j, p in enumerate(params)]
+            down = [p.detach() - (h if j == i else 0.0) for j, p in enumerate(params)]
+            numeric = (call(x, *up) - call(x, *down)).item() / (2 * h)
+            assert grads[i].item() == pytest.approx(numeric, abs=1e-5), (point, key)
+
+
+def test_trainable_gsmelu_below_the_width_floor_is_the_floored_function_and_its_true_gradient():
+    module = GeneralizedSmeLU(alpha=1.0, beta=3.0, g_minus=0.1, g_plus=1.2, t=0.5, trainable=True)
+    assert module.min_width == pytest.approx(4e-3)
+    alpha, beta = 0.6, -1.4  # width −0.8: floored to 4e-3 around the midpoint (β − α)/2 = −1.0
+    values = {"alpha": alpha, "beta": beta, "g_minus": 0.1, "g_plus": 1.2, "t": 0.5}
+    shift = (4e-3 - (alpha + beta)) / 2
+    x = torch.linspace(-4, 4, 801, dtype=torch.float64)
+    expected = generalized_smelu(x, alpha + shift, beta + shift, 0.1, 1.2, 0.5)
+    call = _as_float64_call(module)
+    params = _float64_parameters(values)
+    torch.testing.assert_close(call(x, *params), expected, rtol=1e-12, atol=1e-12)
+    # the gradient of what is computed: gradcheck passes, the width gets none, the midpoint still trains
+    y = x[::37].clone().requires_grad_()
+    assert gradcheck(call, (y, *params), eps=1e-6, atol=1e-7)
+    d_alpha, d_beta = torch.autograd.grad(call(y, *params).sum(), params[:2])
+    assert d_alpha.item() + d_beta.item() == pytest.approx(0.0, abs=1e-12)
+    assert abs(d_alpha.item()) > 1e-3
+
+
+def test_trainable_gsmelu_trains_and_stays_finite_when_pushed_past_zero_width():
+    module = GeneralizedSmeLU(alpha=1.0, beta=3.0, g_minus=0.1, g_plus=1.2, t=0.5, trainable=True)
+    assert [name for name, _ in module.named_parameters()] == list(GSMELU_PARAMETERS)
+    assert all(p.dtype == torch.float32 and p.ndim == 0 for p in module.parameters())
+    before = {key: p.item() for key, p in module.named_parameters()}
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(2)) * 3
+    target = torch.tanh(x)  # far from any gSmeLU: every parameter gets a gradient
+    F.mse_loss(module(x), target).backward()
+    assert all(p.grad is not None and p.grad.item() != 0 for p in module.parameters())
+    optimizer.step()
+    for key, p in module.named_parameters():
+        assert p.item() != before[key], key
+    # pushed to zero and negative width: finite values and gradients, in every input precision
+    wide = torch.cat([LOW_PRECISION_X, torch.linspace(-3, 3, 61)])
+    for alpha, beta in [(0.0, 0.0), (1.0, -1.0), (-2.0, 0.5), (3e4, -3e4 - 5.0)]:
+        with torch.no_grad():
+            module.alpha.fill_(alpha)
+            module.beta.fill_(beta)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            xi = wide.to(dtype).detach().requires_grad_()
+            module.zero_grad()
+            out = module(xi)
+            out.double().sum().backward()
+            assert torch.isfinite(out).all(), (alpha, beta, dtype)
+            assert torch.isfinite(xi.grad).all(), (alpha, beta, dtype)
+            assert all(torch.isfinite(p.grad) for p in module.parameters()), (alpha, beta, dtype)
+        # the floor acts in forward only: the stored parameters are what the optimizer left
+        assert (module.alpha.item(), module.beta.item()) == (alpha, beta)
+    # and training continues from there without leaving finite numbers
+    for _ in range(20):
+        optimizer.zero_grad()
+        F.mse_loss(module(x), target).backward()
+        optimizer.step()
+    assert all(torch.isfinite(p) for p in module.parameters())
+    assert torch.isfinite(module(wide)).all()
+
+
+def test_trainable_gsmelu_at_the_floor_is_c1():
+    module = GeneralizedSmeLU(trainable=True)  # floor 4e-3
+    with torch.no_grad():
+        module.alpha.fill_(-1.0)
+        module.beta.fill_(0.5)  # midpoint (β − α)/2 = 0.75, so the quadratic region is [0.748, 0.752]
+    h = 1e-7
+    for kink, slope in [(0.748, 0.0), (0.752, 1.0)]:
+        k = torch.tensor(kink, dtype=torch.float64)
+        assert ((module(k) - module(k - h)) / h).item() == pytest.approx(slope, abs=1e-4)
+        assert ((module(k + h) - module(k)) / h).item() == pytest.approx(slope, abs=1e-4)
+
+
+def test_trainable_gsmelu_in_a_bf16_module_and_reset_after_meta_init():
+    setting = dict(alpha=1.0, beta=3.0, g_minus=0.125, g_plus=1.0, t=0.5)  # all exact in bf16
+    module = GeneralizedSmeLU(**setting, trainable=True).to(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+    x = torch.cat([LOW_PRECISION_X, torch.linspace(-4, 4, 41)]).to(torch.bfloat16).requires_grad_()
+    out = module(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad) for p in module.parameters())
+    # the cast rounded no parameter, so the values are the float32 module's
+    torch.testing.assert_close(out, GeneralizedSmeLU(**setting, trainable=True)(x.detach()), rtol=0, atol=0)
+    with torch.device("meta"):
+        meta = GeneralizedSmeLU(**setting, trainable=True)
+    meta = meta.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.fill_(float("nan"))
+    meta.reset_parameters()
+    assert {key: p.item() for key, p in meta.named_parameters()} == setting
+    GeneralizedSmeLU(**setting).reset_parameters()  # fixed: nothing to reset, and no error
+
+
+def test_fixed_gsmelu_has_no_parameters_or_state():
+    module = GeneralizedSmeLU(alpha=1.0, beta=3.0)
+    assert module.trainable is False
+    assert list(module.parameters()) == [] and list(module.buffers()) == []
+    assert module.state_dict() == {}
+    assert isinstance(module.alpha, float) and module.alpha == 1.0
+    assert get_activation("gsmelu").trainable is False
+
+
+def test_trainable_gsmelu_keeps_its_cost():
+    module = get_activation("gsmelu", trainable=True)
+    assert module.nonlinear_evals_per_element == 1
+    assert nonlinear_evals_per_token(module, 1408) == nonlinear_evals_per_token("gsmelu", 1408) == 1408
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0, None, 1.0])
+def test_gsmelu_trainable_flag_must_be_a_bool(value):
+    expected = f"trainable={value!r}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        get_activation("gsmelu", trainable=value)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        validate_activation("gsmelu", {"trainable": value})
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        RetNetConfig(hidden_act="gsmelu", hidden_act_kwargs={"trainable": value})
+
+
+GSMELU_MODEL_KWARGS = {"alpha": 1.0, "beta": 3.0, "g_minus": 0.1, "g_plus": 1.0, "t": 0.5}
+
+
+def test_model_with_trainable_gsmelu_round_trips_through_save_and_load(tmp_path, model_factory):
+    model = model_factory(hidden_act="gsmelu", hidden_act_kwargs={**GSMELU_MODEL_KWARGS, "trainable": True})
+    names = {name for name, _ in model.named_parameters()}
+    layers = range(model.config.num_hidden_layers)
+    expected = {f"model.layers.{i}.mlp.act_fn.{key}" for i in layers for key in GSMELU_PARAMETERS}
+    assert expected <= names
+    ids = torch.randint(2, 101, (2, 11), generator=torch.Generator().manual_seed(3))
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    act = model.model.layers[1].mlp.act_fn
+    assert all(getattr(act, key).grad is not None for key in GSMELU_PARAMETERS)
+    with torch.no_grad():  # trained values, distinct per layer, so the round trip has something to keep
+        for key, value in zip(GSMELU_PARAMETERS, (0.7, 2.2, 0.05, 1.1, 0.3)):
+            getattr(act, key).fill_(value)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.hidden_act_kwargs["trainable"] is True
+    loaded_params = dict(loaded.named_parameters())
+    assert expected <= set(loaded_params)
+    for name, p in model.named_parameters():
+        assert torch.equal(loaded_params[name], p), name
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_trainable_gsmelu_missing_from_a_checkpoint_starts_at_its_init_values(tmp_path, model_factory):
+    # A checkpoint of the fixed form loaded as trainable: from_pretrained builds on the meta device, so
+    # _init_weights must set the new parameters (else they hold uninitialised memory).
+    model = model_factory(hidden_act="gsmelu", hidden_act_kwargs=GSMELU_MODEL_KWARGS)
+    assert not any(".act_fn." in name for name in model.state_dict())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, hidden_act_kwargs={**GSMELU_MODEL_KWARGS, "trainable": True}).eval()
+    act_params = {name.rsplit(".", 1)[-1]: p.item() for name, p in loaded.named_parameters() if ".act_fn." in name}
+    assert act_params and act_params == pytest.approx(GSMELU_MODEL_KWARGS)
+    ids = torch.randint(2, 101, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
