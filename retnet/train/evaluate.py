@@ -1,0 +1,310 @@
+"""Score an exported RetNet on whole documents: ``retnet-eval`` / ``python -m retnet.train.evaluate``.
+
+    retnet-eval --model runs/demo/export                                   # the stdlib sources
+    python -m retnet.train.evaluate --model runs/demo/export --dataset 'held_out/*.jsonl' --json
+    retnet-eval --model out/export --dataset wikitext --name wikitext-103-raw-v1 --split test \\
+        --segment-tokens 4096 --batch-size 8 --device cuda --dtype bfloat16
+
+``--model`` is a ``save_pretrained`` directory with its tokenizer (what training writes to
+``train.output_dir/export``). The data is read as training reads it (``--dataset``, ``--name``, ``--split``,
+``--text-field``, ``--max-documents`` are ``data.dataset`` ... of the training config): ``stdlib``, a local
+file, directory or glob, a ``save_to_disk`` directory or a hub dataset.
+
+Each document is scored as training presents it: the tokenizer's EOS opens it (every packed training
+segment starts at an EOS, so that is the state a document starts from), and the model predicts its tokens
+and the EOS that closes it, so a document of n tokens counts n + 1 targets. The loss is the mean next-token
+cross-entropy over every target of every document (nats), the perplexity its exponential.
+
+No context window: a document is run in pieces of ``--segment-tokens`` tokens, each continuing the recurrent
+state the previous piece left, so every token is conditioned on the whole document before it, at memory
+that grows with the segment, not the document. ``--batch-size`` documents run together, packed into one row.
+
+Exit status: 0 on success, 2 for bad options or input (a missing model directory, a dataset without
+documents, a non-positive size ...), with a message naming the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+EXIT_OK, EXIT_USAGE = 0, 2
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class EvalError(ValueError):
+    """Input this command cannot evaluate; the message names the option."""
+
+
+@dataclass
+class EvalResult:
+    documents: int
+    tokens: int  # targets scored: each document's tokens and its closing EOS
+    loss: float  # mean next-token cross-entropy, nats
+    perplexity: float
+    tokens_per_second: float
+    seconds: float
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------------
+def encode(tokenizer, texts: list[str], batch: int = 512) -> list[list[int]]:
+    """Each document as ``[EOS, *ids, EOS]``, encoded as training encodes it (whole, special tokens' text as
+    text): the sequence whose every token after the first is a target."""
+    from retnet.train.data import document_encoder
+
+    eos = tokenizer.eos_token_id
+    encoder = document_encoder(tokenizer)
+    out = []
+    for start in range(0, len(texts), batch):
+        for encoding in encoder.encode_batch(texts[start:start + batch], add_special_tokens=False):
+            out.append([eos, *encoding.ids, eos])
+    return out
+
+
+@torch.no_grad()
+def score_documents(model, documents: list[list[int]], *, segment_tokens: int = 2048, batch_size: int = 1,
+                    progress=None) -> tuple[float, int]:
+    """(summed cross-entropy, targets) of ``documents`` (token id lists, each predicting ``ids[1:]`` from
+    ``ids[:-1]``), run ``segment_tokens`` at a time with the recurrent cache carried between segments.
+
+    A batch's documents go into one packed row (``cu_seqlens``), each continuing its own cache row, so no
+    padding is run and no state leaks between them; a document that has ended leaves the cache."""
+    if segment_tokens < 1 or batch_size < 1:
+        raise ValueError(f"segment_tokens and batch_size must be >= 1; got {segment_tokens}, {batch_size}")
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per segment
+    targets = 0
+    # Longest first: a batch of similar lengths keeps its row full for more segments, and a document too long
+    # for the memory fails at the start, not after the rest was scored.
+    order = sorted((d for d in documents if len(d) >= 2), key=len, reverse=True)
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        inputs = [torch.tensor(d[:-1], dtype=torch.long) for d in batch]
+        labels = [torch.tensor(d[1:], dtype=torch.long) for d in batch]
+        cache, active, start = None, list(range(len(batch))), 0
+        while active:
+            pieces = [inputs[i][start:start + segment_tokens] for i in active]
+            lengths = torch.tensor([0, *(len(p) for p in pieces)])
+            out = model(input_ids=torch.cat(pieces)[None].to(device), cu_seqlens=lengths.cumsum(0).to(device),
+                        cache=cache, use_cache=True)
+            want = torch.cat([labels[i][start:start + segment_tokens] for i in active]).to(device)
+            total += F.cross_entropy(out.logits[0].float(), want, reduction="sum")
+            targets += len(want)
+            if progress is not None:
+                progress.update(len(want))
+            cache, start = out.cache, start + segment_tokens
+            going = [len(inputs[i]) > start for i in active]
+            if not all(going):
+                active = [i for i, keep in zip(active, going) if keep]
+                cache = cache.select(torch.tensor(going)) if active else None
+    return total.item(), targets
+
+
+def evaluate(model, documents: list[list[int]], *, segment_tokens: int = 2048, batch_size: int = 1,
+             progress=None) -> EvalResult:
+    # CUDA runs asynchronously: the clock must start and stop with the device idle.
+    device_sync = next(model.parameters()).device.type == "cuda"
+    if device_sync:
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    loss_sum, tokens = score_documents(model, documents, segment_tokens=segment_tokens, batch_size=batch_size,
+                                       progress=progress)
+    if device_sync:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - began
+    loss = loss_sum / tokens if tokens else math.nan
+    return EvalResult(documents=len(documents), tokens=tokens, loss=loss,
+                      perplexity=math.exp(loss) if loss < 700 else math.inf,
+                      tokens_per_second=tokens / seconds if seconds > 0 else math.inf, seconds=seconds)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------
+# data.py's messages name the training config's keys; here the same settings are options.
+_OPTION_OF_KEY = {"dataset": "--dataset", "name": "--name", "split": "--split", "text_field": "--text-field",
+                  "max_documents": "--max-documents", "cache_dir": "--cache-dir"}
+
+
+def _as_options(message: str) -> str:
+    return re.sub(r"\bdata\.(dataset|name|split|text_field|max_documents|cache_dir)\b",
+                  lambda m: _OPTION_OF_KEY[m.group(1)], message)
+
+
+def read_documents(dataset: str, *, name: str | None = None, split: str = "train", text_field: str = "text",
+                   max_documents: int = 0, cache_dir: str | Path | None = None) -> list[str]:
+    """The non-empty documents of ``dataset``, read by training's own readers (same sources, same order,
+    same ``max_documents`` cut, no validation split held out)."""
+    from retnet.train.config import ConfigError, DataConfig
+    from retnet.train.data import default_cache_dir, load_documents, local_files
+
+    try:
+        cfg = DataConfig(dataset=dataset, name=name, split=split, text_field=text_field,
+                         max_documents=max_documents, cache_dir=str(cache_dir or ""))
+        files = None if dataset == "stdlib" else local_files(dataset)
+        docs = load_documents(cfg, files, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    except (ConfigError, FileNotFoundError) as error:
+        raise EvalError(_as_options(str(error))) from None
+    if not docs:
+        raise EvalError(f"--dataset {dataset!r} holds no documents (every {text_field!r} value is empty"
+                        f"{'' if dataset == 'stdlib' else ', or the selection is empty'})")
+    return docs
+
+
+def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) of an export directory, the model in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import retnet  # noqa: F401 - registers RetNet with the Auto classes
+    from retnet.train.data import vocab_bound
+
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise EvalError(f"--model: no such model directory: {path!r}")
+    if not root.is_dir():
+        raise EvalError(f"--model {path!r} is not a directory; give a save_pretrained directory "
+                        f"(train.output_dir/export)")
+    if not (root / "config.json").is_file():
+        raise EvalError(f"--model {path!r} holds no config.json; give a save_pretrained directory "
+                        f"(train.output_dir/export)")
+    target = _device(device)
+    if dtype not in DTYPES:
+        raise EvalError(f"--dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise EvalError(f"--model {path!r}: no tokenizer could be loaded from it ({type(error).__name__}: "
+                        f"{str(error).strip()[:300]}); export the model with its tokenizer") from None
+    if tokenizer.eos_token_id is None:
+        raise EvalError(f"--model {path!r}: the tokenizer has no EOS token; documents are delimited by EOS")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(root), dtype=DTYPES[dtype], local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise EvalError(f"--model {path!r} could not be loaded: {type(error).__name__}: "
+                        f"{str(error).strip()[:300]}") from None
+    # An id past the embedding would fail deep in the forward, or on CUDA as an opaque device assert.
+    if vocab_bound(tokenizer) > model.config.vocab_size:
+        raise EvalError(f"--model {path!r}: its tokenizer produces ids up to {vocab_bound(tokenizer) - 1}, beyond the "
+                        f"model's vocab_size {model.config.vocab_size}")
+    return model.to(target).eval(), tokenizer
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise EvalError(f"--device {name!r} is no torch device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name!r}: CUDA is not available here")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retnet-eval", description="Per-token loss and perplexity of an exported RetNet over whole documents.")
+    parser.add_argument("--model", required=True, help="save_pretrained directory with its tokenizer "
+                                                       "(train.output_dir/export)")
+    parser.add_argument("--dataset", default="stdlib", help="as data.dataset: stdlib, a local file, directory or "
+                                                            "glob, a save_to_disk directory or a hub name (default: stdlib)")
+    parser.add_argument("--name", default=None, help="as data.name: the hub dataset's configuration")
+    parser.add_argument("--split", default="train", help="as data.split (default: train)")
+    parser.add_argument("--text-field", default="text", help="as data.text_field (default: text)")
+    parser.add_argument("--max-documents", type=_count(0), default=0, help="the first N documents (default 0: all)")
+    parser.add_argument("--segment-tokens", type=_count(1), default=2048,
+                        help="tokens per forward; the recurrent state carries across (default: 2048)")
+    parser.add_argument("--batch-size", type=_count(1), default=1, help="documents run together (default: 1)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype (default: float32)")
+    parser.add_argument("--cache-dir", default=None, help="as data.cache_dir: where datasets caches what it "
+                                                          "reads (default: $XDG_CACHE_HOME/retnet/train)")
+    parser.add_argument("--json", action="store_true", help="print one JSON record instead of a line of text")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return parser
+
+
+@contextlib.contextmanager
+def _library_bars(shown: bool) -> Iterator[None]:
+    """transformers (loading weights) and datasets (reading files) draw bars of their own: hidden with ours,
+    then restored, since ``main`` also runs inside other programs (the tests)."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    before = transformers_logging.is_progress_bar_enabled(), not datasets.are_progress_bars_disabled()
+    if not shown:
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not shown and before[0]:
+            transformers_logging.enable_progress_bar()
+        if not shown and before[1]:
+            datasets.enable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    with _library_bars(not args.no_progress):
+        try:
+            model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+            texts = read_documents(args.dataset, name=args.name, split=args.split, text_field=args.text_field,
+                                   max_documents=args.max_documents, cache_dir=args.cache_dir)
+        except EvalError as error:
+            parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+    documents = encode(tokenizer, texts)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=sum(len(d) - 1 for d in documents), desc="eval", unit="tok", unit_scale=True,
+              disable=args.no_progress, file=sys.stderr) as bar:
+        result = evaluate(model, documents, segment_tokens=args.segment_tokens, batch_size=args.batch_size,
+                          progress=bar)
+    if args.json:
+        record = {"model": args.model, "dataset": args.dataset, **asdict(result),
+                  "segment_tokens": args.segment_tokens, "batch_size": args.batch_size,
+                  "device": str(next(model.parameters()).device), "dtype": args.dtype}
+        print(json.dumps(record))
+    else:
+        print(f"{result.documents} documents, {result.tokens} tokens: loss {result.loss:.4f}, perplexity "
+              f"{result.perplexity:.2f} ({result.tokens_per_second:,.0f} tokens/s)")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
