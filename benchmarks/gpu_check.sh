@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU session: one short script for the lent H200 (torch, Triton and transformers are
 # preinstalled there and no registry is reachable, so it runs from the source tree).
-#   run: bash benchmarks/gpu_check.sh     (every step has its own timeout: at most 560 s in all, one `run` call)
+#   run: bash benchmarks/gpu_check.sh     (every step has its own timeout: at most 590 s in all, one `run` call)
 # Steps go in order of importance, so a session cut short still has the first ones. Each step's whole log
 # goes to $OUT (the console shows its tail), so a step cut off by its timeout still leaves what it measured;
 # pytest runs verbose for the same reason (a killed run prints no summary).
@@ -29,7 +29,11 @@ timeout 110 "${PYTEST[@]}" tests/kernels tests/model --ignore=tests/kernels/test
 #    documents.
 timeout 80 torchrun --standalone --nproc_per_node=1 -m retnet.train --config tiny --train.steps=200 \
     --train.output_dir="$OUT/train-gpu" --logging.progress=false --logging.tensorboard=false \
-    --checkpoint.export=false 2>&1 | tee "$OUT/gpu-train.txt" | tail -12
+    2>&1 | tee "$OUT/gpu-train.txt" | tail -12
+#    ... and that model scored on whole documents in bf16: packed rows continuing cache rows (varlen + states).
+timeout 30 python -m retnet.train.evaluate --model "$OUT/train-gpu/export" --max-documents 64 --segment-tokens 512 \
+    --batch-size 8 --device cuda --dtype bfloat16 --no-progress --json 2>&1 | tee "$OUT/gpu-eval.txt" | tail -3
+rm -rf "$OUT/train-gpu/checkpoints" "$OUT/train-gpu/export"  # weights: not worth carrying back
 # 5. Decode latency vs a KV cache; training throughput and MFU against a matched Llama.
 timeout 40 python benchmarks/decode.py 2>&1 | tee "$OUT/gpu-decode.txt" | tail -6
 cp benchmarks/results/decode-cuda.json "$OUT/" 2>/dev/null || true
