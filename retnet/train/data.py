@@ -15,8 +15,9 @@ position is one integer (blocks consumed) that a checkpoint stores and a resume 
 
 Streaming (``data.streaming = true``, for sets too large to cache): the first ``val_documents`` documents are
 the validation split (kept out of training wherever they occur), the rest is split by node
-(``datasets.distributed.split_dataset_by_node``) and packed on the fly; each rank's position is the number of
-blocks it has consumed and a resume skips that many.
+(``datasets.distributed.split_dataset_by_node``) and packed on the fly; each rank's position is its place in
+its stream (``datasets``' stream state, the documents read and the tokens not yet packed), from which a resume
+continues without tokenizing what was read before.
 
 Packed rows hold several documents separated by EOS. With ``data.document_boundaries`` (the default) the
 trainer flattens each micro-batch into one packed row and passes ``cu_seqlens`` with a segment starting at
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -484,7 +486,12 @@ class PackedData:
 
 
 class StreamingData:
-    """On-the-fly packing of a streamed dataset; each rank reads its own part (split by node)."""
+    """On-the-fly packing of a streamed dataset; each rank reads its own part (split by node).
+
+    Its data position is where this rank's stream stands: the epoch, the documents of that epoch read so far,
+    ``datasets``' own state of the stream after them (``IterableDataset.state_dict``) and the tokens read but
+    not packed into a block yet. A resume restarts the stream from that state and tokenizes none of the
+    documents read before: after billions of tokens, tokenizing them again only to find the place takes hours."""
 
     def __init__(self, stream, val_blocks: np.ndarray, tokenizer, *, text_field: str, seq_len: int,
                  micro_batch: int, rank: int, world_size: int):
@@ -501,33 +508,56 @@ class StreamingData:
         self.hub_fingerprint: str | None = None  # of a hub dataset: a checkpoint keeps it for its resume
         self.train_tokens = None
         self._encoder = document_encoder(tokenizer)
-        self._iterator: Iterator[np.ndarray] | None = None
+        self._epoch = 0
+        self._documents = 0  # examples of this epoch read, empty ones too: they count in the stream's order
+        self._seen = False  # a non-empty document in this epoch: an epoch without one would loop for ever
+        self._buffer: list[int] = []  # tokens read, not yet in a block
+        self._examples: Iterator[dict] | None = None  # this epoch's, once opened
+        self._stream_state: dict | None = None  # datasets' state of a checkpoint, for the next opening
+        self._replay = False  # a checkpoint without the fields above: regenerate its position blocks
 
-    def _generate(self) -> Iterator[np.ndarray]:
-        eos, buffer, epoch = self.tokenizer.eos_token_id, [], 0
+    def _open(self) -> None:
+        self.stream.set_epoch(self._epoch)
+        state, self._stream_state = self._stream_state, None
+        if state is not None:
+            self.stream.load_state_dict(state)
+            self._examples = iter(self.stream)
+        else:
+            # Read, not tokenized: documents cost their reading only (datasets' state, where usable, skips
+            # whole shards without opening them).
+            self._examples = itertools.islice(iter(self.stream), self._documents, None)
+
+    def _next_text(self) -> str:
         while True:
-            self.stream.set_epoch(epoch)
-            seen = False
-            for example in self.stream:
-                text = example[self.text_field]
-                if not text:
-                    continue
-                seen = True
-                buffer.extend([*self._encoder.encode(text, add_special_tokens=False).ids, eos])
-                while len(buffer) >= self.seq_len:
-                    yield np.asarray(buffer[: self.seq_len], dtype=np.int64)
-                    del buffer[: self.seq_len]
-            if not seen:
-                raise ConfigError(f"data.dataset {self.stream!r} gave rank {self.rank} no documents")
-            epoch += 1
+            if self._examples is None:
+                self._open()
+            example = next(self._examples, None)
+            if example is None:
+                if not self._seen:
+                    raise ConfigError(f"data.dataset {self.stream!r} gave rank {self.rank} no documents")
+                self._epoch, self._documents, self._seen, self._examples = self._epoch + 1, 0, False, None
+                continue
+            self._documents += 1
+            text = example[self.text_field]
+            if text:
+                self._seen = True
+                return text
+
+    def _pack(self) -> np.ndarray:
+        eos = self.tokenizer.eos_token_id
+        while len(self._buffer) < self.seq_len:
+            self._buffer.extend([*self._encoder.encode(self._next_text(), add_special_tokens=False).ids, eos])
+        block = np.asarray(self._buffer[: self.seq_len], dtype=np.int64)
+        del self._buffer[: self.seq_len]
+        return block
 
     def _next_block(self) -> np.ndarray:
-        if self._iterator is None:
-            self._iterator = self._generate()
-            for _ in range(self.position):  # resume: regenerate and skip what was consumed
-                next(self._iterator)
+        if self._replay:
+            self._replay = False
+            for _ in range(self.position):
+                self._pack()
         self.position += 1
-        return next(self._iterator)
+        return self._pack()
 
     def micro_batches(self, accum: int) -> list[torch.Tensor]:
         return [torch.from_numpy(np.stack([self._next_block() for _ in range(self.micro_batch)])) for _ in range(accum)]
@@ -535,12 +565,44 @@ class StreamingData:
     val_batches = PackedData.val_batches
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "streaming", "position": self.position}
+        import datasets
+
+        if self._replay:  # nothing read since the resume from an old checkpoint: still its position
+            return {"kind": "streaming", "position": self.position}
+        stream = self.stream.state_dict() if self._examples is not None else self._stream_state
+        return {"kind": "streaming", "position": self.position, "epoch": self._epoch, "documents": self._documents,
+                "buffer": np.asarray(self._buffer, dtype=np.uint32), "stream": stream,
+                "datasets_version": datasets.__version__}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        import datasets
+
         if state.get("kind") != "streaming":
             raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a streaming run")
-        self.position, self._iterator = int(state["position"]), None
+        self.position, self._examples = int(state["position"]), None
+        if "documents" not in state:
+            # Written before the stream's place was saved: tokenize the stream again up to the position.
+            if self.position:
+                logger.warning("data: this checkpoint holds only the number of blocks read from the stream; "
+                               "regenerating %d blocks (every document before them is tokenized again)",
+                               self.position)
+            self._replay = True
+            self._epoch, self._documents, self._seen, self._buffer, self._stream_state = 0, 0, False, [], None
+            return
+        self._replay = False
+        self._epoch, self._documents = int(state["epoch"]), int(state["documents"])
+        self._seen = self._documents > 0
+        self._buffer = [int(t) for t in state["buffer"]]
+        stream = state.get("stream")
+        # datasets' state is its own format: another version may read it otherwise, and an epoch other than
+        # ours would make it start the epoch over. The document count holds in any version.
+        usable = (stream is not None and state.get("datasets_version") == datasets.__version__
+                  and stream.get("epoch") == self._epoch)
+        if stream is not None and not usable:
+            logger.info("data: the checkpoint's stream state is of datasets %s (this is %s); skipping %d "
+                        "documents by reading them", state.get("datasets_version"), datasets.__version__,
+                        self._documents)
+        self._stream_state = stream if usable else None
 
 
 # ----------------------------------------------------------------------------------------------------------

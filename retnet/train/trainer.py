@@ -387,6 +387,7 @@ class Trainer:
         # A resumed run drops the records after its checkpoint (they will be redone), and that of the evaluation
         # the checkpoint left pending (an earlier resume may have written it before dying); a run that starts
         # drops them all (those of an earlier run here that died before its first checkpoint), step 0 included.
+        keep: list[str] = []
         if self.metrics_path.exists():
             redone = (self.step, "val") if self.pending_eval else None
             keep = [line for line in self.metrics_path.read_text().splitlines()
@@ -399,11 +400,17 @@ class Trainer:
         if self.cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"),
-                                             purge_step=self.step + 1 if self.resumed else 0)
             except ImportError:
                 logger.warning("tensorboard is not installed; logging.tensorboard ignored")
+            else:
+                # TensorBoard purges whole steps, every tag. The evaluation a stop left pending is redone at the
+                # checkpoint's step, where an earlier resume that died may have logged it already: that step is
+                # purged too, and its records kept in metrics.jsonl (its training record) are written again.
+                purge = (self.step if self.pending_eval else self.step + 1) if self.resumed else 0
+                self._writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge)
+                for line in keep:
+                    if _record_key(line)[0] >= purge:
+                        self._write_scalars(json.loads(line))
         if self.cfg.logging.progress:
             from tqdm.auto import tqdm
 
@@ -479,13 +486,21 @@ class Trainer:
         self.last_saved_step = self.step
 
     def _check_resume_data(self, path: Path, *, tokenizer_reused: bool) -> str | None:
-        """ConfigError unless this run's data continues the checkpoint's: the same mode (packed or streamed),
-        a world size its stream positions hold for, and the same data-defining settings
-        (:func:`~retnet.train.config.data_changes`). Every rank reads the checkpoint, so each refuses alike.
-        Returns the fingerprint of the hub data it was trained on (None for local data), which build_data
-        holds the hub set to."""
+        """ConfigError unless this run continues the checkpoint's: ``train.steps`` not below its step, the same
+        data mode (packed or streamed), a world size its stream positions hold for, and the same data-defining
+        settings (:func:`~retnet.train.config.data_changes`). Every rank reads the checkpoint, so each refuses
+        alike. Returns the fingerprint of the hub data it was trained on (None for local data), which
+        build_data holds the hub set to."""
         # rank 0 verified it in _resolve_resume; _load verifies it again before the state is used
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        if int(trainer["step"]) > self.cfg.train.steps:
+            # Nothing would train, and the export would be of a later step than asked for: most likely a
+            # train.steps meant to extend the run, or the wrong train.output_dir.
+            raise ConfigError(
+                f"train.steps is {self.cfg.train.steps} but checkpoint {str(path)!r} is at step "
+                f"{trainer['step']}, past it: raise train.steps to at least {trainer['step']} to resume it (equal: "
+                f"only export it again), resume an earlier checkpoint with train.resume=PATH, or start a new run "
+                f"in another train.output_dir")
         ranks = trainer["ranks"]
         saved = str(ranks[0]["data"].get("kind") == "streaming").lower()
         current = str(self.cfg.data.streaming).lower()
@@ -724,10 +739,13 @@ class Trainer:
         record = {**record, "time": time.time()}
         self._metrics.write(json.dumps(record) + "\n")
         if self._writer is not None:
-            prefix = "train" if record["kind"] == "train" else "val"
-            for key, value in record.items():
-                if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
-                    self._writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+            self._write_scalars(record)
+
+    def _write_scalars(self, record: dict[str, Any]) -> None:
+        prefix = "train" if record["kind"] == "train" else "val"
+        for key, value in record.items():
+            if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{prefix}/{key}", value, record["step"], walltime=record.get("time"))
 
     def close(self) -> None:
         for sig, handler in self._previous_handlers.items():

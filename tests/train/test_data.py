@@ -596,3 +596,116 @@ def test_a_tokenizer_path_that_holds_no_tokenizer_is_refused_by_name(tokenizer_d
         with pytest.raises(ConfigError, match=rf"data\.tokenizer '{path}'.*{problem}"):
             load_tokenizer(path)
     assert load_tokenizer(tokenizer_dir).eos_token_id is not None
+
+
+class _CountingEncoder:
+    """A document encoder that counts the documents it encodes (``encode``: one call per streamed document)."""
+
+    def __init__(self, inner, counter: list[int]):
+        self._inner, self._counter = inner, counter
+
+    def encode(self, *args, **kwargs):
+        self._counter[0] += 1
+        return self._inner.encode(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _count_encodes(monkeypatch) -> list[int]:
+    from retnet.train import data as data_module
+
+    counter, real = [0], data_module.document_encoder
+    monkeypatch.setattr(data_module, "document_encoder", lambda tokenizer: _CountingEncoder(real(tokenizer), counter))
+    return counter
+
+
+# Of many lengths (a block ends inside a document, or holds several), two empty: skipped, but counted in the stream
+_VARIED = [("" if i in (4, 11) else f"doc {i}: " + "x = [1, 2]\n" * (1 + i % 7)) for i in range(40)]
+
+
+def _streamed(tmp_path, tokenizer_dir, files: int, world_size: int):
+    import json
+
+    for part in range(files):
+        rows = _VARIED[part::files]
+        (tmp_path / f"part{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    config = DataConfig(dataset=str(tmp_path / "*.jsonl"), tokenizer=str(tokenizer_dir), seq_len=16, streaming=True,
+                        val_documents=3, cache_dir=str(tmp_path / "cache"))
+    return lambda rank: build_data(config, **{**_BUILD, "rank": rank, "local_rank": rank, "world_size": world_size})
+
+
+def _checkpointed(state: dict) -> dict:
+    """``state`` as a resume reads it back: through torch.save and torch.load, as trainer.pt."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("files,world_size", [(1, 1), (1, 2), (2, 2)],
+                         ids=["one-rank", "two-ranks-one-file", "two-ranks-a-file-each"])
+def test_a_streamed_resume_tokenizes_no_document_read_before(files, world_size, tokenizer_dir, tmp_path,
+                                                            monkeypatch):
+    """A streamed resume continues from its checkpoint's place in the stream: the same blocks as a run never
+    stopped, across epochs, and only the documents after that place are tokenized (regenerating the
+    consumed blocks to find the place took hours after billions of tokens)."""
+    counter = _count_encodes(monkeypatch)
+    build = _streamed(tmp_path, tokenizer_dir, files, world_size)
+    total = 200  # several epochs of each rank's stream
+    for rank in range(world_size):
+        whole = build(rank)
+        encoded = []  # documents tokenized before each block was returned
+        blocks = []
+        for _ in range(total):
+            blocks.append(whole._next_block())
+            encoded.append(counter[0])
+        assert whole.state_dict()["epoch"] >= 2
+        for cut in (1, 9, 70, 150, 199):
+            first = build(rank)
+            for _ in range(cut):
+                first._next_block()
+            state = _checkpointed(first.state_dict())
+            resumed = build(rank)
+            resumed.load_state_dict(state)
+            counter[0] = 0
+            rest = [resumed._next_block() for _ in range(total - cut)]
+            assert all(np.array_equal(a, b) for a, b in zip(rest, blocks[cut:], strict=True)), (rank, cut)
+            assert counter[0] == encoded[-1] - encoded[cut - 1], (rank, cut)
+            assert resumed.state_dict()["position"] == total
+
+
+@pytest.mark.parametrize("written_by", ["blocks-only", "another-datasets"])
+def test_streamed_checkpoints_without_a_usable_stream_state_resume_the_same_blocks(written_by, tokenizer_dir,
+                                                                                   tmp_path, monkeypatch):
+    """A checkpoint written before the stream's place was saved (only the number of blocks read) regenerates
+    those blocks, as it was written to be resumed; one whose ``datasets`` state is of another version (a format
+    of its own) skips the documents it read by counting them: read again, but not tokenized."""
+    counter = _count_encodes(monkeypatch)
+    build = _streamed(tmp_path, tokenizer_dir, 1, 1)
+    whole = build(0)
+    blocks, encoded = [], []
+    for _ in range(60):
+        blocks.append(whole._next_block())
+        encoded.append(counter[0])
+    first = build(0)
+    for _ in range(25):
+        first._next_block()
+    state = _checkpointed(first.state_dict())
+    if written_by == "blocks-only":
+        state = {"kind": "streaming", "position": 25}
+    else:
+        state["datasets_version"] = "0.0.1"
+    resumed = build(0)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["position"] == 25  # saved again before a block is read: the same place
+    counter[0] = 0
+    rest = [resumed._next_block() for _ in range(35)]
+    assert all(np.array_equal(a, b) for a, b in zip(rest, blocks[25:], strict=True))
+    replayed = encoded[24] if written_by == "blocks-only" else 0
+    assert counter[0] == replayed + encoded[-1] - encoded[24]
+    assert {k: v for k, v in resumed.state_dict().items() if k != "buffer"} == \
+        {k: v for k, v in whole.state_dict().items() if k != "buffer"}
+    assert np.array_equal(resumed.state_dict()["buffer"], whole.state_dict()["buffer"])

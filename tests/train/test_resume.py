@@ -214,6 +214,26 @@ def test_explicit_resume_from_an_older_checkpoint_supersedes_the_newer_ones(micr
     assert "at step 4" in capsys.readouterr().err
 
 
+def test_resuming_with_train_steps_below_the_checkpoint_step_is_refused(micro, tmp_path, capsys):
+    """train.steps below the newest checkpoint's step would train nothing and export the checkpoint's later
+    step: refused before any data is read, naming both, and nothing written. The same number of steps (a
+    finished run run again) only exports again; an earlier checkpoint named explicitly resumes."""
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    assert main(micro(out, checkpoint__interval=2, checkpoint__keep_last=3, train__steps=4)) == 0
+    before = _tree_digest(out)
+    capsys.readouterr()
+    assert main(micro(out, checkpoint__interval=2, checkpoint__keep_last=3, train__steps=3)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "train.steps is 3" in err and "step_00000004" in err and "at step 4" in err and "Traceback" not in err
+    assert _tree_digest(out) == before
+    assert main(micro(out, checkpoint__interval=2, checkpoint__keep_last=3, train__steps=4)) == 0
+    assert main(micro(out, checkpoint__interval=2, checkpoint__keep_last=3, train__steps=3,
+                      train__resume=root / "step_00000002")) == 0
+    assert "at step 2" in capsys.readouterr().err
+    assert verify_checkpoint(root / "step_00000003")["step"] == 3
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. Resuming on another world size
 # ----------------------------------------------------------------------------------------------------------
@@ -441,6 +461,81 @@ def test_the_evaluation_left_by_a_stop_is_not_logged_twice(micro, tmp_path, monk
     assert main(micro(stopped, **common)) == 0
     assert _records(stopped, read_metrics, "val") == _records(whole, read_metrics, "val")
     assert _records(stopped, read_metrics, "train") == _records(whole, read_metrics, "train")
+
+
+@pytest.mark.parametrize("checkpoint_holds", ["stream-place", "blocks-only"])
+def test_a_streamed_resume_replays_the_losses_without_tokenizing_what_it_read(checkpoint_holds, micro, tmp_path,
+                                                                              monkeypatch, read_metrics):
+    """A streamed run stopped at step 3 and resumed trains on the blocks of a run never stopped (bit-equal
+    losses), and tokenizes only the documents after its checkpoint's place in the stream: those of the two
+    runs add up to those of the uninterrupted one. A checkpoint written before that place was saved (only the
+    number of blocks read) still resumes, by tokenizing the stream again up to it."""
+    from retnet.train import data as data_module
+
+    counter, real = [0], data_module.document_encoder
+
+    class Counting:
+        def __init__(self, tokenizer):
+            self.inner = real(tokenizer)
+
+        def encode(self, *args, **kwargs):
+            counter[0] += 1
+            return self.inner.encode(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(data_module, "document_encoder", Counting)
+    # 16 blocks of 128 tokens a step: a few of the corpus's documents (up to 3000 characters each)
+    common = dict(data__streaming=True, data__val_documents=10, train__steps=6, data__seq_len=128,
+                  train__global_batch_size=16, train__micro_batch_size=8)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(micro(whole, **common)) == 0
+    uninterrupted, counter[0] = counter[0], 0
+    with monkeypatch.context() as patch:
+        _interrupt(patch, during_step=3, how="signal")
+        assert main(micro(stopped, **common)) == 0
+    before_stop, counter[0] = counter[0], 0
+    if checkpoint_holds == "blocks-only":
+        path = list_checkpoints(stopped / "checkpoints")[-1]
+        state = load_checkpoint(path)
+        for rank in state["trainer"]["ranks"]:
+            rank["data"] = {"kind": "streaming", "position": rank["data"]["position"]}
+        save_checkpoint(stopped / "checkpoints", 3, model=state["model"], optimizer=state["optimizer"],
+                        trainer=state["trainer"], keep_last=2)
+    assert main(micro(stopped, **common)) == 0
+    assert _records(stopped, read_metrics, "train") == _records(whole, read_metrics, "train")
+    replayed = before_stop if checkpoint_holds == "blocks-only" else 0
+    assert 1 < before_stop < uninterrupted - 1
+    assert counter[0] == uninterrupted - before_stop + replayed
+
+
+def _tensorboard_steps(out: Path) -> dict[str, list[int]]:
+    """The steps of each scalar TensorBoard shows (purges applied), in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in ("train/loss", "val/val_loss")}
+
+
+def test_tensorboard_shows_the_evaluation_left_by_a_stop_once(micro, tmp_path, monkeypatch, read_metrics):
+    """As in metrics.jsonl: the evaluation a SIGTERM left pending at step 2, logged by a resume that crashed
+    before its next checkpoint and redone by the next resume, is one point at step 2, beside step 2's training
+    record (which that step's purge must not lose)."""
+    common = dict(train__steps=4, train__eval_interval=2, logging__tensorboard=True)
+    stopped = tmp_path / "stopped"
+    for how, during_step in (("signal", 2), ("crash", 4)):
+        with monkeypatch.context() as patch:
+            _interrupt(patch, during_step=during_step, how=how)
+            if how == "crash":
+                with pytest.raises(RuntimeError, match="killed"):
+                    main(micro(stopped, **common))
+            else:
+                assert main(micro(stopped, **common)) == 0
+    assert main(micro(stopped, **common)) == 0
+    assert [r["step"] for r in read_metrics(stopped, "val")] == [0, 2, 4]
+    assert _tensorboard_steps(stopped) == {"train/loss": [1, 2, 3, 4], "val/val_loss": [0, 2, 4]}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -249,7 +249,9 @@ def test_streaming_jsonl_trains_and_resumes(micro, tmp_path, read_metrics):
     args = micro(out, data__streaming=True, data__val_documents=10, checkpoint__interval=2)
     assert main([*args, "--train.steps=3"]) == 0
     state = torch.load(out / "checkpoints" / "step_00000003" / "trainer.pt", weights_only=False)
-    assert state["ranks"][0]["data"] == {"kind": "streaming", "position": 12}
+    data = state["ranks"][0]["data"]
+    assert data["kind"] == "streaming" and data["position"] == 12 and data["documents"] > 0
+    assert data["stream"]["epoch"] == data["epoch"] == 0 and data["buffer"].ndim == 1
     assert main([*args, "--train.steps=5"]) == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
 
