@@ -187,6 +187,28 @@ def test_saving_a_step_again_replaces_it(exchange, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000004"]
 
 
+def test_loading_a_checkpoint_this_process_verified_hashes_it_once(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path, 2, model={"w": torch.arange(4.0)}, optimizer={}, trainer={"n": 1}, keep_last=1)
+    ckpt_module._checked.clear()  # as in a new process: the resume chooses it first
+    hashed = []
+    real_sha256 = ckpt_module._sha256
+    monkeypatch.setattr(ckpt_module, "_sha256", lambda file: hashed.append(file.name) or real_sha256(file))
+    assert find_resume_checkpoint(tmp_path) == path
+    chosen = len(hashed)
+    assert chosen == len(ckpt_module.FILES)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.arange(4.0))
+    assert len(hashed) == chosen  # verified moments ago: not hashed again
+    # A file rewritten since (same size, other bytes) has another identity: verified again, and refused.
+    model_file = path / "model.pt"
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 0xFF
+    before = model_file.stat().st_mtime_ns
+    model_file.write_bytes(bytes(data))
+    os.utime(model_file, ns=(before + 10**9, before + 10**9))  # a coarse-clock filesystem would keep the mtime
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
 def test_explicit_resume_from_an_older_checkpoint_supersedes_the_newer_ones(micro, tmp_path, capsys):
     """Resuming explicitly from step 2 of a run that saved 2, 4, 6 (here with another learning rate) starts
     a new trajectory: its step 4 replaces the old step 4, the old step 6 is moved aside (not deleted), and a
