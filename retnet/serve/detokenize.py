@@ -1,7 +1,8 @@
 """Streaming text out of token ids: incremental detokenisation and stop strings across token boundaries.
 
 Text is released only when it is final: bytes of an unfinished UTF-8 character wait for the next token,
-and so does any tail that could be the start of a stop string. A stop string is never emitted.
+and so does any tail that could be the start of a stop string. A stop string is not emitted unless asked
+(``include``: vLLM's ``include_stop_str_in_output``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class IncrementalDetokenizer:
 class StopStrings:
     """Accumulates generated text and releases the part that can no longer turn into a stop string."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], include: bool = False):
         self.stops = [s for s in stops if s]
+        self.include = include
         self.text = ""
         self.emitted = 0
         self.stopped = False
@@ -56,7 +58,8 @@ class StopStrings:
             # The stop that completes first (then the longest) is the one generation meets first; the
             # earliest start would make the cut depend on how the tokens split the text.
             self.stopped = True
-            self.text = self.text[: min(hits)[1]]
+            end, start = min(hits)
+            self.text = self.text[: end if self.include else start]
             return self._release(len(self.text))
         return self._release(len(self.text) - self._held())
 

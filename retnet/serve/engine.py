@@ -504,13 +504,14 @@ class Engine:
             # EOS is masked with ignore_eos too, as vLLM does: min_tokens asks for that many tokens of text.
             ban = torch.tensor(sorted(t for t in params.stop_token_ids | self.eos_ids if t < self.vocab_size),
                                dtype=torch.long)
+        blocked = self._blocked(params)
         seqs = []
         for j in range(group.n):
             sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=group.first_index + j,
-                                 ban_ids=ban)
+                                 ban_ids=ban, blocked=blocked)
             seqs.append(Sequence(group, group.first_index + j, sampler,
                                  IncrementalDetokenizer(self._decode, group.inputs),
-                                 StopStrings(group.params.stop)))
+                                 StopStrings(group.params.stop, group.params.include_stop_str_in_output)))
         # max_tokens 0 (a completion's echo): the prompt is scored, and saved in its session, but nothing sampled.
         score_only = group.params.max_tokens == 0
         if not score_only:
@@ -540,6 +541,21 @@ class Engine:
         # for a packed prefill, the whole forward's states its row is a view of).
         group.cache = group.last_logits = None
         handle.emit(outputs)
+
+    def _blocked(self, params: SamplingParams) -> torch.Tensor | None:
+        """The ``[V]`` mask of the tokens no step may sample (outside ``allowed_token_ids``, and the bad words
+        of one token), built once per prompt so that a step applies it in one batched write."""
+        single = [ids[0] for ids in params.bad_words_ids if len(ids) == 1]
+        if params.allowed_token_ids is None and not single:
+            return None
+        if params.allowed_token_ids is None:
+            blocked = torch.zeros(self.vocab_size, dtype=torch.bool)
+        else:
+            blocked = torch.ones(self.vocab_size, dtype=torch.bool)
+            blocked[torch.tensor(sorted(params.allowed_token_ids), dtype=torch.long)] = False
+        if single:
+            blocked[torch.tensor(single, dtype=torch.long)] = True
+        return blocked
 
     # -- decode ------------------------------------------------------------------------------------------------
     def _rebuild_batch(self) -> None:
@@ -605,7 +621,10 @@ class Engine:
         # masked, and a stop string in their text does not end the choice, nor is it looked for later).
         checked = len(seq.tokens) > params.min_tokens
         stop_token = checked and ((token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids)
-        text = "" if stop_token else seq.stops.push(seq.detok.push(token), search=checked)
+        # vLLM's detokenizer leaves a stop token's text out unless include_stop_str_in_output (EOS, a special
+        # token, decodes to nothing either way).
+        skip = stop_token and not params.include_stop_str_in_output
+        text = "" if skip else seq.stops.push(seq.detok.push(token), search=checked)
         finish = None
         if seq.stops.stopped or stop_token:
             finish = "stop"

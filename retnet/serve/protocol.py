@@ -3,8 +3,8 @@
 Field names and defaults follow OpenAI's, so existing clients work unchanged. Limits that depend on the
 server's settings (``max_tokens``, ``n``, prompt length ...) are checked in :mod:`retnet.serve.serving`;
 the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: ``top_k``, ``min_p``,
-``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``session_id`` and
-``return_token_ids``.
+``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
+``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id`` and ``return_token_ids``.
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ STRUCTURED_OUTPUT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "gui
 # vLLM's other extras that change the output, each with the value that changes nothing (what passes; null always
 # does): a client sending another one would get output it did not ask for if they were ignored.
 UNSUPPORTED_EXTRAS: dict[str, Any] = {
-    "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False, "bad_words": [],
-    "allowed_token_ids": None, "truncate_prompt_tokens": None, "prompt_logprobs": None, "logits_processors": None,
+    "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None, "logits_processors": None,
 }
 
 
@@ -112,7 +111,7 @@ class SamplingFields(BaseModel):
     # would silently become 1 where OpenAI answers 400. check_fields=False: some are the endpoints' own.
     @field_validator("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty", "seed", "n", "best_of", "max_completion_tokens",
-                     "top_logprobs", "min_tokens", mode="before", check_fields=False)
+                     "top_logprobs", "min_tokens", "truncate_prompt_tokens", mode="before", check_fields=False)
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
@@ -158,6 +157,14 @@ class SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0)
     # vLLM's: sampling one ends the choice as EOS does (counted, its text left out).
     stop_token_ids: list[TokenId] | None = None
+    # vLLM's: a stop string that ends a choice (and, as vLLM's detokenizer does, a stop token's text) is kept.
+    include_stop_str_in_output: bool = False
+    # vLLM's: only these tokens may be sampled (serving checks they are in the vocabulary and not none).
+    allowed_token_ids: list[TokenId] | None = None
+    # vLLM's: run only the prompt's last k tokens (a chat's templated conversation's).
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    # vLLM's: words the output must not contain, as the tokenizer spells them (see serving's _bad_words).
+    bad_words: list[str] | None = None
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
                                    description="continue this session's saved state, then save it again")
     return_token_ids: bool = False
@@ -174,10 +181,6 @@ class SamplingFields(BaseModel):
     # UNSUPPORTED_EXTRAS, refused likewise unless they hold the value that changes nothing.
     use_beam_search: Any = None
     length_penalty: Any = None
-    include_stop_str_in_output: Any = None
-    bad_words: Any = None
-    allowed_token_ids: Any = None
-    truncate_prompt_tokens: Any = None
     prompt_logprobs: Any = None
     logits_processors: Any = None
 

@@ -35,6 +35,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # before this many tokens, no stop token may be sampled and no stop condition holds
     stop_token_ids: frozenset[int] = frozenset()  # end the choice as EOS does
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: frozenset[int] | None = None  # None: every token
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # each bad word's spellings, as token ids
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top-k alternatives'
     prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' logprobs too
@@ -56,12 +59,14 @@ class SamplingParams:
 class RowSampler:
     """One sequence's sampling state: its generator and the token counts the penalties need."""
 
-    __slots__ = ("adjusts", "ban_ids", "ban_left", "bias_ids", "bias_values", "counts", "generator", "params",
-                 "seen")
+    __slots__ = ("adjusts", "bad_prefixes", "ban_ids", "ban_left", "bias_ids", "bias_values", "blocked", "counts",
+                 "generator", "output", "params", "seen")
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, seed_offset: int = 0,
-                 ban_ids: torch.Tensor | None = None):
-        """``ban_ids``: token ids masked out until ``params.min_tokens`` tokens were sampled (the stop tokens)."""
+                 ban_ids: torch.Tensor | None = None, blocked: torch.Tensor | None = None):
+        """``ban_ids``: token ids masked out until ``params.min_tokens`` tokens were sampled (the stop tokens).
+        ``blocked``: a ``[V]`` bool mask of the tokens never sampled (outside ``allowed_token_ids``, single-token
+        bad words), shared by the request's rows; the multi-token bad words are matched here, step by step."""
         self.params = params
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed((seed + seed_offset) % (2**63))
@@ -78,19 +83,36 @@ class RowSampler:
             self.seen[ids] = True
         self.ban_left = params.min_tokens
         self.ban_ids = ban_ids if ban_ids is not None and ban_ids.numel() and self.ban_left > 0 else None
+        self.blocked = blocked
+        # (prefix, last token) of each multi-token bad word: its last token is banned right after its prefix.
+        self.bad_prefixes = [(tuple(ids[:-1]), ids[-1]) for ids in params.bad_words_ids if len(ids) > 1]
+        # Only the generated tokens, as vLLM matches them: a prompt ending with a prefix bans nothing.
+        self.output: list[int] | None = [] if self.bad_prefixes else None
         # Whether sample_step must touch this row's logits: computed here and when the ban ends, so that a
         # step over rows that need nothing costs one attribute read per row.
-        self.adjusts = self.ban_ids is not None or self.bias_ids is not None or params.needs_penalties
+        self.adjusts = self._adjusts()
+
+    def _adjusts(self) -> bool:
+        return (self.ban_ids is not None or self.bias_ids is not None or self.params.needs_penalties
+                or self.blocked is not None or bool(self.bad_prefixes))
 
     def record(self, token: int) -> None:
         if self.counts is not None and token < self.counts.shape[0]:
             self.counts[token] += 1
             self.seen[token] = True
+        if self.output is not None:
+            self.output.append(token)
         if self.ban_ids is not None:
             self.ban_left -= 1
             if self.ban_left <= 0:
                 self.ban_ids = None
-                self.adjusts = self.bias_ids is not None or self.params.needs_penalties
+                self.adjusts = self._adjusts()
+
+    def bad_now(self) -> list[int]:
+        """The last tokens of the multi-token bad words whose prefix the output ends with."""
+        out = self.output
+        return [last for prefix, last in self.bad_prefixes
+                if len(prefix) <= len(out) and tuple(out[len(out) - len(prefix):]) == prefix]
 
     def penalise(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply repetition (prompt + output; CTRL's divide/multiply rule), then presence and frequency
@@ -128,20 +150,40 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
     adjusted = [i for i, r in enumerate(rows) if r.adjusts]
     if adjusted:
         logits = logits.clone()
-        banned = []
+        banned, masked, bad = [], [], []
         for i in adjusted:
-            if rows[i].bias_ids is not None:
-                logits[i, rows[i].bias_ids] += rows[i].bias_values
-            if rows[i].params.needs_penalties:
-                logits[i] = rows[i].penalise(logits[i])
-            if rows[i].ban_ids is not None:
-                banned.append(i)
+            row = rows[i]
+            if row.bias_ids is not None:
+                logits[i, row.bias_ids] += row.bias_values
+            if row.params.needs_penalties:
+                logits[i] = row.penalise(logits[i])
+            if row.ban_ids is not None:
+                banned.append((i, row.ban_ids))
+            if row.blocked is not None:
+                masked.append(i)
+            if row.bad_prefixes:
+                ids = row.bad_now()
+                if ids:
+                    bad.append((i, torch.tensor(ids, dtype=torch.long)))
         # Last, after the penalties (which clamp -inf back to a finite logit): the greedy argmax and every
-        # sampling rule below then see a probability of exactly 0. One write for every banned row.
+        # sampling rule below then see a probability of exactly 0. One write for every masked row, and one
+        # for every banned one.
+        if masked:
+            index = torch.tensor(masked, dtype=torch.long)
+            blocked = torch.stack([rows[i].blocked for i in masked])
+            logits[index] = logits.index_select(0, index).masked_fill(blocked, float("-inf"))
         if banned:
-            ban = [rows[i].ban_ids for i in banned]
-            which = torch.repeat_interleave(torch.tensor(banned), torch.tensor([len(b) for b in ban]))
-            logits.index_put_((which, torch.cat(ban)), torch.tensor(float("-inf")))
+            _ban(logits, banned)
+        if bad:
+            # A bad word's last token may be all the other masks left (allowed_token_ids): a row of -inf has
+            # no distribution (greedy would take token 0, sampling NaN). Such a row keeps its bad tokens
+            # instead: the word is spelt, but no token outside allowed_token_ids or banned by min_tokens is.
+            which, ids, saved = _ban(logits, bad)
+            dead = ~logits.index_select(0, torch.tensor([i for i, _ in bad])).isfinite().any(-1)
+            if dead.any():
+                lost = torch.tensor([i for (i, _), gone in zip(bad, dead.tolist()) if gone])
+                entries = torch.isin(which, lost)
+                logits[which[entries], ids[entries]] = saved[entries]
 
     chosen = logits.argmax(-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -206,6 +248,16 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
             k = rows[i].params.logprobs
             top[i] = list(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
     return StepSample(tokens, chosen_lp, top)
+
+
+def _ban(logits: torch.Tensor, bans: list[tuple[int, torch.Tensor]]):
+    """Set ``logits[row, ids] = -inf`` for each ``(row, ids)`` in one write; returns the indices and the
+    values they held."""
+    which = torch.repeat_interleave(torch.tensor([i for i, _ in bans]), torch.tensor([len(b) for _, b in bans]))
+    ids = torch.cat([b for _, b in bans])
+    saved = logits[which, ids]
+    logits.index_put_((which, ids), torch.tensor(float("-inf")))
+    return which, ids, saved
 
 
 def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:

@@ -49,6 +49,8 @@ from retnet.tokenization import DEFAULT_CHAT_TEMPLATE, characters_started
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_S = 0.5
+# Each bad word is tokenised (twice) for every request: bounded like the stop strings, with more room.
+MAX_BAD_WORDS = 64
 
 
 def sse(data: dict | str) -> str:
@@ -97,8 +99,9 @@ class OpenAIServing:
                            "score with logprobs, the prompt alone)", "max_tokens")
         # Off the event loop: a megabyte of prompt takes the tokenizer about a second, which every running
         # stream would wait for.
-        texts, prompts = await asyncio.to_thread(self._completion_prompts, request.prompt)
-        params = self._params(request, request.max_tokens, request.logprobs)
+        texts, prompts = await asyncio.to_thread(self._completion_prompts, request.prompt,
+                                                 request.truncate_prompt_tokens)
+        params = self._params(request, request.max_tokens, request.logprobs, bad_words=await self._bad_words(request))
         params.prompt_logprobs = request.echo and request.logprobs is not None
         handle = self._submit(prompts, params, request)
         # Each choice's prompt text: echoed before the completion, and where its text_offset starts either way
@@ -128,35 +131,43 @@ class OpenAIServing:
                                       usage=self._usage(handle, outputs), session_id=request.session_id)
         return JSONResponse(dump(response))
 
-    def _completion_prompts(self, prompt) -> tuple[list[str], list[list[int]]]:
+    def _completion_prompts(self, prompt, truncate: int | None = None) -> tuple[list[str], list[list[int]]]:
+        """Each prompt's text and token ids; ``truncate``: keep each one's last that many tokens (the text is
+        then theirs, decoded, as vLLM echoes a truncated prompt)."""
         if isinstance(prompt, str):
             texts = [prompt]
         elif prompt and all(isinstance(p, str) for p in prompt):
             texts = list(prompt)
         elif prompt and all(isinstance(p, int) for p in prompt):
-            return [self._decode(prompt)], [self._check_ids(list(prompt))]
+            ids = self._check_ids(list(prompt), truncate=truncate)
+            return [self._decode(ids)], [ids]
         elif prompt and all(isinstance(p, list) for p in prompt):
             self._check_prompt_count(len(prompt))
-            ids = [self._check_ids(list(p)) for p in prompt]
+            ids = [self._check_ids(list(p), truncate=truncate) for p in prompt]
             return [self._decode(p) for p in ids], ids
         else:
             raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
         self._check_prompt_count(len(texts))
         prompts = []
-        for text in texts:
+        for i, text in enumerate(texts):
             if not text:
                 raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
             with self.tokenizer_lock:
                 ids = self.tokenizer.encode(text, add_special_tokens=True)
-            prompts.append(self._check_ids(ids))
+            prompts.append(self._check_ids(ids, truncate=truncate))
+            if len(prompts[-1]) < len(ids):
+                texts[i] = self._decode(prompts[-1])
         return texts, prompts
 
     def _check_prompt_count(self, count: int) -> None:
         if count > self.settings.max_prompts:
             raise APIError(400, f"at most {self.settings.max_prompts} prompts per request; got {count}", "prompt")
 
-    def _check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
-        """``param``: what the prompt came from, for the errors (a chat's is ``messages``)."""
+    def _check_ids(self, ids: list[int], param: str = "prompt", truncate: int | None = None) -> list[int]:
+        """``param``: what the prompt came from, for the errors (a chat's is ``messages``). ``truncate``: keep
+        the last that many tokens, before the length is checked (vLLM's truncate_prompt_tokens)."""
+        if truncate is not None:
+            ids = ids[-truncate:]
         if not ids:
             raise APIError(400, "prompt must not be empty", param, "empty_prompt")
         if len(ids) > self.settings.max_prompt_tokens:
@@ -218,7 +229,8 @@ class OpenAIServing:
         if max_tokens == 0:
             raise APIError(400, f"{name} must be at least 1 (0 is accepted only by /v1/completions with echo)", name)
         prompt, hint = await asyncio.to_thread(self._chat_prompt, request)  # off the loop, as a completion's
-        params = self._params(request, max_tokens, top if request.logprobs else None, name)
+        params = self._params(request, max_tokens, top if request.logprobs else None, name,
+                              bad_words=await self._bad_words(request))
         handle = self._submit([prompt], params, request, [hint])
         if request.stream:
             return self._stream(self._chat_chunks(request, handle), handle)
@@ -263,7 +275,11 @@ class OpenAIServing:
                     hint = len(head_ids)
         if not ids:
             raise APIError(400, "the templated conversation is empty", "messages", "empty_prompt")
-        return self._check_ids(ids, "messages"), hint
+        truncate = request.truncate_prompt_tokens
+        if truncate is not None and truncate < len(ids):
+            # The history's state is worth caching only if it is a prefix of what is run.
+            hint = hint - (len(ids) - truncate) if hint is not None and hint > len(ids) - truncate else None
+        return self._check_ids(ids, "messages", truncate), hint
 
     async def _chat_chunks(self, request: ChatCompletionRequest, handle: RequestHandle) -> AsyncIterator[str]:
         rid, created = random_id("chatcmpl"), int(time.time())
@@ -313,6 +329,9 @@ class OpenAIServing:
                 raise APIError(400, f"each stop sequence must have 1 to {s.max_stop_chars} characters; "
                                f"got {len(stop)}", "stop")
         _check_structured_output(request)
+        if request.truncate_prompt_tokens is not None and request.truncate_prompt_tokens > s.max_prompt_tokens:
+            raise APIError(400, f"truncate_prompt_tokens must be <= {s.max_prompt_tokens} (the most prompt tokens "
+                           f"this server runs); got {request.truncate_prompt_tokens}", "truncate_prompt_tokens")
         if request.stream_options is not None and not request.stream:
             # OpenAI's rule: the options only shape a stream, and a client sending them meant one.
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
@@ -342,35 +361,89 @@ class OpenAIServing:
         return bias
 
     def _params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                name: str = "max_tokens") -> SamplingParams:
-        """``name``: the field ``max_tokens`` came from, for the error."""
+                name: str = "max_tokens", bad_words: list[list[int]] | None = None) -> SamplingParams:
+        """``name``: the field ``max_tokens`` came from, for the error; ``bad_words``: their token ids."""
         max_tokens = self.settings.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > self.settings.max_tokens_limit:
             raise APIError(400, f"{name} must be <= {self.settings.max_tokens_limit}; got {max_tokens}", name)
         if request.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens must be <= {name} ({max_tokens}); got {request.min_tokens}",
                            "min_tokens")
+        stop_ids, allowed = self._token_ids(request, "stop_token_ids"), self._allowed_token_ids(request)
+        self._check_something_left(request, stop_ids, allowed, bad_words or [])
         return SamplingParams(
             max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             min_p=request.min_p, repetition_penalty=request.repetition_penalty,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             stop=request.stop_list(), logit_bias=self._logit_bias(request), ignore_eos=request.ignore_eos,
-            min_tokens=request.min_tokens, stop_token_ids=self._stop_token_ids(request),
-            seed=request.seed, logprobs=logprobs,
+            min_tokens=request.min_tokens, stop_token_ids=stop_ids, seed=request.seed, logprobs=logprobs,
+            include_stop_str_in_output=request.include_stop_str_in_output, allowed_token_ids=allowed,
+            bad_words_ids=bad_words or [],
         )
 
-    def _stop_token_ids(self, request: SamplingFields) -> frozenset[int]:
-        ids = frozenset(request.stop_token_ids or ())
+    def _token_ids(self, request: SamplingFields, name: str) -> frozenset[int]:
+        ids = frozenset(getattr(request, name) or ())
         vocab = self.engine.vocab_size
         bad = [t for t in ids if t >= vocab]
         if bad:
-            raise APIError(400, f"stop_token_ids: token id {min(bad)} is out of the vocabulary (size {vocab})",
-                           "stop_token_ids", "invalid_token_id")
-        # min_tokens masks these and EOS: with every token masked there would be nothing left to sample.
-        if request.min_tokens and len(ids | {t for t in self.engine.eos_ids if t < vocab}) >= vocab:
-            raise APIError(400, "stop_token_ids: with min_tokens, the stop token ids and EOS must leave some "
-                           "token to generate; they cover the whole vocabulary", "stop_token_ids")
+            raise APIError(400, f"{name}: token id {min(bad)} is out of the vocabulary (size {vocab})", name,
+                           "invalid_token_id")
         return ids
+
+    def _allowed_token_ids(self, request: SamplingFields) -> frozenset[int] | None:
+        if request.allowed_token_ids is None:
+            return None
+        if not request.allowed_token_ids:
+            # vLLM refuses it too: no token could ever be sampled.
+            raise APIError(400, "allowed_token_ids must not be empty (null: every token)", "allowed_token_ids")
+        return self._token_ids(request, "allowed_token_ids")
+
+    def _check_something_left(self, request: SamplingFields, stop_ids: frozenset[int], allowed: frozenset[int] | None,
+                              bad_words: list[list[int]]) -> None:
+        """Every step must leave some token to sample: a row with every logit -inf has no distribution (the
+        multi-token bad words, known only as the output grows, yield to the others instead; see sample_step)."""
+        vocab = self.engine.vocab_size
+        single = {ids[0] for ids in bad_words if len(ids) == 1}
+
+        def left(excluded: set[int]) -> int:
+            return len(allowed - excluded) if allowed is not None else vocab - len(excluded)
+
+        if not left(single):
+            raise APIError(400, "bad_words: they ban every token of allowed_token_ids", "bad_words")
+        # min_tokens masks the stop token ids and EOS as well, for its first tokens.
+        if request.min_tokens and not left(single | stop_ids | {t for t in self.engine.eos_ids if t < vocab}):
+            name = "allowed_token_ids" if allowed is not None else "bad_words" if single else "stop_token_ids"
+            raise APIError(400, f"{name}: with min_tokens, the stop token ids and EOS are masked too, and nothing "
+                           "would be left to generate (they cover every token that may be sampled)", name)
+
+    async def _bad_words(self, request: SamplingFields) -> list[list[int]]:
+        """Each bad word's token ids as vLLM spells them: the word without its leading spaces, and with one
+        space before it when the tokenizer spells that differently (a word-initial token) in as many tokens."""
+        words = request.bad_words or []
+        if len(words) > MAX_BAD_WORDS:
+            raise APIError(400, f"at most {MAX_BAD_WORDS} bad_words; got {len(words)}", "bad_words")
+        for word in words:
+            if not word.strip() or len(word) > self.settings.max_stop_chars:
+                raise APIError(400, f"each of bad_words must have 1 to {self.settings.max_stop_chars} characters, "
+                               f"not all whitespace; got {word!r}", "bad_words")
+        if not words:
+            return []
+        return await asyncio.to_thread(self._tokenize_bad_words, words)
+
+    def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
+        out: list[list[int]] = []
+        with self.tokenizer_lock:
+            for word in words:
+                plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+                spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+                out.append(plain)
+                if spaced and plain and spaced[0] != plain[0] and len(spaced) == len(plain):
+                    out.append(spaced)
+        bad = [t for ids in out for t in ids if t >= self.engine.vocab_size]
+        if bad:
+            raise APIError(400, f"bad_words: they tokenize to token id {bad[0]}, out of the vocabulary (size "
+                           f"{self.engine.vocab_size})", "bad_words", "invalid_token_id")
+        return [ids for ids in out if ids]
 
     def _submit(self, prompts, params, request: SamplingFields, hints=None) -> RequestHandle:
         if request.session_id is not None and len(prompts) != 1:

@@ -1,5 +1,6 @@
-"""vLLM's request extras that change the output (``min_tokens``, ``stop_token_ids``), and the structured-output
-extras the server refuses by name instead of ignoring, against an in-process app."""
+"""vLLM's request extras that change the output (``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
+``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``), and the structured-output extras the server
+refuses by name instead of ignoring, against an in-process app."""
 
 import json
 
@@ -224,6 +225,271 @@ async def test_min_tokens_that_would_mask_the_whole_vocabulary_is_refused(client
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "stop"
 
 
+# -- include_stop_str_in_output -------------------------------------------------------------------------------
+async def completion(client, stream: bool, chat: bool = False, **body) -> tuple[dict[int, dict], dict]:
+    """Per choice index its text, token ids and finish reasons, and the usage, streamed or not alike."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    if stream:
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    r = await client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        events = sse_events(r.text)
+        return streamed_choices(events, chat), events[-1]["usage"]
+    out = {}
+    for c in r.json()["choices"]:
+        text = c["message"]["content"] if chat else c["text"]
+        out[c["index"]] = {"text": text, "token_ids": c.get("token_ids"), "finish": [c["finish_reason"]],
+                           "prompt_token_ids": c.get("prompt_token_ids")}
+    return out, r.json()["usage"]
+
+
+async def test_include_stop_str_in_output_keeps_the_stop_string(client):
+    req = {"prompt": "The retention", "max_tokens": 16, "return_token_ids": True, **GREEDY}
+    base = (await client.post("/v1/completions", json=req)).json()["choices"][0]["text"]
+    stop = base[6:8]  # ends the text after a few tokens (the micro model writes "rom" then "en"s here)
+    cut = base.find(stop)
+    assert len(stop) == 2 and cut > 0
+    for stream in (False, True):
+        without, _ = await completion(client, stream, **req, stop=stop)
+        with_, _ = await completion(client, stream, **req, stop=stop, include_stop_str_in_output=True)
+        assert without[0]["text"] == base[:cut] and without[0]["finish"] == ["stop"], stream
+        assert with_[0]["text"] == base[: cut + len(stop)] and with_[0]["text"].endswith(stop), stream
+        assert with_[0]["finish"] == ["stop"] and with_[0]["token_ids"] == without[0]["token_ids"]
+    # Chat too, and every one of n sampled choices on its own: the stop string ends each text that it ended.
+    for chat in (False, True):
+        body = {"max_tokens": 24, "temperature": 1.0, "seed": 5, "n": 4, "ignore_eos": True, "stop": ["e", "n"],
+                **({"messages": CHAT["messages"]} if chat else {"prompt": "The retention"})}
+        for stream in (False, True):
+            without, _ = await completion(client, stream, chat, **body)
+            with_, _ = await completion(client, stream, chat, **body, include_stop_str_in_output=True)
+            stopped = 0
+            for i in range(4):
+                assert with_[i]["finish"] == without[i]["finish"], (chat, stream, i)
+                if without[i]["finish"] == ["stop"]:
+                    stopped += 1
+                    assert with_[i]["text"][:-1] == without[i]["text"], (chat, stream, i)
+                    assert with_[i]["text"][-1:] in ("e", "n"), (chat, stream, i)
+                else:
+                    assert with_[i]["text"] == without[i]["text"]
+            assert stopped >= 2, (chat, stream, without)
+
+
+async def test_include_stop_str_in_output_keeps_a_stop_tokens_text_as_vllm_does(client):
+    # vLLM's detokenizer leaves the stop token out of the text only without include_stop_str_in_output.
+    forced = 300
+    text = client.app.state.engine.tokenizer.decode([forced])
+    assert text
+    req = {"prompt": "Hello", "max_tokens": 5, "return_token_ids": True, "logit_bias": {str(forced): 100},
+           "stop_token_ids": [forced], **GREEDY}
+    for stream in (False, True):
+        without, _ = await completion(client, stream, **req)
+        with_, _ = await completion(client, stream, **req, include_stop_str_in_output=True)
+        assert without[0]["text"] == "" and with_[0]["text"] == text, stream
+        assert with_[0]["token_ids"] == [forced] and with_[0]["finish"] == ["stop"]
+
+
+async def test_include_stop_str_in_output_must_be_a_boolean(client):
+    for bad in ("maybe", [True], {"a": 1}, 2):
+        r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
+                                                       "include_stop_str_in_output": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "include_stop_str_in_output", (bad, r.text)
+
+
+# -- allowed_token_ids -----------------------------------------------------------------------------------------
+async def test_allowed_token_ids_restrict_greedy_and_sampled_tokens(client):
+    req = {"prompt": "The retention", "max_tokens": 10, "return_token_ids": True, **GREEDY}
+    base = (await client.post("/v1/completions", json=req)).json()["choices"][0]["token_ids"]
+    # None of the tokens greedy decoding picks: every step's argmax is forbidden.
+    allowed = [t for t in range(40, 120) if t not in base][:12]
+    biased = next(t for t in range(200, 260) if t not in allowed)
+    for stream in (False, True):
+        # A +100 bias on a token outside the set does not let it through: the mask comes last.
+        got, usage = await completion(client, stream, **req, allowed_token_ids=allowed,
+                                      logit_bias={str(biased): 100, str(allowed[3]): 5})
+        ids = got[0]["token_ids"]
+        assert len(ids) == 10 and set(ids) <= set(allowed) and ids[0] != base[0], (stream, ids)
+        assert usage["completion_tokens"] == 10
+    # The bias still ranks the allowed tokens: +100 on one of them makes it every step's choice.
+    got, _ = await completion(client, False, **req, allowed_token_ids=allowed, logit_bias={str(allowed[3]): 100})
+    assert got[0]["token_ids"] == [allowed[3]] * 10
+    for chat in (False, True):
+        body = {"max_tokens": 12, "temperature": 1.0, "seed": 2, "n": 3, "return_token_ids": True,
+                "ignore_eos": True, "allowed_token_ids": allowed,
+                **({"messages": CHAT["messages"]} if chat else {"prompt": "Hello"})}
+        for stream in (False, True):
+            got, _ = await completion(client, stream, chat, **body)
+            seen = set()
+            for i in range(3):
+                assert len(got[i]["token_ids"]) == 12 and set(got[i]["token_ids"]) <= set(allowed), (chat, stream)
+                seen.update(got[i]["token_ids"])
+            assert len(seen) > 3  # sampled, not one token
+
+
+async def test_allowed_token_ids_with_min_tokens_hold_eos_back(client):
+    eos = eos_of(client)
+    other = 77
+    req = {"prompt": "Hello", "max_tokens": 6, "temperature": 0, "return_token_ids": True,
+           "allowed_token_ids": [eos, other], "logit_bias": {str(eos): 50}}
+    assert (await completion(client, False, **req))[0][0]["token_ids"] == [eos]
+    for stream in (False, True):
+        got, _ = await completion(client, stream, **req, min_tokens=3)
+        assert got[0]["token_ids"] == [other] * 3 + [eos] and got[0]["finish"] == ["stop"], stream
+    # EOS alone, masked by min_tokens, would leave nothing to sample.
+    r = await client.post("/v1/completions", json={**req, "allowed_token_ids": [eos], "min_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids", r.text
+
+
+async def test_allowed_token_ids_are_checked(client):
+    vocab = client.app.state.engine.vocab_size
+    for path, base in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}), ("/v1/chat/completions", CHAT)):
+        for bad in ([], [vocab], [1, -1], [True], "5", [1.5]):
+            r = await client.post(path, json={**base, "allowed_token_ids": bad})
+            assert r.status_code == 400, (bad, r.text)
+            error = r.json()["error"]
+            assert error["param"].startswith("allowed_token_ids") and "allowed_token_ids" in error["message"], error
+
+
+# -- truncate_prompt_tokens ------------------------------------------------------------------------------------
+async def test_truncate_prompt_tokens_runs_the_prompts_last_tokens(client):
+    prompt = "The retention mechanism replaces attention"
+    req = {"prompt": prompt, "max_tokens": 6, "return_token_ids": True, **GREEDY}
+    full, full_usage = await completion(client, False, **req)
+    ids = full[0]["prompt_token_ids"]
+    assert len(ids) > 4
+    tail_text = client.app.state.engine.tokenizer.decode(ids[-4:])
+    # What the last 4 tokens alone generate, given as token ids.
+    alone, _ = await completion(client, False, **{**req, "prompt": ids[-4:]})
+    assert alone[0]["token_ids"] != full[0]["token_ids"]  # so that truncation shows in the output
+    for stream in (False, True):
+        got, usage = await completion(client, stream, **req, truncate_prompt_tokens=4, echo=True)
+        assert usage["prompt_tokens"] == 4 and full_usage["prompt_tokens"] == len(ids), stream
+        assert got[0]["token_ids"] == alone[0]["token_ids"], stream
+        # echo returns the prompt that ran, not the one sent.
+        assert got[0]["text"] == tail_text + alone[0]["text"] and not got[0]["text"].startswith(prompt), stream
+        if not stream:
+            assert got[0]["prompt_token_ids"] == ids[-4:]
+    # A limit above the prompt's length changes nothing; a token-id prompt is cut the same way.
+    same, usage = await completion(client, False, **req, truncate_prompt_tokens=len(ids) + 5, echo=True)
+    assert same[0]["text"] == prompt + full[0]["text"] and usage["prompt_tokens"] == len(ids)
+    cut, usage = await completion(client, False, **{**req, "prompt": [ids, ids[:3]]}, truncate_prompt_tokens=4)
+    assert cut[0]["token_ids"] == alone[0]["token_ids"] and usage["prompt_tokens"] == 4 + 3
+
+
+async def test_truncate_prompt_tokens_on_chat_cuts_the_templated_conversation(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The retention mechanism"}]
+    req = {"messages": messages, "max_tokens": 5, "return_token_ids": True, **GREEDY}
+    full, _ = await completion(client, False, True, **req)
+    ids = full[0]["prompt_token_ids"]
+    alone, _ = await completion(client, False, **{**req, "messages": None, "prompt": ids[-5:]})
+    for stream in (False, True):
+        got, usage = await completion(client, stream, True, **req, truncate_prompt_tokens=5)
+        assert usage["prompt_tokens"] == 5 and got[0]["token_ids"] == alone[0]["token_ids"], stream
+        assert got[0]["text"] == alone[0]["text"]
+
+
+async def test_truncate_prompt_tokens_lets_a_long_prompt_in_and_is_checked(open_app):
+    async with open_app(max_prompt_tokens=8) as client:
+        long = "The retention mechanism replaces attention with a decaying recurrence."
+        r = await client.post("/v1/completions", json={"prompt": long, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = await client.post("/v1/completions", json={"prompt": long, "max_tokens": 2, "truncate_prompt_tokens": 8})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 8, r.text
+        for bad in (0, -1, 9, True, 1.5, "x"):
+            for path, base in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                               ("/v1/chat/completions", CHAT)):
+                r = await client.post(path, json={**base, "truncate_prompt_tokens": bad})
+                assert r.status_code == 400, (bad, r.text)
+                assert r.json()["error"]["param"] == "truncate_prompt_tokens", (bad, r.text)
+
+
+# -- bad_words -------------------------------------------------------------------------------------------------
+def spellings(client, word: str) -> list[list[int]]:
+    """vLLM's: the word without leading spaces, and with one when that is another word-initial token."""
+    tok = client.app.state.engine.tokenizer
+    plain = tok.encode(word.lstrip(), add_special_tokens=False)
+    spaced = tok.encode(" " + word.lstrip(), add_special_tokens=False)
+    if not plain:
+        return []
+    return [plain] + ([spaced] if spaced[0] != plain[0] and len(spaced) == len(plain) else [])
+
+
+def contains(ids: list[int], seq: list[int]) -> bool:
+    return any(ids[i : i + len(seq)] == seq for i in range(len(ids) - len(seq) + 1))
+
+
+async def test_a_single_token_bad_word_is_never_generated(client):
+    tok = client.app.state.engine.tokenizer
+    req = {"prompt": "The retention", "max_tokens": 16, "return_token_ids": True, **GREEDY}
+    base = (await client.post("/v1/completions", json=req)).json()["choices"][0]
+    # The token greedy decoding picks most often (the micro model repeats "en"), as a word.
+    common = max(set(base["token_ids"]), key=base["token_ids"].count)
+    word = tok.decode([common])
+    forms = spellings(client, word)
+    assert [common] in forms and base["token_ids"].count(common) >= 3
+    for stream in (False, True):
+        got, _ = await completion(client, stream, **req, bad_words=[word])
+        ids = got[0]["token_ids"]
+        assert len(ids) == 16 and not any(contains(ids, f) for f in forms), (stream, ids)
+        first = base["token_ids"].index(common)
+        assert ids[:first] == base["token_ids"][:first] and ids[first] != common
+    # Every one of n sampled choices, chat too.
+    for chat in (False, True):
+        body = {"max_tokens": 16, "temperature": 1.0, "seed": 9, "n": 3, "return_token_ids": True,
+                "ignore_eos": True, **({"messages": CHAT["messages"]} if chat else {"prompt": "The retention"})}
+        free, _ = await completion(client, False, chat, **body)
+        # The most sampled token that is a word's spelling (not a byte of a character, say).
+        sampled = [t for i in range(3) for t in free[i]["token_ids"] if [t] in spellings(client, tok.decode([t]))]
+        word = tok.decode([max(set(sampled), key=sampled.count)])
+        forms = spellings(client, word)
+        assert sum(contains(free[i]["token_ids"], f) for i in range(3) for f in forms) >= 2
+        for stream in (False, True):
+            got, _ = await completion(client, stream, chat, **body, bad_words=[word])
+            for i in range(3):
+                assert not any(contains(got[i]["token_ids"], f) for f in forms), (chat, stream, i)
+
+
+async def test_a_multi_token_bad_words_last_token_is_banned_after_its_prefix(client):
+    tok = client.app.state.engine.tokenizer
+    req = {"prompt": "The retention", "max_tokens": 16, "return_token_ids": True, **GREEDY}
+    base = (await client.post("/v1/completions", json=req)).json()["choices"][0]["token_ids"]
+    # Two generated tokens whose text the tokenizer spells as exactly those two tokens.
+    at = next(j for j in range(len(base) - 1)
+              if tok.encode(tok.decode(base[j : j + 2]), add_special_tokens=False) == base[j : j + 2]
+              and not contains(base[: j + 1], base[j : j + 2]))
+    word = tok.decode(base[at : at + 2])
+    for stream in (False, True):
+        got, _ = await completion(client, stream, **req, bad_words=[word, "zzzq"])
+        ids = got[0]["token_ids"]
+        # The first token is allowed; only the one completing the word is banned right after it.
+        assert ids[: at + 1] == base[: at + 1] and ids[at + 1] != base[at + 1], (stream, at, ids, base)
+        assert not any(contains(ids, f) for f in spellings(client, word)), (stream, ids)
+
+
+async def test_bad_words_are_checked(client):
+    for path, base in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}), ("/v1/chat/completions", CHAT)):
+        for bad in ("foo", [""], ["   "], [1], ["x" * 65], ["w"] * 65):
+            r = await client.post(path, json={**base, "bad_words": bad})
+            assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error"]["param"].startswith("bad_words"), (bad, r.text)
+    # Banning every allowed token leaves nothing to sample.
+    (only,) = client.app.state.engine.tokenizer.encode("en", add_special_tokens=False)
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "allowed_token_ids": [only],
+                                                   "bad_words": ["en"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words", r.text
+
+
+async def test_a_multi_token_bad_word_yields_when_nothing_else_is_allowed(client):
+    # allowed_token_ids leave only the bad word's tokens: spelling it beats sampling from no distribution.
+    tok = client.app.state.engine.tokenizer
+    word = next(w for w in ("Hello", "retention", "Stack", "print") if len(tok.encode(w, add_special_tokens=False)) > 1)
+    ids = tok.encode(word, add_special_tokens=False)
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 6, "return_token_ids": True,
+                                                   "allowed_token_ids": ids, "bad_words": [word], **GREEDY})
+    assert r.status_code == 200, r.text
+    assert set(r.json()["choices"][0]["token_ids"]) <= set(ids)
+
+
 # -- structured output: refused by name ------------------------------------------------------------------------
 REFUSED = [
     ("guided_json", {"type": "object"}),
@@ -243,11 +509,6 @@ REFUSED_EXTRAS = [
     ("use_beam_search", True),
     ("length_penalty", 0.5),
     ("length_penalty", True),
-    ("include_stop_str_in_output", True),
-    ("include_stop_str_in_output", 0),
-    ("bad_words", ["foo"]),
-    ("allowed_token_ids", [1, 2]),
-    ("truncate_prompt_tokens", 4),
     ("prompt_logprobs", 1),
     ("logits_processors", ["x"]),
 ]
@@ -270,6 +531,8 @@ async def test_no_op_values_of_the_refused_extras_are_accepted(client, path):
     nulls = {field: None for field, _ in REFUSED + REFUSED_EXTRAS}
     no_ops = {"response_format": {"type": "text"}, "use_beam_search": False, "length_penalty": 1,
               "include_stop_str_in_output": False, "bad_words": []}
+    nulls.update({"include_stop_str_in_output": None, "bad_words": None, "allowed_token_ids": None,
+                  "truncate_prompt_tokens": None})
     for extra in (nulls, no_ops):
         r = await client.post(path, json={**base, **extra})
         assert r.status_code == 200, (extra, r.text)

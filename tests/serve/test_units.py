@@ -162,6 +162,39 @@ def test_min_tokens_masks_only_its_own_rows_and_only_until_then():
     assert not RowSampler(SamplingParams(min_tokens=3), [], 4, ban_ids=torch.tensor([], dtype=torch.long)).adjusts
 
 
+def test_an_included_stop_string_ends_the_text_however_it_is_split():
+    for pieces in (["x ENDy"], ["x E", "N", "Dy z"], ["x ", "END", "y"]):
+        s = StopStrings(["END"], include=True)
+        out = ""
+        for piece in pieces:
+            out += s.push(piece)
+            if s.stopped:
+                break
+        assert (out, s.stopped) == ("x END", True), pieces  # what followed it in the same piece is dropped
+
+
+def test_allowed_tokens_and_bad_words_mask_only_their_own_rows():
+    logits = torch.tensor([[0.0, 9.0, 8.0, 7.0, -1.0]]).repeat(3, 1)
+    blocked = torch.tensor([True, True, False, False, True])  # allowed: 2 and 3
+    free = SamplingParams(temperature=1.0, seed=4)
+    alone = RowSampler(free, [], 5)
+    expected = [sample_step(logits[2:], [alone]).tokens[0] for _ in range(4)]
+    # Row 0: allowed 2 and 3, greedy, +20 on the disallowed 4. Row 1: bad word [1, 1] (a 1 banned right
+    # after a 1) and the single-token bad word 3 (in its mask). Row 2: untouched, samples as it would alone.
+    allowed = RowSampler(SamplingParams(temperature=0.0, logit_bias={4: 20.0}), [1, 1], 5, blocked=blocked)
+    bad = RowSampler(SamplingParams(temperature=0.0, bad_words_ids=[[1, 1], [3]]), [1], 5,
+                     blocked=torch.tensor([False, False, False, True, False]))
+    row = RowSampler(free, [], 5)
+    steps = [sample_step(logits, [allowed, bad, row]).tokens for _ in range(4)]
+    assert [s[0] for s in steps] == [2] * 4 and [s[2] for s in steps] == expected
+    # The prompt's last 1 bans nothing (only the output is matched); then each 1 bans the next.
+    assert [s[1] for s in steps] == [1, 2, 1, 2]
+    # The multi-token ban yields when it would leave no token at all (the mask leaves only 1).
+    only_one = torch.tensor([True, False, True, True, True])
+    cornered = RowSampler(SamplingParams(temperature=1.0, seed=1, bad_words_ids=[[1, 1]]), [], 5, blocked=only_one)
+    assert [sample_step(logits[:1], [cornered]).tokens[0] for _ in range(3)] == [1, 1, 1]
+
+
 def test_stop_strings_are_not_looked_for_in_unsearched_text():
     s = StopStrings(["ab"])
     assert s.push("xab", search=False) == "xab" and not s.stopped
