@@ -397,8 +397,8 @@ class GeneralizedSmeLU(Activation):
         self.min_width = _GSMELU_MIN_WIDTH_FRACTION * (alpha + beta)
         for key, value in self.init_values.items():
             # Plain floats when fixed: the forward and the state dict stay exactly what they were before the
-            # trainable form existed.
-            setattr(self, key, nn.Parameter(torch.tensor(value, dtype=torch.float32)) if self.trainable else value)
+            # trainable form existed. Trainable: one element, 1-D, since FSDP2's fully_shard refuses 0-dim parameters.
+            setattr(self, key, nn.Parameter(torch.tensor([value], dtype=torch.float32)) if self.trainable else value)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -411,7 +411,7 @@ class GeneralizedSmeLU(Activation):
         if not self.trainable:
             return generalized_smelu(x, self.alpha, self.beta, self.g_minus, self.g_plus, self.t)
         dtype = _compute_dtype(x)
-        params = [getattr(self, key).to(dtype) for key in _GSMELU_PARAMETERS]
+        params = [getattr(self, key).to(dtype).reshape(()) for key in _GSMELU_PARAMETERS]  # an input keeps its shape
         return _gsmelu_trainable_impl(x.to(dtype), *params, self.min_width).to(x.dtype)
 
     def extra_repr(self) -> str:

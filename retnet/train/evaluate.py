@@ -108,6 +108,7 @@ def score_documents(model, documents: list[list[int]], *, segment_tokens: int = 
             if progress is not None:
                 progress.update(len(want))
             cache, start = out.cache, start + segment_tokens
+            del out  # its logits would otherwise live through the next forward: two segments' worth at the peak
             going = [len(inputs[i]) > start for i in active]
             if not all(going):
                 active = [i for i, keep in zip(active, going) if keep]

@@ -531,7 +531,7 @@ def test_trainable_gsmelu_below_the_width_floor_is_the_floored_function_and_its_
 def test_trainable_gsmelu_trains_and_stays_finite_when_pushed_past_zero_width():
     module = GeneralizedSmeLU(alpha=1.0, beta=3.0, g_minus=0.1, g_plus=1.2, t=0.5, trainable=True)
     assert [name for name, _ in module.named_parameters()] == list(GSMELU_PARAMETERS)
-    assert all(p.dtype == torch.float32 and p.ndim == 0 for p in module.parameters())
+    assert all(p.dtype == torch.float32 and p.shape == (1,) for p in module.parameters())
     before = {key: p.item() for key, p in module.named_parameters()}
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     x = torch.randn(256, generator=torch.Generator().manual_seed(2)) * 3
@@ -668,3 +668,24 @@ def test_trainable_gsmelu_missing_from_a_checkpoint_starts_at_its_init_values(tm
     ids = torch.randint(2, 101, (1, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_with_trainable_gsmelu_can_be_sharded_by_fsdp2(model_factory):
+    """train.parallelism = "fsdp" shards every layer with fully_shard, which refuses 0-dim parameters."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    model = model_factory(hidden_act="gsmelu", hidden_act_kwargs={**GSMELU_MODEL_KWARGS, "trainable": True})
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        ids = torch.randint(2, 101, (2, 11), generator=torch.Generator().manual_seed(3))
+        model(ids, labels=ids).loss.backward()
+        act = model.model.layers[0].mlp.act_fn
+        assert all(getattr(act, key).grad is not None for key in GSMELU_PARAMETERS)
+    finally:
+        dist.destroy_process_group()

@@ -124,6 +124,33 @@ def test_segments_without_the_carried_state_give_another_loss(model_and_tokenize
     assert abs(cut / targets - carried / targets) > 1e-3
 
 
+def test_a_segments_logits_are_freed_before_the_next_segment_runs(model_and_tokenizer, texts):
+    """The logits of a segment (``[batch·segment, vocab]``, the largest tensor of a step) are gone when the next
+    segment's forward starts: held over, the peak memory is two segments' logits, not one."""
+    import weakref
+
+    model, tokenizer = model_and_tokenizer
+    documents = [d for d in encode(tokenizer, texts) if len(d) > 200]
+    previous: list[weakref.ref] = []
+    alive_at_forward: list[bool] = []
+
+    def before(module, args, kwargs):
+        alive_at_forward.append(bool(previous) and previous[-1]() is not None)
+
+    def after(module, args, kwargs, output):
+        previous.append(weakref.ref(output.logits))
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        score_documents(model, documents, segment_tokens=50, batch_size=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(alive_at_forward) > 3
+    assert not any(alive_at_forward)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
