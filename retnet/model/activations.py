@@ -308,7 +308,9 @@ class SAU(Activation):
 
     Parameters (state-dict names): ``alpha`` — an ``nn.Parameter`` when ``trainable_alpha`` (the default),
     else a buffer; ``log_sigma`` — log σ, an ``nn.Parameter`` when ``trainable_sigma``, else a buffer. Both
-    are float32 and are upcast in ``forward`` if the module was cast to a lower precision.
+    are float32 tensors of one element (shape ``[1]``: FSDP2's ``fully_shard`` shards no 0-dim parameter), and
+    are upcast in ``forward`` if the module was cast to a lower precision. A state dict of the 0-dim form
+    (written before) loads.
     """
 
     name = "sau"
@@ -321,8 +323,8 @@ class SAU(Activation):
         self.init_sigma = _positive(self.name, "sigma", sigma)
         self.trainable_alpha = _flag(self.name, "trainable_alpha", trainable_alpha)
         self.trainable_sigma = _flag(self.name, "trainable_sigma", trainable_sigma)
-        alpha_t = torch.tensor(self.init_alpha, dtype=torch.float32)
-        log_sigma_t = torch.tensor(math.log(self.init_sigma), dtype=torch.float32)
+        alpha_t = torch.tensor([self.init_alpha], dtype=torch.float32)
+        log_sigma_t = torch.tensor([math.log(self.init_sigma)], dtype=torch.float32)
         if self.trainable_alpha:
             self.alpha = nn.Parameter(alpha_t)
         else:
@@ -343,10 +345,18 @@ class SAU(Activation):
         self.alpha.fill_(self.init_alpha)
         self.log_sigma.fill_(math.log(self.init_sigma))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints and exports written before the parameters became [1] hold them 0-dim.
+        for key in ("alpha", "log_sigma"):
+            value = state_dict.get(prefix + key)
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                state_dict[prefix + key] = value.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
-        alpha = self.alpha.to(dtype)
-        sigma = self.log_sigma.to(dtype).exp()
+        alpha = self.alpha.to(dtype).reshape(())  # an input keeps its shape, a 0-dim one too
+        sigma = self.log_sigma.to(dtype).exp().reshape(())
         return _sau_impl(x.to(dtype), alpha, sigma).to(x.dtype)
 
     def extra_repr(self) -> str:

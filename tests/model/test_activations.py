@@ -670,14 +670,29 @@ def test_trainable_gsmelu_missing_from_a_checkpoint_starts_at_its_init_values(tm
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
 
 
-def test_a_model_with_trainable_gsmelu_can_be_sharded_by_fsdp2(model_factory):
+def test_sau_loads_a_state_dict_of_its_former_0_dim_parameters():
+    """Checkpoints written before α and log σ became [1] (for FSDP2) hold them 0-dim: they still load."""
+    module = SAU(trainable_sigma=True)
+    module.load_state_dict({"alpha": torch.tensor(0.3), "log_sigma": torch.tensor(-0.5)})
+    assert module.alpha.shape == (1,) and module.alpha.item() == pytest.approx(0.3)
+    assert module.log_sigma.item() == pytest.approx(-0.5)
+    x = torch.linspace(-3, 3, 7)
+    assert sau(x, 0.3, math.exp(-0.5)).shape == module(x).shape == x.shape
+    assert module(torch.tensor(0.5)).shape == ()  # a 0-dim input stays 0-dim
+
+
+@pytest.mark.parametrize(("act", "kwargs", "names"), [
+    ("gsmelu", {**GSMELU_MODEL_KWARGS, "trainable": True}, GSMELU_PARAMETERS),
+    ("sau", {"trainable_sigma": True}, ("alpha", "log_sigma")),
+], ids=["gsmelu", "sau"])
+def test_a_model_with_trainable_activation_parameters_can_be_sharded_by_fsdp2(model_factory, act, kwargs, names):
     """train.parallelism = "fsdp" shards every layer with fully_shard, which refuses 0-dim parameters."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    model = model_factory(hidden_act="gsmelu", hidden_act_kwargs={**GSMELU_MODEL_KWARGS, "trainable": True})
+    model = model_factory(hidden_act=act, hidden_act_kwargs=kwargs)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         for layer in model.model.layers:
@@ -685,7 +700,7 @@ def test_a_model_with_trainable_gsmelu_can_be_sharded_by_fsdp2(model_factory):
         fully_shard(model)
         ids = torch.randint(2, 101, (2, 11), generator=torch.Generator().manual_seed(3))
         model(ids, labels=ids).loss.backward()
-        act = model.model.layers[0].mlp.act_fn
-        assert all(getattr(act, key).grad is not None for key in GSMELU_PARAMETERS)
+        module = model.model.layers[0].mlp.act_fn
+        assert all(getattr(module, key).grad is not None for key in names)
     finally:
         dist.destroy_process_group()
