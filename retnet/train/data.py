@@ -571,7 +571,7 @@ class StreamingData:
             return {"kind": "streaming", "position": self.position}
         stream = self.stream.state_dict() if self._examples is not None else self._stream_state
         return {"kind": "streaming", "position": self.position, "epoch": self._epoch, "documents": self._documents,
-                "buffer": np.asarray(self._buffer, dtype=np.uint32), "stream": stream,
+                "seen": self._seen, "buffer": np.asarray(self._buffer, dtype=np.uint32), "stream": stream,
                 "datasets_version": datasets.__version__}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -591,7 +591,7 @@ class StreamingData:
             return
         self._replay = False
         self._epoch, self._documents = int(state["epoch"]), int(state["documents"])
-        self._seen = self._documents > 0
+        self._seen = bool(state.get("seen", self._documents > 0))  # empty documents are read but not seen
         self._buffer = [int(t) for t in state["buffer"]]
         stream = state.get("stream")
         # datasets' state is its own format: another version may read it otherwise, and an epoch other than

@@ -487,7 +487,7 @@ class Trainer:
 
     def _check_resume_data(self, path: Path, *, tokenizer_reused: bool) -> str | None:
         """ConfigError unless this run continues the checkpoint's: ``train.steps`` not below its step, the same
-        data mode (packed or streamed), a world size its stream positions hold for, and the same data-defining
+        model settings (:func:`~retnet.train.config.model_changes`), the same data mode (packed or streamed), a world size its stream positions hold for, and the same data-defining
         settings (:func:`~retnet.train.config.data_changes`). Every rank reads the checkpoint, so each refuses
         alike. Returns the fingerprint of the hub data it was trained on (None for local data), which
         build_data holds the hub set to."""
@@ -518,6 +518,13 @@ class Trainer:
                 f"checkpoint {str(path)!r} was written by {len(ranks)} ranks on streamed data "
                 f"(data.streaming=true) and this run has world size {self.world_size}: each rank's stream "
                 f"position holds only for the split it was read with; resume it with {len(ranks)} ranks")
+        # Here, before the data is built, like the data checks: reading and tokenizing can take hours.
+        changes = model_changes(trainer.get("config", {}), self.cfg)
+        if changes:
+            raise ConfigError(
+                f"checkpoint {str(path)!r} was trained with other model settings: {'; '.join(changes)}. With them "
+                f"its weights would compute another model: resume with those settings, or start in another "
+                f"train.output_dir")
         changes = data_changes(trainer.get("config", {}), self.cfg, tokenizer_reused=tokenizer_reused)
         if changes:
             raise ConfigError(
@@ -533,12 +540,6 @@ class Trainer:
         state = load_checkpoint(path)
         self._check_fits(path, state["model"])
         trainer = state["trainer"]
-        changes = model_changes(trainer.get("config", {}), self.cfg)
-        if changes:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} was trained with other model settings: {'; '.join(changes)}. With them "
-                f"its weights would compute another model: resume with those settings, or start in another "
-                f"train.output_dir")
         ranks = trainer["ranks"]
         self._set_full_state(state["model"], state["optimizer"])
         self.step = self.last_saved_step = int(trainer["step"])

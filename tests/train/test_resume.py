@@ -117,12 +117,14 @@ def test_model_settings_that_change_what_the_weights_compute_are_refused(micro, 
     out = tmp_path / "run"
     assert main(micro(out, train__steps=2)) == 0
     before = _tree_digest(out / "checkpoints")
+    capsys.readouterr()
     assert main([*micro(out, train__steps=4), "--model.extra.rope_theta=500", "--model.hidden_act=silu"]) \
         == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "model.extra.rope_theta: checkpoint 10000.0, now 500" in err
     assert "model.hidden_act: checkpoint 'gelu', now 'silu'" in err
     assert "step_00000002" in err and "Traceback" not in err
+    assert "data: " not in err  # refused before the data is read
     assert _tree_digest(out / "checkpoints") == before
     assert main([*micro(out, train__steps=4, model__dropout=0.1, model__chunk_size=8),
                  "--model.extra.retention_mode=chunkwise"]) == 0

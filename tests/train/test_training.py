@@ -250,7 +250,7 @@ def test_streaming_jsonl_trains_and_resumes(micro, tmp_path, read_metrics):
     assert main([*args, "--train.steps=3"]) == 0
     state = torch.load(out / "checkpoints" / "step_00000003" / "trainer.pt", weights_only=False)
     data = state["ranks"][0]["data"]
-    assert data["kind"] == "streaming" and data["position"] == 12 and data["documents"] > 0
+    assert data["kind"] == "streaming" and data["position"] == 12 and data["documents"] > 0 and data["seen"]
     assert data["stream"]["epoch"] == data["epoch"] == 0 and data["buffer"].ndim == 1
     assert main([*args, "--train.steps=5"]) == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
