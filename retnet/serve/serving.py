@@ -97,10 +97,8 @@ class OpenAIServing:
             # OpenAI and vLLM take 0 only to echo (and score) the prompt: without echo there is nothing to return.
             raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (to return, and "
                            "score with logprobs, the prompt alone)", "max_tokens")
-        # Off the event loop: a megabyte of prompt takes the tokenizer about a second, which every running
-        # stream would wait for.
-        texts, prompts = await asyncio.to_thread(self._completion_prompts, request.prompt,
-                                                 request.truncate_prompt_tokens)
+        texts, prompts = await _off_the_loop_if_large(_size(request.prompt), self._completion_prompts,
+                                                      request.prompt, request.truncate_prompt_tokens)
         params = self._params(request, request.max_tokens, request.logprobs, bad_words=await self._bad_words(request))
         params.prompt_logprobs = request.echo and request.logprobs is not None
         handle = self._submit(prompts, params, request)
@@ -228,7 +226,8 @@ class OpenAIServing:
         max_tokens = getattr(request, name)
         if max_tokens == 0:
             raise APIError(400, f"{name} must be at least 1 (0 is accepted only by /v1/completions with echo)", name)
-        prompt, hint = await asyncio.to_thread(self._chat_prompt, request)  # off the loop, as a completion's
+        prompt, hint = await _off_the_loop_if_large(_size([m.text() for m in request.messages]), self._chat_prompt,
+                                                    request)
         params = self._params(request, max_tokens, top if request.logprobs else None, name,
                               bad_words=await self._bad_words(request))
         handle = self._submit([prompt], params, request, [hint])
@@ -428,7 +427,7 @@ class OpenAIServing:
                                f"not all whitespace; got {word!r}", "bad_words")
         if not words:
             return []
-        return await asyncio.to_thread(self._tokenize_bad_words, words)
+        return self._tokenize_bad_words(words)  # at most MAX_BAD_WORDS short words: quick
 
     def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
         out: list[list[int]] = []
@@ -589,6 +588,28 @@ def _check_content_parts(request: ChatCompletionRequest) -> None:
             if part.text is None:
                 raise APIError(400, f"{where}.text: a text content part needs a string 'text'", f"{where}.text",
                                "missing")
+
+
+# A prompt this large (characters, or token ids) is tokenized on a worker thread: a megabyte takes the tokenizer
+# about a second, which every running stream would wait for. Smaller ones stay on the event loop: a burst of
+# short requests handed to threads reaches the engine spread out, in more prefill rounds, each a stall of every
+# running stream, for no gain (a short prompt encodes in microseconds).
+OFF_LOOP_PROMPT_SIZE = 1 << 16
+
+
+def _size(value) -> int:
+    """Characters of the strings in ``value`` plus the number of its token ids (lists nest)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_size(item) if isinstance(item, (str, list)) else 1 for item in value)
+    return 0
+
+
+async def _off_the_loop_if_large(size: int, function, *args):
+    if size > OFF_LOOP_PROMPT_SIZE:
+        return await asyncio.to_thread(function, *args)
+    return function(*args)
 
 
 def _check_structured_output(request: SamplingFields) -> None:

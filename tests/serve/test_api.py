@@ -846,18 +846,33 @@ async def test_a_template_that_refuses_the_history_alone_still_serves_the_conver
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 async def test_tokenizing_a_prompt_leaves_the_event_loop_free(client, monkeypatch, path):
     # A megabyte prompt takes the tokenizer about a second; encoded on the event loop, it stalled every other
-    # request and every running stream for that long.
+    # request and every running stream for that long. So a large prompt is encoded on a worker thread (here
+    # "large" is lowered to the test's prompt), a small one on the loop (threads would spread a burst of them
+    # over more prefill rounds).
+    import threading
     import time
+
+    from retnet.serve import serving as serving_module
 
     tokenizer = client.app.state.serving.tokenizer
     encode = tokenizer.encode
+    threads = []
+
+    def recording_encode(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return encode(*args, **kwargs)
+
+    body = {"prompt": "hi"} if path == "/v1/completions" else CHAT
+    monkeypatch.setattr(tokenizer, "encode", recording_encode)
+    assert (await client.post(path, json={**body, "max_tokens": 1})).status_code == 200
+    assert threads and all(t is threading.main_thread() for t in threads)
 
     def slow_encode(*args, **kwargs):
         time.sleep(1.0)
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(tokenizer, "encode", slow_encode)
-    body = {"prompt": "hi"} if path == "/v1/completions" else CHAT
+    monkeypatch.setattr(serving_module, "OFF_LOOP_PROMPT_SIZE", 1)
     start = time.monotonic()
     slow = asyncio.create_task(client.post(path, json={**body, "max_tokens": 1}))
     await asyncio.sleep(0.05)
