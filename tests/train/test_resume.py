@@ -133,6 +133,24 @@ def test_model_settings_that_change_what_the_weights_compute_are_refused(micro, 
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
+def test_weights_of_another_shape_are_refused_when_the_checkpoint_config_does_not_say(micro, tmp_path, capsys):
+    """A checkpoint whose config holds no model section (written by another tool, or an older version) is
+    not compared setting by setting: the weights' shapes are, when they load."""
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2)) == 0
+    root = out / "checkpoints"
+    state = load_checkpoint(root / "step_00000002")
+    del state["trainer"]["config"]["model"]
+    save_checkpoint(root, 2, model=state["model"], optimizer=state["optimizer"], trainer=state["trainer"],
+                    keep_last=1)
+    capsys.readouterr()
+    assert main(micro(out, train__steps=4, model__hidden_size=64)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "step_00000002" in err and "does not fit the configured model" in err
+    assert "[512, 32]" in err and "[512, 64]" in err  # the embedding's shape, saved and configured
+    assert "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. A manifest that is JSON of the wrong structure
 # ----------------------------------------------------------------------------------------------------------
