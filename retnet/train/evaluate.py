@@ -169,10 +169,11 @@ def read_documents(dataset: str, *, name: str | None = None, split: str = "train
 
 def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
     """(model, tokenizer) of an export directory, the model in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import retnet  # noqa: F401 - registers RetNet with the Auto classes
-    from retnet.train.data import vocab_bound
+    from retnet.train.config import ConfigError
+    from retnet.train.data import load_tokenizer, vocab_bound
 
     root = Path(path).expanduser()
     if not root.exists():
@@ -187,12 +188,10 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
     if dtype not in DTYPES:
         raise EvalError(f"--dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise EvalError(f"--model {path!r}: no tokenizer could be loaded from it ({type(error).__name__}: "
-                        f"{str(error).strip()[:300]}); export the model with its tokenizer") from None
-    if tokenizer.eos_token_id is None:
-        raise EvalError(f"--model {path!r}: the tokenizer has no EOS token; documents are delimited by EOS")
+        tokenizer = load_tokenizer(root)  # training's loader: local only, an EOS required
+    except (ConfigError, FileNotFoundError) as error:
+        raise EvalError(f"--model {path!r}: {str(error).replace('data.tokenizer ', 'tokenizer ')}; export the "
+                        f"model with its tokenizer") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(str(root), dtype=DTYPES[dtype], local_files_only=True)
     except (OSError, ValueError) as error:

@@ -486,6 +486,20 @@ def test_a_stop_on_an_eval_step_saves_first_and_the_resume_evaluates(during_step
     assert (stopped / "export" / "model.safetensors").is_file()
 
 
+
+def _stop_at_2_then_crash_at_4(monkeypatch, args: list[str]) -> None:
+    """A SIGTERM during step 2 (saves, evaluation left pending), then a resume that evaluates step 2 and is
+    killed during step 4, before its next checkpoint."""
+    for how, during_step in (("signal", 2), ("crash", 4)):
+        with monkeypatch.context() as patch:
+            _interrupt(patch, during_step=during_step, how=how)
+            if how == "crash":
+                with pytest.raises(RuntimeError, match="killed"):
+                    main(args)
+            else:
+                assert main(args) == 0
+
+
 def test_the_evaluation_left_by_a_stop_is_not_logged_twice(micro, tmp_path, monkeypatch, read_metrics):
     """The resumed run evaluates the step a SIGTERM left unevaluated, then crashes before its next checkpoint:
     the run after it resumes from the same checkpoint and evaluates that step again, in place of the record
@@ -493,14 +507,7 @@ def test_the_evaluation_left_by_a_stop_is_not_logged_twice(micro, tmp_path, monk
     common = dict(train__steps=4, train__eval_interval=2)
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert main(micro(whole, **common)) == 0
-    for how, during_step in (("signal", 2), ("crash", 4)):
-        with monkeypatch.context() as patch:
-            _interrupt(patch, during_step=during_step, how=how)
-            if how == "crash":
-                with pytest.raises(RuntimeError, match="killed"):
-                    main(micro(stopped, **common))
-            else:
-                assert main(micro(stopped, **common)) == 0
+    _stop_at_2_then_crash_at_4(monkeypatch, micro(stopped, **common))
     assert [r["step"] for r in read_metrics(stopped, "val")] == [0, 2]
     assert main(micro(stopped, **common)) == 0
     assert _records(stopped, read_metrics, "val") == _records(whole, read_metrics, "val")
@@ -569,14 +576,7 @@ def test_tensorboard_shows_the_evaluation_left_by_a_stop_once(micro, tmp_path, m
     record (which that step's purge must not lose)."""
     common = dict(train__steps=4, train__eval_interval=2, logging__tensorboard=True)
     stopped = tmp_path / "stopped"
-    for how, during_step in (("signal", 2), ("crash", 4)):
-        with monkeypatch.context() as patch:
-            _interrupt(patch, during_step=during_step, how=how)
-            if how == "crash":
-                with pytest.raises(RuntimeError, match="killed"):
-                    main(micro(stopped, **common))
-            else:
-                assert main(micro(stopped, **common)) == 0
+    _stop_at_2_then_crash_at_4(monkeypatch, micro(stopped, **common))
     assert main(micro(stopped, **common)) == 0
     assert [r["step"] for r in read_metrics(stopped, "val")] == [0, 2, 4]
     assert _tensorboard_steps(stopped) == {"train/loss": [1, 2, 3, 4], "val/val_loss": [0, 2, 4]}
