@@ -335,18 +335,39 @@ def find_resume_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Verify and load a checkpoint: ``{"model", "optimizer", "trainer", "step"}`` on CPU."""
+def verified_identity(path: Path) -> tuple:
+    """What :func:`note_verified` takes in another process: the identity of files this process verified, or
+    () when it has not verified them as they are now."""
     identity, known = _identity(path), _checked.get(Path(path).absolute())
-    if identity and known == (identity, True):
-        # This process verified these very files (choosing the checkpoint to resume, or writing it): hashing
-        # tens of GB again would only delay the resume.
+    return identity if identity and known == (identity, True) else ()
+
+
+def note_verified(path: Path, identity: tuple) -> bool:
+    """Take another process's verification of ``path`` (its :func:`verified_identity`) when the files here are
+    those it hashed (same inode, size and mtime): ranks that share a filesystem then do not each hash tens of
+    GB that rank 0 just verified. Files that differ here are verified again when loaded."""
+    if identity and _identity(path) == tuple(identity):
+        _checked[Path(path).absolute()] = (tuple(identity), True)
+        return True
+    return False
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Verify and load a checkpoint: ``{"model", "optimizer", "trainer", "step"}`` on CPU.
+
+    The model and optimizer tensors are memory-mapped from their files (copy-on-write), not read into this
+    process: the ranks of a node then share one copy in the page cache, where each holding its own full copy
+    (model and Adam state: 12 bytes a parameter) would take 8 × 80 GB for a 6.7B model on 8 GPUs."""
+    path = Path(path)
+    if verified_identity(path):
+        # This process verified these very files (choosing the checkpoint to resume, or writing it), or rank 0
+        # did (note_verified): hashing tens of GB again would only delay the resume.
         manifest = json.loads((path / MANIFEST).read_text())
     else:
         manifest = verify_checkpoint(path)
     return {
-        "model": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        "model": torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True),
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True),
         # our own file: holds numpy/python RNG states, which weights_only refuses
         "trainer": torch.load(path / "trainer.pt", map_location="cpu", weights_only=False),
         "step": manifest["step"],
@@ -395,6 +416,6 @@ def replace_directory(directory: Path, write) -> Path:
 
 __all__ = [
     "CheckpointError", "export_pretrained", "find_resume_checkpoint", "fsync_tree", "list_checkpoints",
-    "load_checkpoint", "remove_stale_export", "remove_stale_temp", "replace_directory", "rng_state", "save_checkpoint",
-    "set_rng_state", "supersede_after", "verify_checkpoint",
+    "load_checkpoint", "note_verified", "remove_stale_export", "remove_stale_temp", "replace_directory", "rng_state", "save_checkpoint",
+    "set_rng_state", "supersede_after", "verified_identity", "verify_checkpoint",
 ]

@@ -45,6 +45,7 @@ from retnet.train.checkpoint import (
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    note_verified,
     remove_stale_export,
     remove_stale_temp,
     replace_directory,
@@ -52,6 +53,7 @@ from retnet.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
     supersede_after,
+    verified_identity,
 )
 from retnet.train.config import ConfigError, JobConfig, OptimConfig, data_changes, model_changes
 from retnet.train.data import build_data, packed_segments, vocab_bound
@@ -343,17 +345,20 @@ class Trainer:
         if self.is_main:
             try:
                 self._make_output_dir()
-                answer[0] = ("ok", self._pick_checkpoint())
+                picked = self._pick_checkpoint()
+                answer[0] = ("ok", picked, picked and verified_identity(Path(picked)))
             except (CheckpointError, ConfigError) as error:
-                answer[0] = (type(error).__name__, str(error))
+                answer[0] = (type(error).__name__, str(error), None)
         if _distributed():
             barrier()  # while rank 0 hashes the checkpoints it verifies (tens of GB for a large model)
             dist.broadcast_object_list(answer, src=0)
-        kind, value = answer[0]
+        kind, value, identity = answer[0]
         if kind == "CheckpointError":
             raise CheckpointError(value)
         if kind == "ConfigError":
             raise ConfigError(value)
+        if value is not None and not self.is_main:
+            note_verified(Path(value), identity)
         return None if value is None else Path(value)
 
     def _make_output_dir(self) -> None:

@@ -231,6 +231,53 @@ def test_loading_a_checkpoint_this_process_verified_hashes_it_once(tmp_path, mon
         load_checkpoint(path)
 
 
+def test_other_ranks_take_rank_0s_verification_of_the_same_files(tmp_path, monkeypatch):
+    """Rank 0 hashes the checkpoint it resumes; the other ranks take its verification of the same files (inode,
+    size, mtime) instead of each hashing tens of GB again, and still hash files that differ from those."""
+    path = save_checkpoint(tmp_path, 2, model={"w": torch.arange(4.0)}, optimizer={}, trainer={"n": 1}, keep_last=1)
+    identity = ckpt_module.verified_identity(path)  # rank 0: written (so hashed) by this process
+    assert identity
+    ckpt_module._checked.clear()  # another rank: a process that verified nothing
+    assert ckpt_module.verified_identity(path) == ()
+    hashed = []
+    real_sha256 = ckpt_module._sha256
+    monkeypatch.setattr(ckpt_module, "_sha256", lambda file: hashed.append(file.name) or real_sha256(file))
+    assert ckpt_module.note_verified(path, identity)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.arange(4.0)) and hashed == []
+    # Files rewritten after rank 0 hashed them are not those it verified: hashed here, and refused.
+    ckpt_module._checked.clear()
+    model_file = path / "model.pt"
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 0xFF
+    before = model_file.stat().st_mtime_ns
+    model_file.write_bytes(bytes(data))
+    os.utime(model_file, ns=(before + 10**9, before + 10**9))
+    assert not ckpt_module.note_verified(path, identity)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    assert "model.pt" in hashed
+
+
+def test_loaded_weights_are_mapped_from_the_files_not_copied(tmp_path):
+    """The ranks of a node resuming share the checkpoint in the page cache: its tensors are mapped from the
+    files (each rank reading its own full copy of model and Adam state ran a 6.7B model on 8 GPUs out of host
+    memory), and copy-on-write, so training on from them never writes into the checkpoint."""
+    path = save_checkpoint(tmp_path, 2, model={"w": torch.arange(4.0)},
+                           optimizer={"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []},
+                           trainer={"n": 1}, keep_last=1)
+    state = load_checkpoint(path)
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(path / "model.pt") in mapped and str(path / "optimizer.pt") in mapped
+    state["model"]["w"].add_(1)
+    state["optimizer"]["state"][0]["exp_avg"].mul_(5)
+    del state
+    verify_checkpoint(path)  # the files are as written: the manifest's hashes still match
+    ckpt_module._checked.clear()
+    again = load_checkpoint(path)
+    assert torch.equal(again["model"]["w"], torch.arange(4.0))
+    assert torch.equal(again["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+
+
 def test_explicit_resume_from_an_older_checkpoint_supersedes_the_newer_ones(micro, tmp_path, capsys):
     """Resuming explicitly from step 2 of a run that saved 2, 4, 6 (here with another learning rate) starts
     a new trajectory: its step 4 replaces the old step 4, the old step 6 is moved aside (not deleted), and a
