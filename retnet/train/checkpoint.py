@@ -8,7 +8,11 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_00000100`` holding
                    cuda), config, the losses, seconds and tokens of the steps since the last metrics record,
                    whether this step's evaluation is still to run (a stop signal skipped it), and the
                    fingerprint of the hub data trained on (a resume reads the same)
-    manifest.json  written last: step and the sha256 and size of each file above
+    manifest.json  written last: step, layout and the sha256 and size of each file in the directory
+
+That is the ``full`` layout. In the ``sharded`` one (``checkpoint.layout``, the default under FSDP2) ``model.pt``
+and ``optimizer.pt`` are replaced by ``state/``, a torch distributed checkpoint: every rank writes and hashes its
+own shard (no rank gathers the whole state), and it loads into any world size.
 
 It is written into ``.tmp-step_…`` (each file fsynced), the manifest last, then renamed into place and the
 parent directory fsynced. A crash at any point leaves either no ``step_*`` directory or a complete one; a
@@ -30,6 +34,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-FILES = ("model.pt", "optimizer.pt", "trainer.pt")
+FILES = ("model.pt", "optimizer.pt", "trainer.pt")  # the full layout's
+SHARDED_STATE = "state"  # the sharded layout's torch.distributed.checkpoint directory
+SHARDED_FILES = ("trainer.pt", f"{SHARDED_STATE}/.metadata")  # with the shards, which the manifest lists
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 
@@ -112,30 +119,64 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Save, verify, find, load
 # ----------------------------------------------------------------------------------------------------------
+def new_temp_dir(root: Path, step: int) -> Path:
+    """An empty ``.tmp-step_…`` directory under ``root`` that :func:`commit_checkpoint` turns into the checkpoint
+    of ``step``; rank 0 makes it and every rank of a sharded save writes into it."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The manifest entries (sha256, size) of ``names``, relative to ``directory``: each rank of a sharded save
+    hashes the shards it wrote, so rank 0 does not hash them all after them."""
+    return {name: {"sha256": _sha256(directory / name), "bytes": (directory / name).stat().st_size}
+            for name in names}
+
+
 def save_checkpoint(root: Path, step: int, *, model: dict, optimizer: dict, trainer: dict, keep_last: int) -> Path:
-    """Write a checkpoint atomically (rank 0 only) and keep the newest ``keep_last`` valid ones.
+    """Write a full-layout checkpoint atomically (rank 0 only) and keep the newest ``keep_last`` valid ones."""
+    tmp = new_temp_dir(root, step)
+    try:
+        _write_durable(tmp / "model.pt", model)
+        _write_durable(tmp / "optimizer.pt", optimizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full of our half-written copy
+        raise
+    return commit_checkpoint(root, step, tmp, trainer=trainer, keep_last=keep_last)
+
+
+def commit_checkpoint(root: Path, step: int, tmp: Path, *, trainer: dict, keep_last: int, layout: str = "full",
+                      hashed: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write ``trainer.pt`` and the manifest of every file in ``tmp`` (those in ``hashed`` were hashed by the
+    ranks that wrote them), rename it into place and keep the newest ``keep_last`` valid checkpoints (rank 0).
 
     A valid ``step_*`` directory already at this step is replaced by the new one (a run resumed from an older
     checkpoint has diverged from it). One that does not verify is moved aside to ``step_….corrupt-<time>``
     (never overwritten or deleted)."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        entries = {}
-        for name, obj in (("model.pt", model), ("optimizer.pt", optimizer), ("trainer.pt", trainer)):
-            _write_durable(tmp / name, obj)
-            entries[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-        manifest = {"format": FORMAT_VERSION, "step": step, "time": time.time(), "files": entries}
+        _write_durable(tmp / "trainer.pt", trainer)
+        names = sorted(str(path.relative_to(tmp)) for path in tmp.rglob("*") if path.is_file())
+        hashed = hashed or {}
+        missing = [name for name in names if name not in hashed]
+        entries = {**file_entries(tmp, missing), **{name: hashed[name] for name in names if name in hashed}}
+        required = FILES if layout == "full" else SHARDED_FILES
+        if any(name not in entries for name in required):
+            raise CheckpointError(f"checkpoint {str(final)!r}: the {layout} layout needs {', '.join(required)}; "
+                                  f"written: {', '.join(names)}")
+        fsync_tree(tmp)  # the shards of other ranks too: a rename that reaches the disk before them loses them
+        manifest = {"format": FORMAT_VERSION, "step": step, "time": time.time(), "layout": layout,
+                    "files": dict(sorted(entries.items()))}
         with open(tmp / MANIFEST, "w") as handle:
             json.dump(manifest, handle, indent=1)
             handle.flush()
             os.fsync(handle.fileno())
         _fsync_dir(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full of our half-written copy
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
         try:
@@ -249,9 +290,14 @@ _checked: dict[Path, tuple[tuple, bool]] = {}
 
 
 def _identity(path: Path) -> tuple:
-    """(inode, size, mtime) of the manifest and each file; () when one is missing."""
+    """(inode, size, mtime) of the manifest and each file it lists; () when one is missing or it is unreadable."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        names = sorted(manifest["files"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return ()
     stats = []
-    for name in (MANIFEST, *FILES):
+    for name in (MANIFEST, *names):
         try:
             stat = (path / name).stat()
         except OSError:
@@ -300,11 +346,17 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(files, dict) or type(manifest.get("step")) is not int:
         raise CheckpointError(f"checkpoint {str(manifest_path)!r} is malformed: not an object with an integer "
                               f"'step' and a 'files' object")
-    for name in FILES:
-        file = path / name
+    layout = manifest.get("layout", "full")  # absent: written before the sharded layout
+    if layout not in ("full", "sharded"):
+        raise CheckpointError(f"checkpoint {str(manifest_path)!r} is malformed: unknown layout {layout!r}")
+    for name in FILES if layout == "full" else SHARDED_FILES:
         if name not in files:
             raise CheckpointError(f"checkpoint {str(path)!r}: {MANIFEST} lists no {name}")
-        entry = files[name]
+    for name, entry in files.items():
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"checkpoint {str(manifest_path)!r} is malformed: it lists {name!r}, not a "
+                                  f"path inside the checkpoint")
         if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
             raise CheckpointError(f"checkpoint {str(manifest_path)!r} is malformed: the entry of {name} is not "
                                   f"{{'sha256': str, 'bytes': int}}")
@@ -353,25 +405,100 @@ def note_verified(path: Path, identity: tuple) -> bool:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Verify and load a checkpoint: ``{"model", "optimizer", "trainer", "step"}`` on CPU.
+    """Verify and load a checkpoint: ``{"model", "optimizer", "trainer", "step", "layout"}`` on CPU, the
+    model and optimizer as full state dicts.
 
-    The model and optimizer tensors are memory-mapped from their files (copy-on-write), not read into this
+    Of the full layout the tensors are memory-mapped from their files (copy-on-write), not read into this
     process: the ranks of a node then share one copy in the page cache, where each holding its own full copy
-    (model and Adam state: 12 bytes a parameter) would take 8 × 80 GB for a 6.7B model on 8 GPUs."""
+    (model and Adam state: 12 bytes a parameter) would take 8 × 80 GB for a 6.7B model on 8 GPUs. Of the
+    sharded layout this process reads every shard (for tools and exports; a training run loads its own shards
+    with :func:`load_sharded_state`)."""
     path = Path(path)
+    manifest = _verified_manifest(path)
+    layout = manifest.get("layout", "full")
+    if layout == "full":
+        model = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+    else:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
+
+        # What torch's own dcp_to_torch_save does (the public load only fills the keys it is given): the planner
+        # fills an empty dict with everything saved.
+        state: dict[str, Any] = {}
+        _load_state_dict(state, storage_reader=FileSystemReader(path / SHARDED_STATE),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        model, optimizer = state["model"], state["optimizer"]
+    return {"model": model, "optimizer": optimizer, "trainer": _load_trainer(path), "step": manifest["step"],
+            "layout": layout}
+
+
+def load_checkpoint_trainer(path: Path) -> dict[str, Any]:
+    """Verify a checkpoint and load only its ``trainer.pt`` (step, data positions, RNG states ...)."""
+    _verified_manifest(Path(path))
+    return _load_trainer(Path(path))
+
+
+def _verified_manifest(path: Path) -> dict[str, Any]:
     if verified_identity(path):
         # This process verified these very files (choosing the checkpoint to resume, or writing it), or rank 0
         # did (note_verified): hashing tens of GB again would only delay the resume.
-        manifest = json.loads((path / MANIFEST).read_text())
-    else:
-        manifest = verify_checkpoint(path)
-    return {
-        "model": torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True),
-        # our own file: holds numpy/python RNG states, which weights_only refuses
-        "trainer": torch.load(path / "trainer.pt", map_location="cpu", weights_only=False),
-        "step": manifest["step"],
-    }
+        return json.loads((path / MANIFEST).read_text())
+    return verify_checkpoint(path)
+
+
+def _load_trainer(path: Path) -> dict[str, Any]:
+    # our own file: holds numpy/python RNG states, which weights_only refuses
+    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+
+
+def checkpoint_layout(path: Path) -> str:
+    """``full`` or ``sharded``, from the manifest of a checkpoint verified before."""
+    return json.loads((Path(path) / MANIFEST).read_text()).get("layout", "full")
+
+
+def saved_model_shapes(path: Path) -> dict[str, list[int]]:
+    """The shape of every model tensor a checkpoint holds, read without loading any (a sharded one's metadata,
+    a full one's memory-mapped file)."""
+    path = Path(path)
+    if checkpoint_layout(path) == "full":
+        model = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+        return {key: list(value.shape) for key, value in model.items()}
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(path / SHARDED_STATE).read_metadata()
+    return {key.removeprefix("model."): list(entry.size) for key, entry in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+
+
+def save_sharded_state(directory: Path, model_state: dict, optim_state: dict, *, rank: int,
+                       distributed: bool) -> dict[str, dict[str, Any]]:
+    """Every rank writes its shard of the (sharded) model and optimizer state dicts into ``directory/state``
+    (a collective); returns the manifest entries of the files this rank wrote, hashed here."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    state_dir = directory / SHARDED_STATE
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: meant
+        dcp_save({"model": model_state, "optimizer": optim_state}, storage_writer=FileSystemWriter(state_dir),
+                 no_dist=not distributed)
+    # torch names each rank's shard files __<rank>_<n>.distcp; files of other names rank 0 hashes at commit
+    mine = sorted(f"{SHARDED_STATE}/{file.name}" for file in state_dir.glob(f"__{rank}_*.distcp"))
+    return file_entries(directory, mine)
+
+
+def load_sharded_state(path: Path, model_state: dict, optim_state: dict, *, distributed: bool) -> None:
+    """Read a sharded checkpoint's model and optimizer state into these state dicts, in place (a collective):
+    each rank reads the parts of the tensors it holds, whatever the world size that wrote them."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp_load({"model": model_state, "optimizer": optim_state},
+                 storage_reader=FileSystemReader(Path(path) / SHARDED_STATE), no_dist=not distributed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,7 +542,9 @@ def replace_directory(directory: Path, write) -> Path:
 
 
 __all__ = [
-    "CheckpointError", "export_pretrained", "find_resume_checkpoint", "fsync_tree", "list_checkpoints",
-    "load_checkpoint", "note_verified", "remove_stale_export", "remove_stale_temp", "replace_directory", "rng_state", "save_checkpoint",
-    "set_rng_state", "supersede_after", "verified_identity", "verify_checkpoint",
+    "CheckpointError", "checkpoint_layout", "commit_checkpoint", "export_pretrained", "file_entries",
+    "find_resume_checkpoint", "fsync_tree", "list_checkpoints", "load_checkpoint", "load_checkpoint_trainer",
+    "load_sharded_state", "new_temp_dir", "note_verified", "remove_stale_export", "remove_stale_temp",
+    "replace_directory", "rng_state", "save_checkpoint", "save_sharded_state", "saved_model_shapes", "set_rng_state",
+    "supersede_after", "verified_identity", "verify_checkpoint",
 ]

@@ -32,6 +32,7 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport (same API)
 SCHEDULES = ("cosine", "linear", "constant")
 PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
+CHECKPOINT_LAYOUTS = ("auto", "full", "sharded")
 _ANY_VOCAB_SIZE = 2**31 - 1  # a stand-in at load, large enough for any token id a tokenizer may hold
 
 
@@ -236,10 +237,15 @@ class CheckpointConfig(_Section):
     interval: int = 500  # steps between checkpoints (and one at the end); 0 = only at the end
     keep_last: int = 3
     export: bool = True  # save_pretrained model + tokenizer into <output_dir>/export at the end
+    # full: model.pt + optimizer.pt gathered on rank 0; sharded: each rank writes its own shard (torch
+    # distributed checkpoint), loadable into any world size; auto: sharded under FSDP, full otherwise
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("checkpoint", self, "keep_last")
         _positive("checkpoint", self, "interval", allow_zero=True)
+        if self.layout not in CHECKPOINT_LAYOUTS:
+            _refuse("checkpoint.layout", f"must be one of {CHECKPOINT_LAYOUTS}", self.layout)
 
 
 @dataclass(kw_only=True, slots=True)

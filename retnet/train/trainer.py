@@ -41,16 +41,23 @@ from torch import nn
 
 from retnet.train.checkpoint import (
     CheckpointError,
+    checkpoint_layout,
+    commit_checkpoint,
     export_pretrained,
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_checkpoint_trainer,
+    load_sharded_state,
+    new_temp_dir,
     note_verified,
     remove_stale_export,
     remove_stale_temp,
     replace_directory,
     rng_state,
     save_checkpoint,
+    save_sharded_state,
+    saved_model_shapes,
     set_rng_state,
     supersede_after,
     verified_identity,
@@ -468,24 +475,54 @@ class Trainer:
         self.raw_model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optim_state)
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        layout = self.cfg.checkpoint.layout
+        return layout == "sharded" or (layout == "auto" and self.fsdp)
+
+    def _shared_temp_dir(self) -> Path:
+        """The temporary directory of this step's checkpoint, made by rank 0 and named to every rank."""
+        answer = [str(new_temp_dir(self.ckpt_root, self.step)) if self.is_main else None]
+        if _distributed():
+            dist.broadcast_object_list(answer, src=0)
+        return Path(answer[0])
+
     def save(self) -> None:
-        """Checkpoint the current step (every rank calls it; rank 0 writes)."""
+        """Checkpoint the current step (every rank calls it; rank 0 writes, or under the sharded layout every
+        rank writes its shard and rank 0 commits)."""
         if self.step == self.last_saved_step:
             return
-        model_state, optim_state = self._full_state()
         mine = {"rng": rng_state(), "data": self.data.state_dict()}
+        if self.sharded_checkpoints:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            tmp = self._shared_temp_dir()
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            mine["files"] = save_sharded_state(tmp, model_state, optim_state, rank=self.rank,
+                                               distributed=_distributed())
+            model_state = optim_state = None
+        else:
+            model_state, optim_state = self._full_state()
         ranks = [None] * self.world_size
         if _distributed():
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
         if self.is_main:
-            path = save_checkpoint(self.ckpt_root, self.step, model=model_state, optimizer=optim_state, trainer={
+            hashed = {name: entry for saved in ranks for name, entry in saved.pop("files", {}).items()}
+            trainer = {
                 "step": self.step, "world_size": self.world_size, "ranks": ranks, "config": self.cfg.to_dict(),
                 "log_window": {"losses": list(self.window_losses), "seconds": self.window_seconds,
                                "tokens": self.window_tokens}, "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
-            }, keep_last=self.cfg.checkpoint.keep_last)
+            }
+            keep_last = self.cfg.checkpoint.keep_last
+            if self.sharded_checkpoints:
+                path = commit_checkpoint(self.ckpt_root, self.step, tmp, trainer=trainer, keep_last=keep_last,
+                                         layout="sharded", hashed=hashed)
+            else:
+                path = save_checkpoint(self.ckpt_root, self.step, model=model_state, optimizer=optim_state,
+                                       trainer=trainer, keep_last=keep_last)
             logger.info("saved checkpoint %s", path)
         barrier()
         self.last_saved_step = self.step
@@ -542,11 +579,19 @@ class Trainer:
         return trainer.get("hub_fingerprint")  # absent from checkpoints written before it was saved
 
     def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        self._check_fits(path, state["model"])
-        trainer = state["trainer"]
+        self._check_fits(path, saved_model_shapes(path))
+        if checkpoint_layout(path) == "full":
+            state = load_checkpoint(path)
+            self._set_full_state(state["model"], state["optimizer"])
+            trainer = state["trainer"]
+        else:
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            trainer = load_checkpoint_trainer(path)
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            load_sharded_state(path, model_state, optim_state, distributed=_distributed())
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
         ranks = trainer["ranks"]
-        self._set_full_state(state["model"], state["optimizer"])
         self.step = self.last_saved_step = int(trainer["step"])
         window = trainer.get("log_window", {})  # absent from checkpoints written before it was saved
         self.window_losses, self.window_seconds = list(window.get("losses", [])), float(window.get("seconds", 0.0))
@@ -558,11 +603,11 @@ class Trainer:
         self.data.load_state_dict(mine["data"])
         set_rng_state(mine["rng"])
 
-    def _check_fits(self, path: Path, saved: dict) -> None:
-        """CheckpointError naming the tensors when the saved model is not the configured one (load_state_dict
-        would stop with a bare traceback). Under resume=auto too: the checkpoint is valid, the config changed."""
+    def _check_fits(self, path: Path, got: dict[str, list[int]]) -> None:
+        """CheckpointError naming the tensors when the saved model (``got``: its tensors' shapes) is not the
+        configured one (loading would stop with a bare traceback). Under resume=auto too: the checkpoint is
+        valid, the config changed."""
         expected = {k: list(v.shape) for k, v in self.raw_model.state_dict().items()}  # DTensor: global shape
-        got = {k: list(v.shape) for k, v in saved.items()}
         problems = [f"{k}: checkpoint {got[k]}, model {shape}" for k, shape in expected.items()
                     if k in got and got[k] != shape]
         missing, unexpected = [k for k in expected if k not in got], [k for k in got if k not in expected]
@@ -692,9 +737,11 @@ class Trainer:
             val_loss = self.evaluate()
         self.save()
         summary = {"step": self.step, "loss": loss, "interrupted": interrupted}
+        exporting = not interrupted and cfg.checkpoint.export
+        export_state = self.export_state() if exporting else None
         if self.is_main:
-            if not interrupted and cfg.checkpoint.export:
-                self.export()
+            if exporting:
+                self.export(export_state)
             from retnet.train.plots import plot_losses
 
             self._metrics.flush()
@@ -730,10 +777,17 @@ class Trainer:
         self.window_losses, self.window_seconds, self.window_tokens = [], 0.0, 0
         return loss
 
-    def export(self) -> Path:
+    def export_state(self) -> dict:
+        """The full model state dict for :meth:`export` on rank 0 (a collective under FSDP: every rank calls it;
+        the others get an empty dict)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.raw_model.state_dict() if self.is_main else {}
+
+    def export(self, state: dict) -> Path:
         """save_pretrained model + tokenizer into ``<output_dir>/export`` (rank 0, after ``save``)."""
-        state = load_checkpoint(self.ckpt_root / f"step_{self.step:08d}")["model"] if self.fsdp else \
-            self.raw_model.state_dict()
         path = export_pretrained(self.output_dir / "export", self.model_config, state, self.tokenizer)
         logger.info("exported model and tokenizer to %s", path)
         return path

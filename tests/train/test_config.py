@@ -77,6 +77,7 @@ def test_toml_wrong_type_is_refused():
     ("--logging.peak_flops=inf", "logging.peak_flops"),
     ("--train.seed=-1", "train.seed"),  # the block permutation's seed: a ValueError at the first step
     (f"--train.seed={2**64}", "train.seed"),  # too large for torch.manual_seed
+    ("--checkpoint.layout=zip", "checkpoint.layout"),
 ])
 def test_invalid_values_name_the_field(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

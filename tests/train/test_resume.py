@@ -784,3 +784,52 @@ def test_rng_states_of_more_gpus_than_this_machine_has_restore_the_ones_it_has(m
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
     set_rng_state(state)
     assert restored == {0: 0, 1: 1}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. The sharded layout (torch distributed checkpoint; the default under FSDP2)
+# ----------------------------------------------------------------------------------------------------------
+def test_sharded_and_full_checkpoints_resume_each_other(micro, tmp_path, read_metrics):
+    """A run saved in the full layout, resumed in the sharded one, then in the full one again, replays the
+    uninterrupted run's losses bit for bit: each layout holds the whole model and optimizer state, and a
+    resume reads whichever layout the checkpoint has."""
+    whole, mixed = tmp_path / "whole", tmp_path / "mixed"
+    common = dict(checkpoint__interval=2, checkpoint__keep_last=5, optim__schedule="constant")
+    assert main(micro(whole, **common, train__steps=6)) == 0
+    assert main(micro(mixed, **common, train__steps=2)) == 0
+    assert main(micro(mixed, **common, train__steps=4, checkpoint__layout="sharded")) == 0
+    assert main(micro(mixed, **common, train__steps=6, checkpoint__layout="full")) == 0
+    assert [r["loss"] for r in read_metrics(mixed)] == [r["loss"] for r in read_metrics(whole)]
+    sharded = mixed / "checkpoints" / "step_00000004"
+    manifest = verify_checkpoint(sharded)
+    assert manifest["layout"] == "sharded"
+    assert {"trainer.pt", "state/.metadata", "state/__0_0.distcp"} <= set(manifest["files"])
+    assert not (sharded / "model.pt").exists()
+    # Tools read a sharded checkpoint whole: the same weights as the full layout's at that step.
+    ckpt_module._checked.clear()
+    got, expected = load_checkpoint(sharded), load_checkpoint(whole / "checkpoints" / "step_00000004")
+    assert got["layout"] == "sharded" and got["step"] == 4 and got["model"].keys() == expected["model"].keys()
+    assert all(torch.equal(got["model"][k], expected["model"][k]) for k in expected["model"])
+
+
+def test_a_corrupt_shard_is_refused_by_name(micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2, checkpoint__layout="sharded")) == 0
+    shard = out / "checkpoints" / "step_00000002" / "state" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    ckpt_module._checked.clear()
+    capsys.readouterr()
+    assert main(micro(out, train__steps=4, checkpoint__layout="sharded")) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "__0_0.distcp" in err and "corrupt" in err and "Traceback" not in err
+
+
+def test_a_manifest_listing_a_path_outside_the_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path, 2, model={"w": torch.zeros(2)}, optimizer={}, trainer={}, keep_last=1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["../../etc/passwd"] = manifest["files"]["trainer.pt"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="not a path inside the checkpoint"):
+        verify_checkpoint(path)

@@ -333,8 +333,9 @@ def test_torch_compile_matches_eager(micro, tmp_path, run, read_metrics):
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", [
     dict(data__streaming=True, data__val_documents=10),  # DDP, streaming data split by node
-    dict(train__parallelism="fsdp"),  # FSDP2: sharded state gathered into the checkpoint and re-sharded
-], ids=["ddp-streaming", "fsdp2"])
+    dict(train__parallelism="fsdp"),  # FSDP2: each rank saves and loads its shard
+    dict(train__parallelism="fsdp", checkpoint__layout="full"),  # FSDP2: gathered on rank 0, mapped by each
+], ids=["ddp-streaming", "fsdp2", "fsdp2-full-layout"])
 def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, read_metrics):
     """2 torchrun ranks: a run of 3 steps extended to 5 replays the 5-step run's losses (model, optimizer and
     each rank's data position restored). A constant learning rate, so the schedule does not depend on
@@ -350,6 +351,17 @@ def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, read_metr
     expected = [r["loss"] for r in read_metrics(whole)]
     got = [r["loss"] for r in read_metrics(resumed)]
     assert len(expected) == 5 and got[-2:] == pytest.approx(expected[-2:], rel=1e-6)
+    if setup.get("train__parallelism") == "fsdp" and "checkpoint__layout" not in setup:
+        # Sharded (the default under FSDP2): each rank wrote and hashed its own shard. One process reads both
+        # (another world size), and continues the same losses up to the order of the gradient reduction.
+        checkpoint = resumed / "checkpoints" / "step_00000003"
+        files = verify_checkpoint(checkpoint)["files"]
+        assert {"state/__0_0.distcp", "state/__1_0.distcp"} <= set(files) and not (checkpoint / "model.pt").exists()
+        one = tmp_path / "one"
+        alone = run(micro(one, **common, train__steps=5, train__resume=checkpoint))
+        assert alone.returncode == 0, alone.stderr[-3000:]
+        assert "written by 2 ranks" in alone.stderr
+        assert [r["loss"] for r in read_metrics(one)] == pytest.approx(expected[-2:], rel=1e-5)
 
 
 SIGNAL_ONE_RANK = """
