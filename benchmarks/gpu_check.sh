@@ -25,9 +25,10 @@ timeout 170 python benchmarks/kernels.py --out "$OUT/kernels-cuda.json" 2>&1 | t
 timeout 110 "${PYTEST[@]}" tests/kernels tests/model --ignore=tests/kernels/test_aot_compile.py \
     --deselect tests/model/test_triton_path.py -k "not bf16 and not real_autotuning" 2>&1 \
     | tee "$OUT/gpu-tests.txt" | grep -E "FAILED|ERROR|passed|failed" | tail -25
-# 4. Training on the GPU: NCCL through torchrun (one rank), bf16 autocast, the Triton varlen kernels on packed
-#    documents.
+# 4. Training on the GPU: NCCL through torchrun (one rank), FSDP2 with bf16 parameters, the Triton varlen
+#    kernels on packed documents, a sharded checkpoint at step 100 and 200, the export gathered from FSDP2.
 timeout 80 torchrun --standalone --nproc_per_node=1 -m retnet.train --config tiny --train.steps=200 \
+    --train.parallelism=fsdp --checkpoint.interval=100 \
     --train.output_dir="$OUT/train-gpu" --logging.progress=false --logging.tensorboard=false \
     2>&1 | tee "$OUT/gpu-train.txt" | tail -12
 #    ... and that model scored on whole documents in bf16: packed rows continuing cache rows (varlen + states).
