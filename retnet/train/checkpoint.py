@@ -161,6 +161,12 @@ def commit_checkpoint(root: Path, step: int, tmp: Path, *, trainer: dict, keep_l
         _write_durable(tmp / "trainer.pt", trainer)
         names = sorted(str(path.relative_to(tmp)) for path in tmp.rglob("*") if path.is_file())
         hashed = hashed or {}
+        unseen = sorted(set(hashed) - set(names))
+        if unseen:
+            raise CheckpointError(
+                f"checkpoint {str(final)!r}: shards written by other ranks are not here ({', '.join(unseen[:3])}"
+                f"{' ...' if len(unseen) > 3 else ''}): with several nodes train.output_dir must be on a "
+                f"filesystem they share")
         missing = [name for name in names if name not in hashed]
         entries = {**file_entries(tmp, missing), **{name: hashed[name] for name in names if name in hashed}}
         required = FILES if layout == "full" else SHARDED_FILES

@@ -833,3 +833,19 @@ def test_a_manifest_listing_a_path_outside_the_checkpoint_is_refused(tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="not a path inside the checkpoint"):
         verify_checkpoint(path)
+
+
+def test_a_sharded_save_whose_shards_rank_0_cannot_see_is_refused(tmp_path):
+    """Nodes that do not share train.output_dir: the other ranks' shards are on their own disks, and a manifest
+    without them would be a checkpoint that verifies but cannot load."""
+    from retnet.train.checkpoint import commit_checkpoint, new_temp_dir
+
+    root = tmp_path / "checkpoints"
+    tmp = new_temp_dir(root, 3)
+    (tmp / "state").mkdir()
+    (tmp / "state" / ".metadata").write_bytes(b"m")
+    (tmp / "state" / "__0_0.distcp").write_bytes(b"0")
+    elsewhere = {"state/__1_0.distcp": {"sha256": "0" * 64, "bytes": 1}}  # hashed on another node
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp.*filesystem they share"):
+        commit_checkpoint(root, 3, tmp, trainer={}, keep_last=1, layout="sharded", hashed=elsewhere)
+    assert list_checkpoints(root) == [] and not tmp.exists()
