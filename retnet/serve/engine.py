@@ -176,6 +176,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.token_bytes = TokenBytes(tokenizer)
+        # What _decode leaves out of the text: the tokenizer's own special tokens, which are more than the ones
+        # transformers names (Llama 3's reserved and header tokens are special to the tokenizer alone).
+        self.skipped_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        if self.backend is not None:
+            self.skipped_ids |= {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
         self.metrics = metrics
         self.model = model
         self.config = model.config if model is not None else _load_config(settings.model)
@@ -507,8 +512,9 @@ class Engine:
         blocked = self._blocked(params)
         seqs = []
         for j in range(group.n):
-            sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=group.first_index + j,
-                                 ban_ids=ban, blocked=blocked)
+            # seed + j, j counted within this prompt's n (vLLM's rule): a prompt samples the same alone or
+            # anywhere in a list of prompts.
+            sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=j, ban_ids=ban, blocked=blocked)
             seqs.append(Sequence(group, group.first_index + j, sampler,
                                  IncrementalDetokenizer(self._decode, group.inputs),
                                  StopStrings(group.params.stop, group.params.include_stop_str_in_output)))

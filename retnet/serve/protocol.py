@@ -4,7 +4,9 @@ Field names and defaults follow OpenAI's, so existing clients work unchanged. Li
 server's settings (``max_tokens``, ``n``, prompt length ...) are checked in :mod:`retnet.serve.serving`;
 the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
-``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id`` and ``return_token_ids``.
+``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id``, ``return_token_ids`` and
+``add_special_tokens``; chat's ``add_generation_prompt``, ``continue_final_message``, ``echo``,
+``chat_template_kwargs`` and ``documents``.
 """
 
 from __future__ import annotations
@@ -81,10 +83,21 @@ STRUCTURED_OUTPUT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "gui
 # does): a client sending another one would get output it did not ask for if they were ignored.
 UNSUPPORTED_EXTRAS: dict[str, Any] = {
     "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None, "logits_processors": None,
+    "skip_special_tokens": True, "return_tokens_as_token_ids": False,
 }
 
 
+def _drop_nulls(data: Any) -> Any:
+    # OpenAI takes null for every optional parameter, and its Python client sends one for each argument
+    # given as None (temperature=None, n=None ...): null must mean "the default", not a type error.
+    if isinstance(data, dict):
+        return {key: value for key, value in data.items() if value is not None}
+    return data
+
+
 class StreamOptions(BaseModel):
+    _null_means_default = model_validator(mode="before")(_drop_nulls)
+
     include_usage: bool = False
     # vLLM's extra: with include_usage, every chunk also carries the usage so far.
     continuous_usage_stats: bool = False
@@ -98,14 +111,7 @@ class SamplingFields(BaseModel):
     # that serving can refuse the values it does not support by name instead of ignoring them.
     model_config = ConfigDict(extra="ignore")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        # OpenAI takes null for every optional parameter, and its Python client sends one for each argument
-        # given as None (temperature=None, n=None ...): null must mean "the default", not a type error.
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
+    _null_means_default = model_validator(mode="before")(_drop_nulls)
 
     # bool is an int subclass, and lax validation takes JSON true as 1: n, max_tokens, seed, temperature ...
     # would silently become 1 where OpenAI answers 400. check_fields=False: some are the endpoints' own.
@@ -183,6 +189,8 @@ class SamplingFields(BaseModel):
     length_penalty: Any = None
     prompt_logprobs: Any = None
     logits_processors: Any = None
+    skip_special_tokens: Any = None
+    return_tokens_as_token_ids: Any = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -231,6 +239,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    # vLLM's: the tokenizer's special tokens (a BOS) around the prompt text; false: the text's tokens alone.
+    add_special_tokens: bool = True
 
     # Chat's logprobs is a boolean; here it is a count, and true would silently ask for one alternative.
     @field_validator("logprobs", mode="before")
@@ -270,6 +280,17 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    # vLLM's chat extras. continue_final_message: the last message is left open for the model to continue
+    # (a prefilled answer); echo: that message's text starts the answer's; chat_template_kwargs and
+    # documents: the template's own variables (Qwen3's enable_thinking ...); add_special_tokens: the
+    # tokenizer's (a BOS) on top of what the template writes.
+    continue_final_message: bool = False
+    echo: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = False
+    # A template sent by the client is refused (serving): it would run client-written Jinja on the server.
+    chat_template: Any = None
     # Not supported beyond their no-op values (serving refuses the others by name).
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -4,8 +4,10 @@ and shape its outputs as OpenAI completions (whole, or SSE chunks ending ``data:
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -44,13 +46,21 @@ from retnet.serve.protocol import (
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.settings import ServeSettings
 from retnet.serve.state_cache import SessionBusy
-from retnet.tokenization import DEFAULT_CHAT_TEMPLATE, characters_started
+from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
 
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # a logit_bias key
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_S = 0.5
 # Each bad word is tokenised (twice) for every request: bounded like the stop strings, with more room.
 MAX_BAD_WORDS = 64
+# apply_chat_template's own arguments: chat_template_kwargs holds the template's variables, not these (it may
+# set add_generation_prompt and continue_final_message, as vLLM lets it: they win over the request's fields).
+TEMPLATE_CALL_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "tokenize", "sanitize_control_tokens",
+    "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+})
 
 
 def sse(data: dict | str) -> str:
@@ -67,6 +77,9 @@ class OpenAIServing:
         self.created = int(time.time())  # the model card's `created`: when the server started, not per request
         # HF fast tokenisers may not be entered from two threads at once (the scheduler decodes).
         self.tokenizer_lock = threading.Lock()
+        # Tokenizations running on worker threads (counted on the event loop): while one may hold the lock, the
+        # loop must not wait for it.
+        self.tokenizing_off_loop = 0
 
     def models(self) -> ModelList:
         return ModelList(data=[self._card()])
@@ -97,8 +110,9 @@ class OpenAIServing:
             # OpenAI and vLLM take 0 only to echo (and score) the prompt: without echo there is nothing to return.
             raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (to return, and "
                            "score with logprobs, the prompt alone)", "max_tokens")
-        texts, prompts = await _off_the_loop_if_large(_size(request.prompt), self._completion_prompts,
-                                                      request.prompt, request.truncate_prompt_tokens)
+        texts, prompts = await self._tokenizing(_size(request.prompt), self._completion_prompts,
+                                                request.prompt, request.truncate_prompt_tokens,
+                                                request.add_special_tokens)
         params = self._params(request, request.max_tokens, request.logprobs, bad_words=await self._bad_words(request))
         params.prompt_logprobs = request.echo and request.logprobs is not None
         handle = self._submit(prompts, params, request)
@@ -115,10 +129,11 @@ class OpenAIServing:
             if request.logprobs is not None:
                 logprobs = CompletionLogprobs()
                 if request.echo:
-                    _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], 0)
-                offset = len(prompt_texts[index])
+                    _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [],
+                                             self._offsets(0, prompt_texts[index]))
+                offsets = self._offsets(len(prompt_texts[index]))
                 for o in seq:
-                    offset = _add_completion_logprobs(logprobs, o.logprobs or [], offset)
+                    _add_completion_logprobs(logprobs, o.logprobs or [], offsets)
             if request.echo:
                 text = prompt_texts[index] + text
             choices.append(CompletionChoice(
@@ -129,9 +144,11 @@ class OpenAIServing:
                                       usage=self._usage(handle, outputs), session_id=request.session_id)
         return JSONResponse(dump(response))
 
-    def _completion_prompts(self, prompt, truncate: int | None = None) -> tuple[list[str], list[list[int]]]:
+    def _completion_prompts(self, prompt, truncate: int | None = None,
+                            add_special_tokens: bool = True) -> tuple[list[str], list[list[int]]]:
         """Each prompt's text and token ids; ``truncate``: keep each one's last that many tokens (the text is
-        then theirs, decoded, as vLLM echoes a truncated prompt)."""
+        then theirs, decoded, as vLLM echoes a truncated prompt); ``add_special_tokens``: a text's encoding
+        has the tokenizer's (a BOS) around it."""
         if isinstance(prompt, str):
             texts = [prompt]
         elif prompt and all(isinstance(p, str) for p in prompt):
@@ -148,14 +165,34 @@ class OpenAIServing:
         self._check_prompt_count(len(texts))
         prompts = []
         for i, text in enumerate(texts):
-            if not text:
-                raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
+            # An empty text is refused by _check_ids when it has no tokens: with a tokenizer that adds a BOS it
+            # is [BOS], generation from the start of a text (vLLM serves it too).
             with self.tokenizer_lock:
-                ids = self.tokenizer.encode(text, add_special_tokens=True)
+                ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
             prompts.append(self._check_ids(ids, truncate=truncate))
             if len(prompts[-1]) < len(ids):
                 texts[i] = self._decode(prompts[-1])
         return texts, prompts
+
+    async def _tokenizing(self, size: int, function, *args):
+        """``function(*args)``, which takes the tokenizer's lock: on a worker thread when the prompt is large
+        (``size`` characters or ids), or when a worker may hold the lock (a small prompt behind a large one
+        would otherwise block the event loop, every stream with it, until the large one is encoded)."""
+        if size <= OFF_LOOP_PROMPT_SIZE and not self.tokenizing_off_loop:
+            return function(*args)
+        loop = asyncio.get_running_loop()
+        self.tokenizing_off_loop += 1
+
+        def run():
+            try:
+                return function(*args)
+            finally:  # counted down when the thread is done, not when a cancelled request stops waiting for it
+                loop.call_soon_threadsafe(self._tokenized_off_loop)
+
+        return await asyncio.to_thread(run)
+
+    def _tokenized_off_loop(self) -> None:
+        self.tokenizing_off_loop -= 1
 
     def _check_prompt_count(self, count: int) -> None:
         if count > self.settings.max_prompts:
@@ -182,7 +219,7 @@ class OpenAIServing:
                                  prompt_texts: list[str]) -> AsyncIterator[str]:
         rid, created = random_id("cmpl"), int(time.time())
         usage_opt, continuous = _usage_options(request)
-        offsets = [len(text) for text in prompt_texts]
+        offsets = [self._offsets(len(text)) for text in prompt_texts]
         first = [True] * handle.num_choices
         counts = [0] * handle.num_choices
         async for out in self._outputs(handle):
@@ -191,8 +228,9 @@ class OpenAIServing:
             if request.logprobs is not None:
                 logprobs = CompletionLogprobs()
                 if first[out.index] and request.echo:
-                    _add_completion_logprobs(logprobs, out.prompt_logprobs or [], 0)
-                offsets[out.index] = _add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index])
+                    _add_completion_logprobs(logprobs, out.prompt_logprobs or [],
+                                             self._offsets(0, prompt_texts[out.index]))
+                _add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index])
             if first[out.index] and request.echo:
                 text = prompt_texts[out.index] + text
             first[out.index] = False
@@ -226,8 +264,7 @@ class OpenAIServing:
         max_tokens = getattr(request, name)
         if max_tokens == 0:
             raise APIError(400, f"{name} must be at least 1 (0 is accepted only by /v1/completions with echo)", name)
-        prompt, hint = await _off_the_loop_if_large(_size([m.text() for m in request.messages]), self._chat_prompt,
-                                                    request)
+        prompt, hint = await self._tokenizing(_size([m.text() for m in request.messages]), self._chat_prompt, request)
         params = self._params(request, max_tokens, top if request.logprobs else None, name,
                               bad_words=await self._bad_words(request))
         handle = self._submit([prompt], params, request, [hint])
@@ -239,8 +276,9 @@ class OpenAIServing:
             logprobs = None
             if request.logprobs:
                 logprobs = ChatLogprobs(content=[_chat_logprob(t) for o in seq for t in (o.logprobs or [])])
+            content = _chat_echo(request) + "".join(o.text for o in seq)
             choices.append(ChatChoice(
-                index=index, message=AssistantMessage(content="".join(o.text for o in seq)), logprobs=logprobs,
+                index=index, message=AssistantMessage(content=content), logprobs=logprobs,
                 finish_reason=seq[-1].finish_reason, **self._ids(request, prompt, seq),
             ))
         response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self.model_name, choices=choices,
@@ -254,12 +292,20 @@ class OpenAIServing:
         template = None if getattr(self.tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in request.messages]
+        variables = {**(request.chat_template_kwargs or {}),
+                     **({"documents": request.documents} if request.documents is not None else {})}
+        add_generation_prompt = variables.pop("add_generation_prompt", request.add_generation_prompt)
+        continue_final = variables.pop("continue_final_message", request.continue_final_message)
+        if add_generation_prompt and continue_final:
+            raise APIError(400, "continue_final_message leaves the last message open for the model to continue; it "
+                           "needs add_generation_prompt: false", "continue_final_message")
+        add_special = request.add_special_tokens
         try:
             with self.tokenizer_lock:
                 text = self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=request.add_generation_prompt,
-                    chat_template=template)
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                    messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final, chat_template=template, **variables)
+                ids = self.tokenizer.encode(text, add_special_tokens=add_special)
         except Exception as exc:  # a template that rejects these messages (roles out of order, ...)
             raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
         hint = None
@@ -267,9 +313,9 @@ class OpenAIServing:
         # own (Qwen3's wants a user message), which must not refuse the conversation.
         with contextlib.suppress(Exception), self.tokenizer_lock:
             if len(messages) > 1:
-                head = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False,
-                                                          add_generation_prompt=False, chat_template=template)
-                head_ids = self.tokenizer.encode(head, add_special_tokens=False)
+                head = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=False,
+                                                          chat_template=template, **variables)
+                head_ids = self.tokenizer.encode(head, add_special_tokens=add_special)
                 if 0 < len(head_ids) < len(ids) and ids[: len(head_ids)] == head_ids:
                     hint = len(head_ids)
         if not ids:
@@ -297,8 +343,11 @@ class OpenAIServing:
                 item["delta"] = {key: value for key, value in item["delta"].items() if value is not None}
             return sse(data)
 
+        echo = _chat_echo(request)
         for index in range(handle.num_choices):
             yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
+            if echo:
+                yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(content=echo)))
         async for out in self._outputs(handle):
             total += len(out.token_ids)
             logprobs = ChatLogprobs(content=[_chat_logprob(t) for t in out.logprobs]) if out.logprobs else None
@@ -346,10 +395,11 @@ class OpenAIServing:
             return None
         bias = {}
         for key, value in request.logit_bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise APIError(400, f"logit_bias: the keys must be token ids; got {key!r}", "logit_bias") from None
+            # Not int(key) alone: it reads "1_0" as 10 and other scripts' digits ("٣" is 3), biasing a token
+            # the client never named.
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise APIError(400, f"logit_bias: the keys must be token ids; got {key!r}", "logit_bias")
+            token = int(key)
             if not 0 <= token < self.engine.vocab_size:
                 raise APIError(400, f"logit_bias: token id {token} is out of the vocabulary (size "
                                f"{self.engine.vocab_size})", "logit_bias", "invalid_token_id")
@@ -427,7 +477,7 @@ class OpenAIServing:
                                f"not all whitespace; got {word!r}", "bad_words")
         if not words:
             return []
-        return self._tokenize_bad_words(words)  # at most MAX_BAD_WORDS short words: quick
+        return await self._tokenizing(0, self._tokenize_bad_words, words)  # at most MAX_BAD_WORDS short words
 
     def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
         out: list[list[int]] = []
@@ -540,6 +590,9 @@ class OpenAIServing:
             return {}
         return {"prompt_token_ids": prompt, "token_ids": [t for o in seq for t in o.token_ids]}
 
+    def _offsets(self, start: int, echoed: str | None = None) -> TextOffsets:
+        return TextOffsets(start, self.engine.skipped_ids, echoed)
+
     def _decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
             return self.tokenizer.decode([i for i in ids if i < self.engine.vocab_size])
@@ -606,12 +659,6 @@ def _size(value) -> int:
     return 0
 
 
-async def _off_the_loop_if_large(size: int, function, *args):
-    if size > OFF_LOOP_PROMPT_SIZE:
-        return await asyncio.to_thread(function, *args)
-    return function(*args)
-
-
 def _check_structured_output(request: SamplingFields) -> None:
     """Structured output is not supported on either route: ``response_format`` type ``text`` and nulls pass,
     anything else is refused by name (ignoring it would return free text where the client expects JSON); so
@@ -633,7 +680,16 @@ def _check_structured_output(request: SamplingFields) -> None:
 
 def _check_chat_features(request: ChatCompletionRequest) -> None:
     """Tool calling is not supported: its no-op values pass, the others are refused by name (ignoring them
-    would return plain text where the client expects a tool call)."""
+    would return plain text where the client expects a tool call). Neither is a template sent with the
+    request, nor template variables that are apply_chat_template's own arguments."""
+    if request.chat_template is not None:
+        raise APIError(400, "chat_template: a template sent with the request is not supported (the server uses "
+                       "the model's)", "chat_template", "unsupported_parameter")
+    reserved = sorted(TEMPLATE_CALL_ARGUMENTS & set(request.chat_template_kwargs or ()))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs: {reserved[0]!r} is not a template variable but an argument of "
+                       "the templating (send documents, add_generation_prompt ... as the request's own fields)",
+                       "chat_template_kwargs")
     for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
         wanted, how = getattr(request, tools), getattr(request, choice)
         if how is not None and how not in ("none", "auto"):
@@ -644,7 +700,45 @@ def _check_chat_features(request: ChatCompletionRequest) -> None:
                            f"{tools} ignored)", tools, "unsupported_parameter")
 
 
-def _add_completion_logprobs(target: CompletionLogprobs, entries, offset: int) -> int:
+class TextOffsets:
+    """Each token's ``text_offset``: where it starts in the returned text, counted from ``start``.
+
+    A token's characters are those its bytes decode to in sequence (a character split across tokens is
+    counted once, in the token holding its first byte; a byte that is no part of a valid character is the
+    U+FFFD the text shows for it). Special tokens (``special_ids``: those the engine's decoding skips) are not
+    in a completion's text, and in an echoed prompt only where the client's text holds them: a BOS the
+    tokenizer adds is not in it, and counting its characters would shift every later offset.
+    """
+
+    def __init__(self, start: int, special_ids: set[int], echoed: str | None = None):
+        self.position = start  # characters of the text decoded so far
+        self.special_ids = special_ids
+        self.echoed = echoed  # the echoed prompt (starting at 0), or None for a completion's text
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token_id: int, label: str, raw: bytes) -> int:
+        """The offset of this token (``label``: its text, ``raw``: its bytes), then count its characters."""
+        pending = bool(self.decoder.getstate()[0])
+        # A character begun by earlier tokens is already counted: one U+FFFD if it never completes.
+        offset = self.position + pending
+        if token_id in self.special_ids and (self.echoed is None or pending
+                                             or not self.echoed.startswith(label, self.position)):
+            return offset
+        self.position += len(self.decoder.decode(raw))
+        return offset
+
+
+def _chat_echo(request: ChatCompletionRequest) -> str:
+    """vLLM's chat ``echo``: the text the answer starts with, the last message's when the answer continues it
+    (it is the assistant's, or no generation prompt opens a new one)."""
+    if not request.echo:
+        return ""
+    last = request.messages[-1]
+    opened = (request.chat_template_kwargs or {}).get("add_generation_prompt", request.add_generation_prompt)
+    return last.text() if last.role == "assistant" or not opened else ""
+
+
+def _add_completion_logprobs(target: CompletionLogprobs, entries, offsets: TextOffsets) -> None:
     for entry in entries:
         target.tokens.append(entry.token)
         target.token_logprobs.append(entry.logprob)
@@ -654,9 +748,7 @@ def _add_completion_logprobs(target: CompletionLogprobs, entries, offset: int) -
             top = {t.token: t.logprob for t in entry.top}
             top.setdefault(entry.token, entry.logprob)
         target.top_logprobs.append(top)
-        target.text_offset.append(offset)
-        offset += characters_started(entry.token_bytes)
-    return offset
+        target.text_offset.append(offsets.push(entry.token_id, entry.token, entry.token_bytes))
 
 
 def _chat_logprob(entry) -> ChatTokenLogprob:

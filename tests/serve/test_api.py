@@ -90,6 +90,22 @@ async def test_seed_reproducible_and_n_choices_differ(client):
     assert len(set(texts)) > 1
 
 
+async def test_a_seeded_prompt_samples_the_same_wherever_it_is_in_a_list_of_prompts(client):
+    # vLLM's rule: each prompt's choice j draws from seed + j. The offset was the choice's index in the whole
+    # response, so a prompt sampled differently alone, second in a list, or next to itself.
+    req = {"max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 2, "ignore_eos": True}
+
+    async def texts(prompt) -> list[str]:
+        r = await client.post("/v1/completions", json={**req, "prompt": prompt})
+        assert r.status_code == 200, r.text
+        return [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+
+    alone = await texts("for i in")
+    assert alone[0] != alone[1]  # the n choices still differ
+    assert await texts(["Hello", "for i in"]) == [*(await texts("Hello")), *alone]
+    assert await texts(["for i in", "for i in"]) == alone * 2
+
+
 async def test_penalties_logprobs_echo_and_token_ids(client):
     req = {"prompt": "Hello world", "max_tokens": 5, "logprobs": 2, "echo": True, "return_token_ids": True,
            "repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.5, **GREEDY}
@@ -561,6 +577,20 @@ async def test_stream_options_without_stream_is_400_as_openai_does(client):
         assert (await client.post(path, json={**body, "stream_options": None})).status_code == 200
 
 
+async def test_null_stream_options_fields_mean_their_defaults(client):
+    # null is the default for every optional parameter, stream_options' own included (vLLM's are nullable too);
+    # they were a 400 "should be a valid boolean".
+    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 3}), ("/v1/chat/completions", CHAT)):
+        options = {"include_usage": None, "continuous_usage_stats": None}
+        r = await client.post(path, json={**body, "stream": True, "stream_options": options})
+        assert r.status_code == 200, r.text
+        assert all("usage" not in e for e in sse_events(r.text))
+        options = {"include_usage": True, "continuous_usage_stats": None}
+        events = sse_events((await client.post(path, json={**body, "stream": True, "stream_options": options})).text)
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
+        assert all(e["usage"] is None for e in events[:-1])
+
+
 async def test_chat_top_logprobs_needs_logprobs_true(client):
     r = await client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text
@@ -590,7 +620,9 @@ async def test_logit_bias_is_applied_on_both_routes(client):
     assert (await client.post("/v1/completions", json={**req, "logit_bias": {}})).json()["choices"][0][
         "token_ids"] == greedy
     vocab = client.app.state.engine.vocab_size
-    for bad in ({"abc": 1}, {str(vocab): 1}, {"-1": 1}, {"5": 101}, {"5": -100.5}):
+    # int() would take "1_0" as token 10 and "٣" (an Arabic-Indic 3) as token 3.
+    for bad in ({"abc": 1}, {str(vocab): 1}, {"-1": 1}, {"5": 101}, {"5": -100.5}, {"1_0": 1}, {"٣": 1},
+                {" 5": 1}):
         r = await client.post("/v1/completions", json={**req, "logit_bias": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", (bad, r.text)
 
@@ -879,6 +911,38 @@ async def test_tokenizing_a_prompt_leaves_the_event_loop_free(client, monkeypatc
     assert (await client.get("/health")).status_code == 200
     assert time.monotonic() - start < 0.6
     assert (await slow).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_small_prompt_behind_a_large_one_does_not_stall_the_event_loop(client, monkeypatch, path):
+    # The large prompt's worker thread holds the tokenizer's lock while it encodes; a small prompt arriving
+    # meanwhile was encoded on the event loop, which then waited on that lock: every stream stalled after all.
+    import threading
+    import time
+
+    from retnet.serve import serving as serving_module
+
+    tokenizer = client.app.state.serving.tokenizer
+    encode = tokenizer.encode
+
+    def slow_off_the_loop(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(1.0)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", slow_off_the_loop)
+    monkeypatch.setattr(serving_module, "OFF_LOOP_PROMPT_SIZE", 50)
+    large = {"prompt": "hi " * 40} if path == "/v1/completions" else {
+        "messages": [{"role": "user", "content": "hi " * 40}]}
+    small = {"prompt": "hi"} if path == "/v1/completions" else CHAT
+    slow = asyncio.create_task(client.post(path, json={**large, "max_tokens": 1}))
+    await asyncio.sleep(0.1)  # the worker thread is encoding, the lock held
+    start = time.monotonic()
+    behind = asyncio.create_task(client.post(path, json={**small, "max_tokens": 1}))
+    await asyncio.sleep(0.05)  # the small request reaches its tokenization
+    assert (await client.get("/health")).status_code == 200
+    assert time.monotonic() - start < 0.5
+    assert (await slow).status_code == 200 and (await behind).status_code == 200
 
 
 async def test_a_chat_whose_template_gives_ids_beyond_the_model_names_messages(client, monkeypatch):

@@ -1,6 +1,6 @@
 """vLLM's request extras that change the output (``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
-``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``), and the structured-output extras the server
-refuses by name instead of ignoring, against an in-process app."""
+``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, chat's template extras), and the structured-output
+extras the server refuses by name instead of ignoring, against an in-process app."""
 
 import json
 
@@ -511,6 +511,8 @@ REFUSED_EXTRAS = [
     ("length_penalty", True),
     ("prompt_logprobs", 1),
     ("logits_processors", ["x"]),
+    ("skip_special_tokens", False),
+    ("return_tokens_as_token_ids", True),
 ]
 
 
@@ -530,9 +532,68 @@ async def test_no_op_values_of_the_refused_extras_are_accepted(client, path):
     base = CHAT if path.endswith("chat/completions") else {"prompt": "hi", "max_tokens": 3}
     nulls = {field: None for field, _ in REFUSED + REFUSED_EXTRAS}
     no_ops = {"response_format": {"type": "text"}, "use_beam_search": False, "length_penalty": 1,
-              "include_stop_str_in_output": False, "bad_words": []}
+              "include_stop_str_in_output": False, "bad_words": [], "skip_special_tokens": True,
+              "return_tokens_as_token_ids": False}
     nulls.update({"include_stop_str_in_output": None, "bad_words": None, "allowed_token_ids": None,
                   "truncate_prompt_tokens": None})
     for extra in (nulls, no_ops):
         r = await client.post(path, json={**base, **extra})
         assert r.status_code == 200, (extra, r.text)
+
+
+# -- chat's template extras: continue_final_message, echo, chat_template_kwargs, documents, add_special_tokens ----
+PREFILLED = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+async def test_continue_final_message_leaves_the_last_message_open(client):
+    # It was ignored: the template closed the assistant's message ("Hello\n") and the model started a new line
+    # instead of continuing the prefilled answer.
+    tokenizer = client.app.state.serving.tokenizer
+    req = {"messages": PREFILLED, "max_tokens": 3, "return_token_ids": True, **GREEDY}
+    r = await client.post("/v1/chat/completions", json={**req, "continue_final_message": True,
+                                                        "add_generation_prompt": False})
+    assert r.status_code == 200, r.text
+    expected = tokenizer.encode("<|user|>\nHi\n<|assistant|>\nHello", add_special_tokens=False)
+    assert r.json()["choices"][0]["prompt_token_ids"] == expected
+    # vLLM's rule: both at once are a contradiction (a new message opened after one left open).
+    r = await client.post("/v1/chat/completions", json={**req, "continue_final_message": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message", r.text
+
+
+async def test_chat_echo_starts_the_answer_with_the_continued_message(client):
+    req = {"messages": PREFILLED, "max_tokens": 4, "continue_final_message": True, "add_generation_prompt": False,
+           **GREEDY}
+    plain = (await client.post("/v1/chat/completions", json=req)).json()["choices"][0]["message"]["content"]
+    echoed = (await client.post("/v1/chat/completions", json={**req, "echo": True})).json()
+    assert echoed["choices"][0]["message"]["content"] == "Hello" + plain
+    assert echoed["usage"]["completion_tokens"] == 4  # the echoed text is the prompt's, not generated
+    events = sse_events((await client.post("/v1/chat/completions", json={**req, "echo": True, "stream": True})).text)
+    assert streamed_choices(events, chat=True)[0]["text"] == "Hello" + plain
+    # A new assistant message after a user's starts empty: nothing to echo.
+    user_last = {**req, "messages": PREFILLED[:1], "continue_final_message": False, "add_generation_prompt": True}
+    alone = (await client.post("/v1/chat/completions", json=user_last)).json()["choices"][0]["message"]["content"]
+    echoed = (await client.post("/v1/chat/completions", json={**user_last, "echo": True})).json()
+    assert echoed["choices"][0]["message"]["content"] == alone
+
+
+async def test_chat_template_kwargs_and_documents_reach_the_template(client):
+    tokenizer = client.app.state.serving.tokenizer
+    tokenizer.chat_template = ("{% if documents %}{% for d in documents %}({{ d['text'] }}){% endfor %}{% endif %}"
+                               "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+                               "{% if style %}<{{ style }}>{% endif %}")
+    req = {**CHAT, "return_token_ids": True, **GREEDY}
+
+    async def prompt_text(**extra) -> str:
+        r = await client.post("/v1/chat/completions", json={**req, **extra})
+        assert r.status_code == 200, r.text
+        return tokenizer.decode(r.json()["choices"][0]["prompt_token_ids"])
+
+    assert await prompt_text() == "[hi]"
+    assert await prompt_text(chat_template_kwargs={"style": "terse"}) == "[hi]<terse>"
+    assert await prompt_text(documents=[{"title": "t", "text": "doc"}]) == "(doc)[hi]"
+    # Arguments of the templating itself are not template variables: refused by name, not half applied.
+    r = await client.post("/v1/chat/completions", json={**req, "chat_template_kwargs": {"tokenize": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+    # A template sent by the client is not run.
+    r = await client.post("/v1/chat/completions", json={**req, "chat_template": "{{ 'x' }}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", r.text
