@@ -78,11 +78,15 @@ def _decoder_types(decoder: dict | None) -> set[str]:
 
 
 class TokenBytes:
-    """The raw bytes one token stands for, which decoding it alone cannot give when it holds part of a
-    multi-byte character (it decodes to U+FFFD). Logprobs report these bytes, as OpenAI's API does.
+    """The raw bytes one token stands for inside a text, which decoding it alone cannot give: a token holding
+    part of a multi-byte character decodes to U+FFFD, and a SentencePiece token (``▁world``) loses its
+    leading space, which the decoder strips from the first token of a text (Metaspace, Llama 2's ``Strip``).
+    Logprobs report these bytes, as OpenAI's API does.
 
     Byte-level BPE tokens map back through GPT-2's byte alphabet; SentencePiece byte-fallback tokens
-    (``<0xE2>``) are their byte; any other token is its decoded text.
+    (``<0xE2>``) are their byte; any other token is what it adds to a text after a fixed non-special token
+    (its decoding there, less that token's), so the decoder's own rules decide, whatever they are.
+    :meth:`start` gives a token's bytes at the start of a text instead (all there is before it is skipped).
     """
 
     def __init__(self, tokenizer):
@@ -95,6 +99,8 @@ class TokenBytes:
         self.byte_fallback = "ByteFallback" in types
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         self._cache: dict[int, bytes] = {}
+        self._start_cache: dict[int, bytes] = {}
+        self._anchor: tuple[int, str] | bool | None = False  # False: not looked for yet
 
     def __call__(self, token_id: int) -> bytes:
         cached = self._cache.get(token_id)
@@ -102,30 +108,73 @@ class TokenBytes:
             cached = self._cache[token_id] = self._bytes(token_id)
         return cached
 
+    def start(self, token_id: int) -> bytes:
+        """The token's bytes as the first of a text, where a SentencePiece decoder drops the space it opens
+        with (``▁Hello`` is ``Hello``); the same as :meth:`__call__` for most tokens."""
+        cached = self._start_cache.get(token_id)
+        if cached is None:
+            cached = self(token_id)
+            if token_id not in self.special_ids and _whole_characters(cached):
+                cached = self._decode([token_id]).encode("utf-8")
+            self._start_cache[token_id] = cached
+        return cached
+
     def _bytes(self, token_id: int) -> bytes:
         piece = self.backend.id_to_token(token_id) if self.backend is not None else None
-        if piece is not None and token_id not in self.special_ids:
-            if self.byte_level:
-                alphabet = _byte_level_alphabet()
-                if all(c in alphabet for c in piece):
-                    return bytes(alphabet[c] for c in piece)
-            if self.byte_fallback and (match := _BYTE_FALLBACK.fullmatch(piece)):
-                return bytes([int(match.group(1), 16)])
-        return self._decode(token_id).encode("utf-8")
+        if token_id in self.special_ids or piece is None:
+            return self._decode([token_id]).encode("utf-8")
+        if self.byte_level:
+            alphabet = _byte_level_alphabet()
+            if all(c in alphabet for c in piece):
+                return bytes(alphabet[c] for c in piece)
+        if self.byte_fallback and (match := _BYTE_FALLBACK.fullmatch(piece)):
+            return bytes([int(match.group(1), 16)])
+        anchor = self._find_anchor() if self.backend is not None else None
+        if anchor is not None:
+            anchor_id, anchor_text = anchor
+            both = self._decode([anchor_id, token_id])
+            if both.startswith(anchor_text):
+                return both[len(anchor_text) :].encode("utf-8")
+        return self._decode([token_id]).encode("utf-8")
 
-    def _decode(self, token_id: int) -> str:
+    def _find_anchor(self) -> tuple[int, str] | None:
+        """A non-special token that decodes to whole characters on its own and again when followed by itself:
+        what a token adds after it is what the token adds inside a text."""
+        if self._anchor is False:
+            self._anchor = None
+            candidates = [self.backend.token_to_id(prefix + c) for c in "axe0" for prefix in ("", "▁", "Ġ")]
+            candidates += range(min(self.backend.get_vocab_size(), 1024))
+            for candidate in candidates:
+                if candidate is None or candidate in self.special_ids:
+                    continue
+                text = self._decode([candidate])
+                if text and "\ufffd" not in text and self._decode([candidate, candidate]).startswith(text):
+                    self._anchor = (candidate, text)
+                    break
+        return self._anchor
+
+    def _decode(self, ids: list[int]) -> str:
         if self.backend is not None:
-            return self.backend.decode([token_id], skip_special_tokens=False)
-        return self.tokenizer.decode([token_id])
+            return self.backend.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids)
 
-    def label(self, token_id: int) -> str:
+    def label(self, token_id: int, start: bool = False) -> str:
         """The token as text, or ``bytes:\\xe2\\x80`` when its bytes are not whole characters (so that two
-        such tokens keep apart as keys of ``top_logprobs``, where both would decode to U+FFFD)."""
-        raw = self(token_id)
+        such tokens keep apart as keys of ``top_logprobs``, where both would decode to U+FFFD). ``start``: as
+        the first token of a text (see :meth:`start`)."""
+        raw = self.start(token_id) if start else self(token_id)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _whole_characters(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def characters_started(raw: bytes) -> int:

@@ -4,12 +4,14 @@
     python -m retnet.serve.demo --model runs/demo/export --exit-after
 
 Uvicorn runs in a thread of this process on 127.0.0.1:8000 (a free port if 8000 is taken); the completion
-is streamed over real HTTP with httpx, printing each piece of text as its SSE chunk arrives.
+is streamed over real HTTP with httpx, printing each piece of text as its SSE chunk arrives. Should it fail
+(an error response, or an error event mid-stream), the error is printed and the demo stops with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import socket
@@ -30,19 +32,42 @@ def pick_port(host: str, wanted: int) -> int:
             return sock.getsockname()[1]
 
 
-def stream_once(url: str, prompt: str, max_tokens: int) -> None:
+class StreamFailed(Exception):
+    """The server answered the demo's completion with an error."""
+
+
+def _error_message(data) -> str:
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return f"{error.get('message')} ({error.get('code') or error.get('type')})"
+    return str(data)
+
+
+def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | None = None) -> None:
+    """Stream one completion, printing it as it arrives; raises StreamFailed on an error from the server."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.95, "seed": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = None
     print(f"\n--- streaming from {url}/v1/completions ---\n{prompt}", end="", flush=True)
-    with httpx.Client(timeout=120) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(httpx.Client(timeout=120))
+        r = stack.enter_context(client.stream("POST", url + "/v1/completions", json=body))
+        if r.status_code != 200:
+            r.read()
+            try:
+                detail = _error_message(r.json())
+            except ValueError:
+                detail = r.text
+            raise StreamFailed(f"HTTP {r.status_code}: {detail}")
         usage = None
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:  # the server's error event: the stream ends without the rest of the text
+                raise StreamFailed(_error_message(chunk))
             for choice in chunk["choices"]:
                 if first is None:
                     first = time.perf_counter() - start
@@ -91,7 +116,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("the server did not become ready in 120 s")
 
     print(f"retnet-serve is up at {url} serving {settings.model_name!r}")
-    stream_once(url, args.prompt, args.max_tokens)
+    try:
+        stream_once(url, args.prompt, args.max_tokens)
+    except (StreamFailed, httpx.HTTPError) as exc:
+        print(f"\n--- the completion failed: {exc} ---", file=sys.stderr, flush=True)
+        server.should_exit = True
+        thread.join(timeout=30)
+        sys.exit(1)
     body = json.dumps({"model": settings.model_name, "prompt": "def add(a, b):", "max_tokens": 32, "stream": True})
     print("Try it yourself:")
     print(f"  curl -N {url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}")

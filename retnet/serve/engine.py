@@ -144,6 +144,7 @@ class Group:
     last_logits: torch.Tensor | None = None
     started: bool = False
     cacheable: bool = True  # False when the state continues a session: its tokens are not a prompt prefix
+    continues: bool = False  # True when it continues its session's saved state
     prompt_lp: list[TokenLogprob] = field(default_factory=list)
 
     @property
@@ -162,6 +163,9 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     t_last: float = 0.0
+    # Nothing but skipped tokens decoded before the next token: it opens the text, where a SentencePiece
+    # decoder drops its leading space (TokenBytes.start).
+    at_start: bool = False
 
     @property
     def done(self) -> bool:
@@ -237,9 +241,11 @@ class Engine:
     # -- the API the routes call (event-loop thread) -------------------------------------------------------------
     def submit(
         self, prompts: list[list[int]], params: SamplingParams, n: int = 1, session_id: str | None = None,
-        prefix_hints: list[int | None] | None = None,
+        prefix_hints: list[int | None] | None = None, session: Session | None = None,
     ) -> RequestHandle:
-        """Queue ``prompts`` (token ids) × ``n`` choices; outputs arrive on ``handle.queue``.
+        """Queue ``prompts`` (token ids) × ``n`` choices; outputs arrive on ``handle.queue``. ``session``:
+        ``session_id``'s, already acquired by the caller (who releases it if this raises); otherwise it is
+        acquired here.
 
         Raises EngineUnavailable, QueueFull or SessionBusy.
         """
@@ -253,7 +259,8 @@ class Engine:
             limit = self.settings.max_running + self.settings.max_queue
             if self.in_system + handle.num_choices > limit:
                 raise QueueFull(f"{self.in_system} sequences in the server; the limit is {limit}")
-            session = self.sessions.acquire(session_id) if session_id is not None else None
+            if session is None and session_id is not None:
+                session = self.sessions.acquire(session_id)
             hints = prefix_hints or [None] * len(prompts)
             for i, prompt in enumerate(prompts):
                 self.waiting.append(Group(handle, list(prompt), params, n, i * n, session_id, session, hints[i]))
@@ -421,6 +428,7 @@ class Engine:
             group.inputs = session.pending + group.prompt_ids
             group.prefix_hint = None
             group.cacheable = False
+            group.continues = True
             group.handle.session_tokens = session.tokens
             self.metrics.session_resumes.inc()
             return
@@ -510,6 +518,9 @@ class Engine:
             ban = torch.tensor(sorted(t for t in params.stop_token_ids | self.eos_ids if t < self.vocab_size),
                                dtype=torch.long)
         blocked = self._blocked(params)
+        # Where the text starts: the first token not skipped by decoding, unless a session's history precedes.
+        start = None if group.continues else next(
+            (i for i, token in enumerate(group.inputs) if token not in self.skipped_ids), len(group.inputs))
         seqs = []
         for j in range(group.n):
             # seed + j, j counted within this prompt's n (vLLM's rule): a prompt samples the same alone or
@@ -517,7 +528,8 @@ class Engine:
             sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=j, ban_ids=ban, blocked=blocked)
             seqs.append(Sequence(group, group.first_index + j, sampler,
                                  IncrementalDetokenizer(self._decode, group.inputs),
-                                 StopStrings(group.params.stop, group.params.include_stop_str_in_output)))
+                                 StopStrings(group.params.stop, group.params.include_stop_str_in_output),
+                                 at_start=start == len(group.inputs)))
         # max_tokens 0 (a completion's echo): the prompt is scored, and saved in its session, but nothing sampled.
         score_only = group.params.max_tokens == 0
         if not score_only:
@@ -528,6 +540,8 @@ class Engine:
             # Entries for ``inputs``; a session's inputs start with its unfed tokens, which are not this
             # request's prompt: the echo gets the prompt's own, the first one scored after the history.
             prompt_lp = [self._logprob(group.inputs[0], None), *group.prompt_lp]
+            if start is not None and start < len(prompt_lp):
+                prompt_lp[start] = self._at_start(prompt_lp[start])
             prompt_lp = prompt_lp[len(group.inputs) - len(group.prompt_ids) :]
         outputs = []
         for i, seq in enumerate(seqs):
@@ -643,7 +657,10 @@ class Engine:
         seq.finish_reason = finish
         logprobs = None
         if params.logprobs is not None:
-            logprobs = [self._logprob(token, sample.logprobs[row], sample.top[row] if sample.top else [])]
+            logprobs = [self._logprob(token, sample.logprobs[row], sample.top[row] if sample.top else [],
+                                      seq.at_start)]
+        if seq.at_start and token not in self.skipped_ids:
+            seq.at_start = False
         return SeqOutput(seq.index, text, [token], logprobs, finish)
 
     def _finished(self, seq: Sequence, cache: RetNetCache | None, row: int | None = None) -> None:
@@ -668,9 +685,15 @@ class Engine:
             return self.backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _logprob(self, token: int, value: float | None, alternatives=()) -> TokenLogprob:
-        top = [self._logprob(t, v) for t, v in alternatives]
+    def _logprob(self, token: int, value: float | None, alternatives=(), start: bool = False) -> TokenLogprob:
+        """``start``: the token (and each alternative) would open the text."""
+        top = [self._logprob(t, v, start=start) for t, v in alternatives]
+        if start:
+            return TokenLogprob(token, self.token_bytes.label(token, True), self.token_bytes.start(token), value, top)
         return TokenLogprob(token, self.token_bytes.label(token), self.token_bytes(token), value, top)
+
+    def _at_start(self, entry: TokenLogprob) -> TokenLogprob:
+        return self._logprob(entry.token_id, entry.logprob, [(t.token_id, t.logprob) for t in entry.top], True)
 
     def _fail_all(self, message: str) -> None:
         with self.cond:

@@ -45,7 +45,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.settings import ServeSettings
-from retnet.serve.state_cache import SessionBusy
+from retnet.serve.state_cache import Session, SessionBusy
 from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # a logit_bias key
@@ -77,6 +77,7 @@ class OpenAIServing:
         self.created = int(time.time())  # the model card's `created`: when the server started, not per request
         # HF fast tokenisers may not be entered from two threads at once (the scheduler decodes).
         self.tokenizer_lock = threading.Lock()
+        self.bos_per_turn: bool | None = None  # see _bos_per_turn
         # Tokenizations running on worker threads (counted on the event loop): while one may hold the lock, the
         # loop must not wait for it.
         self.tokenizing_off_loop = 0
@@ -110,12 +111,18 @@ class OpenAIServing:
             # OpenAI and vLLM take 0 only to echo (and score) the prompt: without echo there is nothing to return.
             raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (to return, and "
                            "score with logprobs, the prompt alone)", "max_tokens")
-        texts, prompts = await self._tokenizing(_size(request.prompt), self._completion_prompts,
-                                                request.prompt, request.truncate_prompt_tokens,
-                                                request.add_special_tokens)
-        params = self._params(request, request.max_tokens, request.logprobs, bad_words=await self._bad_words(request))
-        params.prompt_logprobs = request.echo and request.logprobs is not None
-        handle = self._submit(prompts, params, request)
+        session = self._acquire_session(request)
+        try:
+            texts, prompts = await self._tokenizing(_size(request.prompt), self._completion_prompts,
+                                                    request.prompt, request.truncate_prompt_tokens,
+                                                    _add_special_tokens(request, _continues(session)))
+            params = self._params(request, request.max_tokens, request.logprobs,
+                                  bad_words=await self._bad_words(request))
+            params.prompt_logprobs = request.echo and request.logprobs is not None
+            handle = self._submit(prompts, params, request, session=session)
+        except BaseException:
+            self._release_session(request, session)
+            raise
         # Each choice's prompt text: echoed before the completion, and where its text_offset starts either way
         # (OpenAI's offsets index prompt + completion, echoed or not).
         prompt_texts = [texts[i // request.n] for i in range(handle.num_choices)]
@@ -264,10 +271,16 @@ class OpenAIServing:
         max_tokens = getattr(request, name)
         if max_tokens == 0:
             raise APIError(400, f"{name} must be at least 1 (0 is accepted only by /v1/completions with echo)", name)
-        prompt, hint = await self._tokenizing(_size([m.text() for m in request.messages]), self._chat_prompt, request)
-        params = self._params(request, max_tokens, top if request.logprobs else None, name,
-                              bad_words=await self._bad_words(request))
-        handle = self._submit([prompt], params, request, [hint])
+        session = self._acquire_session(request)
+        try:
+            prompt, hint = await self._tokenizing(_size([m.text() for m in request.messages]), self._chat_prompt,
+                                                  request, _continues(session))
+            params = self._params(request, max_tokens, top if request.logprobs else None, name,
+                                  bad_words=await self._bad_words(request))
+            handle = self._submit([prompt], params, request, [hint], session=session)
+        except BaseException:
+            self._release_session(request, session)
+            raise
         if request.stream:
             return self._stream(self._chat_chunks(request, handle), handle)
         outputs = await self._collect(handle, raw)
@@ -285,9 +298,10 @@ class OpenAIServing:
                                           usage=self._usage(handle, outputs), session_id=request.session_id)
         return JSONResponse(dump(response))
 
-    def _chat_prompt(self, request: ChatCompletionRequest) -> tuple[list[int], int | None]:
+    def _chat_prompt(self, request: ChatCompletionRequest, continues: bool = False) -> tuple[list[int], int | None]:
         """Token ids of the templated conversation, and the offset where its last message starts (the
-        history before it is a prefix worth caching) when the tokenisation agrees there."""
+        history before it is a prefix worth caching) when the tokenisation agrees there. ``continues``: the
+        messages continue a session's history, so they do not open a text (no BOS before them)."""
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
         template = None if getattr(self.tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
@@ -299,12 +313,17 @@ class OpenAIServing:
         if add_generation_prompt and continue_final:
             raise APIError(400, "continue_final_message leaves the last message open for the model to continue; it "
                            "needs add_generation_prompt: false", "continue_final_message")
-        add_special = request.add_special_tokens
+        add_special = _add_special_tokens(request, continues)
         try:
             with self.tokenizer_lock:
                 text = self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final, chat_template=template, **variables)
+                bos = self.tokenizer.bos_token
+                if continues and bos and text.startswith(bos) and not self._bos_per_turn(template, variables):
+                    # A template that opens the conversation with {{ bos_token }} would put a BOS in the
+                    # middle of the session's history.
+                    text = text[len(bos) :]
                 ids = self.tokenizer.encode(text, add_special_tokens=add_special)
         except Exception as exc:  # a template that rejects these messages (roles out of order, ...)
             raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
@@ -312,7 +331,7 @@ class OpenAIServing:
         # The history alone is templated only to find a prefix worth caching; a template may refuse it on its
         # own (Qwen3's wants a user message), which must not refuse the conversation.
         with contextlib.suppress(Exception), self.tokenizer_lock:
-            if len(messages) > 1:
+            if len(messages) > 1 and not continues:  # a session's turn starts from its state, not a prefix
                 head = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=False,
                                                           chat_template=template, **variables)
                 head_ids = self.tokenizer.encode(head, add_special_tokens=add_special)
@@ -325,6 +344,21 @@ class OpenAIServing:
             # The history's state is worth caching only if it is a prefix of what is run.
             hint = hint - (len(ids) - truncate) if hint is not None and hint > len(ids) - truncate else None
         return self._check_ids(ids, "messages", truncate), hint
+
+    def _bos_per_turn(self, template: str | None, variables: dict) -> bool:
+        """Whether the chat template writes a BOS before every turn (Llama 2's), not only before the
+        conversation: then a continuing turn's BOS is the template's format, kept. Probed once, with the
+        tokenizer's lock held."""
+        if self.bos_per_turn is None:
+            probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                     {"role": "user", "content": "c"}]
+            try:
+                text = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True,
+                                                          chat_template=template, **variables)
+            except Exception:  # a template that wants other messages: treat its BOS as the conversation's
+                text = ""
+            self.bos_per_turn = text.count(self.tokenizer.bos_token) > 1
+        return self.bos_per_turn
 
     async def _chat_chunks(self, request: ChatCompletionRequest, handle: RequestHandle) -> AsyncIterator[str]:
         rid, created = random_id("chatcmpl"), int(time.time())
@@ -494,7 +528,26 @@ class OpenAIServing:
                            f"{self.engine.vocab_size})", "bad_words", "invalid_token_id")
         return [ids for ids in out if ids]
 
-    def _submit(self, prompts, params, request: SamplingFields, hints=None) -> RequestHandle:
+    def _acquire_session(self, request: SamplingFields) -> Session | None:
+        """The request's session, held (busy) from before its prompt is encoded: whether it has a history
+        decides the encoding (a continuation opens no text, so gets no BOS), and nothing (another request,
+        expiry, eviction, a DELETE) may change that before the engine takes it over."""
+        if request.session_id is None:
+            return None
+        try:
+            return self.engine.sessions.acquire(request.session_id)
+        except SessionBusy as exc:
+            self.metrics.rejected.labels("session_busy").inc()
+            raise APIError(409, f"session {request.session_id!r} is in use by another request", "session_id",
+                           "session_busy") from exc
+
+    def _release_session(self, request: SamplingFields, session: Session | None) -> None:
+        """Give back a session the engine never took (the request failed before it was queued)."""
+        if session is not None:
+            self.engine.sessions.release(request.session_id)
+
+    def _submit(self, prompts, params, request: SamplingFields, hints=None, session: Session | None = None
+                ) -> RequestHandle:
         if request.session_id is not None and len(prompts) != 1:
             raise APIError(400, "session_id needs a single prompt", "session_id")
         # More sequences than the server ever holds would get 429 (retry later) forever.
@@ -503,7 +556,7 @@ class OpenAIServing:
             raise APIError(400, f"prompts × n is {wanted}; this server holds at most {limit} sequences",
                            "n" if request.n > 1 else "prompt")
         try:
-            return self.engine.submit(prompts, params, request.n, request.session_id, hints)
+            return self.engine.submit(prompts, params, request.n, request.session_id, hints, session)
         except QueueFull as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"the server is busy ({exc}); retry later", None, "queue_full",
@@ -619,6 +672,18 @@ class EngineStreamingResponse(StreamingResponse):
             # Close the body now (not when collected), so the generators under it end here.
             with contextlib.suppress(RuntimeError):
                 await self.body_iterator.aclose()
+
+
+def _continues(session: Session | None) -> bool:
+    return session is not None and session.cache is not None
+
+
+def _add_special_tokens(request: SamplingFields, continues: bool) -> bool:
+    """Whether the prompt's encoding gets the tokenizer's special tokens (a BOS): as the request says, and by
+    default not when it ``continues`` a session's history, where a BOS would fall mid-text."""
+    if "add_special_tokens" in request.model_fields_set:
+        return request.add_special_tokens
+    return request.add_special_tokens and not continues
 
 
 def _usage_options(request: SamplingFields) -> tuple[bool, bool]:

@@ -145,3 +145,44 @@ async def test_an_empty_prompt_is_its_bos_when_the_tokenizer_adds_one(open_app):
         assert choice["prompt_token_ids"] == [bos] and choice["logprobs"]["text_offset"][:2] == [0, 0]
         r = await client.post("/v1/completions", json={**req, "add_special_tokens": False})
         assert r.status_code == 400 and r.json()["error"]["code"] == "empty_prompt", r.text
+
+
+async def test_a_session_continuation_gets_no_bos_in_the_middle(open_app):
+    # The continuation's text follows the session's history in one token stream: the BOS that opens a text
+    # is the first turn's alone. It went before every turn, mid-history, which the model never saw in training.
+    async with open_app() as client:
+        tokenizer = client.app.state.serving.tokenizer
+        bos = tokenizer.convert_tokens_to_ids(BOS)
+        req = {"max_tokens": 4, "session_id": "bos-s", "return_token_ids": True, **GREEDY}
+        first = (await client.post("/v1/completions", json={**req, "prompt": "Hello"})).json()["choices"][0]
+        assert first["prompt_token_ids"][0] == bos
+        second = (await client.post("/v1/completions", json={**req, "prompt": " world"})).json()["choices"][0]
+        assert second["prompt_token_ids"] == tokenizer.encode(" world", add_special_tokens=False)
+        history = first["prompt_token_ids"] + first["token_ids"] + second["prompt_token_ids"]
+        assert history.count(bos) == 1
+        whole = (await client.post("/v1/completions", json={**req, "prompt": history, "session_id": None})).json()
+        assert whole["choices"][0]["token_ids"] == second["token_ids"]
+        # Asked for explicitly, the tokenizer's special tokens are still added.
+        third = (await client.post("/v1/completions", json={**req, "prompt": " ok", "add_special_tokens": True})).json()
+        assert third["choices"][0]["prompt_token_ids"][0] == bos
+
+
+@pytest.mark.parametrize("per_turn", [False, True])
+async def test_a_session_chat_turn_drops_the_bos_its_template_opens_with(open_app, per_turn):
+    # A template that opens the conversation with {{ bos_token }} (Llama 3's, Mistral's) would put one before
+    # every turn of a session; one that writes it before every turn (Llama 2's) means it there, and keeps it.
+    async with open_app() as client:
+        tokenizer = client.app.state.serving.tokenizer
+        bos = tokenizer.convert_tokens_to_ids(BOS)
+        template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        template = template.replace("<|", "{{ bos_token }}<|", 1) if per_turn else "{{ bos_token }}" + template
+        tokenizer.chat_template = template + "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+        req = {"max_tokens": 3, "session_id": f"bos-chat-{per_turn}", "return_token_ids": True, **GREEDY}
+        first = (await client.post("/v1/chat/completions", json={
+            **req, "messages": [{"role": "user", "content": "Hi"}]})).json()["choices"][0]
+        assert first["prompt_token_ids"][0] == bos
+        second = (await client.post("/v1/chat/completions", json={
+            **req, "messages": [{"role": "user", "content": "How are you?"}]})).json()["choices"][0]
+        text = "<|user|>\nHow are you?\n<|assistant|>\n"
+        expected = tokenizer.encode(BOS + text if per_turn else text, add_special_tokens=False)
+        assert second["prompt_token_ids"] == expected

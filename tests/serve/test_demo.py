@@ -1,0 +1,42 @@
+"""``python -m retnet.serve.demo``: an error from the server (an error event mid-stream, an error response) is
+printed and ends the demo with status 1, not a KeyError traceback."""
+
+import json
+
+import httpx
+import pytest
+
+from retnet.serve import demo
+from retnet.serve.engine import Engine
+
+
+def mock_client(status: int, body: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(status, text=body)))
+
+
+def test_an_error_event_mid_stream_is_reported(capsys):
+    chunk = {"choices": [{"index": 0, "text": "Hello", "finish_reason": None}]}
+    error = {"error": {"message": "engine failed: RuntimeError: boom", "type": "server_error", "param": None,
+                       "code": "engine_failure"}}
+    body = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(error)}\n\ndata: [DONE]\n\n"
+    with pytest.raises(demo.StreamFailed, match=r"boom.*engine_failure"):
+        demo.stream_once("http://test", "Hi", 4, client=mock_client(200, body))
+    assert "Hello" in capsys.readouterr().out
+
+
+def test_an_error_response_is_reported():
+    error = {"error": {"message": "the server cannot take requests now", "type": "server_error", "param": None,
+                       "code": "unavailable"}}
+    with pytest.raises(demo.StreamFailed, match="HTTP 503: the server cannot take requests now"):
+        demo.stream_once("http://test", "Hi", 4, client=mock_client(503, json.dumps(error)))
+
+
+def test_the_demo_exits_with_status_1_when_the_engine_fails(model_dir, monkeypatch, capsys):
+    def fail(self, *args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Engine, "_spawn", fail)
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--model", str(model_dir), "--port", "0", "--max-tokens", "4", "--exit-after"])
+    assert exited.value.code == 1
+    assert "the completion failed: engine failed: RuntimeError: boom" in capsys.readouterr().err
