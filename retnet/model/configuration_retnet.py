@@ -21,7 +21,7 @@ DECAY_SCHEDULES = ("paper", "linspace")
 # so that loading a config does not import the kernels.
 MAX_HEAD_DIM = 512
 BOOL_FIELDS = ("ffn_glu", "ffn_bias", "use_head_norm", "use_output_gate", "use_xpos", "use_cache",
-               "tie_word_embeddings")
+               "tie_word_embeddings", "fuse_linear_cross_entropy")
 # JSON or TOML may give a whole number as an int (value_factor = 2), which is fine; a bool or a string is not.
 FLOAT_FIELDS = ("value_factor", "rms_norm_eps", "rope_theta", "xpos_scale_base", "decay_exponent_min",
                 "decay_exponent_max", "initializer_range", "dropout")
@@ -58,6 +58,9 @@ class RetNetConfig(PretrainedConfig):
     makes a layer's FFN linear); ``hidden_act_kwargs`` is one dict of parameters or a list of dicts.
     Decay: ``decay_schedule="paper"`` gives γ_h = 1 − 2^(−5−h); ``"linspace"`` spaces the exponent evenly
     from ``decay_exponent_min`` to ``decay_exponent_max`` across the heads.
+    ``fuse_linear_cross_entropy``: in training mode with ``labels``, the loss is computed from the hidden
+    states a chunk of tokens at a time and no logits are returned (their memory, the largest activation of a
+    training step, is saved); evaluation and generation are unchanged.
     ``retention_mode``: ``auto`` picks the recurrent form for single-token steps, else the chunkwise form on
     the Triton path and, on the PyTorch references, the parallel form up to 256 tokens and the chunkwise one
     beyond; ``parallel``, ``chunkwise`` and ``recurrent`` force one (all three give the same result).
@@ -92,6 +95,9 @@ class RetNetConfig(PretrainedConfig):
     initializer_range: float = 0.02
     dropout: float = 0.0
     use_cache: bool = True
+    # Training with labels: the loss straight from the hidden states, a chunk of tokens at a time, without the
+    # [B, T, vocab] logits (retnet.model.loss); the output's logits are then None.
+    fuse_linear_cross_entropy: bool = False
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None

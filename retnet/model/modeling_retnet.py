@@ -22,6 +22,7 @@ from retnet import kernels
 from retnet.model.activations import SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
+from retnet.model.loss import linear_cross_entropy
 
 try:  # transformers' guarded initialisers leave weights that were loaded from a checkpoint untouched
     from transformers import initialization as init
@@ -771,10 +772,18 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        loss = logits = None
+        if labels is not None and self.training and self.config.fuse_linear_cross_entropy:
+            # lm_head's own forward is skipped: a module hook on it (PEFT, quantization) would not run, so only
+            # a plain Linear is fused.
+            if type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:
+                raise ValueError(f"fuse_linear_cross_entropy needs lm_head to be a bias-free nn.Linear; it is "
+                                 f"{self.lm_head!r}: set config.fuse_linear_cross_entropy = False")
+            loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, num_items_in_batch)
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels, num_items_in_batch)
         output = RetNetCausalLMOutput(
             loss=loss,
             logits=logits,

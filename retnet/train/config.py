@@ -319,7 +319,8 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
 
 
 # How the model is computed or regularized, or only initialized, not what its weights compute: free on a resume.
-FREE_MODEL_FIELDS = frozenset({"dropout", "chunk_size", "retention_mode", "use_cache", "initializer_range"})
+FREE_MODEL_FIELDS = frozenset({"dropout", "chunk_size", "retention_mode", "use_cache", "initializer_range",
+                               "fuse_linear_cross_entropy"})
 # Set from the tokenizer: data_changes and the tokenizer a resume keeps cover them.
 _TOKENIZER_FIELDS = frozenset({"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"})
 

@@ -22,6 +22,7 @@ global batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import logging
@@ -272,8 +273,10 @@ class Trainer:
 
         # Model: the same init on every rank (one seed), then per-rank seeds for anything random after.
         try:
+            # The loss without the [B, T, vocab] logits unless the config says otherwise (the export resets it)
+            overrides = {"fuse_linear_cross_entropy": True, **cfg.model.overrides()}
             self.model_config = RetNetConfig.from_preset(
-                cfg.model.preset, **cfg.model.overrides(), vocab_size=vocab_bound(self.tokenizer),
+                cfg.model.preset, **overrides, vocab_size=vocab_bound(self.tokenizer),
                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             )
         except (TypeError, ValueError) as error:
@@ -788,7 +791,10 @@ class Trainer:
 
     def export(self, state: dict) -> Path:
         """save_pretrained model + tokenizer into ``<output_dir>/export`` (rank 0, after ``save``)."""
-        path = export_pretrained(self.output_dir / "export", self.model_config, state, self.tokenizer)
+        # a training-time choice: a model loaded from the export returns its logits in training mode too
+        config = copy.deepcopy(self.model_config)
+        config.fuse_linear_cross_entropy = False
+        path = export_pretrained(self.output_dir / "export", config, state, self.tokenizer)
         logger.info("exported model and tokenizer to %s", path)
         return path
 

@@ -517,3 +517,21 @@ def test_ranks_wait_for_rank_0_longer_than_the_process_group_timeout(tmp_path):
     outputs = [p.communicate(timeout=120)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outputs
     assert all(f"rank {r} done" in outputs[r] for r in range(2))
+
+
+def test_training_takes_the_loss_without_logits_and_the_export_returns_them(micro, tmp_path, monkeypatch):
+    """retnet-train computes the loss from the hidden states (no [B, T, vocab] logits); the model it exports
+    is a plain one that returns its logits in training mode too."""
+    import json
+
+    from retnet.model import modeling_retnet
+
+    calls = []
+    fused = modeling_retnet.linear_cross_entropy
+    monkeypatch.setattr(modeling_retnet, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2, checkpoint__export=True)) == 0
+    assert len(calls) == 2 * 2  # 2 steps of 2 micro-batches
+    assert json.loads((out / "export" / "config.json").read_text())["fuse_linear_cross_entropy"] is False
+    assert main(micro(tmp_path / "plain", train__steps=1, **{"model.extra.fuse_linear_cross_entropy": "false"})) == 0
+    assert len(calls) == 4
