@@ -1,7 +1,8 @@
 """Training throughput and MFU: RetNet presets vs a matched HF Llama (SDPA), in the same run.
 
 For each preset (``tiny``, ``small``) and sequence length (512, 2048) both models run a full training step
-(forward, backward, AdamW step) on random tokens; the steps alternate between the models so that noise on
+(forward, backward, AdamW step) on random tokens, RetNet with the loss ``retnet-train`` uses (from the hidden
+states, without the logits), Llama with transformers' own; the steps alternate between the models so that noise on
 a shared machine hits both. Llama is matched per layer: RetNet's q, k (2d²), v, gate (4d²), out (2d²) and
 FFN (4d²) = 12d² = Llama's 4d² attention + 3·d·I with I = 8d/3; same hidden size, layers, heads and vocab.
 The ratio is RetNet / Llama tokens/s (> 1: RetNet trains faster). MFU uses ``retnet.train.trainer``'s
@@ -32,7 +33,7 @@ from retnet.train.trainer import flops_per_token, peak_flops
 
 
 def build(preset: str, device: torch.device):
-    config = RetNetConfig.from_preset(preset)
+    config = RetNetConfig.from_preset(preset, fuse_linear_cross_entropy=True)  # as retnet-train trains it
     torch.manual_seed(0)
     ret = RetNetForCausalLM(config).to(device)
     d = config.hidden_size
