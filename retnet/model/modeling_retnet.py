@@ -164,12 +164,13 @@ class RetNetRotaryEmbedding(nn.Module):
         return self._tables[device]
 
     def forward(self, position_ids: torch.Tensor, xpos: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                packed: bool = False) -> RetNetPositionEncoding:
+                packed: bool = False, starts_at_origin: bool = False) -> RetNetPositionEncoding:
         """position_ids ``[B, T]``; ``xpos`` (with ``use_xpos``): ``(relative [B, T], target [N] or None)``, each
         token's position relative to its sequence's origin (the frame the initial state is in) and the frame,
         relative to the same origin, the final state is returned in. Unpacked, the tokens run in pieces of
         :func:`xpos_span` positions, each in its own frame; ``packed`` rows run in one frame, the origin
-        (RetNetModel checked that their positions stay within reach of it)."""
+        (RetNetModel checked that their positions stay within reach of it). ``starts_at_origin``: every row's
+        first relative position is 0 (the model's own positions), so the first piece's frame is the origin."""
         inv_freq, log_zeta = self._table(position_ids.device)
         angles = position_ids.double()[:, :, None, None] * inv_freq  # [B, T, 1, K/2]
         cos = torch.cat([angles.cos()] * 2, -1).float()
@@ -183,7 +184,8 @@ class RetNetRotaryEmbedding(nn.Module):
         for start in range(0, max(length, 1), span):
             tokens = slice(start, min(start + span, length))
             state_shift = None
-            if length and not packed:
+            if length and not packed and (start or not starts_at_origin):
+                # Skipped when the frame stays: a multiply by ones would be a whole pass over each layer's state.
                 new_frame = relative[:, start]
                 state_shift = self._state_factor(new_frame - frame)
                 frame = new_frame
@@ -523,6 +525,13 @@ class RetNetModel(RetNetPreTrainedModel):
                     f"got {tuple(attention_mask.shape)}"
                 )
             token_mask = attention_mask[:, -length:]
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
+                # Otherwise a broadcasting error deep in the rotary embedding, naming neither argument.
+                raise ValueError(f"position_ids must be [B, T] (or [1, T]) with B={batch}, T={length}; "
+                                 f"got {tuple(position_ids.shape)}")
+            # A view: the xPos frames index the positions per row, by the batch's token indices when packed.
+            position_ids = position_ids.expand(batch, -1)
         past_offsets = None if cache is None else cache.offsets
         custom_positions = position_ids is not None
         if position_ids is None:
@@ -545,7 +554,8 @@ class RetNetModel(RetNetPreTrainedModel):
                 compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
             xpos = self._xpos_frames(position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows,
                                      custom_positions, compute_dtype)
-        positions = self.rotary_emb(position_ids, xpos, packed=packed_rows is not None or cu_seqlens is not None)
+        positions = self.rotary_emb(position_ids, xpos, packed=packed_rows is not None or cu_seqlens is not None,
+                                    starts_at_origin=not custom_positions)
 
         all_hidden_states = ()
         for index, layer in enumerate(self.layers):
@@ -622,12 +632,20 @@ class RetNetModel(RetNetPreTrainedModel):
                     "feed it in pieces with the cache, or unpacked"
                 )
         if custom_positions and target is not None and length:
-            # The state returned is moved from the frame of the last positions to the cache's offsets.
+            # Moving the (fp32) state into an earlier frame scales it by ζ^(−shift/base): from the cache's offsets
+            # back to the frame of positions behind them (unpacked; packed rows were held to the offsets above),
+            # and from the frame of the last positions back to the offsets it is returned at. One host read.
             ends = relative.max(-1).values if segment is None else torch.full_like(target, -(2**62)).scatter_reduce(
                 0, segment, relative[0], "amax")
-            ahead = int((ends - target).max())
-            # Moving the state back to the offsets scales it by up to ζ^(−ahead/base); it is fp32.
+            behind = relative.new_zeros(()) if packed else -relative.min()
+            ahead, behind = torch.stack([(ends - target).max(), behind]).tolist()
             limit = int(math.log(XPOS_MAX_STATE_GROWTH) * self.config.xpos_scale_base / -math.log(XPOS_MIN_ZETA))
+            if behind > limit:
+                raise ValueError(
+                    f"use_xpos: position_ids run {behind} positions behind the cache's offsets (the next position by "
+                    f"its count, which the state's xPos frame follows); at most {limit} are supported "
+                    f"(xpos_scale_base={self.config.xpos_scale_base}). Pass positions that follow cache.offsets"
+                )
             if ahead > limit:
                 raise ValueError(
                     f"use_xpos: position_ids run {ahead} positions past the cache's offsets (the next position by "
@@ -861,7 +879,44 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 input_ids = input_ids[:, input_ids.shape[1] - new:]
             else:
                 model_kwargs["inputs_embeds"] = embeds[:, embeds.shape[1] - new:]
-        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        chunk_size = getattr(generation_config, "prefill_chunk_size", None)
+        embeds = model_kwargs.get("inputs_embeds")
+        width = (input_ids if embeds is None else embeds).shape[1]
+        if chunk_size is None or not isinstance(cache, RetNetCache) or width == 0:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        return self._chunked_prefill(input_ids, model_kwargs, chunk_size)
+
+    def _chunked_prefill(self, input_ids, model_kwargs, chunk_size):
+        # transformers' own chunked prefill counts the chunks' mask columns from 0 (5.17), which ends the first
+        # chunk's mask before the tokens a continued cache holds, and splits input_ids, which are empty with
+        # inputs_embeds. The state carries any split, so the chunks are the new inputs' and the mask and
+        # positions are cut to end where each chunk ends.
+        embeds = model_kwargs.get("inputs_embeds")
+        inputs = input_ids if embeds is None else embeds
+        mask, positions = model_kwargs.get("attention_mask"), model_kwargs.get("position_ids")
+        total = inputs.shape[1]
+        for start in range(0, total, chunk_size):
+            end = min(start + chunk_size, total)
+            after = total - end  # new columns after this chunk
+            chunk_kwargs = dict(model_kwargs)
+            if mask is not None:
+                chunk_kwargs["attention_mask"] = mask[:, : mask.shape[-1] - after]
+            if positions is not None:
+                chunk_kwargs["position_ids"] = positions[..., : positions.shape[-1] - after]
+            if embeds is not None:
+                chunk_kwargs["inputs_embeds"] = embeds[:, start:end]
+            model_inputs = self.prepare_inputs_for_generation(
+                input_ids[:, start:end], next_sequence_length=end - start, is_first_iteration=True, **chunk_kwargs
+            )
+            outputs = self(**model_inputs, return_dict=True)
+        return outputs
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # The model numbers each row's real tokens from its cache's offsets itself: the same positions as the
+        # mask's running count transformers would pass and grow by a copy every step. Given positions may start
+        # anywhere, so with xPos every decoding step would check them on the host (a device sync) and move each
+        # layer's state into their frame (a pass over it). Positions the caller passes are kept.
+        return None
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The model makes its own cache on the first forward; a chunked prefill needs it before (transformers

@@ -279,3 +279,34 @@ def test_a_cache_of_another_batch_or_depth_is_refused_by_name(tiny_model):
     with pytest.raises(ValueError, match=r"cache holds 3 rows.*batch of 1"):
         tiny_model.generate(out.sequences, **{CACHE_KWARG: cache}, max_new_tokens=2, do_sample=False,
                             eos_token_id=None)
+
+
+@torch.no_grad()
+def test_position_ids_of_another_shape_are_refused_by_name(tiny_model):
+    ids = _ids(length=9)
+    reference = tiny_model(ids).logits
+    # one row of positions serves the whole batch, as in transformers' models
+    torch.testing.assert_close(tiny_model(ids, position_ids=torch.arange(9)[None]).logits, reference)
+    for shape in ((9,), (2, 8), (2, 10), (3, 9)):
+        positions = torch.arange(shape[-1]).expand(shape)
+        with pytest.raises(ValueError, match=rf"position_ids must be \[B, T\].*B=2, T=9; got \({shape[0]},"):
+            tiny_model(ids, position_ids=positions)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("use_xpos", (False, True))
+def test_one_row_of_position_ids_serves_a_padded_batch(model_factory, use_xpos):
+    # [1, T] positions broadcast over the batch; with xPos a hole (which runs the batch packed) made the frame
+    # check index a [1, T] tensor with the batch's [B·T] token indices (IndexError)
+    model = model_factory(use_xpos=use_xpos)
+    ids = _ids(length=9)
+    mask = torch.ones_like(ids)
+    mask[1, 3:5] = 0
+    one_row = torch.arange(9)[None]
+    for use_cache in (False, True):
+        want = model(ids, attention_mask=mask, position_ids=one_row.expand(2, -1), use_cache=use_cache)
+        got = model(ids, attention_mask=mask, position_ids=one_row, use_cache=use_cache)
+        torch.testing.assert_close(got.logits, want.logits)
+        if use_cache:
+            for a, b in zip(got.cache.states, want.cache.states):
+                torch.testing.assert_close(a, b)

@@ -59,6 +59,45 @@ def test_chunked_prefill_gives_the_same_tokens(model, user_cache, padded):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("whole", (True, False))
+@pytest.mark.parametrize("padded", (False, True))
+def test_chunked_prefill_continues_a_filled_cache(model, whole, padded):
+    # transformers 5.17 counts a chunked prefill's columns from 0 whatever the cache holds: its first chunk's
+    # mask ended before the cache's tokens, so the model got no new tokens and failed on a shape mismatch
+    ids, mask = _left_padded() if padded else (_prompt(9), torch.ones(2, 9, dtype=torch.long))
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+    cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
+    full = torch.cat([first.sequences, _prompt(10, seed=8)], 1)
+    full_mask = torch.cat([mask, torch.ones(2, full.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+    expected = model.generate(full, attention_mask=full_mask, max_new_tokens=5, **GREEDY)[:, full.shape[1]:]
+    inputs = full if whole else full[:, cache.get_seq_length():]
+    out = model.generate(inputs, attention_mask=full_mask, **{CACHE_KWARG: cache}, max_new_tokens=5,
+                         prefill_chunk_size=4, **GREEDY)
+    assert torch.equal(out[:, inputs.shape[1]:], expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padded", (False, True))
+def test_chunked_prefill_from_inputs_embeds(model, padded):
+    # transformers splits input_ids, which are empty with inputs_embeds: the whole prompt met an empty mask or
+    # empty position_ids and failed on a shape mismatch
+    ids, mask = _left_padded() if padded else (_prompt(9), None)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, **GREEDY)[:, ids.shape[1]:]
+    embeds = model.get_input_embeddings()(ids)
+    lengths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds" if kwargs.get("input_ids") is None
+                                                           else "input_ids"].shape[1]), with_kwargs=True)
+    try:
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, prefill_chunk_size=4,
+                             **GREEDY)
+    finally:
+        hook.remove()
+    assert torch.equal(out, expected)
+    assert lengths == [4, 4, 1, 1, 1, 1, 1]  # the prompt's 9 in chunks, then one token a step
+
+
+@torch.no_grad()
 def test_continuing_a_cache_from_only_the_new_tokens_and_the_full_mask(model):
     ids, mask = _left_padded()
     first = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
@@ -144,9 +183,10 @@ def test_generate_from_inputs_embeds_continues_a_cache(model, whole):
 
 
 @torch.no_grad()
-def test_xpos_continuation_with_padding_in_the_new_tokens(model_factory):
-    # generate passes position_ids of 0 at padded positions; a padded chunk on top of a cache runs packed, and
-    # only its real tokens' positions may count against the packed xPos frame
+@pytest.mark.parametrize("given_positions", (False, True))
+def test_xpos_continuation_with_padding_in_the_new_tokens(model_factory, given_positions):
+    # a padded chunk on top of a cache runs packed, and only its real tokens' positions may count against the
+    # packed xPos frame: position_ids made as transformers makes them have 0 at padded positions
     model = model_factory(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, initializer_range=0.5,
                           use_xpos=True)
     ids, mask = _left_padded()
@@ -158,7 +198,9 @@ def test_xpos_continuation_with_padding_in_the_new_tokens(model_factory):
     full = torch.cat([first.sequences, extra], 1)
     full_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype), extra_mask], 1)
     expected = model.generate(full, attention_mask=full_mask, max_new_tokens=5, **GREEDY)
-    continued = model.generate(full, attention_mask=full_mask, **{CACHE_KWARG: cache}, max_new_tokens=5, **GREEDY)
+    positions = dict(position_ids=(full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)) if given_positions else {}
+    continued = model.generate(full, attention_mask=full_mask, **{CACHE_KWARG: cache}, max_new_tokens=5, **positions,
+                               **GREEDY)
     assert torch.equal(continued, expected)
 
 
@@ -173,3 +215,30 @@ def test_continuing_a_cache_from_inputs_it_has_already_seen_is_refused_clearly(m
     embeds = model.get_input_embeddings()(_prompt(4, seed=8))
     with pytest.raises(ValueError, match=r"seen 11 tokens.*4 columns.*whole sequence"):
         model.generate(inputs_embeds=embeds, **{CACHE_KWARG: cache}, max_new_tokens=2, **GREEDY)
+
+
+@torch.no_grad()
+def test_generate_leaves_the_positions_to_the_model_and_keeps_given_ones(model_factory):
+    # transformers makes position_ids from the mask and grows them by a copy every step. Given positions may
+    # start anywhere, so an xPos model checks them against the cache on the host and moves each layer's state
+    # into their frame: a device sync and a pass over every state in every decoding step. The model numbers each
+    # row's real tokens from its cache's offsets itself, the same positions.
+    model = model_factory(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, initializer_range=0.5,
+                          use_xpos=True)
+    ids, mask = _left_padded()
+    seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, **GREEDY)
+        assert seen and all(positions is None for positions in seen)
+        recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=4, use_cache=False, **GREEDY)
+        assert torch.equal(out, recomputed)
+        seen.clear()
+        # positions a caller passes still reach the model, grown by one a step
+        given = (mask.cumsum(-1) - 1).clamp(min=0) + 3
+        shifted = model.generate(ids, attention_mask=mask, position_ids=given, max_new_tokens=4, **GREEDY)
+        assert [p[:, -1].tolist() for p in seen] == [[7, 11], [8, 12], [9, 13], [10, 14]]
+    finally:
+        hook.remove()
+    assert shifted.shape == out.shape

@@ -126,6 +126,20 @@ def test_limits_fail_loudly_naming_them():
     assert torch.isfinite(model(ids[:, :4], position_ids=(10**6 + torch.arange(4))[None], use_cache=False).logits).all()
 
 
+def test_positions_far_behind_a_caches_offsets_fail_loudly():
+    # Positions restarted at 0 on top of a long cache: moving its state back to their frame scales it by
+    # ζ^(−behind/base), which overflowed fp32 into NaN logits and a NaN cache
+    model = xpos_model(xpos_scale_base=4.0)
+    cache = model(torch.randint(2, 101, (1, 400)), use_cache=True).cache
+    ids = torch.randint(2, 101, (1, 5))
+    near = model(ids, cache=cache.clone(), position_ids=torch.arange(390, 395)[None])
+    assert torch.isfinite(near.logits).all() and all(torch.isfinite(s).all() for s in near.cache.states)
+    before = [s.clone() for s in cache.states]
+    with pytest.raises(ValueError, match=r"position_ids run 400 positions behind the cache's offsets.*at most \d+"):
+        model(ids, cache=cache, position_ids=torch.arange(5)[None])
+    assert all(torch.equal(a, b) for a, b in zip(cache.states, before))  # refused before anything ran
+
+
 def test_packed_sequences_longer_than_a_frame_match_the_unpacked_run():
     # Training packs documents; one longer than the unpacked frame (16 positions at base 4) still runs packed
     # in fp32 and gives what the same documents give run alone (in frames).
@@ -148,3 +162,26 @@ def test_the_position_encoding_is_computed_once_per_forward_for_all_layers(monke
     cache = model(torch.randint(2, 101, (2, 40))).cache  # 40 tokens: 3 frames of 16 positions
     model(torch.randint(2, 101, (2, 1)), cache=cache)
     assert len(calls) == 2
+
+
+def test_a_state_is_not_moved_into_the_frame_it_is_already_in(monkeypatch):
+    # The model's own positions start every row at its cache's offsets, the frame its state is kept in: moving
+    # it there multiplied each layer's [B, H, K, V] state by ones, a pass over the state as costly as the decay
+    # itself (a decode step of an xPos model made three such passes per layer instead of two).
+    model = xpos_model(xpos_scale_base=4.0)
+    encodings = []
+    original = modeling_retnet.RetNetRotaryEmbedding.forward
+    monkeypatch.setattr(modeling_retnet.RetNetRotaryEmbedding, "forward",
+                        lambda self, *args, **kwargs: encodings.append(original(self, *args, **kwargs)) or encodings[-1])
+    ids = torch.randint(2, 101, (2, 45))
+    reference = model(ids, use_cache=False).logits
+    prefill = model(ids[:, :40], use_cache=True)  # 3 frames of 16 positions
+    step = model(ids[:, 40:41], cache=prefill.cache)
+    chunk = model(ids[:, 41:], cache=step.cache)
+    torch.testing.assert_close(torch.cat([prefill.logits, step.logits, chunk.logits], 1), reference)
+    own = encodings[1:]
+    assert [piece.state_shift is None for piece in own[0].pieces] == [True, False, False]
+    assert all(e.pieces[0].state_shift is None and e.final_shift is not None for e in own[1:])
+    # given positions may start elsewhere: their frame is moved to
+    model(ids[:, 41:], cache=step.cache, position_ids=torch.arange(45, 49).expand(2, -1))
+    assert encodings[-1].pieces[0].state_shift is not None
