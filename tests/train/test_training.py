@@ -335,7 +335,7 @@ def test_torch_compile_matches_eager(micro, tmp_path, run, read_metrics):
     dict(data__streaming=True, data__val_documents=10),  # DDP, streaming data split by node
     dict(train__parallelism="fsdp"),  # FSDP2: each rank saves and loads its shard
     dict(train__parallelism="fsdp", checkpoint__layout="full"),  # FSDP2: gathered on rank 0, mapped by each
-X
+    dict(checkpoint__layout="sharded"),  # DDP: every rank holds the whole state; each writes a part of it
 ], ids=["ddp-streaming", "fsdp2", "fsdp2-full-layout", "ddp-sharded-layout"])
 def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, read_metrics):
     """2 torchrun ranks: a run of 3 steps extended to 5 replays the 5-step run's losses (model, optimizer and
