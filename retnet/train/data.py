@@ -28,6 +28,7 @@ boundary; otherwise the state runs across EOS, as attention does in GPT-2-style 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import itertools
@@ -121,7 +122,12 @@ def local_files(spec: str) -> list[Path] | None:
         raise ConfigError(f"data.dataset: unsupported file type {bad.suffix!r} ({bad}); "
                           f"expected one of {sorted(TEXT_SUFFIXES | set(BUILDERS))}")
     if len(kinds) > 1:
-        raise ConfigError(f"data.dataset: {spec!r} mixes file kinds {sorted(kinds)}; use one kind per run")
+        # A directory of data files often holds a README.md or a notes.txt too: name which files are of which kind
+        groups = {kind: [p for p in files if _kind(p) == kind] for kind in sorted(kinds)}
+        listed = "; ".join(f"{kind}: {len(group)} file(s), e.g. {str(group[0])!r}" for kind, group in groups.items())
+        most = max(groups.values(), key=len)[0]
+        hint = f", e.g. the glob {os.path.join(spec, '**', '*' + most.suffix)!r}" if path.is_dir() else ""
+        raise ConfigError(f"data.dataset: {spec!r} mixes file kinds ({listed}); select one kind per run{hint}")
     return files
 
 
@@ -148,6 +154,11 @@ def data_fingerprint(cfg: DataConfig, files: list[Path] | None, hub_fingerprint:
                else [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     settings = {k: getattr(cfg, k) for k in ("dataset", "name", "split", "text_field", "streaming",
                                                  "max_documents", "val_fraction", "val_documents")}
+    # The other mode's validation setting selects nothing here, and a resume may change it (data_changes ignores
+    # it): it must find the same caches, not load a hub set again to rebuild them. Its default, not left out, so
+    # the caches (and hub resumes) of runs that never set it keep their keys.
+    unused = "val_fraction" if cfg.streaming else "val_documents"
+    settings[unused] = next(f.default for f in dataclasses.fields(DataConfig) if f.name == unused)
     return _hash(CACHE_VERSION, settings, listing)
 
 
@@ -254,10 +265,16 @@ def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, l
     return [t for t in texts if t]
 
 
-def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, val): a seeded random ``val_fraction`` of the documents (at least one) is held out."""
+def split_documents(docs: list[str], val_fraction: float, *, dataset: str = "",
+                    max_documents: int = 0) -> tuple[list[str], list[str]]:
+    """(train, val): a seeded random ``val_fraction`` of the documents (at least one) is held out.
+    ``dataset`` and ``max_documents`` (the limit they were read with) are named when there are too few."""
     if len(docs) < 2:
-        raise ConfigError(f"data.dataset has {len(docs)} document(s); need at least 2 (one for validation). A "
+        which = f"data.dataset {dataset!r}" if dataset else "data.dataset"
+        if max_documents:  # the limit, not the data, may be what left too few
+            raise ConfigError(f"{which} with data.max_documents {max_documents} gives {len(docs)} non-empty "
+                              f"document(s); need at least 2 (one for validation): raise data.max_documents")
+        raise ConfigError(f"{which} has {len(docs)} document(s); need at least 2 (one for validation). A "
                           f"{'/'.join(sorted(TEXT_SUFFIXES))} file is one document: split a single one into several, "
                           f"or give JSONL/CSV/Parquet rows")
     order = np.random.default_rng(SPLIT_SEED).permutation(len(docs))
@@ -494,7 +511,7 @@ class StreamingData:
     documents read before: after billions of tokens, tokenizing them again only to find the place takes hours."""
 
     def __init__(self, stream, val_blocks: np.ndarray, tokenizer, *, text_field: str, seq_len: int,
-                 micro_batch: int, rank: int, world_size: int):
+                 micro_batch: int, rank: int, world_size: int, dataset: str = "", val_documents: int = 0):
         from datasets.distributed import split_dataset_by_node
 
         if len(val_blocks) == 0:
@@ -504,6 +521,7 @@ class StreamingData:
         self.val, self.tokenizer, self.text_field = val_blocks, tokenizer, text_field
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
+        self.dataset, self.val_documents = dataset, val_documents  # for the error of a stream without documents
         self.position = 0  # blocks this rank has consumed
         self.hub_fingerprint: str | None = None  # of a hub dataset: a checkpoint keeps it for its resume
         self.train_tokens = None
@@ -511,7 +529,8 @@ class StreamingData:
         self._epoch = 0
         self._documents = 0  # examples of this epoch read, empty ones too: they count in the stream's order
         self._seen = False  # a non-empty document in this epoch: an epoch without one would loop for ever
-        self._buffer: list[int] = []  # tokens read, not yet in a block
+        self._buffer: list[int] = []  # tokens read; those from _head on are not in a block yet
+        self._head = 0
         self._examples: Iterator[dict] | None = None  # this epoch's, once opened
         self._stream_state: dict | None = None  # datasets' state of a checkpoint, for the next opening
         self._replay = False  # a checkpoint without the fields above: regenerate its position blocks
@@ -534,7 +553,7 @@ class StreamingData:
             example = next(self._examples, None)
             if example is None:
                 if not self._seen:
-                    raise ConfigError(f"data.dataset {self.stream!r} gave rank {self.rank} no documents")
+                    raise _no_training_documents(self.dataset, self.val_documents, self.rank, self.world_size)
                 self._epoch, self._documents, self._seen, self._examples = self._epoch + 1, 0, False, None
                 continue
             self._documents += 1
@@ -545,10 +564,14 @@ class StreamingData:
 
     def _pack(self) -> np.ndarray:
         eos = self.tokenizer.eos_token_id
-        while len(self._buffer) < self.seq_len:
+        while len(self._buffer) - self._head < self.seq_len:
+            # Packed tokens are dropped only here, once per document read: deleting each block from the front
+            # shifts the rest of a long document every time, quadratic in its length.
+            del self._buffer[: self._head]
+            self._head = 0
             self._buffer.extend([*self._encoder.encode(self._next_text(), add_special_tokens=False).ids, eos])
-        block = np.asarray(self._buffer[: self.seq_len], dtype=np.int64)
-        del self._buffer[: self.seq_len]
+        block = np.asarray(self._buffer[self._head: self._head + self.seq_len], dtype=np.int64)
+        self._head += self.seq_len
         return block
 
     def _next_block(self) -> np.ndarray:
@@ -571,7 +594,7 @@ class StreamingData:
             return {"kind": "streaming", "position": self.position}
         stream = self.stream.state_dict() if self._examples is not None else self._stream_state
         return {"kind": "streaming", "position": self.position, "epoch": self._epoch, "documents": self._documents,
-                "seen": self._seen, "buffer": np.asarray(self._buffer, dtype=np.uint32), "stream": stream,
+                "seen": self._seen, "buffer": np.asarray(self._buffer[self._head:], dtype=np.uint32), "stream": stream,
                 "datasets_version": datasets.__version__}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -588,11 +611,12 @@ class StreamingData:
                                self.position)
             self._replay = True
             self._epoch, self._documents, self._seen, self._buffer, self._stream_state = 0, 0, False, [], None
+            self._head = 0
             return
         self._replay = False
         self._epoch, self._documents = int(state["epoch"]), int(state["documents"])
         self._seen = bool(state.get("seen", self._documents > 0))  # empty documents are read but not seen
-        self._buffer = [int(t) for t in state["buffer"]]
+        self._buffer, self._head = [int(t) for t in state["buffer"]], 0
         stream = state.get("stream")
         # datasets' state is its own format: another version may read it otherwise, and an epoch other than
         # ours would make it start the epoch over. The document count holds in any version.
@@ -650,7 +674,8 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
             loaded = _hf_dataset(cfg, None, cache_dir, streaming=False)
             if getattr(loaded, "_fingerprint", None) != hub_fingerprint:
                 raise _hub_changed(cfg)
-        return split_documents(load_documents(cfg, files, cache_dir, loaded), cfg.val_fraction)
+        return split_documents(load_documents(cfg, files, cache_dir, loaded), cfg.val_fraction, dataset=cfg.dataset,
+                               max_documents=cfg.max_documents)
 
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
     tokenizer = load_tokenizer(source) if source is not None else None
@@ -737,6 +762,10 @@ def _build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size,
         return text not in held_out
 
     train_stream = stream.filter(training)
+    # Before a BPE is trained on nothing and the run starts: otherwise the first step finds the stream empty.
+    with _reading(cfg.dataset, cfg.text_field):
+        if next((e for e in train_stream if e[cfg.text_field]), None) is None:
+            raise _no_training_documents(cfg.dataset, cfg.val_documents)
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
     if source is None and local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
         def sample() -> Iterator[str]:
@@ -757,7 +786,17 @@ def _build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size,
     tokenizer = load_tokenizer(source if source is not None else tokenizer_cache)
     val = _blocks(encode_documents(tokenizer, [text for text in val_texts if text]), cfg.seq_len)
     return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, seq_len=cfg.seq_len,
-                         micro_batch=micro_batch, rank=rank, world_size=world_size)
+                         micro_batch=micro_batch, rank=rank, world_size=world_size, dataset=cfg.dataset,
+                         val_documents=cfg.val_documents)
+
+
+def _no_training_documents(dataset: str, val_documents: int, rank: int | None = None,
+                           world_size: int = 1) -> ConfigError:
+    whose = "" if rank is None else f" to rank {rank} of {world_size}"
+    return ConfigError(f"data.dataset {dataset!r} streams no training documents{whose}: every non-empty document "
+                       f"is among the first data.val_documents ({val_documents}), the validation split"
+                       f"{'' if rank is None else ', or this rank has no part of the stream'}; lower "
+                       f"data.val_documents or use more data")
 
 
 __all__ = ["PackedData", "StreamingData", "build_data", "document_encoder", "encode_documents", "load_tokenizer",

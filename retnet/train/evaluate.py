@@ -130,7 +130,7 @@ def evaluate(model, documents: list[list[int]], *, segment_tokens: int = 2048, b
     seconds = time.perf_counter() - began
     loss = loss_sum / tokens if tokens else math.nan
     return EvalResult(documents=len(documents), tokens=tokens, loss=loss,
-                      perplexity=math.exp(loss) if loss < 700 else math.inf,
+                      perplexity=math.exp(loss) if not loss >= 700 else math.inf,  # NaN stays NaN
                       tokens_per_second=tokens / seconds if seconds > 0 else math.inf, seconds=seconds)
 
 
@@ -201,6 +201,14 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
     if vocab_bound(tokenizer) > model.config.vocab_size:
         raise EvalError(f"--model {path!r}: its tokenizer produces ids up to {vocab_bound(tokenizer) - 1}, beyond the "
                         f"model's vocab_size {model.config.vocab_size}")
+    # Every document opens and closes with the tokenizer's EOS: another id than the one the model was trained
+    # with (a tokenizer of another run copied in) scores every document from a state it never started from.
+    trained_eos = getattr(model.config, "eos_token_id", None)
+    if trained_eos is not None and tokenizer.eos_token_id not in (
+            trained_eos if isinstance(trained_eos, list) else [trained_eos]):  # generate allows several
+        raise EvalError(f"--model {path!r}: its tokenizer's EOS is id {tokenizer.eos_token_id} "
+                        f"({tokenizer.eos_token!r}), the model was trained with EOS id {trained_eos} (config.json "
+                        f"eos_token_id): the tokenizer is not the one the model was trained with")
     return model.to(target).eval(), tokenizer
 
 
@@ -296,10 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(model, documents, segment_tokens=args.segment_tokens, batch_size=args.batch_size,
                           progress=bar)
     if args.json:
-        record = {"model": args.model, "dataset": args.dataset, **asdict(result),
+        # Every setting that selects the documents: records of two splits (or fields) of one dataset must differ.
+        record = {"model": args.model, "dataset": args.dataset, "name": args.name, "split": args.split,
+                  "text_field": args.text_field, "max_documents": args.max_documents, **asdict(result),
                   "segment_tokens": args.segment_tokens, "batch_size": args.batch_size,
-                  "device": str(next(model.parameters()).device), "dtype": args.dtype}
-        print(json.dumps(record))
+                  "device": str(next(model.parameters()).device), "dtype": str(DTYPES[args.dtype]).split(".")[-1]}
+        # NaN and Infinity are not JSON (jq, JSON.parse and most loaders refuse the line): null instead.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        print(json.dumps(record, allow_nan=False))
     else:
         print(f"{result.documents} documents, {result.tokens} tokens: loss {result.loss:.4f}, perplexity "
               f"{result.perplexity:.2f} ({result.tokens_per_second:,.0f} tokens/s)")

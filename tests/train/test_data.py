@@ -1,5 +1,6 @@
 """Data: the embedded corpus, local files, packing and the per-rank sharding of the global batch."""
 
+import re
 import shutil
 
 import numpy as np
@@ -470,9 +471,9 @@ def test_streamed_text_values_after_the_validation_rows_are_refused_by_name(valu
     path = _jsonl(tmp_path / "docs.jsonl", [{"body": t} for t in _DOCS[:3]] + [{"body": value}] * 5)
     config = DataConfig(dataset=str(path), text_field="body", tokenizer=str(tokenizer_dir), seq_len=16,
                         streaming=True, val_documents=3, cache_dir=str(tmp_path / "cache"))
-    data = build_data(config, **_BUILD)
+    # at build, where the stream is checked for a training document, or else at the first batch
     with pytest.raises(ConfigError, match=rf"data\.text_field 'body' of '{path}'.*{type(value).__name__}"):
-        data.micro_batches(1)
+        build_data(config, **_BUILD).micro_batches(1)
 
 
 def test_an_updated_streamed_hub_dataset_trains_its_tokenizer_again(tmp_path, monkeypatch):
@@ -709,3 +710,130 @@ def test_streamed_checkpoints_without_a_usable_stream_state_resume_the_same_bloc
     assert {k: v for k, v in resumed.state_dict().items() if k != "buffer"} == \
         {k: v for k, v in whole.state_dict().items() if k != "buffer"}
     assert np.array_equal(resumed.state_dict()["buffer"], whole.state_dict()["buffer"])
+
+
+def test_a_stream_without_training_documents_is_refused_naming_the_setting(tokenizer_dir, tmp_path):
+    """data.val_documents holding out the whole stream was found only at the first step, as a ConfigError
+    naming the IterableDataset's repr; now at build, naming data.dataset and data.val_documents. A rank whose
+    part of the stream is empty names itself."""
+    import json
+
+    docs = tmp_path / "docs.jsonl"
+    texts = [f"document {i}: " + "def f(x):\n    return x\n" * 20 for i in range(6)]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*texts, ""]))
+    kwargs = dict(vocab_size=512, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0, world_size=1,
+                  tokenizer_dir=None, barrier=lambda: None)
+    config = DataConfig(dataset=str(docs), tokenizer=str(tokenizer_dir), seq_len=32, streaming=True,
+                        val_documents=6, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"data\.dataset '.*docs\.jsonl'.*data\.val_documents \(6\)") as error:
+        build_data(config, **kwargs)
+    assert "IterableDataset" not in str(error.value)
+
+    config = DataConfig(dataset=str(docs), tokenizer=str(tokenizer_dir), seq_len=32, streaming=True,
+                        val_documents=5, cache_dir=str(tmp_path / "cache"))
+    ranks = [build_data(config, **{**kwargs, "rank": rank, "world_size": 2}) for rank in range(2)]
+    counts = []
+    for data in ranks:
+        try:
+            data.micro_batches(1)
+            counts.append(True)
+        except ConfigError as error:
+            assert re.search(rf"docs\.jsonl'.*rank {data.rank} of 2", str(error)), error
+            assert "IterableDataset" not in str(error)
+            counts.append(False)
+    assert counts.count(False) == 1  # one training document: one rank has none
+
+
+def test_the_token_cache_ignores_the_validation_setting_of_the_other_mode(tokenizer_dir, corpus, tmp_path,
+                                                                          monkeypatch):
+    """data.val_documents selects nothing without data.streaming (and a resume may change it): the same
+    documents, split by data.val_fraction, must find their token cache, not be read and tokenized again."""
+    from retnet.train import data as data_module
+
+    kwargs = dict(vocab_size=512, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0, world_size=1,
+                  tokenizer_dir=None, barrier=lambda: None)
+    common = dict(dataset=str(corpus), tokenizer=str(tokenizer_dir), seq_len=32, cache_dir=str(tmp_path))
+    first = build_data(DataConfig(**common, val_documents=200), **kwargs)
+
+    def no_reading(*args, **kw):
+        raise AssertionError("the token cache was not reused")
+
+    monkeypatch.setattr(data_module, "load_documents", no_reading)
+    again = build_data(DataConfig(**common, val_documents=5), **kwargs)
+    assert np.array_equal(np.asarray(again.train), np.asarray(first.train))
+    assert len(list(tmp_path.glob("tokens-*"))) == 1
+
+
+def test_streamed_packing_is_linear_in_a_long_documents_length(tokenizer_dir, tmp_path):
+    """Each block was deleted from the front of the buffer holding the rest of its document, moving all of it:
+    a document of n tokens cost n²/seq_len moves (minutes for a book-length one at a short seq_len). The blocks
+    and the saved buffer are unchanged."""
+    import json
+
+    class Moves(list):
+        moved = 0
+
+        def __delitem__(self, index):
+            if isinstance(index, slice):
+                Moves.moved += len(self) - len(range(*index.indices(len(self))))
+            super().__delitem__(index)
+
+    long = "def f(x):\n    return x\n" * 4000
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["held out " * 40, long, "short " * 30, long]))
+    config = DataConfig(dataset=str(docs), tokenizer=str(tokenizer_dir), seq_len=16, streaming=True,
+                        val_documents=1, cache_dir=str(tmp_path / "cache"))
+    data = build_data(config, vocab_size=512, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0,
+                      world_size=1, tokenizer_dir=None, barrier=lambda: None)
+    tokens = [len(data._encoder.encode(t).ids) + 1 for t in (long, "short " * 30, long)]
+    expected = np.concatenate([[*data._encoder.encode(t).ids, data.tokenizer.eos_token_id]
+                               for t in (long, "short " * 30, long)])
+    data._buffer = Moves()
+    blocks = [data._next_block() for _ in range(sum(tokens) // 16 - 1)]
+    assert np.array_equal(np.concatenate(blocks), expected[: len(blocks) * 16])
+    assert np.array_equal(data.state_dict()["buffer"], expected[len(blocks) * 16: sum(tokens[:3])])
+    assert Moves.moved <= 2 * sum(tokens), (Moves.moved, sum(tokens))
+
+
+def test_the_cache_keys_of_runs_that_left_the_other_modes_setting_alone_are_kept():
+    """Ignoring the other mode's validation setting must not move the caches of runs that kept its default: a
+    hub run's resume reads its cache without loading the set, which may be gone."""
+    from retnet.train.data import CACHE_VERSION, _hash, data_fingerprint
+
+    for config in (DataConfig(dataset="someone/set", val_fraction=0.1),
+                   DataConfig(dataset="someone/set", streaming=True, val_documents=50)):
+        settings = {k: getattr(config, k) for k in ("dataset", "name", "split", "text_field", "streaming",
+                                                    "max_documents", "val_fraction", "val_documents")}
+        assert data_fingerprint(config, None, "abc") == _hash(CACHE_VERSION, settings, "abc")
+
+
+def test_too_few_documents_name_the_dataset_and_the_max_documents_that_left_them(corpus, tokenizer_dir, tmp_path):
+    """data.max_documents=1 on a corpus of 150 rows was blamed on the data ('data.dataset has 1 document(s) ...
+    a .txt file is one document'), naming neither the dataset nor the limit."""
+    config = DataConfig(dataset=str(corpus), tokenizer=str(tokenizer_dir), seq_len=16, max_documents=1,
+                        cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match=rf"data\.dataset '{corpus}' with data\.max_documents 1 gives 1 non-empty"):
+        build_data(config, **_BUILD)
+    (tmp_path / "input.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    config = DataConfig(dataset=str(tmp_path / "input.txt"), tokenizer=str(tokenizer_dir), seq_len=16,
+                        cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match=rf"data\.dataset '{tmp_path / 'input.txt'}' has 1 document"):
+        build_data(config, **_BUILD)
+
+
+def test_a_directory_of_mixed_file_kinds_names_the_odd_files_and_a_glob_that_selects_one(tmp_path):
+    """'mixes file kinds ['json', 'text']' left the user to search a directory of many files for the README.md;
+    the refusal names files of each kind, and a glob of the commonest kind that then loads."""
+    import json
+
+    for i in range(3):
+        (tmp_path / "data" / "part").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "part" / f"{i}.jsonl").write_text(json.dumps({"text": f"document {i}"}) + "\n")
+    (tmp_path / "data" / "README.md").write_text("# my corpus\n")
+    with pytest.raises(ConfigError) as error:
+        local_files(str(tmp_path / "data"))
+    message = str(error.value)
+    assert "README.md" in message and "json: 3 file(s)" in message and "text: 1 file(s)" in message
+    glob = re.search(r"the glob '([^']+)'", message).group(1)
+    assert glob == str(tmp_path / "data" / "**" / "*.jsonl")
+    assert len(local_files(glob)) == 3

@@ -253,3 +253,81 @@ def test_bad_datasets_exit_2(export_dir, tmp_path, capsys):
     assert run_main([*common, "--dataset", str(other)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "--text-field 'text' is not a column" in err and "data.text_field" not in err
+
+
+def _strict_json(line: str) -> dict:
+    """A JSON record as a strict parser (jq, JSON.parse) reads it: NaN and Infinity are no JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_cli_json_names_every_setting_that_selects_the_documents(export_dir, texts, tmp_path, capsys):
+    """Two splits of one dataset gave records that differed only in their numbers: the split, name, text field
+    and document limit were left out. The dtype is named as the weights hold it, not by the alias given."""
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts[:4]}),
+                          "test": datasets.Dataset.from_dict({"body": texts[4:]})}).save_to_disk(str(saved))
+    records = {}
+    for split in ("train", "test"):
+        status = main(["--model", str(export_dir), "--dataset", str(saved), "--split", split, "--text-field", "body",
+                       "--max-documents", "3", "--dtype", "bf16", "--device", "cpu", "--json", "--no-progress",
+                       "--cache-dir", str(tmp_path / "cache")])
+        assert status == 0
+        records[split] = _strict_json(capsys.readouterr().out)
+    for split, record in records.items():
+        assert {k: record[k] for k in ("dataset", "name", "split", "text_field", "max_documents", "dtype")} == \
+            {"dataset": str(saved), "name": None, "split": split, "text_field": "body", "max_documents": 3,
+             "dtype": "bfloat16"}
+        assert record["documents"] == 3
+
+
+def test_cli_json_is_strict_json_when_the_loss_overflows(texts, tmp_path, capsys):
+    """A model whose loss overflows the perplexity (or is NaN) printed ``Infinity``/``NaN``, which strict JSON
+    parsers refuse: such values are null."""
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+    from retnet.tokenization import train_byte_level_bpe
+
+    tokenizer = train_byte_level_bpe(texts, vocab_size=300, min_frequency=1)
+    config = RetNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          chunk_size=16, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(config)
+    with torch.no_grad():  # confidently wrong: logits in the thousands, a loss far above exp's range
+        model.get_output_embeddings().weight.normal_(0, 1000.0)
+    model.save_pretrained(tmp_path / "export")
+    tokenizer.save_pretrained(tmp_path / "export")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]))
+    status = main(["--model", str(tmp_path / "export"), "--dataset", str(docs), "--device", "cpu", "--json",
+                   "--no-progress", "--cache-dir", str(tmp_path / "cache")])
+    assert status == 0
+    record = _strict_json(capsys.readouterr().out)
+    assert record["loss"] > 700 and record["perplexity"] is None
+
+
+def test_a_tokenizer_with_another_eos_than_the_model_is_refused(texts, tmp_path, capsys):
+    """An export whose tokenizer is not the one the model was trained with (its EOS another id) scored every
+    document from the wrong opening token, silently."""
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+    from retnet.tokenization import train_byte_level_bpe
+
+    tokenizer = train_byte_level_bpe(texts, vocab_size=300, min_frequency=1)
+    config = RetNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          chunk_size=16, pad_token_id=None, eos_token_id=tokenizer.eos_token_id + 7)
+    RetNetForCausalLM(config).save_pretrained(tmp_path / "export")
+    tokenizer.save_pretrained(tmp_path / "export")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": texts[0]}) + "\n")
+    assert run_main(["--model", str(tmp_path / "export"), "--dataset", str(docs), "--device", "cpu",
+                     "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--model" in err and f"EOS id {tokenizer.eos_token_id + 7}" in err
+    # a list of EOS ids (generate's form) that holds the tokenizer's is the same tokenizer
+    config.eos_token_id = [tokenizer.eos_token_id + 7, tokenizer.eos_token_id]
+    RetNetForCausalLM(config).save_pretrained(tmp_path / "export")
+    assert run_main(["--model", str(tmp_path / "export"), "--dataset", str(docs), "--device", "cpu",
+                     "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
