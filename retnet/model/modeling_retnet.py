@@ -444,7 +444,11 @@ class RetNetPreTrainedModel(PreTrainedModel):
 class RetNetModel(RetNetPreTrainedModel):
     def __init__(self, config: RetNetConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # padding_idx freezes that row; a pad that is also the EOS (a usual choice for tokenizers without a
+        # pad) would freeze the EOS, which opens every packed document, at its initial value.
+        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        padding_idx = None if config.pad_token_id in eos else config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
         self.layers = nn.ModuleList(RetNetDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = build_norm(config, config.hidden_size)
         self.rotary_emb = RetNetRotaryEmbedding(config)

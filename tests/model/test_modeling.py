@@ -310,3 +310,18 @@ def test_one_row_of_position_ids_serves_a_padded_batch(model_factory, use_xpos):
         if use_cache:
             for a, b in zip(got.cache.states, want.cache.states):
                 torch.testing.assert_close(a, b)
+
+
+def test_a_pad_that_is_the_eos_does_not_freeze_the_eos_embedding():
+    """Tokenizers without a pad token usually get pad = EOS; the embedding's padding_idx would then keep the
+    EOS row, which opens every packed training document, at its initial value."""
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+
+    common = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, eos_token_id=3)
+    for pad in (3, 4):
+        model = RetNetForCausalLM(RetNetConfig(**common, pad_token_id=pad))
+        ids = torch.tensor([[3, 7, 8, 3, 9]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        grad = model.model.embed_tokens.weight.grad
+        assert grad[3].abs().sum() > 0
+    assert model.model.embed_tokens.padding_idx == 4  # a pad of its own still gets no gradient
