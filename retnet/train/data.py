@@ -174,8 +174,17 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
                                          cache_dir=str(cache_dir / "hf"))
         except Exception as error:  # offline, unknown name, private ...
             raise _hub_error(cfg, error) from None
+    if cfg.name is not None:
+        # a hub dataset's configuration: local data has none, and ignoring it would read what was not asked for
+        raise ConfigError(f"data.name {cfg.name!r} names a configuration of a hub dataset; data.dataset "
+                          f"{cfg.dataset!r} is local data, which has none: leave data.name unset")
     if saved_dataset_dir(files[0]):
         return _load_saved(cfg, files[0], streaming, world_size)
+    if cfg.split != "train":
+        raise ConfigError(f"data.split {cfg.split!r} picks a split of a hub dataset or of a save_to_disk "
+                          f"DatasetDict; the files of data.dataset {cfg.dataset!r} are one set (its validation "
+                          f"documents are held out by data.val_fraction, or data.val_documents when streaming): "
+                          f"point data.dataset at the files of that split instead")
     kind = _kind(files[0])
     # invalid UTF-8 becomes U+FFFD, as in the stdlib corpus, not an error that names no file
     options = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}

@@ -837,3 +837,16 @@ def test_a_directory_of_mixed_file_kinds_names_the_odd_files_and_a_glob_that_sel
     glob = re.search(r"the glob '([^']+)'", message).group(1)
     assert glob == str(tmp_path / "data" / "**" / "*.jsonl")
     assert len(local_files(glob)) == 3
+
+
+@pytest.mark.parametrize("setting, value", [("split", "validation"), ("name", "wikitext-2")])
+def test_a_hub_selection_on_local_files_is_refused_not_ignored(setting, value, micro, tmp_path, capsys):
+    """data.split and data.name select from a hub dataset (split also from a save_to_disk DatasetDict); local
+    files were read whole whatever they said: a run asked to train on a validation split trained on all."""
+    from retnet.train.__main__ import EXIT_CONFIG, main
+
+    out = tmp_path / "run"
+    assert main(micro(out, **{f"data__{setting}": value})) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"data.{setting} {value!r}" in err and "Traceback" not in err
+    assert not (out / "checkpoints").exists()

@@ -331,3 +331,11 @@ def test_a_tokenizer_with_another_eos_than_the_model_is_refused(texts, tmp_path,
     RetNetForCausalLM(config).save_pretrained(tmp_path / "export")
     assert run_main(["--model", str(tmp_path / "export"), "--dataset", str(docs), "--device", "cpu",
                      "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+
+
+def test_cli_a_split_of_local_files_is_refused_by_option(export_dir, jsonl, tmp_path, capsys):
+    status = main(["--model", str(export_dir), "--dataset", str(jsonl), "--split", "test", "--no-progress",
+                   "--cache-dir", str(tmp_path / "cache")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "--split 'test'" in err and "Traceback" not in err
