@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from retnet.kernels import naive
 
 __all__ = ["chunk_retention", "parallel_retention", "recurrent_retention", "use_triton"]
@@ -33,8 +35,8 @@ def use_triton(x) -> bool:
     choice = os.environ.get("RETNET_KERNELS", "auto").lower()
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"RETNET_KERNELS must be auto, torch or triton; got {choice!r}")
-    if choice == "torch":
-        return False
+    if choice == "torch" or not isinstance(x, torch.Tensor):
+        return False  # (a non-tensor q goes to the reference, whose input rules refuse it with a ValueError)
     if choice == "triton":
         if not x.is_cuda and not _kernels_interpreted():
             # Compiled kernels can't read host memory: Triton would fail deep in its launcher with a

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from unittest import mock
 
 import torch
@@ -76,6 +76,9 @@ class CompileResult:
     matmul: str = ""  # the instructions tl.dot became: wgmma (Hopper warpgroup), mma (sm_80 style) or fma
     shared_bytes: int = 0
     shared_limit: int = 0
+    # Offsets into a data tensor (q, k, v, o, states, gradients) computed in 32 bits: they wrap past 2^31
+    # elements (B=8, T=128k, H=32, K=128 is 4.3e9), which only a tensor that large shows (see narrow_offsets).
+    narrow_offsets: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -157,6 +160,34 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(fields.get("REG", 0)), int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
 
 
+# Pointer arguments that index small host-built tables (one entry per head, sequence or chunk): 32-bit offsets
+# into them are fine. Every other pointer argument is a data tensor that can exceed 2^31 elements.
+INDEX_ARGUMENTS = frozenset({"log_decay", "cu_seqlens", "chunk_offsets", "chunk_indices"})
+
+
+def narrow_offsets(ttir: str, pointer_args: Iterable[str]) -> list[str]:
+    """The places where Triton IR offsets a data-tensor argument by a 32-bit integer.
+
+    Program ids and ``tl.arange`` are int32 on a GPU, so ``b * T * H * K`` built from them wraps past 2^31
+    elements; the kernels cast each base offset to int64 before scaling it. That shows in the IR as the first
+    ``tt.addptr`` on the argument (directly, or on its ``tt.splat`` for a tile of pointers) taking an ``i64``
+    offset; tile offsets added after that may stay 32-bit. Returns the offending IR lines (empty when every
+    data pointer is offset in 64 bits)."""
+    found = []
+    lines = ttir.splitlines()
+    for name in set(pointer_args) - INDEX_ARGUMENTS:
+        bases = {name}
+        for line in lines:
+            splat = re.match(rf"\s*(%[\w.]+) = tt\.splat %{re.escape(name)}\b", line)
+            if splat:
+                bases.add(splat.group(1).lstrip("%"))
+        for line in lines:
+            match = re.search(r"tt\.addptr %([\w.]+), %[\w.]+ : (.*?)(?: loc\(|$)", line)
+            if match and match.group(1) in bases and not re.search(r"(?:\bi64|xi64>)$", match.group(2).strip()):
+                found.append(f"{name}: {line.strip()}")
+    return sorted(found)
+
+
 def _matmul_instructions(ptx: str) -> str:
     """Which tensor-core path the dots took: ``wgmma`` needs sm_90 and 4-warp groups, ``mma`` is the
     sm_80 path, ``fma`` means no tensor cores at all."""
@@ -183,6 +214,9 @@ def compile_launch(launch: Launch, arch: int, num_warps: int, num_stages: int) -
         )
         result.registers, result.spill_bytes = _resource_usage(compiled.asm["cubin"])
         result.matmul = _matmul_instructions(compiled.asm["ptx"])
+        result.narrow_offsets = narrow_offsets(
+            compiled.asm["ttir"], [name for name, kind in launch.signature if kind.startswith("*")]
+        )
         result.shared_bytes = compiled.metadata.shared
         result.ok = True
     except Exception as error:  # any compiler failure is the finding being reported

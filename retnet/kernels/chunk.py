@@ -12,17 +12,18 @@ the state before it, every chunk computes
     o_i    = scale · ( Σ_{j≤i} γ^(i-j) (q_i·k_j) v_j  +  γ^(i+1) q_i h )
     h_next = γ^L h + Σ_j γ^(L-1-j) k_jᵀ v_j
 
-Kernels (one program per tile, masked pointer loads everywhere, fp32 accumulators):
+Kernels (one program per tile, on a one-axis grid with the tiles fastest (``MAX_GRID``), masked pointer loads
+everywhere, fp32 accumulators):
 
-1. ``_chunk_state_fwd_kernel`` - grid (K-tiles, V-tiles, N·H): walks the chunks of one sequence in order
+1. ``_chunk_state_fwd_kernel`` - grid N·H × V-tiles × K-tiles: walks the chunks of one sequence in order
    and writes the state before each chunk (and the fp32 final state).
-2. ``_chunk_output_fwd_kernel`` - grid (V-tiles, chunks, B·H): the outputs of one chunk, in parallel
+2. ``_chunk_output_fwd_kernel`` - grid chunks·H × V-tiles: the outputs of one chunk, in parallel
    over chunks: intra-chunk (q kᵀ ⊙ decay) v plus the inter-chunk q h.
-3. ``_chunk_state_bwd_kernel`` - grid (K-tiles, V-tiles, N·H): walks the chunks backwards and writes the
+3. ``_chunk_state_bwd_kernel`` - grid N·H × V-tiles × K-tiles: walks the chunks backwards and writes the
    gradient of the state *after* each chunk; what is left at the start is the initial state's
    gradient. It starts from the final state's upstream gradient (dht) when there is one.
-4. ``_chunk_dv_bwd_kernel`` - grid (V-tiles, chunks, B·H) and ``_chunk_dqk_bwd_kernel`` - grid
-   (K-tiles, chunks, B·H): dv, and dq/dk, of one chunk from q, k, v, do, the states and their gradients.
+4. ``_chunk_dv_bwd_kernel`` - grid chunks·H × V-tiles and ``_chunk_dqk_bwd_kernel`` - grid
+   chunks·H × K-tiles: dv, and dq/dk, of one chunk from q, k, v, do, the states and their gradients.
 
 The states are recomputed in fp32 for the backward (kernel 1 again) rather than kept from the forward:
 a [chunks, H, K, V] tensor per layer would dominate the activation memory. The walking kernels accumulate
@@ -42,6 +43,7 @@ Triton and ptxas on any machine and reports registers, spills, shared memory and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -153,6 +155,15 @@ def _state_tile_ptrs(base, i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.co
 
 
 @triton.jit
+def _state_program(pid, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A state-walking program's (sequence · H + head, K tile, V tile) from its id on the one-axis grid, K tiles
+    fastest (the tiles of one head, which read the same k and v, run side by side)."""
+    NK: tl.constexpr = (K + BK - 1) // BK
+    NV: tl.constexpr = (V + BV - 1) // BV
+    return pid // (NK * NV), pid % NK, (pid // NK) % NV
+
+
+@triton.jit
 def _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """For a program that walks sequence ``i_n``: (its first row, its length, its chunk count, the index of
     its first chunk among all chunks, where the per-chunk states live)."""
@@ -169,20 +180,23 @@ def _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLE
 
 
 @triton.jit
-def _chunk_span(i_t, i_b, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """For a program on chunk ``i_t`` (of batch row ``i_b``; with varlen, the i_t-th chunk of the packed row):
-    (its index among all chunks, its index within its sequence, the sequence's first row and length)."""
+def _chunk_span(pid, cu_seqlens, chunk_indices, T, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """For a program of a per-chunk kernel, ``pid = (chunk among all chunks) · H + head`` (the layout of the
+    per-chunk states; without varlen, batch row b holds chunks b·NT to b·NT + NT - 1): (its head, its chunk among
+    all chunks (int64), its chunk within its sequence, the sequence's first row (int64) and length)."""
+    i_h = pid % H
+    i_tg = pid // H
     if IS_VARLEN:
-        i_tg = tl.cast(i_t, tl.int64)
-        i_n = tl.load(chunk_indices + i_t * 2)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1)
+        i_n = tl.load(chunk_indices + tl.cast(i_tg, tl.int64) * 2)
+        i_t = tl.load(chunk_indices + tl.cast(i_tg, tl.int64) * 2 + 1)
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
     else:
         NT = tl.cdiv(T, BT)
-        i_tg = tl.cast(i_b, tl.int64) * NT + i_t
+        i_b = i_tg // NT
+        i_t = i_tg - i_b * NT
         bos = tl.cast(i_b, tl.int64) * T
-    return i_tg, i_t, bos, T
+    return i_h, tl.cast(i_tg, tl.int64), i_t, bos, T
 
 
 @triton.jit
@@ -216,7 +230,7 @@ def _chunk_state_fwd_kernel(
     USE_H0: tl.constexpr, STORE_H: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_k, i_v = _state_program(tl.program_id(0), K, V, BK, BV)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T, NT, boh = _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
@@ -253,9 +267,9 @@ def _chunk_output_fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_tg, i_t, bos, T = _chunk_span(i_t, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid, i_v = tl.program_id(0) // NV, tl.program_id(0) % NV  # V tiles fastest
+    i_h, i_tg, i_t, bos, T = _chunk_span(pid, cu_seqlens, chunk_indices, T, H, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
     row0 = bos + i_t * BT
     n_rows = T - i_t * BT
@@ -284,7 +298,7 @@ def _chunk_state_bwd_kernel(
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_k, i_v = _state_program(tl.program_id(0), K, V, BK, BV)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T, NT, boh = _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
@@ -322,9 +336,9 @@ def _chunk_dv_bwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_tg, i_t, bos, T = _chunk_span(i_t, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid, i_v = tl.program_id(0) // NV, tl.program_id(0) % NV  # V tiles fastest
+    i_h, i_tg, i_t, bos, T = _chunk_span(pid, cu_seqlens, chunk_indices, T, H, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
     row0 = bos + i_t * BT
     n_rows = T - i_t * BT
@@ -354,9 +368,9 @@ def _chunk_dqk_bwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_tg, i_t, bos, T = _chunk_span(i_t, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    pid, i_k = tl.program_id(0) // NK, tl.program_id(0) % NK  # K tiles fastest
+    i_h, i_tg, i_t, bos, T = _chunk_span(pid, cu_seqlens, chunk_indices, T, H, BT, IS_VARLEN)
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
     row0 = bos + i_t * BT
     n_rows = T - i_t * BT
@@ -456,6 +470,40 @@ def prepare_chunks(cu_seqlens: torch.Tensor, BT: int) -> tuple[torch.Tensor, tor
     return chunk_offsets.to(torch.int32).contiguous(), chunk_indices, total
 
 
+# CUDA's limits on a launch grid, per axis (x, y, z). Only a GPU enforces them (the interpreter runs any grid):
+# 131072 (sequence, head) pairs of a 4096-sequence decode step, or 65536 chunks of 1M tokens, fail to launch on
+# y or z. Every kernel therefore runs on x alone, its head-dim tiles fastest (tiles that re-read the same q, k,
+# v rows stay side by side, as they were as the first of three axes).
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def _checked_grid(*dims: int) -> tuple[int, ...]:
+    """``dims`` as a launch grid, or a ``ValueError`` for one CUDA can't launch (rather than a failed launch)."""
+    for axis, (size, limit) in enumerate(zip(dims, MAX_GRID)):
+        if size > limit:
+            raise ValueError(f"launch grid {dims}: axis {'xyz'[axis]} has {size} blocks, more than CUDA's {limit}")
+    return dims
+
+
+def _state_grid(N: int, H: int, K: int, V: int, BK: int, BV: int) -> tuple[int]:
+    """Grid of the state-walking kernels: one program per (sequence · H + head, V tile, K tile), K fastest
+    (``_state_program`` reads it back)."""
+    return _checked_grid(N * H * triton.cdiv(V, BV) * triton.cdiv(K, BK))
+
+
+def _chunk_grid(total: int, H: int, D: int, BD: int) -> tuple[int]:
+    """Grid of the per-chunk kernels: one program per (chunk among all ``total`` chunks · H + head, tile of the
+    head dim D), the tile fastest."""
+    return _checked_grid(total * H * triton.cdiv(D, BD))
+
+
+def _device_guard(x: torch.Tensor):
+    """The context to launch kernels on ``x``: Triton launches on torch's *current* CUDA device, not on the
+    tensors' (unlike torch's own ops), so a model split over GPUs (``device_map="auto"``, or any layer on cuda:1
+    while cuda:0 is current) would run its kernels on the wrong GPU, reading another device's memory."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _layout(q, v, chunk_size, cu_seqlens, chunks=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -477,8 +525,7 @@ def _chunk_states(k, v, log_decay, initial_state, output_final_state, store_stat
     BK, BV, *_ = _head_blocks(K, V, k.dtype)
     h = k.new_empty(total, H, K, V, dtype=_chunk_state_dtype(k.dtype)) if store_states else None
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
-    _chunk_state_fwd_kernel[grid](
+    _chunk_state_fwd_kernel[_state_grid(N, H, K, V, BK, BV)](
         k, v, h, initial_state, ht, log_decay, cu_seqlens, chunk_offsets, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
         USE_H0=initial_state is not None, STORE_H=store_states, STORE_HT=output_final_state,
@@ -490,13 +537,20 @@ def _chunk_states(k, v, log_decay, initial_state, output_final_state, store_stat
 def chunk_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens,
                         chunks=None):
     """Forward on validated, contiguous inputs: ``(o [B, T, H, V] in v's dtype, final state or None)``."""
+    with _device_guard(q):
+        return _chunk_retention_fwd(
+            q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens, chunks
+        )
+
+
+def _chunk_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens,
+                         chunks):
     lay = _layout(q, v, chunk_size, cu_seqlens, chunks)
-    B, T, H, K, V, BT, _, NT, total, _, chunk_indices = lay
+    _, T, H, K, V, BT, _, _, total, _, chunk_indices = lay
     h, ht = _chunk_states(k, v, log_decay, initial_state, output_final_state, True, lay, cu_seqlens)
     o = torch.empty_like(v)
     _, _, BK, BV, _, _ = _head_blocks(K, V, q.dtype)
-    grid = (triton.cdiv(V, BV), total, H) if cu_seqlens is not None else (triton.cdiv(V, BV), NT, B * H)
-    _chunk_output_fwd_kernel[grid](
+    _chunk_output_fwd_kernel[_chunk_grid(total, H, V, BV)](
         q, k, v, h, o, log_decay, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu_seqlens is not None,
         STATE_F32=h.dtype == torch.float32, DOT_PRECISION=_dot_precision(q.dtype),
@@ -506,26 +560,32 @@ def chunk_retention_fwd(q, k, v, log_decay, scale, initial_state, output_final_s
 
 def chunk_retention_bwd(q, k, v, log_decay, scale, initial_state, do, dht, chunk_size, cu_seqlens, chunks=None):
     """Backward on contiguous inputs: ``(dq, dk, dv, d initial_state or None)``; dht may be None."""
+    with _device_guard(q):
+        return _chunk_retention_bwd(
+            q, k, v, log_decay, scale, initial_state, do, dht, chunk_size, cu_seqlens, chunks
+        )
+
+
+def _chunk_retention_bwd(q, k, v, log_decay, scale, initial_state, do, dht, chunk_size, cu_seqlens, chunks):
     lay = _layout(q, v, chunk_size, cu_seqlens, chunks)
-    B, T, H, K, V, BT, N, NT, total, chunk_offsets, chunk_indices = lay
+    _, T, H, K, V, BT, N, _, total, chunk_offsets, chunk_indices = lay
     h, _ = _chunk_states(k, v, log_decay, initial_state, False, True, lay, cu_seqlens)
     BKs, BVs, BK, BV, BKq, BVq = _head_blocks(K, V, q.dtype)
     dh = q.new_empty(total, H, K, V, dtype=_chunk_state_dtype(q.dtype))
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if initial_state is not None else None
     is_varlen, precision, state_f32 = cu_seqlens is not None, _dot_precision(q.dtype), dh.dtype == torch.float32
-    _chunk_state_bwd_kernel[(triton.cdiv(K, BKs), triton.cdiv(V, BVs), N * H)](
+    _chunk_state_bwd_kernel[_state_grid(N, H, K, V, BKs, BVs)](
         q, do, dh, dht, dh0, log_decay, cu_seqlens, chunk_offsets, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BKs, BV=BVs,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=is_varlen, DOT_PRECISION=precision,
     )
-    chunk_grid = (total, H) if is_varlen else (NT, B * H)
     dv = torch.empty_like(v)
-    _chunk_dv_bwd_kernel[(triton.cdiv(V, BV), *chunk_grid)](
+    _chunk_dv_bwd_kernel[_chunk_grid(total, H, V, BV)](
         q, k, do, dh, dv, log_decay, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=is_varlen, STATE_F32=state_f32, DOT_PRECISION=precision,
     )
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    _chunk_dqk_bwd_kernel[(triton.cdiv(K, BKq), *chunk_grid)](
+    _chunk_dqk_bwd_kernel[_chunk_grid(total, H, K, BKq)](
         q, k, v, h, do, dh, dq, dk, log_decay, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BKq, BV=BVq,
         IS_VARLEN=is_varlen, STATE_F32=state_f32, DOT_PRECISION=precision,

@@ -7,7 +7,9 @@ Same signature and layout as :func:`retnet.kernels.naive.recurrent_retention`::
 
 One program owns a [K, BV] slice of one sequence's state for one head (all of K, so the output needs no
 cross-program reduction), keeps it in fp32 registers across the T tokens and writes it back once.
-Grid: (V-tiles, N·H). Varlen (``cu_seqlens``, B = 1) batches sequences of different lengths in one launch.
+Grid: one axis of N·H·V-tiles programs, CUDA's x (up to 2^31 - 1 blocks; y and z stop at 65535, and a
+decode step of 4096 sequences × 32 heads is 131072 (sequence, head) pairs). Varlen (``cu_seqlens``, B = 1)
+batches sequences of different lengths in one launch.
 
 Forward only: it is the inference path. Called with inputs that require grad (under grad mode) it
 hands the call to the Triton chunkwise op, which computes the same function and has a backward.
@@ -59,7 +61,10 @@ def _recurrent_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    # (sequence · H + head) · V-tiles + V-tile, on x (CUDA's y stops at 65535). One axis rather than (N·H, V-tiles):
+    # the same programs, and the 4-warp default keeps K = 256 within 128 registers on sm_90 (two axes spilled 8 bytes).
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_nh, i_v = tl.program_id(0) // NV, tl.program_id(0) % NV
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -113,11 +118,12 @@ def recurrent_retention_fwd(q, k, v, log_decay, scale, initial_state, output_fin
         ht = initial_state
     else:
         ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    _recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, v, o, initial_state, ht, log_decay, cu_seqlens, scale, T,
-        H=H, K=K, V=V, BK=BK, BV=BV,
-        USE_H0=initial_state is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None,
-    )
+    with _chunk._device_guard(q):
+        _recurrent_fwd_kernel[_chunk._checked_grid(N * H * triton.cdiv(V, BV))](
+            q, k, v, o, initial_state, ht, log_decay, cu_seqlens, scale, T,
+            H=H, K=K, V=V, BK=BK, BV=BV,
+            USE_H0=initial_state is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None,
+        )
     return o, ht
 
 

@@ -110,3 +110,31 @@ def test_bf16_chunk_kernels_use_hopper_tensor_cores(report):
     # state fwd (with and without final state), output, state bwd, dv, dq/dk; at each head dim
     assert len({launch.split()[0] for launch in wgmma}) == 5 and len(wgmma) == 12
     assert all(wgmma.values()), [launch for launch, ok in wgmma.items() if not ok]
+
+
+def test_packed_launches_offset_data_tensors_in_64_bits(report):
+    """Every base offset into q, k, v, o, the states and the gradients is int64 in the compiled IR (a 32-bit
+    one wraps past 2^31 elements: B=8, T=128k, H=32, K=128; only a GPU with such a tensor would show it)."""
+    _, results = report
+    narrow = [f"sm_{r['arch']} {r['launch']}: {line}" for r in results for line in r["narrow_offsets"]]
+    assert not narrow, "\n".join(narrow)
+
+
+def test_padded_launches_offset_data_tensors_in_64_bits(tmp_path):
+    """The same for the padded layout (batch row offsets ``b · T · H · K``), which the report above skips."""
+    out = tmp_path / "padded.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    command = [
+        sys.executable, "-m", "retnet.kernels.aot", "--arch", "90", "--dtypes", "bfloat16", "--head-dims", "64",
+        "--layouts", "padded", "--configs", "default", "--json", str(out),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert {r["launch"].split()[0] for r in results} == {
+        "_chunk_state_fwd_kernel", "_chunk_output_fwd_kernel", "_chunk_state_bwd_kernel",
+        "_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel", "_recurrent_fwd_kernel",
+    }
+    narrow = [f"{r['launch']}: {line}" for r in results for line in r["narrow_offsets"]]
+    assert not narrow, "\n".join(narrow)

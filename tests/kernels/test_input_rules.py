@@ -191,3 +191,15 @@ def test_head_dims_beyond_256_run_on_the_triton_path(kt, dims):
         ref_o, ref_ht = naive.recurrent_retention(q[:, :3], k[:, :3], v[:, :3], log_decay, None, h0, True)
     kt.assert_close_scaled(o, ref_o, 1e-4, "recurrent o")
     kt.assert_close_scaled(ht, ref_ht, 1e-4, "recurrent state")
+
+
+@pytest.mark.parametrize("mode", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("op", ["chunk_retention", "parallel_retention", "recurrent_retention"])
+def test_public_ops_refuse_a_non_tensor_q_with_the_rule(op, mode, monkeypatch):
+    """The dispatcher read ``q.is_cuda`` before the input rules ran: a list or NumPy q got an AttributeError
+    under auto and triton, the rule's ValueError only under RETNET_KERNELS=torch."""
+    monkeypatch.setenv("RETNET_KERNELS", mode)
+    x = _call()
+    for q in ([[0.0]], x["q"].numpy()):
+        with pytest.raises(ValueError, match=r"q must be a torch\.Tensor; got (list|ndarray)"):
+            getattr(kernels, op)(q, x["k"], x["v"], x["log_decay"])
