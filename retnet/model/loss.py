@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._C import _functions
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 1 << 28  # fp32 logits per chunk: 256 MiB, a few thousand tokens at usual vocabularies
@@ -23,17 +24,25 @@ def _chunk_tokens(vocab_size: int) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, denominator: torch.Tensor,
-                chunk: int) -> torch.Tensor:
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+                chunk: int, grad_enabled: bool) -> torch.Tensor:
+        # needs_input_grad says requires_grad even under no_grad: without grad mode only the loss is computed
+        grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
         # fp32: a sum over every chunk, as the unfused head's weight gradient sums over every token in one matmul
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+            if grad_enabled and ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # No token counts (all labels −100): zero gradients, as F.cross_entropy's mean (its loss is nan alike)
+        inverse = torch.where(denominator == 0, 0.0, 1.0 / denominator)
+        ctx.late_mean = False
         for start in range(0, hidden.shape[0], chunk):
             rows = hidden[start:start + chunk]
             target = labels[start:start + chunk]
             logits = F.linear(rows, weight)  # the head's dtype (bf16 under autocast), as the unfused head
             logits_fp32 = logits.float()
+            # fp16 (its range, unlike bf16's, is not fp32's): p / 16k tokens would underflow before GradScaler's
+            # scale, which the unfused head's backward applies ahead of its fp16 matmuls but which comes only
+            # in backward here. So fp16 matmuls take the gradient of the sum; 1 / denominator comes in backward.
+            ctx.late_mean = logits.dtype == torch.float16
             valid = target != IGNORE_INDEX
             safe_target = torch.where(valid, target, 0)
             log_norm = torch.logsumexp(logits_fp32, dim=-1)
@@ -44,25 +53,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d loss / d logits = (softmax − one-hot) / denominator on the tokens that count, 0 elsewhere
             grad_logits = logits_fp32.sub_(log_norm[:, None]).exp_()  # (logits itself when fp32: not used again)
             grad_logits.scatter_add_(1, safe_target[:, None], torch.full_like(grad_logits[:, :1], -1.0))
-            grad_logits.mul_((valid / denominator)[:, None])
+            grad_logits.mul_(valid[:, None] if ctx.late_mean else (valid * inverse)[:, None])
             # in the head's matmul dtype, as the unfused backward (autocast casts the fp32 operands alike)
             grad_logits = grad_logits.to(logits.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ rows
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, inverse)
         ctx.weight_dtype = weight.dtype
         return total / denominator
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        grad_hidden, grad_weight, inverse = ctx.saved_tensors
+        with torch.no_grad():
+            # fp32, as the unfused head's backward: grad_output cast to fp16 overflows at GradScaler's 65536
+            scale = grad_output.float() * inverse if ctx.late_mean else grad_output.float()
+            if grad_hidden is not None:
+                grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype)  # not in place: retain_graph
+            if grad_weight is not None:
+                grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradients have no graph to differentiate
+            grad_hidden, grad_weight = _no_double_backward(grad_hidden, grad_weight)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _no_double_backward(*grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The gradients, with a grad_fn that raises if differentiated (a gradient penalty, a Hessian product):
+    without it they would be constants there, and the loss's curvature silently missing."""
+    present = [grad for grad in grads if grad is not None]
+    if not present:
+        return grads
+    raise_on_backward = _functions.DelayedError(
+        b"linear_cross_entropy (config.fuse_linear_cross_entropy) has no double backward: its gradients are "
+        b"computed in the forward pass; differentiate the unfused head's loss instead", len(present))
+    wrapped = raise_on_backward(*[grad.detach().requires_grad_() for grad in present])
+    wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
+    return tuple(None if grad is None else next(wrapped) for grad in grads)
 
 
 def linear_cross_entropy(
@@ -88,8 +116,10 @@ def linear_cross_entropy(
         denominator = (shifted != IGNORE_INDEX).sum().float()
     else:
         denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_tokens must be at least 1; got {chunk_tokens}")
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, shifted, denominator, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, shifted, denominator, chunk, torch.is_grad_enabled())
 
 
 __all__ = ["linear_cross_entropy"]

@@ -101,3 +101,88 @@ def test_the_setting_must_be_a_bool():
 
     with pytest.raises(ValueError, match="fuse_linear_cross_entropy"):
         RetNetConfig(fuse_linear_cross_entropy="yes")
+
+
+def test_the_trainers_bf16_autocast_follows_the_unfused_head():
+    hidden, weight, labels = _inputs(vocab=257)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = causal_lm_loss(F.linear(hidden, weight), labels)
+        got = linear_cross_entropy(hidden, weight, labels, chunk_tokens=13)
+    grads = torch.autograd.grad(expected, (hidden, weight))
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    for a, b in zip(got_grads, grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_without_grad_mode_no_gradient_is_computed():
+    # needs_input_grad stays True under no_grad: the forward computed both gradient matmuls (3x the FLOPs and
+    # an fp32 copy of the head's weight) for nothing.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight, labels = _inputs()
+    head_flops = 2 * hidden.shape[0] * hidden.shape[1] * hidden.shape[2] * weight.shape[0]
+    for context in (torch.no_grad, torch.inference_mode):
+        with context(), FlopCounterMode(display=False) as counter:
+            linear_cross_entropy(hidden, weight, labels, chunk_tokens=8)
+        assert counter.get_total_flops() == head_flops
+    with FlopCounterMode(display=False) as counter:
+        linear_cross_entropy(hidden, weight, labels, chunk_tokens=8)
+    assert counter.get_total_flops() == 3 * head_flops
+
+
+@pytest.mark.parametrize("autocast", [False, True])  # fp16 weights; fp32 weights under fp16 autocast
+def test_fp16_gradients_keep_the_loss_scale_instead_of_underflowing(autocast):
+    # GradScaler's scale reaches the unfused head's softmax gradient before its fp16 matmul; here it comes only
+    # in backward, so p / denominator was cast to fp16 unscaled and the small probabilities flushed to zero
+    # (and fp16 weights cast GradScaler's initial 65536 to fp16: inf, nan gradients).
+    hidden, weight, labels = _inputs(batch=4, length=64, vocab=2000)
+    reference = torch.autograd.grad(causal_lm_loss(F.linear(hidden, weight), labels, 20_000), (hidden, weight))
+    dtype = torch.float32 if autocast else torch.float16
+    hidden = hidden.detach().to(dtype).requires_grad_()
+    weight = weight.detach().to(dtype).requires_grad_()
+    scale = 2.0**16
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        got = linear_cross_entropy(hidden, weight, labels, 20_000)
+    got_grads = torch.autograd.grad(got * scale, (hidden, weight))
+    for a, b in zip(got_grads, reference):
+        assert a.dtype == dtype
+        assert ((a.float() / scale - b).norm() / b.norm()).item() < 2e-3
+
+
+def test_labels_that_all_are_ignored_give_the_unfused_nan_loss_and_zero_gradients():
+    hidden, weight, labels = _inputs()
+    labels[:] = -100
+    expected = causal_lm_loss(F.linear(hidden, weight), labels)
+    grads = torch.autograd.grad(expected, (hidden, weight))
+    got = linear_cross_entropy(hidden, weight, labels, chunk_tokens=16)
+    assert expected.isnan() and got.isnan()
+    for a, b in zip(torch.autograd.grad(got, (hidden, weight)), grads):
+        assert not b.any()
+        torch.testing.assert_close(a, b)
+
+
+def test_a_double_backward_raises_instead_of_dropping_the_loss_curvature():
+    hidden, weight, labels = _inputs()
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_tokens=16)
+    (grad_hidden,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    # A gradient penalty beside the loss: its term was a constant, silently contributing nothing.
+    with pytest.raises(RuntimeError, match=r"linear_cross_entropy .* has no double backward"):
+        (loss + grad_hidden.pow(2).sum()).backward()
+
+
+def test_backward_twice_with_retain_graph_accumulates_as_the_unfused_head():
+    hidden, weight, labels = _inputs()
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_tokens=16)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    expected = torch.autograd.grad(causal_lm_loss(F.linear(hidden, weight), labels) * 2.0, (hidden, weight))
+    for got, want in zip((hidden.grad, weight.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_chunk_below_one_token_is_refused():
+    hidden, weight, labels = _inputs()
+    with pytest.raises(ValueError, match="chunk_tokens must be at least 1"):  # -1 gave a loss of 0
+        linear_cross_entropy(hidden, weight, labels, chunk_tokens=-1)
