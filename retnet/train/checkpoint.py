@@ -423,8 +423,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     manifest = _verified_manifest(path)
     layout = manifest.get("layout", "full")
     if layout == "full":
-        model = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)
-        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+        model, optimizer = _load_mapped(path / "model.pt"), _load_mapped(path / "optimizer.pt")
     else:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
@@ -437,6 +436,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         model, optimizer = state["model"], state["optimizer"]
     return {"model": model, "optimizer": optimizer, "trainer": _load_trainer(path), "step": manifest["step"],
             "layout": layout}
+
+
+def _load_mapped(file: Path) -> Any:
+    """``torch.load`` of our tensors file, memory-mapped copy-on-write: MAP_PRIVATE whatever the process-wide
+    default (``torch.serialization.set_default_mmap_options``, which another library or tool may have set to
+    MAP_SHARED: training on from the tensors would then write into the checkpoint, and its hashes)."""
+    import mmap
+
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: torch maps privately there and has no option to change
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE):
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
 
 def load_checkpoint_trainer(path: Path) -> dict[str, Any]:
@@ -468,7 +479,7 @@ def saved_model_shapes(path: Path) -> dict[str, list[int]]:
     a full one's memory-mapped file)."""
     path = Path(path)
     if checkpoint_layout(path) == "full":
-        model = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+        model = _load_mapped(path / "model.pt")
         return {key: list(value.shape) for key, value in model.items()}
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata

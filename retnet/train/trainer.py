@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -474,9 +475,16 @@ class Trainer:
             options = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, model_state, options=options)
             set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=options)
-            return
-        self.raw_model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optim_state)
+        else:
+            self.raw_model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optim_state)
+        # On the CPU the optimizer takes the loaded tensors as they are: views of the memory-mapped checkpoint,
+        # which would then stay mapped (its disk space held after pruning deletes it; on NFS a .nfs file that
+        # makes the pruning fail). Adam rewrites all of them at the first step anyway: copied now.
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.device.type == "cpu":
+                    state[key] = value.clone()
 
     @property
     def sharded_checkpoints(self) -> bool:
@@ -500,9 +508,16 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
             tmp = self._shared_temp_dir()
-            model_state, optim_state = get_state_dict(self.model, self.optimizer)
-            mine["files"] = save_sharded_state(tmp, model_state, optim_state, rank=self.rank,
-                                               distributed=_distributed())
+            try:
+                model_state, optim_state = get_state_dict(self.model, self.optimizer)
+                mine["files"] = save_sharded_state(tmp, model_state, optim_state, rank=self.rank,
+                                                   distributed=_distributed())
+            except BaseException:
+                # as save_checkpoint's: a full disk must not stay full of the shards written (a failed write is
+                # every rank's: torch's distributed save raises on all of them)
+                if self.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
             model_state = optim_state = None
         else:
             model_state, optim_state = self._full_state()
@@ -594,6 +609,7 @@ class Trainer:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             load_sharded_state(path, model_state, optim_state, distributed=_distributed())
             set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        self._apply_optim_settings()
         ranks = trainer["ranks"]
         self.step = self.last_saved_step = int(trainer["step"])
         window = trainer.get("log_window", {})  # absent from checkpoints written before it was saved
@@ -605,6 +621,14 @@ class Trainer:
         mine = ranks[self.rank % len(ranks)]
         self.data.load_state_dict(mine["data"])
         set_rng_state(mine["rng"])
+
+    def _apply_optim_settings(self) -> None:
+        """The configured AdamW settings over those the loaded param groups hold (the checkpoint's): ``optim.*``
+        may change on resume. The learning rate is set every step (``get_lr``)."""
+        cfg = self.cfg.optim
+        # build_optimizer's groups: the decayed parameters, then the others
+        for group, decay in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
+            group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
     def _check_fits(self, path: Path, got: dict[str, list[int]]) -> None:
         """CheckpointError naming the tensors when the saved model (``got``: its tensors' shapes) is not the

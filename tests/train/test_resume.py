@@ -94,6 +94,23 @@ def test_a_failed_save_removes_its_temp_directory(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_sharded_save_removes_its_temp_directory(micro, tmp_path, monkeypatch):
+    """As the full layout's: a disk that filled up while the shards were written does not stay full of them."""
+    from retnet.train import trainer as trainer_module
+
+    real = trainer_module.save_sharded_state
+
+    def full_disk(directory, *args, **kwargs):
+        real(directory, *args, **kwargs)  # the shards are written, then the disk is full (e.g. while hashing)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_sharded_state", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        main(micro(out, train__steps=2, checkpoint__layout="sharded"))
+    assert list((out / "checkpoints").iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2. A checkpoint that does not fit the configured model
 # ----------------------------------------------------------------------------------------------------------
@@ -276,6 +293,71 @@ def test_loaded_weights_are_mapped_from_the_files_not_copied(tmp_path):
     again = load_checkpoint(path)
     assert torch.equal(again["model"]["w"], torch.arange(4.0))
     assert torch.equal(again["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+
+
+def test_loaded_weights_stay_copy_on_write_under_a_shared_mmap_default(tmp_path):
+    """torch.load's mmap flags are a process-wide setting (``set_default_mmap_options``): a library or tool that
+    sets MAP_SHARED must not make training on a loaded checkpoint write into its files."""
+    import mmap
+
+    path = save_checkpoint(tmp_path, 2, model={"w": torch.arange(4.0)},
+                           optimizer={"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []},
+                           trainer={"n": 1}, keep_last=1)
+    torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)
+    try:
+        state = load_checkpoint(path)
+        state["model"]["w"].add_(1)
+        state["optimizer"]["state"][0]["exp_avg"].mul_(5)
+        del state
+    finally:
+        torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
+    ckpt_module._checked.clear()
+    verify_checkpoint(path)  # the files are as written
+
+
+def _resumed_trainer(args: list[str]):
+    from retnet.train.config import load_config
+    from retnet.train.trainer import Trainer
+
+    assert args[:2] == ["--config", "tiny"]
+    return Trainer(load_config("tiny", args[2:]))
+
+
+def test_cpu_training_does_not_keep_the_resumed_checkpoint_mapped(micro, tmp_path):
+    """On the CPU the optimizer loads its state without a copy: the Adam tensors stayed views of the mapped
+    optimizer.pt, so a checkpoint pruned behind the run kept its disk space for the whole run (and on NFS its
+    directory held a .nfs file, and pruning failed with 'Directory not empty')."""
+    out = tmp_path / "run"
+    common = dict(checkpoint__interval=2, checkpoint__keep_last=1)
+    assert main(micro(out, train__steps=2, **common)) == 0
+    trainer = _resumed_trainer(micro(out, train__steps=4, **common))
+    try:
+        assert trainer.step == 2
+        trainer.train()
+        assert not (out / "checkpoints" / "step_00000002").exists()  # pruned
+        mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(out) in line]
+        assert mapped == []
+    finally:
+        trainer.close()
+
+
+def test_a_resume_trains_with_the_optim_settings_configured_now(micro, tmp_path):
+    """optim.* may change on resume (README): the optimizer state's param groups hold the checkpoint's
+    weight_decay, betas and eps, which silently replaced the configured ones."""
+    out = tmp_path / "run"
+    assert main(micro(out, train__steps=2)) == 0
+    # from the full checkpoint of step 2, saving step 4 sharded; then from that sharded one
+    for layout, steps in (("sharded", 4), ("full", 6)):
+        trainer = _resumed_trainer(micro(out, train__steps=steps, optim__weight_decay=0.25, optim__beta2=0.99,
+                                         optim__eps=1e-6, checkpoint__layout=layout))
+        try:
+            decay, no_decay = trainer.optimizer.param_groups
+            assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.25, 0.0)
+            assert all(g["betas"] == (0.9, 0.99) and g["eps"] == 1e-6 for g in (decay, no_decay))
+            assert trainer.step == steps - 2 and trainer.optimizer.state  # the Adam moments are the checkpoint's
+            trainer.train()  # saved in this layout, which the next resume reads
+        finally:
+            trainer.close()
 
 
 def test_explicit_resume_from_an_older_checkpoint_supersedes_the_newer_ones(micro, tmp_path, capsys):
