@@ -167,8 +167,7 @@ def commit_checkpoint(root: Path, step: int, tmp: Path, *, trainer: dict, keep_l
                 f"checkpoint {str(final)!r}: shards written by other ranks are not here ({', '.join(unseen[:3])}"
                 f"{' ...' if len(unseen) > 3 else ''}): with several nodes train.output_dir must be on a "
                 f"filesystem they share")
-        missing = [name for name in names if name not in hashed]
-        entries = {**file_entries(tmp, missing), **{name: hashed[name] for name in names if name in hashed}}
+        entries = {**file_entries(tmp, [name for name in names if name not in hashed]), **hashed}
         required = FILES if layout == "full" else SHARDED_FILES
         if any(name not in entries for name in required):
             raise CheckpointError(f"checkpoint {str(final)!r}: the {layout} layout needs {', '.join(required)}; "
