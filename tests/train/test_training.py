@@ -497,6 +497,10 @@ if rank == 0:
 barrier()
 dist.all_reduce(__import__("torch").ones(1))  # the training collectives still run on the default group
 print("rank", rank, "done", flush=True)
+# retnet-train's own exit: letting the interpreter tear the gloo groups down may abort the process
+# ("terminate called without an active exception") after everything has finished
+from retnet.train.__main__ import _exit_without_teardown
+_exit_without_teardown(0)
 """
 
 
