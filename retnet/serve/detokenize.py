@@ -7,17 +7,23 @@ and so does any tail that could be the start of a stop string. A stop string is 
 
 from __future__ import annotations
 
+import codecs
+
 
 class IncrementalDetokenizer:
     """Decode one token at a time (vLLM's prefix/read offsets): the new text is the decoding of a short
     window of recent tokens minus the decoding of the same window without the newest ones, so tokenisers
     whose pieces depend on their neighbours (leading spaces, byte fallback) still decode exactly."""
 
-    def __init__(self, decode, context_ids: list[int] | None = None, window: int = 6):
+    def __init__(self, decode, context_ids: list[int] | None = None, window: int = 6, unfinished: int = 0):
+        """``unfinished``: how many of the context's last tokens hold a character it leaves unfinished (a prompt
+        sent as token ids may end inside one; see :func:`unfinished_character`). Their text is not read yet, so
+        the tokens after them finish the character; read, they would decode as U+FFFD in the prefix and the
+        character's first bytes would be lost from the text of the token that completes it."""
         self.decode = decode  # ids -> str
-        self.ids: list[int] = list(context_ids[-window:]) if context_ids else []
+        self.ids: list[int] = list(context_ids[-max(window, unfinished + 1) :]) if context_ids else []
         self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        self.read_offset = len(self.ids) - min(unfinished, len(self.ids))
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -34,6 +40,16 @@ class IncrementalDetokenizer:
         full = self.decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :] if len(full) > len(prefix) else ""
+
+
+def unfinished_character(raw: bytes) -> bytes:
+    """The bytes ``raw`` ends with that begin a UTF-8 character and lack some of its continuation bytes (at
+    most 3); empty when ``raw`` ends on a character boundary or with bytes that no continuation can make valid
+    (those are U+FFFD for good)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    # The decoder keeps back only a valid beginning of a character, and one has at most 3 bytes before its last.
+    decoder.decode(raw[-3:])
+    return decoder.getstate()[0]
 
 
 class StopStrings:
@@ -83,4 +99,4 @@ class StopStrings:
         return out
 
 
-__all__ = ["IncrementalDetokenizer", "StopStrings"]
+__all__ = ["IncrementalDetokenizer", "StopStrings", "unfinished_character"]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from retnet.model import RetNetCache
-from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
+from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.sampling import RowSampler, SamplingParams, prompt_logprobs, sample_step
 from retnet.serve.settings import ServeSettings
@@ -138,6 +138,9 @@ class Group:
     session_id: str | None = None
     session: Session | None = None
     prefix_hint: int | None = None  # a token offset worth caching the state at (the chat's history)
+    # The prompt token that opens its echoed text, where a SentencePiece decoder drops the token's leading space;
+    # None: the first one decoding does not skip (the text was the client's, a BOS the tokenizer adds not in it).
+    text_start: int | None = None
     inputs: list[int] = field(default_factory=list)  # tokens to feed from the starting state
     pos: int = 0
     cache: RetNetCache | None = None
@@ -242,10 +245,12 @@ class Engine:
     def submit(
         self, prompts: list[list[int]], params: SamplingParams, n: int = 1, session_id: str | None = None,
         prefix_hints: list[int | None] | None = None, session: Session | None = None,
+        text_starts: list[int | None] | None = None,
     ) -> RequestHandle:
         """Queue ``prompts`` (token ids) × ``n`` choices; outputs arrive on ``handle.queue``. ``session``:
         ``session_id``'s, already acquired by the caller (who releases it if this raises); otherwise it is
-        acquired here.
+        acquired here. ``text_starts``: per prompt, the token its echoed text starts at (``Group.text_start``);
+        it labels the prompt's logprobs.
 
         Raises EngineUnavailable, QueueFull or SessionBusy.
         """
@@ -262,8 +267,10 @@ class Engine:
             if session is None and session_id is not None:
                 session = self.sessions.acquire(session_id)
             hints = prefix_hints or [None] * len(prompts)
+            starts = text_starts or [None] * len(prompts)
             for i, prompt in enumerate(prompts):
-                self.waiting.append(Group(handle, list(prompt), params, n, i * n, session_id, session, hints[i]))
+                self.waiting.append(Group(handle, list(prompt), params, n, i * n, session_id, session, hints[i],
+                                          starts[i]))
             self.in_system += handle.num_choices
             self.metrics.prompt_tokens.inc(handle.prompt_tokens)
             self.cond.notify_all()
@@ -521,13 +528,14 @@ class Engine:
         # Where the text starts: the first token not skipped by decoding, unless a session's history precedes.
         start = None if group.continues else next(
             (i for i, token in enumerate(group.inputs) if token not in self.skipped_ids), len(group.inputs))
+        unfinished = self.unfinished_tail(group.inputs)
         seqs = []
         for j in range(group.n):
             # seed + j, j counted within this prompt's n (vLLM's rule): a prompt samples the same alone or
             # anywhere in a list of prompts.
             sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=j, ban_ids=ban, blocked=blocked)
             seqs.append(Sequence(group, group.first_index + j, sampler,
-                                 IncrementalDetokenizer(self._decode, group.inputs),
+                                 IncrementalDetokenizer(self._decode, group.inputs, unfinished=unfinished),
                                  StopStrings(group.params.stop, group.params.include_stop_str_in_output),
                                  at_start=start == len(group.inputs)))
         # max_tokens 0 (a completion's echo): the prompt is scored, and saved in its session, but nothing sampled.
@@ -540,8 +548,11 @@ class Engine:
             # Entries for ``inputs``; a session's inputs start with its unfed tokens, which are not this
             # request's prompt: the echo gets the prompt's own, the first one scored after the history.
             prompt_lp = [self._logprob(group.inputs[0], None), *group.prompt_lp]
-            if start is not None and start < len(prompt_lp):
-                prompt_lp[start] = self._at_start(prompt_lp[start])
+            if start is not None:  # None: a session's history precedes, no token opens the text
+                # A prompt echoed as its decoding shows its BOS, and the token after it keeps its space there.
+                opens = start if group.text_start is None else group.text_start
+                if opens < len(prompt_lp):
+                    prompt_lp[opens] = self._at_start(prompt_lp[opens])
             prompt_lp = prompt_lp[len(group.inputs) - len(group.prompt_ids) :]
         outputs = []
         for i, seq in enumerate(seqs):
@@ -680,6 +691,27 @@ class Engine:
         self._release_slots(1)
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    def unfinished_tail(self, ids: list[int]) -> int:
+        """How many of the last tokens of ``ids`` hold a character they leave unfinished (a prompt sent as token
+        ids may end inside one): the text of what follows them finishes it. 0 when the last character is whole,
+        broken for good, or followed by a special token. The count reaches back to a token that starts on a
+        character boundary (a byte-level token may end one character and begin the next)."""
+        count = 0
+        while True:
+            pieces = []  # the last bytes before the tail, latest first: unfinished ones are at most 3
+            for token in reversed(ids[max(0, len(ids) - count - 3) : len(ids) - count]):
+                if token in self.skipped_ids:
+                    break
+                pieces.append(self.token_bytes(token))
+            missing = len(unfinished_character(b"".join(reversed(pieces))))
+            if not missing:
+                return count
+            for piece in pieces:
+                count += 1
+                missing -= len(piece)
+                if missing <= 0:
+                    break
+
     def _decode(self, ids: list[int]) -> str:
         if self.backend is not None:
             return self.backend.decode(ids, skip_special_tokens=True)

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -113,73 +114,82 @@ class OpenAIServing:
                            "score with logprobs, the prompt alone)", "max_tokens")
         session = self._acquire_session(request)
         try:
-            texts, prompts = await self._tokenizing(_size(request.prompt), self._completion_prompts,
-                                                    request.prompt, request.truncate_prompt_tokens,
-                                                    _add_special_tokens(request, _continues(session)))
+            prompts = await self._tokenizing(_size(request.prompt), self._completion_prompts, request.prompt,
+                                             request.truncate_prompt_tokens,
+                                             _add_special_tokens(request, _continues(session)), request.max_tokens != 0)
             params = self._params(request, request.max_tokens, request.logprobs,
                                   bad_words=await self._bad_words(request))
             params.prompt_logprobs = request.echo and request.logprobs is not None
-            handle = self._submit(prompts, params, request, session=session)
+            handle = self._submit([p.ids for p in prompts], params, request, session=session,
+                                  text_starts=[0 if p.decoded else None for p in prompts])
         except BaseException:
             self._release_session(request, session)
             raise
-        # Each choice's prompt text: echoed before the completion, and where its text_offset starts either way
-        # (OpenAI's offsets index prompt + completion, echoed or not).
-        prompt_texts = [texts[i // request.n] for i in range(handle.num_choices)]
+        # Each choice's prompt: its text is echoed before the completion, and where its text_offset starts either
+        # way (OpenAI's offsets index prompt + completion, echoed or not).
+        choice_prompts = [prompts[i // request.n] for i in range(handle.num_choices)]
         if request.stream:
-            return self._stream(self._completion_chunks(request, handle, prompt_texts), handle)
+            return self._stream(self._completion_chunks(request, handle, choice_prompts), handle)
         outputs = await self._collect(handle, raw)
         choices = []
         for index, seq in enumerate(outputs):
+            prompt = choice_prompts[index]
             text = "".join(o.text for o in seq)
             logprobs = None
             if request.logprobs is not None:
                 logprobs = CompletionLogprobs()
                 if request.echo:
-                    _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [],
-                                             self._offsets(0, prompt_texts[index]))
-                offsets = self._offsets(len(prompt_texts[index]))
+                    _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], self._offsets(0, prompt.text))
+                offsets = self._offsets(len(prompt.text), held=prompt.held)
                 for o in seq:
                     _add_completion_logprobs(logprobs, o.logprobs or [], offsets)
             if request.echo:
-                text = prompt_texts[index] + text
+                text = prompt.text + text
             choices.append(CompletionChoice(
                 index=index, text=text, logprobs=logprobs, finish_reason=seq[-1].finish_reason,
-                **self._ids(request, prompts[index // request.n], seq),
+                **self._ids(request, prompt.ids, seq),
             ))
         response = CompletionResponse(id=random_id("cmpl"), model=self.model_name, choices=choices,
                                       usage=self._usage(handle, outputs), session_id=request.session_id)
         return JSONResponse(dump(response))
 
-    def _completion_prompts(self, prompt, truncate: int | None = None,
-                            add_special_tokens: bool = True) -> tuple[list[str], list[list[int]]]:
-        """Each prompt's text and token ids; ``truncate``: keep each one's last that many tokens (the text is
+    def _completion_prompts(self, prompt, truncate: int | None = None, add_special_tokens: bool = True,
+                            followed: bool = True) -> list[CompletionPrompt]:
+        """Each prompt's token ids and text; ``truncate``: keep each one's last that many tokens (the text is
         then theirs, decoded, as vLLM echoes a truncated prompt); ``add_special_tokens``: a text's encoding
-        has the tokenizer's (a BOS) around it."""
+        has the tokenizer's (a BOS) around it; ``followed``: a completion follows the prompt (max_tokens > 0)."""
         if isinstance(prompt, str):
             texts = [prompt]
         elif prompt and all(isinstance(p, str) for p in prompt):
             texts = list(prompt)
         elif prompt and all(isinstance(p, int) for p in prompt):
-            ids = self._check_ids(list(prompt), truncate=truncate)
-            return [self._decode(ids)], [ids]
+            return [self._decoded_prompt(self._check_ids(list(prompt), truncate=truncate), followed)]
         elif prompt and all(isinstance(p, list) for p in prompt):
             self._check_prompt_count(len(prompt))
-            ids = [self._check_ids(list(p), truncate=truncate) for p in prompt]
-            return [self._decode(p) for p in ids], ids
+            return [self._decoded_prompt(self._check_ids(list(p), truncate=truncate), followed) for p in prompt]
         else:
             raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
         self._check_prompt_count(len(texts))
         prompts = []
-        for i, text in enumerate(texts):
+        for text in texts:
             # An empty text is refused by _check_ids when it has no tokens: with a tokenizer that adds a BOS it
             # is [BOS], generation from the start of a text (vLLM serves it too).
             with self.tokenizer_lock:
                 ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-            prompts.append(self._check_ids(ids, truncate=truncate))
-            if len(prompts[-1]) < len(ids):
-                texts[i] = self._decode(prompts[-1])
-        return texts, prompts
+            kept = self._check_ids(ids, truncate=truncate)
+            # A truncated prompt is echoed as what runs: its tokens' decoding.
+            prompts.append(self._decoded_prompt(kept, followed) if len(kept) < len(ids) else CompletionPrompt(kept, text))
+        return prompts
+
+    def _decoded_prompt(self, ids: list[int], followed: bool) -> CompletionPrompt:
+        """A prompt echoed as its decoding, special tokens shown (vLLM's echo of token ids). When a completion
+        follows, the tokens of a character the ids leave unfinished are left out of the text: the completion's
+        text finishes that character (or shows it broken), and the echo would show its first bytes twice,
+        once as U+FFFD."""
+        with self.tokenizer_lock:
+            held = self.engine.unfinished_tail(ids) if followed else 0
+            raw = b"".join(self.engine.token_bytes(t) for t in ids[len(ids) - held :])
+        return CompletionPrompt(ids, self._decode(ids[: len(ids) - held]), decoded=True, held=raw)
 
     async def _tokenizing(self, size: int, function, *args):
         """``function(*args)``, which takes the tokenizer's lock: on a worker thread when the prompt is large
@@ -223,10 +233,11 @@ class OpenAIServing:
         return ids
 
     async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle,
-                                 prompt_texts: list[str]) -> AsyncIterator[str]:
+                                 prompts: list[CompletionPrompt]) -> AsyncIterator[str]:
+        """``prompts``: each choice's."""
         rid, created = random_id("cmpl"), int(time.time())
         usage_opt, continuous = _usage_options(request)
-        offsets = [self._offsets(len(text)) for text in prompt_texts]
+        offsets = [self._offsets(len(p.text), held=p.held) for p in prompts]
         first = [True] * handle.num_choices
         counts = [0] * handle.num_choices
         async for out in self._outputs(handle):
@@ -236,10 +247,10 @@ class OpenAIServing:
                 logprobs = CompletionLogprobs()
                 if first[out.index] and request.echo:
                     _add_completion_logprobs(logprobs, out.prompt_logprobs or [],
-                                             self._offsets(0, prompt_texts[out.index]))
+                                             self._offsets(0, prompts[out.index].text))
                 _add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index])
             if first[out.index] and request.echo:
-                text = prompt_texts[out.index] + text
+                text = prompts[out.index].text + text
             first[out.index] = False
             if not (text or out.finish_reason or logprobs or request.return_token_ids):
                 continue
@@ -546,8 +557,8 @@ class OpenAIServing:
         if session is not None:
             self.engine.sessions.release(request.session_id)
 
-    def _submit(self, prompts, params, request: SamplingFields, hints=None, session: Session | None = None
-                ) -> RequestHandle:
+    def _submit(self, prompts, params, request: SamplingFields, hints=None, session: Session | None = None,
+                text_starts: list[int | None] | None = None) -> RequestHandle:
         if request.session_id is not None and len(prompts) != 1:
             raise APIError(400, "session_id needs a single prompt", "session_id")
         # More sequences than the server ever holds would get 429 (retry later) forever.
@@ -556,7 +567,7 @@ class OpenAIServing:
             raise APIError(400, f"prompts × n is {wanted}; this server holds at most {limit} sequences",
                            "n" if request.n > 1 else "prompt")
         try:
-            return self.engine.submit(prompts, params, request.n, request.session_id, hints, session)
+            return self.engine.submit(prompts, params, request.n, request.session_id, hints, session, text_starts)
         except QueueFull as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"the server is busy ({exc}); retry later", None, "queue_full",
@@ -643,8 +654,8 @@ class OpenAIServing:
             return {}
         return {"prompt_token_ids": prompt, "token_ids": [t for o in seq for t in o.token_ids]}
 
-    def _offsets(self, start: int, echoed: str | None = None) -> TextOffsets:
-        return TextOffsets(start, self.engine.skipped_ids, echoed)
+    def _offsets(self, start: int, echoed: str | None = None, held: bytes = b"") -> TextOffsets:
+        return TextOffsets(start, self.engine.skipped_ids, echoed, held)
 
     def _decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
@@ -765,6 +776,19 @@ def _check_chat_features(request: ChatCompletionRequest) -> None:
                            f"{tools} ignored)", tools, "unsupported_parameter")
 
 
+@dataclass(slots=True)
+class CompletionPrompt:
+    """One prompt of a completion request: the ``ids`` that run, and ``text``, what echo shows of them and where
+    the completion's ``text_offset`` counts from (OpenAI's offsets index prompt + completion, echoed or not)."""
+
+    ids: list[int]
+    text: str
+    decoded: bool = False  # text is the ids' decoding (sent as token ids, or truncated), special tokens shown
+    # The bytes of the last tokens when they leave a character unfinished: not in ``text``, the completion's
+    # text starts with them (see OpenAIServing._decoded_prompt).
+    held: bytes = b""
+
+
 class TextOffsets:
     """Each token's ``text_offset``: where it starts in the returned text, counted from ``start``.
 
@@ -775,11 +799,13 @@ class TextOffsets:
     tokenizer adds is not in it, and counting its characters would shift every later offset.
     """
 
-    def __init__(self, start: int, special_ids: set[int], echoed: str | None = None):
-        self.position = start  # characters of the text decoded so far
+    def __init__(self, start: int, special_ids: set[int], echoed: str | None = None, held: bytes = b""):
+        """``held``: the bytes of the prompt's last tokens that its text leaves to the completion's (a character
+        they leave unfinished, see ``CompletionPrompt.held``): they start the completion's text."""
         self.special_ids = special_ids
         self.echoed = echoed  # the echoed prompt (starting at 0), or None for a completion's text
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.position = start + len(self.decoder.decode(held))  # characters of the text decoded so far
 
     def push(self, token_id: int, label: str, raw: bytes) -> int:
         """The offset of this token (``label``: its text, ``raw``: its bytes), then count its characters."""

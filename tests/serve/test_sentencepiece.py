@@ -176,3 +176,88 @@ async def test_chat_logprob_bytes_rebuild_the_content(open_app):
         streamed = [e for c in chunks for ch in c["choices"] for e in ((ch.get("logprobs") or {}).get("content") or [])]
         assert "".join(ch["delta"].get("content", "") for c in chunks for ch in c["choices"]) == content
         assert streamed == entries
+
+
+def byte_token(tokenizer, byte: int) -> int:
+    return tokenizer.convert_tokens_to_ids(f"<0x{byte:02X}>")
+
+
+async def completion_both_ways(client, req: dict) -> list[dict]:
+    """The one choice of ``req``, whole and streamed (its chunks joined)."""
+    whole = (await client.post("/v1/completions", json=req)).json()["choices"][0]
+    streamed = streamed_completion((await client.post("/v1/completions", json={**req, "stream": True})).text)
+    return [whole, streamed]
+
+
+async def test_a_token_id_prompt_is_labelled_as_its_echo_shows_it(open_app):
+    # A prompt of token ids is echoed as its decoding, BOS included (vLLM's echo): "<s> Hello ...", where ▁Hello
+    # keeps its space, as inside any text; decoded without a BOS, the prompt's first token opens the text and
+    # drops it, as with a text prompt. Either way the labels rebuild the echo and the offsets index it.
+    prompt = "Hello world, café 中文"
+    async with open_app() as client:
+        tok = client.app.state.serving.tokenizer
+        ids = tok.encode(prompt)
+        assert tok.convert_ids_to_tokens(ids[:2]) == ["<s>", "▁Hello"]
+        req = {"max_tokens": 4, "logprobs": 1, "echo": True, **GREEDY, **words_only(client)}
+        by_text = (await client.post("/v1/completions", json={**req, "prompt": prompt})).json()["choices"][0]
+        text_labels = by_text["logprobs"]["tokens"]
+        assert text_labels[:2] == ["<s>", "Hello"]
+        for choice in await completion_both_ways(client, {**req, "prompt": ids}):
+            lp = choice["logprobs"]
+            assert choice["text"] == tok.decode(ids) + by_text["text"][len(prompt):]
+            assert choice["text"].startswith("<s> Hello world")
+            assert lp["tokens"] == ["<s>", " Hello", *text_labels[2:]]
+            assert joined(lp["tokens"]) == choice["text"]
+            check_offsets(choice["text"], lp["tokens"], lp["text_offset"], 0)
+        # Without the BOS: as the text without it (add_special_tokens false), whose encoding these ids are.
+        alone = {**req, "prompt": prompt, "add_special_tokens": False}
+        by_text = (await client.post("/v1/completions", json=alone)).json()["choices"][0]
+        assert by_text["logprobs"]["tokens"][0] == "Hello"
+        for choice in await completion_both_ways(client, {**req, "prompt": ids[1:]}):
+            assert choice["text"] == by_text["text"]
+            assert choice["logprobs"]["tokens"] == by_text["logprobs"]["tokens"]
+            assert choice["logprobs"]["text_offset"] == by_text["logprobs"]["text_offset"]
+
+
+@pytest.mark.parametrize("echo", [True, False])
+async def test_a_token_id_prompt_ending_inside_a_character_is_finished_by_the_completion(open_app, echo):
+    # "€" is e2 82 ac: the prompt ends with its first two bytes, and the first generated token is its last. That
+    # token's text is the whole "€" (not U+FFFD, no byte lost), and the echo leaves the two bytes to it (they
+    # are not shown twice, once broken). text_offset is the same with or without the echo.
+    async with open_app() as client:
+        tok = client.app.state.serving.tokenizer
+        ids = [*tok.encode("Hello"), byte_token(tok, 0xE2), byte_token(tok, 0x82)]
+        # A bias of 100 decides the token: the character's last byte.
+        req = {"prompt": ids, "max_tokens": 1, "logprobs": 0, "echo": echo,
+               "logit_bias": {str(byte_token(tok, 0xAC)): 100}, **GREEDY}
+        echoed = (await client.post("/v1/completions", json={**req, "echo": True})).json()["choices"][0]
+        for choice in await completion_both_ways(client, req):
+            assert choice["text"] == ("<s> Hello€" if echo else "€")
+            lp = choice["logprobs"]
+            assert lp["tokens"][-1] == "bytes:\\xac"
+            # The token finishing a character begun before it is placed after it, as inside a completion.
+            assert lp["text_offset"][-1] == len("<s> Hello€") == echoed["logprobs"]["text_offset"][-1]
+            if echo:
+                assert lp["tokens"][-3:] == ["bytes:\\xe2", "bytes:\\x82", "bytes:\\xac"]
+                check_offsets(choice["text"], lp["tokens"], lp["text_offset"], 0)
+
+
+@pytest.mark.parametrize("echo", [True, False])
+async def test_a_character_a_token_id_prompt_leaves_broken_is_shown_once(open_app, echo):
+    # The next token is no byte that could finish the prompt's last character: the completion shows it broken,
+    # as decoding the whole does, and the echo does not show it too. With nothing generated (max_tokens 0) the
+    # echo is the prompt's decoding, the broken character in it.
+    async with open_app() as client:
+        tok = client.app.state.serving.tokenizer
+        ids = [*tok.encode("Hello"), byte_token(tok, 0xE2), byte_token(tok, 0x82)]
+        hello = tok.convert_tokens_to_ids("▁Hello")
+        req = {"prompt": ids, "max_tokens": 2, "echo": echo, "logit_bias": {str(hello): 100}, **GREEDY}
+        generated = (await client.post("/v1/completions", json={**req, "return_token_ids": True})).json()
+        assert generated["choices"][0]["token_ids"] == [hello, hello]
+        for choice in await completion_both_ways(client, req):
+            assert choice["text"] == ("<s> Hello" if echo else "") + "\ufffd\ufffd Hello Hello"
+            assert tok.decode([*ids, hello, hello]) == "<s> Hello\ufffd\ufffd Hello Hello"
+        scored = {**req, "max_tokens": 0, "echo": True, "logprobs": 0}
+        for choice in await completion_both_ways(client, scored):
+            assert choice["text"] == tok.decode(ids) == "<s> Hello\ufffd\ufffd"
+            check_offsets(choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"], 0)

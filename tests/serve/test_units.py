@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retnet.model import RetNetCache
-from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
+from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
 from retnet.serve.engine import RequestHandle
 from retnet.serve.sampling import RowSampler, SamplingParams, sample_step
 from retnet.serve.state_cache import PrefixCache, PrefixEntry, SessionBusy, SessionStore
@@ -56,6 +56,30 @@ def test_incremental_detokenizer_matches_full_decode(model_dir):
     detok = IncrementalDetokenizer(lambda x: tok.decode(x, skip_special_tokens=True))
     streamed = "".join(detok.push(i) for i in ids) + detok.flush()
     assert streamed == text
+
+
+def test_unfinished_character_is_a_valid_beginning_at_the_end():
+    assert unfinished_character("Hello €".encode()[:-1]) == b"\xe2\x82"
+    assert unfinished_character("🙂".encode()[:3]) == b"\xf0\x9f\x99"
+    assert unfinished_character(b"\x82\xe2") == b"\xe2"  # a stray continuation byte, then a beginning
+    for whole_or_broken in (b"", b"ok", "€".encode(), b"\xff", b"\xe2\x41", b"\xe0\x80"):
+        assert unfinished_character(whole_or_broken) == b"", whole_or_broken
+
+
+def test_a_context_ending_inside_a_character_leaves_it_to_the_next_tokens(model_dir):
+    # A prompt of token ids may end anywhere; byte-level tokens may also end one character and begin the next
+    # ("±ä": the end of 東, the start of 京). Wherever it is cut, the text shown for the prompt (without its
+    # unfinished tail) plus the text the tokens after it stream is the whole text, with no U+FFFD.
+    engine = standalone_engine(model_dir)
+    text = "a 東京 🙂 and €5"
+    ids = engine.tokenizer.encode(text)
+    held = [engine.unfinished_tail(ids[:cut]) for cut in range(len(ids) + 1)]
+    assert max(held) >= 2 and held[0] == held[-1] == 0
+    for cut in range(len(ids) + 1):
+        detok = IncrementalDetokenizer(engine._decode, ids[:cut], unfinished=held[cut])
+        shown = engine._decode(ids[: cut - held[cut]])
+        streamed = "".join(detok.push(t) for t in ids[cut:]) + detok.flush()
+        assert shown + streamed == text and "\ufffd" not in shown, (cut, shown, streamed)
 
 
 def test_token_bytes_and_labels_for_a_character_split_across_tokens(model_dir):
