@@ -4,7 +4,9 @@ Each op picks its implementation per call: the Triton kernels for CUDA tensors, 
 references (``naive.py``) elsewhere. ``RETNET_KERNELS=torch`` or ``=triton`` forces one (``triton`` on
 CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is imported).
 Both paths apply one set of input rules (``checks.py``): what one accepts the other accepts, and what
-one refuses the other refuses with the same ``ValueError``.
+one refuses the other refuses with the same ``ValueError``. ``cu_seqlens`` is read to the host (a device
+sync) once per op call, or once for all the calls made under a ``checks.SharedHostOffsets`` (one per model
+forward, so the count does not grow with the depth); a tensor written in place since is read again.
 
 On a GPU each kernel autotunes its launch config on the first call per shape (cached on disk);
 ``RETNET_AUTOTUNE=0`` launches each kernel's default config instead (no tuning, one compile per shape).

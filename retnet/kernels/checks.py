@@ -15,17 +15,31 @@ The rules, in the order they are checked:
 - chunk_size (chunkwise op): an int >= 1.
 - Under grad mode neither log_decay nor a tensor scale may require grad: both are constants of the ops
   (the Triton backward gives them none), and a gradient silently left at None would be worse than a refusal.
+
+cu_seqlens' values are checked on the host, and the ops need them there too (the longest sequence, the chunk
+tables), which costs a device sync per read. :class:`SharedHostOffsets` reads each cu_seqlens tensor once for
+every op call made while it is active: the public ops activate one per call, and ``RetNetModel.forward`` one
+per forward, so an L-layer model reads its cu_seqlens once rather than ~3L times. A tensor written in place
+since it was read is read (and checked) again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import inspect
 import itertools
 import numbers
 import operator
+import weakref
 
 import torch
 
-__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "check_chunk_size", "check_inputs", "check_scale"]
+__all__ = [
+    "MAX_HEAD_DIM", "SUPPORTED_DTYPES", "HostOffsets", "SharedHostOffsets", "check_chunk_size", "check_inputs",
+    "check_scale", "host_offsets", "shares_host_offsets",
+]
 
 # The paper's presets have V = 2 · K = 512. The kernels tile K and V in at most 128-wide tiles (the recurrent
 # kernel holds all of K: a [512, 16] fp32 state slice at 512), and ``python -m retnet.kernels.aot
@@ -119,13 +133,9 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
     if cu_seqlens is not None:
         if q.shape[0] != 1:
             raise ValueError(f"{op}: with cu_seqlens the batch must be packed into B=1; got B={q.shape[0]}")
-        # One host read; a decreasing offset would give a kernel a negative length, whose rows it would never
-        # write (the output holds whatever memory it was allocated on).
-        offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] != q.shape[1] or any(b < a for a, b in itertools.pairwise(offsets)):
-            raise ValueError(
-                f"{op}: cu_seqlens must start at 0, never decrease and end at T={q.shape[1]}; got {offsets}"
-            )
+        # A decreasing offset would give a kernel a negative length, whose rows it would never write (the
+        # output holds whatever memory it was allocated on).
+        host_offsets(cu_seqlens).check(op, q.shape[1])
     num_states = q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
     expected_state = (num_states, num_heads, key_dim, value_dim)
     if initial_state is not None and tuple(initial_state.shape) != expected_state:
@@ -138,3 +148,104 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
             "(pass log_decay.detach())"
         )
     return check_scale(scale, op)
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """``x``'s in-place write counter; None for an inference tensor, which keeps none."""
+    return None if x.is_inference() else x._version
+
+
+class HostOffsets:
+    """The values of one ``cu_seqlens`` tensor on the host (read once: a device sync) and what the ops derive
+    from them, for every op call that names this same tensor while a :class:`SharedHostOffsets` holds it."""
+
+    def __init__(self, cu_seqlens: torch.Tensor):
+        self._tensor = weakref.ref(cu_seqlens)
+        self._version = _version(cu_seqlens)
+        self.offsets: list = cu_seqlens.tolist()  # the one host read
+        self._valid_for: set[int] = set()  # the lengths T these offsets were checked against
+        # Device tables built from these values (the Triton chunk tables per tile length), kept as long as they hold.
+        self.derived: dict = {}
+
+    def describes(self, cu_seqlens: torch.Tensor) -> bool:
+        """Whether ``cu_seqlens`` is still the tensor that was read, not written in place since (its version
+        counter; an inference tensor keeps none, so within one scope, one forward, it is taken as unchanged)."""
+        return self._tensor() is cu_seqlens and self._version == _version(cu_seqlens)
+
+    def check(self, op: str, length: int) -> None:
+        """Raise the rule's ``ValueError`` unless the offsets start at 0, never decrease and end at ``length``."""
+        if length in self._valid_for:
+            return
+        offsets = self.offsets
+        if offsets[0] != 0 or offsets[-1] != length or any(b < a for a, b in itertools.pairwise(offsets)):
+            raise ValueError(f"{op}: cu_seqlens must start at 0, never decrease and end at T={length}; got {offsets}")
+        self._valid_for.add(length)
+
+    @property
+    def lengths(self) -> list:
+        """The N sequence lengths."""
+        return [end - start for start, end in itertools.pairwise(self.offsets)]
+
+    @property
+    def longest(self):
+        """The longest sequence's length (0 without sequences)."""
+        return max(self.lengths, default=0)
+
+
+_ACTIVE: contextvars.ContextVar[SharedHostOffsets | None] = contextvars.ContextVar(
+    "retnet_shared_host_offsets", default=None
+)
+
+
+class SharedHostOffsets:
+    """One host read per ``cu_seqlens`` tensor for all the op calls made while :meth:`active`: those of one op
+    call, or of one model forward (every layer, and a checkpointed layer's recomputation when it enters it
+    again). An entry is read again when its tensor was written in place (version counter) or is another object.
+    Short-lived on purpose: a write the version counter does not see (through ``.numpy()``, ``.data``, another
+    library) is missed only within the scope."""
+
+    def __init__(self):
+        self._entries: dict[int, HostOffsets] = {}
+
+    def get(self, cu_seqlens: torch.Tensor) -> HostOffsets:
+        """The host values of ``cu_seqlens``: those read before in this scope while they still describe it."""
+        entry = self._entries.get(id(cu_seqlens))
+        if entry is None or not entry.describes(cu_seqlens):
+            entry = self._entries[id(cu_seqlens)] = HostOffsets(cu_seqlens)
+        return entry
+
+    @contextlib.contextmanager
+    def active(self):
+        """Make this the scope that :func:`host_offsets` reads through (nested op calls find it)."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+
+def host_offsets(cu_seqlens: torch.Tensor) -> HostOffsets:
+    """``cu_seqlens``' values on the host: through the active :class:`SharedHostOffsets`, else a new read.
+
+    Callers check ``cu_seqlens`` is a 1-D integer tensor on a real device first (:func:`check_inputs`)."""
+    shared = _ACTIVE.get()
+    return HostOffsets(cu_seqlens) if shared is None else shared.get(cu_seqlens)
+
+
+def shares_host_offsets(op):
+    """Decorate a public op so that a call with ``cu_seqlens`` outside any scope gets its own
+    :class:`SharedHostOffsets`: its check and its own uses of the offsets then read them once. Without
+    ``cu_seqlens`` (or inside a scope) the op runs as it is, so the common path touches no context variable
+    (which would break a ``torch.compile`` graph). The signature stays the op's (``inspect`` follows
+    ``__wrapped__``)."""
+    position = list(inspect.signature(op).parameters).index("cu_seqlens")
+
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        cu_seqlens = args[position] if len(args) > position else kwargs.get("cu_seqlens")
+        if cu_seqlens is None or _ACTIVE.get() is not None:
+            return op(*args, **kwargs)
+        with SharedHostOffsets().active():
+            return op(*args, **kwargs)
+
+    return wrapper

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from retnet.kernels import naive
-from retnet.kernels.checks import check_chunk_size, check_inputs
+from retnet.kernels.checks import check_chunk_size, check_inputs, host_offsets, shares_host_offsets
 
 __all__ = ["check_retention_inputs", "chunk_retention", "chunk_retention_bwd", "chunk_retention_fwd"]
 
@@ -459,15 +459,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def prepare_chunks(cu_seqlens: torch.Tensor, BT: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """For a varlen batch: ``chunk_offsets`` [N+1] (first chunk of each sequence), ``chunk_indices``
-    [chunks, 2] int32 (sequence, chunk-within-sequence) and the total chunk count."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    counts = (lengths + BT - 1) // BT
-    chunk_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    total = int(chunk_offsets[-1])
-    seq = torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts)
-    local = torch.arange(total, device=cu_seqlens.device) - chunk_offsets[seq]
-    chunk_indices = torch.stack([seq, local], dim=1).to(torch.int32).contiguous()
-    return chunk_offsets.to(torch.int32).contiguous(), chunk_indices, total
+    [chunks, 2] int32 (sequence, chunk-within-sequence) and the total chunk count.
+
+    The count comes from the host copy of the offsets (:func:`retnet.kernels.checks.host_offsets`, read once
+    per forward), and the tables are built once per forward and tile length, not per layer."""
+    host = host_offsets(cu_seqlens)
+    if ("chunks", BT) not in host.derived:
+        total = sum(-(-length // BT) for length in host.lengths)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        counts = (lengths + BT - 1) // BT
+        chunk_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        # output_size: the count is known on the host, so the device's need not be read back
+        seq = torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), counts, output_size=total)
+        local = torch.arange(total, device=cu_seqlens.device) - chunk_offsets[seq]
+        chunk_indices = torch.stack([seq, local], dim=1).to(torch.int32).contiguous()
+        host.derived["chunks", BT] = (chunk_offsets.to(torch.int32).contiguous(), chunk_indices, total)
+    return host.derived["chunks", BT]
 
 
 # CUDA's limits on a launch grid, per axis (x, y, z). Only a GPU enforces them (the interpreter runs any grid):
@@ -633,6 +640,7 @@ def check_retention_inputs(q, k, v, log_decay, initial_state, cu_seqlens, op: st
     return check_inputs(op, q, k, v, log_decay, scale, initial_state, cu_seqlens)
 
 
+@shares_host_offsets
 def chunk_retention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -14,19 +14,42 @@ The decay is kept in log space and only exponentiated as ``exp(n · log γ)`` fo
 γ = 1 - 2^(-5-h) rounds to exactly 1.0 in bf16 from head 4 (and in fp32 from head 20): a decay mask
 built from a rounded γ would stop decaying, and one built in low precision leaks future tokens.
 No row stabiliser is applied: the per-head norm that follows retention in the model would cancel it.
+
+They compute in fp32 under autocast too (it is turned off inside them): autocast would otherwise run their
+matmuls in bf16/fp16 and hand back a low-precision final state, where the state is fp32 everywhere (the
+model's cache keeps it, and decoding adds to it token by token).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 
-from retnet.kernels.checks import check_chunk_size, check_inputs
+from retnet.kernels.checks import check_chunk_size, check_inputs, host_offsets, shares_host_offsets
 
 # Padding the packed sequences into one batch does at most this many times the packed row's work; beyond
 # it (one long document among many short ones) they run one by one.
 MAX_PADDING_FACTOR = 2.0
+
+
+def _fp32(op):
+    """Run a reference op with autocast off on q's device: its ``.float()`` inputs then stay fp32 through every
+    matmul, and its final state is fp32 as documented (under CPU or CUDA autocast a matmul would return bf16)."""
+
+    @functools.wraps(op)
+    def wrapper(q, *args, **kwargs):
+        # (a non-tensor q goes on to the input rules' ValueError; a device autocast does not know, "meta" say,
+        # has no autocast to turn off)
+        device_type = q.device.type if isinstance(q, torch.Tensor) else None
+        if (device_type is None or not torch.amp.is_autocast_available(device_type)
+                or not torch.is_autocast_enabled(device_type)):
+            return op(q, *args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return op(q, *args, **kwargs)
+
+    return wrapper
 
 
 # The shapes below come from cu_seqlens' values: under torch.compile every batch would be a new graph with
@@ -35,9 +58,10 @@ MAX_PADDING_FACTOR = 2.0
 def _varlen(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, **kw):
     """Run ``form`` on the N sequences packed into a varlen row (B=1): as one right-padded batch when that
     wastes little, else one by one."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    count, longest = len(lengths), int(lengths.max()) if len(lengths) else 0
+    host = host_offsets(cu_seqlens)  # read once per forward (checks.SharedHostOffsets), not per layer
+    count, longest = len(host.offsets) - 1, host.longest
     if count > 1 and longest > 0 and count * longest <= MAX_PADDING_FACTOR * q.shape[1]:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         return _padded_batch(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
                              lengths, longest, **kw)
     return _per_sequence(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, **kw)
@@ -53,7 +77,12 @@ def _padded_batch(form, q, k, v, log_decay, scale, initial_state, output_final_s
     rows = (cu_seqlens[:-1].long()[:, None] + steps[None]).clamp(max=q.shape[1] - 1)
     qb, kb, vb = q[0][rows], k[0][rows] * valid[..., None, None].to(k.dtype), v[0][rows]
     o, _ = form(qb, kb, vb, log_decay, scale, initial_state, False, **kw)
-    out = o[valid][None]  # segments are contiguous and in order, so this is the packed order
+    # Each packed token's place in the padded [N · longest] rows (segments are contiguous and in order). Not
+    # o[valid]: a boolean index sizes its output from the data, a device sync per layer.
+    length = q.shape[1]
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths, output_size=length)
+    token = torch.arange(length, device=q.device)
+    out = o.flatten(0, 1).index_select(0, segment * longest + token - cu_seqlens[:-1].long()[segment])[None]
     if not output_final_state:
         return out, None
     to_end = (lengths[:, None] - 1 - steps[None]).clamp(min=0).float()
@@ -68,7 +97,7 @@ def _padded_batch(form, q, k, v, log_decay, scale, initial_state, output_final_s
 def _per_sequence(form, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, **kw):
     """Run ``form`` on each packed sequence of a varlen batch (B=1) and stitch the results."""
     outputs, states = [], []
-    bounds = cu_seqlens.tolist()
+    bounds = host_offsets(cu_seqlens).offsets
     for i, (start, end) in enumerate(itertools.pairwise(bounds)):
         h0 = None if initial_state is None else initial_state[i : i + 1]
         o, s = form(q[:, start:end], k[:, start:end], v[:, start:end], log_decay, scale, h0, True, **kw)
@@ -96,6 +125,8 @@ def _causal_decay_mask(log_decay: torch.Tensor, length: int) -> torch.Tensor:
     return torch.exp(exponent.masked_fill(distance < 0, float("-inf")))
 
 
+@_fp32
+@shares_host_offsets
 def parallel_retention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -145,6 +176,8 @@ def parallel_retention(
     return (scale * o).transpose(1, 2).to(v.dtype), final_state
 
 
+@_fp32
+@shares_host_offsets
 def chunk_retention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -172,7 +205,7 @@ def chunk_retention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is None:  # one "sequence" spanning all batch rows: they share their chunking
         return _chunkwise(q, k, v, log_decay, scale, [initial_state], output_final_state, chunk_size, [q.shape[1]])
-    lengths = [end - start for start, end in itertools.pairwise(cu_seqlens.tolist())]
+    lengths = host_offsets(cu_seqlens).lengths
     initial = [None if initial_state is None else initial_state[i : i + 1] for i in range(len(lengths))]
     return _chunkwise_varlen(q, k, v, log_decay, scale, initial, output_final_state, chunk_size, lengths)
 
@@ -196,7 +229,8 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
               for first, pad, start in zip(first_chunks, pads, token_starts, strict=True)]
     dest = torch.arange(length, device=q.device) + torch.repeat_interleave(
         torch.tensor(shifts, device=q.device, dtype=torch.long),
-        torch.tensor(lengths, device=q.device, dtype=torch.long))  # long even when empty (cu_seqlens = [0])
+        torch.tensor(lengths, device=q.device, dtype=torch.long),  # long even when empty (cu_seqlens = [0])
+        output_size=length)  # known: without it a CUDA tensor's sum would be read back
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
         """[B, T, H, D] -> [B, H, chunks, C, D] float32 and contiguous, zeros at the padding."""
@@ -289,6 +323,8 @@ def check_inplace_state(q, k, v, initial_state, op: str = "recurrent_retention")
         )
 
 
+@_fp32
+@shares_host_offsets
 def recurrent_retention(
     q: torch.Tensor,
     k: torch.Tensor,

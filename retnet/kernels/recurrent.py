@@ -23,6 +23,7 @@ import triton.language as tl
 
 from retnet.kernels import chunk as _chunk
 from retnet.kernels import naive as _naive
+from retnet.kernels.checks import shares_host_offsets
 from retnet.kernels.chunk import _autotune, _pow2, check_retention_inputs
 
 __all__ = ["recurrent_retention"]
@@ -127,6 +128,7 @@ def recurrent_retention_fwd(q, k, v, log_decay, scale, initial_state, output_fin
     return o, ht
 
 
+@shares_host_offsets
 def recurrent_retention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -19,6 +19,7 @@ from transformers.generation import utils as generation_utils
 from transformers.modeling_outputs import ModelOutput
 
 from retnet import kernels
+from retnet.kernels.checks import SharedHostOffsets
 from retnet.model.activations import SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
@@ -492,7 +493,8 @@ class RetNetModel(RetNetPreTrainedModel):
                 initial state is ``cache.states[layer][i]``, its positions count from ``cache.offsets[i]``,
                 and the final states ``[N, H, K, V]`` and offsets (each advanced by its sequence's length)
                 go back into the cache. ``RetNetForCausalLM``'s ``logits_to_keep=cu_seqlens[1:] - 1`` then
-                gives each sequence's last-token logits.
+                gives each sequence's last-token logits. Its values are read to the host (checked, and sizing
+                the kernels' work) once per forward, whatever the depth.
         """
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
@@ -503,14 +505,17 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden_states.shape[:2]
         mode = retention_mode or self.config.retention_mode
+        # Every layer's ops read the packed offsets on the host (to check them, to size their work): through
+        # this, once per forward rather than a few device syncs per layer (retnet.kernels.checks).
+        shared_offsets = SharedHostOffsets()
         if cu_seqlens is not None:
             _check_packed(cu_seqlens, batch, attention_mask, cache)
             # Offsets are often built on the host; the kernels take them only on the tokens' device.
             cu_seqlens = cu_seqlens.to(hidden_states.device)
             if mode == "auto" and not kernels.use_triton(hidden_states):
                 # The reference runs a packed row sequence by sequence: pick the form for the longest one,
-                # once for all layers (it costs a host sync).
-                mode = resolve_retention_mode(mode, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()), hidden_states)
+                # once for all layers (the read the layers' ops then share).
+                mode = resolve_retention_mode(mode, shared_offsets.get(cu_seqlens).longest, hidden_states)
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         # Checkpointed training makes no cache of its own (transformers turns use_cache off there), but one
@@ -562,16 +567,19 @@ class RetNetModel(RetNetPreTrainedModel):
                                     starts_at_origin=not custom_positions)
 
         all_hidden_states = ()
+        packed = cu_seqlens is not None or packed_rows is not None
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             initial_state = None if cache is None else cache.states[index]
             args = (hidden_states, positions, token_mask, initial_state, cache is not None, mode, cu_seqlens,
                     packed_rows)
+            run = _sharing_host_offsets(layer.__call__, shared_offsets) if packed else layer.__call__
             if checkpointing:
-                hidden_states, state = self._gradient_checkpointing_func(layer.__call__, *args)
+                # (the recomputation in backward runs `run` again, so it shares the forward's read too)
+                hidden_states, state = self._gradient_checkpointing_func(run, *args)
             else:
-                hidden_states, state = layer(*args)
+                hidden_states, state = run(*args)
             if cache is not None:
                 cache.states[index] = state
         hidden_states = self.norm(hidden_states)
@@ -674,6 +682,16 @@ class RetNetModel(RetNetPreTrainedModel):
         return start + (token_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _sharing_host_offsets(fn, shared: SharedHostOffsets):
+    """``fn`` run with ``shared`` active: its retention ops read packed offsets through it."""
+
+    def run(*args):
+        with shared.active():
+            return fn(*args)
+
+    return run
+
+
 def _check_cache_and_outputs(cache, kwargs: dict) -> None:
     """Refuse, by name, what a recurrent state cannot give: a KV cache (``DynamicCache``, ``StaticCache``, ...)
     passed as the cache, and attention weights (retention forms none)."""
@@ -774,8 +792,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     ) -> RetNetCausalLMOutput | tuple:
         """Logits ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when an int > 0, only the
         positions it lists when an index tensor, e.g. ``cu_seqlens[1:] - 1`` for the last token of each packed
-        sequence) and, with ``labels`` ``[B, T]``, the next-token cross-entropy with −100 ignored. Other
-        arguments as :meth:`RetNetModel.forward`."""
+        sequence) and, with ``labels`` ``[B, T]``, the next-token cross-entropy with −100 ignored (nan when
+        no label counts, all −100 or T = 0, on the fused head as on the plain one; see :func:`causal_lm_loss`).
+        Other arguments as :meth:`RetNetModel.forward`."""
         _check_cache_and_outputs(cache if cache is not None else past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
@@ -962,12 +981,17 @@ def causal_lm_loss(
     logits: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) over labels that are not −100; ``num_items_in_batch``
-    replaces the mean's denominator when gradient accumulation needs a global count."""
+    replaces the mean's denominator when gradient accumulation needs a global count.
+
+    With no label to predict (all −100, or T = 0) the mean is over nothing: nan, with zero gradients, as
+    ``F.cross_entropy`` and transformers' causal-LM loss give it (and the fused head,
+    ``config.fuse_linear_cross_entropy``, alike); with ``num_items_in_batch`` it is 0."""
     # The labels move left, not the logits: slicing [B, T, vocab] logits copies them forward and fills a
     # zero gradient as large backward (about a tenth of a CPU training step at vocab 16k). The last
-    # position gets label −100 and drops out of the mean.
+    # position gets label −100 and drops out of the mean. Padded before the shift, as transformers does: a
+    # pad after it would give a T = 0 batch B labels for its 0 logits.
     flat_logits = logits.float().reshape(-1, logits.shape[-1])
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(flat_logits.device)
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(flat_logits.device)
     if num_items_in_batch is None:
         return F.cross_entropy(flat_logits, shift_labels, ignore_index=-100)
     total = F.cross_entropy(flat_logits, shift_labels, ignore_index=-100, reduction="sum")

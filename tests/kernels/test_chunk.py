@@ -369,3 +369,18 @@ def test_forcing_triton_on_cpu_without_the_interpreter_says_so():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "refused: RETNET_KERNELS=triton on cpu tensors needs Triton's interpreter" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("T", [0, 7])
+def test_autocast_leaves_the_triton_ops_final_state_fp32(kt, T):
+    """The model under autocast feeds the ops bf16 q, k, v; the state they return stays fp32 (the empty call
+    goes through the reference, which turns autocast off)."""
+    q, k, v, log_decay, h0 = kt.make_inputs(2, T, 2, 16, 16, dtype=torch.bfloat16, initial_state=True,
+                                            device=DEVICE)
+    for op in (chunk_retention, recurrent_retention):
+        want = op(q, k, v, log_decay, None, h0, True)
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            o, ht = op(q, k, v, log_decay, None, h0, True)
+        assert ht.dtype == torch.float32 and o.dtype == torch.bfloat16
+        torch.testing.assert_close(ht, want[1], rtol=0, atol=0)
+        torch.testing.assert_close(o, want[0], rtol=0, atol=0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import retnet.kernels as kernels
-from retnet.kernels import chunk, naive, recurrent
+from retnet.kernels import checks, chunk, naive, recurrent
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -203,3 +203,109 @@ def test_public_ops_refuse_a_non_tensor_q_with_the_rule(op, mode, monkeypatch):
     for q in ([[0.0]], x["q"].numpy()):
         with pytest.raises(ValueError, match=r"q must be a torch\.Tensor; got (list|ndarray)"):
             getattr(kernels, op)(q, x["k"], x["v"], x["log_decay"])
+
+
+# -- cu_seqlens is read to the host once per scope (checks.SharedHostOffsets) --------------------------------
+OPS_WITH_CU_SEQLENS = {
+    "naive-parallel": naive.parallel_retention,
+    "naive-chunk": naive.chunk_retention,
+    "naive-recurrent": naive.recurrent_retention,
+    "triton-chunk": chunk.chunk_retention,
+    "triton-recurrent": recurrent.recurrent_retention,
+}
+
+
+def _count_cu_seqlens_reads(monkeypatch, cu_seqlens) -> list[int]:
+    """Count the host reads of ``cu_seqlens``' values: tolist, and item/int (``_local_scalar_dense``) of it or
+    of anything computed from it (the old ``int(lengths.max())``, ``int(chunk_offsets[-1])``)."""
+    reads = [0]
+    tolist, item = torch.Tensor.tolist, torch.Tensor.item
+
+    def counted_tolist(self):
+        reads[0] += self is cu_seqlens
+        return tolist(self)
+
+    def counted_item(self):
+        reads[0] += not self.is_floating_point()  # integer scalars here are lengths and offsets
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: int(counted_item(self)))
+    return reads
+
+
+def _packed_call(T=12, bounds=(0, 5, 12)):
+    x = _call(q=_f(1, T, H, 16), k=_f(1, T, H, 16), v=_f(1, T, H, 16), initial_state=_f(len(bounds) - 1, H, 16, 16))
+    x["cu_seqlens"] = torch.tensor(bounds, device=DEVICE)
+    return x
+
+
+@pytest.mark.parametrize("op", list(OPS_WITH_CU_SEQLENS))
+def test_an_op_reads_cu_seqlens_once_a_call_and_once_a_scope(op, monkeypatch):
+    """An op call read cu_seqlens to the host two or three times (its check, then the longest sequence, the
+    chunk table or the bounds); L layers' calls in one forward 3L times. Now once per call, and once for all
+    the calls made while a SharedHostOffsets is active (what RetNetModel.forward does), with the same results."""
+    fn, x = OPS_WITH_CU_SEQLENS[op], _packed_call()
+    args = (x["q"], x["k"], x["v"], x["log_decay"], None, x["initial_state"], True)
+    want = fn(*args, cu_seqlens=x["cu_seqlens"])
+    reads = _count_cu_seqlens_reads(monkeypatch, x["cu_seqlens"])
+    fn(*args, cu_seqlens=x["cu_seqlens"])
+    assert reads[0] == 1
+    reads[0] = 0
+    with checks.SharedHostOffsets().active():
+        for _ in range(4):
+            o, ht = fn(*args, cu_seqlens=x["cu_seqlens"])
+    assert reads[0] == 1
+    torch.testing.assert_close(o, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(ht, want[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_cu_seqlens_written_in_place_is_checked_again(pair):
+    """A shared read is used only while the tensor's version counter says it was not written since: a write in
+    place (here inside one scope, as between two layers) is read and checked again, on both paths alike."""
+    x = _packed_call()
+    cu_seqlens = x["cu_seqlens"]
+    for fn in PAIRS[pair][:2]:
+        cu_seqlens.copy_(torch.tensor([0, 5, 12]))
+        with checks.SharedHostOffsets().active():
+            _, first = fn(x["q"], x["k"], x["v"], x["log_decay"], None, x["initial_state"], True, cu_seqlens=cu_seqlens)
+            cu_seqlens[1] = 8  # still valid: other sequences, other states
+            _, second = fn(x["q"], x["k"], x["v"], x["log_decay"], None, x["initial_state"], True,
+                           cu_seqlens=cu_seqlens)
+            assert not torch.allclose(first, second)
+            cu_seqlens[1] = 13  # past the end: refused again
+            message = _refusal(fn, x)
+        assert message.endswith("cu_seqlens must start at 0, never decrease and end at T=12; got [0, 13, 12]")
+
+
+def test_an_inference_tensor_is_read_once_a_scope(monkeypatch):
+    """Under inference_mode (the server's), cu_seqlens has no version counter: one scope (one forward) trusts
+    its read, and the next scope reads it again."""
+    x = _packed_call()
+    with torch.inference_mode():
+        cu_seqlens = x["cu_seqlens"].clone()
+        reads = _count_cu_seqlens_reads(monkeypatch, cu_seqlens)
+        for _ in range(2):
+            with checks.SharedHostOffsets().active():
+                for fn in (naive.chunk_retention, chunk.chunk_retention, recurrent.recurrent_retention):
+                    fn(x["q"], x["k"], x["v"], x["log_decay"], None, x["initial_state"], True, cu_seqlens=cu_seqlens)
+        assert reads[0] == 2
+        cu_seqlens[2] = 11
+        with pytest.raises(ValueError, match="end at T=12"):
+            naive.chunk_retention(x["q"], x["k"], x["v"], x["log_decay"], cu_seqlens=cu_seqlens)
+
+
+def test_the_public_ops_keep_the_references_signatures():
+    """The decorators that share the host read (and turn autocast off in the references) keep each op's
+    signature: the Triton ops' and the dispatchers' are the references' (names, order, defaults)."""
+    import inspect
+
+    def parameters(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    for name in ("parallel_retention", "chunk_retention", "recurrent_retention"):
+        assert parameters(getattr(kernels, name)) == parameters(getattr(naive, name)), name
+    assert parameters(chunk.chunk_retention) == parameters(naive.chunk_retention)
+    assert parameters(recurrent.recurrent_retention) == parameters(naive.recurrent_retention)

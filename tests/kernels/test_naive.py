@@ -246,3 +246,23 @@ def test_recurrent_leaves_the_callers_state_alone_and_matches_under_inference(kt
     with torch.inference_mode():
         o_inf, ht_inf = naive.recurrent_retention(q, k, v, log_decay, None, h0, True)
     assert torch.equal(o_inf, o.detach()) and torch.equal(ht_inf, ht.detach()) and torch.equal(h0, before)
+
+
+@pytest.mark.parametrize("bounds", [None, [0, 20, 33], [0, 1, 2, 33]], ids=["batch", "padded-batch", "one-by-one"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_autocast_changes_nothing_and_the_state_stays_fp32(kt, dtype, bounds):
+    """Under CPU autocast the references' matmuls ran in bf16: the parallel and recurrent forms (and the packed
+    padded batch) returned a bf16 final state, where it is fp32 everywhere. They now turn autocast off: the same
+    outputs and states, bit for bit, as without it."""
+    cu_seqlens = None if bounds is None else torch.tensor(bounds)
+    batch = 2 if bounds is None else 1
+    states = batch if bounds is None else len(bounds) - 1
+    q, k, v, log_decay, h0 = kt.make_inputs(batch, 33, 3, 8, 4, dtype=dtype, initial_state=True, num_states=states)
+    for name, form in FORMS.items():
+        want_o, want_ht = form(q, k, v, log_decay, None, h0, True, cu_seqlens=cu_seqlens)
+        for initial in (h0, None):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                o, ht = form(q, k, v, log_decay, None, initial, True, cu_seqlens=cu_seqlens)
+            assert ht.dtype == torch.float32 and o.dtype == dtype, name
+            if initial is h0:
+                assert torch.equal(o, want_o) and torch.equal(ht, want_ht), name

@@ -325,3 +325,52 @@ def test_a_pad_that_is_the_eos_does_not_freeze_the_eos_embedding():
         grad = model.model.embed_tokens.weight.grad
         assert grad[3].abs().sum() > 0
     assert model.model.embed_tokens.padding_idx == 4  # a pad of its own still gets no gradient
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain-head", "fused-head"])
+def test_no_label_to_predict_gives_the_same_loss_on_both_heads(model_factory, fused):
+    """No label to predict, all −100 or T = 0, is a mean over nothing: nan with zero gradients, as
+    F.cross_entropy and transformers' causal-LM loss give it; 0 with a num_items_in_batch. The plain head
+    refused T = 0 with a cross-entropy batch-size error (its shifted labels had B entries for 0 logits)."""
+    model = model_factory(fuse_linear_cross_entropy=fused).train()  # the fused head runs in training only
+    ids = _ids(length=7)
+    cases = {
+        "T=0 B=1": (torch.zeros(1, 0, dtype=torch.long),) * 2,
+        "T=0 B=2": (torch.zeros(2, 0, dtype=torch.long),) * 2,
+        "all -100": (ids, torch.full_like(ids, -100)),
+        "one token": (ids[:, :1], ids[:, :1]),  # its only label is the one it would predict past the end
+    }
+    for name, (inputs, labels) in cases.items():
+        model.zero_grad()
+        loss = model(inputs, labels=labels).loss
+        assert loss.dtype == torch.float32 and loss.isnan(), f"{name}: {loss}"
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert all(not g.isnan().any() and not g.any() for g in grads), name
+        counted = model(inputs, labels=labels, num_items_in_batch=4).loss
+        assert counted.item() == 0.0, f"{name}: {counted}"
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent", "auto", "packed"])
+def test_bf16_autocast_keeps_every_forms_state_fp32_and_decoding_continues(model_factory, mode):
+    """The state is fp32 [B, H, K, V] everywhere: under CPU autocast the references' matmuls ran in bf16
+    and handed the parallel and recurrent forms' (and the packed padded batch's) states back as bf16."""
+    model = model_factory()
+    ids = _ids(length=13)
+    kwargs = dict(retention_mode=None if mode == "packed" else mode)
+    if mode == "packed":
+        ids, kwargs["cu_seqlens"] = ids[:1, :12], torch.tensor([0, 5, 12])
+    with torch.no_grad():
+        want = model(ids, use_cache=True, **kwargs).cache
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cache = model(ids, use_cache=True, **kwargs).cache
+            assert [s.dtype for s in cache.states] == [torch.float32] * len(cache.states)
+            for got, expected in zip(cache.states, want.states):
+                # q, k, v are bf16 projections: within their rounding of the fp32 run's state
+                torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+            rows = cache.batch_size
+            for step in range(3):
+                out = model(torch.full((rows, 1), 5 + step), cache=cache, use_cache=True)
+                assert [s.dtype for s in out.cache.states] == [torch.float32] * len(cache.states)
+                assert out.logits.isfinite().all()
+    assert cache.offsets.tolist() == (want.offsets + 3).tolist()

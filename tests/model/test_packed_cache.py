@@ -4,8 +4,11 @@ The server prefills a burst of prompts this way; it must give every prompt exact
 would: the same last-token logits, per-layer states and positions, and the same continuation after.
 """
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from retnet.model import RetNetCache
 
@@ -131,3 +134,92 @@ def test_packed_prefill_refuses_a_mask_a_wider_batch_and_a_cache_of_another_size
         tiny_model(ids.expand(2, -1), cu_seqlens=cu_seqlens)
     with pytest.raises(ValueError, match=r"2 sequences.*2 rows.*got 3"):
         tiny_model(ids, cache=RetNetCache.zeros(tiny_model.config, 3), use_cache=True, cu_seqlens=cu_seqlens)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts what reads a tensor's values back to the host (a device sync on a GPU): item/int/bool, ops whose
+    output size depends on the data, and (patched in by :func:`_count_host_reads`) ``tolist``."""
+
+    SIZED_BY_DATA = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        self.count += (
+            func is aten._local_scalar_dense.default
+            or func in self.SIZED_BY_DATA
+            or (func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None)
+            or (func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]))
+        )
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _count_host_reads(monkeypatch):
+    reads = _HostReads()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        reads.count += 1
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    with reads:
+        yield reads
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent", "auto"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_a_packed_forward_reads_cu_seqlens_back_a_bounded_number_of_times(model_factory, monkeypatch, mode,
+                                                                          use_cache):
+    """Each layer's ops read cu_seqlens to the host to check it and size their work (three device syncs a layer
+    on a GPU): they now share one read per forward, so the count does not grow with the depth."""
+    ids = torch.cat([_ids(n, seed=n) for n in PROMPT_LENGTHS], dim=1)
+    counts = {}
+    for layers in (1, 4):
+        model = model_factory(num_hidden_layers=layers)
+        cu_seqlens = torch.tensor([0, 13, 20, 41])
+        with torch.no_grad(), _count_host_reads(monkeypatch) as reads:
+            model(ids, cu_seqlens=cu_seqlens, retention_mode=mode, use_cache=use_cache)
+        counts[layers] = reads.count
+    assert counts[1] == counts[4] <= 2, counts  # (with a cache, one more: the longest row's offset)
+
+
+def test_a_checkpointed_packed_training_step_reads_cu_seqlens_back_a_bounded_number_of_times(model_factory,
+                                                                                                monkeypatch):
+    """Gradient checkpointing runs each layer again in backward: it shares the forward's read too."""
+    ids = torch.cat([_ids(n, seed=n) for n in PROMPT_LENGTHS], dim=1)
+    counts, grads = {}, {}
+    for layers in (1, 4):
+        model = model_factory(num_hidden_layers=layers).train()
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        cu_seqlens = torch.tensor([0, 13, 20, 41])
+        with _count_host_reads(monkeypatch) as reads:
+            model(ids, labels=ids, cu_seqlens=cu_seqlens, retention_mode="chunkwise").loss.backward()
+        counts[layers] = reads.count
+        grads[layers] = model.model.embed_tokens.weight.grad
+    assert counts[1] == counts[4] <= 2, counts
+    # unchanged results: the same step without checkpointing
+    plain = model_factory(num_hidden_layers=4).train()
+    plain(ids, labels=ids, cu_seqlens=torch.tensor([0, 13, 20, 41]), retention_mode="chunkwise").loss.backward()
+    torch.testing.assert_close(grads[4], plain.model.embed_tokens.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+@torch.no_grad()
+def test_cu_seqlens_written_in_place_between_forwards_is_checked_again(tiny_model):
+    ids = _ids(12, seed=0)
+    cu_seqlens = torch.tensor([0, 5, 12])
+    first = tiny_model(ids, cu_seqlens=cu_seqlens).logits
+    cu_seqlens[1] = 7  # still valid: other documents, other logits
+    second = tiny_model(ids, cu_seqlens=cu_seqlens).logits
+    alone = torch.cat([tiny_model(ids[:, :7]).logits, tiny_model(ids[:, 7:]).logits], dim=1)
+    torch.testing.assert_close(second, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)
+    cu_seqlens[2] = 11  # no longer ends at T
+    with pytest.raises(ValueError, match=r"cu_seqlens must start at 0, never decrease and end at T=12; got \[0, 7, 11\]"):
+        tiny_model(ids, cu_seqlens=cu_seqlens)
