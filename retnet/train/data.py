@@ -2,8 +2,9 @@
 
 Sources (``data.dataset``): ``stdlib`` (the running interpreter's standard-library ``*.py`` files, sorted:
 the embedded corpus that needs no download), local files (``.txt/.md/.py/.rst`` one document per file,
-``.json/.jsonl/.parquet/.csv`` one document per row's ``text_field``), a ``save_to_disk`` directory or a hub
-dataset, all through HF ``datasets`` except ``stdlib``.
+``.json/.jsonl/.parquet/.csv`` one document per row's ``text_field``, a CSV cell as written: "007" or "NaN" is
+that text, not a number), a ``save_to_disk`` directory or a hub dataset, all through HF ``datasets`` except
+``stdlib``.
 
 Non-streaming (the default): a held-out fraction of the documents is the validation split; a tokenizer is
 loaded (``data.tokenizer``) or a byte-level BPE trained on the training documents; every document is encoded
@@ -55,6 +56,9 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # Bumped when the cached format changes, or what a cache holds under the same key, so old caches are not misread.
 CACHE_VERSION = 2
+# Bumped when the documents read from CSV files change (2: the text column as written, see _csv_options): their
+# caches alone are keyed by it, so the caches of other sources are kept.
+CSV_READING = 2
 SPLIT_SEED = 20240601  # fixed: the held-out documents do not change with the training seed
 # A cache temp directory untouched this long was left by a killed writer. Not less: another node may be writing
 # one into the shared cache right now, and a large split is written only after all of it is encoded.
@@ -146,8 +150,10 @@ def _hash(*parts: Any) -> str:
 
 
 def data_fingerprint(cfg: DataConfig, files: list[Path] | None, hub_fingerprint: str | None = None) -> str:
-    """Changes when the files (path, size, mtime), the loaded hub dataset (``hub_fingerprint``) or the
-    selection/split settings change."""
+    """Changes when the files (path, size, mtime), the loaded hub dataset (``hub_fingerprint``), the
+    selection/split settings or the way CSV files are read (:data:`CSV_READING`) change."""
+    # local_files gives files of one kind; a save_to_disk directory's files are of none of them
+    csv = bool(files) and _kind(files[0]) == "csv"
     if files is not None and len(files) == 1 and saved_dataset_dir(files[0]):
         files = sorted(p for p in files[0].rglob("*") if p.is_file())
     listing = (hub_fingerprint if files is None
@@ -159,6 +165,8 @@ def data_fingerprint(cfg: DataConfig, files: list[Path] | None, hub_fingerprint:
     # the caches (and hub resumes) of runs that never set it keep their keys.
     unused = "val_fraction" if cfg.streaming else "val_documents"
     settings[unused] = next(f.default for f in dataclasses.fields(DataConfig) if f.name == unused)
+    if csv:
+        settings["csv_reading"] = CSV_READING
     return _hash(CACHE_VERSION, settings, listing)
 
 
@@ -189,8 +197,39 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     # invalid UTF-8 becomes U+FFFD, as in the stdlib corpus, not an error that names no file
     options = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
     with _reading(cfg.dataset, cfg.text_field):
+        if kind == "csv":  # the text column as written, not as pandas' type inference reads it
+            options = _csv_options(files, cfg.text_field)
         return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=streaming,
                                      cache_dir=str(cache_dir / "hf"), **options)
+
+
+# pandas.read_csv's default NA spellings as its documentation lists them (no public name holds them).
+PANDAS_NA_SPELLINGS = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+    "NULL", "NaN", "None", "n/a", "nan", "null",
+})
+
+
+def _csv_options(files: list[Path], text_field: str) -> dict[str, Any]:
+    """Options of datasets' csv builder (``pandas.read_csv``'s) that read the ``text_field`` column as written.
+
+    pandas infers each column's type from its cells: a text column of numbers ("007", "1e5") becomes int or
+    float (7, 100000.0), changing the documents or refusing them as numbers, and its NA spellings ("", "NaN",
+    "NA", "null" ...) become NaN. The text column gets ``str`` of each cell and no NA spellings, so an empty cell
+    is an empty document (skipped, as every source skips them) and "NaN" is the text "NaN". The other columns
+    keep pandas' defaults: ``keep_default_na=False`` turns them off for every column, so they are given back
+    per column by name, from the header of each file (a file without a header row, empty, has no columns)."""
+    import pandas as pd
+
+    columns: set[str] = set()
+    for path in files:
+        try:
+            columns.update(pd.read_csv(path, nrows=0).columns)
+        except pd.errors.EmptyDataError:
+            continue
+    spellings = sorted(PANDAS_NA_SPELLINGS)
+    return {"converters": {text_field: str}, "keep_default_na": False,
+            "na_values": {column: spellings for column in sorted(columns) if column != text_field}}
 
 
 def _hub_error(cfg: DataConfig, error: Exception) -> ConfigError:

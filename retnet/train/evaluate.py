@@ -17,7 +17,9 @@ cross-entropy over every target of every document (nats), the perplexity its exp
 
 No context window: a document is run in pieces of ``--segment-tokens`` tokens, each continuing the recurrent
 state the previous piece left, so every token is conditioned on the whole document before it, at memory
-that grows with the segment, not the document. ``--batch-size`` documents run together, packed into one row.
+that grows with the segment, not the document. ``--batch-size`` documents run together, packed into one row;
+when one ends, the next document takes its place from a fresh state, so the row stays full (the loss is the
+same as one document at a time).
 
 Exit status: 0 on success, 2 for bad options or input (a missing model directory, a dataset without
 documents, a non-positive size ...), with a message naming the option.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -82,38 +85,59 @@ def score_documents(model, documents: list[list[int]], *, segment_tokens: int = 
     """(summed cross-entropy, targets) of ``documents`` (token id lists, each predicting ``ids[1:]`` from
     ``ids[:-1]``), run ``segment_tokens`` at a time with the recurrent cache carried between segments.
 
-    A batch's documents go into one packed row (``cu_seqlens``), each continuing its own cache row, so no
-    padding is run and no state leaks between them; a document that has ended leaves the cache."""
+    Up to ``batch_size`` documents run together in one packed row (``cu_seqlens``), each continuing its own
+    cache row, so no padding is run and no state leaks between them. When a document ends, the next one in the
+    queue takes over its cache row in the next segment, from a fresh state (zero, position 0: what a document
+    scored alone starts from), so the row holds ``batch_size`` documents until the queue is empty (continuous
+    batching). The result is batch_size=1's, up to the rounding of the sums."""
     if segment_tokens < 1 or batch_size < 1:
         raise ValueError(f"segment_tokens and batch_size must be >= 1; got {segment_tokens}, {batch_size}")
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per segment
     targets = 0
-    # Longest first: a batch of similar lengths keeps its row full for more segments, and a document too long
-    # for the memory fails at the start, not after the rest was scored.
-    order = sorted((d for d in documents if len(d) >= 2), key=len, reverse=True)
-    for first in range(0, len(order), batch_size):
-        batch = order[first:first + batch_size]
-        inputs = [torch.tensor(d[:-1], dtype=torch.long) for d in batch]
-        labels = [torch.tensor(d[1:], dtype=torch.long) for d in batch]
-        cache, active, start = None, list(range(len(batch))), 0
-        while active:
-            pieces = [inputs[i][start:start + segment_tokens] for i in active]
-            lengths = torch.tensor([0, *(len(p) for p in pieces)])
-            out = model(input_ids=torch.cat(pieces)[None].to(device), cu_seqlens=lengths.cumsum(0).to(device),
-                        cache=cache, use_cache=True)
-            want = torch.cat([labels[i][start:start + segment_tokens] for i in active]).to(device)
-            total += F.cross_entropy(out.logits[0].float(), want, reduction="sum")
-            targets += len(want)
-            if progress is not None:
-                progress.update(len(want))
-            cache, start = out.cache, start + segment_tokens
-            del out  # its logits would otherwise live through the next forward: two segments' worth at the peak
-            going = [len(inputs[i]) > start for i in active]
-            if not all(going):
-                active = [i for i, keep in zip(active, going) if keep]
-                cache = cache.select(torch.tensor(going)) if active else None
+    # Longest first: the documents still running once the queue is empty (the row then shrinks) are the
+    # shortest, and a document too long for the memory fails at the start, not after the rest was scored.
+    queue = iter(sorted((d for d in documents if len(d) >= 2), key=len, reverse=True))
+    # One [ids, tokens scored] per cache row, in the order of the packed row's sequences.
+    rows = [[torch.tensor(d, dtype=torch.long), 0] for d in itertools.islice(queue, batch_size)]
+    cache = None
+    while rows:
+        pieces = [ids[start:start + segment_tokens + 1] for ids, start in rows]  # a piece's inputs and targets
+        lengths = torch.tensor([0, *(len(p) - 1 for p in pieces)])
+        out = model(input_ids=torch.cat([p[:-1] for p in pieces])[None].to(device),
+                    cu_seqlens=lengths.cumsum(0).to(device), cache=cache, use_cache=True)
+        want = torch.cat([p[1:] for p in pieces]).to(device)
+        total += F.cross_entropy(out.logits[0].float(), want, reduction="sum")
+        targets += len(want)
+        if progress is not None:
+            progress.update(len(want))
+        cache = out.cache
+        del out  # its logits would otherwise live through the next forward: two segments' worth at the peak
+        for row in rows:
+            row[1] += segment_tokens
+        ended = [i for i, (ids, start) in enumerate(rows) if start >= len(ids) - 1]
+        if not ended:
+            continue
+        following = list(itertools.islice(queue, len(ended)))
+        for i, ids in zip(ended, following):
+            rows[i] = [torch.tensor(ids, dtype=torch.long), 0]
+        _restart_rows(cache, ended[:len(following)])
+        if len(following) < len(ended):  # the queue is empty: the rows of the other ended documents leave
+            keep = [i for i in range(len(rows)) if i not in ended[len(following):]]
+            rows = [rows[i] for i in keep]
+            cache = cache.select(keep) if keep else None
     return total.item(), targets
+
+
+def _restart_rows(cache, rows: list[int]) -> None:
+    """Cache rows ``rows`` set, in place, to what a sequence that has seen nothing holds (the rows of
+    ``RetNetCache.zeros``: zero states, offset 0), for new documents to start from."""
+    if not rows:
+        return
+    index = torch.tensor(rows, device=cache.offsets.device)
+    for state in cache.states:
+        state.index_fill_(0, index.to(state.device), 0.0)
+    cache.offsets.index_fill_(0, index, 0)
 
 
 def evaluate(model, documents: list[list[int]], *, segment_tokens: int = 2048, batch_size: int = 1,

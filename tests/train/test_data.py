@@ -267,7 +267,8 @@ def test_files_datasets_cannot_read_are_a_config_error_naming_them(case, streami
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("value", [12345, ["a list of", "strings"]])
 def test_text_values_that_are_not_strings_are_refused_by_name(value, streaming, tokenizer_dir, tmp_path):
-    """A numeric CSV column or a list in JSON would otherwise reach the tokenizer: TypeError 'TextEncodeInput'."""
+    """A number or a list in JSON would otherwise reach the tokenizer: TypeError 'TextEncodeInput'. (CSV cells
+    are text: test_csv_text_cells_are_documents_as_written.)"""
     path = _jsonl(tmp_path / "docs.jsonl", [{"body": value}] * 20)
     config = DataConfig(dataset=str(path), text_field="body", tokenizer=str(tokenizer_dir), seq_len=16,
                         streaming=streaming, val_documents=3, cache_dir=str(tmp_path / "cache"))
@@ -850,3 +851,65 @@ def test_a_hub_selection_on_local_files_is_refused_not_ignored(setting, value, m
     err = capsys.readouterr().err
     assert f"data.{setting} {value!r}" in err and "Traceback" not in err
     assert not (out / "checkpoints").exists()
+
+
+# CSV cells of the text column that pandas would read as numbers or as NA: each is a document as written, but the
+# empty one, which is no document (as an empty row of any source).
+_CSV_NUMERIC = ["007", "1e5", "12", "", "NaN", "NA", "null", "-0.50"]
+
+
+def _csv_files(tmp_path):
+    """docs.csv of ordinary documents, nums.csv whose text column holds only _CSV_NUMERIC (pandas' inference
+    makes it float there: "007" 7.0, "" and "NaN" NaN); both with other columns that keep pandas' types."""
+    import csv
+
+    for name, texts in (("docs.csv", _DOCS), ("nums.csv", _CSV_NUMERIC)):
+        with open(tmp_path / name, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["id", "text", "score"])
+            writer.writerows([i, text, "" if i % 3 else i / 2] for i, text in enumerate(texts))
+    return str(tmp_path / "*.csv")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_csv_text_cells_are_documents_as_written(streaming, tokenizer_dir, tmp_path, monkeypatch):
+    """pandas inferred the text column's type: "007" became 7, "1e5" 100000.0, and a column of such cells was
+    refused as float; "NaN", "NA", "null" and empty cells became NaN. The text column is now read as written,
+    through the training pipeline, while the other columns keep the types pandas infers."""
+    from retnet.train import data as data_module
+
+    pattern = _csv_files(tmp_path)
+    config = DataConfig(dataset=pattern, tokenizer=str(tokenizer_dir), seq_len=16, val_fraction=0.2,
+                        streaming=streaming, val_documents=3, cache_dir=str(tmp_path / "cache"))
+    encoded: list[str] = []
+    encode = data_module.encode_documents
+    monkeypatch.setattr(data_module, "encode_documents", lambda tok, texts: encode(tok, encoded.extend(texts) or texts))
+    data = build_data(config, **_BUILD)
+    if streaming:  # the first 3 documents are the validation split, the rest is streamed as read
+        assert encoded == _DOCS[:3]
+        assert [example["text"] for example in data.stream] == [*_DOCS[3:], *_CSV_NUMERIC]
+    else:  # every non-empty document, split into training and validation documents
+        assert sorted(encoded) == sorted([*_DOCS, *(t for t in _CSV_NUMERIC if t)])
+
+    loaded = data_module._hf_dataset(config, local_files(pattern), tmp_path / "cache", streaming=False)
+    assert {name: str(feature.dtype) for name, feature in loaded.features.items()} == {
+        "id": "int64", "text": "large_string", "score": "float64"}
+    assert loaded["score"][:4] == [0.0, None, None, 1.5]  # its empty cells are still missing numbers
+
+
+def test_csv_token_caches_are_keyed_by_how_csv_is_read(tokenizer_dir, tmp_path, monkeypatch):
+    """A token cache written when CSV cells were read otherwise holds other documents under the same files and
+    settings: a change of CSV_READING moves the key of CSV data, and of no other source."""
+    from retnet.train import data as data_module
+
+    pattern = _csv_files(tmp_path)
+    csv_config = DataConfig(dataset=pattern, tokenizer=str(tokenizer_dir), seq_len=16, cache_dir=str(tmp_path / "c"))
+    jsonl = DataConfig(dataset=str(_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in _DOCS])))
+    keys = []
+    for reading in (data_module.CSV_READING, data_module.CSV_READING + 1):
+        monkeypatch.setattr(data_module, "CSV_READING", reading)
+        keys.append((data_module.data_fingerprint(csv_config, local_files(pattern)),
+                     data_module.data_fingerprint(jsonl, local_files(jsonl.dataset))))
+        build_data(csv_config, **_BUILD)
+    assert keys[0][0] != keys[1][0] and keys[0][1] == keys[1][1]
+    assert len(list((tmp_path / "c").glob("tokens-*"))) == 2  # the second reading did not reuse the first's

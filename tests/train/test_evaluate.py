@@ -124,6 +124,58 @@ def test_segments_without_the_carried_state_give_another_loss(model_and_tokenize
     assert abs(cut / targets - carried / targets) > 1e-3
 
 
+def _random_documents(model, tokenizer, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Documents of exactly ``lengths`` targets: EOS, random ids, EOS."""
+    generator = torch.Generator().manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    return [[eos, *torch.randint(0, model.config.vocab_size, (n - 1,), generator=generator).tolist(), eos]
+            for n in lengths]
+
+
+@pytest.mark.parametrize(("segment", "batch", "longest"), [(7, 2, 40), (33, 3, 150), (50, 4, 260), (97, 5, 260),
+                                                      (1000, 3, 260)])
+def test_refilled_rows_give_the_loss_of_one_document_at_a_time(model_and_tokenizer, texts, segment, batch, longest):
+    """A row whose document ended takes the next one from the queue, from a fresh state: the sums are those of
+    batch_size=1 (odd lengths and segments, many more documents than rows, some ending mid-segment)."""
+    model, tokenizer = model_and_tokenizer
+    lengths = torch.randint(1, longest, (19,), generator=torch.Generator().manual_seed(segment)).tolist()
+    documents = _random_documents(model, tokenizer, lengths, seed=batch)
+    if segment > 30:  # real text too, one document past 256 tokens (the chunkwise form); few forwards at 7
+        documents += encode(tokenizer, texts[1:4])
+    alone, count = score_documents(model, documents, segment_tokens=segment, batch_size=1)
+    together, targets = score_documents(model, documents, segment_tokens=segment, batch_size=batch)
+    assert targets == count == sum(len(d) - 1 for d in documents)
+    # fp32; the same segments in other packed rows round otherwise (measured ~1e-7)
+    assert together / targets == pytest.approx(alone / count, rel=1e-6, abs=1e-6)
+
+
+def test_a_row_whose_document_ended_takes_the_next_one(model_and_tokenizer, monkeypatch):
+    """A long document and five short ones, two rows: the short ones follow each other in the second row
+    while the long one runs (10 forwards, not the 12 of refilling only once the whole batch ended), and each
+    starts from a fresh state: with the ended document's state and position left in its row, the loss differs."""
+    from retnet.train import evaluate as evaluate_module
+
+    model, tokenizer = model_and_tokenizer
+    documents = _random_documents(model, tokenizer, [100, 10, 9, 10, 10, 7])
+    rows_per_forward: list[int] = []
+
+    def count_rows(module, args, kwargs):
+        rows_per_forward.append(len(kwargs["cu_seqlens"]) - 1)
+
+    hook = model.register_forward_pre_hook(count_rows, with_kwargs=True)
+    try:
+        total, targets = score_documents(model, documents, segment_tokens=10, batch_size=2)
+    finally:
+        hook.remove()
+    assert rows_per_forward == [2] * 5 + [1] * 5
+    alone, count = score_documents(model, documents, segment_tokens=10, batch_size=1)
+    assert targets == count and total == pytest.approx(alone, rel=1e-6)
+
+    monkeypatch.setattr(evaluate_module, "_restart_rows", lambda cache, rows: None)
+    leaked, _ = score_documents(model, documents, segment_tokens=10, batch_size=2)
+    assert abs(leaked - alone) / count > 1e-3
+
+
 def test_a_segments_logits_are_freed_before_the_next_segment_runs(model_and_tokenizer, texts):
     """The logits of a segment (``[batch·segment, vocab]``, the largest tensor of a step) are gone when the next
     segment's forward starts: held over, the peak memory is two segments' logits, not one."""
@@ -172,6 +224,27 @@ def test_cli_subprocess_json_matches_direct_computation(export_dir, jsonl, texts
     assert record["tokens_per_second"] > 0 and record["seconds"] > 0
     assert record["segment_tokens"] == 97 and record["batch_size"] == 3 and record["device"] == "cpu"
     assert "tok/s" in done.stderr  # the progress bar
+
+
+def test_csv_text_cells_are_read_as_written(export_dir, tmp_path, capsys):
+    """A CSV text column whose cells look like numbers or NA ("007", "1e5", "NaN", "NA") is scored as written,
+    as training reads it: pandas' inference made them 7, 100000.0 and NaN, or refused the column as float. An
+    empty cell is no document."""
+    import csv
+
+    from retnet.train.evaluate import read_documents
+
+    cells = ["007", "1e5", "NaN", "", "NA", "def f(x):\n    return x, 'a, b'\n"]
+    path = tmp_path / "docs.csv"
+    with open(path, "w", newline="") as file:
+        csv.writer(file).writerows([["id", "text"], *([i, cell] for i, cell in enumerate(cells))])
+    expected = [cell for cell in cells if cell]
+    assert read_documents(str(path), cache_dir=tmp_path / "cache") == expected
+    assert main(["--model", str(export_dir), "--dataset", str(path), "--device", "cpu", "--json", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    record = json.loads(capsys.readouterr().out)
+    _, count = direct_loss(export_dir, expected)
+    assert record["documents"] == len(expected) and record["tokens"] == count
 
 
 def test_cli_text_directory_with_max_documents(export_dir, texts, tmp_path, capsys):
