@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup test lint demo bench aot clean
+.PHONY: setup test lint demo bench aot gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ bench: setup
 # spills, shared memory, tensor-core path. Needs no GPU (~12 minutes on 2 cores).
 aot: setup
 	$(PY) -m retnet.kernels.aot --arch 90 89 80 --head-dims 64 128 256 --layouts packed --json benchmarks/results/aot-compile.json
+
+# The GPU machine reaches no package index: flash-linear-attention (the kernel benchmark's baseline) travels
+# there as pure-Python wheels in benchmarks/wheels (git-ignored; `run` carries it), which gpu_check.sh unpacks.
+# The pinned release is the one whose chunk_retention the benchmark's setup was checked against.
+FLA_WHEELS ?= flash-linear-attention==0.6.0 fla-core==0.6.0 einops==0.8.2
+gpu-wheels: setup
+	$(PIP) download --quiet --no-deps --only-binary=:all: --dest benchmarks/wheels $(FLA_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

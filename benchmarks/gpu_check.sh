@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU session: one short script for the lent H200 (torch, Triton and transformers are
 # preinstalled there and no registry is reachable, so it runs from the source tree).
-#   run: bash benchmarks/gpu_check.sh     (every step has its own timeout: at most 590 s in all, one `run` call)
+#   run: bash benchmarks/gpu_check.sh, carry ["benchmarks/wheels"]  (after `make gpu-wheels`; every step has its own timeout: at most 590 s in all, one `run` call)
 # Steps go in order of importance, so a session cut short still has the first ones. Each step's whole log
 # goes to $OUT (the console shows its tail), so a step cut off by its timeout still leaves what it measured;
 # pytest runs verbose for the same reason (a killed run prints no summary).
@@ -10,9 +10,20 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD"  # absolute: a step that changes directory still imports this tree
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
+# flash-linear-attention, the kernels' baseline, is not installed there: `make gpu-wheels` here puts its wheels
+# (pure Python) in benchmarks/wheels, `run` carries that folder (carry: ["benchmarks/wheels"]), and they are
+# unpacked onto PYTHONPATH. Without them the benchmark says fla is unavailable and times the rest.
+if ! python -c "import fla" 2>/dev/null && compgen -G "benchmarks/wheels/*.whl" >/dev/null; then
+    FLA_DIR=$(mktemp -d)
+    for wheel in benchmarks/wheels/*.whl; do python -m zipfile -e "$wheel" "$FLA_DIR"; done
+    export PYTHONPATH="$PYTHONPATH:$FLA_DIR"
+fi
 PYTEST=(python -m pytest -v --tb=short -p no:cacheprovider --durations=10)
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)
+try:
+    import fla; print('fla', fla.__version__)
+except Exception as exc: print('fla unavailable:', type(exc).__name__, exc)" | tee -a "$OUT/gpu.txt"
 # 1. bf16 on the real compiler: the kernels against the fp32 reference, the model's bf16-autocast training
 #    step on them, and real autotuning around an in-place decode state. (The suite runs untuned:
 #    tests/conftest.py sets RETNET_AUTOTUNE=0, one compile per shape.)

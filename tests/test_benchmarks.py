@@ -2,6 +2,8 @@
 sys.path[0], where ``benchmarks/kernels.py`` would shadow HuggingFace's ``kernels`` package, which
 transformers probes for on import. ``--help`` imports everything a run imports and measures nothing."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,3 +19,45 @@ def test_benchmark_script_starts(script):
                           timeout=120, cwd=BENCHMARKS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "usage:" in done.stdout
+
+
+FLA_STAND_IN = '''
+"""flash-linear-attention's ``chunk_retention`` as it documents itself (0.6.0): decays and scale fixed inside
+the op, γ_h = 1 - 2^(-5-h) and K^-1/2, computed here by retnet's reference."""
+__version__ = "stand-in"
+'''
+FLA_RETENTION = '''
+import torch
+
+from retnet.kernels import naive
+
+
+def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
+    g_gamma = (1 - 2.0 ** (-5.0 - torch.arange(q.shape[2], dtype=torch.float, device=q.device))).log()
+    return naive.chunk_retention(q, k, v, g_gamma, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+'''
+
+
+def test_kernel_benchmark_times_fla_only_on_the_retention_it_computes(tmp_path):
+    """The GPU comparison's harness, interpreted on tiny shapes: an importable fla joins the timed providers,
+    and its output is checked against the reference first, so a decay or scale convention that differs from
+    the one our kernel is timed with shows as an error, not as a speed ratio."""
+    package = tmp_path / "fla" / "ops" / "retention"
+    package.mkdir(parents=True)
+    (tmp_path / "fla" / "__init__.py").write_text(FLA_STAND_IN)
+    (tmp_path / "fla" / "ops" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text(FLA_RETENTION)
+    out = tmp_path / "kernels.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(tmp_path)])}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernels.py"), "--triton-on-cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["fla_available"] and result["fla_version"] == "stand-in"
+    checked = {check["provider"]: check["max_rel_err_vs_reference"] for check in result["checks"]}
+    assert set(checked) == {"triton", "fla"}
+    assert max(checked.values()) < 1e-5, checked
+    timed = {(row["provider"], row["mode"]) for row in result["rows"]}
+    assert {("fla", "fwd"), ("fla", "fwd+bwd"), ("triton", "fwd+bwd")} <= timed
