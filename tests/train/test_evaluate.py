@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,12 +61,12 @@ def jsonl(tmp_path, texts) -> Path:
     return path
 
 
-def full_forward_loss(model, documents: list[list[int]]) -> tuple[float, int]:
+def full_forward_loss(model, documents) -> tuple[float, int]:
     """(summed loss, targets): each document in one forward, no cache, the model's own loss."""
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in documents:
-            row = torch.tensor([ids])
+            row = torch.as_tensor(ids, dtype=torch.long)[None]
             total += model(input_ids=row, labels=row, use_cache=False).loss.item() * (len(ids) - 1)
             count += len(ids) - 1
     return total, count
@@ -95,6 +96,18 @@ def run_main(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # Segments carry the state: the same loss as one forward over the whole document
 # ----------------------------------------------------------------------------------------------------------
+def test_documents_are_compact_arrays_of_eos_the_encoding_and_eos(model_and_tokenizer, texts):
+    _, tokenizer = model_and_tokenizer
+    from retnet.train.data import document_encoder
+
+    documents = encode(tokenizer, texts, batch=3)  # batches that end mid-list
+    eos = tokenizer.eos_token_id
+    assert len(documents) == len(texts)
+    for text, ids in zip(texts, documents, strict=True):
+        assert ids.dtype == np.int32  # not a list of Python ints: 4 bytes a token, not ~36
+        assert ids.tolist() == [eos, *document_encoder(tokenizer).encode(text, add_special_tokens=False).ids, eos]
+
+
 @pytest.mark.parametrize(("segment", "batch"), [(1, 3), (7, 1), (64, 2), (100, 3), (4096, 8)])
 def test_segmented_loss_equals_full_forward(model_and_tokenizer, texts, segment, batch):
     model, tokenizer = model_and_tokenizer
