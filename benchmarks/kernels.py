@@ -147,6 +147,17 @@ def run_cpu(args) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # GPU: Triton kernel vs reference, SDPA and fla
 # ----------------------------------------------------------------------------------------------------------
+PROVIDERS = ("triton", "torch-ref", "sdpa", "fla")
+
+
+def _providers(text: str) -> tuple[str, ...]:
+    chosen = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in PROVIDERS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"expected names of {', '.join(PROVIDERS)}; got {text!r}")
+    return chosen
+
+
 def _fla_op():
     try:
         from fla.ops.retention import chunk_retention as fla_chunk_retention
@@ -185,7 +196,7 @@ def measure(op, q, k, v, do, backward: bool) -> tuple[float, float | None]:
 def run_gpu(args) -> dict:
     from retnet.kernels.chunk import chunk_retention as triton_chunk_retention
 
-    fla_chunk_retention = _fla_op()
+    fla_chunk_retention = _fla_op() if "fla" in args.providers else None
     lengths = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
     head_dims = [128] if args.quick else [128, 256]
     tokens, width, dtype, device = args.tokens, 2048, torch.bfloat16, "cuda"
@@ -194,6 +205,7 @@ def run_gpu(args) -> dict:
     max_ref_T = min(args.max_ref_T, 4096 if args.quick else args.max_ref_T)
 
     def providers(log_decay):
+        """The timed ops (those of ``--providers``) and the fp32 reference the outputs are checked against."""
         ops = {
             "triton": lambda q, k, v: triton_chunk_retention(q, k, v, log_decay, chunk_size=CHUNK)[0],
             "torch-ref": lambda q, k, v: naive.chunk_retention(q, k, v, log_decay, chunk_size=CHUNK)[0],
@@ -203,7 +215,7 @@ def run_gpu(args) -> dict:
         }
         if fla_chunk_retention is not None:
             ops["fla"] = lambda q, k, v: fla_chunk_retention(q, k, v)[0]
-        return ops
+        return {name: op for name, op in ops.items() if name in args.providers}, ops["torch-ref"]
 
     rows, checks = [], []
     for D in head_dims:
@@ -216,12 +228,12 @@ def run_gpu(args) -> dict:
             q, k = q * D**-0.25, k * D**-0.25
             q, k, v = (x.requires_grad_() for x in (q, k, v))
             do = torch.randn_like(v)
-            ops = providers(log_decay)
+            ops, reference = providers(log_decay)
             if lengths[0] == T:
                 # fla fixes its decays (γ_h = 1 - 2^(-5-h)) and scale (K^-1/2) inside its op: matching the
                 # reference here shows the timed ops compute the same retention, not just the same shapes.
                 with torch.no_grad():
-                    ref = ops["torch-ref"](q, k, v).float()
+                    ref = reference(q, k, v).float()
                     for name in [name for name in ("triton", "fla") if name in ops]:
                         err = ((ops[name](q, k, v).float() - ref).abs().max() / ref.abs().max()).item()
                         checks.append(dict(D=D, T=T, provider=name, max_rel_err_vs_reference=err))
@@ -261,7 +273,7 @@ def run_gpu(args) -> dict:
     ])
     return dict(
         mode="gpu", dtype=str(dtype).removeprefix("torch."), tokens_per_step=tokens, model_width=width, chunk_size=CHUNK,
-        fla_available=fla_chunk_retention is not None,
+        providers=list(args.providers), fla_available=fla_chunk_retention is not None,
         fla_version=getattr(sys.modules.get("fla"), "__version__", None), checks=checks, rows=rows,
     )
 
@@ -272,6 +284,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per step on the GPU (B = tokens / T)")
     parser.add_argument("--max-ref-T", type=int, default=16384, help="longest T for the PyTorch reference on GPU")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
+    parser.add_argument(
+        "--providers", type=_providers, default=PROVIDERS,
+        help=f"comma-separated ops to time on the GPU, of {','.join(PROVIDERS)} (default: all; fla when importable)",
+    )
     parser.add_argument(
         "--triton-on-cpu", action="store_true",
         help="smoke-test the GPU comparison on tiny shapes through Triton's interpreter (set TRITON_INTERPRET=1)",

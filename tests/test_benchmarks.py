@@ -51,8 +51,9 @@ def test_kernel_benchmark_times_fla_only_on_the_retention_it_computes(tmp_path):
     out = tmp_path / "kernels.json"
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(tmp_path)])}
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernels.py"), "--triton-on-cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS, env=env)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernels.py"), "--triton-on-cpu", "--out", str(out),
+                           "--providers", "triton,fla"], capture_output=True, text=True, timeout=300,
+                          cwd=BENCHMARKS, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["fla_available"] and result["fla_version"] == "stand-in"
@@ -60,4 +61,12 @@ def test_kernel_benchmark_times_fla_only_on_the_retention_it_computes(tmp_path):
     assert set(checked) == {"triton", "fla"}
     assert max(checked.values()) < 1e-5, checked
     timed = {(row["provider"], row["mode"]) for row in result["rows"]}
-    assert {("fla", "fwd"), ("fla", "fwd+bwd"), ("triton", "fwd+bwd")} <= timed
+    assert timed == {(name, mode) for name in ("triton", "fla") for mode in ("fwd", "fwd+bwd")}  # as chosen
+    assert all(row["speedup_of_triton"] > 0 for row in result["rows"])
+
+
+def test_kernel_benchmark_refuses_an_unknown_provider():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernels.py"), "--providers", "triton,flash"],
+                          capture_output=True, text=True, timeout=120, cwd=BENCHMARKS)
+    assert done.returncode == 2
+    assert "--providers" in done.stderr and "'triton,flash'" in done.stderr
