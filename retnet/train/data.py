@@ -178,8 +178,10 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
 
     if files is None:  # a hub name
         try:
+            options = _hub_options(cfg, datasets.load_dataset_builder(cfg.dataset, cfg.name,
+                                                                      cache_dir=str(cache_dir / "hf")))
             return datasets.load_dataset(cfg.dataset, cfg.name, split=cfg.split, streaming=streaming,
-                                         cache_dir=str(cache_dir / "hf"))
+                                         cache_dir=str(cache_dir / "hf"), **options)
         except Exception as error:  # offline, unknown name, private ...
             raise _hub_error(cfg, error) from None
     if cfg.name is not None:
@@ -232,7 +234,28 @@ def _csv_options(files: list[Path], text_field: str) -> dict[str, Any]:
             "na_values": {column: spellings for column in sorted(columns) if column != text_field}}
 
 
+def _hub_options(cfg: DataConfig, builder) -> dict[str, Any]:
+    """Options of a hub dataset's builder: for a repository of CSV files (datasets' ``csv`` builder), its text
+    column read as written, like local CSV files (:func:`_csv_options`), and only that column. Its other
+    columns' names are not known before its files are read, so they cannot keep pandas' NA spellings one by
+    one as local files' do; unread, they cannot refuse the set over types either."""
+    if builder.name != "csv":
+        return {}
+    return {"usecols": [cfg.text_field], "converters": {cfg.text_field: str}, "keep_default_na": False}
+
+
+def _no_text_column(dataset: str, text_field: str, error: Exception) -> ConfigError | None:
+    """pandas' refusal of ``usecols`` (:func:`_hub_options`) as the setting it comes from."""
+    cause = error.__cause__ or error
+    if isinstance(cause, ValueError) and str(cause).startswith("Usecols do not match columns"):
+        return ConfigError(f"data.text_field {text_field!r} is not a column of the CSV files of {dataset!r}")
+    return None
+
+
 def _hub_error(cfg: DataConfig, error: Exception) -> ConfigError:
+    missing = _no_text_column(cfg.dataset, cfg.text_field, error)
+    if missing is not None:
+        return missing
     return ConfigError(f"data.dataset {cfg.dataset!r} is no local path and could not be loaded from the hub: "
                        f"{type(error).__name__}: {error}")
 
@@ -245,6 +268,10 @@ def _hub_stream(cfg: DataConfig, cache_dir: Path):
 
     try:
         builder = datasets.load_dataset_builder(cfg.dataset, cfg.name, cache_dir=str(cache_dir / "hf"))
+        options = _hub_options(cfg, builder)
+        if options:
+            builder = datasets.load_dataset_builder(cfg.dataset, cfg.name, cache_dir=str(cache_dir / "hf"),
+                                                    **options)
         stream = builder.as_streaming_dataset(split=cfg.split)
     except Exception as error:
         raise _hub_error(cfg, error) from None
@@ -261,6 +288,9 @@ def _reading(dataset: str, text_field: str) -> Iterator[None]:
     except ConfigError:
         raise
     except Exception as error:
+        missing = _no_text_column(dataset, text_field, error)
+        if missing is not None:
+            raise missing from error
         cause = error.__cause__ or error
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else f"{type(cause).__name__} (no rows in any file?)"
         raise ConfigError(f"data.dataset {dataset!r}: datasets could not read it ({detail}); local files need "

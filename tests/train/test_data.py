@@ -2,6 +2,7 @@
 
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -418,6 +419,12 @@ def test_a_directory_skips_hidden_files_and_directories(tmp_path):
         local_files(str(only_hidden))
 
 
+def _parquet_repo_builder(path, name=None, **kwargs):
+    """The hub's answer for a repository of Parquet files: which builder reads it (no CSV options then)."""
+    assert path == "someone/corpus" and not kwargs.keys() - {"cache_dir"}
+    return SimpleNamespace(name="parquet")
+
+
 def test_an_updated_hub_dataset_is_tokenized_again(tokenizer_dir, tmp_path, monkeypatch):
     """A hub name stays the same when its data changes; the cache key must follow the loaded data."""
     import datasets
@@ -432,6 +439,7 @@ def test_an_updated_hub_dataset_is_tokenized_again(tokenizer_dir, tmp_path, monk
         return datasets.Dataset.from_dict(current)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset_builder", _parquet_repo_builder)
     config = DataConfig(dataset="someone/corpus", tokenizer=str(tokenizer_dir), seq_len=16, val_fraction=0.2,
                         cache_dir=str(tmp_path))
     first = build_data(config, **_BUILD)
@@ -524,7 +532,13 @@ def test_a_resume_reads_the_hub_data_its_checkpoint_was_trained_on(tokenizer_dir
             raise ConnectionError("offline and not in the HF cache")
         return datasets.Dataset.from_dict(current)
 
+    def load_dataset_builder(path, name=None, **kwargs):
+        if current is None:
+            raise ConnectionError("offline and not in the HF cache")
+        return _parquet_repo_builder(path, name, **kwargs)
+
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset_builder)
     config = DataConfig(dataset="someone/corpus", tokenizer=str(tokenizer_dir), seq_len=16, val_fraction=0.2,
                         cache_dir=str(tmp_path))
     first = build_data(config, **_BUILD)
@@ -895,6 +909,33 @@ def test_csv_text_cells_are_documents_as_written(streaming, tokenizer_dir, tmp_p
     assert {name: str(feature.dtype) for name, feature in loaded.features.items()} == {
         "id": "int64", "text": "large_string", "score": "float64"}
     assert loaded["score"][:4] == [0.0, None, None, 1.5]  # its empty cells are still missing numbers
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_hub_repository_of_csv_files_gives_its_text_column_as_written(streaming, tmp_path):
+    """A hub dataset of CSV files goes through datasets' csv builder as local CSV files do: its text column
+    read as written. A directory of CSV files loaded by name stands for the hub repository: datasets picks its
+    builder from its files exactly so (offline)."""
+    from retnet.train import data as data_module
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _csv_files(repo)
+    read = []
+    for text_field in ("text", "body"):
+        config = DataConfig(dataset=str(repo), text_field=text_field, streaming=streaming, val_documents=3)
+        try:
+            if streaming:
+                stream, fingerprint = data_module._hub_stream(config, tmp_path / "cache")
+                with data_module._reading(config.dataset, text_field):
+                    read.append([example[text_field] for example in stream])
+                assert fingerprint
+            else:
+                read.append(data_module._hf_dataset(config, None, tmp_path / "cache", streaming=False)[text_field])
+        except ConfigError as error:
+            read.append(str(error))
+    assert sorted(read[0]) == sorted([*_DOCS, *_CSV_NUMERIC])  # "007", "NaN", "" ...: as written, not numbers
+    assert read[1] == f"data.text_field 'body' is not a column of the CSV files of {str(repo)!r}"
 
 
 def test_csv_token_caches_are_keyed_by_how_csv_is_read(tokenizer_dir, tmp_path, monkeypatch):
