@@ -17,13 +17,22 @@ from starlette.requests import ClientDisconnect
 
 from retnet.serve.engine import Engine
 from retnet.serve.metrics import ServeMetrics
-from retnet.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from retnet.serve.protocol import (
+    TOKENIZE_FORMS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from retnet.serve.serving import OpenAIServing
 from retnet.serve.settings import ServeSettings
 
 logger = logging.getLogger("retnet.serve")
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# vLLM's tokenizer routes, outside /v1 as in vLLM, behind the same API key.
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES)
 # pydantic's names for union members in an error's location; they are not fields.
 _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
@@ -101,6 +110,14 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     async def chat_completions(request: ChatCompletionRequest, raw: Request):
         return await serving.chat(request, raw)
 
+    @app.post("/tokenize", dependencies=json_body)
+    async def tokenize(request: TokenizeRequest):
+        return await serving.tokenize(request)
+
+    @app.post("/detokenize", dependencies=json_body)
+    async def detokenize(request: DetokenizeRequest):
+        return await serving.detokenize(request)
+
     @app.delete("/v1/sessions/{session_id}", dependencies=auth)
     async def delete_session(session_id: str):
         if not engine.sessions.delete(session_id):
@@ -142,8 +159,8 @@ def _install_error_handlers(app: FastAPI, require_api_key) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         # FastAPI parses a JSON body before the route's dependencies run: without this a client with no key
-        # would be told how its body was read (400) instead of 401, as OpenAI answers. Every /v1 route wants it.
-        if request.url.path.startswith("/v1/"):
+        # would be told how its body was read (400) instead of 401, as OpenAI answers. Every keyed route wants it.
+        if request.url.path.startswith("/v1/") or request.url.path in TOKENIZER_ROUTES:
             try:
                 require_api_key(request)
             except APIError as denied:
@@ -189,6 +206,10 @@ def _describe_validation(errors) -> tuple[str, str | None, str]:
         return "invalid request", None, "invalid_request"
     first = _most_specific(errors)
     loc = [part for part in first.get("loc", ()) if part != "body"]
+    # /tokenize's form (no request has a field of that name) leads the location: it is no part of the param.
+    tokenize_form = bool(loc) and loc[0] in TOKENIZE_FORMS
+    if tokenize_form:
+        loc = loc[1:]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON ({detail})", None, "invalid_json"
@@ -201,7 +222,7 @@ def _describe_validation(errors) -> tuple[str, str | None, str]:
     path = [part for part in loc if not _is_union_member(part)]
     # OpenAI's form: ``messages[0].role``, list indices in brackets.
     param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
-    if path and path[0] == "prompt":
+    if path and path[0] == "prompt" and not tokenize_form:  # /tokenize's prompt is a string alone
         param = "prompt"
         message = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
     else:

@@ -6,7 +6,7 @@ the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: `
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
 ``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id``, ``return_token_ids`` and
 ``add_special_tokens``; chat's ``add_generation_prompt``, ``continue_final_message``, ``echo``,
-``chat_template_kwargs`` and ``documents``.
+``chat_template_kwargs`` and ``documents``. vLLM's ``/tokenize`` and ``/detokenize`` are here too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -127,11 +129,7 @@ class SamplingFields(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
-        where = _lone_surrogate_at(value, info.field_name)
-        if where is not None:
-            raise PydanticCustomError("invalid_unicode", "{where}: a lone UTF-16 surrogate is not Unicode text (a "
-                                      "string cut inside a surrogate pair?)", {"where": where})
-        return value
+        return _refuse_lone_surrogates(value, info)
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -196,6 +194,14 @@ class SamplingFields(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def _refuse_lone_surrogates(value: Any, info: ValidationInfo) -> Any:
+    where = _lone_surrogate_at(value, info.field_name)
+    if where is not None:
+        raise PydanticCustomError("invalid_unicode", "{where}: a lone UTF-16 surrogate is not Unicode text (a "
+                                  "string cut inside a surrogate pair?)", {"where": where})
+    return value
 
 
 def _lone_surrogate_at(value: Any, where: str) -> str | None:
@@ -296,6 +302,73 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
+
+
+class TokenizerFields(BaseModel):
+    """What vLLM's ``/tokenize`` (both forms) and ``/detokenize`` share, read as the /v1 routes read theirs:
+    unknown fields ignored, null the default, no lone surrogates."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    _null_means_default = model_validator(mode="before")(_drop_nulls)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_lone_surrogates(value, info)
+
+    model: str | None = None
+
+
+class TokenizeCompletionRequest(TokenizerFields):
+    """``/tokenize`` of a text: the ids ``/v1/completions`` runs for it as ``prompt``."""
+
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(TokenizerFields):
+    """``/tokenize`` of a conversation: the ids ``/v1/chat/completions`` runs for it. The templating fields
+    are chat's, with its defaults, so that the same fields give the same ids."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
+    # Checked as chat checks them (serving's _check_chat_features): a conversation chat refuses is refused, not
+    # counted without its template or tools.
+    chat_template: Any = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    # Declared so that a body holding both forms is refused (serving), not counted as one of them.
+    prompt: Any = None
+
+
+def _tokenize_form(data: Any) -> str:
+    # vLLM's two forms differ by their required field. A body with neither is read as a text's, so that the
+    # error names the missing prompt; nulls mean absent, as everywhere.
+    if isinstance(data, dict) and data.get("messages") is not None:
+        return "chat"
+    return "completion"
+
+
+# The tags are the error location's first part (app's _describe_validation leaves them out of ``param``).
+TOKENIZE_FORMS = ("completion", "chat")
+TokenizeRequest = Annotated[
+    Annotated[TokenizeCompletionRequest, Tag("completion")] | Annotated[TokenizeChatRequest, Tag("chat")],
+    Discriminator(_tokenize_form),
+]
+
+
+class DetokenizeRequest(TokenizerFields):
+    # Not TokenId: an id outside the vocabulary, negative ones too, is serving's invalid_token_id on ``tokens``.
+    tokens: list[Annotated[int, BeforeValidator(_refuse_bool)]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,6 +497,19 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    """vLLM's: ``max_model_len`` is the model card's; ``token_strs`` only when asked for."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

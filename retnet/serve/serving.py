@@ -35,10 +35,15 @@ from retnet.serve.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     PromptTokensDetails,
     SamplingFields,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     TopLogprob,
     Usage,
     dump,
@@ -70,7 +75,7 @@ def sse(data: dict | str) -> str:
 
 
 class OpenAIServing:
-    """Completions and chat completions over one :class:`Engine`."""
+    """Completions and chat completions over one :class:`Engine`, and vLLM's (de)tokenization as they run it."""
 
     def __init__(self, settings: ServeSettings, engine: Engine, tokenizer, metrics: ServeMetrics):
         self.settings, self.engine, self.tokenizer, self.metrics = settings, engine, tokenizer, metrics
@@ -87,10 +92,14 @@ class OpenAIServing:
         return ModelList(data=[self._card()])
 
     def model(self, model_id: str) -> ModelCard:
-        if model_id not in (self.model_name, self.settings.model):
-            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+        self._check_model(model_id)
         return self._card()
+
+    def _check_model(self, model: str | None) -> None:
+        """A request's ``model``: the served name or the model's path (None: the one served)."""
+        if model is not None and model not in (self.model_name, self.settings.model):
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
 
     def _card(self) -> ModelCard:
         prompt, completion = self.settings.max_prompt_tokens, self.settings.max_tokens_limit
@@ -174,12 +183,16 @@ class OpenAIServing:
         for text in texts:
             # An empty text is refused by _check_ids when it has no tokens: with a tokenizer that adds a BOS it
             # is [BOS], generation from the start of a text (vLLM serves it too).
-            with self.tokenizer_lock:
-                ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            ids = self._encode(text, add_special_tokens)
             kept = self._check_ids(ids, truncate=truncate)
             # A truncated prompt is echoed as what runs: its tokens' decoding.
             prompts.append(self._decoded_prompt(kept, followed) if len(kept) < len(ids) else CompletionPrompt(kept, text))
         return prompts
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """A completion prompt's text as it runs (``/tokenize`` counts it with the same call)."""
+        with self.tokenizer_lock:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _decoded_prompt(self, ids: list[int], followed: bool) -> CompletionPrompt:
         """A prompt echoed as its decoding, special tokens shown (vLLM's echo of token ids). When a completion
@@ -310,9 +323,22 @@ class OpenAIServing:
         return JSONResponse(dump(response))
 
     def _chat_prompt(self, request: ChatCompletionRequest, continues: bool = False) -> tuple[list[int], int | None]:
-        """Token ids of the templated conversation, and the offset where its last message starts (the
+        """Token ids of the templated conversation, checked, and the offset where its last message starts (the
         history before it is a prefix worth caching) when the tokenisation agrees there. ``continues``: the
         messages continue a session's history, so they do not open a text (no BOS before them)."""
+        ids, hint = self._chat_ids(request, continues)
+        if not ids:
+            raise APIError(400, "the templated conversation is empty", "messages", "empty_prompt")
+        truncate = request.truncate_prompt_tokens
+        if truncate is not None and truncate < len(ids):
+            # The history's state is worth caching only if it is a prefix of what is run.
+            hint = hint - (len(ids) - truncate) if hint is not None and hint > len(ids) - truncate else None
+        return self._check_ids(ids, "messages", truncate), hint
+
+    def _chat_ids(self, request: ChatCompletionRequest | TokenizeChatRequest, continues: bool = False,
+                  with_hint: bool = True) -> tuple[list[int], int | None]:
+        """``_chat_prompt``'s ids before any check of their number or values (``/tokenize`` counts what a chat
+        completion would refuse), and with ``with_hint`` the offset where the last message starts."""
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
         template = None if getattr(self.tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
@@ -342,19 +368,14 @@ class OpenAIServing:
         # The history alone is templated only to find a prefix worth caching; a template may refuse it on its
         # own (Qwen3's wants a user message), which must not refuse the conversation.
         with contextlib.suppress(Exception), self.tokenizer_lock:
-            if len(messages) > 1 and not continues:  # a session's turn starts from its state, not a prefix
+            # A session's turn starts from its state, not a prefix.
+            if with_hint and len(messages) > 1 and not continues:
                 head = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=False,
                                                           chat_template=template, **variables)
                 head_ids = self.tokenizer.encode(head, add_special_tokens=add_special)
                 if 0 < len(head_ids) < len(ids) and ids[: len(head_ids)] == head_ids:
                     hint = len(head_ids)
-        if not ids:
-            raise APIError(400, "the templated conversation is empty", "messages", "empty_prompt")
-        truncate = request.truncate_prompt_tokens
-        if truncate is not None and truncate < len(ids):
-            # The history's state is worth caching only if it is a prefix of what is run.
-            hint = hint - (len(ids) - truncate) if hint is not None and hint > len(ids) - truncate else None
-        return self._check_ids(ids, "messages", truncate), hint
+        return ids, hint
 
     def _bos_per_turn(self, template: str | None, variables: dict) -> bool:
         """Whether the chat template writes a BOS before every turn (Llama 2's), not only before the
@@ -405,12 +426,48 @@ class OpenAIServing:
         if usage_opt:
             yield chunk(None, self._usage_counts(handle, total))
 
+    # -- /tokenize, /detokenize (vLLM's) -----------------------------------------------------------------------
+    async def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        """The ids the generation route runs for the same prompt or messages; a prompt over the server's limit
+        is counted, not refused (a client asks to learn whether it fits)."""
+        self._check_model(request.model)
+        if isinstance(request, TokenizeChatRequest):
+            if request.prompt is not None:
+                raise APIError(400, "send prompt (a text) or messages (a conversation), not both", "prompt")
+            _check_content_parts(request)
+            _check_chat_features(request)
+            size = _size([m.text() for m in request.messages])
+        else:
+            size = len(request.prompt)
+        return await self._tokenizing(size, self._tokenize, request)
+
+    def _tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        if isinstance(request, TokenizeChatRequest):
+            ids, _ = self._chat_ids(request, with_hint=False)
+        else:
+            ids = self._encode(request.prompt, request.add_special_tokens)
+        strs = None
+        if request.return_token_strs:
+            with self.tokenizer_lock:
+                strs = self.tokenizer.convert_ids_to_tokens(ids)
+        return TokenizeResponse(count=len(ids), max_model_len=self._card().max_model_len, tokens=ids,
+                                token_strs=strs)
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """The ids' text as the server decodes a prompt sent as ids (special tokens shown)."""
+        self._check_model(request.model)
+        vocab = self.engine.vocab_size
+        bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: token id {bad} is out of the vocabulary (size {vocab})", "tokens",
+                           "invalid_token_id")
+        text = await self._tokenizing(len(request.tokens), self._decode, request.tokens)
+        return DetokenizeResponse(prompt=text)
+
     # -- shared ------------------------------------------------------------------------------------------------
     def _check_common(self, request: SamplingFields) -> None:
         s = self.settings
-        if request.model is not None and request.model not in (self.model_name, s.model):
-            raise APIError(404, f"the model {request.model!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+        self._check_model(request.model)
         n_limit = min(s.max_n, s.max_running)
         if request.n > n_limit:
             raise APIError(400, f"n must be <= {n_limit}; got {request.n}", "n")
@@ -689,7 +746,7 @@ def _continues(session: Session | None) -> bool:
     return session is not None and session.cache is not None
 
 
-def _add_special_tokens(request: SamplingFields, continues: bool) -> bool:
+def _add_special_tokens(request: SamplingFields | TokenizeChatRequest, continues: bool) -> bool:
     """Whether the prompt's encoding gets the tokenizer's special tokens (a BOS): as the request says, and by
     default not when it ``continues`` a session's history, where a BOS would fall mid-text."""
     if "add_special_tokens" in request.model_fields_set:
@@ -704,7 +761,7 @@ def _usage_options(request: SamplingFields) -> tuple[bool, bool]:
     return include, include and options.continuous_usage_stats
 
 
-def _check_content_parts(request: ChatCompletionRequest) -> None:
+def _check_content_parts(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
     """Only text parts are supported (no images, audio or files): refuse any other by its place."""
     for i, message in enumerate(request.messages):
         if not isinstance(message.content, list):
@@ -754,7 +811,7 @@ def _check_structured_output(request: SamplingFields) -> None:
                            f"{json.dumps(value)}", name, "unsupported_parameter")
 
 
-def _check_chat_features(request: ChatCompletionRequest) -> None:
+def _check_chat_features(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
     """Tool calling is not supported: its no-op values pass, the others are refused by name (ignoring them
     would return plain text where the client expects a tool call). Neither is a template sent with the
     request, nor template variables that are apply_chat_template's own arguments."""
