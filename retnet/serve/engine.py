@@ -533,7 +533,8 @@ class Engine:
         for j in range(group.n):
             # seed + j, j counted within this prompt's n (vLLM's rule): a prompt samples the same alone or
             # anywhere in a list of prompts.
-            sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=j, ban_ids=ban, blocked=blocked)
+            sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=j, ban_ids=ban, blocked=blocked,
+                                 grammar=params.grammar.matcher() if params.grammar is not None else None)
             seqs.append(Sequence(group, group.first_index + j, sampler,
                                  IncrementalDetokenizer(self._decode, group.inputs, unfinished=unfinished),
                                  StopStrings(group.params.stop, group.params.include_stop_str_in_output),
@@ -657,7 +658,8 @@ class Engine:
         skip = stop_token and not params.include_stop_str_in_output
         text = "" if skip else seq.stops.push(seq.detok.push(token), search=checked)
         finish = None
-        if seq.stops.stopped or stop_token:
+        # A grammar that admits nothing more has its text complete (the masks let EOS through only there).
+        if seq.stops.stopped or stop_token or (seq.sampler.grammar is not None and seq.sampler.grammar.ended):
             finish = "stop"
         elif len(seq.tokens) >= params.max_tokens:
             finish = "length"

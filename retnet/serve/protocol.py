@@ -78,9 +78,9 @@ def _refuse_bool(value: Any) -> Any:
 TokenId = Annotated[int, BeforeValidator(_refuse_bool), Field(ge=0)]
 
 
-# vLLM's and llama.cpp's structured-output extras, refused when set (not null).
-STRUCTURED_OUTPUT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-                            "grammar", "json_schema")
+# The ways a request asks for structured output (retnet.serve.structured): OpenAI's, vLLM's and llama.cpp's.
+STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                            "structured_outputs", "grammar", "json_schema")
 # vLLM's other extras that change the output, each with the value that changes nothing (what passes; null always
 # does): a client sending another one would get output it did not ask for if they were ignored.
 UNSUPPORTED_EXTRAS: dict[str, Any] = {
@@ -172,8 +172,8 @@ class SamplingFields(BaseModel):
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
                                    description="continue this session's saved state, then save it again")
     return_token_ids: bool = False
-    # Structured output is not supported: declared so that serving refuses a value by name (see
-    # STRUCTURED_OUTPUT_FIELDS) rather than answer free text where the client expects JSON or a grammar.
+    # Structured output (STRUCTURED_OUTPUT_FIELDS, at most one of them): text that follows a JSON schema, a regex,
+    # a list of choices or a grammar (see retnet.serve.structured).
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: Any = None

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from retnet.serve.structured import GrammarMatcher
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
 # A repetition penalty near 0 (the range allows any > 0) divides a logit past fp32's range: inf, then NaN from
@@ -41,6 +45,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top-k alternatives'
     prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' logprobs too
+    grammar: Any = None  # structured output: a compiled retnet.serve.structured.Grammar, a matcher per choice
 
     @property
     def greedy(self) -> bool:
@@ -60,14 +65,17 @@ class RowSampler:
     """One sequence's sampling state: its generator and the token counts the penalties need."""
 
     __slots__ = ("adjusts", "bad_prefixes", "ban_ids", "ban_left", "bias_ids", "bias_values", "blocked", "counts",
-                 "generator", "output", "params", "seen")
+                 "generator", "grammar", "output", "params", "seen")
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, seed_offset: int = 0,
-                 ban_ids: torch.Tensor | None = None, blocked: torch.Tensor | None = None):
+                 ban_ids: torch.Tensor | None = None, blocked: torch.Tensor | None = None,
+                 grammar: GrammarMatcher | None = None):
         """``ban_ids``: token ids masked out until ``params.min_tokens`` tokens were sampled (the stop tokens).
         ``blocked``: a ``[V]`` bool mask of the tokens never sampled (outside ``allowed_token_ids``, single-token
-        bad words), shared by the request's rows; the multi-token bad words are matched here, step by step."""
+        bad words), shared by the request's rows; the multi-token bad words are matched here, step by step.
+        ``grammar``: this row's structured-output matcher, which masks every step to the tokens it allows."""
         self.params = params
+        self.grammar = grammar
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed((seed + seed_offset) % (2**63))
         self.counts: torch.Tensor | None = None
@@ -94,7 +102,7 @@ class RowSampler:
 
     def _adjusts(self) -> bool:
         return (self.ban_ids is not None or self.bias_ids is not None or self.params.needs_penalties
-                or self.blocked is not None or bool(self.bad_prefixes))
+                or self.blocked is not None or bool(self.bad_prefixes) or self.grammar is not None)
 
     def record(self, token: int) -> None:
         if self.counts is not None and token < self.counts.shape[0]:
@@ -102,6 +110,8 @@ class RowSampler:
             self.seen[token] = True
         if self.output is not None:
             self.output.append(token)
+        if self.grammar is not None:
+            self.grammar.consume(token)
         if self.ban_ids is not None:
             self.ban_left -= 1
             if self.ban_left <= 0:
@@ -184,6 +194,9 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
                 lost = torch.tensor([i for (i, _), gone in zip(bad, dead.tolist()) if gone])
                 entries = torch.isin(which, lost)
                 logits[which[entries], ids[entries]] = saved[entries]
+        grammars = [i for i in adjusted if rows[i].grammar is not None]
+        if grammars:
+            _follow_grammars(logits, raw, grammars, rows)
 
     chosen = logits.argmax(-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -248,6 +261,29 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
             k = rows[i].params.logprobs
             top[i] = list(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
     return StepSample(tokens, chosen_lp, top)
+
+
+def _follow_grammars(logits: torch.Tensor, raw: torch.Tensor, indices: list[int], rows: list[RowSampler]) -> None:
+    """Rows ``indices`` masked, in place, to the tokens their grammar allows next. Last of the masks: the grammar
+    is the one rule the text must keep, so a row that the others (allowed_token_ids, bad words, min_tokens'
+    stop tokens) would leave with no token keeps the grammar's, scored by the model's logits and the bias."""
+    index = torch.tensor(indices, dtype=torch.long)
+    from retnet.serve.structured import allowed_tokens
+
+    allowed = allowed_tokens([rows[i].grammar for i in indices])
+    # A matcher that allows nothing has ended (its choice stops at this token, see Engine._advance): masking
+    # all would leave no distribution to draw the step from.
+    allowed[~allowed.any(-1)] = True
+    masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
+    dead = ~masked.isfinite().any(-1)
+    if dead.any():
+        fallback = raw.index_select(0, index)
+        for j in dead.nonzero().flatten().tolist():
+            row = rows[indices[j]]
+            if row.bias_ids is not None:
+                fallback[j, row.bias_ids] += row.bias_values
+        masked[dead] = fallback[dead].masked_fill(~allowed[dead], float("-inf"))
+    logits[index] = masked
 
 
 def _ban(logits: torch.Tensor, bans: list[tuple[int, torch.Tensor]]):

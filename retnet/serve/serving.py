@@ -52,6 +52,7 @@ from retnet.serve.protocol import (
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.settings import ServeSettings
 from retnet.serve.state_cache import Session, SessionBusy
+from retnet.serve.structured import Grammar, GrammarCompiler, requested_grammar
 from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # a logit_bias key
@@ -87,6 +88,7 @@ class OpenAIServing:
         # Tokenizations running on worker threads (counted on the event loop): while one may hold the lock, the
         # loop must not wait for it.
         self.tokenizing_off_loop = 0
+        self.grammars = GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids, self.tokenizer_lock)
 
     def models(self) -> ModelList:
         return ModelList(data=[self._card()])
@@ -128,6 +130,7 @@ class OpenAIServing:
                                              _add_special_tokens(request, _continues(session)), request.max_tokens != 0)
             params = self._params(request, request.max_tokens, request.logprobs,
                                   bad_words=await self._bad_words(request))
+            params.grammar = await self._grammar(request)
             params.prompt_logprobs = request.echo and request.logprobs is not None
             handle = self._submit([p.ids for p in prompts], params, request, session=session,
                                   text_starts=[0 if p.decoded else None for p in prompts])
@@ -301,6 +304,7 @@ class OpenAIServing:
                                                   request, _continues(session))
             params = self._params(request, max_tokens, top if request.logprobs else None, name,
                                   bad_words=await self._bad_words(request))
+            params.grammar = await self._grammar(request)
             handle = self._submit([prompt], params, request, [hint], session=session)
         except BaseException:
             self._release_session(request, session)
@@ -478,7 +482,7 @@ class OpenAIServing:
             if not stop or len(stop) > s.max_stop_chars:
                 raise APIError(400, f"each stop sequence must have 1 to {s.max_stop_chars} characters; "
                                f"got {len(stop)}", "stop")
-        _check_structured_output(request)
+        _check_unsupported_extras(request)
         if request.truncate_prompt_tokens is not None and request.truncate_prompt_tokens > s.max_prompt_tokens:
             raise APIError(400, f"truncate_prompt_tokens must be <= {s.max_prompt_tokens} (the most prompt tokens "
                            f"this server runs); got {request.truncate_prompt_tokens}", "truncate_prompt_tokens")
@@ -566,6 +570,14 @@ class OpenAIServing:
             name = "allowed_token_ids" if allowed is not None else "bad_words" if single else "stop_token_ids"
             raise APIError(400, f"{name}: with min_tokens, the stop token ids and EOS are masked too, and nothing "
                            "would be left to generate (they cover every token that may be sampled)", name)
+
+    async def _grammar(self, request: SamplingFields) -> Grammar | None:
+        """The compiled grammar of the request's structured-output field, if it sent one. Compiled on a worker
+        thread: a large JSON schema takes llguidance a while, and the streams on the event loop wait for none."""
+        asked = requested_grammar({name: getattr(request, name) for name in STRUCTURED_OUTPUT_FIELDS})
+        if asked is None:
+            return None
+        return await asyncio.to_thread(self.grammars.compile, *asked)
 
     async def _bad_words(self, request: SamplingFields) -> list[list[int]]:
         """Each bad word's token ids as vLLM spells them: the word without its leading spaces, and with one
@@ -792,17 +804,9 @@ def _size(value) -> int:
     return 0
 
 
-def _check_structured_output(request: SamplingFields) -> None:
-    """Structured output is not supported on either route: ``response_format`` type ``text`` and nulls pass,
-    anything else is refused by name (ignoring it would return free text where the client expects JSON); so
-    are vLLM's other output-changing extras (``UNSUPPORTED_EXTRAS``) unless set to their no-op value."""
-    if request.response_format is not None and request.response_format.get("type", "text") != "text":
-        raise APIError(400, f"response_format: only type 'text' is supported; got "
-                       f"{request.response_format.get('type')!r}", "response_format", "unsupported_parameter")
-    for name in STRUCTURED_OUTPUT_FIELDS:
-        if getattr(request, name) is not None:
-            raise APIError(400, f"{name}: structured output (guided decoding, grammars, JSON schemas) is not "
-                           "supported", name, "unsupported_parameter")
+def _check_unsupported_extras(request: SamplingFields) -> None:
+    """vLLM's output-changing extras this server does not run (``UNSUPPORTED_EXTRAS``) are refused by name
+    unless set to their no-op value: ignoring them would return output the client did not ask for."""
     for name, no_op in UNSUPPORTED_EXTRAS.items():
         value = getattr(request, name)
         # bool-checked too: in Python true == 1, and a length_penalty of true is no 1.0

@@ -124,9 +124,30 @@ def test_logit_bias_applies_and_unsupported_features_raise(client):
     assert forced.choices[0].token_ids == [300, 300, 300]
     messages = [{"role": "user", "content": "Hello!"}]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    for kwargs, param in (({"tools": [tool]}, "tools"), ({"response_format": {"type": "json_object"}},
-                                                         "response_format"),
-                          ({"stream_options": {"include_usage": True}}, "stream_options")):
+    for kwargs, param in (({"tools": [tool]}, "tools"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": [1]}}},
+                           "response_format.json_schema.schema")):
         with pytest.raises(openai.BadRequestError) as bad:
             client.chat.completions.create(model="micro", messages=messages, max_tokens=2, **kwargs)
         assert bad.value.body["param"] == param
+
+
+def test_structured_output_through_the_clients_own_parse(client):
+    """The official client's ``parse``: a pydantic model sent as a strict JSON schema, the reply read back into
+    it. The micro model is random: the reply is an instance only because the server held it to the schema."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Reply(BaseModel):
+        ok: bool
+        n: int = Field(ge=0, le=99)
+        tag: Literal["red", "green"]
+
+    for seed in range(3):
+        completion = client.chat.completions.parse(
+            model="micro", messages=[{"role": "user", "content": "Hello!"}], response_format=Reply, max_tokens=80,
+            temperature=1.0, seed=seed)
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, Reply), choice.message.content

@@ -1,0 +1,247 @@
+"""Structured output: a choice's text made to follow a JSON schema, a regex, a list of choices or a grammar.
+
+A request names what its text must follow: OpenAI's ``response_format`` (``json_object``, ``json_schema``),
+vLLM's ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar`` and ``structured_outputs``, or
+llama.cpp's ``json_schema`` and ``grammar`` (GBNF). llguidance compiles it against the tokenizer, and before every
+step of a choice its matcher gives the tokens that keep the text inside the grammar: the sampler draws from
+those alone (a mask, not rejection, so the text follows the grammar whatever the model, as far as
+``max_tokens`` lets it finish). EOS is allowed exactly where the text is complete, and a grammar that admits
+nothing more ends the choice there (``finish_reason: "stop"``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+
+from retnet.serve.protocol import APIError
+
+# JSON as OpenAI's structured outputs write it, without whitespace between tokens: with any whitespace allowed a
+# model unsure of what comes next can fill max_tokens with blank lines. A schema's "x-guidance" key overrides it.
+JSON_DEFAULTS = {"whitespace_flexible": False}
+# A response_format or structured_outputs kind this server does not compile (e.g. vLLM's structural_tag).
+_FORMAT_KINDS = ("text", "json_object", "json_schema")
+_STRUCTURED_OUTPUT_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class GrammarMatcher:
+    """One choice's position in its grammar."""
+
+    __slots__ = ("matcher", "tokenizer_vocab", "vocab_size")
+
+    def __init__(self, matcher, tokenizer_vocab: int, vocab_size: int):
+        self.matcher, self.tokenizer_vocab, self.vocab_size = matcher, tokenizer_vocab, vocab_size
+
+    def consume(self, token: int) -> None:
+        self.matcher.consume_token(token)
+
+    @property
+    def ended(self) -> bool:
+        """Nothing may follow (the grammar is complete and admits no more, or EOS was taken); also after an
+        error, which the masks keep from happening: the choice then ends rather than run unconstrained."""
+        return self.matcher.is_stopped()
+
+
+_BIT = torch.arange(32, dtype=torch.int32)
+_executor = None
+_executor_lock = threading.Lock()
+
+
+def allowed_tokens(matchers: list[GrammarMatcher]) -> torch.Tensor:
+    """``[len(matchers), vocab_size]`` bool: the tokens each matcher allows next (ids past the tokenizer's
+    never). The masks are computed together, on llguidance's threads, into one bitmask (a bit per token),
+    expanded here in one vectorised step: a batch of constrained rows costs about one row's time."""
+    from llguidance import LLExecutor
+
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = LLExecutor()
+    vocab_size, tokenizer_vocab = matchers[0].vocab_size, matchers[0].tokenizer_vocab
+    words = (tokenizer_vocab + 31) // 32
+    bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)
+    _executor.unsafe_compute_mask_ptr([(m.matcher, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
+                                      words * 4, len(matchers))
+    bits = ((bitmask.unsqueeze(-1) >> _BIT) & 1).bool().flatten(1)  # bit j of word w: token 32·w + j
+    allowed = torch.zeros(len(matchers), vocab_size, dtype=torch.bool)
+    size = min(tokenizer_vocab, vocab_size)
+    allowed[:, :size] = bits[:, :size]
+    return allowed
+
+
+class Grammar:
+    """A compiled grammar: every choice of the request gets its own matcher, copied from this one."""
+
+    __slots__ = ("prototype", "tokenizer_vocab", "vocab_size")
+
+    def __init__(self, prototype, tokenizer_vocab: int, vocab_size: int):
+        self.prototype, self.tokenizer_vocab, self.vocab_size = prototype, tokenizer_vocab, vocab_size
+
+    def matcher(self) -> GrammarMatcher:
+        return GrammarMatcher(self.prototype.deep_copy(), self.tokenizer_vocab, self.vocab_size)
+
+
+class GrammarCompiler:
+    """Compiles requests' grammars against the served tokenizer (wrapped once, on first use)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: set[int], tokenizer_lock: threading.Lock | None = None):
+        """``tokenizer_lock``: held while the tokenizer is read (the server's, which other threads encode with)."""
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
+        self.tokenizer_lock = tokenizer_lock or threading.Lock()
+        self._llg_tokenizer = None
+        self._lock = threading.Lock()
+
+    def _wrapped(self, param: str):
+        with self._lock:
+            if self._llg_tokenizer is None:
+                try:
+                    import llguidance.hf
+                except ImportError:
+                    raise APIError(400, f"{param}: structured output needs llguidance on the server (pip install "
+                                   f"'retnet-stack[serve]')", param, "unsupported_parameter") from None
+                eos = sorted(t for t in self.eos_ids if t < len(self.tokenizer))
+                try:
+                    with self.tokenizer_lock:
+                        self._llg_tokenizer = llguidance.hf.from_tokenizer(
+                            self.tokenizer, n_vocab=len(self.tokenizer), eos_token=eos or None)
+                except ValueError as error:  # a slow (Python) tokenizer: llguidance reads the fast one's JSON
+                    raise APIError(400, f"{param}: structured output needs a fast tokenizer; this model's "
+                                   f"cannot be used ({error})", param, "unsupported_parameter") from None
+            return self._llg_tokenizer
+
+    def compile(self, grammar: str, param: str) -> Grammar:
+        """The grammar (llguidance's form, see :func:`requested_grammar`) checked and compiled; a 400 naming
+        ``param`` when it cannot be (a bad regex, a schema feature llguidance lacks, an unknown rule ...)."""
+        from llguidance import LLMatcher
+
+        tokenizer = self._wrapped(param)
+        matcher = LLMatcher(tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise APIError(400, f"{param} cannot be used: {matcher.get_error().strip()}", param, "invalid_grammar")
+        return Grammar(matcher, tokenizer.vocab_size, self.vocab_size)
+
+
+def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
+    """(llguidance grammar, the field it came from) of a request's structured-output fields (name -> value,
+    those not sent left out or None), or None when it asks for free text. More than one is refused, as is a
+    value of the wrong shape, each with a 400 naming the field."""
+    from llguidance import LLMatcher
+
+    asked = [(name, value) for name, value in fields.items() if value is not None]
+    response_format = dict(asked).get("response_format")
+    if response_format is not None and _format_kind(response_format) == "text":
+        asked = [(name, value) for name, value in asked if name != "response_format"]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        names = ", ".join(name for name, _ in asked)
+        raise APIError(400, f"give one way of structuring the output; got {names}", asked[1][0], "invalid_grammar")
+    name, value = asked[0]
+    if name == "response_format":
+        kind = _format_kind(value)
+        if kind == "json_object":
+            return _json(name, {"type": "object"}), name
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise APIError(400, "response_format of type json_schema needs a json_schema object: {\"name\": ..., "
+                           "\"schema\": {...}}", "response_format.json_schema", "invalid_grammar")
+        return _json("response_format.json_schema.schema", spec.get("schema", {"type": "object"})), name
+    if name in ("guided_json", "json_schema"):
+        return _json(name, value), name
+    if name == "guided_regex":
+        return LLMatcher.grammar_from_regex(_text(name, value)), name
+    if name == "guided_choice":
+        return _choice(name, value), name
+    if name in ("guided_grammar", "grammar"):
+        return _lark(name, value), name
+    if name == "structured_outputs":
+        return _structured_outputs(value), name
+    raise AssertionError(name)
+
+
+def _format_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in _FORMAT_KINDS:
+        raise APIError(400, f"response_format type must be one of {', '.join(_FORMAT_KINDS)}; got {kind!r}",
+                       "response_format", "invalid_grammar")
+    return kind
+
+
+def _structured_outputs(value: Any) -> str:
+    """vLLM's ``structured_outputs`` object: one of its keys set."""
+    if not isinstance(value, dict):
+        raise APIError(400, "structured_outputs must be an object with one of the keys "
+                       f"{', '.join(_STRUCTURED_OUTPUT_KEYS)}", "structured_outputs", "invalid_grammar")
+    given = [key for key, item in value.items() if item is not None and item is not False
+             and key not in ("disable_any_whitespace", "disable_fallback", "disable_additional_properties",
+                             "whitespace_pattern")]
+    unknown = [key for key in given if key not in _STRUCTURED_OUTPUT_KEYS]
+    if unknown or len(given) != 1:
+        raise APIError(400, f"structured_outputs needs exactly one of {', '.join(_STRUCTURED_OUTPUT_KEYS)}; got "
+                       f"{', '.join(given) or 'none'}", "structured_outputs", "invalid_grammar")
+    key = given[0]
+    param = f"structured_outputs.{key}"
+    if key == "json_object":
+        return _json(param, {"type": "object"})
+    if key == "json":
+        return _json(param, value[key])
+    if key == "regex":
+        from llguidance import LLMatcher
+
+        return LLMatcher.grammar_from_regex(_text(param, value[key]))
+    if key == "choice":
+        return _choice(param, value[key])
+    return _lark(param, value[key])
+
+
+def _text(param: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise APIError(400, f"{param} must be a non-empty string", param, "invalid_grammar")
+    return value
+
+
+def _json(param: str, schema: Any) -> str:
+    """A JSON schema (an object, or its JSON text as vLLM's guided_json also takes it)."""
+    from llguidance import LLMatcher
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as error:
+            raise APIError(400, f"{param} is not JSON: {error}", param, "invalid_grammar") from None
+    if not isinstance(schema, dict):
+        raise APIError(400, f"{param} must be a JSON schema object; got {type(schema).__name__}", param,
+                       "invalid_grammar")
+    try:
+        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
+    except ValueError as error:
+        raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
+
+
+def _choice(param: str, choices: Any) -> str:
+    """One of the strings, exactly: a Lark rule of their literals (JSON string syntax is Lark's)."""
+    from llguidance import LLMatcher
+
+    if (not isinstance(choices, list) or not choices
+            or not all(isinstance(choice, str) and choice for choice in choices)):
+        raise APIError(400, f"{param} must be a non-empty list of non-empty strings", param, "invalid_grammar")
+    return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(choice) for choice in choices))
+
+
+def _lark(param: str, grammar: Any) -> str:
+    """A Lark grammar (llguidance's dialect), or a GBNF one (llama.cpp's), told apart as llguidance does."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return LLMatcher.grammar_from_lark(any_to_lark(_text(param, grammar)))
+    except APIError:
+        raise
+    except Exception as error:  # the GBNF converter's own errors
+        raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
+
+
+__all__ = ["Grammar", "GrammarCompiler", "GrammarMatcher", "allowed_tokens", "requested_grammar"]
