@@ -60,15 +60,26 @@ class _Section:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
+# What shapes the weights: a model fine-tuned from a pretrained one (model.init_from) keeps its values.
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelConfig(_Section):
     """The RetNet to train: a preset of ``retnet.model.PRESETS`` plus overrides (None keeps the preset's).
 
     The model's vocabulary is the tokenizer's size; ``vocab_size`` is the size of the BPE trained when
     ``data.tokenizer`` is not given (default: the preset's vocab_size).
+
+    ``init_from``: fine-tuning. A ``save_pretrained`` directory (another run's ``export``) whose architecture,
+    weights and tokenizer the run starts from, in place of the preset and a random init; the settings that
+    would change its weights' shapes cannot be set with it, the others (``dropout``, ``chunk_size``,
+    ``extra``) apply on top of its config. The optimizer and schedule start afresh; a resume continues from
+    its checkpoints as any run does.
     """
 
     preset: str = "tiny"
+    init_from: str | None = None
     vocab_size: int | None = None
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
@@ -84,6 +95,14 @@ class ModelConfig(_Section):
 
         if self.preset not in PRESETS:
             _refuse("model.preset", f"must be one of {sorted(PRESETS)}", self.preset)
+        if self.init_from == "":  # how a TOML file (which has no null) leaves it out
+            self.init_from = None
+        if self.init_from is not None:
+            for name in _SHAPE_FIELDS:
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"model.{name} cannot be set with model.init_from {self.init_from!r}: the "
+                                      f"architecture is the pretrained model's (its config.json); got "
+                                      f"{getattr(self, name)!r}")
         # RetNetConfig keeps unknown keyword arguments as attributes, so a misspelt field would be ignored
         known = set(RetNetConfig().to_dict())
         for key in self.extra:
@@ -278,6 +297,11 @@ class JobConfig(_Section):
         # Here rather than when the tokenizer is trained: that comes after the whole dataset has been read, and
         # with a tokenizer given, the tokenizer sets the vocabulary and vocab_size is not used.
         # not data.tokenizer: "" is how a TOML file (which has no null) leaves it out, and the trainer reads it so
+        # The pretrained model's ids are its tokenizer's: another one would feed its embeddings other tokens.
+        if self.model.init_from is not None and self.data.tokenizer and \
+                Path(self.data.tokenizer).expanduser().resolve() != Path(self.model.init_from).expanduser().resolve():
+            _refuse("data.tokenizer", f"cannot be set with model.init_from {self.model.init_from!r}: the run uses "
+                    f"that model's tokenizer, saved beside it", self.data.tokenizer)
         if not self.data.tokenizer and self.model.vocab_size is not None \
                 and self.model.vocab_size < MIN_VOCAB_SIZE:
             _refuse("model.vocab_size", f"must be >= {MIN_VOCAB_SIZE} (256 bytes + EOS + pad) for the byte-level "

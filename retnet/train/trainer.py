@@ -261,11 +261,14 @@ class Trainer:
             logger.info("resuming: using the tokenizer saved in %s (data.tokenizer is only read by a run that "
                         "starts)", saved_tokenizer)
         preset_vocab = RetNetConfig.from_preset(cfg.model.preset).vocab_size
+        init_from = Path(cfg.model.init_from).expanduser() if cfg.model.init_from else None
+        if init_from is not None:  # a resume reads its architecture there too (its weights: the checkpoint's)
+            _check_pretrained_dir(init_from)
         self.data = build_data(
             cfg.data, vocab_size=cfg.model.vocab_size or preset_vocab, seed=cfg.train.seed,
             micro_batch=cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size, rank=self.rank,
             local_rank=self.local_rank, world_size=self.world_size,
-            tokenizer_dir=saved_tokenizer if reuse else None, barrier=barrier, hub_fingerprint=hub_fingerprint,
+            tokenizer_dir=saved_tokenizer if reuse else init_from, barrier=barrier, hub_fingerprint=hub_fingerprint,
         )
         self.tokenizer = self.data.tokenizer
         if self.is_main and not reuse:
@@ -273,17 +276,23 @@ class Trainer:
             replace_directory(saved_tokenizer, self.tokenizer.save_pretrained)
 
         # Model: the same init on every rank (one seed), then per-rank seeds for anything random after.
-        try:
-            # The loss without the [B, T, vocab] logits unless the config says otherwise (the export resets it)
-            overrides = {"fuse_linear_cross_entropy": True, **cfg.model.overrides()}
-            self.model_config = RetNetConfig.from_preset(
-                cfg.model.preset, **overrides, vocab_size=vocab_bound(self.tokenizer),
-                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            )
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"model: {error}") from None
+        # The loss without the [B, T, vocab] logits unless the config says otherwise (the export resets it)
+        overrides = {"fuse_linear_cross_entropy": True, **cfg.model.overrides()}
         torch.manual_seed(cfg.train.seed)
-        self.raw_model = RetNetForCausalLM(self.model_config).to(self.device)
+        if init_from is not None:
+            # Loaded on every rank (the same file, the same weights), before DDP or FSDP wraps it. A resume
+            # loads its checkpoint over them; the architecture is the same.
+            self.model_config = _pretrained_config(init_from, overrides, self.tokenizer)
+            self.raw_model = _pretrained_model(init_from, self.model_config).to(self.device)
+        else:
+            try:
+                self.model_config = RetNetConfig.from_preset(
+                    cfg.model.preset, **overrides, vocab_size=vocab_bound(self.tokenizer),
+                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                )
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"model: {error}") from None
+            self.raw_model = RetNetForCausalLM(self.model_config).to(self.device)
         self.n_params = sum(p.numel() for p in self.raw_model.parameters())
         self.flops_per_token = flops_per_token(self.model_config, self.data.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
@@ -308,13 +317,19 @@ class Trainer:
         self._install_signal_handlers()
         logger.info(
             "model %s: %.2fM parameters; world %d × micro %d × accum %d = global %d blocks of %d tokens; "
-            "%s on %s%s", cfg.model.preset, self.n_params / 1e6, self.world_size, cfg.train.micro_batch_size,
+            "%s on %s%s", self.model_name, self.n_params / 1e6, self.world_size, cfg.train.micro_batch_size,
             self.accum, cfg.train.global_batch_size, self.data.seq_len, cfg.train.parallelism if _distributed()
             else "single process", self.device, f"; resumed from {resume_path} at step {self.step}"
             if resume_path else "",
         )
 
     # -- setup -------------------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        """What the logs and the loss plot call the model: its preset, or what it was fine-tuned from."""
+        init_from = self.cfg.model.init_from
+        return f"fine-tuned from {Path(init_from).name or init_from}" if init_from else self.cfg.model.preset
+
     @property
     def fsdp(self) -> bool:
         return self.cfg.train.parallelism == "fsdp" and _distributed()
@@ -774,7 +789,7 @@ class Trainer:
             self._metrics.flush()
             try:
                 plot_losses(self.metrics_path, self.output_dir / "loss.png",
-                            title=f"RetNet {cfg.model.preset} ({self.n_params / 1e6:.1f}M params)")
+                            title=f"RetNet {self.model_name} ({self.n_params / 1e6:.1f}M params)")
             except ImportError:  # a bring-your-own-torch machine without the [train] extra: keep the run
                 logger.warning("matplotlib is not installed; no loss.png (metrics.jsonl has the curve)")
             summary["val_loss"] = val_loss
@@ -870,6 +885,50 @@ class _CurrentStderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass  # StreamHandler.__init__ and setStream assign it; the current sys.stderr always wins
+
+
+def _check_pretrained_dir(path: Path) -> None:
+    """``model.init_from`` holds a model and its tokenizer (what ``train.output_dir/export`` holds)."""
+    if not path.is_dir():
+        raise ConfigError(f"model.init_from {str(path)!r} is no directory; give a save_pretrained directory "
+                          f"(another run's train.output_dir/export)")
+    missing = [name for name in ("config.json", "tokenizer_config.json") if not (path / name).is_file()]
+    if missing:
+        raise ConfigError(f"model.init_from {str(path)!r} holds no {' and no '.join(missing)}; give a "
+                          f"save_pretrained directory with its tokenizer (another run's train.output_dir/export)")
+
+
+def _pretrained_config(path: Path, overrides: dict[str, Any], tokenizer):
+    """The pretrained model's config with this run's settings on top, checked (a value that cannot work is
+    refused naming it), and its tokenizer checked against it."""
+    from retnet.model import RetNetConfig
+
+    saved, _ = RetNetConfig.get_config_dict(str(path), local_files_only=True)
+    if saved.get("model_type") != RetNetConfig.model_type:
+        raise ConfigError(f"model.init_from {str(path)!r} holds a {saved.get('model_type')!r} model, not a RetNet")
+    try:
+        config = RetNetConfig.from_dict({**saved, **overrides})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model (on model.init_from {str(path)!r}): {error}") from None
+    if vocab_bound(tokenizer) > config.vocab_size:
+        raise ConfigError(f"model.init_from {str(path)!r}: its tokenizer produces ids up to "
+                          f"{vocab_bound(tokenizer) - 1}, beyond the model's vocab_size {config.vocab_size}")
+    trained_eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    if config.eos_token_id is not None and tokenizer.eos_token_id not in trained_eos:
+        raise ConfigError(f"model.init_from {str(path)!r}: its tokenizer's EOS is id {tokenizer.eos_token_id}, the "
+                          f"model was trained with EOS id {config.eos_token_id}: the tokenizer beside it is not its own")
+    return config
+
+
+def _pretrained_model(path: Path, config) -> nn.Module:
+    """The pretrained weights in fp32 (the master weights; autocast or FSDP's policy casts for compute)."""
+    from retnet.model import RetNetForCausalLM
+
+    try:
+        return RetNetForCausalLM.from_pretrained(str(path), config=config, dtype=torch.float32, local_files_only=True)
+    except (OSError, RuntimeError, ValueError) as error:  # no weights, or weights of other shapes
+        raise ConfigError(f"model.init_from {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
+                          f"{str(error).strip()[:400]}") from None
 
 
 def _setup_logging(rank: int) -> None:
