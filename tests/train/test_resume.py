@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import types
 from pathlib import Path
 
 import pytest
@@ -801,7 +802,13 @@ def test_a_hub_dataset_run_resumes_offline_from_its_token_cache(micro, corpus, t
             raise ConnectionError("offline, and the dataset is not in the HF cache")
         return datasets.Dataset.from_dict(current)
 
+    def load_dataset_builder(path, name=None, **kwargs):  # which builder reads it: a repository of Parquet files
+        if current is None:
+            raise ConnectionError("offline, and the dataset is not in the HF cache")
+        return types.SimpleNamespace(name="parquet")
+
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset_builder)
     cache, out = tmp_path / "cache", tmp_path / "run"
     hub = dict(data__dataset="someone/corpus", data__cache_dir=cache)
     assert main(micro(out, **hub, train__steps=2)) == 0
