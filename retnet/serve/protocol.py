@@ -7,6 +7,7 @@ the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: `
 ``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id``, ``return_token_ids`` and
 ``add_special_tokens``; chat's ``add_generation_prompt``, ``continue_final_message``, ``echo``,
 ``chat_template_kwargs`` and ``documents``. vLLM's ``/tokenize`` and ``/detokenize`` are here too.
+Tool calls (``tools`` with ``tool_choice`` ``"required"`` or a named function) are answered in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -265,12 +266,36 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCallParam(BaseModel):
+    """A tool call's function in a conversation's history. ``arguments`` is JSON text as OpenAI sends it; an
+    object is taken too (some clients send one)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str | dict[str, Any]
+
+
+class ToolCallParam(BaseModel):
+    """An earlier assistant message's tool call, as the client sends it back with the tool's result."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # History of tool calling: an assistant message's calls (its content then null), and a tool message's
+    # answer to one of them.
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -297,9 +322,12 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     # A template sent by the client is refused (serving): it would run client-written Jinja on the server.
     chat_template: Any = None
-    # Not supported beyond their no-op values (serving refuses the others by name).
+    # Tool calling: with tool_choice "required" or a named function the output is held to the tools' schemas
+    # and answered as tool calls; "auto" with tools is refused, as are the legacy functions (serving).
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # false: "required" makes one call, not a list of them.
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
 
@@ -339,8 +367,8 @@ class TokenizeChatRequest(TokenizerFields):
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
-    # Checked as chat checks them (serving's _check_chat_features): a conversation chat refuses is refused, not
-    # counted without its template or tools.
+    # Checked as chat checks them (serving's _check_chat_features, _tool_calling): a conversation chat refuses is
+    # refused, not counted without its template or tools; tools chat shows the template are shown here too.
     chat_template: Any = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -429,21 +457,47 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+def tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=tool_call_id)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(BaseModel):
+    """A stream's tool call, sent whole in one chunk: ``index`` is its place among the choice's calls."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None = None
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
 
@@ -462,7 +516,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None = None
     token_ids: list[int] | None = None
 
 
@@ -515,7 +569,7 @@ class DetokenizeResponse(BaseModel):
 def dump(model: BaseModel) -> dict[str, Any]:
     """JSON-ready dict without the server-only extras that are unset (keeps OpenAI's shape)."""
     data = model.model_dump()
-    _drop_none(data, ("prompt_token_ids", "token_ids", "session_id", "prompt_tokens_details", "bytes"))
+    _drop_none(data, ("prompt_token_ids", "token_ids", "session_id", "prompt_tokens_details", "bytes", "tool_calls"))
     return data
 
 

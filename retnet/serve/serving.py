@@ -35,6 +35,7 @@ from retnet.serve.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -53,6 +54,7 @@ from retnet.serve.sampling import SamplingParams
 from retnet.serve.settings import ServeSettings
 from retnet.serve.state_cache import Session, SessionBusy
 from retnet.serve.structured import Grammar, GrammarCompiler, requested_grammar
+from retnet.serve.tools import ToolCalling, template_message, tool_calling
 from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # a logit_bias key
@@ -288,6 +290,10 @@ class OpenAIServing:
         self._check_common(request)
         _check_content_parts(request)
         _check_chat_features(request)
+        calling = tool_calling(request)
+        if calling is not None and request.echo:
+            raise APIError(400, "echo: not with tool calls (the answer is calls, not text continuing the last "
+                           "message)", "echo")
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         top = request.top_logprobs if request.top_logprobs is not None else 0
@@ -304,23 +310,28 @@ class OpenAIServing:
                                                   request, _continues(session))
             params = self._params(request, max_tokens, top if request.logprobs else None, name,
                                   bad_words=await self._bad_words(request))
-            params.grammar = await self._grammar(request)
+            params.grammar = await self._grammar(request, calling)
             handle = self._submit([prompt], params, request, [hint], session=session)
         except BaseException:
             self._release_session(request, session)
             raise
         if request.stream:
-            return self._stream(self._chat_chunks(request, handle), handle)
+            return self._stream(self._chat_chunks(request, handle, calling), handle)
         outputs = await self._collect(handle, raw)
         choices = []
         for index, seq in enumerate(outputs):
             logprobs = None
             if request.logprobs:
                 logprobs = ChatLogprobs(content=[_chat_logprob(t) for o in seq for t in (o.logprobs or [])])
-            content = _chat_echo(request) + "".join(o.text for o in seq)
+            text, finish = "".join(o.text for o in seq), seq[-1].finish_reason
+            calls = calling.calls(text) if calling is not None and finish == "stop" else None
+            if calls is not None:
+                message, finish = AssistantMessage(tool_calls=calls), "tool_calls"
+            else:  # free text, or calls cut short (no whole JSON to read them from): the text as it is
+                message = AssistantMessage(content=_chat_echo(request) + text)
             choices.append(ChatChoice(
-                index=index, message=AssistantMessage(content=content), logprobs=logprobs,
-                finish_reason=seq[-1].finish_reason, **self._ids(request, prompt, seq),
+                index=index, message=message, logprobs=logprobs, finish_reason=finish,
+                **self._ids(request, prompt, seq),
             ))
         response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self.model_name, choices=choices,
                                           usage=self._usage(handle, outputs), session_id=request.session_id)
@@ -345,10 +356,12 @@ class OpenAIServing:
         completion would refuse), and with ``with_hint`` the offset where the last message starts."""
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
         template = None if getattr(self.tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in request.messages]
+        messages = [template_message(m) for m in request.messages]
+        # The tools reach the template whenever the model is to call them (_tool_calling has refused "auto").
+        tools = request.tools if request.tools and request.tool_choice != "none" else None
         variables = {**(request.chat_template_kwargs or {}),
-                     **({"documents": request.documents} if request.documents is not None else {})}
+                     **({"documents": request.documents} if request.documents is not None else {}),
+                     **({"tools": tools} if tools else {})}
         add_generation_prompt = variables.pop("add_generation_prompt", request.add_generation_prompt)
         continue_final = variables.pop("continue_final_message", request.continue_final_message)
         if add_generation_prompt and continue_final:
@@ -396,7 +409,10 @@ class OpenAIServing:
             self.bos_per_turn = text.count(self.tokenizer.bos_token) > 1
         return self.bos_per_turn
 
-    async def _chat_chunks(self, request: ChatCompletionRequest, handle: RequestHandle) -> AsyncIterator[str]:
+    async def _chat_chunks(self, request: ChatCompletionRequest, handle: RequestHandle,
+                           calling: ToolCalling | None = None) -> AsyncIterator[str]:
+        """``calling``: each choice's text is held, and sent when it ends as its calls, in one chunk (or as
+        content, cut short: no whole JSON to read calls from)."""
         rid, created = random_id("chatcmpl"), int(time.time())
         usage_opt, continuous = _usage_options(request)
         total = 0
@@ -418,15 +434,26 @@ class OpenAIServing:
             yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
             if echo:
                 yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(content=echo)))
+        held = [""] * handle.num_choices
         async for out in self._outputs(handle):
             total += len(out.token_ids)
             logprobs = ChatLogprobs(content=[_chat_logprob(t) for t in out.logprobs]) if out.logprobs else None
             ids = out.token_ids if request.return_token_ids else None
-            if out.text or logprobs or ids:
-                yield chunk(ChatChunkChoice(index=out.index, delta=DeltaMessage(content=out.text),
-                                            logprobs=logprobs, token_ids=ids))
-            if out.finish_reason:
-                yield chunk(ChatChunkChoice(index=out.index, delta=DeltaMessage(), finish_reason=out.finish_reason))
+            delta, finish = DeltaMessage(content=out.text), out.finish_reason
+            if calling is not None:
+                held[out.index] += out.text
+                delta = DeltaMessage()
+                calls = calling.calls(held[out.index]) if finish == "stop" else None
+                if calls is not None:
+                    delta, finish = DeltaMessage(tool_calls=[
+                        DeltaToolCall(index=i, id=call.id, function=call.function) for i, call in enumerate(calls)
+                    ]), "tool_calls"
+                elif finish:
+                    delta = DeltaMessage(content=held[out.index])
+            if delta.content or delta.tool_calls or logprobs or ids:
+                yield chunk(ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs, token_ids=ids))
+            if finish:
+                yield chunk(ChatChunkChoice(index=out.index, delta=DeltaMessage(), finish_reason=finish))
         if usage_opt:
             yield chunk(None, self._usage_counts(handle, total))
 
@@ -440,6 +467,7 @@ class OpenAIServing:
                 raise APIError(400, "send prompt (a text) or messages (a conversation), not both", "prompt")
             _check_content_parts(request)
             _check_chat_features(request)
+            tool_calling(request)
             size = _size([m.text() for m in request.messages])
         else:
             size = len(request.prompt)
@@ -571,10 +599,16 @@ class OpenAIServing:
             raise APIError(400, f"{name}: with min_tokens, the stop token ids and EOS are masked too, and nothing "
                            "would be left to generate (they cover every token that may be sampled)", name)
 
-    async def _grammar(self, request: SamplingFields) -> Grammar | None:
-        """The compiled grammar of the request's structured-output field, if it sent one. Compiled on a worker
-        thread: a large JSON schema takes llguidance a while, and the streams on the event loop wait for none."""
+    async def _grammar(self, request: SamplingFields, calling: ToolCalling | None = None) -> Grammar | None:
+        """The compiled grammar of the request's structured-output field, if it sent one, or of its tool calls.
+        Compiled on a worker thread: a large JSON schema takes llguidance a while, and the streams on the event
+        loop wait for none."""
         asked = requested_grammar({name: getattr(request, name) for name in STRUCTURED_OUTPUT_FIELDS})
+        if calling is not None:
+            if asked is not None:
+                raise APIError(400, f"{asked[1]}: tool calls are already held to the tools' schemas; send either "
+                               f"tool_choice or {asked[1]}", asked[1], "invalid_grammar")
+            return await asyncio.to_thread(lambda: self.grammars.compile(*calling.grammar()))
         if asked is None:
             return None
         return await asyncio.to_thread(self.grammars.compile, *asked)
@@ -816,9 +850,10 @@ def _check_unsupported_extras(request: SamplingFields) -> None:
 
 
 def _check_chat_features(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
-    """Tool calling is not supported: its no-op values pass, the others are refused by name (ignoring them
-    would return plain text where the client expects a tool call). Neither is a template sent with the
-    request, nor template variables that are apply_chat_template's own arguments."""
+    """The legacy ``functions`` are not supported: their no-op values pass, the others are refused by name
+    (ignoring them would return plain text where the client expects a call; tools are :func:`~retnet.serve.tools.tool_calling`'s).
+    Neither is a template sent with the request, nor template variables that are apply_chat_template's own
+    arguments."""
     if request.chat_template is not None:
         raise APIError(400, "chat_template: a template sent with the request is not supported (the server uses "
                        "the model's)", "chat_template", "unsupported_parameter")
@@ -827,14 +862,14 @@ def _check_chat_features(request: ChatCompletionRequest | TokenizeChatRequest) -
         raise APIError(400, f"chat_template_kwargs: {reserved[0]!r} is not a template variable but an argument of "
                        "the templating (send documents, add_generation_prompt ... as the request's own fields)",
                        "chat_template_kwargs")
-    for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
-        wanted, how = getattr(request, tools), getattr(request, choice)
-        if how is not None and how not in ("none", "auto"):
-            raise APIError(400, f"{choice}: tool calling is not supported; only 'none' (or 'auto' without "
-                           f"{tools}) is accepted", choice, "unsupported_parameter")
-        if wanted and how != "none":
-            raise APIError(400, f"{tools}: tool calling is not supported (send {choice}: 'none' to have the "
-                           f"{tools} ignored)", tools, "unsupported_parameter")
+    if request.function_call is not None and request.function_call not in ("none", "auto"):
+        raise APIError(400, "function_call: the legacy functions are not supported; only 'none' (or 'auto' without "
+                       "functions) is accepted (send tools with tool_choice instead)", "function_call",
+                       "unsupported_parameter")
+    if request.functions and request.function_call != "none":
+        raise APIError(400, "functions: the legacy functions are not supported (send tools with tool_choice "
+                       "'required' or a named function instead, or function_call: 'none' to have the functions "
+                       "ignored)", "functions", "unsupported_parameter")
 
 
 @dataclass(slots=True)

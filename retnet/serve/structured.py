@@ -6,7 +6,8 @@ llama.cpp's ``json_schema`` and ``grammar`` (GBNF). llguidance compiles it again
 step of a choice its matcher gives the tokens that keep the text inside the grammar: the sampler draws from
 those alone (a mask, not rejection, so the text follows the grammar whatever the model, as far as
 ``max_tokens`` lets it finish). EOS is allowed exactly where the text is complete, and a grammar that admits
-nothing more ends the choice there (``finish_reason: "stop"``).
+nothing more ends the choice there (``finish_reason: "stop"``). Chat's tool calls (``tool_choice``
+``"required"`` or a named function) are such a grammar too, built from the tools' schemas (:func:`tool_call_grammar`).
 """
 
 from __future__ import annotations
@@ -207,6 +208,13 @@ def _json(param: str, schema: Any) -> str:
     """A JSON schema (an object, or its JSON text as vLLM's guided_json also takes it)."""
     from llguidance import LLMatcher
 
+    try:
+        return LLMatcher.grammar_from_json_schema(_schema(param, schema), defaults=JSON_DEFAULTS)
+    except ValueError as error:
+        raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
+
+
+def _schema(param: str, schema: Any) -> dict:
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -215,10 +223,46 @@ def _json(param: str, schema: Any) -> str:
     if not isinstance(schema, dict):
         raise APIError(400, f"{param} must be a JSON schema object; got {type(schema).__name__}", param,
                        "invalid_grammar")
-    try:
-        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
-    except ValueError as error:
-        raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
+    return schema
+
+
+# A function whose parameters are left out takes any JSON object (OpenAI's reading).
+NO_PARAMETERS = {"type": "object"}
+
+
+def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, parallel: bool = True) -> tuple[str, str]:
+    """(llguidance grammar, the field it came from) of tool calls to ``functions`` (each tool's name and
+    ``parameters``, in the request's order; None: ``NO_PARAMETERS``).
+
+    ``named``: one call to that function, the text its arguments (its parameters' schema). None
+    (``tool_choice: "required"``): vLLM's format, a JSON array of at least one ``{"name": ..., "parameters":
+    {...}}``, the name one of the functions' and the parameters that function's (at most one item unless
+    ``parallel``). Each schema is checked on its own first, so that an error names its tool; their ``$defs``
+    are gathered at the array's root, where their ``$ref``s (``#/$defs/...``) then point."""
+    from llguidance import LLMatcher
+
+    if named is not None:
+        index = [name for name, _ in functions].index(named)
+        param = f"tools[{index}].function.parameters"
+        return _json(param, NO_PARAMETERS if functions[index][1] is None else functions[index][1]), param
+    calls, defs = [], {}
+    for index, (name, parameters) in enumerate(functions):
+        param = f"tools[{index}].function.parameters"
+        schema = dict(NO_PARAMETERS if parameters is None else _schema(param, parameters))
+        error = LLMatcher.validate_grammar(_json(param, schema))
+        if error:
+            raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")
+        for key in ("$defs", "definitions"):
+            for def_name, definition in (schema.pop(key, None) or {}).items():
+                if defs.setdefault(key, {}).setdefault(def_name, definition) != definition:
+                    raise APIError(400, f"{param}: {key}/{def_name} differs from another tool's of that name (the "
+                                   f"tools' {key} are gathered in one schema)", param, "invalid_grammar")
+        calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+                      "required": ["name", "parameters"], "additionalProperties": False})
+    root = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **defs}
+    if not parallel:
+        root["maxItems"] = 1
+    return _json("tools", root), "tools"
 
 
 def _choice(param: str, choices: Any) -> str:
@@ -244,4 +288,4 @@ def _lark(param: str, grammar: Any) -> str:
         raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
 
 
-__all__ = ["Grammar", "GrammarCompiler", "GrammarMatcher", "allowed_tokens", "requested_grammar"]
+__all__ = ["Grammar", "GrammarCompiler", "GrammarMatcher", "allowed_tokens", "requested_grammar", "tool_call_grammar"]

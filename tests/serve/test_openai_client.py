@@ -151,3 +151,33 @@ def test_structured_output_through_the_clients_own_parse(client):
         choice = completion.choices[0]
         assert choice.finish_reason == "stop"
         assert isinstance(choice.message.parsed, Reply), choice.message.content
+
+
+def test_tool_calls_through_the_client_whole_and_streamed(client):
+    """A named function's call, read back by the official client: from the response, and accumulated from a
+    stream by the client's own helper (its events, the arguments parsed into the tool's pydantic model)."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Paint(BaseModel):
+        color: Literal["red", "green"]
+        glossy: bool
+        label: str = Field(max_length=6)
+
+    tool = openai.pydantic_function_tool(Paint)
+    asked = {"model": "micro", "messages": [{"role": "user", "content": "Paint it."}], "tools": [tool],
+             "tool_choice": {"type": "function", "function": {"name": "Paint"}}, "max_tokens": 100}
+    for seed in range(2):
+        choice = client.chat.completions.create(**asked, temperature=1.0, seed=seed).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "Paint"
+        Paint.model_validate_json(call.function.arguments)
+    whole = client.chat.completions.create(**asked, temperature=0).choices[0].message.tool_calls[0]
+    with client.chat.completions.stream(**asked, temperature=0) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion().choices[0]
+    assert len(done) == 1 and done[0].name == "Paint" and isinstance(done[0].parsed_arguments, Paint)
+    assert done[0].arguments == whole.function.arguments
+    assert final.finish_reason == "tool_calls" and final.message.tool_calls[0].function.name == "Paint"

@@ -1,0 +1,130 @@
+"""Tool calls on ``/v1/chat/completions``: which a request asks for, the grammar that holds its output to the
+tools' schemas, and the calls read back from the text; and the messages of a history of calls as chat
+templates read them.
+
+``tool_choice`` "required" or a named function is answered; "auto" (OpenAI's default with ``tools``) is
+refused, since telling a call from text needs a parser of each model's own call format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from retnet.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionCall,
+    TokenizeChatRequest,
+    ToolCall,
+)
+from retnet.serve.structured import tool_call_grammar
+
+
+def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest) -> ToolCalling | None:
+    """The request's tool calling, checked, or None when it asks for none (no tools, tool_choice "none").
+
+    ``tool_choice`` "required" or a named function holds the output to a grammar of the tools' schemas, so the
+    calls are whole JSON whatever the model. "auto" (OpenAI's default when tools are sent) would need the
+    model's own tool-call format parsed out of free text, which differs by model: it is refused by name rather
+    than answered as plain text where the client expects a call.
+    """
+    tools, choice = request.tools or [], request.tool_choice
+    if choice is None:
+        choice = "auto" if tools else "none"
+    named = None
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        named = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(named, str) or not named:
+            raise APIError(400, "tool_choice: a named function is {\"type\": \"function\", \"function\": {\"name\": "
+                           f"...}}; got {json.dumps(choice)}", "tool_choice")
+    elif choice not in ("none", "auto", "required"):
+        raise APIError(400, f"tool_choice must be 'none', 'auto', 'required' or a named function; got {choice!r}",
+                       "tool_choice")
+    if choice == "none" or (choice == "auto" and not tools):
+        return None
+    if choice == "auto":
+        raise APIError(400, "tools: automatic tool calls (tool_choice 'auto', the default with tools) need a parser "
+                       "of the model's own tool-call format, which this server does not have; send tool_choice "
+                       "'required' or a named function ({\"type\": \"function\", \"function\": {\"name\": ...}}) "
+                       "to have the output held to the tools' schemas, or 'none' to have the tools ignored", "tools",
+                       "unsupported_parameter")
+    if not tools:
+        raise APIError(400, f"tool_choice: {json.dumps(choice)} needs tools to call; got none", "tool_choice")
+    functions: list[tuple[str, Any]] = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise APIError(400, f"tools[{i}].type: only function tools are supported (type 'function'); got "
+                           f"{kind!r}", f"tools[{i}].type", "unsupported_parameter")
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise APIError(400, f"tools[{i}].function.name: a function tool needs a name", f"tools[{i}].function.name",
+                           "missing")
+        if name in (known for known, _ in functions):
+            raise APIError(400, f"tools[{i}].function.name: {name!r} names an earlier tool too",
+                           f"tools[{i}].function.name")
+        functions.append((name, function.get("parameters")))
+    if named is not None and named not in (name for name, _ in functions):
+        raise APIError(400, f"tool_choice: the function {named!r} is not among tools ("
+                       f"{', '.join(name for name, _ in functions)})", "tool_choice")
+    return ToolCalling(functions, named, getattr(request, "parallel_tool_calls", None) is not False)
+
+
+@dataclass(slots=True)
+class ToolCalling:
+    """A chat request's tool calls: the grammar its output is held to, and the calls read back from the text."""
+
+    functions: list[tuple[str, Any]]  # each tool's function name and parameters (None: left out), in order
+    named: str | None  # the function tool_choice names; None: "required", calls to any of them
+    parallel: bool  # "required" may make several calls (parallel_tool_calls not false)
+
+    def grammar(self) -> tuple[str, str]:
+        return tool_call_grammar(self.functions, self.named, self.parallel)
+
+    def calls(self, text: str) -> list[ToolCall] | None:
+        """The calls a choice's text holds, or None when it is no whole JSON of them (a stop string cut it)."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if self.named is not None:
+            return [ToolCall(function=FunctionCall(name=self.named, arguments=text))]
+        if not isinstance(value, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                  and "parameters" in c for c in value):
+            return None
+        # vLLM's arguments for "required": the parameters' JSON as json.dumps writes it.
+        return [ToolCall(function=FunctionCall(name=c["name"], arguments=json.dumps(c["parameters"],
+                                                                                 ensure_ascii=False)))
+                for c in value]
+
+
+def template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it. HF's templates take a tool call's arguments as an object: the
+    JSON text is parsed (kept as text when it is not JSON)."""
+    out: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [{**({"id": call.id} if call.id is not None else {}), "type": call.type,
+                              "function": {"name": call.function.name,
+                                           "arguments": _arguments(call.function.arguments)}}
+                             for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _arguments(arguments: str | dict[str, Any]) -> Any:
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError):
+            return json.loads(arguments)
+    return arguments
+
+
+__all__ = ["ToolCalling", "template_message", "tool_calling"]
