@@ -128,6 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  curl -N {url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}")
     chat = json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(chat)}")
+    # Structured output: whatever the tiny model would write, the reply is JSON of this schema.
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "lines": {"type": "integer", "minimum": 1, "maximum": 99}},
+              "required": ["name", "lines"], "additionalProperties": False}
+    structured = json.dumps({"messages": [{"role": "user", "content": "Describe a function."}], "max_tokens": 200,
+                             "response_format": {"type": "json_schema", "json_schema": {"name": "f", "schema": schema}}})
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(structured)}")
     print(f"  curl {url}/metrics")
     if args.exit_after:
         server.should_exit = True

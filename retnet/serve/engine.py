@@ -33,7 +33,7 @@ import torch
 from retnet.model import RetNetCache
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
 from retnet.serve.metrics import ServeMetrics
-from retnet.serve.sampling import RowSampler, SamplingParams, prompt_logprobs, sample_step
+from retnet.serve.sampling import RowSampler, SamplingParams, grammar_masks_of, prompt_logprobs, sample_step
 from retnet.serve.settings import ServeSettings
 from retnet.serve.state_cache import PrefixCache, Session, SessionBusy, SessionStore
 from retnet.tokenization import TokenBytes
@@ -625,8 +625,11 @@ class Engine:
         out = self.model(input_ids=last, cache=self.batch, use_cache=True, retention_mode="recurrent",
                          logits_to_keep=1)
         self.batch = out.cache
+        samplers = [s.sampler for s in self.running]
+        # On a GPU the forward is still running: the grammars' masks (CPU work, on the tokens so far) overlap it.
+        masks = grammar_masks_of(samplers)
         logits = out.logits[:, -1].float().cpu()
-        sample = sample_step(logits, [s.sampler for s in self.running])
+        sample = sample_step(logits, samplers, masks)
         per_handle: dict[int, tuple[RequestHandle, list[SeqOutput]]] = {}
         for i, seq in enumerate(self.running):
             output = self._advance(seq, i, sample)

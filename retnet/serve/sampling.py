@@ -148,12 +148,14 @@ class StepSample:
     top: list[list[tuple[int, float]]] | None  # per row, the top-k alternatives (k per row's request)
 
 
-def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
+def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: torch.Tensor | None = None) -> StepSample:
     """Pick one token per row.
 
     Args:
         logits: ``[B, V]`` float32, the model's next-token logits.
         rows: B samplers, row-aligned.
+        grammar_masks: :func:`grammar_masks` of ``rows``, computed ahead (while a GPU runs the forward that
+            gives ``logits``); None: computed here.
     """
     logits = logits.float()
     raw = logits  # logprobs report the model's distribution, before bias and penalties
@@ -196,7 +198,8 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
                 logits[which[entries], ids[entries]] = saved[entries]
         grammars = [i for i in adjusted if rows[i].grammar is not None]
         if grammars:
-            _follow_grammars(logits, raw, grammars, rows)
+            _follow_grammars(logits, raw, grammars, rows,
+                             grammar_masks if grammar_masks is not None else grammar_masks_of(rows))
 
     chosen = logits.argmax(-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -263,14 +266,23 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler]) -> StepSample:
     return StepSample(tokens, chosen_lp, top)
 
 
-def _follow_grammars(logits: torch.Tensor, raw: torch.Tensor, indices: list[int], rows: list[RowSampler]) -> None:
-    """Rows ``indices`` masked, in place, to the tokens their grammar allows next. Last of the masks: the grammar
-    is the one rule the text must keep, so a row that the others (allowed_token_ids, bad words, min_tokens'
-    stop tokens) would leave with no token keeps the grammar's, scored by the model's logits and the bias."""
-    index = torch.tensor(indices, dtype=torch.long)
+def grammar_masks_of(rows: list[RowSampler]) -> torch.Tensor | None:
+    """``[rows with a grammar, V]`` bool, in row order: the tokens each grammar allows next (None: no grammar).
+    They depend on the tokens sampled so far only, so a caller may compute them while the forward runs."""
     from retnet.serve.structured import allowed_tokens
 
-    allowed = allowed_tokens([rows[i].grammar for i in indices])
+    matchers = [row.grammar for row in rows if row.grammar is not None]
+    return allowed_tokens(matchers) if matchers else None
+
+
+def _follow_grammars(logits: torch.Tensor, raw: torch.Tensor, indices: list[int], rows: list[RowSampler],
+                     allowed: torch.Tensor) -> None:
+    """Rows ``indices`` masked, in place, to the tokens their grammar allows next (``allowed``, a row each).
+    Last of the masks: the grammar is the one rule the text must keep, so a row that the others
+    (allowed_token_ids, bad words, min_tokens' stop tokens) would leave with no token keeps the grammar's,
+    scored by the model's logits and the bias."""
+    index = torch.tensor(indices, dtype=torch.long)
+    allowed = allowed.clone()
     # A matcher that allows nothing has ended (its choice stops at this token, see Engine._advance): masking
     # all would leave no distribution to draw the step from.
     allowed[~allowed.any(-1)] = True
@@ -312,4 +324,4 @@ def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[t
     return out
 
 
-__all__ = ["RowSampler", "SamplingParams", "StepSample", "prompt_logprobs", "sample_step"]
+__all__ = ["RowSampler", "SamplingParams", "StepSample", "grammar_masks_of", "prompt_logprobs", "sample_step"]

@@ -40,3 +40,22 @@ def test_the_demo_exits_with_status_1_when_the_engine_fails(model_dir, monkeypat
         demo.main(["--model", str(model_dir), "--port", "0", "--max-tokens", "4", "--exit-after"])
     assert exited.value.code == 1
     assert "the completion failed: engine failed: RuntimeError: boom" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_the_commands_the_demo_prints_are_answered(model_dir, open_app, capsys):
+    """Every curl command the demo prints for a newcomer, sent to a server of the same model: each is answered,
+    and the structured one's reply is JSON of its schema."""
+    import shlex
+
+    demo.main(["--model", str(model_dir), "--port", "0", "--max-tokens", "4", "--exit-after"])
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.strip().startswith("curl")]
+    posts = [(c[c.index("-N") + 1] if "-N" in c else c[1], json.loads(c[c.index("-d") + 1])) for c in commands if "-d" in c]
+    assert len(posts) == 3
+    async with open_app(served_model_name=model_dir.name) as client:  # the demo's: the directory's name
+        for url, body in posts:
+            r = await client.post(httpx.URL(url).path, json=body)
+            assert r.status_code == 200, r.text
+            if "response_format" in body:
+                reply = json.loads(r.json()["choices"][0]["message"]["content"])
+                assert isinstance(reply["name"], str) and 1 <= reply["lines"] <= 99

@@ -124,6 +124,24 @@ def test_without_the_grammar_the_same_logits_leave_it(compiler, tokenizer):
     assert not re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", tokenizer.decode(tokens))
 
 
+def test_masks_computed_ahead_give_the_same_tokens(compiler, tokenizer):
+    """The engine computes the grammars' masks while the forward runs, then passes them in: the same draws."""
+    from retnet.serve.sampling import grammar_masks_of
+
+    grammar = compiled(compiler, guided_json=SCHEMA)
+    runs = []
+    for ahead in (False, True):
+        rows = [RowSampler(SamplingParams(temperature=1.0, seed=i), [], compiler.vocab_size,
+                           grammar=grammar.matcher() if i % 2 else None) for i in range(4)]
+        generator, tokens = torch.Generator().manual_seed(0), []
+        for _ in range(12):
+            masks = grammar_masks_of(rows) if ahead else None
+            tokens.append(sample_step(torch.randn(4, compiler.vocab_size, generator=generator) * 3, rows,
+                                      masks).tokens)
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+
+
 def test_the_grammar_wins_over_masks_that_would_leave_no_token(compiler, tokenizer):
     """allowed_token_ids without a digit, under a grammar of digits: the grammar's tokens stay."""
     letters = frozenset(tokenizer.convert_tokens_to_ids(list("abc")))
