@@ -195,9 +195,9 @@ class Server:
             self.proc.kill()
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, prompt, max_tokens: int) -> dict:
+async def one_stream(client: httpx.AsyncClient, url: str, prompt, max_tokens: int, extra: dict | None = None) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     start = time.perf_counter()
     stamps, tokens = [], 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -224,13 +224,13 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def load(server: Server, concurrency: int, prompt, max_tokens: int) -> dict:
+async def load(server: Server, concurrency: int, prompt, max_tokens: int, extra: dict | None = None) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
         await one_stream(client, server.url, prompt, 2)  # warm-up
         sampler = server.sample_rss()
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, server.url, prompt, max_tokens)
+        results = await asyncio.gather(*(one_stream(client, server.url, prompt, max_tokens, extra)
                                          for _ in range(concurrency)))
         wall = time.perf_counter() - start
         peak = server.stop_sampling()
@@ -263,6 +263,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--contexts", type=int, nargs="+")
+    parser.add_argument("--structured", action="store_true",
+                        help="retnet-serve alone: streams held to a JSON schema against free ones, alternated")
     parser.add_argument("--baseline-server", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -283,6 +285,8 @@ def main() -> None:
     prompt = "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
     report = {"device": device, "quick": args.quick, "max_tokens": max_tokens, "params": params,
               "model": {"hidden": hidden, "layers": layers, "vocab": vocab}, "load": {}, "long_context": {}}
+    if args.structured:
+        return structured_load(report, retnet_dir, prompt, args.concurrency, max_tokens)
 
     for name, cmd, model in (("retnet", serve_cmd, retnet_dir), ("baseline", baseline_cmd, retnet_dir)):
         port = free_port()
@@ -337,6 +341,39 @@ def main() -> None:
                   f"RSS x{llama['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
 
     out = REPO / "benchmarks" / "results" / f"serve-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out.relative_to(REPO)}")
+
+
+# A JSON string the grammar cannot close before max_tokens: every step of every stream is masked, to the
+# characters a JSON string may hold.
+STRUCTURED = {"guided_json": {"type": "object", "properties": {"text": {"type": "string", "minLength": 100000}},
+                              "required": ["text"]}}
+
+
+def structured_load(report: dict, model_dir: Path, prompt: str, concurrency: list[int], max_tokens: int) -> None:
+    """Throughput and latency of streams held to a JSON schema against free ones on one server, alternated
+    (free, held, free, held) so the shared machine's drift falls on both; the better of each pair is kept."""
+    port = free_port()
+    server = Server(serve_cmd(model_dir, port), port)
+    report["structured"] = []
+    try:
+        for c in concurrency:
+            runs = {"free": [], "json": []}
+            for _ in range(2):
+                for kind, extra in (("free", None), ("json", STRUCTURED)):
+                    runs[kind].append(asyncio.run(load(server, c, prompt, max_tokens, extra)))
+            best = {kind: max(rows, key=lambda row: row["tokens_per_s"]) for kind, rows in runs.items()}
+            row = {"concurrency": c, "free": best["free"], "json": best["json"],
+                   "throughput_ratio": best["json"]["tokens_per_s"] / best["free"]["tokens_per_s"]}
+            report["structured"].append(row)
+            print(f"c={c:3d}  free {best['free']['tokens_per_s']:7.1f} tok/s (ITL p50 {best['free']['itl_p50_ms']:5.1f} ms)"
+                  f"  JSON schema {best['json']['tokens_per_s']:7.1f} tok/s (ITL p50 {best['json']['itl_p50_ms']:5.1f} ms)"
+                  f"  x{row['throughput_ratio']:.2f}", flush=True)
+    finally:
+        server.stop()
+    out = REPO / "benchmarks" / "results" / f"serve-structured-{report['device']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out.relative_to(REPO)}")

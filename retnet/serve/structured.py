@@ -13,6 +13,7 @@ nothing more ends the choice there (``finish_reason: "stop"``). Chat's tool call
 from __future__ import annotations
 
 import json
+import os
 import threading
 from typing import Any
 
@@ -51,21 +52,35 @@ _executor = None
 _executor_lock = threading.Lock()
 
 
-def allowed_tokens(matchers: list[GrammarMatcher]) -> torch.Tensor:
-    """``[len(matchers), vocab_size]`` bool: the tokens each matcher allows next (ids past the tokenizer's
-    never). The masks are computed together, on llguidance's threads, into one bitmask (a bit per token),
-    expanded here in one vectorised step: a batch of constrained rows costs about one row's time."""
+def _parallel_executor():
     from llguidance import LLExecutor
 
     global _executor
     with _executor_lock:
         if _executor is None:
             _executor = LLExecutor()
+        return _executor
+
+
+# Masks are computed on llguidance's thread pool from this many rows, where the machine has cores to spare for it:
+# its threads spin a while after each batch, which on a few cores takes them from the model's forward.
+PARALLEL_MASKS_FROM_ROWS = 8
+PARALLEL_MASKS_MIN_CPUS = 8
+
+
+def allowed_tokens(matchers: list[GrammarMatcher]) -> torch.Tensor:
+    """``[len(matchers), vocab_size]`` bool: the tokens each matcher allows next (ids past the tokenizer's
+    never). The masks are written into one bitmask (a bit per token), in parallel for a large batch on a
+    machine with the cores for it, and expanded here in one vectorised step."""
     vocab_size, tokenizer_vocab = matchers[0].vocab_size, matchers[0].tokenizer_vocab
     words = (tokenizer_vocab + 31) // 32
     bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)
-    _executor.unsafe_compute_mask_ptr([(m.matcher, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
-                                      words * 4, len(matchers))
+    if len(matchers) >= PARALLEL_MASKS_FROM_ROWS and (os.cpu_count() or 1) >= PARALLEL_MASKS_MIN_CPUS:
+        _parallel_executor().unsafe_compute_mask_ptr([(m.matcher, i) for i, m in enumerate(matchers)],
+                                                     bitmask.data_ptr(), words * 4, len(matchers))
+    else:
+        for i, m in enumerate(matchers):
+            m.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
     bits = ((bitmask.unsqueeze(-1) >> _BIT) & 1).bool().flatten(1)  # bit j of word w: token 32·w + j
     allowed = torch.zeros(len(matchers), vocab_size, dtype=torch.bool)
     size = min(tokenizer_vocab, vocab_size)
