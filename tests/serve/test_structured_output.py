@@ -142,6 +142,23 @@ def test_masks_computed_ahead_give_the_same_tokens(compiler, tokenizer):
     assert runs[0] == runs[1]
 
 
+def test_the_thread_pool_computes_the_masks_one_row_at_a_time_does(compiler, tokenizer, monkeypatch):
+    """The pool (large batches on machines with the cores) and the serial loop (this 2-core one) agree."""
+    from retnet.serve import structured
+
+    grammar = compiled(compiler, guided_json=SCHEMA)
+    matchers = [grammar.matcher() for _ in range(9)]
+    for i, matcher in enumerate(matchers):  # each in another state of the schema
+        for token in tokenizer.encode('{"ok":true,"n":42,"tag":"red"}', add_special_tokens=False)[:i]:
+            matcher.consume(token)
+    monkeypatch.setattr(structured, "PARALLEL_MASKS_MIN_CPUS", 10**6)
+    serial = structured.allowed_tokens(matchers)
+    monkeypatch.setattr(structured, "PARALLEL_MASKS_MIN_CPUS", 1)
+    parallel = structured.allowed_tokens(matchers)
+    assert torch.equal(serial, parallel)
+    assert len({tuple(row.nonzero().flatten().tolist()) for row in serial}) > 3  # the states differ
+
+
 def test_the_grammar_wins_over_masks_that_would_leave_no_token(compiler, tokenizer):
     """allowed_token_ids without a digit, under a grammar of digits: the grammar's tokens stay."""
     letters = frozenset(tokenizer.convert_tokens_to_ids(list("abc")))
