@@ -197,8 +197,8 @@ def run_gpu(args) -> dict:
     from retnet.kernels.chunk import chunk_retention as triton_chunk_retention
 
     fla_chunk_retention = _fla_op() if "fla" in args.providers else None
-    lengths = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
-    head_dims = [128] if args.quick else [128, 256]
+    lengths = args.lengths or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384])
+    head_dims = args.head_dims or ([128] if args.quick else [128, 256])
     tokens, width, dtype, device = args.tokens, 2048, torch.bfloat16, "cuda"
     if args.triton_on_cpu:  # harness smoke test under TRITON_INTERPRET=1 (numbers meaningless)
         lengths, head_dims, tokens, width, dtype, device = [64, 128], [16], 128, 32, torch.float32, "cpu"
@@ -284,6 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per step on the GPU (B = tokens / T)")
     parser.add_argument("--max-ref-T", type=int, default=16384, help="longest T for the PyTorch reference on GPU")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
+    parser.add_argument("--head-dims", type=int, nargs="+", help="GPU: head dims, in this order (default 128 256)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="GPU: sequence lengths (default 1k to 16k)")
     parser.add_argument(
         "--providers", type=_providers, default=PROVIDERS,
         help=f"comma-separated ops to time on the GPU, of {','.join(PROVIDERS)} (default: all; fla when importable)",
