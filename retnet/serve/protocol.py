@@ -367,7 +367,7 @@ class TokenizeChatRequest(TokenizerFields):
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
-    # Checked as chat checks them (serving's _check_chat_features, _tool_calling): a conversation chat refuses is
+    # Checked as chat checks them (serving's _check_chat_features, tools.tool_calling): a conversation chat refuses is
     # refused, not counted without its template or tools; tools chat shows the template are shown here too.
     chat_template: Any = None
     tools: list[Any] | None = None

@@ -357,7 +357,7 @@ class OpenAIServing:
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
         template = None if getattr(self.tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
         messages = [template_message(m) for m in request.messages]
-        # The tools reach the template whenever the model is to call them (_tool_calling has refused "auto").
+        # The tools reach the template whenever the model is to call them (tool_calling has refused "auto").
         tools = request.tools if request.tools and request.tool_choice != "none" else None
         variables = {**(request.chat_template_kwargs or {}),
                      **({"documents": request.documents} if request.documents is not None else {}),
