@@ -113,11 +113,8 @@ class GrammarCompiler:
     def _wrapped(self, param: str):
         with self._lock:
             if self._llg_tokenizer is None:
-                try:
-                    import llguidance.hf
-                except ImportError:
-                    raise APIError(400, f"{param}: structured output needs llguidance on the server (pip install "
-                                   f"'retnet-stack[serve]')", param, "unsupported_parameter") from None
+                _llguidance(param)
+                import llguidance.hf
                 eos = sorted(t for t in self.eos_ids if t < len(self.tokenizer))
                 try:
                     with self.tokenizer_lock:
@@ -144,8 +141,6 @@ def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
     """(llguidance grammar, the field it came from) of a request's structured-output fields (name -> value,
     those not sent left out or None), or None when it asks for free text. More than one is refused, as is a
     value of the wrong shape, each with a 400 naming the field."""
-    from llguidance import LLMatcher
-
     asked = [(name, value) for name, value in fields.items() if value is not None]
     response_format = dict(asked).get("response_format")
     if response_format is not None and _format_kind(response_format) == "text":
@@ -156,6 +151,7 @@ def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
         names = ", ".join(name for name, _ in asked)
         raise APIError(400, f"give one way of structuring the output; got {names}", asked[1][0], "invalid_grammar")
     name, value = asked[0]
+    LLMatcher = _llguidance(name).LLMatcher
     if name == "response_format":
         kind = _format_kind(value)
         if kind == "json_object":
@@ -176,6 +172,17 @@ def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
     if name == "structured_outputs":
         return _structured_outputs(value), name
     raise AssertionError(name)
+
+
+def _llguidance(param: str):
+    """The llguidance module; without it (a server installed without the [serve] extra's llguidance) a request
+    for structured output is a 400 naming its field, and free text is served as ever."""
+    try:
+        import llguidance
+    except ImportError:
+        raise APIError(400, f"{param}: structured output needs llguidance on the server (pip install "
+                       f"'retnet-stack[serve]')", param, "unsupported_parameter") from None
+    return llguidance
 
 
 def _format_kind(value: Any) -> str:
@@ -254,7 +261,7 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
     {...}}``, the name one of the functions' and the parameters that function's (at most one item unless
     ``parallel``). Each schema is checked on its own first, so that an error names its tool; their ``$defs``
     are gathered at the array's root, where their ``$ref``s (``#/$defs/...``) then point."""
-    from llguidance import LLMatcher
+    LLMatcher = _llguidance("tool_choice").LLMatcher
 
     if named is not None:
         index = [name for name, _ in functions].index(named)

@@ -284,3 +284,21 @@ async def test_min_tokens_and_ignore_eos_do_not_take_the_text_past_its_grammar(c
                                                         "ignore_eos": True})).json()
     assert {c["text"] for c in short["choices"]} <= {"yes", "no"}
     assert {c["finish_reason"] for c in short["choices"]} == {"stop"}
+
+
+@pytest.mark.anyio
+async def test_without_llguidance_free_text_is_served_and_structured_output_is_a_400(client, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # what an install without it gives: ImportError
+    assert requested_grammar({"response_format": {"type": "text"}, "guided_json": None}) is None
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "guided_regex": "[a-z]+"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "guided_regex" and error["code"] == "unsupported_parameter"
+    assert "llguidance" in error["message"]
+    tool = {"type": "function", "function": {"name": "f"}}
+    r = await client.post("/v1/chat/completions", json={**CHAT, "tools": [tool], "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
