@@ -28,6 +28,8 @@ class ServeMetrics:
         self.session_resumes = Counter("retnet_session_resumes", "requests that continued a saved session", registry=r)
         self.cancelled = Counter("retnet_sequences_cancelled", "sequences cancelled (client gone, shutdown)",
                                  registry=r)
+        self.structured = Counter("retnet_structured_requests", "requests held to a grammar, by the field that asked "
+                                  "(response_format, guided_json ..., tool_choice)", ["field"], registry=r)
         self.rejected = Counter("retnet_requests_rejected", "requests refused before running", ["reason"], registry=r)
         self.queue_depth = Gauge("retnet_queue_depth", "sequences waiting for a slot", registry=r)
         self.running = Gauge("retnet_running_sequences", "sequences in the batched decode step", registry=r)

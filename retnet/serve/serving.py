@@ -608,10 +608,14 @@ class OpenAIServing:
             if asked is not None:
                 raise APIError(400, f"{asked[1]}: tool calls are already held to the tools' schemas; send either "
                                f"tool_choice or {asked[1]}", asked[1], "invalid_grammar")
-            return await asyncio.to_thread(lambda: self.grammars.compile(*calling.grammar()))
+            grammar = await asyncio.to_thread(lambda: self.grammars.compile(*calling.grammar()))
+            self.metrics.structured.labels(field="tool_choice").inc()
+            return grammar
         if asked is None:
             return None
-        return await asyncio.to_thread(self.grammars.compile, *asked)
+        grammar = await asyncio.to_thread(self.grammars.compile, *asked)
+        self.metrics.structured.labels(field=asked[1]).inc()
+        return grammar
 
     async def _bad_words(self, request: SamplingFields) -> list[list[int]]:
         """Each bad word's token ids as vLLM spells them: the word without its leading spaces, and with one

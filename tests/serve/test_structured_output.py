@@ -302,3 +302,14 @@ async def test_without_llguidance_free_text_is_served_and_structured_output_is_a
     tool = {"type": "function", "function": {"name": "f"}}
     r = await client.post("/v1/chat/completions", json={**CHAT, "tools": [tool], "tool_choice": "required"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+
+
+@pytest.mark.anyio
+async def test_structured_requests_are_counted_by_the_field_that_asked(client):
+    bodies = [{"guided_regex": "[0-9]{2}"}, {"guided_regex": "[a-c]{2}"}, {"response_format": {"type": "json_object"}},
+              {"response_format": {"type": "text"}}, {"guided_regex": "(bad"}]
+    for body in bodies:
+        await client.post("/v1/chat/completions", json={**CHAT, **body, "max_tokens": 8})
+    text = (await client.get("/metrics")).text
+    assert 'retnet_structured_requests_total{field="guided_regex"} 2.0' in text  # the refused one is not counted
+    assert 'retnet_structured_requests_total{field="response_format"} 1.0' in text
