@@ -154,7 +154,7 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
     Args:
         logits: ``[B, V]`` float32, the model's next-token logits.
         rows: B samplers, row-aligned.
-        grammar_masks: :func:`grammar_masks` of ``rows``, computed ahead (while a GPU runs the forward that
+        grammar_masks: :func:`grammar_masks_of` ``rows``, computed ahead (while a GPU runs the forward that
             gives ``logits``); None: computed here.
     """
     logits = logits.float()
@@ -282,10 +282,9 @@ def _follow_grammars(logits: torch.Tensor, raw: torch.Tensor, indices: list[int]
     (allowed_token_ids, bad words, min_tokens' stop tokens) would leave with no token keeps the grammar's,
     scored by the model's logits and the bias."""
     index = torch.tensor(indices, dtype=torch.long)
-    allowed = allowed.clone()
     # A matcher that allows nothing has ended (its choice stops at this token, see Engine._advance): masking
     # all would leave no distribution to draw the step from.
-    allowed[~allowed.any(-1)] = True
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
     masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
     dead = ~masked.isfinite().any(-1)
     if dead.any():

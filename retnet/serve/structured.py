@@ -24,7 +24,7 @@ from retnet.serve.protocol import APIError
 # JSON as OpenAI's structured outputs write it, without whitespace between tokens: with any whitespace allowed a
 # model unsure of what comes next can fill max_tokens with blank lines. A schema's "x-guidance" key overrides it.
 JSON_DEFAULTS = {"whitespace_flexible": False}
-# A response_format or structured_outputs kind this server does not compile (e.g. vLLM's structural_tag).
+# The response_format types and structured_outputs keys compiled here (others, e.g. vLLM's structural_tag: a 400).
 _FORMAT_KINDS = ("text", "json_object", "json_schema")
 _STRUCTURED_OUTPUT_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 

@@ -461,6 +461,21 @@ def vocab_bound(tokenizer) -> int:
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
+def tokenizer_mismatch(tokenizer, config) -> str | None:
+    """Why ``tokenizer`` cannot be the one a model of ``config`` was trained with, or None: ids past its
+    embedding (an opaque device assert on CUDA), or another EOS (every document would start from a state the
+    model never started from). ``eos_token_id`` may be a list, generate's form."""
+    if vocab_bound(tokenizer) > config.vocab_size:
+        return (f"its tokenizer produces ids up to {vocab_bound(tokenizer) - 1}, beyond the model's vocab_size "
+                f"{config.vocab_size}")
+    trained = config.eos_token_id
+    if trained is not None and tokenizer.eos_token_id not in (trained if isinstance(trained, list) else [trained]):
+        return (f"its tokenizer's EOS is id {tokenizer.eos_token_id} ({tokenizer.eos_token!r}), the model was "
+                f"trained with EOS id {trained} (config.json eos_token_id): the tokenizer is not the one the model "
+                f"was trained with")
+    return None
+
+
 def document_encoder(tokenizer):
     """A copy of ``tokenizer``'s backend that encodes whole documents, and the text of its special tokens as
     text: a document quoting ``<|endoftext|>`` would otherwise hold an EOS, which ends the document there (a

@@ -202,7 +202,7 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
 
     import retnet  # noqa: F401 - registers RetNet with the Auto classes
     from retnet.train.config import ConfigError
-    from retnet.train.data import load_tokenizer, vocab_bound
+    from retnet.train.data import load_tokenizer, tokenizer_mismatch
 
     root = Path(path).expanduser()
     if not root.exists():
@@ -226,18 +226,9 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
     except (OSError, ValueError) as error:
         raise EvalError(f"--model {path!r} could not be loaded: {type(error).__name__}: "
                         f"{str(error).strip()[:300]}") from None
-    # An id past the embedding would fail deep in the forward, or on CUDA as an opaque device assert.
-    if vocab_bound(tokenizer) > model.config.vocab_size:
-        raise EvalError(f"--model {path!r}: its tokenizer produces ids up to {vocab_bound(tokenizer) - 1}, beyond the "
-                        f"model's vocab_size {model.config.vocab_size}")
-    # Every document opens and closes with the tokenizer's EOS: another id than the one the model was trained
-    # with (a tokenizer of another run copied in) scores every document from a state it never started from.
-    trained_eos = getattr(model.config, "eos_token_id", None)
-    if trained_eos is not None and tokenizer.eos_token_id not in (
-            trained_eos if isinstance(trained_eos, list) else [trained_eos]):  # generate allows several
-        raise EvalError(f"--model {path!r}: its tokenizer's EOS is id {tokenizer.eos_token_id} "
-                        f"({tokenizer.eos_token!r}), the model was trained with EOS id {trained_eos} (config.json "
-                        f"eos_token_id): the tokenizer is not the one the model was trained with")
+    problem = tokenizer_mismatch(tokenizer, model.config)
+    if problem is not None:
+        raise EvalError(f"--model {path!r}: {problem}")
     return model.to(target).eval(), tokenizer
 
 

@@ -65,7 +65,7 @@ from retnet.train.checkpoint import (
     verified_identity,
 )
 from retnet.train.config import ConfigError, JobConfig, OptimConfig, data_changes, model_changes
-from retnet.train.data import build_data, packed_segments, vocab_bound
+from retnet.train.data import build_data, packed_segments, tokenizer_mismatch, vocab_bound
 
 logger = logging.getLogger("retnet.train")
 
@@ -910,13 +910,9 @@ def _pretrained_config(path: Path, overrides: dict[str, Any], tokenizer):
         config = RetNetConfig.from_dict({**saved, **overrides})
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model (on model.init_from {str(path)!r}): {error}") from None
-    if vocab_bound(tokenizer) > config.vocab_size:
-        raise ConfigError(f"model.init_from {str(path)!r}: its tokenizer produces ids up to "
-                          f"{vocab_bound(tokenizer) - 1}, beyond the model's vocab_size {config.vocab_size}")
-    trained_eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    if config.eos_token_id is not None and tokenizer.eos_token_id not in trained_eos:
-        raise ConfigError(f"model.init_from {str(path)!r}: its tokenizer's EOS is id {tokenizer.eos_token_id}, the "
-                          f"model was trained with EOS id {config.eos_token_id}: the tokenizer beside it is not its own")
+    problem = tokenizer_mismatch(tokenizer, config)
+    if problem is not None:
+        raise ConfigError(f"model.init_from {str(path)!r}: {problem}")
     return config
 
 

@@ -105,8 +105,14 @@ def test_a_bad_init_from_is_refused_naming_it(pretrained, micro, tmp_path, capsy
         (wider / path.name).write_bytes(path.read_bytes())
     config = json.loads((wider / "config.json").read_text())
     (wider / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] * 2}))
+    other_eos = tmp_path / "other-eos"
+    other_eos.mkdir()
+    for path in (pretrained / "export").iterdir():
+        (other_eos / path.name).write_bytes(path.read_bytes())
+    (other_eos / "config.json").write_text(json.dumps({**config, "eos_token_id": config["eos_token_id"] + 7}))
     cases = [(tmp_path / "missing", "is no directory"), (tmp_path, "holds no config.json"),
-             (weightless, "weights could not be loaded"), (wider, "weights could not be loaded")]
+             (weightless, "weights could not be loaded"), (wider, "weights could not be loaded"),
+             (other_eos, "the tokenizer is not the one the model was trained with")]
     for init_from, problem in cases:
         out = tmp_path / f"out-{init_from.name}"
         assert main(fine_tune_args(micro(out), init_from)) == EXIT_CONFIG
