@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         default = "required" if info.is_required() else f"default {info.default!r}" if info.default_factory is None \
             else "default none"
         help_text = f"{info.description or name} ({default}; env RETNET_{name.upper()})"
-        parser.add_argument(flag, dest=name, default=None, help=help_text)
+        # A boolean flag alone means true (vLLM's --enable-auto-tool-choice); "--flag false" is read too.
+        toggle = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
+        parser.add_argument(flag, dest=name, default=None, help=help_text, **toggle)
     return parser
 
 

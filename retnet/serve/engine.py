@@ -65,6 +65,7 @@ class TokenLogprob:
     token_bytes: bytes
     logprob: float | None
     top: list[TokenLogprob] = field(default_factory=list)
+    rank: int | None = None  # a prompt token's: 1 + the tokens more likely there (vLLM's prompt_logprobs)
 
 
 @dataclass(slots=True)
@@ -76,7 +77,8 @@ class SeqOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs, on the first output
+    # The prompt's scores (SamplingParams.prompt_logprobs), one entry a prompt token, on each choice's first output.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -362,9 +364,9 @@ class Engine:
             pieces = self._next_pieces(budget)
             budget -= sum(end - group.pos for group, end in pieces)
             # Prompt logprobs need every position's logits; the packed forward keeps only each piece's last.
-            packed = [(group, end) for group, end in pieces if not group.params.prompt_logprobs]
+            packed = [(group, end) for group, end in pieces if not group.params.scores_prompt]
             for group, end in pieces:
-                if group.params.prompt_logprobs:
+                if group.params.scores_prompt:
                     self._prefill_piece(group, end)
             if len(packed) == 1:
                 self._prefill_piece(*packed[0])
@@ -404,13 +406,13 @@ class Engine:
         Prompts of one burst often share a system prompt or are repeats. Started together they would each
         compute the shared part; one round later the first has cached it and the others start from its state.
         """
-        if self.settings.prefix_cache_entries == 0 or group.params.prompt_logprobs:
+        if self.settings.prefix_cache_entries == 0 or group.params.scores_prompt:
             return False
         if group.session is not None and group.session.cache is not None:
             return False  # it continues its session's state, not a cached prefix
         inputs = group.prompt_ids
         for other in self.prefilling:
-            if not (other.started and other.cacheable and not other.params.prompt_logprobs):
+            if not (other.started and other.cacheable and not other.params.scores_prompt):
                 continue
             hint = other.prefix_hint
             boundary = hint if hint is not None and other.pos < hint else len(other.inputs)
@@ -440,7 +442,8 @@ class Engine:
             self.metrics.session_resumes.inc()
             return
         group.inputs = group.prompt_ids
-        if group.params.prompt_logprobs or self.settings.prefix_cache_entries == 0:
+        # A prompt to score is run whole: a cached prefix would leave its positions without logits.
+        if group.params.scores_prompt or self.settings.prefix_cache_entries == 0:
             return
         entry = self.prefix_cache.lookup(group.inputs)
         if entry is None:
@@ -457,7 +460,7 @@ class Engine:
     def _prefill_piece(self, group: Group, end: int) -> None:
         """One group's piece ``inputs[pos:end]`` alone (a single piece, or a prompt that wants logprobs)."""
         piece = torch.tensor([group.inputs[group.pos : end]], dtype=torch.long, device=self.device)
-        keep_all = group.params.prompt_logprobs
+        keep_all = group.params.scores_prompt
         out = self.model(input_ids=piece, cache=group.cache, use_cache=True,
                          retention_mode=PREFILL_MODE, logits_to_keep=0 if keep_all else 1)
         self.metrics.prefill_batch.observe(1)
@@ -470,7 +473,7 @@ class Engine:
             if group.last_logits is not None:
                 ids = [group.inputs[group.pos], *ids]
                 context = torch.cat([group.last_logits[None], context])
-            group.prompt_lp.extend(self._lp_entries(context, ids, group.params.logprobs))
+            group.prompt_lp.extend(self._lp_entries(context, ids, group.params.prompt_logprobs))
         self._piece_done(group, end, logits[-1])
 
     def _prefill_packed(self, pieces: list[tuple[Group, int]]) -> None:
@@ -499,7 +502,7 @@ class Engine:
 
     def _piece_done(self, group: Group, end: int, last_logits: torch.Tensor) -> None:
         """``group``'s state now holds ``inputs[:end]``: advance it, and cache the state at a boundary."""
-        keep_all = group.params.prompt_logprobs
+        keep_all = group.params.scores_prompt
         self.metrics.prefill_tokens.inc(end - group.pos)
         group.pos = end
         group.last_logits = last_logits
@@ -511,8 +514,8 @@ class Engine:
 
     def _lp_entries(self, logits: torch.Tensor, ids: list[int], k: int | None) -> list[TokenLogprob]:
         out = []
-        for token, (value, alts) in zip(ids, prompt_logprobs(logits, ids, k or 0)):
-            out.append(self._logprob(token, value, alts))
+        for token, (value, rank, alts) in zip(ids, prompt_logprobs(logits, ids, k or 0)):
+            out.append(self._logprob(token, value, alts, rank=rank))
         return out
 
     def _spawn(self, group: Group) -> None:
@@ -529,6 +532,7 @@ class Engine:
         start = None if group.continues else next(
             (i for i, token in enumerate(group.inputs) if token not in self.skipped_ids), len(group.inputs))
         unfinished = self.unfinished_tail(group.inputs)
+        decode = self._decoder(params)
         seqs = []
         for j in range(group.n):
             # seed + j, j counted within this prompt's n (vLLM's rule): a prompt samples the same alone or
@@ -536,18 +540,20 @@ class Engine:
             sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=j, ban_ids=ban, blocked=blocked,
                                  grammar=params.grammar.matcher() if params.grammar is not None else None)
             seqs.append(Sequence(group, group.first_index + j, sampler,
-                                 IncrementalDetokenizer(self._decode, group.inputs, unfinished=unfinished),
+                                 IncrementalDetokenizer(decode, group.inputs, unfinished=unfinished),
                                  StopStrings(group.params.stop, group.params.include_stop_str_in_output),
-                                 at_start=start == len(group.inputs)))
+                                 # Special tokens shown, even a prompt of them alone is text before it.
+                                 at_start=start == len(group.inputs) and params.skip_special_tokens))
         # max_tokens 0 (a completion's echo): the prompt is scored, and saved in its session, but nothing sampled.
         score_only = group.params.max_tokens == 0
         if not score_only:
             logits = group.last_logits[None].expand(group.n, -1)
             sample = sample_step(logits, [s.sampler for s in seqs])
         prompt_lp = None
-        if group.params.prompt_logprobs:
+        if group.params.scores_prompt:
             # Entries for ``inputs``; a session's inputs start with its unfed tokens, which are not this
-            # request's prompt: the echo gets the prompt's own, the first one scored after the history.
+            # request's prompt: the echo (and prompt_logprobs) get the prompt's own, the first one scored after
+            # the history.
             prompt_lp = [self._logprob(group.inputs[0], None), *group.prompt_lp]
             if start is not None:  # None: a session's history precedes, no token opens the text
                 # A prompt echoed as its decoding shows its BOS, and the token after it keeps its space there.
@@ -675,7 +681,7 @@ class Engine:
         if params.logprobs is not None:
             logprobs = [self._logprob(token, sample.logprobs[row], sample.top[row] if sample.top else [],
                                       seq.at_start)]
-        if seq.at_start and token not in self.skipped_ids:
+        if seq.at_start and (token not in self.skipped_ids or not params.skip_special_tokens):
             seq.at_start = False
         return SeqOutput(seq.index, text, [token], logprobs, finish)
 
@@ -722,15 +728,29 @@ class Engine:
             return self.backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _logprob(self, token: int, value: float | None, alternatives=(), start: bool = False) -> TokenLogprob:
+    def _decoder(self, params: SamplingParams):
+        """The ``ids -> text`` of a request's output, HF's ``decode`` with vLLM's ``skip_special_tokens`` (false:
+        special tokens' text kept) and, for a slow tokenizer, ``spaces_between_special_tokens`` (a fast one has
+        no such option, as in HF and vLLM)."""
+        skip, spaces = params.skip_special_tokens, params.spaces_between_special_tokens
+        if self.backend is not None:
+            return self._decode if skip else lambda ids: self.backend.decode(ids, skip_special_tokens=False)
+        if skip and spaces:  # HF's defaults
+            return self._decode
+        return lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip, spaces_between_special_tokens=spaces)
+
+    def _logprob(self, token: int, value: float | None, alternatives=(), start: bool = False,
+                 rank: int | None = None) -> TokenLogprob:
         """``start``: the token (and each alternative) would open the text."""
         top = [self._logprob(t, v, start=start) for t, v in alternatives]
         if start:
-            return TokenLogprob(token, self.token_bytes.label(token, True), self.token_bytes.start(token), value, top)
-        return TokenLogprob(token, self.token_bytes.label(token), self.token_bytes(token), value, top)
+            return TokenLogprob(token, self.token_bytes.label(token, True), self.token_bytes.start(token), value, top,
+                                rank)
+        return TokenLogprob(token, self.token_bytes.label(token), self.token_bytes(token), value, top, rank)
 
     def _at_start(self, entry: TokenLogprob) -> TokenLogprob:
-        return self._logprob(entry.token_id, entry.logprob, [(t.token_id, t.logprob) for t in entry.top], True)
+        return self._logprob(entry.token_id, entry.logprob, [(t.token_id, t.logprob) for t in entry.top], True,
+                             entry.rank)
 
     def _fail_all(self, message: str) -> None:
         with self.cond:

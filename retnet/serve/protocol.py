@@ -4,10 +4,12 @@ Field names and defaults follow OpenAI's, so existing clients work unchanged. Li
 server's settings (``max_tokens``, ``n``, prompt length ...) are checked in :mod:`retnet.serve.serving`;
 the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
-``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id``, ``return_token_ids`` and
-``add_special_tokens``; chat's ``add_generation_prompt``, ``continue_final_message``, ``echo``,
-``chat_template_kwargs`` and ``documents``. vLLM's ``/tokenize`` and ``/detokenize`` are here too.
-Tool calls (``tools`` with ``tool_choice`` ``"required"`` or a named function) are answered in OpenAI's shape.
+``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id``, ``return_token_ids``,
+``prompt_logprobs``, ``skip_special_tokens``, ``spaces_between_special_tokens`` and ``add_special_tokens``;
+chat's ``add_generation_prompt``, ``continue_final_message``, ``echo``, ``chat_template_kwargs`` and
+``documents``. vLLM's ``/tokenize`` and ``/detokenize`` are here too.
+Tool calls (``tools`` with ``tool_choice`` ``"required"`` or a named function, or ``"auto"`` with the server's
+``tool_call_parser``) are answered in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -85,9 +87,10 @@ STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "g
 # vLLM's other extras that change the output, each with the value that changes nothing (what passes; null always
 # does): a client sending another one would get output it did not ask for if they were ignored.
 UNSUPPORTED_EXTRAS: dict[str, Any] = {
-    "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None, "logits_processors": None,
-    "skip_special_tokens": True, "return_tokens_as_token_ids": False,
+    "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None, "return_tokens_as_token_ids": False,
 }
+# vLLM's default max_logprobs: the most alternatives prompt_logprobs may ask for at each prompt token.
+MAX_PROMPT_LOGPROBS = 20
 
 
 def _drop_nulls(data: Any) -> Any:
@@ -120,7 +123,8 @@ class SamplingFields(BaseModel):
     # would silently become 1 where OpenAI answers 400. check_fields=False: some are the endpoints' own.
     @field_validator("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty", "seed", "n", "best_of", "max_completion_tokens",
-                     "top_logprobs", "min_tokens", "truncate_prompt_tokens", mode="before", check_fields=False)
+                     "top_logprobs", "min_tokens", "truncate_prompt_tokens", "prompt_logprobs", mode="before",
+                     check_fields=False)
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
@@ -183,12 +187,17 @@ class SamplingFields(BaseModel):
     structured_outputs: Any = None
     grammar: Any = None  # llama.cpp's
     json_schema: Any = None  # llama.cpp's
+    # vLLM's: each prompt token's logprob (after the tokens before it) and rank, with this many top alternatives
+    # (a completion's choices and a chat response carry them; not with stream, see serving).
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
+    # vLLM's: false keeps special tokens' text (an EOS generated under ignore_eos) in the output, as HF's decode
+    # does; spaces_between_special_tokens is passed to a slow tokenizer's decode (fast ones have no such option).
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     # UNSUPPORTED_EXTRAS, refused likewise unless they hold the value that changes nothing.
     use_beam_search: Any = None
     length_penalty: Any = None
-    prompt_logprobs: Any = None
     logits_processors: Any = None
-    skip_special_tokens: Any = None
     return_tokens_as_token_ids: Any = None
 
     def stop_list(self) -> list[str]:
@@ -323,7 +332,8 @@ class ChatCompletionRequest(SamplingFields):
     # A template sent by the client is refused (serving): it would run client-written Jinja on the server.
     chat_template: Any = None
     # Tool calling: with tool_choice "required" or a named function the output is held to the tools' schemas
-    # and answered as tool calls; "auto" with tools is refused, as are the legacy functions (serving).
+    # and answered as tool calls; "auto" with tools is parsed for calls by the server's tool_call_parser, and
+    # refused without one; the legacy functions are refused (serving, tools).
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # false: "required" makes one call, not a list of them.
@@ -424,6 +434,19 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one token of a ``prompt_logprobs`` entry (keyed by its id). ``rank``: 1 + the tokens
+    more likely there; ``decoded_token``: the token's label, as in ``logprobs``."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: one entry a prompt token, null for the first (nothing before it to score it after).
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -431,6 +454,7 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length", "abort"] | None = None
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -510,6 +534,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     session_id: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's place for chat's: the response's, not a choice's
 
 
 class ChatChunkChoice(BaseModel):
@@ -569,7 +594,8 @@ class DetokenizeResponse(BaseModel):
 def dump(model: BaseModel) -> dict[str, Any]:
     """JSON-ready dict without the server-only extras that are unset (keeps OpenAI's shape)."""
     data = model.model_dump()
-    _drop_none(data, ("prompt_token_ids", "token_ids", "session_id", "prompt_tokens_details", "bytes", "tool_calls"))
+    _drop_none(data, ("prompt_token_ids", "token_ids", "session_id", "prompt_tokens_details", "bytes", "tool_calls",
+                      "prompt_logprobs"))
     return data
 
 

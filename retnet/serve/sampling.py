@@ -44,8 +44,19 @@ class SamplingParams:
     bad_words_ids: list[list[int]] = field(default_factory=list)  # each bad word's spellings, as token ids
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top-k alternatives'
-    prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' logprobs too
+    # None: the prompt is not scored; k >= 0: each prompt token's logprob, rank and top-k alternatives (a
+    # completion's echo with logprobs, vLLM's prompt_logprobs; a caller wanting fewer alternatives keeps fewer).
+    prompt_logprobs: int | None = None
+    # vLLM's detokenizer options: special tokens' text kept in the output (skip_special_tokens false), and
+    # whether a slow tokenizer joins them with spaces (fast tokenizers have no such option, as in HF and vLLM).
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     grammar: Any = None  # structured output: a compiled retnet.serve.structured.Grammar, a matcher per choice
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether every prompt position's logits are needed (no cached prefix, no packed prefill)."""
+        return self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:
@@ -307,20 +318,21 @@ def _ban(logits: torch.Tensor, bans: list[tuple[int, torch.Tensor]]):
     return which, ids, saved
 
 
-def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
-    """For echo: the logprob of each ``next_ids[t]`` under ``logits[t]`` (``[T, V]``) and its top-k."""
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int],
+                    k: int) -> list[tuple[float, int, list[tuple[int, float]]]]:
+    """The prompt's scores: for each ``next_ids[t]``, its logprob under ``logits[t]`` (``[T, V]``), its rank
+    there (1-based: 1 + the tokens more likely, vLLM's) and the top-k ``(token, logprob)``, best first."""
     lp = logits.float().log_softmax(-1)
     ids = torch.tensor(next_ids, dtype=torch.long)
-    chosen = lp.gather(-1, ids[:, None]).squeeze(-1).tolist()
-    out = []
+    chosen_lp = lp.gather(-1, ids[:, None])
+    ranks = (lp > chosen_lp).sum(-1).add(1).tolist()
+    chosen = chosen_lp.squeeze(-1).tolist()
     if k > 0:
         values, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
         tops = [list(zip(a, b)) for a, b in zip(top_ids.tolist(), values.tolist())]
     else:
         tops = [[] for _ in chosen]
-    for value, alts in zip(chosen, tops):
-        out.append((value, alts))
-    return out
+    return list(zip(chosen, ranks, tops))
 
 
 __all__ = ["RowSampler", "SamplingParams", "StepSample", "grammar_masks_of", "prompt_logprobs", "sample_step"]

@@ -40,6 +40,8 @@ from retnet.serve.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     SamplingFields,
     TokenizeChatRequest,
@@ -133,7 +135,9 @@ class OpenAIServing:
             params = self._params(request, request.max_tokens, request.logprobs,
                                   bad_words=await self._bad_words(request))
             params.grammar = await self._grammar(request)
-            params.prompt_logprobs = request.echo and request.logprobs is not None
+            # Scored once for both asks: the echo's logprobs and vLLM's prompt_logprobs, each keeping its top-k.
+            asked = [k for k in (request.logprobs if request.echo else None, request.prompt_logprobs) if k is not None]
+            params.prompt_logprobs = max(asked, default=None)
             handle = self._submit([p.ids for p in prompts], params, request, session=session,
                                   text_starts=[0 if p.decoded else None for p in prompts])
         except BaseException:
@@ -153,14 +157,16 @@ class OpenAIServing:
             if request.logprobs is not None:
                 logprobs = CompletionLogprobs()
                 if request.echo:
-                    _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], self._offsets(0, prompt.text))
-                offsets = self._offsets(len(prompt.text), held=prompt.held)
+                    _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], self._offsets(0, prompt.text),
+                                             request.logprobs)
+                offsets = self._offsets(len(prompt.text), held=prompt.held, shown=not request.skip_special_tokens)
                 for o in seq:
                     _add_completion_logprobs(logprobs, o.logprobs or [], offsets)
             if request.echo:
                 text = prompt.text + text
             choices.append(CompletionChoice(
                 index=index, text=text, logprobs=logprobs, finish_reason=seq[-1].finish_reason,
+                prompt_logprobs=_prompt_logprobs(seq[0].prompt_logprobs, request.prompt_logprobs),
                 **self._ids(request, prompt.ids, seq),
             ))
         response = CompletionResponse(id=random_id("cmpl"), model=self.model_name, choices=choices,
@@ -255,7 +261,7 @@ class OpenAIServing:
         """``prompts``: each choice's."""
         rid, created = random_id("cmpl"), int(time.time())
         usage_opt, continuous = _usage_options(request)
-        offsets = [self._offsets(len(p.text), held=p.held) for p in prompts]
+        offsets = [self._offsets(len(p.text), held=p.held, shown=not request.skip_special_tokens) for p in prompts]
         first = [True] * handle.num_choices
         counts = [0] * handle.num_choices
         async for out in self._outputs(handle):
@@ -265,7 +271,7 @@ class OpenAIServing:
                 logprobs = CompletionLogprobs()
                 if first[out.index] and request.echo:
                     _add_completion_logprobs(logprobs, out.prompt_logprobs or [],
-                                             self._offsets(0, prompts[out.index].text))
+                                             self._offsets(0, prompts[out.index].text), request.logprobs)
                 _add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index])
             if first[out.index] and request.echo:
                 text = prompts[out.index].text + text
@@ -290,10 +296,15 @@ class OpenAIServing:
         self._check_common(request)
         _check_content_parts(request)
         _check_chat_features(request)
-        calling = tool_calling(request)
+        calling = tool_calling(request, self.settings.tool_call_parser)
         if calling is not None and request.echo:
             raise APIError(400, "echo: not with tool calls (the answer is calls, not text continuing the last "
                            "message)", "echo")
+        if calling is not None and calling.parser is not None and (request.chat_template_kwargs or {}).get(
+                "continue_final_message", request.continue_final_message):
+            # The parser reads the answer alone: a call the last message opened would be read from its middle.
+            raise APIError(400, "continue_final_message: not with tool_choice 'auto' (the calls are parsed from the "
+                           "answer alone, not from the message it continues)", "continue_final_message")
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         top = request.top_logprobs if request.top_logprobs is not None else 0
@@ -324,8 +335,13 @@ class OpenAIServing:
             if request.logprobs:
                 logprobs = ChatLogprobs(content=[_chat_logprob(t) for o in seq for t in (o.logprobs or [])])
             text, finish = "".join(o.text for o in seq), seq[-1].finish_reason
-            calls = calling.calls(text) if calling is not None and finish == "stop" else None
-            if calls is not None:
+            auto = calling is not None and calling.parser is not None
+            calls = calling.calls(text) if calling is not None and not auto and finish == "stop" else None
+            if auto:  # the calls parsed out of free text
+                content, calls = calling.text_parser().parse(text)
+                message = AssistantMessage(content=content, tool_calls=calls or None)
+                finish = "tool_calls" if calls and finish == "stop" else finish
+            elif calls is not None:
                 message, finish = AssistantMessage(tool_calls=calls), "tool_calls"
             else:  # free text, or calls cut short (no whole JSON to read them from): the text as it is
                 message = AssistantMessage(content=_chat_echo(request) + text)
@@ -334,7 +350,9 @@ class OpenAIServing:
                 **self._ids(request, prompt, seq),
             ))
         response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self.model_name, choices=choices,
-                                          usage=self._usage(handle, outputs), session_id=request.session_id)
+                                          usage=self._usage(handle, outputs), session_id=request.session_id,
+                                          prompt_logprobs=_prompt_logprobs(outputs[0][0].prompt_logprobs,
+                                                                           request.prompt_logprobs))
         return JSONResponse(dump(response))
 
     def _chat_prompt(self, request: ChatCompletionRequest, continues: bool = False) -> tuple[list[int], int | None]:
@@ -357,7 +375,7 @@ class OpenAIServing:
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
         template = None if getattr(self.tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
         messages = [template_message(m) for m in request.messages]
-        # The tools reach the template whenever the model is to call them (tool_calling has refused "auto").
+        # The tools reach the template whenever the model may call them ("auto" only with a parser: tool_calling).
         tools = request.tools if request.tools and request.tool_choice != "none" else None
         variables = {**(request.chat_template_kwargs or {}),
                      **({"documents": request.documents} if request.documents is not None else {}),
@@ -412,7 +430,8 @@ class OpenAIServing:
     async def _chat_chunks(self, request: ChatCompletionRequest, handle: RequestHandle,
                            calling: ToolCalling | None = None) -> AsyncIterator[str]:
         """``calling``: each choice's text is held, and sent when it ends as its calls, in one chunk (or as
-        content, cut short: no whole JSON to read calls from)."""
+        content, cut short: no whole JSON to read calls from); with a parser ("auto") the content streams as it
+        is decided, and each call is sent whole in one chunk when it closes."""
         rid, created = random_id("chatcmpl"), int(time.time())
         usage_opt, continuous = _usage_options(request)
         total = 0
@@ -435,12 +454,24 @@ class OpenAIServing:
             if echo:
                 yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(content=echo)))
         held = [""] * handle.num_choices
+        parsers = [calling.text_parser() for _ in range(handle.num_choices)] if calling and calling.parser else None
         async for out in self._outputs(handle):
             total += len(out.token_ids)
             logprobs = ChatLogprobs(content=[_chat_logprob(t) for t in out.logprobs]) if out.logprobs else None
             ids = out.token_ids if request.return_token_ids else None
             delta, finish = DeltaMessage(content=out.text), out.finish_reason
-            if calling is not None:
+            if parsers is not None:
+                parser = parsers[out.index]
+                content, calls = parser.feed(out.text)
+                if finish:
+                    content += parser.finish()
+                first = len(parser.calls) - len(calls)
+                delta = DeltaMessage(content=content or None, tool_calls=[
+                    DeltaToolCall(index=first + i, id=call.id, function=call.function) for i, call in enumerate(calls)
+                ] or None)
+                if finish == "stop" and parser.calls:
+                    finish = "tool_calls"
+            elif calling is not None:
                 held[out.index] += out.text
                 delta = DeltaMessage()
                 calls = calling.calls(held[out.index]) if finish == "stop" else None
@@ -467,7 +498,7 @@ class OpenAIServing:
                 raise APIError(400, "send prompt (a text) or messages (a conversation), not both", "prompt")
             _check_content_parts(request)
             _check_chat_features(request)
-            tool_calling(request)
+            tool_calling(request, self.settings.tool_call_parser)
             size = _size([m.text() for m in request.messages])
         else:
             size = len(request.prompt)
@@ -511,6 +542,10 @@ class OpenAIServing:
                 raise APIError(400, f"each stop sequence must have 1 to {s.max_stop_chars} characters; "
                                f"got {len(stop)}", "stop")
         _check_unsupported_extras(request)
+        if request.prompt_logprobs is not None and request.stream:
+            # vLLM refuses it too (it has no chunk of a stream to carry them).
+            raise APIError(400, "prompt_logprobs: not available with stream: true", "prompt_logprobs",
+                           "unsupported_parameter")
         if request.truncate_prompt_tokens is not None and request.truncate_prompt_tokens > s.max_prompt_tokens:
             raise APIError(400, f"truncate_prompt_tokens must be <= {s.max_prompt_tokens} (the most prompt tokens "
                            f"this server runs); got {request.truncate_prompt_tokens}", "truncate_prompt_tokens")
@@ -561,7 +596,9 @@ class OpenAIServing:
             stop=request.stop_list(), logit_bias=self._logit_bias(request), ignore_eos=request.ignore_eos,
             min_tokens=request.min_tokens, stop_token_ids=stop_ids, seed=request.seed, logprobs=logprobs,
             include_stop_str_in_output=request.include_stop_str_in_output, allowed_token_ids=allowed,
-            bad_words_ids=bad_words or [],
+            bad_words_ids=bad_words or [], prompt_logprobs=request.prompt_logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
         )
 
     def _token_ids(self, request: SamplingFields, name: str) -> frozenset[int]:
@@ -604,6 +641,13 @@ class OpenAIServing:
         Compiled on a worker thread: a large JSON schema takes llguidance a while, and the streams on the event
         loop wait for none."""
         asked = requested_grammar({name: getattr(request, name) for name in STRUCTURED_OUTPUT_FIELDS})
+        if calling is not None and calling.parser is not None:  # "auto": free text, read by the parser
+            if asked is not None:
+                raise APIError(400, f"{asked[1]}: with tool_choice 'auto' the model writes its calls as free text "
+                               f"for the tool-call parser, which a grammar would keep it from; send either tools or "
+                               f"{asked[1]} (or tool_choice 'required' or a named function)", asked[1],
+                               "invalid_grammar")
+            return None
         if calling is not None:
             if asked is not None:
                 raise APIError(400, f"{asked[1]}: tool calls are already held to the tools' schemas; send either "
@@ -761,8 +805,9 @@ class OpenAIServing:
             return {}
         return {"prompt_token_ids": prompt, "token_ids": [t for o in seq for t in o.token_ids]}
 
-    def _offsets(self, start: int, echoed: str | None = None, held: bytes = b"") -> TextOffsets:
-        return TextOffsets(start, self.engine.skipped_ids, echoed, held)
+    def _offsets(self, start: int, echoed: str | None = None, held: bytes = b"", shown: bool = False) -> TextOffsets:
+        """``shown``: the text keeps special tokens' text (``skip_special_tokens`` false): they take characters."""
+        return TextOffsets(start, set() if shown else self.engine.skipped_ids, echoed, held)
 
     def _decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
@@ -929,17 +974,35 @@ def _chat_echo(request: ChatCompletionRequest) -> str:
     return last.text() if last.role == "assistant" or not opened else ""
 
 
-def _add_completion_logprobs(target: CompletionLogprobs, entries, offsets: TextOffsets) -> None:
+def _add_completion_logprobs(target: CompletionLogprobs, entries, offsets: TextOffsets, k: int | None = None) -> None:
+    """``k``: keep that many alternatives of each entry (the prompt's may hold more, for prompt_logprobs)."""
     for entry in entries:
         target.tokens.append(entry.token)
         target.token_logprobs.append(entry.logprob)
         top = None
         if entry.logprob is not None:
             # OpenAI's completions (and vLLM's) always hold the chosen token too: up to logprobs + 1 entries.
-            top = {t.token: t.logprob for t in entry.top}
+            top = {t.token: t.logprob for t in entry.top[:k]}
             top.setdefault(entry.token, entry.logprob)
         target.top_logprobs.append(top)
         target.text_offset.append(offsets.push(entry.token_id, entry.token, entry.token_bytes))
+
+
+def _prompt_logprobs(entries, k: int | None) -> PromptLogprobs | None:
+    """vLLM's ``prompt_logprobs`` of the engine's prompt scores (``entries``, one a prompt token): each token's
+    own logprob and rank, then its top ``k`` ranked 1..k; None where the request asked for none (``k`` None)."""
+    if k is None or entries is None:
+        return None
+    out: PromptLogprobs = []
+    for entry in entries:
+        if entry.logprob is None:  # the first token: nothing before it to score it after
+            out.append(None)
+            continue
+        ranked = {entry.token_id: PromptLogprob(logprob=entry.logprob, rank=entry.rank, decoded_token=entry.token)}
+        for rank, alt in enumerate(entry.top[:k], 1):
+            ranked.setdefault(alt.token_id, PromptLogprob(logprob=alt.logprob, rank=rank, decoded_token=alt.token))
+        out.append(ranked)
+    return out
 
 
 def _chat_logprob(entry) -> ChatTokenLogprob:

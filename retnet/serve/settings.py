@@ -59,6 +59,17 @@ class ServeSettings(BaseSettings):
     session_bytes: int = Field(2 << 30, ge=0)
     session_ttl_s: float = Field(1800.0, gt=0)
 
+    # -- tool calls -------------------------------------------------------------------------------------------
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None, description="the model's own tool-call format, parsed out of its text to answer tool_choice "
+        "'auto' (vLLM's --tool-call-parser): hermes (<tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>: "
+        "Hermes, Qwen); none: 'auto' is refused"
+    )
+    enable_auto_tool_choice: bool = Field(
+        False, description="vLLM's flag, accepted so its command lines run: 'auto' is answered whenever "
+        "tool_call_parser is set; without one, an error"
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value):
@@ -68,6 +79,21 @@ class ServeSettings(BaseSettings):
                 return json.loads(value)
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("tool_call_parser", mode="before")
+    @classmethod
+    def _no_parser(cls, value):
+        # --tool-call-parser none / RETNET_TOOL_CALL_PARSER= : the default, no parser.
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
+
+    @model_validator(mode="after")
+    def _auto_tool_choice_has_a_parser(self):
+        # vLLM's --enable-auto-tool-choice alone would answer nothing differently: 'auto' needs the parser.
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice (--enable-auto-tool-choice) needs tool_call_parser "
+                             "(--tool-call-parser hermes): tool_choice 'auto' is answered by parsing the model's own "
+                             "tool-call format, which that setting names")
+        return self
 
     @model_validator(mode="after")
     def _default_within_limit(self):

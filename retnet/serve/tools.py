@@ -2,8 +2,9 @@
 tools' schemas, and the calls read back from the text; and the messages of a history of calls as chat
 templates read them.
 
-``tool_choice`` "required" or a named function is answered; "auto" (OpenAI's default with ``tools``) is
-refused, since telling a call from text needs a parser of each model's own call format.
+``tool_choice`` "required" or a named function is answered by a grammar; "auto" (OpenAI's default with
+``tools``) by free text read by the server's tool-call parser (:mod:`retnet.serve.tool_parsers`, the
+``tool_call_parser`` setting), and refused without one: telling a call from text needs the model's own format.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ from retnet.serve.protocol import (
     ToolCall,
 )
 from retnet.serve.structured import tool_call_grammar
+from retnet.serve.tool_parsers import TOOL_CALL_PARSERS, HermesToolParser
 
 
-def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest) -> ToolCalling | None:
+def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest,
+                 parser: str | None = None) -> ToolCalling | None:
     """The request's tool calling, checked, or None when it asks for none (no tools, tool_choice "none").
 
     ``tool_choice`` "required" or a named function holds the output to a grammar of the tools' schemas, so the
-    calls are whole JSON whatever the model. "auto" (OpenAI's default when tools are sent) would need the
-    model's own tool-call format parsed out of free text, which differs by model: it is refused by name rather
-    than answered as plain text where the client expects a call.
+    calls are whole JSON whatever the model. "auto" (OpenAI's default when tools are sent) needs the model's own
+    tool-call format parsed out of free text, which differs by model: ``parser`` names it (the server's
+    ``tool_call_parser``); without one "auto" is refused by name rather than answered as plain text where the
+    client expects a call.
     """
     tools, choice = request.tools or [], request.tool_choice
     if choice is None:
@@ -47,12 +51,13 @@ def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest) -> ToolCa
                        "tool_choice")
     if choice == "none" or (choice == "auto" and not tools):
         return None
-    if choice == "auto":
+    if choice == "auto" and parser is None:
         raise APIError(400, "tools: automatic tool calls (tool_choice 'auto', the default with tools) need a parser "
-                       "of the model's own tool-call format, which this server does not have; send tool_choice "
-                       "'required' or a named function ({\"type\": \"function\", \"function\": {\"name\": ...}}) "
-                       "to have the output held to the tools' schemas, or 'none' to have the tools ignored", "tools",
-                       "unsupported_parameter")
+                       "of the model's own tool-call format, which this server was started without (the setting "
+                       "tool_call_parser: --tool-call-parser hermes or RETNET_TOOL_CALL_PARSER=hermes, for a model "
+                       "that writes <tool_call> calls); send tool_choice 'required' or a named function "
+                       "({\"type\": \"function\", \"function\": {\"name\": ...}}) to have the output held to the "
+                       "tools' schemas, or 'none' to have the tools ignored", "tools", "unsupported_parameter")
     if not tools:
         raise APIError(400, f"tool_choice: {json.dumps(choice)} needs tools to call; got none", "tool_choice")
     functions: list[tuple[str, Any]] = []
@@ -73,19 +78,26 @@ def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest) -> ToolCa
     if named is not None and named not in (name for name, _ in functions):
         raise APIError(400, f"tool_choice: the function {named!r} is not among tools ("
                        f"{', '.join(name for name, _ in functions)})", "tool_choice")
-    return ToolCalling(functions, named, getattr(request, "parallel_tool_calls", None) is not False)
+    return ToolCalling(functions, named, getattr(request, "parallel_tool_calls", None) is not False,
+                       parser if choice == "auto" else None)
 
 
 @dataclass(slots=True)
 class ToolCalling:
-    """A chat request's tool calls: the grammar its output is held to, and the calls read back from the text."""
+    """A chat request's tool calls: the grammar its output is held to, and the calls read back from the text;
+    or with ``parser`` ("auto"), free text and the parser that reads the calls out of it."""
 
     functions: list[tuple[str, Any]]  # each tool's function name and parameters (None: left out), in order
-    named: str | None  # the function tool_choice names; None: "required", calls to any of them
-    parallel: bool  # "required" may make several calls (parallel_tool_calls not false)
+    named: str | None  # the function tool_choice names; None: "required" or "auto", calls to any of them
+    parallel: bool  # several calls may be made (parallel_tool_calls not false)
+    parser: str | None = None  # "auto": the tool-call parser's name (TOOL_CALL_PARSERS); None: a grammar
 
     def grammar(self) -> tuple[str, str]:
         return tool_call_grammar(self.functions, self.named, self.parallel)
+
+    def text_parser(self) -> HermesToolParser:
+        """A new parser of one choice's text ("auto")."""
+        return TOOL_CALL_PARSERS[self.parser]((name for name, _ in self.functions), self.parallel)
 
     def calls(self, text: str) -> list[ToolCall] | None:
         """The calls a choice's text holds, or None when it is no whole JSON of them (a stop string cut it)."""

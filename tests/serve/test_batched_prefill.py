@@ -88,7 +88,7 @@ async def test_long_prompts_in_pieces_over_several_rounds_and_iterations(open_ap
 
 
 async def test_prompt_logprobs_run_alone_and_the_rest_packed(open_app):
-    echo = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=True)
+    echo = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=2)
     requests = [dict(prompts=[prompt(12, seed=7)], params=GREEDY), dict(prompts=[prompt(10, seed=8)], params=echo),
                 dict(prompts=[prompt(15, seed=9)], params=GREEDY)]
     async with open_app(prefix_cache_entries=0) as client:

@@ -500,9 +500,7 @@ REFUSED_EXTRAS = [
     ("use_beam_search", True),
     ("length_penalty", 0.5),
     ("length_penalty", True),
-    ("prompt_logprobs", 1),
     ("logits_processors", ["x"]),
-    ("skip_special_tokens", False),
     ("return_tokens_as_token_ids", True),
 ]
 

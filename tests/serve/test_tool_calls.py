@@ -223,7 +223,8 @@ TOOLS = {"tools": [ADD, PAINT]}
 
 
 @pytest.mark.parametrize(("extra", "param", "code"), [
-    # "auto", said or OpenAI's default with tools: the model's own call format would have to be parsed.
+    # "auto", said or OpenAI's default with tools: without the tool_call_parser setting, the model's own call
+    # format cannot be parsed.
     (TOOLS, "tools", "unsupported_parameter"),
     ({**TOOLS, "tool_choice": "auto"}, "tools", "unsupported_parameter"),
     ({**TOOLS, "tool_choice": "sometimes"}, "tool_choice", None),
@@ -265,6 +266,7 @@ async def test_tool_calls_that_cannot_be_made_are_refused_by_name(client, extra,
 async def test_auto_is_refused_with_what_to_send_instead(client):
     error = (await client.post("/v1/chat/completions", json={**CHAT, **TOOLS})).json()["error"]
     assert "parser" in error["message"] and "'required'" in error["message"] and "named" in error["message"]
+    assert "tool_call_parser" in error["message"]  # the setting that answers it (test_tool_parser.py)
 
 
 async def test_tool_choice_none_and_a_response_format_of_text_still_pass(client):

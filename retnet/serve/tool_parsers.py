@@ -1,0 +1,129 @@
+"""Tool-call parsers: a model's own tool-call format read out of its free text, for ``tool_choice`` "auto"
+(vLLM's ``--tool-call-parser``). The server's ``tool_call_parser`` setting names one of :data:`TOOL_CALL_PARSERS`.
+
+A parser reads one choice's text as it is generated: :meth:`HermesToolParser.feed` returns the content that is
+decided to be text and the calls that have just been closed; :meth:`HermesToolParser.finish` the rest at the
+end. However the text is split into pieces, the content given out adds up to the same text and the calls are the
+same: what a stream sends equals what the whole response holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from retnet.serve.protocol import FunctionCall, ToolCall
+
+
+class HermesToolParser:
+    """The Hermes format (NousResearch Hermes 2/3, Qwen 2.5/3 ...): each call is
+    ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, any number of them, after any text.
+
+    - The text outside the calls is the content. Whitespace right after a call (the newlines between calls) is
+      dropped, and content that is only whitespace is none when calls were made (``content: null``).
+    - A call is a ``<tool_call>...</tool_call>`` whose body is a JSON object with a string ``name`` naming one of
+      ``tools`` and an ``arguments`` object (``parameters`` is read the same, as vLLM's parser reads it). Any
+      other (no JSON, an unknown name, arguments no object) is no call: its text, tags and all, stays in the
+      content, as vLLM leaves a call it cannot parse.
+    - ``parallel`` false (``parallel_tool_calls: false``): the calls after the first are dropped.
+    - A call still open at the end (``max_tokens``, a stop string) is no call: its raw text is content.
+
+    While the text may be a call (from an opening tag, or its first characters, up to the closing tag) it is
+    held back, never given out as content: a stream sends no call's text as content, and a text that turns out
+    to be no call (``<tool_`` then ``s>``, or a call that does not parse) is given out when that is decided.
+    """
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self, tools: Iterable[str], parallel: bool = True):
+        self.tools = frozenset(tools)
+        self.parallel = parallel
+        self.calls: list[ToolCall] = []  # every call made so far
+        self.buffer = ""  # text not decided yet: the start of an opening tag, or an open call
+        self.in_call = False  # buffer holds an opening tag and what followed it
+        self.after_call = False  # whitespace here follows a call (dropped)
+        # Whitespace before any other content: content or none depends on whether calls follow.
+        self.pending = ""
+        self.started = False  # content other than whitespace has been given out
+
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        """The next piece of the text: (the content decided by it, the calls it closes)."""
+        self.buffer += text
+        content: list[str] = []
+        calls: list[ToolCall] = []
+        while True:
+            if self.in_call:
+                end = self.buffer.find(self.CLOSE)
+                if end < 0:
+                    break
+                end += len(self.CLOSE)
+                raw, self.buffer, self.in_call = self.buffer[:end], self.buffer[end:], False
+                call = self._call(raw[len(self.OPEN) : -len(self.CLOSE)])
+                if call is None:
+                    content.append(self._content(raw))
+                    continue
+                self.after_call = True
+                if self.parallel or not self.calls:
+                    self.calls.append(call)
+                    calls.append(call)
+                continue
+            start = self.buffer.find(self.OPEN)
+            if start >= 0:
+                content.append(self._content(self.buffer[:start]))
+                self.buffer, self.in_call = self.buffer[start:], True
+                continue
+            # Hold back an ending that an opening tag may start with ("<", "<tool_" ...).
+            keep = next((k for k in range(min(len(self.OPEN) - 1, len(self.buffer)), 0, -1)
+                         if self.OPEN.startswith(self.buffer[-k:])), 0)
+            cut = len(self.buffer) - keep
+            content.append(self._content(self.buffer[:cut]))
+            self.buffer = self.buffer[cut:]
+            break
+        return "".join(content), calls
+
+    def finish(self) -> str:
+        """The content still held at the end of the text: the start of a tag, a call left open, whitespace."""
+        rest, self.buffer, self.in_call = self.buffer, "", False
+        content = self._content(rest)
+        if not self.calls:  # no calls: the text is all content, whitespace included
+            content += self.pending
+        self.pending = ""
+        return content
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """A whole text's (content, calls); content None when calls were made and nothing else but whitespace."""
+        content, _ = self.feed(text)
+        content += self.finish()
+        return (content or None) if self.calls else content, self.calls
+
+    def _content(self, text: str) -> str:
+        if self.after_call:
+            stripped = text.lstrip()
+            if stripped:
+                self.after_call = False
+            text = stripped
+        if self.started:
+            return text
+        self.pending += text
+        if self.pending.isspace() or not self.pending:
+            return ""
+        text, self.pending, self.started = self.pending, "", True
+        return text
+
+    def _call(self, body: str) -> ToolCall | None:
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str) or value["name"] not in self.tools:
+            return None
+        arguments = value["arguments"] if "arguments" in value else value.get("parameters")
+        if not isinstance(arguments, dict):
+            return None
+        # As vLLM's arguments: the object's JSON as json.dumps writes it.
+        return ToolCall(function=FunctionCall(name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False)))
+
+
+TOOL_CALL_PARSERS = {"hermes": HermesToolParser}
+
+__all__ = ["TOOL_CALL_PARSERS", "HermesToolParser"]
