@@ -292,6 +292,10 @@ class OpenAIServing:
                                               usage=usage)))
 
     # -- /v1/chat/completions ----------------------------------------------------------------------------------
+    def _special_tool_tags(self, calling) -> bool:
+        special = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
+        return any(tag in special for tag in calling.text_parser().tags())
+
     async def chat(self, request: ChatCompletionRequest, raw: Request):
         self._check_common(request)
         _check_content_parts(request)
@@ -322,6 +326,11 @@ class OpenAIServing:
             params = self._params(request, max_tokens, top if request.logprobs else None, name,
                                   bad_words=await self._bad_words(request))
             params.grammar = await self._grammar(request, calling)
+            if calling is not None and calling.parser is not None and "skip_special_tokens" not in \
+                    request.model_fields_set:
+                # A tokenizer that marks the call tags as special tokens (Hermes 2 Pro) would drop them from the
+                # text the parser reads; vLLM's parser turns skipping off for such requests too.
+                params.skip_special_tokens = not self._special_tool_tags(calling)
             handle = self._submit([prompt], params, request, [hint], session=session)
         except BaseException:
             self._release_session(request, session)

@@ -34,6 +34,7 @@ class HermesToolParser:
     """
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    OPEN_CLOSE = (OPEN, CLOSE)
 
     def __init__(self, tools: Iterable[str], parallel: bool = True):
         self.tools = frozenset(tools)
@@ -45,6 +46,10 @@ class HermesToolParser:
         # Whitespace before any other content: content or none depends on whether calls follow.
         self.pending = ""
         self.started = False  # content other than whitespace has been given out
+
+    def tags(self) -> tuple[str, ...]:
+        """The markup a call is written in: where a tokenizer makes them special tokens, decoding must keep them."""
+        return self.OPEN_CLOSE
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         """The next piece of the text: (the content decided by it, the calls it closes)."""

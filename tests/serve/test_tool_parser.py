@@ -146,11 +146,28 @@ def hermes_model_dir(tmp_path_factory):
     """A micro RetNet trained to answer each of CONVERSATIONS' user messages, under the default chat template,
     with its fixed text then EOS: greedy decoding then writes those texts."""
     import retnet  # noqa: F401
-    from retnet.model import RetNetConfig, RetNetForCausalLM
     from retnet.tokenization import train_byte_level_bpe
 
     path = tmp_path_factory.mktemp("retnet-hermes")
     tokenizer = train_byte_level_bpe(CORPUS + list(CONVERSATIONS.values()) * 10, vocab_size=384, min_frequency=1)
+    return micro_hermes_model(path, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def special_tags_model_dir(tmp_path_factory):
+    """As ``hermes_model_dir``, with a tokenizer that makes the call tags special tokens (as Hermes 2 Pro's)."""
+    from retnet.tokenization import train_byte_level_bpe
+
+    path = tmp_path_factory.mktemp("retnet-hermes-special")
+    tokenizer = train_byte_level_bpe(CORPUS + list(CONVERSATIONS.values()) * 10, vocab_size=384, min_frequency=1)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(HermesToolParser.OPEN_CLOSE)})
+    return micro_hermes_model(path, tokenizer)
+
+
+def micro_hermes_model(path, tokenizer):
+    """Train a micro RetNet on CONVERSATIONS with ``tokenizer``; both saved in ``path``."""
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+
     rows, labels = [], []
     for asked, answer in CONVERSATIONS.items():
         # As the server templates and encodes a chat (add_special_tokens false).
@@ -320,6 +337,27 @@ def test_what_is_no_whole_call_stays_text_streamed_the_same(hermes_server, extra
     (mine,) = streamed(sse_events(chat(hermes_server, ASKED, stream=True, **extra).text)).values()
     assert (mine["content"] or None, calls_of(list(mine["calls"].values())), mine["finish"]) == (
         content, calls, [choice["finish_reason"]])
+
+
+def test_call_tags_that_are_special_tokens_are_kept_for_the_parser(special_tags_model_dir):
+    """A tokenizer whose call tags are special tokens would drop them from the text: with "auto" the server
+    keeps special tokens' text unless the request says otherwise (vLLM's rule), so the calls are still read."""
+    proc = ServerProcess(special_tags_model_dir, "--tool-call-parser", "hermes")
+    try:
+        proc.wait_healthy()
+        choice = chat(proc, ASKED).json()["choices"][0]
+        assert (choice["message"]["content"], choice["finish_reason"]) == ("I will paint it.\n", "tool_calls")
+        assert calls_of(choice["message"]["tool_calls"]) == [("paint", PAINT_ARGS), ("add", ADD_ARGS)]
+        (mine,) = streamed(sse_events(chat(proc, ASKED, stream=True).text)).values()
+        assert calls_of(list(mine["calls"].values())) == [("paint", PAINT_ARGS), ("add", ADD_ARGS)]
+        # Asked to skip them, the tags are gone from the text, and with them the calls.
+        choice = chat(proc, ASKED, skip_special_tokens=True).json()["choices"][0]
+        assert "tool_calls" not in choice["message"] and "<tool_call>" not in choice["message"]["content"]
+        assert '"name": "paint"' in choice["message"]["content"]
+        # Plain text (the EOS is a special token too) is unchanged.
+        assert chat(proc, PLAIN).json()["choices"][0]["message"]["content"] == PLAIN_ANSWER
+    finally:
+        proc.stop()
 
 
 def test_auto_without_calls_answers_text(hermes_server):
