@@ -33,6 +33,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_LAYOUTS = ("auto", "full", "sharded")
+DATA_FORMATS = ("text", "chat")
 _ANY_VOCAB_SIZE = 2**31 - 1  # a stand-in at load, large enough for any token id a tokenizer may hold
 
 
@@ -142,12 +143,20 @@ class DataConfig(_Section):
     (with ``name`` and ``split``). ``tokenizer``: a tokenizer directory to load; when empty a
     byte-level BPE of ``model.vocab_size`` tokens is trained on up to ``tokenizer_train_chars`` characters
     of the training split.
+
+    ``format``: ``"text"`` (each row's ``text_field`` is a document) or ``"chat"`` (supervised fine-tuning:
+    each row's ``messages_field`` is a conversation, a list of ``{"role", "content"}`` messages, rendered with
+    the tokenizer's chat template; with ``assistant_only_loss`` only the assistant messages' tokens are
+    targets, see ``retnet.train.chat``).
     """
 
     dataset: str = "stdlib"
     name: str | None = None
     split: str = "train"
+    format: str = "text"
     text_field: str = "text"
+    messages_field: str = "messages"
+    assistant_only_loss: bool = True
     streaming: bool = False
     max_documents: int = 0  # 0 = all
     tokenizer: str | None = None
@@ -172,6 +181,17 @@ class DataConfig(_Section):
         if self.streaming and self.val_documents == 0:
             _refuse("data.val_documents", "must be > 0 with data.streaming (its first documents are the validation "
                     "split)", self.val_documents)
+        if self.format not in DATA_FORMATS:
+            _refuse("data.format", f"must be one of {DATA_FORMATS}", self.format)
+        if self.format == "chat":
+            if not self.messages_field:
+                _refuse("data.messages_field", "must name the column of the conversations", self.messages_field)
+            if self.streaming:
+                _refuse("data.streaming", "must be false with data.format 'chat' (conversations are packed from "
+                        "the token cache; a streamed set is not supported)", self.streaming)
+            if self.dataset == "stdlib":
+                _refuse("data.dataset", "must hold conversations with data.format 'chat' (rows of JSON/JSONL/Parquet "
+                        "files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text", self.dataset)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -312,7 +332,8 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
     """The settings that define a run's token blocks and their order which differ between a checkpoint's
     config (``saved``, a ``JobConfig.to_dict()``) and ``current``, as ``"data.seq_len: checkpoint 128, now
     256"``. A checkpoint's data position counts blocks of that stream, so a resume with any of them changed
-    would go on in other data.
+    would go on in other data. ``data.format`` is compared too, and then the field of the current format
+    (``text_field``; ``messages_field`` and ``assistant_only_loss``, which decides the targets, for chat).
 
     Free to change: everything else. ``train.steps`` (extending a run), logging, evaluation, checkpointing,
     the batch sizes (the position counts blocks, not steps), the optimizer, ``data.cache_dir`` (a cache miss
@@ -322,7 +343,11 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
     saved in its output_dir (``tokenizer_reused`` false); otherwise they are not read. Settings a checkpoint
     from an older version does not hold are skipped."""
     streaming = current.data.streaming
-    keys = ["data.dataset", "data.name", "data.split", "data.text_field", "data.max_documents", "data.seq_len"]
+    # A checkpoint from before data.format trained on text. The field read is the format's own.
+    was = saved.get("data", {}).get("format", "text")
+    changes = [] if was == current.data.format else [f"data.format: checkpoint {was!r}, now {current.data.format!r}"]
+    fields = ["data.messages_field", "data.assistant_only_loss"] if current.data.format == "chat" else ["data.text_field"]
+    keys = ["data.dataset", "data.name", "data.split", *fields, "data.max_documents", "data.seq_len"]
     # A stream's validation split is its first val_documents documents; packed data holds out val_fraction of
     # them and shuffles its blocks with train.seed. Each is ignored in the other mode.
     keys += ["data.val_documents"] if streaming else ["data.val_fraction", "train.seed"]
@@ -330,7 +355,6 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
         keys.append("data.tokenizer")
         if not current.data.tokenizer:  # a BPE is trained (also for ""): its size and sample decide the tokens
             keys += ["data.tokenizer_train_chars", "model.vocab_size"]
-    changes = []
     now = current.to_dict()
     for key in keys:
         section, name = key.split(".")

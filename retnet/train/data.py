@@ -20,6 +20,11 @@ the validation split (kept out of training wherever they occur), the rest is spl
 its stream (``datasets``' stream state, the documents read and the tokens not yet packed), from which a resume
 continues without tokenizing what was read before.
 
+Chat data (``data.format = "chat"``, supervised fine-tuning): each row's ``messages_field`` is a conversation,
+rendered with the tokenizer's chat template and encoded with a parallel ``uint8`` array of flags (which tokens
+are targets, which EOS ends a conversation; ``retnet.train.chat``), packed, cached and batched alongside the
+tokens (:class:`MaskedBlocks`).
+
 Packed rows hold several documents separated by EOS. With ``data.document_boundaries`` (the default) the
 trainer flattens each micro-batch into one packed row and passes ``cu_seqlens`` with a segment starting at
 every block start and every EOS (:func:`packed_segments`), so the retention state never crosses a document
@@ -40,13 +45,15 @@ import shutil
 import sysconfig
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from retnet.train.chat import BOUNDARY, TARGET, ChatEncoder, check_conversations, render_default, target_count
+from retnet.train.chat import template_identity as chat_template_identity
 from retnet.train.checkpoint import fsync_tree
 from retnet.train.config import ConfigError, DataConfig
 
@@ -167,6 +174,8 @@ def data_fingerprint(cfg: DataConfig, files: list[Path] | None, hub_fingerprint:
     settings[unused] = next(f.default for f in dataclasses.fields(DataConfig) if f.name == unused)
     if csv:
         settings["csv_reading"] = CSV_READING
+    if cfg.format == "chat":  # only then: the keys of text runs' caches stay as they were
+        settings.update(format=cfg.format, messages_field=cfg.messages_field, text_field=None)
     return _hash(CACHE_VERSION, settings, listing)
 
 
@@ -196,9 +205,13 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
                           f"documents are held out by data.val_fraction, or data.val_documents when streaming): "
                           f"point data.dataset at the files of that split instead")
     kind = _kind(files[0])
+    if cfg.format == "chat" and kind in ("text", "csv"):
+        raise ConfigError(f"data.dataset {cfg.dataset!r} is {kind} files, which hold no conversations; data.format "
+                          f"'chat' reads the data.messages_field {cfg.messages_field!r} of JSON/JSONL/Parquet rows, a "
+                          f"save_to_disk directory or a hub dataset")
     # invalid UTF-8 becomes U+FFFD, as in the stdlib corpus, not an error that names no file
     options = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
-    with _reading(cfg.dataset, cfg.text_field):
+    with _reading(cfg.dataset, *_field(cfg)):
         if kind == "csv":  # the text column as written, not as pandas' type inference reads it
             options = _csv_options(files, cfg.text_field)
         return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=streaming,
@@ -239,7 +252,7 @@ def _hub_options(cfg: DataConfig, builder) -> dict[str, Any]:
     column read as written, like local CSV files (:func:`_csv_options`), and only that column. Its other
     columns' names are not known before its files are read, so they cannot keep pandas' NA spellings one by
     one as local files' do; unread, they cannot refuse the set over types either."""
-    if builder.name != "csv":
+    if builder.name != "csv" or cfg.format == "chat":  # (a CSV cell holds no conversation: refused by row)
         return {}
     return {"usecols": [cfg.text_field], "converters": {cfg.text_field: str}, "keep_default_na": False}
 
@@ -279,7 +292,7 @@ def _hub_stream(cfg: DataConfig, cache_dir: Path):
 
 
 @contextlib.contextmanager
-def _reading(dataset: str, text_field: str) -> Iterator[None]:
+def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Iterator[None]:
     """Errors of ``datasets`` reading local files, as a ConfigError naming them. Its own errors name no file:
     a bare StopIteration when every file is empty, a CastError or DatasetGenerationError when a later file
     does not fit the columns and types it took from the first rows it read."""
@@ -293,15 +306,16 @@ def _reading(dataset: str, text_field: str) -> Iterator[None]:
             raise missing from error
         cause = error.__cause__ or error
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else f"{type(cause).__name__} (no rows in any file?)"
+        what = "as text" if key == "data.text_field" else "as conversations"
         raise ConfigError(f"data.dataset {dataset!r}: datasets could not read it ({detail}); local files need "
-                          f"data.text_field {text_field!r} in every file, as text, and the same columns") from error
+                          f"{key} {text_field!r} in every file, {what}, and the same columns") from error
 
 
 def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 1):
     """A ``save_to_disk`` directory: a Dataset, or a DatasetDict from which ``data.split`` is taken."""
     import datasets
 
-    with _reading(cfg.dataset, cfg.text_field):  # an empty saved Dataset fails with a bare IndexError
+    with _reading(cfg.dataset, *_field(cfg)):  # an empty saved Dataset fails with a bare IndexError
         loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if cfg.split not in loaded:
@@ -312,9 +326,15 @@ def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 
     return loaded.to_iterable_dataset(num_shards=min(len(loaded), world_size)) if streaming else loaded
 
 
+def _field(cfg: DataConfig) -> tuple[str, str]:
+    """(the column read, its setting's name): ``data.text_field``, or ``data.messages_field`` for chat."""
+    return (cfg.messages_field, "data.messages_field") if cfg.format == "chat" else (cfg.text_field, "data.text_field")
+
+
 def _check_text_field(cfg: DataConfig, columns: list[str] | None) -> None:
-    if columns is not None and cfg.text_field not in columns:
-        raise ConfigError(f"data.text_field {cfg.text_field!r} is not a column of {cfg.dataset!r}; columns: {columns}"
+    field, key = _field(cfg)
+    if columns is not None and field not in columns:
+        raise ConfigError(f"{key} {field!r} is not a column of {cfg.dataset!r}; columns: {columns}"
                           f" (of local files: those datasets found in the first rows it read)")
 
 
@@ -343,9 +363,20 @@ def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, l
     return [t for t in texts if t]
 
 
-def split_documents(docs: list[str], val_fraction: float, *, dataset: str = "",
-                    max_documents: int = 0) -> tuple[list[str], list[str]]:
-    """(train, val): a seeded random ``val_fraction`` of the documents (at least one) is held out.
+def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Path,
+                       loaded=None) -> list[list[dict[str, Any]]]:
+    """``data.format = "chat"``: every non-empty conversation (a list of role/content messages), in row order, of
+    at most ``max_documents`` rows; a row that holds no such list is refused naming its index."""
+    dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
+    _check_text_field(cfg, dataset.column_names)
+    if cfg.max_documents:
+        dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
+    return check_conversations(cfg.dataset, cfg.messages_field, dataset[cfg.messages_field])
+
+
+def split_documents(docs: list, val_fraction: float, *, dataset: str = "",
+                    max_documents: int = 0) -> tuple[list, list]:
+    """(train, val): a seeded random ``val_fraction`` of the documents (or conversations; at least one) is held out.
     ``dataset`` and ``max_documents`` (the limit they were read with) are named when there are too few."""
     if len(docs) < 2:
         which = f"data.dataset {dataset!r}" if dataset else "data.dataset"
@@ -438,7 +469,7 @@ def _load_hub(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: Callab
     return loaded, getattr(loaded, "_fingerprint", None)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, max_chars: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int):
     """A byte-level BPE (``retnet.tokenization``) trained on the first ``max_chars`` characters of ``texts``."""
     from retnet.tokenization import train_byte_level_bpe
 
@@ -502,21 +533,37 @@ def encode_documents(tokenizer, texts: list[str], batch: int = 512) -> np.ndarra
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
-def packed_segments(blocks: torch.Tensor, eos_token_id: int) -> dict[str, torch.Tensor]:
+def packed_segments(blocks: torch.Tensor, eos_token_id: int,
+                    flags: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Model inputs for ``[B, T]`` packed blocks as one varlen row ``[1, B·T]``.
 
     A segment starts at every block start and at every EOS: the EOS opens the next document (like a BOS),
     so the last token of a document still learns to predict EOS while its state stays behind. The label of
     each block's first token is -100, because in the flattened row it would be predicted from the previous
-    block; the loss then averages over exactly the B·(T−1) targets of the unflattened batch."""
+    block; the loss then averages over exactly the B·(T−1) targets of the unflattened batch.
+
+    ``flags`` ``[B, T]`` (chat data, ``retnet.train.chat``): segments start at the conversations' closing EOS
+    (``BOUNDARY``) instead of every EOS, and only the ``TARGET`` tokens keep their labels."""
     batch, length = blocks.shape
-    starts = blocks == eos_token_id
+    starts = blocks == eos_token_id if flags is None else (flags & BOUNDARY) != 0
     starts[:, 0] = True
     bounds = starts.flatten().nonzero().flatten()
     cu_seqlens = torch.cat([bounds, bounds.new_tensor([batch * length])]).to(torch.int32)
-    labels = blocks.clone()
+    labels = blocks.clone() if flags is None else masked_labels(blocks, flags)
     labels[:, 0] = -100
     return {"input_ids": blocks.reshape(1, -1), "labels": labels.reshape(1, -1), "cu_seqlens": cu_seqlens}
+
+
+def masked_labels(blocks: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """``blocks`` with -100 wherever ``flags`` does not mark a ``TARGET``."""
+    return torch.where((flags & TARGET) != 0, blocks, torch.full_like(blocks, -100))
+
+
+class MaskedBlocks(NamedTuple):
+    """A micro-batch of chat data: ``tokens`` ``[B, T]`` int64 and their ``flags`` ``[B, T]`` uint8."""
+
+    tokens: torch.Tensor
+    flags: torch.Tensor
 
 
 def _blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -525,10 +572,15 @@ def _blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 class PackedData:
-    """Fixed-length blocks of a cached token array; this rank's micro-batches for each step."""
+    """Fixed-length blocks of a cached token array; this rank's micro-batches for each step.
+
+    With ``train_flags``/``val_flags`` (chat data: the blocks' ``uint8`` flags, the same shapes) the batches are
+    :class:`MaskedBlocks`, and each step sets ``step_targets``: the labels that count in the whole global batch
+    (every rank's micro-batches), which every rank computes alike from the array it holds."""
 
     def __init__(self, train: np.ndarray, val: np.ndarray, tokenizer, *, seed: int, micro_batch: int,
-                 global_batch: int, rank: int, world_size: int):
+                 global_batch: int, rank: int, world_size: int, train_flags: np.ndarray | None = None,
+                 val_flags: np.ndarray | None = None):
         if len(train) == 0:
             raise ConfigError("data: the training split is shorter than one block of data.seq_len tokens; "
                               "use more data or a shorter data.seq_len")
@@ -536,6 +588,13 @@ class PackedData:
             raise ConfigError("data: the validation split is shorter than one block of data.seq_len tokens; "
                               "raise data.val_fraction or lower data.seq_len")
         self.train, self.val, self.tokenizer = train, val, tokenizer
+        self.train_flags, self.val_flags = train_flags, val_flags
+        for name, flags in (("training", train_flags), ("validation", val_flags)):
+            if flags is not None and not np.any(np.asarray(flags)[:, 1:] & TARGET):
+                raise ConfigError(f"data: the {name} split's blocks hold no target tokens (assistant messages' "
+                                  f"tokens after the first of a block): nothing to learn or measure; use more "
+                                  f"conversations with assistant messages, or data.assistant_only_loss=false")
+        self.step_targets: int | None = None
         self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
         self.rank, self.world_size = rank, world_size
         self.consumed = 0  # global blocks consumed: the data position
@@ -545,6 +604,11 @@ class PackedData:
     @property
     def seq_len(self) -> int:
         return self.train.shape[1]
+
+    @property
+    def masked(self) -> bool:
+        """Chat data: batches are :class:`MaskedBlocks`, and the loss counts only their targets."""
+        return self.train_flags is not None
 
     @property
     def train_tokens(self) -> int:
@@ -567,11 +631,16 @@ class PackedData:
         """This rank's ``accum`` micro-batches ``[micro_batch, seq_len]`` (int64) of the next step."""
         ids = self._global_blocks(self.consumed, self.global_batch)
         self.consumed += self.global_batch
+        if self.masked:
+            self.step_targets = target_count(self.train_flags[ids])
         out = []
         for m in range(accum):
             lo = (m * self.world_size + self.rank) * self.micro_batch
             rows = self.train[ids[lo:lo + self.micro_batch]]
             out.append(torch.from_numpy(rows.astype(np.int64)))
+            if self.masked:
+                flags = self.train_flags[ids[lo:lo + self.micro_batch]]
+                out[-1] = MaskedBlocks(out[-1], torch.from_numpy(np.ascontiguousarray(flags)))
         return out
 
     def val_batches(self, max_blocks: int) -> list[torch.Tensor]:
@@ -583,8 +652,12 @@ class PackedData:
         # evenly spaced over the split, so a few long documents do not make up the whole sample
         chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)
         mine = chosen[self.rank::self.world_size]
-        return [torch.from_numpy(self.val[mine[i:i + self.micro_batch]].astype(np.int64))
-                for i in range(0, len(mine), self.micro_batch)]
+        rows = [mine[i:i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
+        batches = [torch.from_numpy(self.val[r].astype(np.int64)) for r in rows]
+        if self.val_flags is not None:
+            batches = [MaskedBlocks(batch, torch.from_numpy(np.ascontiguousarray(self.val_flags[r])))
+                       for batch, r in zip(batches, rows)]
+        return batches
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "packed", "consumed": self.consumed}
@@ -602,6 +675,8 @@ class StreamingData:
     ``datasets``' own state of the stream after them (``IterableDataset.state_dict``) and the tokens read but
     not packed into a block yet. A resume restarts the stream from that state and tokenizes none of the
     documents read before: after billions of tokens, tokenizing them again only to find the place takes hours."""
+
+    masked, val_flags = False, None  # text only: chat data is not streamed
 
     def __init__(self, stream, val_blocks: np.ndarray, tokenizer, *, text_field: str, seq_len: int,
                  micro_batch: int, rank: int, world_size: int, dataset: str = "", val_documents: int = 0):
@@ -760,14 +835,18 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         data.hub_fingerprint = hub_fingerprint
         return data
 
-    def documents() -> tuple[list[str], list[str]]:
+    chat = cfg.format == "chat"
+
+    def documents() -> tuple[list, list]:
+        """(train, val) documents, or conversations for chat."""
         nonlocal loaded
         logger.info("data: reading %s", cfg.dataset)
         if files is None and loaded is None:
             loaded = _hf_dataset(cfg, None, cache_dir, streaming=False)
             if getattr(loaded, "_fingerprint", None) != hub_fingerprint:
                 raise _hub_changed(cfg)
-        return split_documents(load_documents(cfg, files, cache_dir, loaded), cfg.val_fraction, dataset=cfg.dataset,
+        read = load_conversations if chat else load_documents
+        return split_documents(read(cfg, files, cache_dir, loaded), cfg.val_fraction, dataset=cfg.dataset,
                                max_documents=cfg.max_documents)
 
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
@@ -778,13 +857,17 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
             cache_dir.mkdir(parents=True, exist_ok=True)
             split = documents()
             logger.info("data: training a %d-token byte-level BPE on the training split", vocab_size)
-            trained = train_tokenizer(split[0], vocab_size, cfg.tokenizer_train_chars)
+            # chat: on the conversations as the BPE's template (the default) renders them, tags and all
+            texts = (render_default(c) for c in split[0]) if chat else split[0]
+            trained = train_tokenizer(texts, vocab_size, cfg.tokenizer_train_chars)
             _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
         barrier()
         tokenizer = load_tokenizer(tokenizer_cache)
     # Keyed by the tokenizer itself, not where it came from: a resumed run loads the copy saved in its
     # output_dir, and must find the tokens its first run cached (not tokenize the whole dataset again).
     key = _hash(fingerprint, tokenizer_fingerprint(tokenizer), cfg.seq_len)
+    if chat:  # what renders the conversations and which tokens are targets (text keys stay as they were)
+        key = _hash(key, chat_template_identity(tokenizer), cfg.assistant_only_loss)
     token_cache = cache_dir / f"tokens-{key}"
 
     if local_rank == 0 and not (token_cache / "meta.json").exists():
@@ -795,13 +878,20 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         logger.info("data: tokenizing %d + %d documents", len(train_docs), len(val_docs))
 
         def write(tmp: Path) -> None:
+            encoder = ChatEncoder(tokenizer, cfg.assistant_only_loss, cfg.dataset) if chat else None
             for name, docs in (("train", train_docs), ("val", val_docs)):
-                blocks = _blocks(encode_documents(tokenizer, docs), cfg.seq_len)
+                if encoder is None:
+                    tokens = encode_documents(tokenizer, docs)
+                else:
+                    tokens, flags = encoder.encode(docs)
+                    _blocks(flags, cfg.seq_len).tofile(tmp / f"{name}.flags.bin")  # the same rows as the tokens
+                blocks = _blocks(tokens, cfg.seq_len)
                 blocks.tofile(tmp / f"{name}.bin")
                 (tmp / f"{name}.json").write_text(json.dumps({"rows": len(blocks), "dtype": str(blocks.dtype)}))
             # meta.json last: its presence marks a complete cache
             (tmp / "meta.json").write_text(json.dumps({"seq_len": cfg.seq_len, "dataset": cfg.dataset,
-                                                      "documents": [len(train_docs), len(val_docs)]}))
+                                                      "documents": [len(train_docs), len(val_docs)],
+                                                      **({"format": "chat"} if chat else {})}))
 
         _atomic_dir(token_cache, write)
     barrier()
@@ -811,10 +901,14 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         shape = (info["rows"], cfg.seq_len)
         arrays[name] = (np.memmap(token_cache / f"{name}.bin", dtype=info["dtype"], mode="r", shape=shape)
                         if info["rows"] else np.zeros(shape, dtype=info["dtype"]))
+        if chat:
+            arrays[f"{name}_flags"] = (np.memmap(token_cache / f"{name}.flags.bin", dtype=np.uint8, mode="r",
+                                                 shape=shape) if info["rows"] else np.zeros(shape, dtype=np.uint8))
     logger.info("data: %d train blocks, %d val blocks of %d tokens (cache %s)", len(arrays["train"]),
                 len(arrays["val"]), cfg.seq_len, token_cache)
     data = PackedData(arrays["train"], arrays["val"], tokenizer, seed=seed, micro_batch=micro_batch,
-                      global_batch=global_batch, rank=rank, world_size=world_size)
+                      global_batch=global_batch, rank=rank, world_size=world_size,
+                      train_flags=arrays.get("train_flags"), val_flags=arrays.get("val_flags"))
     data.hub_fingerprint = hub_fingerprint
     return data
 
@@ -892,5 +986,6 @@ def _no_training_documents(dataset: str, val_documents: int, rank: int | None = 
                        f"data.val_documents or use more data")
 
 
-__all__ = ["PackedData", "StreamingData", "build_data", "document_encoder", "encode_documents", "load_tokenizer",
-           "local_files", "split_documents", "stdlib_files", "train_tokenizer", "vocab_bound"]
+__all__ = ["MaskedBlocks", "PackedData", "StreamingData", "build_data", "document_encoder", "encode_documents",
+           "load_conversations", "load_tokenizer", "local_files", "masked_labels", "split_documents", "stdlib_files",
+           "train_tokenizer", "vocab_bound"]

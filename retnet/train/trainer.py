@@ -16,7 +16,9 @@ micro-batch (DDP ``require_backward_grad_sync`` / FSDP2 ``set_requires_gradient_
 ``optim.grad_clip`` and stepped with AdamW. ``get_lr`` is linear warmup then cosine (or linear) decay.
 Each step's loss is the mean over the whole global batch (every block has the same token count, so the mean
 of per-rank means is the global mean): a 2-rank run logs the same losses as a 1-rank run with the same
-global batch.
+global batch. Chat data (``data.format = "chat"``) counts only the assistant tokens, a different number in
+every block: each micro-batch's summed loss is divided by the global batch's target count
+(``num_items_in_batch``), so the micro-batches and ranks add up to the mean over the global batch's targets.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from retnet.train.chat import target_count
 from retnet.train.checkpoint import (
     CheckpointError,
     checkpoint_layout,
@@ -65,7 +68,7 @@ from retnet.train.checkpoint import (
     verified_identity,
 )
 from retnet.train.config import ConfigError, JobConfig, OptimConfig, data_changes, model_changes
-from retnet.train.data import build_data, packed_segments, tokenizer_mismatch, vocab_bound
+from retnet.train.data import build_data, masked_labels, packed_segments, tokenizer_mismatch, vocab_bound
 
 logger = logging.getLogger("retnet.train")
 
@@ -673,13 +676,17 @@ class Trainer:
         elif _distributed():
             self.model.require_backward_grad_sync = sync  # DDP: skip the all-reduce until the last micro-batch
 
-    def _loss(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss of ``[B, T]`` blocks, documents isolated when ``data.document_boundaries``."""
+    def _loss(self, blocks: torch.Tensor, flags: torch.Tensor | None = None,
+              num_items: int | None = None) -> torch.Tensor:
+        """Mean next-token loss of ``[B, T]`` blocks, documents isolated when ``data.document_boundaries``.
+        Chat data: only the tokens ``flags`` marks as targets count, and with ``num_items`` the loss is their
+        summed loss divided by it (not by this batch's count)."""
         if self.cfg.data.document_boundaries:
-            inputs = packed_segments(blocks, self.tokenizer.eos_token_id)
+            inputs = packed_segments(blocks, self.tokenizer.eos_token_id, flags)
         else:
-            inputs = {"input_ids": blocks, "labels": blocks}
-        return self.model(**inputs, use_cache=False).loss
+            inputs = {"input_ids": blocks, "labels": blocks if flags is None else masked_labels(blocks, flags)}
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        return self.model(**inputs, use_cache=False, **extra).loss
 
     def train_step(self) -> float:
         """One optimizer step; returns the global-batch mean loss. Raises NonFiniteLossError before the
@@ -688,18 +695,32 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for index, batch in enumerate(self.data.micro_batches(self.accum)):
-            batch = batch.to(self.device, non_blocking=True)
+        batches = self.data.micro_batches(self.accum)
+        masked = self.data.masked
+        # Chat data: blocks hold different numbers of targets, so each micro-batch's summed loss is divided by
+        # the global batch's count (every rank's, known to each; 1 when none: a zero loss, zero gradients), and
+        # the micro-batches' and ranks' losses add up to the global mean. DDP and FSDP average the gradients over
+        # the ranks: scaled up by the world size, the average is that sum's.
+        targets = max(self.data.step_targets, 1) if masked else None
+        for index, batch in enumerate(batches):
             self._set_grad_sync(index == self.accum - 1)
-            with self.autocast:
-                loss = self._loss(batch) / self.accum
-            loss.backward()
+            if masked:
+                tokens, flags = (t.to(self.device, non_blocking=True) for t in batch)
+                with self.autocast:
+                    loss = self._loss(tokens, flags, num_items=targets)
+                (loss * self.world_size).backward()
+            else:
+                batch = batch.to(self.device, non_blocking=True)
+                with self.autocast:
+                    loss = self._loss(batch) / self.accum
+                loss.backward()
             loss_sum += loss.detach()
         # One small all-reduce carries the loss and any rank's stop request.
         stats = torch.stack([loss_sum.float(), torch.tensor(float(self.signal_received), device=self.device)])
         if _distributed():
             dist.all_reduce(stats)
-        loss_value = stats[0].item() / self.world_size
+        # text: the mean of the ranks' means (equal token counts); chat: the ranks' parts of the global mean
+        loss_value = stats[0].item() / (1 if masked else self.world_size)
         self.stop_requested = stats[1].item() > 0
         if not math.isfinite(loss_value):
             self._stop_nonfinite(f"loss is {loss_value}")
@@ -724,10 +745,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over ``train.eval_blocks`` validation blocks (all ranks)."""
+        """Mean validation loss over ``train.eval_blocks`` validation blocks (all ranks); for chat data, the mean
+        over their target tokens."""
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         for batch in self.data.val_batches(self.cfg.train.eval_blocks):
+            if self.data.masked:  # chat: the summed loss of the targets, and their count
+                tokens, flags = (t.to(self.device) for t in batch)
+                with self.autocast:
+                    total += self._loss(tokens, flags, num_items=1).float()
+                count += target_count(batch.flags.numpy())
+                continue
             batch = batch.to(self.device)
             with self.autocast:  # blocks have equal lengths: the mean of block means is the token mean
                 total += self._loss(batch).float() * len(batch)
