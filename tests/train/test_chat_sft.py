@@ -233,12 +233,14 @@ def test_a_resumed_chat_run_retraces_its_losses(chat_args, tmp_path, read_metric
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(chat_args, tmp_path, run, read_metrics):
-    """The losses, gradient norms and validation losses of one process accumulating two micro-batches."""
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process(chat_args, tmp_path, run, read_metrics, parallelism):
+    """The losses, gradient norms and validation losses of one process accumulating two micro-batches; DDP and
+    FSDP2 both average the ranks' gradients, which the target-count scaling undoes."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = dict(train__steps=4, train__eval_interval=4)
     assert main(chat_args(single, **common)) == 0  # global 4 = micro 2 × accum 2 × 1 rank
-    two = run(chat_args(ddp, **common), nproc=2)  # global 4 = micro 2 × accum 1 × 2 ranks
+    two = run(chat_args(ddp, **common, train__parallelism=parallelism), nproc=2)  # micro 2 × accum 1 × 2 ranks
     assert two.returncode == 0, two.stderr + two.stdout
     assert "world 2 × micro 2 × accum 1" in two.stderr
     a, b = [r["loss"] for r in read_metrics(single)], [r["loss"] for r in read_metrics(ddp)]
