@@ -27,12 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None = None) -> ServeSettings:
-    args = build_parser().parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    return settings_from_args(build_parser().parse_args(argv))
+
+
+def settings_from_args(args: argparse.Namespace, prog: str = "retnet-serve") -> ServeSettings:
+    """The settings named by ``args`` (flags left out: environment, then defaults); invalid ones exit 2.
+    Attributes that are not settings (another command's own flags) are ignored."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in ServeSettings.model_fields}
     try:
         return ServeSettings(**given)
     except Exception as exc:  # pydantic's message names the field and the value
-        print(f"retnet-serve: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"{prog}: invalid settings:\n{exc}", file=sys.stderr)
         raise SystemExit(2) from exc
 
 

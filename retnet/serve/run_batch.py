@@ -1,0 +1,285 @@
+"""``python -m retnet.serve.run_batch -i requests.jsonl -o results.jsonl --model DIR``: offline batch inference.
+
+OpenAI's batch file format, as vLLM's ``vllm.entrypoints.openai.run_batch`` reads and writes it. Each input line is
+``{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions", "body": {...}}``; each output line, in input
+order, ``{"id": "batch_req_...", "custom_id": ..., "response": {"status_code", "request_id", "body"}, "error"}``.
+Every request runs through the server's own app in this process (``create_app`` behind httpx's ASGI transport:
+the same validation, sampling, errors and metrics as ``retnet-serve``), many at once, so the engine decodes them
+together in its batched recurrent step. Every ``retnet-serve`` flag is accepted (``RETNET_*`` variables too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from retnet.serve.protocol import APIError
+
+logger = logging.getLogger("retnet.serve.run_batch")
+PROG = "python -m retnet.serve.run_batch"
+
+
+@dataclass
+class BatchLine:
+    """One non-blank input line: ``line`` its 1-based number in the file, ``error`` why it is not run."""
+
+    line: int
+    custom_id: str | None = None
+    url: str | None = None
+    body: dict | None = None
+    error: APIError | None = None
+
+
+@dataclass
+class BatchSummary:
+    requests: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        rate = self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+        return (f"run_batch: {self.requests} requests, {self.failed} failed, {self.prompt_tokens} prompt + "
+                f"{self.completion_tokens} completion tokens in {self.seconds:.1f} s ({rate:.1f} completion tokens/s)")
+
+
+def parse_lines(text_lines: list[str], urls: set[str]) -> list[BatchLine]:
+    """Read each non-blank line into a :class:`BatchLine`; a line that cannot run gets its ``error`` (400 naming
+    the field) and the others are unaffected. ``urls``: the POST routes the app answers."""
+    parsed, seen = [], set()
+    for number, text in enumerate(text_lines, start=1):
+        if not text.strip():
+            continue
+        entry = BatchLine(number)
+        parsed.append(entry)
+        try:
+            item = json.loads(text)
+        except ValueError as exc:
+            entry.error = APIError(400, f"line {number} is not valid JSON ({exc})", None, "invalid_json")
+            continue
+        if not isinstance(item, dict):
+            entry.error = APIError(400, f"line {number} must be a JSON object; got {type(item).__name__}", None,
+                                   "invalid_request")
+            continue
+        custom_id = item.get("custom_id")
+        entry.custom_id = custom_id if isinstance(custom_id, str) else None
+        entry.url, entry.body = item.get("url"), item.get("body")
+        entry.error = _line_error(number, item, urls, seen)
+        if entry.custom_id is not None:
+            seen.add(entry.custom_id)
+    return parsed
+
+
+def _line_error(number: int, item: dict, urls: set[str], seen: set[str]) -> APIError | None:
+    custom_id, method, url, body = (item.get(key) for key in ("custom_id", "method", "url", "body"))
+    where = f"line {number}"
+    if not isinstance(custom_id, str) or not custom_id:
+        return APIError(400, f"{where}: custom_id must be a non-empty string; got {custom_id!r}", "custom_id",
+                        "invalid_value")
+    if custom_id in seen:  # OpenAI's rule: each custom_id names one request, so results can be matched to it
+        return APIError(400, f"{where}: custom_id {custom_id!r} was used by an earlier line; each must be unique",
+                        "custom_id", "duplicate_custom_id")
+    if not isinstance(method, str) or method.upper() != "POST":
+        return APIError(400, f"{where}: method must be \"POST\"; got {method!r}", "method", "invalid_value")
+    if url not in urls:
+        return APIError(400, f"{where}: url {url!r} is not served; expected one of {', '.join(sorted(urls))}",
+                        "url", "unsupported_url")
+    if not isinstance(body, dict):
+        return APIError(400, f"{where}: body must be a JSON object; got {type(body).__name__}", "body",
+                        "invalid_request")
+    if body.get("stream") not in (None, False):  # a results file holds one response per request, not chunks
+        return APIError(400, f"{where}: stream is not supported in a batch; send false or leave it out (got "
+                        f"{body['stream']!r})", "stream", "unsupported_parameter")
+    return None
+
+
+def output_line(entry: BatchLine, status: int, body: Any) -> dict:
+    """The output line for ``entry``: vLLM's and OpenAI's ``BatchRequestOutput`` shape. A failure keeps the
+    server's error body as ``response.body`` (what the HTTP request answered) and sets ``error`` to its
+    ``{"code", "message", "param", "line"}``, so ``error is None`` tells success alone."""
+    error = None
+    if status != 200:
+        info = body.get("error", {}) if isinstance(body, dict) else {}
+        error = {"code": info.get("code"), "message": info.get("message"), "param": info.get("param"),
+                 "line": entry.line}
+    return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": entry.custom_id,
+            "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex[:24]}", "body": body},
+            "error": error}
+
+
+class OrderedWriter:
+    """Write output lines in input order as results arrive: a result waits only for the ones before it."""
+
+    def __init__(self, out: IO[str]):
+        self.out, self.next, self.buffer = out, 0, {}
+
+    def put(self, index: int, line: dict) -> None:
+        self.buffer[index] = line
+        while self.next in self.buffer:
+            self.out.write(json.dumps(self.buffer.pop(self.next), ensure_ascii=False) + "\n")
+            self.next += 1
+        self.out.flush()
+
+
+def served_urls(app) -> set[str]:
+    """The app's POST routes under ``/v1`` without path parameters: what a batch line may name."""
+    return {route.path for route in app.routes if "POST" in (getattr(route, "methods", None) or ())
+            and route.path.startswith("/v1/") and "{" not in route.path}
+
+
+async def post(client, entry: BatchLine) -> tuple[int, Any]:
+    """``entry``'s request through the app: (status, JSON body). The batch's own concurrency can outrun the
+    server's queue when requests ask for several choices: a 429 is retried, never written."""
+    delay = 0.02
+    while True:
+        try:
+            response = await client.post(entry.url, json=entry.body)
+        except Exception as exc:  # a bug in the app: this line fails, the others run
+            logger.exception("request on line %d failed", entry.line)
+            return 500, APIError(500, f"internal error ({type(exc).__name__})", None, "internal_error").body()
+        if response.status_code != 429:
+            break
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 1.0)
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return 500, APIError(500, f"the server answered {response.status_code} without a JSON body", None,
+                             "internal_error").body()
+
+
+async def run_batch(app, entries: list[BatchLine], out: IO[str], max_concurrency: int,
+                    progress: bool = True) -> BatchSummary:
+    """Run ``entries`` through ``app`` (its lifespan already entered and its engine ready), at most
+    ``max_concurrency`` requests at once, writing one output line per entry to ``out`` in order."""
+    import httpx
+    from tqdm import tqdm
+
+    settings = app.state.settings
+    # The batch's owner is trusted: it passes the server's own key check rather than skipping it.
+    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    summary, writer = BatchSummary(requests=len(entries)), OrderedWriter(out)
+    slots = asyncio.Semaphore(max_concurrency)
+    started = time.perf_counter()
+    bar = tqdm(total=len(entries), unit="req", desc="run_batch", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+
+    def done(index: int, entry: BatchLine, status: int, body: Any) -> None:
+        summary.statuses[status] = summary.statuses.get(status, 0) + 1
+        if status != 200:
+            summary.failed += 1
+        elif isinstance(body, dict) and isinstance(body.get("usage"), dict):
+            usage = body["usage"]  # chat/completions' names, or the Responses API's
+            summary.prompt_tokens += int(usage.get("prompt_tokens", usage.get("input_tokens")) or 0)
+            summary.completion_tokens += int(usage.get("completion_tokens", usage.get("output_tokens")) or 0)
+        writer.put(index, output_line(entry, status, body))
+        elapsed = time.perf_counter() - started
+        bar.set_postfix_str(f"{summary.completion_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+        bar.update()
+
+    async def run_one(client, index: int, entry: BatchLine) -> None:
+        try:
+            done(index, entry, *await post(client, entry))
+        finally:
+            slots.release()
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://run-batch", headers=headers,
+                                 timeout=None) as client:
+        tasks = []
+        for index, entry in enumerate(entries):
+            if entry.error is not None:
+                done(index, entry, entry.error.status, entry.error.body())
+                continue
+            await slots.acquire()  # bounded in flight: the engine batches these, the rest wait here
+            tasks.append(asyncio.create_task(run_one(client, index, entry)))
+        await asyncio.gather(*tasks)
+    bar.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from retnet.serve.__main__ import build_parser as build_serve_parser
+
+    parser = build_serve_parser()
+    parser.prog, parser.description = PROG, __doc__.split("\n\n")[0].split(": ", 1)[1]
+    parser.add_argument("-i", "--input-file", required=True,
+                        help="the requests, one JSON object a line (OpenAI's batch input format); - reads stdin")
+    parser.add_argument("-o", "--output-file", required=True,
+                        help="where the results go, one line per request in input order; - writes stdout")
+    parser.add_argument("--max-concurrency", type=int, default=None,
+                        help="requests in flight at once (default: --max-running, the engine's batch)")
+    return parser
+
+
+def _read_input(path: str) -> list[str]:
+    if path == "-":
+        return sys.stdin.read().splitlines()
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from retnet.serve.__main__ import settings_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args, PROG)
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        parser.error(f"--max-concurrency must be at least 1; got {args.max_concurrency}")
+    max_concurrency = args.max_concurrency or settings.max_running
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Everything a bad argument can break is checked before the model loads (seconds to minutes).
+    try:
+        text_lines = _read_input(args.input_file)
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.exit(2, f"{PROG}: cannot read the input file {args.input_file!r}: {exc}\n")
+    if not Path(settings.model).is_dir():
+        parser.exit(2, f"{PROG}: --model {settings.model!r} is not a directory (expected save_pretrained's output)\n")
+    try:
+        out = sys.stdout if args.output_file == "-" else open(args.output_file, "w", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        parser.exit(2, f"{PROG}: cannot write the output file {args.output_file!r}: {exc}\n")
+    try:
+        return asyncio.run(_run(settings, text_lines, out, max_concurrency, parser))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+async def _run(settings, text_lines: list[str], out: IO[str], max_concurrency: int, parser) -> int:
+    import retnet  # noqa: F401  (registers the Auto classes)
+    from retnet.serve.app import create_app
+
+    try:
+        app = create_app(settings)
+    except (OSError, ValueError) as exc:  # the tokenizer did not load from --model
+        parser.exit(2, f"{PROG}: cannot load {settings.model!r}: {exc}\n")
+    engine = app.state.engine
+    # The app's own lifespan: the engine starts here and is shut down (its thread joined) on the way out.
+    async with app.router.lifespan_context(app):
+        if not await asyncio.to_thread(engine.wait_ready, 600.0):
+            print(f"{PROG}: the engine did not start: {engine.dead or 'timed out after 600 s'}", file=sys.stderr)
+            return 1
+        entries = parse_lines(text_lines, served_urls(app))
+        summary = await run_batch(app, entries, out, max_concurrency)
+    print(summary.line(), file=sys.stderr)
+    if engine.dead:  # lines after the failure were answered 503: the file was not processed
+        print(f"{PROG}: {engine.dead}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

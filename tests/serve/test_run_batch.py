@@ -1,0 +1,142 @@
+"""``python -m retnet.serve.run_batch``: a real process on the micro model, its lines checked against what the
+in-process server answers for the same requests; and the engine batching a file's requests together."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retnet.serve.run_batch import parse_lines, run_batch, served_urls
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.anyio
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def line(custom_id, url, body, method="POST") -> str:
+    return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
+
+
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "retnet.serve.run_batch", *args], input=stdin, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def without_ids(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("id", "created")}
+
+
+def assert_same(got, want, where="body"):
+    """Equal, but for floats (logprobs) to 1e-4: a batch of other rows changes their last bits, not the tokens."""
+    if isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-4), where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for key in want:
+            assert_same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_same(a, b, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
+async def test_batch_file_matches_the_server(model_dir, tmp_path, open_app):
+    good = {
+        "chat-1": (CHAT, {"model": "micro", "messages": [{"role": "user", "content": "Hello world!"}],
+                          "max_tokens": 12, **GREEDY}),
+        "cmpl-1": (COMPLETIONS, {"prompt": "def add(a, b):", "max_tokens": 10, "logprobs": 2, **GREEDY}),
+        "chat-2": (CHAT, {"messages": [{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "How are you?"}], "max_tokens": 6, "n": 2,
+                          **GREEDY}),
+        "cmpl-2": (COMPLETIONS, {"prompt": ["for i in", "class Stack:"], "max_tokens": 8, "stop": ["\n"], **GREEDY}),
+    }
+    lines = [
+        line("chat-1", *good["chat-1"]),
+        line("cmpl-1", *good["cmpl-1"]),
+        '{"custom_id": "broken", "body": ',                                                    # line 3: not JSON
+        line("streamed", COMPLETIONS, {"prompt": "x", "stream": True}),
+        "",                                                                                    # blank: skipped
+        line("chat-1", COMPLETIONS, {"prompt": "again"}),                                      # duplicate custom_id
+        line("embed", "/v1/embeddings", {"input": "x"}),                                       # not a route here
+        line("chat-2", *good["chat-2"]),
+        line("bad-param", COMPLETIONS, {"prompt": "x", "temperature": -1}),                    # the server's 400
+        line("bad-model", CHAT, {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),  # its 404
+        line("cmpl-2", *good["cmpl-2"]),
+    ]
+    out = tmp_path / "results.jsonl"
+    # stdin in, a file out: both of the CLI's less obvious paths (`-`) and the ordinary one.
+    proc = run_cli("-i", "-", "-o", str(out), "--model", str(model_dir), "--served-model-name", "micro",
+                   "--log-level", "warning", "--max-concurrency", "4", stdin="\n".join(lines) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "run_batch: 10 requests, 6 failed" in proc.stderr  # the summary line
+    results = [json.loads(text) for text in out.read_text().splitlines()]
+
+    expected_ids = ["chat-1", "cmpl-1", None, "streamed", "chat-1", "embed", "chat-2", "bad-param", "bad-model",
+                    "cmpl-2"]
+    assert [r["custom_id"] for r in results] == expected_ids  # one line per request, in input order
+    assert len({r["id"] for r in results}) == len(results) and all(r["id"].startswith("batch_req_") for r in results)
+    failures = {  # position: (status, param, code)
+        2: (400, None, "invalid_json"),
+        3: (400, "stream", "unsupported_parameter"),
+        4: (400, "custom_id", "duplicate_custom_id"),
+        5: (400, "url", "unsupported_url"),
+        7: (400, "temperature", "greater_than_equal"),
+        8: (404, "model", "model_not_found"),
+    }
+    for i, result in enumerate(results):
+        response = result["response"]
+        assert response["request_id"]
+        if i not in failures:
+            assert response["status_code"] == 200 and result["error"] is None, result
+            continue
+        status, param, code = failures[i]
+        error = response["body"]["error"]
+        assert (response["status_code"], error["param"], error["code"]) == (status, param, code), result
+        assert result["error"] == {"code": code, "message": error["message"], "param": param,
+                                   "line": i + 1 + (i >= 4)}  # the blank line 5 still counts
+    assert "line 3" in results[2]["error"]["message"]
+
+    # Each good line's body is what the server answers for the same request, ids and times aside.
+    async with open_app() as client:
+        for i, custom_id in enumerate(expected_ids):
+            if custom_id in good and i not in failures:
+                url, body = good[custom_id]
+                direct = await client.post(url, json=body)
+                assert direct.status_code == 200
+                assert_same(without_ids(results[i]["response"]["body"]), without_ids(direct.json()), custom_id)
+
+
+def test_bad_arguments_exit_2(model_dir, tmp_path):
+    proc = run_cli("-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                   "--model", str(model_dir))
+    assert proc.returncode == 2
+    assert "cannot read the input file" in proc.stderr and "missing.jsonl" in proc.stderr
+    assert not (tmp_path / "out.jsonl").exists()  # nothing written, the model never loaded
+
+
+async def test_requests_are_decoded_together(open_app):
+    """A file's requests share decode steps: 8 requests of 24 tokens take far fewer steps than 8 × 24."""
+    requests, tokens = 8, 24
+    text = "\n".join(line(f"r{i}", COMPLETIONS, {"prompt": f"def f{i}(a, b):", "max_tokens": tokens, **GREEDY})
+                     for i in range(requests))
+    async with open_app() as client:
+        app = client.app
+        entries = parse_lines(text.splitlines(), served_urls(app))
+        out = io.StringIO()
+        summary = await run_batch(app, entries, out, max_concurrency=requests, progress=False)
+        samples = app.state.metrics.step.collect()[0].samples
+        steps = next(sample.value for sample in samples if sample.name.endswith("_count"))
+    assert (summary.requests, summary.failed, summary.completion_tokens) == (requests, 0, requests * tokens)
+    assert [json.loads(text)["custom_id"] for text in out.getvalue().splitlines()] == [f"r{i}" for i in range(requests)]
+    assert 0 < steps <= requests * tokens // 2, steps  # one at a time would take about requests × tokens
