@@ -1,0 +1,63 @@
+"""`retnet-lm-eval`: EleutherAI's lm-evaluation-harness (``lm_eval``) with RetNet registered.
+
+lm-eval's ``--model hf`` loads ``pretrained=`` with ``AutoModelForCausalLM``, which knows RetNet only once
+``retnet`` is imported (that import registers the Auto classes). This script imports it, then runs lm-eval's
+own command line with the arguments unchanged, so every lm-eval flag and subcommand works as documented::
+
+    retnet-lm-eval --model hf --model_args pretrained=runs/demo/export,dtype=float32 \\
+        --tasks hellaswag,arc_easy --device cpu --batch_size 8 --output_path results/
+    python -m retnet.harness ...        # the same
+    accelerate launch -m retnet.harness --model hf ...   # data parallel over GPUs, as lm-eval's docs do
+
+Against ``retnet-serve`` no registration is needed (``--model local-completions``; see the README), but the
+same script runs it too. Needs the ``[eval]`` extra (``pip install 'retnet-stack[eval]'``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from importlib import metadata
+
+import retnet  # noqa: F401  (registers RetNetConfig / RetNetForCausalLM with the Auto classes)
+
+# lm-eval's console scripts, as its package metadata names them (both point at one function in 0.4.x).
+_LM_EVAL_SCRIPTS = ("lm-eval", "lm_eval")
+
+
+def lm_eval_cli() -> Callable[[], object]:
+    """lm-eval's command-line entry point, found the way its own ``lm-eval`` script finds it: through the
+    installed distribution's ``console_scripts`` entry point (``lm_eval.__main__:cli_evaluate`` in 0.4.x), so a
+    release that moves the function still works. It reads its arguments from ``sys.argv``."""
+    try:
+        dist = metadata.distribution("lm_eval")
+    except metadata.PackageNotFoundError:
+        raise SystemExit("retnet-lm-eval needs lm-evaluation-harness, which is not installed: "
+                         "pip install 'retnet-stack[eval]' (or 'lm_eval[hf,api]>=0.4.10,<0.5')") from None
+    scripts = {ep.name: ep for ep in dist.entry_points if ep.group == "console_scripts"}
+    for name in _LM_EVAL_SCRIPTS:
+        if name in scripts:
+            return scripts[name].load()
+    raise SystemExit(f"lm_eval {dist.version} declares no console script named {' or '.join(_LM_EVAL_SCRIPTS)} "
+                     f"(it declares: {sorted(scripts) or 'none'}); expected lm_eval>=0.4.10,<0.5")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run lm-eval's CLI on ``argv`` (default: this process's own arguments), RetNet registered.
+
+    Exits as lm-eval does: status 0 after writing its table (and ``--output_path`` files), an exception or
+    ``SystemExit`` from it otherwise."""
+    cli = lm_eval_cli()
+    if argv is None:
+        cli()
+        return
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "retnet-lm-eval", *argv]
+    try:
+        cli()
+    finally:
+        sys.argv = saved
+
+
+if __name__ == "__main__":
+    main()
