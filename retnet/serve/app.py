@@ -25,6 +25,7 @@ from retnet.serve.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from retnet.serve.responses import ResponsesRequest, ResponsesServing
 from retnet.serve.serving import OpenAIServing
 from retnet.serve.settings import ServeSettings
 
@@ -32,7 +33,8 @@ logger = logging.getLogger("retnet.serve")
 
 # vLLM's tokenizer routes, outside /v1 as in vLLM, behind the same API key.
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES)
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
+          *TOKENIZER_ROUTES)
 # pydantic's names for union members in an error's location; they are not fields.
 _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
@@ -49,6 +51,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     metrics = ServeMetrics()
     engine = Engine(settings, tokenizer, metrics, model=model)
     serving = OpenAIServing(settings, engine, tokenizer, metrics)
+    responses = ResponsesServing(serving)  # OpenAI's Responses API, translated onto the chat handler
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -109,6 +112,10 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     @app.post("/v1/chat/completions", dependencies=json_body)
     async def chat_completions(request: ChatCompletionRequest, raw: Request):
         return await serving.chat(request, raw)
+
+    @app.post("/v1/responses", dependencies=json_body)
+    async def create_response(request: ResponsesRequest, raw: Request):
+        return await responses.create(request, raw)
 
     @app.post("/tokenize", dependencies=json_body)
     async def tokenize(request: TokenizeRequest):

@@ -297,6 +297,14 @@ class OpenAIServing:
         return any(tag in special for tag in calling.text_parser().tags())
 
     async def chat(self, request: ChatCompletionRequest, raw: Request):
+        run = await self.start_chat(request)
+        if request.stream:
+            return self._stream((sse(chunk) async for chunk in self.chat_chunks(request, run)), run.handle)
+        return JSONResponse(dump(await self.chat_response(request, run, raw)))
+
+    async def start_chat(self, request: ChatCompletionRequest) -> ChatRun:
+        """Check the request, template and tokenize its conversation, and submit it to the engine (the Responses
+        API's route runs its requests through here too, translated: retnet.serve.responses)."""
         self._check_common(request)
         _check_content_parts(request)
         _check_chat_features(request)
@@ -335,8 +343,11 @@ class OpenAIServing:
         except BaseException:
             self._release_session(request, session)
             raise
-        if request.stream:
-            return self._stream(self._chat_chunks(request, handle, calling), handle)
+        return ChatRun(handle, calling, prompt)
+
+    async def chat_response(self, request: ChatCompletionRequest, run: ChatRun, raw: Request) -> ChatCompletionResponse:
+        """The whole response of a started chat (a client gone meanwhile cancels it: 499)."""
+        handle, calling, prompt = run.handle, run.calling, run.prompt
         outputs = await self._collect(handle, raw)
         choices = []
         for index, seq in enumerate(outputs):
@@ -362,7 +373,7 @@ class OpenAIServing:
                                           usage=self._usage(handle, outputs), session_id=request.session_id,
                                           prompt_logprobs=_prompt_logprobs(outputs[0][0].prompt_logprobs,
                                                                            request.prompt_logprobs))
-        return JSONResponse(dump(response))
+        return response
 
     def _chat_prompt(self, request: ChatCompletionRequest, continues: bool = False) -> tuple[list[int], int | None]:
         """Token ids of the templated conversation, checked, and the offset where its last message starts (the
@@ -436,16 +447,17 @@ class OpenAIServing:
             self.bos_per_turn = text.count(self.tokenizer.bos_token) > 1
         return self.bos_per_turn
 
-    async def _chat_chunks(self, request: ChatCompletionRequest, handle: RequestHandle,
-                           calling: ToolCalling | None = None) -> AsyncIterator[str]:
-        """``calling``: each choice's text is held, and sent when it ends as its calls, in one chunk (or as
-        content, cut short: no whole JSON to read calls from); with a parser ("auto") the content streams as it
-        is decided, and each call is sent whole in one chunk when it closes."""
+    async def chat_chunks(self, request: ChatCompletionRequest, run: ChatRun) -> AsyncIterator[dict]:
+        """A started chat's stream, each chunk's JSON before its SSE framing. With tool calls (``run.calling``)
+        each choice's text is held, and sent when it ends as its calls, in one chunk (or as content, cut short:
+        no whole JSON to read calls from); with a parser ("auto") the content streams as it is decided, and each
+        call is sent whole in one chunk when it closes."""
+        handle, calling = run.handle, run.calling
         rid, created = random_id("chatcmpl"), int(time.time())
         usage_opt, continuous = _usage_options(request)
         total = 0
 
-        def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> str:
+        def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> dict:
             if continuous and usage is None:
                 usage = self._usage_counts(handle, total)
             data = dump(ChatCompletionChunk(id=rid, created=created, model=self.model_name,
@@ -455,7 +467,7 @@ class OpenAIServing:
                 data.pop("usage", None)
             for item in data["choices"]:
                 item["delta"] = {key: value for key, value in item["delta"].items() if value is not None}
-            return sse(data)
+            return data
 
         echo = _chat_echo(request)
         for index in range(handle.num_choices):
@@ -821,6 +833,15 @@ class OpenAIServing:
     def _decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
             return self.tokenizer.decode([i for i in ids if i < self.engine.vocab_size])
+
+
+@dataclass(slots=True)
+class ChatRun:
+    """A chat request submitted to the engine: its handle, its tool calling (None: free text) and prompt ids."""
+
+    handle: RequestHandle
+    calling: ToolCalling | None
+    prompt: list[int]
 
 
 class EngineStreamingResponse(StreamingResponse):

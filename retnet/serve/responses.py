@@ -1,0 +1,462 @@
+"""OpenAI's Responses API, ``POST /v1/responses``, as a translation onto the chat machinery (as vLLM serves it).
+
+A request becomes a :class:`~retnet.serve.protocol.ChatCompletionRequest`: ``instructions`` a system message
+first, ``input`` (a string, or message / ``function_call`` / ``function_call_output`` items) the conversation,
+``max_output_tokens`` chat's ``max_completion_tokens``, ``text.format`` its ``response_format``, the function tools
+and ``tool_choice`` chat's. The chat handler runs it (templating, sampling, structured output, tool calls,
+cancellation are all its own), and its result, whole or chunk by chunk, is reshaped here as a Response object or
+the Responses stream's events (``event: <type>`` / ``data: {json}``, each with its ``sequence_number``).
+
+Nothing is stored: ``previous_response_id``, ``conversation``, ``background`` and the other stateful or
+hosted features are refused by name (400 ``unsupported_parameter``), as is any field this module does not know.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from retnet.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    _drop_nulls,
+    _refuse_bool_number,
+    _refuse_lone_surrogates,
+)
+from retnet.serve.serving import SSE_HEADERS, ChatRun, EngineStreamingResponse, OpenAIServing
+
+# The chat route's sampling extras a Responses request may send too (the official client: ``extra_body``); they
+# reach the chat request as they are, and are checked there.
+CHAT_EXTRAS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
+               "logit_bias", "ignore_eos", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids",
+               "chat_template_kwargs")
+# Responses fields that change nothing here, beside the declared metadata, user and store: accepted and ignored.
+IGNORED_FIELDS = ("safety_identifier", "prompt_cache_key", "service_tier")
+# Responses features this server does not run, each with the value that changes nothing (what passes; null
+# always does). store: true is accepted, but nothing is stored, so nothing can be continued or fetched.
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "previous_response_id": None, "conversation": None, "prompt": None, "reasoning": None, "background": False,
+    "include": [], "truncation": "disabled", "max_tool_calls": None, "top_logprobs": 0, "stream_options": None,
+}
+_ROLES = ("user", "system", "developer", "assistant")
+_TEXT_PARTS = ("input_text", "output_text")
+_FORMATS = ("text", "json_object", "json_schema")
+
+
+class ResponsesRequest(BaseModel):
+    """The Responses request fields this server reads; every other field is in ``model_extra`` and checked by
+    :func:`to_chat_request` (a chat extra, or refused by name)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    _null_means_default = model_validator(mode="before")(_drop_nulls)
+
+    @field_validator("max_output_tokens", "temperature", "top_p", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any) -> Any:
+        return _refuse_bool_number(value)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_lone_surrogates(value, info)
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    stream: bool = False
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    store: bool = True
+    # UNSUPPORTED_FIELDS: declared so that they are refused by name unless at their no-op value.
+    previous_response_id: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    reasoning: Any = None
+    background: Any = None
+    include: Any = None
+    truncation: Any = None
+    max_tool_calls: Any = None
+    top_logprobs: Any = None
+    stream_options: Any = None
+
+
+def _unsupported(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param, "unsupported_parameter")
+
+
+def to_chat_request(request: ResponsesRequest) -> tuple[ChatCompletionRequest, list[str]]:
+    """The chat request that runs ``request``, and for each of its messages the Responses field it came from
+    (``instructions``, ``input``, ``input[2]`` ...), to name it in the chat handler's errors."""
+    for name, no_op in UNSUPPORTED_FIELDS.items():
+        value = getattr(request, name)
+        if value is not None and not (value == no_op and isinstance(value, bool) == isinstance(no_op, bool)):
+            raise _unsupported(name, f"not supported by this server (only {json.dumps(no_op)} or null is "
+                               f"accepted); got {json.dumps(value)[:80]}")
+    extras = {}
+    for name, value in (request.model_extra or {}).items():
+        if name in CHAT_EXTRAS:
+            extras[name] = value
+        elif name not in IGNORED_FIELDS:
+            raise _unsupported(name, "not a parameter of the Responses API this server supports")
+    messages, origins = _messages(request)
+    body = {
+        "model": request.model, "messages": messages, "max_completion_tokens": request.max_output_tokens,
+        "temperature": request.temperature, "top_p": request.top_p, "stream": request.stream,
+        "stream_options": {"include_usage": True} if request.stream else None,
+        "response_format": _response_format(request.text), "parallel_tool_calls": request.parallel_tool_calls,
+        **_tools(request), **extras,
+    }
+    try:
+        return ChatCompletionRequest.model_validate(body), origins
+    except ValidationError as exc:  # a chat extra of the wrong type or range (the rest was checked above)
+        error = exc.errors()[0]
+        param = str(error["loc"][0]) if error["loc"] else None
+        raise APIError(400, f"{param}: {error['msg']} (got {repr(error.get('input'))[:80]})", param,
+                       error["type"]) from None
+
+
+def _messages(request: ResponsesRequest) -> tuple[list[dict[str, Any]], list[str]]:
+    messages: list[dict[str, Any]] = []
+    origins: list[str] = []
+    if request.instructions is not None:
+        messages.append({"role": "system", "content": request.instructions})
+        origins.append("instructions")
+    if isinstance(request.input, str):
+        messages.append({"role": "user", "content": request.input})
+        origins.append("input")
+        return messages, origins
+    if not request.input and not messages:
+        raise APIError(400, "input: at least one input item is needed", "input", "empty_prompt")
+    for i, item in enumerate(request.input):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _ROLES:
+                raise APIError(400, f"{where}.role must be one of {', '.join(_ROLES)}; got {role!r}", f"{where}.role")
+            messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            call = {"id": _string(item, "call_id", where), "type": "function",
+                    "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
+            if messages and messages[-1]["role"] == "assistant":  # the calls of the answer whose text came first
+                messages[-1].setdefault("tool_calls", []).append(call)
+                continue
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+                             "content": _text(item.get("output"), f"{where}.output")})
+        else:
+            raise _unsupported(f"{where}.type", "only message, function_call and function_call_output input items "
+                               f"are supported; got {kind!r}")
+        origins.append(where)
+    return messages, origins
+
+
+def _string(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise APIError(400, f"{where}.{key}: a {item.get('type')} item needs a string {key!r}", f"{where}.{key}",
+                       "missing")
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's (or a call output's) text: a string, or text parts; images, files and audio are refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, f"{where} must be a string or a list of input_text parts", where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS:
+            raise APIError(400, f"{where}[{j}].type: only text parts (input_text, output_text) are supported; got "
+                           f"{kind!r}", f"{where}[{j}].type", "unsupported_content_type")
+        if not isinstance(part.get("text"), str):
+            raise APIError(400, f"{where}[{j}].text: a text part needs a string 'text'", f"{where}[{j}].text",
+                           "missing")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``text.format`` as chat's ``response_format`` (its grammar is compiled by the chat handler)."""
+    text = text or {}
+    verbosity = text.get("verbosity")
+    if verbosity not in (None, "medium"):
+        raise _unsupported("text.verbosity", f"only 'medium' (the default) is supported; got {verbosity!r}")
+    unknown = sorted(set(text) - {"format", "verbosity"})
+    if unknown:
+        raise _unsupported(f"text.{unknown[0]}", "not supported")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in _FORMATS:
+        raise APIError(400, f"text.format.type must be one of {', '.join(_FORMATS)}; got {kind!r}",
+                       "text.format.type", "invalid_grammar")
+    if kind != "json_schema":
+        return {"type": kind}
+    if not isinstance(fmt.get("name"), str) or not fmt["name"]:
+        raise APIError(400, "text.format.name: a json_schema format needs a name", "text.format.name", "missing")
+    if not isinstance(fmt.get("schema"), dict):
+        raise APIError(400, "text.format.schema: a json_schema format needs a JSON schema object",
+                       "text.format.schema", "missing")
+    spec = {key: fmt[key] for key in ("name", "schema", "description", "strict") if key in fmt}
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _tools(request: ResponsesRequest) -> dict[str, Any]:
+    """Function tools (``{"type": "function", "name", "parameters", ...}``) and ``tool_choice`` in chat's shape;
+    hosted tools (web search, file search ...) are refused by name."""
+    tools = []
+    for i, tool in enumerate(request.tools or ()):
+        if tool.get("type") != "function":
+            raise _unsupported(f"tools[{i}].type", f"only function tools are supported; got {tool.get('type')!r}")
+        tools.append({"type": "function", "function": {key: tool[key] for key in ("name", "description", "parameters",
+                                                                                  "strict") if key in tool}})
+    choice = request.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function":
+            raise _unsupported("tool_choice", f"only 'none', 'auto', 'required' or {{\"type\": \"function\", "
+                               f"\"name\": ...}} are supported; got {json.dumps(choice)[:80]}")
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    return {"tools": tools or None, "tool_choice": choice}
+
+
+# Chat's names for what a Responses request calls otherwise, in the chat handler's errors.
+_RENAMES = (
+    (re.compile(r"\bresponse_format\.json_schema\.schema\b"), "text.format.schema"),
+    (re.compile(r"\bresponse_format(\.json_schema)?\b"), "text.format"),
+    (re.compile(r"\bmax_(completion_)?tokens\b"), "max_output_tokens"),
+    (re.compile(r"\btools\[(\d+)\]\.function\."), r"tools[\1]."),
+    (re.compile(r'\{"type": "function", "function": \{"name": \.\.\.\}\}'), '{"type": "function", "name": ...}'),
+)
+
+
+def _rename(text: str, origins: list[str]) -> str:
+    for pattern, replacement in _RENAMES:
+        text = pattern.sub(replacement, text)
+    return re.sub(r"\bmessages\[(\d+)\]", lambda m: origins[int(m[1])] if int(m[1]) < len(origins) else m[0], text)
+
+
+def _renamed(exc: APIError, origins: list[str]) -> APIError:
+    param = exc.param
+    if param is not None:
+        param = "input" if param == "messages" else _rename(param, origins)
+    return APIError(exc.status, _rename(exc.message, origins), param, exc.code, exc.type, exc.headers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The handler
+# ----------------------------------------------------------------------------------------------------------
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponsesServing:
+    """``POST /v1/responses`` over an :class:`OpenAIServing`'s chat handler."""
+
+    def __init__(self, serving: OpenAIServing):
+        self.serving = serving
+
+    async def create(self, request: ResponsesRequest, raw: Request):
+        chat, origins = to_chat_request(request)
+        try:
+            run = await self.serving.start_chat(chat)
+        except APIError as exc:
+            raise _renamed(exc, origins) from None
+        shape = _Shape(request, self.serving.model_name)
+        if request.stream:
+            return _stream(self._events(chat, run, shape, origins), run)
+        try:
+            result = await self.serving.chat_response(chat, run, raw)
+        except APIError as exc:
+            raise _renamed(exc, origins) from None
+        return JSONResponse(shape.from_chat(result))
+
+    async def _events(self, chat: ChatCompletionRequest, run: ChatRun, shape: _Shape, origins: list[str]):
+        """The Responses stream of a started chat: its chunks as items opened, filled and closed."""
+        events = _Events(shape)
+        yield events.emit("response.created", response=shape.response([], "in_progress"))
+        yield events.emit("response.in_progress", response=shape.response([], "in_progress"))
+        finish, usage = None, None
+        try:
+            async for chunk in self.serving.chat_chunks(chat, run):
+                usage = chunk.get("usage") or usage
+                for choice in chunk["choices"]:
+                    delta = choice["delta"]
+                    if delta.get("content"):
+                        for event in events.text(delta["content"]):
+                            yield event
+                    for call in delta.get("tool_calls") or ():
+                        for event in events.call(call["id"], call["function"]["name"], call["function"]["arguments"]):
+                            yield event
+                    finish = choice.get("finish_reason") or finish
+        except APIError as exc:  # the engine failed mid-stream: OpenAI's error event, then the failed response
+            exc = _renamed(exc, origins)
+            yield events.emit("error", code=exc.code, message=exc.message, param=exc.param)
+            failed = shape.response(events.output, "failed")
+            failed["error"] = {"code": "server_error", "message": exc.message}
+            yield events.emit("response.failed", response=failed)
+            return
+        if not events.output:  # nothing generated: an empty message, as the whole response has
+            for event in events.text(""):
+                yield event
+        for event in events.close_message(_status(finish)):
+            yield event
+        status = _status(finish)
+        final = shape.response(events.output, status, _usage(usage))
+        yield events.emit("response.completed" if status == "completed" else "response.incomplete", response=final)
+
+
+def _stream(events, run: ChatRun) -> EngineStreamingResponse:
+    """SSE of the events; the engine's work is cancelled unless the whole stream was sent (the chat stream's
+    rule: a client that leaves frees its slot)."""
+
+    async def body():
+        async for event in events:
+            yield event
+        response.finished = True
+
+    response = EngineStreamingResponse(body(), run.handle, media_type="text/event-stream", headers=SSE_HEADERS)
+    return response
+
+
+def _status(finish: str | None) -> Literal["completed", "incomplete"]:
+    return "incomplete" if finish == "length" else "completed"
+
+
+def _usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Chat's usage in the Responses shape (no reasoning tokens: the model has no separate reasoning)."""
+    if usage is None:
+        return None
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"]}
+
+
+def _message_item(text: str, status: str) -> dict[str, Any]:
+    return {"type": "message", "id": _id("msg"), "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def _call_item(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"type": "function_call", "id": _id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+class _Shape:
+    """The Response object of one request: its id, creation time and the request's settings it echoes."""
+
+    def __init__(self, request: ResponsesRequest, model: str):
+        self.id, self.created_at, self.request, self.model = _id("resp"), int(time.time()), request, model
+
+    def response(self, output: list[dict[str, Any]], status: str, usage: dict[str, Any] | None = None) -> dict:
+        r = self.request
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": r.instructions, "max_output_tokens": r.max_output_tokens, "model": self.model,
+            "output": copy.deepcopy(output), "parallel_tool_calls": r.parallel_tool_calls,
+            "previous_response_id": None, "reasoning": None, "temperature": r.temperature,
+            "text": {"format": (r.text or {}).get("format") or {"type": "text"}},
+            "tool_choice": r.tool_choice or "auto",
+            "tools": r.tools or [], "top_p": r.top_p, "truncation": "disabled", "usage": usage,
+            "user": r.user, "metadata": r.metadata or {}, "background": False,
+        }
+
+    def from_chat(self, result: ChatCompletionResponse) -> dict:
+        """The whole Response of a chat result: a message item (its text) unless the answer is calls alone, then a
+        function_call item a call."""
+        choice = result.choices[0]
+        message, finish = choice.message, choice.finish_reason
+        output = []
+        if message.content or not message.tool_calls:
+            output.append(_message_item(message.content or "", _status(finish)))
+        for call in message.tool_calls or ():
+            output.append(_call_item(call.id, call.function.name, call.function.arguments, "completed"))
+        return self.response(output, _status(finish), _usage(result.usage.model_dump()))
+
+
+class _Events:
+    """The stream's events, numbered, and the output items they have built so far."""
+
+    def __init__(self, shape: _Shape):
+        self.shape, self.sequence = shape, 0
+        self.output: list[dict[str, Any]] = []
+        self.message: dict[str, Any] | None = None  # the message item being written, if any
+
+    def emit(self, kind: str, **fields) -> str:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def _where(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {"item_id": item["id"], "output_index": self.output.index(item)}
+
+    def text(self, delta: str):
+        if self.message is None:
+            self.message = item = _message_item("", "in_progress")
+            item["content"] = []
+            self.output.append(item)
+            yield self.emit("response.output_item.added", output_index=len(self.output) - 1, item=copy.deepcopy(item))
+            part = {"type": "output_text", "text": "", "annotations": []}
+            item["content"].append(part)
+            yield self.emit("response.content_part.added", **self._where(item), content_index=0, part=dict(part))
+        if delta:
+            self.message["content"][0]["text"] += delta
+            yield self.emit("response.output_text.delta", **self._where(self.message), content_index=0, delta=delta,
+                            logprobs=[])
+
+    def close_message(self, status: str):
+        item, self.message = self.message, None
+        if item is None:
+            return
+        part = item["content"][0]
+        yield self.emit("response.output_text.done", **self._where(item), content_index=0, text=part["text"],
+                        logprobs=[])
+        yield self.emit("response.content_part.done", **self._where(item), content_index=0, part=dict(part))
+        item["status"] = status
+        yield self.emit("response.output_item.done", output_index=self.output.index(item), item=copy.deepcopy(item))
+
+    def call(self, call_id: str, name: str, arguments: str):
+        """A call arrives whole (chat sends each in one chunk): its item opened, its arguments in one delta, closed."""
+        yield from self.close_message("completed")
+        item = _call_item(call_id, name, "", "in_progress")
+        self.output.append(item)
+        index = len(self.output) - 1
+        yield self.emit("response.output_item.added", output_index=index, item=dict(item))
+        yield self.emit("response.function_call_arguments.delta", **self._where(item), delta=arguments)
+        item["arguments"], item["status"] = arguments, "completed"
+        yield self.emit("response.function_call_arguments.done", **self._where(item), name=name, arguments=arguments)
+        yield self.emit("response.output_item.done", output_index=index, item=dict(item))
+
+
+__all__ = ["ResponsesRequest", "ResponsesServing", "to_chat_request"]
