@@ -24,8 +24,7 @@ import pytest
 import torch
 
 import retnet  # noqa: F401  (registers the Auto classes)
-from retnet.model import RetNetConfig, RetNetForCausalLM
-from tests.serve.conftest import CORPUS, ServerProcess
+from tests.serve.conftest import CORPUS, ServerProcess, save_micro_model
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 4  # hf: padded batches of 4; local-completions: 4 prompts per request (retnet-serve allows 16)
@@ -52,16 +51,7 @@ def export_dir(tmp_path_factory) -> Path:
     from retnet.tokenization import train_byte_level_bpe
 
     path = tmp_path_factory.mktemp("harness-export")
-    tokenizer = train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1)
-    config = RetNetConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, chunk_size=16,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.2,  # logits far from ties (see tests/serve/conftest.py)
-    )
-    torch.manual_seed(0)
-    RetNetForCausalLM(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_micro_model(path, train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1))
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,11 @@ def model_dir(tmp_path_factory) -> Path:
     from retnet.tokenization import train_byte_level_bpe
 
     path = tmp_path_factory.mktemp("retnet-micro")
-    tokenizer = train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1)
+    return save_micro_model(path, train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1))
+
+
+def save_micro_model(path: Path, tokenizer) -> Path:
+    """A micro random RetNet (seed 0) for ``tokenizer``, saved with it in ``path`` as a training run exports."""
     config = RetNetConfig(
         vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, chunk_size=16,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -47,8 +51,7 @@ def model_dir(tmp_path_factory) -> Path:
         initializer_range=0.2,
     )
     torch.manual_seed(0)
-    model = RetNetForCausalLM(config).eval()
-    model.save_pretrained(path)
+    RetNetForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

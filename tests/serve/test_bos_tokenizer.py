@@ -5,11 +5,10 @@ vLLM's ``add_special_tokens`` decides whether a prompt gets the BOS."""
 import json
 
 import pytest
-import torch
 from tokenizers import processors
 
-from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.tokenization import train_byte_level_bpe, wrap_tokenizer
+from tests.serve.conftest import save_micro_model
 
 pytestmark = pytest.mark.anyio
 
@@ -42,13 +41,7 @@ def model_dir(tmp_path_factory):
     tokenizer = wrap_tokenizer(backend)
     tokenizer.bos_token = BOS
     assert tokenizer.encode("Hi")[0] == bos
-    config = RetNetConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          chunk_size=16, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
-    torch.manual_seed(0)
-    RetNetForCausalLM(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_micro_model(path, tokenizer)
 
 
 def sse_choice(text: str) -> dict:

@@ -8,8 +8,8 @@ import httpx
 import pytest
 import torch
 
-from retnet.model import RetNetConfig, RetNetForCausalLM
-from tests.serve.conftest import serve_app
+from retnet.model import RetNetForCausalLM
+from tests.serve.conftest import save_micro_model, serve_app
 from tests.serve.test_sentencepiece import sentencepiece_tokenizer
 
 pytestmark = pytest.mark.anyio
@@ -262,14 +262,7 @@ async def test_skip_special_tokens_and_spaces_between_them_must_be_booleans(clie
 def llama2_dir(tmp_path_factory):
     """A micro model with Llama 2's SentencePiece-style tokenizer (``<s>`` before a text, ``▁`` a space)."""
     path = tmp_path_factory.mktemp("retnet-llama2")
-    tokenizer = sentencepiece_tokenizer("llama2")
-    config = RetNetConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          chunk_size=16, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
-    torch.manual_seed(0)
-    RetNetForCausalLM(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_micro_model(path, sentencepiece_tokenizer("llama2"))
 
 
 async def test_skip_special_tokens_false_keeps_the_space_after_a_special_token(llama2_dir):
