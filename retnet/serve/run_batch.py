@@ -1,4 +1,4 @@
-"""``python -m retnet.serve.run_batch -i requests.jsonl -o results.jsonl --model DIR``: offline batch inference.
+"""``retnet-run-batch -i requests.jsonl -o results.jsonl --model DIR``: offline batch inference.
 
 OpenAI's batch file format, as vLLM's ``vllm.entrypoints.openai.run_batch`` reads and writes it. Each input line is
 ``{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions", "body": {...}}``; each output line, in input
@@ -24,7 +24,7 @@ from typing import IO, Any
 from retnet.serve.protocol import APIError
 
 logger = logging.getLogger("retnet.serve.run_batch")
-PROG = "python -m retnet.serve.run_batch"
+PROG = "retnet-run-batch"
 
 
 @dataclass

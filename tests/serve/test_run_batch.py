@@ -25,10 +25,13 @@ def line(custom_id, url, body, method="POST") -> str:
     return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
 
 
-def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: str = "", script: bool = False) -> subprocess.CompletedProcess:
+    """``python -m retnet.serve.run_batch``, or with ``script`` the installed ``retnet-run-batch``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "retnet.serve.run_batch", *args], input=stdin, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    command = [str(Path(sys.executable).parent / "retnet-run-batch")] if script else \
+        [sys.executable, "-m", "retnet.serve.run_batch"]
+    return subprocess.run([*command, *args], input=stdin, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def without_ids(body: dict) -> dict:
@@ -119,9 +122,9 @@ async def test_batch_file_matches_the_server(model_dir, tmp_path, open_app):
 
 def test_bad_arguments_exit_2(model_dir, tmp_path):
     proc = run_cli("-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "out.jsonl"),
-                   "--model", str(model_dir))
+                   "--model", str(model_dir), script=True)
     assert proc.returncode == 2
-    assert "cannot read the input file" in proc.stderr and "missing.jsonl" in proc.stderr
+    assert proc.stderr.startswith("retnet-run-batch: cannot read the input file") and "missing.jsonl" in proc.stderr
     assert not (tmp_path / "out.jsonl").exists()  # nothing written, the model never loaded
 
 
