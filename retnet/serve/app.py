@@ -7,9 +7,11 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from contextlib import asynccontextmanager
+from typing import Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +27,7 @@ from retnet.serve.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from retnet.serve.response_store import ResponseStore
 from retnet.serve.responses import ResponsesRequest, ResponsesServing
 from retnet.serve.serving import OpenAIServing
 from retnet.serve.settings import ServeSettings
@@ -33,8 +36,11 @@ logger = logging.getLogger("retnet.serve")
 
 # vLLM's tokenizer routes, outside /v1 as in vLLM, behind the same API key.
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
-          *TOKENIZER_ROUTES)
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/responses/{response_id}",
+          "/v1/responses/{response_id}/input_items", "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES)
+# Routes with an id in the path, counted by their template (one label per route, not per id).
+_ROUTE_TEMPLATES = tuple((re.compile("^" + re.sub(r"\{\w+\}", "[^/]+", route) + "$"), route)
+                         for route in ROUTES if "{" in route)
 # pydantic's names for union members in an error's location; they are not fields.
 _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
@@ -51,7 +57,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     metrics = ServeMetrics()
     engine = Engine(settings, tokenizer, metrics, model=model)
     serving = OpenAIServing(settings, engine, tokenizer, metrics)
-    responses = ResponsesServing(serving)  # OpenAI's Responses API, translated onto the chat handler
+    # OpenAI's Responses API, translated onto the chat handler; finished responses kept for previous_response_id.
+    responses = ResponsesServing(serving, ResponseStore(settings.responses_store_entries, settings.responses_store_bytes))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -116,6 +123,19 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     @app.post("/v1/responses", dependencies=json_body)
     async def create_response(request: ResponsesRequest, raw: Request):
         return await responses.create(request, raw)
+
+    @app.get("/v1/responses/{response_id}", dependencies=auth)
+    async def retrieve_response(response_id: str):
+        return responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}", dependencies=auth)
+    async def delete_response(response_id: str):
+        return responses.delete(response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items", dependencies=auth)
+    async def list_input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
+                               order: Literal["asc", "desc"] = "desc", after: str | None = None):
+        return responses.input_items(response_id, limit, order, after)
 
     @app.post("/tokenize", dependencies=json_body)
     async def tokenize(request: TokenizeRequest):
@@ -283,6 +303,13 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+def _route(path: str) -> str:
+    """The metrics label of ``path``: the route it calls (a template for one with an id), else ``other``."""
+    if path in ROUTES:
+        return path
+    return next((route for pattern, route in _ROUTE_TEMPLATES if pattern.match(path)), "other")
+
+
 class MetricsMiddleware:
     """Count requests by route and status code."""
 
@@ -292,7 +319,7 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = _route(scope["path"])
         status = {"code": 500}
 
         async def capture(message):

@@ -7,8 +7,11 @@ and ``tool_choice`` chat's. The chat handler runs it (templating, sampling, stru
 cancellation are all its own), and its result, whole or chunk by chunk, is reshaped here as a Response object or
 the Responses stream's events (``event: <type>`` / ``data: {json}``, each with its ``sequence_number``).
 
-Nothing is stored: ``previous_response_id``, ``conversation``, ``background`` and the other stateful or
-hosted features are refused by name (400 ``unsupported_parameter``), as is any field this module does not know.
+With ``store`` (the default) a finished response is kept (:mod:`retnet.serve.response_store`): ``GET`` /
+``DELETE /v1/responses/{id}``, its ``input_items``, and ``previous_response_id``, which puts the stored
+conversation (its input and output items, not its ``instructions``) before the request's ``input``.
+``conversation``, ``background`` and the other hosted features are refused by name (400
+``unsupported_parameter``), as is any field this module does not know.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import Request
@@ -40,6 +44,7 @@ from retnet.serve.protocol import (
     _refuse_bool_number,
     _refuse_lone_surrogates,
 )
+from retnet.serve.response_store import ResponseStore
 from retnet.serve.serving import SSE_HEADERS, ChatRun, EngineStreamingResponse, OpenAIServing
 
 # The chat route's sampling extras a Responses request may send too (the official client: ``extra_body``); they
@@ -50,9 +55,9 @@ CHAT_EXTRAS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty
 # Responses fields that change nothing here, beside the declared metadata, user and store: accepted and ignored.
 IGNORED_FIELDS = ("safety_identifier", "prompt_cache_key", "service_tier")
 # Responses features this server does not run, each with the value that changes nothing (what passes; null
-# always does). store: true is accepted, but nothing is stored, so nothing can be continued or fetched.
+# always does).
 UNSUPPORTED_FIELDS: dict[str, Any] = {
-    "previous_response_id": None, "conversation": None, "prompt": None, "reasoning": None, "background": False,
+    "conversation": None, "prompt": None, "reasoning": None, "background": False,
     "include": [], "truncation": "disabled", "max_tool_calls": None, "top_logprobs": 0, "stream_options": None,
 }
 _ROLES = ("user", "system", "developer", "assistant")
@@ -92,8 +97,8 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = None
     user: str | None = None
     store: bool = True
+    previous_response_id: str | None = None
     # UNSUPPORTED_FIELDS: declared so that they are refused by name unless at their no-op value.
-    previous_response_id: Any = None
     conversation: Any = None
     prompt: Any = None
     reasoning: Any = None
@@ -109,9 +114,12 @@ def _unsupported(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param, "unsupported_parameter")
 
 
-def to_chat_request(request: ResponsesRequest) -> tuple[ChatCompletionRequest, list[str]]:
-    """The chat request that runs ``request``, and for each of its messages the Responses field it came from
-    (``instructions``, ``input``, ``input[2]`` ...), to name it in the chat handler's errors."""
+def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]] = ()) -> tuple[
+        ChatCompletionRequest, list[str]]:
+    """The chat request that runs ``request`` after ``history`` (the stored conversation its
+    ``previous_response_id`` continues, as Responses items), and for each of its messages the Responses field it
+    came from (``instructions``, ``input``, ``input[2]``, ``previous_response_id`` ...), to name it in the chat
+    handler's errors."""
     for name, no_op in UNSUPPORTED_FIELDS.items():
         value = getattr(request, name)
         if value is not None and not (value == no_op and isinstance(value, bool) == isinstance(no_op, bool)):
@@ -123,7 +131,7 @@ def to_chat_request(request: ResponsesRequest) -> tuple[ChatCompletionRequest, l
             extras[name] = value
         elif name not in IGNORED_FIELDS:
             raise _unsupported(name, "not a parameter of the Responses API this server supports")
-    messages, origins = _messages(request)
+    messages, origins = _messages(request, history)
     body = {
         "model": request.model, "messages": messages, "max_completion_tokens": request.max_output_tokens,
         "temperature": request.temperature, "top_p": request.top_p, "stream": request.stream,
@@ -140,20 +148,20 @@ def to_chat_request(request: ResponsesRequest) -> tuple[ChatCompletionRequest, l
                        error["type"]) from None
 
 
-def _messages(request: ResponsesRequest) -> tuple[list[dict[str, Any]], list[str]]:
+def _messages(request: ResponsesRequest, history: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     messages: list[dict[str, Any]] = []
     origins: list[str] = []
     if request.instructions is not None:
         messages.append({"role": "system", "content": request.instructions})
         origins.append("instructions")
     if isinstance(request.input, str):
-        messages.append({"role": "user", "content": request.input})
-        origins.append("input")
-        return messages, origins
-    if not request.input and not messages:
+        items = [("input", {"role": "user", "content": request.input})]
+    else:
+        items = [(f"input[{i}]", item) for i, item in enumerate(request.input)]
+    if not items and not messages and not history:
         raise APIError(400, "input: at least one input item is needed", "input", "empty_prompt")
-    for i, item in enumerate(request.input):
-        where = f"input[{i}]"
+    # The stored items were checked when their request came: only an error of the whole prompt can name them.
+    for where, item in [*(("previous_response_id", item) for item in history), *items]:
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
@@ -280,27 +288,60 @@ def _id(prefix: str) -> str:
 
 
 class ResponsesServing:
-    """``POST /v1/responses`` over an :class:`OpenAIServing`'s chat handler."""
+    """``POST /v1/responses`` over an :class:`OpenAIServing`'s chat handler, and the stored responses' routes."""
 
-    def __init__(self, serving: OpenAIServing):
-        self.serving = serving
+    def __init__(self, serving: OpenAIServing, store: ResponseStore):
+        self.serving, self.store = serving, store
 
     async def create(self, request: ResponsesRequest, raw: Request):
-        chat, origins = to_chat_request(request)
+        history: list[dict[str, Any]] = []
+        if request.previous_response_id is not None:
+            history = self.store.get(request.previous_response_id, "previous_response_id").conversation
+        chat, origins = to_chat_request(request, history)
         try:
             run = await self.serving.start_chat(chat)
         except APIError as exc:
             raise _renamed(exc, origins) from None
         shape = _Shape(request, self.serving.model_name)
         if request.stream:
-            return _stream(self._events(chat, run, shape, origins), run)
+            return _stream(self._events(chat, run, shape, origins, history), run)
         try:
             result = await self.serving.chat_response(chat, run, raw)
         except APIError as exc:
             raise _renamed(exc, origins) from None
-        return JSONResponse(shape.from_chat(result))
+        response = shape.from_chat(result)
+        self._keep(request, response, history)
+        return JSONResponse(response)
 
-    async def _events(self, chat: ChatCompletionRequest, run: ChatRun, shape: _Shape, origins: list[str]):
+    def _keep(self, request: ResponsesRequest, response: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """Store a finished response (completed or incomplete) unless the request sent ``store: false``."""
+        if request.store:
+            self.store.put(response, _input_items(request), history)
+
+    def retrieve(self, response_id: str) -> dict[str, Any]:
+        return self.store.get(response_id).response
+
+    def delete(self, response_id: str) -> dict[str, Any]:
+        self.store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    def input_items(self, response_id: str, limit: int = 20, order: Literal["asc", "desc"] = "desc",
+                    after: str | None = None) -> dict[str, Any]:
+        """The request's own input items (OpenAI's list: newest first unless ``order`` is ``asc``; a page of
+        ``limit`` after the item ``after``). A continuation's are its own input's, not the conversation before."""
+        items = self.store.get(response_id).input_items
+        items = items[::-1] if order == "desc" else items
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise APIError(400, f"after: no input item {after!r} in response {response_id!r}", "after")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": copy.deepcopy(page), "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
+    async def _events(self, chat: ChatCompletionRequest, run: ChatRun, shape: _Shape, origins: list[str],
+                      history: list[dict[str, Any]]):
         """The Responses stream of a started chat: its chunks as items opened, filled and closed."""
         events = _Events(shape)
         yield events.emit("response.created", response=shape.response([], "in_progress"))
@@ -332,7 +373,28 @@ class ResponsesServing:
             yield event
         status = _status(finish)
         final = shape.response(events.output, status, _usage(usage))
+        self._keep(shape.request, final, history)  # before the last event: a client that has it can continue
         yield events.emit("response.completed" if status == "completed" else "response.incomplete", response=final)
+
+
+_ITEM_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def _input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input (already checked by :func:`to_chat_request`) as OpenAI lists it: items, each with an
+    ``id`` and a ``status``, a message's text as parts (``output_text`` for the assistant's)."""
+    raw = [{"role": "user", "content": request.input}] if isinstance(request.input, str) else request.input
+    items = []
+    for item in copy.deepcopy(raw):
+        kind = item.setdefault("type", "message")
+        item.setdefault("id", _id(_ITEM_PREFIXES[kind]))
+        item.setdefault("status", "completed")
+        if kind == "message" and isinstance(item["content"], str):
+            part = ({"type": "output_text", "text": item["content"], "annotations": []} if item["role"] == "assistant"
+                    else {"type": "input_text", "text": item["content"]})
+            item["content"] = [part]
+        items.append(item)
+    return items
 
 
 def _stream(events, run: ChatRun) -> EngineStreamingResponse:
@@ -385,7 +447,7 @@ class _Shape:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": r.instructions, "max_output_tokens": r.max_output_tokens, "model": self.model,
             "output": copy.deepcopy(output), "parallel_tool_calls": r.parallel_tool_calls,
-            "previous_response_id": None, "reasoning": None, "temperature": r.temperature,
+            "previous_response_id": r.previous_response_id, "reasoning": None, "temperature": r.temperature,
             "text": {"format": (r.text or {}).get("format") or {"type": "text"}},
             "tool_choice": r.tool_choice or "auto",
             "tools": r.tools or [], "top_p": r.top_p, "truncation": "disabled", "usage": usage,

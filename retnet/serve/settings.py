@@ -58,6 +58,14 @@ class ServeSettings(BaseSettings):
     max_sessions: int = Field(256, ge=0, description="resumable sessions kept at once (LRU); 0 turns sessions off")
     session_bytes: int = Field(2 << 30, ge=0)
     session_ttl_s: float = Field(1800.0, gt=0)
+    responses_store_entries: int = Field(
+        1024, ge=0, description="finished Responses API responses kept for GET and previous_response_id (LRU, in "
+        "memory); 0 stores none"
+    )
+    responses_store_bytes: int = Field(
+        256 << 20, ge=0, description="bound on the stored responses' size, as JSON (each counted with the whole "
+        "conversation it continues); the least recently used go first"
+    )
 
     # -- tool calls -------------------------------------------------------------------------------------------
     tool_call_parser: Literal["hermes"] | None = Field(

@@ -173,7 +173,8 @@ async def test_a_streamed_text_message_opens_fills_and_closes_its_part(client):
 
 
 @pytest.mark.parametrize(("extra", "param", "code"), [
-    ({"previous_response_id": "resp_1"}, "previous_response_id", "unsupported_parameter"),
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "previous_response_not_found"),
+    ({"previous_response_id": 5}, "previous_response_id", None),
     ({"background": True}, "background", "unsupported_parameter"),
     ({"include": ["message.output_text.logprobs"]}, "include", "unsupported_parameter"),
     ({"reasoning": {"effort": "low"}}, "reasoning", "unsupported_parameter"),
@@ -305,6 +306,155 @@ async def test_a_client_that_leaves_frees_its_slot(open_app, stream):
         assert await metric(c, "retnet_generation_tokens_total") < 4096
 
 
+# -- stored responses: GET, DELETE, input_items, previous_response_id ------------------------------------------
+async def test_a_stored_response_is_retrieved_listed_and_deleted(client):
+    created = (await client.post("/v1/responses", json={
+        "instructions": "Be brief.", "input": [{"role": "user", "content": "Hello"},
+                                               {"role": "assistant", "content": "Hi."},
+                                               {"role": "user", "content": [{"type": "input_text", "text": "More"}]}],
+        "max_output_tokens": 4, **GREEDY})).json()
+    rid = created["id"]
+    got = await client.get(f"/v1/responses/{rid}")
+    assert got.status_code == 200 and got.json() == created
+    listed = (await client.get(f"/v1/responses/{rid}/input_items", params={"order": "asc"})).json()
+    assert [(i["type"], i["role"], i["content"]) for i in listed["data"]] == [
+        ("message", "user", [{"type": "input_text", "text": "Hello"}]),
+        ("message", "assistant", [{"type": "output_text", "text": "Hi.", "annotations": []}]),
+        ("message", "user", [{"type": "input_text", "text": "More"}])]
+    assert (listed["object"], listed["has_more"]) == ("list", False)
+    assert (listed["first_id"], listed["last_id"]) == (listed["data"][0]["id"], listed["data"][-1]["id"])
+    newest = (await client.get(f"/v1/responses/{rid}/input_items", params={"limit": 2})).json()  # desc: OpenAI's
+    assert newest["data"] == listed["data"][::-1][:2] and newest["has_more"] is True
+    rest = (await client.get(f"/v1/responses/{rid}/input_items", params={"limit": 2, "after": newest["last_id"]}))
+    assert rest.json()["data"] == listed["data"][:1] and rest.json()["has_more"] is False
+    deleted = await client.delete(f"/v1/responses/{rid}")
+    assert deleted.status_code == 200 and deleted.json() == {"id": rid, "object": "response", "deleted": True}
+    assert (await client.get(f"/v1/responses/{rid}")).status_code == 404
+    # store: false keeps nothing.
+    unstored = (await client.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2, "store": False})).json()
+    assert (await client.get(f"/v1/responses/{unstored['id']}")).status_code == 404
+    metrics = (await client.get("/metrics")).text
+    # Counted by route template (GET and DELETE), not by id.
+    assert 'retnet_requests_total{route="/v1/responses/{response_id}",status="200"} 2.0' in metrics
+    assert 'retnet_requests_total{route="/v1/responses/{response_id}",status="404"} 2.0' in metrics
+    assert 'retnet_requests_total{route="/v1/responses/{response_id}/input_items",status="200"} 3.0' in metrics
+
+
+@pytest.mark.parametrize(("method", "path", "param"), [
+    ("GET", "/v1/responses/resp_x", "response_id"), ("DELETE", "/v1/responses/resp_x", "response_id"),
+    ("GET", "/v1/responses/resp_x/input_items", "response_id"),
+])
+async def test_an_unknown_response_id_is_404(client, method, path, param):
+    r = await client.request(method, path)
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, "not_found")
+    assert "resp_x" in error["message"]
+
+
+async def test_the_store_routes_need_the_api_key(open_app):
+    async with open_app(api_keys=["k"]) as c:
+        for method, path in (("GET", "/v1/responses/r"), ("DELETE", "/v1/responses/r"),
+                             ("GET", "/v1/responses/r/input_items")):
+            assert (await c.request(method, path)).status_code == 401
+            assert (await c.request(method, path, headers={"Authorization": "Bearer k"})).status_code == 404
+
+
+async def test_a_continuation_prompts_as_the_whole_chat_conversation_and_starts_from_the_cached_prompt(client):
+    first = (await client.post("/v1/responses", json={"input": "Hello world!", "max_output_tokens": 6,
+                                                      **GREEDY})).json()
+    # Streamed, and so stored when complete.
+    body = {"previous_response_id": first["id"], "input": "And then?", "max_output_tokens": 6, "stream": True,
+            **GREEDY}
+    events = stream_events((await client.post("/v1/responses", json=body)).text)
+    second = events[-1]["response"]
+    assert second["previous_response_id"] == first["id"]
+    assert (await client.get(f"/v1/responses/{second['id']}")).json() == second
+    # The earlier prompt's state was left in the prefix cache: the continuation's prompt starts with it. (The
+    # cache holds states after prompts, not after answers: the answer's tokens are prefilled again.)
+    assert 0 < second["usage"]["input_tokens_details"]["cached_tokens"] < second["usage"]["input_tokens"]
+    conversation = [{"role": "user", "content": "Hello world!"},
+                    {"role": "assistant", "content": first["output"][0]["content"][0]["text"]},
+                    {"role": "user", "content": "And then?"}]
+    chat = (await client.post("/v1/chat/completions", json={"messages": conversation, "max_tokens": 6,
+                                                            **GREEDY})).json()
+    assert second["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert second["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+    # A chain: the third continues the second, whose conversation holds the first's. Instructions are each
+    # response's own (OpenAI's rule): the third's system message is first, and none is carried to a fourth.
+    third = (await client.post("/v1/responses", json={"previous_response_id": second["id"], "input": "Ok.",
+                                                      "instructions": "Be brief.", "max_output_tokens": 2,
+                                                      **GREEDY})).json()
+    conversation = [*conversation, {"role": "assistant", "content": second["output"][0]["content"][0]["text"]},
+                    {"role": "user", "content": "Ok."}]
+    chat = (await client.post("/v1/chat/completions", json={"max_tokens": 2, **GREEDY, "messages": [
+        {"role": "system", "content": "Be brief."}, *conversation]})).json()
+    assert third["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"] and third["instructions"] == "Be brief."
+    fourth = (await client.post("/v1/responses", json={"previous_response_id": third["id"], "input": "Bye.",
+                                                       "max_output_tokens": 1, **GREEDY})).json()
+    chat = (await client.post("/v1/chat/completions", json={"max_tokens": 1, **GREEDY, "messages": [
+        *conversation, {"role": "assistant", "content": third["output"][0]["content"][0]["text"]},
+        {"role": "user", "content": "Bye."}]})).json()
+    assert fourth["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"] and fourth["instructions"] is None
+    listed = (await client.get(f"/v1/responses/{fourth['id']}/input_items")).json()["data"]
+    assert [i["content"][0]["text"] for i in listed] == ["Bye."]  # its own input only
+
+
+async def test_a_tool_call_is_continued_with_its_output(client):
+    call = (await client.post("/v1/responses", json={"input": "1 + 2?", "tools": [ADD], "tool_choice": "required",
+                                                     "parallel_tool_calls": False, "max_output_tokens": 80,
+                                                     "temperature": 1.0, "seed": 1})).json()
+    (item,) = call["output"]
+    assert item["type"] == "function_call"
+    r = await client.post("/v1/responses", json={
+        "previous_response_id": call["id"], "tools": [ADD], "tool_choice": "none", "max_output_tokens": 4,
+        "input": [{"type": "function_call_output", "call_id": item["call_id"], "output": "3"}], **GREEDY})
+    assert r.status_code == 200, r.text
+    chat = (await client.post("/v1/chat/completions", json={
+        "max_tokens": 4, "tool_choice": "none", **GREEDY,
+        "tools": [{"type": "function", "function": {k: v for k, v in ADD.items() if k != "type"}}],
+        "messages": [{"role": "user", "content": "1 + 2?"},
+                     {"role": "assistant", "content": None, "tool_calls": [{
+                         "id": item["call_id"], "type": "function",
+                         "function": {"name": "add", "arguments": item["arguments"]}}]},
+                     {"role": "tool", "tool_call_id": item["call_id"], "content": "3"}]})).json()
+    assert r.json()["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert r.json()["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+
+
+async def test_the_store_keeps_the_most_recent_entries(open_app):
+    async with open_app(responses_store_entries=1) as c:
+        old = (await c.post("/v1/responses", json={"input": "a", "max_output_tokens": 1})).json()
+        new = (await c.post("/v1/responses", json={"input": "b", "max_output_tokens": 1})).json()
+        assert (await c.get(f"/v1/responses/{old['id']}")).status_code == 404
+        assert (await c.get(f"/v1/responses/{new['id']}")).status_code == 200
+        r = await c.post("/v1/responses", json={"previous_response_id": old["id"], "input": "c"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "previous_response_not_found"
+    async with open_app(responses_store_entries=0) as c:
+        kept = (await c.post("/v1/responses", json={"input": "a", "max_output_tokens": 1, "store": True})).json()
+        assert (await c.get(f"/v1/responses/{kept['id']}")).status_code == 404
+
+
+def test_the_store_keeps_within_its_bytes():
+    """Entries go least recently used first when the bytes run out; one alone over the bound is not kept."""
+    from retnet.serve.response_store import ResponseStore
+
+    def response(rid: str, text: str) -> dict:
+        return {"id": rid, "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}]}
+
+    store = ResponseStore(entries=10, max_bytes=1200)  # two of these entries (about 540 bytes each), not three
+    store.put(response("a", "x" * 200), [], [])
+    store.put(response("b", "y" * 200), [], [])
+    store.get("a")  # now the most recently used: b goes first
+    store.put(response("c", "z" * 200), [], [])
+    assert sorted(store._stored) == ["a", "c"] and 0 < store.bytes <= 1200
+    store.put(response("d", "w" * 2000), [], [])  # alone over the bound
+    assert sorted(store._stored) == ["a", "c"]
+    store.delete("a")
+    store.delete("c")
+    assert store.bytes == 0
+
+
 # -- the official client, against a real uvicorn process -------------------------------------------------------
 @pytest.fixture
 def api(server):
@@ -340,3 +490,18 @@ def test_the_official_client_creates_streams_and_accumulates(api):
     assert final.output_text == whole.output_text and json.loads(final.output_text)["tag"] in ("red", "green")
     assert (final.usage.input_tokens, final.usage.output_tokens) == (whole.usage.input_tokens,
                                                                        whole.usage.output_tokens)
+
+
+def test_the_official_client_retrieves_continues_and_deletes(api):
+    openai = pytest.importorskip("openai")
+    first = api.responses.create(model="micro", input="Hello!", max_output_tokens=4, temperature=0)
+    assert api.responses.retrieve(first.id) == first
+    second = api.responses.create(model="micro", input="More.", previous_response_id=first.id, max_output_tokens=4,
+                                  temperature=0)
+    assert second.previous_response_id == first.id
+    assert [i.content[0].text for i in api.responses.input_items.list(second.id)] == ["More."]
+    api.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        api.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        api.responses.create(model="micro", input="x", previous_response_id=first.id)
