@@ -101,6 +101,19 @@ def _drop_nulls(data: Any) -> Any:
     return data
 
 
+class RequestFields(BaseModel):
+    """The rules every request body is read with: null is the field's default, and text is Unicode."""
+
+    _null_means_default = model_validator(mode="before")(_drop_nulls)
+
+    # JSON may escape half of a surrogate pair ("\ud83d", a string cut inside an emoji): Python takes it, but
+    # it is no Unicode text, and the tokenizer (and the UTF-8 response) fail on it.
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_lone_surrogates(value, info)
+
+
 class StreamOptions(BaseModel):
     _null_means_default = model_validator(mode="before")(_drop_nulls)
 
@@ -109,15 +122,13 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestFields):
     """What both endpoints share: sampling, stopping, streaming and the server's extras."""
 
     # Unknown fields (user, metadata, ...) are accepted and ignored, as vLLM does, so clients that send them
     # still work. Fields that would change the output (response_format, tools, best_of ...) are declared, so
     # that serving can refuse the values it does not support by name instead of ignoring them.
     model_config = ConfigDict(extra="ignore")
-
-    _null_means_default = model_validator(mode="before")(_drop_nulls)
 
     # bool is an int subclass, and lax validation takes JSON true as 1: n, max_tokens, seed, temperature ...
     # would silently become 1 where OpenAI answers 400. check_fields=False: some are the endpoints' own.
@@ -128,13 +139,6 @@ class SamplingFields(BaseModel):
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
-
-    # JSON may escape half of a surrogate pair ("\ud83d", a string cut inside an emoji): Python takes it, but
-    # it is no Unicode text, and the tokenizer (and the UTF-8 response) fail on it.
-    @field_validator("*", mode="before")
-    @classmethod
-    def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_lone_surrogates(value, info)
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -342,18 +346,11 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict[str, Any] | None = None
 
 
-class TokenizerFields(BaseModel):
+class TokenizerFields(RequestFields):
     """What vLLM's ``/tokenize`` (both forms) and ``/detokenize`` share, read as the /v1 routes read theirs:
     unknown fields ignored, null the default, no lone surrogates."""
 
     model_config = ConfigDict(extra="ignore")
-
-    _null_means_default = model_validator(mode="before")(_drop_nulls)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_lone_surrogates(value, info)
 
     model: str | None = None
 

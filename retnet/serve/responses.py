@@ -27,22 +27,18 @@ from typing import Any, Literal
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from retnet.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    _drop_nulls,
+    RequestFields,
     _refuse_bool_number,
-    _refuse_lone_surrogates,
 )
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.serving import SSE_HEADERS, ChatRun, EngineStreamingResponse, OpenAIServing
@@ -65,23 +61,16 @@ _TEXT_PARTS = ("input_text", "output_text")
 _FORMATS = ("text", "json_object", "json_schema")
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(RequestFields):
     """The Responses request fields this server reads; every other field is in ``model_extra`` and checked by
     :func:`to_chat_request` (a chat extra, or refused by name)."""
 
     model_config = ConfigDict(extra="allow")
 
-    _null_means_default = model_validator(mode="before")(_drop_nulls)
-
     @field_validator("max_output_tokens", "temperature", "top_p", mode="before")
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_lone_surrogates(value, info)
 
     model: str | None = None
     input: str | list[dict[str, Any]]
