@@ -335,7 +335,7 @@ class ResponsesServing:
         events = _Events(shape)
         yield events.emit("response.created", response=shape.response([], "in_progress"))
         yield events.emit("response.in_progress", response=shape.response([], "in_progress"))
-        finish, usage = None, None
+        finish, usage, calls = None, None, []
         try:
             async for chunk in self.serving.chat_chunks(chat, run):
                 usage = chunk.get("usage") or usage
@@ -344,9 +344,9 @@ class ResponsesServing:
                     if delta.get("content"):
                         for event in events.text(delta["content"]):
                             yield event
-                    for call in delta.get("tool_calls") or ():
-                        for event in events.call(call["id"], call["function"]["name"], call["function"]["arguments"]):
-                            yield event
+                    # The calls are sent after the message, as the whole response has them: its one message holds
+                    # all the text, also text written after a call ("auto"), and comes first.
+                    calls.extend(delta.get("tool_calls") or ())
                     finish = choice.get("finish_reason") or finish
         except APIError as exc:  # the engine failed mid-stream: OpenAI's error event, then the failed response
             exc = _renamed(exc, origins)
@@ -355,11 +355,14 @@ class ResponsesServing:
             failed["error"] = {"code": "server_error", "message": exc.message}
             yield events.emit("response.failed", response=failed)
             return
-        if not events.output:  # nothing generated: an empty message, as the whole response has
+        if not events.output and not calls:  # nothing generated: an empty message, as the whole response has
             for event in events.text(""):
                 yield event
         for event in events.close_message(_status(finish)):
             yield event
+        for call in calls:
+            for event in events.call(call["id"], call["function"]["name"], call["function"]["arguments"]):
+                yield event
         status = _status(finish)
         final = shape.response(events.output, status, _usage(usage))
         self._keep(shape.request, final, history)  # before the last event: a client that has it can continue

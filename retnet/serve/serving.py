@@ -293,8 +293,13 @@ class OpenAIServing:
 
     # -- /v1/chat/completions ----------------------------------------------------------------------------------
     def _special_tool_tags(self, calling) -> bool:
+        """Whether decoding would drop a call tag: one of the tokens it skips, the tokenizer's named special
+        tokens or, with a fast tokenizer, any added token marked special (Llama 3's reserved tokens, which
+        Hermes 2 Pro renames to its tags, are not among the named ones)."""
         special = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
-        return any(tag in special for tag in calling.text_parser().tags())
+        backend, skipped = self.engine.backend, self.engine.skipped_ids
+        return any(tag in special or (backend is not None and backend.token_to_id(tag) in skipped)
+                   for tag in calling.text_parser().tags())
 
     async def chat(self, request: ChatCompletionRequest, raw: Request):
         run = await self.start_chat(request)

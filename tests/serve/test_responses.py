@@ -252,6 +252,60 @@ async def test_auto_tool_choice_runs_on_a_server_with_a_tool_call_parser(open_ap
     assert events[-1]["response"]["output"][0]["content"] == whole["output"][0]["content"]
 
 
+async def test_text_after_a_call_streams_the_unstreamed_output():
+    """With "auto" a model may write text after a call: the stream's Response is the whole one's (one message of
+    all the text, then the call), and every event names its item's place in that output."""
+    from retnet.serve.protocol import AssistantMessage, ChatChoice, ChatCompletionResponse, Usage
+    from retnet.serve.response_store import ResponseStore
+    from retnet.serve.responses import ResponsesRequest, ResponsesServing, _Shape
+    from retnet.serve.tool_parsers import HermesToolParser
+
+    text = 'Sure.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\nDone.'
+    pieces = ["Sure.", '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>', "\nDone."]
+    usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    parser, chunks = HermesToolParser(["add"]), []  # what the chat stream sends for these pieces
+    for i, piece in enumerate(pieces):
+        content, calls = parser.feed(piece)
+        content += parser.finish() if i == len(pieces) - 1 else ""
+        delta = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = [{"index": 0, "id": c.id, "type": "function", "function": c.function.model_dump()}
+                                   for c in calls]
+        chunks.append({"choices": [{"index": 0, "delta": delta}]})
+    chunks += [{"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+               {"choices": [], "usage": usage}]
+    content, calls = HermesToolParser(["add"]).parse(text)
+
+    class Chat:
+        model_name = "micro"
+
+        async def chat_chunks(self, chat, run):
+            for chunk in chunks:
+                yield chunk
+
+    serving = ResponsesServing(Chat(), ResponseStore(8))
+    request = ResponsesRequest(input="1 + 2?", tools=[ADD], stream=True)
+    sent = [event async for event in serving._events(None, None, _Shape(request, "micro"), [], [])]
+    events = stream_events("".join(sent))
+    final = events[-1]["response"]
+    whole = _Shape(request, "micro").from_chat(ChatCompletionResponse(
+        id="c", model="micro", usage=Usage(**usage), choices=[ChatChoice(
+            index=0, finish_reason="tool_calls",
+            message=AssistantMessage(content=content, tool_calls=calls))]))
+    strip = lambda item: {k: v for k, v in item.items() if k not in ("id", "call_id")}
+    assert [strip(i) for i in final["output"]] == [strip(i) for i in whole["output"]]
+    assert [i["type"] for i in final["output"]] == ["message", "function_call"]
+    assert final["output"][0]["content"][0]["text"] == "Sure.Done."
+    for event in events:
+        if "output_index" in event:
+            item = final["output"][event["output_index"]]
+            assert event.get("item_id", event.get("item", {}).get("id")) == item["id"], event
+        if event["type"] == "response.output_item.done":
+            assert event["item"] == final["output"][event["output_index"]]
+    assert serving.store.get(final["id"]).response == final
+
+
 def sdk_errors(model, data: dict) -> list[str]:
     """Where ``data`` fails the official client's pydantic type ``model`` (a TypeAdapter). The
     one field the client's types require that is not sent: ``cache_write_tokens`` (the prefix cache's writes are

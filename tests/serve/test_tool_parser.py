@@ -360,6 +360,28 @@ def test_call_tags_that_are_special_tokens_are_kept_for_the_parser(special_tags_
         proc.stop()
 
 
+def test_call_tags_added_as_special_tokens_not_named_ones_are_kept_too(tmp_path):
+    """Tags that are added tokens marked special but not among the tokenizer's named special tokens (Llama 3's
+    reserved tokens, which Hermes 2 Pro renames to its tags) are skipped by decoding all the same: "auto" must
+    keep special tokens' text for them too, or the tags, and with them the calls, are gone."""
+    from tokenizers import AddedToken
+
+    from retnet.serve.app import create_app
+    from retnet.serve.tools import ToolCalling
+    from retnet.tokenization import train_byte_level_bpe
+
+    from .conftest import make_settings, save_micro_model
+
+    tokenizer = train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1)
+    tokenizer.add_tokens([AddedToken(tag, special=True) for tag in HermesToolParser.OPEN_CLOSE])
+    path = save_micro_model(tmp_path, tokenizer)
+    serving = create_app(make_settings(path, tool_call_parser="hermes")).state.serving
+    tag = serving.tokenizer.convert_tokens_to_ids(HermesToolParser.OPEN)
+    assert HermesToolParser.OPEN not in serving.tokenizer.all_special_tokens  # not a named one
+    assert serving.engine._decode([tag]) == ""  # but skipped by the default decoding
+    assert serving._special_tool_tags(ToolCalling([("add", None)], None, True, "hermes"))
+
+
 def test_auto_without_calls_answers_text(hermes_server):
     for asked, answer in ((PLAIN, PLAIN_ANSWER), (UNKNOWN, UNKNOWN_ANSWER)):
         choice = chat(hermes_server, asked).json()["choices"][0]
