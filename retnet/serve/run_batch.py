@@ -25,6 +25,7 @@ from retnet.serve.protocol import APIError
 
 logger = logging.getLogger("retnet.serve.run_batch")
 PROG = "retnet-run-batch"
+RETRY_429_S = 600.0  # how long a line waits out the server's queue (429s) before its 429 is written
 
 
 @dataclass
@@ -139,15 +140,16 @@ def served_urls(app) -> set[str]:
 
 async def post(client, entry: BatchLine) -> tuple[int, Any]:
     """``entry``'s request through the app: (status, JSON body). The batch's own concurrency can outrun the
-    server's queue when requests ask for several choices: a 429 is retried, never written."""
-    delay = 0.02
+    server's queue when requests ask for several choices: a 429 is retried, and written only after
+    ``RETRY_429_S`` seconds of them (a server that never frees its queue must not hang the batch)."""
+    delay, give_up = 0.02, time.monotonic() + RETRY_429_S
     while True:
         try:
             response = await client.post(entry.url, json=entry.body)
         except Exception as exc:  # a bug in the app: this line fails, the others run
             logger.exception("request on line %d failed", entry.line)
             return 500, APIError(500, f"internal error ({type(exc).__name__})", None, "internal_error").body()
-        if response.status_code != 429:
+        if response.status_code != 429 or time.monotonic() > give_up:
             break
         await asyncio.sleep(delay)
         delay = min(2 * delay, 1.0)

@@ -143,3 +143,23 @@ async def test_requests_are_decoded_together(open_app):
     assert (summary.requests, summary.failed, summary.completion_tokens) == (requests, 0, requests * tokens)
     assert [json.loads(text)["custom_id"] for text in out.getvalue().splitlines()] == [f"r{i}" for i in range(requests)]
     assert 0 < steps <= requests * tokens // 2, steps  # one at a time would take about requests × tokens
+
+
+async def test_a_queue_that_never_frees_is_written_as_its_429(monkeypatch):
+    """429s are retried, but not forever: after RETRY_429_S the line gets the server's 429."""
+    import httpx
+
+    from retnet.serve import run_batch
+
+    calls = []
+
+    class AlwaysFull:
+        async def post(self, url, json):
+            calls.append(url)
+            return httpx.Response(429, json={"error": {"message": "full", "type": "rate_limit", "param": None,
+                                                        "code": "queue_full"}})
+
+    monkeypatch.setattr(run_batch, "RETRY_429_S", 0.1)
+    entry = run_batch.BatchLine(line=1, custom_id="a", url="/v1/completions", body={"prompt": "x"})
+    status, body = await run_batch.post(AlwaysFull(), entry)
+    assert status == 429 and body["error"]["code"] == "queue_full" and len(calls) > 1
