@@ -129,20 +129,23 @@ class ChatEncoder:
                 f"be masked); data.assistant_only_loss=false trains on every token instead") from None
         return text, spans
 
-    def encode(self, conversations: list[list[dict[str, Any]]], batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, conversations: list[list[dict[str, Any]]], batch: int = 256,
+               rows: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, flags) of every conversation followed by EOS, concatenated; ids uint16 when every id fits,
-        flags uint8 (:data:`TARGET`, :data:`BOUNDARY`)."""
+        flags uint8 (:data:`TARGET`, :data:`BOUNDARY`). ``rows``: each conversation's row in the dataset, which an
+        error names (default: its index in ``conversations``)."""
         from retnet.train.data import vocab_bound
 
         dtype = np.uint16 if vocab_bound(self.tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
         eos = self.tokenizer.eos_token_id
+        rows = range(len(conversations)) if rows is None else rows
         ids, flags = [], []
         for start in range(0, len(conversations), batch):
             chunk = conversations[start:start + batch]
             if self.assistant_only_loss:
-                rendered = [self.spans(c, start + i) for i, c in enumerate(chunk)]
+                rendered = [self.spans(c, rows[start + i]) for i, c in enumerate(chunk)]
             else:
-                rendered = [(self._render_checked(c, start + i), None) for i, c in enumerate(chunk)]
+                rendered = [(self._render_checked(c, rows[start + i]), None) for i, c in enumerate(chunk)]
             encodings = self.backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
             for messages, (_, spans), encoding in zip(chunk, rendered, encodings):
                 if spans is None:

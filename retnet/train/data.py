@@ -364,14 +364,17 @@ def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, l
 
 
 def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Path,
-                       loaded=None) -> list[list[dict[str, Any]]]:
-    """``data.format = "chat"``: every non-empty conversation (a list of role/content messages), in row order, of
-    at most ``max_documents`` rows; a row that holds no such list is refused naming its index."""
+                       loaded=None) -> list[tuple[int, list[dict[str, Any]]]]:
+    """``data.format = "chat"``: every non-empty conversation (a list of role/content messages) with its row index,
+    in row order, of at most ``max_documents`` rows; a row that holds no such list is refused naming its index."""
     dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
     _check_text_field(cfg, dataset.column_names)
     if cfg.max_documents:
         dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
-    return check_conversations(cfg.dataset, cfg.messages_field, dataset[cfg.messages_field])
+    values = dataset[cfg.messages_field]
+    conversations = check_conversations(cfg.dataset, cfg.messages_field, values)
+    # the rows it kept: it drops None and [] and refuses any other row that is no non-empty list
+    return list(zip([i for i, value in enumerate(values) if value], conversations, strict=True))
 
 
 def split_documents(docs: list, val_fraction: float, *, dataset: str = "",
@@ -858,7 +861,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
             split = documents()
             logger.info("data: training a %d-token byte-level BPE on the training split", vocab_size)
             # chat: on the conversations as the BPE's template (the default) renders them, tags and all
-            texts = (render_default(c) for c in split[0]) if chat else split[0]
+            texts = (render_default(c) for _, c in split[0]) if chat else split[0]
             trained = train_tokenizer(texts, vocab_size, cfg.tokenizer_train_chars)
             _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
         barrier()
@@ -883,7 +886,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
                 if encoder is None:
                     tokens = encode_documents(tokenizer, docs)
                 else:
-                    tokens, flags = encoder.encode(docs)
+                    tokens, flags = encoder.encode([c for _, c in docs], rows=[r for r, _ in docs])  # rows: for errors
                     _blocks(flags, cfg.seq_len).tofile(tmp / f"{name}.flags.bin")  # the same rows as the tokens
                 blocks = _blocks(tokens, cfg.seq_len)
                 blocks.tofile(tmp / f"{name}.bin")

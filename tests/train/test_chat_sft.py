@@ -170,6 +170,32 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
     ChatEncoder(tokenizer, assistant_only_loss=False).encode([conversation(0)])  # unmasked, it renders
 
 
+def test_a_refused_template_names_the_conversations_row_in_the_dataset(chat_tokenizer, tmp_path):
+    """build_data encodes the shuffled train/val splits, without the empty rows: the error names the row of the
+    dataset (7 here), not the conversation's index in its split."""
+    from transformers import AutoTokenizer
+
+    from retnet.train.config import DataConfig
+    from retnet.train.data import build_data
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' and "
+                               "not loop.last %}...{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    # single-turn conversations render alike in every prefix; row 7's second turn cannot be masked
+    rows = [{"messages": conversation(i)} for i in (1, 2, 3, 5, 6, 7, 9)]
+    rows[2:2] = [{"messages": []}]
+    rows[7:7] = [{"messages": conversation(0)}]
+    rows += [{"messages": conversation(i)} for i in (10, 11, 13)]
+    dataset = write_jsonl(tmp_path / "set.jsonl", rows)
+    config = DataConfig(dataset=str(dataset), format="chat", tokenizer=str(tmp_path / "tokenizer"), seq_len=16,
+                        val_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"cannot be masked on row 7 of "):
+        build_data(config, vocab_size=320, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0,
+                   world_size=1, tokenizer_dir=None, barrier=lambda: None)
+
+
 def test_the_token_cache_is_keyed_by_the_chat_settings(chats, chat_tokenizer, tmp_path):
     """The same conversations with and without assistant_only_loss: the same tokens, other targets, two caches;
     a text config's data fingerprint does not see the chat settings (its caches keep their keys)."""
