@@ -171,6 +171,25 @@ class ChatEncoder:
                               f"{self.dataset!r}: {type(error).__name__}: {error}") from None
 
 
+def without_spilled_targets(blocks: np.ndarray) -> np.ndarray:
+    """``[N, T]`` blocks' flags (the flat stream cut every T tokens) without the targets of a conversation's
+    part that spills into a block from the one before: the block's state starts fresh there, so those tokens
+    would be learnt without the question before them. Cleared up to and including the block's first closing EOS
+    (that conversation's own, predicted from it), unless the block before ended with a closing EOS (the
+    block starts a conversation). So a conversation is trained on what fits in its first block, as a
+    ``max_length`` truncation trains it, and one longer than a block is trained on its first ``T`` tokens."""
+    out = np.array(blocks, dtype=np.uint8, copy=True)
+    if out.size == 0:
+        return out
+    boundary = (out & BOUNDARY) != 0
+    continues = np.zeros(len(out), dtype=bool)
+    continues[1:] = ~boundary[:-1, -1]
+    first_end = np.where(boundary.any(axis=1), boundary.argmax(axis=1), out.shape[1])
+    spilled = continues[:, None] & (np.arange(out.shape[1])[None, :] <= first_end[:, None])
+    out[spilled] &= np.uint8(~TARGET & 0xFF)
+    return out
+
+
 def target_count(flags: np.ndarray) -> int:
     """Labels that count in ``[B, T]`` blocks' flags: the targets after each block's first token (the first
     has no token before it in the block to be predicted from)."""
@@ -178,4 +197,4 @@ def target_count(flags: np.ndarray) -> int:
 
 
 __all__ = ["BOUNDARY", "TARGET", "ChatEncoder", "chat_template", "check_conversations", "render_default",
-           "target_count", "template_identity"]
+           "target_count", "template_identity", "without_spilled_targets"]

@@ -52,7 +52,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from retnet.train.chat import BOUNDARY, TARGET, ChatEncoder, check_conversations, render_default, target_count
+from retnet.train.chat import (
+    BOUNDARY,
+    TARGET,
+    ChatEncoder,
+    check_conversations,
+    render_default,
+    target_count,
+    without_spilled_targets,
+)
 from retnet.train.chat import template_identity as chat_template_identity
 from retnet.train.checkpoint import fsync_tree
 from retnet.train.config import ConfigError, DataConfig
@@ -887,7 +895,8 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
                     tokens = encode_documents(tokenizer, docs)
                 else:
                     tokens, flags = encoder.encode([c for _, c in docs], rows=[r for r, _ in docs])  # rows: for errors
-                    _blocks(flags, cfg.seq_len).tofile(tmp / f"{name}.flags.bin")  # the same rows as the tokens
+                    # the same rows as the tokens; a conversation's part past its first block is not learnt
+                    without_spilled_targets(_blocks(flags, cfg.seq_len)).tofile(tmp / f"{name}.flags.bin")
                 blocks = _blocks(tokens, cfg.seq_len)
                 blocks.tofile(tmp / f"{name}.bin")
                 (tmp / f"{name}.json").write_text(json.dumps({"rows": len(blocks), "dtype": str(blocks.dtype)}))

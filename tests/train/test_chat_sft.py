@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from retnet.train.__main__ import EXIT_CONFIG, main
-from retnet.train.chat import BOUNDARY, TARGET, ChatEncoder, check_conversations
+from retnet.train.chat import BOUNDARY, TARGET, ChatEncoder, check_conversations, without_spilled_targets
 from retnet.train.config import ConfigError, build_config, data_changes
 from retnet.train.data import packed_segments
 
@@ -157,6 +157,25 @@ def test_user_tokens_have_label_minus_100_and_segments_start_at_closing_eos(chat
     assert starts == expected
 
 
+def test_a_conversations_part_past_its_first_block_is_no_target():
+    """A block that continues a conversation from the block before starts from a fresh state: its tokens up to
+    that conversation's closing EOS would be learnt without the question, so they are no targets."""
+    t, tb = TARGET, TARGET | BOUNDARY
+    blocks = np.array([
+        [t, t, t, t],  # a conversation starts with the stream
+        [t, tb, 0, t],  # ... spills here up to its closing EOS; the next starts after it
+        [t, t, tb, t],  # that one spills here too
+        [0, t, t, tb],  # and the one starting at the end of the block before spills here whole
+        [t, t, 0, 0],  # the block before ended with a closing EOS: this one starts a conversation
+        [t, t, t, t],  # ... which continues here
+    ], dtype=np.uint8)
+    out = without_spilled_targets(blocks)
+    assert ((out & TARGET) != 0).astype(int).tolist() == [
+        [1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+    assert np.array_equal(out & BOUNDARY, blocks & BOUNDARY)
+    assert blocks[1, 0] == t  # the input is not changed
+
+
 def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
     from transformers import AutoTokenizer
 
@@ -209,7 +228,10 @@ def test_the_token_cache_is_keyed_by_the_chat_settings(chats, chat_tokenizer, tm
         built[only] = build_data(config, vocab_size=320, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0,
                                  world_size=1, tokenizer_dir=None, barrier=lambda: None)
     assert np.array_equal(built[True].train, built[False].train)
-    assert np.all(built[False].train_flags & TARGET) and not np.all(built[True].train_flags & TARGET)
+    # without assistant_only_loss every token is a target, but for the parts spilled past a conversation's block
+    everything = np.asarray(built[False].train_flags) | TARGET
+    assert np.array_equal(built[False].train_flags, without_spilled_targets(everything))
+    assert np.count_nonzero(built[True].train_flags & TARGET) < np.count_nonzero(built[False].train_flags & TARGET)
     assert len(list(tmp_path.glob("tokens-*"))) == 2
     text = DataConfig(dataset=str(chats))
     assert data_fingerprint(text, [chats]) == data_fingerprint(
