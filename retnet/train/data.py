@@ -658,10 +658,13 @@ class PackedData:
         """This rank's share of ``max_blocks`` validation blocks (rounded down to a multiple of
         the world size, so every rank runs the same number of forwards), in micro-batches. The set does not
         depend on the world size, so neither does the validation loss."""
-        total = min(max_blocks, len(self.val))
+        # Chat data: only blocks with targets, or a sample of blocks without any would measure nothing (0/0).
+        candidates = np.arange(len(self.val)) if self.val_flags is None else \
+            np.flatnonzero(np.any(np.asarray(self.val_flags)[:, 1:] & TARGET, axis=1))
+        total = min(max_blocks, len(candidates))
         total = max(total - total % self.world_size, self.world_size)
         # evenly spaced over the split, so a few long documents do not make up the whole sample
-        chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)
+        chosen = candidates[np.linspace(0, len(candidates) - 1, total).round().astype(np.int64)]
         mine = chosen[self.rank::self.world_size]
         rows = [mine[i:i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
         batches = [torch.from_numpy(self.val[r].astype(np.int64)) for r in rows]

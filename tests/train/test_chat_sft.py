@@ -176,6 +176,20 @@ def test_a_conversations_part_past_its_first_block_is_no_target():
     assert blocks[1, 0] == t  # the input is not changed
 
 
+def test_validation_samples_the_blocks_that_hold_targets():
+    """A validation sample of blocks without a single target would be a loss of 0/0."""
+    from retnet.train.data import PackedData
+
+    tokens = np.arange(6 * 4, dtype=np.uint16).reshape(6, 4)
+    flags = np.zeros((6, 4), dtype=np.uint8)
+    flags[1, 2] = flags[4, 1:] = TARGET
+    data = PackedData(tokens, tokens, None, seed=0, micro_batch=8, global_batch=8, rank=0, world_size=1,
+                      train_flags=flags, val_flags=flags)
+    (batch,) = data.val_batches(8)
+    assert batch.tokens[:, 0].tolist() == [4, 16]  # the blocks 1 and 4
+    assert data.val_batches(1)[0].tokens.shape[0] == 1
+
+
 def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
     from transformers import AutoTokenizer
 
