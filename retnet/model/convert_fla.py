@@ -1,0 +1,258 @@
+"""Convert a flash-linear-attention RetNet checkpoint (``fla.models.RetNetForCausalLM``, e.g. the fla-hub models)
+into this package's format, loadable by :class:`RetNetForCausalLM`, ``retnet-serve`` and ``retnet-train
+--init_from``.
+
+    retnet-convert-fla fla-hub/retnet-1.3B-100B runs/retnet-1.3b        # a hub id or a local directory
+    python -m retnet.model.convert_fla SRC DST --dtype bfloat16
+
+The two architectures are the same computation: pre-RMSNorm blocks, rotary q/k (half-split pairs, θ = 10 000),
+the paper's decays γ_h = 1 − 2^(−5−h), scale K^−1/2, a per-head RMSNorm with a swish output gate, and a SwiGLU
+FFN. The mapping is exact:
+- fla's head norm has one ``[V]`` weight shared by every head; ours has one per head, so it is tiled.
+- fla's grouped keys/values (``num_kv_heads``) are repeated into one key and value per head, as fla repeats
+  them at run time.
+- fla without norm weights (``elementwise_affine: false``) gets weights of one.
+
+What has no counterpart here is refused by field name: short convolutions, feature maps, attention layers
+(``attn``), AttnRes, and an output gate other than swish. The tokenizer and generation config are copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retnet.model.configuration_retnet import RetNetConfig
+from retnet.model.modeling_retnet import RetNetForCausalLM
+
+# What a hub download fetches: the config, the weights, the tokenizer and the generation defaults.
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
+             "*.bin.index.json", "tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt",
+             "added_tokens.json", "chat_template.*"]
+# Copied beside the converted weights: everything but fla's own config and weights.
+COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja")
+NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+SWISH = ("swish", "silu")
+
+
+def is_fla_retnet_config(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` dict is flash-linear-attention's RetNet (its model_type is also ``retnet``)."""
+    return "expand_k" in config or "attn_mode" in config or ("num_heads" in config
+                                                             and "num_attention_heads" not in config)
+
+
+def retnet_config_from_fla(fla: dict[str, Any], intermediate_size: int | None = None) -> RetNetConfig:
+    """Our :class:`RetNetConfig` for an fla RetNet ``config.json`` dict; a feature we lack is refused by name.
+
+    ``intermediate_size``: the FFN width read from the weights, when fla derived it (``hidden_ratio``).
+    """
+
+    def get(field: str, default: Any = None) -> Any:
+        return fla.get(field, default)
+
+    def refuse(field: str, why: str) -> None:
+        raise ValueError(f"flash-linear-attention RetNet config field {field}={get(field)!r}: {why}; "
+                         "this checkpoint cannot be converted")
+
+    if get("model_type", "retnet") != "retnet":
+        refuse("model_type", "expected 'retnet'")
+    if get("use_short_conv", False):
+        refuse("use_short_conv", "short convolutions before retention have no counterpart in retnet-stack")
+    if get("feature_map") is not None:
+        refuse("feature_map", "q/k feature maps have no counterpart in retnet-stack")
+    if get("attn") is not None:
+        refuse("attn", "softmax-attention layers (a hybrid model) have no counterpart in retnet-stack")
+    if get("attnres_block_size") is not None:
+        refuse("attnres_block_size", "AttnRes residuals have no counterpart in retnet-stack")
+    act = get("hidden_act", "swish")
+    if act not in SWISH:
+        # fla uses hidden_act for both the FFN and the output gate; our gate is swish.
+        refuse("hidden_act", f"the output gate and SwiGLU FFN must be swish ({' or '.join(SWISH)})")
+    hidden, heads = get("hidden_size", 2048), get("num_heads", 8)
+    key_dim, value_dim = hidden * get("expand_k", 1.0), hidden * get("expand_v", 2.0)
+    for field, dim in (("expand_k", key_dim), ("expand_v", value_dim)):
+        if not math.isclose(dim, round(dim)) or round(dim) % heads:
+            refuse(field, f"hidden_size * {field} must be a whole multiple of num_heads={heads}")
+    kv_heads = get("num_kv_heads") or heads
+    if heads % kv_heads:
+        refuse("num_kv_heads", f"must divide num_heads={heads}")
+    if intermediate_size is None:
+        intermediate_size = get("intermediate_size")
+    if intermediate_size is None:
+        refuse("intermediate_size", "is not set and the checkpoint holds no FFN weights to read it from")
+    dtype = get("dtype", get("torch_dtype"))
+    return RetNetConfig(
+        vocab_size=get("vocab_size", 32000), hidden_size=hidden, num_hidden_layers=get("num_hidden_layers", 24),
+        num_attention_heads=heads, head_dim=round(key_dim) // heads, value_factor=round(value_dim) / hidden,
+        intermediate_size=intermediate_size, hidden_act="silu", ffn_glu=True, ffn_bias=False,
+        norm_type="rmsnorm", rms_norm_eps=float(get("norm_eps", 1e-6)), use_head_norm=True,
+        use_output_gate=bool(get("use_output_gate", True)), rope_theta=10000.0, use_xpos=False,
+        decay_schedule="paper", initializer_range=float(get("initializer_range", 0.02)),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)), pad_token_id=get("pad_token_id"),
+        bos_token_id=get("bos_token_id", 1), eos_token_id=get("eos_token_id", 2),
+        **({"dtype": dtype} if dtype is not None else {}),
+    )
+
+
+def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, Any],
+                               config: RetNetConfig) -> dict[str, torch.Tensor]:
+    """Our state dict (``RetNetForCausalLM``'s names) from an fla RetNet one; every fla tensor is used."""
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    groups = heads // (fla.get("num_kv_heads") or heads)
+    remaining = dict(weights)
+
+    def take(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
+        tensor = remaining.pop(name, None)
+        if tensor is not None and shape is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"fla checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected {shape} "
+                             "from its config.json")
+        return tensor
+
+    def norm_weight(name: str, size: int, optional: bool = False) -> torch.Tensor:
+        weight = take(name, (size,))
+        if weight is None and not optional:
+            raise ValueError(f"fla checkpoint has no {name}")
+        return torch.ones(size) if weight is None else weight
+
+    def per_head(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """fla's grouped key/value projection rows -> one block of rows per head (head h uses group h // G)."""
+        if groups == 1:
+            return tensor
+        return tensor.view(-1, head_dim, hidden).repeat_interleave(groups, dim=0).reshape(-1, hidden)
+
+    embed = take("model.embeddings.weight", (config.vocab_size, hidden))
+    if embed is None:
+        raise ValueError("fla checkpoint has no model.embeddings.weight: not a flash-linear-attention RetNet")
+    ours = {"model.embed_tokens.weight": embed}
+    k_dim, v_dim = config.head_dim, config.value_head_dim
+    for layer in range(config.num_hidden_layers):
+        src, dst = f"model.layers.{layer}.", f"model.layers.{layer}."
+        if f"{src}attn.q_proj.weight" not in remaining:
+            raise ValueError(f"fla checkpoint has no {src}attn.q_proj.weight (config.json says "
+                             f"num_hidden_layers={config.num_hidden_layers})")
+        ours[dst + "retention_norm.weight"] = norm_weight(src + "attn_norm.weight", hidden)
+        ours[dst + "retention.q_proj.weight"] = take(src + "attn.q_proj.weight", (heads * k_dim, hidden))
+        ours[dst + "retention.k_proj.weight"] = per_head(
+            take(src + "attn.k_proj.weight", (heads // groups * k_dim, hidden)), k_dim)
+        ours[dst + "retention.v_proj.weight"] = per_head(
+            take(src + "attn.v_proj.weight", (heads // groups * v_dim, hidden)), v_dim)
+        if config.use_output_gate:
+            ours[dst + "retention.g_proj.weight"] = take(src + "attn.g_proj.weight", (heads * v_dim, hidden))
+        ours[dst + "retention.o_proj.weight"] = take(src + "attn.o_proj.weight", (hidden, heads * v_dim))
+        # Fused with the gate or not, fla's head norm is one [V] weight for all heads; without
+        # elementwise_affine it has none (a weight of ones).
+        fused = src + "attn.g_norm_swish_gate.weight" in remaining
+        head_norm = norm_weight(src + ("attn.g_norm_swish_gate.weight" if fused else "attn.g_norm.weight"),
+                                v_dim, optional=fla.get("elementwise_affine", True) is False)
+        ours[dst + "retention.head_norm.weight"] = head_norm.repeat(heads)
+        ours[dst + "ffn_norm.weight"] = norm_weight(src + "mlp_norm.weight", hidden)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            weight = take(f"{src}mlp.{proj}.weight")
+            if weight is None:
+                raise ValueError(f"fla checkpoint has no {src}mlp.{proj}.weight")
+            ours[f"{dst}mlp.{proj}.weight"] = weight
+    ours["model.norm.weight"] = norm_weight("model.norm.weight", hidden)
+    lm_head = take("lm_head.weight", (config.vocab_size, hidden))
+    if not config.tie_word_embeddings:
+        if lm_head is None:
+            raise ValueError("fla checkpoint has no lm_head.weight and tie_word_embeddings is false")
+        ours["lm_head.weight"] = lm_head
+    if remaining:
+        raise ValueError(f"fla checkpoint tensors with no counterpart in retnet-stack: {sorted(remaining)[:8]}")
+    return ours
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory: one or sharded safetensors files, else PyTorch ``.bin`` ones."""
+    from safetensors.torch import load_file
+
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", _load_bin)):
+        index = directory / index_name
+        if index.is_file():
+            weights: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                weights.update(loader(str(directory / shard)))
+            return weights
+    if (directory / "model.safetensors").is_file():
+        return load_file(str(directory / "model.safetensors"))
+    if (directory / "pytorch_model.bin").is_file():
+        return _load_bin(str(directory / "pytorch_model.bin"))
+    raise FileNotFoundError(f"{directory} holds no model.safetensors, pytorch_model.bin or a sharded index of them")
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resolve_source(source: str) -> Path:
+    """A local directory as it is; anything else is a hub repository id, downloaded (config, weights, tokenizer)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
+        raise FileNotFoundError(f"{source!r} is neither a checkpoint directory nor a hub id like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=HUB_FILES))
+
+
+def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
+                           dtype: torch.dtype | None = None) -> RetNetConfig:
+    """Convert the fla RetNet checkpoint at ``source`` (directory or hub id) into ``destination``.
+
+    The weights keep their dtype unless ``dtype`` is given. Returns the new config.
+    """
+    src, dst = resolve_source(str(source)), Path(destination)
+    fla = json.loads((src / "config.json").read_text())
+    if not is_fla_retnet_config(fla):
+        raise ValueError(f"{src / 'config.json'} is not a flash-linear-attention RetNet config (no expand_k, "
+                         "attn_mode or num_heads); a retnet-stack checkpoint needs no conversion")
+    weights = load_weights(src)
+    gate = weights.get("model.layers.0.mlp.gate_proj.weight")
+    config = retnet_config_from_fla(fla, None if gate is None else gate.shape[0])
+    state = retnet_state_dict_from_fla(weights, fla, config)
+    # One dtype for the whole model (fla keeps its head norms in fp32 under a bf16 model).
+    dtype = dtype or state["model.embed_tokens.weight"].dtype
+    state = {name: tensor.to(dtype) for name, tensor in state.items()}
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = RetNetForCausalLM(config)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.suffix in COPIED_SUFFIXES and path.name not in NOT_COPIED:
+            shutil.copy2(path, dst / path.name)
+    return config
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="retnet-convert-fla", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="fla RetNet checkpoint: a local directory or a hub id (org/name)")
+    parser.add_argument("destination", help="directory to write the retnet-stack checkpoint to")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep theirs)")
+    args = parser.parse_args(argv)
+    try:
+        config = convert_fla_checkpoint(args.source, args.destination, DTYPES.get(args.dtype))
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"retnet-convert-fla: error: {error}\n")
+    print(f"wrote {args.destination}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_attention_heads} heads (key {config.head_dim}, value {config.value_head_dim}), "
+          f"vocab {config.vocab_size}")
+
+
+if __name__ == "__main__":
+    main()

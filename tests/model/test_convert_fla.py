@@ -1,0 +1,134 @@
+"""retnet-convert-fla: a flash-linear-attention RetNet, converted, computes what fla computes with it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from retnet.model import RetNetConfig, RetNetForCausalLM
+from retnet.model.convert_fla import convert_fla_checkpoint, main, retnet_config_from_fla
+
+pytest.importorskip("fla", reason="flash-linear-attention is a dev dependency (pip install -e .[dev])")
+
+
+@pytest.fixture(scope="module")
+def fla_checkpoints(tmp_path_factory) -> Path:
+    """fla's checkpoints and outputs, made by fla itself in a process of its own (see fla_reference.py)."""
+    out = tmp_path_factory.mktemp("fla")
+    script = Path(__file__).with_name("fla_reference.py")
+    subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=300, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(fla_checkpoints) -> dict:
+    return torch.load(fla_checkpoints / "reference.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("variant", ["default", "grouped", "plain"])
+def test_converted_model_computes_fla_logits(fla_checkpoints, reference, tmp_path, variant):
+    convert_fla_checkpoint(fla_checkpoints / variant, tmp_path)
+    model = RetNetForCausalLM.from_pretrained(tmp_path).eval()
+    expected = reference[variant]
+    with torch.no_grad():
+        for mode in ("parallel", "chunkwise", "recurrent"):
+            logits = model(expected["ids"], retention_mode=mode).logits
+            torch.testing.assert_close(logits, expected["logits"], atol=2e-4, rtol=1e-4)
+
+
+def test_converted_model_generates_fla_tokens(fla_checkpoints, reference, tmp_path):
+    convert_fla_checkpoint(fla_checkpoints / "default", tmp_path)
+    model = RetNetForCausalLM.from_pretrained(tmp_path).eval()
+    expected = reference["default"]
+    generated = model.generate(expected["prompt"], max_new_tokens=6, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+    assert generated.tolist() == expected["generated"].tolist()
+
+
+def test_conversion_keeps_config_dtype_and_tokenizer(fla_checkpoints, bpe_tokenizer, tmp_path):
+    source = tmp_path / "fla"
+    for path in (fla_checkpoints / "grouped").iterdir():
+        (source / path.name).parent.mkdir(exist_ok=True)
+        (source / path.name).write_bytes(path.read_bytes())
+    bpe_tokenizer.save_pretrained(source)
+    main([str(source), str(tmp_path / "ours"), "--dtype", "bfloat16"])
+
+    config = RetNetConfig.from_pretrained(tmp_path / "ours")
+    fla = json.loads((source / "config.json").read_text())
+    assert (config.num_attention_heads, config.head_dim, config.value_head_dim) == (4, 8, 32)
+    assert config.tie_word_embeddings and config.bos_token_id == fla["bos_token_id"]
+    weights = load_file(tmp_path / "ours" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    # Grouped keys: heads 0 and 1 share fla's key head 0, so their rows are equal.
+    k = weights["model.layers.0.retention.k_proj.weight"].view(4, 8, 64)
+    assert torch.equal(k[0], k[1]) and torch.equal(k[2], k[3]) and not torch.equal(k[0], k[2])
+    text = "def add(a, b):\n    return a + b\n"
+    assert AutoTokenizer.from_pretrained(tmp_path / "ours")(text).input_ids == bpe_tokenizer(text).input_ids
+
+
+def test_sharded_fla_checkpoint(fla_checkpoints, reference, tmp_path):
+    source = tmp_path / "fla"
+    source.mkdir()
+    (source / "config.json").write_bytes((fla_checkpoints / "default" / "config.json").read_bytes())
+    weights = load_file(fla_checkpoints / "default" / "model.safetensors")
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, shard_names in shards.items():
+        save_file({name: weights[name] for name in shard_names}, source / shard)
+    index = {"metadata": {}, "weight_map": {name: shard for shard, ns in shards.items() for name in ns}}
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    convert_fla_checkpoint(source, tmp_path / "ours")
+    model = RetNetForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        logits = model(reference["default"]["ids"]).logits
+    torch.testing.assert_close(logits, reference["default"]["logits"], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("use_short_conv", True), ("feature_map", "relu"), ("attn", {"layers": [1], "num_heads": 2}),
+    ("hidden_act", "gelu"), ("num_kv_heads", 3), ("expand_v", 0.3),
+])
+def test_features_without_a_counterpart_are_refused_by_name(field, value):
+    fla = {"model_type": "retnet", "hidden_size": 64, "num_heads": 2, "expand_k": 1.0, "expand_v": 2.0,
+           "num_hidden_layers": 2, "vocab_size": 101, "intermediate_size": 96, field: value}
+    with pytest.raises(ValueError, match=f"field {field}="):
+        retnet_config_from_fla(fla)
+
+
+def test_missing_or_misshapen_tensors_are_refused(fla_checkpoints, tmp_path):
+    weights = load_file(fla_checkpoints / "default" / "model.safetensors")
+    config = (fla_checkpoints / "default" / "config.json").read_bytes()
+    for name, broken, error in (
+        ("missing", {k: v for k, v in weights.items() if "layers.1.mlp_norm" not in k}, "no model.layers.1.mlp_norm"),
+        ("misshapen", {**weights, "model.layers.1.attn.o_proj.weight": torch.zeros(64, 64)},
+         r"o_proj.weight has shape \(64, 64\), expected \(64, 128\)"),
+        ("extra", {**weights, "model.layers.0.attn.q_conv1d.weight": torch.zeros(64, 1, 4)}, "q_conv1d"),
+    ):
+        source = tmp_path / name
+        source.mkdir()
+        (source / "config.json").write_bytes(config)
+        save_file(broken, source / "model.safetensors")
+        with pytest.raises(ValueError, match=error):
+            convert_fla_checkpoint(source, tmp_path / f"{name}-out")
+        assert not (tmp_path / f"{name}-out").exists()  # nothing half written
+
+
+def test_loading_an_fla_checkpoint_unconverted_points_to_the_converter(fla_checkpoints):
+    with pytest.raises(ValueError, match="retnet-convert-fla"):
+        RetNetForCausalLM.from_pretrained(fla_checkpoints / "default")
+
+
+def test_command_line_errors_exit_2_with_the_reason(tmp_path, capsys):
+    for source, reason in ((str(tmp_path / "nowhere"), "neither a checkpoint directory nor a hub id"),
+                           # HF_HUB_OFFLINE=1 in the suite: the real download path, refused without a network.
+                           ("fla-hub/retnet-1.3B-100B", "")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([source, str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("retnet-convert-fla: error: ") and reason in error
