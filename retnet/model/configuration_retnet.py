@@ -108,8 +108,9 @@ class RetNetConfig(PretrainedConfig):
         # here and the weights fail to load under other names: say what to do instead.
         fla_fields = sorted(kwargs.keys() & {"expand_k", "expand_v", "attn_mode", "num_heads"})
         if fla_fields:
-            raise ValueError(f"this is a flash-linear-attention RetNet config (fields {', '.join(fla_fields)}), "
-                             "not a retnet-stack one: convert the checkpoint with `retnet-convert-fla SRC DST`")
+            raise ValueError(f"RetNetConfig has no fields {', '.join(fla_fields)} (heads are num_attention_heads, "
+                             "sizes head_dim and value_factor): they are flash-linear-attention's RetNet config; "
+                             "convert such a checkpoint with `retnet-convert-fla SRC DST`")
         # Derive only from real integers: a string here would raise a TypeError (or make 2 * "64" == "6464")
         # before validate_retnet could refuse the field by name.
         heads = self.num_attention_heads
