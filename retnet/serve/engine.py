@@ -686,7 +686,11 @@ class Engine:
         return SeqOutput(seq.index, text, [token], logprobs, finish)
 
     def _finished(self, seq: Sequence, cache: RetNetCache | None, row: int | None = None) -> None:
-        """A sequence ended normally: free its slot, and save its session (state + the unfed last token).
+        """A sequence ended normally: free its slot, save its session (state + the unfed last token), and keep
+        the state after its answer in the prefix cache.
+
+        ``cache``: its state, when it ended at its first token (still the prompt's state); otherwise ``row``
+        of the batch, which the last decode step left holding every token but the one it sampled.
 
         A session changes here and only here: with every token of the response generated. A request whose
         client left after this is still saved (the response was complete, the client did not read it); one
@@ -699,7 +703,30 @@ class Engine:
             self.sessions.release(group.session_id, state, seq.tokens[-1:],  # none if max_tokens was 0
                                   tokens=len(group.prompt_ids) + len(seq.tokens))
             self.metrics.sessions.set(len(self.sessions))
+        self._cache_answer(seq, cache, row)
         self._release_slots(1)
+
+    def _cache_answer(self, seq: Sequence, cache: RetNetCache | None, row: int | None) -> None:
+        """Keep the state after ``seq``'s prompt and answer as a prefix entry, so that a continuation (a chat's
+        next turn, a Responses ``previous_response_id``) prefills only its new tokens, as vLLM's automatic prefix
+        caching covers generated tokens.
+
+        However the choice ended (a stop token or string, its length, a grammar's end, after min_tokens), the
+        state has absorbed ``inputs + tokens[:-1]``: each sampled token is fed by the next decode step, the last
+        one never. The key is those tokens, not the text returned (a stop string's tokens are in the state), and
+        the entry has no logits (none were computed after it): only a longer prompt starts from it.
+        """
+        group = seq.group
+        # A session's continuation: its state holds history that is not in ``inputs``. A scored prompt: no
+        # entry for its prompt either. One token or none: the state is the prompt's, cached with its logits.
+        if (not self.settings.prefix_cache_answers or self.settings.prefix_cache_entries == 0 or not group.cacheable
+                or group.params.scores_prompt or len(seq.tokens) < 2):
+            return
+        # A view of the row: the insert copies it only if the entry fits (``select`` would copy it first).
+        state = cache if cache is not None else _row_view(self.batch, row)
+        self.prefix_cache.insert(group.inputs + seq.tokens[:-1], state, None)
+        self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
+        self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def unfinished_tail(self, ids: list[int]) -> int:
@@ -771,6 +798,15 @@ class Engine:
             handle.emit(EngineFailure(message))
         self.metrics.running.set(0)
         self.metrics.queue_depth.set(0)
+
+
+def _row_view(batch: RetNetCache, row: int) -> RetNetCache:
+    """Row ``row`` of ``batch`` as views of its tensors (``split``'s row, without splitting every row)."""
+    out = RetNetCache(len(batch))
+    out.states = [s[row : row + 1] for s in batch.states]
+    out.offsets = batch.offsets[row : row + 1]
+    out.seen_tokens = batch.seen_tokens  # as select keeps it
+    return out
 
 
 def _load_config(model_dir: str):

@@ -55,6 +55,11 @@ class ServeSettings(BaseSettings):
     prefix_cache_entries: int = Field(64, ge=0, description="saved prompt-prefix states (LRU); 0 turns the cache off")
     prefix_cache_bytes: int = Field(1 << 30, ge=0, description="bytes the prefix cache holds: each entry's state and logits")
     prefix_cache_min_tokens: int = Field(4, ge=1, description="shorter prefixes are not worth an entry")
+    prefix_cache_answers: bool = Field(
+        True, description="also keep the state after each finished answer (its prompt and generated tokens), so a "
+        "chat's next turn or a Responses continuation prefills only its new tokens; off: prompts' states alone (for "
+        "single-turn traffic, whose answers nobody continues, the entries go to prompts)"
+    )
     max_sessions: int = Field(256, ge=0, description="resumable sessions kept at once (LRU); 0 turns sessions off")
     session_bytes: int = Field(2 << 30, ge=0)
     session_ttl_s: float = Field(1800.0, gt=0)

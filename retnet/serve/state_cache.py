@@ -4,8 +4,8 @@ A RetNet's whole context is one fixed-size state, so keeping the state after a p
 10 tokens or 100 000 — unlike a Transformer's KV cache. Two uses:
 
 - :class:`PrefixCache`: an LRU of states keyed by the token prefix that produced them (a system prompt,
-  the earlier turns of a chat, a repeated prompt). A prompt that starts with a cached prefix is prefilled
-  from that state: the prefix costs no compute.
+  the earlier turns of a chat, a repeated prompt, a prompt and the answer generated after it). A prompt that
+  starts with a cached prefix is prefilled from that state: the prefix costs no compute.
 - :class:`SessionStore`: a named conversation's state after its last request, so the next request sends
   only its new tokens. Bounded in count and bytes, expiring after a TTL.
 """
@@ -33,7 +33,9 @@ def held_bytes(cache: RetNetCache | None, *tensors: torch.Tensor | None) -> int:
 class PrefixEntry:
     tokens: tuple[int, ...]
     cache: RetNetCache  # one row, owned by the entry (never mutated; users clone it)
-    logits: torch.Tensor | None  # [V] next-token logits after the prefix (lets an exact repeat skip all compute)
+    # [V] next-token logits after the prefix (lets an exact repeat skip all compute); None after an answer, whose
+    # last token was sampled, never fed.
+    logits: torch.Tensor | None
     nbytes: int  # held_bytes(cache, logits)
 
 
