@@ -35,11 +35,12 @@ VARIANTS = {
 
 
 def main(out: str) -> None:
-    reference = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference = {"device": device}
     for number, (name, overrides) in enumerate(VARIANTS.items()):
         torch.manual_seed(number)
         config = RetNetConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, fuse_cross_entropy=False,
-                              attn_mode="chunk" if torch.cuda.is_available() else "fused_recurrent",
+                              attn_mode="chunk" if device == "cuda" else "fused_recurrent",
                               bos_token_id=1, eos_token_id=2, **overrides)
         model = RetNetForCausalLM(config).eval()
         with torch.no_grad():
@@ -47,17 +48,18 @@ def main(out: str) -> None:
                 if "norm" in param_name:  # ones by default: random, so a misplaced norm weight shows
                     param.uniform_(0.5, 1.5)
         model.save_pretrained(os.path.join(out, name))
-        short = torch.randint(3, 101, (2, 29))  # odd, and not a multiple of our chunk size
+        model.to(device)
+        ids = torch.randint(3, 101, (2, 29))  # odd, and not a multiple of our chunk size
         prompt = torch.randint(3, 101, (1, 11))
         with torch.no_grad():
-            entry = {"ids": short, "logits": model(short).logits, "prompt": prompt}
+            entry = {"ids": ids, "logits": model(ids.to(device)).logits.cpu(), "prompt": prompt}
             if name == "default":
                 # Greedy by whole forwards: fla 0.6.0's own generate() departs from them from the first token
                 # on transformers 5.24 (it was written against the older cache arguments).
-                ids = prompt
+                generated = prompt.to(device)
                 for _ in range(6):
-                    ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], 1)
-                entry["generated"] = ids
+                    generated = torch.cat([generated, model(generated).logits[:, -1:].argmax(-1)], 1)
+                entry["generated"] = generated.cpu()
         reference[name] = entry
     torch.save(reference, os.path.join(out, "reference.pt"))
 

@@ -30,6 +30,11 @@ def reference(fla_checkpoints) -> dict:
     return torch.load(fla_checkpoints / "reference.pt", weights_only=True)
 
 
+def tolerance(reference: dict) -> dict:
+    # On a GPU fla's fp32 kernels multiply in TF32 (10-bit mantissas); the interpreter computes true fp32.
+    return dict(atol=2e-4, rtol=1e-4) if reference["device"] == "cpu" else dict(atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("variant", ["default", "grouped", "plain"])
 def test_converted_model_computes_fla_logits(fla_checkpoints, reference, tmp_path, variant):
     convert_fla_checkpoint(fla_checkpoints / variant, tmp_path)
@@ -38,7 +43,7 @@ def test_converted_model_computes_fla_logits(fla_checkpoints, reference, tmp_pat
     with torch.no_grad():
         for mode in ("parallel", "chunkwise", "recurrent"):
             logits = model(expected["ids"], retention_mode=mode).logits
-            torch.testing.assert_close(logits, expected["logits"], atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(logits, expected["logits"], **tolerance(reference))
 
 
 def test_converted_model_generates_fla_tokens(fla_checkpoints, reference, tmp_path):
@@ -86,7 +91,7 @@ def test_sharded_fla_checkpoint(fla_checkpoints, reference, tmp_path):
     model = RetNetForCausalLM.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         logits = model(reference["default"]["ids"]).logits
-    torch.testing.assert_close(logits, reference["default"]["logits"], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, reference["default"]["logits"], **tolerance(reference))
 
 
 @pytest.mark.parametrize(("field", "value"), [
