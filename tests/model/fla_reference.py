@@ -54,8 +54,9 @@ def main(out: str) -> None:
         with torch.no_grad():
             entry = {"ids": ids, "logits": model(ids.to(device)).logits.cpu(), "prompt": prompt}
             if name == "default":
-                # Greedy by whole forwards: fla 0.6.0's own generate() departs from them from the first token
-                # on transformers 5.24 (it was written against the older cache arguments).
+                # Greedy by whole forwards: on transformers 5.24, fla 0.6.0's own generate() is right for the
+                # first token only (later steps see the last token alone: it reads the cache under the old name
+                # past_key_values, which transformers now passes as cache).
                 generated = prompt.to(device)
                 for _ in range(6):
                     generated = torch.cat([generated, model(generated).logits[:, -1:].argmax(-1)], 1)
