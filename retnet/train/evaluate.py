@@ -21,6 +21,10 @@ that grows with the segment, not the document. ``--batch-size`` documents run to
 when one ends, the next document takes its place from a fresh state, so the row stays full (the loss is the
 same as one document at a time).
 
+``--position-edges 128,512,2048`` also reports the loss by position in the document (the targets' index,
+0 = its first token): here [0, 128), [128, 512), [512, 2048) and [2048, ∞). A RetNet trained on 128-token
+blocks scored past them shows how it extrapolates in length.
+
 Exit status: 0 on success, 2 for bad options or input (a missing model directory, a dataset without
 documents, a non-positive size ...), with a message naming the option.
 """
@@ -61,6 +65,41 @@ class EvalResult:
     perplexity: float
     tokens_per_second: float
     seconds: float
+    # With position edges: one {"start", "end" (None: no end), "tokens", "loss", "perplexity"} per bucket.
+    by_position: list[dict] | None = None
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if not loss >= 700 else math.inf  # NaN stays NaN
+
+
+class PositionBuckets:
+    """Loss sums and target counts by position in the document, in buckets cut at ``edges`` (increasing
+    positive token positions): [0, e1), [e1, e2), ..., [e_last, ∞). Summed on the device, in float64."""
+
+    def __init__(self, edges: Sequence[int], device: torch.device | str = "cpu"):
+        edges = list(edges)
+        if not edges or any(not isinstance(e, int) or e <= 0 for e in edges) or edges != sorted(set(edges)):
+            raise ValueError(f"position edges must be increasing positive integers; got {edges}")
+        self.edges = edges
+        self._edges = torch.tensor(edges, device=device)
+        self.sums = torch.zeros(len(edges) + 1, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(len(edges) + 1, dtype=torch.long, device=device)
+
+    def add(self, positions: torch.Tensor, losses: torch.Tensor) -> None:
+        """``positions`` ``[N]`` (each target's index in its document) and their ``losses`` ``[N]``."""
+        bucket = torch.bucketize(positions.to(self._edges.device), self._edges, right=True)
+        self.sums.index_add_(0, bucket, losses.to(self.sums.device, torch.float64))
+        self.counts += torch.bincount(bucket, minlength=len(self.counts))
+
+    def rows(self) -> list[dict]:
+        sums, counts = self.sums.tolist(), self.counts.tolist()
+        starts, ends = [0, *self.edges], [*self.edges, None]
+        rows = []
+        for start, end, total, count in zip(starts, ends, sums, counts):
+            loss = total / count if count else math.nan
+            rows.append({"start": start, "end": end, "tokens": count, "loss": loss, "perplexity": _perplexity(loss)})
+        return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,7 +125,7 @@ def encode(tokenizer, texts: list[str], batch: int = 512) -> list[np.ndarray]:
 
 @torch.no_grad()
 def score_documents(model, documents: Sequence[Sequence[int]], *, segment_tokens: int = 2048, batch_size: int = 1,
-                    progress=None) -> tuple[float, int]:
+                    progress=None, buckets: PositionBuckets | None = None) -> tuple[float, int]:
     """(summed cross-entropy, targets) of ``documents`` (token id lists, each predicting ``ids[1:]`` from
     ``ids[:-1]``), run ``segment_tokens`` at a time with the recurrent cache carried between segments.
 
@@ -94,7 +133,8 @@ def score_documents(model, documents: Sequence[Sequence[int]], *, segment_tokens
     cache row, so no padding is run and no state leaks between them. When a document ends, the next one in the
     queue takes over its cache row in the next segment, from a fresh state (zero, position 0: what a document
     scored alone starts from), so the row holds ``batch_size`` documents until the queue is empty (continuous
-    batching). The result is batch_size=1's, up to the rounding of the sums."""
+    batching). The result is batch_size=1's, up to the rounding of the sums. ``buckets`` also gets each
+    target's loss by its position in its document."""
     if segment_tokens < 1 or batch_size < 1:
         raise ValueError(f"segment_tokens and batch_size must be >= 1; got {segment_tokens}, {batch_size}")
     device = next(model.parameters()).device
@@ -112,7 +152,13 @@ def score_documents(model, documents: Sequence[Sequence[int]], *, segment_tokens
         out = model(input_ids=torch.cat([p[:-1] for p in pieces])[None].to(device),
                     cu_seqlens=lengths.cumsum(0).to(device), cache=cache, use_cache=True)
         want = torch.cat([p[1:] for p in pieces]).to(device)
-        total += F.cross_entropy(out.logits[0].float(), want, reduction="sum")
+        if buckets is None:
+            total += F.cross_entropy(out.logits[0].float(), want, reduction="sum")
+        else:
+            losses = F.cross_entropy(out.logits[0].float(), want, reduction="none")
+            total += losses.sum(dtype=torch.float64)
+            positions = torch.cat([torch.arange(start, start + len(p) - 1) for p, (_, start) in zip(pieces, rows)])
+            buckets.add(positions, losses)
         targets += len(want)
         if progress is not None:
             progress.update(len(want))
@@ -146,21 +192,22 @@ def _restart_rows(cache, rows: list[int]) -> None:
 
 
 def evaluate(model, documents: Sequence[Sequence[int]], *, segment_tokens: int = 2048, batch_size: int = 1,
-             progress=None) -> EvalResult:
+             progress=None, position_edges: Sequence[int] | None = None) -> EvalResult:
     # CUDA runs asynchronously: the clock must start and stop with the device idle.
     device_sync = next(model.parameters()).device.type == "cuda"
     if device_sync:
         torch.cuda.synchronize()
+    buckets = PositionBuckets(position_edges, next(model.parameters()).device) if position_edges else None
     began = time.perf_counter()
     loss_sum, tokens = score_documents(model, documents, segment_tokens=segment_tokens, batch_size=batch_size,
-                                       progress=progress)
+                                       progress=progress, buckets=buckets)
     if device_sync:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - began
     loss = loss_sum / tokens if tokens else math.nan
-    return EvalResult(documents=len(documents), tokens=tokens, loss=loss,
-                      perplexity=math.exp(loss) if not loss >= 700 else math.inf,  # NaN stays NaN
-                      tokens_per_second=tokens / seconds if seconds > 0 else math.inf, seconds=seconds)
+    return EvalResult(documents=len(documents), tokens=tokens, loss=loss, perplexity=_perplexity(loss),
+                      tokens_per_second=tokens / seconds if seconds > 0 else math.inf, seconds=seconds,
+                      by_position=None if buckets is None else buckets.rows())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,6 +307,17 @@ def _count(minimum: int):
     return parse
 
 
+def _edges(text: str) -> list[int]:
+    try:
+        edges = [int(part) for part in text.split(",")]
+    except ValueError:
+        edges = []
+    if not edges or any(e <= 0 for e in edges) or edges != sorted(set(edges)):
+        raise argparse.ArgumentTypeError(f"must be increasing positive token positions, comma-separated "
+                                         f"(e.g. 128,512,2048); got {text!r}")
+    return edges
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retnet-eval", description="Per-token loss and perplexity of an exported RetNet over whole documents.")
@@ -278,6 +336,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype (default: float32)")
     parser.add_argument("--cache-dir", default=None, help="as data.cache_dir: where datasets caches what it "
                                                           "reads (default: $XDG_CACHE_HOME/retnet/train)")
+    parser.add_argument("--position-edges", type=_edges, default=None, metavar="E1,E2,...",
+                        help="also report the loss by position in the document, in buckets cut at these token "
+                             "positions (e.g. 128,512,2048: [0,128) [128,512) [512,2048) [2048,∞))")
     parser.add_argument("--json", action="store_true", help="print one JSON record instead of a line of text")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return parser
@@ -303,6 +364,17 @@ def _library_bars(shown: bool) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+def _finite_or_null(value):
+    """NaN and Infinity are not JSON (jq, JSON.parse and most loaders refuse the line): null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = _parser()
@@ -323,19 +395,23 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=sum(len(d) - 1 for d in documents), desc="eval", unit="tok", unit_scale=True,
               disable=args.no_progress, file=sys.stderr) as bar:
         result = evaluate(model, documents, segment_tokens=args.segment_tokens, batch_size=args.batch_size,
-                          progress=bar)
+                          progress=bar, position_edges=args.position_edges)
     if args.json:
         # Every setting that selects the documents: records of two splits (or fields) of one dataset must differ.
         record = {"model": args.model, "dataset": args.dataset, "name": args.name, "split": args.split,
                   "text_field": args.text_field, "max_documents": args.max_documents, **asdict(result),
                   "segment_tokens": args.segment_tokens, "batch_size": args.batch_size,
                   "device": str(next(model.parameters()).device), "dtype": str(DTYPES[args.dtype]).split(".")[-1]}
-        # NaN and Infinity are not JSON (jq, JSON.parse and most loaders refuse the line): null instead.
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        print(json.dumps(record, allow_nan=False))
+        if result.by_position is None:
+            del record["by_position"]
+        print(json.dumps(_finite_or_null(record), allow_nan=False))
     else:
         print(f"{result.documents} documents, {result.tokens} tokens: loss {result.loss:.4f}, perplexity "
               f"{result.perplexity:.2f} ({result.tokens_per_second:,.0f} tokens/s)")
+        for row in result.by_position or []:
+            span = f"[{row['start']}, {'∞' if row['end'] is None else row['end']})"
+            print(f"  positions {span:>16}: {row['tokens']:>10} tokens, loss {row['loss']:.4f}, "
+                  f"perplexity {row['perplexity']:.2f}")
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from retnet.train.evaluate import EXIT_USAGE, encode, load_model, main, score_documents
+from retnet.train.evaluate import EXIT_USAGE, encode, evaluate, load_model, main, score_documents
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -425,3 +425,47 @@ def test_cli_a_split_of_local_files_is_refused_by_option(export_dir, jsonl, tmp_
     assert status == 2
     err = capsys.readouterr().err
     assert "--split 'test'" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss by position in the document (--position-edges)
+# ----------------------------------------------------------------------------------------------------------
+def test_losses_by_position_equal_a_full_forwards_per_token_losses(model_and_tokenizer, texts):
+    """Segments that cut documents and rows refilled by the next document: each bucket's loss is the mean of
+    the full forward's per-token losses at those positions, and the buckets add up to the whole."""
+    model, tokenizer = model_and_tokenizer
+    documents = encode(tokenizer, texts)
+    edges = [16, 100, 333]
+    sums, counts = [0.0] * 4, [0] * 4
+    with torch.no_grad():
+        for ids in documents:
+            row = torch.as_tensor(ids, dtype=torch.long)[None]
+            losses = torch.nn.functional.cross_entropy(model(input_ids=row[:, :-1]).logits[0].float(), row[0, 1:],
+                                                       reduction="none")
+            for position, loss in enumerate(losses.tolist()):
+                bucket = sum(position >= e for e in edges)
+                sums[bucket] += loss
+                counts[bucket] += 1
+    result = evaluate(model, documents, segment_tokens=41, batch_size=3, position_edges=edges)
+    assert [(r["start"], r["end"]) for r in result.by_position] == [(0, 16), (16, 100), (100, 333), (333, None)]
+    assert [r["tokens"] for r in result.by_position] == counts and all(counts)
+    for row, total, count in zip(result.by_position, sums, counts):
+        assert row["loss"] == pytest.approx(total / count, rel=1e-5)
+        assert row["perplexity"] == pytest.approx(math.exp(row["loss"]))
+    weighted = sum(r["loss"] * r["tokens"] for r in result.by_position) / result.tokens
+    assert weighted == pytest.approx(result.loss, rel=1e-9)
+    assert evaluate(model, documents, segment_tokens=41, batch_size=3).by_position is None
+
+
+def test_cli_position_edges(export_dir, jsonl, tmp_path, capsys):
+    common = ["--model", str(export_dir), "--dataset", str(jsonl), "--no-progress", "--device", "cpu",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert run_main([*common, "--position-edges", "8,64", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["start"], r["end"]) for r in record["by_position"]] == [(0, 8), (8, 64), (64, None)]
+    assert sum(r["tokens"] for r in record["by_position"]) == record["tokens"]
+    assert run_main([*common, "--position-edges", "8,64"]) == 0
+    assert "positions          [64, ∞)" in capsys.readouterr().out
+    for bad in ("64,8", "0,8", "8,8", "eight", ""):
+        assert run_main([*common, "--position-edges", bad]) == EXIT_USAGE
+        assert "--position-edges" in capsys.readouterr().err
