@@ -12,6 +12,8 @@ FFN. The mapping is exact:
 - fla's grouped keys/values (``num_kv_heads``) are repeated into one key and value per head, as fla repeats
   them at run time.
 - fla without norm weights (``elementwise_affine: false``) gets weights of one.
+- Older fla releases fuse the FFN's gate and up projections into one ``gate_proj`` of twice the width; it is
+  split in two.
 
 What has no counterpart here is refused by field name: short convolutions, feature maps, attention layers
 (``attn``), AttnRes, and an output gate other than swish. The tokenizer and generation config are copied.
@@ -131,7 +133,7 @@ def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, 
     if embed is None:
         raise ValueError("fla checkpoint has no model.embeddings.weight: not a flash-linear-attention RetNet")
     ours = {"model.embed_tokens.weight": embed}
-    k_dim, v_dim = config.head_dim, config.value_head_dim
+    k_dim, v_dim, width = config.head_dim, config.value_head_dim, config.intermediate_size
     for layer in range(config.num_hidden_layers):
         src, dst = f"model.layers.{layer}.", f"model.layers.{layer}."
         if f"{src}attn.q_proj.weight" not in remaining:
@@ -155,6 +157,10 @@ def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, 
         ours[dst + "ffn_norm.weight"] = norm_weight(src + "mlp_norm.weight", hidden)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             weight = take(f"{src}mlp.{proj}.weight")
+            if weight is None and proj == "up_proj" and ours[f"{dst}mlp.gate_proj.weight"].shape[0] == 2 * width:
+                # Older fla releases (those of the 2024 fla-hub models) fuse both: gate_proj gives 2I outputs,
+                # split as `gate, y = gate_proj(x).chunk(2, -1)`.
+                ours[f"{dst}mlp.gate_proj.weight"], weight = ours[f"{dst}mlp.gate_proj.weight"].chunk(2, dim=0)
             if weight is None:
                 raise ValueError(f"fla checkpoint has no {src}mlp.{proj}.weight")
             ours[f"{dst}mlp.{proj}.weight"] = weight
@@ -216,8 +222,8 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
         raise ValueError(f"{src / 'config.json'} is not a flash-linear-attention RetNet config (no expand_k, "
                          "attn_mode or num_heads); a retnet-stack checkpoint needs no conversion")
     weights = load_weights(src)
-    gate = weights.get("model.layers.0.mlp.gate_proj.weight")
-    config = retnet_config_from_fla(fla, None if gate is None else gate.shape[0])
+    down = weights.get("model.layers.0.mlp.down_proj.weight")
+    config = retnet_config_from_fla(fla, None if down is None else down.shape[1])
     state = retnet_state_dict_from_fla(weights, fla, config)
     # One dtype for the whole model (fla keeps its head norms in fp32 under a bf16 model).
     dtype = dtype or state["model.embed_tokens.weight"].dtype

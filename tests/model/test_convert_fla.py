@@ -76,6 +76,25 @@ def test_conversion_keeps_config_dtype_and_tokenizer(fla_checkpoints, bpe_tokeni
     assert AutoTokenizer.from_pretrained(tmp_path / "ours")(text).input_ids == bpe_tokenizer(text).input_ids
 
 
+def test_older_flas_fused_gate_and_up_projection_is_split(fla_checkpoints, reference, tmp_path):
+    """fla's 2024 releases had one ``gate_proj`` of 2I outputs, ``gate, y = gate_proj(x).chunk(2, -1)``: the same
+    model written that way converts to the same logits."""
+    source = tmp_path / "fla"
+    source.mkdir()
+    (source / "config.json").write_bytes((fla_checkpoints / "default" / "config.json").read_bytes())
+    weights = load_file(fla_checkpoints / "default" / "model.safetensors")
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp."
+        weights[prefix + "gate_proj.weight"] = torch.cat([weights[prefix + "gate_proj.weight"],
+                                                          weights.pop(prefix + "up_proj.weight")])
+    save_file(weights, source / "model.safetensors")
+    convert_fla_checkpoint(source, tmp_path / "ours")
+    model = RetNetForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        logits = model(reference["default"]["ids"]).logits
+    torch.testing.assert_close(logits, reference["default"]["logits"], **tolerance(reference))
+
+
 def test_sharded_fla_checkpoint(fla_checkpoints, reference, tmp_path):
     source = tmp_path / "fla"
     source.mkdir()
