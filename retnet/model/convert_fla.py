@@ -152,7 +152,7 @@ def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, 
         # elementwise_affine it has none (a weight of ones).
         fused = src + "attn.g_norm_swish_gate.weight" in remaining
         head_norm = norm_weight(src + ("attn.g_norm_swish_gate.weight" if fused else "attn.g_norm.weight"),
-                                v_dim, optional=fla.get("elementwise_affine", True) is False)
+                                v_dim, optional=not fla.get("elementwise_affine", True))
         ours[dst + "retention.head_norm.weight"] = head_norm.repeat(heads)
         ours[dst + "ffn_norm.weight"] = norm_weight(src + "mlp_norm.weight", hidden)
         for proj in ("gate_proj", "up_proj", "down_proj"):
