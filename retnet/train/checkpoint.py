@@ -530,14 +530,19 @@ def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer
     missing = [k for k in missing if k not in ("lm_head.weight",) or not model_config.tie_word_embeddings]
     if missing or unexpected:
         raise RuntimeError(f"export: state dict does not fit the model: missing {missing}, unexpected {unexpected}")
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    prepare_export(model, tokenizer)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
     return replace_directory(Path(directory), write)
+
+
+def prepare_export(model, tokenizer) -> None:
+    """What an exported model's generation config takes from its tokenizer (``generate`` stops on EOS)."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def replace_directory(directory: Path, write) -> Path:
@@ -560,7 +565,7 @@ def replace_directory(directory: Path, write) -> Path:
 __all__ = [
     "CheckpointError", "checkpoint_layout", "commit_checkpoint", "export_pretrained", "file_entries",
     "find_resume_checkpoint", "fsync_tree", "list_checkpoints", "load_checkpoint", "load_checkpoint_trainer",
-    "load_sharded_state", "new_temp_dir", "note_verified", "remove_stale_export", "remove_stale_temp",
-    "replace_directory", "rng_state", "save_checkpoint", "save_sharded_state", "saved_model_shapes", "set_rng_state",
+    "load_sharded_state", "new_temp_dir", "note_verified", "prepare_export", "remove_stale_export",
+    "remove_stale_temp", "replace_directory", "rng_state", "save_checkpoint", "save_sharded_state", "saved_model_shapes", "set_rng_state",
     "supersede_after", "verified_identity", "verify_checkpoint",
 ]

@@ -4,7 +4,7 @@
 
 ``name_or_path`` is a preset shipped in ``retnet/train/configs/<name>.toml`` (``tiny``, ``small``,
 ``retnet-1.3b`` ...) or a path to a TOML file with the tables ``[model]``, ``[data]``, ``[optim]``,
-``[train]``, ``[checkpoint]``, ``[logging]``. Overrides are ``--section.key=value`` (or ``--section.key
+``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``). Overrides are ``--section.key=value`` (or ``--section.key
 value``), coerced to the field's type; ``--model.extra.KEY=VALUE`` sets any other ``RetNetConfig`` field
 (VALUE read as a TOML value). Unknown keys and values of the wrong type are refused with the key's name.
 """
@@ -34,6 +34,9 @@ PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_LAYOUTS = ("auto", "full", "sharded")
 DATA_FORMATS = ("text", "chat")
+# Every nn.Linear of a decoder layer, retention then FFN (g_proj without use_output_gate and gate_proj without
+# ffn_glu do not exist): what LoRA may adapt, and by default does.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ANY_VOCAB_SIZE = 2**31 - 1  # a stand-in at load, large enough for any token id a tokenizer may hold
 
 
@@ -300,6 +303,43 @@ class LoggingConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
+class LoraConfig(_Section):
+    """LoRA fine-tuning (``peft``): low-rank adapters on the decoder layers' Linear modules; only they train.
+
+    ``rank`` 0 (the default) trains every weight as before. ``alpha`` scales the update by ``alpha / rank``
+    (``alpha / sqrt(rank)`` with ``use_rslora``); ``dropout`` is applied to the adapters' input.
+    ``target_modules``: Linear module names of the decoder layers (``LORA_TARGETS``); empty = every one the
+    model has. Meant for a pretrained model (``model.init_from``), whose weights the adapters' checkpoints
+    then leave out; on a random init the whole model is checkpointed.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=list)  # of LORA_TARGETS names; [] = all the model has
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("lora", self, "rank", allow_zero=True)
+        _positive("lora", self, "alpha")
+        if not 0.0 <= self.dropout < 1.0:  # nan fails it too
+            _refuse("lora.dropout", "must be in [0, 1)", self.dropout)
+        unknown = [name for name in self.target_modules if not isinstance(name, str) or name not in LORA_TARGETS]
+        if unknown:
+            _refuse("lora.target_modules", f"must name Linear modules of the decoder layers, of {LORA_TARGETS} "
+                    f"(unknown: {unknown})", self.target_modules)
+        if len(set(self.target_modules)) != len(self.target_modules):
+            _refuse("lora.target_modules", "must not name a module twice", self.target_modules)
+        if self.target_modules and not self.rank:  # most likely a forgotten lora.rank: that run trains every weight
+            _refuse("lora.target_modules", "is set but lora.rank is 0 (LoRA off); set lora.rank > 0",
+                    self.target_modules)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(kw_only=True, slots=True)
 class JobConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -307,6 +347,7 @@ class JobConfig(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         # Here, not in OptimConfig: the bound is another section's field. The warmup's last step is the one at
@@ -397,6 +438,19 @@ def model_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     return changes
 
 
+# What shapes the adapters or changes what they compute; lora.dropout may change on a resume.
+_LORA_FIELDS = ("rank", "alpha", "use_rslora", "target_modules")
+
+
+def lora_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
+    """The ``[lora]`` settings that differ between a checkpoint's config (``saved``, a ``JobConfig.to_dict()``;
+    one from before LoRA trained without it) and ``current``, as ``"lora.rank: checkpoint 8, now 16"``."""
+    old = {**LoraConfig().to_dict(), **saved.get("lora", {})}
+    now = current.lora.to_dict()
+    return [f"lora.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in _LORA_FIELDS
+            if old[name] != now[name]]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading: presets, TOML files, overrides
 # ----------------------------------------------------------------------------------------------------------
@@ -477,6 +531,13 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
             return int(text)
         if expected is float:
             return float(text)
+        if expected is list:  # --lora.target_modules=q_proj,v_proj (or a TOML/JSON list)
+            if text.strip().startswith("["):
+                value = _parse_toml_value(text)
+                if not isinstance(value, list):
+                    raise ValueError(text)
+                return value
+            return [item.strip() for item in text.split(",") if item.strip()]
         if expected is dict:
             value = json.loads(text)
             if not isinstance(value, dict):
@@ -556,6 +617,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
-    "TrainConfig", "build_config", "data_changes", "load_config", "model_changes", "parse_overrides", "preset_names",
+    "LORA_TARGETS", "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig", "LoraConfig",
+    "ModelConfig", "OptimConfig", "TrainConfig", "build_config", "data_changes", "load_config", "lora_changes",
+    "model_changes", "parse_overrides", "preset_names",
 ]

@@ -19,6 +19,8 @@ of per-rank means is the global mean): a 2-rank run logs the same losses as a 1-
 global batch. Chat data (``data.format = "chat"``) counts only the assistant tokens, a different number in
 every block: each micro-batch's summed loss is divided by the global batch's target count
 (``num_items_in_batch``), so the micro-batches and ranks add up to the mean over the global batch's targets.
+With ``lora.rank > 0`` (``retnet.train.lora``) peft's adapters are injected into the model before it is wrapped,
+and only they train: the optimizer holds them alone and, on a pretrained model, checkpoints hold only them.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from retnet.train.checkpoint import (
     supersede_after,
     verified_identity,
 )
-from retnet.train.config import ConfigError, JobConfig, OptimConfig, data_changes, model_changes
+from retnet.train.config import ConfigError, JobConfig, OptimConfig, data_changes, lora_changes, model_changes
 from retnet.train.data import build_data, masked_labels, packed_segments, tokenizer_mismatch, vocab_bound
 
 logger = logging.getLogger("retnet.train")
@@ -104,13 +106,14 @@ def get_lr(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return cfg.min_lr + share * (cfg.lr - cfg.min_lr)
 
 
-def flops_per_token(config, seq_len: int) -> float:
+def flops_per_token(config, seq_len: int, adapter_params: int | None = None) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward).
 
     Matmuls: 6·N with N the parameters minus the input embedding (a lookup), plus the output projection
-    even when tied. Retention, per layer and head (key dim K, value dim V, chunk C): the chunkwise form
-    multiplies the state in and out (q·S, kᵀ·v: 2·2·K·V) and does the intra-chunk q·kᵀ and (q·kᵀ)·v
-    (2·C·K + 2·C·V) per token. No T² term: retention's cost is linear in the sequence length."""
+    even when tied; with ``adapter_params`` n (LoRA: those N frozen, n adapter weights training) 4·N, no
+    weight gradients, plus the adapters' 6·n. Retention, per layer and head (key dim K, value dim V, chunk
+    C): the chunkwise form multiplies the state in and out (q·S, kᵀ·v: 2·2·K·V) and does the intra-chunk
+    q·kᵀ and (q·kᵀ)·v (2·C·K + 2·C·V) per token. No T² term: retention's cost is linear in the sequence length."""
     d, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
     k_dim, v_dim = config.head_dim, config.value_head_dim
     ffn = config.intermediate_size * d * (3 if config.ffn_glu else 2)
@@ -119,6 +122,8 @@ def flops_per_token(config, seq_len: int) -> float:
     n_matmul = layers * per_layer + config.vocab_size * d
     chunk = min(config.chunk_size, seq_len)
     retention = layers * heads * (4 * k_dim * v_dim + 2 * chunk * (k_dim + v_dim))
+    if adapter_params is not None:
+        return 4.0 * n_matmul + 6.0 * adapter_params + 3.0 * retention
     return 6.0 * n_matmul + 3.0 * retention
 
 
@@ -296,8 +301,18 @@ class Trainer:
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"model: {error}") from None
             self.raw_model = RetNetForCausalLM(self.model_config).to(self.device)
+        # LoRA: the adapters injected in place (the model keeps its class and forward), before DDP or FSDP,
+        # activation checkpointing and compile see it; initialized alike on every rank (the seed above).
+        self.peft_model, self.lora_targets = None, []
+        if cfg.lora.enabled:
+            from retnet.train.lora import apply_lora, target_names
+
+            self.lora_targets = target_names(cfg.lora, self.raw_model)
+            self.peft_model = apply_lora(self.raw_model, cfg.lora, self.lora_targets, init_from)
         self.n_params = sum(p.numel() for p in self.raw_model.parameters())
-        self.flops_per_token = flops_per_token(self.model_config, self.data.seq_len)
+        self.n_trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+        self.flops_per_token = flops_per_token(self.model_config, self.data.seq_len,
+                                               self.n_trainable if cfg.lora.enabled else None)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
         self._seed_rank()
         self.model = self._wrap(self.raw_model)
@@ -319,9 +334,9 @@ class Trainer:
             self._open_loggers()
         self._install_signal_handlers()
         logger.info(
-            "model %s: %.2fM parameters; world %d × micro %d × accum %d = global %d blocks of %d tokens; "
-            "%s on %s%s", self.model_name, self.n_params / 1e6, self.world_size, cfg.train.micro_batch_size,
-            self.accum, cfg.train.global_batch_size, self.data.seq_len, cfg.train.parallelism if _distributed()
+            "model %s: %.2fM parameters, %s trainable; world %d × micro %d × accum %d = global %d blocks of %d "
+            "tokens; %s on %s%s", self.model_name, self.n_params / 1e6, self._trainable_note(), self.world_size,
+            cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.data.seq_len, cfg.train.parallelism if _distributed()
             else "single process", self.device, f"; resumed from {resume_path} at step {self.step}"
             if resume_path else "",
         )
@@ -332,6 +347,35 @@ class Trainer:
         """What the logs and the loss plot call the model: its preset, or what it was fine-tuned from."""
         init_from = self.cfg.model.init_from
         return f"fine-tuned from {Path(init_from).name or init_from}" if init_from else self.cfg.model.preset
+
+    def _trainable_note(self) -> str:
+        if not self.cfg.lora.enabled:
+            return "all"
+        return (f"{self.n_trainable / 1e6:.3f}M ({100 * self.n_trainable / self.n_params:.2f}%: LoRA rank "
+                f"{self.cfg.lora.rank} on {','.join(self.lora_targets)})")
+
+    @property
+    def adapters_only(self) -> bool:
+        """Checkpoints hold only the adapters (and their optimizer state): LoRA on a pretrained model, whose
+        weights a resume loads from ``model.init_from`` again. On a random init they hold the whole model."""
+        return self.cfg.lora.enabled and self.cfg.model.init_from is not None
+
+    def _base_fingerprint(self) -> str:
+        """:func:`~retnet.train.lora.base_fingerprint` of ``model.init_from``, computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            from retnet.train.lora import base_fingerprint
+
+            self._fingerprint = base_fingerprint(Path(self.cfg.model.init_from).expanduser())
+        return self._fingerprint
+
+    def _checkpointed(self, model_state: dict) -> dict:
+        """The part of a model state dict a checkpoint holds: all of it, or only the adapters."""
+        if not self.adapters_only:
+            return model_state
+        from retnet.train.lora import trainable_names
+
+        keep = set(trainable_names(self.raw_model))
+        return {key: value for key, value in model_state.items() if key in keep}
 
     @property
     def fsdp(self) -> bool:
@@ -475,11 +519,12 @@ class Trainer:
             )
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return (get_model_state_dict(self.model, options=options),
+            return (self._checkpointed(get_model_state_dict(self.model, options=options)),
                     get_optimizer_state_dict(self.model, self.optimizer, options=options))
         if not self.is_main:
             return {}, {}
-        model = {k: v.detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
+        state = self._checkpointed(self.raw_model.state_dict())
+        model = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         return model, self.optimizer.state_dict()
 
     def _set_full_state(self, model_state: dict, optim_state: dict) -> None:
@@ -490,11 +535,12 @@ class Trainer:
                 set_optimizer_state_dict,
             )
 
-            options = StateDictOptions(full_state_dict=True)
+            # adapters only: the frozen weights stay those loaded from init_from (_check_fits checked the keys)
+            options = StateDictOptions(full_state_dict=True, strict=not self.adapters_only)
             set_model_state_dict(self.model, model_state, options=options)
             set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=options)
         else:
-            self.raw_model.load_state_dict(model_state)
+            self.raw_model.load_state_dict(model_state, strict=not self.adapters_only)
             self.optimizer.load_state_dict(optim_state)
         # On the CPU the optimizer takes the loaded tensors as they are: views of the memory-mapped checkpoint,
         # which would then stay mapped (its disk space held after pruning deletes it; on NFS a .nfs file that
@@ -528,6 +574,7 @@ class Trainer:
             tmp = self._shared_temp_dir()
             try:
                 model_state, optim_state = get_state_dict(self.model, self.optimizer)
+                model_state = self._checkpointed(model_state)
                 mine["files"] = save_sharded_state(tmp, model_state, optim_state, rank=self.rank,
                                                    distributed=_distributed())
             except BaseException:
@@ -552,6 +599,9 @@ class Trainer:
                                "tokens": self.window_tokens}, "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
             }
+            if self.adapters_only:  # what a resume must load from init_from again under these adapters
+                trainer["lora_base"] = {"path": str(Path(self.cfg.model.init_from).expanduser().resolve()),
+                                        "sha256": self._base_fingerprint()}
             keep_last = self.cfg.checkpoint.keep_last
             if self.sharded_checkpoints:
                 path = commit_checkpoint(self.ckpt_root, self.step, tmp, trainer=trainer, keep_last=keep_last,
@@ -603,6 +653,19 @@ class Trainer:
                 f"checkpoint {str(path)!r} was trained with other model settings: {'; '.join(changes)}. With them "
                 f"its weights would compute another model: resume with those settings, or start in another "
                 f"train.output_dir")
+        changes = lora_changes(trainer.get("config", {}), self.cfg)
+        if changes:
+            raise ConfigError(
+                f"checkpoint {str(path)!r} was trained with other LoRA settings: {'; '.join(changes)}. Resume with "
+                f"those settings, or start in another train.output_dir")
+        base = trainer.get("lora_base")
+        if base is not None and self.adapters_only and base["sha256"] != self._base_fingerprint():
+            # The checkpoint holds only adapters: their base is read from init_from again, and must be the same.
+            raise ConfigError(
+                f"model.init_from {self.cfg.model.init_from!r}: its weights are not those checkpoint "
+                f"{str(path)!r} trained its LoRA adapters on (it holds only the adapters; their base was "
+                f"{base['path']!r}, sha256 {base['sha256'][:16]}…, now {self._base_fingerprint()[:16]}…): restore "
+                f"that model, or start in another train.output_dir")
         changes = data_changes(trainer.get("config", {}), self.cfg, tokenizer_reused=tokenizer_reused)
         if changes:
             raise ConfigError(
@@ -621,12 +684,18 @@ class Trainer:
             self._set_full_state(state["model"], state["optimizer"])
             trainer = state["trainer"]
         else:
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_state_dict,
+                set_state_dict,
+            )
 
             trainer = load_checkpoint_trainer(path)
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            model_state = self._checkpointed(model_state)
             load_sharded_state(path, model_state, optim_state, distributed=_distributed())
-            set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                           options=StateDictOptions(strict=not self.adapters_only))
         self._apply_optim_settings()
         ranks = trainer["ranks"]
         self.step = self.last_saved_step = int(trainer["step"])
@@ -652,7 +721,8 @@ class Trainer:
         """CheckpointError naming the tensors when the saved model (``got``: its tensors' shapes) is not the
         configured one (loading would stop with a bare traceback). Under resume=auto too: the checkpoint is
         valid, the config changed."""
-        expected = {k: list(v.shape) for k, v in self.raw_model.state_dict().items()}  # DTensor: global shape
+        # DTensor: global shape. Adapters only: the checkpoint holds those, the rest comes from init_from.
+        expected = {k: list(v.shape) for k, v in self._checkpointed(self.raw_model.state_dict()).items()}
         problems = [f"{k}: checkpoint {got[k]}, model {shape}" for k, shape in expected.items()
                     if k in got and got[k] != shape]
         missing, unexpected = [k for k in expected if k not in got], [k for k in got if k not in expected]
@@ -817,7 +887,8 @@ class Trainer:
             self._metrics.flush()
             try:
                 plot_losses(self.metrics_path, self.output_dir / "loss.png",
-                            title=f"RetNet {self.model_name} ({self.n_params / 1e6:.1f}M params)")
+                            title=f"RetNet {self.model_name} ({self.n_params / 1e6:.1f}M params"
+                                  + (f", LoRA rank {cfg.lora.rank})" if cfg.lora.enabled else ")"))
             except ImportError:  # a bring-your-own-torch machine without the [train] extra: keep the run
                 logger.warning("matplotlib is not installed; no loss.png (metrics.jsonl has the curve)")
             summary["val_loss"] = val_loss
@@ -861,6 +932,15 @@ class Trainer:
         # a training-time choice: a model loaded from the export returns its logits in training mode too
         config = copy.deepcopy(self.model_config)
         config.fuse_linear_cross_entropy = False
+        if self.cfg.lora.enabled:
+            from retnet.train.lora import ADAPTER_DIR, export_lora
+
+            init_from = Path(self.cfg.model.init_from).expanduser() if self.cfg.model.init_from else None
+            path = export_lora(self.output_dir / "export", config, state, self.tokenizer, self.cfg.lora,
+                               self.lora_targets, init_from)
+            logger.info("exported the merged model and tokenizer to %s, the LoRA adapter to %s", path,
+                        path / ADAPTER_DIR)
+            return path
         path = export_pretrained(self.output_dir / "export", config, state, self.tokenizer)
         logger.info("exported model and tokenizer to %s", path)
         return path

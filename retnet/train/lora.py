@@ -1,0 +1,131 @@
+"""LoRA fine-tuning through ``peft``: adapters on the decoder layers' Linear modules, the rest frozen.
+
+    retnet-train --config small --model.init_from=runs/base/export --lora.rank=16 --lora.alpha=32
+
+The trainer builds (or loads) the model, then :func:`apply_lora` injects ``peft``'s LoRA layers into it in
+place, before DDP/FSDP, activation checkpointing and compile: the model keeps its own class and forward (the
+``PeftModel`` around it is kept for ``save_pretrained``), its ``state_dict`` names the frozen weights
+``….q_proj.base_layer.weight`` and the adapters ``….q_proj.lora_A.default.weight``, and only the adapters
+require a gradient, so the optimizer, DDP's buckets and FSDP's reduce-scatters hold only them.
+
+Checkpoints of a run with ``model.init_from`` hold only the adapters (and their optimizer state): a resume
+loads the pretrained weights from ``init_from`` again, and refuses when they are no longer the ones trained
+on (:func:`base_fingerprint`). :func:`export_lora` writes the merged model (``merge_and_unload``: a plain
+RetNet, servable as any export) and, in ``adapter/``, ``peft``'s own adapter format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+from retnet.train.config import LORA_TARGETS, ConfigError, LoraConfig
+
+ADAPTER_DIR = "adapter"  # export/adapter: peft's save_pretrained
+ADAPTER_NAME = "default"  # peft's adapter name, part of the state-dict keys (lora_A.default.weight)
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def target_names(cfg: LoraConfig, model: nn.Module) -> list[str]:
+    """The ``lora.target_modules`` names resolved against ``model`` (a ``RetNetForCausalLM``): those configured,
+    each of which it must have, or every Linear name of ``LORA_TARGETS`` its decoder layers hold."""
+    present = {name.rsplit(".", 1)[-1] for name, module in model.model.layers.named_modules()
+               if isinstance(module, nn.Linear)}
+    if not cfg.target_modules:
+        return [name for name in LORA_TARGETS if name in present]
+    missing = [name for name in cfg.target_modules if name not in present]
+    if missing:
+        raise ConfigError(f"lora.target_modules names modules this model does not have: {missing} (its decoder "
+                          f"layers' Linear modules: {[n for n in LORA_TARGETS if n in present]}; g_proj needs "
+                          f"use_output_gate, gate_proj ffn_glu); got {cfg.target_modules!r}")
+    return list(cfg.target_modules)
+
+
+def peft_config(cfg: LoraConfig, targets: list[str]):
+    """The ``peft.LoraConfig`` of this run (its ``base_model_name_or_path`` is set by :func:`_wrap`: the
+    pretrained model's directory, absolute, so the adapter names its base wherever it is read)."""
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - peft is in the [train] extra
+        raise ConfigError("lora.rank > 0 needs peft (pip install 'retnet-stack[train]'); it is not installed") \
+            from None
+    # A list of names (peft matches them as suffixes: only the decoder layers have modules of these names), not
+    # a regex: what other loaders of the adapter format (vLLM) read.
+    return peft.LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+        target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def _wrap(model: nn.Module, config, base_path: Path | None):
+    import peft
+
+    with warnings.catch_warnings():
+        # peft reads the attribute transformers renamed (is_activation_checkpointing): a warning for every run
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        wrapped = peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    # get_peft_model takes it from the model's name_or_path (the path as given, or none for a fresh model)
+    wrapped.peft_config[ADAPTER_NAME].base_model_name_or_path = (
+        str(base_path.expanduser().resolve()) if base_path is not None else None)
+    return wrapped
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, targets: list[str], base_path: Path | None):
+    """Inject the adapters into the ``targets`` modules (:func:`target_names`) of ``model`` in place and freeze
+    everything else; returns the ``PeftModel`` around it (for ``save_pretrained``; train ``model`` itself,
+    whose class and forward stay RetNet's). The adapters' init (``lora_A`` Kaiming-uniform, ``lora_B`` zero:
+    the model computes what it did) draws from torch's RNG."""
+    return _wrap(model, peft_config(cfg, targets), base_path)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """The state-dict keys of the parameters that train (the adapters under LoRA)."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def base_fingerprint(path: Path) -> str:
+    """SHA-256 over the weight files of a pretrained directory (name and contents, in name order): what a
+    checkpoint that holds only adapters was trained on top of. Reads every weight file once."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg: LoraConfig, targets: list[str],
+                base_path: Path | None) -> Path:
+    """Write ``directory`` (replaced atomically): the merged model (``merge_and_unload``, fp32 safetensors) with
+    the tokenizer, as :func:`~retnet.train.checkpoint.export_pretrained` writes a model, and
+    ``directory/adapter``, ``peft``'s ``save_pretrained`` of the adapters (``adapter_config.json``,
+    ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is ``base_path``. ``state_dict`` is the
+    trained model's (``base_layer``/``lora_A``/``lora_B`` keys)."""
+    from retnet.model import RetNetForCausalLM
+    from retnet.train.checkpoint import prepare_export, replace_directory
+
+    model = RetNetForCausalLM(model_config)
+    wrapped = _wrap(model, peft_config(cfg, targets), base_path)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not model_config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"export: state dict does not fit the LoRA model: missing {missing}, unexpected "
+                           f"{unexpected}")
+
+    def write(tmp: Path) -> None:
+        wrapped.save_pretrained(tmp / ADAPTER_DIR)  # first: merging replaces the LoRA layers
+        merged = wrapped.merge_and_unload()
+        prepare_export(merged, tokenizer)
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return replace_directory(Path(directory), write)
+
+
+__all__ = ["ADAPTER_DIR", "apply_lora", "base_fingerprint", "export_lora", "peft_config", "target_names",
+           "trainable_names"]

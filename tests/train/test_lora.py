@@ -1,0 +1,231 @@
+"""LoRA fine-tuning (``lora.rank > 0``): peft adapters on a pretrained model (``model.init_from``), only they
+train; checkpoints hold the adapters and resume exactly; the export is the merged model plus peft's adapter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from retnet.train.__main__ import EXIT_CONFIG, main
+from retnet.train.checkpoint import list_checkpoints, load_checkpoint
+from retnet.train.config import ConfigError, build_config, load_config
+
+from .test_init_from import fine_tune_args
+
+LORA = {"lora__rank": 4, "lora__alpha": 8, "optim__lr": 2e-2, "optim__weight_decay": 0.0}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus, tokenizer_dir, cache_dir):
+    """A micro model trained 10 steps and exported (the base the adapters are trained on)."""
+    from .conftest import micro_args
+
+    root = tmp_path_factory.mktemp("lora-base")
+    assert main(micro_args(corpus, tokenizer_dir, cache_dir, root / "run", checkpoint__export=True,
+                           train__steps=10, optim__lr=1e-2)) == 0
+    return root / "run" / "export"
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    """A narrow domain to adapt to: 80 documents of near-identical small Python functions."""
+    path = tmp_path_factory.mktemp("lora-domain") / "domain.jsonl"
+    with open(path, "w") as handle:
+        for i in range(80):
+            text = "".join(f"def f{j}(x):\n    return x + {j}\n\n" for j in range(i % 7, i % 7 + 12))
+            handle.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, domain, tokenizer_dir, pretrained):
+    """A LoRA fine-tune of ``pretrained`` on ``domain`` run in this process (8 steps, a checkpoint at 4 and 8,
+    exported): its output directory, arguments and the trained model (the trainer's, adapters injected)."""
+    from retnet.train.trainer import Trainer
+
+    from .conftest import micro_args
+
+    out = tmp_path_factory.mktemp("lora") / "tuned"
+    args = fine_tune_args(micro_args(domain, tokenizer_dir, out.parent / "cache", out, checkpoint__export=True,
+                                     checkpoint__interval=4, train__steps=8), pretrained, **LORA)
+    trainer = Trainer(load_config("tiny", args[2:]))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return out, args, trainer.raw_model.eval()
+
+
+def _batch(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def test_only_the_adapters_train(tuned, pretrained, read_metrics):
+    """The pretrained weights are bit-identical after training, every adapter moved (lora_B starts at 0), and
+    the validation loss fell (5.58 to 5.36 when written)."""
+    from safetensors.torch import load_file
+
+    out, _, model = tuned
+    base = load_file(pretrained / "model.safetensors")
+    state = model.state_dict()
+    adapters = [k for k in state if ".lora_" in k]
+    assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(adapters)
+    frozen = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    assert set(base) <= set(frozen)
+    for key, value in base.items():
+        assert torch.equal(frozen[key], value), key
+    assert all(state[k].abs().sum() > 0 for k in adapters if ".lora_B." in k)
+    val = [r["val_loss"] for r in read_metrics(out, "val")]
+    assert val[-1] < val[0] - 0.1, val
+
+
+def test_checkpoints_hold_only_the_adapters(tuned):
+    out, _, model = tuned
+    saved = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(saved["model"]) == trainable
+    assert len(saved["optimizer"]["state"]) == len(trainable)
+    assert saved["trainer"]["lora_base"]["sha256"]
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it
+def test_the_export_is_the_merged_model_and_the_peft_adapter(tuned, pretrained):
+    """export/ (merge_and_unload) computes the trained model's logits; export/adapter loaded by peft onto the
+    pretrained model does too; its base_model_name_or_path is init_from."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _, model = tuned
+    tokens = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "export").eval()
+        assert not any("lora" in k for k in merged.state_dict())
+        torch.testing.assert_close(merged(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5,
+                                   atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(pretrained).eval()
+        with_adapter = PeftModel.from_pretrained(base, out / "export" / "adapter").eval()
+        torch.testing.assert_close(with_adapter(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5,
+                                   atol=1e-5)
+    config = json.loads((out / "export" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(pretrained.resolve())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "up_proj", "down_proj"])
+    assert (out / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "export" / "tokenizer.json").is_file()
+
+
+def test_a_resume_retraces_the_losses_bit_for_bit(tuned, tmp_path, read_metrics):
+    """The step-8 checkpoint gone, the run resumes from step 4 (the adapters over init_from's weights again)."""
+    out, args, _ = tuned
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000008")
+    args = [a if not a.startswith("--train.output_dir=") else f"--train.output_dir={copy}" for a in args]
+    assert main([*args, "--checkpoint.export=false"]) == 0
+    losses = {r["step"]: r["loss"] for r in read_metrics(out)}
+    again = {r["step"]: r["loss"] for r in read_metrics(copy)}
+    assert sorted(again) == list(range(1, 9))
+    assert [again[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
+
+
+def test_a_resume_with_other_lora_settings_or_base_weights_is_refused(tuned, tmp_path, capsys):
+    out, args, _ = tuned
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    args = [a if not a.startswith("--train.output_dir=") else f"--train.output_dir={copy}" for a in args]
+    assert main([*args, "--lora.rank=8", "--train.steps=9"]) == EXIT_CONFIG
+    assert "lora.rank: checkpoint 4, now 8" in capsys.readouterr().err
+    # the same architecture and tokenizer, other weights: a resume would put the adapters on another model
+    other = tmp_path / "other-base"
+    shutil.copytree(copy / "export", other, ignore=shutil.ignore_patterns("adapter"))
+    args = [a if not a.startswith("--model.init_from=") else f"--model.init_from={other}" for a in args]
+    assert main([*args, "--train.steps=9"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"model.init_from {str(other)!r}: its weights are not those" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ({"rank": -1}, "lora.rank"), ({"rank": 4, "alpha": 0.0}, "lora.alpha"), ({"dropout": 1.0}, "lora.dropout"),
+    ({"rank": 4, "target_modules": ["q_proj", "lm_head"]}, "lora.target_modules"),
+    ({"rank": 4, "target_modules": ["q_proj", "q_proj"]}, "lora.target_modules"),
+    ({"target_modules": ["q_proj"]}, "lora.target_modules is set but lora.rank is 0"),
+])
+def test_nonsense_lora_settings_are_refused_by_name(override, key):
+    with pytest.raises(ConfigError, match=key):
+        build_config({"lora": override})
+
+
+def test_target_modules_parse_from_the_command_line():
+    cfg = load_config("tiny", ["--lora.rank=8", "--lora.target_modules=q_proj, v_proj"])
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert load_config("tiny", ["--lora.rank=8", '--lora.target_modules=["o_proj"]']).lora.target_modules == ["o_proj"]
+
+
+def test_a_target_module_the_model_lacks_is_refused(micro, tmp_path, capsys):
+    """g_proj exists only with use_output_gate: named, it is refused before anything trains."""
+    out = tmp_path / "run"
+    assert main([*micro(out), "--model.extra.use_output_gate=false", "--lora.rank=4",
+                 "--lora.target_modules=g_proj,q_proj"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "lora.target_modules names modules this model does not have: ['g_proj']" in err
+    assert not (out / "checkpoints").exists()
+
+
+def test_lora_on_a_random_init_checkpoints_the_whole_model(micro, tmp_path):
+    """Without model.init_from there is no base to load again: checkpoints hold every weight, and the exported
+    adapter names no base (the merged export is the model)."""
+    out = tmp_path / "run"
+    assert main([*micro(out, train__steps=2, checkpoint__export=True), "--lora.rank=2",
+                 "--lora.target_modules=q_proj,v_proj", "--lora.use_rslora=true"]) == 0
+    saved = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert "model.embed_tokens.weight" in saved["model"] and "lora_base" not in saved["trainer"]
+    assert {k for k in saved["model"] if ".lora_" in k} == {
+        f"model.layers.{i}.retention.{m}.lora_{ab}.default.weight" for i in range(2) for m in ("q_proj", "v_proj")
+        for ab in "AB"}
+    config = json.loads((out / "export" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] is None and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert config["use_rslora"] is True and config["r"] == 2
+
+
+def test_lora_fine_tunes_on_conversations(pretrained, tmp_path, read_metrics):
+    """``data.format=chat`` needs nothing of its own: the assistant-only loss trains the adapters."""
+    from .conftest import micro_args
+    from .test_chat_sft import conversation
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": conversation(i)}) + "\n" for i in range(120)))
+    out = tmp_path / "chat"
+    # few, long blocks: a chat step costs about as much per block as per token on this micro model
+    args = fine_tune_args(micro_args(chats, pretrained, tmp_path / "cache", out, train__steps=4, data__format="chat",
+                                     data__seq_len=128, train__global_batch_size=2), pretrained,
+                          **{**LORA, "optim__lr": 3e-2})
+    assert main(args) == 0
+    val = [r["val_loss"] for r in read_metrics(out, "val")]  # over the assistant tokens
+    assert val[-1] < val[0] - 0.05, val  # 5.73 to 5.61 when written
+
+
+def test_fsdp_lora_follows_one_process(tuned, tmp_path, run, read_metrics):
+    """Two gloo ranks under FSDP2 (fully_shard per layer over frozen weights and adapters together) retrace the
+    one-process run: the same losses, sharded checkpoints of only the adapters, the same merged export."""
+    from safetensors.torch import load_file
+
+    out, args, model = tuned
+    fsdp = tmp_path / "fsdp"
+    args = [a if not a.startswith("--train.output_dir=") else f"--train.output_dir={fsdp}" for a in args]
+    done = run([*args, "--train.parallelism=fsdp"], nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["loss"] for r in read_metrics(fsdp)] == pytest.approx([r["loss"] for r in read_metrics(out)], rel=1e-6)
+    last = list_checkpoints(fsdp / "checkpoints")[-1]
+    assert json.loads((last / "manifest.json").read_text())["layout"] == "sharded"
+    saved = load_checkpoint(last)["model"]
+    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
+    merged, expected = load_file(fsdp / "export" / "model.safetensors"), load_file(out / "export" / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], rtol=1e-6, atol=1e-6)
+    assert (fsdp / "export" / "adapter" / "adapter_model.safetensors").is_file()
