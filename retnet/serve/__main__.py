@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{info.description or name} ({default}; env RETNET_{name.upper()})"
         # A boolean flag alone means true (vLLM's --enable-auto-tool-choice); "--flag false" is read too.
         toggle = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
+        if name == "lora_modules":  # vLLM's syntax: --lora-modules a=/path b=/other
+            toggle = {"nargs": "+"}
         parser.add_argument(flag, dest=name, default=None, help=help_text, **toggle)
     return parser
 
@@ -49,7 +51,13 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    from retnet.serve.lora import LoraError
+
+    try:
+        app = create_app(settings)
+    except LoraError as exc:  # an adapter this server cannot serve: the message names it and the field
+        print(f"retnet-serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
 

@@ -32,6 +32,7 @@ import torch
 
 from retnet.model import RetNetCache
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
+from retnet.serve.lora import LoraAdapter, LoraSlots, install, linear_modules, load_adapter, meta_model
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.sampling import RowSampler, SamplingParams, grammar_masks_of, prompt_logprobs, sample_step
 from retnet.serve.settings import ServeSettings
@@ -139,6 +140,7 @@ class Group:
     first_index: int
     session_id: str | None = None
     session: Session | None = None
+    adapter: int = 0  # the LoRA adapter's slot (Engine.adapters[adapter - 1]); 0: the base model
     prefix_hint: int | None = None  # a token offset worth caching the state at (the chat's history)
     # The prompt token that opens its echoed text, where a SentencePiece decoder drops the token's leading space;
     # None: the first one decoding does not skip (the text was the client's, a BOS the tokenizer adds not in it).
@@ -198,6 +200,11 @@ class Engine:
         self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
                                         settings.prefix_cache_min_tokens)
         self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s)
+        # LoRA adapters, read and checked now (a bad one stops the server before it loads the model); adapter i is
+        # slot i + 1 of the LoraSlots installed with the model.
+        self.adapters: list[LoraAdapter] = self._read_adapters()
+        self.adapter_slots = {adapter.name: i for i, adapter in enumerate(self.adapters, start=1)}
+        self.lora: LoraSlots | None = None
 
         self.cond = threading.Condition()
         self.waiting: deque[Group] = deque()  # guarded by cond
@@ -243,16 +250,25 @@ class Engine:
             self.thread.join(timeout=30)
         self.metrics.engine_ready.set(0)
 
+    def _read_adapters(self) -> list[LoraAdapter]:
+        modules = self.settings.lora
+        if not modules:
+            return []
+        base = self.model if self.model is not None else meta_model(self.config)
+        linears = linear_modules(base)
+        return [load_adapter(module, linears, self.settings.max_lora_rank) for module in modules]
+
     # -- the API the routes call (event-loop thread) -------------------------------------------------------------
     def submit(
         self, prompts: list[list[int]], params: SamplingParams, n: int = 1, session_id: str | None = None,
         prefix_hints: list[int | None] | None = None, session: Session | None = None,
-        text_starts: list[int | None] | None = None,
+        text_starts: list[int | None] | None = None, adapter: int = 0,
     ) -> RequestHandle:
         """Queue ``prompts`` (token ids) × ``n`` choices; outputs arrive on ``handle.queue``. ``session``:
         ``session_id``'s, already acquired by the caller (who releases it if this raises); otherwise it is
         acquired here. ``text_starts``: per prompt, the token its echoed text starts at (``Group.text_start``);
-        it labels the prompt's logprobs.
+        it labels the prompt's logprobs. ``adapter``: the LoRA adapter's slot (``adapter_slots``; 0: the base
+        model).
 
         Raises EngineUnavailable, QueueFull or SessionBusy.
         """
@@ -271,8 +287,8 @@ class Engine:
             hints = prefix_hints or [None] * len(prompts)
             starts = text_starts or [None] * len(prompts)
             for i, prompt in enumerate(prompts):
-                self.waiting.append(Group(handle, list(prompt), params, n, i * n, session_id, session, hints[i],
-                                          starts[i]))
+                self.waiting.append(Group(handle, list(prompt), params, n, i * n, session_id, session, adapter,
+                                          hints[i], starts[i]))
             self.in_system += handle.num_choices
             self.metrics.prompt_tokens.inc(handle.prompt_tokens)
             self.cond.notify_all()
@@ -308,6 +324,15 @@ class Engine:
                 dtype = "bfloat16" if self.device.type == "cuda" else "float32"
             self.model = AutoModelForCausalLM.from_pretrained(self.settings.model, dtype=getattr(torch, dtype))
         self.model = self.model.to(self.device).eval()
+        if self.adapters:
+            self.lora = install(self.model, self.adapters, self.device, next(self.model.parameters()).dtype)
+
+    def _adapters_for(self, slots: list[int], counts: list[int] | None = None):
+        """The context to run a forward in whose rows (or packed sequences of ``counts`` tokens) run under LoRA
+        ``slots`` (see LoraSlots.tokens); nothing to set without adapters."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        return self.lora.tokens(slots, counts)
 
     def _iteration(self) -> bool:
         with self.cond:
@@ -317,7 +342,13 @@ class Engine:
                 return False
             self._drop_cancelled_waiting()
             busy = len(self.running) + len(self.joining) + sum(g.n for g in self.prefilling)
+            active = self._active_adapters()
             while self.waiting and busy + self.waiting[0].n <= self.settings.max_running:
+                slot = self.waiting[0].adapter
+                if slot and slot not in active and len(active) >= (self.settings.max_loras or len(self.adapters)):
+                    break  # --max-loras: it waits (in order) until an adapter leaves the batch
+                if slot:
+                    active.add(slot)
                 group = self.waiting.popleft()
                 self.prefilling.append(group)
                 busy += group.n
@@ -329,6 +360,12 @@ class Engine:
         if self.running:
             self._decode_step()
         return True
+
+    def _active_adapters(self) -> set[int]:
+        """The LoRA adapters of the sequences running, joining or being prefilled (the base, 0, not counted)."""
+        slots = {g.adapter for g in self.prefilling} | {s.group.adapter for s in self.running}
+        slots |= {s.group.adapter for s, _ in self.joining}
+        return slots - {0}
 
     def _drop_cancelled_waiting(self) -> None:
         kept = deque()
@@ -412,7 +449,8 @@ class Engine:
             return False  # it continues its session's state, not a cached prefix
         inputs = group.prompt_ids
         for other in self.prefilling:
-            if not (other.started and other.cacheable and not other.params.scores_prompt):
+            if not (other.started and other.cacheable and not other.params.scores_prompt
+                    and other.adapter == group.adapter):
                 continue
             hint = other.prefix_hint
             boundary = hint if hint is not None and other.pos < hint else len(other.inputs)
@@ -445,7 +483,7 @@ class Engine:
         # A prompt to score is run whole: a cached prefix would leave its positions without logits.
         if group.params.scores_prompt or self.settings.prefix_cache_entries == 0:
             return
-        entry = self.prefix_cache.lookup(group.inputs)
+        entry = self.prefix_cache.lookup(group.inputs, group.adapter)
         if entry is None:
             self.metrics.prefix_cache_misses.inc()
             return
@@ -461,8 +499,9 @@ class Engine:
         """One group's piece ``inputs[pos:end]`` alone (a single piece, or a prompt that wants logprobs)."""
         piece = torch.tensor([group.inputs[group.pos : end]], dtype=torch.long, device=self.device)
         keep_all = group.params.scores_prompt
-        out = self.model(input_ids=piece, cache=group.cache, use_cache=True,
-                         retention_mode=PREFILL_MODE, logits_to_keep=0 if keep_all else 1)
+        with self._adapters_for([group.adapter], [end - group.pos]):
+            out = self.model(input_ids=piece, cache=group.cache, use_cache=True,
+                             retention_mode=PREFILL_MODE, logits_to_keep=0 if keep_all else 1)
         self.metrics.prefill_batch.observe(1)
         group.cache = out.cache
         logits = out.logits[0].float().cpu()
@@ -491,9 +530,10 @@ class Engine:
                 group.cache if group.cache is not None else RetNetCache.zeros(self.config, 1, self.device)
                 for group, _ in pieces
             ])
-        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device), cache=cache,
-                         use_cache=True, retention_mode=PREFILL_MODE, cu_seqlens=cu_seqlens,
-                         logits_to_keep=cu_seqlens[1:] - 1)
+        with self._adapters_for([group.adapter for group, _ in pieces], [end - group.pos for group, end in pieces]):
+            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device), cache=cache,
+                             use_cache=True, retention_mode=PREFILL_MODE, cu_seqlens=cu_seqlens,
+                             logits_to_keep=cu_seqlens[1:] - 1)
         self.metrics.prefill_batch.observe(len(pieces))
         logits = out.logits[0].float().cpu()
         for (group, end), row, last in zip(pieces, out.cache.split(), logits):
@@ -508,7 +548,7 @@ class Engine:
         group.last_logits = last_logits
         at_boundary = end == group.prefix_hint or end == len(group.inputs)
         if group.cacheable and self.settings.prefix_cache_entries and not keep_all and at_boundary:
-            self.prefix_cache.insert(group.inputs[:end], group.cache, group.last_logits)
+            self.prefix_cache.insert(group.inputs[:end], group.cache, group.last_logits, group.adapter)
             self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
             self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
 
@@ -628,8 +668,9 @@ class Engine:
     def _decode_step(self) -> None:
         start = time.perf_counter()
         last = torch.tensor([[s.tokens[-1]] for s in self.running], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=last, cache=self.batch, use_cache=True, retention_mode="recurrent",
-                         logits_to_keep=1)
+        with self._adapters_for([s.group.adapter for s in self.running]):
+            out = self.model(input_ids=last, cache=self.batch, use_cache=True, retention_mode="recurrent",
+                             logits_to_keep=1)
         self.batch = out.cache
         samplers = [s.sampler for s in self.running]
         # On a GPU the forward is still running: the grammars' masks (CPU work, on the tokens so far) overlap it.
@@ -724,7 +765,7 @@ class Engine:
             return
         # A view of the row: the insert copies it only if the entry fits (``select`` would copy it first).
         state = cache if cache is not None else _row_view(self.batch, row)
-        self.prefix_cache.insert(group.inputs + seq.tokens[:-1], state, None)
+        self.prefix_cache.insert(group.inputs + seq.tokens[:-1], state, None, group.adapter)
         self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
         self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
 

@@ -30,6 +30,9 @@ class ServeMetrics:
                                  registry=r)
         self.structured = Counter("retnet_structured_requests", "requests held to a grammar, by the field that asked "
                                   "(response_format, guided_json ..., tool_choice)", ["field"], registry=r)
+        self.model_requests = Counter("retnet_model_requests", "requests submitted, by the model they named: the "
+                                      "base model or a LoRA adapter (vLLM's model_name label)", ["model_name"],
+                                      registry=r)
         self.rejected = Counter("retnet_requests_rejected", "requests refused before running", ["reason"], registry=r)
         self.queue_depth = Gauge("retnet_queue_depth", "sequences waiting for a slot", registry=r)
         self.running = Gauge("retnet_running_sequences", "sequences in the batched decode step", registry=r)

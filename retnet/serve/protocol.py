@@ -565,6 +565,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "retnet"
+    root: str | None = None  # vLLM's: the model's path; a LoRA adapter's directory
+    parent: str | None = None  # vLLM's: a LoRA adapter's base model (None for the base model)
     max_model_len: int
     max_prompt_tokens: int
     max_completion_tokens: int

@@ -291,7 +291,7 @@ class ResponsesServing:
             run = await self.serving.start_chat(chat)
         except APIError as exc:
             raise _renamed(exc, origins) from None
-        shape = _Shape(request, self.serving.model_name)
+        shape = _Shape(request, self.serving.served_name(request.model))
         if request.stream:
             return _stream(self._events(chat, run, shape, origins, history), run)
         try:

@@ -95,22 +95,41 @@ class OpenAIServing:
         self.grammars = GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids, self.tokenizer_lock)
 
     def models(self) -> ModelList:
-        return ModelList(data=[self._card()])
+        """The base model's card, then each LoRA adapter's (vLLM's: ``parent`` its base, ``root`` its path)."""
+        return ModelList(data=[self._card(), *(self._card(a.name) for a in self.engine.adapters)])
 
     def model(self, model_id: str) -> ModelCard:
-        self._check_model(model_id)
-        return self._card()
+        return self._card(self._check_model(model_id))
 
-    def _check_model(self, model: str | None) -> None:
-        """A request's ``model``: the served name or the model's path (None: the one served)."""
-        if model is not None and model not in (self.model_name, self.settings.model):
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+    def _check_model(self, model: str | None) -> str:
+        """A request's ``model``: the served name or the model's path (None: the one served), or a LoRA adapter's
+        name. Returns the name responses carry."""
+        if model is None or model in (self.model_name, self.settings.model):
+            return self.model_name
+        if model in self.engine.adapter_slots:
+            return model
+        served = [self.model_name, *self.engine.adapter_slots]
+        what = f"{served[0]!r}" if len(served) == 1 else f"{served[0]!r} and the LoRA adapters {served[1:]!r}"
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {what}", "model",
+                       "model_not_found")
 
-    def _card(self) -> ModelCard:
+    def served_name(self, model: str | None) -> str:
+        """The name a response to a request for ``model`` carries (vLLM's: the adapter's, for a LoRA adapter); a
+        model not served is 404."""
+        return self._check_model(model)
+
+    def _adapter(self, model: str | None) -> int:
+        """The engine's LoRA slot for a request's (checked) ``model``; 0: the base model."""
+        return self.engine.adapter_slots.get(model, 0) if model is not None else 0
+
+    def _card(self, name: str | None = None) -> ModelCard:
         prompt, completion = self.settings.max_prompt_tokens, self.settings.max_tokens_limit
-        return ModelCard(id=self.model_name, created=self.created, max_model_len=prompt + completion,
-                         max_prompt_tokens=prompt, max_completion_tokens=completion)
+        limits = dict(created=self.created, max_model_len=prompt + completion, max_prompt_tokens=prompt,
+                      max_completion_tokens=completion)
+        if name is None or name == self.model_name:
+            return ModelCard(id=self.model_name, root=self.settings.model, **limits)
+        adapter = self.engine.adapters[self.engine.adapter_slots[name] - 1]
+        return ModelCard(id=name, root=adapter.path, parent=adapter.base_model_name or self.model_name, **limits)
 
     # -- /v1/completions ---------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request):
@@ -169,7 +188,7 @@ class OpenAIServing:
                 prompt_logprobs=_prompt_logprobs(seq[0].prompt_logprobs, request.prompt_logprobs),
                 **self._ids(request, prompt.ids, seq),
             ))
-        response = CompletionResponse(id=random_id("cmpl"), model=self.model_name, choices=choices,
+        response = CompletionResponse(id=random_id("cmpl"), model=self._check_model(request.model), choices=choices,
                                       usage=self._usage(handle, outputs), session_id=request.session_id)
         return JSONResponse(dump(response))
 
@@ -259,7 +278,7 @@ class OpenAIServing:
     async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle,
                                  prompts: list[CompletionPrompt]) -> AsyncIterator[str]:
         """``prompts``: each choice's."""
-        rid, created = random_id("cmpl"), int(time.time())
+        rid, created, served = random_id("cmpl"), int(time.time()), self._check_model(request.model)
         usage_opt, continuous = _usage_options(request)
         offsets = [self._offsets(len(p.text), held=p.held, shown=not request.skip_special_tokens) for p in prompts]
         first = [True] * handle.num_choices
@@ -281,14 +300,14 @@ class OpenAIServing:
             choice = CompletionChoice(index=out.index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
                                       token_ids=out.token_ids if request.return_token_ids else None)
             usage = self._usage_counts(handle, sum(counts)) if continuous else None
-            chunk = dump(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice],
+            chunk = dump(CompletionResponse(id=rid, created=created, model=served, choices=[choice],
                                             usage=usage, session_id=request.session_id))
             if not usage_opt:
                 chunk.pop("usage", None)
             yield sse(chunk)
         if usage_opt:
             usage = self._usage_counts(handle, sum(counts))
-            yield sse(dump(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
+            yield sse(dump(CompletionResponse(id=rid, created=created, model=served, choices=[],
                                               usage=usage)))
 
     # -- /v1/chat/completions ----------------------------------------------------------------------------------
@@ -374,7 +393,8 @@ class OpenAIServing:
                 index=index, message=message, logprobs=logprobs, finish_reason=finish,
                 **self._ids(request, prompt, seq),
             ))
-        response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self.model_name, choices=choices,
+        response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self._check_model(request.model),
+                                          choices=choices,
                                           usage=self._usage(handle, outputs), session_id=request.session_id,
                                           prompt_logprobs=_prompt_logprobs(outputs[0][0].prompt_logprobs,
                                                                            request.prompt_logprobs))
@@ -458,14 +478,14 @@ class OpenAIServing:
         no whole JSON to read calls from); with a parser ("auto") the content streams as it is decided, and each
         call is sent whole in one chunk when it closes."""
         handle, calling = run.handle, run.calling
-        rid, created = random_id("chatcmpl"), int(time.time())
+        rid, created, served = random_id("chatcmpl"), int(time.time()), self._check_model(request.model)
         usage_opt, continuous = _usage_options(request)
         total = 0
 
         def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> dict:
             if continuous and usage is None:
                 usage = self._usage_counts(handle, total)
-            data = dump(ChatCompletionChunk(id=rid, created=created, model=self.model_name,
+            data = dump(ChatCompletionChunk(id=rid, created=created, model=served,
                                             choices=[choice] if choice else [], usage=usage,
                                             session_id=request.session_id))
             if not usage_opt:
@@ -723,11 +743,21 @@ class OpenAIServing:
         if request.session_id is None:
             return None
         try:
-            return self.engine.sessions.acquire(request.session_id)
+            session = self.engine.sessions.acquire(request.session_id)
         except SessionBusy as exc:
             self.metrics.rejected.labels("session_busy").inc()
             raise APIError(409, f"session {request.session_id!r} is in use by another request", "session_id",
                            "session_busy") from exc
+        # A session's state was computed under one adapter (or the base model): it continues under that one only.
+        adapter = self._adapter(request.model)
+        if session.cache is None:
+            session.adapter = adapter
+        elif session.adapter != adapter:
+            self.engine.sessions.release(request.session_id)
+            started = self.engine.adapters[session.adapter - 1].name if session.adapter else self.model_name
+            raise APIError(400, f"session {request.session_id!r} was started with the model {started!r}; it "
+                           f"continues only under that model, not {self._check_model(request.model)!r}", "model")
+        return session
 
     def _release_session(self, request: SamplingFields, session: Session | None) -> None:
         """Give back a session the engine never took (the request failed before it was queued)."""
@@ -744,7 +774,8 @@ class OpenAIServing:
             raise APIError(400, f"prompts × n is {wanted}; this server holds at most {limit} sequences",
                            "n" if request.n > 1 else "prompt")
         try:
-            return self.engine.submit(prompts, params, request.n, request.session_id, hints, session, text_starts)
+            handle = self.engine.submit(prompts, params, request.n, request.session_id, hints, session, text_starts,
+                                        self._adapter(request.model))
         except QueueFull as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"the server is busy ({exc}); retry later", None, "queue_full",
@@ -757,6 +788,8 @@ class OpenAIServing:
             self.metrics.rejected.labels("unavailable").inc()
             raise APIError(503, f"the server cannot take requests now: {exc}", None, "unavailable",
                            type="server_error", headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+        self.metrics.model_requests.labels(model_name=self._check_model(request.model)).inc()
+        return handle
 
     async def _outputs(self, handle: RequestHandle) -> AsyncIterator[SeqOutput]:
         remaining = handle.num_choices

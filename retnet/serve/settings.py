@@ -72,6 +72,21 @@ class ServeSettings(BaseSettings):
         "conversation it continues); the least recently used go first"
     )
 
+    # -- LoRA adapters (vLLM's flags) ---------------------------------------------------------------------------
+    lora_modules: list[str | dict] | str = Field(
+        default_factory=list, description="LoRA adapters served beside the base model, each under its own name: "
+        "name=path (peft's save_pretrained directory) or vLLM's JSON {\"name\", \"path\", \"base_model_name\"}; "
+        "a request's `model` picks one"
+    )
+    max_loras: int | None = Field(
+        None, ge=1, description="distinct adapters running at once (vLLM's --max-loras); requests of another wait; "
+        "none: every adapter loaded"
+    )
+    max_lora_rank: int = Field(16, ge=1, description="an adapter of a larger rank is refused at startup (vLLM's "
+                               "--max-lora-rank)")
+    enable_lora: bool = Field(False, description="vLLM's flag, accepted so its command lines run: adapters are "
+                              "served whenever lora_modules names some")
+
     # -- tool calls -------------------------------------------------------------------------------------------
     tool_call_parser: Literal["hermes"] | None = Field(
         None, description="the model's own tool-call format, parsed out of its text to answer tool_choice "
@@ -92,6 +107,15 @@ class ServeSettings(BaseSettings):
                 return json.loads(value)
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _parse_lora_modules(cls, value):
+        from retnet.serve.lora import parse_lora_modules
+
+        # Checked here (a bad entry is a startup error naming the flag); kept as plain dicts.
+        return [{"name": m.name, "path": m.path, "base_model_name": m.base_model_name}
+                for m in parse_lora_modules(value)]
 
     @field_validator("tool_call_parser", mode="before")
     @classmethod
@@ -118,6 +142,21 @@ class ServeSettings(BaseSettings):
                                  f"{self.default_max_tokens}")
             self.default_max_tokens = self.max_tokens_limit
         return self
+
+    @model_validator(mode="after")
+    def _adapter_names_free(self):
+        # A request's `model` picks the adapter: its name must not be the base model's.
+        for module in self.lora_modules:
+            if module["name"] in (self.model_name, self.model):
+                raise ValueError(f"lora_modules: the adapter name {module['name']!r} is the base model's name")
+        return self
+
+    @property
+    def lora(self) -> list:
+        """``lora_modules`` as :class:`~retnet.serve.lora.LoraModule` entries."""
+        from retnet.serve.lora import LoraModule
+
+        return [LoraModule(**module) for module in self.lora_modules]
 
     @property
     def model_name(self) -> str:

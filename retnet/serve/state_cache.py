@@ -37,6 +37,12 @@ class PrefixEntry:
     # last token was sampled, never fed.
     logits: torch.Tensor | None
     nbytes: int  # held_bytes(cache, logits)
+    adapter: int = 0  # the LoRA adapter's slot the state was computed under (0: the base model)
+
+
+def _key(tokens: tuple[int, ...], adapter: int):
+    """An entry's key: the base model's are the tokens themselves, an adapter's ``(slot, tokens)``."""
+    return tokens if adapter == 0 else (adapter, tokens)
 
 
 class PrefixCache:
@@ -47,35 +53,39 @@ class PrefixCache:
 
     def __init__(self, max_entries: int, max_bytes: int, min_tokens: int = 1):
         self.max_entries, self.max_bytes, self.min_tokens = max_entries, max_bytes, min_tokens
-        self.entries: OrderedDict[tuple[int, ...], PrefixEntry] = OrderedDict()
+        self.entries: OrderedDict[tuple, PrefixEntry] = OrderedDict()  # keyed by _key
         self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def lookup(self, tokens: list[int] | tuple[int, ...]) -> PrefixEntry | None:
-        """The entry of the longest cached prefix of ``tokens`` (the whole of it included), or None."""
+    def lookup(self, tokens: list[int] | tuple[int, ...], adapter: int = 0) -> PrefixEntry | None:
+        """The entry of the longest cached prefix of ``tokens`` (the whole of it included) computed under LoRA
+        ``adapter`` (0: the base model; a state depends on the weights that made it), or None."""
         if not self.entries:
             return None
         tokens = tuple(tokens)
         best: PrefixEntry | None = None
-        for key, entry in self.entries.items():
-            n = len(key)
-            if n <= len(tokens) and (best is None or n > len(best.tokens)) and tokens[:n] == key:
+        for entry in self.entries.values():
+            n = len(entry.tokens)
+            if (entry.adapter == adapter and n <= len(tokens) and (best is None or n > len(best.tokens))
+                    and tokens[:n] == entry.tokens):
                 if n == len(tokens) and entry.logits is None:
                     continue  # an exact match is only useful with the logits that follow it
                 best = entry
         if best is not None:
-            self.entries.move_to_end(best.tokens)
+            self.entries.move_to_end(_key(best.tokens, adapter))
         return best
 
-    def insert(self, tokens: list[int] | tuple[int, ...], cache: RetNetCache, logits: torch.Tensor | None) -> None:
+    def insert(self, tokens: list[int] | tuple[int, ...], cache: RetNetCache, logits: torch.Tensor | None,
+               adapter: int = 0) -> None:
         tokens = tuple(tokens)
         if self.max_entries == 0 or len(tokens) < self.min_tokens:
             return
-        old = self.entries.get(tokens)
+        key = _key(tokens, adapter)
+        old = self.entries.get(key)
         if old is not None:
-            self.entries.move_to_end(tokens)
+            self.entries.move_to_end(key)
             grown = held_bytes(old.cache, logits)
             if old.logits is None and logits is not None and grown <= self.max_bytes:
                 old.logits = logits.detach().clone()
@@ -86,8 +96,8 @@ class PrefixCache:
         nbytes = held_bytes(cache, logits)
         if nbytes > self.max_bytes:
             return  # checked before cloning: an entry that cannot fit must not cost a copy of the state
-        self.entries[tokens] = PrefixEntry(tokens, cache.clone(), None if logits is None else logits.detach().clone(),
-                                           nbytes)
+        self.entries[key] = PrefixEntry(tokens, cache.clone(), None if logits is None else logits.detach().clone(),
+                                        nbytes, adapter)
         self.nbytes += nbytes
         self._evict()
 
@@ -112,6 +122,7 @@ class Session:
     pending: list[int] = field(default_factory=list)
     tokens: int = 0  # tokens of history (prompt and generated), for the response and the README's claims
     busy: bool = False
+    adapter: int = 0  # the LoRA adapter's slot its state was computed under; a continuation must use the same
     last_used: float = field(default_factory=time.monotonic)
 
     @property

@@ -1,0 +1,289 @@
+"""LoRA adapters served beside the base model, several in one batch (vLLM's ``--lora-modules``).
+
+An adapter is what peft's ``save_pretrained`` writes: ``adapter_config.json`` and ``adapter_model.safetensors``
+with, per targeted ``nn.Linear``, ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight``
+``[out, r]``. It is read here with safetensors and json alone (no peft at serve time), checked against the base
+model at startup, and applied unmerged: each targeted Linear is replaced by a :class:`LoraLinear` that adds
+``scale * (x @ A.T) @ B.T`` to the tokens of each adapter's requests only, so rows of one decode batch (and the
+pieces of one packed prefill) may each run under another adapter or the base model.
+
+The engine says which adapter each token of the next forward runs under (:meth:`LoraSlots.tokens`): per row of a
+decode batch ``[B, 1]``, per sequence of a packed prefill row (``cu_seqlens``), or one for a single piece. Slot 0
+is the base model: its tokens cost nothing, and with no adapter loaded no module is wrapped at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# peft's key prefix: the PeftModel's ``base_model`` (a LoraModel) holding the causal LM as ``model``.
+KEY_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# Modules whose rows are not the forward's tokens (the embedding's input is ids; lm_head sees only the positions
+# whose logits are kept), so a per-token adapter index cannot be applied to them.
+_NOT_PER_TOKEN = ("lm_head", "embed_tokens")
+
+
+@dataclass(slots=True)
+class LoraModule:
+    """One ``--lora-modules`` entry: ``name=path`` or vLLM's JSON ``{"name", "path", "base_model_name"}``."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+@dataclass(slots=True)
+class LoraAdapter:
+    """An adapter read and checked: per module name (``model.layers.0.retention.q_proj``), ``A`` ``[r, in]`` and
+    ``B`` ``[out, r]`` with the scale folded into ``B`` (fp32, on the CPU until installed)."""
+
+    name: str
+    path: str
+    base_model_name: str | None
+    rank: int  # the largest of its modules' ranks
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class LoraError(ValueError):
+    """An adapter this server cannot serve; the message names the adapter and the field."""
+
+
+def parse_lora_modules(value) -> list[LoraModule]:
+    """``--lora-modules`` items (``name=path``, a JSON object, or a dict) as :class:`LoraModule`; a whole
+    environment value may also be a JSON list or whitespace-separated items."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        value = json.loads(text) if text.startswith("[") else [text] if text.startswith("{") else text.split()
+    if isinstance(value, (dict, LoraModule)):
+        value = [value]
+    modules = []
+    for item in value:
+        if isinstance(item, LoraModule):
+            modules.append(item)
+            continue
+        if isinstance(item, str) and item.strip().startswith("{"):
+            item = json.loads(item)
+        if isinstance(item, dict):
+            unknown = set(item) - {"name", "path", "base_model_name"}
+            if unknown or not item.get("name") or not item.get("path"):
+                raise ValueError(f"lora_modules: a JSON entry needs 'name' and 'path' (and may have "
+                                 f"'base_model_name'); got {item!r}")
+            modules.append(LoraModule(str(item["name"]), str(item["path"]), item.get("base_model_name")))
+            continue
+        name, sep, path = str(item).partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"lora_modules: each entry is name=path (or vLLM's JSON form); got {item!r}")
+        modules.append(LoraModule(name.strip(), path.strip()))
+    names = [m.name for m in modules]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"lora_modules: each adapter needs its own name; {duplicated[0]!r} is given twice")
+    return modules
+
+
+def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: int) -> LoraAdapter:
+    """Read and check one adapter against the base model's ``linears`` (module name -> its Linear; only shapes
+    are read, so a meta-device model does). Raises :class:`LoraError` naming the adapter and the field."""
+    from safetensors.torch import load_file
+
+    where = f"LoRA adapter {module.name!r} ({module.path})"
+    root = Path(module.path)
+    if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
+        raise LoraError(f"{where}: expected peft's {CONFIG_FILE} and {WEIGHTS_FILE} in the directory")
+    try:
+        config = json.loads((root / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise LoraError(f"{where}: {CONFIG_FILE} is not JSON: {exc}") from exc
+    _check_config(where, config)
+    tensors = load_file(str(root / WEIGHTS_FILE))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if not key.startswith(KEY_PREFIX) or match is None:
+            raise LoraError(f"{where}: weight {key!r} is not a LoRA A/B matrix of a Linear (expected "
+                            f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'; embeddings, biases and "
+                            f"modules_to_save are not supported)")
+        name = match["module"][len(KEY_PREFIX):]
+        parts.setdefault(name, {})[match["part"]] = tensor
+    if not parts:
+        raise LoraError(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    adapter = LoraAdapter(module.name, module.path, module.base_model_name, 0)
+    for name, pair in sorted(parts.items()):
+        if name.split(".")[-1] in _NOT_PER_TOKEN:
+            raise LoraError(f"{where}: target_modules: {name!r} is not supported (only the layers' Linear "
+                            f"projections; not the embedding or lm_head)")
+        linear = linears.get(name)
+        if linear is None:
+            raise LoraError(f"{where}: target_modules: {name!r} is not a Linear layer of the base model")
+        if set(pair) != {"A", "B"}:
+            raise LoraError(f"{where}: {name!r} has lora_{next(iter(pair))} without its other matrix")
+        a, b = pair["A"], pair["B"]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape != (linear.out_features, r):
+            raise LoraError(f"{where}: {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the base "
+                            f"model's Linear is [{linear.out_features}, {linear.in_features}], so they must be "
+                            f"[r, {linear.in_features}] and [{linear.out_features}, r]")
+        expected_r = _pattern_value(rank_pattern, name, config.get("r"))
+        if expected_r is not None and int(expected_r) != r:
+            raise LoraError(f"{where}: r / rank_pattern: {name!r} has rank {r} in its weights but {expected_r} in "
+                            f"{CONFIG_FILE}")
+        if r > max_rank:
+            raise LoraError(f"{where}: r: {name!r} has rank {r}, over max_lora_rank ({max_rank}; raise "
+                            f"--max-lora-rank)")
+        alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", 8)))
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        adapter.weights[name] = (a.float().contiguous(), (b.float() * scale).contiguous())
+        adapter.rank = max(adapter.rank, r)
+    return adapter
+
+
+def _check_config(where: str, config: dict) -> None:
+    """Refuse, naming the field, what would change the model in a way :class:`LoraLinear` does not apply."""
+    def refuse(name: str, why: str):
+        raise LoraError(f"{where}: {name} = {config.get(name)!r} is not supported ({why})")
+
+    if config.get("peft_type", "LORA") != "LORA":
+        refuse("peft_type", "only LoRA adapters")
+    if config.get("use_dora"):
+        refuse("use_dora", "DoRA rescales the base weight's columns")
+    if config.get("bias", "none") != "none":
+        refuse("bias", "only bias='none': trained biases would change the base model's")
+    if config.get("lora_bias"):
+        refuse("lora_bias", "lora_B without a bias only")
+    if config.get("modules_to_save"):
+        refuse("modules_to_save", "whole modules replaced")
+    if config.get("fan_in_fan_out"):
+        refuse("fan_in_fan_out", "transposed (Conv1D) weights")
+    if config.get("target_parameters"):
+        refuse("target_parameters", "LoRA on bare parameters")
+    if config.get("trainable_token_indices"):
+        refuse("trainable_token_indices", "trained embedding rows")
+    if config.get("layer_replication"):
+        refuse("layer_replication", "layers added to the base model")
+    # Newer LoRA variants whose forward is not base + scale * B A x (activated LoRA, routing, quantized or block
+    # variants): refused rather than served wrong.
+    for name in ("alora_invocation_tokens", "arrow_config", "use_bdlora", "use_qalora", "kasa_config",
+                 "monteclora_config", "velora_config"):
+        if config.get(name):
+            refuse(name, "a LoRA variant whose forward this server does not apply")
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """peft's rule (``get_pattern_key``): the first pattern matching the module name's end."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+def meta_model(config) -> nn.Module:
+    """The base model's modules without weights (for checking adapters' shapes before the model loads)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+class LoraSlots:
+    """Which adapter each token of the next forward runs under, shared by every :class:`LoraLinear` of a model.
+
+    ``groups``: per adapter slot present (never 0, the base), the flat token indices of its tokens, or None
+    when every token is its own. Empty: the forward is the base model's.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.num_tokens = 0
+
+    @contextlib.contextmanager
+    def tokens(self, slots: list[int], counts: list[int] | None = None):
+        """For the forward run inside: ``slots[i]`` is the adapter of the i-th row (a decode batch, ``counts``
+        None: one token each) or of the i-th packed sequence (``counts[i]`` tokens, in order)."""
+        counts = counts if counts is not None else [1] * len(slots)
+        self.num_tokens = sum(counts)
+        present = sorted(set(slots) - {0})
+        if len(present) == 1 and all(s == present[0] for s in slots):
+            self.groups = [(present[0], None)]  # every token under one adapter: no gather, no scatter
+        elif present:
+            per_token = torch.repeat_interleave(torch.tensor(slots), torch.tensor(counts))
+            self.groups = [(slot, torch.nonzero(per_token == slot).flatten().to(self.device)) for slot in present]
+        try:
+            yield
+        finally:
+            self.groups = []
+
+
+class LoraLinear(nn.Module):
+    """``base(x)`` plus, for each adapter's tokens, ``(x @ A.T) @ B.T`` (the scale is in ``B``): peft's unmerged
+    LoRA, per token. ``x`` is ``[..., in]``; its flattened leading dimensions are the forward's tokens."""
+
+    def __init__(self, base: nn.Linear, slots: LoraSlots):
+        super().__init__()
+        self.base = base
+        self.slots = slots
+        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [r, in], B*scale [out, r])
+
+    @property
+    def weight(self) -> torch.Tensor:  # the base model's weight, for code that reads it (tied embeddings ...)
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        groups = self.slots.groups
+        if not groups:
+            return y
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if flat_x.shape[0] != self.slots.num_tokens:
+            raise RuntimeError(f"LoRA: the forward has {flat_x.shape[0]} tokens; the adapter slots were set for "
+                               f"{self.slots.num_tokens}")
+        for slot, index in groups:
+            weights = self.adapters.get(slot)
+            if weights is None:
+                continue  # this adapter leaves the module as it is
+            a, b = weights
+            if index is None:
+                flat_y.addmm_(flat_x @ a.T, b.T)
+            else:
+                flat_y.index_add_(0, index, (flat_x[index] @ a.T) @ b.T)
+        return y
+
+
+def install(model: nn.Module, adapters: list[LoraAdapter], device: torch.device, dtype: torch.dtype) -> LoraSlots:
+    """Replace each Linear some adapter targets by a :class:`LoraLinear` holding every adapter's matrices (adapter
+    i in slot i + 1), in ``dtype`` on ``device``. Returns the slots the engine sets before each forward."""
+    slots = LoraSlots(device)
+    wrapped: dict[str, LoraLinear] = {}
+    for number, adapter in enumerate(adapters, start=1):
+        for name, (a, b) in adapter.weights.items():
+            if name not in wrapped:
+                parent_name, _, attr = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                wrapped[name] = LoraLinear(getattr(parent, attr), slots)
+                setattr(parent, attr, wrapped[name])
+            wrapped[name].adapters[number] = (a.to(device, dtype), b.to(device, dtype))
+    return slots
+
+
+__all__ = ["LoraAdapter", "LoraError", "LoraLinear", "LoraModule", "LoraSlots", "install", "linear_modules",
+           "load_adapter", "meta_model", "parse_lora_modules"]
