@@ -52,12 +52,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from retnet.serve.lora import LoraError
+    from retnet.serve.settings import StartupError
 
     try:
         app = create_app(settings)
     except LoraError as exc:  # an adapter this server cannot serve: the message names it and the field
         print(f"retnet-serve: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+    except StartupError as exc:  # --model, --generation-config, --chat-template: one line naming the flag
+        print(f"retnet-serve: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
 

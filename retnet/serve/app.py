@@ -30,7 +30,13 @@ from retnet.serve.protocol import (
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.responses import ResponsesRequest, ResponsesServing
 from retnet.serve.serving import OpenAIServing
-from retnet.serve.settings import ServeSettings
+from retnet.serve.settings import (
+    ServeSettings,
+    StartupError,
+    check_model_dir,
+    generation_defaults,
+    load_chat_template,
+)
 
 logger = logging.getLogger("retnet.serve")
 
@@ -50,13 +56,22 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     ``tokenizer`` may be given already loaded (tests); otherwise they load from ``settings.model``, the
     model in the scheduler thread (``/health`` is 503 until it is ready)."""
     settings = settings or ServeSettings()
+    if model is None:  # a directory this server cannot serve is refused before anything loads from it
+        check_model_dir(settings.model)
+    defaults = generation_defaults(settings)
+    chat_template = load_chat_template(settings.chat_template)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        except Exception as exc:  # no tokenizer files, or ones that do not load
+            raise StartupError(f"--model {settings.model!r}: the tokenizer did not load: "
+                               f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
     metrics = ServeMetrics()
     engine = Engine(settings, tokenizer, metrics, model=model)
-    serving = OpenAIServing(settings, engine, tokenizer, metrics)
+    serving = OpenAIServing(settings, engine, tokenizer, metrics, defaults, chat_template)
+    _log_defaults(settings, serving, defaults)
     # OpenAI's Responses API, translated onto the chat handler; finished responses kept for previous_response_id.
     responses = ResponsesServing(serving, ResponseStore(settings.responses_store_entries, settings.responses_store_bytes))
 
@@ -155,6 +170,21 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
         return {"id": session_id, "object": "session", "deleted": True}
 
     return app
+
+
+def _log_defaults(settings: ServeSettings, serving: OpenAIServing, defaults: dict) -> None:
+    """Say at startup which request defaults the model's generation config set (vLLM logs the same)."""
+    if defaults:
+        # max_tokens as requests get it: --default-max-tokens (when set) and --max-tokens-limit have their say.
+        shown = {**serving.sampling_defaults,
+                 **({"max_tokens": serving.default_max_tokens} if "max_tokens" in defaults else {})}
+        logger.warning("Default sampling parameters have been overridden by the model's generation config "
+                       "(--generation-config %s%s): %s. Requests that leave these out get them; start with "
+                       "--generation-config vllm for the server's own defaults.", settings.generation_config,
+                       ", --override-generation-config" if settings.override_generation_config else "",
+                       ", ".join(f"{name}={value}" for name, value in shown.items()))
+    if settings.chat_template is not None:
+        logger.info("chat template: --chat-template's, instead of the tokenizer's")
 
 
 def require_json(request: Request) -> None:

@@ -76,8 +76,9 @@ class ResponsesRequest(RequestFields):
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    # None (left out, or null): the server's default (the model's generation config's, else 1), as chat's.
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
     stream: bool = False
     text: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -123,7 +124,8 @@ def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]]
     messages, origins = _messages(request, history)
     body = {
         "model": request.model, "messages": messages, "max_completion_tokens": request.max_output_tokens,
-        "temperature": request.temperature, "top_p": request.top_p, "stream": request.stream,
+        **{name: getattr(request, name) for name in ("temperature", "top_p") if getattr(request, name) is not None},
+        "stream": request.stream,
         "stream_options": {"include_usage": True} if request.stream else None,
         "response_format": _response_format(request.text), "parallel_tool_calls": request.parallel_tool_calls,
         **_tools(request), **extras,
@@ -291,7 +293,8 @@ class ResponsesServing:
             run = await self.serving.start_chat(chat)
         except APIError as exc:
             raise _renamed(exc, origins) from None
-        shape = _Shape(request, self.serving.served_name(request.model))
+        # The Response echoes the temperature and top_p the answer was sampled with (the defaults when left out).
+        shape = _Shape(request, self.serving.served_name(request.model), self.serving.sampling_fields(chat))
         if request.stream:
             return _stream(self._events(chat, run, shape, origins, history), run)
         try:
@@ -429,8 +432,11 @@ def _call_item(call_id: str, name: str, arguments: str, status: str) -> dict[str
 class _Shape:
     """The Response object of one request: its id, creation time and the request's settings it echoes."""
 
-    def __init__(self, request: ResponsesRequest, model: str):
+    def __init__(self, request: ResponsesRequest, model: str, sampling: dict[str, Any] | None = None):
         self.id, self.created_at, self.request, self.model = _id("resp"), int(time.time()), request, model
+        sampling = sampling or {}
+        self.temperature = sampling.get("temperature", request.temperature)
+        self.top_p = sampling.get("top_p", request.top_p)
 
     def response(self, output: list[dict[str, Any]], status: str, usage: dict[str, Any] | None = None) -> dict:
         r = self.request
@@ -439,10 +445,10 @@ class _Shape:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": r.instructions, "max_output_tokens": r.max_output_tokens, "model": self.model,
             "output": copy.deepcopy(output), "parallel_tool_calls": r.parallel_tool_calls,
-            "previous_response_id": r.previous_response_id, "reasoning": None, "temperature": r.temperature,
+            "previous_response_id": r.previous_response_id, "reasoning": None, "temperature": self.temperature,
             "text": {"format": (r.text or {}).get("format") or {"type": "text"}},
             "tool_choice": r.tool_choice or "auto",
-            "tools": r.tools or [], "top_p": r.top_p, "truncation": "disabled", "usage": usage,
+            "tools": r.tools or [], "top_p": self.top_p, "truncation": "disabled", "usage": usage,
             "user": r.user, "metadata": r.metadata or {}, "background": False,
         }
 

@@ -263,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
 async def _run(settings, text_lines: list[str], out: IO[str], max_concurrency: int, parser) -> int:
     import retnet  # noqa: F401  (registers the Auto classes)
     from retnet.serve.app import create_app
+    from retnet.serve.settings import StartupError
 
     try:
         app = create_app(settings)
+    except StartupError as exc:  # --model, --generation-config, --chat-template: the message names the flag
+        parser.exit(2, f"{PROG}: error: {exc}\n")
     except (OSError, ValueError) as exc:  # the tokenizer did not load from --model
         parser.exit(2, f"{PROG}: cannot load {settings.model!r}: {exc}\n")
     engine = app.state.engine

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -53,7 +54,7 @@ from retnet.serve.protocol import (
     random_id,
 )
 from retnet.serve.sampling import SamplingParams
-from retnet.serve.settings import ServeSettings
+from retnet.serve.settings import ServeSettings, resolve_max_tokens
 from retnet.serve.state_cache import Session, SessionBusy
 from retnet.serve.structured import Grammar, GrammarCompiler, requested_grammar
 from retnet.serve.tools import ToolCalling, template_message, tool_calling
@@ -82,8 +83,19 @@ def sse(data: dict | str) -> str:
 class OpenAIServing:
     """Completions and chat completions over one :class:`Engine`, and vLLM's (de)tokenization as they run it."""
 
-    def __init__(self, settings: ServeSettings, engine: Engine, tokenizer, metrics: ServeMetrics):
+    def __init__(self, settings: ServeSettings, engine: Engine, tokenizer, metrics: ServeMetrics,
+                 defaults: dict[str, Any] | None = None, chat_template: str | None = None):
+        """``defaults``: the sampling fields a request that leaves them out gets (settings.generation_defaults:
+        the model's generation config), ``max_tokens`` among them; none given: the server's own.
+        ``chat_template``: ``--chat-template``'s, used instead of the tokenizer's."""
         self.settings, self.engine, self.tokenizer, self.metrics = settings, engine, tokenizer, metrics
+        defaults = dict(defaults or {})
+        self.default_max_tokens = resolve_max_tokens(settings, defaults)
+        defaults.pop("max_tokens", None)
+        self.sampling_defaults = defaults
+        # Without --chat-template: the tokenizer's own (None: transformers picks it), else the built-in default.
+        self.chat_template = chat_template if chat_template is not None else \
+            None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
         self.model_name = settings.model_name
         self.created = int(time.time())  # the model card's `created`: when the server started, not per request
         # HF fast tokenisers may not be entered from two threads at once (the scheduler decodes).
@@ -418,7 +430,7 @@ class OpenAIServing:
         """``_chat_prompt``'s ids before any check of their number or values (``/tokenize`` counts what a chat
         completion would refuse), and with ``with_hint`` the offset where the last message starts."""
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
-        template = None if getattr(self.tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+        template = self.chat_template
         messages = [template_message(m) for m in request.messages]
         # The tools reach the template whenever the model may call them ("auto" only with a parser: tool_calling).
         tools = request.tools if request.tools and request.tool_choice != "none" else None
@@ -627,7 +639,7 @@ class OpenAIServing:
     def _params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None,
                 name: str = "max_tokens", bad_words: list[list[int]] | None = None) -> SamplingParams:
         """``name``: the field ``max_tokens`` came from, for the error; ``bad_words``: their token ids."""
-        max_tokens = self.settings.default_max_tokens if max_tokens is None else max_tokens
+        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > self.settings.max_tokens_limit:
             raise APIError(400, f"{name} must be <= {self.settings.max_tokens_limit}; got {max_tokens}", name)
         if request.min_tokens > max_tokens:
@@ -635,9 +647,9 @@ class OpenAIServing:
                            "min_tokens")
         stop_ids, allowed = self._token_ids(request, "stop_token_ids"), self._allowed_token_ids(request)
         self._check_something_left(request, stop_ids, allowed, bad_words or [])
+        sampling = self.sampling_fields(request)
         return SamplingParams(
-            max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-            min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+            max_tokens=max_tokens, **sampling,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             stop=request.stop_list(), logit_bias=self._logit_bias(request), ignore_eos=request.ignore_eos,
             min_tokens=request.min_tokens, stop_token_ids=stop_ids, seed=request.seed, logprobs=logprobs,
@@ -646,6 +658,13 @@ class OpenAIServing:
             skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
         )
+
+    def sampling_fields(self, request: SamplingFields) -> dict[str, Any]:
+        """``temperature``, ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` as the request sent them, or
+        (left out or null) the model's generation-config defaults, else the API's."""
+        sent = request.model_fields_set
+        return {name: getattr(request, name) if name in sent else self.sampling_defaults.get(name, getattr(request, name))
+                for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
 
     def _token_ids(self, request: SamplingFields, name: str) -> frozenset[int]:
         ids = frozenset(getattr(request, name) or ())
@@ -973,7 +992,7 @@ def _check_chat_features(request: ChatCompletionRequest | TokenizeChatRequest) -
     arguments."""
     if request.chat_template is not None:
         raise APIError(400, "chat_template: a template sent with the request is not supported (the server uses "
-                       "the model's)", "chat_template", "unsupported_parameter")
+                       "the model's, or the one it was started with: --chat-template)", "chat_template", "unsupported_parameter")
     reserved = sorted(TEMPLATE_CALL_ARGUMENTS & set(request.chat_template_kwargs or ()))
     if reserved:
         raise APIError(400, f"chat_template_kwargs: {reserved[0]!r} is not a template variable but an argument of "

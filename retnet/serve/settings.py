@@ -5,8 +5,11 @@ Every limit the server enforces is here, so an operator can read in one place wh
 
 from __future__ import annotations
 
+import codecs
 import json
-from typing import Literal
+import logging
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,6 +90,22 @@ class ServeSettings(BaseSettings):
     enable_lora: bool = Field(False, description="vLLM's flag, accepted so its command lines run: adapters are "
                               "served whenever lora_modules names some")
 
+    # -- model defaults and templating (vLLM's flags) ------------------------------------------------------------
+    generation_config: str = Field(
+        "auto", description="where requests that leave out temperature, top_p, top_k, min_p, repetition_penalty or "
+        "max_tokens get them (vLLM's --generation-config): auto: the model directory's generation_config.json "
+        "(max_new_tokens is max_tokens); vllm: the server's defaults, the file ignored; a directory: its "
+        "generation_config.json"
+    )
+    override_generation_config: dict[str, Any] | str = Field(
+        default_factory=dict, description="JSON object put over the generation config's fields (vLLM's "
+        "--override-generation-config), e.g. '{\"temperature\": 0.5}'; applies with --generation-config vllm too"
+    )
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template, as a file or inline (vLLM's --chat-template), used instead of the "
+        "tokenizer's own and of the built-in default; none: the tokenizer's"
+    )
+
     # -- tool calls -------------------------------------------------------------------------------------------
     tool_call_parser: Literal["hermes"] | None = Field(
         None, description="the model's own tool-call format, parsed out of its text to answer tool_choice "
@@ -117,6 +136,20 @@ class ServeSettings(BaseSettings):
         return [{"name": m.name, "path": m.path, "base_model_name": m.base_model_name}
                 for m in parse_lora_modules(value)]
 
+    @field_validator("override_generation_config", mode="before")
+    @classmethod
+    def _parse_override(cls, value):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"override_generation_config (--override-generation-config) must be a JSON object; "
+                                 f"{exc}: {value[:80]!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"override_generation_config (--override-generation-config) must be a JSON object; got "
+                             f"{json.dumps(value)[:80]}")
+        return value
+
     @field_validator("tool_call_parser", mode="before")
     @classmethod
     def _no_parser(cls, value):
@@ -141,6 +174,8 @@ class ServeSettings(BaseSettings):
                 raise ValueError(f"default_max_tokens must be <= max_tokens_limit ({self.max_tokens_limit}); got "
                                  f"{self.default_max_tokens}")
             self.default_max_tokens = self.max_tokens_limit
+            # Still the default, lowered: a model's generation config may set it (resolve_max_tokens).
+            self.__pydantic_fields_set__.discard("default_max_tokens")
         return self
 
     @model_validator(mode="after")
@@ -165,4 +200,138 @@ class ServeSettings(BaseSettings):
         return self.served_model_name or Path(self.model).resolve().name
 
 
-__all__ = ["ServeSettings"]
+class StartupError(Exception):
+    """What keeps the server from starting (a model directory it cannot serve, a bad generation config or chat
+    template): ``retnet-serve`` prints the message on one line and exits 2."""
+
+
+logger = logging.getLogger("retnet.serve")
+
+# The sampling fields vLLM reads from a generation config (get_diff_sampling_param); max_new_tokens is max_tokens.
+GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def check_model_dir(model: str) -> None:
+    """Refuse, before anything loads, a ``--model`` that is no RetNet save_pretrained directory, or whose config
+    RetNetConfig refuses (a flash-linear-attention checkpoint: convert it with retnet-convert-fla)."""
+    path = Path(model)
+    if not path.exists():
+        raise StartupError(f"--model {model!r}: no such directory (expected save_pretrained's output: config.json, "
+                           "the weights, the tokenizer)")
+    if not path.is_dir():
+        raise StartupError(f"--model {model!r} is not a directory (expected save_pretrained's output)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise StartupError(f"--model {model!r} has no config.json (expected save_pretrained's output)")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StartupError(f"--model {model!r}: config.json could not be read: {exc}") from None
+    from retnet.model import RetNetConfig
+
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type != RetNetConfig.model_type:
+        raise StartupError(f"--model {model!r} is not a RetNet: config.json's model_type is {model_type!r}, "
+                           f"expected {RetNetConfig.model_type!r}")
+    try:
+        RetNetConfig.from_pretrained(model)
+    except Exception as exc:  # RetNetConfig's errors name the field and the value (fla's: retnet-convert-fla)
+        raise StartupError(f"--model {model!r}: config.json is refused: {_one_line(exc)}") from None
+
+
+def generation_defaults(settings: ServeSettings) -> dict[str, Any]:
+    """The request defaults the generation config sets (vLLM's ``get_diff_sampling_param``): ``temperature``,
+    ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty`` and ``max_tokens`` (its ``max_new_tokens``), those
+    present in the file ``--generation-config`` names (none with ``vllm``), with ``--override-generation-config``
+    over them. ``do_sample`` is not read, as vLLM does not: ``do_sample: false`` with ``temperature: 0.7`` samples
+    at 0.7. Checked against the request fields' own ranges; a value out of them is a :class:`StartupError`."""
+    source, config = settings.generation_config, {}
+    if source != "vllm":
+        directory = Path(settings.model if source == "auto" else source)
+        file = directory / "generation_config.json"
+        if source != "auto" and not file.is_file():
+            raise StartupError(f"--generation-config {source!r}: no generation_config.json there (expected 'auto', "
+                               "'vllm' or a directory holding one)")
+        if file.is_file():
+            try:
+                config = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise StartupError(f"--generation-config {source!r}: {file} could not be read ({_one_line(exc)}); "
+                                   "fix it or start with --generation-config vllm") from None
+            if not isinstance(config, dict):
+                raise StartupError(f"--generation-config {source!r}: {file} is not a JSON object")
+    origin = {name: "file" for name in config} | dict.fromkeys(settings.override_generation_config,
+                                                              "--override-generation-config")
+    config = {**config, **settings.override_generation_config}
+    ignored = sorted(set(settings.override_generation_config) - set(GENERATION_FIELDS))
+    if ignored:
+        logger.warning("--override-generation-config: %s not read (only %s are request defaults)",
+                       ", ".join(ignored), ", ".join(GENERATION_FIELDS))
+    defaults = {name: config[name] for name in GENERATION_FIELDS if config.get(name) is not None}
+    if "max_new_tokens" in defaults:
+        defaults["max_tokens"] = defaults.pop("max_new_tokens")
+    # The ranges requests are held to (protocol's SamplingFields): a default a request could not send is refused.
+    from pydantic import ValidationError
+
+    from retnet.serve.protocol import SamplingFields
+
+    for name, value in defaults.items():
+        field = "max_new_tokens" if name == "max_tokens" else name
+        where = (f"--override-generation-config's {field}" if origin[field] == "--override-generation-config"
+                 else f"generation_config.json's {field} (--generation-config {source})")
+        if name == "max_tokens" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise StartupError(f"{where} must be a whole number >= 1; got {value!r}")
+        try:
+            SamplingFields.model_validate({name: value})
+        except ValidationError as exc:
+            raise StartupError(f"{where}: {exc.errors()[0]['msg']}; got {value!r}") from None
+    return {name: (int(v) if name in ("top_k", "max_tokens") else float(v)) for name, v in defaults.items()}
+
+
+def resolve_max_tokens(settings: ServeSettings, defaults: dict[str, Any]) -> int:
+    """The ``max_tokens`` of a request that leaves it out: ``--override-generation-config``'s ``max_new_tokens``,
+    else ``--default-max-tokens`` when set, else the generation config's ``max_new_tokens``, else the setting's
+    default (256). A file's value over ``--max-tokens-limit`` is lowered to it; an override's is refused."""
+    from_file = defaults.get("max_tokens")
+    if "max_new_tokens" in settings.override_generation_config:
+        if from_file > settings.max_tokens_limit:
+            raise StartupError(f"--override-generation-config's max_new_tokens ({from_file}) is over --max-tokens-limit "
+                               f"({settings.max_tokens_limit})")
+        return from_file
+    if from_file is None or "default_max_tokens" in settings.model_fields_set:
+        return settings.default_max_tokens
+    if from_file > settings.max_tokens_limit:
+        logger.warning("the generation config's max_new_tokens (%d) is over --max-tokens-limit: requests that leave "
+                       "out max_tokens get %d", from_file, settings.max_tokens_limit)
+        return settings.max_tokens_limit
+    return from_file
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """``--chat-template``'s template (vLLM's rule): the file it names, else the text itself when it holds
+    Jinja (``{``, ``}`` or a newline; ``\\n`` escapes are read as in vLLM), checked to parse."""
+    if value is None:
+        return None
+    try:
+        template = Path(value).read_text(encoding="utf-8")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        if not any(c in value for c in "{}\n"):
+            raise StartupError(f"--chat-template {value[:80]!r} looks like a file path, but it could not be read: "
+                               f"{_one_line(exc)}") from None
+        # vLLM decodes escapes of an inline template, so that a shell's "\n" is a newline.
+        template = codecs.decode(value.encode("latin-1", "backslashreplace"), "unicode_escape")
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        _compile_jinja_template(template)
+    except Exception as exc:  # jinja2's TemplateSyntaxError (line and reason), or an unknown filter
+        raise StartupError(f"--chat-template: the template does not parse: {_one_line(exc)}") from None
+    return template
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+__all__ = ["ServeSettings", "StartupError", "check_model_dir", "generation_defaults", "load_chat_template",
+           "resolve_max_tokens"]

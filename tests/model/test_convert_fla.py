@@ -1,5 +1,6 @@
 """retnet-convert-fla: a flash-linear-attention RetNet, converted, computes what fla computes with it."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,7 +14,10 @@ from transformers import AutoTokenizer
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.convert_fla import convert_fla_checkpoint, main, retnet_config_from_fla
 
-pytest.importorskip("fla", reason="flash-linear-attention is a dev dependency (pip install -e .[dev])")
+# Looked up, not imported: importing fla registers its own `retnet` model type with the Auto classes, over ours,
+# for every test that runs after this module in the same process.
+if importlib.util.find_spec("fla") is None:
+    pytest.skip("flash-linear-attention is a dev dependency (pip install -e .[dev])", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +160,11 @@ def test_command_line_errors_exit_2_with_the_reason(tmp_path, capsys):
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
         assert error.startswith("retnet-convert-fla: error: ") and reason in error
+
+
+def test_fla_stays_out_of_this_process():
+    """fla ran in its own process: here the Auto classes still map model type `retnet` to ours."""
+    from transformers import AutoConfig
+
+    assert "fla" not in sys.modules
+    assert type(AutoConfig.for_model("retnet")) is RetNetConfig
