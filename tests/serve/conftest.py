@@ -63,11 +63,12 @@ def make_settings(model_dir: Path, **overrides) -> ServeSettings:
 
 
 @contextlib.asynccontextmanager
-async def serve_app(model_dir: Path, **overrides):
-    """An httpx client on an in-process app whose engine runs (lifespan entered, model ready)."""
+async def serve_app(model_dir: Path, model=None, **overrides):
+    """An httpx client on an in-process app whose engine runs (lifespan entered, model ready); ``model``: a loaded
+    model to serve instead of the directory's."""
     from retnet.serve.app import create_app
 
-    app = create_app(make_settings(model_dir, **overrides))
+    app = create_app(make_settings(model_dir, **overrides), model=model)
     async with app.router.lifespan_context(app):
         assert await asyncio.to_thread(app.state.engine.wait_ready, 60)
         transport = httpx.ASGITransport(app=app)
@@ -147,3 +148,24 @@ def server_process(model_dir):
     yield start
     for proc in started:
         proc.stop()
+
+
+def watch_state_copies(monkeypatch) -> list[int]:
+    """The rows each ``RetNetCache.clone`` / ``select`` copies from now on, appended in call order."""
+    from retnet.model import RetNetCache
+
+    copied: list[int] = []
+    clone, select = RetNetCache.clone, RetNetCache.select
+
+    def watched_clone(self):
+        copied.append(self.batch_size)
+        return clone(self)
+
+    def watched_select(self, indices):
+        out = select(self, indices)
+        copied.append(out.batch_size)
+        return out
+
+    monkeypatch.setattr(RetNetCache, "clone", watched_clone)
+    monkeypatch.setattr(RetNetCache, "select", watched_select)
+    return copied

@@ -6,9 +6,9 @@ import asyncio
 import pytest
 import torch
 
-from retnet.model import RetNetCache
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.state_cache import PrefixCache
+from tests.serve.conftest import watch_state_copies
 from tests.serve.test_units import standalone_engine
 
 pytestmark = pytest.mark.anyio
@@ -148,23 +148,10 @@ async def test_requests_whose_state_is_not_their_tokens_or_are_not_cached_add_no
 
 
 async def test_an_answer_entry_copies_one_row_and_none_when_it_cannot_fit(model_dir, monkeypatch):
-    copied = []  # rows copied by each clone / select
-    clone, select = RetNetCache.clone, RetNetCache.select
-
-    def watched_clone(self):
-        copied.append(self.batch_size)
-        return clone(self)
-
-    def watched_select(self, indices):
-        out = select(self, indices)
-        copied.append(out.batch_size)
-        return out
-
     engine = standalone_engine(model_dir)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     await generate(engine, [40, 41, 42, 43], params)  # the prompt's entry is written before the batch runs
-    monkeypatch.setattr(RetNetCache, "clone", watched_clone)
-    monkeypatch.setattr(RetNetCache, "select", watched_select)
+    copied = watch_state_copies(monkeypatch)
     sampled = SamplingParams(max_tokens=4, temperature=1.0, seed=1)
     answers = await generate(engine, [40, 41, 42, 43], sampled, n=3)  # three answers ending in the same step
     assert len({tuple(tokens) for tokens, _ in answers.values()}) == 3

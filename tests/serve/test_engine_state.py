@@ -10,6 +10,7 @@ import torch
 
 from retnet.serve.engine import EngineFailure
 from retnet.serve.sampling import SamplingParams
+from tests.serve.conftest import watch_state_copies
 from tests.serve.test_units import cancel_late, standalone_engine
 
 pytestmark = pytest.mark.anyio
@@ -55,22 +56,7 @@ async def test_a_running_sequence_does_not_keep_its_prefill_state_alive(model_di
 async def test_rows_leaving_the_batch_never_copy_the_whole_batch(model_dir, monkeypatch):
     # A sequence that ends (and saves its session) or leaves the batch must cost a copy of ITS row, not of
     # every row's state: at 64 running sequences a whole-batch copy is 64 states more, at the busiest moment.
-    from retnet.model import RetNetCache
-
-    copied = []  # rows copied by each clone / select
-    clone, select = RetNetCache.clone, RetNetCache.select
-
-    def watched_clone(self):
-        copied.append(self.batch_size)
-        return clone(self)
-
-    def watched_select(self, indices):
-        out = select(self, indices)
-        copied.append(out.batch_size)
-        return out
-
-    monkeypatch.setattr(RetNetCache, "clone", watched_clone)
-    monkeypatch.setattr(RetNetCache, "select", watched_select)
+    copied = watch_state_copies(monkeypatch)  # rows copied by each clone / select
     engine = standalone_engine(model_dir)
     short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     with engine.cond:

@@ -4,13 +4,11 @@ base model, checked against peft's own merged models (``merge_and_unload``) serv
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from retnet.model import RetNetForCausalLM
 from retnet.serve.lora import LoraSlots
 from retnet.serve.run_batch import parse_lines, run_batch, served_urls
 
-from .conftest import make_settings
+from .conftest import make_settings, serve_app
 
 pytestmark = pytest.mark.anyio
 
@@ -55,20 +53,6 @@ def adapters(model_dir, tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Modu
         peft_model.save_pretrained(root / name)
         out[name] = (root / name, peft_model.merge_and_unload().eval())
     return out
-
-
-@contextlib.asynccontextmanager
-async def serving(model_dir: Path, model=None, **overrides):
-    """An httpx client on an in-process app (``model``: a loaded model to serve instead of the directory's)."""
-    from retnet.serve.app import create_app
-
-    app = create_app(make_settings(model_dir, **overrides), model=model)
-    async with app.router.lifespan_context(app):
-        assert await asyncio.to_thread(app.state.engine.wait_ready, 60)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-            client.app = app
-            yield client
 
 
 def lora_flags(adapters) -> list[str]:
@@ -122,14 +106,14 @@ async def test_mixed_batches_give_each_adapter_its_merged_models_answer(model_di
     # The reference: each merged model (and the base) served alone, one request at a time.
     want: dict[tuple[str, str], dict] = {}
     for name, model in [("micro", None), *((n, merged) for n, (_, merged) in adapters.items())]:
-        async with serving(model_dir, model=model, prefix_cache_entries=0) as client:
+        async with serve_app(model_dir, model=model, prefix_cache_entries=0) as client:
             for prompt in PROMPTS:
                 want[name, prompt] = await complete(client, None, prompt)
             want[name, "chat"] = await chat(client, None)
     assert want["a", PROMPTS[0]]["choices"][0]["text"] != want["micro", PROMPTS[0]]["choices"][0]["text"]
     assert want["b", PROMPTS[0]]["choices"][0]["text"] != want["micro", PROMPTS[0]]["choices"][0]["text"]
 
-    async with serving(model_dir, lora_modules=lora_flags(adapters)) as client:
+    async with serve_app(model_dir, lora_modules=lora_flags(adapters)) as client:
         # Every prompt under the base and both adapters at once: one packed prefill, then mixed decode steps.
         jobs = [(model, prompt) for prompt in PROMPTS for model in ("micro", "a", "b")]
         got = await asyncio.gather(*(complete(client, model, prompt) for model, prompt in jobs))
@@ -170,13 +154,13 @@ async def test_cached_states_never_cross_adapters(model_dir, adapters):
         return response["usage"]["prompt_tokens_details"]["cached_tokens"]
 
     # Token ids, not text: a prompt and its answer's ids are then exactly the key of the answer's cache entry.
-    async with serving(model_dir, lora_modules=[f"a={path}"]) as client:
+    async with serve_app(model_dir, lora_modules=[f"a={path}"]) as client:
         prompt = (await client.post("/tokenize", json={"prompt": PROMPTS[3]})).json()["tokens"]
-    async with serving(model_dir, model=merged, prefix_cache_entries=0) as client:
+    async with serve_app(model_dir, model=merged, prefix_cache_entries=0) as client:
         want_repeat = await ids_run(client, None, prompt)
         follow_up = prompt + want_repeat["choices"][0]["token_ids"]
         want_follow = await ids_run(client, None, follow_up)
-    async with serving(model_dir, lora_modules=[f"a={path}"]) as client:
+    async with serve_app(model_dir, lora_modules=[f"a={path}"]) as client:
         base = await ids_run(client, "micro", prompt)
         assert cached(await ids_run(client, "micro", prompt)) == len(prompt)  # the cache is on
         # The base model's prompt entry (with its logits) and its answer entry are the base's alone.
@@ -208,7 +192,7 @@ async def test_cached_states_never_cross_adapters(model_dir, adapters):
 async def test_models_lists_adapters_and_unknown_names_are_404(model_dir, adapters, recorded_slots):
     (path_a, _), (path_b, _) = adapters["a"], adapters["b"]
     flags = [f"a={path_a}", json.dumps({"name": "b", "path": str(path_b), "base_model_name": "org/base"})]
-    async with serving(model_dir, lora_modules=flags, max_loras=1) as client:
+    async with serve_app(model_dir, lora_modules=flags, max_loras=1) as client:
         models = (await client.get("/v1/models")).json()["data"]
         assert [(m["id"], m["parent"], m["root"]) for m in models] == [
             ("micro", None, str(model_dir)), ("a", "micro", str(path_a)), ("b", "org/base", str(path_b))]
