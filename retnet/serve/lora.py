@@ -153,6 +153,18 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
     return adapter
 
 
+# adapter_config.json fields that, set, change the model in a way LoraLinear does not apply, and why.
+UNSUPPORTED_WHEN_SET = {
+    "use_dora": "DoRA rescales the base weight's columns",
+    "lora_bias": "lora_B without a bias only",
+    "modules_to_save": "whole modules replaced",
+    "fan_in_fan_out": "transposed (Conv1D) weights",
+    "target_parameters": "LoRA on bare parameters",
+    "trainable_token_indices": "trained embedding rows",
+    "layer_replication": "layers added to the base model",
+}
+
+
 def _check_config(where: str, config: dict) -> None:
     """Refuse, naming the field, what would change the model in a way :class:`LoraLinear` does not apply."""
     def refuse(name: str, why: str):
@@ -160,22 +172,11 @@ def _check_config(where: str, config: dict) -> None:
 
     if config.get("peft_type", "LORA") != "LORA":
         refuse("peft_type", "only LoRA adapters")
-    if config.get("use_dora"):
-        refuse("use_dora", "DoRA rescales the base weight's columns")
     if config.get("bias", "none") != "none":
         refuse("bias", "only bias='none': trained biases would change the base model's")
-    if config.get("lora_bias"):
-        refuse("lora_bias", "lora_B without a bias only")
-    if config.get("modules_to_save"):
-        refuse("modules_to_save", "whole modules replaced")
-    if config.get("fan_in_fan_out"):
-        refuse("fan_in_fan_out", "transposed (Conv1D) weights")
-    if config.get("target_parameters"):
-        refuse("target_parameters", "LoRA on bare parameters")
-    if config.get("trainable_token_indices"):
-        refuse("trainable_token_indices", "trained embedding rows")
-    if config.get("layer_replication"):
-        refuse("layer_replication", "layers added to the base model")
+    for name, why in UNSUPPORTED_WHEN_SET.items():
+        if config.get(name):
+            refuse(name, why)
     # Newer LoRA variants whose forward is not base + scale * B A x (activated LoRA, routing, quantized or block
     # variants): refused rather than served wrong.
     for name in ("alora_invocation_tokens", "arrow_config", "use_bdlora", "use_qalora", "kasa_config",
