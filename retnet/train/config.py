@@ -447,8 +447,13 @@ def lora_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     one from before LoRA trained without it) and ``current``, as ``"lora.rank: checkpoint 8, now 16"``."""
     old = {**LoraConfig().to_dict(), **saved.get("lora", {})}
     now = current.lora.to_dict()
-    return [f"lora.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in _LORA_FIELDS
-            if old[name] != now[name]]
+
+    def same(name: str) -> bool:  # peft adapts the modules the target names match, in whatever order named
+        if name == "target_modules":
+            return sorted(map(str, old[name])) == sorted(map(str, now[name]))
+        return old[name] == now[name]
+
+    return [f"lora.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in _LORA_FIELDS if not same(name)]
 
 
 # ----------------------------------------------------------------------------------------------------------

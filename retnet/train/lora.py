@@ -26,7 +26,6 @@ from retnet.train.config import LORA_TARGETS, ConfigError, LoraConfig
 
 ADAPTER_DIR = "adapter"  # export/adapter: peft's save_pretrained
 ADAPTER_NAME = "default"  # peft's adapter name, part of the state-dict keys (lora_A.default.weight)
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def target_names(cfg: LoraConfig, model: nn.Module) -> list[str]:
@@ -87,15 +86,32 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def base_fingerprint(path: Path) -> str:
-    """SHA-256 over the weight files of a pretrained directory (name and contents, in name order): what a
-    checkpoint that holds only adapters was trained on top of. Reads every weight file once."""
+    """SHA-256 over the weights of a pretrained directory: every tensor's name, shape and values as the trainer
+    loads them (floats in fp32), in name order. What a checkpoint that holds only adapters was trained on top of:
+    the same weights saved in other shards, another file format or a dtype that holds them exactly give the same
+    fingerprint; other values do not. Reads the safetensors files (without any, the .bin files: what
+    ``from_pretrained`` reads) once, a tensor at a time."""
+    import torch
+
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix == ".safetensors")
+    readers = {}  # tensor name -> a function returning it
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            handle = safe_open(str(file), framework="pt")
+            readers.update({key: (lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})  # noqa: SIM118 - no dict
+    else:
+        for file in sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix == ".bin"):
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            readers.update({key: (lambda v=value: v) for key, value in state.items() if torch.is_tensor(value)})
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-    for file in files:
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
+    for name in sorted(readers):
+        tensor = readers[name]()
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

@@ -292,6 +292,12 @@ class Trainer:
             # loads its checkpoint over them; the architecture is the same.
             self.model_config = _pretrained_config(init_from, overrides, self.tokenizer)
             self.raw_model = _pretrained_model(init_from, self.model_config).to(self.device)
+            if cfg.lora.enabled:
+                # Now, of the weights just loaded, not at the first save: init_from may be rewritten meanwhile.
+                # The other ranks wait on the long-timeout barrier, not in DDP's or the first step's collective.
+                if self.is_main:
+                    self._base_fingerprint()
+                barrier()
         else:
             try:
                 self.model_config = RetNetConfig.from_preset(
@@ -365,7 +371,9 @@ class Trainer:
         if getattr(self, "_fingerprint", None) is None:
             from retnet.train.lora import base_fingerprint
 
-            self._fingerprint = base_fingerprint(Path(self.cfg.model.init_from).expanduser())
+            path = Path(self.cfg.model.init_from).expanduser()
+            _check_pretrained_dir(path)  # a resume checks it here, before the data is built (a ConfigError naming it)
+            self._fingerprint = base_fingerprint(path)
         return self._fingerprint
 
     def _checkpointed(self, model_state: dict) -> dict:
@@ -538,7 +546,8 @@ class Trainer:
             # adapters only: the frozen weights stay those loaded from init_from (_check_fits checked the keys)
             options = StateDictOptions(full_state_dict=True, strict=not self.adapters_only)
             set_model_state_dict(self.model, model_state, options=options)
-            set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, self._named_optim_state(optim_state),
+                                     options=options)
         else:
             self.raw_model.load_state_dict(model_state, strict=not self.adapters_only)
             self.optimizer.load_state_dict(optim_state)
@@ -549,6 +558,24 @@ class Trainer:
             for key, value in state.items():
                 if torch.is_tensor(value) and value.device.type == "cpu":
                     state[key] = value.clone()
+
+    def _named_optim_state(self, optim_state: dict) -> dict:
+        """``optim_state`` keyed by parameter name, as torch's ``set_optimizer_state_dict`` reads it: a checkpoint
+        written without FSDP (one process, DDP) holds ``optimizer.state_dict()``, keyed by index in the order of
+        build_optimizer's groups, which this optimizer's follow (_check_fits checked the model is the same)."""
+        groups = optim_state.get("param_groups", [])
+        if not any(isinstance(index, int) for group in groups for index in group["params"]):
+            return optim_state  # written under FSDP: already by name
+        names = {id(param): name for name, param in self.raw_model.named_parameters()}
+        saved = [index for group in groups for index in group["params"]]
+        mine = [names[id(param)] for group in self.optimizer.param_groups for param in group["params"]]
+        if len(saved) != len(mine):
+            raise CheckpointError(f"the checkpoint's optimizer holds {len(saved)} parameters, this model's "
+                                  f"{len(mine)}: resume with the settings it was saved with")
+        name_of = dict(zip(saved, mine, strict=True))
+        return {"state": {name_of[index]: value for index, value in optim_state["state"].items()},
+                "param_groups": [{**group, "params": [name_of[index] for index in group["params"]]}
+                                 for group in groups]}
 
     @property
     def sharded_checkpoints(self) -> bool:
@@ -659,7 +686,12 @@ class Trainer:
                 f"checkpoint {str(path)!r} was trained with other LoRA settings: {'; '.join(changes)}. Resume with "
                 f"those settings, or start in another train.output_dir")
         base = trainer.get("lora_base")
-        if base is not None and self.adapters_only and base["sha256"] != self._base_fingerprint():
+        if base is not None and not self.adapters_only:  # lora.rank 0 is lora_changes'
+            raise ConfigError(
+                f"checkpoint {str(path)!r} holds only the LoRA adapters, trained on {base['path']!r}, and "
+                f"model.init_from is not set: a resume loads those pretrained weights again; resume with "
+                f"--model.init_from={base['path']}, or start in another train.output_dir")
+        if base is not None and base["sha256"] != self._base_fingerprint():
             # The checkpoint holds only adapters: their base is read from init_from again, and must be the same.
             raise ConfigError(
                 f"model.init_from {self.cfg.model.init_from!r}: its weights are not those checkpoint "
