@@ -338,15 +338,20 @@ def test_torch_compile_matches_eager(micro, tmp_path, run, read_metrics):
     dict(checkpoint__layout="sharded"),  # DDP: every rank holds the whole state; each writes a part of it
 ], ids=["ddp-streaming", "fsdp2", "fsdp2-full-layout", "ddp-sharded-layout"])
 def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, read_metrics):
-    """2 torchrun ranks: a run of 3 steps extended to 5 replays the 5-step run's losses (model, optimizer and
-    each rank's data position restored). A constant learning rate, so the schedule does not depend on
-    train.steps."""
+    """2 torchrun ranks: the 5-step run resumed from its step-3 checkpoint replays its last losses (model,
+    optimizer and each rank's data position restored). A constant learning rate, so the schedule does not
+    depend on train.steps. One layout also extends a finished 3-step run to 5 (resume=auto in its own
+    directory); the others resume the whole run's checkpoint into another directory (one launch fewer)."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     common = dict(**setup, checkpoint__interval=3, optim__schedule="constant")
     done = run(micro(whole, **common, train__steps=5), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert run(micro(resumed, **common, train__steps=3), nproc=2).returncode == 0
-    again = run(micro(resumed, **common, train__steps=5), nproc=2)
+    if setup.get("checkpoint__layout") == "sharded":
+        assert run(micro(resumed, **common, train__steps=3), nproc=2).returncode == 0
+        again = run(micro(resumed, **common, train__steps=5), nproc=2)
+    else:
+        again = run(micro(resumed, **common, train__steps=5, train__resume=whole / "checkpoints" / "step_00000003"),
+                    nproc=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at step 3" in again.stderr
     expected = [r["loss"] for r in read_metrics(whole)]
@@ -355,7 +360,7 @@ def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, read_metr
     if setup.get("train__parallelism") == "fsdp" and "checkpoint__layout" not in setup:
         # Sharded (the default under FSDP2): each rank wrote and hashed its own shard. One process reads both
         # (another world size), and continues the same losses up to the order of the gradient reduction.
-        checkpoint = resumed / "checkpoints" / "step_00000003"
+        checkpoint = whole / "checkpoints" / "step_00000003"
         files = verify_checkpoint(checkpoint)["files"]
         assert {"state/__0_0.distcp", "state/__1_0.distcp"} <= set(files) and not (checkpoint / "model.pt").exists()
         one = tmp_path / "one"
