@@ -326,6 +326,8 @@ class Engine:
         self.model = self.model.to(self.device).eval()
         if self.adapters:
             self.lora = install(self.model, self.adapters, self.device, next(self.model.parameters()).dtype)
+            for adapter in self.adapters:
+                adapter.weights.clear()  # the installed copies (on the GPU, in the model's dtype) are the ones used
 
     def _adapters_for(self, slots: list[int], counts: list[int] | None = None):
         """The context to run a forward in whose rows (or packed sequences of ``counts`` tokens) run under LoRA
