@@ -13,7 +13,7 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -25,7 +25,9 @@ from retnet.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraAdapterRequest,
     TokenizeRequest,
+    UnloadLoraAdapterRequest,
 )
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.responses import ResponsesRequest, ResponsesServing
@@ -43,7 +45,8 @@ logger = logging.getLogger("retnet.serve")
 # vLLM's tokenizer routes, outside /v1 as in vLLM, behind the same API key.
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/responses/{response_id}",
-          "/v1/responses/{response_id}/input_items", "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES)
+          "/v1/responses/{response_id}/input_items", "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES,
+          "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 # Routes with an id in the path, counted by their template (one label per route, not per id).
 _ROUTE_TEMPLATES = tuple((re.compile("^" + re.sub(r"\{\w+\}", "[^/]+", route) + "$"), route)
                          for route in ROUTES if "{" in route)
@@ -159,6 +162,20 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     @app.post("/detokenize", dependencies=json_body)
     async def detokenize(request: DetokenizeRequest):
         return await serving.detokenize(request)
+
+    if settings.allow_runtime_lora_updating:  # as in vLLM, the routes exist only when allowed
+        logger.warning("Runtime LoRA updating is enabled (--allow-runtime-lora-updating or "
+                       "VLLM_ALLOW_RUNTIME_LORA_UPDATING): /v1/load_lora_adapter reads any directory of the server "
+                       "a client names. This is risky in production: allow it only where every client is trusted.")
+
+        # vLLM's answers are plain text, not JSON.
+        @app.post("/v1/load_lora_adapter", dependencies=json_body, response_class=PlainTextResponse)
+        async def load_lora_adapter(request: LoadLoraAdapterRequest):
+            return PlainTextResponse(await serving.load_lora_adapter(request))
+
+        @app.post("/v1/unload_lora_adapter", dependencies=json_body, response_class=PlainTextResponse)
+        async def unload_lora_adapter(request: UnloadLoraAdapterRequest):
+            return PlainTextResponse(serving.unload_lora_adapter(request))
 
     @app.delete("/v1/sessions/{session_id}", dependencies=auth)
     async def delete_session(session_id: str):

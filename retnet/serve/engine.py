@@ -32,7 +32,16 @@ import torch
 
 from retnet.model import RetNetCache
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
-from retnet.serve.lora import LoraAdapter, LoraSlots, install, linear_modules, load_adapter, meta_model
+from retnet.serve.lora import (
+    LoraAdapter,
+    LoraSlots,
+    install,
+    install_adapter,
+    linear_modules,
+    load_adapter,
+    meta_model,
+    uninstall_adapter,
+)
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.sampling import RowSampler, SamplingParams, grammar_masks_of, prompt_logprobs, sample_step
 from retnet.serve.settings import ServeSettings
@@ -140,7 +149,7 @@ class Group:
     first_index: int
     session_id: str | None = None
     session: Session | None = None
-    adapter: int = 0  # the LoRA adapter's slot (Engine.adapters[adapter - 1]); 0: the base model
+    adapter: int = 0  # the LoRA adapter's slot (LoraAdapter.slot); 0: the base model
     prefix_hint: int | None = None  # a token offset worth caching the state at (the chat's history)
     # The prompt token that opens its echoed text, where a SentencePiece decoder drops the token's leading space;
     # None: the first one decoding does not skip (the text was the client's, a BOS the tokenizer adds not in it).
@@ -200,15 +209,33 @@ class Engine:
         self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
                                         settings.prefix_cache_min_tokens)
         self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s)
-        # LoRA adapters, read and checked now (a bad one stops the server before it loads the model); adapter i is
-        # slot i + 1 of the LoraSlots installed with the model.
-        self.adapters: list[LoraAdapter] = self._read_adapters()
-        self.adapter_slots = {adapter.name: i for i, adapter in enumerate(self.adapters, start=1)}
+        # The base model's Linear layers (shapes only are read), which adapters are checked against; none when no
+        # adapter can ever be served.
+        self.linears = {}
+        if settings.lora or settings.allow_runtime_lora_updating:
+            self.linears = linear_modules(self.model if self.model is not None else meta_model(self.config))
+        # LoRA adapters served, by name, in the order they were loaded. Changed on the event loop only (the routes
+        # that read it run there too), and replaced whole rather than changed in place, so that a reader on another
+        # thread iterates a consistent dict. The startup ones are read and checked now (a bad one stops the server
+        # before it loads the model) and take slots 1..n.
+        self.adapters: dict[str, LoraAdapter] = {}
+        for adapter in self._read_adapters():
+            adapter.slot = len(self.adapters) + 1
+            self.adapters[adapter.name] = adapter
+        self.next_slot = len(self.adapters) + 1  # monotonic: an unloaded adapter's slot is never given again
+        self.loading: set[str] = set()  # names of adapters read and queued, not yet installed (event loop)
         self.lora: LoraSlots | None = None
+        metrics.lora_adapters.set(len(self.adapters))
 
         self.cond = threading.Condition()
         self.waiting: deque[Group] = deque()  # guarded by cond
         self.in_system = 0  # sequences admitted and not finished; guarded by cond
+        # Adapters to install at the scheduler's next iteration, between two forwards, each with the event loop and
+        # future to publish it on: (adapter, loop, future); guarded by cond.
+        self.lora_installs: list[tuple[LoraAdapter, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        # Slots no longer served (unloaded or replaced), by the name they had, whose matrices are freed once no
+        # request accepted under them is left; guarded by cond.
+        self.retiring: dict[int, str] = {}
         self.accepting = True
         self.stopping = False
         self.ready = False
@@ -254,9 +281,62 @@ class Engine:
         modules = self.settings.lora
         if not modules:
             return []
-        base = self.model if self.model is not None else meta_model(self.config)
-        linears = linear_modules(base)
-        return [load_adapter(module, linears, self.settings.max_lora_rank) for module in modules]
+        return [load_adapter(module, self.linears, self.settings.max_lora_rank) for module in modules]
+
+    # -- LoRA adapters at runtime (vLLM's /v1/load_lora_adapter; event-loop thread) ----------------------------------
+    def add_adapter(self, adapter: LoraAdapter) -> asyncio.Future:
+        """Queue ``adapter`` (read and checked by :func:`~retnet.serve.lora.load_adapter`) to be installed by the
+        scheduler between two forwards, under a new slot. The returned future is done once it is installed and
+        served under its name (an adapter of that name served until then is retired, as :meth:`remove_adapter`
+        does: its requests finish under it); it fails if the install does. Published on this event loop even if
+        nobody awaits the future any more, so an adapter installed is always served or retired, never leaked.
+
+        Raises EngineUnavailable.
+        """
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        with self.cond:
+            if not self.healthy or not self.accepting:
+                raise EngineUnavailable(self.dead or "the engine is not ready")
+            adapter.slot = self.next_slot
+            self.next_slot += 1
+            self.loading.add(adapter.name)
+            self.lora_installs.append((adapter, loop, done))
+            self.cond.notify_all()
+        return done
+
+    def remove_adapter(self, name: str) -> LoraAdapter | None:
+        """Stop serving adapter ``name`` (None: no such adapter): requests from now on cannot name it; those
+        already accepted under it (waiting or running) finish under it, and its matrices, prefix-cache entries and
+        sessions are dropped once the last has left."""
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            return None
+        self.adapters = {n: a for n, a in self.adapters.items() if n != name}
+        self._retire(adapter)
+        self.metrics.lora_adapters.set(len(self.adapters))
+        return adapter
+
+    def _retire(self, adapter: LoraAdapter) -> None:
+        with self.cond:
+            self.retiring[adapter.slot] = adapter.name
+            self.cond.notify_all()
+
+    def _publish(self, adapter: LoraAdapter, done: asyncio.Future) -> None:
+        """On the event loop, once the scheduler installed ``adapter``: serve it under its name."""
+        self.loading.discard(adapter.name)
+        replaced = self.adapters.get(adapter.name)
+        self.adapters = {**self.adapters, adapter.name: adapter}  # a replaced adapter keeps its place in the list
+        if replaced is not None:
+            self._retire(replaced)
+        self.metrics.lora_adapters.set(len(self.adapters))
+        if not done.done():
+            done.set_result(adapter)
+
+    def _install_failed(self, adapter: LoraAdapter, done: asyncio.Future, exc: BaseException) -> None:
+        self.loading.discard(adapter.name)
+        if not done.done():
+            done.set_exception(exc)
 
     # -- the API the routes call (event-loop thread) -------------------------------------------------------------
     def submit(
@@ -267,8 +347,9 @@ class Engine:
         """Queue ``prompts`` (token ids) × ``n`` choices; outputs arrive on ``handle.queue``. ``session``:
         ``session_id``'s, already acquired by the caller (who releases it if this raises); otherwise it is
         acquired here. ``text_starts``: per prompt, the token its echoed text starts at (``Group.text_start``);
-        it labels the prompt's logprobs. ``adapter``: the LoRA adapter's slot (``adapter_slots``; 0: the base
-        model).
+        it labels the prompt's logprobs. ``adapter``: the slot of a LoRA adapter served (``adapters[name].slot``;
+        0: the base model), looked up by the caller right before this call, on the event loop (where adapters are
+        unloaded), so that a request is accepted under a slot still served or not at all.
 
         Raises EngineUnavailable, QueueFull or SessionBusy.
         """
@@ -279,6 +360,9 @@ class Engine:
             # be answered.
             if not self.healthy or not self.accepting:
                 raise EngineUnavailable(self.dead or "the engine is not ready")
+            if adapter and all(a.slot != adapter for a in self.adapters.values()):
+                # A retired slot's matrices may be freed at any moment: its tokens would silently run as the base's.
+                raise ValueError(f"LoRA slot {adapter} is not served (an adapter unloaded or replaced)")
             limit = self.settings.max_running + self.settings.max_queue
             if self.in_system + handle.num_choices > limit:
                 raise QueueFull(f"{self.in_system} sequences in the server; the limit is {limit}")
@@ -325,8 +409,9 @@ class Engine:
             self.model = AutoModelForCausalLM.from_pretrained(self.settings.model, dtype=getattr(torch, dtype))
         self.model = self.model.to(self.device).eval()
         if self.adapters:
-            self.lora = install(self.model, self.adapters, self.device, next(self.model.parameters()).dtype)
-            for adapter in self.adapters:
+            adapters = list(self.adapters.values())
+            self.lora = install(self.model, adapters, self.device, next(self.model.parameters()).dtype)
+            for adapter in adapters:
                 adapter.weights.clear()  # the installed copies (on the GPU, in the model's dtype) are the ones used
 
     def _adapters_for(self, slots: list[int], counts: list[int] | None = None):
@@ -338,16 +423,18 @@ class Engine:
 
     def _iteration(self) -> bool:
         with self.cond:
-            while not (self.waiting or self.prefilling or self.running or self.joining or self.stopping):
+            while not (self.waiting or self.prefilling or self.running or self.joining or self.stopping
+                       or self.lora_installs or self.retiring):
                 self.cond.wait(timeout=1.0)
             if self.stopping:
                 return False
             self._drop_cancelled_waiting()
             busy = len(self.running) + len(self.joining) + sum(g.n for g in self.prefilling)
             active = self._active_adapters()
+            max_loras = self.settings.max_loras  # None: no limit
             while self.waiting and busy + self.waiting[0].n <= self.settings.max_running:
                 slot = self.waiting[0].adapter
-                if slot and slot not in active and len(active) >= (self.settings.max_loras or len(self.adapters)):
+                if slot and slot not in active and max_loras is not None and len(active) >= max_loras:
                     break  # --max-loras: it waits (in order) until an adapter leaves the batch
                 if slot:
                     active.add(slot)
@@ -355,6 +442,10 @@ class Engine:
                 self.prefilling.append(group)
                 busy += group.n
             self.metrics.queue_depth.set(sum(g.n for g in self.waiting))
+            installs, self.lora_installs = self.lora_installs, []
+            freed = self._unused_retired() if self.retiring else []
+        if installs or freed:
+            self._change_adapters(installs, freed)
         self._prefill()
         self._rebuild_batch()
         self.metrics.running.set(len(self.running))
@@ -362,6 +453,43 @@ class Engine:
         if self.running:
             self._decode_step()
         return True
+
+    def _unused_retired(self) -> list[tuple[int, str]]:
+        """The retiring ``(slot, name)`` no request is left under (waiting, prefilling, running or joining),
+        taken out of ``retiring``; called under cond."""
+        used = self._active_adapters() | {g.adapter for g in self.waiting}
+        freed = [(slot, name) for slot, name in self.retiring.items() if slot not in used]
+        for slot, _ in freed:
+            del self.retiring[slot]
+        return freed
+
+    def _change_adapters(self, installs: list[tuple[LoraAdapter, asyncio.AbstractEventLoop, asyncio.Future]],
+                         freed: list[tuple[int, str]]) -> None:
+        """Install the adapters queued and free the retired slots unused: between two forwards, on the thread
+        that runs them, so no forward sees a module half wrapped or an adapter half installed."""
+        dtype = next(self.model.parameters()).dtype
+        for adapter, loop, done in installs:
+            try:
+                if self.lora is None:  # the first adapter of a server started without: forwards set slots from now
+                    self.lora = LoraSlots(self.device)
+                install_adapter(self.model, self.lora, adapter, dtype)
+            except Exception as exc:  # out of device memory: the adapter is not served, everything else goes on
+                logger.exception("LoRA adapter %r could not be installed", adapter.name)
+                with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting
+                    loop.call_soon_threadsafe(self._install_failed, adapter, done, exc)
+                continue
+            adapter.weights.clear()
+            logger.info("LoRA adapter %r loaded from %s (slot %d)", adapter.name, adapter.path, adapter.slot)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._publish, adapter, done)
+        for slot, name in freed:
+            uninstall_adapter(self.model, slot)
+            self.prefix_cache.drop_adapter(slot)
+            self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
+            self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
+            dropped = self.sessions.drop_adapter(slot)
+            self.metrics.sessions.set(len(self.sessions))
+            logger.info("LoRA adapter %r unloaded (slot %d; %d sessions dropped)", name, slot, dropped)
 
     def _active_adapters(self) -> set[int]:
         """The LoRA adapters of the sequences running, joining or being prefilled (the base, 0, not counted)."""
@@ -824,6 +952,10 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         with self.cond:
+            installs, self.lora_installs = self.lora_installs, []
+            for adapter, loop, done in installs:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._install_failed, adapter, done, EngineUnavailable(message))
             groups = list(self.waiting) + list(self.prefilling)
             self.waiting.clear()
             handles = {id(g.handle): g.handle for g in groups}

@@ -10,6 +10,11 @@ pieces of one packed prefill) may each run under another adapter or the base mod
 The engine says which adapter each token of the next forward runs under (:meth:`LoraSlots.tokens`): per row of a
 decode batch ``[B, 1]``, per sequence of a packed prefill row (``cu_seqlens``), or one for a single piece. Slot 0
 is the base model: its tokens cost nothing, and with no adapter loaded no module is wrapped at all.
+
+Adapters may also come and go while the server runs (vLLM's ``/v1/load_lora_adapter``): :func:`install_adapter`
+adds one under a slot number never used before, wrapping the Linear layers no adapter wrapped yet, and
+:func:`uninstall_adapter` drops a slot's matrices; both are called by the thread that runs the forwards, between
+two of them.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ class LoraAdapter:
     base_model_name: str | None
     rank: int  # the largest of its modules' ranks
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Its LoraSlots number, given by the engine (0 until then). Never reused after an unload: prefix-cache entries
+    # and sessions keyed by a slot then cannot be taken up by a later adapter of the same name.
+    slot: int = 0
 
 
 class LoraError(ValueError):
@@ -110,7 +118,10 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
     except (OSError, ValueError) as exc:
         raise LoraError(f"{where}: {CONFIG_FILE} is not JSON: {exc}") from exc
     _check_config(where, config)
-    tensors = load_file(str(root / WEIGHTS_FILE))
+    try:
+        tensors = load_file(str(root / WEIGHTS_FILE))
+    except Exception as exc:  # safetensors' own error type: a truncated or foreign file
+        raise LoraError(f"{where}: {WEIGHTS_FILE} could not be read: {' '.join(str(exc).split())}") from exc
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -194,7 +205,16 @@ def _pattern_value(patterns: dict, name: str, default):
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    """Module name -> the base model's Linear at that name (a wrapped one's own Linear: adapters are checked
+    against the base model, whatever is installed already)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, module in modules.items():
+        if isinstance(module, LoraLinear):
+            out[name] = module.base
+        elif isinstance(module, nn.Linear) and not isinstance(modules.get(name.rpartition(".")[0]), LoraLinear):
+            out[name] = module
+    return out
 
 
 def meta_model(config) -> nn.Module:
@@ -271,20 +291,40 @@ class LoraLinear(nn.Module):
 
 
 def install(model: nn.Module, adapters: list[LoraAdapter], device: torch.device, dtype: torch.dtype) -> LoraSlots:
-    """Replace each Linear some adapter targets by a :class:`LoraLinear` holding every adapter's matrices (adapter
-    i in slot i + 1), in ``dtype`` on ``device``. Returns the slots the engine sets before each forward."""
+    """Replace each Linear some adapter targets by a :class:`LoraLinear` holding every adapter's matrices (each
+    under its ``slot``), in ``dtype`` on ``device``. Returns the slots the engine sets before each forward."""
     slots = LoraSlots(device)
-    wrapped: dict[str, LoraLinear] = {}
-    for number, adapter in enumerate(adapters, start=1):
-        for name, (a, b) in adapter.weights.items():
-            if name not in wrapped:
-                parent_name, _, attr = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                wrapped[name] = LoraLinear(getattr(parent, attr), slots)
-                setattr(parent, attr, wrapped[name])
-            wrapped[name].adapters[number] = (a.to(device, dtype), b.to(device, dtype))
+    for adapter in adapters:
+        install_adapter(model, slots, adapter, dtype)
     return slots
 
 
-__all__ = ["LoraAdapter", "LoraError", "LoraLinear", "LoraModule", "LoraSlots", "install", "linear_modules",
-           "load_adapter", "meta_model", "parse_lora_modules"]
+def install_adapter(model: nn.Module, slots: LoraSlots, adapter: LoraAdapter, dtype: torch.dtype) -> None:
+    """Put ``adapter``'s matrices under its ``slot`` in every Linear it targets, wrapping those not wrapped yet
+    (in ``dtype`` on ``slots.device``). Only between forwards: a forward must not see a half-installed adapter. If
+    a copy fails (out of device memory), what was installed of it is taken out again before the error leaves."""
+    if adapter.slot < 1:
+        raise ValueError(f"LoRA adapter {adapter.name!r}: slot {adapter.slot}; slot 0 is the base model's")
+    try:
+        for name, (a, b) in adapter.weights.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, LoraLinear):
+                parent_name, _, attr = name.rpartition(".")
+                module = LoraLinear(module, slots)
+                setattr(model.get_submodule(parent_name), attr, module)
+            module.adapters[adapter.slot] = (a.to(slots.device, dtype), b.to(slots.device, dtype))
+    except BaseException:
+        uninstall_adapter(model, adapter.slot)
+        raise
+
+
+def uninstall_adapter(model: nn.Module, slot: int) -> None:
+    """Free adapter ``slot``'s matrices in every wrapped Linear. The wrappers stay: a module no adapter adapts
+    any more costs the check that none is present, as the base model's tokens do."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.adapters.pop(slot, None)
+
+
+__all__ = ["LoraAdapter", "LoraError", "LoraLinear", "LoraModule", "LoraSlots", "install", "install_adapter",
+           "linear_modules", "load_adapter", "meta_model", "parse_lora_modules", "uninstall_adapter"]

@@ -40,6 +40,8 @@ class ServeMetrics:
         self.prefix_cache_entries = Gauge("retnet_prefix_cache_entries", "states in the prefix cache", registry=r)
         self.prefix_cache_bytes = Gauge("retnet_prefix_cache_bytes", "bytes of state in the prefix cache", registry=r)
         self.sessions = Gauge("retnet_sessions", "saved sessions", registry=r)
+        self.lora_adapters = Gauge("retnet_lora_adapters", "LoRA adapters served (--lora-modules and those loaded "
+                                   "at runtime)", registry=r)
         self.engine_ready = Gauge("retnet_engine_ready", "1 while the engine serves", registry=r)
         self.ttft = Histogram("retnet_time_to_first_token_seconds", "arrival to first token", buckets=LATENCY_BUCKETS,
                               registry=r)

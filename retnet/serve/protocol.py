@@ -406,6 +406,26 @@ class DetokenizeRequest(TokenizerFields):
     tokens: list[Annotated[int, BeforeValidator(_refuse_bool)]]
 
 
+class LoadLoraAdapterRequest(RequestFields):
+    """vLLM's ``POST /v1/load_lora_adapter``: serve the peft adapter at ``lora_path`` (on the server) as the model
+    ``lora_name``; ``load_inplace``: replace an adapter of that name already served."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoraAdapterRequest(RequestFields):
+    """vLLM's ``POST /v1/unload_lora_adapter``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's; accepted and not read (an adapter is known here by its name)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Responses
 # ----------------------------------------------------------------------------------------------------------

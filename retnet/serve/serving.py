@@ -12,12 +12,14 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from retnet.serve.engine import Engine, EngineFailure, EngineUnavailable, QueueFull, RequestHandle, SeqOutput
+from retnet.serve.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraError, LoraModule, load_adapter
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import (
     STRUCTURED_OUTPUT_FIELDS,
@@ -39,6 +41,7 @@ from retnet.serve.protocol import (
     DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     PromptLogprob,
@@ -49,6 +52,7 @@ from retnet.serve.protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
     TopLogprob,
+    UnloadLoraAdapterRequest,
     Usage,
     dump,
     random_id,
@@ -108,19 +112,22 @@ class OpenAIServing:
 
     def models(self) -> ModelList:
         """The base model's card, then each LoRA adapter's (vLLM's: ``parent`` its base, ``root`` its path)."""
-        return ModelList(data=[self._card(), *(self._card(a.name) for a in self.engine.adapters)])
+        return ModelList(data=[self._card(), *(self._card(a) for a in self.engine.adapters.values())])
 
     def model(self, model_id: str) -> ModelCard:
-        return self._card(self._check_model(model_id))
+        return self._card(self.engine.adapters.get(self._check_model(model_id)))
+
+    def _is_base(self, model: str | None) -> bool:
+        return model is None or model in (self.model_name, self.settings.model)
 
     def _check_model(self, model: str | None) -> str:
         """A request's ``model``: the served name or the model's path (None: the one served), or a LoRA adapter's
         name. Returns the name responses carry."""
-        if model is None or model in (self.model_name, self.settings.model):
+        if self._is_base(model):
             return self.model_name
-        if model in self.engine.adapter_slots:
+        if model in self.engine.adapters:
             return model
-        served = [self.model_name, *self.engine.adapter_slots]
+        served = [self.model_name, *self.engine.adapters]
         what = f"{served[0]!r}" if len(served) == 1 else f"{served[0]!r} and the LoRA adapters {served[1:]!r}"
         raise APIError(404, f"the model {model!r} does not exist; this server serves {what}", "model",
                        "model_not_found")
@@ -130,18 +137,72 @@ class OpenAIServing:
         model not served is 404."""
         return self._check_model(model)
 
-    def _adapter(self, model: str | None) -> int:
-        """The engine's LoRA slot for a request's (checked) ``model``; 0: the base model."""
-        return self.engine.adapter_slots.get(model, 0) if model is not None else 0
+    def _response_name(self, model: str | None) -> str:
+        """The name the response to a request accepted for ``model`` carries, even if its adapter was unloaded
+        since (a request accepted finishes under it)."""
+        return self.model_name if self._is_base(model) else model
 
-    def _card(self, name: str | None = None) -> ModelCard:
+    def _adapter(self, model: str | None) -> int:
+        """The engine's LoRA slot for a request's ``model`` now (0: the base model); an adapter unloaded since the
+        request was checked is 404 as any unknown model."""
+        return 0 if self._is_base(model) else self.engine.adapters[self._check_model(model)].slot
+
+    def _card(self, adapter: LoraAdapter | None = None) -> ModelCard:
         prompt, completion = self.settings.max_prompt_tokens, self.settings.max_tokens_limit
         limits = dict(created=self.created, max_model_len=prompt + completion, max_prompt_tokens=prompt,
                       max_completion_tokens=completion)
-        if name is None or name == self.model_name:
+        if adapter is None:
             return ModelCard(id=self.model_name, root=self.settings.model, **limits)
-        adapter = self.engine.adapters[self.engine.adapter_slots[name] - 1]
-        return ModelCard(id=name, root=adapter.path, parent=adapter.base_model_name or self.model_name, **limits)
+        return ModelCard(id=adapter.name, root=adapter.path, parent=adapter.base_model_name or self.model_name,
+                         **limits)
+
+    # -- /v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM's, with --allow-runtime-lora-updating) --------------
+    async def load_lora_adapter(self, request: LoadLoraAdapterRequest) -> str:
+        """Serve the adapter at ``lora_path`` as ``lora_name`` from the next scheduler iteration on; returns
+        vLLM's success text. Nothing changes when it fails: 400 for a name taken or an adapter refused
+        (:class:`LoraError`'s message), 404 for a path without an adapter, 503 when the engine is not serving."""
+        name, path = request.lora_name, request.lora_path
+        if not name or not path:
+            raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.",
+                           "lora_name" if not name else "lora_path", "invalid_lora_adapter")
+        if self._is_base(name):
+            raise APIError(400, f"The lora adapter name {name!r} is the base model's name; an adapter needs a name "
+                           "of its own", "lora_name", "invalid_lora_adapter")
+        if name in self.engine.loading or (name in self.engine.adapters and not request.load_inplace):
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name",
+                           "lora_adapter_exists")
+        directory = Path(path)
+        if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+            what = "is not a directory" if not directory.is_dir() else f"lacks {CONFIG_FILE} or {WEIGHTS_FILE}"
+            raise APIError(404, f"The lora adapter path {path!r} {what} (expected peft's save_pretrained directory, "
+                           "on the server)", "lora_path", "lora_adapter_not_found")
+        module = LoraModule(name, path)
+        try:
+            # Reading the weights may take a while: off the event loop, which serves the other requests meanwhile.
+            adapter = await asyncio.to_thread(load_adapter, module, self.engine.linears, self.settings.max_lora_rank)
+        except LoraError as exc:
+            raise APIError(400, str(exc), "lora_path", "invalid_lora_adapter") from None
+        # Checked again: another load of the name may have been queued while this one read its files.
+        if name in self.engine.loading or (name in self.engine.adapters and not request.load_inplace):
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name",
+                           "lora_adapter_exists")
+        try:
+            await self.engine.add_adapter(adapter)
+        except EngineUnavailable as exc:
+            raise APIError(503, f"the server cannot load adapters now: {exc}", None, "unavailable",
+                           type="server_error", headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+        except Exception as exc:  # the install itself failed (out of device memory): logged by the engine
+            raise APIError(500, f"The lora adapter '{name}' could not be installed: {type(exc).__name__}: {exc}",
+                           None, "lora_install_failed", type="server_error") from exc
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def unload_lora_adapter(self, request: UnloadLoraAdapterRequest) -> str:
+        """Stop serving ``lora_name``: later requests naming it are 404; those already accepted finish under it
+        (Engine.remove_adapter). Returns vLLM's success text; 404 for a name not served."""
+        if self.engine.remove_adapter(request.lora_name) is None:
+            raise APIError(404, f"The lora adapter '{request.lora_name}' cannot be found.", "lora_name",
+                           "lora_adapter_not_found")
+        return f"Success: LoRA adapter '{request.lora_name}' removed successfully."
 
     # -- /v1/completions ---------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request):
@@ -200,7 +261,7 @@ class OpenAIServing:
                 prompt_logprobs=_prompt_logprobs(seq[0].prompt_logprobs, request.prompt_logprobs),
                 **self._ids(request, prompt.ids, seq),
             ))
-        response = CompletionResponse(id=random_id("cmpl"), model=self._check_model(request.model), choices=choices,
+        response = CompletionResponse(id=random_id("cmpl"), model=self._response_name(request.model), choices=choices,
                                       usage=self._usage(handle, outputs), session_id=request.session_id)
         return JSONResponse(dump(response))
 
@@ -290,7 +351,7 @@ class OpenAIServing:
     async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle,
                                  prompts: list[CompletionPrompt]) -> AsyncIterator[str]:
         """``prompts``: each choice's."""
-        rid, created, served = random_id("cmpl"), int(time.time()), self._check_model(request.model)
+        rid, created, served = random_id("cmpl"), int(time.time()), self._response_name(request.model)
         usage_opt, continuous = _usage_options(request)
         offsets = [self._offsets(len(p.text), held=p.held, shown=not request.skip_special_tokens) for p in prompts]
         first = [True] * handle.num_choices
@@ -405,7 +466,7 @@ class OpenAIServing:
                 index=index, message=message, logprobs=logprobs, finish_reason=finish,
                 **self._ids(request, prompt, seq),
             ))
-        response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self._check_model(request.model),
+        response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self._response_name(request.model),
                                           choices=choices,
                                           usage=self._usage(handle, outputs), session_id=request.session_id,
                                           prompt_logprobs=_prompt_logprobs(outputs[0][0].prompt_logprobs,
@@ -490,7 +551,7 @@ class OpenAIServing:
         no whole JSON to read calls from); with a parser ("auto") the content streams as it is decided, and each
         call is sent whole in one chunk when it closes."""
         handle, calling = run.handle, run.calling
-        rid, created, served = random_id("chatcmpl"), int(time.time()), self._check_model(request.model)
+        rid, created, served = random_id("chatcmpl"), int(time.time()), self._response_name(request.model)
         usage_opt, continuous = _usage_options(request)
         total = 0
 
@@ -768,12 +829,20 @@ class OpenAIServing:
             raise APIError(409, f"session {request.session_id!r} is in use by another request", "session_id",
                            "session_busy") from exc
         # A session's state was computed under one adapter (or the base model): it continues under that one only.
-        adapter = self._adapter(request.model)
+        try:
+            adapter = self._adapter(request.model)
+        except APIError:
+            self.engine.sessions.release(request.session_id)
+            raise
+        served = {a.slot: name for name, a in self.engine.adapters.items()}
+        if session.cache is not None and session.adapter and session.adapter not in served:
+            # Its adapter was unloaded (or replaced) while the engine had not dropped it yet: gone, as expired.
+            session.cache, session.pending, session.tokens = None, [], 0
         if session.cache is None:
             session.adapter = adapter
         elif session.adapter != adapter:
             self.engine.sessions.release(request.session_id)
-            started = self.engine.adapters[session.adapter - 1].name if session.adapter else self.model_name
+            started = served[session.adapter] if session.adapter else self.model_name
             raise APIError(400, f"session {request.session_id!r} was started with the model {started!r}; it "
                            f"continues only under that model, not {self._check_model(request.model)!r}", "model")
         return session
@@ -792,9 +861,17 @@ class OpenAIServing:
         if wanted > limit:
             raise APIError(400, f"prompts × n is {wanted}; this server holds at most {limit} sequences",
                            "n" if request.n > 1 else "prompt")
+        adapter = self._adapter(request.model)
+        if session is not None and session.adapter != adapter:
+            if session.cache is not None:  # the caller releases the session
+                raise APIError(409, f"session {request.session_id!r}: the LoRA adapter {request.model!r} was "
+                               "replaced while this request was read; the session's state was made under the "
+                               "adapter replaced. Send the request again (the session then starts anew)",
+                               "session_id", "session_stale")
+            session.adapter = adapter
         try:
             handle = self.engine.submit(prompts, params, request.n, request.session_id, hints, session, text_starts,
-                                        self._adapter(request.model))
+                                        adapter)
         except QueueFull as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"the server is busy ({exc}); retry later", None, "queue_full",
@@ -807,7 +884,7 @@ class OpenAIServing:
             self.metrics.rejected.labels("unavailable").inc()
             raise APIError(503, f"the server cannot take requests now: {exc}", None, "unavailable",
                            type="server_error", headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
-        self.metrics.model_requests.labels(model_name=self._check_model(request.model)).inc()
+        self.metrics.model_requests.labels(model_name=self._response_name(request.model)).inc()
         return handle
 
     async def _outputs(self, handle: RequestHandle) -> AsyncIterator[SeqOutput]:

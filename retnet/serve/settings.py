@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,10 +86,15 @@ class ServeSettings(BaseSettings):
         None, ge=1, description="distinct adapters running at once (vLLM's --max-loras); requests of another wait; "
         "none: every adapter loaded"
     )
-    max_lora_rank: int = Field(16, ge=1, description="an adapter of a larger rank is refused at startup (vLLM's "
-                               "--max-lora-rank)")
+    max_lora_rank: int = Field(16, ge=1, description="an adapter of a larger rank is refused, at startup or by "
+                               "/v1/load_lora_adapter (vLLM's --max-lora-rank)")
     enable_lora: bool = Field(False, description="vLLM's flag, accepted so its command lines run: adapters are "
-                              "served whenever lora_modules names some")
+                              "served whenever lora_modules names some (or one is loaded at runtime)")
+    allow_runtime_lora_updating: bool = Field(
+        False, description="serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which load and "
+        "unload adapters from the server's own filesystem while it runs (anyone who may call the API may then do "
+        "so: meant for development); vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 turns it on too"
+    )
 
     # -- model defaults and templating (vLLM's flags) ------------------------------------------------------------
     generation_config: str = Field(
@@ -176,6 +182,13 @@ class ServeSettings(BaseSettings):
             self.default_max_tokens = self.max_tokens_limit
             # Still the default, lowered: a model's generation config may set it (resolve_max_tokens).
             self.__pydantic_fields_set__.discard("default_max_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_runtime_lora_variable(self):
+        # vLLM's switch is this variable alone; its command lines and containers set it rather than our flag.
+        if os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true"):
+            self.allow_runtime_lora_updating = True
         return self
 
     @model_validator(mode="after")

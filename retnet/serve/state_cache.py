@@ -101,6 +101,11 @@ class PrefixCache:
         self.nbytes += nbytes
         self._evict()
 
+    def drop_adapter(self, adapter: int) -> None:
+        """Free the entries computed under LoRA ``adapter`` (unloaded: no lookup can ask for its slot again)."""
+        for key in [key for key, entry in self.entries.items() if entry.adapter == adapter]:
+            self.nbytes -= self.entries.pop(key).nbytes
+
     def _evict(self) -> None:
         # The entry just inserted (or given its logits) is the most recently used and fits alone: it is never
         # the one evicted.
@@ -185,6 +190,15 @@ class SessionStore:
                 return False
             del self.sessions[session_id]
             return True
+
+    def drop_adapter(self, adapter: int) -> int:
+        """Delete the sessions whose state was computed under LoRA ``adapter`` (unloaded: they can never be
+        continued), as expiry would; a busy one is left to its request. Returns how many were deleted."""
+        with self.lock:
+            keys = [k for k, s in self.sessions.items() if s.adapter == adapter and not s.busy]
+            for key in keys:
+                del self.sessions[key]
+            return len(keys)
 
     def _expire(self) -> None:
         now = time.monotonic()
