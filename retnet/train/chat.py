@@ -58,14 +58,15 @@ def render_default(messages: list[dict[str, Any]]) -> str:
     return rendered[0]
 
 
-def check_conversations(dataset: str, field: str, rows: Iterable[Any]) -> list[list[dict[str, Any]]]:
+def check_conversations(dataset: str, field: str, rows: Iterable[Any],
+                        first_row: int = 0) -> list[list[dict[str, Any]]]:
     """The non-empty conversations of ``rows`` (a column's values, in row order), each message as the template
     reads it: ``role`` and ``content`` strings plus any other key the row sets (``datasets`` fills a key that
     only some messages have with None there, which is left out). An empty or missing conversation is dropped,
     as empty documents are; anything else that is not a list of role/content string dicts is refused with its
-    row index."""
+    row index (``first_row`` is the first row's: a streamed row is checked alone, at its place in the stream)."""
     conversations = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, start=first_row):
         if row is None or (isinstance(row, list) and not row):
             continue
         problem = None
@@ -171,18 +172,22 @@ class ChatEncoder:
                               f"{self.dataset!r}: {type(error).__name__}: {error}") from None
 
 
-def without_spilled_targets(blocks: np.ndarray) -> np.ndarray:
+def without_spilled_targets(blocks: np.ndarray, continued: bool = False) -> np.ndarray:
     """``[N, T]`` blocks' flags (the flat stream cut every T tokens) without the targets of a conversation's
     part that spills into a block from the one before: the block's state starts fresh there, so those tokens
     would be learnt without the question before them. Cleared up to and including the block's first closing EOS
     (that conversation's own, predicted from it), unless the block before ended with a closing EOS (the
     block starts a conversation). So a conversation is trained on what fits in its first block, as a
-    ``max_length`` truncation trains it, and one longer than a block is trained on its first ``T`` tokens."""
+    ``max_length`` truncation trains it, and one longer than a block is trained on its first ``T`` tokens.
+
+    ``continued``: the first block follows one not given here that did not end with a closing EOS (a stream
+    packs its blocks one at a time, and must clear them as the token cache's whole array is cleared)."""
     out = np.array(blocks, dtype=np.uint8, copy=True)
     if out.size == 0:
         return out
     boundary = (out & BOUNDARY) != 0
     continues = np.zeros(len(out), dtype=bool)
+    continues[0] = continued
     continues[1:] = ~boundary[:-1, -1]
     first_end = np.where(boundary.any(axis=1), boundary.argmax(axis=1), out.shape[1])
     spilled = continues[:, None] & (np.arange(out.shape[1])[None, :] <= first_end[:, None])

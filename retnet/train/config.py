@@ -189,9 +189,6 @@ class DataConfig(_Section):
         if self.format == "chat":
             if not self.messages_field:
                 _refuse("data.messages_field", "must name the column of the conversations", self.messages_field)
-            if self.streaming:
-                _refuse("data.streaming", "must be false with data.format 'chat' (conversations are packed from "
-                        "the token cache; a streamed set is not supported)", self.streaming)
             if self.dataset == "stdlib":
                 _refuse("data.dataset", "must hold conversations with data.format 'chat' (rows of JSON/JSONL/Parquet "
                         "files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text", self.dataset)

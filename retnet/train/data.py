@@ -18,7 +18,8 @@ Streaming (``data.streaming = true``, for sets too large to cache): the first ``
 the validation split (kept out of training wherever they occur), the rest is split by node
 (``datasets.distributed.split_dataset_by_node``) and packed on the fly; each rank's position is its place in
 its stream (``datasets``' stream state, the documents read and the tokens not yet packed), from which a resume
-continues without tokenizing what was read before.
+continues without tokenizing what was read before. Streamed chat data is packed the same way, its flags in
+lockstep with its tokens (:class:`StreamingChatData`).
 
 Chat data (``data.format = "chat"``, supervised fine-tuning): each row's ``messages_field`` is a conversation,
 rendered with the tokenizer's chat template and encoded with a parallel ``uint8`` array of flags (which tokens
@@ -379,10 +380,25 @@ def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Pat
     _check_text_field(cfg, dataset.column_names)
     if cfg.max_documents:
         dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
-    values = dataset[cfg.messages_field]
-    conversations = check_conversations(cfg.dataset, cfg.messages_field, values)
+    return indexed_conversations(cfg.dataset, cfg.messages_field, dataset[cfg.messages_field])
+
+
+def indexed_conversations(dataset: str, field: str, values: list,
+                          first_row: int = 0) -> list[tuple[int, list[dict[str, Any]]]]:
+    """(row index, conversation) of the non-empty rows of ``values``, the first at ``first_row``; a row that
+    holds no conversation is refused naming its index (:func:`~retnet.train.chat.check_conversations`)."""
+    conversations = check_conversations(dataset, field, values, first_row)
     # the rows it kept: it drops None and [] and refuses any other row that is no non-empty list
-    return list(zip([i for i, value in enumerate(values) if value], conversations, strict=True))
+    rows = [first_row + i for i, value in enumerate(values) if value]
+    return list(zip(rows, conversations, strict=True))
+
+
+def chat_blocks(encoder: ChatEncoder, conversations: list[tuple[int, list[dict[str, Any]]]],
+                seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, seq_len]`` blocks of the (row, conversation) pairs packed back to back, and their flags without a
+    conversation's targets past its first block (:func:`~retnet.train.chat.without_spilled_targets`)."""
+    tokens, flags = encoder.encode([c for _, c in conversations], rows=[r for r, _ in conversations])
+    return _blocks(tokens, seq_len), without_spilled_targets(_blocks(flags, seq_len))
 
 
 def split_documents(docs: list, val_fraction: float, *, dataset: str = "",
@@ -582,12 +598,23 @@ def _blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[: n * seq_len].reshape(n, seq_len)
 
 
+def _require_targets(split: str, flags: np.ndarray) -> None:
+    """ConfigError when no block of a chat split holds a target after its first token: a split that teaches
+    nothing, or whose validation loss is 0/0."""
+    if not np.any(np.asarray(flags)[:, 1:] & TARGET):
+        raise ConfigError(f"data: the {split} split's blocks hold no target tokens (assistant messages' "
+                          f"tokens after the first of a block): nothing to learn or measure; use more "
+                          f"conversations with assistant messages, or data.assistant_only_loss=false")
+
+
 class PackedData:
     """Fixed-length blocks of a cached token array; this rank's micro-batches for each step.
 
     With ``train_flags``/``val_flags`` (chat data: the blocks' ``uint8`` flags, the same shapes) the batches are
     :class:`MaskedBlocks`, and each step sets ``step_targets``: the labels that count in the whole global batch
     (every rank's micro-batches), which every rank computes alike from the array it holds."""
+
+    step_targets_per_rank = False  # step_targets is the global batch's count already
 
     def __init__(self, train: np.ndarray, val: np.ndarray, tokenizer, *, seed: int, micro_batch: int,
                  global_batch: int, rank: int, world_size: int, train_flags: np.ndarray | None = None,
@@ -601,10 +628,8 @@ class PackedData:
         self.train, self.val, self.tokenizer = train, val, tokenizer
         self.train_flags, self.val_flags = train_flags, val_flags
         for name, flags in (("training", train_flags), ("validation", val_flags)):
-            if flags is not None and not np.any(np.asarray(flags)[:, 1:] & TARGET):
-                raise ConfigError(f"data: the {name} split's blocks hold no target tokens (assistant messages' "
-                                  f"tokens after the first of a block): nothing to learn or measure; use more "
-                                  f"conversations with assistant messages, or data.assistant_only_loss=false")
+            if flags is not None:
+                _require_targets(name, flags)
         self.step_targets: int | None = None
         self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
         self.rank, self.world_size = rank, world_size
@@ -690,7 +715,7 @@ class StreamingData:
     not packed into a block yet. A resume restarts the stream from that state and tokenizes none of the
     documents read before: after billions of tokens, tokenizing them again only to find the place takes hours."""
 
-    masked, val_flags = False, None  # text only: chat data is not streamed
+    masked, val_flags = False, None  # text: chat data is StreamingChatData's
 
     def __init__(self, stream, val_blocks: np.ndarray, tokenizer, *, text_field: str, seq_len: int,
                  micro_batch: int, rank: int, world_size: int, dataset: str = "", val_documents: int = 0):
@@ -728,7 +753,8 @@ class StreamingData:
             # whole shards without opening them).
             self._examples = itertools.islice(iter(self.stream), self._documents, None)
 
-    def _next_text(self) -> str:
+    def _next_example(self) -> dict:
+        """The next example whose ``text_field`` is not empty, from the next epoch at the end of this one."""
         while True:
             if self._examples is None:
                 self._open()
@@ -739,24 +765,30 @@ class StreamingData:
                 self._epoch, self._documents, self._seen, self._examples = self._epoch + 1, 0, False, None
                 continue
             self._documents += 1
-            text = example[self.text_field]
-            if text:
+            if example[self.text_field]:
                 self._seen = True
-                return text
+                return example
+
+    def _append(self, example: dict) -> None:
+        """Tokenize ``example`` onto the end of the buffer."""
+        ids = self._encoder.encode(example[self.text_field], add_special_tokens=False).ids
+        self._buffer.extend([*ids, self.tokenizer.eos_token_id])
+
+    def _drop_packed(self) -> None:
+        # Packed tokens are dropped only here, once per document read: deleting each block from the front
+        # shifts the rest of a long document every time, quadratic in its length.
+        del self._buffer[: self._head]
+        self._head = 0
 
     def _pack(self) -> np.ndarray:
-        eos = self.tokenizer.eos_token_id
         while len(self._buffer) - self._head < self.seq_len:
-            # Packed tokens are dropped only here, once per document read: deleting each block from the front
-            # shifts the rest of a long document every time, quadratic in its length.
-            del self._buffer[: self._head]
-            self._head = 0
-            self._buffer.extend([*self._encoder.encode(self._next_text(), add_special_tokens=False).ids, eos])
+            self._drop_packed()
+            self._append(self._next_example())
         block = np.asarray(self._buffer[self._head: self._head + self.seq_len], dtype=np.int64)
         self._head += self.seq_len
         return block
 
-    def _next_block(self) -> np.ndarray:
+    def _next_block(self):
         if self._replay:
             self._replay = False
             for _ in range(self.position):
@@ -809,6 +841,87 @@ class StreamingData:
                         "documents by reading them", state.get("datasets_version"), datasets.__version__,
                         self._documents)
         self._stream_state = stream if usable else None
+
+
+# The column a streamed chat set gets with each row's index in the stream, which its errors name: datasets counts
+# it as rows are read, and its stream state keeps the count across a resume.
+STREAM_ROW = "__retnet_stream_row__"
+
+
+def stream_conversation(dataset: str, field: str, example: dict) -> list[dict[str, Any]] | None:
+    """The conversation of a streamed chat row (``example`` of a stream with :data:`STREAM_ROW`), None for an
+    empty one; a row that holds no conversation is refused naming its index in the stream."""
+    kept = check_conversations(dataset, field, [example[field]], first_row=example[STREAM_ROW])
+    return kept[0] if kept else None
+
+
+class StreamingChatData(StreamingData):
+    """Streamed chat data: conversations encoded as the token cache encodes them (:class:`ChatEncoder`), their
+    flags packed in lockstep with their tokens. Each block's flags are cleared of a conversation's part that
+    spills into it as the cached blocks' are (:func:`~retnet.train.chat.without_spilled_targets`), which needs
+    only whether the block before ended with a closing EOS; a checkpoint keeps that and the flags of the
+    buffered tokens.
+
+    ``stream``'s rows carry :data:`STREAM_ROW`. ``step_targets`` counts the targets of this rank's micro-batches
+    only (the other ranks read other rows): the trainer sums it over the ranks."""
+
+    masked = True
+    step_targets_per_rank = True
+
+    def __init__(self, stream, val_blocks: np.ndarray, val_flags: np.ndarray, tokenizer, *, messages_field: str,
+                 seq_len: int, micro_batch: int, rank: int, world_size: int, dataset: str = "",
+                 val_documents: int = 0, assistant_only_loss: bool = True):
+        super().__init__(stream, val_blocks, tokenizer, text_field=messages_field, seq_len=seq_len,
+                         micro_batch=micro_batch, rank=rank, world_size=world_size, dataset=dataset,
+                         val_documents=val_documents)
+        _require_targets("validation", val_flags)
+        self.val_flags = val_flags
+        self.step_targets: int | None = None
+        self._chat = ChatEncoder(tokenizer, assistant_only_loss, dataset)
+        self._flags: list[int] = []  # those of _buffer, index for index
+        self._continued = False  # the last block packed ended inside a conversation
+
+    def _append(self, example: dict) -> None:
+        conversation = stream_conversation(self.dataset, self.text_field, example)
+        ids, flags = self._chat.encode([conversation], rows=[example[STREAM_ROW]])
+        self._buffer.extend(ids.tolist())
+        self._flags.extend(flags.tolist())
+
+    def _drop_packed(self) -> None:
+        del self._flags[: self._head]
+        super()._drop_packed()
+
+    def _pack(self) -> tuple[np.ndarray, np.ndarray]:
+        tokens = super()._pack()  # (it drops packed tokens and their flags before it cuts a block)
+        flags = np.asarray(self._flags[self._head - self.seq_len: self._head], dtype=np.uint8)
+        flags = without_spilled_targets(flags[None], continued=self._continued)[0]
+        self._continued = not (flags[-1] & BOUNDARY)
+        return tokens, flags
+
+    def micro_batches(self, accum: int) -> list[MaskedBlocks]:
+        """This rank's ``accum`` micro-batches of the next step, as :class:`MaskedBlocks`."""
+        batches = []
+        for _ in range(accum):
+            tokens, flags = zip(*(self._next_block() for _ in range(self.micro_batch)), strict=True)
+            batches.append(MaskedBlocks(torch.from_numpy(np.stack(tokens)), torch.from_numpy(np.stack(flags))))
+        self.step_targets = sum(target_count(batch.flags.numpy()) for batch in batches)
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if "buffer" in state:
+            state.update(flags=np.asarray(self._flags[self._head:], dtype=np.uint8), continued=self._continued)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "documents" not in state:  # regenerated from the stream's start, as the blocks are
+            self._flags, self._continued = [], False
+            return
+        if "flags" not in state or len(state["flags"]) != len(state["buffer"]):
+            raise ValueError(f"streamed chat data state without the flags of its {len(state['buffer'])} buffered "
+                             f"tokens (a text run's state?): it cannot resume chat data")
+        self._flags, self._continued = [int(f) for f in state["flags"]], bool(state["continued"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -895,12 +1008,10 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
             encoder = ChatEncoder(tokenizer, cfg.assistant_only_loss, cfg.dataset) if chat else None
             for name, docs in (("train", train_docs), ("val", val_docs)):
                 if encoder is None:
-                    tokens = encode_documents(tokenizer, docs)
+                    blocks = _blocks(encode_documents(tokenizer, docs), cfg.seq_len)
                 else:
-                    tokens, flags = encoder.encode([c for _, c in docs], rows=[r for r, _ in docs])  # rows: for errors
-                    # the same rows as the tokens; a conversation's part past its first block is not learnt
-                    without_spilled_targets(_blocks(flags, cfg.seq_len)).tofile(tmp / f"{name}.flags.bin")
-                blocks = _blocks(tokens, cfg.seq_len)
+                    blocks, flags = chat_blocks(encoder, docs, cfg.seq_len)
+                    flags.tofile(tmp / f"{name}.flags.bin")
                 blocks.tofile(tmp / f"{name}.bin")
                 (tmp / f"{name}.json").write_text(json.dumps({"rows": len(blocks), "dtype": str(blocks.dtype)}))
             # meta.json last: its presence marks a complete cache
@@ -938,7 +1049,9 @@ def _hub_changed(cfg: DataConfig) -> ConfigError:
 
 def _build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, micro_batch, rank, local_rank,
                      world_size, barrier):
-    with _reading(cfg.dataset, cfg.text_field):  # a stream reads its files from here on, lazily
+    chat = cfg.format == "chat"
+    field = _field(cfg)[0]
+    with _reading(cfg.dataset, *_field(cfg)):  # a stream reads its files from here on, lazily
         columns = stream.column_names
     _check_text_field(cfg, columns)
     if cfg.max_documents:
@@ -949,47 +1062,71 @@ def _build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size,
 
         limited = stream.take(cfg.max_documents)
         stream = datasets.IterableDataset.from_generator(lambda: iter(limited))
+    if chat:  # a conversation is refused or fails its template long after it is read: name its row then
+        stream = stream.map(lambda _, row: {STREAM_ROW: row}, with_indices=True)
     val_stream = stream.take(cfg.val_documents)
     # Not stream.skip(n): when split_dataset_by_node hands each rank whole shards, datasets splits the n skipped
     # documents between the ranks' own shards, so rank 0 would train on part of the validation split.
-    with _reading(cfg.dataset, cfg.text_field):
-        val_texts = [e[cfg.text_field] for e in val_stream]
-    _check_texts(cfg.dataset, cfg.text_field, val_texts)
-    held_out = frozenset(val_texts)
+    with _reading(cfg.dataset, *_field(cfg)):
+        val_texts = [e[field] for e in val_stream]
+    if chat:
+        val_conversations = indexed_conversations(cfg.dataset, field, val_texts)
+        held_out = frozenset(_conversation_key(c) for _, c in val_conversations)
 
-    def training(example) -> bool:
-        text = example[cfg.text_field]
-        # checked before the lookup: a list or dict would fail in it as an "unhashable type" naming nothing
-        _check_texts(cfg.dataset, cfg.text_field, [text])
-        return text not in held_out
+        def training(example) -> bool:
+            conversation = stream_conversation(cfg.dataset, field, example)  # checked before the lookup, as text
+            return conversation is None or _conversation_key(conversation) not in held_out
+    else:
+        _check_texts(cfg.dataset, cfg.text_field, val_texts)
+        held_out = frozenset(val_texts)
+
+        def training(example) -> bool:
+            text = example[cfg.text_field]
+            # checked before the lookup: a list or dict would fail in it as an "unhashable type" naming nothing
+            _check_texts(cfg.dataset, cfg.text_field, [text])
+            return text not in held_out
 
     train_stream = stream.filter(training)
     # Before a BPE is trained on nothing and the run starts: otherwise the first step finds the stream empty.
-    with _reading(cfg.dataset, cfg.text_field):
-        if next((e for e in train_stream if e[cfg.text_field]), None) is None:
+    with _reading(cfg.dataset, *_field(cfg)):
+        if next((e for e in train_stream if e[field]), None) is None:
             raise _no_training_documents(cfg.dataset, cfg.val_documents)
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
     if source is None and local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
         def sample() -> Iterator[str]:
             total = 0
             for example in train_stream:
-                text = example[cfg.text_field] or ""  # checked by the filter training() on the way
+                if chat:  # as the BPE's template (the default) renders it, tags and all, as the cached path does
+                    conversation = stream_conversation(cfg.dataset, field, example)
+                    text = render_default(conversation) if conversation else ""
+                else:
+                    text = example[cfg.text_field] or ""  # checked by the filter training() on the way
                 yield text
                 total += len(text)
                 if total >= cfg.tokenizer_train_chars:
                     return
 
-        with _reading(cfg.dataset, cfg.text_field):
+        with _reading(cfg.dataset, *_field(cfg)):
             texts = list(sample())
         trained = train_tokenizer(texts, vocab_size, cfg.tokenizer_train_chars)
         cache_dir.mkdir(parents=True, exist_ok=True)
         _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
     barrier()
     tokenizer = load_tokenizer(source if source is not None else tokenizer_cache)
+    common = dict(seq_len=cfg.seq_len, micro_batch=micro_batch, rank=rank, world_size=world_size,
+                  dataset=cfg.dataset, val_documents=cfg.val_documents)
+    if chat:
+        encoder = ChatEncoder(tokenizer, cfg.assistant_only_loss, cfg.dataset)
+        val, val_flags = chat_blocks(encoder, val_conversations, cfg.seq_len)
+        return StreamingChatData(train_stream, val, val_flags, tokenizer, messages_field=field,
+                                 assistant_only_loss=cfg.assistant_only_loss, **common)
     val = _blocks(encode_documents(tokenizer, [text for text in val_texts if text]), cfg.seq_len)
-    return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, seq_len=cfg.seq_len,
-                         micro_batch=micro_batch, rank=rank, world_size=world_size, dataset=cfg.dataset,
-                         val_documents=cfg.val_documents)
+    return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, **common)
+
+
+def _conversation_key(conversation: list[dict[str, Any]]) -> str:
+    """A checked conversation as a hashable value, to hold the validation conversations out of the stream."""
+    return json.dumps(conversation, sort_keys=True, default=str)
 
 
 def _no_training_documents(dataset: str, val_documents: int, rank: int | None = None,
@@ -1001,6 +1138,7 @@ def _no_training_documents(dataset: str, val_documents: int, rank: int | None = 
                        f"data.val_documents or use more data")
 
 
-__all__ = ["MaskedBlocks", "PackedData", "StreamingData", "build_data", "document_encoder", "encode_documents",
-           "load_conversations", "load_tokenizer", "local_files", "masked_labels", "split_documents", "stdlib_files",
-           "train_tokenizer", "vocab_bound"]
+__all__ = ["STREAM_ROW", "MaskedBlocks", "PackedData", "StreamingChatData", "StreamingData", "build_data",
+           "chat_blocks", "document_encoder", "encode_documents", "indexed_conversations", "load_conversations",
+           "load_tokenizer", "local_files", "masked_labels", "split_documents", "stdlib_files",
+           "stream_conversation", "train_tokenizer", "vocab_bound"]

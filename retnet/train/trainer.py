@@ -800,10 +800,10 @@ class Trainer:
         batches = self.data.micro_batches(self.accum)
         masked = self.data.masked
         # Chat data: blocks hold different numbers of targets, so each micro-batch's summed loss is divided by
-        # the global batch's count (every rank's, known to each; 1 when none: a zero loss, zero gradients), and
+        # the global batch's count (every rank's; 1 when none: a zero loss, zero gradients), and
         # the micro-batches' and ranks' losses add up to the global mean. DDP and FSDP average the gradients over
         # the ranks: scaled up by the world size, the average is that sum's.
-        targets = max(self.data.step_targets, 1) if masked else None
+        targets = max(self._step_targets(), 1) if masked else None
         for index, batch in enumerate(batches):
             self._set_grad_sync(index == self.accum - 1)
             if masked:
@@ -837,6 +837,16 @@ class Trainer:
         self.step += 1
         self._last = {"lr": lr, "grad_norm": float(grad_norm)}
         return loss_value
+
+    def _step_targets(self) -> int:
+        """The targets of this step's global batch (chat data). Streamed data counts only this rank's blocks,
+        which no other rank reads: summed over the ranks, one small all-reduce."""
+        count = self.data.step_targets
+        if self.data.step_targets_per_rank and _distributed():
+            total = torch.tensor(count, dtype=torch.int64, device=self.device)
+            dist.all_reduce(total)
+            count = int(total.item())
+        return count
 
     def _stop_nonfinite(self, problem: str) -> NoReturn:
         last = list_checkpoints(self.ckpt_root)

@@ -342,7 +342,6 @@ def test_a_pretrained_export_fine_tunes_on_conversations(corpus, tokenizer_dir, 
 @pytest.mark.parametrize(("data", "key"), [
     ({"format": "xml"}, r"data.format must be one of \('text', 'chat'\); got 'xml'"),
     ({"format": "chat", "messages_field": ""}, r"data.messages_field must name the column.*got ''"),
-    ({"format": "chat", "dataset": "a.jsonl", "streaming": True}, r"data.streaming must be false with data.format"),
     ({"format": "chat"}, r"data.dataset must hold conversations with data.format 'chat'.*got 'stdlib'"),
 ])
 def test_bad_chat_configs_are_refused_by_name(data, key):
