@@ -3,6 +3,7 @@ chosen before triton is first imported (TRITON_INTERPRET=1); on a GPU they compi
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -49,3 +50,31 @@ def _interpreted_bf16_dots_in_fp32() -> None:
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _interpreted_bf16_dots_in_fp32()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An HF hub cache of this test's own (``HF_HUB_CACHE``, for subprocesses too) and ``publish(repo_id,
+    directory, revision="main")``, which lays ``directory``'s files out as huggingface_hub caches a download
+    (``models--org--name/refs/<revision>`` -> ``snapshots/<commit>/``) and returns the snapshot's path. With
+    HF_HUB_OFFLINE=1 (the suite's) ``snapshot_download`` finds them there: the real hub-id code path, no network."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    def publish(repo_id: str, directory, revision: str = "main"):
+        commit = hashlib.sha1(f"{repo_id}@{revision}@{directory}".encode()).hexdigest()
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(directory, snapshot)
+        return snapshot
+
+    return publish

@@ -32,12 +32,9 @@ from typing import Any
 import torch
 
 from retnet.model.configuration_retnet import RetNetConfig
+from retnet.model.hub import resolve_pretrained
 from retnet.model.modeling_retnet import RetNetForCausalLM
 
-# What a hub download fetches: the config, the weights, the tokenizer and the generation defaults.
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
-             "*.bin.index.json", "tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt",
-             "added_tokens.json", "chat_template.*"]
 # Copied beside the converted weights: everything but fla's own config and weights.
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja")
 NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
@@ -198,25 +195,15 @@ def _load_bin(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def resolve_source(source: str) -> Path:
-    """A local directory as it is; anything else is a hub repository id, downloaded (config, weights, tokenizer)."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
-        raise FileNotFoundError(f"{source!r} is neither a checkpoint directory nor a hub id like 'org/name'")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source, allow_patterns=HUB_FILES))
-
-
 def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
                            dtype: torch.dtype | None = None) -> RetNetConfig:
     """Convert the fla RetNet checkpoint at ``source`` (directory or hub id) into ``destination``.
 
     The weights keep their dtype unless ``dtype`` is given. Returns the new config.
     """
-    src, dst = resolve_source(str(source)), Path(destination)
+    src, dst = resolve_pretrained(source), Path(destination)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{str(source)!r} is not a checkpoint directory (no config.json in it)")
     fla = json.loads((src / "config.json").read_text())
     if not is_fla_retnet_config(fla):
         raise ValueError(f"{src / 'config.json'} is not a flash-linear-attention RetNet config (no expand_k, "

@@ -38,6 +38,7 @@ from retnet.serve.settings import (
     check_model_dir,
     generation_defaults,
     load_chat_template,
+    resolve_model_source,
 )
 
 logger = logging.getLogger("retnet.serve")
@@ -60,6 +61,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     model in the scheduler thread (``/health`` is 503 until it is ready)."""
     settings = settings or ServeSettings()
     if model is None:  # a directory this server cannot serve is refused before anything loads from it
+        settings = resolve_model_source(settings)
         check_model_dir(settings.model)
     defaults = generation_defaults(settings)
     chat_template = load_chat_template(settings.chat_template)

@@ -24,7 +24,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,8 +108,13 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
     are read, so a meta-device model does). Raises :class:`LoraError` naming the adapter and the field."""
     from safetensors.torch import load_file
 
+    from retnet.model.hub import ADAPTER_FILES, HubError, resolve_pretrained
+
     where = f"LoRA adapter {module.name!r} ({module.path})"
-    root = Path(module.path)
+    try:  # a hub id (org/name) is its snapshot, as peft and vLLM read it
+        root = resolve_pretrained(module.path, allow_patterns=ADAPTER_FILES)
+    except HubError as exc:
+        raise LoraError(f"LoRA adapter {module.name!r}: {exc}") from None
     if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
         raise LoraError(f"{where}: expected peft's {CONFIG_FILE} and {WEIGHTS_FILE} in the directory")
     try:

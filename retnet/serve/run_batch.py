@@ -233,6 +233,7 @@ def _read_input(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from retnet.serve.__main__ import settings_from_args
+    from retnet.serve.settings import StartupError, resolve_model_source
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         text_lines = _read_input(args.input_file)
     except (OSError, UnicodeDecodeError) as exc:
         parser.exit(2, f"{PROG}: cannot read the input file {args.input_file!r}: {exc}\n")
+    try:
+        settings = resolve_model_source(settings)  # a hub id: its snapshot, fetched before the input is served
+    except StartupError as exc:
+        parser.exit(2, f"{PROG}: error: {exc}\n")
     if not Path(settings.model).is_dir():
         parser.exit(2, f"{PROG}: --model {settings.model!r} is not a directory (expected save_pretrained's output)\n")
     try:

@@ -12,12 +12,12 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from retnet.model.hub import ADAPTER_FILES, HubError, resolve_pretrained
 from retnet.serve.engine import Engine, EngineFailure, EngineUnavailable, QueueFull, RequestHandle, SeqOutput
 from retnet.serve.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraError, LoraModule, load_adapter
 from retnet.serve.metrics import ServeMetrics
@@ -171,7 +171,10 @@ class OpenAIServing:
         if name in self.engine.loading or (name in self.engine.adapters and not request.load_inplace):
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name",
                            "lora_adapter_exists")
-        directory = Path(path)
+        try:  # a hub id: its snapshot, downloaded off the event loop (or found in the HF cache)
+            directory = await asyncio.to_thread(resolve_pretrained, path, allow_patterns=ADAPTER_FILES)
+        except HubError as exc:
+            raise APIError(404, f"The lora adapter path {exc}", "lora_path", "lora_adapter_not_found") from None
         if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
             what = "is not a directory" if not directory.is_dir() else f"lacks {CONFIG_FILE} or {WEIGHTS_FILE}"
             raise APIError(404, f"The lora adapter path {path!r} {what} (expected peft's save_pretrained directory, "

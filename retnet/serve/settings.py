@@ -22,8 +22,13 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RETNET_", extra="ignore")
 
     # -- model and network ------------------------------------------------------------------------------------
-    model: str = Field(description="directory written by save_pretrained (config.json, model.safetensors, tokenizer)")
-    served_model_name: str | None = Field(None, description="the name clients pass as `model` (default: the directory's name)")
+    model: str = Field(description="directory written by save_pretrained (config.json, model.safetensors, "
+                       "tokenizer), or a hub id (org/name), fetched into the HF cache")
+    served_model_name: str | None = Field(None, description="the name clients pass as `model` (default: the "
+                                          "directory's name, or the hub id as given)")
+    revision: str | None = Field(None, description="of a hub id --model: the branch, tag or commit (default main)")
+    download_dir: str | None = Field(None, description="where hub ids are downloaded (default: the HF cache, "
+                                     "HF_HUB_CACHE)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1 ...")
@@ -222,6 +227,23 @@ logger = logging.getLogger("retnet.serve")
 
 # The sampling fields vLLM reads from a generation config (get_diff_sampling_param); max_new_tokens is max_tokens.
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def resolve_model_source(settings: ServeSettings) -> ServeSettings:
+    """``settings`` with a hub id ``--model`` replaced by its local snapshot (downloaded, or found in the HF cache
+    offline), served under the id as given (vLLM's default name) unless ``--served-model-name`` says otherwise.
+    A directory is left as it is (check_model_dir says what is wrong with it)."""
+    from retnet.model.hub import HubError, resolve_pretrained
+
+    try:
+        local = resolve_pretrained(settings.model, revision=settings.revision, cache_dir=settings.download_dir)
+    except HubError as exc:
+        raise StartupError(f"--model {exc}") from None
+    if local == Path(settings.model).expanduser():
+        return settings
+    logger.info("--model %s: the hub snapshot in %s", settings.model, local)
+    return settings.model_copy(update={"model": str(local),
+                                       "served_model_name": settings.served_model_name or settings.model})
 
 
 def check_model_dir(model: str) -> None:

@@ -244,16 +244,18 @@ def read_documents(dataset: str, *, name: str | None = None, split: str = "train
 
 
 def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer) of an export directory, the model in eval mode on ``device``."""
+    """(model, tokenizer) of an export directory (or hub id), the model in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
 
     import retnet  # noqa: F401 - registers RetNet with the Auto classes
+    from retnet.model.hub import HubError, resolve_pretrained
     from retnet.train.config import ConfigError
     from retnet.train.data import load_tokenizer, tokenizer_mismatch
 
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise EvalError(f"--model: no such model directory: {path!r}")
+    try:
+        root = resolve_pretrained(path)
+    except HubError as error:
+        raise EvalError(f"--model {error}") from None
     if not root.is_dir():
         raise EvalError(f"--model {path!r} is not a directory; give a save_pretrained directory "
                         f"(train.output_dir/export)")

@@ -269,7 +269,7 @@ class Trainer:
             logger.info("resuming: using the tokenizer saved in %s (data.tokenizer is only read by a run that "
                         "starts)", saved_tokenizer)
         preset_vocab = RetNetConfig.from_preset(cfg.model.preset).vocab_size
-        init_from = Path(cfg.model.init_from).expanduser() if cfg.model.init_from else None
+        init_from = _init_from_dir(cfg.model.init_from)
         if init_from is not None:  # a resume reads its architecture there too (its weights: the checkpoint's)
             _check_pretrained_dir(init_from)
         self.data = build_data(
@@ -371,7 +371,7 @@ class Trainer:
         if getattr(self, "_fingerprint", None) is None:
             from retnet.train.lora import base_fingerprint
 
-            path = Path(self.cfg.model.init_from).expanduser()
+            path = _init_from_dir(self.cfg.model.init_from)
             _check_pretrained_dir(path)  # a resume checks it here, before the data is built (a ConfigError naming it)
             self._fingerprint = base_fingerprint(path)
         return self._fingerprint
@@ -627,7 +627,7 @@ class Trainer:
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
             }
             if self.adapters_only:  # what a resume must load from init_from again under these adapters
-                trainer["lora_base"] = {"path": str(Path(self.cfg.model.init_from).expanduser().resolve()),
+                trainer["lora_base"] = {"path": str(_init_from_dir(self.cfg.model.init_from).resolve()),
                                         "sha256": self._base_fingerprint()}
             keep_last = self.cfg.checkpoint.keep_last
             if self.sharded_checkpoints:
@@ -977,7 +977,7 @@ class Trainer:
         if self.cfg.lora.enabled:
             from retnet.train.lora import ADAPTER_DIR, export_lora
 
-            init_from = Path(self.cfg.model.init_from).expanduser() if self.cfg.model.init_from else None
+            init_from = _init_from_dir(self.cfg.model.init_from)
             path = export_lora(self.output_dir / "export", config, state, self.tokenizer, self.cfg.lora,
                                self.lora_targets, init_from)
             logger.info("exported the merged model and tokenizer to %s, the LoRA adapter to %s", path,
@@ -1035,6 +1035,19 @@ class _CurrentStderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass  # StreamHandler.__init__ and setStream assign it; the current sys.stderr always wins
+
+
+def _init_from_dir(init_from: str | None) -> Path | None:
+    """``model.init_from``'s directory: itself, or a hub id's snapshot (downloaded, or from the HF cache offline)."""
+    if not init_from:
+        return None
+    from retnet.model.hub import HubError, resolve_pretrained
+
+    try:
+        return resolve_pretrained(init_from)
+    except HubError as error:
+        raise ConfigError(f"model.init_from {error}; give a save_pretrained directory (another run's "
+                          f"train.output_dir/export) or a hub id") from None
 
 
 def _check_pretrained_dir(path: Path) -> None:

@@ -316,7 +316,9 @@ def test_bad_options_exit_2(export_dir, jsonl, args, named, capsys):
 
 def test_missing_or_wrong_model_dir_exit_2(tmp_path, jsonl, capsys):
     assert run_main(["--model", str(tmp_path / "nowhere"), "--dataset", str(jsonl)]) == EXIT_USAGE
-    assert "--model: no such model directory" in capsys.readouterr().err
+    assert "no such directory" in capsys.readouterr().err
+    assert run_main(["--model", "acme/not-cached", "--dataset", str(jsonl)]) == EXIT_USAGE  # the suite is offline
+    assert "'acme/not-cached': no such directory, and the hub could not provide it" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert run_main(["--model", str(tmp_path / "empty"), "--dataset", str(jsonl)]) == EXIT_USAGE
     assert "holds no config.json" in capsys.readouterr().err
@@ -469,3 +471,13 @@ def test_cli_position_edges(export_dir, jsonl, tmp_path, capsys):
     for bad in ("64,8", "0,8", "8,8", "eight", ""):
         assert run_main([*common, "--position-edges", bad]) == EXIT_USAGE
         assert "--position-edges" in capsys.readouterr().err
+
+
+def test_cli_a_hub_id_evaluates_its_cached_snapshot(export_dir, jsonl, tmp_path, hub_cache, capsys):
+    hub_cache("acme/retnet-micro", export_dir)
+    records = []
+    for model in (str(export_dir), "acme/retnet-micro"):
+        assert run_main(["--model", model, "--dataset", str(jsonl), "--no-progress", "--device", "cpu",
+                         "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+        records.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert records[1]["loss"] == records[0]["loss"] and records[1]["tokens"] == records[0]["tokens"] > 0

@@ -4,6 +4,7 @@ tokenizer) instead of a preset and a random init."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,11 +34,13 @@ def pretrained(tmp_path_factory, corpus, tokenizer_dir):
     return out
 
 
-def test_a_fine_tune_starts_from_the_exported_weights(pretrained, micro, tmp_path, read_metrics):
+def test_a_fine_tune_starts_from_the_exported_weights(pretrained, micro, tmp_path, read_metrics, hub_cache):
     """Its first validation loss is the pretrained run's last (the same blocks, the same weights), far below
-    the random init's; it trains on from there and exports a model of the same architecture."""
+    the random init's; it trains on from there and exports a model of the same architecture. The export is
+    named here by hub id: its snapshot in the HF cache (the suite is offline)."""
     out = tmp_path / "tuned"
-    assert main(fine_tune_args(micro(out, checkpoint__export=True), pretrained / "export")) == 0
+    hub_cache("acme/pretrained", pretrained / "export")
+    assert main(fine_tune_args(micro(out, checkpoint__export=True), "acme/pretrained")) == 0
     before = read_metrics(pretrained, "val")[-1]["val_loss"]
     start = read_metrics(out, "val")[0]["val_loss"]
     assert start == pytest.approx(before, rel=1e-5, abs=1e-5)
@@ -110,11 +113,12 @@ def test_a_bad_init_from_is_refused_naming_it(pretrained, micro, tmp_path, capsy
     for path in (pretrained / "export").iterdir():
         (other_eos / path.name).write_bytes(path.read_bytes())
     (other_eos / "config.json").write_text(json.dumps({**config, "eos_token_id": config["eos_token_id"] + 7}))
-    cases = [(tmp_path / "missing", "is no directory"), (tmp_path, "holds no config.json"),
+    cases = [(tmp_path / "missing", "no such directory"), ("acme/not-cached", "the hub could not provide it"),
+             (tmp_path, "holds no config.json"),
              (weightless, "weights could not be loaded"), (wider, "weights could not be loaded"),
              (other_eos, "the tokenizer is not the one the model was trained with")]
     for init_from, problem in cases:
-        out = tmp_path / f"out-{init_from.name}"
+        out = tmp_path / f"out-{Path(init_from).name}"
         assert main(fine_tune_args(micro(out), init_from)) == EXIT_CONFIG
         err = capsys.readouterr().err
         assert f"model.init_from {str(init_from)!r}" in err and problem in err, err

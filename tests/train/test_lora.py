@@ -305,7 +305,7 @@ def test_a_resume_whose_base_is_gone_is_refused_naming_init_from(tuned, tmp_path
     args = [a if not a.startswith("--model.init_from=") else f"--model.init_from={gone}" for a in _in(args, copy)]
     assert main([*args, "--train.steps=9"]) == EXIT_CONFIG
     err = capsys.readouterr().err
-    assert f"model.init_from {str(gone)!r} is no directory" in err and "Traceback" not in err
+    assert f"model.init_from {str(gone)!r}: no such directory" in err and "Traceback" not in err
 
 
 def test_target_modules_named_in_another_order_are_the_same_lora_settings():

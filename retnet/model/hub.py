@@ -1,0 +1,59 @@
+"""A model (or LoRA adapter) named as users name it elsewhere: a local directory, or a hub id ``org/name``.
+
+vLLM, transformers and peft all take either; so do ``retnet-serve --model`` / ``--lora-modules``,
+``retnet-train --model.init_from``, ``retnet-eval --model`` and ``retnet-convert-fla``. A hub id is fetched with
+``huggingface_hub.snapshot_download`` into the HF cache (``HF_HUB_CACHE``, or ``cache_dir``) and served from
+there; with ``HF_HUB_OFFLINE=1`` (or no network) a cached snapshot of it is used, and its absence is an error
+that says both what was looked for and why the hub could not provide it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+# What a model directory holds: config, weights (safetensors, or .bin for older checkpoints), tokenizer of any
+# kind, generation config and chat template; not the other formats a hub repository may carry (GGUF, ONNX, ...).
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
+               "*.bin.index.json", "tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt",
+               "added_tokens.json", "chat_template.*"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
+# huggingface_hub's repository id: an optional namespace and a name, of word characters, '-' and '.', neither
+# starting with those two; anything else given (an absolute or relative path, '~') is a path only.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9_][\w.-]{0,95}/)?[A-Za-z0-9_][\w.-]{0,95}$")
+
+
+class HubError(FileNotFoundError):
+    """Neither a directory nor a repository the hub (or the HF cache, offline) could provide."""
+
+
+def is_hub_id(source: str | os.PathLike) -> bool:
+    text = str(source)
+    return bool(_HUB_ID.match(text)) and "--" not in text and ".." not in text and not text.endswith(".")
+
+
+def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None,
+                       allow_patterns: list[str] | None = None) -> Path:
+    """The directory ``source`` names: itself when it exists (its caller says what is wrong with it, if
+    anything), else the snapshot of the hub repository ``source`` at ``revision`` (default ``main``), downloaded
+    or found in the cache. Raises :class:`HubError` saying both when it is neither."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not is_hub_id(source):
+        raise HubError(f"{str(source)!r}: no such directory (nor a hub id 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(str(source), revision=revision, cache_dir=cache_dir,
+                                     allow_patterns=allow_patterns if allow_patterns is not None else MODEL_FILES)
+    except Exception as exc:  # offline, unknown or gated repository, a revision that is not there, an HTTP error
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise HubError(f"{str(source)!r}: no such directory, and the hub could not provide it "
+                       f"({type(exc).__name__}{': ' + reason if reason else ''})") from None
+    return Path(snapshot)
+
+
+__all__ = ["ADAPTER_FILES", "MODEL_FILES", "HubError", "is_hub_id", "resolve_pretrained"]
