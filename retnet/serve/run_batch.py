@@ -26,6 +26,9 @@ from retnet.serve.protocol import APIError
 logger = logging.getLogger("retnet.serve.run_batch")
 PROG = "retnet-run-batch"
 RETRY_429_S = 600.0  # how long a line waits out the server's queue (429s) before its 429 is written
+# Routes the app may serve (--allow-runtime-lora-updating) that a batch line may not name: they answer plain text,
+# not a JSON body, and the lines run concurrently, so no other line could count on the adapter one loads.
+NOT_IN_A_BATCH = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 @dataclass
@@ -92,6 +95,10 @@ def _line_error(number: int, item: dict, urls: set[str], seen: set[str]) -> APIE
                         "custom_id", "duplicate_custom_id")
     if not isinstance(method, str) or method.upper() != "POST":
         return APIError(400, f"{where}: method must be \"POST\"; got {method!r}", "method", "invalid_value")
+    if url in NOT_IN_A_BATCH:
+        return APIError(400, f"{where}: url {url!r} is not run in a batch (its lines run concurrently, so none could "
+                        "count on an adapter loaded by another); name the adapters with --lora-modules",
+                        "url", "unsupported_url")
     if url not in urls:
         return APIError(400, f"{where}: url {url!r} is not served; expected one of {', '.join(sorted(urls))}",
                         "url", "unsupported_url")
@@ -133,9 +140,10 @@ class OrderedWriter:
 
 
 def served_urls(app) -> set[str]:
-    """The app's POST routes under ``/v1`` without path parameters: what a batch line may name."""
+    """The app's POST routes under ``/v1`` without path parameters: what a batch line may name (not the runtime
+    LoRA routes, NOT_IN_A_BATCH)."""
     return {route.path for route in app.routes if "POST" in (getattr(route, "methods", None) or ())
-            and route.path.startswith("/v1/") and "{" not in route.path}
+            and route.path.startswith("/v1/") and "{" not in route.path and route.path not in NOT_IN_A_BATCH}
 
 
 async def post(client, entry: BatchLine) -> tuple[int, Any]:

@@ -118,7 +118,7 @@ class OpenAIServing:
         return self._card(self.engine.adapters.get(self._check_model(model_id)))
 
     def _is_base(self, model: str | None) -> bool:
-        return model is None or model in (self.model_name, self.settings.model)
+        return model is None or model in (self.model_name, *self.settings.model_paths)
 
     def _check_model(self, model: str | None) -> str:
         """A request's ``model``: the served name or the model's path (None: the one served), or a LoRA adapter's
@@ -835,7 +835,7 @@ class OpenAIServing:
         try:
             adapter = self._adapter(request.model)
         except APIError:
-            self.engine.sessions.release(request.session_id)
+            self._release_session(request, session)
             raise
         served = {a.slot: name for name, a in self.engine.adapters.items()}
         if session.cache is not None and session.adapter and session.adapter not in served:
@@ -851,8 +851,12 @@ class OpenAIServing:
         return session
 
     def _release_session(self, request: SamplingFields, session: Session | None) -> None:
-        """Give back a session the engine never took (the request failed before it was queued)."""
+        """Give back a session the engine never took (the request failed before it was queued). A state made under
+        an adapter no longer served (unloaded or replaced while the request was read: 404, or 409 session_stale)
+        is dropped with it: the engine drops such sessions when it frees the slot, but skipped this one, busy."""
         if session is not None:
+            if session.adapter and all(a.slot != session.adapter for a in self.engine.adapters.values()):
+                session.cache = None  # released without a state, the session is deleted
             self.engine.sessions.release(request.session_id)
 
     def _submit(self, prompts, params, request: SamplingFields, hints=None, session: Session | None = None,

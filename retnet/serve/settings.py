@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,6 +29,10 @@ class ServeSettings(BaseSettings):
     revision: str | None = Field(None, description="of a hub id --model: the branch, tag or commit (default main)")
     download_dir: str | None = Field(None, description="where hub ids are downloaded (default: the HF cache, "
                                      "HF_HUB_CACHE)")
+    # The hub id --model named, once resolve_model_source replaced it by its snapshot's path (not a flag): a
+    # request may still name the base model by it, as by a directory's path.
+    _hub_id: str | None = PrivateAttr(None)
+    _resolved: bool = PrivateAttr(False)  # resolve_model_source's output (run_batch resolves, then create_app)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1 ...")
@@ -200,7 +204,7 @@ class ServeSettings(BaseSettings):
     def _adapter_names_free(self):
         # A request's `model` picks the adapter: its name must not be the base model's.
         for module in self.lora_modules:
-            if module["name"] in (self.model_name, self.model):
+            if module["name"] in (self.model_name, *self.model_paths):
                 raise ValueError(f"lora_modules: the adapter name {module['name']!r} is the base model's name")
         return self
 
@@ -213,9 +217,21 @@ class ServeSettings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        from pathlib import Path
+        """``--served-model-name``, else the directory's name; a hub id (no such directory) is served under the id
+        as given, as resolve_model_source names it (so adapter names are checked against it before that)."""
+        from retnet.model.hub import is_hub_id
 
-        return self.served_model_name or Path(self.model).resolve().name
+        if self.served_model_name:
+            return self.served_model_name
+        if self._hub_id is None and is_hub_id(self.model) and not Path(self.model).expanduser().exists():
+            return self.model
+        return Path(self.model).resolve().name
+
+    @property
+    def model_paths(self) -> tuple[str, ...]:
+        """What a request's ``model`` may name the base model by besides its served name: ``--model`` (a hub
+        id's snapshot), and the hub id as given."""
+        return (self.model,) if self._hub_id is None else (self.model, self._hub_id)
 
 
 class StartupError(Exception):
@@ -232,18 +248,29 @@ GENERATION_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penal
 def resolve_model_source(settings: ServeSettings) -> ServeSettings:
     """``settings`` with a hub id ``--model`` replaced by its local snapshot (downloaded, or found in the HF cache
     offline), served under the id as given (vLLM's default name) unless ``--served-model-name`` says otherwise.
-    A directory is left as it is (check_model_dir says what is wrong with it)."""
+    A directory is left as it is (check_model_dir says what is wrong with it), and so are settings already
+    resolved; --revision and --download-dir, which only a hub id has a use for, are said to be ignored then."""
     from retnet.model.hub import HubError, resolve_pretrained
 
+    if settings._resolved:
+        return settings
     try:
         local = resolve_pretrained(settings.model, revision=settings.revision, cache_dir=settings.download_dir)
     except HubError as exc:
         raise StartupError(f"--model {exc}") from None
     if local == Path(settings.model).expanduser():
-        return settings
-    logger.info("--model %s: the hub snapshot in %s", settings.model, local)
-    return settings.model_copy(update={"model": str(local),
-                                       "served_model_name": settings.served_model_name or settings.model})
+        for flag, value in (("--revision", settings.revision), ("--download-dir", settings.download_dir)):
+            if value is not None:
+                logger.warning("%s %s is ignored: --model %r is a local directory, not a hub id", flag, value,
+                               settings.model)
+        resolved = settings.model_copy()
+    else:
+        logger.info("--model %s: the hub snapshot in %s", settings.model, local)
+        resolved = settings.model_copy(update={"model": str(local),
+                                               "served_model_name": settings.served_model_name or settings.model})
+        resolved._hub_id = settings.model
+    resolved._resolved = True
+    return resolved
 
 
 def check_model_dir(model: str) -> None:
