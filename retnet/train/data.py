@@ -716,6 +716,7 @@ class StreamingData:
     documents read before: after billions of tokens, tokenizing them again only to find the place takes hours."""
 
     masked, val_flags = False, None  # text: chat data is StreamingChatData's
+    field_key = "data.text_field"  # the setting of text_field, which a read error names
 
     def __init__(self, stream, val_blocks: np.ndarray, tokenizer, *, text_field: str, seq_len: int,
                  micro_batch: int, rank: int, world_size: int, dataset: str = "", val_documents: int = 0):
@@ -758,7 +759,15 @@ class StreamingData:
         while True:
             if self._examples is None:
                 self._open()
-            example = next(self._examples, None)
+            try:
+                example = next(self._examples, None)
+            except OSError:  # a file gone or a hub connection: not a fault of the data
+                raise
+            except Exception as error:
+                # datasets types the stream's columns from its first rows and fails on a later file that does
+                # not fit them only when it gets there: named as the build's reads name it, not a bare TypeError
+                with _reading(self.dataset, self.text_field, self.field_key):
+                    raise error
             if example is None:
                 if not self._seen:
                     raise _no_training_documents(self.dataset, self.val_documents, self.rank, self.world_size)
@@ -867,6 +876,7 @@ class StreamingChatData(StreamingData):
 
     masked = True
     step_targets_per_rank = True
+    field_key = "data.messages_field"
 
     def __init__(self, stream, val_blocks: np.ndarray, val_flags: np.ndarray, tokenizer, *, messages_field: str,
                  seq_len: int, micro_batch: int, rank: int, world_size: int, dataset: str = "",

@@ -259,6 +259,23 @@ def test_a_bad_row_is_refused_naming_the_field_and_its_row_in_the_stream(tokeniz
         streamed(write_jsonl(dataset, bad), tokenizer_dir, tmp_path)()
 
 
+def test_a_later_file_datasets_cannot_read_as_the_first_is_refused_naming_the_dataset(tokenizer_dir, tmp_path):
+    """datasets types a stream's columns from its first file and fails on a later one that does not fit (here a
+    message with another key) only when the run reaches it: refused as the token cache's load refuses it (a
+    ConfigError naming the dataset and the field), not datasets' bare TypeError in the middle of the run."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    later = rows()[24:]
+    later[5]["messages"][0]["name"] = "Ann"
+    write_jsonl(folder / "a.jsonl", rows()[:24])
+    write_jsonl(folder / "b.jsonl", later)
+    data = streamed(folder, tokenizer_dir, tmp_path)()
+    problem = (rf"data\.dataset '{folder}': datasets could not read it \((?s:.*)\); local files need "
+               r"data\.messages_field 'messages' in every file, as conversations")
+    with pytest.raises(ConfigError, match=problem):
+        read(data, 200)
+
+
 def test_validation_rows_without_targets_are_refused(tokenizer_dir, tmp_path):
     unanswered = [{"messages": [{"role": "user", "content": f"Hello {i}?"}]} for i in range(VAL)]
     dataset = write_jsonl(tmp_path / "set.jsonl", [*unanswered, *rows()[VAL:]])
