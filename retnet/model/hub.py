@@ -19,6 +19,9 @@ MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safe
                "*.bin.index.json", "tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt",
                "added_tokens.json", "chat_template.*"]
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+# A tokenizer alone (a pretraining run's data.tokenizer): config.json too, where AutoTokenizer may find its class.
+TOKENIZER_FILES = ["config.json", "tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt",
+                   "added_tokens.json", "chat_template.*"]
 
 # huggingface_hub's repository id: an optional namespace and a name, of word characters, '-' and '.', neither
 # starting with those two; anything else given (an absolute or relative path, '~') is a path only.
@@ -56,4 +59,4 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
     return Path(snapshot)
 
 
-__all__ = ["ADAPTER_FILES", "MODEL_FILES", "HubError", "is_hub_id", "resolve_pretrained"]
+__all__ = ["ADAPTER_FILES", "MODEL_FILES", "TOKENIZER_FILES", "HubError", "is_hub_id", "resolve_pretrained"]

@@ -425,10 +425,17 @@ def split_documents(docs: list, val_fraction: float, *, dataset: str = "",
 # Tokenizer
 # ----------------------------------------------------------------------------------------------------------
 def load_tokenizer(path: str | Path):
-    """A transformers tokenizer from a local directory; it must have an EOS token."""
+    """A transformers tokenizer from a local directory, or a hub id's snapshot; it must have an EOS token."""
     from transformers import AutoTokenizer
 
+    from retnet.model.hub import TOKENIZER_FILES, HubError, is_hub_id, resolve_pretrained
+
     local = Path(path).expanduser()
+    if not local.exists() and is_hub_id(path):
+        try:  # every rank reads the one HF cache (huggingface_hub locks a download); a resume reads the run's copy
+            local = resolve_pretrained(path, allow_patterns=TOKENIZER_FILES)
+        except HubError as error:
+            raise ConfigError(f"data.tokenizer {error}") from None
     if not local.exists():
         raise FileNotFoundError(f"data.tokenizer: no such tokenizer directory: {str(path)!r}")
     # A file (its tokenizer.json) would go to the hub as a model name: retries offline, then some other error.

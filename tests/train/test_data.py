@@ -954,3 +954,16 @@ def test_csv_token_caches_are_keyed_by_how_csv_is_read(tokenizer_dir, tmp_path, 
         build_data(csv_config, **_BUILD)
     assert keys[0][0] != keys[1][0] and keys[0][1] == keys[1][1]
     assert len(list((tmp_path / "c").glob("tokens-*"))) == 2  # the second reading did not reuse the first's
+
+
+def test_a_tokenizer_named_by_hub_id_loads_from_its_snapshot(tokenizer_dir, hub_cache):
+    from retnet.train.data import load_tokenizer
+
+    hub_cache("acme/tokenizer", tokenizer_dir)
+    assert (load_tokenizer("acme/tokenizer").backend_tokenizer.to_str()
+            == load_tokenizer(tokenizer_dir).backend_tokenizer.to_str())
+    with pytest.raises(ConfigError, match=r"data\.tokenizer 'acme/missing': no such directory, and the hub could "
+                                          r"not provide it"):
+        load_tokenizer("acme/missing")
+    with pytest.raises(FileNotFoundError, match="no such tokenizer directory"):
+        load_tokenizer(tokenizer_dir / "missing")
