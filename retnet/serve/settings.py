@@ -263,7 +263,8 @@ def resolve_model_source(settings: ServeSettings) -> ServeSettings:
             if value is not None:
                 logger.warning("%s %s is ignored: --model %r is a local directory, not a hub id", flag, value,
                                settings.model)
-        resolved = settings.model_copy()
+        # "~/model" from RETNET_MODEL (no shell expanded it) is read as the home directory's, as a flag's is.
+        resolved = settings.model_copy(update={"model": str(local)})
     else:
         logger.info("--model %s: the hub snapshot in %s", settings.model, local)
         resolved = settings.model_copy(update={"model": str(local),

@@ -67,3 +67,12 @@ def test_run_batch_reads_a_hub_id(model_dir, tmp_path, hub_cache):
                            "--model", "acme/retnet-micro"]) == 0
     response = json.loads((tmp_path / "out.jsonl").read_text())["response"]
     assert response["status_code"] == 200 and response["body"]["usage"]["completion_tokens"] == 2
+
+
+def test_a_home_relative_model_from_the_environment_is_expanded(model_dir, monkeypatch):
+    from retnet.serve.settings import ServeSettings, resolve_model_source
+
+    monkeypatch.setenv("HOME", str(model_dir.parent))
+    monkeypatch.setenv("RETNET_MODEL", f"~/{model_dir.name}")
+    settings = resolve_model_source(ServeSettings())
+    assert settings.model == str(model_dir) and settings.model_name == model_dir.name
