@@ -7,6 +7,12 @@ model at startup, and applied unmerged: each targeted Linear is replaced by a :c
 ``scale * (x @ A.T) @ B.T`` to the tokens of each adapter's requests only, so rows of one decode batch (and the
 pieces of one packed prefill) may each run under another adapter or the base model.
 
+DoRA adapters (``use_dora``) also hold ``...lora_magnitude_vector`` ``[out]``, ``m``. Their Linear computes
+``m / ||W + scale*B A||_row * (W x + scale * B A x)`` (+ the bias), with the norm of each output row of the
+adapted weight, a constant of the adapter: it is computed once, in fp32, when the adapter is installed on the
+model's weights, and the forward only multiplies that adapter's rows by it. This is peft's ``DoraLinearLayer`` in
+eval (which detaches the norm: it trains as a constant too) and what its ``merge_and_unload`` folds into the weight.
+
 The engine says which adapter each token of the next forward runs under (:meth:`LoraSlots.tokens`): per row of a
 decode batch ``[B, 1]``, per sequence of a packed prefill row (``cu_seqlens``), or one for a single piece. Slot 0
 is the base model: its tokens cost nothing, and with no adapter loaded no module is wrapped at all.
@@ -32,7 +38,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # peft's key prefix: the PeftModel's ``base_model`` (a LoraModel) holding the causal LM as ``model``.
 KEY_PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# peft writes DoRA's magnitude without ".weight" (its state-dict name for it is ...lora_magnitude_vector.weight).
+_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<part>[AB])\.weight|lora_magnitude_vector(?:\.weight)?)$")
 # Modules whose rows are not the forward's tokens (the embedding's input is ids; lm_head sees only the positions
 # whose logits are kept), so a per-token adapter index cannot be applied to them.
 _NOT_PER_TOKEN = ("lm_head", "embed_tokens")
@@ -57,6 +64,9 @@ class LoraAdapter:
     base_model_name: str | None
     rank: int  # the largest of its modules' ranks
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # DoRA (use_dora): per module, its magnitude m [out] (fp32); the scale it makes needs the base weight, so
+    # install_adapter computes it.
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
     # Its LoraSlots number, given by the engine (0 until then). Never reused after an unload: prefix-cache entries
     # and sessions keyed by a slot then cannot be taken up by a later adapter of the same name.
     slot: int = 0
@@ -131,10 +141,10 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
         match = _KEY.match(key)
         if not key.startswith(KEY_PREFIX) or match is None:
             raise LoraError(f"{where}: weight {key!r} is not a LoRA A/B matrix of a Linear (expected "
-                            f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'; embeddings, biases and "
-                            f"modules_to_save are not supported)")
+                            f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight', and DoRA's "
+                            f"'.lora_magnitude_vector'; embeddings, biases and modules_to_save are not supported)")
         name = match["module"][len(KEY_PREFIX):]
-        parts.setdefault(name, {})[match["part"]] = tensor
+        parts.setdefault(name, {})[match["part"] or "m"] = tensor
     if not parts:
         raise LoraError(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
@@ -146,8 +156,13 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
         linear = linears.get(name)
         if linear is None:
             raise LoraError(f"{where}: target_modules: {name!r} is not a Linear layer of the base model")
+        magnitude = pair.pop("m", None)
+        if bool(config.get("use_dora")) != (magnitude is not None):
+            raise LoraError(f"{where}: use_dora = {config.get('use_dora')!r} but {name!r} has "
+                            f"{'a' if magnitude is not None else 'no'} lora_magnitude_vector (DoRA's magnitudes)")
         if set(pair) != {"A", "B"}:
-            raise LoraError(f"{where}: {name!r} has lora_{next(iter(pair))} without its other matrix")
+            raise LoraError(f"{where}: {name!r} has " + (f"lora_{next(iter(pair))} without its other matrix"
+                                                          if pair else "lora_magnitude_vector without lora_A/B"))
         a, b = pair["A"], pair["B"]
         r = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape != (linear.out_features, r):
@@ -161,16 +176,21 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
         if r > max_rank:
             raise LoraError(f"{where}: r: {name!r} has rank {r}, over max_lora_rank ({max_rank}; raise "
                             f"--max-lora-rank)")
+        if magnitude is not None and tuple(magnitude.shape) != (linear.out_features,):
+            raise LoraError(f"{where}: {name!r} has lora_magnitude_vector {tuple(magnitude.shape)}; the base "
+                            f"model's Linear has {linear.out_features} outputs, so it must be "
+                            f"[{linear.out_features}]")
         alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", 8)))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         adapter.weights[name] = (a.float().contiguous(), (b.float() * scale).contiguous())
+        if magnitude is not None:
+            adapter.magnitudes[name] = magnitude.float().contiguous()
         adapter.rank = max(adapter.rank, r)
     return adapter
 
 
 # adapter_config.json fields that, set, change the model in a way LoraLinear does not apply, and why.
 UNSUPPORTED_WHEN_SET = {
-    "use_dora": "DoRA rescales the base weight's columns",
     "lora_bias": "lora_B without a bias only",
     "modules_to_save": "whole modules replaced",
     "fan_in_fan_out": "transposed (Conv1D) weights",
@@ -261,13 +281,16 @@ class LoraSlots:
 
 class LoraLinear(nn.Module):
     """``base(x)`` plus, for each adapter's tokens, ``(x @ A.T) @ B.T`` (the scale is in ``B``): peft's unmerged
-    LoRA, per token. ``x`` is ``[..., in]``; its flattened leading dimensions are the forward's tokens."""
+    LoRA, per token. A DoRA adapter's tokens then have that sum (less the bias) multiplied by its per-output
+    scale ``m / ||W + B A||_row`` (:func:`dora_scale`). ``x`` is ``[..., in]``; its flattened leading dimensions
+    are the forward's tokens."""
 
     def __init__(self, base: nn.Linear, slots: LoraSlots):
         super().__init__()
         self.base = base
         self.slots = slots
-        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [r, in], B*scale [out, r])
+        # slot -> (A [r, in], B*scale [out, r], DoRA's scale [out] or None for plain LoRA)
+        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     @property
     def weight(self) -> torch.Tensor:  # the base model's weight, for code that reads it (tied embeddings ...)
@@ -286,11 +309,23 @@ class LoraLinear(nn.Module):
             weights = self.adapters.get(slot)
             if weights is None:
                 continue  # this adapter leaves the module as it is
-            a, b = weights
-            if index is None:
-                flat_y.addmm_(flat_x @ a.T, b.T)
-            else:
-                flat_y.index_add_(0, index, (flat_x[index] @ a.T) @ b.T)
+            a, b, dora = weights
+            if dora is None:
+                if index is None:
+                    flat_y.addmm_(flat_x @ a.T, b.T)
+                else:
+                    flat_y.index_add_(0, index, (flat_x[index] @ a.T) @ b.T)
+                continue
+            # DoRA rescales W x + B A x; the bias is added after, unscaled (peft's forward and merged weight).
+            bias = self.base.bias
+            rows, rows_x = (flat_y, flat_x) if index is None else (flat_y[index], flat_x[index])
+            if bias is not None:
+                rows.sub_(bias)
+            rows.addmm_(rows_x @ a.T, b.T).mul_(dora)
+            if bias is not None:
+                rows.add_(bias)
+            if index is not None:
+                flat_y.index_copy_(0, index, rows)
         return y
 
 
@@ -316,10 +351,24 @@ def install_adapter(model: nn.Module, slots: LoraSlots, adapter: LoraAdapter, dt
                 parent_name, _, attr = name.rpartition(".")
                 module = LoraLinear(module, slots)
                 setattr(model.get_submodule(parent_name), attr, module)
-            module.adapters[adapter.slot] = (a.to(slots.device, dtype), b.to(slots.device, dtype))
+            magnitude = adapter.magnitudes.get(name)
+            dora = None if magnitude is None else dora_scale(module.base.weight, a, b, magnitude)
+            module.adapters[adapter.slot] = (a.to(slots.device, dtype), b.to(slots.device, dtype),
+                                             None if dora is None else dora.to(slots.device, dtype))
     except BaseException:
         uninstall_adapter(model, adapter.slot)
         raise
+
+
+def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-output scale ``m / ||W + B A||`` ``[out]``, fp32, the norm of each row of the adapted weight
+    (over the input dimension): ``weight`` the base Linear's ``[out, in]``, ``a`` ``[r, in]``, ``b`` ``[out, r]``
+    with the LoRA scale in it, ``magnitude`` ``[out]``. On ``weight``'s device: the model's real weights, which is
+    why it is computed at install time, not when the adapter is read (against shapes only)."""
+    with torch.no_grad():
+        w = weight.detach().to(torch.float32)
+        adapted = torch.addmm(w, b.to(w.device, torch.float32), a.to(w.device, torch.float32))
+        return magnitude.to(w.device, torch.float32) / torch.linalg.vector_norm(adapted, dim=1)
 
 
 def uninstall_adapter(model: nn.Module, slot: int) -> None:
@@ -330,5 +379,6 @@ def uninstall_adapter(model: nn.Module, slot: int) -> None:
             module.adapters.pop(slot, None)
 
 
-__all__ = ["LoraAdapter", "LoraError", "LoraLinear", "LoraModule", "LoraSlots", "install", "install_adapter",
-           "linear_modules", "load_adapter", "meta_model", "parse_lora_modules", "uninstall_adapter"]
+__all__ = ["LoraAdapter", "LoraError", "LoraLinear", "LoraModule", "LoraSlots", "dora_scale", "install",
+           "install_adapter", "linear_modules", "load_adapter", "meta_model", "parse_lora_modules",
+           "uninstall_adapter"]

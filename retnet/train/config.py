@@ -289,14 +289,41 @@ class CheckpointConfig(_Section):
 
 @dataclass(kw_only=True, slots=True)
 class LoggingConfig(_Section):
-    log_interval: int = 10  # steps between metrics.jsonl / TensorBoard records
+    """Where the records go: ``metrics.jsonl`` always, TensorBoard and Weights & Biases (rank 0 only).
+
+    ``wandb``: every ``metrics.jsonl`` record also goes to a W&B run (``pip install 'retnet-stack[wandb]'``),
+    ``wandb_project`` / ``wandb_run_name`` (default: the output_dir's name) / ``wandb_tags`` name it. The
+    entity, the mode (``WANDB_MODE=offline``) and the API key are W&B's own environment variables.
+    """
+
+    log_interval: int = 10  # steps between metrics.jsonl / TensorBoard / W&B records
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = True
     peak_flops: float = 0.0  # per device, for MFU; 0 = from the GPU table (n/a on CPU)
+    wandb: bool = False
+    wandb_project: str = "retnet-stack"
+    wandb_run_name: str | None = None  # None = the name of train.output_dir
+    wandb_tags: list = field(default_factory=list)  # of strings; --logging.wandb_tags=a,b
 
     def __post_init__(self) -> None:
+        import importlib.util
+
         _positive("logging", self, "log_interval")
         _positive("logging", self, "peak_flops", allow_zero=True)
+        if self.wandb_run_name == "":  # how a TOML file (which has no null) leaves it out
+            self.wandb_run_name = None
+        refused = "/\\#?%:"  # by W&B in a project name: checked here, not after the data has been prepared
+        if not 0 < len(self.wandb_project) <= 128 or any(char in self.wandb_project for char in refused):
+            _refuse("logging.wandb_project", f"must be a W&B project name (1 to 128 characters, none of "
+                    f"{refused!r})", self.wandb_project)
+        bad = [tag for tag in self.wandb_tags if not isinstance(tag, str) or not 0 < len(tag) <= 64]
+        if bad:  # W&B takes tags of 1 to 64 characters
+            _refuse("logging.wandb_tags", f"must be strings of 1 to 64 characters (not: {bad})", self.wandb_tags)
+        # Here, before the data is read and tokenized (hours, for a large set), not when rank 0 starts the run.
+        # find_spec, not an import: wandb takes a second to import, and a config is also built to be printed.
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            _refuse("logging.wandb", "needs the wandb package: pip install 'retnet-stack[wandb]' (or "
+                    "--logging.wandb=false)", self.wandb)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -304,7 +331,8 @@ class LoraConfig(_Section):
     """LoRA fine-tuning (``peft``): low-rank adapters on the decoder layers' Linear modules; only they train.
 
     ``rank`` 0 (the default) trains every weight as before. ``alpha`` scales the update by ``alpha / rank``
-    (``alpha / sqrt(rank)`` with ``use_rslora``); ``dropout`` is applied to the adapters' input.
+    (``alpha / sqrt(rank)`` with ``use_rslora``); ``dropout`` is applied to the adapters' input. ``use_dora``:
+    DoRA (peft's weight-decomposed LoRA), which also trains a magnitude per output row of each adapted Linear.
     ``target_modules``: Linear module names of the decoder layers (``LORA_TARGETS``); empty = every one the
     model has. Meant for a pretrained model (``model.init_from``), whose weights the adapters' checkpoints
     then leave out; on a random init the whole model is checkpointed.
@@ -315,6 +343,7 @@ class LoraConfig(_Section):
     dropout: float = 0.0
     target_modules: list = field(default_factory=list)  # of LORA_TARGETS names; [] = all the model has
     use_rslora: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _positive("lora", self, "rank", allow_zero=True)
@@ -330,6 +359,8 @@ class LoraConfig(_Section):
         if self.target_modules and not self.rank:  # most likely a forgotten lora.rank: that run trains every weight
             _refuse("lora.target_modules", "is set but lora.rank is 0 (LoRA off); set lora.rank > 0",
                     self.target_modules)
+        if self.use_dora and not self.rank:  # as above: DoRA asked for, the run would train every weight instead
+            _refuse("lora.use_dora", "is set but lora.rank is 0 (LoRA off); set lora.rank > 0", self.use_dora)
 
     @property
     def enabled(self) -> bool:
@@ -436,7 +467,7 @@ def model_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
 
 
 # What shapes the adapters or changes what they compute; lora.dropout may change on a resume.
-_LORA_FIELDS = ("rank", "alpha", "use_rslora", "target_modules")
+_LORA_FIELDS = ("rank", "alpha", "use_rslora", "use_dora", "target_modules")
 
 
 def lora_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:

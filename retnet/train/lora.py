@@ -5,7 +5,8 @@
 The trainer builds (or loads) the model, then :func:`apply_lora` injects ``peft``'s LoRA layers into it in
 place, before DDP/FSDP, activation checkpointing and compile: the model keeps its own class and forward (the
 ``PeftModel`` around it is kept for ``save_pretrained``), its ``state_dict`` names the frozen weights
-``….q_proj.base_layer.weight`` and the adapters ``….q_proj.lora_A.default.weight``, and only the adapters
+``….q_proj.base_layer.weight`` and the adapters ``….q_proj.lora_A.default.weight`` (with ``lora.use_dora``, also
+DoRA's magnitudes ``….q_proj.lora_magnitude_vector.default.weight``, one per output row), and only the adapters
 require a gradient, so the optimizer, DDP's buckets and FSDP's reduce-scatters hold only them.
 
 Checkpoints of a run with ``model.init_from`` hold only the adapters (and their optimizer state): a resume
@@ -55,7 +56,7 @@ def peft_config(cfg: LoraConfig, targets: list[str]):
     # a regex: what other loaders of the adapter format (vLLM) read.
     return peft.LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-        target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
+        use_dora=cfg.use_dora, target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
     )
 
 
@@ -76,7 +77,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, targets: list[str], base_path:
     """Inject the adapters into the ``targets`` modules (:func:`target_names`) of ``model`` in place and freeze
     everything else; returns the ``PeftModel`` around it (for ``save_pretrained``; train ``model`` itself,
     whose class and forward stay RetNet's). The adapters' init (``lora_A`` Kaiming-uniform, ``lora_B`` zero:
-    the model computes what it did) draws from torch's RNG."""
+    the model computes what it did; DoRA's magnitudes the norms of the pretrained weight's rows, which keeps it
+    so) draws from torch's RNG."""
     return _wrap(model, peft_config(cfg, targets), base_path)
 
 
@@ -121,7 +123,8 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
     the tokenizer, as :func:`~retnet.train.checkpoint.export_pretrained` writes a model, and
     ``directory/adapter``, ``peft``'s ``save_pretrained`` of the adapters (``adapter_config.json``,
     ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is ``base_path``. ``state_dict`` is the
-    trained model's (``base_layer``/``lora_A``/``lora_B`` keys)."""
+    trained model's (``base_layer``/``lora_A``/``lora_B`` keys, and ``lora_magnitude_vector`` under DoRA, which
+    ``merge_and_unload`` folds in as peft's forward computes it)."""
     from retnet.model import RetNetForCausalLM
     from retnet.train.checkpoint import prepare_export, replace_directory
 

@@ -238,7 +238,7 @@ class Trainer:
         # A signal only marks this rank; the loop stops on stop_requested, which every rank takes from the same
         # all-reduce, because a rank that left alone would leave the others waiting in the next collective.
         self.signal_received = False
-        self._writer = self._progress = self._metrics = None
+        self._writer = self._progress = self._metrics = self._wandb = None
         self._previous_handlers: dict[int, Any] = {}
         _setup_logging(self.rank)
 
@@ -336,6 +336,7 @@ class Trainer:
                                    "leaves are moved aside (delete them when no longer needed): %s", self.step,
                                    ", ".join(p.name for p in abandoned))
         self.start_step = self.step
+        self._start_wandb()  # every rank: the others take rank 0's failure to start it, and exit with it
         if self.is_main:
             self._open_loggers()
         self._install_signal_handlers()
@@ -357,7 +358,8 @@ class Trainer:
     def _trainable_note(self) -> str:
         if not self.cfg.lora.enabled:
             return "all"
-        return (f"{self.n_trainable / 1e6:.3f}M ({100 * self.n_trainable / self.n_params:.2f}%: LoRA rank "
+        kind = "DoRA" if self.cfg.lora.use_dora else "LoRA"
+        return (f"{self.n_trainable / 1e6:.3f}M ({100 * self.n_trainable / self.n_params:.2f}%: {kind} rank "
                 f"{self.cfg.lora.rank} on {','.join(self.lora_targets)})")
 
     @property
@@ -497,6 +499,9 @@ class Trainer:
                 for line in keep:
                     if _record_key(line)[0] >= purge:
                         self._write_scalars(json.loads(line))
+        if self._wandb is not None:  # a new W&B run gets the records up to here; a resumed one those it lacks
+            for line in keep:
+                self._send_wandb(json.loads(line))
         if self.cfg.logging.progress:
             from tqdm.auto import tqdm
 
@@ -995,12 +1000,104 @@ class Trainer:
         self._metrics.write(json.dumps(record) + "\n")
         if self._writer is not None:
             self._write_scalars(record)
+        if self._wandb is not None:
+            self._send_wandb(record)
 
     def _write_scalars(self, record: dict[str, Any]) -> None:
-        prefix = "train" if record["kind"] == "train" else "val"
-        for key, value in record.items():
-            if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
-                self._writer.add_scalar(f"{prefix}/{key}", value, record["step"], walltime=record.get("time"))
+        for tag, value in _scalars(record).items():
+            self._writer.add_scalar(tag, value, record["step"], walltime=record.get("time"))
+
+    # W&B (logging.wandb). Its run id is kept in output_dir/wandb-run.json, so a resume continues the same run,
+    # with the order key (_record_order) of the last record sent: W&B drops, with a warning each, a step below
+    # the one it is at, and a resume redoes (bit for bit) the steps between its checkpoint and where the run
+    # stopped, so those it already has are not sent again.
+    def _start_wandb(self) -> None:
+        """Rank 0 starts or resumes the W&B run; a failure is a ConfigError on every rank."""
+        if not self.cfg.logging.wandb:
+            if self.is_main and not self.resumed:  # a run that starts anew: a later resume must not continue
+                (self.output_dir / WANDB_STATE).unlink(missing_ok=True)  # the W&B run of the trajectory it replaces
+            return
+        answer: list[Any] = [None]
+        if self.is_main:
+            try:
+                self._init_wandb()
+            except ConfigError as error:
+                answer[0] = str(error)
+        if _distributed():  # else the other ranks would wait for rank 0 in the first collective until its timeout
+            dist.broadcast_object_list(answer, src=0)
+        if answer[0] is not None:
+            raise ConfigError(answer[0])
+
+    def _init_wandb(self) -> None:
+        import secrets
+
+        try:
+            import wandb
+        except ImportError as error:  # installed when the config was checked, but broken
+            raise ConfigError(f"logging.wandb: wandb cannot be imported ({error}); pip install "
+                              f"'retnet-stack[wandb]' (or --logging.wandb=false)") from None
+        path = self.output_dir / WANDB_STATE
+        state: dict[str, Any] = {}
+        if self.resumed and path.exists():
+            try:
+                state = json.loads(path.read_text())
+                state = {"id": str(state["id"]), "sent": [int(state["sent"][0]), str(state["sent"][1])]}
+            except (ValueError, KeyError, IndexError, TypeError):
+                logger.warning("%s is unreadable; logging to a new W&B run", path)
+                state = {}
+        # Resuming from an older checkpoint's path starts a new trajectory, and a W&B run's history cannot be
+        # rewound: a new W&B run, given the records up to the checkpoint. A run that starts anew gets one too.
+        if state and self.cfg.train.resume != "auto" and state["sent"][0] > self.step:
+            logger.info("train.resume goes back to step %d, before the last step W&B run %s has (%d): logging "
+                        "to a new W&B run", self.step, state["id"], state["sent"][0])
+            state = {}
+        state = state or {"id": secrets.token_hex(6), "sent": [-1, ""]}  # hex: valid in any W&B run id
+        log = self.cfg.logging
+        try:
+            run = wandb.init(project=log.wandb_project, name=log.wandb_run_name or self.output_dir.resolve().name,
+                             id=state["id"], resume="allow", config=self.cfg.to_dict(), dir=str(self.output_dir),
+                             tags=list(log.wandb_tags) or None,
+                             reinit="create_new")  # never another run of this process in its place
+        except Exception as error:  # no API key, no network when online, a refused entity ...: W&B's own words
+            raise ConfigError(f"logging.wandb: W&B could not start run {state['id']} of project "
+                              f"{log.wandb_project!r}: {type(error).__name__}: {error} (set WANDB_API_KEY or run "
+                              f"`wandb login`, or WANDB_MODE=offline, or --logging.wandb=false)") from None
+        self._wandb = run
+        self._wandb_id = state["id"]
+        self._wandb_sent = (state["sent"][0], _KIND_ORDER.get(state["sent"][1], -1))
+        # Online, a resumed W&B run is at the step after the last it holds, which may be past what this file says
+        # (a crash between sending a record and writing the file)
+        self._wandb_floor = int(getattr(run, "starting_step", 0) or 0)
+        self._save_wandb_state(state["sent"])
+        logger.info("W&B run %s (project %s)%s", state["id"], log.wandb_project,
+                    f", resumed after step {state['sent'][0]}" if state["sent"][0] >= 0 else "")
+
+    def _send_wandb(self, record: dict[str, Any]) -> None:
+        """Log ``record`` to the W&B run at its step, unless the run has it (or a later step) already."""
+        if self._wandb is None or _record_order(record) <= self._wandb_sent or record["step"] < self._wandb_floor:
+            return  # (None: a failure turned it off)
+        try:
+            self._wandb.log(_scalars(record), step=record["step"])
+        except Exception as error:  # a W&B failure mid-run does not stop the training: it keeps metrics.jsonl
+            logger.warning("W&B logging failed at step %d (%s: %s); logging.wandb is off for the rest of this "
+                           "run (metrics.jsonl has every record)", record["step"], type(error).__name__, error)
+            self._finish_wandb(exit_code=1)
+            return
+        self._wandb_sent = _record_order(record)
+        self._save_wandb_state([record["step"], record["kind"]])
+
+    def _save_wandb_state(self, sent: list) -> None:
+        path = self.output_dir / WANDB_STATE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"id": self._wandb_id, "sent": sent}))
+        os.replace(tmp, path)  # a crash mid-write leaves the previous file, never half of one
+
+    def _finish_wandb(self, exit_code: int) -> None:
+        run, self._wandb = self._wandb, None
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as error:  # keep close() going (and an exception on its way out, its own)
+            logger.warning("W&B run could not finish cleanly: %s: %s", type(error).__name__, error)
 
     def close(self) -> None:
         for sig, handler in self._previous_handlers.items():
@@ -1012,6 +1109,27 @@ class Trainer:
             self._writer.close()
         if self._metrics is not None:
             self._metrics.close()
+        if self._wandb is not None:
+            # Short of train.steps without a stop signal: an error or a non-finite loss ended it (W&B: failed)
+            failed = self.step < self.cfg.train.steps and not self.stop_requested
+            self._finish_wandb(exit_code=int(failed))
+
+
+# The W&B run of a run's output_dir: its id and the last record sent (step, kind).
+WANDB_STATE = "wandb-run.json"
+_KIND_ORDER = {"train": 0, "val": 1}  # a step's training record is written before its evaluation's
+
+
+def _record_order(record: dict[str, Any]) -> tuple[int, int]:
+    """The order of a record in a run: by step, then kind."""
+    return int(record["step"]), _KIND_ORDER.get(record["kind"], len(_KIND_ORDER))
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics record's numbers under TensorBoard's and W&B's names (``train/loss``, ``val/val_loss`` ...)."""
+    prefix = "train" if record["kind"] == "train" else "val"
+    return {f"{prefix}/{key}": value for key, value in record.items()
+            if key not in ("kind", "step", "time") and isinstance(value, (int, float))}
 
 
 def _record_key(line: str) -> tuple[int, str | None]:

@@ -316,3 +316,84 @@ def test_target_modules_named_in_another_order_are_the_same_lora_settings():
     assert lora_changes(saved, load_config("tiny", ["--lora.rank=4", "--lora.target_modules=v_proj,q_proj"])) == []
     assert lora_changes(saved, load_config("tiny", ["--lora.rank=4", "--lora.target_modules=q_proj"])) == [
         "lora.target_modules: checkpoint ['q_proj', 'v_proj'], now ['q_proj']"]
+
+
+# -- DoRA (lora.use_dora): the same adapters plus a trained magnitude per output row ---------------------------------
+@pytest.fixture(scope="module")
+def dora(tmp_path_factory, domain, tokenizer_dir, pretrained):
+    """A DoRA fine-tune of ``pretrained`` in this process (4 steps, checkpoints at 2 and 4, exported): its output
+    directory, arguments and the trained model."""
+    from retnet.train.trainer import Trainer
+
+    from .conftest import micro_args
+
+    out = tmp_path_factory.mktemp("dora") / "tuned"
+    args = fine_tune_args(micro_args(domain, tokenizer_dir, out.parent / "cache", out, checkpoint__export=True,
+                                     checkpoint__interval=2, train__steps=4), pretrained,
+                          **LORA, lora__use_dora="true")
+    trainer = Trainer(load_config("tiny", args[2:]))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return out, args, trainer.raw_model.eval()
+
+
+def test_dora_trains_the_magnitudes_and_checkpoints_them(dora, pretrained):
+    """Beside lora_A/lora_B, one magnitude vector per adapted Linear trains (from the pretrained rows' norms, so
+    the first step computes the pretrained model) and is checkpointed; the pretrained weights stay bit-identical."""
+    from safetensors.torch import load_file
+
+    out, _, model = dora
+    base = load_file(pretrained / "model.safetensors")
+    state = model.state_dict()
+    magnitudes = {k: v for k, v in state.items() if ".lora_magnitude_vector." in k}
+    assert len(magnitudes) == 7 * 2  # every projection of both layers
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {k for k in state if ".lora_" in k} and set(magnitudes) <= trainable
+    for key, value in base.items():
+        assert torch.equal(state.get(key, state.get(key.replace(".weight", ".base_layer.weight"))), value), key
+    for key, magnitude in magnitudes.items():
+        weight = base[key.replace(".lora_magnitude_vector.default.weight", ".weight")]
+        assert not torch.allclose(magnitude, torch.linalg.norm(weight, dim=1), rtol=1e-4, atol=1e-5), key
+    saved = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert set(saved["model"]) == trainable and len(saved["optimizer"]["state"]) == len(trainable)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it
+def test_a_dora_resume_is_exact_and_its_export_is_the_peft_model(dora, pretrained, tmp_path, read_metrics, capsys):
+    """From the step-2 checkpoint the losses retrace bit for bit; the merged export (peft folds the magnitudes
+    in) and export/adapter on the pretrained model compute the trained model; another use_dora is refused."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, args, model = dora
+    tokens = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "export").eval()
+        assert not any("lora" in k for k in merged.state_dict())
+        torch.testing.assert_close(merged(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5,
+                                   atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(pretrained).eval()
+        with_adapter = PeftModel.from_pretrained(base, out / "export" / "adapter").eval()
+        torch.testing.assert_close(with_adapter(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5,
+                                   atol=1e-5)
+    assert json.loads((out / "export" / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000004")
+    assert main([*_in(args, copy), "--checkpoint.export=false"]) == 0
+    losses = {r["step"]: r["loss"] for r in read_metrics(out)}
+    again = {r["step"]: r["loss"] for r in read_metrics(copy)}
+    assert sorted(again) == list(range(1, 5)) and [again[s] for s in (3, 4)] == [losses[s] for s in (3, 4)]
+    capsys.readouterr()
+    assert main([*_in(args, copy), "--lora.use_dora=false", "--train.steps=5"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "lora.use_dora: checkpoint True, now False" in err and "Traceback" not in err
+
+
+def test_dora_without_a_rank_is_refused():
+    with pytest.raises(ConfigError, match=r"lora\.use_dora is set but lora\.rank is 0"):
+        build_config({"lora": {"use_dora": True}})
