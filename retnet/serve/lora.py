@@ -212,6 +212,12 @@ def _check_config(where: str, config: dict) -> None:
     for name, why in UNSUPPORTED_WHEN_SET.items():
         if config.get(name):
             refuse(name, why)
+    # PiSSA, CorDA, OLoRA and LoftQ start from (and save beside) changed base weights: their adapters hold the
+    # difference to those, not to this model's, unless peft converted them back (it then writes True here).
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "loftq")):
+        refuse("init_lora_weights", "the adapter was trained on changed base weights; convert it to a plain LoRA "
+               "adapter with peft's save_pretrained(path_initial_model_for_weight_conversion=...)")
     # Newer LoRA variants whose forward is not base + scale * B A x (activated LoRA, routing, quantized or block
     # variants): refused rather than served wrong.
     for name in ("alora_invocation_tokens", "arrow_config", "use_bdlora", "use_qalora", "kasa_config",

@@ -101,7 +101,7 @@ async def test_dora_in_mixed_batches_gives_the_merged_models_answer(model_dir, a
 
 
 async def test_dora_loaded_at_runtime_gives_the_merged_models_answer(model_dir, adapters, want):
-    from .test_lora_runtime import load
+    from .test_lora_runtime import eventually, installed_slots, load, unload
 
     async with serve_app(model_dir, lora_modules=[f"a={adapters['a']}"], allow_runtime_lora_updating=True) as client:
         for name in ("d", "e"):
@@ -111,6 +111,12 @@ async def test_dora_loaded_at_runtime_gives_the_merged_models_answer(model_dir, 
         got = await asyncio.gather(*(complete(client, model, prompt) for model, prompt in jobs))
         for (model, prompt), response in zip(jobs, got, strict=True):
             assert_same_answer(response, want[model, prompt], f"{model} (runtime): {prompt!r}")
+        # Unloaded, its matrices and per-row scales leave every Linear with its slot; the others still serve.
+        engine = client.app.state.engine
+        slot = engine.adapters["d"].slot
+        assert (await unload(client, "d")).status_code == 200
+        await eventually(lambda: slot not in installed_slots(engine))
+        assert_same_answer(await complete(client, "e", PROMPTS[0]), want["e", PROMPTS[0]], "e after d's unload")
 
 
 class _Biased(nn.Module):
@@ -153,6 +159,55 @@ def test_dora_on_a_linear_with_a_bias_is_peft_layer(tmp_path):
             got = base(x)
         torch.testing.assert_close(got[::2], expected[::2], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1::2], plain[1::2], rtol=0, atol=0)
+
+
+class _Two(nn.Module):
+    """A Linear with a bias and one without, in a row: two DoRA adapters and a LoRA adapter over them."""
+
+    def __init__(self):
+        super().__init__()
+        self.up_proj = nn.Linear(12, 10, bias=True)
+        self.down_proj = nn.Linear(10, 12, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.relu(self.up_proj(x)))
+
+
+def test_two_dora_adapters_and_a_lora_adapter_in_one_packed_forward_are_each_peft(tmp_path):
+    """Per packed sequence, each under its own adapter (DoRA with rsLoRA, a rank_pattern and an alpha_pattern;
+    plain LoRA; DoRA on the unbiased Linear only) or the base: each token's output is its peft model's."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = _Two()
+    specs = [dict(r=4, lora_alpha=6, use_dora=True, use_rslora=True, target_modules=["up_proj", "down_proj"],
+                  rank_pattern={"down_proj": 2}, alpha_pattern={"up_proj": 3}),
+             dict(r=3, lora_alpha=5, target_modules=["up_proj"]),
+             dict(r=2, lora_alpha=2, use_dora=True, target_modules=["down_proj"])]
+    references, adapters = [base], []
+    for slot, spec in enumerate(specs, start=1):
+        model = _Two()
+        model.load_state_dict(base.state_dict())
+        peft_model = get_peft_model(model, LoraConfig(**spec))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.3)
+        _perturb_magnitudes(peft_model, slot)
+        peft_model.save_pretrained(tmp_path / str(slot))
+        references.append(peft_model.eval())
+        adapter = load_adapter(LoraModule(str(slot), str(tmp_path / str(slot))), linear_modules(base), max_rank=8)
+        adapter.slot = slot
+        adapters.append(adapter)
+    slots = install(base, adapters, torch.device("cpu"), torch.float32)
+    x = torch.randn(13, 12)
+    sequences, counts = [1, 0, 3, 2, 1, 3, 2], [2, 1, 2, 3, 1, 2, 2]
+    per_token = torch.repeat_interleave(torch.tensor(sequences), torch.tensor(counts)).tolist()
+    with torch.no_grad():
+        with slots.tokens(sequences, counts):
+            got = base(x)
+        expected = torch.cat([references[slot](x[i:i + 1]) for i, slot in enumerate(per_token)])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_dora_weights_must_match_use_dora(adapters, model_dir, tmp_path):

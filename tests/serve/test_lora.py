@@ -245,6 +245,7 @@ def test_unsupported_adapters_are_refused_at_startup_naming_the_field(model_dir,
         r"lora_A \(8, 64\) and lora_B \(64, 4\)": dict(
             tensors=lambda t: {**t, f"{q}.lora_B.weight": t[f"{q}.lora_B.weight"][:, :4].contiguous()}),
         "rank_pattern": dict(config={"rank_pattern": {"q_proj": 2}}),
+        "init_lora_weights": dict(config={"init_lora_weights": "pissa_niter_4"}),
     }
     for i, (field, edit) in enumerate(cases.items()):
         bad = _edited(path, tmp_path / str(i), **edit)

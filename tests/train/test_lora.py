@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,25 +93,30 @@ def test_checkpoints_hold_only_the_adapters(tuned):
     assert saved["trainer"]["lora_base"]["sha256"]
 
 
+def _assert_exports_compute(model, export: Path, pretrained: Path) -> None:
+    """``export`` (merge_and_unload) and ``export/adapter`` loaded by peft onto ``pretrained`` both compute the
+    trained ``model``'s logits (1e-5); the merged model holds no LoRA weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokens = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+        merged = AutoModelForCausalLM.from_pretrained(export).eval()
+        assert not any("lora" in k for k in merged.state_dict())
+        torch.testing.assert_close(merged(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained).eval(),
+                                                 export / "adapter").eval()
+        torch.testing.assert_close(with_adapter(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5,
+                                   atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it
 def test_the_export_is_the_merged_model_and_the_peft_adapter(tuned, pretrained):
     """export/ (merge_and_unload) computes the trained model's logits; export/adapter loaded by peft onto the
     pretrained model does too; its base_model_name_or_path is init_from."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     out, _, model = tuned
-    tokens = _batch(model.config.vocab_size)
-    with torch.no_grad():
-        expected = model(input_ids=tokens, use_cache=False).logits
-        merged = AutoModelForCausalLM.from_pretrained(out / "export").eval()
-        assert not any("lora" in k for k in merged.state_dict())
-        torch.testing.assert_close(merged(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5,
-                                   atol=1e-5)
-        base = AutoModelForCausalLM.from_pretrained(pretrained).eval()
-        with_adapter = PeftModel.from_pretrained(base, out / "export" / "adapter").eval()
-        torch.testing.assert_close(with_adapter(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5,
-                                   atol=1e-5)
+    _assert_exports_compute(model, out / "export", pretrained)
     config = json.loads((out / "export" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(pretrained.resolve())
     assert config["r"] == 4 and sorted(config["target_modules"]) == sorted(
@@ -364,21 +370,8 @@ def test_dora_trains_the_magnitudes_and_checkpoints_them(dora, pretrained):
 def test_a_dora_resume_is_exact_and_its_export_is_the_peft_model(dora, pretrained, tmp_path, read_metrics, capsys):
     """From the step-2 checkpoint the losses retrace bit for bit; the merged export (peft folds the magnitudes
     in) and export/adapter on the pretrained model compute the trained model; another use_dora is refused."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     out, args, model = dora
-    tokens = _batch(model.config.vocab_size)
-    with torch.no_grad():
-        expected = model(input_ids=tokens, use_cache=False).logits
-        merged = AutoModelForCausalLM.from_pretrained(out / "export").eval()
-        assert not any("lora" in k for k in merged.state_dict())
-        torch.testing.assert_close(merged(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5,
-                                   atol=1e-5)
-        base = AutoModelForCausalLM.from_pretrained(pretrained).eval()
-        with_adapter = PeftModel.from_pretrained(base, out / "export" / "adapter").eval()
-        torch.testing.assert_close(with_adapter(input_ids=tokens, use_cache=False).logits, expected, rtol=1e-5,
-                                   atol=1e-5)
+    _assert_exports_compute(model, out / "export", pretrained)
     assert json.loads((out / "export" / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
 
     copy = tmp_path / "copy"
@@ -397,3 +390,42 @@ def test_a_dora_resume_is_exact_and_its_export_is_the_peft_model(dora, pretraine
 def test_dora_without_a_rank_is_refused():
     with pytest.raises(ConfigError, match=r"lora\.use_dora is set but lora\.rank is 0"):
         build_config({"lora": {"use_dora": True}})
+
+
+def test_a_checkpoint_from_before_use_dora_resumes_as_plain_lora():
+    """A checkpoint's config written before lora.use_dora existed holds no such field: it was plain LoRA, so the
+    same run resumes (not refused) and only a DoRA run is told the checkpoint is not one."""
+    from retnet.train.config import lora_changes
+
+    saved = load_config("tiny", ["--lora.rank=4"]).to_dict()
+    del saved["lora"]["use_dora"]
+    assert lora_changes(saved, load_config("tiny", ["--lora.rank=4"])) == []
+    assert lora_changes(saved, load_config("tiny", ["--lora.rank=4", "--lora.use_dora=true"])) == [
+        "lora.use_dora: checkpoint False, now True"]
+
+
+def test_dora_export_adapter_served_is_the_merged_export_served(dora, pretrained):
+    """Train -> serve: export/adapter served over init_from (retnet-serve --lora-modules) scores prompts as the
+    merged export served alone does (echo, nothing generated: no greedy near-tie can make them differ)."""
+    import asyncio
+
+    from ..serve.conftest import serve_app
+
+    out, _, _ = dora
+    prompts = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)"]
+
+    async def scores(model_dir, model=None, **settings) -> list[list[float]]:
+        async with serve_app(model_dir, **settings) as client:
+            got = []
+            for prompt in prompts:
+                body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}
+                r = await client.post("/v1/completions", json=body if model is None else {**body, "model": model})
+                assert r.status_code == 200, r.text
+                got.append(r.json()["choices"][0]["logprobs"]["token_logprobs"][1:])
+            return got
+
+    served = asyncio.run(scores(pretrained, "tuned", lora_modules=[f"tuned={out / 'export' / 'adapter'}"]))
+    merged, base = asyncio.run(scores(out / "export")), asyncio.run(scores(pretrained))
+    for got, want, plain in zip(served, merged, base, strict=True):
+        assert len(got) > 8 and got == pytest.approx(want, abs=1e-4)
+        assert max(abs(g - p) for g, p in zip(got, plain, strict=True)) > 1e-2  # the adapter changes the model
