@@ -45,13 +45,19 @@ def domain(tmp_path_factory):
 def tuned(tmp_path_factory, domain, tokenizer_dir, pretrained):
     """A LoRA fine-tune of ``pretrained`` on ``domain`` run in this process (8 steps, a checkpoint at 4 and 8,
     exported): its output directory, arguments and the trained model (the trainer's, adapters injected)."""
+    return _fine_tune(tmp_path_factory.mktemp("lora") / "tuned", domain, tokenizer_dir, pretrained, interval=4,
+                      steps=8)
+
+
+def _fine_tune(out: Path, domain, tokenizer_dir, pretrained, *, interval: int, steps: int, **lora):
+    """A LoRA fine-tune of ``pretrained`` run in this process, checkpointed every ``interval`` steps and exported:
+    (output directory, arguments, the trainer's model with its adapters)."""
     from retnet.train.trainer import Trainer
 
     from .conftest import micro_args
 
-    out = tmp_path_factory.mktemp("lora") / "tuned"
     args = fine_tune_args(micro_args(domain, tokenizer_dir, out.parent / "cache", out, checkpoint__export=True,
-                                     checkpoint__interval=4, train__steps=8), pretrained, **LORA)
+                                     checkpoint__interval=interval, train__steps=steps), pretrained, **LORA, **lora)
     trainer = Trainer(load_config("tiny", args[2:]))
     try:
         trainer.train()
@@ -329,20 +335,8 @@ def test_target_modules_named_in_another_order_are_the_same_lora_settings():
 def dora(tmp_path_factory, domain, tokenizer_dir, pretrained):
     """A DoRA fine-tune of ``pretrained`` in this process (4 steps, checkpoints at 2 and 4, exported): its output
     directory, arguments and the trained model."""
-    from retnet.train.trainer import Trainer
-
-    from .conftest import micro_args
-
-    out = tmp_path_factory.mktemp("dora") / "tuned"
-    args = fine_tune_args(micro_args(domain, tokenizer_dir, out.parent / "cache", out, checkpoint__export=True,
-                                     checkpoint__interval=2, train__steps=4), pretrained,
-                          **LORA, lora__use_dora="true")
-    trainer = Trainer(load_config("tiny", args[2:]))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return out, args, trainer.raw_model.eval()
+    return _fine_tune(tmp_path_factory.mktemp("dora") / "tuned", domain, tokenizer_dir, pretrained, interval=2,
+                      steps=4, lora__use_dora="true")
 
 
 def test_dora_trains_the_magnitudes_and_checkpoints_them(dora, pretrained):
