@@ -239,6 +239,7 @@ class Trainer:
         # all-reduce, because a rank that left alone would leave the others waiting in the next collective.
         self.signal_received = False
         self._writer = self._progress = self._metrics = self._wandb = None
+        self._completed = False  # train() returned: the W&B run finishes as finished, else as failed
         self._previous_handlers: dict[int, Any] = {}
         _setup_logging(self.rank)
 
@@ -337,9 +338,13 @@ class Trainer:
                                    ", ".join(p.name for p in abandoned))
         self.start_step = self.step
         self._start_wandb()  # every rank: the others take rank 0's failure to start it, and exit with it
-        if self.is_main:
-            self._open_loggers()
-        self._install_signal_handlers()
+        try:
+            if self.is_main:
+                self._open_loggers()
+            self._install_signal_handlers()
+        except BaseException:
+            self.close()  # main() has no trainer to close: the W&B run (as failed), the files opened
+            raise
         logger.info(
             "model %s: %.2fM parameters, %s trainable; world %d × micro %d × accum %d = global %d blocks of %d "
             "tokens; %s on %s%s", self.model_name, self.n_params / 1e6, self._trainable_note(), self.world_size,
@@ -945,6 +950,7 @@ class Trainer:
             else:
                 logger.info("finished at step %d; outputs in %s", self.step, self.output_dir)
         barrier()
+        self._completed = True
         return summary
 
     def _log_window(self) -> float:
@@ -1010,23 +1016,59 @@ class Trainer:
     # W&B (logging.wandb). Its run id is kept in output_dir/wandb-run.json, so a resume continues the same run,
     # with the order key (_record_order) of the last record sent: W&B drops, with a warning each, a step below
     # the one it is at, and a resume redoes (bit for bit) the steps between its checkpoint and where the run
-    # stopped, so those it already has are not sent again.
+    # stopped, so those it already has are not sent again. wandb.log only queues a record for W&B's service: the
+    # mark is written when the W&B run has finished (finish() waits for every record), never ahead of what W&B
+    # has; after a crash the resume sends again what followed the last mark (online, W&B's starting_step drops
+    # those it holds; offline, W&B drops them when synced).
     def _start_wandb(self) -> None:
-        """Rank 0 starts or resumes the W&B run; a failure is a ConfigError on every rank."""
+        """Rank 0 starts or resumes the W&B run; a failure there is an error on every rank."""
         if not self.cfg.logging.wandb:
-            if self.is_main and not self.resumed:  # a run that starts anew: a later resume must not continue
-                (self.output_dir / WANDB_STATE).unlink(missing_ok=True)  # the W&B run of the trajectory it replaces
+            if self.is_main:
+                self._keep_or_drop_wandb_state()
             return
         answer: list[Any] = [None]
+        failure: Exception | None = None
         if self.is_main:
             try:
                 self._init_wandb()
-            except ConfigError as error:
-                answer[0] = str(error)
-        if _distributed():  # else the other ranks would wait for rank 0 in the first collective until its timeout
+            except Exception as error:  # whatever it is, the other ranks wait for this answer
+                failure = error
+                answer[0] = str(error) if isinstance(error, ConfigError) else (
+                    f"logging.wandb: rank 0 could not start the W&B run: {type(error).__name__}: {error}")
+        if _distributed():
+            # else the other ranks would wait for rank 0 in the first collective; and after the long-timeout
+            # barrier, since W&B's init (its init_timeout, retries online) may outlast the default group's timeout
+            barrier()
             dist.broadcast_object_list(answer, src=0)
+        if failure is not None:
+            raise failure
         if answer[0] is not None:
             raise ConfigError(answer[0])
+
+    def _wandb_state(self) -> tuple[dict[str, Any], str | None]:
+        """(the W&B run this run continues: {"id", "project", "sent"}, or {}; why not, for the log)."""
+        path = self.output_dir / WANDB_STATE
+        if not self.resumed or not path.exists():  # a run that starts anew: not the W&B run of the one it replaces
+            return {}, None
+        project = self.cfg.logging.wandb_project
+        try:
+            state = json.loads(path.read_text())
+            state = {"id": str(state["id"]), "project": str(state.get("project", project)),
+                     "sent": [int(state["sent"][0]), str(state["sent"][1])]}
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return {}, f"{path} is unreadable"
+        # Resuming from an older checkpoint's path starts a new trajectory, and a W&B run's history cannot be
+        # rewound: a new W&B run, given the records up to the checkpoint. A run that starts anew gets one too.
+        if self.cfg.train.resume != "auto" and state["sent"][0] > self.step:
+            return {}, (f"train.resume goes back to step {self.step}, before the last step W&B run {state['id']} "
+                        f"has ({state['sent'][0]})")
+        return state, None
+
+    def _keep_or_drop_wandb_state(self) -> None:
+        """No W&B run this time: wandb-run.json stays for a later resume with W&B on (which sends that W&B run
+        what it missed) unless this run leaves that run's trajectory."""
+        if not self._wandb_state()[0]:
+            (self.output_dir / WANDB_STATE).unlink(missing_ok=True)
 
     def _init_wandb(self) -> None:
         import secrets
@@ -1036,23 +1078,13 @@ class Trainer:
         except ImportError as error:  # installed when the config was checked, but broken
             raise ConfigError(f"logging.wandb: wandb cannot be imported ({error}); pip install "
                               f"'retnet-stack[wandb]' (or --logging.wandb=false)") from None
-        path = self.output_dir / WANDB_STATE
-        state: dict[str, Any] = {}
-        if self.resumed and path.exists():
-            try:
-                state = json.loads(path.read_text())
-                state = {"id": str(state["id"]), "sent": [int(state["sent"][0]), str(state["sent"][1])]}
-            except (ValueError, KeyError, IndexError, TypeError):
-                logger.warning("%s is unreadable; logging to a new W&B run", path)
-                state = {}
-        # Resuming from an older checkpoint's path starts a new trajectory, and a W&B run's history cannot be
-        # rewound: a new W&B run, given the records up to the checkpoint. A run that starts anew gets one too.
-        if state and self.cfg.train.resume != "auto" and state["sent"][0] > self.step:
-            logger.info("train.resume goes back to step %d, before the last step W&B run %s has (%d): logging "
-                        "to a new W&B run", self.step, state["id"], state["sent"][0])
-            state = {}
-        state = state or {"id": secrets.token_hex(6), "sent": [-1, ""]}  # hex: valid in any W&B run id
         log = self.cfg.logging
+        state, why_new = self._wandb_state()
+        if state and state["project"] != log.wandb_project:  # W&B would make a run of that id there, empty
+            why_new, state = f"logging.wandb_project is no longer {state['project']!r}", {}
+        if why_new:
+            logger.info("%s: logging to a new W&B run", why_new)
+        state = state or {"id": secrets.token_hex(6), "sent": [-1, ""]}  # hex: valid in any W&B run id
         try:
             run = wandb.init(project=log.wandb_project, name=log.wandb_run_name or self.output_dir.resolve().name,
                              id=state["id"], resume="allow", config=self.cfg.to_dict(), dir=str(self.output_dir),
@@ -1063,12 +1095,26 @@ class Trainer:
                               f"{log.wandb_project!r}: {type(error).__name__}: {error} (set WANDB_API_KEY or run "
                               f"`wandb login`, or WANDB_MODE=offline, or --logging.wandb=false)") from None
         self._wandb = run
-        self._wandb_id = state["id"]
-        self._wandb_sent = (state["sent"][0], _KIND_ORDER.get(state["sent"][1], -1))
-        # Online, a resumed W&B run is at the step after the last it holds, which may be past what this file says
-        # (a crash between sending a record and writing the file)
-        self._wandb_floor = int(getattr(run, "starting_step", 0) or 0)
-        self._save_wandb_state(state["sent"])
+        try:
+            if getattr(run, "disabled", False) is True:  # WANDB_MODE=disabled: no W&B run, nothing is sent
+                self._wandb = None
+                run.finish()
+                logger.info("W&B is disabled (WANDB_MODE=disabled): no W&B run")
+                self._keep_or_drop_wandb_state()
+                return
+            self._wandb_id = state["id"]
+            self._wandb_mark = list(state["sent"])  # the last record sent: [step, kind]
+            self._wandb_sent = (state["sent"][0], _KIND_ORDER.get(state["sent"][1], -1))
+            # Online, a resumed W&B run is at the step after the last it holds, which may be past what this file
+            # says (a crash before the run finished)
+            self._wandb_floor = int(getattr(run, "starting_step", 0) or 0)
+            self._save_wandb_state()  # the id, for a resume after a crash
+        except BaseException:
+            run, self._wandb = self._wandb, None
+            if run is not None:
+                with contextlib.suppress(Exception):  # (its own error is the one to report)
+                    run.finish(exit_code=1)
+            raise
         logger.info("W&B run %s (project %s)%s", state["id"], log.wandb_project,
                     f", resumed after step {state['sent'][0]}" if state["sent"][0] >= 0 else "")
 
@@ -1084,12 +1130,13 @@ class Trainer:
             self._finish_wandb(exit_code=1)
             return
         self._wandb_sent = _record_order(record)
-        self._save_wandb_state([record["step"], record["kind"]])
+        self._wandb_mark = [record["step"], record["kind"]]
 
-    def _save_wandb_state(self, sent: list) -> None:
+    def _save_wandb_state(self) -> None:
         path = self.output_dir / WANDB_STATE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"id": self._wandb_id, "sent": sent}))
+        tmp.write_text(json.dumps({"id": self._wandb_id, "project": self.cfg.logging.wandb_project,
+                                   "sent": self._wandb_mark}))
         os.replace(tmp, path)  # a crash mid-write leaves the previous file, never half of one
 
     def _finish_wandb(self, exit_code: int) -> None:
@@ -1098,6 +1145,12 @@ class Trainer:
             run.finish(exit_code=exit_code)
         except Exception as error:  # keep close() going (and an exception on its way out, its own)
             logger.warning("W&B run could not finish cleanly: %s: %s", type(error).__name__, error)
+            return  # the mark stays where it was: a resume sends those records again
+        try:  # W&B has every record sent now: a resume sends only later ones
+            self._save_wandb_state()
+        except OSError as error:
+            logger.warning("%s could not be written (%s); a resume sends W&B records it may have already",
+                           self.output_dir / WANDB_STATE, error)
 
     def close(self) -> None:
         for sig, handler in self._previous_handlers.items():
@@ -1110,12 +1163,12 @@ class Trainer:
         if self._metrics is not None:
             self._metrics.close()
         if self._wandb is not None:
-            # Short of train.steps without a stop signal: an error or a non-finite loss ended it (W&B: failed)
-            failed = self.step < self.cfg.train.steps and not self.stop_requested
-            self._finish_wandb(exit_code=int(failed))
+            # As the process exits: 0 when train() returned (train.steps reached, or stopped by a signal), else an
+            # error ended it (a non-finite loss, an exception, also after the last step: W&B's "failed")
+            self._finish_wandb(exit_code=0 if self._completed else 1)
 
 
-# The W&B run of a run's output_dir: its id and the last record sent (step, kind).
+# The W&B run of a run's output_dir: its id, project and the last record sent (step, kind) when it last finished.
 WANDB_STATE = "wandb-run.json"
 _KIND_ORDER = {"train": 0, "val": 1}  # a step's training record is written before its evaluation's
 
