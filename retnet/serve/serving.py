@@ -179,12 +179,13 @@ class OpenAIServing:
             what = "is not a directory" if not directory.is_dir() else f"lacks {CONFIG_FILE} or {WEIGHTS_FILE}"
             raise APIError(404, f"The lora adapter path {path!r} {what} (expected peft's save_pretrained directory, "
                            "on the server)", "lora_path", "lora_adapter_not_found")
-        module = LoraModule(name, path)
+        module = LoraModule(name, str(directory))  # the snapshot found above: the hub is not asked twice
         try:
             # Reading the weights may take a while: off the event loop, which serves the other requests meanwhile.
             adapter = await asyncio.to_thread(load_adapter, module, self.engine.linears, self.settings.max_lora_rank)
         except LoraError as exc:
             raise APIError(400, str(exc), "lora_path", "invalid_lora_adapter") from None
+        adapter.path = path  # its card's root: the path or hub id as the client gave it
         # Checked again: another load of the name may have been queued while this one read its files.
         if name in self.engine.loading or (name in self.engine.adapters and not request.load_inplace):
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name",
