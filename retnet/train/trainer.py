@@ -270,7 +270,7 @@ class Trainer:
             logger.info("resuming: using the tokenizer saved in %s (data.tokenizer is only read by a run that "
                         "starts)", saved_tokenizer)
         preset_vocab = RetNetConfig.from_preset(cfg.model.preset).vocab_size
-        init_from = _init_from_dir(cfg.model.init_from)
+        init_from = self._init_from_dir()
         if init_from is not None:  # a resume reads its architecture there too (its weights: the checkpoint's)
             _check_pretrained_dir(init_from)
         self.data = build_data(
@@ -373,12 +373,18 @@ class Trainer:
         weights a resume loads from ``model.init_from`` again. On a random init they hold the whole model."""
         return self.cfg.lora.enabled and self.cfg.model.init_from is not None
 
+    def _init_from_dir(self) -> Path | None:
+        """``model.init_from``'s directory, resolved once: a hub id's snapshot is not looked up at every save."""
+        if not hasattr(self, "_init_from"):
+            self._init_from = _init_from_dir(self.cfg.model.init_from)
+        return self._init_from
+
     def _base_fingerprint(self) -> str:
         """:func:`~retnet.train.lora.base_fingerprint` of ``model.init_from``, computed once."""
         if getattr(self, "_fingerprint", None) is None:
             from retnet.train.lora import base_fingerprint
 
-            path = _init_from_dir(self.cfg.model.init_from)
+            path = self._init_from_dir()
             _check_pretrained_dir(path)  # a resume checks it here, before the data is built (a ConfigError naming it)
             self._fingerprint = base_fingerprint(path)
         return self._fingerprint
@@ -637,7 +643,7 @@ class Trainer:
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
             }
             if self.adapters_only:  # what a resume must load from init_from again under these adapters
-                trainer["lora_base"] = {"path": str(_init_from_dir(self.cfg.model.init_from).resolve()),
+                trainer["lora_base"] = {"path": str(self._init_from_dir().resolve()),
                                         "sha256": self._base_fingerprint()}
             keep_last = self.cfg.checkpoint.keep_last
             if self.sharded_checkpoints:
@@ -988,7 +994,7 @@ class Trainer:
         if self.cfg.lora.enabled:
             from retnet.train.lora import ADAPTER_DIR, export_lora
 
-            init_from = _init_from_dir(self.cfg.model.init_from)
+            init_from = self._init_from_dir()
             path = export_lora(self.output_dir / "export", config, state, self.tokenizer, self.cfg.lora,
                                self.lora_targets, init_from)
             logger.info("exported the merged model and tokenizer to %s, the LoRA adapter to %s", path,
