@@ -13,15 +13,15 @@ import os
 import re
 from pathlib import Path
 
-# What a model directory holds: config, weights (safetensors, or .bin for older checkpoints), tokenizer of any
-# kind, generation config and chat template; not the other formats a hub repository may carry (GGUF, ONNX, ...).
-MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
-               "*.bin.index.json", "tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt",
-               "added_tokens.json", "chat_template.*"]
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
-# A tokenizer alone (a pretraining run's data.tokenizer): config.json too, where AutoTokenizer may find its class.
+# A tokenizer of any kind (a pretraining run's data.tokenizer): config.json too, where AutoTokenizer may find its
+# class, and the chat template.
 TOKENIZER_FILES = ["config.json", "tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt",
                    "added_tokens.json", "chat_template.*"]
+# What a model directory holds: the tokenizer's files, the generation config and the weights (safetensors, or .bin
+# for older checkpoints); not the other formats a hub repository may carry (GGUF, ONNX, ...).
+MODEL_FILES = [*TOKENIZER_FILES, "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
+               "*.bin.index.json"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 
 # huggingface_hub's repository id: an optional namespace and a name, of word characters, '-' and '.', neither
 # starting with those two; anything else given (an absolute or relative path, '~') is a path only.
