@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,10 @@ PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_LAYOUTS = ("auto", "full", "sharded")
 DATA_FORMATS = ("text", "chat")
+# What a data.mixture source may set for itself; every other data setting is the [data] section's, for each source.
+MIXTURE_SOURCE_KEYS = ("dataset", "weight", "name", "split", "text_field", "messages_field")
+# A source's label names its metrics (val_loss.<label>) in metrics.jsonl, TensorBoard and W&B.
+_MIXTURE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 # Every nn.Linear of a decoder layer, retention then FFN (g_proj without use_output_gate and gate_proj without
 # ffn_glu do not exist): what LoRA may adapt, and by default does.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -151,6 +157,11 @@ class DataConfig(_Section):
     each row's ``messages_field`` is a conversation, a list of ``{"role", "content"}`` messages, rendered with
     the tokenizer's chat template; with ``assistant_only_loss`` only the assistant messages' tokens are
     targets, see ``retnet.train.chat``).
+
+    ``mixture``: several datasets blended by weight (``retnet.train.mixture``), label -> ``{dataset = "...",
+    weight = 0.3}`` with optional ``name``, ``split``, ``text_field``, ``messages_field`` of its own (else the
+    section's), or a bare weight, meaning ``{dataset = <label>, weight = <weight>}``. Every other setting
+    applies to each source. ``dataset`` is then left at its default.
     """
 
     dataset: str = "stdlib"
@@ -171,8 +182,11 @@ class DataConfig(_Section):
     val_fraction: float = 0.02  # of the documents (non-streaming); held out before the tokenizer is trained
     val_documents: int = 200  # streaming: the first N documents are the validation split
     cache_dir: str = ""  # "" = $XDG_CACHE_HOME/retnet/train (or ~/.cache/retnet/train)
+    mixture: dict = field(default_factory=dict)  # label -> {dataset, weight, ...} or a bare weight
 
     def __post_init__(self) -> None:
+        if self.mixture:
+            self.mixture = self._checked_mixture()
         if not self.dataset:
             _refuse("data.dataset", "must name 'stdlib', a local path or a hub dataset", self.dataset)
         _positive("data", self, "seq_len", "tokenizer_train_chars")
@@ -189,9 +203,74 @@ class DataConfig(_Section):
         if self.format == "chat":
             if not self.messages_field:
                 _refuse("data.messages_field", "must name the column of the conversations", self.messages_field)
-            if self.dataset == "stdlib":
-                _refuse("data.dataset", "must hold conversations with data.format 'chat' (rows of JSON/JSONL/Parquet "
-                        "files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text", self.dataset)
+            for key, dataset in self._datasets():
+                if dataset == "stdlib":
+                    _refuse(key, "must hold conversations with data.format 'chat' (rows of JSON/JSONL/Parquet "
+                            "files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text", dataset)
+        if self.streaming and self.mixture:
+            for key, dataset in self._datasets():
+                if dataset == "stdlib":  # build_data's refusal would name data.streaming, not the source
+                    _refuse(key, "cannot be 'stdlib' with data.streaming (the stdlib corpus is not streamed)", dataset)
+
+    def _datasets(self) -> list[tuple[str, str]]:
+        """(the setting's name, the dataset) of each dataset read: ``data.dataset`` or each mixture source's."""
+        if not self.mixture:
+            return [("data.dataset", self.dataset)]
+        return [(f"data.mixture.{label}.dataset", source["dataset"]) for label, source in self.mixture.items()]
+
+    def _checked_mixture(self) -> dict[str, dict[str, Any]]:
+        """``mixture`` with every source as a table (a bare weight as ``{dataset = label, weight = ...}``),
+        or a ConfigError naming the source's key."""
+        default = next(f.default for f in dataclasses.fields(DataConfig) if f.name == "dataset")
+        if self.dataset != default:
+            raise ConfigError(f"data.dataset and data.mixture cannot both be set: a mixture names each source's "
+                              f"dataset (data.mixture.<label>.dataset); got data.dataset {self.dataset!r} and "
+                              f"data.mixture with {sorted(self.mixture)}")
+        tables = {}
+        for label, source in self.mixture.items():
+            key = f"data.mixture.{label}"
+            if not isinstance(label, str) or not _MIXTURE_LABEL.fullmatch(label):
+                _refuse(key, "must be labelled with letters, digits, '_', '-' and '.' only (the label names the "
+                        "source's metrics, val_loss.<label>)", label)
+            owner, _, part = label.rpartition(".")
+            if owner in self.mixture and part in MIXTURE_SOURCE_KEYS:
+                # --data.mixture.code.weight=0.5 arrives as a source labelled "code.weight" (an override sets one
+                # key of the table), not as code's weight
+                _refuse(key, f"looks like the {part!r} of source {owner!r}; set that source whole: "
+                        f"--data.mixture.{owner}='{{dataset=\"...\", weight=...}}'", source)
+            if not isinstance(source, dict):
+                source = {"dataset": label, "weight": source}
+            unknown = sorted(set(source) - set(MIXTURE_SOURCE_KEYS))
+            if unknown:
+                _refuse(key, f"has unknown keys {unknown}; a source may set {list(MIXTURE_SOURCE_KEYS)} (every other "
+                        f"data setting is the [data] section's, for each source)", source)
+            if not source.get("dataset") or not isinstance(source["dataset"], str):
+                _refuse(f"{key}.dataset", "must name the source's dataset ('stdlib', a local path or a hub dataset)",
+                        source.get("dataset"))
+            weight = source.get("weight")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+                _refuse(f"{key}.weight", "must be a number > 0 (the weights are normalized to shares)", weight)
+            for name in ("name", "split", "text_field", "messages_field"):  # name may be absent, not empty
+                if name in source and (not isinstance(source[name], str) or not source[name]):
+                    _refuse(f"{key}.{name}", "must be a non-empty string", source[name])
+            tables[label] = dict(source)
+        return tables
+
+    def sources(self) -> list[tuple[str, Fraction, DataConfig]]:
+        """The mixture's sources in order, as (label, share, the data settings it is read with: this section's
+        with the source's own dataset, name, split and fields); the shares sum to 1. Empty without a mixture."""
+        shares = mixture_shares(self.mixture)
+        return [(label, shares[label],
+                 dataclasses.replace(self, mixture={}, **{k: v for k, v in source.items() if k != "weight"}))
+                for label, source in self.mixture.items()]
+
+
+def mixture_shares(mixture: dict[str, dict[str, Any]]) -> dict[str, Fraction]:
+    """Each source's weight over their sum, exactly: the weights as written (0.3 is 3/10, not the nearest
+    binary float), so 1 and 2 blend as 0.5 and 1 do, and a resume compares them without rounding."""
+    weights = {label: Fraction(str(source["weight"])) for label, source in mixture.items()}
+    total = sum(weights.values())
+    return {label: weight / total for label, weight in weights.items()}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -410,7 +489,8 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
     training choice, like the learning rate). ``data.streaming`` is left to the trainer, which refuses it from
     the checkpoint's data state. Tokenizer settings count only where the resume cannot use the tokenizer
     saved in its output_dir (``tokenizer_reused`` false); otherwise they are not read. Settings a checkpoint
-    from an older version does not hold are skipped."""
+    from an older version does not hold are skipped. ``data.mixture`` is compared source by source: its
+    datasets, their own fields and their shares."""
     streaming = current.data.streaming
     # A checkpoint from before data.format trained on text. The field read is the format's own.
     was = saved.get("data", {}).get("format", "text")
@@ -432,6 +512,34 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
         old, new = saved[section][name], now[section][name]
         if old != new:
             changes.append(f"{key}: checkpoint {old!r}, now {new!r}")
+    return changes + _mixture_changes(saved.get("data", {}), current.data)
+
+
+def _mixture_changes(saved: dict[str, Any], current: DataConfig) -> list[str]:
+    """data_changes of ``data.mixture``: each source's dataset, name, split and field (its own, else its
+    section's) and share. A checkpoint from before mixtures has none."""
+    before, now = saved.get("mixture") or {}, current.mixture
+    if bool(before) != bool(now):
+        return [f"data.mixture: checkpoint {sorted(before) or 'none'}, now {sorted(now) or 'none'}"]
+    fields = ["dataset", "name", "split", "messages_field" if current.format == "chat" else "text_field"]
+
+    def resolved(mixture: dict, section: dict) -> dict[str, dict[str, Any]]:
+        shares = mixture_shares(mixture)
+        return {label: {**{name: source.get(name, section.get(name)) for name in fields},
+                        "weight": (source["weight"], shares[label])} for label, source in mixture.items()}
+
+    old, new = resolved(before, saved), resolved(now, current.to_dict())
+    changes = [f"data.mixture.{label}: checkpoint {'absent' if label not in old else old[label]['dataset']!r}, "
+               f"now {'absent' if label not in new else new[label]['dataset']!r}"
+               for label in sorted(set(old) ^ set(new))]
+    for label in [label for label in new if label in old]:
+        for name, value in new[label].items():
+            was = old[label][name]
+            if name == "weight" and was[1] != value[1]:  # the shares: 1 and 2 is 2 and 4
+                changes.append(f"data.mixture.{label}.weight: checkpoint {was[0]!r} ({float(was[1]):.1%}), "
+                               f"now {value[0]!r} ({float(value[1]):.1%})")
+            elif name != "weight" and was != value:
+                changes.append(f"data.mixture.{label}.{name}: checkpoint {was!r}, now {value!r}")
     return changes
 
 
@@ -652,5 +760,5 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 __all__ = [
     "LORA_TARGETS", "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig", "LoraConfig",
     "ModelConfig", "OptimConfig", "TrainConfig", "build_config", "data_changes", "load_config", "lora_changes",
-    "model_changes", "parse_overrides", "preset_names",
+    "mixture_shares", "model_changes", "parse_overrides", "preset_names",
 ]

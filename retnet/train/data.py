@@ -946,12 +946,20 @@ class StreamingChatData(StreamingData):
 # ----------------------------------------------------------------------------------------------------------
 def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int, global_batch: int, rank: int,
                local_rank: int, world_size: int, tokenizer_dir: Path | None, barrier: Callable[[], None],
-               hub_fingerprint: str | None = None):
+               hub_fingerprint: str | dict[str, str | None] | None = None):
     """The training data for this rank. Local rank 0 of each node prepares the caches (tokenizer, token
     arrays), the others wait at ``barrier`` and then read them. ``tokenizer_dir`` overrides
     ``cfg.tokenizer`` (a resumed run reuses the tokenizer it saved). ``hub_fingerprint``: that of the hub data
     a resumed run's checkpoint was trained on (the data's ``hub_fingerprint``), so the resume reads the same
-    data or is refused, and finds its caches without loading the set."""
+    data or is refused, and finds its caches without loading the set. A ``data.mixture`` is built source by
+    source through this function (:func:`~retnet.train.mixture.build_mixture`; ``hub_fingerprint`` then maps
+    each source's label to its own)."""
+    if cfg.mixture:
+        from retnet.train.mixture import build_mixture
+
+        return build_mixture(cfg, vocab_size=vocab_size, seed=seed, micro_batch=micro_batch,
+                             global_batch=global_batch, rank=rank, local_rank=local_rank, world_size=world_size,
+                             tokenizer_dir=tokenizer_dir, barrier=barrier, hub_fingerprint=hub_fingerprint)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if local_rank == 0:
         _remove_abandoned_temp_dirs(cache_dir)

@@ -874,27 +874,34 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over ``train.eval_blocks`` validation blocks (all ranks); for chat data, the mean
-        over their target tokens."""
+        over their target tokens. A data mixture's sources are also measured one by one (``val_loss.<label>``
+        in the record); ``val_loss`` pools their blocks."""
         self.model.eval()
-        total, count = torch.zeros((), device=self.device), 0
-        for batch in self.data.val_batches(self.cfg.train.eval_blocks):
-            if self.data.masked:  # chat: the summed loss of the targets, and their count
-                tokens, flags = (t.to(self.device) for t in batch)
-                with self.autocast:
-                    total += self._loss(tokens, flags, num_items=1).float()
-                count += target_count(batch.flags.numpy())
-                continue
-            batch = batch.to(self.device)
-            with self.autocast:  # blocks have equal lengths: the mean of block means is the token mean
-                total += self._loss(batch).float() * len(batch)
-            count += len(batch)
-        stats = torch.stack([total, torch.tensor(float(count), device=self.device)])
+        eval_blocks = self.cfg.train.eval_blocks
+        groups = self.data.val_groups(eval_blocks) if hasattr(self.data, "val_groups") else \
+            {"": self.data.val_batches(eval_blocks)}
+        stats = torch.zeros(len(groups), 2, device=self.device)  # per group: the summed loss, the count
+        for group, batches in enumerate(groups.values()):
+            for batch in batches:
+                if self.data.masked:  # chat: the summed loss of the targets, and their count
+                    tokens, flags = (t.to(self.device) for t in batch)
+                    with self.autocast:
+                        stats[group, 0] += self._loss(tokens, flags, num_items=1).float()
+                    stats[group, 1] += target_count(batch.flags.numpy())
+                    continue
+                batch = batch.to(self.device)
+                with self.autocast:  # blocks have equal lengths: the mean of block means is the token mean
+                    stats[group, 0] += self._loss(batch).float() * len(batch)
+                stats[group, 1] += len(batch)
         if _distributed():
-            dist.all_reduce(stats)
+            dist.all_reduce(stats)  # every group in one collective
         self.model.train()
-        val_loss = (stats[0] / stats[1]).item()
+        pooled = stats.sum(dim=0)
+        val_loss = (pooled[0] / pooled[1]).item()
+        per_source = {f"val_loss.{label}": loss
+                      for label, loss in zip(groups, (stats[:, 0] / stats[:, 1]).tolist(), strict=True) if label}
         self._log({"kind": "val", "step": self.step, "val_loss": val_loss,
-                   "val_ppl": math.exp(min(val_loss, 50.0))})
+                   "val_ppl": math.exp(min(val_loss, 50.0)), **per_source})
         if self._progress is None and self.is_main:
             logger.info("step %d: val loss %.4f, ppl %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
         return val_loss
