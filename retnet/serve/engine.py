@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +34,14 @@ from retnet.model import RetNetCache
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
 from retnet.serve.lora import (
     LoraAdapter,
+    LoraChanged,
     LoraSlots,
     install,
     install_adapter,
     linear_modules,
     load_adapter,
     meta_model,
+    read_again,
     uninstall_adapter,
 )
 from retnet.serve.metrics import ServeMetrics
@@ -93,7 +95,13 @@ class SeqOutput:
 
 @dataclass(slots=True)
 class EngineFailure:
+    """The request cannot be answered: the engine died (the default), or only this request failed (an evicted
+    LoRA adapter that could not be read again), answered with ``status`` and ``code``."""
+
     message: str
+    status: int = 503
+    code: str = "engine_failure"
+    param: str | None = None
 
 
 class RequestHandle:
@@ -233,9 +241,17 @@ class Engine:
         # Adapters to install at the scheduler's next iteration, between two forwards, each with the event loop and
         # future to publish it on: (adapter, loop, future); guarded by cond.
         self.lora_installs: list[tuple[LoraAdapter, asyncio.AbstractEventLoop, asyncio.Future]] = []
-        # Slots no longer served (unloaded or replaced), by the name they had, whose matrices are freed once no
-        # request accepted under them is left; guarded by cond.
-        self.retiring: dict[int, str] = {}
+        # Slots no longer served (unloaded or replaced), with the adapter they held, whose matrices are freed once
+        # no request accepted under them is left; guarded by cond.
+        self.retiring: dict[int, LoraAdapter] = {}
+        # The adapters whose matrices are installed in the model, by slot, least recently admitted first: with
+        # --max-cpu-loras, the others are read again when a request needs them (_loaded), evicting the first idle
+        # one. ``rereading``: the slots being read on a worker thread, each holding a place among the
+        # max_cpu_loras; ``reread``: their results, (adapter, the adapter read or the error), for the scheduler to
+        # install. Guarded by cond.
+        self.resident: OrderedDict[int, LoraAdapter] = OrderedDict()
+        self.rereading: set[int] = set()
+        self.reread: list[tuple[LoraAdapter, LoraAdapter | Exception]] = []
         self.accepting = True
         self.stopping = False
         self.ready = False
@@ -278,10 +294,16 @@ class Engine:
         self.metrics.engine_ready.set(0)
 
     def _read_adapters(self) -> list[LoraAdapter]:
-        modules = self.settings.lora
-        if not modules:
-            return []
-        return [load_adapter(module, self.linears, self.settings.max_lora_rank) for module in modules]
+        """Every --lora-modules adapter, read and checked; past the first --max-cpu-loras, only its name, path and
+        fingerprint are kept (it is read again when a request names it)."""
+        adapters = []
+        for module in self.settings.lora:
+            adapter = load_adapter(module, self.linears, self.settings.max_lora_rank)
+            if self.settings.max_cpu_loras is not None and len(adapters) >= self.settings.max_cpu_loras:
+                adapter.weights.clear()
+                adapter.magnitudes.clear()
+            adapters.append(adapter)
+        return adapters
 
     # -- LoRA adapters at runtime (vLLM's /v1/load_lora_adapter; event-loop thread) ----------------------------------
     def add_adapter(self, adapter: LoraAdapter) -> asyncio.Future:
@@ -319,7 +341,7 @@ class Engine:
 
     def _retire(self, adapter: LoraAdapter) -> None:
         with self.cond:
-            self.retiring[adapter.slot] = adapter.name
+            self.retiring[adapter.slot] = adapter
             self.cond.notify_all()
 
     def _publish(self, adapter: LoraAdapter, done: asyncio.Future) -> None:
@@ -409,10 +431,12 @@ class Engine:
             self.model = AutoModelForCausalLM.from_pretrained(self.settings.model, dtype=getattr(torch, dtype))
         self.model = self.model.to(self.device).eval()
         if self.adapters:
-            adapters = list(self.adapters.values())
+            adapters = list(self.adapters.values())[: self.settings.max_cpu_loras]  # None: all of them
             self.lora = install(self.model, adapters, self.device, next(self.model.parameters()).dtype)
             for adapter in adapters:
                 adapter.weights.clear()  # the installed copies (on the GPU, in the model's dtype) are the ones used
+                self.resident[adapter.slot] = adapter
+            self.metrics.lora_adapters_loaded.set(len(self.resident))
 
     def _adapters_for(self, slots: list[int], counts: list[int] | None = None):
         """The context to run a forward in whose rows (or packed sequences of ``counts`` tokens) run under LoRA
@@ -424,7 +448,7 @@ class Engine:
     def _iteration(self) -> bool:
         with self.cond:
             while not (self.waiting or self.prefilling or self.running or self.joining or self.stopping
-                       or self.lora_installs or self.retiring):
+                       or self.lora_installs or self.retiring or self.reread):
                 self.cond.wait(timeout=1.0)
             if self.stopping:
                 return False
@@ -432,10 +456,15 @@ class Engine:
             busy = len(self.running) + len(self.joining) + sum(g.n for g in self.prefilling)
             active = self._active_adapters()
             max_loras = self.settings.max_loras  # None: no limit
+            bounded = self.settings.max_cpu_loras is not None
             while self.waiting and busy + self.waiting[0].n <= self.settings.max_running:
                 slot = self.waiting[0].adapter
                 if slot and slot not in active and max_loras is not None and len(active) >= max_loras:
                     break  # --max-loras: it waits (in order) until an adapter leaves the batch
+                if slot and bounded and not self._loaded(slot, active):
+                    if self.waiting and self.waiting[0].adapter != slot:
+                        continue  # its adapter cannot be served (_loaded failed its requests): the next one
+                    break  # --max-cpu-loras: it waits (in order) while its adapter is read again, or a place frees
                 if slot:
                     active.add(slot)
                 group = self.waiting.popleft()
@@ -444,8 +473,14 @@ class Engine:
             self.metrics.queue_depth.set(sum(g.n for g in self.waiting))
             installs, self.lora_installs = self.lora_installs, []
             freed = self._unused_retired() if self.retiring else []
-        if installs or freed:
-            self._change_adapters(installs, freed)
+            reread, self.reread = self.reread, []
+            if self.rereading and not (self.prefilling or self.running or self.joining or installs or freed
+                                       or reread):
+                # Only a request waiting for its adapter's read is left: sleep until the read ends (or a request
+                # arrives) rather than spin on the waiting queue.
+                self.cond.wait(timeout=0.1)
+        if installs or freed or reread:
+            self._change_adapters(installs, freed, reread)
         self._prefill()
         self._rebuild_batch()
         self.metrics.running.set(len(self.running))
@@ -458,38 +493,163 @@ class Engine:
         """The retiring ``(slot, name)`` no request is left under (waiting, prefilling, running or joining),
         taken out of ``retiring``; called under cond."""
         used = self._active_adapters() | {g.adapter for g in self.waiting}
-        freed = [(slot, name) for slot, name in self.retiring.items() if slot not in used]
+        freed = [(slot, adapter.name) for slot, adapter in self.retiring.items() if slot not in used]
         for slot, _ in freed:
             del self.retiring[slot]
         return freed
 
     def _change_adapters(self, installs: list[tuple[LoraAdapter, asyncio.AbstractEventLoop, asyncio.Future]],
-                         freed: list[tuple[int, str]]) -> None:
-        """Install the adapters queued and free the retired slots unused: between two forwards, on the thread
-        that runs them, so no forward sees a module half wrapped or an adapter half installed."""
+                         freed: list[tuple[int, str]],
+                         reread: list[tuple[LoraAdapter, LoraAdapter | Exception]] = ()) -> None:
+        """Install the adapters read again (--max-cpu-loras) and those queued, and free the retired slots unused:
+        between two forwards, on the thread that runs them, so no forward sees a module half wrapped or an adapter
+        half installed."""
         dtype = next(self.model.parameters()).dtype
+        for adapter, result in reread:
+            self._reinstall(adapter, result, dtype)
         for adapter, loop, done in installs:
+            # --max-cpu-loras counts it: it takes an idle adapter's place, or, every place in use, is served as
+            # an evicted one (read again from its directory when a request needs it).
+            kept = self._make_room()
             try:
-                if self.lora is None:  # the first adapter of a server started without: forwards set slots from now
-                    self.lora = LoraSlots(self.device)
-                install_adapter(self.model, self.lora, adapter, dtype)
+                if kept:
+                    self._install(adapter, dtype)
             except Exception as exc:  # out of device memory: the adapter is not served, everything else goes on
                 logger.exception("LoRA adapter %r could not be installed", adapter.name)
                 with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting
                     loop.call_soon_threadsafe(self._install_failed, adapter, done, exc)
                 continue
             adapter.weights.clear()
-            logger.info("LoRA adapter %r loaded from %s (slot %d)", adapter.name, adapter.path, adapter.slot)
+            if kept:
+                logger.info("LoRA adapter %r loaded from %s (slot %d)", adapter.name, adapter.path, adapter.slot)
+            else:
+                adapter.magnitudes.clear()
+                logger.info("LoRA adapter %r registered from %s (slot %d), not kept loaded: the %d loaded adapters "
+                            "(--max-cpu-loras) are all in use", adapter.name, adapter.path, adapter.slot,
+                            len(self.resident))
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._publish, adapter, done)
         for slot, name in freed:
             uninstall_adapter(self.model, slot)
+            with self.cond:
+                self.resident.pop(slot, None)
+            self.metrics.lora_adapters_loaded.set(len(self.resident))
             self.prefix_cache.drop_adapter(slot)
             self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
             self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
             dropped = self.sessions.drop_adapter(slot)
             self.metrics.sessions.set(len(self.sessions))
             logger.info("LoRA adapter %r unloaded (slot %d; %d sessions dropped)", name, slot, dropped)
+
+    def _install(self, adapter: LoraAdapter, dtype: torch.dtype) -> None:
+        """Install ``adapter`` under its slot (its matrices read), as the most recently used."""
+        if self.lora is None:  # the first adapter of a server started without: forwards set slots from now
+            self.lora = LoraSlots(self.device)
+        install_adapter(self.model, self.lora, adapter, dtype)
+        with self.cond:
+            self.resident[adapter.slot] = adapter
+        self.metrics.lora_adapters_loaded.set(len(self.resident))
+
+    # -- --max-cpu-loras: evicted adapters read again on demand (scheduler thread) ----------------------------------
+    def _loaded(self, slot: int, active: set[int]) -> bool:
+        """Whether adapter ``slot`` is installed, so that a request of it may be admitted; if not, its read is
+        started (once) on a worker thread when a place is free or an idle adapter can be evicted for it. ``active``:
+        the slots of the sequences admitted. Under cond."""
+        if slot in self.resident:
+            self.resident.move_to_end(slot)
+            return True
+        if slot in self.rereading:
+            return False
+        adapter = next((a for a in self.adapters.values() if a.slot == slot), None) or self.retiring.get(slot)
+        if adapter is None:  # freed: cannot happen while a request of it waits (_unused_retired); not served wrong
+            self._fail_waiting(slot, EngineFailure(f"LoRA slot {slot} is not served any more", 500,
+                                                   "lora_reload_failed", "model"))
+            return False
+        if not self._make_room(active):
+            return False  # every loaded adapter is in use: it waits until a request leaves
+        self.rereading.add(slot)
+        threading.Thread(target=self._read_again, args=(adapter,), name=f"retnet-lora-read-{slot}",
+                         daemon=True).start()
+        return False
+
+    def _make_room(self, active: set[int] | None = None) -> bool:
+        """Whether another adapter may be installed under --max-cpu-loras, evicting the least recently used idle
+        one if need be. Idle: no sequence admitted uses it (``active``; None: those running now); of those, one no
+        waiting request names goes first, though a waiting one's may go too: requests are admitted in order, so
+        the head of the queue keeping a place for a request behind it would wait forever."""
+        bound = self.settings.max_cpu_loras
+        with self.cond:
+            if bound is None or len(self.resident) + len(self.rereading) < bound:
+                return True
+            busy = self._active_adapters() if active is None else active
+            idle = [slot for slot in self.resident if slot not in busy]
+            if not idle:
+                return False
+            wanted = {g.adapter for g in self.waiting}
+            victim = next((slot for slot in idle if slot not in wanted), idle[0])
+            adapter = self.resident.pop(victim)
+        uninstall_adapter(self.model, victim)
+        adapter.magnitudes.clear()  # read again with its matrices; its slot keeps its cache entries and sessions
+        self.metrics.lora_evictions.inc()
+        self.metrics.lora_adapters_loaded.set(len(self.resident))
+        logger.info("LoRA adapter %r evicted (slot %d; --max-cpu-loras %d)", adapter.name, victim, bound)
+        return True
+
+    def _read_again(self, adapter: LoraAdapter) -> None:
+        """On a worker thread: read an evicted adapter's files (checked to be those first read) for the scheduler
+        to install, neither it nor the event loop waiting on the disk."""
+        try:
+            result: LoraAdapter | Exception = read_again(adapter, self.linears, self.settings.max_lora_rank)
+        except Exception as exc:  # a directory gone, a file truncated or changed: only its requests fail
+            result = exc
+        with self.cond:
+            self.reread.append((adapter, result))
+            self.cond.notify_all()
+
+    def _reinstall(self, adapter: LoraAdapter, result: LoraAdapter | Exception, dtype: torch.dtype) -> None:
+        """Install an adapter read again under its own slot, or fail the requests waiting for it."""
+        slot = adapter.slot
+        with self.cond:
+            self.rereading.discard(slot)
+            served = slot in self.retiring or any(a.slot == slot for a in self.adapters.values())
+        if not served:
+            return  # freed while it was read: no request is left for it
+        if isinstance(result, LoraAdapter):
+            try:
+                self._install(result, dtype)
+            except Exception as exc:  # out of device memory
+                logger.exception("LoRA adapter %r could not be installed again", adapter.name)
+                result = exc
+            else:
+                result.weights.clear()
+                with self.cond:
+                    self.resident[slot] = adapter  # the adapter served, not the copy read
+                self.metrics.lora_reloads.labels("ok").inc()
+                logger.info("LoRA adapter %r read again from %s (slot %d)", adapter.name, adapter.directory, slot)
+                return
+        changed = isinstance(result, LoraChanged)
+        self.metrics.lora_reloads.labels("changed" if changed else "failed").inc()
+        logger.error("LoRA adapter %r (slot %d) could not be loaded again; its waiting requests fail: %s",
+                     adapter.name, slot, result)
+        message = str(result) if isinstance(result, ValueError) else \
+            f"LoRA adapter {adapter.name!r} could not be loaded again: {type(result).__name__}: {result}"
+        self._fail_waiting(slot, EngineFailure(message, 500, "lora_adapter_changed" if changed
+                                               else "lora_reload_failed", "model"))
+
+    def _fail_waiting(self, slot: int, failure: EngineFailure) -> None:
+        """End every waiting request of adapter ``slot`` with ``failure``; the others go on."""
+        with self.cond:
+            failed = [g for g in self.waiting if g.adapter == slot]
+            if not failed:
+                return
+            self.waiting = deque(g for g in self.waiting if g.adapter != slot)
+            for group in failed:
+                self.in_system -= group.n
+                if group.session_id is not None:
+                    self.sessions.release(group.session_id)  # left as it was
+            self.metrics.queue_depth.set(sum(g.n for g in self.waiting))
+        for handle in {id(g.handle): g.handle for g in failed}.values():
+            handle.emit(failure)
 
     def _active_adapters(self) -> set[int]:
         """The LoRA adapters of the sequences running, joining or being prefilled (the base, 0, not counted)."""

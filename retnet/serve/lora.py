@@ -21,6 +21,10 @@ Adapters may also come and go while the server runs (vLLM's ``/v1/load_lora_adap
 adds one under a slot number never used before, wrapping the Linear layers no adapter wrapped yet, and
 :func:`uninstall_adapter` drops a slot's matrices; both are called by the thread that runs the forwards, between
 two of them.
+
+A server bounding the adapters it holds (``--max-cpu-loras``) drops an idle adapter's matrices
+(:func:`uninstall_adapter`) and reads it again from its directory when a request needs it (:func:`read_again`),
+under the same slot, provided its files are the ones first read (:func:`files_fingerprint`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -70,10 +75,18 @@ class LoraAdapter:
     # Its LoraSlots number, given by the engine (0 until then). Never reused after an unload: prefix-cache entries
     # and sessions keyed by a slot then cannot be taken up by a later adapter of the same name.
     slot: int = 0
+    # The directory its files were read from (a hub id's snapshot), and their files_fingerprint then: an adapter
+    # evicted under --max-cpu-loras is read again from there, and only if the files are still those.
+    directory: str = ""
+    fingerprint: tuple[int, ...] = ()
 
 
 class LoraError(ValueError):
     """An adapter this server cannot serve; the message names the adapter and the field."""
+
+
+class LoraChanged(LoraError):
+    """An evicted adapter's files are not the ones its slot was first read from (:func:`read_again`)."""
 
 
 def parse_lora_modules(value) -> list[LoraModule]:
@@ -127,6 +140,10 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
         raise LoraError(f"LoRA adapter {module.name!r}: {exc}") from None
     if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
         raise LoraError(f"{where}: expected peft's {CONFIG_FILE} and {WEIGHTS_FILE} in the directory")
+    try:  # before reading: a file replaced during the read then differs from it at the next read_again
+        fingerprint = files_fingerprint(root)
+    except OSError as exc:
+        raise LoraError(f"{where}: its files could not be read: {exc}") from exc
     try:
         config = json.loads((root / CONFIG_FILE).read_text())
     except (OSError, ValueError) as exc:
@@ -148,7 +165,8 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
     if not parts:
         raise LoraError(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    adapter = LoraAdapter(module.name, module.path, module.base_model_name, 0)
+    adapter = LoraAdapter(module.name, module.path, module.base_model_name, 0, directory=str(root),
+                          fingerprint=fingerprint)
     for name, pair in sorted(parts.items()):
         if name.split(".")[-1] in _NOT_PER_TOKEN:
             raise LoraError(f"{where}: target_modules: {name!r} is not supported (only the layers' Linear "
@@ -187,6 +205,41 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
             adapter.magnitudes[name] = magnitude.float().contiguous()
         adapter.rank = max(adapter.rank, r)
     return adapter
+
+
+def files_fingerprint(directory: str | Path) -> tuple[int, ...]:
+    """``(size, mtime_ns)`` of the adapter's config and weights files in ``directory``: cheap (two ``stat``), and
+    any rewrite of either file changes it. Raises OSError when a file is gone."""
+    out: tuple[int, ...] = ()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        stat = (Path(directory) / name).stat()
+        out += (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+def read_again(adapter: LoraAdapter, linears: dict[str, nn.Linear], max_rank: int) -> LoraAdapter:
+    """``adapter`` (evicted: its matrices freed) read again from its ``directory``, as :func:`load_adapter` does,
+    returned as a new :class:`LoraAdapter` holding the matrices. Raises :class:`LoraChanged` when its files
+    differ from those first read (its slot's cached states were computed under those), :class:`LoraError` when
+    they cannot be read or are refused (a directory gone, a file truncated)."""
+    where = f"LoRA adapter {adapter.name!r} ({adapter.directory})"
+    try:
+        now = files_fingerprint(adapter.directory)
+    except OSError as exc:
+        raise LoraError(f"{where} was evicted (--max-cpu-loras) and could not be read again: {exc}") from exc
+    if now != adapter.fingerprint:
+        raise LoraChanged(f"{where} was evicted (--max-cpu-loras) and its files have changed since it was loaded "
+                          f"(size or modification time of {CONFIG_FILE} / {WEIGHTS_FILE}); reload it with "
+                          f"/v1/load_lora_adapter and load_inplace, or restart the server, to serve the new files")
+    try:
+        fresh = load_adapter(LoraModule(adapter.name, adapter.directory, adapter.base_model_name), linears,
+                             max_rank)
+    except LoraError as exc:
+        raise LoraError(f"{exc} (read again after an eviction, --max-cpu-loras)") from exc
+    if fresh.fingerprint != adapter.fingerprint:  # rewritten between the check above and the read
+        raise LoraChanged(f"{where} was evicted (--max-cpu-loras) and its files changed while it was read again")
+    fresh.slot, fresh.path = adapter.slot, adapter.path
+    return fresh
 
 
 # adapter_config.json fields that, set, change the model in a way LoraLinear does not apply, and why.
@@ -385,6 +438,6 @@ def uninstall_adapter(model: nn.Module, slot: int) -> None:
             module.adapters.pop(slot, None)
 
 
-__all__ = ["LoraAdapter", "LoraError", "LoraLinear", "LoraModule", "LoraSlots", "dora_scale", "install",
-           "install_adapter", "linear_modules", "load_adapter", "meta_model", "parse_lora_modules",
-           "uninstall_adapter"]
+__all__ = ["LoraAdapter", "LoraChanged", "LoraError", "LoraLinear", "LoraModule", "LoraSlots", "dora_scale",
+           "files_fingerprint", "install", "install_adapter", "linear_modules", "load_adapter", "meta_model",
+           "parse_lora_modules", "read_again", "uninstall_adapter"]

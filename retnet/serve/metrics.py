@@ -42,6 +42,13 @@ class ServeMetrics:
         self.sessions = Gauge("retnet_sessions", "saved sessions", registry=r)
         self.lora_adapters = Gauge("retnet_lora_adapters", "LoRA adapters served (--lora-modules and those loaded "
                                    "at runtime)", registry=r)
+        self.lora_adapters_loaded = Gauge("retnet_lora_adapters_loaded", "LoRA adapters whose matrices are installed "
+                                          "in the model; the others served are read again when a request needs "
+                                          "them (--max-cpu-loras)", registry=r)
+        self.lora_reloads = Counter("retnet_lora_reloads", "evicted LoRA adapters read again from their directory "
+                                    "(--max-cpu-loras), by outcome: ok, failed, changed", ["outcome"], registry=r)
+        self.lora_evictions = Counter("retnet_lora_evictions", "LoRA adapters evicted to make room "
+                                      "(--max-cpu-loras)", registry=r)
         self.engine_ready = Gauge("retnet_engine_ready", "1 while the engine serves", registry=r)
         self.ttft = Histogram("retnet_time_to_first_token_seconds", "arrival to first token", buckets=LATENCY_BUCKETS,
                               registry=r)

@@ -900,7 +900,7 @@ class OpenAIServing:
         while remaining:
             item = await handle.queue.get()
             if isinstance(item, EngineFailure):
-                raise APIError(503, item.message, None, "engine_failure", type="server_error")
+                raise _failure_error(item)
             for out in item:
                 if out.finish_reason is not None:
                     remaining -= 1
@@ -921,7 +921,7 @@ class OpenAIServing:
                 except asyncio.TimeoutError:
                     item = None
                 if isinstance(item, EngineFailure):
-                    raise APIError(503, item.message, None, "engine_failure", type="server_error")
+                    raise _failure_error(item)
                 for out in item or ():
                     per_choice[out.index].append(out)
                     remaining -= out.finish_reason is not None
@@ -1007,6 +1007,12 @@ class EngineStreamingResponse(StreamingResponse):
             # Close the body now (not when collected), so the generators under it end here.
             with contextlib.suppress(RuntimeError):
                 await self.body_iterator.aclose()
+
+
+def _failure_error(failure: EngineFailure) -> APIError:
+    """The error a request the engine could not answer gets: 503 when the engine died, else the failure's own
+    (an evicted LoRA adapter that could not be read again: 500)."""
+    return APIError(failure.status, failure.message, failure.param, failure.code, type="server_error")
 
 
 def _continues(session: Session | None) -> bool:

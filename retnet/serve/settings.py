@@ -95,6 +95,11 @@ class ServeSettings(BaseSettings):
         None, ge=1, description="distinct adapters running at once (vLLM's --max-loras); requests of another wait; "
         "none: every adapter loaded"
     )
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="adapters held loaded at once (vLLM's --max-cpu-loras); the others stay served and "
+        "are read again from their directory when a request names them, the least recently used idle one evicted "
+        "to make room; at least max_loras; none: every adapter stays loaded"
+    )
     max_lora_rank: int = Field(16, ge=1, description="an adapter of a larger rank is refused, at startup or by "
                                "/v1/load_lora_adapter (vLLM's --max-lora-rank)")
     enable_lora: bool = Field(False, description="vLLM's flag, accepted so its command lines run: adapters are "
@@ -191,6 +196,15 @@ class ServeSettings(BaseSettings):
             self.default_max_tokens = self.max_tokens_limit
             # Still the default, lowered: a model's generation config may set it (resolve_max_tokens).
             self.__pydantic_fields_set__.discard("default_max_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_a_batch(self):
+        # vLLM's rule: the adapters of one batch (max_loras) must all be loaded at once.
+        if self.max_cpu_loras is not None and self.max_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras (--max-cpu-loras) must be >= max_loras (--max-loras, {self.max_loras}): "
+                             f"the adapters of one batch are all loaded at once; got max_cpu_loras = "
+                             f"{self.max_cpu_loras}")
         return self
 
     @model_validator(mode="after")
