@@ -32,6 +32,7 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport (same API)
     import tomli as tomllib
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")
 PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_LAYOUTS = ("auto", "full", "sharded")
@@ -221,6 +222,9 @@ class DataConfig(_Section):
     def _checked_mixture(self) -> dict[str, dict[str, Any]]:
         """``mixture`` with every source as a table (a bare weight as ``{dataset = label, weight = ...}``),
         or a ConfigError naming the source's key."""
+        if not isinstance(self.mixture, dict):
+            _refuse("data.mixture", "must be a table of sources, label -> {dataset = \"...\", weight = ...} or a "
+                    "bare weight", self.mixture)
         default = next(f.default for f in dataclasses.fields(DataConfig) if f.name == "dataset")
         if self.dataset != default:
             raise ConfigError(f"data.dataset and data.mixture cannot both be set: a mixture names each source's "
@@ -275,9 +279,19 @@ def mixture_shares(mixture: dict[str, dict[str, Any]]) -> dict[str, Fraction]:
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig(_Section):
-    """AdamW and the learning-rate schedule: linear warmup to ``lr`` on the ``warmup_steps``-th step (at most
-    ``train.steps``), then cosine/linear decay to ``min_lr`` on the final step."""
+    """The optimizer and the learning-rate schedule: linear warmup to ``lr`` on the ``warmup_steps``-th step (at
+    most ``train.steps``), then cosine/linear decay to ``min_lr`` on the final step.
 
+    ``name``: ``"adamw"``, or ``"muon"`` (``retnet.train.muon``, torch >= 2.9): ``torch.optim.Muon`` on the 2-D
+    weight matrices of the decoder layers, AdamW on the rest (embeddings, LM head, norms, biases). Muon's peak
+    rate is ``muon_lr`` (None: ``lr``, which the default ``muon_adjust_lr="match_rms_adamw"`` makes right: it
+    scales each matrix's update to AdamW's RMS), on the same schedule (its floor ``min_lr × muon_lr / lr``);
+    its weight decay is ``weight_decay``. Refused with LoRA (``lora.rank > 0``: ``JobConfig``); under FSDP2 the
+    Newton-Schulz iteration runs on the sharded matrices as DTensors (collectives inside it, the whole matrix's
+    result). The ``muon_*`` settings are refused with ``"adamw"``.
+    """
+
+    name: str = "adamw"  # adamw | muon
     lr: float = 3e-4
     min_lr: float = 3e-5
     weight_decay: float = 0.1  # not applied to norms, biases and embeddings (see trainer.build_optimizer)
@@ -287,8 +301,15 @@ class OptimConfig(_Section):
     warmup_steps: int = 100
     schedule: str = "cosine"
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    muon_lr: float | None = None  # None = lr
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_adjust_lr: str = "match_rms_adamw"  # or "original" (Keller Jordan's; wants a muon_lr of about 0.02)
 
     def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            _refuse("optim.name", f"must be one of {OPTIMIZERS}", self.name)
+        self._check_muon()
         _positive("optim", self, "lr", "eps")
         _positive("optim", self, "min_lr", "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
         if self.min_lr > self.lr:
@@ -298,6 +319,31 @@ class OptimConfig(_Section):
                 _refuse(f"optim.{name}", "must be in [0, 1)", getattr(self, name))
         if self.schedule not in SCHEDULES:
             _refuse("optim.schedule", f"must be one of {SCHEDULES}", self.schedule)
+
+    def _check_muon(self) -> None:
+        if self.name != "muon":
+            # most likely a forgotten optim.name: that run would train with AdamW alone
+            for spec in dataclasses.fields(OptimConfig):
+                if spec.name.startswith("muon_") and getattr(self, spec.name) != spec.default:
+                    _refuse(f"optim.{spec.name}", f"is set but optim.name is {self.name!r} (Muon off); set "
+                            f"optim.name=muon", getattr(self, spec.name))
+            return
+        from retnet.train.muon import MUON_ADJUST_LR, MUON_TORCH, muon_available
+
+        if self.muon_lr is not None:
+            _positive("optim", self, "muon_lr")
+        if not 0.0 <= self.muon_momentum < 1.0:  # nan fails it too
+            _refuse("optim.muon_momentum", "must be in [0, 1)", self.muon_momentum)
+        if not 1 <= self.muon_ns_steps < 100:  # torch.optim.Muon refuses 100 or more
+            _refuse("optim.muon_ns_steps", "must be in [1, 100)", self.muon_ns_steps)
+        if self.muon_adjust_lr not in MUON_ADJUST_LR:
+            _refuse("optim.muon_adjust_lr", f"must be one of {MUON_ADJUST_LR}", self.muon_adjust_lr)
+        # Here, before the data is read and tokenized, not when the trainer builds the optimizer.
+        if not muon_available():
+            import torch
+
+            _refuse("optim.name", f"'muon' needs torch >= {MUON_TORCH} (torch.optim.Muon); this is torch "
+                    f"{torch.__version__}: upgrade torch, or use optim.name=adamw", self.name)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -457,6 +503,7 @@ class JobConfig(_Section):
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        _check_optimizer(self)
         # Here, not in OptimConfig: the bound is another section's field. The warmup's last step is the one at
         # optim.lr, so a warmup of more steps than the run has would end below it.
         if self.optim.warmup_steps > self.train.steps:
@@ -476,6 +523,25 @@ class JobConfig(_Section):
                     f"BPE trained when data.tokenizer is not given", self.model.vocab_size)
 
 
+def _check_optimizer(job: JobConfig) -> None:
+    """ConfigError for ``optim.name="muon"`` with a setting it does not train under, naming both."""
+    if job.optim.name != "muon":
+        return
+    if job.lora.enabled:
+        # The adapters' low-rank factors are not the hidden matrices Muon is made for (orthogonalizing B's update
+        # makes it full-rank in B's small dimension), and AdamW alone would be a silent no-op of the setting.
+        _refuse("optim.name", f"'muon' cannot be used with lora.rank {job.lora.rank} (LoRA trains low-rank "
+                "adapters, which Muon is not made for): use optim.name=adamw for LoRA", job.optim.name)
+
+
+def optim_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
+    """``optim.name`` when it differs between a checkpoint's config (``saved``, a ``JobConfig.to_dict()``; one
+    from before the setting trained with AdamW) and ``current``: the optimizer state of one is not the other's
+    (Muon keeps a momentum per matrix, AdamW two moments and a step per parameter)."""
+    old = saved.get("optim", {}).get("name", "adamw")
+    return [] if old == current.optim.name else [f"optim.name: checkpoint {old!r}, now {current.optim.name!r}"]
+
+
 def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused: bool) -> list[str]:
     """The settings that define a run's token blocks and their order which differ between a checkpoint's
     config (``saved``, a ``JobConfig.to_dict()``) and ``current``, as ``"data.seq_len: checkpoint 128, now
@@ -489,8 +555,8 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
     training choice, like the learning rate). ``data.streaming`` is left to the trainer, which refuses it from
     the checkpoint's data state. Tokenizer settings count only where the resume cannot use the tokenizer
     saved in its output_dir (``tokenizer_reused`` false); otherwise they are not read. Settings a checkpoint
-    from an older version does not hold are skipped. ``data.mixture`` is compared source by source: its
-    datasets, their own fields and their shares."""
+    from an older version does not hold are skipped. ``data.mixture`` is compared source by source: the
+    dataset, name, split and field each reads (its own or the section's), its share, and their order."""
     streaming = current.data.streaming
     # A checkpoint from before data.format trained on text. The field read is the format's own.
     was = saved.get("data", {}).get("format", "text")
@@ -504,6 +570,11 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
         keys.append("data.tokenizer")
         if not current.data.tokenizer:  # a BPE is trained (also for ""): its size and sample decide the tokens
             keys += ["data.tokenizer_train_chars", "model.vocab_size"]
+    if current.data.mixture and saved.get("data", {}).get("mixture"):
+        # What each source reads (its own dataset, name, split and field, else the section's) is compared source
+        # by source: a section setting that every source overrides is read by none, and one that some read
+        # would be reported twice
+        keys = [key for key in keys if key.split(".")[1] not in MIXTURE_SOURCE_KEYS]
     now = current.to_dict()
     for key in keys:
         section, name = key.split(".")
@@ -517,7 +588,7 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
 
 def _mixture_changes(saved: dict[str, Any], current: DataConfig) -> list[str]:
     """data_changes of ``data.mixture``: each source's dataset, name, split and field (its own, else its
-    section's) and share. A checkpoint from before mixtures has none."""
+    section's), share and their order. A checkpoint from before mixtures has none."""
     before, now = saved.get("mixture") or {}, current.mixture
     if bool(before) != bool(now):
         return [f"data.mixture: checkpoint {sorted(before) or 'none'}, now {sorted(now) or 'none'}"]
@@ -532,6 +603,8 @@ def _mixture_changes(saved: dict[str, Any], current: DataConfig) -> list[str]:
     changes = [f"data.mixture.{label}: checkpoint {'absent' if label not in old else old[label]['dataset']!r}, "
                f"now {'absent' if label not in new else new[label]['dataset']!r}"
                for label in sorted(set(old) ^ set(new))]
+    if set(old) == set(new) and list(old) != list(new):  # the schedule breaks its ties by the order listed
+        changes.append(f"data.mixture: checkpoint sources in the order {list(old)}, now {list(new)}")
     for label in [label for label in new if label in old]:
         for name, value in new[label].items():
             was = old[label][name]
@@ -758,7 +831,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 
 
 __all__ = [
-    "LORA_TARGETS", "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig", "LoraConfig",
-    "ModelConfig", "OptimConfig", "TrainConfig", "build_config", "data_changes", "load_config", "lora_changes",
-    "mixture_shares", "model_changes", "parse_overrides", "preset_names",
+    "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig",
+    "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "build_config", "data_changes", "load_config",
+    "lora_changes", "mixture_shares", "model_changes", "optim_changes", "parse_overrides", "preset_names",
 ]

@@ -491,7 +491,7 @@ def _remove_abandoned_temp_dirs(cache_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_hub(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: Callable[[], None]):
+def load_hub(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: Callable[[], None]):
     """The hub dataset (non-streaming), loaded by every rank: its fingerprint, which follows the revision of
     its data files, is part of every cache key, so an updated dataset is not served the old one's tokens.
     Local rank 0 downloads it first; the others then load it from the HF cache."""
@@ -663,7 +663,9 @@ class PackedData:
             self._perm_epoch = epoch
         return self._perm
 
-    def _global_blocks(self, start: int, count: int) -> np.ndarray:
+    def block_rows(self, start: int, count: int) -> np.ndarray:
+        """The rows of ``train`` that blocks ``start .. start + count`` of the data stream are (each epoch its
+        own permutation of them); a data mixture reads a source's blocks through it."""
         out = []
         for position in range(start, start + count):
             epoch, index = divmod(position, len(self.train))
@@ -672,7 +674,7 @@ class PackedData:
 
     def micro_batches(self, accum: int) -> list[torch.Tensor]:
         """This rank's ``accum`` micro-batches ``[micro_batch, seq_len]`` (int64) of the next step."""
-        ids = self._global_blocks(self.consumed, self.global_batch)
+        ids = self.block_rows(self.consumed, self.global_batch)
         self.consumed += self.global_batch
         if self.masked:
             self.step_targets = target_count(self.train_flags[ids])
@@ -973,7 +975,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         else:
             stream, hub_fingerprint = _hf_dataset(cfg, files, cache_dir, streaming=True, world_size=world_size), None
     elif files is None and expected is None:
-        loaded, hub_fingerprint = _load_hub(cfg, cache_dir, local_rank, barrier)
+        loaded, hub_fingerprint = load_hub(cfg, cache_dir, local_rank, barrier)
     # A resume knows what it was trained on: with its caches present, it needs no copy of the hub set (offline,
     # the HF cache cleared), and the set is loaded below only to rebuild them.
     if files is None and expected is not None and hub_fingerprint != expected:
@@ -1165,5 +1167,5 @@ def _no_training_documents(dataset: str, val_documents: int, rank: int | None = 
 
 __all__ = ["STREAM_ROW", "MaskedBlocks", "PackedData", "StreamingChatData", "StreamingData", "build_data",
            "chat_blocks", "document_encoder", "encode_documents", "indexed_conversations", "load_conversations",
-           "load_tokenizer", "local_files", "masked_labels", "split_documents", "stdlib_files",
+           "load_hub", "load_tokenizer", "local_files", "masked_labels", "split_documents", "stdlib_files",
            "stream_conversation", "train_tokenizer", "vocab_bound"]

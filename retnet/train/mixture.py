@@ -39,14 +39,15 @@ from retnet.train.data import (
     _atomic_dir,
     _hash,
     _hf_dataset,
+    _hub_changed,
     _hub_stream,
-    _load_hub,
     _reading,
     build_data,
     data_fingerprint,
     default_cache_dir,
     load_conversations,
     load_documents,
+    load_hub,
     local_files,
     split_documents,
     stdlib_files,
@@ -134,10 +135,11 @@ class MixedData:
         for i, source in enumerate(self.sources):
             mine = np.flatnonzero(which == i)
             if len(mine):  # a source's blocks within a run of the stream are consecutive places of its own
-                rows[mine] = source._global_blocks(int(index[mine[0]]), len(mine))
+                rows[mine] = source.block_rows(int(index[mine[0]]), len(mine))
         return which, rows
 
     def _rows(self, which: np.ndarray, rows: np.ndarray, flags: bool = False) -> np.ndarray:
+        """``[len(rows), seq_len]``: the tokens (or, with ``flags``, the chat flags) of each source's row."""
         arrays = [source.train_flags if flags else source.train for source in self.sources]
         return np.stack([arrays[i][row] for i, row in zip(which.tolist(), rows.tolist(), strict=True)])
 
@@ -160,7 +162,9 @@ class MixedData:
 
     def val_groups(self, max_blocks: int) -> dict[str, list]:
         """This rank's validation micro-batches of each source (label -> batches), ``max_blocks`` shared
-        equally by the sources, so a source of a small share is measured as well as a large one."""
+        equally by the sources (at least one block each), so a source of a small share is measured as well as a
+        large one. Each source's part is rounded as a single dataset's ``max_blocks`` is (down to a multiple of
+        the world size)."""
         each = max(1, max_blocks // len(self.sources))
         return {label: source.val_batches(each) for label, source in zip(self.labels, self.sources, strict=True)}
 
@@ -245,7 +249,8 @@ def build_mixture(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: i
     expected = hub_fingerprint if isinstance(hub_fingerprint, dict) else {}
     tokenizer_path = tokenizer_dir  # else data.tokenizer, which every source's settings hold, or the mixture's BPE
     if tokenizer_path is None and not cfg.tokenizer:
-        tokenizer_path = _mixture_tokenizer(cfg, vocab_size=vocab_size, local_rank=local_rank, barrier=barrier)
+        tokenizer_path = _mixture_tokenizer(cfg, vocab_size=vocab_size, local_rank=local_rank, barrier=barrier,
+                                            hub_fingerprint=expected)
     built = []
     for label, _, source_cfg in sources:
         with _naming(label, source_cfg):
@@ -293,18 +298,20 @@ def _naming(label: str, cfg: DataConfig) -> Iterator[None]:
         raise type(error)(f"data.mixture.{label} (dataset {cfg.dataset!r}): {error}") from error
 
 
-def _mixture_tokenizer(cfg: DataConfig, *, vocab_size: int, local_rank: int, barrier: Callable[[], None]) -> Path:
+def _mixture_tokenizer(cfg: DataConfig, *, vocab_size: int, local_rank: int, barrier: Callable[[], None],
+                       hub_fingerprint: dict[str, str | None]) -> Path:
     """The directory of the BPE the mixture trains when no tokenizer is given: trained once by local rank 0 on
     up to ``tokenizer_train_chars`` characters of the sources' training documents, each source's part its
-    share, cached under a key of the sources, their shares and the vocabulary size."""
+    share, cached under a key of the sources, their shares and the vocabulary size. ``hub_fingerprint``: a
+    resumed checkpoint's, label -> that source's."""
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     sources = cfg.sources()
     read = []
     for label, _, source_cfg in sources:
         with _naming(label, source_cfg):
-            read.append(_source_reader(source_cfg, cache_dir, local_rank, barrier))
-    key = _hash([(label, str(share), fingerprint) for (label, share, _), (fingerprint, _) in zip(sources, read,
-                                                                                                 strict=True)],
+            read.append(_source_reader(source_cfg, cache_dir, local_rank, barrier, hub_fingerprint.get(label)))
+    # What the sample is made of, in order; not the labels, which name the sources and read nothing
+    key = _hash([(str(share), fingerprint) for (_, share, _), (fingerprint, _) in zip(sources, read, strict=True)],
                 vocab_size, cfg.tokenizer_train_chars, cfg.format)
     path = cache_dir / f"tokenizer-mixture-{key}"
     if local_rank == 0 and not (path / "tokenizer.json").exists():
@@ -326,20 +333,30 @@ def _mixture_tokenizer(cfg: DataConfig, *, vocab_size: int, local_rank: int, bar
     return path
 
 
-def _source_reader(cfg: DataConfig, cache_dir: Path, local_rank: int,
-                   barrier: Callable[[], None]) -> tuple[str, Callable[[], Iterator[str]]]:
+def _source_reader(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: Callable[[], None],
+                   expected: str | None) -> tuple[str, Callable[[], Iterator[str]]]:
     """(the source's data fingerprint, its training documents as a BPE is trained on them: the text, or the
-    conversation rendered with the default template), read as build_data reads them."""
+    conversation rendered with the default template), read as build_data reads them. ``expected``: the
+    fingerprint of the hub data a resumed checkpoint was trained on, which the source is held to."""
     chat = cfg.format == "chat"
     files = stdlib_files()[: cfg.max_documents or None] if cfg.dataset == "stdlib" else local_files(cfg.dataset)
-    hub, loaded = None, None
+    # As build_data's: a resume knows its hub data by the fingerprint, and with the BPE cached needs no copy of
+    # a non-streamed set (offline, the HF cache cleared); it loads one only to read its documents
+    hub, loaded = expected, None
     if files is None and cfg.streaming:
         stream, hub = _hub_stream(cfg, cache_dir)
-    elif files is None:
-        loaded, hub = _load_hub(cfg, cache_dir, local_rank, barrier)
+    elif files is None and expected is None:
+        loaded, hub = load_hub(cfg, cache_dir, local_rank, barrier)
+    if files is None and expected is not None and hub != expected:
+        raise _hub_changed(cfg)  # before a BPE is trained on the other data, only for build_data to refuse it
     fingerprint = data_fingerprint(cfg, files, hub)
 
     def cached() -> Iterator[str]:
+        nonlocal loaded
+        if files is None and loaded is None:
+            loaded = _hf_dataset(cfg, None, cache_dir, streaming=False)
+            if getattr(loaded, "_fingerprint", None) != hub:  # datasets' private identity, as build_data reads it
+                raise _hub_changed(cfg)
         read = load_conversations if chat else load_documents
         train, _ = split_documents(read(cfg, files, cache_dir, loaded), cfg.val_fraction, dataset=cfg.dataset,
                                    max_documents=cfg.max_documents)

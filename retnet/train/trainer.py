@@ -13,7 +13,8 @@ Launch (see also ``retnet/train/__main__.py``)::
 One optimizer step: ``global_batch_size`` blocks of ``seq_len`` tokens, as ``micro_batch_size`` per forward,
 ``grad_accum_steps`` forwards per rank and ``world_size`` ranks. Gradients are only all-reduced on the last
 micro-batch (DDP ``require_backward_grad_sync`` / FSDP2 ``set_requires_gradient_sync``), then clipped to
-``optim.grad_clip`` and stepped with AdamW. ``get_lr`` is linear warmup then cosine (or linear) decay.
+``optim.grad_clip`` and stepped with AdamW (``optim.name="muon"``: Muon on the decoder layers' matrices, AdamW
+on the rest, ``retnet.train.muon``). ``get_lr`` is linear warmup then cosine (or linear) decay.
 Each step's loss is the mean over the whole global batch (every block has the same token count, so the mean
 of per-rank means is the global mean): a 2-rank run logs the same losses as a 1-rank run with the same
 global batch. Chat data (``data.format = "chat"``) counts only the assistant tokens, a different number in
@@ -69,8 +70,17 @@ from retnet.train.checkpoint import (
     supersede_after,
     verified_identity,
 )
-from retnet.train.config import ConfigError, JobConfig, OptimConfig, data_changes, lora_changes, model_changes
+from retnet.train.config import (
+    ConfigError,
+    JobConfig,
+    OptimConfig,
+    data_changes,
+    lora_changes,
+    model_changes,
+    optim_changes,
+)
 from retnet.train.data import build_data, masked_labels, packed_segments, tokenizer_mismatch, vocab_bound
+from retnet.train.muon import MUON_TORCH, MuonWithAdamW, muon_available, muon_parameter_names
 
 logger = logging.getLogger("retnet.train")
 
@@ -155,15 +165,49 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """``optim.name``'s optimizer over the trainable parameters. ``adamw``: AdamW, its groups the decayed
+    parameters then the others (``no_decay_parameter_names``). ``muon``: a :class:`~retnet.train.muon.MuonWithAdamW`
+    whose groups are Muon's one (the decoder layers' matrices, ``muon_parameter_names``; decayed by
+    ``optim.weight_decay``) then AdamW's two over the rest, as above."""
     skip = no_decay_parameter_names(model)
-    decay, no_decay = [], []
+    muon_names = set(muon_parameter_names(model)) if cfg.name == "muon" else set()
+    decay, no_decay, matrices = [], [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if name in skip else decay).append(param)
+            (matrices if name in muon_names else no_decay if name in skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+    adamw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
+             **({"fused": True} if device.type == "cuda" else {})}
+    if cfg.name != "muon":
+        return torch.optim.AdamW(groups, **adamw)
+    if not muon_available():  # the config refuses it first; a config built otherwise gets as clear an error
+        raise ConfigError(f"optim.name 'muon' needs torch >= {MUON_TORCH} (torch.optim.Muon); this is torch "
+                          f"{torch.__version__}")
+    muon = {"lr": cfg.muon_lr or cfg.lr, "weight_decay": cfg.weight_decay, "momentum": cfg.muon_momentum,
+            "ns_steps": cfg.muon_ns_steps, "adjust_lr_fn": cfg.muon_adjust_lr}
+    return MuonWithAdamW([{"params": matrices}], groups, muon=muon, adamw=adamw)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, cfg: OptimConfig) -> None:
+    """Every group's learning rate at a step whose (AdamW) rate is ``lr`` (``get_lr``): Muon's groups follow
+    the same schedule scaled to their peak, ``optim.muon_lr`` over ``optim.lr``."""
+    muon = {id(group) for group in getattr(optimizer, "muon_groups", ())}
+    scale = (cfg.muon_lr or cfg.lr) / cfg.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr * scale if id(group) in muon else lr
+
+
+def optimizer_note(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """What the start-up log says of the optimizer: which parameters each algorithm trains (count, size)."""
+    def counted(groups) -> str:
+        params = [param for group in groups for param in group["params"]]
+        return f"{len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.3f}M parameters"
+
+    if not isinstance(optimizer, MuonWithAdamW):
+        return f"AdamW on all trainable ({counted(optimizer.param_groups)})"
+    return (f"Muon on the decoder layers' matrices ({counted(optimizer.muon_groups)}), AdamW on the rest "
+            f"({counted(optimizer.adamw_groups)})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,6 +368,7 @@ class Trainer:
         self._seed_rank()
         self.model = self._wrap(self.raw_model)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device)
+        logger.info("optimizer: %s", optimizer_note(self.raw_model, self.optimizer))
         use_bf16 = cfg.train.mixed_precision == "bf16" and self.device.type == "cuda"
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if use_bf16 and not self.fsdp else contextlib.nullcontext())
@@ -701,6 +746,12 @@ class Trainer:
             raise ConfigError(
                 f"checkpoint {str(path)!r} was trained with other LoRA settings: {'; '.join(changes)}. Resume with "
                 f"those settings, or start in another train.output_dir")
+        changes = optim_changes(trainer.get("config", {}), self.cfg)
+        if changes:
+            raise ConfigError(
+                f"checkpoint {str(path)!r} was trained with another optimizer: {'; '.join(changes)}. Its optimizer "
+                f"state is that optimizer's: resume with it, or start in another train.output_dir (a fine-tune "
+                f"from its export, model.init_from, starts a new optimizer)")
         base = trainer.get("lora_base")
         if base is not None and not self.adapters_only:  # lora.rank 0 is lora_changes'
             raise ConfigError(
@@ -758,11 +809,18 @@ class Trainer:
         set_rng_state(mine["rng"])
 
     def _apply_optim_settings(self) -> None:
-        """The configured AdamW settings over those the loaded param groups hold (the checkpoint's): ``optim.*``
-        may change on resume. The learning rate is set every step (``get_lr``)."""
+        """The configured AdamW (and Muon) settings over those the loaded param groups hold (the checkpoint's):
+        ``optim.*`` may change on resume, ``optim.name`` excepted. The learning rate is set every step
+        (``set_lr``)."""
         cfg = self.cfg.optim
-        # build_optimizer's groups: the decayed parameters, then the others
-        for group, decay in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
+        adamw_groups = self.optimizer.param_groups
+        if isinstance(self.optimizer, MuonWithAdamW):
+            for group in self.optimizer.muon_groups:
+                group.update(weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
+                             adjust_lr_fn=cfg.muon_adjust_lr)
+            adamw_groups = self.optimizer.adamw_groups
+        # build_optimizer's AdamW groups: the decayed parameters, then the others
+        for group, decay in zip(adamw_groups, (cfg.weight_decay, 0.0), strict=True):
             group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
     def _check_fits(self, path: Path, got: dict[str, list[int]]) -> None:
@@ -810,8 +868,7 @@ class Trainer:
         """One optimizer step; returns the global-batch mean loss. Raises NonFiniteLossError before the
         update if it or the gradient norm is NaN/inf (nothing is saved, so the last checkpoint stays good)."""
         lr = get_lr(self.step, self.cfg.optim, self.cfg.train.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr, self.cfg.optim)
         loss_sum = torch.zeros((), device=self.device)
         batches = self.data.micro_batches(self.accum)
         masked = self.data.masked
@@ -1284,4 +1341,5 @@ def _setup_logging(rank: int) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-__all__ = ["NonFiniteLossError", "Trainer", "build_optimizer", "flops_per_token", "get_lr", "init_distributed"]
+__all__ = ["NonFiniteLossError", "Trainer", "build_optimizer", "flops_per_token", "get_lr", "init_distributed",
+           "optimizer_note", "set_lr"]

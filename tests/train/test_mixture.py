@@ -1,5 +1,6 @@
 """Weighted data mixtures (``data.mixture``): the blending schedule, per-source caches and tokenizer, sharding,
-exact resume (cached and streamed), chat masks, config refusals and one short training run."""
+exact resume (cached and streamed), chat masks, config refusals, the resume guard, hub sources on resume and one
+short training run."""
 
 import json
 from fractions import Fraction
@@ -313,3 +314,101 @@ def test_training_logs_each_source_and_resumes_exactly(sources, tokenizer, tmp_p
     assert main([*args, "--train.steps=6", f'--data.mixture.code={{dataset="{sources["code"]}", weight=0.5}}']) \
         == EXIT_CONFIG
     assert "data.mixture.code.weight" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume: the guard's order and fields, the global batch, hub sources; the BPE's cache key
+# ----------------------------------------------------------------------------------------------------------
+def test_resume_refuses_the_sources_in_another_order():
+    # ties go to the first source listed: 1:1 in the other order gives other blocks at the same positions
+    saved = load_config("tiny", ["--data.mixture.web=1", "--data.mixture.code=1"]).to_dict()
+    changes = data_changes(saved, load_config("tiny", ["--data.mixture.code=1", "--data.mixture.web=1"]),
+                           tokenizer_reused=True)
+    assert changes == ["data.mixture: checkpoint sources in the order ['web', 'code'], now ['code', 'web']"]
+
+
+def test_resume_compares_the_fields_each_source_reads_not_the_unread_section_ones():
+    own = ["--data.mixture.web={dataset=\"w\", weight=1, text_field=\"body\", split=\"all\"}",
+           "--data.mixture.code={dataset=\"c\", weight=1, text_field=\"src\", split=\"all\"}"]
+    saved = load_config("tiny", own).to_dict()
+    # every source reads its own field and split: the section's are read by none
+    assert data_changes(saved, load_config("tiny", [*own, "--data.text_field=content", "--data.split=test"]),
+                        tokenizer_reused=True) == []
+    bare = ["--data.mixture.web=1", "--data.mixture.code=1"]
+    changes = data_changes(load_config("tiny", bare).to_dict(), load_config("tiny", [*bare, "--data.split=test"]),
+                           tokenizer_reused=True)
+    assert changes == ["data.mixture.web.split: checkpoint 'train', now 'test'",
+                       "data.mixture.code.split: checkpoint 'train', now 'test'"]  # each once, by the source
+
+
+def test_a_mixture_that_is_no_table_is_refused_naming_it():
+    with pytest.raises(ConfigError, match=r"^data\.mixture must be a table .*got \[1\]"):
+        DataConfig(mixture=[1])
+
+
+def test_the_mixture_bpe_does_not_depend_on_the_labels(sources, tmp_path, monkeypatch):
+    import retnet.train.mixture as mixture
+
+    trained = []
+    real = mixture.train_tokenizer
+    monkeypatch.setattr(mixture, "train_tokenizer", lambda texts, *a: trained.append(1) or real(texts, *a))
+    build(mixture_config(sources, tmp_path, tokenizer_train_chars=2000))
+    renamed = dict(zip(("news", "python"), sources.values(), strict=True))
+    build(mixture_config(renamed, tmp_path, tokenizer_train_chars=2000))
+    assert len(trained) == 1  # the same sources and shares: the same sample, the cached BPE
+
+
+def test_a_resume_may_change_the_global_batch(sources, tokenizer, cache):
+    """The position counts blocks of the blended stream, as a single dataset's does: a new batch size goes on
+    from the same block."""
+    cfg = mixture_config(sources, cache)
+    first = build(cfg, tokenizer_dir=tokenizer)
+    for _ in range(3):
+        first.micro_batches(4)
+    state = first.state_dict()
+    expected = torch.cat([torch.cat(first.micro_batches(4)) for _ in range(2)])
+    smaller = build(cfg, tokenizer_dir=tokenizer, global_batch=4)
+    smaller.load_state_dict(state)
+    assert torch.equal(torch.cat([torch.cat(smaller.micro_batches(2)) for _ in range(4)]), expected)
+
+
+def test_a_resume_holds_hub_sources_to_their_fingerprint_without_loading_them(sources, tmp_path, monkeypatch):
+    """A resume without the run's saved tokenizer finds the mixture's cached BPE by the checkpoint's hub
+    fingerprints (offline, no HF cache), as a single dataset does; a hub that holds other data is refused
+    before a BPE is trained on it."""
+    import shutil
+
+    import datasets
+
+    import retnet.train.mixture as mixture
+
+    texts = [json.loads(line)["text"] for line in sources["web"].read_text().splitlines()]
+    hub: dict = {"text": texts}
+
+    class Builder:
+        name = "parquet"
+
+    def online(result):
+        if hub["text"] is None:
+            raise ConnectionError("offline and not in the HF cache")
+        return result()
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: online(Builder))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: online(lambda: datasets.Dataset.from_dict(hub)))
+    cfg = DataConfig(mixture={"hub": {"dataset": "someone/corpus", "weight": 1},
+                              "code": {"dataset": str(sources["code"]), "weight": 1}},
+                     seq_len=16, val_fraction=0.1, cache_dir=str(tmp_path))
+    first = build(cfg)
+    hub["text"] = None
+    resumed = build(cfg, hub_fingerprint=first.hub_fingerprint)
+    assert np.array_equal(resumed.sources[0].train, first.sources[0].train)
+
+    def no_training(*args):
+        raise AssertionError("a BPE trained on the hub's other data")
+
+    monkeypatch.setattr(mixture, "train_tokenizer", no_training)
+    hub["text"] = [text.replace("web", "new") for text in texts]
+    for cache in [*tmp_path.glob("tokenizer-*"), *tmp_path.glob("tokens-*")]:
+        shutil.rmtree(cache)
+    with pytest.raises(ConfigError, match=r"^data\.mixture\.hub .*now holds other data"):
+        build(cfg, hub_fingerprint=first.hub_fingerprint)
