@@ -73,22 +73,40 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 for key, value in inner.defaults.items():
                     group.setdefault(key, value)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles (and deep-copies) its defaults, state and param_groups alone: without the inner
+        # optimizers, which share those objects, a copy could not step
+        return {**super().__getstate__(), "_muon": self._muon, "_adamw": self._adamw,
+                "_muon_count": self._muon_count}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # load_state_dict replaces param_groups and state with new objects through here
+        # load_state_dict replaces param_groups and state with new objects through here, and an unpickled copy
+        # is rebuilt here
         super().__setstate__(state)
         if "_muon" in self.__dict__:
             self._link()
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group added after construction is AdamW's (with AdamW's defaults), as every parameter that is not a
+        decoder layer's matrix is: stepped by neither inner optimizer otherwise."""
+        super().add_param_group(param_group)
+        # Every group after Muon's is AdamW's, so linking again hands it to AdamW. Optimizer.__init__ adds the
+        # groups given through here too (the inner optimizers exist by then): linking them one by one is harmless.
+        self._link()
+
     @property
     def muon_groups(self) -> list[dict[str, Any]]:
+        """The groups Muon steps (the first ones of ``param_groups``)."""
         return self.param_groups[: self._muon_count]
 
     @property
     def adamw_groups(self) -> list[dict[str, Any]]:
+        """The groups AdamW steps (the rest of ``param_groups``)."""
         return self.param_groups[self._muon_count:]
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Muon's step, then AdamW's; returns ``closure()``'s loss when a closure is given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

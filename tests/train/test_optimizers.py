@@ -191,3 +191,92 @@ def test_muon_without_torch_optim_muon_is_refused_at_startup(micro, tmp_path, mo
     err = capsys.readouterr().err
     assert "optim.name 'muon' needs torch >= 2.9 (torch.optim.Muon)" in err and torch.__version__ in err
     assert not (tmp_path / "run").exists()  # refused before anything was made
+
+
+def _stepped_muon(model):
+    from retnet.train.trainer import build_optimizer
+
+    optimizer = build_optimizer(model, load_config("tiny", ["--optim.name=muon"]).optim, torch.device("cpu"))
+    torch.manual_seed(1)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    return optimizer
+
+
+@needs_muon
+def test_a_copied_muon_optimizer_steps_as_the_original():
+    """copy.deepcopy and pickle keep what the combined optimizer steps with (torch's Optimizer copies only its
+    defaults, state and groups): the copy's inner Muon and AdamW read the copy's groups and state."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = _model()
+    optimizer = _stepped_muon(model)
+    clone = pickle.loads(pickle.dumps(optimizer))
+    assert clone._muon.state is clone.state and clone._adamw.state is clone.state
+    assert clone._muon.param_groups[0] is clone.param_groups[0] and clone._adamw.param_groups[-1] is \
+        clone.param_groups[-1]
+    copied_model, copied = copy.deepcopy((model, optimizer))  # the parameters and the state keyed by them
+    for net, optim in ((model, optimizer), (copied_model, copied)):
+        torch.manual_seed(2)
+        for param in net.parameters():
+            param.grad = torch.randn_like(param)
+        optim.step()
+    for (name, a), b in zip(model.named_parameters(), copied_model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@needs_muon
+def test_a_param_group_added_to_the_muon_optimizer_is_adamws():
+    """add_param_group after construction: the group gets AdamW's defaults and AdamW steps it (before, neither
+    inner optimizer did: the parameter never moved)."""
+    torch.manual_seed(0)
+    model = _model()
+    optimizer = _stepped_muon(model)
+    extra = torch.nn.Parameter(torch.ones(3))
+    optimizer.add_param_group({"params": [extra], "weight_decay": 0.0})
+    assert optimizer.adamw_groups[-1] is optimizer.param_groups[-1] and len(optimizer.muon_groups) == 1
+    assert optimizer.param_groups[-1]["betas"] == (0.9, 0.95) and optimizer.param_groups[-1]["weight_decay"] == 0.0
+    extra.grad = torch.ones(3)
+    optimizer.step()
+    assert set(optimizer.state[extra]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert torch.all(extra < 1)
+    assert len(optimizer.state_dict()["param_groups"]) == 4
+
+
+def test_the_resume_guard_compares_optim_name_alone():
+    """optim_changes: a checkpoint from before optim.name is AdamW's; a saved config that writes every muon_*
+    default (JobConfig.to_dict()) resumes under adamw and, read back as a config, is not refused; another
+    optimizer is refused."""
+    from retnet.train.config import build_config, optim_changes
+
+    adamw = load_config("tiny")
+    saved = adamw.to_dict()
+    assert {key for key in saved["optim"] if key.startswith("muon_")} == {
+        "muon_lr", "muon_momentum", "muon_ns_steps", "muon_adjust_lr"}
+    assert optim_changes(saved, adamw) == []
+    older = {**saved, "optim": {k: v for k, v in saved["optim"].items() if k != "name" and not k.startswith("muon")}}
+    assert optim_changes(older, adamw) == [] and optim_changes({}, adamw) == []
+    # the defaults written out explicitly (TOML has no null: muon_lr is left out) are not "set"
+    explicit = build_config({"optim": {k: v for k, v in saved["optim"].items() if v is not None}})
+    assert explicit.optim == adamw.optim
+    if hasattr(torch.optim, "Muon"):
+        muon = load_config("tiny", ["--optim.name=muon"])
+        assert optim_changes(older, muon) == ["optim.name: checkpoint 'adamw', now 'muon'"]
+        assert optim_changes(muon.to_dict(), adamw) == ["optim.name: checkpoint 'muon', now 'adamw'"]
+
+
+@needs_muon
+def test_learnable_activation_parameters_stay_adamws():
+    """SAU's learnable α and σ live in the decoder layers but are no Linear weight: AdamW's, not decayed."""
+    from retnet.train.muon import muon_parameter_names
+    from retnet.train.trainer import no_decay_parameter_names
+
+    model = _model(hidden_act="sau", hidden_act_kwargs={"trainable_sigma": True})
+    learned = {name for name, _ in model.named_parameters() if "act_fn" in name}
+    assert learned and not learned & set(muon_parameter_names(model)) and learned <= no_decay_parameter_names(model)
+    optimizer = _stepped_muon(model)
+    names = {id(param): name for name, param in model.named_parameters()}
+    assert learned <= {names[id(param)] for param in optimizer.adamw_groups[1]["params"]}  # no decay
+    assert all(optimizer.state[param]["step"] == 1 for param in model.parameters() if names[id(param)] in learned)
