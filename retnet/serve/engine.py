@@ -10,7 +10,9 @@ One thread owns the model. Each iteration it
    forward, every piece continuing its own state. A prompt starts from the longest cached prefix state or
    from its session's saved state;
 3. rebuilds the batch when sequences joined or left (their fp32 states stacked into one cache);
-4. runs ONE batched recurrent step for every running sequence and samples each row with its own generator.
+4. runs ONE batched recurrent step for every running sequence and samples each row with its own generator
+   (with ``--speculative-config``, a packed step in which sequences also verify draft tokens found by prompt
+   lookup, see ``_speculative_step``).
 
 Results go to each request's ``asyncio.Queue`` on the event loop (``call_soon_threadsafe``), so the loop never
 waits on the model. A cancelled request (client gone) leaves the batch at the next iteration.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -54,6 +57,9 @@ logger = logging.getLogger("retnet.serve")
 
 # Prompts are prefilled with the chunkwise form: linear in the prompt, and the same pieces alone or batched.
 PREFILL_MODE = "chunkwise"
+# A speculative step feeds a few tokens a row: the recurrent form, as a decode step (the same arithmetic token by
+# token; on the reference path the parallel form measured slower for these lengths).
+VERIFY_MODE = "recurrent"
 
 
 class EngineUnavailable(Exception):
@@ -190,10 +196,54 @@ class Sequence:
     # Nothing but skipped tokens decoded before the next token: it opens the text, where a SentencePiece
     # decoder drops its leading space (TokenBytes.start).
     at_start: bool = False
+    ngrams: NgramIndex | None = None  # --speculative-config: its prompt + tokens' n-grams (made at its first step)
+    # The last ``lag`` tokens are not in its batch row's state yet: the next step feeds them. 1 (the token last
+    # sampled) but after a speculative step that refused a draft, whose state is the one from before that step.
+    lag: int = 1
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self.group.handle.cancelled
+
+
+class NgramIndex:
+    """Prompt lookup (vLLM's n-gram proposer): where each n-gram of a sequence's tokens (prompt, then generated)
+    last ended, for n in ``sizes``, so that a step finds the most recent earlier occurrence of the last n tokens
+    in O(n) rather than by a scan of the context. Tokens are added as they are generated."""
+
+    __slots__ = ("ends", "indexed", "tokens")
+
+    def __init__(self, tokens: list[int], sizes: range):
+        self.tokens = list(tokens)
+        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in sizes}
+        self.indexed = 0  # the n-grams ending before this position are in ``ends``
+
+    def propose(self, new_tokens: list[int], count: int) -> list[int]:
+        """Append ``new_tokens``, then the ``count`` tokens that followed the latest earlier occurrence of the
+        last n tokens, the longest n that has one first; [] when none has."""
+        tokens = self.tokens
+        tokens.extend(new_tokens)
+        last = len(tokens) - 1
+        # Every n-gram ending before the last token (the one ending at it is the suffix looked up).
+        for end in range(self.indexed, last):
+            for n, table in self.ends.items():
+                if end + 1 >= n:
+                    table[tuple(tokens[end + 1 - n : end + 1])] = end
+        self.indexed = max(self.indexed, last)
+        for n in sorted(self.ends, reverse=True):
+            if n > len(tokens):
+                continue
+            end = self.ends[n].get(tuple(tokens[len(tokens) - n :]))
+            if end is not None:
+                # Past the last token, what followed the occurrence is the drafts themselves: a match ``period``
+                # tokens back proposes the last ``period`` tokens repeated (a loop of one token, its repeats),
+                # not just the few tokens up to the end.
+                draft = tokens[end + 1 : end + 1 + count]
+                period = last - end
+                while len(draft) < count:
+                    draft.append(draft[len(draft) - period])
+                return draft
+        return []
 
 
 class Engine:
@@ -214,6 +264,7 @@ class Engine:
         self.config = model.config if model is not None else _load_config(settings.model)
         self.vocab_size = int(self.config.vocab_size)
         self.eos_ids = _eos_ids(settings.model, tokenizer, self.config)
+        self.speculative = settings.speculative  # None: every step decodes one token a sequence
         self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
                                         settings.prefix_cache_min_tokens)
         self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s)
@@ -246,9 +297,9 @@ class Engine:
         self.retiring: dict[int, LoraAdapter] = {}
         # The adapters whose matrices are installed in the model, by slot, least recently admitted first: with
         # --max-cpu-loras, the others are read again when a request needs them (_loaded), evicting the first idle
-        # one. ``rereading``: the slots being read on a worker thread, each holding a place among the
-        # max_cpu_loras; ``reread``: their results, (adapter, the adapter read or the error), for the scheduler to
-        # install. Guarded by cond.
+        # one once the read succeeded (_reinstall). ``rereading``: the slots being read on a worker thread, each
+        # counting on a free place or an idle adapter (_has_room); ``reread``: their results, (adapter, the adapter
+        # read or the error), for the scheduler to install. Guarded by cond.
         self.resident: OrderedDict[int, LoraAdapter] = OrderedDict()
         self.rereading: set[int] = set()
         self.reread: list[tuple[LoraAdapter, LoraAdapter | Exception]] = []
@@ -334,8 +385,10 @@ class Engine:
         adapter = self.adapters.get(name)
         if adapter is None:
             return None
-        self.adapters = {n: a for n, a in self.adapters.items() if n != name}
-        self._retire(adapter)
+        # One step for the scheduler (_loaded, _reinstall): the slot is served or retiring, never neither.
+        with self.cond:
+            self.adapters = {n: a for n, a in self.adapters.items() if n != name}
+            self._retire(adapter)
         self.metrics.lora_adapters.set(len(self.adapters))
         return adapter
 
@@ -347,10 +400,11 @@ class Engine:
     def _publish(self, adapter: LoraAdapter, done: asyncio.Future) -> None:
         """On the event loop, once the scheduler installed ``adapter``: serve it under its name."""
         self.loading.discard(adapter.name)
-        replaced = self.adapters.get(adapter.name)
-        self.adapters = {**self.adapters, adapter.name: adapter}  # a replaced adapter keeps its place in the list
-        if replaced is not None:
-            self._retire(replaced)
+        with self.cond:  # as in remove_adapter: the replaced slot is served or retiring, never neither
+            replaced = self.adapters.get(adapter.name)
+            self.adapters = {**self.adapters, adapter.name: adapter}  # a replaced adapter keeps its place
+            if replaced is not None:
+                self._retire(replaced)
         self.metrics.lora_adapters.set(len(self.adapters))
         if not done.done():
             done.set_result(adapter)
@@ -565,12 +619,21 @@ class Engine:
             self._fail_waiting(slot, EngineFailure(f"LoRA slot {slot} is not served any more", 500,
                                                    "lora_reload_failed", "model"))
             return False
-        if not self._make_room(active):
+        if not self._has_room(active):
             return False  # every loaded adapter is in use: it waits until a request leaves
+        # Nothing is evicted yet: only a read that succeeds takes an idle adapter's place (_reinstall).
         self.rereading.add(slot)
         threading.Thread(target=self._read_again, args=(adapter,), name=f"retnet-lora-read-{slot}",
                          daemon=True).start()
         return False
+
+    def _has_room(self, active: set[int]) -> bool:
+        """Whether a place is free under --max-cpu-loras or an idle adapter (none of ``active``) could give one;
+        the reads in flight each count for one, so that they do not all count on the same idle adapter."""
+        bound = self.settings.max_cpu_loras
+        if bound is None or len(self.resident) + len(self.rereading) < bound:
+            return True
+        return sum(slot not in active for slot in self.resident) > len(self.rereading)
 
     def _make_room(self, active: set[int] | None = None) -> bool:
         """Whether another adapter may be installed under --max-cpu-loras, evicting the least recently used idle
@@ -579,7 +642,7 @@ class Engine:
         the head of the queue keeping a place for a request behind it would wait forever."""
         bound = self.settings.max_cpu_loras
         with self.cond:
-            if bound is None or len(self.resident) + len(self.rereading) < bound:
+            if bound is None or len(self.resident) < bound:
                 return True
             busy = self._active_adapters() if active is None else active
             idle = [slot for slot in self.resident if slot not in busy]
@@ -615,6 +678,10 @@ class Engine:
         if not served:
             return  # freed while it was read: no request is left for it
         if isinstance(result, LoraAdapter):
+            if not self._make_room():  # evicts only now that the read succeeded
+                logger.info("LoRA adapter %r read again, but every loaded adapter is in use: read again when "
+                            "asked", adapter.name)
+                return
             try:
                 self._install(result, dtype)
             except Exception as exc:  # out of device memory
@@ -956,6 +1023,11 @@ class Engine:
         self.batch = RetNetCache.concat(parts) if parts else None
 
     def _decode_step(self) -> None:
+        if self.speculative is not None:
+            drafts = self._drafts()
+            if any(drafts) or any(seq.lag > 1 for seq in self.running):
+                self._speculative_step(drafts)
+                return
         start = time.perf_counter()
         last = torch.tensor([[s.tokens[-1]] for s in self.running], dtype=torch.long, device=self.device)
         with self._adapters_for([s.group.adapter for s in self.running]):
@@ -976,6 +1048,123 @@ class Engine:
             per_handle.setdefault(id(handle), (handle, []))[1].append(output)
         emit_all(list(per_handle.values()))
         self.metrics.step.observe(time.perf_counter() - start)
+
+    # -- n-gram speculative decoding (--speculative-config) ------------------------------------------------------
+    def _drafts(self) -> list[list[int]]:
+        """Each running sequence's draft tokens by prompt lookup ([] : it decodes one token), never more than its
+        ``max_tokens`` leaves after the token the step samples anyway."""
+        config = self.speculative
+        drafts = []
+        for seq in self.running:
+            room = min(config.num_speculative_tokens, seq.group.params.max_tokens - len(seq.tokens) - 1)
+            # A row catching up (its state behind by more than the last token) proposes nothing this step: its
+            # feed brings the state up to date, so that no row falls further behind.
+            if room <= 0 or seq.done or seq.lag > 1:
+                drafts.append([])
+                continue
+            if seq.ngrams is None:
+                seq.ngrams = NgramIndex(seq.group.inputs,
+                                        range(config.prompt_lookup_min, config.prompt_lookup_max + 1))
+            known = len(seq.ngrams.tokens) - len(seq.group.inputs)
+            drafts.append(seq.ngrams.propose(seq.tokens[known:], room))
+        return drafts
+
+    def _speculative_step(self, drafts: list[list[int]]) -> None:
+        """One step of every running sequence, those with drafts verifying them: ONE packed forward feeds each row
+        the tokens its state lacks (its last sampled token, or more, see ``Sequence.lag``) then its drafts
+        (``cu_seqlens``, each continuing its own state, every position's logits kept). Position by position from
+        the last token on, the rows still going are sampled exactly as a decode step samples them (the same
+        ``sample_step``, masks and penalties over the tokens so far, one draw of the row's generator a token) and
+        each token goes through ``_advance``; a row goes on to the next position while its token is its draft.
+        The drafts being fixed tokens, accepting one iff the target's own sample equals it is rejection sampling
+        with a one-hot proposal: the tokens are distributed, and for a seed drawn, exactly as without
+        speculation.
+
+        A row whose drafts were all taken (or that had none) keeps the forward's state. One that refused a draft
+        needs the state after its last token and the drafts it took, which no forward computed: it keeps the
+        state from before the step, and its next step feeds the tokens since (``lag``) without drafts, in the same
+        one forward as the other rows. So a step costs one forward whatever was refused; only a row that ends
+        while behind runs them now (a second, smaller forward), so that ``_finished`` finds every token but the
+        last in its row's state, as after a decode step."""
+        start = time.perf_counter()
+        running = self.running
+        feeds = [[*seq.tokens[-seq.lag :], *draft] for seq, draft in zip(running, drafts)]
+        # Row i's first sample is read at its last token's position, ``opens[i]`` in the packed row.
+        opens, offset = [], 0
+        for seq, feed in zip(running, feeds):
+            opens.append(offset + seq.lag - 1)
+            offset += len(feed)
+        # The forward replaces the cache's state tensors (never writes into them): these stay the states before it.
+        before = RetNetCache(len(self.batch))
+        before.states, before.offsets, before.seen_tokens = list(self.batch.states), self.batch.offsets, 0
+        slots = [seq.group.adapter for seq in running]
+        out = self._packed_forward(feeds, self.batch, slots, keep_all=True)
+        # As in a decode step, the first position's grammar masks overlap the forward on a GPU; the next ones
+        # depend on the tokens sampled before them.
+        masks = grammar_masks_of([seq.sampler for seq in running])
+        # Read position by position, the rows still going only: the positions past a refused draft never leave
+        # the device (all of them would be (k + 1) × the rows × the vocabulary each step).
+        logits = out.logits[0]
+        outputs: list[list[SeqOutput]] = [[] for _ in running]
+        going = list(range(len(running)))
+        for position in range(1 + max(len(draft) for draft in drafts)):
+            rows = [i for i in going if position <= len(drafts[i])]
+            if not rows:
+                break
+            samplers = [running[i].sampler for i in rows]
+            if position:
+                masks = grammar_masks_of(samplers)
+            index = torch.tensor([opens[i] + position for i in rows], device=logits.device)
+            sample = sample_step(logits.index_select(0, index).float().cpu(), samplers, masks)
+            going = []
+            for j, i in enumerate(rows):
+                seq = running[i]
+                outputs[i].append(self._advance(seq, j, sample))
+                if (seq.finish_reason is None and position < len(drafts[i])
+                        and sample.tokens[j] == drafts[i][position]):
+                    going.append(i)
+        self.batch = out.cache
+        behind = [i for i in range(len(running)) if len(outputs[i]) - 1 < len(drafts[i])]
+        lagging = set(behind)
+        for i, seq in enumerate(running):
+            seq.lag = seq.lag + len(outputs[i]) if i in lagging else 1
+        if behind:
+            self._put_rows(behind, before.select(behind))
+        ended = [i for i in behind if running[i].finish_reason is not None]
+        if ended:
+            caught_up = self._packed_forward([running[i].tokens[-running[i].lag : -1] for i in ended],
+                                             self.batch.select(ended), [slots[i] for i in ended], keep_all=False)
+            self._put_rows(ended, caught_up.cache)
+        proposed = [i for i, draft in enumerate(drafts) if draft]
+        self.metrics.spec_drafts.inc(len(proposed))
+        self.metrics.spec_draft_tokens.inc(sum(len(drafts[i]) for i in proposed))
+        self.metrics.spec_accepted_tokens.inc(sum(_matched(drafts[i], outputs[i]) for i in proposed))
+        per_handle: dict[int, tuple[RequestHandle, list[SeqOutput]]] = {}
+        for i, seq in enumerate(running):
+            if seq.finish_reason is not None:
+                self._finished(seq, None, row=i)
+            handle = seq.group.handle
+            per_handle.setdefault(id(handle), (handle, []))[1].append(_joined(outputs[i]))
+        emit_all(list(per_handle.values()))
+        self.metrics.step.observe(time.perf_counter() - start)
+
+    def _put_rows(self, rows: list[int], states: RetNetCache) -> None:
+        """Write ``states``' rows over rows ``rows`` of the batch (in place: the batch's tensors are the last
+        forward's own)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for layer, state in enumerate(states.states):
+            self.batch.states[layer].index_copy_(0, index, state)
+        self.batch.offsets.index_copy_(0, index, states.offsets)
+
+    def _packed_forward(self, feeds: list[list[int]], cache: RetNetCache, slots: list[int], keep_all: bool):
+        """``feeds`` (sequence i's tokens continue ``cache`` row i, under LoRA slot ``slots[i]``) as one packed
+        recurrent forward: every position's logits (``keep_all``), else each sequence's last."""
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(len(feed) for feed in feeds)], dtype=torch.long,
+                                  device=self.device)
+        ids = torch.tensor([[token for feed in feeds for token in feed]], dtype=torch.long, device=self.device)
+        with self._adapters_for(slots, [len(feed) for feed in feeds]):
+            return self.model(input_ids=ids, cache=cache, use_cache=True, retention_mode=VERIFY_MODE,
+                              cu_seqlens=cu_seqlens, logits_to_keep=0 if keep_all else cu_seqlens[1:] - 1)
 
     def _advance(self, seq: Sequence, row: int, sample) -> SeqOutput:
         """Record the token sampled for ``seq`` (row ``row`` of ``sample``) and apply the stopping rules."""
@@ -1142,6 +1331,22 @@ def _row_view(batch: RetNetCache, row: int) -> RetNetCache:
     out.offsets = batch.offsets[row : row + 1]
     out.seen_tokens = batch.seen_tokens  # as select keeps it
     return out
+
+
+def _matched(draft: list[int], outputs: list[SeqOutput]) -> int:
+    """How many of ``draft``'s tokens the row sampled, in order (its accepted drafts)."""
+    tokens = [token for out in outputs for token in out.token_ids]
+    return next((p for p, token in enumerate(draft) if p >= len(tokens) or tokens[p] != token), len(draft))
+
+
+def _joined(outputs: list[SeqOutput]) -> SeqOutput:
+    """One step's outputs of a choice (several tokens when drafts were accepted) as one output."""
+    if len(outputs) == 1:
+        return outputs[0]
+    first = outputs[0]
+    logprobs = None if first.logprobs is None else [entry for out in outputs for entry in out.logprobs]
+    return SeqOutput(first.index, "".join(out.text for out in outputs), [t for out in outputs for t in out.token_ids],
+                     logprobs, outputs[-1].finish_reason)
 
 
 def _load_config(model_dir: str):

@@ -236,7 +236,11 @@ def read_again(adapter: LoraAdapter, linears: dict[str, nn.Linear], max_rank: in
                              max_rank)
     except LoraError as exc:
         raise LoraError(f"{exc} (read again after an eviction, --max-cpu-loras)") from exc
-    if fresh.fingerprint != adapter.fingerprint:  # rewritten between the check above and the read
+    try:  # load_adapter's fingerprint is taken before it reads: a file rewritten during the read shows only after
+        after = files_fingerprint(adapter.directory)
+    except OSError as exc:
+        raise LoraError(f"{where} was evicted (--max-cpu-loras) and could not be read again: {exc}") from exc
+    if fresh.fingerprint != adapter.fingerprint or after != adapter.fingerprint:
         raise LoraChanged(f"{where} was evicted (--max-cpu-loras) and its files changed while it was read again")
     fresh.slot, fresh.path = adapter.slot, adapter.path
     return fresh

@@ -33,6 +33,13 @@ class ServeMetrics:
         self.model_requests = Counter("retnet_model_requests", "requests submitted, by the model they named: the "
                                       "base model or a LoRA adapter (vLLM's model_name label)", ["model_name"],
                                       registry=r)
+        # vLLM's spec_decode counters (--speculative-config): acceptance rate = accepted / draft tokens.
+        self.spec_drafts = Counter("retnet_spec_decode_num_drafts", "steps in which a sequence proposed draft "
+                                   "tokens (one a sequence a step)", registry=r)
+        self.spec_draft_tokens = Counter("retnet_spec_decode_num_draft_tokens", "draft tokens proposed",
+                                         registry=r)
+        self.spec_accepted_tokens = Counter("retnet_spec_decode_num_accepted_tokens", "draft tokens accepted (the "
+                                            "token sampled there was the draft)", registry=r)
         self.rejected = Counter("retnet_requests_rejected", "requests refused before running", ["reason"], registry=r)
         self.queue_depth = Gauge("retnet_queue_depth", "sequences waiting for a slot", registry=r)
         self.running = Gauge("retnet_running_sequences", "sequences in the batched decode step", registry=r)

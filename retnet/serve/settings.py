@@ -9,6 +9,7 @@ import codecs
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,6 +111,15 @@ class ServeSettings(BaseSettings):
         "so: meant for development); vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 turns it on too"
     )
 
+    # -- speculative decoding (vLLM's flag) ----------------------------------------------------------------------
+    speculative_config: dict[str, Any] | str | None = Field(
+        None, description="n-gram (prompt-lookup) speculative decoding, vLLM's --speculative-config JSON: "
+        "{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, "
+        "\"prompt_lookup_min\": 2}; each step a sequence proposes up to num_speculative_tokens tokens that "
+        "followed the last earlier occurrence of its last n tokens (n from max down to min) and verifies them "
+        "in the same forward; outputs are unchanged. none: off"
+    )
+
     # -- model defaults and templating (vLLM's flags) ------------------------------------------------------------
     generation_config: str = Field(
         "auto", description="where requests that leave out temperature, top_p, top_k, min_p, repetition_penalty or "
@@ -170,6 +180,11 @@ class ServeSettings(BaseSettings):
                              f"{json.dumps(value)[:80]}")
         return value
 
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _parse_speculative(cls, value):
+        return parse_speculative_config(value)
+
     @field_validator("tool_call_parser", mode="before")
     @classmethod
     def _no_parser(cls, value):
@@ -223,6 +238,11 @@ class ServeSettings(BaseSettings):
         return self
 
     @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """``speculative_config`` as a :class:`SpeculativeConfig` (None: speculation off)."""
+        return None if self.speculative_config is None else SpeculativeConfig(**self.speculative_config)
+
+    @property
     def lora(self) -> list:
         """``lora_modules`` as :class:`~retnet.serve.lora.LoraModule` entries."""
         from retnet.serve.lora import LoraModule
@@ -246,6 +266,66 @@ class ServeSettings(BaseSettings):
         """What a request's ``model`` may name the base model by besides its served name: ``--model`` (a hub
         id's snapshot), and the hub id as given."""
         return (self.model,) if self._hub_id is None else (self.model, self._hub_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """n-gram speculative decoding (vLLM's ``method: ngram``): up to ``num_speculative_tokens`` draft tokens a
+    step, looked up by the last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens."""
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int
+    prompt_lookup_min: int
+    method: str = "ngram"
+
+
+SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+def parse_speculative_config(value) -> dict[str, Any] | None:
+    """``--speculative-config`` (JSON text or a dict; empty, ``none`` or null: off) checked and completed as vLLM
+    completes it: a missing ``prompt_lookup_min`` / ``prompt_lookup_max`` takes the other's value, both missing
+    are 5. Errors name the field and the value received."""
+    where = "speculative_config (--speculative-config)"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "none", "null"):
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} must be a JSON object; {exc}: {value[:80]!r}") from None
+        if value is None:
+            return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a JSON object; got {json.dumps(value)[:80]}")
+    unknown = sorted(set(value) - set(SPECULATIVE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; accepted: "
+                         f"{', '.join(SPECULATIVE_KEYS)}")
+    method = value.get("method")
+    if method != "ngram":
+        raise ValueError(f"{where}: method must be 'ngram' (prompt lookup; draft models, EAGLE, MTP ... are not "
+                         f"served); got {method!r}")
+    out = {"method": "ngram"}
+    for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        field = value.get(name)
+        if field is None:
+            if name == "num_speculative_tokens":
+                raise ValueError(f"{where}: num_speculative_tokens is required (a whole number >= 1)")
+            continue
+        if isinstance(field, bool) or not isinstance(field, int) or field < 1:
+            raise ValueError(f"{where}: {name} must be a whole number >= 1; got {field!r}")
+        out[name] = field
+    if "prompt_lookup_max" not in out and "prompt_lookup_min" not in out:
+        out["prompt_lookup_max"] = out["prompt_lookup_min"] = 5
+    out.setdefault("prompt_lookup_max", out.get("prompt_lookup_min"))
+    out.setdefault("prompt_lookup_min", out["prompt_lookup_max"])
+    if out["prompt_lookup_min"] > out["prompt_lookup_max"]:
+        raise ValueError(f"{where}: prompt_lookup_min must be <= prompt_lookup_max ({out['prompt_lookup_max']}); "
+                         f"got {out['prompt_lookup_min']}")
+    return out
 
 
 class StartupError(Exception):
@@ -410,5 +490,5 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-__all__ = ["ServeSettings", "StartupError", "check_model_dir", "generation_defaults", "load_chat_template",
-           "resolve_max_tokens"]
+__all__ = ["ServeSettings", "SpeculativeConfig", "StartupError", "check_model_dir", "generation_defaults",
+           "load_chat_template", "parse_speculative_config", "resolve_max_tokens"]

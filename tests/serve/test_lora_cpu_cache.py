@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,99 @@ def test_the_setting_is_a_flag_and_a_variable_and_is_checked(model_dir, monkeypa
     with pytest.raises(ValueError, match="max_cpu_loras"):
         make_settings(model_dir, max_cpu_loras=0)
     assert make_settings(model_dir, max_loras=2, max_cpu_loras=2).max_cpu_loras == 2
+
+
+def slow_decode(monkeypatch, seconds: float = 0.02) -> None:
+    """Each decode step takes ``seconds`` more, so that a running request is still running when looked at."""
+    from retnet.serve.engine import Engine
+
+    original = Engine._decode_step
+
+    def step(self):
+        time.sleep(seconds)
+        return original(self)
+
+    monkeypatch.setattr(Engine, "_decode_step", step)
+
+
+async def test_unloading_an_evicted_adapter_lets_its_waiting_request_finish(model_dir, adapter_dirs, monkeypatch):
+    """The unload takes the name away and retires the slot in one step for the scheduler: a request accepted
+    under the evicted adapter, waiting for its read, must not find the slot neither served nor retiring (it was
+    failed with "not served any more"). The sleep widens the window a thread switch can open."""
+    from retnet.serve.engine import Engine
+
+    from .test_lora_runtime import eventually
+
+    original = Engine._retire
+
+    def retire(self, adapter):
+        time.sleep(0.3)
+        original(self, adapter)
+
+    monkeypatch.setattr(Engine, "_retire", retire)
+    slow_decode(monkeypatch)
+    flags = [f"a={adapter_dirs['a']}", f"b={adapter_dirs['b']}"]
+    async with serve_app(model_dir, lora_modules=flags, max_cpu_loras=1, allow_runtime_lora_updating=True,
+                         max_lora_rank=4) as client:
+        engine = client.app.state.engine
+        busy = asyncio.create_task(complete(client, "a", PROMPTS[0], max_tokens=40, ignore_eos=True))
+        await eventually(lambda: engine.running)  # a in use: b, evicted, cannot be read until a's request ends
+        waiting = asyncio.create_task(client.post("/v1/completions", json={
+            "model": "b", "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0}))
+        await eventually(lambda: engine.waiting)
+        assert (await unload(client, "b")).status_code == 200
+        got, _ = await asyncio.gather(waiting, busy)
+        assert got.status_code == 200, got.text
+
+
+def test_a_file_rewritten_while_it_is_read_again_is_refused(model_dir, adapter_dirs, tmp_path, monkeypatch):
+    """The fingerprint is taken again after the read: a trainer saving new weights of the same size just as the
+    server reads them must not have them served under the old slot (whose cached states are the old weights')."""
+    import safetensors.torch
+    from transformers import AutoConfig
+
+    from retnet.serve.lora import (
+        LoraChanged,
+        LoraModule,
+        linear_modules,
+        load_adapter,
+        meta_model,
+        read_again,
+    )
+
+    paths = copies(adapter_dirs, tmp_path)
+    retrained = tmp_path / "retrained"
+    _peft_model(model_dir, 99, r=4, lora_alpha=8,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]).save_pretrained(retrained)
+    weights = paths["a"] / "adapter_model.safetensors"
+    assert os.path.getsize(weights) == os.path.getsize(retrained / "adapter_model.safetensors")
+    linears = linear_modules(meta_model(AutoConfig.from_pretrained(model_dir)))
+    first = load_adapter(LoraModule("a", str(paths["a"])), linears, 4)
+    first.slot = 1
+    original = safetensors.torch.load_file
+
+    def load_file(filename, *args, **kwargs):
+        shutil.copyfile(retrained / "adapter_model.safetensors", filename)
+        return original(filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", load_file)
+    with pytest.raises(LoraChanged):
+        read_again(first, linears, 4)
+
+
+async def test_a_request_for_a_changed_adapter_evicts_no_healthy_one(model_dir, adapter_dirs, tmp_path):
+    """An idle adapter is evicted only once the adapter it makes room for was read: a read that fails evicts
+    nothing, so requests naming a broken adapter cannot keep the server re-reading its healthy ones."""
+    paths = copies(adapter_dirs, tmp_path)
+    flags = [f"{name}={path}" for name, path in paths.items()]
+    async with serve_app(model_dir, lora_modules=flags, max_cpu_loras=1, max_lora_rank=4) as client:
+        engine = client.app.state.engine
+        weights = paths["c"] / "adapter_model.safetensors"
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # c changed
+        for _ in range(3):
+            assert (await client.post("/v1/completions", json={"model": "a", "prompt": PROMPTS[0],
+                                                               "max_tokens": 2})).status_code == 200
+            error_of(await client.post("/v1/completions", json={"model": "c", "prompt": PROMPTS[0],
+                                                                "max_tokens": 2}), 500)
+        assert installed_slots(engine) == {engine.adapters["a"].slot}
+        assert engine.metrics.lora_evictions._value.get() == 0
