@@ -50,6 +50,7 @@ from retnet.serve.lora import (
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.sampling import RowSampler, SamplingParams, grammar_masks_of, prompt_logprobs, sample_step
 from retnet.serve.settings import ServeSettings
+from retnet.serve.speculative import VERIFY_MODE, NgramIndex, accepted_drafts, propose_drafts
 from retnet.serve.state_cache import PrefixCache, Session, SessionBusy, SessionStore
 from retnet.tokenization import TokenBytes
 
@@ -57,9 +58,6 @@ logger = logging.getLogger("retnet.serve")
 
 # Prompts are prefilled with the chunkwise form: linear in the prompt, and the same pieces alone or batched.
 PREFILL_MODE = "chunkwise"
-# A speculative step feeds a few tokens a row: the recurrent form, as a decode step (the same arithmetic token by
-# token; on the reference path the parallel form measured slower for these lengths).
-VERIFY_MODE = "recurrent"
 
 
 class EngineUnavailable(Exception):
@@ -204,46 +202,6 @@ class Sequence:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self.group.handle.cancelled
-
-
-class NgramIndex:
-    """Prompt lookup (vLLM's n-gram proposer): where each n-gram of a sequence's tokens (prompt, then generated)
-    last ended, for n in ``sizes``, so that a step finds the most recent earlier occurrence of the last n tokens
-    in O(n) rather than by a scan of the context. Tokens are added as they are generated."""
-
-    __slots__ = ("ends", "indexed", "tokens")
-
-    def __init__(self, tokens: list[int], sizes: range):
-        self.tokens = list(tokens)
-        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in sizes}
-        self.indexed = 0  # the n-grams ending before this position are in ``ends``
-
-    def propose(self, new_tokens: list[int], count: int) -> list[int]:
-        """Append ``new_tokens``, then the ``count`` tokens that followed the latest earlier occurrence of the
-        last n tokens, the longest n that has one first; [] when none has."""
-        tokens = self.tokens
-        tokens.extend(new_tokens)
-        last = len(tokens) - 1
-        # Every n-gram ending before the last token (the one ending at it is the suffix looked up).
-        for end in range(self.indexed, last):
-            for n, table in self.ends.items():
-                if end + 1 >= n:
-                    table[tuple(tokens[end + 1 - n : end + 1])] = end
-        self.indexed = max(self.indexed, last)
-        for n in sorted(self.ends, reverse=True):
-            if n > len(tokens):
-                continue
-            end = self.ends[n].get(tuple(tokens[len(tokens) - n :]))
-            if end is not None:
-                # Past the last token, what followed the occurrence is the drafts themselves: a match ``period``
-                # tokens back proposes the last ``period`` tokens repeated (a loop of one token, its repeats),
-                # not just the few tokens up to the end.
-                draft = tokens[end + 1 : end + 1 + count]
-                period = last - end
-                while len(draft) < count:
-                    draft.append(draft[len(draft) - period])
-                return draft
-        return []
 
 
 class Engine:
@@ -1024,7 +982,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         if self.speculative is not None:
-            drafts = self._drafts()
+            drafts = propose_drafts(self.running, self.speculative)
             if any(drafts) or any(seq.lag > 1 for seq in self.running):
                 self._speculative_step(drafts)
                 return
@@ -1050,25 +1008,6 @@ class Engine:
         self.metrics.step.observe(time.perf_counter() - start)
 
     # -- n-gram speculative decoding (--speculative-config) ------------------------------------------------------
-    def _drafts(self) -> list[list[int]]:
-        """Each running sequence's draft tokens by prompt lookup ([] : it decodes one token), never more than its
-        ``max_tokens`` leaves after the token the step samples anyway."""
-        config = self.speculative
-        drafts = []
-        for seq in self.running:
-            room = min(config.num_speculative_tokens, seq.group.params.max_tokens - len(seq.tokens) - 1)
-            # A row catching up (its state behind by more than the last token) proposes nothing this step: its
-            # feed brings the state up to date, so that no row falls further behind.
-            if room <= 0 or seq.done or seq.lag > 1:
-                drafts.append([])
-                continue
-            if seq.ngrams is None:
-                seq.ngrams = NgramIndex(seq.group.inputs,
-                                        range(config.prompt_lookup_min, config.prompt_lookup_max + 1))
-            known = len(seq.ngrams.tokens) - len(seq.group.inputs)
-            drafts.append(seq.ngrams.propose(seq.tokens[known:], room))
-        return drafts
-
     def _speculative_step(self, drafts: list[list[int]]) -> None:
         """One step of every running sequence, those with drafts verifying them: ONE packed forward feeds each row
         the tokens its state lacks (its last sampled token, or more, see ``Sequence.lag``) then its drafts
@@ -1138,7 +1077,7 @@ class Engine:
         proposed = [i for i, draft in enumerate(drafts) if draft]
         self.metrics.spec_drafts.inc(len(proposed))
         self.metrics.spec_draft_tokens.inc(sum(len(drafts[i]) for i in proposed))
-        self.metrics.spec_accepted_tokens.inc(sum(_matched(drafts[i], outputs[i]) for i in proposed))
+        self.metrics.spec_accepted_tokens.inc(sum(accepted_drafts(drafts[i], outputs[i]) for i in proposed))
         per_handle: dict[int, tuple[RequestHandle, list[SeqOutput]]] = {}
         for i, seq in enumerate(running):
             if seq.finish_reason is not None:
@@ -1331,12 +1270,6 @@ def _row_view(batch: RetNetCache, row: int) -> RetNetCache:
     out.offsets = batch.offsets[row : row + 1]
     out.seen_tokens = batch.seen_tokens  # as select keeps it
     return out
-
-
-def _matched(draft: list[int], outputs: list[SeqOutput]) -> int:
-    """How many of ``draft``'s tokens the row sampled, in order (its accepted drafts)."""
-    tokens = [token for out in outputs for token in out.token_ids]
-    return next((p for p, token in enumerate(draft) if p >= len(tokens) or tokens[p] != token), len(draft))
 
 
 def _joined(outputs: list[SeqOutput]) -> SeqOutput:

@@ -313,7 +313,8 @@ def parse_speculative_config(value) -> dict[str, Any] | None:
         field = value.get(name)
         if field is None:
             if name == "num_speculative_tokens":
-                raise ValueError(f"{where}: num_speculative_tokens is required (a whole number >= 1)")
+                raise ValueError(f"{where}: num_speculative_tokens is required (a whole number >= 1); got "
+                                 f"{field!r}")
             continue
         if isinstance(field, bool) or not isinstance(field, int) or field < 1:
             raise ValueError(f"{where}: {name} must be a whole number >= 1; got {field!r}")

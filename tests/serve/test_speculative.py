@@ -179,7 +179,7 @@ def test_settings_defaults_and_environment(model_dir, monkeypatch):
 
 
 def test_ngram_lookup():
-    from retnet.serve.engine import NgramIndex
+    from retnet.serve.speculative import NgramIndex
 
     # The latest earlier occurrence of the longest suffix: (1, 2) ended at 1 and at 4; the one at 4 is taken.
     assert NgramIndex([1, 2, 3, 1, 2, 9, 1, 2], range(2, 5)).propose([], 3) == [9, 1, 2]
@@ -246,7 +246,7 @@ def test_a_packed_verify_forward_is_token_by_token_decoding(xpos):
     # What a speculative step relies on: a packed recurrent forward of a few tokens a row, each row continuing its
     # own state, gives every position the logits and the final state that decoding them one by one gives.
     from retnet.model import RetNetCache, RetNetConfig
-    from retnet.serve.engine import VERIFY_MODE
+    from retnet.serve.speculative import VERIFY_MODE
 
     config = RetNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, chunk_size=8,
                           use_xpos=xpos)
@@ -270,3 +270,64 @@ def test_a_packed_verify_forward_is_token_by_token_decoding(xpos):
                                            rtol=1e-5)
             assert int(cache.offsets[0]) == int(packed.cache.offsets[row])
     assert isinstance(packed.cache, RetNetCache)
+
+
+async def test_a_choice_ending_after_a_refused_draft_saves_every_token_but_the_last(model_dir, monkeypatch):
+    # Its row went back to the state from before the step: the extra forward must bring it to prompt +
+    # answer[:-1] exactly (the state plain decoding leaves), for its session and its prefix-cache entry alike.
+    from transformers import AutoTokenizer
+
+    import retnet.serve.engine as engine_module
+    from retnet.serve.metrics import ServeMetrics
+    from retnet.serve.sampling import SamplingParams
+
+    from .test_engine_state import drain
+
+    model = RetNetForCausalLM.from_pretrained(model_dir).eval()
+    settings = ServeSettings(model=str(model_dir), speculative_config=json.dumps(SPEC))
+    engine = engine_module.Engine(settings, AutoTokenizer.from_pretrained(model_dir), ServeMetrics(), model=model)
+    engine._load()
+    engine.ready = True
+    # (tokens so far, drafts) of each step; the feeds of the extra forwards for rows that ended behind.
+    steps, catch_ups = [], []
+    propose, packed = engine_module.propose_drafts, engine._packed_forward
+
+    def recording(running, config):
+        drafts = propose(running, config)
+        steps.append((len(running[0].tokens), drafts[0]))
+        return drafts
+
+    def counting(feeds, cache, slots, keep_all):
+        catch_ups.extend([] if keep_all else feeds)
+        return packed(feeds, cache, slots, keep_all)
+
+    engine._packed_forward = counting
+    monkeypatch.setattr(engine_module, "propose_drafts", recording)
+
+    async def run(session_id=None, **kw):
+        handle = engine.submit([prompt], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, **kw),
+                               session_id=session_id)
+        with torch.inference_mode():
+            while engine.waiting or engine.prefilling or engine.joining or engine.running:
+                engine._iteration()
+        await asyncio.sleep(0)
+        return drain(handle)[0]
+
+    prompt = engine.tokenizer.encode(REPEATS)
+    answer = await run()
+    # The first refusal of a draft whose token is new: a stop token there ends the choice right after it.
+    refused = [length + p for length, draft in steps for p, token in enumerate(draft)
+               if length + p < len(answer) and answer[length + p] != token
+               and all(answer[length + q] == draft[q] for q in range(p))]
+    end = next(j for j in refused if answer[j] not in answer[:j])
+    # A new session's answer is a prefix-cache entry too.
+    assert await run("s", stop_token_ids=frozenset({answer[end]})) == answer[: end + 1]
+    assert catch_ups, "no choice ended behind its state"
+    with torch.inference_mode():
+        reference = model(torch.tensor([prompt + answer[:end]]), use_cache=True).cache
+    saved = {"session": engine.sessions.sessions["s"].cache,
+             "prefix entry": engine.prefix_cache.entries[tuple(prompt + answer[:end])].cache}
+    for where, cache in saved.items():
+        assert int(cache.offsets[0]) == len(prompt) + end, where
+        for layer, state in enumerate(cache.states):
+            torch.testing.assert_close(state[0], reference.states[layer][0], atol=1e-4, rtol=1e-4, msg=where)

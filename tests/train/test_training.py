@@ -49,7 +49,7 @@ def test_a_second_run_in_the_process_logs_to_the_current_stderr(micro, tmp_path,
     assert main(micro(tmp_path / "second", train__steps=1)) == 0
     err = second.getvalue()
     assert "Logging error" not in err
-    assert err.count("parameters") == 1  # the start-up record, once
+    assert err.count("optimizer: AdamW") == 1  # a start-up record, once
     assert len(root.handlers) == 1
 
 
