@@ -600,6 +600,16 @@ class MaskedBlocks(NamedTuple):
     flags: torch.Tensor
 
 
+def masked_micro_batches(next_block: Callable[[], tuple[np.ndarray, np.ndarray]], micro_batch: int,
+                         accum: int) -> list[MaskedBlocks]:
+    """``accum`` micro-batches of ``micro_batch`` (tokens, flags) blocks each, taken from ``next_block``."""
+    batches = []
+    for _ in range(accum):
+        tokens, flags = zip(*(next_block() for _ in range(micro_batch)), strict=True)
+        batches.append(MaskedBlocks(torch.from_numpy(np.stack(tokens)), torch.from_numpy(np.stack(flags))))
+    return batches
+
+
 def _blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     n = len(tokens) // seq_len
     return tokens[: n * seq_len].reshape(n, seq_len)
@@ -919,10 +929,7 @@ class StreamingChatData(StreamingData):
 
     def micro_batches(self, accum: int) -> list[MaskedBlocks]:
         """This rank's ``accum`` micro-batches of the next step, as :class:`MaskedBlocks`."""
-        batches = []
-        for _ in range(accum):
-            tokens, flags = zip(*(self._next_block() for _ in range(self.micro_batch)), strict=True)
-            batches.append(MaskedBlocks(torch.from_numpy(np.stack(tokens)), torch.from_numpy(np.stack(flags))))
+        batches = masked_micro_batches(self._next_block, self.micro_batch, accum)
         self.step_targets = sum(target_count(batch.flags.numpy()) for batch in batches)
         return batches
 

@@ -49,6 +49,7 @@ from retnet.train.data import (
     load_documents,
     load_hub,
     local_files,
+    masked_micro_batches,
     split_documents,
     stdlib_files,
     train_tokenizer,
@@ -211,10 +212,7 @@ class MixedStreamingData:
         if not self.masked:
             return [torch.from_numpy(np.stack([self._next_block() for _ in range(self.micro_batch)]))
                     for _ in range(accum)]
-        batches = []
-        for _ in range(accum):
-            tokens, flags = zip(*(self._next_block() for _ in range(self.micro_batch)), strict=True)
-            batches.append(MaskedBlocks(torch.from_numpy(np.stack(tokens)), torch.from_numpy(np.stack(flags))))
+        batches = masked_micro_batches(self._next_block, self.micro_batch, accum)
         self.step_targets = sum(target_count(batch.flags.numpy()) for batch in batches)
         return batches
 
