@@ -701,12 +701,13 @@ class Trainer:
         barrier()
         self.last_saved_step = self.step
 
-    def _check_resume_data(self, path: Path, *, tokenizer_reused: bool) -> str | None:
+    def _check_resume_data(self, path: Path, *, tokenizer_reused: bool) -> str | dict[str, str | None] | None:
         """ConfigError unless this run continues the checkpoint's: ``train.steps`` not below its step, the same
-        model settings (:func:`~retnet.train.config.model_changes`), the same data mode (packed or streamed), a world size its stream positions hold for, and the same data-defining
+        model, LoRA and optimizer settings (:func:`~retnet.train.config.model_changes` and its siblings), the same
+        data mode (packed or streamed), a world size its stream positions hold for, and the same data-defining
         settings (:func:`~retnet.train.config.data_changes`). Every rank reads the checkpoint, so each refuses
-        alike. Returns the fingerprint of the hub data it was trained on (None for local data), which
-        build_data holds the hub set to."""
+        alike. Returns the fingerprint of the hub data it was trained on (None for local data; for a
+        ``data.mixture``, one per source label), which build_data holds the hub set to."""
         # rank 0 verified it in _resolve_resume; _load verifies it again before the state is used
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         if int(trainer["step"]) > self.cfg.train.steps:
@@ -909,6 +910,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._last = {"lr": lr, "grad_norm": float(grad_norm)}
+        muon_groups = getattr(self.optimizer, "muon_groups", None)
+        if muon_groups:  # its own rate: optim.muon_lr's share of the schedule
+            self._last["muon_lr"] = muon_groups[0]["lr"]
         return loss_value
 
     def _step_targets(self) -> int:
@@ -1029,7 +1033,8 @@ class Trainer:
         tokens_per_s = self.window_tokens / max(self.window_seconds, 1e-9)
         mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
                if self.peak_flops else None)
-        self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._last["lr"],
+        muon_lr = {"muon_lr": self._last["muon_lr"]} if "muon_lr" in self._last else {}
+        self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._last["lr"], **muon_lr,
                    "grad_norm": self._last["grad_norm"], "tokens_per_s": tokens_per_s,
                    "tokens": self.tokens, "mfu": mfu})
         if self._progress is not None:

@@ -115,6 +115,8 @@ def test_a_muon_run_learns_other_losses_than_adamw_and_resumes_bit_for_bit(micro
     assert main(micro(muon, optim__name="muon", optim__muon_lr=0.1, **common)) == 0
     assert "optimizer: Muon on the decoder layers' matrices (14 tensors" in capsys.readouterr().err
     losses, val = _losses(muon, read_metrics), _losses(muon, read_metrics, "val")
+    for record in read_metrics(muon, "train"):  # Muon's own rate is logged beside AdamW's, at its share
+        assert record["muon_lr"] == pytest.approx(record["lr"] * 0.1 / 1e-2), record
     assert val[-1] < val[0] - 0.1 and sum(losses[3:]) < sum(losses[:3]) - 0.2, (losses, val)
     # step 2's loss follows one update at optim.lr (warmup 1) whatever train.steps is: 2 steps of AdamW suffice
     assert main(micro(adamw, **{**common, "train__steps": 2})) == 0
