@@ -451,14 +451,15 @@ def test_tiny_preset_learns_on_stdlib_and_exports(tmp_path, run, read_metrics):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "tiny"
-    # The tiny preset, shortened: fewer steps, shorter blocks, the first 200 stdlib files.
+    # The tiny preset, shortened: fewer steps, shorter blocks, the first 120 stdlib files. 80 steps take the
+    # validation loss from uniform (8.3 nats) to ~6.3.
     done = run(["--config", "tiny", f"--train.output_dir={out}", f"--data.cache_dir={tmp_path / 'cache'}",
-                "--data.max_documents=200", "--data.seq_len=64", "--data.tokenizer_train_chars=1000000",
-                "--train.steps=150", "--train.eval_interval=50", "--optim.warmup_steps=15",
+                "--data.max_documents=120", "--data.seq_len=64", "--data.tokenizer_train_chars=400000",
+                "--train.steps=80", "--train.eval_interval=40", "--train.eval_blocks=64", "--optim.warmup_steps=8",
                 "--logging.progress=false", "--logging.tensorboard=false"])
     assert done.returncode == 0, done.stderr
     val = [r["val_loss"] for r in read_metrics(out, "val")]
-    assert val[0] > 7.5 and val[-1] < val[0] - 2.5, val
+    assert val[0] > 7.5 and val[-1] < val[0] - 1.8, val
     assert (out / "loss.png").exists()
     model = AutoModelForCausalLM.from_pretrained(out / "export")
     tokenizer = AutoTokenizer.from_pretrained(out / "export")
@@ -498,7 +499,7 @@ from retnet.train.trainer import barrier, init_distributed
 rank, _, _, _ = init_distributed("cpu")
 barrier()
 if rank == 0:
-    time.sleep(8)  # tokenizing the dataset, downloading it, writing a checkpoint or the export
+    time.sleep(5)  # tokenizing the dataset, downloading it, writing a checkpoint or the export
 barrier()
 dist.all_reduce(__import__("torch").ones(1))  # the training collectives still run on the default group
 print("rank", rank, "done", flush=True)
