@@ -195,8 +195,8 @@ def _log_defaults(settings: ServeSettings, serving: OpenAIServing, defaults: dic
     """Say at startup which request defaults the model's generation config set (vLLM logs the same)."""
     if defaults:
         # max_tokens as requests get it: --default-max-tokens (when set) and --max-tokens-limit have their say.
-        shown = {**serving.sampling_defaults,
-                 **({"max_tokens": serving.default_max_tokens} if "max_tokens" in defaults else {})}
+        shown = {**serving.checks.sampling_defaults,
+                 **({"max_tokens": serving.checks.default_max_tokens} if "max_tokens" in defaults else {})}
         logger.warning("Default sampling parameters have been overridden by the model's generation config "
                        "(--generation-config %s%s): %s. Requests that leave these out get them; start with "
                        "--generation-config vllm for the server's own defaults.", settings.generation_config,

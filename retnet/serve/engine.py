@@ -16,6 +16,10 @@ One thread owns the model. Each iteration it
 
 Results go to each request's ``asyncio.Queue`` on the event loop (``call_soon_threadsafe``), so the loop never
 waits on the model. A cancelled request (client gone) leaves the batch at the next iteration.
+
+The request's records and what it gets back are :mod:`retnet.serve.sequence`'s; the LoRA adapters served, and
+which are installed in the model (installs, retirement, ``--max-cpu-loras`` residency), are kept by
+:class:`~retnet.serve.adapter_slots.AdapterSlots`, which the engine owns and calls between two forwards.
 """
 
 from __future__ import annotations
@@ -26,182 +30,37 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from retnet.model import RetNetCache
+from retnet.serve.adapter_slots import AdapterSlots
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
-from retnet.serve.lora import (
-    LoraAdapter,
-    LoraChanged,
-    LoraSlots,
-    install,
-    install_adapter,
-    linear_modules,
-    load_adapter,
-    meta_model,
-    read_again,
-    uninstall_adapter,
-)
+from retnet.serve.lora import LoraAdapter
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.sampling import RowSampler, SamplingParams, grammar_masks_of, prompt_logprobs, sample_step
+from retnet.serve.sequence import (
+    EngineFailure,
+    EngineUnavailable,
+    Group,
+    QueueFull,
+    RequestHandle,
+    SeqOutput,
+    Sequence,
+    TokenLogprob,
+    emit_all,
+)
 from retnet.serve.settings import ServeSettings
-from retnet.serve.speculative import VERIFY_MODE, NgramIndex, accepted_drafts, propose_drafts
-from retnet.serve.state_cache import PrefixCache, Session, SessionBusy, SessionStore
+from retnet.serve.speculative import VERIFY_MODE, accepted_drafts, propose_drafts
+from retnet.serve.state_cache import PrefixCache, Session, SessionStore
 from retnet.tokenization import TokenBytes
 
 logger = logging.getLogger("retnet.serve")
 
 # Prompts are prefilled with the chunkwise form: linear in the prompt, and the same pieces alone or batched.
 PREFILL_MODE = "chunkwise"
-
-
-class EngineUnavailable(Exception):
-    """The engine is loading, stopping or dead."""
-
-
-class QueueFull(Exception):
-    """More sequences than ``max_running + max_queue`` would be in the server."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# What the engine sends back
-# ----------------------------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class TokenLogprob:
-    """One token's logprob. ``token`` is its text, or a ``bytes:\\x..`` label when it holds part of a character;
-    ``token_bytes`` are the bytes it stands for either way."""
-
-    token_id: int
-    token: str
-    token_bytes: bytes
-    logprob: float | None
-    top: list[TokenLogprob] = field(default_factory=list)
-    rank: int | None = None  # a prompt token's: 1 + the tokens more likely there (vLLM's prompt_logprobs)
-
-
-@dataclass(slots=True)
-class SeqOutput:
-    """New output of one choice: text safe to show, the tokens sampled, and ``finish_reason`` on the last."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
-    # The prompt's scores (SamplingParams.prompt_logprobs), one entry a prompt token, on each choice's first output.
-    prompt_logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass(slots=True)
-class EngineFailure:
-    """The request cannot be answered: the engine died (the default), or only this request failed (an evicted
-    LoRA adapter that could not be read again), answered with ``status`` and ``code``."""
-
-    message: str
-    status: int = 503
-    code: str = "engine_failure"
-    param: str | None = None
-
-
-class RequestHandle:
-    """One API request: its prompts × n choices, and the queue their outputs arrive on."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None, num_choices: int):
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.num_choices = num_choices
-        self.arrival = time.perf_counter()
-        self.cancelled = False
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
-        self.session_tokens = 0
-
-    def cancel(self) -> None:
-        """Stop generating (the client left); the scheduler drops the sequences at its next iteration."""
-        self.cancelled = True
-
-    def emit(self, item) -> None:
-        emit_all([(self, item)])
-
-
-def emit_all(deliveries: list[tuple[RequestHandle, Any]]) -> None:
-    """Queue each ``(handle, item)`` on its handle's event loop, with one wake-up per loop: every
-    ``call_soon_threadsafe`` writes to the loop's self-pipe, which a decode step would otherwise do once per
-    running request (~50 µs each on CPU)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-    for handle, item in deliveries:
-        by_loop.setdefault(handle.loop, []).append((handle.queue, item))
-    for loop, items in by_loop.items():
-        # RuntimeError: the event loop is closed, nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_put_all, items)
-
-
-def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Scheduler bookkeeping
-# ----------------------------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class Group:
-    """One prompt of a request and its ``n`` choices, while it waits and is prefilled."""
-
-    handle: RequestHandle
-    prompt_ids: list[int]
-    params: SamplingParams
-    n: int
-    first_index: int
-    session_id: str | None = None
-    session: Session | None = None
-    adapter: int = 0  # the LoRA adapter's slot (LoraAdapter.slot); 0: the base model
-    prefix_hint: int | None = None  # a token offset worth caching the state at (the chat's history)
-    # The prompt token that opens its echoed text, where a SentencePiece decoder drops the token's leading space;
-    # None: the first one decoding does not skip (the text was the client's, a BOS the tokenizer adds not in it).
-    text_start: int | None = None
-    inputs: list[int] = field(default_factory=list)  # tokens to feed from the starting state
-    pos: int = 0
-    cache: RetNetCache | None = None
-    last_logits: torch.Tensor | None = None
-    started: bool = False
-    cacheable: bool = True  # False when the state continues a session: its tokens are not a prompt prefix
-    continues: bool = False  # True when it continues its session's saved state
-    prompt_lp: list[TokenLogprob] = field(default_factory=list)
-
-    @property
-    def choice_indices(self) -> range:
-        """The response's choice indices this prompt's ``n`` choices take."""
-        return range(self.first_index, self.first_index + self.n)
-
-
-@dataclass(eq=False)
-class Sequence:
-    group: Group
-    index: int
-    sampler: RowSampler
-    detok: IncrementalDetokenizer
-    stops: StopStrings
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    t_last: float = 0.0
-    # Nothing but skipped tokens decoded before the next token: it opens the text, where a SentencePiece
-    # decoder drops its leading space (TokenBytes.start).
-    at_start: bool = False
-    ngrams: NgramIndex | None = None  # --speculative-config: its prompt + tokens' n-grams (made at its first step)
-    # The last ``lag`` tokens are not in its batch row's state yet: the next step feeds them. 1 (the token last
-    # sampled) but after a speculative step that refused a draft, whose state is the one from before that step.
-    lag: int = 1
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None or self.group.handle.cancelled
 
 
 class Engine:
@@ -226,41 +85,14 @@ class Engine:
         self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
                                         settings.prefix_cache_min_tokens)
         self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s)
-        # The base model's Linear layers (shapes only are read), which adapters are checked against; none when no
-        # adapter can ever be served.
-        self.linears = {}
-        if settings.lora or settings.allow_runtime_lora_updating:
-            self.linears = linear_modules(self.model if self.model is not None else meta_model(self.config))
-        # LoRA adapters served, by name, in the order they were loaded. Changed on the event loop only (the routes
-        # that read it run there too), and replaced whole rather than changed in place, so that a reader on another
-        # thread iterates a consistent dict. The startup ones are read and checked now (a bad one stops the server
-        # before it loads the model) and take slots 1..n.
-        self.adapters: dict[str, LoraAdapter] = {}
-        for adapter in self._read_adapters():
-            adapter.slot = len(self.adapters) + 1
-            self.adapters[adapter.name] = adapter
-        self.next_slot = len(self.adapters) + 1  # monotonic: an unloaded adapter's slot is never given again
-        self.loading: set[str] = set()  # names of adapters read and queued, not yet installed (event loop)
-        self.lora: LoraSlots | None = None
-        metrics.lora_adapters.set(len(self.adapters))
-
         self.cond = threading.Condition()
+        # The LoRA adapters served and installed in the model; they share the scheduler's lock. The startup ones
+        # are read and checked now: a bad one stops the server before it loads the model.
+        self.adapter_slots = AdapterSlots(settings, metrics, self.cond, self.model, self.config,
+                                          admitted_slots=self._active_adapters, waiting_slots=self._waiting_adapters,
+                                          fail_waiting=self._fail_waiting, forget=self._forget_adapter)
         self.waiting: deque[Group] = deque()  # guarded by cond
         self.in_system = 0  # sequences admitted and not finished; guarded by cond
-        # Adapters to install at the scheduler's next iteration, between two forwards, each with the event loop and
-        # future to publish it on: (adapter, loop, future); guarded by cond.
-        self.lora_installs: list[tuple[LoraAdapter, asyncio.AbstractEventLoop, asyncio.Future]] = []
-        # Slots no longer served (unloaded or replaced), with the adapter they held, whose matrices are freed once
-        # no request accepted under them is left; guarded by cond.
-        self.retiring: dict[int, LoraAdapter] = {}
-        # The adapters whose matrices are installed in the model, by slot, least recently admitted first: with
-        # --max-cpu-loras, the others are read again when a request needs them (_loaded), evicting the first idle
-        # one once the read succeeded (_reinstall). ``rereading``: the slots being read on a worker thread, each
-        # counting on a free place or an idle adapter (_has_room); ``reread``: their results, (adapter, the adapter
-        # read or the error), for the scheduler to install. Guarded by cond.
-        self.resident: OrderedDict[int, LoraAdapter] = OrderedDict()
-        self.rereading: set[int] = set()
-        self.reread: list[tuple[LoraAdapter, LoraAdapter | Exception]] = []
         self.accepting = True
         self.stopping = False
         self.ready = False
@@ -302,19 +134,23 @@ class Engine:
             self.thread.join(timeout=30)
         self.metrics.engine_ready.set(0)
 
-    def _read_adapters(self) -> list[LoraAdapter]:
-        """Every --lora-modules adapter, read and checked; past the first --max-cpu-loras, only its name, path and
-        fingerprint are kept (it is read again when a request names it)."""
-        adapters = []
-        for module in self.settings.lora:
-            adapter = load_adapter(module, self.linears, self.settings.max_lora_rank)
-            if self.settings.max_cpu_loras is not None and len(adapters) >= self.settings.max_cpu_loras:
-                adapter.weights.clear()
-                adapter.magnitudes.clear()
-            adapters.append(adapter)
-        return adapters
+    # -- LoRA adapters (vLLM's /v1/load_lora_adapter; event-loop thread) -------------------------------------------
+    @property
+    def adapters(self) -> dict[str, LoraAdapter]:
+        """The LoRA adapters served, by name, in the order they were loaded (:class:`AdapterSlots`)."""
+        return self.adapter_slots.adapters
 
-    # -- LoRA adapters at runtime (vLLM's /v1/load_lora_adapter; event-loop thread) ----------------------------------
+    @property
+    def loading(self) -> set[str]:
+        """Names of the adapters read and queued, not yet installed."""
+        return self.adapter_slots.loading
+
+    @property
+    def linears(self) -> dict:
+        """The base model's Linear layers, which adapters are checked against (none when no adapter can ever be
+        served)."""
+        return self.adapter_slots.linears
+
     def add_adapter(self, adapter: LoraAdapter) -> asyncio.Future:
         """Queue ``adapter`` (read and checked by :func:`~retnet.serve.lora.load_adapter`) to be installed by the
         scheduler between two forwards, under a new slot. The returned future is done once it is installed and
@@ -329,48 +165,12 @@ class Engine:
         with self.cond:
             if not self.healthy or not self.accepting:
                 raise EngineUnavailable(self.dead or "the engine is not ready")
-            adapter.slot = self.next_slot
-            self.next_slot += 1
-            self.loading.add(adapter.name)
-            self.lora_installs.append((adapter, loop, done))
-            self.cond.notify_all()
+            self.adapter_slots.queue_install(adapter, loop, done)
         return done
 
     def remove_adapter(self, name: str) -> LoraAdapter | None:
-        """Stop serving adapter ``name`` (None: no such adapter): requests from now on cannot name it; those
-        already accepted under it (waiting or running) finish under it, and its matrices, prefix-cache entries and
-        sessions are dropped once the last has left."""
-        adapter = self.adapters.get(name)
-        if adapter is None:
-            return None
-        # One step for the scheduler (_loaded, _reinstall): the slot is served or retiring, never neither.
-        with self.cond:
-            self.adapters = {n: a for n, a in self.adapters.items() if n != name}
-            self._retire(adapter)
-        self.metrics.lora_adapters.set(len(self.adapters))
-        return adapter
-
-    def _retire(self, adapter: LoraAdapter) -> None:
-        with self.cond:
-            self.retiring[adapter.slot] = adapter
-            self.cond.notify_all()
-
-    def _publish(self, adapter: LoraAdapter, done: asyncio.Future) -> None:
-        """On the event loop, once the scheduler installed ``adapter``: serve it under its name."""
-        self.loading.discard(adapter.name)
-        with self.cond:  # as in remove_adapter: the replaced slot is served or retiring, never neither
-            replaced = self.adapters.get(adapter.name)
-            self.adapters = {**self.adapters, adapter.name: adapter}  # a replaced adapter keeps its place
-            if replaced is not None:
-                self._retire(replaced)
-        self.metrics.lora_adapters.set(len(self.adapters))
-        if not done.done():
-            done.set_result(adapter)
-
-    def _install_failed(self, adapter: LoraAdapter, done: asyncio.Future, exc: BaseException) -> None:
-        self.loading.discard(adapter.name)
-        if not done.done():
-            done.set_exception(exc)
+        """Stop serving adapter ``name`` (None: no such adapter); see :meth:`AdapterSlots.remove`."""
+        return self.adapter_slots.remove(name)
 
     # -- the API the routes call (event-loop thread) -------------------------------------------------------------
     def submit(
@@ -442,25 +242,12 @@ class Engine:
                 dtype = "bfloat16" if self.device.type == "cuda" else "float32"
             self.model = AutoModelForCausalLM.from_pretrained(self.settings.model, dtype=getattr(torch, dtype))
         self.model = self.model.to(self.device).eval()
-        if self.adapters:
-            adapters = list(self.adapters.values())[: self.settings.max_cpu_loras]  # None: all of them
-            self.lora = install(self.model, adapters, self.device, next(self.model.parameters()).dtype)
-            for adapter in adapters:
-                adapter.weights.clear()  # the installed copies (on the GPU, in the model's dtype) are the ones used
-                self.resident[adapter.slot] = adapter
-            self.metrics.lora_adapters_loaded.set(len(self.resident))
-
-    def _adapters_for(self, slots: list[int], counts: list[int] | None = None):
-        """The context to run a forward in whose rows (or packed sequences of ``counts`` tokens) run under LoRA
-        ``slots`` (see LoraSlots.tokens); nothing to set without adapters."""
-        if self.lora is None:
-            return contextlib.nullcontext()
-        return self.lora.tokens(slots, counts)
+        self.adapter_slots.start(self.model, self.device)
 
     def _iteration(self) -> bool:
         with self.cond:
             while not (self.waiting or self.prefilling or self.running or self.joining or self.stopping
-                       or self.lora_installs or self.retiring or self.reread):
+                       or self.adapter_slots.changes_pending()):
                 self.cond.wait(timeout=1.0)
             if self.stopping:
                 return False
@@ -473,9 +260,9 @@ class Engine:
                 slot = self.waiting[0].adapter
                 if slot and slot not in active and max_loras is not None and len(active) >= max_loras:
                     break  # --max-loras: it waits (in order) until an adapter leaves the batch
-                if slot and bounded and not self._loaded(slot, active):
+                if slot and bounded and not self.adapter_slots.loaded(slot, active):
                     if self.waiting and self.waiting[0].adapter != slot:
-                        continue  # its adapter cannot be served (_loaded failed its requests): the next one
+                        continue  # its adapter cannot be served (loaded failed its requests): the next one
                     break  # --max-cpu-loras: it waits (in order) while its adapter is read again, or a place frees
                 if slot:
                     active.add(slot)
@@ -483,16 +270,14 @@ class Engine:
                 self.prefilling.append(group)
                 busy += group.n
             self.metrics.queue_depth.set(sum(g.n for g in self.waiting))
-            installs, self.lora_installs = self.lora_installs, []
-            freed = self._unused_retired() if self.retiring else []
-            reread, self.reread = self.reread, []
-            if self.rereading and not (self.prefilling or self.running or self.joining or installs or freed
-                                       or reread):
+            installs, freed, reread = self.adapter_slots.take_changes()
+            if self.adapter_slots.rereading and not (self.prefilling or self.running or self.joining or installs
+                                                     or freed or reread):
                 # Only a request waiting for its adapter's read is left: sleep until the read ends (or a request
                 # arrives) rather than spin on the waiting queue.
                 self.cond.wait(timeout=0.1)
         if installs or freed or reread:
-            self._change_adapters(installs, freed, reread)
+            self.adapter_slots.change(installs, freed, reread)
         self._prefill()
         self._rebuild_batch()
         self.metrics.running.set(len(self.running))
@@ -500,166 +285,6 @@ class Engine:
         if self.running:
             self._decode_step()
         return True
-
-    def _unused_retired(self) -> list[tuple[int, str]]:
-        """The retiring ``(slot, name)`` no request is left under (waiting, prefilling, running or joining),
-        taken out of ``retiring``; called under cond."""
-        used = self._active_adapters() | {g.adapter for g in self.waiting}
-        freed = [(slot, adapter.name) for slot, adapter in self.retiring.items() if slot not in used]
-        for slot, _ in freed:
-            del self.retiring[slot]
-        return freed
-
-    def _change_adapters(self, installs: list[tuple[LoraAdapter, asyncio.AbstractEventLoop, asyncio.Future]],
-                         freed: list[tuple[int, str]],
-                         reread: list[tuple[LoraAdapter, LoraAdapter | Exception]] = ()) -> None:
-        """Install the adapters read again (--max-cpu-loras) and those queued, and free the retired slots unused:
-        between two forwards, on the thread that runs them, so no forward sees a module half wrapped or an adapter
-        half installed."""
-        dtype = next(self.model.parameters()).dtype
-        for adapter, result in reread:
-            self._reinstall(adapter, result, dtype)
-        for adapter, loop, done in installs:
-            # --max-cpu-loras counts it: it takes an idle adapter's place, or, every place in use, is served as
-            # an evicted one (read again from its directory when a request needs it).
-            kept = self._make_room()
-            try:
-                if kept:
-                    self._install(adapter, dtype)
-            except Exception as exc:  # out of device memory: the adapter is not served, everything else goes on
-                logger.exception("LoRA adapter %r could not be installed", adapter.name)
-                with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting
-                    loop.call_soon_threadsafe(self._install_failed, adapter, done, exc)
-                continue
-            adapter.weights.clear()
-            if kept:
-                logger.info("LoRA adapter %r loaded from %s (slot %d)", adapter.name, adapter.path, adapter.slot)
-            else:
-                adapter.magnitudes.clear()
-                logger.info("LoRA adapter %r registered from %s (slot %d), not kept loaded: the %d loaded adapters "
-                            "(--max-cpu-loras) are all in use", adapter.name, adapter.path, adapter.slot,
-                            len(self.resident))
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._publish, adapter, done)
-        for slot, name in freed:
-            uninstall_adapter(self.model, slot)
-            with self.cond:
-                self.resident.pop(slot, None)
-            self.metrics.lora_adapters_loaded.set(len(self.resident))
-            self.prefix_cache.drop_adapter(slot)
-            self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
-            self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
-            dropped = self.sessions.drop_adapter(slot)
-            self.metrics.sessions.set(len(self.sessions))
-            logger.info("LoRA adapter %r unloaded (slot %d; %d sessions dropped)", name, slot, dropped)
-
-    def _install(self, adapter: LoraAdapter, dtype: torch.dtype) -> None:
-        """Install ``adapter`` under its slot (its matrices read), as the most recently used."""
-        if self.lora is None:  # the first adapter of a server started without: forwards set slots from now
-            self.lora = LoraSlots(self.device)
-        install_adapter(self.model, self.lora, adapter, dtype)
-        with self.cond:
-            self.resident[adapter.slot] = adapter
-        self.metrics.lora_adapters_loaded.set(len(self.resident))
-
-    # -- --max-cpu-loras: evicted adapters read again on demand (scheduler thread) ----------------------------------
-    def _loaded(self, slot: int, active: set[int]) -> bool:
-        """Whether adapter ``slot`` is installed, so that a request of it may be admitted; if not, its read is
-        started (once) on a worker thread when a place is free or an idle adapter can be evicted for it. ``active``:
-        the slots of the sequences admitted. Under cond."""
-        if slot in self.resident:
-            self.resident.move_to_end(slot)
-            return True
-        if slot in self.rereading:
-            return False
-        adapter = next((a for a in self.adapters.values() if a.slot == slot), None) or self.retiring.get(slot)
-        if adapter is None:  # freed: cannot happen while a request of it waits (_unused_retired); not served wrong
-            self._fail_waiting(slot, EngineFailure(f"LoRA slot {slot} is not served any more", 500,
-                                                   "lora_reload_failed", "model"))
-            return False
-        if not self._has_room(active):
-            return False  # every loaded adapter is in use: it waits until a request leaves
-        # Nothing is evicted yet: only a read that succeeds takes an idle adapter's place (_reinstall).
-        self.rereading.add(slot)
-        threading.Thread(target=self._read_again, args=(adapter,), name=f"retnet-lora-read-{slot}",
-                         daemon=True).start()
-        return False
-
-    def _has_room(self, active: set[int]) -> bool:
-        """Whether a place is free under --max-cpu-loras or an idle adapter (none of ``active``) could give one;
-        the reads in flight each count for one, so that they do not all count on the same idle adapter."""
-        bound = self.settings.max_cpu_loras
-        if bound is None or len(self.resident) + len(self.rereading) < bound:
-            return True
-        return sum(slot not in active for slot in self.resident) > len(self.rereading)
-
-    def _make_room(self, active: set[int] | None = None) -> bool:
-        """Whether another adapter may be installed under --max-cpu-loras, evicting the least recently used idle
-        one if need be. Idle: no sequence admitted uses it (``active``; None: those running now); of those, one no
-        waiting request names goes first, though a waiting one's may go too: requests are admitted in order, so
-        the head of the queue keeping a place for a request behind it would wait forever."""
-        bound = self.settings.max_cpu_loras
-        with self.cond:
-            if bound is None or len(self.resident) < bound:
-                return True
-            busy = self._active_adapters() if active is None else active
-            idle = [slot for slot in self.resident if slot not in busy]
-            if not idle:
-                return False
-            wanted = {g.adapter for g in self.waiting}
-            victim = next((slot for slot in idle if slot not in wanted), idle[0])
-            adapter = self.resident.pop(victim)
-        uninstall_adapter(self.model, victim)
-        adapter.magnitudes.clear()  # read again with its matrices; its slot keeps its cache entries and sessions
-        self.metrics.lora_evictions.inc()
-        self.metrics.lora_adapters_loaded.set(len(self.resident))
-        logger.info("LoRA adapter %r evicted (slot %d; --max-cpu-loras %d)", adapter.name, victim, bound)
-        return True
-
-    def _read_again(self, adapter: LoraAdapter) -> None:
-        """On a worker thread: read an evicted adapter's files (checked to be those first read) for the scheduler
-        to install, neither it nor the event loop waiting on the disk."""
-        try:
-            result: LoraAdapter | Exception = read_again(adapter, self.linears, self.settings.max_lora_rank)
-        except Exception as exc:  # a directory gone, a file truncated or changed: only its requests fail
-            result = exc
-        with self.cond:
-            self.reread.append((adapter, result))
-            self.cond.notify_all()
-
-    def _reinstall(self, adapter: LoraAdapter, result: LoraAdapter | Exception, dtype: torch.dtype) -> None:
-        """Install an adapter read again under its own slot, or fail the requests waiting for it."""
-        slot = adapter.slot
-        with self.cond:
-            self.rereading.discard(slot)
-            served = slot in self.retiring or any(a.slot == slot for a in self.adapters.values())
-        if not served:
-            return  # freed while it was read: no request is left for it
-        if isinstance(result, LoraAdapter):
-            if not self._make_room():  # evicts only now that the read succeeded
-                logger.info("LoRA adapter %r read again, but every loaded adapter is in use: read again when "
-                            "asked", adapter.name)
-                return
-            try:
-                self._install(result, dtype)
-            except Exception as exc:  # out of device memory
-                logger.exception("LoRA adapter %r could not be installed again", adapter.name)
-                result = exc
-            else:
-                result.weights.clear()
-                with self.cond:
-                    self.resident[slot] = adapter  # the adapter served, not the copy read
-                self.metrics.lora_reloads.labels("ok").inc()
-                logger.info("LoRA adapter %r read again from %s (slot %d)", adapter.name, adapter.directory, slot)
-                return
-        changed = isinstance(result, LoraChanged)
-        self.metrics.lora_reloads.labels("changed" if changed else "failed").inc()
-        logger.error("LoRA adapter %r (slot %d) could not be loaded again; its waiting requests fail: %s",
-                     adapter.name, slot, result)
-        message = str(result) if isinstance(result, ValueError) else \
-            f"LoRA adapter {adapter.name!r} could not be loaded again: {type(result).__name__}: {result}"
-        self._fail_waiting(slot, EngineFailure(message, 500, "lora_adapter_changed" if changed
-                                               else "lora_reload_failed", "model"))
 
     def _fail_waiting(self, slot: int, failure: EngineFailure) -> None:
         """End every waiting request of adapter ``slot`` with ``failure``; the others go on."""
@@ -681,6 +306,20 @@ class Engine:
         slots = {g.adapter for g in self.prefilling} | {s.group.adapter for s in self.running}
         slots |= {s.group.adapter for s, _ in self.joining}
         return slots - {0}
+
+    def _waiting_adapters(self) -> set[int]:
+        """The LoRA adapters the waiting requests name (the base, 0, among them)."""
+        return {g.adapter for g in self.waiting}
+
+    def _forget_adapter(self, slot: int) -> int:
+        """Drop the prefix-cache entries and sessions made under LoRA ``slot``, freed; returns the sessions
+        dropped."""
+        self.prefix_cache.drop_adapter(slot)
+        self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
+        self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
+        dropped = self.sessions.drop_adapter(slot)
+        self.metrics.sessions.set(len(self.sessions))
+        return dropped
 
     def _drop_cancelled_waiting(self) -> None:
         kept = deque()
@@ -814,7 +453,7 @@ class Engine:
         """One group's piece ``inputs[pos:end]`` alone (a single piece, or a prompt that wants logprobs)."""
         piece = torch.tensor([group.inputs[group.pos : end]], dtype=torch.long, device=self.device)
         keep_all = group.params.scores_prompt
-        with self._adapters_for([group.adapter], [end - group.pos]):
+        with self.adapter_slots.applied([group.adapter], [end - group.pos]):
             out = self.model(input_ids=piece, cache=group.cache, use_cache=True,
                              retention_mode=PREFILL_MODE, logits_to_keep=0 if keep_all else 1)
         self.metrics.prefill_batch.observe(1)
@@ -845,7 +484,8 @@ class Engine:
                 group.cache if group.cache is not None else RetNetCache.zeros(self.config, 1, self.device)
                 for group, _ in pieces
             ])
-        with self._adapters_for([group.adapter for group, _ in pieces], [end - group.pos for group, end in pieces]):
+        with self.adapter_slots.applied([group.adapter for group, _ in pieces],
+                                        [end - group.pos for group, end in pieces]):
             out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device), cache=cache,
                              use_cache=True, retention_mode=PREFILL_MODE, cu_seqlens=cu_seqlens,
                              logits_to_keep=cu_seqlens[1:] - 1)
@@ -988,7 +628,7 @@ class Engine:
                 return
         start = time.perf_counter()
         last = torch.tensor([[s.tokens[-1]] for s in self.running], dtype=torch.long, device=self.device)
-        with self._adapters_for([s.group.adapter for s in self.running]):
+        with self.adapter_slots.applied([s.group.adapter for s in self.running]):
             out = self.model(input_ids=last, cache=self.batch, use_cache=True, retention_mode="recurrent",
                              logits_to_keep=1)
         self.batch = out.cache
@@ -1101,7 +741,7 @@ class Engine:
         cu_seqlens = torch.tensor([0, *itertools.accumulate(len(feed) for feed in feeds)], dtype=torch.long,
                                   device=self.device)
         ids = torch.tensor([[token for feed in feeds for token in feed]], dtype=torch.long, device=self.device)
-        with self._adapters_for(slots, [len(feed) for feed in feeds]):
+        with self.adapter_slots.applied(slots, [len(feed) for feed in feeds]):
             return self.model(input_ids=ids, cache=cache, use_cache=True, retention_mode=VERIFY_MODE,
                               cu_seqlens=cu_seqlens, logits_to_keep=0 if keep_all else cu_seqlens[1:] - 1)
 
@@ -1240,10 +880,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         with self.cond:
-            installs, self.lora_installs = self.lora_installs, []
-            for adapter, loop, done in installs:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(self._install_failed, adapter, done, EngineUnavailable(message))
+            self.adapter_slots.fail_installs(message)
             groups = list(self.waiting) + list(self.prefilling)
             self.waiting.clear()
             handles = {id(g.handle): g.handle for g in groups}
@@ -1307,5 +944,4 @@ def _eos_ids(model_dir: str, tokenizer, config) -> set[int]:
     return ids
 
 
-__all__ = ["Engine", "EngineFailure", "EngineUnavailable", "QueueFull", "RequestHandle", "SeqOutput",
-           "SessionBusy", "TokenLogprob"]
+__all__ = ["Engine"]

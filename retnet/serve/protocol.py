@@ -1,7 +1,7 @@
 """Request and response models of the OpenAI API subset the server speaks, and its error body.
 
 Field names and defaults follow OpenAI's, so existing clients work unchanged. Limits that depend on the
-server's settings (``max_tokens``, ``n``, prompt length ...) are checked in :mod:`retnet.serve.serving`;
+server's settings (``max_tokens``, ``n``, prompt length ...) are checked in :mod:`retnet.serve.request_checks`;
 the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
 ``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id``, ``return_token_ids``,
@@ -176,7 +176,7 @@ class SamplingFields(RequestFields):
     allowed_token_ids: list[TokenId] | None = None
     # vLLM's: run only the prompt's last k tokens (a chat's templated conversation's).
     truncate_prompt_tokens: int | None = Field(None, ge=1)
-    # vLLM's: words the output must not contain, as the tokenizer spells them (see serving's _bad_words).
+    # vLLM's: words the output must not contain, as the tokenizer spells them (see RequestChecks.bad_word_ids).
     bad_words: list[str] | None = None
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
                                    description="continue this session's saved state, then save it again")
@@ -374,8 +374,9 @@ class TokenizeChatRequest(TokenizerFields):
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
-    # Checked as chat checks them (serving's _check_chat_features, tools.tool_calling): a conversation chat refuses is
-    # refused, not counted without its template or tools; tools chat shows the template are shown here too.
+    # Checked as chat checks them (request_checks.check_chat_features, tools.tool_calling): a conversation chat
+    # refuses is refused, not counted without its template or tools; tools chat shows the template are shown here
+    # too.
     chat_template: Any = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -41,7 +41,8 @@ from retnet.serve.protocol import (
     _refuse_bool_number,
 )
 from retnet.serve.response_store import ResponseStore
-from retnet.serve.serving import SSE_HEADERS, ChatRun, EngineStreamingResponse, OpenAIServing
+from retnet.serve.serving import ChatRun, OpenAIServing
+from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse
 
 # The chat route's sampling extras a Responses request may send too (the official client: ``extra_body``); they
 # reach the chat request as they are, and are checked there.
@@ -294,7 +295,7 @@ class ResponsesServing:
         except APIError as exc:
             raise _renamed(exc, origins) from None
         # The Response echoes the temperature and top_p the answer was sampled with (the defaults when left out).
-        shape = _Shape(request, self.serving.served_name(request.model), self.serving.sampling_fields(chat))
+        shape = _Shape(request, self.serving.served_name(request.model), self.serving.checks.sampling_fields(chat))
         if request.stream:
             return _stream(self._events(chat, run, shape, origins, history), run)
         try:

@@ -1,13 +1,16 @@
 """The handlers behind the routes: validate against the server's limits, tokenise, submit to the engine,
-and shape its outputs as OpenAI completions (whole, or SSE chunks ending ``data: [DONE]``)."""
+and shape its outputs as OpenAI completions (whole, or SSE chunks ending ``data: [DONE]``).
+
+Here: the models served (and LoRA adapters loaded at runtime), prompts built and tokenized (chat templates,
+sessions), requests submitted, and responses and chunks shaped. The field checks and the SamplingParams they
+make are :mod:`retnet.serve.request_checks`'s; collecting and streaming the engine's outputs (SSE, cancellation
+on disconnect) :mod:`retnet.serve.streaming`'s; the logprob fields and text offsets :mod:`retnet.serve.logprobs`'s.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
-import json
-import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,15 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from retnet.model.hub import ADAPTER_FILES, HubError, resolve_pretrained
-from retnet.serve.engine import Engine, EngineFailure, EngineUnavailable, QueueFull, RequestHandle, SeqOutput
+from retnet.serve.engine import Engine
+from retnet.serve.logprobs import TextOffsets, add_completion_logprobs, chat_logprob, vllm_prompt_logprobs
 from retnet.serve.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraError, LoraModule, load_adapter
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import (
     STRUCTURED_OUTPUT_FIELDS,
-    UNSUPPORTED_EXTRAS,
     APIError,
     AssistantMessage,
     ChatChoice,
@@ -32,7 +35,6 @@ from retnet.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatTokenLogprob,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -44,44 +46,24 @@ from retnet.serve.protocol import (
     LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
-    PromptLogprob,
-    PromptLogprobs,
     PromptTokensDetails,
     SamplingFields,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
-    TopLogprob,
     UnloadLoraAdapterRequest,
     Usage,
     dump,
     random_id,
 )
-from retnet.serve.sampling import SamplingParams
-from retnet.serve.settings import ServeSettings, resolve_max_tokens
+from retnet.serve.request_checks import RequestChecks, check_chat_features, check_content_parts
+from retnet.serve.sequence import EngineUnavailable, QueueFull, RequestHandle, SeqOutput
+from retnet.serve.settings import ServeSettings
 from retnet.serve.state_cache import Session, SessionBusy
+from retnet.serve.streaming import collect_outputs, sse, sse_response, stream_outputs
 from retnet.serve.structured import Grammar, GrammarCompiler, requested_grammar
 from retnet.serve.tools import ToolCalling, template_message, tool_calling
 from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
-
-_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # a logit_bias key
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# How often a non-streaming request checks that its client is still there.
-DISCONNECT_POLL_S = 0.5
-# Each bad word is tokenised (twice) for every request: bounded like the stop strings, with more room.
-MAX_BAD_WORDS = 64
-# apply_chat_template's own arguments: chat_template_kwargs holds the template's variables, not these (it may
-# set add_generation_prompt and continue_final_message, as vLLM lets it: they win over the request's fields).
-TEMPLATE_CALL_ARGUMENTS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "tokenize", "sanitize_control_tokens",
-    "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-    "tokenizer_kwargs",
-})
-
-
-def sse(data: dict | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n"
 
 
 class OpenAIServing:
@@ -93,10 +75,6 @@ class OpenAIServing:
         the model's generation config), ``max_tokens`` among them; none given: the server's own.
         ``chat_template``: ``--chat-template``'s, used instead of the tokenizer's."""
         self.settings, self.engine, self.tokenizer, self.metrics = settings, engine, tokenizer, metrics
-        defaults = dict(defaults or {})
-        self.default_max_tokens = resolve_max_tokens(settings, defaults)
-        defaults.pop("max_tokens", None)
-        self.sampling_defaults = defaults
         # Without --chat-template: the tokenizer's own (None: transformers picks it), else the built-in default.
         self.chat_template = chat_template if chat_template is not None else \
             None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
@@ -104,6 +82,7 @@ class OpenAIServing:
         self.created = int(time.time())  # the model card's `created`: when the server started, not per request
         # HF fast tokenisers may not be entered from two threads at once (the scheduler decodes).
         self.tokenizer_lock = threading.Lock()
+        self.checks = RequestChecks(settings, engine, tokenizer, self.tokenizer_lock, defaults)
         self.bos_per_turn: bool | None = None  # see _bos_per_turn
         # Tokenizations running on worker threads (counted on the event loop): while one may hold the lock, the
         # loop must not wait for it.
@@ -228,8 +207,8 @@ class OpenAIServing:
             prompts = await self._tokenizing(_size(request.prompt), self._completion_prompts, request.prompt,
                                              request.truncate_prompt_tokens,
                                              _add_special_tokens(request, _continues(session)), request.max_tokens != 0)
-            params = self._params(request, request.max_tokens, request.logprobs,
-                                  bad_words=await self._bad_words(request))
+            params = self.checks.params(request, request.max_tokens, request.logprobs,
+                                        bad_words=await self._bad_words(request))
             params.grammar = await self._grammar(request)
             # Scored once for both asks: the echo's logprobs and vLLM's prompt_logprobs, each keeping its top-k.
             asked = [k for k in (request.logprobs if request.echo else None, request.prompt_logprobs) if k is not None]
@@ -243,8 +222,8 @@ class OpenAIServing:
         # way (OpenAI's offsets index prompt + completion, echoed or not).
         choice_prompts = [prompts[i // request.n] for i in range(handle.num_choices)]
         if request.stream:
-            return self._stream(self._completion_chunks(request, handle, choice_prompts), handle)
-        outputs = await self._collect(handle, raw)
+            return sse_response(self._completion_chunks(request, handle, choice_prompts), handle)
+        outputs = await collect_outputs(handle, raw)
         choices = []
         for index, seq in enumerate(outputs):
             prompt = choice_prompts[index]
@@ -253,16 +232,16 @@ class OpenAIServing:
             if request.logprobs is not None:
                 logprobs = CompletionLogprobs()
                 if request.echo:
-                    _add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], self._offsets(0, prompt.text),
-                                             request.logprobs)
+                    add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], self._offsets(0, prompt.text),
+                                            request.logprobs)
                 offsets = self._offsets(len(prompt.text), held=prompt.held, shown=not request.skip_special_tokens)
                 for o in seq:
-                    _add_completion_logprobs(logprobs, o.logprobs or [], offsets)
+                    add_completion_logprobs(logprobs, o.logprobs or [], offsets)
             if request.echo:
                 text = prompt.text + text
             choices.append(CompletionChoice(
                 index=index, text=text, logprobs=logprobs, finish_reason=seq[-1].finish_reason,
-                prompt_logprobs=_prompt_logprobs(seq[0].prompt_logprobs, request.prompt_logprobs),
+                prompt_logprobs=vllm_prompt_logprobs(seq[0].prompt_logprobs, request.prompt_logprobs),
                 **self._ids(request, prompt.ids, seq),
             ))
         response = CompletionResponse(id=random_id("cmpl"), model=self._response_name(request.model), choices=choices,
@@ -279,19 +258,19 @@ class OpenAIServing:
         elif prompt and all(isinstance(p, str) for p in prompt):
             texts = list(prompt)
         elif prompt and all(isinstance(p, int) for p in prompt):
-            return [self._decoded_prompt(self._check_ids(list(prompt), truncate=truncate), followed)]
+            return [self._decoded_prompt(self.checks.prompt_ids(list(prompt), truncate=truncate), followed)]
         elif prompt and all(isinstance(p, list) for p in prompt):
-            self._check_prompt_count(len(prompt))
-            return [self._decoded_prompt(self._check_ids(list(p), truncate=truncate), followed) for p in prompt]
+            self.checks.prompt_count(len(prompt))
+            return [self._decoded_prompt(self.checks.prompt_ids(list(p), truncate=truncate), followed) for p in prompt]
         else:
             raise APIError(400, "prompt must not be empty", "prompt", "empty_prompt")
-        self._check_prompt_count(len(texts))
+        self.checks.prompt_count(len(texts))
         prompts = []
         for text in texts:
-            # An empty text is refused by _check_ids when it has no tokens: with a tokenizer that adds a BOS it
+            # An empty text is refused by prompt_ids when it has no tokens: with a tokenizer that adds a BOS it
             # is [BOS], generation from the start of a text (vLLM serves it too).
             ids = self._encode(text, add_special_tokens)
-            kept = self._check_ids(ids, truncate=truncate)
+            kept = self.checks.prompt_ids(ids, truncate=truncate)
             # A truncated prompt is echoed as what runs: its tokens' decoding.
             prompts.append(self._decoded_prompt(kept, followed) if len(kept) < len(ids) else CompletionPrompt(kept, text))
         return prompts
@@ -331,27 +310,6 @@ class OpenAIServing:
     def _tokenized_off_loop(self) -> None:
         self.tokenizing_off_loop -= 1
 
-    def _check_prompt_count(self, count: int) -> None:
-        if count > self.settings.max_prompts:
-            raise APIError(400, f"at most {self.settings.max_prompts} prompts per request; got {count}", "prompt")
-
-    def _check_ids(self, ids: list[int], param: str = "prompt", truncate: int | None = None) -> list[int]:
-        """``param``: what the prompt came from, for the errors (a chat's is ``messages``). ``truncate``: keep
-        the last that many tokens, before the length is checked (vLLM's truncate_prompt_tokens)."""
-        if truncate is not None:
-            ids = ids[-truncate:]
-        if not ids:
-            raise APIError(400, "prompt must not be empty", param, "empty_prompt")
-        if len(ids) > self.settings.max_prompt_tokens:
-            what = "the prompt" if param == "prompt" else "the templated messages"
-            raise APIError(400, f"{what} has {len(ids)} tokens; this server accepts at most "
-                           f"{self.settings.max_prompt_tokens}", param, "context_length_exceeded")
-        bad = [i for i in ids if i >= self.engine.vocab_size]
-        if bad:
-            raise APIError(400, f"{param}: token id {bad[0]} is out of the vocabulary (size {self.engine.vocab_size})",
-                           param, "invalid_token_id")
-        return ids
-
     async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle,
                                  prompts: list[CompletionPrompt]) -> AsyncIterator[str]:
         """``prompts``: each choice's."""
@@ -360,15 +318,15 @@ class OpenAIServing:
         offsets = [self._offsets(len(p.text), held=p.held, shown=not request.skip_special_tokens) for p in prompts]
         first = [True] * handle.num_choices
         counts = [0] * handle.num_choices
-        async for out in self._outputs(handle):
+        async for out in stream_outputs(handle):
             counts[out.index] += len(out.token_ids)
             text, logprobs = out.text, None
             if request.logprobs is not None:
                 logprobs = CompletionLogprobs()
                 if first[out.index] and request.echo:
-                    _add_completion_logprobs(logprobs, out.prompt_logprobs or [],
-                                             self._offsets(0, prompts[out.index].text), request.logprobs)
-                _add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index])
+                    add_completion_logprobs(logprobs, out.prompt_logprobs or [],
+                                            self._offsets(0, prompts[out.index].text), request.logprobs)
+                add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index])
             if first[out.index] and request.echo:
                 text = prompts[out.index].text + text
             first[out.index] = False
@@ -400,15 +358,15 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest, raw: Request):
         run = await self.start_chat(request)
         if request.stream:
-            return self._stream((sse(chunk) async for chunk in self.chat_chunks(request, run)), run.handle)
+            return sse_response((sse(chunk) async for chunk in self.chat_chunks(request, run)), run.handle)
         return JSONResponse(dump(await self.chat_response(request, run, raw)))
 
     async def start_chat(self, request: ChatCompletionRequest) -> ChatRun:
         """Check the request, template and tokenize its conversation, and submit it to the engine (the Responses
         API's route runs its requests through here too, translated: retnet.serve.responses)."""
         self._check_common(request)
-        _check_content_parts(request)
-        _check_chat_features(request)
+        check_content_parts(request)
+        check_chat_features(request)
         calling = tool_calling(request, self.settings.tool_call_parser)
         if calling is not None and request.echo:
             raise APIError(400, "echo: not with tool calls (the answer is calls, not text continuing the last "
@@ -432,8 +390,8 @@ class OpenAIServing:
         try:
             prompt, hint = await self._tokenizing(_size([m.text() for m in request.messages]), self._chat_prompt,
                                                   request, _continues(session))
-            params = self._params(request, max_tokens, top if request.logprobs else None, name,
-                                  bad_words=await self._bad_words(request))
+            params = self.checks.params(request, max_tokens, top if request.logprobs else None, name,
+                                        bad_words=await self._bad_words(request))
             params.grammar = await self._grammar(request, calling)
             if calling is not None and calling.parser is not None and "skip_special_tokens" not in \
                     request.model_fields_set:
@@ -449,12 +407,12 @@ class OpenAIServing:
     async def chat_response(self, request: ChatCompletionRequest, run: ChatRun, raw: Request) -> ChatCompletionResponse:
         """The whole response of a started chat (a client gone meanwhile cancels it: 499)."""
         handle, calling, prompt = run.handle, run.calling, run.prompt
-        outputs = await self._collect(handle, raw)
+        outputs = await collect_outputs(handle, raw)
         choices = []
         for index, seq in enumerate(outputs):
             logprobs = None
             if request.logprobs:
-                logprobs = ChatLogprobs(content=[_chat_logprob(t) for o in seq for t in (o.logprobs or [])])
+                logprobs = ChatLogprobs(content=[chat_logprob(t) for o in seq for t in (o.logprobs or [])])
             text, finish = "".join(o.text for o in seq), seq[-1].finish_reason
             auto = calling is not None and calling.parser is not None
             calls = calling.calls(text) if calling is not None and not auto and finish == "stop" else None
@@ -473,8 +431,8 @@ class OpenAIServing:
         response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self._response_name(request.model),
                                           choices=choices,
                                           usage=self._usage(handle, outputs), session_id=request.session_id,
-                                          prompt_logprobs=_prompt_logprobs(outputs[0][0].prompt_logprobs,
-                                                                           request.prompt_logprobs))
+                                          prompt_logprobs=vllm_prompt_logprobs(outputs[0][0].prompt_logprobs,
+                                                                               request.prompt_logprobs))
         return response
 
     def _chat_prompt(self, request: ChatCompletionRequest, continues: bool = False) -> tuple[list[int], int | None]:
@@ -488,7 +446,7 @@ class OpenAIServing:
         if truncate is not None and truncate < len(ids):
             # The history's state is worth caching only if it is a prefix of what is run.
             hint = hint - (len(ids) - truncate) if hint is not None and hint > len(ids) - truncate else None
-        return self._check_ids(ids, "messages", truncate), hint
+        return self.checks.prompt_ids(ids, "messages", truncate), hint
 
     def _chat_ids(self, request: ChatCompletionRequest | TokenizeChatRequest, continues: bool = False,
                   with_hint: bool = True) -> tuple[list[int], int | None]:
@@ -578,9 +536,9 @@ class OpenAIServing:
                 yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(content=echo)))
         held = [""] * handle.num_choices
         parsers = [calling.text_parser() for _ in range(handle.num_choices)] if calling and calling.parser else None
-        async for out in self._outputs(handle):
+        async for out in stream_outputs(handle):
             total += len(out.token_ids)
-            logprobs = ChatLogprobs(content=[_chat_logprob(t) for t in out.logprobs]) if out.logprobs else None
+            logprobs = ChatLogprobs(content=[chat_logprob(t) for t in out.logprobs]) if out.logprobs else None
             ids = out.token_ids if request.return_token_ids else None
             delta, finish = DeltaMessage(content=out.text), out.finish_reason
             if parsers is not None:
@@ -619,8 +577,8 @@ class OpenAIServing:
         if isinstance(request, TokenizeChatRequest):
             if request.prompt is not None:
                 raise APIError(400, "send prompt (a text) or messages (a conversation), not both", "prompt")
-            _check_content_parts(request)
-            _check_chat_features(request)
+            check_content_parts(request)
+            check_chat_features(request)
             tool_calling(request, self.settings.tool_call_parser)
             size = _size([m.text() for m in request.messages])
         else:
@@ -652,119 +610,9 @@ class OpenAIServing:
 
     # -- shared ------------------------------------------------------------------------------------------------
     def _check_common(self, request: SamplingFields) -> None:
-        s = self.settings
+        """A generation request's ``model`` and the fields every one has, checked."""
         self._check_model(request.model)
-        n_limit = min(s.max_n, s.max_running)
-        if request.n > n_limit:
-            raise APIError(400, f"n must be <= {n_limit}; got {request.n}", "n")
-        stops = request.stop_list()
-        if len(stops) > s.max_stop:
-            raise APIError(400, f"at most {s.max_stop} stop sequences; got {len(stops)}", "stop")
-        for stop in stops:
-            if not stop or len(stop) > s.max_stop_chars:
-                raise APIError(400, f"each stop sequence must have 1 to {s.max_stop_chars} characters; "
-                               f"got {len(stop)}", "stop")
-        _check_unsupported_extras(request)
-        if request.prompt_logprobs is not None and request.stream:
-            # vLLM refuses it too (it has no chunk of a stream to carry them).
-            raise APIError(400, "prompt_logprobs: not available with stream: true", "prompt_logprobs",
-                           "unsupported_parameter")
-        if request.truncate_prompt_tokens is not None and request.truncate_prompt_tokens > s.max_prompt_tokens:
-            raise APIError(400, f"truncate_prompt_tokens must be <= {s.max_prompt_tokens} (the most prompt tokens "
-                           f"this server runs); got {request.truncate_prompt_tokens}", "truncate_prompt_tokens")
-        if request.stream_options is not None and not request.stream:
-            # OpenAI's rule: the options only shape a stream, and a client sending them meant one.
-            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
-        if request.session_id is not None:
-            if s.max_sessions == 0:
-                raise APIError(400, "sessions are turned off on this server", "session_id")
-            if request.n != 1:
-                raise APIError(400, "session_id needs n = 1 (one continuation to save)", "session_id")
-
-    def _logit_bias(self, request: SamplingFields) -> dict[int, float] | None:
-        """``logit_bias`` with integer keys, checked: token ids in the vocabulary, biases in [-100, 100]."""
-        if not request.logit_bias:
-            return None
-        bias = {}
-        for key, value in request.logit_bias.items():
-            # Not int(key) alone: it reads "1_0" as 10 and other scripts' digits ("٣" is 3), biasing a token
-            # the client never named.
-            if not _TOKEN_ID_KEY.fullmatch(key):
-                raise APIError(400, f"logit_bias: the keys must be token ids; got {key!r}", "logit_bias")
-            token = int(key)
-            if not 0 <= token < self.engine.vocab_size:
-                raise APIError(400, f"logit_bias: token id {token} is out of the vocabulary (size "
-                               f"{self.engine.vocab_size})", "logit_bias", "invalid_token_id")
-            if not -100 <= value <= 100:
-                raise APIError(400, f"logit_bias: each bias must be in [-100, 100]; got {value} for token {token}",
-                               "logit_bias")
-            bias[token] = float(value)
-        return bias
-
-    def _params(self, request: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                name: str = "max_tokens", bad_words: list[list[int]] | None = None) -> SamplingParams:
-        """``name``: the field ``max_tokens`` came from, for the error; ``bad_words``: their token ids."""
-        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
-        if max_tokens > self.settings.max_tokens_limit:
-            raise APIError(400, f"{name} must be <= {self.settings.max_tokens_limit}; got {max_tokens}", name)
-        if request.min_tokens > max_tokens:
-            raise APIError(400, f"min_tokens must be <= {name} ({max_tokens}); got {request.min_tokens}",
-                           "min_tokens")
-        stop_ids, allowed = self._token_ids(request, "stop_token_ids"), self._allowed_token_ids(request)
-        self._check_something_left(request, stop_ids, allowed, bad_words or [])
-        sampling = self.sampling_fields(request)
-        return SamplingParams(
-            max_tokens=max_tokens, **sampling,
-            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            stop=request.stop_list(), logit_bias=self._logit_bias(request), ignore_eos=request.ignore_eos,
-            min_tokens=request.min_tokens, stop_token_ids=stop_ids, seed=request.seed, logprobs=logprobs,
-            include_stop_str_in_output=request.include_stop_str_in_output, allowed_token_ids=allowed,
-            bad_words_ids=bad_words or [], prompt_logprobs=request.prompt_logprobs,
-            skip_special_tokens=request.skip_special_tokens,
-            spaces_between_special_tokens=request.spaces_between_special_tokens,
-        )
-
-    def sampling_fields(self, request: SamplingFields) -> dict[str, Any]:
-        """``temperature``, ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` as the request sent them, or
-        (left out or null) the model's generation-config defaults, else the API's."""
-        sent = request.model_fields_set
-        return {name: getattr(request, name) if name in sent else self.sampling_defaults.get(name, getattr(request, name))
-                for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
-
-    def _token_ids(self, request: SamplingFields, name: str) -> frozenset[int]:
-        ids = frozenset(getattr(request, name) or ())
-        vocab = self.engine.vocab_size
-        bad = [t for t in ids if t >= vocab]
-        if bad:
-            raise APIError(400, f"{name}: token id {min(bad)} is out of the vocabulary (size {vocab})", name,
-                           "invalid_token_id")
-        return ids
-
-    def _allowed_token_ids(self, request: SamplingFields) -> frozenset[int] | None:
-        if request.allowed_token_ids is None:
-            return None
-        if not request.allowed_token_ids:
-            # vLLM refuses it too: no token could ever be sampled.
-            raise APIError(400, "allowed_token_ids must not be empty (null: every token)", "allowed_token_ids")
-        return self._token_ids(request, "allowed_token_ids")
-
-    def _check_something_left(self, request: SamplingFields, stop_ids: frozenset[int], allowed: frozenset[int] | None,
-                              bad_words: list[list[int]]) -> None:
-        """Every step must leave some token to sample: a row with every logit -inf has no distribution (the
-        multi-token bad words, known only as the output grows, yield to the others instead; see sample_step)."""
-        vocab = self.engine.vocab_size
-        single = {ids[0] for ids in bad_words if len(ids) == 1}
-
-        def left(excluded: set[int]) -> int:
-            return len(allowed - excluded) if allowed is not None else vocab - len(excluded)
-
-        if not left(single):
-            raise APIError(400, "bad_words: they ban every token of allowed_token_ids", "bad_words")
-        # min_tokens masks the stop token ids and EOS as well, for its first tokens.
-        if request.min_tokens and not left(single | stop_ids | {t for t in self.engine.eos_ids if t < vocab}):
-            name = "allowed_token_ids" if allowed is not None else "bad_words" if single else "stop_token_ids"
-            raise APIError(400, f"{name}: with min_tokens, the stop token ids and EOS are masked too, and nothing "
-                           "would be left to generate (they cover every token that may be sampled)", name)
+        self.checks.common(request)
 
     async def _grammar(self, request: SamplingFields, calling: ToolCalling | None = None) -> Grammar | None:
         """The compiled grammar of the request's structured-output field, if it sent one, or of its tool calls.
@@ -792,33 +640,11 @@ class OpenAIServing:
         return grammar
 
     async def _bad_words(self, request: SamplingFields) -> list[list[int]]:
-        """Each bad word's token ids as vLLM spells them: the word without its leading spaces, and with one
-        space before it when the tokenizer spells that differently (a word-initial token) in as many tokens."""
-        words = request.bad_words or []
-        if len(words) > MAX_BAD_WORDS:
-            raise APIError(400, f"at most {MAX_BAD_WORDS} bad_words; got {len(words)}", "bad_words")
-        for word in words:
-            if not word.strip() or len(word) > self.settings.max_stop_chars:
-                raise APIError(400, f"each of bad_words must have 1 to {self.settings.max_stop_chars} characters, "
-                               f"not all whitespace; got {word!r}", "bad_words")
+        """Each bad word's token ids (:meth:`RequestChecks.bad_word_ids`), tokenized as the prompts are."""
+        words = self.checks.bad_words(request)
         if not words:
             return []
-        return await self._tokenizing(0, self._tokenize_bad_words, words)  # at most MAX_BAD_WORDS short words
-
-    def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
-        out: list[list[int]] = []
-        with self.tokenizer_lock:
-            for word in words:
-                plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
-                spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
-                out.append(plain)
-                if spaced and plain and spaced[0] != plain[0] and len(spaced) == len(plain):
-                    out.append(spaced)
-        bad = [t for ids in out for t in ids if t >= self.engine.vocab_size]
-        if bad:
-            raise APIError(400, f"bad_words: they tokenize to token id {bad[0]}, out of the vocabulary (size "
-                           f"{self.engine.vocab_size})", "bad_words", "invalid_token_id")
-        return [ids for ids in out if ids]
+        return await self._tokenizing(0, self.checks.bad_word_ids, words)  # at most MAX_BAD_WORDS short words
 
     def _acquire_session(self, request: SamplingFields) -> Session | None:
         """The request's session, held (busy) from before its prompt is encoded: whether it has a history
@@ -895,65 +721,6 @@ class OpenAIServing:
         self.metrics.model_requests.labels(model_name=self._response_name(request.model)).inc()
         return handle
 
-    async def _outputs(self, handle: RequestHandle) -> AsyncIterator[SeqOutput]:
-        remaining = handle.num_choices
-        while remaining:
-            item = await handle.queue.get()
-            if isinstance(item, EngineFailure):
-                raise _failure_error(item)
-            for out in item:
-                if out.finish_reason is not None:
-                    remaining -= 1
-                yield out
-
-    async def _collect(self, handle: RequestHandle, raw: Request) -> list[list[SeqOutput]]:
-        """All outputs per choice. A client that goes away meanwhile cancels the work, and the engine's answer
-        decides the outcome: 499 if it cancelled a choice (its session left as it was), the whole response if
-        every choice had already finished (its session saved, whether or not anyone reads the response)."""
-        per_choice: list[list[SeqOutput]] = [[] for _ in range(handle.num_choices)]
-        remaining = handle.num_choices
-        checked = time.monotonic()
-        gone = False
-        try:
-            while remaining:
-                try:
-                    item = await asyncio.wait_for(handle.queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    item = None
-                if isinstance(item, EngineFailure):
-                    raise _failure_error(item)
-                for out in item or ():
-                    per_choice[out.index].append(out)
-                    remaining -= out.finish_reason is not None
-                # Checked by the clock, not only when the queue is idle: a running request gets outputs
-                # every decode step, and a long one would otherwise run to max_tokens for nobody.
-                if remaining and not gone and time.monotonic() - checked >= DISCONNECT_POLL_S:
-                    checked = time.monotonic()
-                    if await raw.is_disconnected():
-                        # Not a 499 yet: the engine may have finished (and saved the session) already, its
-                        # last outputs still on their way. Every choice ends either way (abort or finished).
-                        gone = True
-                        handle.cancel()
-        finally:
-            if remaining:
-                handle.cancel()
-        if any(seq and seq[-1].finish_reason == "abort" for seq in per_choice):
-            raise APIError(499, "client closed the request", None, "client_closed")
-        return per_choice
-
-    def _stream(self, chunks: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for chunk in chunks:
-                    yield chunk
-            except APIError as exc:  # the engine failed mid-stream: an error event, then the end
-                yield sse(exc.body())
-            response.finished = True  # every choice has ended: nothing left to cancel
-            yield sse("[DONE]")
-
-        response = EngineStreamingResponse(body(), handle, media_type="text/event-stream", headers=SSE_HEADERS)
-        return response
-
     def _usage(self, handle: RequestHandle, outputs: list[list[SeqOutput]]) -> Usage:
         return self._usage_counts(handle, sum(len(o.token_ids) for seq in outputs for o in seq))
 
@@ -986,35 +753,6 @@ class ChatRun:
     prompt: list[int]
 
 
-class EngineStreamingResponse(StreamingResponse):
-    """An SSE response that cancels its request unless the whole body was sent. The body generator's own
-    ``finally`` is not enough: a client gone before (or while) the headers are sent fails the response
-    before the body is ever started, and a generator never started runs no ``finally``; the request
-    would then generate to ``max_tokens`` for nobody, holding its slot."""
-
-    def __init__(self, content: AsyncIterator[str], handle: RequestHandle, **kwargs):
-        super().__init__(content, **kwargs)
-        self.handle = handle
-        self.finished = False  # set by the body once every choice has ended
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            # Also when __call__ returned: before ASGI 2.4 a disconnect ends the response without an error.
-            if not self.finished:  # the client left (or the server is cancelling us): free the slot
-                self.handle.cancel()
-            # Close the body now (not when collected), so the generators under it end here.
-            with contextlib.suppress(RuntimeError):
-                await self.body_iterator.aclose()
-
-
-def _failure_error(failure: EngineFailure) -> APIError:
-    """The error a request the engine could not answer gets: 503 when the engine died, else the failure's own
-    (an evicted LoRA adapter that could not be read again: 500)."""
-    return APIError(failure.status, failure.message, failure.param, failure.code, type="server_error")
-
-
 def _continues(session: Session | None) -> bool:
     return session is not None and session.cache is not None
 
@@ -1034,21 +772,6 @@ def _usage_options(request: SamplingFields) -> tuple[bool, bool]:
     return include, include and options.continuous_usage_stats
 
 
-def _check_content_parts(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
-    """Only text parts are supported (no images, audio or files): refuse any other by its place."""
-    for i, message in enumerate(request.messages):
-        if not isinstance(message.content, list):
-            continue
-        for j, part in enumerate(message.content):
-            where = f"messages[{i}].content[{j}]"
-            if part.type != "text":
-                raise APIError(400, f"{where}.type: only text content parts are supported (type 'text'); got type "
-                               f"{part.type!r}", f"{where}.type", "unsupported_content_type")
-            if part.text is None:
-                raise APIError(400, f"{where}.text: a text content part needs a string 'text'", f"{where}.text",
-                               "missing")
-
-
 # A prompt this large (characters, or token ids) is tokenized on a worker thread: a megabyte takes the tokenizer
 # about a second, which every running stream would wait for. Smaller ones stay on the event loop: a burst of
 # short requests handed to threads reaches the engine spread out, in more prefill rounds, each a stall of every
@@ -1065,40 +788,6 @@ def _size(value) -> int:
     return 0
 
 
-def _check_unsupported_extras(request: SamplingFields) -> None:
-    """vLLM's output-changing extras this server does not run (``UNSUPPORTED_EXTRAS``) are refused by name
-    unless set to their no-op value: ignoring them would return output the client did not ask for."""
-    for name, no_op in UNSUPPORTED_EXTRAS.items():
-        value = getattr(request, name)
-        # bool-checked too: in Python true == 1, and a length_penalty of true is no 1.0
-        if value is not None and not (value == no_op and isinstance(value, bool) == isinstance(no_op, bool)):
-            raise APIError(400, f"{name}: not supported (only {json.dumps(no_op)} or null is accepted); got "
-                           f"{json.dumps(value)}", name, "unsupported_parameter")
-
-
-def _check_chat_features(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
-    """The legacy ``functions`` are not supported: their no-op values pass, the others are refused by name
-    (ignoring them would return plain text where the client expects a call; tools are :func:`~retnet.serve.tools.tool_calling`'s).
-    Neither is a template sent with the request, nor template variables that are apply_chat_template's own
-    arguments."""
-    if request.chat_template is not None:
-        raise APIError(400, "chat_template: a template sent with the request is not supported (the server uses "
-                       "the model's, or the one it was started with: --chat-template)", "chat_template", "unsupported_parameter")
-    reserved = sorted(TEMPLATE_CALL_ARGUMENTS & set(request.chat_template_kwargs or ()))
-    if reserved:
-        raise APIError(400, f"chat_template_kwargs: {reserved[0]!r} is not a template variable but an argument of "
-                       "the templating (send documents, add_generation_prompt ... as the request's own fields)",
-                       "chat_template_kwargs")
-    if request.function_call is not None and request.function_call not in ("none", "auto"):
-        raise APIError(400, "function_call: the legacy functions are not supported; only 'none' (or 'auto' without "
-                       "functions) is accepted (send tools with tool_choice instead)", "function_call",
-                       "unsupported_parameter")
-    if request.functions and request.function_call != "none":
-        raise APIError(400, "functions: the legacy functions are not supported (send tools with tool_choice "
-                       "'required' or a named function instead, or function_call: 'none' to have the functions "
-                       "ignored)", "functions", "unsupported_parameter")
-
-
 @dataclass(slots=True)
 class CompletionPrompt:
     """One prompt of a completion request: the ``ids`` that run, and ``text``, what echo shows of them and where
@@ -1112,36 +801,6 @@ class CompletionPrompt:
     held: bytes = b""
 
 
-class TextOffsets:
-    """Each token's ``text_offset``: where it starts in the returned text, counted from ``start``.
-
-    A token's characters are those its bytes decode to in sequence (a character split across tokens is
-    counted once, in the token holding its first byte; a byte that is no part of a valid character is the
-    U+FFFD the text shows for it). Special tokens (``special_ids``: those the engine's decoding skips) are not
-    in a completion's text, and in an echoed prompt only where the client's text holds them: a BOS the
-    tokenizer adds is not in it, and counting its characters would shift every later offset.
-    """
-
-    def __init__(self, start: int, special_ids: set[int], echoed: str | None = None, held: bytes = b""):
-        """``held``: the bytes of the prompt's last tokens that its text leaves to the completion's (a character
-        they leave unfinished, see ``CompletionPrompt.held``): they start the completion's text."""
-        self.special_ids = special_ids
-        self.echoed = echoed  # the echoed prompt (starting at 0), or None for a completion's text
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.position = start + len(self.decoder.decode(held))  # characters of the text decoded so far
-
-    def push(self, token_id: int, label: str, raw: bytes) -> int:
-        """The offset of this token (``label``: its text, ``raw``: its bytes), then count its characters."""
-        pending = bool(self.decoder.getstate()[0])
-        # A character begun by earlier tokens is already counted: one U+FFFD if it never completes.
-        offset = self.position + pending
-        if token_id in self.special_ids and (self.echoed is None or pending
-                                             or not self.echoed.startswith(label, self.position)):
-            return offset
-        self.position += len(self.decoder.decode(raw))
-        return offset
-
-
 def _chat_echo(request: ChatCompletionRequest) -> str:
     """vLLM's chat ``echo``: the text the answer starts with, the last message's when the answer continues it
     (it is the assistant's, or no generation prompt opens a new one)."""
@@ -1152,42 +811,4 @@ def _chat_echo(request: ChatCompletionRequest) -> str:
     return last.text() if last.role == "assistant" or not opened else ""
 
 
-def _add_completion_logprobs(target: CompletionLogprobs, entries, offsets: TextOffsets, k: int | None = None) -> None:
-    """``k``: keep that many alternatives of each entry (the prompt's may hold more, for prompt_logprobs)."""
-    for entry in entries:
-        target.tokens.append(entry.token)
-        target.token_logprobs.append(entry.logprob)
-        top = None
-        if entry.logprob is not None:
-            # OpenAI's completions (and vLLM's) always hold the chosen token too: up to logprobs + 1 entries.
-            top = {t.token: t.logprob for t in entry.top[:k]}
-            top.setdefault(entry.token, entry.logprob)
-        target.top_logprobs.append(top)
-        target.text_offset.append(offsets.push(entry.token_id, entry.token, entry.token_bytes))
-
-
-def _prompt_logprobs(entries, k: int | None) -> PromptLogprobs | None:
-    """vLLM's ``prompt_logprobs`` of the engine's prompt scores (``entries``, one a prompt token): each token's
-    own logprob and rank, then its top ``k`` ranked 1..k; None where the request asked for none (``k`` None)."""
-    if k is None or entries is None:
-        return None
-    out: PromptLogprobs = []
-    for entry in entries:
-        if entry.logprob is None:  # the first token: nothing before it to score it after
-            out.append(None)
-            continue
-        ranked = {entry.token_id: PromptLogprob(logprob=entry.logprob, rank=entry.rank, decoded_token=entry.token)}
-        for rank, alt in enumerate(entry.top[:k], 1):
-            ranked.setdefault(alt.token_id, PromptLogprob(logprob=alt.logprob, rank=rank, decoded_token=alt.token))
-        out.append(ranked)
-    return out
-
-
-def _chat_logprob(entry) -> ChatTokenLogprob:
-    return ChatTokenLogprob(
-        token=entry.token, logprob=entry.logprob, bytes=list(entry.token_bytes),
-        top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token_bytes)) for t in entry.top],
-    )
-
-
-__all__ = ["OpenAIServing", "sse"]
+__all__ = ["OpenAIServing"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from retnet.serve.engine import SeqOutput, Sequence
+    from retnet.serve.sequence import SeqOutput, Sequence
     from retnet.serve.settings import SpeculativeConfig
 
 # A speculative step feeds a few tokens a row: the recurrent form, as a decode step (the same arithmetic token by

@@ -783,7 +783,7 @@ async def test_a_session_finished_before_its_client_left_is_saved_and_answered_w
     import threading
     import time
 
-    monkeypatch.setattr("retnet.serve.serving.DISCONNECT_POLL_S", 1e-3)
+    monkeypatch.setattr("retnet.serve.streaming.DISCONNECT_POLL_S", 1e-3)
     async with open_app() as c:
         app, engine = c.app, c.app.state.engine
         body = json.dumps({"prompt": "def add(a, b):", "max_tokens": 64, "session_id": "s-done",

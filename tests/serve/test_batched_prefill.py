@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from retnet.serve.engine import EngineFailure
 from retnet.serve.sampling import SamplingParams
+from retnet.serve.sequence import EngineFailure
 
 pytestmark = pytest.mark.anyio
 

@@ -8,8 +8,8 @@ import weakref
 import pytest
 import torch
 
-from retnet.serve.engine import EngineFailure
 from retnet.serve.sampling import SamplingParams
+from retnet.serve.sequence import EngineFailure
 from tests.serve.conftest import watch_state_copies
 from tests.serve.test_units import cancel_late, standalone_engine
 

@@ -265,5 +265,5 @@ def test_without_adapters_the_model_is_untouched(model_dir):
     model = RetNetForCausalLM.from_pretrained(model_dir).eval()
     app = create_app(make_settings(model_dir), model=model)
     app.state.engine._load()
-    assert app.state.engine.lora is None
+    assert app.state.engine.adapter_slots.lora is None
     assert not any(isinstance(m, LoraLinear) for m in model.modules())

@@ -221,17 +221,17 @@ async def test_unloading_an_evicted_adapter_lets_its_waiting_request_finish(mode
     """The unload takes the name away and retires the slot in one step for the scheduler: a request accepted
     under the evicted adapter, waiting for its read, must not find the slot neither served nor retiring (it was
     failed with "not served any more"). The sleep widens the window a thread switch can open."""
-    from retnet.serve.engine import Engine
+    from retnet.serve.adapter_slots import AdapterSlots
 
     from .test_lora_runtime import eventually
 
-    original = Engine._retire
+    original = AdapterSlots._retire
 
     def retire(self, adapter):
         time.sleep(0.3)
         original(self, adapter)
 
-    monkeypatch.setattr(Engine, "_retire", retire)
+    monkeypatch.setattr(AdapterSlots, "_retire", retire)
     slow_decode(monkeypatch)
     flags = [f"a={adapter_dirs['a']}", f"b={adapter_dirs['b']}"]
     async with serve_app(model_dir, lora_modules=flags, max_cpu_loras=1, allow_runtime_lora_updating=True,

@@ -94,7 +94,7 @@ async def test_load_serves_as_a_startup_adapter_then_unload_removes_it(model_dir
     # A server started without adapters: nothing is wrapped until the first load.
     async with serve_app(model_dir, **RUNTIME) as client:
         engine = client.app.state.engine
-        assert engine.lora is None and not installed_slots(engine)
+        assert engine.adapter_slots.lora is None and not installed_slots(engine)
         r = await load(client, "a", path)
         assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'a' added successfully.")
         assert await listed(client) == [("micro", None, str(model_dir)), ("a", "micro", str(path))]
@@ -200,7 +200,7 @@ async def test_requests_accepted_under_an_adapter_finish_under_it(model_dir, ada
         assert (await unload(client, "a")).status_code == 200
         assert (await client.post("/v1/completions", json={**body, "model": "a"})).status_code == 404
         loading = asyncio.create_task(load(client, "a", path_b))
-        await eventually(lambda: bool(engine.lora_installs))  # read, and queued for the scheduler
+        await eventually(lambda: bool(engine.adapter_slots.installs))  # read, and queued for the scheduler
         assert slot_a in installed_slots(engine)  # still in use
         gate.set()
         assert (await loading).status_code == 200
@@ -214,7 +214,7 @@ async def test_requests_accepted_under_an_adapter_finish_under_it(model_dir, ada
         # weights, the next request gets the new ones (a's).
         running = await start("b")
         loading = asyncio.create_task(load(client, "b", path_a, load_inplace=True))
-        await eventually(lambda: bool(engine.lora_installs))
+        await eventually(lambda: bool(engine.adapter_slots.installs))
         gate.set()
         assert (await loading).status_code == 200
         r = await running

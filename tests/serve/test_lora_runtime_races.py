@@ -122,9 +122,9 @@ def test_revision_or_download_dir_without_a_hub_id_is_said_to_be_ignored(model_d
 async def test_an_install_failing_halfway_changes_nothing(model_dir, adapter_dirs, monkeypatch):
     """The scheduler's install fails after some modules took the adapter's matrices (out of device memory): the
     load is a 500, no slot keeps a matrix of it, the name is free again, and the base answers as before."""
-    import retnet.serve.engine as engine_module
+    import retnet.serve.adapter_slots as adapter_slots_module
 
-    install = engine_module.install_adapter
+    install = adapter_slots_module.install_adapter
 
     def failing_install(model, slots, adapter, dtype):  # a module wrapped last, whose copy fails
         adapter.weights["model.layers.1.retention.g_proj"] = (object(), object())
@@ -134,11 +134,11 @@ async def test_an_install_failing_halfway_changes_nothing(model_dir, adapter_dir
         engine = client.app.state.engine
         greedy = {"prompt": PROMPT, "temperature": 0, "max_tokens": 4}
         base = (await client.post("/v1/completions", json=greedy)).json()
-        monkeypatch.setattr(engine_module, "install_adapter", failing_install)
+        monkeypatch.setattr(adapter_slots_module, "install_adapter", failing_install)
         r = await load(client, "a", adapter_dirs["a"])
         assert (r.status_code, r.json()["error"]["code"]) == (500, "lora_install_failed"), r.text
         assert installed_slots(engine) == {engine.adapters["b"].slot} and not engine.loading
-        monkeypatch.setattr(engine_module, "install_adapter", install)
+        monkeypatch.setattr(adapter_slots_module, "install_adapter", install)
         assert (await load(client, "a", adapter_dirs["a"])).status_code == 200
         again = (await client.post("/v1/completions", json=greedy)).json()
         assert again["choices"][0]["text"] == base["choices"][0]["text"]
@@ -161,7 +161,7 @@ async def test_a_load_queued_at_shutdown_is_answered(model_dir, adapter_dirs, mo
                                                                            "ignore_eos": True}))
         await eventually(lambda: bool(engine.running))
         loading = asyncio.create_task(load(client, "a", adapter_dirs["a"]))
-        await eventually(lambda: bool(engine.lora_installs))
+        await eventually(lambda: bool(engine.adapter_slots.installs))
         stopping = threading.Thread(target=engine.shutdown)
         stopping.start()
         await eventually(lambda: engine.stopping)

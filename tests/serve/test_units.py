@@ -7,8 +7,8 @@ import torch
 
 from retnet.model import RetNetCache
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
-from retnet.serve.engine import RequestHandle
 from retnet.serve.sampling import RowSampler, SamplingParams, sample_step
+from retnet.serve.sequence import RequestHandle
 from retnet.serve.state_cache import PrefixCache, PrefixEntry, SessionBusy, SessionStore
 
 
@@ -347,7 +347,7 @@ async def test_a_cancel_landing_anywhere_in_an_iteration_frees_the_slot_once(mod
 
 @pytest.mark.anyio
 async def test_a_request_submitted_as_the_engine_dies_is_refused_not_left_hanging(model_dir):
-    from retnet.serve.engine import EngineUnavailable
+    from retnet.serve.sequence import EngineUnavailable
 
     engine = standalone_engine(model_dir)
     lock = engine.cond
@@ -394,7 +394,7 @@ def test_a_steps_outputs_reach_every_request_with_one_wake_up_of_the_loop():
     # Each call_soon_threadsafe writes the loop's self-pipe: a decode step of 64 streams did it 64 times.
     import asyncio
 
-    from retnet.serve.engine import emit_all
+    from retnet.serve.sequence import emit_all
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -1,0 +1,121 @@
+"""An engine request's outputs as the HTTP side takes them: collected whole, or streamed as SSE (``data: {json}``
+events ending ``data: [DONE]``); either way a client that leaves cancels the work, and a request the engine could
+not answer becomes an :class:`~retnet.serve.protocol.APIError`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from retnet.serve.protocol import APIError
+from retnet.serve.sequence import EngineFailure, RequestHandle, SeqOutput
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# How often a non-streaming request checks that its client is still there.
+DISCONNECT_POLL_S = 0.5
+
+
+def sse(data: dict | str) -> str:
+    """One SSE event carrying ``data`` (a dict as compact JSON, a string as it is)."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+async def stream_outputs(handle: RequestHandle) -> AsyncIterator[SeqOutput]:
+    """``handle``'s outputs as they arrive, until every choice has finished; an engine failure raises."""
+    remaining = handle.num_choices
+    while remaining:
+        item = await handle.queue.get()
+        if isinstance(item, EngineFailure):
+            raise _failure_error(item)
+        for out in item:
+            if out.finish_reason is not None:
+                remaining -= 1
+            yield out
+
+
+async def collect_outputs(handle: RequestHandle, raw: Request) -> list[list[SeqOutput]]:
+    """All outputs per choice. A client that goes away meanwhile cancels the work, and the engine's answer
+    decides the outcome: 499 if it cancelled a choice (its session left as it was), the whole response if
+    every choice had already finished (its session saved, whether or not anyone reads the response)."""
+    per_choice: list[list[SeqOutput]] = [[] for _ in range(handle.num_choices)]
+    remaining = handle.num_choices
+    checked = time.monotonic()
+    gone = False
+    try:
+        while remaining:
+            try:
+                item = await asyncio.wait_for(handle.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                item = None
+            if isinstance(item, EngineFailure):
+                raise _failure_error(item)
+            for out in item or ():
+                per_choice[out.index].append(out)
+                remaining -= out.finish_reason is not None
+            # Checked by the clock, not only when the queue is idle: a running request gets outputs
+            # every decode step, and a long one would otherwise run to max_tokens for nobody.
+            if remaining and not gone and time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
+                if await raw.is_disconnected():
+                    # Not a 499 yet: the engine may have finished (and saved the session) already, its
+                    # last outputs still on their way. Every choice ends either way (abort or finished).
+                    gone = True
+                    handle.cancel()
+    finally:
+        if remaining:
+            handle.cancel()
+    if any(seq and seq[-1].finish_reason == "abort" for seq in per_choice):
+        raise APIError(499, "client closed the request", None, "client_closed")
+    return per_choice
+
+
+def sse_response(chunks: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:
+    """The SSE response of ``chunks`` (events already), ending ``data: [DONE]``; an engine failure mid-stream is
+    sent as an error event before it."""
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except APIError as exc:  # the engine failed mid-stream: an error event, then the end
+            yield sse(exc.body())
+        response.finished = True  # every choice has ended: nothing left to cancel
+        yield sse("[DONE]")
+
+    response = EngineStreamingResponse(body(), handle, media_type="text/event-stream", headers=SSE_HEADERS)
+    return response
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """An SSE response that cancels its request unless the whole body was sent. The body generator's own
+    ``finally`` is not enough: a client gone before (or while) the headers are sent fails the response
+    before the body is ever started, and a generator never started runs no ``finally``; the request
+    would then generate to ``max_tokens`` for nobody, holding its slot."""
+
+    def __init__(self, content: AsyncIterator[str], handle: RequestHandle, **kwargs):
+        super().__init__(content, **kwargs)
+        self.handle = handle
+        self.finished = False  # set by the body once every choice has ended
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Also when __call__ returned: before ASGI 2.4 a disconnect ends the response without an error.
+            if not self.finished:  # the client left (or the server is cancelling us): free the slot
+                self.handle.cancel()
+            # Close the body now (not when collected), so the generators under it end here.
+            with contextlib.suppress(RuntimeError):
+                await self.body_iterator.aclose()
+
+
+def _failure_error(failure: EngineFailure) -> APIError:
+    """The error a request the engine could not answer gets: 503 when the engine died, else the failure's own
+    (an evicted LoRA adapter that could not be read again: 500)."""
+    return APIError(failure.status, failure.message, failure.param, failure.code, type="server_error")
