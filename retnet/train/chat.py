@@ -69,24 +69,33 @@ def check_conversations(dataset: str, field: str, rows: Iterable[Any],
     for index, row in enumerate(rows, start=first_row):
         if row is None or (isinstance(row, list) and not row):
             continue
-        problem = None
-        if not isinstance(row, list):
-            problem = f"holds {type(row).__name__} {row!r:.80}"
-        else:
-            for number, message in enumerate(row):
-                if not isinstance(message, dict):
-                    problem = f"message {number} is {type(message).__name__} {message!r:.80}"
-                elif not isinstance(message.get("role"), str) or not message["role"]:
-                    problem = f"message {number} has role {message.get('role')!r:.80}"
-                elif not isinstance(message.get("content"), str):
-                    problem = f"message {number} has content {message.get('content')!r:.80}"
-                if problem:
-                    break
+        problem = conversation_problem(row)
         if problem:
             raise ConfigError(f"data.messages_field {field!r} of {dataset!r}, row {index}: {problem}; expected a "
                               f"list of {{'role': str, 'content': str}} messages")
-        conversations.append([{k: v for k, v in m.items() if v is not None} for m in row])
+        conversations.append(template_messages(row))
     return conversations
+
+
+def conversation_problem(row: Any) -> str | None:
+    """What makes ``row`` no list of ``{"role": str, "content": str}`` messages (``"message 1 has content
+    None"``), or None when it is one."""
+    if not isinstance(row, list):
+        return f"holds {type(row).__name__} {row!r:.80}"
+    for number, message in enumerate(row):
+        if not isinstance(message, dict):
+            return f"message {number} is {type(message).__name__} {message!r:.80}"
+        if not isinstance(message.get("role"), str) or not message["role"]:
+            return f"message {number} has role {message.get('role')!r:.80}"
+        if not isinstance(message.get("content"), str):
+            return f"message {number} has content {message.get('content')!r:.80}"
+    return None
+
+
+def template_messages(row: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A checked conversation's messages as the template reads them: without the keys ``datasets`` filled with
+    None where only some messages have them."""
+    return [{k: v for k, v in m.items() if v is not None} for m in row]
 
 
 class ChatEncoder:
@@ -201,5 +210,5 @@ def target_count(flags: np.ndarray) -> int:
     return int(np.count_nonzero(np.asarray(flags)[:, 1:] & TARGET))
 
 
-__all__ = ["BOUNDARY", "TARGET", "ChatEncoder", "chat_template", "check_conversations", "render_default",
-           "target_count", "template_identity", "without_spilled_targets"]
+__all__ = ["BOUNDARY", "TARGET", "ChatEncoder", "chat_template", "check_conversations", "conversation_problem",
+           "render_default", "target_count", "template_identity", "template_messages", "without_spilled_targets"]

@@ -4,9 +4,9 @@
 
 ``name_or_path`` is a preset shipped in ``retnet/train/configs/<name>.toml`` (``tiny``, ``small``,
 ``retnet-1.3b`` ...) or a path to a TOML file with the tables ``[model]``, ``[data]``, ``[optim]``,
-``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``). Overrides are ``--section.key=value`` (or ``--section.key
-value``), coerced to the field's type; ``--model.extra.KEY=VALUE`` sets any other ``RetNetConfig`` field
-(VALUE read as a TOML value). Unknown keys and values of the wrong type are refused with the key's name.
+``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``, ``[dpo]``). Overrides are ``--section.key=value``
+(or ``--section.key value``), coerced to the field's type; ``--model.extra.KEY=VALUE`` sets any other
+``RetNetConfig`` field (VALUE read as a TOML value). Unknown keys and values of the wrong type are refused with the key's name.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ OPTIMIZERS = ("adamw", "muon")
 PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_LAYOUTS = ("auto", "full", "sharded")
-DATA_FORMATS = ("text", "chat")
+DATA_FORMATS = ("text", "chat", "preference")
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
 # What a data.mixture source may set for itself; every other data setting is the [data] section's, for each source.
 MIXTURE_SOURCE_KEYS = ("dataset", "weight", "name", "split", "text_field", "messages_field")
 # A source's label names its metrics (val_loss.<label>) in metrics.jsonl, TensorBoard and W&B.
@@ -157,7 +158,9 @@ class DataConfig(_Section):
     ``format``: ``"text"`` (each row's ``text_field`` is a document) or ``"chat"`` (supervised fine-tuning:
     each row's ``messages_field`` is a conversation, a list of ``{"role", "content"}`` messages, rendered with
     the tokenizer's chat template; with ``assistant_only_loss`` only the assistant messages' tokens are
-    targets, see ``retnet.train.chat``).
+    targets, see ``retnet.train.chat``) or ``"preference"`` (DPO on TRL's ``prompt``/``chosen``/``rejected`` rows,
+    ``retnet.train.preference``; ``max_prompt_length`` > 0 cuts longer prompts to their last tokens, 0 keeps them
+    whole and refuses one that leaves no room for a completion in ``seq_len``).
 
     ``mixture``: several datasets blended by weight (``retnet.train.mixture``), label -> ``{dataset = "...",
     weight = 0.3}`` with optional ``name``, ``split``, ``text_field``, ``messages_field`` of its own (else the
@@ -177,6 +180,7 @@ class DataConfig(_Section):
     tokenizer: str | None = None
     tokenizer_train_chars: int = 5_000_000
     seq_len: int = 256
+    max_prompt_length: int = 0  # data.format "preference": 0 = prompts are not cut
     # Reset the retention state (and rotary positions) at every EOS inside a packed block, through the
     # kernels' varlen path, so no document is conditioned on the one before it.
     document_boundaries: bool = True
@@ -208,10 +212,33 @@ class DataConfig(_Section):
                 if dataset == "stdlib":
                     _refuse(key, "must hold conversations with data.format 'chat' (rows of JSON/JSONL/Parquet "
                             "files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text", dataset)
+        if self.format == "preference":
+            self._check_preference()
+        elif self.max_prompt_length:  # most likely a forgotten data.format: that run would not read pairs
+            _refuse("data.max_prompt_length", f"is set but data.format is {self.format!r}; it cuts the prompts of "
+                    f"data.format 'preference'", self.max_prompt_length)
         if self.streaming and self.mixture:
             for key, dataset in self._datasets():
                 if dataset == "stdlib":  # build_data's refusal would name data.streaming, not the source
                     _refuse(key, "cannot be 'stdlib' with data.streaming (the stdlib corpus is not streamed)", dataset)
+
+    def _check_preference(self) -> None:
+        """ConfigError for what preference data cannot be: a pair is read whole and its reference log-probs are
+        computed over the whole (cached) set before the first step."""
+        if self.mixture:
+            _refuse("data.mixture", "cannot be used with data.format 'preference' (the reference log-probs are "
+                    "precomputed over one dataset); merge the pairs into one dataset", sorted(self.mixture))
+        if self.streaming:
+            _refuse("data.streaming", "cannot be used with data.format 'preference' (the reference log-probs of "
+                    "every pair are precomputed before the first step)", self.streaming)
+        if self.dataset == "stdlib":
+            _refuse("data.dataset", "must hold preference pairs with data.format 'preference' (rows of "
+                    "JSON/JSONL/Parquet files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text",
+                    self.dataset)
+        _positive("data", self, "max_prompt_length", allow_zero=True)
+        if self.max_prompt_length >= self.seq_len:
+            _refuse("data.max_prompt_length", f"must be < data.seq_len ({self.seq_len}): a completion needs room "
+                    f"after the prompt", self.max_prompt_length)
 
     def _datasets(self) -> list[tuple[str, str]]:
         """(the setting's name, the dataset) of each dataset read: ``data.dataset`` or each mixture source's."""
@@ -493,6 +520,28 @@ class LoraConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
+class DpoConfig(_Section):
+    """Direct Preference Optimization (``data.format = "preference"``, ``retnet.train.preference``), as TRL's
+    DPOTrainer: ``beta`` the strength of the pull towards the reference (the model as the run starts),
+    ``loss_type`` ``"sigmoid"`` (DPO) or ``"ipo"`` (IPO, on length-averaged log-probs), ``label_smoothing``
+    the assumed share of flipped labels (conservative DPO, sigmoid only)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("dpo", self, "beta")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            _refuse("dpo.loss_type", f"must be one of {DPO_LOSS_TYPES}", self.loss_type)
+        if not 0.0 <= self.label_smoothing < 0.5:  # 0.5: the labels are noise; nan fails it too
+            _refuse("dpo.label_smoothing", "must be in [0, 0.5)", self.label_smoothing)
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            _refuse("dpo.label_smoothing", f"applies to dpo.loss_type 'sigmoid' only (conservative DPO), not "
+                    f"{self.loss_type!r}", self.label_smoothing)
+
+
+@dataclass(kw_only=True, slots=True)
 class JobConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -501,9 +550,11 @@ class JobConfig(_Section):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
     def __post_init__(self) -> None:
         _check_optimizer(self)
+        _check_dpo(self)
         # Here, not in OptimConfig: the bound is another section's field. The warmup's last step is the one at
         # optim.lr, so a warmup of more steps than the run has would end below it.
         if self.optim.warmup_steps > self.train.steps:
@@ -534,6 +585,30 @@ def _check_optimizer(job: JobConfig) -> None:
                 "adapters, which Muon is not made for): use optim.name=adamw for LoRA", job.optim.name)
 
 
+def _check_dpo(job: JobConfig) -> None:
+    """ConfigError for ``[dpo]`` settings without preference data (a forgotten ``data.format``), and for preference
+    data without ``model.init_from``: DPO moves a trained model relative to itself; a random init has no
+    preferences to keep close to."""
+    if job.data.format != "preference":
+        for spec in dataclasses.fields(DpoConfig):
+            if getattr(job.dpo, spec.name) != spec.default:
+                _refuse(f"dpo.{spec.name}", f"is set but data.format is {job.data.format!r}; DPO trains on "
+                        f"data.format 'preference'", getattr(job.dpo, spec.name))
+    elif job.model.init_from is None:
+        _refuse("model.init_from", "must name the model to tune with data.format 'preference' (DPO starts from a "
+                "trained model, usually an SFT run's export, which is also its reference)", job.model.init_from)
+
+
+def dpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
+    """The ``[dpo]`` settings that differ between a checkpoint's config (``saved``) and ``current``, as
+    ``"dpo.beta: checkpoint 0.1, now 0.2"``: the objective the run optimizes. A checkpoint of another format has
+    none (``data_changes`` reports the format)."""
+    if "dpo" not in saved:
+        return []
+    old, now = {**DpoConfig().to_dict(), **saved["dpo"]}, current.dpo.to_dict()
+    return [f"dpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
+
+
 def optim_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     """``optim.name`` when it differs between a checkpoint's config (``saved``, a ``JobConfig.to_dict()``; one
     from before the setting trained with AdamW) and ``current``: the optimizer state of one is not the other's
@@ -547,7 +622,8 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
     config (``saved``, a ``JobConfig.to_dict()``) and ``current``, as ``"data.seq_len: checkpoint 128, now
     256"``. A checkpoint's data position counts blocks of that stream, so a resume with any of them changed
     would go on in other data. ``data.format`` is compared too, and then the field of the current format
-    (``text_field``; ``messages_field`` and ``assistant_only_loss``, which decides the targets, for chat).
+    (``text_field``; ``messages_field`` and ``assistant_only_loss``, which decides the targets, for chat;
+    ``max_prompt_length`` for preference pairs, whose objective ``dpo_changes`` compares).
 
     Free to change: everything else. ``train.steps`` (extending a run), logging, evaluation, checkpointing,
     the batch sizes (the position counts blocks, not steps), the optimizer, ``data.cache_dir`` (a cache miss
@@ -561,7 +637,8 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
     # A checkpoint from before data.format trained on text. The field read is the format's own.
     was = saved.get("data", {}).get("format", "text")
     changes = [] if was == current.data.format else [f"data.format: checkpoint {was!r}, now {current.data.format!r}"]
-    fields = ["data.messages_field", "data.assistant_only_loss"] if current.data.format == "chat" else ["data.text_field"]
+    fields = {"chat": ["data.messages_field", "data.assistant_only_loss"],
+              "preference": ["data.max_prompt_length"]}.get(current.data.format, ["data.text_field"])
     keys = ["data.dataset", "data.name", "data.split", *fields, "data.max_documents", "data.seq_len"]
     # A stream's validation split is its first val_documents documents; packed data holds out val_fraction of
     # them and shuffles its blocks with train.seed. Each is ignored in the other mode.
@@ -831,7 +908,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 
 
 __all__ = [
-    "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig",
-    "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "build_config", "data_changes", "load_config",
-    "lora_changes", "mixture_shares", "model_changes", "optim_changes", "parse_overrides", "preset_names",
+    "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "DpoConfig", "JobConfig",
+    "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "build_config", "data_changes",
+    "dpo_changes", "load_config", "lora_changes", "mixture_shares", "model_changes", "optim_changes",
+    "parse_overrides", "preset_names",
 ]

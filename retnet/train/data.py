@@ -261,7 +261,7 @@ def _hub_options(cfg: DataConfig, builder) -> dict[str, Any]:
     column read as written, like local CSV files (:func:`_csv_options`), and only that column. Its other
     columns' names are not known before its files are read, so they cannot keep pandas' NA spellings one by
     one as local files' do; unread, they cannot refuse the set over types either."""
-    if builder.name != "csv" or cfg.format == "chat":  # (a CSV cell holds no conversation: refused by row)
+    if builder.name != "csv" or cfg.format != "text":  # (a CSV cell holds no conversation: refused by row)
         return {}
     return {"usecols": [cfg.text_field], "converters": {cfg.text_field: str}, "keep_default_na": False}
 
@@ -315,7 +315,8 @@ def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Ite
             raise missing from error
         cause = error.__cause__ or error
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else f"{type(cause).__name__} (no rows in any file?)"
-        what = "as text" if key == "data.text_field" else "as conversations"
+        what = {"data.text_field": "as text", "data.messages_field": "as conversations"}.get(
+            key, "with chosen and rejected")
         raise ConfigError(f"data.dataset {dataset!r}: datasets could not read it ({detail}); local files need "
                           f"{key} {text_field!r} in every file, {what}, and the same columns") from error
 
@@ -336,7 +337,10 @@ def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 
 
 
 def _field(cfg: DataConfig) -> tuple[str, str]:
-    """(the column read, its setting's name): ``data.text_field``, or ``data.messages_field`` for chat."""
+    """(the column read, its setting's name): ``data.text_field``, ``data.messages_field`` for chat, TRL's prompt
+    column for preference pairs."""
+    if cfg.format == "preference":
+        return "prompt", "data.format 'preference' column"
     return (cfg.messages_field, "data.messages_field") if cfg.format == "chat" else (cfg.text_field, "data.text_field")
 
 
@@ -969,6 +973,12 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         return build_mixture(cfg, vocab_size=vocab_size, seed=seed, micro_batch=micro_batch,
                              global_batch=global_batch, rank=rank, local_rank=local_rank, world_size=world_size,
                              tokenizer_dir=tokenizer_dir, barrier=barrier, hub_fingerprint=hub_fingerprint)
+    if cfg.format == "preference":  # DPO pairs (retnet.train.preference), not blocks
+        from retnet.train.preference import build_preference_data
+
+        return build_preference_data(cfg, seed=seed, micro_batch=micro_batch, global_batch=global_batch, rank=rank,
+                                     local_rank=local_rank, world_size=world_size, tokenizer_dir=tokenizer_dir,
+                                     barrier=barrier, hub_fingerprint=hub_fingerprint)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if local_rank == 0:
         _remove_abandoned_temp_dirs(cache_dir)

@@ -22,6 +22,8 @@ every block: each micro-batch's summed loss is divided by the global batch's tar
 (``num_items_in_batch``), so the micro-batches and ranks add up to the mean over the global batch's targets.
 With ``lora.rank > 0`` (``retnet.train.lora``) peft's adapters are injected into the model before it is wrapped,
 and only they train: the optimizer holds them alone and, on a pretrained model, checkpoints hold only them.
+Preference pairs (``data.format = "preference"``) train with DPO: ``retnet.train.preference`` holds the reference
+log-probs (computed at the start), the loss per micro-batch and its rewards, which ride the step's all-reduce.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ from retnet.train.config import (
     JobConfig,
     OptimConfig,
     data_changes,
+    dpo_changes,
     lora_changes,
     model_changes,
     optim_changes,
@@ -381,6 +384,9 @@ class Trainer:
                     logger.warning("resuming explicitly from step %d: the later checkpoints of the trajectory it "
                                    "leaves are moved aside (delete them when no longer needed): %s", self.step,
                                    ", ".join(p.name for p in abandoned))
+        if getattr(self.data, "preference", False):  # DPO: the reference log-probs of the model as it starts
+            self.data.start(cfg.dpo, self.model, self.autocast, self.device, output_dir=self.output_dir,
+                            checkpoint=resume_path, progress=self.is_main and cfg.logging.progress, barrier=barrier)
         self.start_step = self.step
         self._start_wandb()  # every rank: the others take rank 0's failure to start it, and exit with it
         try:
@@ -747,6 +753,10 @@ class Trainer:
             raise ConfigError(
                 f"checkpoint {str(path)!r} was trained with other LoRA settings: {'; '.join(changes)}. Resume with "
                 f"those settings, or start in another train.output_dir")
+        changes = dpo_changes(trainer.get("config", {}), self.cfg)
+        if changes:
+            raise ConfigError(f"checkpoint {str(path)!r} was trained with another DPO objective: {'; '.join(changes)}. "
+                              f"Resume with those settings, or start in another train.output_dir")
         changes = optim_changes(trainer.get("config", {}), self.cfg)
         if changes:
             raise ConfigError(
@@ -872,7 +882,7 @@ class Trainer:
         set_lr(self.optimizer, lr, self.cfg.optim)
         loss_sum = torch.zeros((), device=self.device)
         batches = self.data.micro_batches(self.accum)
-        masked = self.data.masked
+        masked, preference = self.data.masked, getattr(self.data, "preference", False)
         # Chat data: blocks hold different numbers of targets, so each micro-batch's summed loss is divided by
         # the global batch's count (every rank's; 1 when none: a zero loss, zero gradients), and
         # the micro-batches' and ranks' losses add up to the global mean. DDP and FSDP average the gradients over
@@ -887,14 +897,18 @@ class Trainer:
                 (loss * self.world_size).backward()
             else:
                 batch = batch.to(self.device, non_blocking=True)
-                with self.autocast:
-                    loss = self._loss(batch) / self.accum
+                with self.autocast:  # DPO: each micro-batch holds micro_batch pairs, as text one of equal blocks
+                    loss = (self.data.loss(self.model, batch) if preference else self._loss(batch)) / self.accum
                 loss.backward()
             loss_sum += loss.detach()
         # One small all-reduce carries the loss and any rank's stop request.
         stats = torch.stack([loss_sum.float(), torch.tensor(float(self.signal_received), device=self.device)])
+        if preference:  # the DPO metrics' sums in the same all-reduce
+            stats = torch.cat([stats, self.data.step_stats()])
         if _distributed():
             dist.all_reduce(stats)
+        if preference:
+            self.data.record_step(stats[2:])
         # text: the mean of the ranks' means (equal token counts); chat: the ranks' parts of the global mean
         loss_value = stats[0].item() / (1 if masked else self.world_size)
         self.stop_requested = stats[1].item() > 0
@@ -939,6 +953,11 @@ class Trainer:
         in the record); ``val_loss`` pools their blocks."""
         self.model.eval()
         eval_blocks = self.cfg.train.eval_blocks
+        if getattr(self.data, "preference", False):  # DPO: the loss and rewards of validation pairs
+            record = self.data.evaluate(self.model, eval_blocks)
+            self.model.train()
+            self._log({"kind": "val", "step": self.step, **record})
+            return record["val_loss"]
         groups = self.data.val_groups(eval_blocks) if hasattr(self.data, "val_groups") else \
             {"": self.data.val_batches(eval_blocks)}
         stats = torch.zeros(len(groups), 2, device=self.device)  # per group: the summed loss, the count
@@ -982,8 +1001,9 @@ class Trainer:
             self.window_losses.append(self.train_step())
             # Only the steps count: evaluations and checkpoints are not training throughput.
             self.window_seconds += time.perf_counter() - started
-            self.tokens += tokens_per_step
-            self.window_tokens += tokens_per_step
+            step_tokens = getattr(self.data, "step_tokens", None) or tokens_per_step  # DPO pairs' lengths vary
+            self.tokens += step_tokens
+            self.window_tokens += step_tokens
             final = self.step == cfg.train.steps
             if self.step % cfg.logging.log_interval == 0 or final:
                 loss = self._log_window()
@@ -1036,7 +1056,7 @@ class Trainer:
         muon_lr = {"muon_lr": self._last["muon_lr"]} if "muon_lr" in self._last else {}
         self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._last["lr"], **muon_lr,
                    "grad_norm": self._last["grad_norm"], "tokens_per_s": tokens_per_s,
-                   "tokens": self.tokens, "mfu": mfu})
+                   "tokens": self.tokens, "mfu": mfu, **getattr(self.data, "window_metrics", dict)()})
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{loss:.3f}", lr=f"{self._last['lr']:.2e}",
                                        tok_s=f"{tokens_per_s:,.0f}", mfu="n/a" if mfu is None

@@ -1,0 +1,567 @@
+"""Preference pairs and Direct Preference Optimization (``data.format = "preference"``), as TRL's DPOTrainer.
+
+    retnet-train --config small --model.init_from=runs/sft/export --data.format=preference \\
+        --data.dataset=pairs.jsonl --dpo.beta=0.1 --train.output_dir=runs/dpo
+
+Rows are TRL's preference formats, the columns ``prompt``, ``chosen`` and ``rejected``. *Standard*: three strings;
+a sequence is the prompt's tokens, then the completion's, then EOS. *Conversational*: three lists of ``{"role",
+"content"}`` messages (``chosen``/``rejected`` normally one assistant message). The prompt is rendered with the
+tokenizer's chat template and the generation prompt, as the server renders a chat request, and a completion is
+what ``render(prompt + chosen)`` adds after it (the template must render the prompt as a prefix, or the row is
+refused); templates and special tokens as the chat SFT path takes them (:class:`~retnet.train.chat.ChatEncoder`'s
+``render`` and tokenizer backend). The prompt and each completion are encoded apart, as TRL does, so the two
+sequences of a pair share the prompt's tokens and a completion starts where the server's generation would.
+
+Long pairs, as TRL's ``max_prompt_length`` then ``max_length`` (``keep_start``): a prompt longer than
+``data.max_prompt_length`` (when > 0) keeps its last tokens, then each completion (EOS included) is cut to the
+``data.seq_len`` tokens the prompt leaves. Refused, naming the dataset and row: a missing or mistyped field, a
+prompt with no tokens or none left for a completion, and a pair whose chosen and rejected tokens are the same.
+
+A micro-batch of ``micro_batch`` pairs is ``2 × micro_batch`` sequences (the chosen ones, then the rejected ones)
+packed into one row, each its own ``cu_seqlens`` segment (the retention state and positions start fresh at each:
+no padding is computed); logits are taken only where a completion token is predicted (``logits_to_keep``), and a
+sequence's log-probability is the sum over its completion tokens. The pairs are batched as :class:`PackedData`
+batches blocks: a per-epoch seeded permutation, ``global_batch_size`` pairs a step, rank ``r``'s micro-batch ``m``
+slice ``m · world + r``, the position one integer.
+
+The reference policy is the model as the run starts (``model.init_from``; with LoRA its zero-initialized adapters
+change nothing, so the base model): before the first step the reference log-probs of every train and validation
+pair are computed once (TRL's ``precompute_ref_log_probs``; no second model), the pairs split across the ranks
+(each runs the same number of forwards, as FSDP needs) and all-gathered. Rank 0 writes them to
+``<output_dir>/reference_logps.pt``; checkpoints hold their digest, and a resume loads that file (or the one beside
+the checkpoint's run) and refuses one of another digest: it never recomputes them from the resumed weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retnet.train.chat import ChatEncoder, conversation_problem, template_messages
+from retnet.train.chat import template_identity as chat_template_identity
+from retnet.train.config import ConfigError, DataConfig, DpoConfig
+from retnet.train.data import (
+    PackedData,
+    _atomic_dir,
+    _hash,
+    _hf_dataset,
+    _hub_changed,
+    _kind,
+    data_fingerprint,
+    default_cache_dir,
+    load_hub,
+    load_tokenizer,
+    local_files,
+    saved_dataset_dir,
+    split_documents,
+    tokenizer_fingerprint,
+    vocab_bound,
+)
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("prompt", "chosen", "rejected")  # TRL's column names
+REFERENCE_FILE = "reference_logps.pt"
+# Bumped when the cached pairs change for the same key, so an old cache is not misread.
+PAIRS_VERSION = 1
+# What each step and evaluation records beside the loss (TRL's names): means over the global batch of pairs.
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+           "logps/rejected")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rows -> tokens
+# ----------------------------------------------------------------------------------------------------------
+def check_pair(dataset: str, row: int, values: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+    """A row's (prompt, chosen, rejected), messages as the template reads them; a ConfigError naming the dataset,
+    the row and the field when they are neither three strings nor three non-empty lists of messages."""
+    standard = isinstance(values[0], str)
+    checked = []
+    for name, value in zip(FIELDS, values, strict=True):
+        if standard:
+            problem = None if isinstance(value, str) else f"holds {type(value).__name__} {value!r:.80}"
+        else:
+            problem = "is an empty list" if value == [] else conversation_problem(value)
+        if problem:
+            expected = ("a string, as the prompt is (standard format)" if standard and name != "prompt" else
+                        "a string (standard format) or a list of {'role': str, 'content': str} messages "
+                        "(conversational format), the prompt, chosen and rejected alike")
+            raise ConfigError(f"data.format 'preference': {name!r} of {dataset!r}, row {row}: {problem}; expected "
+                              f"{expected}")
+        checked.append(value if standard else template_messages(value))
+    return tuple(checked)
+
+
+def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loaded=None) -> list[tuple[int, tuple]]:
+    """(row index, checked pair) of every row (at most ``max_documents``), in row order."""
+    dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
+    missing = [name for name in FIELDS if name not in dataset.column_names]
+    if missing:
+        raise ConfigError(f"data.dataset {cfg.dataset!r} has no {missing} column(s) (columns: {dataset.column_names}); "
+                          f"data.format 'preference' reads TRL's {list(FIELDS)}")
+    if cfg.max_documents:
+        dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
+    columns = [dataset[name] for name in FIELDS]
+    return [(row, check_pair(cfg.dataset, row, values)) for row, values in enumerate(zip(*columns, strict=True))]
+
+
+class Pairs:
+    """Tokenized pairs: ``tokens`` holds each pair's prompt, chosen completion and rejected completion back to back
+    (completions end with EOS), ``lengths`` ``[N, 3]`` their lengths, ``rows`` ``[N]`` the dataset rows."""
+
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, rows: np.ndarray):
+        self.tokens, self.lengths, self.rows = tokens, np.asarray(lengths, dtype=np.int64).reshape(-1, 3), rows
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths.sum(axis=1))[:-1]]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def parts(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prompt, chosen, rejected) ids of pair ``index``."""
+        prompt, chosen, _ = self.lengths[index]
+        start = self.starts[index]
+        cut = np.cumsum([start, prompt, chosen, self.lengths[index, 2]])
+        return tuple(np.asarray(self.tokens[lo:hi], dtype=np.int64) for lo, hi in itertools.pairwise(cut))
+
+    def batch(self, ids: np.ndarray) -> PairBatch:
+        return pack([self.parts(i) for i in ids], ids)
+
+    def sequence_tokens(self, ids: np.ndarray) -> int:
+        """The tokens of the pairs' 2 sequences each: the prompt twice, both completions."""
+        lengths = self.lengths[ids]
+        return int(2 * lengths[:, 0].sum() + lengths[:, 1:].sum())
+
+    def save(self, directory: Path, name: str) -> None:
+        np.save(directory / f"{name}.tokens.npy", self.tokens)
+        np.save(directory / f"{name}.lengths.npy", self.lengths)
+        np.save(directory / f"{name}.rows.npy", self.rows)
+
+    @classmethod
+    def load(cls, directory: Path, name: str) -> Pairs:
+        parts = ("tokens", "lengths", "rows")
+        return cls(*(np.load(directory / f"{name}.{part}.npy", mmap_mode="r") for part in parts))
+
+
+class PairEncoder:
+    """(row, pair) -> :class:`Pairs` with ``tokenizer``, cut to ``cfg.seq_len`` (see the module's docstring)."""
+
+    def __init__(self, tokenizer, cfg: DataConfig):
+        self.chat = ChatEncoder(tokenizer, dataset=cfg.dataset)
+        self.eos, self.dataset = tokenizer.eos_token_id, cfg.dataset
+        self.seq_len, self.max_prompt_length = cfg.seq_len, cfg.max_prompt_length
+        self.dtype = np.uint16 if vocab_bound(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+    def texts(self, row: int, pair: tuple) -> tuple[str, str, str]:
+        """(prompt, chosen, rejected) as text: a standard row's own, a conversational row rendered."""
+        prompt, chosen, rejected = pair
+        if isinstance(prompt, str):
+            return pair
+        try:
+            head = self.chat.render(prompt, add_generation_prompt=True)
+            completions = []
+            for messages in (chosen, rejected):
+                whole = self.chat.render([*prompt, *messages])
+                if not whole.startswith(head):
+                    raise ValueError("the prompt rendered with the generation prompt is not where the rendering of "
+                                     "the prompt and the completion has it")
+                completions.append(whole[len(head):])
+        except Exception as error:  # jinja's own errors, raise_exception in a template, the check above
+            raise ConfigError(f"data.format 'preference': the tokenizer's chat template cannot render row {row} of "
+                              f"{self.dataset!r} as prompt + completion: {type(error).__name__}: {error}") from None
+        return head, *completions
+
+    def encode(self, pairs: list[tuple[int, tuple]], batch: int = 256) -> Pairs:
+        tokens, lengths = [], []
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start:start + batch]
+            texts = [text for row, pair in chunk for text in self.texts(row, pair)]
+            encodings = self.chat.backend.encode_batch(texts, add_special_tokens=False)
+            for number, (row, _) in enumerate(chunk):
+                prompt, chosen, rejected = (encodings[3 * number + i].ids for i in range(3))
+                parts = self._cut(row, prompt, [*chosen, self.eos], [*rejected, self.eos])
+                tokens += [np.asarray(part, dtype=self.dtype) for part in parts]
+                lengths.append([len(part) for part in parts])
+        rows = np.asarray([row for row, _ in pairs], dtype=np.int64)
+        flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=self.dtype)
+        return Pairs(flat, np.asarray(lengths, dtype=np.int64).reshape(-1, 3), rows)
+
+    def _cut(self, row: int, prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple[list, list, list]:
+        where = f"data.format 'preference': row {row} of {self.dataset!r}"
+        if self.max_prompt_length and len(prompt) > self.max_prompt_length:
+            prompt = prompt[-self.max_prompt_length:]  # TRL's prompt truncation: the end is what is answered
+        if not prompt:
+            raise ConfigError(f"{where}: its prompt encodes to no tokens: the first completion token would be "
+                              f"predicted from nothing; give every pair a prompt")
+        room = self.seq_len - len(prompt)
+        if room < 1:
+            raise ConfigError(f"{where}: its prompt is {len(prompt)} tokens, which leaves no room for a completion "
+                              f"within data.seq_len {self.seq_len}: raise data.seq_len, or set data.max_prompt_length "
+                              f"(< data.seq_len) to keep the prompts' last tokens")
+        cut = chosen[:room], rejected[:room]
+        if cut[0] == cut[1]:
+            how = "" if chosen == rejected else (f" once cut to the {room} tokens data.seq_len {self.seq_len} leaves "
+                                                 f"after the prompt")
+            raise ConfigError(f"{where}: its chosen and rejected completions are the same {len(cut[0])} tokens{how}: "
+                              f"the pair prefers nothing; remove it{', or raise data.seq_len' if how else ''}")
+        return prompt, *cut
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches, log-probs, loss
+# ----------------------------------------------------------------------------------------------------------
+class PairBatch(NamedTuple):
+    """A micro-batch of B pairs as one packed row of 2B sequences (B chosen, then B rejected).
+
+    ``input_ids`` ``[1, N]``; ``cu_seqlens`` ``[2B + 1]`` int32; ``keep`` ``[M]``: the positions whose next token
+    is a completion token, ``labels`` ``[M]`` that token, ``sequence`` ``[M]`` its sequence; ``lengths`` ``[2B]``
+    the completions' token counts; ``pairs`` ``[B]`` the pairs' indices in their split."""
+
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    keep: torch.Tensor
+    labels: torch.Tensor
+    sequence: torch.Tensor
+    lengths: torch.Tensor
+    pairs: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> PairBatch:
+        return PairBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+
+def pack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pairs: np.ndarray) -> PairBatch:
+    """The :class:`PairBatch` of (prompt, chosen, rejected) ids; ``pairs``: their indices, for the reference."""
+    sequences = [(p, c) for p, c, _ in parts] + [(p, r) for p, _, r in parts]
+    pieces, keep, labels, sequence, bounds = [], [], [], [], [0]
+    for number, (prompt, completion) in enumerate(sequences):
+        offset = bounds[-1]
+        pieces += [prompt, completion]
+        # the logits at position t predict token t + 1: the last prompt token predicts the first completion token
+        keep.append(np.arange(offset + len(prompt) - 1, offset + len(prompt) + len(completion) - 1))
+        labels.append(completion)
+        sequence.append(np.full(len(completion), number))
+        bounds.append(offset + len(prompt) + len(completion))
+    as_long = lambda arrays: torch.from_numpy(np.concatenate(arrays).astype(np.int64))
+    return PairBatch(as_long(pieces)[None], torch.tensor(bounds, dtype=torch.int32), as_long(keep), as_long(labels),
+                     as_long(sequence), torch.tensor([len(c) for _, c in sequences]),
+                     torch.as_tensor(np.asarray(pairs, dtype=np.int64)))
+
+
+def completion_logps(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+    """``[2B]`` fp32: each sequence's summed log-probability of its completion tokens (EOS included) under
+    ``model`` (a RetNetForCausalLM, or DDP/FSDP around one: called through its forward)."""
+    logits = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, logits_to_keep=batch.keep,
+                   use_cache=False).logits[0].float()
+    # log_softmax gathered at the label, without the [M, vocab] log-probs a full log_softmax would write
+    token = logits.gather(-1, batch.labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.zeros(len(batch.lengths), dtype=torch.float32, device=token.device).index_add(0, batch.sequence, token)
+
+
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor,
+             cfg: DpoConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses ``[B]``, chosen rewards ``[B]``, rejected rewards ``[B]``) of B pairs from the ``[2B]`` summed
+    completion log-probs (chosen then rejected) of the policy and the reference, as TRL computes them. IPO
+    compares length-averaged log-probs (``lengths``: the completions' token counts), as TRL's ``ipo`` does."""
+    if cfg.loss_type == "ipo":
+        policy, reference = policy / lengths, reference / lengths
+    chosen, rejected = (policy - reference).chunk(2)
+    logits = chosen - rejected  # (π_c − π_r) − (ref_c − ref_r)
+    if cfg.loss_type == "ipo":
+        losses = (logits - 1 / (2 * cfg.beta)) ** 2
+    else:  # with label smoothing ε, conservative DPO: the labels are taken to be flipped with probability ε
+        smoothing = cfg.label_smoothing
+        losses = -F.logsigmoid(cfg.beta * logits) * (1 - smoothing) - F.logsigmoid(-cfg.beta * logits) * smoothing
+    return losses, cfg.beta * chosen.detach(), cfg.beta * rejected.detach()
+
+
+def _metric_sums(chosen: torch.Tensor, rejected: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """The sums over a batch's pairs of :data:`METRICS`, in that order."""
+    policy_chosen, policy_rejected = policy.detach().chunk(2)
+    return torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum(),
+                        policy_chosen.sum(), policy_rejected.sum()]).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference
+# ----------------------------------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@torch.no_grad()
+def compute_reference(model: torch.nn.Module, splits: list[Pairs], *, micro_batch: int, rank: int, world_size: int,
+                      device: torch.device, autocast, progress: bool) -> list[torch.Tensor]:
+    """Each split's ``[N, 2]`` fp32 (chosen, rejected) summed completion log-probs under ``model`` in eval mode.
+    Rank ``r`` computes the ``r``-th contiguous share of the pairs of all splits; every rank runs the same number
+    of forwards (the last share is padded with repeats), and the shares are all-gathered: every rank returns all."""
+    from tqdm.auto import tqdm
+
+    items = [(split, index) for split, pairs in enumerate(splits) for index in range(len(pairs))]
+    share = -(-len(items) // world_size)
+    mine = items[rank * share:(rank + 1) * share]
+    mine += [items[-1]] * (share - len(mine))
+    out = torch.zeros(share, 2, dtype=torch.float32, device=device)
+    training = model.training
+    model.eval()  # the reference without dropout: the policy of a run without dropout equals it at step 0
+    try:
+        for lo in tqdm(range(0, share, micro_batch), desc="reference log-probs", unit="batch", disable=not progress,
+                       dynamic_ncols=True, mininterval=0.5):
+            chunk = mine[lo:lo + micro_batch]
+            batch = pack([splits[split].parts(index) for split, index in chunk], np.arange(len(chunk))).to(device)
+            with autocast:
+                logps = completion_logps(model, batch)
+            out[lo:lo + len(chunk)] = torch.stack(logps.chunk(2), dim=1)
+    finally:
+        model.train(training)
+    if _distributed():
+        gathered = [torch.empty_like(out) for _ in range(world_size)]
+        torch.distributed.all_gather(gathered, out)
+        out = torch.cat(gathered)
+    out = out[:len(items)].cpu()
+    bounds = np.cumsum([0, *(len(pairs) for pairs in splits)])
+    return [out[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
+def reference_digest(key: str, reference: list[torch.Tensor]) -> str:
+    """SHA-256 of the pairs' cache key and the reference log-probs' bytes: what a checkpoint names its
+    reference by."""
+    digest = hashlib.sha256(key.encode())
+    for values in reference:
+        digest.update(values.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_reference(path: Path, key: str, reference: list[torch.Tensor]) -> None:
+    """``path`` written whole or not at all (a crash leaves the previous file)."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    torch.save({"key": key, "train": reference[0], "val": reference[1]}, tmp)
+    with open(tmp, "rb") as handle:  # a resume trusts the file by its digest: its bytes must be on disk first
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _read_reference(path: Path) -> tuple[str, list[torch.Tensor]] | None:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["key"], [saved["train"], saved["val"]]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError):  # absent, or cut short
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The data
+# ----------------------------------------------------------------------------------------------------------
+class PreferenceData:
+    """The pairs of a DPO run, their reference log-probs, the loss and its metrics; the trainer's hooks call
+    :meth:`start` once the model is built (and a checkpoint loaded), :meth:`loss` per micro-batch, :meth:`step_stats`
+    and :meth:`record_step` around the step's all-reduce, :meth:`window_metrics` per log record and
+    :meth:`evaluate` for the validation record. The log window of the metrics is part of the data state, so a
+    resumed run's records are those of a run never stopped."""
+
+    preference = True
+    masked = False  # (chat data's flag: these batches are PairBatch, whose loss is this class's)
+    _permutation = PackedData._permutation
+    block_rows = PackedData.block_rows
+
+    def __init__(self, train: Pairs, val: Pairs, tokenizer, *, key: str, seq_len: int, seed: int, micro_batch: int,
+                 global_batch: int, rank: int, world_size: int):
+        self.train, self.val, self.tokenizer, self.key, self.seq_len = train, val, tokenizer, key, seq_len
+        self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.consumed = 0  # global pairs consumed: the data position
+        self.hub_fingerprint: str | None = None
+        self.step_tokens: int | None = None  # the tokens of the last step's global batch (both sequences of each pair)
+        self._perm_epoch, self._perm = -1, None
+        self.dpo: DpoConfig | None = None
+        self.reference: dict[str, torch.Tensor] = {}
+        self.digest: str | None = None  # of the reference: this run's, or the checkpoint's until start() checks it
+        self._step: torch.Tensor | None = None  # this rank's metric sums of the step so far
+        self._window, self._window_steps = [0.0] * len(METRICS), 0
+
+    # -- the reference ----------------------------------------------------------------------------------
+    def start(self, dpo: DpoConfig, model: torch.nn.Module, autocast, device: torch.device, *, output_dir: Path,
+              checkpoint: Path | None, progress: bool, barrier: Callable[[], None]) -> None:
+        """Hold the reference log-probs: computed from ``model`` as it is (a run that starts; rank 0 writes them
+        to ``output_dir``), or read back (a resume from ``checkpoint``: from ``output_dir``, else from beside the
+        checkpoint's run), refusing a file whose digest is not the one the checkpoint holds."""
+        self.dpo, self.device, self.autocast = dpo, device, autocast
+        path = Path(output_dir) / REFERENCE_FILE
+        if checkpoint is None:
+            started = time.perf_counter()
+            reference = compute_reference(model, [self.train, self.val], micro_batch=self.micro_batch, rank=self.rank,
+                                          world_size=self.world_size, device=device, autocast=autocast,
+                                          progress=progress)
+            if self.rank == 0:
+                _write_reference(path, self.key, reference)
+                logger.info("reference log-probs of %d train + %d validation pairs computed in %.1fs, saved to %s",
+                            len(self.train), len(self.val), time.perf_counter() - started, path)
+            barrier()
+            self.digest = reference_digest(self.key, reference)
+        else:
+            reference = self._resumed_reference(path, Path(checkpoint))
+        self.reference = {name: values.to(device) for name, values in zip(("train", "val"), reference, strict=True)}
+
+    def _resumed_reference(self, path: Path, checkpoint: Path) -> list[torch.Tensor]:
+        beside = checkpoint.resolve().parent.parent / REFERENCE_FILE  # <its run>/checkpoints/step_N
+        for candidate in dict.fromkeys([path, beside]):
+            read = _read_reference(candidate)
+            if read is not None and reference_digest(read[0], read[1]) == self.digest:
+                counts = [len(values) for values in read[1]]
+                if counts != [len(self.train), len(self.val)]:  # (the key alone may change: the files' mtimes)
+                    raise ConfigError(
+                        f"data.dataset: the checkpoint's reference log-probs are of {counts[0]} train + {counts[1]} "
+                        f"validation pairs, the data now gives {len(self.train)} + {len(self.val)}: the data changed "
+                        f"since the run started; restore it, or start a new run in another train.output_dir")
+                if candidate != path and self.rank == 0:  # for this output_dir's own later resumes
+                    _write_reference(path, *read)
+                logger.info("resuming with the reference log-probs of the run's start (%s)", candidate)
+                return read[1]
+        raise ConfigError(
+            f"train.output_dir {str(path.parent)!r}: {REFERENCE_FILE}, the reference log-probs checkpoint "
+            f"{str(checkpoint)!r} was trained against (sha256 {str(self.digest)[:16]}…), is missing or holds others "
+            f"(looked in {str(path)!r} and {str(beside)!r}): a resume does not recompute them from the resumed "
+            f"weights, which are no longer the reference model. Restore the file, or start a new run in another "
+            f"train.output_dir")
+
+    # -- training ---------------------------------------------------------------------------------------
+    def micro_batches(self, accum: int) -> list[PairBatch]:
+        """This rank's ``accum`` micro-batches of ``micro_batch`` pairs for the next step."""
+        ids = self.block_rows(self.consumed, self.global_batch)
+        self.consumed += self.global_batch
+        self.step_tokens = self.train.sequence_tokens(ids)
+        out = []
+        for m in range(accum):
+            lo = (m * self.world_size + self.rank) * self.micro_batch
+            out.append(self.train.batch(ids[lo:lo + self.micro_batch]))
+        return out
+
+    def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the pairs' losses ``[B]``, their metric sums)."""
+        policy = completion_logps(model, batch)
+        reference = self.reference[split][batch.pairs]
+        losses, chosen, rejected = dpo_loss(policy, torch.cat([reference[:, 0], reference[:, 1]]), batch.lengths,
+                                            self.dpo)
+        return losses, _metric_sums(chosen, rejected, policy)
+
+    def loss(self, model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+        """The micro-batch's mean DPO loss (its metrics are summed for :meth:`step_stats`). Every micro-batch has
+        ``micro_batch`` pairs: divided by the accumulation count and averaged over the ranks (as DDP/FSDP average
+        the gradients), the mean over the global batch."""
+        losses, sums = self._pair_loss(model, batch, "train")
+        self._step = sums if self._step is None else self._step + sums
+        return losses.mean()
+
+    def step_stats(self) -> torch.Tensor:
+        """This rank's metric sums of the step (to be summed over the ranks with the loss), and a fresh count."""
+        sums, self._step = self._step, None
+        return sums
+
+    def record_step(self, sums: torch.Tensor) -> None:
+        """The global batch's metric sums (every rank's): their means go into the log window."""
+        for index, value in enumerate((sums / self.global_batch).tolist()):
+            self._window[index] += value
+        self._window_steps += 1
+
+    def window_metrics(self) -> dict[str, float]:
+        """The metrics' means over the steps since the last record (TRL's names), and a fresh window."""
+        if not self._window_steps:
+            return {}
+        means = {name: total / self._window_steps for name, total in zip(METRICS, self._window, strict=True)}
+        self._window, self._window_steps = [0.0] * len(METRICS), 0
+        return means
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, max_pairs: int) -> dict[str, float]:
+        """``val_loss`` and ``val_<metric>`` means over ``max_pairs`` validation pairs (evenly spaced over the split,
+        rounded down to a multiple of the world size, so every rank runs the same number of forwards; the same set
+        for any world size), ``model`` in the mode the caller set."""
+        total = min(max_pairs, len(self.val))
+        total = max(total - total % self.world_size, self.world_size)
+        chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)
+        mine = chosen[self.rank::self.world_size]
+        sums = torch.zeros(1 + len(METRICS), device=self.device)
+        for lo in range(0, len(mine), self.micro_batch):
+            batch = self.val.batch(mine[lo:lo + self.micro_batch]).to(self.device)
+            with self.autocast:
+                losses, metric_sums = self._pair_loss(model, batch, "val")
+            sums += torch.cat([losses.sum().float()[None], metric_sums])
+        if _distributed():
+            torch.distributed.all_reduce(sums)
+        means = (sums / total).tolist()
+        return {"val_loss": means[0], **{f"val_{name}": value for name, value in zip(METRICS, means[1:], strict=True)}}
+
+    # -- position ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "preference", "consumed": self.consumed, "reference": self.digest,
+                "window": list(self._window), "window_steps": self._window_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "preference":
+            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a preference run")
+        self.consumed, self.digest = int(state["consumed"]), state["reference"]
+        self._window, self._window_steps = [float(v) for v in state["window"]], int(state["window_steps"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------------------
+def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch: int, rank: int,
+                          local_rank: int, world_size: int, tokenizer_dir: Path | None, barrier: Callable[[], None],
+                          hub_fingerprint: str | None = None) -> PreferenceData:
+    """:func:`~retnet.train.data.build_data` of ``data.format = "preference"``: the rows read through data.py's
+    loaders, a held-out ``val_fraction`` of them, tokenized by local rank 0 into a cache keyed by the data, the
+    tokenizer (``tokenizer_dir``: the run's, ``model.init_from``'s), its template, ``seq_len`` and
+    ``max_prompt_length``; the other ranks wait at ``barrier`` and read it."""
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    files = local_files(cfg.dataset)
+    if files is not None and not saved_dataset_dir(files[0]) and _kind(files[0]) in ("text", "csv"):
+        raise ConfigError(f"data.dataset {cfg.dataset!r} is {_kind(files[0])} files; data.format 'preference' reads "
+                          f"the {list(FIELDS)} columns of JSON/JSONL/Parquet rows, a save_to_disk directory or a "
+                          f"hub dataset")
+    loaded, fingerprint = None, None
+    if files is None:
+        loaded, fingerprint = load_hub(cfg, cache_dir, local_rank, barrier)
+        if hub_fingerprint is not None and fingerprint != hub_fingerprint:
+            raise _hub_changed(cfg)
+    source = tokenizer_dir or (Path(cfg.tokenizer).expanduser() if cfg.tokenizer else None)
+    if source is None:  # the config refuses it first (model.init_from is required)
+        raise ConfigError("data.format 'preference' needs the tokenizer of the model it tunes: set model.init_from")
+    tokenizer = load_tokenizer(source)
+    key = _hash(PAIRS_VERSION, data_fingerprint(cfg, files, fingerprint), tokenizer_fingerprint(tokenizer),
+                chat_template_identity(tokenizer), cfg.seq_len, cfg.max_prompt_length)
+    cache = cache_dir / f"preferences-{key}"
+    if local_rank == 0 and not (cache / "meta.json").exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("data: reading %s", cfg.dataset)
+        train, val = split_documents(load_pairs(cfg, files, cache_dir, loaded), cfg.val_fraction,
+                                     dataset=cfg.dataset, max_documents=cfg.max_documents)
+        logger.info("data: tokenizing %d + %d preference pairs", len(train), len(val))
+        encoder = PairEncoder(tokenizer, cfg)
+
+        def write(tmp: Path) -> None:
+            for name, split in (("train", train), ("val", val)):
+                encoder.encode(split).save(tmp, name)
+            (tmp / "meta.json").write_text(f'{{"pairs": [{len(train)}, {len(val)}]}}')  # last: marks it complete
+
+        _atomic_dir(cache, write)
+    barrier()
+    data = PreferenceData(Pairs.load(cache, "train"), Pairs.load(cache, "val"), tokenizer, key=key,
+                          seq_len=cfg.seq_len, seed=seed, micro_batch=micro_batch, global_batch=global_batch,
+                          rank=rank, world_size=world_size)
+    logger.info("data: %d train, %d validation preference pairs (cache %s)", len(data.train), len(data.val), cache)
+    data.hub_fingerprint = fingerprint
+    return data
+
+
+__all__ = ["FIELDS", "METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs", "PreferenceData",
+           "build_preference_data", "check_pair", "completion_logps", "compute_reference", "dpo_loss", "load_pairs",
+           "pack", "reference_digest"]
