@@ -29,7 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import retnet  # noqa: F401
 from retnet.model import RetNetConfig, RetNetForCausalLM
-from retnet.train.trainer import flops_per_token, peak_flops
+from retnet.train.flops import flops_per_token, peak_flops
 
 
 def build(preset: str, device: torch.device):

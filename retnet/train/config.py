@@ -321,7 +321,7 @@ class OptimConfig(_Section):
     name: str = "adamw"  # adamw | muon
     lr: float = 3e-4
     min_lr: float = 3e-5
-    weight_decay: float = 0.1  # not applied to norms, biases and embeddings (see trainer.build_optimizer)
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings (see optim.build_optimizer)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

@@ -67,6 +67,7 @@ from retnet.train.data import (
     tokenizer_fingerprint,
     vocab_bound,
 )
+from retnet.train.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -293,10 +294,6 @@ def _metric_sums(chosen: torch.Tensor, rejected: torch.Tensor, policy: torch.Ten
 # ----------------------------------------------------------------------------------------------------------
 # The reference
 # ----------------------------------------------------------------------------------------------------------
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 @torch.no_grad()
 def compute_reference(model: torch.nn.Module, splits: list[Pairs], *, micro_batch: int, rank: int, world_size: int,
                       device: torch.device, autocast, progress: bool) -> list[torch.Tensor]:
@@ -322,7 +319,7 @@ def compute_reference(model: torch.nn.Module, splits: list[Pairs], *, micro_batc
             out[lo:lo + len(chunk)] = torch.stack(logps.chunk(2), dim=1)
     finally:
         model.train(training)
-    if _distributed():
+    if is_distributed():
         gathered = [torch.empty_like(out) for _ in range(world_size)]
         torch.distributed.all_gather(gathered, out)
         out = torch.cat(gathered)
@@ -494,7 +491,7 @@ class PreferenceData:
             with self.autocast:
                 losses, metric_sums = self._pair_loss(model, batch, "val")
             sums += torch.cat([losses.sum().float()[None], metric_sums])
-        if _distributed():
+        if is_distributed():
             torch.distributed.all_reduce(sums)
         means = (sums / total).tolist()
         return {"val_loss": means[0], **{f"val_{name}": value for name, value in zip(METRICS, means[1:], strict=True)}}

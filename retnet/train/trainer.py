@@ -1,4 +1,4 @@
-"""The training loop: data, model, AdamW, accumulation, clipping, evaluation, logging, checkpoints.
+"""The training loop: data, model, optimizer, accumulation, clipping, evaluation, logging, checkpoints.
 
 Launch (see also ``retnet/train/__main__.py``)::
 
@@ -14,7 +14,7 @@ One optimizer step: ``global_batch_size`` blocks of ``seq_len`` tokens, as ``mic
 ``grad_accum_steps`` forwards per rank and ``world_size`` ranks. Gradients are only all-reduced on the last
 micro-batch (DDP ``require_backward_grad_sync`` / FSDP2 ``set_requires_gradient_sync``), then clipped to
 ``optim.grad_clip`` and stepped with AdamW (``optim.name="muon"``: Muon on the decoder layers' matrices, AdamW
-on the rest, ``retnet.train.muon``). ``get_lr`` is linear warmup then cosine (or linear) decay.
+on the rest, ``retnet.train.muon``). ``retnet.train.optim.get_lr`` is linear warmup then cosine (or linear) decay.
 Each step's loss is the mean over the whole global batch (every block has the same token count, so the mean
 of per-rank means is the global mean): a 2-rank run logs the same losses as a 1-rank run with the same
 global batch. Chat data (``data.format = "chat"``) counts only the assistant tokens, a different number in
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import json
 import logging
 import math
@@ -75,7 +74,6 @@ from retnet.train.checkpoint import (
 from retnet.train.config import (
     ConfigError,
     JobConfig,
-    OptimConfig,
     data_changes,
     dpo_changes,
     lora_changes,
@@ -83,176 +81,16 @@ from retnet.train.config import (
     optim_changes,
 )
 from retnet.train.data import build_data, masked_labels, packed_segments, tokenizer_mismatch, vocab_bound
-from retnet.train.muon import MUON_TORCH, MuonWithAdamW, muon_available, muon_parameter_names
+from retnet.train.distributed import barrier, init_distributed, is_distributed
+from retnet.train.flops import flops_per_token, peak_flops
+from retnet.train.muon import MuonWithAdamW
+from retnet.train.optim import build_optimizer, get_lr, optimizer_note, set_lr
 
 logger = logging.getLogger("retnet.train")
-
-# Dense bf16 tensor-core peak per device (FLOP/s), for the MFU estimate; matched as substrings of
-# torch.cuda.get_device_name(). Set logging.peak_flops for anything else (or a CPU).
-PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-    "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or inf; the run stops without saving (the last checkpoint stays
     the last good one)."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Schedule, FLOPs, optimizer
-# ----------------------------------------------------------------------------------------------------------
-def get_lr(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based, the last one ``total_steps - 1``): a linear warmup
-    whose ``warmup_steps``-th step reaches ``lr``, then ``schedule`` (cosine / linear / constant) from ``lr``
-    down to ``min_lr``, reached exactly on the final step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    peak = max(cfg.warmup_steps - 1, 0)  # the decay starts from the step at lr: the warmup's last, or step 0
-    progress = min(1.0, (step - peak) / max(1, total_steps - 1 - peak))
-    # min_lr plus a share of the range: exactly min_lr at progress 1 (lr - (lr - min_lr) can miss it by an ulp)
-    share = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr + share * (cfg.lr - cfg.min_lr)
-
-
-def flops_per_token(config, seq_len: int, adapter_params: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward = 3 × forward).
-
-    Matmuls: 6·N with N the parameters minus the input embedding (a lookup), plus the output projection
-    even when tied; with ``adapter_params`` n (LoRA: those N frozen, n adapter weights training) 4·N, no
-    weight gradients, plus the adapters' 6·n. Retention, per layer and head (key dim K, value dim V, chunk
-    C): the chunkwise form multiplies the state in and out (q·S, kᵀ·v: 2·2·K·V) and does the intra-chunk
-    q·kᵀ and (q·kᵀ)·v (2·C·K + 2·C·V) per token. No T² term: retention's cost is linear in the sequence length."""
-    d, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
-    k_dim, v_dim = config.head_dim, config.value_head_dim
-    ffn = config.intermediate_size * d * (3 if config.ffn_glu else 2)
-    value_projections = 2 if config.use_output_gate else 1  # v, and the gate g when there is one
-    per_layer = d * heads * k_dim * 2 + d * heads * v_dim * value_projections + heads * v_dim * d + ffn
-    n_matmul = layers * per_layer + config.vocab_size * d
-    chunk = min(config.chunk_size, seq_len)
-    retention = layers * heads * (4 * k_dim * v_dim + 2 * chunk * (k_dim + v_dim))
-    if adapter_params is not None:
-        return 4.0 * n_matmul + 6.0 * adapter_params + 3.0 * retention
-    return 6.0 * n_matmul + 3.0 * retention
-
-
-def peak_flops(device: torch.device, configured: float) -> float | None:
-    """Per-device peak FLOP/s: ``logging.peak_flops`` if set, else the GPU table, else None (n/a)."""
-    if configured > 0:
-        return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-            if key in name:
-                return value
-    return None
-
-
-def no_decay_parameter_names(model: nn.Module) -> set[str]:
-    """Parameters without weight decay: norm weights/biases, biases, embeddings (and the output head tied
-    to them), and any 1-D parameter (e.g. SAU's α, σ). Decaying embeddings pulls rare tokens towards 0 for
-    no gain in a byte-level vocabulary; most recent LLM recipes exempt them too."""
-    names = set()
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            if isinstance(module, nn.Embedding) or param.ndim < 2 or param_name.endswith("bias"):
-                names.add(full)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied:
-        names.update(n for n, _ in model.named_parameters(remove_duplicate=False) if n.startswith("lm_head."))
-    return names
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """``optim.name``'s optimizer over the trainable parameters. ``adamw``: AdamW, its groups the decayed
-    parameters then the others (``no_decay_parameter_names``). ``muon``: a :class:`~retnet.train.muon.MuonWithAdamW`
-    whose groups are Muon's one (the decoder layers' matrices, ``muon_parameter_names``; decayed by
-    ``optim.weight_decay``) then AdamW's two over the rest, as above."""
-    skip = no_decay_parameter_names(model)
-    muon_names = set(muon_parameter_names(model)) if cfg.name == "muon" else set()
-    decay, no_decay, matrices = [], [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (matrices if name in muon_names else no_decay if name in skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adamw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
-             **({"fused": True} if device.type == "cuda" else {})}
-    if cfg.name != "muon":
-        return torch.optim.AdamW(groups, **adamw)
-    if not muon_available():  # the config refuses it first; a config built otherwise gets as clear an error
-        raise ConfigError(f"optim.name 'muon' needs torch >= {MUON_TORCH} (torch.optim.Muon); this is torch "
-                          f"{torch.__version__}")
-    muon = {"lr": cfg.muon_lr or cfg.lr, "weight_decay": cfg.weight_decay, "momentum": cfg.muon_momentum,
-            "ns_steps": cfg.muon_ns_steps, "adjust_lr_fn": cfg.muon_adjust_lr}
-    return MuonWithAdamW([{"params": matrices}], groups, muon=muon, adamw=adamw)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float, cfg: OptimConfig) -> None:
-    """Every group's learning rate at a step whose (AdamW) rate is ``lr`` (``get_lr``): Muon's groups follow
-    the same schedule scaled to their peak, ``optim.muon_lr`` over ``optim.lr``."""
-    muon = {id(group) for group in getattr(optimizer, "muon_groups", ())}
-    scale = (cfg.muon_lr or cfg.lr) / cfg.lr
-    for group in optimizer.param_groups:
-        group["lr"] = lr * scale if id(group) in muon else lr
-
-
-def optimizer_note(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
-    """What the start-up log says of the optimizer: which parameters each algorithm trains (count, size)."""
-    def counted(groups) -> str:
-        params = [param for group in groups for param in group["params"]]
-        return f"{len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.3f}M parameters"
-
-    if not isinstance(optimizer, MuonWithAdamW):
-        return f"AdamW on all trainable ({counted(optimizer.param_groups)})"
-    return (f"Muon on the decoder layers' matrices ({counted(optimizer.muon_groups)}), AdamW on the rest "
-            f"({counted(optimizer.adamw_groups)})")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Distributed
-# ----------------------------------------------------------------------------------------------------------
-def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
-    """(rank, local_rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1.
-    NCCL on CUDA, gloo on CPU."""
-    if device_kind == "auto":
-        device_kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ and world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                **({"device_id": device} if device.type == "cuda" else {}))
-        global _wait_group
-        _wait_group = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
-    return rank, local_rank, world_size, device
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-# The ranks wait here while local rank 0 downloads and tokenizes the dataset (hours for a large one) and rank 0
-# writes a checkpoint or the export: longer than the default group's timeout (10 minutes for NCCL). A group of its
-# own, so the training collectives keep their timeout and a rank that hangs in one is still reported.
-WAIT_TIMEOUT = datetime.timedelta(days=2)
-_wait_group: tuple[Any, Any] | None = None  # (the default group it belongs with, the group)
-
-
-def barrier() -> None:
-    """Wait for every rank, for up to WAIT_TIMEOUT."""
-    if _distributed():
-        # the default group where the process group was made elsewhere (not by init_distributed)
-        mine = _wait_group is not None and _wait_group[0] is dist.group.WORLD
-        dist.barrier(group=_wait_group[1] if mine else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,7 +237,7 @@ class Trainer:
         logger.info(
             "model %s: %.2fM parameters, %s trainable; world %d × micro %d × accum %d = global %d blocks of %d "
             "tokens; %s on %s%s", self.model_name, self.n_params / 1e6, self._trainable_note(), self.world_size,
-            cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.data.seq_len, cfg.train.parallelism if _distributed()
+            cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.data.seq_len, cfg.train.parallelism if is_distributed()
             else "single process", self.device, f"; resumed from {resume_path} at step {self.step}"
             if resume_path else "",
         )
@@ -451,7 +289,7 @@ class Trainer:
 
     @property
     def fsdp(self) -> bool:
-        return self.cfg.train.parallelism == "fsdp" and _distributed()
+        return self.cfg.train.parallelism == "fsdp" and is_distributed()
 
     def _seed_rank(self) -> None:
         seed = self.cfg.train.seed + self.rank
@@ -478,7 +316,7 @@ class Trainer:
                 fully_shard(layer, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
             return model
-        if _distributed():
+        if is_distributed():
             from torch.nn.parallel import DistributedDataParallel
 
             return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -494,7 +332,7 @@ class Trainer:
                 answer[0] = ("ok", picked, picked and verified_identity(Path(picked)))
             except (CheckpointError, ConfigError) as error:
                 answer[0] = (type(error).__name__, str(error), None)
-        if _distributed():
+        if is_distributed():
             barrier()  # while rank 0 hashes the checkpoints it verifies (tens of GB for a large model)
             dist.broadcast_object_list(answer, src=0)
         kind, value, identity = answer[0]
@@ -652,7 +490,7 @@ class Trainer:
     def _shared_temp_dir(self) -> Path:
         """The temporary directory of this step's checkpoint, made by rank 0 and named to every rank."""
         answer = [str(new_temp_dir(self.ckpt_root, self.step)) if self.is_main else None]
-        if _distributed():
+        if is_distributed():
             dist.broadcast_object_list(answer, src=0)
         return Path(answer[0])
 
@@ -670,7 +508,7 @@ class Trainer:
                 model_state, optim_state = get_state_dict(self.model, self.optimizer)
                 model_state = self._checkpointed(model_state)
                 mine["files"] = save_sharded_state(tmp, model_state, optim_state, rank=self.rank,
-                                                   distributed=_distributed())
+                                                   distributed=is_distributed())
             except BaseException:
                 # as save_checkpoint's: a full disk must not stay full of the shards written (a failed write is
                 # every rank's: torch's distributed save raises on all of them)
@@ -681,7 +519,7 @@ class Trainer:
         else:
             model_state, optim_state = self._full_state()
         ranks = [None] * self.world_size
-        if _distributed():
+        if is_distributed():
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
@@ -803,7 +641,7 @@ class Trainer:
             trainer = load_checkpoint_trainer(path)
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             model_state = self._checkpointed(model_state)
-            load_sharded_state(path, model_state, optim_state, distributed=_distributed())
+            load_sharded_state(path, model_state, optim_state, distributed=is_distributed())
             set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                            options=StateDictOptions(strict=not self.adapters_only))
         self._apply_optim_settings()
@@ -860,7 +698,7 @@ class Trainer:
     def _set_grad_sync(self, sync: bool) -> None:
         if self.fsdp:
             self.model.set_requires_gradient_sync(sync)
-        elif _distributed():
+        elif is_distributed():
             self.model.require_backward_grad_sync = sync  # DDP: skip the all-reduce until the last micro-batch
 
     def _loss(self, blocks: torch.Tensor, flags: torch.Tensor | None = None,
@@ -905,7 +743,7 @@ class Trainer:
         stats = torch.stack([loss_sum.float(), torch.tensor(float(self.signal_received), device=self.device)])
         if preference:  # the DPO metrics' sums in the same all-reduce
             stats = torch.cat([stats, self.data.step_stats()])
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(stats)
         if preference:
             self.data.record_step(stats[2:])
@@ -933,7 +771,7 @@ class Trainer:
         """The targets of this step's global batch (chat data). Streamed data counts only this rank's blocks,
         which no other rank reads: summed over the ranks, one small all-reduce."""
         count = self.data.step_targets
-        if self.data.step_targets_per_rank and _distributed():
+        if self.data.step_targets_per_rank and is_distributed():
             total = torch.tensor(count, dtype=torch.int64, device=self.device)
             dist.all_reduce(total)
             count = int(total.item())
@@ -973,7 +811,7 @@ class Trainer:
                 with self.autocast:  # blocks have equal lengths: the mean of block means is the token mean
                     stats[group, 0] += self._loss(batch).float() * len(batch)
                 stats[group, 1] += len(batch)
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(stats)  # every group in one collective
         self.model.train()
         pooled = stats.sum(dim=0)
@@ -1130,7 +968,7 @@ class Trainer:
                 failure = error
                 answer[0] = str(error) if isinstance(error, ConfigError) else (
                     f"logging.wandb: rank 0 could not start the W&B run: {type(error).__name__}: {error}")
-        if _distributed():
+        if is_distributed():
             # else the other ranks would wait for rank 0 in the first collective; and after the long-timeout
             # barrier, since W&B's init (its init_timeout, retries online) may outlast the default group's timeout
             barrier()
@@ -1366,5 +1204,4 @@ def _setup_logging(rank: int) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-__all__ = ["NonFiniteLossError", "Trainer", "build_optimizer", "flops_per_token", "get_lr", "init_distributed",
-           "optimizer_note", "set_lr"]
+__all__ = ["NonFiniteLossError", "Trainer"]

@@ -313,7 +313,7 @@ def test_the_step_target_count_is_summed_over_the_ranks(chats, tokenizer_dir, tm
     assert [tuple(b.tokens.shape) for b in batches] == [(2, SEQ)] * 2 and batches[0].flags.dtype == torch.uint8
     inputs = packed_segments(batches[0].tokens, data.tokenizer.eos_token_id, batches[0].flags)
     assert int((inputs["labels"] != -100).sum()) == target_count(batches[0].flags.numpy())
-    monkeypatch.setattr(trainer_module, "_distributed", lambda: True)
+    monkeypatch.setattr(trainer_module, "is_distributed", lambda: True)
     monkeypatch.setattr(trainer_module.dist, "all_reduce", lambda tensor: tensor.mul_(2))
     trainer = SimpleNamespace(data=data, device=torch.device("cpu"))
     assert trainer_module.Trainer._step_targets(trainer) == 2 * data.step_targets

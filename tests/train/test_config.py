@@ -5,7 +5,8 @@ import math
 import pytest
 
 from retnet.train.config import ConfigError, build_config, load_config, parse_overrides, preset_names
-from retnet.train.trainer import flops_per_token, get_lr, no_decay_parameter_names
+from retnet.train.flops import flops_per_token
+from retnet.train.optim import get_lr, no_decay_parameter_names
 
 
 def test_presets_ship_and_load():

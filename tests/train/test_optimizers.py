@@ -38,7 +38,7 @@ def test_muon_trains_the_decoder_layers_matrices_and_adamw_the_rest(overrides):
     embeddings, an untied LM head (decayed), norms and biases (not decayed) stay AdamW's, grouped as under
     optim.name=adamw."""
     from retnet.train.muon import MuonWithAdamW, muon_parameter_names
-    from retnet.train.trainer import build_optimizer, no_decay_parameter_names, optimizer_note
+    from retnet.train.optim import build_optimizer, no_decay_parameter_names, optimizer_note
 
     model = _model(**overrides)
     names = {param: name for name, param in model.named_parameters()}
@@ -72,7 +72,7 @@ def test_muon_state_round_trips_and_steps_like_the_original():
     """state_dict()/load_state_dict() of the combined optimizer: a fresh one loaded from it steps exactly as
     the original does (the inner Muon and AdamW read the loaded groups and state); Muon's learning rate
     follows the schedule scaled to optim.muon_lr."""
-    from retnet.train.trainer import build_optimizer, set_lr
+    from retnet.train.optim import build_optimizer, set_lr
 
     cfg = load_config("tiny", ["--optim.name=muon", "--optim.muon_lr=0.02"]).optim
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def test_muon_without_torch_optim_muon_is_refused_at_startup(micro, tmp_path, mo
 
 
 def _stepped_muon(model):
-    from retnet.train.trainer import build_optimizer
+    from retnet.train.optim import build_optimizer
 
     optimizer = build_optimizer(model, load_config("tiny", ["--optim.name=muon"]).optim, torch.device("cpu"))
     torch.manual_seed(1)
@@ -273,7 +273,7 @@ def test_the_resume_guard_compares_optim_name_alone():
 def test_learnable_activation_parameters_stay_adamws():
     """SAU's learnable α and σ live in the decoder layers but are no Linear weight: AdamW's, not decayed."""
     from retnet.train.muon import muon_parameter_names
-    from retnet.train.trainer import no_decay_parameter_names
+    from retnet.train.optim import no_decay_parameter_names
 
     model = _model(hidden_act="sau", hidden_act_kwargs={"trainable_sigma": True})
     learned = {name for name, _ in model.named_parameters() if "act_fn" in name}

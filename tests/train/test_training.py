@@ -488,7 +488,7 @@ import datetime, sys, time
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 c10d.default_pg_timeout = datetime.timedelta(seconds=3)  # the group's timeout: 10 min for NCCL, 30 for gloo
-from retnet.train.trainer import barrier, init_distributed
+from retnet.train.distributed import barrier, init_distributed
 rank, _, _, _ = init_distributed("cpu")
 barrier()
 if rank == 0:

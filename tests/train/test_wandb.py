@@ -323,7 +323,7 @@ def test_any_rank0_failure_to_start_wandb_reaches_every_rank(fake_wandb, tmp_pat
     from retnet.train import trainer as trainer_module
 
     events, answer_for_others = [], []
-    monkeypatch.setattr(trainer_module, "_distributed", lambda: True)
+    monkeypatch.setattr(trainer_module, "is_distributed", lambda: True)
     monkeypatch.setattr(trainer_module, "barrier", lambda: events.append("barrier"))
 
     def broadcast(objects, src):

@@ -1,0 +1,52 @@
+"""The process group from torchrun's environment, and a barrier that outlasts the default group's timeout."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from retnet.train.config import ConfigError
+
+
+def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1.
+    NCCL on CUDA, gloo on CPU."""
+    if device_kind == "auto":
+        device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        global _wait_group
+        _wait_group = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
+    return rank, local_rank, world_size, device
+
+
+def is_distributed() -> bool:
+    """Whether this process is one rank of a process group (torchrun with more than one process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+# The ranks wait here while local rank 0 downloads and tokenizes the dataset (hours for a large one) and rank 0
+# writes a checkpoint or the export: longer than the default group's timeout (10 minutes for NCCL). A group of its
+# own, so the training collectives keep their timeout and a rank that hangs in one is still reported.
+WAIT_TIMEOUT = datetime.timedelta(days=2)
+_wait_group: tuple[Any, Any] | None = None  # (the default group it belongs with, the group)
+
+
+def barrier() -> None:
+    """Wait for every rank, for up to WAIT_TIMEOUT."""
+    if is_distributed():
+        # the default group where the process group was made elsewhere (not by init_distributed)
+        mine = _wait_group is not None and _wait_group[0] is dist.group.WORLD
+        dist.barrier(group=_wait_group[1] if mine else None)

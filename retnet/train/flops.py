@@ -1,0 +1,46 @@
+"""The training FLOPs of a token and each device's peak, for the MFU estimate (the log, ``benchmarks/train.py``)."""
+
+from __future__ import annotations
+
+import torch
+
+# Dense bf16 tensor-core peak per device (FLOP/s), for the MFU estimate; matched as substrings of
+# torch.cuda.get_device_name(). Set logging.peak_flops for anything else (or a CPU).
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+    "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def flops_per_token(config, seq_len: int, adapter_params: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward).
+
+    Matmuls: 6·N with N the parameters minus the input embedding (a lookup), plus the output projection
+    even when tied; with ``adapter_params`` n (LoRA: those N frozen, n adapter weights training) 4·N, no
+    weight gradients, plus the adapters' 6·n. Retention, per layer and head (key dim K, value dim V, chunk
+    C): the chunkwise form multiplies the state in and out (q·S, kᵀ·v: 2·2·K·V) and does the intra-chunk
+    q·kᵀ and (q·kᵀ)·v (2·C·K + 2·C·V) per token. No T² term: retention's cost is linear in the sequence length."""
+    d, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    k_dim, v_dim = config.head_dim, config.value_head_dim
+    ffn = config.intermediate_size * d * (3 if config.ffn_glu else 2)
+    value_projections = 2 if config.use_output_gate else 1  # v, and the gate g when there is one
+    per_layer = d * heads * k_dim * 2 + d * heads * v_dim * value_projections + heads * v_dim * d + ffn
+    n_matmul = layers * per_layer + config.vocab_size * d
+    chunk = min(config.chunk_size, seq_len)
+    retention = layers * heads * (4 * k_dim * v_dim + 2 * chunk * (k_dim + v_dim))
+    if adapter_params is not None:
+        return 4.0 * n_matmul + 6.0 * adapter_params + 3.0 * retention
+    return 6.0 * n_matmul + 3.0 * retention
+
+
+def peak_flops(device: torch.device, configured: float) -> float | None:
+    """Per-device peak FLOP/s: ``logging.peak_flops`` if set, else the GPU table, else None (n/a)."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+            if key in name:
+                return value
+    return None
