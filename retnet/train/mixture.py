@@ -187,7 +187,7 @@ class MixedData:
 # Streamed sources
 # ----------------------------------------------------------------------------------------------------------
 class MixedStreamingData:
-    """Streamed sources (:class:`~retnet.train.data.StreamingData`, one per source, each split by node) blended
+    """Streamed sources (:class:`~retnet.train.streaming.StreamingData`, one per source, each split by node) blended
     on each rank by ``schedule`` over this rank's own block index ``position``. A checkpoint holds every
     source's stream state and the position; a resume continues each stream where it stood."""
 

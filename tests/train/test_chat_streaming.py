@@ -16,8 +16,6 @@ import torch
 from retnet.train.chat import BOUNDARY, TARGET, ChatEncoder, render_default, target_count
 from retnet.train.config import ConfigError, DataConfig, build_config
 from retnet.train.data import (
-    StreamingChatData,
-    StreamingData,
     build_data,
     chat_blocks,
     data_fingerprint,
@@ -25,6 +23,7 @@ from retnet.train.data import (
     packed_segments,
     tokenizer_fingerprint,
 )
+from retnet.train.streaming import StreamingChatData, StreamingData
 
 from .conftest import micro_args
 from .test_chat_sft import conversation, expected_runs, target_runs, write_jsonl

@@ -296,7 +296,8 @@ def test_special_token_text_inside_a_document_is_not_a_document_boundary(tokeniz
     appended after each document ends one, so the state is not reset mid-document and no EOS is learnt there."""
     import datasets
 
-    from retnet.train.data import StreamingData, encode_documents, load_tokenizer
+    from retnet.train.data import encode_documents, load_tokenizer
+    from retnet.train.streaming import StreamingData
 
     tokenizer = load_tokenizer(tokenizer_dir)
     eos = tokenizer.eos_token_id
@@ -630,9 +631,11 @@ class _CountingEncoder:
 
 def _count_encodes(monkeypatch) -> list[int]:
     from retnet.train import data as data_module
+    from retnet.train import streaming as streaming_module
 
     counter, real = [0], data_module.document_encoder
-    monkeypatch.setattr(data_module, "document_encoder", lambda tokenizer: _CountingEncoder(real(tokenizer), counter))
+    for module in (data_module, streaming_module):  # the cached path's and the streamed path's
+        monkeypatch.setattr(module, "document_encoder", lambda tokenizer: _CountingEncoder(real(tokenizer), counter))
     return counter
 
 
@@ -891,13 +894,15 @@ def test_csv_text_cells_are_documents_as_written(streaming, tokenizer_dir, tmp_p
     refused as float; "NaN", "NA", "null" and empty cells became NaN. The text column is now read as written,
     through the training pipeline, while the other columns keep the types pandas infers."""
     from retnet.train import data as data_module
+    from retnet.train import streaming as streaming_module
 
     pattern = _csv_files(tmp_path)
     config = DataConfig(dataset=pattern, tokenizer=str(tokenizer_dir), seq_len=16, val_fraction=0.2,
                         streaming=streaming, val_documents=3, cache_dir=str(tmp_path / "cache"))
     encoded: list[str] = []
     encode = data_module.encode_documents
-    monkeypatch.setattr(data_module, "encode_documents", lambda tok, texts: encode(tok, encoded.extend(texts) or texts))
+    for module in (data_module, streaming_module):  # the cached path's and the streamed path's
+        monkeypatch.setattr(module, "encode_documents", lambda tok, texts: encode(tok, encoded.extend(texts) or texts))
     data = build_data(config, **_BUILD)
     if streaming:  # the first 3 documents are the validation split, the rest is streamed as read
         assert encoded == _DOCS[:3]

@@ -651,9 +651,9 @@ def test_a_streamed_resume_replays_the_losses_without_tokenizing_what_it_read(ch
     losses), and tokenizes only the documents after its checkpoint's place in the stream: those of the two
     runs add up to those of the uninterrupted one. A checkpoint written before that place was saved (only the
     number of blocks read) still resumes, by tokenizing the stream again up to it."""
-    from retnet.train import data as data_module
+    from retnet.train import streaming as streaming_module
 
-    counter, real = [0], data_module.document_encoder
+    counter, real = [0], streaming_module.document_encoder
 
     class Counting:
         def __init__(self, tokenizer):
@@ -666,7 +666,7 @@ def test_a_streamed_resume_replays_the_losses_without_tokenizing_what_it_read(ch
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-    monkeypatch.setattr(data_module, "document_encoder", Counting)
+    monkeypatch.setattr(streaming_module, "document_encoder", Counting)
     # 16 blocks of 128 tokens a step: a few of the corpus's documents (up to 3000 characters each)
     common = dict(data__streaming=True, data__val_documents=10, train__steps=6, data__seq_len=128,
                   train__global_batch_size=16, train__micro_batch_size=8)

@@ -1,0 +1,366 @@
+"""Streamed data (``data.streaming``): documents or conversations read as they come, packed into blocks on the fly,
+each rank reading its own part of the stream, with a data position that resumes without reading the stream again.
+:func:`retnet.train.data.build_data` builds it through :func:`build_streaming`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from retnet.train.chat import (
+    BOUNDARY,
+    ChatEncoder,
+    check_conversations,
+    render_default,
+    target_count,
+    without_spilled_targets,
+)
+from retnet.train.config import ConfigError
+from retnet.train.data import (
+    MaskedBlocks,
+    PackedData,
+    _atomic_dir,
+    _blocks,
+    _check_text_field,
+    _check_texts,
+    _field,
+    _hash,
+    _reading,
+    _require_targets,
+    chat_blocks,
+    document_encoder,
+    encode_documents,
+    indexed_conversations,
+    load_tokenizer,
+    masked_micro_batches,
+    train_tokenizer,
+)
+
+logger = logging.getLogger("retnet.train.data")  # the data pipeline's one logger, streamed or not
+class StreamingData:
+    """On-the-fly packing of a streamed dataset; each rank reads its own part (split by node).
+
+    Its data position is where this rank's stream stands: the epoch, the documents of that epoch read so far,
+    ``datasets``' own state of the stream after them (``IterableDataset.state_dict``) and the tokens read but
+    not packed into a block yet. A resume restarts the stream from that state and tokenizes none of the
+    documents read before: after billions of tokens, tokenizing them again only to find the place takes hours."""
+
+    masked, val_flags = False, None  # text: chat data is StreamingChatData's
+    field_key = "data.text_field"  # the setting of text_field, which a read error names
+
+    def __init__(self, stream, val_blocks: np.ndarray, tokenizer, *, text_field: str, seq_len: int,
+                 micro_batch: int, rank: int, world_size: int, dataset: str = "", val_documents: int = 0):
+        from datasets.distributed import split_dataset_by_node
+
+        if len(val_blocks) == 0:
+            raise ConfigError(f"data: the first data.val_documents documents (the validation split) are shorter than "
+                              f"one block of data.seq_len ({seq_len}) tokens; raise data.val_documents")
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        self.val, self.tokenizer, self.text_field = val_blocks, tokenizer, text_field
+        self.seq_len, self.micro_batch = seq_len, micro_batch
+        self.rank, self.world_size = rank, world_size
+        self.dataset, self.val_documents = dataset, val_documents  # for the error of a stream without documents
+        self.position = 0  # blocks this rank has consumed
+        self.hub_fingerprint: str | None = None  # of a hub dataset: a checkpoint keeps it for its resume
+        self.train_tokens = None
+        self._encoder = document_encoder(tokenizer)
+        self._epoch = 0
+        self._documents = 0  # examples of this epoch read, empty ones too: they count in the stream's order
+        self._seen = False  # a non-empty document in this epoch: an epoch without one would loop for ever
+        self._buffer: list[int] = []  # tokens read; those from _head on are not in a block yet
+        self._head = 0
+        self._examples: Iterator[dict] | None = None  # this epoch's, once opened
+        self._stream_state: dict | None = None  # datasets' state of a checkpoint, for the next opening
+        self._replay = False  # a checkpoint without the fields above: regenerate its position blocks
+
+    def _open(self) -> None:
+        self.stream.set_epoch(self._epoch)
+        state, self._stream_state = self._stream_state, None
+        if state is not None:
+            self.stream.load_state_dict(state)
+            self._examples = iter(self.stream)
+        else:
+            # Read, not tokenized: documents cost their reading only (datasets' state, where usable, skips
+            # whole shards without opening them).
+            self._examples = itertools.islice(iter(self.stream), self._documents, None)
+
+    def _next_example(self) -> dict:
+        """The next example whose ``text_field`` is not empty, from the next epoch at the end of this one."""
+        while True:
+            if self._examples is None:
+                self._open()
+            try:
+                example = next(self._examples, None)
+            except OSError:  # a file gone or a hub connection: not a fault of the data
+                raise
+            except Exception as error:
+                # datasets types the stream's columns from its first rows and fails on a later file that does
+                # not fit them only when it gets there: named as the build's reads name it, not a bare TypeError
+                with _reading(self.dataset, self.text_field, self.field_key):
+                    raise error
+            if example is None:
+                if not self._seen:
+                    raise _no_training_documents(self.dataset, self.val_documents, self.rank, self.world_size)
+                self._epoch, self._documents, self._seen, self._examples = self._epoch + 1, 0, False, None
+                continue
+            self._documents += 1
+            if example[self.text_field]:
+                self._seen = True
+                return example
+
+    def _append(self, example: dict) -> None:
+        """Tokenize ``example`` onto the end of the buffer."""
+        ids = self._encoder.encode(example[self.text_field], add_special_tokens=False).ids
+        self._buffer.extend([*ids, self.tokenizer.eos_token_id])
+
+    def _drop_packed(self) -> None:
+        # Packed tokens are dropped only here, once per document read: deleting each block from the front
+        # shifts the rest of a long document every time, quadratic in its length.
+        del self._buffer[: self._head]
+        self._head = 0
+
+    def _pack(self) -> np.ndarray:
+        while len(self._buffer) - self._head < self.seq_len:
+            self._drop_packed()
+            self._append(self._next_example())
+        block = np.asarray(self._buffer[self._head: self._head + self.seq_len], dtype=np.int64)
+        self._head += self.seq_len
+        return block
+
+    def _next_block(self):
+        if self._replay:
+            self._replay = False
+            for _ in range(self.position):
+                self._pack()
+        self.position += 1
+        return self._pack()
+
+    def micro_batches(self, accum: int) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.stack([self._next_block() for _ in range(self.micro_batch)])) for _ in range(accum)]
+
+    val_batches = PackedData.val_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        import datasets
+
+        if self._replay:  # nothing read since the resume from an old checkpoint: still its position
+            return {"kind": "streaming", "position": self.position}
+        stream = self.stream.state_dict() if self._examples is not None else self._stream_state
+        return {"kind": "streaming", "position": self.position, "epoch": self._epoch, "documents": self._documents,
+                "seen": self._seen, "buffer": np.asarray(self._buffer[self._head:], dtype=np.uint32), "stream": stream,
+                "datasets_version": datasets.__version__}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import datasets
+
+        if state.get("kind") != "streaming":
+            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a streaming run")
+        self.position, self._examples = int(state["position"]), None
+        if "documents" not in state:
+            # Written before the stream's place was saved: tokenize the stream again up to the position.
+            if self.position:
+                logger.warning("data: this checkpoint holds only the number of blocks read from the stream; "
+                               "regenerating %d blocks (every document before them is tokenized again)",
+                               self.position)
+            self._replay = True
+            self._epoch, self._documents, self._seen, self._buffer, self._stream_state = 0, 0, False, [], None
+            self._head = 0
+            return
+        self._replay = False
+        self._epoch, self._documents = int(state["epoch"]), int(state["documents"])
+        self._seen = bool(state.get("seen", self._documents > 0))  # empty documents are read but not seen
+        self._buffer, self._head = [int(t) for t in state["buffer"]], 0
+        stream = state.get("stream")
+        # datasets' state is its own format: another version may read it otherwise, and an epoch other than
+        # ours would make it start the epoch over. The document count holds in any version.
+        usable = (stream is not None and state.get("datasets_version") == datasets.__version__
+                  and stream.get("epoch") == self._epoch)
+        if stream is not None and not usable:
+            logger.info("data: the checkpoint's stream state is of datasets %s (this is %s); skipping %d "
+                        "documents by reading them", state.get("datasets_version"), datasets.__version__,
+                        self._documents)
+        self._stream_state = stream if usable else None
+
+
+# The column a streamed chat set gets with each row's index in the stream, which its errors name: datasets counts
+# it as rows are read, and its stream state keeps the count across a resume.
+STREAM_ROW = "__retnet_stream_row__"
+
+
+def stream_conversation(dataset: str, field: str, example: dict) -> list[dict[str, Any]] | None:
+    """The conversation of a streamed chat row (``example`` of a stream with :data:`STREAM_ROW`), None for an
+    empty one; a row that holds no conversation is refused naming its index in the stream."""
+    kept = check_conversations(dataset, field, [example[field]], first_row=example[STREAM_ROW])
+    return kept[0] if kept else None
+
+
+class StreamingChatData(StreamingData):
+    """Streamed chat data: conversations encoded as the token cache encodes them (:class:`ChatEncoder`), their
+    flags packed in lockstep with their tokens. Each block's flags are cleared of a conversation's part that
+    spills into it as the cached blocks' are (:func:`~retnet.train.chat.without_spilled_targets`), which needs
+    only whether the block before ended with a closing EOS; a checkpoint keeps that and the flags of the
+    buffered tokens.
+
+    ``stream``'s rows carry :data:`STREAM_ROW`. ``step_targets`` counts the targets of this rank's micro-batches
+    only (the other ranks read other rows): the trainer sums it over the ranks."""
+
+    masked = True
+    step_targets_per_rank = True
+    field_key = "data.messages_field"
+
+    def __init__(self, stream, val_blocks: np.ndarray, val_flags: np.ndarray, tokenizer, *, messages_field: str,
+                 seq_len: int, micro_batch: int, rank: int, world_size: int, dataset: str = "",
+                 val_documents: int = 0, assistant_only_loss: bool = True):
+        super().__init__(stream, val_blocks, tokenizer, text_field=messages_field, seq_len=seq_len,
+                         micro_batch=micro_batch, rank=rank, world_size=world_size, dataset=dataset,
+                         val_documents=val_documents)
+        _require_targets("validation", val_flags)
+        self.val_flags = val_flags
+        self.step_targets: int | None = None
+        self._chat = ChatEncoder(tokenizer, assistant_only_loss, dataset)
+        self._flags: list[int] = []  # those of _buffer, index for index
+        self._continued = False  # the last block packed ended inside a conversation
+
+    def _append(self, example: dict) -> None:
+        conversation = stream_conversation(self.dataset, self.text_field, example)
+        ids, flags = self._chat.encode([conversation], rows=[example[STREAM_ROW]])
+        self._buffer.extend(ids.tolist())
+        self._flags.extend(flags.tolist())
+
+    def _drop_packed(self) -> None:
+        del self._flags[: self._head]
+        super()._drop_packed()
+
+    def _pack(self) -> tuple[np.ndarray, np.ndarray]:
+        tokens = super()._pack()  # (it drops packed tokens and their flags before it cuts a block)
+        flags = np.asarray(self._flags[self._head - self.seq_len: self._head], dtype=np.uint8)
+        flags = without_spilled_targets(flags[None], continued=self._continued)[0]
+        self._continued = not (flags[-1] & BOUNDARY)
+        return tokens, flags
+
+    def micro_batches(self, accum: int) -> list[MaskedBlocks]:
+        """This rank's ``accum`` micro-batches of the next step, as :class:`MaskedBlocks`."""
+        batches = masked_micro_batches(self._next_block, self.micro_batch, accum)
+        self.step_targets = sum(target_count(batch.flags.numpy()) for batch in batches)
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if "buffer" in state:
+            state.update(flags=np.asarray(self._flags[self._head:], dtype=np.uint8), continued=self._continued)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "documents" not in state:  # regenerated from the stream's start, as the blocks are
+            self._flags, self._continued = [], False
+            return
+        if "flags" not in state or len(state["flags"]) != len(state["buffer"]):
+            raise ValueError(f"streamed chat data state without the flags of its {len(state['buffer'])} buffered "
+                             f"tokens (a text run's state?): it cannot resume chat data")
+        self._flags, self._continued = [int(f) for f in state["flags"]], bool(state["continued"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, micro_batch, rank, local_rank,
+                     world_size, barrier):
+    chat = cfg.format == "chat"
+    field = _field(cfg)[0]
+    with _reading(cfg.dataset, *_field(cfg)):  # a stream reads its files from here on, lazily
+        columns = stream.column_names
+    _check_text_field(cfg, columns)
+    if cfg.max_documents:
+        # One shard, read whole by every rank, which keeps every world_size-th document: split_dataset_by_node
+        # would split the taken documents between the ranks' own whole shards, each rank taking max_documents /
+        # world_size of its own files, not its part of the first max_documents.
+        import datasets
+
+        limited = stream.take(cfg.max_documents)
+        stream = datasets.IterableDataset.from_generator(lambda: iter(limited))
+    if chat:  # a conversation is refused or fails its template long after it is read: name its row then
+        stream = stream.map(lambda _, row: {STREAM_ROW: row}, with_indices=True)
+    val_stream = stream.take(cfg.val_documents)
+    # Not stream.skip(n): when split_dataset_by_node hands each rank whole shards, datasets splits the n skipped
+    # documents between the ranks' own shards, so rank 0 would train on part of the validation split.
+    with _reading(cfg.dataset, *_field(cfg)):
+        val_texts = [e[field] for e in val_stream]
+    if chat:
+        val_conversations = indexed_conversations(cfg.dataset, field, val_texts)
+        held_out = frozenset(_conversation_key(c) for _, c in val_conversations)
+
+        def training(example) -> bool:
+            conversation = stream_conversation(cfg.dataset, field, example)  # checked before the lookup, as text
+            return conversation is None or _conversation_key(conversation) not in held_out
+    else:
+        _check_texts(cfg.dataset, cfg.text_field, val_texts)
+        held_out = frozenset(val_texts)
+
+        def training(example) -> bool:
+            text = example[cfg.text_field]
+            # checked before the lookup: a list or dict would fail in it as an "unhashable type" naming nothing
+            _check_texts(cfg.dataset, cfg.text_field, [text])
+            return text not in held_out
+
+    train_stream = stream.filter(training)
+    # Before a BPE is trained on nothing and the run starts: otherwise the first step finds the stream empty.
+    with _reading(cfg.dataset, *_field(cfg)):
+        if next((e for e in train_stream if e[field]), None) is None:
+            raise _no_training_documents(cfg.dataset, cfg.val_documents)
+    tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
+    if source is None and local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
+        def sample() -> Iterator[str]:
+            total = 0
+            for example in train_stream:
+                if chat:  # as the BPE's template (the default) renders it, tags and all, as the cached path does
+                    conversation = stream_conversation(cfg.dataset, field, example)
+                    text = render_default(conversation) if conversation else ""
+                else:
+                    text = example[cfg.text_field] or ""  # checked by the filter training() on the way
+                yield text
+                total += len(text)
+                if total >= cfg.tokenizer_train_chars:
+                    return
+
+        with _reading(cfg.dataset, *_field(cfg)):
+            texts = list(sample())
+        trained = train_tokenizer(texts, vocab_size, cfg.tokenizer_train_chars)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
+    barrier()
+    tokenizer = load_tokenizer(source if source is not None else tokenizer_cache)
+    common = dict(seq_len=cfg.seq_len, micro_batch=micro_batch, rank=rank, world_size=world_size,
+                  dataset=cfg.dataset, val_documents=cfg.val_documents)
+    if chat:
+        encoder = ChatEncoder(tokenizer, cfg.assistant_only_loss, cfg.dataset)
+        val, val_flags = chat_blocks(encoder, val_conversations, cfg.seq_len)
+        return StreamingChatData(train_stream, val, val_flags, tokenizer, messages_field=field,
+                                 assistant_only_loss=cfg.assistant_only_loss, **common)
+    val = _blocks(encode_documents(tokenizer, [text for text in val_texts if text]), cfg.seq_len)
+    return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, **common)
+
+
+def _conversation_key(conversation: list[dict[str, Any]]) -> str:
+    """A checked conversation as a hashable value, to hold the validation conversations out of the stream."""
+    return json.dumps(conversation, sort_keys=True, default=str)
+
+
+def _no_training_documents(dataset: str, val_documents: int, rank: int | None = None,
+                           world_size: int = 1) -> ConfigError:
+    whose = "" if rank is None else f" to rank {rank} of {world_size}"
+    return ConfigError(f"data.dataset {dataset!r} streams no training documents{whose}: every non-empty document "
+                       f"is among the first data.val_documents ({val_documents}), the validation split"
+                       f"{'' if rank is None else ', or this rank has no part of the stream'}; lower "
+                       f"data.val_documents or use more data")
+
+
+__all__ = ["STREAM_ROW", "StreamingChatData", "StreamingData", "build_streaming", "stream_conversation"]
