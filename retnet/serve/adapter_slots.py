@@ -146,6 +146,15 @@ class AdapterSlots:
             self.installs.append((adapter, loop, done))
             self.cond.notify_all()
 
+    def identity(self, slot: int) -> tuple[str, list[int]] | None:
+        """The name and files' fingerprint of the adapter of ``slot``, served or retiring (None: freed), which a
+        session saved under it is tied to (--session-dir). Called from any thread: ``adapters`` is replaced
+        whole and both dicts are copied in one step under the GIL, so no lock is needed."""
+        for adapter in [*self.adapters.values(), *self.retiring.values()]:
+            if adapter.slot == slot:
+                return adapter.name, list(adapter.fingerprint)
+        return None
+
     def remove(self, name: str) -> LoraAdapter | None:
         """Stop serving adapter ``name`` (None: no such adapter): requests from now on cannot name it; those
         already accepted under it (waiting or running) finish under it, and its matrices, prefix-cache entries and

@@ -32,6 +32,7 @@ from retnet.serve.protocol import (
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.responses import ResponsesRequest, ResponsesServing
 from retnet.serve.serving import OpenAIServing
+from retnet.serve.session_store import check_session_id
 from retnet.serve.settings import (
     ServeSettings,
     StartupError,
@@ -181,10 +182,12 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
 
     @app.delete("/v1/sessions/{session_id}", dependencies=auth)
     async def delete_session(session_id: str):
-        if not engine.sessions.delete(session_id):
-            session = engine.sessions.sessions.get(session_id)
-            if session is not None and session.busy:  # the same answer as a second request on it
-                raise APIError(409, f"session {session_id!r} is in use by a request", "session_id", "session_busy")
+        deleted = engine.sessions.delete(check_session_id(session_id))
+        session = engine.sessions.sessions.get(session_id)
+        if session is not None and session.busy:  # the same answer as a second request on it
+            raise APIError(409, f"session {session_id!r} is in use by a request", "session_id", "session_busy")
+        # --session-dir: its file goes too, queued behind its writes (so none brings it back).
+        if not (await engine.sessions.delete_file(session_id) or deleted):
             raise APIError(404, f"no session {session_id!r}", "session_id", "session_not_found")
         return {"id": session_id, "object": "session", "deleted": True}
 

@@ -52,6 +52,7 @@ from retnet.serve.sequence import (
     TokenLogprob,
     emit_all,
 )
+from retnet.serve.session_store import session_files
 from retnet.serve.settings import ServeSettings
 from retnet.serve.speculative import VERIFY_MODE, accepted_drafts, propose_drafts
 from retnet.serve.state_cache import PrefixCache, Session, SessionStore
@@ -84,7 +85,9 @@ class Engine:
         self.speculative = settings.speculative  # None: every step decodes one token a sequence
         self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
                                         settings.prefix_cache_min_tokens)
-        self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s)
+        self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s,
+                                     session_files(settings, self.config, metrics,
+                                                   lambda slot: self.adapter_slots.identity(slot)))
         self.cond = threading.Condition()
         # The LoRA adapters served and installed in the model; they share the scheduler's lock. The startup ones
         # are read and checked now: a bad one stops the server before it loads the model.
@@ -132,6 +135,7 @@ class Engine:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
+        self.sessions.close()  # --session-dir: the last turns' states written before the process goes
         self.metrics.engine_ready.set(0)
 
     # -- LoRA adapters (vLLM's /v1/load_lora_adapter; event-loop thread) -------------------------------------------

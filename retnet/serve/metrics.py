@@ -26,6 +26,15 @@ class ServeMetrics:
         self.prefix_cache_hit_tokens = Counter("retnet_prefix_cache_hit_tokens",
                                                "prompt tokens not prefilled thanks to a cached prefix", registry=r)
         self.session_resumes = Counter("retnet_session_resumes", "requests that continued a saved session", registry=r)
+        # --session-dir: the files behind the sessions held in memory.
+        self.session_writes = Counter("retnet_session_writes", "session states written to --session-dir (a turn "
+                                      "superseded by the next before its write is not written)", registry=r)
+        self.session_write_failures = Counter("retnet_session_write_failures", "session states that could not be "
+                                              "written to --session-dir (the session stays in memory)", registry=r)
+        self.session_loads = Counter("retnet_session_loads", "sessions not in memory read back from --session-dir",
+                                     registry=r)
+        self.session_load_failures = Counter("retnet_session_load_failures", "session files refused (409), by "
+                                             "reason: session_model_changed, session_corrupt", ["reason"], registry=r)
         self.cancelled = Counter("retnet_sequences_cancelled", "sequences cancelled (client gone, shutdown)",
                                  registry=r)
         self.structured = Counter("retnet_structured_requests", "requests held to a grammar, by the field that asked "

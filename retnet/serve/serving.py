@@ -202,7 +202,7 @@ class OpenAIServing:
             # OpenAI and vLLM take 0 only to echo (and score) the prompt: without echo there is nothing to return.
             raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (to return, and "
                            "score with logprobs, the prompt alone)", "max_tokens")
-        session = self._acquire_session(request)
+        session = await self._acquire_session(request)
         try:
             prompts = await self._tokenizing(_size(request.prompt), self._completion_prompts, request.prompt,
                                              request.truncate_prompt_tokens,
@@ -386,7 +386,7 @@ class OpenAIServing:
         max_tokens = getattr(request, name)
         if max_tokens == 0:
             raise APIError(400, f"{name} must be at least 1 (0 is accepted only by /v1/completions with echo)", name)
-        session = self._acquire_session(request)
+        session = await self._acquire_session(request)
         try:
             prompt, hint = await self._tokenizing(_size([m.text() for m in request.messages]), self._chat_prompt,
                                                   request, _continues(session))
@@ -646,10 +646,11 @@ class OpenAIServing:
             return []
         return await self._tokenizing(0, self.checks.bad_word_ids, words)  # at most MAX_BAD_WORDS short words
 
-    def _acquire_session(self, request: SamplingFields) -> Session | None:
+    async def _acquire_session(self, request: SamplingFields) -> Session | None:
         """The request's session, held (busy) from before its prompt is encoded: whether it has a history
         decides the encoding (a continuation opens no text, so gets no BOS), and nothing (another request,
-        expiry, eviction, a DELETE) may change that before the engine takes it over."""
+        expiry, eviction, a DELETE) may change that before the engine takes it over. One not in memory is read
+        from its file when there is one (--session-dir; 409 when it cannot continue on this model)."""
         if request.session_id is None:
             return None
         try:
@@ -661,7 +662,10 @@ class OpenAIServing:
         # A session's state was computed under one adapter (or the base model): it continues under that one only.
         try:
             adapter = self._adapter(request.model)
-        except APIError:
+            if session.cache is None:
+                await self.engine.sessions.restore(request.session_id, session, self.engine.adapters,
+                                                   self.engine.device)
+        except BaseException:
             self._release_session(request, session)
             raise
         served = {a.slot: name for name, a in self.engine.adapters.items()}

@@ -76,7 +76,13 @@ class ServeSettings(BaseSettings):
     )
     max_sessions: int = Field(256, ge=0, description="resumable sessions kept at once (LRU); 0 turns sessions off")
     session_bytes: int = Field(2 << 30, ge=0)
-    session_ttl_s: float = Field(1800.0, gt=0)
+    session_ttl_s: float = Field(1800.0, gt=0, description="a session expires this long after its last use (its "
+                                 "file in --session-dir, after its last turn was written)")
+    session_dir: str | None = Field(
+        None, description="keep every session's state in this directory too, one file a session rewritten after "
+        "each turn: sessions outlive a restart, and --max-sessions / --session-bytes bound only the copies held in "
+        "memory (one server a directory); none: sessions live in memory only"
+    )
     responses_store_entries: int = Field(
         1024, ge=0, description="finished Responses API responses kept for GET and previous_response_id (LRU, in "
         "memory); 0 stores none"

@@ -7,19 +7,25 @@ A RetNet's whole context is one fixed-size state, so keeping the state after a p
   the earlier turns of a chat, a repeated prompt, a prompt and the answer generated after it). A prompt that
   starts with a cached prefix is prefilled from that state: the prefix costs no compute.
 - :class:`SessionStore`: a named conversation's state after its last request, so the next request sends
-  only its new tokens. Bounded in count and bytes, expiring after a TTL.
+  only its new tokens. Bounded in count and bytes, expiring after a TTL; with ``--session-dir``, a cache over the
+  session files (:mod:`retnet.serve.session_store`), which outlive a restart and the memory bounds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from retnet.model import RetNetCache
+
+if TYPE_CHECKING:
+    from retnet.serve.session_store import SessionFiles
 
 
 def held_bytes(cache: RetNetCache | None, *tensors: torch.Tensor | None) -> int:
@@ -137,10 +143,15 @@ class Session:
 
 class SessionStore:
     """Named sessions, at most ``max_sessions`` and ``max_bytes`` of state (idle LRU evicted), each expiring
-    ``ttl_s`` after its last use. Used from the event loop (acquire) and the scheduler (release): locked."""
+    ``ttl_s`` after its last use. Used from the event loop (acquire) and the scheduler (release): locked.
 
-    def __init__(self, max_sessions: int, max_bytes: int, ttl_s: float):
+    With ``files`` (``--session-dir``) every state a session is released with is also queued to its file, and a
+    session not in memory is read back from it (:meth:`restore`): eviction and expiry here drop the copy in memory
+    only."""
+
+    def __init__(self, max_sessions: int, max_bytes: int, ttl_s: float, files: SessionFiles | None = None):
         self.max_sessions, self.max_bytes, self.ttl_s = max_sessions, max_bytes, ttl_s
+        self.files = files
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -179,9 +190,36 @@ class SessionStore:
             session.last_used = time.monotonic()
             if cache is not None:
                 session.cache, session.pending, session.tokens = cache, list(pending or []), session.tokens + tokens
+            if self.files is not None and session.cache is not None:
+                self.files.save(session_id, session.cache, session.pending, session.tokens, session.adapter,
+                                changed=cache is not None)
             if session.cache is None:
                 del self.sessions[session_id]  # nothing to resume
             self._evict()
+
+    async def restore(self, session_id: str, session: Session, adapters: dict, device: torch.device) -> None:
+        """Fill ``session``, acquired and not in memory, from its file when it has one (read on a worker thread;
+        nothing without ``files``). ``adapters``: the engine's, by name: the state continues under the slot of
+        the adapter it was computed under. Raises SessionFileError (409) for a file that cannot continue here."""
+        if self.files is None:
+            return
+        loaded = await asyncio.to_thread(self.files.load, session_id, adapters, device)
+        if loaded is not None:
+            state, session.adapter = loaded
+            session.cache, session.pending, session.tokens = state.cache, state.pending, state.tokens
+
+    async def delete_file(self, session_id: str) -> bool:
+        """Remove the session's file (behind its queued writes); whether it had one (False without ``files``)."""
+        if self.files is None:
+            return False
+        job = self.files.delete(session_id)
+        await asyncio.to_thread(job.done.wait)
+        return job.existed
+
+    def close(self) -> None:
+        """Write the states still queued to their files (a restart then continues every session)."""
+        if self.files is not None:
+            self.files.close()
 
     def delete(self, session_id: str) -> bool:
         with self.lock:
