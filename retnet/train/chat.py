@@ -112,8 +112,10 @@ class ChatEncoder:
         self.backend.no_truncation()
         self.backend.no_padding()
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               continue_final_message: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=continue_final_message,
                                                   chat_template=self.template)
 
     def spans(self, messages: list[dict[str, Any]], index: int = 0) -> tuple[str, list[tuple[int, int]]]:

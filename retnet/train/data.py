@@ -482,7 +482,8 @@ def _remove_abandoned_temp_dirs(cache_dir: Path) -> None:
     """Delete the temp directories of cache writers that were killed (``_atomic_dir`` cleans up after any
     failure it sees, not after SIGKILL or a lost node); recent ones may belong to a writer still running."""
     now = time.time()
-    for tmp in [*cache_dir.glob(".tmp-tokens-*"), *cache_dir.glob(".tmp-tokenizer-*")]:
+    for tmp in [*cache_dir.glob(".tmp-tokens-*"), *cache_dir.glob(".tmp-tokenizer-*"),
+                *cache_dir.glob(".tmp-preferences-*")]:  # (retnet.train.preference's pair caches)
         try:
             if not tmp.is_dir():
                 continue

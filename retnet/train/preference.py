@@ -8,14 +8,19 @@ a sequence is the prompt's tokens, then the completion's, then EOS. *Conversatio
 "content"}`` messages (``chosen``/``rejected`` normally one assistant message). The prompt is rendered with the
 tokenizer's chat template and the generation prompt, as the server renders a chat request, and a completion is
 what ``render(prompt + chosen)`` adds after it (the template must render the prompt as a prefix, or the row is
-refused); templates and special tokens as the chat SFT path takes them (:class:`~retnet.train.chat.ChatEncoder`'s
-``render`` and tokenizer backend). The prompt and each completion are encoded apart, as TRL does, so the two
-sequences of a pair share the prompt's tokens and a completion starts where the server's generation would.
+refused). A prompt that ends with an assistant message (a prefill) is rendered as TRL renders it, with
+``continue_final_message=True`` and no generation prompt, the message left open; a completion whose first
+message is an assistant one then continues it (its content appended to the prefill's, as the server continues a
+``continue_final_message`` request) instead of opening a second assistant turn. Templates and special tokens as
+the chat SFT path takes them (:class:`~retnet.train.chat.ChatEncoder`'s ``render`` and tokenizer backend). The
+prompt and each completion are encoded apart, as TRL does, so the two sequences of a pair share the prompt's
+tokens and a completion starts where the server's generation would.
 
-Long pairs, as TRL's ``max_prompt_length`` then ``max_length`` (``keep_start``): a prompt longer than
-``data.max_prompt_length`` (when > 0) keeps its last tokens, then each completion (EOS included) is cut to the
-``data.seq_len`` tokens the prompt leaves. Refused, naming the dataset and row: a missing or mistyped field, a
-prompt with no tokens or none left for a completion, and a pair whose chosen and rejected tokens are the same.
+Long pairs, as TRL cuts them: a prompt longer than ``data.max_prompt_length`` (when > 0) keeps its last tokens
+(TRL's ``keep_end`` for the prompt: the end is what the completion answers), then each completion (EOS included)
+keeps its first tokens, as many as the prompt leaves of ``data.seq_len``. With ``data.max_prompt_length`` 0 a
+prompt is not cut. Refused, naming the dataset and row: a missing or mistyped field, a prompt with no tokens or
+none left for a completion, and a pair whose chosen and rejected tokens are the same.
 
 A micro-batch of ``micro_batch`` pairs is ``2 × micro_batch`` sequences (the chosen ones, then the rejected ones)
 packed into one row, each its own ``cu_seqlens`` segment (the retention state and positions start fresh at each:
@@ -26,19 +31,25 @@ slice ``m · world + r``, the position one integer.
 
 The reference policy is the model as the run starts (``model.init_from``; with LoRA its zero-initialized adapters
 change nothing, so the base model): before the first step the reference log-probs of every train and validation
-pair are computed once (TRL's ``precompute_ref_log_probs``; no second model), the pairs split across the ranks
-(each runs the same number of forwards, as FSDP needs) and all-gathered. Rank 0 writes them to
-``<output_dir>/reference_logps.pt``; checkpoints hold their digest, and a resume loads that file (or the one beside
-the checkpoint's run) and refuses one of another digest: it never recomputes them from the resumed weights.
+pair are computed once (TRL's ``precompute_ref_log_probs``; no second model), in eval mode, the pairs split across
+the ranks (each runs the same number of forwards, as FSDP needs) and all-gathered. The policy trains without
+dropout (TRL's ``disable_dropout``, :func:`policy_overrides`), so at step 1 it is the reference. Rank 0 writes
+them to ``<output_dir>/reference_logps.pt`` with a content hash of the tokenized pairs they are of
+(:func:`pairs_digest`); checkpoints hold the file's digest, and a resume loads that file (or the one beside the
+checkpoint's run), refuses one of another digest, and one computed for other pairs than the data now gives: it
+never recomputes them from the resumed weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
+import pickle
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -49,7 +60,8 @@ import torch.nn.functional as F
 
 from retnet.train.chat import ChatEncoder, conversation_problem, template_messages
 from retnet.train.chat import template_identity as chat_template_identity
-from retnet.train.config import ConfigError, DataConfig, DpoConfig
+from retnet.train.checkpoint import _fsync_dir, _write_durable
+from retnet.train.config import ConfigError, DataConfig, DpoConfig, ModelConfig
 from retnet.train.data import (
     PackedData,
     _atomic_dir,
@@ -57,6 +69,7 @@ from retnet.train.data import (
     _hf_dataset,
     _hub_changed,
     _kind,
+    _remove_abandoned_temp_dirs,
     data_fingerprint,
     default_cache_dir,
     load_hub,
@@ -74,9 +87,9 @@ logger = logging.getLogger(__name__)
 FIELDS = ("prompt", "chosen", "rejected")  # TRL's column names
 REFERENCE_FILE = "reference_logps.pt"
 # Bumped when the cached pairs change for the same key, so an old cache is not misread.
-PAIRS_VERSION = 1
+PAIRS_VERSION = 2  # 2: a prefilled prompt is continued (continue_final_message), not given a second turn
 # What each step and evaluation records beside the loss (TRL's names): means over the global batch of pairs.
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 
 
@@ -163,18 +176,28 @@ class PairEncoder:
         self.dtype = np.uint16 if vocab_bound(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
 
     def texts(self, row: int, pair: tuple) -> tuple[str, str, str]:
-        """(prompt, chosen, rejected) as text: a standard row's own, a conversational row rendered."""
+        """(prompt, chosen, rejected) as text: a standard row's own, a conversational row rendered. A prompt that
+        ends with an assistant message is left open (``continue_final_message``, no generation prompt, as TRL
+        renders it) and a completion that starts with an assistant message continues it: rendered as the
+        conversation with that message's content appended to the prefill's, not as a second assistant turn
+        (which would make the completion an end of turn and a new assistant header before the answer)."""
         prompt, chosen, rejected = pair
         if isinstance(prompt, str):
             return pair
+        prefill = prompt[-1]["role"] == "assistant"
         try:
-            head = self.chat.render(prompt, add_generation_prompt=True)
+            head = self.chat.render(prompt, continue_final_message=True) if prefill else \
+                self.chat.render(prompt, add_generation_prompt=True)
             completions = []
             for messages in (chosen, rejected):
-                whole = self.chat.render([*prompt, *messages])
+                if prefill and messages[0]["role"] == "assistant":
+                    opened = {**prompt[-1], "content": prompt[-1]["content"] + messages[0]["content"]}
+                    whole = self.chat.render([*prompt[:-1], opened, *messages[1:]])
+                else:
+                    whole = self.chat.render([*prompt, *messages])
                 if not whole.startswith(head):
-                    raise ValueError("the prompt rendered with the generation prompt is not where the rendering of "
-                                     "the prompt and the completion has it")
+                    raise ValueError(f"the prompt rendered {'open' if prefill else 'with the generation prompt'} "
+                                     f"is not where the rendering of the prompt and the completion has it")
                 completions.append(whole[len(head):])
         except Exception as error:  # jinja's own errors, raise_exception in a template, the check above
             raise ConfigError(f"data.format 'preference': the tokenizer's chat template cannot render row {row} of "
@@ -285,7 +308,8 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tenso
 
 
 def _metric_sums(chosen: torch.Tensor, rejected: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """The sums over a batch's pairs of :data:`METRICS`, in that order."""
+    """The sums over a batch's pairs of :data:`METRICS`, in that order; ``policy``: the ``[2B]`` log-probs the
+    loss compared (length-averaged for IPO)."""
     policy_chosen, policy_rejected = policy.detach().chunk(2)
     return torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum(),
                         policy_chosen.sum(), policy_rejected.sum()]).float()
@@ -328,30 +352,87 @@ def compute_reference(model: torch.nn.Module, splits: list[Pairs], *, micro_batc
     return [out[lo:hi] for lo, hi in itertools.pairwise(bounds)]
 
 
-def reference_digest(key: str, reference: list[torch.Tensor]) -> str:
-    """SHA-256 of the pairs' cache key and the reference log-probs' bytes: what a checkpoint names its
-    reference by."""
-    digest = hashlib.sha256(key.encode())
-    for values in reference:
+def pairs_digest(splits: list[Pairs]) -> str:
+    """SHA-256 of tokenized pairs, split by split: their count, (prompt, chosen, rejected) lengths and tokens, in
+    order (not the dataset rows they came from): what reference log-probs are of. The same pairs read again
+    from a rewritten file (a new cache key) hash alike; other pairs under the same path do not."""
+    digest = hashlib.sha256()
+    chunk = 1 << 22
+    for pairs in splits:
+        digest.update(np.int64(len(pairs)).tobytes())
+        digest.update(np.ascontiguousarray(pairs.lengths, dtype=np.int64).tobytes())
+        for lo in range(0, len(pairs.tokens), chunk):  # as int64: the ids, whatever dtype the cache stores
+            digest.update(np.asarray(pairs.tokens[lo:lo + chunk], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+class SavedReference(NamedTuple):
+    """``reference_logps.pt``: the pairs' cache key and :func:`pairs_digest`, the train and val ``[N, 2]``."""
+
+    key: str
+    pairs: str
+    reference: list[torch.Tensor]
+
+
+def reference_digest(saved: SavedReference) -> str:
+    """SHA-256 of the reference file's content (the pairs' cache key and content hash, the log-probs' bytes):
+    what a checkpoint names its reference by."""
+    digest = hashlib.sha256(saved.key.encode())
+    digest.update(saved.pairs.encode())
+    for values in saved.reference:
         digest.update(values.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
-def _write_reference(path: Path, key: str, reference: list[torch.Tensor]) -> None:
-    """``path`` written whole or not at all (a crash leaves the previous file)."""
+def _write_reference(path: Path, saved: SavedReference) -> None:
+    """``path`` written whole or not at all (a crash leaves the previous file), and durably: a resume trusts the
+    file by its digest, so its bytes are on disk before the rename, and the rename before the run goes on."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    torch.save({"key": key, "train": reference[0], "val": reference[1]}, tmp)
-    with open(tmp, "rb") as handle:  # a resume trusts the file by its digest: its bytes must be on disk first
-        os.fsync(handle.fileno())
+    _write_durable(tmp, {"key": saved.key, "pairs": saved.pairs, "train": saved.reference[0],
+                         "val": saved.reference[1]})
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
-def _read_reference(path: Path) -> tuple[str, list[torch.Tensor]] | None:
+def _read_reference(path: Path) -> SavedReference | None:
+    """The reference file at ``path``, or None when it is absent, cut short, damaged or no reference file (the
+    caller refuses the resume with a ConfigError naming it)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        return saved["key"], [saved["train"], saved["val"]]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError):  # absent, or cut short
+        with warnings.catch_warnings():  # torch's warning on a damaged file's pickle protocol: it is refused anyway
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # absent, cut short, no weights
         return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("key"), str) or not isinstance(saved.get("pairs"), str):
+        return None
+    reference = [saved.get("train"), saved.get("val")]
+    if not all(isinstance(values, torch.Tensor) and values.dtype == torch.float32 and values.ndim == 2
+               and values.shape[1] == 2 for values in reference):
+        return None
+    return SavedReference(saved["key"], saved["pairs"], reference)
+
+
+def policy_overrides(model: ModelConfig, init_from: Path | None, lora_dropout: float = 0.0) -> dict[str, Any]:
+    """The RetNetConfig settings of a DPO policy on top of ``model.init_from``'s: ``{"dropout": 0.0}``, as TRL's
+    ``DPOConfig.disable_dropout`` (on by default), unless ``model.dropout`` (or ``model.extra.dropout``) is set
+    in the TOML or on the command line, which then wins. The reference log-probs are computed in eval mode: a
+    policy trained with dropout is not the reference at step 1 (the loss is not log 2, the rewards are noise).
+    ``dropout`` is RetNetConfig's one dropout field (the decoder blocks' residual branches). ``lora.dropout`` is
+    the adapters' own input dropout and stays as configured (TRL's ``disable_dropout`` zeroes it too). Logged."""
+    explicit = model.dropout if model.dropout is not None else model.extra.get("dropout")
+    lora = (f"; lora.dropout {lora_dropout} applies to the adapters as configured (set lora.dropout=0 for none)"
+            if lora_dropout else "")
+    if explicit is not None:
+        logger.info("DPO: the policy trains with dropout %s, as model.dropout sets it (the reference log-probs are "
+                    "computed without dropout)%s", explicit, lora)
+        return {}
+    try:
+        pretrained = json.loads((Path(init_from) / "config.json").read_text()).get("dropout", 0.0)
+    except (OSError, TypeError, ValueError, AttributeError):  # the model's loading refuses such a directory
+        pretrained = "?"
+    logger.info("DPO: dropout off in the policy (model.init_from's %s -> 0; TRL's disable_dropout): at step 1 it "
+                "is the reference, computed without dropout; set model.dropout to train with one%s", pretrained, lora)
+    return {"dropout": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -370,8 +451,9 @@ class PreferenceData:
     block_rows = PackedData.block_rows
 
     def __init__(self, train: Pairs, val: Pairs, tokenizer, *, key: str, seq_len: int, seed: int, micro_batch: int,
-                 global_batch: int, rank: int, world_size: int):
+                 global_batch: int, rank: int, world_size: int, dataset: str = ""):
         self.train, self.val, self.tokenizer, self.key, self.seq_len = train, val, tokenizer, key, seq_len
+        self.dataset = dataset  # data.dataset, which a refused resume names
         self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
         self.rank, self.world_size = rank, world_size
         self.consumed = 0  # global pairs consumed: the data position
@@ -397,12 +479,13 @@ class PreferenceData:
             reference = compute_reference(model, [self.train, self.val], micro_batch=self.micro_batch, rank=self.rank,
                                           world_size=self.world_size, device=device, autocast=autocast,
                                           progress=progress)
+            saved = SavedReference(self.key, pairs_digest([self.train, self.val]), reference)
             if self.rank == 0:
-                _write_reference(path, self.key, reference)
+                _write_reference(path, saved)
                 logger.info("reference log-probs of %d train + %d validation pairs computed in %.1fs, saved to %s",
                             len(self.train), len(self.val), time.perf_counter() - started, path)
             barrier()
-            self.digest = reference_digest(self.key, reference)
+            self.digest = reference_digest(saved)
         else:
             reference = self._resumed_reference(path, Path(checkpoint))
         self.reference = {name: values.to(device) for name, values in zip(("train", "val"), reference, strict=True)}
@@ -411,23 +494,29 @@ class PreferenceData:
         beside = checkpoint.resolve().parent.parent / REFERENCE_FILE  # <its run>/checkpoints/step_N
         for candidate in dict.fromkeys([path, beside]):
             read = _read_reference(candidate)
-            if read is not None and reference_digest(read[0], read[1]) == self.digest:
-                counts = [len(values) for values in read[1]]
-                if counts != [len(self.train), len(self.val)]:  # (the key alone may change: the files' mtimes)
+            if read is not None and reference_digest(read) == self.digest:
+                # By content, not the cache key: that changes with the files' mtimes, and the same path may hold
+                # other pairs now (of the same count, or not).
+                now = pairs_digest([self.train, self.val])
+                if read.pairs != now:
+                    counts = [len(values) for values in read.reference]
                     raise ConfigError(
-                        f"data.dataset: the checkpoint's reference log-probs are of {counts[0]} train + {counts[1]} "
-                        f"validation pairs, the data now gives {len(self.train)} + {len(self.val)}: the data changed "
-                        f"since the run started; restore it, or start a new run in another train.output_dir")
+                        f"data.dataset {self.dataset!r}: the pairs changed since the reference log-probs were "
+                        f"computed: {str(candidate)!r} holds those of {counts[0]} train + {counts[1]} validation "
+                        f"pairs (sha256 {read.pairs[:16]}…), the data now gives {len(self.train)} + {len(self.val)} "
+                        f"other ones (sha256 {now[:16]}…); the resumed run would compare its policy with the "
+                        f"reference of other pairs. Restore the data, or start a new run in another "
+                        f"train.output_dir")
                 if candidate != path and self.rank == 0:  # for this output_dir's own later resumes
-                    _write_reference(path, *read)
+                    _write_reference(path, read)
                 logger.info("resuming with the reference log-probs of the run's start (%s)", candidate)
-                return read[1]
+                return read.reference
         raise ConfigError(
             f"train.output_dir {str(path.parent)!r}: {REFERENCE_FILE}, the reference log-probs checkpoint "
-            f"{str(checkpoint)!r} was trained against (sha256 {str(self.digest)[:16]}…), is missing or holds others "
-            f"(looked in {str(path)!r} and {str(beside)!r}): a resume does not recompute them from the resumed "
-            f"weights, which are no longer the reference model. Restore the file, or start a new run in another "
-            f"train.output_dir")
+            f"{str(checkpoint)!r} was trained against (sha256 {str(self.digest)[:16]}…), is missing, unreadable or "
+            f"holds others (looked in {str(path)!r} and {str(beside)!r}): a resume does not recompute them from the "
+            f"resumed weights, which are no longer the reference model. Restore the file, or start a new run in "
+            f"another train.output_dir")
 
     # -- training ---------------------------------------------------------------------------------------
     def micro_batches(self, accum: int) -> list[PairBatch]:
@@ -447,6 +536,8 @@ class PreferenceData:
         reference = self.reference[split][batch.pairs]
         losses, chosen, rejected = dpo_loss(policy, torch.cat([reference[:, 0], reference[:, 1]]), batch.lengths,
                                             self.dpo)
+        if self.dpo.loss_type == "ipo":  # TRL logs the length-averaged log-probs its IPO loss compares
+            policy = policy / batch.lengths
         return losses, _metric_sums(chosen, rejected, policy)
 
     def loss(self, model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
@@ -519,6 +610,8 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
     tokenizer (``tokenizer_dir``: the run's, ``model.init_from``'s), its template, ``seq_len`` and
     ``max_prompt_length``; the other ranks wait at ``barrier`` and read it."""
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if local_rank == 0:  # a tokenization killed mid-write (SIGKILL, a lost node) leaves its temp directory
+        _remove_abandoned_temp_dirs(cache_dir)
     files = local_files(cfg.dataset)
     if files is not None and not saved_dataset_dir(files[0]) and _kind(files[0]) in ("text", "csv"):
         raise ConfigError(f"data.dataset {cfg.dataset!r} is {_kind(files[0])} files; data.format 'preference' reads "
@@ -553,12 +646,12 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
     barrier()
     data = PreferenceData(Pairs.load(cache, "train"), Pairs.load(cache, "val"), tokenizer, key=key,
                           seq_len=cfg.seq_len, seed=seed, micro_batch=micro_batch, global_batch=global_batch,
-                          rank=rank, world_size=world_size)
+                          rank=rank, world_size=world_size, dataset=cfg.dataset)
     logger.info("data: %d train, %d validation preference pairs (cache %s)", len(data.train), len(data.val), cache)
     data.hub_fingerprint = fingerprint
     return data
 
 
 __all__ = ["FIELDS", "METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs", "PreferenceData",
-           "build_preference_data", "check_pair", "completion_logps", "compute_reference", "dpo_loss", "load_pairs",
-           "pack", "reference_digest"]
+           "SavedReference", "build_preference_data", "check_pair", "completion_logps", "compute_reference",
+           "dpo_loss", "load_pairs", "pack", "pairs_digest", "policy_overrides", "reference_digest"]

@@ -172,6 +172,10 @@ class Trainer:
         # Model: the same init on every rank (one seed), then per-rank seeds for anything random after.
         # The loss without the [B, T, vocab] logits unless the config says otherwise (the export resets it)
         overrides = {"fuse_linear_cross_entropy": True, **cfg.model.overrides()}
+        if getattr(self.data, "preference", False):  # DPO: the policy without dropout, as its reference
+            from retnet.train.preference import policy_overrides
+
+            overrides.update(policy_overrides(cfg.model, init_from, cfg.lora.dropout if cfg.lora.enabled else 0.0))
         torch.manual_seed(cfg.train.seed)
         if init_from is not None:
             # Loaded on every rank (the same file, the same weights), before DDP or FSDP wraps it. A resume
@@ -795,6 +799,9 @@ class Trainer:
             record = self.data.evaluate(self.model, eval_blocks)
             self.model.train()
             self._log({"kind": "val", "step": self.step, **record})
+            if self._progress is None and self.is_main:
+                logger.info("step %d: val loss %.4f, rewards/accuracies %.3f, rewards/margins %.4f", self.step,
+                            record["val_loss"], record["val_rewards/accuracies"], record["val_rewards/margins"])
             return record["val_loss"]
         groups = self.data.val_groups(eval_blocks) if hasattr(self.data, "val_groups") else \
             {"": self.data.val_batches(eval_blocks)}

@@ -1,12 +1,14 @@
 """Preference tuning (``data.format = "preference"``, DPO): the completion tokens, the summed log-probs, the loss
 formulas, a run that learns a toy preference from log(2), exact resume against the saved reference, LoRA (the
-reference is the base model), two gloo ranks against one process, and the refusals."""
+reference is the base model), dropout off in the policy, two gloo ranks against one process, and the refusals."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,18 +150,52 @@ def test_the_completion_tokens_are_the_completion_and_eos(toy, dataset):
         assert torch.equal(flat[starts[0]:starts[0] + length], flat[starts[1]:starts[1] + length])
 
 
-def test_long_pairs_keep_the_prompts_end_then_cut_the_completions(toy):
+@pytest.mark.parametrize("kind", ["standard", "conversational"])
+def test_long_pairs_keep_the_prompts_end_then_cut_the_completions(toy, kind):
+    """data.max_prompt_length: a longer prompt keeps its last tokens (TRL's keep_end: for a conversation, the
+    generation prompt the completion follows), then each completion keeps its first tokens, as many as fit in
+    data.seq_len; with 0 a prompt that fits is whole."""
     tokenizer = tokenizer_of(toy)
-    prompt = " ".join(question(i) for i in range(6))
-    long = {"prompt": prompt, "chosen": " yes " * 30, "rejected": " no " * 30}
-    pairs = PairEncoder(tokenizer, DataConfig(dataset="x", format="preference", seq_len=24,
-                                              max_prompt_length=10)).encode([(0, tuple(long.values()))])
-    p, c, r = pairs.parts(0)
-    assert len(p) == 10 and p.tolist() == tokenizer.encode(prompt)[-10:]
-    assert len(c) == len(r) == 14 and c.tolist() == tokenizer.encode(long["chosen"])[:14]
+    text = " ".join(question(i) for i in range(6))
+    if kind == "standard":
+        pair, prompt = (text, " yes" * 30, " no" * 30), text
+    else:
+        pair = tuple(check_pair("x", 0, ([{"role": "user", "content": text}],
+                                         [{"role": "assistant", "content": " yes" * 30}],
+                                         [{"role": "assistant", "content": " no" * 30}])))
+        prompt = tokenizer.apply_chat_template(pair[0], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(prompt)
+    cfg = DataConfig(dataset="x", format="preference", seq_len=24, max_prompt_length=10)
+    p, c, r = PairEncoder(tokenizer, cfg).encode([(0, pair)]).parts(0)
+    assert len(ids) > 10 and p.tolist() == ids[-10:]
+    assert tokenizer.decode(p).endswith(prompt[-8:])  # the end, not the start, of the prompt
+    completion = tokenizer.decode(c)
+    assert len(c) == len(r) == 14 and completion.startswith(" yes yes") and tokenizer.eos_token not in completion
+    whole = PairEncoder(tokenizer, DataConfig(dataset="x", format="preference", seq_len=len(ids) + 3))
+    p, c, _ = whole.encode([(0, pair)]).parts(0)
+    assert p.tolist() == ids and len(c) == 3
     short = PairEncoder(tokenizer, DataConfig(dataset="x", format="preference", seq_len=24)).encode(
         [(0, ("Q?", " yes", " no"))])
     assert short.parts(0)[1][-1] == tokenizer.eos_token_id  # EOS kept when it fits
+
+
+def test_a_prefilled_prompt_is_continued(toy):
+    """A conversational prompt ending with an assistant message is rendered open (continue_final_message, no
+    generation prompt, as TRL does) and the completion continues that message: no second assistant header."""
+    tokenizer = tokenizer_of(toy)
+    user = {"role": "user", "content": question(2)}
+    pair = check_pair("x", 0, ([user, {"role": "assistant", "content": "Maybe,"}],
+                               [{"role": "assistant", "content": " yes"}], [{"role": "assistant", "content": " no"}]))
+    encoder = PairEncoder(tokenizer, DataConfig(dataset="x", format="preference", seq_len=64))
+    head, chosen, rejected = encoder.texts(0, pair)
+    answered = lambda word: tokenizer.apply_chat_template([user, {"role": "assistant", "content": f"Maybe, {word}"}],
+                                                          tokenize=False)
+    assert head.endswith("Maybe,") and head.count("<|assistant|>") == 1
+    assert head + chosen == answered("yes") and head + rejected == answered("no")
+    assert (chosen, rejected) == (" yes\n", " no\n")
+    _, c, r = encoder.encode([(0, pair)]).parts(0)
+    eos = tokenizer.eos_token
+    assert tokenizer.decode(c) == f" yes\n{eos}" and tokenizer.decode(r) == f" no\n{eos}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,15 +257,20 @@ def test_a_run_starts_at_log_2_and_learns_the_preference(trained):
     first = train[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(abs(first[name]) < 1e-6 for name in METRICS if name.startswith("rewards/"))
-    assert val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["val_rewards/margin"] == 0
+    assert val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["val_rewards/margins"] == 0
     last = train[-1]
     assert last["loss"] < first["loss"] - 0.2, [r["loss"] for r in train]
-    assert last["rewards/accuracy"] == 1.0 and last["rewards/margin"] > 0.4
+    assert last["rewards/accuracies"] == 1.0 and last["rewards/margins"] > 0.4
     assert last["rewards/chosen"] > last["rewards/rejected"]
     assert [r["step"] for r in val] == [0, 4, 8]
-    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.2 and val[-1]["val_rewards/accuracy"] == 1.0
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.2 and val[-1]["val_rewards/accuracies"] == 1.0
     assert {f"val_{name}" for name in METRICS} <= set(val[-1])
     assert (trained / REFERENCE_FILE).is_file()
+
+
+def test_the_metrics_have_trls_names():
+    assert METRICS == ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                       "logps/rejected")  # TRL's DPOTrainer's (get_batch_loss_metrics)
 
 
 def test_the_export_loads_and_prefers_the_chosen_answer(trained, toy):
@@ -271,6 +312,83 @@ def test_a_resume_retraces_the_run_without_recomputing_the_reference(trained, to
     assert main(dpo_args(toy, copy)) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert f"{REFERENCE_FILE}, the reference log-probs checkpoint" in err and "is missing" in err, err
+    # a damaged file, garbage or a pickle of no weights, is refused the same way, not with an unpickling traceback
+    torch.save({"key": "k", "train": torch.zeros(3, 2), "val": torch.zeros(1, 2), "other": Path("x")},
+               tmp_path / "objects.pt")
+    for damaged in (np.random.default_rng(0).bytes(256), (tmp_path / "objects.pt").read_bytes()):
+        (copy / REFERENCE_FILE).write_bytes(damaged)
+        assert main(dpo_args(toy, copy)) == EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert "is missing, unreadable or holds others" in err and "Traceback" not in err, err
+
+
+def test_a_resume_on_other_pairs_is_refused(toy, tmp_path, capsys):
+    """The reference file holds a content hash of the tokenized pairs: the same pairs rewritten (a new cache key)
+    resume; other pairs under the same path (the same count) are refused, naming data.dataset."""
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(toy / "pairs.jsonl", data)
+    out = tmp_path / "run"
+    run = lambda steps: main(dpo_args(toy, out, data__dataset=data, train__steps=steps, train__eval_interval=0,
+                                      checkpoint__interval=1))
+    assert run(1) == 0
+    data.write_text(data.read_text())
+    os.utime(data, (time.time() + 5, time.time() + 5))
+    assert run(2) == 0
+    rows = [conversational(i) for i in range(PAIRS)]
+    for row in rows:
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    write_jsonl(data, rows)
+    capsys.readouterr()
+    assert run(3) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"data.dataset {str(data)!r}: the pairs changed since the reference log-probs were computed" in err, err
+    assert "21 train + 2 validation pairs" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads descriptors' paths from /proc")
+def test_the_reference_file_and_its_rename_reach_the_disk(tmp_path, monkeypatch):
+    from retnet.train.preference import SavedReference, _write_reference
+
+    synced, real = [], os.fsync
+
+    def record(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    _write_reference(tmp_path / REFERENCE_FILE, SavedReference("k", "p", [torch.zeros(3, 2), torch.zeros(1, 2)]))
+    assert synced[0].name.startswith(f".tmp-{REFERENCE_FILE}") and synced[-1] == tmp_path  # the file, then the rename
+    assert [p.name for p in tmp_path.iterdir()] == [REFERENCE_FILE]
+
+
+def test_the_policy_trains_without_the_init_from_models_dropout(toy, tmp_path, capsys):
+    """TRL's disable_dropout: a model.init_from with dropout 0.3 trains without it, so step 1 is log 2 (the
+    reference is computed in eval mode); model.dropout set explicitly wins. Both are logged."""
+    base = tmp_path / "base"
+    shutil.copytree(toy / "base", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "dropout": 0.3}))
+    one_step = dict(model__init_from=base, train__steps=1, train__eval_interval=0, checkpoint__interval=0)
+    capsys.readouterr()
+    assert main(dpo_args(toy, tmp_path / "off", **one_step)) == 0
+    assert "DPO: dropout off in the policy (model.init_from's 0.3 -> 0" in capsys.readouterr().err
+    first = metrics(tmp_path / "off")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margins"] == 0
+    assert main(dpo_args(toy, tmp_path / "on", model__dropout=0.3, **one_step)) == 0
+    assert "DPO: the policy trains with dropout 0.3, as model.dropout sets it" in capsys.readouterr().err
+    assert abs(metrics(tmp_path / "on")[0]["loss"] - math.log(2)) > 1e-4
+
+
+def test_abandoned_temp_dirs_of_a_killed_tokenization_are_removed(toy, tmp_path):
+    cache = tmp_path / "cache"
+    abandoned = cache / ".tmp-preferences-0123abcd-42-deadbeef"
+    abandoned.mkdir(parents=True)
+    (abandoned / "train.tokens.npy").write_bytes(b"\0" * 16)
+    old = time.time() - 3 * 24 * 3600
+    for path in (abandoned / "train.tokens.npy", abandoned):
+        os.utime(path, (old, old))
+    build(toy, toy / "standard.jsonl", cache_dir=str(cache))
+    assert not abandoned.exists() and not list(cache.glob(".tmp-*"))
 
 
 def test_a_resume_with_another_objective_or_data_is_refused(trained, toy, tmp_path, capsys):
@@ -326,12 +444,24 @@ def test_lora_dpo_against_the_base_model(toy, tmp_path):
         trainer.close()
 
 
-def test_ipo_starts_at_its_formulas_value(toy, tmp_path):
-    """Policy == reference: IPO's loss is (0 − 1/(2β))², the settings reach the loss."""
+def test_ipo_starts_at_its_formulas_value(toy, tmp_path, capsys):
+    """Policy == reference: IPO's loss is (0 − 1/(2β))², the settings reach the loss; logps/* are the
+    length-averaged log-probs the IPO loss compares (as TRL logs them). Without a progress bar the evaluation
+    prints its line as the text path's does."""
     out = tmp_path / "ipo"
+    capsys.readouterr()
+    # one step of every train pair (21): its logps are the means over the whole split, in any order
     assert main(dpo_args(toy, out, train__steps=1, train__eval_interval=0, checkpoint__interval=0,
-                         dpo__loss_type="ipo", dpo__beta=0.25)) == 0
-    assert metrics(out)[0]["loss"] == pytest.approx(4.0, abs=1e-5)
+                         train__global_batch_size=21, train__micro_batch_size=7, dpo__loss_type="ipo",
+                         dpo__beta=0.25)) == 0
+    assert "step 0: val loss 4.0000, rewards/accuracies 0.000, rewards/margins 0.0000" in capsys.readouterr().err
+    first, val = metrics(out)[0], metrics(out, "val")[0]
+    assert first["loss"] == pytest.approx(4.0, abs=1e-5)
+    data, reference = build(toy, toy / "pairs.jsonl"), torch.load(out / REFERENCE_FILE)
+    for split, record, prefix in ((data.train, first, ""), (data.val, val, "val_")):
+        averaged = reference[prefix.rstrip("_") or "train"] / torch.from_numpy(np.array(split.lengths[:, 1:]))
+        for column, side in enumerate(("chosen", "rejected")):
+            assert record[f"{prefix}logps/{side}"] == pytest.approx(averaged[:, column].mean().item(), rel=1e-5)
 
 
 @pytest.mark.slow
