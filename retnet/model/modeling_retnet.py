@@ -1,8 +1,8 @@
 """RetNet (Sun et al., 2023, "Retentive Network: A Successor to Transformer for Large Language Models").
 
 Ordered like transformers' ``modeling_llama.py``: norms and position encoding, the multi-scale retention
-layer, the FFN, the decoder block, then ``RetNetPreTrainedModel``, ``RetNetModel`` and
-``RetNetForCausalLM``. Retention itself (parallel, chunkwise, recurrent) lives in :mod:`retnet.kernels`; this
+layer, the FFN, the decoder block, then ``RetNetPreTrainedModel``, ``RetNetModel``, ``RetNetForCausalLM``
+and ``RetNetForSequenceClassification``. Retention itself (parallel, chunkwise, recurrent) lives in :mod:`retnet.kernels`; this
 file only projects, positions, masks and normalises around it.
 """
 
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation import utils as generation_utils
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutputWithPast
+from transformers.utils import logging
 
 from retnet import kernels
 from retnet.kernels.checks import SharedHostOffsets
@@ -29,6 +30,8 @@ try:  # transformers' guarded initialisers leave weights that were loaded from a
     from transformers import initialization as init
 except ImportError:  # pragma: no cover - older transformers 5.x
     from torch.nn import init
+
+logger = logging.get_logger(__name__)
 
 # transformers renamed the generation kwarg `past_key_values` to `cache` in 5.2x; accept both, emit the
 # one this transformers expects.
@@ -394,6 +397,21 @@ class RetNetCausalLMOutput(_CacheAlias, ModelOutput):
     else:
         past_key_values: RetNetCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class RetNetSequenceClassifierOutput(_CacheAlias, SequenceClassifierOutputWithPast):
+    """transformers' ``SequenceClassifierOutputWithPast`` (an instance of it) whose cache reads under both names.
+    The fields are declared again so the cache field shadows the alias property of its own name."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    if CACHE_KWARG == "cache":
+        cache: RetNetCache | None = None
+    else:
+        past_key_values: RetNetCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class RetNetPreTrainedModel(PreTrainedModel):
@@ -998,4 +1016,125 @@ def causal_lm_loss(
     return total / num_items_in_batch
 
 
-__all__ = ["RetNetForCausalLM", "RetNetModel", "RetNetPreTrainedModel", "causal_lm_loss"]
+# ----------------------------------------------------------------------------------------------------------
+# Sequence classification (classifiers, reward models)
+# ----------------------------------------------------------------------------------------------------------
+class RetNetForSequenceClassification(RetNetPreTrainedModel):
+    """transformers' ``LlamaForSequenceClassification`` (``GenericForSequenceClassification``) on RetNet: a
+    bias-free ``score`` ``Linear(hidden_size, num_labels)`` on the final hidden state of each row's last real
+    token. ``from_pretrained`` of a ``RetNetForCausalLM`` checkpoint loads the backbone (``model.*``), leaves
+    ``lm_head`` unused and initialises ``score``: the usual start of a reward model (``num_labels=1``)."""
+
+    # The losses are transformers' per-batch means, which take no item count. Without this attribute Trainer
+    # sees `**kwargs`, passes `num_items_in_batch` and skips its own division by the accumulation steps, so the
+    # loss grows with their number (transformers#47688, open for Llama's head); False keeps that division.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RetNetModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: RetNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        retention_mode: str | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        **kwargs,
+    ) -> RetNetSequenceClassifierOutput | tuple:
+        """Logits ``[B, num_labels]`` from each row's last real token (``[N, num_labels]``, one per packed
+        sequence, with ``cu_seqlens``); with ``labels`` the loss of ``config.problem_type``, inferred as
+        transformers does when unset (and then stored in the config): ``num_labels == 1`` regression (MSE,
+        labels ``[B]``), integer labels single-label classification (cross-entropy, labels ``[B]``, −100
+        ignored), else multi-label (BCE with logits, float labels ``[B, num_labels]``). The loss is fp32.
+
+        The last real token is, in this order: with ``cu_seqlens`` each packed sequence's last token; with an
+        ``attention_mask`` the last position where it is 1 (so a final EOS that is also the pad id counts, where
+        transformers' rule would skip it, and B > 1 needs no ``pad_token_id``); with
+        ``input_ids`` alone transformers' rule, the rightmost token that is not ``config.pad_token_id``
+        (right or left padding); otherwise the last position, which needs B = 1 without a ``pad_token_id``
+        (the ``ValueError`` transformers raises) and, with ``inputs_embeds``, is transformers' warned guess.
+        Other arguments as :meth:`RetNetModel.forward`."""
+        cache = cache if cache is not None else past_key_values
+        _check_cache_and_outputs(cache, kwargs)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            retention_mode=retention_mode,
+            cu_seqlens=cu_seqlens,
+        )
+        hidden_states = outputs.last_hidden_state
+        rows, last = self._last_tokens(input_ids, attention_mask, cu_seqlens, hidden_states)
+        # Scoring only the pooled rows gives transformers' pooled logits (score is per position) without
+        # projecting every position.
+        logits = self.score(hidden_states[rows, last])
+
+        loss = None
+        if labels is not None:
+            # In fp32, as the causal LM's: a bf16 MSE or BCE would round away small differences.
+            loss = self.loss_function(labels=labels, pooled_logits=logits.float(), config=self.config)
+        output = RetNetSequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            **{CACHE_KWARG: outputs.cache},
+            hidden_states=outputs.hidden_states,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _last_tokens(self, input_ids, attention_mask, cu_seqlens, hidden_states) -> tuple:
+        """``(rows, positions)`` indexing the hidden states ``[B, T, d]`` at each sequence's last real token."""
+        batch, length = hidden_states.shape[:2]
+        device = hidden_states.device
+        if cu_seqlens is not None:
+            ends = cu_seqlens.to(device, torch.long)
+            # An empty sequence has no last token: its index would silently pick the previous sequence's.
+            if bool((ends[1:] <= ends[:-1]).any()):
+                raise ValueError(f"cu_seqlens: every packed sequence needs a token to be scored; got offsets "
+                                 f"{ends.tolist()}")
+            return 0, ends[1:] - 1
+        rows = torch.arange(batch, device=device)
+        if attention_mask is not None:
+            # The mask may cover a cache's past tokens too ([B, past + T]); the new tokens are its last T columns.
+            real = attention_mask[:, -length:].to(device) != 0
+        elif self.config.pad_token_id is None:
+            if batch != 1:
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+            return rows, -1
+        elif input_ids is not None:
+            real = input_ids.to(device) != self.config.pad_token_id
+        else:
+            logger.warning_once(
+                f"{self.__class__.__name__} will not detect padding tokens in `inputs_embeds`. Results may be "
+                "unexpected if using padding tokens in conjunction with `inputs_embeds.`"
+            )
+            return rows, -1
+        # The rightmost real position, as transformers computes it (a row without one gives position 0).
+        positions = torch.arange(length, device=device, dtype=torch.int32)
+        return rows, (positions * real.to(torch.int32)).argmax(-1)
+
+
+__all__ = ["RetNetForCausalLM", "RetNetForSequenceClassification", "RetNetModel", "RetNetPreTrainedModel",
+           "RetNetSequenceClassifierOutput", "causal_lm_loss"]
