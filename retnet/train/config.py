@@ -4,7 +4,7 @@
 
 ``name_or_path`` is a preset shipped in ``retnet/train/configs/<name>.toml`` (``tiny``, ``small``,
 ``retnet-1.3b`` ...) or a path to a TOML file with the tables ``[model]``, ``[data]``, ``[optim]``,
-``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``, ``[dpo]``). Overrides are ``--section.key=value``
+``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``, ``[dpo]``, ``[reward]``). Overrides are ``--section.key=value``
 (or ``--section.key value``), coerced to the field's type; ``--model.extra.KEY=VALUE`` sets any other
 ``RetNetConfig`` field (VALUE read as a TOML value). Unknown keys and values of the wrong type are refused with the key's name.
 """
@@ -542,6 +542,24 @@ class DpoConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
+class RewardConfig(_Section):
+    """Reward-model training on preference pairs (``data.format = "preference"``, ``retnet.train.reward``), as
+    TRL's RewardTrainer: ``enabled`` trains a ``RetNetForSequenceClassification`` (one label) from
+    ``model.init_from`` on ``-logsigmoid(r_chosen - r_rejected)`` instead of DPO; ``center_rewards_coefficient``
+    (TRL's name) adds that times ``mean((r_chosen + r_rejected)^2)``, pulling the rewards towards zero mean."""
+
+    enabled: bool = False
+    center_rewards_coefficient: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("reward", self, "center_rewards_coefficient", allow_zero=True)
+        # most likely a forgotten reward.enabled: without it the run trains DPO, which ignores the coefficient
+        if self.center_rewards_coefficient and not self.enabled:
+            _refuse("reward.center_rewards_coefficient", "is set but reward.enabled is false; set "
+                    "reward.enabled=true", self.center_rewards_coefficient)
+
+
+@dataclass(kw_only=True, slots=True)
 class JobConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -551,9 +569,11 @@ class JobConfig(_Section):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
         _check_optimizer(self)
+        _check_reward(self)  # first: its refusals name reward.enabled, not the DPO settings
         _check_dpo(self)
         # Here, not in OptimConfig: the bound is another section's field. The warmup's last step is the one at
         # optim.lr, so a warmup of more steps than the run has would end below it.
@@ -597,6 +617,35 @@ def _check_dpo(job: JobConfig) -> None:
     elif job.model.init_from is None:
         _refuse("model.init_from", "must name the model to tune with data.format 'preference' (DPO starts from a "
                 "trained model, usually an SFT run's export, which is also its reference)", job.model.init_from)
+
+
+def _check_reward(job: JobConfig) -> None:
+    """ConfigError for ``reward.enabled`` without preference pairs or a model to start from, with ``[dpo]``
+    settings (the run trains no DPO: they would be ignored) and with LoRA (a classifier's ``score`` head would
+    need to train beside the adapters and be exported with them, which ``retnet.train.lora`` does not do)."""
+    if not job.reward.enabled:
+        return
+    if job.data.format != "preference":
+        _refuse("data.format", "must be 'preference' with reward.enabled=true (a reward model trains on TRL's "
+                "prompt/chosen/rejected pairs)", job.data.format)
+    if job.model.init_from is None:
+        _refuse("model.init_from", "must name the model to start from with reward.enabled=true (its backbone, "
+                "usually an SFT run's export, under a fresh score head)", job.model.init_from)
+    for spec in dataclasses.fields(DpoConfig):
+        if getattr(job.dpo, spec.name) != spec.default:
+            _refuse(f"dpo.{spec.name}", "is set but reward.enabled=true trains a reward model, not DPO; unset it",
+                    getattr(job.dpo, spec.name))
+    if job.lora.enabled:
+        _refuse("lora.rank", "must be 0 with reward.enabled=true (LoRA reward models are not supported: the whole "
+                "model trains)", job.lora.rank)
+
+
+def reward_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
+    """The ``[reward]`` settings that differ between a checkpoint's config (``saved``; one from before the
+    section trained no reward model) and ``current``, as ``"reward.enabled: checkpoint False, now True"``: a DPO
+    checkpoint is a causal LM, a reward model's a classifier, and the coefficient is part of the objective."""
+    old, now = {**RewardConfig().to_dict(), **saved.get("reward", {})}, current.reward.to_dict()
+    return [f"reward.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
 
 
 def dpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
@@ -909,7 +958,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 
 __all__ = [
     "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "DpoConfig", "JobConfig",
-    "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "build_config", "data_changes",
-    "dpo_changes", "load_config", "lora_changes", "mixture_shares", "model_changes", "optim_changes",
-    "parse_overrides", "preset_names",
+    "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RewardConfig", "TrainConfig", "build_config",
+    "data_changes", "dpo_changes", "load_config", "lora_changes", "mixture_shares", "model_changes",
+    "optim_changes", "parse_overrides", "preset_names", "reward_changes",
 ]

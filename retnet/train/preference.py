@@ -447,6 +447,8 @@ class PreferenceData:
 
     preference = True
     masked = False  # (chat data's flag: these batches are PairBatch, whose loss is this class's)
+    metrics = METRICS  # the names of _pair_loss's metric sums (a subclass's objective logs its own)
+    model_class = None  # what the trainer builds from model.init_from: None, its RetNetForCausalLM
     _permutation = PackedData._permutation
     block_rows = PackedData.block_rows
 
@@ -464,7 +466,16 @@ class PreferenceData:
         self.reference: dict[str, torch.Tensor] = {}
         self.digest: str | None = None  # of the reference: this run's, or the checkpoint's until start() checks it
         self._step: torch.Tensor | None = None  # this rank's metric sums of the step so far
-        self._window, self._window_steps = [0.0] * len(METRICS), 0
+        self._window, self._window_steps = [0.0] * len(self.metrics), 0
+
+    def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
+        """The RetNetConfig settings of the trained model on top of ``model.init_from``'s: :func:`policy_overrides`."""
+        return policy_overrides(model, init_from, lora_dropout)
+
+    def val_summary(self, record: dict[str, float]) -> str:
+        """What the evaluation's log line shows beside the loss (without a progress bar)."""
+        return (f"rewards/accuracies {record['val_rewards/accuracies']:.3f}, rewards/margins "
+                f"{record['val_rewards/margins']:.4f}")
 
     # -- the reference ----------------------------------------------------------------------------------
     def start(self, dpo: DpoConfig, model: torch.nn.Module, autocast, device: torch.device, *, output_dir: Path,
@@ -563,8 +574,8 @@ class PreferenceData:
         """The metrics' means over the steps since the last record (TRL's names), and a fresh window."""
         if not self._window_steps:
             return {}
-        means = {name: total / self._window_steps for name, total in zip(METRICS, self._window, strict=True)}
-        self._window, self._window_steps = [0.0] * len(METRICS), 0
+        means = {name: total / self._window_steps for name, total in zip(self.metrics, self._window, strict=True)}
+        self._window, self._window_steps = [0.0] * len(self.metrics), 0
         return means
 
     @torch.no_grad()
@@ -576,7 +587,7 @@ class PreferenceData:
         total = max(total - total % self.world_size, self.world_size)
         chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)
         mine = chosen[self.rank::self.world_size]
-        sums = torch.zeros(1 + len(METRICS), device=self.device)
+        sums = torch.zeros(1 + len(self.metrics), device=self.device)
         for lo in range(0, len(mine), self.micro_batch):
             batch = self.val.batch(mine[lo:lo + self.micro_batch]).to(self.device)
             with self.autocast:
@@ -585,7 +596,8 @@ class PreferenceData:
         if is_distributed():
             torch.distributed.all_reduce(sums)
         means = (sums / total).tolist()
-        return {"val_loss": means[0], **{f"val_{name}": value for name, value in zip(METRICS, means[1:], strict=True)}}
+        return {"val_loss": means[0],
+                **{f"val_{name}": value for name, value in zip(self.metrics, means[1:], strict=True)}}
 
     # -- position ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,8 @@ every block: each micro-batch's summed loss is divided by the global batch's tar
 With ``lora.rank > 0`` (``retnet.train.lora``) peft's adapters are injected into the model before it is wrapped,
 and only they train: the optimizer holds them alone and, on a pretrained model, checkpoints hold only them.
 Preference pairs (``data.format = "preference"``) train with DPO: ``retnet.train.preference`` holds the reference
-log-probs (computed at the start), the loss per micro-batch and its rewards, which ride the step's all-reduce.
+log-probs (computed at the start), the loss per micro-batch and its rewards, which ride the step's all-reduce;
+with ``reward.enabled`` ``retnet.train.reward`` trains a reward model (a classifier) on them instead.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from retnet.train.config import (
     lora_changes,
     model_changes,
     optim_changes,
+    reward_changes,
 )
 from retnet.train.data import build_data, masked_labels, packed_segments, tokenizer_mismatch, vocab_bound
 from retnet.train.distributed import barrier, init_distributed, is_distributed
@@ -164,6 +166,10 @@ class Trainer:
             local_rank=self.local_rank, world_size=self.world_size,
             tokenizer_dir=saved_tokenizer if reuse else init_from, barrier=barrier, hub_fingerprint=hub_fingerprint,
         )
+        if cfg.reward.enabled:  # the same pairs, batches and position; a classifier's objective
+            from retnet.train.reward import RewardData
+
+            self.data = RewardData.of(self.data, cfg.reward)
         self.tokenizer = self.data.tokenizer
         if self.is_main and not reuse:
             # Replacing what was there: files of another tokenizer left beside these could be what a load picks.
@@ -172,16 +178,16 @@ class Trainer:
         # Model: the same init on every rank (one seed), then per-rank seeds for anything random after.
         # The loss without the [B, T, vocab] logits unless the config says otherwise (the export resets it)
         overrides = {"fuse_linear_cross_entropy": True, **cfg.model.overrides()}
-        if getattr(self.data, "preference", False):  # DPO: the policy without dropout, as its reference
-            from retnet.train.preference import policy_overrides
-
-            overrides.update(policy_overrides(cfg.model, init_from, cfg.lora.dropout if cfg.lora.enabled else 0.0))
+        if getattr(self.data, "preference", False):  # DPO, reward model: without dropout (TRL disable_dropout)
+            overrides.update(self.data.model_overrides(cfg.model, init_from,
+                                                       cfg.lora.dropout if cfg.lora.enabled else 0.0))
         torch.manual_seed(cfg.train.seed)
         if init_from is not None:
             # Loaded on every rank (the same file, the same weights), before DDP or FSDP wraps it. A resume
             # loads its checkpoint over them; the architecture is the same.
             self.model_config = _pretrained_config(init_from, overrides, self.tokenizer)
-            self.raw_model = _pretrained_model(init_from, self.model_config).to(self.device)
+            self.raw_model = _pretrained_model(init_from, self.model_config,
+                                               getattr(self.data, "model_class", None)).to(self.device)
             if cfg.lora.enabled:
                 # Now, of the weights just loaded, not at the first save: init_from may be rewritten meanwhile.
                 # The other ranks wait on the long-timeout barrier, not in DDP's or the first step's collective.
@@ -599,6 +605,10 @@ class Trainer:
         if changes:
             raise ConfigError(f"checkpoint {str(path)!r} was trained with another DPO objective: {'; '.join(changes)}. "
                               f"Resume with those settings, or start in another train.output_dir")
+        changes = reward_changes(trainer.get("config", {}), self.cfg)
+        if changes:
+            raise ConfigError(f"checkpoint {str(path)!r} was trained with other reward-model settings: "
+                              f"{'; '.join(changes)}. Resume with those settings, or start in another train.output_dir")
         changes = optim_changes(trainer.get("config", {}), self.cfg)
         if changes:
             raise ConfigError(
@@ -800,8 +810,7 @@ class Trainer:
             self.model.train()
             self._log({"kind": "val", "step": self.step, **record})
             if self._progress is None and self.is_main:
-                logger.info("step %d: val loss %.4f, rewards/accuracies %.3f, rewards/margins %.4f", self.step,
-                            record["val_loss"], record["val_rewards/accuracies"], record["val_rewards/margins"])
+                logger.info("step %d: val loss %.4f, %s", self.step, record["val_loss"], self.data.val_summary(record))
             return record["val_loss"]
         groups = self.data.val_groups(eval_blocks) if hasattr(self.data, "val_groups") else \
             {"": self.data.val_batches(eval_blocks)}
@@ -934,7 +943,12 @@ class Trainer:
             logger.info("exported the merged model and tokenizer to %s, the LoRA adapter to %s", path,
                         path / ADAPTER_DIR)
             return path
-        path = export_pretrained(self.output_dir / "export", config, state, self.tokenizer)
+        if self.cfg.reward.enabled:
+            from retnet.train.reward import export_reward
+
+            path = export_reward(self.output_dir / "export", config, state, self.tokenizer)
+        else:
+            path = export_pretrained(self.output_dir / "export", config, state, self.tokenizer)
         logger.info("exported model and tokenizer to %s", path)
         return path
 
@@ -1190,12 +1204,14 @@ def _pretrained_config(path: Path, overrides: dict[str, Any], tokenizer):
     return config
 
 
-def _pretrained_model(path: Path, config) -> nn.Module:
-    """The pretrained weights in fp32 (the master weights; autocast or FSDP's policy casts for compute)."""
+def _pretrained_model(path: Path, config, model_class=None) -> nn.Module:
+    """The pretrained weights in fp32 (the master weights; autocast or FSDP's policy casts for compute), as a
+    ``model_class`` (a reward model's classifier: the backbone's; its new head drawn from torch's RNG)."""
     from retnet.model import RetNetForCausalLM
 
     try:
-        return RetNetForCausalLM.from_pretrained(str(path), config=config, dtype=torch.float32, local_files_only=True)
+        return (model_class or RetNetForCausalLM).from_pretrained(str(path), config=config, dtype=torch.float32,
+                                                                  local_files_only=True)
     except (OSError, RuntimeError, ValueError) as error:  # no weights, or weights of other shapes
         raise ConfigError(f"model.init_from {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
                           f"{str(error).strip()[:400]}") from None

@@ -1,0 +1,121 @@
+"""Reward models on preference pairs (``reward.enabled = true``), as TRL's RewardTrainer.
+
+    retnet-train --config small --model.init_from=runs/sft/export --data.format=preference \\
+        --data.dataset=pairs.jsonl --reward.enabled=true --train.output_dir=runs/rm
+
+The pairs, their packing (a micro-batch of B pairs is one row of 2B ``cu_seqlens`` segments, the chosen sequences
+then the rejected ones), the batches and the resume position are :class:`~retnet.train.preference.PreferenceData`'s;
+:class:`RewardData` swaps the objective. The model is a ``RetNetForSequenceClassification`` with one label loaded
+from ``model.init_from`` (its backbone; ``score`` freshly initialised from ``train.seed``), and a sequence's reward
+is the score at its last token (the prompt, the completion and EOS: the whole sequence). A pair's loss is
+``-logsigmoid(r_chosen - r_rejected)``, plus ``reward.center_rewards_coefficient * (r_chosen + r_rejected)^2``
+(TRL's ``center_rewards_coefficient``: its mean over the batch is TRL's term). There is no reference model and no
+reference pass. Dropout is off unless ``model.dropout`` sets it (TRL's ``disable_dropout``). The export is the
+classifier's ``save_pretrained`` with the tokenizer: ``AutoModelForSequenceClassification`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from retnet.train.checkpoint import replace_directory
+from retnet.train.config import DpoConfig, ModelConfig, RewardConfig
+from retnet.train.preference import PairBatch, PreferenceData
+
+logger = logging.getLogger(__name__)
+
+# What each step and evaluation records beside the loss: means over the global batch of pairs.
+METRICS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")
+
+
+def sequence_rewards(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+    """``[2B]`` fp32: each packed sequence's score at its last token (chosen then rejected) under ``model`` (a
+    one-label RetNetForSequenceClassification, or DDP/FSDP around one: called through its forward)."""
+    return model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, use_cache=False).logits[:, 0].float()
+
+
+def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: float = 0.0) -> torch.Tensor:
+    """``[B]`` the pairs' losses, TRL's RewardTrainer's per pair: their mean is TRL's loss of the batch."""
+    losses = -F.logsigmoid(chosen - rejected)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
+    return losses
+
+
+class RewardData(PreferenceData):
+    """The preference pairs of a reward-model run: :class:`PreferenceData`'s batches and position, the loss and
+    metrics of :func:`reward_loss`, nothing to start (no reference)."""
+
+    metrics = METRICS
+
+    @classmethod
+    def of(cls, data: PreferenceData, cfg: RewardConfig) -> RewardData:
+        """``data`` (as :func:`~retnet.train.preference.build_preference_data` built it) with this objective."""
+        reward = cls.__new__(cls)
+        reward.__dict__.update(data.__dict__)
+        reward.reward = cfg
+        reward._window = [0.0] * len(cls.metrics)
+        return reward
+
+    @property
+    def model_class(self):
+        from retnet.model import RetNetForSequenceClassification
+
+        return RetNetForSequenceClassification
+
+    def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
+        """One label, and dropout off unless ``model.dropout`` (or ``model.extra.dropout``) sets it (TRL's
+        ``disable_dropout``, on by default in its RewardConfig). Logged."""
+        explicit = model.dropout if model.dropout is not None else model.extra.get("dropout")
+        if explicit is not None:
+            logger.info("reward model: trains with dropout %s, as model.dropout sets it", explicit)
+            return {"num_labels": 1}
+        try:
+            pretrained = json.loads((Path(init_from) / "config.json").read_text()).get("dropout", 0.0)
+        except (OSError, TypeError, ValueError, AttributeError):  # the model's loading refuses such a directory
+            pretrained = "?"
+        logger.info("reward model: dropout off (model.init_from's %s -> 0; TRL's disable_dropout); set "
+                    "model.dropout to train with one", pretrained)
+        return {"num_labels": 1, "dropout": 0.0}
+
+    def val_summary(self, record: dict[str, float]) -> str:
+        return f"accuracy {record['val_accuracy']:.3f}, margin {record['val_margin']:.4f}"
+
+    def start(self, dpo: DpoConfig, model: torch.nn.Module, autocast, device: torch.device, *, output_dir: Path,
+              checkpoint: Path | None, progress: bool, barrier: Callable[[], None]) -> None:
+        """Only where to compute: a reward model has no reference (its checkpoints' ``reference`` is None)."""
+        self.device, self.autocast = device, autocast
+
+    def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the pairs' losses ``[B]``, the sums of :data:`METRICS`, in that order)."""
+        chosen, rejected = sequence_rewards(model, batch).chunk(2)
+        losses = reward_loss(chosen, rejected, self.reward.center_rewards_coefficient)
+        chosen, rejected = chosen.detach(), rejected.detach()
+        sums = torch.stack([(chosen > rejected).float().sum(), (chosen - rejected).sum(), chosen.sum(),
+                            rejected.sum()])
+        return losses, sums.float()
+
+
+def export_reward(directory: Path, model_config, state_dict: dict, tokenizer) -> Path:
+    """``save_pretrained`` the classifier (fp32, safetensors) and tokenizer into ``directory``, replacing it
+    atomically, so ``AutoModelForSequenceClassification.from_pretrained(directory)`` loads the reward model."""
+    from retnet.model import RetNetForSequenceClassification
+
+    model = RetNetForSequenceClassification(model_config)
+    model.load_state_dict(state_dict)  # strict: the trained classifier's own keys
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return replace_directory(Path(directory), write)
+
+
+__all__ = ["METRICS", "RewardData", "export_reward", "reward_loss", "sequence_rewards"]
