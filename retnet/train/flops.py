@@ -13,20 +13,22 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(config, seq_len: int, adapter_params: int | None = None) -> float:
+def flops_per_token(config, seq_len: int, adapter_params: int | None = None, output_head: bool = True) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward).
 
     Matmuls: 6·N with N the parameters minus the input embedding (a lookup), plus the output projection
     even when tied; with ``adapter_params`` n (LoRA: those N frozen, n adapter weights training) 4·N, no
     weight gradients, plus the adapters' 6·n. Retention, per layer and head (key dim K, value dim V, chunk
     C): the chunkwise form multiplies the state in and out (q·S, kᵀ·v: 2·2·K·V) and does the intra-chunk
-    q·kᵀ and (q·kᵀ)·v (2·C·K + 2·C·V) per token. No T² term: retention's cost is linear in the sequence length."""
+    q·kᵀ and (q·kᵀ)·v (2·C·K + 2·C·V) per token. No T² term: retention's cost is linear in the sequence length.
+    ``output_head=False``: a classifier (a reward model), whose one-label ``score`` reads a sequence's last token
+    only, and has no vocabulary projection at every token."""
     d, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
     k_dim, v_dim = config.head_dim, config.value_head_dim
     ffn = config.intermediate_size * d * (3 if config.ffn_glu else 2)
     value_projections = 2 if config.use_output_gate else 1  # v, and the gate g when there is one
     per_layer = d * heads * k_dim * 2 + d * heads * v_dim * value_projections + heads * v_dim * d + ffn
-    n_matmul = layers * per_layer + config.vocab_size * d
+    n_matmul = layers * per_layer + (config.vocab_size * d if output_head else 0)
     chunk = min(config.chunk_size, seq_len)
     retention = layers * heads * (4 * k_dim * v_dim + 2 * chunk * (k_dim + v_dim))
     if adapter_params is not None:

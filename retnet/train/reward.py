@@ -49,6 +49,16 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coe
     return losses
 
 
+def cut_pairs(pairs, eos_token_id: int) -> int:
+    """How many of ``pairs`` (:class:`~retnet.train.preference.Pairs`) have a completion that does not end with EOS
+    (cut to fit ``data.seq_len``)."""
+    count = 0
+    for index in range(len(pairs)):
+        _, chosen, rejected = pairs.parts(index)
+        count += int(any(len(part) == 0 or part[-1] != eos_token_id for part in (chosen, rejected)))
+    return count
+
+
 class RewardData(PreferenceData):
     """The preference pairs of a reward-model run: :class:`PreferenceData`'s batches and position, the loss and
     metrics of :func:`reward_loss`, nothing to start (no reference)."""
@@ -57,11 +67,18 @@ class RewardData(PreferenceData):
 
     @classmethod
     def of(cls, data: PreferenceData, cfg: RewardConfig) -> RewardData:
-        """``data`` (as :func:`~retnet.train.preference.build_preference_data` built it) with this objective."""
+        """``data`` (as :func:`~retnet.train.preference.build_preference_data` built it) with this objective. Pairs
+        whose completions were cut to ``data.seq_len`` are scored at their last kept token, not at EOS: counted
+        in the log, so a run that cuts many raises ``data.seq_len``."""
         reward = cls.__new__(cls)
         reward.__dict__.update(data.__dict__)
         reward.reward = cfg
         reward._window = [0.0] * len(cls.metrics)
+        cut = sum(cut_pairs(pairs, data.tokenizer.eos_token_id) for pairs in (data.train, data.val))
+        if cut:
+            logger.warning("reward model: %d of %d pairs were cut to data.seq_len (%d) before their EOS; their "
+                           "rewards are read at the last kept token, not at the end of the text: raise data.seq_len "
+                           "or data.max_prompt_length's room", cut, len(data.train) + len(data.val), data.seq_len)
         return reward
 
     @property
@@ -108,6 +125,10 @@ def export_reward(directory: Path, model_config, state_dict: dict, tokenizer) ->
     atomically, so ``AutoModelForSequenceClassification.from_pretrained(directory)`` loads the reward model."""
     from retnet.model import RetNetForSequenceClassification
 
+    if model_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        # so that a batch padded by this tokenizer can be scored from input_ids alone (transformers' rule: the
+        # last non-pad token), as for TRL's reward models; with an attention_mask the model needs no pad id
+        model_config.pad_token_id = tokenizer.pad_token_id
     model = RetNetForSequenceClassification(model_config)
     model.load_state_dict(state_dict)  # strict: the trained classifier's own keys
 
@@ -118,4 +139,4 @@ def export_reward(directory: Path, model_config, state_dict: dict, tokenizer) ->
     return replace_directory(Path(directory), write)
 
 
-__all__ = ["METRICS", "RewardData", "export_reward", "reward_loss", "sequence_rewards"]
+__all__ = ["METRICS", "RewardData", "cut_pairs", "export_reward", "reward_loss", "sequence_rewards"]

@@ -214,7 +214,8 @@ class Trainer:
         self.n_params = sum(p.numel() for p in self.raw_model.parameters())
         self.n_trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         self.flops_per_token = flops_per_token(self.model_config, self.data.seq_len,
-                                               self.n_trainable if cfg.lora.enabled else None)
+                                               self.n_trainable if cfg.lora.enabled else None,
+                                               output_head=not cfg.reward.enabled)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
         self._seed_rank()
         self.model = self._wrap(self.raw_model)

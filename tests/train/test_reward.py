@@ -194,3 +194,59 @@ VALID = {"data": {"format": "preference", "dataset": "p.jsonl"}, "model": {"init
 def test_bad_reward_configs_are_refused_by_name(sections, message):
     with pytest.raises(ConfigError, match=message):
         build_config(sections)
+
+
+def test_cut_pairs_are_counted_and_logged(toy, caplog):  # noqa: F811
+    """A completion cut to data.seq_len loses its EOS and is scored at its last kept token: such pairs are
+    counted (a warning names how many), pairs that fit are not."""
+    from retnet.train.config import RewardConfig
+    from retnet.train.reward import RewardData, cut_pairs
+
+    whole = build(toy, toy / "pairs.jsonl")
+    eos = whole.tokenizer.eos_token_id
+    assert cut_pairs(whole.train, eos) == 0 and cut_pairs(whole.val, eos) == 0
+    longest = int(max(whole.train.lengths[:, 1:].max(), whole.val.lengths[:, 1:].max()))
+    # prompts keep 8 tokens; the room after them drops the longest completions' EOS
+    cut = build(toy, toy / "pairs.jsonl", seq_len=8 + longest - 1, max_prompt_length=8)
+    counted = cut_pairs(cut.train, eos) + cut_pairs(cut.val, eos)
+    assert counted > 0
+    with caplog.at_level("WARNING", logger="retnet.train.reward"):
+        RewardData.of(cut, RewardConfig(enabled=True))
+    assert f"{counted} of {len(cut.train) + len(cut.val)} pairs were cut" in caplog.text
+
+
+def test_the_export_has_the_tokenizers_pad_id_and_scores_a_padded_batch_from_ids_alone(toy, tmp_path):  # noqa: F811
+    """An init_from model whose config has no pad_token_id exports a reward model with its tokenizer's, so a
+    batch right-padded by that tokenizer is scored from input_ids alone, each row as when scored alone."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    base = tmp_path / "base"
+    shutil.copytree(toy / "base", base)
+    config = json.loads((base / "config.json").read_text())
+    config["pad_token_id"] = None
+    (base / "config.json").write_text(json.dumps(config))
+    tokenizer = tokenizer_of(toy)
+    assert tokenizer.pad_token_id is not None
+    out = tmp_path / "run"
+    assert main(reward_args(toy, out, model__init_from=base, train__steps=2, train__eval_interval=0,
+                            checkpoint__export=True)) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out / "export").eval()
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    texts = ["a short one", "a longer text to be scored than the first"]
+    ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    width = max(map(len, ids))
+    batch = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids])
+    with torch.no_grad():
+        together = model(input_ids=batch).logits[:, 0]
+        alone = torch.cat([model(input_ids=torch.tensor([row])).logits[:, 0] for row in ids])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_a_reward_model_counts_no_vocabulary_projection_in_its_flops():
+    from retnet.model import RetNetConfig
+    from retnet.train.flops import flops_per_token
+
+    config = RetNetConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
+    assert flops_per_token(config, 128) - flops_per_token(config, 128, output_head=False) == 6 * 1000 * 64
