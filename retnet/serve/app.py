@@ -41,6 +41,7 @@ from retnet.serve.settings import (
     load_chat_template,
     resolve_model_source,
 )
+from retnet.serve.state_cache import SessionBusy
 
 logger = logging.getLogger("retnet.serve")
 
@@ -182,12 +183,12 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
 
     @app.delete("/v1/sessions/{session_id}", dependencies=auth)
     async def delete_session(session_id: str):
-        deleted = engine.sessions.delete(check_session_id(session_id))
-        session = engine.sessions.sessions.get(session_id)
-        if session is not None and session.busy:  # the same answer as a second request on it
-            raise APIError(409, f"session {session_id!r} is in use by a request", "session_id", "session_busy")
-        # --session-dir: its file goes too, queued behind its writes (so none brings it back).
-        if not (await engine.sessions.delete_file(session_id) or deleted):
+        try:  # --session-dir: its file goes first (a file that cannot be removed: 500, the session kept)
+            deleted = await engine.sessions.remove(check_session_id(session_id))
+        except SessionBusy:  # the same answer as a second request on it
+            raise APIError(409, f"session {session_id!r} is in use by a request", "session_id",
+                           "session_busy") from None
+        if not deleted:
             raise APIError(404, f"no session {session_id!r}", "session_id", "session_not_found")
         return {"id": session_id, "object": "session", "deleted": True}
 

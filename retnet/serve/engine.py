@@ -85,9 +85,12 @@ class Engine:
         self.speculative = settings.speculative  # None: every step decodes one token a sequence
         self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
                                         settings.prefix_cache_min_tokens)
+        # --session-dir: a state is tied to the dtype its weights are served in (the model's own when given).
+        dtype = str(next(model.parameters()).dtype) if model is not None else _dtype(settings, _device(settings))
         self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s,
                                      session_files(settings, self.config, metrics,
-                                                   lambda slot: self.adapter_slots.identity(slot)))
+                                                   lambda slot: self.adapter_slots.identity(slot),
+                                                   dtype.removeprefix("torch.")))
         self.cond = threading.Condition()
         # The LoRA adapters served and installed in the model; they share the scheduler's lock. The startup ones
         # are read and checked now: a bad one stops the server before it loads the model.
@@ -110,6 +113,8 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the scheduler (it loads the model) and, with --session-dir, the session files' writer."""
+        self.sessions.start()
         self.thread = threading.Thread(target=self._run, name="retnet-scheduler", daemon=True)
         self.thread.start()
 
@@ -189,8 +194,15 @@ class Engine:
         0: the base model), looked up by the caller right before this call, on the event loop (where adapters are
         unloaded), so that a request is accepted under a slot still served or not at all.
 
+        With --session-dir a ``session_id`` needs its ``session``, acquired and restored from its file by the caller
+        (``OpenAIServing._acquire_session``; reading the file is async): acquired here, a session on disk only would
+        start anew and its next write replace the file (ValueError).
+
         Raises EngineUnavailable, QueueFull or SessionBusy.
         """
+        if session is None and session_id is not None and self.sessions.files is not None:
+            raise ValueError(f"session {session_id!r}: with --session-dir, submit() takes the session acquired and "
+                             "restored by the caller (SessionStore.acquire, then restore), not its id alone")
         handle = RequestHandle(asyncio.get_running_loop(), len(prompts) * n)
         handle.prompt_tokens = sum(len(p) for p in prompts)
         with self.cond:
@@ -236,15 +248,10 @@ class Engine:
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        requested = self.settings.device
-        if requested == "auto":
-            requested = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(requested)
+        self.device = _device(self.settings)
         if self.model is None:
-            dtype = self.settings.dtype
-            if dtype == "auto":
-                dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-            self.model = AutoModelForCausalLM.from_pretrained(self.settings.model, dtype=getattr(torch, dtype))
+            self.model = AutoModelForCausalLM.from_pretrained(self.settings.model,
+                                                              dtype=getattr(torch, _dtype(self.settings, self.device)))
         self.model = self.model.to(self.device).eval()
         self.adapter_slots.start(self.model, self.device)
 
@@ -921,6 +928,21 @@ def _joined(outputs: list[SeqOutput]) -> SeqOutput:
     logprobs = None if first.logprobs is None else [entry for out in outputs for entry in out.logprobs]
     return SeqOutput(first.index, "".join(out.text for out in outputs), [t for out in outputs for t in out.token_ids],
                      logprobs, outputs[-1].finish_reason)
+
+
+def _device(settings: ServeSettings) -> torch.device:
+    """``--device``, ``auto`` being cuda when there is one."""
+    requested = settings.device
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def _dtype(settings: ServeSettings, device: torch.device) -> str:
+    """``--dtype`` on ``device``: ``auto`` is bfloat16 on CUDA, float32 elsewhere."""
+    if settings.dtype != "auto":
+        return settings.dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 def _load_config(model_dir: str):

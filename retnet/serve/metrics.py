@@ -33,8 +33,13 @@ class ServeMetrics:
                                               "written to --session-dir (the session stays in memory)", registry=r)
         self.session_loads = Counter("retnet_session_loads", "sessions not in memory read back from --session-dir",
                                      registry=r)
-        self.session_load_failures = Counter("retnet_session_load_failures", "session files refused (409), by "
-                                             "reason: session_model_changed, session_corrupt", ["reason"], registry=r)
+        self.session_load_failures = Counter("retnet_session_load_failures", "session files refused, by reason: "
+                                             "session_model_changed, session_corrupt, session_lost (409), "
+                                             "session_unavailable (503, the file could not be read now)", ["reason"],
+                                             registry=r)
+        self.session_sweep_failures = Counter("retnet_session_sweep_failures", "sweeps of --session-dir for "
+                                              "expired files that failed (the directory removed or unreadable); the "
+                                              "writer goes on", registry=r)
         self.cancelled = Counter("retnet_sequences_cancelled", "sequences cancelled (client gone, shutdown)",
                                  registry=r)
         self.structured = Counter("retnet_structured_requests", "requests held to a grammar, by the field that asked "

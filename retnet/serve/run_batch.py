@@ -251,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     max_concurrency = args.max_concurrency or settings.max_running
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A batch keeps no session across runs, and RETNET_SESSION_DIR set for a live server beside it would have this
+    # process sweep and write that server's directory (one server a directory).
+    if settings.session_dir is not None:
+        if args.session_dir is not None:
+            logger.warning("--session-dir is ignored: a batch keeps no session on disk")
+        settings = settings.model_copy(update={"session_dir": None})
     # Everything a bad argument can break is checked before the model loads (seconds to minutes).
     try:
         text_lines = _read_input(args.input_file)

@@ -5,25 +5,37 @@ A RetNet session is one fixed-size state (a few MB whatever the history's length
 costs the same for the tenth turn as for the first. ``DIR/<session_id>.safetensors`` holds:
 
 - tensors ``state.<layer>`` ``[1, H, K, V]`` fp32 and ``offsets`` ``[1]`` int64: the :class:`RetNetCache` row;
-- metadata: the format, the session id, the fingerprint of the model that computed the state (its config, weights
-  and tokenizer: :func:`model_fingerprint`) and of its LoRA adapter (name and files' fingerprint), the tokens not
+- metadata: the format, the session id, the fingerprint of the model that computed the state (its config, weights,
+  tokenizer, chat template and dtype: :func:`model_fingerprint`) and of its LoRA adapter (name and files' fingerprint), the tokens not
   yet fed (the last one sampled), the history's token count and the cache's ``seen_tokens``.
 
-Writes run on one writer thread, off the event loop and off the scheduler: a turn queues its session's new state
-and the writer writes it (temp file, fsync, ``os.replace``, the directory fsynced). A session has at most one
-write queued, the latest (a newer state replaces one not yet written), and one thread writes them all in turn, so
-an earlier state can never land after a later one. A DELETE queues behind them the same way. Reading a session
-back (a request for one not in memory) runs on a worker thread, while the request holds the session busy, so
-nothing else writes it meanwhile; a state queued or being written is taken from the queue, not from the file.
+Writes run on one writer thread, started and stopped with the app's lifespan, off the event loop and off the
+scheduler: a turn queues its session's new state and the writer writes it (temp file, fsync, ``os.replace``, the
+directory fsynced). A session has at most one job queued, the latest (a newer state replaces one not yet written,
+a DELETE replaces a write), and one thread does them all in turn, so an earlier state can never land after a later
+one. A job replaced is never dropped: it is done when the job that replaced it is, with its outcome (a DELETE
+replaced by a later turn's write is done once that write has replaced the file; a second DELETE shares the
+first's job). A DELETE waits on an asyncio future the writer completes (``call_soon_threadsafe``), holding no
+thread. The writer survives any error (logged and counted); should it stop anyway, every job pending is done with
+an error. Reading a session back (a request for one not in memory) runs on a worker thread, while the request
+holds the session busy, so nothing else writes it meanwhile; a state queued or being written is taken from the
+queue, not from the file.
 
-A file is never continued under another model or adapter, nor when it cannot be read: 409 naming ``session_id``
-(``session_model_changed``, ``session_corrupt``), the file kept (serve that model again, or DELETE the session).
-Expiry (``--session-ttl-s`` after the last turn was written, the file's modification time): at startup, every
-``min(ttl, 60 s)`` on the writer thread, and when a request finds its session's file expired.
+A write that fails (a full or read-only disk) leaves the session going on in memory, and the file it would have
+replaced is removed, so that the session is never continued from an older turn; a file that cannot be removed
+either is refused (409 ``session_lost``) until the session is deleted or written again. A file is never
+continued under another model, chat template, dtype or adapter, nor when it does not hold a whole, consistent
+state: 409 naming ``session_id`` (``session_model_changed``, ``session_corrupt``), the file kept (serve that model
+again, or DELETE the session). A file that cannot be read now (EIO, too many open files, a permission) is 503
+``session_unavailable``, to be retried. Expiry (``--session-ttl-s`` after the last turn was written, the file's
+modification time): at startup, every ``min(ttl, 60 s)`` on the writer thread, and when a request finds its
+session's file expired; only files named and tagged as session files (and the writer's own temp files) are ever
+removed, and ``--session-dir`` may not be the model's or an adapter's directory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -43,7 +55,7 @@ import torch
 from retnet.model import RetNetCache
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import SESSION_ID_PATTERN, APIError
-from retnet.serve.settings import ServeSettings, StartupError
+from retnet.serve.settings import ServeSettings, StartupError, load_chat_template
 
 logger = logging.getLogger("retnet.serve")
 
@@ -51,10 +63,23 @@ FORMAT = "retnet-session/1"
 SUFFIX = ".safetensors"
 TEMP_SUFFIX = ".tmp"
 SWEEP_EVERY_S = 60.0  # at most; a shorter TTL sweeps every TTL
+MAX_HEADER_BYTES = 1 << 20  # a session file's safetensors header is a few KB; a larger one is not ours
 # What decides how text becomes tokens: their contents are hashed (a few MB at most).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "special_tokens_map.json", "added_tokens.json")
-_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+# tokenizer_config.json's fields that change no token id (lengths, padding sides, a path): a model directory
+# rewritten with another model_max_length keeps its sessions. Its chat_template is hashed with the template files.
+TOKENIZER_CONFIG_IGNORED = ("model_max_length", "padding_side", "truncation_side", "name_or_path", "_name_or_path",
+                            "chat_template")
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# The fingerprint's parts, each stored as metadata ``model.<part>``, and how a refusal names them.
+MODEL_PARTS = {"config": "config.json", "weights": "weights", "tokenizer": "tokenizer",
+               "chat_template": "chat template", "dtype": "dtype (--dtype)"}
+_ID = SESSION_ID_PATTERN.removeprefix("^").removesuffix("$")
+_SESSION_ID = re.compile(_ID)
+_SESSION_FILE = re.compile(_ID + re.escape(SUFFIX))
+# The writer's temp files (``_write``): only those are removed as a crash's leftovers.
+_TEMP_FILE = re.compile(rf"\.{_ID}\.[0-9a-f]{{12}}{re.escape(TEMP_SUFFIX)}")
 
 # An adapter's identity in a file: its name and lora.files_fingerprint (None: the base model).
 AdapterIdentity = tuple[str, list[int]] | None
@@ -64,18 +89,22 @@ def check_session_id(session_id: str) -> str:
     """``session_id`` if it can name a file: 1 to 128 letters, digits, ``_ . : -`` (the requests' own rule, so no
     id a request accepts is refused here); else 400 naming ``session_id``. With the suffix every such id is a
     plain file name inside the directory (``..`` is ``...safetensors``)."""
-    if not _SESSION_ID.match(session_id):
+    if not _SESSION_ID.fullmatch(session_id):  # not match + $: that accepts a trailing newline
         raise APIError(400, f"session_id must be 1 to 128 letters, digits, '_', '.', ':' or '-' (it names the "
                        f"session's file); got {session_id[:80]!r}", "session_id", "invalid_session_id")
     return session_id
 
 
-def model_fingerprint(model_dir: str | Path, config) -> dict[str, str]:
-    """``{"config", "weights", "tokenizer"}``: a SHA-256 of each part of the model served from ``model_dir``, the
-    three a session's state depends on. ``config``: its JSON file (``transformers_version`` left out), or the loaded
-    ``config`` when the directory has none; ``weights``: each weights file's name, size and modification time (two
-    ``stat``: any rewrite changes it, as ``lora.files_fingerprint``; a copy that keeps the times, ``cp -p``,
-    keeps it); ``tokenizer``: the tokenizer files' contents."""
+def model_fingerprint(model_dir: str | Path, config, chat_template: str | None = None,
+                      dtype: str = "float32") -> dict[str, str]:
+    """``{"config", "weights", "tokenizer", "chat_template", "dtype"}``: what a session's state depends on, of the
+    model served from ``model_dir``. ``config``: a SHA-256 of its JSON file (``transformers_version`` left out),
+    or of the loaded ``config`` when the directory has none; ``weights``: of each weights file's name, size and
+    modification time (two ``stat``: any rewrite changes it, as ``lora.files_fingerprint``; a copy that keeps the
+    times, ``cp -p``, keeps it); ``tokenizer``: of the tokenizer files' contents (tokenizer_config.json without
+    :data:`TOKENIZER_CONFIG_IGNORED`); ``chat_template``: of ``chat_template`` (``--chat-template``'s) or else the
+    directory's own (``chat_template.jinja`` / ``.json``, tokenizer_config.json's); ``dtype``: the weights' dtype
+    as served (``float32``, ``bfloat16`` ...), as it is."""
     root = Path(model_dir)
     try:
         values = json.loads((root / "config.json").read_text())
@@ -88,10 +117,27 @@ def model_fingerprint(model_dir: str | Path, config) -> dict[str, str]:
         for path in sorted(root.glob(pattern)):
             stat = path.stat()
             weights.append((path.name, stat.st_size, stat.st_mtime_ns))
-    tokenizer = [(name, hashlib.sha256((root / name).read_bytes()).hexdigest())
-                 for name in TOKENIZER_FILES if (root / name).is_file()]
-    return {part: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-            for part, value in (("config", values), ("weights", weights), ("tokenizer", tokenizer))}
+    tokenizer, inline_template = [], None
+    for name in TOKENIZER_FILES:
+        if not (root / name).is_file():
+            continue
+        data = (root / name).read_bytes()
+        if name == "tokenizer_config.json":
+            with contextlib.suppress(ValueError):  # not JSON: hashed as it is
+                fields = json.loads(data)
+                inline_template = fields.get("chat_template")
+                data = json.dumps({k: v for k, v in fields.items() if k not in TOKENIZER_CONFIG_IGNORED},
+                                  sort_keys=True).encode()
+        tokenizer.append((name, hashlib.sha256(data).hexdigest()))
+    if chat_template is not None:
+        template = ["--chat-template", chat_template]
+    else:
+        template = [inline_template, *((root / name).read_text(errors="replace") if (root / name).is_file()
+                                       else None for name in TEMPLATE_FILES)]
+    hashed = {part: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+              for part, value in (("config", values), ("weights", weights), ("tokenizer", tokenizer),
+                                  ("chat_template", template))}
+    return {**hashed, "dtype": dtype}
 
 
 class SessionFileError(APIError):
@@ -119,8 +165,13 @@ class _Job:
     # The state is already on disk, unchanged (a request on the session failed or was cancelled): only the file's
     # time moves, so that it expires with the session's last use; written whole if the file has gone.
     touch: bool = False
+    existed: bool = False  # a delete's answer: there was a state to delete (a file, or a write queued)
+    # A delete's failure: the file is still there (a write's own failure is logged; the session goes on in memory).
+    error: BaseException | None = None
+    # The jobs this one replaced in the queue, done with it (and with its outcome): none is ever dropped undone.
+    replaced: list[_Job] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
-    existed: bool = False  # a delete's answer: there was a state to delete
+    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = field(default_factory=list)
 
 
 class SessionFiles:
@@ -128,24 +179,44 @@ class SessionFiles:
 
     def __init__(self, directory: str | Path, model: dict[str, str], ttl_s: float, metrics: ServeMetrics,
                  state_shape: tuple[int, int, int, int], num_layers: int,
-                 adapter_identity: Callable[[int], AdapterIdentity]):
+                 adapter_identity: Callable[[int], AdapterIdentity], vocab_size: int, retry_after_s: int = 1):
         """``model``: :func:`model_fingerprint`; ``state_shape``: one layer's ``[1, H, K, V]``; ``adapter_identity``:
-        the name and files' fingerprint of the adapter of a LoRA slot (None: no longer known)."""
+        the name and files' fingerprint of the adapter of a LoRA slot (None: no longer known); ``vocab_size``: a
+        pending token id must be below it. The directory is created and checked writable (OSError otherwise);
+        :meth:`start` sweeps it and starts the writer."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Checked with a file of the writer's own temp-file pattern, so that a crash right here leaves nothing
+        # the sweep does not remove.
+        probe = self.directory / f".probe.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        probe.write_bytes(b"")
+        probe.unlink()
         self.model, self.ttl_s, self.metrics = model, ttl_s, metrics
-        self.state_shape, self.num_layers = state_shape, num_layers
-        self.adapter_identity = adapter_identity
-        self.cond = threading.Condition()
+        self.state_shape, self.num_layers, self.vocab_size = state_shape, num_layers, vocab_size
+        self.adapter_identity, self.retry_after_s = adapter_identity, retry_after_s
+        self.cond = threading.Condition()  # an RLock: _finish is called with it held and without
         self.queued: dict[str, _Job] = {}  # by session id, oldest first; guarded by cond
         self.writing: tuple[str, _Job] | None = None  # the job the writer is doing; guarded by cond
-        self.closed = False
-        self._sweep()
-        self.thread = threading.Thread(target=self._run, name="retnet-session-writer", daemon=True)
-        self.thread.start()
+        # Sessions whose file holds an older state than their last turn (its write failed and the file could not
+        # be removed either): never continued from it. Guarded by cond.
+        self.lost: set[str] = set()
+        self.closed = False  # no job is taken any more (closing, or the writer stopped)
+        self.thread: threading.Thread | None = None
 
     def path(self, session_id: str) -> Path:
         return self.directory / (check_session_id(session_id) + SUFFIX)
+
+    def start(self) -> None:
+        """Remove the expired and leftover files, then start the writer (the app's lifespan startup)."""
+        if self.thread is not None:
+            return
+        try:
+            self._sweep()
+        except Exception:  # the writer sweeps again, and each write says what is wrong
+            self.metrics.session_sweep_failures.inc()
+            logger.exception("--session-dir %s could not be swept at startup", self.directory)
+        self.thread = threading.Thread(target=self._run, name="retnet-session-writer", daemon=True)
+        self.thread.start()
 
     # -- called from the scheduler and the event loop ----------------------------------------------------------
     def save(self, session_id: str, cache: RetNetCache, pending: list[int], tokens: int, adapter: int,
@@ -157,30 +228,83 @@ class SessionFiles:
             return  # its adapter is gone: the state can never be continued (its file, if any, is refused)
         state = SavedState(cache, list(pending), tokens, identity, time.time())
         with self.cond:
+            if self.closed:  # the server is stopping (or the writer died): said, as a failed write is
+                self.metrics.session_write_failures.inc()
+                logger.warning("session %r: its state is not written to --session-dir: the writer has stopped",
+                               session_id)
+                return
             queued = self.queued.get(session_id)
             if not changed and queued is not None and queued.state is not None:
                 queued.state.at = state.at  # the state queued is this one: written with the later time
                 return
-            self.queued[session_id] = _Job(state, touch=not changed)
-            self.cond.notify_all()
+            # After a DELETE queued, the file is written whole: a touch would keep the file the DELETE removes.
+            self._queue(session_id, _Job(state, touch=not changed and queued is None))
 
     def delete(self, session_id: str) -> _Job:
-        """Queue the removal of the session's file (behind its writes: none brings it back); wait for ``done``,
-        then ``existed`` says whether the session had a state here."""
+        """Queue the removal of the session's file (behind its writes: none brings it back); the job is done
+        once it is gone (:meth:`remove` awaits it). A second DELETE shares the job queued."""
         self.path(session_id)
         with self.cond:
-            replaced = self.queued.pop(session_id, None)
-            job = _Job(None, existed=replaced is not None and replaced.state is not None)
-            self.queued[session_id] = job
-            self.cond.notify_all()
+            queued = self.queued.get(session_id)
+            if queued is not None and queued.state is None:
+                return queued
+            job = _Job(None, existed=queued is not None)
+            if self.closed:
+                self._finish(job, RuntimeError("the session writer has stopped"))
+            else:
+                self._queue(session_id, job)
         return job
+
+    async def remove(self, session_id: str) -> bool:
+        """Remove the session's file, behind its queued writes: whether the session had a state here. Awaits
+        the writer without holding a thread. Raises 500 ``session_delete_failed`` when the file is still there."""
+        job = self.delete(session_id)
+        await self._wait(job)
+        if job.error is not None:
+            why = getattr(job.error, "strerror", None) or str(job.error)
+            raise APIError(500, f"session {session_id!r}: its file in --session-dir could not be removed ({why}); "
+                           "the session is kept as it was. Retry the DELETE", "session_id", "session_delete_failed")
+        return job.existed
+
+    async def _wait(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        with self.cond:
+            if job.done.is_set():
+                return
+            future = loop.create_future()
+            job.waiters.append((loop, future))
+        await future
+
+    def _queue(self, session_id: str, job: _Job) -> None:
+        """Queue ``job`` in the place of the session's job queued, which is done with it (called with cond)."""
+        old = self.queued.get(session_id)
+        if old is not None:
+            job.replaced += [old, *old.replaced]
+            old.replaced = []
+        self.queued[session_id] = job  # an id already queued keeps its place: a busy session does not starve
+        self.cond.notify_all()
+
+    def _finish(self, job: _Job, error: BaseException | None = None, existed: bool = False) -> None:
+        """Mark ``job`` and the jobs it replaced done: ``error``, the file that could not be removed; ``existed``,
+        a file was there before."""
+        with self.cond:
+            for each in (job, *job.replaced):
+                each.error, each.existed = error, each.existed or existed
+                each.done.set()
+                for loop, future in each.waiters:
+                    with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
+                        loop.call_soon_threadsafe(_resolve, future)
+                each.waiters.clear()
+            job.replaced = []
+            self.cond.notify_all()
 
     # -- called on a worker thread ----------------------------------------------------------------------------
     def load(self, session_id: str, adapters: dict, device: torch.device) -> tuple[SavedState, int] | None:
         """The session's state and the LoRA slot (0: the base model) it continues under here, or None when it has
         none (never saved, deleted, expired: an expired file is removed). ``adapters``: the engine's, by name.
 
-        Raises :class:`SessionFileError` for a file of another model or adapter, or one that cannot be read.
+        Raises :class:`SessionFileError` (409) for a file of another model or adapter, one that cannot be read
+        whole or does not fit, or one older than the session's last turn; 503 when the file cannot be read now.
         Called while the request holds the session (busy), so no write of it can be queued meanwhile.
         """
         with self.cond:
@@ -207,16 +331,24 @@ class SessionFiles:
         path = self.path(session_id)
         try:
             mtime = path.stat().st_mtime
-            if time.time() - mtime > self.ttl_s:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            if time.time() - mtime > self.ttl_s and _is_session_file(path):
+                self._remove_expired(session_id, path)
                 return None
+            with self.cond:
+                lost = session_id in self.lost
+            if lost:
+                raise self._refused(session_id, "lost its last turns: they could not be written to --session-dir "
+                                    "and are no longer in memory, and the older file could not be removed",
+                                    "session_lost")
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise self._refused(session_id, f"could not be read from --session-dir ({exc.strerror})",
-                                "session_corrupt") from exc
+        except OSError as exc:  # EIO, EMFILE, a permission: the file may be whole, so it is not called corrupt
+            self.metrics.session_load_failures.labels("session_unavailable").inc()
+            logger.warning("session %r: its file in --session-dir could not be read: %s", session_id, exc)
+            raise APIError(503, f"session {session_id!r}: its file in --session-dir could not be read now "
+                           f"({exc.strerror or exc}); retry later", "session_id", "session_unavailable",
+                           headers={"Retry-After": str(self.retry_after_s)}) from exc
         try:
             meta, tensors = _parse(data)
             if meta.get("session_id") != session_id:  # a case-insensitive filesystem gives two ids one file
@@ -224,7 +356,7 @@ class SessionFiles:
         except Exception as exc:  # struct, JSON, safetensors' own errors: all mean the file is not whole
             raise self._refused(session_id, f"has a file in --session-dir that is not a whole session file ({exc})",
                                 "session_corrupt") from exc
-        changed = [part for part in ("config", "weights", "tokenizer") if meta.get(f"model.{part}") != self.model[part]]
+        changed = [label for part, label in MODEL_PARTS.items() if meta.get(f"model.{part}") != self.model[part]]
         if changed:
             raise self._refused(session_id, f"was saved by another model: its {' and '.join(changed)} differ from "
                                 "this server's --model (a state is never continued on other weights); serve that "
@@ -237,23 +369,46 @@ class SessionFiles:
         state.cache.to(device)
         return state
 
+    def _remove_expired(self, session_id: str, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # it stays expired: the session starts anew all the same
+            logger.warning("session %r: its expired file in --session-dir could not be removed: %s", session_id, exc)
+            return
+        with self.cond:
+            self.lost.discard(session_id)
+
     def _state(self, meta: dict[str, str], tensors: dict[str, torch.Tensor], mtime: float) -> SavedState:
+        """The state of a file of this model, checked whole: a state the engine would run for every sequence of
+        its batch must hold nothing that can fail it (a token id out of the vocabulary, a NaN, a negative
+        position)."""
         cache = RetNetCache(self.num_layers)
         for i in range(self.num_layers):
             state = tensors[f"state.{i}"]
             if tuple(state.shape) != self.state_shape or state.dtype != torch.float32:
                 raise ValueError(f"state.{i} is {state.dtype} {tuple(state.shape)}, not float32 {self.state_shape}")
+            if not bool(torch.isfinite(state).all()):
+                raise ValueError(f"state.{i} holds values that are not finite")
             cache.states[i] = state
         cache.offsets = tensors["offsets"]
         if tuple(cache.offsets.shape) != (1,) or cache.offsets.dtype != torch.int64:
             raise ValueError(f"offsets is {cache.offsets.dtype} {tuple(cache.offsets.shape)}, not int64 (1,)")
-        cache.seen_tokens = int(meta["seen_tokens"])
+        tokens, seen_tokens = int(meta["tokens"]), int(meta["seen_tokens"])
+        offset = int(cache.offsets[0])
+        # The history's tokens are those the state absorbed (its position, offsets) and those still pending.
+        if not 0 <= offset <= tokens or seen_tokens < 0:
+            raise ValueError(f"tokens {tokens}, offsets {offset} and seen_tokens {seen_tokens} must be >= 0 with "
+                             "offsets <= tokens")
+        cache.seen_tokens = seen_tokens
         pending, adapter = json.loads(meta["pending"]), json.loads(meta["adapter"])
-        if not (isinstance(pending, list) and all(isinstance(t, int) for t in pending)):
-            raise ValueError(f"pending is {meta['pending']!r}, not a list of token ids")
+        # At most the last token sampled (Engine._finished), a token id of this vocabulary.
+        if not (isinstance(pending, list) and len(pending) <= 1
+                and all(type(t) is int and 0 <= t < self.vocab_size for t in pending)):
+            raise ValueError(f"pending is {meta['pending'][:80]!r}, not at most one token id below the vocabulary "
+                             f"size {self.vocab_size}")
         if adapter is not None:
             adapter = (str(adapter[0]), [int(v) for v in adapter[1]])
-        return SavedState(cache, pending, int(meta["tokens"]), adapter, mtime)
+        return SavedState(cache, pending, tokens, adapter, mtime)
 
     def _adapter_slot(self, session_id: str, identity: AdapterIdentity, adapters: dict) -> int:
         """The slot here of the adapter the state was computed under (0: the base model)."""
@@ -277,18 +432,27 @@ class SessionFiles:
 
     # -- the writer thread ------------------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued write is on disk; False on timeout."""
+        """Wait until every queued job is done (written, or failed); False on timeout."""
         with self.cond:
             return self.cond.wait_for(lambda: not self.queued and self.writing is None, timeout)
 
     def close(self, timeout: float = 60.0) -> None:
-        """Write what is queued, then stop the writer."""
+        """Write what is queued, then stop the writer (the app's lifespan shutdown)."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
-        self.thread.join(timeout)
+        if self.thread is not None:
+            self.thread.join(timeout)
+        else:  # never started: nothing will do what is queued
+            self._fail_pending()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # only a BaseException gets here with jobs pending: none is left waiting forever
+            self._fail_pending()
+
+    def _loop(self) -> None:
         sweep_every = min(self.ttl_s, SWEEP_EVERY_S)
         next_sweep = time.monotonic() + sweep_every
         while True:
@@ -302,33 +466,86 @@ class SessionFiles:
                     self.writing = (session_id, self.queued.pop(session_id))
                 current = self.writing
             if current is None:
-                self._sweep()
+                try:
+                    self._sweep()
+                except Exception as exc:  # the directory removed or unreadable: the writer goes on all the same
+                    self.metrics.session_sweep_failures.inc()
+                    logger.warning("--session-dir %s could not be swept: %s", self.directory, exc)
                 next_sweep = time.monotonic() + sweep_every
                 continue
+            # Left as it is only by a BaseException, which ends the writer: the job fails with the others pending.
+            error, existed = RuntimeError("the session writer has stopped"), False
             try:
-                self._do(*current)
-            except Exception:  # a full disk, a permission: the session goes on in memory
-                if current[1].state is not None:
-                    self.metrics.session_write_failures.inc()
-                logger.exception("session %r: its file in --session-dir could not be %s", current[0],
-                                 "removed" if current[1].state is None else "written")
+                existed, error = self._do(*current)
+            except Exception as exc:  # a bug: the job fails, the writer goes on
+                logger.exception("session %r: its job on --session-dir failed", current[0])
+                error = exc
             finally:
                 with self.cond:
                     self.writing = None
-                    self.cond.notify_all()
-                current[1].done.set()
+                    self._finish(current[1], error, existed)
 
-    def _do(self, session_id: str, job: _Job) -> None:
+    def _fail_pending(self) -> None:
+        with self.cond:
+            self.closed = True
+            jobs = [*self.queued.values(), *([self.writing[1]] if self.writing is not None else [])]
+            self.queued.clear()
+            self.writing = None
+            if jobs:
+                logger.error("the --session-dir writer stopped with %d jobs pending; they fail", len(jobs))
+            for job in jobs:
+                self._finish(job, RuntimeError("the session writer has stopped"))
+
+    def _do(self, session_id: str, job: _Job) -> tuple[bool, BaseException | None]:
+        """Do ``job``: whether a file was there before, and the error that left an old file in place."""
         path = self.path(session_id)
         if job.state is None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 path.unlink()
-                job.existed = True
-        elif job.touch and path.exists():
-            os.utime(path, (job.state.at, job.state.at))
-        else:
-            self._write(path, session_id, job.state)
+            except FileNotFoundError:
+                existed = False
+            except OSError as exc:
+                logger.error("session %r: its file in --session-dir could not be removed: %s", session_id, exc)
+                if any(replaced.state is not None for replaced in job.replaced):
+                    with self.cond:  # a newer state than the file's was queued, and is no longer
+                        self.lost.add(session_id)
+                return True, exc
+            else:
+                existed = True
+            with self.cond:
+                self.lost.discard(session_id)
+            return existed, None
+        existed = path.exists()
+        with self.cond:
+            whole = not job.touch or not existed or session_id in self.lost
+        try:
+            if whole:
+                self._write(path, session_id, job.state)
+            else:
+                os.utime(path, (job.state.at, job.state.at))
+        except Exception as exc:  # a full or read-only disk: the session goes on in memory
+            self.metrics.session_write_failures.inc()
+            logger.error("session %r: its file in --session-dir could not be %s: %s", session_id,
+                         "written" if whole else "touched", exc)
+            if not whole:
+                return existed, None  # the file holds this state; only its time did not move
+            # The file holds an older turn: removed, so that an eviction or a restart never continues from it.
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as removal:
+                logger.error("session %r: its older file in --session-dir could not be removed either (%s): it is "
+                             "refused until the session is written again or deleted", session_id, removal)
+                with self.cond:
+                    self.lost.add(session_id)
+                return existed, removal
+            with self.cond:
+                self.lost.discard(session_id)
+            return existed, None
+        if whole:
             self.metrics.session_writes.inc()
+        with self.cond:
+            self.lost.discard(session_id)
+        return existed, None
 
     def _write(self, path: Path, session_id: str, state: SavedState) -> None:
         from safetensors.torch import save
@@ -341,6 +558,7 @@ class SessionFiles:
                     "adapter": json.dumps(state.adapter), "pending": json.dumps(state.pending),
                     "tokens": str(state.tokens), "seen_tokens": str(cache.seen_tokens)}
         data = save(tensors, metadata)
+        self.directory.mkdir(parents=True, exist_ok=True)  # removed by hand (rm -rf DIR): made again
         temp = self.directory / f".{session_id}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
         try:
             with open(temp, "wb") as f:
@@ -361,13 +579,37 @@ class SessionFiles:
                 os.close(fd)
 
     def _sweep(self) -> None:
-        """Remove the expired files and the temporary ones a crash left (only this server's writer makes them)."""
+        """Remove the expired session files and the temp files a crash left (only this server's writer makes
+        them, and the sweep runs on its thread). Nothing else in the directory is touched: a file is removed only
+        when its name is a session id's or the writer's temp name, and a session file only when its header says
+        it is one."""
         cutoff = time.time() - self.ttl_s
         for path in self.directory.iterdir():
             with contextlib.suppress(OSError):
-                if (path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)) or \
-                        (path.name.endswith(SUFFIX) and path.stat().st_mtime < cutoff):
+                if _TEMP_FILE.fullmatch(path.name) or (_SESSION_FILE.fullmatch(path.name)
+                                                       and path.stat().st_mtime < cutoff and _is_session_file(path)):
                     path.unlink()
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():  # cancelled: its DELETE went away
+        future.set_result(None)
+
+
+def _is_session_file(path: Path) -> bool:
+    """Whether ``path``'s safetensors header carries this format's tag (reads the header only)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (size,) = struct.unpack("<Q", head)
+            if size > MAX_HEADER_BYTES:
+                return False
+            meta = json.loads(f.read(size)).get("__metadata__")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _parse(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -381,18 +623,33 @@ def _parse(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return meta, load(data)
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
 def session_files(settings: ServeSettings, config, metrics: ServeMetrics,
-                  adapter_identity: Callable[[int], AdapterIdentity]) -> SessionFiles | None:
-    """The session files of ``--session-dir`` for the model of ``config``; None without it (or with sessions off)."""
+                  adapter_identity: Callable[[int], AdapterIdentity], dtype: str) -> SessionFiles | None:
+    """The session files of ``--session-dir`` for the model of ``config`` served in ``dtype`` (``float32`` ...);
+    None without it (or with sessions off). Raises StartupError (``retnet-serve`` exits 2) for a directory that is
+    (or is inside) the model's or an adapter's, or that cannot be created or written."""
     if settings.session_dir is None or settings.max_sessions == 0:
         return None
+    directory = Path(settings.session_dir).resolve()
+    # The sweep only ever removes session files, but a directory of other files is still no place for them.
+    owners = [("--model's directory", settings.model)]
+    owners += [(f"the directory of the LoRA adapter {module.name!r}", module.path) for module in settings.lora]
+    for what, owner in owners:
+        if _inside(directory, Path(owner).expanduser().resolve()):
+            raise StartupError(f"--session-dir {settings.session_dir!r} is {what} {owner!r} or inside it; give "
+                               "the sessions a directory of their own")
     shape = (1, config.num_attention_heads, config.head_dim, config.value_head_dim)
-    model = model_fingerprint(settings.model, config)
+    model = model_fingerprint(settings.model, config, load_chat_template(settings.chat_template), dtype)
     try:
-        return SessionFiles(settings.session_dir, model, settings.session_ttl_s, metrics, shape,
-                            config.num_hidden_layers, adapter_identity)
-    except OSError as exc:  # not a directory, not writable
-        raise StartupError(f"--session-dir {settings.session_dir!r}: {exc.strerror or exc}") from None
+        return SessionFiles(directory, model, settings.session_ttl_s, metrics, shape, config.num_hidden_layers,
+                            adapter_identity, int(config.vocab_size), settings.retry_after_s)
+    except OSError as exc:  # not a directory, not writable, a read-only filesystem
+        raise StartupError(f"--session-dir {settings.session_dir!r} cannot be written: {exc.strerror or exc}") \
+            from None
 
 
 __all__ = ["SavedState", "SessionFileError", "SessionFiles", "check_session_id", "model_fingerprint",

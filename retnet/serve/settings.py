@@ -81,7 +81,8 @@ class ServeSettings(BaseSettings):
     session_dir: str | None = Field(
         None, description="keep every session's state in this directory too, one file a session rewritten after "
         "each turn: sessions outlive a restart, and --max-sessions / --session-bytes bound only the copies held in "
-        "memory (one server a directory); none: sessions live in memory only"
+        "memory (one server a directory, created if missing, neither the model's nor an adapter's); none: sessions "
+        "live in memory only"
     )
     responses_store_entries: int = Field(
         1024, ge=0, description="finished Responses API responses kept for GET and previous_response_id (LRU, in "
@@ -161,6 +162,15 @@ class ServeSettings(BaseSettings):
             if value.lstrip().startswith("["):
                 return json.loads(value)
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("session_dir", mode="before")
+    @classmethod
+    def _expand_session_dir(cls, value):
+        # "~/sessions" from RETNET_SESSION_DIR (no shell expanded it) is the home directory's, as --model's is;
+        # an empty value is none.
+        if isinstance(value, str | Path):
+            return str(Path(value).expanduser()) if str(value).strip() else None
         return value
 
     @field_validator("lora_modules", mode="before")

@@ -153,6 +153,7 @@ class SessionStore:
         self.max_sessions, self.max_bytes, self.ttl_s = max_sessions, max_bytes, ttl_s
         self.files = files
         self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.removing: dict[str, asyncio.Future] = {}  # the DELETEs under way (with files), by id; event loop only
         self.lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -208,20 +209,59 @@ class SessionStore:
             state, session.adapter = loaded
             session.cache, session.pending, session.tokens = state.cache, state.pending, state.tokens
 
-    async def delete_file(self, session_id: str) -> bool:
-        """Remove the session's file (behind its queued writes); whether it had one (False without ``files``)."""
+    async def remove(self, session_id: str) -> bool:
+        """``DELETE /v1/sessions/{id}``: the session gone, in memory and (with ``files``) its file; whether it had a
+        state anywhere. The file goes first (behind the session's queued writes, so none brings it back), the copy
+        in memory only once it has gone, the session held busy meanwhile so that no request continues it (409
+        ``session_busy``): a file that cannot be removed (500 ``session_delete_failed``) leaves the session as it
+        was, in memory and on disk. A second DELETE meanwhile gets the first one's answer, and a DELETE whose
+        client leaves is carried out all the same. Raises SessionBusy while a request holds the session."""
         if self.files is None:
-            return False
-        job = self.files.delete(session_id)
-        await asyncio.to_thread(job.done.wait)
-        return job.existed
+            with self.lock:
+                session = self.sessions.get(session_id)
+                if session is not None and session.busy:
+                    raise SessionBusy(session_id)
+                return self.sessions.pop(session_id, None) is not None
+        removing = self.removing.get(session_id)
+        if removing is None:
+            session = self.acquire(session_id)
+            removing = asyncio.ensure_future(self._remove(session_id, session))
+            self.removing[session_id] = removing
+
+            def forget(task: asyncio.Future) -> None:
+                self.removing.pop(session_id, None)
+                if not task.cancelled():
+                    task.exception()  # retrieved: with no DELETE left to answer, asyncio would log it
+
+            removing.add_done_callback(forget)
+        return await asyncio.shield(removing)
+
+    async def _remove(self, session_id: str, session: Session) -> bool:
+        try:
+            existed = await self.files.remove(session_id)
+        except BaseException:
+            # Kept as it was: its state in memory is queued to its file again (written whole if the file may be
+            # older than it), and one on disk only stays there.
+            self.release(session_id)
+            raise
+        with self.lock:
+            if self.sessions.get(session_id) is session:
+                del self.sessions[session_id]
+        return existed or session.cache is not None
+
+    def start(self) -> None:
+        """Sweep the session files and start their writer (the app's lifespan startup)."""
+        if self.files is not None:
+            self.files.start()
 
     def close(self) -> None:
-        """Write the states still queued to their files (a restart then continues every session)."""
+        """Write the states still queued to their files (a restart then continues every session), then stop the
+        writer (the app's lifespan shutdown)."""
         if self.files is not None:
             self.files.close()
 
     def delete(self, session_id: str) -> bool:
+        """Drop the session's copy in memory (not its file: :meth:`remove`); False when busy or unknown."""
         with self.lock:
             session = self.sessions.get(session_id)
             if session is None or session.busy:

@@ -1,13 +1,19 @@
 """Sessions on disk (``--session-dir``): a conversation continues across restarts (in-process apps, and real
 uvicorn processes stopped and killed) exactly as without them, memory eviction falls back to the files, and a file
-of another model or adapter, a corrupt one, an unsafe id and an expired file are each refused or removed."""
+of another model or adapter, a corrupt one, an unsafe id and an expired file are each refused or removed. The disk
+failing (full, read-only, unreadable, the directory removed) never continues a session from an older state, never
+leaves a DELETE unanswered and never stops the writer; faults are injected by patching os-level calls."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
+import logging
 import os
 import shutil
 import signal
+import struct
 import threading
 import time
 from pathlib import Path
@@ -16,7 +22,7 @@ import httpx
 import pytest
 import torch
 
-from retnet.model import RetNetForCausalLM
+from retnet.model import RetNetCache, RetNetForCausalLM
 
 from .conftest import ServerProcess, serve_app
 
@@ -53,6 +59,27 @@ async def metric(client, name: str) -> float:
 
 def files_of(client):
     return client.app.state.engine.sessions.files
+
+
+def read_only_session_files(monkeypatch) -> None:
+    """Session files cannot be removed from now on (a read-only filesystem, EROFS); temp files still can."""
+    unlink = Path.unlink
+
+    def refused(self, missing_ok=False):
+        if self.suffix == ".safetensors":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+
+
+def rewrite(src: Path, dst: Path, meta: dict, tensors: dict) -> None:
+    """``src``'s session file written to ``dst`` with ``meta`` and ``tensors`` over its own."""
+    from safetensors.torch import load, save
+
+    data = src.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    dst.write_bytes(save({**load(data), **tensors}, {**json.loads(data[8 : 8 + size])["__metadata__"], **meta}))
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +218,10 @@ async def test_session_ids_are_safe_file_names(model_dir, tmp_path):
         for bad in ("../escape", "a/b", "x" * 129, ""):
             r = await client.post("/v1/completions", json={"prompt": "x", "session_id": bad, "max_tokens": 2})
             assert r.status_code == 400 and r.json()["error"]["param"] == "session_id", (bad, r.text)
-        r = await client.delete("/v1/sessions/a%20b")
-        assert r.status_code == 400 and r.json()["error"]["param"] == "session_id"
-        assert r.json()["error"]["code"] == "invalid_session_id"
+        for bad in ("a%20b", "abc%0A"):  # a trailing newline too (Python's $ matches before one)
+            r = await client.delete(f"/v1/sessions/{bad}")
+            assert r.status_code == 400 and r.json()["error"]["param"] == "session_id", (bad, r.text)
+            assert r.json()["error"]["code"] == "invalid_session_id"
         for dots in (".", ".."):  # allowed ids (as without --session-dir), each a plain file in the directory
             await turn(client, dots, PROMPTS[0])
         files_of(client).flush()
@@ -207,17 +235,26 @@ async def test_expired_files_are_removed_at_startup_on_request_and_periodically(
         await turn(client, "startup", PROMPTS[0])
         await turn(client, "lazy", PROMPTS[0])
         fresh = await turn(client, "fresh", PROMPTS[1])
-    (tmp_path / ".startup.0123.tmp").write_bytes(b"left by a crash")
+    (tmp_path / ".startup.0123456789ab.tmp").write_bytes(b"left by a crash")
     os.utime(tmp_path / "startup.safetensors", (old, old))
+    # Not the sweep's: safetensors that are no session's (weights), other temp files, other names.
+    from safetensors.torch import save
+
+    foreign = {"weights.safetensors": save({"w": torch.zeros(2)}), ".notes.tmp": b"x", ".x.0123.tmp": b"x",
+               "s.safetensors.bak": b"x", "untagged.safetensors": save({"w": torch.zeros(2)}, {"format": "other"})}
+    for name, data in foreign.items():
+        (tmp_path / name).write_bytes(data)
+        os.utime(tmp_path / name, (old, old))
     async with serve_app(model_dir, session_dir=str(tmp_path), session_ttl_s=60) as client:
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.safetensors", "lazy.safetensors"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fresh.safetensors", "lazy.safetensors",
+                                                                     *foreign])
         os.utime(tmp_path / "lazy.safetensors", (old, old))
         # Expired: the request starts the session anew, as one never seen.
         assert await turn(client, "lazy", PROMPTS[1]) == fresh
         assert await metric(client, "retnet_session_loads_total") == 0
     async with serve_app(model_dir, session_dir=str(tmp_path), session_ttl_s=0.5) as client:
         deadline = time.monotonic() + 10
-        while list(tmp_path.iterdir()):  # the writer's sweep, every TTL here
+        while sorted(p.name for p in tmp_path.iterdir()) != sorted(foreign):  # the writer's sweep, every TTL here
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
 
@@ -299,3 +336,253 @@ async def test_without_session_dir_nothing_is_written(model_dir, tmp_path, monke
         assert not any(t.name == "retnet-session-writer" for t in threading.enumerate())
         assert await metric(client, "retnet_session_writes_total") == 0
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_failed_write_never_lets_the_session_continue_from_an_older_file(model_dir, tmp_path, monkeypatch):
+    async with serve_app(model_dir, session_dir=str(tmp_path), max_sessions=1, prefix_cache_entries=0) as client:
+        files = files_of(client)
+        fresh = await turn(client, "fresh", PROMPTS[2])  # a session's first turn on PROMPTS[2]
+        for session_id in ("s", "t"):
+            await turn(client, session_id, PROMPTS[0])
+        assert files.flush(20)
+        write = files._write
+
+        def full_disk(path, session_id, state):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        files._write = full_disk
+        await turn(client, "s", PROMPTS[1])  # the session goes on in memory ...
+        assert files.flush(20)
+        assert not (tmp_path / "s.safetensors").exists()  # ... and its older file is gone
+        read_only_session_files(monkeypatch)  # now the older file cannot be removed either
+        await turn(client, "t", PROMPTS[1])
+        assert files.flush(20)
+        monkeypatch.undo()
+        files._write = write
+        assert await metric(client, "retnet_session_write_failures_total") == 2
+        # Evicted from memory, neither continues from its older turn: "s" starts anew (as an expired session),
+        # "t", whose file is still there, is refused until it is deleted.
+        await turn(client, "other", PROMPTS[0])
+        assert await turn(client, "s", PROMPTS[2]) == fresh
+        r = await client.post("/v1/completions", json={"prompt": "x", "session_id": "t", "max_tokens": 2})
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "session_lost" and r.json()["error"]["param"] == "session_id"
+        assert (await client.delete("/v1/sessions/t")).status_code == 200
+        assert await turn(client, "t", PROMPTS[2]) == fresh
+
+
+async def test_deletes_behind_a_slow_disk_are_all_answered_and_hold_no_thread(model_dir, tmp_path):
+    async with serve_app(model_dir, session_dir=str(tmp_path)) as client:
+        files, sessions = files_of(client), client.app.state.engine.sessions
+        for session_id in ("x", "y"):
+            await turn(client, session_id, PROMPTS[0])
+        assert files.flush(20)
+        gate, write = threading.Event(), files._write
+
+        def held_write(path, session_id, state):
+            gate.wait(20)
+            write(path, session_id, state)
+
+        files._write = held_write
+        try:
+            await turn(client, "blocker", PROMPTS[0])  # the writer sits in its write
+            # A delete replaced by a later write of its session (a DELETE whose client left, the session then
+            # continued): done once that write has replaced the file.
+            replaced = files.delete("x")
+            files.save("x", sessions.sessions["x"].cache, [], 1, 0)
+            # More DELETEs than the default executor has threads (min(32, cpus + 4)), two of them of "y".
+            ids = ["y", *(f"k{i}" for i in range((os.cpu_count() or 1) + 5)), "y"]
+            deletes = [asyncio.create_task(client.delete(f"/v1/sessions/{i}")) for i in ids]
+            await asyncio.sleep(0.2)
+            assert not any(task.done() for task in deletes)
+            # Each waits on a future the writer completes: the worker threads stay free for everyone.
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 5) == "free"
+        finally:
+            gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(*deletes), 20)
+        assert [r.status_code for r in answers] == [200] + [404] * (len(ids) - 2) + [200]  # "y" twice: one job
+        assert await asyncio.to_thread(replaced.done.wait, 5) and replaced.existed and replaced.error is None
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / "x.safetensors", "pt") as f:
+            assert f.metadata()["tokens"] == "1"  # the later write
+        assert not (tmp_path / "y.safetensors").exists() and "y" not in sessions.sessions
+
+
+class _Fatal(BaseException):
+    """What no ``except Exception`` catches (the writer stops)."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_the_writer_survives_its_directory_removed_and_a_fatal_stop_fails_every_job(model_dir, tmp_path):
+    directory = tmp_path / "sessions"
+    async with serve_app(model_dir, session_dir=str(directory), session_ttl_s=0.3) as client:
+        files = files_of(client)
+        shutil.rmtree(directory)  # every session cleared by hand: the next sweeps fail
+        deadline = time.monotonic() + 10
+        while await metric(client, "retnet_session_sweep_failures_total") < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert files.thread.is_alive()
+        await turn(client, "t", PROMPTS[0])
+        assert files.flush(10) and (directory / "t.safetensors").is_file()  # the directory made again
+        assert (await client.delete("/v1/sessions/t")).status_code == 200
+
+        def fatal(session_id, job):
+            raise _Fatal
+
+        files._do = fatal
+        jobs = [files.delete("a"), files.delete("b")]
+        for job in jobs:
+            assert await asyncio.to_thread(job.done.wait, 5)
+        assert all(isinstance(job.error, RuntimeError) for job in jobs)
+        files.thread.join(5)
+        r = await asyncio.wait_for(client.delete("/v1/sessions/c"), 5)  # answered at once, not queued for nobody
+        assert r.status_code == 500 and r.json()["error"]["code"] == "session_delete_failed"
+        assert files.flush(1)
+
+
+async def test_a_delete_that_cannot_remove_the_file_is_500_and_keeps_the_session(model_dir, tmp_path, monkeypatch,
+                                                                                reference):
+    async with serve_app(model_dir, session_dir=str(tmp_path)) as client:
+        turns = [await turn(client, "x", PROMPTS[0])]
+        assert files_of(client).flush(20)
+        read_only_session_files(monkeypatch)
+        r = await client.delete("/v1/sessions/x")
+        assert r.status_code == 500, r.text
+        assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "server_error",
+                                      "param": "session_id", "code": "session_delete_failed"}}
+        assert "Read-only file system" in r.json()["error"]["message"]
+        monkeypatch.undo()
+        turns.append(await turn(client, "x", PROMPTS[1]))  # kept in memory, and its file is its latest turn
+    async with serve_app(model_dir, session_dir=str(tmp_path)) as client:  # on disk only
+        read_only_session_files(monkeypatch)
+        assert (await client.delete("/v1/sessions/x")).status_code == 500
+        monkeypatch.undo()
+        turns.append(await turn(client, "x", PROMPTS[2]))
+        assert await metric(client, "retnet_session_loads_total") == 1
+    assert turns == reference["completions"]
+
+
+def test_the_session_dir_is_checked_at_startup(model_dir, tmp_path, adapter_dir, capsys, monkeypatch):
+    import uvicorn
+
+    from retnet.serve.__main__ import main
+    from retnet.serve.settings import ServeSettings
+
+    def never(*args, **kwargs):  # a directory let through would start a server here
+        raise AssertionError("retnet-serve started")
+
+    monkeypatch.setattr(uvicorn, "run", never)
+    (tmp_path / "a-file").write_text("")
+    cases = {str(model_dir): "--model's directory", str(model_dir / "sessions"): "--model's directory",
+             str(adapter_dir): "LoRA adapter 'a'", str(tmp_path / "a-file"): "cannot be written"}
+    for session_dir, why in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(model_dir), "--lora-modules", f"a={adapter_dir}", "--session-dir", session_dir])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(f"retnet-serve: error: --session-dir {session_dir!r}"), err
+        assert why in err and len(err.strip().splitlines()) == 1
+    assert not (model_dir / "sessions").exists()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ServeSettings(model="m", session_dir="~/sessions").session_dir == str(tmp_path / "sessions")
+
+
+async def test_the_writer_runs_with_the_lifespan_and_nothing_bypasses_the_files(model_dir, tmp_path, caplog):
+    from retnet.serve.app import create_app
+    from retnet.serve.sampling import SamplingParams
+
+    from .conftest import make_settings
+
+    app = create_app(make_settings(model_dir, session_dir=str(tmp_path)))
+    files = app.state.engine.sessions.files
+    assert files.thread is None  # created, not started: nothing swept, no thread
+    async with app.router.lifespan_context(app):
+        assert files.thread.is_alive()
+        assert await asyncio.to_thread(app.state.engine.wait_ready, 60)
+        with pytest.raises(ValueError, match="acquired and restored"):  # would skip the file's state
+            app.state.engine.submit([[5, 6]], SamplingParams(max_tokens=1), session_id="s")
+    assert not files.thread.is_alive()
+    with caplog.at_level(logging.WARNING, logger="retnet.serve"):
+        files.save("late", RetNetCache(2), [], 0, 0)  # after close: said, not silently lost
+    assert "'late'" in caplog.text and "writer has stopped" in caplog.text
+    assert files.metrics.session_write_failures._value.get() == 1
+
+
+async def test_a_file_the_model_cannot_run_is_409_and_one_unreadable_now_is_503(model_dir, tmp_path, monkeypatch):
+    async with serve_app(model_dir, session_dir=str(tmp_path)) as client:
+        await turn(client, "s", PROMPTS[0])
+    saved = tmp_path / "s.safetensors"
+    state = torch.zeros(1, 4, 16, 16)  # the micro model's [1, H, K, V]
+    bad = {"vocab": ({"pending": "[100000]"}, {}), "counts": ({"tokens": "-3"}, {}),
+           "offsets": ({}, {"offsets": torch.tensor([-1])}), "nan": ({}, {"state.0": state.fill_(float("nan"))}),
+           "shape": ({}, {"state.1": torch.zeros(1, 4, 16, 8)})}
+    for name, (meta, tensors) in bad.items():
+        rewrite(saved, tmp_path / f"{name}.safetensors", {"session_id": name, **meta}, tensors)
+    read_bytes = Path.read_bytes
+
+    def io_error(self):
+        if self.name == "s.safetensors":
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return read_bytes(self)
+
+    async with serve_app(model_dir, session_dir=str(tmp_path)) as client:
+        for name in bad:
+            r = await client.post("/v1/completions", json={"prompt": "x", "session_id": name, "max_tokens": 2})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "session_corrupt", (name, r.text)
+            assert r.json()["error"]["param"] == "session_id"
+        assert (await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})).status_code == 200
+        assert (await client.get("/health")).status_code == 200  # the engine ran none of them
+        monkeypatch.setattr(Path, "read_bytes", io_error)
+        r = await client.post("/v1/completions", json={"prompt": "x", "session_id": "s", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "server_error",
+                                     "param": "session_id", "code": "session_unavailable"}
+        monkeypatch.undo()
+        await turn(client, "s", PROMPTS[1])  # retried: continued from the file
+        assert await metric(client, "retnet_session_loads_total") == 1
+
+
+async def test_the_fingerprint_covers_the_chat_template_and_the_dtype(model_dir, tmp_path):
+    from retnet.model import RetNetConfig
+    from retnet.serve.session_store import model_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    config = RetNetConfig.from_pretrained(model)
+    base = model_fingerprint(model, config)
+
+    def changed(other: dict[str, str]) -> list[str]:
+        return sorted(part for part in base if other[part] != base[part])
+
+    assert changed(model_fingerprint(model, config, chat_template="{{ messages }}")) == ["chat_template"]
+    assert changed(model_fingerprint(model, config, dtype="bfloat16")) == ["dtype"]
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 123}))
+    assert model_fingerprint(model, config) == base  # changes no token
+    (model / "chat_template.jinja").write_text("{% for m in messages %}<<{{ m.content }}>>{% endfor %}")
+    assert changed(model_fingerprint(model, config)) == ["chat_template"]
+    sessions = tmp_path / "sessions"
+    async with serve_app(model_dir, session_dir=str(sessions)) as client:
+        await turn(client, "s", PROMPTS[0])
+    async with serve_app(model_dir, session_dir=str(sessions), chat_template="{{ messages }}") as client:
+        r = await client.post("/v1/completions", json={"prompt": "x", "session_id": "s", "max_tokens": 2})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_model_changed", r.text
+        assert "chat template" in r.json()["error"]["message"]
+
+
+def test_run_batch_keeps_no_session_on_disk(model_dir, tmp_path, monkeypatch):
+    from retnet.serve import run_batch
+
+    seen = []
+
+    async def run(settings, *args):
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(run_batch, "_run", run)
+    monkeypatch.setenv("RETNET_SESSION_DIR", str(tmp_path / "live-server"))  # a server's, beside the batch
+    (tmp_path / "in.jsonl").write_text("")
+    assert run_batch.main(["-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                           "--model", str(model_dir)]) == 0
+    assert seen[0].session_dir is None
