@@ -154,7 +154,7 @@ def test_a_broken_chat_template_is_refused_at_startup(model_dir, capsys):
     assert err.startswith("retnet-serve: error: --chat-template") and "could not be read" in err
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "no-config", "llama", "fla", "refused"])
+@pytest.mark.parametrize("case", ["missing", "file", "no-config", "llama", "fla", "refused", "classifier"])
 def test_a_model_directory_that_cannot_be_served_is_one_line(case, tmp_path, capsys):
     path = tmp_path / "model"
     if case == "file":
@@ -162,13 +162,15 @@ def test_a_model_directory_that_cannot_be_served_is_one_line(case, tmp_path, cap
     elif case != "missing":
         path.mkdir()
     configs = {"llama": {"model_type": "llama"}, "fla": {"model_type": "retnet", "expand_k": 1, "num_heads": 4},
-               "refused": {"model_type": "retnet", "hidden_size": -3}}
+               "refused": {"model_type": "retnet", "hidden_size": -3},
+               "classifier": {"model_type": "retnet", "architectures": ["RetNetForSequenceClassification"]}}
     if case in configs:
         (path / "config.json").write_text(json.dumps(configs[case]))
     err = startup_error(capsys, "--model", str(path))
     assert err.startswith("retnet-serve: error: --model") and "\n" not in err
     expected = {"missing": "no such directory", "file": "not a directory", "no-config": "no config.json",
-                "llama": "is not a RetNet", "fla": "retnet-convert-fla", "refused": "hidden_size"}[case]
+                "llama": "is not a RetNet", "fla": "retnet-convert-fla", "refused": "hidden_size",
+                "classifier": "is a RetNetForSequenceClassification"}[case]
     assert expected in err
 
 
