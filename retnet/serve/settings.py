@@ -408,7 +408,7 @@ def check_model_dir(model: str) -> None:
         raise StartupError(f"--model {model!r} is not a RetNet: config.json's model_type is {model_type!r}, "
                            f"expected {RetNetConfig.model_type!r}")
     architectures = raw.get("architectures") or []
-    if architectures and "RetNetForCausalLM" not in architectures:
+    if any(str(name).endswith("ForSequenceClassification") for name in architectures):
         # a reward model or classifier (retnet-train --reward.enabled): its score head scores, it has no LM head;
         # AutoModelForCausalLM would load its backbone under a head it never trained and generate noise
         raise StartupError(f"--model {model!r} is a {architectures[0]} (config.json's architectures), not a "
