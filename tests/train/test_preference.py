@@ -464,6 +464,15 @@ def test_ipo_starts_at_its_formulas_value(toy, tmp_path, capsys):
             assert record[f"{prefix}logps/{side}"] == pytest.approx(averaged[:, column].mean().item(), rel=1e-5)
 
 
+def assert_records_match(expected: Path, got: Path, names, tolerance: float) -> None:
+    """The train and validation records of run ``got`` are ``expected``'s: the loss and every metric of ``names``."""
+    for kind, keys in (("train", ["loss", *names]), ("val", ["val_loss", *(f"val_{m}" for m in names)])):
+        one, two = metrics(expected, kind), metrics(got, kind)
+        assert len(one) == len(two) > 1
+        for key in keys:
+            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=tolerance, abs=tolerance), key
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(trained, toy, tmp_path, run):
     """DDP, micro 2 × accum 1 × 2 ranks: the reference split over the ranks and all-gathered, the losses, rewards
@@ -472,11 +481,7 @@ def test_two_gloo_ranks_match_one_process(trained, toy, tmp_path, run):
     done = run(dpo_args(toy, ddp), nproc=2)
     assert done.returncode == 0, done.stderr + done.stdout
     assert "world 2 × micro 2 × accum 1" in done.stderr
-    for kind, keys in (("train", ["loss", *METRICS]), ("val", ["val_loss", *(f"val_{m}" for m in METRICS)])):
-        one, two = metrics(trained, kind), metrics(ddp, kind)
-        assert len(one) == len(two) > 1
-        for key in keys:
-            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
+    assert_records_match(trained, ddp, METRICS, tolerance=1e-5)
     assert torch.load(ddp / REFERENCE_FILE)["train"].allclose(torch.load(trained / REFERENCE_FILE)["train"],
                                                               atol=1e-5)
 

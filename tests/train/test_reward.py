@@ -17,7 +17,14 @@ from retnet.train.config import ConfigError, build_config, load_config, reward_c
 from retnet.train.reward import METRICS, reward_loss, sequence_rewards
 
 from .conftest import metrics
-from .test_preference import build, dpo_args, question, tokenizer_of, toy  # noqa: F401 - toy: the fixture
+from .test_preference import (  # noqa: F401 - toy: the fixture
+    assert_records_match,
+    build,
+    dpo_args,
+    question,
+    tokenizer_of,
+    toy,
+)
 
 
 def reward_args(toy, out, **overrides) -> list[str]:  # noqa: F811 - toy: the fixture's value
@@ -150,11 +157,7 @@ def test_two_gloo_ranks_match_one_process(trained, toy, tmp_path, run):  # noqa:
     done = run(reward_args(toy, ddp), nproc=2)
     assert done.returncode == 0, done.stderr + done.stdout
     assert "world 2 × micro 2 × accum 1" in done.stderr
-    for kind, keys in (("train", ["loss", *METRICS]), ("val", ["val_loss", *(f"val_{m}" for m in METRICS)])):
-        one, two = metrics(trained, kind), metrics(ddp, kind)
-        assert len(one) == len(two) > 1
-        for key in keys:
-            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-4), key
+    assert_records_match(trained, ddp, METRICS, tolerance=1e-4)
 
 
 def test_a_resume_with_other_reward_settings_is_refused(trained, toy, tmp_path, capsys):  # noqa: F811
