@@ -591,31 +591,21 @@ class Trainer:
                 f"(data.streaming=true) and this run has world size {self.world_size}: each rank's stream "
                 f"position holds only for the split it was read with; resume it with {len(ranks)} ranks")
         # Here, before the data is built, like the data checks: reading and tokenizing can take hours.
-        changes = model_changes(trainer.get("config", {}), self.cfg)
-        if changes:
-            raise ConfigError(
-                f"checkpoint {str(path)!r} was trained with other model settings: {'; '.join(changes)}. With them "
-                f"its weights would compute another model: resume with those settings, or start in another "
-                f"train.output_dir")
-        changes = lora_changes(trainer.get("config", {}), self.cfg)
-        if changes:
-            raise ConfigError(
-                f"checkpoint {str(path)!r} was trained with other LoRA settings: {'; '.join(changes)}. Resume with "
-                f"those settings, or start in another train.output_dir")
-        changes = dpo_changes(trainer.get("config", {}), self.cfg)
-        if changes:
-            raise ConfigError(f"checkpoint {str(path)!r} was trained with another DPO objective: {'; '.join(changes)}. "
-                              f"Resume with those settings, or start in another train.output_dir")
-        changes = reward_changes(trainer.get("config", {}), self.cfg)
-        if changes:
-            raise ConfigError(f"checkpoint {str(path)!r} was trained with other reward-model settings: "
-                              f"{'; '.join(changes)}. Resume with those settings, or start in another train.output_dir")
-        changes = optim_changes(trainer.get("config", {}), self.cfg)
-        if changes:
-            raise ConfigError(
-                f"checkpoint {str(path)!r} was trained with another optimizer: {'; '.join(changes)}. Its optimizer "
-                f"state is that optimizer's: resume with it, or start in another train.output_dir (a fine-tune "
-                f"from its export, model.init_from, starts a new optimizer)")
+        # Settings a checkpoint's state only means something under: (what differs, why, what to do).
+        elsewhere = "or start in another train.output_dir"
+        for changed, what, advice in (
+            (model_changes, "other model settings",
+             f"With them its weights would compute another model: resume with those settings, {elsewhere}"),
+            (lora_changes, "other LoRA settings", f"Resume with those settings, {elsewhere}"),
+            (dpo_changes, "another DPO objective", f"Resume with those settings, {elsewhere}"),
+            (reward_changes, "other reward-model settings", f"Resume with those settings, {elsewhere}"),
+            (optim_changes, "another optimizer",
+             f"Its optimizer state is that optimizer's: resume with it, {elsewhere} (a fine-tune from its export, "
+             f"model.init_from, starts a new optimizer)"),
+        ):
+            changes = changed(trainer.get("config", {}), self.cfg)
+            if changes:
+                raise ConfigError(f"checkpoint {str(path)!r} was trained with {what}: {'; '.join(changes)}. {advice}")
         base = trainer.get("lora_base")
         if base is not None and not self.adapters_only:  # lora.rank 0 is lora_changes'
             raise ConfigError(
