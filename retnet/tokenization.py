@@ -183,7 +183,31 @@ def characters_started(raw: bytes) -> int:
     return sum(1 for b in raw if b & 0xC0 != 0x80)
 
 
+def render_pair(prompt: list[dict], completions, render) -> tuple[str, ...]:
+    """(prompt text, each completion's text) of a conversational pair, ``render`` being a chat template's
+    ``render(messages, **options)`` to text. A prompt that ends with an assistant message is left open
+    (``continue_final_message``, no generation prompt, as TRL renders it) and a completion that starts with an
+    assistant message continues it: rendered as the conversation with that message's content appended to the
+    prefill's, not as a second assistant turn (which would make the completion an end of turn and a new assistant
+    header before the answer). The reward trainer renders its conversational pairs with it, and the server a
+    reward model's ``messages``, so that both score the same tokens."""
+    prefill = prompt[-1]["role"] == "assistant"
+    head = render(prompt, continue_final_message=True) if prefill else render(prompt, add_generation_prompt=True)
+    texts = []
+    for messages in completions:
+        if prefill and messages[0]["role"] == "assistant":
+            opened = {**prompt[-1], "content": prompt[-1]["content"] + messages[0]["content"]}
+            whole = render([*prompt[:-1], opened, *messages[1:]])
+        else:
+            whole = render([*prompt, *messages])
+        if not whole.startswith(head):
+            raise ValueError(f"the prompt rendered {'open' if prefill else 'with the generation prompt'} is not "
+                             "where the rendering of the prompt and the completion has it")
+        texts.append(whole[len(head):])
+    return head, *texts
+
+
 __all__ = [
-    "DEFAULT_CHAT_TEMPLATE", "EOS_TOKEN", "PAD_TOKEN", "TokenBytes", "characters_started", "train_byte_level_bpe",
-    "wrap_tokenizer",
+    "DEFAULT_CHAT_TEMPLATE", "EOS_TOKEN", "PAD_TOKEN", "TokenBytes", "characters_started", "render_pair",
+    "train_byte_level_bpe", "wrap_tokenizer",
 ]

@@ -17,6 +17,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from retnet.serve.classify import (
+    POOLING_ROUTES,
+    ClassifyEngine,
+    ClassifyRequest,
+    ClassifyServing,
+    PoolingRequest,
+)
 from retnet.serve.engine import Engine
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import (
@@ -36,8 +43,10 @@ from retnet.serve.session_store import check_session_id
 from retnet.serve.settings import (
     ServeSettings,
     StartupError,
+    check_classifier_settings,
     check_model_dir,
     generation_defaults,
+    is_classifier,
     load_chat_template,
     resolve_model_source,
 )
@@ -47,9 +56,10 @@ logger = logging.getLogger("retnet.serve")
 
 # vLLM's tokenizer routes, outside /v1 as in vLLM, behind the same API key.
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/responses/{response_id}",
-          "/v1/responses/{response_id}/input_items", "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES,
-          "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items",
+          "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES, "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+          *POOLING_ROUTES)
 # Routes with an id in the path, counted by their template (one label per route, not per id).
 _ROUTE_TEMPLATES = tuple((re.compile("^" + re.sub(r"\{\w+\}", "[^/]+", route) + "$"), route)
                          for route in ROUTES if "{" in route)
@@ -60,12 +70,18 @@ _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
 def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=None) -> FastAPI:
     """Build the app for ``settings`` (read from ``RETNET_*`` variables when None). ``model`` and
     ``tokenizer`` may be given already loaded (tests); otherwise they load from ``settings.model``, the
-    model in the scheduler thread (``/health`` is 503 until it is ready)."""
+    model in the scheduler thread (``/health`` is 503 until it is ready). A classifier or reward model
+    (``*ForSequenceClassification``) gets the classification app: /classify and /pooling, no generation."""
     settings = settings or ServeSettings()
     if model is None:  # a directory this server cannot serve is refused before anything loads from it
         settings = resolve_model_source(settings)
-        check_model_dir(settings.model)
-    defaults = generation_defaults(settings)
+        classifier = check_model_dir(settings.model)
+    else:
+        classifier = is_classifier(getattr(model.config, "architectures", None) or [type(model).__name__])
+    if classifier:
+        check_classifier_settings(settings)
+    else:
+        defaults = generation_defaults(settings)
     chat_template = load_chat_template(settings.chat_template)
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -76,11 +92,13 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             raise StartupError(f"--model {settings.model!r}: the tokenizer did not load: "
                                f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
     metrics = ServeMetrics()
-    engine = Engine(settings, tokenizer, metrics, model=model)
-    serving = OpenAIServing(settings, engine, tokenizer, metrics, defaults, chat_template)
-    _log_defaults(settings, serving, defaults)
-    # OpenAI's Responses API, translated onto the chat handler; finished responses kept for previous_response_id.
-    responses = ResponsesServing(serving, ResponseStore(settings.responses_store_entries, settings.responses_store_bytes))
+    if classifier:
+        engine = ClassifyEngine(settings, metrics, model=model)
+        serving = ClassifyServing(settings, engine, tokenizer, metrics, chat_template)
+    else:
+        engine = Engine(settings, tokenizer, metrics, model=model)
+        serving = OpenAIServing(settings, engine, tokenizer, metrics, defaults, chat_template)
+        _log_defaults(settings, serving, defaults)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -121,7 +139,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.sessions.set(len(engine.sessions))
+        if not classifier:
+            metrics.sessions.set(len(engine.sessions))
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
@@ -133,6 +152,28 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     @app.get("/v1/models/{model_id:path}", dependencies=auth)
     async def retrieve_model(model_id: str):
         return serving.model(model_id)
+
+    @app.post("/tokenize", dependencies=json_body)
+    async def tokenize(request: TokenizeRequest):
+        return await serving.tokenize(request)
+
+    @app.post("/detokenize", dependencies=json_body)
+    async def detokenize(request: DetokenizeRequest):
+        return await serving.detokenize(request)
+
+    if classifier:
+        _add_classify_routes(app, serving, auth, json_body)
+    else:
+        _add_generation_routes(app, settings, serving, engine, auth, json_body)
+    return app
+
+
+def _add_generation_routes(app: FastAPI, settings: ServeSettings, serving: OpenAIServing, engine: Engine, auth: list,
+                           json_body: list) -> None:
+    """A language model's routes: completions, chat, the Responses API, sessions and runtime LoRA loading; the
+    pooling routes answer 400."""
+    # OpenAI's Responses API, translated onto the chat handler; finished responses kept for previous_response_id.
+    responses = ResponsesServing(serving, ResponseStore(settings.responses_store_entries, settings.responses_store_bytes))
 
     @app.post("/v1/completions", dependencies=json_body)
     async def completions(request: CompletionRequest, raw: Request):
@@ -159,14 +200,6 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
                                order: Literal["asc", "desc"] = "desc", after: str | None = None):
         return responses.input_items(response_id, limit, order, after)
 
-    @app.post("/tokenize", dependencies=json_body)
-    async def tokenize(request: TokenizeRequest):
-        return await serving.tokenize(request)
-
-    @app.post("/detokenize", dependencies=json_body)
-    async def detokenize(request: DetokenizeRequest):
-        return await serving.detokenize(request)
-
     if settings.allow_runtime_lora_updating:  # as in vLLM, the routes exist only when allowed
         logger.warning("Runtime LoRA updating is enabled (--allow-runtime-lora-updating or "
                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING): /v1/load_lora_adapter reads any directory of the server "
@@ -192,7 +225,35 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             raise APIError(404, f"no session {session_id!r}", "session_id", "session_not_found")
         return {"id": session_id, "object": "session", "deleted": True}
 
-    return app
+    async def not_a_classifier():
+        raise APIError(400, f"the model {serving.model_name!r} is a language model: it generates text and has no "
+                       "classification head; /classify and /pooling are served for a RetNetForSequenceClassification "
+                       "export (retnet-train --reward.enabled, or a classifier's save_pretrained)", None,
+                       "model_not_classifier")
+
+    for path in POOLING_ROUTES:
+        app.post(path, dependencies=auth)(not_a_classifier)
+
+
+def _add_classify_routes(app: FastAPI, serving: ClassifyServing, auth: list, json_body: list) -> None:
+    """A classifier's routes (vLLM's pooling API); the generation routes answer 400."""
+
+    @app.post("/classify", dependencies=json_body)
+    @app.post("/v1/classify", dependencies=json_body)
+    async def classify(request: ClassifyRequest):
+        return JSONResponse((await serving.classify(request)).model_dump())
+
+    @app.post("/pooling", dependencies=json_body)
+    async def pooling(request: PoolingRequest):
+        return JSONResponse((await serving.pooling(request)).model_dump())
+
+    async def not_generative():
+        raise APIError(400, f"this server serves the classifier {serving.model_name!r}, which scores text and cannot "
+                       "generate: use POST /classify (labels and probabilities) or /pooling (the raw scores)", None,
+                       "model_not_generative")
+
+    for path in GENERATION_ROUTES:
+        app.post(path, dependencies=auth)(not_generative)
 
 
 def _log_defaults(settings: ServeSettings, serving: OpenAIServing, defaults: dict) -> None:
@@ -240,12 +301,14 @@ def _install_error_handlers(app: FastAPI, require_api_key) -> None:
     async def validation_error(request: Request, exc: RequestValidationError):
         # FastAPI parses a JSON body before the route's dependencies run: without this a client with no key
         # would be told how its body was read (400) instead of 401, as OpenAI answers. Every keyed route wants it.
-        if request.url.path.startswith("/v1/") or request.url.path in TOKENIZER_ROUTES:
+        path = request.url.path
+        if path.startswith("/v1/") or path in TOKENIZER_ROUTES or path in POOLING_ROUTES:
             try:
                 require_api_key(request)
             except APIError as denied:
                 return await api_error(request, denied)
-        return _error(400, *_describe_validation(exc.errors()))
+        # The pooling routes' `input` is the completions' `prompt` union (the Responses API's `input` is not).
+        return _error(400, *_describe_validation(exc.errors(), "input" if path in POOLING_ROUTES else "prompt"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
@@ -280,8 +343,9 @@ def _most_specific(errors) -> dict:
     return max(same_field, key=lambda e: len(e.get("loc", ())))  # max keeps the first of the longest
 
 
-def _describe_validation(errors) -> tuple[str, str | None, str]:
-    """(message, param, code) for the first problem pydantic found, naming the field."""
+def _describe_validation(errors, prompt_field: str = "prompt") -> tuple[str, str | None, str]:
+    """(message, param, code) for the first problem pydantic found, naming the field. ``prompt_field``: the field
+    that holds the completions' prompt union (strings or token ids) in this route's request."""
     if not errors:
         return "invalid request", None, "invalid_request"
     first = _most_specific(errors)
@@ -302,9 +366,10 @@ def _describe_validation(errors) -> tuple[str, str | None, str]:
     path = [part for part in loc if not _is_union_member(part)]
     # OpenAI's form: ``messages[0].role``, list indices in brackets.
     param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
-    if path and path[0] == "prompt" and not tokenize_form:  # /tokenize's prompt is a string alone
-        param = "prompt"
-        message = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if path and path[0] == prompt_field and not tokenize_form:  # /tokenize's prompt is a string alone
+        param = prompt_field
+        message = (f"{prompt_field} must be a string, a list of strings, a list of token ids or a list of lists of "
+                   "token ids")
     else:
         message = f"{param}: {first.get('msg')}"
         if "input" in first and first.get("type") != "missing":

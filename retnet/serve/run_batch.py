@@ -5,7 +5,8 @@ OpenAI's batch file format, as vLLM's ``vllm.entrypoints.openai.run_batch`` read
 order, ``{"id": "batch_req_...", "custom_id": ..., "response": {"status_code", "request_id", "body"}, "error"}``.
 Every request runs through the server's own app in this process (``create_app`` behind httpx's ASGI transport:
 the same validation, sampling, errors and metrics as ``retnet-serve``), many at once, so the engine decodes them
-together in its batched recurrent step. Every ``retnet-serve`` flag is accepted (``RETNET_*`` variables too).
+together in its batched recurrent step. Every ``retnet-serve`` flag is accepted (``RETNET_*`` variables too). A
+classifier or reward model ``--model`` is served as ``retnet-serve`` serves it: its lines name ``/v1/classify``.
 """
 
 from __future__ import annotations

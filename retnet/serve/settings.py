@@ -48,9 +48,11 @@ class ServeSettings(BaseSettings):
 
     # -- scheduling -------------------------------------------------------------------------------------------
     max_running: int = Field(64, ge=1, description="sequences decoded together in one batched recurrent step")
-    max_queue: int = Field(256, ge=0, description="sequences waiting for a slot; beyond it requests get 429")
+    max_queue: int = Field(256, ge=0, description="sequences waiting for a slot; beyond it requests get 429 (a "
+                           "classifier's: the /classify and /pooling requests being answered, at least 1)")
     prefill_chunk_tokens: int = Field(512, ge=1, description="a prompt is prefilled in pieces of this many tokens")
-    prefill_token_budget: int = Field(2048, ge=1, description="prompt tokens prefilled between two decode steps")
+    prefill_token_budget: int = Field(2048, ge=1, description="prompt tokens prefilled between two decode steps; "
+                                      "a classifier's: the tokens of the inputs packed into one forward")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header sent with 429")
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running streams get this long to finish")
 
@@ -64,6 +66,8 @@ class ServeSettings(BaseSettings):
     max_stop_chars: int = Field(64, ge=1)
     max_logprobs: int = Field(5, ge=0, description="top alternatives per token in `logprobs`")
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_pooling_inputs: int = Field(1024, ge=1, description="inputs in one /classify or /pooling request (a "
+                                    "classifier --model)")
 
     # -- state reuse ------------------------------------------------------------------------------------------
     prefix_cache_entries: int = Field(64, ge=0, description="saved prompt-prefix states (LRU); 0 turns the cache off")
@@ -241,7 +245,7 @@ class ServeSettings(BaseSettings):
     @model_validator(mode="after")
     def _vllm_runtime_lora_variable(self):
         # vLLM's switch is this variable alone; its command lines and containers set it rather than our flag.
-        if os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true"):
+        if vllm_runtime_lora_variable():
             self.allow_runtime_lora_updating = True
         return self
 
@@ -385,9 +389,11 @@ def resolve_model_source(settings: ServeSettings) -> ServeSettings:
     return resolved
 
 
-def check_model_dir(model: str) -> None:
+def check_model_dir(model: str) -> bool:
     """Refuse, before anything loads, a ``--model`` that is no RetNet save_pretrained directory, or whose config
-    RetNetConfig refuses (a flash-linear-attention checkpoint: convert it with retnet-convert-fla)."""
+    RetNetConfig refuses (a flash-linear-attention checkpoint: convert it with retnet-convert-fla). Returns whether
+    it is a classifier or reward model (config.json's ``architectures`` names a ``*ForSequenceClassification``:
+    retnet-train --reward.enabled's export), which is served by /classify and /pooling instead of generating."""
     path = Path(model)
     if not path.exists():
         raise StartupError(f"--model {model!r}: no such directory (expected save_pretrained's output: config.json, "
@@ -407,16 +413,51 @@ def check_model_dir(model: str) -> None:
     if model_type != RetNetConfig.model_type:
         raise StartupError(f"--model {model!r} is not a RetNet: config.json's model_type is {model_type!r}, "
                            f"expected {RetNetConfig.model_type!r}")
-    architectures = raw.get("architectures") or []
-    if any(str(name).endswith("ForSequenceClassification") for name in architectures):
-        # a reward model or classifier (retnet-train --reward.enabled): its score head scores, it has no LM head;
-        # AutoModelForCausalLM would load its backbone under a head it never trained and generate noise
-        raise StartupError(f"--model {model!r} is a {architectures[0]} (config.json's architectures), not a "
-                           f"language model: it scores text and cannot generate; serve a RetNetForCausalLM export")
     try:
         RetNetConfig.from_pretrained(model)
     except Exception as exc:  # RetNetConfig's errors name the field and the value (fla's: retnet-convert-fla)
         raise StartupError(f"--model {model!r}: config.json is refused: {_one_line(exc)}") from None
+    return is_classifier(raw.get("architectures"))
+
+
+def is_classifier(architectures) -> bool:
+    """Whether a config's ``architectures`` name a classifier or reward model (its score head scores text; it has
+    no LM head to generate with)."""
+    return any(str(name).endswith("ForSequenceClassification") for name in architectures or ())
+
+
+# What only generation reads: a classifier's server would silently ignore these, so a value other than the default
+# is refused (check_classifier_settings). --chat-template is not here: /classify's `messages` are templated with it.
+GENERATION_ONLY_SETTINGS = (
+    "lora_modules", "max_loras", "max_cpu_loras", "max_lora_rank", "enable_lora", "allow_runtime_lora_updating",
+    "speculative_config", "session_dir", "max_sessions", "session_bytes", "session_ttl_s", "prefix_cache_entries",
+    "prefix_cache_bytes", "prefix_cache_min_tokens", "prefix_cache_answers", "responses_store_entries",
+    "responses_store_bytes", "generation_config", "override_generation_config", "max_tokens_limit",
+    "default_max_tokens", "max_n", "max_prompts", "max_stop", "max_stop_chars", "max_logprobs", "max_running",
+    "prefill_chunk_tokens", "tool_call_parser", "enable_auto_tool_choice",
+)
+
+
+def check_classifier_settings(settings: ServeSettings) -> None:
+    """Refuse, for a classifier ``--model``, each generation-only setting (:data:`GENERATION_ONLY_SETTINGS`) given a
+    value other than its default: the flag and the value are named, rather than the server starting without them."""
+    for name in GENERATION_ONLY_SETTINGS:
+        value = getattr(settings, name)
+        if value == ServeSettings.model_fields[name].get_default(call_default_factory=True):
+            continue
+        flag = "--" + name.replace("_", "-")
+        shown = json.dumps(value) if isinstance(value, (dict, list, bool)) else str(value)
+        # vLLM's variable turns it on without the flag: the operator must learn where it came from.
+        variable = " (VLLM_ALLOW_RUNTIME_LORA_UPDATING, which turns it on, is set)" \
+            if name == "allow_runtime_lora_updating" and vllm_runtime_lora_variable() else ""
+        raise StartupError(f"{flag} {shown[:120]} only applies to generation, and --model {settings.model!r} is a "
+                           f"classifier (served by /classify and /pooling): leave {flag} out{variable}")
+
+
+def vllm_runtime_lora_variable() -> bool:
+    """Whether vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is on (1 or true), which --allow-runtime-lora-updating
+    follows."""
+    return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true")
 
 
 def generation_defaults(settings: ServeSettings) -> dict[str, Any]:
@@ -513,5 +554,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-__all__ = ["ServeSettings", "SpeculativeConfig", "StartupError", "check_model_dir", "generation_defaults",
-           "load_chat_template", "parse_speculative_config", "resolve_max_tokens"]
+__all__ = ["GENERATION_ONLY_SETTINGS", "ServeSettings", "SpeculativeConfig", "StartupError", "check_classifier_settings",
+           "check_model_dir", "generation_defaults", "is_classifier", "load_chat_template", "parse_speculative_config",
+           "resolve_max_tokens"]

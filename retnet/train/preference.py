@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retnet.tokenization import render_pair
 from retnet.train.chat import ChatEncoder, conversation_problem, template_messages
 from retnet.train.chat import template_identity as chat_template_identity
 from retnet.train.checkpoint import _fsync_dir, _write_durable
@@ -176,33 +177,16 @@ class PairEncoder:
         self.dtype = np.uint16 if vocab_bound(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
 
     def texts(self, row: int, pair: tuple) -> tuple[str, str, str]:
-        """(prompt, chosen, rejected) as text: a standard row's own, a conversational row rendered. A prompt that
-        ends with an assistant message is left open (``continue_final_message``, no generation prompt, as TRL
-        renders it) and a completion that starts with an assistant message continues it: rendered as the
-        conversation with that message's content appended to the prefill's, not as a second assistant turn
-        (which would make the completion an end of turn and a new assistant header before the answer)."""
+        """(prompt, chosen, rejected) as text: a standard row's own, a conversational row rendered
+        (:func:`render_pair`)."""
         prompt, chosen, rejected = pair
         if isinstance(prompt, str):
             return pair
-        prefill = prompt[-1]["role"] == "assistant"
         try:
-            head = self.chat.render(prompt, continue_final_message=True) if prefill else \
-                self.chat.render(prompt, add_generation_prompt=True)
-            completions = []
-            for messages in (chosen, rejected):
-                if prefill and messages[0]["role"] == "assistant":
-                    opened = {**prompt[-1], "content": prompt[-1]["content"] + messages[0]["content"]}
-                    whole = self.chat.render([*prompt[:-1], opened, *messages[1:]])
-                else:
-                    whole = self.chat.render([*prompt, *messages])
-                if not whole.startswith(head):
-                    raise ValueError(f"the prompt rendered {'open' if prefill else 'with the generation prompt'} "
-                                     f"is not where the rendering of the prompt and the completion has it")
-                completions.append(whole[len(head):])
-        except Exception as error:  # jinja's own errors, raise_exception in a template, the check above
+            return render_pair(prompt, (chosen, rejected), self.chat.render)
+        except Exception as error:  # jinja's own errors, raise_exception in a template, render_pair's check
             raise ConfigError(f"data.format 'preference': the tokenizer's chat template cannot render row {row} of "
                               f"{self.dataset!r} as prompt + completion: {type(error).__name__}: {error}") from None
-        return head, *completions
 
     def encode(self, pairs: list[tuple[int, tuple]], batch: int = 256) -> Pairs:
         tokens, lengths = [], []
