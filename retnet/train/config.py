@@ -504,8 +504,11 @@ class LoraConfig(_Section):
             _refuse("lora.dropout", "must be in [0, 1)", self.dropout)
         unknown = [name for name in self.target_modules if not isinstance(name, str) or name not in LORA_TARGETS]
         if unknown:
+            # a reward model's head is new: peft trains it in full (modules_to_save), an adapter would not do
+            head = ("; a reward model's score head is no LoRA target, it trains in full beside the adapters"
+                    if "score" in unknown else "")
             _refuse("lora.target_modules", f"must name Linear modules of the decoder layers, of {LORA_TARGETS} "
-                    f"(unknown: {unknown})", self.target_modules)
+                    f"(unknown: {unknown}){head}", self.target_modules)
         if len(set(self.target_modules)) != len(self.target_modules):
             _refuse("lora.target_modules", "must not name a module twice", self.target_modules)
         if self.target_modules and not self.rank:  # most likely a forgotten lora.rank: that run trains every weight
@@ -546,7 +549,8 @@ class RewardConfig(_Section):
     """Reward-model training on preference pairs (``data.format = "preference"``, ``retnet.train.reward``), as
     TRL's RewardTrainer: ``enabled`` trains a ``RetNetForSequenceClassification`` (one label) from
     ``model.init_from`` on ``-logsigmoid(r_chosen - r_rejected)`` instead of DPO; ``center_rewards_coefficient``
-    (TRL's name) adds that times ``mean((r_chosen + r_rejected)^2)``, pulling the rewards towards zero mean."""
+    (TRL's name) adds that times ``mean((r_chosen + r_rejected)^2)``, pulling the rewards towards zero mean.
+    With ``lora.rank > 0`` the adapters and the new ``score`` head train, the backbone stays frozen."""
 
     enabled: bool = False
     center_rewards_coefficient: float = 0.0
@@ -620,9 +624,9 @@ def _check_dpo(job: JobConfig) -> None:
 
 
 def _check_reward(job: JobConfig) -> None:
-    """ConfigError for ``reward.enabled`` without preference pairs or a model to start from, with ``[dpo]``
-    settings (the run trains no DPO: they would be ignored) and with LoRA (a classifier's ``score`` head would
-    need to train beside the adapters and be exported with them, which ``retnet.train.lora`` does not do)."""
+    """ConfigError for ``reward.enabled`` without preference pairs or a model to start from, and with ``[dpo]``
+    settings (the run trains no DPO: they would be ignored). LoRA works (``retnet.train.lora``: the new ``score``
+    head trains in full beside the adapters); ``lora.target_modules`` cannot name it (``LoraConfig``)."""
     if not job.reward.enabled:
         return
     if job.data.format != "preference":
@@ -635,9 +639,6 @@ def _check_reward(job: JobConfig) -> None:
         if getattr(job.dpo, spec.name) != spec.default:
             _refuse(f"dpo.{spec.name}", "is set but reward.enabled=true trains a reward model, not DPO; unset it",
                     getattr(job.dpo, spec.name))
-    if job.lora.enabled:
-        _refuse("lora.rank", "must be 0 with reward.enabled=true (LoRA reward models are not supported: the whole "
-                "model trains)", job.lora.rank)
 
 
 def reward_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:

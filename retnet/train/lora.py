@@ -13,6 +13,13 @@ Checkpoints of a run with ``model.init_from`` hold only the adapters (and their 
 loads the pretrained weights from ``init_from`` again, and refuses when they are no longer the ones trained
 on (:func:`base_fingerprint`). :func:`export_lora` writes the merged model (``merge_and_unload``: a plain
 RetNet, servable as any export) and, in ``adapter/``, ``peft``'s own adapter format.
+
+A reward model (``reward.enabled``: a ``RetNetForSequenceClassification``) is wrapped as peft's ``SEQ_CLS`` task, as
+TRL's RewardTrainer with a peft config does: its ``score`` head is new, so peft's ``modules_to_save`` trains a copy of
+it in full beside the adapters (``score.modules_to_save.default.weight``, the frozen original
+``score.original_module.weight``). It is then one more trainable parameter: checkpoints of adapters hold it, the
+merge puts the trained copy back as ``score``, and the adapter directory holds it (peft loads it onto
+``AutoModelForSequenceClassification`` of the base).
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ ADAPTER_NAME = "default"  # peft's adapter name, part of the state-dict keys (lo
 
 
 def target_names(cfg: LoraConfig, model: nn.Module) -> list[str]:
-    """The ``lora.target_modules`` names resolved against ``model`` (a ``RetNetForCausalLM``): those configured,
+    """The ``lora.target_modules`` names resolved against ``model`` (a ``RetNetForCausalLM``, or a reward model's
+    ``RetNetForSequenceClassification``, whose ``score`` head is no target: it trains in full): those configured,
     each of which it must have, or every Linear name of ``LORA_TARGETS`` its decoder layers hold."""
     present = {name.rsplit(".", 1)[-1] for name, module in model.model.layers.named_modules()
                if isinstance(module, nn.Linear)}
@@ -44,9 +52,19 @@ def target_names(cfg: LoraConfig, model: nn.Module) -> list[str]:
     return list(cfg.target_modules)
 
 
-def peft_config(cfg: LoraConfig, targets: list[str]):
+def task_type(model_class: type) -> str:
+    """peft's task of a model of ``model_class``: ``SEQ_CLS`` for the classifier (a reward model), whose wrapper
+    adds the ``score`` head to ``modules_to_save``, else ``CAUSAL_LM``."""
+    from retnet.model import RetNetForSequenceClassification
+
+    return "SEQ_CLS" if issubclass(model_class, RetNetForSequenceClassification) else "CAUSAL_LM"
+
+
+def peft_config(cfg: LoraConfig, targets: list[str], task: str = "CAUSAL_LM"):
     """The ``peft.LoraConfig`` of this run (its ``base_model_name_or_path`` is set by :func:`_wrap`: the
-    pretrained model's directory, absolute, so the adapter names its base wherever it is read)."""
+    pretrained model's directory, absolute, so the adapter names its base wherever it is read). ``task``:
+    :func:`task_type`; with ``SEQ_CLS`` peft's wrapper sets ``modules_to_save`` (``["classifier", "score"]``,
+    TRL's reward models' too: naming ``score`` here as well would list it twice)."""
     try:
         import peft
     except ImportError:  # pragma: no cover - peft is in the [train] extra
@@ -56,7 +74,7 @@ def peft_config(cfg: LoraConfig, targets: list[str]):
     # a regex: what other loaders of the adapter format (vLLM) read.
     return peft.LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-        use_dora=cfg.use_dora, target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
+        use_dora=cfg.use_dora, target_modules=list(targets), bias="none", task_type=task,
     )
 
 
@@ -78,8 +96,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, targets: list[str], base_path:
     everything else; returns the ``PeftModel`` around it (for ``save_pretrained``; train ``model`` itself,
     whose class and forward stay RetNet's). The adapters' init (``lora_A`` Kaiming-uniform, ``lora_B`` zero:
     the model computes what it did; DoRA's magnitudes the norms of the pretrained weight's rows, which keeps it
-    so) draws from torch's RNG."""
-    return _wrap(model, peft_config(cfg, targets), base_path)
+    so) draws from torch's RNG. A classifier's ``score`` trains in full (peft's copy of it: see the module's
+    docstring)."""
+    return _wrap(model, peft_config(cfg, targets, task_type(type(model))), base_path)
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -118,18 +137,28 @@ def base_fingerprint(path: Path) -> str:
 
 
 def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg: LoraConfig, targets: list[str],
-                base_path: Path | None) -> Path:
+                base_path: Path | None, model_class: type | None = None) -> Path:
     """Write ``directory`` (replaced atomically): the merged model (``merge_and_unload``, fp32 safetensors) with
     the tokenizer, as :func:`~retnet.train.checkpoint.export_pretrained` writes a model, and
     ``directory/adapter``, ``peft``'s ``save_pretrained`` of the adapters (``adapter_config.json``,
     ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is ``base_path``. ``state_dict`` is the
     trained model's (``base_layer``/``lora_A``/``lora_B`` keys, and ``lora_magnitude_vector`` under DoRA, which
-    ``merge_and_unload`` folds in as peft's forward computes it)."""
+    ``merge_and_unload`` folds in as peft's forward computes it). ``model_class``: the trained model's,
+    ``RetNetForCausalLM`` by default; a reward model's ``RetNetForSequenceClassification`` exports as
+    :func:`~retnet.train.reward.export_reward` does (``AutoModelForSequenceClassification`` loads it), its trained
+    ``score`` in the merged model and in the adapter."""
     from retnet.model import RetNetForCausalLM
     from retnet.train.checkpoint import prepare_export, replace_directory
 
-    model = RetNetForCausalLM(model_config)
-    wrapped = _wrap(model, peft_config(cfg, targets), base_path)
+    model_class = model_class or RetNetForCausalLM
+    task = task_type(model_class)
+    causal_lm = task == "CAUSAL_LM"
+    if not causal_lm:
+        from retnet.train.reward import classifier_export_config
+
+        classifier_export_config(model_config, tokenizer)
+    model = model_class(model_config)
+    wrapped = _wrap(model, peft_config(cfg, targets, task), base_path)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model_config.tie_word_embeddings]
     if missing or unexpected:
@@ -139,7 +168,8 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
     def write(tmp: Path) -> None:
         wrapped.save_pretrained(tmp / ADAPTER_DIR)  # first: merging replaces the LoRA layers
         merged = wrapped.merge_and_unload()
-        prepare_export(merged, tokenizer)
+        if causal_lm:  # a classifier does not generate: no generation config to complete
+            prepare_export(merged, tokenizer)
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -147,4 +177,4 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
 
 
 __all__ = ["ADAPTER_DIR", "apply_lora", "base_fingerprint", "export_lora", "peft_config", "target_names",
-           "trainable_names"]
+           "task_type", "trainable_names"]

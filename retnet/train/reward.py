@@ -12,6 +12,11 @@ is the score at its last token (the prompt, the completion and EOS: the whole se
 (TRL's ``center_rewards_coefficient``: its mean over the batch is TRL's term). There is no reference model and no
 reference pass. Dropout is off unless ``model.dropout`` sets it (TRL's ``disable_dropout``). The export is the
 classifier's ``save_pretrained`` with the tokenizer: ``AutoModelForSequenceClassification`` loads it.
+
+With ``lora.rank > 0`` (TRL's RewardTrainer with a peft config, task ``SEQ_CLS``) the backbone stays frozen under
+the adapters and the new ``score`` head trains in full beside them (:mod:`retnet.train.lora`: peft's
+``modules_to_save``); checkpoints hold the adapters and the head, and the export is the merged classifier (the same
+``save_pretrained`` directory) plus ``adapter/``, peft's adapter with the head.
 """
 
 from __future__ import annotations
@@ -91,15 +96,17 @@ class RewardData(PreferenceData):
         """One label, and dropout off unless ``model.dropout`` (or ``model.extra.dropout``) sets it (TRL's
         ``disable_dropout``, on by default in its RewardConfig). Logged."""
         explicit = model.dropout if model.dropout is not None else model.extra.get("dropout")
+        lora = (f"; lora.dropout {lora_dropout} applies to the adapters' input as configured (set lora.dropout=0 "
+                "for none)" if lora_dropout else "")
         if explicit is not None:
-            logger.info("reward model: trains with dropout %s, as model.dropout sets it", explicit)
+            logger.info("reward model: trains with dropout %s, as model.dropout sets it%s", explicit, lora)
             return {"num_labels": 1}
         try:
             pretrained = json.loads((Path(init_from) / "config.json").read_text()).get("dropout", 0.0)
         except (OSError, TypeError, ValueError, AttributeError):  # the model's loading refuses such a directory
             pretrained = "?"
         logger.info("reward model: dropout off (model.init_from's %s -> 0; TRL's disable_dropout); set "
-                    "model.dropout to train with one", pretrained)
+                    "model.dropout to train with one%s", pretrained, lora)
         return {"num_labels": 1, "dropout": 0.0}
 
     def val_summary(self, record: dict[str, float]) -> str:
@@ -120,16 +127,23 @@ class RewardData(PreferenceData):
         return losses, sums.float()
 
 
-def export_reward(directory: Path, model_config, state_dict: dict, tokenizer) -> Path:
-    """``save_pretrained`` the classifier (fp32, safetensors) and tokenizer into ``directory``, replacing it
-    atomically, so ``AutoModelForSequenceClassification.from_pretrained(directory)`` loads the reward model."""
-    from retnet.model import RetNetForSequenceClassification
-
+def classifier_export_config(model_config, tokenizer):
+    """``model_config`` (changed in place, and returned) as a reward model's export saves it: with the tokenizer's
+    pad id when it has none."""
     if model_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         # so that a batch padded by this tokenizer can be scored from input_ids alone (transformers' rule: the
         # last non-pad token), as for TRL's reward models; with an attention_mask the model needs no pad id
         model_config.pad_token_id = tokenizer.pad_token_id
-    model = RetNetForSequenceClassification(model_config)
+    return model_config
+
+
+def export_reward(directory: Path, model_config, state_dict: dict, tokenizer) -> Path:
+    """``save_pretrained`` the classifier (fp32, safetensors) and tokenizer into ``directory``, replacing it
+    atomically, so ``AutoModelForSequenceClassification.from_pretrained(directory)`` loads the reward model. (With
+    LoRA :func:`~retnet.train.lora.export_lora` writes the merged classifier the same way.)"""
+    from retnet.model import RetNetForSequenceClassification
+
+    model = RetNetForSequenceClassification(classifier_export_config(model_config, tokenizer))
     model.load_state_dict(state_dict)  # strict: the trained classifier's own keys
 
     def write(tmp: Path) -> None:
@@ -139,4 +153,5 @@ def export_reward(directory: Path, model_config, state_dict: dict, tokenizer) ->
     return replace_directory(Path(directory), write)
 
 
-__all__ = ["METRICS", "RewardData", "cut_pairs", "export_reward", "reward_loss", "sequence_rewards"]
+__all__ = ["METRICS", "RewardData", "classifier_export_config", "cut_pairs", "export_reward", "reward_loss",
+           "sequence_rewards"]

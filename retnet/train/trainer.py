@@ -264,8 +264,9 @@ class Trainer:
         if not self.cfg.lora.enabled:
             return "all"
         kind = "DoRA" if self.cfg.lora.use_dora else "LoRA"
+        head = " and the score head" if self.cfg.reward.enabled else ""  # peft's modules_to_save: trained in full
         return (f"{self.n_trainable / 1e6:.3f}M ({100 * self.n_trainable / self.n_params:.2f}%: {kind} rank "
-                f"{self.cfg.lora.rank} on {','.join(self.lora_targets)})")
+                f"{self.cfg.lora.rank} on {','.join(self.lora_targets)}{head})")
 
     @property
     def adapters_only(self) -> bool:
@@ -930,7 +931,7 @@ class Trainer:
 
             init_from = self._init_from_dir()
             path = export_lora(self.output_dir / "export", config, state, self.tokenizer, self.cfg.lora,
-                               self.lora_targets, init_from)
+                               self.lora_targets, init_from, getattr(self.data, "model_class", None))
             logger.info("exported the merged model and tokenizer to %s, the LoRA adapter to %s", path,
                         path / ADAPTER_DIR)
             return path
