@@ -4,7 +4,7 @@
 
 ``name_or_path`` is a preset shipped in ``retnet/train/configs/<name>.toml`` (``tiny``, ``small``,
 ``retnet-1.3b`` ...) or a path to a TOML file with the tables ``[model]``, ``[data]``, ``[optim]``,
-``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``, ``[dpo]``, ``[reward]``). Overrides are ``--section.key=value``
+``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``, ``[dpo]``, ``[reward]``, ``[grpo]``). Overrides are ``--section.key=value``
 (or ``--section.key value``), coerced to the field's type; ``--model.extra.KEY=VALUE`` sets any other
 ``RetNetConfig`` field (VALUE read as a TOML value). Unknown keys and values of the wrong type are refused with the key's name.
 """
@@ -36,8 +36,10 @@ OPTIMIZERS = ("adamw", "muon")
 PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_LAYOUTS = ("auto", "full", "sharded")
-DATA_FORMATS = ("text", "chat", "preference")
+DATA_FORMATS = ("text", "chat", "preference", "prompts")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # TRL's names; dapo is its default
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
 # What a data.mixture source may set for itself; every other data setting is the [data] section's, for each source.
 MIXTURE_SOURCE_KEYS = ("dataset", "weight", "name", "split", "text_field", "messages_field")
 # A source's label names its metrics (val_loss.<label>) in metrics.jsonl, TensorBoard and W&B.
@@ -160,7 +162,10 @@ class DataConfig(_Section):
     the tokenizer's chat template; with ``assistant_only_loss`` only the assistant messages' tokens are
     targets, see ``retnet.train.chat``) or ``"preference"`` (DPO on TRL's ``prompt``/``chosen``/``rejected`` rows,
     ``retnet.train.preference``; ``max_prompt_length`` > 0 cuts longer prompts to their last tokens, 0 keeps them
-    whole and refuses one that leaves no room for a completion in ``seq_len``).
+    whole and refuses one that leaves no room for a completion in ``seq_len``) or ``"prompts"`` (GRPO, online RL
+    from rewards, on rows with a ``prompt`` column, ``retnet.train.grpo``; ``max_prompt_length`` > 0 cuts longer
+    prompts to their last tokens; ``seq_len`` is not read: a sequence is its prompt and at most
+    ``grpo.max_completion_length`` sampled tokens).
 
     ``mixture``: several datasets blended by weight (``retnet.train.mixture``), label -> ``{dataset = "...",
     weight = 0.3}`` with optional ``name``, ``split``, ``text_field``, ``messages_field`` of its own (else the
@@ -180,7 +185,7 @@ class DataConfig(_Section):
     tokenizer: str | None = None
     tokenizer_train_chars: int = 5_000_000
     seq_len: int = 256
-    max_prompt_length: int = 0  # data.format "preference": 0 = prompts are not cut
+    max_prompt_length: int = 0  # data.format "preference" and "prompts": 0 = prompts are not cut
     # Reset the retention state (and rotary positions) at every EOS inside a packed block, through the
     # kernels' varlen path, so no document is conditioned on the one before it.
     document_boundaries: bool = True
@@ -214,9 +219,11 @@ class DataConfig(_Section):
                             "files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text", dataset)
         if self.format == "preference":
             self._check_preference()
+        elif self.format == "prompts":
+            self._check_prompts()
         elif self.max_prompt_length:  # most likely a forgotten data.format: that run would not read pairs
             _refuse("data.max_prompt_length", f"is set but data.format is {self.format!r}; it cuts the prompts of "
-                    f"data.format 'preference'", self.max_prompt_length)
+                    f"data.format 'preference' and 'prompts'", self.max_prompt_length)
         if self.streaming and self.mixture:
             for key, dataset in self._datasets():
                 if dataset == "stdlib":  # build_data's refusal would name data.streaming, not the source
@@ -239,6 +246,19 @@ class DataConfig(_Section):
         if self.max_prompt_length >= self.seq_len:
             _refuse("data.max_prompt_length", f"must be < data.seq_len ({self.seq_len}): a completion needs room "
                     f"after the prompt", self.max_prompt_length)
+
+    def _check_prompts(self) -> None:
+        """ConfigError for what GRPO's prompts cannot be: the rows are read whole (every column goes to the reward
+        functions) from one dataset, and sampled in a seeded order."""
+        for name, why in (("mixture", "the prompts are read from one dataset; merge them into one"),
+                          ("streaming", "the prompts are read whole, in a seeded per-epoch order")):
+            if getattr(self, name):
+                _refuse(f"data.{name}", f"cannot be used with data.format 'prompts' ({why})", getattr(self, name))
+        if self.dataset == "stdlib":
+            _refuse("data.dataset", "must hold prompts with data.format 'prompts' (rows with a 'prompt' column: "
+                    "JSON/JSONL/Parquet files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text",
+                    self.dataset)
+        _positive("data", self, "max_prompt_length", allow_zero=True)
 
     def _datasets(self) -> list[tuple[str, str]]:
         """(the setting's name, the dataset) of each dataset read: ``data.dataset`` or each mixture source's."""
@@ -564,6 +584,71 @@ class RewardConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
+class GrpoConfig(_Section):
+    """Group Relative Policy Optimization (``data.format = "prompts"``, ``retnet.train.grpo``), as TRL's
+    GRPOTrainer, with TRL's names and defaults: each prompt is sampled ``num_generations`` times (``temperature``,
+    ``top_p``, at most ``max_completion_length`` tokens, EOS ends one), the completions are scored by
+    ``reward_funcs`` (``"module:function"`` import paths, TRL's callable contract) and/or ``reward_model`` (a
+    ``RetNetForSequenceClassification`` export with the policy's tokenizer), summed with ``reward_weights``
+    (empty: all 1; one per source, the functions then the model), and each completion's advantage is its reward
+    minus its group's mean, divided by the group's std (``scale_rewards`` ``"group"``), the batch's
+    (``"batch"``) or nothing (``"none"``). ``loss_type`` ``"dapo"`` (tokens' mean over the global batch),
+    ``"grpo"`` (each sequence's token mean, then their mean) or ``"dr_grpo"`` (tokens' sum over sequences ×
+    ``max_completion_length``); ``epsilon`` the PPO clip (inactive: one update per generation, ratio 1);
+    ``beta`` > 0 adds TRL's k3 estimate of the KL to the reference (the model as the run starts)."""
+
+    num_generations: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 256
+    reward_funcs: list = field(default_factory=list)  # of "module:function" strings
+    reward_model: str = ""  # a RetNetForSequenceClassification directory; "" = none
+    reward_weights: list = field(default_factory=list)  # of numbers; [] = 1 for each source
+    scale_rewards: str = "group"
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:  # a group of one has no spread: its advantage is always 0
+            _refuse("grpo.num_generations", "must be >= 2 (advantages compare a prompt's completions)",
+                    self.num_generations)
+        _positive("grpo", self, "temperature", "max_completion_length")
+        _positive("grpo", self, "beta", allow_zero=True)
+        if not 0.0 < self.top_p <= 1.0:  # nan fails it too
+            _refuse("grpo.top_p", "must be in (0, 1]", self.top_p)
+        if not 0.0 <= self.epsilon < 1.0:
+            _refuse("grpo.epsilon", "must be in [0, 1)", self.epsilon)
+        if self.scale_rewards not in GRPO_SCALE_REWARDS:
+            _refuse("grpo.scale_rewards", f"must be one of {GRPO_SCALE_REWARDS}", self.scale_rewards)
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            _refuse("grpo.loss_type", f"must be one of {GRPO_LOSS_TYPES}", self.loss_type)
+        for spec in self.reward_funcs:
+            if not isinstance(spec, str) or not re.fullmatch(r"[\w.]+:[\w.]+", spec):
+                _refuse("grpo.reward_funcs", f"must be 'module:function' import paths (as "
+                        f"'retnet.train.rewards:exact_match'); not {spec!r}", self.reward_funcs)
+        if len(set(self.reward_funcs)) != len(self.reward_funcs):
+            _refuse("grpo.reward_funcs", "must not name a function twice (give it a weight instead)",
+                    self.reward_funcs)
+        weights = []
+        for weight in self.reward_weights:  # --grpo.reward_weights=1,0.5 arrives as strings
+            try:
+                number = float(weight) if isinstance(weight, (int, float, str)) and not isinstance(weight, bool) \
+                    else math.nan
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                _refuse("grpo.reward_weights", f"must be finite numbers (not: {weight!r})", self.reward_weights)
+            weights.append(number)
+        self.reward_weights = weights
+
+    @property
+    def sources(self) -> int:
+        """The number of reward sources: the functions, then the reward model."""
+        return len(self.reward_funcs) + bool(self.reward_model)
+
+
+@dataclass(kw_only=True, slots=True)
 class JobConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -574,11 +659,13 @@ class JobConfig(_Section):
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
     def __post_init__(self) -> None:
         _check_optimizer(self)
         _check_reward(self)  # first: its refusals name reward.enabled, not the DPO settings
         _check_dpo(self)
+        _check_grpo(self)
         # Here, not in OptimConfig: the bound is another section's field. The warmup's last step is the one at
         # optim.lr, so a warmup of more steps than the run has would end below it.
         if self.optim.warmup_steps > self.train.steps:
@@ -641,6 +728,64 @@ def _check_reward(job: JobConfig) -> None:
                     getattr(job.dpo, spec.name))
 
 
+def _check_grpo(job: JobConfig) -> None:
+    """ConfigError for ``[grpo]`` settings without prompts (a forgotten ``data.format``), and for a GRPO run that
+    cannot work: no model to start from, no reward source, weights that do not match the sources, FSDP, or a
+    global batch that does not split into whole groups per rank."""
+    grpo = job.grpo
+    if job.data.format != "prompts":
+        for spec in dataclasses.fields(GrpoConfig):
+            default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+            if getattr(grpo, spec.name) != default:
+                _refuse(f"grpo.{spec.name}", f"is set but data.format is {job.data.format!r}; GRPO trains on "
+                        f"data.format 'prompts'", getattr(grpo, spec.name))
+        return
+    if job.model.init_from is None:
+        _refuse("model.init_from", "must name the model to tune with data.format 'prompts' (GRPO samples from a "
+                "trained model, usually an SFT run's export, which is also its reference)", job.model.init_from)
+    if not grpo.sources:
+        raise ConfigError("grpo.reward_funcs and grpo.reward_model are both empty with data.format 'prompts': GRPO "
+                          "needs at least one reward source (e.g. --grpo.reward_funcs=retnet.train.rewards:"
+                          "exact_match, or --grpo.reward_model=runs/rm/export)")
+    from retnet.train.rewards import resolve
+
+    for spec in grpo.reward_funcs:  # now, not after the data is read and the model loaded
+        resolve(spec)
+    if grpo.reward_model and not (Path(grpo.reward_model).expanduser() / "config.json").is_file():
+        _refuse("grpo.reward_model", "must be a RetNetForSequenceClassification save_pretrained directory with its "
+                "tokenizer (a reward-model run's train.output_dir/export)", grpo.reward_model)
+    if grpo.reward_weights and len(grpo.reward_weights) != grpo.sources:
+        _refuse("grpo.reward_weights", f"must give one weight per reward source ({grpo.sources}: the "
+                f"{len(grpo.reward_funcs)} of grpo.reward_funcs, then grpo.reward_model"
+                f"{' (set)' if grpo.reward_model else ' (unset)'}), or none for 1 each", grpo.reward_weights)
+    if job.train.parallelism == "fsdp":
+        # Sampling stops when every row has its EOS, a different number of forwards on each rank; under FSDP each
+        # forward is a collective every rank must join.
+        _refuse("train.parallelism", "cannot be 'fsdp' with data.format 'prompts' (GRPO samples with the whole "
+                "model on each rank, each rank for its own number of steps); use train.parallelism=ddp",
+                job.train.parallelism)
+    import os
+
+    # torchrun sets WORLD_SIZE before the process starts: the split is known now, before the data is read
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    share, rest = divmod(job.train.global_batch_size, world)
+    if rest or share % grpo.num_generations:
+        _refuse("train.global_batch_size", f"(completions per step) must split into whole groups of "
+                f"grpo.num_generations ({grpo.num_generations}) on each of the {world} rank(s): each rank "
+                f"samples and scores whole groups; make it a multiple of {grpo.num_generations * world}",
+                job.train.global_batch_size)
+
+
+def grpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
+    """The ``[grpo]`` settings that differ between a checkpoint's config (``saved``) and ``current``, as
+    ``"grpo.beta: checkpoint 0.0, now 0.04"``: each decides what is sampled, scored or optimized, so a resume with
+    one changed would not continue the run. A checkpoint of another format has none."""
+    if "grpo" not in saved or current.data.format != "prompts":
+        return []
+    old, now = {**GrpoConfig().to_dict(), **saved["grpo"]}, current.grpo.to_dict()
+    return [f"grpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
+
+
 def reward_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     """The ``[reward]`` settings that differ between a checkpoint's config (``saved``; one from before the
     section trained no reward model) and ``current``, as ``"reward.enabled: checkpoint False, now True"``: a DPO
@@ -688,8 +833,11 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
     was = saved.get("data", {}).get("format", "text")
     changes = [] if was == current.data.format else [f"data.format: checkpoint {was!r}, now {current.data.format!r}"]
     fields = {"chat": ["data.messages_field", "data.assistant_only_loss"],
-              "preference": ["data.max_prompt_length"]}.get(current.data.format, ["data.text_field"])
+              "preference": ["data.max_prompt_length"],
+              "prompts": ["data.max_prompt_length"]}.get(current.data.format, ["data.text_field"])
     keys = ["data.dataset", "data.name", "data.split", *fields, "data.max_documents", "data.seq_len"]
+    if current.data.format == "prompts":  # not read: a sequence is its prompt and what is sampled after it
+        keys.remove("data.seq_len")
     # A stream's validation split is its first val_documents documents; packed data holds out val_fraction of
     # them and shuffles its blocks with train.seed. Each is ignored in the other mode.
     keys += ["data.val_documents"] if streaming else ["data.val_fraction", "train.seed"]
@@ -958,8 +1106,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 
 
 __all__ = [
-    "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "DpoConfig", "JobConfig",
+    "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "DpoConfig", "GrpoConfig", "JobConfig",
     "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RewardConfig", "TrainConfig", "build_config",
-    "data_changes", "dpo_changes", "load_config", "lora_changes", "mixture_shares", "model_changes",
+    "data_changes", "dpo_changes", "grpo_changes", "load_config", "lora_changes", "mixture_shares", "model_changes",
     "optim_changes", "parse_overrides", "preset_names", "reward_changes",
 ]

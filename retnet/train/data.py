@@ -752,6 +752,12 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         return build_preference_data(cfg, seed=seed, micro_batch=micro_batch, global_batch=global_batch, rank=rank,
                                      local_rank=local_rank, world_size=world_size, tokenizer_dir=tokenizer_dir,
                                      barrier=barrier, hub_fingerprint=hub_fingerprint)
+    if cfg.format == "prompts":  # GRPO prompts (retnet.train.grpo), sampled from at each step
+        from retnet.train.grpo import build_grpo_data
+
+        return build_grpo_data(cfg, seed=seed, micro_batch=micro_batch, global_batch=global_batch, rank=rank,
+                               local_rank=local_rank, world_size=world_size, tokenizer_dir=tokenizer_dir,
+                               barrier=barrier, hub_fingerprint=hub_fingerprint)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if local_rank == 0:
         _remove_abandoned_temp_dirs(cache_dir)

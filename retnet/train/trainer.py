@@ -24,7 +24,9 @@ With ``lora.rank > 0`` (``retnet.train.lora``) peft's adapters are injected into
 and only they train: the optimizer holds them alone and, on a pretrained model, checkpoints hold only them.
 Preference pairs (``data.format = "preference"``) train with DPO: ``retnet.train.preference`` holds the reference
 log-probs (computed at the start), the loss per micro-batch and its rewards, which ride the step's all-reduce;
-with ``reward.enabled`` ``retnet.train.reward`` trains a reward model (a classifier) on them instead.
+with ``reward.enabled`` ``retnet.train.reward`` trains a reward model (a classifier) on them instead. Prompts
+(``data.format = "prompts"``) train with GRPO through the same hooks: ``retnet.train.grpo`` samples and scores
+each step's completions when it hands out the micro-batches.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from retnet.train.config import (
     JobConfig,
     data_changes,
     dpo_changes,
+    grpo_changes,
     lora_changes,
     model_changes,
     optim_changes,
@@ -233,7 +236,9 @@ class Trainer:
                     logger.warning("resuming explicitly from step %d: the later checkpoints of the trajectory it "
                                    "leaves are moved aside (delete them when no longer needed): %s", self.step,
                                    ", ".join(p.name for p in abandoned))
-        if getattr(self.data, "preference", False):  # DPO: the reference log-probs of the model as it starts
+        if getattr(self.data, "grpo", False):  # GRPO: the reward sources, the reference policy
+            self.data.start(self)
+        elif getattr(self.data, "preference", False):  # DPO: the reference log-probs of the model as it starts
             self.data.start(cfg.dpo, self.model, self.autocast, self.device, output_dir=self.output_dir,
                             checkpoint=resume_path, progress=self.is_main and cfg.logging.progress, barrier=barrier)
         self.start_step = self.step
@@ -600,6 +605,7 @@ class Trainer:
             (lora_changes, "other LoRA settings", f"Resume with those settings, {elsewhere}"),
             (dpo_changes, "another DPO objective", f"Resume with those settings, {elsewhere}"),
             (reward_changes, "other reward-model settings", f"Resume with those settings, {elsewhere}"),
+            (grpo_changes, "other GRPO settings", f"Resume with those settings, {elsewhere}"),
             (optim_changes, "another optimizer",
              f"Its optimizer state is that optimizer's: resume with it, {elsewhere} (a fine-tune from its export, "
              f"model.init_from, starts a new optimizer)"),

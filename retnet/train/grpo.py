@@ -1,0 +1,550 @@
+"""Group Relative Policy Optimization (``data.format = "prompts"``, ``[grpo]``), online RL from rewards, as TRL's
+GRPOTrainer.
+
+    retnet-train --config small --model.init_from=runs/sft/export --data.format=prompts \\
+        --data.dataset=prompts.jsonl --grpo.reward_funcs=retnet.train.rewards:exact_match \\
+        --grpo.num_generations=8 --train.global_batch_size=64 --train.output_dir=runs/grpo
+
+Rows (:mod:`retnet.train.prompts`): a ``prompt`` column, every other column passed to the reward functions.
+
+One optimizer step: ``train.global_batch_size`` completions, ``global_batch_size / num_generations`` prompts
+drawn as :class:`~retnet.train.data.PackedData` draws blocks (a seeded per-epoch permutation, the position one
+integer), each rank taking whole groups (a contiguous share). Each prompt is sampled ``num_generations`` times
+by the policy as it is (eval mode, no grad) with the model's recurrent cache: the prompts packed into one row
+(``cu_seqlens``), their states repeated per completion, then one token per forward for every row at once, until
+every row has sampled EOS or ``max_completion_length`` tokens. The sampler draws its uniforms from a
+``torch.Generator`` per group seeded from (``train.seed``, the step, the prompt's position in the data stream):
+not the global RNG, and not the rank, so any world size and any resume sample the same completions. A token is
+picked by inverse CDF over the (``top_p``-cut, ``temperature``-scaled) distribution sorted by probability.
+
+The completions are scored by each reward source (:class:`RewardSources`: the ``grpo.reward_funcs`` with TRL's
+contract, see :mod:`retnet.train.rewards`; ``grpo.reward_model`` scoring prompt + completion + EOS as the reward
+trainer scores a pair), summed with ``grpo.reward_weights`` ignoring None (nansum), and each completion's
+advantage is its reward minus its group's mean, divided by the group's std + 1e-4 (``scale_rewards``: the
+batch's std, or none), TRL's formula.
+
+The loss: per completion token ``-min(ρ·A, clip(ρ, 1 ± ε)·A)`` with ``ρ = exp(logp − logp.detach())``. One update
+per generation (TRL's ``num_iterations`` 1): the old policy is the current one, ρ is 1 and the clip inactive;
+the gradient is ``-A ∇logp``. Log-probs are of the logits divided by ``temperature``, as TRL computes them.
+With ``beta`` > 0, ``beta × (exp(ref − logp) − (ref − logp) − 1)`` (TRL's k3 KL estimate) is added per token; the
+reference is the model as the run starts: ``model.init_from``'s weights, loaded once (with LoRA: the same model
+with its adapters disabled, peft's ``disable_adapter``), its log-probs computed when the completions are. The
+tokens are aggregated over the global batch by ``loss_type``: ``dapo`` sum / the batch's completion tokens,
+``grpo`` each sequence's mean then the mean over sequences, ``dr_grpo`` sum / (sequences ×
+``max_completion_length``). A micro-batch's sequences (prompt + completion, EOS included, nothing after it) are
+packed into one row, logits only where a completion token is predicted; its loss is its share of that global
+normalization, scaled by the accumulation count and the world size, which the trainer's division and DDP's
+average undo: the gradient is the global batch's whatever the split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from retnet.tokenization import render_pair
+from retnet.train.chat import template_identity
+from retnet.train.config import ConfigError, DataConfig, GrpoConfig, ModelConfig
+from retnet.train.data import (
+    PackedData,
+    _hub_changed,
+    default_cache_dir,
+    load_hub,
+    load_tokenizer,
+    local_files,
+    split_documents,
+    tokenizer_fingerprint,
+)
+from retnet.train.distributed import is_distributed
+from retnet.train.prompts import PromptEncoder, Prompts, load_prompt_rows
+from retnet.train.rewards import resolve
+
+logger = logging.getLogger(__name__)
+
+VAL_STREAM = 2**32 - 1  # the seed word of the validation samples where a training step's number goes
+EPSILON = 1e-4  # TRL's, added to the std the advantages are divided by
+# The step's sums (every rank's, all-reduced with the loss): then, per reward source, its sum and count.
+SUMS = ("completions", "reward", "reward_std", "length", "clipped", "zero_std", "kl", "tokens")
+
+
+class Totals(NamedTuple):
+    """The global batch's counts a micro-batch's loss is normalized by: completions and completion tokens."""
+
+    sequences: float
+    tokens: float
+
+
+class GrpoBatch(NamedTuple):
+    """A micro-batch of S completions as one packed row. ``input_ids`` ``[1, N]``; ``cu_seqlens`` ``[S + 1]``;
+    ``keep`` ``[M]`` the positions whose next token is a completion token, ``labels`` ``[M]`` that token,
+    ``sequence`` ``[M]`` its completion; ``advantages`` ``[S]``; ``lengths`` ``[S]`` completion tokens;
+    ``reference`` ``[M]`` the reference's log-probs of the labels (empty with ``beta`` 0)."""
+
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    keep: torch.Tensor
+    labels: torch.Tensor
+    sequence: torch.Tensor
+    advantages: torch.Tensor
+    lengths: torch.Tensor
+    reference: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> GrpoBatch:
+        return GrpoBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+
+def pack(prompts: list[np.ndarray], completions: list[np.ndarray], advantages: torch.Tensor) -> GrpoBatch:
+    """The :class:`GrpoBatch` of (prompt, completion) ids with their advantages."""
+    pieces, keep, labels, sequence, bounds = [], [], [], [], [0]
+    for number, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        offset = bounds[-1]
+        pieces += [prompt, completion]
+        # the logits at position t predict token t + 1: the last prompt token predicts the first completion token
+        keep.append(np.arange(offset + len(prompt) - 1, offset + len(prompt) + len(completion) - 1))
+        labels.append(completion)
+        sequence.append(np.full(len(completion), number))
+        bounds.append(offset + len(prompt) + len(completion))
+    as_long = lambda arrays: torch.from_numpy(np.concatenate(arrays).astype(np.int64))
+    return GrpoBatch(as_long(pieces)[None], torch.tensor(bounds, dtype=torch.long), as_long(keep), as_long(labels),
+                     as_long(sequence), advantages.float().cpu(), torch.tensor([len(c) for c in completions]),
+                     torch.zeros(0))
+
+
+def token_logps(model: torch.nn.Module, batch: GrpoBatch, temperature: float = 1.0) -> torch.Tensor:
+    """``[M]`` fp32: each completion token's log-probability under ``model`` (its logits divided by
+    ``temperature``, the distribution it was sampled from, as TRL scores it)."""
+    logits = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, logits_to_keep=batch.keep,
+                   use_cache=False).logits[0].float() / temperature
+    return logits.gather(-1, batch.labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
+              totals: Totals) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the micro-batch's share of the global batch's loss, the sum of its tokens' KL estimates). ``logps``
+    ``[M]`` the policy's, with their graph."""
+    ratio = torch.exp(logps - logps.detach())  # 1: one update per generation, the old policy is this one
+    advantages = batch.advantages[batch.sequence]
+    clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    kl = torch.zeros((), device=logps.device)
+    if cfg.beta > 0:
+        delta = batch.reference - logps
+        per_token_kl = torch.exp(delta) - delta - 1  # k3: unbiased, never negative
+        per_token = per_token + cfg.beta * per_token_kl
+        kl = per_token_kl.detach().sum()
+    if cfg.loss_type == "grpo":
+        sums = torch.zeros(len(batch.lengths), device=logps.device).index_add(0, batch.sequence, per_token)
+        return (sums / batch.lengths).sum() / totals.sequences, kl
+    if cfg.loss_type == "dapo":
+        return per_token.sum() / totals.tokens, kl
+    return per_token.sum() / (totals.sequences * cfg.max_completion_length), kl  # dr_grpo
+
+
+def advantages(rewards: torch.Tensor, generations: int, scale: str,
+               batch_std: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(advantages, the std each was scaled by, whether that std is 0) of ``[n]`` rewards in groups of
+    ``generations`` consecutive ones, TRL's formula; ``batch_std``: the global batch's (``scale`` ``"batch"``)."""
+    grouped = rewards.view(-1, generations)
+    mean = grouped.mean(dim=1).repeat_interleave(generations)
+    if scale == "batch":
+        std = torch.full_like(rewards, batch_std)
+    else:
+        std = grouped.std(dim=1).repeat_interleave(generations)
+    zero = torch.isclose(std, torch.zeros_like(std))
+    out = rewards - mean
+    return (out if scale == "none" else out / (std + EPSILON)), std, zero
+
+
+def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """``[R]`` tokens drawn from ``[R, V]`` logits by inverse CDF at ``uniform`` ``[R]`` in [0, 1)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    if top_p < 1.0:  # the most likely tokens until their mass reaches top_p (at least one)
+        probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)
+    cdf = probs.cumsum(dim=-1)
+    index = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
+    return order.gather(-1, index[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Tensor, *, eos: int,
+           temperature: float = 1.0, top_p: float = 1.0) -> tuple[list[np.ndarray], list[bool]]:
+    """Completions of ``prompts``, ``G = len(uniforms) / len(prompts)`` each (consecutive), and whether each was
+    clipped (no EOS within the length). ``uniforms`` ``[len(prompts) · G, max_len]``: row r's draw of each step.
+    A completion ends with its EOS when it sampled one."""
+    rows, length = uniforms.shape
+    generations = rows // len(prompts)
+    device = uniforms.device
+    bounds = torch.tensor(np.cumsum([0, *map(len, prompts)]), dtype=torch.long, device=device)
+    ids = torch.from_numpy(np.concatenate(prompts)).to(device)[None]
+    out = model(input_ids=ids, cu_seqlens=bounds, use_cache=True, logits_to_keep=bounds[1:] - 1)
+    cache = out.cache
+    cache.batch_repeat_interleave(generations)
+    logits = out.logits[0].repeat_interleave(generations, dim=0)
+    tokens = torch.full((rows, length), eos, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    for step in range(length):
+        token = torch.where(done, eos, _pick(logits, uniforms[:, step], temperature, top_p))
+        tokens[:, step] = token
+        done |= token == eos
+        if step == length - 1 or bool(done.all()):
+            break
+        logits = model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1]
+    completions, clipped = [], []
+    for row in tokens.cpu().numpy():
+        ends = np.flatnonzero(row == eos)
+        completions.append(row[:ends[0] + 1] if len(ends) else row)
+        clipped.append(not len(ends))
+    return completions, clipped
+
+
+def uniforms(words: tuple[int, ...], rows: int, length: int) -> torch.Tensor:
+    """``[rows, length]`` uniforms of the generator seeded from ``words`` (on the CPU: the same on any device)."""
+    seed = int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0])
+    return torch.rand((rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+class RewardSources:
+    """The reward functions and the reward model of ``cfg``: ``names`` (TRL's: a function's ``__name__``, the
+    model directory's name), ``weights``; called on a rollout, ``[n, sources]`` fp32 rewards (NaN for None)."""
+
+    def __init__(self, cfg: GrpoConfig, tokenizer, encoder: PromptEncoder, device: torch.device, autocast):
+        self.tokenizer, self.encoder, self.device, self.autocast = tokenizer, encoder, device, autocast
+        self.funcs = [resolve(spec) for spec in cfg.reward_funcs]
+        self.names = [getattr(f, "__name__", spec.rpartition(":")[2]) for f, spec in zip(self.funcs,
+                                                                                        cfg.reward_funcs)]
+        self.model = None
+        if cfg.reward_model:
+            self.model = self._reward_model(Path(cfg.reward_model).expanduser())
+            self.names.append(Path(cfg.reward_model).expanduser().resolve().name)
+        self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.names), dtype=torch.float32)
+
+    def _reward_model(self, path: Path):
+        from retnet.model import RetNetForSequenceClassification
+
+        where = f"grpo.reward_model {str(path)!r}"
+        theirs = load_tokenizer(path)
+        if tokenizer_fingerprint(theirs) != tokenizer_fingerprint(self.tokenizer) or \
+                template_identity(theirs) != template_identity(self.tokenizer):
+            raise ConfigError(f"{where}: its tokenizer (or chat template) is not the policy's: it would score other "
+                              f"tokens than those sampled; train the reward model from the same base")
+        try:
+            model = RetNetForSequenceClassification.from_pretrained(str(path), dtype=torch.float32,
+                                                                    local_files_only=True)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise ConfigError(f"{where}: cannot be loaded as a RetNetForSequenceClassification: "
+                              f"{type(error).__name__}: {str(error)[:300]}") from None
+        if model.config.num_labels != 1:
+            raise ConfigError(f"{where}: has {model.config.num_labels} labels; a reward model has one")
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def __call__(self, split: Prompts, rows: np.ndarray, completions: list[np.ndarray]) -> torch.Tensor:
+        eos = self.tokenizer.eos_token_id
+        ids = [c[:-1].tolist() if len(c) and c[-1] == eos else c.tolist() for c in completions]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        prompts = [split.prompts[i] for i in rows]
+        given = [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+        columns = {name: [split.columns[i][name] for i in rows] for name in (split.columns[0] if len(split) else {})}
+        out = torch.full((len(rows), len(self.names)), float("nan"))
+        for number, (func, name) in enumerate(zip(self.funcs, self.names)):
+            values = func(prompts=prompts, completions=given, completion_ids=[c.tolist() for c in completions],
+                          **columns)
+            if values is None or len(values) != len(rows):
+                raise RuntimeError(f"grpo.reward_funcs: {name} returned {len(values) if values else values} rewards "
+                                   f"for {len(rows)} completions; it must return one per completion (None to skip)")
+            out[:, number] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+        if self.model is not None:
+            out[:, -1] = self._scores(split, rows, prompts, texts)
+        return out
+
+    @torch.no_grad()
+    def _scores(self, split: Prompts, rows, prompts, texts, chunk: int = 64) -> torch.Tensor:
+        """The reward model's score of prompt + completion + EOS, encoded as the reward trainer encodes a pair."""
+        backend, eos = self.encoder.chat.backend, self.tokenizer.eos_token_id
+        sequences = []
+        for index, prompt, text in zip(rows, prompts, texts):
+            if not isinstance(prompt, str):
+                text = render_pair(prompt, [[{"role": "assistant", "content": text}]], self.encoder.chat.render)[1]
+            sequences.append(np.asarray([*split.tokens[index], *backend.encode(text, add_special_tokens=False).ids,
+                                         eos], dtype=np.int64))
+        scores = []
+        for lo in range(0, len(sequences), chunk):
+            part = sequences[lo:lo + chunk]
+            bounds = torch.tensor(np.cumsum([0, *map(len, part)]), dtype=torch.long, device=self.device)
+            with self.autocast:
+                logits = self.model(input_ids=torch.from_numpy(np.concatenate(part)).to(self.device)[None],
+                                    cu_seqlens=bounds, use_cache=False).logits
+            scores.append(logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+class GrpoData:
+    """The prompts of a GRPO run, its sampler, rewards, loss and metrics, through the trainer's hooks of an
+    objective computed by the data (``preference``): :meth:`start` once the model is built (and a checkpoint
+    loaded), :meth:`micro_batches` (which samples and scores the step's completions), :meth:`loss` per
+    micro-batch, :meth:`step_stats` / :meth:`record_step` around the step's all-reduce, :meth:`window_metrics`
+    per record, :meth:`evaluate`. The position, the sampler's step and the log window are the data state."""
+
+    preference = True  # the trainer's hooks of an objective the data computes (DPO's)
+    grpo = True
+    masked = False
+    model_class = None  # RetNetForCausalLM
+    _permutation = PackedData._permutation
+    block_rows = PackedData.block_rows
+
+    def __init__(self, train: Prompts, val: Prompts, tokenizer, encoder: PromptEncoder, *, seed: int,
+                 micro_batch: int, global_batch: int, rank: int, world_size: int, dataset: str = ""):
+        self.train, self.val, self.tokenizer, self.encoder, self.dataset = train, val, tokenizer, encoder, dataset
+        self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.consumed = 0  # global prompts drawn: the data position
+        self.steps = 0  # steps sampled: the sampler's seed word
+        self._perm_epoch, self._perm = -1, None
+        self.hub_fingerprint: str | None = None
+        self.step_tokens: int | None = None  # the tokens of the last step's global batch (prompts and completions)
+        self.seq_len = max(len(t) for t in [*train.tokens, *val.tokens])  # + max_completion_length at start()
+        self.reference_fingerprint: str | None = None
+        self._window: list[float] | None = None
+        self._step: torch.Tensor | None = None
+        self._totals: Totals | None = None
+
+    def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
+        """None: the policy keeps ``model.init_from``'s settings (TRL's GRPOConfig ``disable_dropout`` is off)."""
+        return {}
+
+    def val_summary(self, record: dict[str, float]) -> str:
+        return f"reward {record['val_reward']:.4f}, reward_std {record['val_reward_std']:.4f}"
+
+    def start(self, trainer) -> None:
+        """The reward sources and the reference policy, from the trainer's model and settings; one log line."""
+        cfg = self.cfg = trainer.cfg.grpo
+        self.device, self.autocast, self.policy, self.peft = trainer.device, trainer.autocast, trainer.raw_model, \
+            trainer.peft_model
+        share, rest = divmod(self.global_batch, self.world_size)
+        if rest or share % cfg.num_generations:  # the config refused it when torchrun set WORLD_SIZE
+            raise ConfigError(f"train.global_batch_size ({self.global_batch}) must split into whole groups of "
+                              f"grpo.num_generations ({cfg.num_generations}) on each of the {self.world_size} ranks")
+        self.sources = RewardSources(cfg, self.tokenizer, self.encoder, self.device, self.autocast)
+        self.seq_len += cfg.max_completion_length
+        self.reference = None
+        what = "none (grpo.beta 0)"
+        if cfg.beta > 0 and self.peft is not None:
+            what = "the policy with its LoRA adapters disabled"
+        elif cfg.beta > 0:
+            self.reference = self._reference(trainer._init_from_dir(), trainer.model_config)
+            what = f"model.init_from's weights, frozen ({trainer.cfg.model.init_from})"
+        if self._window is None:
+            self._window = [0.0] * (len(SUMS) + 2 * len(self.sources.names))
+        weights = ", ".join(f"{n} ×{w:g}" for n, w in zip(self.sources.names, self.sources.weights.tolist()))
+        logger.info("GRPO: %d prompts × %d generations = %d completions a step (%d groups per rank), at most %d "
+                    "tokens each (temperature %g, top_p %g); rewards: %s; advantages scaled by the %s std; loss %s, "
+                    "beta %g, reference: %s", self.global_batch // cfg.num_generations, cfg.num_generations,
+                    self.global_batch, self.global_batch // cfg.num_generations // self.world_size,
+                    cfg.max_completion_length, cfg.temperature, cfg.top_p, weights, cfg.scale_rewards,
+                    cfg.loss_type, cfg.beta, what)
+
+    def _reference(self, init_from: Path, config) -> torch.nn.Module:
+        """``init_from``'s model, frozen; a ConfigError when a resume finds other weights there than its run's."""
+        from retnet.model import RetNetForCausalLM
+        from retnet.train.lora import base_fingerprint
+
+        fingerprint = base_fingerprint(init_from)
+        if self.reference_fingerprint not in (None, fingerprint):
+            raise ConfigError(f"model.init_from {str(init_from)!r}: its weights are not those the checkpoint's run "
+                              f"started from, its KL reference (grpo.beta > 0): restore that model, or start in "
+                              f"another train.output_dir")
+        self.reference_fingerprint = fingerprint
+        model = RetNetForCausalLM.from_pretrained(str(init_from), config=config, dtype=torch.float32,
+                                                  local_files_only=True)
+        return model.to(self.device).eval().requires_grad_(False)
+
+    # -- rollouts ---------------------------------------------------------------------------------------
+    def _rollout(self, split: Prompts, ids: np.ndarray, seeds: list[tuple[int, ...]]):
+        """This rank's groups of prompts ``ids``: sampled, scored, as micro-batches of ``micro_batch`` completions
+        (with the reference's log-probs); their metric sums and the global :class:`Totals` (a collective)."""
+        cfg, generations = self.cfg, self.cfg.num_generations
+        eos = self.tokenizer.eos_token_id
+        completions, clipped = [], []
+        training = self.policy.training
+        self.policy.eval()
+        try:
+            groups = max(1, self.micro_batch // generations)  # sampled together
+            for lo in range(0, len(ids), groups):
+                noise = torch.cat([uniforms(words, generations, cfg.max_completion_length)
+                                   for words in seeds[lo:lo + groups]]).to(self.device)
+                with self.autocast:
+                    done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise, eos=eos,
+                                       temperature=cfg.temperature, top_p=cfg.top_p)
+                completions += done
+                clipped += cut
+        finally:
+            self.policy.train(training)
+        rows = np.repeat(ids, generations)
+        per_source = self.sources(split, rows, completions)
+        rewards = torch.nansum(per_source * self.sources.weights, dim=1)
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
+        prompt_tokens = float(sum(len(split.tokens[i]) for i in rows))
+        totals = torch.tensor([len(rows), lengths.sum(), prompt_tokens, rewards.double().sum(),
+                               (rewards.double() ** 2).sum()], dtype=torch.float64, device=self.device)
+        if is_distributed():
+            torch.distributed.all_reduce(totals)
+        n, tokens, prompt_tokens, total, squares = totals.tolist()
+        batch_std = ((squares - total * total / n) / max(n - 1, 1)) ** 0.5 if n > 1 else 0.0
+        advantage, std, zero = advantages(rewards, generations, cfg.scale_rewards, batch_std)
+        present = ~per_source.isnan()
+        sums = torch.tensor([len(rows), rewards.sum().item(), std.sum().item(), lengths.sum().item(), sum(clipped),
+                             zero.sum().item(), 0.0, lengths.sum().item()])
+        sums = torch.cat([sums, torch.stack([per_source.nan_to_num().sum(0), present.sum(0)], 1).flatten()])
+        batches = []
+        for lo in range(0, len(rows), self.micro_batch):
+            batch = pack([split.tokens[i] for i in rows[lo:lo + self.micro_batch]],
+                         completions[lo:lo + self.micro_batch], advantage[lo:lo + self.micro_batch]).to(self.device)
+            if cfg.beta > 0:
+                batch = batch._replace(reference=self._reference_logps(batch))
+            batches.append(batch)
+        return batches, sums.float().to(self.device), Totals(n, tokens), int(tokens + prompt_tokens)
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: GrpoBatch) -> torch.Tensor:
+        with self.autocast:
+            if self.reference is not None:
+                return token_logps(self.reference, batch, self.cfg.temperature)
+            training = self.policy.training
+            self.policy.eval()  # as the policy samples: the adapters' dropout off, as the reference's is
+            try:
+                with self.peft.disable_adapter():
+                    return token_logps(self.policy, batch, self.cfg.temperature)
+            finally:
+                self.policy.train(training)
+
+    # -- training ---------------------------------------------------------------------------------------
+    def micro_batches(self, accum: int) -> list[GrpoBatch]:
+        """This rank's ``accum`` micro-batches of ``micro_batch`` completions for the next step, sampled now."""
+        prompts = self.global_batch // self.cfg.num_generations
+        ids = self.block_rows(self.consumed, prompts)
+        positions = range(self.consumed, self.consumed + prompts)
+        share = prompts // self.world_size
+        mine = slice(self.rank * share, (self.rank + 1) * share)
+        seeds = [(self.seed, self.steps, position) for position in positions[mine]]
+        self.consumed += prompts
+        self.steps += 1
+        batches, self._step, self._totals, self.step_tokens = self._rollout(self.train, ids[mine], seeds)
+        assert len(batches) == accum, (len(batches), accum)
+        return batches
+
+    def loss(self, model: torch.nn.Module, batch: GrpoBatch) -> torch.Tensor:
+        """The micro-batch's share of the global batch's loss, times the accumulation count and the world size:
+        the trainer divides by the one and DDP averages over the other, so the gradients add up to the global
+        batch's and the logged loss (the ranks' sum over the world size) is its loss."""
+        part, kl = grpo_loss(token_logps(model, batch, self.cfg.temperature), batch, self.cfg, self._totals)
+        self._step[SUMS.index("kl")] += kl
+        return part * (self.global_batch // self.micro_batch)  # accumulation count × world size
+
+    def step_stats(self) -> torch.Tensor:
+        sums, self._step = self._step, None
+        return sums
+
+    def record_step(self, sums: torch.Tensor) -> None:
+        self._window = [a + b for a, b in zip(self._window, sums.tolist(), strict=True)]
+
+    def _means(self, sums: list[float], prefix: str = "") -> dict[str, float]:
+        """TRL's metric names and their means over the completions (``kl`` over the tokens) of ``sums``."""
+        value = dict(zip(SUMS, sums))
+        count = max(value["completions"], 1.0)
+        out = {"reward": value["reward"] / count, "reward_std": value["reward_std"] / count}
+        for number, name in enumerate(self.sources.names):
+            total, present = sums[len(SUMS) + 2 * number:len(SUMS) + 2 * number + 2]
+            if present:  # TRL's nanmean: only the completions the function applies to
+                out[f"rewards/{name}/mean"] = total / present
+        out.update({"completions/mean_length": value["length"] / count,
+                    "completions/clipped_ratio": value["clipped"] / count,
+                    "frac_reward_zero_std": value["zero_std"] / count})
+        if self.cfg.beta > 0:
+            out["kl"] = value["kl"] / max(value["tokens"], 1.0)
+        return {f"{prefix}{name}": v for name, v in out.items()}
+
+    def window_metrics(self) -> dict[str, float]:
+        """The metrics' means over the completions since the last record (TRL's names), and a fresh window."""
+        if not self._window or not self._window[0]:
+            return {}
+        means = self._means(self._window)
+        self._window = [0.0] * len(self._window)
+        return means
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, max_prompts: int) -> dict[str, float]:
+        """``val_loss`` and ``val_<metric>`` over the completions sampled for ``max_prompts`` validation prompts
+        (evenly spaced over the split, rounded down to a multiple of the world size; ``num_generations`` each,
+        seeded by the prompt alone: every evaluation draws the same uniforms)."""
+        total = min(max_prompts, len(self.val))
+        total = max(total - total % self.world_size, self.world_size)
+        chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)
+        mine = chosen[self.rank::self.world_size]
+        batches, sums, totals, _ = self._rollout(self.val, mine, [(self.seed, VAL_STREAM, int(i)) for i in mine])
+        loss = torch.zeros(1, device=self.device)
+        training = self.policy.training
+        self.policy.eval()
+        try:
+            for batch in batches:
+                with self.autocast:
+                    part, kl = grpo_loss(token_logps(self.policy, batch, self.cfg.temperature), batch, self.cfg,
+                                         totals)
+                loss += part.float()
+                sums[SUMS.index("kl")] += kl
+        finally:
+            self.policy.train(training)
+        stats = torch.cat([loss, sums])
+        if is_distributed():
+            torch.distributed.all_reduce(stats)
+        return {"val_loss": stats[0].item(), **self._means(stats[1:].tolist(), "val_")}
+
+    # -- position ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "prompts", "consumed": self.consumed, "steps": self.steps, "window": list(self._window or []),
+                "reference": self.reference_fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "prompts":
+            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a GRPO run")
+        self.consumed, self.steps = int(state["consumed"]), int(state["steps"])
+        self._window = [float(v) for v in state["window"]] or None
+        self.reference_fingerprint = state.get("reference")
+
+
+def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch: int, rank: int, local_rank: int,
+                    world_size: int, tokenizer_dir: Path | None, barrier: Callable[[], None],
+                    hub_fingerprint: str | None = None) -> GrpoData:
+    """:func:`~retnet.train.data.build_data` of ``data.format = "prompts"``: the rows read (local rank 0 first,
+    which writes the ``datasets`` cache the others then read), a held-out ``val_fraction`` of them, encoded in
+    memory with ``tokenizer_dir``'s tokenizer (the run's, ``model.init_from``'s)."""
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    files = local_files(cfg.dataset)
+    loaded, fingerprint = None, None
+    if files is None:
+        loaded, fingerprint = load_hub(cfg, cache_dir, local_rank, barrier)
+        if hub_fingerprint is not None and fingerprint != hub_fingerprint:
+            raise _hub_changed(cfg)
+    if tokenizer_dir is None:  # the config refuses it first (model.init_from is required)
+        raise ConfigError("data.format 'prompts' needs the tokenizer of the model it tunes: set model.init_from")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    rows = None
+    for turn in (0, 1):  # local rank 0 reads first (and fills the datasets cache), then the others
+        if (local_rank == 0) == (turn == 0):
+            rows = load_prompt_rows(cfg, files, cache_dir, loaded)
+        barrier()
+    train, val = split_documents(rows, cfg.val_fraction, dataset=cfg.dataset, max_documents=cfg.max_documents)
+    encoder = PromptEncoder(tokenizer, cfg)
+    data = GrpoData(encoder.split(train), encoder.split(val), tokenizer, encoder, seed=seed, micro_batch=micro_batch,
+                    global_batch=global_batch, rank=rank, world_size=world_size, dataset=cfg.dataset)
+    logger.info("data: %d train, %d validation prompts from %s", len(data.train), len(data.val), cfg.dataset)
+    data.hub_fingerprint = fingerprint
+    return data
+
+
+__all__ = ["EPSILON", "SUMS", "GrpoBatch", "GrpoData", "RewardSources", "Totals", "advantages", "build_grpo_data",
+           "grpo_loss", "pack", "sample", "token_logps", "uniforms"]

@@ -1,0 +1,97 @@
+"""Prompt rows for GRPO (``data.format = "prompts"``): reading, checking and encoding them.
+
+A row's ``prompt`` is a string (*standard*: its tokens are the string's) or a conversation, a list of ``{"role",
+"content"}`` messages (*conversational*: rendered with the tokenizer's chat template and the generation prompt, as
+the DPO path and the server render a prompt: :func:`~retnet.tokenization.render_pair`, which leaves a final
+assistant message open, ``continue_final_message``). Every other column of the row is kept as it is, for the
+reward functions (TRL's rule). A prompt longer than ``data.max_prompt_length`` (when > 0) keeps its last tokens
+(TRL's ``keep_end``: the end is what the completion answers). The rows are held in memory, tokens and columns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retnet.tokenization import render_pair
+from retnet.train.chat import ChatEncoder, conversation_problem, template_messages
+from retnet.train.config import ConfigError, DataConfig
+from retnet.train.data import _hf_dataset, _kind, saved_dataset_dir
+
+FIELD = "prompt"  # TRL's column name
+
+
+def check_prompt(dataset: str, row: int, value: Any) -> str | list[dict[str, Any]]:
+    """A row's prompt as the template reads it, or a ConfigError naming the dataset and the row."""
+    if isinstance(value, str):
+        return value
+    problem = "is an empty list" if value == [] else conversation_problem(value)
+    if problem:
+        raise ConfigError(f"data.format 'prompts': 'prompt' of {dataset!r}, row {row}: {problem}; expected a string "
+                          f"(standard format) or a list of {{'role': str, 'content': str}} messages (conversational)")
+    return template_messages(value)
+
+
+class Prompts:
+    """A split's prompts: ``prompts[i]`` (as checked), ``columns[i]`` (the row's other columns), ``tokens[i]``
+    (int64 ids), ``rows[i]`` (the dataset row)."""
+
+    def __init__(self, prompts: list, columns: list[dict[str, Any]], tokens: list[np.ndarray], rows: list[int]):
+        self.prompts, self.columns, self.tokens, self.rows = prompts, columns, tokens, rows
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def load_prompt_rows(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loaded=None) -> list[tuple]:
+    """(row index, checked prompt, the other columns) of every row (at most ``max_documents``), in row order."""
+    if files is not None and not saved_dataset_dir(files[0]) and _kind(files[0]) in ("text", "csv"):
+        raise ConfigError(f"data.dataset {cfg.dataset!r} is {_kind(files[0])} files; data.format 'prompts' reads the "
+                          f"'prompt' column of JSON/JSONL/Parquet rows, a save_to_disk directory or a hub dataset")
+    dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
+    if FIELD not in dataset.column_names:
+        raise ConfigError(f"data.dataset {cfg.dataset!r} has no {FIELD!r} column (columns: {dataset.column_names}); "
+                          f"data.format 'prompts' reads TRL's 'prompt' (the other columns go to the reward "
+                          f"functions)")
+    if cfg.max_documents:
+        dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
+    others = [name for name in dataset.column_names if name != FIELD]
+    columns = {name: dataset[name] for name in [FIELD, *others]}
+    return [(row, check_prompt(cfg.dataset, row, prompt), {name: columns[name][row] for name in others})
+            for row, prompt in enumerate(columns[FIELD])]
+
+
+class PromptEncoder:
+    """Prompts -> ids with ``tokenizer``, the prompt rendered as the DPO path renders one (see the module)."""
+
+    def __init__(self, tokenizer, cfg: DataConfig):
+        self.chat = ChatEncoder(tokenizer, dataset=cfg.dataset)
+        self.dataset, self.max_prompt_length = cfg.dataset, cfg.max_prompt_length
+
+    def text(self, prompt: str | list[dict[str, Any]]) -> str:
+        return prompt if isinstance(prompt, str) else render_pair(prompt, [], self.chat.render)[0]
+
+    def split(self, rows: list[tuple], batch: int = 256) -> Prompts:
+        tokens = []
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            texts = []
+            for row, prompt, _ in chunk:
+                try:
+                    texts.append(self.text(prompt))
+                except Exception as error:  # jinja's own errors, raise_exception in a template
+                    raise ConfigError(f"data.format 'prompts': the tokenizer's chat template cannot render row {row}"
+                                      f" of {self.dataset!r}: {type(error).__name__}: {error}") from None
+            for (row, _, _), encoding in zip(chunk, self.chat.backend.encode_batch(texts, add_special_tokens=False),
+                                             strict=True):
+                ids = encoding.ids[-self.max_prompt_length:] if self.max_prompt_length else encoding.ids
+                if not ids:
+                    raise ConfigError(f"data.format 'prompts': row {row} of {self.dataset!r}: its prompt encodes to "
+                                      f"no tokens: the first completion token would be sampled from nothing")
+                tokens.append(np.asarray(ids, dtype=np.int64))
+        return Prompts([p for _, p, _ in rows], [c for _, _, c in rows], tokens, [r for r, _, _ in rows])
+
+
+__all__ = ["FIELD", "PromptEncoder", "Prompts", "check_prompt", "load_prompt_rows"]

@@ -1,0 +1,481 @@
+"""GRPO (``data.format = "prompts"``): a run that learns a reward, the loss and advantage formulas by hand, the
+seeded sampler, exact resume, two gloo ranks against one process, LoRA's adapters-disabled reference, the reward
+model source scoring as the reward trainer does, conversational prompts, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retnet.train.__main__ import EXIT_CONFIG, main
+from retnet.train.config import ConfigError, GrpoConfig, build_config, grpo_changes
+from retnet.train.grpo import (
+    SUMS,
+    GrpoBatch,
+    RewardSources,
+    Totals,
+    advantages,
+    grpo_loss,
+    pack,
+    sample,
+    token_logps,
+    uniforms,
+)
+
+from .conftest import metrics
+
+# A reward the micro model learns in a few steps: the share of "a" in the completion's text.
+TOY_REWARDS = '''
+CALLS = []
+
+def a_share(completions, **kwargs):
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [t.count("a") / max(len(t), 1) for t in texts]
+
+def record(prompts, completions, completion_ids, **columns):
+    CALLS.append({"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns})
+    return [None if i % 2 else 1.0 for i in range(len(completions))]
+'''
+PROMPTS = 40
+STEPS = 16
+STRIP = ("time", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """prompts.jsonl (standard, with a ``solution`` column), conv.jsonl (conversational), toy_rewards.py on the
+    path (this process's and the runs'), and base/: a random-init micro RetNet with a BPE trained on the rows."""
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+    from retnet.tokenization import train_byte_level_bpe
+    from retnet.train.data import vocab_bound
+
+    root = tmp_path_factory.mktemp("grpo")
+    rows = [{"prompt": f"Say a word {i}:", "solution": "aaa"} for i in range(PROMPTS)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conv = [{"prompt": [{"role": "user", "content": f"Say a word {i}"}], "solution": "aaa"} for i in range(PROMPTS)]
+    (root / "conv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conv))
+    (root / "toy_rewards.py").write_text(TOY_REWARDS)
+    tokenizer = train_byte_level_bpe([r["prompt"] + " aaa bbb" for r in rows], vocab_size=300)
+    tokenizer.save_pretrained(root / "base")
+    torch.manual_seed(0)
+    config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      chunk_size=16, vocab_size=vocab_bound(tokenizer),
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    RetNetForCausalLM(config).save_pretrained(root / "base")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(root))
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+        yield root
+    sys.modules.pop("toy_rewards", None)
+
+
+def grpo_args(toy: Path, out: Path, **overrides) -> list[str]:
+    """CLI arguments of a GRPO run of the micro base on the toy prompts (``section__key`` overrides): 4 prompts ×
+    4 generations a step, micro 8 × accum 2, a KL term against the frozen init_from model, a constant rate (a
+    shorter run's records are a prefix)."""
+    values = {
+        "model.init_from": toy / "base", "data.format": "prompts", "data.dataset": toy / "prompts.jsonl",
+        "data.val_fraction": 0.1, "data.cache_dir": toy / "cache", "train.output_dir": out,
+        "grpo.reward_funcs": "toy_rewards:a_share", "grpo.num_generations": 4, "grpo.max_completion_length": 8,
+        "grpo.beta": 0.02,
+        "train.steps": STEPS, "train.global_batch_size": 16, "train.micro_batch_size": 8, "train.eval_interval": 8,
+        "train.eval_blocks": 4, "optim.lr": 3e-2, "optim.warmup_steps": 1, "optim.schedule": "constant",
+        "checkpoint.interval": 8, "checkpoint.export": False, "logging.progress": False,
+        "logging.tensorboard": False, "logging.log_interval": 1,
+    }
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return ["--config", "tiny", *[f"--{k}={v}" for k, v in values.items()]]
+
+
+def strip(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in STRIP} for r in records]
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    """The 16-step run (checkpoints at 8 and 16, exported): its output directory."""
+    out = tmp_path_factory.mktemp("grpo-run") / "run"
+    assert main(grpo_args(toy, out, checkpoint__export=True)) == 0
+    return out
+
+
+def base_model(toy: Path):
+    from retnet.model import RetNetForCausalLM
+
+    return RetNetForCausalLM.from_pretrained(toy / "base").eval()
+
+
+def tokenizer_of(toy: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy / "base")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------------------
+def test_a_run_learns_the_reward(trained):
+    """The mean reward rises clearly; the records carry TRL's metric names; the KL to the reference (the frozen
+    init_from model) is 0 at the first step, then grows; validation at 0, 8 and 16; exported."""
+    train, val = metrics(trained), metrics(trained, "val")
+    rewards = [r["reward"] for r in train]
+    assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.15, rewards
+    assert val[-1]["val_reward"] > val[0]["val_reward"] + 0.15, val
+    assert [r["step"] for r in val] == [0, 8, 16]
+    names = {"reward", "reward_std", "rewards/a_share/mean", "completions/mean_length", "completions/clipped_ratio",
+             "frac_reward_zero_std", "kl"}
+    assert names <= set(train[0])
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-7) and train[-1]["kl"] > 1e-4, [r["kl"] for r in train]
+    assert {f"val_{name}" for name in names} | {"val_loss"} <= set(val[0])
+    assert all(r["rewards/a_share/mean"] == pytest.approx(r["reward"]) for r in train)  # one source, weight 1
+    assert all(0 < r["completions/mean_length"] <= 8 and 0 <= r["completions/clipped_ratio"] <= 1 for r in train)
+    assert (trained / "export" / "model.safetensors").is_file()
+
+
+def test_a_resume_retraces_the_run(trained, toy, tmp_path):
+    """From the step-8 checkpoint the records (losses, rewards, validation) are the uninterrupted run's bit for
+    bit: the data position, the sampler's step and the log window are in the checkpoint."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000016")
+    assert main(grpo_args(toy, copy, checkpoint__export=True)) == 0
+    for kind in ("train", "val"):
+        assert strip(metrics(copy, kind)) == strip(metrics(trained, kind))
+
+
+def test_a_resume_with_other_grpo_settings_is_refused(trained, toy, tmp_path, capsys):
+    now = build_config({"data": {"format": "prompts", "dataset": "p.jsonl"}, "model": {"init_from": str(toy / "base")},
+                        "grpo": {"reward_funcs": ["toy_rewards:a_share"], "num_generations": 4, "beta": 0.1},
+                        "train": {"global_batch_size": 16, "micro_batch_size": 8}})
+    saved = json.loads((trained / "config.json").read_text())
+    assert grpo_changes(saved, now) == ["grpo.max_completion_length: checkpoint 8, now 256",
+                                        "grpo.beta: checkpoint 0.02, now 0.1"]
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    capsys.readouterr()
+    assert main(grpo_args(toy, copy, train__steps=20, grpo__temperature=0.7)) == EXIT_CONFIG
+    assert "other GRPO settings: grpo.temperature: checkpoint 1.0, now 0.7" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(trained, toy, tmp_path, run):
+    """DDP, micro 8 × accum 1 × 2 ranks (2 groups each): the same completions (sampled per group, not per rank),
+    rewards, losses and gradient norms (a wrong normalization would scale them) as the one-process run's first
+    steps (micro 8 × accum 2)."""
+    ddp = tmp_path / "ddp"
+    done = run(grpo_args(toy, ddp, train__steps=4, checkpoint__interval=0), nproc=2)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "world 2 × micro 8 × accum 1" in done.stderr and "(2 groups per rank)" in done.stderr
+    one, two = metrics(trained)[:4], metrics(ddp)
+    assert len(two) == 4
+    for key in ("loss", "grad_norm", "reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "kl"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=2e-3, abs=1e-6), key
+    assert metrics(ddp, "val")[0]["val_reward"] == pytest.approx(metrics(trained, "val")[0]["val_reward"], rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it
+def test_lora_with_a_kl_term_uses_the_adapters_disabled_reference(toy, tmp_path):
+    """With LoRA and beta > 0 the reference is the policy with its adapters disabled: equal to the base model's
+    log-probs (a fresh load of model.init_from), not the trained policy's; the KL starts at 0 and grows."""
+    from retnet.train.config import load_config
+    from retnet.train.trainer import Trainer
+
+    out = tmp_path / "lora"
+    args = grpo_args(toy, out, train__steps=3, train__eval_interval=0, checkpoint__interval=0, lora__rank=4,
+                     lora__alpha=8, optim__lr=5e-2, optim__weight_decay=0.0, grpo__beta=0.1)
+    trainer = Trainer(load_config("tiny", args[2:]))
+    try:
+        trainer.train()
+        records = metrics(out)
+        assert records[0]["kl"] == pytest.approx(0.0, abs=1e-7) and records[-1]["kl"] > 1e-6, records
+        data = trainer.data
+        assert data.reference is None
+        batch = pack([data.train.tokens[i] for i in (0, 1)], [np.array([5, 6, 7]), np.array([8, 9])],
+                     torch.zeros(2))
+        with torch.no_grad():
+            reference = data._reference_logps(batch)
+            base = token_logps(base_model(toy), batch)
+            policy = token_logps(trainer.raw_model.eval(), batch)
+        torch.testing.assert_close(reference, base, rtol=1e-5, atol=1e-5)
+        assert (policy - base).abs().max() > 1e-4  # the adapters moved
+        # The trainer's accumulation (each micro-batch's loss / accum) gives the gradient and value of the global
+        # batch's loss, the sum of the micro-batches' shares of it.
+        trainer.raw_model.train()
+        batches = data.micro_batches(trainer.accum)
+        assert len(batches) == trainer.accum == 2
+        params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
+        got = sum((data.loss(trainer.raw_model, b) / trainer.accum) for b in batches)
+        got_grads = torch.autograd.grad(got, params)
+        expected = sum(grpo_loss(token_logps(trainer.raw_model, b), b, data.cfg, data._totals)[0] for b in batches)
+        expected_grads = torch.autograd.grad(expected, params)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-8)
+        for one, two in zip(got_grads, expected_grads):
+            torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-8)
+        assert data._totals.sequences == 16 and data._totals.tokens == sum(b.lengths.sum().item() for b in batches)
+    finally:
+        trainer.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Formulas
+# ----------------------------------------------------------------------------------------------------------
+def test_advantages_are_trls():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0])
+    got, std, zero = advantages(rewards, 4, "group")
+    groups = rewards.view(2, 4)
+    expected = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(got, expected.flatten())
+    assert zero.tolist() == [False] * 4 + [True] * 4 and std[0] == groups[0].std()
+    got, std, _ = advantages(rewards, 4, "batch", rewards.std().item())
+    torch.testing.assert_close(got, ((groups - groups.mean(1, keepdim=True)) / (rewards.std() + 1e-4)).flatten())
+    got, _, _ = advantages(rewards, 4, "none")
+    torch.testing.assert_close(got, (groups - groups.mean(1, keepdim=True)).flatten())
+
+
+def test_token_logps_equal_a_sequence_by_sequence_computation(toy):
+    model = base_model(toy)
+    prompts, completions = [np.array([3, 4, 5]), np.array([6])], [np.array([7, 8]), np.array([9, 10, 11])]
+    batch = pack(prompts, completions, torch.zeros(2))
+    with torch.no_grad():
+        got = token_logps(model, batch, temperature=0.5)
+        expected = []
+        for prompt, completion in zip(prompts, completions):
+            sequence = torch.from_numpy(np.concatenate([prompt, completion]))[None]
+            logps = (model(input_ids=sequence, use_cache=False).logits[0].float() / 0.5).log_softmax(-1)
+            targets = torch.arange(len(prompt), sequence.shape[1])
+            expected.append(logps[targets - 1, sequence[0, targets]])
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.2])
+def test_the_loss_is_the_formula(loss_type, beta):
+    """One micro-batch of 3 completions (lengths 2, 3, 1) of a global batch of 8 completions, 20 tokens: the value
+    and the gradient of each token's log-prob are those of the formulas written out by hand."""
+    advantage = torch.tensor([0.5, -1.0, 2.0])
+    batch = pack([np.array([1]), np.array([2]), np.array([3])], [np.array([4, 5]), np.array([6, 7, 8]),
+                                                                 np.array([9])], advantage)
+    reference = torch.tensor([-1.0, -2.0, -0.5, -1.5, -3.0, -0.1])
+    batch = batch._replace(reference=reference)
+    logps = torch.tensor([-1.2, -1.9, -0.7, -1.5, -2.0, -0.3], requires_grad=True)
+    cfg = GrpoConfig(loss_type=loss_type, beta=beta, max_completion_length=4)
+    loss, kl = grpo_loss(logps, batch, cfg, Totals(sequences=8, tokens=20))
+    loss.backward()
+    per_token_a = torch.tensor([0.5, 0.5, -1.0, -1.0, -1.0, 2.0])
+    delta = reference - logps.detach()
+    per_kl = torch.exp(delta) - delta - 1
+    per_token = -per_token_a + beta * per_kl  # ratio 1
+    d_token = -per_token_a + beta * (1 - torch.exp(delta))  # d/dlogp of -A·exp(logp - sg) and of k3
+    if loss_type == "dapo":
+        weights = torch.full((6,), 1 / 20)
+    elif loss_type == "grpo":
+        weights = torch.tensor([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3, 1.0]) / 8
+    else:
+        weights = torch.full((6,), 1 / (8 * 4))
+    assert loss.item() == pytest.approx((per_token * weights).sum().item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(logps.grad, d_token * weights)
+    assert kl.item() == pytest.approx(per_kl.sum().item() if beta else 0.0, rel=1e-6)
+
+
+def test_the_sampler_is_seeded_and_independent_of_the_batch(toy):
+    """The same uniforms give the same completions; a group sampled alone or beside another group gets the same
+    ones; other seed words other completions. EOS ends a completion; a clipped one has none."""
+    model, eos = base_model(toy), tokenizer_of(toy).eos_token_id
+    prompts = [np.array([5, 6, 7, 8]), np.array([9, 10])]
+    noise = torch.cat([uniforms((1, 2, position), 4, 12) for position in (0, 1)])
+    assert torch.equal(uniforms((1, 2, 0), 4, 12), uniforms((1, 2, 0), 4, 12))
+    both, clipped = sample(model, prompts, noise, eos=eos, temperature=1.5)
+    again, _ = sample(model, prompts, noise, eos=eos, temperature=1.5)
+    alone, _ = sample(model, prompts[1:], noise[4:], eos=eos, temperature=1.5)
+    assert all(np.array_equal(a, b) for a, b in zip(both, again))
+    assert all(np.array_equal(a, b) for a, b in zip(both[4:], alone))
+    other, _ = sample(model, prompts, torch.cat([uniforms((1, 3, p), 4, 12) for p in (0, 1)]), eos=eos,
+                      temperature=1.5)
+    assert any(not np.array_equal(a, b) for a, b in zip(both, other))
+    for completion, cut in zip(both, clipped):
+        assert (eos not in completion) == cut and (cut or completion[-1] == eos) and 1 <= len(completion) <= 12
+    greedy, _ = sample(model, prompts, noise, eos=eos, temperature=1.0, top_p=1e-6)  # top_p ~0: the argmax
+    with torch.no_grad():
+        first = model(input_ids=torch.from_numpy(prompts[0])[None]).logits[0, -1].argmax().item()
+    assert all(g[0] == first for g in greedy[:4])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts and rewards
+# ----------------------------------------------------------------------------------------------------------
+def prompts_data(toy: Path, dataset: str = "prompts.jsonl"):
+    from retnet.train.config import DataConfig
+    from retnet.train.data import build_data
+
+    cfg = DataConfig(dataset=str(toy / dataset), format="prompts", val_fraction=0.1, cache_dir=str(toy / "cache"))
+    return build_data(cfg, vocab_size=300, seed=0, micro_batch=8, global_batch=16, rank=0, local_rank=0,
+                      world_size=1, tokenizer_dir=toy / "base", barrier=lambda: None)
+
+
+def test_conversational_prompts_and_the_reward_contract(toy):
+    """A conversation is rendered with the generation prompt; reward functions get the prompts as the rows hold
+    them, the completions as assistant messages, their ids and every other column; None is left out of the sum."""
+    import toy_rewards
+
+    tokenizer = tokenizer_of(toy)
+    data = prompts_data(toy, "conv.jsonl")
+    prompt = data.train.prompts[0]
+    assert tokenizer.decode(data.train.tokens[0]) == tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                                                   add_generation_prompt=True)
+    cfg = GrpoConfig(reward_funcs=["toy_rewards:record", "toy_rewards:a_share"], reward_weights=[2.0, 1.0])
+    sources = RewardSources(cfg, tokenizer, data.encoder, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    eos = tokenizer.eos_token_id
+    completions = [np.array([*tokenizer.encode("aab"), eos]), np.array(tokenizer.encode("bb"))]
+    toy_rewards.CALLS.clear()
+    got = sources(data.train, np.array([0, 0]), completions)
+    call = toy_rewards.CALLS[0]
+    assert call["prompts"] == [prompt, prompt] and call["solution"] == ["aaa", "aaa"]
+    assert call["completions"] == [[{"role": "assistant", "content": "aab"}], [{"role": "assistant", "content": "bb"}]]
+    assert call["completion_ids"] == [c.tolist() for c in completions]
+    assert got[:, 0].tolist()[0] == 1.0 and got[:, 0].isnan().tolist() == [False, True]
+    assert torch.nansum(got * sources.weights, dim=1).tolist() == pytest.approx([2.0 + 2 / 3, 0.0])
+    assert sources.names == ["record", "a_share"]
+
+
+@pytest.mark.parametrize("dataset", ["prompts.jsonl", "conv.jsonl"])
+def test_the_reward_model_scores_as_the_reward_trainer(toy, tmp_path, dataset):
+    """grpo.reward_model: a completion's score is the classifier's on prompt + completion + EOS encoded as the
+    reward trainer encodes a pair (PairEncoder: render_pair for conversations). Another tokenizer is refused."""
+    from retnet.model import RetNetConfig, RetNetForSequenceClassification
+    from retnet.train.config import DataConfig
+    from retnet.train.preference import PairEncoder, check_pair
+    from retnet.train.preference import pack as pack_pairs
+    from retnet.train.reward import sequence_rewards
+
+    tokenizer = tokenizer_of(toy)
+    config = RetNetConfig.from_pretrained(toy / "base")
+    config.num_labels = 1
+    torch.manual_seed(1)
+    rm = RetNetForSequenceClassification(config).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    data = prompts_data(toy, dataset)
+    sources = RewardSources(GrpoConfig(reward_model=str(tmp_path / "rm")), tokenizer, data.encoder,
+                            torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert sources.names == ["rm"]
+    texts = ["aab", "b a"]
+    completions = [np.array([*tokenizer.encode(t), tokenizer.eos_token_id]) for t in texts]
+    got = sources(data.train, np.array([2, 3]), completions)[:, 0]
+    encoder = PairEncoder(tokenizer, DataConfig(dataset="x", format="preference", seq_len=256))
+    for index, text, score in zip((2, 3), texts, got.tolist()):
+        prompt = data.train.prompts[index]
+        answer = (lambda t: t) if isinstance(prompt, str) else (lambda t: [{"role": "assistant", "content": t}])
+        pair = encoder.encode([(0, check_pair("x", 0, (prompt, answer(text), answer(text + "zz"))))])
+        with torch.no_grad():
+            expected = sequence_rewards(rm, pack_pairs([pair.parts(0)], np.zeros(1)))[0]
+        assert score == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "rm", other)
+    from retnet.tokenization import train_byte_level_bpe
+
+    train_byte_level_bpe(["something else entirely"] * 4, vocab_size=280).save_pretrained(other)
+    with pytest.raises(ConfigError, match=r"its tokenizer .* is not the policy's"):
+        RewardSources(GrpoConfig(reward_model=str(other)), tokenizer, data.encoder, torch.device("cpu"),
+                      torch.autocast("cpu", enabled=False))
+
+
+def test_builtin_rewards():
+    from retnet.train.rewards import exact_match, length_target, matches_pattern
+
+    completions = [" 42 ", [{"role": "assistant", "content": "41"}], "x"]
+    assert exact_match(completions, solution=["42", "42", None]) == [1.0, 0.0, None]
+    assert exact_match(completions) == [None] * 3
+    assert matches_pattern(["<a>1</a>", "<a>1", "z"], pattern=["<a>.*</a>", "<a>.*</a>", None]) == [1.0, 0.0, None]
+    assert length_target(["abcd", "ab", "abcdefghij"], target_length=[4, 4, 4]) == [0.0, -0.5, -1.0]
+
+
+def test_the_metric_sums_have_trls_names():
+    assert SUMS[:6] == ("completions", "reward", "reward_std", "length", "clipped", "zero_std")
+    assert GrpoBatch._fields[-1] == "reference"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refusals
+# ----------------------------------------------------------------------------------------------------------
+GOOD = {"data": {"format": "prompts", "dataset": "p.jsonl"}, "model": {"init_from": "b"},
+        "grpo": {"reward_funcs": ["retnet.train.rewards:exact_match"], "num_generations": 4},
+        "train": {"global_batch_size": 16, "micro_batch_size": 8}}
+
+
+def merged(**sections) -> dict:
+    out = {name: dict(table) for name, table in GOOD.items()}
+    for name, table in sections.items():
+        out.setdefault(name, {}).update(table)
+    return out
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"grpo": {"beta": 0.1}}, r"grpo.beta is set but data.format is 'text'; GRPO trains on data.format 'prompts'"),
+    ({"grpo": {"reward_funcs": ["retnet.train.rewards:exact_match"]}}, r"grpo.reward_funcs is set but data.format"),
+    (merged(model={"init_from": None}), r"model.init_from must name the model to tune with data.format 'prompts'"),
+    (merged(grpo={"reward_funcs": []}), r"grpo.reward_funcs and grpo.reward_model are both empty"),
+    (merged(grpo={"num_generations": 1}), r"grpo.num_generations must be >= 2.*; got 1"),
+    (merged(grpo={"reward_weights": [1.0, 2.0]}), r"grpo.reward_weights must give one weight per reward source \(1"),
+    (merged(grpo={"reward_weights": [float("nan")]}), r"grpo.reward_weights must be finite numbers"),
+    (merged(grpo={"loss_type": "bnpo"}), r"grpo.loss_type must be one of \('dapo', 'grpo', 'dr_grpo'\); got 'bnpo'"),
+    (merged(grpo={"scale_rewards": "rank"}), r"grpo.scale_rewards must be one of \('group', 'batch', 'none'\)"),
+    (merged(grpo={"top_p": 0.0}), r"grpo.top_p must be in \(0, 1\]; got 0.0"),
+    (merged(grpo={"temperature": 0.0}), r"grpo.temperature must be > 0; got 0.0"),
+    (merged(grpo={"max_completion_length": 0}), r"grpo.max_completion_length must be > 0; got 0"),
+    (merged(grpo={"beta": -0.1}), r"grpo.beta must be >= 0; got -0.1"),
+    (merged(grpo={"epsilon": 1.0}), r"grpo.epsilon must be in \[0, 1\); got 1.0"),
+    (merged(grpo={"reward_funcs": ["exact_match"]}), r"grpo.reward_funcs must be 'module:function' import paths"),
+    (merged(grpo={"reward_funcs": ["no_such_module_x:f"]}), r"'no_such_module_x:f': module 'no_such_module_x' cannot"),
+    (merged(grpo={"reward_funcs": ["retnet.train.rewards:nothing"]}), r"'retnet.train.rewards' has no 'nothing'"),
+    (merged(grpo={"reward_model": "/no/such/rm"}), r"grpo.reward_model must be a RetNetForSequenceClassification"),
+    (merged(train={"parallelism": "fsdp"}), r"train.parallelism cannot be 'fsdp' with data.format 'prompts'"),
+    (merged(train={"global_batch_size": 10, "micro_batch_size": 5}),
+     r"train.global_batch_size \(completions per step\) must split into whole groups of grpo.num_generations \(4\)"),
+    (merged(reward={"enabled": True}), r"data.format must be 'preference' with reward.enabled=true"),
+    (merged(dpo={"beta": 0.5}), r"dpo.beta is set but data.format is 'prompts'"),
+    (merged(data={"streaming": True}), r"data.streaming cannot be used with data.format 'prompts'"),
+    (merged(data={"dataset": "stdlib"}), r"data.dataset must hold prompts with data.format 'prompts'"),
+    (merged(data={"dataset": "stdlib", "mixture": {"a": 1, "b": 2}}), r"data.mixture cannot be used with data.format"),
+])
+def test_bad_grpo_configs_are_refused_by_name(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(sections)
+
+
+def test_the_per_rank_share_must_be_whole_groups(monkeypatch):
+    """torchrun's WORLD_SIZE is read at config load: 16 completions on 4 ranks is 4 each, not a group of 8."""
+    build_config(merged(grpo={"num_generations": 8}))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"on each of the 4 rank\(s\).*multiple of 32; got 16"):
+        build_config(merged(grpo={"num_generations": 8}, train={"micro_batch_size": 4}))
+
+
+def test_bad_prompt_data_is_refused_by_the_cli(toy, tmp_path, capsys):
+    rows = [{"prompt": f"p{i}"} for i in range(6)]
+    rows[3]["prompt"] = None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": "a"}) + "\n" for _ in range(4)))
+    for dataset, problem in ((bad, f"'prompt' of {str(bad)!r}, row 3: holds NoneType None"),
+                             (texts, "has no 'prompt' column")):
+        assert main(grpo_args(toy, tmp_path / "out", data__dataset=dataset)) == EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert problem in err and "Traceback" not in err, err
+
+
+def test_reward_weights_from_the_command_line_are_numbers():
+    """--grpo.reward_weights=2,0.5 arrives as strings: read as numbers, one per source (the functions, the model)."""
+    cfg = build_config(merged(grpo={"reward_funcs": ["retnet.train.rewards:exact_match",
+                                                     "retnet.train.rewards:length_target"],
+                                    "reward_weights": ["2", "0.5"]}))
+    assert cfg.grpo.reward_weights == [2.0, 0.5] and cfg.grpo.sources == 2
+    with pytest.raises(ConfigError, match=r"grpo.reward_weights must be finite numbers \(not: 'x'\)"):
+        build_config(merged(grpo={"reward_weights": ["x"]}))
