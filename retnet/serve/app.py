@@ -77,7 +77,13 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
         settings = resolve_model_source(settings)
         classifier = check_model_dir(settings.model)
     else:
-        classifier = is_classifier(getattr(model.config, "architectures", None) or [type(model).__name__])
+        # The class says what the model is: AutoModelForSequenceClassification.from_pretrained(an LM's export)
+        # keeps the LM's `architectures` in its config. The config decides for a wrapper (torch.compile's, ...).
+        kind = type(model).__name__
+        if kind.endswith(("ForSequenceClassification", "ForCausalLM")):
+            classifier = is_classifier([kind])
+        else:
+            classifier = is_classifier(getattr(model.config, "architectures", None) or [kind])
     if classifier:
         check_classifier_settings(settings)
     else:

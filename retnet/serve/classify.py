@@ -20,6 +20,7 @@ import base64
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from retnet.serve.engine import _device, _dtype, _load_config
 from retnet.serve.metrics import ServeMetrics
@@ -43,7 +45,7 @@ from retnet.serve.protocol import (
     _refuse_bool_number,
     random_id,
 )
-from retnet.serve.request_checks import check_content_parts
+from retnet.serve.request_checks import TEMPLATE_CALL_ARGUMENTS, check_content_parts
 from retnet.serve.sequence import EngineUnavailable, QueueFull
 from retnet.serve.serving import OpenAIServing, _size
 from retnet.serve.settings import ServeSettings
@@ -53,6 +55,10 @@ from retnet.tokenization import render_pair
 logger = logging.getLogger("retnet.serve")
 
 POOLING_ROUTES = ("/classify", "/v1/classify", "/pooling")
+# use_activation and vLLM's deprecated names of it (its get_use_activation reads softmax, then activation).
+ACTIVATION_FIELDS = ("use_activation", "softmax", "activation")
+# vLLM's chat-form options (its ClassificationChatRequest): they shape how `messages` are templated.
+CHAT_OPTIONS = ("add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,7 +66,8 @@ POOLING_ROUTES = ("/classify", "/v1/classify", "/pooling")
 # ----------------------------------------------------------------------------------------------------------
 class ClassifyRequest(RequestFields):
     """``/classify``'s body: ``input`` (completions' ``prompt`` union) or ``messages`` (one conversation), not both.
-    Unknown fields (vLLM's ``priority``, ``request_id``, ...) are accepted and ignored, as on every route."""
+    Unknown fields (vLLM's ``priority``, ``request_id``, ...) are accepted and ignored, as on every route; those
+    of vLLM's that change the output are declared, so that they are read or refused by name."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -69,14 +76,33 @@ class ClassifyRequest(RequestFields):
     def _not_a_boolean(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _positive_or_minus_one(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 1:
+            raise PydanticCustomError("invalid_value", "must be >= 1 (the last tokens kept), or -1 (up to "
+                                      "--max-prompt-tokens)")
+        return value
+
     model: str | None = None
     input: PromptType | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     # None: true for `input`, false for `messages` (whose template writes the special tokens), as completions/chat.
     add_special_tokens: bool | None = None
-    truncate_prompt_tokens: int | None = Field(None, ge=1)
-    # None: the route's default (/classify: true, /pooling: false); see ClassifyEngine.activate.
+    # -1: vLLM's "up to the model's length", here --max-prompt-tokens.
+    truncate_prompt_tokens: int | None = None
+    # None: the route's default (/classify: true, /pooling: false); see ClassifyEngine.activate. softmax and
+    # activation: vLLM's deprecated names of it, read as it (_asked_activation).
     use_activation: bool | None = None
+    softmax: bool | None = None
+    activation: bool | None = None
+    # vLLM's chat-form options, with `messages` only: the template's own variables are passed to it; the
+    # others would template something the reward trainer never scored (an opened assistant turn, a request's own
+    # template), so only their defaults are accepted (ClassifyServing._check_chat_options).
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None
     user: str | None = None  # accepted, not read
 
 
@@ -122,9 +148,11 @@ class PoolingResponse(BaseModel):
 # ----------------------------------------------------------------------------------------------------------
 @dataclass(slots=True, eq=False)
 class PoolingInput:
-    """One input waiting to be scored: its token ids, and the future (of ``loop``) its score row is set on."""
+    """One input waiting to be scored: its token ids, its place among its request's inputs, and the future (of
+    ``loop``) its score row is set on."""
 
     ids: list[int]
+    index: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
 
@@ -146,6 +174,8 @@ class ClassifyEngine:
         self.eos_ids: set[int] = set()
         self.cond = threading.Condition()
         self.waiting: deque[PoolingInput] = deque()  # guarded by cond
+        # The batch taken off `waiting` and not yet settled (the model's thread alone): failed too if the thread dies.
+        self.running: list[PoolingInput] = []
         self.requests = 0  # requests being answered (queued or running); guarded by cond
         self.accepting, self.stopping, self.ready = True, False, False
         self.dead: str | None = None
@@ -187,9 +217,10 @@ class ClassifyEngine:
         """Each input's score row, ``[num_labels]`` fp32 on the CPU: the score head's raw output at its last token.
 
         Raises EngineUnavailable or QueueFull before anything is queued; APIError (500) when the forward that ran
-        one of the inputs failed. Cancelled (the client left), the inputs not yet run are skipped."""
+        one of the inputs failed or scored it inf/NaN. Cancelled (the client left), the inputs not yet run are
+        skipped."""
         loop = asyncio.get_running_loop()
-        items = [PoolingInput(ids, loop.create_future(), loop) for ids in inputs]
+        items = [PoolingInput(ids, index, loop.create_future(), loop) for index, ids in enumerate(inputs)]
         with self.cond:
             # Checked under the lock: a request queued after the thread's last look at the queue is never answered.
             if not self.healthy or not self.accepting:
@@ -229,14 +260,21 @@ class ClassifyEngine:
             logger.info("classifier ready on %s (%d labels)", self.device, self.num_labels)
             with torch.inference_mode():
                 while (batch := self._next_batch()) is not None:
+                    self.running = batch
                     if batch:
                         self._forward(batch)
+                    self.running = []
             self._fail_waiting(503, "the server is shutting down", "unavailable")
         except Exception as exc:  # the model did not load (or a bug): /health turns 503, requests are answered
             logger.exception("classifier engine failed")
             self.dead = f"engine failed: {type(exc).__name__}: {exc}"
             self.metrics.engine_ready.set(0)
-            self._fail_waiting(503, self.dead, "engine_failure")
+            # The batch in hand too: its requests wait on it, and nothing else would settle it. Those of its
+            # futures already settled keep their results (_set_results skips them).
+            failure = (503, self.dead, "engine_failure")
+            self._settle(self.running, [failure] * len(self.running))
+            self.running = []
+            self._fail_waiting(*failure)
 
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification
@@ -270,50 +308,62 @@ class ClassifyEngine:
         return batch
 
     def _forward(self, batch: list[PoolingInput]) -> None:
-        """Score ``batch`` packed into one row; a forward that raises fails this batch's requests alone (500)."""
+        """Score ``batch`` packed into one row. A forward that raises, or that does not answer one row of
+        ``num_labels`` scores per input, fails this batch's requests alone (500 ``forward_failed``); an input
+        scored inf or NaN fails its own request alone (500 ``non_finite_score``: JSON cannot carry the value)."""
         lengths = [len(item.ids) for item in batch]
         try:
             ids = torch.tensor([[token for item in batch for token in item.ids]], dtype=torch.long, device=self.device)
             cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.long, device=self.device)
             rows = self.model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False).logits.float().cpu()
+            # Checked here: an input without its row would never be answered, its request waiting forever.
+            if tuple(rows.shape) != (len(batch), self.num_labels):
+                raise RuntimeError(f"it returned scores of shape {tuple(rows.shape)} for {len(batch)} inputs of "
+                                   f"{self.num_labels} labels (expected one row per input)")
+            finite = torch.isfinite(rows).all(dim=-1).tolist()
         except Exception as exc:
             logger.exception("classifier forward failed (%d inputs, %d tokens)", len(batch), sum(lengths))
             message = f"the classifier's forward failed: {type(exc).__name__}: {exc}"
-            self._settle(batch, [None] * len(batch), (500, message, "forward_failed"))
+            self._settle(batch, [(500, message, "forward_failed")] * len(batch))
             return
         self.metrics.pooling_inputs.inc(len(batch))
         self.metrics.pooling_tokens.inc(sum(lengths))
         self.metrics.pooling_batch.observe(len(batch))
-        self._settle(batch, list(rows), None)
+        if not all(finite):
+            logger.warning("the classifier scored %d of %d inputs inf or NaN", finite.count(False), len(batch))
+        self._settle(batch, [row if ok else (500, f"the model produced a non-finite score (inf or NaN) for input "
+                                             f"{item.index} of the request, which JSON cannot carry: a float16 "
+                                             "overflow, say (try --dtype float32), or diverged weights",
+                                             "non_finite_score")
+                             for item, row, ok in zip(batch, rows, finite, strict=True)])
 
     def _fail_waiting(self, status: int, message: str, code: str) -> None:
         with self.cond:
             batch = list(self.waiting)
             self.waiting.clear()
             self.metrics.queue_depth.set(0)
-        self._settle(batch, [None] * len(batch), (status, message, code))
+        self._settle(batch, [(status, message, code)] * len(batch))
 
     @staticmethod
-    def _settle(batch: list[PoolingInput], rows: list, failure: tuple[int, str, str] | None) -> None:
-        """Hand each input its row, or ``failure`` (status, message, code), on its event loop."""
+    def _settle(batch: list[PoolingInput], outcomes: list[torch.Tensor | tuple[int, str, str]]) -> None:
+        """Hand each input its outcome, on its event loop: its score row, or a failure (status, message, code)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for item, row in zip(batch, rows):
-            by_loop.setdefault(item.loop, []).append((item.future, row))
+        for item, outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(item.loop, []).append((item.future, outcome))
         for loop, results in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for these any more
-                loop.call_soon_threadsafe(_set_results, results, failure)
+                loop.call_soon_threadsafe(_set_results, results)
 
 
-def _set_results(results: list[tuple[asyncio.Future, torch.Tensor | None]],
-                 failure: tuple[int, str, str] | None) -> None:
-    for future, row in results:
-        if future.done():  # cancelled: its request is gone
+def _set_results(results: list[tuple[asyncio.Future, torch.Tensor | tuple[int, str, str]]]) -> None:
+    for future, outcome in results:
+        if future.done():  # cancelled (its request is gone), or settled before the engine failed
             continue
-        if failure is None:
-            future.set_result(row)
-        else:  # one error a request: each raises its own
-            status, message, code = failure
+        if isinstance(outcome, tuple):  # one error a request: each raises its own
+            status, message, code = outcome
             future.set_exception(APIError(status, message, None, code, type="server_error"))
+        else:
+            future.set_result(outcome)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,8 +389,9 @@ class ClassifyServing(OpenAIServing):
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         """vLLM's ``/classify``: per input the label of the highest score, and the scores after the activation
         (``use_activation``, default true; false: the raw scores)."""
+        activation = _asked_activation(request)
         rows, usage = await self._score(request)
-        if request.use_activation is not False:
+        if activation is not False:
             rows = self.engine.activate(rows)
         data = [ClassifyData(index=i, label=self.engine.labels[int(row.argmax())], probs=row.tolist(),
                              num_classes=len(row)) for i, row in enumerate(rows)]
@@ -349,8 +400,9 @@ class ClassifyServing(OpenAIServing):
     async def pooling(self, request: PoolingRequest) -> PoolingResponse:
         """vLLM's ``/pooling``: per input the score head's output, raw unless ``use_activation`` is true (the
         default is false here: a reward model's reward is its raw score, as the trainer's loss reads it)."""
+        activation = _asked_activation(request)
         rows, usage = await self._score(request)
-        if request.use_activation:
+        if activation:
             rows = self.engine.activate(rows)
         if request.encoding_format == "base64":  # vLLM's: the float32 values' bytes, little-endian
             values = [base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode() for row in rows.numpy()]
@@ -370,7 +422,9 @@ class ClassifyServing(OpenAIServing):
         truncate = request.truncate_prompt_tokens
         if truncate is not None and truncate > self.settings.max_prompt_tokens:
             raise APIError(400, f"truncate_prompt_tokens must be <= {self.settings.max_prompt_tokens} (the most "
-                           f"tokens this server scores in one input); got {truncate}", "truncate_prompt_tokens")
+                           f"tokens this server scores in one input), or -1; got {truncate}", "truncate_prompt_tokens",
+                           "invalid_value")
+        _check_chat_options(request)
         if request.messages is not None:
             check_content_parts(request)
             size = _size([m.text() for m in request.messages])
@@ -404,6 +458,8 @@ class ClassifyServing(OpenAIServing):
     def _input_ids(self, request: ClassifyRequest) -> list[list[int]]:
         """Each input's token ids, checked (takes the tokenizer's lock)."""
         truncate = request.truncate_prompt_tokens
+        if truncate == -1:  # vLLM's: cut to the model's length (max_model_len), here --max-prompt-tokens
+            truncate = self.settings.max_prompt_tokens
         if request.messages is not None:
             return [self._checked(self._conversation_ids(request), "messages", truncate)]
         value = request.input
@@ -436,10 +492,13 @@ class ClassifyServing(OpenAIServing):
     def _conversation_ids(self, request: ClassifyRequest) -> list[int]:
         """The tokens the reward trainer scores for ``messages`` (see the module's docstring): a conversation that
         ends with an assistant message after others is the pair (its history, that message); any other is rendered
-        whole, no generation prompt. EOS follows, as in training."""
+        whole, no generation prompt. EOS follows, as in training. ``chat_template_kwargs`` reach the template."""
         messages = [template_message(m) for m in request.messages]
+        # _check_chat_options refused their other values: the templating's own arguments are render_pair's.
+        variables = {name: value for name, value in (request.chat_template_kwargs or {}).items()
+                     if name not in ("add_generation_prompt", "continue_final_message")}
         render = functools.partial(self.tokenizer.apply_chat_template, tokenize=False,
-                                   chat_template=self.chat_template)
+                                   chat_template=self.chat_template, **variables)
         try:
             with self.tokenizer_lock:
                 if len(messages) > 1 and messages[-1]["role"] == "assistant":
@@ -455,6 +514,48 @@ class ClassifyServing(OpenAIServing):
                            "messages") from exc
         eos = self.tokenizer.eos_token_id
         return ids if eos is None else [*ids, eos]
+
+
+def _asked_activation(request: ClassifyRequest) -> bool | None:
+    """The request's ``use_activation``, or vLLM's deprecated ``softmax`` / ``activation`` spelling of it (None:
+    the route's default). Given together they must agree: a 400 names the one that does not."""
+    given = [(name, value) for name in ACTIVATION_FIELDS if (value := getattr(request, name)) is not None]
+    for name, value in given[1:]:
+        if value != given[0][1]:
+            first, first_value = given[0]
+            raise APIError(400, f"{name} ({json.dumps(value)}) contradicts {first} ({json.dumps(first_value)}): "
+                           "softmax and activation are vLLM's deprecated names of use_activation; send one",
+                           name, "invalid_value")
+    return given[0][1] if given else None
+
+
+def _check_chat_options(request: ClassifyRequest) -> None:
+    """vLLM's chat-form options: with ``messages`` only; ``chat_template_kwargs`` are the template's variables;
+    ``add_generation_prompt``, ``continue_final_message`` (in ``chat_template_kwargs`` too, where vLLM reads them
+    as well) and ``chat_template`` only at their defaults, as they would score other tokens than the reward
+    trainer did (see the module's docstring) or run a client's Jinja on the server."""
+    if request.messages is None:
+        given = next((name for name in CHAT_OPTIONS if getattr(request, name) is not None), None)
+        if given is not None:
+            raise APIError(400, f"{given} applies to messages (one conversation) only; this request sends input",
+                           given, "invalid_value")
+        return
+    if request.chat_template is not None:
+        raise APIError(400, "chat_template: a template sent with the request is not supported (the server uses "
+                       "the model's, or the one it was started with: --chat-template)", "chat_template",
+                       "unsupported_parameter")
+    variables = request.chat_template_kwargs or {}
+    reserved = sorted(TEMPLATE_CALL_ARGUMENTS & set(variables))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs: {reserved[0]!r} is not a template variable but an argument of "
+                       "the templating", "chat_template_kwargs", "invalid_value")
+    for name in ("add_generation_prompt", "continue_final_message"):
+        value = variables.get(name, getattr(request, name))
+        if value:  # as a template reads it
+            where = name if name not in variables else f"chat_template_kwargs.{name}"
+            raise APIError(400, f"{where}: not supported (only false or null is accepted; got {json.dumps(value)}): "
+                           "a conversation is scored as the reward trainer scored it, up to its last message and "
+                           "EOS", where, "unsupported_parameter")
 
 
 __all__ = ["POOLING_ROUTES", "ClassifyEngine", "ClassifyRequest", "ClassifyResponse", "ClassifyServing",

@@ -440,18 +440,42 @@ GENERATION_ONLY_SETTINGS = (
 
 def check_classifier_settings(settings: ServeSettings) -> None:
     """Refuse, for a classifier ``--model``, each generation-only setting (:data:`GENERATION_ONLY_SETTINGS`) given a
-    value other than its default: the flag and the value are named, rather than the server starting without them."""
+    value other than its default, rather than the server starting without them. The message names where the value
+    came from, as the operator would remove it: the ``RETNET_*`` variable (or vLLM's
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) when that is set and reads as the value, else the flag."""
     for name in GENERATION_ONLY_SETTINGS:
         value = getattr(settings, name)
         if value == ServeSettings.model_fields[name].get_default(call_default_factory=True):
             continue
         flag = "--" + name.replace("_", "-")
+        why = (f"only applies to generation, and --model {settings.model!r} is a classifier (served by /classify "
+               "and /pooling)")
+        if name == "allow_runtime_lora_updating" and vllm_runtime_lora_variable():
+            # vLLM's variable turns it on whatever the flag says: only unsetting it helps.
+            raw = os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]
+            raise StartupError(f"VLLM_ALLOW_RUNTIME_LORA_UPDATING={raw} (it turns on {flag}) {why}: unset "
+                               "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+        variable = _environment_source(settings, name)
+        if variable is not None:
+            raise StartupError(f"{variable[0]}={variable[1][:120]} ({flag}) {why}: unset it")
         shown = json.dumps(value) if isinstance(value, (dict, list, bool)) else str(value)
-        # vLLM's variable turns it on without the flag: the operator must learn where it came from.
-        variable = " (VLLM_ALLOW_RUNTIME_LORA_UPDATING, which turns it on, is set)" \
-            if name == "allow_runtime_lora_updating" and vllm_runtime_lora_variable() else ""
-        raise StartupError(f"{flag} {shown[:120]} only applies to generation, and --model {settings.model!r} is a "
-                           f"classifier (served by /classify and /pooling): leave {flag} out{variable}")
+        raise StartupError(f"{flag} {shown[:120]} {why}: leave {flag} out")
+
+
+def _environment_source(settings: ServeSettings, name: str) -> tuple[str, str] | None:
+    """(variable, its text) of the ``RETNET_*`` variable ``settings.name`` came from, or None when it came from the
+    flag: the variable must be set and, read as pydantic-settings reads the environment, give the same value (a
+    flag wins over it, so a different value is the flag's)."""
+    wanted = f"{settings.model_config.get('env_prefix', '')}{name}".upper()
+    # pydantic-settings matches variable names whatever their case (case_sensitive is off).
+    found = next(((key, raw) for key, raw in os.environ.items() if key.upper() == wanted), None)
+    if found is None:
+        return None
+    try:  # the environment alone, as it was read for these settings (the flags being init arguments over it)
+        from_environment = type(settings)(model=settings.model)
+    except Exception:  # a variable that does not read alone: a flag overrode it
+        return None
+    return found if getattr(from_environment, name) == getattr(settings, name) else None
 
 
 def vllm_runtime_lora_variable() -> bool:

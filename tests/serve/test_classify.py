@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -17,9 +18,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from retnet.model import RetNetConfig, RetNetForSequenceClassification
 from retnet.serve.app import create_app
-from retnet.serve.classify import ClassifyRequest
-from retnet.serve.settings import StartupError
-from tests.serve.conftest import ServerProcess, make_settings
+from retnet.serve.classify import ClassifyEngine, ClassifyRequest
+from retnet.serve.protocol import APIError
+from retnet.serve.settings import ServeSettings, StartupError
+from tests.serve.conftest import ServerProcess, make_settings, serve_app
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 KEY = "sk-classify"
@@ -197,6 +199,16 @@ def test_unknown_fields_are_ignored_as_on_every_route(classifier):
     assert extra[0]["probs"] == pytest.approx(plain[0]["probs"], abs=1e-6)
 
 
+def test_vllms_deprecated_activation_names_are_use_activation(classifier, reward):
+    raw = ok(classifier.post("/classify", json={"input": TEXTS[0], "use_activation": False}))["data"][0]["probs"]
+    for name in ("softmax", "activation"):
+        body = {"input": TEXTS[0], name: False, "use_activation": False if name == "softmax" else None}
+        assert ok(classifier.post("/classify", json=body))["data"][0]["probs"] == pytest.approx(raw, abs=1e-6)
+    activated = ok(reward.post("/pooling", json={"input": TEXTS[0], "use_activation": True}))["data"][0]["data"]
+    pooled = ok(reward.post("/pooling", json={"input": TEXTS[0], "softmax": True}))["data"][0]["data"]
+    assert pooled == pytest.approx(activated, abs=1e-6)
+
+
 def test_messages_score_the_tokens_the_reward_trainer_scored(reward, direct, reward_dir, tokenizer):
     from retnet.train.config import DataConfig
     from retnet.train.preference import PairEncoder
@@ -209,20 +221,24 @@ def test_messages_score_the_tokens_the_reward_trainer_scored(reward, direct, rew
     served = ok(reward.post("/pooling", json={"messages": PROMPT + CHOSEN}))
     assert served["usage"]["prompt_tokens"] == len(trained)
     assert served["data"][0]["data"] == pytest.approx(direct["reward"](trained).tolist(), abs=1e-5)
+    # vLLM's chat options at their defaults change nothing
+    defaults = {"add_generation_prompt": False, "continue_final_message": False, "chat_template_kwargs": {}}
+    assert ok(reward.post("/pooling", json={"messages": PROMPT + CHOSEN, **defaults}))["data"] == served["data"]
     # the very tokens (the served app's own tokenization, without a server)
     app = create_app(make_settings(reward_dir))
     assert app.state.serving._conversation_ids(ClassifyRequest(messages=PROMPT + CHOSEN)) == trained
 
 
-def test_messages_use_the_chat_template_flag(reward_dir):
-    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+def test_messages_use_the_chat_template_flag_and_the_requests_variables(reward_dir):
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ mark | default('') }}\n{% endfor %}"
     serving = create_app(make_settings(reward_dir, chat_template=template)).state.serving
     tokenizer = serving.tokenizer
-    ids = serving._conversation_ids(ClassifyRequest(messages=PROMPT + CHOSEN))
-    head = f"[user] {PROMPT[0]['content']}\n"
-    expected = tokenizer.encode(head, add_special_tokens=False) + \
-        tokenizer.encode(f"[assistant] {CHOSEN[0]['content']}\n", add_special_tokens=False) + [tokenizer.eos_token_id]
-    assert ids == expected
+    for variables, mark in ((None, ""), ({"mark": "!"}, "!")):
+        ids = serving._conversation_ids(ClassifyRequest(messages=PROMPT + CHOSEN, chat_template_kwargs=variables))
+        head = f"[user] {PROMPT[0]['content']}{mark}\n"
+        expected = tokenizer.encode(head, add_special_tokens=False) + tokenizer.encode(
+            f"[assistant] {CHOSEN[0]['content']}{mark}\n", add_special_tokens=False) + [tokenizer.eos_token_id]
+        assert ids == expected
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +258,23 @@ def test_messages_use_the_chat_template_flag(reward_dir):
     ("/classify", {"input": "a", "messages": PROMPT}, 400, "messages", None),
     ("/classify", {}, 400, "input", "missing"),
     ("/classify", {"input": "a", "truncate_prompt_tokens": True}, 400, "truncate_prompt_tokens", None),
-    ("/classify", {"input": "a", "truncate_prompt_tokens": MAX_TOKENS + 1}, 400, "truncate_prompt_tokens", None),
+    ("/classify", {"input": "a", "truncate_prompt_tokens": MAX_TOKENS + 1}, 400, "truncate_prompt_tokens",
+     "invalid_value"),
+    ("/classify", {"input": "a", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens", "invalid_value"),
+    ("/classify", {"input": "a", "softmax": True, "use_activation": False}, 400, "softmax", "invalid_value"),
+    ("/pooling", {"input": "a", "activation": False, "softmax": True}, 400, "activation", "invalid_value"),
+    ("/classify", {"input": "a", "add_generation_prompt": False}, 400, "add_generation_prompt", "invalid_value"),
+    ("/classify", {"input": "a", "chat_template_kwargs": {}}, 400, "chat_template_kwargs", "invalid_value"),
+    ("/pooling", {"messages": PROMPT, "add_generation_prompt": True}, 400, "add_generation_prompt",
+     "unsupported_parameter"),
+    ("/pooling", {"messages": PROMPT, "continue_final_message": True}, 400, "continue_final_message",
+     "unsupported_parameter"),
+    ("/pooling", {"messages": PROMPT, "chat_template_kwargs": {"add_generation_prompt": True}}, 400,
+     "chat_template_kwargs.add_generation_prompt", "unsupported_parameter"),
+    ("/pooling", {"messages": PROMPT, "chat_template_kwargs": {"tokenize": True}}, 400, "chat_template_kwargs",
+     "invalid_value"),
+    ("/pooling", {"messages": PROMPT, "chat_template": "{{ messages }}"}, 400, "chat_template",
+     "unsupported_parameter"),
     ("/pooling", {"input": "a", "encoding_format": "bytes"}, 400, "encoding_format", None),
     ("/classify", {"messages": []}, 400, "messages", None),
     ("/classify", {"input": "a", "model": "other"}, 404, "model", "model_not_found"),
@@ -259,10 +291,12 @@ def test_a_bad_request_is_refused_and_the_next_one_served(classifier, path, body
 
 def test_truncation_keeps_the_last_tokens(classifier):
     long = list(range(10, 10 + MAX_TOKENS + 20))
-    cut = ok(classifier.post("/pooling", json={"input": long, "truncate_prompt_tokens": 9}))
-    last = ok(classifier.post("/pooling", json={"input": long[-9:]}))
-    assert cut["usage"]["prompt_tokens"] == 9 and cut["data"][0]["data"] == pytest.approx(last["data"][0]["data"],
-                                                                                        abs=1e-5)
+    # -1: vLLM's "up to the model's length", here --max-prompt-tokens
+    for truncate, kept in ((9, 9), (-1, MAX_TOKENS)):
+        cut = ok(classifier.post("/pooling", json={"input": long, "truncate_prompt_tokens": truncate}))
+        last = ok(classifier.post("/pooling", json={"input": long[-kept:]}))
+        assert cut["usage"]["prompt_tokens"] == kept
+        assert cut["data"][0]["data"] == pytest.approx(last["data"][0]["data"], abs=1e-5)
 
 
 def test_the_pooling_routes_are_keyed(servers):
@@ -310,6 +344,86 @@ async def test_a_forward_that_fails_fails_its_batch_alone(reward_dir):
             assert ok(await client.post("/pooling", json={"input": list(range(5, 17))}))["data"]
 
 
+MARK = 7  # an input starting with this token is scored inf by the models below
+
+
+def overflowing(model):
+    """``model``, whose forward scores inf each packed input that starts with MARK (a float16 overflow)."""
+    forward = model.forward
+
+    def scored(input_ids=None, cu_seqlens=None, **kwargs):
+        output = forward(input_ids=input_ids, cu_seqlens=cu_seqlens, **kwargs)
+        output.logits[input_ids[0, cu_seqlens[:-1]] == MARK] = float("inf")
+        return output
+
+    model.forward = scored
+    return model
+
+
+async def test_a_non_finite_score_fails_its_own_request_alone(reward_dir, direct):
+    model = overflowing(AutoModelForSequenceClassification.from_pretrained(reward_dir).eval())
+    app = create_app(make_settings(reward_dir), model=model)
+    engine: ClassifyEngine = app.state.engine
+    # Three requests in one forward, run by hand (the thread not started): only those holding an inf row fail.
+    engine.ready = True
+    requests = [asyncio.ensure_future(engine.score(inputs)) for inputs in
+                ([[MARK, 5, 6]], [[8, 9, 10], [MARK, 11]], [[12, 13, 14]])]
+    await asyncio.sleep(0)
+    batch = engine._next_batch()
+    assert len(batch) == 4
+    with torch.inference_mode():
+        engine._forward(batch)
+    outcomes = await asyncio.gather(*requests, return_exceptions=True)
+    for failed, index in zip(outcomes[:2], (0, 1), strict=True):
+        assert isinstance(failed, APIError) and failed.status == 500 and failed.code == "non_finite_score"
+        assert f"input {index} " in failed.message and "--dtype float32" in failed.message
+    assert outcomes[2][0].tolist() == pytest.approx(direct["reward"]([12, 13, 14]).tolist(), abs=1e-5)
+    engine.ready = False
+    # Through the routes: a JSON error, not the serializer's unhandled 500 (with base64 too, which could carry it).
+    async with app.router.lifespan_context(app):
+        assert await asyncio.to_thread(engine.wait_ready, 60)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            for path, body in (("/classify", {}), ("/pooling", {}), ("/pooling", {"encoding_format": "base64"})):
+                response = await client.post(path, json={"input": [MARK, 5, 6], **body})
+                assert "non-finite" in refused(response, 500, None, "non_finite_score")
+            assert ok(await client.post("/pooling", json={"input": [12, 13, 14]}))["data"]
+
+
+async def test_a_forward_missing_rows_or_an_engine_that_dies_settles_every_request(reward_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    forward = model.forward
+
+    def short(input_ids=None, **kwargs):  # a head that ignores cu_seqlens: one row for the packed inputs
+        output = forward(input_ids=input_ids, **kwargs)
+        output.logits = output.logits[:1]
+        return output
+
+    model.forward = short
+    app = create_app(make_settings(reward_dir), model=model)
+    engine: ClassifyEngine = app.state.engine
+    async with app.router.lifespan_context(app):
+        assert await asyncio.to_thread(engine.wait_ready, 60)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            response = await asyncio.wait_for(client.post("/pooling", json={"input": [[5, 6], [7, 8]]}), 30)
+            assert "one row per input" in refused(response, 500, None, "forward_failed")
+
+            def dies(batch):  # a bug outside the forward's own handling, with the batch in hand
+                raise RuntimeError("bug (simulated)")
+
+            engine._forward = dies
+            response = await asyncio.wait_for(client.post("/pooling", json={"input": [5, 6]}), 30)
+            assert "bug (simulated)" in refused(response, 503, None, "engine_failure")
+
+
+async def test_a_classifier_made_from_a_language_models_export_is_served_as_one(model_dir):
+    # from_pretrained keeps the LM's architectures in the config: the model's class decides.
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval()
+    assert model.config.architectures == ["RetNetForCausalLM"]
+    async with serve_app(model_dir, model=model) as client:
+        assert len(ok(await client.post("/pooling", json={"input": [5, 6, 7]}))["data"][0]["data"]) == 1
+        refused(await client.post("/v1/completions", json={"prompt": "a"}), 400, None, "model_not_generative")
+
+
 async def test_a_language_model_server_refuses_the_pooling_routes(open_app):
     async with open_app() as client:
         for path in ("/classify", "/v1/classify", "/pooling"):
@@ -340,9 +454,18 @@ def test_generation_only_flags_are_refused_for_a_classifier(classifier_dir, mode
     create_app(make_settings(classifier_dir, chat_template="{{ messages[0].content }}"))
 
 
-def test_the_vllm_runtime_lora_variable_is_named(classifier_dir, monkeypatch):
+def test_a_refused_setting_names_the_variable_it_came_from(classifier_dir, monkeypatch):
+    monkeypatch.setenv("RETNET_MAX_RUNNING", "8")
+    with pytest.raises(StartupError, match=r"^RETNET_MAX_RUNNING=8 \(--max-running\) only applies to generation.*"
+                       r"classifier .*: unset it$"):
+        create_app(ServeSettings(model=str(classifier_dir)))
+    # a flag wins over the variable: the flag is named
+    with pytest.raises(StartupError, match=r"^--max-running 16 .*leave --max-running out$"):
+        create_app(ServeSettings(model=str(classifier_dir), max_running=16))
+    monkeypatch.delenv("RETNET_MAX_RUNNING")
     monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
-    with pytest.raises(StartupError, match=r"^--allow-runtime-lora-updating true .*VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+    with pytest.raises(StartupError, match=r"^VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 \(it turns on "
+                       r"--allow-runtime-lora-updating\) .*: unset VLLM_ALLOW_RUNTIME_LORA_UPDATING$"):
         create_app(make_settings(classifier_dir))
 
 
