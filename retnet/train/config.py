@@ -587,8 +587,9 @@ class RewardConfig(_Section):
 class GrpoConfig(_Section):
     """Group Relative Policy Optimization (``data.format = "prompts"``, ``retnet.train.grpo``), as TRL's
     GRPOTrainer, with TRL's names and defaults: each prompt is sampled ``num_generations`` times (``temperature``,
-    ``top_p``, at most ``max_completion_length`` tokens, EOS ends one), the completions are scored by
-    ``reward_funcs`` (``"module:function"`` import paths, TRL's callable contract) and/or ``reward_model`` (a
+    ``top_p``, at most ``max_completion_length`` tokens, EOS or the model's ``generation_config.eos_token_id``
+    ends one), the completions are scored by ``reward_funcs`` (``"module:function"`` import paths, TRL's callable
+    contract; their ``__name__``s, which name their metrics, distinct) and/or ``reward_model`` (a
     ``RetNetForSequenceClassification`` export with the policy's tokenizer), summed with ``reward_weights``
     (empty: all 1; one per source, the functions then the model), and each completion's advantage is its reward
     minus its group's mean, divided by the group's std (``scale_rewards`` ``"group"``), the batch's
@@ -747,10 +748,10 @@ def _check_grpo(job: JobConfig) -> None:
         raise ConfigError("grpo.reward_funcs and grpo.reward_model are both empty with data.format 'prompts': GRPO "
                           "needs at least one reward source (e.g. --grpo.reward_funcs=retnet.train.rewards:"
                           "exact_match, or --grpo.reward_model=runs/rm/export)")
-    from retnet.train.rewards import resolve
+    from retnet.train.rewards import resolve, source_names
 
-    for spec in grpo.reward_funcs:  # now, not after the data is read and the model loaded
-        resolve(spec)
+    # now, not after the data is read and the model loaded; two sources of one name would share their metrics
+    source_names(grpo.reward_funcs, [resolve(spec) for spec in grpo.reward_funcs], grpo.reward_model)
     if grpo.reward_model and not (Path(grpo.reward_model).expanduser() / "config.json").is_file():
         _refuse("grpo.reward_model", "must be a RetNetForSequenceClassification save_pretrained directory with its "
                 "tokenizer (a reward-model run's train.output_dir/export)", grpo.reward_model)
@@ -779,10 +780,14 @@ def _check_grpo(job: JobConfig) -> None:
 def grpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     """The ``[grpo]`` settings that differ between a checkpoint's config (``saved``) and ``current``, as
     ``"grpo.beta: checkpoint 0.0, now 0.04"``: each decides what is sampled, scored or optimized, so a resume with
-    one changed would not continue the run. A checkpoint of another format has none."""
+    one changed would not continue the run. A checkpoint of another format has none. ``reward_weights`` are
+    compared as used: ``[]`` is 1 for each source, the same as those ones spelled out."""
     if "grpo" not in saved or current.data.format != "prompts":
         return []
     old, now = {**GrpoConfig().to_dict(), **saved["grpo"]}, current.grpo.to_dict()
+    for table in (old, now):
+        sources = len(table["reward_funcs"]) + bool(table["reward_model"])
+        table["reward_weights"] = [float(w) for w in table["reward_weights"]] or [1.0] * sources
     return [f"grpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
 
 

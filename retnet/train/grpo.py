@@ -10,12 +10,15 @@ Rows (:mod:`retnet.train.prompts`): a ``prompt`` column, every other column pass
 One optimizer step: ``train.global_batch_size`` completions, ``global_batch_size / num_generations`` prompts
 drawn as :class:`~retnet.train.data.PackedData` draws blocks (a seeded per-epoch permutation, the position one
 integer), each rank taking whole groups (a contiguous share). Each prompt is sampled ``num_generations`` times
-by the policy as it is (eval mode, no grad) with the model's recurrent cache: the prompts packed into one row
-(``cu_seqlens``), their states repeated per completion, then one token per forward for every row at once, until
-every row has sampled EOS or ``max_completion_length`` tokens. The sampler draws its uniforms from a
-``torch.Generator`` per group seeded from (``train.seed``, the step, the prompt's position in the data stream):
-not the global RNG, and not the rank, so any world size and any resume sample the same completions. A token is
-picked by inverse CDF over the (``top_p``-cut, ``temperature``-scaled) distribution sorted by probability.
+by the policy as it is (eval mode, no grad) with the model's recurrent cache, ``micro_batch // num_generations``
+groups at a time: their prompts packed into one row (``cu_seqlens``), the states repeated per completion, then
+one token per forward for every row at once, until every row has sampled a stop token (the tokenizer's EOS and
+the model's ``generation_config.eos_token_id``, :func:`stop_tokens`) or ``max_completion_length`` tokens. The
+sampler draws its uniforms from a ``torch.Generator`` per group seeded from (``train.seed``, the step, the
+prompt's position in the data stream): not the global RNG, and not the rank, so any world size, batch split and
+resume draw the same uniforms (bit-identical completions on CPU; on a GPU, kernels may round differently by batch
+shape). A token is picked by inverse CDF over the (``top_p``-cut, ``temperature``-scaled) distribution sorted by
+probability.
 
 The completions are scored by each reward source (:class:`RewardSources`: the ``grpo.reward_funcs`` with TRL's
 contract, see :mod:`retnet.train.rewards`; ``grpo.reward_model`` scoring prompt + completion + EOS as the reward
@@ -31,7 +34,7 @@ reference is the model as the run starts: ``model.init_from``'s weights, loaded 
 with its adapters disabled, peft's ``disable_adapter``), its log-probs computed when the completions are. The
 tokens are aggregated over the global batch by ``loss_type``: ``dapo`` sum / the batch's completion tokens,
 ``grpo`` each sequence's mean then the mean over sequences, ``dr_grpo`` sum / (sequences ×
-``max_completion_length``). A micro-batch's sequences (prompt + completion, EOS included, nothing after it) are
+``max_completion_length``). A micro-batch's sequences (prompt + completion, stop token included, nothing after it) are
 packed into one row, logits only where a completion token is predicted; its loss is its share of that global
 normalization, scaled by the accumulation count and the world size, which the trainer's division and DDP's
 average undo: the gradient is the global batch's whatever the split.
@@ -39,7 +42,9 @@ average undo: the gradient is the global batch's whatever the split.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -62,7 +67,7 @@ from retnet.train.data import (
 )
 from retnet.train.distributed import is_distributed
 from retnet.train.prompts import PromptEncoder, Prompts, load_prompt_rows
-from retnet.train.rewards import resolve
+from retnet.train.rewards import resolve, source_names
 
 logger = logging.getLogger(__name__)
 
@@ -148,16 +153,31 @@ def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
 def advantages(rewards: torch.Tensor, generations: int, scale: str,
                batch_std: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(advantages, the std each was scaled by, whether that std is 0) of ``[n]`` rewards in groups of
-    ``generations`` consecutive ones, TRL's formula; ``batch_std``: the global batch's (``scale`` ``"batch"``)."""
-    grouped = rewards.view(-1, generations)
+    ``generations`` consecutive ones, TRL's formula; ``batch_std``: the global batch's (``scale`` ``"batch"``,
+    :func:`batch_std`). Computed in float64, returned in float32: a float32 mean of equal rewards can round off
+    them, and that rounding divided by a zero std + 1e-4 would be an advantage where there is no signal; in
+    float64 the mean of equal float32 rewards is exactly their value."""
+    grouped = rewards.double().view(-1, generations)
     mean = grouped.mean(dim=1).repeat_interleave(generations)
     if scale == "batch":
-        std = torch.full_like(rewards, batch_std)
+        std = torch.full_like(mean, batch_std)
     else:
-        std = grouped.std(dim=1).repeat_interleave(generations)
+        std = grouped.std(dim=1).repeat_interleave(generations)  # torch's std is never below 0
     zero = torch.isclose(std, torch.zeros_like(std))
-    out = rewards - mean
-    return (out if scale == "none" else out / (std + EPSILON)), std, zero
+    out = rewards.double() - mean
+    return (out if scale == "none" else out / (std + EPSILON)).float(), std.float(), zero
+
+
+def batch_std(rewards: torch.Tensor, count: float, total: float, device: torch.device) -> float:
+    """The unbiased std of the global batch's rewards (``scale_rewards`` ``"batch"``): ``rewards`` ``[n]`` this
+    rank's, ``count`` and ``total`` the global batch's number and sum. Two passes: the squared deviations from the
+    global mean are summed (an all-reduce under torchrun). The one-pass ``(Σx² − (Σx)²/n) / (n − 1)`` rounds below
+    0 for equal rewards, and a negative variance's ``** 0.5`` is a complex number; here equal rewards give 0."""
+    mean = total / count
+    squares = ((rewards.double() - mean) ** 2).sum().reshape(1).to(device)
+    if is_distributed():
+        torch.distributed.all_reduce(squares)
+    return (squares.item() / max(count - 1, 1)) ** 0.5
 
 
 def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -171,33 +191,44 @@ def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p
     return order.gather(-1, index[:, None]).squeeze(-1)
 
 
+def stop_tokens(tokenizer, generation_config=None) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS, then the model's ``generation_config.eos_token_id``
+    (an int or a list, as ``generate`` stops on them), e.g. the ``<|im_end|>`` a chat model ends its turns with."""
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *([] if extra is None else np.atleast_1d(extra).tolist())]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 @torch.no_grad()
-def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Tensor, *, eos: int,
+def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Tensor, *, eos: int | list[int],
            temperature: float = 1.0, top_p: float = 1.0) -> tuple[list[np.ndarray], list[bool]]:
     """Completions of ``prompts``, ``G = len(uniforms) / len(prompts)`` each (consecutive), and whether each was
-    clipped (no EOS within the length). ``uniforms`` ``[len(prompts) · G, max_len]``: row r's draw of each step.
-    A completion ends with its EOS when it sampled one."""
+    clipped (no stop token within the length). ``uniforms`` ``[len(prompts) · G, max_len]``: row r's draw of each
+    step. ``eos``: the stop id or ids (:func:`stop_tokens`). A completion ends with the stop token it sampled."""
     rows, length = uniforms.shape
     generations = rows // len(prompts)
     device = uniforms.device
+    stop_ids = np.atleast_1d(np.asarray(eos, dtype=np.int64))
+    stops = torch.from_numpy(stop_ids).to(device)
+    filler = int(stop_ids[0])  # what a finished row is fed: any stop id, its outputs are not read
     bounds = torch.tensor(np.cumsum([0, *map(len, prompts)]), dtype=torch.long, device=device)
     ids = torch.from_numpy(np.concatenate(prompts)).to(device)[None]
     out = model(input_ids=ids, cu_seqlens=bounds, use_cache=True, logits_to_keep=bounds[1:] - 1)
     cache = out.cache
     cache.batch_repeat_interleave(generations)
     logits = out.logits[0].repeat_interleave(generations, dim=0)
-    tokens = torch.full((rows, length), eos, dtype=torch.long, device=device)
+    tokens = torch.full((rows, length), filler, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     for step in range(length):
-        token = torch.where(done, eos, _pick(logits, uniforms[:, step], temperature, top_p))
+        token = torch.where(done, filler, _pick(logits, uniforms[:, step], temperature, top_p))
         tokens[:, step] = token
-        done |= token == eos
+        done |= torch.isin(token, stops)
         if step == length - 1 or bool(done.all()):
             break
         logits = model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1]
     completions, clipped = [], []
     for row in tokens.cpu().numpy():
-        ends = np.flatnonzero(row == eos)
+        ends = np.flatnonzero(np.isin(row, stop_ids))
         completions.append(row[:ends[0] + 1] if len(ends) else row)
         clipped.append(not len(ends))
     return completions, clipped
@@ -209,19 +240,58 @@ def uniforms(words: tuple[int, ...], rows: int, length: int) -> torch.Tensor:
     return torch.rand((rows, length), generator=torch.Generator().manual_seed(seed))
 
 
+def reward_arguments(split: Prompts, rows: np.ndarray, texts: list[str]) -> tuple[list, list, dict[str, list]]:
+    """(prompts, completions, columns) for one reward function call, one entry per completion, as TRL builds
+    them: each its own deep copy of the stored row (a function may change what it gets, as TRL's own code does
+    with ``prompt.pop()``; the rows read stay as they are for the next call and step). A conversational prompt
+    ending with an assistant message (a prefill) loses it, and its content starts the completion, TRL's
+    ``bootstrap``: ``[{"role": "assistant", "content": prefill + text}]``."""
+    prompts, completions = [], []
+    for index, text in zip(rows, texts, strict=True):
+        prompt = copy.deepcopy(split.prompts[index])
+        if isinstance(prompt, str):
+            completions.append(text)
+        else:
+            bootstrap = prompt.pop()["content"] if prompt[-1]["role"] == "assistant" else ""
+            completions.append([{"role": "assistant", "content": bootstrap + text}])
+        prompts.append(prompt)
+    names = split.columns[rows[0]] if len(rows) else {}
+    columns = {name: [copy.deepcopy(split.columns[i][name]) for i in rows] for name in names}
+    return prompts, completions, columns
+
+
+def reward_values(name: str, values: Any, count: int) -> torch.Tensor:
+    """``[count]`` fp32 rewards (NaN for None) of what the reward function ``name`` returned: a list, a tuple, a
+    numpy array or a tensor of one number or None per completion; a RuntimeError naming the function otherwise."""
+    where = f"grpo.reward_funcs: {name} returned"
+    expected = f"for {count} completions; it must return one number per completion (None to skip one)"
+    try:
+        values = list(values)
+    except TypeError:  # None, a number, a 0-d array or tensor
+        raise RuntimeError(f"{where} {type(values).__name__} {values!r:.80} {expected}") from None
+    if len(values) != count:
+        raise RuntimeError(f"{where} {len(values)} rewards {expected}")
+    try:
+        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:  # a string, a list, a tensor of several numbers
+        raise RuntimeError(f"{where} a reward that is not a number ({type(error).__name__}: {error}) "
+                           f"{expected}") from None
+
+
 class RewardSources:
     """The reward functions and the reward model of ``cfg``: ``names`` (TRL's: a function's ``__name__``, the
-    model directory's name), ``weights``; called on a rollout, ``[n, sources]`` fp32 rewards (NaN for None)."""
+    model directory's name), ``weights``; called on a rollout, ``[n, sources]`` fp32 rewards (NaN for None).
+    ``stops``: the ids that end a completion (:func:`stop_tokens`), left out of the texts scored."""
 
-    def __init__(self, cfg: GrpoConfig, tokenizer, encoder: PromptEncoder, device: torch.device, autocast):
+    def __init__(self, cfg: GrpoConfig, tokenizer, encoder: PromptEncoder, device: torch.device, autocast,
+                 stops: list[int] | None = None):
         self.tokenizer, self.encoder, self.device, self.autocast = tokenizer, encoder, device, autocast
+        self.stops = stops or [tokenizer.eos_token_id]
         self.funcs = [resolve(spec) for spec in cfg.reward_funcs]
-        self.names = [getattr(f, "__name__", spec.rpartition(":")[2]) for f, spec in zip(self.funcs,
-                                                                                        cfg.reward_funcs)]
+        self.names = source_names(cfg.reward_funcs, self.funcs, cfg.reward_model)
         self.model = None
         if cfg.reward_model:
             self.model = self._reward_model(Path(cfg.reward_model).expanduser())
-            self.names.append(Path(cfg.reward_model).expanduser().resolve().name)
         self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.names), dtype=torch.float32)
 
     def _reward_model(self, path: Path):
@@ -244,30 +314,26 @@ class RewardSources:
         return model.to(self.device).eval().requires_grad_(False)
 
     def __call__(self, split: Prompts, rows: np.ndarray, completions: list[np.ndarray]) -> torch.Tensor:
-        eos = self.tokenizer.eos_token_id
-        ids = [c[:-1].tolist() if len(c) and c[-1] == eos else c.tolist() for c in completions]
+        ids = [c[:-1].tolist() if len(c) and c[-1] in self.stops else c.tolist() for c in completions]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        prompts = [split.prompts[i] for i in rows]
-        given = [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
-        columns = {name: [split.columns[i][name] for i in rows] for name in (split.columns[0] if len(split) else {})}
         out = torch.full((len(rows), len(self.names)), float("nan"))
         for number, (func, name) in enumerate(zip(self.funcs, self.names)):
+            prompts, given, columns = reward_arguments(split, rows, texts)  # fresh for each function
             values = func(prompts=prompts, completions=given, completion_ids=[c.tolist() for c in completions],
                           **columns)
-            if values is None or len(values) != len(rows):
-                raise RuntimeError(f"grpo.reward_funcs: {name} returned {len(values) if values else values} rewards "
-                                   f"for {len(rows)} completions; it must return one per completion (None to skip)")
-            out[:, number] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+            out[:, number] = reward_values(name, values, len(rows))
         if self.model is not None:
-            out[:, -1] = self._scores(split, rows, prompts, texts)
+            out[:, -1] = self._scores(split, rows, texts)
         return out
 
     @torch.no_grad()
-    def _scores(self, split: Prompts, rows, prompts, texts, chunk: int = 64) -> torch.Tensor:
-        """The reward model's score of prompt + completion + EOS, encoded as the reward trainer encodes a pair."""
+    def _scores(self, split: Prompts, rows, texts, chunk: int = 64) -> torch.Tensor:
+        """The reward model's score of prompt + completion + EOS, encoded as the reward trainer encodes a pair (a
+        prefilled prompt's final assistant message continued by the sampled text, as it was sampled)."""
         backend, eos = self.encoder.chat.backend, self.tokenizer.eos_token_id
         sequences = []
-        for index, prompt, text in zip(rows, prompts, texts):
+        for index, text in zip(rows, texts):
+            prompt = split.prompts[index]  # the stored prompt, read only
             if not isinstance(prompt, str):
                 text = render_pair(prompt, [[{"role": "assistant", "content": text}]], self.encoder.chat.render)[1]
             sequences.append(np.asarray([*split.tokens[index], *backend.encode(text, add_special_tokens=False).ids,
@@ -307,7 +373,9 @@ class GrpoData:
         self._perm_epoch, self._perm = -1, None
         self.hub_fingerprint: str | None = None
         self.step_tokens: int | None = None  # the tokens of the last step's global batch (prompts and completions)
-        self.seq_len = max(len(t) for t in [*train.tokens, *val.tokens])  # + max_completion_length at start()
+        self.longest_prompt = max(len(t) for t in [*train.tokens, *val.tokens])
+        self.seq_len = self.longest_prompt  # the longest sequence, with its completion from start() on
+        self.stops = [tokenizer.eos_token_id]  # the ids that end a completion; the model's added at start()
         self.reference_fingerprint: str | None = None
         self._window: list[float] | None = None
         self._step: torch.Tensor | None = None
@@ -316,6 +384,11 @@ class GrpoData:
     def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
         """None: the policy keeps ``model.init_from``'s settings (TRL's GRPOConfig ``disable_dropout`` is off)."""
         return {}
+
+    def sequence_length(self, cfg: GrpoConfig) -> int:
+        """The longest sequence a step trains on, the longest prompt and ``cfg.max_completion_length`` tokens: what
+        the trainer's FLOPs per token read, before :meth:`start`."""
+        return self.longest_prompt + cfg.max_completion_length
 
     def val_summary(self, record: dict[str, float]) -> str:
         return f"reward {record['val_reward']:.4f}, reward_std {record['val_reward_std']:.4f}"
@@ -329,8 +402,9 @@ class GrpoData:
         if rest or share % cfg.num_generations:  # the config refused it when torchrun set WORLD_SIZE
             raise ConfigError(f"train.global_batch_size ({self.global_batch}) must split into whole groups of "
                               f"grpo.num_generations ({cfg.num_generations}) on each of the {self.world_size} ranks")
-        self.sources = RewardSources(cfg, self.tokenizer, self.encoder, self.device, self.autocast)
-        self.seq_len += cfg.max_completion_length
+        self.stops = stop_tokens(self.tokenizer, getattr(self.policy, "generation_config", None))
+        self.sources = RewardSources(cfg, self.tokenizer, self.encoder, self.device, self.autocast, self.stops)
+        self.seq_len = self.sequence_length(cfg)
         self.reference = None
         what = "none (grpo.beta 0)"
         if cfg.beta > 0 and self.peft is not None:
@@ -342,11 +416,11 @@ class GrpoData:
             self._window = [0.0] * (len(SUMS) + 2 * len(self.sources.names))
         weights = ", ".join(f"{n} ×{w:g}" for n, w in zip(self.sources.names, self.sources.weights.tolist()))
         logger.info("GRPO: %d prompts × %d generations = %d completions a step (%d groups per rank), at most %d "
-                    "tokens each (temperature %g, top_p %g); rewards: %s; advantages scaled by the %s std; loss %s, "
-                    "beta %g, reference: %s", self.global_batch // cfg.num_generations, cfg.num_generations,
-                    self.global_batch, self.global_batch // cfg.num_generations // self.world_size,
-                    cfg.max_completion_length, cfg.temperature, cfg.top_p, weights, cfg.scale_rewards,
-                    cfg.loss_type, cfg.beta, what)
+                    "tokens each (temperature %g, top_p %g, stop ids %s); rewards: %s; advantages scaled by the %s "
+                    "std; loss %s, beta %g, reference: %s", self.global_batch // cfg.num_generations,
+                    cfg.num_generations, self.global_batch, self.global_batch // cfg.num_generations //
+                    self.world_size, cfg.max_completion_length, cfg.temperature, cfg.top_p, self.stops, weights,
+                    cfg.scale_rewards, cfg.loss_type, cfg.beta, what)
 
     def _reference(self, init_from: Path, config) -> torch.nn.Module:
         """``init_from``'s model, frozen; a ConfigError when a resume finds other weights there than its run's."""
@@ -368,7 +442,6 @@ class GrpoData:
         """This rank's groups of prompts ``ids``: sampled, scored, as micro-batches of ``micro_batch`` completions
         (with the reference's log-probs); their metric sums and the global :class:`Totals` (a collective)."""
         cfg, generations = self.cfg, self.cfg.num_generations
-        eos = self.tokenizer.eos_token_id
         completions, clipped = [], []
         training = self.policy.training
         self.policy.eval()
@@ -378,8 +451,8 @@ class GrpoData:
                 noise = torch.cat([uniforms(words, generations, cfg.max_completion_length)
                                    for words in seeds[lo:lo + groups]]).to(self.device)
                 with self.autocast:
-                    done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise, eos=eos,
-                                       temperature=cfg.temperature, top_p=cfg.top_p)
+                    done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise,
+                                       eos=self.stops, temperature=cfg.temperature, top_p=cfg.top_p)
                 completions += done
                 clipped += cut
         finally:
@@ -389,13 +462,13 @@ class GrpoData:
         rewards = torch.nansum(per_source * self.sources.weights, dim=1)
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
         prompt_tokens = float(sum(len(split.tokens[i]) for i in rows))
-        totals = torch.tensor([len(rows), lengths.sum(), prompt_tokens, rewards.double().sum(),
-                               (rewards.double() ** 2).sum()], dtype=torch.float64, device=self.device)
+        totals = torch.tensor([len(rows), lengths.sum(), prompt_tokens, rewards.double().sum()],
+                              dtype=torch.float64, device=self.device)
         if is_distributed():
             torch.distributed.all_reduce(totals)
-        n, tokens, prompt_tokens, total, squares = totals.tolist()
-        batch_std = ((squares - total * total / n) / max(n - 1, 1)) ** 0.5 if n > 1 else 0.0
-        advantage, std, zero = advantages(rewards, generations, cfg.scale_rewards, batch_std)
+        n, tokens, prompt_tokens, total = totals.tolist()
+        spread = batch_std(rewards, n, total, self.device) if cfg.scale_rewards == "batch" else None
+        advantage, std, zero = advantages(rewards, generations, cfg.scale_rewards, spread)
         present = ~per_source.isnan()
         sums = torch.tensor([len(rows), rewards.sum().item(), std.sum().item(), lengths.sum().item(), sum(clipped),
                              zero.sum().item(), 0.0, lengths.sum().item()])
@@ -546,5 +619,6 @@ def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batc
     return data
 
 
-__all__ = ["EPSILON", "SUMS", "GrpoBatch", "GrpoData", "RewardSources", "Totals", "advantages", "build_grpo_data",
-           "grpo_loss", "pack", "sample", "token_logps", "uniforms"]
+__all__ = ["EPSILON", "SUMS", "GrpoBatch", "GrpoData", "RewardSources", "Totals", "advantages", "batch_std",
+           "build_grpo_data", "grpo_loss", "pack", "reward_arguments", "reward_values", "sample", "stop_tokens",
+           "token_logps", "uniforms"]

@@ -7,11 +7,15 @@ called once per batch of completions, as TRL's GRPOTrainer calls it::
 
 ``prompts`` are the rows' prompts as the dataset holds them (a string, or a list of ``{"role", "content"}``
 messages), one per completion (a prompt's ``grpo.num_generations`` completions are consecutive); ``completions``
-the sampled texts (special tokens and EOS left out), or for a conversational prompt ``[{"role": "assistant",
-"content": text}]``; ``completion_ids`` their token ids (EOS included when sampled); ``columns`` every other
-column of the rows, one value per completion (``solution=[...]``). It returns one number per completion, or None
-where it does not apply (TRL's rule: such a reward is left out of the weighted sum, and of its mean in the logs).
-Accept ``**kwargs``: TRL adds arguments over time, and so may this trainer.
+the sampled texts (special tokens and the stop token left out), or for a conversational prompt ``[{"role":
+"assistant", "content": text}]``; ``completion_ids`` their token ids (the stop token included when sampled);
+``columns`` every other column of the rows, one value per completion (``solution=[...]``). A conversational prompt
+that ends with an assistant message (a prefill the completion continues) comes without it, and its content starts
+the completion's (TRL's ``bootstrap``). Each call gets its own deep copies of the prompts and columns, one per
+completion, so a function may change them (TRL's examples ``prompt.pop()``). It returns one number per completion
+(a list, a numpy array or a tensor), or None where it does not apply (TRL's rule: such a reward is left out of the
+weighted sum, and of its mean in the logs). Accept ``**kwargs``: TRL adds arguments over time, and so may this
+trainer. The metrics name a function by its ``__name__``: two of the same name are refused.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from retnet.train.config import ConfigError
@@ -65,6 +70,24 @@ def length_target(completions: list, target_length: list | None = None, **kwargs
     return out
 
 
+def source_names(reward_funcs: list[str], funcs: list[Callable], reward_model: str = "") -> list[str]:
+    """The names the metrics (``rewards/<name>/mean``) give the reward sources, TRL's: each function's
+    ``__name__`` (else the last part of its ``reward_funcs`` entry), then the reward model directory's name. A
+    ConfigError naming ``grpo.reward_funcs`` when two are the same: their metrics would overwrite each other's."""
+    names = [getattr(func, "__name__", spec.rpartition(":")[2]) for func, spec in zip(funcs, reward_funcs,
+                                                                                     strict=True)]
+    entries = [repr(spec) for spec in reward_funcs]
+    if reward_model:
+        names.append(Path(reward_model).expanduser().resolve().name)
+        entries.append(f"grpo.reward_model {reward_model!r}")
+    for later, name in enumerate(names):
+        if name in names[:later]:
+            raise ConfigError(f"grpo.reward_funcs: {entries[names.index(name)]} and {entries[later]} are both "
+                              f"named {name!r}, and the metrics name a source by it: rename one (wrap it in a "
+                              f"function of another name)")
+    return names
+
+
 def resolve(spec: str) -> Callable[..., list]:
     """The function ``"module:function"`` names (the part after ``:`` may be dotted: ``module:Class.method``);
     a ConfigError naming ``grpo.reward_funcs`` when it cannot be imported or is not callable."""
@@ -83,4 +106,4 @@ def resolve(spec: str) -> Callable[..., list]:
     return target
 
 
-__all__ = ["completion_text", "exact_match", "length_target", "matches_pattern", "resolve"]
+__all__ = ["completion_text", "exact_match", "length_target", "matches_pattern", "resolve", "source_names"]

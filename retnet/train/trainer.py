@@ -216,7 +216,9 @@ class Trainer:
             self.peft_model = apply_lora(self.raw_model, cfg.lora, self.lora_targets, init_from)
         self.n_params = sum(p.numel() for p in self.raw_model.parameters())
         self.n_trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
-        self.flops_per_token = flops_per_token(self.model_config, self.data.seq_len,
+        # GRPO: a sequence is a prompt and its completion, whose length the data learns from [grpo] only at start()
+        seq_len = self.data.sequence_length(cfg.grpo) if getattr(self.data, "grpo", False) else self.data.seq_len
+        self.flops_per_token = flops_per_token(self.model_config, seq_len,
                                                self.n_trainable if cfg.lora.enabled else None,
                                                output_head=not cfg.reward.enabled)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)

@@ -22,9 +22,12 @@ from retnet.train.grpo import (
     RewardSources,
     Totals,
     advantages,
+    batch_std,
     grpo_loss,
     pack,
+    reward_values,
     sample,
+    stop_tokens,
     token_logps,
     uniforms,
 )
@@ -42,6 +45,28 @@ def a_share(completions, **kwargs):
 def record(prompts, completions, completion_ids, **columns):
     CALLS.append({"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns})
     return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+def popper(prompts, completions, solution, **kwargs):
+    """Changes what it gets, as TRL's examples do: the prompts' last messages, the columns."""
+    CALLS.append({"prompts": [p if isinstance(p, str) else list(p) for p in prompts], "completions": completions,
+                  "same": [a is b for a, b in zip(prompts, prompts[1:])]})
+    for prompt, answer in zip(prompts, solution):
+        if not isinstance(prompt, str):
+            prompt.pop()
+        if isinstance(answer, list):
+            answer.append("changed")
+    return [0.5] * len(completions)
+
+def exact_match(completions, **kwargs):  # a built-in's name: refused beside it
+    return [0.0] * len(completions)
+
+def as_numpy(completions, **kwargs):
+    import numpy
+    return numpy.full(len(completions), 0.25)
+
+def one_short(completions, **kwargs):
+    import numpy
+    return numpy.zeros(len(completions) - 1)
 '''
 PROMPTS = 40
 STEPS = 16
@@ -50,8 +75,8 @@ STRIP = ("time", "tokens_per_s")
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """prompts.jsonl (standard, with a ``solution`` column), conv.jsonl (conversational), toy_rewards.py on the
-    path (this process's and the runs'), and base/: a random-init micro RetNet with a BPE trained on the rows."""
+    """prompts.jsonl (standard, with a ``solution`` column), conv.jsonl (conversational), prefill.jsonl (ending
+    with an assistant message, a list column), toy_rewards.py on the path (this process's and the runs'), and base/: a random-init micro RetNet with a BPE trained on the rows."""
     from retnet.model import RetNetConfig, RetNetForCausalLM
     from retnet.tokenization import train_byte_level_bpe
     from retnet.train.data import vocab_bound
@@ -61,6 +86,9 @@ def toy(tmp_path_factory):
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     conv = [{"prompt": [{"role": "user", "content": f"Say a word {i}"}], "solution": "aaa"} for i in range(PROMPTS)]
     (root / "conv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conv))
+    prefill = [{"prompt": [{"role": "user", "content": f"Say a word {i}"}, {"role": "assistant", "content": "<a>"}],
+                "solution": ["aaa"]} for i in range(PROMPTS)]
+    (root / "prefill.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefill))
     (root / "toy_rewards.py").write_text(TOY_REWARDS)
     tokenizer = train_byte_level_bpe([r["prompt"] + " aaa bbb" for r in rows], vocab_size=300)
     tokenizer.save_pretrained(root / "base")
@@ -85,6 +113,8 @@ def grpo_args(toy: Path, out: Path, **overrides) -> list[str]:
         "data.val_fraction": 0.1, "data.cache_dir": toy / "cache", "train.output_dir": out,
         "grpo.reward_funcs": "toy_rewards:a_share", "grpo.num_generations": 4, "grpo.max_completion_length": 8,
         "grpo.beta": 0.02,
+        # a seed of typical learning: over 16 steps seeds 0-5 end between 0.3 and 1.0 mean reward, 1337 at 0.16
+        "train.seed": 3,
         "train.steps": STEPS, "train.global_batch_size": 16, "train.micro_batch_size": 8, "train.eval_interval": 8,
         "train.eval_blocks": 4, "optim.lr": 3e-2, "optim.warmup_steps": 1, "optim.schedule": "constant",
         "checkpoint.interval": 8, "checkpoint.export": False, "logging.progress": False,
@@ -197,6 +227,14 @@ def test_lora_with_a_kl_term_uses_the_adapters_disabled_reference(toy, tmp_path)
         assert records[0]["kl"] == pytest.approx(0.0, abs=1e-7) and records[-1]["kl"] > 1e-6, records
         data = trainer.data
         assert data.reference is None
+        assert data.stops == [tokenizer_of(toy).eos_token_id]  # the toy's generation config adds no other
+        # MFU: the FLOPs per token are those of the longest prompt + completion, known before start() ran
+        from retnet.train.flops import flops_per_token
+
+        assert data.seq_len == data.longest_prompt + 8 == data.sequence_length(trainer.cfg.grpo)
+        assert trainer.flops_per_token == flops_per_token(trainer.model_config, data.seq_len, trainer.n_trainable)
+        assert trainer.flops_per_token != flops_per_token(trainer.model_config, data.longest_prompt,
+                                                          trainer.n_trainable)
         batch = pack([data.train.tokens[i] for i in (0, 1)], [np.array([5, 6, 7]), np.array([8, 9])],
                      torch.zeros(2))
         with torch.no_grad():
@@ -237,6 +275,22 @@ def test_advantages_are_trls():
     torch.testing.assert_close(got, ((groups - groups.mean(1, keepdim=True)) / (rewards.std() + 1e-4)).flatten())
     got, _, _ = advantages(rewards, 4, "none")
     torch.testing.assert_close(got, (groups - groups.mean(1, keepdim=True)).flatten())
+
+
+@pytest.mark.parametrize("value", [0.1, 1 / 3, -7.77, 123.456])
+def test_equal_rewards_have_zero_std_and_zero_advantages(value):
+    """184 equal rewards (23 groups of 8): the batch std is exactly 0 (the one-pass variance rounded below 0
+    here, and its ``** 0.5`` was a complex number), and for every scaling the advantages are exactly 0 and every
+    group counts as zero-std (a float32 group mean can round off the rewards; divided by 1e-4 that was not 0)."""
+    rewards = torch.full((184,), value)
+    spread = batch_std(rewards, 184.0, rewards.double().sum().item(), torch.device("cpu"))
+    assert spread == 0.0
+    for scale in ("group", "batch", "none"):
+        got, std, zero = advantages(rewards, 8, scale, spread)
+        assert got.dtype == torch.float32 and not got.any() and not std.any() and zero.all(), scale
+    unequal = torch.randn(184, generator=torch.Generator().manual_seed(0))
+    assert batch_std(unequal, 184.0, unequal.double().sum().item(), torch.device("cpu")) == pytest.approx(
+        unequal.double().std().item(), rel=1e-12)
 
 
 def test_token_logps_equal_a_sequence_by_sequence_computation(toy):
@@ -305,6 +359,28 @@ def test_the_sampler_is_seeded_and_independent_of_the_batch(toy):
     with torch.no_grad():
         first = model(input_ids=torch.from_numpy(prompts[0])[None]).logits[0, -1].argmax().item()
     assert all(g[0] == first for g in greedy[:4])
+    # another stop id (a chat model's end of turn): a completion ends at it, with it, and is not clipped
+    stopped, cut = sample(model, prompts, noise, eos=[eos, first], temperature=1.0, top_p=1e-6)
+    assert all(s.tolist() == [first] for s in stopped[:4]) and not any(cut[:4])
+    assert all(np.array_equal(a, b) for a, b in zip(stopped[4:], greedy[4:]) if first not in b)
+
+
+def test_stop_tokens_add_the_generation_configs_eos_ids(toy):
+    """The tokenizer's EOS, then generation_config.eos_token_id (an int or a list, without repeats), as
+    generate stops; the reward functions' texts leave a final stop token out, as they leave EOS out."""
+    from transformers import GenerationConfig
+
+    tokenizer = tokenizer_of(toy)
+    eos = tokenizer.eos_token_id
+    assert stop_tokens(tokenizer) == stop_tokens(tokenizer, GenerationConfig()) == [eos]
+    assert stop_tokens(tokenizer, GenerationConfig(eos_token_id=7)) == [eos, 7]
+    assert stop_tokens(tokenizer, GenerationConfig(eos_token_id=[eos, 9, 7])) == [eos, 9, 7]
+    data = prompts_data(toy)
+    end = tokenizer.encode("a")[0]
+    sources = RewardSources(GrpoConfig(reward_funcs=["toy_rewards:a_share"]), tokenizer, data.encoder,
+                            torch.device("cpu"), torch.autocast("cpu", enabled=False), stops=[eos, end])
+    got = sources(data.train, np.array([0, 0]), [np.array([*tokenizer.encode("b"), end]), np.array([end, end])])
+    assert got[:, 0].tolist() == [0.0, 1.0]  # "b" (its stop token left out), "a" (only the last one is)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,10 +420,60 @@ def test_conversational_prompts_and_the_reward_contract(toy):
     assert sources.names == ["record", "a_share"]
 
 
-@pytest.mark.parametrize("dataset", ["prompts.jsonl", "conv.jsonl"])
+def test_reward_functions_get_their_own_copies_and_trls_prefill_completion(toy):
+    """Each call gets a deep copy of each completion's prompt and columns: a function that changes them (TRL's
+    ``prompt.pop()``) changes neither the rows nor the next function's or step's arguments. A prompt ending with
+    an assistant message comes without it, and its content starts the completion (TRL's bootstrap)."""
+    import toy_rewards
+
+    tokenizer = tokenizer_of(toy)
+    data = prompts_data(toy, "prefill.jsonl")
+    stored = json.loads(json.dumps(data.train.prompts[0]))
+    assert stored[-1] == {"role": "assistant", "content": "<a>"}
+    assert tokenizer.decode(data.train.tokens[0]).endswith("<a>")  # sampled as the prefill's continuation
+    sources = RewardSources(GrpoConfig(reward_funcs=["toy_rewards:popper", "toy_rewards:record"]), tokenizer,
+                            data.encoder, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    completions = [np.array(tokenizer.encode(" b</a>")), np.array(tokenizer.encode("a"))]
+    toy_rewards.CALLS.clear()
+    for _ in range(2):  # two steps
+        sources(data.train, np.array([0, 0]), completions)
+    popper, record = toy_rewards.CALLS[2:]  # the second step's
+    assert popper["prompts"] == record["prompts"] == [stored[:-1], stored[:-1]] and popper["same"] == [False]
+    assert record["completions"] == [[{"role": "assistant", "content": "<a> b</a>"}],
+                                     [{"role": "assistant", "content": "<a>a"}]]
+    assert record["solution"] == [["aaa"], ["aaa"]]
+    assert data.train.prompts[0] == stored and data.train.columns[0]["solution"] == ["aaa"]
+
+
+def test_reward_values_accept_arrays_and_name_the_function_otherwise(toy):
+    """A numpy array or tensor of one reward per completion is read; one of another length, None, a number or
+    a string is a RuntimeError naming the function (not numpy's "truth value is ambiguous")."""
+    assert reward_values("f", np.array([1, 0.5]), 2).tolist() == [1.0, 0.5]
+    assert reward_values("f", torch.tensor([[2.0], [3.0]]), 2).tolist() == [2.0, 3.0]
+    assert reward_values("f", (None, 1), 2)[0].isnan()
+    for bad, said in ((np.zeros(3), "returned 3 rewards"), ([], "returned 0 rewards"),
+                      (None, "returned NoneType None"), (torch.tensor(1.0), "returned Tensor"),
+                      (np.float32(1.0), "returned float32"), (["x", "y"], "returned a reward that is not a number"),
+                      (torch.ones(2, 2), "returned a reward that is not a number")):
+        with pytest.raises(RuntimeError, match=rf"grpo.reward_funcs: f {said}.* for 2 completions"):
+            reward_values("f", bad, 2)
+    data = prompts_data(toy)
+    for name, expected in (("as_numpy", [0.25, 0.25]), ("one_short", None)):
+        sources = RewardSources(GrpoConfig(reward_funcs=[f"toy_rewards:{name}"]), tokenizer_of(toy), data.encoder,
+                                torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        completions = [np.array([5, 6]), np.array([7])]
+        if expected is None:
+            with pytest.raises(RuntimeError, match=r"grpo.reward_funcs: one_short returned 1 rewards for 2"):
+                sources(data.train, np.array([0, 0]), completions)
+        else:
+            assert sources(data.train, np.array([0, 0]), completions)[:, 0].tolist() == expected
+
+
+@pytest.mark.parametrize("dataset", ["prompts.jsonl", "conv.jsonl", "prefill.jsonl"])
 def test_the_reward_model_scores_as_the_reward_trainer(toy, tmp_path, dataset):
     """grpo.reward_model: a completion's score is the classifier's on prompt + completion + EOS encoded as the
-    reward trainer encodes a pair (PairEncoder: render_pair for conversations). Another tokenizer is refused."""
+    reward trainer encodes a pair (PairEncoder: render_pair for conversations, continuing a prefill), whatever
+    a reward function beside it does to its own arguments. Another tokenizer is refused."""
     from retnet.model import RetNetConfig, RetNetForSequenceClassification
     from retnet.train.config import DataConfig
     from retnet.train.preference import PairEncoder, check_pair
@@ -362,12 +488,12 @@ def test_the_reward_model_scores_as_the_reward_trainer(toy, tmp_path, dataset):
     rm.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
     data = prompts_data(toy, dataset)
-    sources = RewardSources(GrpoConfig(reward_model=str(tmp_path / "rm")), tokenizer, data.encoder,
-                            torch.device("cpu"), torch.autocast("cpu", enabled=False))
-    assert sources.names == ["rm"]
+    sources = RewardSources(GrpoConfig(reward_funcs=["toy_rewards:popper"], reward_model=str(tmp_path / "rm")),
+                            tokenizer, data.encoder, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert sources.names == ["popper", "rm"]
     texts = ["aab", "b a"]
     completions = [np.array([*tokenizer.encode(t), tokenizer.eos_token_id]) for t in texts]
-    got = sources(data.train, np.array([2, 3]), completions)[:, 0]
+    got = sources(data.train, np.array([2, 3]), completions)[:, 1]
     encoder = PairEncoder(tokenizer, DataConfig(dataset="x", format="preference", seq_len=256))
     for index, text, score in zip((2, 3), texts, got.tolist()):
         prompt = data.train.prompts[index]
@@ -479,3 +605,24 @@ def test_reward_weights_from_the_command_line_are_numbers():
     assert cfg.grpo.reward_weights == [2.0, 0.5] and cfg.grpo.sources == 2
     with pytest.raises(ConfigError, match=r"grpo.reward_weights must be finite numbers \(not: 'x'\)"):
         build_config(merged(grpo={"reward_weights": ["x"]}))
+
+
+def test_reward_sources_of_one_name_are_refused(toy, tmp_path):
+    """The metrics name a source by its function's __name__ (or the reward model's directory name): two of one
+    name would write one rewards/<name>/mean, so the config is refused, naming both entries."""
+    with pytest.raises(ConfigError, match=r"grpo.reward_funcs: 'retnet.train.rewards:exact_match' and "
+                                          r"'toy_rewards:exact_match' are both named 'exact_match'"):
+        build_config(merged(grpo={"reward_funcs": ["retnet.train.rewards:exact_match", "toy_rewards:exact_match"]}))
+    (tmp_path / "a_share").mkdir()
+    (tmp_path / "a_share" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"'toy_rewards:a_share' and grpo.reward_model '.*a_share' are both named"):
+        build_config(merged(grpo={"reward_funcs": ["toy_rewards:a_share"], "reward_model": str(tmp_path / "a_share")}))
+
+
+def test_default_reward_weights_equal_the_ones_spelled_out_on_resume():
+    """grpo.reward_weights [] is 1 for each source: a resume that spells the ones out changes nothing."""
+    two = ["retnet.train.rewards:exact_match", "retnet.train.rewards:length_target"]
+    saved = {"grpo": build_config(merged(grpo={"reward_funcs": two})).grpo.to_dict()}
+    assert grpo_changes(saved, build_config(merged(grpo={"reward_funcs": two, "reward_weights": [1, 1.0]}))) == []
+    assert grpo_changes(saved, build_config(merged(grpo={"reward_funcs": two, "reward_weights": [1, 2]}))) == [
+        "grpo.reward_weights: checkpoint [1.0, 1.0], now [1.0, 2.0]"]
