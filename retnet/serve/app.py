@@ -18,14 +18,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from retnet.serve.classify import (
+    EMBEDDING_ROUTES,
     POOLING_ROUTES,
-    ClassifyEngine,
     ClassifyRequest,
     ClassifyServing,
+    EmbeddingRequest,
+    EmbedServing,
     PoolingRequest,
 )
 from retnet.serve.engine import Engine
 from retnet.serve.metrics import ServeMetrics
+from retnet.serve.pooling import PoolingEngine
 from retnet.serve.protocol import (
     TOKENIZE_FORMS,
     APIError,
@@ -59,7 +62,9 @@ TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items",
           "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES, "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
-          *POOLING_ROUTES)
+          *POOLING_ROUTES, *EMBEDDING_ROUTES)
+# Routes whose `input` is the completions' `prompt` union (the Responses API's `input` is not).
+_INPUT_ROUTES = (*POOLING_ROUTES, *EMBEDDING_ROUTES)
 # Routes with an id in the path, counted by their template (one label per route, not per id).
 _ROUTE_TEMPLATES = tuple((re.compile("^" + re.sub(r"\{\w+\}", "[^/]+", route) + "$"), route)
                          for route in ROUTES if "{" in route)
@@ -71,7 +76,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     """Build the app for ``settings`` (read from ``RETNET_*`` variables when None). ``model`` and
     ``tokenizer`` may be given already loaded (tests); otherwise they load from ``settings.model``, the
     model in the scheduler thread (``/health`` is 503 until it is ready). A classifier or reward model
-    (``*ForSequenceClassification``) gets the classification app: /classify and /pooling, no generation."""
+    (``*ForSequenceClassification``) gets the classification app: /classify and /pooling, no generation;
+    ``--convert embed`` the embedding app (any export's backbone): /v1/embeddings and /pooling."""
     settings = settings or ServeSettings()
     if model is None:  # a directory this server cannot serve is refused before anything loads from it
         settings = resolve_model_source(settings)
@@ -84,10 +90,11 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             classifier = is_classifier([kind])
         else:
             classifier = is_classifier(getattr(model.config, "architectures", None) or [kind])
-    if classifier:
-        check_classifier_settings(settings)
-    else:
+    mode = "embed" if settings.convert == "embed" else "classify" if classifier else "generate"
+    if mode == "generate":
         defaults = generation_defaults(settings)
+    else:
+        check_classifier_settings(settings, mode)
     chat_template = load_chat_template(settings.chat_template)
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -98,9 +105,10 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             raise StartupError(f"--model {settings.model!r}: the tokenizer did not load: "
                                f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
     metrics = ServeMetrics()
-    if classifier:
-        engine = ClassifyEngine(settings, metrics, model=model)
-        serving = ClassifyServing(settings, engine, tokenizer, metrics, chat_template)
+    if mode != "generate":
+        engine = PoolingEngine(settings, metrics, model=model)
+        serving = (EmbedServing if mode == "embed" else ClassifyServing)(settings, engine, tokenizer, metrics,
+                                                                         chat_template)
     else:
         engine = Engine(settings, tokenizer, metrics, model=model)
         serving = OpenAIServing(settings, engine, tokenizer, metrics, defaults, chat_template)
@@ -145,7 +153,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        if not classifier:
+        if mode == "generate":
             metrics.sessions.set(len(engine.sessions))
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -167,11 +175,25 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     async def detokenize(request: DetokenizeRequest):
         return await serving.detokenize(request)
 
-    if classifier:
+    if mode == "embed":
+        _add_embed_routes(app, serving, auth, json_body)
+    elif mode == "classify":
         _add_classify_routes(app, serving, auth, json_body)
     else:
         _add_generation_routes(app, settings, serving, engine, auth, json_body)
     return app
+
+
+def _not_an_embedding_model(app: FastAPI, serving: OpenAIServing, what: str, auth: list) -> None:
+    """/v1/embeddings on a server of another mode: 400 saying how to serve embeddings."""
+
+    async def not_embedding():
+        raise APIError(400, f"the model {serving.model_name!r} is served as {what}; /v1/embeddings is served by an "
+                       "embedding server: start retnet-serve with --convert embed (the model's backbone, its pooled "
+                       "hidden states)", None, "model_not_embedding")
+
+    for path in EMBEDDING_ROUTES:
+        app.post(path, dependencies=auth)(not_embedding)
 
 
 def _add_generation_routes(app: FastAPI, settings: ServeSettings, serving: OpenAIServing, engine: Engine, auth: list,
@@ -239,6 +261,7 @@ def _add_generation_routes(app: FastAPI, settings: ServeSettings, serving: OpenA
 
     for path in POOLING_ROUTES:
         app.post(path, dependencies=auth)(not_a_classifier)
+    _not_an_embedding_model(app, serving, "a language model (it generates text)", auth)
 
 
 def _add_classify_routes(app: FastAPI, serving: ClassifyServing, auth: list, json_body: list) -> None:
@@ -258,6 +281,35 @@ def _add_classify_routes(app: FastAPI, serving: ClassifyServing, auth: list, jso
                        "generate: use POST /classify (labels and probabilities) or /pooling (the raw scores)", None,
                        "model_not_generative")
 
+    for path in GENERATION_ROUTES:
+        app.post(path, dependencies=auth)(not_generative)
+    _not_an_embedding_model(app, serving, "a classifier (it scores text: /classify, /pooling)", auth)
+
+
+def _add_embed_routes(app: FastAPI, serving: EmbedServing, auth: list, json_body: list) -> None:
+    """An embedding server's routes (``--convert embed``): OpenAI's /v1/embeddings and vLLM's /pooling; the
+    classification and generation routes answer 400."""
+
+    @app.post("/v1/embeddings", dependencies=json_body)
+    async def embeddings(request: EmbeddingRequest):
+        return JSONResponse((await serving.embeddings(request)).model_dump())
+
+    @app.post("/pooling", dependencies=json_body)
+    async def pooling(request: PoolingRequest):
+        return JSONResponse((await serving.pooling(request)).model_dump())
+
+    async def not_a_classifier():
+        raise APIError(400, f"this server serves {serving.model_name!r} as an embedding model (--convert embed), "
+                       "which has no classification head here: use POST /v1/embeddings or /pooling", None,
+                       "model_not_classifier")
+
+    async def not_generative():
+        raise APIError(400, f"this server serves {serving.model_name!r} as an embedding model (--convert embed), "
+                       "which does not generate: use POST /v1/embeddings or /pooling (the embeddings)", None,
+                       "model_not_generative")
+
+    for path in ("/classify", "/v1/classify"):
+        app.post(path, dependencies=auth)(not_a_classifier)
     for path in GENERATION_ROUTES:
         app.post(path, dependencies=auth)(not_generative)
 
@@ -313,8 +365,7 @@ def _install_error_handlers(app: FastAPI, require_api_key) -> None:
                 require_api_key(request)
             except APIError as denied:
                 return await api_error(request, denied)
-        # The pooling routes' `input` is the completions' `prompt` union (the Responses API's `input` is not).
-        return _error(400, *_describe_validation(exc.errors(), "input" if path in POOLING_ROUTES else "prompt"))
+        return _error(400, *_describe_validation(exc.errors(), "input" if path in _INPUT_ROUTES else "prompt"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

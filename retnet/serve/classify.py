@@ -1,31 +1,24 @@
-"""Serving a classifier or reward model (a ``RetNetForSequenceClassification`` export) with vLLM's pooling API:
-``POST /classify`` (``/v1/classify``) and ``POST /pooling``.
+"""The pooling API's handlers: a classifier or reward model (a ``RetNetForSequenceClassification`` export) with
+vLLM's ``POST /classify`` (``/v1/classify``) and ``POST /pooling``, and an embedding model (``--convert embed``: a
+causal LM's or a classifier's backbone) with OpenAI's ``POST /v1/embeddings`` and vLLM's ``/pooling``.
 
-:class:`ClassifyEngine` owns the model on a thread of its own: the inputs of every request waiting are packed into
-one row (``cu_seqlens``, one segment an input) of at most ``--prefill-token-budget`` tokens and scored by one
-forward (an input longer than the budget runs alone); each input's score row reaches its request on the event
-loop (``call_soon_threadsafe``). :class:`ClassifyServing` checks and tokenizes requests and shapes vLLM's
-responses; ``/tokenize``, ``/detokenize`` and the model card are :class:`~retnet.serve.serving.OpenAIServing`'s.
+Both run on a :class:`~retnet.serve.pooling.PoolingEngine` (one packed ``cu_seqlens`` forward for the inputs of
+every waiting request), whose pooler makes each input's row: the score head's, or a pooled hidden state.
+:class:`ClassifyServing` and :class:`EmbedServing` check and tokenize requests and shape the responses;
+``/tokenize``, ``/detokenize`` and the model card are :class:`~retnet.serve.serving.OpenAIServing`'s.
 
 A ``messages`` conversation is scored as the reward trainer scored it (``retnet-train --reward.enabled``): the
 conversation before its last message rendered with the generation prompt, then the last message as the rest of
 the rendered conversation (:func:`~retnet.tokenization.render_pair`, the trainer's own function), each
-encoded on its own, then EOS. An ``input`` is scored as sent (vLLM's): nothing is appended to it.
+encoded on its own, then EOS. An ``input`` is scored (or embedded) as sent (vLLM's): nothing is appended to it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import functools
-import itertools
 import json
-import logging
-import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -33,8 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from retnet.serve.engine import _device, _dtype, _load_config
 from retnet.serve.metrics import ServeMetrics
+from retnet.serve.pooling import PoolingEngine
 from retnet.serve.protocol import (
     APIError,
     ChatMessage,
@@ -52,9 +45,8 @@ from retnet.serve.settings import ServeSettings
 from retnet.serve.tools import template_message
 from retnet.tokenization import render_pair
 
-logger = logging.getLogger("retnet.serve")
-
 POOLING_ROUTES = ("/classify", "/v1/classify", "/pooling")
+EMBEDDING_ROUTES = ("/v1/embeddings",)
 # use_activation and vLLM's deprecated names of it (its get_use_activation reads softmax, then activation).
 ACTIVATION_FIELDS = ("use_activation", "softmax", "activation")
 # vLLM's chat-form options (its ClassificationChatRequest): they shape how `messages` are templated.
@@ -64,8 +56,8 @@ CHAT_OPTIONS = ("add_generation_prompt", "continue_final_message", "chat_templat
 # ----------------------------------------------------------------------------------------------------------
 # Requests and responses (vLLM's ClassificationRequest / PoolingRequest and their responses)
 # ----------------------------------------------------------------------------------------------------------
-class ClassifyRequest(RequestFields):
-    """``/classify``'s body: ``input`` (completions' ``prompt`` union) or ``messages`` (one conversation), not both.
+class InputFields(RequestFields):
+    """What every pooling route's body shares: ``input`` (completions' ``prompt`` union) and how it is tokenized.
     Unknown fields (vLLM's ``priority``, ``request_id``, ...) are accepted and ignored, as on every route; those
     of vLLM's that change the output are declared, so that they are read or refused by name."""
 
@@ -86,12 +78,18 @@ class ClassifyRequest(RequestFields):
 
     model: str | None = None
     input: PromptType | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
     # None: true for `input`, false for `messages` (whose template writes the special tokens), as completions/chat.
     add_special_tokens: bool | None = None
     # -1: vLLM's "up to the model's length", here --max-prompt-tokens.
     truncate_prompt_tokens: int | None = None
-    # None: the route's default (/classify: true, /pooling: false); see ClassifyEngine.activate. softmax and
+    user: str | None = None  # accepted, not read
+
+
+class ClassifyRequest(InputFields):
+    """``/classify``'s body: ``input`` or ``messages`` (one conversation), not both."""
+
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    # None: the route's default (/classify: true, /pooling: false); see ScorePooler.activate. softmax and
     # activation: vLLM's deprecated names of it, read as it (_asked_activation).
     use_activation: bool | None = None
     softmax: bool | None = None
@@ -103,13 +101,26 @@ class ClassifyRequest(RequestFields):
     continue_final_message: bool | None = None
     chat_template: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
-    user: str | None = None  # accepted, not read
 
 
 class PoolingRequest(ClassifyRequest):
     """``/pooling``'s body: ``/classify``'s, and vLLM's ``encoding_format`` (``base64``: the float32 bytes)."""
 
     encoding_format: Literal["float", "base64"] = "float"
+
+
+class EmbeddingRequest(InputFields):
+    """OpenAI's ``/v1/embeddings`` body (``input`` required, checked by the handler so that its 400 names it), with
+    vLLM's ``truncate_prompt_tokens`` and ``add_special_tokens`` (default true)."""
+
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _dimensions_not_a_boolean(cls, value: Any) -> Any:
+        return _refuse_bool_number(value)
+
+    encoding_format: Literal["float", "base64"] = "float"
+    # OpenAI's matryoshka cut: only the full width is served (EmbedServing.embeddings).
+    dimensions: int | None = None
 
 
 class ClassifyData(BaseModel):
@@ -143,239 +154,38 @@ class PoolingResponse(BaseModel):
     usage: Usage
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The engine
-# ----------------------------------------------------------------------------------------------------------
-@dataclass(slots=True, eq=False)
-class PoolingInput:
-    """One input waiting to be scored: its token ids, its place among its request's inputs, and the future (of
-    ``loop``) its score row is set on."""
-
-    ids: list[int]
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
     index: int
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
 
 
-class ClassifyEngine:
-    """Owns the classifier and the thread that runs it; :meth:`score` is what requests call."""
-
-    def __init__(self, settings: ServeSettings, metrics: ServeMetrics, model=None):
-        """``model``: a loaded classifier to serve instead of ``settings.model``'s (tests)."""
-        self.settings, self.metrics, self.model = settings, metrics, model
-        self.config = model.config if model is not None else _load_config(settings.model)
-        self.vocab_size = int(self.config.vocab_size)
-        self.num_labels = int(self.config.num_labels)
-        id2label = self.config.id2label or {}
-        self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(self.num_labels)]
-        # What OpenAIServing's /tokenize, /detokenize and model card read of an engine: no LoRA adapter is served
-        # here, and nothing is generated that could stop.
-        self.adapters: dict = {}
-        self.eos_ids: set[int] = set()
-        self.cond = threading.Condition()
-        self.waiting: deque[PoolingInput] = deque()  # guarded by cond
-        # The batch taken off `waiting` and not yet settled (the model's thread alone): failed too if the thread dies.
-        self.running: list[PoolingInput] = []
-        self.requests = 0  # requests being answered (queued or running); guarded by cond
-        self.accepting, self.stopping, self.ready = True, False, False
-        self.dead: str | None = None
-        self.thread: threading.Thread | None = None
-        self.device = torch.device("cpu")
-
-    # -- lifecycle --------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the thread; it loads the model (``/health`` is 503 until then)."""
-        self.thread = threading.Thread(target=self._run, name="retnet-classifier", daemon=True)
-        self.thread.start()
-
-    @property
-    def healthy(self) -> bool:
-        return self.ready and self.dead is None and not self.stopping
-
-    def wait_ready(self, timeout: float = 120.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.ready and self.dead is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.ready and self.dead is None
-
-    def shutdown(self, grace_s: float = 0.0) -> None:
-        """Stop accepting requests, give those being answered up to ``grace_s``, then fail the rest (503)."""
-        with self.cond:
-            self.accepting = False
-        deadline = time.monotonic() + grace_s
-        while self.requests > 0 and time.monotonic() < deadline and self.dead is None:
-            time.sleep(0.02)
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-        if self.thread is not None:
-            self.thread.join(timeout=30)
-        self.metrics.engine_ready.set(0)
-
-    # -- the API requests call (event-loop thread) ----------------------------------------------------------------
-    async def score(self, inputs: list[list[int]]) -> list[torch.Tensor]:
-        """Each input's score row, ``[num_labels]`` fp32 on the CPU: the score head's raw output at its last token.
-
-        Raises EngineUnavailable or QueueFull before anything is queued; APIError (500) when the forward that ran
-        one of the inputs failed or scored it inf/NaN. Cancelled (the client left), the inputs not yet run are
-        skipped."""
-        loop = asyncio.get_running_loop()
-        items = [PoolingInput(ids, index, loop.create_future(), loop) for index, ids in enumerate(inputs)]
-        with self.cond:
-            # Checked under the lock: a request queued after the thread's last look at the queue is never answered.
-            if not self.healthy or not self.accepting:
-                raise EngineUnavailable(self.dead or "the engine is not ready")
-            limit = max(1, self.settings.max_queue)
-            if self.requests >= limit:
-                raise QueueFull(f"{self.requests} requests in the classifier; the limit is {limit} (--max-queue)")
-            self.requests += 1
-            self.waiting.extend(items)
-            self.metrics.queue_depth.set(len(self.waiting))
-            self.cond.notify_all()
-        try:
-            return list(await asyncio.gather(*(item.future for item in items)))
-        finally:
-            for item in items:  # those still queued (another input failed, or the caller was cancelled) are skipped
-                item.future.cancel()
-            with self.cond:
-                self.requests -= 1
-
-    def activate(self, rows: torch.Tensor) -> torch.Tensor:
-        """vLLM's classification activation of score rows ``[N, num_labels]``: the config's ``problem_type`` as
-        transformers' losses read it (regression: none; multi-label: sigmoid per label), else softmax over the
-        labels when there are several and sigmoid for a single one (a reward model's probability)."""
-        problem = getattr(self.config, "problem_type", None)
-        if problem == "regression":
-            return rows
-        if problem == "multi_label_classification" or rows.shape[-1] == 1:
-            return torch.sigmoid(rows)
-        return torch.softmax(rows, dim=-1)
-
-    # -- the model's thread ---------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            self._load()
-            self.ready = True
-            self.metrics.engine_ready.set(1)
-            logger.info("classifier ready on %s (%d labels)", self.device, self.num_labels)
-            with torch.inference_mode():
-                while (batch := self._next_batch()) is not None:
-                    self.running = batch
-                    if batch:
-                        self._forward(batch)
-                    self.running = []
-            self._fail_waiting(503, "the server is shutting down", "unavailable")
-        except Exception as exc:  # the model did not load (or a bug): /health turns 503, requests are answered
-            logger.exception("classifier engine failed")
-            self.dead = f"engine failed: {type(exc).__name__}: {exc}"
-            self.metrics.engine_ready.set(0)
-            # The batch in hand too: its requests wait on it, and nothing else would settle it. Those of its
-            # futures already settled keep their results (_set_results skips them).
-            failure = (503, self.dead, "engine_failure")
-            self._settle(self.running, [failure] * len(self.running))
-            self.running = []
-            self._fail_waiting(*failure)
-
-    def _load(self) -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        self.device = _device(self.settings)
-        if self.model is None:
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                self.settings.model, dtype=getattr(torch, _dtype(self.settings, self.device)))
-        self.model = self.model.to(self.device).eval()
-
-    def _next_batch(self) -> list[PoolingInput] | None:
-        """The waiting inputs, in arrival order, whose tokens fit the budget together (an input over it alone);
-        None once the engine stops."""
-        budget = self.settings.prefill_token_budget
-        with self.cond:
-            while not self.waiting and not self.stopping:
-                self.cond.wait()
-            if self.stopping:
-                return None
-            batch, tokens = [], 0
-            while self.waiting:
-                item = self.waiting[0]
-                if item.future.cancelled():  # its request stopped waiting for it
-                    self.waiting.popleft()
-                    continue
-                if batch and tokens + len(item.ids) > budget:
-                    break
-                batch.append(self.waiting.popleft())
-                tokens += len(item.ids)
-            self.metrics.queue_depth.set(len(self.waiting))
-        return batch
-
-    def _forward(self, batch: list[PoolingInput]) -> None:
-        """Score ``batch`` packed into one row. A forward that raises, or that does not answer one row of
-        ``num_labels`` scores per input, fails this batch's requests alone (500 ``forward_failed``); an input
-        scored inf or NaN fails its own request alone (500 ``non_finite_score``: JSON cannot carry the value)."""
-        lengths = [len(item.ids) for item in batch]
-        try:
-            ids = torch.tensor([[token for item in batch for token in item.ids]], dtype=torch.long, device=self.device)
-            cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.long, device=self.device)
-            rows = self.model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False).logits.float().cpu()
-            # Checked here: an input without its row would never be answered, its request waiting forever.
-            if tuple(rows.shape) != (len(batch), self.num_labels):
-                raise RuntimeError(f"it returned scores of shape {tuple(rows.shape)} for {len(batch)} inputs of "
-                                   f"{self.num_labels} labels (expected one row per input)")
-            finite = torch.isfinite(rows).all(dim=-1).tolist()
-        except Exception as exc:
-            logger.exception("classifier forward failed (%d inputs, %d tokens)", len(batch), sum(lengths))
-            message = f"the classifier's forward failed: {type(exc).__name__}: {exc}"
-            self._settle(batch, [(500, message, "forward_failed")] * len(batch))
-            return
-        self.metrics.pooling_inputs.inc(len(batch))
-        self.metrics.pooling_tokens.inc(sum(lengths))
-        self.metrics.pooling_batch.observe(len(batch))
-        if not all(finite):
-            logger.warning("the classifier scored %d of %d inputs inf or NaN", finite.count(False), len(batch))
-        self._settle(batch, [row if ok else (500, f"the model produced a non-finite score (inf or NaN) for input "
-                                             f"{item.index} of the request, which JSON cannot carry: a float16 "
-                                             "overflow, say (try --dtype float32), or diverged weights",
-                                             "non_finite_score")
-                             for item, row, ok in zip(batch, rows, finite, strict=True)])
-
-    def _fail_waiting(self, status: int, message: str, code: str) -> None:
-        with self.cond:
-            batch = list(self.waiting)
-            self.waiting.clear()
-            self.metrics.queue_depth.set(0)
-        self._settle(batch, [(status, message, code)] * len(batch))
-
-    @staticmethod
-    def _settle(batch: list[PoolingInput], outcomes: list[torch.Tensor | tuple[int, str, str]]) -> None:
-        """Hand each input its outcome, on its event loop: its score row, or a failure (status, message, code)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for item, outcome in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(item.loop, []).append((item.future, outcome))
-        for loop, results in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for these any more
-                loop.call_soon_threadsafe(_set_results, results)
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
 
 
-def _set_results(results: list[tuple[asyncio.Future, torch.Tensor | tuple[int, str, str]]]) -> None:
-    for future, outcome in results:
-        if future.done():  # cancelled (its request is gone), or settled before the engine failed
-            continue
-        if isinstance(outcome, tuple):  # one error a request: each raises its own
-            status, message, code = outcome
-            future.set_exception(APIError(status, message, None, code, type="server_error"))
-        else:
-            future.set_result(outcome)
+class EmbeddingResponse(BaseModel):
+    """OpenAI's (``object``, ``data``, ``model``, ``usage``), with vLLM's ``id`` and ``created``."""
+
+    id: str = Field(default_factory=lambda: random_id("embd"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The handlers
 # ----------------------------------------------------------------------------------------------------------
 class ClassifyServing(OpenAIServing):
-    """``/classify`` and ``/pooling`` over a :class:`ClassifyEngine`; the model card, ``/tokenize`` and
-    ``/detokenize`` are :class:`OpenAIServing`'s (its generation handlers are not routed in this mode)."""
+    """``/classify`` and ``/pooling`` over a :class:`PoolingEngine` with a score head; the model card, ``/tokenize``
+    and ``/detokenize`` are :class:`OpenAIServing`'s (its generation handlers are not routed in this mode)."""
 
-    engine: ClassifyEngine
+    engine: PoolingEngine
 
-    def __init__(self, settings: ServeSettings, engine: ClassifyEngine, tokenizer, metrics: ServeMetrics,
+    def __init__(self, settings: ServeSettings, engine: PoolingEngine, tokenizer, metrics: ServeMetrics,
                  chat_template: str | None = None):
         """``chat_template``: ``--chat-template``'s, used for ``messages`` instead of the tokenizer's."""
         super().__init__(settings, engine, tokenizer, metrics, None, chat_template)
@@ -392,8 +202,8 @@ class ClassifyServing(OpenAIServing):
         activation = _asked_activation(request)
         rows, usage = await self._score(request)
         if activation is not False:
-            rows = self.engine.activate(rows)
-        data = [ClassifyData(index=i, label=self.engine.labels[int(row.argmax())], probs=row.tolist(),
+            rows = self.engine.pooler.activate(rows)
+        data = [ClassifyData(index=i, label=self.engine.pooler.labels[int(row.argmax())], probs=row.tolist(),
                              num_classes=len(row)) for i, row in enumerate(rows)]
         return ClassifyResponse(model=self.model_name, data=data, usage=usage)
 
@@ -403,31 +213,30 @@ class ClassifyServing(OpenAIServing):
         activation = _asked_activation(request)
         rows, usage = await self._score(request)
         if activation:
-            rows = self.engine.activate(rows)
-        if request.encoding_format == "base64":  # vLLM's: the float32 values' bytes, little-endian
-            values = [base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode() for row in rows.numpy()]
-        else:
-            values = rows.tolist()
-        return PoolingResponse(model=self.model_name, data=[PoolingData(index=i, data=v) for i, v in enumerate(values)],
+            rows = self.engine.pooler.activate(rows)
+        return PoolingResponse(model=self.model_name, data=[PoolingData(index=i, data=v) for i, v in
+                                                            enumerate(_encoded(rows, request.encoding_format))],
                                usage=usage)
 
-    async def _score(self, request: ClassifyRequest) -> tuple[torch.Tensor, Usage]:
-        """The score rows ``[N, num_labels]`` of the request's inputs, and its usage."""
+    async def _score(self, request: InputFields) -> tuple[torch.Tensor, Usage]:
+        """The rows ``[N, pooler.width]`` of the request's inputs (score rows, embeddings), and its usage."""
         self._check_model(request.model)
-        if request.input is not None and request.messages is not None:
+        messages = getattr(request, "messages", None)  # /v1/embeddings' body has none: its input alone
+        if request.input is not None and messages is not None:
             raise APIError(400, "send input (texts or token ids) or messages (one conversation), not both", "messages")
-        if request.input is None and request.messages is None:
-            raise APIError(400, "the request needs input (texts or token ids) or messages (one conversation)", "input",
-                           "missing")
+        if request.input is None and messages is None:
+            either = " or messages (one conversation)" if isinstance(request, ClassifyRequest) else ""
+            raise APIError(400, f"the request needs input (texts or token ids){either}", "input", "missing")
         truncate = request.truncate_prompt_tokens
         if truncate is not None and truncate > self.settings.max_prompt_tokens:
             raise APIError(400, f"truncate_prompt_tokens must be <= {self.settings.max_prompt_tokens} (the most "
-                           f"tokens this server scores in one input), or -1; got {truncate}", "truncate_prompt_tokens",
+                           f"tokens this server reads in one input), or -1; got {truncate}", "truncate_prompt_tokens",
                            "invalid_value")
-        _check_chat_options(request)
-        if request.messages is not None:
+        if isinstance(request, ClassifyRequest):
+            _check_chat_options(request)
+        if messages is not None:
             check_content_parts(request)
-            size = _size([m.text() for m in request.messages])
+            size = _size([m.text() for m in messages])
         else:
             self._check_input_count(request.input)
             size = _size(request.input)
@@ -455,12 +264,12 @@ class ClassifyServing(OpenAIServing):
             raise APIError(400, f"at most {self.settings.max_pooling_inputs} inputs per request (--max-pooling-inputs); "
                            f"got {len(value)}", "input", "too_many_inputs")
 
-    def _input_ids(self, request: ClassifyRequest) -> list[list[int]]:
+    def _input_ids(self, request: InputFields) -> list[list[int]]:
         """Each input's token ids, checked (takes the tokenizer's lock)."""
         truncate = request.truncate_prompt_tokens
         if truncate == -1:  # vLLM's: cut to the model's length (max_model_len), here --max-prompt-tokens
             truncate = self.settings.max_prompt_tokens
-        if request.messages is not None:
+        if getattr(request, "messages", None) is not None:
             return [self._checked(self._conversation_ids(request), "messages", truncate)]
         value = request.input
         add_special = request.add_special_tokens is not False
@@ -516,6 +325,46 @@ class ClassifyServing(OpenAIServing):
         return ids if eos is None else [*ids, eos]
 
 
+class EmbedServing(ClassifyServing):
+    """``/v1/embeddings`` and ``/pooling`` over a :class:`PoolingEngine` with an embedding pooler (``--convert
+    embed``); its input checks and tokenization are :class:`ClassifyServing`'s, whose ``classify`` is not routed."""
+
+    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """OpenAI's ``/v1/embeddings``: one embedding per input (``--pooler-config``'s pooling and normalization)."""
+        self._check_model(request.model)
+        width = self.engine.pooler.width
+        if request.dimensions is not None and request.dimensions != width:
+            raise APIError(400, f"dimensions must be null or {width} (the model's hidden size): RetNet embeddings are "
+                           f"not matryoshka-trained, so a shortened one would be no trained embedding; got "
+                           f"{request.dimensions}", "dimensions", "invalid_value")
+        rows, usage = await self._score(request)
+        data = [EmbeddingData(index=i, embedding=v) for i, v in enumerate(_encoded(rows, request.encoding_format))]
+        return EmbeddingResponse(model=self.model_name, data=data,
+                                 usage=EmbeddingUsage(prompt_tokens=usage.prompt_tokens, total_tokens=usage.total_tokens))
+
+    async def pooling(self, request: PoolingRequest) -> PoolingResponse:
+        """vLLM's ``/pooling`` of an embedding model: per input its embedding, as ``/v1/embeddings`` gives it."""
+        if request.messages is not None:  # the reward trainer's templating has no meaning for an embedding
+            raise APIError(400, "messages: an embedding server embeds input (texts or token ids) only", "messages",
+                           "unsupported_parameter")
+        given = next((name for name in ACTIVATION_FIELDS if getattr(request, name) is not None), None)
+        if given is not None:
+            raise APIError(400, f"{given}: not supported by an embedding server (an embedding's normalization is "
+                           "--pooler-config's)", given, "unsupported_parameter")
+        rows, usage = await self._score(request)
+        return PoolingResponse(model=self.model_name, data=[PoolingData(index=i, data=v) for i, v in
+                                                            enumerate(_encoded(rows, request.encoding_format))],
+                               usage=usage)
+
+
+def _encoded(rows: torch.Tensor, encoding_format: str) -> list[list[float]] | list[str]:
+    """Rows ``[N, width]`` as JSON carries them: floats, or (``base64``, OpenAI's and vLLM's) each row's float32
+    bytes, little-endian, in base64."""
+    if encoding_format == "base64":
+        return [base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode() for row in rows.numpy()]
+    return rows.tolist()
+
+
 def _asked_activation(request: ClassifyRequest) -> bool | None:
     """The request's ``use_activation``, or vLLM's deprecated ``softmax`` / ``activation`` spelling of it (None:
     the route's default). Given together they must agree: a 400 names the one that does not."""
@@ -558,5 +407,5 @@ def _check_chat_options(request: ClassifyRequest) -> None:
                            "EOS", where, "unsupported_parameter")
 
 
-__all__ = ["POOLING_ROUTES", "ClassifyEngine", "ClassifyRequest", "ClassifyResponse", "ClassifyServing",
-           "PoolingRequest", "PoolingResponse"]
+__all__ = ["EMBEDDING_ROUTES", "POOLING_ROUTES", "ClassifyRequest", "ClassifyResponse", "ClassifyServing",
+           "EmbedServing", "EmbeddingRequest", "EmbeddingResponse", "PoolingRequest", "PoolingResponse"]

@@ -70,13 +70,15 @@ class ServeMetrics:
                                     "(--max-cpu-loras), by outcome: ok, failed, changed", ["outcome"], registry=r)
         self.lora_evictions = Counter("retnet_lora_evictions", "LoRA adapters evicted to make room "
                                       "(--max-cpu-loras)", registry=r)
-        # A classifier (/classify, /pooling): what its forwards ran.
-        self.pooling_inputs = Counter("retnet_pooling_inputs", "inputs scored by the classifier (/classify, "
-                                      "/pooling)", registry=r)
-        self.pooling_tokens = Counter("retnet_pooling_tokens", "tokens of the inputs scored by the classifier",
+        # The pooling engine (a classifier's /classify and /pooling, --convert embed's /v1/embeddings and /pooling):
+        # what its forwards ran.
+        self.pooling_inputs = Counter("retnet_pooling_inputs", "inputs pooled: scored by a classifier or embedded "
+                                      "(/classify, /pooling, /v1/embeddings)", registry=r)
+        self.pooling_tokens = Counter("retnet_pooling_tokens", "tokens of the inputs pooled (scored or embedded)",
                                       registry=r)
-        self.pooling_batch = Histogram("retnet_pooling_batch_inputs", "inputs packed together in one classifier "
-                                       "forward", buckets=BATCH_BUCKETS, registry=r)
+        self.pooling_batch = Histogram("retnet_pooling_batch_inputs", "inputs packed together in one pooling "
+                                       "forward (a classifier's or an embedding model's)", buckets=BATCH_BUCKETS,
+                                       registry=r)
         self.engine_ready = Gauge("retnet_engine_ready", "1 while the engine serves", registry=r)
         self.ttft = Histogram("retnet_time_to_first_token_seconds", "arrival to first token", buckets=LATENCY_BUCKETS,
                               registry=r)

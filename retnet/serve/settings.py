@@ -34,6 +34,16 @@ class ServeSettings(BaseSettings):
     # request may still name the base model by it, as by a directory's path.
     _hub_id: str | None = PrivateAttr(None)
     _resolved: bool = PrivateAttr(False)  # resolve_model_source's output (run_batch resolves, then create_app)
+    convert: Literal["auto", "embed"] = Field(
+        "auto", description="what the model is served as (vLLM's --convert): auto: as its export says (a causal LM "
+        "generates, a *ForSequenceClassification export classifies); embed: an embedding model, the backbone's pooled "
+        "hidden states on /v1/embeddings and /pooling (a causal LM's or a classifier's export)"
+    )
+    pooler_config: dict[str, Any] | str | None = Field(
+        None, description="with --convert embed, how hidden states become an embedding (vLLM's --pooler-config "
+        "JSON): {\"pooling_type\": \"LAST\" (the last token's) or \"MEAN\" (the tokens' mean), \"normalize\": true "
+        "(L2) or false}; none: LAST, normalized"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1 ...")
@@ -49,10 +59,12 @@ class ServeSettings(BaseSettings):
     # -- scheduling -------------------------------------------------------------------------------------------
     max_running: int = Field(64, ge=1, description="sequences decoded together in one batched recurrent step")
     max_queue: int = Field(256, ge=0, description="sequences waiting for a slot; beyond it requests get 429 (a "
-                           "classifier's: the /classify and /pooling requests being answered, at least 1)")
+                           "classifier's or embedding model's: the /classify, /pooling and /v1/embeddings requests "
+                           "being answered, at least 1)")
     prefill_chunk_tokens: int = Field(512, ge=1, description="a prompt is prefilled in pieces of this many tokens")
     prefill_token_budget: int = Field(2048, ge=1, description="prompt tokens prefilled between two decode steps; "
-                                      "a classifier's: the tokens of the inputs packed into one forward")
+                                      "a classifier's or embedding model's: the tokens of the inputs packed into one "
+                                      "forward")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header sent with 429")
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running streams get this long to finish")
 
@@ -66,8 +78,8 @@ class ServeSettings(BaseSettings):
     max_stop_chars: int = Field(64, ge=1)
     max_logprobs: int = Field(5, ge=0, description="top alternatives per token in `logprobs`")
     max_body_bytes: int = Field(1 << 20, ge=1024)
-    max_pooling_inputs: int = Field(1024, ge=1, description="inputs in one /classify or /pooling request (a "
-                                    "classifier --model)")
+    max_pooling_inputs: int = Field(1024, ge=1, description="inputs in one /classify, /pooling or "
+                                    "/v1/embeddings request (a classifier --model, --convert embed)")
 
     # -- state reuse ------------------------------------------------------------------------------------------
     prefix_cache_entries: int = Field(64, ge=0, description="saved prompt-prefix states (LRU); 0 turns the cache off")
@@ -205,6 +217,21 @@ class ServeSettings(BaseSettings):
     def _parse_speculative(cls, value):
         return parse_speculative_config(value)
 
+    @field_validator("pooler_config", mode="before")
+    @classmethod
+    def _parse_pooler(cls, value):
+        from retnet.serve.pooling import parse_pooler_config
+
+        return parse_pooler_config(value)
+
+    @model_validator(mode="after")
+    def _pooler_config_embeds(self):
+        # Read by the embedding pooler alone: a classifier's head and generation would ignore it silently.
+        if self.pooler_config is not None and self.convert != "embed":
+            raise ValueError(f"pooler_config (--pooler-config) only applies with convert embed (--convert embed); got "
+                             f"{json.dumps(self.pooler_config)} with convert {self.convert!r}")
+        return self
+
     @field_validator("tool_call_parser", mode="before")
     @classmethod
     def _no_parser(cls, value):
@@ -256,6 +283,14 @@ class ServeSettings(BaseSettings):
             if module["name"] in (self.model_name, *self.model_paths):
                 raise ValueError(f"lora_modules: the adapter name {module['name']!r} is the base model's name")
         return self
+
+    @property
+    def pooler(self) -> dict[str, Any]:
+        """``pooler_config`` with vLLM's defaults for a decoder LM converted to embed filled in: ``pooling_type``
+        LAST, ``normalize`` true."""
+        from retnet.serve.pooling import POOLER_DEFAULTS
+
+        return {**POOLER_DEFAULTS, **(self.pooler_config or {})}
 
     @property
     def speculative(self) -> SpeculativeConfig | None:
@@ -438,18 +473,23 @@ GENERATION_ONLY_SETTINGS = (
 )
 
 
-def check_classifier_settings(settings: ServeSettings) -> None:
-    """Refuse, for a classifier ``--model``, each generation-only setting (:data:`GENERATION_ONLY_SETTINGS`) given a
-    value other than its default, rather than the server starting without them. The message names where the value
-    came from, as the operator would remove it: the ``RETNET_*`` variable (or vLLM's
-    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) when that is set and reads as the value, else the flag."""
+def check_classifier_settings(settings: ServeSettings, mode: Literal["classify", "embed"] = "classify") -> None:
+    """Refuse, for a classifier ``--model`` (``mode`` classify) or an embedding server (``--convert embed``), each
+    generation-only setting (:data:`GENERATION_ONLY_SETTINGS`) given a value other than its default, rather than the
+    server starting without them. The message names where the value came from, as the operator would remove it: the
+    ``RETNET_*`` variable (or vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) when that is set and reads as the value,
+    else the flag."""
     for name in GENERATION_ONLY_SETTINGS:
         value = getattr(settings, name)
         if value == ServeSettings.model_fields[name].get_default(call_default_factory=True):
             continue
         flag = "--" + name.replace("_", "-")
-        why = (f"only applies to generation, and --model {settings.model!r} is a classifier (served by /classify "
-               "and /pooling)")
+        if mode == "embed":
+            why = ("only applies to generation, and --convert embed serves embeddings (by /v1/embeddings and "
+                   "/pooling)")
+        else:
+            why = (f"only applies to generation, and --model {settings.model!r} is a classifier (served by /classify "
+                   "and /pooling)")
         if name == "allow_runtime_lora_updating" and vllm_runtime_lora_variable():
             # vLLM's variable turns it on whatever the flag says: only unsetting it helps.
             raw = os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]

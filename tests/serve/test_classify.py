@@ -18,7 +18,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from retnet.model import RetNetConfig, RetNetForSequenceClassification
 from retnet.serve.app import create_app
-from retnet.serve.classify import ClassifyEngine, ClassifyRequest
+from retnet.serve.classify import ClassifyRequest
+from retnet.serve.pooling import PoolingEngine as ClassifyEngine
 from retnet.serve.protocol import APIError
 from retnet.serve.settings import ServeSettings, StartupError
 from tests.serve.conftest import ServerProcess, make_settings, serve_app

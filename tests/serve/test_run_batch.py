@@ -71,7 +71,7 @@ async def test_batch_file_matches_the_server(model_dir, tmp_path, open_app):
         line("streamed", COMPLETIONS, {"prompt": "x", "stream": True}),
         "",                                                                                    # blank: skipped
         line("chat-1", COMPLETIONS, {"prompt": "again"}),                                      # duplicate custom_id
-        line("embed", "/v1/embeddings", {"input": "x"}),                                       # not a route here
+        line("audio", "/v1/audio/transcriptions", {"input": "x"}),                             # not a route here
         line("chat-2", *good["chat-2"]),
         line("bad-param", COMPLETIONS, {"prompt": "x", "temperature": -1}),                    # the server's 400
         line("bad-model", CHAT, {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),  # its 404
@@ -85,7 +85,7 @@ async def test_batch_file_matches_the_server(model_dir, tmp_path, open_app):
     assert "run_batch: 10 requests, 6 failed" in proc.stderr  # the summary line
     results = [json.loads(text) for text in out.read_text().splitlines()]
 
-    expected_ids = ["chat-1", "cmpl-1", None, "streamed", "chat-1", "embed", "chat-2", "bad-param", "bad-model",
+    expected_ids = ["chat-1", "cmpl-1", None, "streamed", "chat-1", "audio", "chat-2", "bad-param", "bad-model",
                     "cmpl-2"]
     assert [r["custom_id"] for r in results] == expected_ids  # one line per request, in input order
     assert len({r["id"] for r in results}) == len(results) and all(r["id"].startswith("batch_req_") for r in results)

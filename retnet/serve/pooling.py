@@ -1,0 +1,400 @@
+"""The pooling engine: one model thread that packs the inputs of every waiting request into one ``cu_seqlens``
+forward and hands each input one pooled row. What a row is depends on the pooler:
+
+- :class:`ScorePooler`: a classifier's or reward model's score head at each input's last token (``/classify``,
+  ``/pooling`` of a ``RetNetForSequenceClassification`` export);
+- :class:`EmbedPooler`: the backbone's final-norm hidden states, at each input's last token (LAST) or averaged over
+  it (MEAN), L2-normalized in fp32 or not (``--convert embed``: ``/v1/embeddings``, ``/pooling``).
+
+:class:`PoolingEngine` owns the model on a thread of its own: the waiting inputs are packed into one row (one
+segment an input) of at most ``--prefill-token-budget`` tokens (an input longer than the budget runs alone); each
+input's row reaches its request on the event loop (``call_soon_threadsafe``). The handlers are in
+:mod:`retnet.serve.classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from retnet.serve.engine import _device, _dtype, _load_config
+from retnet.serve.metrics import ServeMetrics
+from retnet.serve.protocol import APIError
+from retnet.serve.sequence import EngineUnavailable, QueueFull
+from retnet.serve.settings import ServeSettings
+
+logger = logging.getLogger("retnet.serve")
+
+# Weights of the heads an embedding backbone leaves behind: an LM's (untied) lm_head, a classifier's score.
+HEAD_PREFIXES = ("lm_head.", "score.")
+
+
+# --pooler-config (settings.py reads it through parse_pooler_config).
+POOLER_DEFAULTS: dict[str, Any] = {"pooling_type": "LAST", "normalize": True}
+# The pooling types served. vLLM's others are not: a causal model's first token has read nothing else (CLS), and
+# per-token (ALL) or step outputs are no one embedding of the input.
+POOLING_TYPES = ("LAST", "MEAN")
+
+
+def parse_pooler_config(value) -> dict[str, Any] | None:
+    """``--pooler-config`` (JSON text or a dict; empty, ``none`` or null: the defaults) checked: ``pooling_type``
+    LAST or MEAN (any case), ``normalize`` a boolean. Errors name the flag, the field and the value received."""
+    where = "pooler_config (--pooler-config)"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "none", "null"):
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} must be a JSON object; {exc}: {value[:80]!r}") from None
+        if value is None:
+            return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a JSON object; got {json.dumps(value)[:80]}")
+    unknown = sorted(set(value) - set(POOLER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} (got {json.dumps(value)[:120]}); "
+                         f"accepted: {', '.join(POOLER_DEFAULTS)}")
+    out = {}
+    if value.get("pooling_type") is not None:
+        kind = value["pooling_type"]
+        if not isinstance(kind, str) or kind.upper() not in POOLING_TYPES:
+            raise ValueError(f"{where}: pooling_type must be one of {', '.join(POOLING_TYPES)} (a causal model's CLS "
+                             f"token has read only itself); got {json.dumps(kind)}")
+        out["pooling_type"] = kind.upper()
+    if value.get("normalize") is not None:
+        if not isinstance(value["normalize"], bool):
+            raise ValueError(f"{where}: normalize must be true or false; got {json.dumps(value['normalize'])}")
+        out["normalize"] = value["normalize"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Poolers: what one forward of the packed row gives each input
+# ----------------------------------------------------------------------------------------------------------
+class Pooler(Protocol):
+    kind: str  # what the served model is, for log lines and messages ("classifier", "embedding model")
+    noun: str  # what a row is ("score", "embedding")
+    width: int  # a row's length
+
+    def load(self, path: str, dtype: torch.dtype) -> torch.nn.Module: ...
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def __call__(self, model: torch.nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor: ...
+
+
+class ScorePooler:
+    """A classifier's or reward model's score rows ``[N, num_labels]``: the score head at each input's last token."""
+
+    kind, noun = "classifier", "score"
+
+    def __init__(self, config):
+        self.config = config
+        self.width = self.num_labels = int(config.num_labels)
+        id2label = config.id2label or {}
+        self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(self.num_labels)]
+
+    def load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def __call__(self, model, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]``: the score rows ``[N, num_labels]`` in fp32."""
+        return model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False).logits.float()
+
+    def activate(self, rows: torch.Tensor) -> torch.Tensor:
+        """vLLM's classification activation of score rows ``[N, num_labels]``: the config's ``problem_type`` as
+        transformers' losses read it (regression: none; multi-label: sigmoid per label), else softmax over the
+        labels when there are several and sigmoid for a single one (a reward model's probability)."""
+        problem = getattr(self.config, "problem_type", None)
+        if problem == "regression":
+            return rows
+        if problem == "multi_label_classification" or rows.shape[-1] == 1:
+            return torch.sigmoid(rows)
+        return torch.softmax(rows, dim=-1)
+
+
+class EmbedPooler:
+    """Embeddings ``[N, hidden_size]`` of the backbone (``RetNetModel``): the final norm's output at each input's
+    last token (``LAST``: under causal retention the one state that has read the whole input) or averaged over its
+    tokens (``MEAN``), then L2-normalized (``normalize``), all in fp32."""
+
+    kind, noun = "embedding model", "embedding"
+
+    def __init__(self, config, pooling_type: Literal["LAST", "MEAN"] = "LAST", normalize: bool = True):
+        self.width = int(config.hidden_size)
+        self.pooling_type, self.normalize = pooling_type, normalize
+
+    def load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        """The backbone of ``path``'s export (a causal LM's or a classifier's: its ``model.*`` weights), refused
+        when any of its weights is missing, a size does not match or an unknown weight is left over: a backbone
+        that loads partly would embed with random layers and nothing would say so."""
+        from transformers import AutoModel
+
+        model, info = AutoModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        left = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(HEAD_PREFIXES))
+        problems = {"missing": sorted(info.get("missing_keys", ())), "mismatched":
+                    sorted(str(k) for k in info.get("mismatched_keys", ())), "unexpected": left}
+        wrong = {what: keys for what, keys in problems.items() if keys}
+        if wrong:
+            shown = "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                              for what, keys in wrong.items())
+            raise RuntimeError(f"the backbone of {path!r} did not load whole ({shown}); expected a RetNet export "
+                               "(RetNetForCausalLM or RetNetForSequenceClassification) whose weights match its config")
+        heads = sorted(k for k in info.get("unexpected_keys", ()) if k.startswith(HEAD_PREFIXES))
+        if heads:  # transformers' load report lists them as unexpected: say why that is expected here
+            logger.info("embedding with the backbone of %s: its head's weights (%s) are not used", path,
+                        ", ".join(heads))
+        return model
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        # A causal LM or a classifier given already loaded (tests): its backbone, as load() takes it.
+        return model.base_model
+
+    def __call__(self, model, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]``: the embeddings ``[N, hidden_size]`` in fp32."""
+        hidden = model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False).last_hidden_state[0].float()  # [T, d]
+        if self.pooling_type == "LAST":
+            rows = hidden[cu_seqlens[1:] - 1]
+        else:  # each segment's sum over its own tokens, divided by its length
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+            rows = hidden.new_zeros(len(lengths), hidden.shape[-1]).index_add_(0, segment, hidden)
+            rows = rows / lengths[:, None].to(rows.dtype)
+        return F.normalize(rows, dim=-1) if self.normalize else rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(slots=True, eq=False)
+class PoolingInput:
+    """One input waiting to be run: its token ids, its place among its request's inputs, and the future (of
+    ``loop``) its row is set on."""
+
+    ids: list[int]
+    index: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class PoolingEngine:
+    """Owns the model and the thread that runs it; :meth:`score` is what requests call."""
+
+    def __init__(self, settings: ServeSettings, metrics: ServeMetrics, model=None, pooler: Pooler | None = None):
+        """``model``: a loaded model to serve instead of ``settings.model``'s (tests); ``pooler``: what a row is
+        (default: ``--convert embed``'s embeddings as ``--pooler-config`` says, else the score head's)."""
+        self.settings, self.metrics, self.model = settings, metrics, model
+        self.config = model.config if model is not None else _load_config(settings.model)
+        if pooler is None:
+            embed = settings.convert == "embed"
+            pooler = EmbedPooler(self.config, **settings.pooler) if embed else ScorePooler(self.config)
+        self.pooler = pooler
+        self.vocab_size = int(self.config.vocab_size)
+        # What OpenAIServing's /tokenize, /detokenize and model card read of an engine: no LoRA adapter is served
+        # here, and nothing is generated that could stop.
+        self.adapters: dict = {}
+        self.eos_ids: set[int] = set()
+        self.cond = threading.Condition()
+        self.waiting: deque[PoolingInput] = deque()  # guarded by cond
+        # The batch taken off `waiting` and not yet settled (the model's thread alone): failed too if the thread dies.
+        self.running: list[PoolingInput] = []
+        self.requests = 0  # requests being answered (queued or running); guarded by cond
+        self.accepting, self.stopping, self.ready = True, False, False
+        self.dead: str | None = None
+        self.thread: threading.Thread | None = None
+        self.device = torch.device("cpu")
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the thread; it loads the model (``/health`` is 503 until then)."""
+        self.thread = threading.Thread(target=self._run, name="retnet-pooling", daemon=True)
+        self.thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready and self.dead is None and not self.stopping
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.ready and self.dead is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.ready and self.dead is None
+
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        """Stop accepting requests, give those being answered up to ``grace_s``, then fail the rest (503)."""
+        with self.cond:
+            self.accepting = False
+        deadline = time.monotonic() + grace_s
+        while self.requests > 0 and time.monotonic() < deadline and self.dead is None:
+            time.sleep(0.02)
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self.metrics.engine_ready.set(0)
+
+    # -- the API requests call (event-loop thread) ----------------------------------------------------------------
+    async def score(self, inputs: list[list[int]]) -> list[torch.Tensor]:
+        """Each input's row, ``[pooler.width]`` fp32 on the CPU (a classifier's raw scores, an embedding).
+
+        Raises EngineUnavailable or QueueFull before anything is queued; APIError (500) when the forward that ran
+        one of the inputs failed or gave it inf/NaN. Cancelled (the client left), the inputs not yet run are
+        skipped."""
+        loop = asyncio.get_running_loop()
+        items = [PoolingInput(ids, index, loop.create_future(), loop) for index, ids in enumerate(inputs)]
+        with self.cond:
+            # Checked under the lock: a request queued after the thread's last look at the queue is never answered.
+            if not self.healthy or not self.accepting:
+                raise EngineUnavailable(self.dead or "the engine is not ready")
+            limit = max(1, self.settings.max_queue)
+            if self.requests >= limit:
+                raise QueueFull(f"{self.requests} requests in the {self.pooler.kind}; the limit is {limit} "
+                                "(--max-queue)")
+            self.requests += 1
+            self.waiting.extend(items)
+            self.metrics.queue_depth.set(len(self.waiting))
+            self.cond.notify_all()
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        finally:
+            for item in items:  # those still queued (another input failed, or the caller was cancelled) are skipped
+                item.future.cancel()
+            with self.cond:
+                self.requests -= 1
+
+    # -- the model's thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        kind = self.pooler.kind
+        try:
+            self._load()
+            self.ready = True
+            self.metrics.engine_ready.set(1)
+            logger.info("%s ready on %s (rows of %d)", kind, self.device, self.pooler.width)
+            with torch.inference_mode():
+                while (batch := self._next_batch()) is not None:
+                    self.running = batch
+                    if batch:
+                        self._forward(batch)
+                    self.running = []
+            self._fail_waiting(503, "the server is shutting down", "unavailable")
+        except Exception as exc:  # the model did not load (or a bug): /health turns 503, requests are answered
+            logger.exception("%s engine failed", kind)
+            self.dead = f"engine failed: {type(exc).__name__}: {exc}"
+            self.metrics.engine_ready.set(0)
+            # The batch in hand too: its requests wait on it, and nothing else would settle it. Those of its
+            # futures already settled keep their results (_set_results skips them).
+            failure = (503, self.dead, "engine_failure")
+            self._settle(self.running, [failure] * len(self.running))
+            self.running = []
+            self._fail_waiting(*failure)
+
+    def _load(self) -> None:
+        self.device = _device(self.settings)
+        if self.model is None:
+            self.model = self.pooler.load(self.settings.model, getattr(torch, _dtype(self.settings, self.device)))
+        self.model = self.pooler.prepare(self.model).to(self.device).eval()
+
+    def _next_batch(self) -> list[PoolingInput] | None:
+        """The waiting inputs, in arrival order, whose tokens fit the budget together (an input over it alone);
+        None once the engine stops."""
+        budget = self.settings.prefill_token_budget
+        with self.cond:
+            while not self.waiting and not self.stopping:
+                self.cond.wait()
+            if self.stopping:
+                return None
+            batch, tokens = [], 0
+            while self.waiting:
+                item = self.waiting[0]
+                if item.future.cancelled():  # its request stopped waiting for it
+                    self.waiting.popleft()
+                    continue
+                if batch and tokens + len(item.ids) > budget:
+                    break
+                batch.append(self.waiting.popleft())
+                tokens += len(item.ids)
+            self.metrics.queue_depth.set(len(self.waiting))
+        return batch
+
+    def _forward(self, batch: list[PoolingInput]) -> None:
+        """Run ``batch`` packed into one row. A forward that raises, or that does not answer one row of
+        ``pooler.width`` values per input, fails this batch's requests alone (500 ``forward_failed``); an input
+        given inf or NaN fails its own request alone (500 ``non_finite_score``: JSON cannot carry the value)."""
+        lengths = [len(item.ids) for item in batch]
+        kind, noun, width = self.pooler.kind, self.pooler.noun, self.pooler.width
+        try:
+            ids = torch.tensor([[token for item in batch for token in item.ids]], dtype=torch.long, device=self.device)
+            cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.long, device=self.device)
+            rows = self.pooler(self.model, ids, cu_seqlens).cpu()
+            # Checked here: an input without its row would never be answered, its request waiting forever.
+            if tuple(rows.shape) != (len(batch), width):
+                raise RuntimeError(f"it returned {noun}s of shape {tuple(rows.shape)} for {len(batch)} inputs of "
+                                   f"width {width} (expected one row per input)")
+            finite = torch.isfinite(rows).all(dim=-1).tolist()
+        except Exception as exc:
+            logger.exception("%s forward failed (%d inputs, %d tokens)", kind, len(batch), sum(lengths))
+            message = f"the {kind}'s forward failed: {type(exc).__name__}: {exc}"
+            self._settle(batch, [(500, message, "forward_failed")] * len(batch))
+            return
+        self.metrics.pooling_inputs.inc(len(batch))
+        self.metrics.pooling_tokens.inc(sum(lengths))
+        self.metrics.pooling_batch.observe(len(batch))
+        if not all(finite):
+            logger.warning("the %s gave %d of %d inputs an inf or NaN %s", kind, finite.count(False), len(batch), noun)
+        self._settle(batch, [row if ok else (500, f"the model produced a non-finite {noun} (inf or NaN) for input "
+                                             f"{item.index} of the request, which JSON cannot carry: a float16 "
+                                             "overflow, say (try --dtype float32), or diverged weights",
+                                             "non_finite_score")
+                             for item, row, ok in zip(batch, rows, finite, strict=True)])
+
+    def _fail_waiting(self, status: int, message: str, code: str) -> None:
+        with self.cond:
+            batch = list(self.waiting)
+            self.waiting.clear()
+            self.metrics.queue_depth.set(0)
+        self._settle(batch, [(status, message, code)] * len(batch))
+
+    @staticmethod
+    def _settle(batch: list[PoolingInput], outcomes: list[torch.Tensor | tuple[int, str, str]]) -> None:
+        """Hand each input its outcome, on its event loop: its row, or a failure (status, message, code)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for item, outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(item.loop, []).append((item.future, outcome))
+        for loop, results in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for these any more
+                loop.call_soon_threadsafe(_set_results, results)
+
+
+def _set_results(results: list[tuple[asyncio.Future, torch.Tensor | tuple[int, str, str]]]) -> None:
+    for future, outcome in results:
+        if future.done():  # cancelled (its request is gone), or settled before the engine failed
+            continue
+        if isinstance(outcome, tuple):  # one error a request: each raises its own
+            status, message, code = outcome
+            future.set_exception(APIError(status, message, None, code, type="server_error"))
+        else:
+            future.set_result(outcome)
+
+
+__all__ = ["POOLER_DEFAULTS", "EmbedPooler", "Pooler", "PoolingEngine", "PoolingInput", "ScorePooler",
+           "parse_pooler_config"]
