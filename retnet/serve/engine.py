@@ -45,6 +45,7 @@ from retnet.serve.sequence import (
     EngineFailure,
     EngineUnavailable,
     Group,
+    ModelThread,
     QueueFull,
     RequestHandle,
     SeqOutput,
@@ -64,7 +65,7 @@ logger = logging.getLogger("retnet.serve")
 PREFILL_MODE = "chunkwise"
 
 
-class Engine:
+class Engine(ModelThread):
     """Owns the model, the tokenizer's decoder, the state caches and the scheduler thread."""
 
     def __init__(self, settings: ServeSettings, tokenizer, metrics: ServeMetrics, model=None):
@@ -118,30 +119,11 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="retnet-scheduler", daemon=True)
         self.thread.start()
 
-    @property
-    def healthy(self) -> bool:
-        return self.ready and self.dead is None and not self.stopping
+    def _in_flight(self) -> int:
+        return self.in_system
 
-    def wait_ready(self, timeout: float = 120.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.ready and self.dead is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.ready and self.dead is None
-
-    def shutdown(self, grace_s: float = 0.0) -> None:
-        """Stop accepting work, let running sequences finish for up to ``grace_s``, then cancel the rest."""
-        with self.cond:
-            self.accepting = False
-        deadline = time.monotonic() + grace_s
-        while self.in_system > 0 and time.monotonic() < deadline and self.dead is None:
-            time.sleep(0.02)
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-        if self.thread is not None:
-            self.thread.join(timeout=30)
+    def _after_stop(self) -> None:
         self.sessions.close()  # --session-dir: the last turns' states written before the process goes
-        self.metrics.engine_ready.set(0)
 
     # -- LoRA adapters (vLLM's /v1/load_lora_adapter; event-loop thread) -------------------------------------------
     @property

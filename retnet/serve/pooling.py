@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 from retnet.serve.engine import _device, _dtype, _load_config
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import APIError
-from retnet.serve.sequence import EngineUnavailable, QueueFull
-from retnet.serve.settings import ServeSettings
+from retnet.serve.sequence import EngineUnavailable, ModelThread, QueueFull
+from retnet.serve.settings import ServeSettings, json_object_setting
 
 logger = logging.getLogger("retnet.serve")
 
@@ -51,23 +50,9 @@ def parse_pooler_config(value) -> dict[str, Any] | None:
     """``--pooler-config`` (JSON text or a dict; empty, ``none`` or null: the defaults) checked: ``pooling_type``
     LAST or MEAN (any case), ``normalize`` a boolean. Errors name the flag, the field and the value received."""
     where = "pooler_config (--pooler-config)"
+    value = json_object_setting(value, where, tuple(POOLER_DEFAULTS))
     if value is None:
         return None
-    if isinstance(value, str):
-        if value.strip().lower() in ("", "none", "null"):
-            return None
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} must be a JSON object; {exc}: {value[:80]!r}") from None
-        if value is None:
-            return None
-    if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a JSON object; got {json.dumps(value)[:80]}")
-    unknown = sorted(set(value) - set(POOLER_DEFAULTS))
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} (got {json.dumps(value)[:120]}); "
-                         f"accepted: {', '.join(POOLER_DEFAULTS)}")
     out = {}
     if value.get("pooling_type") is not None:
         kind = value["pooling_type"]
@@ -196,7 +181,7 @@ class PoolingInput:
     loop: asyncio.AbstractEventLoop
 
 
-class PoolingEngine:
+class PoolingEngine(ModelThread):
     """Owns the model and the thread that runs it; :meth:`score` is what requests call."""
 
     def __init__(self, settings: ServeSettings, metrics: ServeMetrics, model=None, pooler: Pooler | None = None):
@@ -229,29 +214,8 @@ class PoolingEngine:
         self.thread = threading.Thread(target=self._run, name="retnet-pooling", daemon=True)
         self.thread.start()
 
-    @property
-    def healthy(self) -> bool:
-        return self.ready and self.dead is None and not self.stopping
-
-    def wait_ready(self, timeout: float = 120.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.ready and self.dead is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.ready and self.dead is None
-
-    def shutdown(self, grace_s: float = 0.0) -> None:
-        """Stop accepting requests, give those being answered up to ``grace_s``, then fail the rest (503)."""
-        with self.cond:
-            self.accepting = False
-        deadline = time.monotonic() + grace_s
-        while self.requests > 0 and time.monotonic() < deadline and self.dead is None:
-            time.sleep(0.02)
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-        if self.thread is not None:
-            self.thread.join(timeout=30)
-        self.metrics.engine_ready.set(0)
+    def _in_flight(self) -> int:
+        return self.requests  # the rest fail with 503 once the thread stops
 
     # -- the API requests call (event-loop thread) ----------------------------------------------------------------
     async def score(self, inputs: list[list[int]]) -> list[torch.Tensor]:

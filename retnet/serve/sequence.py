@@ -32,6 +32,46 @@ class QueueFull(Exception):
     """More sequences than ``max_running + max_queue`` would be in the server."""
 
 
+class ModelThread:
+    """The lifecycle both engines share (the generation :class:`~retnet.serve.engine.Engine` and the
+    :class:`~retnet.serve.pooling.PoolingEngine`): one thread owns the model, ``healthy`` from its load until it dies
+    or stops. A subclass sets ``cond``, ``accepting``, ``stopping``, ``ready``, ``dead``, ``thread`` and ``metrics``,
+    and says what it has in flight."""
+
+    def _in_flight(self) -> int:
+        """Work admitted and not finished (read without the lock: a stale count only ends the wait a poll later)."""
+        raise NotImplementedError
+
+    def _after_stop(self) -> None:
+        """Run once the model's thread has stopped."""
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready and self.dead is None and not self.stopping
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.ready and self.dead is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.ready and self.dead is None
+
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        """Stop accepting work, let what is in flight finish for up to ``grace_s``, then stop the thread (which
+        cancels or fails the rest)."""
+        with self.cond:
+            self.accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._in_flight() > 0 and time.monotonic() < deadline and self.dead is None:
+            time.sleep(0.02)
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self._after_stop()
+        self.metrics.engine_ready.set(0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # What the engine sends back
 # ----------------------------------------------------------------------------------------------------------

@@ -337,11 +337,10 @@ class SpeculativeConfig:
 SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
 
 
-def parse_speculative_config(value) -> dict[str, Any] | None:
-    """``--speculative-config`` (JSON text or a dict; empty, ``none`` or null: off) checked and completed as vLLM
-    completes it: a missing ``prompt_lookup_min`` / ``prompt_lookup_max`` takes the other's value, both missing
-    are 5. Errors name the field and the value received."""
-    where = "speculative_config (--speculative-config)"
+def json_object_setting(value, where: str, accepted: tuple[str, ...]) -> dict[str, Any] | None:
+    """A JSON-object flag (vLLM's ``--speculative-config``, ``--pooler-config``): JSON text or a dict, None for
+    empty, ``none`` or null; anything else than an object of ``accepted`` keys is refused naming ``where`` and the
+    value."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -355,10 +354,21 @@ def parse_speculative_config(value) -> dict[str, Any] | None:
             return None
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be a JSON object; got {json.dumps(value)[:80]}")
-    unknown = sorted(set(value) - set(SPECULATIVE_KEYS))
+    unknown = sorted(set(value) - set(accepted))
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; accepted: "
-                         f"{', '.join(SPECULATIVE_KEYS)}")
+        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} (got {json.dumps(value)[:120]}); "
+                         f"accepted: {', '.join(accepted)}")
+    return value
+
+
+def parse_speculative_config(value) -> dict[str, Any] | None:
+    """``--speculative-config`` (JSON text or a dict; empty, ``none`` or null: off) checked and completed as vLLM
+    completes it: a missing ``prompt_lookup_min`` / ``prompt_lookup_max`` takes the other's value, both missing
+    are 5. Errors name the field and the value received."""
+    where = "speculative_config (--speculative-config)"
+    value = json_object_setting(value, where, SPECULATIVE_KEYS)
+    if value is None:
+        return None
     method = value.get("method")
     if method != "ngram":
         raise ValueError(f"{where}: method must be 'ngram' (prompt lookup; draft models, EAGLE, MTP ... are not "

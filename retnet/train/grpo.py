@@ -66,6 +66,7 @@ from retnet.train.data import (
     tokenizer_fingerprint,
 )
 from retnet.train.distributed import is_distributed
+from retnet.train.preference import pack_completions
 from retnet.train.prompts import PromptEncoder, Prompts, load_prompt_rows
 from retnet.train.rewards import resolve, source_names
 
@@ -105,19 +106,9 @@ class GrpoBatch(NamedTuple):
 
 def pack(prompts: list[np.ndarray], completions: list[np.ndarray], advantages: torch.Tensor) -> GrpoBatch:
     """The :class:`GrpoBatch` of (prompt, completion) ids with their advantages."""
-    pieces, keep, labels, sequence, bounds = [], [], [], [], [0]
-    for number, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        offset = bounds[-1]
-        pieces += [prompt, completion]
-        # the logits at position t predict token t + 1: the last prompt token predicts the first completion token
-        keep.append(np.arange(offset + len(prompt) - 1, offset + len(prompt) + len(completion) - 1))
-        labels.append(completion)
-        sequence.append(np.full(len(completion), number))
-        bounds.append(offset + len(prompt) + len(completion))
-    as_long = lambda arrays: torch.from_numpy(np.concatenate(arrays).astype(np.int64))
-    return GrpoBatch(as_long(pieces)[None], torch.tensor(bounds, dtype=torch.long), as_long(keep), as_long(labels),
-                     as_long(sequence), advantages.float().cpu(), torch.tensor([len(c) for c in completions]),
-                     torch.zeros(0))
+    input_ids, bounds, keep, labels, sequence, lengths = pack_completions(list(zip(prompts, completions, strict=True)))
+    return GrpoBatch(input_ids, torch.tensor(bounds, dtype=torch.long), keep, labels, sequence,
+                     advantages.float().cpu(), lengths, torch.zeros(0))
 
 
 def token_logps(model: torch.nn.Module, batch: GrpoBatch, temperature: float = 1.0) -> torch.Tensor:

@@ -246,9 +246,11 @@ class PairBatch(NamedTuple):
         return PairBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
 
 
-def pack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pairs: np.ndarray) -> PairBatch:
-    """The :class:`PairBatch` of (prompt, chosen, rejected) ids; ``pairs``: their indices, for the reference."""
-    sequences = [(p, c) for p, c, _ in parts] + [(p, r) for p, _, r in parts]
+def pack_completions(sequences: list[tuple[np.ndarray, np.ndarray]]) -> tuple:
+    """(prompt, completion) id arrays packed into one row: ``(input_ids [1, N], bounds, keep, labels, sequence,
+    lengths)``, ``bounds`` the ``cu_seqlens`` values as a list; ``keep`` the positions whose next token is a
+    completion token, ``labels`` that token, ``sequence`` its sequence, ``lengths`` each completion's token count.
+    DPO's pairs and GRPO's completions are both packed so."""
     pieces, keep, labels, sequence, bounds = [], [], [], [], [0]
     for number, (prompt, completion) in enumerate(sequences):
         offset = bounds[-1]
@@ -259,8 +261,15 @@ def pack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pairs: np.ndarr
         sequence.append(np.full(len(completion), number))
         bounds.append(offset + len(prompt) + len(completion))
     as_long = lambda arrays: torch.from_numpy(np.concatenate(arrays).astype(np.int64))
-    return PairBatch(as_long(pieces)[None], torch.tensor(bounds, dtype=torch.int32), as_long(keep), as_long(labels),
-                     as_long(sequence), torch.tensor([len(c) for _, c in sequences]),
+    return (as_long(pieces)[None], bounds, as_long(keep), as_long(labels), as_long(sequence),
+            torch.tensor([len(c) for _, c in sequences]))
+
+
+def pack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pairs: np.ndarray) -> PairBatch:
+    """The :class:`PairBatch` of (prompt, chosen, rejected) ids; ``pairs``: their indices, for the reference."""
+    sequences = [(p, c) for p, c, _ in parts] + [(p, r) for p, _, r in parts]
+    input_ids, bounds, keep, labels, sequence, lengths = pack_completions(sequences)
+    return PairBatch(input_ids, torch.tensor(bounds, dtype=torch.int32), keep, labels, sequence, lengths,
                      torch.as_tensor(np.asarray(pairs, dtype=np.int64)))
 
 
