@@ -21,9 +21,8 @@ import json
 import time
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
 from retnet.serve.metrics import ServeMetrics
@@ -47,8 +46,19 @@ from retnet.tokenization import render_pair
 
 POOLING_ROUTES = ("/classify", "/v1/classify", "/pooling")
 EMBEDDING_ROUTES = ("/v1/embeddings",)
-# use_activation and vLLM's deprecated names of it (its get_use_activation reads softmax, then activation).
-ACTIVATION_FIELDS = ("use_activation", "softmax", "activation")
+# use_activation and vLLM's deprecated names of it (its get_use_activation reads normalize, softmax, then
+# activation).
+ACTIVATION_FIELDS = ("use_activation", "normalize", "softmax", "activation")
+# An embedding's: its activation is the L2 normalization, which normalize names; softmax and activation name a
+# classifier's, so an embedding server refuses them.
+EMBED_ACTIVATION_FIELDS = ("use_activation", "normalize")
+# vLLM's embed_dtype (base64's element type): each value cast to the first dtype, whose bits are read as the
+# second (an integer of the same width: numpy orders its bytes, and has no bfloat16 or fp8).
+EMBED_DTYPES = {"float32": (torch.float32, torch.int32), "float16": (torch.float16, torch.int16),
+                "bfloat16": (torch.bfloat16, torch.int16), "fp8_e4m3": (torch.float8_e4m3fn, torch.uint8),
+                "fp8_e5m2": (torch.float8_e5m2, torch.uint8)}
+# vLLM's endianness, as numpy writes it (native: this server's, as vLLM's).
+BYTE_ORDERS = {"native": "=", "little": "<", "big": ">"}
 # vLLM's chat-form options (its ClassificationChatRequest): they shape how `messages` are templated.
 CHAT_OPTIONS = ("add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs")
 
@@ -58,8 +68,11 @@ CHAT_OPTIONS = ("add_generation_prompt", "continue_final_message", "chat_templat
 # ----------------------------------------------------------------------------------------------------------
 class InputFields(RequestFields):
     """What every pooling route's body shares: ``input`` (completions' ``prompt`` union) and how it is tokenized.
-    Unknown fields (vLLM's ``priority``, ``request_id``, ...) are accepted and ignored, as on every route; those
-    of vLLM's that change the output are declared, so that they are read or refused by name."""
+    Unknown fields (vLLM's ``priority``, ``request_id``, ``cache_salt``, ...) are accepted and ignored, as on every
+    route; those of vLLM's that change the output are declared, so that they are read or refused by name: here
+    ``add_special_tokens``, ``truncate_prompt_tokens``, ``truncation_side`` and ``padding``; the activation
+    (``use_activation`` and its older names) on each route's body; ``encoding_format``, ``embed_dtype``,
+    ``endianness`` and ``dimensions`` on :class:`EncodingFields`."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -82,6 +95,10 @@ class InputFields(RequestFields):
     add_special_tokens: bool | None = None
     # -1: vLLM's "up to the model's length", here --max-prompt-tokens.
     truncate_prompt_tokens: int | None = None
+    # vLLM's: which end truncate_prompt_tokens cuts. None or left: the last tokens kept; right: the first.
+    truncation_side: Literal["left", "right"] | None = None
+    # vLLM's: max_length pads each input to the model's length; only its default is served (_score says why).
+    padding: Literal["max_length", "do_not_pad"] | None = None
     user: str | None = None  # accepted, not read
 
 
@@ -89,9 +106,10 @@ class ClassifyRequest(InputFields):
     """``/classify``'s body: ``input`` or ``messages`` (one conversation), not both."""
 
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    # None: the route's default (/classify: true, /pooling: false); see ScorePooler.activate. softmax and
-    # activation: vLLM's deprecated names of it, read as it (_asked_activation).
+    # None: the route's default (/classify: true, /pooling: false); see ScorePooler.activate. normalize, softmax
+    # and activation: vLLM's deprecated names of it, read as it (_asked_activation).
     use_activation: bool | None = None
+    normalize: bool | None = None
     softmax: bool | None = None
     activation: bool | None = None
     # vLLM's chat-form options, with `messages` only: the template's own variables are passed to it; the
@@ -103,24 +121,31 @@ class ClassifyRequest(InputFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class PoolingRequest(ClassifyRequest):
-    """``/pooling``'s body: ``/classify``'s, and vLLM's ``encoding_format`` (``base64``: the float32 bytes)."""
+class EncodingFields(InputFields):
+    """How the rows are written (vLLM's ``EncodingRequestMixin``, and OpenAI's ``dimensions``): on ``/pooling``
+    and ``/v1/embeddings``."""
 
     encoding_format: Literal["float", "base64"] = "float"
+    # vLLM's, read by base64 alone (as vLLM's: "float" writes each value as a JSON number either way).
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
+    endianness: Literal["native", "little", "big"] = "native"
+    # OpenAI's matryoshka cut: only the full width is served (EmbedServing._embedded). Strict: "64" and
+    # 64.0 are no width (OpenAI answers 400), nor is true.
+    dimensions: StrictInt | None = None
 
 
-class EmbeddingRequest(InputFields):
+class PoolingRequest(ClassifyRequest, EncodingFields):
+    """``/pooling``'s body: ``/classify``'s, and how the rows are written (:class:`EncodingFields`)."""
+
+
+class EmbeddingRequest(EncodingFields):
     """OpenAI's ``/v1/embeddings`` body (``input`` required, checked by the handler so that its 400 names it), with
-    vLLM's ``truncate_prompt_tokens`` and ``add_special_tokens`` (default true)."""
+    vLLM's ``truncate_prompt_tokens``, ``truncation_side``, ``add_special_tokens`` (default true) and
+    ``use_activation`` (the L2 normalization; None: --pooler-config's ``normalize``), or its older name
+    ``normalize``."""
 
-    @field_validator("dimensions", mode="before")
-    @classmethod
-    def _dimensions_not_a_boolean(cls, value: Any) -> Any:
-        return _refuse_bool_number(value)
-
-    encoding_format: Literal["float", "base64"] = "float"
-    # OpenAI's matryoshka cut: only the full width is served (EmbedServing.embeddings).
-    dimensions: int | None = None
+    use_activation: bool | None = None
+    normalize: bool | None = None
 
 
 class ClassifyData(BaseModel):
@@ -211,12 +236,14 @@ class ClassifyServing(OpenAIServing):
         """vLLM's ``/pooling``: per input the score head's output, raw unless ``use_activation`` is true (the
         default is false here: a reward model's reward is its raw score, as the trainer's loss reads it)."""
         activation = _asked_activation(request)
+        if request.dimensions is not None:  # vLLM's classify task refuses it too
+            raise APIError(400, f"dimensions: not supported by a classifier (its rows are its "
+                           f"{self.engine.pooler.width} scores); it applies to an embedding server (--convert "
+                           "embed)", "dimensions", "unsupported_parameter")
         rows, usage = await self._score(request)
         if activation:
             rows = self.engine.pooler.activate(rows)
-        return PoolingResponse(model=self.model_name, data=[PoolingData(index=i, data=v) for i, v in
-                                                            enumerate(_encoded(rows, request.encoding_format))],
-                               usage=usage)
+        return _pooling_response(self.model_name, rows, usage, request)
 
     async def _score(self, request: InputFields) -> tuple[torch.Tensor, Usage]:
         """The rows ``[N, pooler.width]`` of the request's inputs (score rows, embeddings), and its usage."""
@@ -232,6 +259,11 @@ class ClassifyServing(OpenAIServing):
             raise APIError(400, f"truncate_prompt_tokens must be <= {self.settings.max_prompt_tokens} (the most "
                            f"tokens this server reads in one input), or -1; got {truncate}", "truncate_prompt_tokens",
                            "invalid_value")
+        if request.padding == "max_length":
+            # A RetNet's recurrent state reads every token before the last: pad tokens would change the embedding
+            # or score, and inputs are packed without padding (cu_seqlens).
+            raise APIError(400, "padding: only \"do_not_pad\" (the default) is supported; inputs are scored as "
+                           "sent, without pad tokens", "padding", "unsupported_parameter")
         if isinstance(request, ClassifyRequest):
             _check_chat_options(request)
         if messages is not None:
@@ -269,28 +301,32 @@ class ClassifyServing(OpenAIServing):
         truncate = request.truncate_prompt_tokens
         if truncate == -1:  # vLLM's: cut to the model's length (max_model_len), here --max-prompt-tokens
             truncate = self.settings.max_prompt_tokens
+        cut = functools.partial(self._checked, truncate=truncate, first=request.truncation_side == "right")
         if getattr(request, "messages", None) is not None:
-            return [self._checked(self._conversation_ids(request), "messages", truncate)]
+            return [cut(self._conversation_ids(request), "messages")]
         value = request.input
         add_special = request.add_special_tokens is not False
         if isinstance(value, str):
-            return [self._checked(self._encode(value, add_special), "input", truncate)]
+            return [cut(self._encode(value, add_special), "input")]
         if isinstance(value[0], int):
-            return [self._checked(list(value), "input", truncate)]
-        return [self._checked(self._encode(item, add_special) if isinstance(item, str) else list(item), "input",
-                              truncate, index) for index, item in enumerate(value)]
+            return [cut(list(value), "input")]
+        return [cut(self._encode(item, add_special) if isinstance(item, str) else list(item), "input", index=index)
+                for index, item in enumerate(value)]
 
-    def _checked(self, ids: list[int], param: str, truncate: int | None, index: int | None = None) -> list[int]:
-        """``ids`` cut to their last ``truncate`` tokens (vLLM's truncate_prompt_tokens), refused when empty, over
-        --max-prompt-tokens or outside the vocabulary; ``index``: the input's place in a list, for the message."""
+    def _checked(self, ids: list[int], param: str, truncate: int | None, index: int | None = None,
+                 first: bool = False) -> list[int]:
+        """``ids`` cut to their last ``truncate`` tokens (vLLM's truncate_prompt_tokens; ``first``: its
+        truncation_side right, the first ones), refused when empty, over --max-prompt-tokens or outside the
+        vocabulary; ``index``: the input's place in a list, for the message."""
         where = param if index is None else f"{param}[{index}]"
         if truncate is not None:
-            ids = ids[-truncate:]
+            ids = ids[:truncate] if first else ids[-truncate:]
         if not ids:
             raise APIError(400, f"{where} has no tokens to score (an empty text?)", param, "empty_input")
         if len(ids) > self.settings.max_prompt_tokens:
             raise APIError(400, f"{where} has {len(ids)} tokens; this server accepts at most "
-                           f"{self.settings.max_prompt_tokens} (truncate_prompt_tokens keeps the last ones)", param,
+                           f"{self.settings.max_prompt_tokens} (truncate_prompt_tokens cuts it: to the last ones, "
+                           "or the first with truncation_side right)", param,
                            "context_length_exceeded")
         bad = next((t for t in ids if t >= self.engine.vocab_size), None)
         if bad is not None:
@@ -330,51 +366,70 @@ class EmbedServing(ClassifyServing):
     embed``); its input checks and tokenization are :class:`ClassifyServing`'s, whose ``classify`` is not routed."""
 
     async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
-        """OpenAI's ``/v1/embeddings``: one embedding per input (``--pooler-config``'s pooling and normalization)."""
+        """OpenAI's ``/v1/embeddings``: one embedding per input (``--pooler-config``'s pooling; its normalization
+        unless the request's ``use_activation`` says otherwise)."""
+        rows, usage = await self._embedded(request)
+        data = [EmbeddingData(index=i, embedding=v) for i, v in enumerate(_encoded(rows, request))]
+        return EmbeddingResponse(model=self.model_name, data=data,
+                                 usage=EmbeddingUsage(prompt_tokens=usage.prompt_tokens, total_tokens=usage.total_tokens))
+
+    async def pooling(self, request: PoolingRequest) -> PoolingResponse:
+        """vLLM's ``/pooling`` of an embedding model: per input its embedding, as ``/v1/embeddings`` gives it for
+        the same fields."""
+        if request.messages is not None:  # the reward trainer's templating has no meaning for an embedding
+            raise APIError(400, "messages: an embedding server embeds input (texts or token ids) only", "messages",
+                           "unsupported_parameter")
+        given = next((name for name in ("softmax", "activation") if getattr(request, name) is not None), None)
+        if given is not None:
+            raise APIError(400, f"{given}: not supported by an embedding server (a classifier's name of "
+                           "use_activation; an embedding's is use_activation, its L2 normalization)", given,
+                           "unsupported_parameter")
+        rows, usage = await self._embedded(request)
+        return _pooling_response(self.model_name, rows, usage, request)
+
+    async def _embedded(self, request: EmbeddingRequest | PoolingRequest) -> tuple[torch.Tensor, Usage]:
+        """The embeddings ``[N, hidden_size]`` of the request's inputs, normalized as it asks (``use_activation``
+        or ``normalize``; None: --pooler-config's ``normalize``), and its usage."""
         self._check_model(request.model)
         width = self.engine.pooler.width
         if request.dimensions is not None and request.dimensions != width:
             raise APIError(400, f"dimensions must be null or {width} (the model's hidden size): RetNet embeddings are "
                            f"not matryoshka-trained, so a shortened one would be no trained embedding; got "
                            f"{request.dimensions}", "dimensions", "invalid_value")
+        normalize = _asked_activation(request, EMBED_ACTIVATION_FIELDS)
         rows, usage = await self._score(request)
-        data = [EmbeddingData(index=i, embedding=v) for i, v in enumerate(_encoded(rows, request.encoding_format))]
-        return EmbeddingResponse(model=self.model_name, data=data,
-                                 usage=EmbeddingUsage(prompt_tokens=usage.prompt_tokens, total_tokens=usage.total_tokens))
-
-    async def pooling(self, request: PoolingRequest) -> PoolingResponse:
-        """vLLM's ``/pooling`` of an embedding model: per input its embedding, as ``/v1/embeddings`` gives it."""
-        if request.messages is not None:  # the reward trainer's templating has no meaning for an embedding
-            raise APIError(400, "messages: an embedding server embeds input (texts or token ids) only", "messages",
-                           "unsupported_parameter")
-        given = next((name for name in ACTIVATION_FIELDS if getattr(request, name) is not None), None)
-        if given is not None:
-            raise APIError(400, f"{given}: not supported by an embedding server (an embedding's normalization is "
-                           "--pooler-config's)", given, "unsupported_parameter")
-        rows, usage = await self._score(request)
-        return PoolingResponse(model=self.model_name, data=[PoolingData(index=i, data=v) for i, v in
-                                                            enumerate(_encoded(rows, request.encoding_format))],
-                               usage=usage)
+        if (self.engine.pooler.normalize if normalize is None else normalize):
+            rows = self.engine.pooler.activate(rows)
+        return rows, usage
 
 
-def _encoded(rows: torch.Tensor, encoding_format: str) -> list[list[float]] | list[str]:
-    """Rows ``[N, width]`` as JSON carries them: floats, or (``base64``, OpenAI's and vLLM's) each row's float32
-    bytes, little-endian, in base64."""
-    if encoding_format == "base64":
-        return [base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode() for row in rows.numpy()]
-    return rows.tolist()
+def _pooling_response(model: str, rows: torch.Tensor, usage: Usage, request: PoolingRequest) -> PoolingResponse:
+    return PoolingResponse(model=model, data=[PoolingData(index=i, data=v) for i, v in
+                                              enumerate(_encoded(rows, request))], usage=usage)
 
 
-def _asked_activation(request: ClassifyRequest) -> bool | None:
-    """The request's ``use_activation``, or vLLM's deprecated ``softmax`` / ``activation`` spelling of it (None:
-    the route's default). Given together they must agree: a 400 names the one that does not."""
-    given = [(name, value) for name in ACTIVATION_FIELDS if (value := getattr(request, name)) is not None]
+def _encoded(rows: torch.Tensor, request: EncodingFields) -> list[list[float]] | list[str]:
+    """Rows ``[N, width]`` fp32 as the request's ``encoding_format`` writes them: floats, or (``base64``, OpenAI's
+    and vLLM's) each row's bytes in base64: its values cast to ``embed_dtype`` (default float32), in the byte order
+    ``endianness`` names (default native: this server's, little-endian on x86 and ARM, as vLLM's)."""
+    if request.encoding_format != "base64":
+        return rows.tolist()
+    dtype, bits = EMBED_DTYPES[request.embed_dtype]
+    values = rows.to(dtype).view(bits).numpy()
+    values = values.astype(values.dtype.newbyteorder(BYTE_ORDERS[request.endianness]))
+    return [base64.b64encode(row.tobytes()).decode() for row in values]
+
+
+def _asked_activation(request: InputFields, fields: tuple[str, ...] = ACTIVATION_FIELDS) -> bool | None:
+    """The request's ``use_activation``, or the first given of vLLM's deprecated spellings of it in ``fields``
+    (None: the route's default). Given together they must agree: a 400 names the one that does not."""
+    given = [(name, value) for name in fields if (value := getattr(request, name, None)) is not None]
     for name, value in given[1:]:
         if value != given[0][1]:
             first, first_value = given[0]
             raise APIError(400, f"{name} ({json.dumps(value)}) contradicts {first} ({json.dumps(first_value)}): "
-                           "softmax and activation are vLLM's deprecated names of use_activation; send one",
-                           name, "invalid_value")
+                           f"both set use_activation (vLLM's deprecated names of it: {', '.join(fields[1:])}); "
+                           "send one", name, "invalid_value")
     return given[0][1] if given else None
 
 
@@ -408,4 +463,5 @@ def _check_chat_options(request: ClassifyRequest) -> None:
 
 
 __all__ = ["EMBEDDING_ROUTES", "POOLING_ROUTES", "ClassifyRequest", "ClassifyResponse", "ClassifyServing",
-           "EmbedServing", "EmbeddingRequest", "EmbeddingResponse", "PoolingRequest", "PoolingResponse"]
+           "EmbedServing", "EmbeddingRequest", "EmbeddingResponse", "EncodingFields", "PoolingRequest",
+           "PoolingResponse"]

@@ -4,7 +4,8 @@ forward and hands each input one pooled row. What a row is depends on the pooler
 - :class:`ScorePooler`: a classifier's or reward model's score head at each input's last token (``/classify``,
   ``/pooling`` of a ``RetNetForSequenceClassification`` export);
 - :class:`EmbedPooler`: the backbone's final-norm hidden states, at each input's last token (LAST) or averaged over
-  it (MEAN), L2-normalized in fp32 or not (``--convert embed``: ``/v1/embeddings``, ``/pooling``).
+  it (MEAN), in fp32 (``--convert embed``: ``/v1/embeddings``, ``/pooling``); the handler L2-normalizes them or
+  not, as ``--pooler-config`` or the request says (:meth:`EmbedPooler.activate`).
 
 :class:`PoolingEngine` owns the model on a thread of its own: the waiting inputs are packed into one row (one
 segment an input) of at most ``--prefill-token-budget`` tokens (an input longer than the budget runs alone); each
@@ -47,8 +48,10 @@ POOLING_TYPES = ("LAST", "MEAN")
 
 
 def parse_pooler_config(value) -> dict[str, Any] | None:
-    """``--pooler-config`` (JSON text or a dict; empty, ``none`` or null: the defaults) checked: ``pooling_type``
-    LAST or MEAN (any case), ``normalize`` a boolean. Errors name the flag, the field and the value received."""
+    """``--pooler-config`` (JSON text or a dict) checked: ``pooling_type`` LAST or MEAN (any case), ``normalize`` a
+    boolean. None (the defaults) for empty, ``none``, null, ``{}`` or fields all null: any of them means the
+    defaults, so it is accepted without ``--convert embed`` too. Errors name the flag, the field and the value
+    received."""
     where = "pooler_config (--pooler-config)"
     value = json_object_setting(value, where, tuple(POOLER_DEFAULTS))
     if value is None:
@@ -64,7 +67,7 @@ def parse_pooler_config(value) -> dict[str, Any] | None:
         if not isinstance(value["normalize"], bool):
             raise ValueError(f"{where}: normalize must be true or false; got {json.dumps(value['normalize'])}")
         out["normalize"] = value["normalize"]
-    return out
+    return out or None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,7 +123,9 @@ class ScorePooler:
 class EmbedPooler:
     """Embeddings ``[N, hidden_size]`` of the backbone (``RetNetModel``): the final norm's output at each input's
     last token (``LAST``: under causal retention the one state that has read the whole input) or averaged over its
-    tokens (``MEAN``), then L2-normalized (``normalize``), all in fp32."""
+    tokens (``MEAN``), in fp32. The rows leave the engine unnormalized: a request may turn the L2 normalization
+    (``normalize``, --pooler-config's default) off or on (vLLM's ``use_activation``), so the handler applies it
+    (:meth:`activate`)."""
 
     kind, noun = "embedding model", "embedding"
 
@@ -155,16 +160,23 @@ class EmbedPooler:
         return model.base_model
 
     def __call__(self, model, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]``: the embeddings ``[N, hidden_size]`` in fp32."""
+        """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]``: the embeddings ``[N, hidden_size]`` in fp32,
+        not normalized (:meth:`activate`)."""
         hidden = model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False).last_hidden_state[0].float()  # [T, d]
         if self.pooling_type == "LAST":
             rows = hidden[cu_seqlens[1:] - 1]
         else:  # each segment's sum over its own tokens, divided by its length
             lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-            segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+            # output_size: the total is known (T), so CUDA need not sync to read it back from `lengths`.
+            segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
+                                              output_size=hidden.shape[0])
             rows = hidden.new_zeros(len(lengths), hidden.shape[-1]).index_add_(0, segment, hidden)
             rows = rows / lengths[:, None].to(rows.dtype)
-        return F.normalize(rows, dim=-1) if self.normalize else rows
+        return rows
+
+    def activate(self, rows: torch.Tensor) -> torch.Tensor:
+        """vLLM's embedding activation of rows ``[N, hidden_size]``: each L2-normalized (a zero row stays zero)."""
+        return F.normalize(rows, dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------

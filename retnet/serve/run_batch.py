@@ -142,9 +142,13 @@ class OrderedWriter:
 
 def served_urls(app) -> set[str]:
     """The app's POST routes under ``/v1`` without path parameters: what a batch line may name (not the runtime
-    LoRA routes, NOT_IN_A_BATCH)."""
-    return {route.path for route in app.routes if "POST" in (getattr(route, "methods", None) or ())
+    LoRA routes, NOT_IN_A_BATCH). An embedding server's are its embedding routes alone: its generation and
+    classification routes only answer 400, so a line naming one is refused listing the routes that embed."""
+    from retnet.serve.classify import EMBEDDING_ROUTES
+
+    urls = {route.path for route in app.routes if "POST" in (getattr(route, "methods", None) or ())
             and route.path.startswith("/v1/") and "{" not in route.path and route.path not in NOT_IN_A_BATCH}
+    return urls & set(EMBEDDING_ROUTES) if app.state.settings.convert == "embed" else urls
 
 
 async def post(client, entry: BatchLine) -> tuple[int, Any]:

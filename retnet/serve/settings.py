@@ -6,6 +6,7 @@ Every limit the server enforces is here, so an operator can read in one place wh
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import logging
 import os
@@ -35,14 +36,15 @@ class ServeSettings(BaseSettings):
     _hub_id: str | None = PrivateAttr(None)
     _resolved: bool = PrivateAttr(False)  # resolve_model_source's output (run_batch resolves, then create_app)
     convert: Literal["auto", "embed"] = Field(
-        "auto", description="what the model is served as (vLLM's --convert): auto: as its export says (a causal LM "
-        "generates, a *ForSequenceClassification export classifies); embed: an embedding model, the backbone's pooled "
-        "hidden states on /v1/embeddings and /pooling (a causal LM's or a classifier's export)"
+        "auto", description="what the model is served as (two of vLLM's --convert values; its none, classify and "
+        "reward are not served): auto: as its export says (a causal LM generates, a *ForSequenceClassification export "
+        "classifies); embed: an embedding model, the backbone's pooled hidden states on /v1/embeddings and /pooling "
+        "(a causal LM's or a classifier's export)"
     )
     pooler_config: dict[str, Any] | str | None = Field(
         None, description="with --convert embed, how hidden states become an embedding (vLLM's --pooler-config "
         "JSON): {\"pooling_type\": \"LAST\" (the last token's) or \"MEAN\" (the tokens' mean), \"normalize\": true "
-        "(L2) or false}; none: LAST, normalized"
+        "(L2) or false, the default of a request's use_activation}; none or {}: LAST, normalized"
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -226,10 +228,20 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _pooler_config_embeds(self):
-        # Read by the embedding pooler alone: a classifier's head and generation would ignore it silently.
+        # Read by the embedding pooler alone: a classifier's head and generation would ignore it silently. (Its
+        # empty spellings, {} included, parse to None: they ask for nothing, so they pass.)
         if self.pooler_config is not None and self.convert != "embed":
-            raise ValueError(f"pooler_config (--pooler-config) only applies with convert embed (--convert embed); got "
-                             f"{json.dumps(self.pooler_config)} with convert {self.convert!r}")
+            from retnet.serve.pooling import parse_pooler_config
+
+            # Named as the operator set it, to be removed there. _environment_source cannot tell: it builds the
+            # settings from the environment alone, which this check refuses in turn.
+            variable, source = _environment_variable(self, "pooler_config"), "--pooler-config"
+            with contextlib.suppress(ValueError):  # a variable that does not parse: the flag's value won over it
+                if variable is not None and parse_pooler_config(variable[1]) == self.pooler_config:
+                    source = f"{variable[0]}={variable[1][:120]}"
+            raise ValueError(f"pooler_config ({source}) only applies with convert embed (--convert embed or "
+                             f"RETNET_CONVERT=embed); got {json.dumps(self.pooler_config)} with convert "
+                             f"{self.convert!r}")
         return self
 
     @field_validator("tool_call_parser", mode="before")
@@ -516,9 +528,7 @@ def _environment_source(settings: ServeSettings, name: str) -> tuple[str, str] |
     """(variable, its text) of the ``RETNET_*`` variable ``settings.name`` came from, or None when it came from the
     flag: the variable must be set and, read as pydantic-settings reads the environment, give the same value (a
     flag wins over it, so a different value is the flag's)."""
-    wanted = f"{settings.model_config.get('env_prefix', '')}{name}".upper()
-    # pydantic-settings matches variable names whatever their case (case_sensitive is off).
-    found = next(((key, raw) for key, raw in os.environ.items() if key.upper() == wanted), None)
+    found = _environment_variable(settings, name)
     if found is None:
         return None
     try:  # the environment alone, as it was read for these settings (the flags being init arguments over it)
@@ -526,6 +536,13 @@ def _environment_source(settings: ServeSettings, name: str) -> tuple[str, str] |
     except Exception:  # a variable that does not read alone: a flag overrode it
         return None
     return found if getattr(from_environment, name) == getattr(settings, name) else None
+
+
+def _environment_variable(settings: ServeSettings, name: str) -> tuple[str, str] | None:
+    """(variable, its text) of the ``RETNET_*`` variable set for ``settings.name``, or None."""
+    wanted = f"{settings.model_config.get('env_prefix', '')}{name}".upper()
+    # pydantic-settings matches variable names whatever their case (case_sensitive is off).
+    return next(((key, raw) for key, raw in os.environ.items() if key.upper() == wanted), None)
 
 
 def vllm_runtime_lora_variable() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from retnet.serve.__main__ import parse_settings
 from retnet.serve.app import create_app
+from retnet.serve.run_batch import parse_lines, served_urls
 from retnet.serve.settings import StartupError
 from tests.serve.conftest import ServerProcess, make_settings, save_micro_model, serve_app
 from tests.serve.test_classify import refused, save_classifier
@@ -161,6 +163,33 @@ def test_base64_is_the_float32_bytes_and_dimensions_is_the_hidden_size(client):
     assert str(HIDDEN) in message and "matryoshka" in message
 
 
+def test_vllms_output_fields_are_read_alike_on_both_routes(client, backbone):
+    # use_activation (and its older name normalize) false: the pooled row without the L2 normalization
+    ids = list(range(10, 40))
+    raw, unit = embed(backbone, ids, normalize=False), embed(backbone, ids)
+    for path, key in (("/v1/embeddings", "embedding"), ("/pooling", "data")):
+        for fields, expected in (({"use_activation": False}, raw), ({"normalize": False}, raw),
+                                 ({"use_activation": True, "normalize": True}, unit)):
+            got = ok(client.post(path, json={"input": ids, **fields}))["data"][0][key]
+            assert got == pytest.approx(expected, abs=1e-5), (path, fields)
+        # truncation_side: which end truncate_prompt_tokens keeps (left, the default: the last tokens)
+        for side, kept in (("right", ids[:5]), ("left", ids[-5:])):
+            body = {"input": ids, "truncate_prompt_tokens": 5, "truncation_side": side}
+            assert ok(client.post(path, json=body))["data"][0][key] == pytest.approx(embed(backbone, kept), abs=1e-5)
+    # base64's embed_dtype and endianness, decoded as vLLM's client does; the floats of "float" are unchanged
+    served = vectors(ok(client.post("/v1/embeddings", json={"input": ids})))[0]
+    assert vectors(ok(client.post("/v1/embeddings", json={"input": ids, "embed_dtype": "float16"})))[0] == served
+    floats = torch.tensor(served)
+    for dtype, bits, width in (("float32", torch.float32, "f4"), ("float16", torch.float16, "f2"),
+                               ("bfloat16", torch.bfloat16, "i2"), ("fp8_e4m3", torch.float8_e4m3fn, "u1")):
+        for endianness, order in (("native", "="), ("little", "<"), ("big", ">")):
+            body = {"input": ids, "encoding_format": "base64", "embed_dtype": dtype, "endianness": endianness}
+            data = base64.b64decode(ok(client.post("/v1/embeddings", json=body))["data"][0]["embedding"])
+            values = np.frombuffer(data, dtype=order + width).astype(width)
+            decoded = torch.from_numpy(values).view(bits) if width in ("i2", "u1") else torch.from_numpy(values)
+            assert torch.equal(decoded, floats.to(bits)), (dtype, endianness)
+
+
 def test_the_openai_client_embeds(server, client):
     openai = pytest.importorskip("openai")
     expected = vectors(ok(client.post("/v1/embeddings", json={"input": TEXTS[:3]})))
@@ -191,11 +220,19 @@ def test_the_openai_client_embeds(server, client):
     ("/v1/embeddings", {"input": "a", "encoding_format": "bytes"}, 400, "encoding_format", None),
     ("/v1/embeddings", {"input": "a", "dimensions": 0}, 400, "dimensions", "invalid_value"),
     ("/v1/embeddings", {"input": "a", "dimensions": True}, 400, "dimensions", None),
+    ("/v1/embeddings", {"input": "a", "dimensions": str(HIDDEN)}, 400, "dimensions", None),
+    ("/v1/embeddings", {"input": "a", "dimensions": float(HIDDEN)}, 400, "dimensions", None),
+    ("/v1/embeddings", {"input": "a", "use_activation": True, "normalize": False}, 400, "normalize", "invalid_value"),
+    ("/v1/embeddings", {"input": "a", "embed_dtype": "int8"}, 400, "embed_dtype", None),
+    ("/v1/embeddings", {"input": "a", "endianness": "middle"}, 400, "endianness", None),
+    ("/v1/embeddings", {"input": "a", "truncation_side": "both"}, 400, "truncation_side", None),
+    ("/v1/embeddings", {"input": "a", "padding": "max_length"}, 400, "padding", "unsupported_parameter"),
     ("/v1/embeddings", {"input": "a", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens", "invalid_value"),
     ("/v1/embeddings", {"input": "a", "truncate_prompt_tokens": MAX_TOKENS + 1}, 400, "truncate_prompt_tokens",
      "invalid_value"),
     ("/pooling", {"messages": [{"role": "user", "content": "a"}]}, 400, "messages", "unsupported_parameter"),
-    ("/pooling", {"input": "a", "use_activation": True}, 400, "use_activation", "unsupported_parameter"),
+    ("/pooling", {"input": "a", "dimensions": 32}, 400, "dimensions", "invalid_value"),
+    ("/pooling", {"input": "a", "softmax": True}, 400, "softmax", "unsupported_parameter"),
     ("/pooling", {"input": "a", "chat_template_kwargs": {}}, 400, "chat_template_kwargs", "invalid_value"),
     ("/classify", {"input": "a"}, 400, None, "model_not_classifier"),
     ("/v1/classify", {"input": "a"}, 400, None, "model_not_classifier"),
@@ -238,8 +275,11 @@ async def test_the_pooler_config_picks_the_pooling_and_the_normalization(model_d
     async with serve_app(model_dir, convert="embed", pooler_config=config) as http:
         assert http.app.state.settings.pooler == {"pooling_type": pooling, "normalize": normalize}
         body = ok(await http.post("/v1/embeddings", json={"input": inputs}))  # one packed forward
+        # a request's use_activation overrides the configured normalization, either way
+        flipped = ok(await http.post("/pooling", json={"input": inputs[-1], "use_activation": not normalize}))
     for ids, got in zip(inputs, vectors(body), strict=True):
         assert got == pytest.approx(embed(backbone, ids, pooling, normalize), abs=1e-5)
+    assert flipped["data"][0]["data"] == pytest.approx(embed(backbone, inputs[-1], pooling, not normalize), abs=1e-5)
 
 
 async def test_a_classifier_export_embeds_with_its_backbone(model_dir, tmp_path):
@@ -249,6 +289,19 @@ async def test_a_classifier_export_embeds_with_its_backbone(model_dir, tmp_path)
         got = vectors(ok(await http.post("/v1/embeddings", json={"input": ids})))[0]
         refused(await http.post("/classify", json={"input": ids}), 400, None, "model_not_classifier")
     assert got == pytest.approx(embed(load_backbone(path), ids), abs=1e-5)
+    # Served as a classifier, its /pooling reads the fields it shares with an embedding server's: normalize is
+    # use_activation (vLLM's older name), truncation_side and base64's endianness apply, dimensions is refused.
+    async with serve_app(path) as http:
+        async def pooled(**fields):
+            return ok(await http.post("/pooling", json={"input": ids, **fields}))["data"][0]["data"]
+
+        assert await pooled(normalize=True) == pytest.approx(await pooled(use_activation=True), abs=1e-6)
+        assert await pooled(truncate_prompt_tokens=2, truncation_side="right") == pytest.approx(
+            ok(await http.post("/pooling", json={"input": ids[:2]}))["data"][0]["data"], abs=1e-5)
+        big = await pooled(encoding_format="base64", endianness="big")
+        assert np.frombuffer(base64.b64decode(big), dtype=">f4").tolist() == pytest.approx(await pooled(), abs=0)
+        response = await http.post("/pooling", json={"input": ids, "dimensions": 2})
+        assert "classifier" in refused(response, 400, "dimensions", "unsupported_parameter")
 
 
 async def test_a_causal_lm_given_loaded_embeds_with_its_backbone(model_dir, backbone):
@@ -326,6 +379,32 @@ def test_a_bad_convert_or_pooler_config_is_refused_naming_it(model_dir, capsys, 
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert ("pooler_config (--pooler-config)" in error or "convert" in error) and shown in error
+
+
+@pytest.mark.parametrize("value", ["", "none", "{}", '{"pooling_type": null}', '{"normalize": null}'])
+def test_an_empty_pooler_config_is_the_defaults_with_or_without_convert_embed(model_dir, value):
+    for flags in ([], ["--convert", "embed"]):
+        settings = parse_settings(["--model", str(model_dir), "--pooler-config", value, *flags])
+        assert settings.pooler_config is None and settings.pooler == {"pooling_type": "LAST", "normalize": True}
+
+
+def test_a_pooler_config_without_convert_embed_is_refused_naming_its_source(model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("RETNET_POOLER_CONFIG", '{"pooling_type": "MEAN"}')
+    for flags, source in (([], 'RETNET_POOLER_CONFIG={"pooling_type": "MEAN"}'),
+                          (["--pooler-config", '{"pooling_type": "LAST"}'], "--pooler-config")):  # the flag wins
+        with pytest.raises(SystemExit):
+            parse_settings(["--model", str(model_dir), *flags])
+        error = capsys.readouterr().err
+        assert f"pooler_config ({source}) only applies with convert embed" in error and "RETNET_CONVERT=embed" in error
+    assert parse_settings(["--model", str(model_dir), "--convert", "embed"]).pooler["pooling_type"] == "MEAN"
+
+
+def test_run_batch_in_embed_mode_takes_and_lists_the_embedding_routes(model_dir):
+    urls = served_urls(create_app(make_settings(model_dir, convert="embed")))
+    line = json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", "body": {}})
+    (entry,) = parse_lines([line], urls)
+    assert urls == {"/v1/embeddings"} and entry.error.code == "unsupported_url"
+    assert entry.error.message.endswith("expected one of /v1/embeddings")
 
 
 @pytest.mark.parametrize(("setting", "value", "flag"), [
