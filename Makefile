@@ -45,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/lora.py
 	$(PY) benchmarks/speculative.py
+	$(PY) benchmarks/pooling.py
 
 # Compile every kernel launch and autotune config for sm_90, sm_89 and sm_80 through Triton and ptxas: registers,
 # spills, shared memory, tensor-core path. Needs no GPU (~12 minutes on 2 cores).
