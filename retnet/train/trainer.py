@@ -90,6 +90,7 @@ from retnet.train.distributed import barrier, init_distributed, is_distributed
 from retnet.train.flops import flops_per_token, peak_flops
 from retnet.train.muon import MuonWithAdamW
 from retnet.train.optim import build_optimizer, get_lr, optimizer_note, set_lr
+from retnet.train.wandb_logging import WandbLogger, scalars
 
 logger = logging.getLogger("retnet.train")
 
@@ -420,7 +421,7 @@ class Trainer:
                         self._write_scalars(json.loads(line))
         if self._wandb is not None:  # a new W&B run gets the records up to here; a resumed one those it lacks
             for line in keep:
-                self._send_wandb(json.loads(line))
+                self._wandb.log(json.loads(line))
         if self.cfg.logging.progress:
             from tqdm.auto import tqdm
 
@@ -961,150 +962,19 @@ class Trainer:
         if self._writer is not None:
             self._write_scalars(record)
         if self._wandb is not None:
-            self._send_wandb(record)
+            self._wandb.log(record)
 
     def _write_scalars(self, record: dict[str, Any]) -> None:
-        for tag, value in _scalars(record).items():
+        for tag, value in scalars(record).items():
             self._writer.add_scalar(tag, value, record["step"], walltime=record.get("time"))
 
-    # W&B (logging.wandb). Its run id is kept in output_dir/wandb-run.json, so a resume continues the same run,
-    # with the order key (_record_order) of the last record sent: W&B drops, with a warning each, a step below
-    # the one it is at, and a resume redoes (bit for bit) the steps between its checkpoint and where the run
-    # stopped, so those it already has are not sent again. wandb.log only queues a record for W&B's service: the
-    # mark is written when the W&B run has finished (finish() waits for every record), never ahead of what W&B
-    # has; after a crash the resume sends again what followed the last mark (online, W&B's starting_step drops
-    # those it holds; offline, W&B drops them when synced).
     def _start_wandb(self) -> None:
-        """Rank 0 starts or resumes the W&B run; a failure there is an error on every rank."""
-        if not self.cfg.logging.wandb:
-            if self.is_main:
-                self._keep_or_drop_wandb_state()
-            return
-        answer: list[Any] = [None]
-        failure: Exception | None = None
-        if self.is_main:
-            try:
-                self._init_wandb()
-            except Exception as error:  # whatever it is, the other ranks wait for this answer
-                failure = error
-                answer[0] = str(error) if isinstance(error, ConfigError) else (
-                    f"logging.wandb: rank 0 could not start the W&B run: {type(error).__name__}: {error}")
-        if is_distributed():
-            # else the other ranks would wait for rank 0 in the first collective; and after the long-timeout
-            # barrier, since W&B's init (its init_timeout, retries online) may outlast the default group's timeout
-            barrier()
-            dist.broadcast_object_list(answer, src=0)
-        if failure is not None:
-            raise failure
-        if answer[0] is not None:
-            raise ConfigError(answer[0])
-
-    def _wandb_state(self) -> tuple[dict[str, Any], str | None]:
-        """(the W&B run this run continues: {"id", "project", "sent"}, or {}; why not, for the log)."""
-        path = self.output_dir / WANDB_STATE
-        if not self.resumed or not path.exists():  # a run that starts anew: not the W&B run of the one it replaces
-            return {}, None
-        project = self.cfg.logging.wandb_project
-        try:
-            state = json.loads(path.read_text())
-            state = {"id": str(state["id"]), "project": str(state.get("project", project)),
-                     "sent": [int(state["sent"][0]), str(state["sent"][1])]}
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            return {}, f"{path} is unreadable"
-        # Resuming from an older checkpoint's path starts a new trajectory, and a W&B run's history cannot be
-        # rewound: a new W&B run, given the records up to the checkpoint. A run that starts anew gets one too.
-        if self.cfg.train.resume != "auto" and state["sent"][0] > self.step:
-            return {}, (f"train.resume goes back to step {self.step}, before the last step W&B run {state['id']} "
-                        f"has ({state['sent'][0]})")
-        return state, None
-
-    def _keep_or_drop_wandb_state(self) -> None:
-        """No W&B run this time: wandb-run.json stays for a later resume with W&B on (which sends that W&B run
-        what it missed) unless this run leaves that run's trajectory."""
-        if not self._wandb_state()[0]:
-            (self.output_dir / WANDB_STATE).unlink(missing_ok=True)
-
-    def _init_wandb(self) -> None:
-        import secrets
-
-        try:
-            import wandb
-        except ImportError as error:  # installed when the config was checked, but broken
-            raise ConfigError(f"logging.wandb: wandb cannot be imported ({error}); pip install "
-                              f"'retnet-stack[wandb]' (or --logging.wandb=false)") from None
-        log = self.cfg.logging
-        state, why_new = self._wandb_state()
-        if state and state["project"] != log.wandb_project:  # W&B would make a run of that id there, empty
-            why_new, state = f"logging.wandb_project is no longer {state['project']!r}", {}
-        if why_new:
-            logger.info("%s: logging to a new W&B run", why_new)
-        state = state or {"id": secrets.token_hex(6), "sent": [-1, ""]}  # hex: valid in any W&B run id
-        try:
-            run = wandb.init(project=log.wandb_project, name=log.wandb_run_name or self.output_dir.resolve().name,
-                             id=state["id"], resume="allow", config=self.cfg.to_dict(), dir=str(self.output_dir),
-                             tags=list(log.wandb_tags) or None,
-                             reinit="create_new")  # never another run of this process in its place
-        except Exception as error:  # no API key, no network when online, a refused entity ...: W&B's own words
-            raise ConfigError(f"logging.wandb: W&B could not start run {state['id']} of project "
-                              f"{log.wandb_project!r}: {type(error).__name__}: {error} (set WANDB_API_KEY or run "
-                              f"`wandb login`, or WANDB_MODE=offline, or --logging.wandb=false)") from None
-        self._wandb = run
-        try:
-            if getattr(run, "disabled", False) is True:  # WANDB_MODE=disabled: no W&B run, nothing is sent
-                self._wandb = None
-                run.finish()
-                logger.info("W&B is disabled (WANDB_MODE=disabled): no W&B run")
-                self._keep_or_drop_wandb_state()
-                return
-            self._wandb_id = state["id"]
-            self._wandb_mark = list(state["sent"])  # the last record sent: [step, kind]
-            self._wandb_sent = (state["sent"][0], _KIND_ORDER.get(state["sent"][1], -1))
-            # Online, a resumed W&B run is at the step after the last it holds, which may be past what this file
-            # says (a crash before the run finished)
-            self._wandb_floor = int(getattr(run, "starting_step", 0) or 0)
-            self._save_wandb_state()  # the id, for a resume after a crash
-        except BaseException:
-            run, self._wandb = self._wandb, None
-            if run is not None:
-                with contextlib.suppress(Exception):  # (its own error is the one to report)
-                    run.finish(exit_code=1)
-            raise
-        logger.info("W&B run %s (project %s)%s", state["id"], log.wandb_project,
-                    f", resumed after step {state['sent'][0]}" if state["sent"][0] >= 0 else "")
-
-    def _send_wandb(self, record: dict[str, Any]) -> None:
-        """Log ``record`` to the W&B run at its step, unless the run has it (or a later step) already."""
-        if self._wandb is None or _record_order(record) <= self._wandb_sent or record["step"] < self._wandb_floor:
-            return  # (None: a failure turned it off)
-        try:
-            self._wandb.log(_scalars(record), step=record["step"])
-        except Exception as error:  # a W&B failure mid-run does not stop the training: it keeps metrics.jsonl
-            logger.warning("W&B logging failed at step %d (%s: %s); logging.wandb is off for the rest of this "
-                           "run (metrics.jsonl has every record)", record["step"], type(error).__name__, error)
-            self._finish_wandb(exit_code=1)
-            return
-        self._wandb_sent = _record_order(record)
-        self._wandb_mark = [record["step"], record["kind"]]
-
-    def _save_wandb_state(self) -> None:
-        path = self.output_dir / WANDB_STATE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"id": self._wandb_id, "project": self.cfg.logging.wandb_project,
-                                   "sent": self._wandb_mark}))
-        os.replace(tmp, path)  # a crash mid-write leaves the previous file, never half of one
-
-    def _finish_wandb(self, exit_code: int) -> None:
-        run, self._wandb = self._wandb, None
-        try:
-            run.finish(exit_code=exit_code)
-        except Exception as error:  # keep close() going (and an exception on its way out, its own)
-            logger.warning("W&B run could not finish cleanly: %s: %s", type(error).__name__, error)
-            return  # the mark stays where it was: a resume sends those records again
-        try:  # W&B has every record sent now: a resume sends only later ones
-            self._save_wandb_state()
-        except OSError as error:
-            logger.warning("%s could not be written (%s); a resume sends W&B records it may have already",
-                           self.output_dir / WANDB_STATE, error)
+        """The W&B run (logging.wandb, ``retnet.train.wandb_logging``), started on rank 0 and awaited by the others;
+        ``_wandb`` holds it while there is one."""
+        wandb_logger = WandbLogger(self.cfg, self.output_dir, is_main=self.is_main, resumed=self.resumed,
+                                   step=self.step)
+        wandb_logger.start()
+        self._wandb = wandb_logger if wandb_logger.run is not None else None
 
     def close(self) -> None:
         for sig, handler in self._previous_handlers.items():
@@ -1119,24 +989,8 @@ class Trainer:
         if self._wandb is not None:
             # As the process exits: 0 when train() returned (train.steps reached, or stopped by a signal), else an
             # error ended it (a non-finite loss, an exception, also after the last step: W&B's "failed")
-            self._finish_wandb(exit_code=0 if self._completed else 1)
-
-
-# The W&B run of a run's output_dir: its id, project and the last record sent (step, kind) when it last finished.
-WANDB_STATE = "wandb-run.json"
-_KIND_ORDER = {"train": 0, "val": 1}  # a step's training record is written before its evaluation's
-
-
-def _record_order(record: dict[str, Any]) -> tuple[int, int]:
-    """The order of a record in a run: by step, then kind."""
-    return int(record["step"]), _KIND_ORDER.get(record["kind"], len(_KIND_ORDER))
-
-
-def _scalars(record: dict[str, Any]) -> dict[str, float]:
-    """A metrics record's numbers under TensorBoard's and W&B's names (``train/loss``, ``val/val_loss`` ...)."""
-    prefix = "train" if record["kind"] == "train" else "val"
-    return {f"{prefix}/{key}": value for key, value in record.items()
-            if key not in ("kind", "step", "time") and isinstance(value, (int, float))}
+            self._wandb.finish(exit_code=0 if self._completed else 1)
+            self._wandb = None
 
 
 def _record_key(line: str) -> tuple[int, str | None]:

@@ -284,10 +284,10 @@ def test_only_the_main_rank_starts_and_logs_to_wandb(tmp_path, monkeypatch):
     assert kwargs["id"] == run_id and kwargs["resume"] == "allow" and kwargs["name"] == "run"
     assert kwargs["project"] == "retnet-stack" and kwargs["dir"] == str(main_rank.output_dir)
     assert kwargs["config"] == main_rank.cfg.to_dict()
-    run = main_rank._wandb
-    main_rank._send_wandb({"kind": "train", "step": 3, "loss": 2.0, "mfu": None, "time": 1.0})
-    main_rank._send_wandb({"kind": "train", "step": 3, "loss": 2.0})  # sent already
-    main_rank._send_wandb({"kind": "val", "step": 3, "val_loss": math.log(3)})
+    run = main_rank._wandb.run
+    main_rank._wandb.log({"kind": "train", "step": 3, "loss": 2.0, "mfu": None, "time": 1.0})
+    main_rank._wandb.log({"kind": "train", "step": 3, "loss": 2.0})  # sent already
+    main_rank._wandb.log({"kind": "val", "step": 3, "val_loss": math.log(3)})
     assert run.logged == [(3, {"train/loss": 2.0}), (3, {"val/val_loss": math.log(3)})]
     main_rank.close()  # short of train.steps without a stop signal: failed
     assert run.finished == [1] and main_rank._wandb is None
@@ -320,11 +320,11 @@ def test_any_rank0_failure_to_start_wandb_reaches_every_rank(fake_wandb, tmp_pat
     wandb.init), after the long-timeout barrier: W&B's init may outlast the training group's timeout."""
     import torch.distributed as dist
 
-    from retnet.train import trainer as trainer_module
+    from retnet.train import wandb_logging
 
     events, answer_for_others = [], []
-    monkeypatch.setattr(trainer_module, "is_distributed", lambda: True)
-    monkeypatch.setattr(trainer_module, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(wandb_logging, "is_distributed", lambda: True)
+    monkeypatch.setattr(wandb_logging, "barrier", lambda: events.append("barrier"))
 
     def broadcast(objects, src):
         if answer_for_others:
@@ -352,7 +352,7 @@ def test_any_rank0_failure_to_start_wandb_reaches_every_rank(fake_wandb, tmp_pat
     events.clear()
     fine = _bare_trainer(tmp_path / "fine", rank=0)
     fine._start_wandb()
-    assert events == ["barrier", ("broadcast", None)] and fine._wandb is fake_wandb.runs[1]
+    assert events == ["barrier", ("broadcast", None)] and fine._wandb.run is fake_wandb.runs[1]
 
 
 def test_the_resume_mark_is_saved_only_once_wandb_has_the_records(fake_wandb, tmp_path):
@@ -362,7 +362,7 @@ def test_the_resume_mark_is_saved_only_once_wandb_has_the_records(fake_wandb, tm
     first = _bare_trainer(tmp_path, rank=0)
     first._start_wandb()
     for record in _records((0, "val"), (1, "train"), (2, "train"), (2, "val"), (3, "train")):
-        first._send_wandb(record)
+        first._wandb.log(record)
     # a crash here (a kill, an OOM): W&B may not have written or uploaded those records yet
     state = json.loads((first.output_dir / "wandb-run.json").read_text())
     assert state["sent"] == [-1, ""]
@@ -372,7 +372,7 @@ def test_the_resume_mark_is_saved_only_once_wandb_has_the_records(fake_wandb, tm
     resumed._start_wandb()
     assert fake_wandb.calls[1]["id"] == run_id
     for record in _records((0, "val"), (1, "train"), (2, "train"), (2, "val"), (3, "train"), (4, "train")):
-        resumed._send_wandb(record)  # _open_loggers' records up to the checkpoint, then the redone and new steps
+        resumed._wandb.log(record)  # _open_loggers' records up to the checkpoint, then the redone and new steps
     assert [step for step, _ in fake_wandb.runs[1].logged] == [0, 1, 2, 2, 3, 4]  # W&B drops what it has
     resumed._completed = True
     resumed.close()
@@ -382,7 +382,7 @@ def test_the_resume_mark_is_saved_only_once_wandb_has_the_records(fake_wandb, tm
     again = _bare_trainer(tmp_path, rank=0, resumed=True, step=4)
     again._start_wandb()
     for record in _records((3, "train"), (4, "train"), (4, "val"), (5, "train")):
-        again._send_wandb(record)
+        again._wandb.log(record)
     assert [step for step, _ in fake_wandb.runs[2].logged] == [4, 5]  # after the mark: (4, val) and step 5
 
 
@@ -393,7 +393,7 @@ def test_wandb_disabled_leaves_the_wandb_run_of_the_output_dir_alone(offline, tm
     wandb.teardown()
     trainer = _bare_trainer(tmp_path, rank=0)
     trainer._start_wandb()
-    trainer._send_wandb(_records((1, "train"))[0])
+    assert trainer._wandb is None  # no W&B run: no record is sent
     trainer.close()
     assert not (trainer.output_dir / "wandb-run.json").exists()
 
@@ -401,7 +401,7 @@ def test_wandb_disabled_leaves_the_wandb_run_of_the_output_dir_alone(offline, tm
     (trainer.output_dir / "wandb-run.json").write_text(json.dumps(earlier))
     resumed = _bare_trainer(tmp_path, rank=0, resumed=True, step=6)
     resumed._start_wandb()
-    resumed._send_wandb(_records((7, "train"))[0])
+    assert resumed._wandb is None  # no W&B run: no record is sent
     resumed.close()
     assert json.loads((trainer.output_dir / "wandb-run.json").read_text()) == earlier
 
@@ -425,7 +425,7 @@ def test_a_branch_or_another_project_does_not_continue_the_wandb_run(fake_wandb,
     moved = _bare_trainer(tmp_path, rank=0, resumed=True, step=4, args=("--logging.wandb_project=other",))
     moved._start_wandb()
     assert fake_wandb.calls[-1]["id"] != "abc123" and fake_wandb.calls[-1]["project"] == "other"
-    moved._send_wandb(_records((1, "train"))[0])
+    moved._wandb.log(_records((1, "train"))[0])
     assert fake_wandb.runs[-1].logged == [(1, {"train/loss": 1.0})]
     moved.close()
     assert json.loads(state.read_text())["project"] == "other"
