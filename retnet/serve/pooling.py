@@ -8,7 +8,8 @@ forward and hands each input one pooled row. What a row is depends on the pooler
   not, as ``--pooler-config`` or the request says (:meth:`EmbedPooler.activate`).
 
 :class:`PoolingEngine` owns the model on a thread of its own: the waiting inputs are packed into one row (one
-segment an input) of at most ``--prefill-token-budget`` tokens (an input longer than the budget runs alone); each
+segment an input) of at most ``--prefill-token-budget`` tokens (an input longer than the budget runs alone), taken
+round-robin across the waiting requests so that a request of many inputs does not hold back those behind it; each
 input's row reaches its request on the event loop (``call_soon_threadsafe``). The handlers are in
 :mod:`retnet.serve.classify`.
 """
@@ -211,7 +212,8 @@ class PoolingEngine(ModelThread):
         self.adapters: dict = {}
         self.eos_ids: set[int] = set()
         self.cond = threading.Condition()
-        self.waiting: deque[PoolingInput] = deque()  # guarded by cond
+        # Each waiting request's inputs not yet run, in order; the requests in turn (round-robin). Guarded by cond.
+        self.waiting: deque[deque[PoolingInput]] = deque()
         # The batch taken off `waiting` and not yet settled (the model's thread alone): failed too if the thread dies.
         self.running: list[PoolingInput] = []
         self.requests = 0  # requests being answered (queued or running); guarded by cond
@@ -247,8 +249,9 @@ class PoolingEngine(ModelThread):
                 raise QueueFull(f"{self.requests} requests in the {self.pooler.kind}; the limit is {limit} "
                                 "(--max-queue)")
             self.requests += 1
-            self.waiting.extend(items)
-            self.metrics.queue_depth.set(len(self.waiting))
+            if items:
+                self.waiting.append(deque(items))
+            self.metrics.queue_depth.set(self._queued())
             self.cond.notify_all()
         try:
             return list(await asyncio.gather(*(item.future for item in items)))
@@ -290,8 +293,14 @@ class PoolingEngine(ModelThread):
             self.model = self.pooler.load(self.settings.model, getattr(torch, _dtype(self.settings, self.device)))
         self.model = self.pooler.prepare(self.model).to(self.device).eval()
 
+    def _queued(self) -> int:
+        """Inputs waiting (cond held)."""
+        return sum(map(len, self.waiting))
+
     def _next_batch(self) -> list[PoolingInput] | None:
-        """The waiting inputs, in arrival order, whose tokens fit the budget together (an input over it alone);
+        """Waiting inputs whose tokens fit the budget together (an input over it alone), one from each waiting
+        request in turn (each request's in its own order), so that a request of many inputs does not hold back the
+        requests behind it: they are run within a forward or two. The turn goes on where the last batch stopped.
         None once the engine stops."""
         budget = self.settings.prefill_token_budget
         with self.cond:
@@ -301,15 +310,20 @@ class PoolingEngine(ModelThread):
                 return None
             batch, tokens = [], 0
             while self.waiting:
-                item = self.waiting[0]
-                if item.future.cancelled():  # its request stopped waiting for it
-                    self.waiting.popleft()
+                queue = self.waiting.popleft()
+                while queue and queue[0].future.cancelled():  # its request stopped waiting for it
+                    queue.popleft()
+                if not queue:
                     continue
-                if batch and tokens + len(item.ids) > budget:
+                if batch and tokens + len(queue[0].ids) > budget:
+                    self.waiting.appendleft(queue)  # its turn comes first in the next batch
                     break
-                batch.append(self.waiting.popleft())
+                item = queue.popleft()
+                batch.append(item)
                 tokens += len(item.ids)
-            self.metrics.queue_depth.set(len(self.waiting))
+                if queue:
+                    self.waiting.append(queue)
+            self.metrics.queue_depth.set(self._queued())
         return batch
 
     def _forward(self, batch: list[PoolingInput]) -> None:
@@ -345,7 +359,7 @@ class PoolingEngine(ModelThread):
 
     def _fail_waiting(self, status: int, message: str, code: str) -> None:
         with self.cond:
-            batch = list(self.waiting)
+            batch = [item for queue in self.waiting for item in queue]
             self.waiting.clear()
             self.metrics.queue_depth.set(0)
         self._settle(batch, [(status, message, code)] * len(batch))

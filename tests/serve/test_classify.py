@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -344,6 +346,47 @@ async def test_a_forward_that_fails_fails_its_batch_alone(reward_dir):
             assert response.json()["error"]["type"] == "server_error"
             assert ok(await client.post("/pooling", json={"input": list(range(5, 17))}))["data"]
 
+
+
+async def test_a_small_request_behind_a_large_one_is_not_held_back(classifier_dir, direct):
+    # Inputs are taken round-robin across the waiting requests: one of 12 inputs needs 6 forwards at this budget,
+    # and a request of 2 sent behind it is run within the next forward or two, so it is answered first.
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    forward, segments = model.forward, []  # each forward's inputs, in the order packed
+    queued = threading.Event()
+
+    def recorded(input_ids=None, cu_seqlens=None, **kwargs):
+        if not segments:  # the first forward ends only once the small request is queued, however slow the loop
+            assert queued.wait(30)
+        bounds = cu_seqlens.tolist()
+        segments.append([input_ids[0, a:b].tolist() for a, b in itertools.pairwise(bounds)])
+        return forward(input_ids=input_ids, cu_seqlens=cu_seqlens, **kwargs)
+
+    model.forward = recorded
+    generator = torch.Generator().manual_seed(0)
+    large = [torch.randint(2, 384, (6,), generator=generator).tolist() for _ in range(12)]
+    small = [torch.randint(2, 384, (n,), generator=generator).tolist() for n in (3, 5)]
+    app = create_app(make_settings(classifier_dir, prefill_token_budget=16), model=model)
+    engine: ClassifyEngine = app.state.engine
+    async with app.router.lifespan_context(app):
+        assert await asyncio.to_thread(engine.wait_ready, 60)
+        big = asyncio.ensure_future(engine.score(large))
+        await asyncio.sleep(0)  # queued first
+        little = asyncio.ensure_future(engine.score(small))
+        await asyncio.sleep(0)
+        queued.set()
+        done, _ = await asyncio.wait({big, little}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {little}, "the small request waited for the large one"
+        await asyncio.wait_for(big, 60)
+    ran = [next(n for n, packed in enumerate(segments) if ids in packed) for ids in small]
+    # Within the next forward or two after it arrives (the first may have been taken before it), where FIFO
+    # would have run it after all 6 of the large request's.
+    assert max(ran) <= 2, segments
+    assert [ids for packed in segments for ids in packed if ids in large] == large  # each request's own order
+    assert len(segments) >= 6 and all(sum(map(len, packed)) <= 16 for packed in segments)
+    for inputs, task in ((large, big), (small, little)):
+        for ids, row in zip(inputs, task.result(), strict=True):
+            assert row.tolist() == pytest.approx(direct["classifier"](ids).tolist(), abs=1e-5)
 
 MARK = 7  # an input starting with this token is scored inf by the models below
 
