@@ -25,6 +25,11 @@ same as one document at a time).
 0 = its first token): here [0, 128), [128, 512), [512, 2048) and [2048, ∞). A RetNet trained on 128-token
 blocks scored past them shows how it extrapolates in length.
 
+A reward model (``--model`` a ``*ForSequenceClassification`` with one label: what ``reward.enabled`` exports) is
+scored on preference pairs instead, by :mod:`retnet.train.evaluate_reward`: its accuracy and margins, with the names
+the reward trainer logs. ``--seq-len``/``--max-prompt-length`` are its options, ``--segment-tokens``,
+``--position-edges`` and ``--text-field`` the causal LM's; either given to the other model is refused.
+
 Exit status: 0 on success, 2 for bad options or input (a missing model directory, a dataset without
 documents, a non-positive size ...), with a message naming the option.
 """
@@ -215,12 +220,12 @@ def evaluate(model, documents: Sequence[Sequence[int]], *, segment_tokens: int =
 # ----------------------------------------------------------------------------------------------------------
 # data.py's messages name the training config's keys; here the same settings are options.
 _OPTION_OF_KEY = {"dataset": "--dataset", "name": "--name", "split": "--split", "text_field": "--text-field",
-                  "max_documents": "--max-documents", "cache_dir": "--cache-dir"}
+                  "max_documents": "--max-documents", "cache_dir": "--cache-dir", "seq_len": "--seq-len",
+                  "max_prompt_length": "--max-prompt-length"}
 
 
 def _as_options(message: str) -> str:
-    return re.sub(r"\bdata\.(dataset|name|split|text_field|max_documents|cache_dir)\b",
-                  lambda m: _OPTION_OF_KEY[m.group(1)], message)
+    return re.sub(rf"\bdata\.({'|'.join(_OPTION_OF_KEY)})\b", lambda m: _OPTION_OF_KEY[m.group(1)], message)
 
 
 def read_documents(dataset: str, *, name: str | None = None, split: str = "train", text_field: str = "text",
@@ -244,8 +249,10 @@ def read_documents(dataset: str, *, name: str | None = None, split: str = "train
 
 
 def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer) of an export directory (or hub id), the model in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM
+    """(model, tokenizer) of an export directory (or hub id), the model in eval mode on ``device``: a causal LM,
+    or a reward model (:func:`is_reward_model`) when config.json's ``architectures`` names a
+    ``*ForSequenceClassification`` with one label (what ``reward.enabled`` exports)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import retnet  # noqa: F401 - registers RetNet with the Auto classes
     from retnet.model.hub import HubError, resolve_pretrained
@@ -271,7 +278,17 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
         raise EvalError(f"--model {path!r}: {str(error).replace('data.tokenizer ', 'tokenizer ')}; export the "
                         f"model with its tokenizer") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(root), dtype=DTYPES[dtype], local_files_only=True)
+        config = AutoConfig.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise EvalError(f"--model {path!r} could not be loaded: {type(error).__name__}: "
+                        f"{str(error).strip()[:300]}") from None
+    classifier = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
+    if classifier and config.num_labels != 1:
+        raise EvalError(f"--model {path!r} is a {classifier[0]} with {config.num_labels} labels, not a reward model "
+                        f"(one label: a score per sequence); retnet-eval scores causal LMs and reward models")
+    auto_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    try:
+        model = auto_class.from_pretrained(str(root), config=config, dtype=DTYPES[dtype], local_files_only=True)
     except (OSError, ValueError) as error:
         raise EvalError(f"--model {path!r} could not be loaded: {type(error).__name__}: "
                         f"{str(error).strip()[:300]}") from None
@@ -279,6 +296,12 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
     if problem is not None:
         raise EvalError(f"--model {path!r}: {problem}")
     return model.to(target).eval(), tokenizer
+
+
+def is_reward_model(model) -> bool:
+    """Whether ``model`` (as :func:`load_model` returns it) is a one-label sequence classifier: scored on
+    preference pairs (:mod:`retnet.train.evaluate_reward`), not documents."""
+    return type(model).__name__.endswith("ForSequenceClassification") and model.config.num_labels == 1
 
 
 def _device(name: str | None) -> torch.device:
@@ -322,18 +345,28 @@ def _edges(text: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="retnet-eval", description="Per-token loss and perplexity of an exported RetNet over whole documents.")
+        prog="retnet-eval", description="Per-token loss and perplexity of an exported RetNet over whole documents; "
+                                        "for a reward model, its accuracy and margins on preference pairs.")
     parser.add_argument("--model", required=True, help="save_pretrained directory with its tokenizer "
                                                        "(train.output_dir/export)")
     parser.add_argument("--dataset", default="stdlib", help="as data.dataset: stdlib, a local file, directory or "
                                                             "glob, a save_to_disk directory or a hub name (default: stdlib)")
     parser.add_argument("--name", default=None, help="as data.name: the hub dataset's configuration")
     parser.add_argument("--split", default="train", help="as data.split (default: train)")
-    parser.add_argument("--text-field", default="text", help="as data.text_field (default: text)")
-    parser.add_argument("--max-documents", type=_count(0), default=0, help="the first N documents (default 0: all)")
-    parser.add_argument("--segment-tokens", type=_count(1), default=2048,
+    # None: not given (the defaults are set in main), so a reward model can refuse the LM's options by name
+    parser.add_argument("--text-field", default=None, help="as data.text_field (default: text)")
+    parser.add_argument("--max-documents", type=_count(0), default=0,
+                        help="the first N documents, or a reward model's first N pairs (default 0: all)")
+    parser.add_argument("--segment-tokens", type=_count(1), default=None,
                         help="tokens per forward; the recurrent state carries across (default: 2048)")
-    parser.add_argument("--batch-size", type=_count(1), default=1, help="documents run together (default: 1)")
+    parser.add_argument("--batch-size", type=_count(1), default=1,
+                        help="documents run together, or a reward model's pairs per forward (default: 1)")
+    parser.add_argument("--seq-len", type=_count(2), default=None,
+                        help="reward model: cut each sequence to N tokens, as data.seq_len cuts them in training "
+                             "(the prompt, then each completion's first tokens; default: no cut)")
+    parser.add_argument("--max-prompt-length", type=_count(1), default=None,
+                        help="reward model: keep a prompt's last N tokens, as data.max_prompt_length (default: "
+                             "the whole prompt)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype (default: float32)")
     parser.add_argument("--cache-dir", default=None, help="as data.cache_dir: where datasets caches what it "
@@ -377,6 +410,16 @@ def _finite_or_null(value):
     return value
 
 
+def _refuse_options(args: argparse.Namespace, names: Sequence[str], what: str) -> None:
+    """EvalError naming the first of ``names`` (``args`` attributes, None when not given) that was given: it
+    means nothing for ``what`` the model is."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            raise EvalError(f"--{name.replace('_', '-')} {shown} means nothing for --model {args.model!r}, {what}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = _parser()
@@ -384,12 +427,23 @@ def main(argv: list[str] | None = None) -> int:
     with _library_bars(not args.no_progress):
         try:
             model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-            texts = read_documents(args.dataset, name=args.name, split=args.split, text_field=args.text_field,
-                                   max_documents=args.max_documents, cache_dir=args.cache_dir)
+            if is_reward_model(model):
+                from retnet.train import evaluate_reward
+
+                pairs = evaluate_reward.read_args_pairs(args, tokenizer)
+            else:
+                _refuse_options(args, ("seq_len", "max_prompt_length"), "a causal LM (they cut preference pairs "
+                                "for a reward model)")
+                args.text_field = "text" if args.text_field is None else args.text_field
+                args.segment_tokens = 2048 if args.segment_tokens is None else args.segment_tokens
+                texts = read_documents(args.dataset, name=args.name, split=args.split, text_field=args.text_field,
+                                       max_documents=args.max_documents, cache_dir=args.cache_dir)
         except EvalError as error:
             parser.print_usage(sys.stderr)
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
             return EXIT_USAGE
+    if is_reward_model(model):
+        return evaluate_reward.report(args, model, pairs)
     documents = encode(tokenizer, texts)
     del texts  # the documents are their tokens from here on
     from tqdm.auto import tqdm

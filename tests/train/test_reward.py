@@ -6,6 +6,7 @@ process and FSDP), the merged export and the adapter score as the trained model.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -448,3 +449,117 @@ def test_a_lora_checkpoint_resumes_under_fsdp(lora_trained, toy, tmp_path):  # n
     assert merged.keys() == expected.keys() and "score.weight" in merged
     for key in expected:
         torch.testing.assert_close(merged[key], expected[key], rtol=1e-6, atol=1e-6)
+
+
+# -- retnet-eval of a reward export: accuracy and margins on preference pairs ------------------------------------------
+def _eval(args: list, capsys) -> tuple[int, str, str]:
+    """``retnet-eval`` in this process: (exit status, stdout, stderr)."""
+    from retnet.train.evaluate import main as eval_main
+
+    capsys.readouterr()
+    code = eval_main([*map(str, args), "--no-progress", "--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _eval_record(trained, toy, dataset, capsys, *extra) -> dict:  # noqa: F811 - toy: the fixture's value
+    code, out, err = _eval(["--model", trained / "export", "--dataset", dataset, "--cache-dir", toy / "cache",
+                            "--json", *extra], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def test_eval_of_the_export_is_each_pair_scored_alone(trained, toy, capsys):  # noqa: F811
+    """retnet-eval on the reward export (standard rows): accuracy, margin and the mean rewards are those of each
+    pair's chosen and rejected sequences (prompt, completion, EOS, encoded apart) scored one at a time, for
+    --batch-size 1 and 3 alike; --json prints one record with the trainer's metric names; the text line too."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(trained / "export").eval()
+    tokenizer = tokenizer_of(toy)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    rewards = []
+    for line in (toy / "standard.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        ids = [[*encode(row["prompt"]), *encode(row[side]), tokenizer.eos_token_id] for side in ("chosen", "rejected")]
+        with torch.no_grad():
+            rewards.append([model(input_ids=torch.tensor([seq])).logits[0, 0].item() for seq in ids])
+    chosen, rejected = torch.tensor(rewards, dtype=torch.float64).unbind(1)
+    expected = {"accuracy": (chosen > rejected).double().mean().item(), "margin": (chosen - rejected).mean().item(),
+                "rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+                "loss": -F.logsigmoid(chosen - rejected).mean().item()}
+    records = [_eval_record(trained, toy, toy / "standard.jsonl", capsys, "--batch-size", batch) for batch in (1, 3)]
+    for record in records:
+        assert record["pairs"] == len(rewards)
+        for name, value in expected.items():
+            assert record[name] == pytest.approx(value, abs=1e-5), name
+    scores = (*METRICS, "loss")  # alike up to the packed row's rounding (covered by the 1e-5 above)
+    apart = lambda record: {k: v for k, v in record.items() if k not in (*scores, "batch_size", "seconds",
+                                                                         "pairs_per_second")}
+    assert apart(records[0]) == apart(records[1])
+    assert [records[0][name] for name in scores] == pytest.approx([records[1][name] for name in scores], abs=1e-6)
+    assert set(records[1]) == {"model", "dataset", "name", "split", "max_documents", "pairs", *METRICS, "loss", "cut",
+                               "seq_len", "max_prompt_length", "pairs_per_second", "seconds", "batch_size", "device",
+                               "dtype"}
+    assert records[1]["batch_size"] == 3 and records[1]["cut"] == 0 and records[1]["seq_len"] is None
+    assert records[1]["device"] == "cpu" and records[1]["dtype"] == "float32"
+    code, out, err = _eval(["--model", trained / "export", "--dataset", toy / "standard.jsonl", "--cache-dir",
+                            toy / "cache", "--max-documents", 5], capsys)
+    assert code == 0, err
+    assert out.startswith("5 pairs: accuracy ") and "margin" in out and "rewards/rejected" in out
+
+
+def test_eval_of_the_validation_pairs_is_the_trainers_last_validation_record(trained, toy, tmp_path, capsys):  # noqa: F811
+    """The run's validation pairs (its split is seeded: split_documents of the rows), written out and scored by
+    retnet-eval with the run's seq_len, give the trainer's last val_* record (conversational rows: the chat
+    template as training renders it)."""
+    from retnet.train.data import split_documents
+
+    lines = (toy / "pairs.jsonl").read_text().splitlines()
+    _, val = split_documents(lines, 0.1)
+    held_out = tmp_path / "val.jsonl"
+    held_out.write_text("".join(line + "\n" for line in val))
+    last = metrics(trained, "val")[-1]
+    record = _eval_record(trained, toy, held_out, capsys, "--batch-size", 2, "--seq-len", 32)
+    assert record["pairs"] == len(val) and record["seq_len"] == 32
+    for name in (*METRICS, "loss"):
+        assert record[name] == pytest.approx(last[f"val_{name}"], abs=1e-5), name
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--position-edges", "128"], "--position-edges 128 means nothing for --model"),
+    (["--segment-tokens", "64"], "--segment-tokens 64 means nothing for --model"),
+    (["--dataset", "{text}"], "--dataset '{text}' has no ['prompt', 'chosen', 'rejected'] column(s)"),
+    (["--dataset", "stdlib"], "--dataset must hold preference pairs"),
+    (["--seq-len", "8", "--max-prompt-length", "8"], "--max-prompt-length must be < --seq-len (8)"),
+])
+def test_eval_refuses_what_a_reward_model_cannot_be_scored_on(trained, toy, tmp_path, capsys, extra,  # noqa: F811
+                                                              message):
+    from retnet.train.evaluate import EXIT_USAGE
+
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "a document"}\n{"text": "another"}\n')
+    extra = [str(text) if value == "{text}" else value for value in extra]
+    message = message.replace("{text}", str(text))
+    code, out, err = _eval(["--model", trained / "export", "--dataset", toy / "pairs.jsonl", "--cache-dir",
+                            toy / "cache", *extra], capsys)
+    assert code == EXIT_USAGE and not out
+    assert message in err and "data." not in err, err
+
+
+def test_eval_refuses_a_classifier_of_several_labels_and_a_causal_lms_pair_options(trained, toy, tmp_path,  # noqa: F811
+                                                                                   capsys):
+    from retnet.train.evaluate import EXIT_USAGE
+
+    several = tmp_path / "classifier"
+    shutil.copytree(trained / "export", several)
+    config = json.loads((several / "config.json").read_text())
+    config.update(id2label={"0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1})
+    (several / "config.json").write_text(json.dumps(config))
+    code, _, err = _eval(["--model", several, "--dataset", toy / "pairs.jsonl"], capsys)
+    assert code == EXIT_USAGE
+    assert "is a RetNetForSequenceClassification with 2 labels, not a reward model" in err, err
+    code, _, err = _eval(["--model", toy / "base", "--dataset", toy / "pairs.jsonl", "--seq-len", 32], capsys)
+    assert code == EXIT_USAGE and "--seq-len 32 means nothing for --model" in err and "a causal LM" in err, err
