@@ -275,14 +275,8 @@ class ClassifyServing(OpenAIServing):
         inputs = await self._tokenizing(size, self._input_ids, request)
         try:
             rows = await self.engine.score(inputs)
-        except QueueFull as exc:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise APIError(429, f"the server is busy ({exc}); retry later", None, "queue_full",
-                           type="rate_limit_error", headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
-        except EngineUnavailable as exc:
-            self.metrics.rejected.labels("unavailable").inc()
-            raise APIError(503, f"the server cannot take requests now: {exc}", None, "unavailable",
-                           type="server_error", headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+        except (QueueFull, EngineUnavailable) as exc:
+            raise self.refused(exc) from exc
         self.metrics.model_requests.labels(model_name=self.model_name).inc()
         tokens = sum(len(ids) for ids in inputs)
         return torch.stack(rows), Usage(prompt_tokens=tokens, total_tokens=tokens)

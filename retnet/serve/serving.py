@@ -710,20 +710,26 @@ class OpenAIServing:
         try:
             handle = self.engine.submit(prompts, params, request.n, request.session_id, hints, session, text_starts,
                                         adapter)
-        except QueueFull as exc:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise APIError(429, f"the server is busy ({exc}); retry later", None, "queue_full",
-                           type="rate_limit_error", headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
+        except (QueueFull, EngineUnavailable) as exc:
+            raise self.refused(exc) from exc
         except SessionBusy as exc:
             self.metrics.rejected.labels("session_busy").inc()
             raise APIError(409, f"session {request.session_id!r} is in use by another request", "session_id",
                            "session_busy") from exc
-        except EngineUnavailable as exc:
-            self.metrics.rejected.labels("unavailable").inc()
-            raise APIError(503, f"the server cannot take requests now: {exc}", None, "unavailable",
-                           type="server_error", headers={"Retry-After": str(self.settings.retry_after_s)}) from exc
         self.metrics.model_requests.labels(model_name=self._response_name(request.model)).inc()
         return handle
+
+    def refused(self, exc: QueueFull | EngineUnavailable) -> APIError:
+        """The answer to work an engine did not take (counted by reason): 429 when it is full, 503 while it is
+        loading, stopping or dead; both tell the client when to retry."""
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        if isinstance(exc, QueueFull):
+            self.metrics.rejected.labels("queue_full").inc()
+            return APIError(429, f"the server is busy ({exc}); retry later", None, "queue_full",
+                            type="rate_limit_error", headers=retry)
+        self.metrics.rejected.labels("unavailable").inc()
+        return APIError(503, f"the server cannot take requests now: {exc}", None, "unavailable", type="server_error",
+                        headers=retry)
 
     def _usage(self, handle: RequestHandle, outputs: list[list[SeqOutput]]) -> Usage:
         return self._usage_counts(handle, sum(len(o.token_ids) for seq in outputs for o in seq))

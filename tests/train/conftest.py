@@ -56,6 +56,42 @@ def run_train(args: list[str], nproc: int | None = None, timeout: float = 240) -
                           timeout=timeout)
 
 
+def save_micro_base(directory: Path, tokenizer) -> None:
+    """A seeded micro RetNetForCausalLM (hidden 32, 2 layers) over ``tokenizer``, saved with it to ``directory``:
+    the ``model.init_from`` of the fine-tuning tests."""
+    import torch
+
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+    from retnet.train.data import vocab_bound
+
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      chunk_size=16, vocab_size=vocab_bound(tokenizer),
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    RetNetForCausalLM(config).save_pretrained(directory)
+
+
+def train_fsdp_in_process(args: list[str], resumed_step: int) -> None:
+    """Train ``retnet-train`` ``args`` (after ``--config tiny``) under FSDP2 in this process, a one-rank gloo group,
+    checking that it resumed at ``resumed_step``."""
+    import torch.distributed as dist
+
+    from retnet.train.config import load_config
+    from retnet.train.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        trainer = Trainer(load_config("tiny", [*args, "--train.parallelism=fsdp"]))
+        try:
+            assert trainer.fsdp and trainer.step == resumed_step
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        dist.destroy_process_group()
+
+
 def metrics(output_dir: Path, kind: str = "train") -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]

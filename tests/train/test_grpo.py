@@ -32,7 +32,7 @@ from retnet.train.grpo import (
     uniforms,
 )
 
-from .conftest import metrics
+from .conftest import metrics, save_micro_base
 
 # A reward the micro model learns in a few steps: the share of "a" in the completion's text.
 TOY_REWARDS = '''
@@ -77,9 +77,7 @@ STRIP = ("time", "tokens_per_s")
 def toy(tmp_path_factory):
     """prompts.jsonl (standard, with a ``solution`` column), conv.jsonl (conversational), prefill.jsonl (ending
     with an assistant message, a list column), toy_rewards.py on the path (this process's and the runs'), and base/: a random-init micro RetNet with a BPE trained on the rows."""
-    from retnet.model import RetNetConfig, RetNetForCausalLM
     from retnet.tokenization import train_byte_level_bpe
-    from retnet.train.data import vocab_bound
 
     root = tmp_path_factory.mktemp("grpo")
     rows = [{"prompt": f"Say a word {i}:", "solution": "aaa"} for i in range(PROMPTS)]
@@ -91,12 +89,7 @@ def toy(tmp_path_factory):
     (root / "prefill.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefill))
     (root / "toy_rewards.py").write_text(TOY_REWARDS)
     tokenizer = train_byte_level_bpe([r["prompt"] + " aaa bbb" for r in rows], vocab_size=300)
-    tokenizer.save_pretrained(root / "base")
-    torch.manual_seed(0)
-    config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      chunk_size=16, vocab_size=vocab_bound(tokenizer),
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    RetNetForCausalLM(config).save_pretrained(root / "base")
+    save_micro_base(root / "base", tokenizer)
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(root))
         patch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))

@@ -283,27 +283,13 @@ def test_a_resume_of_adapters_without_init_from_is_refused_naming_it(tuned, tmp_
 def test_a_one_process_checkpoint_resumes_under_fsdp(tuned, tmp_path, read_metrics):
     """A full-layout checkpoint of one process (its optimizer state keyed by parameter index) resumed under FSDP2
     (which keys it by name): here in this process, a gloo group of one rank."""
-    import torch.distributed as dist
-
-    from retnet.train.trainer import Trainer
-
-    from .conftest import free_port
+    from .conftest import train_fsdp_in_process
 
     out, args, _ = tuned
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoints" / "step_00000008")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        trainer = Trainer(load_config("tiny", [*_in(args, copy)[2:], "--train.parallelism=fsdp",
-                                               "--checkpoint.export=false"]))
-        try:
-            assert trainer.fsdp and trainer.step == 4
-            trainer.train()
-        finally:
-            trainer.close()
-    finally:
-        dist.destroy_process_group()
+    train_fsdp_in_process([*_in(args, copy)[2:], "--checkpoint.export=false"], resumed_step=4)
     losses = {r["step"]: r["loss"] for r in read_metrics(out)}
     again = {r["step"]: r["loss"] for r in read_metrics(copy)}
     assert [again[s] for s in range(5, 9)] == pytest.approx([losses[s] for s in range(5, 9)], rel=1e-6)

@@ -27,7 +27,7 @@ from retnet.train.preference import (
     pack,
 )
 
-from .conftest import metrics
+from .conftest import metrics, save_micro_base
 
 THINGS = ["the sky", "a cat", "the sea", "a tree", "an apple", "the moon", "a dog", "the sun"]
 ADJECTIVES = ["blue", "green", "red", "big", "small", "round", "loud", "soft"]
@@ -57,10 +57,8 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def toy(tmp_path_factory) -> Path:
     """pairs.jsonl (conversational), standard.jsonl, and base/: a random-init micro RetNet with a BPE trained on
     the pairs (the default chat template), saved as an export is (the model.init_from of every run here)."""
-    from retnet.model import RetNetConfig, RetNetForCausalLM
     from retnet.tokenization import train_byte_level_bpe
     from retnet.train.chat import render_default
-    from retnet.train.data import vocab_bound
 
     root = tmp_path_factory.mktemp("preference")
     rows = [conversational(i) for i in range(PAIRS)]
@@ -69,12 +67,7 @@ def toy(tmp_path_factory) -> Path:
     texts = [render_default(r["prompt"] + r[side]) for r in rows for side in ("chosen", "rejected")]
     texts += [s["prompt"] + s[side] for s in map(standard, range(PAIRS)) for side in ("chosen", "rejected")]
     tokenizer = train_byte_level_bpe(texts, vocab_size=300)
-    tokenizer.save_pretrained(root / "base")
-    torch.manual_seed(0)
-    config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      chunk_size=16, vocab_size=vocab_bound(tokenizer),
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    RetNetForCausalLM(config).save_pretrained(root / "base")
+    save_micro_base(root / "base", tokenizer)
     return root
 
 

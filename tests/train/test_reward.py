@@ -19,7 +19,7 @@ from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.config import ConfigError, build_config, load_config, reward_changes
 from retnet.train.reward import METRICS, reward_loss, sequence_rewards
 
-from .conftest import metrics
+from .conftest import metrics, train_fsdp_in_process
 from .test_preference import (  # noqa: F401 - toy: the fixture
     assert_records_match,
     build,
@@ -420,28 +420,14 @@ def test_a_lora_checkpoint_resumes_under_fsdp(lora_trained, toy, tmp_path):  # n
     """FSDP2 (fully_shard over the frozen backbone, the adapters and peft's score copy) in this process, a gloo
     group of one rank: the one-process step-4 checkpoint loads by name, the losses retrace the run, and the export
     gathered from the shards is the one-process run's merged classifier."""
-    import torch.distributed as dist
     from safetensors.torch import load_file
-
-    from retnet.train.trainer import Trainer
-
-    from .conftest import free_port
 
     out, args, *_ = lora_trained
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoints" / "step_00000008")
     args = [a if not a.startswith("--train.output_dir=") else f"--train.output_dir={copy}" for a in args]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        trainer = Trainer(load_config("tiny", [*args[2:], "--train.parallelism=fsdp"]))
-        try:
-            assert trainer.fsdp and trainer.step == 4
-            trainer.train()
-        finally:
-            trainer.close()
-    finally:
-        dist.destroy_process_group()
+    train_fsdp_in_process(args[2:], resumed_step=4)
     losses = {r["step"]: r["loss"] for r in metrics(out)}
     again = {r["step"]: r["loss"] for r in metrics(copy)}
     assert [again[s] for s in range(5, 9)] == pytest.approx([losses[s] for s in range(5, 9)], rel=1e-6)
