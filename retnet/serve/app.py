@@ -41,6 +41,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.responses import ResponsesRequest, ResponsesServing
+from retnet.serve.score import RERANK_ROUTES, SCORE_ROUTES, RerankRequest, ScoreRequest, ScoreServing
 from retnet.serve.serving import OpenAIServing
 from retnet.serve.session_store import check_session_id
 from retnet.serve.settings import (
@@ -62,7 +63,7 @@ TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items",
           "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES, "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
-          *POOLING_ROUTES, *EMBEDDING_ROUTES)
+          *POOLING_ROUTES, *EMBEDDING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES)
 # Routes whose `input` is the completions' `prompt` union (the Responses API's `input` is not).
 _INPUT_ROUTES = (*POOLING_ROUTES, *EMBEDDING_ROUTES)
 # Routes with an id in the path, counted by their template (one label per route, not per id).
@@ -77,7 +78,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     ``tokenizer`` may be given already loaded (tests); otherwise they load from ``settings.model``, the
     model in the scheduler thread (``/health`` is 503 until it is ready). A classifier or reward model
     (``*ForSequenceClassification``) gets the classification app: /classify and /pooling, no generation;
-    ``--convert embed`` the embedding app (any export's backbone): /v1/embeddings and /pooling."""
+    ``--convert embed`` the embedding app (any export's backbone): /v1/embeddings and /pooling. Both serve vLLM's
+    /score and /rerank (:mod:`retnet.serve.score`)."""
     settings = settings or ServeSettings()
     if model is None:  # a directory this server cannot serve is refused before anything loads from it
         settings = resolve_model_source(settings)
@@ -263,6 +265,15 @@ def _add_generation_routes(app: FastAPI, settings: ServeSettings, serving: OpenA
         app.post(path, dependencies=auth)(not_a_classifier)
     _not_an_embedding_model(app, serving, "a language model (it generates text)", auth)
 
+    async def not_a_scorer():
+        raise APIError(400, f"the model {serving.model_name!r} is a language model: it generates text and gives no "
+                       "score to a pair; /score and /rerank are served for a reward model or a classifier of one "
+                       "label (a RetNetForSequenceClassification export), or an embedding model (--convert embed)",
+                       None, "model_not_scorer")
+
+    for path in (*SCORE_ROUTES, *RERANK_ROUTES):
+        app.post(path, dependencies=auth)(not_a_scorer)
+
 
 def _add_classify_routes(app: FastAPI, serving: ClassifyServing, auth: list, json_body: list) -> None:
     """A classifier's routes (vLLM's pooling API); the generation routes answer 400."""
@@ -275,6 +286,8 @@ def _add_classify_routes(app: FastAPI, serving: ClassifyServing, auth: list, jso
     @app.post("/pooling", dependencies=json_body)
     async def pooling(request: PoolingRequest):
         return JSONResponse((await serving.pooling(request)).model_dump())
+
+    _add_score_routes(app, ScoreServing(serving), json_body)
 
     async def not_generative():
         raise APIError(400, f"this server serves the classifier {serving.model_name!r}, which scores text and cannot "
@@ -298,6 +311,8 @@ def _add_embed_routes(app: FastAPI, serving: EmbedServing, auth: list, json_body
     async def pooling(request: PoolingRequest):
         return JSONResponse((await serving.pooling(request)).model_dump())
 
+    _add_score_routes(app, ScoreServing(serving), json_body)
+
     async def not_a_classifier():
         raise APIError(400, f"this server serves {serving.model_name!r} as an embedding model (--convert embed), "
                        "which has no classification head here: use POST /v1/embeddings or /pooling", None,
@@ -312,6 +327,21 @@ def _add_embed_routes(app: FastAPI, serving: EmbedServing, auth: list, json_body
         app.post(path, dependencies=auth)(not_a_classifier)
     for path in GENERATION_ROUTES:
         app.post(path, dependencies=auth)(not_generative)
+
+
+def _add_score_routes(app: FastAPI, scoring: ScoreServing, json_body: list) -> None:
+    """vLLM's score and rerank routes, on a classifier's or an embedding model's server."""
+
+    async def score(request: ScoreRequest):
+        return JSONResponse((await scoring.score(request)).model_dump())
+
+    async def rerank(request: RerankRequest):
+        return JSONResponse((await scoring.rerank(request)).body())
+
+    for path in SCORE_ROUTES:
+        app.post(path, dependencies=json_body)(score)
+    for path in RERANK_ROUTES:
+        app.post(path, dependencies=json_body)(rerank)
 
 
 def _log_defaults(settings: ServeSettings, serving: OpenAIServing, defaults: dict) -> None:
@@ -360,7 +390,7 @@ def _install_error_handlers(app: FastAPI, require_api_key) -> None:
         # FastAPI parses a JSON body before the route's dependencies run: without this a client with no key
         # would be told how its body was read (400) instead of 401, as OpenAI answers. Every keyed route wants it.
         path = request.url.path
-        if path.startswith("/v1/") or path in TOKENIZER_ROUTES or path in POOLING_ROUTES:
+        if path.startswith("/v1/") or path in (*TOKENIZER_ROUTES, *POOLING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES):
             try:
                 require_api_key(request)
             except APIError as denied:

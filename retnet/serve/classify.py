@@ -5,7 +5,8 @@ causal LM's or a classifier's backbone) with OpenAI's ``POST /v1/embeddings`` an
 Both run on a :class:`~retnet.serve.pooling.PoolingEngine` (one packed ``cu_seqlens`` forward for the inputs of
 every waiting request), whose pooler makes each input's row: the score head's, or a pooled hidden state.
 :class:`ClassifyServing` and :class:`EmbedServing` check and tokenize requests and shape the responses;
-``/tokenize``, ``/detokenize`` and the model card are :class:`~retnet.serve.serving.OpenAIServing`'s.
+``/tokenize``, ``/detokenize`` and the model card are :class:`~retnet.serve.serving.OpenAIServing`'s; vLLM's
+``/score`` and ``/rerank`` run on these handlers too (:mod:`retnet.serve.score`).
 
 A ``messages`` conversation is scored as the reward trainer scored it (``retnet-train --reward.enabled``): the
 conversation before its last message rendered with the generation prompt, then the last message as the rest of
@@ -254,6 +255,19 @@ class ClassifyServing(OpenAIServing):
         if request.input is None and messages is None:
             either = " or messages (one conversation)" if isinstance(request, ClassifyRequest) else ""
             raise APIError(400, f"the request needs input (texts or token ids){either}", "input", "missing")
+        self._check_tokenization(request)
+        if isinstance(request, ClassifyRequest):
+            _check_chat_options(request)
+        if messages is not None:
+            check_content_parts(request)
+            size = _size([m.text() for m in messages])
+        else:
+            self._check_input_count(request.input)
+            size = _size(request.input)
+        return await self._rows(await self._tokenizing(size, self._input_ids, request))
+
+    def _check_tokenization(self, request: InputFields) -> None:
+        """The request's tokenization fields this server cannot honour: 400 naming the field."""
         truncate = request.truncate_prompt_tokens
         if truncate is not None and truncate > self.settings.max_prompt_tokens:
             raise APIError(400, f"truncate_prompt_tokens must be <= {self.settings.max_prompt_tokens} (the most "
@@ -264,15 +278,10 @@ class ClassifyServing(OpenAIServing):
             # or score, and inputs are packed without padding (cu_seqlens).
             raise APIError(400, "padding: only \"do_not_pad\" (the default) is supported; inputs are scored as "
                            "sent, without pad tokens", "padding", "unsupported_parameter")
-        if isinstance(request, ClassifyRequest):
-            _check_chat_options(request)
-        if messages is not None:
-            check_content_parts(request)
-            size = _size([m.text() for m in messages])
-        else:
-            self._check_input_count(request.input)
-            size = _size(request.input)
-        inputs = await self._tokenizing(size, self._input_ids, request)
+
+    async def _rows(self, inputs: list[list[int]]) -> tuple[torch.Tensor, Usage]:
+        """The rows ``[N, pooler.width]`` of ``inputs`` (checked token ids), run in one submission to the engine
+        (so that they pack into the same forwards), and their usage."""
         try:
             rows = await self.engine.score(inputs)
         except (QueueFull, EngineUnavailable) as exc:
@@ -292,10 +301,7 @@ class ClassifyServing(OpenAIServing):
 
     def _input_ids(self, request: InputFields) -> list[list[int]]:
         """Each input's token ids, checked (takes the tokenizer's lock)."""
-        truncate = request.truncate_prompt_tokens
-        if truncate == -1:  # vLLM's: cut to the model's length (max_model_len), here --max-prompt-tokens
-            truncate = self.settings.max_prompt_tokens
-        cut = functools.partial(self._checked, truncate=truncate, first=request.truncation_side == "right")
+        cut = self._cutter(request)
         if getattr(request, "messages", None) is not None:
             return [cut(self._conversation_ids(request), "messages")]
         value = request.input
@@ -306,6 +312,13 @@ class ClassifyServing(OpenAIServing):
             return [cut(list(value), "input")]
         return [cut(self._encode(item, add_special) if isinstance(item, str) else list(item), "input", index=index)
                 for index, item in enumerate(value)]
+
+    def _cutter(self, request: InputFields):
+        """:meth:`_checked` with the request's truncation (``truncate_prompt_tokens``, ``truncation_side``)."""
+        truncate = request.truncate_prompt_tokens
+        if truncate == -1:  # vLLM's: cut to the model's length (max_model_len), here --max-prompt-tokens
+            truncate = self.settings.max_prompt_tokens
+        return functools.partial(self._checked, truncate=truncate, first=request.truncation_side == "right")
 
     def _checked(self, ids: list[int], param: str, truncate: int | None, index: int | None = None,
                  first: bool = False) -> list[int]:
@@ -341,18 +354,14 @@ class ClassifyServing(OpenAIServing):
         try:
             with self.tokenizer_lock:
                 if len(messages) > 1 and messages[-1]["role"] == "assistant":
-                    pieces = render_pair(messages[:-1], [messages[-1:]], render)
+                    head, completion = render_pair(messages[:-1], [messages[-1:]], render)
                 else:
-                    pieces = [render(messages, add_generation_prompt=False)]
-                # Encoded apart, as the trainer does: a token across the prompt's end would differ from its.
-                ids = self.tokenizer.encode(pieces[0], add_special_tokens=bool(request.add_special_tokens))
-                for piece in pieces[1:]:
-                    ids += self.tokenizer.encode(piece, add_special_tokens=False)
+                    head, completion = render(messages, add_generation_prompt=False), ""
+                (ids,) = pair_token_ids(self.tokenizer, head, [completion], bool(request.add_special_tokens))
         except Exception as exc:  # a template that rejects these messages (roles out of order, ...)
             raise APIError(400, f"messages: the chat template cannot render the conversation: {exc}",
                            "messages") from exc
-        eos = self.tokenizer.eos_token_id
-        return ids if eos is None else [*ids, eos]
+        return ids
 
 
 class EmbedServing(ClassifyServing):
@@ -395,6 +404,17 @@ class EmbedServing(ClassifyServing):
         if (self.engine.pooler.normalize if normalize is None else normalize):
             rows = self.engine.pooler.activate(rows)
         return rows, usage
+
+
+def pair_token_ids(tokenizer, head: str, completions: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """The tokens the reward trainer scores for a prompt's rendering ``head`` and each of its ``completions``
+    (:func:`~retnet.tokenization.render_pair`'s texts): the head encoded once (with the tokenizer's special tokens
+    if asked), each completion on its own (a token across the prompt's end would differ from the trainer's), then
+    EOS. Call it with the tokenizer's lock held."""
+    head_ids = tokenizer.encode(head, add_special_tokens=add_special_tokens)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return [[*head_ids, *(tokenizer.encode(text, add_special_tokens=False) if text else []), *eos]
+            for text in completions]
 
 
 def _pooling_response(model: str, rows: torch.Tensor, usage: Usage, request: PoolingRequest) -> PoolingResponse:
@@ -458,4 +478,4 @@ def _check_chat_options(request: ClassifyRequest) -> None:
 
 __all__ = ["EMBEDDING_ROUTES", "POOLING_ROUTES", "ClassifyRequest", "ClassifyResponse", "ClassifyServing",
            "EmbedServing", "EmbeddingRequest", "EmbeddingResponse", "EncodingFields", "PoolingRequest",
-           "PoolingResponse"]
+           "PoolingResponse", "pair_token_ids"]

@@ -6,7 +6,8 @@ order, ``{"id": "batch_req_...", "custom_id": ..., "response": {"status_code", "
 Every request runs through the server's own app in this process (``create_app`` behind httpx's ASGI transport:
 the same validation, sampling, errors and metrics as ``retnet-serve``), many at once, so the engine decodes them
 together in its batched recurrent step. Every ``retnet-serve`` flag is accepted (``RETNET_*`` variables too). A
-classifier or reward model ``--model`` is served as ``retnet-serve`` serves it: its lines name ``/v1/classify``.
+classifier or reward model ``--model`` is served as ``retnet-serve`` serves it: its lines name ``/v1/classify``, or
+(one label) vLLM's ``/v1/score`` and ``/v1/rerank``.
 """
 
 from __future__ import annotations
@@ -142,13 +143,14 @@ class OrderedWriter:
 
 def served_urls(app) -> set[str]:
     """The app's POST routes under ``/v1`` without path parameters: what a batch line may name (not the runtime
-    LoRA routes, NOT_IN_A_BATCH). An embedding server's are its embedding routes alone: its generation and
-    classification routes only answer 400, so a line naming one is refused listing the routes that embed."""
+    LoRA routes, NOT_IN_A_BATCH). An embedding server's are its embedding routes and /v1/score, /v1/rerank (the
+    cosine of two embeddings, as vLLM's run_batch takes them): its generation and classification routes only
+    answer 400, so a line naming one is refused listing the routes that embed."""
     from retnet.serve.classify import EMBEDDING_ROUTES
 
     urls = {route.path for route in app.routes if "POST" in (getattr(route, "methods", None) or ())
             and route.path.startswith("/v1/") and "{" not in route.path and route.path not in NOT_IN_A_BATCH}
-    return urls & set(EMBEDDING_ROUTES) if app.state.settings.convert == "embed" else urls
+    return urls & {*EMBEDDING_ROUTES, "/v1/score", "/v1/rerank"} if app.state.settings.convert == "embed" else urls
 
 
 async def post(client, entry: BatchLine) -> tuple[int, Any]:

@@ -403,8 +403,8 @@ def test_run_batch_in_embed_mode_takes_and_lists_the_embedding_routes(model_dir)
     urls = served_urls(create_app(make_settings(model_dir, convert="embed")))
     line = json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", "body": {}})
     (entry,) = parse_lines([line], urls)
-    assert urls == {"/v1/embeddings"} and entry.error.code == "unsupported_url"
-    assert entry.error.message.endswith("expected one of /v1/embeddings")
+    assert urls == {"/v1/embeddings", "/v1/rerank", "/v1/score"} and entry.error.code == "unsupported_url"
+    assert entry.error.message.endswith("expected one of /v1/embeddings, /v1/rerank, /v1/score")
 
 
 @pytest.mark.parametrize(("setting", "value", "flag"), [
