@@ -69,7 +69,7 @@ CHAT_OPTIONS = ("add_generation_prompt", "continue_final_message", "chat_templat
 # ----------------------------------------------------------------------------------------------------------
 class InputFields(RequestFields):
     """What every pooling route's body shares: ``input`` (completions' ``prompt`` union) and how it is tokenized.
-    Unknown fields (vLLM's ``priority``, ``request_id``, ``cache_salt``, ...) are accepted and ignored, as on every
+    Unknown fields (vLLM's ``request_id``, ``cache_salt``, ...) are accepted and ignored, as on every
     route; those of vLLM's that change the output are declared, so that they are read or refused by name: here
     ``add_special_tokens``, ``truncate_prompt_tokens``, ``truncation_side`` and ``padding``; the activation
     (``use_activation`` and its older names) on each route's body; ``encoding_format``, ``embed_dtype``,
@@ -249,6 +249,7 @@ class ClassifyServing(OpenAIServing):
     async def _score(self, request: InputFields) -> tuple[torch.Tensor, Usage]:
         """The rows ``[N, pooler.width]`` of the request's inputs (score rows, embeddings), and its usage."""
         self._check_model(request.model)
+        priority = self.checked_priority(request)  # before tokenizing: a refused request costs nothing
         messages = getattr(request, "messages", None)  # /v1/embeddings' body has none: its input alone
         if request.input is not None and messages is not None:
             raise APIError(400, "send input (texts or token ids) or messages (one conversation), not both", "messages")
@@ -264,7 +265,7 @@ class ClassifyServing(OpenAIServing):
         else:
             self._check_input_count(request.input)
             size = _size(request.input)
-        return await self._rows(await self._tokenizing(size, self._input_ids, request))
+        return await self._rows(await self._tokenizing(size, self._input_ids, request), priority)
 
     def _check_tokenization(self, request: InputFields) -> None:
         """The request's tokenization fields this server cannot honour: 400 naming the field."""
@@ -279,11 +280,12 @@ class ClassifyServing(OpenAIServing):
             raise APIError(400, "padding: only \"do_not_pad\" (the default) is supported; inputs are scored as "
                            "sent, without pad tokens", "padding", "unsupported_parameter")
 
-    async def _rows(self, inputs: list[list[int]]) -> tuple[torch.Tensor, Usage]:
+    async def _rows(self, inputs: list[list[int]], priority: int = 0) -> tuple[torch.Tensor, Usage]:
         """The rows ``[N, pooler.width]`` of ``inputs`` (checked token ids), run in one submission to the engine
-        (so that they pack into the same forwards), and their usage."""
+        (so that they pack into the same forwards, ``priority`` ordering them among other requests' under
+        ``--scheduling-policy priority``), and their usage."""
         try:
-            rows = await self.engine.score(inputs)
+            rows = await self.engine.score(inputs, priority)
         except (QueueFull, EngineUnavailable) as exc:
             raise self.refused(exc) from exc
         self.metrics.model_requests.labels(model_name=self.model_name).inc()

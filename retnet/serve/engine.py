@@ -2,7 +2,10 @@
 
 One thread owns the model. Each iteration it
 
-1. admits waiting requests while slots are free (``max_running`` sequences at most);
+1. admits waiting requests while slots are free (``max_running`` sequences at most); under
+   ``--scheduling-policy priority`` in (priority, arrival) order, preempting running sequences of a worse priority
+   when no slot is free. A preempted sequence keeps its fixed-size state (and its sampler, stop and stream
+   state) and rejoins the batch where it stopped: nothing is recomputed, its output is the same;
 2. prefills new prompts with the chunkwise form, in pieces of ``prefill_chunk_tokens`` and at most
    ``prefill_token_budget`` tokens per iteration, so a long prompt never stalls the running streams for long
    and its length is bounded by time, not memory (the state is O(1) in it). The prompts being prefilled
@@ -25,6 +28,7 @@ which are installed in the model (installs, retirement, ``--max-cpu-loras`` resi
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import logging
@@ -98,7 +102,9 @@ class Engine(ModelThread):
         self.adapter_slots = AdapterSlots(settings, metrics, self.cond, self.model, self.config,
                                           admitted_slots=self._active_adapters, waiting_slots=self._waiting_adapters,
                                           fail_waiting=self._fail_waiting, forget=self._forget_adapter)
-        self.waiting: deque[Group] = deque()  # guarded by cond
+        # In serving order: arrival, or under --scheduling-policy priority (priority, arrival). Guarded by cond.
+        self.waiting: deque[Group] = deque()
+        self.arrivals = itertools.count()  # Group.order; guarded by cond
         self.in_system = 0  # sequences admitted and not finished; guarded by cond
         self.accepting = True
         self.stopping = False
@@ -109,6 +115,11 @@ class Engine(ModelThread):
         self.prefilling: list[Group] = []
         self.running: list[Sequence] = []
         self.joining: list[tuple[Sequence, RetNetCache]] = []
+        # --scheduling-policy priority: the running sequences chosen to make room, leaving the batch at its next
+        # rebuild; then, in rank order, the preempted ones with their rows' states, each copied out of the batch.
+        # A sequence's whole context is that fixed-size state: it resumes where it stopped, nothing recomputed.
+        self.preempting: list[Sequence] = []
+        self.preempted: list[tuple[Sequence, RetNetCache]] = []  # changed under cond
         self.batch: RetNetCache | None = None
         self.device = torch.device("cpu")
 
@@ -167,14 +178,15 @@ class Engine(ModelThread):
     def submit(
         self, prompts: list[list[int]], params: SamplingParams, n: int = 1, session_id: str | None = None,
         prefix_hints: list[int | None] | None = None, session: Session | None = None,
-        text_starts: list[int | None] | None = None, adapter: int = 0,
+        text_starts: list[int | None] | None = None, adapter: int = 0, priority: int = 0,
     ) -> RequestHandle:
         """Queue ``prompts`` (token ids) × ``n`` choices; outputs arrive on ``handle.queue``. ``session``:
         ``session_id``'s, already acquired by the caller (who releases it if this raises); otherwise it is
         acquired here. ``text_starts``: per prompt, the token its echoed text starts at (``Group.text_start``);
         it labels the prompt's logprobs. ``adapter``: the slot of a LoRA adapter served (``adapters[name].slot``;
         0: the base model), looked up by the caller right before this call, on the event loop (where adapters are
-        unloaded), so that a request is accepted under a slot still served or not at all.
+        unloaded), so that a request is accepted under a slot still served or not at all. ``priority``: under
+        --scheduling-policy priority, lower is served earlier (ties in arrival order); under fcfs only 0 (ValueError).
 
         With --session-dir a ``session_id`` needs its ``session``, acquired and restored from its file by the caller
         (``OpenAIServing._acquire_session``; reading the file is async): acquired here, a session on disk only would
@@ -185,6 +197,8 @@ class Engine(ModelThread):
         if session is None and session_id is not None and self.sessions.files is not None:
             raise ValueError(f"session {session_id!r}: with --session-dir, submit() takes the session acquired and "
                              "restored by the caller (SessionStore.acquire, then restore), not its id alone")
+        if priority and self.settings.scheduling_policy != "priority":
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
         handle = RequestHandle(asyncio.get_running_loop(), len(prompts) * n)
         handle.prompt_tokens = sum(len(p) for p in prompts)
         with self.cond:
@@ -203,8 +217,10 @@ class Engine(ModelThread):
             hints = prefix_hints or [None] * len(prompts)
             starts = text_starts or [None] * len(prompts)
             for i, prompt in enumerate(prompts):
-                self.waiting.append(Group(handle, list(prompt), params, n, i * n, session_id, session, adapter,
-                                          hints[i], starts[i]))
+                group = Group(handle, list(prompt), params, n, i * n, session_id, session, adapter, hints[i],
+                              starts[i], priority, next(self.arrivals))
+                # Under fcfs every priority is 0 and the orders grow: this is an append.
+                bisect.insort(self.waiting, group, key=_group_rank)
             self.in_system += handle.num_choices
             self.metrics.prompt_tokens.inc(handle.prompt_tokens)
             self.cond.notify_all()
@@ -239,8 +255,8 @@ class Engine(ModelThread):
 
     def _iteration(self) -> bool:
         with self.cond:
-            while not (self.waiting or self.prefilling or self.running or self.joining or self.stopping
-                       or self.adapter_slots.changes_pending()):
+            while not (self.waiting or self.prefilling or self.running or self.joining or self.preempted
+                       or self.stopping or self.adapter_slots.changes_pending()):
                 self.cond.wait(timeout=1.0)
             if self.stopping:
                 return False
@@ -249,8 +265,28 @@ class Engine(ModelThread):
             active = self._active_adapters()
             max_loras = self.settings.max_loras  # None: no limit
             bounded = self.settings.max_cpu_loras is not None
-            while self.waiting and busy + self.waiting[0].n <= self.settings.max_running:
-                slot = self.waiting[0].adapter
+            limit = self.settings.max_running
+            while self.waiting or self.preempted:
+                if self.preempted and (not self.waiting or self.preempted[0][0].group.rank < self.waiting[0].rank):
+                    # A preempted sequence is next in line: it rejoins the batch (its adapter stayed installed,
+                    # counted in `active` all along), preempting in turn if its priority is the better.
+                    seq = self.preempted[0][0]
+                    if busy >= limit:
+                        victims = self._victims(seq.group.priority, busy + 1 - limit)
+                        if not victims:
+                            break
+                        self.preempting += victims
+                        busy -= len(victims)
+                    self.joining.append(self.preempted.pop(0))
+                    busy += 1
+                    continue
+                group = self.waiting[0]
+                victims = []
+                if busy + group.n > limit:
+                    victims = self._victims(group.priority, busy + group.n - limit)
+                    if not victims:
+                        break
+                slot = group.adapter
                 if slot and slot not in active and max_loras is not None and len(active) >= max_loras:
                     break  # --max-loras: it waits (in order) until an adapter leaves the batch
                 if slot and bounded and not self.adapter_slots.loaded(slot, active):
@@ -259,10 +295,13 @@ class Engine(ModelThread):
                     break  # --max-cpu-loras: it waits (in order) while its adapter is read again, or a place frees
                 if slot:
                     active.add(slot)
+                self.preempting += victims
+                busy -= len(victims)
                 group = self.waiting.popleft()
-                self.prefilling.append(group)
+                # Prefill rounds share a token budget in this order: the better priority's pieces go first.
+                bisect.insort(self.prefilling, group, key=_group_rank)
                 busy += group.n
-            self.metrics.queue_depth.set(sum(g.n for g in self.waiting))
+            self.metrics.queue_depth.set(self._queued())
             installs, freed, reread = self.adapter_slots.take_changes()
             if self.adapter_slots.rereading and not (self.prefilling or self.running or self.joining or installs
                                                      or freed or reread):
@@ -290,15 +329,38 @@ class Engine(ModelThread):
                 self.in_system -= group.n
                 if group.session_id is not None:
                     self.sessions.release(group.session_id)  # left as it was
-            self.metrics.queue_depth.set(sum(g.n for g in self.waiting))
+            self.metrics.queue_depth.set(self._queued())
         for handle in {id(g.handle): g.handle for g in failed}.values():
             handle.emit(failure)
 
     def _active_adapters(self) -> set[int]:
-        """The LoRA adapters of the sequences running, joining or being prefilled (the base, 0, not counted)."""
+        """The LoRA adapters of the sequences running, joining, preempted or being prefilled (the base, 0, not
+        counted). A preempted sequence's stays installed, as its state stays held: it resumes without a read."""
         slots = {g.adapter for g in self.prefilling} | {s.group.adapter for s in self.running}
-        slots |= {s.group.adapter for s, _ in self.joining}
+        slots |= {s.group.adapter for s, _ in self.joining} | {s.group.adapter for s, _ in self.preempted}
         return slots - {0}
+
+    def _queued(self) -> int:
+        """Sequences waiting for a slot: the waiting requests' and the preempted ones (cond held)."""
+        return sum(g.n for g in self.waiting) + len(self.preempted)
+
+    def _victims(self, priority: int, count: int) -> list[Sequence]:
+        """Under --scheduling-policy priority, the ``count`` running sequences to preempt so that work of
+        ``priority`` runs now: of a worse priority only, the worst first (among equals the latest arrived, and of a
+        request's ``n`` choices the last: each choice is preempted on its own, as vLLM V1 runs each as a request of
+        its own). None unless that many can go: a partial preemption would pause them for nothing. None either
+        when the preempted sequences' states would then outnumber --max-running, so that preemption at most doubles
+        the states held."""
+        if self.settings.scheduling_policy != "priority":
+            return []
+        if len(self.preempted) + len(self.preempting) + count > self.settings.max_running:
+            return []
+        leaving = set(self.preempting)
+        worse = [s for s in self.running if s.finish_reason is None and not s.group.handle.cancelled
+                 and s not in leaving and s.group.priority > priority]
+        if len(worse) < count:
+            return []
+        return sorted(worse, key=lambda s: s.rank, reverse=True)[:count]
 
     def _waiting_adapters(self) -> set[int]:
         """The LoRA adapters the waiting requests name (the base, 0, among them)."""
@@ -322,6 +384,12 @@ class Engine(ModelThread):
             else:
                 kept.append(group)
         self.waiting = kept
+        for seq, _ in self.preempted:
+            if seq.group.handle.cancelled:
+                seq.finish_reason = "abort"
+                self._finish_cancelled(seq.group, [seq.index])
+        if any(seq.finish_reason is not None for seq, _ in self.preempted):
+            self.preempted = [(seq, state) for seq, state in self.preempted if seq.finish_reason is None]
 
     def _finish_cancelled(self, group: Group, indices: range | list[int]) -> None:
         """Choices ``indices`` of ``group`` were cancelled (their client left) before they finished: free their
@@ -599,15 +667,27 @@ class Engine(ModelThread):
                 self._finish_cancelled(seq.group, [seq.index])
         joining = [(s, c) for s, c in self.joining if s.finish_reason is None]
         self.joining = []
+        leaving = set(self.preempting)
+        self.preempting = []
+        if leaving:
+            keep = [i for i in keep if self.running[i] not in leaving]
         if len(keep) == len(self.running) and not joining:
             return
+        # Views of the rows, copied once by concat (``select`` would first copy every row).
+        rows = self.batch.split() if leaving or 0 < len(keep) < len(self.running) else None
+        if leaving:
+            with self.cond:
+                for i, seq in enumerate(self.running):
+                    if seq in leaving and seq.finish_reason is None:
+                        # Its row alone copied: a view would keep the whole batch's states alive while it waits.
+                        bisect.insort(self.preempted, (seq, rows[i].clone()), key=_preempted_rank)
+                        self.metrics.preemptions.inc()
+                self.metrics.queue_depth.set(self._queued())
         parts = []
         if keep:
             if len(keep) == len(self.running):
                 parts.append(self.batch)
             else:
-                # Views of the rows kept, copied once by concat (``select`` would first copy every row).
-                rows = self.batch.split()
                 parts.extend(rows[i] for i in keep)
         parts.extend(cache for _, cache in joining)
         self.running = [self.running[i] for i in keep] + [s for s, _ in joining]
@@ -877,20 +957,30 @@ class Engine(ModelThread):
             groups = list(self.waiting) + list(self.prefilling)
             self.waiting.clear()
             handles = {id(g.handle): g.handle for g in groups}
-            for seq in self.running + [s for s, _ in self.joining]:
+            seqs = self.running + [s for s, _ in self.joining] + [s for s, _ in self.preempted]
+            for seq in seqs:
                 handles[id(seq.group.handle)] = seq.group.handle
             for group in groups:
                 if group.session_id is not None:
                     self.sessions.release(group.session_id)
-            for seq in self.running + [s for s, _ in self.joining]:
+            for seq in seqs:
                 if seq.group.session_id is not None and seq.finish_reason is None:
                     self.sessions.release(seq.group.session_id)
             self.prefilling, self.running, self.joining, self.batch = [], [], [], None
+            self.preempting, self.preempted = [], []
             self.in_system = 0
         for handle in handles.values():
             handle.emit(EngineFailure(message))
         self.metrics.running.set(0)
         self.metrics.queue_depth.set(0)
+
+
+def _group_rank(group: Group) -> tuple[int, int]:
+    return group.rank
+
+
+def _preempted_rank(entry: tuple[Sequence, RetNetCache]) -> tuple[int, int, int]:
+    return entry[0].rank
 
 
 def _row_view(batch: RetNetCache, row: int) -> RetNetCache:

@@ -54,6 +54,9 @@ class ServeMetrics:
                                          registry=r)
         self.spec_accepted_tokens = Counter("retnet_spec_decode_num_accepted_tokens", "draft tokens accepted (the "
                                             "token sampled there was the draft)", registry=r)
+        self.preemptions = Counter("retnet_preemptions", "running sequences preempted for a request of a better "
+                                   "priority (--scheduling-policy priority); each keeps its state and resumes where "
+                                   "it stopped", registry=r)
         self.rejected = Counter("retnet_requests_rejected", "requests refused before running", ["reason"], registry=r)
         self.queue_depth = Gauge("retnet_queue_depth", "sequences waiting for a slot", registry=r)
         self.running = Gauge("retnet_running_sequences", "sequences in the batched decode step", registry=r)

@@ -9,14 +9,16 @@ forward and hands each input one pooled row. What a row is depends on the pooler
 
 :class:`PoolingEngine` owns the model on a thread of its own: the waiting inputs are packed into one row (one
 segment an input) of at most ``--prefill-token-budget`` tokens (an input longer than the budget runs alone), taken
-round-robin across the waiting requests so that a request of many inputs does not hold back those behind it; each
-input's row reaches its request on the event loop (``call_soon_threadsafe``). The handlers are in
+round-robin across the waiting requests so that a request of many inputs does not hold back those behind it (under
+``--scheduling-policy priority`` the requests of the best priority first, round-robin among them); each input's row
+reaches its request on the event loop (``call_soon_threadsafe``). The handlers are in
 :mod:`retnet.serve.classify`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import json
@@ -194,6 +196,15 @@ class PoolingInput:
     loop: asyncio.AbstractEventLoop
 
 
+@dataclass(slots=True, eq=False)
+class WaitingRequest:
+    """A request's inputs not yet run, in order, and its ``priority`` (lower is run sooner; always 0 under
+    --scheduling-policy fcfs)."""
+
+    inputs: deque[PoolingInput]
+    priority: int = 0
+
+
 class PoolingEngine(ModelThread):
     """Owns the model and the thread that runs it; :meth:`score` is what requests call."""
 
@@ -212,8 +223,9 @@ class PoolingEngine(ModelThread):
         self.adapters: dict = {}
         self.eos_ids: set[int] = set()
         self.cond = threading.Condition()
-        # Each waiting request's inputs not yet run, in order; the requests in turn (round-robin). Guarded by cond.
-        self.waiting: deque[deque[PoolingInput]] = deque()
+        # The waiting requests in turn: by priority, round-robin among equals (under fcfs all of them, every
+        # priority being 0). Guarded by cond.
+        self.waiting: deque[WaitingRequest] = deque()
         # The batch taken off `waiting` and not yet settled (the model's thread alone): failed too if the thread dies.
         self.running: list[PoolingInput] = []
         self.requests = 0  # requests being answered (queued or running); guarded by cond
@@ -232,12 +244,16 @@ class PoolingEngine(ModelThread):
         return self.requests  # the rest fail with 503 once the thread stops
 
     # -- the API requests call (event-loop thread) ----------------------------------------------------------------
-    async def score(self, inputs: list[list[int]]) -> list[torch.Tensor]:
+    async def score(self, inputs: list[list[int]], priority: int = 0) -> list[torch.Tensor]:
         """Each input's row, ``[pooler.width]`` fp32 on the CPU (a classifier's raw scores, an embedding).
+        ``priority``: under --scheduling-policy priority, the inputs of lower values run first; under fcfs only 0
+        (ValueError).
 
         Raises EngineUnavailable or QueueFull before anything is queued; APIError (500) when the forward that ran
         one of the inputs failed or gave it inf/NaN. Cancelled (the client left), the inputs not yet run are
         skipped."""
+        if priority and self.settings.scheduling_policy != "priority":
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
         loop = asyncio.get_running_loop()
         items = [PoolingInput(ids, index, loop.create_future(), loop) for index, ids in enumerate(inputs)]
         with self.cond:
@@ -250,7 +266,8 @@ class PoolingEngine(ModelThread):
                                 "(--max-queue)")
             self.requests += 1
             if items:
-                self.waiting.append(deque(items))
+                # Behind the requests of its priority, ahead of those of a worse one (under fcfs: an append).
+                bisect.insort(self.waiting, WaitingRequest(deque(items), priority), key=_priority)
             self.metrics.queue_depth.set(self._queued())
             self.cond.notify_all()
         try:
@@ -295,13 +312,14 @@ class PoolingEngine(ModelThread):
 
     def _queued(self) -> int:
         """Inputs waiting (cond held)."""
-        return sum(map(len, self.waiting))
+        return sum(len(request.inputs) for request in self.waiting)
 
     def _next_batch(self) -> list[PoolingInput] | None:
         """Waiting inputs whose tokens fit the budget together (an input over it alone), one from each waiting
         request in turn (each request's in its own order), so that a request of many inputs does not hold back the
         requests behind it: they are run within a forward or two. The turn goes on where the last batch stopped.
-        None once the engine stops."""
+        Under --scheduling-policy priority the turn goes round the requests of the best priority until their inputs
+        are all taken, then to the next priority's. None once the engine stops."""
         budget = self.settings.prefill_token_budget
         with self.cond:
             while not self.waiting and not self.stopping:
@@ -310,19 +328,22 @@ class PoolingEngine(ModelThread):
                 return None
             batch, tokens = [], 0
             while self.waiting:
-                queue = self.waiting.popleft()
+                request = self.waiting.popleft()
+                queue = request.inputs
                 while queue and queue[0].future.cancelled():  # its request stopped waiting for it
                     queue.popleft()
                 if not queue:
                     continue
                 if batch and tokens + len(queue[0].ids) > budget:
-                    self.waiting.appendleft(queue)  # its turn comes first in the next batch
+                    self.waiting.appendleft(request)  # its turn comes first in the next batch
                     break
                 item = queue.popleft()
                 batch.append(item)
                 tokens += len(item.ids)
                 if queue:
-                    self.waiting.append(queue)
+                    # Its next turn: after the other requests of its priority, before any of a worse one (the
+                    # queue is in priority order and it came first, so none is better).
+                    bisect.insort(self.waiting, request, key=_priority)
             self.metrics.queue_depth.set(self._queued())
         return batch
 
@@ -359,7 +380,7 @@ class PoolingEngine(ModelThread):
 
     def _fail_waiting(self, status: int, message: str, code: str) -> None:
         with self.cond:
-            batch = [item for queue in self.waiting for item in queue]
+            batch = [item for request in self.waiting for item in request.inputs]
             self.waiting.clear()
             self.metrics.queue_depth.set(0)
         self._settle(batch, [(status, message, code)] * len(batch))
@@ -375,6 +396,10 @@ class PoolingEngine(ModelThread):
                 loop.call_soon_threadsafe(_set_results, results)
 
 
+def _priority(request: WaitingRequest) -> int:
+    return request.priority
+
+
 def _set_results(results: list[tuple[asyncio.Future, torch.Tensor | tuple[int, str, str]]]) -> None:
     for future, outcome in results:
         if future.done():  # cancelled (its request is gone), or settled before the engine failed
@@ -387,4 +412,4 @@ def _set_results(results: list[tuple[asyncio.Future, torch.Tensor | tuple[int, s
 
 
 __all__ = ["POOLER_DEFAULTS", "EmbedPooler", "Pooler", "PoolingEngine", "PoolingInput", "ScorePooler",
-           "parse_pooler_config"]
+           "WaitingRequest", "parse_pooler_config"]

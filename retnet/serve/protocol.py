@@ -113,6 +113,16 @@ class RequestFields(BaseModel):
     def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
         return _refuse_lone_surrogates(value, info)
 
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority_is_not_a_boolean(cls, value: Any) -> Any:
+        return _refuse_bool_number(value)
+
+    # vLLM's: with --scheduling-policy priority, lower is served earlier (ties in arrival order); under fcfs only 0
+    # is accepted (OpenAIServing.checked_priority). Declared here, where every body is read, so that the pooling
+    # routes' bodies (retnet.serve.classify) parse it too; the routes that queue no work ignore it.
+    priority: int = 0
+
 
 class StreamOptions(BaseModel):
     _null_means_default = model_validator(mode="before")(_drop_nulls)

@@ -126,7 +126,7 @@ def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]]
     body = {
         "model": request.model, "messages": messages, "max_completion_tokens": request.max_output_tokens,
         **{name: getattr(request, name) for name in ("temperature", "top_p") if getattr(request, name) is not None},
-        "stream": request.stream,
+        "stream": request.stream, "priority": request.priority,
         "stream_options": {"include_usage": True} if request.stream else None,
         "response_format": _response_format(request.text), "parallel_tool_calls": request.parallel_tool_calls,
         **_tools(request), **extras,

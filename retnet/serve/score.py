@@ -210,6 +210,7 @@ class ScoreServing:
                            "served for a reward model or a classifier of one label, or an embedding model (--convert "
                            "embed); use /classify for the labels", None, "model_not_scorer")
         pooling._check_tokenization(request)
+        pooling.checked_priority(request)
         return model
 
     async def _scores(self, request: ScoreFields, first: str, left: list[str], second: str,
@@ -230,14 +231,14 @@ class ScoreServing:
         size = _size([*left, *right])
         if self.embeds:
             ids = await pooling._tokenizing(size, self._text_ids, request, texts, first, left, second, right)
-            rows, usage = await pooling._rows(ids)
+            rows, usage = await pooling._rows(ids, request.priority)
             place = {text: row for text, row in zip(texts, rows, strict=True)}
             # vLLM's: torch's cosine similarity of the raw embeddings (eps 1e-8), in fp32.
             scores = F.cosine_similarity(torch.stack([place[t] for t in left]), torch.stack([place[t] for t in right]),
                                          dim=-1)
         else:
             ids = await pooling._tokenizing(size, self._pair_ids, request, first, left, second, right)
-            rows, usage = await pooling._rows(ids)
+            rows, usage = await pooling._rows(ids, request.priority)
             scores = (rows if activation is False else pooling.engine.pooler.activate(rows))[:, 0]
         return scores.tolist(), usage.prompt_tokens
 

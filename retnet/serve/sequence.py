@@ -4,7 +4,7 @@ The routes' side: the :class:`RequestHandle` a request's outputs arrive on (:fun
 the scheduler thread), what arrives (:class:`SeqOutput` with its :class:`TokenLogprob` entries, or an
 :class:`EngineFailure`), and the errors :meth:`~retnet.serve.engine.Engine.submit` raises. The scheduler's side:
 its records of a request's prompt (:class:`Group`, while it waits and is prefilled) and of each choice
-(:class:`Sequence`, while it decodes).
+(:class:`Sequence`, while it decodes or, preempted, waits to decode again).
 """
 
 from __future__ import annotations
@@ -170,6 +170,8 @@ class Group:
     # The prompt token that opens its echoed text, where a SentencePiece decoder drops the token's leading space;
     # None: the first one decoding does not skip (the text was the client's, a BOS the tokenizer adds not in it).
     text_start: int | None = None
+    priority: int = 0  # --scheduling-policy priority: lower is served earlier
+    order: int = 0  # when it arrived, counted by the engine: breaks priority ties (perf_counter values may tie)
     inputs: list[int] = field(default_factory=list)  # tokens to feed from the starting state
     pos: int = 0
     cache: RetNetCache | None = None
@@ -178,6 +180,11 @@ class Group:
     cacheable: bool = True  # False when the state continues a session: its tokens are not a prompt prefix
     continues: bool = False  # True when it continues its session's saved state
     prompt_lp: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Its place in line under --scheduling-policy priority: the lower, the sooner it is served."""
+        return self.priority, self.order
 
     @property
     def choice_indices(self) -> range:
@@ -202,6 +209,11 @@ class Sequence:
     # The last ``lag`` tokens are not in its batch row's state yet: the next step feeds them. 1 (the token last
     # sampled) but after a speculative step that refused a draft, whose state is the one from before that step.
     lag: int = 1
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        """Its group's rank, then its choice index: the preemption order of a request's ``n`` choices."""
+        return self.group.priority, self.group.order, self.index
 
     @property
     def done(self) -> bool:

@@ -47,6 +47,7 @@ from retnet.serve.protocol import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    RequestFields,
     SamplingFields,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
@@ -613,6 +614,15 @@ class OpenAIServing:
         """A generation request's ``model`` and the fields every one has, checked."""
         self._check_model(request.model)
         self.checks.common(request)
+        self.checked_priority(request)
+
+    def checked_priority(self, request: RequestFields) -> int:
+        """The request's ``priority`` for the engine; under ``--scheduling-policy fcfs`` anything but 0 is a 400 with
+        vLLM's message (the client asked for an order this server would not give it)."""
+        if request.priority != 0 and self.settings.scheduling_policy != "priority":
+            raise APIError(400, f"Got priority {request.priority} but Priority scheduling is not enabled. (start "
+                           "the server with --scheduling-policy priority)", "priority", "unsupported_parameter")
+        return request.priority
 
     async def _grammar(self, request: SamplingFields, calling: ToolCalling | None = None) -> Grammar | None:
         """The compiled grammar of the request's structured-output field, if it sent one, or of its tool calls.
@@ -709,7 +719,7 @@ class OpenAIServing:
             session.adapter = adapter
         try:
             handle = self.engine.submit(prompts, params, request.n, request.session_id, hints, session, text_starts,
-                                        adapter)
+                                        adapter, self.checked_priority(request))
         except (QueueFull, EngineUnavailable) as exc:
             raise self.refused(exc) from exc
         except SessionBusy as exc:

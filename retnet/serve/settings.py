@@ -67,6 +67,12 @@ class ServeSettings(BaseSettings):
     prefill_token_budget: int = Field(2048, ge=1, description="prompt tokens prefilled between two decode steps; "
                                       "a classifier's or embedding model's: the tokens of the inputs packed into one "
                                       "forward")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="vLLM's: fcfs serves requests in arrival order (a request's non-zero `priority` is a "
+        "400); priority serves the lowest `priority` first (ties in arrival order), preempting running sequences "
+        "of a worse priority when every slot is taken: a preempted sequence keeps its recurrent state and resumes "
+        "where it stopped, nothing recomputed (at most --max-running of them held at once)"
+    )
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header sent with 429")
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running streams get this long to finish")
 

@@ -143,7 +143,7 @@ def test_token_ids_embed_as_their_text_and_the_tokenizer_options_apply(client, t
         assert by_ids == pytest.approx(by_text, abs=1e-6)
     # add_special_tokens (vLLM's, default true) and truncate_prompt_tokens (the last tokens kept; -1: up to
     # --max-prompt-tokens), with unknown fields ignored
-    plain = ok(client.post("/v1/embeddings", json={"input": TEXTS[1], "add_special_tokens": False, "priority": 1}))
+    plain = ok(client.post("/v1/embeddings", json={"input": TEXTS[1], "add_special_tokens": False, "request_id": "r1"}))
     assert plain["usage"]["prompt_tokens"] == len(tokenizer.encode(TEXTS[1], add_special_tokens=False))
     long = list(range(10, 10 + MAX_TOKENS + 20))
     for truncate, kept in ((9, 9), (-1, MAX_TOKENS)):

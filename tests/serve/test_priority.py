@@ -1,0 +1,376 @@
+"""--scheduling-policy priority (vLLM's): the waiting queue in (priority, arrival) order, and running sequences of a
+worse priority preempted for a better one, each keeping its recurrent state and resuming where it stopped. The
+engine driven one iteration at a time, the pooling engine's batches, the routes' checks, and a real uvicorn
+server."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+from retnet.serve.sampling import SamplingParams
+from retnet.serve.sequence import EngineFailure
+from tests.serve.conftest import make_settings
+
+pytestmark = pytest.mark.anyio
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+LOW_PROMPT, HIGH_PROMPT = [5, 6, 7, 8, 9], [20, 21, 22]
+
+
+def engine_with(model_dir, **overrides):
+    """An engine whose scheduler the test drives itself (``engine._iteration()``), with ``overrides``' settings."""
+    from transformers import AutoTokenizer
+
+    from retnet.model import RetNetForCausalLM
+    from retnet.serve.engine import Engine
+    from retnet.serve.metrics import ServeMetrics
+
+    engine = Engine(make_settings(model_dir, **overrides), AutoTokenizer.from_pretrained(model_dir), ServeMetrics(),
+                    model=RetNetForCausalLM.from_pretrained(model_dir))
+    engine._load()
+    engine.ready = True
+    return engine
+
+
+def busy(engine) -> bool:
+    return bool(engine.waiting or engine.prefilling or engine.joining or engine.running or engine.preempted)
+
+
+class Outputs:
+    """What the handles received, read after each iteration: tokens and text per (handle, choice), and the order in
+    which choices finished."""
+
+    def __init__(self, **handles):
+        self.handles = handles
+        self.tokens = {(name, i): [] for name, h in handles.items() for i in range(h.num_choices)}
+        self.text = dict.fromkeys(self.tokens, "")
+        self.finished: list[tuple[str, int, str]] = []
+
+    def add(self, name: str, handle) -> None:
+        self.handles[name] = handle
+        self.tokens.update({(name, i): [] for i in range(handle.num_choices)})
+        self.text.update({(name, i): "" for i in range(handle.num_choices)})
+
+    async def read(self) -> None:
+        await asyncio.sleep(0)  # the engine queues its outputs with call_soon_threadsafe
+        for name, handle in self.handles.items():
+            while not handle.queue.empty():
+                item = handle.queue.get_nowait()
+                assert not isinstance(item, EngineFailure), item.message
+                for out in item:
+                    self.tokens[name, out.index] += out.token_ids
+                    self.text[name, out.index] += out.text
+                    if out.finish_reason is not None:
+                        self.finished.append((name, out.index, out.finish_reason))
+
+
+async def step(engine, outputs: Outputs, times: int = 1) -> None:
+    for _ in range(times):
+        with torch.inference_mode():
+            engine._iteration()
+        await outputs.read()
+
+
+async def run_out(engine, outputs: Outputs) -> None:
+    for _ in range(500):
+        if not busy(engine):
+            return
+        await step(engine, outputs)
+    raise AssertionError("the engine did not finish")
+
+
+async def alone(model_dir, prompt: list[int], params: SamplingParams, n: int = 1) -> dict:
+    """Each choice's tokens and text when the request runs alone (fcfs, nothing else in the server)."""
+    engine = engine_with(model_dir)
+    outputs = Outputs(only=engine.submit([prompt], params, n=n))
+    await run_out(engine, outputs)
+    return {i: (outputs.tokens["only", i], outputs.text["only", i]) for i in range(n)}
+
+
+def preemptions(engine) -> float:
+    return engine.metrics.registry.get_sample_value("retnet_preemptions_total")
+
+
+async def test_a_better_priority_preempts_and_the_preempted_resumes_with_the_same_output(model_dir):
+    engine = engine_with(model_dir, scheduling_policy="priority", max_running=1)
+    long = SamplingParams(max_tokens=24, **GREEDY)
+    low = engine.submit([LOW_PROMPT], long, priority=1, session_id="s")
+    outputs = Outputs(low=low)
+    await step(engine, outputs, 4)
+    generated = len(outputs.tokens["low", 0])
+    assert 0 < generated < 24
+    high = engine.submit([HIGH_PROMPT], SamplingParams(max_tokens=6, **GREEDY), priority=0)
+    outputs.add("high", high)
+    await step(engine, outputs)
+    # Preempted at once, with the tokens it had: it waits, holding its state, while the better one runs.
+    assert [(seq.group.handle, seq.index) for seq, _ in engine.preempted] == [(low, 0)]
+    assert [seq.group.handle for seq in engine.running] == [high]
+    assert len(outputs.tokens["low", 0]) == generated and preemptions(engine) == 1
+    # The preempted sequence waits for a slot.
+    assert engine.metrics.registry.get_sample_value("retnet_queue_depth") == 1
+    await run_out(engine, outputs)
+    assert [name for name, _, _ in outputs.finished] == ["high", "low"]
+    expected = await alone(model_dir, LOW_PROMPT, long)
+    assert (outputs.tokens["low", 0], outputs.text["low", 0]) == expected[0]
+    assert engine.in_system == 0 and preemptions(engine) == 1
+    # Its session was saved as after any finished response: the whole prompt and answer.
+    session = engine.sessions.sessions["s"]
+    assert not session.busy and session.tokens == len(LOW_PROMPT) + 24
+
+
+async def test_each_choice_is_preempted_on_its_own_and_seeded_sampling_is_unchanged(model_dir):
+    # n=2 under --max-running 2: a request of n=1 needs one slot, and takes it from the low request's last choice;
+    # its first choice runs on. Both draw from their own seeded generators, which a pause does not touch.
+    engine = engine_with(model_dir, scheduling_policy="priority", max_running=2)
+    sampled = SamplingParams(max_tokens=20, temperature=1.0, seed=3, top_k=50, ignore_eos=True)
+    low = engine.submit([LOW_PROMPT], sampled, n=2, priority=5)
+    outputs = Outputs(low=low)
+    await step(engine, outputs, 3)
+    high = engine.submit([HIGH_PROMPT], SamplingParams(max_tokens=5, **GREEDY), priority=-2)
+    outputs.add("high", high)
+    await step(engine, outputs)
+    assert [seq.index for seq, _ in engine.preempted] == [1]
+    assert sorted((seq.group.handle is high, seq.index) for seq in engine.running) == [(False, 0), (True, 0)]
+    await run_out(engine, outputs)
+    assert outputs.finished.index(("high", 0, "length")) < outputs.finished.index(("low", 1, "length"))
+    expected = await alone(model_dir, LOW_PROMPT, sampled, n=2)
+    for i in range(2):
+        assert (outputs.tokens["low", i], outputs.text["low", i]) == expected[i]
+    assert engine.in_system == 0
+
+
+async def test_preemption_between_speculative_steps_changes_no_token(model_dir):
+    # --speculative-config: a sequence whose draft was refused is preempted holding the state from before its
+    # step (Sequence.lag); resumed, its next step feeds the tokens since. Preempted after a step that took all its
+    # drafts, and after one that refused one (this prompt's 9th iteration, on the micro model).
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                       "prompt_lookup_min": 1})
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    expected = await alone(model_dir, prompt, params)  # plain decoding: speculation changes no token
+    lags = []
+    for preempt_at in (4, 9):
+        engine = engine_with(model_dir, scheduling_policy="priority", max_running=1, speculative_config=spec)
+        outputs = Outputs(low=engine.submit([prompt], params, priority=1))
+        await step(engine, outputs, preempt_at)
+        lags.append(engine.running[0].lag)
+        outputs.add("high", engine.submit([HIGH_PROMPT], SamplingParams(max_tokens=4, **GREEDY)))
+        await run_out(engine, outputs)
+        assert (outputs.tokens["low", 0], outputs.text["low", 0]) == expected[0], preempt_at
+        assert preemptions(engine) == 1 and [name for name, _, _ in outputs.finished] == ["high", "low"]
+    assert lags[0] == 1 and lags[1] > 1, lags
+
+
+async def test_waiting_requests_are_served_by_priority_then_arrival_and_never_preempt_an_equal(model_dir):
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    for policy in ("priority", "fcfs"):
+        engine = engine_with(model_dir, scheduling_policy=policy, max_running=1)
+        first = engine.submit([LOW_PROMPT], params, priority=0)
+        outputs = Outputs(first=first)
+        await step(engine, outputs)
+        assert engine.running
+        # Each worse than (or equal to) the one running: none preempts it, they wait in line.
+        if policy == "priority":
+            asked = [("p5", 5), ("p1a", 1), ("p3", 3), ("p1b", 1), ("p0", 0)]
+        else:
+            asked = [("p5", 0), ("p1a", 0), ("p3", 0), ("p1b", 0), ("p0", 0)]
+        for name, priority in asked:
+            outputs.add(name, engine.submit([[10 + len(name), 11, 12]], params, priority=priority))
+        await run_out(engine, outputs)
+        order = [name for name, _, _ in outputs.finished]
+        if policy == "priority":
+            assert order == ["first", "p0", "p1a", "p1b", "p3", "p5"]
+        else:
+            assert order == ["first", "p5", "p1a", "p3", "p1b", "p0"]
+        assert preemptions(engine) == 0 and engine.in_system == 0
+
+
+async def test_a_preempted_request_cancelled_frees_its_slot_and_leaves_its_session(model_dir):
+    engine = engine_with(model_dir, scheduling_policy="priority", max_running=1)
+    first_turn = Outputs(turn=engine.submit([[30, 31, 32]], SamplingParams(max_tokens=2, **GREEDY), session_id="s"))
+    await run_out(engine, first_turn)
+    saved = engine.sessions.sessions["s"]
+    before = (saved.cache, list(saved.pending), saved.tokens)
+    low = engine.submit([LOW_PROMPT], SamplingParams(max_tokens=30, **GREEDY), priority=1, session_id="s")
+    outputs = Outputs(low=low)
+    await step(engine, outputs, 3)
+    high = engine.submit([HIGH_PROMPT], SamplingParams(max_tokens=8, **GREEDY), priority=0)
+    outputs.add("high", high)
+    await step(engine, outputs)
+    assert engine.preempted and engine.in_system == 2
+    low.cancel()
+    await step(engine, outputs)
+    assert not engine.preempted and engine.in_system == 1
+    assert ("low", 0, "abort") in outputs.finished
+    await run_out(engine, outputs)
+    session = engine.sessions.sessions["s"]
+    assert not session.busy and (session.cache, session.pending, session.tokens) == before  # as it was
+    assert engine.in_system == 0 and outputs.finished[-1] == ("high", 0, "length")
+
+
+async def test_preempted_states_held_stay_within_max_running(model_dir):
+    # Ever better requests arriving one after another: each preempts the one running, until --max-running
+    # sequences are preempted; the next waits for a slot like any other.
+    engine = engine_with(model_dir, scheduling_policy="priority", max_running=1)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    outputs = Outputs()
+    for priority in (3, 2, 1):
+        name = f"p{priority}"
+        outputs.add(name, engine.submit([[10 + priority, 11, 12]], params, priority=priority))
+        await step(engine, outputs, 2)
+    assert [seq.group.priority for seq, _ in engine.preempted] == [3]
+    assert [seq.group.priority for seq in engine.running] == [2] and preemptions(engine) == 1
+    await run_out(engine, outputs)
+    assert [name for name, _, _ in outputs.finished] == ["p2", "p1", "p3"]
+
+
+async def test_fcfs_refuses_a_priority(model_dir):
+    engine = engine_with(model_dir)
+    with pytest.raises(ValueError, match="Priority scheduling is not enabled"):
+        engine.submit([LOW_PROMPT], SamplingParams(max_tokens=2, **GREEDY), priority=1)
+    assert not engine.waiting and engine.in_system == 0
+
+
+async def test_the_pooling_engine_takes_the_best_priority_first_round_robin_among_equals(model_dir):
+    from retnet.model import RetNetForCausalLM
+    from retnet.serve.metrics import ServeMetrics
+    from retnet.serve.pooling import EmbedPooler, PoolingEngine
+
+    model = RetNetForCausalLM.from_pretrained(model_dir)
+    requests = {"a": (2, 3), "b": (0, 2), "c": (2, 2), "d": (0, 1)}  # name: (priority, inputs)
+    expected = {"priority": ["b0", "d0", "b1", "a0", "c0", "a1", "c1", "a2"],
+                "fcfs": ["a0", "b0", "c0", "d0", "a1", "b1", "c1", "a2"]}
+    for policy, order in expected.items():
+        engine = PoolingEngine(make_settings(model_dir, scheduling_policy=policy, prefill_token_budget=6),
+                               ServeMetrics(), model=model, pooler=EmbedPooler(model.config))
+        engine.ready = True  # the thread not started: batches taken by hand
+        labels = {}
+        tasks = []
+        for name, (priority, count) in requests.items():
+            inputs = [[ord(name), i, 1] for i in range(count)]
+            labels.update({tuple(ids): f"{name}{i}" for i, ids in enumerate(inputs)})
+            tasks.append(asyncio.ensure_future(engine.score(inputs, priority if policy == "priority" else 0)))
+        await asyncio.sleep(0)
+        batches = []
+        while engine.waiting:
+            batches.append([labels[tuple(item.ids)] for item in engine._next_batch()])
+        assert [label for batch in batches for label in batch] == order, policy
+        assert all(len(batch) == 2 for batch in batches)  # 3 tokens an input, a budget of 6
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    with pytest.raises(ValueError, match="Priority scheduling is not enabled"):
+        await engine.score([[5, 6]], 1)  # the last engine's: fcfs
+    assert not engine.waiting and engine.requests == 0
+
+
+# -- the routes -----------------------------------------------------------------------------------------------
+def refused_priority(response: httpx.Response) -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "priority" and error["type"] == "invalid_request_error"
+    assert error["message"].startswith("Got priority 1 but Priority scheduling is not enabled.")
+
+
+async def test_fcfs_answers_a_non_zero_priority_with_400_on_every_generation_route(open_app):
+    async with open_app() as client:
+        body = {"max_tokens": 2, "temperature": 0}
+        refused_priority(await client.post("/v1/completions", json={**body, "prompt": "Hi", "priority": 1}))
+        chat = {**body, "messages": [{"role": "user", "content": "Hi"}]}
+        refused_priority(await client.post("/v1/chat/completions", json={**chat, "priority": 1}))
+        refused_priority(await client.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2,
+                                                                   "priority": 1}))
+        bad = await client.post("/v1/completions", json={**body, "prompt": "Hi", "priority": True})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
+        for priority in (0, None):  # the default, as vLLM's fcfs takes it
+            assert (await client.post("/v1/completions", json={**body, "prompt": "Hi", "priority": priority})
+                    ).status_code == 200
+        assert (await client.post("/v1/chat/completions", json={**chat, "priority": 0})).status_code == 200
+
+
+async def test_priority_orders_waiting_requests_through_the_routes(open_app):
+    # One slot, a request of priority 0 running; three worse ones arrive in the order 9, 2, 5 and are answered
+    # 2, 5, 9 (the Responses route takes the field too).
+    async with open_app(scheduling_policy="priority", max_running=1) as client:
+        finished = []
+
+        async def complete(name: str, priority: int, max_tokens: int):
+            r = await client.post("/v1/completions", json={"prompt": name, "max_tokens": max_tokens,
+                                                           "priority": priority, **GREEDY})
+            assert r.status_code == 200, r.text
+            finished.append(name)
+
+        first = asyncio.ensure_future(complete("first", 0, 400))
+        engine = client.app.state.engine
+        while not engine.running:
+            await asyncio.sleep(0.005)
+        rest = []
+        for name, priority in (("nine", 9), ("two", 2), ("five", 5)):
+            rest.append(asyncio.ensure_future(complete(name, priority, 2)))
+            for _ in range(1000):
+                if len(engine.waiting) == len(rest):
+                    break
+                await asyncio.sleep(0.005)
+            assert len(engine.waiting) == len(rest) and not first.done()
+        await asyncio.gather(first, *rest)
+        assert finished == ["first", "two", "five", "nine"]
+        response = await client.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2, "priority": -3})
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+async def test_the_pooling_routes_read_the_priority(model_dir, policy):
+    from tests.serve.conftest import serve_app
+
+    bodies = {"/v1/embeddings": {"input": "Hi"}, "/pooling": {"input": ["Hi", "there"]},
+              "/score": {"text_1": "Hi", "text_2": ["a", "b"]}, "/rerank": {"query": "Hi", "documents": ["a", "b"]}}
+    async with serve_app(model_dir, convert="embed", scheduling_policy=policy) as client:
+        for path, body in bodies.items():
+            response = await client.post(path, json={**body, "priority": 1})
+            if policy == "fcfs":
+                refused_priority(response)
+            else:
+                assert response.status_code == 200, (path, response.text)
+            assert (await client.post(path, json={**body, "priority": 0})).status_code == 200, path
+
+
+# -- a real server ----------------------------------------------------------------------------------------------
+async def test_a_high_priority_request_finishes_first_and_the_preempted_stream_is_unchanged(server_process):
+    proc = server_process("--max-running", "1", "--scheduling-policy", "priority")
+    proc.wait_healthy()
+    low = {"prompt": "The retention mechanism", "max_tokens": 250, "priority": 10, **GREEDY}
+    loop = asyncio.get_running_loop()
+    async with httpx.AsyncClient(base_url=proc.url, timeout=60) as client:
+        events: list[tuple[float, dict]] = []
+        started = asyncio.Event()
+
+        async def stream_low():
+            async with client.stream("POST", "/v1/completions", json={**low, "stream": True}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if not line:
+                        continue
+                    payload = line.removeprefix("data: ")
+                    if payload == "[DONE]":
+                        return
+                    events.append((loop.time(), json.loads(payload)))
+                    started.set()
+
+        streaming = asyncio.ensure_future(stream_low())
+        await asyncio.wait_for(started.wait(), 30)
+        high = await client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8, **GREEDY})
+        high_done = loop.time()
+        assert high.status_code == 200 and high.json()["choices"][0]["finish_reason"] == "length"
+        await asyncio.wait_for(streaming, 60)
+        low_done = events[-1][0]
+        finishes = [c["finish_reason"] for _, e in events for c in e["choices"]]
+        assert finishes[-1] == "length" and high_done < low_done
+        streamed = "".join(c["text"] for _, e in events for c in e["choices"])
+        # Run alone, with nothing to preempt it: the same text.
+        again = await client.post("/v1/completions", json=low)
+        assert streamed == again.json()["choices"][0]["text"]
+        metrics = (await client.get("/metrics")).text
+    assert "retnet_preemptions_total 1.0" in metrics.splitlines()
