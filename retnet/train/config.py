@@ -595,8 +595,10 @@ class GrpoConfig(_Section):
     minus its group's mean, divided by the group's std (``scale_rewards`` ``"group"``), the batch's
     (``"batch"``) or nothing (``"none"``). ``loss_type`` ``"dapo"`` (tokens' mean over the global batch),
     ``"grpo"`` (each sequence's token mean, then their mean) or ``"dr_grpo"`` (tokens' sum over sequences ×
-    ``max_completion_length``); ``epsilon`` the PPO clip (inactive: one update per generation, ratio 1);
-    ``beta`` > 0 adds TRL's k3 estimate of the KL to the reference (the model as the run starts)."""
+    ``max_completion_length``); ``num_iterations`` (TRL's μ) optimizer steps on each generation, the ratio to the
+    sampling policy clipped to [1 − ``epsilon``, 1 + ``epsilon_high``] (None: ``epsilon``; inactive at μ 1, where
+    the ratio is 1); ``beta`` > 0 adds TRL's k3 estimate of the KL to the reference (the model as the run
+    starts)."""
 
     num_generations: int = 8
     temperature: float = 1.0
@@ -609,6 +611,8 @@ class GrpoConfig(_Section):
     loss_type: str = "dapo"
     beta: float = 0.0
     epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon (TRL's default; DAPO's clip-higher sets 0.28)
+    num_iterations: int = 1
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:  # a group of one has no spread: its advantage is always 0
@@ -620,6 +624,13 @@ class GrpoConfig(_Section):
             _refuse("grpo.top_p", "must be in (0, 1]", self.top_p)
         if not 0.0 <= self.epsilon < 1.0:
             _refuse("grpo.epsilon", "must be in [0, 1)", self.epsilon)
+        if self.epsilon_high is not None and not (math.isfinite(self.epsilon_high) and self.epsilon_high >= 0):
+            _refuse("grpo.epsilon_high", "must be >= 0 (the ratio's upper clip is 1 + epsilon_high), or None for "
+                    "grpo.epsilon", self.epsilon_high)
+        if isinstance(self.num_iterations, bool) or not isinstance(self.num_iterations, int) or \
+                self.num_iterations < 1:
+            _refuse("grpo.num_iterations", "must be an integer >= 1 (optimizer steps per generation)",
+                    self.num_iterations)
         if self.scale_rewards not in GRPO_SCALE_REWARDS:
             _refuse("grpo.scale_rewards", f"must be one of {GRPO_SCALE_REWARDS}", self.scale_rewards)
         if self.loss_type not in GRPO_LOSS_TYPES:
@@ -647,6 +658,11 @@ class GrpoConfig(_Section):
     def sources(self) -> int:
         """The number of reward sources: the functions, then the reward model."""
         return len(self.reward_funcs) + bool(self.reward_model)
+
+    @property
+    def epsilon_upper(self) -> float:
+        """The ratio's upper clip is 1 + this: ``epsilon_high``, or ``epsilon`` when it is None (TRL's rule)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
 @dataclass(kw_only=True, slots=True)
@@ -731,8 +747,8 @@ def _check_reward(job: JobConfig) -> None:
 
 def _check_grpo(job: JobConfig) -> None:
     """ConfigError for ``[grpo]`` settings without prompts (a forgotten ``data.format``), and for a GRPO run that
-    cannot work: no model to start from, no reward source, weights that do not match the sources, FSDP, or a
-    global batch that does not split into whole groups per rank."""
+    cannot work: no model to start from, no reward source, weights that do not match the sources, or a global
+    batch that does not split into whole groups per rank."""
     grpo = job.grpo
     if job.data.format != "prompts":
         for spec in dataclasses.fields(GrpoConfig):
@@ -759,12 +775,6 @@ def _check_grpo(job: JobConfig) -> None:
         _refuse("grpo.reward_weights", f"must give one weight per reward source ({grpo.sources}: the "
                 f"{len(grpo.reward_funcs)} of grpo.reward_funcs, then grpo.reward_model"
                 f"{' (set)' if grpo.reward_model else ' (unset)'}), or none for 1 each", grpo.reward_weights)
-    if job.train.parallelism == "fsdp":
-        # Sampling stops when every row has its EOS, a different number of forwards on each rank; under FSDP each
-        # forward is a collective every rank must join.
-        _refuse("train.parallelism", "cannot be 'fsdp' with data.format 'prompts' (GRPO samples with the whole "
-                "model on each rank, each rank for its own number of steps); use train.parallelism=ddp",
-                job.train.parallelism)
     import os
 
     # torchrun sets WORLD_SIZE before the process starts: the split is known now, before the data is read

@@ -7,18 +7,19 @@ GRPOTrainer.
 
 Rows (:mod:`retnet.train.prompts`): a ``prompt`` column, every other column passed to the reward functions.
 
-One optimizer step: ``train.global_batch_size`` completions, ``global_batch_size / num_generations`` prompts
+One generation: ``train.global_batch_size`` completions, ``global_batch_size / num_generations`` prompts
 drawn as :class:`~retnet.train.data.PackedData` draws blocks (a seeded per-epoch permutation, the position one
 integer), each rank taking whole groups (a contiguous share). Each prompt is sampled ``num_generations`` times
 by the policy as it is (eval mode, no grad) with the model's recurrent cache, ``micro_batch // num_generations``
 groups at a time: their prompts packed into one row (``cu_seqlens``), the states repeated per completion, then
 one token per forward for every row at once, until every row has sampled a stop token (the tokenizer's EOS and
 the model's ``generation_config.eos_token_id``, :func:`stop_tokens`) or ``max_completion_length`` tokens. The
-sampler draws its uniforms from a ``torch.Generator`` per group seeded from (``train.seed``, the step, the
-prompt's position in the data stream): not the global RNG, and not the rank, so any world size, batch split and
-resume draw the same uniforms (bit-identical completions on CPU; on a GPU, kernels may round differently by batch
-shape). A token is picked by inverse CDF over the (``top_p``-cut, ``temperature``-scaled) distribution sorted by
-probability.
+sampler draws its uniforms from a ``torch.Generator`` per group seeded from (``train.seed``, the step that
+samples, the prompt's position in the data stream): not the global RNG, and not the rank, so any world size,
+batch split and resume draw the same uniforms (bit-identical completions on CPU; on a GPU, kernels may round
+differently by batch shape). A token is picked by inverse CDF over the (``top_p``-cut, ``temperature``-scaled)
+distribution sorted by probability. Under FSDP every forward is a collective: each rank decodes until every
+rank's rows are done (a max all-reduce per token), its finished rows fed a stop id and their draws dropped.
 
 The completions are scored by each reward source (:class:`RewardSources`: the ``grpo.reward_funcs`` with TRL's
 contract, see :mod:`retnet.train.rewards`; ``grpo.reward_model`` scoring prompt + completion + EOS as the reward
@@ -26,12 +27,16 @@ trainer scores a pair), summed with ``grpo.reward_weights`` ignoring None (nansu
 advantage is its reward minus its group's mean, divided by the group's std + 1e-4 (``scale_rewards``: the
 batch's std, or none), TRL's formula.
 
-The loss: per completion token ``-min(ρ·A, clip(ρ, 1 ± ε)·A)`` with ``ρ = exp(logp − logp.detach())``. One update
-per generation (TRL's ``num_iterations`` 1): the old policy is the current one, ρ is 1 and the clip inactive;
-the gradient is ``-A ∇logp``. Log-probs are of the logits divided by ``temperature``, as TRL computes them.
-With ``beta`` > 0, ``beta × (exp(ref − logp) − (ref − logp) − 1)`` (TRL's k3 KL estimate) is added per token; the
-reference is the model as the run starts: ``model.init_from``'s weights, loaded once (with LoRA: the same model
-with its adapters disabled, peft's ``disable_adapter``), its log-probs computed when the completions are. The
+The loss: per completion token ``-min(ρ·A, clip(ρ, 1 − ε, 1 + ε_high)·A)``. ``num_iterations`` (TRL's μ)
+optimizer steps are taken on each generation, TRL's counting (the step number advances at each, the data
+position at each generation): with μ > 1, ``ρ = exp(logp − old)``, ``old`` the sampling policy's log-probs
+computed with the completions (eval mode, no grad) and kept, with everything else the μ steps need, in a
+:class:`Generation` (checkpointed while steps on it remain); with μ 1, ``ρ = exp(logp − logp.detach())``: 1, the
+clip inactive, the gradient ``-A ∇logp``. Log-probs are of the logits divided by ``temperature``, as TRL computes
+them. With ``beta`` > 0, ``beta × (exp(ref − logp) − (ref − logp) − 1)`` (TRL's k3 KL estimate) is added per
+token; the reference is the model as the run starts: ``model.init_from``'s weights, loaded once (under FSDP
+sharded as the policy is; with LoRA: the same model with its adapters disabled, peft's ``disable_adapter``), its
+log-probs computed when the completions are. The
 tokens are aggregated over the global batch by ``loss_type``: ``dapo`` sum / the batch's completion tokens,
 ``grpo`` each sequence's mean then the mean over sequences, ``dr_grpo`` sum / (sequences ×
 ``max_completion_length``). A micro-batch's sequences (prompt + completion, stop token included, nothing after it) are
@@ -74,8 +79,13 @@ logger = logging.getLogger(__name__)
 
 VAL_STREAM = 2**32 - 1  # the seed word of the validation samples where a training step's number goes
 EPSILON = 1e-4  # TRL's, added to the std the advantages are divided by
-# The step's sums (every rank's, all-reduced with the loss): then, per reward source, its sum and count.
-SUMS = ("completions", "reward", "reward_std", "length", "clipped", "zero_std", "kl", "tokens")
+# The step's sums (every rank's, all-reduced with the loss): then, per reward source, its sum and count. The
+# first six are a generation's (added at the step that samples it); "kl", "tokens" (the completion tokens the loss
+# was computed on), the clipped tokens and "steps" are every step's; "clip_low_min" / "clip_high_max" add up the
+# steps' extreme per-rank shares (TRL's min / max over processes).
+SUMS = ("completions", "reward", "reward_std", "length", "clipped", "zero_std", "kl", "tokens", "clip_low",
+        "clip_high", "clip_region", "clip_low_min", "clip_high_max", "steps")
+_SUMS_BEFORE_CLIP = 8  # a checkpoint's window written before the clip sums: SUMS[:8], then the sources'
 
 
 class Totals(NamedTuple):
@@ -89,7 +99,8 @@ class GrpoBatch(NamedTuple):
     """A micro-batch of S completions as one packed row. ``input_ids`` ``[1, N]``; ``cu_seqlens`` ``[S + 1]``;
     ``keep`` ``[M]`` the positions whose next token is a completion token, ``labels`` ``[M]`` that token,
     ``sequence`` ``[M]`` its completion; ``advantages`` ``[S]``; ``lengths`` ``[S]`` completion tokens;
-    ``reference`` ``[M]`` the reference's log-probs of the labels (empty with ``beta`` 0)."""
+    ``old`` ``[M]`` the sampling policy's log-probs of the labels (empty with ``num_iterations`` 1, where the
+    policy is the sampling one); ``reference`` ``[M]`` the reference's (empty with ``beta`` 0)."""
 
     input_ids: torch.Tensor
     cu_seqlens: torch.Tensor
@@ -98,6 +109,7 @@ class GrpoBatch(NamedTuple):
     sequence: torch.Tensor
     advantages: torch.Tensor
     lengths: torch.Tensor
+    old: torch.Tensor
     reference: torch.Tensor
 
     def to(self, device, non_blocking: bool = False) -> GrpoBatch:
@@ -108,7 +120,7 @@ def pack(prompts: list[np.ndarray], completions: list[np.ndarray], advantages: t
     """The :class:`GrpoBatch` of (prompt, completion) ids with their advantages."""
     input_ids, bounds, keep, labels, sequence, lengths = pack_completions(list(zip(prompts, completions, strict=True)))
     return GrpoBatch(input_ids, torch.tensor(bounds, dtype=torch.long), keep, labels, sequence,
-                     advantages.float().cpu(), lengths, torch.zeros(0))
+                     advantages.float().cpu(), lengths, torch.zeros(0), torch.zeros(0))
 
 
 def token_logps(model: torch.nn.Module, batch: GrpoBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -122,10 +134,11 @@ def token_logps(model: torch.nn.Module, batch: GrpoBatch, temperature: float = 1
 def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
               totals: Totals) -> tuple[torch.Tensor, torch.Tensor]:
     """(the micro-batch's share of the global batch's loss, the sum of its tokens' KL estimates). ``logps``
-    ``[M]`` the policy's, with their graph."""
-    ratio = torch.exp(logps - logps.detach())  # 1: one update per generation, the old policy is this one
+    ``[M]`` the policy's, with their graph; the ratio is to ``batch.old`` (without them, to ``logps`` detached:
+    1, the old policy is this one)."""
+    ratio = torch.exp(logps - (batch.old if len(batch.old) else logps.detach()))
     advantages = batch.advantages[batch.sequence]
-    clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon)
+    clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon_upper)
     per_token = -torch.min(ratio * advantages, clipped * advantages)
     kl = torch.zeros((), device=logps.device)
     if cfg.beta > 0:
@@ -139,6 +152,20 @@ def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
     if cfg.loss_type == "dapo":
         return per_token.sum() / totals.tokens, kl
     return per_token.sum() / (totals.sequences * cfg.max_completion_length), kl  # dr_grpo
+
+
+@torch.no_grad()
+def clipped_tokens(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig) -> torch.Tensor:
+    """``[3]`` the micro-batch's completion tokens whose ratio the clip holds (TRL's): below 1 − ``epsilon`` with
+    a negative advantage, above 1 + ``epsilon_high`` with a positive one, either. ``logps`` ``[M]`` the policy's;
+    none without ``batch.old`` (the ratio is 1)."""
+    if not len(batch.old):
+        return torch.zeros(3, device=logps.device)
+    ratio = torch.exp(logps.detach() - batch.old)
+    advantages = batch.advantages[batch.sequence]
+    low = (ratio < 1 - cfg.epsilon) & (advantages < 0)
+    high = (ratio > 1 + cfg.epsilon_upper) & (advantages > 0)
+    return torch.stack([low.sum(), high.sum(), (low | high).sum()]).float()
 
 
 def advantages(rewards: torch.Tensor, generations: int, scale: str,
@@ -192,10 +219,14 @@ def stop_tokens(tokenizer, generation_config=None) -> list[int]:
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Tensor, *, eos: int | list[int],
-           temperature: float = 1.0, top_p: float = 1.0) -> tuple[list[np.ndarray], list[bool]]:
+           temperature: float = 1.0, top_p: float = 1.0,
+           all_ranks: bool = False) -> tuple[list[np.ndarray], list[bool]]:
     """Completions of ``prompts``, ``G = len(uniforms) / len(prompts)`` each (consecutive), and whether each was
     clipped (no stop token within the length). ``uniforms`` ``[len(prompts) · G, max_len]``: row r's draw of each
-    step. ``eos``: the stop id or ids (:func:`stop_tokens`). A completion ends with the stop token it sampled."""
+    step. ``eos``: the stop id or ids (:func:`stop_tokens`). A completion ends with the stop token it sampled.
+    ``all_ranks``: decode until every rank's rows are done (a max all-reduce per token), so that each rank runs
+    as many forwards as the others (under FSDP each forward is a collective); a finished row is fed a stop id
+    and what it samples is dropped, so the completions are those of a run on its own."""
     rows, length = uniforms.shape
     generations = rows // len(prompts)
     device = uniforms.device
@@ -214,7 +245,12 @@ def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Te
         token = torch.where(done, filler, _pick(logits, uniforms[:, step], temperature, top_p))
         tokens[:, step] = token
         done |= torch.isin(token, stops)
-        if step == length - 1 or bool(done.all()):
+        if step == length - 1:
+            break
+        running = (~done).any().to(torch.int32).reshape(1)
+        if all_ranks:
+            torch.distributed.all_reduce(running, op=torch.distributed.ReduceOp.MAX)
+        if not bool(running):
             break
         logits = model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1]
     completions, clipped = [], []
@@ -340,6 +376,21 @@ class RewardSources:
         return torch.cat(scores)
 
 
+class Generation(NamedTuple):
+    """What the ``num_iterations`` steps from ``step`` (the step that sampled it) train on, this rank's share:
+    ``rows`` ``[n]`` each completion's prompt (its index in the split), the ``completions``, their ``advantages``
+    ``[n]``, the micro-batches (with the sampling policy's and the reference's log-probs), the global batch's
+    :class:`Totals` and ``tokens`` (its prompts' and completions')."""
+
+    step: int
+    rows: np.ndarray
+    completions: list[np.ndarray]
+    advantages: torch.Tensor
+    batches: list[GrpoBatch]
+    totals: Totals
+    tokens: int
+
+
 class GrpoData:
     """The prompts of a GRPO run, its sampler, rewards, loss and metrics, through the trainer's hooks of an
     objective computed by the data (``preference``): :meth:`start` once the model is built (and a checkpoint
@@ -371,6 +422,10 @@ class GrpoData:
         self._window: list[float] | None = None
         self._step: torch.Tensor | None = None
         self._totals: Totals | None = None
+        # The generation whose num_iterations steps are not all taken, and (a resume) its checkpointed form
+        self._generation: Generation | None = None
+        self._saved_generation: dict[str, Any] | None = None
+        self.all_ranks = False  # FSDP: every rank samples as many forwards as the others
 
     def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
         """None: the policy keeps ``model.init_from``'s settings (TRL's GRPOConfig ``disable_dropout`` is off)."""
@@ -389,6 +444,7 @@ class GrpoData:
         cfg = self.cfg = trainer.cfg.grpo
         self.device, self.autocast, self.policy, self.peft = trainer.device, trainer.autocast, trainer.raw_model, \
             trainer.peft_model
+        self.all_ranks = trainer.fsdp
         share, rest = divmod(self.global_batch, self.world_size)
         if rest or share % cfg.num_generations:  # the config refused it when torchrun set WORLD_SIZE
             raise ConfigError(f"train.global_batch_size ({self.global_batch}) must split into whole groups of "
@@ -403,15 +459,31 @@ class GrpoData:
         elif cfg.beta > 0:
             self.reference = self._reference(trainer._init_from_dir(), trainer.model_config)
             what = f"model.init_from's weights, frozen ({trainer.cfg.model.init_from})"
+            if trainer.fsdp:  # sharded as the policy is: its forwards are collectives in the same order
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
+                    trainer.cfg.train.mixed_precision == "bf16" and self.device.type == "cuda") else \
+                    MixedPrecisionPolicy()
+                for layer in self.reference.model.layers:
+                    fully_shard(layer, mp_policy=policy)
+                fully_shard(self.reference, mp_policy=policy)
+                what += ", sharded"
+        sources = 2 * len(self.sources.names)
         if self._window is None:
-            self._window = [0.0] * (len(SUMS) + 2 * len(self.sources.names))
+            self._window = [0.0] * (len(SUMS) + sources)
+        elif len(self._window) == _SUMS_BEFORE_CLIP + sources:  # a checkpoint's from before the clip sums
+            old = self._window
+            steps = old[0] / self.global_batch  # one generation a step then
+            self._window = [*old[:_SUMS_BEFORE_CLIP], 0.0, 0.0, 0.0, 0.0, 0.0, steps, *old[_SUMS_BEFORE_CLIP:]]
         weights = ", ".join(f"{n} ×{w:g}" for n, w in zip(self.sources.names, self.sources.weights.tolist()))
-        logger.info("GRPO: %d prompts × %d generations = %d completions a step (%d groups per rank), at most %d "
-                    "tokens each (temperature %g, top_p %g, stop ids %s); rewards: %s; advantages scaled by the %s "
-                    "std; loss %s, beta %g, reference: %s", self.global_batch // cfg.num_generations,
-                    cfg.num_generations, self.global_batch, self.global_batch // cfg.num_generations //
-                    self.world_size, cfg.max_completion_length, cfg.temperature, cfg.top_p, self.stops, weights,
-                    cfg.scale_rewards, cfg.loss_type, cfg.beta, what)
+        logger.info("GRPO: %d prompts × %d generations = %d completions a generation (%d groups per rank), %d "
+                    "step(s) on each (clip [%g, %g]), at most %d tokens each (temperature %g, top_p %g, stop ids "
+                    "%s); rewards: %s; advantages scaled by the %s std; loss %s, beta %g, reference: %s",
+                    self.global_batch // cfg.num_generations, cfg.num_generations, self.global_batch,
+                    self.global_batch // cfg.num_generations // self.world_size, cfg.num_iterations,
+                    1 - cfg.epsilon, 1 + cfg.epsilon_upper, cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                    self.stops, weights, cfg.scale_rewards, cfg.loss_type, cfg.beta, what)
 
     def _reference(self, init_from: Path, config) -> torch.nn.Module:
         """``init_from``'s model, frozen; a ConfigError when a resume finds other weights there than its run's."""
@@ -429,9 +501,11 @@ class GrpoData:
         return model.to(self.device).eval().requires_grad_(False)
 
     # -- rollouts ---------------------------------------------------------------------------------------
-    def _rollout(self, split: Prompts, ids: np.ndarray, seeds: list[tuple[int, ...]]):
-        """This rank's groups of prompts ``ids``: sampled, scored, as micro-batches of ``micro_batch`` completions
-        (with the reference's log-probs); their metric sums and the global :class:`Totals` (a collective)."""
+    def _rollout(self, split: Prompts, ids: np.ndarray, seeds: list[tuple[int, ...]], step: int = -1,
+                 old: bool = False) -> tuple[Generation, torch.Tensor]:
+        """This rank's groups of prompts ``ids`` sampled and scored: the :class:`Generation` of ``step`` (its
+        micro-batches of ``micro_batch`` completions with the reference's log-probs and, with ``old``, the
+        sampling policy's) and its metric sums (a collective: the global :class:`Totals`)."""
         cfg, generations = self.cfg, self.cfg.num_generations
         completions, clipped = [], []
         training = self.policy.training
@@ -443,7 +517,8 @@ class GrpoData:
                                    for words in seeds[lo:lo + groups]]).to(self.device)
                 with self.autocast:
                     done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise,
-                                       eos=self.stops, temperature=cfg.temperature, top_p=cfg.top_p)
+                                       eos=self.stops, temperature=cfg.temperature, top_p=cfg.top_p,
+                                       all_ranks=self.all_ranks)
                 completions += done
                 clipped += cut
         finally:
@@ -463,15 +538,37 @@ class GrpoData:
         present = ~per_source.isnan()
         sums = torch.tensor([len(rows), rewards.sum().item(), std.sum().item(), lengths.sum().item(), sum(clipped),
                              zero.sum().item(), 0.0, lengths.sum().item()])
+        sums = torch.cat([sums, torch.zeros(len(SUMS) - len(sums))])  # the loss's: kl, clipped tokens, steps
         sums = torch.cat([sums, torch.stack([per_source.nan_to_num().sum(0), present.sum(0)], 1).flatten()])
         batches = []
-        for lo in range(0, len(rows), self.micro_batch):
-            batch = pack([split.tokens[i] for i in rows[lo:lo + self.micro_batch]],
-                         completions[lo:lo + self.micro_batch], advantage[lo:lo + self.micro_batch]).to(self.device)
+        for batch in self._pack(split, rows, completions, advantage):
             if cfg.beta > 0:
                 batch = batch._replace(reference=self._reference_logps(batch))
+            if old:
+                batch = batch._replace(old=self._sampling_logps(batch))
             batches.append(batch)
-        return batches, sums.float().to(self.device), Totals(n, tokens), int(tokens + prompt_tokens)
+        generation = Generation(step, rows, completions, advantage, batches, Totals(n, tokens),
+                                int(tokens + prompt_tokens))
+        return generation, sums.float().to(self.device)
+
+    def _pack(self, split: Prompts, rows: np.ndarray, completions: list[np.ndarray],
+              advantage: torch.Tensor) -> list[GrpoBatch]:
+        """The micro-batches of ``micro_batch`` completions of the prompts ``rows`` of ``split``, on the device."""
+        return [pack([split.tokens[i] for i in rows[lo:lo + self.micro_batch]], completions[lo:lo + self.micro_batch],
+                     advantage[lo:lo + self.micro_batch]).to(self.device)
+                for lo in range(0, len(rows), self.micro_batch)]
+
+    @torch.no_grad()
+    def _sampling_logps(self, batch: GrpoBatch) -> torch.Tensor:
+        """``[M]`` the policy's log-probs of the labels as it sampled them (eval mode, without dropout): the old
+        policy of the ratio for the ``num_iterations`` steps on this generation."""
+        training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.autocast:
+                return token_logps(self.policy, batch, self.cfg.temperature)
+        finally:
+            self.policy.train(training)
 
     @torch.no_grad()
     def _reference_logps(self, batch: GrpoBatch) -> torch.Tensor:
@@ -488,53 +585,103 @@ class GrpoData:
 
     # -- training ---------------------------------------------------------------------------------------
     def micro_batches(self, accum: int) -> list[GrpoBatch]:
-        """This rank's ``accum`` micro-batches of ``micro_batch`` completions for the next step, sampled now."""
-        prompts = self.global_batch // self.cfg.num_generations
-        ids = self.block_rows(self.consumed, prompts)
-        positions = range(self.consumed, self.consumed + prompts)
-        share = prompts // self.world_size
-        mine = slice(self.rank * share, (self.rank + 1) * share)
-        seeds = [(self.seed, self.steps, position) for position in positions[mine]]
-        self.consumed += prompts
+        """This rank's ``accum`` micro-batches of ``micro_batch`` completions for the next step: sampled now at
+        every ``num_iterations``-th step (seeded by that step's number, TRL's counting: each of the iterations is
+        one optimizer step), else those of the generation still in use."""
+        iterations = self.cfg.num_iterations
+        if self.steps % iterations == 0:
+            prompts = self.global_batch // self.cfg.num_generations
+            ids = self.block_rows(self.consumed, prompts)
+            positions = range(self.consumed, self.consumed + prompts)
+            share = prompts // self.world_size
+            mine = slice(self.rank * share, (self.rank + 1) * share)
+            seeds = [(self.seed, self.steps, position) for position in positions[mine]]
+            self.consumed += prompts
+            generation, self._step = self._rollout(self.train, ids[mine], seeds, self.steps, old=iterations > 1)
+        else:
+            generation = self._generation or self._restore(self._saved_generation)
+            self._step = torch.zeros(len(SUMS) + 2 * len(self.sources.names), device=self.device)
+            self._step[SUMS.index("tokens")] = float(sum(len(c) for c in generation.completions))
         self.steps += 1
-        batches, self._step, self._totals, self.step_tokens = self._rollout(self.train, ids[mine], seeds)
-        assert len(batches) == accum, (len(batches), accum)
-        return batches
+        self._generation = generation if self.steps - generation.step < iterations else None
+        self._saved_generation = None
+        self._totals, self.step_tokens = generation.totals, generation.tokens
+        assert len(generation.batches) == accum, (len(generation.batches), accum)
+        return generation.batches
+
+    def _restore(self, saved: dict[str, Any] | None) -> Generation:
+        """The :class:`Generation` a checkpoint taken between its steps holds (:meth:`state_dict`)."""
+        if saved is None:  # load_state_dict refuses a checkpoint that would need one and lacks it
+            raise RuntimeError(f"GRPO step {self.steps}: within a generation's grpo.num_iterations "
+                               f"({self.cfg.num_iterations}) steps, and no generation to train on")
+        completions = np.split(saved["completions"], np.cumsum(saved["lengths"])[:-1])
+        advantage = saved["advantages"]
+        batches = self._pack(self.train, saved["rows"], completions, advantage)
+        sizes = [len(batch.labels) for batch in batches]
+        for name in ("old", "reference"):
+            if len(saved[name]):
+                parts = saved[name].to(self.device).split(sizes)
+                batches = [batch._replace(**{name: part}) for batch, part in zip(batches, parts, strict=True)]
+        return Generation(int(saved["step"]), saved["rows"], completions, advantage, batches,
+                          Totals(*saved["totals"]), int(saved["tokens"]))
 
     def loss(self, model: torch.nn.Module, batch: GrpoBatch) -> torch.Tensor:
         """The micro-batch's share of the global batch's loss, times the accumulation count and the world size:
         the trainer divides by the one and DDP averages over the other, so the gradients add up to the global
         batch's and the logged loss (the ranks' sum over the world size) is its loss."""
-        part, kl = grpo_loss(token_logps(model, batch, self.cfg.temperature), batch, self.cfg, self._totals)
+        logps = token_logps(model, batch, self.cfg.temperature)
+        part, kl = grpo_loss(logps, batch, self.cfg, self._totals)
         self._step[SUMS.index("kl")] += kl
+        if len(batch.old):  # without, the ratio is 1: nothing clipped
+            low = SUMS.index("clip_low")
+            self._step[low:low + 3] += clipped_tokens(logps, batch, self.cfg)
         return part * (self.global_batch // self.micro_batch)  # accumulation count × world size
 
     def step_stats(self) -> torch.Tensor:
+        """The step's sums, then this rank's shares of clipped tokens (low, then high) at its place among
+        ``world_size`` zeros each: the sum all-reduce gives every rank's, for TRL's min and max over ranks."""
         sums, self._step = self._step, None
-        return sums
+        tokens = sums[SUMS.index("tokens")].clamp(min=1.0)
+        shares = torch.zeros(2, self.world_size, device=sums.device)
+        shares[:, self.rank] = sums[[SUMS.index("clip_low"), SUMS.index("clip_high")]] / tokens
+        return torch.cat([sums, shares.flatten()])
 
     def record_step(self, sums: torch.Tensor) -> None:
-        self._window = [a + b for a, b in zip(self._window, sums.tolist(), strict=True)]
+        values = sums.tolist()
+        step, shares = values[:len(self._window)], values[len(self._window):]
+        step[SUMS.index("clip_low_min")] = min(shares[:self.world_size])
+        step[SUMS.index("clip_high_max")] = max(shares[self.world_size:])
+        step[SUMS.index("steps")] = 1.0  # (each rank's 0 summed)
+        self._window = [a + b for a, b in zip(self._window, step, strict=True)]
 
     def _means(self, sums: list[float], prefix: str = "") -> dict[str, float]:
         """TRL's metric names and their means over the completions (``kl`` over the tokens) of ``sums``."""
         value = dict(zip(SUMS, sums))
-        count = max(value["completions"], 1.0)
-        out = {"reward": value["reward"] / count, "reward_std": value["reward_std"] / count}
-        for number, name in enumerate(self.sources.names):
-            total, present = sums[len(SUMS) + 2 * number:len(SUMS) + 2 * number + 2]
-            if present:  # TRL's nanmean: only the completions the function applies to
-                out[f"rewards/{name}/mean"] = total / present
-        out.update({"completions/mean_length": value["length"] / count,
-                    "completions/clipped_ratio": value["clipped"] / count,
-                    "frac_reward_zero_std": value["zero_std"] / count})
+        out = {}
+        if value["completions"]:  # a window of steps on an earlier generation has none (TRL logs none either)
+            count = value["completions"]
+            out = {"reward": value["reward"] / count, "reward_std": value["reward_std"] / count}
+            for number, name in enumerate(self.sources.names):
+                total, present = sums[len(SUMS) + 2 * number:len(SUMS) + 2 * number + 2]
+                if present:  # TRL's nanmean: only the completions the function applies to
+                    out[f"rewards/{name}/mean"] = total / present
+            out.update({"completions/mean_length": value["length"] / count,
+                        "completions/clipped_ratio": value["clipped"] / count,
+                        "frac_reward_zero_std": value["zero_std"] / count})
+        tokens = max(value["tokens"], 1.0)
         if self.cfg.beta > 0:
-            out["kl"] = value["kl"] / max(value["tokens"], 1.0)
+            out["kl"] = value["kl"] / tokens
+        if value["steps"]:  # training steps (evaluation has no old policy: its ratio is 1)
+            out.update({"clip_ratio/low_mean": value["clip_low"] / tokens,
+                        "clip_ratio/low_min": value["clip_low_min"] / value["steps"],
+                        "clip_ratio/high_mean": value["clip_high"] / tokens,
+                        "clip_ratio/high_max": value["clip_high_max"] / value["steps"],
+                        "clip_ratio/region_mean": value["clip_region"] / tokens})
         return {f"{prefix}{name}": v for name, v in out.items()}
 
     def window_metrics(self) -> dict[str, float]:
         """The metrics' means over the completions since the last record (TRL's names), and a fresh window."""
-        if not self._window or not self._window[0]:
+        if not self._window or not self._window[SUMS.index("steps")]:
             return {}
         means = self._means(self._window)
         self._window = [0.0] * len(self._window)
@@ -549,7 +696,8 @@ class GrpoData:
         total = max(total - total % self.world_size, self.world_size)
         chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)
         mine = chosen[self.rank::self.world_size]
-        batches, sums, totals, _ = self._rollout(self.val, mine, [(self.seed, VAL_STREAM, int(i)) for i in mine])
+        generation, sums = self._rollout(self.val, mine, [(self.seed, VAL_STREAM, int(i)) for i in mine])
+        batches, totals = generation.batches, generation.totals
         loss = torch.zeros(1, device=self.device)
         training = self.policy.training
         self.policy.eval()
@@ -569,8 +717,25 @@ class GrpoData:
 
     # -- position ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "prompts", "consumed": self.consumed, "steps": self.steps, "window": list(self._window or []),
-                "reference": self.reference_fingerprint}
+        """The position, the sampler's step, the log window and, between the ``num_iterations`` steps of a
+        generation, this rank's share of it: prompt rows, completion ids, advantages and the old and reference
+        log-probs (8 bytes per completion token, 12 with ``beta`` > 0), from which :meth:`_restore` rebuilds its
+        micro-batches."""
+        state = {"kind": "prompts", "consumed": self.consumed, "steps": self.steps,
+                 "window": list(self._window or []), "reference": self.reference_fingerprint}
+        generation = self._generation
+        if generation is not None:
+            state["generation"] = {
+                "step": generation.step, "world_size": self.world_size, "rows": generation.rows,
+                "completions": np.concatenate(generation.completions).astype(np.int32),
+                "lengths": np.array([len(c) for c in generation.completions], dtype=np.int64),
+                "advantages": generation.advantages.cpu(),
+                "old": torch.cat([b.old for b in generation.batches]).cpu(),
+                "reference": torch.cat([b.reference for b in generation.batches]).cpu(),
+                "totals": tuple(generation.totals), "tokens": generation.tokens}
+        elif self._saved_generation is not None:  # loaded, not yet trained on
+            state["generation"] = self._saved_generation
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "prompts":
@@ -578,6 +743,14 @@ class GrpoData:
         self.consumed, self.steps = int(state["consumed"]), int(state["steps"])
         self._window = [float(v) for v in state["window"]] or None
         self.reference_fingerprint = state.get("reference")
+        self._generation, self._saved_generation = None, state.get("generation")
+        saved = self._saved_generation
+        if saved is not None and saved["world_size"] != self.world_size:
+            # each rank holds its share of the generation's completions: another split has no exact mapping
+            raise ConfigError(f"the checkpoint at GRPO step {self.steps} is within the grpo.num_iterations steps "
+                              f"on the generation of step {saved['step']}, which its {saved['world_size']} "
+                              f"rank(s) hold one share each: resume it with {saved['world_size']} rank(s), or "
+                              f"from a checkpoint at a generation's first step")
 
 
 def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch: int, rank: int, local_rank: int,
@@ -610,6 +783,6 @@ def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batc
     return data
 
 
-__all__ = ["EPSILON", "SUMS", "GrpoBatch", "GrpoData", "RewardSources", "Totals", "advantages", "batch_std",
-           "build_grpo_data", "grpo_loss", "pack", "reward_arguments", "reward_values", "sample", "stop_tokens",
-           "token_logps", "uniforms"]
+__all__ = ["EPSILON", "SUMS", "Generation", "GrpoBatch", "GrpoData", "RewardSources", "Totals", "advantages",
+           "batch_std", "build_grpo_data", "clipped_tokens", "grpo_loss", "pack", "reward_arguments", "reward_values",
+           "sample", "stop_tokens", "token_logps", "uniforms"]

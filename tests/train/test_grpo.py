@@ -1,6 +1,7 @@
 """GRPO (``data.format = "prompts"``): a run that learns a reward, the loss and advantage formulas by hand, the
-seeded sampler, exact resume, two gloo ranks against one process, LoRA's adapters-disabled reference, the reward
-model source scoring as the reward trainer does, conversational prompts, and the refusals."""
+seeded sampler, exact resume, two gloo ranks against one process (DDP and FSDP2), several steps on a generation
+(``num_iterations``) and a resume between them, LoRA's adapters-disabled reference, the reward model source
+scoring as the reward trainer does, conversational prompts, and the refusals."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from retnet.train.__main__ import EXIT_CONFIG, main
+from retnet.train.checkpoint import load_checkpoint
 from retnet.train.config import ConfigError, GrpoConfig, build_config, grpo_changes
 from retnet.train.grpo import (
     SUMS,
@@ -23,6 +25,7 @@ from retnet.train.grpo import (
     Totals,
     advantages,
     batch_std,
+    clipped_tokens,
     grpo_loss,
     pack,
     reward_values,
@@ -203,6 +206,115 @@ def test_two_gloo_ranks_match_one_process(trained, toy, tmp_path, run):
     assert metrics(ddp, "val")[0]["val_reward"] == pytest.approx(metrics(trained, "val")[0]["val_reward"], rel=1e-5)
 
 
+ITERATED = {"train__steps": 6, "checkpoint__interval": 4, "grpo__num_iterations": 3, "grpo__epsilon_high": 0.28,
+            "train__eval_interval": 6}
+CLIP = ("clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
+        "clip_ratio/region_mean")
+
+
+@pytest.fixture(scope="module")
+def iterated(toy, tmp_path_factory):
+    """6 steps of grpo.num_iterations 3 (two generations, at steps 0 and 3), checkpoints at 4 (the second step on
+    the generation of step 3) and 6: its output directory."""
+    out = tmp_path_factory.mktemp("grpo-iterated") / "run"
+    assert main(grpo_args(toy, out, **ITERATED)) == 0
+    return out
+
+
+def test_num_iterations_steps_on_each_generation_and_resumes_within_one(iterated, trained, toy, tmp_path):
+    """μ 3: the generation metrics at its first step only (steps 1 and 4), the loss, KL and TRL's clip ratios at
+    every step; the first step is the μ-1 run's (the same sampler seed, a ratio of 1); the data position counts
+    generations. The step-4 checkpoint holds the generation of step 3 (its old and reference log-probs), and a
+    resume from it retraces the uninterrupted run bit for bit."""
+    train = metrics(iterated)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [("reward" in r) for r in train] == [True, False, False, True, False, False]
+    assert all(set(CLIP) | {"loss", "kl"} <= set(r) for r in train)
+    first = metrics(trained)[0]
+    assert train[0]["reward"] == first["reward"] and train[0]["loss"] == pytest.approx(first["loss"], rel=1e-5)
+    assert all(train[0][name] == 0.0 for name in CLIP)  # the policy is the sampling one: a ratio of 1
+    assert max(r["clip_ratio/region_mean"] for r in train) > 0, train  # lr 3e-2 moves it out of [0.8, 1.28]
+    for r in train:  # one rank: its share is the mean; region is low or high
+        assert r["clip_ratio/low_min"] == pytest.approx(r["clip_ratio/low_mean"])
+        assert r["clip_ratio/high_max"] == pytest.approx(r["clip_ratio/high_mean"])
+        assert r["clip_ratio/region_mean"] == pytest.approx(r["clip_ratio/low_mean"] + r["clip_ratio/high_mean"])
+    state = torch.load(iterated / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=False)
+    data = state["ranks"][0]["data"]
+    assert data["consumed"] == 8 and data["steps"] == 4 and data["generation"]["step"] == 3
+    saved = data["generation"]
+    assert len(saved["lengths"]) == 16 and len(saved["old"]) == len(saved["reference"]) == saved["lengths"].sum()
+    final = torch.load(iterated / "checkpoints" / "step_00000006" / "trainer.pt", weights_only=False)
+    assert "generation" not in final["ranks"][0]["data"]  # all 3 steps taken: nothing left to resume
+    copy = tmp_path / "copy"
+    shutil.copytree(iterated, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000006")
+    assert main(grpo_args(toy, copy, **ITERATED)) == 0
+    for kind in ("train", "val"):
+        assert strip(metrics(copy, kind)) == strip(metrics(iterated, kind))
+    resumed, whole = (load_checkpoint(run / "checkpoints" / "step_00000006")["model"] for run in (copy, iterated))
+    assert all(torch.equal(resumed[name], whole[name]) for name in whole)
+
+
+def test_a_resume_within_a_generation_on_other_ranks_is_refused(iterated):
+    """Each rank holds its share of the generation: the step-4 checkpoint of one process cannot resume on two."""
+    from retnet.train.grpo import GrpoData
+
+    state = torch.load(iterated / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=False)
+    data = GrpoData.__new__(GrpoData)
+    data.world_size = 2
+    with pytest.raises(ConfigError, match=r"within the grpo.num_iterations steps on the generation of step 3, "
+                                          r"which its 1 rank\(s\) hold one share each: resume it with 1 rank"):
+        data.load_state_dict(state["ranks"][0]["data"])
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes_within_a_generation(iterated, toy, tmp_path, run):
+    """FSDP2 on two gloo ranks (the policy and the frozen reference sharded per layer; each rank decodes until
+    every rank's rows are done), μ 3: the rewards, losses, KL and clip ratios of the one-process run (to 2e-3
+    relative, as DDP); and a resume of its step-4 checkpoint, within the generation of step 3, retraces it."""
+    fsdp = tmp_path / "fsdp"
+    args = grpo_args(toy, fsdp, **ITERATED, train__parallelism="fsdp")
+    done = run(args, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    assert "reference: model.init_from's weights, frozen" in done.stderr and ", sharded" in done.stderr
+    one, two = metrics(iterated), metrics(fsdp)
+    assert len(two) == 6
+    for key in ("loss", "grad_norm", "kl", *CLIP[::2]):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=2e-3, abs=1e-6), key
+    # the extremes of the two ranks' shares, whose token-weighted mean is the batch's
+    assert all(r["clip_ratio/low_min"] <= r["clip_ratio/low_mean"] + 1e-7 and
+               r["clip_ratio/high_max"] >= r["clip_ratio/high_mean"] - 1e-7 for r in two), two
+    for key in ("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std"):
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5), key
+    assert [("reward" in r) for r in two] == [("reward" in r) for r in one]
+    # at step 0 only: later, weights ~1e-4 apart can flip a sampled token (the draw is discrete)
+    assert metrics(fsdp, "val")[0]["val_reward"] == pytest.approx(metrics(iterated, "val")[0]["val_reward"], rel=1e-5)
+    copy = tmp_path / "copy"
+    shutil.copytree(fsdp, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000006")
+    done = run(grpo_args(toy, copy, **ITERATED, train__parallelism="fsdp"), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    for kind in ("train", "val"):
+        assert strip(metrics(copy, kind)) == strip(metrics(fsdp, kind))
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it
+def test_lora_with_a_kl_term_under_fsdp_follows_one_process(toy, tmp_path):
+    """LoRA, beta > 0 (the reference: the sharded policy with its adapters disabled) and μ 2 under FSDP2 (here in
+    this process, a gloo group of one rank) give the one-process run's rewards, losses and KL."""
+    from .conftest import train_fsdp_in_process
+
+    settings = dict(train__steps=4, train__eval_interval=0, checkpoint__interval=0, lora__rank=4, lora__alpha=8,
+                    optim__lr=5e-2, optim__weight_decay=0.0, grpo__beta=0.1, grpo__num_iterations=2)
+    assert main(grpo_args(toy, tmp_path / "one", **settings)) == 0
+    train_fsdp_in_process(grpo_args(toy, tmp_path / "fsdp", **settings)[2:], resumed_step=0)
+    one, fsdp = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
+    assert one[0]["kl"] == pytest.approx(0.0, abs=1e-7) and one[-1]["kl"] > 1e-6, one
+    assert [r.get("reward") for r in fsdp] == [r.get("reward") for r in one]
+    for key in ("loss", "kl", "clip_ratio/region_mean"):
+        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-8), key
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it
 def test_lora_with_a_kl_term_uses_the_adapters_disabled_reference(toy, tmp_path):
     """With LoRA and beta > 0 the reference is the policy with its adapters disabled: equal to the base model's
@@ -331,6 +443,33 @@ def test_the_loss_is_the_formula(loss_type, beta):
     assert kl.item() == pytest.approx(per_kl.sum().item() if beta else 0.0, rel=1e-6)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_the_clipped_loss_of_a_later_iteration_is_the_formula(loss_type):
+    """With the sampling policy's log-probs (``old``, num_iterations > 1) the ratio ρ = exp(logp − old) is
+    clipped to [1 − epsilon, 1 + epsilon_high]: the loss is −min(ρA, clip(ρ)A), a clipped token has no gradient,
+    and the clipped tokens are counted as TRL's (low: ρ < 1 − ε with A < 0; high: ρ > 1 + ε_high with A > 0)."""
+    advantage = torch.tensor([0.5, -1.0, 2.0])
+    batch = pack([np.array([1]), np.array([2]), np.array([3])], [np.array([4, 5]), np.array([6, 7, 8]),
+                                                                 np.array([9])], advantage)
+    ratio = torch.tensor([1.4, 0.9, 0.5, 0.7, 1.5, 1.2])  # high A>0, inside, low A<0, low A<0, high A<0, inside
+    old = torch.tensor([-1.0, -2.0, -0.5, -1.5, -3.0, -0.1])
+    batch = batch._replace(old=old)
+    logps = (old + ratio.log()).requires_grad_(True)
+    cfg = GrpoConfig(loss_type=loss_type, epsilon=0.2, epsilon_high=0.28, max_completion_length=4)
+    loss, _ = grpo_loss(logps, batch, cfg, Totals(sequences=8, tokens=20))
+    loss.backward()
+    a = torch.tensor([0.5, 0.5, -1.0, -1.0, -1.0, 2.0])
+    per_token = -torch.min(ratio * a, ratio.clamp(0.8, 1.28) * a)
+    free = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0])  # the unclipped term is the min: its gradient is −ρA
+    weights = torch.full((6,), 1 / 20) if loss_type == "dapo" else torch.tensor([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3,
+                                                                                 1.0]) / 8
+    assert loss.item() == pytest.approx((per_token * weights).sum().item(), rel=1e-5)
+    torch.testing.assert_close(logps.grad, -ratio * a * free * weights)
+    assert clipped_tokens(logps, batch, cfg).tolist() == [2.0, 1.0, 3.0]  # low, high, region
+    assert clipped_tokens(logps, batch._replace(old=torch.zeros(0)), cfg).tolist() == [0.0, 0.0, 0.0]
+    assert GrpoConfig(epsilon=0.1).epsilon_upper == 0.1 and cfg.epsilon_upper == 0.28  # None: epsilon (TRL's)
+
+
 def test_the_sampler_is_seeded_and_independent_of_the_batch(toy):
     """The same uniforms give the same completions; a group sampled alone or beside another group gets the same
     ones; other seed words other completions. EOS ends a completion; a clipped one has none."""
@@ -356,6 +495,56 @@ def test_the_sampler_is_seeded_and_independent_of_the_batch(toy):
     stopped, cut = sample(model, prompts, noise, eos=[eos, first], temperature=1.0, top_p=1e-6)
     assert all(s.tolist() == [first] for s in stopped[:4]) and not any(cut[:4])
     assert all(np.array_equal(a, b) for a, b in zip(stopped[4:], greedy[4:]) if first not in b)
+
+
+def _sample_on_two_fsdp_ranks(rank: int, port: int, base: str, out: str) -> None:
+    """One of two gloo ranks: greedy completions of two prompts by the micro base, alone and then sharded by FSDP2
+    with ``all_ranks``, and the forwards each took. Rank 0 stops at each prompt's first token, rank 1 at EOS only
+    (which the greedy draw does not reach): without ``all_ranks`` rank 0 would leave rank 1 alone in the next
+    forward's all-gather."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from retnet.model import RetNetForCausalLM
+
+    torch.set_num_threads(1)  # forked: no OpenMP pool of the parent's to wait on (as DataLoader workers)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = RetNetForCausalLM.from_pretrained(base).eval()
+        prompts = [np.array([5, 6, 7, 8]), np.array([9, 10])]
+        noise = torch.cat([uniforms((1, 2, position), 2, 12) for position in (0, 1)])
+        with torch.no_grad():
+            firsts = [model(input_ids=torch.from_numpy(p)[None]).logits[0, -1].argmax().item() for p in prompts]
+        eos = firsts if rank == 0 else [model.config.eos_token_id]
+        alone, _ = sample(model, prompts, noise, eos=eos, top_p=1e-6)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        forwards = []
+        model.register_forward_hook(lambda *_: forwards.append(1))
+        synced, _ = sample(model, prompts, noise, eos=eos, top_p=1e-6, all_ranks=True)
+        torch.save({"alone": alone, "synced": synced, "forwards": len(forwards), "firsts": firsts},
+                   Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_ranks_decode_until_every_rank_is_done(toy, tmp_path):
+    """Under FSDP each forward is a collective: the rank whose rows all stopped keeps decoding (1 prefill + 11
+    steps, as the rank that runs to max length), and its completions are those it samples on its own."""
+    from torch.multiprocessing import start_processes
+
+    from .conftest import free_port
+
+    start_processes(_sample_on_two_fsdp_ranks, args=(free_port(), str(toy / "base"), str(tmp_path)), nprocs=2,
+                    start_method="fork")  # spawn would import torch and this module again, ~10 s
+    ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert [r["forwards"] for r in ranks] == [12, 12]
+    first = ranks[0]
+    assert [c.tolist() for c in first["alone"]] == [[first["firsts"][0]]] * 2 + [[first["firsts"][1]]] * 2
+    assert all(len(c) == 12 for c in ranks[1]["alone"])  # no EOS: the rank runs to max length
+    for r in ranks:
+        assert all(np.array_equal(a, b) for a, b in zip(r["alone"], r["synced"], strict=True))
 
 
 def test_stop_tokens_add_the_generation_configs_eos_ids(toy):
@@ -554,7 +743,10 @@ def merged(**sections) -> dict:
     (merged(grpo={"reward_funcs": ["no_such_module_x:f"]}), r"'no_such_module_x:f': module 'no_such_module_x' cannot"),
     (merged(grpo={"reward_funcs": ["retnet.train.rewards:nothing"]}), r"'retnet.train.rewards' has no 'nothing'"),
     (merged(grpo={"reward_model": "/no/such/rm"}), r"grpo.reward_model must be a RetNetForSequenceClassification"),
-    (merged(train={"parallelism": "fsdp"}), r"train.parallelism cannot be 'fsdp' with data.format 'prompts'"),
+    (merged(grpo={"num_iterations": 0}), r"grpo.num_iterations must be an integer >= 1 .*; got 0"),
+    (merged(grpo={"num_iterations": 1.5}), r"grpo.num_iterations expects int; got float 1.5"),
+    (merged(grpo={"epsilon_high": -0.1}), r"grpo.epsilon_high must be >= 0 .*; got -0.1"),
+    ({"grpo": {"num_iterations": 2}}, r"grpo.num_iterations is set but data.format is 'text'"),
     (merged(train={"global_batch_size": 10, "micro_batch_size": 5}),
      r"train.global_batch_size \(completions per step\) must split into whole groups of grpo.num_generations \(4\)"),
     (merged(reward={"enabled": True}), r"data.format must be 'preference' with reward.enabled=true"),
