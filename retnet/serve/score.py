@@ -23,7 +23,6 @@ import time
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from retnet.serve.classify import (
@@ -44,6 +43,8 @@ RERANK_ROUTES = ("/rerank", "/v1/rerank", "/v2/rerank")
 PAIR_FIELDS = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2"))
 
 ScoreInputs = str | list[str]
+# How a request fits a pair over --max-prompt-tokens, as the other pooling routes say it.
+_CUTS = "truncate_prompt_tokens cuts each pair: to its last tokens, or the first with truncation_side right"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,26 +219,27 @@ class ScoreServing:
         """The score of each pair (``left[0]`` against each of ``right`` when ``left`` holds one text, else
         pairwise), and the prompt tokens run. ``first`` and ``second``: the fields the texts came from."""
         activation = _asked_activation(request, ACTIVATION_FIELDS)
-        left = left * len(right) if len(left) == 1 else left
         pooling = self.pooling
-        # Each distinct text once for an embedding model; each pair for a classifier.
-        texts = list(dict.fromkeys([*left, *right])) if self.embeds else None
-        count = len(texts) if self.embeds else len(right)
         limit = pooling.settings.max_pooling_inputs
-        if count > limit:
-            what = "distinct texts to embed" if self.embeds else "pairs"
-            raise APIError(400, f"at most {limit} {what} per request (--max-pooling-inputs); got {count}", second,
+        # The pairs are bounded for an embedding model too, though its texts are embedded once each: the response
+        # (and the scores computed for it) has a row a pair, however few texts they repeat.
+        if len(right) > limit:
+            raise APIError(400, f"at most {limit} pairs per request (--max-pooling-inputs); got {len(right)}", second,
                            "too_many_inputs")
-        size = _size([*left, *right])
+        pairs = left * len(right) if len(left) == 1 else left
         if self.embeds:
-            ids = await pooling._tokenizing(size, self._text_ids, request, texts, first, left, second, right)
+            texts = list(dict.fromkeys([*left, *right]))
+            if len(texts) > limit:
+                raise APIError(400, f"at most {limit} distinct texts to embed per request (--max-pooling-inputs); "
+                               f"got {len(texts)}", second, "too_many_inputs")
+            ids = await pooling._tokenizing(_size([*left, *right]), self._text_ids, request, texts, first, left,
+                                            second, right)
             rows, usage = await pooling._rows(ids, request.priority)
-            place = {text: row for text, row in zip(texts, rows, strict=True)}
-            # vLLM's: torch's cosine similarity of the raw embeddings (eps 1e-8), in fp32.
-            scores = F.cosine_similarity(torch.stack([place[t] for t in left]), torch.stack([place[t] for t in right]),
-                                         dim=-1)
+            scores = _cosines(rows, texts, pairs, right)
         else:
-            ids = await pooling._tokenizing(size, self._pair_ids, request, first, left, second, right)
+            # Each pair renders its first text again: the work grows with the texts as paired, not as sent.
+            ids = await pooling._tokenizing(_size([*pairs, *right]), self._pair_ids, request, first, left, second,
+                                            right)
             rows, usage = await pooling._rows(ids, request.priority)
             scores = (rows if activation is False else pooling.engine.pooler.activate(rows))[:, 0]
         return scores.tolist(), usage.prompt_tokens
@@ -245,28 +247,45 @@ class ScoreServing:
     def _pair_ids(self, request: ScoreFields, first: str, left: list[str], second: str,
                   right: list[str]) -> list[list[int]]:
         """Each pair's token ids as ``/classify`` scores ``messages: [user: left[i], assistant: right[i]]`` (the
-        reward trainer's rendering), checked and cut as the request says; the pairs of one first text are rendered
-        with its prompt once. Takes the tokenizer's lock."""
+        reward trainer's rendering), checked and cut as the request says; ``left``: one text for all of ``right``,
+        or one a pair. Each distinct first text's prompt is encoded and checked alone before its pairs are rendered.
+        Takes the tokenizer's lock for each encoding, not across the pairs, and not to render."""
         pooling, add_special = self.pooling, bool(request.add_special_tokens)
+        tokenizer, most = pooling.tokenizer, pooling.settings.max_prompt_tokens
+        uncut = request.truncate_prompt_tokens is None
+        paired = len(left) > 1
         by_prompt: dict[str, list[int]] = {}
-        for index, text in enumerate(left):
+        for index, text in enumerate(left if paired else left * len(right)):
             by_prompt.setdefault(text, []).append(index)
-        render = functools.partial(pooling.tokenizer.apply_chat_template, tokenize=False,
-                                   chat_template=pooling.chat_template)
-        ids: list[list[int]] = [[] for _ in right]
-        try:
-            with pooling.tokenizer_lock:
-                for prompt, indexes in by_prompt.items():
-                    head, *completions = render_pair([{"role": "user", "content": prompt}],
-                                                     [[{"role": "assistant", "content": right[i]}] for i in indexes],
-                                                     render)
-                    for index, pair in zip(indexes, pair_token_ids(pooling.tokenizer, head, completions, add_special),
-                                           strict=True):
-                        ids[index] = pair
-        except Exception as exc:  # a template that rejects the conversation
-            raise APIError(400, f"{first}: the chat template cannot render a pair: {exc}", first) from exc
+        # Jinja renders text without entering the Rust tokenizer, so only encoding holds the lock: rendering a
+        # long first text again for each pair (the template decides how a turn follows it) takes seconds, in
+        # which other requests encode theirs.
+        render = functools.partial(tokenizer.apply_chat_template, tokenize=False, chat_template=pooling.chat_template)
         cut = pooling._cutter(request)
-        return [cut(pair, second, index=index) for index, pair in enumerate(ids)]
+        ids: list[list[int]] = [[] for _ in right]
+        for prompt, indexes in by_prompt.items():
+            user = [{"role": "user", "content": prompt}]
+            where = f"{first}[{indexes[0]}]" if paired else first
+            (head,) = _rendered(first, user, [], render)
+            with pooling.tokenizer_lock:
+                (alone,) = pair_token_ids(tokenizer, head, [""], add_special)
+            # Over the limit before any second text: refused before rendering it again once a pair.
+            if uncut and len(alone) > most:
+                raise APIError(400, f"{where} has {len(alone)} tokens as a pair's user turn (with EOS), before any "
+                               f"{second}; this server accepts at most {most} a pair ({_CUTS})", first,
+                               "context_length_exceeded")
+            _, *completions = _rendered(first, user,
+                                        [[{"role": "assistant", "content": right[i]}] for i in indexes], render)
+            with pooling.tokenizer_lock:
+                encoded = pair_token_ids(tokenizer, head, completions, add_special)
+            for index, pair in zip(indexes, encoded, strict=True):
+                if uncut and len(pair) > most:
+                    # Named as the pair: its first text fits alone (checked above), the two together do not.
+                    named = f"{first}[{index}]" if paired else first
+                    raise APIError(400, f"{named} + {second}[{index}] has {len(pair)} tokens as a pair; this server "
+                                   f"accepts at most {most} ({_CUTS})", second, "context_length_exceeded")
+                ids[index] = cut(pair, second, index=index)
+        return ids
 
     def _text_ids(self, request: ScoreFields, texts: list[str], first: str, left: list[str], second: str,
                   right: list[str]) -> list[list[int]]:
@@ -284,6 +303,27 @@ class ScoreServing:
 
 def _as_list(texts: ScoreInputs) -> list[str]:
     return [texts] if isinstance(texts, str) else texts
+
+
+def _rendered(first: str, *args) -> tuple[str, ...]:
+    """``render_pair(*args)``; a template that rejects the conversation is the request's 400, naming ``first``."""
+    try:
+        return render_pair(*args)
+    except Exception as exc:
+        raise APIError(400, f"{first}: the chat template cannot render a pair: {exc}", first) from exc
+
+
+def _cosines(rows: torch.Tensor, texts: list[str], left: list[str], right: list[str]) -> torch.Tensor:
+    """The cosine similarity of each pair ``(left[i], right[i])``, ``rows`` being the embeddings of the distinct
+    ``texts``: vLLM's score, torch's ``cosine_similarity`` (each vector divided by its norm, at least eps 1e-8;
+    equal to it within 1e-6). The products come from a matrix of the distinct first texts by the distinct second
+    ones, so that pairs that repeat texts cost no [pairs, hidden] copies of their rows."""
+    place = {text: row for row, text in enumerate(texts)}
+    rows = rows.float()
+    unit = rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(1e-8)
+    firsts, seconds = ({text: i for i, text in enumerate(dict.fromkeys(side))} for side in (left, right))
+    grid = unit[[place[t] for t in firsts]] @ unit[[place[t] for t in seconds]].T
+    return grid[[firsts[t] for t in left], [seconds[t] for t in right]]
 
 
 __all__ = ["RERANK_ROUTES", "SCORE_ROUTES", "RerankRequest", "RerankResponse", "ScoreRequest", "ScoreResponse",

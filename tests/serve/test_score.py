@@ -12,6 +12,8 @@ import re
 
 import httpx
 import pytest
+import torch
+import torch.nn.functional as F
 
 from retnet.serve.app import create_app
 from retnet.serve.run_batch import parse_lines, run_batch, served_urls
@@ -194,10 +196,86 @@ def test_an_embedding_models_score_is_the_cosine_of_its_embeddings(embedder):
     two = ok(embedder.post("/v1/embeddings", json={"input": ANSWERS[:2]}))["usage"]["prompt_tokens"]
     assert pairs["usage"]["prompt_tokens"] == two
     ranked = ok(embedder.post("/rerank", json={"query": PROMPTS[0], "documents": ANSWERS, "top_n": 3}))["results"]
-    assert [r["relevance_score"] for r in ranked] == pytest.approx(sorted(scores(one_to_n), reverse=True)[:3],
-                                                                   abs=1e-5)
+    order = sorted(range(len(ANSWERS)), key=lambda i: -scores(one_to_n)[i])[:3]
+    assert [r["index"] for r in ranked] == order
+    assert [r["document"] for r in ranked] == [{"text": ANSWERS[i]} for i in order]
+    assert [r["relevance_score"] for r in ranked] == pytest.approx([scores(one_to_n)[i] for i in order], abs=1e-5)
     # an empty text has no tokens to embed: named where it was sent
     refused(embedder.post("/score", json={"text_1": "a", "text_2": ["b", ""]}), 400, "text_2", "empty_input")
+    assert scores(ok(embedder.post("/score", json={"text_1": "a", "text_2": ["b"]})))
+
+
+def test_an_embedding_model_counts_pairs_against_max_pooling_inputs(embedder):
+    """One distinct text in 1025 pairs: embedded once, but each pair is a score of the response."""
+    many = ["a"] * 1025  # --max-pooling-inputs' default, 1024, plus one
+    message = refused(embedder.post("/score", json={"text_1": "a", "text_2": many}), 400, "text_2", "too_many_inputs")
+    assert "1024 pairs" in message and "1025" in message, message
+    refused(embedder.post("/rerank", json={"query": "a", "documents": many}), 400, "documents", "too_many_inputs")
+    refused(embedder.post("/score", json={"queries": many, "documents": many}), 400, "documents", "too_many_inputs")
+    assert scores(ok(embedder.post("/score", json={"text_1": "a", "text_2": many[:1024]}))) == pytest.approx(
+        [1.0] * 1024, abs=1e-6)
+
+
+def test_the_cosines_from_the_distinct_rows_are_torchs_cosine_similarity():
+    from retnet.serve.score import _cosines
+
+    torch.manual_seed(0)
+    rows = torch.randn(5, 16) * torch.tensor([[1.0], [1e-3], [10.0], [0.0], [1.0]])  # a zero row: eps
+    texts = ["a", "b", "c", "zero", "e"]
+    for left, right in ((["a"] * 5, texts), (["a", "b", "zero", "c", "e", "a"], ["b", "b", "a", "zero", "e", "c"])):
+        rows_of = lambda side: torch.stack([rows[texts.index(t)] for t in side])
+        expected = F.cosine_similarity(rows_of(left), rows_of(right), dim=-1)
+        assert torch.allclose(_cosines(rows, texts, left, right), expected, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A reward model's pairs over --max-prompt-tokens
+# ----------------------------------------------------------------------------------------------------------
+def watch_rendering(monkeypatch, http: httpx.AsyncClient) -> list[bool]:
+    """Whether the tokenizer's lock was held at each chat template rendering from now on, in call order."""
+    serving = http.app.state.serving
+    tokenizer, render = serving.tokenizer, serving.tokenizer.apply_chat_template
+    held: list[bool] = []
+
+    def watched(*args, **kwargs):
+        held.append(serving.tokenizer_lock.locked())
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", watched)
+    return held
+
+
+async def test_a_first_text_over_the_limit_is_refused_before_its_pairs_are_rendered(reward_dir, monkeypatch):
+    async with serve_app(reward_dir, max_prompt_tokens=64) as http:
+        held = watch_rendering(monkeypatch, http)
+        long = "word " * 100
+        message = refused(await http.post("/score", json={"text_1": long, "text_2": ["b"] * 500}), 400, "text_1",
+                          "context_length_exceeded")
+        assert message.startswith("text_1 has ") and "at most 64" in message, message
+        assert len(held) <= 2  # the prompt alone, not once a pair
+        refused(await http.post("/score", json={"text_1": ["a", long], "text_2": ["b", "c"]}), 400, "text_1",
+                "context_length_exceeded")
+        # truncate_prompt_tokens cuts each pair instead: rendered, and served
+        cut = ok(await http.post("/score", json={"text_1": long, "text_2": ["b", "c"], "truncate_prompt_tokens": 64}))
+        assert cut["usage"]["prompt_tokens"] == 2 * 64
+        # Rendering takes no lock: a long first text rendered once a pair leaves the tokenizer to other requests.
+        held.clear()
+        assert scores(ok(await http.post("/score", json={"text_1": "a", "text_2": ANSWERS})))
+        assert held and not any(held)
+
+
+async def test_a_pair_over_the_limit_is_named_as_the_pair(reward_dir):
+    long = "word " * 100
+    async with serve_app(reward_dir, max_prompt_tokens=64) as http:
+        for path, body, param, named in (
+            ("/rerank", {"query": long, "documents": ["b"]}, "query", "query has "),
+            ("/rerank", {"query": "a", "documents": ["b", long]}, "documents", "query + documents[1] has "),
+            ("/score", {"text_1": "a", "text_2": long}, "text_2", "text_1 + text_2[0] has "),
+            ("/score", {"queries": ["a", "b"], "items": ["c", long]}, "items", "queries[1] + items[1] has "),
+        ):
+            message = refused(await http.post(path, json=body), 400, param, "context_length_exceeded")
+            assert message.startswith(named) and "at most 64" in message, (body, message)
+            assert scores(ok(await http.post("/score", json={"text_1": "a", "text_2": "b"})))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,11 +295,13 @@ async def test_a_language_model_and_a_classifier_of_several_labels_are_refused(m
 
 async def test_the_routes_take_the_api_key_before_reading_the_body(reward_dir):
     app = create_app(make_settings(reward_dir, api_keys=[KEY]))
+    json_type = {"Content-Type": "application/json"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-        for path in ("/score", "/rerank", "/v2/rerank"):
-            refused(await http.post(path, json={"top_n": "x"}), 401, "authorization", "invalid_api_key")
-            refused(await http.post(path, json={"top_n": "x"}, headers={"Authorization": f"Bearer {KEY}"}), 400,
-                    "query" if "rerank" in path else "text_1", "missing")
+        for path in ("/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"):
+            # A body that does not parse: 401 without the key, so the key is checked before the body is read.
+            refused(await http.post(path, content=b"{", headers=json_type), 401, "authorization", "invalid_api_key")
+            refused(await http.post(path, content=b"{", headers={**json_type, "Authorization": f"Bearer {KEY}"}),
+                    400, None, "invalid_json")
 
 
 @pytest.mark.parametrize("kind", ["reward model", "embedding model"])
