@@ -791,13 +791,16 @@ def grpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     """The ``[grpo]`` settings that differ between a checkpoint's config (``saved``) and ``current``, as
     ``"grpo.beta: checkpoint 0.0, now 0.04"``: each decides what is sampled, scored or optimized, so a resume with
     one changed would not continue the run. A checkpoint of another format has none. ``reward_weights`` are
-    compared as used: ``[]`` is 1 for each source, the same as those ones spelled out."""
+    compared as used: ``[]`` is 1 for each source, the same as those ones spelled out; so is ``epsilon_high``:
+    None is ``epsilon`` (:attr:`GrpoConfig.epsilon_upper`), the same as that value spelled out."""
     if "grpo" not in saved or current.data.format != "prompts":
         return []
     old, now = {**GrpoConfig().to_dict(), **saved["grpo"]}, current.grpo.to_dict()
     for table in (old, now):
         sources = len(table["reward_funcs"]) + bool(table["reward_model"])
         table["reward_weights"] = [float(w) for w in table["reward_weights"]] or [1.0] * sources
+        if table["epsilon_high"] is None:
+            table["epsilon_high"] = table["epsilon"]
     return [f"grpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
 
 

@@ -10,16 +10,9 @@ Rows (:mod:`retnet.train.prompts`): a ``prompt`` column, every other column pass
 One generation: ``train.global_batch_size`` completions, ``global_batch_size / num_generations`` prompts
 drawn as :class:`~retnet.train.data.PackedData` draws blocks (a seeded per-epoch permutation, the position one
 integer), each rank taking whole groups (a contiguous share). Each prompt is sampled ``num_generations`` times
-by the policy as it is (eval mode, no grad) with the model's recurrent cache, ``micro_batch // num_generations``
-groups at a time: their prompts packed into one row (``cu_seqlens``), the states repeated per completion, then
-one token per forward for every row at once, until every row has sampled a stop token (the tokenizer's EOS and
-the model's ``generation_config.eos_token_id``, :func:`stop_tokens`) or ``max_completion_length`` tokens. The
-sampler draws its uniforms from a ``torch.Generator`` per group seeded from (``train.seed``, the step that
-samples, the prompt's position in the data stream): not the global RNG, and not the rank, so any world size,
-batch split and resume draw the same uniforms (bit-identical completions on CPU; on a GPU, kernels may round
-differently by batch shape). A token is picked by inverse CDF over the (``top_p``-cut, ``temperature``-scaled)
-distribution sorted by probability. Under FSDP every forward is a collective: each rank decodes until every
-rank's rows are done (a max all-reduce per token), its finished rows fed a stop id and their draws dropped.
+by the policy as it is (eval mode, no grad), ``micro_batch // num_generations`` groups at a time, by the seeded
+sampler of :mod:`retnet.train.grpo_sampling` (the same completions for any world size, batch split and resume;
+under FSDP the ranks decode in step).
 
 The completions are scored by each reward source (:class:`RewardSources`: the ``grpo.reward_funcs`` with TRL's
 contract, see :mod:`retnet.train.rewards`; ``grpo.reward_model`` scoring prompt + completion + EOS as the reward
@@ -29,20 +22,20 @@ batch's std, or none), TRL's formula.
 
 The loss: per completion token ``-min(ρ·A, clip(ρ, 1 − ε, 1 + ε_high)·A)``. ``num_iterations`` (TRL's μ)
 optimizer steps are taken on each generation, TRL's counting (the step number advances at each, the data
-position at each generation): with μ > 1, ``ρ = exp(logp − old)``, ``old`` the sampling policy's log-probs
-computed with the completions (eval mode, no grad) and kept, with everything else the μ steps need, in a
-:class:`Generation` (checkpointed while steps on it remain); with μ 1, ``ρ = exp(logp − logp.detach())``: 1, the
-clip inactive, the gradient ``-A ∇logp``. Log-probs are of the logits divided by ``temperature``, as TRL computes
-them. With ``beta`` > 0, ``beta × (exp(ref − logp) − (ref − logp) − 1)`` (TRL's k3 KL estimate) is added per
-token; the reference is the model as the run starts: ``model.init_from``'s weights, loaded once (under FSDP
-sharded as the policy is; with LoRA: the same model with its adapters disabled, peft's ``disable_adapter``), its
-log-probs computed when the completions are. The
-tokens are aggregated over the global batch by ``loss_type``: ``dapo`` sum / the batch's completion tokens,
-``grpo`` each sequence's mean then the mean over sequences, ``dr_grpo`` sum / (sequences ×
-``max_completion_length``). A micro-batch's sequences (prompt + completion, stop token included, nothing after it) are
-packed into one row, logits only where a completion token is predicted; its loss is its share of that global
-normalization, scaled by the accumulation count and the world size, which the trainer's division and DDP's
-average undo: the gradient is the global batch's whatever the split.
+position at each generation): with μ 1, ``ρ = exp(logp − logp.detach())``: 1, the clip inactive, the gradient
+``-A ∇logp``; so is every generation's first step with μ > 1, whose training forwards' log-probs (train mode,
+before its update, as TRL computes them) are kept as ``old``, with everything else the μ steps need, in a
+:class:`Generation` (checkpointed while steps on it remain); its later steps have ``ρ = exp(logp − old)``.
+Log-probs are of the logits divided by ``temperature``, as TRL computes them. With ``beta`` > 0,
+``beta × (exp(ref − logp) − (ref − logp) − 1)`` (TRL's k3 KL estimate) is added per token; the reference is the
+model as the run starts: ``model.init_from``'s weights, loaded once (under FSDP sharded as the policy is; with
+LoRA: the same model with its adapters disabled, peft's ``disable_adapter``), its log-probs computed when the
+completions are. The tokens are aggregated over the global batch by ``loss_type``: ``dapo`` sum / the batch's
+completion tokens, ``grpo`` each sequence's mean then the mean over sequences, ``dr_grpo`` sum / (sequences ×
+``max_completion_length``). A micro-batch's sequences (prompt + completion, stop token included, nothing after it)
+are packed into one row, logits only where a completion token is predicted; its loss is its share of that global
+normalization, scaled by the accumulation count and the world size, which the trainer's division and DDP's average
+undo: the gradient is the global batch's whatever the split.
 """
 
 from __future__ import annotations
@@ -71,6 +64,7 @@ from retnet.train.data import (
     tokenizer_fingerprint,
 )
 from retnet.train.distributed import is_distributed
+from retnet.train.grpo_sampling import sample, stop_tokens, uniforms
 from retnet.train.preference import pack_completions
 from retnet.train.prompts import PromptEncoder, Prompts, load_prompt_rows
 from retnet.train.rewards import resolve, source_names
@@ -99,8 +93,9 @@ class GrpoBatch(NamedTuple):
     """A micro-batch of S completions as one packed row. ``input_ids`` ``[1, N]``; ``cu_seqlens`` ``[S + 1]``;
     ``keep`` ``[M]`` the positions whose next token is a completion token, ``labels`` ``[M]`` that token,
     ``sequence`` ``[M]`` its completion; ``advantages`` ``[S]``; ``lengths`` ``[S]`` completion tokens;
-    ``old`` ``[M]`` the sampling policy's log-probs of the labels (empty with ``num_iterations`` 1, where the
-    policy is the sampling one); ``reference`` ``[M]`` the reference's (empty with ``beta`` 0)."""
+    ``old`` ``[M]`` the old policy's log-probs of the labels (empty with ``num_iterations`` 1, and at a
+    generation's first step, where the policy is the old one); ``reference`` ``[M]`` the reference's (empty with
+    ``beta`` 0)."""
 
     input_ids: torch.Tensor
     cu_seqlens: torch.Tensor
@@ -198,75 +193,6 @@ def batch_std(rewards: torch.Tensor, count: float, total: float, device: torch.d
     return (squares.item() / max(count - 1, 1)) ** 0.5
 
 
-def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """``[R]`` tokens drawn from ``[R, V]`` logits by inverse CDF at ``uniform`` ``[R]`` in [0, 1)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    if top_p < 1.0:  # the most likely tokens until their mass reaches top_p (at least one)
-        probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)
-    cdf = probs.cumsum(dim=-1)
-    index = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
-    return order.gather(-1, index[:, None]).squeeze(-1)
-
-
-def stop_tokens(tokenizer, generation_config=None) -> list[int]:
-    """The ids that end a completion: the tokenizer's EOS, then the model's ``generation_config.eos_token_id``
-    (an int or a list, as ``generate`` stops on them), e.g. the ``<|im_end|>`` a chat model ends its turns with."""
-    extra = getattr(generation_config, "eos_token_id", None)
-    ids = [tokenizer.eos_token_id, *([] if extra is None else np.atleast_1d(extra).tolist())]
-    return list(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
-@torch.no_grad()
-def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Tensor, *, eos: int | list[int],
-           temperature: float = 1.0, top_p: float = 1.0,
-           all_ranks: bool = False) -> tuple[list[np.ndarray], list[bool]]:
-    """Completions of ``prompts``, ``G = len(uniforms) / len(prompts)`` each (consecutive), and whether each was
-    clipped (no stop token within the length). ``uniforms`` ``[len(prompts) · G, max_len]``: row r's draw of each
-    step. ``eos``: the stop id or ids (:func:`stop_tokens`). A completion ends with the stop token it sampled.
-    ``all_ranks``: decode until every rank's rows are done (a max all-reduce per token), so that each rank runs
-    as many forwards as the others (under FSDP each forward is a collective); a finished row is fed a stop id
-    and what it samples is dropped, so the completions are those of a run on its own."""
-    rows, length = uniforms.shape
-    generations = rows // len(prompts)
-    device = uniforms.device
-    stop_ids = np.atleast_1d(np.asarray(eos, dtype=np.int64))
-    stops = torch.from_numpy(stop_ids).to(device)
-    filler = int(stop_ids[0])  # what a finished row is fed: any stop id, its outputs are not read
-    bounds = torch.tensor(np.cumsum([0, *map(len, prompts)]), dtype=torch.long, device=device)
-    ids = torch.from_numpy(np.concatenate(prompts)).to(device)[None]
-    out = model(input_ids=ids, cu_seqlens=bounds, use_cache=True, logits_to_keep=bounds[1:] - 1)
-    cache = out.cache
-    cache.batch_repeat_interleave(generations)
-    logits = out.logits[0].repeat_interleave(generations, dim=0)
-    tokens = torch.full((rows, length), filler, dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    for step in range(length):
-        token = torch.where(done, filler, _pick(logits, uniforms[:, step], temperature, top_p))
-        tokens[:, step] = token
-        done |= torch.isin(token, stops)
-        if step == length - 1:
-            break
-        running = (~done).any().to(torch.int32).reshape(1)
-        if all_ranks:
-            torch.distributed.all_reduce(running, op=torch.distributed.ReduceOp.MAX)
-        if not bool(running):
-            break
-        logits = model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1]
-    completions, clipped = [], []
-    for row in tokens.cpu().numpy():
-        ends = np.flatnonzero(np.isin(row, stop_ids))
-        completions.append(row[:ends[0] + 1] if len(ends) else row)
-        clipped.append(not len(ends))
-    return completions, clipped
-
-
-def uniforms(words: tuple[int, ...], rows: int, length: int) -> torch.Tensor:
-    """``[rows, length]`` uniforms of the generator seeded from ``words`` (on the CPU: the same on any device)."""
-    seed = int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0])
-    return torch.rand((rows, length), generator=torch.Generator().manual_seed(seed))
-
-
 def reward_arguments(split: Prompts, rows: np.ndarray, texts: list[str]) -> tuple[list, list, dict[str, list]]:
     """(prompts, completions, columns) for one reward function call, one entry per completion, as TRL builds
     them: each its own deep copy of the stored row (a function may change what it gets, as TRL's own code does
@@ -308,7 +234,8 @@ def reward_values(name: str, values: Any, count: int) -> torch.Tensor:
 class RewardSources:
     """The reward functions and the reward model of ``cfg``: ``names`` (TRL's: a function's ``__name__``, the
     model directory's name), ``weights``; called on a rollout, ``[n, sources]`` fp32 rewards (NaN for None).
-    ``stops``: the ids that end a completion (:func:`stop_tokens`), left out of the texts scored."""
+    ``stops``: the ids that end a completion (:func:`~retnet.train.grpo_sampling.stop_tokens`), left out of the
+    texts scored."""
 
     def __init__(self, cfg: GrpoConfig, tokenizer, encoder: PromptEncoder, device: torch.device, autocast,
                  stops: list[int] | None = None):
@@ -379,8 +306,8 @@ class RewardSources:
 class Generation(NamedTuple):
     """What the ``num_iterations`` steps from ``step`` (the step that sampled it) train on, this rank's share:
     ``rows`` ``[n]`` each completion's prompt (its index in the split), the ``completions``, their ``advantages``
-    ``[n]``, the micro-batches (with the sampling policy's and the reference's log-probs), the global batch's
-    :class:`Totals` and ``tokens`` (its prompts' and completions')."""
+    ``[n]``, the micro-batches (with the reference's log-probs and, after its first step, the old policy's), the
+    global batch's :class:`Totals` and ``tokens`` (its prompts' and completions')."""
 
     step: int
     rows: np.ndarray
@@ -425,6 +352,7 @@ class GrpoData:
         # The generation whose num_iterations steps are not all taken, and (a resume) its checkpointed form
         self._generation: Generation | None = None
         self._saved_generation: dict[str, Any] | None = None
+        self._first: int | None = None  # the micro-batch whose old log-probs loss() takes next
         self.all_ranks = False  # FSDP: every rank samples as many forwards as the others
 
     def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
@@ -501,11 +429,12 @@ class GrpoData:
         return model.to(self.device).eval().requires_grad_(False)
 
     # -- rollouts ---------------------------------------------------------------------------------------
-    def _rollout(self, split: Prompts, ids: np.ndarray, seeds: list[tuple[int, ...]], step: int = -1,
-                 old: bool = False) -> tuple[Generation, torch.Tensor]:
+    def _rollout(self, split: Prompts, ids: np.ndarray, seeds: list[tuple[int, ...]],
+                 step: int = -1) -> tuple[Generation, torch.Tensor]:
         """This rank's groups of prompts ``ids`` sampled and scored: the :class:`Generation` of ``step`` (its
-        micro-batches of ``micro_batch`` completions with the reference's log-probs and, with ``old``, the
-        sampling policy's) and its metric sums (a collective: the global :class:`Totals`)."""
+        micro-batches of ``micro_batch`` completions with the reference's log-probs; the old policy's are added by
+        :meth:`loss` at the generation's first step) and its metric sums (a collective: the global
+        :class:`Totals`)."""
         cfg, generations = self.cfg, self.cfg.num_generations
         completions, clipped = [], []
         training = self.policy.training
@@ -540,13 +469,9 @@ class GrpoData:
                              zero.sum().item(), 0.0, lengths.sum().item()])
         sums = torch.cat([sums, torch.zeros(len(SUMS) - len(sums))])  # the loss's: kl, clipped tokens, steps
         sums = torch.cat([sums, torch.stack([per_source.nan_to_num().sum(0), present.sum(0)], 1).flatten()])
-        batches = []
-        for batch in self._pack(split, rows, completions, advantage):
-            if cfg.beta > 0:
-                batch = batch._replace(reference=self._reference_logps(batch))
-            if old:
-                batch = batch._replace(old=self._sampling_logps(batch))
-            batches.append(batch)
+        batches = self._pack(split, rows, completions, advantage)
+        if cfg.beta > 0:
+            batches = [batch._replace(reference=self._reference_logps(batch)) for batch in batches]
         generation = Generation(step, rows, completions, advantage, batches, Totals(n, tokens),
                                 int(tokens + prompt_tokens))
         return generation, sums.float().to(self.device)
@@ -557,18 +482,6 @@ class GrpoData:
         return [pack([split.tokens[i] for i in rows[lo:lo + self.micro_batch]], completions[lo:lo + self.micro_batch],
                      advantage[lo:lo + self.micro_batch]).to(self.device)
                 for lo in range(0, len(rows), self.micro_batch)]
-
-    @torch.no_grad()
-    def _sampling_logps(self, batch: GrpoBatch) -> torch.Tensor:
-        """``[M]`` the policy's log-probs of the labels as it sampled them (eval mode, without dropout): the old
-        policy of the ratio for the ``num_iterations`` steps on this generation."""
-        training = self.policy.training
-        self.policy.eval()
-        try:
-            with self.autocast:
-                return token_logps(self.policy, batch, self.cfg.temperature)
-        finally:
-            self.policy.train(training)
 
     @torch.no_grad()
     def _reference_logps(self, batch: GrpoBatch) -> torch.Tensor:
@@ -587,8 +500,10 @@ class GrpoData:
     def micro_batches(self, accum: int) -> list[GrpoBatch]:
         """This rank's ``accum`` micro-batches of ``micro_batch`` completions for the next step: sampled now at
         every ``num_iterations``-th step (seeded by that step's number, TRL's counting: each of the iterations is
-        one optimizer step), else those of the generation still in use."""
+        one optimizer step), else those of the generation still in use. :meth:`loss` is then called once on each,
+        in order (the trainer's accumulation)."""
         iterations = self.cfg.num_iterations
+        self._first = None
         if self.steps % iterations == 0:
             prompts = self.global_batch // self.cfg.num_generations
             ids = self.block_rows(self.consumed, prompts)
@@ -597,7 +512,9 @@ class GrpoData:
             mine = slice(self.rank * share, (self.rank + 1) * share)
             seeds = [(self.seed, self.steps, position) for position in positions[mine]]
             self.consumed += prompts
-            generation, self._step = self._rollout(self.train, ids[mine], seeds, self.steps, old=iterations > 1)
+            generation, self._step = self._rollout(self.train, ids[mine], seeds, self.steps)
+            if iterations > 1:  # the old policy's log-probs: this step's training forwards', taken by loss()
+                self._first = 0
         else:
             generation = self._generation or self._restore(self._saved_generation)
             self._step = torch.zeros(len(SUMS) + 2 * len(self.sources.names), device=self.device)
@@ -606,7 +523,9 @@ class GrpoData:
         self._generation = generation if self.steps - generation.step < iterations else None
         self._saved_generation = None
         self._totals, self.step_tokens = generation.totals, generation.tokens
-        assert len(generation.batches) == accum, (len(generation.batches), accum)
+        if len(generation.batches) != accum:  # load_state_dict refuses another global batch; not an assert: -O
+            raise RuntimeError(f"GRPO step {self.steps}: {len(generation.batches)} micro-batches for an "
+                               f"accumulation of {accum}")
         return generation.batches
 
     def _restore(self, saved: dict[str, Any] | None) -> Generation:
@@ -630,6 +549,13 @@ class GrpoData:
         the trainer divides by the one and DDP averages over the other, so the gradients add up to the global
         batch's and the logged loss (the ranks' sum over the world size) is its loss."""
         logps = token_logps(model, batch, self.cfg.temperature)
+        if self._first is not None:
+            # A generation's first step with num_iterations > 1: the old policy is the model as it is now, before
+            # this step's update, in train mode (its dropout as the later steps', TRL's). batch has no old yet:
+            # ρ is exactly 1, as with num_iterations 1, and no extra forward computes old.
+            batches = self._generation.batches
+            batches[self._first] = batches[self._first]._replace(old=logps.detach())
+            self._first = self._first + 1 if self._first + 1 < len(batches) else None
         part, kl = grpo_loss(logps, batch, self.cfg, self._totals)
         self._step[SUMS.index("kl")] += kl
         if len(batch.old):  # without, the ratio is 1: nothing clipped
@@ -745,12 +671,22 @@ class GrpoData:
         self.reference_fingerprint = state.get("reference")
         self._generation, self._saved_generation = None, state.get("generation")
         saved = self._saved_generation
-        if saved is not None and saved["world_size"] != self.world_size:
+        if saved is None:
+            return
+        within = f"the checkpoint at GRPO step {self.steps} is within the grpo.num_iterations steps on the " \
+                 f"generation of step {saved['step']}"
+        between = "or from a checkpoint between generations (at a step that is a multiple of grpo.num_iterations)"
+        if saved["world_size"] != self.world_size:
             # each rank holds its share of the generation's completions: another split has no exact mapping
-            raise ConfigError(f"the checkpoint at GRPO step {self.steps} is within the grpo.num_iterations steps "
-                              f"on the generation of step {saved['step']}, which its {saved['world_size']} "
-                              f"rank(s) hold one share each: resume it with {saved['world_size']} rank(s), or "
-                              f"from a checkpoint at a generation's first step")
+            raise ConfigError(f"{within}, which its {saved['world_size']} rank(s) hold one share each: resume it "
+                              f"with {saved['world_size']} rank(s), {between}")
+        sampled = int(saved["totals"][0])  # the generation's completions, every rank's: its global batch
+        if sampled != self.global_batch:
+            # its steps train on the completions sampled, whose loss is normalized over that global batch: another
+            # size would need other completions (and another accumulation count than the micro-batches held)
+            raise ConfigError(f"{within}, sampled with train.global_batch_size {sampled}; this run has "
+                              f"train.global_batch_size {self.global_batch}: resume it with "
+                              f"train.global_batch_size={sampled}, {between}")
 
 
 def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch: int, rank: int, local_rank: int,
@@ -785,4 +721,4 @@ def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batc
 
 __all__ = ["EPSILON", "SUMS", "Generation", "GrpoBatch", "GrpoData", "RewardSources", "Totals", "advantages",
            "batch_std", "build_grpo_data", "clipped_tokens", "grpo_loss", "pack", "reward_arguments", "reward_values",
-           "sample", "stop_tokens", "token_logps", "uniforms"]
+           "token_logps"]

@@ -29,11 +29,9 @@ from retnet.train.grpo import (
     grpo_loss,
     pack,
     reward_values,
-    sample,
-    stop_tokens,
     token_logps,
-    uniforms,
 )
+from retnet.train.grpo_sampling import sample, stop_tokens, uniforms
 
 from .conftest import metrics, save_micro_base
 
@@ -223,7 +221,8 @@ def iterated(toy, tmp_path_factory):
 
 def test_num_iterations_steps_on_each_generation_and_resumes_within_one(iterated, trained, toy, tmp_path):
     """μ 3: the generation metrics at its first step only (steps 1 and 4), the loss, KL and TRL's clip ratios at
-    every step; the first step is the μ-1 run's (the same sampler seed, a ratio of 1); the data position counts
+    every step; the first step is the μ-1 run's bit for bit (the same sampler seed, a ratio of exactly 1: its
+    training forward's log-probs are the old ones); the data position counts
     generations. The step-4 checkpoint holds the generation of step 3 (its old and reference log-probs), and a
     resume from it retraces the uninterrupted run bit for bit."""
     train = metrics(iterated)
@@ -231,7 +230,8 @@ def test_num_iterations_steps_on_each_generation_and_resumes_within_one(iterated
     assert [("reward" in r) for r in train] == [True, False, False, True, False, False]
     assert all(set(CLIP) | {"loss", "kl"} <= set(r) for r in train)
     first = metrics(trained)[0]
-    assert train[0]["reward"] == first["reward"] and train[0]["loss"] == pytest.approx(first["loss"], rel=1e-5)
+    same = ("reward", "loss", "grad_norm")
+    assert [train[0][k] for k in same] == [first[k] for k in same]
     assert all(train[0][name] == 0.0 for name in CLIP)  # the policy is the sampling one: a ratio of 1
     assert max(r["clip_ratio/region_mean"] for r in train) > 0, train  # lr 3e-2 moves it out of [0.8, 1.28]
     for r in train:  # one rank: its share is the mean; region is low or high
@@ -265,6 +265,76 @@ def test_a_resume_within_a_generation_on_other_ranks_is_refused(iterated):
     with pytest.raises(ConfigError, match=r"within the grpo.num_iterations steps on the generation of step 3, "
                                           r"which its 1 rank\(s\) hold one share each: resume it with 1 rank"):
         data.load_state_dict(state["ranks"][0]["data"])
+
+
+def test_a_resume_within_a_generation_with_another_global_batch_is_refused(iterated, toy, tmp_path, capsys):
+    """The generation's completions were sampled for the checkpoint's global batch and their loss normalized
+    over it: a resume within it with another train.global_batch_size is refused by name (it stopped on an assert
+    at the next step, and under python -O DDP would not have synchronized the gradients)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(iterated, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000006")
+    capsys.readouterr()
+    assert main(grpo_args(toy, copy, **{**ITERATED, "train__global_batch_size": 32})) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert ("at GRPO step 4 is within the grpo.num_iterations steps on the generation of step 3, sampled with "
+            "train.global_batch_size 16; this run has train.global_batch_size 32: resume it with "
+            "train.global_batch_size=16, or from a checkpoint between generations") in err, err
+    assert "Traceback" not in err
+
+
+def test_a_resume_within_a_generation_with_another_micro_batch_retraces_the_run(iterated, toy, tmp_path):
+    """The generation is kept whole (its completions, advantages, old and reference log-probs, the global
+    batch's totals): a resume within it with micro 4 × accum 4 (the run's: 8 × 2) regroups it and retraces the
+    run, to float rounding (the micro-batches' losses add up in another order); validation samples the same."""
+    copy = tmp_path / "copy"
+    shutil.copytree(iterated, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000006")
+    assert main(grpo_args(toy, copy, **{**ITERATED, "train__micro_batch_size": 4})) == 0
+    for kind in ("train", "val"):
+        resumed, whole = strip(metrics(copy, kind)), strip(metrics(iterated, kind))
+        assert [sorted(r) for r in resumed] == [sorted(r) for r in whole]
+        for got, expected in zip(resumed, whole, strict=True):
+            for key, value in expected.items():  # ~1e-6 relative apart here (the loss, KL, gradient norm)
+                close = isinstance(value, float) and got[key] == pytest.approx(value, rel=1e-5, abs=1e-7)
+                assert close or got[key] == value, (kind, key, got[key], value)
+
+
+def test_the_old_policy_is_the_first_steps_training_forward(toy, tmp_path, monkeypatch):
+    """With dropout (model.dropout 0.3) and μ 2 the old log-probs are those of the generation's first step's
+    training forwards (train mode, before its update, as TRL's), one per micro-batch (accum 2): that step's ρ is
+    exactly 1, so its loss and gradient norm are the μ-1 run's bit for bit and no token is clipped (old from an
+    eval-mode forward made ρ ≠ 1). The checkpoint at step 1 (taken after that step's update) holds them, and a
+    resume from it retraces step 2 bit for bit."""
+    from retnet.train import grpo
+
+    settings = dict(model__dropout=0.3, train__steps=2, train__eval_interval=0, checkpoint__interval=1)
+    assert main(grpo_args(toy, tmp_path / "one", **settings)) == 0
+    forwards, real = [], grpo.token_logps
+
+    def recording(model, batch, temperature=1.0):
+        out = real(model, batch, temperature)
+        if out.requires_grad:  # the training forwards (the reference's and evaluation's take no gradient)
+            forwards.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(grpo, "token_logps", recording)
+    two = tmp_path / "two"
+    assert main(grpo_args(toy, two, grpo__num_iterations=2, **settings)) == 0
+    once, iterated = metrics(tmp_path / "one")[0], metrics(two)
+    same = ("reward", "loss", "grad_norm")
+    assert [iterated[0][k] for k in same] == [once[k] for k in same]
+    assert all(iterated[0][name] == 0.0 for name in CLIP)
+    assert len(forwards) == 4  # 2 steps × 2 micro-batches, none added for the old log-probs
+    saved = torch.load(two / "checkpoints" / "step_00000001" / "trainer.pt", weights_only=False)
+    generation = saved["ranks"][0]["data"]["generation"]
+    assert generation["step"] == 0 and torch.equal(generation["old"], torch.cat(forwards[:2]))
+    assert not torch.equal(forwards[0], forwards[2])  # step 2's forward: the updated policy, other dropout
+    copy = tmp_path / "copy"
+    shutil.copytree(two, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000002")
+    assert main(grpo_args(toy, copy, grpo__num_iterations=2, **settings)) == 0
+    assert strip(metrics(copy)) == strip(iterated)
 
 
 @pytest.mark.slow
@@ -443,26 +513,28 @@ def test_the_loss_is_the_formula(loss_type, beta):
     assert kl.item() == pytest.approx(per_kl.sum().item() if beta else 0.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_the_clipped_loss_of_a_later_iteration_is_the_formula(loss_type):
-    """With the sampling policy's log-probs (``old``, num_iterations > 1) the ratio ρ = exp(logp − old) is
-    clipped to [1 − epsilon, 1 + epsilon_high]: the loss is −min(ρA, clip(ρ)A), a clipped token has no gradient,
-    and the clipped tokens are counted as TRL's (low: ρ < 1 − ε with A < 0; high: ρ > 1 + ε_high with A > 0)."""
-    advantage = torch.tensor([0.5, -1.0, 2.0])
-    batch = pack([np.array([1]), np.array([2]), np.array([3])], [np.array([4, 5]), np.array([6, 7, 8]),
-                                                                 np.array([9])], advantage)
-    ratio = torch.tensor([1.4, 0.9, 0.5, 0.7, 1.5, 1.2])  # high A>0, inside, low A<0, low A<0, high A<0, inside
-    old = torch.tensor([-1.0, -2.0, -0.5, -1.5, -3.0, -0.1])
+    """With the old policy's log-probs (``old``, num_iterations > 1) the ratio ρ = exp(logp − old) is clipped to
+    [1 − epsilon, 1 + epsilon_high]: the loss is −min(ρA, clip(ρ)A), a clipped token has no gradient, and the
+    clipped tokens are counted as TRL's (low: ρ < 1 − ε with A < 0; high: ρ > 1 + ε_high with A > 0). A token of
+    ρ 1.25, A > 0 lies between 1 + ε and 1 + ε_high: not clipped (it would be with ε as the upper clip)."""
+    advantage = torch.tensor([0.5, -1.0, 2.0, 1.0])
+    batch = pack([np.array([1]), np.array([2]), np.array([3]), np.array([4])],
+                 [np.array([4, 5]), np.array([6, 7, 8]), np.array([9]), np.array([10, 11])], advantage)
+    # high A>0, inside, low A<0, low A<0, high A<0, inside, between 1 + ε and 1 + ε_high A>0, inside
+    ratio = torch.tensor([1.4, 0.9, 0.5, 0.7, 1.5, 1.2, 1.25, 1.1])
+    old = torch.tensor([-1.0, -2.0, -0.5, -1.5, -3.0, -0.1, -0.7, -2.5])
     batch = batch._replace(old=old)
     logps = (old + ratio.log()).requires_grad_(True)
     cfg = GrpoConfig(loss_type=loss_type, epsilon=0.2, epsilon_high=0.28, max_completion_length=4)
     loss, _ = grpo_loss(logps, batch, cfg, Totals(sequences=8, tokens=20))
     loss.backward()
-    a = torch.tensor([0.5, 0.5, -1.0, -1.0, -1.0, 2.0])
+    a = torch.tensor([0.5, 0.5, -1.0, -1.0, -1.0, 2.0, 1.0, 1.0])
     per_token = -torch.min(ratio * a, ratio.clamp(0.8, 1.28) * a)
-    free = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0])  # the unclipped term is the min: its gradient is −ρA
-    weights = torch.full((6,), 1 / 20) if loss_type == "dapo" else torch.tensor([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3,
-                                                                                 1.0]) / 8
+    free = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # the unclipped term is the min: gradient −ρA
+    weights = {"dapo": torch.full((8,), 1 / 20), "dr_grpo": torch.full((8,), 1 / (8 * 4)),
+               "grpo": torch.tensor([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3, 1.0, 1 / 2, 1 / 2]) / 8}[loss_type]
     assert loss.item() == pytest.approx((per_token * weights).sum().item(), rel=1e-5)
     torch.testing.assert_close(logps.grad, -ratio * a * free * weights)
     assert clipped_tokens(logps, batch, cfg).tolist() == [2.0, 1.0, 3.0]  # low, high, region
@@ -802,6 +874,18 @@ def test_reward_sources_of_one_name_are_refused(toy, tmp_path):
     (tmp_path / "a_share" / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"'toy_rewards:a_share' and grpo.reward_model '.*a_share' are both named"):
         build_config(merged(grpo={"reward_funcs": ["toy_rewards:a_share"], "reward_model": str(tmp_path / "a_share")}))
+
+
+def test_a_default_epsilon_high_equals_epsilon_spelled_out_on_resume():
+    """grpo.epsilon_high None is grpo.epsilon (TRL's rule): a resume that spells that value out changes nothing,
+    another value is named as used."""
+    saved = {"grpo": build_config(merged()).grpo.to_dict()}
+    assert saved["grpo"]["epsilon_high"] is None
+    assert grpo_changes(saved, build_config(merged(grpo={"epsilon_high": 0.2}))) == []
+    assert grpo_changes(saved, build_config(merged(grpo={"epsilon_high": 0.28}))) == [
+        "grpo.epsilon_high: checkpoint 0.2, now 0.28"]
+    assert grpo_changes(saved, build_config(merged(grpo={"epsilon": 0.1, "epsilon_high": 0.2}))) == [
+        "grpo.epsilon: checkpoint 0.2, now 0.1"]
 
 
 def test_default_reward_weights_equal_the_ones_spelled_out_on_resume():

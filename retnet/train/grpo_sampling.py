@@ -1,0 +1,90 @@
+"""The GRPO sampler (:mod:`retnet.train.grpo`): completions drawn with the model's recurrent cache from
+seeded uniforms, so that any world size, batch split and resume sample the same ones.
+
+Each group of ``num_generations`` completions of a prompt draws its uniforms from a ``torch.Generator`` seeded
+from (``train.seed``, the step that samples, the prompt's position in the data stream), :func:`uniforms`: not the
+global RNG, and not the rank (bit-identical completions on CPU; on a GPU, kernels may round differently by batch
+shape). :func:`sample` packs the prompts into one row (``cu_seqlens``), repeats their states per completion, then
+runs one token per forward for every row at once, until every row has sampled a stop token (the tokenizer's EOS and
+the model's ``generation_config.eos_token_id``, :func:`stop_tokens`) or the uniforms' length. A token is picked by
+inverse CDF over the (``top_p``-cut, ``temperature``-scaled) distribution sorted by probability. Under FSDP every
+forward is a collective: each rank decodes until every rank's rows are done (a max all-reduce per token), its
+finished rows fed a stop id and their draws dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """``[R]`` tokens drawn from ``[R, V]`` logits by inverse CDF at ``uniform`` ``[R]`` in [0, 1)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    if top_p < 1.0:  # the most likely tokens until their mass reaches top_p (at least one)
+        probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)
+    cdf = probs.cumsum(dim=-1)
+    index = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
+    return order.gather(-1, index[:, None]).squeeze(-1)
+
+
+def stop_tokens(tokenizer, generation_config=None) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS, then the model's ``generation_config.eos_token_id``
+    (an int or a list, as ``generate`` stops on them), e.g. the ``<|im_end|>`` a chat model ends its turns with."""
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *([] if extra is None else np.atleast_1d(extra).tolist())]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Tensor, *, eos: int | list[int],
+           temperature: float = 1.0, top_p: float = 1.0,
+           all_ranks: bool = False) -> tuple[list[np.ndarray], list[bool]]:
+    """Completions of ``prompts``, ``G = len(uniforms) / len(prompts)`` each (consecutive), and whether each was
+    clipped (no stop token within the length). ``uniforms`` ``[len(prompts) · G, max_len]``: row r's draw of each
+    step. ``eos``: the stop id or ids (:func:`stop_tokens`). A completion ends with the stop token it sampled.
+    ``all_ranks``: decode until every rank's rows are done (a max all-reduce per token), so that each rank runs
+    as many forwards as the others (under FSDP each forward is a collective); a finished row is fed a stop id
+    and what it samples is dropped, so the completions are those of a run on its own."""
+    rows, length = uniforms.shape
+    generations = rows // len(prompts)
+    device = uniforms.device
+    stop_ids = np.atleast_1d(np.asarray(eos, dtype=np.int64))
+    stops = torch.from_numpy(stop_ids).to(device)
+    filler = int(stop_ids[0])  # what a finished row is fed: any stop id, its outputs are not read
+    bounds = torch.tensor(np.cumsum([0, *map(len, prompts)]), dtype=torch.long, device=device)
+    ids = torch.from_numpy(np.concatenate(prompts)).to(device)[None]
+    out = model(input_ids=ids, cu_seqlens=bounds, use_cache=True, logits_to_keep=bounds[1:] - 1)
+    cache = out.cache
+    cache.batch_repeat_interleave(generations)
+    logits = out.logits[0].repeat_interleave(generations, dim=0)
+    tokens = torch.full((rows, length), filler, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    for step in range(length):
+        token = torch.where(done, filler, _pick(logits, uniforms[:, step], temperature, top_p))
+        tokens[:, step] = token
+        done |= torch.isin(token, stops)
+        if step == length - 1:
+            break
+        running = (~done).any().to(torch.int32).reshape(1)
+        if all_ranks:
+            torch.distributed.all_reduce(running, op=torch.distributed.ReduceOp.MAX)
+        if not bool(running):
+            break
+        logits = model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1]
+    completions, clipped = [], []
+    for row in tokens.cpu().numpy():
+        ends = np.flatnonzero(np.isin(row, stop_ids))
+        completions.append(row[:ends[0] + 1] if len(ends) else row)
+        clipped.append(not len(ends))
+    return completions, clipped
+
+
+def uniforms(words: tuple[int, ...], rows: int, length: int) -> torch.Tensor:
+    """``[rows, length]`` uniforms of the generator seeded from ``words`` (on the CPU: the same on any device)."""
+    seed = int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0])
+    return torch.rand((rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+__all__ = ["sample", "stop_tokens", "uniforms"]
