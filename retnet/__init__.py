@@ -5,13 +5,32 @@ Importing ``retnet`` registers ``RetNetConfig`` / ``RetNetModel`` / ``RetNetForC
 (or ``AutoModelForSequenceClassification``) loads a saved RetNet without ``trust_remote_code``.
 """
 
+import logging
+
 __version__ = "0.1.0"
 
 
 def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    # transformers imports torchao at its own import whenever it is installed (the [quant] extra): torchao then logs
+    # a warning for each CUDA extension a CPU build of torch cannot load, and torch one for each enum torchao
+    # registers. Neither concerns what retnet runs, and they would open every command's stderr (its one-line
+    # startup errors among them); errors still show.
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+        )
 
-    from retnet.model import RetNetConfig, RetNetForCausalLM, RetNetForSequenceClassification, RetNetModel
+        from retnet.model import RetNetConfig, RetNetForCausalLM, RetNetForSequenceClassification, RetNetModel
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
 
     AutoConfig.register(RetNetConfig.model_type, RetNetConfig, exist_ok=True)
     AutoModel.register(RetNetConfig, RetNetModel, exist_ok=True)

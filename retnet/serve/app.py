@@ -49,6 +49,7 @@ from retnet.serve.settings import (
     StartupError,
     check_classifier_settings,
     check_model_dir,
+    check_quantization_settings,
     generation_defaults,
     is_classifier,
     load_chat_template,
@@ -115,6 +116,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
         engine = Engine(settings, tokenizer, metrics, model=model)
         serving = OpenAIServing(settings, engine, tokenizer, metrics, defaults, chat_template)
         _log_defaults(settings, serving, defaults)
+    check_quantization_settings(settings)  # before the model loads
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

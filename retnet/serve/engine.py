@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from retnet.model import RetNetCache
+from retnet.model.quantization import quantize_model
 from retnet.serve.adapter_slots import AdapterSlots
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
 from retnet.serve.lora import LoraAdapter
@@ -92,6 +93,8 @@ class Engine(ModelThread):
                                         settings.prefix_cache_min_tokens)
         # --session-dir: a state is tied to the dtype its weights are served in (the model's own when given).
         dtype = str(next(model.parameters()).dtype) if model is not None else _dtype(settings, _device(settings))
+        if settings.quantization != "none":  # a state made with quantized weights is another model's
+            dtype = f"{dtype}+{settings.quantization}"
         self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s,
                                      session_files(settings, self.config, metrics,
                                                    lambda slot: self.adapter_slots.identity(slot),
@@ -251,6 +254,8 @@ class Engine(ModelThread):
             self.model = AutoModelForCausalLM.from_pretrained(self.settings.model,
                                                               dtype=getattr(torch, _dtype(self.settings, self.device)))
         self.model = self.model.to(self.device).eval()
+        if self.settings.quantization != "none":  # on the device: torchao quantizes where the weight is
+            quantize_model(self.model, self.settings.quantization)
         self.adapter_slots.start(self.model, self.device)
 
     def _iteration(self) -> bool:
@@ -261,18 +266,27 @@ class Engine(ModelThread):
             if self.stopping:
                 return False
             self._drop_cancelled_waiting()
-            busy = len(self.running) + len(self.joining) + sum(g.n for g in self.prefilling)
+            # A running sequence that finished or was cancelled leaves the batch at this iteration's rebuild: its
+            # slot is free now (counted, the next request would preempt for it, or under fcfs wait an iteration).
+            busy = sum(not s.done for s in self.running) + len(self.joining) + sum(g.n for g in self.prefilling)
             active = self._active_adapters()
             max_loras = self.settings.max_loras  # None: no limit
             bounded = self.settings.max_cpu_loras is not None
             limit = self.settings.max_running
+            # The best waiting request waits for its adapter (--max-loras, --max-cpu-loras): the preempted
+            # sequences, whose adapters stay installed, still resume into free slots, or they could wait forever
+            # for one that their own adapters keep out; no request behind it is admitted.
+            blocked = False
             while self.waiting or self.preempted:
-                if self.preempted and (not self.waiting or self.preempted[0][0].group.rank < self.waiting[0].rank):
+                if self.preempted and (blocked or not self.waiting
+                                       or self.preempted[0][0].group.rank < self.waiting[0].rank):
                     # A preempted sequence is next in line: it rejoins the batch (its adapter stayed installed,
                     # counted in `active` all along), preempting in turn if its priority is the better.
                     seq = self.preempted[0][0]
                     if busy >= limit:
-                        victims = self._victims(seq.group.priority, busy + 1 - limit)
+                        if blocked:
+                            break  # ahead of it only because the best request cannot run: it preempts nobody
+                        victims = self._victims(seq.group.priority, busy + 1 - limit, resuming=1)
                         if not victims:
                             break
                         self.preempting += victims
@@ -280,6 +294,8 @@ class Engine(ModelThread):
                     self.joining.append(self.preempted.pop(0))
                     busy += 1
                     continue
+                if blocked:
+                    break
                 group = self.waiting[0]
                 victims = []
                 if busy + group.n > limit:
@@ -288,11 +304,13 @@ class Engine(ModelThread):
                         break
                 slot = group.adapter
                 if slot and slot not in active and max_loras is not None and len(active) >= max_loras:
-                    break  # --max-loras: it waits (in order) until an adapter leaves the batch
+                    blocked = True  # --max-loras: it waits (in order) until an adapter leaves the batch
+                    continue
                 if slot and bounded and not self.adapter_slots.loaded(slot, active):
                     if self.waiting and self.waiting[0].adapter != slot:
                         continue  # its adapter cannot be served (loaded failed its requests): the next one
-                    break  # --max-cpu-loras: it waits (in order) while its adapter is read again, or a place frees
+                    blocked = True  # --max-cpu-loras: it waits (in order) while its adapter is read again, or a
+                    continue  # place frees
                 if slot:
                     active.add(slot)
                 self.preempting += victims
@@ -344,16 +362,16 @@ class Engine(ModelThread):
         """Sequences waiting for a slot: the waiting requests' and the preempted ones (cond held)."""
         return sum(g.n for g in self.waiting) + len(self.preempted)
 
-    def _victims(self, priority: int, count: int) -> list[Sequence]:
+    def _victims(self, priority: int, count: int, resuming: int = 0) -> list[Sequence]:
         """Under --scheduling-policy priority, the ``count`` running sequences to preempt so that work of
         ``priority`` runs now: of a worse priority only, the worst first (among equals the latest arrived, and of a
         request's ``n`` choices the last: each choice is preempted on its own, as vLLM V1 runs each as a request of
         its own). None unless that many can go: a partial preemption would pause them for nothing. None either
         when the preempted sequences' states would then outnumber --max-running, so that preemption at most doubles
-        the states held."""
+        the states held; ``resuming``: how many of those preempted are the work resuming, which leaves them."""
         if self.settings.scheduling_policy != "priority":
             return []
-        if len(self.preempted) + len(self.preempting) + count > self.settings.max_running:
+        if len(self.preempted) - resuming + len(self.preempting) + count > self.settings.max_running:
             return []
         leaving = set(self.preempting)
         worse = [s for s in self.running if s.finish_reason is None and not s.group.handle.cancelled

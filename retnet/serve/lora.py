@@ -429,7 +429,8 @@ def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, magnitude
     with the LoRA scale in it, ``magnitude`` ``[out]``. On ``weight``'s device: the model's real weights, which is
     why it is computed at install time, not when the adapter is read (against shapes only)."""
     with torch.no_grad():
-        w = weight.detach().to(torch.float32)
+        # dequantize(): a --quantization int8 weight as the float matrix it stands for (a float weight is itself).
+        w = weight.dequantize().detach().to(torch.float32)
         adapted = torch.addmm(w, b.to(w.device, torch.float32), a.to(w.device, torch.float32))
         return magnitude.to(w.device, torch.float32) / torch.linalg.vector_norm(adapted, dim=1)
 

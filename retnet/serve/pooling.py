@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from retnet.model.quantization import quantize_model
 from retnet.serve.engine import _device, _dtype, _load_config
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import APIError
@@ -309,6 +310,8 @@ class PoolingEngine(ModelThread):
         if self.model is None:
             self.model = self.pooler.load(self.settings.model, getattr(torch, _dtype(self.settings, self.device)))
         self.model = self.pooler.prepare(self.model).to(self.device).eval()
+        if self.settings.quantization != "none":  # on the device: torchao quantizes where the weight is
+            quantize_model(self.model, self.settings.quantization)
 
     def _queued(self) -> int:
         """Inputs waiting (cond held)."""

@@ -52,6 +52,12 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights' dtype; auto: float32 on CPU, bfloat16 on CUDA (states stay float32)"
     )
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="weight-only quantization applied once the model is loaded (vLLM's --quantization): "
+        "int8: the decoder layers' Linear weights held as int8, one scale per output channel (torchao; a quarter of "
+        "their float32 bytes, half of bfloat16's), the embeddings and lm_head kept in --dtype; needs torchao (pip "
+        "install 'retnet-stack[quant]'); LoRA and DoRA adapters are served on it. none: the weights as loaded"
+    )
     # `| str`: pydantic-settings then lets a RETNET_API_KEYS that is not JSON through to the validator
     # instead of failing at startup on it.
     api_keys: list[str] | str = Field(default_factory=list,
@@ -530,6 +536,21 @@ def check_classifier_settings(settings: ServeSettings, mode: Literal["classify",
         raise StartupError(f"{flag} {shown[:120]} {why}: leave {flag} out")
 
 
+def check_quantization_settings(settings: ServeSettings) -> None:
+    """Refuse, before the model loads, a ``--quantization`` this server cannot apply (torchao not installed). LoRA
+    adapters add their low-rank product to the quantized layer's output (as QLoRA trains them); DoRA's row norms
+    are taken of the int8 weight dequantized, the matrix the layer computes with."""
+    method = settings.quantization
+    if method == "none":
+        return
+    from retnet.model.quantization import check_quantization
+
+    try:
+        check_quantization(method)
+    except ValueError as exc:  # the message names the flag, the value and the install command
+        raise StartupError(str(exc)) from None
+
+
 def _environment_source(settings: ServeSettings, name: str) -> tuple[str, str] | None:
     """(variable, its text) of the ``RETNET_*`` variable ``settings.name`` came from, or None when it came from the
     flag: the variable must be set and, read as pydantic-settings reads the environment, give the same value (a
@@ -652,5 +673,5 @@ def _one_line(exc: BaseException) -> str:
 
 
 __all__ = ["GENERATION_ONLY_SETTINGS", "ServeSettings", "SpeculativeConfig", "StartupError", "check_classifier_settings",
-           "check_model_dir", "generation_defaults", "is_classifier", "load_chat_template", "parse_speculative_config",
-           "resolve_max_tokens"]
+           "check_model_dir", "check_quantization_settings", "generation_defaults", "is_classifier",
+           "load_chat_template", "parse_speculative_config", "resolve_max_tokens"]

@@ -2,6 +2,7 @@
 
     retnet-eval --model runs/demo/export                                   # the stdlib sources
     python -m retnet.train.evaluate --model runs/demo/export --dataset 'held_out/*.jsonl' --json
+    retnet-eval --model runs/demo/export --quantization int8             # the loss retnet-serve's int8 costs
     retnet-eval --model out/export --dataset wikitext --name wikitext-103-raw-v1 --split test \\
         --segment-tokens 4096 --batch-size 8 --device cuda --dtype bfloat16
 
@@ -52,6 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from retnet.model.quantization import QUANTIZATION_METHODS, check_quantization, quantize_model
 
 EXIT_OK, EXIT_USAGE = 0, 2
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -248,10 +251,11 @@ def read_documents(dataset: str, *, name: str | None = None, split: str = "train
     return docs
 
 
-def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
+def load_model(path: str, *, device: str | None = None, dtype: str = "float32", quantization: str = "none"):
     """(model, tokenizer) of an export directory (or hub id), the model in eval mode on ``device``: a causal LM,
     or a reward model (:func:`is_reward_model`) when config.json's ``architectures`` names a
-    ``*ForSequenceClassification`` with one label (what ``reward.enabled`` exports)."""
+    ``*ForSequenceClassification`` with one label (what ``reward.enabled`` exports). ``quantization``: its
+    decoder's Linear weights quantized as ``retnet-serve --quantization`` does (:mod:`retnet.model.quantization`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import retnet  # noqa: F401 - registers RetNet with the Auto classes
@@ -272,6 +276,10 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
     target = _device(device)
     if dtype not in DTYPES:
         raise EvalError(f"--dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    try:  # before the model loads: a missing torchao is said at once
+        check_quantization(quantization)
+    except ValueError as error:
+        raise EvalError(str(error)) from None
     try:
         tokenizer = load_tokenizer(root)  # training's loader: local only, an EOS required
     except (ConfigError, FileNotFoundError) as error:
@@ -295,7 +303,10 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32"):
     problem = tokenizer_mismatch(tokenizer, model.config)
     if problem is not None:
         raise EvalError(f"--model {path!r}: {problem}")
-    return model.to(target).eval(), tokenizer
+    model = model.to(target).eval()
+    if quantization != "none":  # on the device: torchao quantizes where the weight is
+        quantize_model(model, quantization)
+    return model, tokenizer
 
 
 def is_reward_model(model) -> bool:
@@ -369,6 +380,9 @@ def _parser() -> argparse.ArgumentParser:
                              "the whole prompt)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype (default: float32)")
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATION_METHODS,
+                        help="weight-only quantization of the decoder's Linear layers, as retnet-serve's: int8 "
+                        "(torchao: pip install 'retnet-stack[quant]'); compare the loss with none's (default: none)")
     parser.add_argument("--cache-dir", default=None, help="as data.cache_dir: where datasets caches what it "
                                                           "reads (default: $XDG_CACHE_HOME/retnet/train)")
     parser.add_argument("--position-edges", type=_edges, default=None, metavar="E1,E2,...",
@@ -426,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with _library_bars(not args.no_progress):
         try:
-            model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+            model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                          quantization=args.quantization)
             if is_reward_model(model):
                 from retnet.train import evaluate_reward
 
@@ -457,13 +472,15 @@ def main(argv: list[str] | None = None) -> int:
         record = {"model": args.model, "dataset": args.dataset, "name": args.name, "split": args.split,
                   "text_field": args.text_field, "max_documents": args.max_documents, **asdict(result),
                   "segment_tokens": args.segment_tokens, "batch_size": args.batch_size,
-                  "device": str(next(model.parameters()).device), "dtype": str(DTYPES[args.dtype]).split(".")[-1]}
+                  "device": str(next(model.parameters()).device), "dtype": str(DTYPES[args.dtype]).split(".")[-1],
+                  "quantization": args.quantization}
         if result.by_position is None:
             del record["by_position"]
         print(json.dumps(_finite_or_null(record), allow_nan=False))
     else:
+        quantized = "" if args.quantization == "none" else f", --quantization {args.quantization}"
         print(f"{result.documents} documents, {result.tokens} tokens: loss {result.loss:.4f}, perplexity "
-              f"{result.perplexity:.2f} ({result.tokens_per_second:,.0f} tokens/s)")
+              f"{result.perplexity:.2f} ({result.tokens_per_second:,.0f} tokens/s{quantized})")
         for row in result.by_position or []:
             span = f"[{row['start']}, {'∞' if row['end'] is None else row['end']})"
             print(f"  positions {span:>16}: {row['tokens']:>10} tokens, loss {row['loss']:.4f}, "

@@ -1,0 +1,142 @@
+"""Weight-only quantization of a loaded RetNet for serving and evaluation (vLLM's ``--quantization``).
+
+``int8``: torchao's ``Int8WeightOnlyConfig``, symmetric per output channel: each ``nn.Linear`` weight of the
+decoder layers (the retention's q/k/v/g/o projections, the FFN's gate/up/down) is held as int8 with one scale
+per output row, about a quarter of its fp32 bytes; activations, the recurrent states and every other weight stay
+in the model's dtype. ``none`` leaves the model as it is and needs nothing installed.
+
+What is kept unquantized, and why:
+
+- ``embed_tokens``: a lookup, not a matmul (no int8 kernel to run it), and with ``tie_word_embeddings`` (the
+  presets' default) it *is* ``lm_head``'s weight: quantizing either would untie or break the other.
+- ``lm_head`` (tied or not): the logits are what sampling, logprobs and the eval loss read, and the vocabulary
+  projection is the layer whose rounding they feel most; vLLM's methods leave it unquantized by default too.
+- a classifier's ``score`` head: a few rows, nothing to save.
+
+torchao is an optional dependency (``pip install 'retnet-stack[quant]'``), imported only when a method other
+than ``none`` is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+QUANTIZATION_METHODS = ("none", "int8")
+INSTALL_HINT = "pip install 'retnet-stack[quant]'"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizationReport:
+    """What :func:`quantize_model` did: ``layers`` Linear layers quantized; bytes of their weights, and of the
+    whole model's parameters and buffers (a tied tensor counted once), before and after."""
+
+    method: str
+    layers: int
+    linear_bytes_before: int
+    linear_bytes_after: int
+    model_bytes_before: int
+    model_bytes_after: int
+
+    def __str__(self) -> str:
+        if self.method == "none":
+            return f"--quantization none: {_mib(self.model_bytes_after)} of weights, unquantized"
+        return (f"--quantization {self.method}: {self.layers} Linear layers of the decoder, their weights "
+                f"{_mib(self.linear_bytes_before)} -> {_mib(self.linear_bytes_after)}; the model "
+                f"{_mib(self.model_bytes_before)} -> {_mib(self.model_bytes_after)} (embeddings and lm_head kept "
+                "in their dtype)")
+
+
+def check_quantization(method: str) -> None:
+    """Refuse, before any model is loaded, a ``method`` other than :data:`QUANTIZATION_METHODS`, or one whose
+    library (torchao) is not installed: ValueError naming ``--quantization`` and the value."""
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}; got {method!r}")
+    if method != "none":
+        _torchao(method)
+
+
+def quantize_model(model: nn.Module, method: str) -> QuantizationReport:
+    """Quantize ``model``'s decoder Linear weights in place by ``method`` (``none``: leave them) and return what
+    changed. ``model``: a RetNet causal LM, classifier or backbone, already on the device it will run on (torchao
+    quantizes where the weight is). Linear layers already quantized are left as they are, so a second call changes
+    nothing. Raises ValueError naming ``--quantization`` for an unknown method or a missing torchao."""
+    check_quantization(method)
+    layers = _decoder_linears(model)
+    linear_before, model_before = sum(_tensor_bytes(m.weight) for m in layers), _model_bytes(model)
+    pending = [m for m in layers if not _is_quantized(m.weight)]
+    if method != "none" and pending:
+        quantization, config = _torchao(method)
+        targets = {id(m) for m in pending}
+        quantization.quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
+    report = QuantizationReport(method, len(pending) if method != "none" else 0, linear_before,
+                                sum(_tensor_bytes(m.weight) for m in layers), model_before, _model_bytes(model))
+    logger.info("%s", report)
+    return report
+
+
+def _torchao(method: str):
+    """(torchao.quantization, ``method``'s config); ValueError naming the flag and the install command when
+    torchao is missing."""
+    # torchao logs a warning for each of its CUDA extensions a CPU build of torch cannot load, and torch one for
+    # an enum torchao registers; int8 weight-only uses neither, and a server log should not look broken over it.
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    try:
+        for log in quiet:
+            log.setLevel(logging.ERROR)
+        import torchao.quantization as quantization
+    except ImportError as exc:
+        raise ValueError(f"--quantization {method} needs torchao, which is not installed ({exc}): "
+                         f"{INSTALL_HINT}") from None
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    # set_inductor_config=False: torchao would otherwise change torch._inductor's global settings, for a
+    # torch.compile nobody runs here.
+    return quantization, quantization.Int8WeightOnlyConfig(set_inductor_config=False)
+
+
+def _decoder_linears(model: nn.Module) -> list[nn.Linear]:
+    """The ``nn.Linear`` layers inside the backbone's decoder layers (not the embedding, lm_head or a score
+    head)."""
+    backbone = getattr(model, "base_model", model)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"--quantization: expected a RetNet (its backbone's decoder `layers`); got "
+                         f"{type(model).__name__}")
+    return [module for module in layers.modules() if isinstance(module, nn.Linear)]
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    return type(weight) not in (torch.Tensor, nn.Parameter)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes ``tensor`` holds: a tensor subclass's (torchao's int8 data, scales, zero points) summed over the
+    inner tensors it is made of, nested ones included."""
+    if _is_quantized(tensor) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
+def _model_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) not in seen:  # a tied lm_head is the embedding's tensor
+            seen.add(id(tensor))
+            total += _tensor_bytes(tensor)
+    return total
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+__all__ = ["QUANTIZATION_METHODS", "QuantizationReport", "check_quantization", "quantize_model"]
