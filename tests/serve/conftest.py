@@ -114,15 +114,23 @@ class ServerProcess:
         return self.proc.stdout.read().decode(errors="replace")
 
 
+@contextlib.contextmanager
+def running_servers(*procs: ServerProcess):
+    """``procs`` (already started, so that their loading overlaps) once each answers /health; stopped after."""
+    try:
+        for proc in procs:
+            proc.wait_healthy()
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
 @pytest.fixture(scope="session")
 def server(model_dir):
     """A real ``python -m retnet.serve`` on a free loopback port, shared by the end-to-end tests."""
-    proc = ServerProcess(model_dir, "--max-running", "64", "--max-queue", "64")
-    try:
-        proc.wait_healthy()
+    with running_servers(ServerProcess(model_dir, "--max-running", "64", "--max-queue", "64")) as (proc,):
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

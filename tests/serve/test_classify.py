@@ -24,7 +24,7 @@ from retnet.serve.classify import ClassifyRequest
 from retnet.serve.pooling import PoolingEngine as ClassifyEngine
 from retnet.serve.protocol import APIError
 from retnet.serve.settings import ServeSettings, StartupError
-from tests.serve.conftest import ServerProcess, make_settings, serve_app
+from tests.serve.conftest import ServerProcess, make_settings, running_servers, serve_app
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 KEY = "sk-classify"
@@ -70,13 +70,8 @@ def servers(classifier_dir, reward_dir):
     procs = [ServerProcess(classifier_dir, "--prefill-token-budget", str(BUDGET), "--max-prompt-tokens",
                            str(MAX_TOKENS), "--max-pooling-inputs", str(MAX_INPUTS), "--api-keys", KEY),
              ServerProcess(reward_dir)]
-    try:
-        for proc in procs:
-            proc.wait_healthy()
+    with running_servers(*procs):
         yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from retnet.serve.app import create_app
 from retnet.serve.run_batch import parse_lines, run_batch, served_urls
-from tests.serve.conftest import ServerProcess, make_settings, serve_app
+from tests.serve.conftest import ServerProcess, make_settings, running_servers, serve_app
 from tests.serve.test_classify import refused, save_classifier
 
 PROMPTS = ["What replaces attention in a RetNet?", "Name a prime number."]
@@ -35,14 +35,8 @@ def reward_dir(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(model_dir, reward_dir):
     """Real uvicorn processes, started together: (the reward model's, the micro LM's as an embedding model)."""
-    procs = [ServerProcess(reward_dir), ServerProcess(model_dir, "--convert", "embed")]
-    try:
-        for proc in procs:
-            proc.wait_healthy()
+    with running_servers(ServerProcess(reward_dir), ServerProcess(model_dir, "--convert", "embed")) as procs:
         yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
 
 
 @pytest.fixture(scope="module")
