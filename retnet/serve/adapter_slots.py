@@ -53,10 +53,10 @@ class AdapterSlots:
 
     ``cond``: the engine's condition variable, which guards everything here but ``adapters`` and ``loading``
     (event loop only). The engine's side, called under it: ``admitted_slots()``, the slots of the sequences
-    admitted (prefilling, joining or running; the base, 0, not counted); ``waiting_slots()``, those of the
-    requests waiting; ``fail_waiting(slot, failure)``, end the waiting requests of a slot that cannot be served;
-    ``forget(slot)``, drop the prefix-cache entries and sessions made under a freed slot (returns the sessions
-    dropped).
+    admitted (prefilling, joining, running or preempted, whose adapters stay installed while their states wait;
+    the base, 0, not counted); ``waiting_slots()``, those of the requests waiting; ``fail_waiting(slot,
+    failure)``, end the waiting requests of a slot that cannot be served; ``forget(slot)``, drop the prefix-cache
+    entries and sessions made under a freed slot (returns the sessions dropped).
     """
 
     def __init__(self, settings: ServeSettings, metrics: ServeMetrics, cond: threading.Condition, model, config, *,

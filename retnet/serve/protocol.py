@@ -101,7 +101,7 @@ def _drop_nulls(data: Any) -> Any:
     return data
 
 
-class RequestFields(BaseModel):
+class BodyFields(BaseModel):
     """The rules every request body is read with: null is the field's default, and text is Unicode."""
 
     _null_means_default = model_validator(mode="before")(_drop_nulls)
@@ -113,14 +113,20 @@ class RequestFields(BaseModel):
     def _text_is_unicode(cls, value: Any, info: ValidationInfo) -> Any:
         return _refuse_lone_surrogates(value, info)
 
+
+class RequestFields(BodyFields):
+    """A body that queues work (completions, chat, responses, the pooling routes'): :class:`BodyFields`' rules
+    and vLLM's ``priority``. The bodies that queue none (tokenize, detokenize, the LoRA routes') are
+    :class:`BodyFields`: a ``priority`` there is ignored as any unknown field, not refused."""
+
     @field_validator("priority", mode="before")
     @classmethod
     def _priority_is_not_a_boolean(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
 
     # vLLM's: with --scheduling-policy priority, lower is served earlier (ties in arrival order); under fcfs only 0
-    # is accepted (OpenAIServing.checked_priority). Declared here, where every body is read, so that the pooling
-    # routes' bodies (retnet.serve.classify) parse it too; the routes that queue no work ignore it.
+    # is accepted (OpenAIServing.checked_priority). The pooling routes' bodies (retnet.serve.classify, score)
+    # inherit it from here too.
     priority: int = 0
 
 
@@ -356,7 +362,7 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict[str, Any] | None = None
 
 
-class TokenizerFields(RequestFields):
+class TokenizerFields(BodyFields):
     """What vLLM's ``/tokenize`` (both forms) and ``/detokenize`` share, read as the /v1 routes read theirs:
     unknown fields ignored, null the default, no lone surrogates."""
 
@@ -417,7 +423,7 @@ class DetokenizeRequest(TokenizerFields):
     tokens: list[Annotated[int, BeforeValidator(_refuse_bool)]]
 
 
-class LoadLoraAdapterRequest(RequestFields):
+class LoadLoraAdapterRequest(BodyFields):
     """vLLM's ``POST /v1/load_lora_adapter``: serve the peft adapter at ``lora_path`` (on the server) as the model
     ``lora_name``; ``load_inplace``: replace an adapter of that name already served."""
 
@@ -428,7 +434,7 @@ class LoadLoraAdapterRequest(RequestFields):
     load_inplace: bool = False
 
 
-class UnloadLoraAdapterRequest(RequestFields):
+class UnloadLoraAdapterRequest(BodyFields):
     """vLLM's ``POST /v1/unload_lora_adapter``."""
 
     model_config = ConfigDict(extra="ignore")

@@ -12,7 +12,10 @@ import torch
 
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.sequence import EngineFailure
+from tests.serve import test_lora_runtime
 from tests.serve.conftest import make_settings
+
+adapter_dirs = test_lora_runtime.adapter_dirs  # its fixture: peft directories "a" and "b"
 
 pytestmark = pytest.mark.anyio
 
@@ -227,6 +230,80 @@ async def test_preempted_states_held_stay_within_max_running(model_dir):
     assert [name for name, _, _ in outputs.finished] == ["p2", "p1", "p3"]
 
 
+@pytest.mark.parametrize("lora_limit", [{"max_loras": 1}, {"max_cpu_loras": 1}])
+async def test_a_preempted_sequence_resumes_while_the_best_request_waits_for_its_adapter(model_dir, adapter_dirs,
+                                                                                        lora_limit):
+    # A (adapter a) preempted by B (the base); C (adapter b) arrives. Once B finishes, C waits for a's place,
+    # which A, preempted, holds: A must resume into the free slot (it would otherwise wait behind C forever, and
+    # the scheduler spin), then C runs once a leaves.
+    engine = engine_with(model_dir, scheduling_policy="priority", max_running=1,
+                         lora_modules=[f"{name}={adapter_dirs[name]}" for name in "ab"], **lora_limit)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    outputs = Outputs(A=engine.submit([LOW_PROMPT], params, adapter=engine.adapters["a"].slot, priority=5))
+    await step(engine, outputs, 3)
+    outputs.add("B", engine.submit([HIGH_PROMPT], SamplingParams(max_tokens=3, **GREEDY), priority=0))
+    await step(engine, outputs)
+    assert [seq.group.priority for seq, _ in engine.preempted] == [5]
+    outputs.add("C", engine.submit([[8, 8, 8]], SamplingParams(max_tokens=3, **GREEDY),
+                                   adapter=engine.adapters["b"].slot, priority=1))
+    await run_out(engine, outputs)
+    assert [name for name, _, _ in outputs.finished] == ["B", "A", "C"]
+    assert engine.in_system == 0 and preemptions(engine) == 1
+
+
+async def test_a_slot_freed_by_a_finished_sequence_is_taken_without_a_preemption(model_dir):
+    # X and A run (--max-running 2); A finishes. B, of a better priority, arrives: A's slot is free, although A
+    # leaves the batch only at the next rebuild, so B is admitted at once and X runs on.
+    engine = engine_with(model_dir, scheduling_policy="priority", max_running=2)
+    outputs = Outputs(X=engine.submit([LOW_PROMPT], SamplingParams(max_tokens=30, **GREEDY), priority=5),
+                      A=engine.submit([[8, 6, 7]], SamplingParams(max_tokens=4, **GREEDY), priority=5))
+    for _ in range(20):
+        await step(engine, outputs)
+        if outputs.finished:
+            break
+    assert outputs.finished == [("A", 0, "length")] and len(engine.running) == 2  # A still in the batch
+    outputs.add("B", engine.submit([HIGH_PROMPT], SamplingParams(max_tokens=3, **GREEDY), priority=0))
+    await step(engine, outputs)
+    assert preemptions(engine) == 0 and not engine.preempted and not engine.waiting
+    assert sorted(seq.group.priority for seq in engine.running) == [0, 5]
+    await run_out(engine, outputs)
+    assert [name for name, _, _ in outputs.finished] == ["A", "B", "X"]
+    assert engine.in_system == 0 and preemptions(engine) == 0
+
+
+async def test_a_resuming_sequence_may_preempt_with_max_running_states_preempted(model_dir):
+    # --max-running 2: A (3) runs while X (9, a long prompt) is prefilled; B (0) preempts A, then G (-1) preempts
+    # B: two states preempted, the cap. Once X joins, B is the better: it resumes in X's place, its own state
+    # leaving the preempted ones as X's enters (two, still).
+    engine = engine_with(model_dir, scheduling_policy="priority", max_running=2, prefill_chunk_tokens=8,
+                         prefill_token_budget=8, prefix_cache_entries=0)
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    outputs = Outputs(A=engine.submit([LOW_PROMPT], params, priority=3))
+    await step(engine, outputs, 2)
+    long_prompt = [10 + i % 50 for i in range(160)]
+    outputs.add("X", engine.submit([long_prompt], SamplingParams(max_tokens=4, **GREEDY), priority=9))
+    await step(engine, outputs)
+    outputs.add("B", engine.submit([HIGH_PROMPT], params, priority=0))
+    await step(engine, outputs, 2)
+    outputs.add("G", engine.submit([[8, 8, 8]], params, priority=-1))
+    await step(engine, outputs, 2)
+    assert [seq.group.priority for seq, _ in engine.preempted] == [0, 3]
+    assert [seq.group.priority for seq in engine.running] == [-1] and [g.priority for g in engine.prefilling] == [9]
+    for _ in range(40):
+        await step(engine, outputs)
+        if not engine.prefilling:
+            break
+    assert sorted(seq.group.priority for seq in engine.running) == [-1, 9]  # X joined
+    await step(engine, outputs)
+    assert sorted(seq.group.priority for seq in engine.running) == [-1, 0]
+    assert [seq.group.priority for seq, _ in engine.preempted] == [3, 9] and preemptions(engine) == 3
+    await run_out(engine, outputs)
+    # A resumes as G finishes, X (3 tokens left) as B does.
+    assert [name for name, _, _ in outputs.finished] == ["G", "B", "X", "A"] and engine.in_system == 0
+    for name, prompt, asked in (("B", HIGH_PROMPT, params), ("X", long_prompt, SamplingParams(max_tokens=4, **GREEDY))):
+        assert (outputs.tokens[name, 0], outputs.text[name, 0]) == (await alone(model_dir, prompt, asked))[0], name
+
+
 async def test_fcfs_refuses_a_priority(model_dir):
     engine = engine_with(model_dir)
     with pytest.raises(ValueError, match="Priority scheduling is not enabled"):
@@ -289,6 +366,13 @@ async def test_fcfs_answers_a_non_zero_priority_with_400_on_every_generation_rou
             assert (await client.post("/v1/completions", json={**body, "prompt": "Hi", "priority": priority})
                     ).status_code == 200
         assert (await client.post("/v1/chat/completions", json={**chat, "priority": 0})).status_code == 200
+        # The routes that queue no work read no priority: one there is ignored as any unknown field.
+        for priority in (1, "high", True):
+            tokenized = await client.post("/tokenize", json={"prompt": "Hi", "priority": priority})
+            assert tokenized.status_code == 200, tokenized.text
+            detokenized = await client.post("/detokenize", json={"tokens": tokenized.json()["tokens"],
+                                                                  "priority": priority})
+            assert detokenized.status_code == 200 and detokenized.json()["prompt"] == "Hi", detokenized.text
 
 
 async def test_priority_orders_waiting_requests_through_the_routes(open_app):
