@@ -13,8 +13,8 @@ What is kept unquantized, and why:
   projection is the layer whose rounding they feel most; vLLM's methods leave it unquantized by default too.
 - a classifier's ``score`` head: a few rows, nothing to save.
 
-torchao is an optional dependency (``pip install 'retnet-stack[quant]'``), imported only when a method other
-than ``none`` is asked for.
+torchao is an optional dependency (``pip install 'retnet-stack[quant]'``), needed only when a method other
+than ``none`` is asked for (transformers imports it by itself whenever it is installed).
 """
 
 from __future__ import annotations
@@ -97,9 +97,13 @@ def _torchao(method: str):
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
+    config = getattr(quantization, "Int8WeightOnlyConfig", None)
+    if config is None:  # a torchao older than the [quant] extra's floor
+        raise ValueError(f"--quantization {method} needs torchao >= 0.13 (Int8WeightOnlyConfig); this one is "
+                         f"{getattr(__import__('torchao'), '__version__', 'older')}: {INSTALL_HINT}")
     # set_inductor_config=False: torchao would otherwise change torch._inductor's global settings, for a
     # torch.compile nobody runs here.
-    return quantization, quantization.Int8WeightOnlyConfig(set_inductor_config=False)
+    return quantization, config(set_inductor_config=False)
 
 
 def _decoder_linears(model: nn.Module) -> list[nn.Linear]:

@@ -82,6 +82,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     ``--convert embed`` the embedding app (any export's backbone): /v1/embeddings and /pooling. Both serve vLLM's
     /score and /rerank (:mod:`retnet.serve.score`)."""
     settings = settings or ServeSettings()
+    check_quantization_settings(settings)  # before a hub download or anything else
     if model is None:  # a directory this server cannot serve is refused before anything loads from it
         settings = resolve_model_source(settings)
         classifier = check_model_dir(settings.model)
@@ -116,7 +117,6 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
         engine = Engine(settings, tokenizer, metrics, model=model)
         serving = OpenAIServing(settings, engine, tokenizer, metrics, defaults, chat_template)
         _log_defaults(settings, serving, defaults)
-    check_quantization_settings(settings)  # before the model loads
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -429,8 +429,10 @@ def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, magnitude
     with the LoRA scale in it, ``magnitude`` ``[out]``. On ``weight``'s device: the model's real weights, which is
     why it is computed at install time, not when the adapter is read (against shapes only)."""
     with torch.no_grad():
-        # dequantize(): a --quantization int8 weight as the float matrix it stands for (a float weight is itself).
-        w = weight.dequantize().detach().to(torch.float32)
+        # A --quantization int8 weight (a tensor subclass) as the float matrix its layer computes with; a plain
+        # weight as it is (aten's dequantize of a float tensor exists on CPU and CUDA only).
+        w = weight.dequantize() if type(weight) not in (torch.Tensor, nn.Parameter) else weight
+        w = w.detach().to(torch.float32)
         adapted = torch.addmm(w, b.to(w.device, torch.float32), a.to(w.device, torch.float32))
         return magnitude.to(w.device, torch.float32) / torch.linalg.vector_norm(adapted, dim=1)
 

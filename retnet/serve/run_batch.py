@@ -248,7 +248,7 @@ def _read_input(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from retnet.serve.__main__ import settings_from_args
-    from retnet.serve.settings import StartupError, resolve_model_source
+    from retnet.serve.settings import StartupError, check_quantization_settings, resolve_model_source
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         parser.exit(2, f"{PROG}: cannot read the input file {args.input_file!r}: {exc}\n")
     try:
+        check_quantization_settings(settings)  # before a hub download
         settings = resolve_model_source(settings)  # a hub id: its snapshot, fetched before the input is served
     except StartupError as exc:
         parser.exit(2, f"{PROG}: error: {exc}\n")

@@ -74,7 +74,7 @@ TOKENIZER_CONFIG_IGNORED = ("model_max_length", "padding_side", "truncation_side
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # The fingerprint's parts, each stored as metadata ``model.<part>``, and how a refusal names them.
 MODEL_PARTS = {"config": "config.json", "weights": "weights", "tokenizer": "tokenizer",
-               "chat_template": "chat template", "dtype": "dtype (--dtype)"}
+               "chat_template": "chat template", "dtype": "dtype (--dtype, --quantization)"}
 _ID = SESSION_ID_PATTERN.removeprefix("^").removesuffix("$")
 _SESSION_ID = re.compile(_ID)
 _SESSION_FILE = re.compile(_ID + re.escape(SUFFIX))

@@ -151,12 +151,13 @@ def report(args: argparse.Namespace, model, pairs: Pairs) -> int:
                   "seq_len": args.seq_len, "max_prompt_length": args.max_prompt_length or 0,
                   "pairs_per_second": result.pairs_per_second, "seconds": result.seconds,
                   "batch_size": args.batch_size, "device": str(next(model.parameters()).device),
-                  "dtype": str(DTYPES[args.dtype]).split(".")[-1]}
+                  "dtype": str(DTYPES[args.dtype]).split(".")[-1], "quantization": args.quantization}
         print(json.dumps(_finite_or_null(record), allow_nan=False))
     else:
         print(f"{result.pairs} pairs: accuracy {metrics['accuracy']:.4f}, margin {metrics['margin']:.4f}, "
               f"rewards/chosen {metrics['rewards/chosen']:.4f}, rewards/rejected {metrics['rewards/rejected']:.4f}, "
-              f"loss {metrics['loss']:.4f} ({result.pairs_per_second:,.1f} pairs/s)")
+              f"loss {metrics['loss']:.4f} ({result.pairs_per_second:,.1f} pairs/s"
+              f"{'' if args.quantization == 'none' else ', --quantization ' + args.quantization})")
     return EXIT_OK
 
 

@@ -169,3 +169,26 @@ def test_retnet_eval_without_torchao_exits_2_naming_the_flag(tmp_path, monkeypat
     make_model().save_pretrained(tmp_path)  # no tokenizer needed: the flag is refused before anything loads
     assert main(["--model", str(tmp_path), "--quantization", "int8", "--no-progress"]) == EXIT_USAGE
     assert "--quantization int8 needs torchao" in capsys.readouterr().err
+
+
+@needs_torchao
+def test_doras_row_scale_of_an_int8_weight_is_that_of_the_matrix_the_layer_computes_with():
+    """The served DoRA scale ``m / ||W + B A||`` on an int8 layer: W the int8 weight dequantized (what its forward
+    multiplies by), not its codes; a plain weight on a device without aten's dequantize (meta) is taken as is."""
+    from retnet.model.quantization import _torchao
+    from retnet.serve.lora import dora_scale
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(24, 16, bias=False))
+    x = torch.randn(5, 24)
+    quantization, config = _torchao("int8")
+    quantization.quantize_(layer, config)  # as quantize_model does to a decoder's Linears
+    weight = layer[0].weight
+    dense = weight.dequantize().float()
+    assert torch.allclose(layer(x), x @ dense.T, atol=1e-5)  # the dequantized weight is what the layer computes with
+    a, b, magnitude = torch.randn(4, 24), torch.randn(16, 4) * 0.1, torch.rand(16) + 0.5
+    expected = magnitude / torch.linalg.vector_norm(dense + b @ a, dim=1)
+    assert torch.allclose(dora_scale(weight, a, b, magnitude), expected, rtol=1e-6)
+    meta = dora_scale(torch.empty(16, 24, device="meta"), a.to("meta"), b.to("meta"), magnitude.to("meta"))
+    assert meta.shape == (16,) and meta.device.type == "meta"
+

@@ -488,8 +488,9 @@ def test_eval_of_the_export_is_each_pair_scored_alone(trained, toy, capsys):  # 
     assert [records[0][name] for name in scores] == pytest.approx([records[1][name] for name in scores], abs=1e-6)
     assert set(records[1]) == {"model", "dataset", "name", "split", "max_documents", "pairs", *METRICS, "loss", "cut",
                                "seq_len", "max_prompt_length", "pairs_per_second", "seconds", "batch_size", "device",
-                               "dtype"}
+                               "dtype", "quantization"}
     assert records[1]["batch_size"] == 3 and records[1]["cut"] == 0 and records[1]["seq_len"] is None
+    assert records[1]["quantization"] == "none"
     assert records[1]["device"] == "cpu" and records[1]["dtype"] == "float32"
     code, out, err = _eval(["--model", trained / "export", "--dataset", toy / "standard.jsonl", "--cache-dir",
                             toy / "cache", "--max-documents", 5], capsys)
