@@ -25,6 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from retnet.tokenization import MIN_VOCAB_SIZE
+from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
+from retnet.train.config_tuning import (
+    LORA_TARGETS,
+    DpoConfig,
+    GrpoConfig,
+    LoraConfig,
+    RewardConfig,
+    _check_dpo,
+    _check_grpo,
+    _check_reward,
+    dpo_changes,
+    grpo_changes,
+    lora_changes,
+    reward_changes,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,41 +52,12 @@ PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_LAYOUTS = ("auto", "full", "sharded")
 DATA_FORMATS = ("text", "chat", "preference", "prompts")
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
-GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # TRL's names; dapo is its default
-GRPO_SCALE_REWARDS = ("group", "batch", "none")
 # What a data.mixture source may set for itself; every other data setting is the [data] section's, for each source.
 MIXTURE_SOURCE_KEYS = ("dataset", "weight", "name", "split", "text_field", "messages_field")
 # A source's label names its metrics (val_loss.<label>) in metrics.jsonl, TensorBoard and W&B.
 _MIXTURE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
-# Every nn.Linear of a decoder layer, retention then FFN (g_proj without use_output_gate and gate_proj without
-# ffn_glu do not exist): what LoRA may adapt, and by default does.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ANY_VOCAB_SIZE = 2**31 - 1  # a stand-in at load, large enough for any token id a tokenizer may hold
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key (``section.field``)."""
-
-
-def _refuse(key: str, expected: str, value: Any) -> typing.NoReturn:
-    raise ConfigError(f"{key} {expected}; got {value!r}")
-
-
-def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):  # nan passes both comparisons
-            _refuse(f"{section}.{name}", "must be >= 0" if allow_zero else "must be > 0", value)
-
-
-class _Section:
-    """``to_dict()`` for logging and checkpoints (a plain, JSON-able dict)."""
-
-    __slots__ = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
 # What shapes the weights: a model fine-tuned from a pretrained one (model.init_from) keeps its values.
@@ -499,173 +485,6 @@ class LoggingConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
-class LoraConfig(_Section):
-    """LoRA fine-tuning (``peft``): low-rank adapters on the decoder layers' Linear modules; only they train.
-
-    ``rank`` 0 (the default) trains every weight as before. ``alpha`` scales the update by ``alpha / rank``
-    (``alpha / sqrt(rank)`` with ``use_rslora``); ``dropout`` is applied to the adapters' input. ``use_dora``:
-    DoRA (peft's weight-decomposed LoRA), which also trains a magnitude per output row of each adapted Linear.
-    ``target_modules``: Linear module names of the decoder layers (``LORA_TARGETS``); empty = every one the
-    model has. Meant for a pretrained model (``model.init_from``), whose weights the adapters' checkpoints
-    then leave out; on a random init the whole model is checkpointed.
-    """
-
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list = field(default_factory=list)  # of LORA_TARGETS names; [] = all the model has
-    use_rslora: bool = False
-    use_dora: bool = False
-
-    def __post_init__(self) -> None:
-        _positive("lora", self, "rank", allow_zero=True)
-        _positive("lora", self, "alpha")
-        if not 0.0 <= self.dropout < 1.0:  # nan fails it too
-            _refuse("lora.dropout", "must be in [0, 1)", self.dropout)
-        unknown = [name for name in self.target_modules if not isinstance(name, str) or name not in LORA_TARGETS]
-        if unknown:
-            # a reward model's head is new: peft trains it in full (modules_to_save), an adapter would not do
-            head = ("; a reward model's score head is no LoRA target, it trains in full beside the adapters"
-                    if "score" in unknown else "")
-            _refuse("lora.target_modules", f"must name Linear modules of the decoder layers, of {LORA_TARGETS} "
-                    f"(unknown: {unknown}){head}", self.target_modules)
-        if len(set(self.target_modules)) != len(self.target_modules):
-            _refuse("lora.target_modules", "must not name a module twice", self.target_modules)
-        if self.target_modules and not self.rank:  # most likely a forgotten lora.rank: that run trains every weight
-            _refuse("lora.target_modules", "is set but lora.rank is 0 (LoRA off); set lora.rank > 0",
-                    self.target_modules)
-        if self.use_dora and not self.rank:  # as above: DoRA asked for, the run would train every weight instead
-            _refuse("lora.use_dora", "is set but lora.rank is 0 (LoRA off); set lora.rank > 0", self.use_dora)
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-
-@dataclass(kw_only=True, slots=True)
-class DpoConfig(_Section):
-    """Direct Preference Optimization (``data.format = "preference"``, ``retnet.train.preference``), as TRL's
-    DPOTrainer: ``beta`` the strength of the pull towards the reference (the model as the run starts),
-    ``loss_type`` ``"sigmoid"`` (DPO) or ``"ipo"`` (IPO, on length-averaged log-probs), ``label_smoothing``
-    the assumed share of flipped labels (conservative DPO, sigmoid only)."""
-
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        _positive("dpo", self, "beta")
-        if self.loss_type not in DPO_LOSS_TYPES:
-            _refuse("dpo.loss_type", f"must be one of {DPO_LOSS_TYPES}", self.loss_type)
-        if not 0.0 <= self.label_smoothing < 0.5:  # 0.5: the labels are noise; nan fails it too
-            _refuse("dpo.label_smoothing", "must be in [0, 0.5)", self.label_smoothing)
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            _refuse("dpo.label_smoothing", f"applies to dpo.loss_type 'sigmoid' only (conservative DPO), not "
-                    f"{self.loss_type!r}", self.label_smoothing)
-
-
-@dataclass(kw_only=True, slots=True)
-class RewardConfig(_Section):
-    """Reward-model training on preference pairs (``data.format = "preference"``, ``retnet.train.reward``), as
-    TRL's RewardTrainer: ``enabled`` trains a ``RetNetForSequenceClassification`` (one label) from
-    ``model.init_from`` on ``-logsigmoid(r_chosen - r_rejected)`` instead of DPO; ``center_rewards_coefficient``
-    (TRL's name) adds that times ``mean((r_chosen + r_rejected)^2)``, pulling the rewards towards zero mean.
-    With ``lora.rank > 0`` the adapters and the new ``score`` head train, the backbone stays frozen."""
-
-    enabled: bool = False
-    center_rewards_coefficient: float = 0.0
-
-    def __post_init__(self) -> None:
-        _positive("reward", self, "center_rewards_coefficient", allow_zero=True)
-        # most likely a forgotten reward.enabled: without it the run trains DPO, which ignores the coefficient
-        if self.center_rewards_coefficient and not self.enabled:
-            _refuse("reward.center_rewards_coefficient", "is set but reward.enabled is false; set "
-                    "reward.enabled=true", self.center_rewards_coefficient)
-
-
-@dataclass(kw_only=True, slots=True)
-class GrpoConfig(_Section):
-    """Group Relative Policy Optimization (``data.format = "prompts"``, ``retnet.train.grpo``), as TRL's
-    GRPOTrainer, with TRL's names and defaults: each prompt is sampled ``num_generations`` times (``temperature``,
-    ``top_p``, at most ``max_completion_length`` tokens, EOS or the model's ``generation_config.eos_token_id``
-    ends one), the completions are scored by ``reward_funcs`` (``"module:function"`` import paths, TRL's callable
-    contract; their ``__name__``s, which name their metrics, distinct) and/or ``reward_model`` (a
-    ``RetNetForSequenceClassification`` export with the policy's tokenizer), summed with ``reward_weights``
-    (empty: all 1; one per source, the functions then the model), and each completion's advantage is its reward
-    minus its group's mean, divided by the group's std (``scale_rewards`` ``"group"``), the batch's
-    (``"batch"``) or nothing (``"none"``). ``loss_type`` ``"dapo"`` (tokens' mean over the global batch),
-    ``"grpo"`` (each sequence's token mean, then their mean) or ``"dr_grpo"`` (tokens' sum over sequences ×
-    ``max_completion_length``); ``num_iterations`` (TRL's μ) optimizer steps on each generation, the ratio to the
-    sampling policy clipped to [1 − ``epsilon``, 1 + ``epsilon_high``] (None: ``epsilon``; inactive at μ 1, where
-    the ratio is 1); ``beta`` > 0 adds TRL's k3 estimate of the KL to the reference (the model as the run
-    starts)."""
-
-    num_generations: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_completion_length: int = 256
-    reward_funcs: list = field(default_factory=list)  # of "module:function" strings
-    reward_model: str = ""  # a RetNetForSequenceClassification directory; "" = none
-    reward_weights: list = field(default_factory=list)  # of numbers; [] = 1 for each source
-    scale_rewards: str = "group"
-    loss_type: str = "dapo"
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # None: epsilon (TRL's default; DAPO's clip-higher sets 0.28)
-    num_iterations: int = 1
-
-    def __post_init__(self) -> None:
-        if self.num_generations < 2:  # a group of one has no spread: its advantage is always 0
-            _refuse("grpo.num_generations", "must be >= 2 (advantages compare a prompt's completions)",
-                    self.num_generations)
-        _positive("grpo", self, "temperature", "max_completion_length")
-        _positive("grpo", self, "beta", allow_zero=True)
-        if not 0.0 < self.top_p <= 1.0:  # nan fails it too
-            _refuse("grpo.top_p", "must be in (0, 1]", self.top_p)
-        if not 0.0 <= self.epsilon < 1.0:
-            _refuse("grpo.epsilon", "must be in [0, 1)", self.epsilon)
-        if self.epsilon_high is not None and not (math.isfinite(self.epsilon_high) and self.epsilon_high >= 0):
-            _refuse("grpo.epsilon_high", "must be >= 0 (the ratio's upper clip is 1 + epsilon_high), or None for "
-                    "grpo.epsilon", self.epsilon_high)
-        if isinstance(self.num_iterations, bool) or not isinstance(self.num_iterations, int) or \
-                self.num_iterations < 1:
-            _refuse("grpo.num_iterations", "must be an integer >= 1 (optimizer steps per generation)",
-                    self.num_iterations)
-        if self.scale_rewards not in GRPO_SCALE_REWARDS:
-            _refuse("grpo.scale_rewards", f"must be one of {GRPO_SCALE_REWARDS}", self.scale_rewards)
-        if self.loss_type not in GRPO_LOSS_TYPES:
-            _refuse("grpo.loss_type", f"must be one of {GRPO_LOSS_TYPES}", self.loss_type)
-        for spec in self.reward_funcs:
-            if not isinstance(spec, str) or not re.fullmatch(r"[\w.]+:[\w.]+", spec):
-                _refuse("grpo.reward_funcs", f"must be 'module:function' import paths (as "
-                        f"'retnet.train.rewards:exact_match'); not {spec!r}", self.reward_funcs)
-        if len(set(self.reward_funcs)) != len(self.reward_funcs):
-            _refuse("grpo.reward_funcs", "must not name a function twice (give it a weight instead)",
-                    self.reward_funcs)
-        weights = []
-        for weight in self.reward_weights:  # --grpo.reward_weights=1,0.5 arrives as strings
-            try:
-                number = float(weight) if isinstance(weight, (int, float, str)) and not isinstance(weight, bool) \
-                    else math.nan
-            except ValueError:
-                number = math.nan
-            if not math.isfinite(number):
-                _refuse("grpo.reward_weights", f"must be finite numbers (not: {weight!r})", self.reward_weights)
-            weights.append(number)
-        self.reward_weights = weights
-
-    @property
-    def sources(self) -> int:
-        """The number of reward sources: the functions, then the reward model."""
-        return len(self.reward_funcs) + bool(self.reward_model)
-
-    @property
-    def epsilon_upper(self) -> float:
-        """The ratio's upper clip is 1 + this: ``epsilon_high``, or ``epsilon`` when it is None (TRL's rule)."""
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
-
-
-@dataclass(kw_only=True, slots=True)
 class JobConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -711,115 +530,6 @@ def _check_optimizer(job: JobConfig) -> None:
         # makes it full-rank in B's small dimension), and AdamW alone would be a silent no-op of the setting.
         _refuse("optim.name", f"'muon' cannot be used with lora.rank {job.lora.rank} (LoRA trains low-rank "
                 "adapters, which Muon is not made for): use optim.name=adamw for LoRA", job.optim.name)
-
-
-def _check_dpo(job: JobConfig) -> None:
-    """ConfigError for ``[dpo]`` settings without preference data (a forgotten ``data.format``), and for preference
-    data without ``model.init_from``: DPO moves a trained model relative to itself; a random init has no
-    preferences to keep close to."""
-    if job.data.format != "preference":
-        for spec in dataclasses.fields(DpoConfig):
-            if getattr(job.dpo, spec.name) != spec.default:
-                _refuse(f"dpo.{spec.name}", f"is set but data.format is {job.data.format!r}; DPO trains on "
-                        f"data.format 'preference'", getattr(job.dpo, spec.name))
-    elif job.model.init_from is None:
-        _refuse("model.init_from", "must name the model to tune with data.format 'preference' (DPO starts from a "
-                "trained model, usually an SFT run's export, which is also its reference)", job.model.init_from)
-
-
-def _check_reward(job: JobConfig) -> None:
-    """ConfigError for ``reward.enabled`` without preference pairs or a model to start from, and with ``[dpo]``
-    settings (the run trains no DPO: they would be ignored). LoRA works (``retnet.train.lora``: the new ``score``
-    head trains in full beside the adapters); ``lora.target_modules`` cannot name it (``LoraConfig``)."""
-    if not job.reward.enabled:
-        return
-    if job.data.format != "preference":
-        _refuse("data.format", "must be 'preference' with reward.enabled=true (a reward model trains on TRL's "
-                "prompt/chosen/rejected pairs)", job.data.format)
-    if job.model.init_from is None:
-        _refuse("model.init_from", "must name the model to start from with reward.enabled=true (its backbone, "
-                "usually an SFT run's export, under a fresh score head)", job.model.init_from)
-    for spec in dataclasses.fields(DpoConfig):
-        if getattr(job.dpo, spec.name) != spec.default:
-            _refuse(f"dpo.{spec.name}", "is set but reward.enabled=true trains a reward model, not DPO; unset it",
-                    getattr(job.dpo, spec.name))
-
-
-def _check_grpo(job: JobConfig) -> None:
-    """ConfigError for ``[grpo]`` settings without prompts (a forgotten ``data.format``), and for a GRPO run that
-    cannot work: no model to start from, no reward source, weights that do not match the sources, or a global
-    batch that does not split into whole groups per rank."""
-    grpo = job.grpo
-    if job.data.format != "prompts":
-        for spec in dataclasses.fields(GrpoConfig):
-            default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
-            if getattr(grpo, spec.name) != default:
-                _refuse(f"grpo.{spec.name}", f"is set but data.format is {job.data.format!r}; GRPO trains on "
-                        f"data.format 'prompts'", getattr(grpo, spec.name))
-        return
-    if job.model.init_from is None:
-        _refuse("model.init_from", "must name the model to tune with data.format 'prompts' (GRPO samples from a "
-                "trained model, usually an SFT run's export, which is also its reference)", job.model.init_from)
-    if not grpo.sources:
-        raise ConfigError("grpo.reward_funcs and grpo.reward_model are both empty with data.format 'prompts': GRPO "
-                          "needs at least one reward source (e.g. --grpo.reward_funcs=retnet.train.rewards:"
-                          "exact_match, or --grpo.reward_model=runs/rm/export)")
-    from retnet.train.rewards import resolve, source_names
-
-    # now, not after the data is read and the model loaded; two sources of one name would share their metrics
-    source_names(grpo.reward_funcs, [resolve(spec) for spec in grpo.reward_funcs], grpo.reward_model)
-    if grpo.reward_model and not (Path(grpo.reward_model).expanduser() / "config.json").is_file():
-        _refuse("grpo.reward_model", "must be a RetNetForSequenceClassification save_pretrained directory with its "
-                "tokenizer (a reward-model run's train.output_dir/export)", grpo.reward_model)
-    if grpo.reward_weights and len(grpo.reward_weights) != grpo.sources:
-        _refuse("grpo.reward_weights", f"must give one weight per reward source ({grpo.sources}: the "
-                f"{len(grpo.reward_funcs)} of grpo.reward_funcs, then grpo.reward_model"
-                f"{' (set)' if grpo.reward_model else ' (unset)'}), or none for 1 each", grpo.reward_weights)
-    import os
-
-    # torchrun sets WORLD_SIZE before the process starts: the split is known now, before the data is read
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    share, rest = divmod(job.train.global_batch_size, world)
-    if rest or share % grpo.num_generations:
-        _refuse("train.global_batch_size", f"(completions per step) must split into whole groups of "
-                f"grpo.num_generations ({grpo.num_generations}) on each of the {world} rank(s): each rank "
-                f"samples and scores whole groups; make it a multiple of {grpo.num_generations * world}",
-                job.train.global_batch_size)
-
-
-def grpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
-    """The ``[grpo]`` settings that differ between a checkpoint's config (``saved``) and ``current``, as
-    ``"grpo.beta: checkpoint 0.0, now 0.04"``: each decides what is sampled, scored or optimized, so a resume with
-    one changed would not continue the run. A checkpoint of another format has none. ``reward_weights`` are
-    compared as used: ``[]`` is 1 for each source, the same as those ones spelled out; so is ``epsilon_high``:
-    None is ``epsilon`` (:attr:`GrpoConfig.epsilon_upper`), the same as that value spelled out."""
-    if "grpo" not in saved or current.data.format != "prompts":
-        return []
-    old, now = {**GrpoConfig().to_dict(), **saved["grpo"]}, current.grpo.to_dict()
-    for table in (old, now):
-        sources = len(table["reward_funcs"]) + bool(table["reward_model"])
-        table["reward_weights"] = [float(w) for w in table["reward_weights"]] or [1.0] * sources
-        if table["epsilon_high"] is None:
-            table["epsilon_high"] = table["epsilon"]
-    return [f"grpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
-
-
-def reward_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
-    """The ``[reward]`` settings that differ between a checkpoint's config (``saved``; one from before the
-    section trained no reward model) and ``current``, as ``"reward.enabled: checkpoint False, now True"``: a DPO
-    checkpoint is a causal LM, a reward model's a classifier, and the coefficient is part of the objective."""
-    old, now = {**RewardConfig().to_dict(), **saved.get("reward", {})}, current.reward.to_dict()
-    return [f"reward.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
-
-
-def dpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
-    """The ``[dpo]`` settings that differ between a checkpoint's config (``saved``) and ``current``, as
-    ``"dpo.beta: checkpoint 0.1, now 0.2"``: the objective the run optimizes. A checkpoint of another format has
-    none (``data_changes`` reports the format)."""
-    if "dpo" not in saved:
-        return []
-    old, now = {**DpoConfig().to_dict(), **saved["dpo"]}, current.dpo.to_dict()
-    return [f"dpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
 
 
 def optim_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
@@ -938,24 +648,6 @@ def model_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
         key = f"model.{name}" if name in fixed else f"model.extra.{name}"
         changes.append(f"{key}: checkpoint {resolved[0].get(name)!r}, now {resolved[1].get(name)!r}")
     return changes
-
-
-# What shapes the adapters or changes what they compute; lora.dropout may change on a resume.
-_LORA_FIELDS = ("rank", "alpha", "use_rslora", "use_dora", "target_modules")
-
-
-def lora_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
-    """The ``[lora]`` settings that differ between a checkpoint's config (``saved``, a ``JobConfig.to_dict()``;
-    one from before LoRA trained without it) and ``current``, as ``"lora.rank: checkpoint 8, now 16"``."""
-    old = {**LoraConfig().to_dict(), **saved.get("lora", {})}
-    now = current.lora.to_dict()
-
-    def same(name: str) -> bool:  # peft adapts the modules the target names match, in whatever order named
-        if name == "target_modules":
-            return sorted(map(str, old[name])) == sorted(map(str, now[name]))
-        return old[name] == now[name]
-
-    return [f"lora.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in _LORA_FIELDS if not same(name)]
 
 
 # ----------------------------------------------------------------------------------------------------------

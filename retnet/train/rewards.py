@@ -1,5 +1,7 @@
 """Reward functions for GRPO (``grpo.reward_funcs``), with TRL's callable contract, and how a name resolves to one.
 
+:class:`RewardSources` calls them, and ``grpo.reward_model``, on a rollout's completions.
+
 A reward function is named by its import path, ``"module:function"`` (``retnet.train.rewards:exact_match``), and
 called once per batch of completions, as TRL's GRPOTrainer calls it::
 
@@ -20,13 +22,22 @@ trainer. The metrics name a function by its ``__name__``: two of the same name a
 
 from __future__ import annotations
 
+import copy
 import importlib
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retnet.train.config import ConfigError
+import numpy as np
+import torch
+
+from retnet.tokenization import render_pair
+from retnet.train.chat import template_identity
+from retnet.train.config import ConfigError, GrpoConfig
+from retnet.train.data import load_tokenizer, tokenizer_fingerprint
+from retnet.train.prompts import PromptEncoder, Prompts
 
 
 def completion_text(completion: Any) -> str:
@@ -106,4 +117,116 @@ def resolve(spec: str) -> Callable[..., list]:
     return target
 
 
-__all__ = ["completion_text", "exact_match", "length_target", "matches_pattern", "resolve", "source_names"]
+
+def reward_arguments(split: Prompts, rows: np.ndarray, texts: list[str]) -> tuple[list, list, dict[str, list]]:
+    """(prompts, completions, columns) for one reward function call, one entry per completion, as TRL builds
+    them: each its own deep copy of the stored row (a function may change what it gets, as TRL's own code does
+    with ``prompt.pop()``; the rows read stay as they are for the next call and step). A conversational prompt
+    ending with an assistant message (a prefill) loses it, and its content starts the completion, TRL's
+    ``bootstrap``: ``[{"role": "assistant", "content": prefill + text}]``."""
+    prompts, completions = [], []
+    for index, text in zip(rows, texts, strict=True):
+        prompt = copy.deepcopy(split.prompts[index])
+        if isinstance(prompt, str):
+            completions.append(text)
+        else:
+            bootstrap = prompt.pop()["content"] if prompt[-1]["role"] == "assistant" else ""
+            completions.append([{"role": "assistant", "content": bootstrap + text}])
+        prompts.append(prompt)
+    names = split.columns[rows[0]] if len(rows) else {}
+    columns = {name: [copy.deepcopy(split.columns[i][name]) for i in rows] for name in names}
+    return prompts, completions, columns
+
+
+def reward_values(name: str, values: Any, count: int) -> torch.Tensor:
+    """``[count]`` fp32 rewards (NaN for None) of what the reward function ``name`` returned: a list, a tuple, a
+    numpy array or a tensor of one number or None per completion; a RuntimeError naming the function otherwise."""
+    where = f"grpo.reward_funcs: {name} returned"
+    expected = f"for {count} completions; it must return one number per completion (None to skip one)"
+    try:
+        values = list(values)
+    except TypeError:  # None, a number, a 0-d array or tensor
+        raise RuntimeError(f"{where} {type(values).__name__} {values!r:.80} {expected}") from None
+    if len(values) != count:
+        raise RuntimeError(f"{where} {len(values)} rewards {expected}")
+    try:
+        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:  # a string, a list, a tensor of several numbers
+        raise RuntimeError(f"{where} a reward that is not a number ({type(error).__name__}: {error}) "
+                           f"{expected}") from None
+
+
+class RewardSources:
+    """The reward functions and the reward model of ``cfg``: ``names`` (TRL's: a function's ``__name__``, the
+    model directory's name), ``weights``; called on a rollout, ``[n, sources]`` fp32 rewards (NaN for None).
+    ``stops``: the ids that end a completion (:func:`~retnet.train.grpo_sampling.stop_tokens`), left out of the
+    texts scored."""
+
+    def __init__(self, cfg: GrpoConfig, tokenizer, encoder: PromptEncoder, device: torch.device, autocast,
+                 stops: list[int] | None = None):
+        self.tokenizer, self.encoder, self.device, self.autocast = tokenizer, encoder, device, autocast
+        self.stops = stops or [tokenizer.eos_token_id]
+        self.funcs = [resolve(spec) for spec in cfg.reward_funcs]
+        self.names = source_names(cfg.reward_funcs, self.funcs, cfg.reward_model)
+        self.model = None
+        if cfg.reward_model:
+            self.model = self._reward_model(Path(cfg.reward_model).expanduser())
+        self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.names), dtype=torch.float32)
+
+    def _reward_model(self, path: Path):
+        from retnet.model import RetNetForSequenceClassification
+
+        where = f"grpo.reward_model {str(path)!r}"
+        theirs = load_tokenizer(path)
+        if tokenizer_fingerprint(theirs) != tokenizer_fingerprint(self.tokenizer) or \
+                template_identity(theirs) != template_identity(self.tokenizer):
+            raise ConfigError(f"{where}: its tokenizer (or chat template) is not the policy's: it would score other "
+                              f"tokens than those sampled; train the reward model from the same base")
+        try:
+            model = RetNetForSequenceClassification.from_pretrained(str(path), dtype=torch.float32,
+                                                                    local_files_only=True)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise ConfigError(f"{where}: cannot be loaded as a RetNetForSequenceClassification: "
+                              f"{type(error).__name__}: {str(error)[:300]}") from None
+        if model.config.num_labels != 1:
+            raise ConfigError(f"{where}: has {model.config.num_labels} labels; a reward model has one")
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def __call__(self, split: Prompts, rows: np.ndarray, completions: list[np.ndarray]) -> torch.Tensor:
+        ids = [c[:-1].tolist() if len(c) and c[-1] in self.stops else c.tolist() for c in completions]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        out = torch.full((len(rows), len(self.names)), float("nan"))
+        for number, (func, name) in enumerate(zip(self.funcs, self.names)):
+            prompts, given, columns = reward_arguments(split, rows, texts)  # fresh for each function
+            values = func(prompts=prompts, completions=given, completion_ids=[c.tolist() for c in completions],
+                          **columns)
+            out[:, number] = reward_values(name, values, len(rows))
+        if self.model is not None:
+            out[:, -1] = self._scores(split, rows, texts)
+        return out
+
+    @torch.no_grad()
+    def _scores(self, split: Prompts, rows, texts, chunk: int = 64) -> torch.Tensor:
+        """The reward model's score of prompt + completion + EOS, encoded as the reward trainer encodes a pair (a
+        prefilled prompt's final assistant message continued by the sampled text, as it was sampled)."""
+        backend, eos = self.encoder.chat.backend, self.tokenizer.eos_token_id
+        sequences = []
+        for index, text in zip(rows, texts):
+            prompt = split.prompts[index]  # the stored prompt, read only
+            if not isinstance(prompt, str):
+                text = render_pair(prompt, [[{"role": "assistant", "content": text}]], self.encoder.chat.render)[1]
+            sequences.append(np.asarray([*split.tokens[index], *backend.encode(text, add_special_tokens=False).ids,
+                                         eos], dtype=np.int64))
+        scores = []
+        for lo in range(0, len(sequences), chunk):
+            part = sequences[lo:lo + chunk]
+            bounds = torch.tensor(np.cumsum([0, *map(len, part)]), dtype=torch.long, device=self.device)
+            with self.autocast:
+                logits = self.model(input_ids=torch.from_numpy(np.concatenate(part)).to(self.device)[None],
+                                    cu_seqlens=bounds, use_cache=False).logits
+            scores.append(logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+__all__ = ["RewardSources", "completion_text", "exact_match", "length_target", "matches_pattern", "resolve",
+           "reward_arguments", "reward_values", "source_names"]
