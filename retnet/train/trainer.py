@@ -540,7 +540,9 @@ class Trainer:
             model_state, optim_state = self._full_state()
         ranks = [None] * self.world_size
         if is_distributed():
-            dist.all_gather_object(ranks, mine)
+            # Only rank 0 writes: gathered there alone (a GRPO generation's share is megabytes a rank, which an
+            # all-gather would copy onto every rank at every checkpoint).
+            dist.gather_object(mine, ranks if self.is_main else None, dst=0)
         else:
             ranks = [mine]
         if self.is_main:
