@@ -59,7 +59,7 @@ from retnet.train.data import (
     split_documents,
 )
 from retnet.train.distributed import is_distributed
-from retnet.train.grpo_sampling import sample, stop_tokens, uniforms
+from retnet.train.grpo_sampling import gathered_weights, sample, stop_tokens, uniforms
 from retnet.train.preference import pack_completions
 from retnet.train.prompts import PromptEncoder, Prompts, load_prompt_rows
 from retnet.train.rewards import RewardSources, reward_arguments, reward_values
@@ -325,16 +325,17 @@ class GrpoData:
         training = self.policy.training
         self.policy.eval()
         try:
-            groups = max(1, self.micro_batch // generations)  # sampled together
-            for lo in range(0, len(ids), groups):
-                noise = torch.cat([uniforms(words, generations, cfg.max_completion_length)
-                                   for words in seeds[lo:lo + groups]]).to(self.device)
-                with self.autocast:
-                    done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise,
-                                       eos=self.stops, temperature=cfg.temperature, top_p=cfg.top_p,
-                                       all_ranks=self.all_ranks)
-                completions += done
-                clipped += cut
+            with gathered_weights(self.policy):
+                groups = max(1, self.micro_batch // generations)  # sampled together
+                for lo in range(0, len(ids), groups):
+                    noise = torch.cat([uniforms(words, generations, cfg.max_completion_length)
+                                       for words in seeds[lo:lo + groups]]).to(self.device)
+                    with self.autocast:
+                        done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise,
+                                           eos=self.stops, temperature=cfg.temperature, top_p=cfg.top_p,
+                                           all_ranks=self.all_ranks)
+                    completions += done
+                    clipped += cut
         finally:
             self.policy.train(training)
         rows = np.repeat(ids, generations)

@@ -9,10 +9,13 @@ runs one token per forward for every row at once, until every row has sampled a 
 the model's ``generation_config.eos_token_id``, :func:`stop_tokens`) or the uniforms' length. A token is picked by
 inverse CDF over the (``top_p``-cut, ``temperature``-scaled) distribution sorted by probability. Under FSDP every
 forward is a collective: each rank decodes until every rank's rows are done (a max all-reduce per token), its
-finished rows fed a stop id and their draws dropped.
+finished rows fed a stop id and their draws dropped; :func:`gathered_weights` all-gathers each layer's weights
+once for the whole loop instead of once per decoded token.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -27,6 +30,26 @@ def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p
     cdf = probs.cumsum(dim=-1)
     index = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
     return order.gather(-1, index[:, None]).squeeze(-1)
+
+
+@contextlib.contextmanager
+def gathered_weights(model: torch.nn.Module):
+    """Under FSDP2 (``fully_shard``): each sharded module keeps the weights its first forward all-gathers until
+    the block ends, then frees them. Sampling runs one small forward per decoded token, each of which would
+    otherwise all-gather every layer again (the traffic of the whole model per token); the price is the whole
+    model's unsharded weights on every rank for the block, as a colocated sampler holds them. Without FSDP: nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
+            # As fully_shard left them: the layers reshard after forward; the root (the outermost) does not.
+            module.set_reshard_after_forward(module is not sharded[0], recurse=False)
 
 
 def stop_tokens(tokenizer, generation_config=None) -> list[int]:

@@ -31,7 +31,7 @@ from retnet.train.grpo import (
     reward_values,
     token_logps,
 )
-from retnet.train.grpo_sampling import sample, stop_tokens, uniforms
+from retnet.train.grpo_sampling import gathered_weights, sample, stop_tokens, uniforms
 
 from .conftest import metrics, save_micro_base
 
@@ -592,11 +592,24 @@ def _sample_on_two_fsdp_ranks(rank: int, port: int, base: str, out: str) -> None
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        forwards = []
+        forwards, gathers = [], []
         model.register_forward_hook(lambda *_: forwards.append(1))
+        # What FSDP2 gathers a module's shards with (all_gather_single from torch 2.12; before, into_tensor).
+        name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+        all_gather = getattr(dist, name)
+
+        def counted(*args, **kwargs):
+            gathers.append(1)
+            return all_gather(*args, **kwargs)
+
+        setattr(dist, name, counted)
         synced, _ = sample(model, prompts, noise, eos=eos, top_p=1e-6, all_ranks=True)
-        torch.save({"alone": alone, "synced": synced, "forwards": len(forwards), "firsts": firsts},
-                   Path(out) / f"{rank}.pt")
+        per_token = len(gathers)
+        with gathered_weights(model):
+            once, _ = sample(model, prompts, noise, eos=eos, top_p=1e-6, all_ranks=True)
+        torch.save({"alone": alone, "synced": synced, "once": once, "forwards": len(forwards), "firsts": firsts,
+                    "gathers": (per_token, len(gathers) - per_token), "layers": len(model.model.layers),
+                    "after": type(next(model.parameters())).__name__}, Path(out) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -611,7 +624,13 @@ def test_fsdp_ranks_decode_until_every_rank_is_done(toy, tmp_path):
     start_processes(_sample_on_two_fsdp_ranks, args=(free_port(), str(toy / "base"), str(tmp_path)), nprocs=2,
                     start_method="fork")  # spawn would import torch and this module again, ~10 s
     ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in (0, 1)]
-    assert [r["forwards"] for r in ranks] == [12, 12]
+    assert [r["forwards"] for r in ranks] == [24, 24]
+    for r in ranks:
+        # Without gathered_weights each layer is gathered at every one of the 12 forwards (the root once: FSDP2 keeps
+        # the root's weights after forward); within it each layer once (the root is still gathered).
+        assert r["gathers"] == (12 * r["layers"] + 1, r["layers"]), r["gathers"]
+        assert r["after"] == "DTensor"  # resharded when the block ends
+        assert all(np.array_equal(a, b) for a, b in zip(r["alone"], r["once"], strict=True))
     first = ranks[0]
     assert [c.tolist() for c in first["alone"]] == [[first["firsts"][0]]] * 2 + [[first["firsts"][1]]] * 2
     assert all(len(c) == 12 for c in ranks[1]["alone"])  # no EOS: the rank runs to max length
