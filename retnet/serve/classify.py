@@ -149,6 +149,16 @@ class EmbeddingRequest(EncodingFields):
     normalize: bool | None = None
 
 
+class ListResponse(BaseModel):
+    """What vLLM's pooling responses share: ``id`` (each route's prefix, given by the subclass), ``object``
+    ``"list"``, ``created``, ``model``; each subclass adds its ``data`` and ``usage``."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+
+
 class ClassifyData(BaseModel):
     index: int
     label: str
@@ -156,11 +166,8 @@ class ClassifyData(BaseModel):
     num_classes: int
 
 
-class ClassifyResponse(BaseModel):
+class ClassifyResponse(ListResponse):
     id: str = Field(default_factory=lambda: random_id("classify"))
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     data: list[ClassifyData]
     usage: Usage
 
@@ -171,11 +178,8 @@ class PoolingData(BaseModel):
     data: list[float] | str
 
 
-class PoolingResponse(BaseModel):
+class PoolingResponse(ListResponse):
     id: str = Field(default_factory=lambda: random_id("pool"))
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     data: list[PoolingData]
     usage: Usage
 
@@ -191,13 +195,10 @@ class EmbeddingUsage(BaseModel):
     total_tokens: int
 
 
-class EmbeddingResponse(BaseModel):
+class EmbeddingResponse(ListResponse):
     """OpenAI's (``object``, ``data``, ``model``, ``usage``), with vLLM's ``id`` and ``created``."""
 
     id: str = Field(default_factory=lambda: random_id("embd"))
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     data: list[EmbeddingData]
     usage: EmbeddingUsage
 

@@ -19,7 +19,6 @@ pack into the same forwards. The checks and the tokenization are the pooling han
 from __future__ import annotations
 
 import functools
-import time
 from typing import Literal
 
 import torch
@@ -28,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from retnet.serve.classify import (
     ACTIVATION_FIELDS,
     ClassifyServing,
+    EmbeddingUsage,
     EmbedServing,
     InputFields,
+    ListResponse,
     _asked_activation,
     pair_token_ids,
 )
@@ -128,11 +129,8 @@ class ScoreData(BaseModel):
     score: float
 
 
-class ScoreResponse(BaseModel):
+class ScoreResponse(ListResponse):
     id: str = Field(default_factory=lambda: random_id("score"))
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     data: list[ScoreData]
     usage: Usage
 
@@ -147,15 +145,10 @@ class RerankResult(BaseModel):
     relevance_score: float
 
 
-class RerankUsage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
 class RerankResponse(BaseModel):
     id: str = Field(default_factory=lambda: random_id("rerank"))
     model: str
-    usage: RerankUsage
+    usage: EmbeddingUsage  # vLLM's RerankUsage: the same two counts
     results: list[RerankResult]
 
     def body(self) -> dict:
@@ -193,7 +186,7 @@ class ScoreServing:
         results = [RerankResult(index=i, relevance_score=scores[i],
                                 document=RerankDocument(text=documents[i]) if request.return_documents else None)
                    for i in order[: request.top_n or None]]
-        return RerankResponse(model=model, usage=RerankUsage(prompt_tokens=tokens, total_tokens=tokens),
+        return RerankResponse(model=model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
                               results=results)
 
     def _check(self, request: ScoreFields) -> str:
