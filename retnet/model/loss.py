@@ -99,27 +99,31 @@ def linear_cross_entropy(
     labels: torch.LongTensor,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_tokens: int | None = None,
+    shifted: bool = False,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) of the logits ``hidden_states @ weight.T``, computed ``chunk_tokens``
     tokens at a time (default: 256 MiB of fp32 logits a chunk).
 
     ``hidden_states`` ``[B, T, D]``, ``weight`` ``[vocab, D]`` (the LM head's, tied or not), ``labels`` ``[B, T]``
-    unshifted, −100 ignored; ``num_items_in_batch`` replaces the mean's denominator, as in ``causal_lm_loss``.
+    unshifted (``shifted``: already moved left), −100 ignored; ``num_items_in_batch`` replaces the mean's
+    denominator, as in ``causal_lm_loss``.
     """
     if hidden_states.dim() != 3 or labels.shape != hidden_states.shape[:2]:
         raise ValueError(f"linear_cross_entropy: hidden_states must be [B, T, D] and labels [B, T]; got "
                          f"{list(hidden_states.shape)} and {list(labels.shape)}")
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     # the labels move left (the last position of each row predicts nothing), as in causal_lm_loss
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).to(hidden.device)
+    if not shifted:
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    targets = labels.reshape(-1).to(hidden.device)
     if num_items_in_batch is None:
-        denominator = (shifted != IGNORE_INDEX).sum().float()
+        denominator = (targets != IGNORE_INDEX).sum().float()
     else:
         denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"linear_cross_entropy: chunk_tokens must be at least 1; got {chunk_tokens}")
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, shifted, denominator, chunk, torch.is_grad_enabled())
+    return _LinearCrossEntropy.apply(hidden, weight, targets, denominator, chunk, torch.is_grad_enabled())
 
 
 __all__ = ["linear_cross_entropy"]

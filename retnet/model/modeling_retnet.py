@@ -8,6 +8,7 @@ file only projects, positions, masks and normalises around it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from retnet.kernels.checks import SharedHostOffsets
 from retnet.model.activations import SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
+from retnet.model.context_parallel import ContextShard, add_incoming, incoming_state
 from retnet.model.loss import linear_cross_entropy
 
 try:  # transformers' guarded initialisers leave weights that were loaded from a checkpoint untouched
@@ -268,11 +270,14 @@ class RetNetMultiScaleRetention(nn.Module):
         mode: str,
         cu_seqlens: torch.Tensor | None = None,
         packed_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context: ContextShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``positions``: the forward's :class:`RetNetPositionEncoding`; each of its pieces runs in its own xPos
         frame, the state carried from piece to piece. ``packed_rows``: ``(index, row_cu_seqlens)`` of the real
         tokens of a padded batch (see :func:`_pack_padded_rows`); retention then runs on those alone, one packed
-        sequence per row (in one piece)."""
+        sequence per row (in one piece). ``context``: this rank's piece of a row split across ranks
+        (:mod:`retnet.model.context_parallel`); its first sequence then also reads the state the earlier pieces
+        leave, and no state is returned."""
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
@@ -287,9 +292,16 @@ class RetNetMultiScaleRetention(nn.Module):
             last = number == len(positions.pieces) - 1
             o, state = self._retain(q_piece, k_piece, v[:, tokens],
                                     None if token_mask is None else token_mask[:, tokens], state,
-                                    output_final_state or not last, mode, cu_seqlens, packed_rows)
+                                    output_final_state or not last or context is not None, mode, cu_seqlens,
+                                    packed_rows)
             outputs.append(o)
         o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
+        if context is not None:  # one piece: the model refuses xPos (its frames) under context parallelism
+            log_decay = self.log_decay(q.device)
+            last_state = state if cu_seqlens is None else state[-1:]
+            o = add_incoming(o, q_piece, incoming_state(last_state, log_decay, context), log_decay,
+                             self.head_dim ** -0.5, context.first_length)
+            state = None
         if state is not None and positions.final_shift is not None:
             state = state * positions.final_shift
         o = self.head_norm(o) if self.head_norm is not None else o.flatten(-2)
@@ -352,10 +364,10 @@ class RetNetDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, positions, token_mask, initial_state, output_final_state, mode, cu_seqlens,
-                packed_rows=None):
+                packed_rows=None, context=None):
         retained, state = self.retention(
             self.retention_norm(hidden_states), positions, token_mask, initial_state, output_final_state,
-            mode, cu_seqlens, packed_rows,
+            mode, cu_seqlens, packed_rows, context,
         )
         hidden_states = hidden_states + self.dropout(retained)
         hidden_states = hidden_states + self.dropout(self.mlp(self.ffn_norm(hidden_states)))
@@ -493,6 +505,7 @@ class RetNetModel(RetNetPreTrainedModel):
         retention_mode: str | None = None,
         cu_seqlens: torch.Tensor | None = None,
         past_key_values: RetNetCache | None = None,
+        context_parallel: ContextShard | None = None,
         **kwargs,
     ) -> RetNetModelOutput | tuple:
         """Run the decoder.
@@ -513,16 +526,25 @@ class RetNetModel(RetNetPreTrainedModel):
                 go back into the cache. ``RetNetForCausalLM``'s ``logits_to_keep=cu_seqlens[1:] - 1`` then
                 gives each sequence's last-token logits. Its values are read to the host (checked, and sizing
                 the kernels' work) once per forward, whatever the depth.
+            context_parallel: this rank's piece of a row split along time across a group of ranks (training;
+                see :mod:`retnet.model.context_parallel` and its ``shard_sequences``). Every rank of the group
+                runs its piece at once; positions continue from the earlier pieces. No cache, attention mask,
+                ``position_ids`` or xPos with it.
         """
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
         output_hidden_states = bool(output_hidden_states)
+        asked_for_cache = use_cache is True
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden_states.shape[:2]
         mode = retention_mode or self.config.retention_mode
+        if context_parallel is not None:
+            context_parallel = self._check_context(context_parallel, length, cache, asked_for_cache, attention_mask,
+                                                   position_ids, cu_seqlens)
+            use_cache = False
         # Every layer's ops read the packed offsets on the host (to check them, to size their work): through
         # this, once per forward rather than a few device syncs per layer (retnet.kernels.checks).
         shared_offsets = SharedHostOffsets()
@@ -562,7 +584,12 @@ class RetNetModel(RetNetPreTrainedModel):
         past_offsets = None if cache is None else cache.offsets
         custom_positions = position_ids is not None
         if position_ids is None:
-            position_ids = self._positions(batch, length, token_mask, past_offsets, cu_seqlens, hidden_states.device)
+            offsets = past_offsets
+            if context_parallel is not None:  # the first sequence's positions go on from the earlier pieces
+                rows = batch if cu_seqlens is None else len(cu_seqlens) - 1
+                offsets = torch.zeros(rows, dtype=torch.long, device=hidden_states.device)
+                offsets[0 if cu_seqlens is not None else slice(None)] = context_parallel.offset
+            position_ids = self._positions(batch, length, token_mask, offsets, cu_seqlens, hidden_states.device)
         packed_rows = None if token_mask is None else _pack_padded_rows(token_mask, past_offsets is not None)
         new_offsets = None
         if cache is not None:
@@ -591,7 +618,7 @@ class RetNetModel(RetNetPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             initial_state = None if cache is None else cache.states[index]
             args = (hidden_states, positions, token_mask, initial_state, cache is not None, mode, cu_seqlens,
-                    packed_rows)
+                    packed_rows, context_parallel)
             run = _sharing_host_offsets(layer.__call__, shared_offsets) if packed else layer.__call__
             if checkpointing:
                 # (the recomputation in backward runs `run` again, so it shares the forward's read too)
@@ -684,6 +711,23 @@ class RetNetModel(RetNetPreTrainedModel):
                     "or use_cache=False"
                 )
         return relative, target
+
+    def _check_context(self, shard: ContextShard, length, cache, use_cache, attention_mask, position_ids,
+                       cu_seqlens) -> ContextShard:
+        """Refuse what context parallelism cannot run; fill in the piece's first sequence length."""
+        refused = {"a cache": cache is not None or use_cache is True, "an attention_mask": attention_mask is not None,
+                   "position_ids (positions come from the shard)": position_ids is not None,
+                   "config.use_xpos (its frames are per forward)": self.config.use_xpos}
+        for what, given in refused.items():
+            if given:
+                raise ValueError(f"context_parallel cannot take {what}")
+        if length != shard.length:
+            raise ValueError(f"context_parallel: piece {shard.rank} of {shard.size} has {shard.length} tokens "
+                             f"(shard.lengths[{shard.rank}]); got {length}")
+        if shard.first_length is None:
+            first = length if cu_seqlens is None else int(cu_seqlens[1])  # one host read per forward
+            shard = dataclasses.replace(shard, first_length=first)
+        return shard
 
     @staticmethod
     def _positions(batch, length, token_mask, past_offsets, cu_seqlens, device) -> torch.Tensor:
@@ -806,14 +850,20 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: RetNetCache | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        context_parallel: ContextShard | None = None,
         **kwargs,
     ) -> RetNetCausalLMOutput | tuple:
         """Logits ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when an int > 0, only the
         positions it lists when an index tensor, e.g. ``cu_seqlens[1:] - 1`` for the last token of each packed
         sequence) and, with ``labels`` ``[B, T]``, the next-token cross-entropy with −100 ignored (nan when
         no label counts, all −100 or T = 0, on the fused head as on the plain one; see :func:`causal_lm_loss`).
-        Other arguments as :meth:`RetNetModel.forward`."""
+        ``shift_labels`` ``[B, T]`` instead: labels already moved left (position t's is the token after t), as
+        transformers names them; a piece of a row split by ``context_parallel`` needs them, its last token
+        predicting the next piece's first. Other arguments as :meth:`RetNetModel.forward`."""
         _check_cache_and_outputs(cache if cache is not None else past_key_values, kwargs)
+        if labels is not None and shift_labels is not None:
+            raise ValueError("pass labels or shift_labels, not both")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -825,8 +875,11 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             return_dict=True,
             retention_mode=retention_mode,
             cu_seqlens=cu_seqlens,
+            context_parallel=context_parallel,
         )
         hidden_states = outputs.last_hidden_state
+        shifted = shift_labels is not None
+        labels = shift_labels if shifted else labels
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
@@ -838,11 +891,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             if type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:
                 raise ValueError(f"fuse_linear_cross_entropy needs lm_head to be a bias-free nn.Linear; it is "
                                  f"{self.lm_head!r}: set config.fuse_linear_cross_entropy = False")
-            loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, num_items_in_batch)
+            loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, num_items_in_batch,
+                                        shifted=shifted)
         else:
             logits = self.lm_head(hidden_states)
             if labels is not None:
-                loss = causal_lm_loss(logits, labels, num_items_in_batch)
+                loss = causal_lm_loss(logits, labels, num_items_in_batch, shifted=shifted)
         output = RetNetCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -996,20 +1050,24 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
+    logits: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None,
+    shifted: bool = False,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) over labels that are not −100; ``num_items_in_batch``
     replaces the mean's denominator when gradient accumulation needs a global count.
 
     With no label to predict (all −100, or T = 0) the mean is over nothing: nan, with zero gradients, as
     ``F.cross_entropy`` and transformers' causal-LM loss give it (and the fused head,
-    ``config.fuse_linear_cross_entropy``, alike); with ``num_items_in_batch`` it is 0."""
+    ``config.fuse_linear_cross_entropy``, alike); with ``num_items_in_batch`` it is 0. ``shifted``: the labels
+    are already moved left (transformers' ``shift_labels``)."""
     # The labels move left, not the logits: slicing [B, T, vocab] logits copies them forward and fills a
     # zero gradient as large backward (about a tenth of a CPU training step at vocab 16k). The last
     # position gets label −100 and drops out of the mean. Padded before the shift, as transformers does: a
     # pad after it would give a T = 0 batch B labels for its 0 logits.
     flat_logits = logits.float().reshape(-1, logits.shape[-1])
-    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(flat_logits.device)
+    if not shifted:
+        labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    shift_labels = labels.reshape(-1).to(flat_logits.device)
     if num_items_in_batch is None:
         return F.cross_entropy(flat_logits, shift_labels, ignore_index=-100)
     total = F.cross_entropy(flat_logits, shift_labels, ignore_index=-100, reduction="sum")

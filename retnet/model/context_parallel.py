@@ -1,0 +1,176 @@
+"""Context parallelism: one long (packed) row split along time across the ranks of a group.
+
+Each rank runs its piece of the row through every layer. Retention is the only op that looks back in time,
+and what it carries forward is one fixed-size state per sequence, so a rank needs from its predecessors only
+the state their pieces leave behind, not their tokens (ring attention passes every key and value around).
+Per retention layer a rank computes its piece from a zero state, keeping the state its last sequence ends
+with; the group all-gathers those states; each rank folds the states of the pieces before it into the state
+its first sequence starts from,
+
+    S_in(r) = Σ_{j<r} S_last(j) · Π_{j<i<r} γ^{L_i} (only while pieces i hold one continuing sequence),
+
+and adds that state's share to its first sequence's outputs, ``scale · γ^{t+1} · q_t S_in`` (the state is
+linear in its start, so this equals running the piece from ``S_in``). Gradients flow back through the
+gather: its backward all-reduces the states' gradients, so every piece's keys and values learn from the
+later pieces that read them. Positions continue across pieces (a sequence's first token on rank r is at
+the position its earlier pieces end at), so the pieces' losses add up to the whole row's.
+
+One gather of ``[B, H, K, V]`` fp32 per layer and direction; nothing else crosses ranks. Run the collectives
+on a group of their own (``torch.distributed.new_group``), so data-parallel all-reduces never interleave.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ContextShard:
+    """This rank's piece of a row split along time into ``size`` pieces, and every piece's layout.
+
+    ``lengths``: each piece's token count, in order. ``offsets``: per piece, how many tokens of its first
+    sequence lie on earlier pieces (0: it starts a sequence, no state comes in). ``single``: per piece,
+    whether it holds one sequence only, so that a state coming in also passes through it to the next piece.
+    For unpacked rows (``[B, T]``, one sequence per row) every piece is single and offsets are the pieces'
+    starts. ``group``: the process group of the ``size`` ranks, in piece order (None: the default group).
+    ``first_length``: the tokens of this piece's first sequence (None: the model reads it from the piece's
+    ``cu_seqlens``, or takes the whole piece when unpacked)."""
+
+    rank: int
+    size: int
+    lengths: tuple[int, ...]
+    offsets: tuple[int, ...]
+    single: tuple[bool, ...]
+    group: dist.ProcessGroup | None = None
+    first_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"ContextShard: rank must be in [0, size) with size >= 1; got rank={self.rank}, "
+                             f"size={self.size}")
+        for name in ("lengths", "offsets", "single"):
+            if len(getattr(self, name)) != self.size:
+                raise ValueError(f"ContextShard: {name} needs one entry per piece ({self.size}); "
+                                 f"got {len(getattr(self, name))}")
+        if self.offsets[0] != 0:
+            raise ValueError(f"ContextShard: the first piece has nothing before it (offsets[0] = 0); "
+                             f"got {self.offsets[0]}")
+        if min(self.lengths) < 1:
+            raise ValueError(f"ContextShard: every piece needs at least one token; got lengths {self.lengths}")
+
+    @property
+    def length(self) -> int:
+        return self.lengths[self.rank]
+
+    @property
+    def offset(self) -> int:
+        return self.offsets[self.rank]
+
+
+def shard_sequences(input_ids: torch.Tensor, labels: torch.Tensor | None, rank: int, size: int,
+                    cu_seqlens: torch.Tensor | None = None,
+                    group: dist.ProcessGroup | None = None) -> tuple[dict[str, torch.Tensor], ContextShard, int]:
+    """Cut ``input_ids`` ``[B, T]`` (and unshifted ``labels``, −100 ignored) into ``size`` equal pieces along
+    time and return this rank's: ``(inputs, shard, targets)``.
+
+    ``inputs`` holds ``input_ids`` ``[B, T/size]``, ``shift_labels`` (the labels already moved left on the
+    whole row, so a piece's last token predicts the next piece's first) and, for a packed row (``cu_seqlens``
+    ``[N + 1]``, B = 1), the piece's own ``cu_seqlens``; pass them with ``context_parallel=shard`` to
+    ``RetNetForCausalLM``. ``targets``: the whole row's labels that count (the same on every rank), the
+    ``num_items_in_batch`` under which the pieces' losses add up to the row's mean."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"shard_sequences: input_ids must be [B, T]; got {tuple(input_ids.shape)}")
+    batch, length = input_ids.shape
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"shard_sequences: rank must be in [0, size) with size >= 1; got rank={rank}, size={size}")
+    if length % size:
+        raise ValueError(f"shard_sequences: a row of {length} tokens does not split into {size} equal pieces "
+                         f"(context parallel size {size}); make the row length a multiple of it")
+    piece = length // size
+    start, end = rank * piece, (rank + 1) * piece
+    inputs = {"input_ids": input_ids[:, start:end]}
+    targets = 0
+    if labels is not None:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"shard_sequences: labels must match input_ids {tuple(input_ids.shape)}; "
+                             f"got {tuple(labels.shape)}")
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        inputs["shift_labels"] = shifted[:, start:end]
+        targets = int((shifted != IGNORE_INDEX).sum())
+    if cu_seqlens is None:
+        shard = ContextShard(rank, size, (piece,) * size, tuple(p * piece for p in range(size)), (True,) * size,
+                             group, piece)
+        return inputs, shard, targets
+    if batch != 1:
+        raise ValueError(f"shard_sequences: cu_seqlens needs the sequences packed into one row (B=1); got B={batch}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != length or any(b <= a for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"shard_sequences: cu_seqlens must rise strictly from 0 to the row length {length}; "
+                         f"got {bounds}")
+    offsets, single = [], []
+    for p in range(size):
+        first = torch.searchsorted(cu_seqlens.cpu(), torch.tensor(p * piece), right=True).item() - 1
+        offsets.append(p * piece - bounds[first])
+        single.append(bounds[first + 1] >= (p + 1) * piece)
+    inside = [b - start for b in bounds if start < b < end]
+    inputs["cu_seqlens"] = torch.tensor([0, *inside, piece], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    shard = ContextShard(rank, size, (piece,) * size, tuple(offsets), tuple(single), group,
+                         inside[0] if inside else piece)
+    return inputs, shard, targets
+
+
+class _GatherStates(torch.autograd.Function):
+    """All-gather of each rank's state ``[B, H, K, V]`` -> ``[size, B, H, K, V]``; the backward sums every
+    rank's gradient for a slot and hands each rank its own (an all-reduce: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, state: torch.Tensor, shard: ContextShard) -> torch.Tensor:
+        ctx.shard = shard
+        state = state.contiguous()
+        gathered = [torch.empty_like(state) for _ in range(shard.size)]
+        dist.all_gather(gathered, state, group=shard.group)
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.shard.group)
+        return grad[ctx.shard.rank], None
+
+
+def incoming_state(last_state: torch.Tensor, log_decay: torch.Tensor, shard: ContextShard) -> torch.Tensor:
+    """The state ``[B, H, K, V]`` fp32 this rank's first sequence starts from, given the state ``last_state``
+    its own last sequence ends with (from a zero start). Every rank of the group must call it, in the same
+    order: it all-gathers, and in backward all-reduces."""
+    gathered = _GatherStates.apply(last_state.float(), shard) if shard.size > 1 else last_state.float()[None]
+    # Built from the gathered states even where none is read (rank 0, a piece that starts a sequence): every
+    # rank then takes part in the backward's all-reduce, which would otherwise wait for it forever.
+    state = gathered[0] * 0
+    for piece in range(shard.rank):
+        if shard.single[piece] and shard.offsets[piece] > 0:  # a continuing sequence carries the state through
+            state = state * torch.exp(log_decay * shard.lengths[piece])[None, :, None, None]
+        else:
+            state = state * 0
+        state = state + gathered[piece]
+    return state if shard.offset > 0 else state * 0
+
+
+def add_incoming(o: torch.Tensor, q: torch.Tensor, state: torch.Tensor, log_decay: torch.Tensor, scale: float,
+                 first_length: int) -> torch.Tensor:
+    """``o`` ``[B, T, H, V]`` plus the share of ``state`` ``[B, H, K, V]`` in the first ``first_length`` tokens'
+    outputs: ``scale · γ^{t+1} · q_t S`` (``q`` ``[B, T, H, K]``, rotated as retention reads it)."""
+    steps = torch.arange(1, first_length + 1, device=q.device, dtype=torch.float32)
+    decay = torch.exp(steps[:, None] * log_decay[None, :])  # [T1, H]
+    share = torch.einsum("bthk,bhkv->bthv", q[:, :first_length].float() * decay[None, :, :, None], state)
+    head = o[:, :first_length] + (scale * share).to(o.dtype)
+    return head if first_length == o.shape[1] else torch.cat([head, o[:, first_length:]], 1)
+
+
+__all__ = ["ContextShard", "add_incoming", "incoming_state", "shard_sequences"]

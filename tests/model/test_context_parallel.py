@@ -1,0 +1,135 @@
+"""Context parallelism (retnet/model/context_parallel.py): a row split along time across real torchrun (gloo)
+ranks gives the whole row's outputs, loss and gradients; the layouts and refusals in one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retnet.model.context_parallel import ContextShard, incoming_state, shard_sequences
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
+from context_parallel_cases import CASES, PIECE, PIECES, build_case  # noqa: E402
+
+REPO = HERE.parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cp")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={PIECES}", "--nnodes=1",
+               f"--master_port={_free_port()}", str(HERE / "context_parallel_worker.py"), str(out)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(PIECES)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pieces_give_the_whole_rows_outputs_loss_and_gradients(ranks_results, name):
+    model, input_ids, labels, cu_seqlens, mode = build_case(name)
+    whole = model(input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens, retention_mode=mode, use_cache=False,
+                  output_hidden_states=True)
+    whole.loss.backward()
+    pieces = [results[name] for results in ranks_results]
+    hidden = torch.cat([piece["hidden"] for piece in pieces], 1)
+    torch.testing.assert_close(hidden, whole.hidden_states[-1].detach(), rtol=1e-4, atol=1e-5)
+    # num_items_in_batch = the whole row's targets: the pieces' losses add up to its mean
+    torch.testing.assert_close(sum(piece["loss"] for piece in pieces), whole.loss.detach(), rtol=1e-5, atol=1e-6)
+    for param_name, param in model.named_parameters():
+        summed = sum(piece["grads"][param_name] for piece in pieces)
+        torch.testing.assert_close(summed, param.grad, rtol=1e-4, atol=1e-6, msg=param_name)
+
+
+def test_without_the_earlier_pieces_state_the_outputs_differ(ranks_results):
+    """The check above can fail: the last piece run alone from a zero state (positions as in the row) is off."""
+    model, input_ids, _, _, mode = build_case("rows_chunkwise")
+    whole = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, retention_mode=mode)
+    alone = model(input_ids=input_ids[:, -PIECE:], position_ids=torch.arange(2 * PIECE, 3 * PIECE)[None],
+                  use_cache=False, output_hidden_states=True, retention_mode=mode)
+    assert (alone.hidden_states[-1] - whole.hidden_states[-1][:, -PIECE:]).abs().max() > 1e-2
+    torch.testing.assert_close(ranks_results[-1]["rows_chunkwise"]["hidden"], whole.hidden_states[-1][:, -PIECE:],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_one_piece_is_the_plain_forward(model_factory):
+    model = model_factory()
+    input_ids = torch.randint(2, 101, (1, 45))
+    cu_seqlens = torch.tensor([0, 7, 30, 45], dtype=torch.int32)
+    inputs, shard, targets = shard_sequences(input_ids, input_ids, 0, 1, cu_seqlens)
+    split = model(**inputs, context_parallel=shard, num_items_in_batch=targets)
+    plain = model(input_ids=input_ids, labels=input_ids, cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(split.logits, plain.logits)
+    torch.testing.assert_close(split.loss, plain.loss)
+
+
+def test_layout_of_a_packed_row():
+    input_ids = torch.arange(12)[None]
+    cu_seqlens = torch.tensor([0, 2, 9, 12], dtype=torch.int32)  # documents 0..2, 2..9, 9..12; pieces of 4
+    labels = input_ids.clone()
+    labels[0, [0, 2, 9]] = -100
+    layouts = [shard_sequences(input_ids, labels, rank, 3, cu_seqlens) for rank in range(3)]
+    shard = layouts[0][1]
+    assert shard.offsets == (0, 2, 6) and shard.single == (False, True, False)
+    assert [layout[0]["cu_seqlens"].tolist() for layout in layouts] == [[0, 2, 4], [0, 4], [0, 1, 4]]
+    assert [layout[1].first_length for layout in layouts] == [2, 4, 1]
+    # the labels move left on the whole row: piece 0's last token predicts piece 1's first
+    assert layouts[0][0]["shift_labels"].tolist() == [[1, -100, 3, 4]]
+    assert layouts[2][0]["shift_labels"].tolist() == [[-100, 10, 11, -100]]
+    assert {layout[2] for layout in layouts} == {9}
+
+
+def test_layout_of_unpacked_rows():
+    inputs, shard, targets = shard_sequences(torch.zeros(2, 9, dtype=torch.long), None, 2, 3)
+    assert inputs["input_ids"].shape == (2, 3) and "shift_labels" not in inputs and targets == 0
+    assert shard.offsets == (0, 3, 6) and shard.single == (True, True, True) and shard.offset == 6
+
+
+def test_state_folding_follows_the_layout(monkeypatch):
+    """The fold of the gathered states, one process: decay through continuing single pieces, reset elsewhere."""
+    states = torch.rand(4, 1, 2, 3, 3)
+    monkeypatch.setattr("retnet.model.context_parallel._GatherStates.apply", lambda state, shard: states)
+    log_decay = torch.log(torch.tensor([0.5, 0.9]))
+    gamma = torch.exp(log_decay)[None, :, None, None]
+    # piece 1 continues and is single (decays by γ^5 and adds), piece 2 starts fresh (resets), piece 3 continues
+    shard = ContextShard(3, 4, (5, 5, 5, 5), (0, 3, 0, 2), (False, True, True, True))
+    torch.testing.assert_close(incoming_state(states[3], log_decay, shard), states[2])
+    shard = ContextShard(2, 4, (5, 5, 5, 5), (0, 3, 4, 2), (False, True, True, True))
+    torch.testing.assert_close(incoming_state(states[2], log_decay, shard), states[0] * gamma ** 5 + states[1])
+    shard = ContextShard(2, 4, (5, 5, 5, 5), (0, 3, 0, 2), (False, True, True, True))
+    assert incoming_state(states[2], log_decay, shard).abs().max() == 0
+
+
+def test_refusals(model_factory):
+    model = model_factory()
+    with pytest.raises(ValueError, match="does not split into 4 equal pieces"):
+        shard_sequences(torch.zeros(1, 10, dtype=torch.long), None, 0, 4)
+    with pytest.raises(ValueError, match="must rise strictly"):
+        shard_sequences(torch.zeros(1, 10, dtype=torch.long), None, 0, 2, torch.tensor([0, 6, 6, 10]))
+    with pytest.raises(ValueError, match="offsets\\[0\\]"):
+        ContextShard(0, 2, (3, 3), (1, 0), (True, True))
+    inputs, shard, _ = shard_sequences(torch.randint(2, 101, (1, 8)), None, 1, 2)
+    with pytest.raises(ValueError, match="piece 1 of 2 has 4 tokens"):
+        model(input_ids=inputs["input_ids"][:, :3], context_parallel=shard)
+    with pytest.raises(ValueError, match="cannot take an attention_mask"):
+        model(**inputs, context_parallel=shard, attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="cannot take a cache"):
+        model(**inputs, context_parallel=shard, use_cache=True)
+    with pytest.raises(ValueError, match="use_xpos"):
+        model_factory(use_xpos=True)(**inputs, context_parallel=shard)
+    with pytest.raises(ValueError, match="labels or shift_labels"):
+        model(input_ids=inputs["input_ids"], labels=inputs["input_ids"], shift_labels=inputs["input_ids"])
