@@ -382,7 +382,12 @@ class OptimConfig(_Section):
 @dataclass(kw_only=True, slots=True)
 class TrainConfig(_Section):
     """The loop. One optimizer step sees ``global_batch_size`` blocks of ``data.seq_len`` tokens, split as
-    ``micro_batch_size × grad_accum_steps × world_size``; the accumulation count is derived."""
+    ``micro_batch_size × grad_accum_steps × world_size``; the accumulation count is derived.
+
+    ``context_parallel``: C > 1 splits every micro-batch's row along time across C ranks (consecutive ranks: 0..C-1
+    are one group), each running its piece through the model (``retnet.model.context_parallel``); the world's
+    W ranks are then W / C data-parallel groups, and the global batch splits over those:
+    ``micro_batch_size × grad_accum_steps × world_size / context_parallel``."""
 
     output_dir: str = "runs/default"
     steps: int = 1000
@@ -397,12 +402,15 @@ class TrainConfig(_Section):
     resume: str = "auto"  # auto (latest valid checkpoint in output_dir, else start) | none | a checkpoint dir
     eval_interval: int = 100  # steps; 0 = only at the start and the end
     eval_blocks: int = 128  # validation blocks per evaluation (evenly spaced over the split), shared by the ranks
+    context_parallel: int = 1  # ranks that split each row along time (1 = none); must divide the world size
 
     def __post_init__(self) -> None:
         if not self.output_dir:
             _refuse("train.output_dir", "must be a directory path", self.output_dir)
         _positive("train", self, "steps", "global_batch_size", "micro_batch_size", "eval_blocks")
         _positive("train", self, "eval_interval", allow_zero=True)
+        if self.context_parallel < 1:
+            _refuse("train.context_parallel", "must be >= 1 (1: no context parallelism)", self.context_parallel)
         # numpy's SeedSequence (the block permutation) takes no negative seed, torch.manual_seed none of 2**64
         if not 0 <= self.seed < 2**63:
             _refuse("train.seed", "must be in [0, 2**63)", self.seed)
@@ -419,14 +427,28 @@ class TrainConfig(_Section):
             _refuse("train.resume", "must be 'auto', 'none' or a checkpoint directory", self.resume)
 
     def grad_accum_steps(self, world_size: int) -> int:
-        """global_batch_size / (micro_batch_size × world_size), refusing a batch that does not divide."""
-        per_step = self.micro_batch_size * world_size
+        """global_batch_size / (micro_batch_size × data-parallel size), refusing a batch that does not divide.
+        The data-parallel size is ``world_size / context_parallel``: a context-parallel group reads one batch."""
+        self.check_world_size(world_size)
+        groups = world_size // self.context_parallel
+        per_step = self.micro_batch_size * groups
         if self.global_batch_size % per_step:
+            ranks = (f"world_size = {self.micro_batch_size} × {world_size}" if self.context_parallel == 1 else
+                     f"world_size / train.context_parallel = {self.micro_batch_size} × {world_size} / "
+                     f"{self.context_parallel}")
             raise ConfigError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size × world_size = {self.micro_batch_size} × {world_size} = {per_step}"
+                f"train.micro_batch_size × {ranks} = {per_step}"
             )
         return self.global_batch_size // per_step
+
+    def check_world_size(self, world_size: int) -> None:
+        """ConfigError unless ``context_parallel`` divides the world into whole groups."""
+        if world_size % self.context_parallel:
+            raise ConfigError(
+                f"train.context_parallel ({self.context_parallel}) must divide the world size ({world_size}): "
+                f"each context-parallel group is that many ranks; launch a multiple of it (torchrun "
+                f"--nproc-per-node), or set another train.context_parallel")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -499,6 +521,7 @@ class JobConfig(_Section):
 
     def __post_init__(self) -> None:
         _check_optimizer(self)
+        _check_context_parallel(self)  # before the post-training checks: it refuses them all
         _check_reward(self)  # first: its refusals name reward.enabled, not the DPO settings
         _check_dpo(self)
         _check_grpo(self)
@@ -519,6 +542,34 @@ class JobConfig(_Section):
                 and self.model.vocab_size < MIN_VOCAB_SIZE:
             _refuse("model.vocab_size", f"must be >= {MIN_VOCAB_SIZE} (256 bytes + EOS + pad) for the byte-level "
                     f"BPE trained when data.tokenizer is not given", self.model.vocab_size)
+
+
+def _check_context_parallel(job: JobConfig) -> None:
+    """ConfigError for ``train.context_parallel`` > 1 with what the pieces cannot be trained under: xPos (its
+    scaling is not continued across pieces), the post-training objectives (their losses and samplers are not
+    split along time yet), and a row that does not cut into equal pieces."""
+    size = job.train.context_parallel
+    if size == 1:
+        return
+    if job.model.extra.get("use_xpos"):
+        _refuse("model.extra.use_xpos", f"cannot be used with train.context_parallel {size} (the model refuses "
+                f"xPos under context parallelism): set model.extra.use_xpos=false or train.context_parallel=1",
+                job.model.extra["use_xpos"])
+    if job.reward.enabled or job.data.format in ("preference", "prompts"):
+        mode = ("a reward model (reward.enabled)" if job.reward.enabled else
+                "DPO (data.format 'preference')" if job.data.format == "preference" else
+                "GRPO (data.format 'prompts')")
+        _refuse("train.context_parallel", f"> 1 is not supported with {mode} yet; train it with "
+                f"train.context_parallel=1", size)
+    # The row the model reads: a packed micro-batch is flattened into one row of micro_batch_size × seq_len tokens
+    packed = job.data.document_boundaries
+    length = job.train.micro_batch_size * job.data.seq_len if packed else job.data.seq_len
+    if length % size:
+        what = (f"train.micro_batch_size × data.seq_len = {job.train.micro_batch_size} × {job.data.seq_len} = "
+                f"{length} (with data.document_boundaries a micro-batch is one packed row)" if packed
+                else f"data.seq_len = {length}")
+        _refuse("train.context_parallel", f"must divide the row each micro-batch is cut from, {what}, into equal "
+                f"pieces", size)
 
 
 def _check_optimizer(job: JobConfig) -> None:

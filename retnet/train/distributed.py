@@ -32,6 +32,25 @@ def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
     return rank, local_rank, world_size, device
 
 
+def context_parallel_group(rank: int, world_size: int, size: int) -> Any:
+    """The process group of this rank's context-parallel pieces: ranks ``g·size .. g·size + size − 1`` are group
+    ``g`` (a node's GPUs, where its all-gathers are fastest, for a size up to the GPUs of a node). None for size 1.
+
+    Every rank creates every group, in the same order (``new_group`` is a collective of the default group, even
+    for the ranks outside the new one). A group of its own: its all-gathers then never interleave with the data-
+    parallel all-reduces of the default group."""
+    if size == 1:
+        return None
+    if world_size % size:
+        raise ConfigError(f"train.context_parallel ({size}) must divide the world size ({world_size})")
+    mine = None
+    for start in range(0, world_size, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = group
+    return mine
+
+
 def is_distributed() -> bool:
     """Whether this process is one rank of a process group (torchrun with more than one process)."""
     return dist.is_available() and dist.is_initialized()

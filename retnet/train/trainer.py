@@ -20,6 +20,10 @@ of per-rank means is the global mean): a 2-rank run logs the same losses as a 1-
 global batch. Chat data (``data.format = "chat"``) counts only the assistant tokens, a different number in
 every block: each micro-batch's summed loss is divided by the global batch's target count
 (``num_items_in_batch``), so the micro-batches and ranks add up to the mean over the global batch's targets.
+With ``train.context_parallel`` C > 1 every C consecutive ranks form a group that holds one micro-batch, each
+rank running one piece of its row along time (``retnet.model.context_parallel``): the W / C groups are the
+data-parallel ranks the batches are dealt to, each piece's loss is its share of the row's (over the row's target
+count), and the run logs the losses a run without it logs.
 With ``lora.rank > 0`` (``retnet.train.lora``) peft's adapters are injected into the model before it is wrapped,
 and only they train: the optimizer holds them alone and, on a pretrained model, checkpoints hold only them.
 Preference pairs (``data.format = "preference"``) train with DPO: ``retnet.train.preference`` holds the reference
@@ -86,7 +90,7 @@ from retnet.train.config import (
     reward_changes,
 )
 from retnet.train.data import build_data, masked_labels, packed_segments, tokenizer_mismatch, vocab_bound
-from retnet.train.distributed import barrier, init_distributed, is_distributed
+from retnet.train.distributed import barrier, context_parallel_group, init_distributed, is_distributed
 from retnet.train.flops import flops_per_token, peak_flops
 from retnet.train.muon import MuonWithAdamW
 from retnet.train.optim import build_optimizer, get_lr, optimizer_note, set_lr
@@ -112,7 +116,13 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.local_rank, self.world_size, self.device = init_distributed(cfg.train.device)
         self.is_main = self.rank == 0
-        self.accum = cfg.train.grad_accum_steps(self.world_size)
+        self.accum = cfg.train.grad_accum_steps(self.world_size)  # (refuses a world that C does not divide)
+        # Context parallelism: the C ranks of a group hold one micro-batch, each a piece of its row; the groups are
+        # the data-parallel ranks, and the data is dealt to them (the ranks of a group read the same blocks).
+        self.cp_size = cfg.train.context_parallel
+        self.cp_rank, self.dp_rank = self.rank % self.cp_size, self.rank // self.cp_size
+        self.dp_size = self.world_size // self.cp_size
+        self.cp_group = context_parallel_group(self.rank, self.world_size, self.cp_size)
         self.output_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -166,8 +176,8 @@ class Trainer:
             _check_pretrained_dir(init_from)
         self.data = build_data(
             cfg.data, vocab_size=cfg.model.vocab_size or preset_vocab, seed=cfg.train.seed,
-            micro_batch=cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size, rank=self.rank,
-            local_rank=self.local_rank, world_size=self.world_size,
+            micro_batch=cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size, rank=self.dp_rank,
+            local_rank=self.local_rank, world_size=self.dp_size,
             tokenizer_dir=saved_tokenizer if reuse else init_from, barrier=barrier, hub_fingerprint=hub_fingerprint,
         )
         if cfg.reward.enabled:  # the same pairs, batches and position; a classifier's objective
@@ -190,6 +200,10 @@ class Trainer:
             # Loaded on every rank (the same file, the same weights), before DDP or FSDP wraps it. A resume
             # loads its checkpoint over them; the architecture is the same.
             self.model_config = _pretrained_config(init_from, overrides, self.tokenizer)
+            if self.cp_size > 1 and self.model_config.use_xpos:  # the config check sees only model.extra's
+                raise ConfigError(f"model.init_from {str(init_from)!r} uses xPos (use_xpos in its config.json), "
+                                  f"which cannot train with train.context_parallel {self.cp_size}; use "
+                                  f"train.context_parallel=1")
             self.raw_model = _pretrained_model(init_from, self.model_config,
                                                getattr(self.data, "model_class", None)).to(self.device)
             if cfg.lora.enabled:
@@ -254,8 +268,9 @@ class Trainer:
             self.close()  # main() has no trainer to close: the W&B run (as failed), the files opened
             raise
         logger.info(
-            "model %s: %.2fM parameters, %s trainable; world %d × micro %d × accum %d = global %d blocks of %d "
+            "model %s: %.2fM parameters, %s trainable; world %d%s × micro %d × accum %d = global %d blocks of %d "
             "tokens; %s on %s%s", self.model_name, self.n_params / 1e6, self._trainable_note(), self.world_size,
+            f" / context parallel {self.cp_size} = {self.dp_size} data-parallel groups" if self.cp_size > 1 else "",
             cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.data.seq_len, cfg.train.parallelism if is_distributed()
             else "single process", self.device, f"; resumed from {resume_path} at step {self.step}"
             if resume_path else "",
@@ -548,7 +563,8 @@ class Trainer:
         if self.is_main:
             hashed = {name: entry for saved in ranks for name, entry in saved.pop("files", {}).items()}
             trainer = {
-                "step": self.step, "world_size": self.world_size, "ranks": ranks, "config": self.cfg.to_dict(),
+                "step": self.step, "world_size": self.world_size, "context_parallel": self.cp_size, "ranks": ranks,
+                "config": self.cfg.to_dict(),
                 "log_window": {"losses": list(self.window_losses), "seconds": self.window_seconds,
                                "tokens": self.window_tokens}, "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
@@ -594,13 +610,21 @@ class Trainer:
                 f"checkpoint {str(path)!r} was written with data.streaming={saved} and this run has "
                 f"data.streaming={current}: its data position cannot resume the other mode; resume it with "
                 f"data.streaming={saved}, or start in another train.output_dir")
-        if len(ranks) != self.world_size and saved == "true":
-            # Each rank's position counts blocks of the part split_dataset_by_node gave it; under another split
-            # those counts skip or repeat data, and there is no exact mapping between splits.
+        saved_cp = _saved_context_parallel(trainer)
+        if len(ranks) // saved_cp != self.dp_size and saved == "true":
+            # Each data-parallel rank's position counts blocks of the part split_dataset_by_node gave it; under
+            # another split those counts skip or repeat data, and there is no exact mapping between splits.
+            if saved_cp == self.cp_size == 1:
+                raise ConfigError(
+                    f"checkpoint {str(path)!r} was written by {len(ranks)} ranks on streamed data "
+                    f"(data.streaming=true) and this run has world size {self.world_size}: each rank's stream "
+                    f"position holds only for the split it was read with; resume it with {len(ranks)} ranks")
             raise ConfigError(
-                f"checkpoint {str(path)!r} was written by {len(ranks)} ranks on streamed data "
-                f"(data.streaming=true) and this run has world size {self.world_size}: each rank's stream "
-                f"position holds only for the split it was read with; resume it with {len(ranks)} ranks")
+                f"checkpoint {str(path)!r} was written by {len(ranks) // saved_cp} data-parallel ranks ({len(ranks)} "
+                f"ranks / train.context_parallel {saved_cp}) on streamed data (data.streaming=true) and this run "
+                f"has {self.dp_size} ({self.world_size} / {self.cp_size}): each data-parallel rank's stream "
+                f"position holds only for the split it was read with; resume it with world size / "
+                f"train.context_parallel = {len(ranks) // saved_cp}")
         # Here, before the data is built, like the data checks: reading and tokenizing can take hours.
         # Settings a checkpoint's state only means something under: (what differs, why, what to do).
         elsewhere = "or start in another train.output_dir"
@@ -637,9 +661,13 @@ class Trainer:
                 f"checkpoint {str(path)!r} was trained on other data: {'; '.join(changes)}. Its data position "
                 f"counts blocks of the token stream those settings made, so resuming would not continue that run. "
                 f"Restore the checkpoint's settings to resume it, or start a new run in another train.output_dir")
-        if len(ranks) != self.world_size:
-            logger.warning("checkpoint was written by %d ranks, resuming with %d: data order is kept, RNG "
-                           "streams are not (no exact replay)", len(ranks), self.world_size)
+        if len(ranks) != self.world_size or saved_cp != self.cp_size:
+            # Each rank's RNG draws the dropout masks of its own piece's tokens: under another split, other masks
+            logger.warning("checkpoint was written by %d ranks%s, resuming with %d%s: data order is kept, RNG "
+                           "streams are not (no exact replay)", len(ranks),
+                           f" (train.context_parallel {saved_cp})" if saved_cp != self.cp_size else "",
+                           self.world_size,
+                           f" (train.context_parallel {self.cp_size})" if saved_cp != self.cp_size else "")
         return trainer.get("hub_fingerprint")  # absent from checkpoints written before it was saved
 
     def _load(self, path: Path) -> None:
@@ -670,9 +698,11 @@ class Trainer:
         self.tokens = int(trainer.get("tokens", self.step * tokens_per_step))
         self.window_tokens = int(window.get("tokens", len(self.window_losses) * tokens_per_step))
         self.pending_eval = bool(trainer.get("pending_eval", False))
-        mine = ranks[self.rank % len(ranks)]
-        self.data.load_state_dict(mine["data"])
-        set_rng_state(mine["rng"])
+        # The data position of this data-parallel rank, held alike by every rank of its group then: the group's
+        # first (streamed data resumes only on the same data-parallel size, _check_resume_data)
+        saved_cp = _saved_context_parallel(trainer)
+        self.data.load_state_dict(ranks[(self.dp_rank % (len(ranks) // saved_cp)) * saved_cp]["data"])
+        set_rng_state(ranks[self.rank % len(ranks)]["rng"])
 
     def _apply_optim_settings(self) -> None:
         """The configured AdamW (and Muon) settings over those the loaded param groups hold (the checkpoint's):
@@ -722,11 +752,22 @@ class Trainer:
               num_items: int | None = None) -> torch.Tensor:
         """Mean next-token loss of ``[B, T]`` blocks, documents isolated when ``data.document_boundaries``.
         Chat data: only the tokens ``flags`` marks as targets count, and with ``num_items`` the loss is their
-        summed loss divided by it (not by this batch's count)."""
+        summed loss divided by it (not by this batch's count).
+
+        Under context parallelism this rank's share of it: its piece's summed loss over the same denominator
+        (the whole row's targets without ``num_items``), so the group's shares add up to the loss above."""
         if self.cfg.data.document_boundaries:
             inputs = packed_segments(blocks, self.tokenizer.eos_token_id, flags)
         else:
             inputs = {"input_ids": blocks, "labels": blocks if flags is None else masked_labels(blocks, flags)}
+        if self.cp_size > 1:
+            from retnet.model.context_parallel import shard_sequences
+
+            inputs, shard, targets = shard_sequences(inputs["input_ids"], inputs["labels"], rank=self.cp_rank,
+                                                     size=self.cp_size, cu_seqlens=inputs.get("cu_seqlens"),
+                                                     group=self.cp_group)
+            items = targets if num_items is None else num_items
+            return self.model(**inputs, context_parallel=shard, use_cache=False, num_items_in_batch=items).loss
         extra = {} if num_items is None else {"num_items_in_batch": num_items}
         return self.model(**inputs, use_cache=False, **extra).loss
 
@@ -741,7 +782,11 @@ class Trainer:
         # Chat data: blocks hold different numbers of targets, so each micro-batch's summed loss is divided by
         # the global batch's count (every rank's; 1 when none: a zero loss, zero gradients), and
         # the micro-batches' and ranks' losses add up to the global mean. DDP and FSDP average the gradients over
-        # the ranks: scaled up by the world size, the average is that sum's.
+        # the ranks: scaled up by the world size, the average is that sum's. Under context parallelism too: the
+        # pieces of a group's blocks hold each of their targets once. Text: each rank's loss is its micro-batches'
+        # mean, so the average over the ranks is the global mean; a context-parallel rank's is only its piece's
+        # share of that mean (the C shares add up to it), so its gradient is scaled up by C to make the average
+        # over the W ranks that over the W / C groups.
         targets = max(self._step_targets(), 1) if masked else None
         for index, batch in enumerate(batches):
             self._set_grad_sync(index == self.accum - 1)
@@ -754,7 +799,7 @@ class Trainer:
                 batch = batch.to(self.device, non_blocking=True)
                 with self.autocast:  # DPO: each micro-batch holds micro_batch pairs, as text one of equal blocks
                     loss = (self.data.loss(self.model, batch) if preference else self._loss(batch)) / self.accum
-                loss.backward()
+                (loss * self.cp_size).backward()
             loss_sum += loss.detach()
         # One small all-reduce carries the loss and any rank's stop request.
         stats = torch.stack([loss_sum.float(), torch.tensor(float(self.signal_received), device=self.device)])
@@ -764,8 +809,9 @@ class Trainer:
             dist.all_reduce(stats)
         if preference:
             self.data.record_step(stats[2:])
-        # text: the mean of the ranks' means (equal token counts); chat: the ranks' parts of the global mean
-        loss_value = stats[0].item() / (1 if masked else self.world_size)
+        # text: the mean of the groups' means (equal token counts; a group's pieces sum to its mean); chat: the
+        # ranks' parts of the global mean
+        loss_value = stats[0].item() / (1 if masked else self.dp_size)
         self.stop_requested = stats[1].item() > 0
         if not math.isfinite(loss_value):
             self._stop_nonfinite(f"loss is {loss_value}")
@@ -786,12 +832,13 @@ class Trainer:
 
     def _step_targets(self) -> int:
         """The targets of this step's global batch (chat data). Streamed data counts only this rank's blocks,
-        which no other rank reads: summed over the ranks, one small all-reduce."""
+        which no other data-parallel rank reads: summed over the ranks, one small all-reduce (in which the C ranks
+        of a context-parallel group, holding the same blocks, each count them)."""
         count = self.data.step_targets
         if self.data.step_targets_per_rank and is_distributed():
             total = torch.tensor(count, dtype=torch.int64, device=self.device)
             dist.all_reduce(total)
-            count = int(total.item())
+            count = int(total.item()) // self.cp_size
         return count
 
     def _stop_nonfinite(self, problem: str) -> NoReturn:
@@ -820,16 +867,19 @@ class Trainer:
         stats = torch.zeros(len(groups), 2, device=self.device)  # per group: the summed loss, the count
         for group, batches in enumerate(groups.values()):
             for batch in batches:
+                # The ranks of a context-parallel group hold the same batch, each computing its piece's share of the
+                # loss: the shares add up to the batch's loss, and the batch is counted once, by the group's first rank
+                counted = self.cp_rank == 0
                 if self.data.masked:  # chat: the summed loss of the targets, and their count
                     tokens, flags = (t.to(self.device) for t in batch)
                     with self.autocast:
                         stats[group, 0] += self._loss(tokens, flags, num_items=1).float()
-                    stats[group, 1] += target_count(batch.flags.numpy())
+                    stats[group, 1] += target_count(batch.flags.numpy()) if counted else 0
                     continue
                 batch = batch.to(self.device)
                 with self.autocast:  # blocks have equal lengths: the mean of block means is the token mean
                     stats[group, 0] += self._loss(batch).float() * len(batch)
-                stats[group, 1] += len(batch)
+                stats[group, 1] += len(batch) if counted else 0
         if is_distributed():
             dist.all_reduce(stats)  # every group in one collective
         self.model.train()
@@ -848,6 +898,7 @@ class Trainer:
         (or, without evaluating first, when a SIGTERM/SIGINT arrives), then exports and plots."""
         cfg = self.cfg
         self.model.train()
+        # The global batch's, once: the C ranks of a context-parallel group each read a piece of the same blocks
         tokens_per_step = cfg.train.global_batch_size * self.data.seq_len
         if self.step == 0 or self.pending_eval:
             self.evaluate()
@@ -908,6 +959,7 @@ class Trainer:
         """Write the record of the steps since the last one and start the next window; returns its mean loss."""
         loss = sum(self.window_losses) / len(self.window_losses)
         tokens_per_s = self.window_tokens / max(self.window_seconds, 1e-9)
+        # Over every device, context parallelism included: a group's C devices share its tokens' FLOPs
         mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
                if self.peak_flops else None)
         muon_lr = {"muon_lr": self._last["muon_lr"]} if "muon_lr" in self._last else {}
@@ -993,6 +1045,11 @@ class Trainer:
             # error ended it (a non-finite loss, an exception, also after the last step: W&B's "failed")
             self._wandb.finish(exit_code=0 if self._completed else 1)
             self._wandb = None
+
+
+def _saved_context_parallel(trainer: dict[str, Any]) -> int:
+    """The ``train.context_parallel`` a checkpoint's ``trainer.pt`` was written under (1 before it was saved)."""
+    return int(trainer.get("context_parallel", 1))
 
 
 def _record_key(line: str) -> tuple[int, str | None]:

@@ -1,0 +1,179 @@
+"""Context parallelism in the trainer (``train.context_parallel``): what the config refuses; torchrun gloo ranks
+splitting every row in two log the losses of one process (packed rows whose documents cross the cut, plain rows
+over two data-parallel groups, chat data) and resume them; a checkpoint's stream positions are keyed by the
+data-parallel ranks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from retnet.train.__main__ import EXIT_CONFIG, main
+from retnet.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from retnet.train.config import ConfigError, load_config
+
+from .conftest import micro_args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refusals
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.context_parallel=0"], r"train\.context_parallel must be >= 1.*got 0"),
+    (["--train.context_parallel=2", "--model.extra.use_xpos=true"],
+     r"model\.extra\.use_xpos cannot be used with train\.context_parallel 2"),
+    (["--train.context_parallel=2", "--data.format=preference", "--data.dataset=pairs.jsonl"],
+     r"train\.context_parallel > 1 is not supported with DPO \(data\.format 'preference'\) yet.*got 2"),
+    (["--train.context_parallel=2", "--data.format=preference", "--data.dataset=pairs.jsonl", "--reward.enabled=true"],
+     r"not supported with a reward model \(reward\.enabled\) yet"),
+    (["--train.context_parallel=2", "--data.format=prompts", "--data.dataset=prompts.jsonl"], r"not supported with GRPO \(data\.format 'prompts'\) yet"),
+    # packed: a micro-batch is one row of micro_batch_size × seq_len tokens
+    (["--train.context_parallel=4", "--data.seq_len=33", "--train.micro_batch_size=2",
+      "--train.global_batch_size=2"], r"train\.context_parallel must divide .* 2 × 33 = 66 .*got 4"),
+    (["--train.context_parallel=2", "--data.seq_len=33", "--data.document_boundaries=false"],
+     r"train\.context_parallel must divide .*data\.seq_len = 33.*got 2"),
+], ids=["zero", "xpos", "dpo", "reward", "grpo", "packed-row", "plain-row"])
+def test_settings_context_parallelism_cannot_train_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_rows_that_split_evenly_are_taken():
+    """66 tokens of a packed row split in 2 (a block of 33 does not need to); a plain row of 32 in 4."""
+    load_config("tiny", ["--train.context_parallel=2", "--data.seq_len=33", "--train.micro_batch_size=2"])
+    load_config("tiny", ["--train.context_parallel=4", "--data.seq_len=32", "--data.document_boundaries=false"])
+
+
+def test_a_world_it_does_not_divide_is_refused(micro, tmp_path, capsys):
+    """At start-up, before any data is read: naming both numbers. The global batch splits over the data-parallel
+    groups (world size / context_parallel), not over the ranks."""
+    config = load_config("tiny", ["--train.context_parallel=2", "--train.global_batch_size=8",
+                                  "--train.micro_batch_size=2"])
+    assert config.train.grad_accum_steps(2) == 4 and config.train.grad_accum_steps(4) == 2
+    with pytest.raises(ConfigError, match=r"train\.context_parallel \(2\) must divide the world size \(3\)"):
+        config.train.grad_accum_steps(3)
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size \(8\).* 2 × 16 / 2 = 16"):
+        config.train.grad_accum_steps(16)
+    assert main(micro(tmp_path / "run", train__context_parallel=2)) == EXIT_CONFIG
+    assert "train.context_parallel (2) must divide the world size (1)" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resuming on another world: keyed by the data-parallel ranks
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 4], ids=["one-group", "two-groups"])
+def test_a_streamed_checkpoint_resumes_on_the_same_data_parallel_size(world, micro, tmp_path, capsys,
+                                                                      read_metrics):
+    """A stream position is a data-parallel rank's: a checkpoint as though 2 ranks of one context-parallel group
+    wrote it (one stream) resumes in one process, with a warning; one of 4 ranks in 2 groups (two streams) is
+    refused, naming both data-parallel sizes."""
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    args = dict(data__streaming=True, data__val_documents=10)
+    assert main(micro(out, **args, train__steps=2)) == 0
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    trainer = state["trainer"]
+    trainer.update(world_size=world, context_parallel=2, ranks=trainer["ranks"] * world)
+    save_checkpoint(moved / "checkpoints", state["step"], model=state["model"], optimizer=state["optimizer"],
+                    trainer=trainer, keep_last=2)
+    capsys.readouterr()
+    if world == 4:
+        assert main(micro(moved, **args, train__steps=4)) == EXIT_CONFIG
+        assert ("written by 2 data-parallel ranks (4 ranks / train.context_parallel 2) on streamed data "
+                "(data.streaming=true) and this run has 1 (1 / 1)") in capsys.readouterr().err
+        return
+    assert main(micro(moved, **args, train__steps=4)) == 0
+    assert ("written by 2 ranks (train.context_parallel 2), resuming with 1 (train.context_parallel 1)"
+            in capsys.readouterr().err)
+    assert [r["step"] for r in read_metrics(moved)] == [3, 4]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranks splitting a row: the losses of one process
+# ----------------------------------------------------------------------------------------------------------
+def _losses(read_metrics, out, kind="train", key="loss"):
+    return [r[key] for r in read_metrics(out, kind)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed, nproc", [(True, 2), (False, 4)], ids=["packed", "plain-4-ranks"])
+def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, micro, tmp_path, run, read_metrics):
+    """One process (micro 3 × accum 2) and torchrun ranks that split each micro-batch in two log the same training
+    and validation losses and gradient norms: 2 ranks (one group: micro 3 × accum 2 again), and 4 (two
+    data-parallel groups of 2: micro 3 × accum 1 × 2 groups).
+
+    Packed (data.document_boundaries): a micro-batch is one row of 3 × 32 tokens, cut at 48, inside the second
+    block, whose document then goes on in the second piece from the state the first leaves it; the first piece
+    holds two sequences (every block starts one). Plain rows of 32 are cut at 16, inside their document. A
+    learning rate at which the model reads its context: dropping the state that crosses the cut moves the losses
+    by 5e-3 (the tolerance is 1e-5). Packed, the split run also resumes from its step-2 checkpoint to the same
+    last losses, with 2 ranks and in one process (another world, no context parallelism)."""
+    single, split = tmp_path / "single", tmp_path / "split"
+    common = dict(train__steps=4, train__eval_interval=2, train__micro_batch_size=3, train__global_batch_size=6,
+                  data__document_boundaries=packed, optim__lr=1e-2, optim__schedule="constant",
+                  checkpoint__interval=2)
+    one = run(micro(single, **common))
+    assert one.returncode == 0, one.stderr[-3000:]
+    many = run(micro(split, **common, train__context_parallel=2), nproc=nproc)
+    assert many.returncode == 0, many.stderr[-3000:] + many.stdout[-2000:]
+    groups = nproc // 2
+    assert (f"world {nproc} / context parallel 2 = {groups} data-parallel groups × micro 3 × accum {2 // groups}"
+            in many.stderr)
+    expected = _losses(read_metrics, single)
+    assert len(expected) == 4 and expected[-1] < expected[0] - 0.1
+    assert _losses(read_metrics, split) == pytest.approx(expected, rel=1e-5)
+    assert _losses(read_metrics, split, key="grad_norm") == pytest.approx(
+        _losses(read_metrics, single, key="grad_norm"), rel=3e-4)  # measured 3e-5: summation order
+    assert _losses(read_metrics, split, "val", "val_loss") == pytest.approx(
+        _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
+    # every token once: the global batch's, not C times
+    assert [r["tokens"] for r in read_metrics(split)] == [r["tokens"] for r in read_metrics(single)]
+    if not packed:
+        return
+    checkpoint = split / "checkpoints" / "step_00000002"
+    resumed, alone = tmp_path / "resumed", tmp_path / "alone"
+    again = run(micro(resumed, **common, train__context_parallel=2, train__resume=checkpoint), nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "at step 2" in again.stderr and "no exact replay" not in again.stderr
+    assert _losses(read_metrics, resumed)[-2:] == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
+    once = run(micro(alone, **common, train__resume=checkpoint))
+    assert once.returncode == 0, once.stderr[-3000:]
+    assert "written by 2 ranks (train.context_parallel 2), resuming with 1 (train.context_parallel 1)" in once.stderr
+    assert _losses(read_metrics, alone)[-2:] == pytest.approx(expected[-2:], rel=1e-5)
+
+
+def _conversation(i: int) -> list[dict[str, str]]:
+    a, b = i % 7, (i * 3) % 5
+    return [{"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+
+
+@pytest.mark.slow
+def test_chat_data_split_across_two_ranks_logs_the_losses_of_one_process(tmp_path, run, read_metrics):
+    """Chat data: each piece's summed loss over the global batch's target count; the pieces of a row hold its
+    targets once, so the world-size scaling of the gradients holds, and validation counts each block once."""
+    from retnet.tokenization import train_byte_level_bpe
+    from retnet.train.chat import render_default
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": _conversation(i)}) + "\n" for i in range(160)))
+    tokenizer = tmp_path / "tokenizer"
+    train_byte_level_bpe([render_default(_conversation(i)) for i in range(160)],
+                         vocab_size=320).save_pretrained(tokenizer)
+    # a packed row of 3 × 48 tokens, cut at 72: inside the second block
+    common = dict(data__format="chat", data__seq_len=48, optim__lr=1e-2, train__steps=3, train__eval_interval=3,
+                  train__micro_batch_size=3, train__global_batch_size=6)
+
+    def args(out, **overrides):
+        return micro_args(chats, tokenizer, tmp_path / "cache", out, **common, **overrides)
+
+    single, split = tmp_path / "single", tmp_path / "split"
+    assert main(args(single)) == 0
+    two = run(args(split, train__context_parallel=2), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
+    expected = _losses(read_metrics, single)
+    assert len(expected) == 3 and expected[0] != expected[-1]
+    assert _losses(read_metrics, split) == pytest.approx(expected, rel=1e-5)
+    assert _losses(read_metrics, split, "val", "val_loss") == pytest.approx(
+        _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
