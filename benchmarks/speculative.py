@@ -1,10 +1,12 @@
-"""n-gram speculative decoding (``--speculative-config``): tokens/s with and without it, in one run.
+"""Speculative decoding (``--speculative-config``): tokens/s with and without it, in one run.
 
 Two in-process servers on the same random RetNet (``--hidden``, ``--layers``; a byte-level BPE trained on a
 small corpus), one plain, one with ``{"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4,
-"prompt_lookup_min": 2}``. Each round sends the same greedy requests to one, then the other (the order
-alternating), ``--concurrency`` at once; the ratio is speculative / plain tokens/s over the rounds' medians.
-Both give the same text (checked). Cases:
+"prompt_lookup_min": 2}`` (``--method draft_model``: ``{"method": "draft_model", "model": the target itself,
+"num_speculative_tokens": K}``, a draft whose greedy drafts are the target's own tokens: the ceiling of a draft
+model's acceptance, at a draft's cost as large as the target's). Each round sends the same greedy requests to
+one, then the other (the order alternating), ``--concurrency`` at once; the ratio is speculative / plain tokens/s
+over the rounds' medians. Both give the same text (checked). Cases:
 
 - ``repeats``: prompts that repeat a passage four times, followed by the model's own greedy continuation of
   them (``--lead`` tokens, asked of the plain server first). A random model does not copy the passage; its
@@ -14,9 +16,10 @@ Both give the same text (checked). Cases:
 - ``distinct``: short prompts that do not repeat, where drafts are rare: what speculation costs when it
   mostly finds nothing;
 - ``forced``: the ``repeats`` prompts with a ``logit_bias`` of +100 on one token, which the model then repeats:
-  every draft is accepted, the ceiling of what speculation can gain here (k + 1 tokens a forward).
+  every n-gram draft is accepted, the ceiling of what speculation can gain here (k + 1 tokens a forward). A
+  draft model does not see the bias: its drafts are the unbiased model's.
 
-    python benchmarks/speculative.py [--quick] [--out benchmarks/results/speculative-cpu.json]
+    python benchmarks/speculative.py [--quick] [--method draft_model] [--out benchmarks/results/speculative-cpu.json]
 """
 
 from __future__ import annotations
@@ -55,15 +58,15 @@ PASSAGES = [line.strip() + " " for line in CORPUS[:6]]
 DISTINCT = ["Hello", "def add(", "class", "The state", "for i in", "A recurrent", "Unicode", "How are"]
 
 
-def save_model(path: Path, hidden: int, layers: int) -> Path:
+def save_model(path: Path, hidden: int, layers: int, tokenizer=None, seed: int = 0) -> Path:
     from retnet.tokenization import train_byte_level_bpe
 
-    tokenizer = train_byte_level_bpe(CORPUS, vocab_size=512, min_frequency=1)
+    tokenizer = tokenizer or train_byte_level_bpe(CORPUS, vocab_size=512, min_frequency=1)
     config = RetNetConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                           num_attention_heads=4, chunk_size=16, tie_word_embeddings=True,
                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                           initializer_range=0.2)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     RetNetForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -159,6 +162,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small case, 2 rounds (a smoke run)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--method", choices=["ngram", "draft_model"], default="ngram",
+                        help="draft_model: the target itself as the draft, unless --draft-hidden is given")
+    parser.add_argument("--draft-hidden", type=int, default=None, help="draft_model: a random draft of this "
+                        "hidden size (its drafts are another model's: the cost of a draft that is rarely right)")
+    parser.add_argument("--draft-layers", type=int, default=1)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--lead", type=int, default=64, help="repeats: the model's own continuation put in the "
@@ -169,14 +177,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     cases = {"repeats": [p * 4 for p in PASSAGES], "distinct": DISTINCT, "forced": [p * 4 for p in PASSAGES]}
     concurrencies, rounds, max_tokens = args.concurrency, args.rounds, args.max_tokens
     if args.quick:
         cases, concurrencies, rounds, max_tokens = {"repeats": cases["repeats"]}, [1], 2, 32
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_model(Path(tmp), args.hidden, args.layers)
+        model_dir = save_model(Path(tmp) / "target", args.hidden, args.layers)
+        if args.method == "draft_model":
+            draft, described = model_dir, "the target"
+            if args.draft_hidden is not None:
+                from transformers import AutoTokenizer
+
+                draft = save_model(Path(tmp) / "draft", args.draft_hidden, args.draft_layers,
+                                   AutoTokenizer.from_pretrained(model_dir), seed=1)
+                described = f"random, hidden {args.draft_hidden} x {args.draft_layers} layers"
+            spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": args.k}
+        else:
+            spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4,
+                    "prompt_lookup_min": 2}
         rows = asyncio.run(measure(model_dir, spec, cases, concurrencies, rounds, max_tokens, args.lead))
+    if args.method == "draft_model":  # its path was a temporary directory
+        spec = {**spec, "model": described}
     result = {"device": "cpu", "threads": args.threads, "model": {"hidden": args.hidden, "layers": args.layers},
               "speculative_config": spec, "max_tokens": max_tokens, "lead": args.lead, "rounds": rounds,
               "rows": rows}

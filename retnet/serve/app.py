@@ -53,6 +53,7 @@ from retnet.serve.settings import (
     generation_defaults,
     is_classifier,
     load_chat_template,
+    resolve_draft_model,
     resolve_model_source,
 )
 from retnet.serve.state_cache import SessionBusy
@@ -97,6 +98,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     mode = "embed" if settings.convert == "embed" else "classify" if classifier else "generate"
     if mode == "generate":
         defaults = generation_defaults(settings)
+        # A draft model is checked against the target before either loads (the engine loads both).
+        settings = resolve_draft_model(settings, model.config if model is not None else None)
     else:
         check_classifier_settings(settings, mode)
     chat_template = load_chat_template(settings.chat_template)

@@ -15,7 +15,7 @@ One thread owns the model. Each iteration it
 3. rebuilds the batch when sequences joined or left (their fp32 states stacked into one cache);
 4. runs ONE batched recurrent step for every running sequence and samples each row with its own generator
    (with ``--speculative-config``, a packed step in which sequences also verify draft tokens found by prompt
-   lookup, see ``_speculative_step``).
+   lookup or proposed by a draft model, see ``_speculative_step``).
 
 Results go to each request's ``asyncio.Queue`` on the event loop (``call_soon_threadsafe``), so the loop never
 waits on the model. A cancelled request (client gone) leaves the batch at the next iteration.
@@ -60,7 +60,7 @@ from retnet.serve.sequence import (
 )
 from retnet.serve.session_store import session_files
 from retnet.serve.settings import ServeSettings
-from retnet.serve.speculative import VERIFY_MODE, accepted_drafts, propose_drafts
+from retnet.serve.speculative import VERIFY_MODE, DraftModel, accepted_drafts, propose_drafts
 from retnet.serve.state_cache import PrefixCache, Session, SessionStore
 from retnet.tokenization import TokenBytes
 
@@ -89,6 +89,7 @@ class Engine(ModelThread):
         self.vocab_size = int(self.config.vocab_size)
         self.eos_ids = _eos_ids(settings.model, tokenizer, self.config)
         self.speculative = settings.speculative  # None: every step decodes one token a sequence
+        self.drafter: DraftModel | None = None  # method draft_model's proposer, loaded with the model
         self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
                                         settings.prefix_cache_min_tokens)
         # --session-dir: a state is tied to the dtype its weights are served in (the model's own when given).
@@ -254,9 +255,25 @@ class Engine(ModelThread):
             self.model = AutoModelForCausalLM.from_pretrained(self.settings.model,
                                                               dtype=getattr(torch, _dtype(self.settings, self.device)))
         self.model = self.model.to(self.device).eval()
+        if self.speculative is not None and self.speculative.method == "draft_model":
+            self.drafter = DraftModel(self._load_draft(next(self.model.parameters()).dtype), self.speculative,
+                                      self.settings.prefill_chunk_tokens, self.settings.prefill_token_budget)
         if self.settings.quantization != "none":  # on the device: torchao quantizes where the weight is
             quantize_model(self.model, self.settings.quantization)
         self.adapter_slots.start(self.model, self.device)
+
+    def _load_draft(self, dtype: torch.dtype):
+        """The draft model (checked at startup by ``resolve_draft_model``), on the target's device in its dtype."""
+        from transformers import AutoModelForCausalLM
+
+        path = self.speculative.model
+        draft = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        if int(draft.config.vocab_size) != self.vocab_size:  # an Engine made without create_app's check
+            raise ValueError(f"--speculative-config's model {path!r} has a vocabulary of {draft.config.vocab_size} "
+                             f"tokens, the target model one of {self.vocab_size}")
+        logger.info("draft model %s (%d parameters) proposes up to %d tokens a step", path,
+                    sum(p.numel() for p in draft.parameters()), self.speculative.num_speculative_tokens)
+        return draft
 
     def _iteration(self) -> bool:
         with self.cond:
@@ -699,6 +716,8 @@ class Engine(ModelThread):
                     if seq in leaving and seq.finish_reason is None:
                         # Its row alone copied: a view would keep the whole batch's states alive while it waits.
                         bisect.insort(self.preempted, (seq, rows[i].clone()), key=_preempted_rank)
+                        if seq.draft_state is not None:  # likewise a view of the last draft step's states
+                            seq.draft_state.cache = seq.draft_state.cache.clone()
                         self.metrics.preemptions.inc()
                 self.metrics.queue_depth.set(self._queued())
         parts = []
@@ -713,7 +732,10 @@ class Engine(ModelThread):
 
     def _decode_step(self) -> None:
         if self.speculative is not None:
-            drafts = propose_drafts(self.running, self.speculative)
+            if self.drafter is not None:
+                drafts = self.drafter.propose(self.running)
+            else:
+                drafts = propose_drafts(self.running, self.speculative)
             if any(drafts) or any(seq.lag > 1 for seq in self.running):
                 self._speculative_step(drafts)
                 return

@@ -20,7 +20,7 @@ import torch
 from retnet.model import RetNetCache
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
 from retnet.serve.sampling import RowSampler, SamplingParams
-from retnet.serve.speculative import NgramIndex
+from retnet.serve.speculative import DraftState, NgramIndex
 from retnet.serve.state_cache import Session
 
 
@@ -206,6 +206,7 @@ class Sequence:
     # decoder drops its leading space (TokenBytes.start).
     at_start: bool = False
     ngrams: NgramIndex | None = None  # --speculative-config: its prompt + tokens' n-grams (made at its first step)
+    draft_state: DraftState | None = None  # a draft model's state of it (made at its first step with room for drafts)
     # The last ``lag`` tokens are not in its batch row's state yet: the next step feeds them. 1 (the token last
     # sampled) but after a speculative step that refused a draft, whose state is the one from before that step.
     lag: int = 1

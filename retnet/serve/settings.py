@@ -150,11 +150,13 @@ class ServeSettings(BaseSettings):
 
     # -- speculative decoding (vLLM's flag) ----------------------------------------------------------------------
     speculative_config: dict[str, Any] | str | None = Field(
-        None, description="n-gram (prompt-lookup) speculative decoding, vLLM's --speculative-config JSON: "
+        None, description="speculative decoding, vLLM's --speculative-config JSON: n-gram prompt lookup, "
         "{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, "
-        "\"prompt_lookup_min\": 2}; each step a sequence proposes up to num_speculative_tokens tokens that "
-        "followed the last earlier occurrence of its last n tokens (n from max down to min) and verifies them "
-        "in the same forward; outputs are unchanged. none: off"
+        "\"prompt_lookup_min\": 2}: each step a sequence proposes up to num_speculative_tokens tokens that "
+        "followed the last earlier occurrence of its last n tokens (n from max down to min); or a draft model, "
+        "{\"method\": \"draft_model\", \"model\": DIR or hub id, \"num_speculative_tokens\": 4}: a small "
+        "RetNet with the same tokenizer proposes them greedily. Either way they are verified in the same forward; "
+        "outputs are unchanged. none: off"
     )
 
     # -- model defaults and templating (vLLM's flags) ------------------------------------------------------------
@@ -349,16 +351,19 @@ class ServeSettings(BaseSettings):
 
 @dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
-    """n-gram speculative decoding (vLLM's ``method: ngram``): up to ``num_speculative_tokens`` draft tokens a
-    step, looked up by the last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens."""
+    """Speculative decoding: up to ``num_speculative_tokens`` draft tokens a step, looked up by the last
+    ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens (vLLM's ``method: ngram``) or proposed by the draft
+    RetNet in directory ``model`` (``method: draft_model``)."""
 
     num_speculative_tokens: int
-    prompt_lookup_max: int
-    prompt_lookup_min: int
+    prompt_lookup_max: int = 0
+    prompt_lookup_min: int = 0
     method: str = "ngram"
+    model: str | None = None
 
 
-SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SPECULATIVE_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 def json_object_setting(value, where: str, accepted: tuple[str, ...]) -> dict[str, Any] | None:
@@ -387,18 +392,35 @@ def json_object_setting(value, where: str, accepted: tuple[str, ...]) -> dict[st
 
 def parse_speculative_config(value) -> dict[str, Any] | None:
     """``--speculative-config`` (JSON text or a dict; empty, ``none`` or null: off) checked and completed as vLLM
-    completes it: a missing ``prompt_lookup_min`` / ``prompt_lookup_max`` takes the other's value, both missing
-    are 5. Errors name the field and the value received."""
+    completes it: a ``model`` without a ``method`` is a draft model; for ``ngram``, a missing
+    ``prompt_lookup_min`` / ``prompt_lookup_max`` takes the other's value, both missing are 5. Errors name the
+    field and the value received. A draft model's directory is checked at startup (:func:`resolve_draft_model`)."""
     where = "speculative_config (--speculative-config)"
     value = json_object_setting(value, where, SPECULATIVE_KEYS)
     if value is None:
         return None
     method = value.get("method")
-    if method != "ngram":
-        raise ValueError(f"{where}: method must be 'ngram' (prompt lookup; draft models, EAGLE, MTP ... are not "
-                         f"served); got {method!r}")
-    out = {"method": "ngram"}
-    for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+    if method is None and value.get("model") is not None:
+        method = "draft_model"  # vLLM's inference, for a model that names no other method (EAGLE, MTP ...)
+    if method not in SPECULATIVE_METHODS:
+        raise ValueError(f"{where}: method must be 'ngram' (prompt lookup) or 'draft_model' (a small RetNet, "
+                         f"'model'); EAGLE, MTP ... are not served; got {method!r}")
+    out: dict[str, Any] = {"method": method}
+    if method == "draft_model":
+        model = value.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"{where}: method 'draft_model' needs model, the draft's directory or hub id; got "
+                             f"{model!r}")
+        out["model"] = model
+        lookup = sorted(set(value) & {"prompt_lookup_max", "prompt_lookup_min"})
+        if lookup:  # vLLM ignores them; here a flag that does nothing is refused
+            raise ValueError(f"{where}: {', '.join(lookup)} only apply to method 'ngram'; got method 'draft_model'")
+    elif value.get("model") is not None:
+        raise ValueError(f"{where}: model is only read by method 'draft_model' (the n-gram proposer needs none); "
+                         f"got {value['model']!r}")
+    names = ("num_speculative_tokens",) if method == "draft_model" else (
+        "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+    for name in names:
         field = value.get(name)
         if field is None:
             if name == "num_speculative_tokens":
@@ -408,6 +430,8 @@ def parse_speculative_config(value) -> dict[str, Any] | None:
         if isinstance(field, bool) or not isinstance(field, int) or field < 1:
             raise ValueError(f"{where}: {name} must be a whole number >= 1; got {field!r}")
         out[name] = field
+    if method == "draft_model":
+        return out
     if "prompt_lookup_max" not in out and "prompt_lookup_min" not in out:
         out["prompt_lookup_max"] = out["prompt_lookup_min"] = 5
     out.setdefault("prompt_lookup_max", out.get("prompt_lookup_min"))
@@ -458,35 +482,67 @@ def resolve_model_source(settings: ServeSettings) -> ServeSettings:
     return resolved
 
 
-def check_model_dir(model: str) -> bool:
+def check_model_dir(model: str, flag: str = "--model") -> bool:
     """Refuse, before anything loads, a ``--model`` that is no RetNet save_pretrained directory, or whose config
     RetNetConfig refuses (a flash-linear-attention checkpoint: convert it with retnet-convert-fla). Returns whether
     it is a classifier or reward model (config.json's ``architectures`` names a ``*ForSequenceClassification``:
-    retnet-train --reward.enabled's export), which is served by /classify and /pooling instead of generating."""
+    retnet-train --reward.enabled's export), which is served by /classify and /pooling instead of generating.
+    ``flag``: what the messages name the directory by (a draft model's is another flag's)."""
     path = Path(model)
     if not path.exists():
-        raise StartupError(f"--model {model!r}: no such directory (expected save_pretrained's output: config.json, "
+        raise StartupError(f"{flag} {model!r}: no such directory (expected save_pretrained's output: config.json, "
                            "the weights, the tokenizer)")
     if not path.is_dir():
-        raise StartupError(f"--model {model!r} is not a directory (expected save_pretrained's output)")
+        raise StartupError(f"{flag} {model!r} is not a directory (expected save_pretrained's output)")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise StartupError(f"--model {model!r} has no config.json (expected save_pretrained's output)")
+        raise StartupError(f"{flag} {model!r} has no config.json (expected save_pretrained's output)")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StartupError(f"--model {model!r}: config.json could not be read: {exc}") from None
+        raise StartupError(f"{flag} {model!r}: config.json could not be read: {exc}") from None
     from retnet.model import RetNetConfig
 
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type != RetNetConfig.model_type:
-        raise StartupError(f"--model {model!r} is not a RetNet: config.json's model_type is {model_type!r}, "
+        raise StartupError(f"{flag} {model!r} is not a RetNet: config.json's model_type is {model_type!r}, "
                            f"expected {RetNetConfig.model_type!r}")
     try:
         RetNetConfig.from_pretrained(model)
     except Exception as exc:  # RetNetConfig's errors name the field and the value (fla's: retnet-convert-fla)
-        raise StartupError(f"--model {model!r}: config.json is refused: {_one_line(exc)}") from None
+        raise StartupError(f"{flag} {model!r}: config.json is refused: {_one_line(exc)}") from None
     return is_classifier(raw.get("architectures"))
+
+
+def resolve_draft_model(settings: ServeSettings, target_config=None) -> ServeSettings:
+    """``settings`` with a draft model's ``model`` (``--speculative-config``, method ``draft_model``) replaced by
+    its directory, a hub id fetched as ``--model``'s is, once it is checked: a RetNet causal LM whose vocabulary
+    is the target's (``target_config``'s, else ``--model``'s config.json): the draft's token ids are the target's,
+    it must share the tokenizer. Any other settings are returned as they are. Raises :class:`StartupError` naming
+    the path."""
+    spec = settings.speculative
+    if spec is None or spec.method != "draft_model":
+        return settings
+    from retnet.model import RetNetConfig
+    from retnet.model.hub import HubError, resolve_pretrained
+
+    flag = "--speculative-config's model"
+    try:
+        local = str(resolve_pretrained(spec.model, cache_dir=settings.download_dir))
+    except HubError as exc:
+        raise StartupError(f"{flag} {exc}") from None
+    if check_model_dir(local, flag):
+        raise StartupError(f"{flag} {spec.model!r} is a classifier (a *ForSequenceClassification export): a draft "
+                           "model must be a causal LM")
+    draft_vocab = RetNetConfig.from_pretrained(local).vocab_size
+    vocab_size = (target_config or RetNetConfig.from_pretrained(settings.model)).vocab_size
+    if draft_vocab != vocab_size:
+        raise StartupError(f"{flag} {spec.model!r} has a vocabulary of {draft_vocab} tokens, the target --model "
+                           f"{settings.model!r} one of {vocab_size}: a draft model must share the target's "
+                           "tokenizer")
+    if local != spec.model:
+        logger.info("%s %s: %s", flag, spec.model, local)
+    return settings.model_copy(update={"speculative_config": {**settings.speculative_config, "model": local}})
 
 
 def is_classifier(architectures) -> bool:
@@ -674,4 +730,4 @@ def _one_line(exc: BaseException) -> str:
 
 __all__ = ["GENERATION_ONLY_SETTINGS", "ServeSettings", "SpeculativeConfig", "StartupError", "check_classifier_settings",
            "check_model_dir", "check_quantization_settings", "generation_defaults", "is_classifier",
-           "load_chat_template", "parse_speculative_config", "resolve_max_tokens"]
+           "load_chat_template", "parse_speculative_config", "resolve_draft_model", "resolve_max_tokens"]

@@ -1,13 +1,20 @@
-"""n-gram speculative decoding (``--speculative-config``): the drafts, by prompt lookup (vLLM's n-gram proposer).
+"""Speculative decoding (``--speculative-config``): the drafts, by prompt lookup (vLLM's n-gram proposer) or by a
+small draft RetNet (vLLM's ``draft_model``).
 
 The step that verifies them is :meth:`retnet.serve.engine.Engine._speculative_step`, beside the decode step it
 stands in for: it samples through the engine's own ``sample_step`` and ``_advance``, so that speculation changes
-no answer.
+no answer, whoever proposed the drafts.
 """
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import torch
+
+from retnet.model import RetNetCache
 
 if TYPE_CHECKING:
     from retnet.serve.sequence import SeqOutput, Sequence
@@ -16,6 +23,8 @@ if TYPE_CHECKING:
 # A speculative step feeds a few tokens a row: the recurrent form, as a decode step (the same arithmetic token by
 # token; on the reference path the parallel form measured slower for these lengths).
 VERIFY_MODE = "recurrent"
+# A draft state catching up on a prompt: the chunkwise form, as the engine's prefill (linear in the length).
+DRAFT_PREFILL_MODE = "chunkwise"
 
 
 class NgramIndex:
@@ -78,10 +87,109 @@ def propose_drafts(running: list[Sequence], config: SpeculativeConfig) -> list[l
     return drafts
 
 
+@dataclass(slots=True)
+class DraftState:
+    """A sequence's state in the draft model: ``cache`` (one row) has absorbed the first ``fed`` tokens of its
+    ``group.inputs + tokens``."""
+
+    cache: RetNetCache
+    fed: int
+
+
+class DraftModel:
+    """vLLM's ``draft_model`` proposer: a small RetNet with the target's tokenizer proposes each row's drafts
+    greedily from its own recurrent state (``Sequence.draft_state``), batched over the rows that speculate: one
+    packed forward feeds every row the tokens its draft state lacks (``cu_seqlens``; the tokens of the last step,
+    or a prompt at a sequence's first step), then one one-token recurrent forward each further draft token.
+
+    A row's draft state is kept as it is after the tokens it lacked, before its drafts: whatever the verification
+    accepts, it holds a prefix of the sequence's tokens, and the next step feeds it the rest (as ``Sequence.lag``
+    does the target's). So joining, leaving, preemption, a prefix-cache hit or a session's restored state need
+    nothing of it: a sequence without one is prefilled on its tokens (a session's earlier turns, which only the
+    target's state holds, are not among them: its drafts know the current turn alone). Drafts are proposals only
+    (the target accepts a token iff its own sample is it), so the draft runs without LoRA adapters or quantization
+    and no state of it needs to be exact."""
+
+    def __init__(self, model, config: SpeculativeConfig, chunk_tokens: int, budget_tokens: int):
+        self.model = model
+        self.k = config.num_speculative_tokens
+        # A long prompt is caught up in pieces, ``chunk_tokens`` a row and ``budget_tokens`` a step (the prefill's
+        # bounds), so that no step stalls the batch on it; the row proposes once its state has the whole context.
+        self.chunk_tokens, self.budget_tokens = chunk_tokens, budget_tokens
+        self.device = next(model.parameters()).device
+
+    def propose(self, running: list[Sequence]) -> list[list[int]]:
+        """Each of ``running``'s draft tokens, never more than its ``max_tokens`` leaves after the token the step
+        samples anyway ([]: it decodes one token, as a row whose draft state is still catching up)."""
+        drafts: list[list[int]] = [[] for _ in running]
+        rows, feeds, rooms = [], [], []
+        budget = self.budget_tokens
+        for i, seq in enumerate(running):
+            room = min(self.k, seq.group.params.max_tokens - len(seq.tokens) - 1)
+            # As the n-gram proposer's rule: a row whose target state is catching up proposes nothing.
+            if room <= 0 or seq.done or seq.lag > 1 or budget <= 0:
+                continue
+            fed = 0 if seq.draft_state is None else seq.draft_state.fed
+            total = len(seq.group.inputs) + len(seq.tokens)
+            end = min(total, fed + self.chunk_tokens, fed + budget)
+            if end <= fed:  # every step samples a token: a state holding them all is a bug, not a case
+                raise AssertionError(f"the draft state holds {fed} tokens of {total}")
+            budget -= end - fed
+            rows.append(i)
+            feeds.append(_context(seq, fed, end))
+            rooms.append(room if end == total else 0)
+        if not rows:
+            return drafts
+        states = [running[i].draft_state for i in rows]
+        if all(state is None for state in states):
+            cache = RetNetCache(self.model.config.num_hidden_layers)  # the model starts every row from zero
+        else:
+            cache = RetNetCache.concat([state.cache if state is not None
+                                        else RetNetCache.zeros(self.model.config, 1, self.device) for state in states])
+        longest = max(len(feed) for feed in feeds)
+        if longest == 1:  # every draft refused last step: a decode step's shape, with no packing to do
+            out = self.model(input_ids=torch.tensor(feeds, dtype=torch.long, device=self.device), cache=cache,
+                             use_cache=True, retention_mode="recurrent", logits_to_keep=1)
+            first = out.logits[:, -1]
+        else:
+            cu_seqlens = torch.tensor([0, *itertools.accumulate(len(feed) for feed in feeds)], dtype=torch.long,
+                                      device=self.device)
+            ids = torch.tensor([[token for feed in feeds for token in feed]], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, cu_seqlens=cu_seqlens,
+                             retention_mode=VERIFY_MODE if longest <= self.k + 1 else DRAFT_PREFILL_MODE,
+                             logits_to_keep=cu_seqlens[1:] - 1)
+            first = out.logits[0]
+        # Views of the forward's rows: the forwards below replace the cache's tensors, never write into them.
+        for i, state, feed, row in zip(rows, states, feeds, out.cache.split()):
+            running[i].draft_state = DraftState(row, (0 if state is None else state.fed) + len(feed))
+        wanted = max(rooms)
+        if wanted == 0:
+            return drafts
+        # Greedy: with a one-hot proposal, the draft most likely to be the target's sample. The tokens stay on the
+        # device, fed back as the next input, read once at the end.
+        tokens = [first.argmax(-1)]
+        cache = out.cache
+        for _ in range(wanted - 1):
+            step = self.model(input_ids=tokens[-1][:, None], cache=cache, use_cache=True, retention_mode="recurrent",
+                              logits_to_keep=1)
+            cache = step.cache
+            tokens.append(step.logits[:, -1].argmax(-1))
+        for i, room, proposed in zip(rows, rooms, torch.stack(tokens, 1).tolist()):
+            drafts[i] = proposed[:room]
+        return drafts
+
+
+def _context(seq: Sequence, start: int, end: int) -> list[int]:
+    """``(seq.group.inputs + seq.tokens)[start:end]``, without building the whole list."""
+    inputs = seq.group.inputs
+    head = inputs[start:end] if start < len(inputs) else []
+    return head + seq.tokens[max(0, start - len(inputs)) : max(0, end - len(inputs))]
+
+
 def accepted_drafts(draft: list[int], outputs: list[SeqOutput]) -> int:
     """How many of ``draft``'s tokens the row sampled, in order (its accepted drafts)."""
     tokens = [token for out in outputs for token in out.token_ids]
     return next((p for p, token in enumerate(draft) if p >= len(tokens) or tokens[p] != token), len(draft))
 
 
-__all__ = ["VERIFY_MODE", "NgramIndex", "accepted_drafts", "propose_drafts"]
+__all__ = ["VERIFY_MODE", "DraftModel", "DraftState", "NgramIndex", "accepted_drafts", "propose_drafts"]

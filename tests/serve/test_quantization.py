@@ -68,6 +68,12 @@ async def test_a_quantized_server_decodes_what_the_quantized_model_does_and_spec
                          speculative_config='{"method": "ngram", "num_speculative_tokens": 3}') as client:
         speculated = (await _complete(client, return_token_ids=True))["choices"][0]
     assert speculated["token_ids"] == want
+    # A draft model runs unquantized (its drafts are proposals only): the answer is still the quantized model's.
+    draft = f'{{"method": "draft_model", "model": "{model_dir}", "num_speculative_tokens": 3}}'
+    async with serve_app(model_dir, quantization="int8", speculative_config=draft) as client:
+        drafted = (await _complete(client, return_token_ids=True))["choices"][0]
+        assert client.app.state.engine.drafter is not None
+    assert drafted["token_ids"] == want
 
 
 @needs_torchao

@@ -159,7 +159,8 @@ async def test_speculation_changes_no_answer(model_dir, adapter_dir):
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2, "prompt_lookup_min": 3},
      "prompt_lookup_min must be <= prompt_lookup_max (2); got 3"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0}, "prompt_lookup_min must be a whole"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "unknown field(s) 'model'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "model is only read by method 'draft_model'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "quantization": "x"}, "unknown field(s) 'quantization'"),
     ("[1]", "must be a JSON object"),
 ])
 def test_settings_refusals(config, message, model_dir):
