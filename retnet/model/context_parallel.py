@@ -21,6 +21,7 @@ on a group of their own (``torch.distributed.new_group``), so data-parallel all-
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass
 
@@ -64,6 +65,9 @@ class ContextShard:
                              f"got {self.offsets[0]}")
         if min(self.lengths) < 1:
             raise ValueError(f"ContextShard: every piece needs at least one token; got lengths {self.lengths}")
+        if self.first_length is not None and not 1 <= self.first_length <= self.length:
+            raise ValueError(f"ContextShard: first_length must be in [1, {self.length}] (this piece's length); "
+                             f"got {self.first_length}")
 
     @property
     def length(self) -> int:
@@ -116,7 +120,7 @@ def shard_sequences(input_ids: torch.Tensor, labels: torch.Tensor | None, rank: 
                          f"got {bounds}")
     offsets, single = [], []
     for p in range(size):
-        first = torch.searchsorted(cu_seqlens.cpu(), torch.tensor(p * piece), right=True).item() - 1
+        first = bisect.bisect_right(bounds, p * piece) - 1  # the sequence piece p starts in
         offsets.append(p * piece - bounds[first])
         single.append(bounds[first + 1] >= (p + 1) * piece)
     inside = [b - start for b in bounds if start < b < end]
@@ -168,7 +172,9 @@ def add_incoming(o: torch.Tensor, q: torch.Tensor, state: torch.Tensor, log_deca
     outputs: ``scale · γ^{t+1} · q_t S`` (``q`` ``[B, T, H, K]``, rotated as retention reads it)."""
     steps = torch.arange(1, first_length + 1, device=q.device, dtype=torch.float32)
     decay = torch.exp(steps[:, None] * log_decay[None, :])  # [T1, H]
-    share = torch.einsum("bthk,bhkv->bthv", q[:, :first_length].float() * decay[None, :, :, None], state)
+    # fp32 under autocast too: a long-context state can exceed fp16's range (the kernels keep it fp32 alike)
+    with torch.autocast(q.device.type, enabled=False):
+        share = torch.einsum("bthk,bhkv->bthv", q[:, :first_length].float() * decay[None, :, :, None], state.float())
     head = o[:, :first_length] + (scale * share).to(o.dtype)
     return head if first_length == o.shape[1] else torch.cat([head, o[:, first_length:]], 1)
 

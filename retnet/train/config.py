@@ -561,15 +561,11 @@ def _check_context_parallel(job: JobConfig) -> None:
                 "GRPO (data.format 'prompts')")
         _refuse("train.context_parallel", f"> 1 is not supported with {mode} yet; train it with "
                 f"train.context_parallel=1", size)
-    # The row the model reads: a packed micro-batch is flattened into one row of micro_batch_size × seq_len tokens
-    packed = job.data.document_boundaries
-    length = job.train.micro_batch_size * job.data.seq_len if packed else job.data.seq_len
-    if length % size:
-        what = (f"train.micro_batch_size × data.seq_len = {job.train.micro_batch_size} × {job.data.seq_len} = "
-                f"{length} (with data.document_boundaries a micro-batch is one packed row)" if packed
-                else f"data.seq_len = {length}")
-        _refuse("train.context_parallel", f"must divide the row each micro-batch is cut from, {what}, into equal "
-                f"pieces", size)
+    # A block, not only a packed micro-batch's row (micro_batch_size blocks): evaluation's last batch may hold
+    # fewer blocks, and its row must split too.
+    if job.data.seq_len % size:
+        _refuse("train.context_parallel", f"must divide data.seq_len = {job.data.seq_len} into equal pieces (each "
+                f"row is cut from whole blocks, packed or not)", size)
 
 
 def _check_optimizer(job: JobConfig) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retnet.model.context_parallel import ContextShard, incoming_state, shard_sequences
+from retnet.model.context_parallel import ContextShard, add_incoming, incoming_state, shard_sequences
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
@@ -133,3 +133,15 @@ def test_refusals(model_factory):
         model_factory(use_xpos=True)(**inputs, context_parallel=shard)
     with pytest.raises(ValueError, match="labels or shift_labels"):
         model(input_ids=inputs["input_ids"], labels=inputs["input_ids"], shift_labels=inputs["input_ids"])
+
+
+def test_the_incoming_share_is_fp32_under_fp16_autocast():
+    """A long document's state exceeds fp16's range (the kernels keep it fp32): the share is summed in fp32."""
+    q = torch.randn(1, 4, 2, 8) * 1e-3
+    state = torch.full((1, 2, 8, 8), 1e5)
+    log_decay = torch.log(torch.tensor([0.999, 0.9999]))
+    expected = add_incoming(torch.zeros(1, 4, 2, 8), q, state, log_decay, 8 ** -0.5, 4)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = add_incoming(torch.zeros(1, 4, 2, 8, dtype=torch.float16), q.half(), state, log_decay, 8 ** -0.5, 4)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=1e-3)

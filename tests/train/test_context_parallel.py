@@ -28,11 +28,11 @@ from .conftest import micro_args
     (["--train.context_parallel=2", "--data.format=preference", "--data.dataset=pairs.jsonl", "--reward.enabled=true"],
      r"not supported with a reward model \(reward\.enabled\) yet"),
     (["--train.context_parallel=2", "--data.format=prompts", "--data.dataset=prompts.jsonl"], r"not supported with GRPO \(data\.format 'prompts'\) yet"),
-    # packed: a micro-batch is one row of micro_batch_size × seq_len tokens
-    (["--train.context_parallel=4", "--data.seq_len=33", "--train.micro_batch_size=2",
-      "--train.global_batch_size=2"], r"train\.context_parallel must divide .* 2 × 33 = 66 .*got 4"),
+    # packed too: evaluation's last micro-batch may hold fewer blocks, so a block must split (2 × 33 would not do)
+    (["--train.context_parallel=2", "--data.seq_len=33", "--train.micro_batch_size=2",
+      "--train.global_batch_size=2"], r"train\.context_parallel must divide data\.seq_len = 33 .*got 2"),
     (["--train.context_parallel=2", "--data.seq_len=33", "--data.document_boundaries=false"],
-     r"train\.context_parallel must divide .*data\.seq_len = 33.*got 2"),
+     r"train\.context_parallel must divide data\.seq_len = 33.*got 2"),
 ], ids=["zero", "xpos", "dpo", "reward", "grpo", "packed-row", "plain-row"])
 def test_settings_context_parallelism_cannot_train_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -40,8 +40,8 @@ def test_settings_context_parallelism_cannot_train_are_refused(overrides, messag
 
 
 def test_rows_that_split_evenly_are_taken():
-    """66 tokens of a packed row split in 2 (a block of 33 does not need to); a plain row of 32 in 4."""
-    load_config("tiny", ["--train.context_parallel=2", "--data.seq_len=33", "--train.micro_batch_size=2"])
+    """A packed row of blocks of 34 splits in 2; a plain row of 32 in 4."""
+    load_config("tiny", ["--train.context_parallel=2", "--data.seq_len=34", "--train.micro_batch_size=2"])
     load_config("tiny", ["--train.context_parallel=4", "--data.seq_len=32", "--data.document_boundaries=false"])
 
 
