@@ -26,6 +26,7 @@ from retnet.model.activations import SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
 from retnet.model.context_parallel import ContextShard, add_incoming, incoming_state
+from retnet.model.distillation import Distillation
 from retnet.model.loss import linear_cross_entropy
 
 try:  # transformers' guarded initialisers leave weights that were loaded from a checkpoint untouched
@@ -852,6 +853,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         context_parallel: ContextShard | None = None,
+        distill: Distillation | None = None,
         **kwargs,
     ) -> RetNetCausalLMOutput | tuple:
         """Logits ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when an int > 0, only the
@@ -860,8 +862,14 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         no label counts, all −100 or T = 0, on the fused head as on the plain one; see :func:`causal_lm_loss`).
         ``shift_labels`` ``[B, T]`` instead: labels already moved left (position t's is the token after t), as
         transformers names them; a piece of a row split by ``context_parallel`` needs them, its last token
-        predicting the next piece's first. Other arguments as :meth:`RetNetModel.forward`."""
+        predicting the next piece's first. ``distill`` (training, with labels): the loss is
+        :func:`~retnet.model.distillation.linear_distillation_loss` towards its teacher's distribution instead
+        (chunked like the fused head, whatever ``fuse_linear_cross_entropy`` says; no logits returned), its parts
+        left in ``distill.parts``. Other arguments as :meth:`RetNetModel.forward`."""
         _check_cache_and_outputs(cache if cache is not None else past_key_values, kwargs)
+        if distill is not None and ((labels is None and shift_labels is None) or not self.training):
+            raise ValueError("distill needs labels (or shift_labels) and training mode: the validation loss is the "
+                             "plain cross-entropy")
         if labels is not None and shift_labels is not None:
             raise ValueError("pass labels or shift_labels, not both")
         outputs = self.model(
@@ -885,14 +893,18 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         else:
             hidden_states = hidden_states[:, logits_to_keep]
         loss = logits = None
-        if labels is not None and self.training and self.config.fuse_linear_cross_entropy:
+        if labels is not None and self.training and (self.config.fuse_linear_cross_entropy or distill is not None):
             # lm_head's own forward is skipped: a module hook on it (PEFT, quantization) would not run, so only
             # a plain Linear is fused.
             if type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:
-                raise ValueError(f"fuse_linear_cross_entropy needs lm_head to be a bias-free nn.Linear; it is "
-                                 f"{self.lm_head!r}: set config.fuse_linear_cross_entropy = False")
-            loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, num_items_in_batch,
-                                        shifted=shifted)
+                raise ValueError(f"{'distill' if distill is not None else 'fuse_linear_cross_entropy'} needs "
+                                 f"lm_head to be a bias-free nn.Linear; it is {self.lm_head!r}"
+                                 + ("" if distill is not None else ": set config.fuse_linear_cross_entropy = False"))
+            if distill is not None:
+                loss = distill.loss(hidden_states, self.lm_head.weight, labels, num_items_in_batch, shifted=shifted)
+            else:
+                loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, num_items_in_batch,
+                                            shifted=shifted)
         else:
             logits = self.lm_head(hidden_states)
             if labels is not None:

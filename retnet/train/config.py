@@ -4,7 +4,7 @@
 
 ``name_or_path`` is a preset shipped in ``retnet/train/configs/<name>.toml`` (``tiny``, ``small``,
 ``retnet-1.3b`` ...) or a path to a TOML file with the tables ``[model]``, ``[data]``, ``[optim]``,
-``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``, ``[dpo]``, ``[reward]``, ``[grpo]``). Overrides are ``--section.key=value``
+``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``, ``[dpo]``, ``[reward]``, ``[grpo]``, ``[distill]``). Overrides are ``--section.key=value``
 (or ``--section.key value``), coerced to the field's type; ``--model.extra.KEY=VALUE`` sets any other
 ``RetNetConfig`` field (VALUE read as a TOML value). Unknown keys and values of the wrong type are refused with the key's name.
 """
@@ -28,13 +28,16 @@ from retnet.tokenization import MIN_VOCAB_SIZE
 from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
 from retnet.train.config_tuning import (
     LORA_TARGETS,
+    DistillConfig,
     DpoConfig,
     GrpoConfig,
     LoraConfig,
     RewardConfig,
+    _check_distill,
     _check_dpo,
     _check_grpo,
     _check_reward,
+    distill_changes,
     dpo_changes,
     grpo_changes,
     lora_changes,
@@ -518,11 +521,13 @@ class JobConfig(_Section):
     dpo: DpoConfig = field(default_factory=DpoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         _check_optimizer(self)
         _check_context_parallel(self)  # before the post-training checks: it refuses them all
-        _check_reward(self)  # first: its refusals name reward.enabled, not the DPO settings
+        _check_distill(self)  # before the objectives it refuses: its refusal names distill.teacher
+        _check_reward(self)  # first of them: its refusals name reward.enabled, not the DPO settings
         _check_dpo(self)
         _check_grpo(self)
         # Here, not in OptimConfig: the bound is another section's field. The warmup's last step is the one at
@@ -863,8 +868,9 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 
 
 __all__ = [
-    "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "DpoConfig", "GrpoConfig", "JobConfig",
-    "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RewardConfig", "TrainConfig", "build_config",
-    "data_changes", "dpo_changes", "grpo_changes", "load_config", "lora_changes", "mixture_shares", "model_changes",
-    "optim_changes", "parse_overrides", "preset_names", "reward_changes",
+    "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "DistillConfig", "DpoConfig",
+    "GrpoConfig", "JobConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RewardConfig",
+    "TrainConfig", "build_config", "data_changes", "distill_changes", "dpo_changes", "grpo_changes", "load_config",
+    "lora_changes", "mixture_shares", "model_changes", "optim_changes", "parse_overrides", "preset_names",
+    "reward_changes",
 ]

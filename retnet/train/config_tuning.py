@@ -1,4 +1,5 @@
 """The post-training sections of the training configuration: ``[lora]``, ``[dpo]``, ``[reward]``, ``[grpo]``,
+``[distill]``,
 their checks against the rest of a :class:`~retnet.train.config.JobConfig`, and what a resume may not change in
 them. :mod:`retnet.train.config` re-exports every public name.
 """
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # TRL's names; dapo is its default
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
+DISTILL_KINDS = ("kl", "reverse_kl")  # retnet.model.distillation's
 # Every nn.Linear of a decoder layer, retention then FFN (g_proj without use_output_gate and gate_proj without
 # ffn_glu do not exist): what LoRA may adapt, and by default does.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -192,6 +194,66 @@ class GrpoConfig(_Section):
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
+@dataclass(kw_only=True, slots=True)
+class DistillConfig(_Section):
+    """Knowledge distillation (``retnet.train.distill``): the model trained (the student: a preset from scratch, or
+    ``model.init_from``) learns ``teacher``'s next-token distributions, a frozen causal LM export of the same
+    vocabulary (a directory or a hub id, as ``model.init_from``; its tokenizer is the run's unless
+    ``model.init_from`` or ``data.tokenizer`` gives one, which must then be the same). Per target token the loss is
+    ``alpha · temperature² · KL + (1 − alpha) · cross-entropy``, ``kind`` ``"kl"`` KL(teacher ‖ student) (forward,
+    the default) or ``"reverse_kl"`` KL(student ‖ teacher); the validation loss stays the plain cross-entropy.
+    ``teacher`` empty (the default): no distillation."""
+
+    teacher: str = ""  # a save_pretrained directory or hub id; "" = no distillation
+    temperature: float = 1.0
+    alpha: float = 1.0  # the KD term's weight; 1 - alpha the cross-entropy's
+    kind: str = "kl"
+
+    def __post_init__(self) -> None:
+        _positive("distill", self, "temperature")
+        if not 0.0 <= self.alpha <= 1.0:  # nan fails it too
+            _refuse("distill.alpha", "must be in [0, 1] (the KD term's weight, 1 - alpha the cross-entropy's)",
+                    self.alpha)
+        if self.kind not in DISTILL_KINDS:
+            _refuse("distill.kind", f"must be one of {DISTILL_KINDS}", self.kind)
+        if not self.teacher:  # most likely a forgotten distill.teacher: that run would train without a teacher
+            for spec in dataclasses.fields(DistillConfig):
+                if spec.name != "teacher" and getattr(self, spec.name) != spec.default:
+                    _refuse(f"distill.{spec.name}", "is set but distill.teacher is empty (no distillation); set "
+                            "distill.teacher to the teacher's directory or hub id", getattr(self, spec.name))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+def _check_distill(job: JobConfig) -> None:
+    """ConfigError for a ``distill.teacher`` that is neither a path nor a hub id, for ``model.vocab_size`` (the
+    student's vocabulary is the teacher's), and for distillation with what it does not train under: the preference
+    and prompt objectives (their losses are not next-token ones), a reward model, context parallelism (a piece's
+    loss would need the teacher's pieces alike; not supported yet)."""
+    distill = job.distill
+    if not distill.enabled:
+        return
+    from retnet.model.hub import is_hub_id
+
+    if not Path(distill.teacher).expanduser().exists() and not is_hub_id(distill.teacher):
+        _refuse("distill.teacher", "must be the teacher's save_pretrained directory (another run's "
+                "train.output_dir/export) or a hub id; no such directory", distill.teacher)
+    mode = ("a reward model (reward.enabled)" if job.reward.enabled else
+            "DPO (data.format 'preference')" if job.data.format == "preference" else
+            "GRPO (data.format 'prompts')" if job.data.format == "prompts" else None)
+    if mode is not None:
+        _refuse("distill.teacher", f"cannot be used with {mode}: distillation trains next-token distributions on "
+                f"data.format 'text' or 'chat'", distill.teacher)
+    if job.model.vocab_size is not None:  # the BPE size, when one is trained: the teacher's tokenizer is used instead
+        _refuse("model.vocab_size", f"cannot be set with distill.teacher {distill.teacher!r}: the student's "
+                f"vocabulary is the teacher's", job.model.vocab_size)
+    if job.train.context_parallel > 1:
+        _refuse("train.context_parallel", f"> 1 is not supported with distillation (distill.teacher "
+                f"{distill.teacher!r}) yet; train it with train.context_parallel=1", job.train.context_parallel)
+
+
 def _check_dpo(job: JobConfig) -> None:
     """ConfigError for ``[dpo]`` settings without preference data (a forgotten ``data.format``), and for preference
     data without ``model.init_from``: DPO moves a trained model relative to itself; a random init has no
@@ -301,6 +363,18 @@ def dpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     return [f"dpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
 
 
+def distill_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
+    """The ``[distill]`` settings that differ between a checkpoint's config (``saved``; one from before the
+    section distilled nothing) and ``current``, as ``"distill.alpha: checkpoint 1.0, now 0.5"``: the objective the
+    run optimizes. The teacher is compared by whether there is one: its path may move, its weights may not (the
+    trainer compares their fingerprint)."""
+    old, now = {**DistillConfig().to_dict(), **saved.get("distill", {})}, current.distill.to_dict()
+    if bool(old["teacher"]) != bool(now["teacher"]):
+        return [f"distill.teacher: checkpoint {old['teacher']!r}, now {now['teacher']!r}"]
+    return [f"distill.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now
+            if name != "teacher" and now["teacher"] and old[name] != now[name]]
+
+
 # What shapes the adapters or changes what they compute; lora.dropout may change on a resume.
 _LORA_FIELDS = ("rank", "alpha", "use_rslora", "use_dora", "target_modules")
 
@@ -320,6 +394,7 @@ def lora_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
 
 
 __all__ = [
-    "DPO_LOSS_TYPES", "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS", "LORA_TARGETS", "DpoConfig", "GrpoConfig",
-    "LoraConfig", "RewardConfig", "dpo_changes", "grpo_changes", "lora_changes", "reward_changes",
+    "DISTILL_KINDS", "DPO_LOSS_TYPES", "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS", "LORA_TARGETS", "DistillConfig",
+    "DpoConfig", "GrpoConfig", "LoraConfig", "RewardConfig", "distill_changes", "dpo_changes", "grpo_changes",
+    "lora_changes", "reward_changes",
 ]

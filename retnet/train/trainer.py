@@ -30,7 +30,9 @@ Preference pairs (``data.format = "preference"``) train with DPO: ``retnet.train
 log-probs (computed at the start), the loss per micro-batch and its rewards, which ride the step's all-reduce;
 with ``reward.enabled`` ``retnet.train.reward`` trains a reward model (a classifier) on them instead. Prompts
 (``data.format = "prompts"``) train with GRPO through the same hooks: ``retnet.train.grpo`` samples and scores
-each step's completions when it hands out the micro-batches.
+each step's completions when it hands out the micro-batches. With ``distill.teacher`` (``retnet.train.distill``) a
+frozen teacher runs on each training micro-batch and the loss is the distillation loss towards it, its parts
+(``kd_loss``, ``ce_loss``) riding the step's all-reduce like DPO's metrics; the validation loss stays the plain one.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ from retnet.train.config import (
     ConfigError,
     JobConfig,
     data_changes,
+    distill_changes,
     dpo_changes,
     grpo_changes,
     lora_changes,
@@ -174,17 +177,25 @@ class Trainer:
         init_from = self._init_from_dir()
         if init_from is not None:  # a resume reads its architecture there too (its weights: the checkpoint's)
             _check_pretrained_dir(init_from)
+        teacher_dir = self._teacher_dir()
+        # Distilling into a new model without data.tokenizer: the teacher's tokenizer, whose ids its head predicts
+        tokenizer_dir = init_from or (teacher_dir if not cfg.data.tokenizer else None)
         self.data = build_data(
             cfg.data, vocab_size=cfg.model.vocab_size or preset_vocab, seed=cfg.train.seed,
             micro_batch=cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size, rank=self.dp_rank,
             local_rank=self.local_rank, world_size=self.dp_size,
-            tokenizer_dir=saved_tokenizer if reuse else init_from, barrier=barrier, hub_fingerprint=hub_fingerprint,
+            tokenizer_dir=saved_tokenizer if reuse else tokenizer_dir, barrier=barrier, hub_fingerprint=hub_fingerprint,
         )
         if cfg.reward.enabled:  # the same pairs, batches and position; a classifier's objective
             from retnet.train.reward import RewardData
 
             self.data = RewardData.of(self.data, cfg.reward)
         self.tokenizer = self.data.tokenizer
+        teacher_config = None
+        if teacher_dir is not None:  # now, before the student is built: its vocabulary is the teacher's
+            from retnet.train.distill import teacher_config as read_teacher_config
+
+            teacher_config = read_teacher_config(teacher_dir, self.tokenizer)
         if self.is_main and not reuse:
             # Replacing what was there: files of another tokenizer left beside these could be what a load picks.
             replace_directory(saved_tokenizer, self.tokenizer.save_pretrained)
@@ -215,7 +226,8 @@ class Trainer:
         else:
             try:
                 self.model_config = RetNetConfig.from_preset(
-                    cfg.model.preset, **overrides, vocab_size=vocab_bound(self.tokenizer),
+                    cfg.model.preset, **overrides,
+                    vocab_size=vocab_bound(self.tokenizer) if teacher_config is None else teacher_config.vocab_size,
                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                 )
             except (TypeError, ValueError) as error:
@@ -229,6 +241,19 @@ class Trainer:
 
             self.lora_targets = target_names(cfg.lora, self.raw_model)
             self.peft_model = apply_lora(self.raw_model, cfg.lora, self.lora_targets, init_from)
+        self.teacher = None
+        if teacher_dir is not None:  # before the per-rank seeds: a run at distill.alpha 0 draws as one without it
+            from retnet.train.distill import load_teacher
+
+            dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" and self.device.type == "cuda" \
+                else torch.float32
+            student = f"model.init_from {cfg.model.init_from!r}" if init_from is not None else \
+                f"model.preset {cfg.model.preset!r}"
+            self.teacher = load_teacher(cfg.distill, teacher_dir, teacher_config, self.model_config, self.device,
+                                        dtype, student)
+            if self.is_main:  # of the weights just loaded, as LoRA's base; the others wait on the long barrier
+                self._teacher_fingerprint()
+            barrier()
         self.n_params = sum(p.numel() for p in self.raw_model.parameters())
         self.n_trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         # GRPO: a sequence is a prompt and its completion, whose length the data learns from [grpo] only at start()
@@ -236,6 +261,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_config, seq_len,
                                                self.n_trainable if cfg.lora.enabled else None,
                                                output_head=not cfg.reward.enabled)
+        if teacher_config is not None:  # the teacher's forward: a third of its training FLOPs
+            self.flops_per_token += flops_per_token(teacher_config, seq_len) / 3
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
         self._seed_rank()
         self.model = self._wrap(self.raw_model)
@@ -312,6 +339,22 @@ class Trainer:
             _check_pretrained_dir(path)  # a resume checks it here, before the data is built (a ConfigError naming it)
             self._fingerprint = base_fingerprint(path)
         return self._fingerprint
+
+    def _teacher_dir(self) -> Path | None:
+        """``distill.teacher``'s directory, resolved once (None without distillation)."""
+        if not hasattr(self, "_teacher_path"):
+            from retnet.train.distill import resolve_teacher
+
+            self._teacher_path = resolve_teacher(self.cfg.distill) if self.cfg.distill.enabled else None
+        return self._teacher_path
+
+    def _teacher_fingerprint(self) -> str:
+        """:func:`~retnet.train.lora.base_fingerprint` of the teacher's weights, computed once."""
+        if getattr(self, "_teacher_sha", None) is None:
+            from retnet.train.lora import base_fingerprint
+
+            self._teacher_sha = base_fingerprint(self._teacher_dir())
+        return self._teacher_sha
 
     def _checkpointed(self, model_state: dict) -> dict:
         """The part of a model state dict a checkpoint holds: all of it, or only the adapters."""
@@ -566,12 +609,17 @@ class Trainer:
                 "step": self.step, "world_size": self.world_size, "context_parallel": self.cp_size, "ranks": ranks,
                 "config": self.cfg.to_dict(),
                 "log_window": {"losses": list(self.window_losses), "seconds": self.window_seconds,
-                               "tokens": self.window_tokens}, "tokens": self.tokens,
+                               "tokens": self.window_tokens,
+                               **({"distill": self.teacher.state_dict()} if self.teacher is not None else {})},
+                "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
             }
             if self.adapters_only:  # what a resume must load from init_from again under these adapters
                 trainer["lora_base"] = {"path": str(self._init_from_dir().resolve()),
                                         "sha256": self._base_fingerprint()}
+            if self.teacher is not None:  # not saved: a resume loads it again, and must find the same weights
+                trainer["distill_teacher"] = {"path": str(self._teacher_dir().resolve()),
+                                              "sha256": self._teacher_fingerprint()}
             keep_last = self.cfg.checkpoint.keep_last
             if self.sharded_checkpoints:
                 path = commit_checkpoint(self.ckpt_root, self.step, tmp, trainer=trainer, keep_last=keep_last,
@@ -635,6 +683,7 @@ class Trainer:
             (dpo_changes, "another DPO objective", f"Resume with those settings, {elsewhere}"),
             (reward_changes, "other reward-model settings", f"Resume with those settings, {elsewhere}"),
             (grpo_changes, "other GRPO settings", f"Resume with those settings, {elsewhere}"),
+            (distill_changes, "another distillation objective", f"Resume with those settings, {elsewhere}"),
             (optim_changes, "another optimizer",
              f"Its optimizer state is that optimizer's: resume with it, {elsewhere} (a fine-tune from its export, "
              f"model.init_from, starts a new optimizer)"),
@@ -655,6 +704,12 @@ class Trainer:
                 f"{str(path)!r} trained its LoRA adapters on (it holds only the adapters; their base was "
                 f"{base['path']!r}, sha256 {base['sha256'][:16]}…, now {self._base_fingerprint()[:16]}…): restore "
                 f"that model, or start in another train.output_dir")
+        taught = trainer.get("distill_teacher")
+        if taught is not None and self.cfg.distill.enabled and taught["sha256"] != self._teacher_fingerprint():
+            raise ConfigError(
+                f"distill.teacher {self.cfg.distill.teacher!r}: its weights are not those of the teacher checkpoint "
+                f"{str(path)!r} was distilled from ({taught['path']!r}, sha256 {taught['sha256'][:16]}…, now "
+                f"{self._teacher_fingerprint()[:16]}…): resume with that teacher, {elsewhere}")
         changes = data_changes(trainer.get("config", {}), self.cfg, tokenizer_reused=tokenizer_reused)
         if changes:
             raise ConfigError(
@@ -694,6 +749,8 @@ class Trainer:
         self.step = self.last_saved_step = int(trainer["step"])
         window = trainer.get("log_window", {})  # absent from checkpoints written before it was saved
         self.window_losses, self.window_seconds = list(window.get("losses", [])), float(window.get("seconds", 0.0))
+        if self.teacher is not None:
+            self.teacher.load_state_dict(window.get("distill", {}))
         tokens_per_step = self.cfg.train.global_batch_size * self.data.seq_len  # older checkpoints: as counted then
         self.tokens = int(trainer.get("tokens", self.step * tokens_per_step))
         self.window_tokens = int(window.get("tokens", len(self.window_losses) * tokens_per_step))
@@ -769,6 +826,11 @@ class Trainer:
             items = targets if num_items is None else num_items
             return self.model(**inputs, context_parallel=shard, use_cache=False, num_items_in_batch=items).loss
         extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        if self.teacher is not None and self.model.training:  # evaluation: the plain loss, comparable across runs
+            distill = self.teacher.target(inputs)
+            loss = self.model(**inputs, use_cache=False, distill=distill, **extra).loss
+            self.teacher.collect(distill)
+            return loss
         return self.model(**inputs, use_cache=False, **extra).loss
 
     def train_step(self) -> float:
@@ -805,10 +867,14 @@ class Trainer:
         stats = torch.stack([loss_sum.float(), torch.tensor(float(self.signal_received), device=self.device)])
         if preference:  # the DPO metrics' sums in the same all-reduce
             stats = torch.cat([stats, self.data.step_stats()])
+        elif self.teacher is not None:  # the KD and CE parts, divided as the loss is
+            stats = torch.cat([stats, self.teacher.step_stats(1 if masked else self.accum)])
         if is_distributed():
             dist.all_reduce(stats)
         if preference:
             self.data.record_step(stats[2:])
+        elif self.teacher is not None:
+            self.teacher.record_step(stats[2:] / (1 if masked else self.dp_size))
         # text: the mean of the groups' means (equal token counts; a group's pieces sum to its mean); chat: the
         # ranks' parts of the global mean
         loss_value = stats[0].item() / (1 if masked else self.dp_size)
@@ -965,7 +1031,8 @@ class Trainer:
         muon_lr = {"muon_lr": self._last["muon_lr"]} if "muon_lr" in self._last else {}
         self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._last["lr"], **muon_lr,
                    "grad_norm": self._last["grad_norm"], "tokens_per_s": tokens_per_s,
-                   "tokens": self.tokens, "mfu": mfu, **getattr(self.data, "window_metrics", dict)()})
+                   "tokens": self.tokens, "mfu": mfu, **getattr(self.data, "window_metrics", dict)(),
+                   **(self.teacher.window_metrics() if self.teacher is not None else {})})
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{loss:.3f}", lr=f"{self._last['lr']:.2e}",
                                        tok_s=f"{tokens_per_s:,.0f}", mfu="n/a" if mfu is None

@@ -1,0 +1,154 @@
+"""Knowledge distillation (``[distill]``): the model trained, the student, learns a frozen teacher's next-token
+distributions on the run's text or chat data.
+
+The teacher (``distill.teacher``: a ``save_pretrained`` directory or hub id, a RetNet causal LM of the student's
+vocabulary) is loaded on every rank in the training's compute dtype (bf16 on CUDA under ``train.mixed_precision``
+bf16, else fp32), in eval mode, without gradients, and is wrapped by neither DDP nor FSDP2: under FSDP2 each rank
+holds the whole teacher (it is not sharded). Each training micro-batch runs it once, on the inputs the student gets
+(the packed segments of ``data.document_boundaries``, the chat targets), and hands its final hidden states and head
+to the student's forward (:class:`~retnet.model.distillation.Distillation`), which computes
+:func:`~retnet.model.distillation.linear_distillation_loss` over exactly the tokens the cross-entropy counts, a chunk
+of them at a time. The step's two parts ride the loss's all-reduce: ``kd_loss`` (the mean temperature² · KL) and
+``ce_loss`` (the mean cross-entropy), logged beside ``loss`` (their ``alpha`` mix). Evaluation is the plain
+cross-entropy, so a distilled run's ``val_loss`` compares with any other's.
+
+The teacher is not checkpointed: a checkpoint records its path and the fingerprint of its weights
+(:func:`~retnet.train.lora.base_fingerprint`), and a resume with other weights is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retnet.model.distillation import Distillation
+from retnet.train.config import ConfigError, DistillConfig
+
+logger = logging.getLogger("retnet.train")
+
+METRICS = ("kd_loss", "ce_loss")
+
+
+def resolve_teacher(cfg: DistillConfig) -> Path:
+    """``distill.teacher``'s directory (a hub id's snapshot, downloaded or from the HF cache offline), holding a
+    RetNet causal LM's ``config.json``; a ConfigError naming the setting otherwise."""
+    from retnet.model.hub import HubError, resolve_pretrained
+
+    try:
+        path = resolve_pretrained(cfg.teacher)
+    except HubError as error:
+        raise ConfigError(f"distill.teacher {error}; give a save_pretrained directory (another run's "
+                          f"train.output_dir/export) or a hub id") from None
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"distill.teacher {str(path)!r} holds no config.json; give a save_pretrained directory "
+                          f"(another run's train.output_dir/export, or a retnet-convert-fla output)")
+    return path
+
+
+def teacher_config(path: Path, tokenizer):
+    """The teacher's RetNetConfig, with ``tokenizer`` (the run's) checked against it and against the teacher's own
+    tokenizer, when it has one: the same ids must mean the same tokens to both models."""
+    from retnet.model import RetNetConfig
+    from retnet.train.data import tokenizer_mismatch
+
+    saved, _ = RetNetConfig.get_config_dict(str(path), local_files_only=True)
+    if saved.get("model_type") != RetNetConfig.model_type:
+        raise ConfigError(f"distill.teacher {str(path)!r} holds a {saved.get('model_type')!r} model, not a RetNet "
+                          f"(retnet-convert-fla converts flash-linear-attention checkpoints)")
+    config = RetNetConfig.from_dict(saved)
+    problem = tokenizer_mismatch(tokenizer, config)
+    if problem is not None:
+        raise ConfigError(f"distill.teacher {str(path)!r}: the run's tokenizer does not fit it: {problem}")
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        own = AutoTokenizer.from_pretrained(str(path), local_files_only=True).get_vocab()
+        mine = tokenizer.get_vocab()
+        differ = sorted(token for token in own.keys() | mine.keys() if own.get(token) != mine.get(token))
+        if differ:
+            raise ConfigError(
+                f"distill.teacher {str(path)!r}: its tokenizer is not the run's ({len(differ)} tokens differ, e.g. "
+                f"{differ[:3]!r}): distillation compares the two models' distributions id by id; train the student "
+                f"with the teacher's tokenizer (leave data.tokenizer unset, or give the teacher's)")
+    return config
+
+
+def load_teacher(cfg: DistillConfig, path: Path, config, student_config, device: torch.device,
+                 dtype: torch.dtype, student: str) -> Teacher:
+    """The frozen teacher on ``device`` in ``dtype``, after a ConfigError (naming both) unless its vocabulary is the
+    student's (``student`` says what the student is)."""
+    from retnet.model import RetNetForCausalLM
+
+    if config.vocab_size != student_config.vocab_size:
+        raise ConfigError(
+            f"distill.teacher {str(path)!r} has vocab_size {config.vocab_size}, the student ({student}) "
+            f"{student_config.vocab_size}: distillation compares their next-token distributions id by id; distill "
+            f"into a student of the teacher's vocabulary (a preset from scratch takes it)")
+    try:
+        model = RetNetForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+    except (OSError, RuntimeError, ValueError) as error:  # no weights, or weights of other shapes
+        raise ConfigError(f"distill.teacher {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
+                          f"{str(error).strip()[:400]}") from None
+    model = model.to(device).eval().requires_grad_(False)
+    params = sum(p.numel() for p in model.parameters())
+    logger.info("distilling from %s (%.2fM parameters, %s), %s at temperature %g, alpha %g", path, params / 1e6,
+                str(dtype).removeprefix("torch."), "KL(teacher‖student)" if cfg.kind == "kl" else
+                "KL(student‖teacher)", cfg.temperature, cfg.alpha)
+    return Teacher(cfg, model)
+
+
+class Teacher:
+    """The frozen teacher and the distillation metrics: :meth:`target` for each training forward, :meth:`collect`
+    after it, :meth:`step_stats` and :meth:`record_step` around the step's all-reduce, :meth:`window_metrics` per log
+    record, :meth:`state_dict` for checkpoints (the window's sums)."""
+
+    def __init__(self, cfg: DistillConfig, model: torch.nn.Module):
+        self.cfg, self.model = cfg, model
+        self._step: torch.Tensor | None = None
+        self._window, self._window_steps = [0.0] * len(METRICS), 0
+
+    @torch.no_grad()
+    def target(self, inputs: dict[str, torch.Tensor]) -> Distillation:
+        """The teacher's side of the loss of the student's forward on ``inputs`` (the trainer's model inputs)."""
+        hidden = self.model.model(input_ids=inputs["input_ids"], cu_seqlens=inputs.get("cu_seqlens"),
+                                  use_cache=False).last_hidden_state
+        return Distillation(hidden, self.model.lm_head.weight, temperature=self.cfg.temperature,
+                            alpha=self.cfg.alpha, kind=self.cfg.kind)
+
+    def collect(self, distillation: Distillation) -> None:
+        """Add a forward's ``[kd, ce]`` parts (in its loss's units) to this step's."""
+        parts = distillation.parts.float()
+        self._step = parts if self._step is None else self._step + parts
+
+    def step_stats(self, divisor: int) -> torch.Tensor:
+        """This rank's parts of the step, divided as its loss is (by the accumulation count for text), and a fresh
+        count."""
+        parts, self._step = self._step, None
+        return parts / divisor
+
+    def record_step(self, parts: torch.Tensor) -> None:
+        """The global batch's parts (means over its targets): into the log window."""
+        for index, value in enumerate(parts.tolist()):
+            self._window[index] += value
+        self._window_steps += 1
+
+    def window_metrics(self) -> dict[str, float]:
+        """The parts' means over the steps since the last record, and a fresh window."""
+        if not self._window_steps:
+            return {}
+        means = {name: total / self._window_steps for name, total in zip(METRICS, self._window, strict=True)}
+        self._window, self._window_steps = [0.0] * len(METRICS), 0
+        return means
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": list(self._window), "window_steps": self._window_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._window = [float(v) for v in state.get("window", [0.0] * len(METRICS))]
+        self._window_steps = int(state.get("window_steps", 0))
+
+
+__all__ = ["METRICS", "Teacher", "load_teacher", "resolve_teacher", "teacher_config"]
