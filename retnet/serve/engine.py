@@ -731,15 +731,16 @@ class Engine(ModelThread):
         self.batch = RetNetCache.concat(parts) if parts else None
 
     def _decode_step(self) -> None:
+        # The step's time includes proposing: a draft model's forwards are part of what a step costs.
+        start = time.perf_counter()
         if self.speculative is not None:
             if self.drafter is not None:
                 drafts = self.drafter.propose(self.running)
             else:
                 drafts = propose_drafts(self.running, self.speculative)
             if any(drafts) or any(seq.lag > 1 for seq in self.running):
-                self._speculative_step(drafts)
+                self._speculative_step(drafts, start)
                 return
-        start = time.perf_counter()
         last = torch.tensor([[s.tokens[-1]] for s in self.running], dtype=torch.long, device=self.device)
         with self.adapter_slots.applied([s.group.adapter for s in self.running]):
             out = self.model(input_ids=last, cache=self.batch, use_cache=True, retention_mode="recurrent",
@@ -761,7 +762,7 @@ class Engine(ModelThread):
         self.metrics.step.observe(time.perf_counter() - start)
 
     # -- n-gram speculative decoding (--speculative-config) ------------------------------------------------------
-    def _speculative_step(self, drafts: list[list[int]]) -> None:
+    def _speculative_step(self, drafts: list[list[int]], start: float) -> None:
         """One step of every running sequence, those with drafts verifying them: ONE packed forward feeds each row
         the tokens its state lacks (its last sampled token, or more, see ``Sequence.lag``) then its drafts
         (``cu_seqlens``, each continuing its own state, every position's logits kept). Position by position from
@@ -778,7 +779,6 @@ class Engine(ModelThread):
         one forward as the other rows. So a step costs one forward whatever was refused; only a row that ends
         while behind runs them now (a second, smaller forward), so that ``_finished`` finds every token but the
         last in its row's state, as after a decode step."""
-        start = time.perf_counter()
         running = self.running
         feeds = [[*seq.tokens[-seq.lag :], *draft] for seq, draft in zip(running, drafts)]
         # Row i's first sample is read at its last token's position, ``opens[i]`` in the packed row.

@@ -90,7 +90,8 @@ class ServeMetrics:
         self.prefill_batch = Histogram("retnet_prefill_batch_prompts",
                                        "prompt pieces run together in one prefill forward", buckets=BATCH_BUCKETS,
                                        registry=r)
-        self.step = Histogram("retnet_decode_step_seconds", "one batched recurrent decode step",
+        self.step = Histogram("retnet_decode_step_seconds",
+                              "one batched decode step (speculative: its drafts proposed and verified)",
                               buckets=LATENCY_BUCKETS, registry=r)
 
     def render(self) -> tuple[bytes, str]:

@@ -155,7 +155,8 @@ class ServeSettings(BaseSettings):
         "\"prompt_lookup_min\": 2}: each step a sequence proposes up to num_speculative_tokens tokens that "
         "followed the last earlier occurrence of its last n tokens (n from max down to min); or a draft model, "
         "{\"method\": \"draft_model\", \"model\": DIR or hub id, \"num_speculative_tokens\": 4}: a small "
-        "RetNet with the same tokenizer proposes them greedily. Either way they are verified in the same forward; "
+        "RetNet with the same tokenizer proposes them greedily (\"revision\": a hub id's branch, tag or commit). "
+        "Either way they are verified in the same forward; "
         "outputs are unchanged. none: off"
     )
 
@@ -360,9 +361,11 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 0
     method: str = "ngram"
     model: str | None = None
+    revision: str | None = None  # of a hub id ``model``, as --revision is of --model's
 
 
-SPECULATIVE_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SPECULATIVE_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                    "revision")
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
@@ -412,12 +415,20 @@ def parse_speculative_config(value) -> dict[str, Any] | None:
             raise ValueError(f"{where}: method 'draft_model' needs model, the draft's directory or hub id; got "
                              f"{model!r}")
         out["model"] = model
+        revision = value.get("revision")
+        if revision is not None:
+            if not isinstance(revision, str) or not revision.strip():
+                raise ValueError(f"{where}: revision must be a branch, tag or commit of the draft's hub id; got "
+                                 f"{revision!r}")
+            out["revision"] = revision
         lookup = sorted(set(value) & {"prompt_lookup_max", "prompt_lookup_min"})
         if lookup:  # vLLM ignores them; here a flag that does nothing is refused
             raise ValueError(f"{where}: {', '.join(lookup)} only apply to method 'ngram'; got method 'draft_model'")
-    elif value.get("model") is not None:
-        raise ValueError(f"{where}: model is only read by method 'draft_model' (the n-gram proposer needs none); "
-                         f"got {value['model']!r}")
+    else:
+        for name in ("model", "revision"):
+            if value.get(name) is not None:
+                raise ValueError(f"{where}: {name} is only read by method 'draft_model' (the n-gram proposer needs "
+                                 f"no model); got {value[name]!r}")
     names = ("num_speculative_tokens",) if method == "draft_model" else (
         "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
     for name in names:
@@ -516,10 +527,11 @@ def check_model_dir(model: str, flag: str = "--model") -> bool:
 
 def resolve_draft_model(settings: ServeSettings, target_config=None) -> ServeSettings:
     """``settings`` with a draft model's ``model`` (``--speculative-config``, method ``draft_model``) replaced by
-    its directory, a hub id fetched as ``--model``'s is, once it is checked: a RetNet causal LM whose vocabulary
-    is the target's (``target_config``'s, else ``--model``'s config.json): the draft's token ids are the target's,
-    it must share the tokenizer. Any other settings are returned as they are. Raises :class:`StartupError` naming
-    the path."""
+    its directory, a hub id fetched as ``--model``'s is (at the config's ``revision``), once it is checked: a
+    RetNet causal LM whose vocabulary is the target's (``target_config``'s, else ``--model``'s config.json) and,
+    when both directories have a tokenizer.json, whose tokenizer maps the ids to the same tokens
+    (:func:`check_draft_tokenizer`): the draft's token ids are the target's, it must share the tokenizer. Any
+    other settings are returned as they are. Raises :class:`StartupError` naming the path."""
     spec = settings.speculative
     if spec is None or spec.method != "draft_model":
         return settings
@@ -528,9 +540,12 @@ def resolve_draft_model(settings: ServeSettings, target_config=None) -> ServeSet
 
     flag = "--speculative-config's model"
     try:
-        local = str(resolve_pretrained(spec.model, cache_dir=settings.download_dir))
+        local = str(resolve_pretrained(spec.model, revision=spec.revision, cache_dir=settings.download_dir))
     except HubError as exc:
         raise StartupError(f"{flag} {exc}") from None
+    if spec.revision is not None and Path(local) == Path(spec.model).expanduser():
+        logger.warning("--speculative-config's revision %s is ignored: its model %r is a local directory, not a "
+                       "hub id", spec.revision, spec.model)
     if check_model_dir(local, flag):
         raise StartupError(f"{flag} {spec.model!r} is a classifier (a *ForSequenceClassification export): a draft "
                            "model must be a causal LM")
@@ -540,9 +555,52 @@ def resolve_draft_model(settings: ServeSettings, target_config=None) -> ServeSet
         raise StartupError(f"{flag} {spec.model!r} has a vocabulary of {draft_vocab} tokens, the target --model "
                            f"{settings.model!r} one of {vocab_size}: a draft model must share the target's "
                            "tokenizer")
+    check_draft_tokenizer(local, settings.model, flag)
     if local != spec.model:
         logger.info("%s %s: %s", flag, spec.model, local)
     return settings.model_copy(update={"speculative_config": {**settings.speculative_config, "model": local}})
+
+
+def check_draft_tokenizer(draft: str, target: str, flag: str = "--speculative-config's model") -> None:
+    """Refuse a draft whose tokenizer.json gives an id of the target's vocabulary another token than the target's
+    tokenizer.json does: a vocabulary of the same size is no proof of the same tokenizer, and such a draft's
+    proposals mean other text than the target reads, so they are almost all refused (the answers stay right, the
+    speed goes). Ids that differ only in added tokens (special tokens: a fine-tune that renamed reserved ones, or
+    added its chat tokens to a base draft's vocabulary) are warned about instead: the draft is still right on all
+    the rest. Nothing is checked when either directory has no tokenizer.json (a draft saved without its
+    tokenizer: the vocabulary size check is all there is)."""
+    draft_file, target_file = Path(draft) / "tokenizer.json", Path(target) / "tokenizer.json"
+    if not draft_file.is_file() or not target_file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    vocabs = []
+    for file, name in ((draft_file, f"{flag} {draft!r}"), (target_file, f"--model {target!r}")):
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as exc:  # the target's own loading reports its tokenizer; the draft's is read here alone
+            if file is target_file:
+                return
+            raise StartupError(f"{name}: tokenizer.json could not be read: {_one_line(exc)}") from None
+        added = {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items()}
+        base = {i: token for token, i in tokenizer.get_vocab(with_added_tokens=False).items()}
+        vocabs.append(({**base, **added}, set(added)))
+    (draft_ids, draft_added), (target_ids, target_added) = vocabs
+    differ = sorted(i for i in draft_ids.keys() & target_ids.keys() if draft_ids[i] != target_ids[i])
+    special = draft_added | target_added
+    conflicts = [i for i in differ if i not in special]
+    if conflicts:
+        examples = ", ".join(f"id {i}: {draft_ids[i]!r} vs {target_ids[i]!r}" for i in conflicts[:3])
+        raise StartupError(f"{flag} {draft!r}: its tokenizer ({draft_file}) is not the target's ({target_file}): "
+                           f"{len(conflicts)} of the {len(draft_ids.keys() & target_ids.keys())} token ids both "
+                           f"define are other tokens ({examples}); a draft model must share the target's tokenizer")
+    alone = sorted(draft_ids.keys() ^ target_ids.keys())
+    if differ or alone:
+        examples = [*(f"id {i}: {draft_ids[i]!r} vs {target_ids[i]!r}" for i in differ[:3]),
+                    *(f"id {i} only in the {'draft' if i in draft_ids else 'target'}'s" for i in alone[:3])]
+        logger.warning("%s %r: its tokenizer (%s) differs from the target's (%s) only in added tokens or in ids one "
+                       "of them lacks: %s; drafts near those tokens are unlikely to be accepted", flag, draft,
+                       draft_file, target_file, ", ".join(examples))
 
 
 def is_classifier(architectures) -> bool:
@@ -729,5 +787,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 __all__ = ["GENERATION_ONLY_SETTINGS", "ServeSettings", "SpeculativeConfig", "StartupError", "check_classifier_settings",
-           "check_model_dir", "check_quantization_settings", "generation_defaults", "is_classifier",
-           "load_chat_template", "parse_speculative_config", "resolve_draft_model", "resolve_max_tokens"]
+           "check_draft_tokenizer", "check_model_dir", "check_quantization_settings", "generation_defaults",
+           "is_classifier", "load_chat_template", "parse_speculative_config", "resolve_draft_model",
+           "resolve_max_tokens"]

@@ -113,31 +113,64 @@ class DraftModel:
     def __init__(self, model, config: SpeculativeConfig, chunk_tokens: int, budget_tokens: int):
         self.model = model
         self.k = config.num_speculative_tokens
-        # A long prompt is caught up in pieces, ``chunk_tokens`` a row and ``budget_tokens`` a step (the prefill's
-        # bounds), so that no step stalls the batch on it; the row proposes once its state has the whole context.
-        self.chunk_tokens, self.budget_tokens = chunk_tokens, budget_tokens
+        # A row far behind (a prompt, a prefix-cache hit, a session's turn) is caught up in pieces, ``chunk_tokens``
+        # a row and ``budget_tokens`` a step (the prefill's bounds), so that no step stalls the batch on it; the
+        # row proposes once its state has the whole context. A piece of at least k + 2 tokens: a row that proposes
+        # nothing still gains a token a step, and one with drafts up to k + 1, so a smaller piece could fall
+        # behind for ever (--prefill-chunk-tokens 1 would never draft).
+        self.chunk_tokens = max(chunk_tokens, self.k + 2)
+        self.budget_tokens = max(budget_tokens, self.chunk_tokens)
+        # The rows catching up (by id: no reference kept to a sequence that left), in the order they are served,
+        # first the one served longest ago: a row served goes to the back, so that however many rows are behind,
+        # each gets its piece in turn.
+        self.behind: dict[int, None] = {}
         self.device = next(model.parameters()).device
 
     def propose(self, running: list[Sequence]) -> list[list[int]]:
         """Each of ``running``'s draft tokens, never more than its ``max_tokens`` leaves after the token the step
-        samples anyway ([]: it decodes one token, as a row whose draft state is still catching up)."""
+        samples anyway ([]: it decodes one token, as a row whose draft state is still catching up).
+
+        A row's steady feed (the tokens of its last step, at most k + 1) is fed whatever the budget: charging it
+        would leave the rows past the budget without drafts, further behind each step. Only catching up (more
+        than k + 1 tokens behind) is charged to the budget, round robin."""
         drafts: list[list[int]] = [[] for _ in running]
-        rows, feeds, rooms = [], [], []
-        budget = self.budget_tokens
+        ends: dict[int, int] = {}  # row -> how many of its tokens its draft state holds after this step's feed
+        room_of: dict[int, int] = {}
+        behind: dict[int, int] = {}  # id(seq) -> row
         for i, seq in enumerate(running):
             room = min(self.k, seq.group.params.max_tokens - len(seq.tokens) - 1)
             # As the n-gram proposer's rule: a row whose target state is catching up proposes nothing.
-            if room <= 0 or seq.done or seq.lag > 1 or budget <= 0:
+            if room <= 0 or seq.done or seq.lag > 1:
                 continue
-            fed = 0 if seq.draft_state is None else seq.draft_state.fed
+            fed = _fed(seq)
             total = len(seq.group.inputs) + len(seq.tokens)
-            end = min(total, fed + self.chunk_tokens, fed + budget)
-            if end <= fed:  # every step samples a token: a state holding them all is a bug, not a case
+            if total <= fed:  # every step samples a token: a state holding them all is a bug, not a case
                 raise AssertionError(f"the draft state holds {fed} tokens of {total}")
-            budget -= end - fed
-            rows.append(i)
-            feeds.append(_context(seq, fed, end))
-            rooms.append(room if end == total else 0)
+            room_of[i] = room
+            if total - fed <= self.k + 1:
+                ends[i] = total
+            else:
+                behind[id(seq)] = i
+        # Those still behind keep their turn; the others are forgotten (they left, or caught up).
+        self.behind = {key: None for key in self.behind if key in behind}
+        self.behind.update(dict.fromkeys(behind))
+        budget = self.budget_tokens
+        for key in list(self.behind):
+            if budget <= 0:
+                break
+            i = behind[key]
+            seq = running[i]
+            fed = _fed(seq)
+            piece = min(len(seq.group.inputs) + len(seq.tokens) - fed, self.chunk_tokens)
+            ends[i] = fed + min(piece, budget)
+            budget -= ends[i] - fed
+            if ends[i] - fed == piece:  # a row cut short by the budget keeps its turn
+                del self.behind[key]
+                self.behind[key] = None
+        rows = sorted(ends)
+        feeds = [_context(running[i], _fed(running[i]), ends[i]) for i in rows]
+        # A row proposes once its draft state holds every token (a row still catching up decodes one).
+        rooms = [room_of[i] if ends[i] == len(running[i].group.inputs) + len(running[i].tokens) else 0 for i in rows]
         if not rows:
             return drafts
         states = [running[i].draft_state for i in rows]
@@ -177,6 +210,10 @@ class DraftModel:
         for i, room, proposed in zip(rows, rooms, torch.stack(tokens, 1).tolist()):
             drafts[i] = proposed[:room]
         return drafts
+
+
+def _fed(seq: Sequence) -> int:
+    return 0 if seq.draft_state is None else seq.draft_state.fed
 
 
 def _context(seq: Sequence, start: int, end: int) -> list[int]:

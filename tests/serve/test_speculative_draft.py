@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ import torch
 
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.serve.sampling import SamplingParams
-from retnet.serve.settings import ServeSettings, StartupError
+from retnet.serve.settings import ServeSettings, StartupError, resolve_draft_model
 
 from .conftest import running_servers, serve_app
 from .test_lora import _peft_model
@@ -179,6 +180,89 @@ async def test_a_preempted_sequence_keeps_its_draft_state(model_dir):
     assert metrics.spec_accepted_tokens._value.get() == metrics.spec_draft_tokens._value.get() > 0
 
 
+def draft_gaps(engine) -> list[int]:
+    """How many tokens each running row's draft state lacks (its whole context without one)."""
+    return [len(seq.group.inputs) + len(seq.tokens) - (0 if seq.draft_state is None else seq.draft_state.fed)
+            for seq in engine.running]
+
+
+async def test_every_row_drafts_whatever_the_budget(model_dir):
+    # 8 rows of k + 1 = 5 tokens a step exceed a budget of 6: a row's steady feed is not charged to it, so every
+    # row keeps up and drafts each step (charged, the rows past the first two never drafted, further behind each
+    # step).
+    engine = engine_with(model_dir, max_running=8, prefill_chunk_tokens=4, prefill_token_budget=6,
+                         speculative_config=draft_config(model_dir))
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    outputs = Outputs()
+    for i in range(8):
+        outputs.add(f"r{i}", engine.submit([[10 + i, 11, 12, 13]], params))
+    await step(engine, outputs, 4)
+    assert len(engine.running) == 8
+    for _ in range(4):
+        await step(engine, outputs)
+        assert all(seq.draft_state is not None for seq in engine.running)
+        assert max(draft_gaps(engine)) <= K + 1, draft_gaps(engine)
+    await run_out(engine, outputs)
+    metrics = engine.metrics
+    assert metrics.spec_accepted_tokens._value.get() == metrics.spec_draft_tokens._value.get()
+    # Each row's 39 tokens after its first: 7 steps of k + 1, then 4, every step of every row with drafts.
+    assert metrics.spec_drafts._value.get() == 8 * 8
+
+
+async def test_rows_catch_up_in_turn(model_dir):
+    # A budget of one piece a step: the rows far behind are served round robin, none waiting for the others to
+    # be caught up.
+    engine = engine_with(model_dir, max_running=3, prefill_token_budget=256,
+                         speculative_config=draft_config(model_dir))
+    chunk = engine.drafter.chunk_tokens = engine.drafter.budget_tokens = K + 2
+    outputs = Outputs()
+    for i in range(3):
+        outputs.add(f"r{i}", engine.submit([list(range(20 + i, 50 + i))], SamplingParams(max_tokens=20, **GREEDY)))
+    await step(engine, outputs)
+    assert len(engine.running) == 3
+    fed = []
+    for _ in range(6):
+        await step(engine, outputs)
+        fed.append([0 if seq.draft_state is None else seq.draft_state.fed for seq in engine.running])
+    # One piece a step, to each row in turn (served from the first row on, the first would take them all).
+    assert all(max(row) - min(row) <= chunk for row in fed), fed
+    assert fed[1] == [chunk] * 3 and fed[4] == [2 * chunk] * 3, fed
+
+
+async def test_a_one_token_prefill_chunk_still_drafts(model_dir):
+    # Caught up a token a step, a draft state would never gain on its row, which grows a token a step (k + 1
+    # with drafts): no drafts, ever. Its pieces are k + 2 tokens at least, within a budget of one piece at least.
+    prompt = list(range(30, 60))
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    expected = await alone(model_dir, prompt, params)
+    engine = engine_with(model_dir, prefill_chunk_tokens=1, prefill_token_budget=1,
+                         speculative_config=draft_config(model_dir))
+    outputs = Outputs(only=engine.submit([prompt], params))
+    await run_out(engine, outputs)
+    assert (outputs.tokens["only", 0], outputs.text["only", 0]) == expected[0]
+    metrics = engine.metrics
+    assert metrics.spec_accepted_tokens._value.get() == metrics.spec_draft_tokens._value.get() > 0
+
+
+async def test_the_step_time_includes_the_drafts(model_dir):
+    # retnet_decode_step_seconds is a step's whole time, the draft model's forwards included, whether the step
+    # then verifies drafts or (a row still catching up) decodes one token.
+    engine = engine_with(model_dir, prefill_chunk_tokens=16, speculative_config=draft_config(model_dir))
+    propose, pause = engine.drafter.propose, 0.2
+
+    def slow_propose(running):
+        time.sleep(pause)
+        return propose(running)
+
+    engine.drafter.propose = slow_propose
+    outputs = Outputs(only=engine.submit([list(range(30, 50))], SamplingParams(max_tokens=12, **GREEDY)))
+    await run_out(engine, outputs)
+    registry = engine.metrics.registry
+    steps = registry.get_sample_value("retnet_decode_step_seconds_count")
+    assert steps >= 3 and engine.metrics.spec_drafts._value.get() < steps  # both kinds of step
+    assert registry.get_sample_value("retnet_decode_step_seconds_sum") >= pause * steps
+
+
 def test_settings(model_dir, tmp_path):
     # vLLM infers draft_model from a model given without a method.
     config = ServeSettings(model=str(model_dir), speculative_config=json.dumps(
@@ -194,13 +278,16 @@ def test_settings(model_dir, tmp_path):
         ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "model is only read by method "
          "'draft_model'"),
         ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "got 'eagle'"),
+        ({"model": "x", "num_speculative_tokens": 2, "revision": 3}, "revision must be a branch, tag or commit"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "revision": "v1"}, "revision is only read by method "
+         "'draft_model'"),
     ]:
         with pytest.raises(ValueError, match="speculative_config") as info:
             ServeSettings(model=str(model_dir), speculative_config=json.dumps(value))
         assert message in str(info.value), value
 
 
-@pytest.mark.parametrize("case", ["vocab", "missing", "no config", "classifier"])
+@pytest.mark.parametrize("case", ["vocab", "tokenizer", "missing", "no config", "classifier"])
 def test_startup_refusals(case, model_dir, drafts, tmp_path):
     from retnet.serve.app import create_app
 
@@ -209,6 +296,7 @@ def test_startup_refusals(case, model_dir, drafts, tmp_path):
     vocab = RetNetConfig.from_pretrained(model_dir).vocab_size
     path, message = {
         "vocab": (drafts["vocab"], f"has a vocabulary of {vocab + 8} tokens, the target --model"),
+        "tokenizer": (tmp_path / "tok", "is not the target's"),
         "missing": (tmp_path / "nope", "no such directory"),
         "no config": (tmp_path, "has no config.json"),
         "classifier": (tmp_path / "cls", "is a classifier"),
@@ -217,12 +305,57 @@ def test_startup_refusals(case, model_dir, drafts, tmp_path):
         path.mkdir()
         config = json.loads((model_dir / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**config, "architectures": ["RetNetForSequenceClassification"]}))
+    if case == "tokenizer":
+        # Another corpus's tokenizer under a vocabulary of the target's size: the size check alone passed it.
+        from retnet.tokenization import train_byte_level_bpe
+
+        save_draft(path, model_dir)
+        other = train_byte_level_bpe(["zzzz qqqq wwww xxxx " * 50, "completely different corpus 12345\n" * 30],
+                                     vocab_size=384, min_frequency=1)
+        other.save_pretrained(path)
+        assert RetNetConfig.from_pretrained(path).vocab_size == vocab
     with pytest.raises(StartupError) as info:
         create_app(make_settings(model_dir, speculative_config=draft_config(path)))
     assert message in str(info.value) and "--speculative-config's model" in str(info.value)
     assert str(path) in str(info.value)
     if case == "vocab":
         assert f"one of {vocab}" in str(info.value) and str(model_dir) in str(info.value)
+    if case == "tokenizer":
+        assert str(path / "tokenizer.json") in str(info.value)
+        assert str(model_dir / "tokenizer.json") in str(info.value)
+
+
+def test_a_draft_tokenizer_differing_in_added_tokens_only_is_warned_about(model_dir, tmp_path, caplog):
+    # A fine-tune that renamed a reserved special token keeps every other id's meaning: its base model's draft is
+    # still a good one, so it is served, with a warning naming the id.
+    from .conftest import make_settings
+
+    path = save_draft(tmp_path / "renamed", model_dir)
+    raw = json.loads((path / "tokenizer.json").read_text())
+    raw["added_tokens"][1]["content"] = "<|tool|>"
+    vocab = raw["model"]["vocab"]
+    raw["model"]["vocab"] = {("<|tool|>" if token == "<|pad|>" else token): i for token, i in vocab.items()}
+    (path / "tokenizer.json").write_text(json.dumps(raw))
+    with caplog.at_level("WARNING", logger="retnet.serve"):
+        settings = resolve_draft_model(make_settings(model_dir, speculative_config=draft_config(path)))
+    assert settings.speculative.model == str(path)
+    assert [r.getMessage() for r in caplog.records if "added tokens" in r.getMessage()] == [
+        f"--speculative-config's model {str(path)!r}: its tokenizer ({path / 'tokenizer.json'}) differs from the "
+        f"target's ({model_dir / 'tokenizer.json'}) only in added tokens or in ids one of them lacks: id 1: "
+        "'<|tool|>' vs '<|pad|>'; drafts near those tokens are unlikely to be accepted"]
+
+
+def test_a_hub_id_draft_at_a_revision(model_dir, drafts, hub_cache):
+    # vLLM's revision key: the draft's hub snapshot at that revision, as --revision is --model's.
+    from .conftest import make_settings
+
+    hub_cache("acme/draft", drafts["vocab"])  # main: refused (another vocabulary)
+    v1 = hub_cache("acme/draft", drafts["other"], revision="v1")
+    spec = {"model": "acme/draft", "num_speculative_tokens": K}
+    settings = resolve_draft_model(make_settings(model_dir, speculative_config={**spec, "revision": "v1"}))
+    assert (settings.speculative.model, settings.speculative.revision) == (str(v1), "v1")
+    with pytest.raises(StartupError, match="has a vocabulary of"):
+        resolve_draft_model(make_settings(model_dir, speculative_config=spec))
 
 
 def test_a_real_server_with_a_draft_model(model_dir, adapter_dir, server_process):
