@@ -29,3 +29,15 @@ def test_cpu_torch_install_uses_pip_index_by_default(tmp_path):
 def test_torch_index_selects_the_index(tmp_path):
     out = _setup_commands(tmp_path, "TORCH_INDEX=https://download.pytorch.org/whl/cpu")
     assert 'install --quiet --index-url "https://download.pytorch.org/whl/cpu" "torch==2.13.0"' in out
+
+
+def test_bench_runs_every_benchmark_script():
+    """`make bench` is the README's way to reproduce its measured figures: a new benchmark must join it."""
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    # A present venv marker keeps make from printing the setup recipe; -n runs nothing either way.
+    done = subprocess.run(["make", "-n", "-C", str(REPO), "bench"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    scripts = {path.name for path in (REPO / "benchmarks").glob("*.py")}
+    missing = sorted(name for name in scripts if f"benchmarks/{name}" not in done.stdout)
+    assert not missing, f"make bench does not run {missing}"
