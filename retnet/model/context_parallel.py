@@ -166,17 +166,57 @@ def incoming_state(last_state: torch.Tensor, log_decay: torch.Tensor, shard: Con
     return state if shard.offset > 0 else state * 0
 
 
+# Tokens of q whose fp32 copy (and the share's) live at once, in elements of the largest per-token slice
+# [B, H, max(K, V)]: 4 MiB of fp32 per temporary, whatever the piece's length.
+SHARE_CHUNK_ELEMENTS = 1 << 20
+
+
+def _share_chunks(q: torch.Tensor, state: torch.Tensor, length: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the chunks of time ``_IncomingShare`` takes ``length`` tokens in."""
+    batch, _, heads, k_dim = q.shape
+    step = max(1, SHARE_CHUNK_ELEMENTS // (batch * heads * max(k_dim, state.shape[-1])))
+    return [(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+class _IncomingShare(torch.autograd.Function):
+    """``o + share``, ``share[:, t] = decay[t] · q_t S`` over the first ``decay.shape[0]`` tokens, in fp32 a chunk
+    of time at a time: neither the forward nor the backward holds an fp32 copy of the whole of ``q`` or of the
+    share (saved for the backward it keeps ``q`` itself, which the retention kernel saves anyway)."""
+
+    @staticmethod
+    def forward(ctx, o: torch.Tensor, q: torch.Tensor, state: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, state, decay)
+        out = o.clone()
+        for start, end in _share_chunks(q, state, decay.shape[0]):
+            share = torch.einsum("bthk,bhkv->bthv", q[:, start:end].float(), state)
+            out[:, start:end] += share.mul_(decay[None, start:end, :, None])  # summed in fp32, rounded once
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, state, decay = ctx.saved_tensors
+        grad_q = torch.zeros_like(q) if ctx.needs_input_grad[1] else None
+        grad_state = torch.zeros_like(state) if ctx.needs_input_grad[2] else None
+        with torch.autocast(grad.device.type, enabled=False):
+            for start, end in _share_chunks(q, state, decay.shape[0]):
+                scaled = grad[:, start:end].float() * decay[None, start:end, :, None]  # d share [B, c, H, V]
+                if grad_q is not None:
+                    grad_q[:, start:end] = torch.einsum("bthv,bhkv->bthk", scaled, state).to(q.dtype)
+                if grad_state is not None:
+                    grad_state += torch.einsum("bthk,bthv->bhkv", q[:, start:end].float(), scaled)
+        return grad, grad_q, grad_state, None
+
+
 def add_incoming(o: torch.Tensor, q: torch.Tensor, state: torch.Tensor, log_decay: torch.Tensor, scale: float,
                  first_length: int) -> torch.Tensor:
     """``o`` ``[B, T, H, V]`` plus the share of ``state`` ``[B, H, K, V]`` in the first ``first_length`` tokens'
     outputs: ``scale · γ^{t+1} · q_t S`` (``q`` ``[B, T, H, K]``, rotated as retention reads it)."""
     steps = torch.arange(1, first_length + 1, device=q.device, dtype=torch.float32)
-    decay = torch.exp(steps[:, None] * log_decay[None, :])  # [T1, H]
-    # fp32 under autocast too: a long-context state can exceed fp16's range (the kernels keep it fp32 alike)
+    decay = scale * torch.exp(steps[:, None] * log_decay[None, :])  # [T1, H]
+    # fp32 under autocast too: a long-context state can exceed fp16's range (the kernels keep it fp32 alike); a
+    # chunk of time at a time, without an fp32 copy of the whole q (twice a bf16 q, kept for the backward)
     with torch.autocast(q.device.type, enabled=False):
-        share = torch.einsum("bthk,bhkv->bthv", q[:, :first_length].float() * decay[None, :, :, None], state.float())
-    head = o[:, :first_length] + (scale * share).to(o.dtype)
-    return head if first_length == o.shape[1] else torch.cat([head, o[:, first_length:]], 1)
+        return _IncomingShare.apply(o, q, state.float(), decay)
 
 
 __all__ = ["ContextShard", "add_incoming", "incoming_state", "shard_sequences"]

@@ -18,14 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from retnet.model.loss import CHUNK_BYTES, IGNORE_INDEX, _no_double_backward
+from retnet.model.loss import CHUNK_BYTES, IGNORE_INDEX, scaled_saved_gradients
 
 DISTILL_KINDS = ("kl", "reverse_kl")
 
 
 def _chunk_tokens(vocab_size: int) -> int:
-    # up to six [chunk, vocab] fp32 buffers live at once (two models' logits, their log-softmaxes, the KL's terms):
-    # half linear_cross_entropy's chunk keeps the peak near its own (its logits in two dtypes and their gradient)
+    # up to four [chunk, vocab] fp32 buffers live at once (the student's logits, later their gradient; the two
+    # log-softmaxes; a softmax): at half linear_cross_entropy's chunk, no more than its own peak (its fp32 logits
+    # and logsumexp's temporary of them)
     return max(1, CHUNK_BYTES // (8 * vocab_size))
 
 
@@ -38,50 +39,60 @@ class _LinearDistillation(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if grad_enabled and ctx.needs_input_grad[1] else None
+        grads = grad_hidden is not None or grad_weight is not None
         sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # T²·KL, CE
         inverse = torch.where(denominator == 0, 0.0, 1.0 / denominator)
         scale = temperature * temperature
+        # The [chunk, vocab] buffers are the peak: each is freed (none outlives its chunk), or overwritten in place,
+        # as soon as it has served, and the teacher's logits come once the student's side needs only its gradient's.
         for start in range(0, rows.shape[0], chunk):
             index = rows[start:start + chunk]
             target = targets[start:start + chunk]
             inputs = hidden[index]
             logits = F.linear(inputs, weight)  # the head's dtype (bf16 under autocast), as the unfused head
-            student = logits.float()
-            teacher = F.linear(teacher_hidden[index], teacher_weight).float()
+            dtype, student = logits.dtype, logits.float()
+            del logits
             log_norm = torch.logsumexp(student, dim=-1)
             sums[1] += (log_norm - student.gather(1, target[:, None]).squeeze(1)).sum()
-            log_q = F.log_softmax(student / temperature, dim=-1)  # the student's soft distribution
-            log_p = F.log_softmax(teacher.div_(temperature), dim=-1)
+            # the student's soft distribution (÷ 1 is exact: no copy for it)
+            log_q = F.log_softmax(student / temperature if temperature != 1 else student, dim=-1)
+            hard = None
+            if grads and alpha < 1:  # the hard part's gradient, softmax(s) − one-hot, over the student's logits
+                hard = student.sub_(log_norm[:, None]).exp_()
+                hard.scatter_add_(1, target[:, None], torch.full_like(hard[:, :1], -1.0))
+            del student
+            teacher = F.linear(teacher_hidden[index], teacher_weight).float()
+            log_p = F.log_softmax(teacher.div_(temperature) if temperature != 1 else teacher, dim=-1)
             del teacher
             if reverse:  # KL(q ‖ p): d/ds = (q ⊙ (log q − log p − KL)) / T per token
                 q = log_q.exp()
                 gap = log_q.sub_(log_p)
-                del log_p
+                del log_q, log_p
                 divergence = (q * gap).sum(-1)
                 soft = q.mul_(gap.sub_(divergence[:, None]))
-                del gap
+                del q, gap
             else:  # KL(p ‖ q): d/ds = (q − p) / T per token
                 p = log_p.exp()
-                divergence = (p * (log_p - log_q)).sum(-1)
+                divergence = log_p.sub_(log_q).mul_(p).sum(-1)  # p ⊙ (log p − log q), in log p's buffer
                 del log_p
                 soft = log_q.exp_().sub_(p)
-                del p
+                del log_q, p
             sums[0] += scale * divergence.sum()
-            if grad_hidden is None and grad_weight is None:
+            if not grads:
+                del soft
                 continue
-            # T² · (1/T): the soft part's gradient; the hard part's is softmax(s) − one-hot
+            # T² · (1/T): the soft part's gradient; the hard part's (1 − alpha) of it
             grad_logits = soft.mul_(alpha * temperature) if alpha else None
             del soft
-            if alpha < 1:
-                hard = student.sub_(log_norm[:, None]).exp_()
-                hard.scatter_add_(1, target[:, None], torch.full_like(hard[:, :1], -1.0))
+            if hard is not None:
                 grad_logits = hard.mul_(1.0 - alpha) if grad_logits is None else grad_logits.add_(hard, alpha=1 - alpha)
-            del student
-            grad_logits = grad_logits.mul_(inverse).to(logits.dtype)  # in the head's matmul dtype, as its backward
+            del hard
+            grad_logits = grad_logits.mul_(inverse).to(dtype)  # in the head's matmul dtype, as its backward
             if grad_hidden is not None:
                 grad_hidden[index] = (grad_logits @ weight).to(grad_hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ inputs
+            del grad_logits  # else alive through the next chunk's peak
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         parts = sums / denominator
@@ -91,15 +102,7 @@ class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, grad_parts: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        with torch.no_grad():
-            scale = grad_output.float()
-            if grad_hidden is not None:
-                grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype)  # not in place: retain_graph
-            if grad_weight is not None:
-                grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
-        if torch.is_grad_enabled():  # create_graph=True: the saved gradients have no graph to differentiate
-            grad_hidden, grad_weight = _no_double_backward(grad_hidden, grad_weight)
-        return grad_hidden, grad_weight, *[None] * 10
+        return *scaled_saved_gradients(grad_hidden, grad_weight, grad_output.float(), ctx.weight_dtype), *[None] * 10
 
 
 def linear_distillation_loss(
@@ -146,11 +149,14 @@ def linear_distillation_loss(
     if not shifted:
         labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     flat = labels.reshape(-1).to(hidden.device)
+    # The one host sync: the targets' count sizes the chunks (the other tokens are never projected). The
+    # denominator is then filled on the device, not copied there (a copy from the host waits for the device).
     rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    if num_items_in_batch is None:
-        denominator = torch.tensor(float(rows.shape[0]), device=hidden.device)
+    if num_items_in_batch is None or not isinstance(num_items_in_batch, torch.Tensor):
+        count = rows.shape[0] if num_items_in_batch is None else num_items_in_batch
+        denominator = torch.full((), float(count), dtype=torch.float32, device=hidden.device)
     else:
-        denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
+        denominator = num_items_in_batch.to(device=hidden.device, dtype=torch.float32)
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     return _LinearDistillation.apply(hidden, weight, teacher_hidden, teacher_weight.detach(), rows, flat[rows],
                                      denominator, float(temperature), float(alpha), kind == "reverse_kl", chunk,

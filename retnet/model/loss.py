@@ -49,6 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits_fp32.gather(1, safe_target[:, None]).squeeze(1)
             total += torch.where(valid, log_norm - picked, 0.0).sum()
             if grad_hidden is None and grad_weight is None:
+                del logits, logits_fp32  # as below
                 continue
             # d loss / d logits = (softmax − one-hot) / denominator on the tokens that count, 0 elsewhere
             grad_logits = logits_fp32.sub_(log_norm[:, None]).exp_()  # (logits itself when fp32: not used again)
@@ -60,6 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:start + chunk] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ rows
+            del logits, logits_fp32, grad_logits  # else alive through the next chunk's peak
         ctx.save_for_backward(grad_hidden, grad_weight, inverse)
         ctx.weight_dtype = weight.dtype
         return total / denominator
@@ -67,16 +69,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight, inverse = ctx.saved_tensors
-        with torch.no_grad():
-            # fp32, as the unfused head's backward: grad_output cast to fp16 overflows at GradScaler's 65536
-            scale = grad_output.float() * inverse if ctx.late_mean else grad_output.float()
-            if grad_hidden is not None:
-                grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype)  # not in place: retain_graph
-            if grad_weight is not None:
-                grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
-        if torch.is_grad_enabled():  # create_graph=True: the saved gradients have no graph to differentiate
-            grad_hidden, grad_weight = _no_double_backward(grad_hidden, grad_weight)
-        return grad_hidden, grad_weight, None, None, None, None
+        scale = grad_output.float() * inverse if ctx.late_mean else grad_output.float()
+        return *scaled_saved_gradients(grad_hidden, grad_weight, scale, ctx.weight_dtype), None, None, None, None
+
+
+def scaled_saved_gradients(grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None, scale: torch.Tensor,
+                           weight_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of a loss that computed its gradients in its forward (``linear_cross_entropy``, the chunked
+    distillation loss): the saved ``grad_hidden`` (``[N, D]``, the hidden states' dtype) and ``grad_weight``
+    (``[vocab, D]``, fp32) times ``scale`` (a 0-dim fp32 tensor, the upstream gradient), the latter cast to
+    ``weight_dtype``; under ``create_graph`` they raise if differentiated again."""
+    with torch.no_grad():
+        # fp32, as the unfused head's backward: grad_output cast to fp16 overflows at GradScaler's 65536
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype)  # not in place: retain_graph
+        if grad_weight is not None:
+            grad_weight = (grad_weight * scale).to(weight_dtype)
+    if torch.is_grad_enabled():  # create_graph=True: the saved gradients have no graph to differentiate
+        grad_hidden, grad_weight = _no_double_backward(grad_hidden, grad_weight)
+    return grad_hidden, grad_weight
 
 
 def _no_double_backward(*grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

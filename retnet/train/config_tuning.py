@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retnet.model.distillation import DISTILL_KINDS  # the loss's own: torch only, no retnet.train
 from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # TRL's names; dapo is its default
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
-DISTILL_KINDS = ("kl", "reverse_kl")  # retnet.model.distillation's
 # Every nn.Linear of a decoder layer, retention then FFN (g_proj without use_output_gate and gate_proj without
 # ffn_glu do not exist): what LoRA may adapt, and by default does.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

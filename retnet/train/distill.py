@@ -48,17 +48,36 @@ def resolve_teacher(cfg: DistillConfig) -> Path:
     return path
 
 
+def teacher_tokenizer(path: Path) -> Path:
+    """``path`` (the teacher's directory), the run's tokenizer when ``data.tokenizer`` is unset: after a ConfigError
+    unless it holds a tokenizer."""
+    if not any((path / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        raise ConfigError(f"distill.teacher {str(path)!r} holds no tokenizer (no tokenizer_config.json or "
+                          f"tokenizer.json) and data.tokenizer is unset: the student learns the teacher's next-token "
+                          f"ids, so set data.tokenizer to the tokenizer the teacher was trained with")
+    return path
+
+
 def teacher_config(path: Path, tokenizer):
     """The teacher's RetNetConfig, with ``tokenizer`` (the run's) checked against it and against the teacher's own
     tokenizer, when it has one: the same ids must mean the same tokens to both models."""
     from retnet.model import RetNetConfig
+    from retnet.model.convert_fla import is_fla_retnet_config
     from retnet.train.data import tokenizer_mismatch
 
     saved, _ = RetNetConfig.get_config_dict(str(path), local_files_only=True)
     if saved.get("model_type") != RetNetConfig.model_type:
         raise ConfigError(f"distill.teacher {str(path)!r} holds a {saved.get('model_type')!r} model, not a RetNet "
                           f"(retnet-convert-fla converts flash-linear-attention checkpoints)")
-    config = RetNetConfig.from_dict(saved)
+    if is_fla_retnet_config(saved):  # the same model_type, other fields and weight names
+        raise ConfigError(f"distill.teacher {str(path)!r} holds a flash-linear-attention RetNet (its config.json has "
+                          f"fla's fields), not this package's: convert it first, `retnet-convert-fla {path} DST`, "
+                          f"and distill from DST")
+    try:
+        config = RetNetConfig.from_dict(saved)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"distill.teacher {str(path)!r}: its config.json is not a valid RetNet config: "
+                          f"{error}") from None
     problem = tokenizer_mismatch(tokenizer, config)
     if problem is not None:
         raise ConfigError(f"distill.teacher {str(path)!r}: the run's tokenizer does not fit it: {problem}")
@@ -76,22 +95,39 @@ def teacher_config(path: Path, tokenizer):
     return config
 
 
-def load_teacher(cfg: DistillConfig, path: Path, config, student_config, device: torch.device,
-                 dtype: torch.dtype, student: str) -> Teacher:
-    """The frozen teacher on ``device`` in ``dtype``, after a ConfigError (naming both) unless its vocabulary is the
-    student's (``student`` says what the student is)."""
-    from retnet.model import RetNetForCausalLM
-
-    if config.vocab_size != student_config.vocab_size:
+def check_vocab(path: Path, config, vocab_size: int, student: str) -> None:
+    """A ConfigError (naming both) unless the teacher's vocabulary (its ``config``) is the student's ``vocab_size``
+    (``student`` says what the student is)."""
+    if config.vocab_size != vocab_size:
         raise ConfigError(
             f"distill.teacher {str(path)!r} has vocab_size {config.vocab_size}, the student ({student}) "
-            f"{student_config.vocab_size}: distillation compares their next-token distributions id by id; distill "
-            f"into a student of the teacher's vocabulary (a preset from scratch takes it)")
+            f"{vocab_size}: distillation compares their next-token distributions id by id; distill into a student "
+            f"of the teacher's vocabulary (a preset from scratch takes it)")
+
+
+def load_teacher(cfg: DistillConfig, path: Path, config, device: torch.device, dtype: torch.dtype) -> Teacher:
+    """The frozen teacher on ``device`` in ``dtype``; a ConfigError naming the weights unless ``path`` holds every
+    weight of ``config``'s model and no other: a teacher loaded in part would teach from random layers."""
+    from retnet.model import RetNetForCausalLM
+
     try:
-        model = RetNetForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+        model, info = RetNetForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True,
+                                                        output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as error:  # no weights, or weights of other shapes
         raise ConfigError(f"distill.teacher {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
                           f"{str(error).strip()[:400]}") from None
+    # A tied head is the embedding, not a weight of its own (older transformers list it as missing)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if config.tie_word_embeddings else set()
+    problems = {"missing": sorted(set(info.get("missing_keys", ())) - tied),
+                "unexpected": sorted(info.get("unexpected_keys", ())),
+                "mismatched": sorted(str(key) for key in info.get("mismatched_keys", ()))}
+    wrong = {what: keys for what, keys in problems.items() if keys}
+    if wrong:
+        shown = "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                          for what, keys in wrong.items())
+        raise ConfigError(f"distill.teacher {str(path)!r}: its weights do not match its config.json ({shown}); give a "
+                          f"RetNetForCausalLM save_pretrained directory whose weights are all there (another run's "
+                          f"train.output_dir/export)")
     model = model.to(device).eval().requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
     logger.info("distilling from %s (%.2fM parameters, %s), %s at temperature %g, alpha %g", path, params / 1e6,
@@ -151,4 +187,5 @@ class Teacher:
         self._window_steps = int(state.get("window_steps", 0))
 
 
-__all__ = ["METRICS", "Teacher", "load_teacher", "resolve_teacher", "teacher_config"]
+__all__ = ["METRICS", "Teacher", "check_vocab", "load_teacher", "resolve_teacher", "teacher_config",
+           "teacher_tokenizer"]

@@ -267,6 +267,32 @@ class StreamingChatData(StreamingData):
         self._flags, self._continued = [int(f) for f in state["flags"]], bool(state["continued"])
 
 
+def group_micro_batches(data, accum: int, *, source: int, group, device: torch.device) -> list:
+    """The next ``accum`` micro-batches of streamed ``data`` (:class:`StreamingData`, :class:`StreamingChatData` or a
+    streamed mixture) on every rank of a context-parallel ``group``: global rank ``source``, the group's first, reads
+    and tokenizes them, and one broadcast hands them to the others, whose streams stay unread. The ranks of a group
+    train on the same blocks, which each would otherwise read and tokenize itself (C times the data pipeline's
+    work). Only ``source``'s data position moves: a resume gives every rank of a group its first rank's.
+
+    Returns what ``data.micro_batches`` does, on the CPU: ``[B, T]`` int64 tensors, or for chat data
+    :class:`MaskedBlocks` (uint8 flags; ``data.step_targets`` is set on ``source`` only)."""
+    import torch.distributed as dist
+
+    masked = data.masked
+    batches = data.micro_batches(accum) if dist.get_rank() == source else None
+    if batches is not None:
+        wire = torch.stack([torch.stack([b.tokens, b.flags.long()]) if masked else b[None] for b in batches])
+        wire = wire.to(device)  # NCCL broadcasts device tensors
+    else:
+        wire = torch.empty(accum, 2 if masked else 1, data.micro_batch, data.seq_len, dtype=torch.int64,
+                           device=device)
+    dist.broadcast(wire, src=source, group=group)
+    if batches is not None:
+        return batches
+    wire = wire.cpu()
+    return [MaskedBlocks(w[0], w[1].to(torch.uint8)) if masked else w[0] for w in wire]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------------------
@@ -363,4 +389,5 @@ def _no_training_documents(dataset: str, val_documents: int, rank: int | None = 
                        f"data.val_documents or use more data")
 
 
-__all__ = ["STREAM_ROW", "StreamingChatData", "StreamingData", "build_streaming", "stream_conversation"]
+__all__ = ["STREAM_ROW", "StreamingChatData", "StreamingData", "build_streaming", "group_micro_batches",
+           "stream_conversation"]

@@ -179,7 +179,14 @@ class Trainer:
             _check_pretrained_dir(init_from)
         teacher_dir = self._teacher_dir()
         # Distilling into a new model without data.tokenizer: the teacher's tokenizer, whose ids its head predicts
-        tokenizer_dir = init_from or (teacher_dir if not cfg.data.tokenizer else None)
+        tokenizer_dir = init_from
+        if tokenizer_dir is None and teacher_dir is not None and not cfg.data.tokenizer:
+            from retnet.train.distill import teacher_tokenizer
+
+            tokenizer_dir = teacher_dir if reuse else teacher_tokenizer(teacher_dir)
+        teacher_config = None
+        if teacher_dir is not None:  # before the data is built, and the student (its vocabulary is the teacher's)
+            teacher_config = self._check_teacher(teacher_dir, saved_tokenizer if reuse else tokenizer_dir)
         self.data = build_data(
             cfg.data, vocab_size=cfg.model.vocab_size or preset_vocab, seed=cfg.train.seed,
             micro_batch=cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size, rank=self.dp_rank,
@@ -191,11 +198,6 @@ class Trainer:
 
             self.data = RewardData.of(self.data, cfg.reward)
         self.tokenizer = self.data.tokenizer
-        teacher_config = None
-        if teacher_dir is not None:  # now, before the student is built: its vocabulary is the teacher's
-            from retnet.train.distill import teacher_config as read_teacher_config
-
-            teacher_config = read_teacher_config(teacher_dir, self.tokenizer)
         if self.is_main and not reuse:
             # Replacing what was there: files of another tokenizer left beside these could be what a load picks.
             replace_directory(saved_tokenizer, self.tokenizer.save_pretrained)
@@ -247,17 +249,18 @@ class Trainer:
 
             dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" and self.device.type == "cuda" \
                 else torch.float32
-            student = f"model.init_from {cfg.model.init_from!r}" if init_from is not None else \
-                f"model.preset {cfg.model.preset!r}"
-            self.teacher = load_teacher(cfg.distill, teacher_dir, teacher_config, self.model_config, self.device,
-                                        dtype, student)
-            if self.is_main:  # of the weights just loaded, as LoRA's base; the others wait on the long barrier
-                self._teacher_fingerprint()
-            barrier()
+            self.teacher = load_teacher(cfg.distill, teacher_dir, teacher_config, self.device, dtype)
+            self._teacher_fingerprint()  # of the weights just loaded, as LoRA's base (a resume's: already)
         self.n_params = sum(p.numel() for p in self.raw_model.parameters())
         self.n_trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         # GRPO: a sequence is a prompt and its completion, whose length the data learns from [grpo] only at start()
         seq_len = self.data.sequence_length(cfg.grpo) if getattr(self.data, "grpo", False) else self.data.seq_len
+        if self.cp_size > 1:
+            # A rank's retention runs over its piece of each row (a block, or a packed micro-batch's blocks), so
+            # its chunks hold no more than the piece's tokens. The share of the incoming state (one more q·S per
+            # token of a piece's first document) is the split's overhead, not counted, as recomputation is not.
+            row = seq_len * (cfg.train.micro_batch_size if cfg.data.document_boundaries else 1)
+            seq_len = min(seq_len, row // self.cp_size)
         self.flops_per_token = flops_per_token(self.model_config, seq_len,
                                                self.n_trainable if cfg.lora.enabled else None,
                                                output_head=not cfg.reward.enabled)
@@ -348,12 +351,45 @@ class Trainer:
             self._teacher_path = resolve_teacher(self.cfg.distill) if self.cfg.distill.enabled else None
         return self._teacher_path
 
+    def _check_teacher(self, path: Path, tokenizer_dir: Path | None):
+        """The teacher's RetNetConfig, checked against the run's tokenizer (read from ``tokenizer_dir``, else
+        ``data.tokenizer``, as build_data reads it) and a ``model.init_from`` student's vocabulary: before the data
+        is built, whose reading and tokenizing can take hours, only to be refused."""
+        from retnet.model import RetNetConfig
+        from retnet.train.data import load_tokenizer
+        from retnet.train.distill import check_vocab, teacher_config
+
+        config = teacher_config(path, load_tokenizer(tokenizer_dir or self.cfg.data.tokenizer))
+        init_from = self._init_from_dir()
+        if init_from is not None:  # a preset student takes the teacher's vocabulary
+            saved, _ = RetNetConfig.get_config_dict(str(init_from), local_files_only=True)
+            check_vocab(path, config, saved.get("vocab_size", RetNetConfig().vocab_size),
+                        f"model.init_from {self.cfg.model.init_from!r}")
+        return config
+
     def _teacher_fingerprint(self) -> str:
-        """:func:`~retnet.train.lora.base_fingerprint` of the teacher's weights, computed once."""
+        """:func:`~retnet.train.lora.base_fingerprint` of the teacher's weights, computed once, by rank 0: the
+        others take its answer rather than each reading every weight again. A collective under torchrun (every rank
+        calls it at the same point the first time): the others wait for the hashing on the long-timeout barrier."""
         if getattr(self, "_teacher_sha", None) is None:
             from retnet.train.lora import base_fingerprint
 
-            self._teacher_sha = base_fingerprint(self._teacher_dir())
+            answer: list[str | None] = [None]
+            failure = None
+            if self.is_main:
+                try:
+                    answer[0] = base_fingerprint(self._teacher_dir())
+                except Exception as error:  # told to the others (answer None) before it is raised here
+                    failure = error
+            if is_distributed():
+                barrier()
+                dist.broadcast_object_list(answer, src=0)
+            if failure is not None:
+                raise failure
+            if answer[0] is None:
+                raise ConfigError(f"distill.teacher {self.cfg.distill.teacher!r}: rank 0 could not read its weights "
+                                  f"to fingerprint them (its error is in rank 0's log)")
+            self._teacher_sha = answer[0]
         return self._teacher_sha
 
     def _checkpointed(self, model_state: dict) -> dict:
@@ -839,7 +875,7 @@ class Trainer:
         lr = get_lr(self.step, self.cfg.optim, self.cfg.train.steps)
         set_lr(self.optimizer, lr, self.cfg.optim)
         loss_sum = torch.zeros((), device=self.device)
-        batches = self.data.micro_batches(self.accum)
+        batches = self._micro_batches()
         masked, preference = self.data.masked, getattr(self.data, "preference", False)
         # Chat data: blocks hold different numbers of targets, so each micro-batch's summed loss is divided by
         # the global batch's count (every rank's; 1 when none: a zero loss, zero gradients), and
@@ -896,15 +932,25 @@ class Trainer:
             self._last["muon_lr"] = muon_groups[0]["lr"]
         return loss_value
 
+    def _micro_batches(self) -> list:
+        """This step's micro-batches. Streamed data under context parallelism: read and tokenized by the group's
+        first rank alone and broadcast to the others (the cached token arrays cost every rank only a lookup)."""
+        if self.cp_size > 1 and self.cfg.data.streaming:
+            from retnet.train.streaming import group_micro_batches
+
+            return group_micro_batches(self.data, self.accum, source=self.dp_rank * self.cp_size,
+                                       group=self.cp_group, device=self.device)
+        return self.data.micro_batches(self.accum)
+
     def _step_targets(self) -> int:
         """The targets of this step's global batch (chat data). Streamed data counts only this rank's blocks,
-        which no other data-parallel rank reads: summed over the ranks, one small all-reduce (in which the C ranks
-        of a context-parallel group, holding the same blocks, each count them)."""
+        which no other data-parallel rank reads: summed over the ranks, one small all-reduce (in which only a
+        context-parallel group's first rank, the one that read the group's blocks, counts them)."""
         count = self.data.step_targets
         if self.data.step_targets_per_rank and is_distributed():
-            total = torch.tensor(count, dtype=torch.int64, device=self.device)
+            total = torch.tensor(count if self.cp_rank == 0 else 0, dtype=torch.int64, device=self.device)
             dist.all_reduce(total)
-            count = int(total.item()) // self.cp_size
+            count = int(total.item())
         return count
 
     def _stop_nonfinite(self, problem: str) -> NoReturn:

@@ -137,11 +137,65 @@ def test_refusals(model_factory):
 
 def test_the_incoming_share_is_fp32_under_fp16_autocast():
     """A long document's state exceeds fp16's range (the kernels keep it fp32): the share is summed in fp32."""
-    q = torch.randn(1, 4, 2, 8) * 1e-3
+    torch.manual_seed(0)
+    q = (torch.randn(1, 4, 2, 8) * 1e-3).half()
     state = torch.full((1, 2, 8, 8), 1e5)
     log_decay = torch.log(torch.tensor([0.999, 0.9999]))
-    expected = add_incoming(torch.zeros(1, 4, 2, 8), q, state, log_decay, 8 ** -0.5, 4)
+    # from the same fp16 q: its rounding alone moves a sum that cancels by more than the tolerance
+    expected = add_incoming(torch.zeros(1, 4, 2, 8), q.float(), state, log_decay, 8 ** -0.5, 4)
     with torch.autocast("cpu", dtype=torch.float16):
-        got = add_incoming(torch.zeros(1, 4, 2, 8, dtype=torch.float16), q.half(), state, log_decay, 8 ** -0.5, 4)
+        got = add_incoming(torch.zeros(1, 4, 2, 8, dtype=torch.float16), q, state, log_decay, 8 ** -0.5, 4)
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=1e-3)
+
+
+def _allocation_peak(run) -> tuple[int, object]:
+    """(peak of torch's CPU allocations while ``run()`` runs, above what was live before; its result)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run()
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        if event.device_type() in (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP):
+            live += event.nbytes()
+            peak = max(peak, live)
+    assert events, "the profiler recorded no memory events"
+    return peak, result
+
+
+def test_the_incoming_share_makes_no_fp32_copy_of_q(monkeypatch):
+    """The share is computed a chunk of time at a time (32 tokens here, 15 chunks for the first 480 tokens): the
+    same outputs and gradients as the one-einsum form, while neither the forward's allocations nor what it keeps
+    for the backward hold an fp32 copy of the first tokens' q (which the one-einsum form made, and kept)."""
+    monkeypatch.setattr("retnet.model.context_parallel.SHARE_CHUNK_ELEMENTS", 2 * 4 * 32 * 32)
+    batch, length, heads, k_dim, v_dim, first = 2, 512, 4, 32, 32, 480
+    log_decay = torch.log(torch.tensor([0.9, 0.95, 0.99, 0.999]))
+    torch.manual_seed(0)
+    q, o = torch.randn(batch, length, heads, k_dim), torch.randn(batch, length, heads, v_dim)
+    state = torch.randn(batch, heads, k_dim, v_dim)
+    leaves = [x.clone().requires_grad_() for x in (o, q, state)]
+    got = add_incoming(*leaves[:2], leaves[2], log_decay, k_dim ** -0.5, first)
+    upstream = torch.randn_like(got)
+    got.backward(upstream)
+    expected_leaves = [x.clone().requires_grad_() for x in (o, q, state)]
+    o_ref, q_ref, state_ref = expected_leaves
+    decay = torch.exp(torch.arange(1, first + 1)[:, None] * log_decay)
+    share = torch.einsum("bthk,bhkv->bthv", q_ref[:, :first] * decay[None, :, :, None], state_ref) * k_dim ** -0.5
+    expected = torch.cat([o_ref[:, :first] + share, o_ref[:, first:]], 1)
+    expected.backward(upstream)
+    torch.testing.assert_close(got, expected)
+    for leaf, reference in zip(leaves, expected_leaves, strict=True):
+        torch.testing.assert_close(leaf.grad, reference.grad)
+
+    q16, o16, state = q.bfloat16().requires_grad_(), o.bfloat16().requires_grad_(), state.requires_grad_()
+    copy = batch * first * heads * k_dim * 4  # the fp32 copy of the first tokens' q
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        peak, out = _allocation_peak(lambda: add_incoming(o16, q16, state, log_decay, k_dim ** -0.5, first))
+    inputs = {x.untyped_storage().data_ptr() for x in (q16, o16, state)}
+    kept_bytes = sum(t.numel() * t.element_size() for t in kept if t.untyped_storage().data_ptr() not in inputs)
+    assert kept_bytes < copy / 8, (kept_bytes, copy)
+    assert peak - out.numel() * out.element_size() < copy / 2, (peak, copy)

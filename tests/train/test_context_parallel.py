@@ -1,7 +1,7 @@
 """Context parallelism in the trainer (``train.context_parallel``): what the config refuses; torchrun gloo ranks
 splitting every row in two log the losses of one process (packed rows whose documents cross the cut, plain rows
-over two data-parallel groups, chat data) and resume them; a checkpoint's stream positions are keyed by the
-data-parallel ranks."""
+over two data-parallel groups, chat data, streamed text and chat read by each group's first rank alone) and resume
+them; a checkpoint's stream positions are keyed by the data-parallel ranks; the logged MFU counts the pieces."""
 
 from __future__ import annotations
 
@@ -164,6 +164,85 @@ def test_chat_data_split_across_two_ranks_logs_the_losses_of_one_process(tmp_pat
     # a packed row of 3 × 48 tokens, cut at 72: inside the second block
     common = dict(data__format="chat", data__seq_len=48, optim__lr=1e-2, train__steps=3, train__eval_interval=3,
                   train__micro_batch_size=3, train__global_batch_size=6)
+
+    def args(out, **overrides):
+        return micro_args(chats, tokenizer, tmp_path / "cache", out, **common, **overrides)
+
+    single, split = tmp_path / "single", tmp_path / "split"
+    assert main(args(single)) == 0
+    two = run(args(split, train__context_parallel=2), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
+    expected = _losses(read_metrics, single)
+    assert len(expected) == 3 and expected[0] != expected[-1]
+    assert _losses(read_metrics, split) == pytest.approx(expected, rel=1e-5)
+    assert _losses(read_metrics, split, "val", "val_loss") == pytest.approx(
+        _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streamed data: read by a group's first rank; MFU of the pieces
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_streamed_data_is_read_once_per_group_and_resumes(micro, tmp_path, run, read_metrics, tokenizer_dir):
+    """Streamed data under context parallelism: the group's first rank reads and tokenizes its blocks and
+    broadcasts them, so the other rank never reads its stream (its checkpointed data position stays 0, where
+    each rank reading the stream had the first's), and the 2 ranks log one process's losses and resume from their
+    step-2 checkpoint to the same ones (the rank that read nothing starts from the first's position).
+
+    MFU: plain rows of 32 at chunk size 32, so each rank's retention runs over pieces of 16 tokens in chunks of 16;
+    the logged MFU counts flops_per_token at 16 (the row's 32 overstated it), the global batch's tokens per second
+    and all W devices."""
+    import retnet  # noqa: F401
+    from retnet.model import RetNetConfig
+    from retnet.train.data import load_tokenizer, vocab_bound
+    from retnet.train.flops import flops_per_token
+
+    single, split, resumed = tmp_path / "single", tmp_path / "split", tmp_path / "resumed"
+    common = dict(data__streaming=True, data__val_documents=10, data__document_boundaries=False,
+                  model__chunk_size=32, train__steps=4, train__eval_interval=2, checkpoint__interval=2,
+                  optim__lr=1e-2, optim__schedule="constant", logging__peak_flops=1e12)
+    assert main(micro(single, **common)) == 0
+    many = run(micro(split, **common, train__context_parallel=2), nproc=2)
+    assert many.returncode == 0, many.stderr[-3000:] + many.stdout[-2000:]
+    expected = _losses(read_metrics, single)
+    assert len(expected) == 4 and expected[-1] < expected[0]
+    assert _losses(read_metrics, split) == pytest.approx(expected, rel=1e-5)
+    assert _losses(read_metrics, split, "val", "val_loss") == pytest.approx(
+        _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
+    ranks = load_checkpoint(list_checkpoints(split / "checkpoints")[-1])["trainer"]["ranks"]
+    assert [r["data"]["position"] for r in ranks] == [4 * 4, 0]  # 4 steps of 4 blocks, all read by rank 0
+
+    config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      chunk_size=32, vocab_size=vocab_bound(load_tokenizer(tokenizer_dir)))
+    assert flops_per_token(config, 16) < flops_per_token(config, 32)
+    for out, span, world in ((single, 32, 1), (split, 16, 2)):
+        records = read_metrics(out)
+        assert [r["mfu"] for r in records] == pytest.approx(
+            [flops_per_token(config, span) * r["tokens_per_s"] / (1e12 * world) for r in records], rel=1e-9)
+
+    again = run(micro(resumed, **common, train__context_parallel=2,
+                      train__resume=split / "checkpoints" / "step_00000002"), nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "at step 2" in again.stderr
+    assert _losses(read_metrics, resumed) == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_streamed_chat_data_read_once_per_group_logs_the_losses_of_one_process(tmp_path, run, read_metrics):
+    """Streamed chat data: the group's second rank gets the blocks and their flags from the first, and the step's
+    target count is counted once per group, by the first rank (counted once and divided by C, as when every rank
+    of a group counted, the losses would double)."""
+    from retnet.tokenization import train_byte_level_bpe
+    from retnet.train.chat import render_default
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": _conversation(i)}) + "\n" for i in range(160)))
+    tokenizer = tmp_path / "tokenizer"
+    train_byte_level_bpe([render_default(_conversation(i)) for i in range(160)],
+                         vocab_size=320).save_pretrained(tokenizer)
+    common = dict(data__format="chat", data__streaming=True, data__val_documents=10, data__seq_len=48,
+                  optim__lr=1e-2, train__steps=3, train__eval_interval=3, train__micro_batch_size=3,
+                  train__global_batch_size=6)
 
     def args(out, **overrides):
         return micro_args(chats, tokenizer, tmp_path / "cache", out, **common, **overrides)

@@ -112,6 +112,88 @@ def test_the_model_forward_distills_only_in_training():
         model(input_ids=ids, labels=ids, distill=distill)
 
 
+class PeakStorage:
+    """Under it (a ``TorchDispatchMode``), the most bytes of the storages its ops created that were alive at once:
+    what a loss holds at its peak, its inputs aside."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.live: dict[int, int] = {}
+        self.peak, self.ops = 0, []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import weakref
+
+                from torch.utils._pytree import tree_flatten
+
+                out = func(*args, **(kwargs or {}))
+                tracker.ops.append(str(func))
+                for tensor in tree_flatten(out)[0]:
+                    storage = tensor.untyped_storage() if isinstance(tensor, torch.Tensor) else None
+                    if storage is not None and storage.data_ptr() and storage.data_ptr() not in tracker.live:
+                        tracker.live[storage.data_ptr()] = storage.nbytes()
+                        weakref.finalize(storage, tracker.live.pop, storage.data_ptr(), None)
+                        tracker.peak = max(tracker.peak, sum(tracker.live.values()))
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_the_chunked_loss_holds_few_chunk_buffers(kind, alpha):
+    """Its peak, what the KD loss costs beyond the fused cross-entropy: at most four fp32 [chunk, vocab] buffers
+    alive at once (three at alpha 1, without the hard targets' gradient), none carried into the next chunk (it held
+    eight: two carried, p ⊙ (log p − log q) out of place). One host sync (the targets' count), whatever the
+    chunks."""
+    torch.manual_seed(3)
+    tokens, dim, vocab, chunk = 512, 4, 4096, 128
+    hidden, weight = torch.randn(1, tokens, dim, requires_grad=True), torch.randn(vocab, dim, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(1, tokens, dim), torch.randn(vocab, dim)
+    labels = torch.randint(0, vocab, (1, tokens))
+    with PeakStorage() as tracked:
+        linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, labels, temperature=2.0,
+                                 alpha=alpha, kind=kind, chunk_tokens=chunk)
+    buffers = tracked.peak / (chunk * vocab * 4)  # the rest (the gradients, the indices) is a tenth of one
+    assert buffers < (4.5 if alpha < 1 else 3.5), buffers
+    assert tracked.ops.count("aten.nonzero.default") == 1 and "aten._local_scalar_dense.default" not in tracked.ops
+
+
+def test_the_backward_is_the_fused_cross_entropy_s():
+    """One backward for both fused losses (their gradients come from the forward, scaled by the upstream one):
+    the distillation loss's gradients scale as autograd's, and raise when differentiated again."""
+    from retnet.model import distillation, loss
+
+    assert distillation.scaled_saved_gradients is loss.scaled_saved_gradients
+    torch.manual_seed(4)
+    hidden, weight = torch.randn(2, 7, 8, requires_grad=True), torch.randn(19, 8, requires_grad=True)
+    labels = torch.randint(0, 19, (2, 7))
+    value, _ = linear_distillation_loss(hidden, weight, torch.randn(2, 7, 5), torch.randn(19, 5), labels, alpha=0.5)
+    once = torch.autograd.grad(value, hidden, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(value * -2.5, hidden, retain_graph=True)[0], once * -2.5)
+    grad, = torch.autograd.grad(value, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        grad.sum().backward()
+
+
+def test_the_config_checks_the_loss_s_kinds():
+    """``distill.kind`` is checked against the loss's own tuple, not a copy of it."""
+    from retnet.model import distillation
+    from retnet.train import config_tuning
+
+    assert config_tuning.DISTILL_KINDS is distillation.DISTILL_KINDS
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training runs
 # ----------------------------------------------------------------------------------------------------------
@@ -305,9 +387,14 @@ def test_what_distillation_does_not_train_under_is_refused(teacher, tmp_path):
         load_config("tiny", [f"--distill.teacher={teacher}", "--train.context_parallel=2"])
 
 
-def test_a_teacher_that_does_not_fit_is_refused_naming_it(teacher, micro, tmp_path, capsys):
+def test_a_teacher_that_does_not_fit_is_refused_before_the_data_is_read(teacher, micro, tmp_path, capsys,
+                                                                         monkeypatch):
     """A teacher of another vocabulary than the student's (named, both sizes), of another tokenizer than the
-    run's, without a config, or not a hub id the cache holds, stops the run before it trains."""
+    run's, without a config, in flash-linear-attention's format (retnet-convert-fla named), without a tokenizer
+    while data.tokenizer is unset, or not a hub id the cache holds, stops the run before it reads its data
+    (reading and tokenizing a corpus can take hours)."""
+    import json
+
     from retnet.tokenization import train_byte_level_bpe
 
     from .conftest import save_micro_base
@@ -325,11 +412,28 @@ def test_a_teacher_that_does_not_fit_is_refused_naming_it(teacher, micro, tmp_pa
     other_tokenizer = tmp_path / "other-tokenizer"
     train_byte_level_bpe(["def f(x):\n    return x\n" * 50, "class A:\n    pass\n" * 50],
                          vocab_size=300).save_pretrained(other_tokenizer)
+    fla = tmp_path / "fla"  # flash-linear-attention's RetNet config.json: the same model_type, its own fields
+    shutil.copytree(teacher, fla)
+    (fla / "config.json").write_text(json.dumps({
+        "model_type": "retnet", "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "expand_k": 1,
+        "expand_v": 2, "attn_mode": "chunk", "vocab_size": vocab}))
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(teacher, untokenized, ignore=shutil.ignore_patterns("tokenizer*", "chat_template.jinja"))
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was built before the teacher was checked")
+
+    monkeypatch.setattr("retnet.train.trainer.build_data", unread)
     cases = [
         ([f"--model.init_from={student}"], wider, f"distill.teacher {str(wider)!r} has vocab_size {vocab + 8}, "
          f"the student (model.init_from {str(student)!r}) {vocab}"),
         ([f"--data.tokenizer={other_tokenizer}"], teacher, "its tokenizer is not the run's"),
         ([], tmp_path, "holds no config.json"),
+        ([], fla, f"distill.teacher {str(fla)!r} holds a flash-linear-attention RetNet (its config.json has fla's "
+         f"fields), not this package's: convert it first, `retnet-convert-fla {fla} DST`"),
+        ([], untokenized, f"distill.teacher {str(untokenized)!r} holds no tokenizer (no tokenizer_config.json or "
+         f"tokenizer.json) and data.tokenizer is unset: the student learns the teacher's next-token ids, so set "
+         f"data.tokenizer to the tokenizer the teacher was trained with"),
         ([], "acme/not-cached", "the hub could not provide it"),
     ]
     for extra, source, problem in cases:
@@ -341,3 +445,57 @@ def test_a_teacher_that_does_not_fit_is_refused_naming_it(teacher, micro, tmp_pa
         err = capsys.readouterr().err
         assert problem in err and "Traceback" not in err, err
         assert not (out / "checkpoints").exists()
+
+
+def test_a_teacher_whose_weights_do_not_match_its_config_is_refused(teacher, micro, tmp_path, capsys):
+    """A weight missing from the teacher's safetensors (it would be drawn at random) and one its model has no place
+    for are refused, naming them, not distilled from; its tied head (the fixture's: tiny ties it) is no missing
+    weight."""
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(teacher, partial)
+    weights = load_file(partial / "model.safetensors")
+    assert "lm_head.weight" not in weights  # tied: the embedding's
+    del weights["model.norm.weight"]
+    weights["model.stray.weight"] = torch.zeros(3)
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert main(distill_args(micro(out), partial)) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert (f"distill.teacher {str(partial)!r}: its weights do not match its config.json (missing: "
+            f"model.norm.weight; unexpected: model.stray.weight)") in err and "Traceback" not in err, err
+    assert not (out / "checkpoints").exists()
+
+
+def test_only_rank_0_fingerprints_the_teacher(teacher, monkeypatch):
+    """The resume check's fingerprint of the teacher (every weight read and hashed) is rank 0's, broadcast: the
+    other ranks read none of it. One process computes it itself, as before."""
+    import retnet.train.lora
+    import retnet.train.trainer as trainer_module
+    from retnet.train.trainer import Trainer
+
+    hashed = []
+    monkeypatch.setattr(retnet.train.lora, "base_fingerprint", lambda path: hashed.append(path) or "a" * 64)
+    calls = []
+
+    def stand_in(is_main: bool) -> Trainer:  # what the method reads of a trainer
+        trainer = Trainer.__new__(Trainer)
+        trainer.is_main, trainer._teacher_path = is_main, teacher
+        trainer.cfg = load_config("tiny", [f"--distill.teacher={teacher}"])
+        return trainer
+
+    assert stand_in(True)._teacher_fingerprint() == "a" * 64 and hashed == [teacher]  # one process
+    hashed.clear()
+
+    def broadcast(objects, src):
+        calls.append(src)
+        objects[0] = objects[0] or "b" * 64  # rank 0's answer reaches the others
+
+    monkeypatch.setattr(trainer_module, "is_distributed", lambda: True)
+    monkeypatch.setattr(trainer_module, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(trainer_module.dist, "broadcast_object_list", broadcast)
+    other = stand_in(False)
+    assert other._teacher_fingerprint() == "b" * 64 and other._teacher_fingerprint() == "b" * 64
+    assert hashed == [] and calls == ["barrier", 0]  # once, then kept
+    assert stand_in(True)._teacher_fingerprint() == "a" * 64 and hashed == [teacher]
