@@ -78,13 +78,15 @@ class RetNetHeadNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:
-        """o: [B, T, H, V] -> [B, T, H·V]."""
+        """o: [B, T, H, V] -> [B, T, H·V]. Under tensor parallelism H is this rank's heads and ``weight`` a
+        DTensor sharded along them (:mod:`retnet.model.tensor_parallel`): its local rows are this rank's."""
         shape = (self.head_dim,)
         of = o.float()
         normed = F.rms_norm(of, shape, eps=self.eps) if self.norm_type == "rmsnorm" else F.layer_norm(
             of, shape, eps=self.eps
         )
-        return (normed.flatten(-2) * self.weight.float()).to(o.dtype)
+        weight = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+        return (normed.flatten(-2) * weight.float()).to(o.dtype)
 
 
 # xPos scales q by ζ^(n/base) and k by ζ^(−n/base) (ζ < 1 per key dimension, the smallest 0.4/1.4): at a large
@@ -253,12 +255,29 @@ class RetNetMultiScaleRetention(nn.Module):
             if config.use_head_norm
             else None
         )
+        # The heads this module runs are heads head_start .. head_start + num_heads of the config's: all of them,
+        # or a tensor-parallel rank's (select_heads).
+        self.head_start = 0
         self._log_decay: dict[torch.device, torch.Tensor] = {}
 
+    def select_heads(self, start: int, count: int) -> None:
+        """Run heads ``start .. start + count`` only (tensor parallelism: :mod:`retnet.model.tensor_parallel`
+        shards the projections and the head norm to match): the views, the decays and the state
+        ``[B, count, K, V]`` follow."""
+        if not 0 <= start < start + count <= self.config.num_attention_heads:
+            raise ValueError(f"select_heads: heads {start}..{start + count} are not within the "
+                             f"{self.config.num_attention_heads} of config.num_attention_heads")
+        self.head_start, self.num_heads = start, count
+        if self.head_norm is not None:
+            self.head_norm.num_heads = count
+        self._log_decay = {}
+
     def log_decay(self, device: torch.device) -> torch.Tensor:
-        """ln γ per head, [H] float32 (fixed, not a parameter; kept in log space, see kernels/naive.py)."""
+        """ln γ of this module's heads, [H] float32 (fixed, not a parameter; kept in log space, see
+        kernels/naive.py)."""
         if device not in self._log_decay:
-            self._log_decay[device] = torch.tensor(self.config.log_decays(), dtype=torch.float32, device=device)
+            decays = self.config.log_decays()[self.head_start:self.head_start + self.num_heads]
+            self._log_decay[device] = torch.tensor(decays, dtype=torch.float32, device=device)
         return self._log_decay[device]
 
     def forward(
@@ -280,6 +299,9 @@ class RetNetMultiScaleRetention(nn.Module):
         (:mod:`retnet.model.context_parallel`); its first sequence then also reads the state the earlier pieces
         leave, and no state is returned."""
         batch, length, _ = hidden_states.shape
+        if context is not None and self.num_heads != self.config.num_attention_heads:
+            raise ValueError(f"context_parallel with tensor parallelism (this layer runs {self.num_heads} of "
+                             f"{self.config.num_attention_heads} heads) is not supported yet")
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.value_head_dim)

@@ -1,0 +1,140 @@
+"""One rank of ``test_tensor_parallel``'s torchrun group (2 ranks, gloo): runs every case on the model split by
+:func:`~retnet.model.tensor_parallel.parallelize_retnet` and saves what the test compares with the unsharded model
+in one process. The cases (models and inputs, built alike on both sides) are defined here too."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from retnet.model import RetNetConfig, RetNetForCausalLM, RetNetForSequenceClassification
+
+TP = 2
+# 37 tokens: not a multiple of the chunk size (16). Four heads, two per rank.
+LENGTH, CHUNK = 37, 16
+CASES = {
+    # GLU FFN with biases and SAU (a trainable alpha acting on each rank's slice of the FFN), parallel form
+    "glu_parallel": dict(config=dict(ffn_glu=True, ffn_bias=True, hidden_act="sau"), mode="parallel"),
+    # plain FFN, RMSNorm, untied head with the fused loss, a right-padded row (packed real tokens), chunkwise
+    "plain_chunkwise": dict(config=dict(ffn_glu=False, norm_type="rmsnorm", tie_word_embeddings=False,
+                                        fuse_linear_cross_entropy=True), mode="chunkwise", padded=True),
+    # activation checkpointing replays each layer's collectives inside the backward
+    "glu_chunkwise_checkpointed": dict(config=dict(ffn_glu=True), mode="chunkwise", checkpointing=True),
+    "classifier": dict(config=dict(ffn_glu=True, num_labels=3), mode="parallel", classifier=True),
+}
+GENERATE_TOKENS = 6
+MAX_NORM = 0.05  # below the gradients' norm, so clipping scales them
+
+
+def build_model(name: str, seed: int = 0):
+    case = CASES[name]
+    settings = dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, chunk_size=CHUNK,
+                    use_output_gate=True, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+    settings.update(case["config"])
+    torch.manual_seed(seed)
+    cls = RetNetForSequenceClassification if case.get("classifier") else RetNetForCausalLM
+    model = cls(RetNetConfig(**settings)).train()
+    if case.get("checkpointing"):
+        # transformers 5.2x's name; 5.17 has only the older one
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    return model
+
+
+def build_inputs(name: str) -> dict:
+    case = CASES[name]
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(2, 101, (2, LENGTH), generator=generator)
+    inputs = dict(input_ids=input_ids, retention_mode=case["mode"], use_cache=False)
+    if case.get("classifier"):
+        inputs["labels"] = torch.tensor([2, 0])
+        return inputs
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    if case.get("padded"):
+        mask = torch.ones_like(input_ids)
+        mask[1, -9:] = 0
+        labels[1, -9:] = -100
+        inputs["attention_mask"] = mask
+    inputs["labels"] = labels
+    return inputs
+
+
+def generation_inputs() -> dict:
+    """Two left-padded prompts (the second 5 tokens shorter)."""
+    input_ids = torch.randint(2, 101, (2, LENGTH), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(input_ids)
+    mask[1, :5] = 0
+    input_ids[1, :5] = 0
+    return dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=GENERATE_TOKENS, do_sample=False)
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def main(out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from retnet.model.tensor_parallel import clip_grad_norm_, full_state_dict, parallelize_retnet
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    assert dist.get_world_size() == TP, f"run with --nproc_per_node={TP}"
+    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
+    out = Path(out_dir)
+    results = {}
+    for name in CASES:
+        model = parallelize_retnet(build_model(name), mesh["tp"])
+        output = model(**build_inputs(name))
+        output.loss.backward()
+        results[name] = {
+            "loss": output.loss.detach(),
+            "logits": None if output.logits is None else output.logits.detach(),
+            "grads": {n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None},
+            "local_grad_shapes": {n: tuple(getattr(p.grad, "_local_tensor", p.grad).shape)
+                                  for n, p in model.named_parameters() if p.grad is not None},
+        }
+        if name == "glu_parallel":
+            results["clip"] = {"norm": clip_grad_norm_(model.parameters(), MAX_NORM),
+                               "grads": {n: gathered(p.grad) for n, p in model.named_parameters()}}
+            try:
+                parallelize_retnet(model, mesh["tp"])
+            except ValueError as error:
+                results["twice"] = str(error)
+
+    # Generation: greedy, left-padded prompts, recurrent steps on each rank's heads.
+    model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"]).eval()
+    with torch.no_grad():
+        results["generated"] = model.generate(**generation_inputs())
+        prompt = generation_inputs()
+        cache = model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], use_cache=True).cache
+        results["cache_state_shape"] = tuple(cache.states[0].shape)
+
+    # Save: one SGD step (so the weights are not the seed's), then gather the full state dict and export it.
+    model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"])
+    inputs = build_inputs("glu_parallel")
+    model(**inputs).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.eval()
+    with torch.no_grad():
+        results["stepped_logits"] = model(**inputs).logits
+    state = full_state_dict(model)
+    results["state_dict_types"] = sorted({type(value).__name__ for value in state.values()})
+    results["state_dict_shapes"] = {key: tuple(value.shape) for key, value in state.items()}
+    if rank == 0:
+        model.save_pretrained(out / "export", state_dict=state)
+    dist.barrier()
+
+    torch.save(results, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main(sys.argv[1])

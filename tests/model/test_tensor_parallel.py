@@ -1,0 +1,191 @@
+"""Tensor parallelism (retnet/model/tensor_parallel.py): the model split across two real torchrun (gloo) ranks gives
+the unsharded model's logits, loss, gradients, clipped gradients and greedy tokens, and its gathered state dict
+exports a model that reproduces it; the refusals in one process."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from retnet.model import RetNetForCausalLM
+from retnet.model.tensor_parallel import parallelize_retnet
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
+from tensor_parallel_worker import (  # noqa: E402
+    CASES,
+    MAX_NORM,
+    TP,
+    build_inputs,
+    build_model,
+    generation_inputs,
+)
+
+REPO = HERE.parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One torchrun launch running every case: ``(results per rank, output directory)``."""
+    out = tmp_path_factory.mktemp("tp")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={TP}", "--nnodes=1",
+               f"--master_port={_free_port()}", str(HERE / "tensor_parallel_worker.py"), str(out)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(TP)], out
+
+
+def _unsharded(name: str):
+    model = build_model(name)
+    output = model(**build_inputs(name))
+    output.loss.backward()
+    return model, output
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_split_model_gives_the_unsharded_logits_loss_and_gradients(run, name):
+    ranks, _ = run
+    model, whole = _unsharded(name)
+    for rank, results in enumerate(ranks):
+        got = results[name]
+        torch.testing.assert_close(got["loss"], whole.loss.detach(), rtol=1e-5, atol=1e-6)
+        if whole.logits is not None:
+            torch.testing.assert_close(got["logits"], whole.logits.detach(), rtol=1e-5, atol=1e-5)
+        assert set(got["grads"]) == {n for n, p in model.named_parameters() if p.grad is not None}
+        for param_name, param in model.named_parameters():
+            torch.testing.assert_close(got["grads"][param_name], param.grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"rank {rank} {param_name}")
+
+
+def test_each_rank_holds_half_of_the_sharded_gradients(run):
+    ranks, _ = run
+    shapes = ranks[0]["glu_parallel"]["local_grad_shapes"]
+    layer = "model.layers.0."
+    # 4 heads of K=16 (q/k) and V=32 (v, g, the head norm), 128-wide FFN: each rank holds half
+    assert shapes[layer + "retention.q_proj.weight"] == (32, 64)
+    assert shapes[layer + "retention.g_proj.weight"] == (64, 64)
+    assert shapes[layer + "retention.o_proj.weight"] == (64, 64)
+    assert shapes[layer + "retention.head_norm.weight"] == (64,)
+    assert shapes[layer + "mlp.up_proj.weight"] == (64, 64) and shapes[layer + "mlp.up_proj.bias"] == (64,)
+    assert shapes[layer + "mlp.down_proj.weight"] == (64, 64) and shapes[layer + "mlp.down_proj.bias"] == (64,)
+    # replicated: whole on each rank, and equal across the ranks (SAU's alpha summed over them by its hook)
+    assert shapes["model.embed_tokens.weight"] == (101, 64) and shapes[layer + "mlp.act_fn.alpha"] == (1,)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", layer + "mlp.act_fn.alpha",
+                 layer + "retention_norm.weight"):
+        assert torch.equal(ranks[0]["glu_parallel"]["grads"][name], ranks[1]["glu_parallel"]["grads"][name])
+
+
+def test_clip_grad_norm_over_sharded_and_replicated_gradients(run):
+    ranks, _ = run
+    model, _ = _unsharded("glu_parallel")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    assert norm > MAX_NORM  # the check below tests a scaling, not a no-op
+    for results in ranks:
+        torch.testing.assert_close(results["clip"]["norm"], norm, rtol=1e-5, atol=1e-7)
+        for param_name, param in model.named_parameters():
+            torch.testing.assert_close(results["clip"]["grads"][param_name], param.grad, rtol=1e-4, atol=1e-7,
+                                       msg=param_name)
+
+
+def test_greedy_generation_and_the_cache_of_local_heads(run):
+    ranks, _ = run
+    model = build_model("glu_parallel").eval()
+    with torch.no_grad():
+        expected = model.generate(**generation_inputs())
+    for results in ranks:
+        assert torch.equal(results["generated"], expected)
+        assert results["cache_state_shape"] == (2, 2, 16, 32)  # [B, H/tp, K, V]
+
+
+def test_full_state_dict_exports_an_unsharded_model(run):
+    ranks, out = run
+    model = build_model("glu_parallel")
+    assert ranks[0]["state_dict_types"] == ["Tensor"]
+    assert ranks[0]["state_dict_shapes"] == {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    exported = RetNetForCausalLM.from_pretrained(out / "export").eval()
+    with torch.no_grad():
+        logits = exported(**build_inputs("glu_parallel")).logits
+        seed_logits = model.eval()(**build_inputs("glu_parallel")).logits
+    torch.testing.assert_close(logits, ranks[0]["stepped_logits"], rtol=1e-5, atol=1e-5)
+    assert (logits - seed_logits).abs().max() > 1e-3  # the SGD step moved the weights that were saved
+
+
+def test_parallelizing_twice_is_refused(run):
+    ranks, _ = run
+    assert "already parallelized" in ranks[0]["twice"]
+
+
+# -- refusals, in one process (a stand-in for the mesh: they are checked before anything is sharded) ------------
+def _mesh(size: int = 2, ndim: int = 1):
+    return SimpleNamespace(ndim=ndim, shape=(size,) * ndim, size=lambda: size ** ndim, device_type="cpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_attention_heads=2, hidden_size=64), "num_attention_heads divisible by 4; got 2"),
+    (dict(intermediate_size=130), "intermediate_size divisible by 4; got 130"),
+    (dict(dropout=0.1), "config.dropout = 0"),
+])
+def test_config_refusals_name_the_field_and_value(model_factory, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parallelize_retnet(model_factory(**overrides), _mesh(4))
+
+
+def test_mesh_and_model_refusals(model_factory):
+    with pytest.raises(ValueError, match="must be 1-D"):
+        parallelize_retnet(model_factory(), _mesh(2, ndim=2))
+    with pytest.raises(ValueError, match="expects a RetNetModel"):
+        parallelize_retnet(torch.nn.Linear(2, 2), _mesh())
+    cuda_mesh = SimpleNamespace(ndim=1, shape=(2,), size=lambda: 2, device_type="cuda")
+    with pytest.raises(ValueError, match=re.escape("'cuda' mesh but model.embed_tokens.weight is on cpu")):
+        parallelize_retnet(model_factory(), cuda_mesh)
+
+
+def test_adapters_and_quantized_weights_are_refused(model_factory):
+    model = model_factory()
+    model.model.layers[1].mlp.up_proj = torch.nn.Sequential(torch.nn.Linear(64, 128))
+    with pytest.raises(ValueError, match=re.escape("layers.1.mlp.up_proj is Sequential")):
+        parallelize_retnet(model, _mesh())
+    pytest.importorskip("torchao")
+    from retnet.model.quantization import quantize_model
+
+    model = model_factory()
+    quantize_model(model, "int8")
+    with pytest.raises(ValueError, match=re.escape("cannot shard quantized weights; layers.0.retention.q_proj.weight")):
+        parallelize_retnet(model, _mesh())
+
+
+def test_context_parallel_on_a_split_model_is_refused(model_factory):
+    from retnet.model.context_parallel import shard_sequences
+
+    model = model_factory()
+    for layer in model.model.layers:  # what parallelize_retnet sets on rank 0 of 2 (weights left whole here)
+        layer.retention.select_heads(0, 2)
+    inputs, shard, _ = shard_sequences(torch.randint(2, 101, (1, 8)), None, 0, 2)
+    with pytest.raises(ValueError, match="context_parallel with tensor parallelism"):
+        model(**inputs, context_parallel=shard)
+
+
+def test_select_heads_takes_those_heads_decays(model_factory):
+    model = model_factory()
+    retention = model.model.layers[0].retention
+    whole = retention.log_decay(torch.device("cpu"))
+    retention.select_heads(2, 2)
+    assert torch.equal(retention.log_decay(torch.device("cpu")), whole[2:])
+    with pytest.raises(ValueError, match=re.escape("heads 3..5 are not within the 4")):
+        retention.select_heads(3, 2)
