@@ -102,7 +102,9 @@ class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, grad_parts: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return *scaled_saved_gradients(grad_hidden, grad_weight, grad_output.float(), ctx.weight_dtype), *[None] * 10
+        grads = scaled_saved_gradients(grad_hidden, grad_weight, grad_output.float(), ctx.weight_dtype,
+                                       "linear_distillation_loss (distill.teacher)")
+        return *grads, *[None] * 10
 
 
 def linear_distillation_loss(

@@ -74,11 +74,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def scaled_saved_gradients(grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None, scale: torch.Tensor,
-                           weight_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                           weight_dtype: torch.dtype, loss_name: str = "linear_cross_entropy "
+                           "(config.fuse_linear_cross_entropy)") -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The backward of a loss that computed its gradients in its forward (``linear_cross_entropy``, the chunked
     distillation loss): the saved ``grad_hidden`` (``[N, D]``, the hidden states' dtype) and ``grad_weight``
     (``[vocab, D]``, fp32) times ``scale`` (a 0-dim fp32 tensor, the upstream gradient), the latter cast to
-    ``weight_dtype``; under ``create_graph`` they raise if differentiated again."""
+    ``weight_dtype``; under ``create_graph`` they raise if differentiated again, naming ``loss_name``."""
     with torch.no_grad():
         # fp32, as the unfused head's backward: grad_output cast to fp16 overflows at GradScaler's 65536
         if grad_hidden is not None:
@@ -86,19 +87,19 @@ def scaled_saved_gradients(grad_hidden: torch.Tensor | None, grad_weight: torch.
         if grad_weight is not None:
             grad_weight = (grad_weight * scale).to(weight_dtype)
     if torch.is_grad_enabled():  # create_graph=True: the saved gradients have no graph to differentiate
-        grad_hidden, grad_weight = _no_double_backward(grad_hidden, grad_weight)
+        grad_hidden, grad_weight = _no_double_backward(grad_hidden, grad_weight, loss_name=loss_name)
     return grad_hidden, grad_weight
 
 
-def _no_double_backward(*grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+def _no_double_backward(*grads: torch.Tensor | None, loss_name: str) -> tuple[torch.Tensor | None, ...]:
     """The gradients, with a grad_fn that raises if differentiated (a gradient penalty, a Hessian product):
     without it they would be constants there, and the loss's curvature silently missing."""
     present = [grad for grad in grads if grad is not None]
     if not present:
         return grads
     raise_on_backward = _functions.DelayedError(
-        b"linear_cross_entropy (config.fuse_linear_cross_entropy) has no double backward: its gradients are "
-        b"computed in the forward pass; differentiate the unfused head's loss instead", len(present))
+        f"{loss_name} has no double backward: its gradients are computed in the forward pass; differentiate the "
+        f"unfused head's loss instead".encode(), len(present))
     wrapped = raise_on_backward(*[grad.detach().requires_grad_() for grad in present])
     wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
     return tuple(None if grad is None else next(wrapped) for grad in grads)
