@@ -463,6 +463,24 @@ class RetNetPreTrainedModel(PreTrainedModel):
             config.validate_retnet()
         super().__init__(config, *inputs, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, refusing up front a model with DTensor parameters (tensor
+        parallelism, FSDP2) saved without ``state_dict=``: its own state dict holds each rank's shards, which
+        safetensors fails on after config.json is written, leaving a half-written directory. (transformers'
+        ``distributed_checkpoint=True``, a DCP writer called on every rank, is left to transformers.)"""
+        state_dict = kwargs.get("state_dict", args[1] if len(args) > 1 else None)
+        if state_dict is None and not kwargs.get("distributed_checkpoint") and torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+
+            sharded = next((name for name, param in self.named_parameters() if isinstance(param, DTensor)), None)
+            if sharded is not None:
+                raise ValueError(
+                    f"save_pretrained: {sharded} is a DTensor (the model is parallelized or sharded), so its state "
+                    f"dict holds this rank's shards. Gather it on every rank with state_dict = "
+                    f"retnet.model.tensor_parallel.full_state_dict(model), then save on rank 0 only: "
+                    f"model.save_pretrained(directory, state_dict=state_dict)")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

@@ -6,15 +6,29 @@ and ``up_proj`` are column-parallel, each rank computing its own heads' (or its 
 outputs; the projections back to the model width (``o_proj``, ``down_proj``) are row-parallel, their partial
 sums all-reduced. Retention runs per head, so a rank runs its ``H / tp`` heads from end to end (their decays,
 their head norm's rows, their recurrent state ``[B, H / tp, K, V]``) with no communication inside it. A layer
-costs one all-reduce after retention and one after the FFN in the forward, and one per column-parallel input
-in the backward (torchtitan's count without sequence parallelism).
+costs two all-reduces in the forward (after retention, after the FFN) and two in the backward (the input
+gradients of retention's and of the FFN's column-parallel projections, each block's summed once: Megatron's
+count without sequence parallelism), plus one for an activation's trainable parameters (SAU's ``alpha``),
+whose gradient from each rank's slice of the FFN is summed over the mesh in the autograd graph.
 
 Embeddings, the final norm, the LM head (or a classifier's ``score``) and the residual stream stay replicated:
 every rank holds them whole and computes them alike, so their gradients agree without communication.
 A vocab-parallel embedding and loss are not there yet.
 
 ``model.state_dict()`` then holds DTensors for the sharded weights; :func:`full_state_dict` gathers the full
-tensors, which ``save_pretrained(..., state_dict=...)`` writes as an unsharded export.
+tensors, which ``save_pretrained(..., state_dict=...)`` writes as an unsharded export (``save_pretrained`` without
+``state_dict`` is refused); :func:`load_full_state_dict` loads an unsharded state dict back into the split model.
+
+Data parallelism over tensor parallelism: FSDP2, ``fully_shard(layer, mesh=mesh["dp"])`` for each layer and then
+``fully_shard(model, mesh=mesh["dp"])``, after ``parallelize_retnet(model, mesh["tp"])`` on a 2-D (dp, tp) mesh;
+:func:`clip_grad_norm_` takes the gradients on both meshes. ``DistributedDataParallel`` over the dp group is not
+supported: it refuses the mix of DTensor and plain parameters ("got mixed torch.Tensor and DTensor").
+
+Optimizers: the parameters are a mix of DTensors (the sharded weights) and plain tensors (the replicated ones),
+which torch's multi-tensor paths refuse (``foreach=True``, ``fused=True``: "got mixed torch.Tensor and DTensor").
+The for-loop path works: pass ``foreach=False`` on CUDA, where torch picks ``foreach`` by default (it counts
+DTensors among the types foreach supports, not the mix); on the CPU the for-loop path is the default. Under FSDP2
+over the dp mesh every parameter is a DTensor, and ``foreach`` and ``fused`` work (checked on the CPU).
 """
 
 from __future__ import annotations
@@ -23,9 +37,13 @@ import functools
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 # Module paths inside a RetNetDecoderLayer, by how they are split (absent optional ones are skipped).
@@ -48,20 +66,29 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     ``1/tp`` slice of ``intermediate_size`` (``gate/up_proj`` column-parallel, ``down_proj`` row-parallel);
     inputs, outputs and the residual stream are plain, replicated tensors, and a cache holds each rank's heads,
     ``[B, H/tp, K, V]`` per layer. Embeddings, the norms around the layers, the LM head (or ``score``) stay
-    replicated plain parameters. An activation's trainable parameters (``sau``'s ``alpha``, a trainable
-    ``gsmelu``'s) stay replicated too; as they act on the rank's slice of the FFN, their gradients are summed
-    over the mesh by a hook.
+    replicated plain parameters. An activation's parameters (``sau``'s ``alpha``, a trainable ``gsmelu``'s) stay
+    replicated too; as they act on the rank's slice of the FFN, their gradients are summed over the mesh inside
+    the autograd graph (in the activation's forward, so frozen or unfrozen later, or under FSDP2, alike).
+
+    For data parallelism on top, shard with FSDP2 over the other dimension of a 2-D (dp, tp) mesh after this
+    (``fully_shard(layer, mesh=mesh["dp"])`` per layer, then the model); ``DistributedDataParallel`` refuses the
+    DTensor parameters. Save with ``save_pretrained(directory, state_dict=full_state_dict(model))``
+    (:func:`full_state_dict` on every rank, the save on rank 0), load with :func:`load_full_state_dict`.
 
     Raises:
         ValueError, naming the field and value: a mesh that is not 1-D or not on the model's device type,
             ``num_attention_heads`` or ``intermediate_size`` not divisible by the mesh size, ``dropout`` > 0 (each
-            rank would draw its own mask on the replicated stream), a projection that is not a plain
-            ``nn.Linear`` (PEFT adapters) or holds quantized (int8) weights, or a model already parallelized.
+            rank would draw its own mask on the replicated stream; the config's and every ``nn.Dropout``'s),
+            a PEFT model (merge the adapters first), a projection that is not a plain ``nn.Linear`` (adapters
+            injected) or holds quantized (int8) weights, or a model already parallelized.
             ``context_parallel`` in a forward of the parallelized model is refused there.
     """
     backbone = getattr(model, "base_model", model)
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not hasattr(backbone, "config"):
+        if hasattr(model, "peft_config") or type(model).__name__.startswith("Peft"):
+            raise ValueError(f"parallelize_retnet shards a plain RetNet model; got a PEFT {type(model).__name__}: "
+                             f"merge the adapters first (model = model.merge_and_unload())")
         raise ValueError(f"parallelize_retnet expects a RetNetModel, RetNetForCausalLM or "
                          f"RetNetForSequenceClassification; got {type(model).__name__}")
     config = backbone.config
@@ -72,15 +99,19 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         plan = {path: ColwiseParallel() for path in COLUMN_PARALLEL if _submodule(layer, path) is not None}
         plan.update({path: RowwiseParallel() for path in ROW_PARALLEL})
         parallelize_module(layer, tp_mesh, plan)
+        # Each sub-block's input enters as one replicated DTensor: the partial input gradients of its
+        # column-parallel projections add up on it and are all-reduced once where it turns back into the plain
+        # residual stream (2 backward all-reduces a layer rather than one per projection).
+        for block in (layer.retention, layer.mlp):
+            block.register_forward_pre_hook(functools.partial(_replicated_first_input, mesh=tp_mesh))
         retention = layer.retention
         retention.select_heads(rank * heads, heads)
         if retention.head_norm is not None:
             weight = retention.head_norm.weight
             retention.head_norm.weight = nn.Parameter(distribute_tensor(weight.detach(), tp_mesh, [Shard(0)]),
                                                       requires_grad=weight.requires_grad)
-        for param in layer.mlp.act_fn.parameters():
-            if param.requires_grad:
-                param.register_hook(functools.partial(_sum_over_mesh, mesh=tp_mesh))
+        if any(True for _ in layer.mlp.act_fn.parameters()):
+            _ActivationGradsSummedOverMesh(layer.mlp.act_fn, tp_mesh)
     return model
 
 
@@ -88,33 +119,50 @@ def full_state_dict(model: nn.Module, *, cpu_offload: bool = False) -> dict[str,
     """The state dict of a parallelized model with every DTensor gathered whole (plain tensors, the names and
     shapes of the unsharded model's): what ``save_pretrained(directory, state_dict=...)`` writes as an unsharded
     export, or an unsharded model's ``load_state_dict`` takes. A collective: every rank of the mesh calls it.
-    ``cpu_offload``: the tensors are moved to the CPU and only rank 0 gets them (the others an empty dict)."""
+    ``cpu_offload``: the tensors are moved to the CPU and only rank 0 gets them (the others an empty dict).
+    transformers' ``save_pretrained`` empties the dict it writes: pass it a copy to use the state dict again."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
     return get_model_state_dict(model, options=options)
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]):
+    """Load an unsharded state dict (the unsharded model's names and shapes: what :func:`full_state_dict` or an
+    unsharded model's ``state_dict()`` gives) into a parallelized model, each rank keeping its slice of the sharded
+    weights; ``model.load_state_dict`` cannot copy full tensors into DTensors. A collective: every rank calls it
+    with the same state dict (the sharded weights are cut from rank 0's, the replicated ones taken as each rank
+    passes them). Strict: a missing or unexpected key raises. ``state_dict`` itself is left as it was (torch's
+    ``set_model_state_dict`` puts the model's tensors into the dict it is given)."""
+    options = StateDictOptions(full_state_dict=True)
+    return set_model_state_dict(model, dict(state_dict), options=options)
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                     foreach: bool | None = None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a parallelized model, whose gradients are DTensors (the sharded
-    weights) and plain tensors (the replicated ones), which torch's refuses to mix. The total norm is the
-    unsharded model's (the DTensors' part reduced over the mesh, the replicated gradients counted once); every
-    gradient is scaled by ``min(1, max_norm / total)``. Returns the total norm, a plain tensor. A collective."""
+    weights) and plain tensors (the replicated ones), which torch's refuses to mix; under FSDP2 over the dp mesh of
+    a 2-D (dp, tp) mesh, DTensors on two meshes (the tp-sharded weights on (dp, tp), the others on dp). The total
+    norm is the unsharded model's (each DTensor part reduced over its mesh, the replicated gradients counted once);
+    every gradient is scaled by ``min(1, max_norm / total)``. Returns the total norm, a plain tensor. A collective:
+    every rank calls it, with its parameters in the same order."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    with_grads = [p for p in parameters if p.grad is not None]
-    groups = [[p for p in with_grads if isinstance(p.grad, DTensor)],
-              [p for p in with_grads if not isinstance(p.grad, DTensor)]]
+    # torch stacks the per-gradient norms, which needs them on one mesh with one layout: the gradients are grouped
+    # by mesh and placements (plain ones under None) and each group's norm is gathered whole.
+    groups: dict[tuple | None, list[torch.Tensor]] = {}
+    for param in parameters:
+        grad = param.grad
+        if grad is not None:
+            key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+            groups.setdefault(key, []).append(param)
     norms = []
-    for group in groups:
-        if group:
-            norm = nn.utils.get_total_norm([p.grad for p in group], norm_type, error_if_nonfinite, foreach)
-            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    for group in groups.values():
+        norm = nn.utils.get_total_norm([p.grad for p in group], norm_type, error_if_nonfinite, foreach)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if not norms:
         return torch.tensor(0.0)
     total = nn.utils.get_total_norm(norms, norm_type, error_if_nonfinite, foreach)
-    for group in groups:
-        if group:
-            nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach)
+    for group in groups.values():
+        nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach)
     return total
 
 
@@ -128,9 +176,15 @@ def _check(model: nn.Module, layers: nn.ModuleList, config, tp_mesh: DeviceMesh)
         if value % size:
             raise ValueError(f"tensor parallelism over {size} ranks needs config.{field} divisible by {size}; "
                              f"got {value}")
-    if config.dropout > 0:
-        raise ValueError(f"tensor parallelism needs config.dropout = 0 (each rank would draw its own mask on the "
-                         f"replicated residual stream); got {config.dropout}. Set config.dropout = 0.0 first")
+    # The modules decide, not the config: setting config.dropout on a built model leaves its nn.Dropout(p) as built.
+    dropouts = [f"{name}.p={module.p}" for name, module in model.named_modules()
+                if isinstance(module, nn.Dropout) and module.p > 0]
+    if config.dropout > 0 or dropouts:
+        raise ValueError(f"tensor parallelism needs dropout 0 (each rank would draw its own mask on the replicated "
+                         f"residual stream); got config.dropout={config.dropout}"
+                         + (f", {dropouts[0]}" if dropouts else "")
+                         + (f" and {len(dropouts) - 1} more nn.Dropout" if len(dropouts) > 1 else "")
+                         + ". Load the model with from_pretrained(path, dropout=0.0) or build it with dropout=0.0")
     for name, param in model.named_parameters():
         if isinstance(param, DTensor):
             raise ValueError(f"parallelize_retnet: the model is already parallelized ({name} is a DTensor)")
@@ -160,9 +214,56 @@ def _submodule(layer: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
-def _sum_over_mesh(grad: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    """A replicated parameter's gradient from this rank's slice of the FFN, summed over the mesh (all-reduce)."""
-    return DTensor.from_local(grad, mesh, [Partial()]).full_tensor()
+def _replicated_first_input(module: nn.Module, args: tuple, *, mesh: DeviceMesh) -> tuple:
+    """Forward pre-hook: the block's first input (the normed residual stream, the same on every rank) as a
+    ``Replicate`` DTensor. Its gradient, the projections' partial sums, is all-reduced in ``from_local``'s
+    backward."""
+    hidden_states = args[0]
+    if isinstance(hidden_states, DTensor):
+        return args
+    return (DTensor.from_local(hidden_states, mesh, [Replicate()], run_check=False), *args[1:])
 
 
-__all__ = ["clip_grad_norm_", "full_state_dict", "parallelize_retnet"]
+class _SumGradOverMesh(torch.autograd.Function):
+    """Identity in the forward; the gradient summed (all-reduced) over the mesh in the backward: Megatron's ``f``,
+    for a replicated parameter that each rank applies to its own slice of the FFN."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        ctx.mesh = mesh
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return DTensor.from_local(grad, ctx.mesh, [Partial()]).full_tensor(), None
+
+
+class _ActivationGradsSummedOverMesh:
+    """Forward hooks on an activation with parameters (SAU's ``alpha``, a trainable gSmeLU's five): for the length
+    of its forward, each parameter that requires a gradient is replaced by :class:`_SumGradOverMesh` of it, so
+    the gradient the parameter receives is summed over the ranks' slices of the FFN. Being part of the graph
+    rather than a hook on a parameter object, it acts on whatever parameter the module holds when it runs: FSDP2's
+    unsharded one (``fully_shard`` replaces the parameter objects), or one unfrozen after parallelizing."""
+
+    def __init__(self, act_fn: nn.Module, mesh: DeviceMesh):
+        self.mesh = mesh
+        self.swapped: dict[str, torch.Tensor] = {}
+        act_fn.register_forward_pre_hook(self.before)
+        act_fn.register_forward_hook(self.after, always_call=True)
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self.swapped = {name: param for name, param in module._parameters.items()
+                        if param is not None and param.requires_grad}
+        for name, param in self.swapped.items():
+            # Written to the dict: nn.Module's setattr takes only a Parameter under a parameter's name, its getattr
+            # reads the dict (FSDP2 and torch.func swap parameters the same way).
+            module._parameters[name] = _SumGradOverMesh.apply(param, self.mesh)
+
+    def after(self, module: nn.Module, args: tuple, output) -> None:
+        module._parameters.update(self.swapped)
+        self.swapped = {}
+
+
+__all__ = ["clip_grad_norm_", "full_state_dict", "load_full_state_dict", "parallelize_retnet"]

@@ -322,9 +322,9 @@ class OptimConfig(_Section):
     weight matrices of the decoder layers, AdamW on the rest (embeddings, LM head, norms, biases). Muon's peak
     rate is ``muon_lr`` (None: ``lr``, which the default ``muon_adjust_lr="match_rms_adamw"`` makes right: it
     scales each matrix's update to AdamW's RMS), on the same schedule (its floor ``min_lr × muon_lr / lr``);
-    its weight decay is ``weight_decay``. Refused with LoRA (``lora.rank > 0``: ``JobConfig``); under FSDP2 the
-    Newton-Schulz iteration runs on the sharded matrices as DTensors (collectives inside it, the whole matrix's
-    result). The ``muon_*`` settings are refused with ``"adamw"``.
+    its weight decay is ``weight_decay``. Refused with LoRA (``lora.rank > 0``: ``JobConfig``); under FSDP2 (and
+    ``train.tensor_parallel``) the Newton-Schulz iteration runs on the sharded matrices as DTensors (collectives
+    inside it, the whole matrix's result). The ``muon_*`` settings are refused with ``"adamw"``.
     """
 
     name: str = "adamw"  # adamw | muon
@@ -390,7 +390,11 @@ class TrainConfig(_Section):
     ``context_parallel``: C > 1 splits every micro-batch's row along time across C ranks (consecutive ranks: 0..C-1
     are one group), each running its piece through the model (``retnet.model.context_parallel``); the world's
     W ranks are then W / C data-parallel groups, and the global batch splits over those:
-    ``micro_batch_size × grad_accum_steps × world_size / context_parallel``."""
+    ``micro_batch_size × grad_accum_steps × world_size / context_parallel``.
+
+    ``tensor_parallel``: T > 1 splits every decoder layer's heads and FFN across T ranks (consecutive ranks, as
+    for ``context_parallel``; ``retnet.model.tensor_parallel``), which run each micro-batch together; the W / T
+    groups are the data-parallel ranks, as above. Not with ``context_parallel`` > 1 (yet)."""
 
     output_dir: str = "runs/default"
     steps: int = 1000
@@ -406,6 +410,7 @@ class TrainConfig(_Section):
     eval_interval: int = 100  # steps; 0 = only at the start and the end
     eval_blocks: int = 128  # validation blocks per evaluation (evenly spaced over the split), shared by the ranks
     context_parallel: int = 1  # ranks that split each row along time (1 = none); must divide the world size
+    tensor_parallel: int = 1  # ranks that split each decoder layer (1 = none); must divide the world size
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -414,6 +419,8 @@ class TrainConfig(_Section):
         _positive("train", self, "eval_interval", allow_zero=True)
         if self.context_parallel < 1:
             _refuse("train.context_parallel", "must be >= 1 (1: no context parallelism)", self.context_parallel)
+        if self.tensor_parallel < 1:
+            _refuse("train.tensor_parallel", "must be >= 1 (1: no tensor parallelism)", self.tensor_parallel)
         # numpy's SeedSequence (the block permutation) takes no negative seed, torch.manual_seed none of 2**64
         if not 0 <= self.seed < 2**63:
             _refuse("train.seed", "must be in [0, 2**63)", self.seed)
@@ -429,16 +436,23 @@ class TrainConfig(_Section):
         if not self.resume:
             _refuse("train.resume", "must be 'auto', 'none' or a checkpoint directory", self.resume)
 
+    @property
+    def group_size(self) -> int:
+        """The ranks that run one micro-batch together: a context- or tensor-parallel group (1: each rank alone)."""
+        return self.context_parallel * self.tensor_parallel
+
     def grad_accum_steps(self, world_size: int) -> int:
         """global_batch_size / (micro_batch_size × data-parallel size), refusing a batch that does not divide.
-        The data-parallel size is ``world_size / context_parallel``: a context-parallel group reads one batch."""
+        The data-parallel size is ``world_size / context_parallel`` (or ``/ tensor_parallel``): a context- or
+        tensor-parallel group reads one batch."""
         self.check_world_size(world_size)
-        groups = world_size // self.context_parallel
+        groups = world_size // self.group_size
         per_step = self.micro_batch_size * groups
         if self.global_batch_size % per_step:
-            ranks = (f"world_size = {self.micro_batch_size} × {world_size}" if self.context_parallel == 1 else
-                     f"world_size / train.context_parallel = {self.micro_batch_size} × {world_size} / "
-                     f"{self.context_parallel}")
+            split = next((f"train.{name}" for name in ("context_parallel", "tensor_parallel")
+                          if getattr(self, name) > 1), None)
+            ranks = (f"world_size = {self.micro_batch_size} × {world_size}" if split is None else
+                     f"world_size / {split} = {self.micro_batch_size} × {world_size} / {self.group_size}")
             raise ConfigError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size × {ranks} = {per_step}"
@@ -446,12 +460,14 @@ class TrainConfig(_Section):
         return self.global_batch_size // per_step
 
     def check_world_size(self, world_size: int) -> None:
-        """ConfigError unless ``context_parallel`` divides the world into whole groups."""
-        if world_size % self.context_parallel:
-            raise ConfigError(
-                f"train.context_parallel ({self.context_parallel}) must divide the world size ({world_size}): "
-                f"each context-parallel group is that many ranks; launch a multiple of it (torchrun "
-                f"--nproc-per-node), or set another train.context_parallel")
+        """ConfigError unless ``context_parallel`` and ``tensor_parallel`` divide the world into whole groups."""
+        for name, what in (("context_parallel", "context"), ("tensor_parallel", "tensor")):
+            size = getattr(self, name)
+            if world_size % size:
+                raise ConfigError(
+                    f"train.{name} ({size}) must divide the world size ({world_size}): each {what}-parallel "
+                    f"group is that many ranks; launch a multiple of it (torchrun --nproc-per-node), or set another "
+                    f"train.{name}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -526,6 +542,7 @@ class JobConfig(_Section):
     def __post_init__(self) -> None:
         _check_optimizer(self)
         _check_context_parallel(self)  # before the post-training checks: it refuses them all
+        _check_tensor_parallel(self)  # likewise
         _check_distill(self)  # before the objectives it refuses: its refusal names distill.teacher
         _check_reward(self)  # first of them: its refusals name reward.enabled, not the DPO settings
         _check_dpo(self)
@@ -571,6 +588,48 @@ def _check_context_parallel(job: JobConfig) -> None:
     if job.data.seq_len % size:
         _refuse("train.context_parallel", f"must divide data.seq_len = {job.data.seq_len} into equal pieces (each "
                 f"row is cut from whole blocks, packed or not)", size)
+
+
+def _check_tensor_parallel(job: JobConfig) -> None:
+    """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: context
+    parallelism and FSDP2 (not combined with it yet), LoRA's adapters (not plain ``nn.Linear`` projections) and the
+    post-training objectives (their metrics and samplers are not split yet), per-layer ``torch.compile``, dropout
+    (each rank would draw its own mask on the replicated residual stream) and heads or an FFN width the ranks cannot
+    share. A ``model.init_from`` model's own architecture and dropout are checked by the trainer, which reads
+    them."""
+    size = job.train.tensor_parallel
+    if size == 1:
+        return
+    not_yet = [(job.train.context_parallel > 1, f"train.context_parallel {job.train.context_parallel}"),
+               (job.train.parallelism == "fsdp", "train.parallelism 'fsdp' (use 'ddp': each data-parallel group "
+                                                 "holds one copy of the split model)"),
+               (job.lora.enabled, f"LoRA (lora.rank {job.lora.rank})"),
+               (job.reward.enabled, "a reward model (reward.enabled)"),
+               (job.data.format == "preference", "DPO (data.format 'preference')"),
+               (job.data.format == "prompts", "GRPO (data.format 'prompts')"),
+               (job.train.compile, "train.compile (dynamo fails on the split layers' mix of DTensors and plain "
+                                   "tensors)")]
+    for refused, what in not_yet:
+        if refused:
+            _refuse("train.tensor_parallel", f"> 1 is not supported with {what} yet; train it with "
+                    f"train.tensor_parallel=1", size)
+    if job.model.dropout:  # nan too
+        _refuse("model.dropout", f"must be 0 with train.tensor_parallel {size} (each rank would draw its own dropout "
+                f"mask on the replicated residual stream)", job.model.dropout)
+    if job.model.init_from is not None:
+        return
+    from retnet.model import RetNetConfig
+
+    model = RetNetConfig.from_preset(job.model.preset, **job.model.overrides(), vocab_size=_ANY_VOCAB_SIZE)
+    if model.dropout:
+        _refuse("model.dropout", f"must be 0 with train.tensor_parallel {size} (each rank would draw its own dropout "
+                f"mask on the replicated residual stream; preset {job.model.preset!r} sets it): set "
+                f"model.dropout=0", model.dropout)
+    for name, what in (("num_attention_heads", "heads"), ("intermediate_size", "FFN's width")):
+        value = getattr(model, name)
+        if value % size:
+            _refuse(f"model.{name}", f"must be divisible by train.tensor_parallel ({size}): each rank holds 1/{size} "
+                    f"of the {what}", value)
 
 
 def _check_optimizer(job: JobConfig) -> None:

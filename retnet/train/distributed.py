@@ -51,6 +51,20 @@ def context_parallel_group(rank: int, world_size: int, size: int) -> Any:
     return mine
 
 
+def tensor_parallel_mesh(device: torch.device, world_size: int, size: int) -> Any:
+    """The 2-D ``("dp", "tp")`` DeviceMesh of tensor parallelism over ``size`` ranks, None for size 1: ranks
+    ``g·size .. g·size + size − 1`` are tensor-parallel group ``g`` (a node's GPUs, where a layer's all-reduces are
+    fastest) and ``mesh["dp"]`` links the ranks holding the same slice in every group. A collective of the default
+    group, as ``new_group`` is."""
+    if size == 1:
+        return None
+    if world_size % size:
+        raise ConfigError(f"train.tensor_parallel ({size}) must divide the world size ({world_size})")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size // size, size), mesh_dim_names=("dp", "tp"))
+
+
 def is_distributed() -> bool:
     """Whether this process is one rank of a process group (torchrun with more than one process)."""
     return dist.is_available() and dist.is_initialized()

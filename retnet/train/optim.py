@@ -43,6 +43,17 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _adamw_kernel(model: nn.Module, device: torch.device) -> dict:
+    """AdamW's implementation: fused on CUDA, except over a tensor-parallel model's mix of DTensor (split) and plain
+    (replicated) parameters, which the fused and foreach kernels refuse to take in one call: the per-parameter loop."""
+    from torch.distributed.tensor import DTensor
+
+    split = [isinstance(param, DTensor) for param in model.parameters() if param.requires_grad]
+    if any(split) and not all(split):
+        return {"foreach": False}
+    return {"fused": True} if device.type == "cuda" else {}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """``optim.name``'s optimizer over the trainable parameters. ``adamw``: AdamW, its groups the decayed
     parameters then the others (``no_decay_parameter_names``). ``muon``: a :class:`~retnet.train.muon.MuonWithAdamW`
@@ -55,8 +66,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         if param.requires_grad:
             (matrices if name in muon_names else no_decay if name in skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adamw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
-             **({"fused": True} if device.type == "cuda" else {})}
+    adamw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **_adamw_kernel(model, device)}
     if cfg.name != "muon":
         return torch.optim.AdamW(groups, **adamw)
     if not muon_available():  # the config refuses it first; a config built otherwise gets as clear an error

@@ -23,7 +23,10 @@ every block: each micro-batch's summed loss is divided by the global batch's tar
 With ``train.context_parallel`` C > 1 every C consecutive ranks form a group that holds one micro-batch, each
 rank running one piece of its row along time (``retnet.model.context_parallel``): the W / C groups are the
 data-parallel ranks the batches are dealt to, each piece's loss is its share of the row's (over the row's target
-count), and the run logs the losses a run without it logs.
+count), and the run logs the losses a run without it logs. With ``train.tensor_parallel`` T > 1 every T consecutive
+ranks run one micro-batch with each decoder layer split between them (``retnet.model.tensor_parallel``); the W / T
+groups are the data-parallel ranks, whose gradients ``_average_gradients`` averages (no DDP wrapper), and the run
+logs the losses a run without it logs.
 With ``lora.rank > 0`` (``retnet.train.lora``) peft's adapters are injected into the model before it is wrapped,
 and only they train: the optimizer holds them alone and, on a pretrained model, checkpoints hold only them.
 Preference pairs (``data.format = "preference"``) train with DPO: ``retnet.train.preference`` holds the reference
@@ -93,13 +96,22 @@ from retnet.train.config import (
     reward_changes,
 )
 from retnet.train.data import build_data, masked_labels, packed_segments, tokenizer_mismatch, vocab_bound
-from retnet.train.distributed import barrier, context_parallel_group, init_distributed, is_distributed
+from retnet.train.distributed import (
+    barrier,
+    context_parallel_group,
+    init_distributed,
+    is_distributed,
+    tensor_parallel_mesh,
+)
 from retnet.train.flops import flops_per_token, peak_flops
 from retnet.train.muon import MuonWithAdamW
 from retnet.train.optim import build_optimizer, get_lr, optimizer_note, set_lr
 from retnet.train.wandb_logging import WandbLogger, scalars
 
 logger = logging.getLogger("retnet.train")
+# Tensor parallelism's data-parallel gradient mean: the elements one flat all-reduce carries (100 MiB of fp32, four
+# of DDP's default buckets): few collectives, and a bounded extra copy of the gradients
+GRAD_BUCKET_ELEMENTS = 25 * 2**20
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or inf; the run stops without saving (the last checkpoint stays
@@ -119,13 +131,23 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.local_rank, self.world_size, self.device = init_distributed(cfg.train.device)
         self.is_main = self.rank == 0
-        self.accum = cfg.train.grad_accum_steps(self.world_size)  # (refuses a world that C does not divide)
-        # Context parallelism: the C ranks of a group hold one micro-batch, each a piece of its row; the groups are
-        # the data-parallel ranks, and the data is dealt to them (the ranks of a group read the same blocks).
-        self.cp_size = cfg.train.context_parallel
-        self.cp_rank, self.dp_rank = self.rank % self.cp_size, self.rank // self.cp_size
-        self.dp_size = self.world_size // self.cp_size
+        self.accum = cfg.train.grad_accum_steps(self.world_size)  # (refuses a world that C or T does not divide)
+        # Context parallelism: the C ranks of a group hold one micro-batch, each a piece of its row. Tensor
+        # parallelism: the T ranks of a group run it together, each a slice of every layer. The groups are the
+        # data-parallel ranks, and the data is dealt to them (the ranks of a group read the same blocks).
+        self.cp_size, self.tp_size = cfg.train.context_parallel, cfg.train.tensor_parallel
+        group_size = cfg.train.group_size
+        self.group_rank, self.dp_rank = self.rank % group_size, self.rank // group_size
+        self.cp_rank = self.group_rank if self.cp_size > 1 else 0
+        self.dp_size = self.world_size // group_size
         self.cp_group = context_parallel_group(self.rank, self.world_size, self.cp_size)
+        self.tp_mesh = tensor_parallel_mesh(self.device, self.world_size, self.tp_size)
+        # The all-reduced loss sums count each rank's loss, a context-parallel piece's share of its group's; every
+        # rank of a tensor-parallel group computes the whole loss, counted once, from the group's first rank.
+        self.counts_loss = self.tp_size == 1 or self.group_rank == 0
+        # The ranks whose gradients are averaged: every rank under DDP and FSDP2; under tensor parallelism the
+        # data-parallel groups (_average_gradients), the T ranks of a group holding slices of one gradient.
+        self.averaged_ranks = self.world_size // self.tp_size
         self.output_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -213,6 +235,8 @@ class Trainer:
             # Loaded on every rank (the same file, the same weights), before DDP or FSDP wraps it. A resume
             # loads its checkpoint over them; the architecture is the same.
             self.model_config = _pretrained_config(init_from, overrides, self.tokenizer)
+            if self.tp_size > 1:  # the config checks a preset's; this model's are known now, before its weights load
+                self._check_splits(self.model_config, f"model.init_from {str(init_from)!r}")
             if self.cp_size > 1 and self.model_config.use_xpos:  # the config check sees only model.extra's
                 raise ConfigError(f"model.init_from {str(init_from)!r} uses xPos (use_xpos in its config.json), "
                                   f"which cannot train with train.context_parallel {self.cp_size}; use "
@@ -300,9 +324,8 @@ class Trainer:
         logger.info(
             "model %s: %.2fM parameters, %s trainable; world %d%s × micro %d × accum %d = global %d blocks of %d "
             "tokens; %s on %s%s", self.model_name, self.n_params / 1e6, self._trainable_note(), self.world_size,
-            f" / context parallel {self.cp_size} = {self.dp_size} data-parallel groups" if self.cp_size > 1 else "",
-            cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.data.seq_len, cfg.train.parallelism if is_distributed()
-            else "single process", self.device, f"; resumed from {resume_path} at step {self.step}"
+            self._split_note(), cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size,
+            self.data.seq_len, self._parallelism_note(), self.device, f"; resumed from {resume_path} at step {self.step}"
             if resume_path else "",
         )
 
@@ -312,6 +335,20 @@ class Trainer:
         """What the logs and the loss plot call the model: its preset, or what it was fine-tuned from."""
         init_from = self.cfg.model.init_from
         return f"fine-tuned from {Path(init_from).name or init_from}" if init_from else self.cfg.model.preset
+
+    def _split_note(self) -> str:
+        """The start-up line's split of the world into data-parallel groups (empty without one)."""
+        for name, size in (("context", self.cp_size), ("tensor", self.tp_size)):
+            if size > 1:
+                return f" / {name} parallel {size} = {self.dp_size} data-parallel groups"
+        return ""
+
+    def _parallelism_note(self) -> str:
+        if not is_distributed():
+            return "single process"
+        if self.tp_size > 1:  # no wrapper: _average_gradients is the data parallelism
+            return "tensor parallel" + (", data-parallel gradient mean" if self.dp_size > 1 else "")
+        return self.cfg.train.parallelism
 
     def _trainable_note(self) -> str:
         if not self.cfg.lora.enabled:
@@ -405,13 +442,39 @@ class Trainer:
     def fsdp(self) -> bool:
         return self.cfg.train.parallelism == "fsdp" and is_distributed()
 
+    @property
+    def split_parameters(self) -> bool:
+        """The parameters are DTensors, FSDP2's shards or tensor-parallel slices: their full state dicts are
+        gathered and loaded through torch's distributed state-dict API, a collective of every rank."""
+        return self.fsdp or self.tp_mesh is not None
+
     def _seed_rank(self) -> None:
         seed = self.cfg.train.seed + self.rank
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
+    def _check_splits(self, config, source: str) -> None:
+        """ConfigError for a model the tensor-parallel ranks cannot split, naming the setting (``source`` says
+        where its value comes from): the config refuses a preset's before the data is read."""
+        for name in ("num_attention_heads", "intermediate_size"):
+            value = getattr(config, name)
+            if value % self.tp_size:
+                raise ConfigError(f"model.{name} (of {source}) must be divisible by train.tensor_parallel "
+                                  f"({self.tp_size}): each rank holds 1/{self.tp_size} of them; got {value}")
+        if config.dropout:
+            raise ConfigError(f"model.dropout (of {source}) must be 0 with train.tensor_parallel {self.tp_size} (each "
+                              f"rank would draw its own dropout mask on the replicated residual stream): set "
+                              f"model.dropout=0; got {config.dropout}")
+
     def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.tp_mesh is not None:  # first: checkpointing and the optimizer then see the split layers
+            from retnet.model.tensor_parallel import parallelize_retnet
+
+            try:
+                parallelize_retnet(model, self.tp_mesh["tp"])
+            except ValueError as error:  # what the checks before could not see
+                raise ConfigError(f"train.tensor_parallel {self.tp_size}: {error}") from None
         if self.cfg.train.activation_checkpointing:
             # transformers 5.2x renamed it activation_checkpointing_enable; 5.17 (still in use) has only the old name
             if hasattr(model, "activation_checkpointing_enable"):
@@ -430,7 +493,7 @@ class Trainer:
                 fully_shard(layer, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
             return model
-        if is_distributed():
+        if is_distributed() and self.tp_mesh is None:  # (DDP does not take DTensor parameters)
             from torch.nn.parallel import DistributedDataParallel
 
             return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -537,8 +600,10 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------------------
     def _full_state(self) -> tuple[dict, dict]:
-        """(model, optimizer) full state dicts on CPU; a collective under FSDP (every rank calls it)."""
-        if self.fsdp:
+        """(model, optimizer) full state dicts on CPU (rank 0's; the others get empty ones); a collective under FSDP
+        and tensor parallelism (every rank calls it). Under those the optimizer's is keyed by parameter name, which
+        a process without them loads as one keyed by index (the groups' order is the same)."""
+        if self.split_parameters:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 get_model_state_dict,
@@ -555,7 +620,7 @@ class Trainer:
         return model, self.optimizer.state_dict()
 
     def _set_full_state(self, model_state: dict, optim_state: dict) -> None:
-        if self.fsdp:
+        if self.split_parameters:  # each rank keeps its shard or slice of the full tensors
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
@@ -642,7 +707,8 @@ class Trainer:
         if self.is_main:
             hashed = {name: entry for saved in ranks for name, entry in saved.pop("files", {}).items()}
             trainer = {
-                "step": self.step, "world_size": self.world_size, "context_parallel": self.cp_size, "ranks": ranks,
+                "step": self.step, "world_size": self.world_size, "context_parallel": self.cp_size,
+                "tensor_parallel": self.tp_size, "ranks": ranks,
                 "config": self.cfg.to_dict(),
                 "log_window": {"losses": list(self.window_losses), "seconds": self.window_seconds,
                                "tokens": self.window_tokens,
@@ -694,21 +760,24 @@ class Trainer:
                 f"checkpoint {str(path)!r} was written with data.streaming={saved} and this run has "
                 f"data.streaming={current}: its data position cannot resume the other mode; resume it with "
                 f"data.streaming={saved}, or start in another train.output_dir")
-        saved_cp = _saved_context_parallel(trainer)
-        if len(ranks) // saved_cp != self.dp_size and saved == "true":
+        saved_cp, saved_tp = _saved_context_parallel(trainer), _saved_tensor_parallel(trainer)
+        saved_group = saved_cp * saved_tp
+        if len(ranks) // saved_group != self.dp_size and saved == "true":
             # Each data-parallel rank's position counts blocks of the part split_dataset_by_node gave it; under
             # another split those counts skip or repeat data, and there is no exact mapping between splits.
-            if saved_cp == self.cp_size == 1:
+            if saved_group == self.cfg.train.group_size == 1:
                 raise ConfigError(
                     f"checkpoint {str(path)!r} was written by {len(ranks)} ranks on streamed data "
                     f"(data.streaming=true) and this run has world size {self.world_size}: each rank's stream "
                     f"position holds only for the split it was read with; resume it with {len(ranks)} ranks")
+            was = "train.tensor_parallel" if saved_tp > 1 else "train.context_parallel"
+            now = "train.tensor_parallel" if self.tp_size > 1 else "train.context_parallel" if self.cp_size > 1 else was
             raise ConfigError(
-                f"checkpoint {str(path)!r} was written by {len(ranks) // saved_cp} data-parallel ranks ({len(ranks)} "
-                f"ranks / train.context_parallel {saved_cp}) on streamed data (data.streaming=true) and this run "
-                f"has {self.dp_size} ({self.world_size} / {self.cp_size}): each data-parallel rank's stream "
-                f"position holds only for the split it was read with; resume it with world size / "
-                f"train.context_parallel = {len(ranks) // saved_cp}")
+                f"checkpoint {str(path)!r} was written by {len(ranks) // saved_group} data-parallel ranks "
+                f"({len(ranks)} ranks / {was} {saved_group}) on streamed data (data.streaming=true) and this run "
+                f"has {self.dp_size} ({self.world_size} / {self.cfg.train.group_size}): each data-parallel rank's "
+                f"stream position holds only for the split it was read with; resume it with world size / "
+                f"{now} = {len(ranks) // saved_group}")
         # Here, before the data is built, like the data checks: reading and tokenizing can take hours.
         # Settings a checkpoint's state only means something under: (what differs, why, what to do).
         elsewhere = "or start in another train.output_dir"
@@ -752,13 +821,16 @@ class Trainer:
                 f"checkpoint {str(path)!r} was trained on other data: {'; '.join(changes)}. Its data position "
                 f"counts blocks of the token stream those settings made, so resuming would not continue that run. "
                 f"Restore the checkpoint's settings to resume it, or start a new run in another train.output_dir")
-        if len(ranks) != self.world_size or saved_cp != self.cp_size:
+        if len(ranks) != self.world_size or saved_cp != self.cp_size or saved_tp != self.tp_size:
             # Each rank's RNG draws the dropout masks of its own piece's tokens: under another split, other masks
+            def split(cp: int, tp: int) -> str:
+                notes = [f"train.context_parallel {cp}" if saved_cp != self.cp_size else "",
+                         f"train.tensor_parallel {tp}" if saved_tp != self.tp_size else ""]
+                return f" ({', '.join(note for note in notes if note)})" if any(notes) else ""
+
             logger.warning("checkpoint was written by %d ranks%s, resuming with %d%s: data order is kept, RNG "
-                           "streams are not (no exact replay)", len(ranks),
-                           f" (train.context_parallel {saved_cp})" if saved_cp != self.cp_size else "",
-                           self.world_size,
-                           f" (train.context_parallel {self.cp_size})" if saved_cp != self.cp_size else "")
+                           "streams are not (no exact replay)", len(ranks), split(saved_cp, saved_tp),
+                           self.world_size, split(self.cp_size, self.tp_size))
         return trainer.get("hub_fingerprint")  # absent from checkpoints written before it was saved
 
     def _load(self, path: Path) -> None:
@@ -793,8 +865,8 @@ class Trainer:
         self.pending_eval = bool(trainer.get("pending_eval", False))
         # The data position of this data-parallel rank, held alike by every rank of its group then: the group's
         # first (streamed data resumes only on the same data-parallel size, _check_resume_data)
-        saved_cp = _saved_context_parallel(trainer)
-        self.data.load_state_dict(ranks[(self.dp_rank % (len(ranks) // saved_cp)) * saved_cp]["data"])
+        group = _saved_context_parallel(trainer) * _saved_tensor_parallel(trainer)
+        self.data.load_state_dict(ranks[(self.dp_rank % (len(ranks) // group)) * group]["data"])
         set_rng_state(ranks[self.rank % len(ranks)]["rng"])
 
     def _apply_optim_settings(self) -> None:
@@ -838,7 +910,7 @@ class Trainer:
     def _set_grad_sync(self, sync: bool) -> None:
         if self.fsdp:
             self.model.set_requires_gradient_sync(sync)
-        elif is_distributed():
+        elif is_distributed() and self.tp_mesh is None:
             self.model.require_backward_grad_sync = sync  # DDP: skip the all-reduce until the last micro-batch
 
     def _loss(self, blocks: torch.Tensor, flags: torch.Tensor | None = None,
@@ -881,10 +953,11 @@ class Trainer:
         # the global batch's count (every rank's; 1 when none: a zero loss, zero gradients), and
         # the micro-batches' and ranks' losses add up to the global mean. DDP and FSDP average the gradients over
         # the ranks: scaled up by the world size, the average is that sum's. Under context parallelism too: the
-        # pieces of a group's blocks hold each of their targets once. Text: each rank's loss is its micro-batches'
-        # mean, so the average over the ranks is the global mean; a context-parallel rank's is only its piece's
-        # share of that mean (the C shares add up to it), so its gradient is scaled up by C to make the average
-        # over the W ranks that over the W / C groups.
+        # pieces of a group's blocks hold each of their targets once. Under tensor parallelism the average is over
+        # the W / T data-parallel groups (averaged_ranks), each of whose ranks holds slices of its group's gradient.
+        # Text: each rank's loss is its micro-batches' mean, so the average over the ranks is the global mean; a
+        # context-parallel rank's is only its piece's share of that mean (the C shares add up to it), so its
+        # gradient is scaled up by C to make the average over the W ranks that over the W / C groups.
         targets = max(self._step_targets(), 1) if masked else None
         for index, batch in enumerate(batches):
             self._set_grad_sync(index == self.accum - 1)
@@ -892,19 +965,24 @@ class Trainer:
                 tokens, flags = (t.to(self.device, non_blocking=True) for t in batch)
                 with self.autocast:
                     loss = self._loss(tokens, flags, num_items=targets)
-                (loss * self.world_size).backward()
+                (loss * self.averaged_ranks).backward()
             else:
                 batch = batch.to(self.device, non_blocking=True)
                 with self.autocast:  # DPO: each micro-batch holds micro_batch pairs, as text one of equal blocks
                     loss = (self.data.loss(self.model, batch) if preference else self._loss(batch)) / self.accum
                 (loss * self.cp_size).backward()
             loss_sum += loss.detach()
+        if self.tp_mesh is not None and self.dp_size > 1:
+            self._average_gradients()
         # One small all-reduce carries the loss and any rank's stop request.
         stats = torch.stack([loss_sum.float(), torch.tensor(float(self.signal_received), device=self.device)])
         if preference:  # the DPO metrics' sums in the same all-reduce
             stats = torch.cat([stats, self.data.step_stats()])
         elif self.teacher is not None:  # the KD and CE parts, divided as the loss is
             stats = torch.cat([stats, self.teacher.step_stats(1 if masked else self.accum)])
+        if not self.counts_loss:  # every rank of a tensor-parallel group holds them: the first one's count
+            stats[0] = 0
+            stats[2:] = 0
         if is_distributed():
             dist.all_reduce(stats)
         if preference:
@@ -918,7 +996,12 @@ class Trainer:
         if not math.isfinite(loss_value):
             self._stop_nonfinite(f"loss is {loss_value}")
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.tp_mesh is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:  # torch's refuses to mix the split weights' (DTensor) gradients with the replicated ones'
+            from retnet.model.tensor_parallel import clip_grad_norm_
+
+            grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         if not math.isfinite(float(grad_norm)):  # a finite loss can still backpropagate NaN/inf into the weights
@@ -932,23 +1015,47 @@ class Trainer:
             self._last["muon_lr"] = muon_groups[0]["lr"]
         return loss_value
 
+    def _average_gradients(self) -> None:
+        """The data-parallel mean of the gradients under tensor parallelism, which DDP would take without it (DDP
+        does not take DTensor parameters): each rank's gradients (its slices of the split weights, the replicated
+        ones whole) averaged with those of the ranks holding the same slices in the other groups (``mesh["dp"]``),
+        in flat buckets, so a step costs a few all-reduces rather than one per tensor."""
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for p in self.raw_model.parameters() if p.grad is not None]
+        group = self.tp_mesh["dp"].get_group()
+        bucket: list[torch.Tensor] = []
+        for index, grad in enumerate(grads):
+            bucket.append(grad)
+            if index + 1 < len(grads) and sum(g.numel() for g in bucket) < GRAD_BUCKET_ELEMENTS:
+                continue
+            flat = torch.cat([g.reshape(-1) for g in bucket]).div_(self.dp_size)
+            dist.all_reduce(flat, group=group)
+            for grad_part, averaged in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                grad_part.copy_(averaged.view_as(grad_part))
+            bucket = []
+
     def _micro_batches(self) -> list:
-        """This step's micro-batches. Streamed data under context parallelism: read and tokenized by the group's
-        first rank alone and broadcast to the others (the cached token arrays cost every rank only a lookup)."""
-        if self.cp_size > 1 and self.cfg.data.streaming:
+        """This step's micro-batches. Streamed data under context or tensor parallelism: read and tokenized by the
+        group's first rank alone and broadcast to the others (the cached token arrays cost every rank only a
+        lookup)."""
+        group_size = self.cfg.train.group_size
+        if group_size > 1 and self.cfg.data.streaming:
             from retnet.train.streaming import group_micro_batches
 
-            return group_micro_batches(self.data, self.accum, source=self.dp_rank * self.cp_size,
-                                       group=self.cp_group, device=self.device)
+            group = self.cp_group if self.tp_mesh is None else self.tp_mesh["tp"].get_group()
+            return group_micro_batches(self.data, self.accum, source=self.dp_rank * group_size, group=group,
+                                       device=self.device)
         return self.data.micro_batches(self.accum)
 
     def _step_targets(self) -> int:
         """The targets of this step's global batch (chat data). Streamed data counts only this rank's blocks,
         which no other data-parallel rank reads: summed over the ranks, one small all-reduce (in which only a
-        context-parallel group's first rank, the one that read the group's blocks, counts them)."""
+        context- or tensor-parallel group's first rank, the one that read the group's blocks, counts them)."""
         count = self.data.step_targets
         if self.data.step_targets_per_rank and is_distributed():
-            total = torch.tensor(count if self.cp_rank == 0 else 0, dtype=torch.int64, device=self.device)
+            total = torch.tensor(count if self.group_rank == 0 else 0, dtype=torch.int64, device=self.device)
             dist.all_reduce(total)
             count = int(total.item())
         return count
@@ -980,17 +1087,18 @@ class Trainer:
         for group, batches in enumerate(groups.values()):
             for batch in batches:
                 # The ranks of a context-parallel group hold the same batch, each computing its piece's share of the
-                # loss: the shares add up to the batch's loss, and the batch is counted once, by the group's first rank
-                counted = self.cp_rank == 0
+                # loss: the shares add up to the batch's loss, and the batch is counted once, by the group's first
+                # rank. Those of a tensor-parallel group each compute the whole loss: counted once too.
+                counted = self.group_rank == 0
                 if self.data.masked:  # chat: the summed loss of the targets, and their count
                     tokens, flags = (t.to(self.device) for t in batch)
                     with self.autocast:
-                        stats[group, 0] += self._loss(tokens, flags, num_items=1).float()
+                        stats[group, 0] += self._loss(tokens, flags, num_items=1).float() * self.counts_loss
                     stats[group, 1] += target_count(batch.flags.numpy()) if counted else 0
                     continue
                 batch = batch.to(self.device)
                 with self.autocast:  # blocks have equal lengths: the mean of block means is the token mean
-                    stats[group, 0] += self._loss(batch).float() * len(batch)
+                    stats[group, 0] += self._loss(batch).float() * len(batch) * self.counts_loss
                 stats[group, 1] += len(batch) if counted else 0
         if is_distributed():
             dist.all_reduce(stats)  # every group in one collective
@@ -1071,7 +1179,7 @@ class Trainer:
         """Write the record of the steps since the last one and start the next window; returns its mean loss."""
         loss = sum(self.window_losses) / len(self.window_losses)
         tokens_per_s = self.window_tokens / max(self.window_seconds, 1e-9)
-        # Over every device, context parallelism included: a group's C devices share its tokens' FLOPs
+        # Over every device, context and tensor parallelism included: a group's devices share its tokens' FLOPs
         mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
                if self.peak_flops else None)
         muon_lr = {"muon_lr": self._last["muon_lr"]} if "muon_lr" in self._last else {}
@@ -1089,9 +1197,9 @@ class Trainer:
         return loss
 
     def export_state(self) -> dict:
-        """The full model state dict for :meth:`export` on rank 0 (a collective under FSDP: every rank calls it;
-        the others get an empty dict)."""
-        if self.fsdp:
+        """The full model state dict for :meth:`export` on rank 0 (a collective under FSDP and tensor parallelism:
+        every rank calls it; the others get an empty dict)."""
+        if self.split_parameters:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -1163,6 +1271,11 @@ class Trainer:
 def _saved_context_parallel(trainer: dict[str, Any]) -> int:
     """The ``train.context_parallel`` a checkpoint's ``trainer.pt`` was written under (1 before it was saved)."""
     return int(trainer.get("context_parallel", 1))
+
+
+def _saved_tensor_parallel(trainer: dict[str, Any]) -> int:
+    """The ``train.tensor_parallel`` a checkpoint's ``trainer.pt`` was written under (1 before it was saved)."""
+    return int(trainer.get("tensor_parallel", 1))
 
 
 def _record_key(line: str) -> tuple[int, str | None]:

@@ -1,17 +1,21 @@
-"""One rank of ``test_tensor_parallel``'s torchrun group (2 ranks, gloo): runs every case on the model split by
-:func:`~retnet.model.tensor_parallel.parallelize_retnet` and saves what the test compares with the unsharded model
-in one process. The cases (models and inputs, built alike on both sides) are defined here too."""
+"""One rank of ``test_tensor_parallel``'s torchrun groups (gloo): with 2 ranks it runs every case on the model split
+by :func:`~retnet.model.tensor_parallel.parallelize_retnet`, with 4 the 2-D (dp, tp) mesh (FSDP2 over dp, tensor
+parallelism over tp), and saves what the test compares with the unsharded model in one process. The cases (models
+and inputs, built alike on both sides) are defined here too."""
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from retnet.model import RetNetConfig, RetNetForCausalLM, RetNetForSequenceClassification
 
 TP = 2
+DP = 2  # the 2-D launch: DP x TP ranks
 # 37 tokens: not a multiple of the chunk size (16). Four heads, two per rank.
 LENGTH, CHUNK = 37, 16
 CASES = {
@@ -23,6 +27,11 @@ CASES = {
     # activation checkpointing replays each layer's collectives inside the backward
     "glu_chunkwise_checkpointed": dict(config=dict(ffn_glu=True), mode="chunkwise", checkpointing=True),
     "classifier": dict(config=dict(ffn_glu=True, num_labels=3), mode="parallel", classifier=True),
+    # a trainable gSmeLU (five parameters acting on each rank's slice of the FFN), frozen when the model is split
+    # and unfrozen after: its gradients are summed over the ranks all the same
+    "gsmelu_unfrozen_later": dict(config=dict(ffn_glu=False, hidden_act="gsmelu",
+                                              hidden_act_kwargs={"trainable": True}),
+                                  mode="parallel", unfreeze_activation_later=True),
 }
 GENERATE_TOKENS = 6
 MAX_NORM = 0.05  # below the gradients' norm, so clipping scales them
@@ -62,6 +71,20 @@ def build_inputs(name: str) -> dict:
     return inputs
 
 
+def dp_batch(dp_rank: int) -> dict:
+    """Data-parallel rank ``dp_rank``'s two rows of a four-row batch (the 2-D launch)."""
+    input_ids = torch.randint(2, 101, (2 * DP, LENGTH), generator=torch.Generator().manual_seed(3))
+    rows = input_ids[2 * dp_rank:2 * dp_rank + 2]
+    labels = rows.clone()
+    labels[:, :3] = -100
+    return dict(input_ids=rows, labels=labels, retention_mode="parallel", use_cache=False)
+
+
+def set_activation_trainable(model, trainable: bool) -> None:
+    for layer in model.model.layers:
+        layer.mlp.act_fn.requires_grad_(trainable)
+
+
 def generation_inputs() -> dict:
     """Two left-padded prompts (the second 5 tokens shorter)."""
     input_ids = torch.randint(2, 101, (2, LENGTH), generator=torch.Generator().manual_seed(2))
@@ -69,6 +92,24 @@ def generation_inputs() -> dict:
     mask[1, :5] = 0
     input_ids[1, :5] = 0
     return dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=GENERATE_TOKENS, do_sample=False)
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts the collectives run while it is active, by name (``all_reduce``), forward and backward alike.
+    (torch's ``CommDebugMode`` trips over the model's module hooks.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(issubclass(kind, DTensor) for kind in types):
+            return NotImplemented  # DTensor's own dispatch runs first; its collectives come back here on plain tensors
+        if func.namespace == "_c10d_functional" and not func.__name__.startswith(("wait_tensor", "_wrap")):
+            self.counts[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
@@ -81,16 +122,29 @@ def main(out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from retnet.model.tensor_parallel import clip_grad_norm_, full_state_dict, parallelize_retnet
+    from retnet.model.tensor_parallel import (
+        clip_grad_norm_,
+        full_state_dict,
+        load_full_state_dict,
+        parallelize_retnet,
+    )
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    assert dist.get_world_size() == TP, f"run with --nproc_per_node={TP}"
-    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
     out = Path(out_dir)
+    if dist.get_world_size() == DP * TP:
+        main_2d(out)
+        return
+    assert dist.get_world_size() == TP, f"run with --nproc_per_node={TP} (or {DP * TP}: the 2-D mesh)"
+    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
     results = {}
     for name in CASES:
-        model = parallelize_retnet(build_model(name), mesh["tp"])
+        model = build_model(name)
+        if CASES[name].get("unfreeze_activation_later"):
+            set_activation_trainable(model, False)
+        model = parallelize_retnet(model, mesh["tp"])
+        if CASES[name].get("unfreeze_activation_later"):
+            set_activation_trainable(model, True)
         output = model(**build_inputs(name))
         output.loss.backward()
         results[name] = {
@@ -108,6 +162,14 @@ def main(out_dir: str) -> None:
             except ValueError as error:
                 results["twice"] = str(error)
 
+    # Collectives of one training step (2 layers, SAU's alpha).
+    model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"])
+    with CollectiveCounter() as collectives:
+        loss = model(**build_inputs("glu_parallel")).loss
+        forward = collectives.counts.copy()
+        loss.backward()
+    results["collectives"] = {"forward": forward, "backward": collectives.counts - forward}
+
     # Generation: greedy, left-padded prompts, recurrent steps on each rank's heads.
     model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"]).eval()
     with torch.no_grad():
@@ -124,14 +186,57 @@ def main(out_dir: str) -> None:
     model.eval()
     with torch.no_grad():
         results["stepped_logits"] = model(**inputs).logits
+    try:  # without state_dict=, before anything is written
+        model.save_pretrained(out / f"refused{rank}")
+    except ValueError as error:
+        results["save_refused"] = str(error)
+        results["save_refused_wrote"] = (out / f"refused{rank}").exists()
     state = full_state_dict(model)
     results["state_dict_types"] = sorted({type(value).__name__ for value in state.values()})
     results["state_dict_shapes"] = {key: tuple(value.shape) for key, value in state.items()}
     if rank == 0:
-        model.save_pretrained(out / "export", state_dict=state)
+        model.save_pretrained(out / "export", state_dict=dict(state))  # transformers empties the dict it writes
     dist.barrier()
 
+    # Load the gathered state dict into another split model (other seed): gathered again, it is the same.
+    other = parallelize_retnet(build_model("glu_parallel", seed=5), mesh["tp"])
+    passed = dict(state)
+    keys = load_full_state_dict(other, passed)
+    results["load_keys"] = (keys.missing_keys, keys.unexpected_keys)
+    reloaded = full_state_dict(other)
+    results["reload_differs"] = sorted(key for key in state if not torch.equal(reloaded[key], state[key]))
+    results["load_left_input"] = passed.keys() == state.keys() and all(passed[key] is state[key] for key in state)
+    other.eval()
+    with torch.no_grad():
+        results["reloaded_logits_equal"] = torch.equal(other(**inputs).logits, results["stepped_logits"])
+
     torch.save(results, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def main_2d(out: Path) -> None:
+    """FSDP2 over the dp dimension of a (dp, tp) mesh after tensor parallelism over its tp dimension: each dp rank
+    trains on its own rows; what the test compares with the unsharded model on the dp-averaged batch."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from retnet.model.tensor_parallel import clip_grad_norm_, parallelize_retnet
+
+    mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
+    model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"])
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    dp_rank = mesh["dp"].get_local_rank()
+    output = model(**dp_batch(dp_rank))
+    output.loss.backward()
+    results = {"dp_rank": dp_rank, "loss": output.loss.detach(),
+               "grads": {n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None},
+               "grad_meshes": sorted({str(p.grad.device_mesh.mesh_dim_names) for p in model.parameters()})}
+    results["norm"] = clip_grad_norm_(model.parameters(), MAX_NORM)
+    results["clipped"] = {n: gathered(p.grad) for n, p in model.named_parameters()}
+    torch.save(results, out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 

@@ -1,6 +1,8 @@
 """Tensor parallelism (retnet/model/tensor_parallel.py): the model split across two real torchrun (gloo) ranks gives
-the unsharded model's logits, loss, gradients, clipped gradients and greedy tokens, and its gathered state dict
-exports a model that reproduces it; the refusals in one process."""
+the unsharded model's logits, loss, gradients, clipped gradients and greedy tokens with 2 all-reduces a layer each
+way, and its gathered state dict exports a model that reproduces it and loads back; on four ranks, FSDP2 over the
+dp dimension of a (dp, tp) mesh gives the unsharded model's gradients and clipped norm on the dp-averaged batch;
+the refusals in one process."""
 
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
 from tensor_parallel_worker import (  # noqa: E402
     CASES,
+    DP,
     MAX_NORM,
     TP,
     build_inputs,
     build_model,
+    dp_batch,
     generation_inputs,
 )
 
@@ -38,17 +42,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One torchrun launch running every case: ``(results per rank, output directory)``."""
-    out = tmp_path_factory.mktemp("tp")
+def _launch(out: Path, ranks: int) -> list[dict]:
+    """Run the worker on ``ranks`` torchrun ranks; each rank's results."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={TP}", "--nnodes=1",
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
                f"--master_port={_free_port()}", str(HERE / "tensor_parallel_worker.py"), str(out)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(TP)], out
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One torchrun launch of TP ranks running every case: ``(results per rank, output directory)``."""
+    out = tmp_path_factory.mktemp("tp")
+    return _launch(out, TP), out
+
+
+@pytest.fixture(scope="module")
+def run_2d(tmp_path_factory):
+    """One torchrun launch of DP x TP ranks: FSDP2 over dp after tensor parallelism over tp."""
+    return _launch(tmp_path_factory.mktemp("dp_tp"), DP * TP)
 
 
 def _unsharded(name: str):
@@ -126,9 +141,57 @@ def test_full_state_dict_exports_an_unsharded_model(run):
     assert (logits - seed_logits).abs().max() > 1e-3  # the SGD step moved the weights that were saved
 
 
+def test_full_state_dict_loads_back_into_a_split_model(run):
+    ranks, _ = run
+    for results in ranks:
+        assert results["load_keys"] == ([], [])  # nothing missing or unexpected
+        assert results["reload_differs"] == []  # gathered again, every tensor is the one loaded, bit for bit
+        assert results["load_left_input"]  # the caller's dict still holds its own (full) tensors
+        assert results["reloaded_logits_equal"]
+
+
+def test_save_pretrained_without_a_state_dict_is_refused_before_writing(run):
+    ranks, _ = run
+    for results in ranks:
+        assert "model.layers.0.retention.q_proj.weight is a DTensor" in results["save_refused"]
+        assert "state_dict = retnet.model.tensor_parallel.full_state_dict(model)" in results["save_refused"]
+        assert "on rank 0 only" in results["save_refused"]
+        assert results["save_refused_wrote"] is False  # not even the directory
+
+
+def test_two_all_reduces_per_layer_each_way(run):
+    ranks, _ = run
+    # 2 layers: after retention and after the FFN, forward; each block's input gradient once, backward, plus SAU's
+    # alpha once per layer
+    assert ranks[0]["collectives"] == {"forward": {"all_reduce": 4}, "backward": {"all_reduce": 6}}
+
+
 def test_parallelizing_twice_is_refused(run):
     ranks, _ = run
     assert "already parallelized" in ranks[0]["twice"]
+
+
+def test_fsdp2_over_dp_after_tensor_parallelism_over_tp(run_2d):
+    """Each dp rank's loss is the unsharded model's on its rows; the gradients (FSDP2 averages them over dp; SAU's
+    alpha summed over tp inside the graph though fully_shard replaced the parameter) are those of the mean of the
+    dp ranks' losses, and clip_grad_norm_ over gradients on the (dp, tp) and the dp mesh gives its clipped norm."""
+    model = build_model("glu_parallel")
+    losses = [model(**dp_batch(dp_rank)).loss for dp_rank in range(DP)]
+    (sum(losses) / DP).backward()
+    grads = {name: param.grad.clone() for name, param in model.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    assert norm > MAX_NORM
+    for rank, results in enumerate(run_2d):
+        assert results["dp_rank"] == rank // TP
+        assert results["grad_meshes"] == ["('dp', 'tp')", "('dp',)"]  # the mix the clipping has to take
+        torch.testing.assert_close(results["loss"], losses[results["dp_rank"]].detach(), rtol=1e-5, atol=1e-6)
+        assert set(results["grads"]) == set(grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(results["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+        torch.testing.assert_close(results["norm"], norm, rtol=1e-5, atol=1e-7)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(results["clipped"][name], param.grad, rtol=1e-4, atol=1e-7,
+                                       msg=f"rank {rank} {name}")
 
 
 # -- refusals, in one process (a stand-in for the mesh: they are checked before anything is sharded) ------------
@@ -139,11 +202,29 @@ def _mesh(size: int = 2, ndim: int = 1):
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_attention_heads=2, hidden_size=64), "num_attention_heads divisible by 4; got 2"),
     (dict(intermediate_size=130), "intermediate_size divisible by 4; got 130"),
-    (dict(dropout=0.1), "config.dropout = 0"),
+    (dict(dropout=0.1), "got config.dropout=0.1, model.layers.0.dropout.p=0.1 and 1 more nn.Dropout"),
 ])
 def test_config_refusals_name_the_field_and_value(model_factory, overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parallelize_retnet(model_factory(**overrides), _mesh(4))
+
+
+def test_dropout_modules_are_checked_not_only_the_config(model_factory):
+    model = model_factory(dropout=0.1)
+    model.config.dropout = 0.0  # the built nn.Dropout modules keep p=0.1
+    with pytest.raises(ValueError, match=re.escape("got config.dropout=0.0, model.layers.0.dropout.p=0.1")) as error:
+        parallelize_retnet(model, _mesh())
+    assert "from_pretrained(path, dropout=0.0)" in str(error.value)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's call
+def test_a_peft_model_is_told_to_merge_its_adapters(model_factory):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(model_factory(), peft.LoraConfig(target_modules=["q_proj"], r=4,
+                                                                      task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match=re.escape("got a PEFT PeftModelForCausalLM: merge the adapters first "
+                                                   "(model = model.merge_and_unload())")):
+        parallelize_retnet(model, _mesh())
 
 
 def test_mesh_and_model_refusals(model_factory):

@@ -282,3 +282,26 @@ def test_learnable_activation_parameters_stay_adamws():
     names = {id(param): name for name, param in model.named_parameters()}
     assert learned <= {names[id(param)] for param in optimizer.adamw_groups[1]["params"]}  # no decay
     assert all(optimizer.state[param]["step"] == 1 for param in model.parameters() if names[id(param)] in learned)
+
+
+def test_adamw_over_a_tensor_parallel_model_takes_the_per_parameter_loop(tmp_path):
+    """Fused and foreach AdamW refuse a mix of DTensor (split) and plain (replicated) parameters in one call, and
+    CUDA would pick them: over a split model the optimizer takes the loop, and steps."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from retnet.model.tensor_parallel import parallelize_retnet
+    from retnet.train.optim import build_optimizer
+
+    assert build_optimizer(_model(), load_config("tiny").optim, torch.device("cuda")).defaults["fused"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = parallelize_retnet(_model(), init_device_mesh("cpu", (1,)))
+        optimizer = build_optimizer(model, load_config("tiny").optim, torch.device("cuda"))
+        assert optimizer.defaults["foreach"] is False and not optimizer.defaults["fused"]
+        model(torch.randint(0, 300, (2, 9)), labels=torch.randint(0, 300, (2, 9))).loss.backward()
+        before = model.lm_head.weight.detach().clone()
+        optimizer.step()
+        assert not torch.equal(model.lm_head.weight, before)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,178 @@
+"""Tensor parallelism in the trainer (``train.tensor_parallel``): what the config and the trainer refuse; torchrun
+gloo ranks splitting every decoder layer in two log the losses, gradient norms and validation losses of one process,
+and their checkpoints (full tensors) resume on two data-parallel groups of two ranks and in one process without
+the split; the export is an ordinary unsharded model; a checkpoint's stream positions are keyed by the
+data-parallel ranks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from retnet.train.__main__ import EXIT_CONFIG, main
+from retnet.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from retnet.train.config import ConfigError, load_config
+from retnet.train.trainer import Trainer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refusals
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.tensor_parallel=0"], r"train\.tensor_parallel must be >= 1.*got 0"),
+    (["--train.context_parallel=2"], r"train\.tensor_parallel > 1 is not supported with train\.context_parallel 2 "
+                                     r"yet.*got 2"),
+    (["--train.parallelism=fsdp"], r"not supported with train\.parallelism 'fsdp' \(use 'ddp'"),
+    (["--lora.rank=4"], r"not supported with LoRA \(lora\.rank 4\) yet"),
+    (["--data.format=preference", "--data.dataset=pairs.jsonl", "--reward.enabled=true"],
+     r"not supported with a reward model \(reward\.enabled\) yet"),
+    (["--data.format=preference", "--data.dataset=pairs.jsonl"], r"not supported with DPO \(data\.format "
+                                                                  r"'preference'\) yet"),
+    (["--data.format=prompts", "--data.dataset=prompts.jsonl"], r"not supported with GRPO \(data\.format "
+                                                                r"'prompts'\) yet"),
+    (["--train.compile=true"], r"not supported with train\.compile"),
+    (["--model.dropout=0.1"], r"model\.dropout must be 0 with train\.tensor_parallel 2 .*got 0\.1"),
+    (["--model.hidden_size=96", "--model.num_attention_heads=3"],
+     r"model\.num_attention_heads must be divisible by train\.tensor_parallel \(2\).*got 3"),
+    (["--model.intermediate_size=130", "--train.tensor_parallel=4"],
+     r"model\.intermediate_size must be divisible by train\.tensor_parallel \(4\).*got 130"),
+], ids=["zero", "context-parallel", "fsdp", "lora", "reward", "dpo", "grpo", "compile", "dropout",
+        "heads", "ffn"])
+def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message):
+    if not any(o.startswith("--train.tensor_parallel") for o in overrides):
+        overrides = ["--train.tensor_parallel=2", *overrides]
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_muon_and_activation_checkpointing_are_taken():
+    load_config("tiny", ["--train.tensor_parallel=4", "--optim.name=muon", "--train.activation_checkpointing=true"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_attention_heads=3, hidden_size=96), r"model\.num_attention_heads \(of model\.init_from 'base'\) "
+                                                  r"must be divisible by train\.tensor_parallel \(2\).*got 3"),
+    (dict(intermediate_size=129), r"model\.intermediate_size \(of model\.init_from 'base'\).*got 129"),
+    (dict(dropout=0.1), r"model\.dropout \(of model\.init_from 'base'\) must be 0 with train\.tensor_parallel 2 "
+                        r".*set model\.dropout=0; got 0\.1"),
+], ids=["heads", "ffn", "dropout"])
+def test_a_pretrained_model_the_ranks_cannot_split_is_refused(overrides, message):
+    """A ``model.init_from`` model's architecture and dropout are its config.json's, which the trainer reads: checked
+    there (by the method the trainer calls before loading its weights), naming the setting and the model."""
+    from retnet.model import RetNetConfig
+
+    config = RetNetConfig.from_preset("tiny", **{"hidden_size": 64, "num_attention_heads": 4, **overrides})
+    with pytest.raises(ConfigError, match=message):
+        Trainer._check_splits(SimpleNamespace(tp_size=2), config, "model.init_from 'base'")
+
+
+def test_a_world_it_does_not_divide_is_refused(micro, tmp_path, capsys):
+    """At start-up, before any data is read: naming both numbers. The global batch splits over the data-parallel
+    groups (world size / tensor_parallel)."""
+    config = load_config("tiny", ["--train.tensor_parallel=2", "--train.global_batch_size=8",
+                                  "--train.micro_batch_size=2"])
+    assert config.train.grad_accum_steps(2) == 4 and config.train.grad_accum_steps(4) == 2
+    with pytest.raises(ConfigError, match=r"train\.tensor_parallel \(2\) must divide the world size \(3\)"):
+        config.train.grad_accum_steps(3)
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size \(8\).*world_size / train\.tensor_parallel = "
+                                          r"2 × 16 / 2 = 16"):
+        config.train.grad_accum_steps(16)
+    assert main(micro(tmp_path / "run", train__tensor_parallel=2)) == EXIT_CONFIG
+    assert "train.tensor_parallel (2) must divide the world size (1)" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def test_a_streamed_checkpoint_resumes_on_the_same_data_parallel_size(micro, tmp_path, capsys, read_metrics):
+    """A stream position is a data-parallel rank's: a checkpoint as though 2 ranks of one tensor-parallel group
+    wrote it (one stream) resumes in one process, with a warning naming the split; one of 4 ranks in 2 groups (two
+    streams) is refused, naming both data-parallel sizes."""
+    out = tmp_path / "run"
+    args = dict(data__streaming=True, data__val_documents=10)
+    assert main(micro(out, **args, train__steps=2)) == 0
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    for world in (4, 2):
+        trainer = dict(state["trainer"], world_size=world, tensor_parallel=2, ranks=state["trainer"]["ranks"] * world)
+        save_checkpoint(tmp_path / f"moved{world}" / "checkpoints", state["step"], model=state["model"],
+                        optimizer=state["optimizer"], trainer=trainer, keep_last=2)
+    capsys.readouterr()
+    assert main(micro(tmp_path / "moved4", **args, train__steps=4)) == EXIT_CONFIG
+    assert ("written by 2 data-parallel ranks (4 ranks / train.tensor_parallel 2) on streamed data "
+            "(data.streaming=true) and this run has 1 (1 / 1)") in capsys.readouterr().err
+    assert main(micro(tmp_path / "moved2", **args, train__steps=4)) == 0
+    assert ("written by 2 ranks (train.tensor_parallel 2), resuming with 1 (train.tensor_parallel 1)"
+            in capsys.readouterr().err)
+    assert [r["step"] for r in read_metrics(tmp_path / "moved2")] == [3, 4]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranks splitting every layer: the losses of one process
+# ----------------------------------------------------------------------------------------------------------
+def _losses(read_metrics, out, kind="train", key="loss"):
+    return [r[key] for r in read_metrics(out, kind)]
+
+
+@pytest.mark.slow
+def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(micro, tmp_path, run, read_metrics,
+                                                                              capsys, tokenizer_dir):
+    """One process (micro 2 × accum 2) and 2 torchrun ranks splitting each layer's 2 heads and its FFN (one
+    tensor-parallel group: micro 2 × accum 2 again) log the same training and validation losses and gradient norms
+    on packed text; the MFU divides by both devices and the tokens count once. The checkpoint holds full tensors and
+    records the split; the export loads with ``from_pretrained`` as the one-process run's does. From the step-2
+    checkpoint, 4 ranks (two data-parallel groups of 2: micro 2 × accum 1 × 2 groups, the gradients averaged
+    over the groups) resume to one process's last losses, and so does one process without tensor parallelism."""
+    import retnet  # noqa: F401
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+    from retnet.train.data import load_tokenizer, vocab_bound
+    from retnet.train.flops import flops_per_token
+
+    single, split = tmp_path / "single", tmp_path / "split"
+    common = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
+                  checkpoint__interval=2, checkpoint__export=True, logging__peak_flops=1e12)
+    assert main(micro(single, **common)) == 0
+    two = run(micro(split, **common, train__tensor_parallel=2), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
+    assert "world 2 / tensor parallel 2 = 1 data-parallel groups × micro 2 × accum 2" in two.stderr
+    expected = _losses(read_metrics, single)
+    assert len(expected) == 4 and expected[-1] < expected[0] - 0.1
+    assert _losses(read_metrics, split) == pytest.approx(expected, rel=1e-5)  # measured 1.6e-7
+    assert _losses(read_metrics, split, key="grad_norm") == pytest.approx(
+        _losses(read_metrics, single, key="grad_norm"), rel=3e-4)  # measured 4e-5: summation order
+    assert _losses(read_metrics, split, "val", "val_loss") == pytest.approx(
+        _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
+    assert [r["tokens"] for r in read_metrics(split)] == [r["tokens"] for r in read_metrics(single)]
+    config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      chunk_size=16, vocab_size=vocab_bound(load_tokenizer(tokenizer_dir)))
+    records = read_metrics(split)
+    assert [r["mfu"] for r in records] == pytest.approx(
+        [flops_per_token(config, 32) * r["tokens_per_s"] / (1e12 * 2) for r in records], rel=1e-9)
+
+    # checkpoints and the export: the unsharded model's tensors
+    saved = load_checkpoint(split / "checkpoints" / "step_00000004")
+    alone_saved = load_checkpoint(single / "checkpoints" / "step_00000004")
+    assert saved["trainer"]["tensor_parallel"] == 2
+    assert {k: v.shape for k, v in saved["model"].items()} == {k: v.shape for k, v in alone_saved["model"].items()}
+    assert len(saved["optimizer"]["state"]) == len(alone_saved["optimizer"]["state"])
+    exported, reference = (RetNetForCausalLM.from_pretrained(out / "export") for out in (split, single))
+    weights = exported.state_dict()
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert all(torch.equal(weights[k], v) for k, v in saved["model"].items())  # the checkpoint's, gathered alike
+    tokens = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # AdamW's normalized steps magnify the rounding in rarely seen embedding rows: 6.5e-4
+        torch.testing.assert_close(exported(tokens).logits, reference(tokens).logits, rtol=0, atol=3e-3)
+
+    checkpoint = split / "checkpoints" / "step_00000002"
+    resumed, alone = tmp_path / "resumed", tmp_path / "alone"
+    four = run(micro(resumed, **common, train__tensor_parallel=2, train__resume=checkpoint), nproc=4)
+    assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
+    assert "world 4 / tensor parallel 2 = 2 data-parallel groups × micro 2 × accum 1" in four.stderr
+    assert "at step 2" in four.stderr and "written by 2 ranks, resuming with 4" in four.stderr
+    assert _losses(read_metrics, resumed) == pytest.approx(expected[-2:], rel=1e-5)
+    assert _losses(read_metrics, resumed, "val", "val_loss") == pytest.approx(
+        _losses(read_metrics, single, "val", "val_loss")[-1:], rel=1e-5)
+    capsys.readouterr()
+    assert main(micro(alone, **common, train__resume=checkpoint)) == 0
+    assert ("written by 2 ranks (train.tensor_parallel 2), resuming with 1 (train.tensor_parallel 1)"
+            in capsys.readouterr().err)
+    assert _losses(read_metrics, alone) == pytest.approx(expected[-2:], rel=1e-5)
