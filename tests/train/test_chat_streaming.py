@@ -314,7 +314,7 @@ def test_the_step_target_count_is_summed_over_the_ranks(chats, tokenizer_dir, tm
     assert int((inputs["labels"] != -100).sum()) == target_count(batches[0].flags.numpy())
     monkeypatch.setattr(trainer_module, "is_distributed", lambda: True)
     monkeypatch.setattr(trainer_module.dist, "all_reduce", lambda tensor: tensor.mul_(2))
-    trainer = SimpleNamespace(data=data, device=torch.device("cpu"), cp_size=1)
+    trainer = SimpleNamespace(data=data, device=torch.device("cpu"), cp_size=1, group_rank=0)
     assert trainer_module.Trainer._step_targets(trainer) == 2 * data.step_targets
     cached = SimpleNamespace(step_targets=7, step_targets_per_rank=False)  # PackedData's: global already
     assert trainer_module.Trainer._step_targets(SimpleNamespace(data=cached, device=None, cp_size=1)) == 7
