@@ -704,8 +704,9 @@ class PackedData:
 
     def val_batches(self, max_blocks: int) -> list[torch.Tensor]:
         """This rank's share of ``max_blocks`` validation blocks (rounded down to a multiple of
-        the world size, so every rank runs the same number of forwards), in micro-batches. The set does not
-        depend on the world size, so neither does the validation loss."""
+        the world size, so every rank runs the same number of forwards), in micro-batches. The set, and so the
+        validation loss, depends on the world size only through that rounding: not at all when the number of
+        blocks chosen (``max_blocks``, or every candidate block when there are fewer) is a multiple of it."""
         # Chat data: only blocks with targets, or a sample of blocks without any would measure nothing (0/0).
         candidates = np.arange(len(self.val)) if self.val_flags is None else \
             np.flatnonzero(np.any(np.asarray(self.val_flags)[:, 1:] & TARGET, axis=1))
