@@ -1,0 +1,269 @@
+"""Tensor parallelism on CPU: one training step of a RetNet split over TP torchrun (gloo) ranks vs whole on one.
+
+A random RetNet (default hidden 512, 4 layers, 8 heads, vocab 4096, GLU FFN with SiLU, dropout 0, fp32, the fused
+loss head) trains on B × T random tokens: forward, backward, ``AdamW(foreach=False).step()`` (the for-loop path: a
+split model mixes DTensor and plain parameters), gradients set to None. TP = 1, the baseline, is the plain model
+in one process; TP = 2 runs ``parallelize_retnet`` on each rank, all fed the same tokens. Each configuration is
+its own ``python -m torch.distributed.run`` launch on the same total cores (``OMP_NUM_THREADS`` = cores / TP a
+rank): with no second device for the second rank, the time ratio is what the split costs at equal compute (ideal
+1×); the memory ratios are what it buys. Per configuration and rank:
+
+- parameters, gradients, AdamW's ``exp_avg``/``exp_avg_sq``: the bytes of the rank's tensors (a split weight's
+  local shard; embeddings, norms and the LM head whole on every rank);
+- activation memory: the peak of torch's CPU allocations during the first forward + backward above those live
+  before it (gradients included as they appear), from the profiler's memory events, as
+  ``benchmarks/context_parallel.py`` measures it (its ``_allocation_peak``);
+- collectives, measured on that first step: a ``TorchDispatchMode`` logs each ``_c10d_functional`` op (DTensor's
+  redistributions, ``from_local``'s backward) with the bytes a rank hands it, forward, backward and AdamW step
+  apart; Megatron's formula (2 all-reduces of ``[B, T, hidden]`` fp32 a layer each way) is recorded beside it;
+- time: the median of ``--repeats`` steps after that one (started together behind a barrier; a step lasts as long
+  as its slowest rank), with the load average around each launch.
+
+The split run's first-step loss must equal the whole run's, and every rank's its first rank's, to 1e-5 relative
+(``checks``; later steps' differences recorded too), or the script exits non-zero before writing anything.
+
+    python benchmarks/tensor_parallel.py [--quick] [--hidden 512 --layers 4 --heads 8 --vocab 4096]
+        [--batch 4 --seq 512] [--sizes 1 2] [--repeats 3] [--output PATH]
+    # writes benchmarks/results/tensor_parallel-cpu.json (--quick writes only to an --output given)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script, this file's folder is sys.path[0], where benchmarks/kernels.py would shadow HuggingFace's
+# `kernels` package (transformers probes for it): the repository root takes that place, before any import.
+REPO = Path(__file__).resolve().parents[1]
+sys.path[0] = str(REPO)
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import retnet  # noqa: F401
+from benchmarks.context_parallel import _allocation_peak, _free_port, mib
+from retnet.model import RetNetConfig, RetNetForCausalLM
+from retnet.model.tensor_parallel import parallelize_retnet
+
+LOSS_RTOL = 1e-5
+DEFAULT = dict(hidden=512, layers=4, heads=8, vocab=4096, batch=4, seq=512)
+QUICK = dict(hidden=128, layers=2, heads=4, vocab=1024, batch=2, seq=384)
+
+
+def model_config(spec: dict) -> dict:
+    return dict(vocab_size=spec["vocab"], hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
+                num_attention_heads=spec["heads"], ffn_glu=True, hidden_act="silu", dropout=0.0,
+                tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, fuse_linear_cross_entropy=True)
+
+
+class CollectiveBytes(TorchDispatchMode):
+    """Logs ``(name, bytes this rank hands it)`` for every functional collective run while active. DTensor's own
+    dispatch runs first; its collectives come back here on plain tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(kind, DTensor) for kind in types):
+            return NotImplemented
+        if func.namespace == "_c10d_functional" and not func.__name__.startswith(("wait_tensor", "_wrap")):
+            self.log.append((func.__name__.split(".")[0], sum(t.nbytes for t in tree_leaves(args)
+                                                              if isinstance(t, torch.Tensor))))
+        return func(*args, **(kwargs or {}))
+
+
+def tally(log: list[tuple[str, int]]) -> dict[str, list[int]]:
+    """``{name: [calls, bytes]}`` of a stretch of :class:`CollectiveBytes`' log."""
+    return {name: [sum(n == name for n, _ in log), sum(b for n, b in log if n == name)] for name in dict(log)}
+
+
+def local_bytes(tensors) -> int:
+    """Bytes of the tensors as this rank holds them (a DTensor's local shard)."""
+    with torch.no_grad():
+        return sum(t.to_local().nbytes if isinstance(t, DTensor) else t.nbytes for t in tensors)
+
+
+def worker(spec: dict, out: Path) -> None:
+    torch.set_num_threads(spec["threads"])
+    dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)  # every rank and every launch builds the same weights
+    model = RetNetForCausalLM(RetNetConfig(**model_config(spec))).train()
+    if size > 1:  # TP = 1 is the plain model: no DTensor anywhere
+        parallelize_retnet(model, init_device_mesh("cpu", (size,), mesh_dim_names=("tp",))["tp"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    input_ids = torch.randint(2, spec["vocab"], (spec["batch"], spec["seq"]),
+                              generator=torch.Generator().manual_seed(1))
+    param_bytes = local_bytes(model.parameters())
+
+    counter, marks = CollectiveBytes(), [0]
+    dist.barrier()
+    with counter:  # the first step: memory and collectives (the profiler and the mode slow it: not timed)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            marks.append(len(counter.log))
+            loss.backward()
+        marks.append(len(counter.log))
+        grad_bytes = local_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+    marks.append(len(counter.log))
+    optimizer.zero_grad(set_to_none=True)
+    collectives = {phase: tally(counter.log[start:end])
+                   for phase, start, end in zip(("forward", "backward", "adamw_step"), marks, marks[1:])}
+    state_bytes = local_bytes(t for state in optimizer.state.values() for t in state.values()
+                              if isinstance(t, torch.Tensor) and t.dim() > 0)  # not the scalar `step`
+    losses, seconds = [float(loss.detach())], []
+    for _ in range(spec["repeats"]):
+        dist.barrier()
+        start = time.perf_counter()
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+    result = {"size": size, "threads": torch.get_num_threads(), "losses": losses, "seconds": seconds,
+              "param_bytes": param_bytes, "grad_bytes": grad_bytes, "adamw_state_bytes": state_bytes,
+              "activation_bytes": _allocation_peak(prof), "collectives": collectives}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def launch(spec: dict, size: int, cores: int) -> list[dict]:
+    """One torchrun launch of ``size`` ranks; returns the ranks' results."""
+    threads = max(1, cores // size)
+    out = Path(tempfile.mkdtemp(prefix="retnet-tp-bench-"))
+    try:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={size}", "--nnodes=1",
+                   f"--master_port={_free_port()}", str(Path(__file__).resolve()), "--worker", f"--out={out}",
+                   f"--spec={json.dumps(dict(spec, threads=threads))}"]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise SystemExit(f"TP={size}: torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(size)]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def summarize(ranks: list[dict], spec: dict) -> dict:
+    steps = [max(times) for times in zip(*(r["seconds"] for r in ranks), strict=True)]  # the slowest rank's
+    row = {"size": ranks[0]["size"], "threads_per_rank": ranks[0]["threads"], "median_s": statistics.median(steps),
+           "seconds": steps, "losses": ranks[0]["losses"], "rank_losses": [r["losses"] for r in ranks],
+           "collectives_by_rank": [r["collectives"] for r in ranks]}
+    for key in ("param_bytes", "grad_bytes", "adamw_state_bytes", "activation_bytes"):
+        row[f"{key}_by_rank"] = [r[key] for r in ranks]
+        row[key] = max(row[f"{key}_by_rank"])
+    for phase in ("forward", "backward"):
+        row[f"{phase}_allreduce_calls"], row[f"{phase}_allreduce_bytes"] = \
+            ranks[0]["collectives"][phase].get("all_reduce", [0, 0])
+    # Megatron's count: one [B, T, hidden] fp32 all-reduce after retention and one after the FFN, each way
+    row["allreduce_bytes_formula_each_way"] = 2 * spec["layers"] * spec["batch"] * spec["seq"] * spec["hidden"] * 4 \
+        if row["size"] > 1 else 0
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (hidden 128, 2 layers, 4 heads, vocab "
+                        "1024, 2 x 384 tokens; about 40 s on 2 cores); writes only to an --output given")
+    for name, what in (("hidden", "hidden size"), ("layers", "decoder layers"), ("heads", "retention heads"),
+                       ("vocab", "vocabulary size"), ("batch", "rows a step"), ("seq", "tokens a row")):
+        parser.add_argument(f"--{name}", type=int, help=f"{what} (default {DEFAULT[name]}; quick {QUICK[name]})")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="tensor parallel sizes TP (1 needed: "
+                        "the baseline)")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores shared by a launch's ranks")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
+    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/"
+                        "tensor_parallel-cpu.json; with --quick nothing is written unless given)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(json.loads(args.spec), Path(args.out))
+        return
+    base = QUICK if args.quick else DEFAULT
+    spec = {name: getattr(args, name) or base[name] for name in base} | {"repeats": args.repeats}
+    if 1 not in args.sizes:
+        parser.error("--sizes needs 1: every ratio is against the whole model in one process")
+    sizes = sorted(set(args.sizes))
+    config = RetNetConfig(**model_config(spec))  # validates the sizes before any launch
+    for tp, field in ((tp, f) for tp in sizes for f in ("num_attention_heads", "intermediate_size")):
+        if getattr(config, field) % tp:
+            parser.error(f"TP={tp} does not divide {field}={getattr(config, field)}")
+    params = sum(p.numel() for p in RetNetForCausalLM(config).parameters())
+    print(f"RetNet {spec} (GLU FFN {config.intermediate_size}, fp32, {params / 1e6:.1f}M parameters); CPU, "
+          f"{args.cores} cores a launch; TP {sizes}", flush=True)
+
+    rows = []
+    for tp in sizes:
+        started, load = time.perf_counter(), os.getloadavg()[0]
+        row = summarize(launch(spec, tp, args.cores), spec)
+        row["load_before"], row["load_after"] = load, os.getloadavg()[0]
+        rows.append(row)
+        print(f"  TP={tp}: {row['median_s']:.2f} s a step, loss {row['losses'][0]:.6f} ({time.perf_counter() - started:.0f}"
+              f" s with the launch; load {load:.1f} -> {row['load_after']:.1f})", flush=True)
+
+    whole, checks = rows[0], {}
+    for row in rows:
+        for key in ("median_s", "param_bytes", "grad_bytes", "activation_bytes"):
+            row[f"{key}_vs_tp1"] = row[key] / whole[key]
+        row["grad_adamw_vs_tp1"] = ((row["grad_bytes"] + row["adamw_state_bytes"]) /
+                                    (whole["grad_bytes"] + whole["adamw_state_bytes"]))
+        row["loss_rel_diff_by_step"] = [abs(a - b) / abs(b) for a, b in zip(row["losses"], whole["losses"], strict=True)]
+        if row["size"] > 1:  # every rank computes the whole loss: they agree with each other and with TP = 1
+            checks[f"loss_rel_diff_TP{row['size']}"] = row["loss_rel_diff_by_step"][0]
+            checks[f"loss_spread_over_ranks_TP{row['size']}"] = max(abs(a - b) / abs(b) for losses in row["rank_losses"]
+                                                                   for a, b in zip(losses, row["losses"], strict=True))
+
+    print(f"\n{'TP':>3} {'s/step':>7} {'time/TP1':>9} {'params MiB/rank':>16} {'x':>6} {'grad+AdamW MiB/rank':>20} "
+          f"{'x':>6} {'act MiB/rank':>13} {'x':>6} {'all-reduce MiB fwd+bwd':>23} {'calls':>6} {'loss rel':>8}")
+    for row in rows:
+        calls = row["forward_allreduce_calls"] + row["backward_allreduce_calls"]
+        print(f"{row['size']:>3} {row['median_s']:7.2f} {row['median_s_vs_tp1']:8.2f}x {mib(row['param_bytes']):>16} "
+              f"{row['param_bytes_vs_tp1']:5.2f}x {mib(row['grad_bytes'] + row['adamw_state_bytes']):>20} "
+              f"{row['grad_adamw_vs_tp1']:5.2f}x {mib(row['activation_bytes']):>13} {row['activation_bytes_vs_tp1']:5.2f}x "
+              f"{mib(row['forward_allreduce_bytes']) + ' + ' + mib(row['backward_allreduce_bytes']):>23} {calls:>6} "
+              f"{row['loss_rel_diff_by_step'][0]:8.1e}")
+    print("time/TP1 < 1: faster than the whole model in one process (same total cores); MiB/rank: the largest rank's "
+          "(local shards; embeddings, norms, LM head whole); act: peak of torch CPU allocations in forward+backward; "
+          f"all-reduce: bytes a rank hands them, measured (formula 2 x layers x B x T x hidden x 4 each way: "
+          f"{mib(rows[-1]['allreduce_bytes_formula_each_way'])} MiB); loss rel: first step vs TP=1\nloss checks: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()) + "; every step: "
+          + ", ".join(f"TP{r['size']} {max(r['loss_rel_diff_by_step']):.1e}" for r in rows if r["size"] > 1))
+    if any(v > LOSS_RTOL for v in checks.values()):
+        raise SystemExit(f"the split run's loss is not the whole run's ({checks}, allowed {LOSS_RTOL} relative): "
+                         f"tensor parallelism computed something else")
+
+    out = args.output or (None if args.quick else REPO / "benchmarks" / "results" / "tensor_parallel-cpu.json")
+    if out is None:
+        print("--quick: nothing written (pass --output PATH to keep it)")
+        return
+    report = {"device": "cpu", "quick": args.quick, "cores": args.cores, "torch": torch.__version__,
+              "spec": spec, "model": model_config(spec), "params": params, "repeats": args.repeats,
+              "memory": "params, grads, AdamW state: the rank's local tensors; activation: peak of torch CPU allocations "
+                        "in the first forward+backward (profiler memory events) above those live before it",
+              "collectives": "_c10d_functional ops under a TorchDispatchMode on the first step, their inputs' bytes",
+              "checks": checks, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
