@@ -50,6 +50,7 @@ bench: setup
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/distill_draft.py
 	$(PY) benchmarks/context_parallel.py
+	$(PY) benchmarks/tensor_parallel.py
 
 # Compile every kernel launch and autotune config for sm_90, sm_89 and sm_80 through Triton and ptxas: registers,
 # spills, shared memory, tensor-core path. Needs no GPU (~12 minutes on 2 cores).
