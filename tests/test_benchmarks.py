@@ -8,44 +8,57 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-# Every script run as ``python benchmarks/NAME.py --help`` would be, in one interpreter (torch and transformers
-# imported once, not once a script): benchmarks/ is sys.path[0] when each starts, as it is for a script. Only the
+# Every script run as ``python benchmarks/NAME.py ARGS`` would be, in one interpreter (torch and transformers
+# imported once, not once a run): benchmarks/ is sys.path[0] when each starts, as it is for a script. Only the
 # first imports transformers with it there, so each is also asked to have moved it away before its imports.
-RUN_EACH_WITH_HELP = """
+# argv: a JSON list of [script, [args...]]; prints, per run, [exit status, stdout, stderr, moved].
+RUN_EACH = """
 import contextlib, io, json, runpy, sys, traceback
-scripts = sys.argv[1:]
-sys.path[0] = sys.argv[1].rsplit("/", 1)[0]  # python -c put "" (the current directory) there
-results = {}
-for script in scripts:
-    sys.path[0] = script.rsplit("/", 1)[0]  # each script moves it away again
-    out = io.StringIO()
-    sys.argv = [script, "--help"]
+runs = json.loads(sys.argv[1])
+results = []
+for script, args in runs:
+    sys.path[0] = script.rsplit("/", 1)[0]  # python -c put "" (the current directory) there; each script moves it away
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [script, *args]
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(script, run_name="__main__")
         code = 0
     except SystemExit as stop:
-        code = stop.code or 0
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except BaseException:
-        code, out = 1, io.StringIO(traceback.format_exc())
+        code, err = 1, io.StringIO(traceback.format_exc())
     moved = sys.path[0] != script.rsplit("/", 1)[0]
-    results[script.rsplit("/", 1)[1]] = [code, out.getvalue(), moved]
+    results.append([code, out.getvalue(), err.getvalue(), moved])
 print(json.dumps(results))
 """
+SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
+REFUSED_PROVIDERS = ["--providers", "triton,flash"]
 
 
-def test_every_benchmark_script_starts():
-    scripts = sorted(BENCHMARKS.glob("*.py"))
-    done = subprocess.run([sys.executable, "-c", RUN_EACH_WITH_HELP, *map(str, scripts)], capture_output=True,
-                          text=True, timeout=300, cwd=BENCHMARKS)
+@pytest.fixture(scope="module")
+def started() -> dict:
+    """Every script with ``--help``, then kernels.py with an unknown provider: ``{(name, *args): [status, stdout,
+    stderr, moved its folder off the path]}``."""
+    runs = [(str(script), ["--help"]) for script in SCRIPTS] + [(str(BENCHMARKS / "kernels.py"), REFUSED_PROVIDERS)]
+    done = subprocess.run([sys.executable, "-c", RUN_EACH, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=300, cwd=BENCHMARKS)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])
-    assert sorted(results) == [p.name for p in scripts]
-    for script, (code, output, moved_its_folder_off_the_path) in results.items():
-        assert code == 0 and "usage:" in output, (script, output[-3000:])
+    assert len(results) == len(runs)
+    return {(script.rsplit("/", 1)[1], *args): result for (script, args), result in zip(runs, results)}
+
+
+def test_every_benchmark_script_starts(started):
+    helped = {name: result for (name, *args), result in started.items() if args == ["--help"]}
+    assert sorted(helped) == [p.name for p in SCRIPTS]
+    for script, (code, output, errors, moved_its_folder_off_the_path) in helped.items():
+        assert code == 0 and "usage:" in output, (script, (output + errors)[-3000:])
         assert moved_its_folder_off_the_path, script
 
 
@@ -93,8 +106,7 @@ def test_kernel_benchmark_times_fla_only_on_the_retention_it_computes(tmp_path):
     assert all(row["speedup_of_triton"] > 0 for row in result["rows"])
 
 
-def test_kernel_benchmark_refuses_an_unknown_provider():
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernels.py"), "--providers", "triton,flash"],
-                          capture_output=True, text=True, timeout=120, cwd=BENCHMARKS)
-    assert done.returncode == 2
-    assert "--providers" in done.stderr and "'triton,flash'" in done.stderr
+def test_kernel_benchmark_refuses_an_unknown_provider(started):
+    code, _, stderr, _ = started[("kernels.py", *REFUSED_PROVIDERS)]
+    assert code == 2
+    assert "--providers" in stderr and "'triton,flash'" in stderr

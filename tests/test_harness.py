@@ -170,7 +170,7 @@ def sample_results(samples: list[dict]) -> list[list]:
 
 
 @pytest.fixture(scope="module")
-def hf_run(export_dir, tasks, server, tmp_path_factory):
+def hf_run(export_dir, server, tasks, tmp_path_factory):  # the server starts first: it loads while tasks computes
     """``retnet-lm-eval --model hf ... --output_path OUT --log_samples`` as a subprocess; its results files."""
     script = shutil.which("retnet-lm-eval", path=str(Path(sys.executable).parent))
     assert script, "the retnet-lm-eval console script is not installed: pip install -e '.[dev]'"

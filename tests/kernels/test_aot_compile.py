@@ -22,19 +22,61 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+# The compiling processes of this module: each keeps one core busy (Triton's compiler and ptxas), so both start
+# together, when the first test that needs one is set up, and each test waits for its own.
+COMPILES = {
+    "report": ["--arch", "90", "89", "80", "--dtypes", "bfloat16", "float32", "--head-dims", "64", "256",
+               "--layouts", "packed", "--configs", "extremes"],
+    # the padded layout, which the report skips
+    "padded": ["--arch", "90", "--dtypes", "bfloat16", "--head-dims", "64", "--layouts", "padded",
+               "--configs", "default"],
+}
+
+
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "report.json"
+def compiling(request, tmp_path_factory):
+    """``{name: (process, its JSON report's path)}``: the COMPILES that this session's selected tests use, started."""
+    used = {name for item in request.session.items if getattr(item, "module", None) is request.module
+            for name in COMPILES if name in item.fixturenames}
+    root = tmp_path_factory.mktemp("aot")
     # The interpreter must be off in the compiling process (conftest.py turns it on for this one).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    command = [
-        sys.executable, "-m", "retnet.kernels.aot", "--arch", "90", "89", "80",
-        "--dtypes", "bfloat16", "float32", "--head-dims", "64", "256", "--layouts", "packed",
-        "--configs", "extremes", "--json", str(out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    started = {}
+    for name in sorted(used):
+        out = root / f"{name}.json"
+        command = [sys.executable, "-m", "retnet.kernels.aot", *COMPILES[name], "--json", str(out)]
+        # output to files: a pipe that nobody reads yet would stop the process once full
+        with open(root / f"{name}.stdout", "w") as stdout, open(root / f"{name}.stderr", "w") as stderr:
+            started[name] = (subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr), out)
+    yield started
+    for process, _ in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _finished(compiling, name: str) -> tuple[subprocess.CompletedProcess, list]:
+    process, out = compiling[name]
+    try:
+        process.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    stdout, stderr = (out.with_suffix(suffix).read_text() for suffix in (".stdout", ".stderr"))
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     return done, json.loads(out.read_text()) if out.exists() else []
+
+
+@pytest.fixture(scope="module")
+def report(compiling):
+    return _finished(compiling, "report")
+
+
+@pytest.fixture(scope="module")
+def padded(compiling):
+    return _finished(compiling, "padded")
 
 
 def test_every_launch_compiles(report):
@@ -120,18 +162,10 @@ def test_packed_launches_offset_data_tensors_in_64_bits(report):
     assert not narrow, "\n".join(narrow)
 
 
-def test_padded_launches_offset_data_tensors_in_64_bits(tmp_path):
+def test_padded_launches_offset_data_tensors_in_64_bits(padded):
     """The same for the padded layout (batch row offsets ``b · T · H · K``), which the report above skips."""
-    out = tmp_path / "padded.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    command = [
-        sys.executable, "-m", "retnet.kernels.aot", "--arch", "90", "--dtypes", "bfloat16", "--head-dims", "64",
-        "--layouts", "padded", "--configs", "default", "--json", str(out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done, results = padded
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    results = json.loads(out.read_text())
     assert {r["launch"].split()[0] for r in results} == {
         "_chunk_state_fwd_kernel", "_chunk_output_fwd_kernel", "_chunk_state_bwd_kernel",
         "_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel", "_recurrent_fwd_kernel",

@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.serve.conftest import ServerProcess
+
 REPO = Path(__file__).resolve().parents[2]
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -131,8 +133,44 @@ def test_bad_requests_then_a_good_one(server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
 
 
-def test_api_key_on_a_real_server(server_process):
-    proc = server_process("--api-keys", "secret", env={"RETNET_MAX_RUNNING": "4"})
+# The processes of the last tests, each its own: a server with an API key, one to shut down gracefully, and the
+# demo (which starts a server, streams one completion and exits).
+OWN_PROCESSES = {
+    "api_key": "test_api_key_on_a_real_server",
+    "graceful": "test_graceful_shutdown_finishes_the_running_stream",
+    "demo": "test_demo_streams_one_completion_and_exits",
+}
+
+
+@pytest.fixture(scope="module")
+def processes(request, model_dir, tmp_path_factory):
+    """OWN_PROCESSES (those of the selected tests), started together when the first is needed: each start-up
+    (imports, the model) keeps one core busy while the test waits for it."""
+    selected = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
+    wanted = {name for name, test in OWN_PROCESSES.items() if test in selected}
+    started = {}
+    if "api_key" in wanted:
+        started["api_key"] = ServerProcess(model_dir, "--api-keys", "secret", env={"RETNET_MAX_RUNNING": "4"})
+    if "graceful" in wanted:
+        started["graceful"] = ServerProcess(model_dir, "--shutdown-grace-s", "20")
+    if "demo" in wanted:
+        logs = tmp_path_factory.mktemp("demo")
+        with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+            demo = subprocess.Popen(
+                [sys.executable, "-m", "retnet.serve.demo", "--model", str(model_dir), "--exit-after", "--port", "0",
+                 "--max-tokens", "12"], cwd=REPO, stdout=stdout, stderr=stderr, text=True)
+        started["demo"] = (demo, logs)
+    yield started
+    for name in ("api_key", "graceful"):
+        if name in started:
+            started[name].stop()
+    if "demo" in started and started["demo"][0].poll() is None:
+        started["demo"][0].kill()
+        started["demo"][0].wait()
+
+
+def test_api_key_on_a_real_server(processes):
+    proc = processes["api_key"]
     proc.wait_healthy()
     url = proc.url + "/v1/completions"
     assert httpx.post(url, json={"prompt": "x", "max_tokens": 1}).status_code == 401
@@ -140,8 +178,8 @@ def test_api_key_on_a_real_server(server_process):
     assert r.status_code == 200
 
 
-def test_graceful_shutdown_finishes_the_running_stream(server_process):
-    proc = server_process("--shutdown-grace-s", "20")
+def test_graceful_shutdown_finishes_the_running_stream(processes):
+    proc = processes["graceful"]
     proc.wait_healthy()
     body = {"prompt": "Hello", "max_tokens": 60, "stream": True, **GREEDY}
     lines = []
@@ -157,11 +195,14 @@ def test_graceful_shutdown_finishes_the_running_stream(server_process):
     assert proc.proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
 
 
-def test_demo_streams_one_completion_and_exits(model_dir):
-    out = subprocess.run(
-        [sys.executable, "-m", "retnet.serve.demo", "--model", str(model_dir), "--exit-after", "--port", "0",
-         "--max-tokens", "12"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "curl" in out.stdout and "/v1/completions" in out.stdout
+def test_demo_streams_one_completion_and_exits(processes):
+    demo, logs = processes["demo"]
+    try:
+        demo.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        demo.kill()
+        demo.wait()
+        raise
+    stdout, stderr = (logs / "stdout").read_text(), (logs / "stderr").read_text()
+    assert demo.returncode == 0, stderr
+    assert "curl" in stdout and "/v1/completions" in stdout

@@ -25,13 +25,31 @@ def line(custom_id, url, body, method="POST") -> str:
     return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
 
 
-def run_cli(*args: str, stdin: str = "", script: bool = False) -> subprocess.CompletedProcess:
-    """``python -m retnet.serve.run_batch``, or with ``script`` the installed ``retnet-run-batch``."""
+def start_cli(*args: str, stdin: str = "", script: bool = False, logs: Path) -> subprocess.Popen:
+    """``python -m retnet.serve.run_batch``, or with ``script`` the installed ``retnet-run-batch``, started (its
+    stdout and stderr in ``logs``): ``finished`` waits for it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [str(Path(sys.executable).parent / "retnet-run-batch")] if script else \
         [sys.executable, "-m", "retnet.serve.run_batch"]
-    return subprocess.run([*command, *args], input=stdin, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    logs.mkdir(parents=True)
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        process = subprocess.Popen([*command, *args], stdin=subprocess.PIPE, cwd=REPO, env=env, stdout=stdout,
+                                   stderr=stderr, text=True)
+    process.stdin.write(stdin)  # a few KiB: the pipe holds them
+    process.stdin.close()
+    process.logs = logs
+    return process
+
+
+def finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    stdout, stderr = ((process.logs / name).read_text() for name in ("stdout", "stderr"))
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def without_ids(body: dict) -> dict:
@@ -54,33 +72,61 @@ def assert_same(got, want, where="body"):
         assert got == want, where
 
 
-async def test_batch_file_matches_the_server(model_dir, tmp_path, open_app):
-    good = {
-        "chat-1": (CHAT, {"model": "micro", "messages": [{"role": "user", "content": "Hello world!"}],
-                          "max_tokens": 12, **GREEDY}),
-        "cmpl-1": (COMPLETIONS, {"prompt": "def add(a, b):", "max_tokens": 10, "logprobs": 2, **GREEDY}),
-        "chat-2": (CHAT, {"messages": [{"role": "system", "content": "Be brief."},
-                                       {"role": "user", "content": "How are you?"}], "max_tokens": 6, "n": 2,
-                          **GREEDY}),
-        "cmpl-2": (COMPLETIONS, {"prompt": ["for i in", "class Stack:"], "max_tokens": 8, "stop": ["\n"], **GREEDY}),
-    }
-    lines = [
-        line("chat-1", *good["chat-1"]),
-        line("cmpl-1", *good["cmpl-1"]),
-        '{"custom_id": "broken", "body": ',                                                    # line 3: not JSON
-        line("streamed", COMPLETIONS, {"prompt": "x", "stream": True}),
-        "",                                                                                    # blank: skipped
-        line("chat-1", COMPLETIONS, {"prompt": "again"}),                                      # duplicate custom_id
-        line("audio", "/v1/audio/transcriptions", {"input": "x"}),                             # not a route here
-        line("chat-2", *good["chat-2"]),
-        line("bad-param", COMPLETIONS, {"prompt": "x", "temperature": -1}),                    # the server's 400
-        line("bad-model", CHAT, {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),  # its 404
-        line("cmpl-2", *good["cmpl-2"]),
-    ]
-    out = tmp_path / "results.jsonl"
-    # stdin in, a file out: both of the CLI's less obvious paths (`-`) and the ordinary one.
-    proc = run_cli("-i", "-", "-o", str(out), "--model", str(model_dir), "--served-model-name", "micro",
-                   "--log-level", "warning", "--max-concurrency", "4", stdin="\n".join(lines) + "\n")
+GOOD = {
+    "chat-1": (CHAT, {"model": "micro", "messages": [{"role": "user", "content": "Hello world!"}],
+                      "max_tokens": 12, **GREEDY}),
+    "cmpl-1": (COMPLETIONS, {"prompt": "def add(a, b):", "max_tokens": 10, "logprobs": 2, **GREEDY}),
+    "chat-2": (CHAT, {"messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "How are you?"}], "max_tokens": 6, "n": 2,
+                      **GREEDY}),
+    "cmpl-2": (COMPLETIONS, {"prompt": ["for i in", "class Stack:"], "max_tokens": 8, "stop": ["\n"], **GREEDY}),
+}
+LINES = [
+    line("chat-1", *GOOD["chat-1"]),
+    line("cmpl-1", *GOOD["cmpl-1"]),
+    '{"custom_id": "broken", "body": ',                                                    # line 3: not JSON
+    line("streamed", COMPLETIONS, {"prompt": "x", "stream": True}),
+    "",                                                                                    # blank: skipped
+    line("chat-1", COMPLETIONS, {"prompt": "again"}),                                      # duplicate custom_id
+    line("audio", "/v1/audio/transcriptions", {"input": "x"}),                             # not a route here
+    line("chat-2", *GOOD["chat-2"]),
+    line("bad-param", COMPLETIONS, {"prompt": "x", "temperature": -1}),                    # the server's 400
+    line("bad-model", CHAT, {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),  # its 404
+    line("cmpl-2", *GOOD["cmpl-2"]),
+]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(request, model_dir, tmp_path_factory):
+    """The CLI processes of this module's selected tests, started together when the first is needed (each start-up
+    keeps one core busy while the test waits): ``{test name: (process, its directory)}``. The batch: stdin in, a
+    file out (both of the CLI's less obvious paths, `-`, and the ordinary one). Bad arguments: a missing input file,
+    through the installed ``retnet-run-batch``."""
+    selected = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
+    root = tmp_path_factory.mktemp("run-batch")
+    started = {}
+    if "test_batch_file_matches_the_server" in selected:
+        out = root / "batch" / "results.jsonl"
+        started["test_batch_file_matches_the_server"] = (start_cli(
+            "-i", "-", "-o", str(out), "--model", str(model_dir), "--served-model-name", "micro",
+            "--log-level", "warning", "--max-concurrency", "4", stdin="\n".join(LINES) + "\n",
+            logs=root / "batch" / "logs"), out.parent)
+    if "test_bad_arguments_exit_2" in selected:
+        bad = root / "bad"
+        started["test_bad_arguments_exit_2"] = (start_cli(
+            "-i", str(bad / "missing.jsonl"), "-o", str(bad / "out.jsonl"), "--model", str(model_dir), script=True,
+            logs=bad / "logs"), bad)
+    yield started
+    for process, _ in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def test_batch_file_matches_the_server(cli_runs, open_app):
+    process, directory = cli_runs["test_batch_file_matches_the_server"]
+    out = directory / "results.jsonl"
+    proc = finished(process)
     assert proc.returncode == 0, proc.stderr
     assert "run_batch: 10 requests, 6 failed" in proc.stderr  # the summary line
     results = [json.loads(text) for text in out.read_text().splitlines()]
@@ -113,19 +159,19 @@ async def test_batch_file_matches_the_server(model_dir, tmp_path, open_app):
     # Each good line's body is what the server answers for the same request, ids and times aside.
     async with open_app() as client:
         for i, custom_id in enumerate(expected_ids):
-            if custom_id in good and i not in failures:
-                url, body = good[custom_id]
+            if custom_id in GOOD and i not in failures:
+                url, body = GOOD[custom_id]
                 direct = await client.post(url, json=body)
                 assert direct.status_code == 200
                 assert_same(without_ids(results[i]["response"]["body"]), without_ids(direct.json()), custom_id)
 
 
-def test_bad_arguments_exit_2(model_dir, tmp_path):
-    proc = run_cli("-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "out.jsonl"),
-                   "--model", str(model_dir), script=True)
+def test_bad_arguments_exit_2(cli_runs):
+    process, directory = cli_runs["test_bad_arguments_exit_2"]
+    proc = finished(process)
     assert proc.returncode == 2
     assert proc.stderr.startswith("retnet-run-batch: cannot read the input file") and "missing.jsonl" in proc.stderr
-    assert not (tmp_path / "out.jsonl").exists()  # nothing written, the model never loaded
+    assert not (directory / "out.jsonl").exists()  # nothing written, the model never loaded
 
 
 async def test_requests_are_decoded_together(open_app):

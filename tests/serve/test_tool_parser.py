@@ -219,14 +219,28 @@ def learn(model, ids, targets) -> None:
 
 
 @pytest.fixture(scope="module")
-def hermes_server(hermes_model_dir):
-    """A real uvicorn process serving the trained model with vLLM's flags for "auto"."""
+def hermes_server(request, hermes_model_dir):
+    """A real uvicorn process serving the trained model with vLLM's flags for "auto". While it starts (one core),
+    the module's other server is made too when a selected test uses it: its model trains on one thread, then it
+    starts."""
     proc = ServerProcess(hermes_model_dir, "--tool-call-parser", "hermes", "--enable-auto-tool-choice")
     try:
+        if any(getattr(item, "module", None) is request.module and "special_tags_server" in item.fixturenames
+               for item in request.session.items):
+            request.getfixturevalue("special_tags_server")
         proc.wait_healthy()
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def special_tags_server(special_tags_model_dir):
+    """A real uvicorn process serving the model whose tokenizer makes the call tags special tokens, with the hermes
+    parser (and not --enable-auto-tool-choice): started, not waited for."""
+    proc = ServerProcess(special_tags_model_dir, "--tool-call-parser", "hermes")
+    yield proc
+    proc.stop()
 
 
 def chat(server, asked: str, **extra) -> httpx.Response:
@@ -339,10 +353,10 @@ def test_what_is_no_whole_call_stays_text_streamed_the_same(hermes_server, extra
         content, calls, [choice["finish_reason"]])
 
 
-def test_call_tags_that_are_special_tokens_are_kept_for_the_parser(special_tags_model_dir):
+def test_call_tags_that_are_special_tokens_are_kept_for_the_parser(special_tags_server):
     """A tokenizer whose call tags are special tokens would drop them from the text: with "auto" the server
     keeps special tokens' text unless the request says otherwise (vLLM's rule), so the calls are still read."""
-    proc = ServerProcess(special_tags_model_dir, "--tool-call-parser", "hermes")
+    proc = special_tags_server
     try:
         proc.wait_healthy()
         choice = chat(proc, ASKED).json()["choices"][0]

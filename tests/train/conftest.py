@@ -137,6 +137,22 @@ def run():
 
 
 @pytest.fixture
+def run_here(capsys):
+    """``run_here(args)``: ``retnet-train ARGS`` as ``main(args)`` in this process, returned as ``run`` returns a
+    process (returncode, stdout, stderr): a single-process run that needs no process of its own (no signal, no exit
+    status of the interpreter, no process group) starts without importing torch and transformers again (~6 s)."""
+    from retnet.train.__main__ import main
+
+    def start(args: list[str]) -> subprocess.CompletedProcess:
+        capsys.readouterr()  # this run's output only
+        status = main(args)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, status, out.out, out.err)
+
+    return start
+
+
+@pytest.fixture
 def launch():
     """``launch(args, nproc=None)``: a running training process (Popen), output in a temp file."""
     def start(args: list[str], nproc: int | None = None, log: Path | None = None) -> subprocess.Popen:

@@ -98,7 +98,8 @@ def _losses(read_metrics, out, kind="train", key="loss"):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("packed, nproc", [(True, 2), (False, 4)], ids=["packed", "plain-4-ranks"])
-def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, micro, tmp_path, run, read_metrics):
+def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, micro, tmp_path, run, run_here,
+                                                                read_metrics):
     """One process (micro 3 × accum 2) and torchrun ranks that split each micro-batch in two log the same training
     and validation losses and gradient norms: 2 ranks (one group: micro 3 × accum 2 again), and 4 (two
     data-parallel groups of 2: micro 3 × accum 1 × 2 groups).
@@ -113,7 +114,7 @@ def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, m
     common = dict(train__steps=4, train__eval_interval=2, train__micro_batch_size=3, train__global_batch_size=6,
                   data__document_boundaries=packed, optim__lr=1e-2, optim__schedule="constant",
                   checkpoint__interval=2)
-    one = run(micro(single, **common))
+    one = run_here(micro(single, **common))
     assert one.returncode == 0, one.stderr[-3000:]
     many = run(micro(split, **common, train__context_parallel=2), nproc=nproc)
     assert many.returncode == 0, many.stderr[-3000:] + many.stdout[-2000:]
@@ -137,7 +138,7 @@ def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, m
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at step 2" in again.stderr and "no exact replay" not in again.stderr
     assert _losses(read_metrics, resumed)[-2:] == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
-    once = run(micro(alone, **common, train__resume=checkpoint))
+    once = run_here(micro(alone, **common, train__resume=checkpoint))
     assert once.returncode == 0, once.stderr[-3000:]
     assert "written by 2 ranks (train.context_parallel 2), resuming with 1 (train.context_parallel 1)" in once.stderr
     assert _losses(read_metrics, alone)[-2:] == pytest.approx(expected[-2:], rel=1e-5)

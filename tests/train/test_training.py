@@ -17,6 +17,8 @@ import torch
 from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.checkpoint import list_checkpoints, verify_checkpoint
 
+from .conftest import micro_args, run_train
+
 
 def _tree_digest(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -186,7 +188,8 @@ def test_triton_kernels_train_the_packed_documents(micro, tmp_path, monkeypatch,
         return forward(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens, chunks)
 
     monkeypatch.setattr(chunk, "chunk_retention_fwd", spy)
-    common = dict(train__steps=2, model__extra__retention_mode="chunkwise")
+    # one validation micro-batch at each evaluation (it runs the forward kernels only; 4 cost half of the test)
+    common = dict(train__steps=2, train__eval_blocks=2, model__extra__retention_mode="chunkwise")
     monkeypatch.setenv("RETNET_KERNELS", "torch")
     assert main(micro(tmp_path / "reference", **common)) == 0
     assert not varlen_launches
@@ -196,6 +199,8 @@ def test_triton_kernels_train_the_packed_documents(micro, tmp_path, monkeypatch,
     reference = [r["loss"] for r in read_metrics(tmp_path / "reference")]
     assert [r["loss"] for r in read_metrics(tmp_path / "triton")] == pytest.approx(reference, rel=1e-5)
     assert len(reference) == 2 and reference[0] != reference[-1]
+    assert [r["val_loss"] for r in read_metrics(tmp_path / "triton", "val")] == pytest.approx(
+        [r["val_loss"] for r in read_metrics(tmp_path / "reference", "val")], rel=1e-5)
 
 
 def test_train_export_and_checkpoint_contents(micro, tmp_path, read_metrics):
@@ -260,10 +265,11 @@ def test_streaming_jsonl_trains_and_resumes(micro, tmp_path, read_metrics):
 # Processes: kill/resume, SIGTERM, DDP, FSDP2
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run, launch, read_metrics):
+def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run_here, launch, read_metrics):
+    """The killed run is a process of its own; the reference and the resume need none (in this process)."""
     common = dict(train__steps=30, checkpoint__interval=5, model__dropout=0.1)  # dropout: RNG state matters
     reference = tmp_path / "reference"
-    done = run(micro(reference, **common))
+    done = run_here(micro(reference, **common))
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "killed"
@@ -274,7 +280,7 @@ def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run, launc
     resumed_from = max(int(p.name[5:]) for p in list_checkpoints(out / "checkpoints"))
     assert resumed_from < 30
 
-    done = run(micro(out, **common))  # --train.resume=auto is the default
+    done = run_here(micro(out, **common))  # --train.resume=auto is the default
     assert done.returncode == 0, done.stderr
     assert f"at step {resumed_from}" in done.stderr
     expected = [(r["step"], r["loss"]) for r in read_metrics(reference)]
@@ -297,32 +303,51 @@ def test_sigterm_saves_and_exits_cleanly(micro, tmp_path, launch, read_metrics):
     assert "SIGTERM" in (tmp_path / "log").read_text()
 
 
+# The 2-rank runs of test_two_ranks_resume_the_same_losses: a constant learning rate, checkpoints at step 3.
+RESUMED = dict(checkpoint__interval=3, optim__schedule="constant")
+SHARDED_DDP = dict(checkpoint__layout="sharded")  # DDP: every rank holds the whole state; each writes a part of it
+
+
+@pytest.fixture(scope="module")
+def sharded_ddp_run(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
+    """The 5-step run of 2 DDP ranks writing sharded checkpoints, shared by two tests: the whole run that
+    test_two_ranks_resume_the_same_losses[ddp-sharded-layout] resumes, and the DDP run that
+    test_ddp_two_processes_match_one_process compares with one process. ``(output directory, process)``."""
+    out = tmp_path_factory.mktemp("ddp-sharded") / "whole"
+    done = run_train(micro_args(corpus, tokenizer_dir, cache_dir, out, **SHARDED_DDP, **RESUMED, train__steps=5,
+                                checkpoint__export=False), nproc=2)
+    return out, done
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(micro, tmp_path, run, read_metrics):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = dict(train__steps=5, train__eval_interval=5)
-    one = run(micro(single, **common))  # global 4 = micro 2 × accum 2 × 1 rank
+def test_ddp_two_processes_match_one_process(micro, tmp_path, sharded_ddp_run, run_here, read_metrics):
+    """DDP over 2 ranks (micro 2 × accum 1 × 2 ranks) and one process (micro 2 × accum 2) of the same global batch
+    of 4 log the same training and validation losses (at steps 0 and 5). The 2 ranks' run is the one
+    test_two_ranks_resume_the_same_losses resumes (its checkpoint settings change no loss)."""
+    single = tmp_path / "single"
+    ddp, two = sharded_ddp_run
+    one = run_here(micro(single, **SHARDED_DDP, **RESUMED, train__steps=5))  # global 4 = micro 2 × accum 2 × 1 rank
     assert one.returncode == 0, one.stderr
-    two = run(micro(ddp, **common), nproc=2)  # global 4 = micro 2 × accum 1 × 2 ranks
     assert two.returncode == 0, two.stderr + two.stdout
     assert "world 2 × micro 2 × accum 1" in two.stderr
     a = [r["loss"] for r in read_metrics(single)]
     b = [r["loss"] for r in read_metrics(ddp)]
     assert len(a) == len(b) == 5 and a[0] != a[-1]
     assert b == pytest.approx(a, rel=1e-4)
+    assert [r["step"] for r in read_metrics(ddp, "val")] == [r["step"] for r in read_metrics(single, "val")] == [0, 5]
     assert [r["val_loss"] for r in read_metrics(ddp, "val")] == pytest.approx(
         [r["val_loss"] for r in read_metrics(single, "val")], rel=1e-4)
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager(micro, tmp_path, run, read_metrics):
+def test_torch_compile_matches_eager(micro, tmp_path, run_here, read_metrics):
     """``train.compile`` (per-layer torch.compile, inductor on CPU) trains the packed varlen batches and
-    follows the eager run's losses."""
+    follows the eager run's losses. Both in this process: only the run's own modules are compiled."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     common = dict(train__steps=3, data__seq_len=128, model__hidden_size=128, model__num_attention_heads=4,
                   model__chunk_size=64, train__global_batch_size=16, train__micro_batch_size=16)
-    assert run(micro(eager, **common)).returncode == 0
-    done = run(micro(compiled, **common, train__compile=True), timeout=400)
+    assert run_here(micro(eager, **common)).returncode == 0
+    done = run_here(micro(compiled, **common, train__compile=True))
     assert done.returncode == 0, done.stderr[-3000:]
     a = [r["loss"] for r in read_metrics(eager)]
     b = [r["loss"] for r in read_metrics(compiled)]
@@ -335,17 +360,21 @@ def test_torch_compile_matches_eager(micro, tmp_path, run, read_metrics):
     dict(data__streaming=True, data__val_documents=10),  # DDP, streaming data split by node
     dict(train__parallelism="fsdp"),  # FSDP2: each rank saves and loads its shard
     dict(train__parallelism="fsdp", checkpoint__layout="full"),  # FSDP2: gathered on rank 0, mapped by each
-    dict(checkpoint__layout="sharded"),  # DDP: every rank holds the whole state; each writes a part of it
+    SHARDED_DDP,  # DDP: every rank holds the whole state; each writes a part of it
 ], ids=["ddp-streaming", "fsdp2", "fsdp2-full-layout", "ddp-sharded-layout"])
-def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, read_metrics):
+def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, run_here, read_metrics, request):
     """2 torchrun ranks: the 5-step run resumed from its step-3 checkpoint replays its last losses (model,
     optimizer and each rank's data position restored). A constant learning rate, so the schedule does not
     depend on train.steps. One layout also extends a finished 3-step run to 5 (resume=auto in its own
-    directory); the others resume the whole run's checkpoint into another directory (one launch fewer)."""
+    directory); the others resume the whole run's checkpoint into another directory (one launch fewer). The
+    whole run of that layout is the module's (sharded_ddp_run: test_ddp_two_processes_match_one_process's too)."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    common = dict(**setup, checkpoint__interval=3, optim__schedule="constant")
+    common = dict(**setup, **RESUMED)
     fsdp_sharded = setup.get("train__parallelism") == "fsdp" and "checkpoint__layout" not in setup
-    done = run(micro(whole, **common, train__steps=5, checkpoint__export=fsdp_sharded), nproc=2)
+    if setup == SHARDED_DDP:
+        whole, done = request.getfixturevalue("sharded_ddp_run")
+    else:
+        done = run(micro(whole, **common, train__steps=5, checkpoint__export=fsdp_sharded), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     if setup.get("checkpoint__layout") == "sharded":
         assert run(micro(resumed, **common, train__steps=3), nproc=2).returncode == 0
@@ -372,7 +401,7 @@ def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, read_metr
         files = verify_checkpoint(checkpoint)["files"]
         assert {"state/__0_0.distcp", "state/__1_0.distcp"} <= set(files) and not (checkpoint / "model.pt").exists()
         one = tmp_path / "one"
-        alone = run(micro(one, **common, train__steps=5, train__resume=checkpoint))
+        alone = run_here(micro(one, **common, train__steps=5, train__resume=checkpoint))
         assert alone.returncode == 0, alone.stderr[-3000:]
         assert "written by 2 ranks" in alone.stderr
         assert [r["loss"] for r in read_metrics(one)] == pytest.approx(expected[-2:], rel=1e-5)
@@ -440,13 +469,13 @@ def test_batch_that_does_not_divide_across_two_ranks(micro, tmp_path, run):
 # The tiny preset on the embedded corpus
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_tiny_preset_learns_on_stdlib_and_exports(tmp_path, run, read_metrics):
+def test_tiny_preset_learns_on_stdlib_and_exports(tmp_path, run_here, read_metrics):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "tiny"
     # The tiny preset, shortened: fewer steps, shorter blocks, the first 120 stdlib files. 80 steps take the
     # validation loss from uniform (8.3 nats) to ~6.5.
-    done = run(["--config", "tiny", f"--train.output_dir={out}", f"--data.cache_dir={tmp_path / 'cache'}",
+    done = run_here(["--config", "tiny", f"--train.output_dir={out}", f"--data.cache_dir={tmp_path / 'cache'}",
                 "--data.max_documents=120", "--data.seq_len=64", "--data.tokenizer_train_chars=400000",
                 "--train.steps=80", "--train.eval_interval=40", "--train.eval_blocks=64", "--optim.warmup_steps=8",
                 "--logging.progress=false", "--logging.tensorboard=false"])
