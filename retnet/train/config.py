@@ -394,7 +394,9 @@ class TrainConfig(_Section):
 
     ``tensor_parallel``: T > 1 splits every decoder layer's heads and FFN across T ranks (consecutive ranks, as
     for ``context_parallel``; ``retnet.model.tensor_parallel``), which run each micro-batch together; the W / T
-    groups are the data-parallel ranks, as above. Not with ``context_parallel`` > 1 (yet)."""
+    groups are the data-parallel ranks, as above: with ``parallelism = "ddp"`` each group holds the whole split model
+    and the trainer averages the gradients over the groups; with ``"fsdp"`` FSDP2 shards it over them too (2-D
+    parallelism, each rank holding 1 / W of every split weight). Not with ``context_parallel`` > 1 (yet)."""
 
     output_dir: str = "runs/default"
     steps: int = 1000
@@ -592,7 +594,7 @@ def _check_context_parallel(job: JobConfig) -> None:
 
 def _check_tensor_parallel(job: JobConfig) -> None:
     """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: context
-    parallelism and FSDP2 (not combined with it yet), LoRA's adapters (not plain ``nn.Linear`` projections) and the
+    parallelism (not combined with it yet), LoRA's adapters (not plain ``nn.Linear`` projections) and the
     post-training objectives (their metrics and samplers are not split yet), per-layer ``torch.compile``, dropout
     (each rank would draw its own mask on the replicated residual stream) and heads or an FFN width the ranks cannot
     share. A ``model.init_from`` model's own architecture and dropout are checked by the trainer, which reads
@@ -601,8 +603,6 @@ def _check_tensor_parallel(job: JobConfig) -> None:
     if size == 1:
         return
     not_yet = [(job.train.context_parallel > 1, f"train.context_parallel {job.train.context_parallel}"),
-               (job.train.parallelism == "fsdp", "train.parallelism 'fsdp' (use 'ddp': each data-parallel group "
-                                                 "holds one copy of the split model)"),
                (job.lora.enabled, f"LoRA (lora.rank {job.lora.rank})"),
                (job.reward.enabled, "a reward model (reward.enabled)"),
                (job.data.format == "preference", "DPO (data.format 'preference')"),

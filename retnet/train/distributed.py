@@ -54,8 +54,8 @@ def context_parallel_group(rank: int, world_size: int, size: int) -> Any:
 def tensor_parallel_mesh(device: torch.device, world_size: int, size: int) -> Any:
     """The 2-D ``("dp", "tp")`` DeviceMesh of tensor parallelism over ``size`` ranks, None for size 1: ranks
     ``g·size .. g·size + size − 1`` are tensor-parallel group ``g`` (a node's GPUs, where a layer's all-reduces are
-    fastest) and ``mesh["dp"]`` links the ranks holding the same slice in every group. A collective of the default
-    group, as ``new_group`` is."""
+    fastest) and ``mesh["dp"]`` links the ranks holding the same slice in every group (the trainer averages their
+    gradients over it, or FSDP2 shards over it). A collective of the default group, as ``new_group`` is."""
     if size == 1:
         return None
     if world_size % size:
@@ -63,6 +63,33 @@ def tensor_parallel_mesh(device: torch.device, world_size: int, size: int) -> An
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device.type, (world_size // size, size), mesh_dim_names=("dp", "tp"))
+
+
+def copy_full_state(full: Any, local: Any) -> Any:
+    """``full``, a full (unsharded) model or optimizer state dict that every rank holds, copied into ``local``, the
+    same state dict as torch's ``get_state_dict`` gives it for the split model, in place: each DTensor's local tensor
+    takes its own box of the full tensor, each other tensor the full one; returns ``local`` with ``full``'s keys (a
+    key only one of them holds is left for ``set_state_dict`` to refuse or skip) and its other values (an optimizer's
+    ``param_groups``). No communication. Then ``set_state_dict`` loads it as it loads a sharded checkpoint.
+
+    Torch's ``set_model_state_dict(..., full_state_dict=True)`` cuts the full tensors with ``distribute_tensor``, which
+    refuses (a bare AssertionError in torch 2.13) FSDP2's uneven shards of a tensor-parallel slice: a ``_StridedShard``
+    of a dimension whose slice the dp ranks do not divide (the gate and up projections' 35 rows over 2 dp ranks when
+    ``intermediate_size`` is 70 and ``tensor_parallel`` 2). The boxes come from the function torch's distributed
+    checkpoint cuts its shards with, so a full checkpoint loads as the sharded one of the same model does."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # (DCP's, not public)
+
+    if isinstance(local, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(full.shape, local.device_mesh, local.placements)
+        local.to_local().copy_(full[tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))])
+        return local
+    if torch.is_tensor(local) and torch.is_tensor(full) and local.shape == full.shape:
+        local.copy_(full)
+        return local
+    if isinstance(local, dict) and isinstance(full, dict):
+        return {key: copy_full_state(value, local[key]) if key in local else value for key, value in full.items()}
+    return full
 
 
 def is_distributed() -> bool:

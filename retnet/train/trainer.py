@@ -25,8 +25,9 @@ rank running one piece of its row along time (``retnet.model.context_parallel``)
 data-parallel ranks the batches are dealt to, each piece's loss is its share of the row's (over the row's target
 count), and the run logs the losses a run without it logs. With ``train.tensor_parallel`` T > 1 every T consecutive
 ranks run one micro-batch with each decoder layer split between them (``retnet.model.tensor_parallel``); the W / T
-groups are the data-parallel ranks, whose gradients ``_average_gradients`` averages (no DDP wrapper), and the run
-logs the losses a run without it logs.
+groups are the data-parallel ranks, whose gradients ``_average_gradients`` averages (no DDP wrapper) or, with
+``train.parallelism = "fsdp"``, FSDP2 shards each split layer and the rest over them (``mesh["dp"]``; torchtitan's
+FSDP+TP), its reduce-scatter taking that mean; either way the run logs the losses a run without it logs.
 With ``lora.rank > 0`` (``retnet.train.lora``) peft's adapters are injected into the model before it is wrapped,
 and only they train: the optimizer holds them alone and, on a pretrained model, checkpoints hold only them.
 Preference pairs (``data.format = "preference"``) train with DPO: ``retnet.train.preference`` holds the reference
@@ -99,6 +100,7 @@ from retnet.train.data import build_data, masked_labels, packed_segments, tokeni
 from retnet.train.distributed import (
     barrier,
     context_parallel_group,
+    copy_full_state,
     init_distributed,
     is_distributed,
     tensor_parallel_mesh,
@@ -146,7 +148,8 @@ class Trainer:
         # rank of a tensor-parallel group computes the whole loss, counted once, from the group's first rank.
         self.counts_loss = self.tp_size == 1 or self.group_rank == 0
         # The ranks whose gradients are averaged: every rank under DDP and FSDP2; under tensor parallelism the
-        # data-parallel groups (_average_gradients), the T ranks of a group holding slices of one gradient.
+        # data-parallel groups (_average_gradients, or FSDP2 over mesh["dp"]), the T ranks of a group holding slices
+        # of one gradient.
         self.averaged_ranks = self.world_size // self.tp_size
         self.output_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
@@ -346,7 +349,9 @@ class Trainer:
     def _parallelism_note(self) -> str:
         if not is_distributed():
             return "single process"
-        if self.tp_size > 1:  # no wrapper: _average_gradients is the data parallelism
+        if self.tp_size > 1:  # no DDP (it takes no DTensor parameters): FSDP2 over mesh["dp"], or _average_gradients
+            if self.fsdp:
+                return "tensor parallel, fsdp over the data-parallel groups"
             return "tensor parallel" + (", data-parallel gradient mean" if self.dp_size > 1 else "")
         return self.cfg.train.parallelism
 
@@ -489,9 +494,12 @@ class Trainer:
 
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
                 self.cfg.train.mixed_precision == "bf16" and self.device.type == "cuda") else MixedPrecisionPolicy()
+            # Sharded over the data-parallel ranks: every rank, or under tensor parallelism those holding the same
+            # slices (mesh["dp"]), each split weight's slice sharded again (a 2-D DTensor on the (dp, tp) mesh)
+            dp_mesh = None if self.tp_mesh is None else self.tp_mesh["dp"]
             for layer in model.model.layers:
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
+                fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
+            fully_shard(model, mesh=dp_mesh, mp_policy=policy)
             return model
         if is_distributed() and self.tp_mesh is None:  # (DDP does not take DTensor parameters)
             from torch.nn.parallel import DistributedDataParallel
@@ -620,7 +628,15 @@ class Trainer:
         return model, self.optimizer.state_dict()
 
     def _set_full_state(self, model_state: dict, optim_state: dict) -> None:
-        if self.split_parameters:  # each rank keeps its shard or slice of the full tensors
+        if self.fsdp and self.tp_mesh is not None:
+            # FSDP2 over tensor parallelism: torch's full-state load below refuses FSDP2's uneven shards of a split
+            # weight, so each rank cuts its own (copy_full_state) and loads them as a sharded checkpoint's
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_local, optim_local = get_state_dict(self.model, self.optimizer)
+            set_state_dict(self.model, self.optimizer, model_state_dict=copy_full_state(model_state, model_local),
+                           optim_state_dict=copy_full_state(self._named_optim_state(optim_state), optim_local))
+        elif self.split_parameters:  # each rank keeps its shard or slice of the full tensors
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
@@ -972,7 +988,7 @@ class Trainer:
                     loss = (self.data.loss(self.model, batch) if preference else self._loss(batch)) / self.accum
                 (loss * self.cp_size).backward()
             loss_sum += loss.detach()
-        if self.tp_mesh is not None and self.dp_size > 1:
+        if self.tp_mesh is not None and self.dp_size > 1 and not self.fsdp:  # FSDP2's reduce-scatter took the mean
             self._average_gradients()
         # One small all-reduce carries the loss and any rank's stop request.
         stats = torch.stack([loss_sum.float(), torch.tensor(float(self.signal_received), device=self.device)])
@@ -998,7 +1014,8 @@ class Trainer:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         if self.tp_mesh is None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        else:  # torch's refuses to mix the split weights' (DTensor) gradients with the replicated ones'
+        else:  # torch's refuses to mix the split weights' (DTensor) gradients with the replicated ones' (or, under
+            # FSDP2, DTensors on the (dp, tp) mesh with those on the dp mesh); this one's norm is over both dims
             from retnet.model.tensor_parallel import clip_grad_norm_
 
             grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)

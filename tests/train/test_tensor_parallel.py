@@ -2,7 +2,9 @@
 gloo ranks splitting every decoder layer in two log the losses, gradient norms and validation losses of one process,
 and their checkpoints (full tensors) resume on two data-parallel groups of two ranks and in one process without
 the split; the export is an ordinary unsharded model; a checkpoint's stream positions are keyed by the
-data-parallel ranks."""
+data-parallel ranks. With ``train.parallelism=fsdp`` FSDP2 shards the split model over the data-parallel groups
+(2-D parallelism): the losses are one process's again, its sharded checkpoints resume without either split, and a
+one-process checkpoint resumes under both."""
 
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from retnet.train.trainer import Trainer
     (["--train.tensor_parallel=0"], r"train\.tensor_parallel must be >= 1.*got 0"),
     (["--train.context_parallel=2"], r"train\.tensor_parallel > 1 is not supported with train\.context_parallel 2 "
                                      r"yet.*got 2"),
-    (["--train.parallelism=fsdp"], r"not supported with train\.parallelism 'fsdp' \(use 'ddp'"),
     (["--lora.rank=4"], r"not supported with LoRA \(lora\.rank 4\) yet"),
     (["--data.format=preference", "--data.dataset=pairs.jsonl", "--reward.enabled=true"],
      r"not supported with a reward model \(reward\.enabled\) yet"),
@@ -38,7 +39,7 @@ from retnet.train.trainer import Trainer
      r"model\.num_attention_heads must be divisible by train\.tensor_parallel \(2\).*got 3"),
     (["--model.intermediate_size=130", "--train.tensor_parallel=4"],
      r"model\.intermediate_size must be divisible by train\.tensor_parallel \(4\).*got 130"),
-], ids=["zero", "context-parallel", "fsdp", "lora", "reward", "dpo", "grpo", "compile", "dropout",
+], ids=["zero", "context-parallel", "lora", "reward", "dpo", "grpo", "compile", "dropout",
         "heads", "ffn"])
 def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message):
     if not any(o.startswith("--train.tensor_parallel") for o in overrides):
@@ -47,8 +48,9 @@ def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message
         load_config("tiny", overrides)
 
 
-def test_muon_and_activation_checkpointing_are_taken():
+def test_muon_activation_checkpointing_and_fsdp_are_taken():
     load_config("tiny", ["--train.tensor_parallel=4", "--optim.name=muon", "--train.activation_checkpointing=true"])
+    load_config("tiny", ["--train.tensor_parallel=2", "--train.parallelism=fsdp"])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -176,3 +178,65 @@ def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(mi
     assert ("written by 2 ranks (train.tensor_parallel 2), resuming with 1 (train.tensor_parallel 1)"
             in capsys.readouterr().err)
     assert _losses(read_metrics, alone) == pytest.approx(expected[-2:], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_resumes(micro, tmp_path, run, run_here,
+                                                                                       read_metrics):
+    """4 torchrun ranks, 2 data-parallel groups of 2 splitting every layer, with FSDP2 sharding the split model over
+    the groups (``train.parallelism=fsdp``: micro 2 × accum 1 × 2 groups), log one process's training and validation
+    losses and gradient norms (micro 2 × accum 2, the same global batch). The FFN is 70 wide: a rank's 35 rows of
+    the gate and up projections split unevenly over the 2 dp ranks (FSDP2's ``_StridedShard``). Their checkpoints
+    take FSDP's default, the sharded layout, and hold the unsharded model's tensors: one process without either split
+    resumes the step-2 one to the last losses; the export loads with ``AutoModelForCausalLM`` and holds the last
+    checkpoint's weights. The full layout: 4 ranks under both splits resume the one-process step-2 checkpoint (torch's
+    own full-state load refuses those uneven shards) to the same losses and save theirs in it."""
+    from transformers import AutoModelForCausalLM
+
+    import retnet  # noqa: F401  (registers the Auto classes)
+    from retnet.train.checkpoint import saved_model_shapes, verify_checkpoint
+
+    single, split, alone, full = (tmp_path / name for name in ("single", "split", "alone", "full"))
+    common = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
+                  checkpoint__interval=2, model__intermediate_size=70)
+    fsdp_tp = dict(train__tensor_parallel=2, train__parallelism="fsdp")
+    assert run_here(micro(single, **common)).returncode == 0
+    four = run(micro(split, **common, **fsdp_tp, checkpoint__export=True), nproc=4)
+    assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
+    assert ("world 4 / tensor parallel 2 = 2 data-parallel groups × micro 2 × accum 1 = global 4 blocks of 32 "
+            "tokens; tensor parallel, fsdp over the data-parallel groups") in four.stderr
+    expected = _losses(read_metrics, single)
+    assert len(expected) == 4 and expected[-1] < expected[0] - 0.1
+    assert _losses(read_metrics, split) == pytest.approx(expected, rel=1e-5)  # measured 7.8e-8
+    assert _losses(read_metrics, split, key="grad_norm") == pytest.approx(
+        _losses(read_metrics, single, key="grad_norm"), rel=3e-4)  # measured 1.2e-5: summation order
+    assert _losses(read_metrics, split, "val", "val_loss") == pytest.approx(
+        _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
+
+    checkpoint = split / "checkpoints" / "step_00000002"
+    assert verify_checkpoint(checkpoint)["layout"] == "sharded"
+    assert saved_model_shapes(checkpoint) == saved_model_shapes(single / "checkpoints" / "step_00000002")
+    resumed = run_here(micro(alone, **common, train__resume=checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("written by 4 ranks (train.tensor_parallel 2), resuming with 1 (train.tensor_parallel 1)"
+            in resumed.stderr)
+    assert _losses(read_metrics, alone) == pytest.approx(expected[-2:], rel=1e-5)
+
+    exported = AutoModelForCausalLM.from_pretrained(split / "export")
+    last = load_checkpoint(split / "checkpoints" / "step_00000004")["model"]  # the shards read whole
+    weights = exported.state_dict()
+    assert last.keys() <= weights.keys() and all(torch.equal(weights[k], v) for k, v in last.items())
+    tokens = torch.randint(0, exported.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(exported(tokens).logits).all()
+
+    again = run(micro(full, **common, **fsdp_tp, checkpoint__layout="full",
+                      train__resume=single / "checkpoints" / "step_00000002"), nproc=4)
+    assert again.returncode == 0, again.stderr[-3000:] + again.stdout[-2000:]
+    assert ("written by 1 ranks (train.tensor_parallel 1), resuming with 4 (train.tensor_parallel 2)"
+            in again.stderr)
+    assert _losses(read_metrics, full) == pytest.approx(expected[-2:], rel=1e-5)
+    saved = load_checkpoint(full / "checkpoints" / "step_00000004")
+    assert saved["layout"] == "full" and saved["trainer"]["tensor_parallel"] == 2
+    assert ({k: list(v.shape) for k, v in saved["model"].items()}
+            == saved_model_shapes(single / "checkpoints" / "step_00000004"))
