@@ -8,6 +8,9 @@ PIP := $(VENV)/bin/pip
 # the CPU one from PyTorch's index. Empty (the default) installs from pip's configured index or wheelhouse.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# pytest-xdist workers of `make test`, each running whole test files (the suite's torchrun tests start
+# 2-4 processes of their own, so more workers than cores only queue them).
+TEST_WORKERS ?= 2
 
 .PHONY: setup test lint demo bench aot gpu-wheels clean
 
@@ -28,7 +31,7 @@ lint: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --timeout=600 tests
+	$(PY) -m pytest -q --timeout=600 -n $(TEST_WORKERS) --dist loadfile tests
 
 # Train the tiny preset on the Python standard library's own sources (a few minutes on 2 CPU cores),
 # then serve it, stream one completion and keep serving until Ctrl-C.

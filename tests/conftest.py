@@ -14,6 +14,11 @@ if not torch.cuda.is_available():
 os.environ.setdefault("RETNET_AUTOTUNE", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    # Each xdist worker (and each process it starts) computes on one thread: workers × threads = the cores
+    # `make test` gives them, where two OpenMP pools on two cores would spin-wait on each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def _interpreted_bf16_dots_in_fp32() -> None:
@@ -78,3 +83,17 @@ def hub_cache(tmp_path, monkeypatch):
         return snapshot
 
     return publish
+
+
+# The folders whose files run longest (real torchrun launches, training runs): pytest-xdist (``make test`` runs
+# the files on 2 workers) hands each worker its next file in this order, so the long ones start first and the
+# many short serving and kernel files fill the end, instead of one long file running alone at the end.
+_LONGEST_FIRST = ("tests/train/", "tests/model/")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid
+        return next((i for i, prefix in enumerate(_LONGEST_FIRST) if path.startswith(prefix)), len(_LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: each file's own order is kept

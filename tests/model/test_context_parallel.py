@@ -3,9 +3,6 @@ ranks gives the whole row's outputs, loss and gradients; the layouts and refusal
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,29 +10,17 @@ import pytest
 import torch
 
 from retnet.model.context_parallel import ContextShard, add_incoming, incoming_state, shard_sequences
+from tests.launch import launch_worker
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
 from context_parallel_cases import CASES, PIECE, PIECES, build_case  # noqa: E402
 
-REPO = HERE.parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ranks_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={PIECES}", "--nnodes=1",
-               f"--master_port={_free_port()}", str(HERE / "context_parallel_worker.py"), str(out)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_worker(HERE / "context_parallel_worker.py", out, PIECES)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(PIECES)]
 
 

@@ -6,10 +6,7 @@ the refusals in one process."""
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +16,7 @@ import torch
 
 from retnet.model import RetNetForCausalLM
 from retnet.model.tensor_parallel import parallelize_retnet
+from tests.launch import launch_worker
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
@@ -33,23 +31,10 @@ from tensor_parallel_worker import (  # noqa: E402
     generation_inputs,
 )
 
-REPO = HERE.parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _launch(out: Path, ranks: int) -> list[dict]:
     """Run the worker on ``ranks`` torchrun ranks; each rank's results."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
-               f"--master_port={_free_port()}", str(HERE / "tensor_parallel_worker.py"), str(out)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_worker(HERE / "tensor_parallel_worker.py", out, ranks)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import torch
 import retnet  # noqa: F401  (registers the Auto classes)
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.serve.settings import ServeSettings
+from tests.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = [
@@ -75,12 +75,6 @@ async def serve_app(model_dir: Path, model=None, **overrides):
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
             client.app = app
             yield client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:

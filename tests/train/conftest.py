@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,12 +29,6 @@ def micro_args(corpus: Path, tokenizer: Path, cache: Path, output_dir: Path, **o
     }
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     return ["--config", "tiny", *[f"--{k}={v}" for k, v in values.items()]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train_env() -> dict[str, str]:

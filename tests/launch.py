@@ -1,0 +1,28 @@
+"""Helpers shared by the tests that start real processes: a free port, a torchrun launch of a worker script."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_worker(script: Path, out: Path, ranks: int, timeout: float = 300) -> None:
+    """``torchrun --nproc_per_node=RANKS SCRIPT OUT`` (gloo, one thread a rank), run to its end; the worker
+    writes its results under ``out``. A failed launch fails the test with the ranks' last output."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
+               f"--master_port={free_port()}", str(script), str(out)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
