@@ -82,7 +82,12 @@ def copy_full_state(full: Any, local: Any) -> Any:
 
     if isinstance(local, DTensor):
         shape, offset = compute_local_shape_and_global_offset(full.shape, local.device_mesh, local.placements)
-        local.to_local().copy_(full[tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))])
+        piece = full[tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))]
+        # copy_ broadcasts: a box of another shape (a layout this cut does not know) must not load quietly
+        if piece.shape != local.to_local().shape:
+            raise ValueError(f"the full checkpoint's tensor of shape {list(full.shape)} cuts into {list(piece.shape)} "
+                             f"for this rank, whose piece is {list(local.to_local().shape)} ({local.placements})")
+        local.to_local().copy_(piece)
         return local
     if torch.is_tensor(local) and torch.is_tensor(full) and local.shape == full.shape:
         local.copy_(full)

@@ -43,9 +43,10 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _adamw_kernel(model: nn.Module, device: torch.device) -> dict:
-    """AdamW's implementation: fused on CUDA, except over a tensor-parallel model's mix of DTensor (split) and plain
-    (replicated) parameters, which the fused and foreach kernels refuse to take in one call: the per-parameter loop."""
+def adamw_kernel(model: nn.Module, device: torch.device) -> dict:
+    """AdamW's implementation (its ``fused`` or ``foreach`` argument): fused on CUDA, except over a tensor-parallel
+    model's mix of DTensor (split) and plain (replicated) parameters, which the fused and foreach kernels refuse to
+    take in one call: the per-parameter loop. A resume sets it again over the checkpoint's (another split's) choice."""
     from torch.distributed.tensor import DTensor
 
     split = [isinstance(param, DTensor) for param in model.parameters() if param.requires_grad]
@@ -66,7 +67,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         if param.requires_grad:
             (matrices if name in muon_names else no_decay if name in skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adamw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **_adamw_kernel(model, device)}
+    adamw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **adamw_kernel(model, device)}
     if cfg.name != "muon":
         return torch.optim.AdamW(groups, **adamw)
     if not muon_available():  # the config refuses it first; a config built otherwise gets as clear an error

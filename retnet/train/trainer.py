@@ -107,7 +107,7 @@ from retnet.train.distributed import (
 )
 from retnet.train.flops import flops_per_token, peak_flops
 from retnet.train.muon import MuonWithAdamW
-from retnet.train.optim import build_optimizer, get_lr, optimizer_note, set_lr
+from retnet.train.optim import adamw_kernel, build_optimizer, get_lr, optimizer_note, set_lr
 from retnet.train.wandb_logging import WandbLogger, scalars
 
 logger = logging.getLogger("retnet.train")
@@ -896,9 +896,13 @@ class Trainer:
                 group.update(weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
                              adjust_lr_fn=cfg.muon_adjust_lr)
             adamw_groups = self.optimizer.adamw_groups
+        # The kernel too: load_state_dict took the checkpoint's, chosen for its own split (fused under FSDP2 over
+        # tensor parallelism on CUDA), which a resume under another (TP alone: DTensors mixed with plain tensors,
+        # which the fused kernel refuses) cannot run
+        kernel = {"fused": None, "foreach": None, **adamw_kernel(self.model, self.device)}
         # build_optimizer's AdamW groups: the decayed parameters, then the others
         for group, decay in zip(adamw_groups, (cfg.weight_decay, 0.0), strict=True):
-            group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+            group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
 
     def _check_fits(self, path: Path, got: dict[str, list[int]]) -> None:
         """CheckpointError naming the tensors when the saved model (``got``: its tensors' shapes) is not the

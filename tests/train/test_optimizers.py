@@ -3,12 +3,14 @@ In-process runs of the micro model (``main(micro(...))``); multi-rank runs were 
 
 import copy
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.config import ConfigError, load_config
+from retnet.train.trainer import Trainer
 
 needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
@@ -303,5 +305,15 @@ def test_adamw_over_a_tensor_parallel_model_takes_the_per_parameter_loop(tmp_pat
         before = model.lm_head.weight.detach().clone()
         optimizer.step()
         assert not torch.equal(model.lm_head.weight, before)
+        # A resume loads the checkpoint's groups, kernel included: fused, as FSDP2 over the same split writes them
+        # on CUDA. The settings applied after the load put this split's loop back.
+        state = optimizer.state_dict()
+        for group in state["param_groups"]:
+            group.update(fused=True, foreach=None)
+        optimizer.load_state_dict(state)
+        assert all(group["fused"] for group in optimizer.param_groups)
+        resumed = SimpleNamespace(cfg=load_config("tiny"), optimizer=optimizer, model=model, device=torch.device("cuda"))
+        Trainer._apply_optim_settings(resumed)
+        assert all(group["foreach"] is False and not group["fused"] for group in optimizer.param_groups)
     finally:
         dist.destroy_process_group()

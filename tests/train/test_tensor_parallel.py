@@ -240,3 +240,23 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     assert saved["layout"] == "full" and saved["trainer"]["tensor_parallel"] == 2
     assert ({k: list(v.shape) for k, v in saved["model"].items()}
             == saved_model_shapes(single / "checkpoints" / "step_00000004"))
+
+
+def test_a_full_tensor_that_does_not_cut_into_a_ranks_piece_is_refused(tmp_path):
+    """copy_full_state (a full checkpoint into FSDP2 over tensor parallelism) cuts each rank's box itself: a full
+    tensor whose box is not the rank's piece is refused by shape, not copied in by broadcasting."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from retnet.train.distributed import copy_full_state
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        local = {"w": distribute_tensor(torch.zeros(4, 3), init_device_mesh("cpu", (1,)), [Shard(0)])}
+        loaded = copy_full_state({"w": torch.arange(12.0).view(4, 3), "step": 7}, local)
+        assert torch.equal(loaded["w"].to_local(), torch.arange(12.0).view(4, 3)) and loaded["step"] == 7
+        with pytest.raises(ValueError, match=r"shape \[1, 3\] cuts into \[1, 3\] for this rank, whose piece is \[4, 3\]"):
+            copy_full_state({"w": torch.ones(1, 3)}, local)
+    finally:
+        dist.destroy_process_group()
