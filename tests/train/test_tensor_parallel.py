@@ -190,7 +190,8 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     take FSDP's default, the sharded layout, and hold the unsharded model's tensors: one process without either split
     resumes the step-2 one to the last losses; the export loads with ``AutoModelForCausalLM`` and holds the last
     checkpoint's weights. The full layout: 4 ranks under both splits resume the one-process step-2 checkpoint (torch's
-    own full-state load refuses those uneven shards) to the same losses and save theirs in it."""
+    own full-state load refuses those uneven shards) to the same losses and save theirs in it. And 4 such ranks resume
+    their own sharded step-2 checkpoint to the run's last losses."""
     from transformers import AutoModelForCausalLM
 
     import retnet  # noqa: F401  (registers the Auto classes)
@@ -240,6 +241,12 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     assert saved["layout"] == "full" and saved["trainer"]["tensor_parallel"] == 2
     assert ({k: list(v.shape) for k, v in saved["model"].items()}
             == saved_model_shapes(single / "checkpoints" / "step_00000004"))
+
+    # A preempted run's own path: the same split resumes its sharded checkpoint
+    own = run(micro(tmp_path / "own", **common, **fsdp_tp, train__resume=checkpoint), nproc=4)
+    assert own.returncode == 0, own.stderr[-3000:] + own.stdout[-2000:]
+    assert "at step 2" in own.stderr and "resuming with" not in own.stderr  # no other split to warn of
+    assert _losses(read_metrics, tmp_path / "own") == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
 
 
 def test_a_full_tensor_that_does_not_cut_into_a_ranks_piece_is_refused(tmp_path):
