@@ -206,6 +206,8 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
     assert ("world 4 / tensor parallel 2 = 2 data-parallel groups × micro 2 × accum 1 = global 4 blocks of 32 "
             "tokens; tensor parallel, fsdp over the data-parallel groups") in four.stderr
+    # the gradient norm: one all-reduce over the flattened (dp, tp) mesh, not one a dimension in a row
+    assert "sequential all_reduce" not in four.stderr
     expected = _losses(read_metrics, single)
     assert len(expected) == 4 and expected[-1] < expected[0] - 0.1
     assert _losses(read_metrics, split) == pytest.approx(expected, rel=1e-5)  # measured 7.8e-8
