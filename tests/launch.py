@@ -26,3 +26,31 @@ def launch_worker(script: Path, out: Path, ranks: int, timeout: float = 300) -> 
                f"--master_port={free_port()}", str(script), str(out)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def start_logged(command: list[str], logs: Path, **popen) -> subprocess.Popen:
+    """``command`` started, its stdout and stderr written to ``logs/stdout`` and ``logs/stderr`` (a pipe that nobody
+    reads while the test waits for something else would stop it once full); ``finished`` waits for it."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, **popen)
+    process.logs = logs
+    return process
+
+
+def finished(process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """A ``start_logged`` process run to its end, as ``subprocess.run`` returns it (killed past ``timeout``)."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        raise
+    stdout, stderr = ((process.logs / name).read_text() for name in ("stdout", "stderr"))
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill ``process`` unless it has ended (a module's processes that its selected tests did not wait for)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()

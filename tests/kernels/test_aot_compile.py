@@ -19,6 +19,8 @@ from collections import defaultdict
 
 import pytest
 
+from tests.launch import finished, start_logged, stop
+
 pytestmark = pytest.mark.slow
 
 
@@ -46,27 +48,15 @@ def compiling(request, tmp_path_factory):
     for name in sorted(used):
         out = root / f"{name}.json"
         command = [sys.executable, "-m", "retnet.kernels.aot", *COMPILES[name], "--json", str(out)]
-        # output to files: a pipe that nobody reads yet would stop the process once full
-        with open(root / f"{name}.stdout", "w") as stdout, open(root / f"{name}.stderr", "w") as stderr:
-            started[name] = (subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr), out)
+        started[name] = (start_logged(command, root / name, env=env), out)
     yield started
     for process, _ in started.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _finished(compiling, name: str) -> tuple[subprocess.CompletedProcess, list]:
     process, out = compiling[name]
-    try:
-        process.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise
-    stdout, stderr = (out.with_suffix(suffix).read_text() for suffix in (".stdout", ".stderr"))
-    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    return done, json.loads(out.read_text()) if out.exists() else []
+    return finished(process, timeout=600), json.loads(out.read_text()) if out.exists() else []
 
 
 @pytest.fixture(scope="module")

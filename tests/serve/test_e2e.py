@@ -3,7 +3,6 @@
 import asyncio
 import json
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.launch import finished, start_logged, stop
 from tests.serve.conftest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,19 +154,15 @@ def processes(request, model_dir, tmp_path_factory):
     if "graceful" in wanted:
         started["graceful"] = ServerProcess(model_dir, "--shutdown-grace-s", "20")
     if "demo" in wanted:
-        logs = tmp_path_factory.mktemp("demo")
-        with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
-            demo = subprocess.Popen(
-                [sys.executable, "-m", "retnet.serve.demo", "--model", str(model_dir), "--exit-after", "--port", "0",
-                 "--max-tokens", "12"], cwd=REPO, stdout=stdout, stderr=stderr, text=True)
-        started["demo"] = (demo, logs)
+        started["demo"] = start_logged(
+            [sys.executable, "-m", "retnet.serve.demo", "--model", str(model_dir), "--exit-after", "--port", "0",
+             "--max-tokens", "12"], tmp_path_factory.mktemp("demo"), cwd=REPO)
     yield started
     for name in ("api_key", "graceful"):
         if name in started:
             started[name].stop()
-    if "demo" in started and started["demo"][0].poll() is None:
-        started["demo"][0].kill()
-        started["demo"][0].wait()
+    if "demo" in started:
+        stop(started["demo"])
 
 
 def test_api_key_on_a_real_server(processes):
@@ -196,13 +192,6 @@ def test_graceful_shutdown_finishes_the_running_stream(processes):
 
 
 def test_demo_streams_one_completion_and_exits(processes):
-    demo, logs = processes["demo"]
-    try:
-        demo.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        demo.kill()
-        demo.wait()
-        raise
-    stdout, stderr = (logs / "stdout").read_text(), (logs / "stderr").read_text()
-    assert demo.returncode == 0, stderr
-    assert "curl" in stdout and "/v1/completions" in stdout
+    demo = finished(processes["demo"], timeout=120)
+    assert demo.returncode == 0, demo.stderr
+    assert "curl" in demo.stdout and "/v1/completions" in demo.stdout

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from retnet.serve.run_batch import parse_lines, run_batch, served_urls
+from tests.launch import finished, start_logged, stop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,25 +32,10 @@ def start_cli(*args: str, stdin: str = "", script: bool = False, logs: Path) -> 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [str(Path(sys.executable).parent / "retnet-run-batch")] if script else \
         [sys.executable, "-m", "retnet.serve.run_batch"]
-    logs.mkdir(parents=True)
-    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
-        process = subprocess.Popen([*command, *args], stdin=subprocess.PIPE, cwd=REPO, env=env, stdout=stdout,
-                                   stderr=stderr, text=True)
+    process = start_logged([*command, *args], logs, stdin=subprocess.PIPE, cwd=REPO, env=env)
     process.stdin.write(stdin)  # a few KiB: the pipe holds them
     process.stdin.close()
-    process.logs = logs
     return process
-
-
-def finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise
-    stdout, stderr = ((process.logs / name).read_text() for name in ("stdout", "stderr"))
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def without_ids(body: dict) -> dict:
@@ -118,15 +104,13 @@ def cli_runs(request, model_dir, tmp_path_factory):
             logs=bad / "logs"), bad)
     yield started
     for process, _ in started.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 async def test_batch_file_matches_the_server(cli_runs, open_app):
     process, directory = cli_runs["test_batch_file_matches_the_server"]
     out = directory / "results.jsonl"
-    proc = finished(process)
+    proc = finished(process, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "run_batch: 10 requests, 6 failed" in proc.stderr  # the summary line
     results = [json.loads(text) for text in out.read_text().splitlines()]
@@ -168,7 +152,7 @@ async def test_batch_file_matches_the_server(cli_runs, open_app):
 
 def test_bad_arguments_exit_2(cli_runs):
     process, directory = cli_runs["test_bad_arguments_exit_2"]
-    proc = finished(process)
+    proc = finished(process, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("retnet-run-batch: cannot read the input file") and "missing.jsonl" in proc.stderr
     assert not (directory / "out.jsonl").exists()  # nothing written, the model never loaded
