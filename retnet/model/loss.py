@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch._C import _functions
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 1 << 28  # fp32 logits per chunk: 256 MiB, a few thousand tokens at usual vocabularies
@@ -24,7 +25,9 @@ def _chunk_tokens(vocab_size: int) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, denominator: torch.Tensor,
-                chunk: int, grad_enabled: bool) -> torch.Tensor:
+                chunk: int, grad_enabled: bool, mesh=None, vocab_start: int = 0) -> torch.Tensor:
+        # ``mesh``: ``weight`` is this rank's rows ``vocab_start ..`` of a head split over the mesh's ranks (the
+        # vocabulary-parallel head of tensor parallelism); ``hidden`` is the same on every rank.
         # needs_input_grad says requires_grad even under no_grad: without grad mode only the loss is computed
         grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
         # fp32: a sum over every chunk, as the unfused head's weight gradient sums over every token in one matmul
@@ -44,16 +47,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # in backward here. So fp16 matmuls take the gradient of the sum; 1 / denominator comes in backward.
             ctx.late_mean = logits.dtype == torch.float16
             valid = target != IGNORE_INDEX
-            safe_target = torch.where(valid, target, 0)
+            local_target = target - vocab_start
+            # the tokens whose target row this rank holds (every valid one without a mesh)
+            here = valid & (local_target >= 0) & (local_target < weight.shape[0])
+            safe_target = torch.where(here, local_target, 0)
             log_norm = torch.logsumexp(logits_fp32, dim=-1)
-            picked = logits_fp32.gather(1, safe_target[:, None]).squeeze(1)
+            picked = torch.where(here, logits_fp32.gather(1, safe_target[:, None]).squeeze(1), 0.0)
+            if mesh is not None:
+                log_norm, picked = _combine_vocab_shards(log_norm, picked, mesh)
             total += torch.where(valid, log_norm - picked, 0.0).sum()
             if grad_hidden is None and grad_weight is None:
                 del logits, logits_fp32  # as below
                 continue
             # d loss / d logits = (softmax − one-hot) / denominator on the tokens that count, 0 elsewhere
             grad_logits = logits_fp32.sub_(log_norm[:, None]).exp_()  # (logits itself when fp32: not used again)
-            grad_logits.scatter_add_(1, safe_target[:, None], torch.full_like(grad_logits[:, :1], -1.0))
+            grad_logits.scatter_add_(1, safe_target[:, None], -here[:, None].to(grad_logits.dtype))
             grad_logits.mul_(valid[:, None] if ctx.late_mean else (valid * inverse)[:, None])
             # in the head's matmul dtype, as the unfused backward (autocast casts the fp32 operands alike)
             grad_logits = grad_logits.to(logits.dtype)
@@ -62,6 +70,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ rows
             del logits, logits_fp32, grad_logits  # else alive through the next chunk's peak
+        if mesh is not None and grad_hidden is not None:
+            # each rank's rows of the head give a part of the hidden states' gradient: summed once, not per chunk
+            grad_hidden = DTensor.from_local(grad_hidden, mesh, [Partial()], run_check=False).full_tensor()
         ctx.save_for_backward(grad_hidden, grad_weight, inverse)
         ctx.weight_dtype = weight.dtype
         return total / denominator
@@ -70,7 +81,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight, inverse = ctx.saved_tensors
         scale = grad_output.float() * inverse if ctx.late_mean else grad_output.float()
-        return *scaled_saved_gradients(grad_hidden, grad_weight, scale, ctx.weight_dtype), None, None, None, None
+        return (*scaled_saved_gradients(grad_hidden, grad_weight, scale, ctx.weight_dtype),
+                None, None, None, None, None, None)
+
+
+def _combine_vocab_shards(log_norm: torch.Tensor, picked: torch.Tensor, mesh) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank's log-sum-exp over its rows of the vocabulary and its target logits (0 where another rank holds
+    the target) combined into the whole vocabulary's: one all-gather of ``[2, N]`` a chunk (a max all-reduce then
+    a sum, as Megatron's vocab-parallel cross-entropy takes, would be two)."""
+    mine = torch.stack([log_norm, picked])[None]
+    every = DTensor.from_local(mine, mesh, [Shard(0)], run_check=False).full_tensor()  # [ranks, 2, N]
+    return torch.logsumexp(every[:, 0], dim=0), every[:, 1].sum(dim=0)
 
 
 def scaled_saved_gradients(grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None, scale: torch.Tensor,
@@ -119,6 +140,12 @@ def linear_cross_entropy(
     ``hidden_states`` ``[B, T, D]``, ``weight`` ``[vocab, D]`` (the LM head's, tied or not), ``labels`` ``[B, T]``
     unshifted (``shifted``: already moved left), −100 ignored; ``num_items_in_batch`` replaces the mean's
     denominator, as in ``causal_lm_loss``.
+
+    ``weight`` may be a ``Shard(0)`` DTensor on a 1-D mesh (the vocabulary-parallel head of
+    :func:`~retnet.model.tensor_parallel.parallelize_retnet`, ``vocab_parallel=True``), with ``hidden_states`` the
+    same on every rank: each rank then computes the logits of its rows of the vocabulary only, the ranks exchange
+    two numbers a token (their log-sum-exp and target logit) and the hidden states' gradient is all-reduced once;
+    every rank returns the whole vocabulary's loss. A collective then: every rank of the mesh calls it.
     """
     if hidden_states.dim() != 3 or labels.shape != hidden_states.shape[:2]:
         raise ValueError(f"linear_cross_entropy: hidden_states must be [B, T, D] and labels [B, T]; got "
@@ -134,8 +161,26 @@ def linear_cross_entropy(
         denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"linear_cross_entropy: chunk_tokens must be at least 1; got {chunk_tokens}")
+    # the whole vocabulary's width, also for a rank's rows of it: every rank must run as many chunks
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, denominator, chunk, torch.is_grad_enabled())
+    mesh, vocab_start = None, 0
+    if isinstance(weight, DTensor):
+        mesh, vocab_start = weight.device_mesh, vocab_shard_start(weight)
+        weight = weight.to_local()  # its gradient goes back to the DTensor's Shard(0)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, denominator, chunk, torch.is_grad_enabled(), mesh,
+                                     vocab_start)
+
+
+def vocab_shard_start(weight: DTensor) -> int:
+    """The first vocabulary row this rank holds of ``weight``, a ``Shard(0)`` DTensor on a 1-D mesh (uneven shards
+    as torch cuts them: ``ceil(vocab / ranks)`` rows each, fewer on the last); ValueError for another layout."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # (DCP's, not public)
+
+    if weight.device_mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"a vocabulary-parallel weight must be sharded by rows (Shard(0)) on a 1-D mesh; got "
+                         f"{tuple(weight.placements)} on a {weight.device_mesh.ndim}-D mesh")
+    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return int(offset[0])
 
 
 __all__ = ["linear_cross_entropy"]

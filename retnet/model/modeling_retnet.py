@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation import utils as generation_utils
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutputWithPast
@@ -941,6 +942,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                                  f"lm_head to be a bias-free nn.Linear; it is {self.lm_head!r}"
                                  + ("" if distill is not None else ": set config.fuse_linear_cross_entropy = False"))
             if distill is not None:
+                if isinstance(self.lm_head.weight, DTensor):
+                    raise ValueError("distill is not supported with a vocabulary-parallel LM head (tensor "
+                                     "parallelism's vocab_parallel): split the model without it")
                 loss = distill.loss(hidden_states, self.lm_head.weight, labels, num_items_in_batch, shifted=shifted)
             else:
                 loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, num_items_in_batch,

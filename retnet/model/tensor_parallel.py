@@ -11,9 +11,13 @@ gradients of retention's and of the FFN's column-parallel projections, each bloc
 count without sequence parallelism), plus one for an activation's trainable parameters (SAU's ``alpha``),
 whose gradient from each rank's slice of the FFN is summed over the mesh in the autograd graph.
 
-Embeddings, the final norm, the LM head (or a classifier's ``score``) and the residual stream stay replicated:
-every rank holds them whole and computes them alike, so their gradients agree without communication.
-A vocab-parallel embedding and loss are not there yet.
+The final norm, a classifier's ``score`` and the residual stream stay replicated: every rank holds them whole and
+computes them alike, so their gradients agree without communication. The embedding and the LM head (tied or not)
+stay replicated too, unless ``vocab_parallel=True``: then each rank holds ``1 / tp`` of the vocabulary's rows of
+them (:class:`VocabParallelEmbedding`, the LM head column-parallel), the embedding's output is all-reduced once,
+the fused loss (:func:`~retnet.model.loss.linear_cross_entropy`) computes each rank's logits only and exchanges
+two numbers a token, and the logits that ``forward`` returns without it are gathered whole. At vocabulary 32k
+and width 2048 the two tables are 134M parameters (tied, 67M): the largest share of a small model.
 
 ``model.state_dict()`` then holds DTensors for the sharded weights; :func:`full_state_dict` gathers the full
 tensors, which ``save_pretrained(..., state_dict=...)`` writes as an unsharded export (``save_pretrained`` without
@@ -36,6 +40,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -52,7 +57,7 @@ COLUMN_PARALLEL = ("retention.q_proj", "retention.k_proj", "retention.v_proj", "
 ROW_PARALLEL = ("retention.o_proj", "mlp.down_proj")
 
 
-def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel: bool = False) -> nn.Module:
     """Shard every decoder layer of ``model`` across ``tp_mesh`` in place and return ``model``.
 
     Args:
@@ -60,6 +65,8 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             device type, the same on every rank (built with the same seed or loaded with ``from_pretrained``;
             the sharded weights are cut from rank 0's, the replicated ones are used as each rank holds them).
         tp_mesh: a 1-D :class:`~torch.distributed.device_mesh.DeviceMesh` of the tp ranks.
+        vocab_parallel: also split the embedding and the LM head by vocabulary rows (``Shard(0)`` DTensors,
+            tied ones staying one parameter; uneven shards as torch cuts them, ``ceil(vocab / tp)`` rows a rank).
 
     After it, each layer's retention runs heads ``r·H/tp .. (r+1)·H/tp`` on mesh rank ``r`` (``q/k/v/g_proj``
     column-parallel, ``o_proj`` row-parallel, the head norm's weight a ``Shard(0)`` DTensor) and its FFN a
@@ -80,7 +87,9 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             ``num_attention_heads`` or ``intermediate_size`` not divisible by the mesh size, ``dropout`` > 0 (each
             rank would draw its own mask on the replicated stream; the config's and every ``nn.Dropout``'s),
             a PEFT model (merge the adapters first), a projection that is not a plain ``nn.Linear`` (adapters
-            injected) or holds quantized (int8) weights, or a model already parallelized.
+            injected) or holds quantized (int8) weights, or a model already parallelized; with
+            ``vocab_parallel``, a ``vocab_size`` that leaves a rank no rows, or an embedding or LM head that is
+            not a plain ``nn.Embedding`` / bias-free ``nn.Linear``.
             ``context_parallel`` in a forward of the parallelized model is refused there.
     """
     backbone = getattr(model, "base_model", model)
@@ -93,6 +102,8 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
                          f"RetNetForSequenceClassification; got {type(model).__name__}")
     config = backbone.config
     _check(model, layers, config, tp_mesh)
+    if vocab_parallel:
+        _check_vocab(model, backbone, config, tp_mesh)
     size, rank = tp_mesh.size(), tp_mesh.get_local_rank()
     heads = config.num_attention_heads // size
     for layer in layers:
@@ -112,7 +123,32 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
                                                       requires_grad=weight.requires_grad)
         if any(True for _ in layer.mlp.act_fn.parameters()):
             _ActivationGradsSummedOverMesh(layer.mlp.act_fn, tp_mesh)
+    if vocab_parallel:
+        _split_vocabulary(model, backbone, tp_mesh)
     return model
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose ``weight`` is a ``Shard(0)`` DTensor: each rank looks up the tokens of its rows of
+    the vocabulary (zeros for the others') and the ranks' lookups are summed, one all-reduce; the gradient, the
+    same on every rank, reaches each rank's rows alone. ``padding_idx`` keeps its row's gradient zero on the rank
+    that holds it. (torch's ``RowwiseParallel`` on an embedding would apply ``padding_idx`` to the local row of that
+    number on every rank, freezing another token's row.) Made by :func:`parallelize_retnet` from the model's own
+    embedding, whose class it takes (as FSDP2's ``fully_shard`` does)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from retnet.model.loss import vocab_shard_start
+
+        weight = self.weight  # read at each call: FSDP2 swaps in its unsharded DTensor for the forward
+        start, rows = vocab_shard_start(weight), weight.to_local().shape[0]
+        local_ids = input_ids - start
+        here = (local_ids >= 0) & (local_ids < rows)
+        padding = None
+        if self.padding_idx is not None and 0 <= self.padding_idx - start < rows:
+            padding = self.padding_idx - start
+        embedded = F.embedding(torch.where(here, local_ids, 0), weight.to_local(), padding, self.max_norm,
+                               self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return _SumOverMesh.apply(embedded * here.unsqueeze(-1).to(embedded.dtype), weight.device_mesh)
 
 
 def full_state_dict(model: nn.Module, *, cpu_offload: bool = False) -> dict[str, torch.Tensor]:
@@ -205,6 +241,38 @@ def _check(model: nn.Module, layers: nn.ModuleList, config, tp_mesh: DeviceMesh)
                                  f"{type(module.weight).__name__} (parallelize the unquantized model)")
 
 
+def _check_vocab(model: nn.Module, backbone: nn.Module, config, tp_mesh: DeviceMesh) -> None:
+    size, vocab = tp_mesh.size(), config.vocab_size
+    rows = -(-vocab // size)  # torch's cut: ceil(vocab / size) rows a rank, the rest on the last
+    if rows * (size - 1) >= vocab:
+        raise ValueError(f"a vocabulary-parallel split over {size} ranks cuts {rows} rows a rank, which leaves the "
+                         f"last rank none of config.vocab_size={vocab}; pad the vocabulary to a multiple of {size}")
+    embedding, head = backbone.embed_tokens, getattr(model, "lm_head", None)
+    if type(embedding) is not nn.Embedding or type(embedding.weight) not in (torch.Tensor, nn.Parameter):
+        raise ValueError(f"vocab_parallel splits a plain nn.Embedding; embed_tokens is {type(embedding).__name__} "
+                         f"with a {type(embedding.weight).__name__} weight")
+    if head is not None and (type(head) is not nn.Linear or head.bias is not None
+                             or type(head.weight) not in (torch.Tensor, nn.Parameter)):
+        raise ValueError(f"vocab_parallel splits a bias-free nn.Linear LM head; lm_head is {head!r} with a "
+                         f"{type(head.weight).__name__} weight")
+
+
+def _split_vocabulary(model: nn.Module, backbone: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """The embedding and the LM head by vocabulary rows (see :class:`VocabParallelEmbedding`); a tied pair stays one
+    parameter. The head is column-parallel: its logits (what ``forward`` returns without the fused loss) are gathered
+    whole, the fused loss takes its local rows."""
+    embedding, head = backbone.embed_tokens, getattr(model, "lm_head", None)
+    tied = head is not None and head.weight is embedding.weight
+    if head is not None:
+        parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
+    if tied:
+        embedding.weight = head.weight
+    else:
+        embedding.weight = nn.Parameter(distribute_tensor(embedding.weight.detach(), tp_mesh, [Shard(0)]),
+                                        requires_grad=embedding.weight.requires_grad)
+    embedding.__class__ = VocabParallelEmbedding
+
+
 def _submodule(layer: nn.Module, path: str) -> nn.Module | None:
     module = layer
     for part in path.split("."):
@@ -222,6 +290,19 @@ def _replicated_first_input(module: nn.Module, args: tuple, *, mesh: DeviceMesh)
     if isinstance(hidden_states, DTensor):
         return args
     return (DTensor.from_local(hidden_states, mesh, [Replicate()], run_check=False), *args[1:])
+
+
+class _SumOverMesh(torch.autograd.Function):
+    """The tensor summed (all-reduced) over the mesh in the forward; identity in the backward, the gradient being the
+    same on every rank: Megatron's ``g``, after a row-split lookup."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        return DTensor.from_local(tensor, mesh, [Partial()], run_check=False).full_tensor()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 class _SumGradOverMesh(torch.autograd.Function):
@@ -266,4 +347,5 @@ class _ActivationGradsSummedOverMesh:
         self.swapped = {}
 
 
-__all__ = ["clip_grad_norm_", "full_state_dict", "load_full_state_dict", "parallelize_retnet"]
+__all__ = ["VocabParallelEmbedding", "clip_grad_norm_", "full_state_dict", "load_full_state_dict",
+           "parallelize_retnet"]

@@ -32,7 +32,16 @@ CASES = {
     "gsmelu_unfrozen_later": dict(config=dict(ffn_glu=False, hidden_act="gsmelu",
                                               hidden_act_kwargs={"trainable": True}),
                                   mode="parallel", unfreeze_activation_later=True),
+    # vocabulary-parallel embedding and head (101 rows: 51 on rank 0, 50 on rank 1): tied, the fused loss
+    "vocab_tied_fused": dict(config=dict(ffn_glu=True, fuse_linear_cross_entropy=True), mode="chunkwise",
+                             padded=True, vocab_parallel=True),
+    # untied, the loss on the gathered logits; the padding row (60) is rank 1's
+    "vocab_untied_logits": dict(config=dict(ffn_glu=False, tie_word_embeddings=False, pad_token_id=60),
+                                mode="parallel", vocab_parallel=True),
+    "vocab_classifier": dict(config=dict(ffn_glu=True, num_labels=3), mode="parallel", classifier=True,
+                             vocab_parallel=True),
 }
+VOCAB_CASES = [name for name, case in CASES.items() if case.get("vocab_parallel")]
 GENERATE_TOKENS = 6
 MAX_NORM = 0.05  # below the gradients' norm, so clipping scales them
 
@@ -56,6 +65,8 @@ def build_inputs(name: str) -> dict:
     case = CASES[name]
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(2, 101, (2, LENGTH), generator=generator)
+    if case.get("vocab_parallel"):
+        input_ids[0, 5:8] = torch.tensor([50, 51, 60])  # the last row of rank 0, the first of rank 1, a padding row
     inputs = dict(input_ids=input_ids, retention_mode=case["mode"], use_cache=False)
     if case.get("classifier"):
         inputs["labels"] = torch.tensor([2, 0])
@@ -142,7 +153,8 @@ def main(out_dir: str) -> None:
         model = build_model(name)
         if CASES[name].get("unfreeze_activation_later"):
             set_activation_trainable(model, False)
-        model = parallelize_retnet(model, mesh["tp"])
+        vocab_parallel = bool(CASES[name].get("vocab_parallel"))
+        model = parallelize_retnet(model, mesh["tp"], vocab_parallel=vocab_parallel)
         if CASES[name].get("unfreeze_activation_later"):
             set_activation_trainable(model, True)
         output = model(**build_inputs(name))
@@ -154,6 +166,11 @@ def main(out_dir: str) -> None:
             "local_grad_shapes": {n: tuple(getattr(p.grad, "_local_tensor", p.grad).shape)
                                   for n, p in model.named_parameters() if p.grad is not None},
         }
+        if vocab_parallel and not CASES[name].get("classifier"):
+            model.eval()
+            with torch.no_grad():
+                results[name]["generated"] = model.generate(**generation_inputs())
+            results[name]["full_state_dict"] = full_state_dict(model)
         if name == "glu_parallel":
             results["clip"] = {"norm": clip_grad_norm_(model.parameters(), MAX_NORM),
                                "grads": {n: gathered(p.grad) for n, p in model.named_parameters()}}
@@ -169,6 +186,12 @@ def main(out_dir: str) -> None:
         forward = collectives.counts.copy()
         loss.backward()
     results["collectives"] = {"forward": forward, "backward": collectives.counts - forward}
+    model = parallelize_retnet(build_model("vocab_tied_fused"), mesh["tp"], vocab_parallel=True)
+    with CollectiveCounter() as collectives:
+        loss = model(**build_inputs("vocab_tied_fused")).loss
+        forward = collectives.counts.copy()
+        loss.backward()
+    results["vocab_collectives"] = {"forward": forward, "backward": collectives.counts - forward}
 
     # Generation: greedy, left-padded prompts, recurrent steps on each rank's heads.
     model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"]).eval()

@@ -25,6 +25,7 @@ from tensor_parallel_worker import (  # noqa: E402
     DP,
     MAX_NORM,
     TP,
+    VOCAB_CASES,
     build_inputs,
     build_model,
     dp_batch,
@@ -151,6 +152,41 @@ def test_two_all_reduces_per_layer_each_way(run):
     assert ranks[0]["collectives"] == {"forward": {"all_reduce": 4}, "backward": {"all_reduce": 6}}
 
 
+def test_vocab_parallel_splits_the_embedding_and_head_by_rows(run):
+    """101 rows: 51 on rank 0, 50 on rank 1; a tied head stays one parameter (its gradient the sum of both uses,
+    compared above); the untied head's rows too."""
+    ranks, _ = run
+    for rank, results in enumerate(ranks):
+        rows = 51 if rank == 0 else 50
+        tied = results["vocab_tied_fused"]["local_grad_shapes"]
+        assert tied["model.embed_tokens.weight"] == (rows, 64) and "lm_head.weight" not in tied
+        untied = results["vocab_untied_logits"]["local_grad_shapes"]
+        assert untied["model.embed_tokens.weight"] == untied["lm_head.weight"] == (rows, 64)
+        assert results["vocab_classifier"]["local_grad_shapes"]["model.embed_tokens.weight"] == (rows, 64)
+
+
+@pytest.mark.parametrize("name", [name for name in VOCAB_CASES if not CASES[name].get("classifier")])
+def test_vocab_parallel_generates_and_exports_the_unsharded_model(run, name):
+    ranks, _ = run
+    model = build_model(name).eval()
+    with torch.no_grad():
+        expected = model.generate(**generation_inputs())
+    for results in ranks:
+        assert torch.equal(results[name]["generated"], expected)
+        state = results[name]["full_state_dict"]
+        assert state.keys() == model.state_dict().keys()
+        for key, value in model.state_dict().items():
+            assert torch.equal(state[key], value), key
+
+
+def test_vocab_parallel_collectives(run):
+    ranks, _ = run
+    # forward: the layers' 4 all-reduces, the embedding's sum, the hidden states' gradient (computed with the fused
+    # loss); the loss's one all-gather of each rank's log-sum-exp and target logits (one chunk). Backward: the layers'.
+    assert ranks[0]["vocab_collectives"] == {"forward": {"all_reduce": 6, "all_gather_into_tensor": 1},
+                                             "backward": {"all_reduce": 4}}
+
+
 def test_parallelizing_twice_is_refused(run):
     ranks, _ = run
     assert "already parallelized" in ranks[0]["twice"]
@@ -192,6 +228,16 @@ def _mesh(size: int = 2, ndim: int = 1):
 def test_config_refusals_name_the_field_and_value(model_factory, overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parallelize_retnet(model_factory(**overrides), _mesh(4))
+
+
+def test_vocab_parallel_refusals_name_the_field_and_value(model_factory):
+    with pytest.raises(ValueError, match=re.escape("leaves the last rank none of config.vocab_size=5; pad the "
+                                                   "vocabulary to a multiple of 4")):
+        parallelize_retnet(model_factory(vocab_size=5), _mesh(4), vocab_parallel=True)
+    model = model_factory(tie_word_embeddings=False)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(101))
+    with pytest.raises(ValueError, match=re.escape("vocab_parallel splits a bias-free nn.Linear LM head")):
+        parallelize_retnet(model, _mesh(), vocab_parallel=True)
 
 
 def test_dropout_modules_are_checked_not_only_the_config(model_factory):
