@@ -396,7 +396,11 @@ class TrainConfig(_Section):
     for ``context_parallel``; ``retnet.model.tensor_parallel``), which run each micro-batch together; the W / T
     groups are the data-parallel ranks, as above: with ``parallelism = "ddp"`` each group holds the whole split model
     and the trainer averages the gradients over the groups; with ``"fsdp"`` FSDP2 shards it over them too (2-D
-    parallelism, each rank holding 1 / W of every split weight). Not with ``context_parallel`` > 1 (yet)."""
+    parallelism, each rank holding 1 / W of every split weight). Not with ``context_parallel`` > 1 (yet).
+
+    ``vocab_parallel`` (with ``tensor_parallel`` > 1): the embedding and the LM head are split by vocabulary rows
+    too (``ceil(vocab / T)`` rows a rank), and the fused loss computes each rank's logits only; without it every rank
+    of a group holds them whole. Not with distillation (``distill.teacher``)."""
 
     output_dir: str = "runs/default"
     steps: int = 1000
@@ -413,6 +417,7 @@ class TrainConfig(_Section):
     eval_blocks: int = 128  # validation blocks per evaluation (evenly spaced over the split), shared by the ranks
     context_parallel: int = 1  # ranks that split each row along time (1 = none); must divide the world size
     tensor_parallel: int = 1  # ranks that split each decoder layer (1 = none); must divide the world size
+    vocab_parallel: bool = False  # tensor_parallel > 1: also split the embedding and LM head by vocabulary rows
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -423,6 +428,9 @@ class TrainConfig(_Section):
             _refuse("train.context_parallel", "must be >= 1 (1: no context parallelism)", self.context_parallel)
         if self.tensor_parallel < 1:
             _refuse("train.tensor_parallel", "must be >= 1 (1: no tensor parallelism)", self.tensor_parallel)
+        if self.vocab_parallel and self.tensor_parallel == 1:
+            _refuse("train.vocab_parallel", "needs train.tensor_parallel > 1 (it splits the vocabulary across a "
+                    "tensor-parallel group's ranks)", self.vocab_parallel)
         # numpy's SeedSequence (the block permutation) takes no negative seed, torch.manual_seed none of 2**64
         if not 0 <= self.seed < 2**63:
             _refuse("train.seed", "must be in [0, 2**63)", self.seed)

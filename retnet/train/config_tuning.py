@@ -252,6 +252,10 @@ def _check_distill(job: JobConfig) -> None:
     if job.train.context_parallel > 1:
         _refuse("train.context_parallel", f"> 1 is not supported with distillation (distill.teacher "
                 f"{distill.teacher!r}) yet; train it with train.context_parallel=1", job.train.context_parallel)
+    if job.train.vocab_parallel:
+        _refuse("train.vocab_parallel", f"is not supported with distillation (distill.teacher {distill.teacher!r}) "
+                f"yet: its loss takes the student's whole LM head; train it with train.vocab_parallel=false",
+                job.train.vocab_parallel)
 
 
 def _check_dpo(job: JobConfig) -> None:

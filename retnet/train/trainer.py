@@ -350,9 +350,10 @@ class Trainer:
         if not is_distributed():
             return "single process"
         if self.tp_size > 1:  # no DDP (it takes no DTensor parameters): FSDP2 over mesh["dp"], or _average_gradients
+            split = "tensor parallel" + (" (and the vocabulary)" if self.cfg.train.vocab_parallel else "")
             if self.fsdp:
-                return "tensor parallel, fsdp over the data-parallel groups"
-            return "tensor parallel" + (", data-parallel gradient mean" if self.dp_size > 1 else "")
+                return f"{split}, fsdp over the data-parallel groups"
+            return split + (", data-parallel gradient mean" if self.dp_size > 1 else "")
         return self.cfg.train.parallelism
 
     def _trainable_note(self) -> str:
@@ -477,7 +478,7 @@ class Trainer:
             from retnet.model.tensor_parallel import parallelize_retnet
 
             try:
-                parallelize_retnet(model, self.tp_mesh["tp"])
+                parallelize_retnet(model, self.tp_mesh["tp"], vocab_parallel=self.cfg.train.vocab_parallel)
             except ValueError as error:  # what the checks before could not see
                 raise ConfigError(f"train.tensor_parallel {self.tp_size}: {error}") from None
         if self.cfg.train.activation_checkpointing:
