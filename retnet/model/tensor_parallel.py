@@ -19,6 +19,15 @@ the fused loss (:func:`~retnet.model.loss.linear_cross_entropy`) computes each r
 two numbers a token, and the logits that ``forward`` returns without it are gathered whole. At vocabulary 32k
 and width 2048 the two tables are 134M parameters (tied, 67M): the largest share of a small model.
 
+With ``sequence_parallel=True`` (Megatron's sequence parallelism) the residual stream between the blocks is split
+along time instead of replicated: a ``Shard(1)`` DTensor, ``ceil(T / tp)`` tokens a rank, the norms (torch's
+``SequenceParallel``, weights ``Replicate`` DTensors) running on each rank's tokens. Each block all-gathers its
+normed input and reduce-scatters its output where it all-reduced it (the same bytes on a ring), so the residual
+stream's and the norms' activations take ``1 / tp`` of the memory; the first layer cuts the embedding's output (no
+communication) and the final norm's output is gathered whole for the head. Each norm's parameter gradient is
+all-reduced over the mesh (a small all-reduce a parameter a micro-batch, as for SAU's ``alpha``). A decode step's
+one token leaves the other ranks none, which works.
+
 ``model.state_dict()`` then holds DTensors for the sharded weights; :func:`full_state_dict` gathers the full
 tensors, which ``save_pretrained(..., state_dict=...)`` writes as an unsharded export (``save_pretrained`` without
 ``state_dict`` is refused); :func:`load_full_state_dict` loads an unsharded state dict back into the split model.
@@ -49,7 +58,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 # Module paths inside a RetNetDecoderLayer, by how they are split (absent optional ones are skipped).
 COLUMN_PARALLEL = ("retention.q_proj", "retention.k_proj", "retention.v_proj", "retention.g_proj", "mlp.gate_proj",
@@ -57,7 +71,8 @@ COLUMN_PARALLEL = ("retention.q_proj", "retention.k_proj", "retention.v_proj", "
 ROW_PARALLEL = ("retention.o_proj", "mlp.down_proj")
 
 
-def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel: bool = False) -> nn.Module:
+def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel: bool = False,
+                       sequence_parallel: bool = False) -> nn.Module:
     """Shard every decoder layer of ``model`` across ``tp_mesh`` in place and return ``model``.
 
     Args:
@@ -67,6 +82,11 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
         tp_mesh: a 1-D :class:`~torch.distributed.device_mesh.DeviceMesh` of the tp ranks.
         vocab_parallel: also split the embedding and the LM head by vocabulary rows (``Shard(0)`` DTensors,
             tied ones staying one parameter; uneven shards as torch cuts them, ``ceil(vocab / tp)`` rows a rank).
+        sequence_parallel: Megatron's sequence parallelism: between the blocks the residual stream is split along
+            time (a ``Shard(1)`` DTensor, ``ceil(T / tp)`` tokens a rank), and the norms run on each rank's tokens
+            (their weights ``Replicate`` DTensors); each block all-gathers its normed input and reduce-scatters its
+            output instead of all-reducing it (the same bytes). The final norm's output is gathered whole for the
+            head.
 
     After it, each layer's retention runs heads ``r·H/tp .. (r+1)·H/tp`` on mesh rank ``r`` (``q/k/v/g_proj``
     column-parallel, ``o_proj`` row-parallel, the head norm's weight a ``Shard(0)`` DTensor) and its FFN a
@@ -108,8 +128,15 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
     heads = config.num_attention_heads // size
     for layer in layers:
         plan = {path: ColwiseParallel() for path in COLUMN_PARALLEL if _submodule(layer, path) is not None}
-        plan.update({path: RowwiseParallel() for path in ROW_PARALLEL})
+        output = dict(output_layouts=Shard(1), use_local_output=False) if sequence_parallel else {}
+        plan.update({path: RowwiseParallel(**output) for path in ROW_PARALLEL})
+        if sequence_parallel:
+            plan.update({"retention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()})
+            layer.register_forward_pre_hook(functools.partial(_split_sequence, mesh=tp_mesh))
         parallelize_module(layer, tp_mesh, plan)
+        if sequence_parallel:
+            for norm in (layer.retention_norm, layer.ffn_norm):
+                _GradsSummedOverMesh(norm, tp_mesh)
         # Each sub-block's input enters as one replicated DTensor: the partial input gradients of its
         # column-parallel projections add up on it and are all-reduced once where it turns back into the plain
         # residual stream (2 backward all-reduces a layer rather than one per projection).
@@ -122,9 +149,13 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
             retention.head_norm.weight = nn.Parameter(distribute_tensor(weight.detach(), tp_mesh, [Shard(0)]),
                                                       requires_grad=weight.requires_grad)
         if any(True for _ in layer.mlp.act_fn.parameters()):
-            _ActivationGradsSummedOverMesh(layer.mlp.act_fn, tp_mesh)
+            _GradsSummedOverMesh(layer.mlp.act_fn, tp_mesh)
     if vocab_parallel:
         _split_vocabulary(model, backbone, tp_mesh)
+    if sequence_parallel:
+        parallelize_module(backbone.norm, tp_mesh, SequenceParallel())
+        _GradsSummedOverMesh(backbone.norm, tp_mesh)
+        backbone.norm.register_forward_hook(_gather_sequence)
     return model
 
 
@@ -285,11 +316,31 @@ def _submodule(layer: nn.Module, path: str) -> nn.Module | None:
 def _replicated_first_input(module: nn.Module, args: tuple, *, mesh: DeviceMesh) -> tuple:
     """Forward pre-hook: the block's first input (the normed residual stream, the same on every rank) as a
     ``Replicate`` DTensor. Its gradient, the projections' partial sums, is all-reduced in ``from_local``'s
-    backward."""
+    backward; under sequence parallelism the input is a ``Shard(1)`` DTensor, all-gathered here, and its gradient
+    reduce-scattered."""
+    hidden_states = args[0]
+    if isinstance(hidden_states, DTensor):
+        if hidden_states.placements == (Replicate(),):
+            return args
+        return (hidden_states.redistribute(mesh, [Replicate()]), *args[1:])
+    return (DTensor.from_local(hidden_states, mesh, [Replicate()], run_check=False), *args[1:])
+
+
+def _split_sequence(module: nn.Module, args: tuple, *, mesh: DeviceMesh) -> tuple:
+    """Forward pre-hook on a decoder layer under sequence parallelism: the residual stream as it enters the first
+    layer (the embedding's output, whole on every rank) cut along time, each rank keeping its tokens (no
+    communication; the gradient is all-gathered back). Later layers receive the ``Shard(1)`` DTensor already."""
     hidden_states = args[0]
     if isinstance(hidden_states, DTensor):
         return args
-    return (DTensor.from_local(hidden_states, mesh, [Replicate()], run_check=False), *args[1:])
+    whole = DTensor.from_local(hidden_states, mesh, [Replicate()], run_check=False)
+    return (whole.redistribute(mesh, [Shard(1)]), *args[1:])
+
+
+def _gather_sequence(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on the final norm under sequence parallelism: its output gathered whole along time, a plain
+    tensor for the head (the gradient, the same on every rank, is cut back to each rank's tokens)."""
+    return output.redistribute(output.device_mesh, [Replicate()]).to_local()
 
 
 class _SumOverMesh(torch.autograd.Function):
@@ -307,7 +358,8 @@ class _SumOverMesh(torch.autograd.Function):
 
 class _SumGradOverMesh(torch.autograd.Function):
     """Identity in the forward; the gradient summed (all-reduced) over the mesh in the backward: Megatron's ``f``,
-    for a replicated parameter that each rank applies to its own slice of the FFN."""
+    for a replicated parameter that each rank applies to its own slice of the FFN, or (a ``Replicate`` DTensor
+    whose gradient comes back ``Partial``) to its own tokens under sequence parallelism."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
@@ -316,21 +368,26 @@ class _SumGradOverMesh(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if isinstance(grad, DTensor):
+            return grad.redistribute(grad.device_mesh, [Replicate()]), None
         return DTensor.from_local(grad, ctx.mesh, [Partial()]).full_tensor(), None
 
 
-class _ActivationGradsSummedOverMesh:
-    """Forward hooks on an activation with parameters (SAU's ``alpha``, a trainable gSmeLU's five): for the length
-    of its forward, each parameter that requires a gradient is replaced by :class:`_SumGradOverMesh` of it, so
-    the gradient the parameter receives is summed over the ranks' slices of the FFN. Being part of the graph
+class _GradsSummedOverMesh:
+    """Forward hooks on a module whose replicated parameters each rank applies to its own part of the work (SAU's
+    ``alpha``, a trainable gSmeLU's five, on the rank's slice of the FFN; a norm's weight and bias on the rank's
+    tokens under sequence parallelism): for the length of its forward, each parameter that requires a gradient is
+    replaced by :class:`_SumGradOverMesh` of it, so the gradient the parameter receives is summed over the ranks,
+    a replicated one like its parameter (without it a sequence-parallel norm's would be left ``Partial``, which
+    neither the optimizer nor FSDP2 reduces). Being part of the graph
     rather than a hook on a parameter object, it acts on whatever parameter the module holds when it runs: FSDP2's
     unsharded one (``fully_shard`` replaces the parameter objects), or one unfrozen after parallelizing."""
 
-    def __init__(self, act_fn: nn.Module, mesh: DeviceMesh):
+    def __init__(self, module: nn.Module, mesh: DeviceMesh):
         self.mesh = mesh
         self.swapped: dict[str, torch.Tensor] = {}
-        act_fn.register_forward_pre_hook(self.before)
-        act_fn.register_forward_hook(self.after, always_call=True)
+        module.register_forward_pre_hook(self.before)
+        module.register_forward_hook(self.after, always_call=True)
 
     def before(self, module: nn.Module, args: tuple) -> None:
         if not torch.is_grad_enabled():

@@ -38,10 +38,21 @@ CASES = {
     # untied, the loss on the gathered logits; the padding row (60) is rank 1's
     "vocab_untied_logits": dict(config=dict(ffn_glu=False, tie_word_embeddings=False, pad_token_id=60),
                                 mode="parallel", vocab_parallel=True),
-    "vocab_classifier": dict(config=dict(ffn_glu=True, num_labels=3), mode="parallel", classifier=True,
-                             vocab_parallel=True),
+    "vocab_sequence_classifier": dict(config=dict(ffn_glu=True, num_labels=3), mode="parallel", classifier=True,
+                                      vocab_parallel=True, sequence_parallel=True),
 }
-VOCAB_CASES = [name for name, case in CASES.items() if case.get("vocab_parallel")]
+CASES.update({
+    # sequence parallelism: the residual stream split along time (37 tokens: 19 and 18), LayerNorm, SAU
+    "sequence_glu": dict(config=dict(ffn_glu=True, ffn_bias=True, hidden_act="sau"), mode="parallel",
+                         sequence_parallel=True),
+    # ... RMSNorm, the fused loss on the vocabulary-parallel head, a padded row, chunkwise, checkpointed
+    "sequence_vocab_rms": dict(config=dict(ffn_glu=False, norm_type="rmsnorm", fuse_linear_cross_entropy=True),
+                               mode="chunkwise", padded=True, vocab_parallel=True, sequence_parallel=True,
+                               checkpointing=True),
+})
+# the cases whose generation and export are checked too
+SPLIT_IO_CASES = [name for name, case in CASES.items()
+                  if (case.get("vocab_parallel") or case.get("sequence_parallel")) and not case.get("classifier")]
 GENERATE_TOKENS = 6
 MAX_NORM = 0.05  # below the gradients' norm, so clipping scales them
 
@@ -154,7 +165,8 @@ def main(out_dir: str) -> None:
         if CASES[name].get("unfreeze_activation_later"):
             set_activation_trainable(model, False)
         vocab_parallel = bool(CASES[name].get("vocab_parallel"))
-        model = parallelize_retnet(model, mesh["tp"], vocab_parallel=vocab_parallel)
+        model = parallelize_retnet(model, mesh["tp"], vocab_parallel=vocab_parallel,
+                                   sequence_parallel=bool(CASES[name].get("sequence_parallel")))
         if CASES[name].get("unfreeze_activation_later"):
             set_activation_trainable(model, True)
         output = model(**build_inputs(name))
@@ -166,7 +178,7 @@ def main(out_dir: str) -> None:
             "local_grad_shapes": {n: tuple(getattr(p.grad, "_local_tensor", p.grad).shape)
                                   for n, p in model.named_parameters() if p.grad is not None},
         }
-        if vocab_parallel and not CASES[name].get("classifier"):
+        if name in SPLIT_IO_CASES:
             model.eval()
             with torch.no_grad():
                 results[name]["generated"] = model.generate(**generation_inputs())
@@ -192,6 +204,16 @@ def main(out_dir: str) -> None:
         forward = collectives.counts.copy()
         loss.backward()
     results["vocab_collectives"] = {"forward": forward, "backward": collectives.counts - forward}
+    model = parallelize_retnet(build_model("sequence_glu"), mesh["tp"], sequence_parallel=True)
+    with CollectiveCounter() as collectives:
+        output = model(**build_inputs("sequence_glu"), output_hidden_states=True)
+        forward = collectives.counts.copy()
+        output.loss.backward()
+    results["sequence_collectives"] = {"forward": forward, "backward": collectives.counts - forward}
+    results["sequence_hidden"] = [(type(h).__name__, getattr(h, "placements", None),
+                                   tuple(getattr(h, "_local_tensor", h).shape)) for h in output.hidden_states]
+    results["sequence_norm_grad"] = [type(model.model.layers[0].ffn_norm.weight.grad).__name__,
+                                     model.model.layers[0].ffn_norm.weight.grad.placements]
 
     # Generation: greedy, left-padded prompts, recurrent steps on each rank's heads.
     model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"]).eval()

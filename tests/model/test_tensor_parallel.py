@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.distributed.tensor import Replicate
 
 from retnet.model import RetNetForCausalLM
 from retnet.model.tensor_parallel import parallelize_retnet
@@ -24,8 +25,8 @@ from tensor_parallel_worker import (  # noqa: E402
     CASES,
     DP,
     MAX_NORM,
+    SPLIT_IO_CASES,
     TP,
-    VOCAB_CASES,
     build_inputs,
     build_model,
     dp_batch,
@@ -162,11 +163,13 @@ def test_vocab_parallel_splits_the_embedding_and_head_by_rows(run):
         assert tied["model.embed_tokens.weight"] == (rows, 64) and "lm_head.weight" not in tied
         untied = results["vocab_untied_logits"]["local_grad_shapes"]
         assert untied["model.embed_tokens.weight"] == untied["lm_head.weight"] == (rows, 64)
-        assert results["vocab_classifier"]["local_grad_shapes"]["model.embed_tokens.weight"] == (rows, 64)
+        assert results["vocab_sequence_classifier"]["local_grad_shapes"]["model.embed_tokens.weight"] == (rows, 64)
 
 
-@pytest.mark.parametrize("name", [name for name in VOCAB_CASES if not CASES[name].get("classifier")])
-def test_vocab_parallel_generates_and_exports_the_unsharded_model(run, name):
+@pytest.mark.parametrize("name", SPLIT_IO_CASES)
+def test_vocab_and_sequence_parallel_generate_and_export_the_unsharded_model(run, name):
+    """Greedy generation (a left-padded prefill, then one token a step: under sequence parallelism rank 1's share
+    of a step is no token) and the gathered state dict, bit for bit."""
     ranks, _ = run
     model = build_model(name).eval()
     with torch.no_grad():
@@ -185,6 +188,22 @@ def test_vocab_parallel_collectives(run):
     # loss); the loss's one all-gather of each rank's log-sum-exp and target logits (one chunk). Backward: the layers'.
     assert ranks[0]["vocab_collectives"] == {"forward": {"all_reduce": 6, "all_gather_into_tensor": 1},
                                              "backward": {"all_reduce": 4}}
+
+
+def test_sequence_parallel_collectives_and_layouts(run):
+    """Between the layers each rank holds its tokens (37: 19 and 18); every block all-gathers its input and
+    reduce-scatters its output instead of one all-reduce (and the reverse backward), the final norm's output is
+    gathered for the head, and each norm's weight and bias (LayerNorm: 2 layers x 2 + the final norm) gets its
+    gradient summed over the ranks, a Replicate DTensor like the parameter; SAU's alpha as without it."""
+    ranks, _ = run
+    for rank, results in enumerate(ranks):
+        assert results["sequence_collectives"] == {
+            "forward": {"all_gather_into_tensor": 5, "reduce_scatter_tensor": 4},
+            "backward": {"all_gather_into_tensor": 5, "reduce_scatter_tensor": 4, "all_reduce": 2 + 10}}
+        embedded, between, last = results["sequence_hidden"]
+        assert embedded == ("Tensor", None, (2, 37, 64)) and last == ("Tensor", None, (2, 37, 64))
+        assert between[0] == "DTensor" and between[2] == (2, 19 if rank == 0 else 18, 64)
+        assert results["sequence_norm_grad"][1] == (Replicate(),)
 
 
 def test_parallelizing_twice_is_refused(run):
