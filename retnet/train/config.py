@@ -400,7 +400,11 @@ class TrainConfig(_Section):
 
     ``vocab_parallel`` (with ``tensor_parallel`` > 1): the embedding and the LM head are split by vocabulary rows
     too (``ceil(vocab / T)`` rows a rank), and the fused loss computes each rank's logits only; without it every rank
-    of a group holds them whole. Not with distillation (``distill.teacher``)."""
+    of a group holds them whole. Not with distillation (``distill.teacher``).
+
+    ``sequence_parallel`` (with ``tensor_parallel`` > 1): Megatron's sequence parallelism, the residual stream and the
+    norms between the blocks split along time across the T ranks (``1 / T`` of their activation memory; each block
+    all-gathers and reduce-scatters instead of all-reducing)."""
 
     output_dir: str = "runs/default"
     steps: int = 1000
@@ -418,6 +422,7 @@ class TrainConfig(_Section):
     context_parallel: int = 1  # ranks that split each row along time (1 = none); must divide the world size
     tensor_parallel: int = 1  # ranks that split each decoder layer (1 = none); must divide the world size
     vocab_parallel: bool = False  # tensor_parallel > 1: also split the embedding and LM head by vocabulary rows
+    sequence_parallel: bool = False  # tensor_parallel > 1: also split the residual stream and norms along time
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -428,9 +433,10 @@ class TrainConfig(_Section):
             _refuse("train.context_parallel", "must be >= 1 (1: no context parallelism)", self.context_parallel)
         if self.tensor_parallel < 1:
             _refuse("train.tensor_parallel", "must be >= 1 (1: no tensor parallelism)", self.tensor_parallel)
-        if self.vocab_parallel and self.tensor_parallel == 1:
-            _refuse("train.vocab_parallel", "needs train.tensor_parallel > 1 (it splits the vocabulary across a "
-                    "tensor-parallel group's ranks)", self.vocab_parallel)
+        for name, what in (("vocab_parallel", "the vocabulary"), ("sequence_parallel", "each row's tokens")):
+            if getattr(self, name) and self.tensor_parallel == 1:
+                _refuse(f"train.{name}", f"needs train.tensor_parallel > 1 (it splits {what} across a "
+                        f"tensor-parallel group's ranks)", getattr(self, name))
         # numpy's SeedSequence (the block permutation) takes no negative seed, torch.manual_seed none of 2**64
         if not 0 <= self.seed < 2**63:
             _refuse("train.seed", "must be in [0, 2**63)", self.seed)

@@ -350,7 +350,9 @@ class Trainer:
         if not is_distributed():
             return "single process"
         if self.tp_size > 1:  # no DDP (it takes no DTensor parameters): FSDP2 over mesh["dp"], or _average_gradients
-            split = "tensor parallel" + (" (and the vocabulary)" if self.cfg.train.vocab_parallel else "")
+            also = [what for what, on in (("vocabulary", self.cfg.train.vocab_parallel),
+                                          ("sequence", self.cfg.train.sequence_parallel)) if on]
+            split = "tensor parallel" + (f" ({' and '.join(also)} split too)" if also else "")
             if self.fsdp:
                 return f"{split}, fsdp over the data-parallel groups"
             return split + (", data-parallel gradient mean" if self.dp_size > 1 else "")
@@ -478,7 +480,8 @@ class Trainer:
             from retnet.model.tensor_parallel import parallelize_retnet
 
             try:
-                parallelize_retnet(model, self.tp_mesh["tp"], vocab_parallel=self.cfg.train.vocab_parallel)
+                parallelize_retnet(model, self.tp_mesh["tp"], vocab_parallel=self.cfg.train.vocab_parallel,
+                                   sequence_parallel=self.cfg.train.sequence_parallel)
             except ValueError as error:  # what the checks before could not see
                 raise ConfigError(f"train.tensor_parallel {self.tp_size}: {error}") from None
         if self.cfg.train.activation_checkpointing:

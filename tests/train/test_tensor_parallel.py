@@ -41,10 +41,12 @@ from retnet.train.trainer import Trainer
      r"model\.intermediate_size must be divisible by train\.tensor_parallel \(4\).*got 130"),
     (["--train.tensor_parallel=1", "--train.vocab_parallel=true"],
      r"train\.vocab_parallel needs train\.tensor_parallel > 1 .*got True"),
+    (["--train.tensor_parallel=1", "--train.sequence_parallel=true"],
+     r"train\.sequence_parallel needs train\.tensor_parallel > 1 \(it splits each row's tokens.*got True"),
     (["--train.vocab_parallel=true", "--distill.teacher=org/teacher"],
      r"train\.vocab_parallel is not supported with distillation \(distill\.teacher 'org/teacher'\) yet.*got True"),
 ], ids=["zero", "context-parallel", "lora", "reward", "dpo", "grpo", "compile", "dropout",
-        "heads", "ffn", "vocab-without-tp", "vocab-distill"])
+        "heads", "ffn", "vocab-without-tp", "vocab-distill", "sequence-without-tp"])
 def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message):
     if not any(o.startswith("--train.tensor_parallel") for o in overrides):
         overrides = ["--train.tensor_parallel=2", *overrides]
@@ -171,9 +173,9 @@ def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(mi
 
     checkpoint = split / "checkpoints" / "step_00000002"
     resumed, alone = tmp_path / "resumed", tmp_path / "alone"
-    # ... with the vocabulary split too (the full checkpoint's embedding cut into each rank's rows)
+    # ... with the vocabulary (the full checkpoint's embedding cut into each rank's rows) and the sequence split too
     four = run(micro(resumed, **common, train__tensor_parallel=2, train__vocab_parallel=True,
-                     train__resume=checkpoint), nproc=4)
+                     train__sequence_parallel=True, train__resume=checkpoint), nproc=4)
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
     assert "world 4 / tensor parallel 2 = 2 data-parallel groups × micro 2 × accum 1" in four.stderr
     assert "at step 2" in four.stderr and "written by 2 ranks, resuming with 4" in four.stderr
@@ -207,12 +209,14 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     single, split, alone, full = (tmp_path / name for name in ("single", "split", "alone", "full"))
     common = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
                   checkpoint__interval=2, model__intermediate_size=70)
-    fsdp_tp = dict(train__tensor_parallel=2, train__parallelism="fsdp", train__vocab_parallel=True)
+    fsdp_tp = dict(train__tensor_parallel=2, train__parallelism="fsdp", train__vocab_parallel=True,
+                   train__sequence_parallel=True)
     assert run_here(micro(single, **common)).returncode == 0
     four = run(micro(split, **common, **fsdp_tp, checkpoint__export=True), nproc=4)
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
     assert ("world 4 / tensor parallel 2 = 2 data-parallel groups × micro 2 × accum 1 = global 4 blocks of 32 "
-            "tokens; tensor parallel (and the vocabulary), fsdp over the data-parallel groups") in four.stderr
+            "tokens; tensor parallel (vocabulary and sequence split too), fsdp over the data-parallel groups"
+            in four.stderr)
     # the gradient norm: one all-reduce over the flattened (dp, tp) mesh, not one a dimension in a row
     assert "sequential all_reduce" not in four.stderr
     expected = _losses(read_metrics, single)
