@@ -72,6 +72,15 @@ def build_model(name: str, seed: int = 0):
     return model
 
 
+def parallelize_case(name: str, model, tp_mesh):
+    """``parallelize_retnet`` with the case's splits of the vocabulary and the sequence."""
+    from retnet.model.tensor_parallel import parallelize_retnet
+
+    case = CASES[name]
+    return parallelize_retnet(model, tp_mesh, vocab_parallel=bool(case.get("vocab_parallel")),
+                              sequence_parallel=bool(case.get("sequence_parallel")))
+
+
 def build_inputs(name: str) -> dict:
     case = CASES[name]
     generator = torch.Generator().manual_seed(1)
@@ -164,9 +173,7 @@ def main(out_dir: str) -> None:
         model = build_model(name)
         if CASES[name].get("unfreeze_activation_later"):
             set_activation_trainable(model, False)
-        vocab_parallel = bool(CASES[name].get("vocab_parallel"))
-        model = parallelize_retnet(model, mesh["tp"], vocab_parallel=vocab_parallel,
-                                   sequence_parallel=bool(CASES[name].get("sequence_parallel")))
+        model = parallelize_case(name, model, mesh["tp"])
         if CASES[name].get("unfreeze_activation_later"):
             set_activation_trainable(model, True)
         output = model(**build_inputs(name))
@@ -191,25 +198,16 @@ def main(out_dir: str) -> None:
             except ValueError as error:
                 results["twice"] = str(error)
 
-    # Collectives of one training step (2 layers, SAU's alpha).
-    model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"])
-    with CollectiveCounter() as collectives:
-        loss = model(**build_inputs("glu_parallel")).loss
-        forward = collectives.counts.copy()
-        loss.backward()
-    results["collectives"] = {"forward": forward, "backward": collectives.counts - forward}
-    model = parallelize_retnet(build_model("vocab_tied_fused"), mesh["tp"], vocab_parallel=True)
-    with CollectiveCounter() as collectives:
-        loss = model(**build_inputs("vocab_tied_fused")).loss
-        forward = collectives.counts.copy()
-        loss.backward()
-    results["vocab_collectives"] = {"forward": forward, "backward": collectives.counts - forward}
-    model = parallelize_retnet(build_model("sequence_glu"), mesh["tp"], sequence_parallel=True)
-    with CollectiveCounter() as collectives:
-        output = model(**build_inputs("sequence_glu"), output_hidden_states=True)
-        forward = collectives.counts.copy()
-        output.loss.backward()
-    results["sequence_collectives"] = {"forward": forward, "backward": collectives.counts - forward}
+    # Collectives of one training step (2 layers, SAU's alpha), each split.
+    for key, name in (("collectives", "glu_parallel"), ("vocab_collectives", "vocab_tied_fused"),
+                      ("sequence_collectives", "sequence_glu")):
+        model = parallelize_case(name, build_model(name), mesh["tp"])
+        with CollectiveCounter() as collectives:
+            output = model(**build_inputs(name), output_hidden_states=True)
+            forward = collectives.counts.copy()
+            output.loss.backward()
+        results[key] = {"forward": forward, "backward": collectives.counts - forward}
+    # (the last: sequence_glu)
     results["sequence_hidden"] = [(type(h).__name__, getattr(h, "placements", None),
                                    tuple(getattr(h, "_local_tensor", h).shape)) for h in output.hidden_states]
     results["sequence_norm_grad"] = [type(model.model.layers[0].ffn_norm.weight.grad).__name__,
