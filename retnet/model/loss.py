@@ -48,8 +48,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.late_mean = logits.dtype == torch.float16
             valid = target != IGNORE_INDEX
             local_target = target - vocab_start
-            # the tokens whose target row this rank holds (every valid one without a mesh)
-            here = valid & (local_target >= 0) & (local_target < weight.shape[0])
+            # the tokens whose target row this rank holds; without a mesh every valid one, so that an id past the
+            # vocabulary fails in gather as in the unfused loss (the mesh's are checked before the loop)
+            here = valid & (local_target >= 0) & (local_target < weight.shape[0]) if mesh is not None else valid
             safe_target = torch.where(here, local_target, 0)
             log_norm = torch.logsumexp(logits_fp32, dim=-1)
             picked = torch.where(here, logits_fp32.gather(1, safe_target[:, None]).squeeze(1), 0.0)
@@ -161,14 +162,29 @@ def linear_cross_entropy(
         denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"linear_cross_entropy: chunk_tokens must be at least 1; got {chunk_tokens}")
-    # the whole vocabulary's width, also for a rank's rows of it: every rank must run as many chunks
-    chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     mesh, vocab_start = None, 0
     if isinstance(weight, DTensor):
         mesh, vocab_start = weight.device_mesh, vocab_shard_start(weight)
+        # A rank's chunk of logits is its rows' (rank 0's, the most: every rank must run as many chunks).
+        chunk = chunk_tokens or _chunk_tokens(-(-weight.shape[0] // mesh.size()))
+        # A target past the vocabulary would be no rank's, and count as a logit of 0 instead of failing as the
+        # unfused loss does (one host sync a call)
+        check_token_ids(targets, weight.shape[0], "labels", ignore=IGNORE_INDEX)
         weight = weight.to_local()  # its gradient goes back to the DTensor's Shard(0)
+    else:
+        chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, denominator, chunk, torch.is_grad_enabled(), mesh,
                                      vocab_start)
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str, ignore: int | None = None) -> None:
+    """IndexError, as an unsplit lookup raises, for an id of ``ids`` outside ``[0, vocab_size)`` (``ignore`` aside):
+    a vocabulary split across ranks would find it on no rank and go on with zeros."""
+    bad = (ids < 0) | (ids >= vocab_size)
+    if ignore is not None:
+        bad &= ids != ignore
+    if bad.any():
+        raise IndexError(f"{what} hold id {int(ids[bad][0])}, outside the vocabulary [0, {vocab_size})")
 
 
 def vocab_shard_start(weight: DTensor) -> int:

@@ -37,11 +37,12 @@ Data parallelism over tensor parallelism: FSDP2, ``fully_shard(layer, mesh=mesh[
 :func:`clip_grad_norm_` takes the gradients on both meshes. ``DistributedDataParallel`` over the dp group is not
 supported: it refuses the mix of DTensor and plain parameters ("got mixed torch.Tensor and DTensor").
 
-Optimizers: the parameters are a mix of DTensors (the sharded weights) and plain tensors (the replicated ones),
-which torch's multi-tensor paths refuse (``foreach=True``, ``fused=True``: "got mixed torch.Tensor and DTensor").
-The for-loop path works: pass ``foreach=False`` on CUDA, where torch picks ``foreach`` by default (it counts
-DTensors among the types foreach supports, not the mix); on the CPU the for-loop path is the default. Under FSDP2
-over the dp mesh every parameter is a DTensor, and ``foreach`` and ``fused`` work (checked on the CPU).
+Optimizers: the parameters are usually a mix of DTensors (the sharded weights) and plain tensors (the replicated
+ones), which torch's multi-tensor paths refuse (``foreach=True``, ``fused=True``: "got mixed torch.Tensor and
+DTensor"). The for-loop path works: pass ``foreach=False`` on CUDA, where torch picks ``foreach`` by default (it
+counts DTensors among the types foreach supports, not the mix); on the CPU the for-loop path is the default. Under
+FSDP2 over the dp mesh every parameter is a DTensor, and so with ``vocab_parallel`` and ``sequence_parallel`` when
+no activation or classifier head holds parameters: then ``foreach`` and ``fused`` work (checked on the CPU).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+from retnet.model.loss import check_token_ids, vocab_shard_start
 
 # Module paths inside a RetNetDecoderLayer, by how they are split (absent optional ones are skipped).
 COLUMN_PARALLEL = ("retention.q_proj", "retention.k_proj", "retention.v_proj", "retention.g_proj", "mlp.gate_proj",
@@ -91,9 +94,11 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
     After it, each layer's retention runs heads ``r·H/tp .. (r+1)·H/tp`` on mesh rank ``r`` (``q/k/v/g_proj``
     column-parallel, ``o_proj`` row-parallel, the head norm's weight a ``Shard(0)`` DTensor) and its FFN a
     ``1/tp`` slice of ``intermediate_size`` (``gate/up_proj`` column-parallel, ``down_proj`` row-parallel);
-    inputs, outputs and the residual stream are plain, replicated tensors, and a cache holds each rank's heads,
-    ``[B, H/tp, K, V]`` per layer. Embeddings, the norms around the layers, the LM head (or ``score``) stay
-    replicated plain parameters. An activation's parameters (``sau``'s ``alpha``, a trainable ``gsmelu``'s) stay
+    inputs, outputs and the residual stream are plain, replicated tensors (``sequence_parallel``: the residual stream
+    between the blocks a ``Shard(1)`` DTensor), and a cache holds each rank's heads, ``[B, H/tp, K, V]`` per layer.
+    The embedding, the norms around the layers, the LM head (or ``score``) stay replicated plain parameters, except
+    the embedding and LM head with ``vocab_parallel`` (``Shard(0)`` DTensors) and the norms with
+    ``sequence_parallel`` (``Replicate`` DTensors). An activation's parameters (``sau``'s ``alpha``, a trainable ``gsmelu``'s) stay
     replicated too; as they act on the rank's slice of the FFN, their gradients are summed over the mesh inside
     the autograd graph (in the activation's forward, so frozen or unfrozen later, or under FSDP2, alike).
 
@@ -168,17 +173,16 @@ class VocabParallelEmbedding(nn.Embedding):
     embedding, whose class it takes (as FSDP2's ``fully_shard`` does)."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        from retnet.model.loss import vocab_shard_start
-
         weight = self.weight  # read at each call: FSDP2 swaps in its unsharded DTensor for the forward
-        start, rows = vocab_shard_start(weight), weight.to_local().shape[0]
+        check_token_ids(input_ids, weight.shape[0], "input_ids")  # else zeros for an id no rank holds
+        start, local = vocab_shard_start(weight), weight.to_local()
         local_ids = input_ids - start
-        here = (local_ids >= 0) & (local_ids < rows)
+        here = (local_ids >= 0) & (local_ids < local.shape[0])
         padding = None
-        if self.padding_idx is not None and 0 <= self.padding_idx - start < rows:
+        if self.padding_idx is not None and 0 <= self.padding_idx - start < local.shape[0]:
             padding = self.padding_idx - start
-        embedded = F.embedding(torch.where(here, local_ids, 0), weight.to_local(), padding, self.max_norm,
-                               self.norm_type, self.scale_grad_by_freq, self.sparse)
+        # (max_norm and scale_grad_by_freq are refused: the other ranks' tokens, looked up as row 0, would count)
+        embedded = F.embedding(torch.where(here, local_ids, 0), local, padding)
         return _SumOverMesh.apply(embedded * here.unsqueeze(-1).to(embedded.dtype), weight.device_mesh)
 
 
@@ -273,19 +277,31 @@ def _check(model: nn.Module, layers: nn.ModuleList, config, tp_mesh: DeviceMesh)
 
 
 def _check_vocab(model: nn.Module, backbone: nn.Module, config, tp_mesh: DeviceMesh) -> None:
-    size, vocab = tp_mesh.size(), config.vocab_size
-    rows = -(-vocab // size)  # torch's cut: ceil(vocab / size) rows a rank, the rest on the last
-    if rows * (size - 1) >= vocab:
-        raise ValueError(f"a vocabulary-parallel split over {size} ranks cuts {rows} rows a rank, which leaves the "
-                         f"last rank none of config.vocab_size={vocab}; pad the vocabulary to a multiple of {size}")
+    problem = vocab_split_problem(config.vocab_size, tp_mesh.size())
+    if problem:
+        raise ValueError(f"{problem} of config.vocab_size={config.vocab_size}")
     embedding, head = backbone.embed_tokens, getattr(model, "lm_head", None)
     if type(embedding) is not nn.Embedding or type(embedding.weight) not in (torch.Tensor, nn.Parameter):
         raise ValueError(f"vocab_parallel splits a plain nn.Embedding; embed_tokens is {type(embedding).__name__} "
                          f"with a {type(embedding.weight).__name__} weight")
+    if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+        raise ValueError(f"vocab_parallel splits an embedding without max_norm, scale_grad_by_freq or sparse; "
+                         f"embed_tokens has max_norm={embedding.max_norm}, scale_grad_by_freq="
+                         f"{embedding.scale_grad_by_freq}, sparse={embedding.sparse}")
     if head is not None and (type(head) is not nn.Linear or head.bias is not None
                              or type(head.weight) not in (torch.Tensor, nn.Parameter)):
         raise ValueError(f"vocab_parallel splits a bias-free nn.Linear LM head; lm_head is {head!r} with a "
                          f"{type(head.weight).__name__} weight")
+
+
+def vocab_split_problem(vocab_size: int, ranks: int) -> str | None:
+    """Why a vocabulary of ``vocab_size`` rows cannot be split over ``ranks`` (the last rank would hold none, as
+    torch cuts ``ceil(vocab / ranks)`` rows a rank), or None."""
+    rows = -(-vocab_size // ranks)
+    if rows * (ranks - 1) < vocab_size:
+        return None
+    return (f"a vocabulary-parallel split over {ranks} ranks cuts {rows} rows a rank, which leaves the last rank none "
+            f"(pad the vocabulary to a multiple of {ranks})")
 
 
 def _split_vocabulary(model: nn.Module, backbone: nn.Module, tp_mesh: DeviceMesh) -> None:

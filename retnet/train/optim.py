@@ -46,7 +46,8 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
 def adamw_kernel(model: nn.Module, device: torch.device) -> dict:
     """AdamW's implementation (its ``fused`` or ``foreach`` argument): fused on CUDA, except over a tensor-parallel
     model's mix of DTensor (split) and plain (replicated) parameters, which the fused and foreach kernels refuse to
-    take in one call: the per-parameter loop. A resume sets it again over the checkpoint's (another split's) choice."""
+    take in one call: the per-parameter loop (all DTensors, as under FSDP2 or with the vocabulary and the sequence
+    split too, take the fused kernel). A resume sets it again over the checkpoint's (another split's) choice."""
     from torch.distributed.tensor import DTensor
 
     split = [isinstance(param, DTensor) for param in model.parameters() if param.requires_grad]

@@ -477,8 +477,12 @@ class Trainer:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.tp_mesh is not None:  # first: checkpointing and the optimizer then see the split layers
-            from retnet.model.tensor_parallel import parallelize_retnet
+            from retnet.model.tensor_parallel import parallelize_retnet, vocab_split_problem
 
+            problem = vocab_split_problem(model.config.vocab_size, self.tp_size)
+            if self.cfg.train.vocab_parallel and problem:
+                raise ConfigError(f"train.vocab_parallel: {problem} of model.vocab_size={model.config.vocab_size}; "
+                                  f"or set train.vocab_parallel=false")
             try:
                 parallelize_retnet(model, self.tp_mesh["tp"], vocab_parallel=self.cfg.train.vocab_parallel,
                                    sequence_parallel=self.cfg.train.sequence_parallel)

@@ -111,6 +111,17 @@ def dp_batch(dp_rank: int) -> dict:
     return dict(input_ids=rows, labels=labels, retention_mode="parallel", use_cache=False)
 
 
+def loss_alone_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden [2, 9, 16], weight [101, 16], labels [2, 9])`` for the fused loss on a vocabulary-parallel head
+    alone, in several chunks."""
+    generator = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(2, 9, 16, generator=generator), torch.randn(101, 16, generator=generator)
+    labels = torch.randint(0, 101, (2, 9), generator=generator)
+    labels[0, :2] = -100
+    labels[1, 3:5] = torch.tensor([50, 51])  # either side of the cut
+    return hidden, weight, labels
+
+
 def set_activation_trainable(model, trainable: bool) -> None:
     for layer in model.model.layers:
         layer.mlp.act_fn.requires_grad_(trainable)
@@ -197,6 +208,30 @@ def main(out_dir: str) -> None:
                 parallelize_retnet(model, mesh["tp"])
             except ValueError as error:
                 results["twice"] = str(error)
+
+    # The fused loss on a vocabulary-parallel head alone: 4 chunks of 5 tokens, a given denominator; ids outside the
+    # vocabulary, which no rank holds, fail as an unsplit lookup does.
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from retnet.model.loss import linear_cross_entropy
+
+    hidden, weight, labels = loss_alone_inputs()
+    hidden.requires_grad_()
+    weight = distribute_tensor(weight, mesh["tp"], [Shard(0)]).requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, labels, num_items_in_batch=13, chunk_tokens=5)
+    loss.backward()
+    results["loss_alone"] = {"loss": loss.detach(), "hidden": hidden.grad, "weight": weight.grad.full_tensor()}
+    refused = results["out_of_vocabulary"] = []
+    for bad_labels in (labels.clone().fill_(101), labels.clone().fill_(-1)):
+        try:
+            linear_cross_entropy(hidden, weight, bad_labels)
+        except IndexError as error:
+            refused.append(str(error))
+    try:
+        parallelize_case("vocab_tied_fused", build_model("vocab_tied_fused"), mesh["tp"])(
+            input_ids=torch.tensor([[5, 101]]))
+    except IndexError as error:
+        refused.append(str(error))
 
     # Collectives of one training step (2 layers, SAU's alpha), each split.
     for key, name in (("collectives", "glu_parallel"), ("vocab_collectives", "vocab_tied_fused"),

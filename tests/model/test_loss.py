@@ -186,3 +186,15 @@ def test_a_chunk_below_one_token_is_refused():
     hidden, weight, labels = _inputs()
     with pytest.raises(ValueError, match="chunk_tokens must be at least 1"):  # -1 gave a loss of 0
         linear_cross_entropy(hidden, weight, labels, chunk_tokens=-1)
+
+
+@pytest.mark.parametrize("label", [11, -1])
+def test_a_label_outside_the_vocabulary_raises_as_in_the_unfused_loss(label):
+    """An id past the vocabulary (or negative, not -100) fails in the fused loss as in causal_lm_loss, not counted
+    as a logit of 0."""
+    hidden, weight = torch.randn(1, 4, 8), torch.randn(11, 8)
+    labels = torch.tensor([[1, 2, label, 3]])
+    with pytest.raises((IndexError, RuntimeError)):
+        causal_lm_loss(hidden @ weight.T, labels)
+    with pytest.raises((IndexError, RuntimeError)):
+        linear_cross_entropy(hidden, weight, labels)

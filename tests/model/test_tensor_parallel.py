@@ -31,6 +31,7 @@ from tensor_parallel_worker import (  # noqa: E402
     build_model,
     dp_batch,
     generation_inputs,
+    loss_alone_inputs,
 )
 
 
@@ -182,6 +183,27 @@ def test_vocab_and_sequence_parallel_generate_and_export_the_unsharded_model(run
             assert torch.equal(state[key], value), key
 
 
+def test_vocab_parallel_fused_loss_in_chunks_and_ids_outside_the_vocabulary(run):
+    """Several chunks (the per-chunk exchange) with a given denominator equal the unsplit fused loss; a label or an
+    input id that no rank holds raises as the unsplit lookup does, instead of counting as a zero logit or row."""
+    from retnet.model.loss import linear_cross_entropy
+
+    ranks, _ = run
+    hidden, weight, labels = loss_alone_inputs()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, labels, num_items_in_batch=13, chunk_tokens=5)
+    loss.backward()
+    for results in ranks:
+        got = results["loss_alone"]
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got["hidden"], hidden.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got["weight"], weight.grad, rtol=1e-5, atol=1e-7)
+        assert results["out_of_vocabulary"] == [
+            "labels hold id 101, outside the vocabulary [0, 101)", "labels hold id -1, outside the vocabulary [0, 101)",
+            "input_ids hold id 101, outside the vocabulary [0, 101)"]
+
+
 def test_vocab_parallel_collectives(run):
     ranks, _ = run
     # forward: the layers' 4 all-reduces, the embedding's sum, the hidden states' gradient (computed with the fused
@@ -250,9 +272,13 @@ def test_config_refusals_name_the_field_and_value(model_factory, overrides, mess
 
 
 def test_vocab_parallel_refusals_name_the_field_and_value(model_factory):
-    with pytest.raises(ValueError, match=re.escape("leaves the last rank none of config.vocab_size=5; pad the "
-                                                   "vocabulary to a multiple of 4")):
+    with pytest.raises(ValueError, match=re.escape("cuts 2 rows a rank, which leaves the last rank none (pad the "
+                                                   "vocabulary to a multiple of 4) of config.vocab_size=5")):
         parallelize_retnet(model_factory(vocab_size=5), _mesh(4), vocab_parallel=True)
+    model = model_factory()
+    model.model.embed_tokens.scale_grad_by_freq = True  # the other ranks' tokens, looked up as row 0, would count
+    with pytest.raises(ValueError, match=re.escape("embed_tokens has max_norm=None, scale_grad_by_freq=True")):
+        parallelize_retnet(model, _mesh(), vocab_parallel=True)
     model = model_factory(tie_word_embeddings=False)
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(101))
     with pytest.raises(ValueError, match=re.escape("vocab_parallel splits a bias-free nn.Linear LM head")):
