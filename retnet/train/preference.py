@@ -32,12 +32,14 @@ slice ``m · world + r``, the position one integer.
 The reference policy is the model as the run starts (``model.init_from``; with LoRA its zero-initialized adapters
 change nothing, so the base model): before the first step the reference log-probs of every train and validation
 pair are computed once (TRL's ``precompute_ref_log_probs``; no second model), in eval mode, the pairs split across
-the ranks (each runs the same number of forwards, as FSDP needs) and all-gathered. The policy trains without
-dropout (TRL's ``disable_dropout``, :func:`policy_overrides`), so at step 1 it is the reference. Rank 0 writes
-them to ``<output_dir>/reference_logps.pt`` with a content hash of the tokenized pairs they are of
-(:func:`pairs_digest`); checkpoints hold the file's digest, and a resume loads that file (or the one beside the
-checkpoint's run), refuses one of another digest, and one computed for other pairs than the data now gives: it
-never recomputes them from the resumed weights.
+the ranks (each runs the same number of forwards, as FSDP needs) and all-gathered. Under tensor parallelism they are
+split across the data-parallel ranks: the ranks of a tensor-parallel group run the split model on the same pairs
+(the batches, the reference pass and the evaluation alike), and each pair's log-probs and metrics count once. The
+policy trains without dropout (TRL's ``disable_dropout``, :func:`policy_overrides`), so at step 1 it is the
+reference. Rank 0 writes them to ``<output_dir>/reference_logps.pt`` with a content hash of the tokenized pairs
+they are of (:func:`pairs_digest`); checkpoints hold the file's digest, and a resume loads that file (or the one
+beside the checkpoint's run), refuses one of another digest, and one computed for other pairs than the data now
+gives: it never recomputes them from the resumed weights.
 """
 
 from __future__ import annotations
@@ -313,10 +315,13 @@ def _metric_sums(chosen: torch.Tensor, rejected: torch.Tensor, policy: torch.Ten
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_reference(model: torch.nn.Module, splits: list[Pairs], *, micro_batch: int, rank: int, world_size: int,
-                      device: torch.device, autocast, progress: bool) -> list[torch.Tensor]:
+                      device: torch.device, autocast, progress: bool, group=None) -> list[torch.Tensor]:
     """Each split's ``[N, 2]`` fp32 (chosen, rejected) summed completion log-probs under ``model`` in eval mode.
     Rank ``r`` computes the ``r``-th contiguous share of the pairs of all splits; every rank runs the same number
-    of forwards (the last share is padded with repeats), and the shares are all-gathered: every rank returns all."""
+    of forwards (the last share is padded with repeats), and the shares are all-gathered over ``group`` (None: the
+    world), whose ``world_size`` ranks ``rank`` numbers: every rank returns all. Under tensor parallelism ``rank``
+    and ``world_size`` are the data-parallel ones: the ranks of a tensor-parallel group run the split model on the
+    same share, their forwards' collectives in step, and each gathers over its ``mesh["dp"]``."""
     from tqdm.auto import tqdm
 
     items = [(split, index) for split, pairs in enumerate(splits) for index in range(len(pairs))]
@@ -338,7 +343,7 @@ def compute_reference(model: torch.nn.Module, splits: list[Pairs], *, micro_batc
         model.train(training)
     if is_distributed():
         gathered = [torch.empty_like(out) for _ in range(world_size)]
-        torch.distributed.all_gather(gathered, out)
+        torch.distributed.all_gather(gathered, out, group=group)
         out = torch.cat(gathered)
     out = out[:len(items)].cpu()
     bounds = np.cumsum([0, *(len(pairs) for pairs in splits)])
@@ -451,6 +456,10 @@ class PreferenceData:
         self.dataset = dataset  # data.dataset, which a refused resume names
         self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
         self.rank, self.world_size = rank, world_size
+        # The process group of the world_size data-parallel ranks, which the reference pass and the evaluation
+        # gather and sum over: None, the world; under tensor parallelism mesh["dp"] (start() takes it), so that the T
+        # ranks of a group, which run the same pairs, count them once.
+        self.group = None
         self.consumed = 0  # global pairs consumed: the data position
         self.hub_fingerprint: str | None = None
         self.step_tokens: int | None = None  # the tokens of the last step's global batch (both sequences of each pair)
@@ -472,19 +481,20 @@ class PreferenceData:
 
     # -- the reference ----------------------------------------------------------------------------------
     def start(self, dpo: DpoConfig, model: torch.nn.Module, autocast, device: torch.device, *, output_dir: Path,
-              checkpoint: Path | None, progress: bool, barrier: Callable[[], None]) -> None:
+              checkpoint: Path | None, progress: bool, barrier: Callable[[], None], group=None) -> None:
         """Hold the reference log-probs: computed from ``model`` as it is (a run that starts; rank 0 writes them
         to ``output_dir``), or read back (a resume from ``checkpoint``: from ``output_dir``, else from beside the
-        checkpoint's run), refusing a file whose digest is not the one the checkpoint holds."""
-        self.dpo, self.device, self.autocast = dpo, device, autocast
+        checkpoint's run), refusing a file whose digest is not the one the checkpoint holds. ``group``: the
+        data-parallel ranks' process group (:attr:`group`)."""
+        self.dpo, self.device, self.autocast, self.group = dpo, device, autocast, group
         path = Path(output_dir) / REFERENCE_FILE
         if checkpoint is None:
             started = time.perf_counter()
             reference = compute_reference(model, [self.train, self.val], micro_batch=self.micro_batch, rank=self.rank,
                                           world_size=self.world_size, device=device, autocast=autocast,
-                                          progress=progress)
+                                          progress=progress, group=group)
             saved = SavedReference(self.key, pairs_digest([self.train, self.val]), reference)
-            if self.rank == 0:
+            if _first_rank():
                 _write_reference(path, saved)
                 logger.info("reference log-probs of %d train + %d validation pairs computed in %.1fs, saved to %s",
                             len(self.train), len(self.val), time.perf_counter() - started, path)
@@ -511,7 +521,7 @@ class PreferenceData:
                         f"other ones (sha256 {now[:16]}…); the resumed run would compare its policy with the "
                         f"reference of other pairs. Restore the data, or start a new run in another "
                         f"train.output_dir")
-                if candidate != path and self.rank == 0:  # for this output_dir's own later resumes
+                if candidate != path and _first_rank():  # for this output_dir's own later resumes
                     _write_reference(path, read)
                 logger.info("resuming with the reference log-probs of the run's start (%s)", candidate)
                 return read.reference
@@ -575,7 +585,8 @@ class PreferenceData:
     def evaluate(self, model: torch.nn.Module, max_pairs: int) -> dict[str, float]:
         """``val_loss`` and ``val_<metric>`` means over ``max_pairs`` validation pairs (evenly spaced over the split,
         rounded down to a multiple of the world size, so every rank runs the same number of forwards; the same set
-        for any world size), ``model`` in the mode the caller set."""
+        for any world size), ``model`` in the mode the caller set. The sums are taken over :attr:`group`: under tensor
+        parallelism a group's ranks score the same pairs, counted once."""
         total = min(max_pairs, len(self.val))
         total = max(total - total % self.world_size, self.world_size)
         chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)
@@ -587,7 +598,7 @@ class PreferenceData:
                 losses, metric_sums = self._pair_loss(model, batch, "val")
             sums += torch.cat([losses.sum().float()[None], metric_sums])
         if is_distributed():
-            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(sums, group=self.group)
         means = (sums / total).tolist()
         return {"val_loss": means[0],
                 **{f"val_{name}": value for name, value in zip(self.metrics, means[1:], strict=True)}}
@@ -602,6 +613,12 @@ class PreferenceData:
             raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a preference run")
         self.consumed, self.digest = int(state["consumed"]), state["reference"]
         self._window, self._window_steps = [float(v) for v in state["window"]], int(state["window_steps"])
+
+
+def _first_rank() -> bool:
+    """This process is the world's rank 0 (or alone): the one that writes the run's files. (The data's ``rank`` is
+    the data-parallel one, which every rank of a tensor-parallel group shares.)"""
+    return not is_distributed() or torch.distributed.get_rank() == 0
 
 
 # ----------------------------------------------------------------------------------------------------------

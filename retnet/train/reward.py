@@ -113,9 +113,10 @@ class RewardData(PreferenceData):
         return f"accuracy {record['val_accuracy']:.3f}, margin {record['val_margin']:.4f}"
 
     def start(self, dpo: DpoConfig, model: torch.nn.Module, autocast, device: torch.device, *, output_dir: Path,
-              checkpoint: Path | None, progress: bool, barrier: Callable[[], None]) -> None:
-        """Only where to compute: a reward model has no reference (its checkpoints' ``reference`` is None)."""
-        self.device, self.autocast = device, autocast
+              checkpoint: Path | None, progress: bool, barrier: Callable[[], None], group=None) -> None:
+        """Only where to compute, and the data-parallel ranks' process group the evaluation sums over: a reward
+        model has no reference (its checkpoints' ``reference`` is None)."""
+        self.device, self.autocast, self.group = device, autocast, group
 
     def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(the pairs' losses ``[B]``, the sums of :data:`METRICS`, in that order)."""

@@ -31,12 +31,14 @@ FSDP+TP), its reduce-scatter taking that mean; either way the run logs the losse
 With ``lora.rank > 0`` (``retnet.train.lora``) peft's adapters are injected into the model before it is wrapped,
 and only they train: the optimizer holds them alone and, on a pretrained model, checkpoints hold only them.
 Preference pairs (``data.format = "preference"``) train with DPO: ``retnet.train.preference`` holds the reference
-log-probs (computed at the start), the loss per micro-batch and its rewards, which ride the step's all-reduce;
-with ``reward.enabled`` ``retnet.train.reward`` trains a reward model (a classifier) on them instead. Prompts
-(``data.format = "prompts"``) train with GRPO through the same hooks: ``retnet.train.grpo`` samples and scores
-each step's completions when it hands out the micro-batches. With ``distill.teacher`` (``retnet.train.distill``) a
-frozen teacher runs on each training micro-batch and the loss is the distillation loss towards it, its parts
-(``kd_loss``, ``ce_loss``) riding the step's all-reduce like DPO's metrics; the validation loss stays the plain one.
+log-probs (computed at the start), the loss per micro-batch and its rewards, which ride the step's all-reduce
+(under tensor parallelism counted once a group, as the loss is; the reference pass and the evaluation gather and sum
+over ``mesh["dp"]``); with ``reward.enabled`` ``retnet.train.reward`` trains a reward model (a classifier) on them
+instead. Prompts (``data.format = "prompts"``) train with GRPO through the same hooks: ``retnet.train.grpo``
+samples and scores each step's completions when it hands out the micro-batches. With ``distill.teacher``
+(``retnet.train.distill``) a frozen teacher runs on each training micro-batch and the loss is the distillation loss
+towards it, its parts (``kd_loss``, ``ce_loss``) riding the step's all-reduce like DPO's metrics; the validation loss
+stays the plain one.
 """
 
 from __future__ import annotations
@@ -313,8 +315,11 @@ class Trainer:
         if getattr(self.data, "grpo", False):  # GRPO: the reward sources, the reference policy
             self.data.start(self)
         elif getattr(self.data, "preference", False):  # DPO: the reference log-probs of the model as it starts
+            # Its collectives over the data-parallel ranks: a tensor-parallel group's ranks hold the same pairs
+            dp_group = None if self.tp_mesh is None else self.tp_mesh["dp"].get_group()
             self.data.start(cfg.dpo, self.model, self.autocast, self.device, output_dir=self.output_dir,
-                            checkpoint=resume_path, progress=self.is_main and cfg.logging.progress, barrier=barrier)
+                            checkpoint=resume_path, progress=self.is_main and cfg.logging.progress, barrier=barrier,
+                            group=dp_group)
         self.start_step = self.step
         self._start_wandb()  # every rank: the others take rank 0's failure to start it, and exit with it
         try:
