@@ -42,12 +42,8 @@ import argparse
 import json
 import os
 import resource
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +58,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import retnet  # noqa: F401
+from benchmarks._launch import threads_per_rank, torchrun, write_rank_result
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.context_parallel import shard_sequences
 
@@ -160,34 +157,18 @@ def worker(args) -> None:
               "activation_bytes": peak, "rss_peak_delta_bytes": max(rss_peak, 0),
               "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
               "documents": len(cu_seqlens) - 1}
-    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
+    write_rank_result(args.out, rank, result)
     dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The launcher
 # ----------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(tokens: int, size: int, cores: int, repeats: int) -> list[dict]:
     """One torchrun launch of ``size`` ranks; returns the ranks' results."""
-    threads = max(1, cores // size)
-    out = Path(tempfile.mkdtemp(prefix="retnet-cp-bench-"))
-    try:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={size}", "--nnodes=1",
-                   f"--master_port={_free_port()}", str(Path(__file__).resolve()), "--worker",
-                   f"--tokens={tokens}", f"--threads={threads}", f"--repeats={repeats}", f"--out={out}"]
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-        if done.returncode != 0:
-            raise SystemExit(f"T={tokens} C={size}: torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(size)]
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    threads = threads_per_rank(cores, size)
+    return torchrun(__file__, size, threads, [f"--tokens={tokens}", f"--threads={threads}", f"--repeats={repeats}"],
+                    what=f"T={tokens} C={size}", timeout=1200)
 
 
 def summarize(ranks: list[dict]) -> dict:
