@@ -608,17 +608,16 @@ def _check_context_parallel(job: JobConfig) -> None:
 
 def _check_tensor_parallel(job: JobConfig) -> None:
     """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: context
-    parallelism (not combined with it yet), LoRA's adapters (not plain ``nn.Linear`` projections), GRPO (its
-    sampler is not split yet), per-layer ``torch.compile``, dropout (each rank would draw its own mask on the
-    replicated residual stream) and heads or an FFN width the ranks cannot share. DPO and reward models train: a
-    group's ranks run the same pairs, their metrics counted once. A ``model.init_from`` model's own architecture and
+    parallelism (not combined with it yet), LoRA's adapters (not plain ``nn.Linear`` projections), per-layer
+    ``torch.compile``, dropout (each rank would draw its own mask on the replicated residual stream) and heads or an
+    FFN width the ranks cannot share. DPO, reward models and GRPO train: a group's ranks run the same pairs (GRPO:
+    sample the same completions), their metrics counted once. A ``model.init_from`` model's own architecture and
     dropout are checked by the trainer, which reads them."""
     size = job.train.tensor_parallel
     if size == 1:
         return
     not_yet = [(job.train.context_parallel > 1, f"train.context_parallel {job.train.context_parallel}"),
                (job.lora.enabled, f"LoRA (lora.rank {job.lora.rank})"),
-               (job.data.format == "prompts", "GRPO (data.format 'prompts')"),
                (job.train.compile, "train.compile (dynamo fails on the split layers' mix of DTensors and plain "
                                    "tensors)")]
     for refused, what in not_yet:

@@ -322,13 +322,17 @@ def _check_grpo(job: JobConfig) -> None:
                 f"{' (set)' if grpo.reward_model else ' (unset)'}), or none for 1 each", grpo.reward_weights)
     import os
 
-    # torchrun sets WORLD_SIZE before the process starts: the split is known now, before the data is read
+    # torchrun sets WORLD_SIZE before the process starts: the split is known now, before the data is read. Under
+    # tensor parallelism the prompts are dealt to the data-parallel ranks (a group's ranks sample the same ones).
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    share, rest = divmod(job.train.global_batch_size, world)
+    ranks = max(world // job.train.group_size, 1)  # (a world the group does not divide is refused at start-up)
+    what = "rank(s)" if ranks == world else f"data-parallel ranks (world {world} / train.tensor_parallel " \
+                                             f"{job.train.tensor_parallel})"
+    share, rest = divmod(job.train.global_batch_size, ranks)
     if rest or share % grpo.num_generations:
         _refuse("train.global_batch_size", f"(completions per step) must split into whole groups of "
-                f"grpo.num_generations ({grpo.num_generations}) on each of the {world} rank(s): each rank "
-                f"samples and scores whole groups; make it a multiple of {grpo.num_generations * world}",
+                f"grpo.num_generations ({grpo.num_generations}) on each of the {ranks} {what}: each rank "
+                f"samples and scores whole groups; make it a multiple of {grpo.num_generations * ranks}",
                 job.train.global_batch_size)
 
 

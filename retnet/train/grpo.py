@@ -36,6 +36,15 @@ completion tokens, ``grpo`` each sequence's mean then the mean over sequences, `
 are packed into one row, logits only where a completion token is predicted; its loss is its share of that global
 normalization, scaled by the accumulation count and the world size, which the trainer's division and DDP's average
 undo: the gradient is the global batch's whatever the split.
+
+Under tensor parallelism (``train.tensor_parallel`` T > 1) the prompts are dealt to the W / T data-parallel ranks
+(``rank`` and ``world_size`` are those): the T ranks of a group sample, score and train on the same completions, the
+split model's forwards collectives of the group in step. Their uniforms are not keyed by the rank and the logits
+``forward`` returns are replicated, so they draw the same tokens; the sampler broadcasts the group's first rank's
+picks besides, and its reward values (a reward function may draw from the per-rank seeded RNGs), so that the ranks
+cannot part. The generation's totals, the batch std and the evaluation's sums are all-reduced over the data-parallel
+ranks (``mesh["dp"]``), and the trainer counts the step's sums of a group's first rank only. The KL reference is
+split as the policy is (and, under FSDP2, sharded over ``mesh["dp"]``), its forwards the group's collectives too.
 """
 
 from __future__ import annotations
@@ -176,15 +185,16 @@ def advantages(rewards: torch.Tensor, generations: int, scale: str,
     return (out if scale == "none" else out / (std + EPSILON)).float(), std.float(), zero
 
 
-def batch_std(rewards: torch.Tensor, count: float, total: float, device: torch.device) -> float:
+def batch_std(rewards: torch.Tensor, count: float, total: float, device: torch.device, group=None) -> float:
     """The unbiased std of the global batch's rewards (``scale_rewards`` ``"batch"``): ``rewards`` ``[n]`` this
     rank's, ``count`` and ``total`` the global batch's number and sum. Two passes: the squared deviations from the
-    global mean are summed (an all-reduce under torchrun). The one-pass ``(Σx² − (Σx)²/n) / (n − 1)`` rounds below
-    0 for equal rewards, and a negative variance's ``** 0.5`` is a complex number; here equal rewards give 0."""
+    global mean are summed (an all-reduce under torchrun, over ``group``: None the world, under tensor parallelism the
+    data-parallel ranks'). The one-pass ``(Σx² − (Σx)²/n) / (n − 1)`` rounds below 0 for equal rewards, and a
+    negative variance's ``** 0.5`` is a complex number; here equal rewards give 0."""
     mean = total / count
     squares = ((rewards.double() - mean) ** 2).sum().reshape(1).to(device)
     if is_distributed():
-        torch.distributed.all_reduce(squares)
+        torch.distributed.all_reduce(squares, group=group)
     return (squares.item() / max(count - 1, 1)) ** 0.5
 
 
@@ -239,6 +249,10 @@ class GrpoData:
         self._saved_generation: dict[str, Any] | None = None
         self._first: int | None = None  # the micro-batch whose old log-probs loss() takes next
         self.all_ranks = False  # FSDP: every rank samples as many forwards as the others
+        # Under tensor parallelism: the data-parallel ranks' process group (mesh["dp"]), which the generation's
+        # totals and the evaluation's sums are all-reduced over, and the tensor-parallel group's (mesh["tp"]), whose
+        # ranks sample the same completions (its first rank's tokens and rewards broadcast). None: the world, none.
+        self.group = self.tp_group = None
 
     def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
         """None: the policy keeps ``model.init_from``'s settings (TRL's GRPOConfig ``disable_dropout`` is off)."""
@@ -258,6 +272,8 @@ class GrpoData:
         self.device, self.autocast, self.policy, self.peft = trainer.device, trainer.autocast, trainer.raw_model, \
             trainer.peft_model
         self.all_ranks = trainer.fsdp
+        if trainer.tp_mesh is not None:
+            self.group, self.tp_group = trainer.tp_mesh["dp"].get_group(), trainer.tp_mesh["tp"].get_group()
         share, rest = divmod(self.global_batch, self.world_size)
         if rest or share % cfg.num_generations:  # the config refused it when torchrun set WORLD_SIZE
             raise ConfigError(f"train.global_batch_size ({self.global_batch}) must split into whole groups of "
@@ -272,15 +288,22 @@ class GrpoData:
         elif cfg.beta > 0:
             self.reference = self._reference(trainer._init_from_dir(), trainer.model_config)
             what = f"model.init_from's weights, frozen ({trainer.cfg.model.init_from})"
+            if trainer.tp_mesh is not None:  # split as the policy is: its forwards are the group's collectives
+                from retnet.model.tensor_parallel import parallelize_retnet
+
+                parallelize_retnet(self.reference, trainer.tp_mesh["tp"], vocab_parallel=trainer.cfg.train.vocab_parallel,
+                                   sequence_parallel=trainer.cfg.train.sequence_parallel)
+                what += f", split across the {trainer.tp_size} tensor-parallel ranks"
             if trainer.fsdp:  # sharded as the policy is: its forwards are collectives in the same order
                 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
                 policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if (
                     trainer.cfg.train.mixed_precision == "bf16" and self.device.type == "cuda") else \
                     MixedPrecisionPolicy()
+                mesh = None if trainer.tp_mesh is None else trainer.tp_mesh["dp"]  # over the data-parallel ranks
                 for layer in self.reference.model.layers:
-                    fully_shard(layer, mp_policy=policy)
-                fully_shard(self.reference, mp_policy=policy)
+                    fully_shard(layer, mesh=mesh, mp_policy=policy)
+                fully_shard(self.reference, mesh=mesh, mp_policy=policy)
                 what += ", sharded"
         sources = 2 * len(self.sources.names)
         if self._window is None:
@@ -318,8 +341,8 @@ class GrpoData:
                  step: int = -1) -> tuple[Generation, torch.Tensor]:
         """This rank's groups of prompts ``ids`` sampled and scored: the :class:`Generation` of ``step`` (its
         micro-batches of ``micro_batch`` completions with the reference's log-probs; the old policy's are added by
-        :meth:`loss` at the generation's first step) and its metric sums (a collective: the global
-        :class:`Totals`)."""
+        :meth:`loss` at the generation's first step) and its metric sums (a collective of the data-parallel ranks:
+        the global :class:`Totals`)."""
         cfg, generations = self.cfg, self.cfg.num_generations
         completions, clipped = [], []
         training = self.policy.training
@@ -333,22 +356,26 @@ class GrpoData:
                     with self.autocast:
                         done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise,
                                            eos=self.stops, temperature=cfg.temperature, top_p=cfg.top_p,
-                                           all_ranks=self.all_ranks)
+                                           all_ranks=self.all_ranks, group=self.tp_group)
                     completions += done
                     clipped += cut
         finally:
             self.policy.train(training)
         rows = np.repeat(ids, generations)
         per_source = self.sources(split, rows, completions)
+        if self.tp_group is not None:  # the group's first rank's values: a reward function may draw random numbers
+            shared = per_source.to(self.device)
+            torch.distributed.broadcast(shared, group=self.tp_group, group_src=0)
+            per_source = shared.cpu()
         rewards = torch.nansum(per_source * self.sources.weights, dim=1)
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
         prompt_tokens = float(sum(len(split.tokens[i]) for i in rows))
         totals = torch.tensor([len(rows), lengths.sum(), prompt_tokens, rewards.double().sum()],
                               dtype=torch.float64, device=self.device)
         if is_distributed():
-            torch.distributed.all_reduce(totals)
+            torch.distributed.all_reduce(totals, group=self.group)
         n, tokens, prompt_tokens, total = totals.tolist()
-        spread = batch_std(rewards, n, total, self.device) if cfg.scale_rewards == "batch" else None
+        spread = batch_std(rewards, n, total, self.device, self.group) if cfg.scale_rewards == "batch" else None
         advantage, std, zero = advantages(rewards, generations, cfg.scale_rewards, spread)
         present = ~per_source.isnan()
         sums = torch.tensor([len(rows), rewards.sum().item(), std.sum().item(), lengths.sum().item(), sum(clipped),
@@ -523,8 +550,8 @@ class GrpoData:
         finally:
             self.policy.train(training)
         stats = torch.cat([loss, sums])
-        if is_distributed():
-            torch.distributed.all_reduce(stats)
+        if is_distributed():  # over the data-parallel ranks: a tensor-parallel group's score the same prompts
+            torch.distributed.all_reduce(stats, group=self.group)
         return {"val_loss": stats[0].item(), **self._means(stats[1:].tolist(), "val_")}
 
     # -- position ---------------------------------------------------------------------------------------

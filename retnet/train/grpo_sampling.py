@@ -10,7 +10,11 @@ the model's ``generation_config.eos_token_id``, :func:`stop_tokens`) or the unif
 inverse CDF over the (``top_p``-cut, ``temperature``-scaled) distribution sorted by probability. Under FSDP every
 forward is a collective: each rank decodes until every rank's rows are done (a max all-reduce per token), its
 finished rows fed a stop id and their draws dropped; :func:`gathered_weights` all-gathers each layer's weights
-once for the whole loop instead of once per decoded token.
+once for the whole loop instead of once per decoded token. Under tensor parallelism the ranks of a group decode the
+same rows on the split model, every forward a collective of the group: their logits are the same (``forward``
+returns them replicated) and so are their uniforms (not keyed by the rank); the tokens the group's first rank
+picks are broadcast to the others besides, so that no rounding can part the ranks' completions (a row one rank
+ended sooner would leave the others waiting in the next forward's collectives).
 """
 
 from __future__ import annotations
@@ -63,13 +67,15 @@ def stop_tokens(tokenizer, generation_config=None) -> list[int]:
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Tensor, *, eos: int | list[int],
            temperature: float = 1.0, top_p: float = 1.0,
-           all_ranks: bool = False) -> tuple[list[np.ndarray], list[bool]]:
+           all_ranks: bool = False, group=None) -> tuple[list[np.ndarray], list[bool]]:
     """Completions of ``prompts``, ``G = len(uniforms) / len(prompts)`` each (consecutive), and whether each was
     clipped (no stop token within the length). ``uniforms`` ``[len(prompts) · G, max_len]``: row r's draw of each
     step. ``eos``: the stop id or ids (:func:`stop_tokens`). A completion ends with the stop token it sampled.
     ``all_ranks``: decode until every rank's rows are done (a max all-reduce per token), so that each rank runs
     as many forwards as the others (under FSDP each forward is a collective); a finished row is fed a stop id
-    and what it samples is dropped, so the completions are those of a run on its own."""
+    and what it samples is dropped, so the completions are those of a run on its own. ``group``: the process group
+    of a tensor-parallel group (None: none), whose ranks run the split model on the same rows: each step's tokens
+    are its first rank's, broadcast to the others (one small collective a token)."""
     rows, length = uniforms.shape
     generations = rows // len(prompts)
     device = uniforms.device
@@ -86,6 +92,8 @@ def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Te
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     for step in range(length):
         token = torch.where(done, filler, _pick(logits, uniforms[:, step], temperature, top_p))
+        if group is not None:
+            torch.distributed.broadcast(token, group=group, group_src=0)
         tokens[:, step] = token
         done |= torch.isin(token, stops)
         if step == length - 1:

@@ -35,10 +35,10 @@ log-probs (computed at the start), the loss per micro-batch and its rewards, whi
 (under tensor parallelism counted once a group, as the loss is; the reference pass and the evaluation gather and sum
 over ``mesh["dp"]``); with ``reward.enabled`` ``retnet.train.reward`` trains a reward model (a classifier) on them
 instead. Prompts (``data.format = "prompts"``) train with GRPO through the same hooks: ``retnet.train.grpo``
-samples and scores each step's completions when it hands out the micro-batches. With ``distill.teacher``
-(``retnet.train.distill``) a frozen teacher runs on each training micro-batch and the loss is the distillation loss
-towards it, its parts (``kd_loss``, ``ce_loss``) riding the step's all-reduce like DPO's metrics; the validation loss
-stays the plain one.
+samples and scores each step's completions when it hands out the micro-batches (under tensor parallelism a group's
+ranks the same ones, its sums over ``mesh["dp"]``). With ``distill.teacher`` (``retnet.train.distill``) a frozen
+teacher runs on each training micro-batch and the loss is the distillation loss towards it, its parts (``kd_loss``,
+``ce_loss``) riding the step's all-reduce like DPO's metrics; the validation loss stays the plain one.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ and their checkpoints (full tensors) resume on two data-parallel groups of two r
 the split; the export is an ordinary unsharded model; a checkpoint's stream positions are keyed by the
 data-parallel ranks. With ``train.parallelism=fsdp`` FSDP2 shards the split model over the data-parallel groups
 (2-D parallelism): the losses are one process's again, its sharded checkpoints resume without either split, and a
-one-process checkpoint resumes under both."""
+one-process checkpoint resumes under both. DPO, a reward model and GRPO (its completions sampled alike on a group's
+ranks) log one process's records too."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from retnet.train.checkpoint import list_checkpoints, load_checkpoint, save_chec
 from retnet.train.config import ConfigError, load_config
 from retnet.train.trainer import Trainer
 
+from .test_grpo import CLIP, grpo_args, strip
+from .test_grpo import toy as grpo_toy  # noqa: F401 - the fixture, as grpo_toy (test_preference's is toy)
 from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 - toy: the fixture
 
 
@@ -29,8 +32,6 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
     (["--train.context_parallel=2"], r"train\.tensor_parallel > 1 is not supported with train\.context_parallel 2 "
                                      r"yet.*got 2"),
     (["--lora.rank=4"], r"not supported with LoRA \(lora\.rank 4\) yet"),
-    (["--data.format=prompts", "--data.dataset=prompts.jsonl"], r"not supported with GRPO \(data\.format "
-                                                                r"'prompts'\) yet"),
     (["--train.compile=true"], r"not supported with train\.compile"),
     (["--model.dropout=0.1"], r"model\.dropout must be 0 with train\.tensor_parallel 2 .*got 0\.1"),
     (["--model.hidden_size=96", "--model.num_attention_heads=3"],
@@ -43,7 +44,7 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
      r"train\.sequence_parallel needs train\.tensor_parallel > 1 \(it splits each row's tokens.*got True"),
     (["--train.vocab_parallel=true", "--distill.teacher=org/teacher"],
      r"train\.vocab_parallel is not supported with distillation \(distill\.teacher 'org/teacher'\) yet.*got True"),
-], ids=["zero", "context-parallel", "lora", "grpo", "compile", "dropout",
+], ids=["zero", "context-parallel", "lora", "compile", "dropout",
         "heads", "ffn", "vocab-without-tp", "sequence-without-tp", "vocab-distill"])
 def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message):
     if not any(o.startswith("--train.tensor_parallel") for o in overrides):
@@ -52,13 +53,22 @@ def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message
         load_config("tiny", overrides)
 
 
-def test_muon_activation_checkpointing_fsdp_dpo_and_reward_models_are_taken():
+def test_muon_activation_checkpointing_fsdp_dpo_reward_models_and_grpo_are_taken(monkeypatch):
     load_config("tiny", ["--train.tensor_parallel=4", "--optim.name=muon", "--train.activation_checkpointing=true"])
     load_config("tiny", ["--train.tensor_parallel=2", "--train.parallelism=fsdp"])
     pairs = ["--train.tensor_parallel=2", "--data.format=preference", "--data.dataset=pairs.jsonl",
              "--model.init_from=base", "--train.vocab_parallel=true"]
     load_config("tiny", pairs)
     load_config("tiny", [*pairs, "--reward.enabled=true", "--train.sequence_parallel=true"])
+    # GRPO: the completions split over the data-parallel ranks (world / tensor_parallel), not the world's ranks
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    prompts = ["--train.tensor_parallel=2", "--data.format=prompts", "--data.dataset=prompts.jsonl",
+               "--model.init_from=base", "--grpo.reward_funcs=retnet.train.rewards:exact_match",
+               "--grpo.num_generations=8", "--train.micro_batch_size=8"]
+    load_config("tiny", [*prompts, "--train.global_batch_size=16", "--train.vocab_parallel=true"])
+    with pytest.raises(ConfigError, match=r"on each of the 2 data-parallel ranks \(world 4 / train\.tensor_parallel "
+                                          r"2\).*multiple of 16; got 8"):
+        load_config("tiny", [*prompts, "--train.global_batch_size=8"])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -312,6 +322,55 @@ def test_dpo_and_a_reward_model_on_ranks_splitting_every_layer_log_the_records_o
         # measured 2.3e-4 on 4 of 1024 elements, 1e-5 elsewhere: AdamW's normalized steps magnify the rounding of
         # gradients near zero
         torch.testing.assert_close(weights[key], value, rtol=0, atol=2e-3, msg=key)
+
+
+@pytest.mark.slow
+def test_grpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process_and_resumes(
+        grpo_toy, tmp_path, run, run_here, read_metrics):  # noqa: F811 - grpo_toy: the fixture
+    """GRPO on test_grpo's toy prompts, 3 steps of grpo.num_iterations 2 with a KL term (micro 8 × accum 2, 4 prompts
+    × 4 completions a generation): 2 torchrun ranks splitting every layer (one tensor-parallel group, the vocabulary
+    split too) sample one process's completions (the same uniforms and whole logits; the group's first rank's tokens
+    broadcast) and log its losses, rewards, KL, clip ratios and step-0 validation record, each completion counted
+    once, not once a rank of the group; the KL reference is split as the policy is. From the split run's step-1
+    checkpoint, within the generation of step 0, one process resumes to the one-process run's last records (measured:
+    losses 3e-7, KL 1.5e-5, rewards equal). About 10 s on 2 CPU cores."""
+    single, split, alone = tmp_path / "single", tmp_path / "split", tmp_path / "alone"
+    common = dict(train__steps=3, train__eval_interval=3, checkpoint__interval=1, checkpoint__keep_last=3,
+                  grpo__num_iterations=2, grpo__epsilon_high=0.28)
+    done = run_here(grpo_args(grpo_toy, single, **common))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = run(grpo_args(grpo_toy, split, **common, train__tensor_parallel=2, train__vocab_parallel=True), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
+    assert "world 2 / tensor parallel 2 = 1 data-parallel groups × micro 8 × accum 2" in two.stderr
+    assert "(4 groups per rank)" in two.stderr and "split across the 2 tensor-parallel ranks" in two.stderr
+    one, both = read_metrics(single), read_metrics(split)
+    assert len(one) == len(both) == 3 and one[0]["kl"] == both[0]["kl"] == 0
+    # the same completions: their rewards and lengths equal
+    for key in ("reward", "reward_std", "rewards/a_share/mean", "completions/mean_length", "frac_reward_zero_std",
+                "completions/clipped_ratio", "tokens"):
+        assert [r.get(key) for r in both] == [r.get(key) for r in one], key
+    # Measured: the losses 5.6e-7 rel (step 2, -0.03), 1.6e-8 abs at step 3 (6.9e-4: the advantages, summing to 0,
+    # cancel; step 1's is 4e-9); the clip ratios equal; the KL 1.5e-5 rel and the gradient norms 1.2e-5 at step 3,
+    # the weights after two updates up to 1e-4 apart (summation order, magnified by AdamW's normalized steps)
+    for key in ("loss", *CLIP):
+        assert [r[key] for r in both] == pytest.approx([r[key] for r in one], rel=1e-5, abs=5e-8), key
+    for key in ("kl", "grad_norm"):
+        assert [r[key] for r in both] == pytest.approx([r[key] for r in one], rel=1e-4), key
+    # Validation at step 0 (the same weights) bit for bit. At step 3 the weights are up to 1.5e-4 apart (AdamW's
+    # normalized steps on gradients near zero), enough to flip a sampled token (2 of the 16 completions there):
+    # evaluated, not compared.
+    val_one, val_both = read_metrics(single, "val"), read_metrics(split, "val")
+    assert [r["step"] for r in val_both] == [0, 3]
+    assert strip(val_both[:1]) == strip(val_one[:1])
+
+    done = run_here(grpo_args(grpo_toy, alone, **common, train__resume=split / "checkpoints" / "step_00000001"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "written by 2 ranks (train.tensor_parallel 2), resuming with 1" in done.stderr
+    resumed = read_metrics(alone)
+    assert [r["step"] for r in resumed] == [2, 3]
+    assert [r.get("reward") for r in resumed] == [r.get("reward") for r in one[1:]]  # step 3's completions
+    for key, tolerance in (("loss", 1e-5), ("kl", 1e-4), *((name, 1e-5) for name in CLIP)):  # as above
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in one[1:]], rel=tolerance, abs=5e-8), key
 
 
 def test_a_full_tensor_that_does_not_cut_into_a_ranks_piece_is_refused(tmp_path):
