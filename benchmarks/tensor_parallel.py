@@ -6,7 +6,8 @@ for-loop path: a split model mixes DTensor and plain parameters), gradients set 
 that the tied embedding / LM head is what it is in a small real model, about half the parameters. TP = 1, the
 baseline, is the plain model in one process; TP = 2 runs ``parallelize_retnet`` on each rank (the layers split,
 the embedding / LM head whole on every rank), and "TP = 2 vocab" ``parallelize_retnet(..., vocab_parallel=True)``
-(the embedding / LM head split by vocabulary rows too); every rank is fed the same tokens. Each configuration is its
+(the embedding / LM head split by vocabulary rows too), and "TP = 2 vocab+seq" with ``sequence_parallel=True`` as
+well (the residual stream and the norms between the blocks split along time); every rank is fed the same tokens. Each configuration is its
 own ``python -m torch.distributed.run`` launch (``benchmarks/_launch.py``) on the same total cores
 (``OMP_NUM_THREADS`` = cores / TP a rank): with no second device for the second rank, the time ratio is what the
 split costs at equal compute (ideal 1×); the memory ratios are what it buys. Per configuration and rank:
@@ -30,7 +31,8 @@ The split runs' first-step losses must equal the whole run's, and every rank's i
 (``checks``; later steps' differences recorded too), or the script exits non-zero before writing anything.
 
     python benchmarks/tensor_parallel.py [--quick] [--hidden 512 --layers 4 --heads 8 --vocab 32768]
-        [--batch 4 --seq 512] [--sizes 1 2] [--vocab-parallel 2] [--repeats 3] [--output PATH]
+        [--batch 4 --seq 512] [--sizes 1 2] [--vocab-parallel 2] [--sequence-parallel 2] [--repeats 3]
+        [--output PATH]
     # writes benchmarks/results/tensor_parallel-cpu.json (--quick writes only to an --output given)
 """
 
@@ -103,8 +105,8 @@ def local_bytes(tensors) -> int:
         return sum(t.to_local().nbytes if isinstance(t, DTensor) else t.nbytes for t in tensors)
 
 
-def label(size: int, vocab_parallel: bool) -> str:
-    return f"TP={size}" + (" vocab" if vocab_parallel else "")
+def label(size: int, vocab_parallel: bool, sequence_parallel: bool = False) -> str:
+    return f"TP={size}" + (" vocab" if vocab_parallel else "") + ("+seq" if sequence_parallel else "")
 
 
 def expected_param_bytes(model: torch.nn.Module, size: int, vocab_parallel: bool) -> int:
@@ -124,23 +126,40 @@ def expected_param_bytes(model: torch.nn.Module, size: int, vocab_parallel: bool
     return total
 
 
-def expected_collectives(spec: dict, size: int, vocab_parallel: bool) -> dict[str, dict[str, list[int]]]:
+def expected_collectives(spec: dict, size: int, vocab_parallel: bool,
+                          sequence_parallel: bool = False) -> dict[str, dict[str, list[int]]]:
     """``{phase: {kind: [calls, bytes a rank hands them]}}`` a step, from the design: Megatron's two
     ``[B, T, hidden]`` fp32 all-reduces a layer each way; with ``vocab_parallel`` the embedding's lookup and the
     fused loss's hidden-state gradient all-reduced once each in the forward, and the loss's ``[1, 2, n]`` fp32
-    (log-sum-exp, target logit) all-gathered once per chunk of ``n`` tokens (256 MiB of a rank's fp32 logits)."""
+    (log-sum-exp, target logit) all-gathered once per chunk of ``n`` tokens (256 MiB of a rank's fp32 logits).
+    With ``sequence_parallel`` each layer's all-reduces become an all-gather of a rank's ``T / TP`` tokens before each
+    block and a reduce-scatter after it (and the reverse backward), the final norm's output is gathered (its
+    backward a slice) and the first layer's cut is all-gathered backward; each norm's parameters (LayerNorm: weight
+    and bias) get a ``[hidden]`` fp32 all-reduce backward."""
     phases: dict[str, dict[str, list[int]]] = {"forward": {}, "backward": {}, "adamw_step": {}}
     if size == 1:
         return phases
     tokens, layers = spec["batch"] * spec["seq"], spec["layers"]
     stream = tokens * spec["hidden"] * 4
-    forward_reduces = 2 * layers + (2 if vocab_parallel else 0)
-    phases["forward"]["all_reduce"] = [forward_reduces, forward_reduces * stream]
+    forward_reduces = (0 if sequence_parallel else 2 * layers) + (2 if vocab_parallel else 0)
+    if forward_reduces:
+        phases["forward"]["all_reduce"] = [forward_reduces, forward_reduces * stream]
+    if sequence_parallel:
+        gathers, scatters = 2 * layers + 1, 2 * layers
+        for phase in ("forward", "backward"):
+            phases[phase]["all_gather_into_tensor"] = [gathers, gathers * stream // size]
+            phases[phase]["reduce_scatter_tensor"] = [scatters, scatters * stream]
     if vocab_parallel:
         rows = -(-spec["vocab"] // size)  # the loss sizes its chunks by a rank's rows (rank 0's, the most)
         chunks = -(-tokens // _chunk_tokens(rows))
-        phases["forward"]["all_gather_into_tensor"] = [chunks, 2 * tokens * 4]
-    phases["backward"]["all_reduce"] = [2 * layers, 2 * layers * stream]
+        gathered = phases["forward"].setdefault("all_gather_into_tensor", [0, 0])
+        gathered[0] += chunks
+        gathered[1] += 2 * tokens * 4
+    if sequence_parallel:
+        norm_params = (2 * layers + 1) * 2  # LayerNorm's weight and bias
+        phases["backward"]["all_reduce"] = [norm_params, norm_params * spec["hidden"] * 4]
+    else:
+        phases["backward"]["all_reduce"] = [2 * layers, 2 * layers * stream]
     return phases
 
 
@@ -152,7 +171,7 @@ def worker(spec: dict, out: Path) -> None:
     model = RetNetForCausalLM(RetNetConfig(**model_config(spec))).train()
     if size > 1:  # TP = 1 is the plain model: no DTensor anywhere
         parallelize_retnet(model, init_device_mesh("cpu", (size,), mesh_dim_names=("tp",))["tp"],
-                           vocab_parallel=spec["vocab_parallel"])
+                           vocab_parallel=spec["vocab_parallel"], sequence_parallel=spec["sequence_parallel"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     input_ids = torch.randint(2, spec["vocab"], (spec["batch"], spec["seq"]),
                               generator=torch.Generator().manual_seed(1))
@@ -191,23 +210,25 @@ def worker(spec: dict, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def launch(spec: dict, size: int, vocab_parallel: bool, cores: int) -> list[dict]:
+def launch(spec: dict, size: int, vocab_parallel: bool, sequence_parallel: bool, cores: int) -> list[dict]:
     """One torchrun launch of ``size`` ranks; returns the ranks' results."""
     threads = threads_per_rank(cores, size)
-    worker_spec = dict(spec, threads=threads, vocab_parallel=vocab_parallel)
+    worker_spec = dict(spec, threads=threads, vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel)
     return torchrun(__file__, size, threads, [f"--spec={json.dumps(worker_spec)}"],
-                    what=label(size, vocab_parallel), timeout=1800)
+                    what=label(size, vocab_parallel, sequence_parallel), timeout=1800)
 
 
-def summarize(ranks: list[dict], spec: dict, vocab_parallel: bool, expected_params: int) -> dict:
+def summarize(ranks: list[dict], spec: dict, vocab_parallel: bool, sequence_parallel: bool,
+              expected_params: int) -> dict:
     size = ranks[0]["size"]
     steps = [max(times) for times in zip(*(r["seconds"] for r in ranks), strict=True)]  # the slowest rank's
-    row = {"config": label(size, vocab_parallel), "size": size, "vocab_parallel": vocab_parallel,
+    row = {"config": label(size, vocab_parallel, sequence_parallel), "size": size, "vocab_parallel": vocab_parallel,
+           "sequence_parallel": sequence_parallel,
            "threads_per_rank": ranks[0]["threads"], "median_s": statistics.median(steps), "seconds": steps,
            "losses": ranks[0]["losses"], "rank_losses": [r["losses"] for r in ranks],
            # every kind of _c10d_functional collective, {phase: {kind: [calls, bytes a rank hands them]}}
            "collectives": ranks[0]["collectives"], "collectives_by_rank": [r["collectives"] for r in ranks],
-           "collectives_expected": expected_collectives(spec, size, vocab_parallel)}
+           "collectives_expected": expected_collectives(spec, size, vocab_parallel, sequence_parallel)}
     row["collectives_as_expected"] = all(r["collectives"] == row["collectives_expected"] for r in ranks)
     for key in ("param_bytes", "grad_bytes", "adamw_state_bytes", "activation_bytes"):
         row[f"{key}_by_rank"] = [r[key] for r in ranks]
@@ -238,6 +259,9 @@ def main() -> None:
                         "the baseline)")
     parser.add_argument("--vocab-parallel", type=int, nargs="*", default=[2], metavar="TP",
                         help="TP sizes (> 1) also run with vocab_parallel=True (default 2; none: the flag alone)")
+    parser.add_argument("--sequence-parallel", type=int, nargs="*", default=[2], metavar="TP",
+                        help="TP sizes (> 1) also run with vocab_parallel=True and sequence_parallel=True (default 2; "
+                             "none: the flag alone)")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores shared by a launch's ranks")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/"
@@ -253,10 +277,11 @@ def main() -> None:
     spec = {name: getattr(args, name) or base[name] for name in base} | {"repeats": args.repeats}
     if 1 not in args.sizes:
         parser.error("--sizes needs 1: every ratio is against the whole model in one process")
-    configs = [(tp, False) for tp in sorted(set(args.sizes))]
-    configs += [(tp, True) for tp in sorted(set(args.vocab_parallel))]
+    configs = [(tp, False, False) for tp in sorted(set(args.sizes))]
+    configs += [(tp, True, False) for tp in sorted(set(args.vocab_parallel))]
+    configs += [(tp, True, True) for tp in sorted(set(args.sequence_parallel))]
     config = RetNetConfig(**model_config(spec))  # validates the sizes before any launch
-    for tp, vocab_parallel in configs:
+    for tp, vocab_parallel, _ in configs:
         for field in ("num_attention_heads", "intermediate_size"):
             if getattr(config, field) % tp:
                 parser.error(f"TP={tp} does not divide {field}={getattr(config, field)}")
@@ -271,10 +296,10 @@ def main() -> None:
           f"{', '.join(label(*c) for c in configs)}", flush=True)
 
     rows = []
-    for tp, vocab_parallel in configs:
+    for tp, vocab_parallel, sequence_parallel in configs:
         started, load = time.perf_counter(), os.getloadavg()[0]
-        row = summarize(launch(spec, tp, vocab_parallel, args.cores), spec, vocab_parallel,
-                        expected_param_bytes(whole_model, tp, vocab_parallel))
+        row = summarize(launch(spec, tp, vocab_parallel, sequence_parallel, args.cores), spec, vocab_parallel,
+                        sequence_parallel, expected_param_bytes(whole_model, tp, vocab_parallel))
         row["load_before"], row["load_after"] = load, os.getloadavg()[0]
         rows.append(row)
         print(f"  {row['config']}: {row['median_s']:.2f} s a step, loss {row['losses'][0]:.6f} "
@@ -290,7 +315,8 @@ def main() -> None:
                                     (whole["grad_bytes"] + whole["adamw_state_bytes"]))
         row["loss_rel_diff_by_step"] = [abs(a - b) / abs(b) for a, b in zip(row["losses"], whole["losses"], strict=True)]
         if row["size"] > 1:  # every rank computes the whole loss: they agree with each other and with TP = 1
-            name = f"TP{row['size']}" + ("_vocab_parallel" if row["vocab_parallel"] else "")
+            name = (f"TP{row['size']}" + ("_vocab_parallel" if row["vocab_parallel"] else "")
+                    + ("_sequence_parallel" if row["sequence_parallel"] else ""))
             checks[f"loss_rel_diff_{name}"] = row["loss_rel_diff_by_step"][0]
             checks[f"loss_spread_over_ranks_{name}"] = max(abs(a - b) / abs(b) for losses in row["rank_losses"]
                                                           for a, b in zip(losses, row["losses"], strict=True))
