@@ -37,7 +37,7 @@ for script, args in runs:
     results.append([code, out.getvalue(), err.getvalue(), moved])
 print(json.dumps(results))
 """
-SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
+SCRIPTS = sorted(path for path in BENCHMARKS.glob("*.py") if not path.name.startswith("_"))  # _x: helpers
 REFUSED_PROVIDERS = ["--providers", "triton,flash"]
 
 

@@ -305,9 +305,11 @@ def test_dpo_and_a_reward_model_on_ranks_splitting_every_layer_log_the_records_o
         for kind, key in (("train", "loss"), ("val", "val_loss")):  # measured: DPO 2.2e-7, the reward model 7e-7
             assert _losses(read_metrics, split, kind, key) == pytest.approx(
                 _losses(read_metrics, single, kind, key), rel=1e-5)
-        # and every metric (rel or abs 1e-5): measured DPO's rewards 1e-6 rel, its log-probs 7e-8; the reward
-        # model's accuracy equal, its rewards 6e-6 abs (1.1e-5 rel), its margins (0.001 to 0.02) 9e-7 abs
-        assert_records_match(single, split, names, tolerance=1e-5)
+        # and every metric (rel or abs 2e-4): measured DPO's rewards 1e-6 rel, its log-probs 7e-8; the reward
+        # model's accuracy equal, its margins (0.001 to 0.02) 9e-7 abs, its rewards 6e-6 abs on a quiet machine and
+        # 4.3e-5 abs (8e-5 rel) in a CI run: by step 3 AdamW's normalized steps on near-zero gradients amplify the
+        # split's other summation order (and the threads' count changes it again)
+        assert_records_match(single, split, names, tolerance=2e-4)
         assert [r["tokens"] for r in read_metrics(split)] == [r["tokens"] for r in read_metrics(single)]
     for part in ("train", "val"):  # computed by the split model: one process's (measured 3.8e-6 of ~28)
         torch.testing.assert_close(torch.load(tmp_path / "dpo-split" / REFERENCE_FILE)[part],
