@@ -87,8 +87,10 @@ def hub_cache(tmp_path, monkeypatch):
 
 # The folders whose files run longest (real torchrun launches, training runs): pytest-xdist (``make test`` runs
 # the files on 2 workers) hands each worker its next file in this order, so the long ones start first and the
-# many short serving and kernel files fill the end, instead of one long file running alone at the end.
-_LONGEST_FIRST = ("tests/train/", "tests/model/")
+# many short serving and kernel files fill the end, instead of one long file running alone at the end. The longest
+# files are named first (each several torchrun launches, 2-5 minutes alone): alphabetically they came last.
+_LONGEST_FIRST = ("tests/train/test_tensor_parallel.py", "tests/train/test_training_resume.py",
+                  "tests/train/test_training.py", "tests/train/test_context_parallel.py", "tests/train/", "tests/model/")
 
 
 def pytest_collection_modifyitems(config, items):

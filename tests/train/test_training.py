@@ -4,7 +4,6 @@ signals, bad input, and the tiny preset learning on the embedded stdlib corpus."
 import hashlib
 import io
 import logging
-import math
 import os
 import signal
 import sys
@@ -16,8 +15,6 @@ import torch
 
 from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.checkpoint import list_checkpoints, verify_checkpoint
-
-from .conftest import micro_args, run_train
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
@@ -303,42 +300,6 @@ def test_sigterm_saves_and_exits_cleanly(micro, tmp_path, launch, read_metrics):
     assert "SIGTERM" in (tmp_path / "log").read_text()
 
 
-# The 2-rank runs of test_two_ranks_resume_the_same_losses: a constant learning rate, checkpoints at step 3.
-RESUMED = dict(checkpoint__interval=3, optim__schedule="constant")
-SHARDED_DDP = dict(checkpoint__layout="sharded")  # DDP: every rank holds the whole state; each writes a part of it
-
-
-@pytest.fixture(scope="module")
-def sharded_ddp_run(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
-    """The 5-step run of 2 DDP ranks writing sharded checkpoints, shared by two tests: the whole run that
-    test_two_ranks_resume_the_same_losses[ddp-sharded-layout] resumes, and the DDP run that
-    test_ddp_two_processes_match_one_process compares with one process. ``(output directory, process)``."""
-    out = tmp_path_factory.mktemp("ddp-sharded") / "whole"
-    done = run_train(micro_args(corpus, tokenizer_dir, cache_dir, out, **SHARDED_DDP, **RESUMED, train__steps=5,
-                                checkpoint__export=False), nproc=2)
-    return out, done
-
-
-@pytest.mark.slow
-def test_ddp_two_processes_match_one_process(micro, tmp_path, sharded_ddp_run, run_here, read_metrics):
-    """DDP over 2 ranks (micro 2 × accum 1 × 2 ranks) and one process (micro 2 × accum 2) of the same global batch
-    of 4 log the same training and validation losses (at steps 0 and 5). The 2 ranks' run is the one
-    test_two_ranks_resume_the_same_losses resumes (its checkpoint settings change no loss)."""
-    single = tmp_path / "single"
-    ddp, two = sharded_ddp_run
-    one = run_here(micro(single, **SHARDED_DDP, **RESUMED, train__steps=5))  # global 4 = micro 2 × accum 2 × 1 rank
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr + two.stdout
-    assert "world 2 × micro 2 × accum 1" in two.stderr
-    a = [r["loss"] for r in read_metrics(single)]
-    b = [r["loss"] for r in read_metrics(ddp)]
-    assert len(a) == len(b) == 5 and a[0] != a[-1]
-    assert b == pytest.approx(a, rel=1e-4)
-    assert [r["step"] for r in read_metrics(ddp, "val")] == [r["step"] for r in read_metrics(single, "val")] == [0, 5]
-    assert [r["val_loss"] for r in read_metrics(ddp, "val")] == pytest.approx(
-        [r["val_loss"] for r in read_metrics(single, "val")], rel=1e-4)
-
-
 @pytest.mark.slow
 def test_torch_compile_matches_eager(micro, tmp_path, run_here, read_metrics):
     """``train.compile`` (per-layer torch.compile, inductor on CPU) trains the packed varlen batches and
@@ -353,58 +314,6 @@ def test_torch_compile_matches_eager(micro, tmp_path, run_here, read_metrics):
     b = [r["loss"] for r in read_metrics(compiled)]
     assert len(a) == len(b) == 3
     assert b == pytest.approx(a, rel=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("setup", [
-    dict(data__streaming=True, data__val_documents=10),  # DDP, streaming data split by node
-    dict(train__parallelism="fsdp"),  # FSDP2: each rank saves and loads its shard
-    dict(train__parallelism="fsdp", checkpoint__layout="full"),  # FSDP2: gathered on rank 0, mapped by each
-    SHARDED_DDP,  # DDP: every rank holds the whole state; each writes a part of it
-], ids=["ddp-streaming", "fsdp2", "fsdp2-full-layout", "ddp-sharded-layout"])
-def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, run_here, read_metrics, request):
-    """2 torchrun ranks: the 5-step run resumed from its step-3 checkpoint replays its last losses (model,
-    optimizer and each rank's data position restored). A constant learning rate, so the schedule does not
-    depend on train.steps. One layout also extends a finished 3-step run to 5 (resume=auto in its own
-    directory); the others resume the whole run's checkpoint into another directory (one launch fewer). The
-    whole run of that layout is the module's (sharded_ddp_run: test_ddp_two_processes_match_one_process's too)."""
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    common = dict(**setup, **RESUMED)
-    fsdp_sharded = setup.get("train__parallelism") == "fsdp" and "checkpoint__layout" not in setup
-    if setup == SHARDED_DDP:
-        whole, done = request.getfixturevalue("sharded_ddp_run")
-    else:
-        done = run(micro(whole, **common, train__steps=5, checkpoint__export=fsdp_sharded), nproc=2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    if setup.get("checkpoint__layout") == "sharded":
-        assert run(micro(resumed, **common, train__steps=3), nproc=2).returncode == 0
-        again = run(micro(resumed, **common, train__steps=5), nproc=2)
-    else:
-        again = run(micro(resumed, **common, train__steps=5, train__resume=whole / "checkpoints" / "step_00000003"),
-                    nproc=2)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "at step 3" in again.stderr
-    expected = [r["loss"] for r in read_metrics(whole)]
-    got = [r["loss"] for r in read_metrics(resumed)]
-    assert len(expected) == 5 and got[-2:] == pytest.approx(expected[-2:], rel=1e-6)
-    if fsdp_sharded:
-        # FSDP2 trains, checkpoints at the interval and at the end, and exports a whole model from its shards.
-        from transformers import AutoModelForCausalLM
-
-        assert all(math.isfinite(x) for x in expected) and expected[-1] < expected[0]
-        assert [verify_checkpoint(p)["step"] for p in list_checkpoints(whole / "checkpoints")] == [3, 5]
-        exported = AutoModelForCausalLM.from_pretrained(whole / "export")
-        assert exported.config.hidden_size == 32 and torch.isfinite(exported(torch.tensor([[1, 2, 3]])).logits).all()
-        # Sharded (the default under FSDP2): each rank wrote and hashed its own shard. One process reads both
-        # (another world size), and continues the same losses up to the order of the gradient reduction.
-        checkpoint = whole / "checkpoints" / "step_00000003"
-        files = verify_checkpoint(checkpoint)["files"]
-        assert {"state/__0_0.distcp", "state/__1_0.distcp"} <= set(files) and not (checkpoint / "model.pt").exists()
-        one = tmp_path / "one"
-        alone = run_here(micro(one, **common, train__steps=5, train__resume=checkpoint))
-        assert alone.returncode == 0, alone.stderr[-3000:]
-        assert "written by 2 ranks" in alone.stderr
-        assert [r["loss"] for r in read_metrics(one)] == pytest.approx(expected[-2:], rel=1e-5)
 
 
 SIGNAL_ONE_RANK = """
