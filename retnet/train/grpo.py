@@ -591,8 +591,10 @@ class GrpoData:
         between = "or from a checkpoint between generations (at a step that is a multiple of grpo.num_iterations)"
         if saved["world_size"] != self.world_size:
             # each rank holds its share of the generation's completions: another split has no exact mapping
-            raise ConfigError(f"{within}, which its {saved['world_size']} rank(s) hold one share each: resume it "
-                              f"with {saved['world_size']} rank(s), {between}")
+            # (data-parallel ranks: under tensor parallelism a group's ranks share one)
+            raise ConfigError(f"{within}, which its {saved['world_size']} data-parallel rank(s) hold one share each: "
+                              f"resume it with {saved['world_size']} data-parallel rank(s) (world size / "
+                              f"train.tensor_parallel), {between}")
         sampled = int(saved["totals"][0])  # the generation's completions, every rank's: its global batch
         if sampled != self.global_batch:
             # its steps train on the completions sampled, whose loss is normalized over that global batch: another

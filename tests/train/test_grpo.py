@@ -263,7 +263,8 @@ def test_a_resume_within_a_generation_on_other_ranks_is_refused(iterated):
     data = GrpoData.__new__(GrpoData)
     data.world_size = 2
     with pytest.raises(ConfigError, match=r"within the grpo.num_iterations steps on the generation of step 3, "
-                                          r"which its 1 rank\(s\) hold one share each: resume it with 1 rank"):
+                                          r"which its 1 data-parallel rank\(s\) hold one share each: resume it with 1 "
+                                          r"data-parallel rank\(s\) \(world size / train.tensor_parallel\)"):
         data.load_state_dict(state["ranks"][0]["data"])
 
 
