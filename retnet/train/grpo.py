@@ -41,8 +41,8 @@ Under tensor parallelism (``train.tensor_parallel`` T > 1) the prompts are dealt
 (``rank`` and ``world_size`` are those): the T ranks of a group sample, score and train on the same completions, the
 split model's forwards collectives of the group in step. Their uniforms are not keyed by the rank and the logits
 ``forward`` returns are replicated, so they draw the same tokens; the sampler broadcasts the group's first rank's
-picks besides, and its reward values (a reward function may draw from the per-rank seeded RNGs), so that the ranks
-cannot part. The generation's totals, the batch std and the evaluation's sums are all-reduced over the data-parallel
+picks besides. The group's first rank alone scores the completions and broadcasts the values (a judge's calls once a
+group, and a reward function drawing from the per-rank seeded RNGs cannot part the ranks). The generation's totals, the batch std and the evaluation's sums are all-reduced over the data-parallel
 ranks (``mesh["dp"]``), and the trainer counts the step's sums of a group's first rank only. The KL reference is
 split as the policy is (and, under FSDP2, sharded over ``mesh["dp"]``), its forwards the group's collectives too.
 """
@@ -362,9 +362,15 @@ class GrpoData:
         finally:
             self.policy.train(training)
         rows = np.repeat(ids, generations)
-        per_source = self.sources(split, rows, completions)
-        if self.tp_group is not None:  # the group's first rank's values: a reward function may draw random numbers
-            shared = per_source.to(self.device)
+        if self.tp_group is None:
+            per_source = self.sources(split, rows, completions)
+        else:
+            # Scored by the group's first rank alone, its values broadcast: a judge's or an API's calls (and their
+            # side effects) once a group rather than T times, and a reward function drawing random numbers from the
+            # per-rank seeded RNGs cannot part the ranks.
+            first = torch.distributed.get_rank(self.tp_group) == 0
+            shared = self.sources(split, rows, completions).to(self.device) if first else \
+                torch.empty((len(rows), len(self.sources.names)), dtype=torch.float32, device=self.device)
             torch.distributed.broadcast(shared, group=self.tp_group, group_src=0)
             per_source = shared.cpu()
         rewards = torch.nansum(per_source * self.sources.weights, dim=1)
