@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation import utils as generation_utils
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutputWithPast
 from transformers.utils import logging
 
@@ -962,6 +963,17 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         return output if return_dict is not False else output.to_tuple()
 
     # -- generation -----------------------------------------------------------------------------------------
+    def _validate_generation_mode(self, generation_mode, *args, **kwargs):
+        """Assisted decoding (a draft model, prompt lookup) refused up front: the verifier's rejected candidates
+        would need the recurrent state rolled back, which it cannot be (the server's speculative decoding re-runs
+        the accepted tokens instead). transformers refused it for ``_is_stateful`` models itself until 5.25, which
+        fails later with "Assisted decoding requires a cache"."""
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(f"assisted generation is not supported with stateful models, such as "
+                             f"{type(self).__name__}: its recurrent state cannot be rolled back to drop the "
+                             f"rejected candidates")
+        return super()._validate_generation_mode(generation_mode, *args, **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
