@@ -64,7 +64,12 @@ from benchmarks._launch import threads_per_rank, torchrun, write_rank_result
 from benchmarks.context_parallel import _allocation_peak, mib
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.loss import _chunk_tokens
-from retnet.model.tensor_parallel import COLUMN_PARALLEL, ROW_PARALLEL, parallelize_retnet
+from retnet.model.tensor_parallel import (
+    COLUMN_PARALLEL,
+    ROW_PARALLEL,
+    parallelize_retnet,
+    vocab_split_problem,
+)
 
 LOSS_RTOL = 1e-5
 DEFAULT = dict(hidden=512, layers=4, heads=8, vocab=32768, batch=4, seq=512)
@@ -285,7 +290,7 @@ def main() -> None:
         for field in ("num_attention_heads", "intermediate_size"):
             if getattr(config, field) % tp:
                 parser.error(f"TP={tp} does not divide {field}={getattr(config, field)}")
-        if vocab_parallel and (tp < 2 or -(-spec["vocab"] // tp) * (tp - 1) >= spec["vocab"]):
+        if vocab_parallel and (tp < 2 or vocab_split_problem(spec["vocab"], tp)):
             parser.error(f"--vocab-parallel {tp}: needs TP > 1 and a vocabulary of {spec['vocab']} that leaves "
                          f"every rank rows")
     whole_model = RetNetForCausalLM(config)

@@ -484,8 +484,8 @@ class Trainer:
         if self.tp_mesh is not None:  # first: checkpointing and the optimizer then see the split layers
             from retnet.model.tensor_parallel import parallelize_retnet, vocab_split_problem
 
-            problem = vocab_split_problem(model.config.vocab_size, self.tp_size)
-            if self.cfg.train.vocab_parallel and problem:
+            problem = self.cfg.train.vocab_parallel and vocab_split_problem(model.config.vocab_size, self.tp_size)
+            if problem:
                 raise ConfigError(f"train.vocab_parallel: {problem} of model.vocab_size={model.config.vocab_size}; "
                                   f"or set train.vocab_parallel=false")
             try:
