@@ -139,8 +139,9 @@ def expected_collectives(spec: dict, size: int, vocab_parallel: bool,
     (log-sum-exp, target logit) all-gathered once per chunk of ``n`` tokens (256 MiB of a rank's fp32 logits).
     With ``sequence_parallel`` each layer's all-reduces become an all-gather of a rank's ``T / TP`` tokens before each
     block and a reduce-scatter after it (and the reverse backward), the final norm's output is gathered (its
-    backward a slice) and the first layer's cut is all-gathered backward; each norm's parameters (LayerNorm: weight
-    and bias) get a ``[hidden]`` fp32 all-reduce backward."""
+    backward a slice) and the first layer's cut is all-gathered backward; each block's input, kept sharded for the
+    backward, is all-gathered again there (one more a block); each norm's parameters (LayerNorm: weight and bias)
+    get a ``[hidden]`` fp32 all-reduce backward."""
     phases: dict[str, dict[str, list[int]]] = {"forward": {}, "backward": {}, "adamw_step": {}}
     if size == 1:
         return phases
@@ -151,8 +152,8 @@ def expected_collectives(spec: dict, size: int, vocab_parallel: bool,
         phases["forward"]["all_reduce"] = [forward_reduces, forward_reduces * stream]
     if sequence_parallel:
         gathers, scatters = 2 * layers + 1, 2 * layers
-        for phase in ("forward", "backward"):
-            phases[phase]["all_gather_into_tensor"] = [gathers, gathers * stream // size]
+        for phase, more in (("forward", 0), ("backward", 2 * layers)):
+            phases[phase]["all_gather_into_tensor"] = [gathers + more, (gathers + more) * stream // size]
             phases[phase]["reduce_scatter_tensor"] = [scatters, scatters * stream]
     if vocab_parallel:
         rows = -(-spec["vocab"] // size)  # the loss sizes its chunks by a rank's rows (rank 0's, the most)

@@ -216,12 +216,14 @@ def test_sequence_parallel_collectives_and_layouts(run):
     """Between the layers each rank holds its tokens (37: 19 and 18); every block all-gathers its input and
     reduce-scatters its output instead of one all-reduce (and the reverse backward), the final norm's output is
     gathered for the head, and each norm's weight and bias (LayerNorm: 2 layers x 2 + the final norm) gets its
-    gradient summed over the ranks, a Replicate DTensor like the parameter; SAU's alpha as without it."""
+    gradient summed over the ranks, a Replicate DTensor like the parameter; SAU's alpha as without it. The blocks'
+    gathered inputs are kept sharded for the backward, which gathers each again (4 all-gathers more): the gradients
+    equal the unsplit model's all the same (test_split_model_gives_the_unsharded_logits_loss_and_gradients)."""
     ranks, _ = run
     for rank, results in enumerate(ranks):
         assert results["sequence_collectives"] == {
             "forward": {"all_gather_into_tensor": 5, "reduce_scatter_tensor": 4},
-            "backward": {"all_gather_into_tensor": 5, "reduce_scatter_tensor": 4, "all_reduce": 2 + 10}}
+            "backward": {"all_gather_into_tensor": 5 + 4, "reduce_scatter_tensor": 4, "all_reduce": 2 + 10}}
         embedded, between, last = results["sequence_hidden"]
         assert embedded == ("Tensor", None, (2, 37, 64)) and last == ("Tensor", None, (2, 37, 64))
         assert between[0] == "DTensor" and between[2] == (2, 19 if rank == 0 else 18, 64)
