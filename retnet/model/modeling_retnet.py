@@ -301,9 +301,6 @@ class RetNetMultiScaleRetention(nn.Module):
         (:mod:`retnet.model.context_parallel`); its first sequence then also reads the state the earlier pieces
         leave, and no state is returned."""
         batch, length, _ = hidden_states.shape
-        if context is not None and self.num_heads != self.config.num_attention_heads:
-            raise ValueError(f"context_parallel with tensor parallelism (this layer runs {self.num_heads} of "
-                             f"{self.config.num_attention_heads} heads) is not supported yet")
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.value_head_dim)

@@ -117,7 +117,11 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
             injected) or holds quantized (int8) weights, or a model already parallelized; with
             ``vocab_parallel``, a ``vocab_size`` that leaves a rank no rows, or an embedding or LM head that is
             not a plain ``nn.Embedding`` / bias-free ``nn.Linear``.
-            ``context_parallel`` in a forward of the parallelized model is refused there.
+
+    Context parallelism combines with it: on a (cp, tp) mesh, split the model over ``mesh["tp"]`` and pass the
+    forward the piece :func:`~retnet.model.context_parallel.shard_sequences` cuts for the rank's cp index, with the
+    group ``mesh["cp"].get_group()``; each rank then exchanges its heads' states with the ranks holding the same
+    heads of the other pieces.
     """
     backbone = getattr(model, "base_model", model)
     layers = getattr(backbone, "layers", None)

@@ -54,6 +54,16 @@ CASES.update({
 SPLIT_IO_CASES = [name for name, case in CASES.items()
                   if (case.get("vocab_parallel") or case.get("sequence_parallel")) and not case.get("classifier")]
 GENERATE_TOKENS = 6
+# Context parallelism over tensor parallelism (the 2-D launch as a (cp, tp) mesh): one packed row of 74 tokens in
+# 2 pieces of 37 (each split 19 / 18 again under sequence parallelism), a document crossing the pieces' boundary.
+CP = 2
+CP_TP_DOCUMENTS = [5, 50, 19]
+CP_TP_CASES = {
+    "cp_tp_parallel": dict(config=dict(ffn_glu=True, ffn_bias=True, hidden_act="sau"), mode="parallel"),
+    # the vocabulary and the sequence split, the fused loss, checkpointed: the layers' collectives of both replayed
+    "cp_tp_vocab_sequence": dict(config=dict(ffn_glu=False, norm_type="rmsnorm", fuse_linear_cross_entropy=True),
+                                 mode="chunkwise", vocab_parallel=True, sequence_parallel=True, checkpointing=True),
+}
 MAX_NORM = 0.05  # below the gradients' norm, so clipping scales them
 
 
@@ -100,6 +110,23 @@ def build_inputs(name: str) -> dict:
         inputs["attention_mask"] = mask
     inputs["labels"] = labels
     return inputs
+
+
+def build_cp_tp_case(name: str):
+    """``(model, input_ids, labels, cu_seqlens)`` of a CP_TP_CASES case: the whole row, as one process runs it."""
+    case = CP_TP_CASES[name]
+    torch.manual_seed(0)
+    config = RetNetConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=96, chunk_size=8, pad_token_id=0, eos_token_id=1, **case["config"])
+    model = RetNetForCausalLM(config).train()
+    if case.get("checkpointing"):
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    input_ids = torch.randint(2, 101, (1, sum(CP_TP_DOCUMENTS)), generator=torch.Generator().manual_seed(4))
+    cu_seqlens = torch.tensor([0, *torch.tensor(CP_TP_DOCUMENTS).cumsum(0).tolist()], dtype=torch.int32)
+    labels = input_ids.clone()
+    labels[0, cu_seqlens[:-1].long()] = -100  # no document is predicted from the one before it
+    return model, input_ids, labels, cu_seqlens
 
 
 def dp_batch(dp_rank: int) -> dict:
@@ -314,6 +341,25 @@ def main_2d(out: Path) -> None:
                "grad_meshes": sorted({str(p.grad.device_mesh.mesh_dim_names) for p in model.parameters()})}
     results["norm"] = clip_grad_norm_(model.parameters(), MAX_NORM)
     results["clipped"] = {n: gathered(p.grad) for n, p in model.named_parameters()}
+
+    # The same 4 ranks as a (cp, tp) mesh: each tensor-parallel pair runs one piece of the row, the pieces' states
+    # exchanged over the cp group for the pair's heads.
+    from retnet.model.context_parallel import shard_sequences
+
+    cp_mesh = init_device_mesh("cpu", (CP, TP), mesh_dim_names=("cp", "tp"))
+    cp_rank = cp_mesh["cp"].get_local_rank()
+    results["cp_rank"] = cp_rank
+    for name, case in CP_TP_CASES.items():
+        model, input_ids, labels, cu_seqlens = build_cp_tp_case(name)
+        parallelize_retnet(model, cp_mesh["tp"], vocab_parallel=case.get("vocab_parallel", False),
+                           sequence_parallel=case.get("sequence_parallel", False))
+        inputs, shard, targets = shard_sequences(input_ids, labels, cp_rank, CP, cu_seqlens,
+                                                 cp_mesh["cp"].get_group())
+        output = model(**inputs, context_parallel=shard, num_items_in_batch=targets, retention_mode=case["mode"],
+                       use_cache=False)
+        output.loss.backward()
+        results[name] = {"loss": output.loss.detach(),
+                         "grads": {n: gathered(p.grad) for n, p in model.named_parameters()}}
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

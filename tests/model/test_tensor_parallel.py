@@ -23,10 +23,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
 from tensor_parallel_worker import (  # noqa: E402
     CASES,
+    CP,
+    CP_TP_CASES,
     DP,
     MAX_NORM,
     SPLIT_IO_CASES,
     TP,
+    build_cp_tp_case,
     build_inputs,
     build_model,
     dp_batch,
@@ -230,6 +233,26 @@ def test_sequence_parallel_collectives_and_layouts(run):
         assert results["sequence_norm_grad"][1] == (Replicate(),)
 
 
+@pytest.mark.parametrize("name", list(CP_TP_CASES))
+def test_context_parallelism_over_tensor_parallelism(run_2d, name):
+    """A (cp, tp) mesh of 4 ranks: each tensor-parallel pair runs one of the row's 2 pieces (a document crossing
+    their boundary), its heads' states exchanged with the other pair's same heads. The pieces' losses add up to the
+    whole row's, and their gradients (each rank's gathered whole) to the whole row's, on both ranks of a pair."""
+    model, input_ids, labels, cu_seqlens = build_cp_tp_case(name)
+    whole = model(input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens, retention_mode=CP_TP_CASES[name]["mode"],
+                  use_cache=False)
+    whole.loss.backward()
+    assert [results["cp_rank"] for results in run_2d] == [0, 0, 1, 1]
+    for tp_rank in range(TP):
+        pieces = [run_2d[cp_rank * TP + tp_rank][name] for cp_rank in range(CP)]
+        assert all(piece["loss"] > 0.1 * whole.loss for piece in pieces)  # both pieces count
+        torch.testing.assert_close(sum(piece["loss"] for piece in pieces), whole.loss.detach(), rtol=1e-5,
+                                   atol=1e-6)
+        for param_name, param in model.named_parameters():
+            torch.testing.assert_close(sum(piece["grads"][param_name] for piece in pieces), param.grad, rtol=1e-4,
+                                       atol=1e-6, msg=f"tp rank {tp_rank} {param_name}")
+
+
 def test_parallelizing_twice_is_refused(run):
     ranks, _ = run
     assert "already parallelized" in ranks[0]["twice"]
@@ -327,17 +350,6 @@ def test_adapters_and_quantized_weights_are_refused(model_factory):
     quantize_model(model, "int8")
     with pytest.raises(ValueError, match=re.escape("cannot shard quantized weights; layers.0.retention.q_proj.weight")):
         parallelize_retnet(model, _mesh())
-
-
-def test_context_parallel_on_a_split_model_is_refused(model_factory):
-    from retnet.model.context_parallel import shard_sequences
-
-    model = model_factory()
-    for layer in model.model.layers:  # what parallelize_retnet sets on rank 0 of 2 (weights left whole here)
-        layer.retention.select_heads(0, 2)
-    inputs, shard, _ = shard_sequences(torch.randint(2, 101, (1, 8)), None, 0, 2)
-    with pytest.raises(ValueError, match="context_parallel with tensor parallelism"):
-        model(**inputs, context_parallel=shard)
 
 
 def test_select_heads_takes_those_heads_decays(model_factory):
