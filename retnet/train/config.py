@@ -396,7 +396,9 @@ class TrainConfig(_Section):
     for ``context_parallel``; ``retnet.model.tensor_parallel``), which run each micro-batch together; the W / T
     groups are the data-parallel ranks, as above: with ``parallelism = "ddp"`` each group holds the whole split model
     and the trainer averages the gradients over the groups; with ``"fsdp"`` FSDP2 shards it over them too (2-D
-    parallelism, each rank holding 1 / W of every split weight). Not with ``context_parallel`` > 1 (yet).
+    parallelism, each rank holding 1 / W of every split weight). With ``context_parallel`` C > 1 too, a group is
+    C × T consecutive ranks: C pieces of T ranks each, a piece's T ranks splitting its layers (each exchanging its
+    heads' states with the ranks of the other pieces that hold the same heads); W / (C × T) data-parallel groups.
 
     ``vocab_parallel`` (with ``tensor_parallel`` > 1): the embedding and the LM head are split by vocabulary rows
     too (``ceil(vocab / T)`` rows a rank), and the fused loss computes each rank's logits only; without it every rank
@@ -607,17 +609,15 @@ def _check_context_parallel(job: JobConfig) -> None:
 
 
 def _check_tensor_parallel(job: JobConfig) -> None:
-    """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: context
-    parallelism (not combined with it yet), LoRA's adapters (not plain ``nn.Linear`` projections), per-layer
-    ``torch.compile``, dropout (each rank would draw its own mask on the replicated residual stream) and heads or an
-    FFN width the ranks cannot share. DPO, reward models and GRPO train: a group's ranks run the same pairs (GRPO:
+    """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: LoRA's adapters
+    (not plain ``nn.Linear`` projections), per-layer ``torch.compile``, dropout (each rank would draw its own mask on
+    the replicated residual stream) and heads or an FFN width the ranks cannot share. DPO, reward models and GRPO train: a group's ranks run the same pairs (GRPO:
     sample the same completions), their metrics counted once. A ``model.init_from`` model's own architecture and
     dropout are checked by the trainer, which reads them."""
     size = job.train.tensor_parallel
     if size == 1:
         return
-    not_yet = [(job.train.context_parallel > 1, f"train.context_parallel {job.train.context_parallel}"),
-               (job.lora.enabled, f"LoRA (lora.rank {job.lora.rank})"),
+    not_yet = [(job.lora.enabled, f"LoRA (lora.rank {job.lora.rank})"),
                (job.train.compile, "train.compile (dynamo fails on the split layers' mix of DTensors and plain "
                                    "tensors)")]
     for refused, what in not_yet:

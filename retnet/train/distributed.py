@@ -32,22 +32,28 @@ def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
     return rank, local_rank, world_size, device
 
 
-def context_parallel_group(rank: int, world_size: int, size: int) -> Any:
+def context_parallel_group(rank: int, world_size: int, size: int, stride: int = 1) -> Any:
     """The process group of this rank's context-parallel pieces: ranks ``g·size .. g·size + size − 1`` are group
     ``g`` (a node's GPUs, where its all-gathers are fastest, for a size up to the GPUs of a node). None for size 1.
+    Under tensor parallelism (``stride`` = T: the ranks of a piece are T consecutive ones, a layer split across
+    them) the group of a piece's ``t``-th rank holds the ``t``-th rank of each piece, the ones running the same
+    heads: ranks ``g·size·T + c·T + t`` for ``c`` < ``size``.
 
     Every rank creates every group, in the same order (``new_group`` is a collective of the default group, even
     for the ranks outside the new one). A group of its own: its all-gathers then never interleave with the data-
     parallel all-reduces of the default group."""
     if size == 1:
         return None
-    if world_size % size:
-        raise ConfigError(f"train.context_parallel ({size}) must divide the world size ({world_size})")
+    if world_size % (size * stride):
+        raise ConfigError(f"train.context_parallel ({size}) must divide the world size ({world_size})"
+                          + (f" / train.tensor_parallel ({stride})" if stride > 1 else ""))
     mine = None
-    for start in range(0, world_size, size):
-        group = dist.new_group(list(range(start, start + size)))
-        if start <= rank < start + size:
-            mine = group
+    for start in range(0, world_size, size * stride):
+        for offset in range(stride):
+            ranks = list(range(start + offset, start + size * stride, stride))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine = group
     return mine
 
 

@@ -142,17 +142,23 @@ class Trainer:
         self.cp_size, self.tp_size = cfg.train.context_parallel, cfg.train.tensor_parallel
         group_size = cfg.train.group_size
         self.group_rank, self.dp_rank = self.rank % group_size, self.rank // group_size
-        self.cp_rank = self.group_rank if self.cp_size > 1 else 0
+        # Both: a group is C pieces of T consecutive ranks each, a piece's T ranks splitting its layers.
+        self.cp_rank, self.tp_rank = divmod(self.group_rank, self.tp_size)
         self.dp_size = self.world_size // group_size
-        self.cp_group = context_parallel_group(self.rank, self.world_size, self.cp_size)
+        self.cp_group = context_parallel_group(self.rank, self.world_size, self.cp_size, stride=self.tp_size)
         self.tp_mesh = tensor_parallel_mesh(self.device, self.world_size, self.tp_size)
+        # The ranks that read the same micro-batches (streamed data: one reads, broadcasts to the others)
+        if self.cp_size > 1 and self.tp_size > 1:
+            self.batch_group = context_parallel_group(self.rank, self.world_size, group_size)
+        else:
+            self.batch_group = self.cp_group if self.tp_mesh is None else self.tp_mesh["tp"].get_group()
         # The all-reduced loss sums count each rank's loss, a context-parallel piece's share of its group's; every
-        # rank of a tensor-parallel group computes the whole loss, counted once, from the group's first rank.
-        self.counts_loss = self.tp_size == 1 or self.group_rank == 0
-        # The ranks whose gradients are averaged: every rank under DDP and FSDP2; under tensor parallelism the
-        # data-parallel groups (_average_gradients, or FSDP2 over mesh["dp"]), the T ranks of a group holding slices
-        # of one gradient.
-        self.averaged_ranks = self.world_size // self.tp_size
+        # rank of a tensor-parallel group (a piece's, with both) computes the same loss, counted once, by its first.
+        self.counts_loss = self.tp_size == 1 or self.tp_rank == 0
+        # The ranks holding the same slice of the weights, whose gradients are combined: every rank under DDP and
+        # FSDP2; under tensor parallelism mesh["dp"], the data-parallel groups' (and their pieces') ranks of that
+        # slice (_average_gradients, or FSDP2 over mesh["dp"]).
+        self.gradient_ranks = self.world_size // self.tp_size
         self.output_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -346,10 +352,9 @@ class Trainer:
 
     def _split_note(self) -> str:
         """The start-up line's split of the world into data-parallel groups (empty without one)."""
-        for name, size in (("context", self.cp_size), ("tensor", self.tp_size)):
-            if size > 1:
-                return f" / {name} parallel {size} = {self.dp_size} data-parallel groups"
-        return ""
+        splits = "".join(f" / {name} parallel {size}" for name, size in (("context", self.cp_size),
+                                                                         ("tensor", self.tp_size)) if size > 1)
+        return f"{splits} = {self.dp_size} data-parallel groups" if splits else ""
 
     def _parallelism_note(self) -> str:
         if not is_distributed():
@@ -987,10 +992,13 @@ class Trainer:
         # the micro-batches' and ranks' losses add up to the global mean. DDP and FSDP average the gradients over
         # the ranks: scaled up by the world size, the average is that sum's. Under context parallelism too: the
         # pieces of a group's blocks hold each of their targets once. Under tensor parallelism the average is over
-        # the W / T data-parallel groups (averaged_ranks), each of whose ranks holds slices of its group's gradient.
-        # Text: each rank's loss is its micro-batches' mean, so the average over the ranks is the global mean; a
-        # context-parallel rank's is only its piece's share of that mean (the C shares add up to it), so its
+        # the W / T ranks holding the same slices (gradient_ranks), each of whose ranks holds slices of its group's
+        # gradient. Text: each rank's loss is its micro-batches' mean, so the average over the ranks is the global
+        # mean; a context-parallel rank's is only its piece's share of that mean (the C shares add up to it), so its
         # gradient is scaled up by C to make the average over the W ranks that over the W / C groups.
+        # _average_gradients (tensor parallelism without FSDP2) sums over mesh["dp"] and divides by the data-parallel
+        # groups alone: there the pieces' shares are summed as they are, and the scale is that divisor's.
+        divisor = self.dp_size if self._averages_gradients else self.gradient_ranks
         targets = max(self._step_targets(), 1) if masked else None
         for index, batch in enumerate(batches):
             self._set_grad_sync(index == self.accum - 1)
@@ -998,14 +1006,14 @@ class Trainer:
                 tokens, flags = (t.to(self.device, non_blocking=True) for t in batch)
                 with self.autocast:
                     loss = self._loss(tokens, flags, num_items=targets)
-                (loss * self.averaged_ranks).backward()
+                (loss * divisor).backward()
             else:
                 batch = batch.to(self.device, non_blocking=True)
                 with self.autocast:  # DPO: each micro-batch holds micro_batch pairs, as text one of equal blocks
                     loss = (self.data.loss(self.model, batch) if preference else self._loss(batch)) / self.accum
-                (loss * self.cp_size).backward()
+                (loss * (divisor // self.dp_size)).backward()
             loss_sum += loss.detach()
-        if self.tp_mesh is not None and self.dp_size > 1 and not self.fsdp:  # FSDP2's reduce-scatter took the mean
+        if self._averages_gradients and self.gradient_ranks > 1:
             self._average_gradients()
         # One small all-reduce carries the loss and any rank's stop request.
         stats = torch.stack([loss_sum.float(), torch.tensor(float(self.signal_received), device=self.device)])
@@ -1049,11 +1057,19 @@ class Trainer:
             self._last["muon_lr"] = muon_groups[0]["lr"]
         return loss_value
 
+    @property
+    def _averages_gradients(self) -> bool:
+        """Tensor parallelism without FSDP2 (whose reduce-scatter takes the mean; DDP takes no DTensor parameters):
+        the trainer combines the gradients itself."""
+        return self.tp_mesh is not None and not self.fsdp
+
     def _average_gradients(self) -> None:
         """The data-parallel mean of the gradients under tensor parallelism, which DDP would take without it (DDP
         does not take DTensor parameters): each rank's gradients (its slices of the split weights, the replicated
         ones whole) averaged with those of the ranks holding the same slices in the other groups (``mesh["dp"]``),
-        in flat buckets, so a step costs a few all-reduces rather than one per tensor."""
+        in flat buckets, so a step costs a few all-reduces rather than one per tensor. Under context parallelism
+        too, ``mesh["dp"]`` also holds the other pieces' ranks of that slice: their shares are summed, the sum
+        divided by the data-parallel groups alone."""
         from torch.distributed.tensor import DTensor
 
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
@@ -1078,9 +1094,8 @@ class Trainer:
         if group_size > 1 and self.cfg.data.streaming:
             from retnet.train.streaming import group_micro_batches
 
-            group = self.cp_group if self.tp_mesh is None else self.tp_mesh["tp"].get_group()
-            return group_micro_batches(self.data, self.accum, source=self.dp_rank * group_size, group=group,
-                                       device=self.device)
+            return group_micro_batches(self.data, self.accum, source=self.dp_rank * group_size,
+                                       group=self.batch_group, device=self.device)
         return self.data.micro_batches(self.accum)
 
     def _step_targets(self) -> int:

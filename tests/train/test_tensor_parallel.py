@@ -29,8 +29,6 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["--train.tensor_parallel=0"], r"train\.tensor_parallel must be >= 1.*got 0"),
-    (["--train.context_parallel=2"], r"train\.tensor_parallel > 1 is not supported with train\.context_parallel 2 "
-                                     r"yet.*got 2"),
     (["--lora.rank=4"], r"not supported with LoRA \(lora\.rank 4\) yet"),
     (["--train.compile=true"], r"not supported with train\.compile"),
     (["--model.dropout=0.1"], r"model\.dropout must be 0 with train\.tensor_parallel 2 .*got 0\.1"),
@@ -44,7 +42,7 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
      r"train\.sequence_parallel needs train\.tensor_parallel > 1 \(it splits each row's tokens.*got True"),
     (["--train.vocab_parallel=true", "--distill.teacher=org/teacher"],
      r"train\.vocab_parallel is not supported with distillation \(distill\.teacher 'org/teacher'\) yet.*got True"),
-], ids=["zero", "context-parallel", "lora", "compile", "dropout",
+], ids=["zero", "lora", "compile", "dropout",
         "heads", "ffn", "vocab-without-tp", "sequence-without-tp", "vocab-distill"])
 def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message):
     if not any(o.startswith("--train.tensor_parallel") for o in overrides):
@@ -56,6 +54,7 @@ def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message
 def test_muon_activation_checkpointing_fsdp_dpo_reward_models_and_grpo_are_taken(monkeypatch):
     load_config("tiny", ["--train.tensor_parallel=4", "--optim.name=muon", "--train.activation_checkpointing=true"])
     load_config("tiny", ["--train.tensor_parallel=2", "--train.parallelism=fsdp"])
+    load_config("tiny", ["--train.tensor_parallel=2", "--train.context_parallel=2", "--train.sequence_parallel=true"])
     pairs = ["--train.tensor_parallel=2", "--data.format=preference", "--data.dataset=pairs.jsonl",
              "--model.init_from=base", "--train.vocab_parallel=true"]
     load_config("tiny", pairs)
@@ -272,6 +271,48 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     assert own.returncode == 0, own.stderr[-3000:] + own.stdout[-2000:]
     assert "at step 2" in own.stderr and "resuming with" not in own.stderr  # no other split to warn of
     assert _losses(read_metrics, tmp_path / "own") == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism, splits", [("ddp", {}), ("fsdp", dict(train__vocab_parallel=True,
+                                                                            train__sequence_parallel=True))],
+                         ids=["gradient-mean", "fsdp-vocab-sequence"])
+def test_context_parallel_pieces_split_by_tensor_parallelism_log_the_losses_of_one_process(
+        parallelism, splits, micro, tmp_path, run, run_here, read_metrics):
+    """4 torchrun ranks: each packed row (micro 3 × 32 tokens) cut in 2 pieces along time (context parallelism,
+    the cut inside the second block's document), each piece's layers split across 2 ranks (tensor parallelism):
+    one group of 2 × 2 ranks, micro 3 × accum 2, logs one process's training and validation losses and gradient
+    norms, and counts each token once. The pieces' ranks exchange their heads' states over their own groups; the
+    gradients of the same slice are summed over the pieces (by the trainer, or by FSDP2 over mesh["dp"], which
+    holds both pieces' ranks of a slice). Under FSDP2, with the vocabulary and sequence splits too, the step-2
+    checkpoint resumes in one process without any split to the last losses."""
+    single, split = tmp_path / "single", tmp_path / "split"
+    common = dict(train__steps=4, train__eval_interval=2, train__micro_batch_size=3, train__global_batch_size=6,
+                  data__document_boundaries=True, optim__lr=1e-2, optim__schedule="constant",
+                  checkpoint__interval=2)
+    one = run_here(micro(single, **common))
+    assert one.returncode == 0, one.stderr[-3000:]
+    four = run(micro(split, **common, train__context_parallel=2, train__tensor_parallel=2,
+                     train__parallelism=parallelism, **splits), nproc=4)
+    assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
+    assert ("world 4 / context parallel 2 / tensor parallel 2 = 1 data-parallel groups × micro 3 × accum 2"
+            in four.stderr)
+    expected = _losses(read_metrics, single)
+    assert len(expected) == 4 and expected[-1] < expected[0] - 0.1
+    assert _losses(read_metrics, split) == pytest.approx(expected, rel=1e-5)
+    assert _losses(read_metrics, split, key="grad_norm") == pytest.approx(
+        _losses(read_metrics, single, key="grad_norm"), rel=3e-4)
+    assert _losses(read_metrics, split, "val", "val_loss") == pytest.approx(
+        _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
+    assert [r["tokens"] for r in read_metrics(split)] == [r["tokens"] for r in read_metrics(single)]
+    if parallelism != "fsdp":
+        return
+    alone = tmp_path / "alone"
+    resumed = run_here(micro(alone, **common, train__resume=split / "checkpoints" / "step_00000002"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("written by 4 ranks (train.context_parallel 2, train.tensor_parallel 2), resuming with 1 "
+            "(train.context_parallel 1, train.tensor_parallel 1)" in resumed.stderr)
+    assert _losses(read_metrics, alone) == pytest.approx(expected[-2:], rel=1e-5)
 
 
 @pytest.mark.slow
