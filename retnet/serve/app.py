@@ -57,6 +57,7 @@ from retnet.serve.settings import (
     resolve_model_source,
 )
 from retnet.serve.state_cache import SessionBusy
+from retnet.serve.streaming import unless_disconnected
 
 logger = logging.getLogger("retnet.serve")
 
@@ -64,12 +65,15 @@ logger = logging.getLogger("retnet.serve")
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items",
-          "/v1/models", "/health", "/metrics", *TOKENIZER_ROUTES, "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+          "/v1/models", "/v1/models/{model_id}", "/v1/sessions/{session_id}", "/health", "/metrics",
+          *TOKENIZER_ROUTES, "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
           *POOLING_ROUTES, *EMBEDDING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES)
 # Routes whose `input` is the completions' `prompt` union (the Responses API's `input` is not).
 _INPUT_ROUTES = (*POOLING_ROUTES, *EMBEDDING_ROUTES)
 # Routes with an id in the path, counted by their template (one label per route, not per id).
-_ROUTE_TEMPLATES = tuple((re.compile("^" + re.sub(r"\{\w+\}", "[^/]+", route) + "$"), route)
+# A model id may hold "/" (an HF id, served as the route's `{model_id:path}`); the other ids are one path segment.
+_ROUTE_TEMPLATES = tuple((re.compile("^" + re.sub(r"\{\w+\}", lambda m: ".+" if m[0] == "{model_id}" else "[^/]+",
+                                                  route) + "$"), route)
                          for route in ROUTES if "{" in route)
 # pydantic's names for union members in an error's location; they are not fields.
 _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -285,12 +289,12 @@ def _add_classify_routes(app: FastAPI, serving: ClassifyServing, auth: list, jso
 
     @app.post("/classify", dependencies=json_body)
     @app.post("/v1/classify", dependencies=json_body)
-    async def classify(request: ClassifyRequest):
-        return JSONResponse((await serving.classify(request)).model_dump())
+    async def classify(request: ClassifyRequest, raw: Request):
+        return JSONResponse((await unless_disconnected(serving.classify(request), raw)).model_dump())
 
     @app.post("/pooling", dependencies=json_body)
-    async def pooling(request: PoolingRequest):
-        return JSONResponse((await serving.pooling(request)).model_dump())
+    async def pooling(request: PoolingRequest, raw: Request):
+        return JSONResponse((await unless_disconnected(serving.pooling(request), raw)).model_dump())
 
     _add_score_routes(app, ScoreServing(serving), json_body)
 
@@ -309,12 +313,12 @@ def _add_embed_routes(app: FastAPI, serving: EmbedServing, auth: list, json_body
     classification and generation routes answer 400."""
 
     @app.post("/v1/embeddings", dependencies=json_body)
-    async def embeddings(request: EmbeddingRequest):
-        return JSONResponse((await serving.embeddings(request)).model_dump())
+    async def embeddings(request: EmbeddingRequest, raw: Request):
+        return JSONResponse((await unless_disconnected(serving.embeddings(request), raw)).model_dump())
 
     @app.post("/pooling", dependencies=json_body)
-    async def pooling(request: PoolingRequest):
-        return JSONResponse((await serving.pooling(request)).model_dump())
+    async def pooling(request: PoolingRequest, raw: Request):
+        return JSONResponse((await unless_disconnected(serving.pooling(request), raw)).model_dump())
 
     _add_score_routes(app, ScoreServing(serving), json_body)
 
@@ -337,11 +341,11 @@ def _add_embed_routes(app: FastAPI, serving: EmbedServing, auth: list, json_body
 def _add_score_routes(app: FastAPI, scoring: ScoreServing, json_body: list) -> None:
     """vLLM's score and rerank routes, on a classifier's or an embedding model's server."""
 
-    async def score(request: ScoreRequest):
-        return JSONResponse((await scoring.score(request)).model_dump())
+    async def score(request: ScoreRequest, raw: Request):
+        return JSONResponse((await unless_disconnected(scoring.score(request), raw)).model_dump())
 
-    async def rerank(request: RerankRequest):
-        return JSONResponse((await scoring.rerank(request)).body())
+    async def rerank(request: RerankRequest, raw: Request):
+        return JSONResponse((await unless_disconnected(scoring.rerank(request), raw)).body())
 
     for path in SCORE_ROUTES:
         app.post(path, dependencies=json_body)(score)
@@ -441,7 +445,12 @@ def _describe_validation(errors, prompt_field: str = "prompt") -> tuple[str, str
     if not errors:
         return "invalid request", None, "invalid_request"
     first = _most_specific(errors)
-    loc = [part for part in first.get("loc", ()) if part != "body"]
+    loc = list(first.get("loc", ()))
+    # FastAPI's first part says where the field was sent, which is no part of its name (a query string's `limit`
+    # is `limit`); only the first: a body field may be named `query` (rerank's).
+    if loc and loc[0] in ("query", "path"):
+        loc = loc[1:]
+    loc = [part for part in loc if part != "body"]
     # /tokenize's form (no request has a field of that name) leads the location: it is no part of the param.
     tokenize_form = bool(loc) and loc[0] in TOKENIZE_FORMS
     if tokenize_form:
@@ -530,7 +539,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = _route(scope["path"])
-        status = {"code": 500}
+        status = {"code": None}
 
         async def capture(message):
             if message["type"] == "http.response.start":
@@ -539,8 +548,13 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, capture)
+            # Returned without a response: the client left before one was due (BodyLimitMiddleware heard it hang up
+            # while sending its body), no server error: counted as the app's own client_closed answer.
+            if status["code"] is None:
+                status["code"] = 499
         finally:
-            self.metrics.requests.labels(route, str(status["code"])).inc()
+            # An exception before a response is a server error: the outer error handler answers it 500.
+            self.metrics.requests.labels(route, str(status["code"] or 500)).inc()
 
 
 __all__ = ["create_app"]

@@ -97,6 +97,9 @@ def _line_error(number: int, item: dict, urls: set[str], seen: set[str]) -> APIE
                         "custom_id", "duplicate_custom_id")
     if not isinstance(method, str) or method.upper() != "POST":
         return APIError(400, f"{where}: method must be \"POST\"; got {method!r}", "method", "invalid_value")
+    if not isinstance(url, str):  # a list or an object would fail the lookups below (unhashable)
+        return APIError(400, f"{where}: url must be a string naming a route; got {json.dumps(url)[:80]}", "url",
+                        "unsupported_url")
     if url in NOT_IN_A_BATCH:
         return APIError(400, f"{where}: url {url!r} is not run in a batch (its lines run concurrently, so none could "
                         "count on an adapter loaded by another); name the adapters with --lora-modules",

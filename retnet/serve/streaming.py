@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -19,6 +20,7 @@ from retnet.serve.sequence import EngineFailure, RequestHandle, SeqOutput
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_S = 0.5
+T = TypeVar("T")
 
 
 def sse(data: dict | str) -> str:
@@ -74,6 +76,26 @@ async def collect_outputs(handle: RequestHandle, raw: Request) -> list[list[SeqO
     if any(seq and seq[-1].finish_reason == "abort" for seq in per_choice):
         raise APIError(499, "client closed the request", None, "client_closed")
     return per_choice
+
+
+async def unless_disconnected(work: Awaitable[T], raw: Request) -> T:
+    """``work``'s result, unless its client goes away first: then the work is cancelled (a pooling request's inputs
+    not yet run are skipped, its place in the queue freed) and the answer is 499. The server does not cancel a
+    handler whose client hung up: without this the inputs would be run for nobody."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await raw.is_disconnected():
+                raise APIError(499, "client closed the request", None, "client_closed")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # its cleanup (the queue's count) done before the answer leaves
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure after the client left is nobody's to report
 
 
 def sse_response(chunks: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:

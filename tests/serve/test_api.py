@@ -540,6 +540,23 @@ async def test_a_streaming_client_gone_before_the_headers_frees_its_slot(open_ap
         assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a client leaving is not a server bug
 
 
+async def test_a_client_gone_while_sending_its_body_is_counted_as_499_not_a_server_error(client):
+    # No response is sent: the middleware's default status, 500, counted a client's hang-up as a server error.
+    body = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
+    parts = iter([{"type": "http.request", "body": body[:5], "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(parts)
+
+    async def send(message):
+        raise AssertionError(f"nobody is there to answer: {message}")
+
+    await client.app(_post_scope(body, "2.4"), receive, send)
+    text = (await client.get("/metrics")).text
+    assert 'retnet_requests_total{route="/v1/completions",status="499"} 1.0' in text
+    assert 'status="500"' not in text
+
+
 async def _drained(engine) -> None:
     while engine.in_system:
         await asyncio.sleep(0.01)
@@ -694,6 +711,18 @@ async def test_model_cards_have_a_stable_created(client):
     card = (await client.get("/v1/models/micro")).json()
     assert first["object"] == "list" and first == again
     assert card["created"] == first["data"][0]["created"] and card["owned_by"] == "retnet"
+
+
+async def test_the_routes_with_an_id_in_the_path_are_counted_by_their_template(client):
+    # GET /v1/models/{model_id} and DELETE /v1/sessions/{session_id} were counted as route "other".
+    assert (await client.get("/v1/models/micro")).status_code == 200
+    assert (await client.get("/v1/models/org/no-such-model")).status_code == 404  # a served name may hold "/"
+    assert (await client.delete("/v1/sessions/nobody")).status_code == 404
+    text = (await client.get("/metrics")).text
+    assert 'retnet_requests_total{route="/v1/models/{model_id}",status="200"} 1.0' in text
+    assert 'retnet_requests_total{route="/v1/models/{model_id}",status="404"} 1.0' in text
+    assert 'retnet_requests_total{route="/v1/sessions/{session_id}",status="404"} 1.0' in text
+    assert 'route="other"' not in text
 
 
 async def test_model_cards_give_the_most_tokens_a_request_can_span(open_app):

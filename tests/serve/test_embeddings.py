@@ -349,6 +349,39 @@ async def test_a_non_finite_embedding_or_a_failed_forward_fails_its_own_request(
         assert vectors(ok(await http.post("/v1/embeddings", json={"input": [[8, 9], [10, 11, 12]]})))
 
 
+async def test_a_client_that_leaves_cancels_its_pooling_work(model_dir, monkeypatch):
+    """As a generation request's: the inputs of a client gone are not run for nobody, holding a place in the queue
+    (a non-streaming handler is not cancelled by the server when its client hangs up)."""
+    from retnet.serve import streaming
+    from tests.serve.test_api import _leaving_client, _post_scope
+
+    monkeypatch.setattr(streaming, "DISCONNECT_POLL_S", 0.05)
+
+    bodies = {"/v1/embeddings": {"input": ["a", "b"]}, "/pooling": {"input": "a"},
+              "/score": {"text_1": "a", "text_2": ["b", "c"]}, "/rerank": {"query": "a", "documents": ["b"]}}
+    async with serve_app(model_dir, convert="embed") as http:
+        engine, cancelled = http.app.state.engine, []
+
+        async def held(inputs, priority=0):  # the engine busy with other work: this request waits in its queue
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(inputs)
+                raise
+
+        engine.score = held
+        for path, request in bodies.items():
+            body, sent = json.dumps(request).encode(), []
+
+            async def send(message, sent=sent):
+                sent.append(message)
+
+            scope = {**_post_scope(body, "2.3"), "path": path, "raw_path": path.encode()}
+            await asyncio.wait_for(http.app(scope, _leaving_client(body), send), 10)
+            assert len(cancelled) == len(sent[:1]) == 1 and sent[0]["status"] == 499, (path, sent)
+            cancelled.clear()
+
+
 async def test_generation_and_classification_servers_refuse_embeddings(open_app, model_dir, tmp_path):
     async with open_app() as http:
         message = refused(await http.post("/v1/embeddings", json={"input": "a"}), 400, None, "model_not_embedding")

@@ -406,6 +406,15 @@ async def test_an_unknown_response_id_is_404(client, method, path, param):
     assert "resp_x" in error["message"]
 
 
+async def test_a_bad_input_items_query_parameter_is_named_as_sent(client):
+    # FastAPI locates a query parameter's error under "query": the param was "query.limit", a name no client sent.
+    for query, param in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"order": "newest"}, "order")):
+        r = await client.get("/v1/responses/resp_x/input_items", params=query)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and error["message"].startswith(f"{param}: "), error
+
+
 async def test_the_store_routes_need_the_api_key(open_app):
     async with open_app(api_keys=["k"]) as c:
         for method, path in (("GET", "/v1/responses/r"), ("DELETE", "/v1/responses/r"),

@@ -193,3 +193,13 @@ async def test_a_queue_that_never_frees_is_written_as_its_429(monkeypatch):
     entry = run_batch.BatchLine(line=1, custom_id="a", url="/v1/completions", body={"prompt": "x"})
     status, body = await run_batch.post(AlwaysFull(), entry)
     assert status == 429 and body["error"]["code"] == "queue_full" and len(calls) > 1
+
+
+def test_a_url_that_is_not_a_string_is_a_400_line_of_its_own():
+    """A url the server does not have is its line's 400, whatever JSON it is: a list or an object (unhashable)
+    failed the set lookup with a TypeError, which took the whole batch down before any line ran."""
+    lines = [json.dumps({"custom_id": f"u{i}", "method": "POST", "url": url, "body": {"prompt": "x"}})
+             for i, url in enumerate([[COMPLETIONS], {"path": COMPLETIONS}, 7])]
+    entries = parse_lines([*lines, line("ok", COMPLETIONS, {"prompt": "x"})], {COMPLETIONS, CHAT})
+    assert [(e.error.status, e.error.param, e.error.code) for e in entries[:3]] == [(400, "url", "unsupported_url")] * 3
+    assert entries[3].error is None
