@@ -463,10 +463,18 @@ class RetNetPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained``, refusing up front a model with DTensor parameters (tensor
-        parallelism, FSDP2) saved without ``state_dict=``: its own state dict holds each rank's shards, which
-        safetensors fails on after config.json is written, leaving a half-written directory. (transformers'
-        ``distributed_checkpoint=True``, a DCP writer called on every rank, is left to transformers.)"""
+        """``PreTrainedModel.save_pretrained``, refusing up front a config that would not load, and a model with
+        DTensor parameters (tensor parallelism, FSDP2) saved without ``state_dict=``: its own state dict holds each
+        rank's shards, which safetensors fails on after config.json is written, leaving a half-written directory.
+        (transformers' ``distributed_checkpoint=True``, a DCP writer called on every rank, is left to
+        transformers.)"""
+        if isinstance(self.config, RetNetConfig):
+            # A field changed since the model was built (resize_token_embeddings below the pad id only warns)
+            # would otherwise be written, and refused only when the checkpoint is loaded.
+            try:
+                self.config.validate_retnet()
+            except ValueError as error:
+                raise ValueError(f"save_pretrained: the config would not load: {error}") from None
         state_dict = kwargs.get("state_dict", args[1] if len(args) > 1 else None)
         if state_dict is None and not kwargs.get("distributed_checkpoint") and torch.distributed.is_available():
             from torch.distributed.tensor import DTensor
@@ -555,6 +563,8 @@ class RetNetModel(RetNetPreTrainedModel):
             attention_mask: ``[B, T]`` or ``[B, past + T]`` (as ``generate`` passes it), 1 for real tokens,
                 0 for padding; padded positions write nothing into the state. Left padding is supported.
             position_ids: ``[B, T]``; by default counted from the cache's per-sequence offsets over real tokens.
+                Given without an attention mask or a cache, positions that restart (transformers'
+                ``DataCollatorWithFlattening``) mark packed sequences, run as ``cu_seqlens`` (B=1).
             cache / past_key_values: a :class:`RetNetCache` to continue from (and update in place).
             use_cache: return the cache (a new one if none was given).
             retention_mode: overrides ``config.retention_mode`` for this call.
@@ -573,6 +583,9 @@ class RetNetModel(RetNetPreTrainedModel):
         """
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
+        # Unset, they are the config's, as in transformers' models (from_pretrained(path, output_hidden_states=True)).
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
         output_hidden_states = bool(output_hidden_states)
         asked_for_cache = use_cache is True
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -585,6 +598,9 @@ class RetNetModel(RetNetPreTrainedModel):
             context_parallel = self._check_context(context_parallel, length, cache, asked_for_cache, attention_mask,
                                                    position_ids, cu_seqlens)
             use_cache = False
+        if (cu_seqlens is None and position_ids is not None and attention_mask is None and cache is None
+                and context_parallel is None):
+            cu_seqlens = _packed_from_positions(position_ids, batch, length)
         # Every layer's ops read the packed offsets on the host (to check them, to size their work): through
         # this, once per forward rather than a few device syncs per layer (retnet.kernels.checks).
         shared_offsets = SharedHostOffsets()
@@ -684,7 +700,7 @@ class RetNetModel(RetNetPreTrainedModel):
             **{CACHE_KWARG: cache if use_cache else None},
             hidden_states=all_hidden_states if output_hidden_states else None,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
     def _xpos_frames(self, position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows, custom_positions,
                      compute_dtype):
@@ -784,6 +800,31 @@ class RetNetModel(RetNetPreTrainedModel):
         return start + (token_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _packed_from_positions(position_ids: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
+    """``cu_seqlens`` of the sequences ``position_ids`` mark by restarting, as transformers' padding-free collator
+    (``DataCollatorWithFlattening``) packs them into one row: a sequence starts wherever a position does not follow
+    the one before by 1 (transformers' ``find_packed_sequence_indices``). None when they only count on.
+
+    transformers' models keep such sequences apart by their attention mask; here the state would carry from one
+    into the next, so they run as ``cu_seqlens``, each from a zero state."""
+    if position_ids.dim() != 2 or position_ids.shape[1] != length or length < 2:
+        return None  # refused by name further on (or a single position, which starts nothing)
+    starts = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    if not bool(starts.any()):  # one host read, only for positions given without a mask or a cache
+        return None
+    if batch != 1 or position_ids.shape[0] != 1:
+        row = int(starts.any(-1).nonzero()[0])
+        raise ValueError(
+            f"position_ids restart inside a row (row {row}: a position that does not follow the one before by 1 "
+            "starts a packed sequence, as transformers' DataCollatorWithFlattening makes them); packed sequences "
+            f"run apart in one row (B=1), got B={batch}: pack them into one row, pass cu_seqlens, or give each "
+            "sequence its own row with an attention_mask"
+        )
+    firsts = starts[0].nonzero().squeeze(-1) + 1
+    edges = torch.tensor([0, length], dtype=firsts.dtype, device=firsts.device)
+    return torch.cat([edges[:1], firsts, edges[1:]])
+
+
 def _sharing_host_offsets(fn, shared: SharedHostOffsets):
     """``fn`` run with ``shared`` active: its retention ops read packed offsets through it."""
 
@@ -792,6 +833,12 @@ def _sharing_host_offsets(fn, shared: SharedHostOffsets):
             return fn(*args)
 
     return run
+
+
+def _return_dict(config: RetNetConfig, return_dict: bool | None) -> bool:
+    """A call's ``return_dict``, or when unset the config's (``config.return_dict = False`` gives tuples, as in
+    transformers' models)."""
+    return (getattr(config, "return_dict", True) if return_dict is None else return_dict) is not False
 
 
 def _check_cache_and_outputs(cache, kwargs: dict) -> None:
@@ -890,7 +937,6 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: RetNetCache | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
         context_parallel: ContextShard | None = None,
         distill: Distillation | None = None,
         **kwargs,
@@ -905,6 +951,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         :func:`~retnet.model.distillation.linear_distillation_loss` towards its teacher's distribution instead
         (chunked like the fused head, whatever ``fuse_linear_cross_entropy`` says; no logits returned), its parts
         left in ``distill.parts``. Other arguments as :meth:`RetNetModel.forward`."""
+        # A keyword, not a parameter (as in transformers' models): Trainer takes every parameter named like a label
+        # for one it must be given, and without shift_labels in a batch evaluate() would compute no loss.
+        shift_labels = kwargs.pop("shift_labels", None)
         _check_cache_and_outputs(cache if cache is not None else past_key_values, kwargs)
         if distill is not None and ((labels is None and shift_labels is None) or not self.training):
             raise ValueError("distill needs labels (or shift_labels) and training mode: the validation loss is the "
@@ -957,7 +1006,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             **{CACHE_KWARG: outputs.cache},
             hidden_states=outputs.hidden_states,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
     # -- generation -----------------------------------------------------------------------------------------
     def _validate_generation_mode(self, generation_mode, *args, **kwargs):
@@ -1225,7 +1274,7 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
             **{CACHE_KWARG: outputs.cache},
             hidden_states=outputs.hidden_states,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
     def _last_tokens(self, input_ids, attention_mask, cu_seqlens, hidden_states) -> tuple:
         """``(rows, positions)`` indexing the hidden states ``[B, T, d]`` at each sequence's last real token."""

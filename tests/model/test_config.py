@@ -167,6 +167,21 @@ def test_config_mutated_after_construction_is_revalidated_by_the_model(field, va
         getattr(model_module, model_class)(config)
 
 
+def test_a_model_whose_config_would_not_load_is_refused_before_saving(tmp_path):
+    from retnet.model import RetNetForCausalLM
+
+    model = RetNetForCausalLM(RetNetConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           pad_token_id=80))
+    # transformers only warns that the pad id is now outside the vocabulary; the model still runs.
+    model.resize_token_embeddings(50)
+    with pytest.raises(ValueError, match=r"save_pretrained.*pad_token_id.*80"):
+        model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+    model.config.pad_token_id = 0
+    model.save_pretrained(tmp_path)
+    assert RetNetForCausalLM.from_pretrained(tmp_path).config.vocab_size == 50
+
+
 def test_from_pretrained_still_loads_with_transformers_own_settings(tmp_path):
     from retnet.model import RetNetForCausalLM
 

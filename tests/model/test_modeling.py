@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from retnet.model import RetNetConfig, RetNetForCausalLM
+from retnet.model import RetNetConfig, RetNetForCausalLM, RetNetForSequenceClassification, RetNetModel
 
 MODES = ("parallel", "chunkwise", "recurrent")
 
@@ -154,10 +154,50 @@ def test_packed_documents_do_not_leak_into_each_other(tiny_model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("use_xpos", (False, True))
+def test_position_ids_that_restart_keep_packed_documents_apart(model_factory, use_xpos):
+    # transformers' padding-free collator packs examples into one row and marks them only by position_ids that
+    # restart at 0; transformers' models then keep them apart, as cu_seqlens does here.
+    from transformers import DataCollatorWithFlattening
+
+    from retnet.model.modeling_retnet import causal_lm_loss
+
+    model = model_factory(use_xpos=use_xpos)
+    docs = [_ids(1, 5, seed=2), _ids(1, 11, seed=3), _ids(1, 1, seed=4)]
+    batch = DataCollatorWithFlattening()([{"input_ids": d[0].tolist()} for d in docs])
+    alone = torch.cat([model(d).logits for d in docs], dim=1)
+    for use_cache in (False, True):
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                    use_cache=use_cache)
+        torch.testing.assert_close(out.logits, alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.loss, causal_lm_loss(alone, batch["labels"]))
+    # Positions that only count on, from anywhere, are one sequence.
+    ids = _ids(1, 9)
+    torch.testing.assert_close(model(ids, position_ids=torch.arange(9)[None]).logits, model(ids).logits)
+    with pytest.raises(ValueError, match=r"position_ids restart.*row 1.*B=1"):
+        model(_ids(2, 9), position_ids=torch.tensor([list(range(9)), [0, 1, 2, 0, 1, 2, 3, 4, 5]]))
+
+
+@torch.no_grad()
 def test_output_hidden_states(tiny_model):
     out = tiny_model(_ids(length=9), output_hidden_states=True)
     assert len(out.hidden_states) == tiny_model.config.num_hidden_layers + 1
     assert out.hidden_states[0].shape == (2, 9, tiny_model.config.hidden_size)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_class", (RetNetForCausalLM, RetNetModel, RetNetForSequenceClassification))
+def test_the_configs_output_defaults_are_honoured(tmp_path, model_factory, model_class):
+    # transformers' models read output_hidden_states and return_dict from the config when the call leaves them
+    # unset: from_pretrained(path, output_hidden_states=True) is the usual way to get the hidden states.
+    model_factory().save_pretrained(tmp_path)
+    model = model_class.from_pretrained(tmp_path, output_hidden_states=True).eval()
+    out = model(_ids(length=5))
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert model(_ids(length=5), output_hidden_states=False).hidden_states is None
+    model.config.return_dict = False
+    assert isinstance(model(_ids(length=5)), tuple)
+    assert not isinstance(model(_ids(length=5), return_dict=True), tuple)
 
 
 def test_resize_token_embeddings_keeps_ties(tiny_model):

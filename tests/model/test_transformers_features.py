@@ -5,8 +5,9 @@ clear error."""
 import pytest
 import torch
 from transformers import DynamicCache
+from transformers.utils import find_labels
 
-from retnet.model import RetNetCache
+from retnet.model import RetNetCache, RetNetForCausalLM, RetNetForSequenceClassification
 from retnet.model.modeling_retnet import CACHE_KWARG
 
 GREEDY = dict(do_sample=False, eos_token_id=None)
@@ -242,3 +243,20 @@ def test_generate_leaves_the_positions_to_the_model_and_keeps_given_ones(model_f
     finally:
         hook.remove()
     assert shifted.shape == out.shape
+
+
+@pytest.mark.parametrize("model_class", (RetNetForCausalLM, RetNetForSequenceClassification))
+def test_trainer_sees_labels_as_the_only_label(model_class):
+    # Trainer's default label_names are the forward parameters named like a label (find_labels), and evaluate()
+    # computes no loss unless a batch holds every one of them: a shift_labels parameter beside labels left
+    # Trainer.evaluate() without an eval_loss. shift_labels is still taken as a keyword.
+    assert find_labels(model_class) == ["labels"]
+
+
+@torch.no_grad()
+def test_shift_labels_as_a_keyword_give_the_labels_loss(model):
+    ids = _prompt(7)
+    shifted = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:]
+    torch.testing.assert_close(model(ids, shift_labels=shifted).loss, model(ids, labels=ids).loss)
+    with pytest.raises(ValueError, match="labels or shift_labels, not both"):
+        model(ids, labels=ids, shift_labels=shifted)
