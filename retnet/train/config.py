@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import os
 import re
 import sys
 import types
@@ -62,6 +64,14 @@ _MIXTURE_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 _ANY_VOCAB_SIZE = 2**31 - 1  # a stand-in at load, large enough for any token id a tokenizer may hold
 
 
+
+# What another launcher's resume setting says, or a boolean: not checkpoint paths (unless such a directory exists).
+_RESUME_WORDS = frozenset({"auto", "none", "null", "true", "false", "yes", "no", "on", "off", "1", "0", "latest",
+                           "last"})
+
+# The RetNetConfig fields [model] sets itself (model.extra sets the others; vocab_size is the BPE's, refused apart).
+_OWN_MODEL_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "chunk_size",
+                     "hidden_act", "dropout")
 
 # What shapes the weights: a model fine-tuned from a pretrained one (model.init_from) keeps its values.
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -121,6 +131,13 @@ class ModelConfig(_Section):
                              ("pad_token_id", "nothing: the tokenizer sets it")):
             if key in self.extra:  # the trainer passes these itself: a second value is a TypeError there
                 raise ConfigError(f"model.extra.{key} cannot be set; use {instead}; got {self.extra[key]!r}")
+        for key in [name for name in _OWN_MODEL_FIELDS if name in self.extra]:
+            # Set twice, the extra value won without a word; a shape beside init_from passed the refusal above and
+            # was refused only once the pretrained weights did not load, after the data had been prepared
+            if getattr(self, key) is not None or (self.init_from is not None and key in _SHAPE_FIELDS):
+                raise ConfigError(f"model.extra.{key} cannot be set; use model.{key}; got {self.extra[key]!r}"
+                                  + (f" (and model.{key} {getattr(self, key)!r})" if getattr(self, key) is not None
+                                     else f" with model.init_from {self.init_from!r}"))
         # Checked here, not only when the trainer builds the model: that comes after the dataset has been read and
         # tokenized. The vocabulary is the tokenizer's, known only then; token ids are checked against it there.
         try:
@@ -130,8 +147,7 @@ class ModelConfig(_Section):
 
     def overrides(self) -> dict[str, Any]:
         """The RetNetConfig keyword arguments this section sets on top of the preset."""
-        fixed = {name: getattr(self, name) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                        "intermediate_size", "chunk_size", "hidden_act", "dropout")}
+        fixed = {name: getattr(self, name) for name in _OWN_MODEL_FIELDS}
         return {**{k: v for k, v in fixed.items() if v is not None}, **self.extra}
 
 
@@ -188,6 +204,13 @@ class DataConfig(_Section):
             self.mixture = self._checked_mixture()
         if not self.dataset:
             _refuse("data.dataset", "must name 'stdlib', a local path or a hub dataset", self.dataset)
+        if self.name == "":  # how a TOML file (which has no null) leaves it out
+            self.name = None
+        # Refused here, not once the dataset has been loaded: as a column or split it has not
+        for name, what in (("text_field", "the column of the documents"), ("split", "a split (default 'train')")):
+            if not getattr(self, name):
+                _refuse(f"data.{name}", f"must name {what}", getattr(self, name))
+        self._check_stdlib_selection()
         _positive("data", self, "seq_len", "tokenizer_train_chars")
         _positive("data", self, "max_documents", "val_documents", allow_zero=True)
         if self.seq_len < 2:
@@ -217,6 +240,21 @@ class DataConfig(_Section):
             for key, dataset in self._datasets():
                 if dataset == "stdlib":  # build_data's refusal would name data.streaming, not the source
                     _refuse(key, "cannot be 'stdlib' with data.streaming (the stdlib corpus is not streamed)", dataset)
+
+    def _check_stdlib_selection(self) -> None:
+        """ConfigError for a hub split or configuration of the stdlib corpus, which has neither: it was read whole,
+        whatever they said (local files refuse them when read)."""
+        for label, source in self.mixture.items() if self.mixture else [(None, {"dataset": self.dataset})]:
+            if source["dataset"] != "stdlib":
+                continue
+            key = "data.dataset" if label is None else f"data.mixture.{label}.dataset"
+            for name, unset in (("split", "train"), ("name", None)):
+                value = source.get(name, getattr(self, name))
+                if value != unset:
+                    where = f"data.mixture.{label}.{name}" if name in source else f"data.{name}"
+                    _refuse(where, f"selects from a hub dataset or a save_to_disk DatasetDict; {key} 'stdlib' (the "
+                            f"standard library's sources) has no {'splits' if name == 'split' else 'configurations'} "
+                            f"(its validation documents are held out by data.val_fraction)", value)
 
     def _check_preference(self) -> None:
         """ConfigError for what preference data cannot be: a pair is read whole and its reference log-probs are
@@ -453,6 +491,17 @@ class TrainConfig(_Section):
             _refuse("train.mixed_precision", f"must be one of {PRECISIONS}", self.mixed_precision)
         if not self.resume:
             _refuse("train.resume", "must be 'auto', 'none' or a checkpoint directory", self.resume)
+        # Other launchers' words (HF's resume_from_checkpoint=True, "latest", None) would be read as the path of a
+        # checkpoint named so, and refused only once output_dir has been made, as a missing checkpoint
+        if self.resume not in ("auto", "none") and self.resume.lower() in _RESUME_WORDS \
+                and not os.path.isdir(self.resume):
+            _refuse("train.resume", "must be 'auto', 'none' or a checkpoint directory ('auto': the newest valid "
+                    "checkpoint in train.output_dir, else start)", self.resume)
+        # As every other path setting is read (data.dataset, data.cache_dir, data.tokenizer, model.init_from): a
+        # TOML file's "~/runs/x" (and --train.output_dir=~/runs/x, which no shell expands) made a directory "~"
+        self.output_dir = os.path.expanduser(self.output_dir)
+        if self.resume not in ("auto", "none"):
+            self.resume = os.path.expanduser(self.resume)
 
     @property
     def group_size(self) -> int:
@@ -792,6 +841,11 @@ def _read_toml(name_or_path: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
+        if path.suffix.lower() in (".json", ".yaml", ".yml"):  # a run's config.json, another launcher's YAML
+            raise ConfigError(f"--config {name_or_path!r} is not TOML ({path.suffix} files are not read): a config "
+                              f"file is TOML, with the tables [model], [data], [optim], [train], [checkpoint], "
+                              f"[logging] ... (see retnet/train/configs/*.toml); every field is also an override "
+                              f"--section.key=value") from None
         raise ConfigError(f"--config {name_or_path!r}: invalid TOML: {error}") from None
 
 
@@ -883,17 +937,87 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     while index < len(args):
         arg = args[index]
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"expected an override --section.key=value; got {arg!r}")
+            hint = _sectioned_hint(arg)
+            before, here = (Path(pairs[-1][1]) if pairs else None), Path(arg)
+            if before is not None and not arg.startswith("-") and (
+                    (here.suffix and here.suffix == before.suffix) or here.parent == before.parent != Path(".")):
+                # a second file of a glob the shell expanded (unquoted) into the value before it
+                previous = pairs[-1][0]
+                hint += (f" (a second value of --{previous}? A glob must be quoted, or the shell expands it into one "
+                         f"argument per file: --{previous}='{before.parent / '*'}{before.suffix}')")
+            raise ConfigError(f"expected an override --section.key=value; got {arg!r}{hint}")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
         else:
             if index + 1 >= len(args):
                 raise ConfigError(f"override {arg!r} has no value")
             key, value = arg[2:], args[index + 1]
+            if value.startswith("--"):
+                # the value was forgotten (or a boolean written as a bare flag): taking the next override as the
+                # value would set a path or name to its text, silently, and drop that override
+                raise ConfigError(f"override {arg!r} has no value: the argument after it is the override {value!r}; "
+                                  f"write {arg}=VALUE (a boolean too: =true, not a bare flag)")
             index += 1
         pairs.append((key, value))
         index += 1
     return pairs
+
+
+def _did_you_mean(name: str, known: list[str], shown: str = "{}") -> str:
+    """``" (did you mean 'optim.lr'?)"`` for the known name closest to a misspelt ``name``, else ``""``."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {shown.format(close[0])!r}?)" if close else ""
+
+
+def _field_names() -> list[str]:
+    """Every ``section.key`` of the configuration."""
+    return [f"{section}.{key}" for section, cls in _section_types(JobConfig).items()
+            for key in _section_types(cls)]
+
+
+def _field_hint(section: str, key: str) -> str:
+    """A suggestion for an unknown ``section.key``: a field of that name in another section (``train.warmup_steps``
+    is ``optim.warmup_steps``), else the closest key of that section."""
+    elsewhere = sorted(name for name in _field_names() if name.split(".", 1)[1] == key)
+    if elsewhere:
+        return f" (did you mean {' or '.join(map(repr, elsewhere))}?)"
+    return _did_you_mean(key, sorted(_section_types(_section_types(JobConfig)[section])), f"{section}.{{}}")
+
+
+# Settings of HF's TrainingArguments and nanoGPT's train.py by the field that does their work here.
+_OTHER_LAUNCHERS = {
+    "learning_rate": "optim.lr", "max_steps": "train.steps", "max_iters": "train.steps", "lr_decay_iters": "train.steps",
+    "per_device_train_batch_size": "train.micro_batch_size", "batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (the accumulation is derived: global / (micro × ranks))",
+    "max_grad_norm": "optim.grad_clip", "lr_scheduler_type": "optim.schedule", "warmup_iters": "optim.warmup_steps",
+    "resume_from_checkpoint": "train.resume", "out_dir": "train.output_dir", "eval_iters": "train.eval_blocks",
+    "eval_steps": "train.eval_interval", "save_steps": "checkpoint.interval", "save_total_limit": "checkpoint.keep_last",
+    "logging_steps": "logging.log_interval", "block_size": "data.seq_len",
+    "max_seq_length": "data.seq_len", "n_layer": "model.num_hidden_layers", "n_head": "model.num_attention_heads",
+    "n_embd": "model.hidden_size", "dtype": "train.mixed_precision", "bf16": "train.mixed_precision",
+    "gradient_checkpointing": "train.activation_checkpointing", "torch_compile": "train.compile",
+    "report_to": "logging.wandb", "wandb_log": "logging.wandb", "adam_beta1": "optim.beta1",
+    "adam_beta2": "optim.beta2", "adam_epsilon": "optim.eps",
+}
+
+
+def _sectioned_hint(arg: str) -> str:
+    """For ``--steps=5`` (no section, as other launchers spell it): the field of that name, ``--train.steps``, or
+    the one doing another launcher's setting's work (``--learning_rate``: ``--optim.lr``)."""
+    name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+    if not name or "." in name:
+        return ""
+    if name in _OTHER_LAUNCHERS:
+        return f" (did you mean --{_OTHER_LAUNCHERS[name]}?)"
+    option = difflib.get_close_matches(name, ["config", "print_config"], n=1, cutoff=0.7)
+    if option:  # the launcher's own options, misspelt, reach the overrides
+        return f" (did you mean --{option[0].replace('_', '-')}?)"
+    fields = _field_names()
+    exact = sorted(f for f in fields if f.split(".", 1)[1] == name)
+    if exact:
+        return f" (did you mean {' or '.join('--' + f for f in exact)}?)"
+    close = difflib.get_close_matches(name, [f.split(".", 1)[1] for f in fields], n=1, cutoff=0.8)
+    return f" (did you mean --{next(f for f in fields if f.split('.', 1)[1] == close[0])}?)" if close else ""
 
 
 def build_config(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) -> JobConfig:
@@ -903,22 +1027,31 @@ def build_config(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) -> 
     values: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for section, table in raw.items():
         if section not in sections:
-            raise ConfigError(f"unknown config section {section!r}; known: {sorted(sections)}")
+            # a key above every table (a flat file's "steps = 100") is the field of that name, in its table
+            fields = sorted(name for name in _field_names() if name.split(".", 1)[1] == section)
+            hint = (f" (did you mean {' or '.join(map(repr, fields))}? A key goes in its table: "
+                    f"[{fields[0].split('.')[0]}] {section} = ...)" if fields
+                    else _did_you_mean(section, sorted(sections)))
+            raise ConfigError(f"unknown config section {section!r}{hint}; "
+                              f"known: {sorted(sections)}")
         if not isinstance(table, dict):
             raise ConfigError(f"config section {section!r} must be a table; got {table!r}")
         hints = _section_types(section_types[section])
         for key, value in table.items():
             if key not in hints:
-                raise ConfigError(f"unknown config key {section}.{key}; known: {sorted(hints)}")
+                raise ConfigError(f"unknown config key {section}.{key}{_field_hint(section, key)}; known: "
+                                  f"{sorted(hints)}")
             values[section][key] = _check_type(f"{section}.{key}", hints[key], value)
     for dotted, text in overrides:
         section, _, key = dotted.partition(".")
         if section not in sections:
-            raise ConfigError(f"unknown config key {dotted!r}: no section {section!r}; known: {sorted(sections)}")
+            raise ConfigError(f"unknown config key {dotted!r}: no section {section!r}"
+                              f"{_did_you_mean(section, sorted(sections))}; known: {sorted(sections)}")
         hints = _section_types(section_types[section])
         field_name, _, subkey = key.partition(".")
         if field_name not in hints:
-            raise ConfigError(f"unknown config key {dotted!r}; known in [{section}]: {sorted(hints)}")
+            raise ConfigError(f"unknown config key {dotted!r}{_field_hint(section, field_name)}; known in "
+                              f"[{section}]: {sorted(hints)}")
         if subkey:
             if hints[field_name] is not dict:
                 raise ConfigError(f"unknown config key {dotted!r}: {section}.{field_name} is not a table")

@@ -85,6 +85,21 @@ def default_cache_dir() -> Path:
     return Path(root) / "retnet" / "train"
 
 
+def data_cache_dir(cfg: DataConfig) -> Path:
+    """``data.cache_dir`` (or the default), created; a ConfigError naming it when it cannot be a directory, here,
+    not as a FileExistsError from deep in the pipeline once the data has been read. Every rank checks it: they all
+    read the caches written there."""
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    shown = repr(str(cache_dir)) + ("" if cfg.cache_dir else " (the default)")
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ConfigError(f"data.cache_dir {shown} is not a directory")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"data.cache_dir {shown} cannot be created: {error}") from None
+    return cache_dir
+
+
 def stdlib_files() -> list[Path]:
     """The running interpreter's standard-library ``*.py`` files (no site-packages), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -759,7 +774,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         return build_grpo_data(cfg, seed=seed, micro_batch=micro_batch, global_batch=global_batch, rank=rank,
                                local_rank=local_rank, world_size=world_size, tokenizer_dir=tokenizer_dir,
                                barrier=barrier, hub_fingerprint=hub_fingerprint)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache_dir = data_cache_dir(cfg)
     if local_rank == 0:
         _remove_abandoned_temp_dirs(cache_dir)
     files = stdlib_files()[: cfg.max_documents or None] if cfg.dataset == "stdlib" else local_files(cfg.dataset)
@@ -874,6 +889,6 @@ def _hub_changed(cfg: DataConfig) -> ConfigError:
 
 
 __all__ = ["MaskedBlocks", "PackedData", "build_data",
-           "chat_blocks", "document_encoder", "encode_documents", "indexed_conversations", "load_conversations",
+           "chat_blocks", "data_cache_dir", "document_encoder", "encode_documents", "indexed_conversations", "load_conversations",
            "load_hub", "load_tokenizer", "local_files", "masked_labels", "split_documents", "stdlib_files",
            "train_tokenizer", "vocab_bound"]

@@ -61,7 +61,7 @@ from retnet.train.config import ConfigError, DataConfig, GrpoConfig, ModelConfig
 from retnet.train.data import (
     PackedData,
     _hub_changed,
-    default_cache_dir,
+    data_cache_dir,
     load_hub,
     load_tokenizer,
     local_files,
@@ -616,7 +616,7 @@ def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batc
     """:func:`~retnet.train.data.build_data` of ``data.format = "prompts"``: the rows read (local rank 0 first,
     which writes the ``datasets`` cache the others then read), a held-out ``val_fraction`` of them, encoded in
     memory with ``tokenizer_dir``'s tokenizer (the run's, ``model.init_from``'s)."""
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache_dir = data_cache_dir(cfg)
     files = local_files(cfg.dataset)
     loaded, fingerprint = None, None
     if files is None:

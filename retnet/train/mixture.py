@@ -43,8 +43,8 @@ from retnet.train.data import (
     _hub_stream,
     _reading,
     build_data,
+    data_cache_dir,
     data_fingerprint,
-    default_cache_dir,
     load_conversations,
     load_documents,
     load_hub,
@@ -302,7 +302,7 @@ def _mixture_tokenizer(cfg: DataConfig, *, vocab_size: int, local_rank: int, bar
     up to ``tokenizer_train_chars`` characters of the sources' training documents, each source's part its
     share, cached under a key of the sources, their shares and the vocabulary size. ``hub_fingerprint``: a
     resumed checkpoint's, label -> that source's."""
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache_dir = data_cache_dir(cfg)
     sources = cfg.sources()
     read = []
     for label, _, source_cfg in sources:

@@ -73,8 +73,8 @@ from retnet.train.data import (
     _hub_changed,
     _kind,
     _remove_abandoned_temp_dirs,
+    data_cache_dir,
     data_fingerprint,
-    default_cache_dir,
     load_hub,
     load_tokenizer,
     local_files,
@@ -631,7 +631,7 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
     loaders, a held-out ``val_fraction`` of them, tokenized by local rank 0 into a cache keyed by the data, the
     tokenizer (``tokenizer_dir``: the run's, ``model.init_from``'s), its template, ``seq_len`` and
     ``max_prompt_length``; the other ranks wait at ``barrier`` and read it."""
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache_dir = data_cache_dir(cfg)
     if local_rank == 0:  # a tokenization killed mid-write (SIGKILL, a lost node) leaves its temp directory
         _remove_abandoned_temp_dirs(cache_dir)
     files = local_files(cfg.dataset)

@@ -571,6 +571,15 @@ class Trainer:
         load_checkpoint_path = Path(resume)
         from retnet.train.checkpoint import verify_checkpoint
 
+        # A folder of checkpoints (a run's checkpoints/, or its output_dir) would be refused as a checkpoint whose
+        # write crashed: name the one to give instead
+        for root in (load_checkpoint_path, load_checkpoint_path / "checkpoints"):
+            held = list_checkpoints(root)
+            if held:
+                raise CheckpointError(f"train.resume {resume!r} holds checkpoints, it is not one: name one of them "
+                                      f"({str(held[-1])!r} is the newest), or use train.resume=auto with "
+                                      f"train.output_dir {str(root.parent)!r} to resume from its newest valid one")
+
         verify_checkpoint(load_checkpoint_path)
         return str(load_checkpoint_path)
 
@@ -1127,7 +1136,7 @@ class Trainer:
             record = self.data.evaluate(self.model, eval_blocks)
             self.model.train()
             self._log({"kind": "val", "step": self.step, **record})
-            if self._progress is None and self.is_main:
+            if self.is_main:  # with the bar too: it shows the training loss only
                 logger.info("step %d: val loss %.4f, %s", self.step, record["val_loss"], self.data.val_summary(record))
             return record["val_loss"]
         groups = self.data.val_groups(eval_blocks) if hasattr(self.data, "val_groups") else \
@@ -1158,7 +1167,7 @@ class Trainer:
                       for label, loss in zip(groups, (stats[:, 0] / stats[:, 1]).tolist(), strict=True) if label}
         self._log({"kind": "val", "step": self.step, "val_loss": val_loss,
                    "val_ppl": math.exp(min(val_loss, 50.0)), **per_source})
-        if self._progress is None and self.is_main:
+        if self.is_main:  # with the bar too: it shows the training loss only
             logger.info("step %d: val loss %.4f, ppl %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
         return val_loss
 

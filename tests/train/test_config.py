@@ -1,6 +1,7 @@
 """Config parsing, overrides, validation; the schedule, FLOPs and optimizer groups."""
 
 import math
+import re
 
 import pytest
 
@@ -227,3 +228,144 @@ def test_an_empty_tokenizer_path_is_no_tokenizer():
     saved = build_config({"data": {"tokenizer": ""}, "model": {"vocab_size": 300}}).to_dict()
     now = build_config({"data": {"tokenizer": ""}, "model": {"vocab_size": 400}})
     assert data_changes(saved, now, tokenizer_reused=False) == ["model.vocab_size: checkpoint 300, now 400"]
+
+
+def test_an_override_without_its_value_does_not_take_the_next_override_as_it():
+    """``--train.output_dir --train.steps=5`` (a value forgotten) set output_dir to the text "--train.steps=5",
+    silently, and dropped the steps override."""
+    with pytest.raises(ConfigError, match=r"--train\.output_dir.*no value.*--train\.steps=5"):
+        parse_overrides(["--train.output_dir", "--train.steps=5"])
+    with pytest.raises(ConfigError, match=r"--train\.compile.*no value.*--optim\.lr=1e-3.*=true"):
+        load_config("tiny", ["--train.compile", "--optim.lr=1e-3"])
+    assert parse_overrides(["--optim.lr", "-1e-3"]) == [("optim.lr", "-1e-3")]  # (refused later, by value)
+
+
+@pytest.mark.parametrize("args, suggestion", [
+    (["--optim.lrr=1"], r"did you mean 'optim\.lr'"),
+    (["--optm.lr=1"], r"did you mean 'optim'"),
+    (["--train.warmup_steps=5"], r"did you mean 'optim\.warmup_steps'"),  # another section's field
+    (["--steps=5"], r"did you mean --train\.steps"),
+    (["--lr", "1e-3"], r"did you mean --optim\.lr"),
+    (["--conifg", "small"], r"did you mean --config\?"),
+])
+def test_a_misspelt_key_is_refused_with_the_key_it_most_likely_meant(args, suggestion):
+    with pytest.raises(ConfigError, match=suggestion):
+        load_config("tiny", args)
+
+
+def test_a_misspelt_key_in_a_toml_file_is_refused_with_the_key_it_most_likely_meant():
+    with pytest.raises(ConfigError, match=r"unknown config key train\.step\b.*did you mean 'train\.steps'"):
+        build_config({"train": {"step": 3}})
+    with pytest.raises(ConfigError, match=r"unknown config section 'optimizer'.*did you mean 'optim'"):
+        build_config({"optimizer": {"lr": 1e-3}})
+
+
+def test_home_in_the_output_and_resume_paths_is_expanded(monkeypatch, tmp_path):
+    """``output_dir = "~/runs/x"`` in a TOML file (a shell expands no ~ there, nor after ``=`` in an argument)
+    made a directory named ``~`` in the working directory, where every other path setting reads the home one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config("tiny", ["--train.output_dir=~/runs/x", "--train.resume=~/runs/y/checkpoints/step_1"])
+    assert config.train.output_dir == str(tmp_path / "runs" / "x")
+    assert config.train.resume == str(tmp_path / "runs" / "y" / "checkpoints" / "step_1")
+    assert load_config("tiny", ["--train.resume=auto"]).train.resume == "auto"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--data.text_field=", r"data\.text_field"),
+    ("--data.split=", r"data\.split"),
+])
+def test_an_empty_column_or_split_is_refused_at_load(override, key):
+    """An empty column or split name cannot be read: it was refused only once the dataset had been loaded, in
+    words about a missing column or a hub split."""
+    with pytest.raises(ConfigError, match=key + r" must .*; got ''"):
+        load_config("tiny", [override])
+
+
+def test_an_empty_dataset_configuration_name_is_no_name():
+    """TOML has no null: ``name = ""`` is how a file leaves the hub configuration out (as ``tokenizer = ""``); local
+    files refused it as a configuration they do not have."""
+    assert build_config({"data": {"name": ""}}).data.name is None
+
+
+
+@pytest.mark.parametrize("value", ["true", "True", "latest", "None", "AUTO", "false", "1"])
+def test_a_resume_keyword_of_another_launcher_is_refused_at_load(value, tmp_path, monkeypatch):
+    """``--train.resume=true`` (HF's resume_from_checkpoint=True), ``latest`` or ``None`` was taken as the path of a
+    checkpoint directory named so, and refused only after the output directory had been made, without the
+    setting's name."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"train\.resume must be 'auto', 'none' or a checkpoint directory.*"
+                                          rf"got '{value}'"):
+        load_config("tiny", [f"--train.resume={value}"])
+    (tmp_path / value).mkdir()  # a checkpoint directory may be named so
+    assert load_config("tiny", [f"--train.resume={value}"]).train.resume == value
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["--data.split=validation"], r"data\.split"),
+    (["--data.name=wikitext-2-raw-v1"], r"data\.name"),
+    (["--data.mixture.std={dataset=\"stdlib\", weight=1, split=\"test\"}"], r"data\.mixture\.std\.split"),
+    (["--data.mixture.stdlib=1", "--data.name=en"], r"data\.name"),
+    (["--data.mixture.notes.jsonl=1", "--data.mixture.lib={dataset=\"stdlib\", weight=1, name=\"x\"}"],
+     r"data\.mixture\.lib\.name"),  # (a label may hold dots)
+])
+def test_a_hub_selection_on_the_stdlib_corpus_is_refused_not_ignored(overrides, key):
+    """``stdlib`` has no splits nor configurations: ``--data.split=validation`` trained on the whole corpus, silently
+    (local files refuse it, once read)."""
+    with pytest.raises(ConfigError, match=key + r" .*'stdlib'"):
+        load_config("tiny", overrides)
+
+
+def test_a_flat_toml_file_is_refused_with_the_table_each_key_belongs_in():
+    """A key above every table (``steps = 100``, as a flat nanoGPT-style config writes it) was refused as an unknown
+    section, without a word about the table it belongs in."""
+    with pytest.raises(ConfigError, match=r"unknown config section 'steps' .*did you mean 'train\.steps'"):
+        build_config({"steps": 100})
+
+
+def test_a_glob_the_shell_expanded_is_refused_with_how_to_quote_it():
+    """``--data.dataset corpus/*.jsonl`` unquoted reaches the launcher as one path per file: the second was refused
+    as a malformed override, with no word of the shell or of the setting it came after."""
+    with pytest.raises(ConfigError, match=r"got 'c/b\.jsonl'.*--data\.dataset.*quote.*--data\.dataset='c/\*\.jsonl'"):
+        parse_overrides(["--data.dataset", "c/a.jsonl", "c/b.jsonl"])
+    with pytest.raises(ConfigError, match=r"got 'c/b\.jsonl'.*--data\.dataset.*quote"):
+        parse_overrides(["--data.dataset=c/a.jsonl", "c/b.jsonl"])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["--model.extra.hidden_size=64", "--model.hidden_size=32"], "hidden_size"),  # the extra one won, silently
+    (["--model.extra.num_hidden_layers=4", "--model.init_from=runs/base/export"], "num_hidden_layers"),
+    (["--model.extra.dropout=0.1", "--model.dropout=0"], "dropout"),
+])
+def test_a_model_field_set_through_model_extra_is_refused_naming_its_own_setting(overrides, key):
+    """``model.extra`` took ``[model]``'s own fields too: over ``model.hidden_size`` without a word, and past the
+    refusal of shape settings beside ``model.init_from`` (refused only once its weights did not load)."""
+    with pytest.raises(ConfigError, match=rf"model\.extra\.{key} cannot be set; use model\.{key}"):
+        load_config("tiny", overrides)
+    # alone, and without init_from for a shape, it is the same setting (DPO reads model.extra.dropout so)
+    assert load_config("tiny", [overrides[0]]).model.overrides()[key] == pytest.approx(float(overrides[0].split("=")[1]))
+
+
+@pytest.mark.parametrize("name, text", [("config.json", '{"train": {"steps": 3}}'),
+                                        ("run.yaml", "train:\n  steps: 3\n")])
+def test_a_config_file_of_another_format_is_refused_saying_configs_are_toml(name, text, tmp_path):
+    """A run's own ``config.json`` (or a YAML file, as other launchers take) was refused as "invalid TOML: Invalid
+    statement (at line 1, column 1)", which says nothing of the format expected."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(name) + r".*is not TOML.*\[train\]"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("arg, meant", [
+    ("--learning_rate=3e-4", "--optim.lr"),  # HF TrainingArguments
+    ("--max_steps=100", "--train.steps"),
+    ("--per_device_train_batch_size=8", "--train.micro_batch_size"),
+    ("--gradient_accumulation_steps=4", "--train.global_batch_size"),
+    ("--max_iters=100", "--train.steps"),  # nanoGPT
+    ("--block_size=512", "--data.seq_len"),
+    ("--n_embd=256", "--model.hidden_size"),
+])
+def test_another_launchers_setting_is_refused_with_this_ones_name(arg, meant):
+    with pytest.raises(ConfigError, match=rf"did you mean {re.escape(meant)}\b"):
+        parse_overrides([arg])

@@ -1,5 +1,6 @@
 """Data: the embedded corpus, local files, packing and the per-rank sharding of the global batch."""
 
+import dataclasses
 import re
 import shutil
 from types import SimpleNamespace
@@ -972,3 +973,19 @@ def test_a_tokenizer_named_by_hub_id_loads_from_its_snapshot(tokenizer_dir, hub_
         load_tokenizer("acme/missing")
     with pytest.raises(FileNotFoundError, match="no such tokenizer directory"):
         load_tokenizer(tokenizer_dir / "missing")
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_a_cache_dir_that_cannot_be_a_directory_is_refused_naming_it(mixture, tokenizer_dir, corpus, tmp_path):
+    """``data.cache_dir`` naming a file was a FileExistsError traceback from deep in the data pipeline."""
+    taken = tmp_path / "cache"
+    taken.write_text("not a directory")
+    where = {"mixture": {"docs": {"dataset": str(corpus), "weight": 1}}} if mixture else {"dataset": str(corpus)}
+    config = DataConfig(**where, tokenizer=str(tokenizer_dir), seq_len=32, cache_dir=str(taken))
+    with pytest.raises(ConfigError, match=rf"data\.cache_dir '{re.escape(str(taken))}' .*not a directory"):
+        build_data(config, vocab_size=512, seed=0, micro_batch=2, global_batch=4, rank=0, local_rank=0,
+                   world_size=1, tokenizer_dir=None, barrier=lambda: None)
+    with pytest.raises(ConfigError, match=r"data\.cache_dir '.*/cache/below' cannot be created"):
+        build_data(dataclasses.replace(config, cache_dir=str(taken / "below")), vocab_size=512, seed=0,
+                   micro_batch=2, global_batch=4, rank=0, local_rank=0, world_size=1, tokenizer_dir=None,
+                   barrier=lambda: None)
