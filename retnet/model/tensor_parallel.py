@@ -360,9 +360,12 @@ class _GatheredInputSavedSharded:
     ``tp = 2``, 82% more at ``tp = 8`` on Megatron's count (``34·s·b·h / tp`` bytes a layer in 16 bits). The
     backward's all-gather is one a block, its result shared by the block's projections.
 
-    It works through saved-tensor hooks for the length of the block's forward, and stands aside when other ones are
-    in force (activation checkpointing, which keeps the layer's input alone anyway, or offloading to the CPU), as
-    the innermost hooks would take the tensors from them."""
+    Under autocast the input is cast to the autocast dtype before the gather (which then moves half the bytes): each
+    projection would otherwise cast the gathered input to a copy of its own and save that, four copies in retention,
+    none of them the gathered tensor. It works through saved-tensor hooks for the length of the block's forward,
+    and stands aside when other ones are in force (non-reentrant activation checkpointing, which keeps the layer's
+    input alone anyway, or offloading to the CPU), as the innermost hooks would take the tensors from them. Tensors
+    changed in place after they were saved are refused in the backward, as autograd refuses them without hooks."""
 
     def __init__(self, block: nn.Module, mesh: DeviceMesh):
         self.mesh = mesh
@@ -371,9 +374,14 @@ class _GatheredInputSavedSharded:
         block.register_forward_hook(self.after, always_call=True)
 
     def before(self, module: nn.Module, args: tuple) -> tuple:
+        if self.hooks is not None:  # a forward stopped by a KeyboardInterrupt, which skips `after`, left them pushed
+            self.after(module, args, None)
         shard = args[0]
         if not isinstance(shard, DTensor) or shard.placements != (Shard(1),):
             return _replicated_first_input(module, args, mesh=self.mesh)
+        dtype = _autocast_dtype(shard)
+        if dtype is not None:
+            shard = shard.to(dtype)
         whole = shard.redistribute(self.mesh, [Replicate()])
         if torch.is_grad_enabled() and _no_saved_tensor_hooks_in_force() and whole.to_local().is_contiguous():
             saved = _ShardOfSavedInput(shard.detach(), whole.to_local())
@@ -387,6 +395,15 @@ class _GatheredInputSavedSharded:
             hooks.__exit__(None, None, None)
 
 
+def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would cast ``tensor`` to for a matmul, None when it would not cast it."""
+    device = tensor.device.type
+    if not tensor.is_floating_point() or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype != tensor.dtype else None
+
+
 def _no_saved_tensor_hooks_in_force() -> bool:
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is not None and top(False) is None
@@ -396,10 +413,12 @@ class _ShardOfSavedInput:
     """A block's gathered input as its saved tensors keep it: the rank's ``Shard(1)`` part, gathered again (once)
     when the backward first needs it. Tensors saved that are views of the gathered input's storage whole
     (``linear`` saves its input flattened to ``[B·T, D]``) are packed as their shape; any other saved tensor is kept
-    as it is."""
+    as it is. Each is kept with its version, checked when the backward reads it: saved-tensor hooks turn off
+    autograd's own check of tensors changed in place."""
 
     def __init__(self, shard: DTensor, whole: torch.Tensor):
         self.shard = shard
+        self.version = shard._version
         self.storage = whole.untyped_storage().data_ptr()
         self.numel = whole.numel()
         self.regathered: torch.Tensor | None = None
@@ -410,20 +429,31 @@ class _ShardOfSavedInput:
             if (local.untyped_storage().data_ptr() == self.storage and local.numel() == self.numel
                     and local.storage_offset() == 0 and local.is_contiguous()):
                 return self, local.shape, tensor.device_mesh
-        return tensor
+        return tensor, tensor._version
 
     def regather(self) -> torch.Tensor:
+        _check_version(self.shard, self.version)
         if self.regathered is None:
             with torch.no_grad():
                 self.regathered = self.shard.redistribute(self.shard.device_mesh, [Replicate()]).to_local()
         return self.regathered
 
 
-def _unpack_saved_input(packed):
-    if not isinstance(packed, tuple):
-        return packed
-    saved, shape, mesh = packed
-    return DTensor.from_local(saved.regather().reshape(shape), mesh, [Replicate()], run_check=False)
+def _unpack_saved_input(packed: tuple) -> torch.Tensor:
+    if isinstance(packed[0], _ShardOfSavedInput):
+        saved, shape, mesh = packed
+        return DTensor.from_local(saved.regather().reshape(shape), mesh, [Replicate()], run_check=False)
+    tensor, version = packed
+    _check_version(tensor, version)
+    return tensor
+
+
+def _check_version(tensor: torch.Tensor, version: int) -> None:
+    if tensor._version != version:
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
+                           f"operation: a {type(tensor).__name__} of shape {list(tensor.shape)} saved at version "
+                           f"{version} is at version {tensor._version} (under sequence parallelism's saved-tensor "
+                           f"hooks)")
 
 
 def _split_sequence(module: nn.Module, args: tuple, *, mesh: DeviceMesh) -> tuple:

@@ -426,7 +426,7 @@ class TrainConfig(_Section):
     ``micro_batch_size × grad_accum_steps × world_size``; the accumulation count is derived.
 
     ``context_parallel``: C > 1 splits every micro-batch's row along time across C ranks (consecutive ranks: 0..C-1
-    are one group), each running its piece through the model (``retnet.model.context_parallel``); the world's
+    are one group; with ``tensor_parallel`` T too, C pieces of T consecutive ranks), each running its piece through the model (``retnet.model.context_parallel``); the world's
     W ranks are then W / C data-parallel groups, and the global batch splits over those:
     ``micro_batch_size × grad_accum_steps × world_size / context_parallel``.
 
@@ -516,9 +516,9 @@ class TrainConfig(_Section):
         groups = world_size // self.group_size
         per_step = self.micro_batch_size * groups
         if self.global_batch_size % per_step:
-            split = next((f"train.{name}" for name in ("context_parallel", "tensor_parallel")
-                          if getattr(self, name) > 1), None)
-            ranks = (f"world_size = {self.micro_batch_size} × {world_size}" if split is None else
+            split = " × ".join(f"train.{name}" for name in ("context_parallel", "tensor_parallel")
+                               if getattr(self, name) > 1)
+            ranks = (f"world_size = {self.micro_batch_size} × {world_size}" if not split else
                      f"world_size / {split} = {self.micro_batch_size} × {world_size} / {self.group_size}")
             raise ConfigError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -535,6 +535,11 @@ class TrainConfig(_Section):
                     f"train.{name} ({size}) must divide the world size ({world_size}): each {what}-parallel "
                     f"group is that many ranks; launch a multiple of it (torchrun --nproc-per-node), or set another "
                     f"train.{name}")
+        if world_size % self.group_size:  # each divides it, their product need not (6 ranks, 2 × 2)
+            raise ConfigError(
+                f"train.context_parallel × train.tensor_parallel ({self.context_parallel} × {self.tensor_parallel} = "
+                f"{self.group_size}) must divide the world size ({world_size}): a group is that many ranks, "
+                f"{self.tensor_parallel} for each of its {self.context_parallel} pieces; launch a multiple of it")
 
 
 @dataclass(kw_only=True, slots=True)

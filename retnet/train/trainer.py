@@ -149,7 +149,8 @@ class Trainer:
         self.tp_mesh = tensor_parallel_mesh(self.device, self.world_size, self.tp_size)
         # The ranks that read the same micro-batches (streamed data: one reads, broadcasts to the others)
         if self.cp_size > 1 and self.tp_size > 1:
-            self.batch_group = context_parallel_group(self.rank, self.world_size, group_size)
+            self.batch_group = (context_parallel_group(self.rank, self.world_size, group_size)
+                                if cfg.data.streaming else None)
         else:
             self.batch_group = self.cp_group if self.tp_mesh is None else self.tp_mesh["tp"].get_group()
         # The all-reduced loss sums count each rank's loss, a context-parallel piece's share of its group's; every
@@ -813,8 +814,13 @@ class Trainer:
                     f"checkpoint {str(path)!r} was written by {len(ranks)} ranks on streamed data "
                     f"(data.streaming=true) and this run has world size {self.world_size}: each rank's stream "
                     f"position holds only for the split it was read with; resume it with {len(ranks)} ranks")
-            was = "train.tensor_parallel" if saved_tp > 1 else "train.context_parallel"
-            now = "train.tensor_parallel" if self.tp_size > 1 else "train.context_parallel" if self.cp_size > 1 else was
+            def splits(cp: int, tp: int) -> str:
+                named = [f"train.{name}" for name, size in (("context_parallel", cp), ("tensor_parallel", tp))
+                         if size > 1]
+                return " × ".join(named) or "train.context_parallel"
+
+            was = splits(saved_cp, saved_tp)
+            now = splits(self.cp_size, self.tp_size) if self.cfg.train.group_size > 1 else was
             raise ConfigError(
                 f"checkpoint {str(path)!r} was written by {len(ranks) // saved_group} data-parallel ranks "
                 f"({len(ranks)} ranks / {was} {saved_group}) on streamed data (data.streaming=true) and this run "

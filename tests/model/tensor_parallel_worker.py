@@ -270,6 +270,17 @@ def main(out_dir: str) -> None:
             output.loss.backward()
         results[key] = {"forward": forward, "backward": collectives.counts - forward}
     # (the last: sequence_glu)
+    sequence_output = output
+    # ... and under bf16 autocast, where the blocks' inputs are cast before their gathers (else each projection
+    # would save a cast copy of its own, and the gathered input would not be what they keep)
+    model = parallelize_case("sequence_glu", build_model("sequence_glu"), mesh["tp"])
+    with CollectiveCounter() as collectives, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**build_inputs("sequence_glu")).loss
+        forward = collectives.counts.copy()
+        loss.backward()
+    results["sequence_collectives_autocast"] = {"forward": forward, "backward": collectives.counts - forward}
+    results["sequence_autocast_loss"] = loss.detach().float()
+    output = sequence_output
     results["sequence_hidden"] = [(type(h).__name__, getattr(h, "placements", None),
                                    tuple(getattr(h, "_local_tensor", h).shape)) for h in output.hidden_states]
     results["sequence_norm_grad"] = [type(model.model.layers[0].ffn_norm.weight.grad).__name__,

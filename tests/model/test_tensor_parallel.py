@@ -227,6 +227,9 @@ def test_sequence_parallel_collectives_and_layouts(run):
         assert results["sequence_collectives"] == {
             "forward": {"all_gather_into_tensor": 5, "reduce_scatter_tensor": 4},
             "backward": {"all_gather_into_tensor": 5 + 4, "reduce_scatter_tensor": 4, "all_reduce": 2 + 10}}
+        # under bf16 autocast too (the inputs cast before their gathers, so the projections keep the gathered one)
+        assert results["sequence_collectives_autocast"] == results["sequence_collectives"]
+        assert abs(results["sequence_autocast_loss"] - results["sequence_glu"]["loss"]) < 0.05
         embedded, between, last = results["sequence_hidden"]
         assert embedded == ("Tensor", None, (2, 37, 64)) and last == ("Tensor", None, (2, 37, 64))
         assert between[0] == "DTensor" and between[2] == (2, 19 if rank == 0 else 18, 64)

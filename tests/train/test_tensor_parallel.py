@@ -54,7 +54,13 @@ def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message
 def test_muon_activation_checkpointing_fsdp_dpo_reward_models_and_grpo_are_taken(monkeypatch):
     load_config("tiny", ["--train.tensor_parallel=4", "--optim.name=muon", "--train.activation_checkpointing=true"])
     load_config("tiny", ["--train.tensor_parallel=2", "--train.parallelism=fsdp"])
-    load_config("tiny", ["--train.tensor_parallel=2", "--train.context_parallel=2", "--train.sequence_parallel=true"])
+    both = load_config("tiny", ["--train.tensor_parallel=2", "--train.context_parallel=2",
+                                "--train.sequence_parallel=true", "--train.global_batch_size=8",
+                                "--train.micro_batch_size=2"])
+    assert both.train.grad_accum_steps(8) == 2  # 8 ranks: 2 groups of 2 pieces × 2
+    with pytest.raises(ConfigError, match=r"train\.context_parallel × train\.tensor_parallel \(2 × 2 = 4\) must "
+                                          r"divide the world size \(6\)"):
+        both.train.grad_accum_steps(6)  # each divides 6, their product does not
     pairs = ["--train.tensor_parallel=2", "--data.format=preference", "--data.dataset=pairs.jsonl",
              "--model.init_from=base", "--train.vocab_parallel=true"]
     load_config("tiny", pairs)
