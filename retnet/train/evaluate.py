@@ -270,6 +270,10 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
     if not root.is_dir():
         raise EvalError(f"--model {path!r} is not a directory; give a save_pretrained directory "
                         f"(train.output_dir/export)")
+    if not (root / "config.json").is_file() and (root / "adapter_config.json").is_file():
+        # a LoRA run's export/adapter, peft's adapter without its base: the merged model is the directory above
+        raise EvalError(f"--model {path!r} is a peft adapter (adapter_config.json), not a model: give the merged "
+                        f"model a LoRA run exports beside it, {str(root.resolve().parent)!r} (train.output_dir/export)")
     if not (root / "config.json").is_file():
         raise EvalError(f"--model {path!r} holds no config.json; give a save_pretrained directory "
                         f"(train.output_dir/export)")

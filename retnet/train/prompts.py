@@ -21,6 +21,7 @@ from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import _hf_dataset, _kind, saved_dataset_dir
 
 FIELD = "prompt"  # TRL's column name
+RESERVED = ("prompts", "completions", "completion_ids")  # the reward functions' own arguments (rewards.py)
 
 
 def check_prompt(dataset: str, row: int, value: Any) -> str | list[dict[str, Any]]:
@@ -58,6 +59,10 @@ def load_prompt_rows(cfg: DataConfig, files: list[Path] | None, cache_dir: Path,
     if cfg.max_documents:
         dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
     others = [name for name in dataset.column_names if name != FIELD]
+    for name in RESERVED:
+        if name in others:  # a reward function would get it twice: a TypeError at the first step, after sampling
+            raise ConfigError(f"data.dataset {cfg.dataset!r} has a {name!r} column, the name of an argument the "
+                              f"reward functions get beside the other columns ({list(RESERVED)}); rename it")
     columns = {name: dataset[name] for name in [FIELD, *others]}
     return [(row, check_prompt(cfg.dataset, row, prompt), {name: columns[name][row] for name in others})
             for row, prompt in enumerate(columns[FIELD])]
@@ -94,4 +99,4 @@ class PromptEncoder:
         return Prompts([p for _, p, _ in rows], [c for _, _, c in rows], tokens, [r for r, _, _ in rows])
 
 
-__all__ = ["FIELD", "PromptEncoder", "Prompts", "check_prompt", "load_prompt_rows"]
+__all__ = ["FIELD", "RESERVED", "PromptEncoder", "Prompts", "check_prompt", "load_prompt_rows"]

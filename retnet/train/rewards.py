@@ -25,7 +25,10 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import numbers
+import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,8 +66,18 @@ def matches_pattern(completions: list, pattern: list | None = None, **kwargs) ->
     one."""
     if pattern is None:
         return [None] * len(completions)
-    return [None if regex is None else float(re.fullmatch(regex, completion_text(c).strip(), re.DOTALL) is not None)
-            for c, regex in zip(completions, pattern, strict=True)]
+    out: list[float | None] = []
+    for completion, regex in zip(completions, pattern, strict=True):
+        if regex is None:
+            out.append(None)
+            continue
+        try:
+            compiled = re.compile(regex, re.DOTALL)
+        except (re.error, TypeError) as error:  # re's own message names neither the column nor the pattern
+            raise ValueError(f"matches_pattern: the 'pattern' column holds {regex!r:.80}, no regular expression "
+                             f"({type(error).__name__}: {error})") from None
+        out.append(float(compiled.fullmatch(completion_text(completion).strip()) is not None))
+    return out
 
 
 def length_target(completions: list, target_length: list | None = None, **kwargs) -> list[float | None]:
@@ -74,6 +87,10 @@ def length_target(completions: list, target_length: list | None = None, **kwargs
         return [None] * len(completions)
     out: list[float | None] = []
     for completion, target in zip(completions, target_length, strict=True):
+        if target is not None and (isinstance(target, bool) or not isinstance(target, numbers.Real)):
+            # a quoted number ("4") would otherwise stop the run with a TypeError naming neither column nor value
+            raise ValueError(f"length_target: the 'target_length' column holds {type(target).__name__} "
+                             f"{target!r:.80}; expected a number of characters (> 0), or None to skip the row")
         if target is None or target <= 0:
             out.append(None)
             continue
@@ -99,12 +116,28 @@ def source_names(reward_funcs: list[str], funcs: list[Callable], reward_model: s
     return names
 
 
+def _import_module(name: str):
+    """``name`` imported, looked for in the working directory too when nothing on ``sys.path`` has it: the
+    ``retnet-train`` console script (and a torchrun of it) starts with its bin directory as ``sys.path[0]``, where
+    ``python -m retnet.train`` has the working directory, which is where a user's ``my_rewards.py`` is. The
+    directory goes last, so it never shadows an installed module."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        here = os.getcwd()
+        top = name.partition(".")[0]
+        if error.name != top or any(os.path.abspath(p or ".") == here for p in sys.path):
+            raise
+        sys.path.append(here)
+        return importlib.import_module(name)
+
+
 def resolve(spec: str) -> Callable[..., list]:
     """The function ``"module:function"`` names (the part after ``:`` may be dotted: ``module:Class.method``);
     a ConfigError naming ``grpo.reward_funcs`` when it cannot be imported or is not callable."""
     module_name, _, attribute = spec.partition(":")
     try:
-        target: Any = importlib.import_module(module_name)
+        target: Any = _import_module(module_name)
     except Exception as error:  # ImportError, or whatever the module raises while it is imported
         raise ConfigError(f"grpo.reward_funcs: {spec!r}: module {module_name!r} cannot be imported: "
                           f"{type(error).__name__}: {error}") from None

@@ -481,3 +481,14 @@ def test_cli_a_hub_id_evaluates_its_cached_snapshot(export_dir, jsonl, tmp_path,
                          "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
         records.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert records[1]["loss"] == records[0]["loss"] and records[1]["tokens"] == records[0]["tokens"] > 0
+
+
+def test_a_peft_adapter_directory_is_refused_pointing_to_the_merged_export(tmp_path, jsonl, capsys):
+    # what a LoRA run writes to export/adapter: peft's adapter alone, which retnet-eval cannot score without its base
+    adapter = tmp_path / "export" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "/b"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert run_main(["--model", str(adapter), "--dataset", str(jsonl)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "is a peft adapter (adapter_config.json)" in err and repr(str(tmp_path / "export")) in err

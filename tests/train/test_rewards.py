@@ -1,0 +1,46 @@
+"""GRPO's reward functions: how ``grpo.reward_funcs`` names resolve, and the built-ins on bad column values."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from retnet.train.config import ConfigError
+from retnet.train.rewards import length_target, matches_pattern, resolve
+
+
+def test_a_reward_module_in_the_working_directory_resolves_under_the_console_script(tmp_path, monkeypatch):
+    # `retnet-train` (a console script) starts with its bin directory as sys.path[0], not the working directory,
+    # where `python -m` and TRL's scripts find a user's my_rewards.py
+    (tmp_path / "cwd_rewards_probe.py").write_text("def probe(completions, **kwargs):\n"
+                                                   "    return [1.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cwd_rewards_probe", raising=False)
+    func = resolve("cwd_rewards_probe:probe")
+    assert func(completions=["a", "b"]) == [1.0, 1.0]
+    # an installed module still wins over a file of the same name in the working directory
+    (tmp_path / "json.py").write_text("raise RuntimeError('the working directory shadowed an installed module')\n")
+    assert resolve("json:dumps")([1]) == "[1]"
+
+
+def test_a_missing_reward_module_is_still_refused_naming_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    with pytest.raises(ConfigError, match=r"grpo.reward_funcs: 'no_such_rewards:f': module 'no_such_rewards' cannot "
+                                          r"be imported: ModuleNotFoundError"):
+        resolve("no_such_rewards:f")
+
+
+def test_builtin_rewards_name_a_column_value_they_cannot_read():
+    # a CSV or a JSON row written with quotes gives strings: not a TypeError from deep inside a training step
+    assert length_target(["abcd"], target_length=[4]) == [0.0]
+    with pytest.raises(ValueError, match=r"length_target: the 'target_length' column holds str '4'"):
+        length_target(["abcd"], target_length=["4"])
+    with pytest.raises(ValueError, match=r"length_target: the 'target_length' column holds bool True"):
+        length_target(["abcd"], target_length=[True])
+    assert matches_pattern(["<a>x</a>"], pattern=["<a>.*</a>"]) == [1.0]
+    with pytest.raises(ValueError, match=r"matches_pattern: the 'pattern' column holds '\(unclosed', no regular "
+                                         r"expression"):
+        matches_pattern(["x"], pattern=["(unclosed"])
