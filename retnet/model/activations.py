@@ -64,7 +64,11 @@ compute there, and cast the result back, with their parameters (SAU's, a trainab
 model cast to bf16 keeps working). SAU never forms 1/σ² at all: it computes z = x/σ once in float32 after clamping x to
 ±40σ, where Φ and φ are exactly 1/0 in float32 and float64, so the clamp changes no value but keeps huge
 inputs from producing inf·0 = nan in the backward pass. σ is floored at √(smallest normal) of the compute
-dtype (1.1e-19 in float32), so a vanishing σ gives the Leaky ReLU rather than nan. The built-in
+dtype (1.1e-19 in float32), so a vanishing σ gives the Leaky ReLU rather than nan. Likewise SmeLU's β is
+floored at the compute dtype's smallest normal (1.2e-38 in float32), and gSmeLU's width α + β there too (the
+fixed form's at |g₊ − g₋| / the dtype's largest value if that is higher, so that ``a`` stays finite), widened
+about its midpoint: a β or width accepted as > 0 but subnormal, or zero once rounded, then gives finite values
+and gradients (those of the kinked limit) instead of nan. The built-in
 ReLU/GELU/SiLU use torch's kernels, which already compute half-precision inputs in float32.
 
 Cost: ``nonlinear_evals_per_element``
@@ -187,7 +191,15 @@ def generalized_smelu(x: torch.Tensor, alpha: float = 2.0, beta: float = 2.0, g_
     """Generalized SmeLU (see the module docstring); computed in float32 (float64 for float64 ``x``)."""
     if not alpha + beta > 0:
         raise ValueError(f"activation 'gsmelu': alpha + beta must be > 0; got alpha={alpha!r}, beta={beta!r}")
-    xf = x.to(_compute_dtype(x))
+    dtype = _compute_dtype(x)
+    xf = x.to(dtype)
+    # An accepted but tiny width (α + β = 1e-40, say) makes ``a`` overflow the compute dtype, and a·0 at the
+    # left piece is nan there. Floored where ``a`` stays finite, widening α and β equally as the trainable form's
+    # floor does: the value moves by at most |g₊ − g₋|·(floor − width)/2, below the dtype's smallest normal.
+    floor = max(torch.finfo(dtype).tiny, abs(g_plus - g_minus) / torch.finfo(dtype).max)
+    if alpha + beta < floor:
+        shift = 0.5 * (floor - (alpha + beta))
+        alpha, beta = alpha + shift, beta + shift
     a = (g_plus - g_minus) / (2.0 * (alpha + beta))
     value_at_beta = g_minus * beta + t + 0.5 * (g_plus - g_minus) * (alpha + beta)
     # Left of −α the clamp pins u at −α and the quadratic term vanishes, leaving g₋·x + t; in between it is
@@ -221,7 +233,12 @@ def _gsmelu_trainable_impl(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Ten
 def smelu(x: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
     """SmeLU: 0 for x ≤ −β, (x+β)²/(4β) for |x| < β, x for x ≥ β; computed in float32 (float64 for float64)."""
     beta = _positive("smelu", "beta", beta)
-    xf = x.to(_compute_dtype(x))
+    dtype = _compute_dtype(x)
+    # A β accepted as > 0 but below the compute dtype's smallest normal (1e-40 in float32) makes 1/(4β)
+    # overflow, and one that rounds to 0 there (1e-50) makes the left piece 0/0 = nan: floored at it, where
+    # SmeLU moves by at most β/4 (< 3e-39 in float32) and stays finite with finite gradients.
+    beta = max(beta, torch.finfo(dtype).tiny)
+    xf = x.to(dtype)
     quadratic = (torch.clamp(xf, min=-beta, max=beta) + beta) ** 2 / (4.0 * beta)  # 0 left of −β
     return torch.where(xf >= beta, xf, quadratic).to(x.dtype)
 
@@ -422,7 +439,9 @@ class GeneralizedSmeLU(Activation):
             return generalized_smelu(x, self.alpha, self.beta, self.g_minus, self.g_plus, self.t)
         dtype = _compute_dtype(x)
         params = [getattr(self, key).to(dtype).reshape(()) for key in _GSMELU_PARAMETERS]  # an input keeps its shape
-        return _gsmelu_trainable_impl(x.to(dtype), *params, self.min_width).to(x.dtype)
+        # (a w₀ itself near the dtype's smallest normal would put the floor where ``a`` overflows: nan)
+        min_width = max(self.min_width, torch.finfo(dtype).tiny)
+        return _gsmelu_trainable_impl(x.to(dtype), *params, min_width).to(x.dtype)
 
     def extra_repr(self) -> str:
         values = ", ".join(f"{key}={value}" for key, value in self.init_values.items())

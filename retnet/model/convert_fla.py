@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ from retnet.model.modeling_retnet import RetNetForCausalLM
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja")
 NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 SWISH = ("swish", "silu")
+# The fla field each of our config's fields is read from, so that a value our config refuses is refused under
+# the name the fla config.json gives it (head_dim is hidden_size · expand_k / num_heads, value_factor expand_v).
+FLA_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_hidden_layers",
+              "num_attention_heads": "num_heads", "head_dim": "expand_k", "value_factor": "expand_v",
+              "intermediate_size": "intermediate_size", "rms_norm_eps": "norm_eps",
+              "initializer_range": "initializer_range", "pad_token_id": "pad_token_id"}
 
 
 def is_fla_retnet_config(config: dict[str, Any]) -> bool:
@@ -75,6 +82,9 @@ def retnet_config_from_fla(fla: dict[str, Any], intermediate_size: int | None = 
         # fla uses hidden_act for both the FFN and the output gate; our gate is swish.
         refuse("hidden_act", f"the output gate and SwiGLU FFN must be swish ({' or '.join(SWISH)})")
     hidden, heads = get("hidden_size", 2048), get("num_heads", 8)
+    for field, value in (("hidden_size", hidden), ("num_heads", heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # (divided by below)
+            refuse(field, "must be a positive integer")
     key_dim, value_dim = hidden * get("expand_k", 1.0), hidden * get("expand_v", 2.0)
     for field, dim in (("expand_k", key_dim), ("expand_v", value_dim)):
         if not math.isclose(dim, round(dim)) or round(dim) % heads:
@@ -87,6 +97,18 @@ def retnet_config_from_fla(fla: dict[str, Any], intermediate_size: int | None = 
     if intermediate_size is None:
         refuse("intermediate_size", "is not set and the checkpoint holds no FFN weights to read it from")
     dtype = get("dtype", get("torch_dtype"))
+    try:
+        return _retnet_config(fla, hidden, heads, key_dim, value_dim, intermediate_size, dtype)
+    except ValueError as error:
+        ours = re.match(r"RetNetConfig\.(\w+) ", str(error))
+        if ours is None or ours.group(1) not in FLA_FIELDS:
+            raise
+        given = f" with hidden_size={hidden} and num_heads={heads}" if ours.group(1) in ("head_dim", "value_factor") else ""
+        refuse(FLA_FIELDS[ours.group(1)], f"it makes{given} {error}")
+
+
+def _retnet_config(fla, hidden, heads, key_dim, value_dim, intermediate_size, dtype) -> RetNetConfig:
+    get = fla.get
     return RetNetConfig(
         vocab_size=get("vocab_size", 32000), hidden_size=hidden, num_hidden_layers=get("num_hidden_layers", 24),
         num_attention_heads=heads, head_dim=round(key_dim) // heads, value_factor=round(value_dim) / hidden,
@@ -152,6 +174,7 @@ def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, 
                                 v_dim, optional=not fla.get("elementwise_affine", True))
         ours[dst + "retention.head_norm.weight"] = head_norm.repeat(heads)
         ours[dst + "ffn_norm.weight"] = norm_weight(src + "mlp_norm.weight", hidden)
+        fused_ffn = f"{src}mlp.up_proj.weight" not in remaining
         for proj in ("gate_proj", "up_proj", "down_proj"):
             weight = take(f"{src}mlp.{proj}.weight")
             if weight is None and proj == "up_proj" and ours[f"{dst}mlp.gate_proj.weight"].shape[0] == 2 * width:
@@ -161,6 +184,16 @@ def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, 
             if weight is None:
                 raise ValueError(f"fla checkpoint has no {src}mlp.{proj}.weight")
             ours[f"{dst}mlp.{proj}.weight"] = weight
+        # Checked once split: the width comes from layer 0's down_proj (or config.json), and a layer that
+        # disagrees would otherwise fail in load_state_dict, under our names and outside the errors refused here.
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            shape = (hidden, width) if proj == "down_proj" else (width, hidden)
+            if tuple(ours[f"{dst}mlp.{proj}.weight"].shape) != shape:
+                if fused_ffn and proj != "down_proj":  # (the fused gate_proj holds both)
+                    proj, shape = "gate_proj", (2 * width, hidden)
+                name = f"{src}mlp.{proj}.weight"
+                raise ValueError(f"fla checkpoint tensor {name} has shape {tuple(weights[name].shape)}, expected "
+                                 f"{shape} (an FFN width of {width}, as layer 0's down_proj or config.json has it)")
     ours["model.norm.weight"] = norm_weight("model.norm.weight", hidden)
     lm_head = take("lm_head.weight", (config.vocab_size, hidden))
     if not config.tie_word_embeddings:
@@ -204,6 +237,11 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
     src, dst = resolve_pretrained(source), Path(destination)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{str(source)!r} is not a checkpoint directory (no config.json in it)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        # save_pretrained would overwrite fla's config.json and weights in place, and copying the tokenizer onto
+        # itself then fails: the fla checkpoint lost, ours half written.
+        raise ValueError(f"destination {str(destination)!r} is the checkpoint being converted; give a directory "
+                         "of its own (writing there would overwrite fla's config.json and weights)")
     fla = json.loads((src / "config.json").read_text())
     if not is_fla_retnet_config(fla):
         raise ValueError(f"{src / 'config.json'} is not a flash-linear-attention RetNet config (no expand_k, "

@@ -266,3 +266,20 @@ def test_autocast_changes_nothing_and_the_state_stays_fp32(kt, dtype, bounds):
             assert ht.dtype == torch.float32 and o.dtype == dtype, name
             if initial is h0:
                 assert torch.equal(o, want_o) and torch.equal(ht, want_ht), name
+
+
+@pytest.mark.parametrize("bounds", [None, [0, 3, 3, 7]])
+def test_chunk_size_beyond_the_sequences_costs_nothing(kt, bounds):
+    """``chunk_size`` is a tiling choice (the Triton kernels tile with at most 64): the reference padded 7 tokens to
+    a chunk of 2^20 and formed its C×C decay mask, ~4 TiB (a failed allocation; 26 s and 7.6 GiB at 2^14)."""
+    cu_seqlens = None if bounds is None else torch.tensor(bounds)
+    n = 2 if bounds is None else len(bounds) - 1
+    q, k, v, log_decay, h0 = kt.make_inputs(2 if bounds is None else 1, 7, 2, 8, 4, initial_state=True,
+                                            num_states=n)
+    ref = kt.run_with_grads(naive.parallel_retention, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)
+    o, ht, grads = kt.run_with_grads(naive.chunk_retention, q, k, v, log_decay, h0, True, chunk_size=1 << 20,
+                                     cu_seqlens=cu_seqlens)
+    kt.assert_close_scaled(o, ref[0], TOL, "o")
+    kt.assert_close_scaled(ht, ref[1], TOL, "final state")
+    for g in grads:
+        kt.assert_close_scaled(grads[g], ref[2][g], TOL, f"d{g}")

@@ -704,3 +704,23 @@ def test_a_model_with_trainable_activation_parameters_can_be_sharded_by_fsdp2(mo
         assert all(getattr(module, key).grad is not None for key in names)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", [1e-40, 1e-50, 1e-320])
+def test_smelu_and_gsmelu_with_a_vanishing_width_are_finite(width, dtype):
+    # Accepted (> 0), but 1e-40 is subnormal in float32 (1/(4β) overflows), 1e-50 rounds to 0 there (0/0 left
+    # of −β), 1e-320 is subnormal in float64: each gave nan values or inf/nan gradients. The limit is ReLU.
+    x = torch.tensor([-60000.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 60000.0], dtype=dtype)
+    fixed = [lambda v: smelu(v, width), SmeLU(width), GeneralizedSmeLU(alpha=width, beta=0.0),
+             GeneralizedSmeLU(alpha=width / 2, beta=width / 2, g_minus=-4.0, g_plus=12.0)]
+    trainable = GeneralizedSmeLU(alpha=width / 2, beta=width / 2, trainable=True)
+    for index, fn in enumerate([*fixed, trainable]):
+        # (slopes as steep as 12 take ±60000 past fp16's range: see test_steep_gsmelu_overflows_fp16_only)
+        xi = (x[1:-1] if index == 3 else x).clone().requires_grad_()
+        out = fn(xi)
+        (grad,) = torch.autograd.grad(out.double().sum(), xi)
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all(), (index, out, grad)
+        if index != 3:  # (slopes 0 and 1 below and above: ReLU)
+            torch.testing.assert_close(out.double(), F.relu(x.double()), rtol=torch.finfo(dtype).eps, atol=1e-18)
+    assert all(torch.isfinite(p.grad if p.grad is not None else torch.zeros(())) for p in trainable.parameters())

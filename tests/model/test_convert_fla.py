@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,91 @@ def test_fla_stays_out_of_this_process():
 
     assert "fla" not in sys.modules
     assert type(AutoConfig.for_model("retnet")) is RetNetConfig
+
+
+def _synthetic_fla_checkpoint(directory: Path, width: int = 96) -> dict:
+    """A 2-layer fla RetNet's config.json and weights (random, no fla needed), written to ``directory``."""
+    hidden = 64
+    fla = {"model_type": "retnet", "hidden_size": hidden, "num_heads": 2, "expand_k": 1.0, "expand_v": 2.0,
+           "num_hidden_layers": 2, "vocab_size": 101, "tie_word_embeddings": True}
+    weights = {"model.embeddings.weight": torch.randn(101, hidden), "model.norm.weight": torch.ones(hidden)}
+    for layer in range(2):
+        prefix = f"model.layers.{layer}."
+        weights.update({
+            prefix + "attn_norm.weight": torch.ones(hidden), prefix + "mlp_norm.weight": torch.ones(hidden),
+            prefix + "attn.q_proj.weight": torch.randn(64, hidden), prefix + "attn.k_proj.weight": torch.randn(64, hidden),
+            prefix + "attn.v_proj.weight": torch.randn(128, hidden), prefix + "attn.g_proj.weight": torch.randn(128, hidden),
+            prefix + "attn.o_proj.weight": torch.randn(hidden, 128), prefix + "attn.g_norm_swish_gate.weight": torch.ones(64),
+            prefix + "mlp.gate_proj.weight": torch.randn(width, hidden), prefix + "mlp.up_proj.weight": torch.randn(width, hidden),
+            prefix + "mlp.down_proj.weight": torch.randn(hidden, width),
+        })
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(fla))
+    return weights
+
+
+@pytest.mark.parametrize(("name", "shape"), [
+    ("model.layers.1.mlp.gate_proj.weight", (80, 64)), ("model.layers.1.mlp.up_proj.weight", (96, 65)),
+    ("model.layers.1.mlp.down_proj.weight", (64, 80)), ("model.layers.0.mlp.gate_proj.weight", (2 * 96, 64)),
+])
+def test_misshapen_ffn_tensors_are_refused_by_name(tmp_path, name, shape):
+    # The FFN's width comes from layer 0's down_proj: another layer's (or an unfused gate of twice it) must be
+    # refused like the other tensors, naming fla's tensor, not fail in load_state_dict with our names (a
+    # RuntimeError the command line does not catch).
+    source = tmp_path / "fla"
+    weights = _synthetic_fla_checkpoint(source)
+    weights[name] = torch.zeros(shape)
+    save_file(weights, source / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"{re.escape(name)} has shape {re.escape(str(shape))}, expected"):
+        convert_fla_checkpoint(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_checks_keep_the_fused_gate_and_up_projection(tmp_path):
+    weights = _synthetic_fla_checkpoint(tmp_path / "fla")
+    save_file(weights, tmp_path / "fla" / "model.safetensors")
+    convert_fla_checkpoint(tmp_path / "fla", tmp_path / "out")
+    _synthetic_fla_checkpoint(tmp_path / "fused")
+    fused = dict(weights)
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp."
+        fused[prefix + "gate_proj.weight"] = torch.cat([fused[prefix + "gate_proj.weight"],
+                                                        fused.pop(prefix + "up_proj.weight")])
+    save_file(fused, tmp_path / "fused" / "model.safetensors")
+    convert_fla_checkpoint(tmp_path / "fused", tmp_path / "fused-out")
+    unfused_state = load_file(tmp_path / "out" / "model.safetensors")
+    fused_state = load_file(tmp_path / "fused-out" / "model.safetensors")
+    assert unfused_state.keys() == fused_state.keys()
+    assert all(torch.equal(unfused_state[name], fused_state[name]) for name in unfused_state)
+
+
+def test_converting_a_checkpoint_onto_itself_is_refused_before_anything_is_written(tmp_path, capsys):
+    # It overwrote fla's config.json and weights with ours, then died copying a file onto itself (SameFileError,
+    # a traceback), leaving neither checkpoint.
+    source = tmp_path / "fla"
+    save_file(_synthetic_fla_checkpoint(source), source / "model.safetensors")
+    (source / "generation_config.json").write_text('{"bos_token_id": 1}')
+    before = {path.name: path.read_bytes() for path in source.iterdir()}
+    for destination in (source, tmp_path / "." / "fla" / ".." / "fla"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(source), str(destination)])
+        assert exit_info.value.code == 2
+        assert "is the checkpoint being converted" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in source.iterdir()} == before
+
+
+@pytest.mark.parametrize(("overrides", "field", "ours"), [
+    ({"hidden_size": 2048}, "expand_k", "head_dim"),  # 1024-wide heads: the kernels' largest is 512
+    ({"hidden_size": 2048, "expand_k": 0.25}, "expand_v", "value_factor"),
+    ({"norm_eps": 0.0}, "norm_eps", "rms_norm_eps"),
+    ({"vocab_size": 0}, "vocab_size", "vocab_size"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers", "num_hidden_layers"),
+    ({"num_heads": 0}, "num_heads", None),  # was a ZeroDivisionError
+])
+def test_values_our_config_refuses_are_refused_under_flas_field_names(overrides, field, ours):
+    # They were refused as RetNetConfig.head_dim, .value_factor, ...: fields an fla config.json does not have.
+    fla = {"model_type": "retnet", "hidden_size": 64, "num_heads": 2, "expand_k": 1.0, "expand_v": 2.0,
+           "num_hidden_layers": 2, "vocab_size": 101, "intermediate_size": 96, **overrides}
+    with pytest.raises(ValueError, match=rf"^flash-linear-attention RetNet config field {field}=") as caught:
+        retnet_config_from_fla(fla)
+    assert ours is None or f"RetNetConfig.{ours} " in str(caught.value)
