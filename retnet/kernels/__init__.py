@@ -69,9 +69,15 @@ def parallel_retention(q, k, v, log_decay, scale=None, initial_state=None, outpu
     if use_triton(q):
         from retnet.kernels.chunk import chunk_retention as triton_chunk_retention
 
-        return triton_chunk_retention(
-            q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens
-        )
+        try:
+            return triton_chunk_retention(
+                q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens
+            )
+        except ValueError as error:  # the chunk op's input checks name it: the caller called this one
+            message = str(error)
+            if message.startswith("chunk_retention: "):
+                raise ValueError("parallel_retention: " + message.removeprefix("chunk_retention: ")) from None
+            raise
     return naive.parallel_retention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
 
 
