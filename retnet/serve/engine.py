@@ -437,6 +437,25 @@ class Engine(ModelThread):
             self.sessions.release(group.session_id)
         group.handle.emit([SeqOutput(i, "", [], finish_reason="abort") for i in indices])
 
+    def _sequence_failed(self, seq: Sequence, exc: Exception) -> None:
+        """Something of ``seq``'s request's own raised at its step: the sequence ends (``abort``, so that the
+        batch's rebuild drops it without releasing it again), its slot is free and its session left as it was."""
+        seq.finish_reason = "abort"
+        self._release_slots(1)
+        if seq.group.session_id is not None:
+            self.sessions.release(seq.group.session_id)
+        self._request_failed(seq.group.handle, exc)
+
+    def _request_failed(self, handle: RequestHandle, exc: Exception) -> None:
+        """The request of ``handle`` fails alone (a 500), the engine goes on: a bug or a bad input of one request
+        (its decoder, its grammar ...) must not take every request down with the engine. Its other choices are
+        cancelled: they end at the next iteration, as when a client leaves."""
+        logger.error("a request failed; the engine goes on", exc_info=exc)
+        handle.cancel()
+        if not handle.failed:
+            handle.failed = True
+            handle.emit(EngineFailure(f"the request failed: {type(exc).__name__}: {exc}", 500, "internal_error"))
+
     def _release_slots(self, count: int) -> None:
         with self.cond:
             self.in_system -= count
@@ -610,8 +629,32 @@ class Engine(ModelThread):
         return out
 
     def _spawn(self, group: Group) -> None:
-        """The prompt is in the state: sample each choice's first token and queue it to join the batch."""
-        handle = group.handle
+        """The prompt is in the state: sample each choice's first token and queue it to join the batch. Should
+        something of this request's own raise meanwhile (its decoder, its grammar ...), it alone fails."""
+        try:
+            seqs, outputs = self._first_tokens(group)
+        except Exception as exc:
+            # Nothing of it was committed yet: its slots and session are released here, once.
+            self._release_slots(group.n)
+            if group.session_id is not None:
+                self.sessions.release(group.session_id)
+            self._request_failed(group.handle, exc)
+            group.cache = group.last_logits = None
+            return
+        for seq in seqs:
+            if seq.finish_reason is None:
+                self.joining.append((seq, group.cache))
+            else:
+                self._finished(seq, group.cache)
+        # The joining entries hold the state until it is stacked into the batch; every sequence keeps its
+        # group for as long as it runs, and must not keep a second copy of its state alive through it (nor,
+        # for a packed prefill, the whole forward's states its row is a view of).
+        group.cache = group.last_logits = None
+        group.handle.emit(outputs)
+
+    def _first_tokens(self, group: Group) -> tuple[list[Sequence], list[SeqOutput]]:
+        """``group``'s choices, each with its first token sampled (none for a score-only prompt), not committed:
+        neither joining the batch nor finished."""
         params = group.params
         ban = None
         if params.min_tokens:
@@ -661,15 +704,7 @@ class Engine(ModelThread):
                 out = self._advance(seq, i, sample)
             out.prompt_logprobs = prompt_lp
             outputs.append(out)
-            if seq.finish_reason is None:
-                self.joining.append((seq, group.cache))
-            else:
-                self._finished(seq, group.cache)
-        # The joining entries hold the state until it is stacked into the batch; every sequence keeps its
-        # group for as long as it runs, and must not keep a second copy of its state alive through it (nor,
-        # for a packed prefill, the whole forward's states its row is a view of).
-        group.cache = group.last_logits = None
-        handle.emit(outputs)
+        return seqs, outputs
 
     def _blocked(self, params: SamplingParams) -> torch.Tensor | None:
         """The ``[V]`` mask of the tokens no step may sample (outside ``allowed_token_ids``, and the bad words
@@ -753,7 +788,11 @@ class Engine(ModelThread):
         sample = sample_step(logits, samplers, masks)
         per_handle: dict[int, tuple[RequestHandle, list[SeqOutput]]] = {}
         for i, seq in enumerate(self.running):
-            output = self._advance(seq, i, sample)
+            try:
+                output = self._advance(seq, i, sample)
+            except Exception as exc:
+                self._sequence_failed(seq, exc)
+                continue
             if seq.finish_reason is not None:
                 self._finished(seq, None, row=i)
             handle = seq.group.handle
@@ -799,6 +838,7 @@ class Engine(ModelThread):
         logits = out.logits[0]
         outputs: list[list[SeqOutput]] = [[] for _ in running]
         going = list(range(len(running)))
+        failed: set[int] = set()  # rows whose request failed (see _sequence_failed): no catching up, no output
         for position in range(1 + max(len(draft) for draft in drafts)):
             rows = [i for i in going if position <= len(drafts[i])]
             if not rows:
@@ -811,7 +851,12 @@ class Engine(ModelThread):
             going = []
             for j, i in enumerate(rows):
                 seq = running[i]
-                outputs[i].append(self._advance(seq, j, sample))
+                try:
+                    outputs[i].append(self._advance(seq, j, sample))
+                except Exception as exc:
+                    self._sequence_failed(seq, exc)
+                    failed.add(i)
+                    continue
                 if (seq.finish_reason is None and position < len(drafts[i])
                         and sample.tokens[j] == drafts[i][position]):
                     going.append(i)
@@ -822,7 +867,7 @@ class Engine(ModelThread):
             seq.lag = seq.lag + len(outputs[i]) if i in lagging else 1
         if behind:
             self._put_rows(behind, before.select(behind))
-        ended = [i for i in behind if running[i].finish_reason is not None]
+        ended = [i for i in behind if running[i].finish_reason is not None and i not in failed]
         if ended:
             caught_up = self._packed_forward([running[i].tokens[-running[i].lag : -1] for i in ended],
                                              self.batch.select(ended), [slots[i] for i in ended], keep_all=False)
@@ -833,6 +878,8 @@ class Engine(ModelThread):
         self.metrics.spec_accepted_tokens.inc(sum(accepted_drafts(drafts[i], outputs[i]) for i in proposed))
         per_handle: dict[int, tuple[RequestHandle, list[SeqOutput]]] = {}
         for i, seq in enumerate(running):
+            if i in failed:
+                continue
             if seq.finish_reason is not None:
                 self._finished(seq, None, row=i)
             handle = seq.group.handle

@@ -235,14 +235,16 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
             top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in cut_rows])
             keep &= ranks < top_k[:, None]
             top_p = torch.tensor([p.top_p for p in cut_rows])
-            # top_p measures what top_k kept, renormalised (vLLM's and transformers' order); rows without a
-            # top_k keep their probabilities bit for bit. Keep a token while the mass strictly before it is
-            # below top_p (the top token always stays).
-            kept = cut_probs * keep
-            kept = torch.where((top_k < vocab)[:, None], kept / kept.sum(-1, keepdim=True), cut_probs)
-            keep &= (kept.cumsum(-1) - kept) < top_p[:, None]
+            # min_p is relative to the top token, which every rule keeps: it can go first, as vLLM (V1) runs it.
             min_p = torch.tensor([p.min_p for p in cut_rows])
             keep &= cut_probs >= min_p[:, None] * cut_probs[:, :1]
+            # top_p measures what top_k and min_p kept, renormalised (vLLM's order; transformers' for top_k);
+            # rows without either keep their probabilities bit for bit. Keep a token while the mass strictly
+            # before it is below top_p (the top token always stays).
+            kept = cut_probs * keep
+            renormalise = (top_k < vocab) | (min_p > 0)
+            kept = torch.where(renormalise[:, None], kept / kept.sum(-1, keepdim=True), cut_probs)
+            keep &= (kept.cumsum(-1) - kept) < top_p[:, None]
             keep[:, 0] = True
             probs[sub] = cut_probs * keep
             order = torch.arange(probs.shape[-1]).repeat(len(sampled), 1)

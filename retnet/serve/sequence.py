@@ -121,6 +121,7 @@ class RequestHandle:
         self.num_choices = num_choices
         self.arrival = time.perf_counter()
         self.cancelled = False
+        self.failed = False  # an EngineFailure of its own was sent (Engine._request_failed): one is enough
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.session_tokens = 0

@@ -109,3 +109,58 @@ async def test_a_session_changes_only_with_a_finished_response_wherever_a_cancel
             outcomes.add(ends[0])
             assert engine.sessions.delete("s")
     assert outcomes == {"length", "abort"}  # the sweep reached both sides
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+async def test_a_request_that_raises_fails_alone_and_the_engine_goes_on(model_dir, speculative):
+    # Something of one request's own raising in the scheduler (its decoder, its grammar ...), when its first token
+    # is sampled or at a later step (a decode step, or a speculative one), must fail that request alone (a 500),
+    # not kill the engine and every request.
+    engine = standalone_engine(model_dir)
+    if speculative:
+        engine.settings = engine.settings.model_copy(update={"speculative_config": {
+            "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}})
+        engine.speculative = engine.settings.speculative
+    at_spawn = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    later = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    decoder = engine._decoder
+
+    def failing_decoder(params):
+        decode = decoder(params)
+        calls = [0]
+
+        def maybe_raise(ids):
+            calls[0] += 1
+            if params is at_spawn or (params is later and calls[0] > 4):  # past its 2 choices' first tokens
+                raise RuntimeError("this request's decoder broke")
+            return decode(ids)
+
+        return maybe_raise
+
+    def run():
+        with torch.inference_mode():
+            while engine.waiting or engine.prefilling or engine.joining or engine.running:
+                engine._iteration()
+
+    alone = engine.submit([[5, 6, 7, 8, 9]], GREEDY, n=2)
+    run()
+    await asyncio.sleep(0)
+    expected = drain(alone)
+    engine._decoder = failing_decoder
+    good = engine.submit([[5, 6, 7, 8, 9]], GREEDY, n=2)
+    broken = [engine.submit([[10, 11, 12]], at_spawn), engine.submit([[13, 14, 13, 14, 13, 14, 13]], later, n=2)]
+    run()
+    await asyncio.sleep(0)
+    assert drain(good) == expected and engine.dead is None and engine.in_system == 0
+    for handle in broken:
+        failures = []
+        while not handle.queue.empty():
+            item = handle.queue.get_nowait()
+            failures += [item] if isinstance(item, EngineFailure) else []
+        assert len(failures) == 1 and failures[0].status == 500, failures
+    assert not speculative or engine.metrics.spec_drafts._value.get() > 0
+    engine._decoder = decoder
+    after = engine.submit([[5, 6, 7, 8, 9]], GREEDY, n=2)
+    run()
+    await asyncio.sleep(0)
+    assert drain(after) == expected and engine.in_system == 0

@@ -157,6 +157,17 @@ def test_top_p_applies_to_what_top_k_kept():
     assert set(sample_step(logits.repeat(32, 1), rows).tokens) == {0, 1}
 
 
+def test_top_p_applies_to_what_min_p_kept():
+    # vLLM's (V1) order: min_p first, then top_k and top_p over the renormalised distribution they kept.
+    # Probabilities 0.5, 0.3 and 0.2: min_p 0.5 keeps 0.5 and 0.3 (>= 0.25), renormalised 0.625 and 0.375, so top_p
+    # 0.6 keeps only the first; measured against the whole distribution (0.5 < 0.6) it would keep the second too.
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    rows = [RowSampler(SamplingParams(temperature=1.0, min_p=0.5, top_p=0.6, seed=seed), [], 3) for seed in range(32)]
+    assert sample_step(logits.repeat(32, 1), rows).tokens == [0] * 32
+    rows = [RowSampler(SamplingParams(temperature=1.0, min_p=0.5, seed=seed), [], 3) for seed in range(32)]
+    assert set(sample_step(logits.repeat(32, 1), rows).tokens) == {0, 1}
+
+
 def test_a_vanishing_temperature_is_greedy():
     """1e-40 would overflow logits / temperature to inf and softmax to NaN (which sampled the last token)."""
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
