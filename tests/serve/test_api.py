@@ -349,14 +349,20 @@ async def test_a_top_k_beyond_the_vocabulary_harms_nobody(client):
     assert (await client.get("/health")).status_code == 200
 
 
-async def test_a_failure_while_sampling_the_first_token_answers_503_not_never(open_app, monkeypatch):
+async def test_a_failure_while_sampling_the_first_token_answers_500_not_never(open_app, monkeypatch):
+    """Sampling a request's first tokens is its own work: it fails alone (500), and the engine serves on."""
     async with open_app() as c:
         def broken(*args, **kwargs):
             raise RuntimeError("simulated sampler failure")
 
-        monkeypatch.setattr("retnet.serve.engine.sample_step", broken)
-        r = await asyncio.wait_for(c.post("/v1/completions", json={"prompt": "boom", "max_tokens": 3}), 30)
-        assert r.status_code == 503 and "simulated sampler failure" in r.json()["error"]["message"]
+        with monkeypatch.context() as patched:
+            patched.setattr("retnet.serve.engine.sample_step", broken)
+            r = await asyncio.wait_for(c.post("/v1/completions", json={"prompt": "boom", "max_tokens": 3}), 30)
+        assert r.status_code == 500 and "simulated sampler failure" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "internal_error"
+        assert (await c.get("/health")).status_code == 200
+        again = await asyncio.wait_for(c.post("/v1/completions", json={"prompt": "boom", "max_tokens": 3}), 30)
+        assert again.status_code == 200, again.text
 
 
 async def test_health_is_503_when_the_engine_dies(open_app):
