@@ -167,6 +167,21 @@ def clipped_tokens(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig) -> to
     return torch.stack([low.sum(), high.sum(), (low | high).sum()]).float()
 
 
+def unscored_warning(per_source: torch.Tensor, rows: np.ndarray, names: list[str]) -> str | None:
+    """What to warn of when every reward source returned None for some completions (``per_source`` ``[N, S]``,
+    NaN for None), as TRL warns: they get a reward of 0, and a group of them no gradient, which a run would
+    otherwise show only as a flat reward curve (``exact_match`` on a dataset without a ``solution`` column ...).
+    None when every completion has a reward."""
+    unscored = per_source.isnan().all(dim=1)
+    if not bool(unscored.any()):
+        return None
+    first = int(rows[int(unscored.nonzero()[0, 0])])
+    return (f"every reward source ({', '.join(names)}) returned None for {int(unscored.sum())} of {len(unscored)} "
+            f"completions (the first of prompt row {first}): they get a reward of 0, and a group of them no "
+            f"gradient. Check that the reward functions find the columns they read (exact_match: 'solution', "
+            f"matches_pattern: 'pattern', length_target: 'target_length'); warned once a run")
+
+
 def advantages(rewards: torch.Tensor, generations: int, scale: str,
                batch_std: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(advantages, the std each was scaled by, whether that std is 0) of ``[n]`` rewards in groups of
@@ -253,6 +268,7 @@ class GrpoData:
         # totals and the evaluation's sums are all-reduced over, and the tensor-parallel group's (mesh["tp"]), whose
         # ranks sample the same completions (its first rank's tokens and rewards broadcast). None: the world, none.
         self.group = self.tp_group = None
+        self._warned_unscored = False  # unscored_warning's, once a run
 
     def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
         """None: the policy keeps ``model.init_from``'s settings (TRL's GRPOConfig ``disable_dropout`` is off)."""
@@ -373,6 +389,10 @@ class GrpoData:
                 torch.empty((len(rows), len(self.sources.names)), dtype=torch.float32, device=self.device)
             torch.distributed.broadcast(shared, group=self.tp_group, group_src=0)
             per_source = shared.cpu()
+        warning = None if self._warned_unscored else unscored_warning(per_source, rows, self.sources.names)
+        if warning:
+            self._warned_unscored = True
+            logger.warning("%s", warning)
         rewards = torch.nansum(per_source * self.sources.weights, dim=1)
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
         prompt_tokens = float(sum(len(split.tokens[i]) for i in rows))

@@ -30,6 +30,7 @@ from retnet.train.grpo import (
     pack,
     reward_values,
     token_logps,
+    unscored_warning,
 )
 from retnet.train.grpo_sampling import gathered_weights, sample, stop_tokens, uniforms
 
@@ -451,6 +452,19 @@ def test_advantages_are_trls():
     torch.testing.assert_close(got, ((groups - groups.mean(1, keepdim=True)) / (rewards.std() + 1e-4)).flatten())
     got, _, _ = advantages(rewards, 4, "none")
     torch.testing.assert_close(got, (groups - groups.mean(1, keepdim=True)).flatten())
+
+
+def test_completions_no_source_scored_are_warned_of():
+    """TRL warns when every reward function returns None for a completion: it gets 0, and a group of them no
+    gradient, otherwise seen only as a flat reward curve."""
+    nan = float("nan")
+    rows = np.array([4, 4, 9, 9])
+    scored = torch.tensor([[1.0, nan], [nan, 0.5], [0.0, 0.0], [nan, 2.0]])
+    assert unscored_warning(scored, rows, ["exact_match", "rm"]) is None
+    partly = torch.tensor([[1.0, nan], [nan, 0.5], [nan, nan], [nan, nan]])
+    warning = unscored_warning(partly, rows, ["exact_match", "rm"])
+    assert "every reward source (exact_match, rm) returned None for 2 of 4 completions" in warning
+    assert "prompt row 9" in warning and "'solution'" in warning
 
 
 @pytest.mark.parametrize("value", [0.1, 1 / 3, -7.77, 123.456])
