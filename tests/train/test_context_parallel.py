@@ -92,6 +92,12 @@ def test_a_streamed_checkpoint_resumes_on_the_same_data_parallel_size(world, mic
 # ----------------------------------------------------------------------------------------------------------
 # Ranks splitting a row: the losses of one process
 # ----------------------------------------------------------------------------------------------------------
+# The runs whose rows the launch splits (here, and across tensor-parallel pieces in test_tensor_parallel): 4 steps of
+# micro 3 × 32-token blocks, a learning rate at which the model reads its context, checkpoints at step 2.
+SPLIT_ROWS = dict(train__steps=4, train__eval_interval=2, train__micro_batch_size=3, train__global_batch_size=6,
+                  optim__lr=1e-2, optim__schedule="constant", checkpoint__interval=2)
+
+
 def _losses(read_metrics, out, kind="train", key="loss"):
     return [r[key] for r in read_metrics(out, kind)]
 
@@ -111,9 +117,7 @@ def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, m
     by 5e-3 (the tolerance is 1e-5). Packed, the split run also resumes from its step-2 checkpoint to the same
     last losses, with 2 ranks and in one process (another world, no context parallelism)."""
     single, split = tmp_path / "single", tmp_path / "split"
-    common = dict(train__steps=4, train__eval_interval=2, train__micro_batch_size=3, train__global_batch_size=6,
-                  data__document_boundaries=packed, optim__lr=1e-2, optim__schedule="constant",
-                  checkpoint__interval=2)
+    common = dict(SPLIT_ROWS, data__document_boundaries=packed)
     one = run_here(micro(single, **common))
     assert one.returncode == 0, one.stderr[-3000:]
     many = run(micro(split, **common, train__context_parallel=2), nproc=nproc)

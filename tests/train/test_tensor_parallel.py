@@ -19,6 +19,7 @@ from retnet.train.checkpoint import list_checkpoints, load_checkpoint, save_chec
 from retnet.train.config import ConfigError, load_config
 from retnet.train.trainer import Trainer
 
+from .test_context_parallel import SPLIT_ROWS
 from .test_grpo import CLIP, grpo_args, strip
 from .test_grpo import toy as grpo_toy  # noqa: F401 - the fixture, as grpo_toy (test_preference's is toy)
 from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 - toy: the fixture
@@ -293,9 +294,7 @@ def test_context_parallel_pieces_split_by_tensor_parallelism_log_the_losses_of_o
     holds both pieces' ranks of a slice). Under FSDP2, with the vocabulary and sequence splits too, the step-2
     checkpoint resumes in one process without any split to the last losses."""
     single, split = tmp_path / "single", tmp_path / "split"
-    common = dict(train__steps=4, train__eval_interval=2, train__micro_batch_size=3, train__global_batch_size=6,
-                  data__document_boundaries=True, optim__lr=1e-2, optim__schedule="constant",
-                  checkpoint__interval=2)
+    common = dict(SPLIT_ROWS, data__document_boundaries=True)
     one = run_here(micro(single, **common))
     assert one.returncode == 0, one.stderr[-3000:]
     four = run(micro(split, **common, train__context_parallel=2, train__tensor_parallel=2,
