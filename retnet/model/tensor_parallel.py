@@ -30,6 +30,14 @@ communication) and the final norm's output is gathered whole for the head. Each 
 all-reduced over the mesh (a small all-reduce a parameter a micro-batch, as for SAU's ``alpha``). A decode step's
 one token leaves the other ranks none, which works.
 
+LoRA: a model with peft's LoRA layers injected (``peft.get_peft_model`` or ``inject_adapter_in_model`` on the
+decoder layers' projections, before this) is split as the plain one, each frozen projection as it would be, and
+each adapter (``B A``, rank ``r``) so that its output takes its base's layout (:func:`_split_lora`): ``B`` by rows
+under a column-parallel base, ``A`` whole on every rank; ``A`` by columns under a row-parallel one, its ``r``
+partial sums a token all-reduced (one more small collective a row-parallel projection), ``B`` whole. The
+adapters' names, and :func:`full_state_dict`'s, are the unsplit model's, so peft's merge and adapter files work
+on the gathered state dict. DoRA is refused (its magnitudes need each output row's norm over the whole input).
+
 ``model.state_dict()`` then holds DTensors for the sharded weights; :func:`full_state_dict` gathers the full
 tensors, which ``save_pretrained(..., state_dict=...)`` writes as an unsharded export (``save_pretrained`` without
 ``state_dict`` is refused); :func:`load_full_state_dict` loads an unsharded state dict back into the split model.
@@ -113,8 +121,8 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
         ValueError, naming the field and value: a mesh that is not 1-D or not on the model's device type,
             ``num_attention_heads`` or ``intermediate_size`` not divisible by the mesh size, ``dropout`` > 0 (each
             rank would draw its own mask on the replicated stream; the config's and every ``nn.Dropout``'s),
-            a PEFT model (merge the adapters first), a projection that is not a plain ``nn.Linear`` (adapters
-            injected) or holds quantized (int8) weights, or a model already parallelized; with
+            a projection that is neither a plain ``nn.Linear`` nor peft's LoRA layer around one (DoRA, merged or
+            biased adapters refused) or holds quantized (int8) weights, or a model already parallelized; with
             ``vocab_parallel``, a ``vocab_size`` that leaves a rank no rows, or an embedding or LM head that is
             not a plain ``nn.Embedding`` / bias-free ``nn.Linear``.
 
@@ -123,12 +131,14 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
     group ``mesh["cp"].get_group()``; each rank then exchanges its heads' states with the ranks holding the same
     heads of the other pieces.
     """
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        # a PeftModel: the RetNet model inside it, its LoRA layers injected in place, is split; the wrapper returned
+        parallelize_retnet(model.get_base_model(), tp_mesh, vocab_parallel=vocab_parallel,
+                           sequence_parallel=sequence_parallel)
+        return model
     backbone = getattr(model, "base_model", model)
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not hasattr(backbone, "config"):
-        if hasattr(model, "peft_config") or type(model).__name__.startswith("Peft"):
-            raise ValueError(f"parallelize_retnet shards a plain RetNet model; got a PEFT {type(model).__name__}: "
-                             f"merge the adapters first (model = model.merge_and_unload())")
         raise ValueError(f"parallelize_retnet expects a RetNetModel, RetNetForCausalLM or "
                          f"RetNetForSequenceClassification; got {type(model).__name__}")
     config = backbone.config
@@ -138,13 +148,24 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
     size, rank = tp_mesh.size(), tp_mesh.get_local_rank()
     heads = config.num_attention_heads // size
     for layer in layers:
-        plan = {path: ColwiseParallel() for path in COLUMN_PARALLEL if _submodule(layer, path) is not None}
         output = dict(output_layouts=Shard(1), use_local_output=False) if sequence_parallel else {}
-        plan.update({path: RowwiseParallel(**output) for path in ROW_PARALLEL})
+        plan, adapted = {}, []
+        for paths, style in ((COLUMN_PARALLEL, ColwiseParallel), (ROW_PARALLEL, functools.partial(RowwiseParallel,
+                                                                                                   **output))):
+            for path in paths:
+                module = _submodule(layer, path)
+                if module is None:
+                    continue
+                if _is_lora(module):  # the frozen projection split as it would be, its adapters below
+                    adapted.append((module, path in ROW_PARALLEL))
+                    path += ".base_layer"
+                plan[path] = style()
         if sequence_parallel:
             plan.update({"retention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()})
             layer.register_forward_pre_hook(functools.partial(_split_sequence, mesh=tp_mesh))
-        parallelize_module(layer, tp_mesh, plan)
+        _parallelize_keeping_frozen(layer, tp_mesh, plan)
+        for module, row_parallel in adapted:
+            _split_lora(module, row_parallel, tp_mesh, sequence_parallel)
         if sequence_parallel:
             for norm in (layer.retention_norm, layer.ffn_norm):
                 _GradsSummedOverMesh(norm, tp_mesh)
@@ -167,7 +188,7 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
     if vocab_parallel:
         _split_vocabulary(model, backbone, tp_mesh)
     if sequence_parallel:
-        parallelize_module(backbone.norm, tp_mesh, SequenceParallel())
+        _parallelize_keeping_frozen(backbone.norm, tp_mesh, SequenceParallel())
         _GradsSummedOverMesh(backbone.norm, tp_mesh)
         backbone.norm.register_forward_hook(_gather_sequence)
     return model
@@ -277,6 +298,9 @@ def _check(model: nn.Module, layers: nn.ModuleList, config, tp_mesh: DeviceMesh)
             if module is None:
                 continue
             where = f"layers.{index}.{path}"
+            if _is_lora(module):
+                _check_lora(module, where)
+                continue
             if type(module) is not nn.Linear:
                 raise ValueError(f"tensor parallelism shards plain nn.Linear projections; {where} is "
                                  f"{type(module).__name__} (merge adapters first)")
@@ -327,6 +351,102 @@ def _split_vocabulary(model: nn.Module, backbone: nn.Module, tp_mesh: DeviceMesh
         embedding.weight = nn.Parameter(distribute_tensor(embedding.weight.detach(), tp_mesh, [Shard(0)]),
                                         requires_grad=embedding.weight.requires_grad)
     embedding.__class__ = VocabParallelEmbedding
+
+
+def _parallelize_keeping_frozen(module: nn.Module, mesh: DeviceMesh, plan) -> None:
+    """``parallelize_module``, the parameters frozen before still frozen after: torch's ``SequenceParallel`` makes
+    a norm's new ``Replicate`` parameters trainable, which would train the norms of a LoRA run (or any frozen
+    one) under sequence parallelism."""
+    frozen = {name for name, param in module.named_parameters() if not param.requires_grad}
+    parallelize_module(module, mesh, plan)
+    for name, param in module.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+
+
+def _is_lora(module: nn.Module) -> bool:
+    """Whether ``module`` is peft's LoRA layer around a Linear (``lora.Linear``: ``base_layer``, ``lora_A``,
+    ``lora_B``), as :func:`retnet.train.lora.apply_lora` injects it."""
+    return hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+
+
+def _check_lora(module: nn.Module, where: str) -> None:
+    """ValueError for a LoRA layer the split cannot take: the base not a plain Linear, adapters merged into it, DoRA
+    or another variant (their magnitudes need each output row's norm over the whole input), or biased adapters."""
+    base = module.base_layer
+    if type(base) is not nn.Linear or type(base.weight) not in (torch.Tensor, nn.Parameter):
+        raise ValueError(f"tensor parallelism shards LoRA layers around plain nn.Linear projections; {where}."
+                         f"base_layer is {type(base).__name__} with a {type(base.weight).__name__} weight")
+    if getattr(module, "merged", False):
+        raise ValueError(f"tensor parallelism cannot split {where}: its adapters are merged into the weight "
+                         f"(unmerge them first)")
+    variants = sorted(getattr(module, "lora_variant", {}) or {})
+    if variants or any(getattr(module, "use_dora", {}).values()):
+        raise ValueError(f"tensor parallelism splits plain LoRA adapters; {where} has DoRA (or another LoRA "
+                         f"variant) on adapter(s) {variants or sorted(module.use_dora)}: train them with "
+                         f"tensor_parallel=1")
+    for name in module.lora_A:
+        for part in (module.lora_A[name], module.lora_B[name]):
+            if type(part) is not nn.Linear or part.bias is not None:
+                raise ValueError(f"tensor parallelism splits bias-free nn.Linear LoRA adapters; {where} adapter "
+                                 f"{name!r} has {part!r}")
+
+
+def _split_lora(module: nn.Module, row_parallel: bool, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Split the adapters of a LoRA layer (``y = W x + s·B A x``) whose base is split already, so that the adapter's
+    output has its base's layout and the ranks' sum is the unsplit adapter's (one small collective of ``r`` numbers
+    a token, for the row-parallel ones).
+
+    Column-parallel base (``W`` by output rows): ``B`` is cut by rows as ``W`` is, ``A`` (``r × in``) is whole on
+    every rank, a ``Replicate`` DTensor applied to the block's replicated input; each rank's ``A`` gradient is its
+    own rows' share, summed over the mesh in the autograd graph.
+    Row-parallel base (``W`` by input columns): ``A`` is cut by columns, its partial products all-reduced (under
+    sequence parallelism reduce-scattered along time, as the base's output is: :class:`_AdapterOnLocalTokens`),
+    and ``B`` is whole on every rank."""
+    output = dict(output_layouts=Shard(1), use_local_output=False) if sequence_parallel else {}
+    for name in module.lora_A:
+        lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+        if not row_parallel:
+            parallelize_module(lora_B, mesh, ColwiseParallel())
+            _replicate_parameters(lora_A, mesh)
+        else:
+            parallelize_module(lora_A, mesh, RowwiseParallel(**output))
+            if sequence_parallel:
+                _AdapterOnLocalTokens(lora_A, lora_B, mesh)
+
+
+class _AdapterOnLocalTokens:
+    """Forward hooks on a row-parallel LoRA adapter under sequence parallelism: ``A``'s output, reduce-scattered
+    along time (a ``Shard(1)`` DTensor ``[B, T, r]``), goes through ``B`` (whole on every rank) as the rank's tokens,
+    a plain tensor, and ``B``'s output is made the ``Shard(1)`` DTensor its base's is. DTensor's own ``linear``
+    flattens ``[B, T]``, which it refuses for a time-sharded input when the ranks' tokens are uneven (a decode step's
+    one token). ``B``'s gradient, from the rank's tokens only, is summed over the mesh."""
+
+    def __init__(self, lora_A: nn.Module, lora_B: nn.Module, mesh: DeviceMesh):
+        self.layout: tuple | None = None
+        lora_A.register_forward_hook(self.from_A)
+        lora_B.register_forward_hook(self.from_B)
+        _GradsSummedOverMesh(lora_B, mesh)
+
+    def from_A(self, module: nn.Module, args: tuple, output: DTensor) -> torch.Tensor:
+        self.layout = (output.device_mesh, output.placements, output.shape[:-1])
+        # .contiguous(): the reduce-scatter leaves uneven ranks' tokens a narrowed view of a padded tensor
+        return output.to_local().contiguous()
+
+    def from_B(self, module: nn.Module, args: tuple, output: torch.Tensor) -> DTensor:
+        mesh, placements, leading = self.layout
+        shape = torch.Size((*leading, output.shape[-1]))
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(output, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def _replicate_parameters(module: nn.Module, mesh: DeviceMesh) -> None:
+    """``module``'s parameters as ``Replicate`` DTensors (the same whole tensor on every rank), to take the DTensor
+    inputs of a split block, their gradients summed over the mesh (:class:`_GradsSummedOverMesh`)."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(distribute_tensor(param.detach(), mesh, [Replicate()]),
+                                           requires_grad=param.requires_grad))
+    _GradsSummedOverMesh(module, mesh)
 
 
 def _submodule(layer: nn.Module, path: str) -> nn.Module | None:

@@ -663,15 +663,16 @@ def _check_context_parallel(job: JobConfig) -> None:
 
 
 def _check_tensor_parallel(job: JobConfig) -> None:
-    """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: LoRA's adapters
-    (not plain ``nn.Linear`` projections), per-layer ``torch.compile``, dropout (each rank would draw its own mask on
+    """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: DoRA (LoRA
+    splits with its projections), per-layer ``torch.compile``, dropout (each rank would draw its own mask on
     the replicated residual stream) and heads or an FFN width the ranks cannot share. DPO, reward models and GRPO train: a group's ranks run the same pairs (GRPO:
     sample the same completions), their metrics counted once. A ``model.init_from`` model's own architecture and
     dropout are checked by the trainer, which reads them."""
     size = job.train.tensor_parallel
     if size == 1:
         return
-    not_yet = [(job.lora.enabled, f"LoRA (lora.rank {job.lora.rank})"),
+    not_yet = [(job.lora.enabled and job.lora.use_dora, "DoRA (lora.use_dora: its magnitudes need each output "
+                                                        "row's norm over the whole input)"),
                (job.train.compile, "train.compile (dynamo fails on the split layers' mix of DTensors and plain "
                                    "tensors)")]
     for refused, what in not_yet:

@@ -49,6 +49,14 @@ CASES.update({
     "sequence_vocab_rms": dict(config=dict(ffn_glu=False, norm_type="rmsnorm", fuse_linear_cross_entropy=True),
                                mode="chunkwise", padded=True, vocab_parallel=True, sequence_parallel=True,
                                checkpointing=True),
+    # LoRA on every projection (adapters drawn at random, not B = 0): a PeftModel around the model, GLU with SAU
+    # (frozen with the rest), parallel form; its adapters' gradients the unsplit model's
+    "lora_peft_model": dict(config=dict(ffn_glu=True, hidden_act="sau"), mode="parallel", lora="peft_model"),
+    # ... injected in place (as the trainer does) under the vocabulary and sequence splits, RMSNorm, the fused loss,
+    # a padded row, chunkwise, checkpointed: the norms stay frozen, the row-parallel adapters reduce-scatter
+    "lora_sequence_vocab": dict(config=dict(ffn_glu=False, norm_type="rmsnorm", fuse_linear_cross_entropy=True),
+                                mode="chunkwise", padded=True, vocab_parallel=True, sequence_parallel=True,
+                                checkpointing=True, lora="injected"),
 })
 # the cases whose generation and export are checked too
 SPLIT_IO_CASES = [name for name, case in CASES.items()
@@ -79,6 +87,27 @@ def build_model(name: str, seed: int = 0):
         # transformers 5.2x's name; 5.17 has only the older one
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if case.get("lora"):
+        model = add_lora(model, wrapped=case["lora"] == "peft_model")
+    return model
+
+
+def add_lora(model, wrapped: bool):
+    """peft's LoRA (rank 4) on each of the model's projections, only the adapters trainable: a ``PeftModel``
+    around it (``wrapped``) or injected in place. The adapters start at random (``B`` too, not zeros), so that they
+    change the outputs and every adapter gets a gradient."""
+    import peft
+
+    from retnet.train.config import LORA_TARGETS
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS), init_lora_weights=False,
+                             task_type="CAUSAL_LM")
+    torch.manual_seed(7)
+    if wrapped:
+        return peft.get_peft_model(model, config)
+    peft.inject_adapter_in_model(config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name)
     return model
 
 

@@ -75,8 +75,26 @@ def test_split_model_gives_the_unsharded_logits_loss_and_gradients(run, name):
             torch.testing.assert_close(got["logits"], whole.logits.detach(), rtol=1e-5, atol=1e-5)
         assert set(got["grads"]) == {n for n, p in model.named_parameters() if p.grad is not None}
         for param_name, param in model.named_parameters():
-            torch.testing.assert_close(got["grads"][param_name], param.grad, rtol=1e-4, atol=1e-6,
-                                       msg=f"rank {rank} {param_name}")
+            if param.grad is not None:  # (LoRA: the adapters')
+                torch.testing.assert_close(got["grads"][param_name], param.grad, rtol=1e-4, atol=1e-6,
+                                           msg=f"rank {rank} {param_name}")
+
+
+def test_lora_adapters_split_with_their_projections(run):
+    """Under a column-parallel projection ``B`` is cut by rows and ``A`` whole (its gradient the same on both ranks,
+    summed over them); under a row-parallel one ``A`` by columns and ``B`` whole; the frozen weights get no
+    gradient, the norms under sequence parallelism included."""
+    ranks, _ = run
+    for name, prefix in (("lora_peft_model", "base_model.model.model.layers.0."),
+                         ("lora_sequence_vocab", "model.layers.0.")):
+        shapes = ranks[0][name]["local_grad_shapes"]
+        assert shapes[prefix + "retention.q_proj.lora_B.default.weight"] == (32, 4)  # of 64 rows
+        assert shapes[prefix + "retention.q_proj.lora_A.default.weight"] == (4, 64)
+        assert shapes[prefix + "retention.o_proj.lora_A.default.weight"] == (4, 64)  # of 128 columns
+        assert shapes[prefix + "retention.o_proj.lora_B.default.weight"] == (64, 4)
+        assert all(".lora_" in key for key in shapes)
+        for key in (prefix + "retention.q_proj.lora_A.default.weight", prefix + "mlp.down_proj.lora_B.default.weight"):
+            assert torch.equal(ranks[0][name]["grads"][key], ranks[1][name]["grads"][key])
 
 
 def test_each_rank_holds_half_of_the_sharded_gradients(run):
@@ -321,13 +339,21 @@ def test_dropout_modules_are_checked_not_only_the_config(model_factory):
     assert "from_pretrained(path, dropout=0.0)" in str(error.value)
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's call
-def test_a_peft_model_is_told_to_merge_its_adapters(model_factory):
+@pytest.mark.parametrize("settings, message", [
+    (dict(use_dora=True), "layers.0.retention.q_proj has DoRA (or another LoRA variant) on adapter(s) ['default']"),
+    (dict(lora_bias=True), "splits bias-free nn.Linear LoRA adapters; layers.0.retention.q_proj adapter 'default'"),
+    (dict(merged=True), "cannot split layers.0.retention.q_proj: its adapters are merged into the weight"),
+], ids=["dora", "bias", "merged"])
+def test_lora_the_split_cannot_take_is_refused(model_factory, settings, message):
+    """Plain LoRA splits with its projections (the torchrun cases); DoRA's magnitudes (each output row's norm over
+    the whole input), biased adapters and adapters merged into the weights are refused, naming the module."""
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(model_factory(), peft.LoraConfig(target_modules=["q_proj"], r=4,
+    merged = settings.pop("merged", False)
+    model = peft.get_peft_model(model_factory(), peft.LoraConfig(target_modules=["q_proj"], r=4, **settings,
                                                                       task_type="CAUSAL_LM"))
-    with pytest.raises(ValueError, match=re.escape("got a PEFT PeftModelForCausalLM: merge the adapters first "
-                                                   "(model = model.merge_and_unload())")):
+    if merged:
+        model.merge_adapter()
+    with pytest.raises(ValueError, match=re.escape(message)):
         parallelize_retnet(model, _mesh())
 
 

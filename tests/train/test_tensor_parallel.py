@@ -30,7 +30,7 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["--train.tensor_parallel=0"], r"train\.tensor_parallel must be >= 1.*got 0"),
-    (["--lora.rank=4"], r"not supported with LoRA \(lora\.rank 4\) yet"),
+    (["--lora.rank=4", "--lora.use_dora=true"], r"not supported with DoRA \(lora\.use_dora"),
     (["--train.compile=true"], r"not supported with train\.compile"),
     (["--model.dropout=0.1"], r"model\.dropout must be 0 with train\.tensor_parallel 2 .*got 0\.1"),
     (["--model.hidden_size=96", "--model.num_attention_heads=3"],
@@ -43,7 +43,7 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
      r"train\.sequence_parallel needs train\.tensor_parallel > 1 \(it splits each row's tokens.*got True"),
     (["--train.vocab_parallel=true", "--distill.teacher=org/teacher"],
      r"train\.vocab_parallel is not supported with distillation \(distill\.teacher 'org/teacher'\) yet.*got True"),
-], ids=["zero", "lora", "compile", "dropout",
+], ids=["zero", "dora", "compile", "dropout",
         "heads", "ffn", "vocab-without-tp", "sequence-without-tp", "vocab-distill"])
 def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message):
     if not any(o.startswith("--train.tensor_parallel") for o in overrides):
@@ -324,8 +324,8 @@ def test_context_parallel_pieces_split_by_tensor_parallelism_log_the_losses_of_o
 def test_dpo_and_a_reward_model_on_ranks_splitting_every_layer_log_the_records_of_one_process(
         toy, tmp_path, run, run_here, read_metrics):  # noqa: F811 - toy: the fixture
     """DPO and a reward model on the toy preference pairs (test_preference's), 3 steps each: 2 torchrun ranks
-    splitting every layer (one tensor-parallel group, micro 2 × accum 2; DPO with the vocabulary split too, its
-    log-probs taken from the gathered logits; the reward model with the vocabulary and the sequence split, a classifier
+    splitting every layer (one tensor-parallel group, micro 2 × accum 2; DPO of LoRA adapters with the vocabulary
+    and the sequence split too, its log-probs taken from the gathered logits; the reward model with the vocabulary and the sequence split, a classifier
     without an LM head) log one process's training and validation losses and metrics: each pair counted once, not
     once a rank of the group. DPO's reference pass runs the split model on the same pairs on both ranks and gives one
     process's reference log-probs; the reward model's export (gathered from the split model) loads as a sequence
@@ -337,10 +337,11 @@ def test_dpo_and_a_reward_model_on_ranks_splitting_every_layer_log_the_records_o
     from retnet.train.preference import REFERENCE_FILE
     from retnet.train.reward import METRICS as REWARD_METRICS
 
-    common = dict(train__steps=3, train__eval_interval=0, checkpoint__interval=0)
+    common = dict(train__steps=3, train__eval_interval=0)
     for name, objective, splits, names in (
-            ("dpo", {}, dict(train__vocab_parallel=True), DPO_METRICS),
-            ("reward", dict(reward__enabled="true", checkpoint__export=True),
+            ("dpo", dict(lora__rank=4, lora__alpha=8, checkpoint__interval=2),
+             dict(train__vocab_parallel=True, train__sequence_parallel=True), DPO_METRICS),
+            ("reward", dict(reward__enabled="true", checkpoint__export=True, checkpoint__interval=0),
              dict(train__vocab_parallel=True, train__sequence_parallel=True), REWARD_METRICS)):
         single, split = tmp_path / f"{name}-single", tmp_path / f"{name}-split"
         alone = run_here(dpo_args(toy, single, **common, **objective))
@@ -348,6 +349,7 @@ def test_dpo_and_a_reward_model_on_ranks_splitting_every_layer_log_the_records_o
         two = run(dpo_args(toy, split, **common, **objective, train__tensor_parallel=2, **splits), nproc=2)
         assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
         assert "world 2 / tensor parallel 2 = 1 data-parallel groups × micro 2 × accum 2" in two.stderr
+        assert ("LoRA rank 4 on q_proj" in two.stderr) == (name == "dpo")
         for kind, key in (("train", "loss"), ("val", "val_loss")):  # measured: DPO 2.2e-7, the reward model 7e-7
             assert _losses(read_metrics, split, kind, key) == pytest.approx(
                 _losses(read_metrics, single, kind, key), rel=1e-5)
@@ -357,6 +359,13 @@ def test_dpo_and_a_reward_model_on_ranks_splitting_every_layer_log_the_records_o
         # split's other summation order (and the threads' count changes it again)
         assert_records_match(single, split, names, tolerance=2e-4)
         assert [r["tokens"] for r in read_metrics(split)] == [r["tokens"] for r in read_metrics(single)]
+    # The split run's checkpoint of LoRA adapters (gathered whole) resumes in one process to its last loss
+    resumed = run_here(dpo_args(toy, tmp_path / "dpo-resumed", **common, lora__rank=4, lora__alpha=8,
+                                train__resume=tmp_path / "dpo-split" / "checkpoints" / "step_00000002"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "written by 2 ranks (train.tensor_parallel 2), resuming with 1" in resumed.stderr
+    assert _losses(read_metrics, tmp_path / "dpo-resumed") == pytest.approx(
+        _losses(read_metrics, tmp_path / "dpo-single")[-1:], rel=1e-5)
     for part in ("train", "val"):  # computed by the split model: one process's (measured 3.8e-6 of ~28)
         torch.testing.assert_close(torch.load(tmp_path / "dpo-split" / REFERENCE_FILE)[part],
                                    torch.load(tmp_path / "dpo-single" / REFERENCE_FILE)[part], rtol=0, atol=1e-4)
