@@ -87,7 +87,7 @@ class RetNetHeadNorm(nn.Module):
         normed = F.rms_norm(of, shape, eps=self.eps) if self.norm_type == "rmsnorm" else F.layer_norm(
             of, shape, eps=self.eps
         )
-        weight = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight  # (dynamo: not hasattr)
         return (normed.flatten(-2) * weight.float()).to(o.dtype)
 
 

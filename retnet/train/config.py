@@ -664,21 +664,16 @@ def _check_context_parallel(job: JobConfig) -> None:
 
 def _check_tensor_parallel(job: JobConfig) -> None:
     """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: DoRA (LoRA
-    splits with its projections), per-layer ``torch.compile``, dropout (each rank would draw its own mask on
+    splits with its projections; so does per-layer ``torch.compile``), dropout (each rank would draw its own mask on
     the replicated residual stream) and heads or an FFN width the ranks cannot share. DPO, reward models and GRPO train: a group's ranks run the same pairs (GRPO:
     sample the same completions), their metrics counted once. A ``model.init_from`` model's own architecture and
     dropout are checked by the trainer, which reads them."""
     size = job.train.tensor_parallel
     if size == 1:
         return
-    not_yet = [(job.lora.enabled and job.lora.use_dora, "DoRA (lora.use_dora: its magnitudes need each output "
-                                                        "row's norm over the whole input)"),
-               (job.train.compile, "train.compile (dynamo fails on the split layers' mix of DTensors and plain "
-                                   "tensors)")]
-    for refused, what in not_yet:
-        if refused:
-            _refuse("train.tensor_parallel", f"> 1 is not supported with {what} yet; train it with "
-                    f"train.tensor_parallel=1", size)
+    if job.lora.enabled and job.lora.use_dora:
+        _refuse("train.tensor_parallel", "> 1 is not supported with DoRA (lora.use_dora: its magnitudes need each "
+                "output row's norm over the whole input) yet; train it with train.tensor_parallel=1", size)
     if job.model.dropout:  # nan too
         _refuse("model.dropout", f"must be 0 with train.tensor_parallel {size} (each rank would draw its own dropout "
                 f"mask on the replicated residual stream)", job.model.dropout)

@@ -62,6 +62,7 @@ CASES.update({
 SPLIT_IO_CASES = [name for name, case in CASES.items()
                   if (case.get("vocab_parallel") or case.get("sequence_parallel")) and not case.get("classifier")]
 GENERATE_TOKENS = 6
+COMPILED_CASE = "sequence_glu"  # run again with each layer compiled
 # Context parallelism over tensor parallelism (the 2-D launch as a (cp, tp) mesh): one packed row of 74 tokens in
 # 2 pieces of 37 (each split 19 / 18 again under sequence parallelism), a document crossing the pieces' boundary.
 CP = 2
@@ -264,6 +265,19 @@ def main(out_dir: str) -> None:
                 parallelize_retnet(model, mesh["tp"])
             except ValueError as error:
                 results["twice"] = str(error)
+
+    # Per-layer torch.compile of the split layers, as the trainer's train.compile does them (the aot_eager backend:
+    # dynamo's and AOTAutograd's traces of the DTensor layers, without inductor's C++ build): sequence parallelism,
+    # SAU's alpha summed over the ranks
+    model = parallelize_case(COMPILED_CASE, build_model(COMPILED_CASE), mesh["tp"])
+    for layer in model.model.layers:
+        layer.compile(backend="aot_eager")
+    output = model(**build_inputs(COMPILED_CASE))
+    output.loss.backward()
+    from torch._dynamo.utils import counters
+
+    results["compiled"] = {"loss": output.loss.detach(), "graphs": counters["stats"]["unique_graphs"],
+                           "grads": {n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None}}
 
     # The fused loss on a vocabulary-parallel head alone: 4 chunks of 5 tokens, a given denominator; ids outside the
     # vocabulary, which no rank holds, fail as an unsplit lookup does.

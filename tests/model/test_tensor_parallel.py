@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
 from tensor_parallel_worker import (  # noqa: E402
     CASES,
+    COMPILED_CASE,
     CP,
     CP_TP_CASES,
     DP,
@@ -78,6 +79,21 @@ def test_split_model_gives_the_unsharded_logits_loss_and_gradients(run, name):
             if param.grad is not None:  # (LoRA: the adapters')
                 torch.testing.assert_close(got["grads"][param_name], param.grad, rtol=1e-4, atol=1e-6,
                                            msg=f"rank {rank} {param_name}")
+
+
+def test_compiled_split_layers_give_the_unsharded_loss_and_gradients(run):
+    """Each split layer compiled (``layer.compile()``, as ``train.compile`` does; the aot_eager backend here) gives
+    the unsharded model's loss and gradients: dynamo traces the DTensor layers, the sequence split's hooks and the
+    summed gradient of SAU's alpha."""
+    ranks, _ = run
+    model, whole = _unsharded(COMPILED_CASE)
+    for rank, results in enumerate(ranks):
+        assert results["compiled"]["graphs"] >= 2  # dynamo compiled (a graph a layer at least), not only eager
+        torch.testing.assert_close(results["compiled"]["loss"], whole.loss.detach(), rtol=1e-5, atol=1e-6)
+        grads = results["compiled"]["grads"]
+        assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
 
 
 def test_lora_adapters_split_with_their_projections(run):

@@ -31,7 +31,6 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
 @pytest.mark.parametrize("overrides, message", [
     (["--train.tensor_parallel=0"], r"train\.tensor_parallel must be >= 1.*got 0"),
     (["--lora.rank=4", "--lora.use_dora=true"], r"not supported with DoRA \(lora\.use_dora"),
-    (["--train.compile=true"], r"not supported with train\.compile"),
     (["--model.dropout=0.1"], r"model\.dropout must be 0 with train\.tensor_parallel 2 .*got 0\.1"),
     (["--model.hidden_size=96", "--model.num_attention_heads=3"],
      r"model\.num_attention_heads must be divisible by train\.tensor_parallel \(2\).*got 3"),
@@ -43,7 +42,7 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
      r"train\.sequence_parallel needs train\.tensor_parallel > 1 \(it splits each row's tokens.*got True"),
     (["--train.vocab_parallel=true", "--distill.teacher=org/teacher"],
      r"train\.vocab_parallel is not supported with distillation \(distill\.teacher 'org/teacher'\) yet.*got True"),
-], ids=["zero", "dora", "compile", "dropout",
+], ids=["zero", "dora", "dropout",
         "heads", "ffn", "vocab-without-tp", "sequence-without-tp", "vocab-distill"])
 def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message):
     if not any(o.startswith("--train.tensor_parallel") for o in overrides):
@@ -52,9 +51,10 @@ def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message
         load_config("tiny", overrides)
 
 
-def test_muon_activation_checkpointing_fsdp_dpo_reward_models_and_grpo_are_taken(monkeypatch):
+def test_muon_activation_checkpointing_fsdp_compile_lora_dpo_reward_models_and_grpo_are_taken(monkeypatch):
     load_config("tiny", ["--train.tensor_parallel=4", "--optim.name=muon", "--train.activation_checkpointing=true"])
-    load_config("tiny", ["--train.tensor_parallel=2", "--train.parallelism=fsdp"])
+    load_config("tiny", ["--train.tensor_parallel=2", "--train.parallelism=fsdp", "--train.compile=true",
+                         "--lora.rank=4"])
     both = load_config("tiny", ["--train.tensor_parallel=2", "--train.context_parallel=2",
                                 "--train.sequence_parallel=true", "--train.global_batch_size=8",
                                 "--train.micro_batch_size=2"])
