@@ -97,8 +97,9 @@ class DpoConfig(_Section):
 class RewardConfig(_Section):
     """Reward-model training on preference pairs (``data.format = "preference"``, ``retnet.train.reward``), as
     TRL's RewardTrainer: ``enabled`` trains a ``RetNetForSequenceClassification`` (one label) from
-    ``model.init_from`` on ``-logsigmoid(r_chosen - r_rejected)`` instead of DPO; ``center_rewards_coefficient``
-    (TRL's name) adds that times ``mean((r_chosen + r_rejected)^2)``, pulling the rewards towards zero mean.
+    ``model.init_from`` on ``-logsigmoid(r_chosen - r_rejected - margin)`` (``margin``: the dataset's optional
+    ``margin`` column, TRL's; 0 without one) instead of DPO; ``center_rewards_coefficient`` (TRL's name) adds that
+    times ``mean((r_chosen + r_rejected)^2)``, pulling the rewards towards zero mean.
     With ``lora.rank > 0`` the adapters and the new ``score`` head train, the backbone stays frozen."""
 
     enabled: bool = False

@@ -55,7 +55,31 @@ def teacher_tokenizer(path: Path) -> Path:
         raise ConfigError(f"distill.teacher {str(path)!r} holds no tokenizer (no tokenizer_config.json or "
                           f"tokenizer.json) and data.tokenizer is unset: the student learns the teacher's next-token "
                           f"ids, so set data.tokenizer to the tokenizer the teacher was trained with")
+    from retnet.train.data import load_tokenizer
+
+    try:  # read as the run will read it, so that a refusal names the setting given, not data.tokenizer (unset)
+        load_tokenizer(path)
+    except ConfigError as error:
+        reason = str(error).removeprefix(f"data.tokenizer {str(path)!r} ")
+        raise ConfigError(f"distill.teacher {str(path)!r}: its tokenizer cannot be the run's (data.tokenizer is "
+                          f"unset): it {reason}; set data.tokenizer to the tokenizer the teacher was trained with (a "
+                          f"tokenizer.json alone names no EOS: save the tokenizer with save_pretrained)") from None
     return path
+
+
+def _own_vocabulary(path: Path) -> dict[str, int] | None:
+    """The vocabulary (token -> id) of the tokenizer the teacher's directory holds, whatever files hold it (a
+    ``tokenizer.json`` alone is a whole tokenizer); None when it holds none. A ConfigError naming the teacher when
+    its files cannot be read: a teacher whose tokenizer cannot be compared is not distilled from."""
+    if not any((path / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True).get_vocab()
+    except Exception as error:  # tokenizers' and transformers' own errors: a damaged or foreign tokenizer file
+        raise ConfigError(f"distill.teacher {str(path)!r}: its tokenizer could not be read to check it against the "
+                          f"run's: {type(error).__name__}: {str(error).strip()[:300]}") from None
 
 
 def teacher_config(path: Path, tokenizer):
@@ -81,10 +105,8 @@ def teacher_config(path: Path, tokenizer):
     problem = tokenizer_mismatch(tokenizer, config)
     if problem is not None:
         raise ConfigError(f"distill.teacher {str(path)!r}: the run's tokenizer does not fit it: {problem}")
-    if (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        own = AutoTokenizer.from_pretrained(str(path), local_files_only=True).get_vocab()
+    own = _own_vocabulary(path)
+    if own is not None:
         mine = tokenizer.get_vocab()
         differ = sorted(token for token in own.keys() | mine.keys() if own.get(token) != mine.get(token))
         if differ:

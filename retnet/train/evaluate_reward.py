@@ -3,8 +3,9 @@
     retnet-eval --model runs/rm/export --dataset pairs.jsonl --batch-size 16 --json
 
 What :mod:`retnet.train.evaluate` runs when ``--model`` is a one-label ``*ForSequenceClassification`` (what
-``retnet-train --reward.enabled=true`` exports). ``--dataset`` holds TRL's ``prompt``/``chosen``/``rejected`` rows,
-read and tokenized as training reads them (:func:`~retnet.train.preference.load_pairs`,
+``retnet-train --reward.enabled=true`` exports). ``--dataset`` holds TRL's ``prompt``/``chosen``/``rejected`` rows
+(or ``chosen``/``rejected`` alone, the prompt implicit; a ``margin`` column too), read and tokenized as training
+reads them (:func:`~retnet.train.preference.load_pairs`,
 :class:`~retnet.train.preference.PairEncoder`: the same chat template, the completions closed by EOS), every row
 scored (no validation split is held out; ``--max-documents`` keeps the first N pairs). A sequence's reward is the
 model's score at its last token, as in training (:func:`~retnet.train.reward.sequence_rewards`).
@@ -17,8 +18,9 @@ run's own values to score pairs as its validation scored them.
 
 Reported, with the names the reward trainer logs (:data:`~retnet.train.reward.METRICS`): ``accuracy`` (the share of
 pairs with r_chosen > r_rejected), ``margin`` (the mean of r_chosen - r_rejected), ``rewards/chosen`` and
-``rewards/rejected`` (the means), and ``loss``, the mean -logsigmoid(r_chosen - r_rejected) (the trainer's
-``val_loss`` without ``reward.center_rewards_coefficient``'s term). ``--batch-size`` pairs run in one forward,
+``rewards/rejected`` (the means), and ``loss``, the mean -logsigmoid(r_chosen - r_rejected - margin) (``margin``: the
+dataset's ``margin`` column, 0 without one; the trainer's ``val_loss`` without
+``reward.center_rewards_coefficient``'s term). ``--batch-size`` pairs run in one forward,
 their 2B sequences packed into one row with ``cu_seqlens`` (chosen then rejected, as training packs them).
 """
 
@@ -102,12 +104,16 @@ def score_pairs(model, pairs: Pairs, *, batch_size: int = 1, progress=None) -> t
     return out
 
 
-def reward_metrics(rewards: torch.Tensor) -> dict[str, float]:
+def reward_metrics(rewards: torch.Tensor, margins: torch.Tensor | None = None) -> dict[str, float]:
     """:data:`~retnet.train.reward.METRICS` and ``loss`` of ``[N, 2]`` (chosen, rejected) rewards: means over the
-    pairs (in float64), as the reward trainer's ``_pair_loss`` sums and its evaluation divides them."""
+    pairs (in float64), as the reward trainer's ``_pair_loss`` sums and its evaluation divides them. ``margins``
+    ``[N]``: the pairs' ``margin`` column, which the loss subtracts (the metrics are of the rewards alone, TRL's)."""
     chosen, rejected = rewards.double().unbind(1)
+    difference = chosen - rejected
+    if margins is not None:
+        difference = difference - torch.as_tensor(margins, device=difference.device).double()
     values = [(chosen > rejected).double().mean(), (chosen - rejected).mean(), chosen.mean(), rejected.mean(),
-              -F.logsigmoid(chosen - rejected).mean()]
+              -F.logsigmoid(difference).mean()]
     return dict(zip((*METRICS, "loss"), torch.stack(values).tolist(), strict=True))
 
 
@@ -117,7 +123,8 @@ def evaluate_pairs(model, pairs: Pairs, *, batch_size: int = 1, progress=None) -
         torch.cuda.synchronize()
     began = time.perf_counter()
     rewards = score_pairs(model, pairs, batch_size=batch_size, progress=progress)
-    metrics = reward_metrics(rewards) if len(pairs) else dict.fromkeys((*METRICS, "loss"), math.nan)
+    margins = None if pairs.margins is None else torch.from_numpy(np.asarray(pairs.margins))
+    metrics = reward_metrics(rewards, margins) if len(pairs) else dict.fromkeys((*METRICS, "loss"), math.nan)
     seconds = time.perf_counter() - began
     eos = model.config.eos_token_id
     return RewardEvalResult(pairs=len(pairs), metrics=metrics, cut=cut_pairs(pairs, eos) if eos is not None else 0,

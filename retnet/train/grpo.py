@@ -296,6 +296,7 @@ class GrpoData:
                               f"grpo.num_generations ({cfg.num_generations}) on each of the {self.world_size} ranks")
         self.stops = stop_tokens(self.tokenizer, getattr(self.policy, "generation_config", None))
         self.sources = RewardSources(cfg, self.tokenizer, self.encoder, self.device, self.autocast, self.stops)
+        self.sources.state.max_steps = trainer.cfg.train.steps
         self.seq_len = self.sequence_length(cfg)
         self.reference = None
         what = "none (grpo.beta 0)"
@@ -353,6 +354,12 @@ class GrpoData:
         return model.to(self.device).eval().requires_grad_(False)
 
     # -- rollouts ---------------------------------------------------------------------------------------
+    def _set_trainer_state(self) -> None:
+        """TRL's ``trainer_state`` the reward functions get, as TRL's is when it samples: the optimizer steps taken
+        (a generation for step N + 1, or an evaluation after step N: N) and the epochs of prompts drawn before."""
+        self.sources.state.global_step = self.steps
+        self.sources.state.epoch = self.consumed / len(self.train)
+
     def _rollout(self, split: Prompts, ids: np.ndarray, seeds: list[tuple[int, ...]],
                  step: int = -1) -> tuple[Generation, torch.Tensor]:
         """This rank's groups of prompts ``ids`` sampled and scored: the :class:`Generation` of ``step`` (its
@@ -450,6 +457,7 @@ class GrpoData:
             share = prompts // self.world_size
             mine = slice(self.rank * share, (self.rank + 1) * share)
             seeds = [(self.seed, self.steps, position) for position in positions[mine]]
+            self._set_trainer_state()
             self.consumed += prompts
             generation, self._step = self._rollout(self.train, ids[mine], seeds, self.steps)
             if iterations > 1:  # the old policy's log-probs: this step's training forwards', taken by loss()
@@ -561,6 +569,7 @@ class GrpoData:
         total = max(total - total % self.world_size, self.world_size)
         chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)
         mine = chosen[self.rank::self.world_size]
+        self._set_trainer_state()
         generation, sums = self._rollout(self.val, mine, [(self.seed, VAL_STREAM, int(i)) for i in mine])
         batches, totals = generation.batches, generation.totals
         loss = torch.zeros(1, device=self.device)

@@ -3,7 +3,10 @@
     retnet-train --config small --model.init_from=runs/sft/export --data.format=preference \\
         --data.dataset=pairs.jsonl --dpo.beta=0.1 --train.output_dir=runs/dpo
 
-Rows are TRL's preference formats, the columns ``prompt``, ``chosen`` and ``rejected``. *Standard*: three strings;
+Rows are TRL's preference formats, the columns ``prompt``, ``chosen`` and ``rejected``; without ``prompt`` (TRL's
+*implicit prompt*) a row's prompt is its chosen and rejected's common beginning, split off as TRL's
+``extract_prompt`` splits it (:func:`extract_prompt`); so it is for a row whose ``prompt`` is a string while its
+``chosen`` and ``rejected`` are whole conversations (TRL's ``maybe_extract_prompt``). *Standard*: three strings;
 a sequence is the prompt's tokens, then the completion's, then EOS. *Conversational*: three lists of ``{"role",
 "content"}`` messages (``chosen``/``rejected`` normally one assistant message). The prompt is rendered with the
 tokenizer's chat template and the generation prompt, as the server renders a chat request, and a completion is
@@ -20,7 +23,8 @@ Long pairs, as TRL cuts them: a prompt longer than ``data.max_prompt_length`` (w
 (TRL's ``keep_end`` for the prompt: the end is what the completion answers), then each completion (EOS included)
 keeps its first tokens, as many as the prompt leaves of ``data.seq_len``. With ``data.max_prompt_length`` 0 a
 prompt is not cut. Refused, naming the dataset and row: a missing or mistyped field, a prompt with no tokens or
-none left for a completion, and a pair whose chosen and rejected tokens are the same.
+none left for a completion, and a pair whose chosen and rejected tokens are the same. An optional ``margin`` column
+(a finite number in every row) is kept with the pairs for the reward model (TRL's RewardTrainer); DPO ignores it.
 
 A micro-batch of ``micro_batch`` pairs is ``2 × micro_batch`` sequences (the chosen ones, then the rejected ones)
 packed into one row, each its own ``cu_seqlens`` segment (the retention state and positions start fresh at each:
@@ -48,6 +52,8 @@ import hashlib
 import itertools
 import json
 import logging
+import math
+import numbers
 import os
 import pickle
 import time
@@ -88,9 +94,12 @@ from retnet.train.distributed import is_distributed
 logger = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "chosen", "rejected")  # TRL's column names
+# TRL's RewardTrainer's optional column: the reward difference each pair's loss asks for (DPO ignores it, as TRL's)
+MARGIN = "margin"
 REFERENCE_FILE = "reference_logps.pt"
 # Bumped when the cached pairs change for the same key, so an old cache is not misread.
-PAIRS_VERSION = 2  # 2: a prefilled prompt is continued (continue_final_message), not given a second turn
+# 2: a prefilled prompt is continued (continue_final_message), not given a second turn; 3: the margin column kept
+PAIRS_VERSION = 3
 # What each step and evaluation records beside the loss (TRL's names): means over the global batch of pairs.
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -119,25 +128,91 @@ def check_pair(dataset: str, row: int, values: tuple[Any, Any, Any]) -> tuple[An
     return tuple(checked)
 
 
-def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loaded=None) -> list[tuple[int, tuple]]:
-    """(row index, checked pair) of every row (at most ``max_documents``), in row order."""
+def check_margin(dataset: str, row: int, value: Any) -> float:
+    """A row's ``margin`` as a float; a ConfigError naming the dataset and the row unless it is a finite number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"data.format 'preference': {MARGIN!r} of {dataset!r}, row {row}: holds "
+                          f"{type(value).__name__} {value!r:.80}; expected a finite number (the reward difference "
+                          f"the pair asks for, TRL's RewardTrainer's margin), in every row")
+    return float(value)
+
+
+def extract_prompt(chosen, rejected) -> tuple:
+    """(prompt, chosen, rejected) of an implicit-prompt row, TRL's ``extract_prompt``: the prompt is the two's
+    common beginning (characters, or messages), and a completion of text keeps the space before its first differing
+    word. When one is a beginning of the other, each keeps its last character (message), as TRL's."""
+    shortest = min(len(chosen), len(rejected))
+    cut = next((i for i in range(shortest) if chosen[i] != rejected[i]), None)
+    if cut is None:
+        cut = max(shortest - 1, 0)
+    elif cut > 0 and isinstance(chosen, str) and chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def implicit_pair(dataset: str, row: int, chosen, rejected) -> tuple:
+    """(prompt, chosen, rejected) of a row without a ``prompt`` (TRL's implicit prompt, :func:`extract_prompt`); a
+    ConfigError naming the dataset and the row when the two are not of one format or share no beginning."""
+    where = f"data.format 'preference': 'chosen' and 'rejected' of {dataset!r}, row {row}"
+    if not any(isinstance(chosen, kind) and isinstance(rejected, kind) for kind in (str, list)):
+        raise ConfigError(f"{where}: hold {type(chosen).__name__} and {type(rejected).__name__}; expected two strings "
+                          f"(standard format) or two lists of messages (conversational format), the prompt their "
+                          f"common beginning (the dataset has no 'prompt' column)")
+    prompt, chosen, rejected = extract_prompt(chosen, rejected)
+    if not prompt:
+        raise ConfigError(f"{where} have no common beginning: without a 'prompt' column the prompt is the part the "
+                          f"two share (TRL's implicit prompt), and these differ from their first "
+                          f"{'character' if isinstance(chosen, str) else 'message'}; give a 'prompt' column, or "
+                          f"remove the row")
+    return prompt, chosen, rejected
+
+
+def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loaded=None) -> list[tuple]:
+    """(row index, checked pair) of every row (at most ``max_documents``), in row order; (row index, checked pair,
+    margin) when the dataset has a ``margin`` column. Without a ``prompt`` column each row's prompt is its chosen
+    and rejected's common beginning (TRL's implicit prompt, :func:`implicit_pair`)."""
     dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
     missing = [name for name in FIELDS if name not in dataset.column_names]
-    if missing:
+    if set(missing) - {"prompt"}:
         raise ConfigError(f"data.dataset {cfg.dataset!r} has no {missing} column(s) (columns: {dataset.column_names}); "
-                          f"data.format 'preference' reads TRL's {list(FIELDS)}")
+                          f"data.format 'preference' reads TRL's {list(FIELDS)} (or 'chosen' and 'rejected' alone, "
+                          f"the prompt implicit: their common beginning)")
     if cfg.max_documents:
         dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
-    columns = [dataset[name] for name in FIELDS]
-    return [(row, check_pair(cfg.dataset, row, values)) for row, values in enumerate(zip(*columns, strict=True))]
+    if missing:  # TRL's implicit prompt
+        rows = zip(dataset["chosen"], dataset["rejected"], strict=True)
+        triples = [implicit_pair(cfg.dataset, row, chosen, rejected) for row, (chosen, rejected) in enumerate(rows)]
+    else:
+        triples, restated = [], 0
+        for row, (prompt, chosen, rejected) in enumerate(zip(*(dataset[name] for name in FIELDS), strict=True)):
+            if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list) \
+                    and extract_prompt(chosen, rejected)[0]:
+                # A text prompt beside whole conversations (HuggingFaceH4/ultrafeedback_binarized's rows): the
+                # conversations hold the prompt, which TRL's maybe_extract_prompt takes from them, as here. (Ones
+                # that share no beginning hold no prompt: check_pair refuses the row's mixed formats.)
+                triples.append(implicit_pair(cfg.dataset, row, chosen, rejected))
+                restated += 1
+            else:
+                triples.append((prompt, chosen, rejected))
+        if restated:
+            logger.info("data: %d of %d rows of %s have a text 'prompt' beside conversations in 'chosen' and "
+                        "'rejected': their prompt is the conversations' common beginning (TRL's "
+                        "maybe_extract_prompt), the text column unused", restated, len(triples), cfg.dataset)
+    pairs = [(row, check_pair(cfg.dataset, row, values)) for row, values in enumerate(triples)]
+    if MARGIN not in dataset.column_names:
+        return pairs
+    margins = dataset[MARGIN]
+    return [(row, pair, check_margin(cfg.dataset, row, margins[row])) for row, pair in pairs]
 
 
 class Pairs:
     """Tokenized pairs: ``tokens`` holds each pair's prompt, chosen completion and rejected completion back to back
-    (completions end with EOS), ``lengths`` ``[N, 3]`` their lengths, ``rows`` ``[N]`` the dataset rows."""
+    (completions end with EOS), ``lengths`` ``[N, 3]`` their lengths, ``rows`` ``[N]`` the dataset rows,
+    ``margins`` ``[N]`` float32 their ``margin`` column's values (None: the dataset has none)."""
 
-    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, rows: np.ndarray):
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, rows: np.ndarray, margins: np.ndarray | None = None):
         self.tokens, self.lengths, self.rows = tokens, np.asarray(lengths, dtype=np.int64).reshape(-1, 3), rows
+        self.margins = None if margins is None else np.asarray(margins, dtype=np.float32)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths.sum(axis=1))[:-1]]).astype(np.int64)
 
     def __len__(self) -> int:
@@ -162,11 +237,15 @@ class Pairs:
         np.save(directory / f"{name}.tokens.npy", self.tokens)
         np.save(directory / f"{name}.lengths.npy", self.lengths)
         np.save(directory / f"{name}.rows.npy", self.rows)
+        if self.margins is not None:
+            np.save(directory / f"{name}.margins.npy", self.margins)
 
     @classmethod
     def load(cls, directory: Path, name: str) -> Pairs:
         parts = ("tokens", "lengths", "rows")
-        return cls(*(np.load(directory / f"{name}.{part}.npy", mmap_mode="r") for part in parts))
+        margins = directory / f"{name}.margins.npy"
+        return cls(*(np.load(directory / f"{name}.{part}.npy", mmap_mode="r") for part in parts),
+                   np.load(margins) if margins.is_file() else None)
 
 
 class PairEncoder:
@@ -190,20 +269,24 @@ class PairEncoder:
             raise ConfigError(f"data.format 'preference': the tokenizer's chat template cannot render row {row} of "
                               f"{self.dataset!r} as prompt + completion: {type(error).__name__}: {error}") from None
 
-    def encode(self, pairs: list[tuple[int, tuple]], batch: int = 256) -> Pairs:
+    def encode(self, pairs: list[tuple], batch: int = 256) -> Pairs:
+        """``pairs``: (row, pair) or, as :func:`load_pairs` reads a ``margin`` column, (row, pair, margin) each."""
         tokens, lengths = [], []
         for start in range(0, len(pairs), batch):
             chunk = pairs[start:start + batch]
-            texts = [text for row, pair in chunk for text in self.texts(row, pair)]
+            texts = [text for row, pair, *_ in chunk for text in self.texts(row, pair)]
             encodings = self.chat.backend.encode_batch(texts, add_special_tokens=False)
-            for number, (row, _) in enumerate(chunk):
+            for number, (row, *_) in enumerate(chunk):
                 prompt, chosen, rejected = (encodings[3 * number + i].ids for i in range(3))
                 parts = self._cut(row, prompt, [*chosen, self.eos], [*rejected, self.eos])
                 tokens += [np.asarray(part, dtype=self.dtype) for part in parts]
                 lengths.append([len(part) for part in parts])
-        rows = np.asarray([row for row, _ in pairs], dtype=np.int64)
+        rows = np.asarray([row for row, *_ in pairs], dtype=np.int64)
         flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=self.dtype)
-        return Pairs(flat, np.asarray(lengths, dtype=np.int64).reshape(-1, 3), rows)
+        margins = None
+        if pairs and len(pairs[0]) > 2:
+            margins = np.asarray([item[2] for item in pairs], dtype=np.float32)
+        return Pairs(flat, np.asarray(lengths, dtype=np.int64).reshape(-1, 3), rows, margins)
 
     def _cut(self, row: int, prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple[list, list, list]:
         where = f"data.format 'preference': row {row} of {self.dataset!r}"
@@ -674,6 +757,6 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
     return data
 
 
-__all__ = ["FIELDS", "METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs", "PreferenceData",
-           "SavedReference", "build_preference_data", "check_pair", "completion_logps", "compute_reference",
-           "dpo_loss", "load_pairs", "pack", "pairs_digest", "policy_overrides", "reference_digest"]
+__all__ = ["FIELDS", "MARGIN", "METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs", "PreferenceData",
+           "SavedReference", "build_preference_data", "check_margin", "check_pair", "completion_logps", "compute_reference",
+           "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs", "pack", "pairs_digest", "policy_overrides", "reference_digest"]

@@ -21,7 +21,8 @@ from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import _hf_dataset, _kind, saved_dataset_dir
 
 FIELD = "prompt"  # TRL's column name
-RESERVED = ("prompts", "completions", "completion_ids")  # the reward functions' own arguments (rewards.py)
+# the reward functions' own arguments (rewards.py)
+RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
 
 
 def check_prompt(dataset: str, row: int, value: Any) -> str | list[dict[str, Any]]:

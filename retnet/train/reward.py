@@ -8,8 +8,10 @@ then the rejected ones), the batches and the resume position are :class:`~retnet
 :class:`RewardData` swaps the objective. The model is a ``RetNetForSequenceClassification`` with one label loaded
 from ``model.init_from`` (its backbone; ``score`` freshly initialised from ``train.seed``), and a sequence's reward
 is the score at its last token (the prompt, the completion and EOS: the whole sequence). A pair's loss is
-``-logsigmoid(r_chosen - r_rejected)``, plus ``reward.center_rewards_coefficient * (r_chosen + r_rejected)^2``
-(TRL's ``center_rewards_coefficient``: its mean over the batch is TRL's term). There is no reference model and no
+``-logsigmoid(r_chosen - r_rejected - margin)`` (``margin``: the dataset's ``margin`` column, TRL's; 0 without
+one; the ``accuracy`` and ``margin`` metrics are of the rewards alone, as TRL's), plus
+``reward.center_rewards_coefficient * (r_chosen + r_rejected)^2`` (TRL's ``center_rewards_coefficient``: its mean
+over the batch is TRL's term). There is no reference model and no
 reference pass. Dropout is off unless ``model.dropout`` sets it (TRL's ``disable_dropout``). The export is the
 classifier's ``save_pretrained`` with the tokenizer: ``AutoModelForSequenceClassification`` loads it.
 
@@ -27,12 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from retnet.train.checkpoint import replace_directory
 from retnet.train.config import DpoConfig, ModelConfig, RewardConfig
-from retnet.train.preference import PairBatch, PreferenceData
+from retnet.train.preference import MARGIN, PairBatch, PreferenceData
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +49,25 @@ def sequence_rewards(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, use_cache=False).logits[:, 0].float()
 
 
-def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: float = 0.0) -> torch.Tensor:
-    """``[B]`` the pairs' losses, TRL's RewardTrainer's per pair: their mean is TRL's loss of the batch."""
-    losses = -F.logsigmoid(chosen - rejected)
+def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: float = 0.0,
+                margin: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]`` the pairs' losses, TRL's RewardTrainer's per pair: their mean is TRL's loss of the batch.
+    ``margin`` ``[B]``: the reward difference each pair asks for (the dataset's ``margin`` column)."""
+    difference = chosen - rejected
+    losses = -F.logsigmoid(difference if margin is None else difference - margin)
     if center_rewards_coefficient:
         losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
     return losses
 
 
-def cut_pairs(pairs, eos_token_id: int) -> int:
+def cut_pairs(pairs, eos_token_id: int | list[int]) -> int:
     """How many of ``pairs`` (:class:`~retnet.train.preference.Pairs`) have a completion that does not end with EOS
-    (cut to fit ``data.seq_len``)."""
+    (cut to fit ``data.seq_len``). ``eos_token_id`` may be a list, a model config's (generate's form)."""
+    ends = {int(i) for i in np.atleast_1d(eos_token_id)}
     count = 0
     for index in range(len(pairs)):
         _, chosen, rejected = pairs.parts(index)
-        count += int(any(len(part) == 0 or part[-1] != eos_token_id for part in (chosen, rejected)))
+        count += int(any(len(part) == 0 or int(part[-1]) not in ends for part in (chosen, rejected)))
     return count
 
 
@@ -79,6 +86,10 @@ class RewardData(PreferenceData):
         reward.__dict__.update(data.__dict__)
         reward.reward = cfg
         reward._window = [0.0] * len(cls.metrics)
+        reward.margins = None  # on the device from start(): the margin column's values, by split
+        if data.train.margins is not None or data.val.margins is not None:
+            logger.info("reward model: each pair's loss is -logsigmoid(r_chosen - r_rejected - margin), margin the "
+                        "dataset's %r column (TRL's)", MARGIN)
         cut = sum(cut_pairs(pairs, data.tokenizer.eos_token_id) for pairs in (data.train, data.val))
         if cut:
             logger.warning("reward model: %d of %d pairs were cut to data.seq_len (%d) before their EOS; their "
@@ -117,11 +128,18 @@ class RewardData(PreferenceData):
         """Only where to compute, and the data-parallel ranks' process group the evaluation sums over: a reward
         model has no reference (its checkpoints' ``reference`` is None)."""
         self.device, self.autocast, self.group = device, autocast, group
+        splits = {"train": self.train, "val": self.val}
+        if any(pairs.margins is not None for pairs in splits.values()):
+            # (a split of no pairs is encoded without its dataset's columns: no margins, and none needed)
+            self.margins = {name: torch.zeros(len(pairs), device=device) if pairs.margins is None else
+                            torch.as_tensor(np.asarray(pairs.margins), dtype=torch.float32, device=device)
+                            for name, pairs in splits.items()}
 
     def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(the pairs' losses ``[B]``, the sums of :data:`METRICS`, in that order)."""
         chosen, rejected = sequence_rewards(model, batch).chunk(2)
-        losses = reward_loss(chosen, rejected, self.reward.center_rewards_coefficient)
+        margin = None if self.margins is None else self.margins[split][batch.pairs]
+        losses = reward_loss(chosen, rejected, self.reward.center_rewards_coefficient, margin)
         chosen, rejected = chosen.detach(), rejected.detach()
         sums = torch.stack([(chosen > rejected).float().sum(), (chosen - rejected).sum(), chosen.sum(),
                             rejected.sum()])

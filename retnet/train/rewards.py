@@ -5,12 +5,15 @@
 A reward function is named by its import path, ``"module:function"`` (``retnet.train.rewards:exact_match``), and
 called once per batch of completions, as TRL's GRPOTrainer calls it::
 
-    def my_reward(prompts: list, completions: list, completion_ids: list[list[int]], **columns) -> list[float | None]
+    def my_reward(prompts: list, completions: list, completion_ids: list[list[int]], trainer_state,
+                  **columns) -> list[float | None]
 
 ``prompts`` are the rows' prompts as the dataset holds them (a string, or a list of ``{"role", "content"}``
 messages), one per completion (a prompt's ``grpo.num_generations`` completions are consecutive); ``completions``
 the sampled texts (special tokens and the stop token left out), or for a conversational prompt ``[{"role":
 "assistant", "content": text}]``; ``completion_ids`` their token ids (the stop token included when sampled);
+``trainer_state`` a ``transformers.TrainerState`` (``global_step``: the optimizer steps taken when the completions
+were sampled, ``max_steps``: ``train.steps``), as TRL passes its own (a curriculum reads it);
 ``columns`` every other column of the rows, one value per completion (``solution=[...]``). A conversational prompt
 that ends with an assistant message (a prefill the completion continues) comes without it, and its content starts
 the completion's (TRL's ``bootstrap``). Each call gets its own deep copies of the prompts and columns, one per
@@ -205,12 +208,21 @@ class RewardSources:
         if cfg.reward_model:
             self.model = self._reward_model(Path(cfg.reward_model).expanduser())
         self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.names), dtype=torch.float32)
+        from transformers import TrainerState
+
+        # TRL's trainer_state argument: the GRPO data sets its steps before each rollout
+        self.state = TrainerState()
 
     def _reward_model(self, path: Path):
         from retnet.model import RetNetForSequenceClassification
 
         where = f"grpo.reward_model {str(path)!r}"
-        theirs = load_tokenizer(path)
+        try:
+            theirs = load_tokenizer(path)
+        except (ConfigError, FileNotFoundError) as error:  # its messages name data.tokenizer, not the setting given
+            reason = str(error).removeprefix(f"data.tokenizer {str(path)!r} ").removeprefix("data.tokenizer: ")
+            raise ConfigError(f"{where}: its tokenizer, which must be the policy's, cannot be read: {reason}; "
+                              f"export the reward model with its tokenizer") from None
         if tokenizer_fingerprint(theirs) != tokenizer_fingerprint(self.tokenizer) or \
                 template_identity(theirs) != template_identity(self.tokenizer):
             raise ConfigError(f"{where}: its tokenizer (or chat template) is not the policy's: it would score other "
@@ -232,7 +244,7 @@ class RewardSources:
         for number, (func, name) in enumerate(zip(self.funcs, self.names)):
             prompts, given, columns = reward_arguments(split, rows, texts)  # fresh for each function
             values = func(prompts=prompts, completions=given, completion_ids=[c.tolist() for c in completions],
-                          **columns)
+                          trainer_state=self.state, **columns)
             out[:, number] = reward_values(name, values, len(rows))
         if self.model is not None:
             out[:, -1] = self._scores(split, rows, texts)
