@@ -281,11 +281,13 @@ def _check(model: nn.Module, layers: nn.ModuleList, config, tp_mesh: DeviceMesh)
     dropouts = [f"{name}.p={module.p}" for name, module in model.named_modules()
                 if isinstance(module, nn.Dropout) and module.p > 0]
     if config.dropout > 0 or dropouts:
+        adapters = config.dropout == 0 and all(".lora_dropout." in dropout for dropout in dropouts)
         raise ValueError(f"tensor parallelism needs dropout 0 (each rank would draw its own mask on the replicated "
                          f"residual stream); got config.dropout={config.dropout}"
                          + (f", {dropouts[0]}" if dropouts else "")
                          + (f" and {len(dropouts) - 1} more nn.Dropout" if len(dropouts) > 1 else "")
-                         + ". Load the model with from_pretrained(path, dropout=0.0) or build it with dropout=0.0")
+                         + (". Make the LoRA adapters with lora_dropout=0" if adapters else
+                            ". Load the model with from_pretrained(path, dropout=0.0) or build it with dropout=0.0"))
     for name, param in model.named_parameters():
         if isinstance(param, DTensor):
             raise ValueError(f"parallelize_retnet: the model is already parallelized ({name} is a DTensor)")

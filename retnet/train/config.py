@@ -676,6 +676,9 @@ def _check_tensor_parallel(job: JobConfig) -> None:
                 "output row's norm over the whole input) yet; train it with train.tensor_parallel=1", size)
     if job.model.dropout:  # nan too
         _refuse("model.dropout", f"must be 0 with train.tensor_parallel {size} (each rank would draw its own dropout "
+    if job.lora.enabled and job.lora.dropout:
+        _refuse("lora.dropout", f"must be 0 with train.tensor_parallel {size} (each rank would draw its own mask on "
+                f"the adapters' replicated input)", job.lora.dropout)
                 f"mask on the replicated residual stream)", job.model.dropout)
     if job.model.init_from is not None:
         return
