@@ -22,6 +22,9 @@ TOKENIZER_FILES = ["config.json", "tokenizer*", "special_tokens_map.json", "*.mo
 MODEL_FILES = [*TOKENIZER_FILES, "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
                "*.bin.index.json"]
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+# Pickled weights, fetched only for a repository without safetensors: many carry both (gpt2: model.safetensors and
+# pytorch_model.bin), and transformers loads the safetensors alone, so both would be twice the download and disk.
+PICKLED_WEIGHTS = ["*.bin", "*.bin.index.json"]
 
 # huggingface_hub's repository id: an optional namespace and a name, of word characters, '-' and '.', neither
 # starting with those two; anything else given (an absolute or relative path, '~') is a path only.
@@ -49,9 +52,13 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
         raise HubError(f"{str(source)!r}: no such directory (nor a hub id 'org/name')")
     from huggingface_hub import snapshot_download
 
+    patterns = allow_patterns if allow_patterns is not None else MODEL_FILES
+    first = [p for p in patterns if p not in PICKLED_WEIGHTS] if "*.safetensors" in patterns else patterns
     try:
-        snapshot = snapshot_download(str(source), revision=revision, cache_dir=cache_dir,
-                                     allow_patterns=allow_patterns if allow_patterns is not None else MODEL_FILES)
+        snapshot = snapshot_download(str(source), revision=revision, cache_dir=cache_dir, allow_patterns=first)
+        if first != patterns and not any(Path(snapshot).glob("*.safetensors")):
+            snapshot = snapshot_download(str(source), revision=revision, cache_dir=cache_dir,
+                                         allow_patterns=patterns)
     except Exception as exc:  # offline, unknown or gated repository, a revision that is not there, an HTTP error
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise HubError(f"{str(source)!r}: no such directory, and the hub could not provide it "
@@ -59,4 +66,4 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
     return Path(snapshot)
 
 
-__all__ = ["ADAPTER_FILES", "MODEL_FILES", "TOKENIZER_FILES", "HubError", "is_hub_id", "resolve_pretrained"]
+__all__ = ["ADAPTER_FILES", "MODEL_FILES", "PICKLED_WEIGHTS", "TOKENIZER_FILES", "HubError", "is_hub_id", "resolve_pretrained"]

@@ -20,6 +20,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation import utils as generation_utils
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from retnet import kernels
@@ -513,6 +514,32 @@ class RetNetPreTrainedModel(PreTrainedModel):
             # (one saved before trainable was set) would keep uninitialised memory.
             for key, value in module.init_values.items():
                 init.constant_(getattr(module, key), value)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, *args, **kwargs):
+        """transformers' hook for ``attn_implementation`` (``from_pretrained``, the config, ``set_attn_implementation``):
+        any implementation transformers knows is accepted and changes nothing, noted once. RetNet has no attention:
+        retention runs on :mod:`retnet.kernels` (Triton on GPU) whatever is asked. Generic scripts (lm-eval, TRL,
+        ...) pass ``attn_implementation`` for any model, and transformers' refusal ("does not support ... yet")
+        would stop them. "eager" is kept so that nothing of another implementation (generate's flash-attention
+        paths) switches on; an unknown name is refused as transformers refuses it, a typo being likelier there."""
+        if attn_implementation is None:
+            return "eager"
+        name = attn_implementation.removeprefix("paged|")
+        known = getattr(ALL_ATTENTION_FUNCTIONS, "valid_keys", ALL_ATTENTION_FUNCTIONS.keys)()
+        if name != "eager" and name not in known and "/" not in name:  # "org/repo": a hub kernel's name
+            raise ValueError(f"attn_implementation must be one of {['eager', *sorted(known)]} or a hub kernel "
+                             f"(all run RetNet's retention, which has no attention to implement); got "
+                             f"{attn_implementation!r}")
+        if attn_implementation != "eager":
+            logger.warning_once(f"attn_implementation={attn_implementation!r} has no effect on "
+                                f"{type(self).__name__}: RetNet has no attention; its retention runs on "
+                                f"retnet.kernels (Triton on GPU) whatever the attn_implementation")
+        return "eager"
+
+    def get_correct_attn_implementation(self, requested_attention, is_init_check=False, *args, **kwargs):
+        # What transformers' hook above calls in its own version (and a refactor might call directly): the same
+        # answer either way.
+        return self._check_and_adjust_attn_implementation(requested_attention, is_init_check)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

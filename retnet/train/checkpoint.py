@@ -256,6 +256,27 @@ def remove_stale_export(directory: Path) -> list[Path]:
     return stale
 
 
+def retire_export(directory: Path, aside: str | None = None) -> Path | None:
+    """Take the export an earlier run left at ``directory`` out of the way, so that no reader takes it for the
+    export of the run now training (which writes its own when it finishes): removed, or with ``aside`` renamed to
+    that sibling name (kept, as the checkpoints it was exported from are). Returns the path it was or now is, or
+    None when there was none. Checkpoints are never touched."""
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return None
+    if aside is None:
+        if directory.is_symlink() or not directory.is_dir():  # the link, not what it points to
+            directory.unlink()
+        else:
+            shutil.rmtree(directory)
+        _fsync_dir(directory.parent)
+        return directory
+    moved = directory.with_name(aside)
+    os.rename(directory, moved)
+    _fsync_dir(directory.parent)
+    return moved
+
+
 def supersede_after(root: Path, step: int) -> list[Path]:
     """Move ``step_*`` checkpoints newer than ``step`` aside to ``step_….abandoned-<time>``: a run resumed
     explicitly from ``step`` replaces their trajectory, and left in place they would be what ``resume=auto``
@@ -566,6 +587,6 @@ __all__ = [
     "CheckpointError", "checkpoint_layout", "commit_checkpoint", "export_pretrained", "file_entries",
     "find_resume_checkpoint", "fsync_tree", "list_checkpoints", "load_checkpoint", "load_checkpoint_trainer",
     "load_sharded_state", "new_temp_dir", "note_verified", "prepare_export", "remove_stale_export",
-    "remove_stale_temp", "replace_directory", "rng_state", "save_checkpoint", "save_sharded_state", "saved_model_shapes", "set_rng_state",
+    "remove_stale_temp", "replace_directory", "retire_export", "rng_state", "save_checkpoint", "save_sharded_state", "saved_model_shapes", "set_rng_state",
     "supersede_after", "verified_identity", "verify_checkpoint",
 ]

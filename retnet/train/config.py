@@ -81,8 +81,10 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
 class ModelConfig(_Section):
     """The RetNet to train: a preset of ``retnet.model.PRESETS`` plus overrides (None keeps the preset's).
 
-    The model's vocabulary is the tokenizer's size; ``vocab_size`` is the size of the BPE trained when
-    ``data.tokenizer`` is not given (default: the preset's vocab_size).
+    ``vocab_size``: without ``data.tokenizer``, the size of the BPE trained (default: the preset's vocab_size),
+    whose own size (fewer on a small corpus) the model's vocabulary then is; with it, the model's embedding rows,
+    at least the tokenizer's size (unset: that size). A larger one pads the embedding as nanoGPT pads GPT-2's
+    50257 to 50304: rows the data never produces, for a size that runs faster. A resume keeps its checkpoint's.
 
     ``init_from``: fine-tuning. A ``save_pretrained`` directory (another run's ``export``) whose architecture,
     weights and tokenizer the run starts from, in place of the preset and a random init; the settings that
@@ -625,7 +627,7 @@ class JobConfig(_Section):
             _refuse("optim.warmup_steps", f"must be <= train.steps ({self.train.steps}): a longer warmup never "
                     f"reaches optim.lr (a shortened run needs a shorter warmup too)", self.optim.warmup_steps)
         # Here rather than when the tokenizer is trained: that comes after the whole dataset has been read, and
-        # with a tokenizer given, the tokenizer sets the vocabulary and vocab_size is not used.
+        # with a tokenizer given, vocab_size only pads the embedding: the trainer checks it against the tokenizer.
         # not data.tokenizer: "" is how a TOML file (which has no null) leaves it out, and the trainer reads it so
         # The pretrained model's ids are its tokenizer's: another one would feed its embeddings other tokens.
         if self.model.init_from is not None and self.data.tokenizer and \
@@ -674,11 +676,11 @@ def _check_tensor_parallel(job: JobConfig) -> None:
     if job.lora.enabled and job.lora.use_dora:
         _refuse("train.tensor_parallel", "> 1 is not supported with DoRA (lora.use_dora: its magnitudes need each "
                 "output row's norm over the whole input) yet; train it with train.tensor_parallel=1", size)
-    if job.model.dropout:  # nan too
-        _refuse("model.dropout", f"must be 0 with train.tensor_parallel {size} (each rank would draw its own dropout "
     if job.lora.enabled and job.lora.dropout:
         _refuse("lora.dropout", f"must be 0 with train.tensor_parallel {size} (each rank would draw its own mask on "
                 f"the adapters' replicated input)", job.lora.dropout)
+    if job.model.dropout:  # nan too
+        _refuse("model.dropout", f"must be 0 with train.tensor_parallel {size} (each rank would draw its own dropout "
                 f"mask on the replicated residual stream)", job.model.dropout)
     if job.model.init_from is not None:
         return

@@ -374,20 +374,26 @@ def _check_texts(dataset: str, text_field: str, texts: list) -> None:
                           f"({bad!r:.80}); expected text (str)")
 
 
+def is_document(value) -> bool:
+    """Whether a row's value is a document (or, for chat, a conversation): not None, empty, or text of whitespace
+    alone, which would train nothing but its EOS (and a run of them, EOS after EOS)."""
+    return bool(value) and not (isinstance(value, str) and value.isspace())
+
+
 def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loaded=None) -> list[str]:
     """All documents (non-streaming), in a deterministic order, at most ``max_documents``; from ``loaded``
     (the ``datasets.Dataset`` already loaded) when given."""
     limit = cfg.max_documents or None
     if cfg.dataset == "stdlib":
         # empty files (many __init__.py) dropped as the other sources drop empty rows: each would be a lone EOS
-        return [t for p in stdlib_files()[:limit] if (t := p.read_text(encoding="utf-8", errors="replace"))]
+        return [t for p in stdlib_files()[:limit] if is_document(t := p.read_text(encoding="utf-8", errors="replace"))]
     dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
     _check_text_field(cfg, dataset.column_names)
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))
     texts = dataset[cfg.text_field]
     _check_texts(cfg.dataset, cfg.text_field, texts)
-    return [t for t in texts if t]
+    return [t for t in texts if is_document(t)]
 
 
 def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Path,
@@ -543,6 +549,20 @@ def vocab_bound(tokenizer) -> int:
     ``len(tokenizer)``, but a tokenizer whose ids have gaps (tokens removed from a vocabulary, added tokens
     at fixed ids) has ids at or beyond its length, which would index past an embedding of ``len`` rows."""
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+def model_vocab_size(tokenizer, vocab_size: int | None) -> int:
+    """The embedding rows of a new model over ``tokenizer``: ``vocab_size`` (``model.vocab_size``) when given,
+    padded past the tokenizer's ids as nanoGPT pads GPT-2's 50257 to 50304 (a multiple of 64 runs faster; the data
+    never produces the extra rows' ids), else the tokenizer's :func:`vocab_bound`. A size below that bound would
+    leave ids without a row: refused, naming both."""
+    bound = vocab_bound(tokenizer)
+    if vocab_size is None:
+        return bound
+    if vocab_size < bound:
+        raise ConfigError(f"model.vocab_size must be >= {bound}, the ids the tokenizer produces (0..{bound - 1}); "
+                          f"got {vocab_size}")
+    return vocab_size
 
 
 def tokenizer_mismatch(tokenizer, config) -> str | None:

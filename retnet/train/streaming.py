@@ -37,6 +37,7 @@ from retnet.train.data import (
     document_encoder,
     encode_documents,
     indexed_conversations,
+    is_document,
     load_tokenizer,
     masked_micro_batches,
     train_tokenizer,
@@ -91,7 +92,8 @@ class StreamingData:
             self._examples = itertools.islice(iter(self.stream), self._documents, None)
 
     def _next_example(self) -> dict:
-        """The next example whose ``text_field`` is not empty, from the next epoch at the end of this one."""
+        """The next example whose ``text_field`` holds a document (:func:`is_document`), from the next epoch at the
+        end of this one."""
         while True:
             if self._examples is None:
                 self._open()
@@ -110,7 +112,7 @@ class StreamingData:
                 self._epoch, self._documents, self._seen, self._examples = self._epoch + 1, 0, False, None
                 continue
             self._documents += 1
-            if example[self.text_field]:
+            if is_document(example[self.text_field]):
                 self._seen = True
                 return example
 
@@ -340,7 +342,7 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
     train_stream = stream.filter(training)
     # Before a BPE is trained on nothing and the run starts: otherwise the first step finds the stream empty.
     with _reading(cfg.dataset, *_field(cfg)):
-        if next((e for e in train_stream if e[field]), None) is None:
+        if next((e for e in train_stream if is_document(e[field])), None) is None:
             raise _no_training_documents(cfg.dataset, cfg.val_documents)
     tokenizer_cache = cache_dir / f"tokenizer-{_hash(fingerprint, vocab_size, cfg.tokenizer_train_chars)}"
     if source is None and local_rank == 0 and not (tokenizer_cache / "tokenizer.json").exists():
@@ -371,7 +373,7 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
         val, val_flags = chat_blocks(encoder, val_conversations, cfg.seq_len)
         return StreamingChatData(train_stream, val, val_flags, tokenizer, messages_field=field,
                                  assistant_only_loss=cfg.assistant_only_loss, **common)
-    val = _blocks(encode_documents(tokenizer, [text for text in val_texts if text]), cfg.seq_len)
+    val = _blocks(encode_documents(tokenizer, [text for text in val_texts if is_document(text)]), cfg.seq_len)
     return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, **common)
 
 

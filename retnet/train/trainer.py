@@ -78,6 +78,7 @@ from retnet.train.checkpoint import (
     remove_stale_export,
     remove_stale_temp,
     replace_directory,
+    retire_export,
     rng_state,
     save_checkpoint,
     save_sharded_state,
@@ -98,7 +99,14 @@ from retnet.train.config import (
     optim_changes,
     reward_changes,
 )
-from retnet.train.data import build_data, masked_labels, packed_segments, tokenizer_mismatch, vocab_bound
+from retnet.train.data import (
+    build_data,
+    masked_labels,
+    model_vocab_size,
+    packed_segments,
+    tokenizer_mismatch,
+    vocab_bound,
+)
 from retnet.train.distributed import (
     barrier,
     context_parallel_group,
@@ -193,6 +201,10 @@ class Trainer:
             if stale:
                 logger.info("removed stale temporary export or tokenizer directories of an interrupted write: %s",
                             ", ".join(p.name for p in stale))
+            # An export here is another run's: left until this one's replaced it, it would pass for this run's
+            if not self.resumed and retire_export(self.output_dir / "export") is not None:
+                logger.warning("removed %s, the export of an earlier run in this train.output_dir (this run writes "
+                               "its own when it finishes)", self.output_dir / "export")
         barrier()
 
         # Data (and tokenizer): a resumed run keeps using the tokenizer its checkpoints were trained with; a
@@ -262,10 +274,25 @@ class Trainer:
                     self._base_fingerprint()
                 barrier()
         else:
+            if resume_path is not None and teacher_config is None:
+                # A resume keeps the vocabulary its checkpoint was trained with, as it keeps its tokenizer
+                rows = saved_model_shapes(resume_path).get("model.embed_tokens.weight", [0])[0]
+                vocab_size = max(rows, vocab_bound(self.tokenizer))  # (_check_fits names a checkpoint too small)
+                if self.is_main and cfg.data.tokenizer and cfg.model.vocab_size not in (None, vocab_size):
+                    logger.info("resuming: the model keeps its checkpoint's %d embedding rows (model.vocab_size %d "
+                                "is read by a run that starts)", vocab_size, cfg.model.vocab_size)
+            elif teacher_config is None:
+                # model.vocab_size is the BPE's size when one is trained; beside a given tokenizer it pads the
+                # embedding past the tokenizer's ids
+                vocab_size = model_vocab_size(self.tokenizer, cfg.model.vocab_size if cfg.data.tokenizer else None)
+            elif cfg.model.vocab_size is not None and cfg.model.vocab_size != teacher_config.vocab_size:
+                raise ConfigError(f"model.vocab_size must be the teacher's ({teacher_config.vocab_size}, whose ids "
+                                  f"the student predicts) or unset; got {cfg.model.vocab_size}")
+            else:
+                vocab_size = teacher_config.vocab_size
             try:
                 self.model_config = RetNetConfig.from_preset(
-                    cfg.model.preset, **overrides,
-                    vocab_size=vocab_bound(self.tokenizer) if teacher_config is None else teacher_config.vocab_size,
+                    cfg.model.preset, **overrides, vocab_size=vocab_size,
                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                 )
             except (TypeError, ValueError) as error:
@@ -316,9 +343,11 @@ class Trainer:
             if self.is_main and cfg.train.resume not in ("auto", "none"):
                 abandoned = supersede_after(self.ckpt_root, self.step)
                 if abandoned:
+                    # the export was of that trajectory's last step: it goes aside with its checkpoints
+                    export = retire_export(self.output_dir / "export", f"export.abandoned-{int(time.time())}")
                     logger.warning("resuming explicitly from step %d: the later checkpoints of the trajectory it "
                                    "leaves are moved aside (delete them when no longer needed): %s", self.step,
-                                   ", ".join(p.name for p in abandoned))
+                                   ", ".join(p.name for p in [*abandoned, *([export] if export else [])]))
         if getattr(self.data, "grpo", False):  # GRPO: the reward sources, the reference policy
             self.data.start(self)
         elif getattr(self.data, "preference", False):  # DPO: the reference log-probs of the model as it starts
@@ -985,14 +1014,17 @@ class Trainer:
                                                      size=self.cp_size, cu_seqlens=inputs.get("cu_seqlens"),
                                                      group=self.cp_group)
             items = targets if num_items is None else num_items
-            return self.model(**inputs, context_parallel=shard, use_cache=False, num_items_in_batch=items).loss
+            return self.model(**inputs, context_parallel=shard, use_cache=False, num_items_in_batch=items,
+                              return_dict=True).loss
         extra = {} if num_items is None else {"num_items_in_batch": num_items}
         if self.teacher is not None and self.model.training:  # evaluation: the plain loss, comparable across runs
             distill = self.teacher.target(inputs)
-            loss = self.model(**inputs, use_cache=False, distill=distill, **extra).loss
+            loss = self.model(**inputs, use_cache=False, distill=distill, return_dict=True, **extra).loss
             self.teacher.collect(distill)
             return loss
-        return self.model(**inputs, use_cache=False, **extra).loss
+        # By name whatever the config's return_dict (a model.init_from config may say False), as transformers' own
+        # callers ask for it
+        return self.model(**inputs, use_cache=False, return_dict=True, **extra).loss
 
     def train_step(self) -> float:
         """One optimizer step; returns the global-batch mean loss. Raises NonFiniteLossError before the

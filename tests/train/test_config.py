@@ -180,7 +180,7 @@ def test_a_vocabulary_too_small_for_the_trained_bpe_is_refused_by_name(tmp_path,
     with pytest.raises(ConfigError, match=r"model\.vocab_size must be >= 258 .*data\.tokenizer.*got 257"):
         load_config("tiny", ["--model.vocab_size=257"])
     assert load_config("tiny", ["--model.vocab_size=258"]).model.vocab_size == 258
-    # with a tokenizer given, the tokenizer sets the model's vocabulary and vocab_size is not used
+    # with a tokenizer given, vocab_size pads the embedding; the trainer checks it against the tokenizer's size
     assert load_config("tiny", ["--model.vocab_size=100", "--data.tokenizer=tok"]).model.vocab_size == 100
 
     out = tmp_path / "run"

@@ -58,8 +58,10 @@ def test_stale_temp_checkpoints_are_removed_at_start(micro, tmp_path, capsys):
 
 def test_stale_export_directories_are_removed_at_start(micro, tmp_path, capsys):
     """A process killed mid-export leaves ``.tmp-export-<pid>`` / ``.old-export-<pid>`` beside the export;
-    the next start removes them before it exports anything, and leaves the export itself alone."""
+    the next start removes them before it exports anything, and a resume leaves the export itself alone (a run
+    that starts removes it: it is another run's)."""
     out = tmp_path / "run"
+    assert main(micro(out, train__steps=1)) == 0
     export = out / "export"
     export.mkdir(parents=True)
     (export / "config.json").write_text("{}")
@@ -67,7 +69,7 @@ def test_stale_export_directories_are_removed_at_start(micro, tmp_path, capsys):
     for path in stale:
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"x" * 1000)
-    assert main(micro(out, train__steps=1)) == 0
+    assert main(micro(out, train__steps=1)) == 0  # resumed (train.resume auto)
     assert not any(path.exists() for path in stale)
     assert "removed stale temporary export" in capsys.readouterr().err
     assert (export / "config.json").read_text() == "{}"
