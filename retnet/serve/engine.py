@@ -362,6 +362,7 @@ class Engine(ModelThread):
             self.waiting = deque(g for g in self.waiting if g.adapter != slot)
             for group in failed:
                 self.in_system -= group.n
+                self.metrics.failed.inc(group.n)
                 if group.session_id is not None:
                     self.sessions.release(group.session_id)  # left as it was
             self.metrics.queue_depth.set(self._queued())
@@ -430,8 +431,9 @@ class Engine(ModelThread):
         """Choices ``indices`` of ``group`` were cancelled (their client left) before they finished: free their
         slots, leave the session as it was, and end them with ``abort``, so that a request still waiting on
         them (a non-streaming one that noticed its client leave) learns from the engine whether its work
-        was cancelled or had finished first (see :meth:`_finished`)."""
-        self.metrics.cancelled.inc(len(indices))
+        was cancelled or had finished first (see :meth:`_finished`). The choices of a request that failed
+        (:meth:`_request_failed` cancels them) are counted as failed, as the request is."""
+        (self.metrics.failed if group.handle.failed else self.metrics.cancelled).inc(len(indices))
         self._release_slots(len(indices))
         if group.session_id is not None:
             self.sessions.release(group.session_id)
@@ -442,6 +444,7 @@ class Engine(ModelThread):
         batch's rebuild drops it without releasing it again), its slot is free and its session left as it was."""
         seq.finish_reason = "abort"
         self._release_slots(1)
+        self.metrics.failed.inc()
         if seq.group.session_id is not None:
             self.sessions.release(seq.group.session_id)
         self._request_failed(seq.group.handle, exc)
@@ -570,7 +573,7 @@ class Engine(ModelThread):
         keep_all = group.params.scores_prompt
         with self.adapter_slots.applied([group.adapter], [end - group.pos]):
             out = self.model(input_ids=piece, cache=group.cache, use_cache=True,
-                             retention_mode=PREFILL_MODE, logits_to_keep=0 if keep_all else 1)
+                             retention_mode=PREFILL_MODE, logits_to_keep=0 if keep_all else 1, return_dict=True)
         self.metrics.prefill_batch.observe(1)
         group.cache = out.cache
         logits = out.logits[0].float().cpu()
@@ -603,7 +606,7 @@ class Engine(ModelThread):
                                         [end - group.pos for group, end in pieces]):
             out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device), cache=cache,
                              use_cache=True, retention_mode=PREFILL_MODE, cu_seqlens=cu_seqlens,
-                             logits_to_keep=cu_seqlens[1:] - 1)
+                             logits_to_keep=cu_seqlens[1:] - 1, return_dict=True)
         self.metrics.prefill_batch.observe(len(pieces))
         logits = out.logits[0].float().cpu()
         for (group, end), row, last in zip(pieces, out.cache.split(), logits):
@@ -636,6 +639,7 @@ class Engine(ModelThread):
         except Exception as exc:
             # Nothing of it was committed yet: its slots and session are released here, once.
             self._release_slots(group.n)
+            self.metrics.failed.inc(group.n)
             if group.session_id is not None:
                 self.sessions.release(group.session_id)
             self._request_failed(group.handle, exc)
@@ -672,7 +676,8 @@ class Engine(ModelThread):
             # seed + j, j counted within this prompt's n (vLLM's rule): a prompt samples the same alone or
             # anywhere in a list of prompts.
             sampler = RowSampler(params, group.inputs, self.vocab_size, seed_offset=j, ban_ids=ban, blocked=blocked,
-                                 grammar=params.grammar.matcher() if params.grammar is not None else None)
+                                 grammar=params.grammar.matcher() if params.grammar is not None else None,
+                                 history=group.session.seen if group.continues else None)
             seqs.append(Sequence(group, group.first_index + j, sampler,
                                  IncrementalDetokenizer(decode, group.inputs, unfinished=unfinished),
                                  StopStrings(group.params.stop, group.params.include_stop_str_in_output),
@@ -779,7 +784,7 @@ class Engine(ModelThread):
         last = torch.tensor([[s.tokens[-1]] for s in self.running], dtype=torch.long, device=self.device)
         with self.adapter_slots.applied([s.group.adapter for s in self.running]):
             out = self.model(input_ids=last, cache=self.batch, use_cache=True, retention_mode="recurrent",
-                             logits_to_keep=1)
+                             logits_to_keep=1, return_dict=True)
         self.batch = out.cache
         samplers = [s.sampler for s in self.running]
         # On a GPU the forward is still running: the grammars' masks (CPU work, on the tokens so far) overlap it.
@@ -903,7 +908,8 @@ class Engine(ModelThread):
         ids = torch.tensor([[token for feed in feeds for token in feed]], dtype=torch.long, device=self.device)
         with self.adapter_slots.applied(slots, [len(feed) for feed in feeds]):
             return self.model(input_ids=ids, cache=cache, use_cache=True, retention_mode=VERIFY_MODE,
-                              cu_seqlens=cu_seqlens, logits_to_keep=0 if keep_all else cu_seqlens[1:] - 1)
+                              cu_seqlens=cu_seqlens, logits_to_keep=0 if keep_all else cu_seqlens[1:] - 1,
+                              return_dict=True)
 
     def _advance(self, seq: Sequence, row: int, sample) -> SeqOutput:
         """Record the token sampled for ``seq`` (row ``row`` of ``sample``) and apply the stopping rules."""
@@ -959,8 +965,11 @@ class Engine(ModelThread):
         group = seq.group
         if group.session_id is not None:
             state = cache.clone() if cache is not None else self.batch.select([row])
+            earlier = group.session.seen if group.continues else None
+            seen = torch.tensor(group.inputs + seq.tokens, dtype=torch.long)
+            seen = (seen if earlier is None else torch.cat([earlier, seen])).unique()
             self.sessions.release(group.session_id, state, seq.tokens[-1:],  # none if max_tokens was 0
-                                  tokens=len(group.prompt_ids) + len(seq.tokens))
+                                  tokens=len(group.prompt_ids) + len(seq.tokens), seen=seen)
             self.metrics.sessions.set(len(self.sessions))
         self._cache_answer(seq, cache, row)
         self._release_slots(1)

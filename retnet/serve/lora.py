@@ -148,6 +148,9 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
         config = json.loads((root / CONFIG_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise LoraError(f"{where}: {CONFIG_FILE} is not JSON: {exc}") from exc
+    if not isinstance(config, dict):  # read below with .get: a list would fail as a 500, not name the file
+        raise LoraError(f"{where}: {CONFIG_FILE} must be a JSON object (peft's LoraConfig); got "
+                        f"{type(config).__name__}")
     _check_config(where, config)
     try:
         tensors = load_file(str(root / WEIGHTS_FILE))
@@ -164,7 +167,7 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
         parts.setdefault(name, {})[match["part"] or "m"] = tensor
     if not parts:
         raise LoraError(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rank_pattern, alpha_pattern = _patterns(where, config, "rank_pattern"), _patterns(where, config, "alpha_pattern")
     adapter = LoraAdapter(module.name, module.path, module.base_model_name, 0, directory=str(root),
                           fingerprint=fingerprint)
     for name, pair in sorted(parts.items()):
@@ -182,13 +185,13 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
             raise LoraError(f"{where}: {name!r} has " + (f"lora_{next(iter(pair))} without its other matrix"
                                                           if pair else "lora_magnitude_vector without lora_A/B"))
         a, b = pair["A"], pair["B"]
-        r = a.shape[0]
+        r = a.shape[0] if a.dim() == 2 else 0
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != linear.in_features or b.shape != (linear.out_features, r):
             raise LoraError(f"{where}: {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the base "
                             f"model's Linear is [{linear.out_features}, {linear.in_features}], so they must be "
                             f"[r, {linear.in_features}] and [{linear.out_features}, r]")
-        expected_r = _pattern_value(rank_pattern, name, config.get("r"))
-        if expected_r is not None and int(expected_r) != r:
+        expected_r = _number(where, "r / rank_pattern", _pattern_value(rank_pattern, name, config.get("r")), int)
+        if expected_r is not None and expected_r != r:
             raise LoraError(f"{where}: r / rank_pattern: {name!r} has rank {r} in its weights but {expected_r} in "
                             f"{CONFIG_FILE}")
         if r > max_rank:
@@ -198,7 +201,10 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
             raise LoraError(f"{where}: {name!r} has lora_magnitude_vector {tuple(magnitude.shape)}; the base "
                             f"model's Linear has {linear.out_features} outputs, so it must be "
                             f"[{linear.out_features}]")
-        alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", 8)))
+        alpha = _number(where, "lora_alpha / alpha_pattern", _pattern_value(alpha_pattern, name,
+                                                                             config.get("lora_alpha", 8)), float)
+        if alpha is None:
+            raise LoraError(f"{where}: lora_alpha / alpha_pattern: {name!r} has no alpha (null)")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         adapter.weights[name] = (a.float().contiguous(), (b.float() * scale).contiguous())
         if magnitude is not None:
@@ -281,6 +287,29 @@ def _check_config(where: str, config: dict) -> None:
                  "monteclora_config", "velora_config"):
         if config.get(name):
             refuse(name, "a LoRA variant whose forward this server does not apply")
+
+
+def _patterns(where: str, config: dict, key: str) -> dict:
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise LoraError(f"{where}: {key} must be an object (module pattern -> value); got {json.dumps(patterns)[:80]}")
+    return patterns
+
+
+def _number(where: str, field: str, value, kind):
+    """``value`` (a config number) as ``kind``, None kept; a 400 naming ``field`` for anything else (a string, a
+    list, a boolean), not a 500."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise LoraError(f"{where}: {field} must be a number; got {json.dumps(value)[:80]}")
+    try:
+        number = kind(value)
+    except ValueError:
+        raise LoraError(f"{where}: {field} must be a number; got {json.dumps(value)[:80]}") from None
+    if kind is float and not math.isfinite(number):
+        raise LoraError(f"{where}: {field} must be finite; got {json.dumps(value)[:80]}")
+    return number
 
 
 def _pattern_value(patterns: dict, name: str, default):

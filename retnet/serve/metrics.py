@@ -42,6 +42,9 @@ class ServeMetrics:
                                               "writer goes on", registry=r)
         self.cancelled = Counter("retnet_sequences_cancelled", "sequences cancelled (client gone, shutdown)",
                                  registry=r)
+        self.failed = Counter("retnet_sequences_failed", "sequences of requests that failed alone (a 500 "
+                              "internal_error: their decoder, grammar ... raised; the engine served on), the "
+                              "request's other choices with them", registry=r)
         self.structured = Counter("retnet_structured_requests", "requests held to a grammar, by the field that asked "
                                   "(response_format, guided_json ..., tool_choice)", ["field"], registry=r)
         self.model_requests = Counter("retnet_model_requests", "requests submitted, by the model they named: the "

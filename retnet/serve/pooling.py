@@ -110,7 +110,7 @@ class ScorePooler:
 
     def __call__(self, model, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]``: the score rows ``[N, num_labels]`` in fp32."""
-        return model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False).logits.float()
+        return model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False, return_dict=True).logits.float()
 
     def activate(self, rows: torch.Tensor) -> torch.Tensor:
         """vLLM's classification activation of score rows ``[N, num_labels]``: the config's ``problem_type`` as
@@ -166,7 +166,8 @@ class EmbedPooler:
     def __call__(self, model, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]``: the embeddings ``[N, hidden_size]`` in fp32,
         not normalized (:meth:`activate`)."""
-        hidden = model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False).last_hidden_state[0].float()  # [T, d]
+        hidden = model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False,
+                       return_dict=True).last_hidden_state[0].float()  # [T, d]
         if self.pooling_type == "LAST":
             rows = hidden[cu_seqlens[1:] - 1]
         else:  # each segment's sum over its own tokens, divided by its length

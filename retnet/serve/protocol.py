@@ -331,7 +331,8 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content)
+        # vLLM's chat_utils joins a message's text parts with newlines (a template sees one string either way).
+        return "\n".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -201,7 +201,7 @@ def _text(content: Any, where: str) -> str:
             raise APIError(400, f"{where}[{j}].text: a text part needs a string 'text'", f"{where}[{j}].text",
                            "missing")
         texts.append(part["text"])
-    return "".join(texts)
+    return "\n".join(texts)  # as chat's parts (ChatMessage.text), as vLLM joins both
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -80,11 +80,13 @@ class RowSampler:
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, seed_offset: int = 0,
                  ban_ids: torch.Tensor | None = None, blocked: torch.Tensor | None = None,
-                 grammar: GrammarMatcher | None = None):
+                 grammar: GrammarMatcher | None = None, history: torch.Tensor | None = None):
         """``ban_ids``: token ids masked out until ``params.min_tokens`` tokens were sampled (the stop tokens).
         ``blocked``: a ``[V]`` bool mask of the tokens never sampled (outside ``allowed_token_ids``, single-token
         bad words), shared by the request's rows; the multi-token bad words are matched here, step by step.
-        ``grammar``: this row's structured-output matcher, which masks every step to the tokens it allows."""
+        ``grammar``: this row's structured-output matcher, which masks every step to the tokens it allows.
+        ``history``: token ids before ``prompt_ids`` that the repetition penalty counts as prompt (a session's
+        earlier turns, which its state holds instead of the prompt)."""
         self.params = params
         self.grammar = grammar
         seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -100,6 +102,8 @@ class RowSampler:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             ids = torch.tensor([i for i in prompt_ids if i < vocab_size], dtype=torch.long)
             self.seen[ids] = True
+            if history is not None:
+                self.seen[history[history < vocab_size]] = True
         self.ban_left = params.min_tokens
         self.ban_ids = ban_ids if ban_ids is not None and ban_ids.numel() and self.ban_left > 0 else None
         self.blocked = blocked

@@ -422,7 +422,7 @@ class OpenAIServing:
                 message = AssistantMessage(content=content, tool_calls=calls or None)
                 finish = "tool_calls" if calls and finish == "stop" else finish
             elif calls is not None:
-                message, finish = AssistantMessage(tool_calls=calls), "tool_calls"
+                message, finish = AssistantMessage(tool_calls=calls), calling.finish_reason()
             else:  # free text, or calls cut short (no whole JSON to read them from): the text as it is
                 message = AssistantMessage(content=_chat_echo(request) + text)
             choices.append(ChatChoice(
@@ -560,7 +560,7 @@ class OpenAIServing:
                 if calls is not None:
                     delta, finish = DeltaMessage(tool_calls=[
                         DeltaToolCall(index=i, id=call.id, function=call.function) for i, call in enumerate(calls)
-                    ]), "tool_calls"
+                    ]), calling.finish_reason()
                 elif finish:
                     delta = DeltaMessage(content=held[out.index])
             if delta.content or delta.tool_calls or logprobs or ids:
@@ -681,7 +681,7 @@ class OpenAIServing:
         served = {a.slot: name for name, a in self.engine.adapters.items()}
         if session.cache is not None and session.adapter and session.adapter not in served:
             # Its adapter was unloaded (or replaced) while the engine had not dropped it yet: gone, as expired.
-            session.cache, session.pending, session.tokens = None, [], 0
+            session.cache, session.pending, session.tokens, session.seen = None, [], 0, None
         if session.cache is None:
             session.adapter = adapter
         elif session.adapter != adapter:

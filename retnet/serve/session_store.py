@@ -5,6 +5,8 @@ A RetNet session is one fixed-size state (a few MB whatever the history's length
 costs the same for the tenth turn as for the first. ``DIR/<session_id>.safetensors`` holds:
 
 - tensors ``state.<layer>`` ``[1, H, K, V]`` fp32 and ``offsets`` ``[1]`` int64: the :class:`RetNetCache` row;
+  ``seen`` ``[N]`` int64: the history's distinct token ids, which a repetition penalty counts (absent in the files
+  written before they were kept);
 - metadata: the format, the session id, the fingerprint of the model that computed the state (its config, weights,
   tokenizer, chat template and dtype: :func:`model_fingerprint`) and of its LoRA adapter (name and files' fingerprint), the tokens not
   yet fed (the last one sampled), the history's token count and the cache's ``seen_tokens``.
@@ -157,6 +159,9 @@ class SavedState:
     tokens: int
     adapter: AdapterIdentity
     at: float  # wall-clock time of the turn: the file's modification time, from which --session-ttl-s counts
+    # The history's distinct token ids (Session.seen), for a repetition penalty; None: a file written before they
+    # were kept (its next turn penalises its own prompt only).
+    seen: torch.Tensor | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -220,13 +225,14 @@ class SessionFiles:
 
     # -- called from the scheduler and the event loop ----------------------------------------------------------
     def save(self, session_id: str, cache: RetNetCache, pending: list[int], tokens: int, adapter: int,
-             changed: bool = True) -> None:
+             changed: bool = True, seen: torch.Tensor | None = None) -> None:
         """Queue the session's state (``changed`` false: the one already written, only its time moves).
-        ``adapter``: the LoRA slot it was computed under (0: the base model)."""
+        ``adapter``: the LoRA slot it was computed under (0: the base model); ``seen``: its history's distinct
+        token ids."""
         identity = self.adapter_identity(adapter) if adapter else None
         if adapter and identity is None:
             return  # its adapter is gone: the state can never be continued (its file, if any, is refused)
-        state = SavedState(cache, list(pending), tokens, identity, time.time())
+        state = SavedState(cache, list(pending), tokens, identity, time.time(), seen)
         with self.cond:
             if self.closed:  # the server is stopping (or the writer died): said, as a failed write is
                 self.metrics.session_write_failures.inc()
@@ -408,7 +414,12 @@ class SessionFiles:
                              f"size {self.vocab_size}")
         if adapter is not None:
             adapter = (str(adapter[0]), [int(v) for v in adapter[1]])
-        return SavedState(cache, pending, tokens, adapter, mtime)
+        seen = tensors.get("seen")
+        if seen is not None and (seen.dim() != 1 or seen.dtype != torch.int64 or (
+                seen.numel() and not (int(seen.min()) >= 0 and int(seen.max()) < self.vocab_size))):
+            raise ValueError(f"seen is {seen.dtype} {tuple(seen.shape)}, not int64 token ids below the vocabulary "
+                             f"size {self.vocab_size}")
+        return SavedState(cache, pending, tokens, adapter, mtime, seen)
 
     def _adapter_slot(self, session_id: str, identity: AdapterIdentity, adapters: dict) -> int:
         """The slot here of the adapter the state was computed under (0: the base model)."""
@@ -553,6 +564,8 @@ class SessionFiles:
         cache = state.cache
         tensors = {f"state.{i}": s.detach().to("cpu").contiguous() for i, s in enumerate(cache.states)}
         tensors["offsets"] = cache.offsets.detach().to("cpu").contiguous()
+        if state.seen is not None:
+            tensors["seen"] = state.seen.contiguous()
         metadata = {"format": FORMAT, "session_id": session_id,
                     **{f"model.{part}": value for part, value in self.model.items()},
                     "adapter": json.dumps(state.adapter), "pending": json.dumps(state.pending),

@@ -182,7 +182,7 @@ class DraftModel:
         longest = max(len(feed) for feed in feeds)
         if longest == 1:  # every draft refused last step: a decode step's shape, with no packing to do
             out = self.model(input_ids=torch.tensor(feeds, dtype=torch.long, device=self.device), cache=cache,
-                             use_cache=True, retention_mode="recurrent", logits_to_keep=1)
+                             use_cache=True, retention_mode="recurrent", logits_to_keep=1, return_dict=True)
             first = out.logits[:, -1]
         else:
             cu_seqlens = torch.tensor([0, *itertools.accumulate(len(feed) for feed in feeds)], dtype=torch.long,
@@ -190,7 +190,7 @@ class DraftModel:
             ids = torch.tensor([[token for feed in feeds for token in feed]], dtype=torch.long, device=self.device)
             out = self.model(input_ids=ids, cache=cache, use_cache=True, cu_seqlens=cu_seqlens,
                              retention_mode=VERIFY_MODE if longest <= self.k + 1 else DRAFT_PREFILL_MODE,
-                             logits_to_keep=cu_seqlens[1:] - 1)
+                             logits_to_keep=cu_seqlens[1:] - 1, return_dict=True)
             first = out.logits[0]
         # Views of the forward's rows: the forwards below replace the cache's tensors, never write into them.
         for i, state, feed, row in zip(rows, states, feeds, out.cache.split()):
@@ -204,7 +204,7 @@ class DraftModel:
         cache = out.cache
         for _ in range(wanted - 1):
             step = self.model(input_ids=tokens[-1][:, None], cache=cache, use_cache=True, retention_mode="recurrent",
-                              logits_to_keep=1)
+                              logits_to_keep=1, return_dict=True)
             cache = step.cache
             tokens.append(step.logits[:, -1].argmax(-1))
         for i, room, proposed in zip(rows, rooms, torch.stack(tokens, 1).tolist()):

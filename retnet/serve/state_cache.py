@@ -132,13 +132,16 @@ class Session:
     cache: RetNetCache | None = None
     pending: list[int] = field(default_factory=list)
     tokens: int = 0  # tokens of history (prompt and generated), for the response and the README's claims
+    # The distinct token ids of the history (sorted, int64): the earlier turns are in the state, not in the next
+    # turn's prompt, yet a repetition penalty counts them as the whole conversation sent as a prompt would have.
+    seen: torch.Tensor | None = None
     busy: bool = False
     adapter: int = 0  # the LoRA adapter's slot its state was computed under; a continuation must use the same
     last_used: float = field(default_factory=time.monotonic)
 
     @property
     def nbytes(self) -> int:
-        return held_bytes(self.cache)
+        return held_bytes(self.cache, self.seen)
 
 
 class SessionStore:
@@ -180,9 +183,10 @@ class SessionStore:
             return session
 
     def release(self, session_id: str, cache: RetNetCache | None = None, pending: list[int] | None = None,
-                tokens: int = 0) -> None:
-        """Unmark the session; with ``cache``, replace its state (a finished request); without, keep the old
-        one (a cancelled or failed request leaves the session as it was)."""
+                tokens: int = 0, seen: torch.Tensor | None = None) -> None:
+        """Unmark the session; with ``cache``, replace its state (a finished request) and its history's token ids
+        (``seen``, :attr:`Session.seen`); without, keep the old one (a cancelled or failed request leaves the
+        session as it was)."""
         with self.lock:
             session = self.sessions.get(session_id)
             if session is None:
@@ -191,9 +195,10 @@ class SessionStore:
             session.last_used = time.monotonic()
             if cache is not None:
                 session.cache, session.pending, session.tokens = cache, list(pending or []), session.tokens + tokens
+                session.seen = seen
             if self.files is not None and session.cache is not None:
                 self.files.save(session_id, session.cache, session.pending, session.tokens, session.adapter,
-                                changed=cache is not None)
+                                changed=cache is not None, seen=session.seen)
             if session.cache is None:
                 del self.sessions[session_id]  # nothing to resume
             self._evict()
@@ -208,6 +213,7 @@ class SessionStore:
         if loaded is not None:
             state, session.adapter = loaded
             session.cache, session.pending, session.tokens = state.cache, state.pending, state.tokens
+            session.seen = state.seen
 
     async def remove(self, session_id: str) -> bool:
         """``DELETE /v1/sessions/{id}``: the session gone, in memory and (with ``files``) its file; whether it had a

@@ -151,7 +151,7 @@ def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
         names = ", ".join(name for name, _ in asked)
         raise APIError(400, f"give one way of structuring the output; got {names}", asked[1][0], "invalid_grammar")
     name, value = asked[0]
-    LLMatcher = _llguidance(name).LLMatcher
+    _llguidance(name)  # without it: a 400 naming the field, before any of its values is read
     if name == "response_format":
         kind = _format_kind(value)
         if kind == "json_object":
@@ -164,7 +164,7 @@ def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
     if name in ("guided_json", "json_schema"):
         return _json(name, value), name
     if name == "guided_regex":
-        return LLMatcher.grammar_from_regex(_text(name, value)), name
+        return _regex(name, value), name
     if name == "guided_choice":
         return _choice(name, value), name
     if name in ("guided_grammar", "grammar"):
@@ -212,9 +212,7 @@ def _structured_outputs(value: Any) -> str:
     if key == "json":
         return _json(param, value[key])
     if key == "regex":
-        from llguidance import LLMatcher
-
-        return LLMatcher.grammar_from_regex(_text(param, value[key]))
+        return _regex(param, value[key])
     if key == "choice":
         return _choice(param, value[key])
     return _lark(param, value[key])
@@ -224,6 +222,23 @@ def _text(param: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise APIError(400, f"{param} must be a non-empty string", param, "invalid_grammar")
     return value
+
+
+# vLLM's regex backends read \d, \w and \s (and \D, \W, \S) as ASCII classes (xgrammar's [0-9], [a-zA-Z0-9_],
+# outlines' likewise); llguidance's regexes are Rust's, whose classes are Unicode's (\d takes "١٢٣"). A JSON schema's
+# "pattern" is left to llguidance, which reads it as ECMAScript does.
+ASCII_CLASSES = "dws"
+
+
+def _regex(param: str, regex: Any) -> str:
+    """A regex (``guided_regex``, ``structured_outputs.regex``) as the whole text, its classes ASCII."""
+    from llguidance import LLMatcher, regex_to_lark
+
+    text = _text(param, regex)
+    if (len(text) - len(text.rstrip("\\"))) % 2:  # regex_to_lark would drop the lone backslash, not refuse it
+        raise APIError(400, f"{param} cannot be used: it ends inside an escape (a lone trailing backslash); got "
+                       f"{text[-40:]!r}", param, "invalid_grammar")
+    return LLMatcher.grammar_from_lark(f"start: /{regex_to_lark(text, ASCII_CLASSES)}/")
 
 
 def _json(param: str, schema: Any) -> str:

@@ -95,6 +95,11 @@ class ToolCalling:
     def grammar(self) -> tuple[str, str]:
         return tool_call_grammar(self.functions, self.named, self.parallel)
 
+    def finish_reason(self) -> str:
+        """A choice's finish_reason once its calls are whole: OpenAI's (and vLLM's) "tool_calls" for calls the
+        model chose to make ("required"), "stop" for the call a named ``tool_choice`` forced."""
+        return "stop" if self.named is not None else "tool_calls"
+
     def text_parser(self) -> HermesToolParser:
         """A new parser of one choice's text ("auto")."""
         return TOOL_CALL_PARSERS[self.parser]((name for name, _ in self.functions), self.parallel)

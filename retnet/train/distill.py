@@ -172,7 +172,7 @@ class Teacher:
     def target(self, inputs: dict[str, torch.Tensor]) -> Distillation:
         """The teacher's side of the loss of the student's forward on ``inputs`` (the trainer's model inputs)."""
         hidden = self.model.model(input_ids=inputs["input_ids"], cu_seqlens=inputs.get("cu_seqlens"),
-                                  use_cache=False).last_hidden_state
+                                  use_cache=False, return_dict=True).last_hidden_state
         return Distillation(hidden, self.model.lm_head.weight, temperature=self.cfg.temperature,
                             alpha=self.cfg.alpha, kind=self.cfg.kind)
 

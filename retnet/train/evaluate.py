@@ -158,7 +158,7 @@ def score_documents(model, documents: Sequence[Sequence[int]], *, segment_tokens
         pieces = [ids[start:start + segment_tokens + 1] for ids, start in rows]  # a piece's inputs and targets
         lengths = torch.tensor([0, *(len(p) - 1 for p in pieces)])
         out = model(input_ids=torch.cat([p[:-1] for p in pieces])[None].to(device),
-                    cu_seqlens=lengths.cumsum(0).to(device), cache=cache, use_cache=True)
+                    cu_seqlens=lengths.cumsum(0).to(device), cache=cache, use_cache=True, return_dict=True)
         want = torch.cat([p[1:] for p in pieces]).to(device)
         if buckets is None:
             total += F.cross_entropy(out.logits[0].float(), want, reduction="sum")

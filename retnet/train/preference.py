@@ -362,7 +362,7 @@ def completion_logps(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
     """``[2B]`` fp32: each sequence's summed log-probability of its completion tokens (EOS included) under
     ``model`` (a RetNetForCausalLM, or DDP/FSDP around one: called through its forward)."""
     logits = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, logits_to_keep=batch.keep,
-                   use_cache=False).logits[0].float()
+                   use_cache=False, return_dict=True).logits[0].float()
     # log_softmax gathered at the label, without the [M, vocab] log-probs a full log_softmax would write
     token = logits.gather(-1, batch.labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return torch.zeros(len(batch.lengths), dtype=torch.float32, device=token.device).index_add(0, batch.sequence, token)

@@ -46,7 +46,8 @@ METRICS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")
 def sequence_rewards(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
     """``[2B]`` fp32: each packed sequence's score at its last token (chosen then rejected) under ``model`` (a
     one-label RetNetForSequenceClassification, or DDP/FSDP around one: called through its forward)."""
-    return model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, use_cache=False).logits[:, 0].float()
+    return model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, use_cache=False,
+                 return_dict=True).logits[:, 0].float()
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: float = 0.0,

@@ -268,7 +268,7 @@ class RewardSources:
             bounds = torch.tensor(np.cumsum([0, *map(len, part)]), dtype=torch.long, device=self.device)
             with self.autocast:
                 logits = self.model(input_ids=torch.from_numpy(np.concatenate(part)).to(self.device)[None],
-                                    cu_seqlens=bounds, use_cache=False).logits
+                                    cu_seqlens=bounds, use_cache=False, return_dict=True).logits
             scores.append(logits[:, 0].float().cpu())
         return torch.cat(scores)
 

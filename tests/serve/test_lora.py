@@ -246,12 +246,19 @@ def test_unsupported_adapters_are_refused_at_startup_naming_the_field(model_dir,
             tensors=lambda t: {**t, f"{q}.lora_B.weight": t[f"{q}.lora_B.weight"][:, :4].contiguous()}),
         "rank_pattern": dict(config={"rank_pattern": {"q_proj": 2}}),
         "init_lora_weights": dict(config={"init_lora_weights": "pissa_niter_4"}),
+        "lora_alpha": dict(config={"lora_alpha": None}),
+        "alpha_pattern": dict(config={"alpha_pattern": ["q_proj"]}),
+        "r / rank_pattern": dict(config={"r": "eight"}),
     }
     for i, (field, edit) in enumerate(cases.items()):
         bad = _edited(path, tmp_path / str(i), **edit)
         rank = 4 if field == "max_lora_rank" else 16
         with pytest.raises(ValueError, match=rf"'bad'.*{field}"):
             create_app(make_settings(model_dir, lora_modules=[f"bad={bad}"], max_lora_rank=rank))
+    listed = _edited(path, tmp_path / "listed")
+    (listed / "adapter_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"'bad'.*must be a JSON object"):
+        create_app(make_settings(model_dir, lora_modules=[f"bad={listed}"], max_lora_rank=16))
     for flags, message in (([f"a={path}", f"a={path}"], "given twice"), ([f"micro={path}"], "base model's name"),
                            (["nopath"], "name=path")):
         with pytest.raises(ValueError, match=message):

@@ -190,6 +190,9 @@ async def test_a_reload_that_fails_fails_only_its_requests(model_dir, adapter_di
         text = (await client.get("/metrics")).text
         assert metric(text, 'retnet_lora_reloads_total{outcome="failed"}') == 1
         assert metric(text, 'retnet_lora_reloads_total{outcome="changed"}') == 2
+        # The requests failed by their adapter's reload (a's, c's and c's stream), not cancelled.
+        assert metric(text, "retnet_sequences_failed_total") == 3
+        assert metric(text, "retnet_sequences_cancelled_total") == 0
 
 
 def test_the_setting_is_a_flag_and_a_variable_and_is_checked(model_dir, monkeypatch):

@@ -5,6 +5,7 @@ under slots never reused, and without disturbing the requests already running.""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -113,6 +114,11 @@ async def test_load_serves_as_a_startup_adapter_then_unload_removes_it(model_dir
         assert error_of(await load(client, "c", tmp_path / "missing"), 404)["param"] == "lora_path"
         assert error_of(await load(client, "c", tmp_path), 404)["code"] == "lora_adapter_not_found"  # no peft files
         assert "max_lora_rank" in error_of(await load(client, "c", adapter_dirs["big"]), 400)["message"]
+        # A config the adapter's checks read as peft's (an object, numbers): anything else is the client's 400.
+        for i, config in enumerate(('[]', '{"r": 8, "lora_alpha": null}', '{"r": 8, "alpha_pattern": ["q_proj"]}')):
+            bad = Path(shutil.copytree(path, tmp_path / f"bad{i}"))
+            (bad / "adapter_config.json").write_text(config)
+            assert error_of(await load(client, "c", bad), 400)["code"] == "invalid_lora_adapter", config
         assert error_of(await load(client, "", path), 400)["param"] == "lora_name"
         assert error_of(await client.post("/v1/load_lora_adapter", json={"lora_name": "c"}), 400)["param"] == \
             "lora_path"

@@ -77,11 +77,11 @@ async def test_a_text_response_has_openais_shape_and_the_chat_routes_greedy_text
 
 
 async def test_input_items_template_as_the_same_chat_conversation(client):
-    # Messages as items (parts, output_text for the assistant's), a call history, and instructions first: the same
-    # prompt tokens as the chat route's conversation.
+    # Messages as items (parts, joined with newlines as vLLM joins them; output_text for the assistant's), a call
+    # history, and instructions first: the same prompt tokens as the chat route's conversation.
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1, \"b\": 2}"}}
     messages = [{"role": "system", "content": "Sum."}, {"role": "developer", "content": "Be exact."},
-                {"role": "user", "content": "1 + 2?"}, {"role": "assistant", "content": "Let me add.",
+                {"role": "user", "content": "1 + \n2?"}, {"role": "assistant", "content": "Let me add.",
                                                          "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
     items = [{"role": "developer", "content": "Be exact."},

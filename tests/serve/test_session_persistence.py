@@ -516,7 +516,8 @@ async def test_a_file_the_model_cannot_run_is_409_and_one_unreadable_now_is_503(
     state = torch.zeros(1, 4, 16, 16)  # the micro model's [1, H, K, V]
     bad = {"vocab": ({"pending": "[100000]"}, {}), "counts": ({"tokens": "-3"}, {}),
            "offsets": ({}, {"offsets": torch.tensor([-1])}), "nan": ({}, {"state.0": state.fill_(float("nan"))}),
-           "shape": ({}, {"state.1": torch.zeros(1, 4, 16, 8)})}
+           "shape": ({}, {"state.1": torch.zeros(1, 4, 16, 8)}), "seen": ({}, {"seen": torch.tensor([3, 100000])}),
+           "seen_dtype": ({}, {"seen": torch.tensor([0.5])})}
     for name, (meta, tensors) in bad.items():
         rewrite(saved, tmp_path / f"{name}.safetensors", {"session_id": name, **meta}, tensors)
     read_bytes = Path.read_bytes

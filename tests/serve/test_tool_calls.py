@@ -48,10 +48,11 @@ async def client(open_app):
         yield c
 
 
-def assert_calls(choice: dict, names: set[str]) -> list[tuple[str, dict]]:
-    """The choice's calls, checked: whole, each to one of ``names`` with arguments that fit its schema."""
+def assert_calls(choice: dict, names: set[str], finish: str = "tool_calls") -> list[tuple[str, dict]]:
+    """The choice's calls, checked: whole, each to one of ``names`` with arguments that fit its schema; ``finish``:
+    OpenAI's (and vLLM's) finish_reason, "stop" for a named function's call."""
     message = choice["message"]
-    assert choice["finish_reason"] == "tool_calls", choice
+    assert choice["finish_reason"] == finish, choice
     assert message["role"] == "assistant" and message["content"] is None and message["tool_calls"], message
     calls = []
     for call in message["tool_calls"]:
@@ -69,7 +70,7 @@ async def test_a_named_function_gets_one_call_that_fits_its_schema(client, seed)
     r = await client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     for choice in r.json()["choices"]:
-        assert len(assert_calls(choice, {"paint"})) == 1
+        assert len(assert_calls(choice, {"paint"}, "stop")) == 1
         # The arguments are the generated text itself, as OpenAI's are.
         assert choice["message"]["tool_calls"][0]["function"]["arguments"].startswith('{"color":')
 
@@ -79,7 +80,7 @@ async def test_a_function_without_parameters_takes_an_object(client):
     body = {**CHAT, **SAMPLED, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "ping"}},
             "n": 3, "seed": 1, "max_tokens": 300}
     choices = (await client.post("/v1/chat/completions", json=body)).json()["choices"]
-    done = [c for c in choices if c["finish_reason"] == "tool_calls"]
+    done = [c for c in choices if c["finish_reason"] == "stop"]
     assert done  # a free object may run past max_tokens; those that end are whole
     for choice in done:
         (call,) = choice["message"]["tool_calls"]
@@ -136,8 +137,9 @@ async def test_a_stream_sends_each_choices_calls_whole_as_the_response_has_them(
     body = {**CHAT, "max_tokens": 300, "temperature": 0, "tools": [ADD, PAINT], "tool_choice": tool_choice, "n": 2}
     whole = (await client.post("/v1/chat/completions", json=body)).json()["choices"]
     events = sse_events((await client.post("/v1/chat/completions", json={**body, "stream": True})).text)
+    finish = "tool_calls" if tool_choice == "required" else "stop"
     for index, choice in enumerate(whole):
-        assert_calls(choice, {"add", "paint"})
+        assert_calls(choice, {"add", "paint"}, finish)
         mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
         assert mine[0]["delta"] == {"role": "assistant", "content": ""}
         with_calls = [c for c in mine if "tool_calls" in c["delta"]]
@@ -147,7 +149,7 @@ async def test_a_stream_sends_each_choices_calls_whole_as_the_response_has_them(
         assert [(c["type"], c["function"]) for c in streamed] == [(c["type"], c["function"])
                                                                  for c in choice["message"]["tool_calls"]]
         assert all(c["id"].startswith("call_") for c in streamed)
-        assert [c["finish_reason"] for c in mine] == [None, None, "tool_calls"]  # the calls' chunk, then the end
+        assert [c["finish_reason"] for c in mine] == [None, None, finish]  # the calls' chunk, then the end
 
 
 async def test_calls_cut_short_by_max_tokens_are_text_with_finish_length(client):
