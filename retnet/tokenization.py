@@ -27,6 +27,13 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def vocab_bound(tokenizer) -> int:
+    """One more than the largest id ``tokenizer`` can produce: the embedding rows the model needs. Usually
+    ``len(tokenizer)``, but a tokenizer whose ids have gaps (tokens removed from a vocabulary, added tokens
+    at fixed ids) has ids at or beyond its length, which would index past an embedding of ``len`` rows."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of at most ``vocab_size`` tokens (including the 256 bytes and the special
     tokens ``<|endoftext|>`` (EOS, id 0) and ``<|pad|>`` (id 1)) on ``texts``."""

@@ -62,7 +62,7 @@ from retnet.serve.session_store import session_files
 from retnet.serve.settings import ServeSettings
 from retnet.serve.speculative import VERIFY_MODE, DraftModel, accepted_drafts, propose_drafts
 from retnet.serve.state_cache import PrefixCache, Session, SessionStore
-from retnet.tokenization import TokenBytes
+from retnet.tokenization import TokenBytes, vocab_bound
 
 logger = logging.getLogger("retnet.serve")
 
@@ -260,6 +260,13 @@ class Engine(ModelThread):
                                       self.settings.prefill_chunk_tokens, self.settings.prefill_token_budget)
         if self.settings.quantization != "none":  # on the device: torchao quantizes where the weight is
             quantize_model(self.model, self.settings.quantization)
+        bound = vocab_bound(self.tokenizer)
+        if bound < self.vocab_size:
+            logger.info("the model's vocabulary has %d rows past the tokenizer's %d ids (padded): their logits are "
+                        "masked", self.vocab_size - bound, bound)
+            for model in (self.model, None if self.drafter is None else self.drafter.model):
+                if model is not None:
+                    _mask_padded_vocabulary(model, bound)
         self.adapter_slots.start(self.model, self.device)
 
     def _load_draft(self, dtype: torch.dtype):
@@ -1069,6 +1076,22 @@ class Engine(ModelThread):
             handle.emit(EngineFailure(message))
         self.metrics.running.set(0)
         self.metrics.queue_depth.set(0)
+
+
+def _mask_padded_vocabulary(model, bound: int) -> None:
+    """The logits of ids ``bound`` and up set to -inf, in every forward of ``model``: a vocabulary padded past the
+    tokenizer's ids (``retnet-train --model.vocab_size``, as nanoGPT pads GPT-2's 50257 to 50304) has rows no text
+    holds, which vLLM trims from the logits. No request then samples, scores or lists an id the tokenizer cannot
+    decode; the other ids' probabilities are those of the trimmed logits."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+
+    def mask(module, args, logits: torch.Tensor) -> torch.Tensor:
+        logits[..., bound:] = float("-inf")
+        return logits
+
+    head.register_forward_hook(mask)
 
 
 def _group_rank(group: Group) -> tuple[int, int]:

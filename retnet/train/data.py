@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from retnet.tokenization import vocab_bound  # (re-exported: the launcher's callers import it here)
 from retnet.train.chat import (
     BOUNDARY,
     TARGET,
@@ -544,13 +545,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int):
 # ----------------------------------------------------------------------------------------------------------
 # Packed blocks
 # ----------------------------------------------------------------------------------------------------------
-def vocab_bound(tokenizer) -> int:
-    """One more than the largest id ``tokenizer`` can produce: the embedding rows the model needs. Usually
-    ``len(tokenizer)``, but a tokenizer whose ids have gaps (tokens removed from a vocabulary, added tokens
-    at fixed ids) has ids at or beyond its length, which would index past an embedding of ``len`` rows."""
-    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
-
-
 def model_vocab_size(tokenizer, vocab_size: int | None) -> int:
     """The embedding rows of a new model over ``tokenizer``: ``vocab_size`` (``model.vocab_size``) when given,
     padded past the tokenizer's ids as nanoGPT pads GPT-2's 50257 to 50304 (a multiple of 64 runs faster; the data
