@@ -46,16 +46,25 @@ class TextOffsets:
         return offset
 
 
-def add_completion_logprobs(target: CompletionLogprobs, entries, offsets: TextOffsets, k: int | None = None) -> None:
-    """``k``: keep that many alternatives of each entry (the prompt's may hold more, for prompt_logprobs)."""
+def token_label(entry, as_ids: bool = False) -> str:
+    """How a logprobs entry names its token: its text, or with vLLM's ``return_tokens_as_token_ids``
+    ``"token_id:<id>"``."""
+    return f"token_id:{entry.token_id}" if as_ids else entry.token
+
+
+def add_completion_logprobs(target: CompletionLogprobs, entries, offsets: TextOffsets, k: int | None = None,
+                            as_ids: bool = False) -> None:
+    """``k``: keep that many alternatives of each entry (the prompt's may hold more, for prompt_logprobs);
+    ``as_ids``: tokens named by id (:func:`token_label`), their offsets still counted in the text."""
     for entry in entries:
-        target.tokens.append(entry.token)
+        label = token_label(entry, as_ids)
+        target.tokens.append(label)
         target.token_logprobs.append(entry.logprob)
         top = None
         if entry.logprob is not None:
             # OpenAI's completions (and vLLM's) always hold the chosen token too: up to logprobs + 1 entries.
-            top = {t.token: t.logprob for t in entry.top[:k]}
-            top.setdefault(entry.token, entry.logprob)
+            top = {token_label(t, as_ids): t.logprob for t in entry.top[:k]}
+            top.setdefault(label, entry.logprob)
         target.top_logprobs.append(top)
         target.text_offset.append(offsets.push(entry.token_id, entry.token, entry.token_bytes))
 
@@ -77,8 +86,10 @@ def vllm_prompt_logprobs(entries, k: int | None) -> PromptLogprobs | None:
     return out
 
 
-def chat_logprob(entry) -> ChatTokenLogprob:
+def chat_logprob(entry, as_ids: bool = False) -> ChatTokenLogprob:
+    """``as_ids``: the tokens named by id (:func:`token_label`); ``bytes`` stay the tokens' own, as vLLM's."""
     return ChatTokenLogprob(
-        token=entry.token, logprob=entry.logprob, bytes=list(entry.token_bytes),
-        top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token_bytes)) for t in entry.top],
+        token=token_label(entry, as_ids), logprob=entry.logprob, bytes=list(entry.token_bytes),
+        top_logprobs=[TopLogprob(token=token_label(t, as_ids), logprob=t.logprob, bytes=list(t.token_bytes))
+                      for t in entry.top],
     )

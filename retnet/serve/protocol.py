@@ -87,7 +87,7 @@ STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "g
 # vLLM's other extras that change the output, each with the value that changes nothing (what passes; null always
 # does): a client sending another one would get output it did not ask for if they were ignored.
 UNSUPPORTED_EXTRAS: dict[str, Any] = {
-    "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None, "return_tokens_as_token_ids": False,
+    "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None,
 }
 # vLLM's default max_logprobs: the most alternatives prompt_logprobs may ask for at each prompt token.
 MAX_PROMPT_LOGPROBS = 20
@@ -218,7 +218,10 @@ class SamplingFields(RequestFields):
     use_beam_search: Any = None
     length_penalty: Any = None
     logits_processors: Any = None
-    return_tokens_as_token_ids: Any = None
+    # vLLM's: each logprobs entry's token (and its alternatives') as "token_id:<id>" rather than its text, which a
+    # client cannot map back to an id when tokens decode alike (a byte split across tokens, U+FFFD); null: the
+    # server's --return-tokens-as-token-ids.
+    return_tokens_as_token_ids: bool | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -234,10 +234,10 @@ class OpenAIServing:
                 logprobs = CompletionLogprobs()
                 if request.echo:
                     add_completion_logprobs(logprobs, seq[0].prompt_logprobs or [], self._offsets(0, prompt.text),
-                                            request.logprobs)
+                                            request.logprobs, self._as_ids(request))
                 offsets = self._offsets(len(prompt.text), held=prompt.held, shown=not request.skip_special_tokens)
                 for o in seq:
-                    add_completion_logprobs(logprobs, o.logprobs or [], offsets)
+                    add_completion_logprobs(logprobs, o.logprobs or [], offsets, as_ids=self._as_ids(request))
             if request.echo:
                 text = prompt.text + text
             choices.append(CompletionChoice(
@@ -326,8 +326,10 @@ class OpenAIServing:
                 logprobs = CompletionLogprobs()
                 if first[out.index] and request.echo:
                     add_completion_logprobs(logprobs, out.prompt_logprobs or [],
-                                            self._offsets(0, prompts[out.index].text), request.logprobs)
-                add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index])
+                                            self._offsets(0, prompts[out.index].text), request.logprobs,
+                                            self._as_ids(request))
+                add_completion_logprobs(logprobs, out.logprobs or [], offsets[out.index],
+                                        as_ids=self._as_ids(request))
             if first[out.index] and request.echo:
                 text = prompts[out.index].text + text
             first[out.index] = False
@@ -413,7 +415,8 @@ class OpenAIServing:
         for index, seq in enumerate(outputs):
             logprobs = None
             if request.logprobs:
-                logprobs = ChatLogprobs(content=[chat_logprob(t) for o in seq for t in (o.logprobs or [])])
+                logprobs = ChatLogprobs(content=[chat_logprob(t, self._as_ids(request)) for o in seq
+                                                 for t in (o.logprobs or [])])
             text, finish = "".join(o.text for o in seq), seq[-1].finish_reason
             auto = calling is not None and calling.parser is not None
             calls = calling.calls(text) if calling is not None and not auto and finish == "stop" else None
@@ -539,7 +542,8 @@ class OpenAIServing:
         parsers = [calling.text_parser() for _ in range(handle.num_choices)] if calling and calling.parser else None
         async for out in stream_outputs(handle):
             total += len(out.token_ids)
-            logprobs = ChatLogprobs(content=[chat_logprob(t) for t in out.logprobs]) if out.logprobs else None
+            logprobs = (ChatLogprobs(content=[chat_logprob(t, self._as_ids(request)) for t in out.logprobs])
+                        if out.logprobs else None)
             ids = out.token_ids if request.return_token_ids else None
             delta, finish = DeltaMessage(content=out.text), out.finish_reason
             if parsers is not None:
@@ -754,6 +758,12 @@ class OpenAIServing:
         if not request.return_token_ids:
             return {}
         return {"prompt_token_ids": prompt, "token_ids": [t for o in seq for t in o.token_ids]}
+
+    def _as_ids(self, request: SamplingFields) -> bool:
+        """Whether logprobs name tokens by id: the request's ``return_tokens_as_token_ids``, else the server's."""
+        if request.return_tokens_as_token_ids is not None:
+            return request.return_tokens_as_token_ids
+        return self.settings.return_tokens_as_token_ids
 
     def _offsets(self, start: int, echoed: str | None = None, held: bytes = b"", shown: bool = False) -> TextOffsets:
         """``shown``: the text keeps special tokens' text (``skip_special_tokens`` false): they take characters."""

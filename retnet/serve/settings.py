@@ -91,6 +91,9 @@ class ServeSettings(BaseSettings):
     max_stop: int = Field(4, ge=0, description="stop strings per request (OpenAI's limit is 4)")
     max_stop_chars: int = Field(64, ge=1)
     max_logprobs: int = Field(5, ge=0, description="top alternatives per token in `logprobs`")
+    return_tokens_as_token_ids: bool = Field(
+        False, description="vLLM's: logprobs name each token as 'token_id:<id>', not as its text, unless a request "
+        "sets return_tokens_as_token_ids itself")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_pooling_inputs: int = Field(1024, ge=1, description="inputs in one /classify, /pooling or "
                                     "/v1/embeddings request (a classifier --model, --convert embed)")
@@ -616,7 +619,7 @@ GENERATION_ONLY_SETTINGS = (
     "speculative_config", "session_dir", "max_sessions", "session_bytes", "session_ttl_s", "prefix_cache_entries",
     "prefix_cache_bytes", "prefix_cache_min_tokens", "prefix_cache_answers", "responses_store_entries",
     "responses_store_bytes", "generation_config", "override_generation_config", "max_tokens_limit",
-    "default_max_tokens", "max_n", "max_prompts", "max_stop", "max_stop_chars", "max_logprobs", "max_running",
+    "default_max_tokens", "max_n", "max_prompts", "max_stop", "max_stop_chars", "max_logprobs", "return_tokens_as_token_ids", "max_running",
     "prefill_chunk_tokens", "tool_call_parser", "enable_auto_tool_choice",
 )
 

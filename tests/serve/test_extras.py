@@ -501,7 +501,6 @@ REFUSED_EXTRAS = [
     ("length_penalty", 0.5),
     ("length_penalty", True),
     ("logits_processors", ["x"]),
-    ("return_tokens_as_token_ids", True),
 ]
 
 
@@ -528,6 +527,73 @@ async def test_no_op_values_of_the_refused_extras_are_accepted(client, path):
     for extra in (nulls, no_ops):
         r = await client.post(path, json={**base, **extra})
         assert r.status_code == 200, (extra, r.text)
+
+
+# -- return_tokens_as_token_ids: logprobs name tokens by id ------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+async def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client, stream):
+    """vLLM's: every logprobs token and alternative is "token_id:<id>" (the chosen ones the ids returned), in a
+    completion (with its echoed prompt) and a chat, whole or streamed; chat's ``bytes`` stay the tokens' own, and
+    text offsets count the text as before. Without the field the tokens are text."""
+    async def post(path, body):
+        if not stream:
+            return (await client.post(path, json=body)).json()["choices"]
+        choices = {}
+        async with client.stream("POST", path, json={**body, "stream": True}) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        choices.setdefault(choice["index"], []).append(choice)
+        return [choices[0]]
+
+    completion = {"prompt": "def add", "max_tokens": 5, "logprobs": 2, "return_token_ids": True, **GREEDY}
+    if not stream:
+        completion["echo"] = True
+    by_text = await post("/v1/completions", completion)
+    by_id = await post("/v1/completions", {**completion, "return_tokens_as_token_ids": True})
+    if stream:
+        by_text = [_merge_completion_chunks(by_text[0])]
+        by_id = [_merge_completion_chunks(by_id[0])]
+    text_lp, id_lp = by_text[0]["logprobs"], by_id[0]["logprobs"]
+    ids = (by_id[0]["prompt_token_ids"] if not stream else []) + by_id[0]["token_ids"]
+    assert id_lp["tokens"] == [f"token_id:{i}" for i in ids]
+    assert text_lp["tokens"] != id_lp["tokens"] and not any(t.startswith("token_id:") for t in text_lp["tokens"])
+    assert id_lp["text_offset"] == text_lp["text_offset"] and id_lp["token_logprobs"] == text_lp["token_logprobs"]
+    for top in id_lp["top_logprobs"]:
+        assert top is None or (top and all(key.startswith("token_id:") for key in top))
+    chat = {**CHAT, "max_tokens": 4, "logprobs": True, "top_logprobs": 2, "return_token_ids": True, **GREEDY}
+    plain = (await post("/v1/chat/completions", chat))[0]
+    named = (await post("/v1/chat/completions", {**chat, "return_tokens_as_token_ids": True}))[0]
+    plain_content = plain["logprobs"]["content"] if not stream else _chat_logprob_entries(plain)
+    named_content = named["logprobs"]["content"] if not stream else _chat_logprob_entries(named)
+    chat_ids = named["token_ids"] if not stream else [t for c in named for t in c.get("token_ids") or []]
+    assert [e["token"] for e in named_content] == [f"token_id:{i}" for i in chat_ids]
+    assert [e["bytes"] for e in named_content] == [e["bytes"] for e in plain_content]
+    assert all(t["token"].startswith("token_id:") for e in named_content for t in e["top_logprobs"])
+
+
+def _merge_completion_chunks(chunks: list[dict]) -> dict:
+    merged = {"logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}, "token_ids": []}
+    for chunk in chunks:
+        for key in merged["logprobs"]:
+            merged["logprobs"][key] += (chunk.get("logprobs") or {}).get(key) or []
+        merged["token_ids"] += chunk.get("token_ids") or []
+    return merged
+
+
+def _chat_logprob_entries(chunks: list[dict]) -> list[dict]:
+    return [entry for chunk in chunks for entry in ((chunk.get("logprobs") or {}).get("content") or [])]
+
+
+async def test_the_servers_default_names_tokens_by_id_unless_a_request_says_otherwise(model_dir):
+    from .conftest import serve_app
+
+    async with serve_app(model_dir, return_tokens_as_token_ids=True) as served:
+        body = {"prompt": "def add", "max_tokens": 3, "logprobs": 1, "return_token_ids": True, **GREEDY}
+        default = (await served.post("/v1/completions", json=body)).json()["choices"][0]
+        assert default["logprobs"]["tokens"] == [f"token_id:{i}" for i in default["token_ids"]]
+        text = (await served.post("/v1/completions", json={**body, "return_tokens_as_token_ids": False})).json()
+        assert not any(t.startswith("token_id:") for t in text["choices"][0]["logprobs"]["tokens"])
 
 
 # -- chat's template extras: continue_final_message, echo, chat_template_kwargs, documents, add_special_tokens ----
