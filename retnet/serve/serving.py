@@ -459,8 +459,10 @@ class OpenAIServing:
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
         template = self.chat_template
         messages = [template_message(m) for m in request.messages]
-        # The tools reach the template whenever the model may call them ("auto" only with a parser: tool_calling).
-        tools = request.tools if request.tools and request.tool_choice != "none" else None
+        # The tools reach the template whenever the request has them (vLLM's and OpenAI's default: "none" makes no
+        # call, the model still knows the tools), unless --exclude-tools-when-tool-choice-none drops them.
+        hidden = request.tool_choice == "none" and self.settings.exclude_tools_when_tool_choice_none
+        tools = request.tools if request.tools and not hidden else None
         variables = {**(request.chat_template_kwargs or {}),
                      **({"documents": request.documents} if request.documents is not None else {}),
                      **({"tools": tools} if tools else {})}

@@ -189,6 +189,10 @@ class ServeSettings(BaseSettings):
         False, description="vLLM's flag, accepted so its command lines run: 'auto' is answered whenever "
         "tool_call_parser is set; without one, an error"
     )
+    exclude_tools_when_tool_choice_none: bool = Field(
+        False, description="vLLM's: a request's tools are left out of the chat template when its tool_choice is "
+        "'none' (by default they are rendered, as vLLM and OpenAI show them, and no call is made)"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -620,7 +624,7 @@ GENERATION_ONLY_SETTINGS = (
     "prefix_cache_bytes", "prefix_cache_min_tokens", "prefix_cache_answers", "responses_store_entries",
     "responses_store_bytes", "generation_config", "override_generation_config", "max_tokens_limit",
     "default_max_tokens", "max_n", "max_prompts", "max_stop", "max_stop_chars", "max_logprobs", "return_tokens_as_token_ids", "max_running",
-    "prefill_chunk_tokens", "tool_call_parser", "enable_auto_tool_choice",
+    "prefill_chunk_tokens", "tool_call_parser", "enable_auto_tool_choice", "exclude_tools_when_tool_choice_none",
 )
 
 

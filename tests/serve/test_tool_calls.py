@@ -164,23 +164,41 @@ async def test_calls_cut_short_by_max_tokens_are_text_with_finish_length(client)
         assert not any("tool_calls" in d for d in deltas) and events[-1]["choices"][0]["finish_reason"] == "length"
 
 
-async def test_the_tools_reach_the_template_unless_tool_choice_is_none(client):
+TOOLS_TEMPLATE = ("{% for t in tools or [] %}<{{ t['function']['name'] }}>{% endfor %}"
+                  "{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+
+
+async def _templated(client, **extra) -> str:
     tokenizer = client.app.state.serving.tokenizer
-    tokenizer.chat_template = ("{% for t in tools or [] %}<{{ t['function']['name'] }}>{% endfor %}"
-                               "{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    r = await client.post("/tokenize", json={"messages": CHAT["messages"], **extra})
+    assert r.status_code == 200, r.text
+    return tokenizer.decode(r.json()["tokens"])
+
+
+async def test_the_tools_reach_the_template_with_any_tool_choice(client):
+    """As vLLM and OpenAI: tool_choice "none" makes no call, but the model still sees the tools."""
+    tokenizer = client.app.state.serving.tokenizer
+    tokenizer.chat_template = TOOLS_TEMPLATE
 
     async def prompt(**extra) -> str:
-        r = await client.post("/tokenize", json={"messages": CHAT["messages"], **extra})
-        assert r.status_code == 200, r.text
-        return tokenizer.decode(r.json()["tokens"])
+        return await _templated(client, **extra)
 
     assert await prompt(tools=[ADD, PAINT], tool_choice="required") == "<add><paint>[hi]"
     assert await prompt(tools=[ADD, PAINT], tool_choice=NAMED) == "<add><paint>[hi]"
-    assert await prompt(tools=[ADD, PAINT], tool_choice="none") == "[hi]"
+    assert await prompt(tools=[ADD, PAINT], tool_choice="none") == "<add><paint>[hi]"
     # /tokenize counts what chat runs
     r = await client.post("/v1/chat/completions", json={**CHAT, "tools": [ADD, PAINT], "tool_choice": NAMED,
                                                         "return_token_ids": True, "max_tokens": 2})
     assert tokenizer.decode(r.json()["choices"][0]["prompt_token_ids"]) == "<add><paint>[hi]"
+
+
+async def test_exclude_tools_when_tool_choice_none_leaves_them_out_of_the_template(open_app):
+    """vLLM's --exclude-tools-when-tool-choice-none: "none" then templates the messages alone; other choices keep
+    the tools."""
+    async with open_app(exclude_tools_when_tool_choice_none=True) as client:
+        client.app.state.serving.tokenizer.chat_template = TOOLS_TEMPLATE
+        assert await _templated(client, tools=[ADD, PAINT], tool_choice="none") == "[hi]"
+        assert await _templated(client, tools=[ADD, PAINT], tool_choice="required") == "<add><paint>[hi]"
 
 
 HISTORY = [
