@@ -105,6 +105,14 @@ class RetNetCache:
         num_layers = len(caches[0])
         if any(len(c) != num_layers or c.offsets is None for c in caches):
             raise ValueError("concat needs caches of the same layer count, each already filled by a forward pass")
+        for layer in range(num_layers):
+            shapes = {tuple(c.states[layer].shape[1:]) for c in caches}
+            kinds = {(c.states[layer].dtype, c.states[layer].device) for c in caches}
+            if len(shapes) > 1 or len(kinds) > 1:  # else torch.cat's message, which names no cache
+                raise ValueError(f"concat needs caches of one model: layer {layer}'s states are "
+                                 f"{sorted(shapes)} per row (heads, key dim, value dim), "
+                                 f"{sorted(str(k) for k in kinds)}; caches of another model, dtype or device "
+                                 f"cannot be batched together")
         out = cls(num_layers)
         out.states = [torch.cat([c.states[i] for c in caches]) for i in range(num_layers)]
         out.offsets = torch.cat([c.offsets for c in caches])

@@ -44,3 +44,16 @@ def test_select_takes_a_boolean_mask_as_a_mask():
         assert torch.equal(picked.states[0], cache.states[0][1:3])
     with pytest.raises(ValueError, match=r"mask of 2 rows.*4 rows"):
         cache.select([True, False])
+
+
+def test_concat_of_caches_of_other_models_or_dtypes_names_the_layer():
+    """Rows of two models (other head sizes) or of two dtypes cannot share a batch: refused naming the layer and
+    the shapes, not with torch.cat's message."""
+    other = _filled(1)
+    other.states = [state.reshape(1, 2, 1, 3) for state in other.states]  # another model's heads
+    with pytest.raises(ValueError, match=r"layer 0's states are \[\(1, 2, 3\), \(2, 1, 3\)\] per row"):
+        RetNetCache.concat([_filled(2), other])
+    half = _filled(1)
+    half.states = [state.half() for state in half.states]
+    with pytest.raises(ValueError, match=r"concat needs caches of one model.*torch\.float16"):
+        RetNetCache.concat([_filled(2), half])
