@@ -89,8 +89,6 @@ STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "g
 UNSUPPORTED_EXTRAS: dict[str, Any] = {
     "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None,
 }
-# vLLM's default max_logprobs: the most alternatives prompt_logprobs may ask for at each prompt token.
-MAX_PROMPT_LOGPROBS = 20
 
 
 def _drop_nulls(data: Any) -> Any:
@@ -209,7 +207,7 @@ class SamplingFields(RequestFields):
     json_schema: Any = None  # llama.cpp's
     # vLLM's: each prompt token's logprob (after the tokens before it) and rank, with this many top alternatives
     # (a completion's choices and a chat response carry them; not with stream, see serving).
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs, as vLLM checks it
     # vLLM's: false keeps special tokens' text (an EOS generated under ignore_eos) in the output, as HF's decode
     # does; spaces_between_special_tokens is passed to a slow tokenizer's decode (fast ones have no such option).
     skip_special_tokens: bool = True

@@ -199,6 +199,7 @@ class OpenAIServing:
                            "best_of", "unsupported_parameter")
         if request.logprobs is not None and request.logprobs > self.settings.max_logprobs:
             raise APIError(400, f"logprobs must be <= {self.settings.max_logprobs}; got {request.logprobs}", "logprobs")
+        self._check_prompt_logprobs(request)
         if request.max_tokens == 0 and not request.echo:
             # OpenAI and vLLM take 0 only to echo (and score) the prompt: without echo there is nothing to return.
             raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (to return, and "
@@ -384,6 +385,7 @@ class OpenAIServing:
         top = request.top_logprobs if request.top_logprobs is not None else 0
         if top > self.settings.max_logprobs:
             raise APIError(400, f"top_logprobs must be <= {self.settings.max_logprobs}; got {top}", "top_logprobs")
+        self._check_prompt_logprobs(request)
         # max_completion_tokens is chat's newer name for max_tokens; it wins when both are sent.
         name = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
         max_tokens = getattr(request, name)
@@ -760,6 +762,12 @@ class OpenAIServing:
         if not request.return_token_ids:
             return {}
         return {"prompt_token_ids": prompt, "token_ids": [t for o in seq for t in o.token_ids]}
+
+    def _check_prompt_logprobs(self, request: SamplingFields) -> None:
+        limit = self.settings.max_logprobs
+        if request.prompt_logprobs is not None and request.prompt_logprobs > limit:
+            raise APIError(400, f"prompt_logprobs must be <= {limit} (--max-logprobs); got {request.prompt_logprobs}",
+                           "prompt_logprobs")
 
     def _as_ids(self, request: SamplingFields) -> bool:
         """Whether logprobs name tokens by id: the request's ``return_tokens_as_token_ids``, else the server's."""

@@ -90,7 +90,8 @@ class ServeSettings(BaseSettings):
     max_prompts: int = Field(16, ge=1, description="prompts in one /v1/completions request")
     max_stop: int = Field(4, ge=0, description="stop strings per request (OpenAI's limit is 4)")
     max_stop_chars: int = Field(64, ge=1)
-    max_logprobs: int = Field(5, ge=0, description="top alternatives per token in `logprobs`")
+    max_logprobs: int = Field(20, ge=0, description="top alternatives per token a request may ask for: "
+                              "`logprobs`, `top_logprobs` (OpenAI's limit) and `prompt_logprobs` (vLLM's default)")
     return_tokens_as_token_ids: bool = Field(
         False, description="vLLM's: logprobs name each token as 'token_id:<id>', not as its text, unless a request "
         "sets return_tokens_as_token_ids itself")

@@ -189,6 +189,26 @@ async def test_prompt_logprobs_are_checked(client, path):
     assert r.status_code == 200, r.text
 
 
+async def test_max_logprobs_bounds_every_logprobs_field(client, open_app):
+    """--max-logprobs (vLLM's, 20 by default: OpenAI's top_logprobs limit) bounds logprobs, top_logprobs and
+    prompt_logprobs alike."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = await client.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 20})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 20
+    async with open_app(max_logprobs=3) as small:
+        for path, body, param in (("/v1/completions", {"prompt": "hi", "max_tokens": 2, "logprobs": 4}, "logprobs"),
+                                  ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 4},
+                                   "top_logprobs"),
+                                  ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "prompt_logprobs": 4},
+                                   "prompt_logprobs"),
+                                  ("/v1/chat/completions", {**chat, "prompt_logprobs": 4}, "prompt_logprobs")):
+            r = await small.post(path, json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "must be <= 3" in r.json()["error"]["message"]
+        ok = await small.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "prompt_logprobs": 3})
+        assert ok.status_code == 200, ok.text
+
+
 # -- skip_special_tokens ---------------------------------------------------------------------------------------
 def eos_of(client) -> int:
     (eos,) = client.app.state.engine.eos_ids
