@@ -406,6 +406,10 @@ def _split_lora(module: nn.Module, row_parallel: bool, mesh: DeviceMesh, sequenc
     sequence parallelism reduce-scattered along time, as the base's output is: :class:`_AdapterOnLocalTokens`),
     and ``B`` is whole on every rank."""
     output = dict(output_layouts=Shard(1), use_local_output=False) if sequence_parallel else {}
+    _AdapterInputUncastUnderAutocast(module)
+    # peft's merge would fold a split B A into a split W as plain matrices (it fails half-way, at the first
+    # row-parallel projection, the column-parallel ones merged already): refused before anything changes
+    module.merge = _refuse_merge
     for name in module.lora_A:
         lora_A, lora_B = module.lora_A[name], module.lora_B[name]
         if not row_parallel:
@@ -415,6 +419,32 @@ def _split_lora(module: nn.Module, row_parallel: bool, mesh: DeviceMesh, sequenc
             parallelize_module(lora_A, mesh, RowwiseParallel(**output))
             if sequence_parallel:
                 _AdapterOnLocalTokens(lora_A, lora_B, mesh)
+
+
+def _refuse_merge(*args, **kwargs):
+    raise ValueError("tensor parallelism: LoRA adapters cannot be merged into the split projections; merge them in "
+                     "an unsplit model that loads full_state_dict(model)")
+
+
+class _AdapterInputUncastUnderAutocast:
+    """Hooks on a LoRA layer: under autocast, peft's cast of the input to the adapters' dtype is skipped (autocast
+    casts it for ``lora_A`` anyway, to the same values), so that ``lora_A`` saves the block's gathered input itself,
+    which sequence parallelism keeps as the rank's shard (:class:`_GatheredInputSavedSharded`), rather than a whole
+    copy of its own (an fp32 cast, then autocast's bf16 one): six whole copies a layer."""
+
+    def __init__(self, module: nn.Module):
+        self.saved: bool | None = None
+        module.register_forward_pre_hook(self.before)
+        module.register_forward_hook(self.after, always_call=True)
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        if args and torch.is_autocast_enabled(args[0].device.type):
+            self.saved = getattr(module, "cast_input_dtype_enabled", True)
+            module.cast_input_dtype_enabled = False
+
+    def after(self, module: nn.Module, args: tuple, output) -> None:
+        if self.saved is not None:
+            module.cast_input_dtype_enabled, self.saved = self.saved, None
 
 
 class _AdapterOnLocalTokens:

@@ -535,8 +535,12 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.train.compile:
+            # Under sequence parallelism a dynamic-shape recompile (a second row length: DPO, reward models, GRPO)
+            # fails in AOTAutograd's backward of the time-split output's redistribute (RecursionError, torch 2.13):
+            # each length compiled for itself (up to dynamo's recompile limit, then eager).
+            dynamic = False if self.tp_mesh is not None and self.cfg.train.sequence_parallel else None
             for layer in model.model.layers:
-                layer.compile()
+                layer.compile(dynamic=dynamic)
         if self.fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -688,11 +692,17 @@ class Trainer:
         if self.fsdp and self.tp_mesh is not None:
             # FSDP2 over tensor parallelism: torch's full-state load below refuses FSDP2's uneven shards of a split
             # weight, so each rank cuts its own (copy_full_state) and loads them as a sharded checkpoint's
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_state_dict,
+                set_state_dict,
+            )
 
             model_local, optim_local = get_state_dict(self.model, self.optimizer)
+            # adapters only: the frozen weights stay those loaded from init_from (_check_fits checked the keys)
             set_state_dict(self.model, self.optimizer, model_state_dict=copy_full_state(model_state, model_local),
-                           optim_state_dict=copy_full_state(self._named_optim_state(optim_state), optim_local))
+                           optim_state_dict=copy_full_state(self._named_optim_state(optim_state), optim_local),
+                           options=StateDictOptions(strict=not self.adapters_only))
         elif self.split_parameters:  # each rank keeps its shard or slice of the full tensors
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,

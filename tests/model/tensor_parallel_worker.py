@@ -63,6 +63,7 @@ SPLIT_IO_CASES = [name for name, case in CASES.items()
                   if (case.get("vocab_parallel") or case.get("sequence_parallel")) and not case.get("classifier")]
 GENERATE_TOKENS = 6
 COMPILED_CASE = "sequence_glu"  # run again with each layer compiled
+SHORTER = 29  # ... and then on rows of this many tokens
 # Context parallelism over tensor parallelism (the 2-D launch as a (cp, tp) mesh): one packed row of 74 tokens in
 # 2 pieces of 37 (each split 19 / 18 again under sequence parallelism), a document crossing the pieces' boundary.
 CP = 2
@@ -268,16 +269,59 @@ def main(out_dir: str) -> None:
 
     # Per-layer torch.compile of the split layers, as the trainer's train.compile does them (the aot_eager backend:
     # dynamo's and AOTAutograd's traces of the DTensor layers, without inductor's C++ build): sequence parallelism,
-    # SAU's alpha summed over the ranks
+    # SAU's alpha summed over the ranks; static shapes, as the trainer compiles under sequence parallelism (a
+    # dynamic recompile fails in torch), then a second, shorter row compiled for its own length
     model = parallelize_case(COMPILED_CASE, build_model(COMPILED_CASE), mesh["tp"])
     for layer in model.model.layers:
-        layer.compile(backend="aot_eager")
+        layer.compile(backend="aot_eager", dynamic=False)
     output = model(**build_inputs(COMPILED_CASE))
     output.loss.backward()
     from torch._dynamo.utils import counters
 
     results["compiled"] = {"loss": output.loss.detach(), "graphs": counters["stats"]["unique_graphs"],
                            "grads": {n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None}}
+    model.zero_grad()
+    shorter = {key: value[:, :SHORTER] if torch.is_tensor(value) else value
+               for key, value in build_inputs(COMPILED_CASE).items()}
+    output = model(**shorter)
+    output.loss.backward()
+    results["compiled_shorter"] = {"loss": output.loss.detach(), "grads": {
+        n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None}}
+
+    # LoRA under sequence parallelism and bf16 autocast: every tensor saved that holds the block's gathered input is
+    # kept as the rank's shard, the adapters' too (peft's own cast of their input would save a whole copy each)
+    from retnet.model import tensor_parallel
+
+    packed = Counter()
+    pack, init = tensor_parallel._ShardOfSavedInput.pack, tensor_parallel._ShardOfSavedInput.__init__
+
+    def keeping_init(self, shard, whole):
+        init(self, shard, whole)
+        self.whole_for_test = whole
+
+    def counting_pack(self, tensor):
+        result = pack(self, tensor)
+        local = getattr(tensor, "_local_tensor", tensor)
+        copy = local.shape[-1] == self.whole_for_test.shape[-1] and local.numel() == self.numel and torch.equal(
+            local.reshape(self.whole_for_test.shape).to(self.whole_for_test.dtype), self.whole_for_test)
+        packed["shard" if result[0] is self else "whole copy" if copy else "other"] += 1
+        return result
+
+    tensor_parallel._ShardOfSavedInput.__init__ = keeping_init
+    tensor_parallel._ShardOfSavedInput.pack = counting_pack
+    model = build_model("lora_sequence_vocab")
+    # (not checkpointed: non-reentrant activation checkpointing keeps the layer's input alone, the hooks stand aside)
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    model = parallelize_case("lora_sequence_vocab", model, mesh["tp"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**build_inputs("lora_sequence_vocab")).loss
+    loss.backward()
+    tensor_parallel._ShardOfSavedInput.pack, tensor_parallel._ShardOfSavedInput.__init__ = pack, init
+    results["lora_autocast_packed"] = dict(packed)
+    try:  # peft's merge of split adapters into split weights: refused before anything is merged
+        model.model.layers[0].retention.q_proj.merge()
+    except ValueError as error:
+        results["lora_merge_refused"] = (str(error), model.model.layers[0].retention.q_proj.merged)
 
     # The fused loss on a vocabulary-parallel head alone: 4 chunks of 5 tokens, a given denominator; ids outside the
     # vocabulary, which no rank holds, fail as an unsplit lookup does.

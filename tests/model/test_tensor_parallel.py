@@ -28,6 +28,7 @@ from tensor_parallel_worker import (  # noqa: E402
     CP_TP_CASES,
     DP,
     MAX_NORM,
+    SHORTER,
     SPLIT_IO_CASES,
     TP,
     build_cp_tp_case,
@@ -94,6 +95,29 @@ def test_compiled_split_layers_give_the_unsharded_loss_and_gradients(run):
         assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
         for name, param in model.named_parameters():
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+    # a second row length, compiled for itself (static shapes, as the trainer compiles under sequence parallelism)
+    model = build_model(COMPILED_CASE)
+    inputs = {key: value[:, :SHORTER] if torch.is_tensor(value) else value
+              for key, value in build_inputs(COMPILED_CASE).items()}
+    whole = model(**inputs)
+    whole.loss.backward()
+    for rank, results in enumerate(ranks):
+        torch.testing.assert_close(results["compiled_shorter"]["loss"], whole.loss.detach(), rtol=1e-5, atol=1e-6)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(results["compiled_shorter"]["grads"][name], param.grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"rank {rank} {name}")
+
+
+def test_lora_under_autocast_keeps_the_gathered_input_sharded_and_refuses_merging(run):
+    """Sequence parallelism keeps each block's gathered input as the rank's shard for the backward, the adapters'
+    ``lora_A`` inputs included under bf16 autocast (peft's cast of their input is skipped there: autocast casts it
+    anyway), not a whole copy of it each; peft's merge of a split adapter is refused and merges nothing."""
+    ranks, _ = run
+    for results in ranks:
+        packed = results["lora_autocast_packed"]
+        assert packed.get("whole copy", 0) == 0 and packed.get("shard", 0) >= 2 * 5, packed  # 5 a layer (measured)
+        message, merged = results["lora_merge_refused"]
+        assert "cannot be merged into the split projections" in message and not merged
 
 
 def test_lora_adapters_split_with_their_projections(run):

@@ -360,11 +360,13 @@ def test_dpo_and_a_reward_model_on_ranks_splitting_every_layer_log_the_records_o
         # split's other summation order (and the threads' count changes it again)
         assert_records_match(single, split, names, tolerance=2e-4)
         assert [r["tokens"] for r in read_metrics(split)] == [r["tokens"] for r in read_metrics(single)]
-    # The split run's checkpoint of LoRA adapters (gathered whole) resumes in one process to its last loss
-    resumed = run_here(dpo_args(toy, tmp_path / "dpo-resumed", **common, lora__rank=4, lora__alpha=8,
-                                train__resume=tmp_path / "dpo-split" / "checkpoints" / "step_00000002"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "written by 2 ranks (train.tensor_parallel 2), resuming with 1" in resumed.stderr
+    # The split run's checkpoint of LoRA adapters (gathered whole: the adapters and their optimizer state alone)
+    # resumes under FSDP2 over the split, each rank cutting its own slices of the adapters, to the last loss
+    resumed = run(dpo_args(toy, tmp_path / "dpo-resumed", **common, lora__rank=4, lora__alpha=8,
+                           train__tensor_parallel=2, train__parallelism="fsdp",
+                           train__resume=tmp_path / "dpo-split" / "checkpoints" / "step_00000002"), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-2000:]
+    assert "at step 2" in resumed.stderr
     assert _losses(read_metrics, tmp_path / "dpo-resumed") == pytest.approx(
         _losses(read_metrics, tmp_path / "dpo-single")[-1:], rel=1e-5)
     for part in ("train", "val"):  # computed by the split model: one process's (measured 3.8e-6 of ~28)
