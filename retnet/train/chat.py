@@ -1,6 +1,9 @@
 """Conversations -> token ids and a loss mask, for supervised fine-tuning (``data.format = "chat"``).
 
-Each row's ``data.messages_field`` is a list of ``{"role", "content"}`` messages. A conversation is rendered
+Each row's ``data.messages_field`` is a list of ``{"role", "content"}`` messages, as TRL's SFTTrainer takes them
+(:func:`template_messages`): ShareGPT's ``{"from", "value"}`` too (human/gpt as user/assistant), an assistant's
+``tool_calls`` standing for its content, text content parts; a row's ``tools`` and ``chat_template_kwargs``
+columns (TRL's) go to the template with its conversation (:class:`Conversation`). A conversation is rendered
 with the tokenizer's chat template as the server renders a prompt (the tokenizer's own template, else
 ``retnet.tokenization.DEFAULT_CHAT_TEMPLATE``; ``apply_chat_template(messages, tokenize=False)``, no
 generation prompt) and encoded as the server encodes it (``tokenizer.encode(text, add_special_tokens=False)``:
@@ -21,6 +24,7 @@ conversation into segments that forget the question before the answer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,7 +48,11 @@ def template_identity(tokenizer) -> dict[str, Any]:
     """What decides a conversation's rendering besides its messages: the template and the special tokens'
     texts a template may write (``{{ bos_token }}``). Part of the token cache's key."""
     return {"chat_template": chat_template(tokenizer) or tokenizer.chat_template,
-            "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
+            "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            # how rows become the template's messages: 2 converts ShareGPT's, renders tool calls and a row's tools
+            # and chat_template_kwargs (a set cached before, with such columns or nested None fills, renders
+            # otherwise now)
+            "messages": 2}
 
 
 def render_default(messages: list[dict[str, Any]]) -> str:
@@ -54,48 +62,221 @@ def render_default(messages: list[dict[str, Any]]) -> str:
 
     from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
 
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=DEFAULT_CHAT_TEMPLATE)
+    rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=DEFAULT_CHAT_TEMPLATE,
+                                        tools=getattr(messages, "tools", None),
+                                        **(getattr(messages, "template_kwargs", None) or {}))
     return rendered[0]
 
 
-def check_conversations(dataset: str, field: str, rows: Iterable[Any],
-                        first_row: int = 0) -> list[list[dict[str, Any]]]:
+# ShareGPT's roles as the server's requests name them. TRL's maybe_convert_to_chatml renames the keys only, which
+# leaves "human"/"gpt" turns no template or assistant-only loss (keyed on "assistant") knows; other roles are kept.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+# TRL's SFTTrainer reads a ShareGPT set's conversations from this column (maybe_convert_to_chatml renames it)
+SHAREGPT_COLUMN = "conversations"
+TOOLS_COLUMN = "tools"  # TRL's: a row's tool schemas, passed to the chat template (a list, or its JSON text)
+KWARGS_COLUMN = "chat_template_kwargs"  # TRL's: a row's template variables (Qwen3's enable_thinking ...)
+# The columns besides the messages TRL's SFTTrainer gives the template per row: what check_conversations' columns
+# takes (a data loader passes those the set has)
+CHAT_COLUMNS = (TOOLS_COLUMN, KWARGS_COLUMN)
+# apply_chat_template's own arguments, which a row's chat_template_kwargs must not set (the server refuses them so)
+_TEMPLATING_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "tokenize", "add_generation_prompt",
+    "continue_final_message", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+class Conversation(list):
+    """A conversation's messages with what else its template gets from the row: the ``tools`` schemas and the
+    ``template_kwargs`` (its ``chat_template_kwargs``)."""
+
+    tools: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] | None = None
+
+    def like(self, messages: list[dict[str, Any]]) -> Conversation:
+        """``messages`` (a prefix of these) with this conversation's tools and template variables."""
+        out = Conversation(messages)
+        out.tools, out.template_kwargs = self.tools, self.template_kwargs
+        return out
+
+
+def messages_column(field: str, columns: Iterable[str] | None) -> str:
+    """The column a chat set's conversations are read from: ``field`` (``data.messages_field``), or TRL's ShareGPT
+    ``conversations`` when ``field`` is the default ``messages`` and the set has no such column but that one (as
+    TRL's SFTTrainer reads it)."""
+    columns = None if columns is None else list(columns)
+    if field == "messages" and columns is not None and field not in columns and SHAREGPT_COLUMN in columns:
+        return SHAREGPT_COLUMN
+    return field
+
+
+def check_conversations(dataset: str, field: str, rows: Iterable[Any], first_row: int = 0,
+                        columns: dict[str, Iterable[Any]] | None = None) -> list[list[dict[str, Any]]]:
     """The non-empty conversations of ``rows`` (a column's values, in row order), each message as the template
-    reads it: ``role`` and ``content`` strings plus any other key the row sets (``datasets`` fills a key that
-    only some messages have with None there, which is left out). An empty or missing conversation is dropped,
-    as empty documents are; anything else that is not a list of role/content string dicts is refused with its
-    row index (``first_row`` is the first row's: a streamed row is checked alone, at its place in the stream)."""
+    reads it (:func:`template_messages`: ``role`` and ``content`` strings, ShareGPT's ``from``/``value`` converted,
+    tool calls as the server renders them, plus any other key the row sets). An empty or missing conversation is
+    dropped, as empty documents are; anything else that is not a list of messages is refused with its row index
+    (``first_row`` is the first row's: a streamed row is checked alone, at its place in the stream).
+
+    ``columns``: the rows' other columns of :data:`CHAT_COLUMNS` (TRL's ``tools``, ``chat_template_kwargs``), by
+    name, in the same order; a conversation a row gives either is a :class:`Conversation` carrying them."""
     conversations = []
-    for index, row in enumerate(rows, start=first_row):
+    rows = list(rows)
+    unknown = sorted(set(columns or {}) - set(CHAT_COLUMNS))
+    if unknown:  # a caller's mistake, not the data's
+        raise ValueError(f"check_conversations: columns {unknown} are none of {CHAT_COLUMNS}")
+    tools, kwargs = ([None] * len(rows) if (columns or {}).get(name) is None else list(columns[name])
+                     for name in CHAT_COLUMNS)
+    for index, (row, schemas, variables) in enumerate(zip(rows, tools, kwargs, strict=True), start=first_row):
         if row is None or (isinstance(row, list) and not row):
             continue
         problem = conversation_problem(row)
         if problem:
             raise ConfigError(f"data.messages_field {field!r} of {dataset!r}, row {index}: {problem}; expected a "
-                              f"list of {{'role': str, 'content': str}} messages")
-        conversations.append(template_messages(row))
+                              f"list of {{'role': str, 'content': str}} messages (or ShareGPT's {{'from', 'value'}}; "
+                              f"an assistant's tool_calls may stand for its content)")
+        messages = template_messages(row)
+        schemas, variables = check_tools(dataset, index, schemas), check_template_kwargs(dataset, index, variables)
+        if schemas is not None or variables is not None:
+            messages = Conversation(messages)
+            messages.tools, messages.template_kwargs = schemas, variables
+        conversations.append(messages)
     return conversations
 
 
+def check_template_kwargs(dataset: str, row: int, value: Any) -> dict[str, Any] | None:
+    """A row's ``chat_template_kwargs`` (TRL's SFTTrainer passes them to the template): None or an empty dict for
+    none; ``datasets``' None fills left out. A ConfigError naming the row for anything but a dict of the
+    template's variables."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"data.format 'chat': column {KWARGS_COLUMN!r} of {dataset!r}, row {row}: holds "
+                          f"{type(value).__name__} {value!r:.80}; expected a dict of the template's variables "
+                          f"({{'enable_thinking': false}})")
+    value = _without_none(value)
+    reserved = sorted(_TEMPLATING_ARGUMENTS & set(value))
+    if reserved:
+        raise ConfigError(f"data.format 'chat': column {KWARGS_COLUMN!r} of {dataset!r}, row {row}: "
+                          f"{reserved[0]!r} is an argument of the templating, not a template variable")
+    return value or None
+
+
+def check_tools(dataset: str, row: int, value: Any) -> list[dict[str, Any]] | None:
+    """A row's ``tools`` value as the template reads it (TRL's SFTTrainer's): None or an empty list for none, a
+    list of tool schemas or its JSON text (how a set whose tools differ in shape stores them); ``datasets``' None
+    fills left out. A ConfigError naming the row otherwise."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise ConfigError(f"data.format 'chat': column {TOOLS_COLUMN!r} of {dataset!r}, row {row}: holds text "
+                              f"that is no JSON ({error}): {value!r:.80}") from None
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise ConfigError(f"data.format 'chat': column {TOOLS_COLUMN!r} of {dataset!r}, row {row}: holds "
+                          f"{type(value).__name__} {value!r:.80}; expected a list of tool schemas ({{'type': "
+                          f"'function', 'function': {{'name': ..., 'parameters': ...}}}}) or its JSON text")
+    return _without_none(value)
+
+
+def _without_none(value: Any) -> Any:
+    """``value`` without the dict keys that hold None, at every depth: ``datasets`` (Arrow) gives every dict of a
+    column every key any of them has, None where it had none (TRL's remove_none_values)."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def _chatml(message: dict[str, Any]) -> dict[str, Any]:
+    """A ShareGPT message (``from``/``value``) as a role/content one (TRL's maybe_convert_to_chatml), its
+    human/gpt roles as user/assistant (:data:`SHAREGPT_ROLES`); any other message as it is."""
+    if message.get("role") is not None or message.get("from") is None:
+        return message
+    out = {k: v for k, v in message.items() if k not in ("from", "value")}
+    speaker = message["from"]
+    out["role"] = SHAREGPT_ROLES.get(speaker, speaker) if isinstance(speaker, str) else speaker
+    if out.get("content") is None:
+        out["content"] = message.get("value")
+    return out
+
+
+def _call_problem(calls: Any) -> bool:
+    """Whether ``tool_calls`` is no list of calls, each naming its function (OpenAI's ``{"type": "function",
+    "function": {"name", "arguments"}}``, or the function's dict alone, which templates also read). An empty list
+    is none (sets give every assistant message one)."""
+    if not isinstance(calls, list):
+        return True
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            return True
+    return False
+
+
 def conversation_problem(row: Any) -> str | None:
-    """What makes ``row`` no list of ``{"role": str, "content": str}`` messages (``"message 1 has content
-    None"``), or None when it is one."""
+    """What makes ``row`` no list of messages (``"message 1 has content None"``), or None when it is one. A
+    message: ``role`` and ``content`` strings (or ShareGPT's ``from`` and ``value``); an assistant's
+    ``tool_calls`` may stand for its content (None, OpenAI's and TRL's); content may be a list of text parts
+    (OpenAI's ``{"type": "text", "text": ...}``)."""
     if not isinstance(row, list):
         return f"holds {type(row).__name__} {row!r:.80}"
     for number, message in enumerate(row):
         if not isinstance(message, dict):
             return f"message {number} is {type(message).__name__} {message!r:.80}"
+        message = _chatml(message)
         if not isinstance(message.get("role"), str) or not message["role"]:
-            return f"message {number} has role {message.get('role')!r:.80}"
-        if not isinstance(message.get("content"), str):
-            return f"message {number} has content {message.get('content')!r:.80}"
+            keys = sorted(k for k, v in message.items() if v is not None)
+            return f"message {number} has role {message.get('role')!r:.80} (its keys: {keys})"
+        calls = message.get("tool_calls")
+        if calls is not None and _call_problem(calls):
+            return (f"message {number} has tool_calls {calls!r:.80}, not a list of {{'type': 'function', "
+                    f"'function': {{'name': str, 'arguments': ...}}}} calls")
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                part = _without_none(part) if isinstance(part, dict) else {}
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    return (f"message {number} has a content part of type {part.get('type')!r:.40} ({part!r:.80}); "
+                            f"only text parts ({{'type': 'text', 'text': str}}) are supported")
+        elif not isinstance(content, str) and not (content is None and calls):
+            return f"message {number} has content {content!r:.80}"
     return None
 
 
 def template_messages(row: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A checked conversation's messages as the template reads them: without the keys ``datasets`` filled with
-    None where only some messages have them."""
-    return [{k: v for k, v in m.items() if v is not None} for m in row]
+    """A checked conversation's messages as the template reads them, as the server renders a request's
+    (``retnet.serve.tools.template_message``): ShareGPT's converted (:func:`_chatml`), without the keys ``datasets``
+    filled with None where only some messages (or calls) have them, text parts joined by newlines, a tool-calling
+    message's missing content "" and its calls' JSON-text arguments parsed (HF's templates take an object)."""
+    out = []
+    for message in row:
+        message = _without_none(_chatml(message))
+        if isinstance(message.get("content"), list):  # the server's ChatMessage.text(): vLLM joins them so
+            message["content"] = "\n".join(part["text"] for part in message["content"])
+        if "tool_calls" in message:
+            message.setdefault("content", "")
+            message["tool_calls"] = [_parsed_arguments(call) for call in message["tool_calls"]]
+        out.append(message)
+    return out
+
+
+def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    target = function if isinstance(function, dict) else call
+    arguments = target.get("arguments")
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:  # kept as text, as the server keeps it
+        return call
+    target = {**target, "arguments": parsed}
+    return {**call, "function": target} if isinstance(function, dict) else target
 
 
 class ChatEncoder:
@@ -114,21 +295,29 @@ class ChatEncoder:
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
                continue_final_message: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+        """``messages`` rendered; a :class:`Conversation`'s tools and template variables with them, as the server
+        passes a request's."""
+        tools = getattr(messages, "tools", None)
+        variables = getattr(messages, "template_kwargs", None) or {}
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=continue_final_message,
-                                                  chat_template=self.template)
+                                                  chat_template=self.template, **({"tools": tools} if tools else {}),
+                                                  **variables)
 
     def spans(self, messages: list[dict[str, Any]], index: int = 0) -> tuple[str, list[tuple[int, int]]]:
         """(the rendered conversation, the character spans of its assistant messages). ``index``: the row's,
         for the error of a template that cannot be masked."""
         try:
+            # every prefix is rendered with the row's tools and variables, as the server would render it
+            prefix = messages.like if isinstance(messages, Conversation) else list
             text = self.render(messages)
             spans = []
             for i, message in enumerate(messages):
                 if message["role"] != "assistant":
                     continue
-                prompt = self.render(messages[:i], add_generation_prompt=True)
-                turn = self.render(messages[: i + 1])
+                prompt = self.render(prefix(messages[:i]), add_generation_prompt=True)
+                turn = self.render(prefix(messages[: i + 1]))
                 if not (text.startswith(prompt) and text.startswith(turn) and len(prompt) <= len(turn)):
                     raise ValueError(f"the rendering of its first {i} messages (with the generation prompt) or of "
                                      f"its first {i + 1} is not where the whole conversation's rendering has them")
@@ -212,5 +401,7 @@ def target_count(flags: np.ndarray) -> int:
     return int(np.count_nonzero(np.asarray(flags)[:, 1:] & TARGET))
 
 
-__all__ = ["BOUNDARY", "TARGET", "ChatEncoder", "chat_template", "check_conversations", "conversation_problem",
-           "render_default", "target_count", "template_identity", "template_messages", "without_spilled_targets"]
+__all__ = ["BOUNDARY", "CHAT_COLUMNS", "KWARGS_COLUMN", "SHAREGPT_ROLES", "TARGET", "TOOLS_COLUMN", "ChatEncoder",
+           "Conversation", "chat_template", "check_conversations", "check_template_kwargs", "check_tools",
+           "conversation_problem", "messages_column", "render_default", "target_count", "template_identity",
+           "template_messages", "without_spilled_targets"]

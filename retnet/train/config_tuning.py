@@ -20,8 +20,11 @@ if TYPE_CHECKING:
     from retnet.train.config import JobConfig
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
-GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # TRL's names; dapo is its default
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")  # TRL's names; dapo is its default
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
+GRPO_IMPORTANCE_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level; sequence is GSPO
+# TRL's scale_rewards before 0.22 was a boolean, which its GRPOConfig still takes as these
+_SCALE_REWARDS_BOOLEANS = {True: "group", False: "none", "true": "group", "false": "none"}
 # Every nn.Linear of a decoder layer, retention then FFN (g_proj without use_output_gate and gate_proj without
 # ffn_glu do not exist): what LoRA may adapt, and by default does.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -117,32 +120,42 @@ class RewardConfig(_Section):
 class GrpoConfig(_Section):
     """Group Relative Policy Optimization (``data.format = "prompts"``, ``retnet.train.grpo``), as TRL's
     GRPOTrainer, with TRL's names and defaults: each prompt is sampled ``num_generations`` times (``temperature``,
-    ``top_p``, at most ``max_completion_length`` tokens, EOS or the model's ``generation_config.eos_token_id``
-    ends one), the completions are scored by ``reward_funcs`` (``"module:function"`` import paths, TRL's callable
-    contract; their ``__name__``s, which name their metrics, distinct) and/or ``reward_model`` (a
-    ``RetNetForSequenceClassification`` export with the policy's tokenizer), summed with ``reward_weights``
-    (empty: all 1; one per source, the functions then the model), and each completion's advantage is its reward
-    minus its group's mean, divided by the group's std (``scale_rewards`` ``"group"``), the batch's
-    (``"batch"``) or nothing (``"none"``). ``loss_type`` ``"dapo"`` (tokens' mean over the global batch),
-    ``"grpo"`` (each sequence's token mean, then their mean) or ``"dr_grpo"`` (tokens' sum over sequences ×
-    ``max_completion_length``); ``num_iterations`` (TRL's μ) optimizer steps on each generation, the ratio to the
-    sampling policy clipped to [1 − ``epsilon``, 1 + ``epsilon_high``] (None: ``epsilon``; inactive at μ 1, where
-    the ratio is 1); ``beta`` > 0 adds TRL's k3 estimate of the KL to the reference (the model as the run
-    starts)."""
+    ``top_k``, ``top_p``, ``min_p``, at most ``max_completion_length`` tokens, EOS or the model's
+    ``generation_config.eos_token_id`` ends one), the completions are scored by ``reward_funcs``
+    (``"module:function"`` import paths, TRL's callable contract; their ``__name__``s, which name their metrics,
+    distinct) and/or ``reward_model`` (a ``RetNetForSequenceClassification`` export with the policy's tokenizer),
+    summed with ``reward_weights`` (empty: all 1; one per source, the functions then the model), and each
+    completion's advantage is its reward minus its group's mean, divided by the group's std (``scale_rewards``
+    ``"group"``), the batch's (``"batch"``) or nothing (``"none"``); TRL's legacy booleans are taken as it takes
+    them (true ``"group"``, false ``"none"``). ``loss_type`` ``"dapo"`` (tokens' mean over the global batch),
+    ``"grpo"`` (each sequence's token mean, then their mean), ``"dr_grpo"`` (tokens' sum over sequences ×
+    ``max_completion_length``) or ``"bnpo"`` (each micro-batch's token mean, then their mean); ``num_iterations``
+    (TRL's μ) optimizer steps on each generation, the ratio to the sampling policy clipped to [1 − ``epsilon``,
+    1 + ``epsilon_high``] (None: ``epsilon``; inactive at μ 1, where the ratio is 1); ``beta`` > 0 adds TRL's k3
+    estimate of the KL to the reference (the model as the run starts). ``importance_sampling_level``
+    ``"sequence"`` (TRL's GSPO) gives each completion one ratio, exp of its tokens' mean log ratio; ``delta``
+    (TRL's two-sided clipping) caps the unclipped ratio. ``mask_truncated_completions`` leaves the completions
+    that reached ``max_completion_length`` without a stop token out of the loss (TRL's: their completion mask is
+    0; they still count in the advantages)."""
 
     num_generations: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off (TRL's)
+    min_p: float | None = None  # None or 0: off (TRL's)
     max_completion_length: int = 256
     reward_funcs: list = field(default_factory=list)  # of "module:function" strings
     reward_model: str = ""  # a RetNetForSequenceClassification directory; "" = none
     reward_weights: list = field(default_factory=list)  # of numbers; [] = 1 for each source
-    scale_rewards: str = "group"
+    scale_rewards: str | bool = "group"  # a bool (TRL's legacy) becomes its string
     loss_type: str = "dapo"
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon (TRL's default; DAPO's clip-higher sets 0.28)
     num_iterations: int = 1
+    mask_truncated_completions: bool = False  # TRL's (DAPO's overlong filtering)
+    importance_sampling_level: str = "token"
+    delta: float | None = None  # TRL's two-sided clipping (INTELLECT-2); None: off
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:  # a group of one has no spread: its advantage is always 0
@@ -152,17 +165,32 @@ class GrpoConfig(_Section):
         _positive("grpo", self, "beta", allow_zero=True)
         if not 0.0 < self.top_p <= 1.0:  # nan fails it too
             _refuse("grpo.top_p", "must be in (0, 1]", self.top_p)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            _refuse("grpo.top_k", "must be >= 0 (0: off)", self.top_k)
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            _refuse("grpo.min_p", "must be in [0, 1] (None or 0: off)", self.min_p)
         if not 0.0 <= self.epsilon < 1.0:
             _refuse("grpo.epsilon", "must be in [0, 1)", self.epsilon)
         if self.epsilon_high is not None and not (math.isfinite(self.epsilon_high) and self.epsilon_high >= 0):
             _refuse("grpo.epsilon_high", "must be >= 0 (the ratio's upper clip is 1 + epsilon_high), or None for "
                     "grpo.epsilon", self.epsilon_high)
+        if self.importance_sampling_level not in GRPO_IMPORTANCE_LEVELS:
+            _refuse("grpo.importance_sampling_level", f"must be one of {GRPO_IMPORTANCE_LEVELS}",
+                    self.importance_sampling_level)
+        # at or below 1 the on-policy ratio (1) itself would be capped: no gradient from the unclipped term
+        if self.delta is not None and not (math.isfinite(self.delta) and self.delta > 1.0):
+            _refuse("grpo.delta", "must be > 1 (the cap of the unclipped ratio; TRL recommends > 1 + epsilon_high), "
+                    "or None for none", self.delta)
         if isinstance(self.num_iterations, bool) or not isinstance(self.num_iterations, int) or \
                 self.num_iterations < 1:
             _refuse("grpo.num_iterations", "must be an integer >= 1 (optimizer steps per generation)",
                     self.num_iterations)
+        # the command line gives a boolean as text: the str annotation comes first
+        key = self.scale_rewards.lower() if isinstance(self.scale_rewards, str) else self.scale_rewards
+        self.scale_rewards = _SCALE_REWARDS_BOOLEANS.get(key, self.scale_rewards)
         if self.scale_rewards not in GRPO_SCALE_REWARDS:
-            _refuse("grpo.scale_rewards", f"must be one of {GRPO_SCALE_REWARDS}", self.scale_rewards)
+            _refuse("grpo.scale_rewards", f"must be one of {GRPO_SCALE_REWARDS} (or TRL's booleans: true = 'group', "
+                    f"false = 'none')", self.scale_rewards)
         if self.loss_type not in GRPO_LOSS_TYPES:
             _refuse("grpo.loss_type", f"must be one of {GRPO_LOSS_TYPES}", self.loss_type)
         for spec in self.reward_funcs:
@@ -403,7 +431,7 @@ def lora_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
 
 
 __all__ = [
-    "DISTILL_KINDS", "DPO_LOSS_TYPES", "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS", "LORA_TARGETS", "DistillConfig",
-    "DpoConfig", "GrpoConfig", "LoraConfig", "RewardConfig", "distill_changes", "dpo_changes", "grpo_changes",
-    "lora_changes", "reward_changes",
+    "DISTILL_KINDS", "DPO_LOSS_TYPES", "GRPO_IMPORTANCE_LEVELS", "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS",
+    "LORA_TARGETS", "DistillConfig", "DpoConfig", "GrpoConfig", "LoraConfig", "RewardConfig", "distill_changes",
+    "dpo_changes", "grpo_changes", "lora_changes", "reward_changes",
 ]

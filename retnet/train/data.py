@@ -55,9 +55,11 @@ import torch
 from retnet.tokenization import vocab_bound  # (re-exported: the launcher's callers import it here)
 from retnet.train.chat import (
     BOUNDARY,
+    CHAT_COLUMNS,
     TARGET,
     ChatEncoder,
     check_conversations,
+    messages_column,
     render_default,
     target_count,
     without_spilled_targets,
@@ -402,17 +404,21 @@ def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Pat
     """``data.format = "chat"``: every non-empty conversation (a list of role/content messages) with its row index,
     in row order, of at most ``max_documents`` rows; a row that holds no such list is refused naming its index."""
     dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
-    _check_text_field(cfg, dataset.column_names)
+    # TRL's ShareGPT column stands in for a missing default one
+    field = messages_column(cfg.messages_field, dataset.column_names)
+    _check_text_field(dataclasses.replace(cfg, messages_field=field), dataset.column_names)
     if cfg.max_documents:
         dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
-    return indexed_conversations(cfg.dataset, cfg.messages_field, dataset[cfg.messages_field])
+    columns = {name: dataset[name] for name in CHAT_COLUMNS if name in dataset.column_names}
+    return indexed_conversations(cfg.dataset, field, dataset[field], columns=columns)
 
 
-def indexed_conversations(dataset: str, field: str, values: list,
-                          first_row: int = 0) -> list[tuple[int, list[dict[str, Any]]]]:
+def indexed_conversations(dataset: str, field: str, values: list, first_row: int = 0,
+                          columns: dict[str, list] | None = None) -> list[tuple[int, list[dict[str, Any]]]]:
     """(row index, conversation) of the non-empty rows of ``values``, the first at ``first_row``; a row that
-    holds no conversation is refused naming its index (:func:`~retnet.train.chat.check_conversations`)."""
-    conversations = check_conversations(dataset, field, values, first_row)
+    holds no conversation is refused naming its index (:func:`~retnet.train.chat.check_conversations`).
+    ``columns``: the rows' ``tools`` / ``chat_template_kwargs`` (TRL's), for their template."""
+    conversations = check_conversations(dataset, field, values, first_row, columns=columns)
     # the rows it kept: it drops None and [] and refuses any other row that is no non-empty list
     rows = [first_row + i for i, value in enumerate(values) if value]
     return list(zip(rows, conversations, strict=True))

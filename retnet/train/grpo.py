@@ -20,22 +20,26 @@ completion + EOS as the reward trainer scores a pair), summed with ``grpo.reward
 and each completion's advantage is its reward minus its group's mean, divided by the group's std + 1e-4
 (``scale_rewards``: the batch's std, or none), TRL's formula.
 
-The loss: per completion token ``-min(ρ·A, clip(ρ, 1 − ε, 1 + ε_high)·A)``. ``num_iterations`` (TRL's μ)
-optimizer steps are taken on each generation, TRL's counting (the step number advances at each, the data
-position at each generation): with μ 1, ``ρ = exp(logp − logp.detach())``: 1, the clip inactive, the gradient
-``-A ∇logp``; so is every generation's first step with μ > 1, whose training forwards' log-probs (train mode,
-before its update, as TRL computes them) are kept as ``old``, with everything else the μ steps need, in a
-:class:`Generation` (checkpointed while steps on it remain); its later steps have ``ρ = exp(logp − old)``.
+The loss: per completion token ``-min(ρ·A, clip(ρ, 1 − ε, 1 + ε_high)·A)`` (``grpo.delta``: the first ρ capped
+at it; ``importance_sampling_level`` ``"sequence"``: ρ the completion's, exp of its tokens' mean log ratio, GSPO);
+with ``mask_truncated_completions`` the tokens of a completion without a stop token are left out (TRL's completion
+mask). ``num_iterations`` (TRL's μ) optimizer steps are taken on each generation, TRL's counting (the step number
+advances at each, the data position at each generation): with μ 1, ``ρ = exp(logp − logp.detach())``: 1, the clip
+inactive, the gradient ``-A ∇logp``; so is every generation's first step with μ > 1, whose training forwards'
+log-probs (train mode, before its update, as TRL computes them) are kept as ``old``, with everything else the μ
+steps need, in a :class:`Generation` (checkpointed while steps on it remain); its later steps have
+``ρ = exp(logp − old)``.
 Log-probs are of the logits divided by ``temperature``, as TRL computes them. With ``beta`` > 0,
 ``beta × (exp(ref − logp) − (ref − logp) − 1)`` (TRL's k3 KL estimate) is added per token; the reference is the
 model as the run starts: ``model.init_from``'s weights, loaded once (under FSDP sharded as the policy is; with
 LoRA: the same model with its adapters disabled, peft's ``disable_adapter``), its log-probs computed when the
 completions are. The tokens are aggregated over the global batch by ``loss_type``: ``dapo`` sum / the batch's
 completion tokens, ``grpo`` each sequence's mean then the mean over sequences, ``dr_grpo`` sum / (sequences ×
-``max_completion_length``). A micro-batch's sequences (prompt + completion, stop token included, nothing after it)
-are packed into one row, logits only where a completion token is predicted; its loss is its share of that global
-normalization, scaled by the accumulation count and the world size, which the trainer's division and DDP's average
-undo: the gradient is the global batch's whatever the split.
+``max_completion_length``), ``bnpo`` each micro-batch's token mean then the mean over the micro-batches. A
+micro-batch's sequences (prompt + completion, stop token included, nothing after it) are packed into one row, logits
+only where a completion token is predicted; its loss is its share of that global normalization, scaled by the
+accumulation count and the world size, which the trainer's division and DDP's average undo: the gradient is the
+global batch's whatever the split (``bnpo``'s, as TRL's, depends on ``train.micro_batch_size``).
 
 Under tensor parallelism (``train.tensor_parallel`` T > 1) the prompts are dealt to the W / T data-parallel ranks
 (``rank`` and ``world_size`` are those): the T ranks of a group sample, score and train on the same completions, the
@@ -57,6 +61,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from retnet.tokenization import vocab_bound
 from retnet.train.config import ConfigError, DataConfig, GrpoConfig, ModelConfig
 from retnet.train.data import (
     PackedData,
@@ -96,10 +101,11 @@ class Totals(NamedTuple):
 class GrpoBatch(NamedTuple):
     """A micro-batch of S completions as one packed row. ``input_ids`` ``[1, N]``; ``cu_seqlens`` ``[S + 1]``;
     ``keep`` ``[M]`` the positions whose next token is a completion token, ``labels`` ``[M]`` that token,
-    ``sequence`` ``[M]`` its completion; ``advantages`` ``[S]``; ``lengths`` ``[S]`` completion tokens;
-    ``old`` ``[M]`` the old policy's log-probs of the labels (empty with ``num_iterations`` 1, and at a
-    generation's first step, where the policy is the old one); ``reference`` ``[M]`` the reference's (empty with
-    ``beta`` 0)."""
+    ``sequence`` ``[M]`` its completion; ``advantages`` ``[S]``; ``lengths`` ``[S]`` completion tokens; ``active``
+    ``[S]`` bool, whether a completion's tokens count in the loss (False: truncated, with
+    ``grpo.mask_truncated_completions``); ``old`` ``[M]`` the old policy's log-probs of the labels (empty with
+    ``num_iterations`` 1, and at a generation's first step, where the policy is the old one); ``reference`` ``[M]``
+    the reference's (empty with ``beta`` 0)."""
 
     input_ids: torch.Tensor
     cu_seqlens: torch.Tensor
@@ -108,6 +114,7 @@ class GrpoBatch(NamedTuple):
     sequence: torch.Tensor
     advantages: torch.Tensor
     lengths: torch.Tensor
+    active: torch.Tensor
     old: torch.Tensor
     reference: torch.Tensor
 
@@ -115,19 +122,40 @@ class GrpoBatch(NamedTuple):
         return GrpoBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
 
 
-def pack(prompts: list[np.ndarray], completions: list[np.ndarray], advantages: torch.Tensor) -> GrpoBatch:
-    """The :class:`GrpoBatch` of (prompt, completion) ids with their advantages."""
+def pack(prompts: list[np.ndarray], completions: list[np.ndarray], advantages: torch.Tensor,
+         active: torch.Tensor | None = None) -> GrpoBatch:
+    """The :class:`GrpoBatch` of (prompt, completion) ids with their advantages; ``active``: which completions'
+    tokens count in the loss (default: all)."""
     input_ids, bounds, keep, labels, sequence, lengths = pack_completions(list(zip(prompts, completions, strict=True)))
+    active = torch.ones(len(completions), dtype=torch.bool) if active is None else torch.as_tensor(active).bool()
     return GrpoBatch(input_ids, torch.tensor(bounds, dtype=torch.long), keep, labels, sequence,
-                     advantages.float().cpu(), lengths, torch.zeros(0), torch.zeros(0))
+                     advantages.float().cpu(), lengths, active.cpu(), torch.zeros(0), torch.zeros(0))
+
+
+def finished(completions: list[np.ndarray], stops: list[int]) -> np.ndarray:
+    """``[n]`` bool: whether each completion ends with a stop token; the others reached ``max_completion_length``
+    (truncated, TRL's test: no EOS)."""
+    return np.array([len(c) > 0 and int(c[-1]) in stops for c in completions], dtype=bool)
 
 
 def token_logps(model: torch.nn.Module, batch: GrpoBatch, temperature: float = 1.0) -> torch.Tensor:
     """``[M]`` fp32: each completion token's log-probability under ``model`` (its logits divided by
     ``temperature``, the distribution it was sampled from, as TRL scores it)."""
     logits = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, logits_to_keep=batch.keep,
-                   use_cache=False).logits[0].float() / temperature
+                   use_cache=False, return_dict=True).logits[0].float() / temperature
     return logits.gather(-1, batch.labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def importance_ratio(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig, mask: torch.Tensor) -> torch.Tensor:
+    """``[M]`` each token's ratio to the old policy (without ``batch.old``, to ``logps`` detached: 1, the old policy
+    is this one): its own (``importance_sampling_level`` ``"token"``), or its completion's, exp of the mean of its
+    (unmasked) tokens' log ratios (``"sequence"``, TRL's GSPO)."""
+    log_ratio = logps - (batch.old if len(batch.old) else logps.detach())
+    if cfg.importance_sampling_level == "sequence":
+        sums = torch.zeros(len(batch.lengths), dtype=log_ratio.dtype, device=log_ratio.device)
+        counts = (batch.lengths * batch.active).to(log_ratio.device, log_ratio.dtype).clamp(min=1.0)
+        log_ratio = (sums.index_add(0, batch.sequence, log_ratio * mask) / counts)[batch.sequence]
+    return torch.exp(log_ratio)
 
 
 def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
@@ -135,35 +163,46 @@ def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
     """(the micro-batch's share of the global batch's loss, the sum of its tokens' KL estimates). ``logps``
     ``[M]`` the policy's, with their graph; the ratio is to ``batch.old`` (without them, to ``logps`` detached:
     1, the old policy is this one)."""
-    ratio = torch.exp(logps - (batch.old if len(batch.old) else logps.detach()))
+    # TRL's completion mask: 0 on a truncated completion's tokens with mask_truncated_completions, else 1 (exact)
+    mask = batch.active[batch.sequence].to(logps.dtype)
+    ratio = importance_ratio(logps, batch, cfg, mask)
     advantages = batch.advantages[batch.sequence]
     clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon_upper)
+    if cfg.delta is not None:  # TRL's two-sided clipping: the unclipped term's ratio capped too
+        ratio = ratio.clamp(max=cfg.delta)
     per_token = -torch.min(ratio * advantages, clipped * advantages)
     kl = torch.zeros((), device=logps.device)
     if cfg.beta > 0:
         delta = batch.reference - logps
         per_token_kl = torch.exp(delta) - delta - 1  # k3: unbiased, never negative
         per_token = per_token + cfg.beta * per_token_kl
-        kl = per_token_kl.detach().sum()
-    if cfg.loss_type == "grpo":
+        kl = (per_token_kl.detach() * mask).sum()
+    per_token = per_token * mask
+    if cfg.loss_type == "grpo":  # a masked sequence's mean is 0, and it still counts (TRL's .mean())
         sums = torch.zeros(len(batch.lengths), device=logps.device).index_add(0, batch.sequence, per_token)
         return (sums / batch.lengths).sum() / totals.sequences, kl
-    if cfg.loss_type == "dapo":
-        return per_token.sum() / totals.tokens, kl
+    if cfg.loss_type == "dapo":  # totals.tokens: the unmasked ones; every completion may be masked
+        return per_token.sum() / max(totals.tokens, 1.0), kl
+    if cfg.loss_type == "bnpo":
+        # TRL's: the micro-batch's token mean, averaged over every rank's micro-batches (its division by the
+        # accumulation, DDP's average): this one's share of that average is its S of the global batch's completions
+        return per_token.sum() / mask.sum().clamp(min=1.0) * (len(batch.lengths) / totals.sequences), kl
     return per_token.sum() / (totals.sequences * cfg.max_completion_length), kl  # dr_grpo
 
 
 @torch.no_grad()
 def clipped_tokens(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig) -> torch.Tensor:
     """``[3]`` the micro-batch's completion tokens whose ratio the clip holds (TRL's): below 1 − ``epsilon`` with
-    a negative advantage, above 1 + ``epsilon_high`` with a positive one, either. ``logps`` ``[M]`` the policy's;
-    none without ``batch.old`` (the ratio is 1)."""
+    a negative advantage, above 1 + ``epsilon_high`` with a positive one, either (a sequence-level ratio: each of
+    its tokens; a masked completion's: none). ``logps`` ``[M]`` the policy's; none without ``batch.old`` (the
+    ratio is 1)."""
     if not len(batch.old):
         return torch.zeros(3, device=logps.device)
-    ratio = torch.exp(logps.detach() - batch.old)
+    active = batch.active[batch.sequence]
+    ratio = importance_ratio(logps.detach(), batch, cfg, active.to(logps.dtype))
     advantages = batch.advantages[batch.sequence]
-    low = (ratio < 1 - cfg.epsilon) & (advantages < 0)
-    high = (ratio > 1 + cfg.epsilon_upper) & (advantages > 0)
+    low = (ratio < 1 - cfg.epsilon) & (advantages < 0) & active
+    high = (ratio > 1 + cfg.epsilon_upper) & (advantages > 0) & active
     return torch.stack([low.sum(), high.sum(), (low | high).sum()]).float()
 
 
@@ -331,12 +370,14 @@ class GrpoData:
             self._window = [*old[:_SUMS_BEFORE_CLIP], 0.0, 0.0, 0.0, 0.0, 0.0, steps, *old[_SUMS_BEFORE_CLIP:]]
         weights = ", ".join(f"{n} ×{w:g}" for n, w in zip(self.sources.names, self.sources.weights.tolist()))
         logger.info("GRPO: %d prompts × %d generations = %d completions a generation (%d groups per rank), %d "
-                    "step(s) on each (clip [%g, %g]), at most %d tokens each (temperature %g, top_p %g, stop ids "
-                    "%s); rewards: %s; advantages scaled by the %s std; loss %s, beta %g, reference: %s",
+                    "step(s) on each (clip [%g, %g]), at most %d tokens each (temperature %g, top_p %g%s, stop ids "
+                    "%s); rewards: %s; advantages scaled by the %s std; loss %s%s, beta %g, reference: %s",
                     self.global_batch // cfg.num_generations, cfg.num_generations, self.global_batch,
                     self.global_batch // cfg.num_generations // self.world_size, cfg.num_iterations,
                     1 - cfg.epsilon, 1 + cfg.epsilon_upper, cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                    self.stops, weights, cfg.scale_rewards, cfg.loss_type, cfg.beta, what)
+                    (f", top_k {cfg.top_k}" if cfg.top_k else "") + (f", min_p {cfg.min_p:g}" if cfg.min_p else ""),
+                    self.stops, weights, cfg.scale_rewards, cfg.loss_type,
+                    " (truncated completions masked)" if cfg.mask_truncated_completions else "", cfg.beta, what)
 
     def _reference(self, init_from: Path, config) -> torch.nn.Module:
         """``init_from``'s model, frozen; a ConfigError when a resume finds other weights there than its run's."""
@@ -379,7 +420,8 @@ class GrpoData:
                     with self.autocast:
                         done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise,
                                            eos=self.stops, temperature=cfg.temperature, top_p=cfg.top_p,
-                                           all_ranks=self.all_ranks, group=self.tp_group)
+                                           top_k=cfg.top_k, min_p=cfg.min_p, all_ranks=self.all_ranks,
+                                           group=self.tp_group, vocab=vocab_bound(self.tokenizer))
                     completions += done
                     clipped += cut
         finally:
@@ -402,32 +444,42 @@ class GrpoData:
             logger.warning("%s", warning)
         rewards = torch.nansum(per_source * self.sources.weights, dim=1)
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
+        counted = lengths * torch.from_numpy(self._active(completions))  # the tokens the loss is computed on
         prompt_tokens = float(sum(len(split.tokens[i]) for i in rows))
-        totals = torch.tensor([len(rows), lengths.sum(), prompt_tokens, rewards.double().sum()],
+        totals = torch.tensor([len(rows), lengths.sum(), prompt_tokens, rewards.double().sum(), counted.sum()],
                               dtype=torch.float64, device=self.device)
         if is_distributed():
             torch.distributed.all_reduce(totals, group=self.group)
-        n, tokens, prompt_tokens, total = totals.tolist()
+        n, tokens, prompt_tokens, total, loss_tokens = totals.tolist()
         spread = batch_std(rewards, n, total, self.device, self.group) if cfg.scale_rewards == "batch" else None
         advantage, std, zero = advantages(rewards, generations, cfg.scale_rewards, spread)
         present = ~per_source.isnan()
         sums = torch.tensor([len(rows), rewards.sum().item(), std.sum().item(), lengths.sum().item(), sum(clipped),
-                             zero.sum().item(), 0.0, lengths.sum().item()])
+                             zero.sum().item(), 0.0, counted.sum().item()])
         sums = torch.cat([sums, torch.zeros(len(SUMS) - len(sums))])  # the loss's: kl, clipped tokens, steps
         sums = torch.cat([sums, torch.stack([per_source.nan_to_num().sum(0), present.sum(0)], 1).flatten()])
         batches = self._pack(split, rows, completions, advantage)
         if cfg.beta > 0:
             batches = [batch._replace(reference=self._reference_logps(batch)) for batch in batches]
-        generation = Generation(step, rows, completions, advantage, batches, Totals(n, tokens),
+        generation = Generation(step, rows, completions, advantage, batches, Totals(n, loss_tokens),
                                 int(tokens + prompt_tokens))
         return generation, sums.float().to(self.device)
 
     def _pack(self, split: Prompts, rows: np.ndarray, completions: list[np.ndarray],
               advantage: torch.Tensor) -> list[GrpoBatch]:
         """The micro-batches of ``micro_batch`` completions of the prompts ``rows`` of ``split``, on the device."""
+        active = torch.from_numpy(self._active(completions))
         return [pack([split.tokens[i] for i in rows[lo:lo + self.micro_batch]], completions[lo:lo + self.micro_batch],
-                     advantage[lo:lo + self.micro_batch]).to(self.device)
+                     advantage[lo:lo + self.micro_batch], active[lo:lo + self.micro_batch]).to(self.device)
                 for lo in range(0, len(rows), self.micro_batch)]
+
+    def _active(self, completions: list[np.ndarray]) -> np.ndarray:
+        """``[n]`` bool: whether each completion's tokens count in the loss: all, or with
+        ``grpo.mask_truncated_completions`` (TRL's) those that end with a stop token. Derived from the ids alone,
+        so that a resume within a generation masks the same ones."""
+        if not self.cfg.mask_truncated_completions:
+            return np.ones(len(completions), dtype=bool)
+        return finished(completions, self.stops)
 
     @torch.no_grad()
     def _reference_logps(self, batch: GrpoBatch) -> torch.Tensor:
@@ -465,7 +517,8 @@ class GrpoData:
         else:
             generation = self._generation or self._restore(self._saved_generation)
             self._step = torch.zeros(len(SUMS) + 2 * len(self.sources.names), device=self.device)
-            self._step[SUMS.index("tokens")] = float(sum(len(c) for c in generation.completions))
+            active = self._active(generation.completions)
+            self._step[SUMS.index("tokens")] = float(sum(len(c) for c, a in zip(generation.completions, active) if a))
         self.steps += 1
         self._generation = generation if self.steps - generation.step < iterations else None
         self._saved_generation = None
@@ -670,5 +723,5 @@ def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batc
 
 
 __all__ = ["EPSILON", "SUMS", "Generation", "GrpoBatch", "GrpoData", "RewardSources", "Totals", "advantages",
-           "batch_std", "build_grpo_data", "clipped_tokens", "grpo_loss", "pack", "reward_arguments", "reward_values",
-           "token_logps"]
+           "batch_std", "build_grpo_data", "clipped_tokens", "finished", "grpo_loss", "importance_ratio", "pack",
+           "reward_arguments", "reward_values", "token_logps"]

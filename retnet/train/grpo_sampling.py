@@ -7,7 +7,8 @@ global RNG, and not the rank (bit-identical completions on CPU; on a GPU, kernel
 shape). :func:`sample` packs the prompts into one row (``cu_seqlens``), repeats their states per completion, then
 runs one token per forward for every row at once, until every row has sampled a stop token (the tokenizer's EOS and
 the model's ``generation_config.eos_token_id``, :func:`stop_tokens`) or the uniforms' length. A token is picked by
-inverse CDF over the (``top_p``-cut, ``temperature``-scaled) distribution sorted by probability. Under FSDP every
+inverse CDF over the (``temperature``-scaled; ``top_k``-, ``top_p``-, ``min_p``-cut) distribution sorted by
+probability. Under FSDP every
 forward is a collective: each rank decodes until every rank's rows are done (a max all-reduce per token), its
 finished rows fed a stop id and their draws dropped; :func:`gathered_weights` all-gathers each layer's weights
 once for the whole loop instead of once per decoded token. Under tensor parallelism the ranks of a group decode the
@@ -25,12 +26,21 @@ import numpy as np
 import torch
 
 
-def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """``[R]`` tokens drawn from ``[R, V]`` logits by inverse CDF at ``uniform`` ``[R]`` in [0, 1)."""
+def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p: float, top_k: int = 0,
+          min_p: float | None = None) -> torch.Tensor:
+    """``[R]`` tokens drawn from ``[R, V]`` logits by inverse CDF at ``uniform`` ``[R]`` in [0, 1). The cuts in
+    transformers' order (TRL's generate): ``top_k`` (0: off), ``top_p`` of what it kept, ``min_p`` (None or 0: off)
+    against the most likely token; what is kept is renormalized."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    if 0 < top_k < probs.shape[-1]:
+        probs = probs * (torch.arange(probs.shape[-1], device=probs.device) < top_k)
     if top_p < 1.0:  # the most likely tokens until their mass reaches top_p (at least one)
-        probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)
+        # of the mass top_k left (transformers renormalizes between its warpers); without it, as it always was
+        limit = top_p * probs.sum(dim=-1, keepdim=True) if 0 < top_k < probs.shape[-1] else top_p
+        probs = probs * ((probs.cumsum(dim=-1) - probs) < limit)
+    if min_p:  # a ratio to the most likely token: renormalizing does not move it
+        probs = probs * (probs >= min_p * probs[:, :1])
     cdf = probs.cumsum(dim=-1)
     index = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
     return order.gather(-1, index[:, None]).squeeze(-1)
@@ -66,16 +76,19 @@ def stop_tokens(tokenizer, generation_config=None) -> list[int]:
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Tensor, *, eos: int | list[int],
-           temperature: float = 1.0, top_p: float = 1.0,
-           all_ranks: bool = False, group=None) -> tuple[list[np.ndarray], list[bool]]:
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float | None = None,
+           all_ranks: bool = False, group=None, vocab: int | None = None) -> tuple[list[np.ndarray], list[bool]]:
     """Completions of ``prompts``, ``G = len(uniforms) / len(prompts)`` each (consecutive), and whether each was
     clipped (no stop token within the length). ``uniforms`` ``[len(prompts) · G, max_len]``: row r's draw of each
     step. ``eos``: the stop id or ids (:func:`stop_tokens`). A completion ends with the stop token it sampled.
+    ``temperature``, ``top_k``, ``top_p``, ``min_p``: the distribution's cuts (:func:`_pick`).
     ``all_ranks``: decode until every rank's rows are done (a max all-reduce per token), so that each rank runs
     as many forwards as the others (under FSDP each forward is a collective); a finished row is fed a stop id
     and what it samples is dropped, so the completions are those of a run on its own. ``group``: the process group
     of a tensor-parallel group (None: none), whose ranks run the split model on the same rows: each step's tokens
-    are its first rank's, broadcast to the others (one small collective a token)."""
+    are its first rank's, broadcast to the others (one small collective a token). ``vocab``: the tokenizer's ids
+    (``retnet.tokenization.vocab_bound``): the rows past them of a padded vocabulary are never drawn, as vLLM trims
+    them, since no text holds them."""
     rows, length = uniforms.shape
     generations = rows // len(prompts)
     device = uniforms.device
@@ -84,14 +97,14 @@ def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Te
     filler = int(stop_ids[0])  # what a finished row is fed: any stop id, its outputs are not read
     bounds = torch.tensor(np.cumsum([0, *map(len, prompts)]), dtype=torch.long, device=device)
     ids = torch.from_numpy(np.concatenate(prompts)).to(device)[None]
-    out = model(input_ids=ids, cu_seqlens=bounds, use_cache=True, logits_to_keep=bounds[1:] - 1)
+    out = model(input_ids=ids, cu_seqlens=bounds, use_cache=True, logits_to_keep=bounds[1:] - 1, return_dict=True)
     cache = out.cache
     cache.batch_repeat_interleave(generations)
-    logits = out.logits[0].repeat_interleave(generations, dim=0)
+    logits = out.logits[0, :, :vocab].repeat_interleave(generations, dim=0)
     tokens = torch.full((rows, length), filler, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     for step in range(length):
-        token = torch.where(done, filler, _pick(logits, uniforms[:, step], temperature, top_p))
+        token = torch.where(done, filler, _pick(logits, uniforms[:, step], temperature, top_p, top_k, min_p))
         if group is not None:
             torch.distributed.broadcast(token, group=group, group_src=0)
         tokens[:, step] = token
@@ -103,7 +116,7 @@ def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Te
             torch.distributed.all_reduce(running, op=torch.distributed.ReduceOp.MAX)
         if not bool(running):
             break
-        logits = model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token[:, None], cache=cache, use_cache=True, return_dict=True).logits[:, -1, :vocab]
     completions, clipped = [], []
     for row in tokens.cpu().numpy():
         ends = np.flatnonzero(np.isin(row, stop_ids))

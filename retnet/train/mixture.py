@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retnet.train.chat import check_conversations, render_default, target_count
+from retnet.train.chat import CHAT_COLUMNS, check_conversations, messages_column, render_default, target_count
 from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import (
     MaskedBlocks,
@@ -366,14 +366,16 @@ def _source_reader(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: C
         rows = stream if files is None else _hf_dataset(cfg, files, cache_dir, streaming=True)
         if cfg.max_documents:
             rows = rows.take(cfg.max_documents)
-        field = cfg.messages_field if chat else cfg.text_field
+        # TRL's ShareGPT column stands in for a missing default one
+        field = messages_column(cfg.messages_field, rows.column_names) if chat else cfg.text_field
         with _reading(cfg.dataset, field, "data.messages_field" if chat else "data.text_field"):
             for index, row in enumerate(rows):
                 if index < cfg.val_documents or not row.get(field):
                     continue
                 if chat:
+                    columns = {name: [row[name]] for name in CHAT_COLUMNS if name in row}
                     yield from (render_default(c) for c in check_conversations(cfg.dataset, field, [row[field]],
-                                                                                 first_row=index))
+                                                                                 first_row=index, columns=columns))
                 elif isinstance(row[field], str):
                     yield row[field]
 

@@ -4,6 +4,7 @@ each rank reading its own part of the stream, with a data position that resumes 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -15,8 +16,10 @@ import torch
 
 from retnet.train.chat import (
     BOUNDARY,
+    CHAT_COLUMNS,
     ChatEncoder,
     check_conversations,
+    messages_column,
     render_default,
     target_count,
     without_spilled_targets,
@@ -198,7 +201,8 @@ STREAM_ROW = "__retnet_stream_row__"
 def stream_conversation(dataset: str, field: str, example: dict) -> list[dict[str, Any]] | None:
     """The conversation of a streamed chat row (``example`` of a stream with :data:`STREAM_ROW`), None for an
     empty one; a row that holds no conversation is refused naming its index in the stream."""
-    kept = check_conversations(dataset, field, [example[field]], first_row=example[STREAM_ROW])
+    columns = {name: [example[name]] for name in CHAT_COLUMNS if name in example}  # TRL's, for the template
+    kept = check_conversations(dataset, field, [example[field]], first_row=example[STREAM_ROW], columns=columns)
     return kept[0] if kept else None
 
 
@@ -303,9 +307,11 @@ def group_micro_batches(data, accum: int, *, source: int, group, device: torch.d
 def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, micro_batch, rank, local_rank,
                      world_size, barrier):
     chat = cfg.format == "chat"
-    field = _field(cfg)[0]
     with _reading(cfg.dataset, *_field(cfg)):  # a stream reads its files from here on, lazily
         columns = stream.column_names
+    if chat:  # TRL's ShareGPT column stands in for a missing default one
+        cfg = dataclasses.replace(cfg, messages_field=messages_column(cfg.messages_field, columns))
+    field = _field(cfg)[0]
     _check_text_field(cfg, columns)
     if cfg.max_documents:
         # One shard, read whole by every rank, which keeps every world_size-th document: split_dataset_by_node
@@ -321,9 +327,12 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
     # Not stream.skip(n): when split_dataset_by_node hands each rank whole shards, datasets splits the n skipped
     # documents between the ranks' own shards, so rank 0 would train on part of the validation split.
     with _reading(cfg.dataset, *_field(cfg)):
-        val_texts = [e[field] for e in val_stream]
+        val_rows = list(val_stream)
+    val_texts = [e[field] for e in val_rows]
     if chat:
-        val_conversations = indexed_conversations(cfg.dataset, field, val_texts)
+        val_conversations = indexed_conversations(
+            cfg.dataset, field, val_texts,
+            columns={name: [e[name] for e in val_rows] for name in CHAT_COLUMNS if name in (columns or ())})
         held_out = frozenset(_conversation_key(c) for _, c in val_conversations)
 
         def training(example) -> bool:

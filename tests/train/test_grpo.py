@@ -297,8 +297,10 @@ def test_a_resume_within_a_generation_with_another_micro_batch_retraces_the_run(
         resumed, whole = strip(metrics(copy, kind)), strip(metrics(iterated, kind))
         assert [sorted(r) for r in resumed] == [sorted(r) for r in whole]
         for got, expected in zip(resumed, whole, strict=True):
-            for key, value in expected.items():  # ~1e-6 relative apart here (the loss, KL, gradient norm)
-                close = isinstance(value, float) and got[key] == pytest.approx(value, rel=1e-5, abs=1e-7)
+            # ~1e-6 relative apart here (the loss, KL), the gradient norm up to 1.1e-5 (measured with transformers
+            # 5.25: the micro-batches' gradients add up in another order)
+            for key, value in expected.items():
+                close = isinstance(value, float) and got[key] == pytest.approx(value, rel=3e-5, abs=1e-7)
                 assert close or got[key] == value, (kind, key, got[key], value)
 
 
@@ -584,6 +586,21 @@ def test_the_sampler_is_seeded_and_independent_of_the_batch(toy):
     assert all(np.array_equal(a, b) for a, b in zip(stopped[4:], greedy[4:]) if first not in b)
 
 
+def test_the_sampler_never_draws_a_padded_vocabularys_extra_rows(toy):
+    """A vocabulary padded past the tokenizer's ids (model.vocab_size): with ``vocab`` the rows past it are never
+    drawn, even when they would win every step (as vLLM trims them); without it they are."""
+    model, eos = base_model(toy), tokenizer_of(toy).eos_token_id
+    bound = model.config.vocab_size - 4
+    with torch.no_grad():  # the last 4 rows: far above any other, the greedy pick of every step
+        model.get_output_embeddings().weight[bound:] = 40 * model.get_output_embeddings().weight[bound:].sign()
+    prompts = [np.array([5, 6, 7, 8])]
+    noise = uniforms((1, 2, 0), 2, 6)
+    padded, _ = sample(model, prompts, noise, eos=eos, temperature=1.0)
+    assert any(token >= bound for completion in padded for token in completion)  # the test can fail
+    kept, _ = sample(model, prompts, noise, eos=eos, temperature=1.0, vocab=bound)
+    assert all(token < bound for completion in kept for token in completion)
+
+
 def _sample_on_two_fsdp_ranks(rank: int, port: int, base: str, out: str) -> None:
     """One of two gloo ranks: greedy completions of two prompts by the micro base, alone and then sharded by FSDP2
     with ``all_ranks``, and the forwards each took. Rank 0 stops at each prompt's first token, rank 1 at EOS only
@@ -838,7 +855,8 @@ def merged(**sections) -> dict:
     (merged(grpo={"num_generations": 1}), r"grpo.num_generations must be >= 2.*; got 1"),
     (merged(grpo={"reward_weights": [1.0, 2.0]}), r"grpo.reward_weights must give one weight per reward source \(1"),
     (merged(grpo={"reward_weights": [float("nan")]}), r"grpo.reward_weights must be finite numbers"),
-    (merged(grpo={"loss_type": "bnpo"}), r"grpo.loss_type must be one of \('dapo', 'grpo', 'dr_grpo'\); got 'bnpo'"),
+    (merged(grpo={"loss_type": "gspo"}),
+     r"grpo.loss_type must be one of \('dapo', 'grpo', 'dr_grpo', 'bnpo'\); got 'gspo'"),
     (merged(grpo={"scale_rewards": "rank"}), r"grpo.scale_rewards must be one of \('group', 'batch', 'none'\)"),
     (merged(grpo={"top_p": 0.0}), r"grpo.top_p must be in \(0, 1\]; got 0.0"),
     (merged(grpo={"temperature": 0.0}), r"grpo.temperature must be > 0; got 0.0"),

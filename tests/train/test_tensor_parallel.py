@@ -409,13 +409,17 @@ def test_grpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process_and
     for key in ("reward", "reward_std", "rewards/a_share/mean", "completions/mean_length", "frac_reward_zero_std",
                 "completions/clipped_ratio", "tokens"):
         assert [r.get(key) for r in both] == [r.get(key) for r in one], key
-    # Measured: the losses 5.6e-7 rel (step 2, -0.03), 1.6e-8 abs at step 3 (6.9e-4: the advantages, summing to 0,
-    # cancel; step 1's is 4e-9); the clip ratios equal; the KL 1.5e-5 rel and the gradient norms 1.2e-5 at step 3,
-    # the weights after two updates up to 1e-4 apart (summation order, magnified by AdamW's normalized steps)
+    # Measured: the losses 5.6e-7 rel (step 2, -0.03); at step 3 (6.9e-4: the advantages, summing to 0, cancel;
+    # step 1's is 4e-9) 1.6e-8 abs, and 1.8e-5 abs with transformers 5.25: the generation of step 3 is sampled by
+    # weights up to 1e-4 apart after two updates (summation order, magnified by AdamW's normalized steps), and a
+    # token they flip between two of the same length and reward moves that near-zero loss; the clip ratios equal;
+    # the KL 1.5e-5 rel and the gradient norms 1.2e-5 at step 3
     for key in ("loss", *CLIP):
-        assert [r[key] for r in both] == pytest.approx([r[key] for r in one], rel=1e-5, abs=5e-8), key
-    for key in ("kl", "grad_norm"):
-        assert [r[key] for r in both] == pytest.approx([r[key] for r in one], rel=1e-4), key
+        assert [r[key] for r in both][:2] == pytest.approx([r[key] for r in one][:2], rel=1e-5, abs=5e-8), key
+        assert both[2][key] == pytest.approx(one[2][key], rel=1e-5, abs=5e-5), key
+    for key in ("kl", "grad_norm"):  # (step 3's: 2.7% with that flipped token)
+        assert [r[key] for r in both][:2] == pytest.approx([r[key] for r in one][:2], rel=1e-4), key
+        assert both[2][key] == pytest.approx(one[2][key], rel=5e-2), key
     # Validation at step 0 (the same weights) bit for bit. At step 3 the weights are up to 1.5e-4 apart (AdamW's
     # normalized steps on gradients near zero), enough to flip a sampled token (2 of the 16 completions there):
     # evaluated, not compared.
@@ -430,7 +434,8 @@ def test_grpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process_and
     assert [r["step"] for r in resumed] == [2, 3]
     assert [r.get("reward") for r in resumed] == [r.get("reward") for r in one[1:]]  # step 3's completions
     for key, tolerance in (("loss", 1e-5), ("kl", 1e-4), *((name, 1e-5) for name in CLIP)):  # as above
-        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in one[1:]], rel=tolerance, abs=5e-8), key
+        assert resumed[0][key] == pytest.approx(one[1][key], rel=tolerance, abs=5e-8), key
+        assert resumed[1][key] == pytest.approx(one[2][key], rel=5e-2, abs=5e-5), key  # step 3: as above
 
 
 def test_a_full_tensor_that_does_not_cut_into_a_ranks_piece_is_refused(tmp_path):
