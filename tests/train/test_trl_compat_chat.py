@@ -12,7 +12,6 @@ import pytest
 from retnet.train.chat import (
     BOUNDARY,
     CHAT_COLUMNS,
-    TARGET,
     ChatEncoder,
     check_conversations,
     conversation_problem,
@@ -20,6 +19,8 @@ from retnet.train.chat import (
     template_messages,
 )
 from retnet.train.config import ConfigError
+
+from .test_chat_sft import target_runs
 
 # ChatML with tools (a system turn listing them) and tool calls (Hermes' <tool_call> JSON), as Qwen's templates
 # render them; a message without content renders none.
@@ -61,17 +62,6 @@ def tokenizer(tmp_path_factory):
     tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     tokenizer.chat_template = TOOL_TEMPLATE
     return tokenizer
-
-
-def target_runs(tokenizer, ids, flags) -> list[str]:
-    runs, current = [], []
-    for token, flag in zip(ids.tolist(), flags.tolist()):
-        if flag & TARGET:
-            current.append(token)
-        if current and (not flag & TARGET or flag & BOUNDARY):
-            runs.append(tokenizer.decode(current))
-            current = []
-    return runs
 
 
 # ----------------------------------------------------------------------------------------------------------
