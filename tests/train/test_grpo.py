@@ -288,7 +288,7 @@ def test_a_resume_within_a_generation_with_another_global_batch_is_refused(itera
 def test_a_resume_within_a_generation_with_another_micro_batch_retraces_the_run(iterated, toy, tmp_path):
     """The generation is kept whole (its completions, advantages, old and reference log-probs, the global
     batch's totals): a resume within it with micro 4 × accum 4 (the run's: 8 × 2) regroups it and retraces the
-    run, to float rounding (the micro-batches' losses add up in another order); validation samples the same."""
+    run, to float rounding (the micro-batches' losses add up in another order); validation samples alike."""
     copy = tmp_path / "copy"
     shutil.copytree(iterated, copy)
     shutil.rmtree(copy / "checkpoints" / "step_00000006")
@@ -298,9 +298,12 @@ def test_a_resume_within_a_generation_with_another_micro_batch_retraces_the_run(
         assert [sorted(r) for r in resumed] == [sorted(r) for r in whole]
         for got, expected in zip(resumed, whole, strict=True):
             # ~1e-6 relative apart here (the loss, KL), the gradient norm up to 1.1e-5 (measured with transformers
-            # 5.25: the micro-batches' gradients add up in another order)
+            # 5.25: the micro-batches' gradients add up in another order). Validation samples with those weights,
+            # ~1e-7 apart: a token may flip (in a CI run: val_loss 3.7e-3 relative apart), so its figures are
+            # compared to 1e-2.
+            rel = 3e-5 if kind == "train" else 1e-2
             for key, value in expected.items():
-                close = isinstance(value, float) and got[key] == pytest.approx(value, rel=3e-5, abs=1e-7)
+                close = isinstance(value, float) and got[key] == pytest.approx(value, rel=rel, abs=1e-7)
                 assert close or got[key] == value, (kind, key, got[key], value)
 
 
