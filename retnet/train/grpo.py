@@ -294,6 +294,7 @@ class GrpoData:
         self.longest_prompt = max(len(t) for t in [*train.tokens, *val.tokens])
         self.seq_len = self.longest_prompt  # the longest sequence, with its completion from start() on
         self.stops = [tokenizer.eos_token_id]  # the ids that end a completion; the model's added at start()
+        self.vocab = vocab_bound(tokenizer)  # the ids the sampler draws from (a padded vocabulary's rows: none)
         self.reference_fingerprint: str | None = None
         self._window: list[float] | None = None
         self._step: torch.Tensor | None = None
@@ -421,7 +422,7 @@ class GrpoData:
                         done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise,
                                            eos=self.stops, temperature=cfg.temperature, top_p=cfg.top_p,
                                            top_k=cfg.top_k, min_p=cfg.min_p, all_ranks=self.all_ranks,
-                                           group=self.tp_group, vocab=vocab_bound(self.tokenizer))
+                                           group=self.tp_group, vocab=self.vocab)
                     completions += done
                     clipped += cut
         finally:
