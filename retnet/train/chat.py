@@ -16,6 +16,17 @@ prefix rendering must be a prefix of the whole conversation's, or the spans are 
 such a template is refused. EOS follows each conversation, a target too when the conversation ends with an
 assistant message (the server stops on EOS), and it is where the next conversation's packed segment starts.
 
+TRL's prompt-completion rows (a set with no messages column, :func:`messages_column`'s, but ``prompt`` and
+``completion`` ones: :func:`prompt_completion`) are read as TRL's SFTTrainer reads them, with its default
+``completion_only_loss`` (:func:`check_prompt_completions`). *Standard* (two strings, a :class:`Completion`): no
+template, the sequence is the prompt's text followed by the completion's, encoded as the server encodes a completion
+request's prompt and TRL its text (``tokenizer.encode(prompt + completion)``, the tokenizer's added special tokens
+such as a BOS included), then EOS; the targets are the tokens that overlap the completion's characters, and the EOS.
+*Conversational* (two lists of messages): rendered as the conversation prompt + completion, its targets the
+assistant messages of the completion (the spans above; TRL's prompt, rendered with the generation prompt, ends where
+such a span starts). ``assistant_only_loss`` False (TRL's ``completion_only_loss=False``) makes every token a
+target. A row whose completion is empty is dropped, as an empty conversation is.
+
 Per token one ``uint8`` of flags: :data:`TARGET` (its label counts in the loss) and :data:`BOUNDARY` (the EOS
 that ends a conversation: a packed segment starts there). Not every EOS: a template whose end of turn is the
 tokenizer's EOS (ChatML tokenizers whose EOS is ``<|im_end|>``) has one in every turn, which must not cut the
@@ -26,7 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,13 +66,15 @@ def template_identity(tokenizer) -> dict[str, Any]:
             "messages": 2}
 
 
-def render_default(messages: list[dict[str, Any]]) -> str:
+def render_default(messages: list[dict[str, Any]] | Completion) -> str:
     """A conversation rendered with ``DEFAULT_CHAT_TEMPLATE``, the template of the BPE a run trains (what the
-    BPE is trained on: it is not there yet to render them)."""
+    BPE is trained on: it is not there yet to render them); a standard prompt-completion row as its text."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
 
+    if isinstance(messages, Completion):  # no template: the text as it is trained on
+        return messages.prompt + messages.completion
     rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=DEFAULT_CHAT_TEMPLATE,
                                         tools=getattr(messages, "tools", None),
                                         **(getattr(messages, "template_kwargs", None) or {}))
@@ -75,6 +88,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 SHAREGPT_COLUMN = "conversations"
 TOOLS_COLUMN = "tools"  # TRL's: a row's tool schemas, passed to the chat template (a list, or its JSON text)
 KWARGS_COLUMN = "chat_template_kwargs"  # TRL's: a row's template variables (Qwen3's enable_thinking ...)
+PROMPT, COMPLETION = "prompt", "completion"  # TRL's prompt-completion columns
 # The columns besides the messages TRL's SFTTrainer gives the template per row: what check_conversations' columns
 # takes (a data loader passes those the set has)
 CHAT_COLUMNS = (TOOLS_COLUMN, KWARGS_COLUMN)
@@ -91,12 +105,23 @@ class Conversation(list):
 
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] | None = None
+    # a conversational prompt-completion row's: the index of the completion's first message (the prompt's come
+    # before it, and no assistant message among them is a target)
+    completion_start: int = 0
 
     def like(self, messages: list[dict[str, Any]]) -> Conversation:
-        """``messages`` (a prefix of these) with this conversation's tools and template variables."""
+        """``messages`` (a prefix of these) with this conversation's tools, template variables and completion."""
         out = Conversation(messages)
-        out.tools, out.template_kwargs = self.tools, self.template_kwargs
+        out.tools, out.template_kwargs, out.completion_start = self.tools, self.template_kwargs, self.completion_start
         return out
+
+
+class Completion(NamedTuple):
+    """A standard prompt-completion row (TRL's): trained on as the prompt's text followed by the completion's, no
+    template; the completion's tokens are the targets."""
+
+    prompt: str
+    completion: str
 
 
 def messages_column(field: str, columns: Iterable[str] | None) -> str:
@@ -107,6 +132,16 @@ def messages_column(field: str, columns: Iterable[str] | None) -> str:
     if field == "messages" and columns is not None and field not in columns and SHAREGPT_COLUMN in columns:
         return SHAREGPT_COLUMN
     return field
+
+
+def prompt_completion(field: str, columns: Iterable[str] | None) -> bool:
+    """Whether a chat set's rows are TRL's prompt-completion ones: it has no column of conversations
+    (:func:`messages_column`'s) but the :data:`PROMPT` and :data:`COMPLETION` columns (TRL's SFTTrainer reads a
+    set with a ``prompt`` column so)."""
+    if columns is None:
+        return False
+    columns = list(columns)
+    return messages_column(field, columns) not in columns and PROMPT in columns and COMPLETION in columns
 
 
 def check_conversations(dataset: str, field: str, rows: Iterable[Any], first_row: int = 0,
@@ -121,11 +156,7 @@ def check_conversations(dataset: str, field: str, rows: Iterable[Any], first_row
     name, in the same order; a conversation a row gives either is a :class:`Conversation` carrying them."""
     conversations = []
     rows = list(rows)
-    unknown = sorted(set(columns or {}) - set(CHAT_COLUMNS))
-    if unknown:  # a caller's mistake, not the data's
-        raise ValueError(f"check_conversations: columns {unknown} are none of {CHAT_COLUMNS}")
-    tools, kwargs = ([None] * len(rows) if (columns or {}).get(name) is None else list(columns[name])
-                     for name in CHAT_COLUMNS)
+    tools, kwargs = _chat_columns(columns, len(rows))
     for index, (row, schemas, variables) in enumerate(zip(rows, tools, kwargs, strict=True), start=first_row):
         if row is None or (isinstance(row, list) and not row):
             continue
@@ -141,6 +172,75 @@ def check_conversations(dataset: str, field: str, rows: Iterable[Any], first_row
             messages.tools, messages.template_kwargs = schemas, variables
         conversations.append(messages)
     return conversations
+
+
+def _chat_columns(columns: dict[str, Iterable[Any]] | None, rows: int) -> tuple[list, list]:
+    """(tools, chat_template_kwargs) of ``rows`` rows: the columns' values, None for a column not given."""
+    unknown = sorted(set(columns or {}) - set(CHAT_COLUMNS))
+    if unknown:  # a caller's mistake, not the data's
+        raise ValueError(f"columns {unknown} are none of {CHAT_COLUMNS}")
+    tools, kwargs = ([None] * rows if (columns or {}).get(name) is None else list(columns[name])
+                     for name in CHAT_COLUMNS)
+    return tools, kwargs
+
+
+def check_prompt_completions(dataset: str, prompts: Iterable[Any], completions: Iterable[Any], first_row: int = 0,
+                             columns: dict[str, Iterable[Any]] | None = None
+                             ) -> list[tuple[int, Completion | Conversation]]:
+    """(row index, sequence) of TRL's prompt-completion rows (the :data:`PROMPT` and :data:`COMPLETION` columns'
+    values, in row order; ``first_row``: the first row's index): a :class:`Completion` of two strings (standard),
+    a :class:`Conversation` of two lists of messages (conversational: the prompt's messages then the completion's,
+    ``completion_start`` between them, with the row's ``columns`` of :data:`CHAT_COLUMNS` as
+    :func:`check_conversations` takes them). A row whose completion is empty (``""``, whitespace, ``[]``) is
+    dropped: it teaches nothing but its EOS. Refused with a ConfigError naming the dataset, the row and the column:
+    a missing (None) prompt or completion, a prompt that is neither a string nor a list of messages, a completion
+    of another kind than its prompt."""
+    prompts, completions = list(prompts), list(completions)
+    tools, kwargs = _chat_columns(columns, len(prompts))
+    kept = []
+    for index, (prompt, completion, schemas, variables) in enumerate(
+            zip(prompts, completions, tools, kwargs, strict=True), start=first_row):
+        refusal = _prompt_completion_problem(prompt, completion)
+        if refusal:
+            column, problem, expected = refusal
+            raise ConfigError(f"data.format 'chat': column {column!r} of {dataset!r}, row {index}: {problem}; "
+                              f"expected {expected}")
+        if not completion or (isinstance(completion, str) and completion.isspace()):
+            continue
+        if isinstance(prompt, str):
+            kept.append((index, Completion(prompt, completion)))
+            continue
+        conversation = Conversation(template_messages(prompt) + template_messages(completion))
+        conversation.completion_start = len(prompt)
+        conversation.tools = check_tools(dataset, index, schemas)
+        conversation.template_kwargs = check_template_kwargs(dataset, index, variables)
+        kept.append((index, conversation))
+    return kept
+
+
+def _prompt_completion_problem(prompt: Any, completion: Any) -> tuple[str, str, str] | None:
+    """(the column, what is wrong with it, what was expected) of a prompt-completion row that cannot be read, or
+    None."""
+    either = ("a string (standard format) or a list of {'role': str, 'content': str} messages (conversational "
+              "format)")
+    if isinstance(prompt, str):
+        if not isinstance(completion, str):
+            return COMPLETION, _holds(completion), "a string, as the row's prompt is (standard format)"
+        return None
+    if not isinstance(prompt, list):
+        return PROMPT, _holds(prompt), either
+    messages = "a list of {'role': str, 'content': str} messages, as the row's prompt is (conversational format)"
+    problem = conversation_problem(prompt)
+    if problem:
+        return PROMPT, problem, either
+    if not isinstance(completion, list):
+        return COMPLETION, _holds(completion), messages
+    problem = conversation_problem(completion)
+    return (COMPLETION, problem, messages) if problem else None
+
+
+def _holds(value: Any) -> str:
+    return "holds None (a missing value)" if value is None else f"holds {type(value).__name__} {value!r:.80}"
 
 
 def check_template_kwargs(dataset: str, row: int, value: Any) -> dict[str, Any] | None:
@@ -313,8 +413,9 @@ class ChatEncoder:
             prefix = messages.like if isinstance(messages, Conversation) else list
             text = self.render(messages)
             spans = []
+            first = getattr(messages, "completion_start", 0)  # a prompt's assistant messages are no targets
             for i, message in enumerate(messages):
-                if message["role"] != "assistant":
+                if message["role"] != "assistant" or i < first:
                     continue
                 prompt = self.render(prefix(messages[:i]), add_generation_prompt=True)
                 turn = self.render(prefix(messages[: i + 1]))
@@ -330,9 +431,10 @@ class ChatEncoder:
                 f"be masked); data.assistant_only_loss=false trains on every token instead") from None
         return text, spans
 
-    def encode(self, conversations: list[list[dict[str, Any]]], batch: int = 256,
+    def encode(self, conversations: list[list[dict[str, Any]] | Completion], batch: int = 256,
                rows: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, flags) of every conversation followed by EOS, concatenated; ids uint16 when every id fits,
+        """(ids, flags) of every conversation (or standard prompt-completion row, :class:`Completion`) followed by
+        EOS, concatenated; ids uint16 when every id fits,
         flags uint8 (:data:`TARGET`, :data:`BOUNDARY`). ``rows``: each conversation's row in the dataset, which an
         error names (default: its index in ``conversations``)."""
         from retnet.train.data import vocab_bound
@@ -343,11 +445,8 @@ class ChatEncoder:
         ids, flags = [], []
         for start in range(0, len(conversations), batch):
             chunk = conversations[start:start + batch]
-            if self.assistant_only_loss:
-                rendered = [self.spans(c, rows[start + i]) for i, c in enumerate(chunk)]
-            else:
-                rendered = [(self._render_checked(c, rows[start + i]), None) for i, c in enumerate(chunk)]
-            encodings = self.backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+            rendered = [self._rendered(c, rows[start + i]) for i, c in enumerate(chunk)]
+            encodings = self._encode_batch(chunk, [text for text, _ in rendered])
             for messages, (_, spans), encoding in zip(chunk, rendered, encodings):
                 if spans is None:
                     mask = np.full(len(encoding.ids), TARGET, dtype=np.uint8)
@@ -357,12 +456,38 @@ class ChatEncoder:
                     for lo, hi in spans:
                         inside |= (offsets[:, 1] > lo) & (offsets[:, 0] < hi)
                     mask = inside.astype(np.uint8) * TARGET
-                ends_answered = not self.assistant_only_loss or messages[-1]["role"] == "assistant"
+                ends_answered = (not self.assistant_only_loss or isinstance(messages, Completion)
+                                 or messages[-1]["role"] == "assistant")
                 ids.append(np.asarray([*encoding.ids, eos], dtype=dtype))
                 flags.append(np.append(mask, np.uint8(BOUNDARY | (TARGET if ends_answered else 0))))
         if not ids:
             return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.uint8)
         return np.concatenate(ids), np.concatenate(flags)
+
+    def _rendered(self, sequence: list[dict[str, Any]] | Completion,
+                  index: int) -> tuple[str, list[tuple[int, int]] | None]:
+        """(the text of a conversation or standard prompt-completion row, the character spans of its targets, None
+        for every token)."""
+        if isinstance(sequence, Completion):
+            text = sequence.prompt + sequence.completion
+            return text, ([(len(sequence.prompt), len(text))] if self.assistant_only_loss else None)
+        if self.assistant_only_loss:
+            return self.spans(sequence, index)
+        return self._render_checked(sequence, index), None
+
+    def _encode_batch(self, sequences: list, texts: list[str]) -> list:
+        """The encodings of ``texts`` as the server encodes them: a conversation's rendering without the
+        tokenizer's added special tokens (the template writes its own, as for a chat request), a standard
+        prompt-completion row's text with them, as a completion request's prompt (and TRL's text) is encoded."""
+        plain = [isinstance(sequence, Completion) for sequence in sequences]
+        out: list = [None] * len(texts)
+        for added in (False, True):
+            picked = [i for i, is_plain in enumerate(plain) if is_plain == added]
+            if picked:
+                encoded = self.backend.encode_batch([texts[i] for i in picked], add_special_tokens=added)
+                for i, encoding in zip(picked, encoded, strict=True):
+                    out[i] = encoding
+        return out
 
     def _render_checked(self, messages: list[dict[str, Any]], index: int) -> str:
         try:
@@ -401,7 +526,8 @@ def target_count(flags: np.ndarray) -> int:
     return int(np.count_nonzero(np.asarray(flags)[:, 1:] & TARGET))
 
 
-__all__ = ["BOUNDARY", "CHAT_COLUMNS", "KWARGS_COLUMN", "SHAREGPT_ROLES", "TARGET", "TOOLS_COLUMN", "ChatEncoder",
-           "Conversation", "chat_template", "check_conversations", "check_template_kwargs", "check_tools",
-           "conversation_problem", "messages_column", "render_default", "target_count", "template_identity",
+__all__ = ["BOUNDARY", "CHAT_COLUMNS", "COMPLETION", "KWARGS_COLUMN", "PROMPT", "SHAREGPT_ROLES", "TARGET",
+           "TOOLS_COLUMN", "ChatEncoder", "Completion", "Conversation", "chat_template", "check_conversations",
+           "check_prompt_completions", "check_template_kwargs", "check_tools", "conversation_problem",
+           "messages_column", "prompt_completion", "render_default", "target_count", "template_identity",
            "template_messages", "without_spilled_targets"]

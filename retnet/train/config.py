@@ -167,7 +167,9 @@ class DataConfig(_Section):
     ``format``: ``"text"`` (each row's ``text_field`` is a document) or ``"chat"`` (supervised fine-tuning:
     each row's ``messages_field`` is a conversation, a list of ``{"role", "content"}`` messages, rendered with
     the tokenizer's chat template; with ``assistant_only_loss`` only the assistant messages' tokens are
-    targets, see ``retnet.train.chat``) or ``"preference"`` (DPO on TRL's ``prompt``/``chosen``/``rejected`` rows,
+    targets, see ``retnet.train.chat``; a set without that column but with TRL's ``prompt`` and ``completion`` ones
+    is read as prompt-completion rows, two strings or two lists of messages, and ``assistant_only_loss``, TRL's
+    ``completion_only_loss`` there, makes the completion's tokens the targets) or ``"preference"`` (DPO on TRL's ``prompt``/``chosen``/``rejected`` rows,
     ``retnet.train.preference``; ``max_prompt_length`` > 0 cuts longer prompts to their last tokens, 0 keeps them
     whole and refuses one that leaves no room for a completion in ``seq_len``) or ``"prompts"`` (GRPO, online RL
     from rewards, on rows with a ``prompt`` column, ``retnet.train.grpo``; ``max_prompt_length`` > 0 cuts longer

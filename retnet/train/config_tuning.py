@@ -20,7 +20,13 @@ if TYPE_CHECKING:
     from retnet.train.config import JobConfig
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
-GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")  # TRL's names; dapo is its default
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")  # TRL's names; dapo is its default
+# Those whose token term is PPO's clipped surrogate (epsilon, epsilon_high, delta): cispo weights the log-probs by the
+# capped ratio instead, sapo gates the ratio softly (sapo_temperature_pos / _neg)
+GRPO_CLIPPED_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "luspo")
+# TRL's generation_kwargs update the GenerationConfig its sampling fields build (they win): the keys this sampler
+# implements. Any other (num_beams, suppress_tokens ...) would change what TRL samples and not what this one does.
+GRPO_GENERATION_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "do_sample")
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
 GRPO_IMPORTANCE_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level; sequence is GSPO
 # TRL's scale_rewards before 0.22 was a boolean, which its GRPOConfig still takes as these
@@ -116,6 +122,33 @@ class RewardConfig(_Section):
                     "reward.enabled=true", self.center_rewards_coefficient)
 
 
+def _number(key: str, value: Any) -> float:
+    """``value`` as a float, or a ConfigError naming ``key`` (a table's values arrive untyped)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _refuse(key, "must be a number", value)
+    return float(value)
+
+
+def _check_sampling(prefix: str, values: dict[str, Any]) -> None:
+    """ConfigError for ``top_p``, ``top_k``, ``min_p`` or ``repetition_penalty`` out of range, named ``prefix``
+    and the setting: the ``[grpo]`` fields and the ``generation_kwargs`` that override them share these checks."""
+    for name, value in values.items():
+        if name == "top_k":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _refuse(f"{prefix}top_k", "must be >= 0 (0: off)", value)
+        elif name == "min_p":
+            if value is not None and not 0.0 <= _number(f"{prefix}min_p", value) <= 1.0:
+                _refuse(f"{prefix}min_p", "must be in [0, 1] (None or 0: off)", value)
+        elif name == "top_p":
+            if not 0.0 < _number(f"{prefix}top_p", value) <= 1.0:  # nan fails it too
+                _refuse(f"{prefix}top_p", "must be in (0, 1]", value)
+        elif name == "repetition_penalty":
+            number = _number(f"{prefix}repetition_penalty", value)
+            if not (math.isfinite(number) and number > 0):  # transformers': strictly positive
+                _refuse(f"{prefix}repetition_penalty", "must be > 0 (1: off; above 1 discourages repeating a token "
+                        "of the prompt or the completion)", value)
+
+
 @dataclass(kw_only=True, slots=True)
 class GrpoConfig(_Section):
     """Group Relative Policy Optimization (``data.format = "prompts"``, ``retnet.train.grpo``), as TRL's
@@ -136,7 +169,16 @@ class GrpoConfig(_Section):
     ``"sequence"`` (TRL's GSPO) gives each completion one ratio, exp of its tokens' mean log ratio; ``delta``
     (TRL's two-sided clipping) caps the unclipped ratio. ``mask_truncated_completions`` leaves the completions
     that reached ``max_completion_length`` without a stop token out of the loss (TRL's: their completion mask is
-    0; they still count in the advantages)."""
+    0; they still count in the advantages). ``repetition_penalty`` (1: off) divides the positive logits of the
+    tokens in the prompt or sampled so far and multiplies the negative ones, before the temperature and the cuts
+    (transformers'); the loss's log-probs are the model's, without it (TRL's). ``generation_kwargs``: TRL's table
+    over those settings, whose keys win (``max_new_tokens`` the sampled length; ``dr_grpo`` still divides by
+    ``max_completion_length``, as TRL's); keys this sampler does not implement are refused. ``loss_type``
+    ``"cispo"`` (MiniMax-M1): ``-min(ρ, epsilon_high)·A·logp``, the capped ratio detached, tokens' mean over the
+    global batch as ``"dapo"``; ``"sapo"`` (SAPO): ``-σ(τ(ρ − 1))·4/τ·A``, τ ``sapo_temperature_pos`` for a
+    positive advantage and ``sapo_temperature_neg`` otherwise, aggregated as ``"grpo"``; ``"luspo"`` (LUSPO,
+    ``importance_sampling_level = "sequence"``): the clipped term times the completion's length, the mean over
+    completions."""
 
     num_generations: int = 8
     temperature: float = 1.0
@@ -156,6 +198,10 @@ class GrpoConfig(_Section):
     mask_truncated_completions: bool = False  # TRL's (DAPO's overlong filtering)
     importance_sampling_level: str = "token"
     delta: float | None = None  # TRL's two-sided clipping (INTELLECT-2); None: off
+    repetition_penalty: float = 1.0  # 1: off (TRL's)
+    generation_kwargs: dict = field(default_factory=dict)  # of GRPO_GENERATION_KWARGS; they win over the fields
+    sapo_temperature_pos: float = 1.0  # TRL's; loss_type "sapo" only
+    sapo_temperature_neg: float = 1.05
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:  # a group of one has no spread: its advantage is always 0
@@ -163,12 +209,9 @@ class GrpoConfig(_Section):
                     self.num_generations)
         _positive("grpo", self, "temperature", "max_completion_length")
         _positive("grpo", self, "beta", allow_zero=True)
-        if not 0.0 < self.top_p <= 1.0:  # nan fails it too
-            _refuse("grpo.top_p", "must be in (0, 1]", self.top_p)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            _refuse("grpo.top_k", "must be >= 0 (0: off)", self.top_k)
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            _refuse("grpo.min_p", "must be in [0, 1] (None or 0: off)", self.min_p)
+        _check_sampling("grpo.", {name: getattr(self, name) for name in ("top_p", "top_k", "min_p",
+                                                                          "repetition_penalty")})
+        self._check_generation_kwargs()
         if not 0.0 <= self.epsilon < 1.0:
             _refuse("grpo.epsilon", "must be in [0, 1)", self.epsilon)
         if self.epsilon_high is not None and not (math.isfinite(self.epsilon_high) and self.epsilon_high >= 0):
@@ -191,8 +234,12 @@ class GrpoConfig(_Section):
         if self.scale_rewards not in GRPO_SCALE_REWARDS:
             _refuse("grpo.scale_rewards", f"must be one of {GRPO_SCALE_REWARDS} (or TRL's booleans: true = 'group', "
                     f"false = 'none')", self.scale_rewards)
+        if self.loss_type == "vespo":  # TRL's newest: its gamma weights are not implemented here
+            _refuse("grpo.loss_type", f"must be one of {GRPO_LOSS_TYPES} (TRL's 'vespo' is not supported yet)",
+                    self.loss_type)
         if self.loss_type not in GRPO_LOSS_TYPES:
             _refuse("grpo.loss_type", f"must be one of {GRPO_LOSS_TYPES}", self.loss_type)
+        self._check_loss_settings()
         for spec in self.reward_funcs:
             if not isinstance(spec, str) or not re.fullmatch(r"[\w.]+:[\w.]+", spec):
                 _refuse("grpo.reward_funcs", f"must be 'module:function' import paths (as "
@@ -219,8 +266,85 @@ class GrpoConfig(_Section):
 
     @property
     def epsilon_upper(self) -> float:
-        """The ratio's upper clip is 1 + this: ``epsilon_high``, or ``epsilon`` when it is None (TRL's rule)."""
+        """The ratio's upper clip is 1 + this: ``epsilon_high``, or ``epsilon`` when it is None (TRL's rule); with
+        ``loss_type`` ``"cispo"`` the ratio's cap itself (TRL's ε_max, which it recommends at 5)."""
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """What the sampler draws with: ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``
+        and ``max_new_tokens`` (the longest completion), each the field's value unless ``generation_kwargs`` gives
+        it (TRL updates its GenerationConfig's arguments with them)."""
+        values = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                  "repetition_penalty": self.repetition_penalty, "max_new_tokens": self.max_completion_length}
+        values.update((k, v) for k, v in self.generation_kwargs.items() if k != "do_sample")
+        return values
+
+    def _check_generation_kwargs(self) -> None:
+        """ConfigError for a ``generation_kwargs`` key the sampler does not implement, or a value out of the range
+        of the field it overrides; int values of the float settings become floats (a resume compares them)."""
+        if not isinstance(self.generation_kwargs, dict):
+            _refuse("grpo.generation_kwargs", "must be a table", self.generation_kwargs)
+        unknown = sorted(str(k) for k in self.generation_kwargs if k not in GRPO_GENERATION_KWARGS)
+        if unknown:
+            _refuse("grpo.generation_kwargs", f"has keys this sampler does not implement: {unknown} (TRL would pass "
+                    f"them to its GenerationConfig; ignoring them would sample otherwise than it); it takes "
+                    f"{list(GRPO_GENERATION_KWARGS)}", self.generation_kwargs)
+        kwargs = dict(self.generation_kwargs)
+        if kwargs.get("do_sample", True) is not True:
+            # greedy decoding gives every completion of a group the same tokens: no spread, no advantage
+            _refuse("grpo.generation_kwargs.do_sample", "must be true (GRPO samples; greedy completions of a group "
+                    "are all the same)", kwargs["do_sample"])
+        if "max_new_tokens" in kwargs and (isinstance(kwargs["max_new_tokens"], bool) or not isinstance(
+                kwargs["max_new_tokens"], int) or kwargs["max_new_tokens"] < 1):
+            _refuse("grpo.generation_kwargs.max_new_tokens", "must be an integer >= 1", kwargs["max_new_tokens"])
+        if "temperature" in kwargs:
+            temperature = _number("grpo.generation_kwargs.temperature", kwargs["temperature"])
+            if not (math.isfinite(temperature) and temperature > 0):
+                _refuse("grpo.generation_kwargs.temperature", "must be > 0", kwargs["temperature"])
+            # TRL samples at it but computes the loss's log-probs at its temperature field: every completion would
+            # be scored under another distribution than it was drawn from
+            if temperature != self.temperature:
+                _refuse("grpo.generation_kwargs.temperature", f"must equal grpo.temperature ({self.temperature:g}), "
+                        f"which the loss's log-probs are computed at (TRL's would differ from the sampler's); set "
+                        f"grpo.temperature instead", kwargs["temperature"])
+            kwargs["temperature"] = temperature
+        sampling = {k: v for k, v in kwargs.items() if k in ("top_p", "top_k", "min_p", "repetition_penalty")}
+        _check_sampling("grpo.generation_kwargs.", sampling)
+        for name in ("top_p", "min_p", "repetition_penalty"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = float(kwargs[name])
+        self.generation_kwargs = kwargs
+
+    def _check_loss_settings(self) -> None:
+        """ConfigError for settings the loss type ignores (most likely meant for another), and for ``luspo`` where
+        TRL's is not defined by the completions alone."""
+        clipped = self.loss_type in GRPO_CLIPPED_LOSS_TYPES
+        if self.delta is not None and not clipped:
+            _refuse("grpo.delta", f"caps the clipped surrogate's unclipped ratio, which grpo.loss_type "
+                    f"{self.loss_type!r} has not (it applies to {GRPO_CLIPPED_LOSS_TYPES})", self.delta)
+        if self.loss_type == "sapo":  # its soft gate replaces the clip
+            for name, default in (("epsilon", 0.2), ("epsilon_high", None)):
+                if getattr(self, name) != default:
+                    _refuse(f"grpo.{name}", "sets the clip, which grpo.loss_type 'sapo' replaces with its soft gate "
+                            "(grpo.sapo_temperature_pos / grpo.sapo_temperature_neg)", getattr(self, name))
+        for name, default in (("sapo_temperature_pos", 1.0), ("sapo_temperature_neg", 1.05)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                _refuse(f"grpo.{name}", "must be > 0 (the soft gate's temperature)", value)
+            if value != default and self.loss_type != "sapo":
+                _refuse(f"grpo.{name}", f"is set but grpo.loss_type is {self.loss_type!r}; it applies to 'sapo'",
+                        value)
+        if self.loss_type == "luspo":
+            if self.importance_sampling_level != "sequence":
+                # TRL's scales each token's term by the completion's length and averages over the padded batch:
+                # defined by the completions alone only at the sequence level, as LUSPO is
+                _refuse("grpo.importance_sampling_level", "must be 'sequence' with grpo.loss_type 'luspo' (LUSPO "
+                        "is GSPO's sequence-level ratio; TRL requires it)", self.importance_sampling_level)
+            if self.beta > 0:
+                _refuse("grpo.beta", "must be 0 with grpo.loss_type 'luspo': TRL's adds the per-token KL term "
+                        "after the sequence-level one and averages it over the padded batch's positions, which "
+                        "depends on the padding, not the completions", self.beta)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -370,15 +494,24 @@ def grpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     ``"grpo.beta: checkpoint 0.0, now 0.04"``: each decides what is sampled, scored or optimized, so a resume with
     one changed would not continue the run. A checkpoint of another format has none. ``reward_weights`` are
     compared as used: ``[]`` is 1 for each source, the same as those ones spelled out; so is ``epsilon_high``:
-    None is ``epsilon`` (:attr:`GrpoConfig.epsilon_upper`), the same as that value spelled out."""
+    None is ``epsilon`` (:attr:`GrpoConfig.epsilon_upper`), the same as that value spelled out; and so are the
+    sampling settings: a ``generation_kwargs`` key is the field it overrides (:attr:`GrpoConfig.sampling`), and
+    where either sets ``max_new_tokens`` it is compared as ``generation_kwargs.max_new_tokens``
+    (``max_completion_length`` where unset)."""
     if "grpo" not in saved or current.data.format != "prompts":
         return []
     old, now = {**GrpoConfig().to_dict(), **saved["grpo"]}, current.grpo.to_dict()
+    lengths = any("max_new_tokens" in table["generation_kwargs"] for table in (old, now))
     for table in (old, now):
         sources = len(table["reward_funcs"]) + bool(table["reward_model"])
         table["reward_weights"] = [float(w) for w in table["reward_weights"]] or [1.0] * sources
         if table["epsilon_high"] is None:
             table["epsilon_high"] = table["epsilon"]
+        kwargs = {k: v for k, v in table.pop("generation_kwargs").items() if k != "do_sample"}
+        length = kwargs.pop("max_new_tokens", table["max_completion_length"])
+        if lengths:
+            table["generation_kwargs.max_new_tokens"] = length
+        table.update(kwargs)
     return [f"grpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
 
 
@@ -431,7 +564,8 @@ def lora_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
 
 
 __all__ = [
-    "DISTILL_KINDS", "DPO_LOSS_TYPES", "GRPO_IMPORTANCE_LEVELS", "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS",
+    "DISTILL_KINDS", "DPO_LOSS_TYPES", "GRPO_CLIPPED_LOSS_TYPES", "GRPO_GENERATION_KWARGS", "GRPO_IMPORTANCE_LEVELS",
+    "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS",
     "LORA_TARGETS", "DistillConfig", "DpoConfig", "GrpoConfig", "LoraConfig", "RewardConfig", "distill_changes",
     "dpo_changes", "grpo_changes", "lora_changes", "reward_changes",
 ]

@@ -24,7 +24,10 @@ lockstep with its tokens (:class:`~retnet.train.streaming.StreamingChatData`).
 Chat data (``data.format = "chat"``, supervised fine-tuning): each row's ``messages_field`` is a conversation,
 rendered with the tokenizer's chat template and encoded with a parallel ``uint8`` array of flags (which tokens
 are targets, which EOS ends a conversation; ``retnet.train.chat``), packed, cached and batched alongside the
-tokens (:class:`MaskedBlocks`).
+tokens (:class:`MaskedBlocks`). A set without that column but with TRL's ``prompt`` and ``completion`` ones is read
+as prompt-completion rows, the completion's tokens the targets (``retnet.train.chat``). Which a set is follows from
+its columns, so from the data its fingerprint covers: a prompt-completion set's token cache is never a messages
+set's.
 
 Packed rows hold several documents separated by EOS. With ``data.document_boundaries`` (the default) the
 trainer flattens each micro-batch into one packed row and passes ``cu_seqlens`` with a segment starting at
@@ -56,10 +59,14 @@ from retnet.tokenization import vocab_bound  # (re-exported: the launcher's call
 from retnet.train.chat import (
     BOUNDARY,
     CHAT_COLUMNS,
+    COMPLETION,
+    PROMPT,
     TARGET,
     ChatEncoder,
     check_conversations,
+    check_prompt_completions,
     messages_column,
+    prompt_completion,
     render_default,
     target_count,
     without_spilled_targets,
@@ -402,14 +409,23 @@ def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, l
 def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Path,
                        loaded=None) -> list[tuple[int, list[dict[str, Any]]]]:
     """``data.format = "chat"``: every non-empty conversation (a list of role/content messages) with its row index,
-    in row order, of at most ``max_documents`` rows; a row that holds no such list is refused naming its index."""
+    in row order, of at most ``max_documents`` rows; a row that holds no such list is refused naming its index.
+    A set with TRL's prompt and completion columns instead gives its rows with a non-empty completion
+    (:func:`~retnet.train.chat.check_prompt_completions`)."""
     dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
     # TRL's ShareGPT column stands in for a missing default one
     field = messages_column(cfg.messages_field, dataset.column_names)
-    _check_text_field(dataclasses.replace(cfg, messages_field=field), dataset.column_names)
+    pairs = prompt_completion(cfg.messages_field, dataset.column_names)
+    if pairs:
+        logger.info("data: %s has no %r column but %r and %r: reading prompt-completion rows", cfg.dataset, field,
+                    PROMPT, COMPLETION)
+    else:
+        _check_text_field(dataclasses.replace(cfg, messages_field=field), dataset.column_names)
     if cfg.max_documents:
         dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
     columns = {name: dataset[name] for name in CHAT_COLUMNS if name in dataset.column_names}
+    if pairs:
+        return check_prompt_completions(cfg.dataset, dataset[PROMPT], dataset[COMPLETION], columns=columns)
     return indexed_conversations(cfg.dataset, field, dataset[field], columns=columns)
 
 

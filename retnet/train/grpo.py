@@ -29,13 +29,17 @@ inactive, the gradient ``-A ∇logp``; so is every generation's first step with 
 log-probs (train mode, before its update, as TRL computes them) are kept as ``old``, with everything else the μ
 steps need, in a :class:`Generation` (checkpointed while steps on it remain); its later steps have
 ``ρ = exp(logp − old)``.
-Log-probs are of the logits divided by ``temperature``, as TRL computes them. With ``beta`` > 0,
+Log-probs are of the logits divided by ``temperature``, as TRL computes them (without the sampler's cuts and
+``repetition_penalty``, as TRL's). With ``beta`` > 0,
 ``beta × (exp(ref − logp) − (ref − logp) − 1)`` (TRL's k3 KL estimate) is added per token; the reference is the
 model as the run starts: ``model.init_from``'s weights, loaded once (under FSDP sharded as the policy is; with
 LoRA: the same model with its adapters disabled, peft's ``disable_adapter``), its log-probs computed when the
 completions are. The tokens are aggregated over the global batch by ``loss_type``: ``dapo`` sum / the batch's
 completion tokens, ``grpo`` each sequence's mean then the mean over sequences, ``dr_grpo`` sum / (sequences ×
-``max_completion_length``), ``bnpo`` each micro-batch's token mean then the mean over the micro-batches. A
+``max_completion_length``), ``bnpo`` each micro-batch's token mean then the mean over the micro-batches, ``luspo``
+(sequence-level ratio) each completion's term times its length, the mean over sequences. ``cispo`` replaces the
+clipped term by ``-min(ρ, ε_high)·A·logp`` (the capped ratio detached; aggregated as ``dapo``), ``sapo`` by
+``-σ(τ(ρ − 1))·4/τ·A`` (τ by the advantage's sign; aggregated as ``grpo``), TRL's. A
 micro-batch's sequences (prompt + completion, stop token included, nothing after it) are packed into one row, logits
 only where a completion token is predicted; its loss is its share of that global normalization, scaled by the
 accumulation count and the world size, which the trainer's division and DDP's average undo: the gradient is the
@@ -158,6 +162,22 @@ def importance_ratio(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig, mas
     return torch.exp(log_ratio)
 
 
+def token_terms(logps: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor,
+                cfg: GrpoConfig) -> torch.Tensor:
+    """``[M]`` each completion token's policy term, TRL's by ``cfg.loss_type``: PPO's clipped surrogate, CISPO's
+    log-prob weighted by the capped ratio (detached), or SAPO's soft gate of the ratio. ``logps``, ``ratio`` and
+    ``advantages`` ``[M]``, the ratio to the old policy with its graph."""
+    if cfg.loss_type == "cispo":  # the cap's gradient is none: the weight of a REINFORCE term, never cut off
+        return -ratio.clamp(max=cfg.epsilon_upper).detach() * advantages * logps
+    if cfg.loss_type == "sapo":  # σ(τ(ρ − 1))·4/τ: ρ's value and gradient at ρ = 1 (σ' = 1/4), fading off it
+        tau = torch.where(advantages > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(ratio.dtype)
+        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+    clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon_upper)
+    if cfg.delta is not None:  # TRL's two-sided clipping: the unclipped term's ratio capped too
+        ratio = ratio.clamp(max=cfg.delta)
+    return -torch.min(ratio * advantages, clipped * advantages)
+
+
 def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
               totals: Totals) -> tuple[torch.Tensor, torch.Tensor]:
     """(the micro-batch's share of the global batch's loss, the sum of its tokens' KL estimates). ``logps``
@@ -166,11 +186,7 @@ def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
     # TRL's completion mask: 0 on a truncated completion's tokens with mask_truncated_completions, else 1 (exact)
     mask = batch.active[batch.sequence].to(logps.dtype)
     ratio = importance_ratio(logps, batch, cfg, mask)
-    advantages = batch.advantages[batch.sequence]
-    clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon_upper)
-    if cfg.delta is not None:  # TRL's two-sided clipping: the unclipped term's ratio capped too
-        ratio = ratio.clamp(max=cfg.delta)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    per_token = token_terms(logps, ratio, batch.advantages[batch.sequence], cfg)
     kl = torch.zeros((), device=logps.device)
     if cfg.beta > 0:
         delta = batch.reference - logps
@@ -178,11 +194,15 @@ def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
         per_token = per_token + cfg.beta * per_token_kl
         kl = (per_token_kl.detach() * mask).sum()
     per_token = per_token * mask
-    if cfg.loss_type == "grpo":  # a masked sequence's mean is 0, and it still counts (TRL's .mean())
+    if cfg.loss_type in ("grpo", "sapo"):  # a masked sequence's mean is 0, and it still counts (TRL's .mean())
         sums = torch.zeros(len(batch.lengths), device=logps.device).index_add(0, batch.sequence, per_token)
         return (sums / batch.lengths).sum() / totals.sequences, kl
-    if cfg.loss_type == "dapo":  # totals.tokens: the unmasked ones; every completion may be masked
+    if cfg.loss_type in ("dapo", "cispo"):  # totals.tokens: the unmasked ones; every completion may be masked
         return per_token.sum() / max(totals.tokens, 1.0), kl
+    if cfg.loss_type == "luspo":
+        # TRL's mean over sequences of the (sequence-level) term times the sequence's unmasked length: the term
+        # summed over its unmasked tokens is that product
+        return per_token.sum() / totals.sequences, kl
     if cfg.loss_type == "bnpo":
         # TRL's: the micro-batch's token mean, averaged over every rank's micro-batches (its division by the
         # accumulation, DDP's average): this one's share of that average is its S of the global batch's completions
@@ -195,12 +215,16 @@ def clipped_tokens(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig) -> to
     """``[3]`` the micro-batch's completion tokens whose ratio the clip holds (TRL's): below 1 − ``epsilon`` with
     a negative advantage, above 1 + ``epsilon_high`` with a positive one, either (a sequence-level ratio: each of
     its tokens; a masked completion's: none). ``logps`` ``[M]`` the policy's; none without ``batch.old`` (the
-    ratio is 1)."""
-    if not len(batch.old):
+    ratio is 1). ``cispo``: those whose ratio is above its cap ``epsilon_high`` with a positive advantage, as
+    high and region (TRL's ``cispo_clip_ratio``; a ratio of 1 is above a cap below 1); ``sapo``: none."""
+    if cfg.loss_type == "sapo" or not (len(batch.old) or cfg.loss_type == "cispo"):
         return torch.zeros(3, device=logps.device)
     active = batch.active[batch.sequence]
     ratio = importance_ratio(logps.detach(), batch, cfg, active.to(logps.dtype))
     advantages = batch.advantages[batch.sequence]
+    if cfg.loss_type == "cispo":
+        capped = ((ratio > cfg.epsilon_upper) & (advantages > 0) & active).sum()
+        return torch.stack([torch.zeros_like(capped), capped, capped]).float()
     low = (ratio < 1 - cfg.epsilon) & (advantages < 0) & active
     high = (ratio > 1 + cfg.epsilon_upper) & (advantages > 0) & active
     return torch.stack([low.sum(), high.sum(), (low | high).sum()]).float()
@@ -315,9 +339,10 @@ class GrpoData:
         return {}
 
     def sequence_length(self, cfg: GrpoConfig) -> int:
-        """The longest sequence a step trains on, the longest prompt and ``cfg.max_completion_length`` tokens: what
-        the trainer's FLOPs per token read, before :meth:`start`."""
-        return self.longest_prompt + cfg.max_completion_length
+        """The longest sequence a step trains on, the longest prompt and the longest completion (``max_new_tokens``
+        of :attr:`~retnet.train.config.GrpoConfig.sampling`): what the trainer's FLOPs per token read, before
+        :meth:`start`."""
+        return self.longest_prompt + cfg.sampling["max_new_tokens"]
 
     def val_summary(self, record: dict[str, float]) -> str:
         return f"reward {record['val_reward']:.4f}, reward_std {record['val_reward_std']:.4f}"
@@ -370,13 +395,20 @@ class GrpoData:
             steps = old[0] / self.global_batch  # one generation a step then
             self._window = [*old[:_SUMS_BEFORE_CLIP], 0.0, 0.0, 0.0, 0.0, 0.0, steps, *old[_SUMS_BEFORE_CLIP:]]
         weights = ", ".join(f"{n} ×{w:g}" for n, w in zip(self.sources.names, self.sources.weights.tolist()))
+        drawn = cfg.sampling
+        region = {"cispo": f"ratio cap {cfg.epsilon_upper:g}",
+                  "sapo": f"soft gate τ+ {cfg.sapo_temperature_pos:g}, τ- {cfg.sapo_temperature_neg:g}"}.get(
+            cfg.loss_type, f"clip [{1 - cfg.epsilon:g}, {1 + cfg.epsilon_upper:g}]")
         logger.info("GRPO: %d prompts × %d generations = %d completions a generation (%d groups per rank), %d "
-                    "step(s) on each (clip [%g, %g]), at most %d tokens each (temperature %g, top_p %g%s, stop ids "
+                    "step(s) on each (%s), at most %d tokens each (temperature %g, top_p %g%s, stop ids "
                     "%s); rewards: %s; advantages scaled by the %s std; loss %s%s, beta %g, reference: %s",
                     self.global_batch // cfg.num_generations, cfg.num_generations, self.global_batch,
-                    self.global_batch // cfg.num_generations // self.world_size, cfg.num_iterations,
-                    1 - cfg.epsilon, 1 + cfg.epsilon_upper, cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                    (f", top_k {cfg.top_k}" if cfg.top_k else "") + (f", min_p {cfg.min_p:g}" if cfg.min_p else ""),
+                    self.global_batch // cfg.num_generations // self.world_size, cfg.num_iterations, region,
+                    drawn["max_new_tokens"], drawn["temperature"], drawn["top_p"],
+                    (f", top_k {drawn['top_k']}" if drawn["top_k"] else "")
+                    + (f", min_p {drawn['min_p']:g}" if drawn["min_p"] else "")
+                    + (f", repetition_penalty {drawn['repetition_penalty']:g}"
+                       if drawn["repetition_penalty"] != 1.0 else ""),
                     self.stops, weights, cfg.scale_rewards, cfg.loss_type,
                     " (truncated completions masked)" if cfg.mask_truncated_completions else "", cfg.beta, what)
 
@@ -408,7 +440,7 @@ class GrpoData:
         micro-batches of ``micro_batch`` completions with the reference's log-probs; the old policy's are added by
         :meth:`loss` at the generation's first step) and its metric sums (a collective of the data-parallel ranks:
         the global :class:`Totals`)."""
-        cfg, generations = self.cfg, self.cfg.num_generations
+        cfg, generations, drawn = self.cfg, self.cfg.num_generations, self.cfg.sampling
         completions, clipped = [], []
         training = self.policy.training
         self.policy.eval()
@@ -416,12 +448,13 @@ class GrpoData:
             with gathered_weights(self.policy):
                 groups = max(1, self.micro_batch // generations)  # sampled together
                 for lo in range(0, len(ids), groups):
-                    noise = torch.cat([uniforms(words, generations, cfg.max_completion_length)
+                    noise = torch.cat([uniforms(words, generations, drawn["max_new_tokens"])
                                        for words in seeds[lo:lo + groups]]).to(self.device)
                     with self.autocast:
                         done, cut = sample(self.policy, [split.tokens[i] for i in ids[lo:lo + groups]], noise,
-                                           eos=self.stops, temperature=cfg.temperature, top_p=cfg.top_p,
-                                           top_k=cfg.top_k, min_p=cfg.min_p, all_ranks=self.all_ranks,
+                                           eos=self.stops, temperature=drawn["temperature"], top_p=drawn["top_p"],
+                                           top_k=drawn["top_k"], min_p=drawn["min_p"],
+                                           repetition_penalty=drawn["repetition_penalty"], all_ranks=self.all_ranks,
                                            group=self.tp_group, vocab=self.vocab)
                     completions += done
                     clipped += cut
@@ -559,7 +592,7 @@ class GrpoData:
             self._first = self._first + 1 if self._first + 1 < len(batches) else None
         part, kl = grpo_loss(logps, batch, self.cfg, self._totals)
         self._step[SUMS.index("kl")] += kl
-        if len(batch.old):  # without, the ratio is 1: nothing clipped
+        if len(batch.old) or self.cfg.loss_type == "cispo":  # else the ratio is 1: nothing clipped
             low = SUMS.index("clip_low")
             self._step[low:low + 3] += clipped_tokens(logps, batch, self.cfg)
         return part * (self.global_batch // self.micro_batch)  # accumulation count × world size
@@ -598,7 +631,9 @@ class GrpoData:
         tokens = max(value["tokens"], 1.0)
         if self.cfg.beta > 0:
             out["kl"] = value["kl"] / tokens
-        if value["steps"]:  # training steps (evaluation has no old policy: its ratio is 1)
+        if value["steps"] and self.cfg.loss_type == "cispo":  # TRL's one figure: ratios above the cap
+            out["cispo_clip_ratio"] = value["clip_high"] / tokens
+        elif value["steps"] and self.cfg.loss_type != "sapo":  # training steps (evaluation: its ratio is 1)
             out.update({"clip_ratio/low_mean": value["clip_low"] / tokens,
                         "clip_ratio/low_min": value["clip_low_min"] / value["steps"],
                         "clip_ratio/high_mean": value["clip_high"] / tokens,
@@ -725,4 +760,4 @@ def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batc
 
 __all__ = ["EPSILON", "SUMS", "Generation", "GrpoBatch", "GrpoData", "RewardSources", "Totals", "advantages",
            "batch_std", "build_grpo_data", "clipped_tokens", "finished", "grpo_loss", "importance_ratio", "pack",
-           "reward_arguments", "reward_values", "token_logps"]
+           "reward_arguments", "reward_values", "token_logps", "token_terms"]

@@ -7,8 +7,9 @@ global RNG, and not the rank (bit-identical completions on CPU; on a GPU, kernel
 shape). :func:`sample` packs the prompts into one row (``cu_seqlens``), repeats their states per completion, then
 runs one token per forward for every row at once, until every row has sampled a stop token (the tokenizer's EOS and
 the model's ``generation_config.eos_token_id``, :func:`stop_tokens`) or the uniforms' length. A token is picked by
-inverse CDF over the (``temperature``-scaled; ``top_k``-, ``top_p``-, ``min_p``-cut) distribution sorted by
-probability. Under FSDP every
+inverse CDF over the (``repetition_penalty``-adjusted, ``temperature``-scaled; ``top_k``-, ``top_p``-,
+``min_p``-cut) distribution sorted by probability; the penalty counts the row's own prompt and completion only.
+Under FSDP every
 forward is a collective: each rank decodes until every rank's rows are done (a max all-reduce per token), its
 finished rows fed a stop id and their draws dropped; :func:`gathered_weights` all-gathers each layer's weights
 once for the whole loop instead of once per decoded token. Under tensor parallelism the ranks of a group decode the
@@ -26,12 +27,24 @@ import numpy as np
 import torch
 
 
-def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p: float, top_k: int = 0,
-          min_p: float | None = None) -> torch.Tensor:
-    """``[R]`` tokens drawn from ``[R, V]`` logits by inverse CDF at ``uniform`` ``[R]`` in [0, 1). The cuts in
-    transformers' order (TRL's generate): ``top_k`` (0: off), ``top_p`` of what it kept, ``min_p`` (None or 0: off)
-    against the most likely token; what is kept is renormalized."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``[R, V]`` logits with transformers' repetition penalty (``RepetitionPenaltyLogitsProcessor``, CTRL's rule)
+    on the tokens ``seen`` ``[R, V]`` bool marks: a negative logit multiplied by ``penalty``, another divided."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _distribution(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0,
+                  min_p: float | None = None, repetition_penalty: float = 1.0,
+                  seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[R, V]`` the probabilities sampled from, sorted in descending order, what the cuts drop 0 and what they
+    keep not yet renormalized; ``[R, V]`` their token ids) of ``[R, V]`` logits. In transformers' order (TRL's
+    generate): ``repetition_penalty`` (1: off) on the tokens ``seen`` ``[R, V]`` marks, the temperature, then the
+    cuts: ``top_k`` (0: off), ``top_p`` of what it kept, ``min_p`` (None or 0: off) against the most likely token."""
+    logits = logits.float()  # transformers' generate processes the scores in fp32
+    if repetition_penalty != 1.0:
+        logits = penalize(logits, seen, repetition_penalty)
+    probs = torch.softmax(logits / temperature, dim=-1)
     probs, order = probs.sort(dim=-1, descending=True, stable=True)
     if 0 < top_k < probs.shape[-1]:
         probs = probs * (torch.arange(probs.shape[-1], device=probs.device) < top_k)
@@ -41,6 +54,15 @@ def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p
         probs = probs * ((probs.cumsum(dim=-1) - probs) < limit)
     if min_p:  # a ratio to the most likely token: renormalizing does not move it
         probs = probs * (probs >= min_p * probs[:, :1])
+    return probs, order
+
+
+def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p: float, top_k: int = 0,
+          min_p: float | None = None, repetition_penalty: float = 1.0,
+          seen: torch.Tensor | None = None) -> torch.Tensor:
+    """``[R]`` tokens drawn from ``[R, V]`` logits by inverse CDF at ``uniform`` ``[R]`` in [0, 1) over
+    :func:`_distribution` (what it keeps renormalized)."""
+    probs, order = _distribution(logits, temperature, top_p, top_k, min_p, repetition_penalty, seen)
     cdf = probs.cumsum(dim=-1)
     index = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
     return order.gather(-1, index[:, None]).squeeze(-1)
@@ -77,11 +99,14 @@ def stop_tokens(tokenizer, generation_config=None) -> list[int]:
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Tensor, *, eos: int | list[int],
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float | None = None,
-           all_ranks: bool = False, group=None, vocab: int | None = None) -> tuple[list[np.ndarray], list[bool]]:
+           repetition_penalty: float = 1.0, all_ranks: bool = False, group=None,
+           vocab: int | None = None) -> tuple[list[np.ndarray], list[bool]]:
     """Completions of ``prompts``, ``G = len(uniforms) / len(prompts)`` each (consecutive), and whether each was
     clipped (no stop token within the length). ``uniforms`` ``[len(prompts) · G, max_len]``: row r's draw of each
     step. ``eos``: the stop id or ids (:func:`stop_tokens`). A completion ends with the stop token it sampled.
-    ``temperature``, ``top_k``, ``top_p``, ``min_p``: the distribution's cuts (:func:`_pick`).
+    ``temperature``, ``top_k``, ``top_p``, ``min_p``: the distribution's cuts (:func:`_pick`);
+    ``repetition_penalty`` (1: off) is applied to the tokens of each row's prompt and of its completion so far
+    (transformers' ``input_ids``, without the padding a batch would add: a row's draws stay its own).
     ``all_ranks``: decode until every rank's rows are done (a max all-reduce per token), so that each rank runs
     as many forwards as the others (under FSDP each forward is a collective); a finished row is fed a stop id
     and what it samples is dropped, so the completions are those of a run on its own. ``group``: the process group
@@ -101,12 +126,21 @@ def sample(model: torch.nn.Module, prompts: list[np.ndarray], uniforms: torch.Te
     cache = out.cache
     cache.batch_repeat_interleave(generations)
     logits = out.logits[0, :, :vocab].repeat_interleave(generations, dim=0)
+    seen = None  # [rows, V]: the tokens each row's penalty applies to, its prompt's and those sampled since
+    if repetition_penalty != 1.0:
+        seen = torch.zeros((len(prompts), logits.shape[-1]), dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            seen[row, torch.from_numpy(prompt.astype(np.int64)).to(device)] = True  # uint16 cannot index
+        seen = seen.repeat_interleave(generations, dim=0)
     tokens = torch.full((rows, length), filler, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     for step in range(length):
-        token = torch.where(done, filler, _pick(logits, uniforms[:, step], temperature, top_p, top_k, min_p))
+        token = torch.where(done, filler, _pick(logits, uniforms[:, step], temperature, top_p, top_k, min_p,
+                                                repetition_penalty, seen))
         if group is not None:
             torch.distributed.broadcast(token, group=group, group_src=0)
+        if seen is not None:
+            seen[torch.arange(rows, device=device), token] = True
         tokens[:, step] = token
         done |= torch.isin(token, stops)
         if step == length - 1:

@@ -32,7 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from retnet.train.chat import CHAT_COLUMNS, check_conversations, messages_column, render_default, target_count
+from retnet.train.chat import (
+    CHAT_COLUMNS,
+    COMPLETION,
+    PROMPT,
+    check_conversations,
+    check_prompt_completions,
+    messages_column,
+    prompt_completion,
+    render_default,
+    target_count,
+)
 from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import (
     MaskedBlocks,
@@ -366,16 +376,21 @@ def _source_reader(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: C
         rows = stream if files is None else _hf_dataset(cfg, files, cache_dir, streaming=True)
         if cfg.max_documents:
             rows = rows.take(cfg.max_documents)
-        # TRL's ShareGPT column stands in for a missing default one
+        # TRL's ShareGPT column stands in for a missing default one; TRL's prompt-completion rows for either
+        pairs = chat and prompt_completion(cfg.messages_field, rows.column_names)
         field = messages_column(cfg.messages_field, rows.column_names) if chat else cfg.text_field
         with _reading(cfg.dataset, field, "data.messages_field" if chat else "data.text_field"):
             for index, row in enumerate(rows):
-                if index < cfg.val_documents or not row.get(field):
+                if index < cfg.val_documents or not row.get(COMPLETION if pairs else field):
                     continue
                 if chat:
                     columns = {name: [row[name]] for name in CHAT_COLUMNS if name in row}
-                    yield from (render_default(c) for c in check_conversations(cfg.dataset, field, [row[field]],
-                                                                                 first_row=index, columns=columns))
+                    kept = (
+                        [c for _, c in check_prompt_completions(cfg.dataset, [row[PROMPT]], [row[COMPLETION]],
+                                                                first_row=index, columns=columns)]
+                        if pairs else check_conversations(cfg.dataset, field, [row[field]], first_row=index,
+                                                          columns=columns))
+                    yield from (render_default(c) for c in kept)
                 elif isinstance(row[field], str):
                     yield row[field]
 

@@ -17,9 +17,14 @@ import torch
 from retnet.train.chat import (
     BOUNDARY,
     CHAT_COLUMNS,
+    COMPLETION,
+    PROMPT,
     ChatEncoder,
+    Completion,
     check_conversations,
+    check_prompt_completions,
     messages_column,
+    prompt_completion,
     render_default,
     target_count,
     without_spilled_targets,
@@ -198,10 +203,16 @@ class StreamingData:
 STREAM_ROW = "__retnet_stream_row__"
 
 
-def stream_conversation(dataset: str, field: str, example: dict) -> list[dict[str, Any]] | None:
+def stream_conversation(dataset: str, field: str, example: dict,
+                        pairs: bool = False) -> list[dict[str, Any]] | Completion | None:
     """The conversation of a streamed chat row (``example`` of a stream with :data:`STREAM_ROW`), None for an
-    empty one; a row that holds no conversation is refused naming its index in the stream."""
+    empty one; a row that holds no conversation is refused naming its index in the stream. ``pairs``: the stream's
+    rows are TRL's prompt-completion ones (``field`` is not read), None for one with an empty completion."""
     columns = {name: [example[name]] for name in CHAT_COLUMNS if name in example}  # TRL's, for the template
+    if pairs:
+        kept = check_prompt_completions(dataset, [example[PROMPT]], [example[COMPLETION]],
+                                        first_row=example[STREAM_ROW], columns=columns)
+        return kept[0][1] if kept else None
     kept = check_conversations(dataset, field, [example[field]], first_row=example[STREAM_ROW], columns=columns)
     return kept[0] if kept else None
 
@@ -214,7 +225,8 @@ class StreamingChatData(StreamingData):
     buffered tokens.
 
     ``stream``'s rows carry :data:`STREAM_ROW`. ``step_targets`` counts the targets of this rank's micro-batches
-    only (the other ranks read other rows): the trainer sums it over the ranks."""
+    only (the other ranks read other rows): the trainer sums it over the ranks. ``pairs``: the rows are TRL's
+    prompt-completion ones; ``messages_field`` is then their completion column, which an empty row has empty."""
 
     masked = True
     step_targets_per_rank = True
@@ -222,19 +234,19 @@ class StreamingChatData(StreamingData):
 
     def __init__(self, stream, val_blocks: np.ndarray, val_flags: np.ndarray, tokenizer, *, messages_field: str,
                  seq_len: int, micro_batch: int, rank: int, world_size: int, dataset: str = "",
-                 val_documents: int = 0, assistant_only_loss: bool = True):
+                 val_documents: int = 0, assistant_only_loss: bool = True, pairs: bool = False):
         super().__init__(stream, val_blocks, tokenizer, text_field=messages_field, seq_len=seq_len,
                          micro_batch=micro_batch, rank=rank, world_size=world_size, dataset=dataset,
                          val_documents=val_documents)
         _require_targets("validation", val_flags)
-        self.val_flags = val_flags
+        self.val_flags, self.pairs = val_flags, pairs
         self.step_targets: int | None = None
         self._chat = ChatEncoder(tokenizer, assistant_only_loss, dataset)
         self._flags: list[int] = []  # those of _buffer, index for index
         self._continued = False  # the last block packed ended inside a conversation
 
     def _append(self, example: dict) -> None:
-        conversation = stream_conversation(self.dataset, self.text_field, example)
+        conversation = stream_conversation(self.dataset, self.text_field, example, self.pairs)
         ids, flags = self._chat.encode([conversation], rows=[example[STREAM_ROW]])
         self._buffer.extend(ids.tolist())
         self._flags.extend(flags.tolist())
@@ -309,10 +321,13 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
     chat = cfg.format == "chat"
     with _reading(cfg.dataset, *_field(cfg)):  # a stream reads its files from here on, lazily
         columns = stream.column_names
+    pairs = chat and prompt_completion(cfg.messages_field, columns)  # TRL's prompt-completion rows
     if chat:  # TRL's ShareGPT column stands in for a missing default one
         cfg = dataclasses.replace(cfg, messages_field=messages_column(cfg.messages_field, columns))
-    field = _field(cfg)[0]
-    _check_text_field(cfg, columns)
+    # the column whose empty rows are skipped: a prompt-completion row's completion
+    field = COMPLETION if pairs else _field(cfg)[0]
+    if not pairs:
+        _check_text_field(cfg, columns)
     if cfg.max_documents:
         # One shard, read whole by every rank, which keeps every world_size-th document: split_dataset_by_node
         # would split the taken documents between the ranks' own whole shards, each rank taking max_documents /
@@ -330,13 +345,15 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
         val_rows = list(val_stream)
     val_texts = [e[field] for e in val_rows]
     if chat:
-        val_conversations = indexed_conversations(
-            cfg.dataset, field, val_texts,
-            columns={name: [e[name] for e in val_rows] for name in CHAT_COLUMNS if name in (columns or ())})
+        val_columns = {name: [e[name] for e in val_rows] for name in CHAT_COLUMNS if name in (columns or ())}
+        val_conversations = (
+            check_prompt_completions(cfg.dataset, [e[PROMPT] for e in val_rows], val_texts, columns=val_columns)
+            if pairs else indexed_conversations(cfg.dataset, field, val_texts, columns=val_columns))
         held_out = frozenset(_conversation_key(c) for _, c in val_conversations)
 
         def training(example) -> bool:
-            conversation = stream_conversation(cfg.dataset, field, example)  # checked before the lookup, as text
+            # checked before the lookup, as text
+            conversation = stream_conversation(cfg.dataset, field, example, pairs)
             return conversation is None or _conversation_key(conversation) not in held_out
     else:
         _check_texts(cfg.dataset, cfg.text_field, val_texts)
@@ -359,7 +376,7 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
             total = 0
             for example in train_stream:
                 if chat:  # as the BPE's template (the default) renders it, tags and all, as the cached path does
-                    conversation = stream_conversation(cfg.dataset, field, example)
+                    conversation = stream_conversation(cfg.dataset, field, example, pairs)
                     text = render_default(conversation) if conversation else ""
                 else:
                     text = example[cfg.text_field] or ""  # checked by the filter training() on the way
@@ -381,13 +398,14 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
         encoder = ChatEncoder(tokenizer, cfg.assistant_only_loss, cfg.dataset)
         val, val_flags = chat_blocks(encoder, val_conversations, cfg.seq_len)
         return StreamingChatData(train_stream, val, val_flags, tokenizer, messages_field=field,
-                                 assistant_only_loss=cfg.assistant_only_loss, **common)
+                                 assistant_only_loss=cfg.assistant_only_loss, pairs=pairs, **common)
     val = _blocks(encode_documents(tokenizer, [text for text in val_texts if is_document(text)]), cfg.seq_len)
     return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, **common)
 
 
-def _conversation_key(conversation: list[dict[str, Any]]) -> str:
-    """A checked conversation as a hashable value, to hold the validation conversations out of the stream."""
+def _conversation_key(conversation: list[dict[str, Any]] | Completion) -> str:
+    """A checked conversation (or prompt-completion row) as a hashable value, to hold the validation conversations out
+    of the stream."""
     return json.dumps(conversation, sort_keys=True, default=str)
 
 

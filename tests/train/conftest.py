@@ -3,6 +3,7 @@ helpers that launch real ``python -m retnet.train`` / ``torchrun`` processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -85,6 +86,22 @@ def train_fsdp_in_process(args: list[str], resumed_step: int) -> None:
             trainer.close()
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as every torchrun rank computes (torchrun sets OMP_NUM_THREADS=1): an in-process run
+    compared to launched ranks must not depend on how pytest was started (one process has both cores, an xdist
+    worker one). A sampled token is discrete: weights a thread count's summation order moves by 1e-6 can flip one
+    after a few updates, and that run then draws other completions."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def metrics(output_dir: Path, kind: str = "train") -> list[dict]:

@@ -34,7 +34,7 @@ from retnet.train.grpo import (
 )
 from retnet.train.grpo_sampling import gathered_weights, sample, stop_tokens, uniforms
 
-from .conftest import metrics, save_micro_base
+from .conftest import metrics, one_thread, save_micro_base
 
 # A reward the micro model learns in a few steps: the share of "a" in the completion's text.
 TOY_REWARDS = '''
@@ -73,6 +73,14 @@ def one_short(completions, **kwargs):
 PROMPTS = 40
 STEPS = 16
 STRIP = ("time", "tokens_per_s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _as_launched_ranks_compute():
+    """Every run here on one thread, as the launched ranks compared to them and the resumes compared bit for bit
+    (:func:`~tests.train.conftest.one_thread`)."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -859,7 +867,7 @@ def merged(**sections) -> dict:
     (merged(grpo={"reward_weights": [1.0, 2.0]}), r"grpo.reward_weights must give one weight per reward source \(1"),
     (merged(grpo={"reward_weights": [float("nan")]}), r"grpo.reward_weights must be finite numbers"),
     (merged(grpo={"loss_type": "gspo"}),
-     r"grpo.loss_type must be one of \('dapo', 'grpo', 'dr_grpo', 'bnpo'\); got 'gspo'"),
+     r"grpo.loss_type must be one of \('dapo', 'grpo', 'dr_grpo', 'bnpo', 'cispo', 'sapo', 'luspo'\); got 'gspo'"),
     (merged(grpo={"scale_rewards": "rank"}), r"grpo.scale_rewards must be one of \('group', 'batch', 'none'\)"),
     (merged(grpo={"top_p": 0.0}), r"grpo.top_p must be in \(0, 1\]; got 0.0"),
     (merged(grpo={"temperature": 0.0}), r"grpo.temperature must be > 0; got 0.0"),
