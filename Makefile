@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 # 2-4 processes of their own, so more workers than cores only queue them).
 TEST_WORKERS ?= 2
 
-.PHONY: setup test lint demo bench aot gpu-wheels clean
+.PHONY: setup test test-durations lint demo bench aot gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,13 @@ lint: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --timeout=600 -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q --timeout=600 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+
+# Measure the seconds of each test file (tests/file_durations.json), the order `make test` queues them in.
+test-durations: setup
+	$(PY) -m pytest -q --timeout=600 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests \
+		--junitxml=.test-durations.xml
+	$(PY) -m tests.file_durations .test-durations.xml
 
 # Train the tiny preset on the Python standard library's own sources (a few minutes on 2 CPU cores),
 # then serve it, stream one completion and keep serving until Ctrl-C.

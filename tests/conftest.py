@@ -85,17 +85,19 @@ def hub_cache(tmp_path, monkeypatch):
     return publish
 
 
-# The folders whose files run longest (real torchrun launches, training runs): pytest-xdist (``make test`` runs
-# the files on 2 workers) hands each worker its next file in this order, so the long ones start first and the
-# many short serving and kernel files fill the end, instead of one long file running alone at the end. The longest
-# files are named first (each several torchrun launches, 2-5 minutes alone): alphabetically they came last.
-_LONGEST_FIRST = ("tests/train/test_tensor_parallel.py", "tests/train/test_training_resume.py",
-                  "tests/train/test_training.py", "tests/train/test_context_parallel.py", "tests/train/", "tests/model/")
-
-
 def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        path = item.nodeid
-        return next((i for i, prefix in enumerate(_LONGEST_FIRST) if path.startswith(prefix)), len(_LONGEST_FIRST))
+    """Files longest first, by their measured seconds (tests/file_durations.py: the longest-processing-time order for
+    ``make test``'s xdist workers, which take it with ``--no-loadscope-reorder``); each file's own order is kept."""
+    from tests.file_durations import UNKNOWN_PER_TEST, load
 
-    items.sort(key=rank)  # stable: each file's own order is kept
+    seconds = load()
+    counts: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        counts[path] = counts.get(path, 0) + 1
+
+    def cost(item) -> float:
+        path = item.nodeid.split("::", 1)[0]
+        return seconds.get(path, UNKNOWN_PER_TEST * counts[path])
+
+    items.sort(key=lambda item: -cost(item))  # stable

@@ -137,8 +137,9 @@ def messages_column(field: str, columns: Iterable[str] | None) -> str:
 def prompt_completion(field: str, columns: Iterable[str] | None) -> bool:
     """Whether a chat set's rows are TRL's prompt-completion ones: it has no column of conversations
     (:func:`messages_column`'s) but the :data:`PROMPT` and :data:`COMPLETION` columns (TRL's SFTTrainer reads a
-    set with a ``prompt`` column so)."""
-    if columns is None:
+    set with a ``prompt`` column so), and ``field`` is the default ``messages``: a ``data.messages_field`` set to
+    another name must be there (a typo is refused, not read as prompts and completions)."""
+    if columns is None or field != "messages":  # a column named on purpose: its absence is refused, not guessed
         return False
     columns = list(columns)
     return messages_column(field, columns) not in columns and PROMPT in columns and COMPLETION in columns
@@ -469,7 +470,11 @@ class ChatEncoder:
         """(the text of a conversation or standard prompt-completion row, the character spans of its targets, None
         for every token)."""
         if isinstance(sequence, Completion):
-            text = sequence.prompt + sequence.completion
+            completion = sequence.completion
+            eos = self.tokenizer.eos_token
+            if eos and completion.endswith(eos):  # TRL's add_eos: the EOS encode appends stands for it, not twice
+                completion = completion[: -len(eos)]
+            text = sequence.prompt + completion
             return text, ([(len(sequence.prompt), len(text))] if self.assistant_only_loss else None)
         if self.assistant_only_loss:
             return self.spans(sequence, index)

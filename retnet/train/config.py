@@ -932,10 +932,18 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
 
 
 def _parse_toml_value(text: str) -> Any:
-    """``--model.extra.KEY=VALUE``: VALUE as a TOML value (``true``, ``3``, ``[1, 2]``), else the string."""
+    """``--model.extra.KEY=VALUE``: VALUE as a TOML value (``true``, ``3``, ``[1, 2]``), a number TOML spells
+    otherwise (``.9``, as the plain fields take it), None for ``none``/``null`` (TOML has no null), else the
+    string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        pass
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
         return text
 
 

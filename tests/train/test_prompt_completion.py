@@ -81,6 +81,16 @@ def test_a_standard_rows_targets_are_its_completion_and_eos(tokenizer):
     assert targets(every) == [1] * len(ids)
 
 
+def test_a_completion_ending_with_the_eos_text_gets_one_eos(tokenizer):
+    """TRL's add_eos: a completion that spells out the EOS is not given a second one (which would teach EOS after
+    EOS and start the next packed segment one token late)."""
+    row = standard(2)
+    encoder = ChatEncoder(tokenizer)
+    plain = encoder.encode([Completion(row["prompt"], row["completion"])])
+    spelled = encoder.encode([Completion(row["prompt"], row["completion"] + tokenizer.eos_token)])
+    assert spelled[0].tolist() == plain[0].tolist() and spelled[1].tolist() == plain[1].tolist()
+
+
 def test_a_conversational_rows_targets_are_its_completions_assistant_messages(tokenizer):
     """The prompt's own assistant message (a two-turn conversation's first answer) is no target; the completion
     is, from where the generation prompt ends (TRL renders the prompt with it) to its end-of-turn, and EOS."""
@@ -126,6 +136,14 @@ def test_a_set_with_prompt_and_completion_columns_is_read_as_prompt_completion_r
     both = write_jsonl(tmp_path / "both.jsonl", [{**standard(0), "messages": conversation(0)}])
     (_, messages), = load_conversations(DataConfig(dataset=str(both), format="chat"), [both], tmp_path / "cache")
     assert messages == conversation(0)  # a messages column wins, as in TRL
+
+
+def test_a_messages_field_named_on_purpose_is_not_guessed_as_prompt_completion(tmp_path):
+    """Only the default ``messages`` falls back to prompt and completion columns: a misspelt column is refused."""
+    dataset = write_jsonl(tmp_path / "set.jsonl", [standard(i) for i in range(3)])
+    with pytest.raises(ConfigError, match="dialog"):
+        load_conversations(DataConfig(dataset=str(dataset), format="chat", messages_field="dialog"), [dataset],
+                           tmp_path / "cache")
 
 
 USER = [{"role": "user", "content": "hi"}]

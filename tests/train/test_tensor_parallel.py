@@ -215,8 +215,8 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     the groups (``train.parallelism=fsdp``: micro 2 × accum 1 × 2 groups), log one process's training and validation
     losses and gradient norms (micro 2 × accum 2, the same global batch). The FFN is 70 wide: a rank's 35 rows of
     the gate and up projections split unevenly over the 2 dp ranks (FSDP2's ``_StridedShard``). Their checkpoints
-    take FSDP's default, the sharded layout, and hold the unsharded model's tensors: one process without either split
-    resumes the step-2 one to the last losses; the export loads with ``AutoModelForCausalLM`` and holds the last
+    take FSDP's default, the sharded layout, and hold the unsharded model's tensors (one process resumes such a
+    checkpoint in test_context_parallel_pieces_split_by_tensor_parallelism...[fsdp-vocab-sequence]); the export loads with ``AutoModelForCausalLM`` and holds the last
     checkpoint's weights. The full layout: 4 ranks under both splits resume the one-process step-2 checkpoint (torch's
     own full-state load refuses those uneven shards) to the same losses and save theirs in it. And 4 such ranks resume
     their own sharded step-2 checkpoint to the run's last losses."""
@@ -225,7 +225,7 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     import retnet  # noqa: F401  (registers the Auto classes)
     from retnet.train.checkpoint import saved_model_shapes, verify_checkpoint
 
-    single, split, alone, full = (tmp_path / name for name in ("single", "split", "alone", "full"))
+    single, split, full = (tmp_path / name for name in ("single", "split", "full"))
     common = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
                   checkpoint__interval=2, model__intermediate_size=70)
     fsdp_tp = dict(train__tensor_parallel=2, train__parallelism="fsdp", train__vocab_parallel=True,
@@ -248,12 +248,8 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
 
     checkpoint = split / "checkpoints" / "step_00000002"
     assert verify_checkpoint(checkpoint)["layout"] == "sharded"
+    # the unsharded model's tensors: one process resumes such a checkpoint (the context-parallel test below does)
     assert saved_model_shapes(checkpoint) == saved_model_shapes(single / "checkpoints" / "step_00000002")
-    resumed = run_here(micro(alone, **common, train__resume=checkpoint))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ("written by 4 ranks (train.tensor_parallel 2), resuming with 1 (train.tensor_parallel 1)"
-            in resumed.stderr)
-    assert _losses(read_metrics, alone) == pytest.approx(expected[-2:], rel=1e-5)
 
     exported = AutoModelForCausalLM.from_pretrained(split / "export")
     last = load_checkpoint(split / "checkpoints" / "step_00000004")["model"]  # the shards read whole

@@ -1,5 +1,6 @@
 """Two torchrun ranks of the training launcher resume their own checkpoints to the losses of a run never stopped, in
-every checkpoint layout (DDP full and sharded, FSDP2 sharded and full, streamed data), and DDP over 2 ranks logs one
+every checkpoint layout (DDP full and sharded, FSDP2 sharded, streamed data; FSDP2's full layout in
+test_tensor_parallel.py), and DDP over 2 ranks logs one
 process's losses. Apart from test_training.py so that pytest-xdist can run these long launches beside it."""
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def test_ddp_two_processes_match_one_process(micro, tmp_path, sharded_ddp_run, r
 @pytest.mark.parametrize("setup", [
     dict(data__streaming=True, data__val_documents=10),  # DDP, streaming data split by node
     dict(train__parallelism="fsdp"),  # FSDP2: each rank saves and loads its shard
-    dict(train__parallelism="fsdp", checkpoint__layout="full"),  # FSDP2: gathered on rank 0, mapped by each
+    # (FSDP2's full layout, gathered on rank 0 and cut by each rank, is the tensor-parallel runs' default: the same
+    # code loads and saves it in test_tensor_parallel.py, under FSDP2 too)
     SHARDED_DDP,  # DDP: every rank holds the whole state; each writes a part of it
-], ids=["ddp-streaming", "fsdp2", "fsdp2-full-layout", "ddp-sharded-layout"])
+], ids=["ddp-streaming", "fsdp2", "ddp-sharded-layout"])
 def test_two_ranks_resume_the_same_losses(setup, micro, tmp_path, run, run_here, read_metrics, request):
     """2 torchrun ranks: the 5-step run resumed from its step-3 checkpoint replays its last losses (model,
     optimizer and each rank's data position restored). A constant learning rate, so the schedule does not

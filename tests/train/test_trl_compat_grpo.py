@@ -512,8 +512,11 @@ def test_generation_kwargs_override_the_sampling_fields_as_trls_update():
                                "--grpo.reward_funcs=retnet.train.rewards:exact_match", "--grpo.num_generations=4",
                                "--train.global_batch_size=16", "--train.micro_batch_size=8",
                                '--grpo.generation_kwargs={"top_k": 3, "repetition_penalty": 1.2}',
-                               "--grpo.generation_kwargs.max_new_tokens=12", "--grpo.repetition_penalty=1.05"])
-    assert job.grpo.generation_kwargs == {"top_k": 3, "repetition_penalty": 1.2, "max_new_tokens": 12}
+                               "--grpo.generation_kwargs.max_new_tokens=12", "--grpo.repetition_penalty=1.05",
+                               "--grpo.generation_kwargs.top_p=.9", "--grpo.generation_kwargs.min_p=none"])
+    # the dotted keys read as the plain fields do: ".9" a number, "none" None
+    assert job.grpo.generation_kwargs == {"top_k": 3, "repetition_penalty": 1.2, "max_new_tokens": 12,
+                                          "top_p": 0.9, "min_p": None}
     assert (job.grpo.sampling["top_k"], job.grpo.sampling["repetition_penalty"]) == (3, 1.2)
 
 
