@@ -497,11 +497,13 @@ def grpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     None is ``epsilon`` (:attr:`GrpoConfig.epsilon_upper`), the same as that value spelled out; and so are the
     sampling settings: a ``generation_kwargs`` key is the field it overrides (:attr:`GrpoConfig.sampling`), and
     where either sets ``max_new_tokens`` it is compared as ``generation_kwargs.max_new_tokens``
-    (``max_completion_length`` where unset)."""
+    (``max_completion_length`` where unset), and ``max_completion_length`` itself only as ``dr_grpo``'s divisor."""
     if "grpo" not in saved or current.data.format != "prompts":
         return []
     old, now = {**GrpoConfig().to_dict(), **saved["grpo"]}, current.grpo.to_dict()
     lengths = any("max_new_tokens" in table["generation_kwargs"] for table in (old, now))
+    # with max_new_tokens set, max_completion_length is read only as dr_grpo's divisor
+    divisor = "dr_grpo" in (old["loss_type"], now["loss_type"])
     for table in (old, now):
         sources = len(table["reward_funcs"]) + bool(table["reward_model"])
         table["reward_weights"] = [float(w) for w in table["reward_weights"]] or [1.0] * sources
@@ -511,6 +513,8 @@ def grpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
         length = kwargs.pop("max_new_tokens", table["max_completion_length"])
         if lengths:
             table["generation_kwargs.max_new_tokens"] = length
+            if not divisor:
+                del table["max_completion_length"]
         table.update(kwargs)
     return [f"grpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
 

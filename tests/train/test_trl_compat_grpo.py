@@ -541,6 +541,11 @@ def test_a_resume_compares_the_settings_sampled_with():
     assert grpo_changes(saved(), now(generation_kwargs={"max_new_tokens": 256})) == []
     assert grpo_changes(saved(), now(generation_kwargs={"max_new_tokens": 8})) == [
         "grpo.generation_kwargs.max_new_tokens: checkpoint 256, now 8"]
+    # the same sampled length moved to generation_kwargs: max_completion_length is then dr_grpo's divisor alone
+    assert grpo_changes(saved(max_completion_length=64), now(generation_kwargs={"max_new_tokens": 64})) == []
+    assert grpo_changes(saved(max_completion_length=64, loss_type="dr_grpo"),
+                        now(generation_kwargs={"max_new_tokens": 64}, loss_type="dr_grpo")) == [
+        "grpo.max_completion_length: checkpoint 64, now 256"]
     assert grpo_changes(saved(loss_type="sapo"), now(loss_type="sapo", sapo_temperature_neg=1.2)) == [
         "grpo.sapo_temperature_neg: checkpoint 1.05, now 1.2"]
     before = saved()
