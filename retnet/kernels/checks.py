@@ -8,7 +8,8 @@ The rules, in the order they are checked:
 - q, k, v, log_decay are tensors; initial_state and cu_seqlens are None or tensors.
 - q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_decay ``[H]``, head dims K and V in ``[1, MAX_HEAD_DIM]``.
 - q, k, v share one dtype, float32, float16 or bfloat16 (the references compute in fp32 either way; the
-  kernels exist for these three). log_decay and initial_state are floating point (used as fp32).
+  kernels exist for these three). log_decay and initial_state are floating point (used as fp32). A log_decay
+  of -inf (γ = 0: each token sees only itself) is allowed: the ops compute with :func:`usable_log_decay`.
 - cu_seqlens: a 1-D integer tensor ``[N + 1]`` (B = 1) that starts at 0, never decreases and ends at T;
   initial_state ``[B or N, H, K, V]``; every tensor on one device.
 - scale: None, a real number, or a one-element tensor (read once as a Python float).
@@ -37,8 +38,8 @@ import weakref
 import torch
 
 __all__ = [
-    "MAX_HEAD_DIM", "SUPPORTED_DTYPES", "HostOffsets", "SharedHostOffsets", "check_chunk_size", "check_inputs",
-    "check_scale", "host_offsets", "shares_host_offsets",
+    "MAX_HEAD_DIM", "MIN_LOG_DECAY", "SUPPORTED_DTYPES", "HostOffsets", "SharedHostOffsets", "check_chunk_size",
+    "check_inputs", "check_scale", "host_offsets", "shares_host_offsets", "usable_log_decay",
 ]
 
 # The paper's presets have V = 2 · K = 512. The kernels tile K and V in at most 128-wide tiles (the recurrent
@@ -47,6 +48,17 @@ __all__ = [
 # only where it does at 256 (fp32 dq/dk on sm_80, 16 bytes).
 MAX_HEAD_DIM = 512
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# ln γ at or below this is γ = 0 to fp32 at every distance n >= 1 (e^-104 is below its smallest subnormal),
+# and -1e4 · log2(e) · n stays finite for any chunk distance.
+MIN_LOG_DECAY = -1e4
+
+
+def usable_log_decay(log_decay: torch.Tensor) -> torch.Tensor:
+    """``log_decay`` as fp32 with -inf (γ = 0) and other values below :data:`MIN_LOG_DECAY` raised to it: the
+    same γ^n for every n (γ^0 = 1, γ^n = 0 beyond), but ``0 · ln γ`` at distance 0 is then 0, not NaN. The
+    recurrent form multiplies by γ = exp(ln γ) and never forms that product; the chunkwise and parallel
+    forms do."""
+    return log_decay.float().clamp(min=MIN_LOG_DECAY)
 
 
 def check_scale(scale, op: str) -> float | None:
@@ -127,9 +139,15 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
             f"{op}: cu_seqlens must be a 1-D integer tensor [N + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
         )
     # Before cu_seqlens is read on the host (a meta or foreign-device tensor would fail there otherwise).
-    devices = {x.device for x in (q, k, v, log_decay, initial_state, cu_seqlens) if x is not None}
-    if len(devices) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device; got {sorted(str(d) for d in devices)}")
+    named = (("q", q), ("k", k), ("v", v), ("log_decay", log_decay), ("initial_state", initial_state),
+             ("cu_seqlens", cu_seqlens))
+    devices: dict[str, list[str]] = {}
+    for name, x in named:
+        if x is not None:
+            devices.setdefault(str(x.device), []).append(name)
+    if len(devices) != 1:  # which tensor is where: "got q, k, v, log_decay on cuda:0; cu_seqlens on cpu"
+        placed = "; ".join(f"{', '.join(names)} on {device}" for device, names in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device; got {placed}")
     if cu_seqlens is not None:
         if q.shape[0] != 1:
             raise ValueError(f"{op}: with cu_seqlens the batch must be packed into B=1; got B={q.shape[0]}")

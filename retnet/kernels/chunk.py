@@ -52,7 +52,13 @@ import triton
 import triton.language as tl
 
 from retnet.kernels import naive
-from retnet.kernels.checks import check_chunk_size, check_inputs, host_offsets, shares_host_offsets
+from retnet.kernels.checks import (
+    check_chunk_size,
+    check_inputs,
+    host_offsets,
+    shares_host_offsets,
+    usable_log_decay,
+)
 
 __all__ = ["check_retention_inputs", "chunk_retention", "chunk_retention_bwd", "chunk_retention_fwd"]
 
@@ -675,7 +681,7 @@ def chunk_retention(
     chunk_size = check_chunk_size(chunk_size, "chunk_retention")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    log_decay = log_decay.float().contiguous()
+    log_decay = usable_log_decay(log_decay).contiguous()  # γ = 0: exp2(0 · ln γ) is 1, not NaN
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     if cu_seqlens is not None:

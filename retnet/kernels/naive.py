@@ -27,7 +27,13 @@ import itertools
 
 import torch
 
-from retnet.kernels.checks import check_chunk_size, check_inputs, host_offsets, shares_host_offsets
+from retnet.kernels.checks import (
+    check_chunk_size,
+    check_inputs,
+    host_offsets,
+    shares_host_offsets,
+    usable_log_decay,
+)
 
 # Padding the packed sequences into one batch does at most this many times the packed row's work; beyond
 # it (one long document among many short ones) they run one by one.
@@ -59,6 +65,7 @@ def _varlen(form, q, k, v, log_decay, scale, initial_state, output_final_state, 
     """Run ``form`` on the N sequences packed into a varlen row (B=1): as one right-padded batch when that
     wastes little, else one by one."""
     host = host_offsets(cu_seqlens)  # read once per forward (checks.SharedHostOffsets), not per layer
+    log_decay = usable_log_decay(log_decay)  # (γ = 0: the padded batch's final states form 0 · ln γ)
     count, longest = len(host.offsets) - 1, host.longest
     if count > 1 and longest > 0 and count * longest <= MAX_PADDING_FACTOR * q.shape[1]:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -153,6 +160,7 @@ def parallel_retention(
         ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32 or None)``.
     """
     scale = check_inputs("parallel_retention", q, k, v, log_decay, scale, initial_state, cu_seqlens)
+    log_decay = usable_log_decay(log_decay)  # γ = 0 (ln γ = -inf) as such: no 0 · -inf at distance 0
     if cu_seqlens is not None:
         return _varlen(
             parallel_retention, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens
@@ -202,6 +210,7 @@ def chunk_retention(
     """
     scale = check_inputs("chunk_retention", q, k, v, log_decay, scale, initial_state, cu_seqlens)
     chunk_size = check_chunk_size(chunk_size, "chunk_retention")
+    log_decay = usable_log_decay(log_decay)  # γ = 0 (ln γ = -inf) as such: no 0 · -inf at distance 0
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # Chunks longer than the longest sequence only add padding, and a C×C decay mask that grows as C² whatever T
     # is (7 tokens in chunks of 2^14 took 7.6 GiB): cut to it, the result being the same.

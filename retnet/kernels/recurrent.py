@@ -125,6 +125,11 @@ def recurrent_retention_fwd(q, k, v, log_decay, scale, initial_state, output_fin
             H=H, K=K, V=V, BK=BK, BV=BV,
             USE_H0=initial_state is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None,
         )
+    if update_state_inplace:
+        # The kernel wrote through a raw pointer, which autograd does not see: count the write as a torch in-place
+        # op would (the reference's does), so a graph that saved this state (a prefill's, say) refuses to backward
+        # through the overwritten values rather than use them silently.
+        torch.autograd.graph.increment_version(ht)
     return o, ht
 
 
