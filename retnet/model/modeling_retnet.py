@@ -1088,6 +1088,18 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             model_inputs["position_ids"] = model_inputs["position_ids"][:, -length:]
         return model_inputs
 
+    def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
+        # An empty prompt would fail on an IndexError inside transformers' generate (its right-padding check, or
+        # the empty logits of the first step).
+        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        if inputs_tensor is not None and inputs_tensor.dim() >= 2 and inputs_tensor.shape[1] == 0:
+            raise ValueError(
+                f"generate got an empty prompt ({input_name} of shape {tuple(inputs_tensor.shape)}): it needs at "
+                "least one token to condition on; pass a BOS token, or no inputs at all to start from "
+                "generation_config.bos_token_id"
+            )
+        return inputs_tensor, input_name, model_kwargs
+
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
         # Continuing a cache, `input_ids` is the whole sequence or only the new tokens; the attention mask (or,
         # when transformers dropped an all-ones one, the width it recorded) covers the whole sequence, so its
@@ -1109,7 +1121,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                     "columns, so none of them is new: pass the whole sequence (what the cache saw, then the new "
                     "tokens), or only the new tokens with an attention_mask covering the whole sequence. generate "
                     "feeds at least one token to get the next one's logits: a cache prefilled by hand should hold "
-                    "all but the prompt's last token"
+                    "all but the prompt's last token. generate updates the cache it is given in place: to continue "
+                    "one cache more than once, pass a copy (cache.clone()) each time"
                 )
             if embeds is None:
                 input_ids = input_ids[:, input_ids.shape[1] - new:]
@@ -1118,11 +1131,20 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         chunk_size = getattr(generation_config, "prefill_chunk_size", None)
         embeds = model_kwargs.get("inputs_embeds")
         width = (input_ids if embeds is None else embeds).shape[1]
-        if chunk_size is None or not isinstance(cache, RetNetCache) or width == 0:
-            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
-        return self._chunked_prefill(input_ids, model_kwargs, chunk_size)
+        # Right padding: each row's state is that of its real tokens alone (the forward packs them), but its
+        # first new token must come from the logits of its last real token, not of the trailing padding.
+        last_real = _last_real_columns(model_kwargs.get("attention_mask"), width)
+        if chunk_size is None or not isinstance(cache, RetNetCache):
+            if last_real is None:
+                return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+            keep = last_real.unique()  # sorted; the forward computes logits at these columns only
+            outputs = super()._prefill(input_ids, generation_config, {**model_kwargs, "logits_to_keep": keep},
+                                       *args, **kwargs)
+            outputs.logits = _logits_at(outputs.logits, keep, last_real)[:, None]
+            return outputs
+        return self._chunked_prefill(input_ids, model_kwargs, chunk_size, last_real)
 
-    def _chunked_prefill(self, input_ids, model_kwargs, chunk_size):
+    def _chunked_prefill(self, input_ids, model_kwargs, chunk_size, last_real=None):
         # transformers' own chunked prefill counts the chunks' mask columns from 0 (5.17), which ends the first
         # chunk's mask before the tokens a continued cache holds, and splits input_ids, which are empty with
         # inputs_embeds. The state carries any split, so the chunks are the new inputs' and the mask and
@@ -1131,6 +1153,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         inputs = input_ids if embeds is None else embeds
         mask, positions = model_kwargs.get("attention_mask"), model_kwargs.get("position_ids")
         total = inputs.shape[1]
+        # With right padding, the columns of the rows' last real tokens (one host read), and their logits.
+        columns, picked = ([] if last_real is None else sorted(set(last_real.tolist()))), None
         for start in range(0, total, chunk_size):
             end = min(start + chunk_size, total)
             after = total - end  # new columns after this chunk
@@ -1141,10 +1165,20 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 chunk_kwargs["position_ids"] = positions[..., : positions.shape[-1] - after]
             if embeds is not None:
                 chunk_kwargs["inputs_embeds"] = embeds[:, start:end]
+            in_chunk = [column - start for column in columns if start <= column < end]
+            if in_chunk:
+                keep = torch.tensor(in_chunk, device=last_real.device)
+                chunk_kwargs["logits_to_keep"] = keep
             model_inputs = self.prepare_inputs_for_generation(
                 input_ids[:, start:end], next_sequence_length=end - start, is_first_iteration=True, **chunk_kwargs
             )
             outputs = self(**model_inputs, return_dict=True)
+            if in_chunk:  # the rows whose last real token is in this chunk take their logits from it
+                chunk_logits = _logits_at(outputs.logits, keep, last_real - start)
+                here = ((last_real >= start) & (last_real < end))[:, None]
+                picked = chunk_logits if picked is None else torch.where(here, chunk_logits, picked)
+        if picked is not None:
+            outputs.logits = picked[:, None]
         return outputs
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
@@ -1188,6 +1222,26 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if outputs.cache is not None:
             model_kwargs[CACHE_KWARG] = outputs.cache
         return model_kwargs
+
+
+def _last_real_columns(attention_mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """``[B]`` each row's last real column among the mask's last ``width`` (the new inputs), when some row's
+    columns end in padding after a real token (right padding); None when every row ends with a real token. A row
+    with no real new token keeps the last column."""
+    if attention_mask is None or width == 0:
+        return None
+    real = attention_mask[:, -width:] != 0
+    if not bool((real.any(-1) & ~real[:, -1]).any()):  # one host read per generate, only with padding
+        return None
+    last = torch.where(real, torch.arange(width, device=real.device), -1).amax(-1)
+    return torch.where(last < 0, width - 1, last)
+
+
+def _logits_at(logits: torch.Tensor, kept: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``[B, V]``: row b's logits at column ``columns[b]``, from ``logits`` ``[B, N, V]`` computed at the sorted
+    columns ``kept`` ``[N]`` only (``logits_to_keep``); a column not kept gives a nearby kept one's."""
+    index = torch.searchsorted(kept, columns.to(kept.device)).clamp(max=len(kept) - 1)
+    return logits[torch.arange(logits.shape[0], device=logits.device), index.to(logits.device)]
 
 
 def causal_lm_loss(
