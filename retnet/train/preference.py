@@ -6,9 +6,12 @@
 Rows are TRL's preference formats, the columns ``prompt``, ``chosen`` and ``rejected``; without ``prompt`` (TRL's
 *implicit prompt*) a row's prompt is its chosen and rejected's common beginning, split off as TRL's
 ``extract_prompt`` splits it (:func:`extract_prompt`); so it is for a row whose ``prompt`` is a string while its
-``chosen`` and ``rejected`` are whole conversations (TRL's ``maybe_extract_prompt``). *Standard*: three strings;
-a sequence is the prompt's tokens, then the completion's, then EOS. *Conversational*: three lists of ``{"role",
-"content"}`` messages (``chosen``/``rejected`` normally one assistant message). The prompt is rendered with the
+``chosen`` and ``rejected`` are whole conversations (TRL's ``maybe_extract_prompt``). A prompt-less row whose two
+share no beginning has no prompt (None): each completion is the whole text, or the whole conversation rendered
+with the chat template (no generation prompt), as TRL's RewardTrainer tokenizes every row; a reward model scores
+it so, and DPO refuses it when it starts (:meth:`PreferenceData.check_prompted`: no token would predict the first
+completion token). *Standard*: three strings; a sequence is the prompt's tokens, then the completion's, then
+EOS. *Conversational*: three lists of ``{"role", "content"}`` messages (``chosen``/``rejected`` normally one assistant message). The prompt is rendered with the
 tokenizer's chat template and the generation prompt, as the server renders a chat request, and a completion is
 what ``render(prompt + chosen)`` adds after it (the template must render the prompt as a prefix, or the row is
 refused). A prompt that ends with an assistant message (a prefill) is rendered as TRL renders it, with
@@ -108,12 +111,18 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 # ----------------------------------------------------------------------------------------------------------
 # Rows -> tokens
 # ----------------------------------------------------------------------------------------------------------
-def check_pair(dataset: str, row: int, values: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+def check_pair(dataset: str, row: int, values: tuple[Any, Any, Any], *,
+               implicit: bool = False) -> tuple[Any, Any, Any]:
     """A row's (prompt, chosen, rejected), messages as the template reads them; a ConfigError naming the dataset,
-    the row and the field when they are neither three strings nor three non-empty lists of messages."""
-    standard = isinstance(values[0], str)
-    checked = []
+    the row and the field when they are neither three strings nor three non-empty lists of messages. ``implicit``:
+    the dataset has no ``prompt`` column, and a prompt of None (:func:`implicit_pair`: the row has none) stays None,
+    chosen and rejected checked alone; a given prompt column's null is refused as any mistyped field."""
+    prompted = not (implicit and values[0] is None)
+    standard = isinstance(values[0] if prompted else values[1], str)
+    checked = [] if prompted else [None]
     for name, value in zip(FIELDS, values, strict=True):
+        if name == "prompt" and not prompted:
+            continue
         if standard:
             problem = None if isinstance(value, str) else f"holds {type(value).__name__} {value!r:.80}"
         else:
@@ -152,25 +161,24 @@ def extract_prompt(chosen, rejected) -> tuple:
 
 def implicit_pair(dataset: str, row: int, chosen, rejected) -> tuple:
     """(prompt, chosen, rejected) of a row without a ``prompt`` (TRL's implicit prompt, :func:`extract_prompt`); a
-    ConfigError naming the dataset and the row when the two are not of one format or share no beginning."""
+    ConfigError naming the dataset and the row when the two are not of one format. Two that share no beginning
+    give (None, chosen, rejected), the row's texts (messages) whole: no prompt, as TRL's RewardTrainer scores them
+    (it never extracts one). DPO refuses such pairs when it starts (:meth:`PreferenceData.start`)."""
     where = f"data.format 'preference': 'chosen' and 'rejected' of {dataset!r}, row {row}"
     if not any(isinstance(chosen, kind) and isinstance(rejected, kind) for kind in (str, list)):
         raise ConfigError(f"{where}: hold {type(chosen).__name__} and {type(rejected).__name__}; expected two strings "
                           f"(standard format) or two lists of messages (conversational format), the prompt their "
                           f"common beginning (the dataset has no 'prompt' column)")
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
-    if not prompt:
-        raise ConfigError(f"{where} have no common beginning: without a 'prompt' column the prompt is the part the "
-                          f"two share (TRL's implicit prompt), and these differ from their first "
-                          f"{'character' if isinstance(chosen, str) else 'message'}; give a 'prompt' column, or "
-                          f"remove the row")
-    return prompt, chosen, rejected
+    # None, not the empty prompt: a given prompt that encodes to nothing is still refused (PairEncoder), and DPO
+    # tells such pairs by it (an empty prompt would leave the first completion token predicted from nothing)
+    return (prompt or None), chosen, rejected
 
 
 def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loaded=None) -> list[tuple]:
     """(row index, checked pair) of every row (at most ``max_documents``), in row order; (row index, checked pair,
     margin) when the dataset has a ``margin`` column. Without a ``prompt`` column each row's prompt is its chosen
-    and rejected's common beginning (TRL's implicit prompt, :func:`implicit_pair`)."""
+    and rejected's common beginning (TRL's implicit prompt, :func:`implicit_pair`), None when they share none."""
     dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
     missing = [name for name in FIELDS if name not in dataset.column_names]
     if set(missing) - {"prompt"}:
@@ -198,7 +206,7 @@ def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loade
             logger.info("data: %d of %d rows of %s have a text 'prompt' beside conversations in 'chosen' and "
                         "'rejected': their prompt is the conversations' common beginning (TRL's "
                         "maybe_extract_prompt), the text column unused", restated, len(triples), cfg.dataset)
-    pairs = [(row, check_pair(cfg.dataset, row, values)) for row, values in enumerate(triples)]
+    pairs = [(row, check_pair(cfg.dataset, row, values, implicit=bool(missing))) for row, values in enumerate(triples)]
     if MARGIN not in dataset.column_names:
         return pairs
     margins = dataset[MARGIN]
@@ -259,11 +267,18 @@ class PairEncoder:
 
     def texts(self, row: int, pair: tuple) -> tuple[str, str, str]:
         """(prompt, chosen, rejected) as text: a standard row's own, a conversational row rendered
-        (:func:`render_pair`)."""
+        (:func:`render_pair`). Without a prompt (None) the prompt is "" and each completion the whole text, or the
+        whole conversation rendered without a generation prompt (TRL's RewardTrainer's ``apply_chat_template``)."""
         prompt, chosen, rejected = pair
+        if prompt is None and isinstance(chosen, str):
+            return "", chosen, rejected
         if isinstance(prompt, str):
             return pair
         try:
+            if prompt is None:
+                # Not render_pair of an empty prompt: a template may render [] as text of its own (a BOS, a
+                # system turn) that the whole conversation's rendering does not begin with.
+                return "", self.chat.render(chosen), self.chat.render(rejected)
             return render_pair(prompt, (chosen, rejected), self.chat.render)
         except Exception as error:  # jinja's own errors, raise_exception in a template, render_pair's check
             raise ConfigError(f"data.format 'preference': the tokenizer's chat template cannot render row {row} of "
@@ -276,9 +291,9 @@ class PairEncoder:
             chunk = pairs[start:start + batch]
             texts = [text for row, pair, *_ in chunk for text in self.texts(row, pair)]
             encodings = self.chat.backend.encode_batch(texts, add_special_tokens=False)
-            for number, (row, *_) in enumerate(chunk):
+            for number, (row, pair, *_) in enumerate(chunk):
                 prompt, chosen, rejected = (encodings[3 * number + i].ids for i in range(3))
-                parts = self._cut(row, prompt, [*chosen, self.eos], [*rejected, self.eos])
+                parts = self._cut(row, prompt, [*chosen, self.eos], [*rejected, self.eos], prompted=pair[0] is not None)
                 tokens += [np.asarray(part, dtype=self.dtype) for part in parts]
                 lengths.append([len(part) for part in parts])
         rows = np.asarray([row for row, *_ in pairs], dtype=np.int64)
@@ -288,11 +303,13 @@ class PairEncoder:
             margins = np.asarray([item[2] for item in pairs], dtype=np.float32)
         return Pairs(flat, np.asarray(lengths, dtype=np.int64).reshape(-1, 3), rows, margins)
 
-    def _cut(self, row: int, prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple[list, list, list]:
+    def _cut(self, row: int, prompt: list[int], chosen: list[int], rejected: list[int],
+             prompted: bool = True) -> tuple[list, list, list]:
+        """``prompted`` False: a row without a prompt (its ``prompt`` is no tokens, and that is no error)."""
         where = f"data.format 'preference': row {row} of {self.dataset!r}"
         if self.max_prompt_length and len(prompt) > self.max_prompt_length:
             prompt = prompt[-self.max_prompt_length:]  # TRL's prompt truncation: the end is what is answered
-        if not prompt:
+        if not prompt and prompted:
             raise ConfigError(f"{where}: its prompt encodes to no tokens: the first completion token would be "
                               f"predicted from nothing; give every pair a prompt")
         room = self.seq_len - len(prompt)
@@ -568,7 +585,9 @@ class PreferenceData:
         """Hold the reference log-probs: computed from ``model`` as it is (a run that starts; rank 0 writes them
         to ``output_dir``), or read back (a resume from ``checkpoint``: from ``output_dir``, else from beside the
         checkpoint's run), refusing a file whose digest is not the one the checkpoint holds. ``group``: the
-        data-parallel ranks' process group (:attr:`group`)."""
+        data-parallel ranks' process group (:attr:`group`). First refuses pairs without a prompt
+        (:meth:`check_prompted`)."""
+        self.check_prompted()
         self.dpo, self.device, self.autocast, self.group = dpo, device, autocast, group
         path = Path(output_dir) / REFERENCE_FILE
         if checkpoint is None:
@@ -586,6 +605,23 @@ class PreferenceData:
         else:
             reference = self._resumed_reference(path, Path(checkpoint))
         self.reference = {name: values.to(device) for name, values in zip(("train", "val"), reference, strict=True)}
+
+    def check_prompted(self) -> None:
+        """A ConfigError naming the dataset and its rows when pairs have no prompt (prompt-less rows whose chosen
+        and rejected share no beginning, :func:`implicit_pair`). DPO's log-probs are of the completion tokens
+        given the prompt: without one nothing predicts the first completion token (TRL's DPOTrainer takes such a
+        row's empty extracted prompt and leaves that token out of the log-probs without a word). A reward model
+        (:class:`~retnet.train.reward.RewardData`, which starts without this) scores them whole, as TRL's."""
+        rows = sorted(int(row) for pairs in (self.train, self.val)
+                      for row in np.asarray(pairs.rows)[np.asarray(pairs.lengths)[:, 0] == 0])
+        if rows:
+            shown = ", ".join(map(str, rows[:10])) + (f" (and {len(rows) - 10} more)" if len(rows) > 10 else "")
+            raise ConfigError(
+                f"data.format 'preference': 'chosen' and 'rejected' of {self.dataset!r}, row(s) {shown} have no "
+                f"common beginning: without a 'prompt' column DPO's prompt is the part the two share (TRL's implicit "
+                f"prompt), and these share none, so nothing would predict their first completion token; give a "
+                f"'prompt' column, or remove the rows (a reward model, reward.enabled=true, scores such rows whole, "
+                f"as TRL's RewardTrainer)")
 
     def _resumed_reference(self, path: Path, checkpoint: Path) -> list[torch.Tensor]:
         beside = checkpoint.resolve().parent.parent / REFERENCE_FILE  # <its run>/checkpoints/step_N

@@ -7,7 +7,10 @@ The pairs, their packing (a micro-batch of B pairs is one row of 2B ``cu_seqlens
 then the rejected ones), the batches and the resume position are :class:`~retnet.train.preference.PreferenceData`'s;
 :class:`RewardData` swaps the objective. The model is a ``RetNetForSequenceClassification`` with one label loaded
 from ``model.init_from`` (its backbone; ``score`` freshly initialised from ``train.seed``), and a sequence's reward
-is the score at its last token (the prompt, the completion and EOS: the whole sequence). A pair's loss is
+is the score at its last token (the prompt, the completion and EOS: the whole sequence). A prompt-less row whose
+chosen and rejected share no beginning (which DPO refuses) is scored as TRL's RewardTrainer scores every row: each
+sequence is the whole text, or the whole conversation rendered with the chat template, then EOS, no prompt before
+it (:func:`~retnet.train.preference.implicit_pair`). A pair's loss is
 ``-logsigmoid(r_chosen - r_rejected - margin)`` (``margin``: the dataset's ``margin`` column, TRL's; 0 without
 one; the ``accuracy`` and ``margin`` metrics are of the rewards alone, as TRL's), plus
 ``reward.center_rewards_coefficient * (r_chosen + r_rejected)^2`` (TRL's ``center_rewards_coefficient``: its mean
@@ -91,6 +94,11 @@ class RewardData(PreferenceData):
         if data.train.margins is not None or data.val.margins is not None:
             logger.info("reward model: each pair's loss is -logsigmoid(r_chosen - r_rejected - margin), margin the "
                         "dataset's %r column (TRL's)", MARGIN)
+        whole = sum(int((np.asarray(pairs.lengths)[:, 0] == 0).sum()) for pairs in (data.train, data.val))
+        if whole:  # what PreferenceData.start (DPO) would refuse: said, as the pairs are not split at a prompt
+            logger.info("reward model: %d of %d pairs have no prompt (chosen and rejected share no beginning): each "
+                        "of their sequences is scored whole (TRL's RewardTrainer)", whole,
+                        len(data.train) + len(data.val))
         cut = sum(cut_pairs(pairs, data.tokenizer.eos_token_id) for pairs in (data.train, data.val))
         if cut:
             logger.warning("reward model: %d of %d pairs were cut to data.seq_len (%d) before their EOS; their "
@@ -127,7 +135,8 @@ class RewardData(PreferenceData):
     def start(self, dpo: DpoConfig, model: torch.nn.Module, autocast, device: torch.device, *, output_dir: Path,
               checkpoint: Path | None, progress: bool, barrier: Callable[[], None], group=None) -> None:
         """Only where to compute, and the data-parallel ranks' process group the evaluation sums over: a reward
-        model has no reference (its checkpoints' ``reference`` is None)."""
+        model has no reference (its checkpoints' ``reference`` is None), and takes pairs without a prompt, which
+        DPO's start refuses (:meth:`~retnet.train.preference.PreferenceData.check_prompted`)."""
         self.device, self.autocast, self.group = device, autocast, group
         splits = {"train": self.train, "val": self.val}
         if any(pairs.margins is not None for pairs in splits.values()):

@@ -38,7 +38,8 @@ def _compare(kt, got, ref, label):
         kt.assert_close_scaled(got[2][name], ref[2][name], TOL, f"{label} d{name}")
 
 
-@pytest.mark.parametrize("T, chunk_size", [(16, 16), (17, 16), (31, 32), (32, 32), (63, 64), (64, 64), (65, 64)])
+# one past, one short of and exactly a chunk (test_chunk.py runs longer, multi-chunk rows)
+@pytest.mark.parametrize("T, chunk_size", [(17, 16), (31, 32), (64, 64)])
 def test_lengths_at_the_chunk_edge(kt, T, chunk_size):
     """T = C - 1, C, C + 1 for each tile length, K != V (V spans part of a second 32-wide fp32 tile)."""
     q, k, v, log_decay, h0 = kt.make_inputs(2, T, 3, 32, 48, initial_state=True, seed=T, device=DEVICE)
