@@ -9,7 +9,9 @@ file only projects, positions, masks and normalises around it.
 from __future__ import annotations
 
 import dataclasses
+import logging as logging_std
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -1088,6 +1090,16 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             model_inputs["position_ids"] = model_inputs["position_ids"][:, -length:]
         return model_inputs
 
+    def generate(self, *args, **kwargs):
+        # transformers warns that right padding gives incorrect results; this model continues each right-padded
+        # row from its last real token (_prefill), so that warning would mislead: it is dropped while this model
+        # generates (in this thread: another model's generate elsewhere still gets it)
+        _RIGHT_PADDING_HANDLED.depth = getattr(_RIGHT_PADDING_HANDLED, "depth", 0) + 1
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            _RIGHT_PADDING_HANDLED.depth -= 1
+
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
         # An empty prompt would fail on an IndexError inside transformers' generate (its right-padding check, or
         # the empty logits of the first step).
@@ -1222,6 +1234,19 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if outputs.cache is not None:
             model_kwargs[CACHE_KWARG] = outputs.cache
         return model_kwargs
+
+
+class _RightPaddingWarningFilter(logging_std.Filter):
+    """Drops transformers' right-padding warning while a RetNetForCausalLM generates in the record's thread
+    (:data:`_RIGHT_PADDING_HANDLED`)."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return not (getattr(_RIGHT_PADDING_HANDLED, "depth", 0)
+                    and record.getMessage().startswith("A decoder-only architecture is being used, but right-padding"))
+
+
+_RIGHT_PADDING_HANDLED = threading.local()  # .depth: how many RetNet generate calls this thread is inside
+logging.get_logger(generation_utils.__name__).addFilter(_RightPaddingWarningFilter())
 
 
 def _last_real_columns(attention_mask: torch.Tensor | None, width: int) -> torch.Tensor | None:

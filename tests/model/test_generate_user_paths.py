@@ -52,6 +52,34 @@ def test_a_right_padded_batch_continues_each_prompt_as_alone(model, options):
 
 
 @torch.no_grad()
+def test_transformers_right_padding_warning_is_dropped_for_this_model_only(model):
+    """It says the results are incorrect, which they are not here; the filter acts only inside this model's
+    generate (the same message outside it still reaches the log)."""
+    import logging
+
+    from transformers.generation import utils as generation_utils
+
+    class Recorded(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    log, recorded = logging.getLogger(generation_utils.__name__), Recorded()
+    log.addHandler(recorded)
+    try:
+        ids, mask = _right_padded(_prompts())
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, **GREEDY)
+        assert not [m for m in recorded.messages if "right-padding" in m], recorded.messages
+        log.warning("A decoder-only architecture is being used, but right-padding was detected! (another model)")
+        assert [m for m in recorded.messages if "right-padding" in m]
+    finally:
+        log.removeHandler(recorded)
+
+
+@torch.no_grad()
 def test_a_right_padded_batch_scores_and_beams_follow_the_real_tokens(model):
     prompts = _prompts()
     ids, mask = _right_padded(prompts)
