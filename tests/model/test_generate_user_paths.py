@@ -114,3 +114,22 @@ def test_a_cache_continued_twice_needs_a_copy_and_the_error_says_so(model):
     model.generate(prompt, **{CACHE_KWARG: prefix_cache}, max_new_tokens=4, **GREEDY)  # moves it on to 15 tokens
     with pytest.raises(ValueError, match=r"in place.*cache\.clone\(\)"):
         model.generate(prompt, **{CACHE_KWARG: prefix_cache}, max_new_tokens=4, **GREEDY)
+
+
+@torch.no_grad()
+def test_a_continued_row_without_a_new_token_is_refused_not_generated_from_padding(model):
+    # Its first new token came silently from a padding column's logits: the right ones, the logits of the last
+    # token the cache saw, were in the previous call's output.
+    prompts = _prompts()[:2]
+    ids, mask = _right_padded(prompts)
+    new = torch.randint(2, 101, (2, 3), generator=torch.Generator().manual_seed(3))
+    whole = torch.cat([ids, new], 1)
+    for new_mask, refused in (([[1, 1, 1], [1, 0, 0]], False), ([[1, 1, 1], [0, 0, 0]], True)):
+        cache = model(ids, attention_mask=mask, use_cache=True).cache
+        whole_mask = torch.cat([mask, torch.tensor(new_mask)], 1)
+        call = dict(attention_mask=whole_mask, max_new_tokens=2, **{CACHE_KWARG: cache}, **GREEDY)
+        if not refused:
+            assert model.generate(whole, **call).shape == (2, whole.shape[1] + 2)
+            continue
+        with pytest.raises(ValueError, match=r"rows \[1\] .*no real token among the new inputs"):
+            model.generate(whole, **call)
