@@ -15,9 +15,11 @@ same script runs it too. Needs the ``[eval]`` extra (``pip install 'retnet-stack
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from pathlib import Path
 
 import retnet  # noqa: F401  (registers RetNetConfig / RetNetForCausalLM with the Auto classes)
 
@@ -42,11 +44,67 @@ def lm_eval_cli() -> Callable[[], object]:
                      f"(it declares: {sorted(scripts) or 'none'}); expected lm_eval>=0.4.10,<0.5")
 
 
+def _pretrained_values(argv: Sequence[str]) -> list[str]:
+    """What ``--model_args`` (``-a``) names as ``pretrained=``, in each form lm-eval takes: ``k=v,k=v``, several
+    ``k=v`` words, or one JSON object."""
+    values: list[str] = []
+    words = list(argv)
+    for index, word in enumerate(words):
+        if word in ("--model_args", "-a"):
+            group = []
+            for following in words[index + 1:]:
+                if following.startswith("-"):
+                    break
+                group.append(following)
+        elif word.startswith("--model_args="):
+            group = [word.split("=", 1)[1]]
+        else:
+            continue
+        for text in group:
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                if isinstance(parsed.get("pretrained"), str):
+                    values.append(parsed["pretrained"])
+                continue
+            values += [item.split("=", 1)[1].strip().strip("'\"") for item in text.split(",")
+                       if item.strip().startswith("pretrained=")]
+    return values
+
+
+def check_pretrained(argv: Sequence[str]) -> None:
+    """Refuse (SystemExit naming it) a ``pretrained=`` directory holding a RetNet that is not a causal LM: a reward
+    model or classifier loads through ``AutoModelForCausalLM`` with its ``score`` head dropped (transformers only
+    lists it as unexpected) and its tied embedding taken for an LM head it never trained, and would be scored
+    without a word."""
+    for value in _pretrained_values(argv):
+        config = Path(value).expanduser() / "config.json"
+        if not config.is_file():
+            continue  # a hub id, or a path lm-eval will report missing itself
+        try:
+            saved = json.loads(config.read_text())
+        except (OSError, ValueError):
+            continue  # transformers' own error says what is wrong with it
+        if not isinstance(saved, dict):
+            continue
+        architectures = saved.get("architectures") or []
+        if saved.get("model_type") == "retnet" and architectures and not any(
+                str(name).endswith("ForCausalLM") for name in architectures):
+            raise SystemExit(f"retnet-lm-eval: --model_args pretrained={value} holds a "
+                             f"{', '.join(map(str, architectures))} (a reward model, classifier or backbone), not a "
+                             f"RetNetForCausalLM: lm-eval scores next-token loglikelihoods and generations, which "
+                             f"need a causal LM's head; give a causal LM's export")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run lm-eval's CLI on ``argv`` (default: this process's own arguments), RetNet registered.
 
     Exits as lm-eval does: status 0 after writing its table (and ``--output_path`` files), an exception or
-    ``SystemExit`` from it otherwise."""
+    ``SystemExit`` from it otherwise; a ``pretrained=`` RetNet that is not a causal LM is refused first
+    (:func:`check_pretrained`)."""
+    check_pretrained(sys.argv[1:] if argv is None else argv)
     cli = lm_eval_cli()
     if argv is None:
         cli()

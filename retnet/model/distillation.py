@@ -15,6 +15,8 @@ head is at hand (an FSDP2-sharded head is whole only inside its forward).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -141,8 +143,9 @@ def linear_distillation_loss(
                          f"the student's {weight.shape[0]}: distillation compares their distributions token by token")
     if kind not in DISTILL_KINDS:
         raise ValueError(f"linear_distillation_loss: kind must be one of {DISTILL_KINDS}; got {kind!r}")
-    if not temperature > 0 or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"linear_distillation_loss: temperature must be > 0 and alpha in [0, 1]; got "
+    # inf passes `> 0` but makes T² · KL inf · 0 = nan (both softmaxes uniform), and nan fails every comparison
+    if not (math.isfinite(temperature) and temperature > 0) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"linear_distillation_loss: temperature must be finite and > 0, and alpha in [0, 1]; got "
                          f"{temperature!r} and {alpha!r}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"linear_distillation_loss: chunk_tokens must be at least 1; got {chunk_tokens}")

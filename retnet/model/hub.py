@@ -25,10 +25,15 @@ ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 # Pickled weights, fetched only for a repository without safetensors: many carry both (gpt2: model.safetensors and
 # pytorch_model.bin), and transformers loads the safetensors alone, so both would be twice the download and disk.
 PICKLED_WEIGHTS = ["*.bin", "*.bin.index.json"]
+# huggingface_hub's patterns let "*" cross "/": "*.safetensors" alone would also fetch a repository's subfolders
+# (original/consolidated.safetensors, intermediate checkpoints), which from_pretrained never reads.
+TOP_LEVEL_ONLY = ["*/*"]
 
-# huggingface_hub's repository id: an optional namespace and a name, of word characters, '-' and '.', neither
-# starting with those two; anything else given (an absolute or relative path, '~') is a path only.
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9_][\w.-]{0,95}/)?[A-Za-z0-9_][\w.-]{0,95}$")
+# huggingface_hub's repository id (its validate_repo_id): an optional namespace and a name, of ASCII word
+# characters, '-' and '.', each starting and ending with a word character; anything else given (an absolute or
+# relative path, '~', 'modèles/x', 'runs/x-') is a path only, so its absence is not reported as a failed download.
+_PART = r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"^(?:{_PART}/)?{_PART}$", re.ASCII)
 
 
 class HubError(FileNotFoundError):
@@ -37,7 +42,8 @@ class HubError(FileNotFoundError):
 
 def is_hub_id(source: str | os.PathLike) -> bool:
     text = str(source)
-    return bool(_HUB_ID.match(text)) and "--" not in text and ".." not in text and not text.endswith(".")
+    return (bool(_HUB_ID.match(text)) and "--" not in text and ".." not in text and not text.endswith(".")
+            and not text.endswith(".git"))
 
 
 def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None,
@@ -45,6 +51,8 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
     """The directory ``source`` names: itself when it exists (its caller says what is wrong with it, if
     anything), else the snapshot of the hub repository ``source`` at ``revision`` (default ``main``), downloaded
     or found in the cache. Raises :class:`HubError` saying both when it is neither."""
+    if not str(source).strip():  # Path("") is ".", which exists: an unset variable would name the working directory
+        raise HubError(f"{str(source)!r}: empty; give a directory or a hub id 'org/name'")
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -55,10 +63,11 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
     patterns = allow_patterns if allow_patterns is not None else MODEL_FILES
     first = [p for p in patterns if p not in PICKLED_WEIGHTS] if "*.safetensors" in patterns else patterns
     try:
-        snapshot = snapshot_download(str(source), revision=revision, cache_dir=cache_dir, allow_patterns=first)
+        snapshot = snapshot_download(str(source), revision=revision, cache_dir=cache_dir, allow_patterns=first,
+                                     ignore_patterns=TOP_LEVEL_ONLY)
         if first != patterns and not any(Path(snapshot).glob("*.safetensors")):
             snapshot = snapshot_download(str(source), revision=revision, cache_dir=cache_dir,
-                                         allow_patterns=patterns)
+                                         allow_patterns=patterns, ignore_patterns=TOP_LEVEL_ONLY)
     except Exception as exc:  # offline, unknown or gated repository, a revision that is not there, an HTTP error
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise HubError(f"{str(source)!r}: no such directory, and the hub could not provide it "

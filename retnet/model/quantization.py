@@ -13,6 +13,10 @@ What is kept unquantized, and why:
   projection is the layer whose rounding they feel most; vLLM's methods leave it unquantized by default too.
 - a classifier's ``score`` head: a few rows, nothing to save.
 
+Saved (``save_pretrained``, ``state_dict``), a quantized Linear's weight is the matrix it computes with, dequantized
+to the model's dtype: the directory loads without torchao and computes the quantized model's outputs (quantize it
+again at load for the int8 memory). Loading a float state dict into a quantized model quantizes its weights again.
+
 torchao is an optional dependency (``pip install 'retnet-stack[quant]'``), needed only when a method other
 than ``none`` is asked for (transformers imports it by itself whenever it is installed).
 """
@@ -74,10 +78,43 @@ def quantize_model(model: nn.Module, method: str) -> QuantizationReport:
         quantization, config = _torchao(method)
         targets = {id(m) for m in pending}
         quantization.quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
+        for module in layers:
+            if _is_quantized(module.weight) and not getattr(module, "_retnet_int8_hooks", False):
+                # safetensors (and torch.save) cannot write torchao's tensor subclass: save_pretrained failed on it
+                # with "Attempted to access the data pointer on an invalid python storage"
+                module.register_state_dict_post_hook(_dequantized_weight)
+                module.register_load_state_dict_pre_hook(_quantized_weight)
+                module._retnet_int8_hooks = True
     report = QuantizationReport(method, len(pending) if method != "none" else 0, linear_before,
                                 sum(_tensor_bytes(m.weight) for m in layers), model_before, _model_bytes(model))
     logger.info("%s", report)
     return report
+
+
+def _dequantized_weight(module: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:
+    weight = state_dict.get(prefix + "weight")
+    if weight is not None and _is_quantized(weight):
+        state_dict[prefix + "weight"] = weight.detach().dequantize()
+
+
+def _quantized_weight(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """A float weight loaded into a quantized Linear (a state dict saved from it, or from the unquantized model):
+    quantized as quantize_model does, or the weight itself when it is already what the layer computes with (so a
+    state dict's round trip keeps the int8 codes exactly)."""
+    key, current = prefix + "weight", module.weight
+    incoming = state_dict.get(key)
+    if incoming is None or _is_quantized(incoming) or not _is_quantized(current) or incoming.shape != current.shape:
+        return  # loaded as it is (a wrong shape is load_state_dict's own error, naming the key)
+    with torch.no_grad():
+        dense = current.dequantize()
+        if torch.equal(incoming.to(device=dense.device, dtype=dense.dtype), dense):
+            state_dict[key] = current.detach()
+            return
+        layer = nn.Linear(current.shape[1], current.shape[0], bias=False, device=dense.device, dtype=dense.dtype)
+        layer.weight.copy_(incoming)
+        quantization, config = _torchao("int8")
+        quantization.quantize_(layer, config)
+    state_dict[key] = layer.weight.detach()
 
 
 def _torchao(method: str):

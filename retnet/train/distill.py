@@ -42,9 +42,15 @@ def resolve_teacher(cfg: DistillConfig) -> Path:
     except HubError as error:
         raise ConfigError(f"distill.teacher {error}; give a save_pretrained directory (another run's "
                           f"train.output_dir/export) or a hub id") from None
+    if not path.is_dir():  # e.g. the config.json or model.safetensors file named instead of its directory
+        raise ConfigError(f"distill.teacher {str(path)!r} is a file, not a directory; give the save_pretrained "
+                          f"directory that holds it (another run's train.output_dir/export)")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"distill.teacher {str(path)!r} holds no config.json; give a save_pretrained directory "
-                          f"(another run's train.output_dir/export, or a retnet-convert-fla output)")
+        # the likeliest slip: a run's train.output_dir given for the export it writes inside it
+        hint = (f" (did you mean {str(path / 'export')!r}, the run's export?)"
+                if (path / "export" / "config.json").is_file() else "")
+        raise ConfigError(f"distill.teacher {str(path)!r} holds no config.json{hint}; give a save_pretrained "
+                          f"directory (another run's train.output_dir/export, or a retnet-convert-fla output)")
     return path
 
 
@@ -89,7 +95,11 @@ def teacher_config(path: Path, tokenizer):
     from retnet.model.convert_fla import is_fla_retnet_config
     from retnet.train.data import tokenizer_mismatch
 
-    saved, _ = RetNetConfig.get_config_dict(str(path), local_files_only=True)
+    try:
+        saved, _ = RetNetConfig.get_config_dict(str(path), local_files_only=True)
+    except (OSError, ValueError) as error:  # transformers' "not a valid JSON file", an unreadable file
+        raise ConfigError(f"distill.teacher {str(path)!r}: its config.json could not be read: "
+                          f"{str(error).strip()[:300]}") from None
     if saved.get("model_type") != RetNetConfig.model_type:
         raise ConfigError(f"distill.teacher {str(path)!r} holds a {saved.get('model_type')!r} model, not a RetNet "
                           f"(retnet-convert-fla converts flash-linear-attention checkpoints)")
@@ -97,6 +107,13 @@ def teacher_config(path: Path, tokenizer):
         raise ConfigError(f"distill.teacher {str(path)!r} holds a flash-linear-attention RetNet (its config.json has "
                           f"fla's fields), not this package's: convert it first, `retnet-convert-fla {path} DST`, "
                           f"and distill from DST")
+    architectures = saved.get("architectures") or []
+    if architectures and not any(name.endswith("ForCausalLM") for name in architectures):
+        # A reward model or classifier has a score head, not an LM head: loaded as a causal LM its `score` would be
+        # dropped and the tied embedding (or nothing) taken for the head it never trained
+        raise ConfigError(f"distill.teacher {str(path)!r} holds a {', '.join(map(str, architectures))} (a reward "
+                          f"model, classifier or backbone: no LM head to give next-token distributions), not a "
+                          f"RetNetForCausalLM; give a causal LM's export")
     try:
         config = RetNetConfig.from_dict(saved)
     except (TypeError, ValueError) as error:
@@ -130,12 +147,14 @@ def check_vocab(path: Path, config, vocab_size: int, student: str) -> None:
 def load_teacher(cfg: DistillConfig, path: Path, config, device: torch.device, dtype: torch.dtype) -> Teacher:
     """The frozen teacher on ``device`` in ``dtype``; a ConfigError naming the weights unless ``path`` holds every
     weight of ``config``'s model and no other: a teacher loaded in part would teach from random layers."""
+    from safetensors import SafetensorError
+
     from retnet.model import RetNetForCausalLM
 
     try:
         model, info = RetNetForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True,
                                                         output_loading_info=True)
-    except (OSError, RuntimeError, ValueError) as error:  # no weights, or weights of other shapes
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # no weights, damaged or other-shaped ones
         raise ConfigError(f"distill.teacher {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
                           f"{str(error).strip()[:400]}") from None
     # A tied head is the embedding, not a weight of its own (older transformers list it as missing)

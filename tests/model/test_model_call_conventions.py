@@ -69,15 +69,17 @@ def test_a_hub_repository_with_safetensors_is_not_also_fetched_as_pickles(tmp_pa
 
     from retnet.model.hub import resolve_pretrained
 
-    repos = {"org/both": ["config.json", "model.safetensors", "pytorch_model.bin"],
+    repos = {"org/both": ["config.json", "model.safetensors", "pytorch_model.bin", "original/consolidated.safetensors"],
              "org/old": ["config.json", "pytorch_model.bin"]}
 
-    def fake_download(repo_id, revision=None, cache_dir=None, allow_patterns=None):
+    def fake_download(repo_id, revision=None, cache_dir=None, allow_patterns=None, ignore_patterns=()):
         snapshot = tmp_path / repo_id.replace("/", "--")
         shutil.rmtree(snapshot, ignore_errors=True)
         snapshot.mkdir()
-        for name in repos[repo_id]:
-            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+        for name in repos[repo_id]:  # fnmatch's "*" crosses "/", as huggingface_hub's patterns do
+            if (any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns)
+                    and not any(fnmatch.fnmatch(name, pattern) for pattern in ignore_patterns)):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
                 (snapshot / name).write_text("x")
         return str(snapshot)
 
