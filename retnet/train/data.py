@@ -84,6 +84,8 @@ CACHE_VERSION = 2
 # Bumped when the documents read from CSV files change (2: the text column as written, see _csv_options): their
 # caches alone are keyed by it, so the caches of other sources are kept.
 CSV_READING = 2
+# A checkpoint's data fingerprint of local files: the digest of the token blocks it trained on (blocks_digest).
+LOCAL_BLOCKS = "blocks-sha256:"
 SPLIT_SEED = 20240601  # fixed: the held-out documents do not change with the training seed
 # A cache temp directory untouched this long was left by a killed writer. Not less: another node may be writing
 # one into the shared cache right now, and a large split is written only after all of it is encoded.
@@ -242,13 +244,54 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
         raise ConfigError(f"data.dataset {cfg.dataset!r} is {kind} files, which hold no conversations; data.format "
                           f"'chat' reads the data.messages_field {cfg.messages_field!r} of JSON/JSONL/Parquet rows, a "
                           f"save_to_disk directory or a hub dataset")
-    # invalid UTF-8 becomes U+FFFD, as in the stdlib corpus, not an error that names no file
-    options = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
+    # invalid UTF-8 becomes U+FFFD, as in the stdlib corpus, not an error that names no file; a byte order mark
+    # (Windows editors write one) is no text of the document, as JSON and CSV readers drop it from their rows
+    options = {"sample_by": "document", "encoding": "utf-8-sig", "encoding_errors": "replace"} if kind == "text" else {}
+    if cfg.format == "text" and kind in ("json", "parquet"):
+        _check_later_files(files[1:], kind, cfg.text_field)
     with _reading(cfg.dataset, *_field(cfg)):
         if kind == "csv":  # the text column as written, not as pandas' type inference reads it
             options = _csv_options(files, cfg.text_field)
         return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=streaming,
                                      cache_dir=str(cache_dir / "hf"), **options)
+
+
+def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
+    """ConfigError naming the file whose ``text_field`` holds no text. datasets types a column from the first file
+    and casts every later file to it: numbers or booleans there become strings ("5", "true") and train as
+    documents, where the same values in the first file are refused (:func:`_check_texts`). A Parquet file's
+    schema says its column's type; a JSON file is judged by its first row (a JSON array file, whose first line is
+    no row, is not)."""
+    import pyarrow as pa
+
+    for path in files:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                schema = pq.read_schema(path)
+            except (OSError, pa.ArrowException):  # datasets' own read names what is wrong with it
+                continue
+            index = schema.get_field_index(text_field)
+            column = schema.field(index).type if index >= 0 else None
+            # the types whose cast to a string succeeds (others fail in datasets' cast, naming them)
+            if column is None or not any(check(column) for check in (
+                    pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal,
+                    pa.types.is_temporal)):
+                continue
+            shown = f"{column} values"
+        else:
+            try:
+                with open(path, "rb") as handle:
+                    row = json.loads(handle.readline(1 << 20))
+            except ValueError:  # an empty file, a JSON array or a row longer than the line read: datasets reads it
+                continue
+            value = row.get(text_field) if isinstance(row, dict) else None
+            if value is None or isinstance(value, str):
+                continue
+            shown = f"{type(value).__name__} values ({value!r:.80})"
+        raise ConfigError(f"data.text_field {text_field!r} of {str(path)!r} holds {shown}; expected text (str) in "
+                          f"every file (datasets would cast them to the first file's strings)")
 
 
 # pandas.read_csv's default NA spellings as its documentation lists them (no public name holds them).
@@ -401,7 +444,7 @@ def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, l
     _check_text_field(cfg, dataset.column_names)
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))
-    texts = dataset[cfg.text_field]
+    texts = column_values(dataset, cfg.text_field, cfg.dataset, "data.text_field")
     _check_texts(cfg.dataset, cfg.text_field, texts)
     return [t for t in texts if is_document(t)]
 
@@ -423,10 +466,28 @@ def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Pat
         _check_text_field(dataclasses.replace(cfg, messages_field=field), dataset.column_names)
     if cfg.max_documents:
         dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
-    columns = {name: dataset[name] for name in CHAT_COLUMNS if name in dataset.column_names}
+    columns = {name: column_values(dataset, name, cfg.dataset) for name in CHAT_COLUMNS if name in dataset.column_names}
     if pairs:
-        return check_prompt_completions(cfg.dataset, dataset[PROMPT], dataset[COMPLETION], columns=columns)
-    return indexed_conversations(cfg.dataset, field, dataset[field], columns=columns)
+        return check_prompt_completions(cfg.dataset, column_values(dataset, PROMPT, cfg.dataset),
+                                        column_values(dataset, COMPLETION, cfg.dataset), columns=columns)
+    return indexed_conversations(cfg.dataset, field, column_values(dataset, field, cfg.dataset, "data.messages_field"),
+                                 columns=columns)
+
+
+def column_values(dataset, name: str, source: str, key: str = "column") -> list:
+    """Column ``name`` of a loaded ``datasets.Dataset`` as a list, read once. pyarrow's JSON reader takes a file's
+    bytes into string columns unchecked, so a file that is not UTF-8 (Latin-1, a spreadsheet's export) fails only
+    here, with a UnicodeDecodeError that names neither the file nor the row: a ConfigError naming ``key`` (the
+    setting that named the column), the dataset and the row instead."""
+    values: list = []
+    try:
+        for value in dataset[name]:
+            values.append(value)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{key} {name!r} of {source!r}, row {len(values)}: not UTF-8 text ({error.reason}: byte "
+                          f"{error.object[error.start:error.start + 1]!r}); JSON files are read as UTF-8: re-encode "
+                          f"the file (e.g. iconv -f latin1 -t utf-8)") from None
+    return values
 
 
 def indexed_conversations(dataset: str, field: str, values: list, first_row: int = 0,
@@ -883,24 +944,34 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
 
         def write(tmp: Path) -> None:
             encoder = ChatEncoder(tokenizer, cfg.assistant_only_loss, cfg.dataset) if chat else None
+            written = {}
             for name, docs in (("train", train_docs), ("val", val_docs)):
+                counted = {}
                 if encoder is None:
-                    blocks = _blocks(encode_documents(tokenizer, docs), cfg.seq_len)
+                    ids = encode_documents(tokenizer, docs)
+                    blocks, counted = _blocks(ids, cfg.seq_len), {"tokens": len(ids)}  # (a split short of a block)
                 else:
                     blocks, flags = chat_blocks(encoder, docs, cfg.seq_len)
                     flags.tofile(tmp / f"{name}.flags.bin")
+                    written[f"{name}_flags"] = flags
                 blocks.tofile(tmp / f"{name}.bin")
-                (tmp / f"{name}.json").write_text(json.dumps({"rows": len(blocks), "dtype": str(blocks.dtype)}))
+                written[name] = blocks
+                (tmp / f"{name}.json").write_text(json.dumps({"rows": len(blocks), "dtype": str(blocks.dtype),
+                                                              **counted}))
             # meta.json last: its presence marks a complete cache
             (tmp / "meta.json").write_text(json.dumps({"seq_len": cfg.seq_len, "dataset": cfg.dataset,
                                                       "documents": [len(train_docs), len(val_docs)],
+                                                      "blocks_sha256": blocks_digest(written),
                                                       **({"format": "chat"} if chat else {})}))
 
         _atomic_dir(token_cache, write)
     barrier()
     arrays = {}
-    for name in ("train", "val"):
+    meta = json.loads((token_cache / "meta.json").read_text())
+    for index, name in enumerate(("train", "val")):
         info = json.loads((token_cache / f"{name}.json").read_text())
+        if not info["rows"]:  # before PackedData's own refusal, which knows neither the data nor its size
+            _too_short(cfg, name, meta["documents"][index], info.get("tokens"))
         shape = (info["rows"], cfg.seq_len)
         arrays[name] = (np.memmap(token_cache / f"{name}.bin", dtype=info["dtype"], mode="r", shape=shape)
                         if info["rows"] else np.zeros(shape, dtype=info["dtype"]))
@@ -913,7 +984,50 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
                       global_batch=global_batch, rank=rank, world_size=world_size,
                       train_flags=arrays.get("train_flags"), val_flags=arrays.get("val_flags"))
     data.hub_fingerprint = hub_fingerprint
+    if files is not None:
+        # Local files (and the stdlib corpus, which another interpreter changes) have no revision a checkpoint can
+        # name: it keeps the digest of the blocks it trained on instead. Their cache key follows the files' sizes
+        # and mtimes, so an edited, added or removed document makes a new cache, silently other blocks under the
+        # same data position (and a new validation split, which may hold documents trained on); a copy with new
+        # mtimes makes the same blocks again and resumes. A cache written before the digest existed holds none.
+        digest = meta.get("blocks_sha256")
+        if isinstance(expected, str) and expected.startswith(LOCAL_BLOCKS):
+            digest = digest or blocks_digest(arrays)
+            if LOCAL_BLOCKS + digest != expected:
+                raise _local_changed(cfg, meta.get("documents"))
+        data.hub_fingerprint = LOCAL_BLOCKS + digest if digest else None
     return data
+
+
+def _too_short(cfg: DataConfig, split: str, documents: int, tokens: int | None) -> None:
+    """ConfigError for a split that fills no block of ``data.seq_len`` tokens, naming the data and the sizes."""
+    held = f"{documents} documents" + (f", {tokens} tokens" if tokens is not None else "")
+    which, advice = (("training", "use more data or a shorter data.seq_len") if split == "train" else
+                     ("validation", "raise data.val_fraction or lower data.seq_len"))
+    raise ConfigError(f"data.dataset {cfg.dataset!r}: the {which} split ({held}) is shorter than one block of "
+                      f"data.seq_len ({cfg.seq_len}) tokens; {advice}")
+
+
+def blocks_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of a token cache's blocks (and chat flags), split by split."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = arrays[name]
+        digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
+        for start in range(0, len(array), 1 << 16):  # rows of a memmap, not the whole array copied at once
+            digest.update(np.ascontiguousarray(array[start:start + (1 << 16)]))
+    return digest.hexdigest()
+
+
+def _local_changed(cfg: DataConfig, documents: list[int] | None) -> ConfigError:
+    now = f" (now {documents[0]} training and {documents[1]} validation documents)" if documents else ""
+    why = ("this interpreter's standard library is not the one it was trained on" if cfg.dataset == "stdlib" else
+           "its files changed since (documents added, removed or edited)")
+    return ConfigError(
+        f"data.dataset {cfg.dataset!r} now gives other token blocks than the checkpoint was trained on: {why}{now}. "
+        f"The checkpoint's data position would point into other blocks, and documents held out for validation could "
+        f"now be trained on. Restore {'that Python' if cfg.dataset == 'stdlib' else 'those files'}, or start a new "
+        f"run in another train.output_dir")
 
 
 def _hub_changed(cfg: DataConfig) -> ConfigError:
@@ -924,7 +1038,7 @@ def _hub_changed(cfg: DataConfig) -> ConfigError:
         f"another train.output_dir")
 
 
-__all__ = ["MaskedBlocks", "PackedData", "build_data",
-           "chat_blocks", "data_cache_dir", "document_encoder", "encode_documents", "indexed_conversations", "load_conversations",
+__all__ = ["LOCAL_BLOCKS", "MaskedBlocks", "PackedData", "blocks_digest", "build_data",
+           "chat_blocks", "column_values", "data_cache_dir", "document_encoder", "encode_documents", "indexed_conversations", "load_conversations",
            "load_hub", "load_tokenizer", "local_files", "masked_labels", "split_documents", "stdlib_files",
            "train_tokenizer", "vocab_bound"]

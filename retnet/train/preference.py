@@ -82,6 +82,7 @@ from retnet.train.data import (
     _hub_changed,
     _kind,
     _remove_abandoned_temp_dirs,
+    column_values,
     data_cache_dir,
     data_fingerprint,
     load_hub,
@@ -188,11 +189,12 @@ def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loade
     if cfg.max_documents:
         dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
     if missing:  # TRL's implicit prompt
-        rows = zip(dataset["chosen"], dataset["rejected"], strict=True)
+        rows = zip(*(column_values(dataset, name, cfg.dataset) for name in ("chosen", "rejected")), strict=True)
         triples = [implicit_pair(cfg.dataset, row, chosen, rejected) for row, (chosen, rejected) in enumerate(rows)]
     else:
         triples, restated = [], 0
-        for row, (prompt, chosen, rejected) in enumerate(zip(*(dataset[name] for name in FIELDS), strict=True)):
+        for row, (prompt, chosen, rejected) in enumerate(zip(*(column_values(dataset, name, cfg.dataset)
+                                                                  for name in FIELDS), strict=True)):
             if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list) \
                     and extract_prompt(chosen, rejected)[0]:
                 # A text prompt beside whole conversations (HuggingFaceH4/ultrafeedback_binarized's rows): the
@@ -209,7 +211,7 @@ def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loade
     pairs = [(row, check_pair(cfg.dataset, row, values, implicit=bool(missing))) for row, values in enumerate(triples)]
     if MARGIN not in dataset.column_names:
         return pairs
-    margins = dataset[MARGIN]
+    margins = column_values(dataset, MARGIN, cfg.dataset)
     return [(row, pair, check_margin(cfg.dataset, row, margins[row])) for row, pair in pairs]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from retnet.tokenization import render_pair
 from retnet.train.chat import ChatEncoder, conversation_problem, template_messages
 from retnet.train.config import ConfigError, DataConfig
-from retnet.train.data import _hf_dataset, _kind, saved_dataset_dir
+from retnet.train.data import _hf_dataset, _kind, column_values, saved_dataset_dir
 
 FIELD = "prompt"  # TRL's column name
 # the reward functions' own arguments (rewards.py)
@@ -64,7 +64,8 @@ def load_prompt_rows(cfg: DataConfig, files: list[Path] | None, cache_dir: Path,
         if name in others:  # a reward function would get it twice: a TypeError at the first step, after sampling
             raise ConfigError(f"data.dataset {cfg.dataset!r} has a {name!r} column, the name of an argument the "
                               f"reward functions get beside the other columns ({list(RESERVED)}); rename it")
-    columns = {name: dataset[name] for name in [FIELD, *others]}
+    columns = {name: column_values(dataset, name, cfg.dataset, "data.format 'prompts' column" if name == FIELD
+                                   else "column") for name in [FIELD, *others]}
     return [(row, check_prompt(cfg.dataset, row, prompt), {name: columns[name][row] for name in others})
             for row, prompt in enumerate(columns[FIELD])]
 
