@@ -59,7 +59,7 @@ from retnet.serve.sequence import (
     emit_all,
 )
 from retnet.serve.session_store import session_files
-from retnet.serve.settings import ServeSettings
+from retnet.serve.settings import ServeSettings, StartupError
 from retnet.serve.speculative import VERIFY_MODE, DraftModel, accepted_drafts, propose_drafts
 from retnet.serve.state_cache import PrefixCache, Session, SessionStore
 from retnet.tokenization import TokenBytes, vocab_bound
@@ -96,6 +96,7 @@ class Engine(ModelThread):
         dtype = str(next(model.parameters()).dtype) if model is not None else _dtype(settings, _device(settings))
         if settings.quantization != "none":  # a state made with quantized weights is another model's
             dtype = f"{dtype}+{settings.quantization}"
+        _check_session_bytes(settings, self.config)
         self.sessions = SessionStore(settings.max_sessions, settings.session_bytes, settings.session_ttl_s,
                                      session_files(settings, self.config, metrics,
                                                    lambda slot: self.adapter_slots.identity(slot),
@@ -1134,6 +1135,19 @@ def _dtype(settings: ServeSettings, device: torch.device) -> str:
     if settings.dtype != "auto":
         return settings.dtype
     return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def _check_session_bytes(settings: ServeSettings, config) -> None:
+    """Without --session-dir, a --session-bytes below one session's state evicts every session as its turn ends:
+    each continuation would silently start over without its history."""
+    if settings.session_dir is not None or settings.max_sessions == 0:
+        return
+    state = RetNetCache.zeros(config, 1, device="meta").nbytes()
+    if settings.session_bytes < state:
+        raise StartupError(f"--session-bytes {settings.session_bytes} cannot hold one session's state ({state} bytes "
+                           f"for this model: {config.num_hidden_layers} layers of {config.num_attention_heads} heads, "
+                           f"{config.head_dim} x {config.value_head_dim} fp32); give at least {state}, or "
+                           "--max-sessions 0 to serve no sessions")
 
 
 def _load_config(model_dir: str):

@@ -60,6 +60,7 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text")
 _FORMATS = ("text", "json_object", "json_schema")
+_ITEM_STATUSES = ("in_progress", "completed", "incomplete")
 
 
 class ResponsesRequest(RequestFields):
@@ -152,6 +153,15 @@ def _messages(request: ResponsesRequest, history: Sequence[dict[str, Any]]) -> t
         items = [(f"input[{i}]", item) for i, item in enumerate(request.input)]
     if not items and not messages and not history:
         raise APIError(400, "input: at least one input item is needed", "input", "empty_prompt")
+    for where, item in items:
+        # Kept as sent and listed back by input_items, whose items OpenAI types: an id is a string, a status one of
+        # the three an item has.
+        if item.get("id") is not None and not isinstance(item["id"], str):
+            raise APIError(400, f"{where}.id must be a string; got {json.dumps(item['id'])[:80]}", f"{where}.id",
+                           "invalid_type")
+        if item.get("status") is not None and item["status"] not in _ITEM_STATUSES:
+            raise APIError(400, f"{where}.status must be one of {', '.join(_ITEM_STATUSES)}; got "
+                           f"{json.dumps(item['status'])[:80]}", f"{where}.status", "invalid_value")
     # The stored items were checked when their request came: only an error of the whole prompt can name them.
     for where, item in [*(("previous_response_id", item) for item in history), *items]:
         kind = item.get("type", "message")
@@ -227,8 +237,18 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(fmt.get("schema"), dict):
         raise APIError(400, "text.format.schema: a json_schema format needs a JSON schema object",
                        "text.format.schema", "missing")
+    _check_optional(fmt, "text.format")
     spec = {key: fmt[key] for key in ("name", "schema", "description", "strict") if key in fmt}
     return {"type": "json_schema", "json_schema": spec}
+
+
+def _check_optional(spec: dict[str, Any], where: str) -> None:
+    """A tool's or a json_schema format's ``description`` and ``strict``, which chat passes on unread: a wrong type
+    is a 400 here (as OpenAI answers it), not echoed back in the Response as if it had been taken."""
+    for key, kind, name in (("description", str, "a string"), ("strict", bool, "a boolean")):
+        if spec.get(key) is not None and not isinstance(spec[key], kind):
+            raise APIError(400, f"{where}.{key} must be {name} or null; got {json.dumps(spec[key])[:80]}",
+                           f"{where}.{key}", "invalid_type")
 
 
 def _tools(request: ResponsesRequest) -> dict[str, Any]:
@@ -238,6 +258,7 @@ def _tools(request: ResponsesRequest) -> dict[str, Any]:
     for i, tool in enumerate(request.tools or ()):
         if tool.get("type") != "function":
             raise _unsupported(f"tools[{i}].type", f"only function tools are supported; got {tool.get('type')!r}")
+        _check_optional(tool, f"tools[{i}]")
         tools.append({"type": "function", "function": {key: tool[key] for key in ("name", "description", "parameters",
                                                                                   "strict") if key in tool}})
     choice = request.tool_choice
@@ -245,7 +266,11 @@ def _tools(request: ResponsesRequest) -> dict[str, Any]:
         if choice.get("type") != "function":
             raise _unsupported("tool_choice", f"only 'none', 'auto', 'required' or {{\"type\": \"function\", "
                                f"\"name\": ...}} are supported; got {json.dumps(choice)[:80]}")
-        choice = {"type": "function", "function": {"name": choice.get("name")}}
+        name = choice.get("name")
+        if not isinstance(name, str) or not name:  # else chat's refusal, which shows its own shape of the choice
+            raise APIError(400, f"tool_choice: a named function is {{\"type\": \"function\", \"name\": ...}}; got "
+                           f"{json.dumps(choice)[:80]}", "tool_choice")
+        choice = {"type": "function", "function": {"name": name}}
     return {"tools": tools or None, "tool_choice": choice}
 
 
@@ -383,8 +408,10 @@ def _input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
     items = []
     for item in copy.deepcopy(raw):
         kind = item.setdefault("type", "message")
-        item.setdefault("id", _id(_ITEM_PREFIXES[kind]))
-        item.setdefault("status", "completed")
+        if item.get("id") is None:
+            item["id"] = _id(_ITEM_PREFIXES[kind])
+        if item.get("status") is None:
+            item["status"] = "completed"
         if kind == "message" and isinstance(item["content"], str):
             part = ({"type": "output_text", "text": item["content"], "annotations": []} if item["role"] == "assistant"
                     else {"type": "input_text", "text": item["content"]})

@@ -193,6 +193,9 @@ class SessionStore:
                 return
             session.busy = False
             session.last_used = time.monotonic()
+            # Idle from now: last in line for eviction, as its TTL counts from now (the order of acquire alone
+            # would put a long turn's session before one that finished earlier).
+            self.sessions.move_to_end(session_id)
             if cache is not None:
                 session.cache, session.pending, session.tokens = cache, list(pending or []), session.tokens + tokens
                 session.seen = seen

@@ -134,6 +134,13 @@ class GrammarCompiler:
         matcher = LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise APIError(400, f"{param} cannot be used: {matcher.get_error().strip()}", param, "invalid_grammar")
+        # A grammar whose language is empty (a regex such as [^\s\S]) compiles; only its first mask finds that
+        # nothing can start it, and the matcher then lets EOS through: an empty text it does not admit, answered 200.
+        first = matcher.deep_copy()
+        first.compute_bitmask()
+        if first.is_error():
+            raise APIError(400, f"{param} cannot be used: it admits no text (no string matches it, or none that "
+                           "the tokenizer's tokens can spell)", param, "invalid_grammar")
         return Grammar(matcher, tokenizer.vocab_size, self.vocab_size)
 
 
@@ -155,6 +162,9 @@ def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
     if name == "response_format":
         kind = _format_kind(value)
         if kind == "json_object":
+            # llama.cpp's form of a schema: {"type": "json_object", "schema": {...}}; dropped, any object would do.
+            if value.get("schema") is not None:
+                return _json("response_format.schema", value["schema"]), name
             return _json(name, {"type": "object"}), name
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
@@ -275,7 +285,9 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
     (``tool_choice: "required"``): vLLM's format, a JSON array of at least one ``{"name": ..., "parameters":
     {...}}``, the name one of the functions' and the parameters that function's (at most one item unless
     ``parallel``). Each schema is checked on its own first, so that an error names its tool; their ``$defs``
-    are gathered at the array's root, where their ``$ref``s (``#/$defs/...``) then point."""
+    are gathered at the array's root, where their ``$ref``s (``#/$defs/...``) then point. A schema whose refs
+    point into itself otherwise (``#``, a recursive tree; ``#/properties/...``) is moved into the root's ``$defs``
+    whole and those refs follow it: left nested, they would point into the array of calls."""
     LLMatcher = _llguidance("tool_choice").LLMatcher
 
     if named is not None:
@@ -289,17 +301,51 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
         error = LLMatcher.validate_grammar(_json(param, schema))
         if error:
             raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")
+        home = None
+        if _refs_own_root(schema):
+            home = f"retnet-tool-{index}-parameters"
+            while home in (defs.get("$defs") or {}) or home in (schema.get("$defs") or {}):
+                home += "_"
+            schema = _rerooted(schema, f"#/$defs/{home}")
         for key in ("$defs", "definitions"):
             for def_name, definition in (schema.pop(key, None) or {}).items():
                 if defs.setdefault(key, {}).setdefault(def_name, definition) != definition:
                     raise APIError(400, f"{param}: {key}/{def_name} differs from another tool's of that name (the "
                                    f"tools' {key} are gathered in one schema)", param, "invalid_grammar")
+        if home is not None:
+            defs.setdefault("$defs", {})[home] = schema
+            schema = {"$ref": f"#/$defs/{home}"}
         calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
                       "required": ["name", "parameters"], "additionalProperties": False})
     root = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **defs}
     if not parallel:
         root["maxItems"] = 1
     return _json("tools", root), "tools"
+
+
+# The refs that still resolve once a tool's schema is nested in the array of calls: its definitions are gathered
+# at that root under the same keys.
+_GATHERED_REFS = ("#/$defs/", "#/definitions/")
+
+
+def _own_root_ref(value: Any) -> bool:
+    return isinstance(value, str) and (value == "#" or value.startswith("#/")) and not value.startswith(_GATHERED_REFS)
+
+
+def _refs_own_root(node: Any) -> bool:
+    if isinstance(node, dict):
+        return any((key == "$ref" and _own_root_ref(value)) or _refs_own_root(value) for key, value in node.items())
+    return isinstance(node, list) and any(_refs_own_root(value) for value in node)
+
+
+def _rerooted(node: Any, root: str) -> Any:
+    """``node`` with each ref into its own root (``#``, ``#/properties/...``) pointing below ``root`` instead."""
+    if isinstance(node, list):
+        return [_rerooted(value, root) for value in node]
+    if not isinstance(node, dict):
+        return node
+    return {key: root + value[1:] if key == "$ref" and _own_root_ref(value) else _rerooted(value, root)
+            for key, value in node.items()}
 
 
 def _choice(param: str, choices: Any) -> str:

@@ -45,7 +45,7 @@ def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest,
         named = function.get("name") if isinstance(function, dict) else None
         if choice.get("type") != "function" or not isinstance(named, str) or not named:
             raise APIError(400, "tool_choice: a named function is {\"type\": \"function\", \"function\": {\"name\": "
-                           f"...}}; got {json.dumps(choice)}", "tool_choice")
+                           f"...}}}}; got {json.dumps(choice)}", "tool_choice")
     elif choice not in ("none", "auto", "required"):
         raise APIError(400, f"tool_choice must be 'none', 'auto', 'required' or a named function; got {choice!r}",
                        "tool_choice")
