@@ -1137,7 +1137,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                     "one cache more than once, pass a copy (cache.clone()) each time"
                 )
             if mask is not None and cache.offsets is not None:
-                _refuse_rows_without_new_tokens(mask[:, mask.shape[-1] - new:], cache.offsets)
+                _warn_rows_without_new_tokens(mask[:, mask.shape[-1] - new:], cache.offsets)
             if embeds is None:
                 input_ids = input_ids[:, input_ids.shape[1] - new:]
             else:
@@ -1264,20 +1264,22 @@ def _last_real_columns(attention_mask: torch.Tensor | None, width: int) -> torch
     return torch.where(last < 0, width - 1, last)
 
 
-def _refuse_rows_without_new_tokens(new_mask: torch.Tensor, offsets: torch.Tensor) -> None:
+def _warn_rows_without_new_tokens(new_mask: torch.Tensor, offsets: torch.Tensor) -> None:
     """A continued cache's row whose new columns are all padding has its next token's logits in the previous
-    call's output, which the cache does not keep: generating it from a padding column would be silently wrong.
-    A row that has seen no real token either is an all-padding row, generated from as transformers does."""
+    call's output, which the cache does not keep: it continues from a padding column's logits. That is what a row
+    that finished (EOS, then padding) does when its batch is generated further, which transformers does too, so it
+    is warned of, not refused. A row that has seen no real token either is an all-padding row, and not warned of."""
     if new_mask.shape[0] != offsets.shape[0]:
         return  # a batch of another size is refused by the forward, naming both sizes
     empty = (new_mask == 0).all(-1) & (offsets.to(new_mask.device) > 0)
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()
-        raise ValueError(
-            f"rows {rows} of the batch have no real token among the new inputs (their attention_mask columns past "
-            "the cache's are all 0): the next token of such a row comes from the logits of the last token the "
-            "cache saw, which it does not keep. Give every row at least one new token, or generate the other rows "
-            "alone (cache.select(rows))"
+        logger.warning(
+            f"generate: rows {rows} of the batch have no real token among the new inputs (their attention_mask "
+            "columns past the cache's are all 0, e.g. rows that finished and were padded): their next tokens come "
+            "from a padding column's logits, not from the last token the cache saw, which it does not keep. For "
+            "such a row to continue correctly give it at least one new token, or generate the others alone "
+            "(cache.select(rows))"
         )
 
 

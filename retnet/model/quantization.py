@@ -13,9 +13,11 @@ What is kept unquantized, and why:
   projection is the layer whose rounding they feel most; vLLM's methods leave it unquantized by default too.
 - a classifier's ``score`` head: a few rows, nothing to save.
 
-Saved (``save_pretrained``, ``state_dict``), a quantized Linear's weight is the matrix it computes with, dequantized
-to the model's dtype: the directory loads without torchao and computes the quantized model's outputs (quantize it
-again at load for the int8 memory). Loading a float state dict into a quantized model quantizes its weights again.
+Saved (``save_pretrained``), a quantized Linear's weight is the matrix it computes with, dequantized to the model's
+dtype one layer at a time onto the CPU: the directory loads without torchao and computes the quantized model's
+outputs (quantize it again at load for the int8 memory). ``state_dict()`` keeps torchao's int8 tensors (no copy of
+the model: peft's adapter saving calls it for a few keys). Loading a float state dict into a quantized model
+quantizes its weights again.
 
 torchao is an optional dependency (``pip install 'retnet-stack[quant]'``), needed only when a method other
 than ``none`` is asked for (transformers imports it by itself whenever it is installed).
@@ -23,6 +25,7 @@ than ``none`` is asked for (transformers imports it by itself whenever it is ins
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -80,21 +83,34 @@ def quantize_model(model: nn.Module, method: str) -> QuantizationReport:
         quantization.quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
         for module in layers:
             if _is_quantized(module.weight) and not getattr(module, "_retnet_int8_hooks", False):
-                # safetensors (and torch.save) cannot write torchao's tensor subclass: save_pretrained failed on it
-                # with "Attempted to access the data pointer on an invalid python storage"
-                module.register_state_dict_post_hook(_dequantized_weight)
                 module.register_load_state_dict_pre_hook(_quantized_weight)
                 module._retnet_int8_hooks = True
+        save_pretrained = getattr(model, "save_pretrained", None)
+        if save_pretrained is not None and not getattr(save_pretrained, "_retnet_dequantizes", False):
+            # safetensors cannot write torchao's tensor subclass: save_pretrained failed on it with "Attempted to
+            # access the data pointer on an invalid python storage"
+            model.save_pretrained = _saving_dequantized(model, save_pretrained)
     report = QuantizationReport(method, len(pending) if method != "none" else 0, linear_before,
                                 sum(_tensor_bytes(m.weight) for m in layers), model_before, _model_bytes(model))
     logger.info("%s", report)
     return report
 
 
-def _dequantized_weight(module: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:
-    weight = state_dict.get(prefix + "weight")
-    if weight is not None and _is_quantized(weight):
-        state_dict[prefix + "weight"] = weight.detach().dequantize()
+def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each int8 weight dequantized onto the CPU, one at a time (the device holds one
+    layer's copy at most); the other tensors as they are."""
+    return {key: value.detach().dequantize().cpu() if _is_quantized(value) else value
+            for key, value in model.state_dict().items()}
+
+
+def _saving_dequantized(model: nn.Module, save_pretrained):
+    @functools.wraps(save_pretrained)
+    def save(*args, state_dict=None, **kwargs):
+        return save_pretrained(*args, state_dict=dequantized_state_dict(model) if state_dict is None else state_dict,
+                               **kwargs)
+
+    save._retnet_dequantizes = True
+    return save
 
 
 def _quantized_weight(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
@@ -180,4 +196,4 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-__all__ = ["QUANTIZATION_METHODS", "QuantizationReport", "check_quantization", "quantize_model"]
+__all__ = ["QUANTIZATION_METHODS", "QuantizationReport", "check_quantization", "dequantized_state_dict", "quantize_model"]

@@ -1138,16 +1138,19 @@ def _dtype(settings: ServeSettings, device: torch.device) -> str:
 
 
 def _check_session_bytes(settings: ServeSettings, config) -> None:
-    """Without --session-dir, a --session-bytes below one session's state evicts every session as its turn ends:
-    each continuation would silently start over without its history."""
+    """Without --session-dir, a --session-bytes that cannot hold one session evicts every session as its turn
+    ends: each continuation would silently start over without its history. A session holds its state and the
+    distinct token ids of its history (int64, for the repetition penalty), at most one a vocabulary entry."""
     if settings.session_dir is not None or settings.max_sessions == 0:
         return
     state = RetNetCache.zeros(config, 1, device="meta").nbytes()
-    if settings.session_bytes < state:
-        raise StartupError(f"--session-bytes {settings.session_bytes} cannot hold one session's state ({state} bytes "
-                           f"for this model: {config.num_hidden_layers} layers of {config.num_attention_heads} heads, "
-                           f"{config.head_dim} x {config.value_head_dim} fp32); give at least {state}, or "
-                           "--max-sessions 0 to serve no sessions")
+    history = 8 * int(config.vocab_size)
+    if settings.session_bytes < state + history:
+        raise StartupError(f"--session-bytes {settings.session_bytes} cannot hold one session: its state is {state} "
+                           f"bytes ({config.num_hidden_layers} layers of {config.num_attention_heads} heads, "
+                           f"{config.head_dim} x {config.value_head_dim} fp32) and the ids of the tokens it has seen "
+                           f"up to {history} more; give at least {state + history}, or --max-sessions 0 to serve no "
+                           "sessions")
 
 
 def _load_config(model_dir: str):

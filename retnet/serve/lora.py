@@ -113,7 +113,14 @@ def parse_lora_modules(value) -> list[LoraModule]:
             if unknown or not item.get("name") or not item.get("path"):
                 raise ValueError(f"lora_modules: a JSON entry needs 'name' and 'path' (and may have "
                                  f"'base_model_name'); got {item!r}")
-            modules.append(LoraModule(str(item["name"]), str(item["path"]), item.get("base_model_name")))
+            # Each is a model card's string (base_model_name its parent): a number or an object there made every
+            # GET /v1/models a 500 for as long as the server ran.
+            wrong = next((key for key in ("name", "path", "base_model_name")
+                          if not isinstance(item.get(key), str) and not (key == "base_model_name"
+                                                                         and item.get(key) is None)), None)
+            if wrong is not None:
+                raise ValueError(f"lora_modules: {wrong} must be a string; got {json.dumps(item[wrong])} in {item!r}")
+            modules.append(LoraModule(item["name"], item["path"], item.get("base_model_name")))
             continue
         name, sep, path = str(item).partition("=")
         if not sep or not name.strip() or not path.strip():
@@ -190,7 +197,10 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
             raise LoraError(f"{where}: {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the base "
                             f"model's Linear is [{linear.out_features}, {linear.in_features}], so they must be "
                             f"[r, {linear.in_features}] and [{linear.out_features}, r]")
-        expected_r = _number(where, "r / rank_pattern", _pattern_value(rank_pattern, name, config.get("r")), int)
+        if r < 1:  # its scale, alpha / r, would divide by zero (peft refuses r <= 0 too)
+            raise LoraError(f"{where}: r: {name!r} has rank 0 in its weights; a LoRA rank is at least 1")
+        expected_r = _number(where, "r / rank_pattern",
+                             _pattern_value(where, "rank_pattern", rank_pattern, name, config.get("r")), int)
         if expected_r is not None and expected_r != r:
             raise LoraError(f"{where}: r / rank_pattern: {name!r} has rank {r} in its weights but {expected_r} in "
                             f"{CONFIG_FILE}")
@@ -201,8 +211,8 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
             raise LoraError(f"{where}: {name!r} has lora_magnitude_vector {tuple(magnitude.shape)}; the base "
                             f"model's Linear has {linear.out_features} outputs, so it must be "
                             f"[{linear.out_features}]")
-        alpha = _number(where, "lora_alpha / alpha_pattern", _pattern_value(alpha_pattern, name,
-                                                                             config.get("lora_alpha", 8)), float)
+        alpha = _number(where, "lora_alpha / alpha_pattern", _pattern_value(where, "alpha_pattern", alpha_pattern,
+                                                                             name, config.get("lora_alpha", 8)), float)
         if alpha is None:
             raise LoraError(f"{where}: lora_alpha / alpha_pattern: {name!r} has no alpha (null)")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -312,10 +322,15 @@ def _number(where: str, field: str, value, kind):
     return number
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """peft's rule (``get_pattern_key``): the first pattern matching the module name's end."""
+def _pattern_value(where: str, key: str, patterns: dict, name: str, default):
+    """peft's rule (``get_pattern_key``): the first pattern matching the module name's end. A key that is no
+    regular expression is the adapter's error, naming ``key`` (re.error is no ValueError: it was a 500)."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
+        try:
+            matched = re.match(rf"(.*\.)?({pattern})$", name)
+        except re.error as exc:
+            raise LoraError(f"{where}: {key}: {pattern!r} is not a regular expression ({exc})") from None
+        if matched:
             return value
     return default
 

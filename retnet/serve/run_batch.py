@@ -156,14 +156,28 @@ def served_urls(app) -> set[str]:
     return urls & {*EMBEDDING_ROUTES, "/v1/score", "/v1/rerank"} if app.state.settings.convert == "embed" else urls
 
 
+def _request_body(body: dict) -> dict:
+    """``client.post``'s keyword arguments for ``body``. httpx encodes ``json=`` strictly (no NaN, UTF-8): a NaN
+    or Infinity, or a lone surrogate escape (``"\\ud83d"``), that json.loads took from the line raised in the client,
+    a 500 "internal error". Such a body is sent as the line spelled it (escapes kept), so that the server answers
+    it with its own 400 naming the field, as it does online."""
+    try:
+        json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+    except ValueError:  # UnicodeEncodeError is one too
+        return {"content": json.dumps(body, ensure_ascii=True).encode(),
+                "headers": {"Content-Type": "application/json"}}
+    return {"json": body}
+
+
 async def post(client, entry: BatchLine) -> tuple[int, Any]:
     """``entry``'s request through the app: (status, JSON body). The batch's own concurrency can outrun the
     server's queue when requests ask for several choices: a 429 is retried, and written only after
     ``RETRY_429_S`` seconds of them (a server that never frees its queue must not hang the batch)."""
     delay, give_up = 0.02, time.monotonic() + RETRY_429_S
+    sent = _request_body(entry.body)
     while True:
         try:
-            response = await client.post(entry.url, json=entry.body)
+            response = await client.post(entry.url, **sent)
         except Exception as exc:  # a bug in the app: this line fails, the others run
             logger.exception("request on line %d failed", entry.line)
             return 500, APIError(500, f"internal error ({type(exc).__name__})", None, "internal_error").body()
@@ -243,10 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_lines(text: str) -> list[str]:
+    """JSONL's lines: split at "\\n" alone (a "\\r" before it dropped). Not str.splitlines(), which also splits at
+    U+2028, U+2029 and U+0085, characters JSON lets a string hold unescaped (json.dumps(ensure_ascii=False)
+    writes them so): one request would become two lines that are not JSON."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _read_input(path: str) -> list[str]:
     if path == "-":
-        return sys.stdin.read().splitlines()
-    return Path(path).read_text(encoding="utf-8").splitlines()
+        return split_lines(sys.stdin.read().removeprefix("\ufeff"))
+    # newline="": the file's own line ends, so that split_lines alone decides where a line ends. utf-8-sig: a
+    # byte-order mark (Windows tools write one) would make line 1 no JSON.
+    with open(path, encoding="utf-8-sig", newline="") as file:
+        return split_lines(file.read())
 
 
 def main(argv: list[str] | None = None) -> int:

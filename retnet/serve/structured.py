@@ -139,8 +139,11 @@ class GrammarCompiler:
         first = matcher.deep_copy()
         first.compute_bitmask()
         if first.is_error():
-            raise APIError(400, f"{param} cannot be used: it admits no text (no string matches it, or none that "
-                           "the tokenizer's tokens can spell)", param, "invalid_grammar")
+            reason = first.get_error().strip()
+            # NoExtensionBias: nothing can start it; another stop (a parser limit) is told in llguidance's words
+            told = ("it admits no text (no string matches it, or none that the tokenizer's tokens can spell)"
+                    if reason.startswith("NoExtensionBias") else reason.splitlines()[0] if reason else "it stops at once")
+            raise APIError(400, f"{param} cannot be used: {told}", param, "invalid_grammar")
         return Grammar(matcher, tokenizer.vocab_size, self.vocab_size)
 
 

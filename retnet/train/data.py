@@ -291,7 +291,7 @@ def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
                 continue
             shown = f"{type(value).__name__} values ({value!r:.80})"
         raise ConfigError(f"data.text_field {text_field!r} of {str(path)!r} holds {shown}; expected text (str) in "
-                          f"every file (datasets would cast them to the first file's strings)")
+                          f"every file (datasets would cast them to strings)")
 
 
 # pandas.read_csv's default NA spellings as its documentation lists them (no public name holds them).

@@ -117,19 +117,38 @@ def test_a_cache_continued_twice_needs_a_copy_and_the_error_says_so(model):
 
 
 @torch.no_grad()
-def test_a_continued_row_without_a_new_token_is_refused_not_generated_from_padding(model):
-    # Its first new token came silently from a padding column's logits: the right ones, the logits of the last
-    # token the cache saw, were in the previous call's output.
+def test_a_continued_row_without_a_new_token_is_warned_of_and_finished_rows_continue(model):
+    # Its first new token comes from a padding column's logits: the right ones, of the last token the cache saw,
+    # were in the previous call's output. Warned of, not refused: a batch whose rows finished (EOS, then padding)
+    # is generated further that way, as with transformers' other models.
+    import logging
+
     prompts = _prompts()[:2]
     ids, mask = _right_padded(prompts)
     new = torch.randint(2, 101, (2, 3), generator=torch.Generator().manual_seed(3))
     whole = torch.cat([ids, new], 1)
-    for new_mask, refused in (([[1, 1, 1], [1, 0, 0]], False), ([[1, 1, 1], [0, 0, 0]], True)):
-        cache = model(ids, attention_mask=mask, use_cache=True).cache
-        whole_mask = torch.cat([mask, torch.tensor(new_mask)], 1)
-        call = dict(attention_mask=whole_mask, max_new_tokens=2, **{CACHE_KWARG: cache}, **GREEDY)
-        if not refused:
-            assert model.generate(whole, **call).shape == (2, whole.shape[1] + 2)
-            continue
-        with pytest.raises(ValueError, match=r"rows \[1\] .*no real token among the new inputs"):
-            model.generate(whole, **call)
+    log, records = logging.getLogger("retnet.model.modeling_retnet"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        for new_mask, warned in (([[1, 1, 1], [1, 0, 0]], False), ([[1, 1, 1], [0, 0, 0]], True)):
+            records.clear()
+            cache = model(ids, attention_mask=mask, use_cache=True).cache
+            whole_mask = torch.cat([mask, torch.tensor(new_mask)], 1)
+            out = model.generate(whole, attention_mask=whole_mask, max_new_tokens=2, **{CACHE_KWARG: cache}, **GREEDY)
+            assert out.shape == (2, whole.shape[1] + 2)
+            assert bool([m for m in records if "rows [1] of the batch have no real token" in m]) == warned, records
+        # a batch generated further after one row finished: transformers pads the finished row and infers the mask
+        start = ids[:, :4]
+        eos = int(model.generate(start, max_new_tokens=1, **GREEDY)[0, -1])  # row 0's first token ends it
+        first = model.generate(start, max_new_tokens=3, pad_token_id=0, eos_token_id=eos, do_sample=False,
+                               return_dict_in_generate=True)
+        assert first.sequences[0, -1] == 0 and first.sequences[1, -1] != 0, first.sequences
+        records.clear()
+        more = model.generate(first.sequences, **{CACHE_KWARG: first.cache}, max_new_tokens=2, pad_token_id=0,
+                              **GREEDY)
+        assert more.shape[1] == first.sequences.shape[1] + 2
+        assert [m for m in records if "rows [0] of the batch have no real token" in m], records
+    finally:
+        log.removeHandler(handler)

@@ -27,8 +27,9 @@ def _ids(batch=2, length=19, vocab=101):
 def test_a_quantized_model_saves_the_weights_it_computes_with(tmp_path):
     """save_pretrained of a quantized model failed inside safetensors ("Attempted to access the data pointer on an
     invalid python storage"). Now the directory holds the dequantized weights: it loads as a plain model (tied head
-    still tied) computing the quantized model's logits, and a state dict round trip keeps the int8 codes."""
-    from retnet.model.quantization import quantize_model
+    still tied) computing the quantized model's logits, and a state dict round trip (int8 or dequantized) keeps the
+    int8 codes."""
+    from retnet.model.quantization import dequantized_state_dict, quantize_model
 
     model = make_model()
     quantize_model(model, "int8")
@@ -41,8 +42,10 @@ def test_a_quantized_model_saves_the_weights_it_computes_with(tmp_path):
     assert (loaded(ids).logits - make_model()(ids).logits).abs().max() > 1e-4
 
     codes = model.model.layers[0].mlp.down_proj.weight.qdata.clone()
-    model.load_state_dict(model.state_dict())
-    assert torch.equal(model.model.layers[0].mlp.down_proj.weight.qdata, codes)
+    for state in (model.state_dict(), dequantized_state_dict(model)):  # int8 as it is, or the float it computes with
+        model.load_state_dict(state)
+        assert torch.equal(model.model.layers[0].mlp.down_proj.weight.qdata, codes)
+    assert not any(type(value).__name__ != "Tensor" for value in dequantized_state_dict(model).values())
     other = make_model(seed=3)  # a float state dict loaded into a quantized model is quantized as quantize_model does
     model.load_state_dict(other.state_dict())
     quantize_model(other, "int8")

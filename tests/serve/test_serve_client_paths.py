@@ -159,7 +159,7 @@ def test_session_bytes_that_hold_no_state_are_refused_at_startup(model_dir, tmp_
     settings = make_settings(model_dir, **{k: str(tmp_path) if v == "{tmp}" else v for k, v in overrides.items()})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if refused:
-        with pytest.raises(StartupError, match=r"--session-bytes 1000 cannot hold one session's state \(\d+ bytes"):
+        with pytest.raises(StartupError, match=r"--session-bytes 1000 cannot hold one session: its state is \d+ bytes"):
             Engine(settings, tokenizer, ServeMetrics())
     else:
         Engine(settings, tokenizer, ServeMetrics())
