@@ -105,6 +105,11 @@ class TokenBytes:
         self.byte_level = "ByteLevel" in types
         self.byte_fallback = "ByteFallback" in types
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        # Added tokens are kept as their text, not in the byte alphabet, whose stand-ins for bytes 0xA1-0xFF are
+        # real characters ("ï" in "naïve"): read through it (or decoded, as a ByteLevel decoder maps them too) such
+        # a token gives lone bytes, not its text
+        added = backend.get_added_tokens_decoder() if backend is not None else {}
+        self.added = {token_id: token.content.encode("utf-8") for token_id, token in added.items()}
         self._cache: dict[int, bytes] = {}
         self._start_cache: dict[int, bytes] = {}
         self._anchor: tuple[int, str] | bool | None = False  # False: not looked for yet
@@ -122,7 +127,9 @@ class TokenBytes:
         if cached is None:
             cached = self(token_id)
             if token_id not in self.special_ids and _whole_characters(cached):
-                cached = self._decode([token_id]).encode("utf-8")
+                decoded = self._decode([token_id])
+                if token_id not in self.added or "\ufffd" not in decoded:
+                    cached = decoded.encode("utf-8")
             self._start_cache[token_id] = cached
         return cached
 
@@ -133,7 +140,13 @@ class TokenBytes:
         if self.byte_level:
             alphabet = _byte_level_alphabet()
             if all(c in alphabet for c in piece):
-                return bytes(alphabet[c] for c in piece)
+                raw = bytes(alphabet[c] for c in piece)
+                # an added token spelled in the alphabet ("Ġword") still reads through it; one whose reading is no
+                # UTF-8 was its own text
+                if token_id not in self.added or _whole_characters(raw):
+                    return raw
+        if token_id in self.added:
+            return self.added[token_id]
         if self.byte_fallback and (match := _BYTE_FALLBACK.fullmatch(piece)):
             return bytes([int(match.group(1), 16)])
         anchor = self._find_anchor() if self.backend is not None else None
@@ -197,7 +210,15 @@ def render_pair(prompt: list[dict], completions, render) -> tuple[str, ...]:
     assistant message continues it: rendered as the conversation with that message's content appended to the
     prefill's, not as a second assistant turn (which would make the completion an end of turn and a new assistant
     header before the answer). The reward trainer renders its conversational pairs with it, and the server a
-    reward model's ``messages``, so that both score the same tokens."""
+    reward model's ``messages``, so that both score the same tokens. An empty prompt or completion is a
+    ValueError naming it (there is no turn to render or to continue)."""
+    if not prompt:
+        raise ValueError("the prompt has no messages: a conversational pair needs at least one prompt turn")
+    completions = list(completions)
+    for index, messages in enumerate(completions):
+        if not messages:
+            raise ValueError(f"completion {index} has no messages: a conversational completion needs at least one "
+                             "turn")
     prefill = prompt[-1]["role"] == "assistant"
     head = render(prompt, continue_final_message=True) if prefill else render(prompt, add_generation_prompt=True)
     texts = []

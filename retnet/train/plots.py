@@ -5,18 +5,32 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (one JSON object a line; unreadable lines skipped)."""
+    """The records of a ``metrics.jsonl`` (one JSON object a line; unreadable lines, and lines that are JSON but
+    no object, skipped)."""
     records = []
     if Path(path).is_file():
         for line in Path(path).read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
     return records
+
+
+def _points(records: list[dict], kind: str, key: str) -> list[tuple[float, float]]:
+    """(step, value) of the ``kind`` records whose step and ``key`` are finite numbers: a NaN loss, a null or a
+    missing one (a foreign or hand-edited file) is a gap, not a crash after the run's export."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    return [(r["step"], r[key]) for r in records
+            if r.get("kind") == kind and number(r.get("step")) and number(r.get(key))]
 
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
@@ -27,13 +41,14 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "val" and math.isfinite(r["val_loss"])]
+    train, val = _points(records, "train", "loss"), _points(records, "val", "val_loss")
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train", color="tab:blue", linewidth=1.2)
+        # a lone point is a line of no length: only a marker shows it (a run of one logged step)
+        ax.plot(*zip(*train), label="train", color="tab:blue", linewidth=1.2, marker="o" if len(train) == 1 else None,
+                markersize=3.5)
     if val:
         ax.plot(*zip(*val), label="validation", color="tab:orange", marker="o", markersize=3.5, linewidth=1.5)
     ax.set_xlabel("optimizer step")
