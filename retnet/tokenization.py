@@ -128,7 +128,7 @@ class TokenBytes:
             cached = self(token_id)
             if token_id not in self.special_ids and _whole_characters(cached):
                 decoded = self._decode([token_id])
-                if token_id not in self.added or "\ufffd" not in decoded:
+                if not self.byte_level or token_id not in self.added or "\ufffd" not in decoded:
                     cached = decoded.encode("utf-8")
             self._start_cache[token_id] = cached
         return cached
@@ -145,7 +145,7 @@ class TokenBytes:
                 # UTF-8 was its own text
                 if token_id not in self.added or _whole_characters(raw):
                     return raw
-        if token_id in self.added:
+        if self.byte_level and token_id in self.added:  # (other tokenizers' added tokens read as they did)
             return self.added[token_id]
         if self.byte_fallback and (match := _BYTE_FALLBACK.fullmatch(piece)):
             return bytes([int(match.group(1), 16)])

@@ -489,6 +489,18 @@ class RetNetPreTrainedModel(PreTrainedModel):
                     f"dict holds this rank's shards. Gather it on every rank with state_dict = "
                     f"retnet.model.tensor_parallel.full_state_dict(model), then save on rank 0 only: "
                     f"model.save_pretrained(directory, state_dict=state_dict)")
+        # Weight-only int8 (retnet.model.quantization): safetensors cannot write torchao's tensors ("Attempted to
+        # access the data pointer on an invalid python storage"); the weights the model computes with are saved.
+        from retnet.model.quantization import dequantized, is_quantized_tensor
+
+        if state_dict is None and any(is_quantized_tensor(param) for param in self.parameters()):
+            state_dict = self.state_dict()
+        if state_dict is not None and any(is_quantized_tensor(value) for value in state_dict.values()):
+            state_dict = dequantized(state_dict)
+            if len(args) > 1:
+                args = (args[0], state_dict, *args[2:])
+            else:
+                kwargs["state_dict"] = state_dict
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()

@@ -13,8 +13,9 @@ What is kept unquantized, and why:
   projection is the layer whose rounding they feel most; vLLM's methods leave it unquantized by default too.
 - a classifier's ``score`` head: a few rows, nothing to save.
 
-Saved (``save_pretrained``), a quantized Linear's weight is the matrix it computes with, dequantized to the model's
-dtype one layer at a time onto the CPU: the directory loads without torchao and computes the quantized model's
+Saved (``save_pretrained``, with or without ``state_dict=``: ``RetNetPreTrainedModel.save_pretrained`` calls
+:func:`dequantized`), a quantized Linear's weight is the matrix it computes with, dequantized to the model's dtype
+one layer at a time onto the CPU: the directory loads without torchao and computes the quantized model's
 outputs (quantize it again at load for the int8 memory). ``state_dict()`` keeps torchao's int8 tensors (no copy of
 the model: peft's adapter saving calls it for a few keys). Loading a float state dict into a quantized model
 quantizes its weights again.
@@ -25,8 +26,8 @@ than ``none`` is asked for (transformers imports it by itself whenever it is ins
 
 from __future__ import annotations
 
-import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -85,32 +86,27 @@ def quantize_model(model: nn.Module, method: str) -> QuantizationReport:
             if _is_quantized(module.weight) and not getattr(module, "_retnet_int8_hooks", False):
                 module.register_load_state_dict_pre_hook(_quantized_weight)
                 module._retnet_int8_hooks = True
-        save_pretrained = getattr(model, "save_pretrained", None)
-        if save_pretrained is not None and not getattr(save_pretrained, "_retnet_dequantizes", False):
-            # safetensors cannot write torchao's tensor subclass: save_pretrained failed on it with "Attempted to
-            # access the data pointer on an invalid python storage"
-            model.save_pretrained = _saving_dequantized(model, save_pretrained)
     report = QuantizationReport(method, len(pending) if method != "none" else 0, linear_before,
                                 sum(_tensor_bytes(m.weight) for m in layers), model_before, _model_bytes(model))
     logger.info("%s", report)
     return report
 
 
+def is_quantized_tensor(value) -> bool:
+    """A torchao tensor (what :func:`quantize_model` makes of a weight): safetensors cannot write one."""
+    return type(value).__module__.split(".", 1)[0] == "torchao"
+
+
+def dequantized(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each torchao weight dequantized onto the CPU, one at a time (the device holds one layer's
+    copy at most); the other tensors as they are. What a quantized model's ``save_pretrained`` writes."""
+    return {key: value.detach().dequantize().cpu() if is_quantized_tensor(value) else value
+            for key, value in state_dict.items()}
+
+
 def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with each int8 weight dequantized onto the CPU, one at a time (the device holds one
-    layer's copy at most); the other tensors as they are."""
-    return {key: value.detach().dequantize().cpu() if _is_quantized(value) else value
-            for key, value in model.state_dict().items()}
-
-
-def _saving_dequantized(model: nn.Module, save_pretrained):
-    @functools.wraps(save_pretrained)
-    def save(*args, state_dict=None, **kwargs):
-        return save_pretrained(*args, state_dict=dequantized_state_dict(model) if state_dict is None else state_dict,
-                               **kwargs)
-
-    save._retnet_dequantizes = True
-    return save
+    """``model.state_dict()`` (which keeps the int8 tensors) as the float weights the model computes with."""
+    return dequantized(model.state_dict())
 
 
 def _quantized_weight(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
@@ -196,4 +192,5 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-__all__ = ["QUANTIZATION_METHODS", "QuantizationReport", "check_quantization", "dequantized_state_dict", "quantize_model"]
+__all__ = ["QUANTIZATION_METHODS", "QuantizationReport", "check_quantization", "dequantized", "dequantized_state_dict",
+           "is_quantized_tensor", "quantize_model"]

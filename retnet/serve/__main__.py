@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     from retnet.serve.app import create_app
 
     settings = parse_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.logging_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from retnet.serve.lora import LoraError
     from retnet.serve.settings import StartupError
 

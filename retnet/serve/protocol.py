@@ -340,7 +340,8 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # At most --max-logprobs (serving checks it; 20 by default, OpenAI's limit): an operator may raise it.
+    top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
     # vLLM's chat extras. continue_final_message: the last message is left open for the model to continue
     # (a prefilled answer); echo: that message's text starts the answer's; chat_template_kwargs and

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error(f"--max-concurrency must be at least 1; got {args.max_concurrency}")
     max_concurrency = args.max_concurrency or settings.max_running
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=settings.logging_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A batch keeps no session across runs, and RETNET_SESSION_DIR set for a live server beside it would have this
     # process sweep and write that server's directory (one server a directory).

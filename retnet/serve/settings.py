@@ -62,7 +62,8 @@ class ServeSettings(BaseSettings):
     # instead of failing at startup on it.
     api_keys: list[str] | str = Field(default_factory=list,
                                       description="accepted `Authorization: Bearer` keys; empty: no auth")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="the server's and uvicorn's log level (any case)")
 
     # -- scheduling -------------------------------------------------------------------------------------------
     max_running: int = Field(64, ge=1, description="sequences decoded together in one batched recurrent step")
@@ -80,7 +81,7 @@ class ServeSettings(BaseSettings):
         "where it stopped, nothing recomputed (at most --max-running of them held at once)"
     )
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header sent with 429")
-    shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, running streams get this long to finish")
+    shutdown_grace_s: float = Field(10.0, ge=0, allow_inf_nan=False, description="on shutdown, running streams get this long to finish")
 
     # -- request limits ---------------------------------------------------------------------------------------
     max_prompt_tokens: int = Field(8192, ge=1)
@@ -110,7 +111,7 @@ class ServeSettings(BaseSettings):
     )
     max_sessions: int = Field(256, ge=0, description="resumable sessions kept at once (LRU); 0 turns sessions off")
     session_bytes: int = Field(2 << 30, ge=0)
-    session_ttl_s: float = Field(1800.0, gt=0, description="a session expires this long after its last use (its "
+    session_ttl_s: float = Field(1800.0, gt=0, allow_inf_nan=False, description="a session expires this long after its last use (its "
                                  "file in --session-dir, after its last turn was written)")
     session_dir: str | None = Field(
         None, description="keep every session's state in this directory too, one file a session rewritten after "
@@ -204,6 +205,38 @@ class ServeSettings(BaseSettings):
                 return json.loads(value)
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _no_blank_keys(cls, value):
+        # The header's key is compared stripped: a blank key would let "Authorization: Bearer  " in, and one with
+        # spaces around it would match no header.
+        keys = [key.strip() for key in value]
+        if any(not key for key in keys):
+            raise ValueError(f"api_keys (--api-keys) must not hold a blank key; got {json.dumps(value)[:120]}")
+        return keys
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value):
+        # uvicorn looks the level up in lowercase (RETNET_LOG_LEVEL=DEBUG was a KeyError once the model loaded).
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("max_loras", "max_cpu_loras", "session_dir", "chat_template", mode="before")
+    @classmethod
+    def _none_spelled_out(cls, value, info):
+        # Their help says "none: ...", as an operator then writes it: --session-dir none created ./none, and
+        # --chat-template none was read as a missing file (a file of that name is still a template).
+        spelled_none = isinstance(value, str) and value.strip().lower() in ("", "none")
+        if spelled_none and not (info.field_name == "chat_template" and Path(value).is_file()):
+            return None
+        return value
+
+    @field_validator("download_dir", "revision", "served_model_name", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        # RETNET_DOWNLOAD_DIR= (a compose file's unset ${VAR:-}) downloaded into the working directory.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("session_dir", mode="before")
     @classmethod
@@ -318,6 +351,12 @@ class ServeSettings(BaseSettings):
             if module["name"] in (self.model_name, *self.model_paths):
                 raise ValueError(f"lora_modules: the adapter name {module['name']!r} is the base model's name")
         return self
+
+    @property
+    def logging_level(self) -> int:
+        """``log_level`` as the logging module's number: its names but uvicorn's trace (5, below debug), which
+        logging.basicConfig does not know by name."""
+        return 5 if self.log_level == "trace" else logging.getLevelName(self.log_level.upper())
 
     @property
     def pooler(self) -> dict[str, Any]:
@@ -754,7 +793,8 @@ def resolve_max_tokens(settings: ServeSettings, defaults: dict[str, Any]) -> int
     else ``--default-max-tokens`` when set, else the generation config's ``max_new_tokens``, else the setting's
     default (256). A file's value over ``--max-tokens-limit`` is lowered to it; an override's is refused."""
     from_file = defaults.get("max_tokens")
-    if "max_new_tokens" in settings.override_generation_config:
+    # An override's null removes the file's value (vLLM's rule), leaving the server's default.
+    if settings.override_generation_config.get("max_new_tokens") is not None:
         if from_file > settings.max_tokens_limit:
             raise StartupError(f"--override-generation-config's max_new_tokens ({from_file}) is over --max-tokens-limit "
                                f"({settings.max_tokens_limit})")
