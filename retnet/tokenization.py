@@ -18,10 +18,19 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # The smallest vocabulary train_byte_level_bpe makes: the 256 byte tokens and the two special tokens.
 MIN_VOCAB_SIZE = 256 + 2
-# Used by the server when a tokenizer has no chat template of its own (documented in the README).
+# Used by the server when a tokenizer has no chat template of its own (documented in the README). An assistant's
+# tool calls are written in the Hermes format (each a <tool_call> block after its text), which
+# `--tool-call-parser hermes` reads back: without them a turn that only calls a tool trained as an empty answer.
+# The tools' schemas are not listed (a prompt with tools stays the one it was, for models trained on it);
+# conversations without calls render as they always did. (transformers
+# renders with trim_blocks: a newline right after a block tag is dropped, hence the {{ '\n' }}.)
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] if message['content'] is not none else '' }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set function = call['function'] if call['function'] is defined else call %}"
+    "<tool_call>\n{{ {'name': function['name'], 'arguments': function['arguments']} | tojson }}\n</tool_call>"
+    "{% endfor %}{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

@@ -400,6 +400,16 @@ class ChatEncoder:
         passes a request's."""
         tools = getattr(messages, "tools", None)
         variables = getattr(messages, "template_kwargs", None) or {}
+        if not messages:
+            # The prompt of a conversation that opens with an assistant message (a greeting): apply_chat_template
+            # refuses an empty conversation, the template itself renders one (what precedes the first message)
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            rendered, _ = render_jinja_template(
+                conversations=[[]], tools=tools or None, add_generation_prompt=add_generation_prompt,
+                chat_template=self.tokenizer.get_chat_template(self.template, tools or None),
+                **{**self.tokenizer.special_tokens_map, **variables})
+            return rendered[0]
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                   add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=continue_final_message,
@@ -418,7 +428,15 @@ class ChatEncoder:
             for i, message in enumerate(messages):
                 if message["role"] != "assistant" or i < first:
                     continue
-                prompt = self.render(prefix(messages[:i]), add_generation_prompt=True)
+                try:
+                    prompt = self.render(prefix(messages[:i]), add_generation_prompt=True)
+                except Exception as error:
+                    if i:
+                        raise
+                    # a template that reads messages[0] unguarded (Llama 3's) renders no prompt before it
+                    raise ValueError(f"message 0 is an assistant's, and the template renders no prompt without a "
+                                     f"message before it ({type(error).__name__}: {error}); drop the row's "
+                                     f"leading assistant message") from None
                 turn = self.render(prefix(messages[: i + 1]))
                 if not (text.startswith(prompt) and text.startswith(turn) and len(prompt) <= len(turn)):
                     raise ValueError(f"the rendering of its first {i} messages (with the generation prompt) or of "

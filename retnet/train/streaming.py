@@ -345,7 +345,10 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
         val_rows = list(val_stream)
     val_texts = [e[field] for e in val_rows]
     if chat:
-        val_columns = {name: [e[name] for e in val_rows] for name in CHAT_COLUMNS if name in (columns or ())}
+        # read from the rows, as stream_conversation reads a training row's: a stream may not know its columns
+        # (None), and a validation row rendered without its tools would not hold its repeats out of training
+        val_columns = {name: [e.get(name) for e in val_rows] for name in CHAT_COLUMNS
+                       if any(name in e for e in val_rows)}
         val_conversations = (
             check_prompt_completions(cfg.dataset, [e[PROMPT] for e in val_rows], val_texts, columns=val_columns)
             if pairs else indexed_conversations(cfg.dataset, field, val_texts, columns=val_columns))
@@ -405,8 +408,10 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
 
 def _conversation_key(conversation: list[dict[str, Any]] | Completion) -> str:
     """A checked conversation (or prompt-completion row) as a hashable value, to hold the validation conversations out
-    of the stream."""
-    return json.dumps(conversation, sort_keys=True, default=str)
+    of the stream. A conversation's tools, template variables and prompt-completion cut are part of it: the same
+    messages with others render (or are masked) as another sequence, which is no repeat of a validation one."""
+    extra = [getattr(conversation, name, None) for name in ("tools", "template_kwargs", "completion_start")]
+    return json.dumps([conversation, *extra], sort_keys=True, default=str)
 
 
 def _no_training_documents(dataset: str, val_documents: int, rank: int | None = None,
