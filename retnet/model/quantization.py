@@ -77,13 +77,13 @@ def quantize_model(model: nn.Module, method: str) -> QuantizationReport:
     check_quantization(method)
     layers = _decoder_linears(model)
     linear_before, model_before = sum(_tensor_bytes(m.weight) for m in layers), _model_bytes(model)
-    pending = [m for m in layers if not _is_quantized(m.weight)]
+    pending = [m for m in layers if not is_quantized_tensor(m.weight)]
     if method != "none" and pending:
         quantization, config = _torchao(method)
         targets = {id(m) for m in pending}
         quantization.quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
         for module in layers:
-            if _is_quantized(module.weight) and not getattr(module, "_retnet_int8_hooks", False):
+            if is_quantized_tensor(module.weight) and not getattr(module, "_retnet_int8_hooks", False):
                 module.register_load_state_dict_pre_hook(_quantized_weight)
                 module._retnet_int8_hooks = True
     report = QuantizationReport(method, len(pending) if method != "none" else 0, linear_before,
@@ -115,7 +115,7 @@ def _quantized_weight(module: nn.Module, state_dict: dict, prefix: str, *_args) 
     state dict's round trip keeps the int8 codes exactly)."""
     key, current = prefix + "weight", module.weight
     incoming = state_dict.get(key)
-    if incoming is None or _is_quantized(incoming) or not _is_quantized(current) or incoming.shape != current.shape:
+    if incoming is None or is_quantized_tensor(incoming) or not is_quantized_tensor(current) or incoming.shape != current.shape:
         return  # loaded as it is (a wrong shape is load_state_dict's own error, naming the key)
     with torch.no_grad():
         dense = current.dequantize()
@@ -166,14 +166,10 @@ def _decoder_linears(model: nn.Module) -> list[nn.Linear]:
     return [module for module in layers.modules() if isinstance(module, nn.Linear)]
 
 
-def _is_quantized(weight: torch.Tensor) -> bool:
-    return type(weight) not in (torch.Tensor, nn.Parameter)
-
-
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes ``tensor`` holds: a tensor subclass's (torchao's int8 data, scales, zero points) summed over the
     inner tensors it is made of, nested ones included."""
-    if _is_quantized(tensor) and hasattr(tensor, "__tensor_flatten__"):
+    if is_quantized_tensor(tensor) and hasattr(tensor, "__tensor_flatten__"):
         names, _ = tensor.__tensor_flatten__()
         return sum(_tensor_bytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
     return tensor.numel() * tensor.element_size()
