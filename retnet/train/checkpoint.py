@@ -6,8 +6,9 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_00000100`` holding
     optimizer.pt   the full optimizer state dict (FQN-keyed under FSDP2)
     trainer.pt     step, tokens trained on, per-rank data positions and RNG states (python, numpy, torch,
                    cuda), config, the losses, seconds and tokens of the steps since the last metrics record,
-                   whether this step's evaluation is still to run (a stop signal skipped it), and the
-                   fingerprint of the hub data trained on (a resume reads the same)
+                   whether this step's evaluation is still to run (a stop signal skipped it), the
+                   fingerprint of the hub data trained on (a resume reads the same) and, under LoRA, the
+                   modules its adapters wrap (``lora.target_modules`` resolved: a resume compares those)
     manifest.json  written last: step, layout and the sha256 and size of each file in the directory
 
 That is the ``full`` layout. In the ``sharded`` one (``checkpoint.layout``, the default under FSDP2) ``model.pt``

@@ -358,7 +358,8 @@ def mixture_shares(mixture: dict[str, dict[str, Any]]) -> dict[str, Fraction]:
 @dataclass(kw_only=True, slots=True)
 class OptimConfig(_Section):
     """The optimizer and the learning-rate schedule: linear warmup to ``lr`` on the ``warmup_steps``-th step (at
-    most ``train.steps``), then cosine/linear decay to ``min_lr`` on the final step.
+    most ``train.steps``; as many, the run ends at ``lr`` and the trainer warns), then cosine/linear decay to
+    ``min_lr`` on the final step.
 
     ``name``: ``"adamw"``, or ``"muon"`` (``retnet.train.muon``, torch >= 2.9): ``torch.optim.Muon`` on the 2-D
     weight matrices of the decoder layers, AdamW on the rest (embeddings, LM head, norms, biases). Muon's peak
@@ -640,6 +641,20 @@ class JobConfig(_Section):
                 and self.model.vocab_size < MIN_VOCAB_SIZE:
             _refuse("model.vocab_size", f"must be >= {MIN_VOCAB_SIZE} (256 bytes + EOS + pad) for the byte-level "
                     f"BPE trained when data.tokenizer is not given", self.model.vocab_size)
+
+
+def schedule_warnings(job: JobConfig) -> list[str]:
+    """What the trainer warns of in the schedule, which runs but is most likely not the one meant: a warmup as long
+    as the run (``optim.warmup_steps == train.steps``) reaches ``optim.lr`` on the final step and never decays.
+    Warned, not refused, as HF's and nanoGPT's schedules take it: a smoke test shortened to its warmup, or an LR
+    range test, means it; a longer warmup never even reaches ``optim.lr`` and is refused (``JobConfig``)."""
+    optim, steps = job.optim, job.train.steps
+    if optim.warmup_steps != steps or optim.schedule == "constant" or optim.min_lr == optim.lr:
+        return []
+    return [f"optim.warmup_steps ({optim.warmup_steps}) equals train.steps ({steps}): the learning rate climbs to "
+            f"optim.lr ({optim.lr}) on the final step and the {optim.schedule!r} decay to optim.min_lr "
+            f"({optim.min_lr}) never happens; set optim.warmup_steps below train.steps (a few percent of it) for "
+            f"the decay, or optim.schedule=constant to mean no decay"]
 
 
 def _check_context_parallel(job: JobConfig) -> None:
@@ -1091,5 +1106,5 @@ __all__ = [
     "GrpoConfig", "JobConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RewardConfig",
     "TrainConfig", "build_config", "data_changes", "distill_changes", "dpo_changes", "grpo_changes", "load_config",
     "lora_changes", "mixture_shares", "model_changes", "optim_changes", "parse_overrides", "preset_names",
-    "reward_changes",
+    "reward_changes", "schedule_warnings",
 ]

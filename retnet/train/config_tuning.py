@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -553,18 +554,37 @@ def distill_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
 _LORA_FIELDS = ("rank", "alpha", "use_rslora", "use_dora", "target_modules")
 
 
-def lora_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
+def lora_changes(saved: dict[str, Any], current: JobConfig, *,
+                 default_targets: Callable[[], list[str]] | None = None,
+                 saved_targets: list[str] | None = None) -> list[str]:
     """The ``[lora]`` settings that differ between a checkpoint's config (``saved``, a ``JobConfig.to_dict()``;
-    one from before LoRA trained without it) and ``current``, as ``"lora.rank: checkpoint 8, now 16"``."""
+    one from before LoRA trained without it) and ``current``, as ``"lora.rank: checkpoint 8, now 16"``.
+
+    ``lora.target_modules`` is compared as resolved, the modules peft wraps: ``[]`` means every projection the model
+    has, which ``default_targets()`` names (the trainer's model; a resume keeps the model, ``model_changes``), so
+    ``[]`` and that list written out are the same adapters. ``saved_targets``: the checkpoint's own resolved list
+    (its ``trainer.pt``; absent from older ones), which wins over resolving its setting again."""
     old = {**LoraConfig().to_dict(), **saved.get("lora", {})}
     now = current.lora.to_dict()
 
-    def same(name: str) -> bool:  # peft adapts the modules the target names match, in whatever order named
-        if name == "target_modules":
-            return sorted(map(str, old[name])) == sorted(map(str, now[name]))
-        return old[name] == now[name]
+    def resolved(names: list, recorded: list[str] | None = None) -> list[str]:
+        if recorded is not None:
+            return list(recorded)
+        return list(default_targets()) if not names and default_targets is not None else list(names)
 
-    return [f"lora.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in _LORA_FIELDS if not same(name)]
+    def shown(names: list, targets: list[str]) -> str:
+        return f"{names!r} (all the model has: {targets})" if not names and targets else repr(names)
+
+    changes = [f"lora.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in _LORA_FIELDS
+               if name != "target_modules" and old[name] != now[name]]
+    targets = "target_modules"
+    # peft adapts the modules the target names match, in whatever order named
+    if sorted(map(str, old[targets])) != sorted(map(str, now[targets])):
+        was, is_ = resolved(old[targets], saved_targets if old["rank"] else None), resolved(now[targets])
+        if sorted(map(str, was)) != sorted(map(str, is_)):
+            changes.append(f"lora.target_modules: checkpoint {shown(old[targets], was)}, now "
+                           f"{shown(now[targets], is_)}")
+    return changes
 
 
 __all__ = [

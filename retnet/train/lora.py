@@ -36,20 +36,42 @@ ADAPTER_DIR = "adapter"  # export/adapter: peft's save_pretrained
 ADAPTER_NAME = "default"  # peft's adapter name, part of the state-dict keys (lora_A.default.weight)
 
 
+def _present(layers: nn.Module) -> list[str]:
+    """The ``LORA_TARGETS`` names of the Linear modules under ``layers``, in that order."""
+    present = {name.rsplit(".", 1)[-1] for name, module in layers.named_modules() if isinstance(module, nn.Linear)}
+    return [name for name in LORA_TARGETS if name in present]
+
+
 def target_names(cfg: LoraConfig, model: nn.Module) -> list[str]:
     """The ``lora.target_modules`` names resolved against ``model`` (a ``RetNetForCausalLM``, or a reward model's
     ``RetNetForSequenceClassification``, whose ``score`` head is no target: it trains in full): those configured,
     each of which it must have, or every Linear name of ``LORA_TARGETS`` its decoder layers hold."""
-    present = {name.rsplit(".", 1)[-1] for name, module in model.model.layers.named_modules()
-               if isinstance(module, nn.Linear)}
+    return resolve_targets(cfg, _present(model.model.layers))
+
+
+def resolve_targets(cfg: LoraConfig, present: list[str]) -> list[str]:
+    """:func:`target_names` of a model whose decoder layers hold the ``LORA_TARGETS`` Linears ``present``
+    (:func:`default_targets` of its config): a ConfigError naming those it lacks."""
     if not cfg.target_modules:
-        return [name for name in LORA_TARGETS if name in present]
+        return list(present)
     missing = [name for name in cfg.target_modules if name not in present]
     if missing:
         raise ConfigError(f"lora.target_modules names modules this model does not have: {missing} (its decoder "
-                          f"layers' Linear modules: {[n for n in LORA_TARGETS if n in present]}; g_proj needs "
-                          f"use_output_gate, gate_proj ffn_glu); got {cfg.target_modules!r}")
+                          f"layers' Linear modules: {present}; g_proj needs use_output_gate, gate_proj ffn_glu); "
+                          f"got {cfg.target_modules!r}")
     return list(cfg.target_modules)
+
+
+def default_targets(model_config) -> list[str]:
+    """What an empty ``lora.target_modules`` adapts on a model of ``model_config`` (a ``RetNetConfig``): every
+    ``LORA_TARGETS`` Linear its decoder layers hold, read from one layer built on the meta device (no memory, no
+    weights), so a resume compares targets before the data and the model are built."""
+    import torch
+
+    from retnet.model.modeling_retnet import RetNetDecoderLayer
+
+    with torch.device("meta"):
+        return _present(RetNetDecoderLayer(model_config, 0))
 
 
 def task_type(model_class: type) -> str:
@@ -176,5 +198,5 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
     return replace_directory(Path(directory), write)
 
 
-__all__ = ["ADAPTER_DIR", "apply_lora", "base_fingerprint", "export_lora", "peft_config", "target_names",
-           "task_type", "trainable_names"]
+__all__ = ["ADAPTER_DIR", "apply_lora", "base_fingerprint", "default_targets", "export_lora", "peft_config",
+           "resolve_targets", "target_names", "task_type", "trainable_names"]

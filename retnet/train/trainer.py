@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -84,6 +85,7 @@ from retnet.train.checkpoint import (
     save_sharded_state,
     saved_model_shapes,
     set_rng_state,
+    step_dir_name,
     supersede_after,
     verified_identity,
 )
@@ -98,6 +100,7 @@ from retnet.train.config import (
     model_changes,
     optim_changes,
     reward_changes,
+    schedule_warnings,
 )
 from retnet.train.data import (
     build_data,
@@ -188,6 +191,9 @@ class Trainer:
         self._completed = False  # train() returned: the W&B run finishes as finished, else as failed
         self._previous_handlers: dict[int, Any] = {}
         _setup_logging(self.rank)
+        if self.is_main:
+            for warning in schedule_warnings(cfg):
+                logger.warning(warning)
 
         resume_path = self._resolve_resume()  # (rank 0 also creates output_dir)
         self.resumed = resume_path is not None
@@ -216,6 +222,10 @@ class Trainer:
         if resume_path is not None:
             # Before the data is built: reading and tokenizing another dataset can take hours, only to be refused.
             hub_fingerprint = self._check_resume_data(resume_path, tokenizer_reused=reuse)
+        if cfg.lora.target_modules:  # likewise: a target the model lacks (g_proj without use_output_gate ...)
+            from retnet.train.lora import resolve_targets
+
+            resolve_targets(cfg.lora, self._default_lora_targets())
         if reuse and cfg.data.tokenizer and self.is_main:
             logger.info("resuming: using the tokenizer saved in %s (data.tokenizer is only read by a run that "
                         "starts)", saved_tokenizer)
@@ -338,6 +348,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if use_bf16 and not self.fsdp else contextlib.nullcontext())
 
+        self.last_checkpoint: Path | None = resume_path  # the newest this run knows to be good
         if resume_path is not None:
             self._load(resume_path)
             if self.is_main and cfg.train.resume not in ("auto", "none"):
@@ -427,6 +438,32 @@ class Trainer:
             _check_pretrained_dir(path)  # a resume checks it here, before the data is built (a ConfigError naming it)
             self._fingerprint = base_fingerprint(path)
         return self._fingerprint
+
+    def _default_lora_targets(self) -> list[str]:
+        """What an empty ``lora.target_modules`` adapts on this run's model, known before the model is built (a
+        resume compares it with its checkpoint's before the data is read): the architecture of ``model.init_from``,
+        else the preset's with ``[model]`` on top."""
+        from retnet.model import RetNetConfig
+        from retnet.train.lora import default_targets
+
+        if getattr(self, "_lora_defaults", None) is not None:
+            return self._lora_defaults
+        overrides = self.cfg.model.overrides()
+        init_from = self._init_from_dir()
+        try:
+            if init_from is None:
+                config = RetNetConfig.from_preset(self.cfg.model.preset, **overrides)
+            else:
+                _check_pretrained_dir(init_from)
+                saved, _ = RetNetConfig.get_config_dict(str(init_from), local_files_only=True)
+                config = RetNetConfig.from_dict({**saved, **overrides})
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as error:  # as the model's own build reports it, once the data is read
+            where = f" (on model.init_from {str(init_from)!r})" if init_from is not None else ""
+            raise ConfigError(f"model{where}: {error}") from None
+        self._lora_defaults = default_targets(config)
+        return self._lora_defaults
 
     def _teacher_dir(self) -> Path | None:
         """``distill.teacher``'s directory, resolved once (None without distillation)."""
@@ -799,6 +836,8 @@ class Trainer:
                 "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
             }
+            if self.cfg.lora.enabled:  # what peft wrapped: lora.target_modules [] resolved against the model
+                trainer["lora_targets"] = list(self.lora_targets)
             if self.adapters_only:  # what a resume must load from init_from again under these adapters
                 trainer["lora_base"] = {"path": str(self._init_from_dir().resolve()),
                                         "sha256": self._base_fingerprint()}
@@ -815,6 +854,7 @@ class Trainer:
             logger.info("saved checkpoint %s", path)
         barrier()
         self.last_saved_step = self.step
+        self.last_checkpoint = self.ckpt_root / step_dir_name(self.step)
 
     def _check_resume_data(self, path: Path, *, tokenizer_reused: bool) -> str | dict[str, str | None] | None:
         """ConfigError unless this run continues the checkpoint's: ``train.steps`` not below its step, the same
@@ -872,7 +912,9 @@ class Trainer:
         for changed, what, advice in (
             (model_changes, "other model settings",
              f"With them its weights would compute another model: resume with those settings, {elsewhere}"),
-            (lora_changes, "other LoRA settings", f"Resume with those settings, {elsewhere}"),
+            (functools.partial(lora_changes, default_targets=self._default_lora_targets,
+                               saved_targets=trainer.get("lora_targets")),
+             "other LoRA settings", f"Resume with those settings, {elsewhere}"),
             (dpo_changes, "another DPO objective", f"Resume with those settings, {elsewhere}"),
             (reward_changes, "other reward-model settings", f"Resume with those settings, {elsewhere}"),
             (grpo_changes, "other GRPO settings", f"Resume with those settings, {elsewhere}"),
@@ -1167,10 +1209,12 @@ class Trainer:
         return count
 
     def _stop_nonfinite(self, problem: str) -> NoReturn:
-        last = list_checkpoints(self.ckpt_root)
+        # The one this run saved or resumed from, not the newest step_* directory: that may be one resume=auto
+        # skipped as invalid (a save cut short), which a resume would skip again (train.resume=PATH: elsewhere)
+        last = self.last_checkpoint
         raise NonFiniteLossError(
             f"{problem} at step {self.step + 1}; stopping without saving. The last good checkpoint "
-            f"is {str(last[-1]) if last else 'none (no checkpoint yet)'}; lower optim.lr or raise "
+            f"is {str(last) if last else 'none (no checkpoint yet)'}; lower optim.lr or raise "
             f"optim.warmup_steps and resume")
 
     @torch.no_grad()
