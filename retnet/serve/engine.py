@@ -68,6 +68,9 @@ logger = logging.getLogger("retnet.serve")
 
 # Prompts are prefilled with the chunkwise form: linear in the prompt, and the same pieces alone or batched.
 PREFILL_MODE = "chunkwise"
+# vLLM's floor for a logprob sent to a client: a token of probability 0 scores -inf, which JSON cannot carry (a
+# response would fail to serialise, a stream would send -Infinity).
+MIN_LOGPROB = -9999.0
 
 
 class Engine(ModelThread):
@@ -87,6 +90,7 @@ class Engine(ModelThread):
         self.model = model
         self.config = model.config if model is not None else _load_config(settings.model)
         self.vocab_size = int(self.config.vocab_size)
+        self.tokenizer_bound = vocab_bound(tokenizer)  # see token_bound
         self.eos_ids = _eos_ids(settings.model, tokenizer, self.config)
         self.speculative = settings.speculative  # None: every step decodes one token a sequence
         self.drafter: DraftModel | None = None  # method draft_model's proposer, loaded with the model
@@ -127,6 +131,14 @@ class Engine(ModelThread):
         self.preempted: list[tuple[Sequence, RetNetCache]] = []  # changed under cond
         self.batch: RetNetCache | None = None
         self.device = torch.device("cpu")
+
+    @property
+    def token_bound(self) -> int:
+        """One more than the largest id a prompt or a sampling rule may name: the tokenizer's, within the model's
+        vocabulary. A vocabulary padded past the tokenizer has rows whose logits are -inf in every forward
+        (_mask_padded_vocabulary): a prompt holding one would be scored -inf, and allowed_token_ids naming only such
+        ids would leave nothing to sample."""
+        return min(self.tokenizer_bound, self.vocab_size)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -1045,6 +1057,8 @@ class Engine(ModelThread):
     def _logprob(self, token: int, value: float | None, alternatives=(), start: bool = False,
                  rank: int | None = None) -> TokenLogprob:
         """``start``: the token (and each alternative) would open the text."""
+        if value is not None and value < MIN_LOGPROB:
+            value = MIN_LOGPROB  # -inf (a token the model never writes) is no JSON number
         top = [self._logprob(t, v, start=start) for t, v in alternatives]
         if start:
             return TokenLogprob(token, self.token_bytes.label(token, True), self.token_bytes.start(token), value, top,

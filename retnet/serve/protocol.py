@@ -154,6 +154,14 @@ class SamplingFields(RequestFields):
     def _numbers_are_not_booleans(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
 
+    @field_validator("truncate_prompt_tokens", check_fields=False)
+    @classmethod
+    def _positive_or_minus_one(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 1:
+            raise PydanticCustomError("invalid_value", "must be >= 1 (the last tokens kept), or -1 (up to "
+                                      "--max-prompt-tokens)")
+        return value
+
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _biases_are_not_booleans(cls, value: Any) -> Any:
@@ -188,8 +196,9 @@ class SamplingFields(RequestFields):
     include_stop_str_in_output: bool = False
     # vLLM's: only these tokens may be sampled (serving checks they are in the vocabulary and not none).
     allowed_token_ids: list[TokenId] | None = None
-    # vLLM's: run only the prompt's last k tokens (a chat's templated conversation's).
-    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    # vLLM's: run only the prompt's last k tokens (a chat's templated conversation's); -1: the most the server
+    # runs (--max-prompt-tokens), as vLLM's -1 is the model's length.
+    truncate_prompt_tokens: int | None = None
     # vLLM's: words the output must not contain, as the tokenizer spells them (see RequestChecks.bad_word_ids).
     bad_words: list[str] | None = None
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,

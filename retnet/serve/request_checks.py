@@ -69,6 +69,8 @@ class RequestChecks:
             # vLLM refuses it too (it has no chunk of a stream to carry them).
             raise APIError(400, "prompt_logprobs: not available with stream: true", "prompt_logprobs",
                            "unsupported_parameter")
+        if request.truncate_prompt_tokens == -1:
+            request.truncate_prompt_tokens = s.max_prompt_tokens  # vLLM's -1: as many as the server runs
         if request.truncate_prompt_tokens is not None and request.truncate_prompt_tokens > s.max_prompt_tokens:
             raise APIError(400, f"truncate_prompt_tokens must be <= {s.max_prompt_tokens} (the most prompt tokens "
                            f"this server runs); got {request.truncate_prompt_tokens}", "truncate_prompt_tokens")
@@ -96,9 +98,11 @@ class RequestChecks:
             what = "the prompt" if param == "prompt" else "the templated messages"
             raise APIError(400, f"{what} has {len(ids)} tokens; this server accepts at most "
                            f"{self.settings.max_prompt_tokens}", param, "context_length_exceeded")
-        bad = [i for i in ids if i >= self.engine.vocab_size]
+        # The tokenizer's ids, as vLLM checks a prompt: a padded vocabulary's extra rows are no token.
+        bound = self.engine.token_bound
+        bad = [i for i in ids if i >= bound]
         if bad:
-            raise APIError(400, f"{param}: token id {bad[0]} is out of the vocabulary (size {self.engine.vocab_size})",
+            raise APIError(400, f"{param}: token id {bad[0]} is out of the vocabulary (size {bound})",
                            param, "invalid_token_id")
         return ids
 
@@ -132,9 +136,10 @@ class RequestChecks:
         return {name: getattr(request, name) if name in sent else self.sampling_defaults.get(name, getattr(request, name))
                 for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
 
-    def _token_ids(self, request: SamplingFields, name: str) -> frozenset[int]:
+    def _token_ids(self, request: SamplingFields, name: str, vocab: int | None = None) -> frozenset[int]:
+        """``vocab``: the ids accepted are below it (None: the model's vocabulary)."""
         ids = frozenset(getattr(request, name) or ())
-        vocab = self.engine.vocab_size
+        vocab = self.engine.vocab_size if vocab is None else vocab
         bad = [t for t in ids if t >= vocab]
         if bad:
             raise APIError(400, f"{name}: token id {min(bad)} is out of the vocabulary (size {vocab})", name,
@@ -147,17 +152,18 @@ class RequestChecks:
         if not request.allowed_token_ids:
             # vLLM refuses it too: no token could ever be sampled.
             raise APIError(400, "allowed_token_ids must not be empty (null: every token)", "allowed_token_ids")
-        return self._token_ids(request, "allowed_token_ids")
+        # Only ids the tokenizer has can ever be sampled (a padded vocabulary's extra rows are masked).
+        return self._token_ids(request, "allowed_token_ids", self.engine.token_bound)
 
     def _check_something_left(self, request: SamplingFields, stop_ids: frozenset[int], allowed: frozenset[int] | None,
                               bad_words: list[list[int]]) -> None:
         """Every step must leave some token to sample: a row with every logit -inf has no distribution (the
         multi-token bad words, known only as the output grows, yield to the others instead; see sample_step)."""
-        vocab = self.engine.vocab_size
+        vocab = self.engine.token_bound  # the ids that may be sampled
         single = {ids[0] for ids in bad_words if len(ids) == 1}
 
         def left(excluded: set[int]) -> int:
-            return len(allowed - excluded) if allowed is not None else vocab - len(excluded)
+            return len(allowed - excluded) if allowed is not None else vocab - len({t for t in excluded if t < vocab})
 
         if not left(single):
             raise APIError(400, "bad_words: they ban every token of allowed_token_ids", "bad_words")

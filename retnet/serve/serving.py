@@ -609,7 +609,7 @@ class OpenAIServing:
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         """The ids' text as the server decodes a prompt sent as ids (special tokens shown)."""
         self._check_model(request.model)
-        vocab = self.engine.vocab_size
+        vocab = self.engine.token_bound  # a padded vocabulary's extra rows are no token: refused as in a prompt
         bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"tokens: token id {bad} is out of the vocabulary (size {vocab})", "tokens",

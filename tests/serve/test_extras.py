@@ -395,7 +395,13 @@ async def test_truncate_prompt_tokens_lets_a_long_prompt_in_and_is_checked(open_
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         r = await client.post("/v1/completions", json={"prompt": long, "max_tokens": 2, "truncate_prompt_tokens": 8})
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 8, r.text
-        for bad in (0, -1, 9, True, 1.5, "x"):
+        # vLLM's -1: as many as the server runs (--max-prompt-tokens), on both endpoints
+        r = await client.post("/v1/completions", json={"prompt": long, "max_tokens": 2, "truncate_prompt_tokens": -1})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 8, r.text
+        r = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": long}], "max_tokens": 2, "truncate_prompt_tokens": -1})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 8, r.text
+        for bad in (0, -2, 9, True, 1.5, "x"):
             for path, base in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
                                ("/v1/chat/completions", CHAT)):
                 r = await client.post(path, json={**base, "truncate_prompt_tokens": bad})
