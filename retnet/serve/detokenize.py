@@ -60,16 +60,22 @@ class StopStrings:
         self.include = include
         self.text = ""
         self.emitted = 0
+        self.unsearched = 0  # the end of the text no stop may end in (the first min_tokens tokens')
         self.stopped = False
 
     def push(self, delta: str, search: bool = True) -> str:
         """Add ``delta``; return the text now safe to emit. Sets ``stopped`` when a stop string appeared
-        (the text from it on is dropped). ``search=False`` releases ``delta`` unsearched (the text of the
-        first ``min_tokens`` tokens), and later searches start after it."""
+        (the text from it on is dropped). ``search=False``: ``delta`` is the text of the first ``min_tokens``
+        tokens, where no stop may end; one that starts there and ends in later text is found (as vLLM finds
+        it), so its start is held back here too."""
         self.text += delta
-        if not self.stops or not search:
+        if not self.stops:
             return self._release(len(self.text))
-        hits = [(p + len(s), p) for s in self.stops if (p := self.text.find(s, self.emitted)) >= 0]
+        if not search:
+            self.unsearched = len(self.text)
+            return self._release(len(self.text) - self._held())
+        hits = [(p + len(s), p) for s in self.stops
+                if (p := self.text.find(s, max(self.emitted, self.unsearched - len(s) + 1))) >= 0]
         if hits:
             # The stop that completes first (then the longest) is the one generation meets first; the
             # earliest start would make the cut depend on how the tokens split the text.

@@ -944,7 +944,7 @@ class Engine(ModelThread):
         self.metrics.generation_tokens.inc()
         params = seq.group.params
         # vLLM's rule: no stop condition is checked on the first min_tokens tokens (their stop tokens were
-        # masked, and a stop string in their text does not end the choice, nor is it looked for later).
+        # masked, and a stop string wholly in their text does not end the choice, nor is it found later).
         checked = len(seq.tokens) > params.min_tokens
         stop_token = checked and ((token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids)
         # vLLM's detokenizer leaves a stop token's text out unless include_stop_str_in_output (EOS, a special

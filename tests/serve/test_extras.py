@@ -110,6 +110,21 @@ async def test_stop_strings_do_not_end_a_choice_before_min_tokens(client):
         assert first not in choice["text"][len(head):]
 
 
+async def test_a_stop_string_straddling_the_min_tokens_text_ends_the_choice(client):
+    """vLLM's: a stop that starts in the first min_tokens tokens' text and ends after it is found, and the text
+    from it on is not returned (also streamed: its start was held back)."""
+    req = {"prompt": "The retention", "max_tokens": 10, **GREEDY}
+    base = (await client.post("/v1/completions", json=req)).json()["choices"][0]["text"]
+    head = (await client.post("/v1/completions", json={**req, "max_tokens": 4})).json()["choices"][0]["text"]
+    assert base.startswith(head) and len(base) > len(head)
+    stop = base[len(head) - 1 : len(head) + 1]
+    for stream in (False, True):
+        r = await client.post("/v1/completions", json={**req, "stop": stop, "min_tokens": 4, "stream": stream})
+        choice = streamed_choices(sse_events(r.text))[0] if stream else r.json()["choices"][0]
+        finish = choice["finish"] if stream else [choice["finish_reason"]]
+        assert choice["text"] == head[:-1] and finish == ["stop"], (stream, choice, head, stop)
+
+
 async def test_min_tokens_on_chat_with_stop_token_ids(client):
     forced = 300
     req = {**CHAT, "max_tokens": 8, "return_token_ids": True, "logit_bias": {str(forced): 100},

@@ -233,10 +233,27 @@ def test_allowed_tokens_and_bad_words_mask_only_their_own_rows():
 def test_stop_strings_are_not_looked_for_in_unsearched_text():
     s = StopStrings(["ab"])
     assert s.push("xab", search=False) == "xab" and not s.stopped
-    assert s.push("a", search=False) == "a"
-    # A stop starting in the unsearched text is not found after it; one wholly after it is.
+    assert s.push("c", search=False) == "c"
+    # A stop wholly in the unsearched text is not found after it; one wholly after it is.
     assert s.push("b") == "b" and not s.stopped
     assert s.push("cab") == "c" and s.stopped
+
+
+def test_a_stop_string_straddling_the_min_tokens_text_is_found():
+    """vLLM finds a stop that starts in the first min_tokens tokens' text and ends after it: its start is held
+    back, not released unsearched."""
+    s = StopStrings(["abc"])
+    assert s.push("xa", search=False) == "x"
+    assert s.push("b", search=False) == ""
+    assert s.push("c") == "" and s.stopped and s.text == "x"
+    s = StopStrings(["abc"], include=True)
+    assert s.push("xab", search=False) == "x"
+    assert s.push("cz") == "abc" and s.stopped
+    # A held start that does not become the stop is released once it cannot.
+    s = StopStrings(["abc"])
+    assert s.push("xab", search=False) == "x"
+    assert s.push("d") == "abd" and not s.stopped
+    assert s.flush() == ""
 
 
 def _row_cache(value: float) -> RetNetCache:
