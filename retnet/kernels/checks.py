@@ -10,9 +10,10 @@ The rules, in the order they are checked:
 - q, k, v share one dtype, float32, float16 or bfloat16 (the references compute in fp32 either way; the
   kernels exist for these three). log_decay and initial_state are floating point (used as fp32). A log_decay
   of -inf (γ = 0: each token sees only itself) is allowed: the ops compute with :func:`usable_log_decay`.
-- cu_seqlens: a 1-D integer tensor ``[N + 1]`` (B = 1) that starts at 0, never decreases and ends at T;
-  initial_state ``[B or N, H, K, V]``; every tensor on one device.
-- scale: None, a real number, or a one-element tensor (read once as a Python float).
+- cu_seqlens: a 1-D integer tensor ``[N + 1]`` (one of :data:`CU_SEQLENS_DTYPES`; B = 1) that starts at 0,
+  never decreases and ends at T, and not on meta (its values are read); initial_state ``[B or N, H, K, V]``;
+  every tensor on one device.
+- scale: None, a finite real number, or a one-element non-bool tensor holding one (read once as a Python float).
 - chunk_size (chunkwise op): an int >= 1.
 - Under grad mode neither log_decay nor a tensor scale may require grad: both are constants of the ops
   (the Triton backward gives them none), and a gradient silently left at None would be worse than a refusal.
@@ -31,6 +32,7 @@ import contextvars
 import functools
 import inspect
 import itertools
+import math
 import numbers
 import operator
 import weakref
@@ -38,8 +40,8 @@ import weakref
 import torch
 
 __all__ = [
-    "MAX_HEAD_DIM", "MIN_LOG_DECAY", "SUPPORTED_DTYPES", "HostOffsets", "SharedHostOffsets", "check_chunk_size",
-    "check_inputs", "check_scale", "host_offsets", "shares_host_offsets", "usable_log_decay",
+    "CU_SEQLENS_DTYPES", "MAX_HEAD_DIM", "MIN_LOG_DECAY", "SUPPORTED_DTYPES", "HostOffsets", "SharedHostOffsets",
+    "check_chunk_size", "check_inputs", "check_scale", "host_offsets", "shares_host_offsets", "usable_log_decay",
 ]
 
 # The paper's presets have V = 2 · K = 512. The kernels tile K and V in at most 128-wide tiles (the recurrent
@@ -48,6 +50,9 @@ __all__ = [
 # only where it does at 256 (fp32 dq/dk on sm_80, 16 bytes).
 MAX_HEAD_DIM = 512
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The integer types cu_seqlens may have: those torch's arithmetic supports on every device. (uint16/32/64 are
+# integers too, but subtracting them, as the ops do to form the lengths, is not implemented.)
+CU_SEQLENS_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 # ln γ at or below this is γ = 0 to fp32 at every distance n >= 1 (e^-104 is below its smallest subnormal),
 # and -1e4 · log2(e) · n stays finite for any chunk distance.
 MIN_LOG_DECAY = -1e4
@@ -62,11 +67,12 @@ def usable_log_decay(log_decay: torch.Tensor) -> torch.Tensor:
 
 
 def check_scale(scale, op: str) -> float | None:
-    """``scale`` as a Python float (None stays None), or a ``ValueError`` naming it."""
+    """``scale`` as a finite Python float (None stays None), or a ``ValueError`` naming it."""
     if scale is None:
         return None
     if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1 or scale.is_complex():
+        # A bool tensor is refused as a Python bool is: True would silently be read as a scale of 1.0.
+        if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:
             raise ValueError(
                 f"{op}: scale must be a float or a one-element real tensor; got a {scale.dtype} tensor of shape "
                 f"{tuple(scale.shape)}"
@@ -76,10 +82,18 @@ def check_scale(scale, op: str) -> float | None:
                 f"{op}: scale gets no gradient (the ops take it as a constant); got one that requires grad "
                 "(pass scale.detach())"
             )
-        return float(scale.item())
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        value = float(scale.item())
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise ValueError(f"{op}: scale must be a float or a one-element real tensor; got {type(scale).__name__}")
-    return float(scale)
+    else:
+        try:
+            value = float(scale)
+        except OverflowError:  # an int beyond float's range
+            raise ValueError(f"{op}: scale must be finite; got an int too large for a float") from None
+    # A NaN or infinite scale makes every output NaN or inf: refused rather than computed.
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: scale must be finite; got {value}")
+    return value
 
 
 def check_chunk_size(chunk_size, op: str) -> int:
@@ -132,11 +146,11 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
     if initial_state is not None and not initial_state.is_floating_point():
         raise ValueError(f"{op}: initial_state must be floating point (float32); got {initial_state.dtype}")
     if cu_seqlens is not None and (
-        cu_seqlens.dim() != 1 or len(cu_seqlens) == 0
-        or cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool
+        cu_seqlens.dim() != 1 or len(cu_seqlens) == 0 or cu_seqlens.dtype not in CU_SEQLENS_DTYPES
     ):
         raise ValueError(
-            f"{op}: cu_seqlens must be a 1-D integer tensor [N + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            f"{op}: cu_seqlens must be a 1-D integer tensor [N + 1] of int8, uint8, int16, int32 or int64; "
+            f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
         )
     # Before cu_seqlens is read on the host (a meta or foreign-device tensor would fail there otherwise).
     named = (("q", q), ("k", k), ("v", v), ("log_decay", log_decay), ("initial_state", initial_state),
@@ -149,6 +163,10 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
         placed = "; ".join(f"{', '.join(names)} on {device}" for device, names in devices.items())
         raise ValueError(f"{op}: all tensors must be on one device; got {placed}")
     if cu_seqlens is not None:
+        if cu_seqlens.is_meta:  # (shape-only tracing) the host read below would fail with "no data"
+            raise ValueError(
+                f"{op}: cu_seqlens must hold values (its offsets are read on the host); got a meta tensor"
+            )
         if q.shape[0] != 1:
             raise ValueError(f"{op}: with cu_seqlens the batch must be packed into B=1; got B={q.shape[0]}")
         # A decreasing offset would give a kernel a negative length, whose rows it would never write (the

@@ -33,7 +33,8 @@ in: bf16 for bf16 inputs (the same rounding the dot applied before; half the tra
 Decay is only ever used as ``exp2(n · log2 γ)`` for a non-negative distance n inside a chunk, in fp32
 (γ itself would round to 1.0 in bf16, and in fp32 for the slowest heads). For bf16 inputs the state
 matmuls run in bf16 on the tensor cores (the stored state is rounded to bf16, the running one is not); for fp16
-the state stays fp32 in those matmuls (tf32), because a long-context state can exceed fp16's range;
+the state stays fp32 in those matmuls (tf32), because a long-context state can exceed fp16's range, and the
+intra-chunk scores go into their fp16 dots scaled by a power of two when they would not fit (``_fp16_score_shift``);
 for fp32 inputs every matmul is 3xTF32: tensor cores, fp32 accuracy (plain tf32 would drop 13 mantissa
 bits; "ieee" fp32 dots run on the FMA units and spill registers).
 
@@ -227,6 +228,17 @@ def _scores_and_state_product(
     return b_A, b_xs
 
 
+@triton.jit
+def _fp16_score_shift(a):
+    """For fp32 intra-chunk scores (or score gradients) ``a`` [BT, BT] headed for an fp16 dot: the least power of
+    two 2^shift ≥ max|a| / 2^15 (shift ≥ 0). Scores are scale · q·k (times decays ≤ 1), and in fp16 they can pass
+    65504 while the result still fits (small v): rounded as they are they would turn it inf, where the
+    reference's fp32 gives a number. Divided by 2^shift (exact, but for scores too small beside the tile's
+    largest to count) they fit, and the product is multiplied back in fp32: no change for a tile in range
+    (shift 0), and the dot keeps its fp16 operands (fp32 scores spilled registers on sm_89)."""
+    return tl.ceil(tl.log2(tl.maximum(tl.max(tl.abs(a)), 32768.0) * (1.0 / 32768.0)))
+
+
 @_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2], default=(4, 2))
 @triton.jit(do_not_specialize=["T"])
 def _chunk_state_fwd_kernel(
@@ -291,7 +303,11 @@ def _chunk_output_fwd_kernel(
     b_A = tl.where(m_A, b_A * tl.exp2(tl.maximum(distance, 0).to(tl.float32) * log2_decay) * scale, 0.0)
     b_v = _load_tile(v + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
     b_o = b_o * (scale * tl.exp2((o_t + 1).to(tl.float32) * log2_decay))[:, None]
-    b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    if b_v.dtype == tl.float16:  # scores past fp16's range: _fp16_score_shift
+        shift = _fp16_score_shift(b_A)
+        b_o += tl.dot((b_A * tl.exp2(-shift)).to(b_v.dtype), b_v, input_precision=DOT_PRECISION) * tl.exp2(shift)
+    else:
+        b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     _store_tile(o + (row0 * H + i_h) * V, b_o, n_rows, i_v * BV, V, H * V, BT, BV)
 
 
@@ -362,7 +378,12 @@ def _chunk_dv_bwd_kernel(
     b_A = tl.where(m_A, b_A * tl.exp2(tl.maximum(distance, 0).to(tl.float32) * log2_decay) * scale, 0.0)
     w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
     b_do = _load_tile(do + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
-    b_dv = b_dv * w_end[:, None] + tl.dot(b_A.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    if b_do.dtype == tl.float16:  # scores past fp16's range: _fp16_score_shift
+        shift = _fp16_score_shift(b_A)
+        b_A = (b_A * tl.exp2(-shift)).to(b_do.dtype)
+        b_dv = b_dv * w_end[:, None] + tl.dot(b_A, b_do, input_precision=DOT_PRECISION) * tl.exp2(shift)
+    else:
+        b_dv = b_dv * w_end[:, None] + tl.dot(b_A.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
     _store_tile(dv + (row0 * H + i_h) * V, b_dv, n_rows, i_v * BV, V, H * V, BT, BV)
 
 
@@ -413,9 +434,15 @@ def _chunk_dqk_bwd_kernel(
     w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
     b_q = _load_tile(q + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
     b_k = _load_tile(k + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
-    b_dA = b_dA.to(b_k.dtype)
-    b_dq = b_dq * w_start[:, None] + tl.dot(b_dA, b_k, input_precision=DOT_PRECISION)
-    b_dk = b_dk * w_end[:, None] + tl.dot(tl.trans(b_dA), b_q, input_precision=DOT_PRECISION)
+    if b_k.dtype == tl.float16:  # score gradients past fp16's range: _fp16_score_shift
+        shift = _fp16_score_shift(b_dA)
+        b_dA = (b_dA * tl.exp2(-shift)).to(b_k.dtype)
+        b_dq = b_dq * w_start[:, None] + tl.dot(b_dA, b_k, input_precision=DOT_PRECISION) * tl.exp2(shift)
+        b_dk = b_dk * w_end[:, None] + tl.dot(tl.trans(b_dA), b_q, input_precision=DOT_PRECISION) * tl.exp2(shift)
+    else:
+        b_dA = b_dA.to(b_k.dtype)
+        b_dq = b_dq * w_start[:, None] + tl.dot(b_dA, b_k, input_precision=DOT_PRECISION)
+        b_dk = b_dk * w_end[:, None] + tl.dot(tl.trans(b_dA), b_q, input_precision=DOT_PRECISION)
     _store_tile(dq + (row0 * H + i_h) * K, b_dq, n_rows, i_k * BK, K, H * K, BT, BK)
     _store_tile(dk + (row0 * H + i_h) * K, b_dk, n_rows, i_k * BK, K, H * K, BT, BK)
 

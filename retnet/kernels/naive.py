@@ -180,7 +180,8 @@ def parallel_retention(
         decay_to_end = _decay_powers(log_decay, length - 1 - steps[:-1])[None, :, :, None]
         final_state = (kf * decay_to_end).transpose(-1, -2) @ vf
         if initial_state is not None:
-            final_state = final_state + _decay_powers(log_decay, steps[-1:])[None, :, :, None] * initial_state
+            # (as fp32: a float64 state would otherwise promote the final state, fp32 on every other path)
+            final_state = final_state + _decay_powers(log_decay, steps[-1:])[None, :, :, None] * initial_state.float()
     return (scale * o).transpose(1, 2).to(v.dtype), final_state
 
 
@@ -321,14 +322,22 @@ _chunkwise_varlen = torch.compiler.disable(_chunkwise)
 
 
 def check_inplace_state(q, k, v, initial_state, op: str = "recurrent_retention") -> None:
-    """What ``update_state_inplace=True`` needs: an fp32 contiguous initial state and no gradient (checked
-    after :func:`retnet.kernels.checks.check_inputs`, on both paths)."""
+    """What ``update_state_inplace=True`` needs: an fp32 contiguous initial state, no gradient, and no inference
+    tensor outside ``torch.inference_mode`` (checked after :func:`retnet.kernels.checks.check_inputs`, on both
+    paths)."""
     if initial_state is None:
         raise ValueError(f"{op}: update_state_inplace=True needs an initial_state to update; got None")
     if initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
         raise ValueError(
             f"{op}: update_state_inplace=True needs a contiguous float32 initial_state; "
             f"got {initial_state.dtype}, contiguous={initial_state.is_contiguous()}"
+        )
+    if initial_state.is_inference() and not torch.is_inference_mode_enabled():
+        # torch refuses this write (an inference tensor keeps no version counter, so a graph that saved it could
+        # not notice); the Triton kernel writes through a raw pointer and would not be stopped.
+        raise ValueError(
+            f"{op}: update_state_inplace=True can't write an inference tensor outside torch.inference_mode(); "
+            "got an initial_state created under inference_mode (step under inference_mode too, or pass a clone)"
         )
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial_state)):
         raise ValueError(

@@ -1,0 +1,167 @@
+"""Retention-op calls as users make them, where a path used to answer wrongly or differently from the others.
+
+Each test names the path it guards: a reference op (``naive.py``) and the Triton op of the same name
+(interpreted on CPU) must return the same dtypes and refuse the same inputs with the same ``ValueError``.
+Shapes are tiny: the interpreter runs every program in Python.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from retnet.kernels import chunk, naive, recurrent
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+ALL_OPS = [naive.parallel_retention, naive.chunk_retention, naive.recurrent_retention,
+           chunk.chunk_retention, recurrent.recurrent_retention]
+RECURRENT_OPS = [naive.recurrent_retention, recurrent.recurrent_retention]
+
+
+def _name(op) -> str:
+    return f"{op.__module__.rsplit('.', 1)[-1]}.{op.__name__}"
+
+
+# (the references run [0, 2, 5] as one padded batch, [0, 1, 2, 7] sequence by sequence)
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 2, 5], [0, 1, 2, 7]], ids=["batch", "packed", "packed-apart"])
+@pytest.mark.parametrize("op", ALL_OPS, ids=_name)
+def test_final_state_is_fp32_whatever_the_initial_states_dtype(kt, op, cu_seqlens):
+    """The final state is fp32 on every path, as documented: the parallel reference once returned float64 for a
+    float64 initial state (its final state added the state as given), where every other form returned fp32."""
+    num_states = None if cu_seqlens is None else len(cu_seqlens) - 1
+    length = 5 if cu_seqlens is None else cu_seqlens[-1]
+    q, k, v, log_decay, h0 = kt.make_inputs(1 if cu_seqlens else 2, length, 2, 4, 3, initial_state=True,
+                                            num_states=num_states, device=DEVICE)
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEVICE)
+    want = naive.recurrent_retention(q, k, v, log_decay, None, h0, True, cu_seqlens=offsets)[1]
+    _, state = op(q, k, v, log_decay, None, h0.double(), True, cu_seqlens=offsets)
+    assert state.dtype == torch.float32, f"{_name(op)}: final state {state.dtype}"
+    kt.assert_close_scaled(state, want, 1e-5, _name(op))
+
+
+@pytest.mark.parametrize(
+    "scale, received",
+    [(torch.tensor(True), "a float or a one-element real tensor; got a torch.bool tensor"),
+     (float("nan"), "finite; got nan"), (float("inf"), "finite; got inf"),
+     (torch.tensor(-math.inf), "finite; got -inf"), (10**400, "finite; got an int too large for a float")],
+    ids=["bool-tensor", "nan", "inf", "minus-inf-tensor", "huge-int"],
+)
+@pytest.mark.parametrize("op", ALL_OPS, ids=_name)
+def test_scale_must_be_a_finite_number(op, scale, received):
+    """A bool tensor was read as 1.0 (a Python bool is refused), a non-finite scale turned every output into
+    NaN or inf without a word, and an int too large for a float raised OverflowError instead of the rule."""
+    q = torch.randn(1, 3, 2, 4, device=DEVICE)
+    log_decay = torch.tensor([-0.1, -0.5], device=DEVICE)
+    with pytest.raises(ValueError, match=rf"^{op.__name__}: scale must be {received}"):
+        op(q, q, q, log_decay, scale)
+
+
+def _inference_state(shape):
+    with torch.inference_mode():
+        return torch.randn(shape, device=DEVICE)
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "grad"])
+@pytest.mark.parametrize("op", RECURRENT_OPS, ids=_name)
+def test_inplace_step_refuses_an_inference_state_outside_inference_mode(op, grad_mode):
+    """torch refuses in-place writes to an inference tensor outside inference_mode (it keeps no version counter,
+    so a graph that saved it could not notice). The reference hit that as a RuntimeError from deep inside; the
+    Triton kernel wrote through its raw pointer anyway. Both now refuse with the rule, the state untouched."""
+    q = torch.randn(2, 1, 2, 4, device=DEVICE)
+    log_decay = torch.tensor([-0.1, -0.5], device=DEVICE)
+    state = _inference_state((2, 2, 4, 4))
+    before = state.clone()
+    refusal = (r"^recurrent_retention: update_state_inplace=True can't write an inference tensor outside "
+               r"torch.inference_mode\(\)")
+    with torch.no_grad() if grad_mode == "no_grad" else torch.enable_grad(), pytest.raises(ValueError, match=refusal):
+        op(q, q, q, log_decay, None, state, True, None, True)
+    assert torch.equal(state, before)
+
+
+@pytest.mark.parametrize("op", RECURRENT_OPS, ids=_name)
+def test_inplace_step_on_an_inference_state_inside_inference_mode(kt, op):
+    """The server's case, which must keep working: state and step both under inference_mode, the state advanced
+    in place exactly as the functional step computes it."""
+    q, k, v, log_decay, h0 = kt.make_inputs(2, 3, 2, 4, 5, initial_state=True, device=DEVICE)
+    want_o, want_state = naive.recurrent_retention(q, k, v, log_decay, None, h0, True)
+    with torch.inference_mode():
+        state = h0.clone()
+        o, returned = op(q, k, v, log_decay, None, state, True, None, True)
+    assert returned is state
+    kt.assert_close_scaled(o, want_o, 1e-5, "o")
+    kt.assert_close_scaled(state, want_state, 1e-5, "state")
+
+
+@pytest.mark.parametrize("op", [naive.parallel_retention, chunk.chunk_retention], ids=_name)
+def test_cu_seqlens_on_meta_is_refused_by_the_rule(op):
+    """Offsets without values (a meta tensor, as shape-only tracing makes) can't be checked or used: the rule's
+    ValueError rather than NotImplementedError("Cannot copy out of meta tensor") from the host read."""
+    q = torch.empty(1, 4, 2, 8, device="meta")
+    log_decay = torch.full((2,), -0.1, device="meta")
+    cu_seqlens = torch.tensor([0, 4], device="meta")
+    with pytest.raises(ValueError, match=rf"^{op.__name__}: cu_seqlens must hold values .*got a meta tensor"):
+        op(q, q, q, log_decay, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("op", ALL_OPS, ids=_name)
+def test_cu_seqlens_in_an_unsigned_type_torch_cannot_subtract_is_refused(op, dtype):
+    """uint16/32/64 passed the integer rule, then failed deep inside with NotImplementedError ("add_stub" not
+    implemented) on some paths and ran on others, depending on the offsets."""
+    q = torch.randn(1, 7, 2, 4, device=DEVICE)
+    log_decay = torch.tensor([-0.1, -0.5], device=DEVICE)
+    cu_seqlens = torch.tensor([0, 3, 3, 7], device=DEVICE).to(dtype)
+    with pytest.raises(ValueError, match=(
+            rf"^{op.__name__}: cu_seqlens must be a 1-D integer tensor \[N \+ 1\] of int8, uint8, int16, int32 or "
+            rf"int64; got {dtype} \(4,\)")):
+        op(q, q, q, log_decay, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("op", ALL_OPS, ids=_name)
+def test_cu_seqlens_in_every_accepted_integer_type_gives_the_same_result(kt, op, dtype):
+    """The integer types the rule keeps run on every path, padded-batch and one-by-one references alike."""
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 7, 2, 4, 3, initial_state=True, num_states=3, device=DEVICE)
+    for bounds in ([0, 3, 3, 7], [0, 1, 2, 7]):
+        want = naive.recurrent_retention(q, k, v, log_decay, None, h0, True,
+                                         cu_seqlens=torch.tensor(bounds, device=DEVICE))
+        got = op(q, k, v, log_decay, None, h0, True, cu_seqlens=torch.tensor(bounds, dtype=dtype, device=DEVICE))
+        kt.assert_close_scaled(got[0], want[0], 1e-5, f"{bounds} o")
+        kt.assert_close_scaled(got[1], want[1], 1e-5, f"{bounds} state")
+
+
+# (q, k, v, upstream gradient) magnitudes; T = 20, K = 32, V = 8, scale 1
+FP16_RANGE_CASES = {
+    "scores": (50.0, 50.0, 1e-3, 1e-3),  # q·k = 80000: the forward's and dv's scores
+    "score-gradients": (1e-3, 1e-3, 300.0, 300.0),  # do·v up to 720000: dq's and dk's score gradients
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("case", list(FP16_RANGE_CASES))
+@pytest.mark.parametrize("op", [chunk.chunk_retention, recurrent.recurrent_retention], ids=_name)
+def test_fp16_scores_beyond_fp16s_range_keep_a_finite_result(kt, op, case):
+    """fp16 intra-chunk scores (scale · q·k, or do·v in the backward) past 65504 while o and the gradients fit
+    fp16: the reference (fp32 inside) computed them, but the chunk kernels rounded the scores to fp16 for their
+    dots and returned inf. A tile out of fp16's range now enters its dot divided by a power of two."""
+    q_size, k_size, v_size, do_size = FP16_RANGE_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.full((1, 20, 1, 32), size) for size in (q_size, k_size))
+    v, upstream = (size * (0.5 + torch.rand(1, 20, 1, 8, generator=gen)) for size in (v_size, do_size))
+    q, k, v, upstream = (x.to(DEVICE).half() for x in (q, k, v, upstream))
+    log_decay = torch.tensor([-0.1], device=DEVICE)
+    results = {}
+    for name, fn in (("reference", naive.chunk_retention), ("op", op)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, _ = fn(*leaves, log_decay, 1.0)
+        (o.float() * upstream.float()).sum().backward()
+        results[name] = (o.detach(), *(x.grad for x in leaves))
+    for label, got, want in zip(("o", "dq", "dk", "dv"), results["op"], results["reference"], strict=True):
+        assert want.isfinite().all(), f"reference {label} should fit fp16"
+        assert got.isfinite().all(), f"{_name(op)} {label} is not finite"
+        kt.assert_close_scaled(got, want, 1e-2, f"{_name(op)} {label}")
