@@ -34,7 +34,7 @@ __all__ = ["chunk_retention", "parallel_retention", "recurrent_retention", "use_
 
 def use_triton(x) -> bool:
     """Whether the Triton kernels serve a call on tensor ``x``."""
-    choice = os.environ.get("RETNET_KERNELS", "auto").lower()
+    choice = os.environ.get("RETNET_KERNELS", "").strip().lower() or "auto"  # set but empty: the default
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"RETNET_KERNELS must be auto, torch or triton; got {choice!r}")
     if choice == "torch" or not isinstance(x, torch.Tensor):

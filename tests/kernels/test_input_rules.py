@@ -309,3 +309,14 @@ def test_the_public_ops_keep_the_references_signatures():
         assert parameters(getattr(kernels, name)) == parameters(getattr(naive, name)), name
     assert parameters(chunk.chunk_retention) == parameters(naive.chunk_retention)
     assert parameters(recurrent.recurrent_retention) == parameters(naive.recurrent_retention)
+
+
+@pytest.mark.parametrize("value", ["", " ", " Torch\n"])
+def test_the_backend_switch_reads_empty_as_auto_and_ignores_case_and_spaces(value, monkeypatch):
+    """A job script's ``RETNET_KERNELS=$CHOICE`` with CHOICE unset is the default, not a refusal."""
+    monkeypatch.setenv("RETNET_KERNELS", value)
+    # On CPU tensors both auto and torch choose the reference (no TRITON_INTERPRET needed to ask).
+    assert kernels.use_triton(torch.zeros(1)) is False
+    monkeypatch.setenv("RETNET_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="RETNET_KERNELS must be auto, torch or triton; got 'cuda'"):
+        kernels.use_triton(torch.zeros(1))
