@@ -51,7 +51,10 @@ class RetNetCache:
             self.offsets = self.offsets.index_select(0, beam_idx.to(self.offsets.device))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.reorder_cache(torch.as_tensor(indices, dtype=torch.long))
+        """Keep rows ``indices``, or where a boolean mask of ``batch_size`` rows is true, as transformers' caches
+        index them; in place."""
+        picked = self.select(indices)  # a cast to long would read a mask's True/False as the rows 1 and 0
+        self.states, self.offsets = picked.states, picked.offsets
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.states = [None if s is None else s.repeat_interleave(repeats, dim=0) for s in self.states]

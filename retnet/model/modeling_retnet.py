@@ -635,6 +635,11 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden_states.shape[:2]
         mode = retention_mode or self.config.retention_mode
+        pieces = self._padded_xpos_pieces(hidden_states, attention_mask, position_ids, cu_seqlens, context_parallel,
+                                          cache)
+        if pieces is not None:
+            return self._forward_in_pieces(pieces, hidden_states, attention_mask, cache, use_cache,
+                                           output_hidden_states, return_dict, mode)
         if context_parallel is not None:
             context_parallel = self._check_context(context_parallel, length, cache, asked_for_cache, attention_mask,
                                                    position_ids, cu_seqlens)
@@ -740,6 +745,50 @@ class RetNetModel(RetNetPreTrainedModel):
             last_hidden_state=hidden_states,
             **{CACHE_KWARG: cache if use_cache else None},
             hidden_states=all_hidden_states if output_hidden_states else None,
+        )
+        return output if _return_dict(self.config, return_dict) else output.to_tuple()
+
+    def _padded_xpos_pieces(self, hidden_states, attention_mask, position_ids, cu_seqlens, context_parallel, cache):
+        """The width of the pieces to run a padded xPos batch in, when it is wider than one packed frame covers;
+        else None. A padded batch runs packed, each row in one xPos frame, so a right-padded prompt longer than
+        that (2 800 tokens in fp16 at ``xpos_scale_base=512``) was refused where the same prompt left-padded ran;
+        run in pieces, the state carries from one to the next, as a chunked prefill does."""
+        length = hidden_states.shape[1]
+        if (not self.config.use_xpos or attention_mask is None or attention_mask.dim() != 2 or position_ids is not None
+                or cu_seqlens is not None or context_parallel is not None):
+            return None
+        compute_dtype = hidden_states.dtype
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
+        span = xpos_span(self.config, XPOS_PACKED_MAX_GROWTH.get(compute_dtype, XPOS_PACKED_MAX_GROWTH_DEFAULT))
+        if length <= span:
+            return None
+        # (host reads, for long xPos inputs only) Left padding on a fresh state runs unpacked, in frames of its own.
+        has_state = cache is not None and cache.offsets is not None
+        return None if _pack_padded_rows(attention_mask[:, -length:], has_state) is None else span
+
+    def _forward_in_pieces(self, span, hidden_states, attention_mask, cache, use_cache, output_hidden_states,
+                           return_dict, mode) -> RetNetModelOutput | tuple:
+        """:meth:`forward` over the columns ``span`` at a time, the state carried in ``cache`` (a new one if
+        none was given, returned only with ``use_cache``)."""
+        length = hidden_states.shape[1]
+        run_cache = cache if cache is not None else RetNetCache(len(self.layers))
+        outputs = []
+        for start in range(0, length, span):
+            end = min(start + span, length)
+            outputs.append(self(
+                inputs_embeds=hidden_states[:, start:end],
+                attention_mask=attention_mask[:, : attention_mask.shape[1] - (length - end)],
+                cache=run_cache, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
+                retention_mode=mode,
+            ))
+        all_hidden_states = None
+        if output_hidden_states:
+            all_hidden_states = tuple(torch.cat(layer, 1) for layer in zip(*(o.hidden_states for o in outputs)))
+        output = RetNetModelOutput(
+            last_hidden_state=torch.cat([o.last_hidden_state for o in outputs], 1),
+            **{CACHE_KWARG: run_cache if use_cache else None},
+            hidden_states=all_hidden_states,
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
@@ -1017,10 +1066,19 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         shifted = shift_labels is not None
         labels = shift_labels if shifted else labels
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
+        keeps_all = isinstance(logits_to_keep, int) and (logits_to_keep <= 0 or logits_to_keep >= hidden_states.shape[1])
+        if not keeps_all:
+            kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            hidden_states = hidden_states[:, kept]
+            if labels is not None:
+                # Each kept position's loss is its next-token prediction: the labels move left first, then are cut
+                # like the hidden states (else cross_entropy fails on B·k logits against B·T labels).
+                if labels.shape[:2] != outputs.last_hidden_state.shape[:2]:
+                    raise ValueError(f"{'shift_labels' if shifted else 'labels'} must be [B, T] like the inputs, "
+                                     f"{tuple(outputs.last_hidden_state.shape[:2])}; got {tuple(labels.shape)}")
+                if not shifted:
+                    labels, shifted = F.pad(labels, (0, 1), value=-100)[:, 1:], True
+                labels = labels[:, kept if isinstance(kept, slice) else kept.to(labels.device)]
         loss = logits = None
         if labels is not None and self.training and (self.config.fuse_linear_cross_entropy or distill is not None):
             # lm_head's own forward is skipped: a module hook on it (PEFT, quantization) would not run, so only
@@ -1103,14 +1161,40 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         return model_inputs
 
     def generate(self, *args, **kwargs):
+        # Drafting for another model's assisted generation (assistant_model=): see _drafting_inputs.
+        drafting = getattr(kwargs.get("generation_config"), "is_assistant", False)
+        if drafting:
+            kwargs = self._drafting_inputs(args, kwargs)
         # transformers warns that right padding gives incorrect results; this model continues each right-padded
         # row from its last real token (_prefill), so that warning would mislead: it is dropped while this model
         # generates (in this thread: another model's generate elsewhere still gets it)
         _RIGHT_PADDING_HANDLED.depth = getattr(_RIGHT_PADDING_HANDLED, "depth", 0) + 1
         try:
-            return super().generate(*args, **kwargs)
+            output = super().generate(*args, **kwargs)
         finally:
             _RIGHT_PADDING_HANDLED.depth -= 1
+        if drafting and isinstance(output, ModelOutput) and output.get(CACHE_KWARG) is not None:
+            output = dataclasses.replace(output, **{CACHE_KWARG: None})  # nothing for transformers to crop
+        return output
+
+    @staticmethod
+    def _drafting_inputs(args, kwargs) -> dict:
+        """One round of drafting for another model's assisted generation. transformers keeps the draft's cache
+        between rounds and crops from it the candidates the target rejected, which a recurrent state cannot do
+        ('RetNetCache' object has no attribute 'crop'). So each round starts afresh: the sequence so far is
+        prefilled again (one chunkwise pass), and generate hands no cache back."""
+        kwargs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is not None:
+            width = inputs.shape[-1]
+            # Without a cache transformers no longer grows these with the accepted tokens (all of them real).
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.shape[-1] < width:
+                kwargs["attention_mask"] = F.pad(mask, (0, width - mask.shape[-1]), value=1)
+            positions = kwargs.get("position_ids")
+            if positions is not None and positions.shape[-1] != width:
+                del kwargs["position_ids"]  # the model counts them from the mask, as transformers did
+        return kwargs
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
         # An empty prompt would fail on an IndexError inside transformers' generate (its right-padding check, or
