@@ -235,8 +235,12 @@ def _fp16_score_shift(a):
     65504 while the result still fits (small v): rounded as they are they would turn it inf, where the
     reference's fp32 gives a number. Divided by 2^shift (exact, but for scores too small beside the tile's
     largest to count) they fit, and the product is multiplied back in fp32: no change for a tile in range
-    (shift 0), and the dot keeps its fp16 operands (fp32 scores spilled registers on sm_89)."""
-    return tl.ceil(tl.log2(tl.maximum(tl.max(tl.abs(a)), 32768.0) * (1.0 / 32768.0)))
+    (shift 0), and the dot keeps its fp16 operands (fp32 scores spilled registers on sm_89). Only finite scores
+    count: an inf or NaN one (an inf input) would make the shift inf and every row of the tile NaN, where it
+    spoils only its own row unscaled."""
+    magnitude = tl.abs(a)
+    largest = tl.max(tl.where(magnitude < float("inf"), magnitude, 0.0))
+    return tl.ceil(tl.log2(tl.maximum(largest, 32768.0) * (1.0 / 32768.0)))
 
 
 @_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2], default=(4, 2))

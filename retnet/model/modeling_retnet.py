@@ -635,6 +635,13 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden_states.shape[:2]
         mode = retention_mode or self.config.retention_mode
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length
+        ):  # (before any split into pieces, so that the error names the input's length)
+            raise ValueError(
+                f"attention_mask must be [B, T] or [B, past + T] with B={batch}, T={length}; "
+                f"got {tuple(attention_mask.shape)}"
+            )
         pieces = self._padded_xpos_pieces(hidden_states, attention_mask, position_ids, cu_seqlens, context_parallel,
                                           cache)
         if pieces is not None:
@@ -670,11 +677,6 @@ class RetNetModel(RetNetPreTrainedModel):
 
         token_mask = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
-                raise ValueError(
-                    f"attention_mask must be [B, T] or [B, past + T] with B={batch}, T={length}; "
-                    f"got {tuple(attention_mask.shape)}"
-                )
             token_mask = attention_mask[:, -length:]
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
@@ -773,10 +775,14 @@ class RetNetModel(RetNetPreTrainedModel):
         none was given, returned only with ``use_cache``)."""
         length = hidden_states.shape[1]
         run_cache = cache if cache is not None else RetNetCache(len(self.layers))
+        # As the unsplit forward: checkpointed training returns no cache of its own (its states hold the graph).
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        returns_cache = use_cache and (cache is not None or not checkpointing)
         outputs = []
         for start in range(0, length, span):
             end = min(start + span, length)
-            outputs.append(self(
+            # forward itself, not self(...): the module's hooks run once, on the whole input
+            outputs.append(RetNetModel.forward(self,
                 inputs_embeds=hidden_states[:, start:end],
                 attention_mask=attention_mask[:, : attention_mask.shape[1] - (length - end)],
                 cache=run_cache, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
@@ -787,7 +793,7 @@ class RetNetModel(RetNetPreTrainedModel):
             all_hidden_states = tuple(torch.cat(layer, 1) for layer in zip(*(o.hidden_states for o in outputs)))
         output = RetNetModelOutput(
             last_hidden_state=torch.cat([o.last_hidden_state for o in outputs], 1),
-            **{CACHE_KWARG: run_cache if use_cache else None},
+            **{CACHE_KWARG: run_cache if returns_cache else None},
             hidden_states=all_hidden_states,
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
@@ -1068,7 +1074,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         labels = shift_labels if shifted else labels
         keeps_all = isinstance(logits_to_keep, int) and (logits_to_keep <= 0 or logits_to_keep >= hidden_states.shape[1])
         if not keeps_all:
-            kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            # (a list of positions as a tensor: it indexes the labels too)
+            kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else torch.as_tensor(logits_to_keep)
             hidden_states = hidden_states[:, kept]
             if labels is not None:
                 # Each kept position's loss is its next-token prediction: the labels move left first, then are cut
@@ -1191,9 +1198,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.shape[-1] < width:
                 kwargs["attention_mask"] = F.pad(mask, (0, width - mask.shape[-1]), value=1)
-            positions = kwargs.get("position_ids")
-            if positions is not None and positions.shape[-1] != width:
-                del kwargs["position_ids"]  # the model counts them from the mask, as transformers did
+        # The target's positions may follow another convention (3-D multimodal rotary ones) or lag the tokens:
+        # this model counts its own from the mask.
+        kwargs.pop("position_ids", None)
         return kwargs
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):

@@ -64,7 +64,7 @@ from retnet.serve.state_cache import Session, SessionBusy
 from retnet.serve.streaming import collect_outputs, sse, sse_response, stream_outputs
 from retnet.serve.structured import Grammar, GrammarCompiler, requested_grammar
 from retnet.serve.tools import ToolCalling, template_message, tool_calling
-from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
+from retnet.tokenization import DEFAULT_CHAT_TEMPLATE, vocab_bound
 
 
 class OpenAIServing:
@@ -609,7 +609,8 @@ class OpenAIServing:
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         """The ids' text as the server decodes a prompt sent as ids (special tokens shown)."""
         self._check_model(request.model)
-        vocab = self.engine.token_bound  # a padded vocabulary's extra rows are no token: refused as in a prompt
+        # A padded vocabulary's extra rows are no token: refused as in a prompt (on the pooling engine too).
+        vocab = min(vocab_bound(self.tokenizer), self.engine.vocab_size)
         bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"tokens: token id {bad} is out of the vocabulary (size {vocab})", "tokens",

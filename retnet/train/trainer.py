@@ -456,6 +456,9 @@ class Trainer:
             else:
                 _check_pretrained_dir(init_from)
                 saved, _ = RetNetConfig.get_config_dict(str(init_from), local_files_only=True)
+                if saved.get("model_type") != RetNetConfig.model_type:  # _pretrained_config's refusal, first here
+                    raise ConfigError(f"model.init_from {str(init_from)!r} holds a {saved.get('model_type')!r} model, "
+                                      "not a RetNet")
                 config = RetNetConfig.from_dict({**saved, **overrides})
         except ConfigError:
             raise

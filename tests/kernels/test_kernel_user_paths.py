@@ -165,3 +165,18 @@ def test_fp16_scores_beyond_fp16s_range_keep_a_finite_result(kt, op, case):
         assert want.isfinite().all(), f"reference {label} should fit fp16"
         assert got.isfinite().all(), f"{_name(op)} {label} is not finite"
         kt.assert_close_scaled(got, want, 1e-2, f"{_name(op)} {label}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_an_infinite_input_spoils_only_the_rows_that_see_it(dtype):
+    """An inf in one query makes only that row's output non-finite, as in the reference: the fp16 score scaling
+    must not take the inf's magnitude as the tile's (inf shift: every row of the chunk NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 1, 8, generator=gen).to(DEVICE, dtype) for _ in range(3))
+    q[0, 5, 0, 0] = float("inf")
+    log_decay = torch.tensor([-0.1], device=DEVICE)
+    for fn in (naive.chunk_retention, chunk.chunk_retention):
+        o, _ = fn(q, k, v, log_decay, chunk_size=16)
+        bad_rows = (~o.isfinite()).any(-1).any(-1)[0].nonzero().flatten().tolist()
+        assert bad_rows == [5], (fn.__module__, bad_rows)

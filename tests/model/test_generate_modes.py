@@ -136,3 +136,43 @@ def test_a_long_padded_xpos_batch_continues_a_cache_in_pieces(model_factory):
     torch.testing.assert_close(out.logits[0, 20:], model(real).logits[0, 10:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.logits[1], model(ids[1:]).logits[0, 10:], rtol=1e-4, atol=1e-4)
     assert out.cache.offsets.tolist() == [120, 140] and out.cache.get_seq_length() == 140
+
+
+def test_pieces_train_like_the_whole_and_keep_the_whole_forwards_conventions(model_factory):
+    """Run in pieces, a padded xPos batch's gradients flow across the carried state (the same loss and gradients
+    as each row alone), checkpointed training returns no cache (as the unsplit forward), the module's hooks run
+    once, and a too-short mask is refused naming the input's length, not a piece's."""
+    model = model_factory(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, initializer_range=0.5,
+                          use_xpos=True, xpos_scale_base=2)
+    ids = _prompt(130, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, 100:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    model.train()
+    model.zero_grad()
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    pieced = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # each row alone, weighted by its targets as the batch's mean weighs them (99 and 129 targets)
+    first, second = model(ids[:1, :100], labels=ids[:1, :100]).loss, model(ids[1:], labels=ids[1:]).loss
+    ((first * 99 + second * 129) / 228).backward()
+    for got, want in zip(pieced, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    model.gradient_checkpointing_enable()
+    assert model(ids, attention_mask=mask, use_cache=True).cache is None
+    model.gradient_checkpointing_disable()
+    model.eval()
+    calls = []
+    handle = model.model.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    handle.remove()
+    assert calls == [1]
+    with pytest.raises(ValueError, match=r"T=130; got \(2, 94\)"):
+        model(ids, attention_mask=mask[:, :94])
+
+
+def test_labels_with_a_list_of_positions_to_keep(model):
+    ids = _prompt(9, batch=2)
+    loss = model(ids, labels=ids, logits_to_keep=[1, 4, 6]).loss
+    assert torch.equal(loss, model(ids, labels=ids, logits_to_keep=torch.tensor([1, 4, 6])).loss)

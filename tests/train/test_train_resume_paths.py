@@ -154,3 +154,19 @@ def test_a_lora_target_the_model_lacks_is_refused_before_the_data_is_read(micro,
     err = capsys.readouterr().err
     assert "lora.target_modules names modules this model does not have: ['g_proj']" in err
     assert "got ['q_proj', 'g_proj']" in err
+
+
+def test_a_lora_run_on_another_architecture_is_refused_as_not_a_retnet(micro, tokenizer_dir, tmp_path, capsys):
+    """The early LoRA target check reads model.init_from's config before the model is built: a Llama there must get
+    the "not a RetNet" refusal, not a message about its fields or modules."""
+    import json
+
+    import shutil
+
+    llama = tmp_path / "llama"
+    shutil.copytree(tokenizer_dir, llama)  # a tokenizer that loads: the config is what is refused
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "vocab_size": 100}))
+    shape = ("--model.hidden_size=", "--model.num_hidden_layers=", "--model.num_attention_heads=", "--data.tokenizer=")
+    args = [a for a in micro(tmp_path / "run", lora__rank=4) if not a.startswith(shape)]
+    assert main([*args, f"--model.init_from={llama}"]) == EXIT_CONFIG
+    assert "holds a 'llama' model, not a RetNet" in capsys.readouterr().err
