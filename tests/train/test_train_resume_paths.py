@@ -160,7 +160,6 @@ def test_a_lora_run_on_another_architecture_is_refused_as_not_a_retnet(micro, to
     """The early LoRA target check reads model.init_from's config before the model is built: a Llama there must get
     the "not a RetNet" refusal, not a message about its fields or modules."""
     import json
-
     import shutil
 
     llama = tmp_path / "llama"
