@@ -15,6 +15,7 @@ same script runs it too. Needs the ``[eval]`` extra (``pip install 'retnet-stack
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ def _pretrained_values(argv: Sequence[str]) -> list[str]:
     ``k=v`` words, or one JSON object."""
     values: list[str] = []
     words = list(argv)
+    given = False
     for index, word in enumerate(words):
         if word in ("--model_args", "-a"):
             group = []
@@ -60,6 +62,7 @@ def _pretrained_values(argv: Sequence[str]) -> list[str]:
             group = [word.split("=", 1)[1]]
         else:
             continue
+        given = True
         for text in group:
             try:
                 parsed = json.loads(text)
@@ -69,8 +72,35 @@ def _pretrained_values(argv: Sequence[str]) -> list[str]:
                 if isinstance(parsed.get("pretrained"), str):
                     values.append(parsed["pretrained"])
                 continue
-            values += [item.split("=", 1)[1].strip().strip("'\"") for item in text.split(",")
-                       if item.strip().startswith("pretrained=")]
+            values += _pretrained_of_text(text)
+    if not given:  # the --config YAML's model_args are used only when the command line gives none
+        values += _config_pretrained(words)
+    return values
+
+
+def _pretrained_of_text(text: str) -> list[str]:
+    return [item.split("=", 1)[1].strip().strip("'\"") for item in text.split(",")
+            if item.strip().startswith("pretrained=")]
+
+
+def _config_pretrained(words: list[str]) -> list[str]:
+    """``pretrained`` of the ``model_args`` of lm-eval's ``--config`` (``-C``) YAML file, a mapping or a
+    ``k=v,k=v`` string; none when the file cannot be read (lm-eval reports that itself)."""
+    paths = [following for word, following in itertools.pairwise(words) if word in ("--config", "-C")]
+    paths += [word.split("=", 1)[1] for word in words if word.startswith("--config=")]
+    import yaml  # (PyYAML: a dependency of transformers and of lm-eval)
+
+    values: list[str] = []
+    for path in paths:
+        try:
+            saved = yaml.safe_load(Path(path).expanduser().read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        model_args = saved.get("model_args") if isinstance(saved, dict) else None
+        if isinstance(model_args, dict) and isinstance(model_args.get("pretrained"), str):
+            values.append(model_args["pretrained"])
+        elif isinstance(model_args, str):
+            values += _pretrained_of_text(model_args)
     return values
 
 

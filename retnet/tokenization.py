@@ -233,7 +233,12 @@ def render_pair(prompt: list[dict], completions, render) -> tuple[str, ...]:
     texts = []
     for messages in completions:
         if prefill and messages[0]["role"] == "assistant":
-            opened = {**prompt[-1], "content": prompt[-1]["content"] + messages[0]["content"]}
+            # A completion that only calls tools has content None (the OpenAI form): it continues the prefill
+            # with its calls, which the message it is merged into must keep
+            first = messages[0]
+            opened = {**prompt[-1], **{k: v for k, v in first.items() if k != "content"},
+                      "content": _continued(prompt[-1].get("content"), "the prompt's final assistant message")
+                      + _continued(first.get("content"), f"completion {len(texts)}'s first message")}
             whole = render([*prompt[:-1], opened, *messages[1:]])
         else:
             whole = render([*prompt, *messages])
@@ -242,6 +247,15 @@ def render_pair(prompt: list[dict], completions, render) -> tuple[str, ...]:
                              "where the rendering of the prompt and the completion has it")
         texts.append(whole[len(head):])
     return head, *texts
+
+
+def _continued(content, what: str) -> str:
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise ValueError(f"{what} has content of type {type(content).__name__}; a prefilled assistant turn is "
+                         "continued as text, so its content and the completion's must be strings")
+    return content
 
 
 __all__ = [

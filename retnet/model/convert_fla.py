@@ -85,6 +85,15 @@ def retnet_config_from_fla(fla: dict[str, Any], intermediate_size: int | None = 
     for field, value in (("hidden_size", hidden), ("num_heads", heads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # (divided by below)
             refuse(field, "must be a positive integer")
+    for field in ("expand_k", "expand_v", "norm_eps", "initializer_range"):
+        value = get(field)
+        # (a string would be repeated by `hidden *`, None fail in float(): TypeErrors, not a message)
+        # (the range is our config's to check, under these names below)
+        if field in fla and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            refuse(field, "must be a number")
+    kv_heads = get("num_kv_heads")
+    if kv_heads is not None and (isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1):
+        refuse("num_kv_heads", "must be a positive integer (or null: one key and value per head)")
     key_dim, value_dim = hidden * get("expand_k", 1.0), hidden * get("expand_v", 2.0)
     for field, dim in (("expand_k", key_dim), ("expand_v", value_dim)):
         if not math.isclose(dim, round(dim)) or round(dim) % heads:
@@ -242,6 +251,7 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
         # itself then fails: the fla checkpoint lost, ours half written.
         raise ValueError(f"destination {str(destination)!r} is the checkpoint being converted; give a directory "
                          "of its own (writing there would overwrite fla's config.json and weights)")
+    _check_destination(dst, {path.name for path in _copied(src)})
     fla = json.loads((src / "config.json").read_text())
     if not is_fla_retnet_config(fla):
         raise ValueError(f"{src / 'config.json'} is not a flash-linear-attention RetNet config (no expand_k, "
@@ -259,12 +269,46 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
-    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # (permissions, a read-only file system): a message, not a traceback
+        raise ValueError(f"destination {str(destination)!r} cannot be created: {error.strerror or error}") from None
     model.save_pretrained(dst)
-    for path in sorted(src.iterdir()):
-        if path.is_file() and path.suffix in COPIED_SUFFIXES and path.name not in NOT_COPIED:
-            shutil.copy2(path, dst / path.name)
+    for path in _copied(src):
+        shutil.copy2(path, dst / path.name)
     return config
+
+
+def _copied(src: Path) -> list[Path]:
+    return [path for path in sorted(src.iterdir())
+            if path.is_file() and path.suffix in COPIED_SUFFIXES and path.name not in NOT_COPIED]
+
+
+# What save_pretrained writes (its shards' names depend on the size; it deletes stale shards of its own).
+_WRITTEN = re.compile(r"config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors"
+                      r"|model\.safetensors\.index\.json")
+
+
+def _check_destination(destination: Path, copied: set[str]) -> None:
+    """Refuse, before the weights are read and converted, a destination that is a file or lies under one
+    (``mkdir`` failed only at the end, with FileExistsError or NotADirectoryError tracebacks), or a directory
+    holding files this conversion does not overwrite: another model's tokenizer.json beside a converted
+    tokenizer.model, or its pytorch_model.bin, would be loaded with the new weights, without a word."""
+    for path in (destination, *destination.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == destination else f"lies under {str(path)!r}, a file"
+                raise ValueError(f"destination {str(destination)!r} {where}; give a directory to write the "
+                                 "converted checkpoint to")
+            break
+    if not destination.is_dir():
+        return
+    stale = sorted(path.name for path in destination.iterdir()
+                   if path.name not in copied and not _WRITTEN.fullmatch(path.name))
+    if stale:
+        raise ValueError(f"destination {str(destination)!r} holds files this conversion would not overwrite "
+                         f"({', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}): another checkpoint's "
+                         "tokenizer or weights would be loaded with the converted one; give a new or empty directory")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -23,7 +23,9 @@ import httpx
 
 
 def pick_port(host: str, wanted: int) -> int:
-    with socket.socket() as sock:
+    # The host's own address family: an AF_INET socket cannot bind "::1" (gaierror, a traceback).
+    family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    with socket.socket(family) as sock:
         try:
             sock.bind((host, wanted))
             return sock.getsockname()[1]
@@ -41,6 +43,21 @@ def _error_message(data) -> str:
     if isinstance(error, dict):
         return f"{error.get('message')} ({error.get('code') or error.get('type')})"
     return str(data)
+
+
+def base_url(host: str, port: int) -> str:
+    """An IPv6 literal goes in brackets: ``http://::1:8000`` is no URL (httpx reads the port as ``:1:8000``)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0-65535 (0: any free port); got {text!r}")
+    return value
 
 
 def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | None = None) -> None:
@@ -82,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m retnet.serve.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a save_pretrained directory (the training export)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--port", type=_port, default=8000, help="0: any free port")
     parser.add_argument("--prompt", default="def fibonacci(n):\n")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--exit-after", action="store_true", help="stop after the one completion")
@@ -92,16 +109,22 @@ def main(argv: list[str] | None = None) -> None:
 
     import retnet  # noqa: F401  (registers the Auto classes)
     from retnet.serve.app import create_app
-    from retnet.serve.settings import ServeSettings
+    from retnet.serve.settings import ServeSettings, StartupError
 
-    port = pick_port(args.host, args.port)
+    try:
+        port = pick_port(args.host, args.port)
+    except OSError as exc:  # (socket.gaierror: a host name that does not resolve)
+        parser.exit(2, f"{parser.prog}: error: --host {args.host!r} cannot be bound: {exc.strerror or exc}\n")
     settings = ServeSettings(model=args.model, host=args.host, port=port)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except StartupError as exc:  # as retnet-serve reports it: one line naming the flag, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
-    url = f"http://{args.host}:{port}"
+    url = base_url(args.host, port)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

@@ -284,6 +284,10 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
         check_quantization(quantization)
     except ValueError as error:
         raise EvalError(str(error)) from None
+    if not any(next(root.glob(pattern), None) for pattern in ("tokenizer*", "*.model", "vocab.*")):
+        # transformers' own error for it is a paragraph on converting slow tokenizers, cut mid-word
+        raise EvalError(f"--model {path!r} holds no tokenizer (no tokenizer.json, tokenizer_config.json, "
+                        f"*.model or vocab.* file); export the model with its tokenizer")
     try:
         tokenizer = load_tokenizer(root)  # training's loader: local only, an EOS required
     except (ConfigError, FileNotFoundError) as error:
@@ -352,8 +356,9 @@ def _edges(text: str) -> list[int]:
         edges = [int(part) for part in text.split(",")]
     except ValueError:
         edges = []
-    if not edges or any(e <= 0 for e in edges) or edges != sorted(set(edges)):
-        raise argparse.ArgumentTypeError(f"must be increasing positive token positions, comma-separated "
+    # (an edge past int64 reached torch.tensor: an OverflowError traceback after the whole model had loaded)
+    if not edges or any(e <= 0 or e >= 2**63 for e in edges) or edges != sorted(set(edges)):
+        raise argparse.ArgumentTypeError(f"must be increasing positive token positions below 2**63, comma-separated "
                                          f"(e.g. 128,512,2048); got {text!r}")
     return edges
 
@@ -493,4 +498,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m`, this file is `__main__`, and evaluate_reward's imports load it again as
+    # retnet.train.evaluate: its EvalError, another class than this one, escaped main's `except` as a traceback.
+    from retnet.train.evaluate import main as _main
+
+    sys.exit(_main())
