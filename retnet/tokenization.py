@@ -236,7 +236,8 @@ def render_pair(prompt: list[dict], completions, render) -> tuple[str, ...]:
             # A completion that only calls tools has content None (the OpenAI form): it continues the prefill
             # with its calls, which the message it is merged into must keep
             first = messages[0]
-            opened = {**prompt[-1], **{k: v for k, v in first.items() if k != "content"},
+            # (a None key, as datasets gives every message each key, must not drop the prefill's value)
+            opened = {**prompt[-1], **{k: v for k, v in first.items() if k != "content" and v is not None},
                       "content": _continued(prompt[-1].get("content"), "the prompt's final assistant message")
                       + _continued(first.get("content"), f"completion {len(texts)}'s first message")}
             whole = render([*prompt[:-1], opened, *messages[1:]])

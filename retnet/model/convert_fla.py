@@ -22,6 +22,7 @@ What has no counterpart here is refused by field name: short convolutions, featu
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from retnet.model.configuration_retnet import RetNetConfig
-from retnet.model.hub import resolve_pretrained
+from retnet.model.hub import MODEL_FILES, resolve_pretrained
 from retnet.model.modeling_retnet import RetNetForCausalLM
 
 # Copied beside the converted weights: everything but fla's own config and weights.
@@ -303,8 +304,10 @@ def _check_destination(destination: Path, copied: set[str]) -> None:
             break
     if not destination.is_dir():
         return
+    # Only what transformers would load from the directory (a clone's .git, README.md or .gitattributes is fine).
     stale = sorted(path.name for path in destination.iterdir()
-                   if path.name not in copied and not _WRITTEN.fullmatch(path.name))
+                   if path.name not in copied and not _WRITTEN.fullmatch(path.name)
+                   and (path.suffix == ".py" or any(fnmatch.fnmatch(path.name, p) for p in MODEL_FILES)))
     if stale:
         raise ValueError(f"destination {str(destination)!r} holds files this conversion would not overwrite "
                          f"({', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}): another checkpoint's "

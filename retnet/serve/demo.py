@@ -23,8 +23,9 @@ import httpx
 
 
 def pick_port(host: str, wanted: int) -> int:
-    # The host's own address family: an AF_INET socket cannot bind "::1" (gaierror, a traceback).
-    family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    # An IPv6 literal needs an AF_INET6 socket (AF_INET cannot bind "::1": gaierror, a traceback); names such as
+    # localhost keep the IPv4 probe, whose address uvicorn binds too.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as sock:
         try:
             sock.bind((host, wanted))

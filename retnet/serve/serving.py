@@ -76,6 +76,9 @@ class OpenAIServing:
         the model's generation config), ``max_tokens`` among them; none given: the server's own.
         ``chat_template``: ``--chat-template``'s, used instead of the tokenizer's."""
         self.settings, self.engine, self.tokenizer, self.metrics = settings, engine, tokenizer, metrics
+        # The ids /detokenize takes: the tokenizer's (a padded vocabulary's extra rows are no token, as in a
+        # prompt), known once (get_vocab builds the whole vocabulary), on the pooling engine too.
+        self.token_bound = min(vocab_bound(tokenizer), engine.vocab_size)
         # Without --chat-template: the tokenizer's own (None: transformers picks it), else the built-in default.
         self.chat_template = chat_template if chat_template is not None else \
             None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
@@ -609,8 +612,7 @@ class OpenAIServing:
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         """The ids' text as the server decodes a prompt sent as ids (special tokens shown)."""
         self._check_model(request.model)
-        # A padded vocabulary's extra rows are no token: refused as in a prompt (on the pooling engine too).
-        vocab = min(vocab_bound(self.tokenizer), self.engine.vocab_size)
+        vocab = self.token_bound
         bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"tokens: token id {bad} is out of the vocabulary (size {vocab})", "tokens",

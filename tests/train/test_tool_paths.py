@@ -79,6 +79,17 @@ def test_convert_fla_refuses_a_destination_holding_another_models_files(tmp_path
     assert [path.name for path in out.iterdir()] == ["tokenizer.json"]
 
 
+def test_convert_fla_into_a_clone_of_a_hub_repository_works(tmp_path):
+    # A clone's .git, README.md and .gitattributes are nothing transformers loads: no reason to refuse.
+    _fla_checkpoint(tmp_path / "fla")
+    out = tmp_path / "clone"
+    (out / ".git").mkdir(parents=True)
+    (out / "README.md").write_text("# model card")
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs")
+    convert_main([str(tmp_path / "fla"), str(out)])
+    assert (out / "model.safetensors").is_file() and (out / "README.md").read_text() == "# model card"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # python -m retnet.serve.demo
 # ----------------------------------------------------------------------------------------------------------
@@ -134,6 +145,19 @@ def test_a_tool_call_completion_continues_a_prefilled_assistant_turn(chat_render
     assert text == '<tool_call>\n{"name": "lookup", "arguments": {"q": "x"}}\n</tool_call>\n'
     with pytest.raises(ValueError, match="completion 0's first message has content of type list"):
         render_pair(prompt, [[{"role": "assistant", "content": [{"type": "text", "text": "y"}]}]], chat_render)
+
+
+def test_a_completions_none_keys_keep_the_prefills_values():
+    # datasets gives every message each key, None where unused: the completion's name None must not drop the
+    # prefill's name (the merged turn would no longer start with the head, and the row be refused).
+    from retnet.tokenization import render_pair
+
+    def render(messages, **_options):
+        return "".join(f"<{m['role']}:{m.get('name') or ''}>{m['content']}" for m in messages)
+
+    prompt = [{"role": "user", "content": "q", "name": None}, {"role": "assistant", "content": "Sure", "name": "bot"}]
+    head, text = render_pair(prompt, [[{"role": "assistant", "content": ", done", "name": None}]], render)
+    assert (head, text) == ("<user:>q<assistant:bot>Sure", ", done")
 
 
 # ----------------------------------------------------------------------------------------------------------
