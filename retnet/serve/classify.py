@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
-from pydantic_core import PydanticCustomError
 
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.pooling import PoolingEngine
@@ -36,6 +35,7 @@ from retnet.serve.protocol import (
     RequestFields,
     Usage,
     _refuse_bool_number,
+    check_truncate_prompt_tokens,
     random_id,
 )
 from retnet.serve.request_checks import TEMPLATE_CALL_ARGUMENTS, check_content_parts
@@ -85,10 +85,7 @@ class InputFields(RequestFields):
     @field_validator("truncate_prompt_tokens")
     @classmethod
     def _positive_or_minus_one(cls, value: int | None) -> int | None:
-        if value is not None and value != -1 and value < 1:
-            raise PydanticCustomError("invalid_value", "must be >= 1 (the last tokens kept), or -1 (up to "
-                                      "--max-prompt-tokens)")
-        return value
+        return check_truncate_prompt_tokens(value)
 
     model: str | None = None
     input: PromptType | None = None

@@ -157,10 +157,7 @@ class SamplingFields(RequestFields):
     @field_validator("truncate_prompt_tokens", check_fields=False)
     @classmethod
     def _positive_or_minus_one(cls, value: int | None) -> int | None:
-        if value is not None and value != -1 and value < 1:
-            raise PydanticCustomError("invalid_value", "must be >= 1 (the last tokens kept), or -1 (up to "
-                                      "--max-prompt-tokens)")
-        return value
+        return check_truncate_prompt_tokens(value)
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -265,6 +262,14 @@ def _lone_surrogate_at(value: Any, where: str) -> str | None:
             if found is not None:
                 return found
     return None
+
+
+def check_truncate_prompt_tokens(value: int | None) -> int | None:
+    """vLLM's ``truncate_prompt_tokens``: the last k >= 1 tokens kept, or -1 for as many as the server runs."""
+    if value is not None and value != -1 and value < 1:
+        raise PydanticCustomError("invalid_value", "must be >= 1 (the last tokens kept), or -1 (up to "
+                                  "--max-prompt-tokens)")
+    return value
 
 
 def _refuse_bool_number(value: Any) -> Any:
