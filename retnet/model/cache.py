@@ -26,12 +26,17 @@ class RetNetCache:
 
     # Read by transformers' generation utilities: the state is not a sliceable KV cache.
     is_compileable = False
-    is_croppable = False
 
     def __init__(self, num_layers: int):
         self.states: list[torch.Tensor | None] = [None] * num_layers
         self.offsets: torch.Tensor | None = None
         self.seen_tokens = 0
+        # Assisted decoding (activate_past_recording): how many tokens a crop may take back, and the cache as it
+        # was before the last forward that fed more than one token (see record_snapshot).
+        self.recording = 0
+        self.snapshot: RetNetCache | None = None
+        # After a crop: how many of the next forward's tokens were fed before (kept ones the snapshot predates).
+        self.refeed = 0
 
     # -- what transformers' generate() asks of a cache --------------------------------------------------------
     def __len__(self) -> int:
@@ -46,6 +51,7 @@ class RetNetCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep rows ``beam_idx`` (beam search); in place."""
+        self.snapshot = None  # of the old rows
         self.states = [None if s is None else s.index_select(0, beam_idx.to(s.device)) for s in self.states]
         if self.offsets is not None:
             self.offsets = self.offsets.index_select(0, beam_idx.to(self.offsets.device))
@@ -54,12 +60,58 @@ class RetNetCache:
         """Keep rows ``indices``, or where a boolean mask of ``batch_size`` rows is true, as transformers' caches
         index them; in place."""
         picked = self.select(indices)  # a cast to long would read a mask's True/False as the rows 1 and 0
+        self.snapshot = None  # of the old rows
         self.states, self.offsets = picked.states, picked.offsets
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.snapshot = None  # of the old rows
         self.states = [None if s is None else s.repeat_interleave(repeats, dim=0) for s in self.states]
         if self.offsets is not None:
             self.offsets = self.offsets.repeat_interleave(repeats, dim=0)
+
+    # -- rolling back rejected draft tokens (transformers' assisted decoding) --------------------------------
+    # A recurrent state cannot drop its last tokens: S_t folds them in. So the cache keeps itself as it was before
+    # the forward that fed the draft tokens (a copy of the lists: the model replaces states, never writes into
+    # them), and a crop goes back to that and leaves the accepted tokens unseen: get_seq_length() says so, and
+    # the next forward feeds them again with the new ones. That forward runs in two, the snapshot taken after the
+    # tokens fed again (`refeed`): they stay, so the next crop goes back to the new tokens only. So does a long
+    # forward (a prompt), its snapshot `recording + 1` tokens before its end.
+    @property
+    def is_croppable(self) -> bool:
+        return self.recording > 0
+
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
+        """Keep what :meth:`crop` needs to take back up to ``recurrent_states_to_keep`` tokens (at least one)."""
+        self.recording = max(1, int(recurrent_states_to_keep or 1))
+        self.snapshot, self.refeed = None, 0
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        return self.recording
+
+    def record_snapshot(self) -> None:
+        """The model calls this before a forward that may be cropped (only while recording)."""
+        snapshot = RetNetCache(len(self.states))
+        snapshot.states, snapshot.offsets, snapshot.seen_tokens = list(self.states), self.offsets, self.seen_tokens
+        self.snapshot = snapshot
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (transformers' convention, 0 removes none; a positive
+        value keeps that many, as ``DynamicCache.crop(max_length)``). The state returns to the snapshot before them, so
+        :meth:`get_seq_length` can then be lower than asked: the tokens between are fed again next."""
+        seen = self.seen_tokens
+        target = seen + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, seen)
+        if target >= seen:
+            return
+        if self.snapshot is None or self.snapshot.seen_tokens > target:
+            kept = "none" if self.snapshot is None else f"one at {self.snapshot.seen_tokens} tokens"
+            raise ValueError(
+                f"crop({tokens_to_remove}) asks the cache to go back from {seen} to {target} tokens, but a recurrent "
+                f"state can only return to a snapshot and it holds {kept}: call activate_past_recording before the "
+                "forward whose tokens are to be taken back"
+            )
+        restored = self.snapshot
+        self.states, self.offsets, self.seen_tokens = list(restored.states), restored.offsets, restored.seen_tokens
+        self.refeed = target - restored.seen_tokens
 
     # -- what the server's batching engine needs ------------------------------------------------------------
     @property
@@ -85,6 +137,8 @@ class RetNetCache:
         out.states = [None if s is None else s.clone() for s in self.states]
         out.offsets = None if self.offsets is None else self.offsets.clone()
         out.seen_tokens = self.seen_tokens
+        # (the snapshot's tensors are never written, so the copy may share them)
+        out.recording, out.snapshot = self.recording, self.snapshot
         return out
 
     @classmethod
@@ -142,6 +196,8 @@ class RetNetCache:
     def to(self, device: torch.device | str) -> RetNetCache:
         self.states = [None if s is None else s.to(device) for s in self.states]
         self.offsets = None if self.offsets is None else self.offsets.to(device)
+        if self.snapshot is not None:
+            self.snapshot.to(device)
         return self
 
     def __repr__(self) -> str:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import __version__ as transformers_version
+from transformers.cache_utils import Cache
 from transformers.generation import utils as generation_utils
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutputWithPast
@@ -44,6 +46,9 @@ logger = logging.get_logger(__name__)
 # transformers renamed the generation kwarg `past_key_values` to `cache` in 5.2x; accept both, emit the
 # one this transformers expects.
 CACHE_KWARG = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", []) else "past_key_values"
+# transformers 5.25 rolls recurrent caches back after assisted decoding's verification: it asks them to record
+# their past (activate_past_recording) and crops them. Before that it refused stateful models' assisted decoding.
+ASSISTED_ROLLBACK = hasattr(Cache, "activate_past_recording")
 
 # Without Triton the chunkwise reference hands a K×V state from chunk to chunk in Python; the parallel form
 # is faster up to here (at head dims 128/256) and its T² memory is still small.
@@ -642,10 +647,23 @@ class RetNetModel(RetNetPreTrainedModel):
                 f"attention_mask must be [B, T] or [B, past + T] with B={batch}, T={length}; "
                 f"got {tuple(attention_mask.shape)}"
             )
-        pieces = self._padded_xpos_pieces(hidden_states, attention_mask, position_ids, cu_seqlens, context_parallel,
-                                          cache)
-        if pieces is not None:
-            return self._forward_in_pieces(pieces, hidden_states, attention_mask, cache, use_cache,
+        if cache is not None and cache.recording:
+            # Assisted decoding may crop this forward's last tokens (RetNetCache.crop): the cache is kept as it was
+            # before them. A forward that begins with tokens fed again after a crop (kept for sure), or a long one
+            # (a prompt), runs in two, the snapshot between, so that a crop never goes back further than that.
+            refeed, cache.refeed = cache.refeed, 0
+            split = refeed if 0 < refeed < length else length - cache.recording - 1
+            if split > 0 and cu_seqlens is None and context_parallel is None:
+                return self._forward_in_pieces([(0, split), (split, length)], hidden_states, attention_mask,
+                                               position_ids, cache, use_cache, output_hidden_states, return_dict,
+                                               mode, snapshot_before_last=True)
+            if length > 1 or cache.snapshot is None:  # (one token: a plain decoding step, nothing to take back)
+                cache.record_snapshot()
+        span = self._padded_xpos_pieces(hidden_states, attention_mask, position_ids, cu_seqlens, context_parallel,
+                                        cache)
+        if span is not None:
+            return self._forward_in_pieces([(start, min(start + span, length)) for start in range(0, length, span)],
+                                           hidden_states, attention_mask, position_ids, cache, use_cache,
                                            output_hidden_states, return_dict, mode)
         if context_parallel is not None:
             context_parallel = self._check_context(context_parallel, length, cache, asked_for_cache, attention_mask,
@@ -769,25 +787,34 @@ class RetNetModel(RetNetPreTrainedModel):
         has_state = cache is not None and cache.offsets is not None
         return None if _pack_padded_rows(attention_mask[:, -length:], has_state) is None else span
 
-    def _forward_in_pieces(self, span, hidden_states, attention_mask, cache, use_cache, output_hidden_states,
-                           return_dict, mode) -> RetNetModelOutput | tuple:
-        """:meth:`forward` over the columns ``span`` at a time, the state carried in ``cache`` (a new one if
-        none was given, returned only with ``use_cache``)."""
+    def _forward_in_pieces(self, bounds, hidden_states, attention_mask, position_ids, cache, use_cache,
+                           output_hidden_states, return_dict, mode, snapshot_before_last=False
+                           ) -> RetNetModelOutput | tuple:
+        """:meth:`forward` over the columns ``bounds`` (``(start, end)`` pairs), one after the other, the state
+        carried in ``cache`` (a new one if none was given, returned only with ``use_cache``).
+        ``snapshot_before_last``: the cache records a snapshot before the last piece, and not otherwise."""
         length = hidden_states.shape[1]
         run_cache = cache if cache is not None else RetNetCache(len(self.layers))
         # As the unsplit forward: checkpointed training returns no cache of its own (its states hold the graph).
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         returns_cache = use_cache and (cache is not None or not checkpointing)
+        recording, run_cache.recording = run_cache.recording, 0
         outputs = []
-        for start in range(0, length, span):
-            end = min(start + span, length)
-            # forward itself, not self(...): the module's hooks run once, on the whole input
-            outputs.append(RetNetModel.forward(self,
-                inputs_embeds=hidden_states[:, start:end],
-                attention_mask=attention_mask[:, : attention_mask.shape[1] - (length - end)],
-                cache=run_cache, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
-                retention_mode=mode,
-            ))
+        try:
+            for number, (start, end) in enumerate(bounds):
+                if snapshot_before_last and number == len(bounds) - 1:
+                    run_cache.record_snapshot()
+                # forward itself, not self(...): the module's hooks run once, on the whole input
+                outputs.append(RetNetModel.forward(self,
+                    inputs_embeds=hidden_states[:, start:end],
+                    attention_mask=None if attention_mask is None
+                    else attention_mask[:, : attention_mask.shape[1] - (length - end)],
+                    position_ids=None if position_ids is None else position_ids[:, start:end],
+                    cache=run_cache, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
+                    retention_mode=mode,
+                ))
+        finally:
+            run_cache.recording = recording
         all_hidden_states = None
         if output_hidden_states:
             all_hidden_states = tuple(torch.cat(layer, 1) for layer in zip(*(o.hidden_states for o in outputs)))
@@ -1116,14 +1143,13 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
 
     # -- generation -----------------------------------------------------------------------------------------
     def _validate_generation_mode(self, generation_mode, *args, **kwargs):
-        """Assisted decoding (a draft model, prompt lookup) refused up front: the verifier's rejected candidates
-        would need the recurrent state rolled back, which it cannot be (the server's speculative decoding re-runs
-        the accepted tokens instead). transformers refused it for ``_is_stateful`` models itself until 5.25, which
-        fails later with "Assisted decoding requires a cache"."""
-        if generation_mode == GenerationMode.ASSISTED_GENERATION:
-            raise ValueError(f"assisted generation is not supported with stateful models, such as "
-                             f"{type(self).__name__}: its recurrent state cannot be rolled back to drop the "
-                             f"rejected candidates")
+        """Assisted decoding (a draft model, prompt lookup) needs the verifier's rejected candidates taken back
+        out of the state: RetNetCache.crop does it where transformers asks for it (5.25 on). Before, refused up
+        front, not with transformers' later "Assisted decoding requires a cache"."""
+        if generation_mode == GenerationMode.ASSISTED_GENERATION and not ASSISTED_ROLLBACK:
+            raise ValueError(f"assisted generation of {type(self).__name__} needs transformers >= 5.25 (the first "
+                             "to roll a recurrent state back after verifying the candidates); this is "
+                             f"{transformers_version}")
         return super()._validate_generation_mode(generation_mode, *args, **kwargs)
 
     def prepare_inputs_for_generation(
@@ -1145,7 +1171,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None and (seen == 0 or is_first_iteration):
             model_inputs["inputs_embeds"] = inputs_embeds
         else:
-            if next_sequence_length:
+            if next_sequence_length and isinstance(cache, RetNetCache) and cache.recording:
+                # After a crop the state may be back before tokens transformers counts as seen (RetNetCache.crop)
+                new_ids = input_ids[:, min(seen, input_ids.shape[1] - next_sequence_length):]
+            elif next_sequence_length:
                 new_ids = input_ids[:, -next_sequence_length:]
             elif is_first_iteration:
                 new_ids = input_ids
@@ -1180,17 +1209,31 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             output = super().generate(*args, **kwargs)
         finally:
             _RIGHT_PADDING_HANDLED.depth -= 1
-        if drafting and isinstance(output, ModelOutput) and output.get(CACHE_KWARG) is not None:
+        returned = output.get(CACHE_KWARG) if isinstance(output, ModelOutput) else None
+        if drafting and not ASSISTED_ROLLBACK and returned is not None:
             output = dataclasses.replace(output, **{CACHE_KWARG: None})  # nothing for transformers to crop
+        elif not drafting:
+            # An assisted run's cache goes back to the caller as a plain one (its snapshot would hold a second
+            # set of states alive); a draft's keeps recording for the next round.
+            for cache in (returned, kwargs.get("cache"), kwargs.get("past_key_values")):
+                if isinstance(cache, RetNetCache):
+                    cache.recording, cache.snapshot = 0, None
         return output
 
     @staticmethod
     def _drafting_inputs(args, kwargs) -> dict:
         """One round of drafting for another model's assisted generation. transformers keeps the draft's cache
-        between rounds and crops from it the candidates the target rejected, which a recurrent state cannot do
-        ('RetNetCache' object has no attribute 'crop'). So each round starts afresh: the sequence so far is
-        prefilled again (one chunkwise pass), and generate hands no cache back."""
-        kwargs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
+        between rounds and crops from it the candidates the target rejected (RetNetCache.crop, recording since
+        _prepare_cache_for_generation made it). Before transformers 5.25 it cropped without asking the cache to
+        record: there each round starts afresh, the sequence so far prefilled again (one chunkwise pass), and
+        generate hands no cache back."""
+        if not ASSISTED_ROLLBACK:
+            kwargs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
+        for cache in (kwargs.get("cache"), kwargs.get("past_key_values")):
+            if isinstance(cache, RetNetCache) and cache.recording:
+                # The round's tokens are cropped next: a snapshot before them, even if its prefill is one token
+                # (the model takes none before a forward of one, a decoding step).
+                cache.record_snapshot()
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if inputs is not None:
             width = inputs.shape[-1]
@@ -1243,6 +1286,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 _warn_rows_without_new_tokens(mask[:, mask.shape[-1] - new:], cache.offsets)
             if embeds is None:
                 input_ids = input_ids[:, input_ids.shape[1] - new:]
+                # A draft model's later rounds are not first iterations to transformers; without a mask (dropped
+                # when all ones) that would leave prepare_inputs_for_generation nothing to tell new tokens by.
+                # They are all new now.
+                args, kwargs = (), {**kwargs, "is_first_iteration": True}
             else:
                 model_kwargs["inputs_embeds"] = embeds[:, embeds.shape[1] - new:]
         chunk_size = getattr(generation_config, "prefill_chunk_size", None)
@@ -1308,14 +1355,21 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The model makes its own cache on the first forward; a chunked prefill needs it before (transformers
         # refuses `prefill_chunk_size` without one), so it gets an empty one here.
+        # So does assisted decoding (it records and crops the cache), and a draft model's generate (its cache
+        # is kept and cropped between rounds: it records from the start).
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        generation_mode = kwargs.get("generation_mode", args[0] if args else None)
+        drafting = ASSISTED_ROLLBACK and getattr(generation_config, "is_assistant", False)
         if (
-            getattr(generation_config, "prefill_chunk_size", None) is not None
+            (getattr(generation_config, "prefill_chunk_size", None) is not None
+             or generation_mode == GenerationMode.ASSISTED_GENERATION or drafting)
             and generation_config.use_cache is not False
             and model_kwargs.get("cache") is None
             and model_kwargs.get("past_key_values") is None
         ):
             model_kwargs[CACHE_KWARG] = RetNetCache(self.config.num_hidden_layers)
+            if drafting:
+                model_kwargs[CACHE_KWARG].activate_past_recording(generation_config.num_assistant_tokens)
         return result
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):

@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from retnet.model import modeling_retnet
+from retnet.model.modeling_retnet import CACHE_KWARG
+
 GREEDY = dict(do_sample=False, eos_token_id=None)
 
 
@@ -37,9 +40,10 @@ def llama():
 
 @torch.no_grad()
 @pytest.mark.parametrize("with_mask", (False, True))
-def test_retnet_drafts_for_another_models_assisted_generation(model, llama, with_mask):
-    # transformers crops the draft's cache to drop the candidates the target rejected: a recurrent state cannot
-    # be cropped, and the second round failed on "'RetNetCache' object has no attribute 'crop'".
+@pytest.mark.parametrize("rollback", (True, False))
+def test_retnet_drafts_for_another_models_assisted_generation(model, llama, with_mask, rollback, monkeypatch):
+    # transformers crops the draft's cache to drop the candidates the target rejected: the second round failed on
+    # "'RetNetCache' object has no attribute 'crop'". The cache now goes back to a snapshot (RetNetCache.crop).
     ids = _prompt(7)
     mask = dict(attention_mask=torch.ones_like(ids)) if with_mask else {}
     drafts = []
@@ -48,10 +52,14 @@ def test_retnet_drafts_for_another_models_assisted_generation(model, llama, with
     def recording(*args, **kwargs):
         output = generate(*args, **kwargs)
         drafts.append((kwargs["input_ids"], output.sequences))
-        # no cache handed back, so none is cropped: the next round prefills the sequence again
-        assert getattr(output, "cache", None) is None and getattr(output, "past_key_values", None) is None
+        cache = output.get(CACHE_KWARG)
+        if rollback:  # the cache is handed back, recording, for transformers to crop before the next round
+            assert cache.recording and cache.snapshot is not None
+        else:  # (before transformers 5.25) none: the next round prefills the sequence again
+            assert cache is None
         return output
 
+    monkeypatch.setattr(modeling_retnet, "ASSISTED_ROLLBACK", rollback)
     model.generate = recording
     out = llama.generate(ids, **mask, max_new_tokens=6, assistant_model=model, **GREEDY)
     assert torch.equal(out, llama.generate(ids, **mask, max_new_tokens=6, **GREEDY))

@@ -113,16 +113,6 @@ def test_continuing_a_cache_from_only_the_new_tokens_and_the_full_mask(model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kwargs", [dict(assistant_model="self"), dict(prompt_lookup_num_tokens=3)])
-def test_assisted_decoding_is_refused_for_the_recurrent_state(model, kwargs):
-    # candidates rejected by the verifier would need the state rolled back, which a recurrent state cannot do
-    if kwargs.get("assistant_model") == "self":
-        kwargs = dict(assistant_model=model)
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(_prompt(6, batch=1), max_new_tokens=4, **kwargs, **GREEDY)
-
-
-@torch.no_grad()
 @pytest.mark.parametrize("implementation", ("static", "dynamic"))
 def test_a_kv_cache_implementation_is_ignored_safely(model, implementation):
     ids = _prompt(7)
