@@ -1,6 +1,6 @@
 """The Triton kernels compile for real GPUs, on this machine too: Triton's compiler and ptxas, not the
-interpreter, for sm_90 (H100/H200), sm_89 (L40/RTX 4090, 99 KiB of shared memory) and sm_80 (A100), in
-bf16 and fp32 (fp16 takes bf16's tiles, registers and shared memory; ``make aot`` compiles it too).
+interpreter, for sm_90 (H100/H200) and sm_89 (L40/RTX 4090, 99 KiB of shared memory) in bf16 and fp32, and
+sm_80 (A100) in bf16 (fp16 takes bf16's tiles, registers and shared memory; ``make aot`` compiles it all).
 
 The interpreted tests check what the kernels compute; these check what only the real compiler sees:
 that every launch lowers to PTX and assembles, that at least one config of each autotune sweep fits in
@@ -27,8 +27,12 @@ pytestmark = pytest.mark.slow
 # The compiling processes of this module: each keeps one core busy (Triton's compiler and ptxas), so both start
 # together, when the first test that needs one is set up, and each test waits for its own.
 COMPILES = {
-    "report": ["--arch", "90", "89", "80", "--dtypes", "bfloat16", "float32", "--head-dims", "64", "256",
+    "report": ["--arch", "90", "89", "--dtypes", "bfloat16", "float32", "--head-dims", "64", "256",
                "--layouts", "packed", "--configs", "extremes"],
+    # sm_80 (A100) takes sm_89's instruction path (mma.sync, cp.async) with more shared memory (163 KiB, not 99):
+    # its default configs in bf16 only, for the suite's time (`make aot` compiles every config and dtype)
+    "ampere": ["--arch", "80", "--dtypes", "bfloat16", "--head-dims", "64", "256", "--layouts", "packed",
+               "--configs", "default"],
     # the padded layout, which the report skips
     "padded": ["--arch", "90", "--dtypes", "bfloat16", "--head-dims", "64", "--layouts", "padded",
                "--configs", "default"],
@@ -65,6 +69,11 @@ def report(compiling):
 
 
 @pytest.fixture(scope="module")
+def ampere(compiling):
+    return _finished(compiling, "ampere")
+
+
+@pytest.fixture(scope="module")
 def padded(compiling):
     return _finished(compiling, "padded")
 
@@ -80,12 +89,13 @@ def test_every_launch_compiles(report):
         "_chunk_state_fwd_kernel", "_chunk_output_fwd_kernel", "_chunk_state_bwd_kernel",
         "_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel", "_recurrent_fwd_kernel",
     }
-    assert {r["arch"] for r in results} == {80, 89, 90}
+    assert {r["arch"] for r in results} == {89, 90}
 
 
 # Spilled bytes per thread tolerated in a launch's best config: none for 16-bit inputs; a few for fp32
 # (3xTF32, the accuracy path, not the fast one), where some launches keep 16 bytes at any tile width
-# on sm_80, and in the two configs compiled here on sm_90 (hundreds, before its tiles were narrowed).
+# on sm_80 (`make aot`), and in the two configs compiled here on sm_90 (hundreds, before its tiles were
+# narrowed).
 SPILL_ALLOWANCE = {"*fp32": 64}
 
 
@@ -162,3 +172,16 @@ def test_padded_launches_offset_data_tensors_in_64_bits(padded):
     }
     narrow = [f"{r['launch']}: {line}" for r in results for line in r["narrow_offsets"]]
     assert not narrow, "\n".join(narrow)
+
+
+def test_every_launch_compiles_and_fits_without_spills_on_ampere_in_its_default_config(ampere):
+    done, results = ampere
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert {r["launch"].split()[0] for r in results} == {
+        "_chunk_state_fwd_kernel", "_chunk_output_fwd_kernel", "_chunk_state_bwd_kernel",
+        "_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel", "_recurrent_fwd_kernel",
+    }
+    assert {r["arch"] for r in results} == {80}
+    bad = [f"{r['launch']}: ok={r['ok']} fits={r['fits']} spill={r['spill_bytes']} {r['error'] or ''}"
+           for r in results if not (r["ok"] and r["fits"]) or r["spill_bytes"]]
+    assert not bad, "\n".join(bad)
