@@ -8,8 +8,9 @@ The rules, in the order they are checked:
 - q, k, v, log_decay are tensors; initial_state and cu_seqlens are None or tensors.
 - q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_decay ``[H]``, head dims K and V in ``[1, MAX_HEAD_DIM]``.
 - q, k, v share one dtype, float32, float16 or bfloat16 (the references compute in fp32 either way; the
-  kernels exist for these three). log_decay and initial_state are floating point (used as fp32). A log_decay
-  of -inf (γ = 0: each token sees only itself) is allowed: the ops compute with :func:`usable_log_decay`.
+  kernels exist for these three). log_decay and initial_state are floating point (used as fp32). log_decay's
+  values are ln γ <= 0 (read once per tensor); -inf (γ = 0: each token sees only itself) is allowed: the ops
+  compute with :func:`usable_log_decay`.
 - cu_seqlens: a 1-D integer tensor ``[N + 1]`` (one of :data:`CU_SEQLENS_DTYPES`; B = 1) that starts at 0,
   never decreases and ends at T, and not on meta (its values are read); initial_state ``[B or N, H, K, V]``;
   every tensor on one device.
@@ -183,7 +184,26 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
             f"{op}: log_decay gets no gradient (the ops take it as a constant); got one that requires grad "
             "(pass log_decay.detach())"
         )
+    _check_log_decay_values(op, log_decay)
     return check_scale(scale, op)
+
+
+def _check_log_decay_values(op: str, log_decay: torch.Tensor) -> None:
+    """ln γ <= 0 (γ in [0, 1]; -inf is γ = 0): a positive one makes the state grow by γ^T and a NaN spreads, into
+    outputs that are inf or NaN with nothing naming why. Its values are read on the host once per tensor (a
+    device sync; the model passes the same [H] tensor to every call) and again after an in-place write;
+    skipped while compiling or capturing a CUDA graph, where nothing may be read."""
+    if log_decay.is_meta or torch.compiler.is_compiling() or (
+        log_decay.is_cuda and torch.cuda.is_current_stream_capturing()
+    ):
+        return
+    version = _version(log_decay)  # (None for an inference tensor, which keeps no counter: read once)
+    if getattr(log_decay, "_retnet_checked_version", ()) == version:
+        return
+    if not bool((log_decay <= 0).all()):  # (NaN compares false)
+        raise ValueError(f"{op}: log_decay must be ln γ <= 0 (γ in [0, 1]; -inf for γ = 0); got "
+                         f"[{', '.join(f'{x:.6g}' for x in log_decay.detach().float().cpu().tolist())}]")
+    log_decay._retnet_checked_version = version
 
 
 def _version(x: torch.Tensor) -> int | None:

@@ -180,3 +180,36 @@ def test_an_infinite_input_spoils_only_the_rows_that_see_it(dtype):
         o, _ = fn(q, k, v, log_decay, chunk_size=16)
         bad_rows = (~o.isfinite()).any(-1).any(-1)[0].nonzero().flatten().tolist()
         assert bad_rows == [5], (fn.__module__, bad_rows)
+
+
+@pytest.mark.parametrize("bad", [0.25, math.nan], ids=["positive", "nan"])
+@pytest.mark.parametrize("op", ALL_OPS, ids=_name)
+def test_a_log_decay_above_zero_or_nan_is_refused_on_every_path(kt, op, bad):
+    """ln γ > 0 made the state grow by γ^T (inf at the end of a long sequence) and a NaN spread, with nothing
+    naming why: every path refuses both, naming the values; -inf (γ = 0) and 0 (γ = 1) stay accepted."""
+    q, k, v, log_decay, _ = kt.make_inputs(1, 5, 2, 4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"log_decay must be ln γ <= 0 .* got \[(0\.25|nan), "):
+        op(q, k, v, torch.tensor([bad, -0.5], device=DEVICE))
+    o, _ = op(q, k, v, torch.tensor([-math.inf, 0.0], device=DEVICE))
+    assert torch.isfinite(o).all()
+
+
+def test_log_decay_is_read_once_per_tensor_and_again_after_an_in_place_write(kt):
+    q, k, v, log_decay, _ = kt.make_inputs(1, 5, 2, 4, 3, device=DEVICE)
+    naive.chunk_retention(q, k, v, log_decay)
+    reads = []
+    original = torch.Tensor.all
+
+    def counting(self, *args, **kwargs):
+        reads.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.all = counting
+    try:
+        naive.chunk_retention(q, k, v, log_decay)
+        assert reads == []  # the model passes one [H] tensor to every layer's every call: one device sync
+    finally:
+        torch.Tensor.all = original
+    log_decay.add_(1.0)  # now positive: read again
+    with pytest.raises(ValueError, match="log_decay must be"):
+        naive.chunk_retention(q, k, v, log_decay)
