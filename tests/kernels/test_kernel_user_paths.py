@@ -187,7 +187,7 @@ def test_an_infinite_input_spoils_only_the_rows_that_see_it(dtype):
 def test_a_log_decay_above_zero_or_nan_is_refused_on_every_path(kt, op, bad):
     """ln γ > 0 made the state grow by γ^T (inf at the end of a long sequence) and a NaN spread, with nothing
     naming why: every path refuses both, naming the values; -inf (γ = 0) and 0 (γ = 1) stay accepted."""
-    q, k, v, log_decay, _ = kt.make_inputs(1, 5, 2, 4, 3, device=DEVICE)
+    q, k, v, _, _ = kt.make_inputs(1, 5, 2, 4, 3, device=DEVICE)
     with pytest.raises(ValueError, match=r"log_decay must be ln γ <= 0 .* got \[(0\.25|nan), "):
         op(q, k, v, torch.tensor([bad, -0.5], device=DEVICE))
     o, _ = op(q, k, v, torch.tensor([-math.inf, 0.0], device=DEVICE))
