@@ -8,6 +8,7 @@ server need, and why a decoding step costs O(1) in the context length.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -74,8 +75,10 @@ class RetNetCache:
     # the forward that fed the draft tokens (a copy of the lists: the model replaces states, never writes into
     # them), and a crop goes back to that and leaves the accepted tokens unseen: get_seq_length() says so, and
     # the next forward feeds them again with the new ones. That forward runs in two, the snapshot taken after the
-    # tokens fed again (`refeed`): they stay, so the next crop goes back to the new tokens only. So does a long
-    # forward (a prompt), its snapshot `recording + 1` tokens before its end.
+    # tokens fed again (`refeed`): they stay, so the next crop goes back to the new tokens only, and their outputs
+    # are left out (transformers has them). So does a long first forward after activate_past_recording (a prompt),
+    # its snapshot `recording + 1` tokens before its end; a later one keeps it before all of its tokens, as
+    # transformers may draft more than `recording` then.
     @property
     def is_croppable(self) -> bool:
         return self.recording > 0
@@ -137,8 +140,9 @@ class RetNetCache:
         out.states = [None if s is None else s.clone() for s in self.states]
         out.offsets = None if self.offsets is None else self.offsets.clone()
         out.seen_tokens = self.seen_tokens
-        # (the snapshot's tensors are never written, so the copy may share them)
-        out.recording, out.snapshot = self.recording, self.snapshot
+        # (the snapshot's tensors are never written, so the copy may share them; not the snapshot itself, which
+        # `to` moves in place)
+        out.recording, out.snapshot, out.refeed = self.recording, copy.copy(self.snapshot), self.refeed
         return out
 
     @classmethod

@@ -651,12 +651,20 @@ class RetNetModel(RetNetPreTrainedModel):
             # Assisted decoding may crop this forward's last tokens (RetNetCache.crop): the cache is kept as it was
             # before them. A forward that begins with tokens fed again after a crop (kept for sure), or a long one
             # (a prompt), runs in two, the snapshot between, so that a crop never goes back further than that.
+            # Only the first forward since the recording began (or since a draft's round began) is cut by the
+            # count it was begun with: a "heuristic" schedule drafts more later, so a later forward keeps the
+            # snapshot before all of it.
             refeed, cache.refeed = cache.refeed, 0
-            split = refeed if 0 < refeed < length else length - cache.recording - 1
+            if 0 < refeed < length:
+                split = refeed
+            else:
+                split = length - cache.recording - 1 if cache.snapshot is None else 0
             if split > 0 and cu_seqlens is None and context_parallel is None:
+                # The tokens fed again were answered before (transformers counts them as seen and splits the
+                # outputs per token it fed): their outputs are left out.
                 return self._forward_in_pieces([(0, split), (split, length)], hidden_states, attention_mask,
                                                position_ids, cache, use_cache, output_hidden_states, return_dict,
-                                               mode, snapshot_before_last=True)
+                                               mode, snapshot_before_last=True, answered=split if refeed else 0)
             if length > 1 or cache.snapshot is None:  # (one token: a plain decoding step, nothing to take back)
                 cache.record_snapshot()
         span = self._padded_xpos_pieces(hidden_states, attention_mask, position_ids, cu_seqlens, context_parallel,
@@ -788,11 +796,12 @@ class RetNetModel(RetNetPreTrainedModel):
         return None if _pack_padded_rows(attention_mask[:, -length:], has_state) is None else span
 
     def _forward_in_pieces(self, bounds, hidden_states, attention_mask, position_ids, cache, use_cache,
-                           output_hidden_states, return_dict, mode, snapshot_before_last=False
+                           output_hidden_states, return_dict, mode, snapshot_before_last=False, answered=0
                            ) -> RetNetModelOutput | tuple:
         """:meth:`forward` over the columns ``bounds`` (``(start, end)`` pairs), one after the other, the state
         carried in ``cache`` (a new one if none was given, returned only with ``use_cache``).
-        ``snapshot_before_last``: the cache records a snapshot before the last piece, and not otherwise."""
+        ``snapshot_before_last``: the cache records a snapshot before the last piece, and not otherwise.
+        ``answered``: the outputs begin after this many columns."""
         length = hidden_states.shape[1]
         run_cache = cache if cache is not None else RetNetCache(len(self.layers))
         # As the unsplit forward: checkpointed training returns no cache of its own (its states hold the graph).
@@ -817,9 +826,10 @@ class RetNetModel(RetNetPreTrainedModel):
             run_cache.recording = recording
         all_hidden_states = None
         if output_hidden_states:
-            all_hidden_states = tuple(torch.cat(layer, 1) for layer in zip(*(o.hidden_states for o in outputs)))
+            all_hidden_states = tuple(torch.cat(layer, 1)[:, answered:]
+                                      for layer in zip(*(o.hidden_states for o in outputs)))
         output = RetNetModelOutput(
-            last_hidden_state=torch.cat([o.last_hidden_state for o in outputs], 1),
+            last_hidden_state=torch.cat([o.last_hidden_state for o in outputs], 1)[:, answered:],
             **{CACHE_KWARG: run_cache if returns_cache else None},
             hidden_states=all_hidden_states,
         )
@@ -1176,11 +1186,14 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 new_ids = input_ids[:, min(seen, input_ids.shape[1] - next_sequence_length):]
             elif next_sequence_length:
                 new_ids = input_ids[:, -next_sequence_length:]
-            elif is_first_iteration:
+            elif is_first_iteration and not (seen and isinstance(cache, RetNetCache) and cache.recording
+                                             and not kwargs.get("_new_inputs_only")):
                 new_ids = input_ids
             else:
                 # No cache (all of them), or a chunk of an older transformers' chunked prefill (the mask ends at
-                # the chunk): the mask's columns past the state's.
+                # the chunk), or assisted decoding's first forward on a cache continued from an earlier generate
+                # (transformers passes the whole sequence and no count of new tokens; _prefill, which cut them
+                # already, says so): the mask's columns past the state's.
                 width = attention_mask.shape[-1] if attention_mask is not None else input_ids.shape[1]
                 new = min(max(width - seen, 0), input_ids.shape[1])
                 new_ids = input_ids[:, input_ids.shape[1] - new:]
@@ -1231,9 +1244,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             kwargs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
         for cache in (kwargs.get("cache"), kwargs.get("past_key_values")):
             if isinstance(cache, RetNetCache) and cache.recording:
-                # The round's tokens are cropped next: a snapshot before them, even if its prefill is one token
-                # (the model takes none before a forward of one, a decoding step).
-                cache.record_snapshot()
+                # The round's drafted tokens are cropped next: its first forward (the prefill, even of one token)
+                # takes a snapshot before them, as the first forward of a recording does (RetNetModel.forward).
+                cache.snapshot = None
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if inputs is not None:
             width = inputs.shape[-1]
@@ -1245,6 +1258,29 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         # this model counts its own from the mask.
         kwargs.pop("position_ids", None)
         return kwargs
+
+    def _assisted_decoding(self, input_ids, *args, **kwargs):
+        generation_config = kwargs.get("generation_config")
+        if getattr(generation_config, "assistant_early_exit", None) is not None:
+            # (transformers drafts with config.num_hidden_layers lowered; the forward runs every layer, and the
+            # draft's cache of fewer layers was refused by a message naming no early exit)
+            raise ValueError(f"assistant_early_exit is not supported by {type(self).__name__}: its forward runs "
+                             "all of its layers; draft with assistant_model= or prompt_lookup_num_tokens= instead")
+        # Continuing a cache from only the new tokens (the mask covering the whole sequence) cannot work there:
+        # transformers' assisted loop cuts the mask to the inputs' width, which leaves the new tokens nothing to be
+        # told apart from the seen ones by; the first forward would feed none of them. Refused, not a shape error.
+        cache = kwargs.get(CACHE_KWARG)
+        seen = cache.get_seq_length() if isinstance(cache, RetNetCache) else 0
+        mask = kwargs.get("attention_mask")
+        width = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
+        if seen and width is not None and width != input_ids.shape[1]:
+            raise ValueError(
+                f"assisted decoding continuing a cache (it has seen {seen} tokens) needs input_ids to be the whole "
+                f"sequence, what the cache saw and then the new tokens; got {input_ids.shape[1]} input columns and "
+                f"an attention_mask of {width}. transformers' assisted decoding cuts the mask to the inputs, so only "
+                "the new tokens cannot be told from the seen ones"
+            )
+        return super()._assisted_decoding(input_ids, *args, **kwargs)
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
         # An empty prompt would fail on an IndexError inside transformers' generate (its right-padding check, or
@@ -1290,6 +1326,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 # when all ones) that would leave prepare_inputs_for_generation nothing to tell new tokens by.
                 # They are all new now.
                 args, kwargs = (), {**kwargs, "is_first_iteration": True}
+                model_kwargs = {**model_kwargs, "_new_inputs_only": True}
             else:
                 model_kwargs["inputs_embeds"] = embeds[:, embeds.shape[1] - new:]
         chunk_size = getattr(generation_config, "prefill_chunk_size", None)
