@@ -42,7 +42,8 @@ import torch
 
 __all__ = [
     "CU_SEQLENS_DTYPES", "MAX_HEAD_DIM", "MIN_LOG_DECAY", "SUPPORTED_DTYPES", "HostOffsets", "SharedHostOffsets",
-    "check_chunk_size", "check_inputs", "check_scale", "host_offsets", "shares_host_offsets", "usable_log_decay",
+    "check_chunk_size", "check_inputs", "check_scale", "host_offsets", "log_decay_tensor", "shares_host_offsets",
+    "usable_log_decay",
 ]
 
 # The paper's presets have V = 2 · K = 512. The kernels tile K and V in at most 128-wide tiles (the recurrent
@@ -64,7 +65,10 @@ def usable_log_decay(log_decay: torch.Tensor) -> torch.Tensor:
     same γ^n for every n (γ^0 = 1, γ^n = 0 beyond), but ``0 · ln γ`` at distance 0 is then 0, not NaN. The
     recurrent form multiplies by γ = exp(ln γ) and never forms that product; the chunkwise and parallel
     forms do."""
-    return log_decay.float().clamp(min=MIN_LOG_DECAY)
+    usable = log_decay.float().clamp(min=MIN_LOG_DECAY)
+    if getattr(log_decay, "_retnet_checked_version", ()) == _version(log_decay):
+        usable._retnet_checked_version = _version(usable)  # (an op passing it on to another: no second read)
+    return usable
 
 
 def check_scale(scale, op: str) -> float | None:
@@ -186,6 +190,18 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
         )
     _check_log_decay_values(op, log_decay)
     return check_scale(scale, op)
+
+
+def log_decay_tensor(values, device: torch.device | str | None = None) -> torch.Tensor:
+    """ln γ ``[H]`` float32 on ``device`` from host values, checked on the host: the ops then take it as read
+    (a model builds one per layer; reading each back on its first call would be a device sync per layer)."""
+    values = [float(x) for x in values]
+    if not all(x <= 0 for x in values):
+        raise ValueError(f"log_decay must be ln γ <= 0 (γ in [0, 1]; -inf for γ = 0); got "
+                         f"[{', '.join(f'{x:.6g}' for x in values)}]")
+    tensor = torch.tensor(values, dtype=torch.float32, device=device)
+    tensor._retnet_checked_version = _version(tensor)
+    return tensor
 
 
 def _check_log_decay_values(op: str, log_decay: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from retnet import kernels
-from retnet.kernels.checks import SharedHostOffsets
+from retnet.kernels.checks import SharedHostOffsets, log_decay_tensor
 from retnet.model.activations import SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
@@ -287,7 +287,7 @@ class RetNetMultiScaleRetention(nn.Module):
         kernels/naive.py)."""
         if device not in self._log_decay:
             decays = self.config.log_decays()[self.head_start:self.head_start + self.num_heads]
-            self._log_decay[device] = torch.tensor(decays, dtype=torch.float32, device=device)
+            self._log_decay[device] = log_decay_tensor(decays, device)  # (checked here, not read back by the ops)
         return self._log_decay[device]
 
     def forward(
