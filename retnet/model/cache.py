@@ -91,10 +91,14 @@ class RetNetCache:
     def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
         return self.recording
 
-    def record_snapshot(self) -> None:
-        """The model calls this before a forward that may be cropped (only while recording)."""
+    def record_snapshot(self, states: list[torch.Tensor] | None = None, offsets: torch.Tensor | None = None,
+                        seen_tokens: int | None = None) -> None:
+        """The model calls this (only while recording) before a forward that may be cropped, or with the states
+        its layers kept partway through one (and the offsets and count there)."""
         snapshot = RetNetCache(len(self.states))
-        snapshot.states, snapshot.offsets, snapshot.seen_tokens = list(self.states), self.offsets, self.seen_tokens
+        if states is None:
+            states, offsets, seen_tokens = list(self.states), self.offsets, self.seen_tokens
+        snapshot.states, snapshot.offsets, snapshot.seen_tokens = states, offsets, seen_tokens
         self.snapshot = snapshot
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -144,6 +144,19 @@ class RetNetPositionEncoding:
 
     pieces: list[RetNetPositionPiece]
     final_shift: torch.Tensor | None
+    # Assisted decoding's snapshot (split_at): each layer leaves here its state after piece `keep_state_after`.
+    keep_state_after: int | None = None
+    kept_states: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    def split_at(self, index: int) -> RetNetPositionEncoding:
+        """This encoding (one piece: no xPos frames) in two pieces at token ``index``, each layer keeping its
+        state between them: what :meth:`RetNetModel.forward` records as the cache's snapshot, for the price of a
+        second retention call per layer rather than a second pass through the model."""
+        (piece,) = self.pieces
+        head = RetNetPositionPiece(slice(0, index), piece.cos[:, :index], piece.sin[:, :index], None, None)
+        tail = RetNetPositionPiece(slice(index, piece.tokens.stop), piece.cos[:, index:], piece.sin[:, index:],
+                                   None, None)
+        return RetNetPositionEncoding([head, tail], self.final_shift, keep_state_after=0)
 
     @staticmethod
     def apply(piece: RetNetPositionPiece, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,6 +337,8 @@ class RetNetMultiScaleRetention(nn.Module):
                                     None if token_mask is None else token_mask[:, tokens], state,
                                     output_final_state or not last or context is not None, mode, cu_seqlens,
                                     packed_rows)
+            if number == positions.keep_state_after:
+                positions.kept_states.append(state)
             outputs.append(o)
         o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
         if context is not None:  # one piece: the model refuses xPos (its frames) under context parallelism
@@ -629,6 +644,7 @@ class RetNetModel(RetNetPreTrainedModel):
         """
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
+        snapshot_at, answered = None, 0  # assisted decoding: where the layers keep their states, outputs left out
         # Unset, they are the config's, as in transformers' models (from_pretrained(path, output_hidden_states=True)).
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
@@ -662,10 +678,13 @@ class RetNetModel(RetNetPreTrainedModel):
             if split > 0 and cu_seqlens is None and context_parallel is None:
                 # The tokens fed again were answered before (transformers counts them as seen and splits the
                 # outputs per token it fed): their outputs are left out.
-                return self._forward_in_pieces([(0, split), (split, length)], hidden_states, attention_mask,
-                                               position_ids, cache, use_cache, output_hidden_states, return_dict,
-                                               mode, snapshot_before_last=True, answered=split if refeed else 0)
-            if length > 1 or cache.snapshot is None:  # (one token: a plain decoding step, nothing to take back)
+                answered = split if refeed else 0
+                if not self._snapshot_in_layers(attention_mask, length):
+                    return self._forward_in_pieces([(0, split), (split, length)], hidden_states, attention_mask,
+                                                   position_ids, cache, use_cache, output_hidden_states,
+                                                   return_dict, mode, snapshot_before_last=True, answered=answered)
+                snapshot_at = split
+            elif length > 1 or cache.snapshot is None:  # (one token: a plain decoding step, nothing to take back)
                 cache.record_snapshot()
         span = self._padded_xpos_pieces(hidden_states, attention_mask, position_ids, cu_seqlens, context_parallel,
                                         cache)
@@ -740,6 +759,10 @@ class RetNetModel(RetNetPreTrainedModel):
                                      custom_positions, compute_dtype)
         positions = self.rotary_emb(position_ids, xpos, packed=packed_rows is not None or cu_seqlens is not None,
                                     starts_at_origin=not custom_positions)
+        if snapshot_at is not None:
+            positions = positions.split_at(snapshot_at)
+            snapshot_offsets = (past_offsets if past_offsets is not None
+                                else torch.zeros(batch, dtype=torch.long, device=hidden_states.device)) + snapshot_at
 
         all_hidden_states = ()
         packed = cu_seqlens is not None or packed_rows is not None
@@ -760,7 +783,12 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if answered:
+            hidden_states = hidden_states[:, answered:]
+            all_hidden_states = tuple(h[:, answered:] for h in all_hidden_states)
 
+        if snapshot_at is not None:
+            cache.record_snapshot(positions.kept_states, snapshot_offsets, cache.seen_tokens + snapshot_at)
         if cache is not None:
             cache.offsets = new_offsets
             if cu_seqlens is None:
@@ -794,6 +822,15 @@ class RetNetModel(RetNetPreTrainedModel):
         # (host reads, for long xPos inputs only) Left padding on a fresh state runs unpacked, in frames of its own.
         has_state = cache is not None and cache.offsets is not None
         return None if _pack_padded_rows(attention_mask[:, -length:], has_state) is None else span
+
+    def _snapshot_in_layers(self, attention_mask, length) -> bool:
+        """Whether assisted decoding's snapshot can be taken inside the layers (RetNetPositionEncoding.split_at):
+        not in xPos frames (the state between two pieces is in the first's, not the cache's), nor through the
+        packing a padded batch runs in (one host read of the mask), nor where a layer's recomputation would keep
+        its state twice (checkpointed training)."""
+        if self.config.use_xpos or (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return False
+        return attention_mask is None or bool(attention_mask[:, -length:].all())
 
     def _forward_in_pieces(self, bounds, hidden_states, attention_mask, position_ids, cache, use_cache,
                            output_hidden_states, return_dict, mode, snapshot_before_last=False, answered=0

@@ -144,3 +144,17 @@ def test_a_transformers_that_cannot_roll_the_state_back_refuses_by_version(model
     model = model_factory()
     with pytest.raises(ValueError, match=r"needs transformers >= 5\.25"):
         model.generate(_repetitive_prompt(), max_new_tokens=4, prompt_lookup_num_tokens=3, **GREEDY)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("use_xpos", (False, True))
+def test_the_snapshot_costs_no_second_pass_through_the_model_but_in_xpos_frames(model_factory, crops, use_xpos):
+    # Without xPos each layer keeps its state between two retention calls; in xPos frames the state between them
+    # is in the first's frame, so the forward runs in two passes instead.
+    model = model_factory(initializer_range=0.5, use_xpos=use_xpos)
+    passes, layer_calls = [], []
+    model.register_forward_pre_hook(lambda *_: passes.append(1))
+    model.model.layers[0].register_forward_pre_hook(lambda *_: layer_calls.append(1))
+    model.generate(_repetitive_prompt(), max_new_tokens=24, prompt_lookup_num_tokens=3, **GREEDY)
+    _assert_rolled_back(crops)
+    assert (len(layer_calls) > len(passes)) == use_xpos
