@@ -14,6 +14,7 @@ Tool calls (``tools`` with ``tool_choice`` ``"required"`` or a named function, o
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -89,6 +90,16 @@ STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "g
 UNSUPPORTED_EXTRAS: dict[str, Any] = {
     "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None,
 }
+
+
+def not_run_unless_no_op(value: Any, no_op: Any) -> str | None:
+    """Why a field the server does not run is refused at ``value`` ("(only ... is accepted); got ..."), or None
+    when it is unset or at its no-op value (bool-checked: in Python true == 1, and a length_penalty of true is no
+    1.0)."""
+    if value is None or (value == no_op and isinstance(value, bool) == isinstance(no_op, bool)):
+        return None
+    accepted = "null" if no_op is None else f"{json.dumps(no_op)} or null"
+    return f"(only {accepted} is accepted); got {json.dumps(value)[:80]}"
 
 
 def _drop_nulls(data: Any) -> Any:

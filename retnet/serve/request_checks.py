@@ -8,7 +8,6 @@ is an :class:`~retnet.serve.protocol.APIError` (400) naming the field.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from typing import Any
@@ -20,6 +19,7 @@ from retnet.serve.protocol import (
     ChatCompletionRequest,
     SamplingFields,
     TokenizeChatRequest,
+    not_run_unless_no_op,
 )
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.settings import ServeSettings, resolve_max_tokens
@@ -242,11 +242,9 @@ def _check_unsupported_extras(request: SamplingFields) -> None:
     """vLLM's output-changing extras this server does not run (``UNSUPPORTED_EXTRAS``) are refused by name
     unless set to their no-op value: ignoring them would return output the client did not ask for."""
     for name, no_op in UNSUPPORTED_EXTRAS.items():
-        value = getattr(request, name)
-        # bool-checked too: in Python true == 1, and a length_penalty of true is no 1.0
-        if value is not None and not (value == no_op and isinstance(value, bool) == isinstance(no_op, bool)):
-            raise APIError(400, f"{name}: not supported (only {json.dumps(no_op)} or null is accepted); got "
-                           f"{json.dumps(value)}", name, "unsupported_parameter")
+        refusal = not_run_unless_no_op(getattr(request, name), no_op)
+        if refusal is not None:
+            raise APIError(400, f"{name}: not supported {refusal}", name, "unsupported_parameter")
 
 
 def check_chat_features(request: ChatCompletionRequest | TokenizeChatRequest) -> None:

@@ -39,6 +39,7 @@ from retnet.serve.protocol import (
     ChatCompletionResponse,
     RequestFields,
     _refuse_bool_number,
+    not_run_unless_no_op,
 )
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.serving import ChatRun, OpenAIServing
@@ -113,10 +114,9 @@ def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]]
     came from (``instructions``, ``input``, ``input[2]``, ``previous_response_id`` ...), to name it in the chat
     handler's errors."""
     for name, no_op in UNSUPPORTED_FIELDS.items():
-        value = getattr(request, name)
-        if value is not None and not (value == no_op and isinstance(value, bool) == isinstance(no_op, bool)):
-            raise _unsupported(name, f"not supported by this server (only {json.dumps(no_op)} or null is "
-                               f"accepted); got {json.dumps(value)[:80]}")
+        refusal = not_run_unless_no_op(getattr(request, name), no_op)
+        if refusal is not None:
+            raise _unsupported(name, f"not supported by this server {refusal}")
     extras = {}
     for name, value in (request.model_extra or {}).items():
         if name in CHAT_EXTRAS:

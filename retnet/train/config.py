@@ -392,7 +392,9 @@ class OptimConfig(_Section):
         _positive("optim", self, "lr", "eps")
         _positive("optim", self, "min_lr", "weight_decay", "warmup_steps", "grad_clip", allow_zero=True)
         if self.min_lr > self.lr:
-            _refuse("optim.min_lr", f"must be <= optim.lr ({self.lr})", self.min_lr)
+            # (a preset's min_lr stays when a fine-tune lowers optim.lr: the message says what to set)
+            _refuse("optim.min_lr", f"must be <= optim.lr ({self.lr}); lowering optim.lr below a preset's "
+                    "min_lr needs optim.min_lr set too (e.g. 0)", self.min_lr)
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 _refuse(f"optim.{name}", "must be in [0, 1)", getattr(self, name))

@@ -369,3 +369,10 @@ def test_a_config_file_of_another_format_is_refused_saying_configs_are_toml(name
 def test_another_launchers_setting_is_refused_with_this_ones_name(arg, meant):
     with pytest.raises(ConfigError, match=rf"did you mean {re.escape(meant)}\b"):
         parse_overrides([arg])
+
+
+def test_a_fine_tunes_lr_below_the_presets_min_lr_says_what_to_set():
+    # small.toml's min_lr is 1e-4: the README's fine-tunes at 5e-5 were refused with no hint of the fix
+    with pytest.raises(ConfigError, match=r"optim.min_lr.*needs optim.min_lr set too"):
+        load_config("small", ["--optim.lr=5e-5"])
+    assert load_config("small", ["--optim.lr=5e-5", "--optim.min_lr=0"]).optim.min_lr == 0
