@@ -54,6 +54,7 @@ bench: setup
 	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/lora.py
 	$(PY) benchmarks/speculative.py
+	$(PY) benchmarks/assisted.py --out benchmarks/results/assisted-cpu.json
 	$(PY) benchmarks/pooling.py
 	$(PY) benchmarks/loss.py
 	$(PY) benchmarks/quantization.py
