@@ -39,6 +39,13 @@ COMPILES = {
 }
 
 
+# Every kernel the launchers start: each must be in every report.
+KERNELS = {
+    "_chunk_state_fwd_kernel", "_chunk_output_fwd_kernel", "_chunk_state_bwd_kernel",
+    "_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel", "_recurrent_fwd_kernel",
+}
+
+
 @pytest.fixture(scope="module")
 def compiling(request, tmp_path_factory):
     """``{name: (process, its JSON report's path)}``: the COMPILES that this session's selected tests use, started."""
@@ -85,10 +92,7 @@ def test_every_launch_compiles(report):
               for r in results if not r["ok"]]
     assert not failed, "\n".join(failed)
     kernels = {r["launch"].split()[0] for r in results}
-    assert kernels == {
-        "_chunk_state_fwd_kernel", "_chunk_output_fwd_kernel", "_chunk_state_bwd_kernel",
-        "_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel", "_recurrent_fwd_kernel",
-    }
+    assert kernels == KERNELS
     assert {r["arch"] for r in results} == {89, 90}
 
 
@@ -166,10 +170,7 @@ def test_padded_launches_offset_data_tensors_in_64_bits(padded):
     """The same for the padded layout (batch row offsets ``b · T · H · K``), which the report above skips."""
     done, results = padded
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert {r["launch"].split()[0] for r in results} == {
-        "_chunk_state_fwd_kernel", "_chunk_output_fwd_kernel", "_chunk_state_bwd_kernel",
-        "_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel", "_recurrent_fwd_kernel",
-    }
+    assert {r["launch"].split()[0] for r in results} == KERNELS
     narrow = [f"{r['launch']}: {line}" for r in results for line in r["narrow_offsets"]]
     assert not narrow, "\n".join(narrow)
 
@@ -177,10 +178,7 @@ def test_padded_launches_offset_data_tensors_in_64_bits(padded):
 def test_every_launch_compiles_and_fits_without_spills_on_ampere_in_its_default_config(ampere):
     done, results = ampere
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert {r["launch"].split()[0] for r in results} == {
-        "_chunk_state_fwd_kernel", "_chunk_output_fwd_kernel", "_chunk_state_bwd_kernel",
-        "_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel", "_recurrent_fwd_kernel",
-    }
+    assert {r["launch"].split()[0] for r in results} == KERNELS
     assert {r["arch"] for r in results} == {80}
     bad = [f"{r['launch']}: ok={r['ok']} fits={r['fits']} spill={r['spill_bytes']} {r['error'] or ''}"
            for r in results if not (r["ok"] and r["fits"]) or r["spill_bytes"]]
