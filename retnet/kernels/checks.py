@@ -66,8 +66,10 @@ def usable_log_decay(log_decay: torch.Tensor) -> torch.Tensor:
     recurrent form multiplies by γ = exp(ln γ) and never forms that product; the chunkwise and parallel
     forms do."""
     usable = log_decay.float().clamp(min=MIN_LOG_DECAY)
-    if getattr(log_decay, "_retnet_checked_version", ()) == _version(log_decay):
-        usable._retnet_checked_version = _version(usable)  # (an op passing it on to another: no second read)
+    # (an op passing it on to another: no second read; not while compiling, where the check is skipped anyway
+    # and dynamo cannot trace the version counter: a graph break around every op)
+    if not torch.compiler.is_compiling() and getattr(log_decay, "_retnet_checked_version", ()) == _version(log_decay):
+        usable._retnet_checked_version = _version(usable)
     return usable
 
 
@@ -200,7 +202,8 @@ def log_decay_tensor(values, device: torch.device | str | None = None) -> torch.
         raise ValueError(f"log_decay must be ln γ <= 0 (γ in [0, 1]; -inf for γ = 0); got "
                          f"[{', '.join(f'{x:.6g}' for x in values)}]")
     tensor = torch.tensor(values, dtype=torch.float32, device=device)
-    tensor._retnet_checked_version = _version(tensor)
+    if not torch.compiler.is_compiling():  # (see usable_log_decay; a compiled first call leaves one check to do)
+        tensor._retnet_checked_version = _version(tensor)
     return tensor
 
 

@@ -1255,19 +1255,20 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         # row from its last real token (_prefill), so that warning would mislead: it is dropped while this model
         # generates (in this thread: another model's generate elsewhere still gets it)
         _RIGHT_PADDING_HANDLED.depth = getattr(_RIGHT_PADDING_HANDLED, "depth", 0) + 1
+        output = None
         try:
             output = super().generate(*args, **kwargs)
         finally:
             _RIGHT_PADDING_HANDLED.depth -= 1
-        returned = output.get(CACHE_KWARG) if isinstance(output, ModelOutput) else None
+            returned = output.get(CACHE_KWARG) if isinstance(output, ModelOutput) else None
+            if not drafting:
+                # An assisted run's cache goes back to the caller as a plain one (its snapshot would hold a
+                # second set of states alive), also when it failed; a draft's keeps recording for the next round.
+                for cache in (returned, kwargs.get("cache"), kwargs.get("past_key_values")):
+                    if isinstance(cache, RetNetCache):
+                        cache.recording, cache.snapshot, cache.refeed = 0, None, 0
         if drafting and not ASSISTED_ROLLBACK and returned is not None:
             output = dataclasses.replace(output, **{CACHE_KWARG: None})  # nothing for transformers to crop
-        elif not drafting:
-            # An assisted run's cache goes back to the caller as a plain one (its snapshot would hold a second
-            # set of states alive); a draft's keeps recording for the next round.
-            for cache in (returned, kwargs.get("cache"), kwargs.get("past_key_values")):
-                if isinstance(cache, RetNetCache):
-                    cache.recording, cache.snapshot = 0, None
         return output
 
     @staticmethod

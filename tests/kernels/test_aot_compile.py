@@ -24,7 +24,7 @@ from tests.launch import finished, start_logged, stop
 pytestmark = pytest.mark.slow
 
 
-# The compiling processes of this module: each keeps one core busy (Triton's compiler and ptxas), so both start
+# The compiling processes of this module: each keeps one core busy (Triton's compiler and ptxas), so all start
 # together, when the first test that needs one is set up, and each test waits for its own.
 COMPILES = {
     "report": ["--arch", "90", "89", "--dtypes", "bfloat16", "float32", "--head-dims", "64", "256",

@@ -213,3 +213,21 @@ def test_log_decay_is_read_once_per_tensor_and_again_after_an_in_place_write(kt)
     log_decay.add_(1.0)  # now positive: read again
     with pytest.raises(ValueError, match="log_decay must be"):
         naive.chunk_retention(q, k, v, log_decay)
+
+
+@pytest.mark.parametrize("first_call", ["eager", "compiled"])
+def test_the_log_decay_check_leaves_a_compiled_model_one_graph(first_call):
+    """The check's read-once mark reads the tensor's version counter, which dynamo cannot trace: taken while
+    compiling, it broke the graph around every retention call (fullgraph=True failed)."""
+    from tests.model.conftest import make_model
+
+    model = make_model(retention_mode="chunkwise")
+    ids = torch.randint(2, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if first_call == "eager":
+            expected = model(ids).logits
+        compiled = torch.compile(model.model, backend="eager", fullgraph=True)
+        hidden = compiled(input_ids=ids, use_cache=False).last_hidden_state
+        if first_call == "compiled":
+            expected = model(ids).logits
+    torch.testing.assert_close(model.lm_head(hidden), expected)

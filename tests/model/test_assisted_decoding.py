@@ -158,3 +158,22 @@ def test_the_snapshot_costs_no_second_pass_through_the_model_but_in_xpos_frames(
     model.generate(_repetitive_prompt(), max_new_tokens=24, prompt_lookup_num_tokens=3, **GREEDY)
     _assert_rolled_back(crops)
     assert (len(layer_calls) > len(passes)) == use_xpos
+
+
+@torch.no_grad()
+def test_a_failed_assisted_run_hands_the_callers_cache_back_plain(model_factory):
+    model = model_factory(initializer_range=0.5)
+    ids = _repetitive_prompt()
+    cache = model(ids[:, :-1], use_cache=True).get(CACHE_KWARG)
+    calls = []
+
+    def failing(input_ids, scores):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a logits processor failed")
+        return scores
+
+    with pytest.raises(RuntimeError, match="logits processor failed"):
+        model.generate(ids, **{CACHE_KWARG: cache}, max_new_tokens=12, prompt_lookup_num_tokens=3,
+                       logits_processor=[failing], **GREEDY)
+    assert (cache.recording, cache.snapshot, cache.refeed) == (0, None, 0)  # no second set of states kept alive
