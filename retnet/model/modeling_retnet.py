@@ -670,6 +670,9 @@ class RetNetModel(RetNetPreTrainedModel):
             # Only the first forward since the recording began (or since a draft's round began) is cut by the
             # count it was begun with: a "heuristic" schedule drafts more later, so a later forward keeps the
             # snapshot before all of it.
+            if cu_seqlens is not None:  # (its rows would each need their own snapshot and re-fed count)
+                raise ValueError("a recording cache (assisted decoding's, after activate_past_recording) takes no "
+                                 "cu_seqlens: feed one sequence per row")
             refeed, cache.refeed = cache.refeed, 0
             if 0 < refeed < length:
                 split = refeed

@@ -177,3 +177,12 @@ def test_a_failed_assisted_run_hands_the_callers_cache_back_plain(model_factory)
         model.generate(ids, **{CACHE_KWARG: cache}, max_new_tokens=12, prompt_lookup_num_tokens=3,
                        logits_processor=[failing], **GREEDY)
     assert (cache.recording, cache.snapshot, cache.refeed) == (0, None, 0)  # no second set of states kept alive
+
+
+@torch.no_grad()
+def test_a_recording_cache_refuses_packed_sequences(model_factory):
+    model = model_factory()
+    cache = RetNetCache(model.config.num_hidden_layers)
+    cache.activate_past_recording(2)
+    with pytest.raises(ValueError, match=r"recording cache .* takes no cu_seqlens"):
+        model(torch.arange(2, 12)[None], cu_seqlens=torch.tensor([0, 4, 10]), **{CACHE_KWARG: cache})
