@@ -219,6 +219,10 @@ class RetNetConfig(PretrainedConfig):
                    "embedding's padding row)")
         if self.hidden_act_kwargs is not None and not isinstance(self.hidden_act_kwargs, (dict, list)):
             refuse("hidden_act_kwargs", "must be None, one dict of activation parameters or a list of one per layer")
+        # A tuple (or any other non-list) would reach the per-layer check below as one name, refused as "(layer 0):
+        # unknown activation ('gelu', 'relu')"; config.json gives a list.
+        if not isinstance(self.hidden_act, (str, list)):
+            refuse("hidden_act", "must be one activation name or a list of one per layer")
         if isinstance(self.hidden_act, list) and len(self.hidden_act) != self.num_hidden_layers:
             refuse("hidden_act", f"as a list must have one name per layer (num_hidden_layers="
                    f"{self.num_hidden_layers}), but has {len(self.hidden_act)}")

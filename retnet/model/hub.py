@@ -53,7 +53,10 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
     or found in the cache. Raises :class:`HubError` saying both when it is neither."""
     if not str(source).strip():  # Path("") is ".", which exists: an unset variable would name the working directory
         raise HubError(f"{str(source)!r}: empty; give a directory or a hub id 'org/name'")
-    path = Path(source).expanduser()
+    try:
+        path = Path(source).expanduser()
+    except RuntimeError:  # "~name" of no such user, or no home directory: a bare RuntimeError, not the source's name
+        path = Path(source)
     if path.exists():
         return path
     if not is_hub_id(source):

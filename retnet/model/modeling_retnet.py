@@ -644,6 +644,7 @@ class RetNetModel(RetNetPreTrainedModel):
         """
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
+        cu_seqlens = _flattened_offsets(cu_seqlens, kwargs)
         snapshot_at, answered = None, 0  # assisted decoding: where the layers keep their states, outputs left out
         # Unset, they are the config's, as in transformers' models (from_pretrained(path, output_hidden_states=True)).
         if output_hidden_states is None:
@@ -1008,6 +1009,15 @@ def _sharing_host_offsets(fn, shared: SharedHostOffsets):
     return run
 
 
+def _flattened_offsets(cu_seqlens: torch.Tensor | None, kwargs: dict) -> torch.Tensor | None:
+    """``cu_seqlens``, else transformers' packed offsets: ``DataCollatorWithFlattening(return_flash_attn_kwargs=
+    True)`` marks the documents of a packed row by ``cu_seq_lens_q`` (which its flash-attention models honour), and
+    without restarting position_ids nothing else would keep them apart."""
+    if cu_seqlens is None and kwargs.get("cu_seq_lens_q") is not None:
+        return kwargs["cu_seq_lens_q"]
+    return cu_seqlens
+
+
 def _return_dict(config: RetNetConfig, return_dict: bool | None) -> bool:
     """A call's ``return_dict``, or when unset the config's (``config.return_dict = False`` gives tuples, as in
     transformers' models)."""
@@ -1128,6 +1138,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         # for one it must be given, and without shift_labels in a batch evaluate() would compute no loss.
         shift_labels = kwargs.pop("shift_labels", None)
         _check_cache_and_outputs(cache if cache is not None else past_key_values, kwargs)
+        cu_seqlens = _flattened_offsets(cu_seqlens, kwargs)
         if distill is not None and ((labels is None and shift_labels is None) or not self.training):
             raise ValueError("distill needs labels (or shift_labels) and training mode: the validation loss is the "
                              "plain cross-entropy")
@@ -1608,6 +1619,7 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
         Other arguments as :meth:`RetNetModel.forward`."""
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
+        cu_seqlens = _flattened_offsets(cu_seqlens, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
