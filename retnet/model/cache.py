@@ -74,9 +74,9 @@ class RetNetCache:
     # A recurrent state cannot drop its last tokens: S_t folds them in. So the cache keeps itself as it was before
     # the forward that fed the draft tokens (a copy of the lists: the model replaces states, never writes into
     # them), and a crop goes back to that and leaves the accepted tokens unseen: get_seq_length() says so, and
-    # the next forward feeds them again with the new ones. That forward runs in two, the snapshot taken after the
-    # tokens fed again (`refeed`): they stay, so the next crop goes back to the new tokens only, and their outputs
-    # are left out (transformers has them). So does a long first forward after activate_past_recording (a prompt),
+    # the next forward feeds them again with the new ones. That forward keeps its snapshot after the tokens fed
+    # again (`refeed`; inside each layer, or in two passes in xPos frames: RetNetModel.forward): they stay, so the
+    # next crop goes back to the new tokens only, and their outputs are left out (transformers has them). So does a long first forward after activate_past_recording (a prompt),
     # its snapshot `recording + 1` tokens before its end; a later one keeps it before all of its tokens, as
     # transformers may draft more than `recording` then.
     @property

@@ -667,7 +667,8 @@ class RetNetModel(RetNetPreTrainedModel):
         if cache is not None and cache.recording:
             # Assisted decoding may crop this forward's last tokens (RetNetCache.crop): the cache is kept as it was
             # before them. A forward that begins with tokens fed again after a crop (kept for sure), or a long one
-            # (a prompt), runs in two, the snapshot between, so that a crop never goes back further than that.
+            # (a prompt), keeps it after those (each layer between two retention calls; in xPos frames, between
+            # two passes), so that a crop never goes back further than that.
             # Only the first forward since the recording began (or since a draft's round began) is cut by the
             # count it was begun with: a "heuristic" schedule drafts more later, so a later forward keeps the
             # snapshot before all of it.
