@@ -38,4 +38,18 @@ def _register_auto_classes() -> None:
     AutoModelForSequenceClassification.register(RetNetConfig, RetNetForSequenceClassification, exist_ok=True)
 
 
+def _register_peft_targets() -> None:
+    # peft picks a model's default LoRA targets by its model_type and has none for "retnet" (get_peft_model then
+    # asks for target_modules): the ones retnet-train adapts by default, every Linear of the decoder layers (a
+    # name a model lacks, g_proj without the output gate, matches nothing). The same dict peft's tuners read.
+    try:
+        from peft.utils import constants
+    except ImportError:  # (peft comes with the [train] extra)
+        return
+    from retnet.train.config_tuning import LORA_TARGETS
+
+    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("retnet", list(LORA_TARGETS))
+
+
 _register_auto_classes()
+_register_peft_targets()

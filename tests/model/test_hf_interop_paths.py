@@ -61,3 +61,13 @@ def test_flattening_collator_offsets_pack_a_classifier_and_the_loss_too(model_fa
         scores = classifier(**{k: v for k, v in batch.items() if k != "labels"}).logits
         alone = torch.cat([classifier(torch.tensor([doc])).logits for doc in docs])
         torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_lora_without_target_modules_adapts_the_decoder_linears(model_factory):
+    # peft has no default LoRA targets for model_type "retnet": get_peft_model asked for target_modules
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model_factory(), LoraConfig(task_type="CAUSAL_LM", r=4))
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters()
+               if ".lora_A." in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "up_proj", "down_proj"}
