@@ -68,8 +68,8 @@ def usable_log_decay(log_decay: torch.Tensor) -> torch.Tensor:
     usable = log_decay.float().clamp(min=MIN_LOG_DECAY)
     # (an op passing it on to another: no second read; not while compiling, where the check is skipped anyway
     # and dynamo cannot trace the version counter: a graph break around every op)
-    if not torch.compiler.is_compiling() and getattr(log_decay, "_retnet_checked_version", ()) == _version(log_decay):
-        usable._retnet_checked_version = _version(usable)
+    if not torch.compiler.is_compiling() and _values_checked(log_decay):
+        _mark_values_checked(usable)
     return usable
 
 
@@ -199,12 +199,24 @@ def log_decay_tensor(values, device: torch.device | str | None = None) -> torch.
     (a model builds one per layer; reading each back on its first call would be a device sync per layer)."""
     values = [float(x) for x in values]
     if not all(x <= 0 for x in values):
-        raise ValueError(f"log_decay must be ln γ <= 0 (γ in [0, 1]; -inf for γ = 0); got "
-                         f"[{', '.join(f'{x:.6g}' for x in values)}]")
+        raise ValueError(_log_decay_refusal(values))
     tensor = torch.tensor(values, dtype=torch.float32, device=device)
     if not torch.compiler.is_compiling():  # (see usable_log_decay; a compiled first call leaves one check to do)
-        tensor._retnet_checked_version = _version(tensor)
+        _mark_values_checked(tensor)
     return tensor
+
+
+def _log_decay_refusal(values: list[float]) -> str:
+    return f"log_decay must be ln γ <= 0 (γ in [0, 1]; -inf for γ = 0); got [{', '.join(f'{x:.6g}' for x in values)}]"
+
+
+# The version counter of a log_decay tensor whose values were read and found valid, kept on the tensor itself.
+def _values_checked(log_decay: torch.Tensor) -> bool:
+    return getattr(log_decay, "_retnet_checked_version", ()) == _version(log_decay)
+
+
+def _mark_values_checked(log_decay: torch.Tensor) -> None:
+    log_decay._retnet_checked_version = _version(log_decay)
 
 
 def _check_log_decay_values(op: str, log_decay: torch.Tensor) -> None:
@@ -216,13 +228,11 @@ def _check_log_decay_values(op: str, log_decay: torch.Tensor) -> None:
         log_decay.is_cuda and torch.cuda.is_current_stream_capturing()
     ):
         return
-    version = _version(log_decay)  # (None for an inference tensor, which keeps no counter: read once)
-    if getattr(log_decay, "_retnet_checked_version", ()) == version:
+    if _values_checked(log_decay):  # (an inference tensor keeps no version counter: read once)
         return
     if not bool((log_decay <= 0).all()):  # (NaN compares false)
-        raise ValueError(f"{op}: log_decay must be ln γ <= 0 (γ in [0, 1]; -inf for γ = 0); got "
-                         f"[{', '.join(f'{x:.6g}' for x in log_decay.detach().float().cpu().tolist())}]")
-    log_decay._retnet_checked_version = version
+        raise ValueError(f"{op}: {_log_decay_refusal(log_decay.detach().float().cpu().tolist())}")
+    _mark_values_checked(log_decay)
 
 
 def _version(x: torch.Tensor) -> int | None:
