@@ -205,7 +205,8 @@ def generalized_smelu(x: torch.Tensor, alpha: float = 2.0, beta: float = 2.0, g_
     # Left of −α the clamp pins u at −α and the quadratic term vanishes, leaving g₋·x + t; in between it is
     # g₋·x + t + a(x+α)², i.e. a·x² + b·x + c expanded around −α (no cancellation near −α).
     u = torch.clamp(xf, min=-alpha, max=beta)
-    middle = g_minus * xf + t + a * (u + alpha) ** 2
+    # a·(u+α) first: (u+α)² alone overflows float32 once the width passes ~1.8e19, where f itself is finite.
+    middle = g_minus * xf + t + a * (u + alpha) * (u + alpha)
     right = value_at_beta + g_plus * (xf - beta)
     return torch.where(xf > beta, right, middle).to(x.dtype)
 
@@ -225,7 +226,7 @@ def _gsmelu_trainable_impl(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Ten
     # Same expressions as generalized_smelu. At x = β exactly, clamp gives u's gradient to x, not to β:
     # that is the one-sided derivative that makes ∂f/∂β continuous there (the right piece's −(g₊−g₋)/2).
     u = torch.clamp(x, min=-alpha, max=beta)
-    middle = g_minus * x + t + a * (u + alpha) ** 2
+    middle = g_minus * x + t + a * (u + alpha) * (u + alpha)  # (no (u+α)²: see generalized_smelu)
     right = value_at_beta + g_plus * (x - beta)
     return torch.where(x > beta, right, middle)
 
@@ -239,7 +240,9 @@ def smelu(x: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
     # SmeLU moves by at most β/4 (< 3e-39 in float32) and stays finite with finite gradients.
     beta = max(beta, torch.finfo(dtype).tiny)
     xf = x.to(dtype)
-    quadratic = (torch.clamp(xf, min=-beta, max=beta) + beta) ** 2 / (4.0 * beta)  # 0 left of −β
+    shifted = torch.clamp(xf, min=-beta, max=beta) + beta  # 0 left of −β
+    # Divided before it is squared: (x+β)² overflows float32 from β ≈ 1.8e19, where SmeLU (≤ β) does not.
+    quadratic = shifted / (4.0 * beta) * shifted
     return torch.where(xf >= beta, xf, quadratic).to(x.dtype)
 
 

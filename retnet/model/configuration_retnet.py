@@ -8,6 +8,7 @@ name and the value received.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -30,6 +31,18 @@ FLOAT_FIELDS = ("value_factor", "rms_norm_eps", "rope_theta", "xpos_scale_base",
 def _is_int(value: Any) -> bool:
     # bool is an int subclass; True is not a size.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain_numbers(value: Any) -> Any:
+    """``value`` (and the dicts and lists in it) with each real number of another type than Python's (np.float32,
+    np.int64, ...) as a Python int or float."""
+    if isinstance(value, dict):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(item) for item in value]
+    if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value
 
 
 # The paper's sizes (Table 1 of Sun et al., 2023) and a tiny one for tests and the CPU demo.
@@ -238,6 +251,13 @@ class RetNetConfig(PretrainedConfig):
                 validate_activation(name, kwargs)
             except ValueError as error:
                 raise ValueError(f"RetNetConfig.hidden_act (layer {layer}): {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        # The activations take any real number (numpy's included), which json cannot write: config.json, and the
+        # config's repr, get the same values as Python numbers.
+        output["hidden_act_kwargs"] = _plain_numbers(output.get("hidden_act_kwargs"))
+        return output
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):

@@ -536,6 +536,10 @@ class RetNetPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
+            # padding_idx freezes that row, and nn.Embedding and transformers' models start it at zero: drawn
+            # at random it would stay a random pad embedding for good. (A loaded checkpoint's row is its own.)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, (nn.LayerNorm, RetNetRMSNorm, RetNetHeadNorm)):
             init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
