@@ -34,7 +34,7 @@ Decay is only ever used as ``exp2(n · log2 γ)`` for a non-negative distance n 
 (γ itself would round to 1.0 in bf16, and in fp32 for the slowest heads). For bf16 inputs the state
 matmuls run in bf16 on the tensor cores (the stored state is rounded to bf16, the running one is not); for fp16
 the state stays fp32 in those matmuls (tf32), because a long-context state can exceed fp16's range, and the
-intra-chunk scores go into their fp16 dots scaled by a power of two when they would not fit (``_fp16_score_shift``);
+intra-chunk scores go into their fp16 dots scaled by a power of two into fp16's normal range (``_fp16_score_shift``);
 for fp32 inputs every matmul is 3xTF32: tensor cores, fp32 accuracy (plain tf32 would drop 13 mantissa
 bits; "ieee" fp32 dots run on the FMA units and spill registers).
 
@@ -230,17 +230,20 @@ def _scores_and_state_product(
 
 @triton.jit
 def _fp16_score_shift(a):
-    """For fp32 intra-chunk scores (or score gradients) ``a`` [BT, BT] headed for an fp16 dot: the least power of
-    two 2^shift ≥ max|a| / 2^15 (shift ≥ 0). Scores are scale · q·k (times decays ≤ 1), and in fp16 they can pass
-    65504 while the result still fits (small v): rounded as they are they would turn it inf, where the
-    reference's fp32 gives a number. Divided by 2^shift (exact, but for scores too small beside the tile's
-    largest to count) they fit, and the product is multiplied back in fp32: no change for a tile in range
-    (shift 0), and the dot keeps its fp16 operands (fp32 scores spilled registers on sm_89). Only finite scores
-    count: an inf or NaN one (an inf input) would make the shift inf and every row of the tile NaN, where it
-    spoils only its own row unscaled."""
+    """For fp32 intra-chunk scores (or score gradients) ``a`` [BT, BT] headed for an fp16 dot: the power of two
+    2^shift with max|a| / 2^shift in (2^14, 2^15]. Scores are scale · q·k (times decays ≤ 1), and in fp16 they can
+    pass 65504 while the result still fits (small v): rounded as they are they would turn it inf, where the
+    reference's fp32 gives a number. Or they can fall below fp16's normal range (6.1e-5, a small scale or small
+    upstream gradients) while the result is a normal number (large v, k or q): rounded as they are they would be
+    subnormals or 0, and the result would lose up to all of its intra-chunk part. Divided by 2^shift (exact, but for
+    scores too small beside the tile's largest to count) they fit fp16's normal range, and the product is
+    multiplied back in fp32; the dot keeps its fp16 operands (fp32 scores spilled registers on sm_89). Only finite
+    scores count: an inf or NaN one (an inf input) would make the shift inf and every row of the tile NaN, where
+    it spoils only its own row unscaled. An all-zero tile takes 2^-115 (its zeros stay zeros; 2^±115 is finite
+    in fp32)."""
     magnitude = tl.abs(a)
     largest = tl.max(tl.where(magnitude < float("inf"), magnitude, 0.0))
-    return tl.ceil(tl.log2(tl.maximum(largest, 32768.0) * (1.0 / 32768.0)))
+    return tl.ceil(tl.log2(tl.maximum(largest, 7.888609052210118e-31) * (1.0 / 32768.0)))  # (2^-100 / 2^15)
 
 
 @_autotune(["H", "K", "V", "BT", "BK", "BV"], num_warps=[2, 4, 8], num_stages=[1, 2], default=(4, 2))
@@ -307,7 +310,7 @@ def _chunk_output_fwd_kernel(
     b_A = tl.where(m_A, b_A * tl.exp2(tl.maximum(distance, 0).to(tl.float32) * log2_decay) * scale, 0.0)
     b_v = _load_tile(v + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
     b_o = b_o * (scale * tl.exp2((o_t + 1).to(tl.float32) * log2_decay))[:, None]
-    if b_v.dtype == tl.float16:  # scores past fp16's range: _fp16_score_shift
+    if b_v.dtype == tl.float16:  # scores out of fp16's normal range: _fp16_score_shift
         shift = _fp16_score_shift(b_A)
         b_o += tl.dot((b_A * tl.exp2(-shift)).to(b_v.dtype), b_v, input_precision=DOT_PRECISION) * tl.exp2(shift)
     else:
@@ -330,6 +333,7 @@ def _chunk_state_bwd_kernel(
     log2_decay = tl.load(log_decay + i_h).to(tl.float32) * 1.4426950408889634
     o_t = tl.arange(0, BT)
 
+    first_decay = tl.exp2(log2_decay)  # γ: from the state before a chunk to its first token
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         p_dht, m_h = _state_tile_ptrs(dht + tl.cast(i_nh, tl.int64) * K * V, i_k, i_v, K, V, BK, BV)
@@ -344,11 +348,14 @@ def _chunk_state_bwd_kernel(
         b_q = _load_tile(q + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
         b_do = _load_tile(do + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
         length = tl.minimum(n_rows, BT)
-        # o_i read the state before the chunk through scale · γ^(i+1) q_i.
-        w_start = tl.where(o_t < length, scale * tl.exp2((o_t + 1).to(tl.float32) * log2_decay), 0.0)
+        # o_i read the state before the chunk through scale · γ^(i+1) q_i. Only γ^i (≤ 1, and 1 on the first row) weighs
+        # q before its rounding to q's dtype; scale · γ multiplies the fp32 product. Folded into an fp16 q, a scale
+        # above 1 could take it past 65504 (inf: NaN gradients), and a γ under fp16's normal range every row of it
+        # to a subnormal or 0 (the initial state's gradient of a fast-decaying head lost).
+        w_start = tl.where(o_t < length, tl.exp2(o_t.to(tl.float32) * log2_decay), 0.0)
         b_qw = (b_q * w_start[:, None]).to(b_q.dtype)
         b_dh = b_dh * tl.exp2(length.to(tl.float32) * log2_decay)
-        b_dh += tl.dot(tl.trans(b_qw), b_do.to(b_qw.dtype), input_precision=DOT_PRECISION)
+        b_dh += tl.dot(tl.trans(b_qw), b_do.to(b_qw.dtype), input_precision=DOT_PRECISION) * (scale * first_decay)
     if STORE_DH0:
         p_dh0, m_h = _state_tile_ptrs(dh0 + tl.cast(i_nh, tl.int64) * K * V, i_k, i_v, K, V, BK, BV)
         tl.store(p_dh0, b_dh, mask=m_h)
@@ -382,7 +389,7 @@ def _chunk_dv_bwd_kernel(
     b_A = tl.where(m_A, b_A * tl.exp2(tl.maximum(distance, 0).to(tl.float32) * log2_decay) * scale, 0.0)
     w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
     b_do = _load_tile(do + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
-    if b_do.dtype == tl.float16:  # scores past fp16's range: _fp16_score_shift
+    if b_do.dtype == tl.float16:  # scores out of fp16's normal range: _fp16_score_shift
         shift = _fp16_score_shift(b_A)
         b_A = (b_A * tl.exp2(-shift)).to(b_do.dtype)
         b_dv = b_dv * w_end[:, None] + tl.dot(b_A, b_do, input_precision=DOT_PRECISION) * tl.exp2(shift)
@@ -438,7 +445,7 @@ def _chunk_dqk_bwd_kernel(
     w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
     b_q = _load_tile(q + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
     b_k = _load_tile(k + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
-    if b_k.dtype == tl.float16:  # score gradients past fp16's range: _fp16_score_shift
+    if b_k.dtype == tl.float16:  # score gradients out of fp16's normal range: _fp16_score_shift
         shift = _fp16_score_shift(b_dA)
         b_dA = (b_dA * tl.exp2(-shift)).to(b_k.dtype)
         b_dq = b_dq * w_start[:, None] + tl.dot(b_dA, b_k, input_precision=DOT_PRECISION) * tl.exp2(shift)
@@ -459,8 +466,7 @@ def _pow2(n: int) -> int:
 
 
 def _block_size(chunk_size: int) -> int:
-    """The chunk length the kernels tile with: ``chunk_size`` when it is a power of two in [16, 64], else
-    the nearest such value (the result does not depend on it; ``tl.dot`` needs tiles of at least 16).
+    """The chunk length the kernels tile with: ``chunk_size`` rounded up to a power of two, within [16, 64] (the result does not depend on it; ``tl.dot`` needs tiles of at least 16).
     Not 128: its [128, 128] score tiles spill hundreds of bytes per thread on sm_80/sm_89, and fp32 dq/dk
     then fits no config in an sm_89's shared memory (``python -m retnet.kernels.aot --chunk-sizes 128``)."""
     return min(64, max(16, _pow2(chunk_size)))
@@ -701,8 +707,8 @@ def chunk_retention(
         initial_state: ``[B, H, K, V]`` float32 state before the first token (``[N, H, K, V]`` with
             ``cu_seqlens``), or None for zeros.
         output_final_state: also return the state after the last token (its gradient is honoured).
-        chunk_size: an int >= 1, the tile length; the kernels use the nearest power of two in [16, 64] (the result does
-            not depend on it).
+        chunk_size: an int >= 1, the tile length; the kernels use the next power of two, within [16, 64] (the result
+            does not depend on it).
         cu_seqlens: ``[N + 1]`` integer offsets of N sequences packed into B = 1; no state crosses them.
 
     Returns:
