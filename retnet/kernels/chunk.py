@@ -466,7 +466,8 @@ def _pow2(n: int) -> int:
 
 
 def _block_size(chunk_size: int) -> int:
-    """The chunk length the kernels tile with: ``chunk_size`` rounded up to a power of two, within [16, 64] (the result does not depend on it; ``tl.dot`` needs tiles of at least 16).
+    """The chunk length the kernels tile with: ``chunk_size`` rounded up to a power of two, within [16, 64]
+    (the result does not depend on it; ``tl.dot`` needs tiles of at least 16).
     Not 128: its [128, 128] score tiles spill hundreds of bytes per thread on sm_80/sm_89, and fp32 dq/dk
     then fits no config in an sm_89's shared memory (``python -m retnet.kernels.aot --chunk-sizes 128``)."""
     return min(64, max(16, _pow2(chunk_size)))
