@@ -122,7 +122,8 @@ class ModelConfig(_Section):
         known = set(RetNetConfig().to_dict())
         for key in self.extra:
             if key not in known:
-                raise ConfigError(f"unknown config key model.extra.{key}: not a RetNetConfig field")
+                raise ConfigError(f"unknown config key model.extra.{key}: not a RetNetConfig field"
+                                  f"{_did_you_mean(key, sorted(known), 'model.extra.{}')}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "chunk_size"):
             value = getattr(self, name)
@@ -780,9 +781,18 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
         if name not in saved.get(section, {}):
             continue
         old, new = saved[section][name], now[section][name]
+        if key in ("data.dataset", "data.tokenizer"):
+            old, new = _path_spelling(old), _path_spelling(new)
         if old != new:
-            changes.append(f"{key}: checkpoint {old!r}, now {new!r}")
+            changes.append(f"{key}: checkpoint {saved[section][name]!r}, now {now[section][name]!r}")
     return changes + _mixture_changes(saved.get("data", {}), current.data)
+
+
+def _path_spelling(value: Any) -> Any:
+    """A path setting as the files it names: './corpus/', 'corpus' and 'corpus//' are one directory (lexically,
+    as written: a relative path means the same files only from the same directory, which the blocks' digest
+    checks). Hub ids ('owner/name') and 'stdlib' are their own normal form."""
+    return os.path.normpath(value) if isinstance(value, str) and value else value
 
 
 def _mixture_changes(saved: dict[str, Any], current: DataConfig) -> list[str]:
@@ -1014,6 +1024,11 @@ def _field_hint(section: str, key: str) -> str:
     elsewhere = sorted(name for name in _field_names() if name.split(".", 1)[1] == key)
     if elsewhere:
         return f" (did you mean {' or '.join(map(repr, elsewhere))}?)"
+    if section == "model":  # [model] sets a few RetNetConfig fields itself; model.extra takes any other
+        from retnet.model import RetNetConfig
+
+        if key in RetNetConfig().to_dict() and key not in ("eos_token_id", "pad_token_id"):  # the tokenizer's
+            return f" (did you mean 'model.extra.{key}'? [model] sets the other RetNetConfig fields through extra)"
     return _did_you_mean(key, sorted(_section_types(_section_types(JobConfig)[section])), f"{section}.{{}}")
 
 

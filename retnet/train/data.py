@@ -247,6 +247,7 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     # invalid UTF-8 becomes U+FFFD, as in the stdlib corpus, not an error that names no file; a byte order mark
     # (Windows editors write one) is no text of the document, as JSON and CSV readers drop it from their rows
     options = {"sample_by": "document", "encoding": "utf-8-sig", "encoding_errors": "replace"} if kind == "text" else {}
+    files = _files_with_rows(cfg.dataset, files, kind, cfg.text_field if cfg.format == "text" else None)
     if cfg.format == "text" and kind in ("json", "parquet"):
         _check_later_files(files[1:], kind, cfg.text_field)
     with _reading(cfg.dataset, *_field(cfg)):
@@ -254,6 +255,43 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
             options = _csv_options(files, cfg.text_field)
         return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=streaming,
                                      cache_dir=str(cache_dir / "hf"), **options)
+
+
+def _files_with_rows(dataset: str, files: list[Path], kind: str, text_field: str | None = None) -> list[Path]:
+    """``files`` without the Parquet or CSV files that hold nothing to read, which datasets does not skip as it
+    skips an empty JSON file: it fails the whole set on one. A Parquet file is read in batches of its first row
+    group's rows, 0 in the empty partition that pyarrow (pandas too) writes ("BatchSize must be greater than 0");
+    an empty CSV file has no header for pandas ("No columns to parse from file"). With ``text_field`` (text data),
+    also a Parquet file whose column is of type null (pandas writes an all-None column so): its rows would be
+    dropped as empty documents, but as the first file it types the column null and every later file's text fails
+    to cast to it. A file that cannot be read at all stays: datasets' read names what is wrong with it."""
+    if kind not in ("parquet", "csv"):
+        return files
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def empty(path: Path) -> bool:
+        try:
+            if kind == "parquet":
+                metadata = pq.read_metadata(path)
+                schema = metadata.schema.to_arrow_schema()
+                index = schema.get_field_index(text_field) if text_field else -1
+                return metadata.num_rows == 0 or (index >= 0 and pa.types.is_null(schema.field(index).type))
+            pd.read_csv(path, nrows=0)
+        except pd.errors.EmptyDataError:
+            return True
+        except (OSError, ValueError, pa.ArrowException):
+            pass
+        return False
+
+    kept = [path for path in files if not empty(path)]
+    if not kept:
+        name = {"parquet": "Parquet", "csv": "CSV"}[kind]
+        held = f"its {len(files)} {name} files hold" if len(files) > 1 else f"its {name} file holds"
+        nulls = f" (or only nulls in data.text_field {text_field!r})" if text_field and kind == "parquet" else ""
+        raise ConfigError(f"data.dataset {dataset!r}: {held} no rows{nulls}")
+    return kept
 
 
 def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
