@@ -409,9 +409,10 @@ def _install_error_handlers(app: FastAPI, require_api_key) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        code = None
         if exc.status_code == 400 and "parsing the body" in message:
-            message = "the request body could not be read as UTF-8 JSON"
-        return _error(exc.status_code, message, None, None, headers=getattr(exc, "headers", None))
+            message, code = _unreadable_body(exc.__cause__), "invalid_json"
+        return _error(exc.status_code, message, None, code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):  # a bug: say so without leaking internals
@@ -420,6 +421,16 @@ def _install_error_handlers(app: FastAPI, require_api_key) -> None:
             return _error(499, "client closed the request", None, "client_closed")
         logger.exception("unhandled error")
         return _error(500, f"internal error ({type(exc).__name__})", None, "internal_error", "server_error")
+
+
+def _unreadable_body(cause: BaseException | None) -> str:
+    """Why json.loads could not read a body FastAPI passed on as "an error parsing the body": the client fixes
+    the encoding or the number, not JSON it already sends correctly (nesting is BodyLimitMiddleware's)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, ValueError):  # Python's limit on an integer's digits (int_max_str_digits)
+        return f"the request body's JSON could not be read: {str(cause).split(';')[0]}"
+    return "the request body could not be read as UTF-8 JSON"
 
 
 def _is_union_member(part) -> bool:
@@ -483,8 +494,8 @@ def _describe_validation(errors, prompt_field: str = "prompt") -> tuple[str, str
 # Middleware (pure ASGI: they must not buffer streaming responses)
 # ----------------------------------------------------------------------------------------------------------
 class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413 before the app sees them (the body is read here, at most
-    ``max_bytes + 1`` bytes of it, and replayed to the app)."""
+    """Refuse bodies over ``max_bytes`` with 413, and JSON nested deeper than ``MAX_JSON_DEPTH`` with 400, before the
+    app sees them (the body is read here, at most ``max_bytes + 1`` bytes of it, and replayed to the app)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -507,6 +518,10 @@ class BodyLimitMiddleware:
             if not message.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
+        if json_nested_deeper_than(body, MAX_JSON_DEPTH):
+            response = _error(400, f"the request body's JSON is nested deeper than {MAX_JSON_DEPTH} levels", None,
+                              "invalid_json")
+            return await response(scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -520,6 +535,29 @@ class BodyLimitMiddleware:
     async def _too_large(self, scope, receive, send):
         response = _error(413, f"the request body is larger than {self.max_bytes} bytes", None, "body_too_large")
         await response(scope, receive, send)
+
+
+# Far beyond any real request (OpenAI's structured outputs allow 10 levels of schema nesting), and far below
+# where the recursive code a body reaches (pydantic's validators, a chat template, the Responses store's
+# deepcopy) runs out of Python's stack: a RecursionError there was a 500, or no answer, after the model had run.
+MAX_JSON_DEPTH = 128
+# A string left open runs to the end (as does one ending in a lone backslash), so every match succeeds on its first,
+# greedy try: a body of unclosed strings is scanned once, in linear time (a match that could fail would backtrack,
+# and each of its quotes rescan the rest of the body). No possessive quantifiers: Python 3.10 has none.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_A_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def json_nested_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether ``body``'s arrays and objects nest deeper than ``limit`` (brackets inside strings not counted)."""
+    if body.count(b"{") + body.count(b"[") <= limit:  # the common case, without a scan
+        return False
+    depth = 0
+    for byte in _NOT_A_BRACKET.sub(b"", _JSON_STRING.sub(b"", body)):
+        depth += 1 if byte in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
 
 
 def _route(path: str) -> str:

@@ -62,12 +62,19 @@ class BatchSummary:
 def parse_lines(text_lines: list[str], urls: set[str]) -> list[BatchLine]:
     """Read each non-blank line into a :class:`BatchLine`; a line that cannot run gets its ``error`` (400 naming
     the field) and the others are unaffected. ``urls``: the POST routes the app answers."""
+    from retnet.serve.app import MAX_JSON_DEPTH, json_nested_deeper_than
+
     parsed, seen = [], set()
     for number, text in enumerate(text_lines, start=1):
         if not text.strip():
             continue
         entry = BatchLine(number)
         parsed.append(entry)
+        # Before json.loads, whose RecursionError would end the whole batch: the server's own refusal, per line.
+        if json_nested_deeper_than(text.encode(errors="surrogatepass"), MAX_JSON_DEPTH):
+            entry.error = APIError(400, f"line {number}: its JSON is nested deeper than {MAX_JSON_DEPTH} levels",
+                                   None, "invalid_json")
+            continue
         try:
             item = json.loads(text)
         except ValueError as exc:

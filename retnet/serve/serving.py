@@ -101,7 +101,8 @@ class OpenAIServing:
         return self._card(self.engine.adapters.get(self._check_model(model_id)))
 
     def _is_base(self, model: str | None) -> bool:
-        return model is None or model in (self.model_name, *self.settings.model_paths)
+        # "" too: unconfigured clients send it, and vLLM serves it as the base model (_is_model_supported).
+        return not model or model in (self.model_name, *self.settings.model_paths)
 
     def _check_model(self, model: str | None) -> str:
         """A request's ``model``: the served name or the model's path (None: the one served), or a LoRA adapter's
