@@ -348,14 +348,20 @@ def _chunk_state_bwd_kernel(
         b_q = _load_tile(q + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
         b_do = _load_tile(do + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
         length = tl.minimum(n_rows, BT)
-        # o_i read the state before the chunk through scale · γ^(i+1) q_i. Only γ^i (≤ 1, and 1 on the first row) weighs
-        # q before its rounding to q's dtype; scale · γ multiplies the fp32 product. Folded into an fp16 q, a scale
-        # above 1 could take it past 65504 (inf: NaN gradients), and a γ under fp16's normal range every row of it
-        # to a subnormal or 0 (the initial state's gradient of a fast-decaying head lost).
-        w_start = tl.where(o_t < length, tl.exp2(o_t.to(tl.float32) * log2_decay), 0.0)
-        b_qw = (b_q * w_start[:, None]).to(b_q.dtype)
+        # o_i read the state before the chunk through scale · γ^(i+1) q_i. fp16 weighs q by γ^i only (≤ 1, and 1 on
+        # the first row) before its rounding, and scale · γ multiplies the fp32 product: folded into an fp16 q, a
+        # scale above 1 could take it past 65504 (inf: NaN gradients), and a γ under fp16's normal range every row
+        # of it to a subnormal or 0 (the initial state's gradient of a fast-decaying head lost). bf16 and fp32 have
+        # fp32's range, where the unweighted product is the one that could overflow: the weights stay folded in.
         b_dh = b_dh * tl.exp2(length.to(tl.float32) * log2_decay)
-        b_dh += tl.dot(tl.trans(b_qw), b_do.to(b_qw.dtype), input_precision=DOT_PRECISION) * (scale * first_decay)
+        if b_q.dtype == tl.float16:
+            w_start = tl.where(o_t < length, tl.exp2(o_t.to(tl.float32) * log2_decay), 0.0)
+            b_qw = (b_q * w_start[:, None]).to(b_q.dtype)
+            b_dh += tl.dot(tl.trans(b_qw), b_do.to(b_qw.dtype), input_precision=DOT_PRECISION) * (scale * first_decay)
+        else:
+            w_start = tl.where(o_t < length, scale * tl.exp2((o_t + 1).to(tl.float32) * log2_decay), 0.0)
+            b_qw = (b_q * w_start[:, None]).to(b_q.dtype)
+            b_dh += tl.dot(tl.trans(b_qw), b_do.to(b_qw.dtype), input_precision=DOT_PRECISION)
     if STORE_DH0:
         p_dh0, m_h = _state_tile_ptrs(dh0 + tl.cast(i_nh, tl.int64) * K * V, i_k, i_v, K, V, BK, BV)
         tl.store(p_dh0, b_dh, mask=m_h)

@@ -200,13 +200,15 @@ def generalized_smelu(x: torch.Tensor, alpha: float = 2.0, beta: float = 2.0, g_
     if alpha + beta < floor:
         shift = 0.5 * (floor - (alpha + beta))
         alpha, beta = alpha + shift, beta + shift
-    a = (g_plus - g_minus) / (2.0 * (alpha + beta))
-    value_at_beta = g_minus * beta + t + 0.5 * (g_plus - g_minus) * (alpha + beta)
+    width = alpha + beta
+    value_at_beta = g_minus * beta + t + 0.5 * (g_plus - g_minus) * width
     # Left of −α the clamp pins u at −α and the quadratic term vanishes, leaving g₋·x + t; in between it is
-    # g₋·x + t + a(x+α)², i.e. a·x² + b·x + c expanded around −α (no cancellation near −α).
+    # g₋·x + t + a(x+α)² with a = (g₊−g₋)/(2w), i.e. a·x² + b·x + c expanded around −α (no cancellation near −α).
+    # Written (g₊−g₋)/2 · w · s² with s = (u+α)/w in [0, 1]: (u+α)² overflows float32 once the width passes
+    # ~1.8e19, and 1/(2w) flushes to 0 near 1e38, where f and its gradients are finite.
     u = torch.clamp(xf, min=-alpha, max=beta)
-    # a·(u+α) first: (u+α)² alone overflows float32 once the width passes ~1.8e19, where f itself is finite.
-    middle = g_minus * xf + t + a * (u + alpha) * (u + alpha)
+    position = (u + alpha) / width
+    middle = g_minus * xf + t + 0.5 * (g_plus - g_minus) * width * position * position
     right = value_at_beta + g_plus * (xf - beta)
     return torch.where(xf > beta, right, middle).to(x.dtype)
 
@@ -221,12 +223,12 @@ def _gsmelu_trainable_impl(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Ten
     alpha, beta = alpha + shift, beta + shift
     # Divide by the floored width itself, not by the shifted α + β: with |α| ≫ w_min the shift can round
     # away in α + β, which would bring back the division by ~0 the floor exists to prevent.
-    a = (g_plus - g_minus) / (2.0 * floored)
     value_at_beta = g_minus * beta + t + 0.5 * (g_plus - g_minus) * floored
     # Same expressions as generalized_smelu. At x = β exactly, clamp gives u's gradient to x, not to β:
     # that is the one-sided derivative that makes ∂f/∂β continuous there (the right piece's −(g₊−g₋)/2).
     u = torch.clamp(x, min=-alpha, max=beta)
-    middle = g_minus * x + t + a * (u + alpha) * (u + alpha)  # (no (u+α)²: see generalized_smelu)
+    position = (u + alpha) / floored  # (no a(u+α)²: see generalized_smelu)
+    middle = g_minus * x + t + 0.5 * (g_plus - g_minus) * floored * position * position
     right = value_at_beta + g_plus * (x - beta)
     return torch.where(x > beta, right, middle)
 
@@ -240,9 +242,10 @@ def smelu(x: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
     # SmeLU moves by at most β/4 (< 3e-39 in float32) and stays finite with finite gradients.
     beta = max(beta, torch.finfo(dtype).tiny)
     xf = x.to(dtype)
-    shifted = torch.clamp(xf, min=-beta, max=beta) + beta  # 0 left of −β
-    # Divided before it is squared: (x+β)² overflows float32 from β ≈ 1.8e19, where SmeLU (≤ β) does not.
-    quadratic = shifted / (4.0 * beta) * shifted
+    # (x+β)²/(4β) as β·s² with s = (x/β + 1)/2 in [0, 1]: (x+β)² overflows float32 from β ≈ 1.8e19, and 4β
+    # from β ≈ 8.5e37, where SmeLU (≤ β) and its gradient s are finite. 0 left of −β.
+    position = 0.5 * (torch.clamp(xf, min=-beta, max=beta) / beta + 1.0)
+    quadratic = beta * position * position
     return torch.where(xf >= beta, xf, quadratic).to(x.dtype)
 
 

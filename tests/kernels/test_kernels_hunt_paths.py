@@ -89,3 +89,26 @@ def test_fp16_initial_state_gradient_of_a_fast_decaying_head(kt, log_decay):
     largest = want.abs().max()
     assert largest > 0
     assert (got - want).abs().max() <= 1e-2 * largest, f"dh0 off by {((got - want).abs().max() / largest).item():.2g}"
+
+
+@pytest.mark.parametrize("log_decay", [-60.0, float("-inf")], ids=["gamma-9e-27", "gamma-0"])
+def test_fp32_initial_state_gradient_where_the_unweighted_product_overflows(kt, log_decay):
+    """The fp16 fix above must not move fp32 (or bf16, of fp32's range) onto the unweighted qᵀ do: with q and do
+    near 1e20 that product overflows fp32, and scale · γ applied after it gave inf (or inf · 0 = NaN for γ = 0)
+    where the reference's weighted product is finite. Only fp16 takes the weights after its dot."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 16, 1, 16)
+    q, upstream = (1e20 * torch.randn(shape, generator=gen) for _ in range(2))
+    k, v = 1e-30 * torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    q, k, v, upstream = (x.to(DEVICE) for x in (q, k, v, upstream))
+    h0 = torch.randn(1, 1, 16, 16, generator=gen).to(DEVICE)
+    grads = []
+    for fn in (chunk.chunk_retention, naive.chunk_retention):
+        leaf = h0.clone().requires_grad_()
+        o, _ = fn(q, k, v, torch.tensor([log_decay], device=DEVICE), 0.25, leaf, False, 16)
+        (o * upstream).sum().backward()
+        grads.append(leaf.grad)
+    got, want = grads
+    assert want.isfinite().all()
+    assert got.isfinite().all(), "the initial state's gradient overflowed"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)

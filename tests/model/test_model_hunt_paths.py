@@ -12,7 +12,7 @@ from retnet.model.activations import GeneralizedSmeLU, SmeLU, generalized_smelu,
 # -- SmeLU / generalized SmeLU with a wide quadratic region ------------------------------------------------
 
 
-@pytest.mark.parametrize("width", [2.0**66, 2.0**100, 2.0**123])  # (exact in float32)
+@pytest.mark.parametrize("width", [2.0**66, 2.0**100, 2.0**123, 2.0**126])  # (exact in float32; 4·2^126 is not)
 def test_smelu_and_gsmelu_with_a_huge_width_stay_finite(width):
     # Accepted (finite, > 0), but squaring (x + β) before dividing by 4β overflows float32 from β ≈ 1.8e19:
     # the quadratic region was inf although SmeLU there is at most β.
@@ -31,6 +31,11 @@ def test_smelu_and_gsmelu_with_a_huge_width_stay_finite(width):
         torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0, msg=name)
         torch.testing.assert_close(grad.double(), (x.detach().double() + width) / (2 * width), rtol=1e-6,
                                    atol=1e-7, msg=name)
+    # A trainable width's own gradients: ∂f/∂a of a·(u+α)² overflowed where f did not, writing inf into α and β.
+    trainable = GeneralizedSmeLU(width, width, trainable=True)
+    trainable(x.detach()).sum().backward()
+    for name, parameter in trainable.named_parameters():
+        assert torch.isfinite(parameter.grad).all(), (name, parameter.grad)
     # Asymmetric: the value is f(β) = g₋·β + t + (g₊ − g₋)(α + β)/2 at β and the right slope beyond.
     alpha, beta, g_minus, g_plus, t = 3 * 2.0**80, 2.0**80, -0.5, 2.0, 7.0
     at = torch.tensor([beta, 2 * beta], dtype=torch.float32)
