@@ -368,14 +368,19 @@ def _log_defaults(settings: ServeSettings, serving: OpenAIServing, defaults: dic
         logger.info("chat template: --chat-template's, instead of the tokenizer's")
 
 
+def _is_json_media(content_type: str | None) -> bool:
+    """Whether a request's Content-Type sends JSON (none at all is read as JSON)."""
+    if content_type is None:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def require_json(request: Request) -> None:
     """A body sent as another type (``curl -d`` alone sends a form) is 415 naming the header, not a
     "must be a JSON object" error about a body that is one."""
     content_type = request.headers.get("content-type")
-    if content_type is None:
-        return
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+    if not _is_json_media(content_type):
         raise APIError(415, f"the request body must be JSON sent with `Content-Type: application/json`; got "
                        f"Content-Type {content_type!r}", "content-type", "unsupported_media_type")
 
@@ -518,7 +523,10 @@ class BodyLimitMiddleware:
             if not message.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
-        if json_nested_deeper_than(body, MAX_JSON_DEPTH):
+        content_type = dict(scope.get("headers") or []).get(b"content-type")
+        # Only what the routes read as JSON: another type is their 415 (a form's text may hold any brackets)
+        if _is_json_media(None if content_type is None else content_type.decode("latin-1")) \
+                and json_nested_deeper_than(body, MAX_JSON_DEPTH):
             response = _error(400, f"the request body's JSON is nested deeper than {MAX_JSON_DEPTH} levels", None,
                               "invalid_json")
             return await response(scope, receive, send)
@@ -550,8 +558,16 @@ _NOT_A_BRACKET = re.compile(rb"[^\[\]{}]+")
 
 def json_nested_deeper_than(body: bytes, limit: int) -> bool:
     """Whether ``body``'s arrays and objects nest deeper than ``limit`` (brackets inside strings not counted)."""
-    if body.count(b"{") + body.count(b"[") <= limit:  # the common case, without a scan
-        return False
+    if body.count(b"{") + body.count(b"[") <= limit:  # the common case, without a scan (any encoding: a bracket
+        return False  # is one of its bytes in UTF-16/32 too)
+    encoding = json.detect_encoding(body)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        # json.loads reads UTF-16 and UTF-32 bodies too, where an escaped quote is no longer two adjacent bytes:
+        # scanned as UTF-8 the strings would end early, letting deep JSON through and refusing shallow JSON.
+        try:
+            body = body.decode(encoding).encode()
+        except UnicodeDecodeError:
+            return False  # json.loads refuses it, naming the encoding
     depth = 0
     for byte in _NOT_A_BRACKET.sub(b"", _JSON_STRING.sub(b"", body)):
         depth += 1 if byte in b"[{" else -1

@@ -71,7 +71,8 @@ def parse_lines(text_lines: list[str], urls: set[str]) -> list[BatchLine]:
         entry = BatchLine(number)
         parsed.append(entry)
         # Before json.loads, whose RecursionError would end the whole batch: the server's own refusal, per line.
-        if json_nested_deeper_than(text.encode(errors="surrogatepass"), MAX_JSON_DEPTH):
+        # (one level more than the server's: the line's object holds the request's body)
+        if json_nested_deeper_than(text.encode(errors="surrogatepass"), MAX_JSON_DEPTH + 1):
             entry.error = APIError(400, f"line {number}: its JSON is nested deeper than {MAX_JSON_DEPTH} levels",
                                    None, "invalid_json")
             continue

@@ -262,30 +262,37 @@ def _files_with_rows(dataset: str, files: list[Path], kind: str, text_field: str
     skips an empty JSON file: it fails the whole set on one. A Parquet file is read in batches of its first row
     group's rows, 0 in the empty partition that pyarrow (pandas too) writes ("BatchSize must be greater than 0");
     an empty CSV file has no header for pandas ("No columns to parse from file"). With ``text_field`` (text data),
-    also a Parquet file whose column is of type null (pandas writes an all-None column so): its rows would be
-    dropped as empty documents, but as the first file it types the column null and every later file's text fails
-    to cast to it. A file that cannot be read at all stays: datasets' read names what is wrong with it."""
+    also the leading Parquet files whose column is of type null (pandas writes an all-None column so): the first
+    file types the column, and every later file's text fails to cast to null. A later null file is cast to text
+    (its rows dropped as empty documents) and stays, so that a stream's saved position, which counts files and
+    their batches, means what it meant. A file that cannot be read at all stays: datasets' read names what is wrong
+    with it."""
     if kind not in ("parquet", "csv"):
         return files
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def empty(path: Path) -> bool:
+    def rows_and_null_text(path: Path) -> tuple[bool, bool]:
         try:
             if kind == "parquet":
                 metadata = pq.read_metadata(path)
                 schema = metadata.schema.to_arrow_schema()
                 index = schema.get_field_index(text_field) if text_field else -1
-                return metadata.num_rows == 0 or (index >= 0 and pa.types.is_null(schema.field(index).type))
+                return metadata.num_rows > 0, index >= 0 and pa.types.is_null(schema.field(index).type)
             pd.read_csv(path, nrows=0)
         except pd.errors.EmptyDataError:
-            return True
+            return False, False
         except (OSError, ValueError, pa.ArrowException):
             pass
-        return False
+        return True, False
 
-    kept = [path for path in files if not empty(path)]
+    kept, typed = [], False
+    for path in files:
+        has_rows, null_text = rows_and_null_text(path)
+        if has_rows and (typed or not null_text):
+            kept.append(path)
+            typed = True
     if not kept:
         name = {"parquet": "Parquet", "csv": "CSV"}[kind]
         held = f"its {len(files)} {name} files hold" if len(files) > 1 else f"its {name} file holds"

@@ -132,6 +132,20 @@ def test_a_first_parquet_file_whose_text_is_all_null_is_skipped(tokenizer_dir, t
     assert meta["documents"] == [18, 2]
 
 
+def test_a_later_parquet_file_whose_text_is_all_null_stays_in_the_set(tmp_path):
+    """Only null files ahead of the first typed one are skipped: a later one datasets casts to text, and a stream's
+    saved position counts files and their batches, so dropping it would resume a checkpoint written before on other
+    blocks, silently."""
+    import pandas as pd
+
+    from retnet.train.data import _files_with_rows
+
+    paths = [tmp_path / f"{name}.parquet" for name in "abcd"]
+    for path, texts in zip(paths, ([None], ["x"], [None], ["y"]), strict=True):
+        pd.DataFrame({"text": texts}).to_parquet(path)
+    assert _files_with_rows("corpus", paths, "parquet", "text") == paths[1:]
+
+
 def pa_type(path) -> str:
     import pyarrow.parquet as pq
 
