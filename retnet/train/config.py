@@ -820,7 +820,7 @@ def _mixture_changes(saved: dict[str, Any], current: DataConfig) -> list[str]:
             if name == "weight" and was[1] != value[1]:  # the shares: 1 and 2 is 2 and 4
                 changes.append(f"data.mixture.{label}.weight: checkpoint {was[0]!r} ({float(was[1]):.1%}), "
                                f"now {value[0]!r} ({float(value[1]):.1%})")
-            elif name != "weight" and was != value:
+            elif name != "weight" and (was != value if name != "dataset" else _path_spelling(was) != _path_spelling(value)):
                 changes.append(f"data.mixture.{label}.{name}: checkpoint {was!r}, now {value!r}")
     return changes
 

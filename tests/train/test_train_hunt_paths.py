@@ -150,3 +150,15 @@ def pa_type(path) -> str:
     import pyarrow.parquet as pq
 
     return str(pq.read_schema(path).field("text").type)
+
+
+def test_a_mixture_source_path_spelt_otherwise_is_the_same_source(tmp_path):
+    """The mixture's sources are compared as data.dataset is: as paths, not as text."""
+    from retnet.train.config import _mixture_changes
+
+    (tmp_path / "web").mkdir()
+    saved = DataConfig(mixture={"web": {"dataset": str(tmp_path / "web"), "weight": 1}}).to_dict()
+    spelt = DataConfig(mixture={"web": {"dataset": f"{tmp_path}/./web/", "weight": 1}})
+    assert _mixture_changes(saved, spelt) == []
+    other = DataConfig(mixture={"web": {"dataset": str(tmp_path / "news"), "weight": 1}})
+    assert [change.split(":")[0] for change in _mixture_changes(saved, other)] == ["data.mixture.web.dataset"]
