@@ -247,18 +247,18 @@ def unscored_warning(per_source: torch.Tensor, rows: np.ndarray, names: list[str
 
 def advantages(rewards: torch.Tensor, generations: int, scale: str,
                batch_std: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(advantages, the std each was scaled by, whether that std is 0) of ``[n]`` rewards in groups of
+    """(advantages, the std each was scaled by, whether its group's std is 0) of ``[n]`` rewards in groups of
     ``generations`` consecutive ones, TRL's formula; ``batch_std``: the global batch's (``scale`` ``"batch"``,
     :func:`batch_std`). Computed in float64, returned in float32: a float32 mean of equal rewards can round off
     them, and that rounding divided by a zero std + 1e-4 would be an advantage where there is no signal; in
     float64 the mean of equal float32 rewards is exactly their value."""
     grouped = rewards.double().view(-1, generations)
     mean = grouped.mean(dim=1).repeat_interleave(generations)
-    if scale == "batch":
-        std = torch.full_like(mean, batch_std)
-    else:
-        std = grouped.std(dim=1).repeat_interleave(generations)  # torch's std is never below 0
-    zero = torch.isclose(std, torch.zeros_like(std))
+    group_std = grouped.std(dim=1).repeat_interleave(generations)  # torch's std is never below 0
+    std = torch.full_like(mean, batch_std) if scale == "batch" else group_std
+    # By the group's std under every scaling (TRL takes the batch's under "batch", which says only whether the whole
+    # batch is flat): a group of equal rewards has no signal however the advantages are scaled.
+    zero = torch.isclose(group_std, torch.zeros_like(group_std))
     out = rewards.double() - mean
     return (out if scale == "none" else out / (std + EPSILON)).float(), std.float(), zero
 
