@@ -144,6 +144,9 @@ class EmbeddingRequest(EncodingFields):
 
     use_activation: bool | None = None
     normalize: bool | None = None
+    # vLLM's chat-form embedding (its EmbeddingChatRequest), not served: declared so that it is refused by name, not
+    # dropped as an unknown field (beside an input, the input's embedding would answer for the conversation).
+    messages: Any = None
 
 
 class ListResponse(BaseModel):
@@ -248,7 +251,7 @@ class ClassifyServing(OpenAIServing):
         """The rows ``[N, pooler.width]`` of the request's inputs (score rows, embeddings), and its usage."""
         self._check_model(request.model)
         priority = self.checked_priority(request)  # before tokenizing: a refused request costs nothing
-        messages = getattr(request, "messages", None)  # /v1/embeddings' body has none: its input alone
+        messages = getattr(request, "messages", None)  # /v1/embeddings refuses its own (EmbedServing.embeddings)
         if request.input is not None and messages is not None:
             raise APIError(400, "send input (texts or token ids) or messages (one conversation), not both", "messages")
         if request.input is None and messages is None:
@@ -371,6 +374,9 @@ class EmbedServing(ClassifyServing):
     async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
         """OpenAI's ``/v1/embeddings``: one embedding per input (``--pooler-config``'s pooling; its normalization
         unless the request's ``use_activation`` says otherwise)."""
+        if request.messages is not None:
+            raise APIError(400, "messages: an embedding server embeds input (texts or token ids) only; vLLM's chat-form "
+                           "embedding of a conversation is not served", "messages", "unsupported_parameter")
         rows, usage = await self._embedded(request)
         data = [EmbeddingData(index=i, embedding=v) for i, v in enumerate(_encoded(rows, request))]
         return EmbeddingResponse(model=self.model_name, data=data,

@@ -223,12 +223,36 @@ def _structured_outputs(value: Any) -> str:
     if key == "json_object":
         return _json(param, {"type": "object"})
     if key == "json":
-        return _json(param, value[key])
+        schema = value[key]
+        if value.get("disable_additional_properties"):
+            schema = _closed(_schema(param, schema))
+        return _json(param, schema)
     if key == "regex":
         return _regex(param, value[key])
     if key == "choice":
         return _choice(param, value[key])
     return _lark(param, value[key])
+
+
+# Keywords whose value maps names to subschemas: their keys are names, not keywords, so a property named
+# "properties" is no object to close. And those whose value is JSON data, not a schema, kept as they are.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+
+
+def _closed(node: Any) -> Any:
+    """vLLM's ``disable_additional_properties``: the schema with ``additionalProperties: false`` on every object
+    that lists its properties and does not say otherwise (vLLM's guidance backend does the same)."""
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: value if key in _DATA_KEYWORDS
+           else {name: _closed(sub) for name, sub in value.items()} if key in _SCHEMA_MAPS and isinstance(value, dict)
+           else _closed(value) for key, value in node.items()}
+    if "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
+        out["additionalProperties"] = False
+    return out
 
 
 def _text(param: str, value: Any) -> str:
@@ -280,9 +304,16 @@ def _schema(param: str, schema: Any) -> dict:
 NO_PARAMETERS = {"type": "object"}
 
 
+def _parameters(param: str, parameters: Any) -> dict:
+    """A tool's ``parameters`` as the schema of its arguments. Empty (``{}``) is left out, as vLLM reads it: as a
+    schema it admits any JSON (``[]``, ``0``), and a call's arguments are an object."""
+    schema = NO_PARAMETERS if parameters is None else _schema(param, parameters)
+    return schema or NO_PARAMETERS
+
+
 def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, parallel: bool = True) -> tuple[str, str]:
     """(llguidance grammar, the field it came from) of tool calls to ``functions`` (each tool's name and
-    ``parameters``, in the request's order; None: ``NO_PARAMETERS``).
+    ``parameters``, in the request's order; None or empty: ``NO_PARAMETERS``).
 
     ``named``: one call to that function, the text its arguments (its parameters' schema). None
     (``tool_choice: "required"``): vLLM's format, a JSON array of at least one ``{"name": ..., "parameters":
@@ -296,11 +327,11 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
     if named is not None:
         index = [name for name, _ in functions].index(named)
         param = f"tools[{index}].function.parameters"
-        return _json(param, NO_PARAMETERS if functions[index][1] is None else functions[index][1]), param
+        return _json(param, _parameters(param, functions[index][1])), param
     calls, defs = [], {}
     for index, (name, parameters) in enumerate(functions):
         param = f"tools[{index}].function.parameters"
-        schema = dict(NO_PARAMETERS if parameters is None else _schema(param, parameters))
+        schema = dict(_parameters(param, parameters))
         error = LLMatcher.validate_grammar(_json(param, schema))
         if error:
             raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")

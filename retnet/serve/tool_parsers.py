@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any
 
 from retnet.serve.protocol import FunctionCall, ToolCall
 
@@ -117,18 +118,41 @@ class HermesToolParser:
 
     def _call(self, body: str) -> ToolCall | None:
         try:
-            value = json.loads(body)
+            value = loads_exact(body)
         except ValueError:
             return None
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str) or value["name"] not in self.tools:
+        # type, not isinstance: a number's text is a str too (loads_exact), and a name is a JSON string.
+        if not isinstance(value, dict) or type(value.get("name")) is not str or value["name"] not in self.tools:
             return None
         arguments = value["arguments"] if "arguments" in value else value.get("parameters")
         if not isinstance(arguments, dict):
             return None
         # As vLLM's arguments: the object's JSON as json.dumps writes it.
-        return ToolCall(function=FunctionCall(name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False)))
+        return ToolCall(function=FunctionCall(name=value["name"], arguments=dumps_exact(arguments)))
+
+
+class _Number(str):
+    """A JSON number's text as it was written."""
+
+
+def loads_exact(text: str) -> Any:
+    """JSON text with its numbers kept as written: as floats, ``1e999`` would be written back as ``Infinity``,
+    which is no JSON, and ``1.50`` as ``1.5``; as ints, one of over 4300 digits fails to parse."""
+    return json.loads(text, parse_float=_Number, parse_int=_Number)
+
+
+def dumps_exact(value: Any) -> str:
+    """``json.dumps(value, ensure_ascii=False)`` of :func:`loads_exact`'s values, each number as it was written."""
+    if isinstance(value, _Number):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(key, ensure_ascii=False)}: {dumps_exact(item)}"
+                               for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(dumps_exact(item) for item in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 TOOL_CALL_PARSERS = {"hermes": HermesToolParser}
 
-__all__ = ["TOOL_CALL_PARSERS", "HermesToolParser"]
+__all__ = ["TOOL_CALL_PARSERS", "HermesToolParser", "dumps_exact", "loads_exact"]

@@ -23,7 +23,7 @@ from retnet.serve.protocol import (
     ToolCall,
 )
 from retnet.serve.structured import tool_call_grammar
-from retnet.serve.tool_parsers import TOOL_CALL_PARSERS, HermesToolParser
+from retnet.serve.tool_parsers import TOOL_CALL_PARSERS, HermesToolParser, dumps_exact, loads_exact
 
 
 def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest,
@@ -49,17 +49,16 @@ def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest,
     elif choice not in ("none", "auto", "required"):
         raise APIError(400, f"tool_choice must be 'none', 'auto', 'required' or a named function; got {choice!r}",
                        "tool_choice")
-    if choice == "none" or (choice == "auto" and not tools):
-        return None
-    if choice == "auto" and parser is None:
+    if choice == "auto" and tools and parser is None:
         raise APIError(400, "tools: automatic tool calls (tool_choice 'auto', the default with tools) need a parser "
                        "of the model's own tool-call format, which this server was started without (the setting "
                        "tool_call_parser: --tool-call-parser hermes or RETNET_TOOL_CALL_PARSER=hermes, for a model "
                        "that writes <tool_call> calls); send tool_choice 'required' or a named function "
                        "({\"type\": \"function\", \"function\": {\"name\": ...}}) to have the output held to the "
                        "tools' schemas, or 'none' to have the tools ignored", "tools", "unsupported_parameter")
-    if not tools:
-        raise APIError(400, f"tool_choice: {json.dumps(choice)} needs tools to call; got none", "tool_choice")
+    # Checked whatever tool_choice: with "none" the tools still reach the chat template (vLLM's request model
+    # refuses a malformed tool whatever the choice; passed on, it was rendered as it came, and echoed by the
+    # Responses API).
     functions: list[tuple[str, Any]] = []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
@@ -71,10 +70,18 @@ def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest,
         if not isinstance(name, str) or not name:
             raise APIError(400, f"tools[{i}].function.name: a function tool needs a name", f"tools[{i}].function.name",
                            "missing")
-        if name in (known for known, _ in functions):
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, (dict, str)):  # a str: a schema's JSON text
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object; got "
+                           f"{json.dumps(parameters)[:80]}", f"tools[{i}].function.parameters", "invalid_grammar")
+        if choice != "none" and name in (known for known, _ in functions):
             raise APIError(400, f"tools[{i}].function.name: {name!r} names an earlier tool too",
                            f"tools[{i}].function.name")
-        functions.append((name, function.get("parameters")))
+        functions.append((name, parameters))
+    if choice == "none" or (choice == "auto" and not tools):
+        return None
+    if not tools:
+        raise APIError(400, f"tool_choice: {json.dumps(choice)} needs tools to call; got none", "tool_choice")
     if named is not None and named not in (name for name, _ in functions):
         raise APIError(400, f"tool_choice: the function {named!r} is not among tools ("
                        f"{', '.join(name for name, _ in functions)})", "tool_choice")
@@ -107,18 +114,16 @@ class ToolCalling:
     def calls(self, text: str) -> list[ToolCall] | None:
         """The calls a choice's text holds, or None when it is no whole JSON of them (a stop string cut it)."""
         try:
-            value = json.loads(text)
+            value = loads_exact(text)
         except ValueError:
             return None
         if self.named is not None:
             return [ToolCall(function=FunctionCall(name=self.named, arguments=text))]
-        if not isinstance(value, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+        if not isinstance(value, list) or not all(isinstance(c, dict) and type(c.get("name")) is str
                                                   and "parameters" in c for c in value):
             return None
         # vLLM's arguments for "required": the parameters' JSON as json.dumps writes it.
-        return [ToolCall(function=FunctionCall(name=c["name"], arguments=json.dumps(c["parameters"],
-                                                                                 ensure_ascii=False)))
-                for c in value]
+        return [ToolCall(function=FunctionCall(name=c["name"], arguments=dumps_exact(c["parameters"]))) for c in value]
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:
