@@ -105,7 +105,13 @@ def retnet_config_from_fla(fla: dict[str, Any], intermediate_size: int | None = 
     if intermediate_size is None:
         intermediate_size = get("intermediate_size")
     if intermediate_size is None:
-        refuse("intermediate_size", "is not set and the checkpoint holds no FFN weights to read it from")
+        # fla's GatedMLP derives it so (a missing FFN tensor is then refused by its name, not as this field)
+        ratio = get("hidden_ratio", 2)
+        if ratio is None:
+            ratio = 4
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+            refuse("hidden_ratio", "must be a positive number (intermediate_size is not set)")
+        intermediate_size = 256 * ((int(hidden * ratio * 2 / 3) + 255) // 256)
     dtype = get("dtype", get("torch_dtype"))
     try:
         return _retnet_config(fla, hidden, heads, key_dim, value_dim, intermediate_size, dtype)
@@ -146,6 +152,12 @@ def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, 
                              "from its config.json")
         return tensor
 
+    def need(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = take(name, shape)
+        if tensor is None:  # (None in the state dict failed later, as an AttributeError naming nothing)
+            raise ValueError(f"fla checkpoint has no {name}")
+        return tensor
+
     def norm_weight(name: str, size: int, optional: bool = False) -> torch.Tensor:
         weight = take(name, (size,))
         if weight is None and not optional:
@@ -169,17 +181,19 @@ def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, 
             raise ValueError(f"fla checkpoint has no {src}attn.q_proj.weight (config.json says "
                              f"num_hidden_layers={config.num_hidden_layers})")
         ours[dst + "retention_norm.weight"] = norm_weight(src + "attn_norm.weight", hidden)
-        ours[dst + "retention.q_proj.weight"] = take(src + "attn.q_proj.weight", (heads * k_dim, hidden))
+        ours[dst + "retention.q_proj.weight"] = need(src + "attn.q_proj.weight", (heads * k_dim, hidden))
         ours[dst + "retention.k_proj.weight"] = per_head(
-            take(src + "attn.k_proj.weight", (heads // groups * k_dim, hidden)), k_dim)
+            need(src + "attn.k_proj.weight", (heads // groups * k_dim, hidden)), k_dim)
         ours[dst + "retention.v_proj.weight"] = per_head(
-            take(src + "attn.v_proj.weight", (heads // groups * v_dim, hidden)), v_dim)
+            need(src + "attn.v_proj.weight", (heads // groups * v_dim, hidden)), v_dim)
         if config.use_output_gate:
-            ours[dst + "retention.g_proj.weight"] = take(src + "attn.g_proj.weight", (heads * v_dim, hidden))
-        ours[dst + "retention.o_proj.weight"] = take(src + "attn.o_proj.weight", (hidden, heads * v_dim))
+            ours[dst + "retention.g_proj.weight"] = need(src + "attn.g_proj.weight", (heads * v_dim, hidden))
+        ours[dst + "retention.o_proj.weight"] = need(src + "attn.o_proj.weight", (hidden, heads * v_dim))
         # Fused with the gate or not, fla's head norm is one [V] weight for all heads; without
-        # elementwise_affine it has none (a weight of ones).
-        fused = src + "attn.g_norm_swish_gate.weight" in remaining
+        # elementwise_affine it has none (a weight of ones). Neither there: the one fla's config makes is missing.
+        fused = (src + "attn.g_norm_swish_gate.weight" in remaining
+                 or (src + "attn.g_norm.weight" not in remaining and config.use_output_gate
+                     and bool(fla.get("fuse_norm", True))))
         head_norm = norm_weight(src + ("attn.g_norm_swish_gate.weight" if fused else "attn.g_norm.weight"),
                                 v_dim, optional=not fla.get("elementwise_affine", True))
         ours[dst + "retention.head_norm.weight"] = head_norm.repeat(heads)
@@ -224,18 +238,41 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
         index = directory / index_name
         if index.is_file():
             weights: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                weights.update(loader(str(directory / shard)))
+            weight_map = _read_json(index)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict):  # (a KeyError or AttributeError naming neither file nor field)
+                raise ValueError(f"{str(index)!r} has no weight_map of tensor names to shard files")
+            for shard in sorted(set(weight_map.values())):
+                weights.update(_read(loader, directory / shard))
             return weights
     if (directory / "model.safetensors").is_file():
-        return load_file(str(directory / "model.safetensors"))
+        return _read(load_file, directory / "model.safetensors")
     if (directory / "pytorch_model.bin").is_file():
-        return _load_bin(str(directory / "pytorch_model.bin"))
+        return _read(_load_bin, directory / "pytorch_model.bin")
     raise FileNotFoundError(f"{directory} holds no model.safetensors, pytorch_model.bin or a sharded index of them")
 
 
 def _load_bin(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read(loader, path: Path) -> dict[str, torch.Tensor]:
+    """``loader(path)``; a damaged or cut-short file refused naming it (safetensors' SafetensorError, torch.load's
+    UnpicklingError or RuntimeError are neither ValueError nor OSError: tracebacks out of the command)."""
+    try:
+        return loader(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # whatever the loader raises for a file it cannot read
+        raise ValueError(f"cannot read {str(path)!r} ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else 'damaged'})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:  # (a JSONDecodeError alone named no file)
+        raise ValueError(f"cannot read {str(path)!r} as JSON: {error}") from None
 
 
 def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
@@ -253,12 +290,15 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
         raise ValueError(f"destination {str(destination)!r} is the checkpoint being converted; give a directory "
                          "of its own (writing there would overwrite fla's config.json and weights)")
     _check_destination(dst, {path.name for path in _copied(src)})
-    fla = json.loads((src / "config.json").read_text())
-    if not is_fla_retnet_config(fla):
+    fla = _read_json(src / "config.json")
+    if not isinstance(fla, dict) or not is_fla_retnet_config(fla):
         raise ValueError(f"{src / 'config.json'} is not a flash-linear-attention RetNet config (no expand_k, "
                          "attn_mode or num_heads); a retnet-stack checkpoint needs no conversion")
     weights = load_weights(src)
     down = weights.get("model.layers.0.mlp.down_proj.weight")
+    if down is not None and down.dim() != 2:  # (its second dimension is the FFN's width, read here)
+        raise ValueError(f"fla checkpoint tensor model.layers.0.mlp.down_proj.weight has shape {tuple(down.shape)}, "
+                         "expected (hidden_size, intermediate_size)")
     config = retnet_config_from_fla(fla, None if down is None else down.shape[1])
     state = retnet_state_dict_from_fla(weights, fla, config)
     # One dtype for the whole model (fla keeps its head norms in fp32 under a bf16 model).

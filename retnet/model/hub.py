@@ -57,8 +57,18 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
         path = Path(source).expanduser()
     except RuntimeError:  # "~name" of no such user, or no home directory: a bare RuntimeError, not the source's name
         path = Path(source)
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as error:  # Python < 3.12 raises what is not ENOENT: a name too long, an unreadable parent
+        if not is_hub_id(source):
+            raise HubError(f"{str(source)!r}: cannot be looked up as a directory "
+                           f"({error.strerror or error}), nor is it a hub id 'org/name'") from None
+        exists = None
+    if exists:
         return path
+    # A dangling link: named as such, not looked up on the hub (where 'model' would fail as a download).
+    if exists is not None and path.is_symlink():
+        raise HubError(f"{str(source)!r}: a symbolic link to {os.readlink(path)!r}, which does not exist")
     if not is_hub_id(source):
         raise HubError(f"{str(source)!r}: no such directory (nor a hub id 'org/name')")
     from huggingface_hub import snapshot_download

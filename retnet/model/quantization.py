@@ -1,9 +1,12 @@
 """Weight-only quantization of a loaded RetNet for serving and evaluation (vLLM's ``--quantization``).
 
-``int8``: torchao's ``Int8WeightOnlyConfig``, symmetric per output channel: each ``nn.Linear`` weight of the
-decoder layers (the retention's q/k/v/g/o projections, the FFN's gate/up/down) is held as int8 with one scale
-per output row, about a quarter of its fp32 bytes; activations, the recurrent states and every other weight stay
-in the model's dtype. ``none`` leaves the model as it is and needs nothing installed.
+``int8``: torchao's int8 weight-only tensor (``Int8WeightOnlyConfig``'s), symmetric per output channel: each
+``nn.Linear`` weight of the decoder layers (the retention's q/k/v/g/o projections, the FFN's gate/up/down) is held
+as int8 with one scale per output row, about a quarter of its fp32 bytes; activations, the recurrent states and
+every other weight stay in the model's dtype. ``none`` leaves the model as it is and needs nothing installed.
+A row's scale is the smallest that clips nothing (``max(max_w / 127, -min_w / 128)``, torchao's
+``SYMMETRIC_NO_CLIPPING_ERR``), not torchao's default ``max|w| / 127.5``: quantizing is then idempotent, so a
+quantized model's saved (dequantized) weights quantize back to the same codes and scales.
 
 What is kept unquantized, and why:
 
@@ -26,6 +29,7 @@ than ``none`` is asked for (transformers imports it by itself whenever it is ins
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,9 +83,8 @@ def quantize_model(model: nn.Module, method: str) -> QuantizationReport:
     linear_before, model_before = sum(_tensor_bytes(m.weight) for m in layers), _model_bytes(model)
     pending = [m for m in layers if not is_quantized_tensor(m.weight)]
     if method != "none" and pending:
-        quantization, config = _torchao(method)
-        targets = {id(m) for m in pending}
-        quantization.quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
+        for module in pending:
+            module.weight = nn.Parameter(_int8_weight(module.weight.detach()), requires_grad=False)
         for module in layers:
             if is_quantized_tensor(module.weight) and not getattr(module, "_retnet_int8_hooks", False):
                 module.register_load_state_dict_pre_hook(_quantized_weight)
@@ -122,11 +125,27 @@ def _quantized_weight(module: nn.Module, state_dict: dict, prefix: str, *_args) 
         if torch.equal(incoming.to(device=dense.device, dtype=dense.dtype), dense):
             state_dict[key] = current.detach()
             return
-        layer = nn.Linear(current.shape[1], current.shape[0], bias=False, device=dense.device, dtype=dense.dtype)
-        layer.weight.copy_(incoming)
-        quantization, config = _torchao("int8")
+        state_dict[key] = _int8_weight(incoming.to(device=dense.device, dtype=dense.dtype))
+
+
+def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (float, ``[out, in]``) as torchao's int8 tensor, one scale per output row."""
+    quantization, config = _torchao("int8")
+    int8_tensor = getattr(quantization, "Int8Tensor", None)
+    if (int8_tensor is None or not hasattr(quantization, "MappingType")
+            or "mapping_type" not in inspect.signature(int8_tensor.from_hp).parameters):
+        # an older torchao: its own scale, max|w| / 127.5 (not idempotent)
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
         quantization.quantize_(layer, config)
-    state_dict[key] = layer.weight.detach()
+        return layer.weight.detach()
+    # torchao's default max|w| / 127.5 clips the extreme to 127 (or rounds it to -128): its dequantized row peaks
+    # at 127 or 128 steps, whose own scale is another one, so a saved quantized model requantized at load would
+    # move every row (~0.6% on the logits, over half of what int8 costs). Without clipping, the extreme code is
+    # exactly 127 or -128, and requantizing the dequantized row finds the same scale and codes.
+    return int8_tensor.from_hp(weight, quantization.PerRow(),
+                               mapping_type=quantization.MappingType.SYMMETRIC_NO_CLIPPING_ERR)
 
 
 def _torchao(method: str):
