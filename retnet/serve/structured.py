@@ -224,7 +224,11 @@ def _structured_outputs(value: Any) -> str:
         return _json(param, {"type": "object"})
     if key == "json":
         schema = value[key]
-        if value.get("disable_additional_properties"):
+        closing = value.get("disable_additional_properties")
+        if closing is not None and not isinstance(closing, bool):  # ("false" is truthy)
+            raise APIError(400, f"structured_outputs.disable_additional_properties must be a boolean; got "
+                           f"{closing!r}", "structured_outputs.disable_additional_properties", "invalid_grammar")
+        if closing:
             schema = _closed(_schema(param, schema))
         return _json(param, schema)
     if key == "regex":

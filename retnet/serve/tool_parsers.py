@@ -119,30 +119,37 @@ class HermesToolParser:
     def _call(self, body: str) -> ToolCall | None:
         try:
             value = loads_exact(body)
-        except ValueError:
+            # type, not isinstance: a number's text is a str too (loads_exact), and a name is a JSON string.
+            if not isinstance(value, dict) or type(value.get("name")) is not str or value["name"] not in self.tools:
+                return None
+            arguments = value["arguments"] if "arguments" in value else value.get("parameters")
+            if not isinstance(arguments, dict):
+                return None
+            # As vLLM's arguments: the object's JSON as json.dumps writes it.
+            return ToolCall(function=FunctionCall(name=value["name"], arguments=dumps_exact(arguments)))
+        except (ValueError, RecursionError):  # no JSON (NaN is none), or nested past Python's stack: text
             return None
-        # type, not isinstance: a number's text is a str too (loads_exact), and a name is a JSON string.
-        if not isinstance(value, dict) or type(value.get("name")) is not str or value["name"] not in self.tools:
-            return None
-        arguments = value["arguments"] if "arguments" in value else value.get("parameters")
-        if not isinstance(arguments, dict):
-            return None
-        # As vLLM's arguments: the object's JSON as json.dumps writes it.
-        return ToolCall(function=FunctionCall(name=value["name"], arguments=dumps_exact(arguments)))
 
 
 class _Number(str):
     """A JSON number's text as it was written."""
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is no JSON")
+
+
 def loads_exact(text: str) -> Any:
     """JSON text with its numbers kept as written: as floats, ``1e999`` would be written back as ``Infinity``,
-    which is no JSON, and ``1.50`` as ``1.5``; as ints, one of over 4300 digits fails to parse."""
-    return json.loads(text, parse_float=_Number, parse_int=_Number)
+    which is no JSON, and ``1.50`` as ``1.5``; as ints, one of over 4300 digits fails to parse. ``NaN`` and
+    ``Infinity``, which json.loads takes, are a ValueError: arguments holding them would be no JSON."""
+    return json.loads(text, parse_float=_Number, parse_int=_Number, parse_constant=_no_constant)
 
 
 def dumps_exact(value: Any) -> str:
-    """``json.dumps(value, ensure_ascii=False)`` of :func:`loads_exact`'s values, each number as it was written."""
+    """``json.dumps(value, ensure_ascii=False)`` of :func:`loads_exact`'s values, each number as it was written.
+    Recursive, two frames a level: nested past ~330 levels it raises RecursionError, which its callers take as
+    no call."""
     if isinstance(value, _Number):
         return str(value)
     if isinstance(value, dict):

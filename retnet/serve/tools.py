@@ -115,15 +115,16 @@ class ToolCalling:
         """The calls a choice's text holds, or None when it is no whole JSON of them (a stop string cut it)."""
         try:
             value = loads_exact(text)
-        except ValueError:
+            if self.named is not None:
+                return [ToolCall(function=FunctionCall(name=self.named, arguments=text))]
+            if not isinstance(value, list) or not all(isinstance(c, dict) and type(c.get("name")) is str
+                                                      and "parameters" in c for c in value):
+                return None
+            # vLLM's arguments for "required": the parameters' JSON as json.dumps writes it.
+            return [ToolCall(function=FunctionCall(name=c["name"], arguments=dumps_exact(c["parameters"])))
+                    for c in value]
+        except (ValueError, RecursionError):  # no whole JSON, or nested past Python's stack: the text as content
             return None
-        if self.named is not None:
-            return [ToolCall(function=FunctionCall(name=self.named, arguments=text))]
-        if not isinstance(value, list) or not all(isinstance(c, dict) and type(c.get("name")) is str
-                                                  and "parameters" in c for c in value):
-            return None
-        # vLLM's arguments for "required": the parameters' JSON as json.dumps writes it.
-        return [ToolCall(function=FunctionCall(name=c["name"], arguments=dumps_exact(c["parameters"]))) for c in value]
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:

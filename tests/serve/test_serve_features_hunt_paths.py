@@ -89,6 +89,28 @@ def test_call_arguments_are_the_numbers_the_model_wrote(number):
     assert ToolCalling([("5", None)], None, True).calls('[{"name":5,"parameters":{}}]') is None
 
 
+def test_calls_json_cannot_hold_or_python_cannot_nest_are_text():
+    # NaN/Infinity (json.loads takes them) would be arguments no JSON parser reads; arguments nested 600 levels
+    # (a tool whose $defs chain that deep) raised RecursionError out of the re-serialization: a 500.
+    from retnet.serve.tool_parsers import HermesToolParser
+    from retnet.serve.tools import ToolCalling
+
+    deep = '{"a": ' * 600 + "1" + "}" * 600
+    for arguments in ('{"x": NaN}', '{"x": -Infinity}', deep):
+        text = f'<tool_call>{{"name": "f", "arguments": {arguments}}}</tool_call>'
+        content, calls = HermesToolParser(["f"]).parse(text)
+        assert calls == [] and content == text
+        assert ToolCalling([("f", None)], None, True).calls(f'[{{"name":"f","parameters":{arguments}}}]') is None
+
+
+def test_disable_additional_properties_must_be_a_boolean():
+    from retnet.serve.protocol import APIError
+    from retnet.serve.structured import _structured_outputs
+
+    with pytest.raises(APIError, match="disable_additional_properties must be a boolean"):
+        _structured_outputs({"json": {"type": "object"}, "disable_additional_properties": "false"})
+
+
 @pytest.mark.anyio
 async def test_an_embedding_request_with_messages_is_refused_by_name(open_app):
     # vLLM's /v1/embeddings also takes a conversation (messages); here it was an unknown field: dropped beside an
