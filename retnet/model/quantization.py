@@ -128,13 +128,22 @@ def _quantized_weight(module: nn.Module, state_dict: dict, prefix: str, *_args) 
         state_dict[key] = _int8_weight(incoming.to(device=dense.device, dtype=dense.dtype))
 
 
+def unclipped_int8() -> bool:
+    """Whether this torchao quantizes without clipping (idempotent): its ``Int8WeightOnlyConfig`` builds the
+    ``Int8Tensor`` (version 2, the default from 0.18), whose ``from_hp`` takes a mapping type. Before 0.18 the
+    config built another class; 0.15's ``Int8Tensor`` floored a bf16 row's scale at bf16's eps (codes of ±11, 23%
+    off the logits), and 0.16-0.17 stored it in bf16 (not idempotent either): those keep their config's own path."""
+    quantization, config = _torchao("int8")
+    int8_tensor = getattr(quantization, "Int8Tensor", None)
+    return (getattr(config, "version", 1) >= 2 and int8_tensor is not None and hasattr(quantization, "MappingType")
+            and "mapping_type" in inspect.signature(int8_tensor.from_hp).parameters)
+
+
 def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (float, ``[out, in]``) as torchao's int8 tensor, one scale per output row."""
     quantization, config = _torchao("int8")
-    int8_tensor = getattr(quantization, "Int8Tensor", None)
-    if (int8_tensor is None or not hasattr(quantization, "MappingType")
-            or "mapping_type" not in inspect.signature(int8_tensor.from_hp).parameters):
-        # an older torchao: its own scale, max|w| / 127.5 (not idempotent)
+    if not unclipped_int8():
+        # an older torchao: its config's own scale, max|w| / 127.5 (not idempotent)
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(weight)
@@ -144,7 +153,7 @@ def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
     # at 127 or 128 steps, whose own scale is another one, so a saved quantized model requantized at load would
     # move every row (~0.6% on the logits, over half of what int8 costs). Without clipping, the extreme code is
     # exactly 127 or -128, and requantizing the dequantized row finds the same scale and codes.
-    return int8_tensor.from_hp(weight, quantization.PerRow(),
+    return quantization.Int8Tensor.from_hp(weight, quantization.PerRow(),
                                mapping_type=quantization.MappingType.SYMMETRIC_NO_CLIPPING_ERR)
 
 
@@ -167,7 +176,7 @@ def _torchao(method: str):
             log.setLevel(level)
     config = getattr(quantization, "Int8WeightOnlyConfig", None)
     if config is None:  # a torchao older than the [quant] extra's floor
-        raise ValueError(f"--quantization {method} needs torchao >= 0.13 (Int8WeightOnlyConfig); this one is "
+        raise ValueError(f"--quantization {method} needs torchao >= 0.14 (Int8WeightOnlyConfig); this one is "
                          f"{getattr(__import__('torchao'), '__version__', 'older')}: {INSTALL_HINT}")
     # set_inductor_config=False: torchao would otherwise change torch._inductor's global settings, for a
     # torch.compile nobody runs here.
