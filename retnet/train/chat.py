@@ -21,7 +21,8 @@ TRL's prompt-completion rows (a set with no messages column, :func:`messages_col
 ``completion_only_loss`` (:func:`check_prompt_completions`). *Standard* (two strings, a :class:`Completion`): no
 template, the sequence is the prompt's text followed by the completion's, encoded as the server encodes a completion
 request's prompt and TRL its text (``tokenizer.encode(prompt + completion)``, the tokenizer's added special tokens
-such as a BOS included), then EOS; the targets are the tokens that overlap the completion's characters, and the EOS.
+such as a BOS included), then EOS (the one the tokenizer appends, if it appends one: not twice); the targets are
+the tokens that overlap the completion's characters, and the EOS.
 *Conversational* (two lists of messages): rendered as the conversation prompt + completion, its targets the
 assistant messages of the completion (the spans above; TRL's prompt, rendered with the generation prompt, ends where
 such a span starts). ``assistant_only_loss`` False (TRL's ``completion_only_loss=False``) makes every token a
@@ -63,7 +64,20 @@ def template_identity(tokenizer) -> dict[str, Any]:
             # how rows become the template's messages: 2 converts ShareGPT's, renders tool calls and a row's tools
             # and chat_template_kwargs (a set cached before, with such columns or nested None fills, renders
             # otherwise now)
-            "messages": 2}
+            "messages": 2,
+            # a token cache of before held such a tokenizer's standard prompt-completion rows with its EOS and ours
+            **({"appended_eos": True} if appends_eos(tokenizer) else {})}
+
+
+def appends_eos(tokenizer) -> bool:
+    """Whether the tokenizer's post-processor ends an encoding with EOS (Llama's and Mistral's ``add_eos_token``)."""
+    encoding = tokenizer.backend_tokenizer.encode("", add_special_tokens=True)
+    return _ends_with_added_eos(encoding, tokenizer.eos_token_id)
+
+
+def _ends_with_added_eos(encoding, eos: int | None) -> bool:
+    # special_tokens_mask marks the post-processor's tokens only: an EOS written in the text is 0
+    return bool(encoding.ids) and encoding.ids[-1] == eos and encoding.special_tokens_mask[-1] == 1
 
 
 def render_default(messages: list[dict[str, Any]] | Completion) -> str:
@@ -467,17 +481,23 @@ class ChatEncoder:
             rendered = [self._rendered(c, rows[start + i]) for i, c in enumerate(chunk)]
             encodings = self._encode_batch(chunk, [text for text, _ in rendered])
             for messages, (_, spans), encoding in zip(chunk, rendered, encodings):
+                body, offsets = encoding.ids, encoding.offsets
+                if _ends_with_added_eos(encoding, eos):
+                    # A standard row encoded with a tokenizer that appends EOS: the closing EOS below is that one.
+                    # Kept, the completion's last token would predict an EOS that is no target (the row never
+                    # learns to stop), and EOS would follow EOS.
+                    body, offsets = body[:-1], offsets[:-1]
                 if spans is None:
-                    mask = np.full(len(encoding.ids), TARGET, dtype=np.uint8)
+                    mask = np.full(len(body), TARGET, dtype=np.uint8)
                 else:
-                    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+                    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
                     inside = np.zeros(len(offsets), dtype=bool)
                     for lo, hi in spans:
                         inside |= (offsets[:, 1] > lo) & (offsets[:, 0] < hi)
                     mask = inside.astype(np.uint8) * TARGET
                 ends_answered = (not self.assistant_only_loss or isinstance(messages, Completion)
                                  or messages[-1]["role"] == "assistant")
-                ids.append(np.asarray([*encoding.ids, eos], dtype=dtype))
+                ids.append(np.asarray([*body, eos], dtype=dtype))
                 flags.append(np.append(mask, np.uint8(BOUNDARY | (TARGET if ends_answered else 0))))
         if not ids:
             return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.uint8)
@@ -550,7 +570,7 @@ def target_count(flags: np.ndarray) -> int:
 
 
 __all__ = ["BOUNDARY", "CHAT_COLUMNS", "COMPLETION", "KWARGS_COLUMN", "PROMPT", "SHAREGPT_ROLES", "TARGET",
-           "TOOLS_COLUMN", "ChatEncoder", "Completion", "Conversation", "chat_template", "check_conversations",
-           "check_prompt_completions", "check_template_kwargs", "check_tools", "conversation_problem",
-           "messages_column", "prompt_completion", "render_default", "target_count", "template_identity",
-           "template_messages", "without_spilled_targets"]
+           "TOOLS_COLUMN", "ChatEncoder", "Completion", "Conversation", "appends_eos", "chat_template",
+           "check_conversations", "check_prompt_completions", "check_template_kwargs", "check_tools",
+           "conversation_problem", "messages_column", "prompt_completion", "render_default", "target_count",
+           "template_identity", "template_messages", "without_spilled_targets"]

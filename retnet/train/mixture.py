@@ -64,6 +64,7 @@ from retnet.train.data import (
     stdlib_files,
     train_tokenizer,
 )
+from retnet.train.streaming import stream_columns
 
 logger = logging.getLogger(__name__)
 
@@ -377,8 +378,9 @@ def _source_reader(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: C
         if cfg.max_documents:
             rows = rows.take(cfg.max_documents)
         # TRL's ShareGPT column stands in for a missing default one; TRL's prompt-completion rows for either
-        pairs = chat and prompt_completion(cfg.messages_field, rows.column_names)
-        field = messages_column(cfg.messages_field, rows.column_names) if chat else cfg.text_field
+        columns = stream_columns(rows) if chat else rows.column_names
+        pairs = chat and prompt_completion(cfg.messages_field, columns)
+        field = messages_column(cfg.messages_field, columns) if chat else cfg.text_field
         with _reading(cfg.dataset, field, "data.messages_field" if chat else "data.text_field"):
             for index, row in enumerate(rows):
                 if index < cfg.val_documents or not row.get(COMPLETION if pairs else field):

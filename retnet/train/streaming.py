@@ -320,7 +320,7 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
                      world_size, barrier):
     chat = cfg.format == "chat"
     with _reading(cfg.dataset, *_field(cfg)):  # a stream reads its files from here on, lazily
-        columns = stream.column_names
+        columns = stream_columns(stream) if chat else stream.column_names
     pairs = chat and prompt_completion(cfg.messages_field, columns)  # TRL's prompt-completion rows
     if chat:  # TRL's ShareGPT column stands in for a missing default one
         cfg = dataclasses.replace(cfg, messages_field=messages_column(cfg.messages_field, columns))
@@ -406,6 +406,16 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
     return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, **common)
 
 
+def stream_columns(stream) -> list[str] | None:
+    """A stream's column names; a stream that names none before it is read (a generator's, a hub set's without
+    features) those of its first row, None when it has none. Chat data needs them to tell TRL's prompt-completion
+    and ShareGPT layouts from a messages column: without them every row would be read as ``messages``."""
+    if stream.column_names is not None:
+        return stream.column_names
+    first = next(iter(stream.take(1)), None)
+    return None if first is None else list(first)
+
+
 def _conversation_key(conversation: list[dict[str, Any]] | Completion) -> str:
     """A checked conversation (or prompt-completion row) as a hashable value, to hold the validation conversations out
     of the stream. A conversation's tools, template variables and prompt-completion cut are part of it: the same
@@ -424,4 +434,4 @@ def _no_training_documents(dataset: str, val_documents: int, rank: int | None = 
 
 
 __all__ = ["STREAM_ROW", "StreamingChatData", "StreamingData", "build_streaming", "group_micro_batches",
-           "stream_conversation"]
+           "stream_columns", "stream_conversation"]

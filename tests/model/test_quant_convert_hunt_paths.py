@@ -4,17 +4,17 @@ before its fix (tiny models, in process)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from retnet.model import RetNetForCausalLM
+from retnet.model.convert_fla import convert_fla_checkpoint
 
 from .conftest import make_model
+from .test_convert_fla import _synthetic_fla_checkpoint
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
                                    reason="torchao is not installed (pip install 'retnet-stack[quant]')")
@@ -106,27 +106,6 @@ def test_a_dangling_symlink_is_refused_naming_its_target_not_looked_up_on_the_hu
 # ----------------------------------------------------------------------------------------------------------
 # retnet-convert-fla
 # ----------------------------------------------------------------------------------------------------------
-def _fla_checkpoint(directory: Path, **config) -> dict[str, torch.Tensor]:
-    """A 2-layer fla RetNet's config.json (written to ``directory``) and random weights (returned), fused gate."""
-    hidden, layers = 64, 2
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({
-        "model_type": "retnet", "hidden_size": hidden, "num_heads": 2, "expand_k": 1.0, "expand_v": 2.0,
-        "num_hidden_layers": layers, "vocab_size": 101, "tie_word_embeddings": True, **config}))
-    weights = {"model.embeddings.weight": torch.randn(101, hidden), "model.norm.weight": torch.ones(hidden)}
-    for layer in range(layers):
-        prefix = f"model.layers.{layer}."
-        weights.update({
-            prefix + "attn_norm.weight": torch.ones(hidden), prefix + "mlp_norm.weight": torch.ones(hidden),
-            prefix + "attn.q_proj.weight": torch.randn(64, hidden), prefix + "attn.k_proj.weight": torch.randn(64, hidden),
-            prefix + "attn.v_proj.weight": torch.randn(128, hidden), prefix + "attn.g_proj.weight": torch.randn(128, hidden),
-            prefix + "attn.o_proj.weight": torch.randn(hidden, 128), prefix + "attn.g_norm_swish_gate.weight": torch.ones(64),
-            prefix + "mlp.gate_proj.weight": torch.randn(96, hidden), prefix + "mlp.up_proj.weight": torch.randn(96, hidden),
-            prefix + "mlp.down_proj.weight": torch.randn(hidden, 96),
-        })
-    return weights
-
-
 @pytest.mark.parametrize("missing", [
     "model.layers.1.attn.k_proj.weight", "model.layers.1.attn.v_proj.weight", "model.layers.0.attn.g_proj.weight",
     "model.layers.1.attn.o_proj.weight",
@@ -140,7 +119,7 @@ def test_a_missing_projection_is_refused_naming_it_and_nothing_is_written(tmp_pa
     attribute 'to'), a traceback out of retnet-convert-fla, where the README promises a refusal by name."""
     from retnet.model.convert_fla import main
 
-    weights = _fla_checkpoint(tmp_path / "fla")
+    weights = _synthetic_fla_checkpoint(tmp_path / "fla")
     del weights[missing]
     save_file(weights, tmp_path / "fla" / "model.safetensors")
     with pytest.raises(SystemExit) as exit_info:
@@ -152,9 +131,8 @@ def test_a_missing_projection_is_refused_naming_it_and_nothing_is_written(tmp_pa
 
 def test_a_one_dimensional_down_projection_is_refused_by_name(tmp_path):
     """Its second dimension is the FFN's width: an IndexError (tuple index out of range) before any check."""
-    from retnet.model.convert_fla import convert_fla_checkpoint
 
-    weights = _fla_checkpoint(tmp_path / "fla")
+    weights = _synthetic_fla_checkpoint(tmp_path / "fla")
     weights["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64)
     save_file(weights, tmp_path / "fla" / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight has shape \(64,\), expected"):
@@ -170,7 +148,7 @@ def test_a_one_dimensional_down_projection_is_refused_by_name(tmp_path):
 def test_damaged_files_are_refused_naming_the_file(tmp_path, capsys, config, weights, error):
     from retnet.model.convert_fla import main
 
-    state = _fla_checkpoint(tmp_path / "fla")
+    state = _synthetic_fla_checkpoint(tmp_path / "fla")
     save_file(state, tmp_path / "fla" / "model.safetensors")
     if config is not None:
         (tmp_path / "fla" / "config.json").write_text(config)
@@ -184,9 +162,8 @@ def test_damaged_files_are_refused_naming_the_file(tmp_path, capsys, config, wei
 
 
 def test_a_shard_index_without_a_weight_map_is_refused_naming_it(tmp_path):
-    from retnet.model.convert_fla import convert_fla_checkpoint
 
-    _fla_checkpoint(tmp_path / "fla")
+    _synthetic_fla_checkpoint(tmp_path / "fla")
     (tmp_path / "fla" / "model.safetensors.index.json").write_text('{"metadata": {}}')  # was a KeyError
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json' has no weight_map"):
         convert_fla_checkpoint(tmp_path / "fla", tmp_path / "out")
