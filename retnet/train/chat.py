@@ -70,8 +70,9 @@ def template_identity(tokenizer) -> dict[str, Any]:
 
 
 def appends_eos(tokenizer) -> bool:
-    """Whether the tokenizer's post-processor ends an encoding with EOS (Llama's and Mistral's ``add_eos_token``)."""
-    encoding = tokenizer.backend_tokenizer.encode("", add_special_tokens=True)
+    """Whether the tokenizer's post-processor ends an encoding with EOS (Llama's and Mistral's ``add_eos_token``).
+    Probed on text, not "": a BOS that is also the EOS (GPT-2's ``add_bos_token``) is all an empty encoding holds."""
+    encoding = tokenizer.backend_tokenizer.encode("a", add_special_tokens=True)
     return _ends_with_added_eos(encoding, tokenizer.eos_token_id)
 
 

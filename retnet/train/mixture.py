@@ -47,6 +47,7 @@ from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import (
     MaskedBlocks,
     _atomic_dir,
+    _field,
     _hash,
     _hf_dataset,
     _hub_changed,
@@ -378,7 +379,8 @@ def _source_reader(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: C
         if cfg.max_documents:
             rows = rows.take(cfg.max_documents)
         # TRL's ShareGPT column stands in for a missing default one; TRL's prompt-completion rows for either
-        columns = stream_columns(rows) if chat else rows.column_names
+        with _reading(cfg.dataset, *_field(cfg)):  # (stream_columns may read the first row)
+            columns = stream_columns(rows) if chat else rows.column_names
         pairs = chat and prompt_completion(cfg.messages_field, columns)
         field = messages_column(cfg.messages_field, columns) if chat else cfg.text_field
         with _reading(cfg.dataset, field, "data.messages_field" if chat else "data.text_field"):

@@ -58,6 +58,18 @@ def test_a_tokenizer_that_appends_eos_keys_its_own_token_cache(bpe_dir):
     # its caches of before were written with the EOS twice, the first no target
     assert template_identity(with_post_processor(bpe_dir, True)) != template_identity(
         with_post_processor(bpe_dir, False))
+    # A BOS that is the EOS, prepended only (GPT-2's add_bos_token), appends nothing: an empty encoding is that BOS
+    # alone, which a probe on "" took for an appended EOS (and rebuilt the caches for no change).
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from retnet.train.chat import appends_eos
+
+    tokenizer = AutoTokenizer.from_pretrained(bpe_dir)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.eos_token} $A", special_tokens=[(tokenizer.eos_token, tokenizer.eos_token_id)])
+    assert not appends_eos(tokenizer)
+    assert template_identity(tokenizer) == template_identity(AutoTokenizer.from_pretrained(bpe_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------
