@@ -96,6 +96,9 @@ class Engine(ModelThread):
         self.drafter: DraftModel | None = None  # method draft_model's proposer, loaded with the model
         self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
                                         settings.prefix_cache_min_tokens)
+        self.prefix_cache_evictions_seen = 0  # of prefix_cache.evictions, counted in the metrics
+        # A prompt's entry: one row of fp32 state and the [V] fp32 logits after it (see _awaits_shared_prefix).
+        self.prefix_entry_bytes = RetNetCache.zeros(self.config, 1, device="meta").nbytes() + 4 * self.vocab_size
         # --session-dir: a state is tied to the dtype its weights are served in (the model's own when given).
         dtype = str(next(model.parameters()).dtype) if model is not None else _dtype(settings, _device(settings))
         if settings.quantization != "none":  # a state made with quantized weights is another model's
@@ -426,11 +429,17 @@ class Engine(ModelThread):
         """Drop the prefix-cache entries and sessions made under LoRA ``slot``, freed; returns the sessions
         dropped."""
         self.prefix_cache.drop_adapter(slot)
-        self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
-        self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
+        self._prefix_cache_metrics()
         dropped = self.sessions.drop_adapter(slot)
         self.metrics.sessions.set(len(self.sessions))
         return dropped
+
+    def _prefix_cache_metrics(self) -> None:
+        """The prefix cache's gauges, and the evictions since they were last read (the cache counts them)."""
+        self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
+        self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
+        self.metrics.prefix_cache_evictions.inc(self.prefix_cache.evictions - self.prefix_cache_evictions_seen)
+        self.prefix_cache_evictions_seen = self.prefix_cache.evictions
 
     def _drop_cancelled_waiting(self) -> None:
         kept = deque()
@@ -537,6 +546,10 @@ class Engine(ModelThread):
         """
         if self.settings.prefix_cache_entries == 0 or group.params.scores_prompt:
             return False
+        if self.prefix_entry_bytes > self.settings.prefix_cache_bytes:
+            # The state waited for is never kept: each repeat would wait for the one before it, and a burst would be
+            # prefilled one prompt after another instead of in one packed forward.
+            return False
         if group.session is not None and group.session.cache is not None:
             return False  # it continues its session's state, not a cached prefix
         inputs = group.prompt_ids
@@ -642,8 +655,7 @@ class Engine(ModelThread):
         at_boundary = end == group.prefix_hint or end == len(group.inputs)
         if group.cacheable and self.settings.prefix_cache_entries and not keep_all and at_boundary:
             self.prefix_cache.insert(group.inputs[:end], group.cache, group.last_logits, group.adapter)
-            self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
-            self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
+            self._prefix_cache_metrics()
 
     def _lp_entries(self, logits: torch.Tensor, ids: list[int], k: int | None) -> list[TokenLogprob]:
         out = []
@@ -1013,8 +1025,7 @@ class Engine(ModelThread):
         # A view of the row: the insert copies it only if the entry fits (``select`` would copy it first).
         state = cache if cache is not None else _row_view(self.batch, row)
         self.prefix_cache.insert(group.inputs + seq.tokens[:-1], state, None, group.adapter)
-        self.metrics.prefix_cache_entries.set(len(self.prefix_cache))
-        self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
+        self._prefix_cache_metrics()
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def unfinished_tail(self, ids: list[int]) -> int:
@@ -1091,6 +1102,7 @@ class Engine(ModelThread):
             handle.emit(EngineFailure(message))
         self.metrics.running.set(0)
         self.metrics.queue_depth.set(0)
+        self.metrics.prefilling.set(0)
 
 
 def _mask_padded_vocabulary(model, bound: int) -> None:

@@ -23,6 +23,9 @@ class ServeMetrics:
         self.prefix_cache_hits = Counter("retnet_prefix_cache_hits", "prompts that started from a cached prefix state",
                                          registry=r)
         self.prefix_cache_misses = Counter("retnet_prefix_cache_misses", "prompts with no cached prefix", registry=r)
+        self.prefix_cache_evictions = Counter("retnet_prefix_cache_evictions", "prefix-cache states evicted (least "
+                                              "recently used first) to stay within --prefix-cache-entries and "
+                                              "--prefix-cache-bytes", registry=r)
         self.prefix_cache_hit_tokens = Counter("retnet_prefix_cache_hit_tokens",
                                                "prompt tokens not prefilled thanks to a cached prefix", registry=r)
         self.session_resumes = Counter("retnet_session_resumes", "requests that continued a saved session", registry=r)

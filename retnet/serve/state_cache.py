@@ -61,6 +61,7 @@ class PrefixCache:
         self.max_entries, self.max_bytes, self.min_tokens = max_entries, max_bytes, min_tokens
         self.entries: OrderedDict[tuple, PrefixEntry] = OrderedDict()  # keyed by _key
         self.nbytes = 0
+        self.evictions = 0  # entries evicted to stay within the bounds (not those of an adapter unloaded)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -118,6 +119,7 @@ class PrefixCache:
         while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
             _, evicted = self.entries.popitem(last=False)
             self.nbytes -= evicted.nbytes
+            self.evictions += 1
 
 
 class SessionBusy(Exception):
