@@ -214,12 +214,12 @@ def test_lora_fine_tunes_on_conversations(pretrained, tmp_path, read_metrics):
     chats.write_text("".join(json.dumps({"messages": conversation(i)}) + "\n" for i in range(120)))
     out = tmp_path / "chat"
     # few, long blocks: a chat step costs about as much per block as per token on this micro model
-    args = fine_tune_args(micro_args(chats, pretrained, tmp_path / "cache", out, train__steps=4, data__format="chat",
+    args = fine_tune_args(micro_args(chats, pretrained, tmp_path / "cache", out, train__steps=6, data__format="chat",
                                      data__seq_len=128, train__global_batch_size=2), pretrained,
                           **{**LORA, "optim__lr": 3e-2})
     assert main(args) == 0
     val = [r["val_loss"] for r in read_metrics(out, "val")]  # over the assistant tokens
-    assert val[-1] < val[0] - 0.05, val  # 5.73 to 5.61 when written
+    assert val[-1] < val[0] - 0.05, val  # 5.72 to 5.60 (four steps gave only 5.72 to 5.68 once the pad row started at zero)
 
 
 def test_fsdp_lora_follows_one_process(tuned, tmp_path, run, read_metrics):
