@@ -133,7 +133,11 @@ def unclipped_int8() -> bool:
     ``Int8Tensor`` (version 2, the default from 0.18), whose ``from_hp`` takes a mapping type. Before 0.18 the
     config built another class; 0.15's ``Int8Tensor`` floored a bf16 row's scale at bf16's eps (codes of ±11, 23%
     off the logits), and 0.16-0.17 stored it in bf16 (not idempotent either): those keep their config's own path."""
-    quantization, config = _torchao("int8")
+    return _unclipped(*_torchao("int8"))
+
+
+def _unclipped(quantization, config) -> bool:
+    """:func:`unclipped_int8` of torchao's ``quantization`` module and its int8 ``config``."""
     int8_tensor = getattr(quantization, "Int8Tensor", None)
     return (getattr(config, "version", 1) >= 2 and int8_tensor is not None and hasattr(quantization, "MappingType")
             and "mapping_type" in inspect.signature(int8_tensor.from_hp).parameters)
@@ -142,7 +146,7 @@ def unclipped_int8() -> bool:
 def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (float, ``[out, in]``) as torchao's int8 tensor, one scale per output row."""
     quantization, config = _torchao("int8")
-    if not unclipped_int8():
+    if not _unclipped(quantization, config):
         # an older torchao: its config's own scale, max|w| / 127.5 (not idempotent)
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
@@ -154,7 +158,7 @@ def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
     # move every row (~0.6% on the logits, over half of what int8 costs). Without clipping, the extreme code is
     # exactly 127 or -128, and requantizing the dequantized row finds the same scale and codes.
     return quantization.Int8Tensor.from_hp(weight, quantization.PerRow(),
-                               mapping_type=quantization.MappingType.SYMMETRIC_NO_CLIPPING_ERR)
+                                           mapping_type=quantization.MappingType.SYMMETRIC_NO_CLIPPING_ERR)
 
 
 def _torchao(method: str):

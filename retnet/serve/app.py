@@ -508,7 +508,8 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(scope, receive, send)
         chunks, size = [], 0
@@ -523,7 +524,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
-        content_type = dict(scope.get("headers") or []).get(b"content-type")
+        content_type = headers.get(b"content-type")
         # Only what the routes read as JSON: another type is their 415 (a form's text may hold any brackets)
         if _is_json_media(None if content_type is None else content_type.decode("latin-1")) \
                 and json_nested_deeper_than(body, MAX_JSON_DEPTH):
