@@ -253,20 +253,68 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     with _reading(cfg.dataset, *_field(cfg)):
         if kind == "csv":  # the text column as written, not as pandas' type inference reads it
             options = _csv_options(files, cfg.text_field)
-        return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", streaming=streaming,
-                                     cache_dir=str(cache_dir / "hf"), **options)
+        elif kind == "parquet":
+            options = _parquet_options(files)
+        loaded = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train",
+                                       streaming=streaming, cache_dir=str(cache_dir / "hf"), **options)
+    if not streaming:
+        # datasets keeps no row's file: the files it read, in order, let an error name a row's (column_values)
+        loaded.retnet_files = files
+    return loaded
+
+
+def first_rows(dataset, count: int):
+    """The first ``count`` rows of a loaded ``datasets.Dataset`` (all when it holds fewer), knowing its files as
+    ``dataset`` does (:func:`column_values`)."""
+    selected = dataset.select(range(min(count, len(dataset))))
+    selected.retnet_files = getattr(dataset, "retnet_files", None)
+    return selected
+
+
+def _row_in_files(files: list[Path], row: int) -> tuple[Path, int] | None:
+    """(file, row within it) of row ``row`` of the set datasets read from ``files`` in order, None where a file's
+    rows are not known without parsing it (a JSON array, CSV)."""
+    for path in files:
+        kind = _kind(path)
+        try:
+            if kind == "parquet":
+                import pyarrow.parquet as pq
+
+                count = pq.read_metadata(path).num_rows
+            elif kind == "json":
+                count = 0
+                with open(path, "rb") as handle:  # JSON Lines: a row a line, blank lines skipped as pyarrow does
+                    for raw in handle:
+                        line = raw.strip().removeprefix(b"\xef\xbb\xbf")
+                        if line and not line.startswith(b"{"):  # a JSON array or pretty-printed object
+                            return None
+                        count += bool(line)
+            elif kind == "text":
+                count = 1  # a document per file
+            else:
+                return None
+        except Exception:  # (pyarrow's errors among them) only the error being reported is lost
+            return None
+        if row < count:
+            return path, row
+        row -= count
+    return None
 
 
 def _files_with_rows(dataset: str, files: list[Path], kind: str, text_field: str | None = None) -> list[Path]:
     """``files`` without the Parquet or CSV files that hold nothing to read, which datasets does not skip as it
     skips an empty JSON file: it fails the whole set on one. A Parquet file is read in batches of its first row
-    group's rows, 0 in the empty partition that pyarrow (pandas too) writes ("BatchSize must be greater than 0");
+    group's rows, 0 in the empty partition that pyarrow (pandas too) writes ("BatchSize must be greater than 0"; a
+    file with rows after an empty first row group is read with :func:`_parquet_options`);
     an empty CSV file has no header for pandas ("No columns to parse from file"). With ``text_field`` (text data),
     also the leading Parquet files whose column is of type null (pandas writes an all-None column so): the first
     file types the column, and every later file's text fails to cast to null. A later null file is cast to text
     (its rows dropped as empty documents) and stays, so that a stream's saved position, which counts files and
     their batches, means what it meant. A file that cannot be read at all stays: datasets' read names what is wrong
-    with it."""
+    with it. Leading JSON files whose ``text_field`` is null in every row are skipped as leading null Parquet files
+    are (:func:`_without_leading_null_json`)."""
+    if kind == "json":
+        return _without_leading_null_json(files, text_field) if text_field else files
     if kind not in ("parquet", "csv"):
         return files
     import pandas as pd
@@ -299,6 +347,71 @@ def _files_with_rows(dataset: str, files: list[Path], kind: str, text_field: str
         nulls = f" (or only nulls in data.text_field {text_field!r})" if text_field and kind == "parquet" else ""
         raise ConfigError(f"data.dataset {dataset!r}: {held} no rows{nulls}")
     return kept
+
+
+def _without_leading_null_json(files: list[Path], text_field: str) -> list[Path]:
+    """``files`` without the JSON Lines files ahead of the first one with text whose ``text_field`` is null in every
+    row (an export whose first partition's text was filtered out). datasets types its columns from the first rows it
+    reads: ``null`` from such a file, and the first later file's text failed to cast to it ("Couldn't cast array of
+    type string to null"), naming no file. Its rows are no documents (null ones are dropped), so nothing is lost.
+    Empty files (which datasets skips) are kept and read past; the search ends at the first file with text, or that
+    is no JSON Lines (a JSON array, a pretty-printed object): a null file after it stays (datasets casts it to text,
+    as it does a later null Parquet file)."""
+
+    def all_null(path: Path) -> bool | None:
+        """True: rows, each with ``text_field`` null; None: no rows; False: anything else."""
+        rows = 0
+        try:
+            with open(path, "rb") as handle:
+                for line in handle:
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    # a row without the field is no null: a file of other columns (the wrong data.text_field, a
+                    # metadata file in the glob) stays, for datasets' read to refuse by name
+                    if not isinstance(row, dict) or text_field not in row or row[text_field] is not None:
+                        return False
+                    rows += 1
+        except (OSError, ValueError):  # datasets' own read names what is wrong with it
+            return False
+        return True if rows else None
+
+    skipped = []
+    for path in files:
+        null = all_null(path)
+        if null is False:
+            break
+        if null:
+            skipped.append(path)
+    else:
+        return files  # no file has text: datasets reads them all as null, and the split finds no documents
+    if skipped:
+        logger.info("data: skipping %d leading JSON file(s) whose %r is null in every row, e.g. %s", len(skipped),
+                    text_field, skipped[0])
+    dropped = set(skipped)
+    return [path for path in files if path not in dropped]
+
+
+def _parquet_options(files: list[Path]) -> dict[str, Any]:
+    """Options of datasets' parquet builder for ``files`` (each with rows, :func:`_files_with_rows`). datasets reads a
+    file in batches of its first row group's rows: a file whose first row group is empty (a writer that flushed
+    before its first rows, a filtered append) but whose later ones hold rows failed the whole set with "BatchSize
+    must be greater than 0". Such a set is read in batches of its largest row group, which keeps each of its row
+    groups whole as the default does. Others get no option: their batches, which a stream's saved position counts,
+    and their datasets cache stay as they were."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    largest, first_empty = 0, False
+    for path in files:
+        try:
+            metadata = pq.read_metadata(path)
+        except (OSError, pa.ArrowException):  # datasets' own read names what is wrong with it
+            continue
+        sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        first_empty = first_empty or (bool(sizes) and sizes[0] == 0)
+        largest = max(largest, *sizes, 0)
+    return {"batch_size": largest} if first_empty and largest else {}
 
 
 def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
@@ -488,7 +601,7 @@ def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, l
     dataset = loaded if loaded is not None else _hf_dataset(cfg, files, cache_dir, streaming=False)
     _check_text_field(cfg, dataset.column_names)
     if limit:
-        dataset = dataset.select(range(min(limit, len(dataset))))
+        dataset = first_rows(dataset, limit)
     texts = column_values(dataset, cfg.text_field, cfg.dataset, "data.text_field")
     _check_texts(cfg.dataset, cfg.text_field, texts)
     return [t for t in texts if is_document(t)]
@@ -510,7 +623,7 @@ def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Pat
     else:
         _check_text_field(dataclasses.replace(cfg, messages_field=field), dataset.column_names)
     if cfg.max_documents:
-        dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
+        dataset = first_rows(dataset, cfg.max_documents)
     columns = {name: column_values(dataset, name, cfg.dataset) for name in CHAT_COLUMNS if name in dataset.column_names}
     if pairs:
         return check_prompt_completions(cfg.dataset, column_values(dataset, PROMPT, cfg.dataset),
@@ -529,7 +642,11 @@ def column_values(dataset, name: str, source: str, key: str = "column") -> list:
         for value in dataset[name]:
             values.append(value)
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{key} {name!r} of {source!r}, row {len(values)}: not UTF-8 text ({error.reason}: byte "
+        row, files = len(values), getattr(dataset, "retnet_files", None)
+        # a row of several files is named in its own: its index in the set counts the rows of every file before
+        found = _row_in_files(files, row) if files and len(files) > 1 else None
+        where = f"{source!r}, row {row}" if found is None else f"{str(found[0])!r}, row {found[1]} (row {row} of {source!r})"
+        raise ConfigError(f"{key} {name!r} of {where}: not UTF-8 text ({error.reason}: byte "
                           f"{error.object[error.start:error.start + 1]!r}); JSON files are read as UTF-8: re-encode "
                           f"the file (e.g. iconv -f latin1 -t utf-8)") from None
     return values
@@ -1084,6 +1201,7 @@ def _hub_changed(cfg: DataConfig) -> ConfigError:
 
 
 __all__ = ["LOCAL_BLOCKS", "MaskedBlocks", "PackedData", "blocks_digest", "build_data",
-           "chat_blocks", "column_values", "data_cache_dir", "document_encoder", "encode_documents", "indexed_conversations", "load_conversations",
+           "chat_blocks", "column_values", "data_cache_dir", "document_encoder", "encode_documents", "first_rows",
+           "indexed_conversations", "load_conversations",
            "load_hub", "load_tokenizer", "local_files", "masked_labels", "split_documents", "stdlib_files",
            "train_tokenizer", "vocab_bound"]

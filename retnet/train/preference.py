@@ -85,6 +85,7 @@ from retnet.train.data import (
     column_values,
     data_cache_dir,
     data_fingerprint,
+    first_rows,
     load_hub,
     load_tokenizer,
     local_files,
@@ -187,7 +188,7 @@ def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loade
                           f"data.format 'preference' reads TRL's {list(FIELDS)} (or 'chosen' and 'rejected' alone, "
                           f"the prompt implicit: their common beginning)")
     if cfg.max_documents:
-        dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
+        dataset = first_rows(dataset, cfg.max_documents)
     if missing:  # TRL's implicit prompt
         rows = zip(*(column_values(dataset, name, cfg.dataset) for name in ("chosen", "rejected")), strict=True)
         triples = [implicit_pair(cfg.dataset, row, chosen, rejected) for row, (chosen, rejected) in enumerate(rows)]

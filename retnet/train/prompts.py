@@ -18,7 +18,7 @@ import numpy as np
 from retnet.tokenization import render_pair
 from retnet.train.chat import ChatEncoder, conversation_problem, template_messages
 from retnet.train.config import ConfigError, DataConfig
-from retnet.train.data import _hf_dataset, _kind, column_values, saved_dataset_dir
+from retnet.train.data import _hf_dataset, _kind, column_values, first_rows, saved_dataset_dir
 
 FIELD = "prompt"  # TRL's column name
 # the reward functions' own arguments (rewards.py)
@@ -58,7 +58,7 @@ def load_prompt_rows(cfg: DataConfig, files: list[Path] | None, cache_dir: Path,
                           f"data.format 'prompts' reads TRL's 'prompt' (the other columns go to the reward "
                           f"functions)")
     if cfg.max_documents:
-        dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
+        dataset = first_rows(dataset, cfg.max_documents)
     others = [name for name in dataset.column_names if name != FIELD]
     for name in RESERVED:
         if name in others:  # a reward function would get it twice: a TypeError at the first step, after sampling
