@@ -135,8 +135,6 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     # strict_content_type=False: a body without a Content-Type is read as JSON (other types: require_json).
     app = FastAPI(title="retnet-serve", version="0.1.0", lifespan=lifespan, strict_content_type=False)
     app.state.settings, app.state.engine, app.state.serving, app.state.metrics = settings, engine, serving, metrics
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def require_api_key(request: Request) -> None:
         if not settings.api_keys:
@@ -151,7 +149,20 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", "authorization",
                            "invalid_api_key", type="authentication_error")
 
-    _install_error_handlers(app, require_api_key)
+    def key_refusal(request: Request) -> JSONResponse | None:
+        """The 401 a request to a keyed route without a valid key gets, whatever else is wrong with it; None
+        when it has the key or its route needs none."""
+        if not _needs_key(request.url.path):
+            return None
+        try:
+            require_api_key(request)
+        except APIError as denied:
+            return _error(denied.status, denied.message, denied.param, denied.code, denied.type, denied.headers)
+        return None
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, key_refusal=key_refusal)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _install_error_handlers(app, key_refusal)
     auth = [Depends(require_api_key)]
     json_body = [*auth, Depends(require_json)]
 
@@ -394,7 +405,12 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(exc.body(), status_code=status, headers=headers)
 
 
-def _install_error_handlers(app: FastAPI, require_api_key) -> None:
+def _needs_key(path: str) -> bool:
+    """Whether ``path`` is behind ``--api-keys``: /v1 and vLLM's routes outside it (/health and /metrics are not)."""
+    return path.startswith("/v1/") or path in (*TOKENIZER_ROUTES, *POOLING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES)
+
+
+def _install_error_handlers(app: FastAPI, key_refusal) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
         return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers)
@@ -404,11 +420,9 @@ def _install_error_handlers(app: FastAPI, require_api_key) -> None:
         # FastAPI parses a JSON body before the route's dependencies run: without this a client with no key
         # would be told how its body was read (400) instead of 401, as OpenAI answers. Every keyed route wants it.
         path = request.url.path
-        if path.startswith("/v1/") or path in (*TOKENIZER_ROUTES, *POOLING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES):
-            try:
-                require_api_key(request)
-            except APIError as denied:
-                return await api_error(request, denied)
+        denied = key_refusal(request)
+        if denied is not None:
+            return denied
         return _error(400, *_describe_validation(exc.errors(), "input" if path in _INPUT_ROUTES else "prompt"))
 
     @app.exception_handler(StarletteHTTPException)
@@ -500,10 +514,14 @@ def _describe_validation(errors, prompt_field: str = "prompt") -> tuple[str, str
 # ----------------------------------------------------------------------------------------------------------
 class BodyLimitMiddleware:
     """Refuse bodies over ``max_bytes`` with 413, and JSON nested deeper than ``MAX_JSON_DEPTH`` with 400, before the
-    app sees them (the body is read here, at most ``max_bytes + 1`` bytes of it, and replayed to the app)."""
+    app sees them (the body is read here, at most ``max_bytes + 1`` bytes of it, and replayed to the app).
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    ``key_refusal(request)``: the 401 of a request that lacks the API key its route needs, answered instead of
+    either refusal (as vLLM, whose key check reads the headers alone, and OpenAI answer): a client without the key
+    learns nothing of the body it sent, nor of the server's limits; a body declared too large is not read."""
+
+    def __init__(self, app, max_bytes: int, key_refusal=None):
+        self.app, self.max_bytes, self.key_refusal = app, max_bytes, key_refusal
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -530,7 +548,7 @@ class BodyLimitMiddleware:
                 and json_nested_deeper_than(body, MAX_JSON_DEPTH):
             response = _error(400, f"the request body's JSON is nested deeper than {MAX_JSON_DEPTH} levels", None,
                               "invalid_json")
-            return await response(scope, receive, send)
+            return await self._refuse(response, scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -543,7 +561,12 @@ class BodyLimitMiddleware:
 
     async def _too_large(self, scope, receive, send):
         response = _error(413, f"the request body is larger than {self.max_bytes} bytes", None, "body_too_large")
-        await response(scope, receive, send)
+        await self._refuse(response, scope, receive, send)
+
+    async def _refuse(self, response: Response, scope, receive, send):
+        """Send ``response``, or the 401 of a request without the key its route needs."""
+        denied = None if self.key_refusal is None else self.key_refusal(Request(scope))
+        await (response if denied is None else denied)(scope, receive, send)
 
 
 # Far beyond any real request (OpenAI's structured outputs allow 10 levels of schema nesting), and far below

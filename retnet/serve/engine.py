@@ -851,10 +851,13 @@ class Engine(ModelThread):
 
         A row whose drafts were all taken (or that had none) keeps the forward's state. One that refused a draft
         needs the state after its last token and the drafts it took, which no forward computed: it keeps the
-        state from before the step, and its next step feeds the tokens since (``lag``) without drafts, in the same
-        one forward as the other rows. So a step costs one forward whatever was refused; only a row that ends
-        while behind runs them now (a second, smaller forward), so that ``_finished`` finds every token but the
-        last in its row's state, as after a decode step."""
+        state from before its drafts, and its next step feeds the tokens since (``lag``) followed by new drafts, in
+        the same one forward as the other rows. A row that proposes drafts with more than its last token to feed
+        is also fed those tokens alone, as a segment of its own continuing a copy of its state: a refusal then
+        leaves it the state after them, not the one from before the step, so that a row refusing step after step
+        never feeds more than k + 1 tokens before its drafts. So a step costs one forward whatever was refused;
+        only a row that ends while behind runs its missing tokens now (a second, smaller forward), so that
+        ``_finished`` finds every token but the last in its row's state, as after a decode step."""
         running = self.running
         feeds = [[*seq.tokens[-seq.lag :], *draft] for seq, draft in zip(running, drafts)]
         # Row i's first sample is read at its last token's position, ``opens[i]`` in the packed row.
@@ -862,11 +865,17 @@ class Engine(ModelThread):
         for seq, feed in zip(running, feeds):
             opens.append(offset + seq.lag - 1)
             offset += len(feed)
-        # The forward replaces the cache's state tensors (never writes into them): these stay the states before it.
-        before = RetNetCache(len(self.batch))
-        before.states, before.offsets, before.seen_tokens = list(self.batch.states), self.batch.offsets, 0
         slots = [seq.group.adapter for seq in running]
-        out = self._packed_forward(feeds, self.batch, slots, keep_all=True)
+        # The rows catching up that draft: their catch-up alone, after every row's feed (``opens`` stay where they
+        # are), each continuing a copy of its row's state; ``catch_up_row[i]``: that segment's row in the output.
+        catching_up = [i for i, (seq, draft) in enumerate(zip(running, drafts)) if draft and seq.lag > 1]
+        catch_up_row = {i: len(running) + j for j, i in enumerate(catching_up)}
+        cache = self.batch.select([*range(len(running)), *catching_up]) if catching_up else self.batch
+        # The forward replaces the cache's state tensors (never writes into them): these stay the states before it.
+        before = RetNetCache(len(cache))
+        before.states, before.offsets, before.seen_tokens = list(cache.states), cache.offsets, 0
+        out = self._packed_forward([*feeds, *(feeds[i][: running[i].lag] for i in catching_up)], cache,
+                                   [*slots, *(slots[i] for i in catching_up)], keep_all=True)
         # As in a decode step, the first position's grammar masks overlap the forward on a GPU; the next ones
         # depend on the tokens sampled before them.
         masks = grammar_masks_of([seq.sampler for seq in running])
@@ -898,13 +907,29 @@ class Engine(ModelThread):
                         and sample.tokens[j] == drafts[i][position]):
                     going.append(i)
         self.batch = out.cache
-        behind = [i for i in range(len(running)) if len(outputs[i]) - 1 < len(drafts[i])]
-        lagging = set(behind)
+        if catching_up:
+            # The batch is the forward's first rows (views); the catch-up segments' rows after them stay in ``out``.
+            with_catch_ups = RetNetCache(len(self.batch))
+            with_catch_ups.states, with_catch_ups.offsets = list(self.batch.states), self.batch.offsets
+            self.batch.states = [state[: len(running)] for state in self.batch.states]
+            self.batch.offsets = self.batch.offsets[: len(running)]
+        # The rows that refused a draft (or met a stop inside their drafts) go back to the state before their drafts.
+        behind = [i for i in range(len(running)) if len(outputs[i]) - 1 < len(drafts[i]) and i not in failed]
         for i, seq in enumerate(running):
-            seq.lag = seq.lag + len(outputs[i]) if i in lagging else 1
-        if behind:
-            self._put_rows(behind, before.select(behind))
-        ended = [i for i in behind if running[i].finish_reason is not None and i not in failed]
+            if i not in behind:
+                seq.lag = 1
+            elif i in catch_up_row:  # its catch-up segment's state: every token before this step's
+                seq.lag = len(outputs[i])
+            else:  # the state from before the step
+                seq.lag += len(outputs[i])
+        from_before = [i for i in behind if i not in catch_up_row]
+        if from_before:
+            self._put_rows(from_before, before.select(from_before))
+        from_catch_up = [i for i in behind if i in catch_up_row]
+        if from_catch_up:
+            self._put_rows(from_catch_up, with_catch_ups.select([catch_up_row[i] for i in from_catch_up]))
+        # (A row back at its catch-up's state that refused its first draft holds every token but the last already.)
+        ended = [i for i in behind if running[i].finish_reason is not None and running[i].lag > 1]
         if ended:
             caught_up = self._packed_forward([running[i].tokens[-running[i].lag : -1] for i in ended],
                                              self.batch.select(ended), [slots[i] for i in ended], keep_all=False)

@@ -209,7 +209,8 @@ class Sequence:
     ngrams: NgramIndex | None = None  # --speculative-config: its prompt + tokens' n-grams (made at its first step)
     draft_state: DraftState | None = None  # a draft model's state of it (made at its first step with room for drafts)
     # The last ``lag`` tokens are not in its batch row's state yet: the next step feeds them. 1 (the token last
-    # sampled) but after a speculative step that refused a draft, whose state is the one from before that step.
+    # sampled) but after a speculative step that refused a draft, whose state is the one from before its drafts
+    # (at most k + 1 tokens back: see Engine._speculative_step).
     lag: int = 1
 
     @property

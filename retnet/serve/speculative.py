@@ -74,9 +74,8 @@ def propose_drafts(running: list[Sequence], config: SpeculativeConfig) -> list[l
     drafts = []
     for seq in running:
         room = min(config.num_speculative_tokens, seq.group.params.max_tokens - len(seq.tokens) - 1)
-        # A row catching up (its state behind by more than the last token) proposes nothing this step: its
-        # feed brings the state up to date, so that no row falls further behind.
-        if room <= 0 or seq.done or seq.lag > 1:
+        # A row that refused a draft last step drafts as well: its drafts follow the tokens it has to feed again.
+        if room <= 0 or seq.done:
             drafts.append([])
             continue
         if seq.ngrams is None:
@@ -139,8 +138,7 @@ class DraftModel:
         behind: dict[int, int] = {}  # id(seq) -> row
         for i, seq in enumerate(running):
             room = min(self.k, seq.group.params.max_tokens - len(seq.tokens) - 1)
-            # As the n-gram proposer's rule: a row whose target state is catching up proposes nothing.
-            if room <= 0 or seq.done or seq.lag > 1:
+            if room <= 0 or seq.done:
                 continue
             fed = _fed(seq)
             total = len(seq.group.inputs) + len(seq.tokens)
