@@ -300,7 +300,12 @@ class RetNetMultiScaleRetention(nn.Module):
         kernels/naive.py)."""
         if device not in self._log_decay:
             decays = self.config.log_decays()[self.head_start:self.head_start + self.num_heads]
-            self._log_decay[device] = log_decay_tensor(decays, device)  # (checked here, not read back by the ops)
+            # Not an inference tensor when the first forward runs under torch.inference_mode(): one keeps no
+            # version counter, so the ops (which re-read ln γ only after an in-place write) would take a write made
+            # to it inside inference_mode (say a positive ln γ, a state growing as γᵀ) as already checked. (Traced
+            # by torch.compile it may still be one; the ops check nothing while compiling anyway.)
+            with torch.inference_mode(False):
+                self._log_decay[device] = log_decay_tensor(decays, device)  # (checked here, not read back by ops)
         return self._log_decay[device]
 
     def forward(
@@ -817,11 +822,18 @@ class RetNetModel(RetNetPreTrainedModel):
         """The width of the pieces to run a padded xPos batch in, when it is wider than one packed frame covers;
         else None. A padded batch runs packed, each row in one xPos frame, so a right-padded prompt longer than
         that (2 800 tokens in fp16 at ``xpos_scale_base=512``) was refused where the same prompt left-padded ran;
-        run in pieces, the state carries from one to the next, as a chunked prefill does."""
+        run in pieces, the state carries from one to the next, as a chunked prefill does.
+
+        Given ``position_ids`` run in the same pieces (each piece's columns of them): the pieces' frames follow the
+        cache's offsets, so positions that number each row's real tokens on from them, as ``generate`` builds them
+        from the mask, stay within every piece's frame, and each row gives what it gives alone (they were refused
+        beyond one frame, though the same batch left-padded on a fresh state ran)."""
         length = hidden_states.shape[1]
-        if (not self.config.use_xpos or attention_mask is None or attention_mask.dim() != 2 or position_ids is not None
+        if (not self.config.use_xpos or attention_mask is None or attention_mask.dim() != 2
                 or cu_seqlens is not None or context_parallel is not None):
             return None
+        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != length):
+            return None  # refused naming its shape by the forward, not by a piece of it
         compute_dtype = hidden_states.dtype
         if torch.is_autocast_enabled(hidden_states.device.type):
             compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
@@ -853,6 +865,14 @@ class RetNetModel(RetNetPreTrainedModel):
         # As the unsplit forward: checkpointed training returns no cache of its own (its states hold the graph).
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         returns_cache = use_cache and (cache is not None or not checkpointing)
+        if cache is None and not returns_cache and position_ids is not None and self.config.use_xpos:
+            # The pieces' own cache goes to no caller, so its offsets need not count real tokens: starting at each
+            # row's first real position, its frames follow the given positions, which may then start anywhere (a
+            # returned cache's offsets hold the count, and positions far ahead of it are refused by name).
+            mask = None if attention_mask is None else attention_mask[:, -length:] != 0
+            first = (torch.zeros(hidden_states.shape[0], dtype=torch.long, device=position_ids.device) if mask is None
+                     else mask.int().argmax(-1).to(position_ids.device))  # (a row of padding only: its column 0)
+            run_cache.offsets = position_ids.expand(hidden_states.shape[0], -1).gather(1, first[:, None])[:, 0].long()
         recording, run_cache.recording = run_cache.recording, 0
         outputs = []
         try:
@@ -900,6 +920,15 @@ class RetNetModel(RetNetPreTrainedModel):
         elif not custom_positions or length == 0:
             rows = position_ids.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
             origin = torch.zeros(rows, dtype=torch.long, device=device)
+        elif cu_seqlens is None and packed_rows is not None:
+            # A packed row's frame starts at its first real token's position: its first column may be padding,
+            # whose position (0, or 1 in older transformers) says nothing of where the real tokens start.
+            index, row_offsets = packed_rows
+            starts = index[row_offsets[:-1].clamp(max=max(index.numel() - 1, 0))] if index.numel() else None
+            rows = torch.arange(position_ids.shape[0], device=device)
+            column = torch.zeros_like(rows) if starts is None else torch.where(
+                row_offsets[1:] > row_offsets[:-1], starts.to(device) - rows * length, 0)
+            origin = position_ids[rows, column]
         elif cu_seqlens is None:
             origin = position_ids[:, 0]
         else:
@@ -916,12 +945,18 @@ class RetNetModel(RetNetPreTrainedModel):
             real = relative if packed_rows is None else relative.flatten()[packed_rows[0]]
             low, high = (int(real.min()), int(real.max())) if real.numel() else (0, 0)
             if low < 0 or high >= span:
+                # A padded batch is already fed in pieces of `span` columns (_padded_xpos_pieces): only positions
+                # that leave the frame get here, and feeding them in pieces would not help.
+                advice = ("feed it in pieces with the cache, or unpacked" if packed_rows is None else
+                          "a padded row's frame is at its cache's offsets (the real tokens it has seen; without a "
+                          "cache, at its first real token's position): give position_ids that number each row's "
+                          "real tokens on from there, as generate builds them from the attention_mask, or leave "
+                          "position_ids out (the model counts them so)")
                 raise ValueError(
                     f"use_xpos: a packed or padded sequence reaches position {high if high >= span else low} from "
                     f"its start, but one forward covers at most {span} positions per sequence when packed "
                     f"(xpos_scale_base={self.config.xpos_scale_base}, {compute_dtype}: q/k scales stay within "
-                    f"{growth:g}); "
-                    "feed it in pieces with the cache, or unpacked"
+                    f"{growth:g}); {advice}"
                 )
         if custom_positions and target is not None and length:
             # Moving the (fp32) state into an earlier frame scales it by ζ^(−shift/base): from the cache's offsets
@@ -1238,8 +1273,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             model_inputs["inputs_embeds"] = inputs_embeds
         else:
             if next_sequence_length and isinstance(cache, RetNetCache) and cache.recording:
-                # After a crop the state may be back before tokens transformers counts as seen (RetNetCache.crop)
-                new_ids = input_ids[:, min(seen, input_ids.shape[1] - next_sequence_length):]
+                # After a crop the state may be back before tokens transformers counts as seen (RetNetCache.crop):
+                # those `refeed` go in again before the new ones. Counted from the end, not from the state's seen
+                # columns: generating from inputs_embeds, input_ids lack the prompt's columns (the cache counts them).
+                new_ids = input_ids[:, max(input_ids.shape[1] - next_sequence_length - cache.refeed, 0):]
             elif next_sequence_length:
                 new_ids = input_ids[:, -next_sequence_length:]
             elif is_first_iteration and not (seen and isinstance(cache, RetNetCache) and cache.recording
@@ -1374,6 +1411,16 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                     "feeds at least one token to get the next one's logits: a cache prefilled by hand should hold "
                     "all but the prompt's last token. generate updates the cache it is given in place: to continue "
                     "one cache more than once, pass a copy (cache.clone()) each time"
+                )
+            if width - seen > inputs.shape[1]:
+                # Only the new tokens, but fewer than the mask's columns past the state's: the state would go on
+                # from the wrong token, silently (say the last token a generate returned, which it never fed, left
+                # out of the new tokens that follow it).
+                raise ValueError(
+                    f"the cache has seen {seen} tokens and the attention_mask covers {width} columns, so "
+                    f"{width - seen} are new, but the inputs hold only {inputs.shape[1]}: pass the whole sequence, or "
+                    "every token the cache has not seen (after a generate, the last token it returned is not in "
+                    "its cache yet: get_seq_length() says how many columns it holds)"
                 )
             if mask is not None and cache.offsets is not None:
                 _warn_rows_without_new_tokens(mask[:, mask.shape[-1] - new:], cache.offsets)
