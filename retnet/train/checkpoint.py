@@ -51,8 +51,6 @@ SHARDED_STATE = "state"  # the sharded layout's torch.distributed.checkpoint dir
 SHARDED_FILES = ("trainer.pt", f"{SHARDED_STATE}/.metadata")  # with the shards, which the manifest lists
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
-# trainer.pt's (and the manifest's) record of the checkpoint a run was explicitly resumed from (resume_origin)
-RESUMED_FROM = "resumed_from"
 
 
 class CheckpointError(RuntimeError):
@@ -178,8 +176,6 @@ def commit_checkpoint(root: Path, step: int, tmp: Path, *, trainer: dict, keep_l
         fsync_tree(tmp)  # the shards of other ranks too: a rename that reaches the disk before them loses them
         manifest = {"format": FORMAT_VERSION, "step": step, "time": time.time(), "layout": layout,
                     "files": dict(sorted(entries.items()))}
-        if trainer.get(RESUMED_FROM):  # here too, where continuation_of reads it without loading trainer.pt
-            manifest[RESUMED_FROM] = trainer[RESUMED_FROM]
         with open(tmp / MANIFEST, "w") as handle:
             json.dump(manifest, handle, indent=1)
             handle.flush()
@@ -192,7 +188,7 @@ def commit_checkpoint(root: Path, step: int, tmp: Path, *, trainer: dict, keep_l
         try:
             verify_checkpoint(final)
         except CheckpointError as error:
-            aside = final.with_name(f"{final.name}.corrupt-{int(time.time())}")
+            aside = _unused(final.with_name(f"{final.name}.corrupt-{int(time.time())}"))
             logger.warning("moving invalid checkpoint aside to %s: %s", aside, error)
             os.rename(final, aside)
     if final.exists():
@@ -307,50 +303,6 @@ def supersede_after(root: Path, step: int) -> list[Path]:
     if moved:
         _fsync_dir(root)
     return moved
-
-
-def resume_origin(path: Path) -> dict[str, Any]:
-    """What the checkpoints of a run resumed explicitly from the (verified) checkpoint ``path`` record of it, as
-    :data:`RESUMED_FROM`, and carry on through ``resume=auto``: its resolved path, its step and the sha256 of its
-    manifest (which lists every file's, so a copy elsewhere is the same checkpoint and a step saved again is not)."""
-    path = Path(path)
-    manifest = path / MANIFEST
-    return {"path": str(path.resolve()), "step": json.loads(manifest.read_text())["step"],
-            "manifest_sha256": _sha256(manifest)}
-
-
-def continuation_of(root: Path, origin: Path) -> Path | None:
-    """The newest valid checkpoint under ``root`` written by a run resumed explicitly from the checkpoint ``origin``
-    (or by a run resumed from one of those), None when there is none.
-
-    A supervisor that relaunches the same command, ``train.resume=origin`` in it, resumes each time from
-    ``origin``: without this, every relaunch would move the progress of the one before aside
-    (:func:`supersede_after`), and a relaunch after ``keep_last`` pruned ``origin`` would fail. ``origin`` is matched
-    by its manifest's sha256 while it exists, by its path once pruned. Checkpoints written before the origin was
-    recorded match nothing. Invalid candidates are skipped with a warning, as :func:`find_resume_checkpoint` does."""
-    origin = Path(origin)
-    if (origin / MANIFEST).is_file():
-        key, wanted = "manifest_sha256", _sha256(origin / MANIFEST)
-    elif not origin.exists():
-        key, wanted = "path", str(origin.resolve())
-    else:  # a directory without a manifest: verify_checkpoint names what is wrong with it
-        return None
-    for path in reversed(list_checkpoints(root)):
-        try:
-            recorded = json.loads((path / MANIFEST).read_text()).get(RESUMED_FROM)
-        except (OSError, ValueError, AttributeError):
-            continue
-        # past the origin's step: a save of the origin's own step (a finished run exported again) continues nothing
-        if not isinstance(recorded, dict) or recorded.get(key) != wanted \
-                or int(STEP_DIR.match(path.name).group(1)) <= recorded.get("step", -1):
-            continue
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as error:
-            logger.warning("skipping invalid checkpoint: %s", error)
-            continue
-        return path
-    return None
 
 
 def _prune(root: Path, keep_last: int, step: int) -> None:
@@ -644,11 +596,10 @@ def replace_directory(directory: Path, write) -> Path:
 
 
 __all__ = [
-    "RESUMED_FROM", "CheckpointError", "checkpoint_layout", "commit_checkpoint", "continuation_of",
-    "export_pretrained", "file_entries",
+    "CheckpointError", "checkpoint_layout", "commit_checkpoint", "export_pretrained", "file_entries",
     "find_resume_checkpoint", "fsync_tree", "list_checkpoints", "load_checkpoint", "load_checkpoint_trainer",
     "load_sharded_state", "new_temp_dir", "note_verified", "prepare_export", "remove_stale_export",
-    "remove_stale_temp", "replace_directory", "resume_origin", "retire_export", "rng_state", "save_checkpoint",
+    "remove_stale_temp", "replace_directory", "retire_export", "rng_state", "save_checkpoint",
     "save_sharded_state", "saved_model_shapes", "set_rng_state",
     "supersede_after", "verified_identity", "verify_checkpoint",
 ]

@@ -65,11 +65,9 @@ from torch import nn
 
 from retnet.train.chat import target_count
 from retnet.train.checkpoint import (
-    RESUMED_FROM,
     CheckpointError,
     checkpoint_layout,
     commit_checkpoint,
-    continuation_of,
     export_pretrained,
     find_resume_checkpoint,
     list_checkpoints,
@@ -81,7 +79,6 @@ from retnet.train.checkpoint import (
     remove_stale_export,
     remove_stale_temp,
     replace_directory,
-    resume_origin,
     retire_export,
     rng_state,
     save_checkpoint,
@@ -187,10 +184,6 @@ class Trainer:
         # The evaluation a stop left undone at its step (a preemption's grace period is for the checkpoint);
         # checkpoints carry it, and the resumed run evaluates that step before its first step.
         self.pending_eval = False
-        # The checkpoint this trajectory was explicitly resumed from (resume_origin), which its checkpoints carry:
-        # a relaunch of the same train.resume=PATH continues them (continuation_of), not from PATH again.
-        self.resumed_from: dict[str, Any] | None = None
-        self._continues_explicit = False  # rank 0: train.resume=PATH picked a continuation of PATH instead
         # A signal only marks this rank; the loop stops on stop_requested, which every rank takes from the same
         # all-reduce, because a rank that left alone would leave the others waiting in the next collective.
         self.signal_received = False
@@ -358,14 +351,14 @@ class Trainer:
         self.last_checkpoint: Path | None = resume_path  # the newest this run knows to be good
         if resume_path is not None:
             self._load(resume_path)
-            if self.is_main and cfg.train.resume not in ("auto", "none") and not self._continues_explicit:
-                self.resumed_from = resume_origin(resume_path)
+            if self.is_main and cfg.train.resume not in ("auto", "none"):
                 abandoned = supersede_after(self.ckpt_root, self.step)
                 if abandoned:
                     # the export was of that trajectory's last step: it goes aside with its checkpoints
                     export = retire_export(self.output_dir / "export", f"export.abandoned-{int(time.time())}")
                     logger.warning("resuming explicitly from step %d: the later checkpoints of the trajectory it "
-                                   "leaves are moved aside (delete them when no longer needed): %s", self.step,
+                                   "leaves are moved aside (delete them when no longer needed; a command relaunched in a loop "
+                                   "should resume with train.resume=auto, which continues the newest): %s", self.step,
                                    ", ".join(p.name for p in [*abandoned, *([export] if export else [])]))
         if getattr(self.data, "grpo", False):  # GRPO: the reward sources, the reference policy
             self.data.start(self)
@@ -651,16 +644,6 @@ class Trainer:
             found = find_resume_checkpoint(self.ckpt_root)
             return None if found is None else str(found)
         load_checkpoint_path = Path(resume)
-        # A supervisor relaunching the same command would resume from PATH every time, moving aside (or, once
-        # keep_last pruned PATH, failing on) the progress made since: the newest checkpoint resumed from PATH wins.
-        continued = continuation_of(self.ckpt_root, load_checkpoint_path)
-        if continued is not None:
-            self._continues_explicit = True
-            logger.warning("train.resume %r: %s holds %s, written by a run resumed from that checkpoint (this command "
-                           "relaunched?): resuming from it, not from %s, whose later progress would be moved aside. "
-                           "To start from %s again, move the checkpoints after it out of %s first", resume,
-                           str(self.ckpt_root), continued.name, resume, resume, str(self.ckpt_root))
-            return str(continued)
         from retnet.train.checkpoint import verify_checkpoint
 
         # A folder of checkpoints (a run's checkpoints/, or its output_dir) would be refused as a checkpoint whose
@@ -856,7 +839,6 @@ class Trainer:
                                **({"distill": self.teacher.state_dict()} if self.teacher is not None else {})},
                 "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
-                RESUMED_FROM: self.resumed_from,
             }
             if self.cfg.lora.enabled:  # what peft wrapped: lora.target_modules [] resolved against the model
                 trainer["lora_targets"] = list(self.lora_targets)
@@ -1015,7 +997,6 @@ class Trainer:
         self.tokens = int(trainer.get("tokens", self.step * tokens_per_step))
         self.window_tokens = int(window.get("tokens", len(self.window_losses) * tokens_per_step))
         self.pending_eval = bool(trainer.get("pending_eval", False))
-        self.resumed_from = trainer.get(RESUMED_FROM)  # carried on, unless this is an explicit resume (rank 0)
         # The data position of this data-parallel rank, held alike by every rank of its group then: the group's
         # first (streamed data resumes only on the same data-parallel size, _check_resume_data)
         group = _saved_context_parallel(trainer) * _saved_tensor_parallel(trainer)

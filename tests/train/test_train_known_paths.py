@@ -100,36 +100,6 @@ def test_a_row_that_is_not_utf8_is_named_in_its_own_file(fmt, tokenizer_dir, tmp
             load_pairs(config, local_files(str(folder)), tmp_path / "cache")
 
 
-def test_a_relaunched_explicit_resume_continues_its_own_progress(micro, tmp_path, capsys, read_metrics):
-    """A supervisor relaunching the same command with train.resume=<a fixed checkpoint> resumed from it every time:
-    each relaunch moved the progress of the one before aside as "abandoned", and once checkpoint.keep_last had pruned
-    that checkpoint the relaunch failed. A relaunch now resumes from the newest checkpoint resumed from it (matched by
-    its manifest, by its path once pruned); the first explicit resume still abandons the other trajectory."""
-    from retnet.train.__main__ import main
-    from retnet.train.checkpoint import list_checkpoints
-
-    out = tmp_path / "run"
-    root = out / "checkpoints"
-    common = dict(checkpoint__interval=2, checkpoint__keep_last=3)
-    assert main(micro(out, train__steps=6, **common)) == 0
-    origin = root / "step_00000002"
-    assert main(micro(out, train__steps=6, optim__lr=1e-3, train__resume=origin, **common)) == 0
-    first = sorted(p.name for p in root.glob("*.abandoned-*"))
-    assert [p.rsplit(".", 1)[0] for p in first] == ["step_00000004", "step_00000006"]
-    capsys.readouterr()
-
-    # relaunched: continues at step 6, not at 2 (step 2 is pruned on the way: keep_last 3 holds 4, 6, 8)
-    assert main(micro(out, train__steps=8, optim__lr=1e-3, train__resume=origin, **common)) == 0
-    assert "resuming from it" in capsys.readouterr().err
-    assert not origin.exists() and sorted(p.name for p in root.glob("*.abandoned-*")) == first
-    # relaunched once its origin is gone: the newest checkpoint resumed from that path
-    assert main(micro(out, train__steps=10, optim__lr=1e-3, train__resume=origin, **common)) == 0
-    assert "step_00000008, written by a run resumed from" in capsys.readouterr().err
-    assert [p.name for p in list_checkpoints(root)] == ["step_00000006", "step_00000008", "step_00000010"]
-    assert sorted(p.name for p in root.glob("*.abandoned-*")) == first
-    assert [r["step"] for r in read_metrics(out)] == list(range(1, 11))
-
-
 def test_checkpoints_set_aside_twice_in_one_second_keep_both(tmp_path):
     """The names of abandoned checkpoints and exports are stamped to the second: a second explicit resume within it
     failed renaming onto the first's ("Directory not empty"), after loading the checkpoint."""
