@@ -870,7 +870,10 @@ class Engine(ModelThread):
         # are), each continuing a copy of its row's state; ``catch_up_row[i]``: that segment's row in the output.
         catching_up = [i for i, (seq, draft) in enumerate(zip(running, drafts)) if draft and seq.lag > 1]
         catch_up_row = {i: len(running) + j for j, i in enumerate(catching_up)}
-        cache = self.batch.select([*range(len(running)), *catching_up]) if catching_up else self.batch
+        cache = self.batch
+        if catching_up:
+            cache = self.batch.select([*range(len(running)), *catching_up])
+            self.batch = None  # the copy holds its rows: not three sets of states alive during the forward, but two
         # The forward replaces the cache's state tensors (never writes into them): these stay the states before it.
         before = RetNetCache(len(cache))
         before.states, before.offsets, before.seen_tokens = list(cache.states), cache.offsets, 0
