@@ -842,7 +842,17 @@ class RetNetModel(RetNetPreTrainedModel):
             return None
         # (host reads, for long xPos inputs only) Left padding on a fresh state runs unpacked, in frames of its own.
         has_state = cache is not None and cache.offsets is not None
-        return None if _pack_padded_rows(attention_mask[:, -length:], has_state) is None else span
+        if _pack_padded_rows(attention_mask[:, -length:], has_state) is None:
+            return None
+        if position_ids is not None:  # positions that fit one frame run in one forward, as before
+            real = attention_mask[:, -length:] != 0
+            pos = position_ids.expand(real.shape[0], -1).to(real.device).long()
+            origin = (cache.offsets.to(real.device) if has_state else
+                      pos.gather(1, real.int().argmax(-1)[:, None])[:, 0])
+            rel = (pos - origin[:, None])[real]
+            if rel.numel() == 0 or (int(rel.min()) >= 0 and int(rel.max()) < span):
+                return None
+        return span
 
     def _snapshot_in_layers(self, attention_mask, length) -> bool:
         """Whether assisted decoding's snapshot can be taken inside the layers (RetNetPositionEncoding.split_at):
@@ -872,7 +882,8 @@ class RetNetModel(RetNetPreTrainedModel):
             mask = None if attention_mask is None else attention_mask[:, -length:] != 0
             first = (torch.zeros(hidden_states.shape[0], dtype=torch.long, device=position_ids.device) if mask is None
                      else mask.int().argmax(-1).to(position_ids.device))  # (a row of padding only: its column 0)
-            run_cache.offsets = position_ids.expand(hidden_states.shape[0], -1).gather(1, first[:, None])[:, 0].long()
+            run_cache.offsets = (position_ids.expand(hidden_states.shape[0], -1).gather(1, first[:, None])[:, 0].long()
+                                 .to(hidden_states.device))
         recording, run_cache.recording = run_cache.recording, 0
         outputs = []
         try:
@@ -1412,15 +1423,20 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                     "all but the prompt's last token. generate updates the cache it is given in place: to continue "
                     "one cache more than once, pass a copy (cache.clone()) each time"
                 )
-            if width - seen > inputs.shape[1]:
+            before = width - inputs.shape[1]  # the mask's columns before the inputs
+            if mask is None or cache.offsets is None:
+                skipped = before > seen
+            else:  # per row, real tokens only: a row split from a padded batch's cache counts no padding in `seen`
+                skipped = bool(((mask[:, :before] != 0).sum(-1) > cache.offsets.to(mask.device)).any())
+            if skipped:
                 # Only the new tokens, but fewer than the mask's columns past the state's: the state would go on
                 # from the wrong token, silently (say the last token a generate returned, which it never fed, left
                 # out of the new tokens that follow it).
                 raise ValueError(
-                    f"the cache has seen {seen} tokens and the attention_mask covers {width} columns, so "
-                    f"{width - seen} are new, but the inputs hold only {inputs.shape[1]}: pass the whole sequence, or "
-                    "every token the cache has not seen (after a generate, the last token it returned is not in "
-                    "its cache yet: get_seq_length() says how many columns it holds)"
+                    f"the attention_mask covers {width} columns and the inputs are its last {inputs.shape[1]}, but "
+                    f"the cache has not seen all {before} columns before them (it has seen {seen}): pass the whole "
+                    "sequence, or every token the cache has not seen (after a generate, the last token it returned "
+                    "is not in its cache yet: get_seq_length() says how many columns it holds)"
                 )
             if mask is not None and cache.offsets is not None:
                 _warn_rows_without_new_tokens(mask[:, mask.shape[-1] - new:], cache.offsets)

@@ -164,10 +164,46 @@ def test_new_tokens_that_leave_out_one_the_cache_has_not_seen_are_refused(model_
     extra = torch.randint(2, 101, (2, 5), generator=torch.Generator().manual_seed(4))
     full = torch.cat([first.sequences, extra], 1)
     mask = torch.ones_like(full)
-    with pytest.raises(ValueError, match=r"seen 11 tokens.*covers 17 columns, so 6 are new.*only 5"):
+    with pytest.raises(ValueError, match=r"its last 5, but the cache has not seen all 12 columns .*seen 11\)"):
         model.generate(extra, attention_mask=mask, **{CACHE_KWARG: cache.clone()}, max_new_tokens=3, do_sample=False)
     # every unseen token (the last one generate returned, then the new ones) continues as the whole sequence does
     expected = model.generate(full, attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=False)
     out = model.generate(full[:, cache.get_seq_length():], attention_mask=mask, **{CACHE_KWARG: cache},
                          max_new_tokens=3,                          do_sample=False)
     assert out[:, -3:].tolist() == expected[:, -3:].tolist()
+
+
+@torch.no_grad()
+def test_padded_xpos_rows_of_documents_with_restarting_positions_within_a_frame_run_in_one_forward():
+    """A padded batch wider than a packed frame whose rows hold documents with restarting position_ids (a packing
+    collator's), each within one frame: split into pieces whose frames follow the real-token count, it was refused
+    ("reaches position -150"), though one forward takes it."""
+    model = xpos_model()
+    ids = torch.randint(2, 101, (2, 300), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 250:] = 0
+    positions = torch.cat([torch.arange(150), torch.arange(150)])[None].repeat(2, 1)
+    positions[1, 250:] = 0
+    logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    for row in (0, 1):  # each row as the same forward gives it in a batch of its own
+        alone = model(ids[row:row + 1], attention_mask=mask[row:row + 1], position_ids=positions[row:row + 1],
+                      use_cache=False).logits
+        torch.testing.assert_close(logits[row], alone[0], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_new_tokens_continue_a_row_split_from_a_left_padded_cache():
+    """split() counts a row's real tokens as seen: its own left-padded mask has more columns before the new tokens
+    than that, which the check for a left-out token refused though nothing was left out."""
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(RetNetConfig(vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           pad_token_id=0, eos_token_id=1)).eval()
+    ids = torch.randint(2, 101, (2, 6))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    row = model(ids, attention_mask=mask).cache.split()[1]
+    new = torch.randint(2, 101, (1, 3))
+    whole = model.generate(torch.cat([ids[1:2, 2:], new], 1), max_new_tokens=4, do_sample=False)
+    continued = model.generate(new, attention_mask=torch.cat([mask[1:2], torch.ones_like(new)], 1),
+                               **{CACHE_KWARG: row}, max_new_tokens=4, do_sample=False)
+    assert continued[0, -4:].tolist() == whole[0, -4:].tolist()
