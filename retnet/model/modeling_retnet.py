@@ -48,7 +48,9 @@ logger = logging.get_logger(__name__)
 CACHE_KWARG = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", []) else "past_key_values"
 # transformers 5.25 rolls recurrent caches back after assisted decoding's verification: it asks them to record
 # their past (activate_past_recording) and crops them. Before that it refused stateful models' assisted decoding.
-ASSISTED_ROLLBACK = hasattr(Cache, "activate_past_recording")
+# (5.17 already has a Cache.activate_past_recording, without the argument, and still refuses stateful models:
+# get_recurrent_states_to_keep came with the rollback.)
+ASSISTED_ROLLBACK = hasattr(Cache, "get_recurrent_states_to_keep")
 
 # Without Triton the chunkwise reference hands a K×V state from chunk to chunk in Python; the parallel form
 # is faster up to here (at head dims 128/256) and its T² memory is still small.

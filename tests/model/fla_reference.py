@@ -22,6 +22,10 @@ if not torch.cuda.is_available():
     autotune = triton.autotune
     triton.autotune = lambda configs, *args, **kwargs: autotune(configs[:1], *args, **kwargs)
 
+    from retnet.kernels.chunk import _interpreter_index_fix
+
+    _interpreter_index_fix()  # fla's runtime loop bounds hit the same Triton <= 3.6 / NumPy >= 2.4 interpreter bug
+
 from fla.models import RetNetConfig, RetNetForCausalLM
 
 VARIANTS = {

@@ -146,7 +146,7 @@ def test_a_continued_row_without_a_new_token_is_warned_of_and_finished_rows_cont
                                return_dict_in_generate=True)
         assert first.sequences[0, -1] == 0 and first.sequences[1, -1] != 0, first.sequences
         records.clear()
-        more = model.generate(first.sequences, **{CACHE_KWARG: first.cache}, max_new_tokens=2, pad_token_id=0,
+        more = model.generate(first.sequences, **{CACHE_KWARG: getattr(first, CACHE_KWARG)}, max_new_tokens=2, pad_token_id=0,
                               **GREEDY)
         assert more.shape[1] == first.sequences.shape[1] + 2
         assert [m for m in records if "rows [0] of the batch have no real token" in m], records
