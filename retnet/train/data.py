@@ -356,7 +356,8 @@ def _without_leading_null_json(files: list[Path], text_field: str) -> list[Path]
     type string to null"), naming no file. Its rows are no documents (null ones are dropped), so nothing is lost.
     Empty files (which datasets skips) are kept and read past; the search ends at the first file with text, or that
     is no JSON Lines (a JSON array, a pretty-printed object): a null file after it stays (datasets casts it to text,
-    as it does a later null Parquet file)."""
+    as it does a later null Parquet file). A leading JSON array of null text is named instead, by the read's error
+    (:func:`_null_first_file`)."""
 
     def all_null(path: Path) -> bool | None:
         """True: rows, each with ``text_field`` null; None: no rows; False: anything else."""
@@ -539,11 +540,78 @@ def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Ite
         if missing is not None:
             raise missing from error
         cause = error.__cause__ or error
+        # "Couldn't cast array of type string to null" (JSON Lines, Parquet), "Couldn't write column 'prompt': its
+        # type in this file is null" (a JSON array): a first file's all-null column, which the error does not name
+        null = _null_first_file(dataset, text_field, key, cause) if "null" in str(cause) else None
+        if null is not None:
+            raise null from error
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else f"{type(cause).__name__} (no rows in any file?)"
-        what = {"data.text_field": "as text", "data.messages_field": "as conversations"}.get(
-            key, "with chosen and rejected")
+        what = {"data.text_field": "as text", "data.messages_field": "as conversations",
+                "data.format 'prompts' column": "as prompts"}.get(key, "with chosen and rejected")
         raise ConfigError(f"data.dataset {dataset!r}: datasets could not read it ({detail}); local files need "
                           f"{key} {text_field!r} in every file, {what}, and the same columns") from error
+
+
+def _column_nulls(path: Path, kind: str) -> dict[str, bool]:
+    """{column: whether it is null in every row} of a JSON (JSON Lines or a JSON array of rows) or Parquet file;
+    empty for a file without rows or that cannot be read (datasets' own read names what is wrong with it)."""
+    rows: list = []
+    try:
+        if kind == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            metadata = pq.read_metadata(path)
+            schema = metadata.schema.to_arrow_schema()
+            return {field.name: pa.types.is_null(field.type) for field in schema} if metadata.num_rows else {}
+        with open(path, encoding="utf-8-sig") as handle:
+            text = handle.read()
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except Exception:  # (pyarrow's errors among them) only the error being reported is lost
+        return {}
+    nulls: dict[str, bool] = {}
+    for row in rows if isinstance(rows, list) else []:
+        for column, value in row.items() if isinstance(row, dict) else ():
+            nulls[column] = nulls.get(column, True) and value is None
+    return nulls
+
+
+def _null_first_file(dataset: str, text_field: str, key: str, cause: Exception) -> ConfigError | None:
+    """ConfigError naming the first file, whose column is null in every row, and the later file with values in it
+    that ``cause`` (datasets' "Couldn't cast array of type string to null", naming neither) comes from; None when the
+    local files of ``dataset`` hold no such column. datasets types each column from the first file it reads: null
+    from such a file, and the later values fail to cast to it, streamed or not. Text data's leading JSON Lines and
+    Parquet files of null text are skipped before the read (:func:`_files_with_rows`), and so here; the others are
+    named, not skipped: a prompt, completion or preference column's null rows are refused anyway, a null
+    conversation would be dropped but the file may hold other columns, and a JSON array's rows are known only by
+    parsing the whole file (a stream reads them, its nulls included, without this error)."""
+    try:
+        files = local_files(dataset)
+        if not files or saved_dataset_dir(files[0]) or _kind(files[0]) not in ("json", "parquet"):
+            return None
+        kind = _kind(files[0])
+        # the files datasets read (text data's leading all-null ones skipped)
+        files = _files_with_rows(dataset, files, kind, text_field if key == "data.text_field" else None)
+    except Exception:  # (FileNotFoundError, ConfigError) only the error being reported is lost
+        return None
+    # datasets types the columns from the first file with rows (it skips empty ones): its all-null columns
+    first, null = next(((path, nulls) for path in files if (nulls := _column_nulls(path, kind))), (None, {}))
+    columns = [column for column, is_null in null.items() if is_null]
+    for path in files[files.index(first) + 1:] if columns else []:
+        nulls = _column_nulls(path, kind)
+        column = next((column for column in columns if nulls.get(column) is False), None)
+        if column is None:
+            continue
+        what = ("its rows hold no documents: leave the file out of data.dataset" if column == text_field
+                and key == "data.text_field" else f"fill in its {column!r} or leave the file out of data.dataset")
+        return ConfigError(
+            f"data.dataset {dataset!r}: {column!r} is null in every row of {str(first)!r}, and {str(path)!r} "
+            f"after it holds values in it: datasets types each column from the first file it reads and cannot read "
+            f"the later values as null ({type(cause).__name__}: {str(cause).split('. ', 1)[0]:.200}); {what}")
+    return None
 
 
 def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 1):
@@ -563,9 +631,9 @@ def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 
 
 def _field(cfg: DataConfig) -> tuple[str, str]:
     """(the column read, its setting's name): ``data.text_field``, ``data.messages_field`` for chat, TRL's prompt
-    column for preference pairs."""
-    if cfg.format == "preference":
-        return "prompt", "data.format 'preference' column"
+    column for preference pairs and GRPO prompts."""
+    if cfg.format in ("preference", "prompts"):
+        return "prompt", f"data.format {cfg.format!r} column"
     return (cfg.messages_field, "data.messages_field") if cfg.format == "chat" else (cfg.text_field, "data.text_field")
 
 

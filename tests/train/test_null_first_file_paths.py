@@ -1,0 +1,103 @@
+"""A first file whose column is null in every row, ahead of files with values in it: datasets types the column
+null from it and failed on the later files with "Couldn't cast array of type string to null" (JSON Lines) or
+"Couldn't write column ...: its type in this file is null" (a JSON array), naming no file. The error now names the
+file, the column and that its rows are null, for chat, preference and prompt rows, streamed or not, and for a JSON
+array of text rows (leading JSON Lines files of null text are skipped: test_train_known_paths)."""
+
+import json
+
+import pytest
+
+from retnet.train.config import ConfigError, DataConfig
+from retnet.train.data import build_data, load_conversations, local_files
+from retnet.train.preference import load_pairs
+from retnet.train.prompts import load_prompt_rows
+
+KWARGS = dict(vocab_size=512, seed=0, micro_batch=1, global_batch=1, rank=0, local_rank=0, world_size=1,
+              tokenizer_dir=None, barrier=lambda: None)
+
+
+def _chat(i):
+    return [{"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
+
+
+# format, the column left null in the first file, row i with values
+CASES = {
+    "messages": ("chat", "messages", lambda i: {"messages": _chat(i)}),
+    "sharegpt": ("chat", "conversations", lambda i: {"conversations": [
+        {"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}),
+    "completion": ("chat", "completion", lambda i: {"prompt": f"q{i}", "completion": f"a{i}"}),
+    "chosen": ("preference", "chosen", lambda i: {"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}),
+    "preference prompt": ("preference", "prompt",
+                          lambda i: {"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}),
+    "prompts": ("prompts", "prompt", lambda i: {"prompt": f"q{i}", "answer": str(i)}),
+    "text": ("text", "text", lambda i: {"text": f"def f_{i}(x):\n    return x * {i}\n" * 4}),
+}
+
+
+def _write(folder, layout, column, row, rows=8):
+    """a.EXT with ``column`` null in its 2 rows, then b.EXT with values; EXT jsonl or json (an array)."""
+    folder.mkdir()
+    suffix = "jsonl" if layout == "jsonl" else "json"
+    for name, values in (("a", [{**row(i), column: None} for i in range(2)]), ("b", [row(i) for i in range(rows)])):
+        (folder / f"{name}.{suffix}").write_text("".join(json.dumps(v) + "\n" for v in values) if layout == "jsonl" else json.dumps(values))
+    return folder / f"a.{suffix}"
+
+
+def _named(first, column):
+    return rf"{column!r} is null in every row of '.*{first.name}', and '.*b\.json.?' after it holds values"
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+@pytest.mark.parametrize("case", [c for c in CASES if c != "text"])
+def test_a_first_file_of_null_rows_is_named(case, layout, tmp_path):
+    fmt, column, row = CASES[case]
+    first = _write(tmp_path / "data", layout, column, row)
+    config = DataConfig(dataset=str(tmp_path / "data"), format=fmt, cache_dir=str(tmp_path / "cache"))
+    load = {"chat": load_conversations, "preference": load_pairs, "prompts": load_prompt_rows}[fmt]
+    with pytest.raises(ConfigError, match=_named(first, column) + rf".*fill in its {column!r}"):
+        load(config, local_files(config.dataset), tmp_path / "cache")
+
+
+def test_a_first_file_of_null_conversations_is_named_when_streamed(tokenizer_dir, tmp_path):
+    """Streamed, the later file failed when the stream reached it (a JSON array's null rows are read as rows)."""
+    _, column, row = CASES["messages"]
+    first = _write(tmp_path / "data", "jsonl", column, row)
+    config = DataConfig(dataset=str(tmp_path / "data"), format="chat", streaming=True, val_documents=1, seq_len=16,
+                        tokenizer=str(tokenizer_dir), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=_named(first, column)):
+        build_data(config, **KWARGS)
+
+
+def test_a_first_json_array_of_null_text_is_named(tokenizer_dir, tmp_path):
+    """Leading JSON Lines files of null text are skipped; a JSON array's rows are known only by parsing the whole
+    file, so it is named instead."""
+    _, column, row = CASES["text"]
+    first = _write(tmp_path / "data", "array", column, row, rows=12)
+    config = DataConfig(dataset=str(tmp_path / "data"), tokenizer=str(tokenizer_dir), seq_len=32, val_fraction=0.1,
+                        cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=_named(first, column) + ".*its rows hold no documents"):
+        build_data(config, **dict(KWARGS, micro_batch=2, global_batch=4))
+
+
+def test_a_first_file_of_a_null_other_column_is_named(tmp_path):
+    """Any column: a chat set's ``id`` null in the whole first file failed as its messages would."""
+    first = _write(tmp_path / "data", "jsonl", "id", lambda i: {"messages": _chat(i), "id": f"row-{i}"})
+    config = DataConfig(dataset=str(tmp_path / "data"), format="chat", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=_named(first, "id")):
+        load_conversations(config, local_files(config.dataset), tmp_path / "cache")
+
+
+def test_a_first_parquet_file_of_a_null_typed_conversation_column_is_named(tmp_path):
+    """pandas writes an all-None column as Parquet's null type: the later files' conversations failed to cast."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pq.write_table(pa.table({"messages": pa.array([None, None], pa.null())}), folder / "a.parquet")
+    pq.write_table(pa.table({"messages": [_chat(i) for i in range(3)]}), folder / "b.parquet")
+    config = DataConfig(dataset=str(folder), format="chat", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"'messages' is null in every row of '.*a\.parquet', and '.*b\.parquet'"):
+        load_conversations(config, local_files(config.dataset), tmp_path / "cache")
