@@ -20,6 +20,16 @@ def _token_meta(cache):
     return json.loads(next(cache.glob("tokens-*/meta.json")).read_text())
 
 
+def _two_batches_of(folder, tokenizer_dir, tmp_path, streaming):
+    """The data of ``folder``, 2 documents held out, after checking it yields two full micro-batches; its cache."""
+    cache = tmp_path / "cache"
+    config = DataConfig(dataset=str(folder), tokenizer=str(tokenizer_dir), seq_len=32, val_fraction=0.1,
+                        streaming=streaming, val_documents=2, cache_dir=str(cache))
+    data = build_data(config, **KWARGS)
+    assert [tuple(b.shape) for b in data.micro_batches(2)] == [(2, 32), (2, 32)]
+    return data, cache
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_parquet_file_whose_first_row_group_is_empty_is_read_whole(streaming, tokenizer_dir, tmp_path):
     """datasets reads a Parquet file in batches of its first row group's rows: a file that starts with an empty row
@@ -36,11 +46,7 @@ def test_a_parquet_file_whose_first_row_group_is_empty_is_read_whole(streaming, 
             writer.write_table(pa.table({"text": pa.array(texts, pa.string())}))
     assert [pq.read_metadata(folder / "a.parquet").row_group(i).num_rows for i in range(3)] == [0, 12, 5]
     pq.write_table(pa.table({"text": _documents(3, "other")}), folder / "b.parquet")
-    cache = tmp_path / "cache"
-    config = DataConfig(dataset=str(folder), tokenizer=str(tokenizer_dir), seq_len=32, val_fraction=0.1,
-                        streaming=streaming, val_documents=2, cache_dir=str(cache))
-    data = build_data(config, **KWARGS)
-    assert [tuple(b.shape) for b in data.micro_batches(2)] == [(2, 32), (2, 32)]
+    data, cache = _two_batches_of(folder, tokenizer_dir, tmp_path, streaming)
     if streaming:
         # every row of both files is streamed: 20 documents, the first 2 held out for validation
         assert len(list(data.stream)) == 18
@@ -60,11 +66,7 @@ def test_a_first_jsonl_file_whose_text_is_all_null_is_skipped(streaming, tokeniz
     for name, texts in (("c", _documents(12)), ("d", [None, *_documents(8, "later")])):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n"
                                                      for i, t in enumerate(texts)))
-    cache = tmp_path / "cache"
-    config = DataConfig(dataset=str(folder), tokenizer=str(tokenizer_dir), seq_len=32, val_fraction=0.1,
-                        streaming=streaming, val_documents=2, cache_dir=str(cache))
-    data = build_data(config, **KWARGS)
-    assert [tuple(b.shape) for b in data.micro_batches(2)] == [(2, 32), (2, 32)]
+    data, cache = _two_batches_of(folder, tokenizer_dir, tmp_path, streaming)
     if streaming:
         # the later file's null row is read (and dropped as no document by the stream's packing)
         assert len(list(data.stream)) == 21 - 2
