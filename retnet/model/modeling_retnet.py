@@ -834,8 +834,12 @@ class RetNetModel(RetNetPreTrainedModel):
         if (not self.config.use_xpos or attention_mask is None or attention_mask.dim() != 2
                 or cu_seqlens is not None or context_parallel is not None):
             return None
-        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != length):
+        batch = hidden_states.shape[0]
+        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != length
+                                         or position_ids.shape[0] not in (1, batch)):
             return None  # refused naming its shape by the forward, not by a piece of it
+        if cache is not None and cache.offsets is not None and cache.offsets.shape[0] != batch:
+            return None  # (a cache of other rows: the same)
         compute_dtype = hidden_states.dtype
         if torch.is_autocast_enabled(hidden_states.device.type):
             compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
@@ -1425,20 +1429,22 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                     "all but the prompt's last token. generate updates the cache it is given in place: to continue "
                     "one cache more than once, pass a copy (cache.clone()) each time"
                 )
-            before = width - inputs.shape[1]  # the mask's columns before the inputs
             if mask is None or cache.offsets is None:
-                skipped = before > seen
-            else:  # per row, real tokens only: a row split from a padded batch's cache counts no padding in `seen`
-                skipped = bool(((mask[:, :before] != 0).sum(-1) > cache.offsets.to(mask.device)).any())
-            if skipped:
-                # Only the new tokens, but fewer than the mask's columns past the state's: the state would go on
-                # from the wrong token, silently (say the last token a generate returned, which it never fed, left
-                # out of the new tokens that follow it).
+                mismatch = width - inputs.shape[1] > seen
+            else:
+                # Per row, real tokens: the mask's before the new columns must all be in the state. New tokens alone
+                # that leave one out (the last a generate returned, which it never fed) would run on from the wrong
+                # token, silently. (Fewer is fine: a finished row's padding, fed with a mask of ones, then inferred
+                # as padding when the batch is generated further.) A row split from a padded batch's cache counts
+                # no padding in `seen`: its new tokens alone are told apart so.
+                mismatch = bool(((mask[:, :width - new] != 0).sum(-1) > cache.offsets.to(mask.device)).any())
+            if mismatch:
                 raise ValueError(
                     f"the attention_mask covers {width} columns and the inputs are its last {inputs.shape[1]}, but "
-                    f"the cache has not seen all {before} columns before them (it has seen {seen}): pass the whole "
-                    "sequence, or every token the cache has not seen (after a generate, the last token it returned "
-                    "is not in its cache yet: get_seq_length() says how many columns it holds)"
+                    f"its real tokens before the {new} new columns are more than the cache holds (it has seen {seen} "
+                    "columns): pass the whole sequence, or every token the cache has not seen with an attention_mask "
+                    "covering the whole sequence (after a generate, the last token it returned is not in its cache "
+                    "yet)"
                 )
             if mask is not None and cache.offsets is not None:
                 _warn_rows_without_new_tokens(mask[:, mask.shape[-1] - new:], cache.offsets)

@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sysconfig
 import time
@@ -542,7 +543,7 @@ def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Ite
         cause = error.__cause__ or error
         # "Couldn't cast array of type string to null" (JSON Lines, Parquet), "Couldn't write column 'prompt': its
         # type in this file is null" (a JSON array): a first file's all-null column, which the error does not name
-        null = _null_first_file(dataset, text_field, key, cause) if "null" in str(cause) else None
+        null = _null_first_file(dataset, text_field, key, cause) if _NULL_CAST.search(str(cause)) else None
         if null is not None:
             raise null from error
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else f"{type(cause).__name__} (no rows in any file?)"
@@ -552,10 +553,18 @@ def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Ite
                           f"{key} {text_field!r} in every file, {what}, and the same columns") from error
 
 
-def _column_nulls(path: Path, kind: str) -> dict[str, bool]:
+# datasets' errors for a column typed null by the first file: "Couldn't cast array of type string to null" (JSON Lines,
+# Parquet), "Couldn't write column 'prompt': its type in this file is null" (a JSON array)
+_NULL_CAST = re.compile(r"Couldn't cast array of type\s.*\sto\s+null\b|its type in this file is null", re.DOTALL)
+# Past this, a JSON array file is not parsed to tell its null columns (the error is left as datasets words it)
+_NULL_SCAN_BYTES = 64 << 20
+
+
+def _column_nulls(path: Path, kind: str, wanted: set[str] | None = None) -> dict[str, bool]:
     """{column: whether it is null in every row} of a JSON (JSON Lines or a JSON array of rows) or Parquet file;
-    empty for a file without rows or that cannot be read (datasets' own read names what is wrong with it)."""
-    rows: list = []
+    empty for a file without rows or that cannot be read (datasets' own read names what is wrong with it). JSON Lines
+    are read a line at a time, and the read stops once every column seen (or, with ``wanted``, one of those) holds a
+    value: this runs on an error path, over files as large as a data set's."""
     try:
         if kind == "parquet":
             import pyarrow as pa
@@ -564,19 +573,50 @@ def _column_nulls(path: Path, kind: str) -> dict[str, bool]:
             metadata = pq.read_metadata(path)
             schema = metadata.schema.to_arrow_schema()
             return {field.name: pa.types.is_null(field.type) for field in schema} if metadata.num_rows else {}
-        with open(path, encoding="utf-8-sig") as handle:
-            text = handle.read()
-        if text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        with open(path, "rb") as handle:
+            head = handle.read(64).lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
+            handle.seek(0)
+            if head.startswith(b"["):
+                if path.stat().st_size > _NULL_SCAN_BYTES:
+                    return {}
+                rows = json.loads(handle.read().decode("utf-8-sig"))
+            else:
+                rows = (json.loads(line) for line in handle if line.strip())
+            nulls: dict[str, bool] = {}
+            for row in rows if not isinstance(rows, dict) else ():
+                for column, value in _leaves(row) if isinstance(row, dict) else ():
+                    nulls[column] = nulls.get(column, True) and value is None
+                if wanted is not None and any(_holds_values(nulls, column) for column in wanted):
+                    break
+                if wanted is None and nulls and not any(nulls.values()):
+                    break
+            return nulls
     except Exception:  # (pyarrow's errors among them) only the error being reported is lost
         return {}
-    nulls: dict[str, bool] = {}
-    for row in rows if isinstance(rows, list) else []:
-        for column, value in row.items() if isinstance(row, dict) else ():
-            nulls[column] = nulls.get(column, True) and value is None
-    return nulls
+
+
+def _leaves(value, path: str = ""):
+    """(path, value) of each leaf of a JSON row: ``messages[].name`` for a key of the dicts in a list (datasets types
+    nested fields from the first file too: a name null throughout it fails the same way)."""
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list) and value:
+        for item in value:
+            yield from _leaves(item, f"{path}[]")
+    else:
+        yield path, value
+
+
+def _holds_values(nulls: dict[str, bool], column: str) -> bool:
+    """Whether a file of these :func:`_column_nulls` holds a value at ``column`` or inside it (a list of dicts where
+    the first file has null)."""
+    return any(not null and (path == column or path.startswith((f"{column}.", f"{column}[")))
+               for path, null in nulls.items())
+
+
+def _top_level(nulls: dict[str, bool]) -> set[str]:
+    return {re.split(r"[.\[]", path, maxsplit=1)[0] for path in nulls}
 
 
 def _null_first_file(dataset: str, text_field: str, key: str, cause: Exception) -> ConfigError | None:
@@ -601,8 +641,10 @@ def _null_first_file(dataset: str, text_field: str, key: str, cause: Exception) 
     first, null = next(((path, nulls) for path in files if (nulls := _column_nulls(path, kind))), (None, {}))
     columns = [column for column, is_null in null.items() if is_null]
     for path in files[files.index(first) + 1:] if columns else []:
-        nulls = _column_nulls(path, kind)
-        column = next((column for column in columns if nulls.get(column) is False), None)
+        nulls = _column_nulls(path, kind, set(columns))
+        if nulls and _top_level(nulls) != _top_level(null):
+            return None  # other columns (datasets' "column names don't match"): not this error's cause to name
+        column = next((column for column in columns if _holds_values(nulls, column)), None)
         if column is None:
             continue
         what = ("its rows hold no documents: leave the file out of data.dataset" if column == text_field
@@ -610,7 +652,7 @@ def _null_first_file(dataset: str, text_field: str, key: str, cause: Exception) 
         return ConfigError(
             f"data.dataset {dataset!r}: {column!r} is null in every row of {str(first)!r}, and {str(path)!r} "
             f"after it holds values in it: datasets types each column from the first file it reads and cannot read "
-            f"the later values as null ({type(cause).__name__}: {str(cause).split('. ', 1)[0]:.200}); {what}")
+            f"the later values as null ({type(cause).__name__}: {' '.join(str(cause).split())[:300]}); {what}")
     return None
 
 

@@ -101,3 +101,35 @@ def test_a_first_parquet_file_of_a_null_typed_conversation_column_is_named(tmp_p
     config = DataConfig(dataset=str(folder), format="chat", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=r"'messages' is null in every row of '.*a\.parquet', and '.*b\.parquet'"):
         load_conversations(config, local_files(config.dataset), tmp_path / "cache")
+
+
+def _chat_files(folder, files):
+    folder.mkdir()
+    for name, rows in files.items():
+        (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = DataConfig(dataset=str(folder), format="chat", cache_dir=str(folder.parent / "cache"))
+    return lambda: load_conversations(config, local_files(config.dataset), folder.parent / "cache")
+
+
+def test_a_nested_field_null_throughout_the_first_file_names_the_file_that_fails(tmp_path):
+    """A message key null in every row of the first file fails on the next file with values in it, with the same
+    "Couldn't cast ... to null": that file and the nested field are named, not a later file's other null column
+    (a review found c.jsonl's 'meta' blamed for b.jsonl's names)."""
+    named = [{"role": "user", "content": "q", "name": None}, {"role": "assistant", "content": "a", "name": None}]
+    load = _chat_files(tmp_path / "data", {
+        "a.jsonl": [{"messages": named, "meta": None}] * 3,
+        "b.jsonl": [{"messages": [{**m, "name": "bob"} for m in named], "meta": None}] * 3,
+        "c.jsonl": [{"messages": _chat(i), "meta": "x"} for i in range(3)]})
+    with pytest.raises(ConfigError, match=r"'messages\[\]\.name' is null in every row of '.*a\.jsonl', and '.*b\.jsonl'"):
+        load()
+
+
+def test_other_columns_in_a_later_file_are_not_blamed_on_a_null_column(tmp_path):
+    # b.jsonl's extra column is what fails ("column names don't match"); the schema datasets prints holds a null
+    load = _chat_files(tmp_path / "data", {
+        "a.jsonl": [{"messages": _chat(i), "meta": None} for i in range(3)],
+        "b.jsonl": [{"messages": _chat(i), "meta": None, "extra": 1} for i in range(3)],
+        "c.jsonl": [{"messages": _chat(i), "meta": "x"} for i in range(3)]})
+    with pytest.raises(ConfigError, match="column names don't match") as refused:
+        load()
+    assert "is null in every row" not in str(refused.value)
