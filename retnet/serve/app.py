@@ -407,6 +407,8 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 def _needs_key(path: str) -> bool:
     """Whether ``path`` is behind ``--api-keys``: /v1 and vLLM's routes outside it (/health and /metrics are not)."""
+    # (a trailing slash too: the router redirects /tokenize/ to the keyed /tokenize)
+    path = path.rstrip("/") or "/"
     return path.startswith("/v1/") or path in (*TOKENIZER_ROUTES, *POOLING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES)
 
 

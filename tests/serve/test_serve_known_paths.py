@@ -151,7 +151,7 @@ async def test_a_request_without_the_key_gets_401_whatever_its_body(open_app):
 
     async with open_app(api_keys=["k1"], max_body_bytes=4096) as client:
         keys = {"none": {}, "wrong": {"Authorization": "Bearer k2"}, "valid": {"Authorization": "Bearer k1"}}
-        for route in ("/v1/chat/completions", "/v1/completions", "/tokenize"):
+        for route in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/tokenize/"):
             for key, headers in keys.items():
                 headers = {**headers, "Content-Type": "application/json"}
                 answers = {
