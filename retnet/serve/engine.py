@@ -877,8 +877,10 @@ class Engine(ModelThread):
         # The forward replaces the cache's state tensors (never writes into them): these stay the states before it.
         before = RetNetCache(len(cache))
         before.states, before.offsets, before.seen_tokens = list(cache.states), cache.offsets, 0
+        # (the catch-up segments' logits are never read: only the rows' own feeds, the first `offset` positions)
         out = self._packed_forward([*feeds, *(feeds[i][: running[i].lag] for i in catching_up)], cache,
-                                   [*slots, *(slots[i] for i in catching_up)], keep_all=True)
+                                   [*slots, *(slots[i] for i in catching_up)], keep_all=True,
+                                   kept_positions=offset if catching_up else None)
         # As in a decode step, the first position's grammar masks overlap the forward on a GPU; the next ones
         # depend on the tokens sampled before them.
         masks = grammar_masks_of([seq.sampler for seq in running])
@@ -960,16 +962,21 @@ class Engine(ModelThread):
             self.batch.states[layer].index_copy_(0, index, state)
         self.batch.offsets.index_copy_(0, index, states.offsets)
 
-    def _packed_forward(self, feeds: list[list[int]], cache: RetNetCache, slots: list[int], keep_all: bool):
+    def _packed_forward(self, feeds: list[list[int]], cache: RetNetCache, slots: list[int], keep_all: bool,
+                        kept_positions: int | None = None):
         """``feeds`` (sequence i's tokens continue ``cache`` row i, under LoRA slot ``slots[i]``) as one packed
-        recurrent forward: every position's logits (``keep_all``), else each sequence's last."""
+        recurrent forward: every position's logits (``keep_all``; the first ``kept_positions`` of them when given),
+        else each sequence's last."""
         cu_seqlens = torch.tensor([0, *itertools.accumulate(len(feed) for feed in feeds)], dtype=torch.long,
                                   device=self.device)
         ids = torch.tensor([[token for feed in feeds for token in feed]], dtype=torch.long, device=self.device)
+        if not keep_all:
+            keep = cu_seqlens[1:] - 1
+        else:
+            keep = 0 if kept_positions is None else torch.arange(kept_positions, device=self.device)
         with self.adapter_slots.applied(slots, [len(feed) for feed in feeds]):
             return self.model(input_ids=ids, cache=cache, use_cache=True, retention_mode=VERIFY_MODE,
-                              cu_seqlens=cu_seqlens, logits_to_keep=0 if keep_all else cu_seqlens[1:] - 1,
-                              return_dict=True)
+                              cu_seqlens=cu_seqlens, logits_to_keep=keep, return_dict=True)
 
     def _advance(self, seq: Sequence, row: int, sample) -> SeqOutput:
         """Record the token sampled for ``seq`` (row ``row`` of ``sample``) and apply the stopping rules."""

@@ -90,8 +90,19 @@ async def test_the_step_after_a_refused_draft_drafts_and_answers_as_plain_decodi
     config = NGRAM if method == "ngram" else draft_config(model_dir)
     engine = engine_with(model_dir, speculative_config=config, max_running=4)
     steps = recorded_steps(engine)
+    packed, widths = engine._packed_forward, []  # (positions fed, positions with logits) of each verification
+
+    def measured(feeds, cache, slots, keep_all, **options):
+        out = packed(feeds, cache, slots, keep_all, **options)
+        if keep_all:
+            widths.append((sum(map(len, feeds)), out.logits.shape[1]))
+        return out
+
+    engine._packed_forward = measured
     fast = await run(engine, requests_of(engine))
     assert_same_answers(plain, fast)
+    # the catch-up segments' logits, never read, are not computed
+    assert any(kept < fed for fed, kept in widths) and all(kept <= fed for fed, kept in widths)
 
     rows = [row for step in steps for row in step]
     refused = [row for row in rows if row[1] > 1]

@@ -298,9 +298,9 @@ async def test_a_choice_ending_after_a_refused_draft_saves_every_token_but_the_l
         steps.append((len(running[0].tokens), drafts[0]))
         return drafts
 
-    def counting(feeds, cache, slots, keep_all):
+    def counting(feeds, cache, slots, keep_all, **options):
         catch_ups.extend([] if keep_all else feeds)
-        return packed(feeds, cache, slots, keep_all)
+        return packed(feeds, cache, slots, keep_all, **options)
 
     engine._packed_forward = counting
     monkeypatch.setattr(engine_module, "propose_drafts", recording)
