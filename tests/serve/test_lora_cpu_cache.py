@@ -20,7 +20,7 @@ from retnet.serve.settings import ServeSettings
 from .conftest import make_settings, serve_app
 from .test_dora import _perturb_magnitudes
 from .test_lora import PROMPTS, _peft_model, assert_same_answer, complete
-from .test_lora_runtime import cached, error_of, installed_slots, listed, load, unload
+from .test_lora_runtime import cached, error_of, eventually, installed_slots, listed, load, unload
 
 pytestmark = pytest.mark.anyio
 
@@ -183,6 +183,9 @@ async def test_a_reload_that_fails_fails_only_its_requests(model_dir, adapter_di
         assert_same_answer(await complete(client, "c", PROMPTS[0]), want["c", PROMPTS[0]], "c after load_inplace")
         # An evicted adapter unloads; a runtime load takes the place of the idle loaded one.
         assert (await unload(client, "a")).status_code == 200
+        # c's request may still be leaving the engine (its answer goes out first): then c is not idle, and d would
+        # be served evicted (every place in use), as it should
+        await eventually(lambda: engine.in_system == 0)
         assert (await load(client, "d", adapter_dirs["b"])).status_code == 200
         assert installed_slots(engine) == {engine.adapters["d"].slot}
         assert_same_answer(await complete(client, "d", PROMPTS[1]), want["b", PROMPTS[1]], "d")
