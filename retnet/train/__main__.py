@@ -14,8 +14,8 @@ Multi-node (run the same command on every node; output_dir and data.cache_dir on
 
 ``--config`` is a shipped preset (``tiny``, ``small``, ``retnet-1.3b``, ``retnet-2.7b``, ``retnet-6.7b``) or
 a TOML file; every field can be overridden as ``--section.key=value``. Exit status: 0 when finished or
-stopped by SIGTERM/SIGINT after saving, 2 for a configuration, data or checkpoint error, 3 when the loss
-became NaN/inf.
+stopped by SIGTERM/SIGINT after saving, 2 for a configuration, data or checkpoint error (also a checkpoint or
+export that cannot be written: a full disk, a permission), 3 when the loss became NaN/inf.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_00000100`` holding
     trainer.pt     step, tokens trained on, per-rank data positions and RNG states (python, numpy, torch,
                    cuda), config, the losses, seconds and tokens of the steps since the last metrics record,
                    whether this step's evaluation is still to run (a stop signal skipped it), the
-                   fingerprint of the hub data trained on (a resume reads the same) and, under LoRA, the
+                   fingerprint of the hub data trained on (a resume reads the same), the SHA-256 of the
+                   tokenizer's vocabulary (a resume tokenizes with the same) and, under LoRA, the
                    modules its adapters wrap (``lora.target_modules`` resolved: a resume compares those)
     manifest.json  written last: step, layout and the sha256 and size of each file in the directory
 
@@ -225,7 +226,10 @@ def _replace(new: Path, final: Path) -> None:
         os.rename(final, old)
         os.rename(new, final)
         new = old
-    shutil.rmtree(new)  # now the superseded checkpoint, under a .tmp- name
+    try:
+        shutil.rmtree(new)  # now the superseded checkpoint, under a .tmp- name
+    except OSError as error:  # the new one is in place; remove_stale_temp removes this at the next start
+        logger.warning("could not remove the superseded checkpoint %s: %s", new, error)
 
 
 def remove_stale_temp(root: Path) -> list[Path]:
@@ -315,7 +319,13 @@ def _prune(root: Path, keep_last: int, step: int) -> None:
         if int(STEP_DIR.match(path.name).group(1)) > step:
             continue
         if kept >= keep_last:
-            shutil.rmtree(path)
+            try:
+                shutil.rmtree(path)
+            except OSError as error:
+                # The new checkpoint is committed: a run must not die of an old one it could not delete (a busy
+                # .nfs file, a permission). It stays behind those kept and the next save tries again.
+                logger.warning("could not remove old checkpoint %s (checkpoint.keep_last=%d): %s; the next save "
+                               "tries again", path, keep_last, error)
             _checked.pop(path.absolute(), None)
         elif _is_valid(path):
             kept += 1
@@ -370,7 +380,16 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """The manifest of a complete, uncorrupted checkpoint, or CheckpointError naming what is wrong."""
-    path = Path(path)
+    try:
+        return _verify(Path(path))
+    except OSError as error:
+        # A file this process may not read (another user's 0600 files on a shared filesystem) or an I/O error: a
+        # checkpoint that cannot be loaded, as a corrupt one, named with the error (it raised out of resume=auto's
+        # choice and out of keep_last's pruning, after the new checkpoint was committed)
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {error}") from None
+
+
+def _verify(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a directory")
     manifest_path = path / MANIFEST
@@ -583,9 +602,13 @@ def replace_directory(directory: Path, write) -> Path:
     a half-written ``directory`` (its leftovers are what :func:`remove_stale_export` removes)."""
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    # a resume loads output_dir/tokenizer: a crash of the machine must not leave it renamed in but empty
-    fsync_tree(tmp)
+    try:
+        write(tmp)
+        # a resume loads output_dir/tokenizer: a crash of the machine must not leave it renamed in but empty
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full of the half-written copy
+        raise
     old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
     if directory.exists():
         os.rename(directory, old)

@@ -62,6 +62,7 @@ from retnet.train.chat import (
     CHAT_COLUMNS,
     COMPLETION,
     PROMPT,
+    SHAREGPT_COLUMN,
     TARGET,
     ChatEncoder,
     check_conversations,
@@ -248,7 +249,8 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     # invalid UTF-8 becomes U+FFFD, as in the stdlib corpus, not an error that names no file; a byte order mark
     # (Windows editors write one) is no text of the document, as JSON and CSV readers drop it from their rows
     options = {"sample_by": "document", "encoding": "utf-8-sig", "encoding_errors": "replace"} if kind == "text" else {}
-    files = _files_with_rows(cfg.dataset, files, kind, cfg.text_field if cfg.format == "text" else None)
+    field, key = _field(cfg)
+    files = _files_with_rows(cfg.dataset, files, kind, _skipped_if_null(key, field))
     if cfg.format == "text" and kind in ("json", "parquet"):
         _check_later_files(files[1:], kind, cfg.text_field)
     with _reading(cfg.dataset, *_field(cfg)):
@@ -302,7 +304,20 @@ def _row_in_files(files: list[Path], row: int) -> tuple[Path, int] | None:
     return None
 
 
-def _files_with_rows(dataset: str, files: list[Path], kind: str, text_field: str | None = None) -> list[Path]:
+def _skipped_if_null(key: str, field: str) -> tuple[str, ...] | None:
+    """The columns a leading file with every row null in is skipped for (:func:`_files_with_rows`), given the
+    setting ``key`` naming the column read, ``field``: a text file's documents, a chat file's conversations (also
+    ShareGPT's ``conversations``, read in place of the default ``messages``). Their null rows are dropped anyway, so
+    skipping such a file loses nothing; a preference or prompt file's null rows are refused, so it stays."""
+    if key == "data.text_field":
+        return (field,)
+    if key == "data.messages_field":
+        return (field, SHAREGPT_COLUMN) if field == "messages" else (field,)
+    return None
+
+
+def _files_with_rows(dataset: str, files: list[Path], kind: str,
+                     text_field: str | tuple[str, ...] | None = None) -> list[Path]:
     """``files`` without the Parquet or CSV files that hold nothing to read, which datasets does not skip as it
     skips an empty JSON file: it fails the whole set on one. A Parquet file is read in batches of its first row
     group's rows, 0 in the empty partition that pyarrow (pandas too) writes ("BatchSize must be greater than 0"; a
@@ -313,7 +328,8 @@ def _files_with_rows(dataset: str, files: list[Path], kind: str, text_field: str
     (its rows dropped as empty documents) and stays, so that a stream's saved position, which counts files and
     their batches, means what it meant. A file that cannot be read at all stays: datasets' read names what is wrong
     with it. Leading JSON files whose ``text_field`` is null in every row are skipped as leading null Parquet files
-    are (:func:`_without_leading_null_json`)."""
+    are (:func:`_without_leading_null_json`). ``text_field`` may be several columns (:func:`_skipped_if_null`: a
+    chat file's conversations), a file being null when those of them it has are null in every row."""
     if kind == "json":
         return _without_leading_null_json(files, text_field) if text_field else files
     if kind not in ("parquet", "csv"):
@@ -322,13 +338,15 @@ def _files_with_rows(dataset: str, files: list[Path], kind: str, text_field: str
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    fields = (text_field,) if isinstance(text_field, str) else text_field or ()
+
     def rows_and_null_text(path: Path) -> tuple[bool, bool]:
         try:
             if kind == "parquet":
                 metadata = pq.read_metadata(path)
                 schema = metadata.schema.to_arrow_schema()
-                index = schema.get_field_index(text_field) if text_field else -1
-                return metadata.num_rows > 0, index >= 0 and pa.types.is_null(schema.field(index).type)
+                present = [schema.field(index) for field in fields if (index := schema.get_field_index(field)) >= 0]
+                return metadata.num_rows > 0, bool(present) and all(pa.types.is_null(f.type) for f in present)
             pd.read_csv(path, nrows=0)
         except pd.errors.EmptyDataError:
             return False, False
@@ -345,12 +363,12 @@ def _files_with_rows(dataset: str, files: list[Path], kind: str, text_field: str
     if not kept:
         name = {"parquet": "Parquet", "csv": "CSV"}[kind]
         held = f"its {len(files)} {name} files hold" if len(files) > 1 else f"its {name} file holds"
-        nulls = f" (or only nulls in data.text_field {text_field!r})" if text_field and kind == "parquet" else ""
+        nulls = f" (or only nulls in {' or '.join(map(repr, fields))})" if fields and kind == "parquet" else ""
         raise ConfigError(f"data.dataset {dataset!r}: {held} no rows{nulls}")
     return kept
 
 
-def _without_leading_null_json(files: list[Path], text_field: str) -> list[Path]:
+def _without_leading_null_json(files: list[Path], text_field: str | tuple[str, ...]) -> list[Path]:
     """``files`` without the JSON Lines files ahead of the first one with text whose ``text_field`` is null in every
     row (an export whose first partition's text was filtered out). datasets types its columns from the first rows it
     reads: ``null`` from such a file, and the first later file's text failed to cast to it ("Couldn't cast array of
@@ -358,7 +376,9 @@ def _without_leading_null_json(files: list[Path], text_field: str) -> list[Path]
     Empty files (which datasets skips) are kept and read past; the search ends at the first file with text, or that
     is no JSON Lines (a JSON array, a pretty-printed object): a null file after it stays (datasets casts it to text,
     as it does a later null Parquet file). A leading JSON array of null text is named instead, by the read's error
-    (:func:`_null_first_file`)."""
+    (:func:`_null_first_file`). With several columns (a chat file's, :func:`_skipped_if_null`) a row is null when
+    it has one of them and those it has are null."""
+    fields = (text_field,) if isinstance(text_field, str) else text_field
 
     def all_null(path: Path) -> bool | None:
         """True: rows, each with ``text_field`` null; None: no rows; False: anything else."""
@@ -371,7 +391,8 @@ def _without_leading_null_json(files: list[Path], text_field: str) -> list[Path]
                     row = json.loads(line)
                     # a row without the field is no null: a file of other columns (the wrong data.text_field, a
                     # metadata file in the glob) stays, for datasets' read to refuse by name
-                    if not isinstance(row, dict) or text_field not in row or row[text_field] is not None:
+                    present = [field for field in fields if isinstance(row, dict) and field in row]
+                    if not present or any(row[field] is not None for field in present):
                         return False
                     rows += 1
         except (OSError, ValueError):  # datasets' own read names what is wrong with it
@@ -388,8 +409,8 @@ def _without_leading_null_json(files: list[Path], text_field: str) -> list[Path]
     else:
         return files  # no file has text: datasets reads them all as null, and the split finds no documents
     if skipped:
-        logger.info("data: skipping %d leading JSON file(s) whose %r is null in every row, e.g. %s", len(skipped),
-                    text_field, skipped[0])
+        logger.info("data: skipping %d leading JSON file(s) whose %s is null in every row, e.g. %s", len(skipped),
+                    " or ".join(map(repr, fields)), skipped[0])
     dropped = set(skipped)
     return [path for path in files if path not in dropped]
 
@@ -623,18 +644,18 @@ def _null_first_file(dataset: str, text_field: str, key: str, cause: Exception) 
     """ConfigError naming the first file, whose column is null in every row, and the later file with values in it
     that ``cause`` (datasets' "Couldn't cast array of type string to null", naming neither) comes from; None when the
     local files of ``dataset`` hold no such column. datasets types each column from the first file it reads: null
-    from such a file, and the later values fail to cast to it, streamed or not. Text data's leading JSON Lines and
-    Parquet files of null text are skipped before the read (:func:`_files_with_rows`), and so here; the others are
-    named, not skipped: a prompt, completion or preference column's null rows are refused anyway, a null
-    conversation would be dropped but the file may hold other columns, and a JSON array's rows are known only by
-    parsing the whole file (a stream reads them, its nulls included, without this error)."""
+    from such a file, and the later values fail to cast to it, streamed or not. Leading JSON Lines and Parquet files
+    of null text or null conversations are skipped before the read (:func:`_files_with_rows`), and so here: their
+    rows would be dropped anyway. The others are named, not skipped: a prompt, completion or preference column's
+    null rows are refused anyway, and a JSON array's rows are known only by parsing the whole file (a stream reads
+    them, its nulls included, without this error)."""
     try:
         files = local_files(dataset)
         if not files or saved_dataset_dir(files[0]) or _kind(files[0]) not in ("json", "parquet"):
             return None
         kind = _kind(files[0])
         # the files datasets read (text data's leading all-null ones skipped)
-        files = _files_with_rows(dataset, files, kind, text_field if key == "data.text_field" else None)
+        files = _files_with_rows(dataset, files, kind, _skipped_if_null(key, text_field))
     except Exception:  # (FileNotFoundError, ConfigError) only the error being reported is lost
         return None
     # datasets types the columns from the first file with rows (it skips empty ones): its all-null columns

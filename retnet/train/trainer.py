@@ -243,6 +243,8 @@ class Trainer:
         teacher_config = None
         if teacher_dir is not None:  # before the data is built, and the student (its vocabulary is the teacher's)
             teacher_config = self._check_teacher(teacher_dir, saved_tokenizer if reuse else tokenizer_dir)
+        if resume_path is not None:  # before the data is built: tokenized with another tokenizer, it is refused
+            self._check_resume_tokenizer(resume_path, saved_tokenizer if reuse else tokenizer_dir, reuse)
         self.data = build_data(
             cfg.data, vocab_size=cfg.model.vocab_size or preset_vocab, seed=cfg.train.seed,
             micro_batch=cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size, rank=self.dp_rank,
@@ -802,6 +804,25 @@ class Trainer:
         rank writes its shard and rank 0 commits)."""
         if self.step == self.last_saved_step:
             return
+        try:
+            self._write_checkpoint()
+        except BaseException as error:
+            # A full disk or a permission raises a bare "[Errno 28] No space left on device" that names no path
+            # (under the sharded layout inside torch's CheckpointException, with a traceback per rank), after the
+            # half-written copy was removed: say where, and which checkpoint a resume would take.
+            cause = _os_error(error)
+            if cause is None:
+                raise
+            last = self.last_checkpoint
+            raise CheckpointError(
+                f"could not write the checkpoint of step {self.step} in {str(self.ckpt_root)!r}: {cause}. The last "
+                f"good checkpoint is {str(last) if last else 'none (no checkpoint yet)'}; free disk space there (or "
+                f"fix its permissions) and rerun the command (train.resume=auto resumes from it)") from error
+        barrier()
+        self.last_saved_step = self.step
+        self.last_checkpoint = self.ckpt_root / step_dir_name(self.step)
+
+    def _write_checkpoint(self) -> None:
         mine = {"rng": rng_state(), "data": self.data.state_dict()}
         if self.sharded_checkpoints:
             from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -839,6 +860,7 @@ class Trainer:
                                **({"distill": self.teacher.state_dict()} if self.teacher is not None else {})},
                 "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
+                "tokenizer_vocab_sha256": self._tokenizer_fingerprint(),
             }
             if self.cfg.lora.enabled:  # what peft wrapped: lora.target_modules [] resolved against the model
                 trainer["lora_targets"] = list(self.lora_targets)
@@ -856,9 +878,13 @@ class Trainer:
                 path = save_checkpoint(self.ckpt_root, self.step, model=model_state, optimizer=optim_state,
                                        trainer=trainer, keep_last=keep_last)
             logger.info("saved checkpoint %s", path)
-        barrier()
-        self.last_saved_step = self.step
-        self.last_checkpoint = self.ckpt_root / step_dir_name(self.step)
+
+    def _tokenizer_fingerprint(self) -> str:
+        """:func:`_vocab_fingerprint` of the run's tokenizer, computed once: a resume compares the tokenizer it would
+        use with it."""
+        if getattr(self, "_tokenizer_sha", None) is None:
+            self._tokenizer_sha = _vocab_fingerprint(self.tokenizer)
+        return self._tokenizer_sha
 
     def _check_resume_data(self, path: Path, *, tokenizer_reused: bool) -> str | dict[str, str | None] | None:
         """ConfigError unless this run continues the checkpoint's: ``train.steps`` not below its step, the same
@@ -965,7 +991,39 @@ class Trainer:
             logger.warning("checkpoint was written by %d ranks%s, resuming with %d%s: data order is kept, RNG "
                            "streams are not (no exact replay)", len(ranks), split(saved_cp, saved_tp),
                            self.world_size, split(self.cp_size, self.tp_size))
+        self._saved_tokenizer_sha = trainer.get("tokenizer_vocab_sha256")  # (_check_resume_tokenizer)
         return trainer.get("hub_fingerprint")  # absent from checkpoints written before it was saved
+
+    def _check_resume_tokenizer(self, path: Path, directory: Path | None, reused: bool) -> None:
+        """ConfigError naming the tokenizer a resume would tokenize with when it cannot be read, or is not the one
+        the checkpoint trained with (``trainer.pt``'s ``tokenizer_vocab_sha256``; older checkpoints hold none).
+        Otherwise its blocks differ from those the checkpoint recorded, and the resume is refused blaming
+        ``data.dataset``'s files, after they are read and tokenized again."""
+        from retnet.train.data import load_tokenizer
+
+        source = directory or self.cfg.data.tokenizer
+        if not source:  # a BPE trained on the data, from its cache: the settings that make it are data_changes'
+            return
+        if reused:
+            where = f"the tokenizer this run saved in {str(source)!r} for its resumes"
+            advice = ("restore that directory, or remove it to resume with the configured tokenizer (data.tokenizer, "
+                      "or the BPE data.cache_dir holds), which must be the one the checkpoint trained with")
+        else:
+            key = ("model.init_from" if self.cfg.model.init_from else "distill.teacher") if directory is not None \
+                else "data.tokenizer"
+            where = f"the tokenizer of {key} {str(source)!r}"
+            advice = "restore it, or start a new run in another train.output_dir"
+        try:
+            tokenizer = load_tokenizer(source)
+        except ConfigError as error:
+            if not reused:
+                raise
+            raise ConfigError(f"resuming from {str(path)!r}: {where} cannot be read ({error}); {advice}") from None
+        saved = getattr(self, "_saved_tokenizer_sha", None)
+        if saved is not None and _vocab_fingerprint(tokenizer) != saved:
+            raise ConfigError(
+                f"resuming from {str(path)!r}: {where} is not the tokenizer the checkpoint trained with (other "
+                f"tokens, or another EOS): its token ids would mean other tokens to the model; {advice}")
 
     def _load(self, path: Path) -> None:
         self._check_fits(path, saved_model_shapes(path))
@@ -1309,7 +1367,13 @@ class Trainer:
         export_state = self.export_state() if exporting else None
         if self.is_main:
             if exporting:
-                self.export(export_state)
+                try:
+                    self.export(export_state)
+                except OSError as error:
+                    raise CheckpointError(
+                        f"could not write the export {str(self.output_dir / 'export')!r}: {error}. The checkpoint of "
+                        f"step {self.step} is saved ({self.last_checkpoint}): free disk space (or fix the "
+                        f"permissions) and rerun the command, which exports it again") from error
             from retnet.train.plots import plot_losses
 
             self._metrics.flush()
@@ -1420,6 +1484,28 @@ class Trainer:
             # error ended it (a non-finite loss, an exception, also after the last step: W&B's "failed")
             self._wandb.finish(exit_code=0 if self._completed else 1)
             self._wandb = None
+
+
+def _vocab_fingerprint(tokenizer) -> str:
+    """SHA-256 of a tokenizer's vocabulary (every token and its id, added tokens included) and its EOS id: what the
+    model's embedding rows mean. Not its serialized form, which another ``tokenizers`` release may write otherwise
+    for the same tokenizer (a resume after an upgrade is no other tokenizer)."""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps([vocab, tokenizer.eos_token_id]).encode()).hexdigest()
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError a failed write raised: ``error`` itself, or the first one of the ranks' failures that torch's
+    distributed checkpoint wraps in its CheckpointException (a BaseException); None for any other error."""
+    if isinstance(error, OSError):
+        return error
+    failures = getattr(error, "failures", None)
+    if type(error).__name__ == "CheckpointException" and isinstance(failures, dict):
+        return next((failure[0] for failure in failures.values()
+                     if isinstance(failure, tuple) and isinstance(failure[0], OSError)), None)
+    return None
 
 
 def _saved_context_parallel(trainer: dict[str, Any]) -> int:
