@@ -48,14 +48,14 @@ Registered names
     vertically. A right piece through the origin (f(x) = g₊·x for x ≥ β) is t = (g₊ − g₋)(β − α)/2;
     alpha = beta, g₋ = 0, g₊ = 1, t = 0 is SmeLU(beta). α may be negative as long as α + β > 0.
 
-    ``trainable=True`` (default False) makes the five of them float32 ``nn.Parameter`` objects, learned as
-    the paper's generalized form allows and initialised to the given values; the default keeps them Python
-    floats (no parameters, no state-dict entries). Training could drive the width w = α + β to 0 or below, where
-    ``a`` divides by zero and the quadratic piece turns inside out. So the forward pass uses the width
-    max(w, w_min) with w_min = 1e-3·w₀ (w₀ the initial α + β, so the floor never binds at init and scales
-    with the chosen breakpoints), widening α and β by the same (w_min − w)/2 so that the midpoint
-    (β − α)/2 stays where training put it. Above the floor this changes no value or gradient; below it the
-    function is the gSmeLU of width w_min — C¹ and finite — and the width's own gradient is 0 (the gradient
+    ``trainable=True`` (default False) makes the five of them ``nn.Parameter`` objects (float32, or the dtype a
+    model is built in), learned as the paper's generalized form allows and initialised to the given values; the
+    default keeps them Python floats (no parameters, no state-dict entries). Training could drive the width
+    w = α + β to 0 or below, where ``a`` divides by zero and the quadratic piece turns inside out. So the forward
+    pass uses the width max(w, w_min) with w_min = 1e-3·w₀ (w₀ the initial α + β, so the floor never binds at
+    init and scales with the chosen breakpoints), widening α and β by the same (w_min − w)/2 so that the
+    midpoint (β − α)/2 stays where training put it. Above the floor this changes no value or gradient; below it
+    the function is the gSmeLU of width w_min — C¹ and finite — and the width's own gradient is 0 (the gradient
     of what is computed), while the midpoint, slopes and t keep training. The stored α and β are not
     modified: the floor acts in ``forward`` only. g₋, g₊ and t are unconstrained.
 
@@ -331,9 +331,9 @@ class SAU(Activation):
 
     Parameters (state-dict names): ``alpha`` — an ``nn.Parameter`` when ``trainable_alpha`` (the default),
     else a buffer; ``log_sigma`` — log σ, an ``nn.Parameter`` when ``trainable_sigma``, else a buffer. Both
-    are float32 tensors of one element (shape ``[1]``: FSDP2's ``fully_shard`` shards no 0-dim parameter), and
-    are upcast in ``forward`` if the module was cast to a lower precision. A state dict of the 0-dim form
-    (written before) loads.
+    are tensors of one element (shape ``[1]``: FSDP2's ``fully_shard`` shards no 0-dim parameter) in the default
+    dtype (float32, or the dtype a model is built in, as its other weights), and are upcast to float32 in
+    ``forward`` if they are in a lower precision. A state dict of the 0-dim form (written before) loads.
     """
 
     name = "sau"
@@ -346,8 +346,10 @@ class SAU(Activation):
         self.init_sigma = _positive(self.name, "sigma", sigma)
         self.trainable_alpha = _flag(self.name, "trainable_alpha", trainable_alpha)
         self.trainable_sigma = _flag(self.name, "trainable_sigma", trainable_sigma)
-        alpha_t = torch.tensor([self.init_alpha], dtype=torch.float32)
-        log_sigma_t = torch.tensor([math.log(self.init_sigma)], dtype=torch.float32)
+        # In the default dtype, as nn.Linear's weights: a model built in bf16 (from_pretrained(dtype=...)) is then
+        # bf16 throughout, as model.to(torch.bfloat16) makes it, which FSDP2 needs (one dtype per shard group).
+        alpha_t = torch.tensor([self.init_alpha], dtype=torch.get_default_dtype())
+        log_sigma_t = torch.tensor([math.log(self.init_sigma)], dtype=torch.get_default_dtype())
         if self.trainable_alpha:
             self.alpha = nn.Parameter(alpha_t)
         else:
@@ -407,10 +409,10 @@ class SmeLU(Activation):
 class GeneralizedSmeLU(Activation):
     """Generalized SmeLU: slopes g_minus / g_plus outside [−alpha, beta], a C¹ quadratic inside.
 
-    With ``trainable=True`` the five parameters are float32 ``nn.Parameter`` objects (state-dict names
-    ``alpha``, ``beta``, ``g_minus``, ``g_plus``, ``t``), upcast in ``forward`` if the module was cast to a
-    lower precision, and the width α + β is floored at ``min_width`` in ``forward`` (module docstring).
-    Without it they are plain floats, as the fixed form has always been.
+    With ``trainable=True`` the five parameters are ``nn.Parameter`` objects in the default dtype (float32, or the
+    dtype a model is built in; state-dict names ``alpha``, ``beta``, ``g_minus``, ``g_plus``, ``t``), upcast to
+    float32 in ``forward`` if they are in a lower precision, and the width α + β is floored at ``min_width`` in
+    ``forward`` (module docstring). Without it they are plain floats, as the fixed form has always been.
     """
 
     name = "gsmelu"
@@ -430,8 +432,10 @@ class GeneralizedSmeLU(Activation):
         self.min_width = _GSMELU_MIN_WIDTH_FRACTION * (alpha + beta)
         for key, value in self.init_values.items():
             # Plain floats when fixed: the forward and the state dict stay exactly what they were before the
-            # trainable form existed. Trainable: one element, 1-D, since FSDP2's fully_shard refuses 0-dim parameters.
-            setattr(self, key, nn.Parameter(torch.tensor([value], dtype=torch.float32)) if self.trainable else value)
+            # trainable form existed. Trainable: one element, 1-D, since FSDP2's fully_shard refuses 0-dim parameters,
+            # in the default dtype (see SAU).
+            setattr(self, key, nn.Parameter(torch.tensor([value], dtype=torch.get_default_dtype()))
+                    if self.trainable else value)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -196,10 +196,13 @@ class RetNetConfig(PretrainedConfig):
                 or round(value_dims) % self.num_attention_heads != 0):
             refuse("value_factor", f"must be > 0 and make value_factor * hidden_size ({self.hidden_size}) "
                    f"divisible by num_attention_heads={self.num_attention_heads}")
+        # Unset, head_dim is derived from the sizes: its refusal says so, or it would name a field never given.
+        derived = (f", by default hidden_size / num_attention_heads = {self.hidden_size} / {self.num_attention_heads}"
+                   if self.head_dim == self.hidden_size // self.num_attention_heads else "")
         if self.head_dim % 2 != 0:
-            refuse("head_dim", "must be even (rotary position pairs the key dimensions)")
+            refuse("head_dim", f"must be even (rotary position pairs the key dimensions){derived}")
         if self.head_dim > MAX_HEAD_DIM:
-            refuse("head_dim", f"must be <= {MAX_HEAD_DIM} (the retention kernels' largest head dim)")
+            refuse("head_dim", f"must be <= {MAX_HEAD_DIM} (the retention kernels' largest head dim){derived}")
         if self.value_head_dim > MAX_HEAD_DIM:
             refuse("value_factor", f"must keep the value head dim value_factor * hidden_size / num_attention_heads "
                    f"(now {self.value_head_dim}) <= {MAX_HEAD_DIM} (the retention kernels' largest head dim)")

@@ -1,6 +1,6 @@
 """Convert a flash-linear-attention RetNet checkpoint (``fla.models.RetNetForCausalLM``, e.g. the fla-hub models)
 into this package's format, loadable by :class:`RetNetForCausalLM`, ``retnet-serve`` and ``retnet-train
---init_from``.
+--model.init_from``.
 
     retnet-convert-fla fla-hub/retnet-1.3B-100B runs/retnet-1.3b        # a hub id or a local directory
     python -m retnet.model.convert_fla SRC DST --dtype bfloat16

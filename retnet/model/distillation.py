@@ -44,6 +44,7 @@ class _LinearDistillation(torch.autograd.Function):
         grads = grad_hidden is not None or grad_weight is not None
         sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # T²·KL, CE
         inverse = torch.where(denominator == 0, 0.0, 1.0 / denominator)
+        ctx.late_mean = False
         scale = temperature * temperature
         # The [chunk, vocab] buffers are the peak: each is freed (none outlives its chunk), or overwritten in place,
         # as soon as it has served, and the teacher's logits come once the student's side needs only its gradient's.
@@ -53,6 +54,9 @@ class _LinearDistillation(torch.autograd.Function):
             inputs = hidden[index]
             logits = F.linear(inputs, weight)  # the head's dtype (bf16 under autocast), as the unfused head
             dtype, student = logits.dtype, logits.float()
+            # fp16, as in linear_cross_entropy: (q − p) / a micro-batch's share of an accumulated count underflows
+            # fp16 before GradScaler's scale, which comes only in backward here; 1 / denominator comes there too.
+            ctx.late_mean = dtype == torch.float16
             del logits
             log_norm = torch.logsumexp(student, dim=-1)
             sums[1] += (log_norm - student.gather(1, target[:, None]).squeeze(1)).sum()
@@ -89,13 +93,15 @@ class _LinearDistillation(torch.autograd.Function):
             if hard is not None:
                 grad_logits = hard.mul_(1.0 - alpha) if grad_logits is None else grad_logits.add_(hard, alpha=1 - alpha)
             del hard
-            grad_logits = grad_logits.mul_(inverse).to(dtype)  # in the head's matmul dtype, as its backward
+            if not ctx.late_mean:
+                grad_logits.mul_(inverse)
+            grad_logits = grad_logits.to(dtype)  # in the head's matmul dtype, as its backward
             if grad_hidden is not None:
                 grad_hidden[index] = (grad_logits @ weight).to(grad_hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ inputs
             del grad_logits  # else alive through the next chunk's peak
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, inverse)
         ctx.weight_dtype = weight.dtype
         parts = sums / denominator
         ctx.mark_non_differentiable(parts)
@@ -103,8 +109,9 @@ class _LinearDistillation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, grad_parts: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grads = scaled_saved_gradients(grad_hidden, grad_weight, grad_output.float(), ctx.weight_dtype,
+        grad_hidden, grad_weight, inverse = ctx.saved_tensors
+        scale = grad_output.float() * inverse if ctx.late_mean else grad_output.float()
+        grads = scaled_saved_gradients(grad_hidden, grad_weight, scale, ctx.weight_dtype,
                                        "linear_distillation_loss (distill.teacher)")
         return *grads, *[None] * 10
 

@@ -332,6 +332,12 @@ class RetNetMultiScaleRetention(nn.Module):
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.value_head_dim)
+        out_dtype = v.dtype
+        if v.dtype == torch.float16:
+            # Retention sums over the context with weights up to 1/(1 − γ) (4096 at the paper's head 7): a trained
+            # model's outputs pass fp16's 65504 at a few thousand tokens, and the ops return them in v's dtype, inf
+            # (NaN after the head norm). In fp32 they reach the head norm, which brings them back to its scale.
+            q, k, v = q.float(), k.float(), v.float()
         mode = resolve_retention_mode(mode, length, q)
         outputs, state = [], initial_state
         for number, piece in enumerate(positions.pieces):
@@ -356,7 +362,7 @@ class RetNetMultiScaleRetention(nn.Module):
             state = None
         if state is not None and positions.final_shift is not None:
             state = state * positions.final_shift
-        o = self.head_norm(o) if self.head_norm is not None else o.flatten(-2)
+        o = (self.head_norm(o) if self.head_norm is not None else o.flatten(-2)).to(out_dtype)
         if self.g_proj is not None:
             o = F.silu(self.g_proj(hidden_states)) * o
         return self.o_proj(o), state

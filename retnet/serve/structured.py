@@ -287,9 +287,15 @@ def _json(param: str, schema: Any) -> str:
     from llguidance import LLMatcher
 
     try:
-        return LLMatcher.grammar_from_json_schema(_schema(param, schema), defaults=JSON_DEFAULTS)
+        grammar = LLMatcher.grammar_from_json_schema(_schema(param, schema), defaults=JSON_DEFAULTS)
     except ValueError as error:
         raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
+    # a schema llguidance refuses only when compiling (a "type" of 5) is named where it is, as a malformed one is:
+    # the compile names the request's field (response_format), not the schema inside it
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")
+    return grammar
 
 
 def _schema(param: str, schema: Any) -> dict:

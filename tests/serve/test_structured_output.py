@@ -74,6 +74,11 @@ def test_free_text_asks_for_no_grammar(fields):
      "response_format.json_schema.schema"),
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_json": {"type": "string", "format": "no-such-format"}}, "guided_json"),
+    # schemas llguidance refuses only when compiling are named where they are too, not by the request's field
+    ({"guided_json": {"type": 5}}, "guided_json"),
+    ({"response_format": {"type": "json_object", "schema": {"type": 5}}}, "response_format.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+     "response_format.json_schema.schema"),
     ({"guided_regex": "[a-"}, "guided_regex"),
     ({"guided_regex": 7}, "guided_regex"),
     ({"guided_choice": []}, "guided_choice"),
