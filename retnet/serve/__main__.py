@@ -7,8 +7,11 @@ Every setting of :class:`~retnet.serve.settings.ServeSettings` is a flag (``--ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import sys
+import threading
 
 from retnet.serve.settings import ServeSettings
 
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     import retnet  # noqa: F401  (registers the Auto classes)
     from retnet.serve.app import create_app
 
+    DrainingServer = _draining_server()
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.logging_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from retnet.serve.lora import LoraError
@@ -62,8 +66,44 @@ def main(argv: list[str] | None = None) -> None:
     except StartupError as exc:  # --model, --generation-config, --chat-template: one line naming the flag
         print(f"retnet-serve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + ANSWER_S)
+    server = DrainingServer(config, app.state.engine, settings.shutdown_grace_s)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:  # uvicorn.run's exit: the port taken, say (uvicorn logged why)
+        raise SystemExit(STARTUP_FAILURE)
+
+
+# uvicorn.run's exit status for a server that did not start.
+STARTUP_FAILURE = 3
+# Past --shutdown-grace-s, how long the requests the engine then ends have to send their answers before uvicorn
+# cancels what is left.
+ANSWER_S = 5
+
+
+def _draining_server():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, whose shutdown (SIGTERM, Ctrl-C) drains the engine itself. uvicorn's own graceful
+        shutdown waits for the connections to close, then cancels the handlers still running: a stream past the
+        grace was cut without its end, a queued request's connection closed without a response. Here, as uvicorn
+        starts waiting, the engine takes no new work, lets what is in flight finish for ``grace_s``, then ends
+        the rest (a 503 ``unavailable``; a stream its error event and ``[DONE]``), in time for uvicorn to send
+        those answers."""
+
+        def __init__(self, config, engine, grace_s: float):
+            super().__init__(config)
+            self.engine, self.grace_s = engine, grace_s
+
+        async def shutdown(self, sockets=None) -> None:
+            # A daemon thread, not the loop's executor: a forced exit (a second Ctrl-C) must not wait for it.
+            threading.Thread(target=self.engine.shutdown, args=(self.grace_s,), name="retnet-drain",
+                             daemon=True).start()
+            await super().shutdown(sockets)
+
+    return DrainingServer
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     async def health() -> Response:
         if engine.healthy:
             return JSONResponse({"status": "ok"})
-        status = "failed" if engine.dead else ("stopping" if engine.stopping else "loading")
+        status = "failed" if engine.dead else ("stopping" if engine.stopping or not engine.accepting else "loading")
         return JSONResponse({"status": status, "detail": engine.dead}, status_code=503)
 
     @app.get("/metrics")

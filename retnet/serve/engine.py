@@ -185,8 +185,8 @@ class Engine(ModelThread):
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         with self.cond:
-            if not self.healthy or not self.accepting:
-                raise EngineUnavailable(self.dead or "the engine is not ready")
+            if not self.healthy:
+                raise EngineUnavailable(self.unavailable())
             self.adapter_slots.queue_install(adapter, loop, done)
         return done
 
@@ -224,8 +224,8 @@ class Engine(ModelThread):
         with self.cond:
             # Checked under the lock: a request queued after a dying scheduler's _fail_all would never
             # be answered.
-            if not self.healthy or not self.accepting:
-                raise EngineUnavailable(self.dead or "the engine is not ready")
+            if not self.healthy:
+                raise EngineUnavailable(self.unavailable())
             if adapter and all(a.slot != adapter for a in self.adapters.values()):
                 # A retired slot's matrices may be freed at any moment: its tokens would silently run as the base's.
                 raise ValueError(f"LoRA slot {adapter} is not served (an adapter unloaded or replaced)")
@@ -242,6 +242,7 @@ class Engine(ModelThread):
                 # Under fcfs every priority is 0 and the orders grow: this is an append.
                 bisect.insort(self.waiting, group, key=_group_rank)
             self.in_system += handle.num_choices
+            self.metrics.submitted.inc(handle.num_choices)
             self.metrics.prompt_tokens.inc(handle.prompt_tokens)
             self.cond.notify_all()
         return handle
@@ -256,7 +257,7 @@ class Engine(ModelThread):
             with torch.inference_mode():
                 while self._iteration():
                     pass
-            self._fail_all("the server is shutting down")
+            self._fail_all("the server is shutting down", shutdown=True)
         except Exception as exc:  # the engine is dead: fail every request, /health turns 503
             logger.exception("engine failed")
             self.dead = f"engine failed: {type(exc).__name__}: {exc}"
@@ -1030,6 +1031,7 @@ class Engine(ModelThread):
         updated.
         """
         group = seq.group
+        self.metrics.finished.labels(seq.finish_reason).inc()
         if group.session_id is not None:
             state = cache.clone() if cache is not None else self.batch.select([row])
             earlier = group.session.seen if group.continues else None
@@ -1115,8 +1117,12 @@ class Engine(ModelThread):
         return self._logprob(entry.token_id, entry.logprob, [(t.token_id, t.logprob) for t in entry.top], True,
                              entry.rank)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, shutdown: bool = False) -> None:
+        """End every request in the engine with ``message``: the engine died (its sequences counted as failed), or
+        (``shutdown``) it stopped with these left after the grace, which are cancelled and told the server is
+        going, as a request refused then is (``unavailable``), not that the engine failed."""
         with self.cond:
+            (self.metrics.cancelled if shutdown else self.metrics.failed).inc(self.in_system)
             self.adapter_slots.fail_installs(message)
             groups = list(self.waiting) + list(self.prefilling)
             self.waiting.clear()
@@ -1134,7 +1140,7 @@ class Engine(ModelThread):
             self.preempting, self.preempted = [], []
             self.in_system = 0
         for handle in handles.values():
-            handle.emit(EngineFailure(message))
+            handle.emit(EngineFailure(message, code="unavailable" if shutdown else "engine_failure"))
         self.metrics.running.set(0)
         self.metrics.queue_depth.set(0)
         self.metrics.prefilling.set(0)

@@ -43,11 +43,17 @@ class ServeMetrics:
         self.session_sweep_failures = Counter("retnet_session_sweep_failures", "sweeps of --session-dir for "
                                               "expired files that failed (the directory removed or unreadable); the "
                                               "writer goes on", registry=r)
+        # Every sequence submitted ends counted once, finished, failed or cancelled: with none in the engine,
+        # submitted = finished + failed + cancelled.
+        self.submitted = Counter("retnet_sequences_submitted", "sequences the engine accepted (a request's prompts "
+                                 "x n); each ends finished, failed or cancelled", registry=r)
+        self.finished = Counter("retnet_sequences_finished", "sequences that ended normally, by finished_reason "
+                                "(stop, length: vLLM's request_success)", ["finished_reason"], registry=r)
         self.cancelled = Counter("retnet_sequences_cancelled", "sequences cancelled (client gone, shutdown)",
                                  registry=r)
         self.failed = Counter("retnet_sequences_failed", "sequences of requests that failed alone (a 500 "
                               "internal_error: their decoder, grammar ... raised; the engine served on), the "
-                              "request's other choices with them", registry=r)
+                              "request's other choices with them; and those in the engine when it died", registry=r)
         self.structured = Counter("retnet_structured_requests", "requests held to a grammar, by the field that asked "
                                   "(response_format, guided_json ..., tool_choice)", ["field"], registry=r)
         self.model_requests = Counter("retnet_model_requests", "requests submitted, by the model they named: the "

@@ -260,8 +260,8 @@ class PoolingEngine(ModelThread):
         items = [PoolingInput(ids, index, loop.create_future(), loop) for index, ids in enumerate(inputs)]
         with self.cond:
             # Checked under the lock: a request queued after the thread's last look at the queue is never answered.
-            if not self.healthy or not self.accepting:
-                raise EngineUnavailable(self.dead or "the engine is not ready")
+            if not self.healthy:
+                raise EngineUnavailable(self.unavailable())
             limit = max(1, self.settings.max_queue)
             if self.requests >= limit:
                 raise QueueFull(f"{self.requests} requests in the {self.pooler.kind}; the limit is {limit} "

@@ -47,7 +47,14 @@ class ModelThread:
 
     @property
     def healthy(self) -> bool:
-        return self.ready and self.dead is None and not self.stopping
+        # Not while a shutdown drains it either: it takes no new work then, and a load balancer must hear so.
+        return self.ready and self.dead is None and not self.stopping and self.accepting
+
+    def unavailable(self) -> str:
+        """Why the engine takes no work now (``healthy`` is false): what the client's 503 says."""
+        if self.dead is not None:
+            return self.dead
+        return "the server is shutting down" if self.stopping or not self.accepting else "the engine is not ready"
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
         deadline = time.monotonic() + timeout

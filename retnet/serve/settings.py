@@ -81,7 +81,9 @@ class ServeSettings(BaseSettings):
         "where it stopped, nothing recomputed (at most --max-running of them held at once)"
     )
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header sent with 429")
-    shutdown_grace_s: float = Field(10.0, ge=0, allow_inf_nan=False, description="on shutdown, running streams get this long to finish")
+    shutdown_grace_s: float = Field(10.0, ge=0, allow_inf_nan=False, description="on shutdown (SIGTERM), the "
+                                    "requests in flight get this long to finish; those left are then answered 503 "
+                                    "`unavailable` (a stream: its error event and [DONE])")
 
     # -- request limits ---------------------------------------------------------------------------------------
     max_prompt_tokens: int = Field(8192, ge=1)
