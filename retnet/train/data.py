@@ -308,11 +308,13 @@ def _skipped_if_null(key: str, field: str) -> tuple[str, ...] | None:
     """The columns a leading file with every row null in is skipped for (:func:`_files_with_rows`), given the
     setting ``key`` naming the column read, ``field``: a text file's documents, a chat file's conversations (also
     ShareGPT's ``conversations``, read in place of the default ``messages``). Their null rows are dropped anyway, so
-    skipping such a file loses nothing; a preference or prompt file's null rows are refused, so it stays."""
+    skipping such a file loses nothing; a preference or prompt file's null rows are refused, so it stays. A chat
+    row's prompt and completion must be null (or absent) too: skipped, a file whose rows pair a null conversation
+    with them would leave the set without its conversations' column, read as prompt-completion pairs without it."""
     if key == "data.text_field":
         return (field,)
     if key == "data.messages_field":
-        return (field, SHAREGPT_COLUMN) if field == "messages" else (field,)
+        return (field, SHAREGPT_COLUMN, PROMPT, COMPLETION) if field == "messages" else (field, PROMPT, COMPLETION)
     return None
 
 
@@ -409,8 +411,9 @@ def _without_leading_null_json(files: list[Path], text_field: str | tuple[str, .
     else:
         return files  # no file has text: datasets reads them all as null, and the split finds no documents
     if skipped:
-        logger.info("data: skipping %d leading JSON file(s) whose %s is null in every row, e.g. %s", len(skipped),
-                    " or ".join(map(repr, fields)), skipped[0])
+        logger.info("data: skipping %d leading JSON file(s) whose %s null in every row, e.g. %s", len(skipped),
+                    f"{fields[0]!r} is" if len(fields) == 1 else f"columns {', '.join(map(repr, fields))} are",
+                    skipped[0])
     dropped = set(skipped)
     return [path for path in files if path not in dropped]
 

@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -1006,8 +1007,9 @@ class Trainer:
             return
         if reused:
             where = f"the tokenizer this run saved in {str(source)!r} for its resumes"
-            advice = ("restore that directory, or remove it to resume with the configured tokenizer (data.tokenizer, "
-                      "or the BPE data.cache_dir holds), which must be the one the checkpoint trained with")
+            advice = ("restore that directory, or remove it to resume with the configured tokenizer (model.init_from's "
+                      "or distill.teacher's, data.tokenizer, or the BPE data.cache_dir holds), which must be the one "
+                      "the checkpoint trained with")
         else:
             key = ("model.init_from" if self.cfg.model.init_from else "distill.teacher") if directory is not None \
                 else "data.tokenizer"
@@ -1369,7 +1371,9 @@ class Trainer:
             if exporting:
                 try:
                     self.export(export_state)
-                except OSError as error:
+                except Exception as failure:
+                    if (error := _os_error(failure)) is None:
+                        raise
                     raise CheckpointError(
                         f"could not write the export {str(self.output_dir / 'export')!r}: {error}. The checkpoint of "
                         f"step {self.step} is saved ({self.last_checkpoint}): free disk space (or fix the "
@@ -1492,19 +1496,33 @@ def _vocab_fingerprint(tokenizer) -> str:
     for the same tokenizer (a resume after an upgrade is no other tokenizer)."""
     import hashlib
 
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    # by id, then token: tokens sharing an id come from get_vocab (a Rust HashMap) in another order in each process
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
     return hashlib.sha256(json.dumps([vocab, tokenizer.eos_token_id]).encode()).hexdigest()
 
 
 def _os_error(error: BaseException) -> OSError | None:
-    """The OSError a failed write raised: ``error`` itself, or the first one of the ranks' failures that torch's
-    distributed checkpoint wraps in its CheckpointException (a BaseException); None for any other error."""
-    if isinstance(error, OSError):
-        return error
-    failures = getattr(error, "failures", None)
-    if type(error).__name__ == "CheckpointException" and isinstance(failures, dict):
-        return next((failure[0] for failure in failures.values()
-                     if isinstance(failure, tuple) and isinstance(failure[0], OSError)), None)
+    """The OSError behind a failed write, or None for any other error. A real full disk seldom raises a bare one:
+    torch.save into a file raises RuntimeError "unexpected pos" with the OSError as its context, torch's distributed
+    checkpoint wraps the ranks' failures in its CheckpointException (a BaseException), and safetensors raises its
+    own SafetensorError, "… (os error 28)"."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        failures = getattr(current, "failures", None)
+        if type(current).__name__ == "CheckpointException" and isinstance(failures, dict):
+            pending.extend(failure[0] for failure in failures.values() if isinstance(failure, tuple) and failure)
+        elif not isinstance(current, Exception):
+            continue  # a KeyboardInterrupt raised while an OSError was handled stays an interrupt
+        found = re.search(r"\(os error (\d+)\)", str(current)) if type(current).__name__ == "SafetensorError" else None
+        if found:
+            return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+        pending.extend((current.__cause__, current.__context__))
     return None
 
 

@@ -350,3 +350,75 @@ def test_an_explicit_resume_from_a_checkpoint_it_cannot_read_names_it(unreadable
     err = capsys.readouterr().err
     assert status == EXIT_CONFIG and "cannot be read" in err and "Permission denied" in err, err
     assert "Traceback" not in err
+
+
+def test_a_file_pairing_null_conversations_with_prompts_is_not_skipped(tmp_path):
+    """Rows {prompt, completion, messages: null}: skipped, the set would lose its messages column and be read as
+    prompt-completion pairs without this file's (its rows silently gone). It stays, and the set is read as it was."""
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}", "messages": None})
+                                            + "\n" for i in range(3)))
+    (folder / "b.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n"
+                                            for i in range(3, 6)))
+    config = DataConfig(dataset=str(folder), format="chat", cache_dir=str(tmp_path / "cache"))
+    texts = [json.dumps(c) for _, c in load_conversations(config, local_files(config.dataset), tmp_path / "cache")]
+    # read as before: the messages column's null rows dropped (the run then finds nothing to train on), never b's
+    # pairs alone
+    assert not any("p3" in text for text in texts) or any("p0" in text for text in texts), texts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a real full disk raises, and the tokenizer's fingerprint
+# ----------------------------------------------------------------------------------------------------------
+def test_the_os_error_is_found_behind_what_real_writers_raise():
+    """torch.save into a full file raises RuntimeError "unexpected pos" with the OSError as its context; torch's
+    distributed checkpoint wraps the ranks' failures; safetensors raises its own SafetensorError "(os error 28)". An
+    interrupt raised while an OSError was handled stays an interrupt."""
+    from retnet.train.trainer import _os_error
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        try:
+            raise full
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+    except RuntimeError as error:
+        assert _os_error(error) is full
+
+    class CheckpointException(BaseException):
+        def __init__(self, failures):
+            self.failures = failures
+
+    wrapped = RuntimeError("unexpected pos")
+    wrapped.__context__ = full
+    assert _os_error(CheckpointException({0: (wrapped, "traceback")})) is full
+
+    SafetensorError = type("SafetensorError", (Exception,), {})
+    found = _os_error(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert isinstance(found, OSError) and found.errno == errno.ENOSPC
+
+    interrupt = KeyboardInterrupt()
+    interrupt.__context__ = full
+    assert _os_error(interrupt) is None
+    assert _os_error(RuntimeError("a bug")) is None
+
+
+def test_the_tokenizer_fingerprint_does_not_depend_on_the_vocabularys_order():
+    """get_vocab comes from a Rust HashMap, in another order in each process: tokens sharing an id (an aliased
+    vocabulary) must hash the same whatever the order, or a resume with the same tokenizer is refused at random."""
+    from retnet.train.trainer import _vocab_fingerprint
+
+    class Tokenizer:
+        eos_token_id = 0
+
+        def __init__(self, items):
+            self.items = items
+
+        def get_vocab(self):
+            return dict(self.items)
+
+    items = [("<eos>", 0), ("a", 1), ("A", 1), ("b", 2), ("B", 2), ("c", 3)]
+    assert _vocab_fingerprint(Tokenizer(items)) == _vocab_fingerprint(Tokenizer(items[::-1]))
+    assert _vocab_fingerprint(Tokenizer(items)) != _vocab_fingerprint(Tokenizer([*items[:-1], ("d", 3)]))
