@@ -641,24 +641,25 @@ class OpenAIServing:
         Compiled on a worker thread: a large JSON schema takes llguidance a while, and the streams on the event
         loop wait for none."""
         asked = requested_grammar({name: getattr(request, name) for name in STRUCTURED_OUTPUT_FIELDS})
+        # (the field; a compile error names the schema inside it, asked[1])
+        field = asked[1].split(".")[0] if asked is not None else None
         if calling is not None and calling.parser is not None:  # "auto": free text, read by the parser
             if asked is not None:
-                raise APIError(400, f"{asked[1]}: with tool_choice 'auto' the model writes its calls as free text "
+                raise APIError(400, f"{field}: with tool_choice 'auto' the model writes its calls as free text "
                                f"for the tool-call parser, which a grammar would keep it from; send either tools or "
-                               f"{asked[1]} (or tool_choice 'required' or a named function)", asked[1],
-                               "invalid_grammar")
+                               f"{field} (or tool_choice 'required' or a named function)", field, "invalid_grammar")
             return None
         if calling is not None:
             if asked is not None:
-                raise APIError(400, f"{asked[1]}: tool calls are already held to the tools' schemas; send either "
-                               f"tool_choice or {asked[1]}", asked[1], "invalid_grammar")
+                raise APIError(400, f"{field}: tool calls are already held to the tools' schemas; send either "
+                               f"tool_choice or {field}", field, "invalid_grammar")
             grammar = await asyncio.to_thread(lambda: self.grammars.compile(*calling.grammar()))
             self.metrics.structured.labels(field="tool_choice").inc()
             return grammar
         if asked is None:
             return None
         grammar = await asyncio.to_thread(self.grammars.compile, *asked)
-        self.metrics.structured.labels(field=asked[1]).inc()
+        self.metrics.structured.labels(field=field).inc()
         return grammar
 
     async def _bad_words(self, request: SamplingFields) -> list[list[int]]:

@@ -148,9 +148,11 @@ class GrammarCompiler:
 
 
 def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
-    """(llguidance grammar, the field it came from) of a request's structured-output fields (name -> value,
-    those not sent left out or None), or None when it asks for free text. More than one is refused, as is a
-    value of the wrong shape, each with a 400 naming the field."""
+    """(llguidance grammar, where in the request it came from) of a request's structured-output fields (name ->
+    value, those not sent left out or None), or None when it asks for free text: the field, or for
+    ``response_format`` the schema inside it (``response_format.json_schema.schema``), which a compile error then
+    names, as a malformed schema is named here; the field is what precedes the first dot. More than one field is
+    refused, as is a value of the wrong shape, each with a 400 naming the field."""
     asked = [(name, value) for name, value in fields.items() if value is not None]
     response_format = dict(asked).get("response_format")
     if response_format is not None and _format_kind(response_format) == "text":
@@ -167,13 +169,14 @@ def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
         if kind == "json_object":
             # llama.cpp's form of a schema: {"type": "json_object", "schema": {...}}; dropped, any object would do.
             if value.get("schema") is not None:
-                return _json("response_format.schema", value["schema"]), name
+                return _json("response_format.schema", value["schema"]), "response_format.schema"
             return _json(name, {"type": "object"}), name
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
             raise APIError(400, "response_format of type json_schema needs a json_schema object: {\"name\": ..., "
                            "\"schema\": {...}}", "response_format.json_schema", "invalid_grammar")
-        return _json("response_format.json_schema.schema", spec.get("schema", {"type": "object"})), name
+        where = "response_format.json_schema.schema" if "schema" in spec else name
+        return _json(where, spec.get("schema", {"type": "object"})), where
     if name in ("guided_json", "json_schema"):
         return _json(name, value), name
     if name == "guided_regex":
@@ -287,15 +290,9 @@ def _json(param: str, schema: Any) -> str:
     from llguidance import LLMatcher
 
     try:
-        grammar = LLMatcher.grammar_from_json_schema(_schema(param, schema), defaults=JSON_DEFAULTS)
+        return LLMatcher.grammar_from_json_schema(_schema(param, schema), defaults=JSON_DEFAULTS)
     except ValueError as error:
         raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
-    # a schema llguidance refuses only when compiling (a "type" of 5) is named where it is, as a malformed one is:
-    # the compile names the request's field (response_format), not the schema inside it
-    error = LLMatcher.validate_grammar(grammar)
-    if error:
-        raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")
-    return grammar
 
 
 def _schema(param: str, schema: Any) -> dict:
