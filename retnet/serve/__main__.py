@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import threading
+import time
 
 from retnet.serve.settings import ServeSettings
 
@@ -99,9 +100,18 @@ def _draining_server():
 
         async def shutdown(self, sockets=None) -> None:
             # A daemon thread, not the loop's executor: a forced exit (a second Ctrl-C) must not wait for it.
-            threading.Thread(target=self.engine.shutdown, args=(self.grace_s,), name="retnet-drain",
-                             daemon=True).start()
+            threading.Thread(target=self._drain, name="retnet-drain", daemon=True).start()
             await super().shutdown(sockets)
+
+        def _drain(self) -> None:
+            # uvicorn (super().shutdown) closes the listeners and each connection once its response is sent: no
+            # request arrives any more. Those already read but not yet in the engine (tokenizing a long prompt,
+            # compiling a grammar, reading a session file) are in flight too: the engine takes them for the grace.
+            deadline = time.monotonic() + self.grace_s
+            while ((self.server_state.tasks or self.engine._in_flight()) and self.engine.dead is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.02)
+            self.engine.stop(0.0)
 
     return DrainingServer
 

@@ -65,6 +65,13 @@ class ModelThread:
     def shutdown(self, grace_s: float = 0.0) -> None:
         """Stop accepting work, let what is in flight finish for up to ``grace_s``, then stop the thread (which
         cancels or fails the rest)."""
+        self.stop(grace_s)
+        self._after_stop()
+        self.metrics.engine_ready.set(0)
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """:meth:`shutdown` but for ``_after_stop``: the session writer stays open for the requests still
+        answering (a refused one releases its session)."""
         with self.cond:
             self.accepting = False
         deadline = time.monotonic() + grace_s
@@ -75,8 +82,6 @@ class ModelThread:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
-        self._after_stop()
-        self.metrics.engine_ready.set(0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -53,6 +53,23 @@ async def test_sigterm_answers_every_request_in_flight_before_the_process_exits(
     assert time.monotonic() - stopped < 15
 
 
+async def test_sigterm_serves_the_requests_it_has_read_that_are_not_yet_in_the_engine(server_process):
+    # A request read before the signal but still being prepared (a long prompt tokenized off the event loop) reached
+    # the engine after the drain had stopped it accepting: a 503 whatever --shutdown-grace-s said. uvicorn takes no
+    # new connection once the shutdown starts, so such requests are the only ones left to arrive: served.
+    proc = server_process("--shutdown-grace-s", "30", "--max-prompt-tokens", "60000")
+    proc.wait_healthy()
+    body = {"model": "micro", "prompt": "def add(a, b): return a + b\n" * 2500, "max_tokens": 3, "temperature": 0}
+    async with httpx.AsyncClient(base_url=proc.url, timeout=120) as client:
+        sent = [asyncio.create_task(client.post("/v1/completions", json={**body, "prompt": f"# {i}\n{body['prompt']}"}))
+                for i in range(4)]
+        await asyncio.sleep(0.05)
+        proc.proc.send_signal(signal.SIGTERM)
+        answers = await asyncio.gather(*sent)
+    assert [a.status_code for a in answers] == [200] * 4, [a.text[:200] for a in answers]
+    proc.proc.wait(timeout=60)
+
+
 async def test_shutdown_counts_the_sequences_it_cancels(open_app):
     # retnet_sequences_cancelled says it counts the sequences a shutdown cancels; a shutdown that ended a running
     # request and a queued one counted neither. Both are told the server is going (code unavailable, as a request
