@@ -110,10 +110,9 @@ XPOS_MAX_GROWTH = 2.0**8
 XPOS_MAX_STATE_GROWTH = 2.0**64
 # A packed row runs each sequence in one frame (the kernels take no per-sequence frames), so there the limit is
 # the dtype's range rather than a comfortable margin: scales within 2^100 keep q, k, kᵀv and the fp32/bf16
-# state finite (28 k positions at base 512, about where an absolute frame overflowed before); fp16 (max 2^16)
-# allows 2^10.
-XPOS_PACKED_MAX_GROWTH = {torch.float16: 2.0**10}
-XPOS_PACKED_MAX_GROWTH_DEFAULT = 2.0**100
+# state finite (28 k positions at base 512, about where an absolute frame overflowed before). fp16 models scale
+# q and k in fp32 (their retention runs in fp32), so the same holds for them.
+XPOS_PACKED_MAX_GROWTH = 2.0**100
 XPOS_MIN_ZETA = 0.4 / 1.4
 
 
@@ -774,11 +773,8 @@ class RetNetModel(RetNetPreTrainedModel):
             new_offsets = base + real_tokens
         xpos = None
         if self.config.use_xpos:
-            compute_dtype = hidden_states.dtype
-            if torch.is_autocast_enabled(hidden_states.device.type):
-                compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
             xpos = self._xpos_frames(position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows,
-                                     custom_positions, compute_dtype)
+                                     custom_positions)
         positions = self.rotary_emb(position_ids, xpos, packed=packed_rows is not None or cu_seqlens is not None,
                                     starts_at_origin=not custom_positions)
         if snapshot_at is not None:
@@ -846,10 +842,7 @@ class RetNetModel(RetNetPreTrainedModel):
             return None  # refused naming its shape by the forward, not by a piece of it
         if cache is not None and cache.offsets is not None and cache.offsets.shape[0] != batch:
             return None  # (a cache of other rows: the same)
-        compute_dtype = hidden_states.dtype
-        if torch.is_autocast_enabled(hidden_states.device.type):
-            compute_dtype = torch.get_autocast_dtype(hidden_states.device.type)
-        span = xpos_span(self.config, XPOS_PACKED_MAX_GROWTH.get(compute_dtype, XPOS_PACKED_MAX_GROWTH_DEFAULT))
+        span = xpos_span(self.config, XPOS_PACKED_MAX_GROWTH)
         if length <= span:
             return None
         # (host reads, for long xPos inputs only) Left padding on a fresh state runs unpacked, in frames of its own.
@@ -924,8 +917,7 @@ class RetNetModel(RetNetPreTrainedModel):
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
-    def _xpos_frames(self, position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows, custom_positions,
-                     compute_dtype):
+    def _xpos_frames(self, position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows, custom_positions):
         """``(relative, target)`` for the layers (see :meth:`RetNetMultiScaleRetention.forward`).
 
         A cached state is kept in the xPos frame of its next position, ``cache.offsets``: each sequence's
@@ -959,7 +951,7 @@ class RetNetModel(RetNetPreTrainedModel):
         origin = origin.to(device, torch.long)
         relative = position_ids - (origin[:, None] if segment is None else origin[segment][None])
         target = None if new_offsets is None else new_offsets - origin
-        growth = XPOS_PACKED_MAX_GROWTH.get(compute_dtype, XPOS_PACKED_MAX_GROWTH_DEFAULT)
+        growth = XPOS_PACKED_MAX_GROWTH
         span = xpos_span(self.config, growth)
         packed = packed_rows is not None or cu_seqlens is not None
         if packed and (custom_positions or length > span):
@@ -978,7 +970,7 @@ class RetNetModel(RetNetPreTrainedModel):
                 raise ValueError(
                     f"use_xpos: a packed or padded sequence reaches position {high if high >= span else low} from "
                     f"its start, but one forward covers at most {span} positions per sequence when packed "
-                    f"(xpos_scale_base={self.config.xpos_scale_base}, {compute_dtype}: q/k scales stay within "
+                    f"(xpos_scale_base={self.config.xpos_scale_base}: q/k scales stay within "
                     f"{growth:g}); {advice}"
                 )
         if custom_positions and target is not None and length:

@@ -38,7 +38,7 @@ def padded(rows, left):
 @pytest.mark.parametrize("mode", MODES)
 def test_padded_xpos_batch_with_positions_beyond_a_packed_frame_matches_each_row_alone(mode):
     model = xpos_model()
-    assert modeling_retnet.xpos_span(model.config, modeling_retnet.XPOS_PACKED_MAX_GROWTH_DEFAULT) == 216
+    assert modeling_retnet.xpos_span(model.config, modeling_retnet.XPOS_PACKED_MAX_GROWTH) == 216
     head = 5
     rows = [torch.randint(2, 101, (1, n)) for n in (head + 240, head + 23)]
     alone = [model(row, retention_mode=mode) for row in rows]

@@ -119,3 +119,27 @@ def test_fused_distillation_gradients_survive_fp16_under_a_loss_scale(alpha):
         plain = gradients(lambda h, w: linear_cross_entropy(h, w, labels, count), torch.float16, 2.0**16)
         for g, p in zip(got, plain, strict=True):
             torch.testing.assert_close(g, p, rtol=0, atol=2e-3 * p.abs().max().item())
+
+
+def test_an_fp16_xpos_packed_row_runs_as_far_as_an_fp32_one():
+    # A packed row runs each sequence in one xPos frame, bounded by the scales' range: fp16 was held to 2^10
+    # (2 816 positions at base 512) for fp16 q and k, but fp16 models scale them in fp32 (retention runs in fp32),
+    # so an fp16 row as long as an fp32 one runs and matches it.
+    from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
+
+    torch.manual_seed(0)
+    config = RetNetConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, use_xpos=True,
+                          xpos_scale_base=16, chunk_size=16)
+    model = RetNetForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    length = int(xpos_span(config, XPOS_PACKED_MAX_GROWTH)) - 1
+    assert length > int(xpos_span(config, 2.0**10)) + 50  # past the old fp16 limit
+    ids = torch.randint(0, 32, (1, length))
+    cu_seqlens = torch.tensor([0, 7, length])
+    with torch.no_grad():
+        reference = model(ids, cu_seqlens=cu_seqlens).logits
+        logits = model.to(torch.float16)(ids, cu_seqlens=cu_seqlens).logits
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits.float(), reference, atol=2e-2, rtol=0)

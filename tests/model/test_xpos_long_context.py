@@ -114,11 +114,12 @@ def test_padded_and_packed_batches_with_xpos_match_single_sequences():
 def test_limits_fail_loudly_naming_them():
     model = xpos_model(xpos_scale_base=4.0)
     ids = torch.randint(2, 101, (1, 300))
-    # packed, a sequence runs in one frame: the dtype's range bounds it (216 positions in fp32 at base 4, 16 in fp16)
+    # packed, a sequence runs in one frame: the scales' range bounds it (216 positions at base 4; fp16 models too,
+    # whose q and k are scaled in fp32)
     with pytest.raises(ValueError, match=r"at most 216 positions per sequence"):
         model(ids, cu_seqlens=torch.tensor([0, 300]))
-    with pytest.raises(ValueError, match=r"at most 16 positions per sequence"):
-        xpos_model(xpos_scale_base=4.0).half()(ids[:, :40], cu_seqlens=torch.tensor([0, 40]))
+    with pytest.raises(ValueError, match=r"at most 216 positions per sequence"):
+        xpos_model(xpos_scale_base=4.0).half()(ids, cu_seqlens=torch.tensor([0, 300]))
     ids = ids[:, :40]
     # positions far past the offsets of the cache the state would be returned in
     with pytest.raises(ValueError, match=r"past the cache's offsets.*at most \d+ are supported"):
