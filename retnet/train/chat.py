@@ -11,7 +11,10 @@ the template's special tokens, ``<|im_start|>`` and the like, are the special to
 
 The loss mask: assistant message ``i``'s span runs from the end of ``render(messages[:i],
 add_generation_prompt=True)`` (what the server prompts with) to the end of ``render(messages[:i + 1])``
-(its content and the template's end-of-turn markers); a token that overlaps a span is a target. Every
+(its content and the template's end-of-turn markers); a token that overlaps a span is a target. Where a token
+would straddle a span's start (a byte-level BPE joins the generation prompt's newline and an answer's leading
+newline), the conversation is encoded in pieces cut there, so that the answer starts after exactly the ids the
+server prompts with (:meth:`ChatEncoder._cut_at_answers`). Every
 prefix rendering must be a prefix of the whole conversation's, or the spans are not where the tokens are:
 such a template is refused. EOS follows each conversation, a target too when the conversation ends with an
 assistant message (the server stops on EOS), and it is where the next conversation's packed segment starts.
@@ -36,6 +39,7 @@ conversation into segments that forget the question before the answer.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -65,6 +69,9 @@ def template_identity(tokenizer) -> dict[str, Any]:
             # and chat_template_kwargs (a set cached before, with such columns or nested None fills, renders
             # otherwise now)
             "messages": 2,
+            # an answer's first token starts where the server's prompt ends (a token cache of before could hold one
+            # that straddled it)
+            "answers_cut": 1,
             # a token cache of before held such a tokenizer's standard prompt-completion rows with its EOS and ours
             **({"appended_eos": True} if appends_eos(tokenizer) else {})}
 
@@ -480,14 +487,8 @@ class ChatEncoder:
         for start in range(0, len(conversations), batch):
             chunk = conversations[start:start + batch]
             rendered = [self._rendered(c, rows[start + i]) for i, c in enumerate(chunk)]
-            encodings = self._encode_batch(chunk, [text for text, _ in rendered])
-            for messages, (_, spans), encoding in zip(chunk, rendered, encodings):
-                body, offsets = encoding.ids, encoding.offsets
-                if _ends_with_added_eos(encoding, eos):
-                    # A standard row encoded with a tokenizer that appends EOS: the closing EOS below is that one.
-                    # Kept, the completion's last token would predict an EOS that is no target (the row never
-                    # learns to stop), and EOS would follow EOS.
-                    body, offsets = body[:-1], offsets[:-1]
+            encodings = self._encode_batch(chunk, rendered)
+            for messages, (_, spans), (body, offsets) in zip(chunk, rendered, encodings):
                 if spans is None:
                     mask = np.full(len(body), TARGET, dtype=np.uint8)
                 else:
@@ -519,19 +520,58 @@ class ChatEncoder:
             return self.spans(sequence, index)
         return self._render_checked(sequence, index), None
 
-    def _encode_batch(self, sequences: list, texts: list[str]) -> list:
-        """The encodings of ``texts`` as the server encodes them: a conversation's rendering without the
-        tokenizer's added special tokens (the template writes its own, as for a chat request), a standard
-        prompt-completion row's text with them, as a completion request's prompt (and TRL's text) is encoded."""
-        plain = [isinstance(sequence, Completion) for sequence in sequences]
-        out: list = [None] * len(texts)
+    def _encode_batch(self, sequences: list, rendered: list[tuple[str, list[tuple[int, int]] | None]]
+                      ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character offsets) of each rendered sequence, encoded as the server encodes a prompt: a
+        conversation's rendering without the tokenizer's added special tokens (the template writes its own, as for
+        a chat request), a standard prompt-completion row's text with them, as a completion request's prompt (and
+        TRL's text) is encoded, less an EOS the tokenizer appends (the closing EOS is that one)."""
+        eos = self.tokenizer.eos_token_id
+        out: list = [None] * len(sequences)
         for added in (False, True):
-            picked = [i for i, is_plain in enumerate(plain) if is_plain == added]
-            if picked:
-                encoded = self.backend.encode_batch([texts[i] for i in picked], add_special_tokens=added)
-                for i, encoding in zip(picked, encoded, strict=True):
-                    out[i] = encoding
+            picked = [i for i, sequence in enumerate(sequences) if isinstance(sequence, Completion) == added]
+            if not picked:
+                continue
+            encoded = self.backend.encode_batch([rendered[i][0] for i in picked], add_special_tokens=added)
+            for i, encoding in zip(picked, encoded, strict=True):
+                ids, offsets = encoding.ids, encoding.offsets
+                if added and _ends_with_added_eos(encoding, eos):
+                    # A tokenizer that appends EOS: the closing EOS is that one. Kept, the completion's last token
+                    # would predict an EOS that is no target (the row never learns to stop), and EOS would follow EOS.
+                    ids, offsets = ids[:-1], offsets[:-1]
+                out[i] = (ids, offsets)
+                if rendered[i][1]:
+                    out[i] = self._cut_at_answers(rendered[i][0], rendered[i][1], out[i], added)
         return out
+
+    def _cut_at_answers(self, text: str, spans: list[tuple[int, int]], whole: tuple[list[int], list[tuple[int, int]]],
+                        added: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """``whole`` (a sequence's ids and offsets), or, where a token straddles the start of an answer (a
+        completion), the sequence encoded in pieces cut there. The server encodes the prompt before an answer on its
+        own, so its last token ends there; a byte-level BPE joins a prompt's closing newline (the default generation
+        prompt's) and an answer's leading newline into one token, with which the server's prompt never ends: the
+        answer trained would start inside it. ``added``: the tokenizer's special tokens go around the first piece
+        (a standard row's prompt, as a completion request's). A tokenizer that reads a piece otherwise than the
+        same characters inside a text (a SentencePiece one prepends a space to each) keeps the whole encoding."""
+        ids, offsets = whole
+        cuts = sorted({lo for lo, _ in spans if 0 < lo < len(text)})
+        spans_of = np.asarray(offsets, dtype=np.int64).reshape(-1, 1, 2)
+        at = np.asarray(cuts, dtype=np.int64).reshape(1, -1)
+        if not cuts or not np.any((spans_of[..., 0] < at) & (at < spans_of[..., 1])):
+            return whole
+        bounds = [0, *cuts, len(text)]
+        texts = [text[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+        first = self.backend.encode(texts[0], add_special_tokens=added)
+        pieces = [(first.ids, first.offsets)]
+        if added and _ends_with_added_eos(first, self.tokenizer.eos_token_id):  # as the whole row's, left out
+            pieces = [(first.ids[:-1], first.offsets[:-1])]
+        pieces += [(piece.ids, piece.offsets)
+                   for piece in self.backend.encode_batch(texts[1:], add_special_tokens=False)]
+        cut_ids = [t for piece, _ in pieces for t in piece]
+        decode = self.backend.decode
+        if decode(cut_ids, skip_special_tokens=False) != decode(ids, skip_special_tokens=False):
+            return whole
+        return cut_ids, [(a + lo, b + lo) for (_, piece_offsets), lo in zip(pieces, bounds) for a, b in piece_offsets]
 
     def _render_checked(self, messages: list[dict[str, Any]], index: int) -> str:
         try:
