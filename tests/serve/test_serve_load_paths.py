@@ -70,18 +70,25 @@ async def test_sigterm_serves_the_requests_it_has_read_that_are_not_yet_in_the_e
     proc.proc.wait(timeout=60)
 
 
+async def _one_running_one_queued(client) -> tuple[asyncio.Task, asyncio.Task]:
+    """A request decoding (it would run long) and one queued behind it, on an engine of max_running=1."""
+    engine = client.app.state.engine
+    running = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 100000}))
+    while not engine.running:
+        await asyncio.sleep(0.01)
+    queued = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 5}))
+    while engine._queued() < 1:
+        await asyncio.sleep(0.01)
+    return running, queued
+
+
 async def test_shutdown_counts_the_sequences_it_cancels(open_app):
     # retnet_sequences_cancelled says it counts the sequences a shutdown cancels; a shutdown that ended a running
     # request and a queued one counted neither. Both are told the server is going (code unavailable, as a request
     # refused meanwhile), not that the engine failed.
     async with open_app(max_running=1, max_queue=4, max_tokens_limit=100000) as client:
         engine = client.app.state.engine
-        running = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 100000}))
-        while not engine.running:
-            await asyncio.sleep(0.01)
-        queued = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 5}))
-        while engine._queued() < 1:
-            await asyncio.sleep(0.01)
+        running, queued = await _one_running_one_queued(client)
         await asyncio.to_thread(engine.shutdown, 0.0)
         answers = [await running, await queued]
         assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]
@@ -200,12 +207,7 @@ async def test_the_sequences_of_a_dead_engine_are_counted_as_failed(open_app):
     # again add up to finished + failed + cancelled.
     async with open_app(max_running=1, max_tokens_limit=100000) as client:
         engine = client.app.state.engine
-        running = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 100000}))
-        while not engine.running:
-            await asyncio.sleep(0.01)
-        queued = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 5}))
-        while engine._queued() < 1:
-            await asyncio.sleep(0.01)
+        running, queued = await _one_running_one_queued(client)
 
         def broken_step():
             raise RuntimeError("the batched forward failed (simulated)")
