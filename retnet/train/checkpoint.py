@@ -572,9 +572,11 @@ def load_sharded_state(path: Path, model_state: dict, optim_state: dict, *, dist
 # ----------------------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------------------
-def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer) -> Path:
+def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer, base_dir: Path | None = None) -> Path:
     """``save_pretrained`` the model (fp32, safetensors) and tokenizer into ``directory``, replacing it
-    atomically, so ``AutoModelForCausalLM.from_pretrained(directory)`` and ``AutoTokenizer`` load it."""
+    atomically, so ``AutoModelForCausalLM.from_pretrained(directory)`` and ``AutoTokenizer`` load it. ``base_dir``:
+    the pretrained directory the run fine-tuned (``model.init_from``), whose generation config it keeps
+    (:func:`prepare_export`)."""
     from retnet.model import RetNetForCausalLM
 
     model = RetNetForCausalLM(model_config)
@@ -582,7 +584,7 @@ def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer
     missing = [k for k in missing if k not in ("lm_head.weight",) or not model_config.tie_word_embeddings]
     if missing or unexpected:
         raise RuntimeError(f"export: state dict does not fit the model: missing {missing}, unexpected {unexpected}")
-    prepare_export(model, tokenizer)
+    prepare_export(model, tokenizer, base_dir)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -591,10 +593,45 @@ def export_pretrained(directory: Path, model_config, state_dict: dict, tokenizer
     return replace_directory(Path(directory), write)
 
 
-def prepare_export(model, tokenizer) -> None:
-    """What an exported model's generation config takes from its tokenizer (``generate`` stops on EOS)."""
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+def _token_ids(value) -> list[int]:
+    """A generation config's ``eos_token_id`` (None, an int or a list of them) as a list."""
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(i) for i in value]
+
+
+def prepare_export(model, tokenizer, base_dir: Path | None = None) -> None:
+    """The generation config an exported model saves (changed in place on ``model``).
+
+    A fine-tune's starts from its base's ``generation_config.json`` (``base_dir``, the ``model.init_from``
+    directory), when it has one: the sampling defaults the server and ``generate`` read (temperature, top_p,
+    top_k, max_new_tokens ...) and its stop ids (a chat model's end-of-turn token, which GRPO's sampling stopped on
+    too) are the base's. Then, from the tokenizer: ``eos_token_id`` the stop ids with the tokenizer's EOS among
+    them (put first when the base's did not list it; an int when it is the only one), ``pad_token_id`` the
+    tokenizer's pad (the base's kept when the tokenizer has none), and, when the config names no
+    ``bos_token_id``, the tokenizer's BOS or, without one, its EOS: training starts every document after an EOS,
+    and ``generate()`` without input ids starts from ``bos_token_id``."""
+    from transformers import GenerationConfig
+
+    from_base = base_dir is not None and (Path(base_dir) / "generation_config.json").is_file()
+    if from_base:
+        model.generation_config = GenerationConfig.from_pretrained(str(base_dir), local_files_only=True)
+    generation = model.generation_config
+    stops = _token_ids(generation.eos_token_id)
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in stops:
+        stops.insert(0, eos)
+    generation.eos_token_id = (stops[0] if len(stops) == 1 else stops) if stops else None
+    if tokenizer.pad_token_id is not None or not from_base:
+        generation.pad_token_id = tokenizer.pad_token_id
+    if generation.bos_token_id is None:
+        generation.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    if from_base:
+        # save_pretrained refuses a config changed since it was loaded that does not validate strictly (a
+        # temperature without do_sample: what vLLM and retnet-serve read as a sampling default all the same). The
+        # base's own settings are saved back as they were, with only the token ids above set: as transformers
+        # saves back an unchanged published config, warning.
+        generation._original_object_hash = hash(generation)
 
 
 def replace_directory(directory: Path, write) -> Path:

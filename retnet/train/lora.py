@@ -163,7 +163,8 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
     """Write ``directory`` (replaced atomically): the merged model (``merge_and_unload``, fp32 safetensors) with
     the tokenizer, as :func:`~retnet.train.checkpoint.export_pretrained` writes a model, and
     ``directory/adapter``, ``peft``'s ``save_pretrained`` of the adapters (``adapter_config.json``,
-    ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is ``base_path``. ``state_dict`` is the
+    ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is ``base_path``; the merged model keeps
+    ``base_path``'s generation config (:func:`~retnet.train.checkpoint.prepare_export`). ``state_dict`` is the
     trained model's (``base_layer``/``lora_A``/``lora_B`` keys, and ``lora_magnitude_vector`` under DoRA, which
     ``merge_and_unload`` folds in as peft's forward computes it). ``model_class``: the trained model's,
     ``RetNetForCausalLM`` by default; a reward model's ``RetNetForSequenceClassification`` exports as
@@ -191,7 +192,7 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
         wrapped.save_pretrained(tmp / ADAPTER_DIR)  # first: merging replaces the LoRA layers
         merged = wrapped.merge_and_unload()
         if causal_lm:  # a classifier does not generate: no generation config to complete
-            prepare_export(merged, tokenizer)
+            prepare_export(merged, tokenizer, base_path)  # the base's generation config, completed
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

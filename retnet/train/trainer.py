@@ -1428,15 +1428,18 @@ class Trainer:
         return self.raw_model.state_dict() if self.is_main else {}
 
     def export(self, state: dict) -> Path:
-        """save_pretrained model + tokenizer into ``<output_dir>/export`` (rank 0, after ``save``)."""
+        """save_pretrained model + tokenizer into ``<output_dir>/export`` (rank 0, after ``save``): a fine-tune's
+        generation config is its base's (``model.init_from``'s), completed from the tokenizer
+        (:func:`~retnet.train.checkpoint.prepare_export`); the tokenizer is :meth:`export_tokenizer`."""
         # a training-time choice: a model loaded from the export returns its logits in training mode too
         config = copy.deepcopy(self.model_config)
         config.fuse_linear_cross_entropy = False
+        tokenizer = self.export_tokenizer()
+        init_from = self._init_from_dir()
         if self.cfg.lora.enabled:
             from retnet.train.lora import ADAPTER_DIR, export_lora
 
-            init_from = self._init_from_dir()
-            path = export_lora(self.output_dir / "export", config, state, self.tokenizer, self.cfg.lora,
+            path = export_lora(self.output_dir / "export", config, state, tokenizer, self.cfg.lora,
                                self.lora_targets, init_from, getattr(self.data, "model_class", None))
             logger.info("exported the merged model and tokenizer to %s, the LoRA adapter to %s", path,
                         path / ADAPTER_DIR)
@@ -1444,11 +1447,27 @@ class Trainer:
         if self.cfg.reward.enabled:
             from retnet.train.reward import export_reward
 
-            path = export_reward(self.output_dir / "export", config, state, self.tokenizer)
+            path = export_reward(self.output_dir / "export", config, state, tokenizer)
         else:
-            path = export_pretrained(self.output_dir / "export", config, state, self.tokenizer)
+            path = export_pretrained(self.output_dir / "export", config, state, tokenizer, init_from)
         logger.info("exported model and tokenizer to %s", path)
         return path
+
+    def export_tokenizer(self):
+        """The tokenizer the export saves: the run's, or, when the run rendered conversations (``data.format``
+        other than ``text``) with a template the tokenizer does not hold (it has none: the project's default,
+        :func:`retnet.train.chat.chat_template`), a copy of it holding that template, so that
+        ``apply_chat_template`` on the export renders them as training did."""
+        if self.cfg.data.format == "text":
+            return self.tokenizer
+        from retnet.train.chat import chat_template
+
+        template = chat_template(self.tokenizer)
+        if template is None:  # its own: what training rendered with, saved with it
+            return self.tokenizer
+        tokenizer = copy.deepcopy(self.tokenizer)  # the run's own (its resumes' output_dir/tokenizer) unchanged
+        tokenizer.chat_template = template
+        return tokenizer
 
     # -- logging -----------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
