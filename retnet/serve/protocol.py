@@ -351,6 +351,28 @@ class ChatMessage(BaseModel):
     # answer to one of them.
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
+    # An assistant message's reasoning, as a reasoning model's answers are sent back in the history: DeepSeek's (and
+    # vLLM's older) reasoning_content, or vLLM's current name for it, reasoning (the same text if both are sent). The template gets it as the message's reasoning_content (tools.template_message), as training passes a
+    # row's messages: Qwen3's and DeepSeek-R1's templates render it (<think>...</think>); left out when not sent.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+    @field_validator("reasoning_content", "reasoning")
+    @classmethod
+    def _reasoning_is_the_assistants(cls, value: str | None, info: ValidationInfo) -> str | None:
+        role = info.data.get("role")
+        if value is not None and role is not None and role != "assistant":
+            raise PydanticCustomError("invalid_value", "only an assistant message has reasoning; got a {role} "
+                                      "message's", {"role": repr(role)})
+        other = info.data.get("reasoning_content") if info.field_name == "reasoning" else None
+        if value is not None and other is not None and value != other:
+            raise PydanticCustomError("invalid_value", "reasoning and reasoning_content name the same text (vLLM's "
+                                      "name and DeepSeek's); got two different ones")
+        return value
+
+    def reasoning_text(self) -> str | None:
+        """The message's reasoning (either field), or None when it has none."""
+        return self.reasoning_content if self.reasoning_content is not None else self.reasoning
 
     def text(self) -> str:
         if self.content is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -63,7 +64,7 @@ from retnet.serve.settings import ServeSettings
 from retnet.serve.state_cache import Session, SessionBusy
 from retnet.serve.streaming import collect_outputs, sse, sse_response, stream_outputs
 from retnet.serve.structured import Grammar, GrammarCompiler, requested_grammar
-from retnet.serve.tools import ToolCalling, template_message, tool_calling
+from retnet.serve.tools import ToolCalling, developer_role, template_message, tool_calling
 from retnet.tokenization import DEFAULT_CHAT_TEMPLATE, vocab_bound
 
 
@@ -88,6 +89,7 @@ class OpenAIServing:
         self.tokenizer_lock = threading.Lock()
         self.checks = RequestChecks(settings, engine, tokenizer, self.tokenizer_lock, defaults)
         self.bos_per_turn: bool | None = None  # see _bos_per_turn
+        self.developer_as: str | None = None  # see _developer_role
         # Tokenizations running on worker threads (counted on the event loop): while one may hold the lock, the
         # loop must not wait for it.
         self.tokenizing_off_loop = 0
@@ -464,7 +466,6 @@ class OpenAIServing:
         completion would refuse), and with ``with_hint`` the offset where the last message starts."""
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
         template = self.chat_template
-        messages = [template_message(m) for m in request.messages]
         # The tools reach the template whenever the request has them (vLLM's and OpenAI's default: "none" makes no
         # call, the model still knows the tools), unless --exclude-tools-when-tool-choice-none drops them.
         hidden = request.tool_choice == "none" and self.settings.exclude_tools_when_tool_choice_none
@@ -480,6 +481,9 @@ class OpenAIServing:
         add_special = _add_special_tokens(request, continues)
         try:
             with self.tokenizer_lock:
+                developer = self._developer_role(template) if any(m.role == "developer" for m in request.messages) \
+                    else "developer"
+                messages = [template_message(m, developer) for m in request.messages]
                 text = self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final, chat_template=template, **variables)
@@ -518,6 +522,14 @@ class OpenAIServing:
                 text = ""
             self.bos_per_turn = text.count(self.tokenizer.bos_token) > 1
         return self.bos_per_turn
+
+    def _developer_role(self, template: str | None) -> str:
+        """The role developer messages are templated as (tools.developer_role): "developer" where the chat template
+        renders one, else "system" (OpenAI's reading). Probed once, with the tokenizer's lock held."""
+        if self.developer_as is None:
+            self.developer_as = developer_role(functools.partial(self.tokenizer.apply_chat_template, tokenize=False,
+                                                                 chat_template=template))
+        return self.developer_as
 
     async def chat_chunks(self, request: ChatCompletionRequest, run: ChatRun) -> AsyncIterator[dict]:
         """A started chat's stream, each chunk's JSON before its SSE framing. With tool calls (``run.calling``)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,10 +128,12 @@ class ToolCalling:
             return None
 
 
-def template_message(message: ChatMessage) -> dict[str, Any]:
+def template_message(message: ChatMessage, developer: str = "developer") -> dict[str, Any]:
     """A message as chat templates read it. HF's templates take a tool call's arguments as an object: the
-    JSON text is parsed (kept as text when it is not JSON)."""
-    out: dict[str, Any] = {"role": message.role, "content": message.text()}
+    JSON text is parsed (kept as text when it is not JSON). ``developer``: the role a developer message is given
+    ("system" for a template that does not render developer messages, see :func:`developer_role`)."""
+    role = developer if message.role == "developer" else message.role
+    out: dict[str, Any] = {"role": role, "content": message.text()}
     if message.name:
         out["name"] = message.name
     if message.tool_calls:
@@ -140,7 +143,27 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
                              for call in message.tool_calls]
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
+    # Only when sent: templates test ``message.reasoning_content is defined`` (or ``is string``).
+    reasoning = message.reasoning_text()
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
     return out
+
+
+DEVELOPER_PROBE = "retnet-developer-probe-1c9e"
+
+
+def developer_role(render: Callable[[list[dict[str, Any]]], str]) -> str:
+    """The role a developer message is templated as: "developer" when the chat template renders one (vLLM passes
+    the role to the template as it is, as training passes a row's messages), else "system", OpenAI's reading of
+    it, so that its instructions reach the model: many templates know no developer role, and drop its messages
+    (Qwen2.5's, Qwen3's) or refuse them (Mistral's). ``render``: messages -> the template's text."""
+    probe = [{"role": "developer", "content": DEVELOPER_PROBE}, {"role": "user", "content": "a"}]
+    try:
+        text = render(probe)
+    except Exception:  # a template that refuses the role
+        return "system"
+    return "developer" if DEVELOPER_PROBE in text else "system"
 
 
 def _arguments(arguments: str | dict[str, Any]) -> Any:
@@ -150,4 +173,4 @@ def _arguments(arguments: str | dict[str, Any]) -> Any:
     return arguments
 
 
-__all__ = ["ToolCalling", "template_message", "tool_calling"]
+__all__ = ["DEVELOPER_PROBE", "ToolCalling", "developer_role", "template_message", "tool_calling"]
