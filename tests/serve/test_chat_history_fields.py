@@ -124,3 +124,14 @@ def test_a_developer_message_is_a_system_one_where_the_template_has_no_developer
     assert template_message(message) == {"role": "developer", "content": "Be exact."}
     assert template_message(message, "system") == {"role": "system", "content": "Be exact."}
     assert template_message(ChatMessage(role="user", content="hi"), "system")["role"] == "user"
+
+
+async def test_the_server_templates_a_developer_message_as_system_where_the_template_drops_that_role(open_app):
+    messages = [{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Hello"}]
+    async with open_app(chat_template=DROPS_DEVELOPER) as client:
+        tokenizer = client.app.state.serving.tokenizer
+        text = tokenizer.decode(await tokenize(client, messages=messages))
+    assert "<|system|>Answer in French." in text  # dropped by the template as "developer"
+    async with open_app(chat_template=TEMPLATE) as client:  # a template that renders the role keeps it
+        tokenizer = client.app.state.serving.tokenizer
+        assert "<|developer|>Answer in French." in tokenizer.decode(await tokenize(client, messages=messages))
