@@ -825,7 +825,7 @@ class RetNetModel(RetNetPreTrainedModel):
     def _padded_xpos_pieces(self, hidden_states, attention_mask, position_ids, cu_seqlens, context_parallel, cache):
         """The width of the pieces to run a padded xPos batch in, when it is wider than one packed frame covers;
         else None. A padded batch runs packed, each row in one xPos frame, so a right-padded prompt longer than
-        that (2 800 tokens in fp16 at ``xpos_scale_base=512``) was refused where the same prompt left-padded ran;
+        that (28 288 positions at ``xpos_scale_base=512``) was refused where the same prompt left-padded ran;
         run in pieces, the state carries from one to the next, as a chunked prefill does.
 
         Given ``position_ids`` run in the same pieces (each piece's columns of them): the pieces' frames follow the
