@@ -21,16 +21,20 @@ MIN_VOCAB_SIZE = 256 + 2
 # Used by the server when a tokenizer has no chat template of its own (documented in the README). An assistant's
 # tool calls are written in the Hermes format (each a <tool_call> block after its text), which
 # `--tool-call-parser hermes` reads back: without them a turn that only calls a tool trained as an empty answer.
-# The tools' schemas are not listed (a prompt with tools stays the one it was, for models trained on it);
-# conversations without calls render as they always did. (transformers
-# renders with trim_blocks: a newline right after a block tag is dropped, hence the {{ '\n' }}.)
+# The tools' schemas are not listed (a prompt with tools stays the one it was, for models trained on it).
+# Each message ends with the tokenizer's EOS (as Zephyr's do), so that every assistant turn, not only a
+# conversation's last, is trained to end on the token the server stops on; nothing follows the EOS (Zephyr writes a
+# newline): a session's next turn continues after the EOS the model generated, and renders exactly as the same
+# conversation sent whole, and a conversation's rendering ends on the EOS that closes it (chat training's boundary).
+# Tokenizers and exports that carry a template of their own (the BPE a run trains writes this one into its
+# tokenizer_config, an export made before keeps the template it was trained on) are not affected by a change here.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] if message['content'] is not none else '' }}"
     "{% for call in message['tool_calls'] or [] %}"
     "{% set function = call['function'] if call['function'] is defined else call %}"
     "<tool_call>\n{{ {'name': function['name'], 'arguments': function['arguments']} | tojson }}\n</tool_call>"
-    "{% endfor %}{{ '\\n' }}"
+    "{% endfor %}{{ eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -250,6 +254,16 @@ def render_pair(prompt: list[dict], completions, render) -> tuple[str, ...]:
     return head, *texts
 
 
+def closed_by_eos(ids: list[int], eos: int | None) -> list[int]:
+    """``ids`` followed by ``eos``, unless they already end with it (a chat template that ends each message with
+    the EOS, the default's: a completion's rendering carries its closing EOS, which must not be doubled) or there
+    is no EOS. What the reward trainer, DPO and the server's reward scoring close a completion with."""
+    ids = list(ids)
+    if eos is None or (ids and ids[-1] == eos):
+        return ids
+    return [*ids, eos]
+
+
 def _continued(content, what: str) -> str:
     if content is None:
         return ""
@@ -260,6 +274,7 @@ def _continued(content, what: str) -> str:
 
 
 __all__ = [
-    "DEFAULT_CHAT_TEMPLATE", "EOS_TOKEN", "PAD_TOKEN", "TokenBytes", "characters_started", "render_pair",
+    "DEFAULT_CHAT_TEMPLATE", "EOS_TOKEN", "PAD_TOKEN", "TokenBytes", "characters_started", "closed_by_eos",
+    "render_pair",
     "train_byte_level_bpe", "wrap_tokenizer",
 ]

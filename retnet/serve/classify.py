@@ -43,7 +43,7 @@ from retnet.serve.sequence import EngineUnavailable, QueueFull
 from retnet.serve.serving import OpenAIServing, _size
 from retnet.serve.settings import ServeSettings
 from retnet.serve.tools import template_message
-from retnet.tokenization import render_pair
+from retnet.tokenization import closed_by_eos, render_pair
 
 POOLING_ROUTES = ("/classify", "/v1/classify", "/pooling")
 EMBEDDING_ROUTES = ("/v1/embeddings",)
@@ -416,11 +416,11 @@ def pair_token_ids(tokenizer, head: str, completions: list[str], add_special_tok
     """The tokens the reward trainer scores for a prompt's rendering ``head`` and each of its ``completions``
     (:func:`~retnet.tokenization.render_pair`'s texts): the head encoded once (with the tokenizer's special tokens
     if asked), each completion on its own (a token across the prompt's end would differ from the trainer's), then
-    EOS. Call it with the tokenizer's lock held."""
+    EOS, unless the completion's tokens end with it (a template that closes each message with the EOS, the
+    default's: not twice, as the trainer). Call it with the tokenizer's lock held."""
     head_ids = tokenizer.encode(head, add_special_tokens=add_special_tokens)
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    return [[*head_ids, *(tokenizer.encode(text, add_special_tokens=False) if text else []), *eos]
-            for text in completions]
+    return [closed_by_eos([*head_ids, *(tokenizer.encode(text, add_special_tokens=False) if text else [])],
+                          tokenizer.eos_token_id) for text in completions]
 
 
 def _pooling_response(model: str, rows: torch.Tensor, usage: Usage, request: PoolingRequest) -> PoolingResponse:

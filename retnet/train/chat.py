@@ -17,7 +17,10 @@ newline), the conversation is encoded in pieces cut there, so that the answer st
 server prompts with (:meth:`ChatEncoder._cut_at_answers`). Every
 prefix rendering must be a prefix of the whole conversation's, or the spans are not where the tokens are:
 such a template is refused. EOS follows each conversation, a target too when the conversation ends with an
-assistant message (the server stops on EOS), and it is where the next conversation's packed segment starts.
+assistant message (the server stops on EOS), and it is where the next conversation's packed segment starts. A
+template that ends each message with the EOS (``DEFAULT_CHAT_TEMPLATE``, Zephyr-like ones without the newline
+after it) renders that EOS itself: a conversation whose encoding ends with the EOS gets no second one, its own is
+the closing EOS (so an answer is never trained to be followed by EOS again).
 
 TRL's prompt-completion rows (a set with no messages column, :func:`messages_column`'s, but ``prompt`` and
 ``completion`` ones: :func:`prompt_completion`) are read as TRL's SFTTrainer reads them, with its default
@@ -72,6 +75,9 @@ def template_identity(tokenizer) -> dict[str, Any]:
             # an answer's first token starts where the server's prompt ends (a token cache of before could hold one
             # that straddled it)
             "answers_cut": 1,
+            # a conversation whose rendering ends with the EOS (the default template's) closes on that one, not a
+            # second (a token cache of before held EOS, EOS; and its default template ended messages with "\n")
+            "closing_eos": 1,
             # a token cache of before held such a tokenizer's standard prompt-completion rows with its EOS and ours
             **({"appended_eos": True} if appends_eos(tokenizer) else {})}
 
@@ -90,7 +96,9 @@ def _ends_with_added_eos(encoding, eos: int | None) -> bool:
 
 def render_default(messages: list[dict[str, Any]] | Completion) -> str:
     """A conversation rendered with ``DEFAULT_CHAT_TEMPLATE``, the template of the BPE a run trains (what the
-    BPE is trained on: it is not there yet to render them); a standard prompt-completion row as its text."""
+    BPE is trained on: it is not there yet to render them); a standard prompt-completion row as its text. The
+    template's ``{{ eos_token }}`` renders as nothing here: the EOS is a special token, no text to learn merges
+    from (the BPE trainer would learn ``<|endoftext|>``'s pieces)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     from retnet.tokenization import DEFAULT_CHAT_TEMPLATE
@@ -499,8 +507,15 @@ class ChatEncoder:
                     mask = inside.astype(np.uint8) * TARGET
                 ends_answered = (not self.assistant_only_loss or isinstance(messages, Completion)
                                  or messages[-1]["role"] == "assistant")
+                closing = np.uint8(BOUNDARY | (TARGET if ends_answered else 0))
+                if not isinstance(messages, Completion) and len(body) and eos is not None and body[-1] == eos:
+                    # the template's own closing EOS (one that ends every message): it closes the conversation
+                    ids.append(np.asarray(body, dtype=dtype))
+                    mask[-1] |= closing
+                    flags.append(mask)
+                    continue
                 ids.append(np.asarray([*body, eos], dtype=dtype))
-                flags.append(np.append(mask, np.uint8(BOUNDARY | (TARGET if ends_answered else 0))))
+                flags.append(np.append(mask, closing))
         if not ids:
             return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.uint8)
         return np.concatenate(ids), np.concatenate(flags)

@@ -11,7 +11,8 @@ share no beginning has no prompt (None): each completion is the whole text, or t
 with the chat template (no generation prompt), as TRL's RewardTrainer tokenizes every row; a reward model scores
 it so, and DPO refuses it when it starts (:meth:`PreferenceData.check_prompted`: no token would predict the first
 completion token). *Standard*: three strings; a sequence is the prompt's tokens, then the completion's, then
-EOS. *Conversational*: three lists of ``{"role", "content"}`` messages (``chosen``/``rejected`` normally one assistant message). The prompt is rendered with the
+EOS (in either format, a completion whose tokens already end with the EOS, as a conversation's rendered with a
+template that ends each message with it, the default's, gets no second). *Conversational*: three lists of ``{"role", "content"}`` messages (``chosen``/``rejected`` normally one assistant message). The prompt is rendered with the
 tokenizer's chat template and the generation prompt, as the server renders a chat request, and a completion is
 what ``render(prompt + chosen)`` adds after it (the template must render the prompt as a prefix, or the row is
 refused). A prompt that ends with an assistant message (a prefill) is rendered as TRL renders it, with
@@ -69,7 +70,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retnet.tokenization import render_pair
+from retnet.tokenization import closed_by_eos, render_pair
 from retnet.train.chat import ChatEncoder, conversation_problem, template_messages
 from retnet.train.chat import template_identity as chat_template_identity
 from retnet.train.checkpoint import _fsync_dir, _write_durable
@@ -296,7 +297,10 @@ class PairEncoder:
             encodings = self.chat.backend.encode_batch(texts, add_special_tokens=False)
             for number, (row, pair, *_) in enumerate(chunk):
                 prompt, chosen, rejected = (encodings[3 * number + i].ids for i in range(3))
-                parts = self._cut(row, prompt, [*chosen, self.eos], [*rejected, self.eos], prompted=pair[0] is not None)
+                # a completion the template already closed with the EOS (the default's ends each message so) gets
+                # no second one
+                parts = self._cut(row, prompt, closed_by_eos(chosen, self.eos), closed_by_eos(rejected, self.eos),
+                                  prompted=pair[0] is not None)
                 tokens += [np.asarray(part, dtype=self.dtype) for part in parts]
                 lengths.append([len(part) for part in parts])
         rows = np.asarray([row for row, *_ in pairs], dtype=np.int64)

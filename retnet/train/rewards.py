@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retnet.tokenization import render_pair
+from retnet.tokenization import closed_by_eos, render_pair
 from retnet.train.chat import template_identity
 from retnet.train.config import ConfigError, GrpoConfig
 from retnet.train.data import load_tokenizer, tokenizer_fingerprint
@@ -260,8 +260,10 @@ class RewardSources:
             prompt = split.prompts[index]  # the stored prompt, read only
             if not isinstance(prompt, str):
                 text = render_pair(prompt, [[{"role": "assistant", "content": text}]], self.encoder.chat.render)[1]
-            sequences.append(np.asarray([*split.tokens[index], *backend.encode(text, add_special_tokens=False).ids,
-                                         eos], dtype=np.int64))
+            # the EOS once: a completion the template closed with it (the default's) has it already
+            sequences.append(np.asarray(closed_by_eos([*split.tokens[index],
+                                                       *backend.encode(text, add_special_tokens=False).ids], eos),
+                                        dtype=np.int64))
         scores = []
         for lo in range(0, len(sequences), chunk):
             part = sequences[lo:lo + chunk]

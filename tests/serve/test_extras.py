@@ -622,14 +622,14 @@ PREFILLED = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content":
 
 
 async def test_continue_final_message_leaves_the_last_message_open(client):
-    # It was ignored: the template closed the assistant's message ("Hello\n") and the model started a new line
+    # It was ignored: the template closed the assistant's message ("Hello<|endoftext|>") and the model started a new line
     # instead of continuing the prefilled answer.
     tokenizer = client.app.state.serving.tokenizer
     req = {"messages": PREFILLED, "max_tokens": 3, "return_token_ids": True, **GREEDY}
     r = await client.post("/v1/chat/completions", json={**req, "continue_final_message": True,
                                                         "add_generation_prompt": False})
     assert r.status_code == 200, r.text
-    expected = tokenizer.encode("<|user|>\nHi\n<|assistant|>\nHello", add_special_tokens=False)
+    expected = tokenizer.encode("<|user|>\nHi<|endoftext|><|assistant|>\nHello", add_special_tokens=False)
     assert r.json()["choices"][0]["prompt_token_ids"] == expected
     # vLLM's rule: both at once are a contradiction (a new message opened after one left open).
     r = await client.post("/v1/chat/completions", json={**req, "continue_final_message": True})

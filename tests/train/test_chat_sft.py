@@ -110,7 +110,8 @@ def test_targets_are_the_assistant_messages_with_the_templates_end_markers(chat_
     tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer)
     conversations = [conversation(i) for i in range(12)]
     ids, flags = ChatEncoder(tokenizer).encode(conversations)
-    assert target_runs(tokenizer, ids, flags) == expected_runs(conversations, "\n", "<|endoftext|>")
+    # each answer ends on the template's EOS (the last one's is the closing EOS: not a second)
+    assert target_runs(tokenizer, ids, flags) == expected_runs(conversations, "<|endoftext|>", "")
     assert int(np.count_nonzero(flags & BOUNDARY)) == len(conversations)
     assert ids[flags & BOUNDARY != 0].tolist() == [tokenizer.eos_token_id] * len(conversations)
     # every token of the rendered conversation with data.assistant_only_loss=false, EOS included

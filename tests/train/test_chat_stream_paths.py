@@ -73,7 +73,7 @@ def test_a_conversation_opening_with_an_assistant_message_is_masked(tokenizer_di
     ids, flags = ChatEncoder(tokenizer).encode([greeting])
     targets = ids[(flags & TARGET) != 0]
     eos = tokenizer.eos_token_id
-    assert tokenizer.decode(targets[targets != eos]) == "Hello!\n3 plus 3 is 6.\n"
+    assert tokenizer.decode(targets[targets != eos]) == "Hello!3 plus 3 is 6."
     # the assistant header of each turn is prompt, not target, as for a later turn
     assert "<|assistant|>" not in tokenizer.decode(targets)
 
@@ -133,11 +133,12 @@ def test_the_default_template_trains_tool_calls_in_the_format_the_server_parses(
     text = tokenizer.decode(ids.tolist())
     assert text.startswith("<|user|>\n")  # (the tools' schemas are not listed)
     runs = target_runs(tokenizer, ids, flags)
-    assert runs[0] == '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>\n', runs
-    assert runs[1].startswith("2 plus 3 is 5.\n") and "5" not in runs[0]  # the tool's answer is no target
-    content, calls = HermesToolParser(["add"]).parse(runs[0])
+    assert runs[0] == '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|endoftext|>', runs
+    assert runs[1].startswith("2 plus 3 is 5.<|endoftext|>") and "5" not in runs[0]  # the tool's answer is no target
+    # the server stops on the EOS and returns the text before it
+    content, calls = HermesToolParser(["add"]).parse(runs[0].removesuffix(tokenizer.eos_token))
     assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
         ("add", {"a": 2, "b": 3})]
-    # without tools nor calls the rendering is the one it always was
+    # without tools nor calls the rendering is the plain one (each message closed by the EOS)
     assert tokenizer.apply_chat_template(chat(1), tokenize=False) == (
-        "<|user|>\nWhat is 1 plus 1?\n<|assistant|>\n1 plus 1 is 2.\n")
+        "<|user|>\nWhat is 1 plus 1?<|endoftext|><|assistant|>\n1 plus 1 is 2.<|endoftext|>")

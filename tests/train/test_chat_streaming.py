@@ -171,7 +171,7 @@ def test_the_targets_decode_to_the_assistant_messages(tokenizer_dir, tokenizer, 
     closed = int(np.count_nonzero(flags & BOUNDARY))
     assert closed >= 3
     assert target_runs(tokenizer, tokens[:whole], flags[:whole]) == expected_runs(
-        [unique(i) for i in range(VAL, VAL + closed)], "\n", "<|endoftext|>")
+        [unique(i) for i in range(VAL, VAL + closed)], "<|endoftext|>", "")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_the_completion_tokens_are_the_completion_and_eos(toy, dataset):
                 prompt, expected = row["prompt"], row[side] + eos
             else:
                 prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-                expected = f"{row[side][0]['content']}\n{eos}"
+                expected = f"{row[side][0]['content']}{eos}"  # the template's EOS closes it, once
             assert completion == expected
             lo, hi = batch.cu_seqlens[sequence].item(), batch.cu_seqlens[sequence + 1].item()
             assert tokenizer.decode(flat[lo:hi]) == prompt + expected
@@ -185,10 +185,11 @@ def test_a_prefilled_prompt_is_continued(toy):
                                                           tokenize=False)
     assert head.endswith("Maybe,") and head.count("<|assistant|>") == 1
     assert head + chosen == answered("yes") and head + rejected == answered("no")
-    assert (chosen, rejected) == (" yes\n", " no\n")
+    assert (chosen, rejected) == (f" yes{tokenizer.eos_token}", f" no{tokenizer.eos_token}")
     _, c, r = encoder.encode([(0, pair)]).parts(0)
     eos = tokenizer.eos_token
-    assert tokenizer.decode(c) == f" yes\n{eos}" and tokenizer.decode(r) == f" no\n{eos}"
+    # the template closed each completion with the EOS: not a second one
+    assert tokenizer.decode(c) == f" yes{eos}" and tokenizer.decode(r) == f" no{eos}"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -106,8 +106,9 @@ def test_a_conversational_rows_targets_are_its_completions_assistant_messages(to
     whole_ids = tokenizer.encode(whole, add_special_tokens=False)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     assert whole_ids[:len(prompt_ids)] == prompt_ids
-    assert ids.tolist() == [*whole_ids, tokenizer.eos_token_id]
-    assert targets(flags) == [0] * len(prompt_ids) + [1] * (len(whole_ids) - len(prompt_ids)) + [1]
+    # the default template closes the completion's message with the EOS: that one closes the row, not a second
+    assert whole_ids[-1] == tokenizer.eos_token_id and ids.tolist() == whole_ids
+    assert targets(flags) == [0] * len(prompt_ids) + [1] * (len(whole_ids) - len(prompt_ids))
     # the same messages as one conversation train on both answers
     _, both = ChatEncoder(tokenizer).encode([conversation(4)])
     assert np.count_nonzero(both & TARGET) > np.count_nonzero(flags & TARGET)

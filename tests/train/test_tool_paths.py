@@ -141,8 +141,8 @@ def test_a_tool_call_completion_continues_a_prefilled_assistant_turn(chat_render
     call = {"type": "function", "function": {"name": "lookup", "arguments": {"q": "x"}}}
     prompt = [{"role": "user", "content": "find x"}, {"role": "assistant", "content": "Let me look."}]
     head, text = render_pair(prompt, [[{"role": "assistant", "content": None, "tool_calls": [call]}]], chat_render)
-    assert head == "<|user|>\nfind x\n<|assistant|>\nLet me look."
-    assert text == '<tool_call>\n{"name": "lookup", "arguments": {"q": "x"}}\n</tool_call>\n'
+    assert head == "<|user|>\nfind x<|endoftext|><|assistant|>\nLet me look."
+    assert text == '<tool_call>\n{"name": "lookup", "arguments": {"q": "x"}}\n</tool_call><|endoftext|>'
     with pytest.raises(ValueError, match="completion 0's first message has content of type list"):
         render_pair(prompt, [[{"role": "assistant", "content": [{"type": "text", "text": "y"}]}]], chat_render)
 
