@@ -74,7 +74,7 @@ def template_identity(tokenizer) -> dict[str, Any]:
             "messages": 2,
             # an answer's first token starts where the server's prompt ends (a token cache of before could hold one
             # that straddled it)
-            "answers_cut": 1,
+            "answers_cut": 2,
             # a conversation whose rendering ends with the EOS (the default template's) closes on that one, not a
             # second (a token cache of before held EOS, EOS; and its default template ended messages with "\n")
             "closing_eos": 1,
@@ -410,6 +410,15 @@ def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "function": target} if isinstance(function, dict) else target
 
 
+def _untrimmed(processor: dict | None) -> None:
+    """A tokenizer.json post-processor (a ``Sequence``'s too) with ByteLevel's ``trim_offsets`` off, in place."""
+    if isinstance(processor, dict):
+        if processor.get("type") == "ByteLevel":
+            processor["trim_offsets"] = False
+        for inner in processor.get("processors") or []:
+            _untrimmed(inner)
+
+
 class ChatEncoder:
     """Conversations -> (ids, flags) with ``tokenizer``; ``assistant_only_loss`` False makes every token a target."""
 
@@ -420,7 +429,11 @@ class ChatEncoder:
         self.template = chat_template(tokenizer)
         # The backend as the server's tokenizer.encode runs it: special tokens' text as the special tokens (the
         # backend's default; document_encoder turns that off for plain text), whole, unpadded.
-        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        # offsets that keep the space a token holds (GPT-2's ByteLevel trims it: " Paris" read as starting after
+        # the space, and a token straddling an answer's start went unseen); the ids are the same
+        _untrimmed(state.get("post_processor"))
+        self.backend = Tokenizer.from_str(json.dumps(state))
         self.backend.no_truncation()
         self.backend.no_padding()
 
@@ -572,7 +585,10 @@ class ChatEncoder:
         cuts = sorted({lo for lo, _ in spans if 0 < lo < len(text)})
         spans_of = np.asarray(offsets, dtype=np.int64).reshape(-1, 1, 2)
         at = np.asarray(cuts, dtype=np.int64).reshape(1, -1)
-        if not cuts or not np.any((spans_of[..., 0] < at) & (at < spans_of[..., 1])):
+        # a token straddles a cut, or the prompt ends in a whitespace run that a byte-level BPE's `\s+(?!\S)` splits
+        # before the answer's first character but keeps whole at the end of the prompt alone ("\n\n" + "x")
+        if not cuts or not (np.any((spans_of[..., 0] < at) & (at < spans_of[..., 1]))
+                            or any(lo >= 2 and text[lo - 2:lo].isspace() for lo in cuts)):
             return whole
         bounds = [0, *cuts, len(text)]
         texts = [text[lo:hi] for lo, hi in itertools.pairwise(bounds)]

@@ -1318,7 +1318,9 @@ def blocks_digest(arrays: dict[str, np.ndarray]) -> str:
 def _local_changed(cfg: DataConfig, documents: list[int] | None) -> ConfigError:
     now = f" (now {documents[0]} training and {documents[1]} validation documents)" if documents else ""
     why = ("this interpreter's standard library is not the one it was trained on" if cfg.dataset == "stdlib" else
-           "its files changed since (documents added, removed or edited)")
+           "its files changed since (documents added, removed or edited), or this version tokenizes them otherwise "
+           "(chat: answers opening with whitespace are encoded apart from their prompt since 2026-12-05, and the "
+           "default template closes each message with EOS)")
     return ConfigError(
         f"data.dataset {cfg.dataset!r} now gives other token blocks than the checkpoint was trained on: {why}{now}. "
         f"The checkpoint's data position would point into other blocks, and documents held out for validation could "

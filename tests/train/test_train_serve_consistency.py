@@ -6,6 +6,7 @@ the text the server streams out of byte-level tokens must be the tokenizer's dec
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shutil
 
@@ -127,6 +128,31 @@ def test_a_standard_completion_opening_with_a_newline_starts_where_the_servers_p
     (prompt,), stops = asyncio.run(served_prompts(export, [{"prompt": "Show code:\n"}]))
     check_prefix(ids.tolist(), flags, prompt)
     assert tokenizer.decode(ids[:-1]) == "Show code:\n\n\nx = 1" and ids[-1] in stops and flags[-1] & TARGET
+
+
+def test_a_prompt_ending_in_a_run_of_newlines_is_the_servers_prompt(export):
+    """No token straddles the answer here: the BPE's `\\s+(?!\\S)` splits the prompt's "\\n\\n" before the answer's
+    first character, where the server's prompt alone ends on one "\\n\\n" token."""
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    (sequence,) = [c for _, c in check_prompt_completions("set.jsonl", ["Show code:\n\n"], ["x = 1"])]
+    ids, flags = ChatEncoder(tokenizer).encode([sequence])
+    (prompt,), _ = asyncio.run(served_prompts(export, [{"prompt": "Show code:\n\n"}]))
+    check_prefix(ids.tolist(), flags, prompt)
+
+
+def test_a_tokenizer_that_trims_its_offsets_is_cut_where_the_answer_starts(export, tmp_path):
+    """GPT-2's ByteLevel post-processor trims the space out of a token's offsets (" Paris" starting after it): the
+    token straddling the answer's start went unseen, and the answer started inside it."""
+    trimming = tmp_path / "trimming"
+    shutil.copytree(export, trimming)
+    state = json.loads((trimming / "tokenizer.json").read_text())
+    state["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                               "use_regex": True}
+    (trimming / "tokenizer.json").write_text(json.dumps(state))
+    tokenizer = AutoTokenizer.from_pretrained(trimming)
+    (sequence,) = [c for _, c in check_prompt_completions("set.jsonl", ["Answer: "], ["return a + b"])]
+    ids, flags = ChatEncoder(tokenizer).encode([sequence])
+    check_prefix(ids.tolist(), flags, tokenizer("Answer: ")["input_ids"])
 
 
 def test_tools_names_ids_and_template_variables_reach_both_alike(export, tmp_path):
