@@ -89,7 +89,7 @@ class OpenAIServing:
         self.tokenizer_lock = threading.Lock()
         self.checks = RequestChecks(settings, engine, tokenizer, self.tokenizer_lock, defaults)
         self.bos_per_turn: bool | None = None  # see _bos_per_turn
-        self.developer_as: str | None = None  # see _developer_role
+        self.developer_as: dict[str, str] = {}  # see _developer_role
         # Tokenizations running on worker threads (counted on the event loop): while one may hold the lock, the
         # loop must not wait for it.
         self.tokenizing_off_loop = 0
@@ -481,8 +481,8 @@ class OpenAIServing:
         add_special = _add_special_tokens(request, continues)
         try:
             with self.tokenizer_lock:
-                developer = self._developer_role(template) if any(m.role == "developer" for m in request.messages) \
-                    else "developer"
+                developer = self._developer_role(template, variables.get("tools")) \
+                    if any(m.role == "developer" for m in request.messages) else "developer"
                 messages = [template_message(m, developer) for m in request.messages]
                 text = self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=add_generation_prompt,
@@ -523,13 +523,15 @@ class OpenAIServing:
             self.bos_per_turn = text.count(self.tokenizer.bos_token) > 1
         return self.bos_per_turn
 
-    def _developer_role(self, template: str | None) -> str:
+    def _developer_role(self, template: str | None, tools) -> str:
         """The role developer messages are templated as (tools.developer_role): "developer" where the chat template
-        renders one, else "system" (OpenAI's reading). Probed once, with the tokenizer's lock held."""
-        if self.developer_as is None:
-            self.developer_as = developer_role(functools.partial(self.tokenizer.apply_chat_template, tokenize=False,
-                                                                 chat_template=template))
-        return self.developer_as
+        renders one, else "system" (OpenAI's reading). Probed once per template transformers picks (a tokenizer's
+        named "tool_use" one for a request with tools), with the tokenizer's lock held."""
+        resolved = self.tokenizer.get_chat_template(template, tools)
+        if resolved not in self.developer_as:
+            self.developer_as[resolved] = developer_role(functools.partial(
+                self.tokenizer.apply_chat_template, tokenize=False, chat_template=resolved))
+        return self.developer_as[resolved]
 
     async def chat_chunks(self, request: ChatCompletionRequest, run: ChatRun) -> AsyncIterator[dict]:
         """A started chat's stream, each chunk's JSON before its SSE framing. With tool calls (``run.calling``)

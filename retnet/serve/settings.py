@@ -786,7 +786,10 @@ def generation_defaults(settings: ServeSettings) -> dict[str, Any]:
         try:
             SamplingFields.model_validate({name: value})
         except ValidationError as exc:
-            raise StartupError(f"{where}: {exc.errors()[0]['msg']}; got {value!r}") from None
+            # (a fine-tune's export carries its base's sampling defaults, which transformers takes more widely)
+            way_out = ("" if origin[field] == "--override-generation-config" else
+                       f" (start with --generation-config vllm, or --override-generation-config '{{\"{field}\": ...}}')")
+            raise StartupError(f"{where}: {exc.errors()[0]['msg']}; got {value!r}{way_out}") from None
     return {name: (int(v) if name in ("top_k", "max_tokens") else float(v)) for name, v in defaults.items()}
 
 

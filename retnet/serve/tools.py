@@ -163,7 +163,7 @@ def developer_role(render: Callable[[list[dict[str, Any]]], str]) -> str:
         text = render(probe)
     except Exception:  # a template that refuses the role
         return "system"
-    return "developer" if DEVELOPER_PROBE in text else "system"
+    return "developer" if DEVELOPER_PROBE.lower() in text.lower() else "system"  # (a template may change case)
 
 
 def _arguments(arguments: str | dict[str, Any]) -> Any:

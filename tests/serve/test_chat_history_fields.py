@@ -135,3 +135,17 @@ async def test_the_server_templates_a_developer_message_as_system_where_the_temp
     async with open_app(chat_template=TEMPLATE) as client:  # a template that renders the role keeps it
         tokenizer = client.app.state.serving.tokenizer
         assert "<|developer|>Answer in French." in tokenizer.decode(await tokenize(client, messages=messages))
+
+
+async def test_the_developer_role_is_probed_in_the_template_a_request_with_tools_gets(open_app):
+    # A tokenizer with named templates renders a request with tools with its "tool_use" one: probed in the default
+    # alone, a developer message was dropped there without a word.
+    messages = [{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Hello"}]
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
+    async with open_app() as client:
+        tokenizer = client.app.state.serving.tokenizer
+        tokenizer.chat_template = {"default": TEMPLATE, "tool_use": DROPS_DEVELOPER}
+        with_tools = tokenizer.decode(await tokenize(client, messages=messages, tools=[tool], tool_choice="required"))
+        plain = tokenizer.decode(await tokenize(client, messages=messages))
+    assert "<|system|>Answer in French." in with_tools
+    assert "<|developer|>Answer in French." in plain

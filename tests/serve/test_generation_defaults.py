@@ -131,6 +131,11 @@ def test_bad_generation_configs_are_refused_at_startup(greedy_dir, tmp_path, cap
     assert "generation_config.json's max_new_tokens" in err and "\n" not in err
     err = startup_error(capsys, "--model", str(greedy_dir), "--generation-config", str(tmp_path / "missing"))
     assert err.startswith("retnet-serve: error: --generation-config") and "\n" not in err
+    # a value transformers takes but requests may not send (a fine-tune's export carries its base's): the way out
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 2.5}))
+    err = startup_error(capsys, "--model", str(greedy_dir), "--generation-config", str(tmp_path))
+    assert "generation_config.json's temperature" in err and "--generation-config vllm" in err and \
+        "--override-generation-config '{\"temperature\": ...}'" in err
 
 
 async def test_chat_template_replaces_the_tokenizers(model_dir, tmp_path):
