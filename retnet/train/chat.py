@@ -413,7 +413,7 @@ def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
 def _untrimmed(processor: dict | None) -> None:
     """A tokenizer.json post-processor (a ``Sequence``'s too) with ByteLevel's ``trim_offsets`` off, in place."""
     if isinstance(processor, dict):
-        if processor.get("type") == "ByteLevel":
+        if processor.get("type") in ("ByteLevel", "RobertaProcessing"):
             processor["trim_offsets"] = False
         for inner in processor.get("processors") or []:
             _untrimmed(inner)
@@ -509,14 +509,19 @@ class ChatEncoder:
             chunk = conversations[start:start + batch]
             rendered = [self._rendered(c, rows[start + i]) for i, c in enumerate(chunk)]
             encodings = self._encode_batch(chunk, rendered)
-            for messages, (_, spans), (body, offsets) in zip(chunk, rendered, encodings):
+            for messages, (text, spans), (body, offsets) in zip(chunk, rendered, encodings):
                 if spans is None:
                     mask = np.full(len(body), TARGET, dtype=np.uint8)
                 else:
                     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
                     inside = np.zeros(len(offsets), dtype=bool)
                     for lo, hi in spans:
-                        inside |= (offsets[:, 1] > lo) & (offsets[:, 0] < hi)
+                        hit = (offsets[:, 1] > lo) & (offsets[:, 0] < hi)
+                        # a token running past the answer whose answer part is whitespace only (" user" after
+                        # "Hello ": offsets untrimmed, see _untrimmed) is the next turn's, not the answer's
+                        for k in np.flatnonzero(hit & (offsets[:, 1] > hi)):
+                            hit[k] = not text[offsets[k, 0]:hi].isspace()
+                        inside |= hit
                     mask = inside.astype(np.uint8) * TARGET
                 ends_answered = (not self.assistant_only_loss or isinstance(messages, Completion)
                                  or messages[-1]["role"] == "assistant")

@@ -234,3 +234,24 @@ def _byte_tokens(tokenizer, character: str, single: list[int], token_bytes) -> l
     if all(b in by_byte for b in raw) and len(raw) > 1:
         return [by_byte[b] for b in raw]
     return tokenizer.encode(character, add_special_tokens=False)
+
+
+def test_the_next_turns_header_is_no_target_after_an_answer_ending_in_a_space(tmp_path):
+    """Offsets untrimmed, " user" after an answer "Hello " starts on the answer's last character: the next turn's
+    header, not the answer's, and no target."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = train_byte_level_bpe(CORPUS + [" user user user: hi assistant: Hello user: more"] * 50,
+                                     vocab_size=600, min_frequency=1)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state["post_processor"]["trim_offsets"] = True
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+                                        eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    conversation = [{"role": "user", "content": "hi "}, {"role": "assistant", "content": "Hello "},
+                    {"role": "user", "content": "more "}]
+    ids, flags = ChatEncoder(tokenizer).encode([conversation])
+    targets = [tokenizer.decode([int(i)]) for i, flag in zip(ids, flags) if flag & TARGET]
+    assert "".join(targets).strip() == "Hello", targets
