@@ -352,8 +352,9 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
     # An assistant message's reasoning, as a reasoning model's answers are sent back in the history: DeepSeek's (and
-    # vLLM's older) reasoning_content, or vLLM's current name for it, reasoning (the same text if both are sent). The template gets it as the message's reasoning_content (tools.template_message), as training passes a
-    # row's messages: Qwen3's and DeepSeek-R1's templates render it (<think>...</think>); left out when not sent.
+    # vLLM's older) reasoning_content, or vLLM's current name for it, reasoning (the same text if both are sent).
+    # The template gets it as the message's reasoning_content (tools.template_message), as training passes a row's
+    # messages: Qwen3's and DeepSeek-R1's templates render it (<think>...</think>); left out when not sent.
     reasoning_content: str | None = None
     reasoning: str | None = None
 
