@@ -604,7 +604,7 @@ def prepare_export(model, tokenizer, base_dir: Path | None = None) -> None:
     """The generation config an exported model saves (changed in place on ``model``).
 
     A fine-tune's starts from its base's ``generation_config.json`` (``base_dir``, the ``model.init_from``
-    directory), when it has one: the sampling defaults the server and ``generate`` read (temperature, top_p,
+    directory, or a distilled student's teacher), when it has one: the sampling defaults the server and ``generate`` read (temperature, top_p,
     top_k, max_new_tokens ...) and its stop ids (a chat model's end-of-turn token, which GRPO's sampling stopped on
     too) are the base's. Then, from the tokenizer: ``eos_token_id`` the stop ids with the tokenizer's EOS among
     them (put first when the base's did not list it; an int when it is the only one), ``pad_token_id`` the

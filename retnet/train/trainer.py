@@ -1429,8 +1429,8 @@ class Trainer:
 
     def export(self, state: dict) -> Path:
         """save_pretrained model + tokenizer into ``<output_dir>/export`` (rank 0, after ``save``): a fine-tune's
-        generation config is its base's (``model.init_from``'s), completed from the tokenizer
-        (:func:`~retnet.train.checkpoint.prepare_export`); the tokenizer is :meth:`export_tokenizer`."""
+        generation config is its base's (``model.init_from``'s, else a distillation's teacher's), completed from the
+        tokenizer (:func:`~retnet.train.checkpoint.prepare_export`); the tokenizer is :meth:`export_tokenizer`."""
         # a training-time choice: a model loaded from the export returns its logits in training mode too
         config = copy.deepcopy(self.model_config)
         config.fuse_linear_cross_entropy = False
@@ -1449,7 +1449,10 @@ class Trainer:
 
             path = export_reward(self.output_dir / "export", config, state, tokenizer)
         else:
-            path = export_pretrained(self.output_dir / "export", config, state, tokenizer, init_from)
+            # A student distilled into a new model answers as its teacher was tuned to: the teacher's stop ids
+            # (a chat teacher's end-of-turn token) and sampling defaults, its tokenizer being the run's.
+            base = init_from if init_from is not None else self._teacher_dir()
+            path = export_pretrained(self.output_dir / "export", config, state, tokenizer, base)
         logger.info("exported model and tokenizer to %s", path)
         return path
 

@@ -193,3 +193,15 @@ def test_prepare_export_takes_the_tokenizers_bos_when_it_has_one(base, tokenizer
     model = AutoModelForCausalLM.from_pretrained(base)
     prepare_export(model, tokenizer, base)
     assert model.generation_config.bos_token_id == 1
+
+
+def test_a_distilled_students_export_takes_its_teachers_generation_config(base, micro, tmp_path):
+    """A student distilled into a new model (no model.init_from) stops on its teacher's stop ids and samples with
+    its defaults: it learned the teacher's next tokens, the chat teacher's end-of-turn token among them."""
+    from .test_distill import distill_args
+
+    out = tmp_path / "student"
+    args = distill_args(micro(out, checkpoint__export=True, train__steps=2), base)
+    assert main(args) == 0
+    assert_bases_generation(out / "export")
+    generates_without_inputs(out / "export")
