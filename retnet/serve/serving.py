@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -90,6 +91,7 @@ class OpenAIServing:
         self.checks = RequestChecks(settings, engine, tokenizer, self.tokenizer_lock, defaults)
         self.bos_per_turn: bool | None = None  # see _bos_per_turn
         self.developer_as: dict[str, str] = {}  # see _developer_role
+        self.assistant_closers: dict[str, str | None] = {}  # see _closing
         # Tokenizations running on worker threads (counted on the event loop): while one may hold the lock, the
         # loop must not wait for it.
         self.tokenizing_off_loop = 0
@@ -400,7 +402,9 @@ class OpenAIServing:
         session = await self._acquire_session(request)
         try:
             prompt, hint = await self._tokenizing(_size([m.text() for m in request.messages]), self._chat_prompt,
-                                                  request, _continues(session))
+                                                  request, _continues(session), _open_answer(session))
+            if session is not None:
+                session.answering_assistant = _answers_in_assistant_message(request)
             params = self.checks.params(request, max_tokens, top if request.logprobs else None, name,
                                         bad_words=await self._bad_words(request))
             params.grammar = await self._grammar(request, calling)
@@ -447,11 +451,13 @@ class OpenAIServing:
                                                                                request.prompt_logprobs))
         return response
 
-    def _chat_prompt(self, request: ChatCompletionRequest, continues: bool = False) -> tuple[list[int], int | None]:
+    def _chat_prompt(self, request: ChatCompletionRequest, continues: bool = False,
+                     closes: list[int] | None = None) -> tuple[list[int], int | None]:
         """Token ids of the templated conversation, checked, and the offset where its last message starts (the
         history before it is a prefix worth caching) when the tokenisation agrees there. ``continues``: the
-        messages continue a session's history, so they do not open a text (no BOS before them)."""
-        ids, hint = self._chat_ids(request, continues)
+        messages continue a session's history, so they do not open a text (no BOS before them); ``closes``:
+        that history ends inside an assistant message, these its last tokens (:func:`_open_answer`)."""
+        ids, hint = self._chat_ids(request, continues, closes=closes)
         if not ids:
             raise APIError(400, "the templated conversation is empty", "messages", "empty_prompt")
         truncate = request.truncate_prompt_tokens
@@ -461,9 +467,11 @@ class OpenAIServing:
         return self.checks.prompt_ids(ids, "messages", truncate), hint
 
     def _chat_ids(self, request: ChatCompletionRequest | TokenizeChatRequest, continues: bool = False,
-                  with_hint: bool = True) -> tuple[list[int], int | None]:
+                  with_hint: bool = True, closes: list[int] | None = None) -> tuple[list[int], int | None]:
         """``_chat_prompt``'s ids before any check of their number or values (``/tokenize`` counts what a chat
-        completion would refuse), and with ``with_hint`` the offset where the last message starts."""
+        completion would refuse), and with ``with_hint`` the offset where the last message starts. ``closes``:
+        the session's history ends inside an assistant message, these its last tokens: the messages follow
+        what the template closes it with (:meth:`_closing`)."""
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
         template = self.chat_template
         # The tools reach the template whenever the request has them (vLLM's and OpenAI's default: "none" makes no
@@ -492,6 +500,10 @@ class OpenAIServing:
                     # A template that opens the conversation with {{ bos_token }} would put a BOS in the
                     # middle of the session's history.
                     text = text[len(bos) :]
+                if closes is not None:
+                    # Encoded with the messages as one text, as the conversation sent whole is: a closer that ends
+                    # in a newline may join what follows into other tokens.
+                    text = self._closing(template, variables.get("tools"), closes) + text
                 ids = self.tokenizer.encode(text, add_special_tokens=add_special)
         except Exception as exc:  # a template that rejects these messages (roles out of order, ...)
             raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
@@ -522,6 +534,29 @@ class OpenAIServing:
                 text = ""
             self.bos_per_turn = text.count(self.tokenizer.bos_token) > 1
         return self.bos_per_turn
+
+    def _closing(self, template: str | None, tools, answer_end: list[int]) -> str:
+        """The text that closes a session's open assistant message, whose last tokens are ``answer_end``, as the
+        chat template closes an assistant message before the next one (:func:`assistant_closer`). An answer that
+        ended on a special token the closer holds (the EOS, ``<|im_end|>``: the stop token, in the state and never
+        in the answer's text, where the template writes it) is closed by what follows that token in the closer
+        (ChatML's newline); one ended otherwise (``max_tokens``, a stop string, ``ignore_eos``) by the whole
+        closer. A template whose closer cannot be probed closes nothing. Probed once per template transformers
+        picks, with the tokenizer's lock held."""
+        resolved = self.tokenizer.get_chat_template(template, tools)
+        if resolved not in self.assistant_closers:
+            self.assistant_closers[resolved] = assistant_closer(functools.partial(
+                self.tokenizer.apply_chat_template, tokenize=False, add_generation_prompt=False,
+                chat_template=resolved))
+        closer = self.assistant_closers[resolved]
+        if not closer:
+            return ""
+        if answer_end and answer_end[-1] in self.engine.skipped_ids:
+            held = self.tokenizer.convert_ids_to_tokens(answer_end[-1])
+            at = closer.find(held) if held else -1
+            if at >= 0:
+                return closer[at + len(held) :]
+        return closer
 
     def _developer_role(self, template: str | None, tools) -> str:
         """The role developer messages are templated as (tools.developer_role): "developer" where the chat template
@@ -709,6 +744,7 @@ class OpenAIServing:
         if session.cache is not None and session.adapter and session.adapter not in served:
             # Its adapter was unloaded (or replaced) while the engine had not dropped it yet: gone, as expired.
             session.cache, session.pending, session.tokens, session.seen = None, [], 0, None
+            session.assistant_open = False
         if session.cache is None:
             session.adapter = adapter
         elif session.adapter != adapter:
@@ -814,6 +850,50 @@ class ChatRun:
 
 def _continues(session: Session | None) -> bool:
     return session is not None and session.cache is not None
+
+
+def _open_answer(session: Session | None) -> list[int] | None:
+    """The last tokens of the assistant message a session's history ends inside (a chat turn's answer, not yet
+    closed), which its next chat turn closes first; None when it ends elsewhere (no history, a completion)."""
+    if not _continues(session) or not session.assistant_open:
+        return None
+    return list(session.pending)
+
+
+def _answers_in_assistant_message(request: ChatCompletionRequest) -> bool:
+    """Whether the chat request's answer is the text of an assistant message: the generation prompt opens one,
+    or the answer continues the final message, an assistant's. Without either (``add_generation_prompt: false``
+    after another role's message) the answer follows a message the template closed, and no message is open."""
+    kwargs = request.chat_template_kwargs or {}
+    if kwargs.get("add_generation_prompt", request.add_generation_prompt):
+        return True
+    continue_final = kwargs.get("continue_final_message", request.continue_final_message)
+    return bool(continue_final) and request.messages[-1].role == "assistant"
+
+
+# The probe's message contents: texts no template writes itself, so that the answer's end is found exactly.
+_CLOSER_PROBE = ("Qx7Ask", "Zr4Answer", "Wv9Next")
+
+
+def assistant_closer(render) -> str | None:
+    """What the chat template writes after an assistant message's content, before the next message: the default
+    template's EOS, ChatML's ``<|im_end|>\n``, Llama 2's `` </s>`` ("" for none), what a conversation sent whole
+    has between an answer and the next turn. ``render``: messages -> the template's text without a generation
+    prompt. Taken as what follows the answer both when it ends the conversation and when a user message follows
+    it (a template may render the last assistant message otherwise, as Qwen3's does its reasoning). None when the
+    template refuses the probe or does not write the answer once, as it is."""
+    ask, answer, after = _CLOSER_PROBE
+    answered = [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]
+    try:
+        alone = render(answered)
+        followed = render([*answered, {"role": "user", "content": after}])
+    except Exception:  # a template that wants other messages (a system one first): nothing is closed
+        return None
+    if alone.count(answer) != 1 or followed.count(answer) != 1:
+        return None
+    last, before_next = alone.split(answer)[1], followed.split(answer)[1]
+    shared = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(last, before_next)))
+    return last[:shared]
 
 
 def _add_special_tokens(request: SamplingFields | TokenizeChatRequest, continues: bool) -> bool:

@@ -9,7 +9,9 @@ costs the same for the tenth turn as for the first. ``DIR/<session_id>.safetenso
   written before they were kept);
 - metadata: the format, the session id, the fingerprint of the model that computed the state (its config, weights,
   tokenizer, chat template and dtype: :func:`model_fingerprint`) and of its LoRA adapter (name and files' fingerprint), the tokens not
-  yet fed (the last one sampled), the history's token count and the cache's ``seen_tokens``.
+  yet fed (the last one sampled), the history's token count, the cache's ``seen_tokens`` and ``assistant_open``
+  (the history ends inside an assistant message the next chat turn closes: ``Session.assistant_open``; absent in
+  the files written before it was kept, read as false: their next turn is templated as it was then).
 
 Writes run on one writer thread, started and stopped with the app's lifespan, off the event loop and off the
 scheduler: a turn queues its session's new state and the writer writes it (temp file, fsync, ``os.replace``, the
@@ -162,6 +164,7 @@ class SavedState:
     # The history's distinct token ids (Session.seen), for a repetition penalty; None: a file written before they
     # were kept (its next turn penalises its own prompt only).
     seen: torch.Tensor | None = None
+    assistant_open: bool = False  # Session.assistant_open (false in a file written before it was kept)
 
 
 @dataclass(slots=True, eq=False)
@@ -225,14 +228,14 @@ class SessionFiles:
 
     # -- called from the scheduler and the event loop ----------------------------------------------------------
     def save(self, session_id: str, cache: RetNetCache, pending: list[int], tokens: int, adapter: int,
-             changed: bool = True, seen: torch.Tensor | None = None) -> None:
+             changed: bool = True, seen: torch.Tensor | None = None, assistant_open: bool = False) -> None:
         """Queue the session's state (``changed`` false: the one already written, only its time moves).
         ``adapter``: the LoRA slot it was computed under (0: the base model); ``seen``: its history's distinct
-        token ids."""
+        token ids; ``assistant_open``: :attr:`Session.assistant_open`."""
         identity = self.adapter_identity(adapter) if adapter else None
         if adapter and identity is None:
             return  # its adapter is gone: the state can never be continued (its file, if any, is refused)
-        state = SavedState(cache, list(pending), tokens, identity, time.time(), seen)
+        state = SavedState(cache, list(pending), tokens, identity, time.time(), seen, assistant_open)
         with self.cond:
             if self.closed:  # the server is stopping (or the writer died): said, as a failed write is
                 self.metrics.session_write_failures.inc()
@@ -419,7 +422,11 @@ class SessionFiles:
                 seen.numel() and not (int(seen.min()) >= 0 and int(seen.max()) < self.vocab_size))):
             raise ValueError(f"seen is {seen.dtype} {tuple(seen.shape)}, not int64 token ids below the vocabulary "
                              f"size {self.vocab_size}")
-        return SavedState(cache, pending, tokens, adapter, mtime, seen)
+        # Absent from the files of the versions before it: their sessions continue as they did then.
+        assistant_open = json.loads(meta.get("assistant_open", "false"))
+        if type(assistant_open) is not bool:
+            raise ValueError(f"assistant_open is {meta['assistant_open'][:80]!r}, not true or false")
+        return SavedState(cache, pending, tokens, adapter, mtime, seen, assistant_open)
 
     def _adapter_slot(self, session_id: str, identity: AdapterIdentity, adapters: dict) -> int:
         """The slot here of the adapter the state was computed under (0: the base model)."""
@@ -569,7 +576,8 @@ class SessionFiles:
         metadata = {"format": FORMAT, "session_id": session_id,
                     **{f"model.{part}": value for part, value in self.model.items()},
                     "adapter": json.dumps(state.adapter), "pending": json.dumps(state.pending),
-                    "tokens": str(state.tokens), "seen_tokens": str(cache.seen_tokens)}
+                    "tokens": str(state.tokens), "seen_tokens": str(cache.seen_tokens),
+                    "assistant_open": json.dumps(state.assistant_open)}
         data = save(tensors, metadata)
         self.directory.mkdir(parents=True, exist_ok=True)  # removed by hand (rm -rf DIR): made again
         temp = self.directory / f".{session_id}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"

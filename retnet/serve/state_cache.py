@@ -139,6 +139,13 @@ class Session:
     seen: torch.Tensor | None = None
     busy: bool = False
     adapter: int = 0  # the LoRA adapter's slot its state was computed under; a continuation must use the same
+    # The history ends inside an assistant message (a chat turn's answer) that the chat template has not closed:
+    # the next chat turn first writes what the template closes an assistant message with (EOS, ChatML's
+    # ``<|im_end|>\n``), as the conversation sent whole has it there.
+    assistant_open: bool = False
+    # The request holding the session (busy) answers inside an assistant message: ``assistant_open`` once its turn
+    # is saved. Reset by every acquire, so a request that says nothing (a completion) leaves no message open.
+    answering_assistant: bool = False
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -180,14 +187,16 @@ class SessionStore:
             elif session.busy:
                 raise SessionBusy(session_id)
             session.busy = True
+            session.answering_assistant = False
             session.last_used = time.monotonic()
             self.sessions.move_to_end(session_id)
             return session
 
     def release(self, session_id: str, cache: RetNetCache | None = None, pending: list[int] | None = None,
                 tokens: int = 0, seen: torch.Tensor | None = None) -> None:
-        """Unmark the session; with ``cache``, replace its state (a finished request) and its history's token ids
-        (``seen``, :attr:`Session.seen`); without, keep the old one (a cancelled or failed request leaves the
+        """Unmark the session; with ``cache``, replace its state (a finished request), its history's token ids
+        (``seen``, :attr:`Session.seen`) and whether it ends inside an assistant message (the request's
+        :attr:`Session.answering_assistant`); without, keep the old one (a cancelled or failed request leaves the
         session as it was)."""
         with self.lock:
             session = self.sessions.get(session_id)
@@ -200,10 +209,10 @@ class SessionStore:
             self.sessions.move_to_end(session_id)
             if cache is not None:
                 session.cache, session.pending, session.tokens = cache, list(pending or []), session.tokens + tokens
-                session.seen = seen
+                session.seen, session.assistant_open = seen, session.answering_assistant
             if self.files is not None and session.cache is not None:
                 self.files.save(session_id, session.cache, session.pending, session.tokens, session.adapter,
-                                changed=cache is not None, seen=session.seen)
+                                changed=cache is not None, seen=session.seen, assistant_open=session.assistant_open)
             if session.cache is None:
                 del self.sessions[session_id]  # nothing to resume
             self._evict()
@@ -218,7 +227,7 @@ class SessionStore:
         if loaded is not None:
             state, session.adapter = loaded
             session.cache, session.pending, session.tokens = state.cache, state.pending, state.tokens
-            session.seen = state.seen
+            session.seen, session.assistant_open = state.seen, state.assistant_open
 
     async def remove(self, session_id: str) -> bool:
         """``DELETE /v1/sessions/{id}``: the session gone, in memory and (with ``files``) its file; whether it had a
