@@ -89,7 +89,7 @@ class OpenAIServing:
         # HF fast tokenisers may not be entered from two threads at once (the scheduler decodes).
         self.tokenizer_lock = threading.Lock()
         self.checks = RequestChecks(settings, engine, tokenizer, self.tokenizer_lock, defaults)
-        self.bos_per_turn: bool | None = None  # see _bos_per_turn
+        self.bos_per_turn: dict[str, bool] = {}  # see _bos_per_turn
         self.developer_as: dict[str, str] = {}  # see _developer_role
         self.assistant_closers: dict[str, str | None] = {}  # see _closing
         # Tokenizations running on worker threads (counted on the event loop): while one may hold the lock, the
@@ -522,18 +522,20 @@ class OpenAIServing:
 
     def _bos_per_turn(self, template: str | None, variables: dict) -> bool:
         """Whether the chat template writes a BOS before every turn (Llama 2's), not only before the
-        conversation: then a continuing turn's BOS is the template's format, kept. Probed once, with the
-        tokenizer's lock held."""
-        if self.bos_per_turn is None:
+        conversation: then a continuing turn's BOS is the template's format, kept. Probed once per template
+        transformers picks (a tokenizer's named "tool_use" one for a request with tools), with the tokenizer's
+        lock held."""
+        resolved = self.tokenizer.get_chat_template(template, variables.get("tools"))
+        if resolved not in self.bos_per_turn:
             probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                      {"role": "user", "content": "c"}]
             try:
                 text = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True,
-                                                          chat_template=template, **variables)
+                                                          chat_template=resolved, **variables)
             except Exception:  # a template that wants other messages: treat its BOS as the conversation's
                 text = ""
-            self.bos_per_turn = text.count(self.tokenizer.bos_token) > 1
-        return self.bos_per_turn
+            self.bos_per_turn[resolved] = text.count(self.tokenizer.bos_token) > 1
+        return self.bos_per_turn[resolved]
 
     def _closing(self, template: str | None, tools, answer_end: list[int]) -> str:
         """The text that closes a session's open assistant message, whose last tokens are ``answer_end``, as the

@@ -180,3 +180,30 @@ async def test_a_session_chat_turn_drops_the_bos_its_template_opens_with(open_ap
         text = "\n" + (BOS if per_turn else "") + "<|user|>\nHow are you?\n<|assistant|>\n"
         expected = tokenizer.encode(text, add_special_tokens=False)
         assert second["prompt_token_ids"] == expected
+
+
+async def test_a_sessions_bos_follows_the_template_each_turn_is_rendered_with(open_app):
+    # A tokenizer's named templates may differ: its "tool_use" one writes a BOS before every turn, its default only
+    # before the conversation. Whether a continuing turn keeps the BOS is the template's own, not the first one probed.
+    async with open_app() as client:
+        tokenizer = client.app.state.serving.tokenizer
+        bos = tokenizer.convert_tokens_to_ids(BOS)
+        turns = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        prompt = "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+        tokenizer.chat_template = {"default": "{{ bos_token }}" + turns + prompt,
+                                   "tool_use": turns.replace("<|", "{{ bos_token }}<|", 1) + prompt}
+        tools = [{"type": "function", "function": {"name": "look", "parameters": {"type": "object"}}}]
+        req = {"max_tokens": 2, "session_id": "bos-named", "return_token_ids": True, **GREEDY}
+
+        async def turn(content: str, **extra) -> list[int]:
+            response = await client.post("/v1/chat/completions", json={
+                **req, "messages": [{"role": "user", "content": content}], **extra})
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["prompt_token_ids"]
+
+        await turn("Hi")
+        with_tools = await turn("Look", tools=tools, tool_choice="none")
+        assert with_tools == tokenizer.encode(f"\n{BOS}<|user|>\nLook\n<|assistant|>\n", add_special_tokens=False)
+        assert bos in with_tools
+        plain = await turn("Thanks")
+        assert plain == tokenizer.encode("\n<|user|>\nThanks\n<|assistant|>\n", add_special_tokens=False)
