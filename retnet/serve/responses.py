@@ -298,7 +298,9 @@ _RENAMES = (
     (re.compile(r"\bresponse_format(\.json_schema)?\b"), "text.format"),
     (re.compile(r"\bmax_(completion_)?tokens\b"), "max_output_tokens"),
     (re.compile(r"\btools\[(\d+)\]\.function\."), r"tools[\1]."),
-    (re.compile(r'\{"type": "function", "function": \{"name": \.\.\.\}\}'), '{"type": "function", "name": ...}'),
+    # (a named choice as chat's errors echo it, json.dumps'ed: its name a JSON string, escapes and all)
+    (re.compile(r'\{"type": "function", "function": \{"name": ("(?:[^"\\]|\\.)*"|\.\.\.)\}\}'),
+     r'{"type": "function", "name": \1}'),
 )
 
 

@@ -13,6 +13,7 @@ nothing more ends the choice there (``finish_reason: "stop"``). Chat's tool call
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from typing import Any
@@ -289,14 +290,42 @@ def _json(param: str, schema: Any) -> str:
     """A JSON schema (an object, or its JSON text as vLLM's guided_json also takes it)."""
     from llguidance import LLMatcher
 
+    schema = _schema(param, schema)
+    where, found = _non_finite_at(schema, param)
+    if where is not None:
+        # Python's json reads NaN and Infinity, which JSON has not: llguidance would write them as null, and an
+        # enum of [NaN] would hold the text to `null`, a minimum of Infinity fail naming a null.
+        raise APIError(400, f"{where}: {found} is no JSON number (a NaN, or past a double's range)", where,
+                       "invalid_grammar")
     try:
-        return LLMatcher.grammar_from_json_schema(_schema(param, schema), defaults=JSON_DEFAULTS)
+        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
     except ValueError as error:
         raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
 
 
+def _non_finite_at(node: Any, where: str) -> tuple[str | None, float | None]:
+    """(where in ``node``, ``where`` its place: ``tools[0].function.parameters.properties.a.minimum``, the value) of
+    its first NaN or infinity; (None, None) when it holds none."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return where, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        found = _non_finite_at(value, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}")
+        if found[0] is not None:
+            return found
+    return None, None
+
+
 def _schema(param: str, schema: Any) -> dict:
     if isinstance(schema, str):
+        from retnet.serve.app import MAX_JSON_DEPTH, json_nested_deeper_than
+
+        # The body's own nesting is refused before it is read; a schema sent as JSON text is read here, where
+        # json.loads' RecursionError (past ~1000 levels) was a 500 and a schema below it still too deep for the
+        # recursive code that reads it next.
+        if json_nested_deeper_than(schema.encode(errors="surrogatepass"), MAX_JSON_DEPTH):
+            raise APIError(400, f"{param}: its JSON is nested deeper than {MAX_JSON_DEPTH} levels", param,
+                           "invalid_grammar")
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as error:
