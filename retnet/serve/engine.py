@@ -62,6 +62,7 @@ from retnet.serve.session_store import session_files
 from retnet.serve.settings import ServeSettings, StartupError
 from retnet.serve.speculative import VERIFY_MODE, DraftModel, accepted_drafts, propose_drafts
 from retnet.serve.state_cache import PrefixCache, Session, SessionStore
+from retnet.serve.structured import GrammarFailed
 from retnet.tokenization import TokenBytes, vocab_bound
 
 logger = logging.getLogger("retnet.serve")
@@ -480,14 +481,20 @@ class Engine(ModelThread):
         self._request_failed(seq.group.handle, exc)
 
     def _request_failed(self, handle: RequestHandle, exc: Exception) -> None:
-        """The request of ``handle`` fails alone (a 500), the engine goes on: a bug or a bad input of one request
-        (its decoder, its grammar ...) must not take every request down with the engine. Its other choices are
-        cancelled: they end at the next iteration, as when a client leaves."""
-        logger.error("a request failed; the engine goes on", exc_info=exc)
+        """The request of ``handle`` fails alone (a 500; a 400 for a grammar that failed while generating), the
+        engine goes on: a bug or a bad input of one request (its decoder, its grammar ...) must not take every
+        request down with the engine. Its other choices are cancelled: they end at the next iteration, as when a
+        client leaves."""
         handle.cancel()
+        if isinstance(exc, GrammarFailed):  # the request's own grammar, not the server: a 400, no traceback logged
+            logger.warning("a request failed: %s", exc)
+            failure = EngineFailure(str(exc), 400, "invalid_grammar", exc.param)
+        else:
+            logger.error("a request failed; the engine goes on", exc_info=exc)
+            failure = EngineFailure(f"the request failed: {type(exc).__name__}: {exc}", 500, "internal_error")
         if not handle.failed:
             handle.failed = True
-            handle.emit(EngineFailure(f"the request failed: {type(exc).__name__}: {exc}", 500, "internal_error"))
+            handle.emit(failure)
 
     def _release_slots(self, count: int) -> None:
         with self.cond:
@@ -981,6 +988,8 @@ class Engine(ModelThread):
 
     def _advance(self, seq: Sequence, row: int, sample) -> SeqOutput:
         """Record the token sampled for ``seq`` (row ``row`` of ``sample``) and apply the stopping rules."""
+        if seq.sampler.grammar is not None:
+            seq.sampler.grammar.check()  # its request fails alone (GrammarFailed), not end on a text it does not admit
         token = sample.tokens[row]
         seq.tokens.append(token)
         now = time.perf_counter()

@@ -30,13 +30,31 @@ _FORMAT_KINDS = ("text", "json_object", "json_schema")
 _STRUCTURED_OUTPUT_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 
 
+class GrammarFailed(Exception):
+    """A choice's grammar failed while its text was generated: a grammar that compiled can still need more than
+    llguidance's lexer or parser allow (``(a{1000}){1000}``), and its matcher then lets only EOS through. The request
+    fails (400 ``invalid_grammar`` naming ``param``) rather than end on a text the grammar does not admit."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class GrammarMatcher:
-    """One choice's position in its grammar."""
+    """One choice's position in its grammar (``param``: the request's field it came from)."""
 
-    __slots__ = ("matcher", "tokenizer_vocab", "vocab_size")
+    __slots__ = ("matcher", "param", "tokenizer_vocab", "vocab_size")
 
-    def __init__(self, matcher, tokenizer_vocab: int, vocab_size: int):
+    def __init__(self, matcher, tokenizer_vocab: int, vocab_size: int, param: str):
         self.matcher, self.tokenizer_vocab, self.vocab_size = matcher, tokenizer_vocab, vocab_size
+        self.param = param
+
+    def check(self) -> None:
+        """GrammarFailed when the matcher has failed (at its last mask or token)."""
+        if self.matcher.is_error():
+            reason = self.matcher.get_error().strip().splitlines()
+            raise GrammarFailed(f"{self.param} failed while generating: {reason[0] if reason else 'an error'} "
+                                f"(the grammar needs more than llguidance's limits allow; simplify it)", self.param)
 
     def consume(self, token: int) -> None:
         self.matcher.consume_token(token)
@@ -44,7 +62,7 @@ class GrammarMatcher:
     @property
     def ended(self) -> bool:
         """Nothing may follow (the grammar is complete and admits no more, or EOS was taken); also after an
-        error, which the masks keep from happening: the choice then ends rather than run unconstrained."""
+        error (:meth:`check`, which the engine calls first, fails the request instead)."""
         return self.matcher.is_stopped()
 
 
@@ -92,13 +110,14 @@ def allowed_tokens(matchers: list[GrammarMatcher]) -> torch.Tensor:
 class Grammar:
     """A compiled grammar: every choice of the request gets its own matcher, copied from this one."""
 
-    __slots__ = ("prototype", "tokenizer_vocab", "vocab_size")
+    __slots__ = ("param", "prototype", "tokenizer_vocab", "vocab_size")
 
-    def __init__(self, prototype, tokenizer_vocab: int, vocab_size: int):
+    def __init__(self, prototype, tokenizer_vocab: int, vocab_size: int, param: str):
         self.prototype, self.tokenizer_vocab, self.vocab_size = prototype, tokenizer_vocab, vocab_size
+        self.param = param
 
     def matcher(self) -> GrammarMatcher:
-        return GrammarMatcher(self.prototype.deep_copy(), self.tokenizer_vocab, self.vocab_size)
+        return GrammarMatcher(self.prototype.deep_copy(), self.tokenizer_vocab, self.vocab_size, self.param)
 
 
 class GrammarCompiler:
@@ -145,7 +164,7 @@ class GrammarCompiler:
             told = ("it admits no text (no string matches it, or none that the tokenizer's tokens can spell)"
                     if reason.startswith("NoExtensionBias") else reason.splitlines()[0] if reason else "it stops at once")
             raise APIError(400, f"{param} cannot be used: {told}", param, "invalid_grammar")
-        return Grammar(matcher, tokenizer.vocab_size, self.vocab_size)
+        return Grammar(matcher, tokenizer.vocab_size, self.vocab_size, param)
 
 
 def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
@@ -187,7 +206,7 @@ def requested_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
     if name in ("guided_grammar", "grammar"):
         return _lark(name, value), name
     if name == "structured_outputs":
-        return _structured_outputs(value), name
+        return _structured_outputs(value)
     raise AssertionError(name)
 
 
@@ -210,8 +229,8 @@ def _format_kind(value: Any) -> str:
     return kind
 
 
-def _structured_outputs(value: Any) -> str:
-    """vLLM's ``structured_outputs`` object: one of its keys set."""
+def _structured_outputs(value: Any) -> tuple[str, str]:
+    """vLLM's ``structured_outputs`` object, one of its keys set: (its grammar, ``structured_outputs.<key>``)."""
     if not isinstance(value, dict):
         raise APIError(400, "structured_outputs must be an object with one of the keys "
                        f"{', '.join(_STRUCTURED_OUTPUT_KEYS)}", "structured_outputs", "invalid_grammar")
@@ -225,7 +244,7 @@ def _structured_outputs(value: Any) -> str:
     key = given[0]
     param = f"structured_outputs.{key}"
     if key == "json_object":
-        return _json(param, {"type": "object"})
+        return _json(param, {"type": "object"}), param
     if key == "json":
         schema = value[key]
         closing = value.get("disable_additional_properties")
@@ -234,12 +253,12 @@ def _structured_outputs(value: Any) -> str:
                            f"{closing!r}", "structured_outputs.disable_additional_properties", "invalid_grammar")
         if closing:
             schema = _closed(_schema(param, schema))
-        return _json(param, schema)
+        return _json(param, schema), param
     if key == "regex":
-        return _regex(param, value[key])
+        return _regex(param, value[key]), param
     if key == "choice":
-        return _choice(param, value[key])
-    return _lark(param, value[key])
+        return _choice(param, value[key]), param
+    return _lark(param, value[key]), param
 
 
 # Keywords whose value maps names to subschemas: their keys are names, not keywords, so a property named
@@ -441,4 +460,4 @@ def _lark(param: str, grammar: Any) -> str:
         raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
 
 
-__all__ = ["Grammar", "GrammarCompiler", "GrammarMatcher", "allowed_tokens", "requested_grammar", "tool_call_grammar"]
+__all__ = ["Grammar", "GrammarCompiler", "GrammarFailed", "GrammarMatcher", "allowed_tokens", "requested_grammar", "tool_call_grammar"]

@@ -94,3 +94,24 @@ async def test_a_responses_named_tool_choice_without_tools_is_shown_in_the_respo
             "tool_choice": {"type": "function", "name": 'get_"weather"'}}))
     assert error["param"] == "tool_choice"
     assert error["message"] == 'tool_choice: {"type": "function", "name": "get_\\"weather\\""} needs tools to call; got none'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_grammar_past_llguidances_limits_while_generating_fails_the_request_not_the_text(open_app, stream):
+    """A regex that compiles but needs more of llguidance's lexer than it allows: its matcher failed at the first
+    step and then let EOS alone through, a 200 with "" and finish_reason "stop", which the regex does not admit. The
+    request fails (400 naming the field; a stream's error event) and the server goes on serving."""
+    body = {**PROMPT, "max_tokens": 8, "structured_outputs": {"regex": "(a{1000}){1000}"}, "stream": stream}
+    async with open_app() as client:
+        response = await _post(client, "/v1/completions", body)
+        if stream:
+            assert response.status_code == 200
+            events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+        else:
+            error = _error(response)
+        assert error["code"] == "invalid_grammar" and error["param"] == "structured_outputs.regex", error
+        assert "failed while generating" in error["message"]
+        fine = await _post(client, "/v1/completions", {**PROMPT, "structured_outputs": {"regex": "a{3}"}})
+        assert fine.status_code == 200 and fine.json()["choices"][0]["text"] == "aaa", fine.text
