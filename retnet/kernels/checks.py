@@ -5,7 +5,8 @@ that runs on CPU does not fail on a GPU, nor the reverse.
 
 The rules, in the order they are checked:
 
-- q, k, v, log_decay are tensors; initial_state and cu_seqlens are None or tensors.
+- q, k, v, log_decay are tensors; initial_state and cu_seqlens are None or tensors; all of them dense
+  (``torch.strided``, not nested).
 - q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_decay ``[H]``, head dims K and V in ``[1, MAX_HEAD_DIM]``.
 - q, k, v share one dtype, float32, float16 or bfloat16 (the references compute in fp32 either way; the
   kernels exist for these three). log_decay and initial_state are floating point (used as fp32). log_decay's
@@ -14,7 +15,8 @@ The rules, in the order they are checked:
 - cu_seqlens: a 1-D integer tensor ``[N + 1]`` (one of :data:`CU_SEQLENS_DTYPES`; B = 1) that starts at 0,
   never decreases and ends at T, and not on meta (its values are read); initial_state ``[B or N, H, K, V]``;
   every tensor on one device.
-- scale: None, a finite real number, or a one-element non-bool tensor holding one (read once as a Python float).
+- scale: None, a finite real number, or a one-element non-bool tensor holding one, not on meta (read once as a
+  Python float).
 - chunk_size (chunkwise op): an int >= 1.
 - Under grad mode neither log_decay nor a tensor scale may require grad: both are constants of the ops
   (the Triton backward gives them none), and a gradient silently left at None would be worse than a refusal.
@@ -84,6 +86,8 @@ def check_scale(scale, op: str) -> float | None:
                 f"{op}: scale must be a float or a one-element real tensor; got a {scale.dtype} tensor of shape "
                 f"{tuple(scale.shape)}"
             )
+        if scale.is_meta:  # (shape-only tracing) .item() below would fail with torch's "no data"
+            raise ValueError(f"{op}: scale must hold a value (it is read as a float); got a meta tensor")
         if torch.is_grad_enabled() and scale.requires_grad:
             raise ValueError(
                 f"{op}: scale gets no gradient (the ops take it as a constant); got one that requires grad "
@@ -129,6 +133,13 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
     for name, x in (("initial_state", initial_state), ("cu_seqlens", cu_seqlens)):
         if x is not None and not isinstance(x, torch.Tensor):
             raise ValueError(f"{op}: {name} must be a torch.Tensor or None; got {type(x).__name__}")
+    # Both paths index and flatten their inputs as dense arrays: a sparse or nested one failed deep inside either
+    # with torch's own error (each path's different), never the rule's.
+    for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay), ("initial_state", initial_state),
+                    ("cu_seqlens", cu_seqlens)):
+        if x is not None and (x.layout != torch.strided or x.is_nested):
+            layout = "nested" if x.is_nested else str(x.layout)
+            raise ValueError(f"{op}: {name} must be a dense (torch.strided) tensor; got a {layout} tensor")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"{op}: q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"

@@ -34,7 +34,8 @@ Decay is only ever used as ``exp2(n · log2 γ)`` for a non-negative distance n 
 (γ itself would round to 1.0 in bf16, and in fp32 for the slowest heads). For bf16 inputs the state
 matmuls run in bf16 on the tensor cores (the stored state is rounded to bf16, the running one is not); for fp16
 the state stays fp32 in those matmuls (tf32), because a long-context state can exceed fp16's range, and the
-intra-chunk scores go into their fp16 dots scaled by a power of two into fp16's normal range (``_fp16_score_shift``);
+intra-chunk scores, and the decay-weighted keys and queries of the state walks, go into their fp16 dots scaled by a
+power of two into fp16's normal range (``_fp16_range_shift``);
 for fp32 inputs every matmul is 3xTF32: tensor cores, fp32 accuracy (plain tf32 would drop 13 mantissa
 bits; "ieee" fp32 dots run on the FMA units and spill registers).
 
@@ -229,18 +230,20 @@ def _scores_and_state_product(
 
 
 @triton.jit
-def _fp16_score_shift(a):
-    """For fp32 intra-chunk scores (or score gradients) ``a`` [BT, BT] headed for an fp16 dot: the power of two
-    2^shift with max|a| / 2^shift in (2^14, 2^15]. Scores are scale · q·k (times decays ≤ 1), and in fp16 they can
+def _fp16_range_shift(a):
+    """For an fp32 tile ``a`` headed for an fp16 dot: the power of two 2^shift with max|a| / 2^shift in (2^14, 2^15].
+    The tiles: a chunk's intra-chunk scores (or score gradients) [BT, BT], and the decay-weighted keys (queries) of
+    the state (state-gradient) walk [BT, BK]. Scores are scale · q·k (times decays ≤ 1), and in fp16 they can
     pass 65504 while the result still fits (small v): rounded as they are they would turn it inf, where the
-    reference's fp32 gives a number. Or they can fall below fp16's normal range (6.1e-5, a small scale or small
-    upstream gradients) while the result is a normal number (large v, k or q): rounded as they are they would be
-    subnormals or 0, and the result would lose up to all of its intra-chunk part. Divided by 2^shift (exact, but for
-    scores too small beside the tile's largest to count) they fit fp16's normal range, and the product is
-    multiplied back in fp32; the dot keeps its fp16 operands (fp32 scores spilled registers on sm_89). Only finite
-    scores count: an inf or NaN one (an inf input) would make the shift inf and every row of the tile NaN, where
-    it spoils only its own row unscaled. An all-zero tile takes 2^-115 (its zeros stay zeros; 2^±115 is finite
-    in fp32)."""
+    reference's fp32 gives a number. Or a tile can fall below fp16's normal range (6.1e-5: a small scale or small
+    upstream gradients; keys or queries that are fp16 subnormals, or weighted by a decay into them) while the
+    result is a normal number (large v, or upstream gradients): rounded as they are its values would be subnormals
+    or 0, and the result would lose up to all of that part (the final state 3-7% of itself, from keys of 1e-6).
+    Divided by 2^shift (exact, but for values too small beside the tile's largest to count) they fit fp16's normal
+    range, and the product is multiplied back in fp32; the dot keeps its fp16 operands (fp32 scores spilled
+    registers on sm_89). Only finite values count: an inf or NaN one (an inf input) would make the shift inf and
+    every row of the tile NaN, where it spoils only its own row unscaled. An all-zero tile takes 2^-115 (its zeros
+    stay zeros; 2^±115 is finite in fp32)."""
     magnitude = tl.abs(a)
     largest = tl.max(tl.where(magnitude < float("inf"), magnitude, 0.0))
     return tl.ceil(tl.log2(tl.maximum(largest, 7.888609052210118e-31) * (1.0 / 32768.0)))  # (2^-100 / 2^15)
@@ -276,9 +279,15 @@ def _chunk_state_fwd_kernel(
         length = tl.minimum(n_rows, BT)
         # k_j carries γ^(L-1-j) to the chunk's end; rows past the end are zero (and their exponent unused).
         w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
-        b_kw = (b_k * w_end[:, None]).to(b_k.dtype)
         b_h = b_h * tl.exp2(length.to(tl.float32) * log2_decay)
-        b_h += tl.dot(tl.trans(b_kw), b_v, input_precision=DOT_PRECISION)
+        if b_k.dtype == tl.float16:  # weighted keys out of fp16's normal range: _fp16_range_shift
+            b_kw = b_k * w_end[:, None]
+            shift = _fp16_range_shift(b_kw)
+            b_kw = (b_kw * tl.exp2(-shift)).to(b_k.dtype)
+            b_h += tl.dot(tl.trans(b_kw), b_v, input_precision=DOT_PRECISION) * tl.exp2(shift)
+        else:
+            b_kw = (b_k * w_end[:, None]).to(b_k.dtype)
+            b_h += tl.dot(tl.trans(b_kw), b_v, input_precision=DOT_PRECISION)
     if STORE_HT:
         p_ht, m_h = _state_tile_ptrs(ht + tl.cast(i_nh, tl.int64) * K * V, i_k, i_v, K, V, BK, BV)
         tl.store(p_ht, b_h, mask=m_h)
@@ -310,8 +319,8 @@ def _chunk_output_fwd_kernel(
     b_A = tl.where(m_A, b_A * tl.exp2(tl.maximum(distance, 0).to(tl.float32) * log2_decay) * scale, 0.0)
     b_v = _load_tile(v + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
     b_o = b_o * (scale * tl.exp2((o_t + 1).to(tl.float32) * log2_decay))[:, None]
-    if b_v.dtype == tl.float16:  # scores out of fp16's normal range: _fp16_score_shift
-        shift = _fp16_score_shift(b_A)
+    if b_v.dtype == tl.float16:  # scores out of fp16's normal range: _fp16_range_shift
+        shift = _fp16_range_shift(b_A)
         b_o += tl.dot((b_A * tl.exp2(-shift)).to(b_v.dtype), b_v, input_precision=DOT_PRECISION) * tl.exp2(shift)
     else:
         b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
@@ -349,15 +358,19 @@ def _chunk_state_bwd_kernel(
         b_do = _load_tile(do + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
         length = tl.minimum(n_rows, BT)
         # o_i read the state before the chunk through scale · γ^(i+1) q_i. fp16 weighs q by γ^i only (≤ 1, and 1 on
-        # the first row) before its rounding, and scale · γ multiplies the fp32 product: folded into an fp16 q, a
-        # scale above 1 could take it past 65504 (inf: NaN gradients), and a γ under fp16's normal range every row
-        # of it to a subnormal or 0 (the initial state's gradient of a fast-decaying head lost). bf16 and fp32 have
-        # fp32's range, where the unweighted product is the one that could overflow: the weights stay folded in.
+        # the first row), scaled into fp16's normal range (_fp16_range_shift), before its rounding, and 2^shift, then
+        # scale · γ, multiply the fp32 product: folded into an fp16 q, a scale above 1 could take it past 65504 (inf:
+        # NaN gradients), and a γ under fp16's normal range every row of it to a subnormal or 0 (the initial state's
+        # gradient of a fast-decaying head lost). bf16 and fp32 have fp32's range, where the unweighted product is
+        # the one that could overflow: the weights stay folded in.
         b_dh = b_dh * tl.exp2(length.to(tl.float32) * log2_decay)
         if b_q.dtype == tl.float16:
             w_start = tl.where(o_t < length, tl.exp2(o_t.to(tl.float32) * log2_decay), 0.0)
-            b_qw = (b_q * w_start[:, None]).to(b_q.dtype)
-            b_dh += tl.dot(tl.trans(b_qw), b_do.to(b_qw.dtype), input_precision=DOT_PRECISION) * (scale * first_decay)
+            b_qw = b_q * w_start[:, None]
+            shift = _fp16_range_shift(b_qw)
+            b_qw = (b_qw * tl.exp2(-shift)).to(b_q.dtype)
+            b_dh += (tl.dot(tl.trans(b_qw), b_do.to(b_qw.dtype), input_precision=DOT_PRECISION) * tl.exp2(shift)
+                     * (scale * first_decay))
         else:
             w_start = tl.where(o_t < length, scale * tl.exp2((o_t + 1).to(tl.float32) * log2_decay), 0.0)
             b_qw = (b_q * w_start[:, None]).to(b_q.dtype)
@@ -395,8 +408,8 @@ def _chunk_dv_bwd_kernel(
     b_A = tl.where(m_A, b_A * tl.exp2(tl.maximum(distance, 0).to(tl.float32) * log2_decay) * scale, 0.0)
     w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
     b_do = _load_tile(do + (row0 * H + i_h) * V, n_rows, i_v * BV, V, H * V, BT, BV)
-    if b_do.dtype == tl.float16:  # scores out of fp16's normal range: _fp16_score_shift
-        shift = _fp16_score_shift(b_A)
+    if b_do.dtype == tl.float16:  # scores out of fp16's normal range: _fp16_range_shift
+        shift = _fp16_range_shift(b_A)
         b_A = (b_A * tl.exp2(-shift)).to(b_do.dtype)
         b_dv = b_dv * w_end[:, None] + tl.dot(b_A, b_do, input_precision=DOT_PRECISION) * tl.exp2(shift)
     else:
@@ -451,8 +464,8 @@ def _chunk_dqk_bwd_kernel(
     w_end = tl.where(o_t < length, tl.exp2((length - 1 - o_t).to(tl.float32) * log2_decay), 0.0)
     b_q = _load_tile(q + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
     b_k = _load_tile(k + (row0 * H + i_h) * K, n_rows, i_k * BK, K, H * K, BT, BK)
-    if b_k.dtype == tl.float16:  # score gradients out of fp16's normal range: _fp16_score_shift
-        shift = _fp16_score_shift(b_dA)
+    if b_k.dtype == tl.float16:  # score gradients out of fp16's normal range: _fp16_range_shift
+        shift = _fp16_range_shift(b_dA)
         b_dA = (b_dA * tl.exp2(-shift)).to(b_k.dtype)
         b_dq = b_dq * w_start[:, None] + tl.dot(b_dA, b_k, input_precision=DOT_PRECISION) * tl.exp2(shift)
         b_dk = b_dk * w_end[:, None] + tl.dot(tl.trans(b_dA), b_q, input_precision=DOT_PRECISION) * tl.exp2(shift)
@@ -668,17 +681,46 @@ class ChunkRetentionFunction(torch.autograd.Function):
         return o, ht
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, do, dht):
         q, k, v, log_decay, initial_state, cu_seqlens = ctx.saved_tensors
-        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
-        dht = None if dht is None else dht.float().contiguous()
-        dq, dk, dv, dh0 = chunk_retention_bwd(
-            q, k, v, log_decay, ctx.scale, initial_state, do, dht, ctx.chunk_size, cu_seqlens, ctx.chunks
-        )
-        if dh0 is not None:
-            dh0 = dh0.to(initial_state.dtype)
+        with torch.no_grad():
+            do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+            dht = None if dht is None else dht.float().contiguous()
+            dq, dk, dv, dh0 = chunk_retention_bwd(
+                q, k, v, log_decay, ctx.scale, initial_state, do, dht, ctx.chunk_size, cu_seqlens, ctx.chunks
+            )
+            if dh0 is not None:
+                dh0 = dh0.to(initial_state.dtype)
+        if torch.is_grad_enabled():  # a create_graph=True backward (see _NotDifferentiableTwice)
+            dq, dk, dv, dh0 = _NotDifferentiableTwice.wrap(dq, dk, dv, dh0)
         return dq, dk, dv, None, None, dh0, None, None, None
+
+
+class _NotDifferentiableTwice(torch.autograd.Function):
+    """The gradients of a ``create_graph=True`` backward through the Triton op, in a graph whose backward refuses.
+
+    The Triton backward is not differentiable. ``once_differentiable`` marks its gradients so only when the upstream
+    gradients require grad, which those of a gradient penalty or a Hessian-vector product (``do`` = ones, from
+    ``loss.sum()``) do not: the gradients came back as constants, and a second-order term built on them was dropped
+    without a word (or, alone, raised "does not require grad"). Now differentiating them raises, naming the way out."""
+
+    @staticmethod
+    def wrap(*grads):
+        present = [g for g in grads if g is not None]
+        wrapped = iter(_NotDifferentiableTwice.apply(*(g.detach().requires_grad_() for g in present)))
+        return tuple(None if g is None else next(wrapped) for g in grads)
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "chunk_retention: the Triton kernels' backward is not differentiable: gradients taken with "
+            "create_graph=True can't be differentiated again (a gradient penalty, a Hessian-vector product); "
+            "RETNET_KERNELS=torch runs the fp32 references, which are"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------

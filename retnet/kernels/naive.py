@@ -111,9 +111,13 @@ def _per_sequence(form, q, k, v, log_decay, scale, initial_state, output_final_s
         outputs.append(o)
         states.append(s)
     if not outputs:  # cu_seqlens = [0]: no sequences, an empty row and no states (torch.cat refuses [])
-        heads, key_dim, value_dim = q.shape[2], q.shape[3], v.shape[3]
-        final = q.new_zeros(0, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state else None
-        return v.new_zeros(1, 0, heads, value_dim), final
+        # The empty row as the form gives it unpacked, and the states as given: both in the graph of the inputs.
+        o, _ = form(q, k, v, log_decay, scale, None, False, **kw)
+        if not output_final_state:
+            return o, None
+        if initial_state is not None:
+            return o, initial_state.to(torch.float32, copy=True)
+        return o, q.new_zeros(0, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
     final = torch.cat(states) if output_final_state else None
     return torch.cat(outputs, dim=1), final
 
@@ -213,6 +217,8 @@ def chunk_retention(
     chunk_size = check_chunk_size(chunk_size, "chunk_retention")
     log_decay = usable_log_decay(log_decay)  # γ = 0 (ln γ = -inf) as such: no 0 · -inf at distance 0
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.shape[1] == 0:  # (see _without_tokens)
+        return _without_tokens(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
     # Chunks longer than the longest sequence only add padding, and a C×C decay mask that grows as C² whatever T
     # is (7 tokens in chunks of 2^14 took 7.6 GiB): cut to it, the result being the same.
     if cu_seqlens is None:  # one "sequence" spanning all batch rows: they share their chunking
@@ -222,6 +228,13 @@ def chunk_retention(
     chunk_size = min(chunk_size, max(max(lengths, default=0), 1))
     initial = [None if initial_state is None else initial_state[i : i + 1] for i in range(len(lengths))]
     return _chunkwise_varlen(q, k, v, log_decay, scale, initial, output_final_state, chunk_size, lengths)
+
+
+def _without_tokens(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
+    """A call with T = 0, by the parallel form: its (empty) products tie o and the final state to q, k and v as in
+    any other call, so ``o.sum().backward()`` gives them their (empty) gradients. Built from new zero tensors, as
+    the chunkwise and recurrent forms would, o had no ``grad_fn`` and that backward raised."""
+    return parallel_retention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
 
 
 # The most bytes of chunk states (and as many of the chunks' kᵀv) the chunkwise reference forms at once.
@@ -367,6 +380,8 @@ def recurrent_retention(
     scale = check_inputs("recurrent_retention", q, k, v, log_decay, scale, initial_state, cu_seqlens)
     if update_state_inplace:
         check_inplace_state(q, k, v, initial_state, "recurrent_retention")
+    if q.shape[1] == 0 and not update_state_inplace:  # (an in-place step returns the caller's state as it is)
+        return _without_tokens(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
     if cu_seqlens is not None:
         if update_state_inplace:
             o, state = recurrent_retention(q, k, v, log_decay, scale, initial_state, True, cu_seqlens)
@@ -398,8 +413,7 @@ def recurrent_retention(
         flat = torch.baddbmm(flat, step_k, step_v) if tracked else flat.baddbmm_(step_k, step_v)
         state = flat.view(batch, heads, key_dim, value_dim)
         outputs.append(torch.bmm(qf[:, t].reshape(rows, 1, key_dim), flat).view(batch, heads, value_dim))
-    if not owned:  # T=0: the final state is the initial one, but must not be the caller's tensor (nor alias it)
-        state = initial_state.to(torch.float32, copy=True)
+    # (T = 0 comes here only to update a state in place, which it leaves as it is)
     o = torch.stack(outputs, dim=1) if outputs else vf.new_zeros(batch, 0, heads, value_dim)
     if update_state_inplace:
         return (scale * o).to(v.dtype), initial_state  # updated in place above (state is a view of it)
