@@ -119,9 +119,11 @@ SHAREGPT_COLUMN = "conversations"
 TOOLS_COLUMN = "tools"  # TRL's: a row's tool schemas, passed to the chat template (a list, or its JSON text)
 KWARGS_COLUMN = "chat_template_kwargs"  # TRL's: a row's template variables (Qwen3's enable_thinking ...)
 PROMPT, COMPLETION = "prompt", "completion"  # TRL's prompt-completion columns
-# The columns besides the messages TRL's SFTTrainer gives the template per row: what check_conversations' columns
-# takes (a data loader passes those the set has)
+# The columns besides the messages TRL's SFTTrainer gives the template per row
 CHAT_COLUMNS = (TOOLS_COLUMN, KWARGS_COLUMN)
+# What check_conversations' columns takes (a data loader passes those the set has): CHAT_COLUMNS, and ShareGPT's
+# column beside a default messages one, whose conversation a row with empty messages would lose unseen
+ROW_COLUMNS = (*CHAT_COLUMNS, SHAREGPT_COLUMN)
 # apply_chat_template's own arguments, which a row's chat_template_kwargs must not set (the server refuses them so)
 _TEMPLATING_ARGUMENTS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "tokenize", "add_generation_prompt",
@@ -183,13 +185,21 @@ def check_conversations(dataset: str, field: str, rows: Iterable[Any], first_row
     dropped, as empty documents are; anything else that is not a list of messages is refused with its row index
     (``first_row`` is the first row's: a streamed row is checked alone, at its place in the stream).
 
-    ``columns``: the rows' other columns of :data:`CHAT_COLUMNS` (TRL's ``tools``, ``chat_template_kwargs``), by
-    name, in the same order; a conversation a row gives either is a :class:`Conversation` carrying them."""
+    ``columns``: the rows' other columns of :data:`ROW_COLUMNS` (TRL's ``tools``, ``chat_template_kwargs``), by
+    name, in the same order; a conversation a row gives either is a :class:`Conversation` carrying them. With the
+    default ``field`` ``messages``, an empty row whose ShareGPT ``conversations`` holds one is refused, not dropped."""
     conversations = []
     rows = list(rows)
-    tools, kwargs = _chat_columns(columns, len(rows))
-    for index, (row, schemas, variables) in enumerate(zip(rows, tools, kwargs, strict=True), start=first_row):
+    tools, kwargs, sharegpt = _chat_columns(columns, len(rows))
+    for index, (row, schemas, variables, elsewhere) in enumerate(zip(rows, tools, kwargs, sharegpt, strict=True),
+                                                                 start=first_row):
         if row is None or (isinstance(row, list) and not row):
+            if field == "messages" and elsewhere:
+                # a set whose rows mix the two layouts: ShareGPT's column is read only when there is no messages one
+                raise ConfigError(f"data.messages_field {field!r} of {dataset!r}, row {index}: empty, while its "
+                                  f"{SHAREGPT_COLUMN!r} holds a conversation ({elsewhere!r:.80}); the set has both "
+                                  f"columns, so {field!r} is read and that conversation would be dropped: give every "
+                                  f"row its conversation in one of them")
             continue
         problem = conversation_problem(row)
         if problem:
@@ -205,14 +215,15 @@ def check_conversations(dataset: str, field: str, rows: Iterable[Any], first_row
     return conversations
 
 
-def _chat_columns(columns: dict[str, Iterable[Any]] | None, rows: int) -> tuple[list, list]:
-    """(tools, chat_template_kwargs) of ``rows`` rows: the columns' values, None for a column not given."""
-    unknown = sorted(set(columns or {}) - set(CHAT_COLUMNS))
+def _chat_columns(columns: dict[str, Iterable[Any]] | None, rows: int) -> tuple[list, list, list]:
+    """(tools, chat_template_kwargs, ShareGPT's conversations) of ``rows`` rows: the columns' values, None for a
+    column not given."""
+    unknown = sorted(set(columns or {}) - set(ROW_COLUMNS))
     if unknown:  # a caller's mistake, not the data's
-        raise ValueError(f"columns {unknown} are none of {CHAT_COLUMNS}")
-    tools, kwargs = ([None] * rows if (columns or {}).get(name) is None else list(columns[name])
-                     for name in CHAT_COLUMNS)
-    return tools, kwargs
+        raise ValueError(f"columns {unknown} are none of {ROW_COLUMNS}")
+    tools, kwargs, sharegpt = ([None] * rows if (columns or {}).get(name) is None else list(columns[name])
+                               for name in ROW_COLUMNS)
+    return tools, kwargs, sharegpt
 
 
 def check_prompt_completions(dataset: str, prompts: Iterable[Any], completions: Iterable[Any], first_row: int = 0,
@@ -227,7 +238,7 @@ def check_prompt_completions(dataset: str, prompts: Iterable[Any], completions: 
     a missing (None) prompt or completion, a prompt that is neither a string nor a list of messages, a completion
     of another kind than its prompt."""
     prompts, completions = list(prompts), list(completions)
-    tools, kwargs = _chat_columns(columns, len(prompts))
+    tools, kwargs, _ = _chat_columns(columns, len(prompts))  # (a prompt-completion set has no ShareGPT column)
     kept = []
     for index, (prompt, completion, schemas, variables) in enumerate(
             zip(prompts, completions, tools, kwargs, strict=True), start=first_row):
@@ -646,8 +657,8 @@ def target_count(flags: np.ndarray) -> int:
     return int(np.count_nonzero(np.asarray(flags)[:, 1:] & TARGET))
 
 
-__all__ = ["BOUNDARY", "CHAT_COLUMNS", "COMPLETION", "KWARGS_COLUMN", "PROMPT", "SHAREGPT_ROLES", "TARGET",
-           "TOOLS_COLUMN", "ChatEncoder", "Completion", "Conversation", "appends_eos", "chat_template",
+__all__ = ["BOUNDARY", "CHAT_COLUMNS", "COMPLETION", "KWARGS_COLUMN", "PROMPT", "ROW_COLUMNS", "SHAREGPT_ROLES",
+           "TARGET", "TOOLS_COLUMN", "ChatEncoder", "Completion", "Conversation", "appends_eos", "chat_template",
            "check_conversations", "check_prompt_completions", "check_template_kwargs", "check_tools",
            "conversation_problem", "messages_column", "prompt_completion", "render_default", "target_count",
            "template_identity", "template_messages", "without_spilled_targets"]

@@ -59,9 +59,9 @@ import torch
 from retnet.tokenization import vocab_bound  # (re-exported: the launcher's callers import it here)
 from retnet.train.chat import (
     BOUNDARY,
-    CHAT_COLUMNS,
     COMPLETION,
     PROMPT,
+    ROW_COLUMNS,
     SHAREGPT_COLUMN,
     TARGET,
     ChatEncoder,
@@ -81,6 +81,7 @@ logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSED_SUFFIXES = {".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4"}
 # Bumped when the cached format changes, or what a cache holds under the same key, so old caches are not misread.
 CACHE_VERSION = 2
 # Bumped when the documents read from CSV files change (2: the text column as written, see _csv_options): their
@@ -151,8 +152,16 @@ def local_files(spec: str) -> list[Path] | None:
     elif path.is_dir():
         # Hidden files and directories below it (.ipynb_checkpoints/, .git/, .github/, editor swap files) hold
         # copies of documents or files that are no data; the directory named may itself be hidden.
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        visible = [p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        files = sorted(p for p in visible if _kind(p) is not None)
+        # a compressed data file is skipped as any other file would be, and its rows lost unseen beside the others
+        compressed = sorted(p for p in visible if p.suffix.lower() in COMPRESSED_SUFFIXES
+                            and _kind(p.with_suffix("")) not in (None, "text"))
+        if compressed:
+            raise ConfigError(f"data.dataset: directory {spec!r} holds compressed data files ({len(compressed)}, e.g. "
+                              f"{str(compressed[0])!r}), which are not read: decompress them, or name the files "
+                              f"to read with a glob")
         if not files:
             raise FileNotFoundError(f"data.dataset: directory {spec!r} holds no "
                                     f"{sorted(TEXT_SUFFIXES | set(BUILDERS))} files")
@@ -502,9 +511,32 @@ def _csv_options(files: list[Path], text_field: str) -> dict[str, Any]:
             columns.update(pd.read_csv(path, nrows=0).columns)
         except pd.errors.EmptyDataError:
             continue
+        _check_first_csv_row(path)
     spellings = sorted(PANDAS_NA_SPELLINGS)
-    return {"converters": {text_field: str}, "keep_default_na": False,
+    # pandas takes a first row of one field more than the header for an index column and shifts every column one
+    # to the left (the text read from the next column, the first column's text lost): no column is an index
+    return {"converters": {text_field: str}, "keep_default_na": False, "index_col": False,
             "na_values": {column: spellings for column in sorted(columns) if column != text_field}}
+
+
+def _check_first_csv_row(path: Path) -> None:
+    """A ConfigError naming ``path`` when its first row holds more fields than its header: pandas reads it with
+    the extra fields dropped (``index_col=False``; a ParserWarning, not an error as a later such row is)."""
+    import warnings
+
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            pd.read_csv(path, nrows=1, index_col=False, dtype=str, keep_default_na=False)
+        except pd.errors.ParserWarning:
+            header = len(pd.read_csv(path, nrows=0).columns)
+            raise ConfigError(f"data.dataset: CSV file {str(path)!r}, line 2 (its first row) holds more fields than "
+                              f"its header's {header}; quote a field that holds a comma, or add the missing "
+                              f"column names to the header") from None
+        except (pd.errors.ParserError, UnicodeDecodeError, ValueError):
+            return  # datasets' own read of the file reports it
 
 
 def _hub_options(cfg: DataConfig, builder) -> dict[str, Any]:
@@ -514,7 +546,9 @@ def _hub_options(cfg: DataConfig, builder) -> dict[str, Any]:
     one as local files' do; unread, they cannot refuse the set over types either."""
     if builder.name != "csv" or cfg.format != "text":  # (a CSV cell holds no conversation: refused by row)
         return {}
-    return {"usecols": [cfg.text_field], "converters": {cfg.text_field: str}, "keep_default_na": False}
+    # (no column is an index: pandas would shift the columns of a file whose first row has a field too many)
+    return {"usecols": [cfg.text_field], "converters": {cfg.text_field: str}, "keep_default_na": False,
+            "index_col": False}
 
 
 def _no_text_column(dataset: str, text_field: str, error: Exception) -> ConfigError | None:
@@ -570,6 +604,10 @@ def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Ite
         null = _null_first_file(dataset, text_field, key, cause) if _NULL_CAST.search(str(cause)) else None
         if null is not None:
             raise null from error
+        unparsed = isinstance(cause, UnicodeDecodeError) or _PARSE_ERROR.search(f"{type(cause).__name__}: {cause}")
+        malformed = _malformed_file(dataset) if unparsed else None
+        if malformed is not None:
+            raise malformed from error
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else f"{type(cause).__name__} (no rows in any file?)"
         what = {"data.text_field": "as text", "data.messages_field": "as conversations",
                 "data.format 'prompts' column": "as prompts"}.get(key, "with chosen and rejected")
@@ -577,11 +615,94 @@ def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Ite
                           f"{key} {text_field!r} in every file, {what}, and the same columns") from error
 
 
+def _malformed_file(dataset: str) -> ConfigError | None:
+    """ConfigError naming the first of the local JSON or CSV files of ``dataset`` that cannot be parsed, with the
+    line (and column) where it stops (a JSON Lines file: the first line that is no JSON object); None when every
+    file parses (or the set is no local JSON or CSV). pyarrow's and pandas' own errors ("JSON parse error: Invalid
+    value. in row 2", "Expected 2 fields in line 3, saw 3") do not name the file of a set of several, and datasets
+    only logs it."""
+    try:
+        files = local_files(dataset)
+    except Exception:  # (FileNotFoundError, ConfigError) only the error being reported is lost
+        return None
+    if not files or saved_dataset_dir(files[0]) or _kind(files[0]) not in ("json", "csv"):
+        return None
+    problem_of = _json_file_problem if _kind(files[0]) == "json" else _csv_file_problem
+    scanned = 0
+    for path in files:
+        try:
+            scanned += path.stat().st_size
+            if scanned > _MALFORMED_SCAN_BYTES:  # an error path: not hours of parsing a large set again
+                return None
+            problem = problem_of(path)
+        except OSError:
+            return None
+        if problem is not None:
+            return ConfigError(f"data.dataset {dataset!r}: {str(path)!r}, {problem}")
+    return None
+
+
+def _csv_file_problem(path: Path) -> str | None:
+    """Why pandas cannot parse the CSV file ``path`` (its message names the line), or None."""
+    import pandas as pd
+
+    try:
+        with pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, chunksize=1 << 16) as chunks:
+            for _ in chunks:  # (a chunk at a time: parsed, not held)
+                pass
+    except pd.errors.EmptyDataError:
+        return None  # an empty file is skipped (_files_with_rows)
+    except pd.errors.ParserError as error:
+        return f"not CSV: {str(error).strip()}"
+    except UnicodeDecodeError as error:
+        return f"not UTF-8 text ({error.reason}); CSV files are read as UTF-8: re-encode the file"
+    return None
+
+
+def _json_file_problem(path: Path) -> str | None:
+    """Where and why ``path`` is neither a JSON array of rows nor JSON Lines of objects, or None."""
+    with open(path, "rb") as handle:
+        whole = handle.read(_NULL_SCAN_BYTES + 1)
+    array = whole.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    if len(whole) <= _NULL_SCAN_BYTES:
+        try:  # one JSON value (an array of rows, a pretty-printed object), else JSON Lines: told by the lines below
+            json.loads(whole.decode("utf-8-sig"))
+            return None
+        except UnicodeDecodeError as error:
+            if array:
+                return f"byte {error.start}: not UTF-8 text ({error.reason}); JSON files are read as UTF-8"
+        except json.JSONDecodeError as error:
+            if array and error.msg != "Extra data":
+                return f"line {error.lineno}, column {error.colno}: not JSON ({error.msg})"
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw
+            if not line.strip():
+                continue  # pyarrow skips blank lines
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                return (f"line {number}: not UTF-8 text ({error.reason}); JSON files are read as UTF-8: re-encode "
+                        f"the file (e.g. iconv -f latin1 -t utf-8)")
+            except json.JSONDecodeError as error:
+                return (f"line {number}, column {error.colno}: not JSON ({error.msg}); JSON Lines files hold one "
+                        f"JSON object a line")
+            if not isinstance(row, dict):
+                return (f"line {number}: holds {type(row).__name__} {row!r:.60}, not a JSON object; JSON Lines "
+                        f"files hold one object (a row) a line")
+    return None
+
+
 # datasets' errors for a column typed null by the first file: "Couldn't cast array of type string to null" (JSON Lines,
 # Parquet), "Couldn't write column 'prompt': its type in this file is null" (a JSON array)
 _NULL_CAST = re.compile(r"Couldn't cast array of type\s.*\sto\s+null\b|its type in this file is null", re.DOTALL)
+# pyarrow's and pandas' errors for a file that is no JSON or CSV (datasets tries pandas after pyarrow on JSON)
+_PARSE_ERROR = re.compile(r"JSON parse error|Trailing data|Expected object or value|Unexpected character|"
+                          r"ParserError|Error tokenizing data")
 # Past this, a JSON array file is not parsed to tell its null columns (the error is left as datasets words it)
 _NULL_SCAN_BYTES = 64 << 20
+# Past this many bytes of JSON or CSV files, a read error is not traced to its file and line (_malformed_file)
+_MALFORMED_SCAN_BYTES = 1 << 30
 
 
 def _column_nulls(path: Path, kind: str, wanted: set[str] | None = None) -> dict[str, bool]:
@@ -758,7 +879,9 @@ def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Pat
         _check_text_field(dataclasses.replace(cfg, messages_field=field), dataset.column_names)
     if cfg.max_documents:
         dataset = first_rows(dataset, cfg.max_documents)
-    columns = {name: column_values(dataset, name, cfg.dataset) for name in CHAT_COLUMNS if name in dataset.column_names}
+    # (the conversations' own column is not read twice)
+    columns = {name: column_values(dataset, name, cfg.dataset) for name in ROW_COLUMNS
+               if name in dataset.column_names and name != field}
     if pairs:
         return check_prompt_completions(cfg.dataset, column_values(dataset, PROMPT, cfg.dataset),
                                         column_values(dataset, COMPLETION, cfg.dataset), columns=columns)

@@ -16,9 +16,9 @@ import torch
 
 from retnet.train.chat import (
     BOUNDARY,
-    CHAT_COLUMNS,
     COMPLETION,
     PROMPT,
+    ROW_COLUMNS,
     ChatEncoder,
     Completion,
     check_conversations,
@@ -208,7 +208,8 @@ def stream_conversation(dataset: str, field: str, example: dict,
     """The conversation of a streamed chat row (``example`` of a stream with :data:`STREAM_ROW`), None for an
     empty one; a row that holds no conversation is refused naming its index in the stream. ``pairs``: the stream's
     rows are TRL's prompt-completion ones (``field`` is not read), None for one with an empty completion."""
-    columns = {name: [example[name]] for name in CHAT_COLUMNS if name in example}  # TRL's, for the template
+    # TRL's, for the template, and ShareGPT's, which check_conversations reads where the field is empty
+    columns = {name: [example[name]] for name in ROW_COLUMNS if name in example}
     if pairs:
         kept = check_prompt_completions(dataset, [example[PROMPT]], [example[COMPLETION]],
                                         first_row=example[STREAM_ROW], columns=columns)
@@ -347,7 +348,7 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
     if chat:
         # read from the rows, as stream_conversation reads a training row's: a stream may not know its columns
         # (None), and a validation row rendered without its tools would not hold its repeats out of training
-        val_columns = {name: [e.get(name) for e in val_rows] for name in CHAT_COLUMNS
+        val_columns = {name: [e.get(name) for e in val_rows] for name in ROW_COLUMNS
                        if any(name in e for e in val_rows)}
         val_conversations = (
             check_prompt_completions(cfg.dataset, [e[PROMPT] for e in val_rows], val_texts, columns=val_columns)
