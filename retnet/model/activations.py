@@ -132,9 +132,14 @@ _GSMELU_PARAMETERS = ("alpha", "beta", "g_minus", "g_plus", "t")
 
 
 def _real(activation: str, param: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"activation {activation!r}: {param} must be a finite real number; got {param}={value!r}")
-    return float(value)
+    if not isinstance(value, bool) and isinstance(value, numbers.Real):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float's range (10**400 from a config.json or TOML file)
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    raise ValueError(f"activation {activation!r}: {param} must be a finite real number; got {param}={value!r}")
 
 
 def _positive(activation: str, param: str, value: Any) -> float:

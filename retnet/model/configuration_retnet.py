@@ -7,6 +7,7 @@ name and the value received.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from typing import Any
@@ -21,6 +22,8 @@ DECAY_SCHEDULES = ("paper", "linspace")
 # The retention ops' largest head dim (retnet.kernels.checks.MAX_HEAD_DIM; a test keeps them equal), here
 # so that loading a config does not import the kernels.
 MAX_HEAD_DIM = 512
+# torch's sizes and element counts are int64.
+TORCH_SIZE_LIMIT = 2**63
 BOOL_FIELDS = ("ffn_glu", "ffn_bias", "use_head_norm", "use_output_gate", "use_xpos", "use_cache",
                "tie_word_embeddings", "fuse_linear_cross_entropy")
 # JSON or TOML may give a whole number as an int (value_factor = 2), which is fine; a bool or a string is not.
@@ -31,6 +34,14 @@ FLOAT_FIELDS = ("value_factor", "rms_norm_eps", "rope_theta", "xpos_scale_base",
 def _is_int(value: Any) -> bool:
     # bool is an int subclass; True is not a size.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    # An int beyond float's range (10**400, which JSON and TOML read) makes math.isfinite raise OverflowError.
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _plain_numbers(value: Any) -> Any:
@@ -131,8 +142,24 @@ class RetNetConfig(PretrainedConfig):
             self.head_dim = self.hidden_size // heads
         if self.intermediate_size is None and _is_int(self.hidden_size):
             self.intermediate_size = 2 * self.hidden_size
+        self._check_transformers_fields(kwargs.get("torch_dtype"))
         super().__post_init__(**kwargs)
         self.validate_retnet()
+
+    def _check_transformers_fields(self, torch_dtype: Any) -> None:
+        """Refuse what PretrainedConfig's own ``__post_init__`` reads unchecked: ``id2label=5`` raised AttributeError
+        ('int' object has no attribute 'items'), ``dtype="x"`` AttributeError (module 'torch' has no attribute 'x')."""
+        import torch
+
+        for field, dtype in (("dtype", self.dtype), ("torch_dtype", torch_dtype)):
+            named = isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)
+            if dtype is not None and not named and not isinstance(dtype, (torch.dtype, dict)):
+                raise ValueError(f"RetNetConfig.{field} must be a torch dtype or its name ('float32', 'bfloat16' ...); "
+                                 f"got {dtype!r}")
+        if self.id2label is not None and not (isinstance(self.id2label, dict) and all(
+                _is_int(key) or (isinstance(key, str) and key.lstrip("-").isdecimal()) for key in self.id2label)):
+            raise ValueError(f"RetNetConfig.id2label must be a dict of label ids (ints, or their strings as "
+                             f"config.json keeps them) to names; got {self.id2label!r}")
 
     # -- derived sizes -------------------------------------------------------------------------------------
     @property
@@ -142,12 +169,16 @@ class RetNetConfig(PretrainedConfig):
     @property
     def layer_activations(self) -> list[tuple[str, dict]]:
         """(name, kwargs) of the FFN activation of each layer."""
-        names = self.hidden_act if isinstance(self.hidden_act, list) else [self.hidden_act] * self.num_hidden_layers
+        return [self.layer_activation(layer) for layer in range(self.num_hidden_layers)]
+
+    def layer_activation(self, layer: int) -> tuple[str, dict]:
+        """(name, kwargs) of the FFN activation of layer ``layer``."""
+        name = self.hidden_act[layer] if isinstance(self.hidden_act, list) else self.hidden_act
         kwargs = self.hidden_act_kwargs
-        if kwargs is None or isinstance(kwargs, dict):
-            kwargs = [dict(kwargs or {})] * self.num_hidden_layers
+        if isinstance(kwargs, list):
+            kwargs = kwargs[layer]
         # validate_activation takes a null entry (config.json) as no parameters; so must the layers.
-        return [(name, {} if layer_kwargs is None else layer_kwargs) for name, layer_kwargs in zip(names, kwargs)]
+        return name, dict(kwargs or {})
 
     def log_decays(self) -> list[float]:
         """ln γ_h per head, computed in float64 as log1p(−2^−e) so γ ≈ 1 keeps its distance from 1."""
@@ -166,11 +197,11 @@ class RetNetConfig(PretrainedConfig):
         def refuse(field: str, expected: str) -> None:
             raise ValueError(f"RetNetConfig.{field} {expected}; got {getattr(self, field)!r}")
 
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-                      "intermediate_size", "chunk_size"):
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "chunk_size"):
             value = getattr(self, field)
-            if not _is_int(value) or value <= 0:
-                refuse(field, "must be a positive integer")
+            if not _is_int(value) or not 0 < value < TORCH_SIZE_LIMIT:
+                refuse(field, "must be a positive integer below 2**63 (torch's sizes are int64)")
         # Types first, so the range checks below compare numbers and the truthiness tests read real bools
         # (use_head_norm="no" would otherwise count as true). config.json gives JSON true/false as bools.
         for field in BOOL_FIELDS:
@@ -178,7 +209,7 @@ class RetNetConfig(PretrainedConfig):
                 refuse(field, "must be a bool (true or false)")
         for field in FLOAT_FIELDS:
             value = getattr(self, field)
-            if (not _is_int(value) and not isinstance(value, float)) or not math.isfinite(value):
+            if (not _is_int(value) and not isinstance(value, float)) or not _is_finite(value):
                 refuse(field, "must be a finite number")
         if self.pad_token_id is not None and not _is_int(self.pad_token_id):
             refuse("pad_token_id", "must be None or an integer token id")
@@ -190,9 +221,14 @@ class RetNetConfig(PretrainedConfig):
                        + (" or a list of them" if field == "eos_token_id" else ""))
         if self.hidden_size % self.num_attention_heads != 0:
             refuse("hidden_size", f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        # After the divisibility: unset, head_dim is hidden_size // num_attention_heads, 0 for hidden_size 1 and 4
+        # heads, and its refusal named a field never given rather than the sizes.
+        if not _is_int(self.head_dim) or not 0 < self.head_dim < TORCH_SIZE_LIMIT:
+            refuse("head_dim", "must be a positive integer below 2**63 (torch's sizes are int64)")
         # A float value_factor rounds: 1600 * 1.1 is 1760.0000000000002, yet it means 1760 value dims.
         value_dims = self.hidden_size * self.value_factor
-        if (self.value_factor <= 0 or abs(value_dims - round(value_dims)) > 1e-9 * value_dims
+        # (1e308 * 16 is inf, which round() raises on)
+        if (self.value_factor <= 0 or not math.isfinite(value_dims) or abs(value_dims - round(value_dims)) > 1e-9 * value_dims
                 or round(value_dims) % self.num_attention_heads != 0):
             refuse("value_factor", f"must be > 0 and make value_factor * hidden_size ({self.hidden_size}) "
                    f"divisible by num_attention_heads={self.num_attention_heads}")
@@ -206,6 +242,16 @@ class RetNetConfig(PretrainedConfig):
         if self.value_head_dim > MAX_HEAD_DIM:
             refuse("value_factor", f"must keep the value head dim value_factor * hidden_size / num_attention_heads "
                    f"(now {self.value_head_dim}) <= {MAX_HEAD_DIM} (the retention kernels' largest head dim)")
+        # torch indexes a tensor with int64: a weight of more elements cannot be built at all (the first nn.Linear
+        # raised a TypeError on the overflow), however much memory there is.
+        retention_rows = self.num_attention_heads * max(self.head_dim, self.value_head_dim)
+        # hidden_size first: unset, intermediate_size is derived from it and would be named for it.
+        for field, what, rows in (("hidden_size", "retention projection", retention_rows),
+                                  ("vocab_size", "embedding", self.vocab_size),
+                                  ("intermediate_size", "FFN", self.intermediate_size)):
+            if rows * self.hidden_size >= TORCH_SIZE_LIMIT:
+                refuse(field, f"must keep the {what} weight ({rows} x hidden_size {self.hidden_size}) below 2**63 "
+                       "elements, torch's largest tensor")
         if self.retention_mode not in RETENTION_MODES:
             refuse("retention_mode", f"must be one of {RETENTION_MODES}")
         if self.norm_type not in NORM_TYPES:
@@ -249,11 +295,26 @@ class RetNetConfig(PretrainedConfig):
         if isinstance(self.hidden_act_kwargs, list) and len(self.hidden_act_kwargs) != self.num_hidden_layers:
             refuse("hidden_act_kwargs", f"as a list must have one dict per layer (num_hidden_layers="
                    f"{self.num_hidden_layers}), but has {len(self.hidden_act_kwargs)}")
-        for layer, (name, kwargs) in enumerate(self.layer_activations):
+        # One activation for every layer is checked once: a per-layer pass would build a module for each of
+        # num_hidden_layers (2**40 of them hung, then exhausted memory, before any refusal).
+        per_layer = isinstance(self.hidden_act, list) or isinstance(self.hidden_act_kwargs, list)
+        for layer in range(self.num_hidden_layers if per_layer else 1):
+            name, kwargs = self.layer_activation(layer)
             try:
                 validate_activation(name, kwargs)
             except ValueError as error:
                 raise ValueError(f"RetNetConfig.hidden_act (layer {layer}): {error}") from None
+        self._check_json()
+
+    def _check_json(self) -> None:
+        # config.json must hold every field: a TOML date (model.extra.output_attentions = 2020-01-01) was accepted and
+        # failed when the run wrote its config.
+        for field, value in self.to_dict().items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"RetNetConfig.{field} must be a JSON value (config.json holds it); got "
+                                 f"{value!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

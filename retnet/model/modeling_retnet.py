@@ -395,7 +395,7 @@ class RetNetMLP(nn.Module):
 
     def __init__(self, config: RetNetConfig, layer_idx: int):
         super().__init__()
-        name, kwargs = config.layer_activations[layer_idx]
+        name, kwargs = config.layer_activation(layer_idx)
         self.act_fn = get_activation(name, **kwargs)
         width = config.intermediate_size
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.ffn_bias) if config.ffn_glu else None

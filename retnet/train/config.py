@@ -101,7 +101,7 @@ class ModelConfig(_Section):
     num_attention_heads: int | None = None
     intermediate_size: int | None = None
     chunk_size: int | None = None
-    hidden_act: str | None = None
+    hidden_act: str | list | None = None  # one name, or a list of one per layer (as RetNetConfig takes it)
     dropout: float | None = None
     extra: dict = field(default_factory=dict)  # any other RetNetConfig field, e.g. {use_xpos = true}
 
@@ -124,6 +124,10 @@ class ModelConfig(_Section):
             if key not in known:
                 raise ConfigError(f"unknown config key model.extra.{key}: not a RetNetConfig field"
                                   f"{_did_you_mean(key, sorted(known), 'model.extra.{}')}")
+            try:  # a TOML date or time: the run's config (and checkpoints) are JSON
+                json.dumps(self.extra[key])
+            except (TypeError, ValueError):
+                _refuse(f"model.extra.{key}", "must be a JSON value (a TOML date or time is not)", self.extra[key])
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "chunk_size"):
             value = getattr(self, name)
@@ -867,7 +871,7 @@ def preset_names() -> list[str]:
 
 def _read_toml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path).expanduser()
-    if path.is_file():
+    if os.path.isfile(path):  # (Path.is_file raised OSError on a name longer than the OS takes)
         text = path.read_text()
     elif name_or_path in preset_names():
         text = (resources.files("retnet.train") / "configs" / f"{name_or_path}.toml").read_text()
@@ -906,11 +910,24 @@ def _check_type(key: str, annotation: Any, value: Any) -> Any:
         raise errors[0]
     expected = origin or annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # 10**400 written out (TOML reads 1e400 as inf, which the range checks refuse)
+            raise ConfigError(f"{key} expects a finite float; got int {value!r}") from None
     if expected is int and isinstance(value, bool):
         raise ConfigError(f"{key} expects int; got bool {value!r}")
+    if expected is int and isinstance(value, int):
+        return _int64(key, value)
     if not isinstance(value, expected):
         raise ConfigError(f"{key} expects {expected.__name__}; got {type(value).__name__} {value!r}")
+    return value
+
+
+def _int64(key: str, value: int) -> int:
+    """``value``, or a ConfigError naming ``key`` for one beyond int64, numpy's and torch's integers: no step count,
+    size or seed can be one (and 10**400 raised OverflowError in the range checks, which compare with floats)."""
+    if not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{key} expects an int in [-2**63, 2**63); got {value!r}")
     return value
 
 
@@ -921,6 +938,9 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
         options = [o for o in typing.get_args(annotation) if o is not type(None)]
         if text.lower() in ("none", "null") and len(options) < len(typing.get_args(annotation)):
             return None
+        if str in options and list in options:
+            # --model.hidden_act=gelu is one name, not the list "gelu" splits into: a list is written [...] there
+            options = [o for o in options if o is not (list if not text.strip().startswith("[") else str)]
         errors = []
         for option in options:
             try:
@@ -938,7 +958,7 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
                 return False
             raise ValueError(text)
         if expected is int:
-            return int(text)
+            return _int64(key, int(text))
         if expected is float:
             return float(text)
         if expected is list:  # --lora.target_modules=q_proj,v_proj (or a TOML/JSON list)
@@ -953,6 +973,8 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(text)
             return value
+    except ConfigError:  # (_int64's, which says more than the one below)
+        raise
     except ValueError:
         raise ConfigError(f"{key} expects {expected.__name__}; got {text!r}") from None
     return text

@@ -23,7 +23,9 @@ def _refuse(key: str, expected: str, value: Any) -> typing.NoReturn:
 def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):  # nan passes both comparisons
+        # an int is finite (math.isfinite would raise OverflowError on one beyond float's range); nan passes both
+        # comparisons
+        if (isinstance(value, float) and not math.isfinite(value)) or value < 0 or (value == 0 and not allow_zero):
             _refuse(f"{section}.{name}", "must be >= 0" if allow_zero else "must be > 0", value)
 
 

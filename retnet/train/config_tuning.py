@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,7 +128,10 @@ def _number(key: str, value: Any) -> float:
     """``value`` as a float, or a ConfigError naming ``key`` (a table's values arrive untyped)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _refuse(key, "must be a number", value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range: inf, which every range check here refuses
+        return math.inf
 
 
 def _check_sampling(prefix: str, values: dict[str, Any]) -> None:
@@ -253,7 +257,7 @@ class GrpoConfig(_Section):
             try:
                 number = float(weight) if isinstance(weight, (int, float, str)) and not isinstance(weight, bool) \
                     else math.nan
-            except ValueError:
+            except (ValueError, OverflowError):  # (an int beyond float's range, 10**400)
                 number = math.nan
             if not math.isfinite(number):
                 _refuse("grpo.reward_weights", f"must be finite numbers (not: {weight!r})", self.reward_weights)
@@ -391,7 +395,8 @@ def _check_distill(job: JobConfig) -> None:
         return
     from retnet.model.hub import is_hub_id
 
-    if not Path(distill.teacher).expanduser().exists() and not is_hub_id(distill.teacher):
+    # os.path's, not Path.exists: a name longer than the OS takes (ENAMETOOLONG) is no directory, not an OSError
+    if not os.path.exists(Path(distill.teacher).expanduser()) and not is_hub_id(distill.teacher):
         _refuse("distill.teacher", "must be the teacher's save_pretrained directory (another run's "
                 "train.output_dir/export) or a hub id; no such directory", distill.teacher)
     mode = ("a reward model (reward.enabled)" if job.reward.enabled else
@@ -467,15 +472,14 @@ def _check_grpo(job: JobConfig) -> None:
 
     # now, not after the data is read and the model loaded; two sources of one name would share their metrics
     source_names(grpo.reward_funcs, [resolve(spec) for spec in grpo.reward_funcs], grpo.reward_model)
-    if grpo.reward_model and not (Path(grpo.reward_model).expanduser() / "config.json").is_file():
+    # (os.path.isfile: a name too long for the OS is no file, as above, not an OSError)
+    if grpo.reward_model and not os.path.isfile(Path(grpo.reward_model).expanduser() / "config.json"):
         _refuse("grpo.reward_model", "must be a RetNetForSequenceClassification save_pretrained directory with its "
                 "tokenizer (a reward-model run's train.output_dir/export)", grpo.reward_model)
     if grpo.reward_weights and len(grpo.reward_weights) != grpo.sources:
         _refuse("grpo.reward_weights", f"must give one weight per reward source ({grpo.sources}: the "
                 f"{len(grpo.reward_funcs)} of grpo.reward_funcs, then grpo.reward_model"
                 f"{' (set)' if grpo.reward_model else ' (unset)'}), or none for 1 each", grpo.reward_weights)
-    import os
-
     # torchrun sets WORLD_SIZE before the process starts: the split is known now, before the data is read. Under
     # tensor parallelism the prompts are dealt to the data-parallel ranks (a group's ranks sample the same ones).
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
