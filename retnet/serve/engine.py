@@ -1019,6 +1019,8 @@ class Engine(ModelThread):
             text += "" if seq.stops.stopped else seq.stops.flush()
             finish = "stop" if seq.stops.stopped else finish
         seq.finish_reason = finish
+        if finish is not None:
+            seq.hidden_end = (self._decode_all([token]) if skip else seq.stops.cut if seq.stops.stopped else "")
         logprobs = None
         if params.logprobs is not None:
             logprobs = [self._logprob(token, sample.logprobs[row], sample.top[row] if sample.top else [],
@@ -1047,7 +1049,8 @@ class Engine(ModelThread):
             seen = torch.tensor(group.inputs + seq.tokens, dtype=torch.long)
             seen = (seen if earlier is None else torch.cat([earlier, seen])).unique()
             self.sessions.release(group.session_id, state, seq.tokens[-1:],  # none if max_tokens was 0
-                                  tokens=len(group.prompt_ids) + len(seq.tokens), seen=seen)
+                                  tokens=len(group.prompt_ids) + len(seq.tokens), seen=seen,
+                                  hidden_end=seq.hidden_end)
             self.metrics.sessions.set(len(self.sessions))
         self._cache_answer(seq, cache, row)
         self._release_slots(1)
@@ -1099,6 +1102,12 @@ class Engine(ModelThread):
         if self.backend is not None:
             return self.backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _decode_all(self, ids: list[int]) -> str:
+        """``ids``' text, special tokens' included."""
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _decoder(self, params: SamplingParams):
         """The ``ids -> text`` of a request's output, HF's ``decode`` with vLLM's ``skip_special_tokens`` (false:

@@ -224,6 +224,9 @@ class Sequence:
     # sampled) but after a speculative step that refused a draft, whose state is the one from before its drafts
     # (at most k + 1 tokens back: see Engine._speculative_step).
     lag: int = 1
+    # The text of what it generated that its output leaves out at its end (the stop token's, the stop string and
+    # what followed it in its token): held by a session's state all the same (see OpenAIServing._closing).
+    hidden_end: str = ""
 
     @property
     def rank(self) -> tuple[int, int, int]:

@@ -452,11 +452,11 @@ class OpenAIServing:
         return response
 
     def _chat_prompt(self, request: ChatCompletionRequest, continues: bool = False,
-                     closes: list[int] | None = None) -> tuple[list[int], int | None]:
+                     closes: str | None = None) -> tuple[list[int], int | None]:
         """Token ids of the templated conversation, checked, and the offset where its last message starts (the
         history before it is a prefix worth caching) when the tokenisation agrees there. ``continues``: the
         messages continue a session's history, so they do not open a text (no BOS before them); ``closes``:
-        that history ends inside an assistant message, these its last tokens (:func:`_open_answer`)."""
+        that history ends inside an assistant message, this the text it holds past the answer (:func:`_open_answer`)."""
         ids, hint = self._chat_ids(request, continues, closes=closes)
         if not ids:
             raise APIError(400, "the templated conversation is empty", "messages", "empty_prompt")
@@ -467,11 +467,11 @@ class OpenAIServing:
         return self.checks.prompt_ids(ids, "messages", truncate), hint
 
     def _chat_ids(self, request: ChatCompletionRequest | TokenizeChatRequest, continues: bool = False,
-                  with_hint: bool = True, closes: list[int] | None = None) -> tuple[list[int], int | None]:
+                  with_hint: bool = True, closes: str | None = None) -> tuple[list[int], int | None]:
         """``_chat_prompt``'s ids before any check of their number or values (``/tokenize`` counts what a chat
         completion would refuse), and with ``with_hint`` the offset where the last message starts. ``closes``:
-        the session's history ends inside an assistant message, these its last tokens: the messages follow
-        what the template closes it with (:meth:`_closing`)."""
+        the session's history ends inside an assistant message, this the text it holds past the answer: the
+        messages follow what the template closes it with (:meth:`_closing`)."""
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
         template = self.chat_template
         # The tools reach the template whenever the request has them (vLLM's and OpenAI's default: "none" makes no
@@ -537,13 +537,15 @@ class OpenAIServing:
             self.bos_per_turn[resolved] = text.count(self.tokenizer.bos_token) > 1
         return self.bos_per_turn[resolved]
 
-    def _closing(self, template: str | None, tools, answer_end: list[int]) -> str:
-        """The text that closes a session's open assistant message, whose last tokens are ``answer_end``, as the
-        chat template closes an assistant message before the next one (:func:`assistant_closer`). An answer that
-        ended on a special token the closer holds (the EOS, ``<|im_end|>``: the stop token, in the state and never
-        in the answer's text, where the template writes it) is closed by what follows that token in the closer
-        (ChatML's newline); one ended otherwise (``max_tokens``, a stop string, ``ignore_eos``) by the whole
-        closer. A template whose closer cannot be probed closes nothing. Probed once per template transformers
+    def _closing(self, template: str | None, tools, hidden: str) -> str:
+        """The text that closes a session's open assistant message as the chat template closes an assistant message
+        before the next one (:func:`assistant_closer`), past what the state already holds of it: ``hidden``, the
+        text the answer generated but did not return (:attr:`Session.answer_hidden`: the EOS or ``<|im_end|>`` it
+        stopped on, a stop string such as ``<|im_end|>``). When the closer starts with it (after whitespace alone:
+        Llama 2's `` </s>``), only the rest is written (ChatML's newline, nothing for the default template's EOS);
+        otherwise (``max_tokens``, ``ignore_eos``, a stop the template does not write there) the whole closer. A
+        text the answer returned is the message's content, which the closer follows whole, as in the conversation
+        sent fresh. A template whose closer cannot be probed closes nothing. Probed once per template transformers
         picks, with the tokenizer's lock held."""
         resolved = self.tokenizer.get_chat_template(template, tools)
         if resolved not in self.assistant_closers:
@@ -553,11 +555,9 @@ class OpenAIServing:
         closer = self.assistant_closers[resolved]
         if not closer:
             return ""
-        if answer_end and answer_end[-1] in self.engine.skipped_ids:
-            held = self.tokenizer.convert_ids_to_tokens(answer_end[-1])
-            at = closer.find(held) if held else -1
-            if at >= 0:
-                return closer[at + len(held) :]
+        at = closer.find(hidden) if hidden else -1
+        if at >= 0 and not closer[:at].strip():
+            return closer[at + len(hidden) :]
         return closer
 
     def _developer_role(self, template: str | None, tools) -> str:
@@ -854,12 +854,13 @@ def _continues(session: Session | None) -> bool:
     return session is not None and session.cache is not None
 
 
-def _open_answer(session: Session | None) -> list[int] | None:
-    """The last tokens of the assistant message a session's history ends inside (a chat turn's answer, not yet
-    closed), which its next chat turn closes first; None when it ends elsewhere (no history, a completion)."""
+def _open_answer(session: Session | None) -> str | None:
+    """What the state holds past the returned text of the assistant message a session's history ends inside (a
+    chat turn's answer, not yet closed; :attr:`Session.answer_hidden`), which its next chat turn closes first;
+    None when it ends elsewhere (no history, a completion)."""
     if not _continues(session) or not session.assistant_open:
         return None
-    return list(session.pending)
+    return session.answer_hidden
 
 
 def _answers_in_assistant_message(request: ChatCompletionRequest) -> bool:

@@ -165,6 +165,7 @@ class SavedState:
     # were kept (its next turn penalises its own prompt only).
     seen: torch.Tensor | None = None
     assistant_open: bool = False  # Session.assistant_open (false in a file written before it was kept)
+    answer_hidden: str = ""  # Session.answer_hidden
 
 
 @dataclass(slots=True, eq=False)
@@ -228,14 +229,15 @@ class SessionFiles:
 
     # -- called from the scheduler and the event loop ----------------------------------------------------------
     def save(self, session_id: str, cache: RetNetCache, pending: list[int], tokens: int, adapter: int,
-             changed: bool = True, seen: torch.Tensor | None = None, assistant_open: bool = False) -> None:
+             changed: bool = True, seen: torch.Tensor | None = None, assistant_open: bool = False,
+             answer_hidden: str = "") -> None:
         """Queue the session's state (``changed`` false: the one already written, only its time moves).
         ``adapter``: the LoRA slot it was computed under (0: the base model); ``seen``: its history's distinct
-        token ids; ``assistant_open``: :attr:`Session.assistant_open`."""
+        token ids; ``assistant_open``, ``answer_hidden``: :attr:`Session.assistant_open`, its answer's hidden end."""
         identity = self.adapter_identity(adapter) if adapter else None
         if adapter and identity is None:
             return  # its adapter is gone: the state can never be continued (its file, if any, is refused)
-        state = SavedState(cache, list(pending), tokens, identity, time.time(), seen, assistant_open)
+        state = SavedState(cache, list(pending), tokens, identity, time.time(), seen, assistant_open, answer_hidden)
         with self.cond:
             if self.closed:  # the server is stopping (or the writer died): said, as a failed write is
                 self.metrics.session_write_failures.inc()
@@ -426,7 +428,10 @@ class SessionFiles:
         assistant_open = json.loads(meta.get("assistant_open", "false"))
         if type(assistant_open) is not bool:
             raise ValueError(f"assistant_open is {meta['assistant_open'][:80]!r}, not true or false")
-        return SavedState(cache, pending, tokens, adapter, mtime, seen, assistant_open)
+        answer_hidden = json.loads(meta.get("answer_hidden", '""'))
+        if not isinstance(answer_hidden, str):
+            raise ValueError(f"answer_hidden is {meta['answer_hidden'][:80]!r}, not a JSON string")
+        return SavedState(cache, pending, tokens, adapter, mtime, seen, assistant_open, answer_hidden)
 
     def _adapter_slot(self, session_id: str, identity: AdapterIdentity, adapters: dict) -> int:
         """The slot here of the adapter the state was computed under (0: the base model)."""
@@ -577,7 +582,8 @@ class SessionFiles:
                     **{f"model.{part}": value for part, value in self.model.items()},
                     "adapter": json.dumps(state.adapter), "pending": json.dumps(state.pending),
                     "tokens": str(state.tokens), "seen_tokens": str(cache.seen_tokens),
-                    "assistant_open": json.dumps(state.assistant_open)}
+                    "assistant_open": json.dumps(state.assistant_open),
+                    "answer_hidden": json.dumps(state.answer_hidden)}
         data = save(tensors, metadata)
         self.directory.mkdir(parents=True, exist_ok=True)  # removed by hand (rm -rf DIR): made again
         temp = self.directory / f".{session_id}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"

@@ -146,6 +146,9 @@ class Session:
     # The request holding the session (busy) answers inside an assistant message: ``assistant_open`` once its turn
     # is saved. Reset by every acquire, so a request that says nothing (a completion) leaves no message open.
     answering_assistant: bool = False
+    # With ``assistant_open``: the text the state holds past the answer's returned text (Sequence.hidden_end: the
+    # EOS or <|im_end|> it stopped on, a stop string), which the closer may already begin with.
+    answer_hidden: str = ""
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -193,7 +196,7 @@ class SessionStore:
             return session
 
     def release(self, session_id: str, cache: RetNetCache | None = None, pending: list[int] | None = None,
-                tokens: int = 0, seen: torch.Tensor | None = None) -> None:
+                tokens: int = 0, seen: torch.Tensor | None = None, hidden_end: str = "") -> None:
         """Unmark the session; with ``cache``, replace its state (a finished request), its history's token ids
         (``seen``, :attr:`Session.seen`) and whether it ends inside an assistant message (the request's
         :attr:`Session.answering_assistant`); without, keep the old one (a cancelled or failed request leaves the
@@ -210,9 +213,11 @@ class SessionStore:
             if cache is not None:
                 session.cache, session.pending, session.tokens = cache, list(pending or []), session.tokens + tokens
                 session.seen, session.assistant_open = seen, session.answering_assistant
+                session.answer_hidden = hidden_end if session.assistant_open else ""
             if self.files is not None and session.cache is not None:
                 self.files.save(session_id, session.cache, session.pending, session.tokens, session.adapter,
-                                changed=cache is not None, seen=session.seen, assistant_open=session.assistant_open)
+                                changed=cache is not None, seen=session.seen, assistant_open=session.assistant_open,
+                                answer_hidden=session.answer_hidden)
             if session.cache is None:
                 del self.sessions[session_id]  # nothing to resume
             self._evict()
@@ -228,6 +233,7 @@ class SessionStore:
             state, session.adapter = loaded
             session.cache, session.pending, session.tokens = state.cache, state.pending, state.tokens
             session.seen, session.assistant_open = state.seen, state.assistant_open
+            session.answer_hidden = state.answer_hidden
 
     async def remove(self, session_id: str) -> bool:
         """``DELETE /v1/sessions/{id}``: the session gone, in memory and (with ``files``) its file; whether it had a

@@ -139,5 +139,6 @@ class EngineStreamingResponse(StreamingResponse):
 
 def _failure_error(failure: EngineFailure) -> APIError:
     """The error a request the engine could not answer gets: 503 when the engine died, else the failure's own
-    (an evicted LoRA adapter that could not be read again: 500)."""
-    return APIError(failure.status, failure.message, failure.param, failure.code, type="server_error")
+    (an evicted LoRA adapter that could not be read again: 500; a grammar that failed while generating: 400, an
+    invalid_request_error as every 4xx)."""
+    return APIError(failure.status, failure.message, failure.param, failure.code)

@@ -84,9 +84,10 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 COMPRESSED_SUFFIXES = {".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4"}
 # Bumped when the cached format changes, or what a cache holds under the same key, so old caches are not misread.
 CACHE_VERSION = 2
-# Bumped when the documents read from CSV files change (2: the text column as written, see _csv_options): their
-# caches alone are keyed by it, so the caches of other sources are kept.
-CSV_READING = 2
+# Bumped when the documents read from CSV files change (2: the text column as written, see _csv_options; 3: a
+# first row with a field too many refused, where pandas shifted the columns): their caches alone are keyed by it, so
+# the caches of other sources are kept. A well-formed file's documents, and so its blocks, are the same again.
+CSV_READING = 3
 # A checkpoint's data fingerprint of local files: the digest of the token blocks it trained on (blocks_digest).
 LOCAL_BLOCKS = "blocks-sha256:"
 SPLIT_SEED = 20240601  # fixed: the held-out documents do not change with the training seed
@@ -664,6 +665,8 @@ def _json_file_problem(path: Path) -> str | None:
     with open(path, "rb") as handle:
         whole = handle.read(_NULL_SCAN_BYTES + 1)
     array = whole.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    if array and len(whole) > _NULL_SCAN_BYTES:
+        return None  # too large to parse again here; its lines are no rows to judge one by one
     if len(whole) <= _NULL_SCAN_BYTES:
         try:  # one JSON value (an array of rows, a pretty-printed object), else JSON Lines: told by the lines below
             json.loads(whole.decode("utf-8-sig"))

@@ -112,6 +112,7 @@ async def test_a_grammar_past_llguidances_limits_while_generating_fails_the_requ
         else:
             error = _error(response)
         assert error["code"] == "invalid_grammar" and error["param"] == "structured_outputs.regex", error
+        assert error["type"] == "invalid_request_error"
         assert "failed while generating" in error["message"]
         fine = await _post(client, "/v1/completions", {**PROMPT, "structured_outputs": {"regex": "a{3}"}})
         assert fine.status_code == 200 and fine.json()["choices"][0]["text"] == "aaa", fine.text

@@ -112,6 +112,29 @@ async def test_chatml_closes_an_answer_with_its_newline_or_its_whole_closer(mode
         assert prompt == tokenizer.encode(closer + opened, add_special_tokens=False)
 
 
+@pytest.mark.parametrize(("template", "hidden", "written"), [
+    # what the state holds past the returned answer: the stop token or string the template writes there first
+    (CHATML, IM_END, "\n"), (CHATML, "", IM_END + "\n"),
+    # a stop string the template writes elsewhere, or not at the closer's start: the whole closer follows it
+    (CHATML, "\n", IM_END + "\n"), (CHATML, " I", IM_END + "\n"),
+    (None, "<|endoftext|>", ""), (None, "", "<|endoftext|>"),
+    # Llama 2's closer opens with a space the answer's EOS never had
+    ("LLAMA2", "<|endoftext|>", ""),
+])
+def test_the_closer_is_written_past_what_the_answer_generated_of_it(model_dir, template, hidden, written):
+    """An answer stopped on the template's end-of-turn marker, as a stop token or as a stop string (before, a
+    stop string's marker, or a stop token that is not special, was followed by the whole closer: two markers)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from retnet.serve.serving import OpenAIServing
+
+    serving = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir), assistant_closers={})
+    template = LLAMA2 if template == "LLAMA2" else template
+    assert OpenAIServing._closing(serving, template, None, hidden) == written
+
+
 LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
           "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
 QWEN3 = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}"
@@ -230,3 +253,13 @@ async def test_session_files_keep_the_open_message_and_older_files_continue_as_b
         r = await client.post("/v1/chat/completions", json={"messages": user, "session_id": "bad", **req})
         assert r.status_code == 409 and r.json()["error"]["code"] == "session_corrupt", r.text
         assert "assistant_open" in r.json()["error"]["message"]
+
+
+def test_a_stop_strings_cut_is_what_the_output_leaves_out():
+    from retnet.serve.detokenize import StopStrings
+
+    stops = StopStrings(["<|im_end|>"])
+    assert stops.push(" you the<|im_") == " you the" and stops.cut == ""
+    assert stops.push("end|>\n") == "" and stops.stopped and stops.cut == "<|im_end|>\n"
+    included = StopStrings(["<|im_end|>"], include=True)
+    assert included.push("a<|im_end|>b") == "a<|im_end|>" and included.cut == "b"

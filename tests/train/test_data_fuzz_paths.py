@@ -72,6 +72,20 @@ def test_jsonl_line_that_is_no_json_is_refused_naming_the_later_file_and_line(tm
         _documents(data, tmp_path / "cache")
 
 
+def test_a_json_array_too_large_to_parse_again_is_not_blamed_for_a_later_files_line(tmp_path, monkeypatch):
+    import retnet.train.data as data_module
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.json").write_text(json.dumps([{"text": f"row {i}"} for i in range(50)], indent=1))
+    (data / "b.jsonl").write_text('{"text": "three"}\n{"text": "four"} trailing\n')
+    monkeypatch.setattr(data_module, "_NULL_SCAN_BYTES", 64)  # a.json stands for an array past 64 MiB
+    assert data_module._json_file_problem(data / "a.json") is None
+    assert "line 2, column 18" in data_module._json_file_problem(data / "b.jsonl")
+    with pytest.raises(ConfigError, match=r"b\.jsonl', line 2, column 18"):
+        raise data_module._malformed_file(str(data))
+
+
 def test_jsonl_line_that_is_no_object_is_refused_naming_its_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"text": "one"}\n["two"]\n')
