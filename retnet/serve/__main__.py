@@ -39,12 +39,48 @@ def parse_settings(argv: list[str] | None = None) -> ServeSettings:
 def settings_from_args(args: argparse.Namespace, prog: str = "retnet-serve") -> ServeSettings:
     """The settings named by ``args`` (flags left out: environment, then defaults); invalid ones exit 2.
     Attributes that are not settings (another command's own flags) are ignored."""
+    from pydantic import ValidationError
+
     given = {k: v for k, v in vars(args).items() if v is not None and k in ServeSettings.model_fields}
     try:
         return ServeSettings(**given)
-    except Exception as exc:  # pydantic's message names the field and the value
-        print(f"{prog}: invalid settings:\n{exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    except ValidationError as exc:
+        print(f"{prog}: error: {describe_settings_error(exc, given)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as exc:  # a validator's own bug: still one line, naming what it could
+        print(f"{prog}: error: invalid settings: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def describe_settings_error(exc, given: dict) -> str:
+    """pydantic's errors on one line, each naming the setting as the operator gave it: its flag, or its
+    ``RETNET_*`` variable when no flag set it (pydantic's own text named the field alone, on several lines, with
+    a link), and the value received."""
+    from retnet.serve.settings import _environment_variable
+
+    described, named = [], set()
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        name = error["loc"][0] if error["loc"] else None
+        if name is not None and name in named:  # a union's members each fail: the first says enough
+            continue
+        named.add(name)
+        if name not in ServeSettings.model_fields or (error["type"] == "value_error" and str(name) in message):
+            described.append(message)  # the validators' messages name the setting and the value themselves
+            continue
+        flag = "--" + str(name).replace("_", "-")
+        if error["type"] == "missing":
+            described.append(f"{name}: {flag} (or RETNET_{str(name).upper()}) is required")
+            continue
+        variable = None if name in given else _environment_variable(ServeSettings, str(name))
+        source = flag if variable is None else f"{variable[0]}, {flag}"
+        shown = variable[1] if variable is not None else given.get(name, error.get("input"))
+        if isinstance(shown, list):  # --lora-modules' items, as typed
+            shown = " ".join(map(str, shown))
+        item = next((part for part in error["loc"][1:] if isinstance(part, int)), None)  # not the union's tags
+        described.append(f"{name} ({source}){'' if item is None else f' item {item}'}: {message}; got "
+                         f"{str(shown)[:120]!r}")
+    return "; ".join(described)
 
 
 def main(argv: list[str] | None = None) -> None:

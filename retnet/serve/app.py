@@ -48,6 +48,7 @@ from retnet.serve.settings import (
     ServeSettings,
     StartupError,
     check_classifier_settings,
+    check_device_settings,
     check_model_dir,
     check_quantization_settings,
     generation_defaults,
@@ -88,6 +89,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     /score and /rerank (:mod:`retnet.serve.score`)."""
     settings = settings or ServeSettings()
     check_quantization_settings(settings)  # before a hub download or anything else
+    check_device_settings(settings)
     if model is None:  # a directory this server cannot serve is refused before anything loads from it
         settings = resolve_model_source(settings)
         classifier = check_model_dir(settings.model)

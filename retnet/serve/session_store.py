@@ -67,6 +67,9 @@ FORMAT = "retnet-session/1"
 SUFFIX = ".safetensors"
 TEMP_SUFFIX = ".tmp"
 SWEEP_EVERY_S = 60.0  # at most; a shorter TTL sweeps every TTL
+# at least: a TTL of a microsecond had the writer list the directory back to back (a core's worth of CPU); a session
+# found expired by a request is gone all the same
+MIN_SWEEP_EVERY_S = 0.1
 MAX_HEADER_BYTES = 1 << 20  # a session file's safetensors header is a few KB; a larger one is not ours
 # What decides how text becomes tokens: their contents are hashed (a few MB at most).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -476,7 +479,7 @@ class SessionFiles:
             self._fail_pending()
 
     def _loop(self) -> None:
-        sweep_every = min(self.ttl_s, SWEEP_EVERY_S)
+        sweep_every = min(max(self.ttl_s, MIN_SWEEP_EVERY_S), SWEEP_EVERY_S)
         next_sweep = time.monotonic() + sweep_every
         while True:
             with self.cond:

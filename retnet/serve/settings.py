@@ -12,10 +12,10 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ServeSettings(BaseSettings):
@@ -58,9 +58,10 @@ class ServeSettings(BaseSettings):
         "their float32 bytes, half of bfloat16's), the embeddings and lm_head kept in --dtype; needs torchao (pip "
         "install 'retnet-stack[quant]'); LoRA and DoRA adapters are served on it. none: the weights as loaded"
     )
-    # `| str`: pydantic-settings then lets a RETNET_API_KEYS that is not JSON through to the validator
-    # instead of failing at startup on it.
-    api_keys: list[str] | str = Field(default_factory=list,
+    # NoDecode: the variable's text reaches the validator as the flag's does. pydantic-settings read it as JSON
+    # first: RETNET_API_KEYS=123456 became the number (refused, where --api-keys 123456 is a key), and
+    # RETNET_API_KEYS=null no key at all (auth off, where --api-keys null is the key "null").
+    api_keys: Annotated[list[str] | str, NoDecode] = Field(default_factory=list,
                                       description="accepted `Authorization: Bearer` keys; empty: no auth")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="the server's and uvicorn's log level (any case)")
@@ -131,7 +132,8 @@ class ServeSettings(BaseSettings):
     )
 
     # -- LoRA adapters (vLLM's flags) ---------------------------------------------------------------------------
-    lora_modules: list[str | dict] | str = Field(
+    # NoDecode: as api_keys' (RETNET_LORA_MODULES=0, read as JSON, was a TypeError naming no setting).
+    lora_modules: Annotated[list[str | dict] | str, NoDecode] = Field(
         default_factory=list, description="LoRA adapters served beside the base model, each under its own name: "
         "name=path (peft's save_pretrained directory) or vLLM's JSON {\"name\", \"path\", \"base_model_name\"}; "
         "a request's `model` picks one"
@@ -174,7 +176,8 @@ class ServeSettings(BaseSettings):
         "(max_new_tokens is max_tokens); vllm: the server's defaults, the file ignored; a directory: its "
         "generation_config.json"
     )
-    override_generation_config: dict[str, Any] | str = Field(
+    # NoDecode: as api_keys' (RETNET_OVERRIDE_GENERATION_CONFIG=null passed as {}, where the flag's null is refused).
+    override_generation_config: Annotated[dict[str, Any] | str, NoDecode] = Field(
         default_factory=dict, description="JSON object put over the generation config's fields (vLLM's "
         "--override-generation-config), e.g. '{\"temperature\": 0.5}'; applies with --generation-config vllm too"
     )
@@ -233,6 +236,25 @@ class ServeSettings(BaseSettings):
         if spelled_none and not (info.field_name == "chat_template" and Path(value).is_file()):
             return None
         return value
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _known_device(cls, value):
+        # An unknown name reached torch.device inside the engine (a traceback out of create_app), and "meta" (no
+        # data) started a server whose every request failed; whether the device is present is check_device_settings'.
+        device = value.strip().lower()
+        if device == "auto":
+            return device
+        import torch
+
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"device (--device) must be auto, cpu, cuda, cuda:N or another torch device; got "
+                             f"{value!r} ({_one_line(exc)})") from None
+        if parsed.type == "meta":
+            raise ValueError(f"device (--device) must hold the weights; got {value!r} (a meta tensor has no data)")
+        return device
 
     @field_validator("download_dir", "revision", "served_model_name", mode="before")
     @classmethod
@@ -714,6 +736,21 @@ def check_quantization_settings(settings: ServeSettings) -> None:
         raise StartupError(str(exc)) from None
 
 
+def check_device_settings(settings: ServeSettings) -> None:
+    """Refuse, before anything loads, a ``--device`` this machine does not have (``cuda`` without a GPU or a CUDA
+    build of torch, ``cuda:3`` on a machine with fewer): the engine would otherwise start, fail as it loads the
+    model, and answer every request 503. ``auto`` always has a device."""
+    if settings.device == "auto":
+        return
+    import torch
+
+    try:  # the allocation the engine's first .to(device) does: torch's own answer for every device type
+        torch.empty(1, device=settings.device)
+    except (AssertionError, RuntimeError) as exc:  # "Torch not compiled with CUDA enabled" is an AssertionError
+        raise StartupError(f"--device {settings.device!r} is not available here: {_one_line(exc)} (use --device "
+                           "auto or cpu)") from None
+
+
 def _environment_source(settings: ServeSettings, name: str) -> tuple[str, str] | None:
     """(variable, its text) of the ``RETNET_*`` variable ``settings.name`` came from, or None when it came from the
     flag: the variable must be set and, read as pydantic-settings reads the environment, give the same value (a
@@ -840,6 +877,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 __all__ = ["GENERATION_ONLY_SETTINGS", "ServeSettings", "SpeculativeConfig", "StartupError", "check_classifier_settings",
-           "check_draft_tokenizer", "check_model_dir", "check_quantization_settings", "generation_defaults",
+           "check_device_settings", "check_draft_tokenizer", "check_model_dir", "check_quantization_settings", "generation_defaults",
            "is_classifier", "load_chat_template", "parse_speculative_config", "resolve_draft_model",
            "resolve_max_tokens"]
