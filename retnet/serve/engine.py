@@ -1020,7 +1020,10 @@ class Engine(ModelThread):
             finish = "stop" if seq.stops.stopped else finish
         seq.finish_reason = finish
         if finish is not None:
-            seq.hidden_end = (self._decode_all([token]) if skip else seq.stops.cut if seq.stops.stopped else "")
+            # A special token the output leaves out (a stop token's, or any with skip_special_tokens, as an EOS
+            # with include_stop_str_in_output still is) is in the state, not in the text.
+            unshown = skip or (params.skip_special_tokens and token in self.skipped_ids)
+            seq.hidden_end = seq.stops.cut if seq.stops.stopped else self._decode_all([token]) if unshown else ""
         logprobs = None
         if params.logprobs is not None:
             logprobs = [self._logprob(token, sample.logprobs[row], sample.top[row] if sample.top else [],

@@ -558,6 +558,8 @@ class OpenAIServing:
         at = closer.find(hidden) if hidden else -1
         if at >= 0 and not closer[:at].strip():
             return closer[at + len(hidden) :]
+        if hidden and closer.strip() and hidden.lstrip().startswith(closer.lstrip()):
+            return ""  # the whole closer and more (the rest of a stop string's token): nothing left to write
         return closer
 
     def _developer_role(self, template: str | None, tools) -> str:

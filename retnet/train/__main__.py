@@ -21,6 +21,7 @@ export that cannot be written: a full disk, a permission), 3 when the loss becam
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -68,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         status = EXIT_OK
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"retnet-train: error: {error}", file=sys.stderr)
+        status = EXIT_CONFIG
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        # a path setting longer than the OS takes, met wherever it is first looked at (data, tokenizer, resume ...)
+        print(f"retnet-train: error: a path setting is longer than this file system allows: "
+              f"{str(error.filename)[:80]!r}... ({len(str(error.filename))} characters)", file=sys.stderr)
         status = EXIT_CONFIG
     except NonFiniteLossError as error:
         print(f"retnet-train: error: {error}", file=sys.stderr)

@@ -372,7 +372,7 @@ def _is_valid(path: Path) -> bool:
 
 def list_checkpoints(root: Path) -> list[Path]:
     """``step_*`` directories under ``root``, oldest first (not verified)."""
-    if not root.is_dir():
+    if not os.path.isdir(root):  # (os.path's: no OSError on a name longer than the OS takes)
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]

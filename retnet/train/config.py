@@ -848,12 +848,17 @@ def model_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
         old = ModelConfig(**saved["model"])
     except (KeyError, TypeError, ConfigError):
         return []
-    resolved = [RetNetConfig.from_preset(m.preset, **m.overrides(), vocab_size=_ANY_VOCAB_SIZE).to_dict()
-                for m in (old, current.model)]
+    configs = [RetNetConfig.from_preset(m.preset, **m.overrides(), vocab_size=_ANY_VOCAB_SIZE)
+               for m in (old, current.model)]
+    resolved = [config.to_dict() for config in configs]
+    # "gelu" and ["gelu", "gelu"] (or kwargs per layer or for all) are the same activations, written two ways
+    same_activations = configs[0].layer_activations == configs[1].layer_activations
     fixed = {f.name for f in dataclasses.fields(ModelConfig)}
     changes = []
     for name in RetNetConfig.__annotations__:
         if name in FREE_MODEL_FIELDS | _TOKENIZER_FIELDS or resolved[0].get(name) == resolved[1].get(name):
+            continue
+        if name in ("hidden_act", "hidden_act_kwargs") and same_activations:
             continue
         key = f"model.{name}" if name in fixed else f"model.extra.{name}"
         changes.append(f"{key}: checkpoint {resolved[0].get(name)!r}, now {resolved[1].get(name)!r}")

@@ -192,7 +192,8 @@ def local_files(spec: str) -> list[Path] | None:
 def saved_dataset_dir(path: Path) -> bool:
     """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (pre-tokenized or
     filtered data prepared once, e.g. on an offline cluster)."""
-    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+    # (os.path's: Path.is_dir raised OSError on a name longer than the OS takes)
+    return os.path.isdir(path) and (os.path.isfile(path / "dataset_dict.json") or os.path.isfile(path / "state.json"))
 
 
 def _hash(*parts: Any) -> str:
@@ -961,7 +962,7 @@ def load_tokenizer(path: str | Path):
     from retnet.model.hub import TOKENIZER_FILES, HubError, is_hub_id, resolve_pretrained
 
     local = Path(path).expanduser()
-    if not local.exists() and is_hub_id(path):
+    if not os.path.exists(local) and is_hub_id(path):  # (os.path's: no OSError on an over-long name)
         try:  # every rank reads the one HF cache (huggingface_hub locks a download); a resume reads the run's copy
             local = resolve_pretrained(path, allow_patterns=TOKENIZER_FILES)
         except HubError as error:

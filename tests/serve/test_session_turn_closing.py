@@ -95,14 +95,16 @@ async def test_the_default_templates_eos_closes_an_answer_however_it_ended(model
         assert prompt[0] != eos
 
 
-@pytest.mark.parametrize("ending", ["im_end", "length"])
+@pytest.mark.parametrize("ending", ["im_end", "im_end_included", "length"])
 async def test_chatml_closes_an_answer_with_its_newline_or_its_whole_closer(model_dir, ending):
     async with serve_app(model_dir, chat_template=CHATML) as client:
         tokenizer = client.app.state.serving.tokenizer
         im_end = tokenizer.convert_tokens_to_ids(IM_END)
-        if ending == "im_end":  # the model stops on <|im_end|> (its EOS, as a Qwen model's)
+        if ending.startswith("im_end"):  # the model stops on <|im_end|> (its EOS, as a Qwen model's)
+            # (included in the output, a special token still decodes to nothing: not in the text, in the state)
             first = {"max_tokens": 8, "min_tokens": 2, "stop_token_ids": [im_end],
-                     "allowed_token_ids": [*word_ids(tokenizer), im_end], "logit_bias": {str(im_end): 100}}
+                     "allowed_token_ids": [*word_ids(tokenizer), im_end], "logit_bias": {str(im_end): 100},
+                     "include_stop_str_in_output": ending == "im_end_included"}
             finish, last, closer = "stop", im_end, "\n"
         else:
             first, finish, last, closer = {"max_tokens": 4}, "length", None, IM_END + "\n"
@@ -114,7 +116,7 @@ async def test_chatml_closes_an_answer_with_its_newline_or_its_whole_closer(mode
 
 @pytest.mark.parametrize(("template", "hidden", "written"), [
     # what the state holds past the returned answer: the stop token or string the template writes there first
-    (CHATML, IM_END, "\n"), (CHATML, "", IM_END + "\n"),
+    (CHATML, IM_END, "\n"), (CHATML, "", IM_END + "\n"), (CHATML, IM_END + "\n\n", ""),
     # a stop string the template writes elsewhere, or not at the closer's start: the whole closer follows it
     (CHATML, "\n", IM_END + "\n"), (CHATML, " I", IM_END + "\n"),
     (None, "<|endoftext|>", ""), (None, "", "<|endoftext|>"),

@@ -128,3 +128,25 @@ def test_a_run_trains_and_exports_one_activation_per_layer(micro, run_here, tmp_
     assert result.returncode == 0, result.stderr
     exported = RetNetConfig.from_pretrained(out / "export")
     assert exported.layer_activations == [("sau", {}), ("smelu", {})]
+
+
+@pytest.mark.parametrize("override", ["--data.dataset", "--data.tokenizer", "--train.resume"])
+def test_an_over_long_data_tokenizer_or_resume_path_is_refused_not_a_traceback(override, tmp_path, capsys):
+    # Path.is_dir/exists raised OSError (ENAMETOOLONG) past the CLI's error handling.
+    from retnet.train.__main__ import EXIT_CONFIG, main
+
+    code = main(["--config", "tiny", f"{override}={TOO_LONG}", "--train.steps=1", "--optim.warmup_steps=0",
+                 f"--train.output_dir={tmp_path / 'run'}", "--logging.progress=false"])
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG and err.startswith("retnet-train: error: ") and err.count("\n") == 1, err
+
+
+def test_one_activation_written_for_all_layers_or_per_layer_is_no_model_change():
+    from retnet.train.config import model_changes
+
+    saved = load_config("tiny", ["--model.hidden_act=gelu"]).to_dict()
+    layers = load_config("tiny").model.num_hidden_layers or RetNetConfig.from_preset("tiny").num_hidden_layers
+    same = load_config("tiny", ["--model.hidden_act=" + str(["gelu"] * layers).replace("'", '"')])
+    assert model_changes(saved, same) == []
+    other = load_config("tiny", ["--model.hidden_act=relu"])
+    assert model_changes(saved, other) == ["model.hidden_act: checkpoint 'gelu', now 'relu'"]
