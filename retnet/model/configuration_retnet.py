@@ -157,7 +157,7 @@ class RetNetConfig(PretrainedConfig):
                 raise ValueError(f"RetNetConfig.{field} must be a torch dtype or its name ('float32', 'bfloat16' ...); "
                                  f"got {dtype!r}")
         if self.id2label is not None and not (isinstance(self.id2label, dict) and all(
-                _is_int(key) or (isinstance(key, str) and key.lstrip("-").isdecimal()) for key in self.id2label)):
+                _is_int(key) or (isinstance(key, str) and key.removeprefix("-").isdecimal()) for key in self.id2label)):
             raise ValueError(f"RetNetConfig.id2label must be a dict of label ids (ints, or their strings as "
                              f"config.json keeps them) to names; got {self.id2label!r}")
 

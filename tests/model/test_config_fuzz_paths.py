@@ -87,6 +87,7 @@ def test_whole_numbers_within_range_still_pass_as_floats_and_sizes():
 @pytest.mark.parametrize("fields, message", [
     (dict(id2label=5), r"^RetNetConfig\.id2label must be a dict of label ids"),  # was AttributeError: no .items
     (dict(id2label={"a": "x"}), r"^RetNetConfig\.id2label must be a dict of label ids"),  # was int("a")'s ValueError
+    (dict(id2label={"--1": "x"}), r"^RetNetConfig\.id2label must be a dict of label ids"),  # int()'s, naming no field
     (dict(dtype="x"), r"^RetNetConfig\.dtype must be a torch dtype or its name"),  # was AttributeError from torch
     (dict(dtype=[]), r"^RetNetConfig\.dtype must be a torch dtype or its name"),  # was IndexError in to_dict
     (dict(torch_dtype="nn"), r"^RetNetConfig\.torch_dtype must be a torch dtype or its name"),
