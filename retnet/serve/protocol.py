@@ -15,6 +15,7 @@ Tool calls (``tools`` with ``tool_choice`` ``"required"`` or a named function, o
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -67,6 +68,20 @@ class APIError(Exception):
     def body(self) -> dict:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
                                              code=self.code)).model_dump()
+
+
+def check_finite_json(value: Any, where: str, code: str) -> None:
+    """A 400 (``code``) naming the first number in ``value`` that JSON has no number for: NaN, or one past a
+    double's range (``1e999`` is read as inf), which Python's json reads from a body all the same. ``where``: the
+    value's place in the request (``tools[0].function.parameters``), extended to the number's."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise APIError(400, f"{where}: {value} is no JSON number (a NaN, or past a double's range)", where, code)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite_json(item, f"{where}.{key}", code)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_finite_json(item, f"{where}[{i}]", code)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 import time
 import uuid
@@ -40,6 +39,7 @@ from retnet.serve.protocol import (
     ChatCompletionResponse,
     RequestFields,
     _refuse_bool_number,
+    check_finite_json,
     not_run_unless_no_op,
 )
 from retnet.serve.response_store import ResponseStore
@@ -104,21 +104,6 @@ class ResponsesRequest(RequestFields):
     stream_options: Any = None
 
 
-def _check_finite(value: Any, where: str) -> None:
-    """A 400 naming the first number in ``value`` that JSON cannot write (NaN, or past a double's range: ``1e999``
-    is read as inf). These fields are echoed as sent (the Response, ``input_items``): such a number would fail the
-    answer (a 500 after the generation, ``Infinity`` in a stream's events, a stored response GET cannot return)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise APIError(400, f"{where}: {value} is no JSON number (a NaN, or past a double's range)", where,
-                       "invalid_value")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_finite(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_finite(item, f"{where}[{i}]")
-
-
 def _unsupported(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param, "unsupported_parameter")
 
@@ -134,7 +119,8 @@ def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]]
         if refusal is not None:
             raise _unsupported(name, f"not supported by this server {refusal}")
     for name in ("input", "tools", "tool_choice", "text"):
-        _check_finite(getattr(request, name), name)
+        # echoed as sent (the Response, input_items): such a number would fail the answer after the generation
+        check_finite_json(getattr(request, name), name, "invalid_value")
     extras = {}
     for name, value in (request.model_extra or {}).items():
         if name in CHAT_EXTRAS:

@@ -13,14 +13,13 @@ nothing more ends the choice there (``finish_reason: "stop"``). Chat's tool call
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 from typing import Any
 
 import torch
 
-from retnet.serve.protocol import APIError
+from retnet.serve.protocol import APIError, check_finite_json
 
 # JSON as OpenAI's structured outputs write it, without whitespace between tokens: with any whitespace allowed a
 # model unsure of what comes next can fill max_tokens with blank lines. A schema's "x-guidance" key overrides it.
@@ -310,29 +309,13 @@ def _json(param: str, schema: Any) -> str:
     from llguidance import LLMatcher
 
     schema = _schema(param, schema)
-    where, found = _non_finite_at(schema, param)
-    if where is not None:
-        # Python's json reads NaN and Infinity, which JSON has not: llguidance would write them as null, and an
-        # enum of [NaN] would hold the text to `null`, a minimum of Infinity fail naming a null.
-        raise APIError(400, f"{where}: {found} is no JSON number (a NaN, or past a double's range)", where,
-                       "invalid_grammar")
+    # llguidance would write NaN and Infinity as null: an enum of [NaN] held the text to `null`, and a minimum of
+    # Infinity failed naming a null
+    check_finite_json(schema, param, "invalid_grammar")
     try:
         return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
     except ValueError as error:
         raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
-
-
-def _non_finite_at(node: Any, where: str) -> tuple[str | None, float | None]:
-    """(where in ``node``, ``where`` its place: ``tools[0].function.parameters.properties.a.minimum``, the value) of
-    its first NaN or infinity; (None, None) when it holds none."""
-    if isinstance(node, float) and not math.isfinite(node):
-        return where, node
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, value in items:
-        found = _non_finite_at(value, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}")
-        if found[0] is not None:
-            return found
-    return None, None
 
 
 def _schema(param: str, schema: Any) -> dict:
