@@ -183,9 +183,15 @@ async def test_a_reload_that_fails_fails_only_its_requests(model_dir, adapter_di
         assert_same_answer(await complete(client, "c", PROMPTS[0]), want["c", PROMPTS[0]], "c after load_inplace")
         # An evicted adapter unloads; a runtime load takes the place of the idle loaded one.
         assert (await unload(client, "a")).status_code == 200
-        # c's request may still be leaving the engine (its answer goes out first): then c is not idle, and d would
-        # be served evicted (every place in use), as it should
-        await eventually(lambda: engine.in_system == 0)
+        # c's request may still be leaving the engine (its answer goes out first, and its finished sequence stays in
+        # the batch until the next step rebuilds it): then c is not idle, and d would be served evicted (every place
+        # in use), as it should
+
+        def idle() -> bool:
+            with engine.cond:
+                return engine.in_system == 0 and not engine._active_adapters()
+
+        await eventually(idle)
         assert (await load(client, "d", adapter_dirs["b"])).status_code == 200
         assert installed_slots(engine) == {engine.adapters["d"].slot}
         assert_same_answer(await complete(client, "d", PROMPTS[1]), want["b", PROMPTS[1]], "d")
