@@ -7,12 +7,15 @@ import asyncio
 import io
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from retnet.model import RetNetForCausalLM
+from retnet.serve.engine import Engine
 from retnet.serve.lora import LoraSlots
 from retnet.serve.run_batch import parse_lines, run_batch, served_urls
 
@@ -87,6 +90,13 @@ def assert_same_answer(got: dict, want: dict, where: str) -> None:
     assert got_lp == pytest.approx(want_lp, abs=1e-4), where
 
 
+async def wait_until_submitted(engine: Engine, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.in_system < count:
+        assert time.monotonic() < deadline, f"{engine.in_system} of {count} requests reached the engine"
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 def recorded_slots(monkeypatch) -> list[tuple[list[int], list[int] | None]]:
     """Every ``(slots, counts)`` the engine runs a forward with: what was batched with what."""
@@ -102,7 +112,7 @@ def recorded_slots(monkeypatch) -> list[tuple[list[int], list[int] | None]]:
 
 
 async def test_mixed_batches_give_each_adapter_its_merged_models_answer(model_dir, adapters, recorded_slots,
-                                                                        tmp_path):
+                                                                        tmp_path, monkeypatch):
     # The reference: each merged model (and the base) served alone, one request at a time.
     want: dict[tuple[str, str], dict] = {}
     for name, model in [("micro", None), *((n, merged) for n, (_, merged) in adapters.items())]:
@@ -113,10 +123,20 @@ async def test_mixed_batches_give_each_adapter_its_merged_models_answer(model_di
     assert want["a", PROMPTS[0]]["choices"][0]["text"] != want["micro", PROMPTS[0]]["choices"][0]["text"]
     assert want["b", PROMPTS[0]]["choices"][0]["text"] != want["micro", PROMPTS[0]]["choices"][0]["text"]
 
+    # The scheduler starts only once the whole burst is queued: on a loaded machine the requests would otherwise
+    # reach it over several iterations, and no prefill need hold the base, a and b together.
+    gate = threading.Event()
+    iteration = Engine._iteration
+    monkeypatch.setattr(Engine, "_iteration", lambda engine: gate.wait(120) and iteration(engine))
     async with serve_app(model_dir, lora_modules=lora_flags(adapters)) as client:
         # Every prompt under the base and both adapters at once: one packed prefill, then mixed decode steps.
         jobs = [(model, prompt) for prompt in PROMPTS for model in ("micro", "a", "b")]
-        got = await asyncio.gather(*(complete(client, model, prompt) for model, prompt in jobs))
+        try:
+            burst = [asyncio.create_task(complete(client, model, prompt)) for model, prompt in jobs]
+            await wait_until_submitted(client.app.state.engine, len(jobs))
+        finally:
+            gate.set()
+        got = await asyncio.gather(*burst)
         for (model, prompt), response in zip(jobs, got, strict=True):
             assert response["model"] == model
             assert_same_answer(response, want[model, prompt], f"{model}: {prompt!r}")
