@@ -1049,7 +1049,9 @@ class Engine(ModelThread):
         if group.session_id is not None:
             state = cache.clone() if cache is not None else self.batch.select([row])
             earlier = group.session.seen if group.continues else None
-            seen = torch.tensor(group.inputs + seq.tokens, dtype=torch.long)
+            # The tokens fed, not the last one sampled: the next turn feeds it (its inputs count it then), or a chat
+            # turn leaves it out (OpenAIServing._closer_leaves_out), when the history must not count it either.
+            seen = torch.tensor(group.inputs + seq.tokens[:-1], dtype=torch.long)
             seen = (seen if earlier is None else torch.cat([earlier, seen])).unique()
             self.sessions.release(group.session_id, state, seq.tokens[-1:],  # none if max_tokens was 0
                                   tokens=len(group.prompt_ids) + len(seq.tokens), seen=seen,

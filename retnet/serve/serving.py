@@ -400,9 +400,15 @@ class OpenAIServing:
         if max_tokens == 0:
             raise APIError(400, f"{name} must be at least 1 (0 is accepted only by /v1/completions with echo)", name)
         session = await self._acquire_session(request)
+        unfed = None  # the session's pending token this turn does not feed, given back if the engine never takes it
         try:
+            closes = _open_answer(session)
+            if closes and await self._tokenizing(0, self._closer_leaves_out, request, session):
+                # Left out before the engine reads the session (it feeds ``pending`` first). A turn cancelled once
+                # the engine took it leaves the token out for good: the next chat turn would leave it out again.
+                unfed, session.pending = session.pending, []
             prompt, hint = await self._tokenizing(_size([m.text() for m in request.messages]), self._chat_prompt,
-                                                  request, _continues(session), _open_answer(session))
+                                                  request, _continues(session), closes)
             if session is not None:
                 session.answering_assistant = _answers_in_assistant_message(request)
             params = self.checks.params(request, max_tokens, top if request.logprobs else None, name,
@@ -415,6 +421,8 @@ class OpenAIServing:
                 params.skip_special_tokens = not self._special_tool_tags(calling)
             handle = self._submit([prompt], params, request, [hint], session=session)
         except BaseException:
+            if unfed is not None:
+                session.pending = unfed
             self._release_session(request, session)
             raise
         return ChatRun(handle, calling, prompt)
@@ -473,14 +481,7 @@ class OpenAIServing:
         the session's history ends inside an assistant message, this the text it holds past the answer: the
         messages follow what the template closes it with (:meth:`_closing`)."""
         # None: the tokenizer's own, which transformers picks (its "default" when it keeps several by name).
-        template = self.chat_template
-        # The tools reach the template whenever the request has them (vLLM's and OpenAI's default: "none" makes no
-        # call, the model still knows the tools), unless --exclude-tools-when-tool-choice-none drops them.
-        hidden = request.tool_choice == "none" and self.settings.exclude_tools_when_tool_choice_none
-        tools = request.tools if request.tools and not hidden else None
-        variables = {**(request.chat_template_kwargs or {}),
-                     **({"documents": request.documents} if request.documents is not None else {}),
-                     **({"tools": tools} if tools else {})}
+        template, variables = self.chat_template, self._template_variables(request)
         add_generation_prompt = variables.pop("add_generation_prompt", request.add_generation_prompt)
         continue_final = variables.pop("continue_final_message", request.continue_final_message)
         if add_generation_prompt and continue_final:
@@ -519,6 +520,35 @@ class OpenAIServing:
                 if 0 < len(head_ids) < len(ids) and ids[: len(head_ids)] == head_ids:
                     hint = len(head_ids)
         return ids, hint
+
+    def _template_variables(self, request: ChatCompletionRequest | TokenizeChatRequest) -> dict:
+        """What the chat template renders the request's messages with besides them: its ``chat_template_kwargs``
+        (``add_generation_prompt`` and ``continue_final_message`` among them, when sent), documents and tools."""
+        # The tools reach the template whenever the request has them (vLLM's and OpenAI's default: "none" makes no
+        # call, the model still knows the tools), unless --exclude-tools-when-tool-choice-none drops them.
+        hidden = request.tool_choice == "none" and self.settings.exclude_tools_when_tool_choice_none
+        tools = request.tools if request.tools and not hidden else None
+        return {**(request.chat_template_kwargs or {}),
+                **({"documents": request.documents} if request.documents is not None else {}),
+                **({"tools": tools} if tools else {})}
+
+    def _closer_leaves_out(self, request: ChatCompletionRequest, session: Session) -> bool:
+        """Whether the chat turn continuing ``session`` leaves its pending token unfed: the answer's last token, a
+        special token its returned text left out (a stop token such as Qwen's ``<|endoftext|>`` under ChatML, a
+        special token decoding skips at ``max_tokens``) of which the chat template writes nothing where it closes
+        the message (:meth:`_closing` writes the whole closer either way). The conversation sent fresh has the
+        returned text, then the closer: the state has absorbed every token but that one, and the session's tokens
+        are that conversation's only without it. A stop string's text (kept, as it spans tokens the state holds)
+        and a special token the closer begins with (EOS, ``<|im_end|>``: fed, the rest of the closer after it)
+        are fed as before. Takes the tokenizer's lock."""
+        hidden = session.answer_hidden
+        if len(session.pending) != 1 or session.pending[0] not in self.engine.skipped_ids:
+            return False
+        template, tools = self.chat_template, self._template_variables(request).get("tools")
+        with self.tokenizer_lock:
+            if self.tokenizer.decode(session.pending, skip_special_tokens=False) != hidden:
+                return False  # a stop string's cut, not the token alone
+            return self._closing(template, tools, hidden) == self._closing(template, tools, "")
 
     def _bos_per_turn(self, template: str | None, variables: dict) -> bool:
         """Whether the chat template writes a BOS before every turn (Llama 2's), not only before the

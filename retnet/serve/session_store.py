@@ -5,8 +5,9 @@ A RetNet session is one fixed-size state (a few MB whatever the history's length
 costs the same for the tenth turn as for the first. ``DIR/<session_id>.safetensors`` holds:
 
 - tensors ``state.<layer>`` ``[1, H, K, V]`` fp32 and ``offsets`` ``[1]`` int64: the :class:`RetNetCache` row;
-  ``seen`` ``[N]`` int64: the history's distinct token ids, which a repetition penalty counts (absent in the files
-  written before they were kept);
+  ``seen`` ``[N]`` int64: the history's distinct token ids, which a repetition penalty counts: those fed, the
+  pending one counted when the next turn feeds it (absent in the files written before they were kept; a file
+  written before the pending one was left out has it too);
 - metadata: the format, the session id, the fingerprint of the model that computed the state (its config, weights,
   tokenizer, chat template and dtype: :func:`model_fingerprint`) and of its LoRA adapter (name and files' fingerprint), the tokens not
   yet fed (the last one sampled), the history's token count, the cache's ``seen_tokens`` and ``assistant_open``
