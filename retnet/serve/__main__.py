@@ -66,7 +66,8 @@ def describe_settings_error(exc, given: dict) -> str:
             continue
         named.add(name)
         if name not in ServeSettings.model_fields or (error["type"] == "value_error" and str(name) in message):
-            described.append(message)  # the validators' messages name the setting and the value themselves
+            # The validators' messages name the setting and the value themselves, by its flag.
+            described.append(_with_variables(message, given))
             continue
         flag = "--" + str(name).replace("_", "-")
         if error["type"] == "missing":
@@ -81,6 +82,21 @@ def describe_settings_error(exc, given: dict) -> str:
         described.append(f"{name} ({source}){'' if item is None else f' item {item}'}: {message}; got "
                          f"{str(shown)[:120]!r}")
     return "; ".join(described)
+
+
+def _with_variables(message: str, given: dict) -> str:
+    """``message`` with each ``name (--flag)`` it holds whose value came from its ``RETNET_*`` variable, not a flag,
+    written ``name (RETNET_NAME, --flag)``: an operator who set the variable never typed that flag."""
+    from retnet.serve.settings import _environment_variable
+
+    for name in ServeSettings.model_fields:
+        flag = "--" + name.replace("_", "-")
+        if f"{name} ({flag}" not in message or name in given:
+            continue
+        variable = _environment_variable(ServeSettings, name)
+        if variable is not None:
+            message = message.replace(f"{name} ({flag}", f"{name} ({variable[0]}, {flag}")
+    return message
 
 
 def main(argv: list[str] | None = None) -> None:
