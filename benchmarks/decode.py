@@ -4,7 +4,8 @@ Both models (~27.3M parameters, matched width/depth/vocab) are built in the same
 length the prompt is prefilled once, then ``--steps`` single-token decode steps are timed (median). The
 ratios are Llama / RetNet, so > 1 means RetNet is faster or smaller.
 
-    python benchmarks/decode.py [--contexts 128 1024 4096] [--steps 32] [--device cpu|cuda] [--quick]
+    python benchmarks/decode.py [--contexts 128 1024 4096] [--steps 32] [--device cpu|cuda] [--quick] [--output PATH]
+    # writes benchmarks/results/decode-<device>.json (--quick writes only to an --output given)
 """
 
 from __future__ import annotations
@@ -101,7 +102,10 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="contexts 128 and 1024, 8 steps")
+    parser.add_argument("--quick", action="store_true", help="contexts 128 and 1024, 8 steps; writes only to an "
+                        "--output given")
+    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/"
+                        "decode-<device>.json; with --quick nothing is written unless given)")
     args = parser.parse_args()
     if args.quick:
         args.contexts, args.steps = [128, 1024], 8
@@ -120,9 +124,11 @@ def main() -> None:
               f" | llama {ll['ms_per_token']:.2f} ms/token, {ll['state_bytes'] / 2**20:.2f} MiB KV"
               f" | latency ratio llama/retnet {ll['ms_per_token'] / r['ms_per_token']:.2f}x,"
               f" memory ratio {ll['state_bytes'] / r['state_bytes']:.2f}x")
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"decode-{device.type}.json"
+    # A quick run's figures are not the recorded ones: it must not overwrite the committed full run.
+    path = args.output or (None if args.quick else Path(__file__).parent / "results" / f"decode-{device.type}.json")
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": str(device), "dtype": str(dtype), "rows": rows}, indent=2))
     print(f"wrote {path}")
 

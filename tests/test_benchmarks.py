@@ -110,3 +110,24 @@ def test_kernel_benchmark_refuses_an_unknown_provider(started):
     code, _, stderr, _ = started[("kernels.py", *REFUSED_PROVIDERS)]
     assert code == 2
     assert "--providers" in stderr and "'triton,flash'" in stderr
+
+
+def test_a_quick_decode_run_writes_only_to_an_output_given(tmp_path, monkeypatch):
+    # A quick run's figures are not the recorded ones: it once overwrote the committed full run's results.
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository first on it
+    spec = importlib.util.spec_from_file_location("decode_benchmark", BENCHMARKS / "decode.py")
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    measured = {name: {"model": name, "ms_per_token": 1.0, "state_bytes": 1} for name in ("retnet", "llama")}
+    monkeypatch.setattr(decode, "build_models", lambda device, dtype: [])
+    monkeypatch.setattr(decode, "measure", lambda models, context, steps, device: measured)
+    recorded = BENCHMARKS / "results" / "decode-cpu.json"
+    before = recorded.read_bytes()
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--quick", "--device", "cpu"])
+    decode.main()
+    assert recorded.read_bytes() == before
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--quick", "--device", "cpu", "--output", str(tmp_path / "d.json")])
+    decode.main()
+    assert [row["model"] for row in json.loads((tmp_path / "d.json").read_text())["rows"]] == ["retnet", "llama"] * 2
