@@ -345,7 +345,8 @@ class ServeSettings(BaseSettings):
         # max_tokens the client never sent. Only a lowered limit: the default follows it; both set: an error.
         if self.default_max_tokens > self.max_tokens_limit:
             if "default_max_tokens" in self.model_fields_set:
-                raise ValueError(f"default_max_tokens must be <= max_tokens_limit ({self.max_tokens_limit}); got "
+                raise ValueError(f"default_max_tokens (--default-max-tokens) must be <= max_tokens_limit "
+                                 f"(--max-tokens-limit, {self.max_tokens_limit}); got "
                                  f"{self.default_max_tokens}")
             self.default_max_tokens = self.max_tokens_limit
             # Still the default, lowered: a model's generation config may set it (resolve_max_tokens).

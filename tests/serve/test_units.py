@@ -414,7 +414,8 @@ def test_default_max_tokens_never_exceeds_the_limit():
 
     assert ServeSettings(model="x", max_tokens_limit=100).default_max_tokens == 100  # follows a lowered limit
     assert ServeSettings(model="x", max_tokens_limit=100, default_max_tokens=50).default_max_tokens == 50
-    with pytest.raises(ValueError, match=r"default_max_tokens must be <= max_tokens_limit \(100\); got 200"):
+    with pytest.raises(ValueError, match=r"default_max_tokens \(--default-max-tokens\) must be <= "
+                       r"max_tokens_limit \(--max-tokens-limit, 100\); got 200"):
         ServeSettings(model="x", max_tokens_limit=100, default_max_tokens=200)
 
 
