@@ -199,7 +199,7 @@ class Engine(ModelThread):
     def submit(
         self, prompts: list[list[int]], params: SamplingParams, n: int = 1, session_id: str | None = None,
         prefix_hints: list[int | None] | None = None, session: Session | None = None,
-        text_starts: list[int | None] | None = None, adapter: int = 0, priority: int = 0,
+        text_starts: list[int | None] | None = None, adapter: int = 0, priority: int = 0, leaves_pending: bool = False,
     ) -> RequestHandle:
         """Queue ``prompts`` (token ids) × ``n`` choices; outputs arrive on ``handle.queue``. ``session``:
         ``session_id``'s, already acquired by the caller (who releases it if this raises); otherwise it is
@@ -208,6 +208,9 @@ class Engine(ModelThread):
         0: the base model), looked up by the caller right before this call, on the event loop (where adapters are
         unloaded), so that a request is accepted under a slot still served or not at all. ``priority``: under
         --scheduling-policy priority, lower is served earlier (ties in arrival order); under fcfs only 0 (ValueError).
+        ``leaves_pending``: the prompt continues ``session`` without feeding its pending token first (a chat turn
+        whose closer writes nothing of it: ``OpenAIServing._closer_leaves_out``); the session keeps it until the
+        answer replaces it.
 
         With --session-dir a ``session_id`` needs its ``session``, acquired and restored from its file by the caller
         (``OpenAIServing._acquire_session``; reading the file is async): acquired here, a session on disk only would
@@ -239,7 +242,7 @@ class Engine(ModelThread):
             starts = text_starts or [None] * len(prompts)
             for i, prompt in enumerate(prompts):
                 group = Group(handle, list(prompt), params, n, i * n, session_id, session, adapter, hints[i],
-                              starts[i], priority, next(self.arrivals))
+                              starts[i], priority, next(self.arrivals), leaves_pending=leaves_pending)
                 # Under fcfs every priority is 0 and the orders grow: this is an append.
                 bisect.insort(self.waiting, group, key=_group_rank)
             self.in_system += handle.num_choices
@@ -585,7 +588,7 @@ class Engine(ModelThread):
         session = group.session
         if session is not None and session.cache is not None:
             group.cache = session.cache.clone()
-            group.inputs = session.pending + group.prompt_ids
+            group.inputs = ([] if group.leaves_pending else session.pending) + group.prompt_ids
             group.prefix_hint = None
             group.cacheable = False
             group.continues = True

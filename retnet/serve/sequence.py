@@ -185,6 +185,7 @@ class Group:
     text_start: int | None = None
     priority: int = 0  # --scheduling-policy priority: lower is served earlier
     order: int = 0  # when it arrived, counted by the engine: breaks priority ties (perf_counter values may tie)
+    leaves_pending: bool = False  # continues its session without feeding the session's pending token first
     inputs: list[int] = field(default_factory=list)  # tokens to feed from the starting state
     pos: int = 0
     cache: RetNetCache | None = None

@@ -400,13 +400,11 @@ class OpenAIServing:
         if max_tokens == 0:
             raise APIError(400, f"{name} must be at least 1 (0 is accepted only by /v1/completions with echo)", name)
         session = await self._acquire_session(request)
-        unfed = None  # the session's pending token this turn does not feed, given back if the engine never takes it
         try:
             closes = _open_answer(session)
-            if closes and await self._tokenizing(0, self._closer_leaves_out, request, session):
-                # Left out before the engine reads the session (it feeds ``pending`` first). A turn cancelled once
-                # the engine took it leaves the token out for good: the next chat turn would leave it out again.
-                unfed, session.pending = session.pending, []
+            # The session keeps its pending token until this turn's answer replaces it: a turn that never ends
+            # (cancelled while queued, failed) leaves the session as it was, in memory and in its file.
+            leaves_pending = bool(closes) and await self._tokenizing(0, self._closer_leaves_out, request, session)
             prompt, hint = await self._tokenizing(_size([m.text() for m in request.messages]), self._chat_prompt,
                                                   request, _continues(session), closes)
             if session is not None:
@@ -419,10 +417,8 @@ class OpenAIServing:
                 # A tokenizer that marks the call tags as special tokens (Hermes 2 Pro) would drop them from the
                 # text the parser reads; vLLM's parser turns skipping off for such requests too.
                 params.skip_special_tokens = not self._special_tool_tags(calling)
-            handle = self._submit([prompt], params, request, [hint], session=session)
+            handle = self._submit([prompt], params, request, [hint], session=session, leaves_pending=leaves_pending)
         except BaseException:
-            if unfed is not None:
-                session.pending = unfed
             self._release_session(request, session)
             raise
         return ChatRun(handle, calling, prompt)
@@ -798,7 +794,7 @@ class OpenAIServing:
             self.engine.sessions.release(request.session_id)
 
     def _submit(self, prompts, params, request: SamplingFields, hints=None, session: Session | None = None,
-                text_starts: list[int | None] | None = None) -> RequestHandle:
+                text_starts: list[int | None] | None = None, leaves_pending: bool = False) -> RequestHandle:
         if request.session_id is not None and len(prompts) != 1:
             raise APIError(400, "session_id needs a single prompt", "session_id")
         # More sequences than the server ever holds would get 429 (retry later) forever.
@@ -816,7 +812,7 @@ class OpenAIServing:
             session.adapter = adapter
         try:
             handle = self.engine.submit(prompts, params, request.n, request.session_id, hints, session, text_starts,
-                                        adapter, self.checked_priority(request))
+                                        adapter, self.checked_priority(request), leaves_pending=leaves_pending)
         except (QueueFull, EngineUnavailable) as exc:
             raise self.refused(exc) from exc
         except SessionBusy as exc:

@@ -6,6 +6,7 @@ of the driver's rounds, kept as coverage."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 
@@ -175,6 +176,49 @@ async def test_a_turn_refused_before_it_ran_leaves_the_answers_last_token_to_fee
         assert answers[0]["token_ids"] == answers[1]["token_ids"]
         assert answers[0]["logprobs"]["token_logprobs"] == pytest.approx(answers[1]["logprobs"]["token_logprobs"],
                                                                          abs=1e-4)
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["in_memory", "restarted"])
+async def test_a_turn_cancelled_while_queued_leaves_the_session_as_it_was(model_dir, tmp_path, restarted):
+    """A chat turn that would leave the answer's last token unfed, cancelled while it waited for a slot (its client
+    left), never ran: the session keeps that token to feed, in memory as in its file. Before, the turn dropped it
+    from the session in memory when it was queued, while the file kept it: a completion continuing the session
+    went on from another state depending on whether the server had restarted."""
+    from retnet.serve.protocol import ChatCompletionRequest
+
+    overrides = {"chat_template": CHATML, "session_dir": str(tmp_path / "sessions"), "max_running": 1}
+    completion = {"prompt": " the", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    answers = {}
+    async with serve_app(model_dir, **overrides) as client:
+        engine, serving = client.app.state.engine, client.app.state.serving
+        eos = serving.tokenizer.eos_token_id
+        first = {"max_tokens": 8, "min_tokens": 2, "allowed_token_ids": [*word_ids(serving.tokenizer), eos],
+                 "logit_bias": {str(eos): 100}}
+        for session_id in ("plain", "cancelled"):
+            answer = await chat(client, [{"role": "user", "content": ASK}], session_id=session_id, **first)
+            assert answer["token_ids"][-1] == eos
+        # The only slot busy: the next turn waits in the queue, where its client leaves.
+        blocker = asyncio.create_task(client.post("/v1/completions", json={
+            "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}))
+        while not engine.running:
+            await asyncio.sleep(0.01)
+        run = await serving.start_chat(ChatCompletionRequest(
+            messages=[{"role": "user", "content": NEXT}], session_id="cancelled", max_tokens=4))
+        run.handle.cancel()
+        while engine.sessions.sessions["cancelled"].busy:
+            await asyncio.sleep(0.01)
+        assert (await blocker).status_code == 200
+        assert engine.sessions.sessions["cancelled"].pending == [eos]
+        if not restarted:
+            for session_id in ("plain", "cancelled"):
+                r = await client.post("/v1/completions", json={**completion, "session_id": session_id})
+                answers[session_id] = r.json()["choices"][0]["token_ids"]
+    if restarted:
+        async with serve_app(model_dir, **overrides) as client:
+            for session_id in ("plain", "cancelled"):
+                r = await client.post("/v1/completions", json={**completion, "session_id": session_id})
+                answers[session_id] = r.json()["choices"][0]["token_ids"]
+    assert answers["cancelled"] == answers["plain"]
 
 
 def draw_fields(rng: random.Random, words: list[int], eos: int, im_end: int, im_start: int) -> tuple[dict, str]:
