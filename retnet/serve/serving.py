@@ -544,7 +544,10 @@ class OpenAIServing:
         with self.tokenizer_lock:
             if self.tokenizer.decode(session.pending, skip_special_tokens=False) != hidden:
                 return False  # a stop string's cut, not the token alone
-            return self._closing(template, tools, hidden) == self._closing(template, tools, "")
+            try:
+                return self._closing(template, tools, hidden) == self._closing(template, tools, "")
+            except Exception:  # a template that cannot render: the templating that follows answers the 400
+                return False
 
     def _bos_per_turn(self, template: str | None, variables: dict) -> bool:
         """Whether the chat template writes a BOS before every turn (Llama 2's), not only before the

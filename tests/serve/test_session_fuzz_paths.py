@@ -307,3 +307,27 @@ async def test_driver_rounds_continue_as_the_conversation_sent_fresh(model_dir, 
         async with serve_app(model_dir, **overrides) as client:
             if not await driver_turn(client, rng, template, "restarted", history, turn, False):
                 break
+
+
+async def test_a_template_that_cannot_close_the_answer_is_a_400(model_dir, monkeypatch):
+    """The check whether a turn leaves the answer's last token out renders the template's closer first: a template
+    that cannot render there gets the templating's 400 naming the messages (it was a 500), and the server serves on."""
+    from retnet.serve.serving import OpenAIServing
+
+    async with serve_app(model_dir, chat_template=CHATML) as client:
+        eos = client.app.state.serving.tokenizer.eos_token_id
+        first = await chat(client, [{"role": "user", "content": ASK}], session_id="s", max_tokens=8, min_tokens=2,
+                           allowed_token_ids=[*word_ids(client.app.state.serving.tokenizer), eos],
+                           logit_bias={str(eos): 100})
+        assert first["token_ids"][-1] == eos
+
+        def unrenderable(self, template, tools, hidden):
+            raise ValueError("no template renders this closer")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(OpenAIServing, "_closing", unrenderable)
+            r = await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": NEXT}], "session_id": "s", "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert "no template renders this closer" in r.json()["error"]["message"]
+        await chat(client, [{"role": "user", "content": NEXT}], session_id="s", max_tokens=2)
