@@ -78,15 +78,18 @@ async def serve_app(model_dir: Path, model=None, **overrides):
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, *args: str, env: dict | None = None):
+    def __init__(self, model_dir: Path, *args: str, env: dict | None = None, module: str = "retnet.serve"):
+        """``module``: run instead of ``retnet.serve`` (a test's wrapper around it, on ``env``'s PYTHONPATH)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "retnet.serve", "--model", str(model_dir), "--port", str(self.port),
+        cmd = [sys.executable, "-m", module, "--model", str(model_dir), "--port", str(self.port),
                "--served-model-name", "micro", "--log-level", "warning", *args]
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    def wait_healthy(self, timeout: float = 90.0) -> None:
+    def wait_healthy(self, timeout: float = 600.0) -> None:
+        # A server that exits is seen at once (poll); the deadline only bounds one that hangs, so it leaves a loaded
+        # machine (several servers importing torch at once beside the test workers) all the time it needs.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -106,6 +109,15 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.stdout.read().decode(errors="replace")
+
+
+def held_serve_env(tmp_path: Path, name: str, hold: str) -> dict:
+    """The env of a ``ServerProcess(..., module=name)``: ``python -m retnet.serve`` after ``hold``, a test's Python
+    that patches the server's code (written to ``tmp_path / f"{name}.py"``) so that it waits for what the test
+    looks at rather than racing it."""
+    runner = "\nimport runpy\n\nrunpy.run_module('retnet.serve', run_name='__main__', alter_sys=True)\n"
+    (tmp_path / f"{name}.py").write_text(hold + runner)
+    return {"PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import threading
 
 import pytest
 
@@ -30,6 +31,24 @@ async def metric(client, name: str) -> float:
 async def client(open_app):
     async with open_app() as c:
         yield c
+
+
+@contextlib.contextmanager
+def decoding_held(engine, monkeypatch):
+    """Within the block the scheduler waits before each decode step: a request admitted meanwhile is still running
+    when looked at, however slowly a loaded machine answers the test's other requests."""
+    gate = threading.Event()
+    decode_step = engine._decode_step
+
+    def held_step():
+        gate.wait(120)
+        decode_step()
+
+    monkeypatch.setattr(engine, "_decode_step", held_step)
+    try:
+        yield
+    finally:
+        gate.set()
 
 
 async def test_models_health_metrics(client):
@@ -316,14 +335,16 @@ async def test_api_keys(open_app):
         assert keyed.status_code == 400, keyed.text
 
 
-async def test_queue_full_gives_429_with_retry_after(open_app):
+async def test_queue_full_gives_429_with_retry_after(open_app, monkeypatch):
     async with open_app(max_running=1, max_queue=1, retry_after_s=3) as c:
         long = {"prompt": "hello", "max_tokens": 400, **GREEDY}
-        first = asyncio.create_task(c.post("/v1/completions", json=long))
-        second = asyncio.create_task(c.post("/v1/completions", json=long))
-        while c.app.state.engine.in_system < 2:
-            await asyncio.sleep(0.01)
-        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        # Held, the first cannot finish (and free its place) before the third request arrives.
+        with decoding_held(c.app.state.engine, monkeypatch):
+            first = asyncio.create_task(c.post("/v1/completions", json=long))
+            second = asyncio.create_task(c.post("/v1/completions", json=long))
+            while c.app.state.engine.in_system < 2:
+                await asyncio.sleep(0.01)
+            r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 429 and r.headers["retry-after"] == "3"
         assert r.json()["error"]["type"] == "rate_limit_error"
         assert (await first).status_code == 200 and (await second).status_code == 200
@@ -568,6 +589,11 @@ async def _drained(engine) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _released(session) -> None:
+    while session.busy:
+        await asyncio.sleep(0.01)
+
+
 async def test_session_echo_logprobs_cover_this_requests_prompt(client):
     await client.post("/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 4, "session_id": "s-echo",
                                                "return_token_ids": True, **GREEDY})
@@ -779,15 +805,17 @@ async def test_stop_with_n_choices_ends_each_choice_on_its_own(client):
         assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["stop" if stop in text else "length"]
 
 
-async def test_concurrent_requests_on_one_session_get_409(client):
-    slow = asyncio.create_task(client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 300,
-                                                                   "session_id": "s409", **GREEDY}))
-    while "s409" not in client.app.state.engine.sessions.sessions:
-        await asyncio.sleep(0.01)
-    r = await client.post("/v1/completions", json={"prompt": "again", "max_tokens": 2, "session_id": "s409"})
-    assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy"
-    r = await client.delete("/v1/sessions/s409")  # nor can it be deleted under the running request
-    assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy"
+async def test_concurrent_requests_on_one_session_get_409(client, monkeypatch):
+    # Held, the slow request cannot finish (and free its session) before the others arrive.
+    with decoding_held(client.app.state.engine, monkeypatch):
+        slow = asyncio.create_task(client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 300,
+                                                                       "session_id": "s409", **GREEDY}))
+        while "s409" not in client.app.state.engine.sessions.sessions:
+            await asyncio.sleep(0.01)
+        r = await client.post("/v1/completions", json={"prompt": "again", "max_tokens": 2, "session_id": "s409"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy"
+        r = await client.delete("/v1/sessions/s409")  # nor can it be deleted under the running request
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy"
     assert (await slow).status_code == 200
     r = await client.post("/v1/completions", json={"prompt": "again", "max_tokens": 2, "session_id": "s409"})
     assert r.status_code == 200
@@ -810,6 +838,8 @@ async def test_a_session_whose_client_leaves_mid_generation_is_left_as_it_was(op
         await asyncio.wait_for(_drained(engine), 60)
         assert sent[0]["status"] == 499
         after = engine.sessions.sessions["s-left"]
+        # A cancelled request's slot is freed just before its session is released: wait for the release.
+        await asyncio.wait_for(_released(after), 60)
         assert (after.cache, after.pending, after.tokens, after.busy) == (state, pending, tokens, False)
 
 
@@ -916,7 +946,6 @@ async def test_tokenizing_a_prompt_leaves_the_event_loop_free(client, monkeypatc
     # "large" is lowered to the test's prompt), a small one on the loop (threads would spread a burst of them
     # over more prefill rounds).
     import threading
-    import time
 
     from retnet.serve import serving as serving_module
 
@@ -933,18 +962,24 @@ async def test_tokenizing_a_prompt_leaves_the_event_loop_free(client, monkeypatc
     assert (await client.post(path, json={**body, "max_tokens": 1})).status_code == 200
     assert threads and all(t is threading.main_thread() for t in threads)
 
-    def slow_encode(*args, **kwargs):
-        time.sleep(1.0)
+    # The encoding ends only once /health has answered (no clock: a loaded machine may take any time to answer).
+    # Encoded on the event loop, it would wait for an answer the blocked loop cannot give, until the deadline.
+    encoding, answered = threading.Event(), threading.Event()
+    health_answered_meanwhile = []
+
+    def encode_after_health(*args, **kwargs):
+        encoding.set()
+        health_answered_meanwhile.append(answered.wait(30))
         return encode(*args, **kwargs)
 
-    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+    monkeypatch.setattr(tokenizer, "encode", encode_after_health)
     monkeypatch.setattr(serving_module, "OFF_LOOP_PROMPT_SIZE", 1)
-    start = time.monotonic()
     slow = asyncio.create_task(client.post(path, json={**body, "max_tokens": 1}))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(encoding.wait, 60)
     assert (await client.get("/health")).status_code == 200
-    assert time.monotonic() - start < 0.6
+    answered.set()
     assert (await slow).status_code == 200
+    assert health_answered_meanwhile and all(health_answered_meanwhile), health_answered_meanwhile
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -952,31 +987,46 @@ async def test_a_small_prompt_behind_a_large_one_does_not_stall_the_event_loop(c
     # The large prompt's worker thread holds the tokenizer's lock while it encodes; a small prompt arriving
     # meanwhile was encoded on the event loop, which then waited on that lock: every stream stalled after all.
     import threading
-    import time
 
     from retnet.serve import serving as serving_module
 
-    tokenizer = client.app.state.serving.tokenizer
+    serving = client.app.state.serving
+    tokenizer = serving.tokenizer
     encode = tokenizer.encode
+    # The large prompt's encoding, the lock held, ends only once /health has answered (no clock: a loaded machine
+    # may take any time to answer). A small prompt encoded on the event loop meanwhile would wait for the lock,
+    # and the loop with it: /health could not answer until the deadline.
+    large_encoding, answered = threading.Event(), threading.Event()
+    health_answered_meanwhile = []
 
-    def slow_off_the_loop(*args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            time.sleep(1.0)
+    def large_after_health(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread() and not large_encoding.is_set():
+            large_encoding.set()
+            health_answered_meanwhile.append(answered.wait(30))
         return encode(*args, **kwargs)
 
-    monkeypatch.setattr(tokenizer, "encode", slow_off_the_loop)
+    small_tokenizing = asyncio.Event()
+    tokenizing = serving._tokenizing
+
+    async def noting_the_small_one(size, function, *args):
+        if large_encoding.is_set():
+            small_tokenizing.set()
+        return await tokenizing(size, function, *args)
+
+    monkeypatch.setattr(tokenizer, "encode", large_after_health)
+    monkeypatch.setattr(serving, "_tokenizing", noting_the_small_one)
     monkeypatch.setattr(serving_module, "OFF_LOOP_PROMPT_SIZE", 50)
     large = {"prompt": "hi " * 40} if path == "/v1/completions" else {
         "messages": [{"role": "user", "content": "hi " * 40}]}
     small = {"prompt": "hi"} if path == "/v1/completions" else CHAT
     slow = asyncio.create_task(client.post(path, json={**large, "max_tokens": 1}))
-    await asyncio.sleep(0.1)  # the worker thread is encoding, the lock held
-    start = time.monotonic()
+    assert await asyncio.to_thread(large_encoding.wait, 60)  # the worker thread is encoding, the lock held
     behind = asyncio.create_task(client.post(path, json={**small, "max_tokens": 1}))
-    await asyncio.sleep(0.05)  # the small request reaches its tokenization
+    await asyncio.wait_for(small_tokenizing.wait(), 60)
     assert (await client.get("/health")).status_code == 200
-    assert time.monotonic() - start < 0.5
+    answered.set()
     assert (await slow).status_code == 200 and (await behind).status_code == 200
+    assert health_answered_meanwhile == [True]
 
 
 async def test_a_chat_whose_template_gives_ids_beyond_the_model_names_messages(client, monkeypatch):

@@ -5,16 +5,18 @@ on one Linear with a bias, against peft's own DoRA layer."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from retnet.serve.engine import Engine
 from retnet.serve.lora import LoraLinear, LoraModule, LoraSlots, install, linear_modules, load_adapter
 
 from .conftest import serve_app
-from .test_lora import PROMPTS, _peft_model, assert_same_answer, complete
+from .test_lora import PROMPTS, _peft_model, assert_same_answer, complete, wait_until_submitted
 
 pytestmark = pytest.mark.anyio
 
@@ -84,6 +86,11 @@ async def test_dora_in_mixed_batches_gives_the_merged_models_answer(model_dir, a
         return tokens(self, slots, counts)
 
     monkeypatch.setattr(LoraSlots, "tokens", recording)
+    # The scheduler starts only once the whole burst is queued: on a loaded machine the requests would otherwise
+    # reach it over several iterations, and no forward need hold the base and the three adapters together.
+    gate = threading.Event()
+    iteration = Engine._iteration
+    monkeypatch.setattr(Engine, "_iteration", lambda engine: gate.wait(120) and iteration(engine))
     flags = [f"{name}={path}" for name, path in adapters.items()]
     async with serve_app(model_dir, lora_modules=flags) as client:
         engine = client.app.state.engine
@@ -92,7 +99,12 @@ async def test_dora_in_mixed_batches_gives_the_merged_models_answer(model_dir, a
         assert all(scale is None for scale in dora_scales(engine, "a"))  # plain LoRA: unchanged path
         # Every prompt under the base and each adapter at once: packed prefills and decode steps that mix them.
         jobs = [(model, prompt) for prompt in PROMPTS for model in ("micro", *adapters)]
-        got = await asyncio.gather(*(complete(client, model, prompt) for model, prompt in jobs))
+        try:
+            burst = [asyncio.create_task(complete(client, model, prompt)) for model, prompt in jobs]
+            await wait_until_submitted(engine, len(jobs))
+        finally:
+            gate.set()
+        got = await asyncio.gather(*burst)
         for (model, prompt), response in zip(jobs, got, strict=True):
             assert_same_answer(response, want[model, prompt], f"{model}: {prompt!r}")
         assert any(len(slots) == 4 for slots in batched), batched

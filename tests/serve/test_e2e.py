@@ -78,7 +78,7 @@ async def test_client_disconnect_frees_its_slot(server):
                     break
             assert metric(server.url, "retnet_running_sequences") >= 1
         # The connection is closed: the server cancels the sequence and the batch shrinks.
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if (metric(server.url, "retnet_running_sequences") == 0
                     and metric(server.url, "retnet_sequences_cancelled_total") > cancelled_before):
@@ -108,7 +108,7 @@ async def test_a_session_stream_cut_mid_generation_leaves_the_session_as_it_was(
                 seen += line.startswith("data: ")
                 if seen >= 3:
                     break
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while metric(server.url, "retnet_sequences_cancelled_total") == cancelled_before:
             assert time.monotonic() < deadline, "the cut stream was never cancelled"
             await asyncio.sleep(0.1)

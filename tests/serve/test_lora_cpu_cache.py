@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from retnet.serve.__main__ import parse_settings
+from retnet.serve.engine import Engine
 from retnet.serve.lora import LoraSlots
 from retnet.serve.settings import ServeSettings
 
@@ -216,19 +218,6 @@ def test_the_setting_is_a_flag_and_a_variable_and_is_checked(model_dir, monkeypa
     assert make_settings(model_dir, max_loras=2, max_cpu_loras=2).max_cpu_loras == 2
 
 
-def slow_decode(monkeypatch, seconds: float = 0.02) -> None:
-    """Each decode step takes ``seconds`` more, so that a running request is still running when looked at."""
-    from retnet.serve.engine import Engine
-
-    original = Engine._decode_step
-
-    def step(self):
-        time.sleep(seconds)
-        return original(self)
-
-    monkeypatch.setattr(Engine, "_decode_step", step)
-
-
 async def test_unloading_an_evicted_adapter_lets_its_waiting_request_finish(model_dir, adapter_dirs, monkeypatch):
     """The unload takes the name away and retires the slot in one step for the scheduler: a request accepted
     under the evicted adapter, waiting for its read, must not find the slot neither served nor retiring (it was
@@ -244,17 +233,29 @@ async def test_unloading_an_evicted_adapter_lets_its_waiting_request_finish(mode
         original(self, adapter)
 
     monkeypatch.setattr(AdapterSlots, "_retire", retire)
-    slow_decode(monkeypatch)
+    # a's request holds before each decode step until b is unloaded (the unload needs no scheduler step): it is
+    # still running when b's request arrives and while b is unloaded, however slowly a loaded machine sends them.
+    gate = threading.Event()
+    decode_step = Engine._decode_step
+
+    def held_step(self):
+        gate.wait(120)
+        decode_step(self)
+
+    monkeypatch.setattr(Engine, "_decode_step", held_step)
     flags = [f"a={adapter_dirs['a']}", f"b={adapter_dirs['b']}"]
     async with serve_app(model_dir, lora_modules=flags, max_cpu_loras=1, allow_runtime_lora_updating=True,
                          max_lora_rank=4) as client:
         engine = client.app.state.engine
-        busy = asyncio.create_task(complete(client, "a", PROMPTS[0], max_tokens=40, ignore_eos=True))
-        await eventually(lambda: engine.running)  # a in use: b, evicted, cannot be read until a's request ends
-        waiting = asyncio.create_task(client.post("/v1/completions", json={
-            "model": "b", "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0}))
-        await eventually(lambda: engine.waiting)
-        assert (await unload(client, "b")).status_code == 200
+        try:
+            busy = asyncio.create_task(complete(client, "a", PROMPTS[0], max_tokens=40, ignore_eos=True))
+            await eventually(lambda: engine.running)  # a in use: b, evicted, cannot be read until a's request ends
+            waiting = asyncio.create_task(client.post("/v1/completions", json={
+                "model": "b", "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0}))
+            await eventually(lambda: engine.waiting)
+            assert (await unload(client, "b")).status_code == 200
+        finally:
+            gate.set()
         got, _ = await asyncio.gather(waiting, busy)
         assert got.status_code == 200, got.text
 

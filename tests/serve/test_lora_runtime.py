@@ -62,10 +62,13 @@ async def listed(client) -> list[tuple[str, str | None, str]]:
 
 def installed_slots(engine) -> set[int]:
     """The slots whose matrices some wrapped Linear of the served model holds."""
-    return {slot for m in engine.model.modules() if isinstance(m, LoraLinear) for slot in m.adapters}
+    # Each module's dict copied at once (tuple holds the GIL throughout): the scheduler thread may install or free
+    # a slot meanwhile, and iterating the dict itself then raised "dictionary changed size during iteration".
+    return {slot for m in engine.model.modules() if isinstance(m, LoraLinear) for slot in tuple(m.adapters)}
 
 
-async def eventually(condition, timeout: float = 10.0) -> None:
+async def eventually(condition, timeout: float = 120.0) -> None:
+    # The deadline only bounds a condition that never holds: a loaded machine may take long to reach one that does.
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"

@@ -5,6 +5,8 @@ server."""
 
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -13,7 +15,7 @@ import torch
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.sequence import EngineFailure
 from tests.serve import test_lora_runtime
-from tests.serve.conftest import make_settings
+from tests.serve.conftest import held_serve_env, make_settings
 
 adapter_dirs = test_lora_runtime.adapter_dirs  # its fixture: peft directories "a" and "b"
 
@@ -375,7 +377,7 @@ async def test_fcfs_answers_a_non_zero_priority_with_400_on_every_generation_rou
             assert detokenized.status_code == 200 and detokenized.json()["prompt"] == "Hi", detokenized.text
 
 
-async def test_priority_orders_waiting_requests_through_the_routes(open_app):
+async def test_priority_orders_waiting_requests_through_the_routes(open_app, monkeypatch):
     # One slot, a request of priority 0 running; three worse ones arrive in the order 9, 2, 5 and are answered
     # 2, 5, 9 (the Responses route takes the field too).
     async with open_app(scheduling_policy="priority", max_running=1) as client:
@@ -387,18 +389,30 @@ async def test_priority_orders_waiting_requests_through_the_routes(open_app):
             assert r.status_code == 200, r.text
             finished.append(name)
 
-        first = asyncio.ensure_future(complete("first", 0, 400))
         engine = client.app.state.engine
-        while not engine.running:
-            await asyncio.sleep(0.005)
-        rest = []
-        for name, priority in (("nine", 9), ("two", 2), ("five", 5)):
-            rest.append(asyncio.ensure_future(complete(name, priority, 2)))
-            for _ in range(1000):
-                if len(engine.waiting) == len(rest):
-                    break
+        # The scheduler holds before each decode step until the three are queued: "first" cannot finish (and free
+        # the slot) before they arrive, however slowly a loaded machine sends them.
+        gate = threading.Event()
+        decode_step = engine._decode_step
+
+        def held_step():
+            gate.wait(120)
+            decode_step()
+
+        monkeypatch.setattr(engine, "_decode_step", held_step)
+        try:
+            first = asyncio.ensure_future(complete("first", 0, 400))
+            while not engine.running:
                 await asyncio.sleep(0.005)
-            assert len(engine.waiting) == len(rest) and not first.done()
+            rest = []
+            for name, priority in (("nine", 9), ("two", 2), ("five", 5)):
+                rest.append(asyncio.ensure_future(complete(name, priority, 2)))
+                deadline = time.monotonic() + 60
+                while len(engine.waiting) < len(rest) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+                assert len(engine.waiting) == len(rest) and not first.done()
+        finally:
+            gate.set()
         await asyncio.gather(first, *rest)
         assert finished == ["first", "two", "five", "nine"]
         response = await client.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2, "priority": -3})
@@ -422,8 +436,34 @@ async def test_the_pooling_routes_read_the_priority(model_dir, policy):
 
 
 # -- a real server ----------------------------------------------------------------------------------------------
-async def test_a_high_priority_request_finishes_first_and_the_preempted_stream_is_unchanged(server_process):
-    proc = server_process("--max-running", "1", "--scheduling-policy", "priority")
+# Until the first preemption, a lone request's decode steps wait (for two minutes at most) once 8 tokens are out,
+# until a second request is in the server: the one streaming cannot finish before the better one arrives, however
+# slowly a loaded machine sends it.
+HELD_UNTIL_A_SECOND_REQUEST = """
+import time
+
+from retnet.serve.engine import Engine
+
+decode_step = Engine._decode_step
+
+
+def held(self):
+    sample = self.metrics.registry.get_sample_value
+    deadline = time.monotonic() + 120
+    while (sample("retnet_generation_tokens_total") >= 8 and self.in_system < 2
+           and not sample("retnet_preemptions_total") and time.monotonic() < deadline):
+        time.sleep(0.01)
+    decode_step(self)
+
+
+Engine._decode_step = held
+"""
+
+
+async def test_a_high_priority_request_finishes_first_and_the_preempted_stream_is_unchanged(server_process,
+                                                                                          tmp_path):
+    proc = server_process("--max-running", "1", "--scheduling-policy", "priority", module="held_serve",
+                          env=held_serve_env(tmp_path, "held_serve", HELD_UNTIL_A_SECOND_REQUEST))
     proc.wait_healthy()
     low = {"prompt": "The retention mechanism", "max_tokens": 250, "priority": 10, **GREEDY}
     loop = asyncio.get_running_loop()

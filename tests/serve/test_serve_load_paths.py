@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 
+from tests.serve.conftest import held_serve_env
+
 pytestmark = pytest.mark.anyio
 
 LONG = dict(model="micro", prompt="Hello", temperature=0, ignore_eos=True)
@@ -36,7 +38,7 @@ async def test_sigterm_answers_every_request_in_flight_before_the_process_exits(
         lines = stream.aiter_lines()
         assert (await anext(lines)).startswith("data: ")
         queued = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 5}))
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while metric((await client.get("/metrics")).text, "retnet_queue_depth") < 1:
             assert time.monotonic() < deadline, "the second request never queued"
             await asyncio.sleep(0.05)
@@ -53,21 +55,57 @@ async def test_sigterm_answers_every_request_in_flight_before_the_process_exits(
     assert time.monotonic() - stopped < 15
 
 
-async def test_sigterm_serves_the_requests_it_has_read_that_are_not_yet_in_the_engine(server_process):
+async def test_sigterm_serves_the_requests_it_has_read_that_are_not_yet_in_the_engine(server_process, tmp_path):
     # A request read before the signal but still being prepared (a long prompt tokenized off the event loop) reached
     # the engine after the drain had stopped it accepting: a 503 whatever --shutdown-grace-s said. uvicorn takes no
     # new connection once the shutdown starts, so such requests are the only ones left to arrive: served.
-    proc = server_process("--shutdown-grace-s", "30", "--max-prompt-tokens", "60000")
+    # The server's prompts wait, once read, until its shutdown has started: the signal is sent only when all four
+    # were read (a request not yet read when it arrives is refused, rightly), and each reaches the engine after it,
+    # however slowly a loaded machine reads, tokenizes or handles the signal.
+    reads = tmp_path / "reads"
+    reads.mkdir()
+    env = {**held_serve_env(tmp_path, "held_serve", HELD_UNTIL_SHUTDOWN), "HELD_READS": str(reads)}
+    proc = server_process("--shutdown-grace-s", "30", "--max-prompt-tokens", "60000", module="held_serve", env=env)
     proc.wait_healthy()
     body = {"model": "micro", "prompt": "def add(a, b): return a + b\n" * 2500, "max_tokens": 3, "temperature": 0}
     async with httpx.AsyncClient(base_url=proc.url, timeout=120) as client:
         sent = [asyncio.create_task(client.post("/v1/completions", json={**body, "prompt": f"# {i}\n{body['prompt']}"}))
                 for i in range(4)]
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 120
+        while len(list(reads.iterdir())) < 4:
+            assert time.monotonic() < deadline, "the server never read the four requests"
+            await asyncio.sleep(0.05)
         proc.proc.send_signal(signal.SIGTERM)
         answers = await asyncio.gather(*sent)
     assert [a.status_code for a in answers] == [200] * 4, [a.text[:200] for a in answers]
     proc.proc.wait(timeout=60)
+
+
+# Each request, once read, notes it (a file in $HELD_READS) and waits before its tokenization until the server's
+# shutdown has started (its drain thread runs), for two minutes at most.
+HELD_UNTIL_SHUTDOWN = """
+import asyncio
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from retnet.serve import serving
+
+tokenizing = serving.OpenAIServing._tokenizing
+
+
+async def held(self, size, function, *args):
+    (Path(os.environ["HELD_READS"]) / uuid.uuid4().hex).touch()
+    deadline = time.monotonic() + 120
+    while not any(t.name == "retnet-drain" for t in threading.enumerate()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return await tokenizing(self, size, function, *args)
+
+
+serving.OpenAIServing._tokenizing = held
+"""
 
 
 async def _one_running_one_queued(client) -> tuple[asyncio.Task, asyncio.Task]:

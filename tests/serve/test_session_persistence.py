@@ -253,7 +253,7 @@ async def test_expired_files_are_removed_at_startup_on_request_and_periodically(
         assert await turn(client, "lazy", PROMPTS[1]) == fresh
         assert await metric(client, "retnet_session_loads_total") == 0
     async with serve_app(model_dir, session_dir=str(tmp_path), session_ttl_s=0.5) as client:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120
         while sorted(p.name for p in tmp_path.iterdir()) != sorted(foreign):  # the writer's sweep, every TTL here
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
@@ -313,7 +313,7 @@ async def test_a_real_server_continues_a_session_and_a_killed_one_leaves_it_on_d
         server.wait_healthy()
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             turns.append(await chat_turn(client, "chat", CHAT[1]))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120
         while "retnet_session_writes_total 1.0" not in httpx.get(server.url + "/metrics").text:
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -396,12 +396,12 @@ async def test_deletes_behind_a_slow_disk_are_all_answered_and_hold_no_thread(mo
             await asyncio.sleep(0.2)
             assert not any(task.done() for task in deletes)
             # Each waits on a future the writer completes: the worker threads stay free for everyone.
-            assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 5) == "free"
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 60) == "free"
         finally:
             gate.set()
-        answers = await asyncio.wait_for(asyncio.gather(*deletes), 20)
+        answers = await asyncio.wait_for(asyncio.gather(*deletes), 120)
         assert [r.status_code for r in answers] == [200] + [404] * (len(ids) - 2) + [200]  # "y" twice: one job
-        assert await asyncio.to_thread(replaced.done.wait, 5) and replaced.existed and replaced.error is None
+        assert await asyncio.to_thread(replaced.done.wait, 60) and replaced.existed and replaced.error is None
         from safetensors import safe_open
 
         with safe_open(tmp_path / "x.safetensors", "pt") as f:
@@ -419,13 +419,13 @@ async def test_the_writer_survives_its_directory_removed_and_a_fatal_stop_fails_
     async with serve_app(model_dir, session_dir=str(directory), session_ttl_s=0.3) as client:
         files = files_of(client)
         shutil.rmtree(directory)  # every session cleared by hand: the next sweeps fail
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120
         while await metric(client, "retnet_session_sweep_failures_total") < 2:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert files.thread.is_alive()
         await turn(client, "t", PROMPTS[0])
-        assert files.flush(10) and (directory / "t.safetensors").is_file()  # the directory made again
+        assert files.flush(60) and (directory / "t.safetensors").is_file()  # the directory made again
         assert (await client.delete("/v1/sessions/t")).status_code == 200
 
         def fatal(session_id, job):
@@ -434,7 +434,7 @@ async def test_the_writer_survives_its_directory_removed_and_a_fatal_stop_fails_
         files._do = fatal
         jobs = [files.delete("a"), files.delete("b")]
         for job in jobs:
-            assert await asyncio.to_thread(job.done.wait, 5)
+            assert await asyncio.to_thread(job.done.wait, 60)
         assert all(isinstance(job.error, RuntimeError) for job in jobs)
         files.thread.join(5)
         r = await asyncio.wait_for(client.delete("/v1/sessions/c"), 5)  # answered at once, not queued for nobody
