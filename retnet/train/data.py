@@ -264,6 +264,8 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     files = _files_with_rows(cfg.dataset, files, kind, _skipped_if_null(key, field))
     if cfg.format == "text" and kind in ("json", "parquet"):
         _check_later_files(files[1:], kind, cfg.text_field)
+    if kind == "json" and not streaming:  # (streamed: a read of the whole set at every start, resumes included)
+        _check_finite_json(cfg.dataset, files)
     with _reading(cfg.dataset, *_field(cfg)):
         if kind == "csv":  # the text column as written, not as pandas' type inference reads it
             options = _csv_options(files, cfg.text_field)
@@ -469,10 +471,12 @@ def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
                 continue
             index = schema.get_field_index(text_field)
             column = schema.field(index).type if index >= 0 else None
-            # the types whose cast to a string succeeds (others fail in datasets' cast, naming them)
+            # the types whose cast to a string succeeds (others fail in datasets' cast, naming them); bytes cast
+            # when they are UTF-8, and fail otherwise naming no file
             if column is None or not any(check(column) for check in (
                     pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal,
-                    pa.types.is_temporal)):
+                    pa.types.is_temporal, pa.types.is_binary, pa.types.is_large_binary,
+                    pa.types.is_fixed_size_binary, pa.types.is_binary_view)):
                 continue
             shown = f"{column} values"
         else:
@@ -487,6 +491,69 @@ def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
             shown = f"{type(value).__name__} values ({value!r:.80})"
         raise ConfigError(f"data.text_field {text_field!r} of {str(path)!r} holds {shown}; expected text (str) in "
                           f"every file (datasets would cast them to strings)")
+
+
+# NaN, Infinity and -Infinity: what Python's json writes for non-finite floats by default, and no JSON value
+_NON_FINITE = re.compile(rb"NaN|Infinity")
+_NON_FINITE_SCAN_CHUNK = 64 << 20
+
+
+def _check_finite_json(dataset: str, files: list[Path]) -> None:
+    """ConfigError naming the file and line of the first NaN or Infinity outside a string in the JSON files. pyarrow
+    refuses the file, and datasets then reads it with pandas (or ujson), which read NaN as null: the row is dropped
+    as a null document, or refused as a null prompt that names another cause. A byte search finds the files that
+    hold the words at all; only those are parsed, a line at a time."""
+    for path in files:
+        with open(path, "rb") as handle:
+            tail = b""
+            while chunk := handle.read(_NON_FINITE_SCAN_CHUNK):
+                if _NON_FINITE.search(tail + chunk[:16]) or _NON_FINITE.search(chunk):
+                    break
+                tail = chunk[-16:]
+            else:
+                continue
+        if (where := _non_finite_line(path)) is not None:
+            raise ConfigError(f"data.dataset {dataset!r}: {str(path)!r}, {where}: not JSON (datasets would read it "
+                              f"as null, or fail naming no file); write null, or the number as a string")
+
+
+def _non_finite_line(path: Path) -> str | None:
+    """'line N: holds NaN' for the first line of ``path`` that holds a NaN or Infinity outside a string, or None. A
+    JSON array file, whose lines are no values, is parsed whole, and named by the first line holding the word."""
+    def refuse(constant: str):
+        raise _NonFinite(constant)
+
+    with open(path, "rb") as handle:
+        array = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    if array:
+        if path.stat().st_size > _NULL_SCAN_BYTES:
+            return None
+        try:
+            json.loads(path.read_bytes().decode("utf-8-sig"), parse_constant=refuse)
+        except _NonFinite as found:
+            with open(path, "rb") as handle:
+                number = next(n for n, line in enumerate(handle, start=1) if found.constant.encode() in line)
+            return f"line {number}: holds {found.constant}"
+        except ValueError:  # not JSON at all: datasets' read (and _malformed_file) name what is wrong with it
+            return None
+        return None
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not _NON_FINITE.search(line):
+                continue
+            try:
+                json.loads(line.removeprefix(b"\xef\xbb\xbf").decode("utf-8"), parse_constant=refuse)
+            except _NonFinite as found:
+                return f"line {number}: holds {found.constant}"
+            except ValueError:  # (UnicodeDecodeError among them) named by _malformed_file when datasets fails
+                continue
+    return None
+
+
+class _NonFinite(ValueError):
+    def __init__(self, constant: str):
+        super().__init__(constant)
+        self.constant = constant
 
 
 # pandas.read_csv's default NA spellings as its documentation lists them (no public name holds them).

@@ -1046,6 +1046,13 @@ class Trainer:
             load_sharded_state(path, model_state, optim_state, distributed=is_distributed())
             set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                            options=StateDictOptions(strict=not self.adapters_only))
+            # torch's set_state_dict matches the saved groups by their parameters, and maps a group of none (Muon's
+            # AdamW group of decayed weights when Muon steps every one) to the wrong saved group: it keeps the
+            # rate it was built with, which the next checkpoint would save
+            saved_groups = optim_state.get("param_groups", [])
+            for group, saved in zip(self.optimizer.param_groups, saved_groups, strict=False):
+                if not group["params"] and len(saved_groups) == len(self.optimizer.param_groups):
+                    group.update({key: value for key, value in saved.items() if key != "params"})
         self._apply_optim_settings()
         ranks = trainer["ranks"]
         self.step = self.last_saved_step = int(trainer["step"])
@@ -1336,6 +1343,10 @@ class Trainer:
         tokens_per_step = cfg.train.global_batch_size * self.data.seq_len
         if self.step == 0 or self.pending_eval:
             self.evaluate()
+            if self.pending_eval:
+                # The checkpoint of this step still says its evaluation is pending: a run stopped in its final
+                # step saves nothing newer, and each later start of the finished run would evaluate it again.
+                self.last_saved_step = -1
             self.pending_eval = False
         loss = float("nan")
         while self.step < cfg.train.steps and not self.stop_requested:
