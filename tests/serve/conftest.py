@@ -8,6 +8,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,3 +184,21 @@ def watch_state_copies(monkeypatch) -> list[int]:
     monkeypatch.setattr(RetNetCache, "clone", watched_clone)
     monkeypatch.setattr(RetNetCache, "select", watched_select)
     return copied
+
+
+@contextlib.contextmanager
+def decoding_held(engine, monkeypatch):
+    """Within the block the scheduler waits before each decode step: a request admitted meanwhile is still running
+    when looked at, however slowly a loaded machine answers the test's other requests."""
+    gate = threading.Event()
+    decode_step = engine._decode_step
+
+    def held_step():
+        gate.wait(120)
+        decode_step()
+
+    monkeypatch.setattr(engine, "_decode_step", held_step)
+    try:
+        yield
+    finally:
+        gate.set()

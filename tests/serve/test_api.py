@@ -7,6 +7,8 @@ import threading
 
 import pytest
 
+from tests.serve.conftest import decoding_held
+
 pytestmark = pytest.mark.anyio
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -31,24 +33,6 @@ async def metric(client, name: str) -> float:
 async def client(open_app):
     async with open_app() as c:
         yield c
-
-
-@contextlib.contextmanager
-def decoding_held(engine, monkeypatch):
-    """Within the block the scheduler waits before each decode step: a request admitted meanwhile is still running
-    when looked at, however slowly a loaded machine answers the test's other requests."""
-    gate = threading.Event()
-    decode_step = engine._decode_step
-
-    def held_step():
-        gate.wait(120)
-        decode_step()
-
-    monkeypatch.setattr(engine, "_decode_step", held_step)
-    try:
-        yield
-    finally:
-        gate.set()
 
 
 async def test_models_health_metrics(client):
@@ -847,7 +831,6 @@ async def test_a_session_finished_before_its_client_left_is_saved_and_answered_w
     # The engine generated every token and saved the session; the server noticed the client gone only then,
     # with the last outputs still on their way. That request finished: the response is the whole
     # completion (200, unread), not a 499 "client closed" for work that completed and changed the session.
-    import threading
     import time
 
     monkeypatch.setattr("retnet.serve.streaming.DISCONNECT_POLL_S", 1e-3)
@@ -945,7 +928,6 @@ async def test_tokenizing_a_prompt_leaves_the_event_loop_free(client, monkeypatc
     # request and every running stream for that long. So a large prompt is encoded on a worker thread (here
     # "large" is lowered to the test's prompt), a small one on the loop (threads would spread a burst of them
     # over more prefill rounds).
-    import threading
 
     from retnet.serve import serving as serving_module
 
@@ -986,7 +968,6 @@ async def test_tokenizing_a_prompt_leaves_the_event_loop_free(client, monkeypatc
 async def test_a_small_prompt_behind_a_large_one_does_not_stall_the_event_loop(client, monkeypatch, path):
     # The large prompt's worker thread holds the tokenizer's lock while it encodes; a small prompt arriving
     # meanwhile was encoded on the event loop, which then waited on that lock: every stream stalled after all.
-    import threading
 
     from retnet.serve import serving as serving_module
 

@@ -5,7 +5,6 @@ server."""
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
@@ -15,7 +14,7 @@ import torch
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.sequence import EngineFailure
 from tests.serve import test_lora_runtime
-from tests.serve.conftest import held_serve_env, make_settings
+from tests.serve.conftest import decoding_held, held_serve_env, make_settings
 
 adapter_dirs = test_lora_runtime.adapter_dirs  # its fixture: peft directories "a" and "b"
 
@@ -392,15 +391,7 @@ async def test_priority_orders_waiting_requests_through_the_routes(open_app, mon
         engine = client.app.state.engine
         # The scheduler holds before each decode step until the three are queued: "first" cannot finish (and free
         # the slot) before they arrive, however slowly a loaded machine sends them.
-        gate = threading.Event()
-        decode_step = engine._decode_step
-
-        def held_step():
-            gate.wait(120)
-            decode_step()
-
-        monkeypatch.setattr(engine, "_decode_step", held_step)
-        try:
+        with decoding_held(engine, monkeypatch):
             first = asyncio.ensure_future(complete("first", 0, 400))
             while not engine.running:
                 await asyncio.sleep(0.005)
@@ -411,8 +402,6 @@ async def test_priority_orders_waiting_requests_through_the_routes(open_app, mon
                 while len(engine.waiting) < len(rest) and time.monotonic() < deadline:
                     await asyncio.sleep(0.005)
                 assert len(engine.waiting) == len(rest) and not first.done()
-        finally:
-            gate.set()
         await asyncio.gather(first, *rest)
         assert finished == ["first", "two", "five", "nine"]
         response = await client.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2, "priority": -3})
