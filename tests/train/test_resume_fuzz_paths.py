@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from retnet.train.checkpoint import list_checkpoints, load_checkpoint
 from retnet.train.trainer import Trainer
 
 from .conftest import one_thread
+from .test_resume import _interrupt
 
 TIMING = ("time", "tokens_per_s", "mfu")
 
@@ -32,21 +31,6 @@ def _bit_for_bit():
     """One thread, as the driver ran: the comparisons are exact."""
     with one_thread():
         yield
-
-
-def _interrupt(monkeypatch, during_step: int, how: str) -> None:
-    """The next run stops in 1-based step ``during_step``: a SIGTERM before it (the loop stops after it), or a crash
-    before it, as a SIGKILL would."""
-    step = Trainer.train_step
-
-    def train_step(self):
-        if self.step == during_step - 1:
-            if how == "crash":
-                raise RuntimeError("killed")
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
 def _stop(monkeypatch, args: list[str], during_step: int, how: str) -> None:
