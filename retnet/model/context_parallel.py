@@ -149,6 +149,10 @@ class _GatherStates(torch.autograd.Function):
         return grad[ctx.shard.rank], None
 
 
+# Run eagerly inside a compiled layer (train.compile): traced, the gather and its backward's all-reduce became one
+# graph whose partitioner moved the all-reduce into the forward on a rank whose gradient there is a constant (rank
+# 0, a piece starting a sequence) but not on the others, so the ranks' collectives no longer matched and hung.
+@torch.compiler.disable
 def incoming_state(last_state: torch.Tensor, log_decay: torch.Tensor, shard: ContextShard) -> torch.Tensor:
     """The state ``[B, H, K, V]`` fp32 this rank's first sequence starts from, given the state ``last_state``
     its own last sequence ends with (from a zero start). Every rank of the group must call it, in the same
