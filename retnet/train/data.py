@@ -265,7 +265,9 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     if cfg.format == "text" and kind in ("json", "parquet"):
         _check_later_files(files[1:], kind, cfg.text_field)
     if kind == "json" and not streaming:  # (streamed: a read of the whole set at every start, resumes included)
-        _check_finite_json(cfg.dataset, files)
+        # Preference pairs and GRPO prompts read other columns too (chosen/rejected, a reward's answers): any
+        read = {"text": (cfg.text_field,), "chat": (cfg.messages_field, *ROW_COLUMNS, PROMPT, COMPLETION)}.get(cfg.format)
+        _check_finite_json(cfg.dataset, files, read)
     with _reading(cfg.dataset, *_field(cfg)):
         if kind == "csv":  # the text column as written, not as pandas' type inference reads it
             options = _csv_options(files, cfg.text_field)
@@ -476,7 +478,7 @@ def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
             if column is None or not any(check(column) for check in (
                     pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal,
                     pa.types.is_temporal, pa.types.is_binary, pa.types.is_large_binary,
-                    pa.types.is_fixed_size_binary, pa.types.is_binary_view)):
+                    pa.types.is_fixed_size_binary, _is_binary_view)):
                 continue
             shown = f"{column} values"
         else:
@@ -493,16 +495,25 @@ def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
                           f"every file (datasets would cast them to strings)")
 
 
+def _is_binary_view(column) -> bool:
+    """pa.types.is_binary_view where pyarrow has it (>= 16; older ones have no such type)."""
+    import pyarrow as pa
+
+    check = getattr(pa.types, "is_binary_view", None)
+    return check is not None and check(column)
+
+
 # NaN, Infinity and -Infinity: what Python's json writes for non-finite floats by default, and no JSON value
 _NON_FINITE = re.compile(rb"NaN|Infinity")
 _NON_FINITE_SCAN_CHUNK = 64 << 20
 
 
-def _check_finite_json(dataset: str, files: list[Path]) -> None:
-    """ConfigError naming the file and line of the first NaN or Infinity outside a string in the JSON files. pyarrow
-    refuses the file, and datasets then reads it with pandas (or ujson), which read NaN as null: the row is dropped
-    as a null document, or refused as a null prompt that names another cause. A byte search finds the files that
-    hold the words at all; only those are parsed, a line at a time."""
+def _check_finite_json(dataset: str, files: list[Path], columns: tuple[str, ...] | None) -> None:
+    """ConfigError naming the file, the row and the column of the first NaN or Infinity (outside a string) in one
+    of ``columns`` (None: any) of the JSON files. pyarrow refuses such a file, and datasets then reads it with
+    pandas (or ujson), which read NaN as null: the row is dropped as a null document, or refused as a null prompt
+    that names another cause. A column the run does not read keeps the row as before. A byte search finds the
+    files that hold the words at all; only those are parsed (JSON Lines a line at a time)."""
     for path in files:
         with open(path, "rb") as handle:
             tail = b""
@@ -512,47 +523,53 @@ def _check_finite_json(dataset: str, files: list[Path]) -> None:
                 tail = chunk[-16:]
             else:
                 continue
-        if (where := _non_finite_line(path)) is not None:
+        if (where := _non_finite_row(path, columns)) is not None:
             raise ConfigError(f"data.dataset {dataset!r}: {str(path)!r}, {where}: not JSON (datasets would read it "
                               f"as null, or fail naming no file); write null, or the number as a string")
 
 
-def _non_finite_line(path: Path) -> str | None:
-    """'line N: holds NaN' for the first line of ``path`` that holds a NaN or Infinity outside a string, or None. A
-    JSON array file, whose lines are no values, is parsed whole, and named by the first line holding the word."""
-    def refuse(constant: str):
-        raise _NonFinite(constant)
+def _non_finite_row(path: Path, columns: tuple[str, ...] | None) -> str | None:
+    """"line N: 'text' holds NaN" for the first JSON Lines row of ``path`` whose ``columns`` (None: any) hold a NaN or
+    Infinity outside a string, or None. A JSON array file, whose lines are no rows, is parsed whole and its rows
+    named by their index ("row N")."""
+    def rows() -> Iterator[tuple[str, object]]:
+        with open(path, "rb") as handle:
+            array = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        if array:
+            if path.stat().st_size > _NULL_SCAN_BYTES:
+                return
+            with contextlib.suppress(ValueError):  # not JSON at all: datasets' read (and _malformed_file) name it
+                values = json.loads(path.read_bytes().decode("utf-8-sig"), parse_constant=_NonFinite)
+                yield from ((f"row {number}", row) for number, row in enumerate(values, start=1))
+            return
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if _NON_FINITE.search(line):
+                    with contextlib.suppress(ValueError):  # (UnicodeDecodeError among them) named by _malformed_file
+                        yield f"line {number}", json.loads(line.removeprefix(b"\xef\xbb\xbf").decode("utf-8"),
+                                                           parse_constant=_NonFinite)
 
-    with open(path, "rb") as handle:
-        array = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
-    if array:
-        if path.stat().st_size > _NULL_SCAN_BYTES:
-            return None
-        try:
-            json.loads(path.read_bytes().decode("utf-8-sig"), parse_constant=refuse)
-        except _NonFinite as found:
-            with open(path, "rb") as handle:
-                number = next(n for n, line in enumerate(handle, start=1) if found.constant.encode() in line)
-            return f"line {number}: holds {found.constant}"
-        except ValueError:  # not JSON at all: datasets' read (and _malformed_file) name what is wrong with it
-            return None
-        return None
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not _NON_FINITE.search(line):
-                continue
-            try:
-                json.loads(line.removeprefix(b"\xef\xbb\xbf").decode("utf-8"), parse_constant=refuse)
-            except _NonFinite as found:
-                return f"line {number}: holds {found.constant}"
-            except ValueError:  # (UnicodeDecodeError among them) named by _malformed_file when datasets fails
-                continue
+    for where, row in rows():
+        if not isinstance(row, dict):
+            continue
+        for name, value in row.items():
+            if (columns is None or name in columns) and (found := _non_finite_in(value)) is not None:
+                return f"{where}: {name!r} holds {found}"
     return None
 
 
-class _NonFinite(ValueError):
+def _non_finite_in(value) -> str | None:
+    """The first NaN/Infinity constant (a :class:`_NonFinite`) within ``value``, nested lists and objects included."""
+    if isinstance(value, _NonFinite):
+        return value.constant
+    nested = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((found for item in nested if (found := _non_finite_in(item)) is not None), None)
+
+
+class _NonFinite:
+    """Where json's parser met NaN, Infinity or -Infinity: kept apart from every JSON value."""
+
     def __init__(self, constant: str):
-        super().__init__(constant)
         self.constant = constant
 
 
