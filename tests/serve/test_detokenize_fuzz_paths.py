@@ -1,0 +1,132 @@
+"""Randomised differential checks of streaming detokenisation: the text the engine streams, token by token through
+IncrementalDetokenizer and StopStrings, is the text decoding all the generated ids at once gives (a non-streaming
+response's), cut at the first stop string, for byte-level BPE, SentencePiece-style and WordPiece tokenizers."""
+
+import random
+import types
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
+from retnet.serve.engine import Engine
+from retnet.tokenization import TokenBytes, train_byte_level_bpe
+from tests.serve.conftest import CORPUS
+from tests.serve.test_sentencepiece import sentencepiece_tokenizer
+
+TEXTS = ["東京 🙂", " héllo wörld", "e\u0301\u0308x", "👨\u200d👩\u200d👧 family", " café naïve", "\n\t  x", " world"]
+
+
+def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """BERT's scheme: the decoder joins words with a space, except ``##`` pieces that continue one."""
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=False)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[PAD]", "[SEP]"],
+                                        show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[SEP]")
+
+
+def build(kind: str) -> PreTrainedTokenizerFast:
+    if kind == "bpe":
+        tokenizer = train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+        tokenizer.add_tokens(["<tool_call>", " hello there"])
+        return tokenizer
+    if kind == "wordpiece":
+        return wordpiece_tokenizer()
+    return sentencepiece_tokenizer(kind)
+
+
+@pytest.fixture(scope="module", params=["bpe", "llama2", "metaspace", "wordpiece"])
+def tokenizer(request):
+    return build(request.param)
+
+
+def unfinished(tokenizer, context) -> int:
+    """The engine's count of the prompt's last tokens that hold a character it leaves unfinished."""
+    engine = types.SimpleNamespace(token_bytes=TokenBytes(tokenizer), skipped_ids=set(tokenizer.all_special_ids))
+    return Engine.unfinished_tail(engine, context) if context else 0
+
+
+def streamed(tokenizer, context, generated, stops=(), include=False, skip=True) -> str:
+    """What the engine's _advance streams for ``generated`` after the prompt ``context``, concatenated."""
+    detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=skip), context,
+                                   unfinished=unfinished(tokenizer, context))
+    stop_strings = StopStrings(list(stops), include)
+    text = ""
+    for token in generated:
+        text += stop_strings.push(detok.push(token))
+        if stop_strings.stopped:
+            return text
+    text += stop_strings.push(detok.flush())
+    return text if stop_strings.stopped else text + stop_strings.flush()
+
+
+def decoded_whole(tokenizer, context, generated, stops=(), include=False, skip=True) -> str:
+    """The same text from one decode of everything: what ``generated`` adds after the prompt's whole characters,
+    cut at the stop string that ends first (the longest of those ending together)."""
+    whole = context[: len(context) - unfinished(tokenizer, context)]
+    text = tokenizer.decode(context + generated, skip_special_tokens=skip)[
+        len(tokenizer.decode(whole, skip_special_tokens=skip)):]
+    hits = [(at + len(stop), at) for stop in stops if (at := text.find(stop)) >= 0]
+    if not hits:
+        return text
+    end, start = min(hits)
+    return text[: end if include else start]
+
+
+def test_a_prompt_ending_in_skipped_special_tokens_keeps_the_first_words_space(tokenizer):
+    # The window of context tokens the detokenizer decodes with was the prompt's last 6: all skipped special
+    # tokens here, so the decoder saw "▁are" open a text and dropped its space; decoding everything keeps it.
+    vocab = tokenizer.get_vocab()
+    word = next((token for token in ("▁are", "are") if token in vocab), None)
+    generated = [vocab[word]] if word else tokenizer.encode(" are", add_special_tokens=False)
+    context = tokenizer.encode("Hello", add_special_tokens=False) + [tokenizer.eos_token_id] * 8
+    assert streamed(tokenizer, context, generated) == decoded_whole(tokenizer, context, generated) == " are"
+
+
+@pytest.mark.parametrize("kind", ["llama2", "metaspace"])
+@pytest.mark.parametrize("cut", [0, 1, 3])
+def test_byte_fallback_characters_after_a_prompt_of_byte_tokens_are_not_replaced(kind, cut):
+    # The prompt's last 6 tokens began inside the ZWJ's bytes: ByteFallback decodes a run holding an invalid
+    # part as U+FFFD for each byte, so the 👧 the generated byte tokens add to that run (or finish, when the
+    # prompt ends inside it: ``cut``) streamed as U+FFFD.
+    sp = build(kind)
+    as_bytes = [sp.convert_tokens_to_ids(f"<0x{byte:02X}>") for byte in "👨\u200d👩👧".encode()]
+    context = sp.encode("Hi", add_special_tokens=False) + as_bytes[: len(as_bytes) - 4 + cut]
+    generated = as_bytes[len(as_bytes) - 4 + cut :]
+    assert streamed(sp, context, generated) == decoded_whole(sp, context, generated) == "👧"
+
+
+def test_seeded_rounds_stream_what_one_decode_gives(tokenizer):
+    rng = random.Random(1234)
+    special = sorted(tokenizer.all_special_ids)
+    # A SentencePiece byte run that is not valid UTF-8 as a whole decodes to one U+FFFD per byte token (HF's
+    # ByteFallback), even its bytes that were whole characters and were streamed as such: those runs are left
+    # out, characters split across byte tokens (and ending the prompt) are not.
+    byte_fallback = "<0x41>" in tokenizer.get_vocab()
+    rounds = 0
+    while rounds < 150:
+        pieces = [tokenizer.encode(rng.choice(TEXTS), add_special_tokens=False) for _ in range(rng.randint(1, 4))]
+        ids = [token for piece in pieces for token in piece]
+        ids = [rng.choice(special) if rng.random() < 0.1 else token for token in ids]
+        split = rng.randint(0, len(ids) - 1)
+        context = ids[:split] + [rng.choice(special)] * rng.choice([0, 0, 7])
+        generated = ids[split:]
+        skip = rng.random() < 0.5
+        if byte_fallback and "\ufffd" in tokenizer.decode(context + generated, skip_special_tokens=skip):
+            continue
+        whole = tokenizer.decode(generated, skip_special_tokens=skip)
+        stops = []
+        for _ in range(rng.randint(0, 2)):
+            if whole:
+                at = rng.randrange(len(whole))
+                stops.append(whole[at : at + rng.randint(1, 4)])
+        include = rng.random() < 0.5
+        case = (context, generated, stops, include, skip)
+        assert streamed(tokenizer, *case) == decoded_whole(tokenizer, *case), case
+        rounds += 1
