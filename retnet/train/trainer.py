@@ -381,10 +381,10 @@ class Trainer:
             self.close()  # main() has no trainer to close: the W&B run (as failed), the files opened
             raise
         logger.info(
-            "model %s: %.2fM parameters, %s trainable; world %d%s × micro %d × accum %d = global %d blocks of %d "
-            "tokens; %s on %s%s", self.model_name, self.n_params / 1e6, self._trainable_note(), self.world_size,
-            self._split_note(), cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size,
-            self.data.seq_len, self._parallelism_note(), self.device, f"; resumed from {resume_path} at step {self.step}"
+            "model %s: %.2fM parameters, %s trainable; world %d%s × micro %d × accum %d = global %d %s; %s on %s%s",
+            self.model_name, self.n_params / 1e6, self._trainable_note(), self.world_size, self._split_note(),
+            cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self._batch_unit_note(),
+            self._parallelism_note(), self.device, f"; resumed from {resume_path} at step {self.step}"
             if resume_path else "",
         )
 
@@ -400,6 +400,15 @@ class Trainer:
         splits = "".join(f" / {name} parallel {size}" for name, size in (("context", self.cp_size),
                                                                          ("tensor", self.tp_size)) if size > 1)
         return f"{splits} = {self.dp_size} data-parallel groups" if splits else ""
+
+    def _batch_unit_note(self) -> str:
+        """What the start-up line's batch sizes count: DPO and reward models batch preference pairs (two sequences
+        each) and GRPO completions, not the packed blocks of data.seq_len tokens of text and chat data."""
+        if getattr(self.data, "grpo", False):
+            return f"completions (prompt + completion: up to {self.data.seq_len} tokens)"
+        if getattr(self.data, "preference", False):
+            return f"preference pairs (chosen + rejected: up to {self.data.seq_len} tokens each)"
+        return f"blocks of {self.data.seq_len} tokens"
 
     def _parallelism_note(self) -> str:
         if not is_distributed():
