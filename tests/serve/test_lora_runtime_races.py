@@ -16,7 +16,7 @@ from retnet.serve.run_batch import parse_lines, served_urls
 from retnet.serve.settings import ServeSettings, resolve_model_source
 
 from . import test_lora_runtime
-from .conftest import make_settings, serve_app
+from .conftest import decoding_held, make_settings, serve_app
 from .test_lora_runtime import PROMPT, RUNTIME, eventually, installed_slots, load, unload
 
 adapter_dirs = test_lora_runtime.adapter_dirs  # its fixture: peft directories "a" and "b"
@@ -149,25 +149,17 @@ async def test_a_load_queued_at_shutdown_is_answered(model_dir, adapter_dirs, mo
     the running request is, rather than left waiting on a future nobody resolves."""
     async with serve_app(model_dir, **RUNTIME) as client:
         engine = client.app.state.engine
-        gate = threading.Event()
-        decode_step = engine._decode_step
-
-        def gated_step():
-            gate.wait(30)
-            decode_step()
-
-        monkeypatch.setattr(engine, "_decode_step", gated_step)
-        running = asyncio.create_task(client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 20,
-                                                                           "ignore_eos": True}))
-        await eventually(lambda: bool(engine.running))
-        loading = asyncio.create_task(load(client, "a", adapter_dirs["a"]))
-        await eventually(lambda: bool(engine.adapter_slots.installs))
-        stopping = threading.Thread(target=engine.shutdown)
-        stopping.start()
-        await eventually(lambda: engine.stopping)
-        gate.set()
-        r = await asyncio.wait_for(loading, 10)
+        with decoding_held(engine, monkeypatch):
+            running = asyncio.create_task(client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 20,
+                                                                               "ignore_eos": True}))
+            await eventually(lambda: bool(engine.running))
+            loading = asyncio.create_task(load(client, "a", adapter_dirs["a"]))
+            await eventually(lambda: bool(engine.adapter_slots.installs))
+            stopping = threading.Thread(target=engine.shutdown)
+            stopping.start()
+            await eventually(lambda: engine.stopping)
+        r = await asyncio.wait_for(loading, 60)
         assert (r.status_code, r.json()["error"]["code"]) == (503, "unavailable"), r.text
-        assert (await asyncio.wait_for(running, 10)).status_code == 503
+        assert (await asyncio.wait_for(running, 60)).status_code == 503
         await asyncio.to_thread(stopping.join)
         assert not engine.loading and "a" not in engine.adapters
