@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import codecs
 
+# The most prompt tokens a detokenizer's window reaches back to (a prompt ending in special tokens).
+MAX_WINDOW = 48
+
 
 class IncrementalDetokenizer:
     """Decode one token at a time (vLLM's prefix/read offsets): the new text is the decoding of a short
@@ -25,10 +28,11 @@ class IncrementalDetokenizer:
         start = max(0, len(context) - max(window, unfinished + 1))
         # Tokens the decoding drops (special tokens with skip_special_tokens) give the decoder no neighbour: a
         # window of them alone would have the first generated word decode as the start of a text (SentencePiece
-        # and WordPiece drop its space there), so the window reaches back to ``window`` tokens that have text.
+        # and WordPiece drop its space there), so the window reaches back to ``window`` tokens that have text, at
+        # most ``MAX_WINDOW`` tokens: every push decodes the window until text comes out.
         texts: dict[int, bool] = {}
         shown = sum(self._has_text(token, texts) for token in context[start:])
-        while start > 0 and shown < window:
+        while start > 0 and shown < window and len(context) - start < MAX_WINDOW:
             start -= 1
             shown += self._has_text(context[start], texts)
         # Nor may the window open inside a character: its first bytes alone are U+FFFD, and a byte-fallback

@@ -89,6 +89,24 @@ def test_a_prompt_ending_in_skipped_special_tokens_keeps_the_first_words_space(t
     assert streamed(tokenizer, context, generated) == decoded_whole(tokenizer, context, generated) == " are"
 
 
+def test_the_window_past_special_tokens_is_bounded(tokenizer):
+    # Every push decodes the window until text comes out: reaching back across all of a prompt's 10,000 special
+    # tokens, each token streamed after it decoded them all again (30 ms a token at 100,000).
+    decoded = []
+
+    def decode(ids):
+        decoded.append(len(ids))
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    context = tokenizer.encode("Hello", add_special_tokens=False) + [tokenizer.eos_token_id] * 10_000
+    detokenizer = IncrementalDetokenizer(decode, context)
+    assert len(detokenizer.ids) <= 64
+    decoded.clear()
+    for _ in range(10):
+        detokenizer.push(tokenizer.eos_token_id)
+    assert max(decoded) <= 64 + 10
+
+
 @pytest.mark.parametrize("kind", ["llama2", "metaspace"])
 @pytest.mark.parametrize("cut", [0, 1, 3])
 def test_byte_fallback_characters_after_a_prompt_of_byte_tokens_are_not_replaced(kind, cut):
