@@ -265,9 +265,10 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     if cfg.format == "text" and kind in ("json", "parquet"):
         _check_later_files(files[1:], kind, cfg.text_field)
     if kind == "json" and not streaming:  # (streamed: a read of the whole set at every start, resumes included)
-        # Preference pairs and GRPO prompts read other columns too (chosen/rejected, a reward's answers): any
+        # Preference pairs and GRPO prompts check their rows' values themselves (a margin must be a finite number)
         read = {"text": (cfg.text_field,), "chat": (cfg.messages_field, *ROW_COLUMNS, PROMPT, COMPLETION)}.get(cfg.format)
-        _check_finite_json(cfg.dataset, files, read)
+        if read is not None:
+            _check_finite_json(cfg.dataset, files, read)
     with _reading(cfg.dataset, *_field(cfg)):
         if kind == "csv":  # the text column as written, not as pandas' type inference reads it
             options = _csv_options(files, cfg.text_field)

@@ -75,7 +75,8 @@ def test_a_teacher_named_by_its_run_directory_or_a_file_is_refused_with_the_path
     from retnet.train.distill import resolve_teacher
 
     make_model().save_pretrained(tmp_path / "run" / "export")
-    with pytest.raises(ConfigError, match=r"holds no config.json \(did you mean '.*run/export', the run's export"):
+    with pytest.raises(ConfigError, match=r"is a training run's train.output_dir, not a model \(did you mean '.*run/export', the "
+                       r"run's export"):
         resolve_teacher(DistillConfig(teacher=str(tmp_path / "run")))
     with pytest.raises(ConfigError, match=r"config.json' is a file, not a directory"):
         resolve_teacher(DistillConfig(teacher=str(tmp_path / "run" / "export" / "config.json")))
