@@ -13,6 +13,7 @@ import random
 import pytest
 
 from retnet.tokenization import train_byte_level_bpe, wrap_tokenizer
+from tests.serve import test_session_turn_closing as turn_closing
 from tests.serve.conftest import CORPUS, save_micro_model, serve_app
 
 pytestmark = pytest.mark.anyio
@@ -48,9 +49,7 @@ def model_dir(tmp_path_factory):
 
 
 def word_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.encode(word, add_special_tokens=False) for word in WORDS]
-    assert all(len(each) == 1 for each in ids), ids
-    return [each[0] for each in ids]
+    return turn_closing.word_ids(tokenizer, WORDS)
 
 
 async def chat(client, messages: list[dict], **fields) -> dict:

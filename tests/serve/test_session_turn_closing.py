@@ -37,8 +37,8 @@ def model_dir(tmp_path_factory):
     return save_micro_model(tmp_path_factory.mktemp("retnet-chatml"), wrap_tokenizer(backend))
 
 
-def word_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.encode(word, add_special_tokens=False) for word in WORDS]
+def word_ids(tokenizer, words: tuple[str, ...] = WORDS) -> list[int]:
+    ids = [tokenizer.encode(word, add_special_tokens=False) for word in words]
     assert all(len(each) == 1 for each in ids), ids
     return [each[0] for each in ids]
 
