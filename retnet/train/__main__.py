@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import typing
+from pathlib import Path
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
 
@@ -42,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="tiny",
                         help=f"a preset ({', '.join(preset_names())}) or a TOML file (default: tiny)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration (preset + file + overrides) as JSON and exit")
+                        help="print the resolved configuration (preset + file + overrides) as JSON and exit; "
+                             "exit status 2, the errors on stderr, for a path a start would refuse (a dataset "
+                             "glob that matches nothing, an output_dir that is a file, a missing init_from ...)")
     return parser
 
 
@@ -63,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
-            return EXIT_OK
+            problems = start_problems(config)
+            for problem in problems:
+                print(f"retnet-train: error: {problem}", file=sys.stderr)
+            return EXIT_CONFIG if problems else EXIT_OK
         trainer = Trainer(config)
         trainer.train()
         status = EXIT_OK
@@ -88,6 +94,67 @@ def main(argv: list[str] | None = None) -> int:
                 _exit_without_teardown(status)
             dist.destroy_process_group()  # an unexpected error: let its traceback through
     return status
+
+
+def start_problems(config) -> list[str]:
+    """What a start of ``config`` would refuse in its paths, each in the words of that refusal, found without a
+    side effect: nothing created (a start makes ``train.output_dir`` before it reads the data), downloaded (a hub
+    id is taken as given), hashed (a checkpoint is only looked up) or read but a dataset's file listing."""
+    from retnet.model.hub import is_hub_id
+    from retnet.train.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+    from retnet.train.config import ConfigError
+    from retnet.train.data import creation_problem, data_cache_dir, local_files, resolve_tokenizer_dir
+    from retnet.train.trainer import _check_pretrained_dir, _init_from_dir
+
+    output_dir = Path(config.train.output_dir)
+    checkpoints, resume = output_dir / "checkpoints", config.train.resume
+    init_from = config.model.init_from
+
+    def output_dir_problem() -> None:  # Trainer._make_output_dir's refusals
+        for path in (output_dir, checkpoints):  # (os.path's: no OSError on a name too long)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ConfigError(f"train.output_dir: {str(path)!r} exists and is not a directory")
+        if (problem := creation_problem(output_dir)) is not None:
+            raise ConfigError(f"train.output_dir {str(output_dir)!r} cannot be created: {problem}")
+
+    def resume_problem() -> None:  # Trainer._pick_checkpoint's, but a checkpoint found is not verified
+        if resume == "none" and (held := list_checkpoints(checkpoints)):
+            raise ConfigError(f"train.resume is 'none' but {str(checkpoints)!r} already holds checkpoints "
+                              f"({held[-1].name}); use --train.resume=auto or another train.output_dir")
+        if resume in ("none", "auto"):
+            return
+        for root in (Path(resume), Path(resume) / "checkpoints"):
+            if held := list_checkpoints(root):
+                raise CheckpointError(f"train.resume {resume!r} holds checkpoints, it is not one: name one of them "
+                                      f"({str(held[-1])!r} is the newest), or use train.resume=auto with "
+                                      f"train.output_dir {str(root.parent)!r} to resume from its newest valid one")
+        if not Path(resume).is_dir():
+            verify_checkpoint(Path(resume))  # its refusal of a missing directory, before it reads anything
+
+    def init_from_problem() -> None:
+        if init_from and (os.path.exists(Path(init_from).expanduser()) or not is_hub_id(init_from)):
+            _check_pretrained_dir(_init_from_dir(init_from))
+
+    def tokenizer_problem() -> None:
+        # Read only by a run that neither continues another model (init_from's tokenizer) nor resumes with the
+        # tokenizer it saved in output_dir.
+        saved = (output_dir / "tokenizer" / "tokenizer_config.json").exists() and resume != "none"
+        if config.data.tokenizer and not init_from and not saved:
+            resolve_tokenizer_dir(config.data.tokenizer, download=False)
+
+    def dataset_problems() -> None:
+        for source in [s for _, _, s in config.data.sources()] or [config.data]:
+            if source.dataset != "stdlib":
+                local_files(source.dataset)
+
+    problems = []
+    for check in (output_dir_problem, resume_problem, init_from_problem, tokenizer_problem,
+                  lambda: data_cache_dir(config.data, create=False), dataset_problems):
+        try:
+            check()
+        except (ConfigError, CheckpointError, FileNotFoundError) as error:
+            problems.append(str(error))
+    return problems
 
 
 def _exit_without_teardown(status: int) -> typing.NoReturn:

@@ -101,19 +101,35 @@ def default_cache_dir() -> Path:
     return Path(root) / "retnet" / "train"
 
 
-def data_cache_dir(cfg: DataConfig) -> Path:
-    """``data.cache_dir`` (or the default), created; a ConfigError naming it when it cannot be a directory, here,
-    not as a FileExistsError from deep in the pipeline once the data has been read. Every rank checks it: they all
-    read the caches written there."""
+def data_cache_dir(cfg: DataConfig, create: bool = True) -> Path:
+    """``data.cache_dir`` (or the default), created unless ``create`` is false (``--print-config``'s check); a
+    ConfigError naming it when it cannot be a directory, here, not as a FileExistsError from deep in the pipeline
+    once the data has been read. Every rank checks it: they all read the caches written there."""
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     shown = repr(str(cache_dir)) + ("" if cfg.cache_dir else " (the default)")
     if cache_dir.exists() and not cache_dir.is_dir():
         raise ConfigError(f"data.cache_dir {shown} is not a directory")
+    if not create:
+        if (problem := creation_problem(cache_dir)) is not None:
+            raise ConfigError(f"data.cache_dir {shown} cannot be created: {problem}")
+        return cache_dir
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"data.cache_dir {shown} cannot be created: {error}") from None
     return cache_dir
+
+
+def creation_problem(path: Path) -> str | None:
+    """Why ``mkdir -p path`` would fail, found without making it: its nearest existing parent is a file, or a
+    directory this process may not write into; None when it exists or can be made."""
+    # (os.path's: no OSError on a name too long or a parent this process may not read)
+    existing = next(p for p in (path, *path.absolute().parents) if os.path.exists(p))
+    if existing is path:
+        return None
+    if not os.path.isdir(existing):
+        return f"{str(existing)!r} is not a directory"
+    return None if os.access(existing, os.W_OK | os.X_OK) else f"{str(existing)!r} is not writable"
 
 
 def stdlib_files() -> list[Path]:
@@ -265,10 +281,12 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     if cfg.format == "text" and kind in ("json", "parquet"):
         _check_later_files(files[1:], kind, cfg.text_field)
     if kind == "json" and not streaming:  # (streamed: a read of the whole set at every start, resumes included)
-        # Preference pairs and GRPO prompts check their rows' values themselves (a margin must be a finite number)
-        read = {"text": (cfg.text_field,), "chat": (cfg.messages_field, *ROW_COLUMNS, PROMPT, COMPLETION)}.get(cfg.format)
-        if read is not None:
-            _check_finite_json(cfg.dataset, files, read)
+        # the columns each format reads as text or messages (preference.FIELDS, prompts.FIELD): a NaN there was read
+        # as null and refused as a null value the file does not hold. A preference margin is a number its own check
+        # refuses when non-finite, and GRPO's other columns go to the reward functions as read.
+        read = {"text": (cfg.text_field,), "chat": (cfg.messages_field, *ROW_COLUMNS, PROMPT, COMPLETION),
+                "preference": (PROMPT, "chosen", "rejected"), "prompts": (PROMPT,)}[cfg.format]
+        _check_finite_json(cfg.dataset, files, read)
     with _reading(cfg.dataset, *_field(cfg)):
         if kind == "csv":  # the text column as written, not as pandas' type inference reads it
             options = _csv_options(files, cfg.text_field)
@@ -1040,14 +1058,15 @@ def split_documents(docs: list, val_fraction: float, *, dataset: str = "",
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------------------
-def load_tokenizer(path: str | Path):
-    """A transformers tokenizer from a local directory, or a hub id's snapshot; it must have an EOS token."""
-    from transformers import AutoTokenizer
-
+def resolve_tokenizer_dir(path: str | Path, download: bool = True) -> Path | None:
+    """The directory of tokenizer ``path``: itself, or a hub id's snapshot (None for one not on disk when
+    ``download`` is false: ``--print-config``'s check). FileNotFoundError or ConfigError when it is no directory."""
     from retnet.model.hub import TOKENIZER_FILES, HubError, is_hub_id, resolve_pretrained
 
     local = Path(path).expanduser()
     if not os.path.exists(local) and is_hub_id(path):  # (os.path's: no OSError on an over-long name)
+        if not download:
+            return None
         try:  # every rank reads the one HF cache (huggingface_hub locks a download); a resume reads the run's copy
             local = resolve_pretrained(path, allow_patterns=TOKENIZER_FILES)
         except HubError as error:
@@ -1058,6 +1077,14 @@ def load_tokenizer(path: str | Path):
     if not local.is_dir():
         raise ConfigError(f"data.tokenizer {str(path)!r} is not a directory; give the directory that holds its "
                           f"tokenizer.json (a save_pretrained directory)")
+    return local
+
+
+def load_tokenizer(path: str | Path):
+    """A transformers tokenizer from a local directory, or a hub id's snapshot; it must have an EOS token."""
+    from transformers import AutoTokenizer
+
+    local = resolve_tokenizer_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
     except (OSError, ValueError) as error:
@@ -1549,7 +1576,7 @@ def _hub_changed(cfg: DataConfig) -> ConfigError:
 
 
 __all__ = ["LOCAL_BLOCKS", "MaskedBlocks", "PackedData", "blocks_digest", "build_data",
-           "chat_blocks", "column_values", "data_cache_dir", "document_encoder", "encode_documents", "first_rows",
-           "indexed_conversations", "load_conversations",
-           "load_hub", "load_tokenizer", "local_files", "masked_labels", "split_documents", "stdlib_files",
-           "train_tokenizer", "vocab_bound"]
+           "chat_blocks", "column_values", "creation_problem", "data_cache_dir", "document_encoder",
+           "encode_documents", "first_rows", "indexed_conversations", "load_conversations",
+           "load_hub", "load_tokenizer", "local_files", "masked_labels", "resolve_tokenizer_dir", "split_documents",
+           "stdlib_files", "train_tokenizer", "vocab_bound"]
