@@ -15,6 +15,15 @@ gather: its backward all-reduces the states' gradients, so every piece's keys an
 later pieces that read them. Positions continue across pieces (a sequence's first token on rank r is at
 the position its earlier pieces end at), so the pieces' losses add up to the whole row's.
 
+xPos (q·ζ^(n/base), k·ζ^(−n/base) per key dimension) cannot take a sequence's positions from its start when that
+lies pieces back: the scales overflow far from it. As a cache's state is kept, each piece's sequences count xPos
+positions from their first token on it (its origin; unpacked, the piece then runs in frames of ``xpos_span`` from
+there, as one process runs a long input), and each returns its final state moved into the frame of the position
+after the piece, where the next piece's origin is. The fold moves a state carried through a continuing piece of
+length L by ζ^(L/base) on its key rows beside γ^L, and the incoming state, in this rank's origin, moves into each
+later frame of the piece by the factor the piece's own state moves by there. Every factor is a decay (≤ 1), so
+nothing overflows however long the row.
+
 One gather of ``[B, H, K, V]`` fp32 per layer and direction; nothing else crosses ranks. Run the collectives
 on a group of their own (``torch.distributed.new_group``), so data-parallel all-reduces never interleave.
 """
@@ -153,17 +162,25 @@ class _GatherStates(torch.autograd.Function):
 # graph whose partitioner moved the all-reduce into the forward on a rank whose gradient there is a constant (rank
 # 0, a piece starting a sequence) but not on the others, so the ranks' collectives no longer matched and hung.
 @torch.compiler.disable
-def incoming_state(last_state: torch.Tensor, log_decay: torch.Tensor, shard: ContextShard) -> torch.Tensor:
+def incoming_state(last_state: torch.Tensor, log_decay: torch.Tensor, shard: ContextShard,
+                   carry_shifts: torch.Tensor | None = None) -> torch.Tensor:
     """The state ``[B, H, K, V]`` fp32 this rank's first sequence starts from, given the state ``last_state``
     its own last sequence ends with (from a zero start). Every rank of the group must call it, in the same
-    order: it all-gathers, and in backward all-reduces."""
+    order: it all-gathers, and in backward all-reduces.
+
+    xPos: ``carry_shifts`` ``[size, 1, K, 1]``, per piece the factor ζ^(L/base) on the key rows that moves a
+    state from the frame at the piece's first position to the frame at the position after its last; every rank's
+    ``last_state`` is in the frame of the position after its piece, and the state returned is in the frame of
+    this rank's first position. Each factor is a decay (≤ 1), so the fold stays finite however far from the
+    document's start the pieces lie."""
     gathered = _GatherStates.apply(last_state.float(), shard) if shard.size > 1 else last_state.float()[None]
     # Built from the gathered states even where none is read (rank 0, a piece that starts a sequence): every
     # rank then takes part in the backward's all-reduce, which would otherwise wait for it forever.
     state = gathered[0] * 0
     for piece in range(shard.rank):
         if shard.single[piece] and shard.offsets[piece] > 0:  # a continuing sequence carries the state through
-            state = state * torch.exp(log_decay * shard.lengths[piece])[None, :, None, None]
+            carry = torch.exp(log_decay * shard.lengths[piece])[None, :, None, None]
+            state = state * (carry if carry_shifts is None else carry * carry_shifts[piece])
         else:
             state = state * 0
         state = state + gathered[piece]
@@ -212,10 +229,11 @@ class _IncomingShare(torch.autograd.Function):
 
 
 def add_incoming(o: torch.Tensor, q: torch.Tensor, state: torch.Tensor, log_decay: torch.Tensor, scale: float,
-                 first_length: int) -> torch.Tensor:
+                 first_length: int, start: int = 0) -> torch.Tensor:
     """``o`` ``[B, T, H, V]`` plus the share of ``state`` ``[B, H, K, V]`` in the first ``first_length`` tokens'
-    outputs: ``scale · γ^{t+1} · q_t S`` (``q`` ``[B, T, H, K]``, rotated as retention reads it)."""
-    steps = torch.arange(1, first_length + 1, device=q.device, dtype=torch.float32)
+    outputs: ``scale · γ^{start+t+1} · q_t S`` (``q`` ``[B, T, H, K]``, rotated as retention reads it; ``start``:
+    the piece's tokens before ``o``'s first, run in an earlier xPos frame, the state moved into ``q``'s)."""
+    steps = torch.arange(start + 1, start + first_length + 1, device=q.device, dtype=torch.float32)
     decay = scale * torch.exp(steps[:, None] * log_decay[None, :])  # [T1, H]
     # fp32 under autocast too: a long-context state can exceed fp16's range (the kernels keep it fp32 alike); a
     # chunk of time at a time, without an fp32 copy of the whole q (twice a bf16 q, kept for the backward)

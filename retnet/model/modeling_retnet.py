@@ -145,6 +145,9 @@ class RetNetPositionEncoding:
 
     pieces: list[RetNetPositionPiece]
     final_shift: torch.Tensor | None
+    # Context parallelism with xPos: per piece of the row, the factor ``[size, 1, K, 1]`` that moves a state carried
+    # through it from the frame at its start into the frame at its end (incoming_state's fold).
+    context_shifts: torch.Tensor | None = None
     # Assisted decoding's snapshot (split_at): each layer leaves here its state after piece `keep_state_after`.
     keep_state_after: int | None = None
     kept_states: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -220,15 +223,15 @@ class RetNetRotaryEmbedding(nn.Module):
             if length and not packed and (start or not starts_at_origin):
                 # Skipped when the frame stays: a multiply by ones would be a whole pass over each layer's state.
                 new_frame = relative[:, start]
-                state_shift = self._state_factor(new_frame - frame)
+                state_shift = self.state_factor(new_frame - frame)
                 frame = new_frame
             scale = torch.exp((relative[:, tokens] - frame[:, None]).double()[:, :, None, None]
                               / self.config.xpos_scale_base * log_zeta).float()
             pieces.append(RetNetPositionPiece(tokens, cos[:, tokens], sin[:, tokens], scale, state_shift))
-        final_shift = None if target is None else self._state_factor(target - frame)
+        final_shift = None if target is None else self.state_factor(target - frame)
         return RetNetPositionEncoding(pieces, final_shift)
 
-    def _state_factor(self, shift: torch.Tensor) -> torch.Tensor:
+    def state_factor(self, shift: torch.Tensor) -> torch.Tensor:
         """``[N, 1, K, 1]`` fp32: a state ``[N, H, K, V]`` times it moves ``shift`` ``[N]`` positions later
         (key rows × ζ^(shift/base), a decay)."""
         _, log_zeta = self._table(shift.device)
@@ -338,7 +341,7 @@ class RetNetMultiScaleRetention(nn.Module):
             # (NaN after the head norm). In fp32 they reach the head norm, which brings them back to its scale.
             q, k, v = q.float(), k.float(), v.float()
         mode = resolve_retention_mode(mode, length, q)
-        outputs, state = [], initial_state
+        outputs, rotated_q, state = [], [], initial_state
         for number, piece in enumerate(positions.pieces):
             if state is not None and piece.state_shift is not None:
                 state = state * piece.state_shift
@@ -352,19 +355,45 @@ class RetNetMultiScaleRetention(nn.Module):
             if number == positions.keep_state_after:
                 positions.kept_states.append(state)
             outputs.append(o)
-        o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
-        if context is not None:  # one piece: the model refuses xPos (its frames) under context parallelism
-            log_decay = self.log_decay(q.device)
-            last_state = state if cu_seqlens is None else state[-1:]
-            o = add_incoming(o, q_piece, incoming_state(last_state, log_decay, context), log_decay,
-                             self.head_dim ** -0.5, context.first_length)
+            if context is not None:
+                rotated_q.append(q_piece)
+        if context is not None:
+            outputs = self._add_context_share(outputs, rotated_q, state, positions, context, cu_seqlens)
             state = None
+        o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
         if state is not None and positions.final_shift is not None:
             state = state * positions.final_shift
         o = (self.head_norm(o) if self.head_norm is not None else o.flatten(-2)).to(out_dtype)
         if self.g_proj is not None:
             o = F.silu(self.g_proj(hidden_states)) * o
         return self.o_proj(o), state
+
+    def _add_context_share(self, outputs, rotated_q, state, positions, context, cu_seqlens) -> list[torch.Tensor]:
+        """``outputs`` (per piece of ``positions``) plus the share of the state the earlier ranks' pieces leave
+        this rank's first sequence; ``state``: the one this rank's pieces end with, from a zero start.
+
+        With xPos the first sequence runs in frames counted from this rank's first position (its origin), and
+        ``positions.final_shift`` returns each sequence's state in the frame of the position after the piece: the
+        last one is gathered in the frame the next rank's first sequence starts in. The incoming state, in this
+        rank's origin, moves into each later frame of the piece by the factor the state itself moves by there."""
+        log_decay = self.log_decay(rotated_q[0].device)
+        last_state, final_shift = state, positions.final_shift
+        if cu_seqlens is not None:  # the packed row's last sequence
+            last_state, final_shift = state[-1:], None if final_shift is None else final_shift[-1:]
+        if final_shift is not None:
+            last_state = last_state * final_shift
+        incoming = incoming_state(last_state, log_decay, context, positions.context_shifts)
+        outputs = list(outputs)
+        for number, piece in enumerate(positions.pieces):
+            start = piece.tokens.start
+            if start >= context.first_length:
+                break
+            if piece.state_shift is not None:
+                incoming = incoming * piece.state_shift
+            outputs[number] = add_incoming(outputs[number], rotated_q[number], incoming, log_decay,
+                                           self.head_dim ** -0.5, min(piece.tokens.stop, context.first_length) - start,
+                                           start)
+        return outputs
 
     def _retain(self, q, k, v, token_mask, initial_state, output_final_state, mode, cu_seqlens, packed_rows):
         """Retention of rotated q, k -> (o [B, T, H, V], final state or None)."""
@@ -655,8 +684,8 @@ class RetNetModel(RetNetPreTrainedModel):
                 the kernels' work) once per forward, whatever the depth.
             context_parallel: this rank's piece of a row split along time across a group of ranks (training;
                 see :mod:`retnet.model.context_parallel` and its ``shard_sequences``). Every rank of the group
-                runs its piece at once; positions continue from the earlier pieces. No cache, attention mask,
-                ``position_ids`` or xPos with it.
+                runs its piece at once; positions continue from the earlier pieces (with xPos, each piece in
+                frames of its own). No cache, attention mask or ``position_ids`` with it.
         """
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
@@ -753,12 +782,13 @@ class RetNetModel(RetNetPreTrainedModel):
             position_ids = position_ids.expand(batch, -1)
         past_offsets = None if cache is None else cache.offsets
         custom_positions = position_ids is not None
+        context_offsets = None
+        if context_parallel is not None:  # the first sequence's positions go on from the earlier pieces
+            rows = batch if cu_seqlens is None else len(cu_seqlens) - 1
+            context_offsets = torch.zeros(rows, dtype=torch.long, device=hidden_states.device)
+            context_offsets[0 if cu_seqlens is not None else slice(None)] = context_parallel.offset
         if position_ids is None:
-            offsets = past_offsets
-            if context_parallel is not None:  # the first sequence's positions go on from the earlier pieces
-                rows = batch if cu_seqlens is None else len(cu_seqlens) - 1
-                offsets = torch.zeros(rows, dtype=torch.long, device=hidden_states.device)
-                offsets[0 if cu_seqlens is not None else slice(None)] = context_parallel.offset
+            offsets = past_offsets if context_offsets is None else context_offsets
             position_ids = self._positions(batch, length, token_mask, offsets, cu_seqlens, hidden_states.device)
         packed_rows = None if token_mask is None else _pack_padded_rows(token_mask, past_offsets is not None)
         new_offsets = None
@@ -773,10 +803,21 @@ class RetNetModel(RetNetPreTrainedModel):
             new_offsets = base + real_tokens
         xpos = None
         if self.config.use_xpos:
-            xpos = self._xpos_frames(position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows,
-                                     custom_positions)
+            origins, targets = past_offsets, new_offsets
+            if context_offsets is not None:
+                # As a cache's state is kept: every sequence of the piece counts its xPos positions from its first
+                # token here (the first one's document may start pieces back, where the scales would overflow),
+                # and its final state is returned in the frame after its last, where the next piece goes on.
+                origins = context_offsets
+                targets = origins + (length if cu_seqlens is None
+                                     else (cu_seqlens[1:] - cu_seqlens[:-1]).to(origins.device, torch.long))
+            xpos = self._xpos_frames(position_ids, origins, targets, cu_seqlens, packed_rows, custom_positions,
+                                     context_parallel is not None)
         positions = self.rotary_emb(position_ids, xpos, packed=packed_rows is not None or cu_seqlens is not None,
                                     starts_at_origin=not custom_positions)
+        if xpos is not None and context_parallel is not None:
+            positions.context_shifts = self.rotary_emb.state_factor(
+                torch.tensor(context_parallel.lengths, device=hidden_states.device))
         if snapshot_at is not None:
             positions = positions.split_at(snapshot_at)
             snapshot_offsets = (past_offsets if past_offsets is not None
@@ -917,7 +958,8 @@ class RetNetModel(RetNetPreTrainedModel):
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
-    def _xpos_frames(self, position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows, custom_positions):
+    def _xpos_frames(self, position_ids, past_offsets, new_offsets, cu_seqlens, packed_rows, custom_positions,
+                     context_parallel=False):
         """``(relative, target)`` for the layers (see :meth:`RetNetMultiScaleRetention.forward`).
 
         A cached state is kept in the xPos frame of its next position, ``cache.offsets``: each sequence's
@@ -962,7 +1004,9 @@ class RetNetModel(RetNetPreTrainedModel):
             if low < 0 or high >= span:
                 # A padded batch is already fed in pieces of `span` columns (_padded_xpos_pieces): only positions
                 # that leave the frame get here, and feeding them in pieces would not help.
-                advice = ("feed it in pieces with the cache, or unpacked" if packed_rows is None else
+                advice = ("split the row across more context-parallel ranks (shorter pieces), or run it unpacked"
+                          if context_parallel else
+                          "feed it in pieces with the cache, or unpacked" if packed_rows is None else
                           "a padded row's frame is at its cache's offsets (the real tokens it has seen; without a "
                           "cache, at its first real token's position): give position_ids that number each row's "
                           "real tokens on from there, as generate builds them from the attention_mask, or leave "
@@ -1001,8 +1045,7 @@ class RetNetModel(RetNetPreTrainedModel):
                        cu_seqlens) -> ContextShard:
         """Refuse what context parallelism cannot run; fill in the piece's first sequence length."""
         refused = {"a cache": cache is not None or use_cache is True, "an attention_mask": attention_mask is not None,
-                   "position_ids (positions come from the shard)": position_ids is not None,
-                   "config.use_xpos (its frames are per forward)": self.config.use_xpos}
+                   "position_ids (positions come from the shard)": position_ids is not None}
         for what, given in refused.items():
             if given:
                 raise ValueError(f"context_parallel cannot take {what}")

@@ -665,16 +665,12 @@ def schedule_warnings(job: JobConfig) -> list[str]:
 
 
 def _check_context_parallel(job: JobConfig) -> None:
-    """ConfigError for ``train.context_parallel`` > 1 with what the pieces cannot be trained under: xPos (its
-    scaling is not continued across pieces), the post-training objectives (their losses and samplers are not
-    split along time yet), and a row that does not cut into equal pieces."""
+    """ConfigError for ``train.context_parallel`` > 1 with what the pieces cannot be trained under: the
+    post-training objectives (their losses and samplers are not split along time yet), and a row that does not
+    cut into equal pieces."""
     size = job.train.context_parallel
     if size == 1:
         return
-    if job.model.extra.get("use_xpos"):
-        _refuse("model.extra.use_xpos", f"cannot be used with train.context_parallel {size} (the model refuses "
-                f"xPos under context parallelism): set model.extra.use_xpos=false or train.context_parallel=1",
-                job.model.extra["use_xpos"])
     if job.reward.enabled or job.data.format in ("preference", "prompts"):
         mode = ("a reward model (reward.enabled)" if job.reward.enabled else
                 "DPO (data.format 'preference')" if job.data.format == "preference" else

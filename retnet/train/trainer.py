@@ -274,10 +274,6 @@ class Trainer:
             self.model_config = _pretrained_config(init_from, overrides, self.tokenizer)
             if self.tp_size > 1:  # the config checks a preset's; this model's are known now, before its weights load
                 self._check_splits(self.model_config, f"model.init_from {str(init_from)!r}")
-            if self.cp_size > 1 and self.model_config.use_xpos:  # the config check sees only model.extra's
-                raise ConfigError(f"model.init_from {str(init_from)!r} uses xPos (use_xpos in its config.json), "
-                                  f"which cannot train with train.context_parallel {self.cp_size}; use "
-                                  f"train.context_parallel=1")
             self.raw_model = _pretrained_model(init_from, self.model_config,
                                                getattr(self.data, "model_class", None)).to(self.device)
             if cfg.lora.enabled:

@@ -1,8 +1,11 @@
-"""One rank of ``test_context_parallel``'s torchrun group: runs every case's piece forward and backward and
-saves what the test compares with the whole row run in one process (``cases`` builds both sides)."""
+"""One rank of a context-parallel torchrun group (``test_context_parallel``, ``test_context_parallel_xpos_paths``):
+runs every case's piece forward and backward and saves what the test compares with the whole row run in one
+process (``cases`` builds both sides). The cases are ``CASES`` on ``PIECES`` ranks, or the ``[name, pieces]`` pairs
+the test lists in ``OUT/cases.json``, each on the first ``pieces`` ranks (saved as ``name@pieces``)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,17 +22,24 @@ from retnet.model.context_parallel import shard_sequences
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    assert size == PIECES, f"run with --nproc_per_node={PIECES}"
-    # The collectives on a group of their own, as the trainer runs them beside DDP's.
-    group = dist.new_group(list(range(size)))
+    listed = Path(out_dir) / "cases.json"
+    if listed.exists():
+        runs = [(name, pieces, f"{name}@{pieces}") for name, pieces in json.loads(listed.read_text())]
+    else:
+        assert size == PIECES, f"run with --nproc_per_node={PIECES}"
+        runs = [(name, size, name) for name in CASES]
+    # The collectives on a group of their own, as the trainer runs them beside DDP's (every rank creates each).
+    groups = {pieces: dist.new_group(list(range(pieces))) for pieces in sorted({pieces for _, pieces, _ in runs})}
     results = {}
-    for name in CASES:
-        model, input_ids, labels, cu_seqlens, mode = build_case(name)
-        inputs, shard, targets = shard_sequences(input_ids, labels, rank, size, cu_seqlens, group)
+    for name, pieces, key in runs:
+        if rank >= pieces:
+            continue
+        model, input_ids, labels, cu_seqlens, mode = build_case(name, pieces)
+        inputs, shard, targets = shard_sequences(input_ids, labels, rank, pieces, cu_seqlens, groups[pieces])
         out = model(**inputs, context_parallel=shard, num_items_in_batch=targets, retention_mode=mode,
                     use_cache=False, output_hidden_states=True)
         out.loss.backward()
-        results[name] = {
+        results[key] = {
             "loss": out.loss.detach(),
             "hidden": out.hidden_states[-1].detach(),
             "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},

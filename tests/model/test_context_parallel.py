@@ -114,8 +114,6 @@ def test_refusals(model_factory):
         model(**inputs, context_parallel=shard, attention_mask=torch.ones(1, 4))
     with pytest.raises(ValueError, match="cannot take a cache"):
         model(**inputs, context_parallel=shard, use_cache=True)
-    with pytest.raises(ValueError, match="use_xpos"):
-        model_factory(use_xpos=True)(**inputs, context_parallel=shard)
     with pytest.raises(ValueError, match="labels or shift_labels"):
         model(input_ids=inputs["input_ids"], labels=inputs["input_ids"], shift_labels=inputs["input_ids"])
 

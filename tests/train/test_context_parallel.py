@@ -21,8 +21,6 @@ from .conftest import micro_args
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["--train.context_parallel=0"], r"train\.context_parallel must be >= 1.*got 0"),
-    (["--train.context_parallel=2", "--model.extra.use_xpos=true"],
-     r"model\.extra\.use_xpos cannot be used with train\.context_parallel 2"),
     (["--train.context_parallel=2", "--data.format=preference", "--data.dataset=pairs.jsonl"],
      r"train\.context_parallel > 1 is not supported with DPO \(data\.format 'preference'\) yet.*got 2"),
     (["--train.context_parallel=2", "--data.format=preference", "--data.dataset=pairs.jsonl", "--reward.enabled=true"],
@@ -33,15 +31,17 @@ from .conftest import micro_args
       "--train.global_batch_size=2"], r"train\.context_parallel must divide data\.seq_len = 33 .*got 2"),
     (["--train.context_parallel=2", "--data.seq_len=33", "--data.document_boundaries=false"],
      r"train\.context_parallel must divide data\.seq_len = 33.*got 2"),
-], ids=["zero", "xpos", "dpo", "reward", "grpo", "packed-row", "plain-row"])
+], ids=["zero", "dpo", "reward", "grpo", "packed-row", "plain-row"])
 def test_settings_context_parallelism_cannot_train_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", overrides)
 
 
 def test_rows_that_split_evenly_are_taken():
-    """A packed row of blocks of 34 splits in 2; a plain row of 32 in 4."""
+    """A packed row of blocks of 34 splits in 2; a plain row of 32 in 4; xPos too (each piece in frames of its
+    own: tests/model/test_context_parallel_xpos_paths.py)."""
     load_config("tiny", ["--train.context_parallel=2", "--data.seq_len=34", "--train.micro_batch_size=2"])
+    load_config("tiny", ["--train.context_parallel=2", "--model.extra.use_xpos=true"])
     load_config("tiny", ["--train.context_parallel=4", "--data.seq_len=32", "--data.document_boundaries=false"])
 
 
