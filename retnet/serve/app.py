@@ -493,6 +493,9 @@ def _describe_validation(errors, prompt_field: str = "prompt") -> tuple[str, str
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON ({detail})", None, "invalid_json"
     if not loc:
+        if first.get("type") == "string_unicode":  # pydantic could not read a key: the body is an object all the same
+            return ("a key of the request body is a lone UTF-16 surrogate (a string cut inside a surrogate pair?)",
+                    None, "invalid_unicode")
         if first.get("type") == "missing":
             return "the request needs a JSON object body", None, "invalid_request"
         return f"the request body must be a JSON object: {first.get('msg')}", None, "invalid_request"

@@ -418,12 +418,26 @@ def _input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
             item["id"] = _id(_ITEM_PREFIXES[kind])
         if item.get("status") is None:
             item["status"] = "completed"
-        if kind == "message" and isinstance(item["content"], str):
-            part = ({"type": "output_text", "text": item["content"], "annotations": []} if item["role"] == "assistant"
-                    else {"type": "input_text", "text": item["content"]})
-            item["content"] = [part]
+        if kind == "message":
+            content = item["content"]
+            parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else content
+            item["content"] = [_listed_part(part, item["role"] == "assistant") for part in parts]
+        elif kind == "function_call_output" and isinstance(item["output"], list):
+            item["output"] = [_listed_part(part, False) for part in item["output"]]
         items.append(item)
     return items
+
+
+def _listed_part(part: dict[str, Any], assistant: bool) -> dict[str, Any]:
+    """A text part as OpenAI's item types hold it: an assistant's an ``output_text`` with its ``annotations``,
+    any other an ``input_text``. A request may send either kind in either place (both are text here), and an
+    assistant's ``output_text`` without ``annotations`` (as OpenAI's examples send it); listed back as sent, such a
+    part fails the client's own types."""
+    rest = {key: value for key, value in part.items() if key not in ("type", "annotations")}
+    if assistant:
+        annotations = part.get("annotations")
+        return {"type": "output_text", **rest, "annotations": annotations if isinstance(annotations, list) else []}
+    return {"type": "input_text", **rest}
 
 
 def _stream(events, run: ChatRun) -> EngineStreamingResponse:

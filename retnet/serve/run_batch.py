@@ -147,9 +147,22 @@ class OrderedWriter:
     def put(self, index: int, line: dict) -> None:
         self.buffer[index] = line
         while self.next in self.buffer:
-            self.out.write(json.dumps(self.buffer.pop(self.next), ensure_ascii=False) + "\n")
+            self.out.write(json_line(self.buffer.pop(self.next)) + "\n")
             self.next += 1
         self.out.flush()
+
+
+def json_line(line: dict) -> str:
+    """``line`` as one line of JSON, its text unescaped, unless it holds a lone surrogate (a ``custom_id`` the input
+    line spelled ``"a\\ud83d"``, which its output line echoes): UTF-8 cannot write one, and the UnicodeEncodeError
+    ended the whole batch there, no line written for it or any after it. Such a line is written with JSON's escapes
+    instead, which read back as the same string."""
+    text = json.dumps(line, ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(line)
+    return text
 
 
 def served_urls(app) -> set[str]:
