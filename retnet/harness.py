@@ -45,6 +45,22 @@ def lm_eval_cli() -> Callable[[], object]:
                      f"(it declares: {sorted(scripts) or 'none'}); expected lm_eval>=0.4.10,<0.5")
 
 
+def _option(word: str, long: str, short: str, shortest: str) -> tuple[bool, str | None]:
+    """Whether argparse reads ``word`` as lm-eval's option ``long`` (``short``), and the value attached to it (None:
+    its values follow). argparse takes any unambiguous prefix of a long name (``--model_arg`` for ``--model_args``;
+    ``shortest`` is the shortest one lm-eval's options leave unambiguous), ``--long=v``, and a short option's value
+    attached, ``-sv`` or ``-s=v``: each form lm-eval runs with."""
+    if word.startswith("--"):
+        name, equals, value = word.partition("=")
+        if len(name) >= len(shortest) and long.startswith(name):
+            return True, value if equals else None
+        return False, None
+    if word.startswith(short):
+        attached = word[len(short):]
+        return True, (attached.removeprefix("=") if attached else None)
+    return False, None
+
+
 def _pretrained_values(argv: Sequence[str]) -> list[str]:
     """What ``--model_args`` (``-a``) names as ``pretrained=``, in each form lm-eval takes: ``k=v,k=v``, several
     ``k=v`` words, or one JSON object."""
@@ -52,16 +68,20 @@ def _pretrained_values(argv: Sequence[str]) -> list[str]:
     words = list(argv)
     given = False
     for index, word in enumerate(words):
-        if word in ("--model_args", "-a"):
+        if word == "--":  # what follows is no option
+            break
+        # (no other lm-eval option begins with "--model_")
+        matched, attached = _option(word, "--model_args", "-a", "--model_")
+        if not matched:
+            continue
+        if attached is not None:  # argparse gives an attached value alone
+            group = [attached]
+        else:
             group = []
             for following in words[index + 1:]:
                 if following.startswith("-"):
                     break
                 group.append(following)
-        elif word.startswith("--model_args="):
-            group = [word.split("=", 1)[1]]
-        else:
-            continue
         given = True
         for text in group:
             try:
@@ -86,8 +106,14 @@ def _pretrained_of_text(text: str) -> list[str]:
 def _config_pretrained(words: list[str]) -> list[str]:
     """``pretrained`` of the ``model_args`` of lm-eval's ``--config`` (``-C``) YAML file, a mapping or a
     ``k=v,k=v`` string; none when the file cannot be read (lm-eval reports that itself)."""
-    paths = [following for word, following in itertools.pairwise(words) if word in ("--config", "-C")]
-    paths += [word.split("=", 1)[1] for word in words if word.startswith("--config=")]
+    paths = []
+    for word, following in itertools.pairwise([*words, None]):
+        if word == "--":
+            break
+        # "--config" has no abbreviation of its own ("--confi" is also "--confirm_run_unsafe_code")
+        matched, attached = _option(word, "--config", "-C", "--config")
+        if matched and (attached is not None or following is not None):
+            paths.append(following if attached is None else attached)
     import yaml  # (PyYAML: a dependency of transformers and of lm-eval)
 
     values: list[str] = []

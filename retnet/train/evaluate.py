@@ -246,8 +246,9 @@ def read_documents(dataset: str, *, name: str | None = None, split: str = "train
     except (ConfigError, FileNotFoundError) as error:
         raise EvalError(_as_options(str(error))) from None
     if not docs:
-        raise EvalError(f"--dataset {dataset!r} holds no documents (every {text_field!r} value is empty"
-                        f"{'' if dataset == 'stdlib' else ', or the selection is empty'})")
+        # (text of whitespace alone is no document, as in training: it would train only its EOS)
+        raise EvalError(f"--dataset {dataset!r} holds no documents (every {text_field!r} value is empty or "
+                        f"whitespace{'' if dataset == 'stdlib' else ', or the selection is empty'})")
     return docs
 
 
@@ -270,6 +271,14 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
     if not root.is_dir():
         raise EvalError(f"--model {path!r} is not a directory; give a save_pretrained directory "
                         f"(train.output_dir/export)")
+    export = root / "export"
+    if ((export / "config.json").is_file() or (root / "checkpoints").is_dir()) and not _is_model_config(
+            root / "config.json"):
+        # a run's train.output_dir given for the export it writes inside it: its config.json is the run's resolved
+        # configuration, no model's (the tokenizer check below named a missing tokenizer instead)
+        which = (f"did you mean {str(export)!r}, the run's export?" if (export / "config.json").is_file() else
+                 f"its export, {str(export)!r}, is not written yet: the run writes it when it finishes")
+        raise EvalError(f"--model {path!r} is a training run's train.output_dir, not a model ({which})")
     if not (root / "config.json").is_file() and (root / "adapter_config.json").is_file():
         # a LoRA run's export/adapter, peft's adapter without its base: the merged model is the directory above
         raise EvalError(f"--model {path!r} is a peft adapter (adapter_config.json), not a model: give the merged "
@@ -298,16 +307,33 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
     except (OSError, ValueError) as error:
         raise EvalError(f"--model {path!r} could not be loaded: {type(error).__name__}: "
                         f"{str(error).strip()[:300]}") from None
-    classifier = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
+    architectures = config.architectures or []
+    classifier = [name for name in architectures if name.endswith("ForSequenceClassification")]
     if classifier and config.num_labels != 1:
         raise EvalError(f"--model {path!r} is a {classifier[0]} with {config.num_labels} labels, not a reward model "
                         f"(one label: a score per sequence); retnet-eval scores causal LMs and reward models")
+    if architectures and not classifier and not any(name.endswith("ForCausalLM") for name in architectures):
+        # a backbone (RetNetModel) has no LM head: AutoModelForCausalLM would start one at random, or take the
+        # tied embedding for a head it never trained, and score that
+        raise EvalError(f"--model {path!r} holds a {', '.join(map(str, architectures))} (config.json architectures), "
+                        f"neither a causal LM nor a reward model: it has no head to score with; give a "
+                        f"RetNetForCausalLM's or reward model's export")
     auto_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    from safetensors import SafetensorError
+
     try:
-        model = auto_class.from_pretrained(str(root), config=config, dtype=DTYPES[dtype], local_files_only=True)
-    except (OSError, ValueError) as error:
+        # other-shaped weights are named below with the rest (transformers' own error points at a log report)
+        model, info = auto_class.from_pretrained(str(root), config=config, dtype=DTYPES[dtype], local_files_only=True,
+                                                 output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # a damaged weight file too
         raise EvalError(f"--model {path!r} could not be loaded: {type(error).__name__}: "
                         f"{str(error).strip()[:300]}") from None
+    wrong = _weights_not_matching(model, info)
+    if wrong:
+        # transformers starts missing weights at random and drops unexpected ones: a model loaded in part scores
+        # random layers (or fewer layers than it was trained with) without a word
+        raise EvalError(f"--model {path!r}: its weights do not match its config.json ({wrong}); give a "
+                        f"save_pretrained directory whose weights are all there (train.output_dir/export)")
     problem = tokenizer_mismatch(tokenizer, model.config)
     if problem is not None:
         raise EvalError(f"--model {path!r}: {problem}")
@@ -315,6 +341,34 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
     if quantization != "none":  # on the device: torchao quantizes where the weight is
         quantize_model(model, quantization)
     return model, tokenizer
+
+
+def _is_model_config(path: Path) -> bool:
+    """Whether ``path`` is a model's config.json (it names a ``model_type``), not a training run's."""
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):  # missing, unreadable, or JSON that is no object
+        return False
+
+
+def _weights_not_matching(model, info: dict) -> str:
+    """The missing, unexpected and other-shaped weights of ``from_pretrained``'s loading ``info``, named ("" when
+    every weight of the model was loaded and no other was there). A tied head is the embedding, not a weight of
+    its own (older transformers list it as missing)."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+    problems = {"missing": sorted(set(info.get("missing_keys", ())) - tied),
+                "unexpected": sorted(info.get("unexpected_keys", ())),
+                "other-shaped": sorted(_shapes(key) for key in info.get("mismatched_keys", ()))}
+    return "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                     for what, keys in problems.items() if keys)
+
+
+def _shapes(mismatched) -> str:
+    """A ``mismatched_keys`` entry of transformers, (name, the file's shape, the config's shape), as text."""
+    if isinstance(mismatched, tuple) and len(mismatched) == 3:
+        name, saved, expected = mismatched
+        return f"{name} {list(saved)} in the file, {list(expected)} by config.json"
+    return str(mismatched)
 
 
 def is_reward_model(model) -> bool:
@@ -467,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
             return EXIT_USAGE
     if is_reward_model(model):
-        return evaluate_reward.report(args, model, pairs)
+        # the tokenizer's EOS closed the completions; the model config's may be unset (a cut pair went uncounted)
+        return evaluate_reward.report(args, model, pairs, tokenizer.eos_token_id)
     documents = encode(tokenizer, texts)
     del texts  # the documents are their tokens from here on
     from tqdm.auto import tqdm

@@ -117,7 +117,10 @@ def reward_metrics(rewards: torch.Tensor, margins: torch.Tensor | None = None) -
     return dict(zip((*METRICS, "loss"), torch.stack(values).tolist(), strict=True))
 
 
-def evaluate_pairs(model, pairs: Pairs, *, batch_size: int = 1, progress=None) -> RewardEvalResult:
+def evaluate_pairs(model, pairs: Pairs, *, batch_size: int = 1, progress=None,
+                   eos_token_id: int | None = None) -> RewardEvalResult:
+    """``pairs`` scored; ``cut`` counts those with a completion that does not end with ``eos_token_id``, the EOS the
+    tokenizer closed them with (default: the model config's, which may be unset or a list of others)."""
     device_sync = next(model.parameters()).device.type == "cuda"  # the clock starts and stops with it idle
     if device_sync:
         torch.cuda.synchronize()
@@ -126,7 +129,7 @@ def evaluate_pairs(model, pairs: Pairs, *, batch_size: int = 1, progress=None) -
     margins = None if pairs.margins is None else torch.from_numpy(np.asarray(pairs.margins))
     metrics = reward_metrics(rewards, margins) if len(pairs) else dict.fromkeys((*METRICS, "loss"), math.nan)
     seconds = time.perf_counter() - began
-    eos = model.config.eos_token_id
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     return RewardEvalResult(pairs=len(pairs), metrics=metrics, cut=cut_pairs(pairs, eos) if eos is not None else 0,
                             seconds=seconds, pairs_per_second=len(pairs) / seconds if seconds > 0 else math.inf)
 
@@ -142,12 +145,13 @@ def read_args_pairs(args: argparse.Namespace, tokenizer) -> Pairs:
                       seq_len=args.seq_len, max_prompt_length=args.max_prompt_length or 0, cache_dir=args.cache_dir)
 
 
-def report(args: argparse.Namespace, model, pairs: Pairs) -> int:
-    """Score ``pairs`` and print the line (or ``--json`` record) of the result."""
+def report(args: argparse.Namespace, model, pairs: Pairs, eos_token_id: int | None = None) -> int:
+    """Score ``pairs`` and print the line (or ``--json`` record) of the result; ``eos_token_id``: the tokenizer's,
+    which closed the completions (:func:`evaluate_pairs`)."""
     from tqdm.auto import tqdm
 
     with tqdm(total=len(pairs), desc="eval", unit="pair", disable=args.no_progress, file=sys.stderr) as bar:
-        result = evaluate_pairs(model, pairs, batch_size=args.batch_size, progress=bar)
+        result = evaluate_pairs(model, pairs, batch_size=args.batch_size, progress=bar, eos_token_id=eos_token_id)
     if result.cut:
         print(f"retnet-eval: {result.cut} of {result.pairs} pairs were cut to --seq-len {args.seq_len} before "
               f"their EOS; their rewards are read at the last kept token", file=sys.stderr)
