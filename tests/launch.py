@@ -12,18 +12,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
+    """A port free now: until its user binds it, the OS may hand it to any process that asks for one (the other
+    xdist worker's, a gloo connection). torchrun binds its port only after importing torch, seconds later on a
+    loaded machine: its launches here take ``TORCHRUN_STANDALONE`` instead."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def launch_worker(script: Path, out: Path, ranks: int, timeout: float = 300) -> None:
+# torchrun's own rendezvous store on a port the OS gives it when it binds (the ranks' MASTER_PORT is that store's)
+TORCHRUN_STANDALONE = ("--standalone", "--nnodes=1")
+
+
+def launch_worker(script: Path, out: Path, ranks: int, timeout: float = 600) -> None:
     """``torchrun --nproc_per_node=RANKS SCRIPT OUT`` (gloo, one thread a rank), run to its end; the worker
     writes its results under ``out``. A failed launch fails the test with the ranks' last output."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
-               f"--master_port={free_port()}", str(script), str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", *TORCHRUN_STANDALONE,
+               str(script), str(out)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import free_port
+from tests.launch import TORCHRUN_STANDALONE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,11 +43,12 @@ def train_command(args: list[str], nproc: int | None = None) -> list[str]:
     """``python -m retnet.train ARGS`` or, with ``nproc``, a real torchrun of that many processes."""
     if nproc is None:
         return [sys.executable, "-m", "retnet.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-            f"--master_port={free_port()}", "-m", "retnet.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *TORCHRUN_STANDALONE,
+            "-m", "retnet.train", *args]
 
 
-def run_train(args: list[str], nproc: int | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+# A launch's bound, not its expected time: 4 ranks starting on a loaded 2-core CI machine take minutes
+def run_train(args: list[str], nproc: int | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(train_command(args, nproc), cwd=REPO, env=train_env(), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -76,7 +77,8 @@ def train_fsdp_in_process(args: list[str], resumed_step: int) -> None:
     from retnet.train.config import load_config
     from retnet.train.trainer import Trainer
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    # a store in this process: no port, which another process could take between its pick and its bind
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         trainer = Trainer(load_config("tiny", [*args, "--train.parallelism=fsdp"]))
         try:

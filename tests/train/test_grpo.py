@@ -612,7 +612,7 @@ def test_the_sampler_never_draws_a_padded_vocabularys_extra_rows(toy):
     assert all(token < bound for completion in kept for token in completion)
 
 
-def _sample_on_two_fsdp_ranks(rank: int, port: int, base: str, out: str) -> None:
+def _sample_on_two_fsdp_ranks(rank: int, rendezvous: str, base: str, out: str) -> None:
     """One of two gloo ranks: greedy completions of two prompts by the micro base, alone and then sharded by FSDP2
     with ``all_ranks``, and the forwards each took. Rank 0 stops at each prompt's first token, rank 1 at EOS only
     (which the greedy draw does not reach): without ``all_ranks`` rank 0 would leave rank 1 alone in the next
@@ -623,7 +623,7 @@ def _sample_on_two_fsdp_ranks(rank: int, port: int, base: str, out: str) -> None
     from retnet.model import RetNetForCausalLM
 
     torch.set_num_threads(1)  # forked: no OpenMP pool of the parent's to wait on (as DataLoader workers)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         model = RetNetForCausalLM.from_pretrained(base).eval()
         prompts = [np.array([5, 6, 7, 8]), np.array([9, 10])]
@@ -662,9 +662,10 @@ def test_fsdp_ranks_decode_until_every_rank_is_done(toy, tmp_path):
     steps, as the rank that runs to max length), and its completions are those it samples on its own."""
     from torch.multiprocessing import start_processes
 
-    from .conftest import free_port
-
-    start_processes(_sample_on_two_fsdp_ranks, args=(free_port(), str(toy / "base"), str(tmp_path)), nprocs=2,
+    # a file of this test's for the ranks' store: a free port picked here might be another process's by the time
+    # rank 0 binds it
+    rendezvous = tmp_path / "rendezvous"
+    start_processes(_sample_on_two_fsdp_ranks, args=(str(rendezvous), str(toy / "base"), str(tmp_path)), nprocs=2,
                     start_method="fork")  # spawn would import torch and this module again, ~10 s
     ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in (0, 1)]
     assert [r["forwards"] for r in ranks] == [24, 24]

@@ -706,6 +706,13 @@ def test_tensorboard_shows_the_evaluation_left_by_a_stop_once(micro, tmp_path, m
     """As in metrics.jsonl: the evaluation a SIGTERM left pending at step 2, logged by a resume that crashed
     before its next checkpoint and redone by the next resume, is one point at step 2, beside step 2's training
     record (which that step's purge must not lose)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    # TensorBoard reads a folder's event files in name order: "events.out.tfevents.<second>.<host>.<pid>.<n>", n
+    # counting the writers of the process. The runs here start within a second or two of each other, in this
+    # process: numbered on from the writers of earlier tests in this worker, a run's n could pass 9 (or 99) and its
+    # file sort before the earlier run's of the same second ("…10" < "…9"), whose purge would then undo its points.
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
     common = dict(train__steps=4, train__eval_interval=2, logging__tensorboard=True)
     stopped = tmp_path / "stopped"
     _stop_at_2_then_crash_at_4(monkeypatch, micro(stopped, **common))

@@ -22,7 +22,9 @@ def _tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def _wait_for(predicate, process, timeout=120.0):
+def _wait_for(predicate, process, timeout=600.0):
+    """Poll ``predicate`` while ``process`` runs; the deadline only bounds a run that hangs (a loaded CI machine
+    takes minutes to import torch and tokenize)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -30,6 +32,14 @@ def _wait_for(predicate, process, timeout=120.0):
         assert process.poll() is None, f"training exited early with {process.returncode}"
         time.sleep(0.02)
     raise AssertionError("timed out")
+
+
+def _written_records(output_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl a running trainer has written whole (its last line may be half written)."""
+    import json
+
+    text = (output_dir / "metrics.jsonl").read_text() if (output_dir / "metrics.jsonl").exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def test_a_second_run_in_the_process_logs_to_the_current_stderr(micro, tmp_path, monkeypatch):
@@ -261,21 +271,50 @@ def test_streaming_jsonl_trains_and_resumes(micro, tmp_path, read_metrics):
 # ----------------------------------------------------------------------------------------------------------
 # Processes: kill/resume, SIGTERM, DDP, FSDP2
 # ----------------------------------------------------------------------------------------------------------
+HOLD_AFTER_STEP = """
+import sys, threading
+from retnet.train.__main__ import main
+from retnet.train.trainer import Trainer
+
+hold, step = int(sys.argv[1]), Trainer.train_step
+
+def train_step(self):
+    loss = step(self)
+    if self.step == hold:
+        threading.Event().wait()  # until the test's SIGKILL, however late it comes
+    return loss
+
+Trainer.train_step = train_step
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run_here, launch, read_metrics):
-    """The killed run is a process of its own; the reference and the resume need none (in this process)."""
+def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run_here, read_metrics):
+    """The killed run is a process of its own; the reference and the resume need none (in this process). The killed
+    run holds after step 12 (its checkpoints of steps 5 and 10 written): the SIGKILL, sent once a checkpoint is
+    complete, lands before the run ends however slowly this process gets to send it (the run left after its first
+    checkpoint takes a few seconds: a loaded machine can keep this process from sending it that long)."""
+    import subprocess
+
+    from .conftest import REPO, train_env
+
     common = dict(train__steps=30, checkpoint__interval=5, model__dropout=0.1)  # dropout: RNG state matters
     reference = tmp_path / "reference"
     done = run_here(micro(reference, **common))
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "killed"
-    process = launch(micro(out, **common), log=tmp_path / "killed.log")
+    script = tmp_path / "hold_after_step.py"
+    script.write_text(HOLD_AFTER_STEP)
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen([sys.executable, str(script), "12", *micro(out, **common)], cwd=REPO,
+                                   env=train_env(), stdout=log, stderr=log)
     _wait_for(lambda: any((p / "manifest.json").exists() for p in list_checkpoints(out / "checkpoints")), process)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     resumed_from = max(int(p.name[5:]) for p in list_checkpoints(out / "checkpoints"))
-    assert resumed_from < 30
+    assert resumed_from in (5, 10)
 
     done = run_here(micro(out, **common))  # --train.resume=auto is the default
     assert done.returncode == 0, done.stderr
@@ -289,9 +328,9 @@ def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run_here, 
 def test_sigterm_saves_and_exits_cleanly(micro, tmp_path, launch, read_metrics):
     out = tmp_path / "run"
     process = launch(micro(out, train__steps=100000, checkpoint__export=True), log=tmp_path / "log")
-    _wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3, process)
+    _wait_for(lambda: sum(r["kind"] == "train" for r in _written_records(out)) >= 3, process)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0, (tmp_path / "log").read_text()
+    assert process.wait(timeout=600) == 0, (tmp_path / "log").read_text()
     ckpts = list_checkpoints(out / "checkpoints")
     assert len(ckpts) == 1
     step = verify_checkpoint(ckpts[0])["step"]
@@ -356,7 +395,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(micro, tmp_path,
     with open(log, "w") as handle:
         process = subprocess.Popen(command, cwd=repo, env=env, stdout=handle, stderr=handle)
     try:
-        process.wait(timeout=150)
+        process.wait(timeout=600)  # a hang's bound: two ranks starting on a loaded CI machine take minutes
     except subprocess.TimeoutExpired:
         process.terminate()  # torchrun passes it on to its workers and kills them after a grace period
         process.wait(timeout=120)
@@ -427,9 +466,11 @@ _WAIT_SCRIPT = """
 import datetime, sys, time
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
-c10d.default_pg_timeout = datetime.timedelta(seconds=3)  # the group's timeout: 10 min for NCCL, 30 for gloo
 from retnet.train.distributed import barrier, init_distributed
 rank, _, _, _ = init_distributed("cpu")
+# The training group's timeout (10 min for NCCL, 30 for gloo) cut short once both ranks are in the group: while they
+# start, a rank that imported torch seconds after the other (a loaded machine) would miss a short one
+c10d._set_pg_timeout(datetime.timedelta(seconds=3))
 barrier()
 if rank == 0:
     time.sleep(5)  # tokenizing the dataset, downloading it, writing a checkpoint or the export
@@ -447,18 +488,21 @@ _exit_without_teardown(0)
 def test_ranks_wait_for_rank_0_longer_than_the_process_group_timeout(tmp_path):
     """Local rank 0 prepares the data caches (hours for a large set) and rank 0 writes checkpoints and the export
     while the other ranks wait in a barrier: that wait must not end in the process group's timeout."""
-    import socket
     import subprocess
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    import torch.distributed as dist
+
+    # The ranks' store held here, as torchrun's agent holds it (TORCHELASTIC_USE_AGENT_STORE: each rank a client), on
+    # the port the OS gives it as it binds: a free port picked first might be another process's by the time rank 0
+    # had imported torch and bound it.
+    store = dist.TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False)
     repo = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": "2",
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
     ranks = [subprocess.Popen([sys.executable, "-c", _WAIT_SCRIPT], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    outputs = [p.communicate(timeout=600)[0] for p in ranks]  # a hang's bound, not the expected time
     assert [p.returncode for p in ranks] == [0, 0], outputs
     assert all(f"rank {r} done" in outputs[r] for r in range(2))
 
