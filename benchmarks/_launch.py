@@ -12,20 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port free on this host now (for torchrun's ``--master_port``)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def threads_per_rank(cores: int, size: int) -> int:
@@ -41,8 +33,8 @@ def torchrun(script: str | Path, size: int, threads: int, args: list[str], *, wh
     out = Path(tempfile.mkdtemp(prefix=f"retnet-{Path(script).stem}-bench-"))
     try:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={size}", "--nnodes=1",
-                   f"--master_port={free_port()}", str(Path(script).resolve()), "--worker", f"--out={out}", *args]
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={size}", "--standalone",
+                   "--nnodes=1", str(Path(script).resolve()), "--worker", f"--out={out}", *args]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise SystemExit(f"{what}: torchrun failed ({done.returncode}):\n{done.stderr[-4000:]}")

@@ -81,12 +81,16 @@ async def serve_app(model_dir: Path, model=None, **overrides):
 class ServerProcess:
     def __init__(self, model_dir: Path, *args: str, env: dict | None = None, module: str = "retnet.serve"):
         """``module``: run instead of ``retnet.serve`` (a test's wrapper around it, on ``env``'s PYTHONPATH)."""
+        self._command = [sys.executable, "-m", module, "--model", str(model_dir), "--served-model-name", "micro",
+                         "--log-level", "warning", *args]
+        self._env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self._start()
+
+    def _start(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", module, "--model", str(model_dir), "--port", str(self.port),
-               "--served-model-name", "micro", "--log-level", "warning", *args]
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*self._command, "--port", str(self.port)], cwd=REPO, env=self._env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout: float = 600.0) -> None:
         # A server that exits is seen at once (poll); the deadline only bounds one that hangs, so it leaves a loaded
@@ -94,7 +98,13 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode(errors='replace')}")
+                output = self.proc.stdout.read().decode(errors="replace")
+                # The port was free when picked, but the server binds it only after importing torch: another
+                # process (the other xdist worker's server, a gloo connection) may have taken it meanwhile.
+                if "address already in use" in output.lower():
+                    self._start()
+                    continue
+                raise RuntimeError(f"server exited: {output}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
