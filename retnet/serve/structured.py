@@ -52,8 +52,13 @@ class GrammarMatcher:
         """GrammarFailed when the matcher has failed (at its last mask or token)."""
         if self.matcher.is_error():
             reason = self.matcher.get_error().strip().splitlines()
-            raise GrammarFailed(f"{self.param} failed while generating: {reason[0] if reason else 'an error'} "
-                                f"(the grammar needs more than llguidance's limits allow; simplify it)", self.param)
+            told = reason[0] if reason else "an error"
+            # NoExtensionBias: the text so far is in the grammar, and no token (nor EOS) continues it
+            told = ("nothing can continue the text so far (what the grammar asks for next admits no text, e.g. a "
+                    "$ref that leads only to itself, or none that the tokenizer's tokens can spell)"
+                    if told.startswith("NoExtensionBias")
+                    else f"{told} (the grammar needs more than llguidance's limits allow; simplify it)")
+            raise GrammarFailed(f"{self.param} failed while generating: {told}", self.param)
 
     def consume(self, token: int) -> None:
         self.matcher.consume_token(token)
@@ -312,10 +317,34 @@ def _json(param: str, schema: Any) -> str:
     # llguidance would write NaN and Infinity as null: an enum of [NaN] held the text to `null`, and a minimum of
     # Infinity failed naming a null
     check_finite_json(schema, param, "invalid_grammar")
+    _check_patterns(param, schema)
     try:
         return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
     except ValueError as error:
         raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
+
+
+def _check_patterns(param: str, node: Any) -> None:
+    """A 400 for a ``pattern`` (or a ``patternProperties`` key) that ends in a lone backslash, which no regex
+    dialect reads: llguidance dropped the backslash, and ``"a\\"`` held the text to one holding ``a``."""
+    if isinstance(node, list):
+        for item in node:
+            _check_patterns(param, item)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        patterns = ([value] if key == "pattern" and isinstance(value, str)
+                    else list(value) if key == "patternProperties" and isinstance(value, dict) else [])
+        for pattern in patterns:
+            if (len(pattern) - len(pattern.rstrip("\\"))) % 2:
+                raise APIError(400, f"{param} cannot be used: the {key} {pattern[-40:]!r} ends inside an escape (a "
+                               f"lone trailing backslash)", param, "invalid_grammar")
+        if key in _SCHEMA_MAPS and isinstance(value, dict):  # names, then subschemas (a property named "enum")
+            for subschema in value.values():
+                _check_patterns(param, subschema)
+        elif key not in _DATA_KEYWORDS:
+            _check_patterns(param, value)
 
 
 def _schema(param: str, schema: Any) -> dict:
@@ -343,10 +372,21 @@ NO_PARAMETERS = {"type": "object"}
 
 
 def _parameters(param: str, parameters: Any) -> dict:
-    """A tool's ``parameters`` as the schema of its arguments. Empty (``{}``) is left out, as vLLM reads it: as a
-    schema it admits any JSON (``[]``, ``0``), and a call's arguments are an object."""
+    """A tool's ``parameters`` as the schema of its arguments, which are a JSON object (OpenAI's rule for a
+    function's parameters; the "auto" parser takes no other arguments either). Empty (``{}``) is left out, as vLLM
+    reads it. A schema that names no ``type`` is held to an object (as a schema, ``{"properties": ...}`` admits
+    ``"text"`` and ``0``, which were then a call's arguments), and one whose ``type`` leaves objects out is a 400."""
     schema = NO_PARAMETERS if parameters is None else _schema(param, parameters)
-    return schema or NO_PARAMETERS
+    if not schema:
+        return NO_PARAMETERS
+    kind = schema.get("type")
+    kinds = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else None
+    if kind is not None and kinds is not None and "object" not in kinds:
+        raise APIError(400, f"{param} cannot be used: a function's arguments are a JSON object, and its parameters' "
+                       f"type is {json.dumps(kind)}", param, "invalid_grammar")
+    if kind is None or kinds is not None:  # (a type of another shape is llguidance's to refuse)
+        return {**schema, "type": "object"}
+    return schema
 
 
 def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, parallel: bool = True) -> tuple[str, str]:
@@ -359,7 +399,9 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
     ``parallel``). Each schema is checked on its own first, so that an error names its tool; their ``$defs``
     are gathered at the array's root, where their ``$ref``s (``#/$defs/...``) then point. A schema whose refs
     point into itself otherwise (``#``, a recursive tree; ``#/properties/...``) is moved into the root's ``$defs``
-    whole and those refs follow it: left nested, they would point into the array of calls."""
+    whole and those refs follow it: left nested, they would point into the array of calls. So is one with a
+    definition that differs from another tool's of the same name (two pydantic models' ``Location``), its own
+    definitions kept inside it and every ref following it."""
     LLMatcher = _llguidance("tool_choice").LLMatcher
 
     if named is not None:
@@ -373,17 +415,17 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
         error = LLMatcher.validate_grammar(_json(param, schema))
         if error:
             raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")
+        clash = any(definition != defs.get(key, {}).get(def_name, definition)
+                    for key in _DEFINITIONS for def_name, definition in (schema.get(key) or {}).items())
         home = None
-        if _refs_own_root(schema):
+        if clash or _refs_own_root(schema):
             home = f"retnet-tool-{index}-parameters"
             while home in (defs.get("$defs") or {}) or home in (schema.get("$defs") or {}):
                 home += "_"
-            schema = _rerooted(schema, f"#/$defs/{home}")
-        for key in ("$defs", "definitions"):
-            for def_name, definition in (schema.pop(key, None) or {}).items():
-                if defs.setdefault(key, {}).setdefault(def_name, definition) != definition:
-                    raise APIError(400, f"{param}: {key}/{def_name} differs from another tool's of that name (the "
-                                   f"tools' {key} are gathered in one schema)", param, "invalid_grammar")
+            schema = _rerooted(schema, f"#/$defs/{home}", every_ref=clash)
+        if not clash:
+            for key in _DEFINITIONS:
+                defs.setdefault(key, {}).update(schema.pop(key, None) or {})
         if home is not None:
             defs.setdefault("$defs", {})[home] = schema
             schema = {"$ref": f"#/$defs/{home}"}
@@ -395,13 +437,14 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
     return _json("tools", root), "tools"
 
 
-# The refs that still resolve once a tool's schema is nested in the array of calls: its definitions are gathered
-# at that root under the same keys.
+# A schema's definitions, gathered from every tool at the root of the array of calls; the refs to them that
+# still resolve there.
+_DEFINITIONS = ("$defs", "definitions")
 _GATHERED_REFS = ("#/$defs/", "#/definitions/")
 
 
 def _own_root_ref(value: Any) -> bool:
-    return isinstance(value, str) and (value == "#" or value.startswith("#/")) and not value.startswith(_GATHERED_REFS)
+    return _local_ref(value) and not value.startswith(_GATHERED_REFS)
 
 
 def _refs_own_root(node: Any) -> bool:
@@ -410,14 +453,19 @@ def _refs_own_root(node: Any) -> bool:
     return isinstance(node, list) and any(_refs_own_root(value) for value in node)
 
 
-def _rerooted(node: Any, root: str) -> Any:
-    """``node`` with each ref into its own root (``#``, ``#/properties/...``) pointing below ``root`` instead."""
+def _rerooted(node: Any, root: str, every_ref: bool = False) -> Any:
+    """``node`` with each ref into its own root (``#``, ``#/properties/...``) pointing below ``root`` instead;
+    ``every_ref``: its refs to its definitions too (``#/$defs/...``, which then stay inside it)."""
     if isinstance(node, list):
-        return [_rerooted(value, root) for value in node]
+        return [_rerooted(value, root, every_ref) for value in node]
     if not isinstance(node, dict):
         return node
-    return {key: root + value[1:] if key == "$ref" and _own_root_ref(value) else _rerooted(value, root)
-            for key, value in node.items()}
+    return {key: root + value[1:] if key == "$ref" and (_local_ref(value) if every_ref else _own_root_ref(value))
+            else _rerooted(value, root, every_ref) for key, value in node.items()}
+
+
+def _local_ref(value: Any) -> bool:
+    return isinstance(value, str) and (value == "#" or value.startswith("#/"))
 
 
 def _choice(param: str, choices: Any) -> str:

@@ -27,6 +27,8 @@ class HermesToolParser:
       other (no JSON, an unknown name, arguments no object) is no call: its text, tags and all, stays in the
       content, as vLLM leaves a call it cannot parse.
     - ``parallel`` false (``parallel_tool_calls: false``): the calls after the first are dropped.
+    - A closing tag inside one of the body's JSON strings (``{"text": "</tool_call>"}``) does not close the call,
+      unless the body up to the next closing tag is no call either.
     - A call still open at the end (``max_tokens``, a stop string) is no call: its raw text is content.
 
     While the text may be a call (from an opening tag, or its first characters, up to the closing tag) it is
@@ -43,6 +45,8 @@ class HermesToolParser:
         self.calls: list[ToolCall] = []  # every call made so far
         self.buffer = ""  # text not decided yet: the start of an opening tag, or an open call
         self.in_call = False  # buffer holds an opening tag and what followed it
+        # Where the open call's closing tags stand that fell inside its JSON strings (so did not close it).
+        self.passed: list[int] = []
         self.after_call = False  # whitespace here follows a call (dropped)
         # Whitespace before any other content: content or none depends on whether calls follow.
         self.pending = ""
@@ -59,12 +63,19 @@ class HermesToolParser:
         calls: list[ToolCall] = []
         while True:
             if self.in_call:
-                end = self.buffer.find(self.CLOSE)
+                end = self.buffer.find(self.CLOSE, self.passed[-1] + 1 if self.passed else 0)
                 if end < 0:
                     break
+                body = self.buffer[len(self.OPEN) : end]
+                call = self._call(body)
+                if call is None and _ends_in_string(body):  # a closing tag written in one of the call's strings
+                    self.passed.append(end)
+                    continue
+                if call is None and self.passed:  # no call either way: the first tag closed it
+                    end = self.passed[0]
+                self.passed = []
                 end += len(self.CLOSE)
                 raw, self.buffer, self.in_call = self.buffer[:end], self.buffer[end:], False
-                call = self._call(raw[len(self.OPEN) : -len(self.CLOSE)])
                 if call is None:
                     content.append(self._content(raw))
                     continue
@@ -89,7 +100,7 @@ class HermesToolParser:
 
     def finish(self) -> str:
         """The content still held at the end of the text: the start of a tag, a call left open, whitespace."""
-        rest, self.buffer, self.in_call = self.buffer, "", False
+        rest, self.buffer, self.in_call, self.passed = self.buffer, "", False, []
         content = self._content(rest)
         if not self.calls:  # no calls: the text is all content, whitespace included
             content += self.pending
@@ -129,6 +140,19 @@ class HermesToolParser:
             return ToolCall(function=FunctionCall(name=value["name"], arguments=dumps_exact(arguments)))
         except (ValueError, RecursionError):  # no JSON (NaN is none), or nested past Python's stack: text
             return None
+
+
+def _ends_in_string(body: str) -> bool:
+    """Whether ``body`` is JSON cut off inside a string: with that string closed, it fails only at its end (json's
+    own message for an unterminated string is another after a ``\\uXXXX`` escape)."""
+    closed = body + '"'
+    try:
+        loads_exact(closed)
+    except json.JSONDecodeError as error:
+        return error.pos == len(closed)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 class _Number(str):
