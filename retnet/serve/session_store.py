@@ -6,15 +6,13 @@ costs the same for the tenth turn as for the first. ``DIR/<session_id>.safetenso
 
 - tensors ``state.<layer>`` ``[1, H, K, V]`` fp32 and ``offsets`` ``[1]`` int64: the :class:`RetNetCache` row;
   ``seen`` ``[N]`` int64: the history's distinct token ids, which a repetition penalty counts: those fed, the
-  pending one counted when the next turn feeds it (absent in the files written before they were kept; a file
-  written before the pending one was left out, which has no ``seen_counts_pending`` false, has it too: read
-  without it);
+  pending one counted when the next turn feeds it (absent in the files written before they were kept; the files
+  of the versions before the pending one was left out have it too, harmlessly: their next turn always feeds it);
 - metadata: the format, the session id, the fingerprint of the model that computed the state (its config, weights,
   tokenizer, chat template and dtype: :func:`model_fingerprint`) and of its LoRA adapter (name and files' fingerprint), the tokens not
   yet fed (the last one sampled), the history's token count, the cache's ``seen_tokens`` and ``assistant_open``
   (the history ends inside an assistant message the next chat turn closes: ``Session.assistant_open``; absent in
-  the files written before it was kept, read as false: their next turn is templated as it was then) and
-  ``seen_counts_pending`` (false: ``seen`` leaves the pending token out).
+  the files written before it was kept, read as false: their next turn is templated as it was then).
 
 Writes run on one writer thread, started and stopped with the app's lifespan, off the event loop and off the
 scheduler: a turn queues its session's new state and the writer writes it (temp file, fsync, ``os.replace``, the
@@ -430,14 +428,6 @@ class SessionFiles:
                 seen.numel() and not (int(seen.min()) >= 0 and int(seen.max()) < self.vocab_size))):
             raise ValueError(f"seen is {seen.dtype} {tuple(seen.shape)}, not int64 token ids below the vocabulary "
                              f"size {self.vocab_size}")
-        # Files written before this key counted the pending token in seen (every token sampled was kept): a chat
-        # turn that leaves that token out (a special token its closer does not write) penalised it, where the
-        # conversation sent fresh has it nowhere. A turn that feeds it counts it again from its inputs, as ever.
-        counts_pending = json.loads(meta.get("seen_counts_pending", "true"))
-        if type(counts_pending) is not bool:
-            raise ValueError(f"seen_counts_pending is {meta['seen_counts_pending'][:80]!r}, not true or false")
-        if counts_pending and seen is not None and pending:
-            seen = seen[seen != pending[0]]
         # Absent from the files of the versions before it: their sessions continue as they did then.
         assistant_open = json.loads(meta.get("assistant_open", "false"))
         if type(assistant_open) is not bool:
@@ -597,7 +587,7 @@ class SessionFiles:
                     "adapter": json.dumps(state.adapter), "pending": json.dumps(state.pending),
                     "tokens": str(state.tokens), "seen_tokens": str(cache.seen_tokens),
                     "assistant_open": json.dumps(state.assistant_open),
-                    "answer_hidden": json.dumps(state.answer_hidden), "seen_counts_pending": "false"}
+                    "answer_hidden": json.dumps(state.answer_hidden)}
         data = save(tensors, metadata)
         self.directory.mkdir(parents=True, exist_ok=True)  # removed by hand (rm -rf DIR): made again
         temp = self.directory / f".{session_id}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"

@@ -103,42 +103,28 @@ def start_problems(config) -> list[str]:
     from retnet.model.hub import is_hub_id
     from retnet.train.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
     from retnet.train.config import ConfigError
-    from retnet.train.data import creation_problem, data_cache_dir, local_files, resolve_tokenizer_dir
-    from retnet.train.trainer import _check_pretrained_dir, _init_from_dir
+    from retnet.train.data import data_cache_dir, local_files, resolve_tokenizer_dir
+    from retnet.train.trainer import _check_pretrained_dir, _init_from_dir, make_output_dir, named_checkpoint
 
     output_dir = Path(config.train.output_dir)
     checkpoints, resume = output_dir / "checkpoints", config.train.resume
     init_from = config.model.init_from
 
-    def output_dir_problem() -> None:  # Trainer._make_output_dir's refusals
-        for path in (output_dir, checkpoints):  # (os.path's: no OSError on a name too long)
-            if os.path.exists(path) and not os.path.isdir(path):
-                raise ConfigError(f"train.output_dir: {str(path)!r} exists and is not a directory")
-        if (problem := creation_problem(output_dir)) is not None:
-            raise ConfigError(f"train.output_dir {str(output_dir)!r} cannot be created: {problem}")
-
-    def resume_problem() -> None:  # Trainer._pick_checkpoint's, but a checkpoint found is not verified
-        if resume == "none" and (held := list_checkpoints(checkpoints)):
-            raise ConfigError(f"train.resume is 'none' but {str(checkpoints)!r} already holds checkpoints "
-                              f"({held[-1].name}); use --train.resume=auto or another train.output_dir")
-        if resume in ("none", "auto"):
-            return
-        for root in (Path(resume), Path(resume) / "checkpoints"):
-            if held := list_checkpoints(root):
-                raise CheckpointError(f"train.resume {resume!r} holds checkpoints, it is not one: name one of them "
-                                      f"({str(held[-1])!r} is the newest), or use train.resume=auto with "
-                                      f"train.output_dir {str(root.parent)!r} to resume from its newest valid one")
-        if not Path(resume).is_dir():
-            verify_checkpoint(Path(resume))  # its refusal of a missing directory, before it reads anything
+    def resume_problem() -> None:  # a checkpoint named is looked up, not verified (hashed)
+        named = named_checkpoint(resume, checkpoints)
+        if named is not None and not named.is_dir():
+            verify_checkpoint(named)  # its refusal of a missing directory, before it reads anything
 
     def init_from_problem() -> None:
-        if init_from and (os.path.exists(Path(init_from).expanduser()) or not is_hub_id(init_from)):
+        if init_from and (os.path.exists(os.path.expanduser(init_from)) or not is_hub_id(init_from)):
             _check_pretrained_dir(_init_from_dir(init_from))
 
     def tokenizer_problem() -> None:
         # Read only by a run that neither continues another model (init_from's tokenizer) nor resumes with the
         # tokenizer it saved in output_dir.
-        saved = (output_dir / "tokenizer" / "tokenizer_config.json").exists() and resume != "none"
+        # (Trainer: reuse = self.resumed and ...: auto resumes only where checkpoints are)
+        resumed = resume not in ("none", "auto") or (resume == "auto" and bool(list_checkpoints(checkpoints)))
+        saved = resumed and (output_dir / "tokenizer" / "tokenizer_config.json").exists()
         if config.data.tokenizer and not init_from and not saved:
             resolve_tokenizer_dir(config.data.tokenizer, download=False)
 
@@ -148,8 +134,8 @@ def start_problems(config) -> list[str]:
                 local_files(source.dataset)
 
     problems = []
-    for check in (output_dir_problem, resume_problem, init_from_problem, tokenizer_problem,
-                  lambda: data_cache_dir(config.data, create=False), dataset_problems):
+    for check in (lambda: make_output_dir(output_dir, create=False), resume_problem, init_from_problem,
+                  tokenizer_problem, lambda: data_cache_dir(config.data, create=False), dataset_problems):
         try:
             check()
         except (ConfigError, CheckpointError, FileNotFoundError) as error:

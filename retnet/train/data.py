@@ -105,7 +105,7 @@ def data_cache_dir(cfg: DataConfig, create: bool = True) -> Path:
     """``data.cache_dir`` (or the default), created unless ``create`` is false (``--print-config``'s check); a
     ConfigError naming it when it cannot be a directory, here, not as a FileExistsError from deep in the pipeline
     once the data has been read. Every rank checks it: they all read the caches written there."""
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache_dir = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
     shown = repr(str(cache_dir)) + ("" if cfg.cache_dir else " (the default)")
     if cache_dir.exists() and not cache_dir.is_dir():
         raise ConfigError(f"data.cache_dir {shown} is not a directory")
@@ -161,7 +161,7 @@ def local_files(spec: str) -> list[Path] | None:
     """The files a local ``data.dataset`` names (a file, a directory, a glob), None if it is no local path.
 
     Raises FileNotFoundError for something that looks like a path but does not exist."""
-    path = Path(spec).expanduser()
+    path = Path(os.path.expanduser(spec))  # (os.path's: "~name" of no such user stays as written, no RuntimeError)
     if saved_dataset_dir(path):
         return [path]  # loaded whole by datasets.load_from_disk
     if path.is_file():
@@ -577,11 +577,21 @@ def _non_finite_row(path: Path, columns: tuple[str, ...] | None) -> str | None:
     return None
 
 
+# The keys of a message (and of its content parts) read as text: a NaN there is read as null and the row refused
+# as holding None. Elsewhere in a message (a per-message "weight", a tool call's numeric argument) it stays a float
+# and the row trains, as it did before this check.
+_MESSAGE_TEXT_KEYS = frozenset({"role", "content", "from", "value", "type", "text", "name", "tool_call_id"})
+
+
 def _non_finite_in(value) -> str | None:
-    """The first NaN/Infinity constant (a :class:`_NonFinite`) within ``value``, nested lists and objects included."""
+    """The first NaN/Infinity constant (a :class:`_NonFinite`) within ``value``, in nested lists and in the keys of
+    nested objects (messages, content parts) that are read as text."""
     if isinstance(value, _NonFinite):
         return value.constant
-    nested = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if isinstance(value, dict):  # a message, a content part: only what is read as text
+        nested = [item for key, item in value.items() if key in _MESSAGE_TEXT_KEYS]
+    else:
+        nested = value if isinstance(value, list) else ()
     return next((found for item in nested if (found := _non_finite_in(item)) is not None), None)
 
 
@@ -1063,7 +1073,7 @@ def resolve_tokenizer_dir(path: str | Path, download: bool = True) -> Path | Non
     ``download`` is false: ``--print-config``'s check). FileNotFoundError or ConfigError when it is no directory."""
     from retnet.model.hub import TOKENIZER_FILES, HubError, is_hub_id, resolve_pretrained
 
-    local = Path(path).expanduser()
+    local = Path(os.path.expanduser(path))
     if not os.path.exists(local) and is_hub_id(path):  # (os.path's: no OSError on an over-long name)
         if not download:
             return None

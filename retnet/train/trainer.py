@@ -632,39 +632,19 @@ class Trainer:
 
     def _make_output_dir(self) -> None:
         """Create ``train.output_dir`` (a ConfigError naming it, not a traceback, when it cannot be)."""
-        for path in (self.output_dir, self.ckpt_root):
-            if path.exists() and not path.is_dir():
-                raise ConfigError(f"train.output_dir: {str(path)!r} exists and is not a directory")
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(f"train.output_dir {str(self.output_dir)!r} cannot be created: {error}") from None
+        make_output_dir(self.output_dir)
 
     def _pick_checkpoint(self) -> str | None:
-        resume = self.cfg.train.resume
-        if resume == "none":
-            existing = list_checkpoints(self.ckpt_root)
-            if existing:
-                raise ConfigError(f"train.resume is 'none' but {str(self.ckpt_root)!r} already holds checkpoints "
-                                  f"({existing[-1].name}); use --train.resume=auto or another train.output_dir")
-            return None
-        if resume == "auto":
+        if self.cfg.train.resume == "auto":
             found = find_resume_checkpoint(self.ckpt_root)
             return None if found is None else str(found)
-        load_checkpoint_path = Path(resume)
+        named = named_checkpoint(self.cfg.train.resume, self.ckpt_root)
+        if named is None:
+            return None
         from retnet.train.checkpoint import verify_checkpoint
 
-        # A folder of checkpoints (a run's checkpoints/, or its output_dir) would be refused as a checkpoint whose
-        # write crashed: name the one to give instead
-        for root in (load_checkpoint_path, load_checkpoint_path / "checkpoints"):
-            held = list_checkpoints(root)
-            if held:
-                raise CheckpointError(f"train.resume {resume!r} holds checkpoints, it is not one: name one of them "
-                                      f"({str(held[-1])!r} is the newest), or use train.resume=auto with "
-                                      f"train.output_dir {str(root.parent)!r} to resume from its newest valid one")
-
-        verify_checkpoint(load_checkpoint_path)
-        return str(load_checkpoint_path)
+        verify_checkpoint(named)
+        return str(named)
 
     def _open_loggers(self) -> None:
         # A resumed run drops the records after its checkpoint (they will be redone), and that of the evaluation
@@ -1595,6 +1575,44 @@ class _CurrentStderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass  # StreamHandler.__init__ and setStream assign it; the current sys.stderr always wins
+
+
+def make_output_dir(output_dir: Path, *, create: bool = True) -> None:
+    """``train.output_dir`` created, or with ``create`` false only found creatable (``--print-config``): a
+    ConfigError naming it when it or its ``checkpoints/`` is a file, or it cannot be created."""
+    from retnet.train.data import creation_problem
+
+    for path in (output_dir, output_dir / "checkpoints"):
+        if os.path.exists(path) and not os.path.isdir(path):  # (os.path's: no OSError on a name too long)
+            raise ConfigError(f"train.output_dir: {str(path)!r} exists and is not a directory")
+    if not create:
+        if (problem := creation_problem(output_dir)) is not None:
+            raise ConfigError(f"train.output_dir {str(output_dir)!r} cannot be created: {problem}")
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"train.output_dir {str(output_dir)!r} cannot be created: {error}") from None
+
+
+def named_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
+    """The checkpoint ``train.resume`` names, still to verify (None for 'none' and 'auto'), after its refusals
+    that read no checkpoint: 'none' where ``ckpt_root`` holds checkpoints, a folder of checkpoints named as one."""
+    if resume == "none":
+        if existing := list_checkpoints(ckpt_root):
+            raise ConfigError(f"train.resume is 'none' but {str(ckpt_root)!r} already holds checkpoints "
+                              f"({existing[-1].name}); use --train.resume=auto or another train.output_dir")
+        return None
+    if resume == "auto":
+        return None
+    # A folder of checkpoints (a run's checkpoints/, or its output_dir) would be refused as a checkpoint whose
+    # write crashed: name the one to give instead
+    for root in (Path(resume), Path(resume) / "checkpoints"):
+        if held := list_checkpoints(root):
+            raise CheckpointError(f"train.resume {resume!r} holds checkpoints, it is not one: name one of them "
+                                  f"({str(held[-1])!r} is the newest), or use train.resume=auto with "
+                                  f"train.output_dir {str(root.parent)!r} to resume from its newest valid one")
+    return Path(resume)
 
 
 def _init_from_dir(init_from: str | None) -> Path | None:

@@ -1,69 +1,59 @@
 """Known gaps closed: a NaN/Infinity in the JSON of preference pairs and GRPO prompts is refused naming the file,
-the line and the column, as for text and chat data; a chat session's file written before ``seen`` left the pending
-token out is read without it; ``--print-config`` reports what a start would refuse."""
+the line and the column, as for text and chat data; a chat session's pending token that its history also holds
+stays counted after a restart; ``--print-config`` reports what a start would refuse."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from retnet.tokenization import train_byte_level_bpe, wrap_tokenizer
 from tests.serve.conftest import CORPUS, save_micro_model, serve_app
-from tests.serve.test_session_fuzz_paths import ASK, BOS, CHATML, IM_END, IM_START, NEXT, chat, word_ids
+from tests.serve.test_session_fuzz_paths import ASK, IM_END, IM_START, NEXT, chat, word_ids
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Session files of older versions
+# Session files
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
 
 
+CHATML_BOS = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 @pytest.fixture(scope="module")
-def chatml_model_dir(tmp_path_factory):
-    """A micro model whose tokenizer knows ChatML's markers as special tokens, its EOS ``<|endoftext|>`` (Qwen's)."""
+def bos_is_eos_model_dir(tmp_path_factory):
+    """A micro model whose tokenizer knows ChatML's markers as special tokens and whose BOS is its EOS (GPT-2's,
+    Phi's)."""
     backend = train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1).backend_tokenizer
-    backend.add_special_tokens([IM_START, IM_END, BOS])
+    backend.add_special_tokens([IM_START, IM_END])
     tokenizer = wrap_tokenizer(backend)
-    tokenizer.bos_token = BOS
-    return save_micro_model(tmp_path_factory.mktemp("retnet-known-gaps"), tokenizer)
-
-
-def _as_written_before(path, pending: int) -> None:
-    """Rewrite a session file as the versions before ``seen`` left the pending token out wrote it: ``seen``
-    the distinct ids of every token fed and sampled, the pending one among them, and no ``seen_counts_pending``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    with safe_open(str(path), "pt") as handle:
-        metadata = dict(handle.metadata())
-    tensors = load_file(str(path))
-    metadata.pop("seen_counts_pending", None)
-    tensors["seen"] = torch.cat([tensors["seen"], torch.tensor([pending])]).unique()
-    save_file(tensors, str(path), metadata)
+    tokenizer.bos_token = tokenizer.eos_token
+    return save_micro_model(tmp_path_factory.mktemp("bos-is-eos"), tokenizer)
 
 
 @pytest.mark.anyio
-async def test_an_older_session_file_does_not_count_its_pending_token(chatml_model_dir, tmp_path):
-    """A file of the versions before counted the answer's last token (the EOS here) in ``seen``: read back, the next
-    chat turn, which leaves that token out (ChatML's closer writes nothing of it), penalised it, where the
-    conversation sent fresh has it nowhere and answers the EOS at once."""
-    overrides = {"chat_template": CHATML, "session_dir": str(tmp_path / "sessions")}
-    async with serve_app(chatml_model_dir, **overrides) as client:
+async def test_a_pending_token_the_history_also_holds_stays_counted_after_a_restart(bos_is_eos_model_dir, tmp_path):
+    """The answer ends on the EOS, which the next chat turn leaves out (ChatML's closer writes nothing of it), but
+    the history holds it too, fed as the BOS: the conversation sent fresh penalises it, and so must the session read
+    back from its file. (A migration that dropped the pending token from an older file's ``seen`` could not tell
+    this history from one that never fed it: no released version wrote the files it was meant for.)"""
+    overrides = {"chat_template": CHATML_BOS, "session_dir": str(tmp_path / "sessions")}
+    async with serve_app(bos_is_eos_model_dir, **overrides) as client:
         tokenizer = client.app.state.serving.tokenizer
         eos, words = tokenizer.eos_token_id, word_ids(tokenizer)
         first = await chat(client, [{"role": "user", "content": ASK}], session_id="s", max_tokens=8, min_tokens=2,
                            allowed_token_ids=[*words, eos], logit_bias={str(eos): 100})
-        assert first["token_ids"][-1] == eos and eos not in first["token_ids"][:-1]
-    _as_written_before(tmp_path / "sessions" / "s.safetensors", eos)
-    following = {"max_tokens": 3, "allowed_token_ids": [*words, eos], "repetition_penalty": 10.0}
-    async with serve_app(chatml_model_dir, **overrides) as client:
+        assert first["token_ids"][-1] == eos
+    following = {"max_tokens": 3, "allowed_token_ids": [*words, eos], "repetition_penalty": 10.0,
+                 "logit_bias": {str(eos): 8}}
+    async with serve_app(bos_is_eos_model_dir, **overrides) as client:
         continued = await chat(client, [{"role": "user", "content": NEXT}], session_id="s", **following)
         whole = await chat(client, [{"role": "user", "content": ASK},
                                     {"role": "assistant", "content": first["message"]["content"]},
                                     {"role": "user", "content": NEXT}], **following)
-    assert whole["token_ids"] == [eos]
     assert continued["token_ids"] == whole["token_ids"]
 
 
@@ -174,3 +164,57 @@ def test_print_config_reports_every_refusal_and_none_of_a_config_that_starts(run
     clean = run_here([*tiny, "--print-config"])
     assert clean.returncode == 0 and not _errors(clean.stderr) and json.loads(clean.stdout)
     assert not (tmp_path / "run").exists()
+
+
+def test_print_config_reads_data_tokenizer_where_auto_has_no_checkpoint_to_resume(run_here, tmp_path):
+    """A run that died before its first checkpoint left output_dir/tokenizer: resume=auto starts afresh and reads
+    data.tokenizer, which the start refuses; --print-config took the saved tokenizer as the run's."""
+    (tmp_path / "run" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "run" / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n')
+    args = ["--config", "tiny", f"--train.output_dir={tmp_path}/run", f"--data.dataset={tmp_path}/docs.jsonl",
+            f"--data.tokenizer={tmp_path}/tok", "--train.steps=1", "--optim.warmup_steps=0"]
+    printed = run_here([*args, "--print-config"])
+    assert printed.returncode == 2
+    assert _errors(printed.stderr) == [f"retnet-train: error: data.tokenizer: no such tokenizer directory: "
+                                       f"'{tmp_path}/tok'"]
+    started = run_here(args)
+    assert started.returncode == 2 and _errors(started.stderr) == _errors(printed.stderr)
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("--model.init_from=~nosuchuser-r1/model", "model.init_from '~nosuchuser-r1/model': no such directory"),
+    ("--data.dataset=~nosuchuser-r1/docs.jsonl", "no such file or directory: '~nosuchuser-r1/docs.jsonl'"),
+    ("--data.tokenizer=~nosuchuser-r1/tok", "no such tokenizer directory: '~nosuchuser-r1/tok'"),
+])
+def test_print_config_refuses_a_home_of_no_such_user_by_name(override, words, run_here, tmp_path):
+    """pathlib's expanduser raises a bare RuntimeError for "~name" of no such user: a traceback, exit 1."""
+    printed = run_here(["--config", "tiny", f"--train.output_dir={tmp_path}/run", override, "--print-config"])
+    assert printed.returncode == 2 and words in printed.stderr
+
+
+def test_a_non_finite_number_in_a_message_key_not_read_as_text_keeps_its_row(tmp_path):
+    """A per-message number (a "weight", a "score") stays a float when read, and the row trained before the check:
+    only what is read as text (role, content, a part's text) is refused."""
+    from retnet.train.config import DataConfig
+    from retnet.train.data import load_conversations, local_files
+    from retnet.train.preference import load_pairs
+    from retnet.train.prompts import load_prompt_rows
+
+    def load(fmt, text, loader):
+        folder = tmp_path / fmt
+        folder.mkdir()
+        (folder / "rows.jsonl").write_text(text)
+        config = DataConfig(dataset=str(folder / "rows.jsonl"), format=fmt, cache_dir=str(folder / "cache"))
+        return loader(config, local_files(config.dataset), folder / "cache")
+
+    pairs = load("preference", '{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", '
+                 '"content": "a", "weight": NaN}], "rejected": [{"role": "assistant", "content": "b", "weight": 1.0}]}\n',
+                 load_pairs)
+    assert len(pairs) == 1
+    prompts = load("prompts", '{"prompt": [{"role": "user", "content": "q", "score": NaN}], "answer": "1"}\n',
+                   load_prompt_rows)
+    assert len(prompts) == 1
+    chats = load("chat", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", '
+                 '"weight": NaN}]}\n', load_conversations)
+    assert len(chats) == 1
