@@ -45,6 +45,11 @@ def lm_eval_cli() -> Callable[[], object]:
                      f"(it declares: {sorted(scripts) or 'none'}); expected lm_eval>=0.4.10,<0.5")
 
 
+# lm-eval's short options that take no value (--log_samples, --write_out, --predict_only): argparse reads
+# "-sa v" as "-s -a v" and "-sCPATH" as "-s -CPATH"
+_VALUELESS_SHORTS = "swx"
+
+
 def _option(word: str, long: str, short: str, shortest: str) -> tuple[bool, str | None]:
     """Whether argparse reads ``word`` as lm-eval's option ``long`` (``short``), and the value attached to it (None:
     its values follow). argparse takes any unambiguous prefix of a long name (``--model_arg`` for ``--model_args``;
@@ -55,6 +60,8 @@ def _option(word: str, long: str, short: str, shortest: str) -> tuple[bool, str 
         if len(name) >= len(shortest) and long.startswith(name):
             return True, value if equals else None
         return False, None
+    if word.startswith("-"):  # "-sa v" is "-s -a v": -s, -w and -x (lm-eval's short options that take no value)
+        word = "-" + word[1:].lstrip(_VALUELESS_SHORTS)
     if word.startswith(short):
         attached = word[len(short):]
         return True, (attached.removeprefix("=") if attached else None)

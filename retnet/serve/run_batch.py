@@ -147,19 +147,20 @@ class OrderedWriter:
     def put(self, index: int, line: dict) -> None:
         self.buffer[index] = line
         while self.next in self.buffer:
-            self.out.write(json_line(self.buffer.pop(self.next)) + "\n")
+            self.out.write(json_line(self.buffer.pop(self.next), getattr(self.out, "encoding", None) or "utf-8") + "\n")
             self.next += 1
         self.out.flush()
 
 
-def json_line(line: dict) -> str:
-    """``line`` as one line of JSON, its text unescaped, unless it holds a lone surrogate (a ``custom_id`` the input
-    line spelled ``"a\\ud83d"``, which its output line echoes): UTF-8 cannot write one, and the UnicodeEncodeError
-    ended the whole batch there, no line written for it or any after it. Such a line is written with JSON's escapes
-    instead, which read back as the same string."""
+def json_line(line: dict, encoding: str = "utf-8") -> str:
+    """``line`` as one line of JSON, its text unescaped, unless ``encoding`` (the output's) cannot write it: a lone
+    surrogate (a ``custom_id`` the input line spelled ``"a\\ud83d"``, which its output line echoes) in UTF-8, any
+    non-ASCII text on an ASCII stdout (``-o -`` under ``LC_ALL=C``). The UnicodeEncodeError ended the whole batch
+    there, no line written for it or any after it. Such a line is written with JSON's escapes instead, which read
+    back as the same string."""
     text = json.dumps(line, ensure_ascii=False)
     try:
-        text.encode()
+        text.encode(encoding)
     except UnicodeEncodeError:
         return json.dumps(line)
     return text

@@ -43,6 +43,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -325,7 +326,7 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
         # other-shaped weights are named below with the rest (transformers' own error points at a log report)
         model, info = auto_class.from_pretrained(str(root), config=config, dtype=DTYPES[dtype], local_files_only=True,
                                                  output_loading_info=True, ignore_mismatched_sizes=True)
-    except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # a damaged weight file too
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as error:  # a damaged weight file too
         raise EvalError(f"--model {path!r} could not be loaded: {type(error).__name__}: "
                         f"{str(error).strip()[:300]}") from None
     wrong = _weights_not_matching(model, info)
@@ -333,7 +334,7 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
         # transformers starts missing weights at random and drops unexpected ones: a model loaded in part scores
         # random layers (or fewer layers than it was trained with) without a word
         raise EvalError(f"--model {path!r}: its weights do not match its config.json ({wrong}); give a "
-                        f"save_pretrained directory whose weights are all there (train.output_dir/export)")
+                        f"save_pretrained directory whose config.json and weights were written together (train.output_dir/export)")
     problem = tokenizer_mismatch(tokenizer, model.config)
     if problem is not None:
         raise EvalError(f"--model {path!r}: {problem}")

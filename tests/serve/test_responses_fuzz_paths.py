@@ -265,3 +265,17 @@ async def test_a_lone_surrogate_key_is_named_as_such_not_as_a_body_that_is_no_ob
         assert error["code"] == "invalid_unicode" and "surrogate" in error["message"], error
         assert "must be a JSON object" not in error["message"], error
         assert (await client.post("/v1/responses", json={"input": "x", "max_output_tokens": 2})).status_code == 200
+
+
+def test_a_batch_written_to_an_ascii_stream_escapes_what_it_cannot_write():
+    """``-o -`` on an ASCII stdout (LC_ALL=C): the first line holding non-ASCII text ended the batch."""
+    import io
+
+    from retnet.serve.run_batch import json_line
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    line = {"custom_id": "café", "response": {"body": {"text": "東京"}}}
+    out.write(json_line(line, out.encoding) + "\n")
+    out.flush()
+    assert json.loads(out.buffer.getvalue()) == line
+    assert json_line(line) == json.dumps(line, ensure_ascii=False)  # UTF-8 writes it as it is

@@ -294,3 +294,26 @@ def test_model_args_read_as_lm_evals_own_parser_reads_them(reward_and_lm_dirs, m
         assert parsed.model_args["pretrained"] in _pretrained_values(argv), argv
         checked += 1
     assert checked == 300
+
+
+def test_model_args_after_short_options_that_take_no_value(tmp_path):
+    """argparse reads "-sa v" as "-s -a v" (-s, -w and -x take no value): lm-eval ran such a reward model as an LM."""
+    from retnet.harness import _config_pretrained, _pretrained_values
+
+    assert _pretrained_values(["-sa", "pretrained=A"]) == ["A"]
+    assert _pretrained_values(["-wxapretrained=A"]) == ["A"]
+    assert _pretrained_values(["-s"]) == [] and _pretrained_values(["-va"]) == []  # -v takes a value: "a"
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"model": "hf", "model_args": {"pretrained": "B"}}))
+    assert _config_pretrained(["-sC", str(config)]) == ["B"]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle"], ids=["empty", "garbage"])
+def test_a_damaged_pytorch_model_bin_is_refused_by_name(lm_export, docs, tmp_path, content):
+    """A hub repository without safetensors brings pytorch_model.bin: an empty or garbage one was an EOFError or
+    UnpicklingError traceback."""
+    damaged = _edited_copy(lm_export, tmp_path / "damaged")
+    (damaged / "model.safetensors").unlink()
+    (damaged / "pytorch_model.bin").write_bytes(content)
+    code, _, err = _run(["--model", str(damaged), "--dataset", str(docs), "--cache-dir", str(tmp_path / "cache")])
+    assert code == EXIT_USAGE and "Traceback" not in err and f"--model {str(damaged)!r} could not be loaded" in err, err
