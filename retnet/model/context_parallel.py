@@ -241,4 +241,38 @@ def add_incoming(o: torch.Tensor, q: torch.Tensor, state: torch.Tensor, log_deca
         return _IncomingShare.apply(o, q, state.float(), decay)
 
 
-__all__ = ["ContextShard", "add_incoming", "incoming_state", "shard_sequences"]
+@dataclass(frozen=True)
+class ContextGroup:
+    """This rank's place among the ``size`` ranks of a group that split each packed row of sequences along time:
+    ``rank`` its piece, ``group`` their process group. Post-training (DPO, reward models) reads a value per
+    sequence (its summed completion log-prob, its score at its last token): each rank computes its pieces' part
+    and :meth:`sum` adds them up on every rank."""
+
+    rank: int
+    size: int
+    group: dist.ProcessGroup | None = None
+
+    def shard(self, input_ids: torch.Tensor,
+              cu_seqlens: torch.Tensor) -> tuple[dict[str, torch.Tensor], ContextShard, int]:
+        """This rank's piece of the packed row ``input_ids`` ``[1, N]`` of the sequences ``cu_seqlens``:
+        ``(inputs, shard, start)``, ``inputs`` the piece's ``input_ids`` and ``cu_seqlens`` (pass them with
+        ``context_parallel=shard``), ``start`` the row position of its first token. A row whose length the pieces
+        do not divide (its sequences' lengths vary) gets a sequence of padding at its end: no state crosses into
+        it, and nothing reads it."""
+        padding = -input_ids.shape[1] % self.size
+        if padding:
+            cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([input_ids.shape[1] + padding])])
+            input_ids = F.pad(input_ids, (0, padding))
+        inputs, shard, _ = shard_sequences(input_ids, None, self.rank, self.size, cu_seqlens, self.group)
+        return inputs, shard, self.rank * shard.length
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the group, on every rank. Differentiable: the backward sums the ranks' gradients
+        and hands each its piece's, so each rank's loss must be its share (1 / ``size``) of a loss every rank
+        computes whole from the sum."""
+        import torch.distributed.nn.functional as distributed
+
+        return distributed.all_reduce(values, group=self.group)
+
+
+__all__ = ["ContextGroup", "ContextShard", "add_incoming", "incoming_state", "shard_sequences"]

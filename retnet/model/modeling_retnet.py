@@ -1719,6 +1719,7 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
         retention_mode: str | None = None,
         cu_seqlens: torch.Tensor | None = None,
         past_key_values: RetNetCache | None = None,
+        context_parallel: ContextShard | None = None,
         **kwargs,
     ) -> RetNetSequenceClassifierOutput | tuple:
         """Logits ``[B, num_labels]`` from each row's last real token (``[N, num_labels]``, one per packed
@@ -1733,7 +1734,9 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
         ``input_ids`` alone transformers' rule, the rightmost token that is not ``config.pad_token_id``
         (right or left padding); otherwise the last position, which needs B = 1 without a ``pad_token_id``
         (the ``ValueError`` transformers raises) and, with ``inputs_embeds``, is transformers' warned guess.
-        Other arguments as :meth:`RetNetModel.forward`."""
+        With ``context_parallel`` (this rank's piece of a packed row split along time) each segment of the piece's
+        ``cu_seqlens`` is scored at its last token on the piece: a sequence's score is that of the piece holding its
+        end. Other arguments as :meth:`RetNetModel.forward`."""
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
         cu_seqlens = _flattened_offsets(cu_seqlens, kwargs)
@@ -1748,6 +1751,7 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
             return_dict=True,
             retention_mode=retention_mode,
             cu_seqlens=cu_seqlens,
+            context_parallel=context_parallel,
         )
         hidden_states = outputs.last_hidden_state
         rows, last = self._last_tokens(input_ids, attention_mask, cu_seqlens, hidden_states)

@@ -665,37 +665,36 @@ def schedule_warnings(job: JobConfig) -> list[str]:
 
 
 def _check_context_parallel(job: JobConfig) -> None:
-    """ConfigError for ``train.context_parallel`` > 1 with what the pieces cannot be trained under: the
-    post-training objectives (their losses and samplers are not split along time yet), and a row that does not
-    cut into equal pieces."""
+    """ConfigError for ``train.context_parallel`` > 1 with what the pieces cannot be trained under: GRPO (its
+    sampler is not split along time yet), DPO and reward models beside tensor parallelism, and a row that does not
+    cut into equal pieces. DPO and reward models train: a group's ranks each hold a piece of every row of the same
+    pairs, the per-sequence log-probs and scores summed over them, the metrics counted once."""
     size = job.train.context_parallel
     if size == 1:
         return
-    if job.reward.enabled or job.data.format in ("preference", "prompts"):
-        mode = ("a reward model (reward.enabled)" if job.reward.enabled else
-                "DPO (data.format 'preference')" if job.data.format == "preference" else
-                "GRPO (data.format 'prompts')")
-        _refuse("train.context_parallel", f"> 1 is not supported with {mode} yet; train it with "
-                f"train.context_parallel=1", size)
+    if job.data.format == "prompts":
+        _refuse("train.context_parallel", "> 1 is not supported with GRPO (data.format 'prompts') yet: its "
+                "completions are sampled with the cache, whole; train it with train.context_parallel=1", size)
+    if job.data.format == "preference" and job.train.tensor_parallel > 1:
+        mode = "a reward model (reward.enabled)" if job.reward.enabled else "DPO (data.format 'preference')"
+        _refuse("train.context_parallel", f"> 1 is not supported with {mode} beside train.tensor_parallel > 1 yet; "
+                f"split its rows (train.context_parallel) or its layers (train.tensor_parallel), not both", size)
     # A block, not only a packed micro-batch's row (micro_batch_size blocks): evaluation's last batch may hold
-    # fewer blocks, and its row must split too.
-    if job.data.seq_len % size:
+    # fewer blocks, and its row must split too. (Pairs of any lengths: their rows are padded to split.)
+    if job.data.seq_len % size and job.data.format != "preference":
         _refuse("train.context_parallel", f"must divide data.seq_len = {job.data.seq_len} into equal pieces (each "
                 f"row is cut from whole blocks, packed or not)", size)
 
 
 def _check_tensor_parallel(job: JobConfig) -> None:
-    """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: DoRA (LoRA
-    splits with its projections; so does per-layer ``torch.compile``), dropout (each rank would draw its own mask on
-    the replicated residual stream) and heads or an FFN width the ranks cannot share. DPO, reward models and GRPO train: a group's ranks run the same pairs (GRPO:
-    sample the same completions), their metrics counted once. A ``model.init_from`` model's own architecture and
-    dropout are checked by the trainer, which reads them."""
+    """ConfigError for ``train.tensor_parallel`` > 1 with what the split layers cannot train under: dropout (each
+    rank would draw its own mask on the replicated residual stream) and heads or an FFN width the ranks cannot share.
+    LoRA and DoRA split with their projections; so does per-layer ``torch.compile``. DPO, reward models and GRPO
+    train: a group's ranks run the same pairs (GRPO: sample the same completions), their metrics counted once. A
+    ``model.init_from`` model's own architecture and dropout are checked by the trainer, which reads them."""
     size = job.train.tensor_parallel
     if size == 1:
         return
-    if job.lora.enabled and job.lora.use_dora:
-        _refuse("train.tensor_parallel", "> 1 is not supported with DoRA (lora.use_dora: its magnitudes need each "
-                "output row's norm over the whole input) yet; train it with train.tensor_parallel=1", size)
     if job.lora.enabled and job.lora.dropout:
         _refuse("lora.dropout", f"must be 0 with train.tensor_parallel {size} (each rank would draw its own mask on "
                 f"the adapters' replicated input)", job.lora.dropout)

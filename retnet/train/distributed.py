@@ -57,6 +57,22 @@ def context_parallel_group(rank: int, world_size: int, size: int, stride: int = 
     return mine
 
 
+def data_parallel_group(rank: int, world_size: int, group_size: int) -> Any:
+    """The process group of the ranks holding this rank's place in every group of ``group_size`` consecutive ranks
+    (ranks ``p``, ``p + group_size``, ...): the data-parallel ranks among which a context-parallel piece's pairs are
+    dealt (the DPO reference pass gathers over them, the evaluation of pairs sums over them: each pair once, not
+    once a piece). None for ``group_size`` 1 (the world). A collective of the default group, as ``new_group`` is."""
+    if group_size == 1:
+        return None
+    mine = None
+    for place in range(group_size):
+        ranks = list(range(place, world_size, group_size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
 def tensor_parallel_mesh(device: torch.device, world_size: int, size: int) -> Any:
     """The 2-D ``("dp", "tp")`` DeviceMesh of tensor parallelism over ``size`` ranks, None for size 1: ranks
     ``g·size .. g·size + size − 1`` are tensor-parallel group ``g`` (a node's GPUs, where a layer's all-reduces are

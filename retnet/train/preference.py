@@ -42,7 +42,10 @@ change nothing, so the base model): before the first step the reference log-prob
 pair are computed once (TRL's ``precompute_ref_log_probs``; no second model), in eval mode, the pairs split across
 the ranks (each runs the same number of forwards, as FSDP needs) and all-gathered. Under tensor parallelism they are
 split across the data-parallel ranks: the ranks of a tensor-parallel group run the split model on the same pairs
-(the batches, the reference pass and the evaluation alike), and each pair's log-probs and metrics count once. The
+(the batches, the reference pass and the evaluation alike), and each pair's log-probs and metrics count once. So
+under context parallelism, whose ranks each hold a piece of every row of the same pairs (the row padded with a
+sequence of its own to a length they divide): each rank sums the log-probs of the completion tokens its piece
+predicts, and an all-reduce over the group adds them up (its backward hands every piece the sum's gradient). The
 policy trains without dropout (TRL's ``disable_dropout``, :func:`policy_overrides`), so at step 1 it is the
 reference. Rank 0 writes them to ``<output_dir>/reference_logps.pt`` with a content hash of the tokenized pairs
 they are of (:func:`pairs_digest`); checkpoints hold the file's digest, and a resume loads that file (or the one
@@ -64,7 +67,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -96,6 +99,9 @@ from retnet.train.data import (
     vocab_bound,
 )
 from retnet.train.distributed import is_distributed
+
+if TYPE_CHECKING:  # (the model package imports transformers: evaluate_reward reads Pairs without it)
+    from retnet.model.context_parallel import ContextGroup
 
 logger = logging.getLogger(__name__)
 
@@ -382,14 +388,24 @@ def pack(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pairs: np.ndarr
                      torch.as_tensor(np.asarray(pairs, dtype=np.int64)))
 
 
-def completion_logps(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+def completion_logps(model: torch.nn.Module, batch: PairBatch, context: ContextGroup | None = None) -> torch.Tensor:
     """``[2B]`` fp32: each sequence's summed log-probability of its completion tokens (EOS included) under
-    ``model`` (a RetNetForCausalLM, or DDP/FSDP around one: called through its forward)."""
-    logits = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, logits_to_keep=batch.keep,
-                   use_cache=False, return_dict=True).logits[0].float()
+    ``model`` (a RetNetForCausalLM, or DDP/FSDP around one: called through its forward). ``context``: the row is
+    split along time across its ranks (context parallelism), each summing the tokens its piece predicts; the sums
+    are added up over them, every rank returning the whole sequences' (the gradient reaching every piece)."""
+    inputs, keep, labels, sequence = {"input_ids": batch.input_ids, "cu_seqlens": batch.cu_seqlens}, batch.keep, \
+        batch.labels, batch.sequence
+    if context is not None:
+        inputs, shard, start = context.shard(batch.input_ids, batch.cu_seqlens)
+        inputs["context_parallel"] = shard
+        # the positions predicting a completion token on this piece (the last one's token may lie on the next)
+        mine = (keep >= start) & (keep < start + shard.length)
+        keep, labels, sequence = keep[mine] - start, labels[mine], sequence[mine]
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False, return_dict=True).logits[0].float()
     # log_softmax gathered at the label, without the [M, vocab] log-probs a full log_softmax would write
-    token = logits.gather(-1, batch.labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return torch.zeros(len(batch.lengths), dtype=torch.float32, device=token.device).index_add(0, batch.sequence, token)
+    token = logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    sums = torch.zeros(len(batch.lengths), dtype=torch.float32, device=token.device).index_add(0, sequence, token)
+    return sums if context is None else context.sum(sums)
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor,
@@ -422,13 +438,16 @@ def _metric_sums(chosen: torch.Tensor, rejected: torch.Tensor, policy: torch.Ten
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_reference(model: torch.nn.Module, splits: list[Pairs], *, micro_batch: int, rank: int, world_size: int,
-                      device: torch.device, autocast, progress: bool, group=None) -> list[torch.Tensor]:
+                      device: torch.device, autocast, progress: bool, group=None,
+                      context: ContextGroup | None = None) -> list[torch.Tensor]:
     """Each split's ``[N, 2]`` fp32 (chosen, rejected) summed completion log-probs under ``model`` in eval mode.
     Rank ``r`` computes the ``r``-th contiguous share of the pairs of all splits; every rank runs the same number
     of forwards (the last share is padded with repeats), and the shares are all-gathered over ``group`` (None: the
     world), whose ``world_size`` ranks ``rank`` numbers: every rank returns all. Under tensor parallelism ``rank``
     and ``world_size`` are the data-parallel ones: the ranks of a tensor-parallel group run the split model on the
-    same share, their forwards' collectives in step, and each gathers over its ``mesh["dp"]``."""
+    same share, their forwards' collectives in step, and each gathers over its ``mesh["dp"]``. Under context
+    parallelism (``context``: each row split along time across its ranks) likewise: ``group`` links the ranks
+    holding the same piece in every data-parallel group."""
     from tqdm.auto import tqdm
 
     items = [(split, index) for split, pairs in enumerate(splits) for index in range(len(pairs))]
@@ -444,7 +463,7 @@ def compute_reference(model: torch.nn.Module, splits: list[Pairs], *, micro_batc
             chunk = mine[lo:lo + micro_batch]
             batch = pack([splits[split].parts(index) for split, index in chunk], np.arange(len(chunk))).to(device)
             with autocast:
-                logps = completion_logps(model, batch)
+                logps = completion_logps(model, batch, context)
             out[lo:lo + len(chunk)] = torch.stack(logps.chunk(2), dim=1)
     finally:
         model.train(training)
@@ -567,6 +586,9 @@ class PreferenceData:
         # gather and sum over: None, the world; under tensor parallelism mesh["dp"] (start() takes it), so that the T
         # ranks of a group, which run the same pairs, count them once.
         self.group = None
+        # Context parallelism: the ranks splitting each micro-batch's row along time (start() takes it), which
+        # hold the same pairs; None without it.
+        self.context: ContextGroup | None = None
         self.consumed = 0  # global pairs consumed: the data position
         self.hub_fingerprint: str | None = None
         self.step_tokens: int | None = None  # the tokens of the last step's global batch (both sequences of each pair)
@@ -588,20 +610,21 @@ class PreferenceData:
 
     # -- the reference ----------------------------------------------------------------------------------
     def start(self, dpo: DpoConfig, model: torch.nn.Module, autocast, device: torch.device, *, output_dir: Path,
-              checkpoint: Path | None, progress: bool, barrier: Callable[[], None], group=None) -> None:
+              checkpoint: Path | None, progress: bool, barrier: Callable[[], None], group=None,
+              context: ContextGroup | None = None) -> None:
         """Hold the reference log-probs: computed from ``model`` as it is (a run that starts; rank 0 writes them
         to ``output_dir``), or read back (a resume from ``checkpoint``: from ``output_dir``, else from beside the
         checkpoint's run), refusing a file whose digest is not the one the checkpoint holds. ``group``: the
-        data-parallel ranks' process group (:attr:`group`). First refuses pairs without a prompt
-        (:meth:`check_prompted`)."""
+        data-parallel ranks' process group (:attr:`group`); ``context``: the context-parallel ranks splitting each
+        row (:attr:`context`). First refuses pairs without a prompt (:meth:`check_prompted`)."""
         self.check_prompted()
-        self.dpo, self.device, self.autocast, self.group = dpo, device, autocast, group
+        self.dpo, self.device, self.autocast, self.group, self.context = dpo, device, autocast, group, context
         path = Path(output_dir) / REFERENCE_FILE
         if checkpoint is None:
             started = time.perf_counter()
             reference = compute_reference(model, [self.train, self.val], micro_batch=self.micro_batch, rank=self.rank,
                                           world_size=self.world_size, device=device, autocast=autocast,
-                                          progress=progress, group=group)
+                                          progress=progress, group=group, context=context)
             saved = SavedReference(self.key, pairs_digest([self.train, self.val]), reference)
             if _first_rank():
                 _write_reference(path, saved)
@@ -672,7 +695,7 @@ class PreferenceData:
 
     def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(the pairs' losses ``[B]``, their metric sums)."""
-        policy = completion_logps(model, batch)
+        policy = completion_logps(model, batch, self.context)
         reference = self.reference[split][batch.pairs]
         losses, chosen, rejected = dpo_loss(policy, torch.cat([reference[:, 0], reference[:, 1]]), batch.lengths,
                                             self.dpo)
@@ -683,10 +706,12 @@ class PreferenceData:
     def loss(self, model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
         """The micro-batch's mean DPO loss (its metrics are summed for :meth:`step_stats`). Every micro-batch has
         ``micro_batch`` pairs: divided by the accumulation count and averaged over the ranks (as DDP/FSDP average
-        the gradients), the mean over the global batch."""
+        the gradients), the mean over the global batch. Under context parallelism every rank of a group holds the
+        pairs' whole losses, and the backward of the sum over their pieces adds up the ranks' gradients: each
+        rank's loss is its share of the mean (1 / C), as a piece's loss of text is its share of the row's."""
         losses, sums = self._pair_loss(model, batch, "train")
         self._step = sums if self._step is None else self._step + sums
-        return losses.mean()
+        return losses.mean() if self.context is None else losses.mean() / self.context.size
 
     def step_stats(self) -> torch.Tensor:
         """This rank's metric sums of the step (to be summed over the ranks with the loss), and a fresh count."""
@@ -712,7 +737,7 @@ class PreferenceData:
         """``val_loss`` and ``val_<metric>`` means over ``max_pairs`` validation pairs (evenly spaced over the split,
         rounded down to a multiple of the world size, so every rank runs the same number of forwards; the same set
         for any world size), ``model`` in the mode the caller set. The sums are taken over :attr:`group`: under tensor
-        parallelism a group's ranks score the same pairs, counted once."""
+        or context parallelism a group's ranks score the same pairs, counted once."""
         total = min(max_pairs, len(self.val))
         total = max(total - total % self.world_size, self.world_size)
         chosen = np.linspace(0, len(self.val) - 1, total).round().astype(np.int64)

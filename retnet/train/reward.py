@@ -14,9 +14,11 @@ it (:func:`~retnet.train.preference.implicit_pair`). A pair's loss is
 ``-logsigmoid(r_chosen - r_rejected - margin)`` (``margin``: the dataset's ``margin`` column, TRL's; 0 without
 one; the ``accuracy`` and ``margin`` metrics are of the rewards alone, as TRL's), plus
 ``reward.center_rewards_coefficient * (r_chosen + r_rejected)^2`` (TRL's ``center_rewards_coefficient``: its mean
-over the batch is TRL's term). There is no reference model and no
-reference pass. Dropout is off unless ``model.dropout`` sets it (TRL's ``disable_dropout``). The export is the
-classifier's ``save_pretrained`` with the tokenizer: ``AutoModelForSequenceClassification`` loads it.
+over the batch is TRL's term). There is no reference model and no reference pass. Under context parallelism
+(``train.context_parallel``) each rank runs its piece of the row, scores the sequences whose last token lies on it,
+and the scores are summed over the group (the others' zero), so every rank holds them all and the gradient reaches
+the piece that scored each. Dropout is off unless ``model.dropout`` sets it (TRL's ``disable_dropout``). The export
+is the classifier's ``save_pretrained`` with the tokenizer: ``AutoModelForSequenceClassification`` loads it.
 
 With ``lora.rank > 0`` (TRL's RewardTrainer with a peft config, task ``SEQ_CLS``) the backbone stays frozen under
 the adapters and the new ``score`` head trains in full beside them (:mod:`retnet.train.lora`: peft's
@@ -30,7 +32,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,17 +42,35 @@ from retnet.train.checkpoint import replace_directory
 from retnet.train.config import DpoConfig, ModelConfig, RewardConfig
 from retnet.train.preference import MARGIN, PairBatch, PreferenceData
 
+if TYPE_CHECKING:
+    from retnet.model.context_parallel import ContextGroup
+
 logger = logging.getLogger(__name__)
 
 # What each step and evaluation records beside the loss: means over the global batch of pairs.
 METRICS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")
 
 
-def sequence_rewards(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+def sequence_rewards(model: torch.nn.Module, batch: PairBatch, context: ContextGroup | None = None) -> torch.Tensor:
     """``[2B]`` fp32: each packed sequence's score at its last token (chosen then rejected) under ``model`` (a
-    one-label RetNetForSequenceClassification, or DDP/FSDP around one: called through its forward)."""
-    return model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, use_cache=False,
-                 return_dict=True).logits[:, 0].float()
+    one-label RetNetForSequenceClassification, or DDP/FSDP around one: called through its forward). ``context``:
+    the row is split along time across its ranks (context parallelism); a sequence's last token lies on one piece,
+    whose rank scores it, and the scores are summed over the ranks (each the others' zero), every rank returning
+    them all (the gradient reaching the piece that scored each)."""
+    if context is None:
+        return model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, use_cache=False,
+                     return_dict=True).logits[:, 0].float()
+    inputs, shard, start = context.shard(batch.input_ids, batch.cu_seqlens)
+    # one score per segment of the piece: at each sequence's end on it, and at its own last token
+    scores = model(**inputs, context_parallel=shard, use_cache=False, return_dict=True).logits[:, 0].float()
+    ends = batch.cu_seqlens[1:].to(scores.device)
+    segment_ends = inputs["cu_seqlens"][1:].to(scores.device) + start
+    found = torch.searchsorted(ends, segment_ends).clamp(max=len(ends) - 1)
+    # A segment that ends no sequence (the piece's cut, the row's padding) goes to a slot left out: every score
+    # stays in the graph, so that the head's gradient is there (zero) on a rank that scores no sequence.
+    slot = torch.where(ends[found] == segment_ends, found, len(ends))
+    rewards = torch.zeros(len(ends) + 1, dtype=torch.float32, device=scores.device).index_add(0, slot, scores)
+    return context.sum(rewards[:-1])
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: float = 0.0,
@@ -133,11 +153,13 @@ class RewardData(PreferenceData):
         return f"accuracy {record['val_accuracy']:.3f}, margin {record['val_margin']:.4f}"
 
     def start(self, dpo: DpoConfig, model: torch.nn.Module, autocast, device: torch.device, *, output_dir: Path,
-              checkpoint: Path | None, progress: bool, barrier: Callable[[], None], group=None) -> None:
-        """Only where to compute, and the data-parallel ranks' process group the evaluation sums over: a reward
-        model has no reference (its checkpoints' ``reference`` is None), and takes pairs without a prompt, which
-        DPO's start refuses (:meth:`~retnet.train.preference.PreferenceData.check_prompted`)."""
-        self.device, self.autocast, self.group = device, autocast, group
+              checkpoint: Path | None, progress: bool, barrier: Callable[[], None], group=None,
+              context: ContextGroup | None = None) -> None:
+        """Only where to compute, the data-parallel ranks' process group the evaluation sums over and the
+        context-parallel ranks splitting each row: a reward model has no reference (its checkpoints' ``reference``
+        is None), and takes pairs without a prompt, which DPO's start refuses
+        (:meth:`~retnet.train.preference.PreferenceData.check_prompted`)."""
+        self.device, self.autocast, self.group, self.context = device, autocast, group, context
         splits = {"train": self.train, "val": self.val}
         if any(pairs.margins is not None for pairs in splits.values()):
             # (a split of no pairs is encoded without its dataset's columns: no margins, and none needed)
@@ -147,7 +169,7 @@ class RewardData(PreferenceData):
 
     def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(the pairs' losses ``[B]``, the sums of :data:`METRICS`, in that order)."""
-        chosen, rejected = sequence_rewards(model, batch).chunk(2)
+        chosen, rejected = sequence_rewards(model, batch, self.context).chunk(2)
         margin = None if self.margins is None else self.margins[split][batch.pairs]
         losses = reward_loss(chosen, rejected, self.reward.center_rewards_coefficient, margin)
         chosen, rejected = chosen.detach(), rejected.detach()

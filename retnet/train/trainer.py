@@ -33,12 +33,15 @@ and only they train: the optimizer holds them alone and, on a pretrained model, 
 Preference pairs (``data.format = "preference"``) train with DPO: ``retnet.train.preference`` holds the reference
 log-probs (computed at the start), the loss per micro-batch and its rewards, which ride the step's all-reduce
 (under tensor parallelism counted once a group, as the loss is; the reference pass and the evaluation gather and sum
-over ``mesh["dp"]``); with ``reward.enabled`` ``retnet.train.reward`` trains a reward model (a classifier) on them
-instead. Prompts (``data.format = "prompts"``) train with GRPO through the same hooks: ``retnet.train.grpo``
-samples and scores each step's completions when it hands out the micro-batches (under tensor parallelism a group's
-ranks the same ones, its sums over ``mesh["dp"]``). With ``distill.teacher`` (``retnet.train.distill``) a frozen
-teacher runs on each training micro-batch and the loss is the distillation loss towards it, its parts (``kd_loss``,
-``ce_loss``) riding the step's all-reduce like DPO's metrics; the validation loss stays the plain one.
+over ``mesh["dp"]``; under context parallelism each rank's piece of the row gives its part of every sequence's
+log-prob or score, summed over the group, its loss its share, the metrics counted by the group's first rank, the
+reference pass and the evaluation over the ranks holding the same piece in each group); with ``reward.enabled``
+``retnet.train.reward`` trains a reward model (a classifier) on them instead. Prompts (``data.format = "prompts"``)
+train with GRPO through the same hooks: ``retnet.train.grpo`` samples and scores each step's completions when it
+hands out the micro-batches (under tensor parallelism a group's ranks the same ones, its sums over ``mesh["dp"]``).
+With ``distill.teacher`` (``retnet.train.distill``) a frozen teacher runs on each training micro-batch and the loss
+is the distillation loss towards it, its parts (``kd_loss``, ``ce_loss``) riding the step's all-reduce like DPO's
+metrics; the validation loss stays the plain one.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ from retnet.train.distributed import (
     barrier,
     context_parallel_group,
     copy_full_state,
+    data_parallel_group,
     init_distributed,
     is_distributed,
     tensor_parallel_mesh,
@@ -159,6 +163,10 @@ class Trainer:
         self.dp_size = self.world_size // group_size
         self.cp_group = context_parallel_group(self.rank, self.world_size, self.cp_size, stride=self.tp_size)
         self.tp_mesh = tensor_parallel_mesh(self.device, self.world_size, self.tp_size)
+        # Preference pairs under context parallelism: the ranks of the other groups holding this rank's piece, over
+        # which the reference pass gathers and the evaluation sums (each pair once, not once a piece)
+        self.dp_group = (data_parallel_group(self.rank, self.world_size, group_size)
+                         if self.cp_size > 1 and cfg.data.format == "preference" else None)
         # The ranks that read the same micro-batches (streamed data: one reads, broadcasts to the others)
         if self.cp_size > 1 and self.tp_size > 1:
             self.batch_group = (context_parallel_group(self.rank, self.world_size, group_size)
@@ -364,9 +372,14 @@ class Trainer:
         elif getattr(self.data, "preference", False):  # DPO: the reference log-probs of the model as it starts
             # Its collectives over the data-parallel ranks: a tensor-parallel group's ranks hold the same pairs
             dp_group = None if self.tp_mesh is None else self.tp_mesh["dp"].get_group()
+            context = None
+            if self.cp_size > 1:  # each rank a piece of every row of its group's pairs
+                from retnet.model.context_parallel import ContextGroup
+
+                dp_group, context = self.dp_group, ContextGroup(self.cp_rank, self.cp_size, self.cp_group)
             self.data.start(cfg.dpo, self.model, self.autocast, self.device, output_dir=self.output_dir,
                             checkpoint=resume_path, progress=self.is_main and cfg.logging.progress, barrier=barrier,
-                            group=dp_group)
+                            group=dp_group, context=context)
         self.start_step = self.step
         self._start_wandb()  # every rank: the others take rank 0's failure to start it, and exit with it
         try:
@@ -1178,6 +1191,8 @@ class Trainer:
             stats = torch.cat([stats, self.teacher.step_stats(1 if masked else self.accum)])
         if not self.counts_loss:  # every rank of a tensor-parallel group holds them: the first one's count
             stats[0] = 0
+            stats[2:] = 0
+        elif preference and self.cp_rank:  # every piece holds its pairs' whole metrics (its loss is its share)
             stats[2:] = 0
         if is_distributed():
             dist.all_reduce(stats)
