@@ -1004,7 +1004,8 @@ class RetNetModel(RetNetPreTrainedModel):
             if low < 0 or high >= span:
                 # A padded batch is already fed in pieces of `span` columns (_padded_xpos_pieces): only positions
                 # that leave the frame get here, and feeding them in pieces would not help.
-                advice = ("split the row across more context-parallel ranks (shorter pieces), or run it unpacked"
+                advice = ("split the row across more context-parallel ranks (shorter pieces), or run it unpacked "
+                          "(training: data.document_boundaries=false)"
                           if context_parallel else
                           "feed it in pieces with the cache, or unpacked" if packed_rows is None else
                           "a padded row's frame is at its cache's offsets (the real tokens it has seen; without a "

@@ -36,7 +36,11 @@ each adapter (``B A``, rank ``r``) so that its output takes its base's layout (:
 under a column-parallel base, ``A`` whole on every rank; ``A`` by columns under a row-parallel one, its ``r``
 partial sums a token all-reduced (one more small collective a row-parallel projection), ``B`` whole. The
 adapters' names, and :func:`full_state_dict`'s, are the unsplit model's, so peft's merge and adapter files work
-on the gathered state dict. DoRA is refused (its magnitudes need each output row's norm over the whole input).
+on the gathered state dict. DoRA's magnitudes ``m`` (one per output row) split as their base's output rows
+(:func:`_split_dora`): by rows under a column-parallel base, whose rank holds each of its rows whole; whole on every
+rank under a row-parallel one, where each row's norm ``||W + s·B A||`` sums the ranks' squared partial norms (one
+all-reduce of ``out`` numbers a projection; the norm is detached, as in peft, so its backward costs nothing) and
+``m / norm`` scales the summed output.
 
 ``model.state_dict()`` then holds DTensors for the sharded weights; :func:`full_state_dict` gathers the full
 tensors, which ``save_pretrained(..., state_dict=...)`` writes as an unsharded export (``save_pretrained`` without
@@ -121,10 +125,10 @@ def parallelize_retnet(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel:
         ValueError, naming the field and value: a mesh that is not 1-D or not on the model's device type,
             ``num_attention_heads`` or ``intermediate_size`` not divisible by the mesh size, ``dropout`` > 0 (each
             rank would draw its own mask on the replicated stream; the config's and every ``nn.Dropout``'s),
-            a projection that is neither a plain ``nn.Linear`` nor peft's LoRA layer around one (DoRA, merged or
-            biased adapters refused) or holds quantized (int8) weights, or a model already parallelized; with
-            ``vocab_parallel``, a ``vocab_size`` that leaves a rank no rows, or an embedding or LM head that is
-            not a plain ``nn.Embedding`` / bias-free ``nn.Linear``.
+            a projection that is neither a plain ``nn.Linear`` nor peft's LoRA layer around one (merged or biased
+            adapters and LoRA variants other than DoRA refused) or holds quantized (int8) weights, or a model
+            already parallelized; with ``vocab_parallel``, a ``vocab_size`` that leaves a rank no rows, or an
+            embedding or LM head that is not a plain ``nn.Embedding`` / bias-free ``nn.Linear``.
 
     Context parallelism combines with it: on a (cp, tp) mesh, split the model over ``mesh["tp"]`` and pass the
     forward the piece :func:`~retnet.model.context_parallel.shard_sequences` cuts for the rank's cp index, with the
@@ -373,8 +377,8 @@ def _is_lora(module: nn.Module) -> bool:
 
 
 def _check_lora(module: nn.Module, where: str) -> None:
-    """ValueError for a LoRA layer the split cannot take: the base not a plain Linear, adapters merged into it, DoRA
-    or another variant (their magnitudes need each output row's norm over the whole input), or biased adapters."""
+    """ValueError for a LoRA layer the split cannot take: the base not a plain Linear, adapters merged into it, a
+    LoRA variant other than DoRA (each computes its own way, which the split does not know), or biased adapters."""
     base = module.base_layer
     if type(base) is not nn.Linear or type(base.weight) not in (torch.Tensor, nn.Parameter):
         raise ValueError(f"tensor parallelism shards LoRA layers around plain nn.Linear projections; {where}."
@@ -382,11 +386,11 @@ def _check_lora(module: nn.Module, where: str) -> None:
     if getattr(module, "merged", False):
         raise ValueError(f"tensor parallelism cannot split {where}: its adapters are merged into the weight "
                          f"(unmerge them first)")
-    variants = sorted(getattr(module, "lora_variant", {}) or {})
-    if variants or any(getattr(module, "use_dora", {}).values()):
-        raise ValueError(f"tensor parallelism splits plain LoRA adapters; {where} has DoRA (or another LoRA "
-                         f"variant) on adapter(s) {variants or sorted(module.use_dora)}: train them with "
-                         f"tensor_parallel=1")
+    dora = {name for name, on in getattr(module, "use_dora", {}).items() if on}
+    others = sorted(name for name in getattr(module, "lora_variant", {}) or {} if name not in dora)
+    if others:
+        raise ValueError(f"tensor parallelism splits plain LoRA and DoRA adapters; {where} has another LoRA variant "
+                         f"on adapter(s) {others}: train them with tensor_parallel=1")
     for name in module.lora_A:
         for part in (module.lora_A[name], module.lora_B[name]):
             if type(part) is not nn.Linear or part.bias is not None:
@@ -419,6 +423,60 @@ def _split_lora(module: nn.Module, row_parallel: bool, mesh: DeviceMesh, sequenc
             parallelize_module(lora_A, mesh, RowwiseParallel(**output))
             if sequence_parallel:
                 _AdapterOnLocalTokens(lora_A, lora_B, mesh)
+        if name in getattr(module, "lora_magnitude_vector", {}):
+            _split_dora(module.lora_magnitude_vector[name], row_parallel, mesh)
+
+
+def _split_dora(dora: nn.Module, row_parallel: bool, mesh: DeviceMesh) -> None:
+    """Split a DoRA adapter's magnitudes ``m`` (peft's ``DoraLinearLayer``, ``weight`` ``[out]``) as its base's
+    output rows are, and make its forward the split one (:func:`_split_dora_forward`): column-parallel, each rank's
+    rows of ``m`` (a ``Shard(0)`` DTensor, as ``W``'s rows); row-parallel, ``m`` whole on every rank, as the summed
+    output it scales is."""
+    if not row_parallel:
+        magnitude = dora.weight
+        dora.weight = nn.Parameter(distribute_tensor(magnitude.detach(), mesh, [Shard(0)]),
+                                   requires_grad=magnitude.requires_grad)
+    dora.forward = functools.partial(_split_dora_forward, dora, mesh=mesh, row_parallel=row_parallel)
+
+
+def _split_dora_forward(dora: nn.Module, x: torch.Tensor, *, lora_A: nn.Module, lora_B: nn.Module, scaling: float,
+                        base_layer: nn.Module, base_result: torch.Tensor | None = None, adapter_name: str = "",
+                        mesh: DeviceMesh, row_parallel: bool) -> torch.Tensor:
+    """peft's ``DoraLinearLayer.forward`` on a split layer: what DoRA adds to the base output ``base_result``,
+    ``(m / n - 1) ⊙ (W x) + m / n ⊙ s·B A x`` with ``n = ||W + s·B A||`` per output row, in the base output's
+    layout. ``n`` is detached, as peft does (DoRA §4.3), so it is computed without a graph from the rank's local
+    slices: a column-parallel rank holds its rows whole, a row-parallel one a slice of every row's columns, whose
+    squared norms are summed over the mesh (one all-reduce of ``out`` numbers). Row-parallel, ``m / n`` scales the
+    summed (all-reduced) output, and the bias, added after the sum, stays out of the scaling as in peft."""
+    if base_result is None:  # peft passes none only under an active lora_dropout, which the split refuses
+        raise ValueError("tensor parallelism: DoRA needs its base layer's output (lora_dropout must be 0)")
+    lora_result = lora_B(lora_A(x))
+    with torch.no_grad():
+        # The dtype peft's forward computes the norm in: its input's, cast to the adapters' dtype. The product under
+        # the caller's autocast, as peft's lora_B(lora_A(eye)) is.
+        dtype = lora_A.weight.dtype
+        delta = (_local(lora_B.weight) @ _local(lora_A.weight)).to(dtype)
+        rows = _local(base_layer.weight).to(dtype) + scaling * delta
+        squares = rows.float().square().sum(dim=1)
+        if row_parallel:
+            squares = DTensor.from_local(squares, mesh, [Partial()], run_check=False).full_tensor()
+        norm = squares.sqrt().to(dtype)
+    scale = _local(dora.weight) / norm
+    bias = base_layer.bias
+    if isinstance(base_result, DTensor):  # row-parallel under sequence parallelism: the rank's tokens
+        # m's gradient, from the rank's tokens, comes back Partial and is summed over the mesh (from_local's backward)
+        scale = DTensor.from_local(scale, mesh, [Replicate()], run_check=False)
+    elif bias is not None:
+        bias = _local(bias)
+    if bias is not None:
+        base_result = base_result - bias
+    return (scale - 1) * base_result + scale * lora_result * scaling
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter as the rank holds it: a DTensor's local part (its gradient flowing back to the DTensor), else the
+    tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _refuse_merge(*args, **kwargs):

@@ -91,7 +91,7 @@ def test_a_packed_piece_past_one_frame_is_refused_by_name(model_factory):
 
 @pytest.mark.slow
 def test_an_xpos_model_split_across_two_ranks_logs_the_losses_of_one_process(tmp_path, tmp_path_factory):
-    """``--train.context_parallel=2 --model.extra.use_xpos=true`` on a ``model.init_from`` saved with xPos
+    """``--train.context_parallel=2`` on a ``model.init_from`` saved with xPos
     (xpos_scale_base 4): packed rows of 3 × 32 tokens cut at 48, inside a document, log one process's training and
     validation losses."""
     from retnet.model import RetNetConfig, RetNetForCausalLM
@@ -118,8 +118,8 @@ def test_an_xpos_model_split_across_two_ranks_logs_the_losses_of_one_process(tmp
                             optim__lr=1e-2, optim__schedule="constant", **overrides)
         # the architecture is init_from's: micro_args' shape settings are refused beside it
         shapes = ("--model.hidden_size", "--model.num_hidden_layers", "--model.num_attention_heads")
-        return [*(a for a in values if not a.startswith(shapes)), f"--model.init_from={base}",
-                "--model.extra.use_xpos=true"]
+        # xPos comes from init_from's config.json alone (the trainer refused it there under context parallelism)
+        return [*(a for a in values if not a.startswith(shapes)), f"--model.init_from={base}"]
 
     single, split = tmp_path / "single", tmp_path / "split"
     with one_thread():

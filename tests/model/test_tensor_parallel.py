@@ -380,16 +380,18 @@ def test_dropout_modules_are_checked_not_only_the_config(model_factory):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(use_dora=True), "layers.0.retention.q_proj has DoRA (or another LoRA variant) on adapter(s) ['default']"),
+    (dict(alora_invocation_tokens=[5]), "layers.0.retention.q_proj has another LoRA variant on adapter(s) "
+                                        "['default']"),
     (dict(lora_bias=True), "splits bias-free nn.Linear LoRA adapters; layers.0.retention.q_proj adapter 'default'"),
     (dict(merged=True), "cannot split layers.0.retention.q_proj: its adapters are merged into the weight"),
     (dict(lora_dropout=0.1), "model.layers.0.retention.q_proj.lora_dropout.default.p=0.1 and 1 more nn.Dropout. Make "
                              "the LoRA adapters with lora_dropout=0"),
-], ids=["dora", "bias", "merged", "dropout"])
+], ids=["variant", "bias", "merged", "dropout"])
 def test_lora_the_split_cannot_take_is_refused(model_factory, settings, message):
-    """Plain LoRA splits with its projections (the torchrun cases); DoRA's magnitudes (each output row's norm over
-    the whole input), biased adapters, adapters merged into the weights and LoRA's dropout (each rank would draw its
-    own mask on the replicated input) are refused, naming the module."""
+    """Plain LoRA and DoRA split with their projections (the torchrun cases here and in
+    tests/train/test_tensor_parallel_dora_paths.py); other LoRA variants (aLoRA here: each computes its own way),
+    biased adapters, adapters merged into the weights and LoRA's dropout (each rank would draw its own mask on the
+    replicated input) are refused, naming the module."""
     peft = pytest.importorskip("peft")
     merged = settings.pop("merged", False)
     model = peft.get_peft_model(model_factory(), peft.LoraConfig(target_modules=["q_proj"], r=4, **settings,

@@ -30,7 +30,6 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["--train.tensor_parallel=0"], r"train\.tensor_parallel must be >= 1.*got 0"),
-    (["--lora.rank=4", "--lora.use_dora=true"], r"not supported with DoRA \(lora\.use_dora"),
     (["--lora.rank=4", "--lora.dropout=0.05"], r"lora\.dropout must be 0 with train\.tensor_parallel 2 .*got 0\.05"),
     (["--model.dropout=0.1"], r"model\.dropout must be 0 with train\.tensor_parallel 2 .*got 0\.1"),
     (["--model.hidden_size=96", "--model.num_attention_heads=3"],
@@ -43,7 +42,7 @@ from .test_preference import assert_records_match, dpo_args, toy  # noqa: F401 -
      r"train\.sequence_parallel needs train\.tensor_parallel > 1 \(it splits each row's tokens.*got True"),
     (["--train.vocab_parallel=true", "--distill.teacher=org/teacher"],
      r"train\.vocab_parallel is not supported with distillation \(distill\.teacher 'org/teacher'\) yet.*got True"),
-], ids=["zero", "dora", "lora-dropout", "dropout",
+], ids=["zero", "lora-dropout", "dropout",
         "heads", "ffn", "vocab-without-tp", "sequence-without-tp", "vocab-distill"])
 def test_settings_tensor_parallelism_cannot_train_are_refused(overrides, message):
     if not any(o.startswith("--train.tensor_parallel") for o in overrides):
