@@ -233,7 +233,12 @@ class ScoreServing:
             # Each pair renders its first text again: the work grows with the texts as paired, not as sent.
             ids = await pooling._tokenizing(_size([*pairs, *right]), self._pair_ids, request, first, left, second,
                                             right)
-            rows, usage = await pooling._rows(ids, request.priority)
+            # Each distinct pair runs once, its copies sharing its row: copies packed into forwards of different
+            # lengths differed in their last bits (a GEMM rounds by the row's length), so a document sent twice got
+            # two scores and rerank's ties left the documents' order. The usage counts the tokens run, as above.
+            distinct = {tuple(pair): place for place, pair in enumerate(dict.fromkeys(map(tuple, ids)))}
+            rows, usage = await pooling._rows([list(pair) for pair in distinct], request.priority)
+            rows = rows[[distinct[tuple(pair)] for pair in ids]]
             scores = (rows if activation is False else pooling.engine.pooler.activate(rows))[:, 0]
         return scores.tolist(), usage.prompt_tokens
 
