@@ -327,7 +327,8 @@ def _ban(logits: torch.Tensor, bans: list[tuple[int, torch.Tensor]]):
 def prompt_logprobs(logits: torch.Tensor, next_ids: list[int],
                     k: int) -> list[tuple[float, int, list[tuple[int, float]]]]:
     """The prompt's scores: for each ``next_ids[t]``, its logprob under ``logits[t]`` (``[T, V]``), its rank
-    there (1-based: 1 + the tokens more likely, vLLM's) and the top-k ``(token, logprob)``, best first."""
+    there (1-based: 1 + the tokens strictly more likely, vLLM's but for ties, which share the best rank
+    here and the worst in vLLM V1) and the top-k ``(token, logprob)``, best first."""
     lp = logits.float().log_softmax(-1)
     ids = torch.tensor(next_ids, dtype=torch.long)
     chosen_lp = lp.gather(-1, ids[:, None])
