@@ -270,9 +270,26 @@ class ContextGroup:
         """``values`` summed over the group, on every rank. Differentiable: the backward sums the ranks' gradients
         and hands each its piece's, so each rank's loss must be its share (1 / ``size``) of a loss every rank
         computes whole from the sum."""
-        import torch.distributed.nn.functional as distributed
+        return _SumOverGroup.apply(values, self.group)
 
-        return distributed.all_reduce(values, group=self.group)
+
+class _SumOverGroup(torch.autograd.Function):
+    """An all-reduce (sum) whose backward all-reduces the gradient: every rank's loss reads the whole sum, so each
+    rank's share of the gradient of every piece is summed back to the piece. (torch.distributed.nn's all_reduce,
+    which does the same, is deprecated in torch 2.13 and warns on every call.)"""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        values = values.clone()
+        dist.all_reduce(values, group=group)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 __all__ = ["ContextGroup", "ContextShard", "add_incoming", "incoming_state", "shard_sequences"]

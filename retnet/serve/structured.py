@@ -269,6 +269,9 @@ def _structured_outputs(value: Any) -> tuple[str, str]:
 # "properties" is no object to close. And those whose value is JSON data, not a schema, kept as they are.
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")
+# Keywords whose value is a schema or a list of schemas.
+_SUBSCHEMAS = ("items", "prefixItems", "additionalItems", "contains", "additionalProperties", "propertyNames",
+               "unevaluatedItems", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "not", "if", "then", "else")
 
 
 def _closed(node: Any) -> Any:
@@ -340,11 +343,11 @@ def _check_patterns(param: str, node: Any) -> None:
             if (len(pattern) - len(pattern.rstrip("\\"))) % 2:
                 raise APIError(400, f"{param} cannot be used: the {key} {pattern[-40:]!r} ends inside an escape (a "
                                f"lone trailing backslash)", param, "invalid_grammar")
-        if key in _SCHEMA_MAPS and isinstance(value, dict):  # names, then subschemas (a property named "enum")
+        if key in (*_SCHEMA_MAPS, "dependencies") and isinstance(value, dict):  # names, then subschemas
             for subschema in value.values():
                 _check_patterns(param, subschema)
-        elif key not in _DATA_KEYWORDS:
-            _check_patterns(param, value)
+        elif key in _SUBSCHEMAS:  # only keywords whose value is a schema (or a list of them): not annotations,
+            _check_patterns(param, value)  # data or extensions ("example", "x-..."), which may hold a "pattern"
 
 
 def _schema(param: str, schema: Any) -> dict:
@@ -415,7 +418,8 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
         error = LLMatcher.validate_grammar(_json(param, schema))
         if error:
             raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")
-        clash = any(definition != defs.get(key, {}).get(def_name, definition)
+        # As JSON, not as Python compares them: {"const": 1} and {"const": true} differ
+        clash = any(_as_json(definition) != _as_json(defs.get(key, {}).get(def_name, definition))
                     for key in _DEFINITIONS for def_name, definition in (schema.get(key) or {}).items())
         home = None
         if clash or _refs_own_root(schema):
@@ -461,7 +465,14 @@ def _rerooted(node: Any, root: str, every_ref: bool = False) -> Any:
     if not isinstance(node, dict):
         return node
     return {key: root + value[1:] if key == "$ref" and (_local_ref(value) if every_ref else _own_root_ref(value))
+            else value if key in _DATA_KEYWORDS  # data, not a schema: {"const": {"$ref": "#/$defs/V"}} is kept
+            else {name: _rerooted(sub, root, every_ref) for name, sub in value.items()}
+            if key in _SCHEMA_MAPS and isinstance(value, dict)  # a property named "const" is a schema
             else _rerooted(value, root, every_ref) for key, value in node.items()}
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _local_ref(value: Any) -> bool:

@@ -38,6 +38,7 @@ class HermesToolParser:
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
     OPEN_CLOSE = (OPEN, CLOSE)
+    MAX_PASSED_PARSES = 64
 
     def __init__(self, tools: Iterable[str], parallel: bool = True):
         self.tools = frozenset(tools)
@@ -47,6 +48,7 @@ class HermesToolParser:
         self.in_call = False  # buffer holds an opening tag and what followed it
         # Where the open call's closing tags stand that fell inside its JSON strings (so did not close it).
         self.passed: list[int] = []
+        self.fast = 0  # how many of them the fast path passed (no parse)
         self.after_call = False  # whitespace here follows a call (dropped)
         # Whitespace before any other content: content or none depends on whether calls follow.
         self.pending = ""
@@ -66,14 +68,21 @@ class HermesToolParser:
                 end = self.buffer.find(self.CLOSE, self.passed[-1] + 1 if self.passed else 0)
                 if end < 0:
                     break
+                # Still inside the string the last passed tag stood in: no need to parse the body again
+                if self.passed and _string_goes_on(self.buffer[self.passed[-1] : end]):
+                    self.passed.append(end)
+                    self.fast += 1
+                    continue
                 body = self.buffer[len(self.OPEN) : end]
                 call = self._call(body)
-                if call is None and _ends_in_string(body):  # a closing tag written in one of the call's strings
+                # A closing tag written in one of the call's strings; each such check parses the body again, so a
+                # call holds at most MAX_PASSED_PARSES of them in strings of their own (no quadratic work).
+                if call is None and len(self.passed) < self.MAX_PASSED_PARSES + self.fast and _ends_in_string(body):
                     self.passed.append(end)
                     continue
                 if call is None and self.passed:  # no call either way: the first tag closed it
                     end = self.passed[0]
-                self.passed = []
+                self.passed, self.fast = [], 0
                 end += len(self.CLOSE)
                 raw, self.buffer, self.in_call = self.buffer[:end], self.buffer[end:], False
                 if call is None:
@@ -100,7 +109,7 @@ class HermesToolParser:
 
     def finish(self) -> str:
         """The content still held at the end of the text: the start of a tag, a call left open, whitespace."""
-        rest, self.buffer, self.in_call, self.passed = self.buffer, "", False, []
+        rest, self.buffer, self.in_call, self.passed, self.fast = self.buffer, "", False, [], 0
         content = self._content(rest)
         if not self.calls:  # no calls: the text is all content, whitespace included
             content += self.pending
@@ -151,6 +160,16 @@ def _ends_in_string(body: str) -> bool:
     except json.JSONDecodeError as error:
         return error.pos == len(closed)
     except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _string_goes_on(text: str) -> bool:
+    """Whether ``text``, read inside a JSON string (not inside an escape), leaves that string open: it is a
+    string's valid content (no unescaped quote, no control character, whole escapes)."""
+    try:
+        json.loads('"' + text + '"')
+    except ValueError:
         return False
     return True
 

@@ -469,3 +469,78 @@ async def test_random_requests_stream_what_they_answer_whole(open_app):
                     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in body["tools"]}
                     assert calls and all(conforms(json.loads(arguments, parse_float=Decimal), schemas[name],
                                                   schemas[name]) for name, arguments in calls), choice
+
+
+def _tool_with_definition(definition: dict) -> dict:
+    return {"type": "object", "properties": {"v": {"$ref": "#/$defs/V"}}, "required": ["v"],
+            "additionalProperties": False, "$defs": {"V": definition}}
+
+
+def test_definitions_that_differ_as_json_but_not_as_python_each_keep_their_own(compiler, tokenizer):
+    # Python's 1 == True hid the clash: the later tool's definition overwrote the earlier one's.
+    tools = [("a", _tool_with_definition({"const": 1})), ("b", _tool_with_definition({"const": True}))]
+    grammar = compiler.compile(*ToolCalling(tools, None, True).grammar())
+    assert accepts(compiler, tokenizer, grammar, '[{"name":"a","parameters":{"v":1}}]')
+    assert not accepts(compiler, tokenizer, grammar, '[{"name":"a","parameters":{"v":true}}]')
+    assert accepts(compiler, tokenizer, grammar, '[{"name":"b","parameters":{"v":true}}]')
+
+
+def test_a_rerooted_tool_keeps_a_ref_that_is_data():
+    from retnet.serve.structured import _rerooted
+
+    schema = {"properties": {"v": {"$ref": "#/$defs/V"}, "const": {"$ref": "#/$defs/V"},
+                             "doc": {"const": {"$ref": "#/$defs/V"}}}}
+    moved = _rerooted(schema, "#/$defs/home", every_ref=True)
+    assert moved["properties"]["v"] == {"$ref": "#/$defs/home/$defs/V"}
+    assert moved["properties"]["const"] == {"$ref": "#/$defs/home/$defs/V"}  # a property named const: a schema
+    assert moved["properties"]["doc"] == {"const": {"$ref": "#/$defs/V"}}  # data, as sent
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"pattern": {"type": "string"}}, "example": {"pattern": "C:\\"}},
+    {"type": "object", "properties": {"p": {"type": "string", "x-hint": {"pattern": "a\\"}}}},
+    {"type": "string", "contentMediaType": "application/json", "contentSchema": {"pattern": "a\\"}},
+], ids=["example", "extension", "contentSchema"])
+def test_a_pattern_in_an_annotation_is_data_not_refused(compiler, schema):
+    compiler.compile(*requested_grammar({"guided_json": schema}))  # a 400 since the lone-backslash check came
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "not": {"pattern": "a\\"}},
+    {"type": "object", "propertyNames": {"pattern": "^a\\"}},
+    {"type": "array", "items": {"anyOf": [{"type": "string", "pattern": "b\\"}]}},
+], ids=["not", "propertyNames", "items-anyOf"])
+def test_a_lone_backslash_in_a_nested_schema_pattern_is_still_refused(compiler, schema):
+    with pytest.raises(APIError, match="lone trailing backslash"):
+        compiler.compile(*requested_grammar({"guided_json": schema}))
+
+
+def test_closing_tags_inside_strings_cost_linear_work(monkeypatch):
+    """Each closing tag in one of the call's strings parsed the whole body again, twice: 16000 of them (one token
+    each in Qwen's and Hermes' tokenizers) took 13 s on the event loop. A tag still inside the string the last one
+    stood in needs no parse."""
+    import retnet.serve.tool_parsers as tool_parsers
+
+    parses = 0
+    real = tool_parsers._ends_in_string
+
+    def counted(body):
+        nonlocal parses
+        parses += 1
+        return real(body)
+
+    monkeypatch.setattr(tool_parsers, "_ends_in_string", counted)
+    text = '<tool_call>{"name":"f","arguments":{"t":"' + "</tool_call>" * 2000 + '"}}</tool_call>'
+    for size in (len(text), 12):
+        parser, content, calls = HermesToolParser(["f"]), "", []
+        for start in range(0, len(text), size):
+            delta, closed = parser.feed(text[start:start + size])
+            content, calls = content + delta, calls + closed
+        content += parser.finish()
+        assert [json.loads(call.function.arguments) for call in calls] == [{"t": "</tool_call>" * 2000}]
+        assert content.strip() == ""
+    assert parses <= 4
+    # tags in strings of their own each need a parse: past 64 of them the call is content (the README's bound)
+    many = '<tool_call>{"name":"f","arguments":{"t":[' + ",".join(['"</tool_call>"'] * 100) + ']}}</tool_call>'
+    content, calls = HermesToolParser(["f"]).parse(many)
+    assert calls == [] and content == many
