@@ -42,6 +42,22 @@ def model_dir(tmp_path_factory) -> Path:
     return save_micro_model(path, train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1))
 
 
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    """The micro model's tokenizer, loaded as the server loads it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer):
+    """A grammar compiler over the micro model's vocabulary, EOS ending a text (as the engine builds it)."""
+    from retnet.serve.structured import GrammarCompiler
+
+    return GrammarCompiler(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
+
+
 def save_micro_model(path: Path, tokenizer) -> Path:
     """A micro random RetNet (seed 0) for ``tokenizer``, saved with it in ``path`` as a training run exports."""
     config = RetNetConfig(

@@ -48,6 +48,15 @@ def reference(model, ids: list[int], read) -> torch.Tensor:
         return read(model(input_ids=torch.tensor([ids]))).float()
 
 
+def steady_draw(draw, steady: set[int]):
+    """``draw()``'s (route, body, the token ids each input runs as, ...), drawn again while an input runs as one
+    token that is not steady (:func:`steady_tokens`)."""
+    while True:
+        drawn = draw()
+        if all(len(ids) > 1 or ids[0] in steady for ids in drawn[2]):
+            return drawn
+
+
 def steady_tokens(model, read) -> set[int]:
     """The token ids whose one-token answer is the same in recurrent form (how it runs alone) and parallel form
     (how it runs packed beside longer inputs), to 2e-6. Another's retention output is near zero in some head, whose
@@ -82,15 +91,8 @@ async def test_random_embedding_requests_equal_each_input_embedded_alone(model_d
         lambda out: out.last_hidden_state[0].mean(0))
     steady = steady_tokens(backbone, lambda out: out.last_hidden_state[:, 0])
 
-    def request() -> tuple[str, dict, list[list[int]], bool]:
-        """(route, body, the token ids each input should run as, normalized?), drawn again while an input runs as
-        one token that is not steady."""
-        while True:
-            drawn = draw()
-            if all(len(ids) > 1 or ids[0] in steady for ids in drawn[2]):
-                return drawn
-
     def draw() -> tuple[str, dict, list[list[int]], bool]:
+        """(route, body, the token ids each input should run as, normalized?)."""
         count = rng.randint(1, 6)
         if rng.random() < 0.5:
             inputs = [text(rng, 10) for _ in range(count)]
@@ -113,7 +115,7 @@ async def test_random_embedding_requests_equal_each_input_embedded_alone(model_d
             body["use_activation"] = normalize
         return rng.choice(("/v1/embeddings", "/pooling")), body, ids, normalize is not False
 
-    requests = [request() for _ in range(24)]
+    requests = [steady_draw(draw, steady) for _ in range(24)]
     async with serve_app(model_dir, convert="embed", pooler_config={"pooling_type": pooling_type},
                          prefill_token_budget=BUDGET, max_prompt_tokens=MAX_TOKENS) as client:
         answers = await asyncio.gather(*(client.post(route, json=body) for route, body, _, _ in requests))
@@ -141,12 +143,6 @@ async def test_random_classify_and_pooling_requests_equal_each_input_scored_alon
     vocab = len(tokenizer)
     steady = steady_tokens(model, lambda out: out.logits)
 
-    def request() -> tuple[str, dict, list[list[int]], bool]:
-        while True:
-            drawn = draw()
-            if all(len(ids) > 1 or ids[0] in steady for ids in drawn[2]):
-                return drawn
-
     def draw() -> tuple[str, dict, list[list[int]], bool]:
         count = rng.randint(1, 6)
         if rng.random() < 0.5:
@@ -159,7 +155,7 @@ async def test_random_classify_and_pooling_requests_equal_each_input_scored_alon
         body = {"input": inputs} if activation is None else {"input": inputs, "use_activation": activation}
         return route, body, ids, activation if activation is not None else route == "/classify"
 
-    requests = [request() for _ in range(20)]
+    requests = [steady_draw(draw, steady) for _ in range(20)]
     async with serve_app(path, prefill_token_budget=BUDGET, max_prompt_tokens=MAX_TOKENS) as client:
         answers = await asyncio.gather(*(client.post(route, json=body) for route, body, _, _ in requests))
         for (route, body, ids, activated), answer in zip(requests, answers, strict=True):

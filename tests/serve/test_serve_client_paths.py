@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from retnet.serve.protocol import APIError
-from retnet.serve.structured import GrammarCompiler, requested_grammar, tool_call_grammar
+from retnet.serve.structured import requested_grammar, tool_call_grammar
 
 # A recursive schema: a tree whose children are trees (``$ref: "#"``, the schema's own root).
 TREE = {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
@@ -19,14 +19,6 @@ SAME_AS_A = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}, "b": {"
              "required": ["a", "b"], "additionalProperties": False}
 
 
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer):
-    return GrammarCompiler(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
 
 
 def accepts(tokenizer, grammar, text: str) -> bool:

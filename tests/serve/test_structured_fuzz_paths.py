@@ -12,26 +12,14 @@ from decimal import Decimal
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from retnet.serve.protocol import APIError
 from retnet.serve.sampling import RowSampler, SamplingParams, sample_step
-from retnet.serve.structured import GrammarCompiler, GrammarFailed, allowed_tokens, requested_grammar
+from retnet.serve.structured import GrammarFailed, allowed_tokens, requested_grammar
 from retnet.serve.tool_parsers import HermesToolParser
 from retnet.serve.tools import ToolCalling
 
 from .test_extras import CHAT
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer):
-    return GrammarCompiler(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Random schemas, and a validator of the keywords they use
