@@ -825,6 +825,10 @@ class RetNetModel(RetNetPreTrainedModel):
 
         all_hidden_states = ()
         packed = cu_seqlens is not None or packed_rows is not None
+        for layer in self.layers:
+            # Filled out here, not first inside a compiled layer: a checkpoint's recomputation would find it filled,
+            # trace another graph and save other tensors than the forward did (CheckpointError in backward).
+            layer.retention.log_decay(hidden_states.device)
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)

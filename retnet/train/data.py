@@ -719,6 +719,11 @@ def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Ite
         null = _null_first_file(dataset, text_field, key, cause) if _NULL_CAST.search(str(cause)) else None
         if null is not None:
             raise null from error
+        # (a bare StopIteration, or "Instruction "train" corresponds to no data!" from a set read before)
+        no_rows = isinstance(cause, StopIteration) or "corresponds to no data" in str(cause)
+        empty = _no_rows_in_json(dataset) if no_rows else None
+        if empty is not None:
+            raise empty from error
         unparsed = isinstance(cause, UnicodeDecodeError) or _PARSE_ERROR.search(f"{type(cause).__name__}: {cause}")
         malformed = _malformed_file(dataset) if unparsed else None
         if malformed is not None:
@@ -728,6 +733,30 @@ def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Ite
                 "data.format 'prompts' column": "as prompts"}.get(key, "with chosen and rejected")
         raise ConfigError(f"data.dataset {dataset!r}: datasets could not read it ({detail}); local files need "
                           f"{key} {text_field!r} in every file, {what}, and the same columns") from error
+
+
+def _no_rows_in_json(dataset: str) -> ConfigError | None:
+    """ConfigError naming the local JSON or JSON Lines files of ``dataset`` when none of them holds a row (each is
+    blank or an empty array): datasets stops at such a set with a bare StopIteration. None otherwise."""
+    try:
+        files = local_files(dataset)
+    except Exception:  # (FileNotFoundError, ConfigError) only the error being reported is lost
+        return None
+    if not files or saved_dataset_dir(files[0]) or _kind(files[0]) != "json":
+        return None
+    for path in files:
+        try:
+            if path.stat().st_size > 1 << 20:  # more than blanks: rows, or no JSON, and another error
+                return None
+            text = path.read_text(encoding="utf-8-sig", errors="replace").strip()
+            if text and json.loads(text) != []:
+                return None
+        except (OSError, ValueError):  # JSON Lines of several rows, or no JSON: not this error
+            return None
+    if len(files) == 1:
+        return ConfigError(f"data.dataset {dataset!r}: its JSON file {str(files[0])!r} holds no rows")
+    shown = ", ".join(repr(str(path)) for path in files[:5]) + (", ..." if len(files) > 5 else "")
+    return ConfigError(f"data.dataset {dataset!r}: its {len(files)} JSON files hold no rows ({shown})")
 
 
 def _malformed_file(dataset: str) -> ConfigError | None:

@@ -218,3 +218,31 @@ def test_a_non_finite_number_in_a_message_key_not_read_as_text_keeps_its_row(tmp
     chats = load("chat", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", '
                  '"weight": NaN}]}\n', load_conversations)
     assert len(chats) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A data.dataset of empty JSON Lines files
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("selection", ["one empty file", "a glob of blank files"])
+def test_json_files_without_rows_are_refused_by_name(selection, tmp_path):
+    """datasets stops at a set with no rows with a bare StopIteration (or, read before, "Instruction 'train'
+    corresponds to no data!"): training and retnet-eval said only that datasets could not read it."""
+    from retnet.train.config import ConfigError, DataConfig
+    from retnet.train.data import load_documents, local_files
+    from retnet.train.evaluate import EvalError, read_documents
+
+    (tmp_path / "a.jsonl").write_text("")
+    if selection == "one empty file":
+        dataset, held = str(tmp_path / "a.jsonl"), f"its JSON file '{tmp_path}/a.jsonl' holds no rows"
+    else:
+        (tmp_path / "b.jsonl").write_text("\n \n")
+        dataset = str(tmp_path / "*.jsonl")
+        held = f"its 2 JSON files hold no rows ('{tmp_path}/a.jsonl', '{tmp_path}/b.jsonl')"
+    config = DataConfig(dataset=dataset, cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):  # the second read finds the first's datasets cache
+        with pytest.raises(ConfigError) as refused:
+            load_documents(config, local_files(dataset), tmp_path / "cache")
+        assert str(refused.value) == f"data.dataset {dataset!r}: {held}"
+    with pytest.raises(EvalError) as refused:
+        read_documents(dataset, cache_dir=tmp_path / "cache")
+    assert str(refused.value) == f"--dataset {dataset!r}: {held}"
