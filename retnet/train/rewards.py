@@ -90,11 +90,13 @@ def length_target(completions: list, target_length: list | None = None, **kwargs
         return [None] * len(completions)
     out: list[float | None] = []
     for completion, target in zip(completions, target_length, strict=True):
-        if target is not None and (isinstance(target, bool) or not isinstance(target, numbers.Real)):
-            # a quoted number ("4") would otherwise stop the run with a TypeError naming neither column nor value
+        if target is not None and (isinstance(target, bool) or not isinstance(target, numbers.Real)
+                                   or math.isinf(target)):
+            # a quoted number ("4") would otherwise stop the run with a TypeError naming neither column nor value;
+            # an infinite one would score every completion NaN, silently left out as None
             raise ValueError(f"length_target: the 'target_length' column holds {type(target).__name__} "
                              f"{target!r:.80}; expected a number of characters (> 0), or None to skip the row")
-        if target is None or target <= 0:
+        if target is None or not target > 0:  # NaN too: a missing value as pandas and Parquet write one
             out.append(None)
             continue
         out.append(max(-abs(len(completion_text(completion)) - target) / target, -1.0))
@@ -185,11 +187,23 @@ def reward_values(name: str, values: Any, count: int) -> torch.Tensor:
         raise RuntimeError(f"{where} {type(values).__name__} {values!r:.80} {expected}") from None
     if len(values) != count:
         raise RuntimeError(f"{where} {len(values)} rewards {expected}")
+    # float() reads "1.5" and b"1" too (TRL's torch.tensor refuses them): a function returning its text would be
+    # trained on without a word
+    text = next((v for v in values if isinstance(v, (str, bytes))), None)
+    if text is not None:
+        raise RuntimeError(f"{where} a reward that is not a number ({type(text).__name__} {text!r:.40}) {expected}")
     try:
-        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as error:  # a string, a list, a tensor of several numbers
+        rewards = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:  # a list, a tensor of several numbers
         raise RuntimeError(f"{where} a reward that is not a number ({type(error).__name__}: {error}) "
                            f"{expected}") from None
+    if bool(rewards.isinf().any()):
+        # its group's mean is infinite and every advantage of the group (of the batch, scaled by the batch's std)
+        # NaN: the loss too. (NaN is TRL's None: left out of the sum.)
+        first = int(rewards.isinf().nonzero()[0, 0])
+        raise RuntimeError(f"{where} {values[first]!r:.40} for completion {first}: a reward must be finite (in "
+                           f"float32) {expected}")
+    return rewards
 
 
 class RewardSources:
