@@ -388,8 +388,10 @@ class DistillConfig(_Section):
 def _check_distill(job: JobConfig) -> None:
     """ConfigError for a ``distill.teacher`` that is neither a path nor a hub id, for ``model.vocab_size`` (the
     student's vocabulary is the teacher's), and for distillation with what it does not train under: the preference
-    and prompt objectives (their losses are not next-token ones), a reward model, context parallelism (a piece's
-    loss would need the teacher's pieces alike; not supported yet)."""
+    and prompt objectives (their losses are not next-token ones), a reward model, a vocabulary-parallel head.
+    Context parallelism trains (the teacher runs each rank's piece, its states crossing the cuts as the student's),
+    beside tensor parallelism too (each rank of a piece runs the whole teacher, exchanging its states with the
+    ranks of the other pieces that hold the same slice of the student)."""
     distill = job.distill
     if not distill.enabled:
         return
@@ -408,9 +410,6 @@ def _check_distill(job: JobConfig) -> None:
     if job.model.vocab_size is not None:  # the BPE size, when one is trained: the teacher's tokenizer is used instead
         _refuse("model.vocab_size", f"cannot be set with distill.teacher {distill.teacher!r}: the student's "
                 f"vocabulary is the teacher's", job.model.vocab_size)
-    if job.train.context_parallel > 1:
-        _refuse("train.context_parallel", f"> 1 is not supported with distillation (distill.teacher "
-                f"{distill.teacher!r}) yet; train it with train.context_parallel=1", job.train.context_parallel)
     if job.train.vocab_parallel:
         _refuse("train.vocab_parallel", f"is not supported with distillation (distill.teacher {distill.teacher!r}) "
                 f"yet: its loss takes the student's whole LM head; train it with train.vocab_parallel=false",

@@ -5,8 +5,9 @@ The teacher (``distill.teacher``: a ``save_pretrained`` directory or hub id, a R
 vocabulary) is loaded on every rank in the training's compute dtype (bf16 on CUDA under ``train.mixed_precision``
 bf16, else fp32), in eval mode, without gradients, and is wrapped by neither DDP nor FSDP2: under FSDP2 each rank
 holds the whole teacher (it is not sharded). Each training micro-batch runs it once, on the inputs the student gets
-(the packed segments of ``data.document_boundaries``, the chat targets), and hands its final hidden states and head
-to the student's forward (:class:`~retnet.model.distillation.Distillation`), which computes
+(the packed segments of ``data.document_boundaries``, the chat targets; under ``train.context_parallel`` the rank's
+piece of the row, its states crossing the cuts over the student's group as the student's do), and hands its final
+hidden states and head to the student's forward (:class:`~retnet.model.distillation.Distillation`), which computes
 :func:`~retnet.model.distillation.linear_distillation_loss` over exactly the tokens the cross-entropy counts, a chunk
 of them at a time. The step's two parts ride the loss's all-reduce: ``kd_loss`` (the mean temperature² · KL) and
 ``ce_loss`` (the mean cross-entropy), logged beside ``loss`` (their ``alpha`` mix). Evaluation is the plain
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from retnet.model.context_parallel import ContextShard
 from retnet.model.distillation import Distillation
 from retnet.train.config import ConfigError, DistillConfig
 
@@ -203,10 +205,14 @@ class Teacher:
         self._window, self._window_steps = [0.0] * len(METRICS), 0
 
     @torch.no_grad()
-    def target(self, inputs: dict[str, torch.Tensor]) -> Distillation:
-        """The teacher's side of the loss of the student's forward on ``inputs`` (the trainer's model inputs)."""
+    def target(self, inputs: dict[str, torch.Tensor], context_parallel: ContextShard | None = None) -> Distillation:
+        """The teacher's side of the loss of the student's forward on ``inputs`` (the trainer's model inputs).
+        ``context_parallel``: the student's shard, when ``inputs`` are a piece of a row split along time; the
+        teacher's states cross the cuts over its group as the student's do, so every rank of the group calls this
+        for the same row, in the same order."""
         hidden = self.model.model(input_ids=inputs["input_ids"], cu_seqlens=inputs.get("cu_seqlens"),
-                                  use_cache=False, return_dict=True).last_hidden_state
+                                  context_parallel=context_parallel, use_cache=False,
+                                  return_dict=True).last_hidden_state
         return Distillation(hidden, self.model.lm_head.weight, temperature=self.cfg.temperature,
                             alpha=self.cfg.alpha, kind=self.cfg.kind)
 

@@ -41,7 +41,8 @@ train with GRPO through the same hooks: ``retnet.train.grpo`` samples and scores
 hands out the micro-batches (under tensor parallelism a group's ranks the same ones, its sums over ``mesh["dp"]``).
 With ``distill.teacher`` (``retnet.train.distill``) a frozen teacher runs on each training micro-batch and the loss
 is the distillation loss towards it, its parts (``kd_loss``, ``ce_loss``) riding the step's all-reduce like DPO's
-metrics; the validation loss stays the plain one.
+metrics (under context parallelism the teacher runs each rank's piece, and the parts are its shares, as the loss);
+the validation loss stays the plain one.
 """
 
 from __future__ import annotations
@@ -1123,23 +1124,23 @@ class Trainer:
         summed loss divided by it (not by this batch's count).
 
         Under context parallelism this rank's share of it: its piece's summed loss over the same denominator
-        (the whole row's targets without ``num_items``), so the group's shares add up to the loss above."""
+        (the whole row's targets without ``num_items``), so the group's shares add up to the loss above; a
+        distillation's KD and CE parts likewise."""
         if self.cfg.data.document_boundaries:
             inputs = packed_segments(blocks, self.tokenizer.eos_token_id, flags)
         else:
             inputs = {"input_ids": blocks, "labels": blocks if flags is None else masked_labels(blocks, flags)}
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
         if self.cp_size > 1:
             from retnet.model.context_parallel import shard_sequences
 
             inputs, shard, targets = shard_sequences(inputs["input_ids"], inputs["labels"], rank=self.cp_rank,
                                                      size=self.cp_size, cu_seqlens=inputs.get("cu_seqlens"),
                                                      group=self.cp_group)
-            items = targets if num_items is None else num_items
-            return self.model(**inputs, context_parallel=shard, use_cache=False, num_items_in_batch=items,
-                              return_dict=True).loss
-        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+            extra = {"context_parallel": shard, "num_items_in_batch": targets if num_items is None else num_items}
         if self.teacher is not None and self.model.training:  # evaluation: the plain loss, comparable across runs
-            distill = self.teacher.target(inputs)
+            # Under context parallelism the teacher runs the same piece, its states crossing the cuts over the group
+            distill = self.teacher.target(inputs, extra.get("context_parallel"))
             loss = self.model(**inputs, use_cache=False, distill=distill, return_dict=True, **extra).loss
             self.teacher.collect(distill)
             return loss

@@ -383,8 +383,8 @@ def test_what_distillation_does_not_train_under_is_refused(teacher, tmp_path):
             load_config("tiny", [f"--distill.teacher={teacher}", f"--model.init_from={teacher}", *override])
     with pytest.raises(ConfigError, match=r"model.vocab_size cannot be set with distill.teacher"):
         load_config("tiny", [f"--distill.teacher={teacher}", "--model.vocab_size=1024"])
-    with pytest.raises(ConfigError, match=r"train.context_parallel > 1 is not supported with distillation"):
-        load_config("tiny", [f"--distill.teacher={teacher}", "--train.context_parallel=2"])
+    with pytest.raises(ConfigError, match=r"train.vocab_parallel is not supported with distillation"):
+        load_config("tiny", [f"--distill.teacher={teacher}", "--train.tensor_parallel=2", "--train.vocab_parallel=true"])
 
 
 def test_a_teacher_that_does_not_fit_is_refused_before_the_data_is_read(teacher, micro, tmp_path, capsys,
