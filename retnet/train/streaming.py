@@ -67,9 +67,8 @@ class StreamingData:
                  micro_batch: int, rank: int, world_size: int, dataset: str = "", val_documents: int = 0):
         from datasets.distributed import split_dataset_by_node
 
-        if len(val_blocks) == 0:
-            raise ConfigError(f"data: the first data.val_documents documents (the validation split) are shorter than "
-                              f"one block of data.seq_len ({seq_len}) tokens; raise data.val_documents")
+        if len(val_blocks) == 0:  # (build_streaming refuses it first, with its documents and tokens)
+            raise _validation_too_short(dataset, val_documents, seq_len)
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         self.val, self.tokenizer, self.text_field = val_blocks, tokenizer, text_field
         self.seq_len, self.micro_batch = seq_len, micro_batch
@@ -401,9 +400,15 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
     if chat:
         encoder = ChatEncoder(tokenizer, cfg.assistant_only_loss, cfg.dataset)
         val, val_flags = chat_blocks(encoder, val_conversations, cfg.seq_len)
+        if len(val) == 0:
+            raise _validation_too_short(cfg.dataset, cfg.val_documents, cfg.seq_len, len(val_conversations))
         return StreamingChatData(train_stream, val, val_flags, tokenizer, messages_field=field,
                                  assistant_only_loss=cfg.assistant_only_loss, pairs=pairs, **common)
-    val = _blocks(encode_documents(tokenizer, [text for text in val_texts if is_document(text)]), cfg.seq_len)
+    val_documents = [text for text in val_texts if is_document(text)]
+    val_ids = encode_documents(tokenizer, val_documents)
+    val = _blocks(val_ids, cfg.seq_len)
+    if len(val) == 0:
+        raise _validation_too_short(cfg.dataset, cfg.val_documents, cfg.seq_len, len(val_documents), len(val_ids))
     return StreamingData(train_stream, val, tokenizer, text_field=cfg.text_field, **common)
 
 
@@ -423,6 +428,17 @@ def _conversation_key(conversation: list[dict[str, Any]] | Completion) -> str:
     messages with others render (or are masked) as another sequence, which is no repeat of a validation one."""
     extra = [getattr(conversation, name, None) for name in ("tools", "template_kwargs", "completion_start")]
     return json.dumps([conversation, *extra], sort_keys=True, default=str)
+
+
+def _validation_too_short(dataset: str, val_documents: int, seq_len: int, documents: int | None = None,
+                          tokens: int | None = None) -> ConfigError:
+    """A streamed validation split (the stream's first ``val_documents`` rows) that fills no block, named as a
+    cached split too short is (:func:`~retnet.train.data._too_short`): the data, what the split holds, the block."""
+    held = "" if documents is None else f": {documents} documents"
+    held += "" if tokens is None else f", {tokens} tokens"
+    return ConfigError(f"data.dataset {dataset!r}: the validation split (the first data.val_documents "
+                       f"({val_documents}) rows{held}) is shorter than one block of data.seq_len ({seq_len}) tokens; "
+                       f"raise data.val_documents or lower data.seq_len")
 
 
 def _no_training_documents(dataset: str, val_documents: int, rank: int | None = None,
