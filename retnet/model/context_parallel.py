@@ -246,7 +246,8 @@ class ContextGroup:
     """This rank's place among the ``size`` ranks of a group that split each packed row of sequences along time:
     ``rank`` its piece, ``group`` their process group. Post-training (DPO, reward models) reads a value per
     sequence (its summed completion log-prob, its score at its last token): each rank computes its pieces' part
-    and :meth:`sum` adds them up on every rank."""
+    and :meth:`sum` adds them up on every rank. GRPO reads one per completion token (its log-prob): each rank
+    fills in those its piece predicts, zeros elsewhere, and :meth:`sum` gives every rank all of them."""
 
     rank: int
     size: int

@@ -665,23 +665,30 @@ def schedule_warnings(job: JobConfig) -> list[str]:
 
 
 def _check_context_parallel(job: JobConfig) -> None:
-    """ConfigError for ``train.context_parallel`` > 1 with what the pieces cannot be trained under: GRPO (its
-    sampler is not split along time yet), DPO and reward models beside tensor parallelism, and a row that does not
-    cut into equal pieces. DPO and reward models train: a group's ranks each hold a piece of every row of the same
-    pairs, the per-sequence log-probs and scores summed over them, the metrics counted once."""
+    """ConfigError for ``train.context_parallel`` > 1 with what the pieces cannot be trained under: a row that does not
+    cut into equal pieces, and GRPO prompts that do not deal out to its pieces. DPO and reward models train (beside
+    tensor parallelism too): a group's ranks each hold a piece of every row of the same pairs, the per-sequence
+    log-probs and scores summed over them, the metrics counted once. GRPO trains: a group's ranks sample a share of
+    its prompts each (with the cache, whole sequences), all-gather the completions, then split each row along time
+    for the log-prob passes."""
     size = job.train.context_parallel
     if size == 1:
         return
+    generations = job.grpo.num_generations  # (>= 2: GrpoConfig refused others)
     if job.data.format == "prompts":
-        _refuse("train.context_parallel", "> 1 is not supported with GRPO (data.format 'prompts') yet: its "
-                "completions are sampled with the cache, whole; train it with train.context_parallel=1", size)
-    if job.data.format == "preference" and job.train.tensor_parallel > 1:
-        mode = "a reward model (reward.enabled)" if job.reward.enabled else "DPO (data.format 'preference')"
-        _refuse("train.context_parallel", f"> 1 is not supported with {mode} beside train.tensor_parallel > 1 yet; "
-                f"split its rows (train.context_parallel) or its layers (train.tensor_parallel), not both", size)
+        # torchrun sets WORLD_SIZE before the process starts: the split is known before the data is read. Every
+        # piece (a tensor-parallel group's ranks together) samples a share of its group's prompts.
+        samplers = max(int(os.environ.get("WORLD_SIZE", "1") or 1) // job.train.tensor_parallel, size)
+        if job.train.global_batch_size % (generations * samplers):
+            _refuse("train.global_batch_size", f"(completions per step) must split into whole groups of "
+                    f"grpo.num_generations ({generations}) on each of the {samplers} pieces sampling them "
+                    f"(world size / train.tensor_parallel; each of the train.context_parallel {size} pieces of a "
+                    f"group samples a share of its prompts): make it a multiple of {generations * samplers}",
+                    job.train.global_batch_size)
     # A block, not only a packed micro-batch's row (micro_batch_size blocks): evaluation's last batch may hold
-    # fewer blocks, and its row must split too. (Pairs of any lengths: their rows are padded to split.)
-    if job.data.seq_len % size and job.data.format != "preference":
+    # fewer blocks, and its row must split too. (Pairs and GRPO's prompts and completions, of any lengths: their
+    # rows are padded to split.)
+    if job.data.seq_len % size and job.data.format not in ("preference", "prompts"):
         _refuse("train.context_parallel", f"must divide data.seq_len = {job.data.seq_len} into equal pieces (each "
                 f"row is cut from whole blocks, packed or not)", size)
 

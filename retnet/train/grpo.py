@@ -53,6 +53,19 @@ picks besides. The group's first rank alone scores the completions and broadcast
 group, and a reward function drawing from the per-rank seeded RNGs cannot part the ranks). The generation's totals, the batch std and the evaluation's sums are all-reduced over the data-parallel
 ranks (``mesh["dp"]``), and the trainer counts the step's sums of a group's first rank only. The KL reference is
 split as the policy is (and, under FSDP2, sharded over ``mesh["dp"]``), its forwards the group's collectives too.
+
+Under context parallelism (``train.context_parallel`` C > 1) the prompts are dealt to the data-parallel groups as
+above, and the C ranks of a group split its prompts again to sample (a contiguous share each, whole sequences with
+the cache: the uniforms are keyed by the prompt's position, so the completions are those of any other split), score
+their share, and all-gather the completions and rewards: every rank of the group then holds all of them, and the
+advantages, totals and metric sums are computed from them as one data-parallel rank's (the totals summed over the
+ranks holding the same piece in each group). The policy, reference and old-policy passes split each micro-batch's
+row along time (:func:`token_logps` with a :class:`~retnet.model.context_parallel.ContextGroup`): each piece computes
+the log-probs of the tokens it predicts, and their sum over the group gives every rank all of them, from which it
+computes the whole loss, every loss type and normalization as one process does; its loss is its 1/C share, the
+backward of the sum hands each piece the gradient of its tokens, and the metrics count once a group (the trainer
+counts its first rank's). Beside tensor parallelism each piece's T ranks sample, score and train as a
+tensor-parallel group does.
 """
 
 from __future__ import annotations
@@ -60,7 +73,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -76,11 +89,14 @@ from retnet.train.data import (
     local_files,
     split_documents,
 )
-from retnet.train.distributed import is_distributed
+from retnet.train.distributed import data_parallel_group, is_distributed
 from retnet.train.grpo_sampling import gathered_weights, sample, stop_tokens, uniforms
 from retnet.train.preference import pack_completions
 from retnet.train.prompts import PromptEncoder, Prompts, load_prompt_rows
 from retnet.train.rewards import RewardSources, reward_arguments, reward_values
+
+if TYPE_CHECKING:  # (the model package imports transformers)
+    from retnet.model.context_parallel import ContextGroup
 
 logger = logging.getLogger(__name__)
 
@@ -142,12 +158,26 @@ def finished(completions: list[np.ndarray], stops: list[int]) -> np.ndarray:
     return np.array([len(c) > 0 and int(c[-1]) in stops for c in completions], dtype=bool)
 
 
-def token_logps(model: torch.nn.Module, batch: GrpoBatch, temperature: float = 1.0) -> torch.Tensor:
+def token_logps(model: torch.nn.Module, batch: GrpoBatch, temperature: float = 1.0,
+                context: ContextGroup | None = None) -> torch.Tensor:
     """``[M]`` fp32: each completion token's log-probability under ``model`` (its logits divided by
-    ``temperature``, the distribution it was sampled from, as TRL scores it)."""
-    logits = model(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, logits_to_keep=batch.keep,
-                   use_cache=False, return_dict=True).logits[0].float() / temperature
-    return logits.gather(-1, batch.labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    ``temperature``, the distribution it was sampled from, as TRL scores it). ``context``: the row is split along
+    time across its ranks (context parallelism), each computing the tokens its piece predicts; every rank returns
+    all ``M`` (each token's value from the one piece holding it, exactly: the others add zeros), the gradient of
+    each reaching its piece."""
+    inputs, keep, labels = {"input_ids": batch.input_ids, "cu_seqlens": batch.cu_seqlens}, batch.keep, batch.labels
+    mine = None
+    if context is not None:
+        inputs, shard, start = context.shard(batch.input_ids, batch.cu_seqlens)
+        inputs["context_parallel"] = shard
+        # the positions predicting a completion token on this piece (the token itself may lie on the next)
+        mine = (keep >= start) & (keep < start + shard.length)
+        keep, labels = keep[mine] - start, labels[mine]
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False, return_dict=True).logits[0].float() / temperature
+    logps = logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    if context is None:
+        return logps
+    return context.sum(logps.new_zeros(len(batch.keep)).masked_scatter(mine, logps))
 
 
 def importance_ratio(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig, mask: torch.Tensor) -> torch.Tensor:
@@ -197,7 +227,7 @@ def grpo_loss(logps: torch.Tensor, batch: GrpoBatch, cfg: GrpoConfig,
     if cfg.loss_type in ("grpo", "sapo"):  # a masked sequence's mean is 0, and it still counts (TRL's .mean())
         sums = torch.zeros(len(batch.lengths), device=logps.device).index_add(0, batch.sequence, per_token)
         return (sums / batch.lengths).sum() / totals.sequences, kl
-    if cfg.loss_type in ("dapo", "cispo"):  # totals.tokens: the unmasked ones; every completion may be masked
+    if cfg.loss_type in ("dapo", "cispo"):  # totals.tokens: every completion token, masked ones too
         return per_token.sum() / max(totals.tokens, 1.0), kl
     if cfg.loss_type == "luspo":
         # TRL's mean over sequences of the (sequence-level) term times the sequence's unmasked length: the term
@@ -332,6 +362,9 @@ class GrpoData:
         # totals and the evaluation's sums are all-reduced over, and the tensor-parallel group's (mesh["tp"]), whose
         # ranks sample the same completions (its first rank's tokens and rewards broadcast). None: the world, none.
         self.group = self.tp_group = None
+        # Under context parallelism: the group's ranks, which split its prompts to sample, then each hold every
+        # completion, each row split along time across them for the log-prob passes (None: no split)
+        self.context: ContextGroup | None = None
         self._warned_unscored = False  # unscored_warning's, once a run
 
     def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
@@ -359,6 +392,19 @@ class GrpoData:
         if rest or share % cfg.num_generations:  # the config refused it when torchrun set WORLD_SIZE
             raise ConfigError(f"train.global_batch_size ({self.global_batch}) must split into whole groups of "
                               f"grpo.num_generations ({cfg.num_generations}) on each of the {self.world_size} ranks")
+        if trainer.cp_size > 1:
+            from retnet.model.context_parallel import ContextGroup
+
+            if share // cfg.num_generations % trainer.cp_size:  # likewise
+                raise ConfigError(f"train.global_batch_size ({self.global_batch}) must split into whole groups of "
+                                  f"grpo.num_generations ({cfg.num_generations}) on each of the "
+                                  f"{self.world_size * trainer.cp_size} ranks (the pieces of a context-parallel "
+                                  f"group sample a share each)")
+            self.context = ContextGroup(trainer.cp_rank, trainer.cp_size, trainer.cp_group)
+            # The generation's totals and the evaluation's sums: every rank of a context-parallel group holds its
+            # group's, so they are summed over the ranks holding the same piece (and slice) in each group, once a
+            # group (mesh["dp"] would count each C times). A collective of every rank, here at the same point.
+            self.group = data_parallel_group(trainer.rank, trainer.world_size, trainer.cfg.train.group_size)
         self.stops = stop_tokens(self.tokenizer, getattr(self.policy, "generation_config", None))
         self.sources = RewardSources(cfg, self.tokenizer, self.encoder, self.device, self.autocast, self.stops)
         self.sources.state.max_steps = trainer.cfg.train.steps
@@ -439,8 +485,62 @@ class GrpoData:
         """This rank's groups of prompts ``ids`` sampled and scored: the :class:`Generation` of ``step`` (its
         micro-batches of ``micro_batch`` completions with the reference's log-probs; the old policy's are added by
         :meth:`loss` at the generation's first step) and its metric sums (a collective of the data-parallel ranks:
-        the global :class:`Totals`)."""
-        cfg, generations, drawn = self.cfg, self.cfg.num_generations, self.cfg.sampling
+        the global :class:`Totals`). Under context parallelism the group's ranks sample and score a share of
+        ``ids`` each (:meth:`_context_share`), then all-gather them: each holds every completion of its group."""
+        cfg, generations = self.cfg, self.cfg.num_generations
+        own = np.arange(len(ids)) if self.context is None else self._context_share(len(ids))
+        completions, clipped = self._sample(split, ids[own], [seeds[i] for i in own])
+        per_source = self._score(split, np.repeat(ids[own], generations), completions)
+        if self.context is not None:
+            shares = [None] * self.context.size
+            torch.distributed.all_gather_object(shares, (completions, clipped, per_source), group=self.context.group)
+            count = len(ids) * generations  # (the shares' padding, at their end, dropped)
+            completions = [c for share in shares for c in share[0]][:count]
+            clipped = [c for share in shares for c in share[1]][:count]
+            per_source = torch.cat([share[2] for share in shares])[:count]
+        rows = np.repeat(ids, generations)
+        warning = None if self._warned_unscored else unscored_warning(per_source, rows, self.sources.names)
+        if warning:
+            self._warned_unscored = True
+            logger.warning("%s", warning)
+        rewards = torch.nansum(per_source * self.sources.weights, dim=1)
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
+        counted = lengths * torch.from_numpy(self._active(completions))  # the tokens the loss is computed on
+        prompt_tokens = float(sum(len(split.tokens[i]) for i in rows))
+        totals = torch.tensor([len(rows), lengths.sum(), prompt_tokens, rewards.double().sum()], dtype=torch.float64,
+                              device=self.device)
+        if is_distributed():
+            torch.distributed.all_reduce(totals, group=self.group)
+        n, tokens, prompt_tokens, total = totals.tolist()
+        spread = batch_std(rewards, n, total, self.device, self.group) if cfg.scale_rewards == "batch" else None
+        advantage, std, zero = advantages(rewards, generations, cfg.scale_rewards, spread)
+        present = ~per_source.isnan()
+        sums = torch.tensor([len(rows), rewards.sum().item(), std.sum().item(), lengths.sum().item(), sum(clipped),
+                             zero.sum().item(), 0.0, counted.sum().item()])
+        sums = torch.cat([sums, torch.zeros(len(SUMS) - len(sums))])  # the loss's: kl, clipped tokens, steps
+        sums = torch.cat([sums, torch.stack([per_source.nan_to_num().sum(0), present.sum(0)], 1).flatten()])
+        batches = self._pack(split, rows, completions, advantage)
+        if cfg.beta > 0:
+            batches = [batch._replace(reference=self._reference_logps(batch)) for batch in batches]
+        # dapo's and cispo's token count is every completion token, masked ones too (TRL's num_items_in_batch is
+        # counted before mask_truncated_completions zeroes their mask)
+        generation = Generation(step, rows, completions, advantage, batches, Totals(n, tokens),
+                                int(tokens + prompt_tokens))
+        return generation, sums.float().to(self.device)
+
+    def _context_share(self, count: int) -> np.ndarray:
+        """Which of ``count`` prompts this rank of a context-parallel group samples: a contiguous share of
+        ceil(``count`` / C), the last shares padded with the last prompt (whose completions the gather drops), so
+        that every rank runs as many sampling forwards as the others (under FSDP, or tensor parallelism beside it,
+        each is a collective). Training steps' shares divide (the config refuses others); an evaluation's may not."""
+        size = -(-count // self.context.size)
+        return np.minimum(np.arange(self.context.rank * size, (self.context.rank + 1) * size), count - 1)
+
+    def _sample(self, split: Prompts, ids: np.ndarray,
+                seeds: list[tuple[int, ...]]) -> tuple[list[np.ndarray], list[bool]]:
+        """The completions of the prompts ``ids`` of ``split`` (``num_generations`` each, consecutive), drawn from
+        the uniforms of ``seeds`` (one per prompt) by the policy in eval mode, and whether each was clipped."""
+        generations, drawn = self.cfg.num_generations, self.cfg.sampling
         completions, clipped = [], []
         training = self.policy.training
         self.policy.eval()
@@ -460,44 +560,20 @@ class GrpoData:
                     clipped += cut
         finally:
             self.policy.train(training)
-        rows = np.repeat(ids, generations)
+        return completions, clipped
+
+    def _score(self, split: Prompts, rows: np.ndarray, completions: list[np.ndarray]) -> torch.Tensor:
+        """``[n, sources]`` on the CPU: each completion's value from each reward source (NaN for None)."""
         if self.tp_group is None:
-            per_source = self.sources(split, rows, completions)
-        else:
-            # Scored by the group's first rank alone, its values broadcast: a judge's or an API's calls (and their
-            # side effects) once a group rather than T times, and a reward function drawing random numbers from the
-            # per-rank seeded RNGs cannot part the ranks.
-            first = torch.distributed.get_rank(self.tp_group) == 0
-            shared = self.sources(split, rows, completions).to(self.device) if first else \
-                torch.empty((len(rows), len(self.sources.names)), dtype=torch.float32, device=self.device)
-            torch.distributed.broadcast(shared, group=self.tp_group, group_src=0)
-            per_source = shared.cpu()
-        warning = None if self._warned_unscored else unscored_warning(per_source, rows, self.sources.names)
-        if warning:
-            self._warned_unscored = True
-            logger.warning("%s", warning)
-        rewards = torch.nansum(per_source * self.sources.weights, dim=1)
-        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
-        counted = lengths * torch.from_numpy(self._active(completions))  # the tokens the loss is computed on
-        prompt_tokens = float(sum(len(split.tokens[i]) for i in rows))
-        totals = torch.tensor([len(rows), lengths.sum(), prompt_tokens, rewards.double().sum(), counted.sum()],
-                              dtype=torch.float64, device=self.device)
-        if is_distributed():
-            torch.distributed.all_reduce(totals, group=self.group)
-        n, tokens, prompt_tokens, total, loss_tokens = totals.tolist()
-        spread = batch_std(rewards, n, total, self.device, self.group) if cfg.scale_rewards == "batch" else None
-        advantage, std, zero = advantages(rewards, generations, cfg.scale_rewards, spread)
-        present = ~per_source.isnan()
-        sums = torch.tensor([len(rows), rewards.sum().item(), std.sum().item(), lengths.sum().item(), sum(clipped),
-                             zero.sum().item(), 0.0, counted.sum().item()])
-        sums = torch.cat([sums, torch.zeros(len(SUMS) - len(sums))])  # the loss's: kl, clipped tokens, steps
-        sums = torch.cat([sums, torch.stack([per_source.nan_to_num().sum(0), present.sum(0)], 1).flatten()])
-        batches = self._pack(split, rows, completions, advantage)
-        if cfg.beta > 0:
-            batches = [batch._replace(reference=self._reference_logps(batch)) for batch in batches]
-        generation = Generation(step, rows, completions, advantage, batches, Totals(n, loss_tokens),
-                                int(tokens + prompt_tokens))
-        return generation, sums.float().to(self.device)
+            return self.sources(split, rows, completions)
+        # Scored by the group's first rank alone, its values broadcast: a judge's or an API's calls (and their side
+        # effects) once a group rather than T times, and a reward function drawing random numbers from the per-rank
+        # seeded RNGs cannot part the ranks.
+        first = torch.distributed.get_rank(self.tp_group) == 0
+        shared = self.sources(split, rows, completions).to(self.device) if first else \
+            torch.empty((len(rows), len(self.sources.names)), dtype=torch.float32, device=self.device)
+        torch.distributed.broadcast(shared, group=self.tp_group, group_src=0)
+        return shared.cpu()
 
     def _pack(self, split: Prompts, rows: np.ndarray, completions: list[np.ndarray],
               advantage: torch.Tensor) -> list[GrpoBatch]:
@@ -515,16 +591,23 @@ class GrpoData:
             return np.ones(len(completions), dtype=bool)
         return finished(completions, self.stops)
 
+    def _token_logps(self, model: torch.nn.Module, batch: GrpoBatch) -> torch.Tensor:
+        """:func:`token_logps` at the sampling temperature, each row split along time under context parallelism
+        (without it, called as before it took the split: the tests' recording stand-in keeps that signature)."""
+        if self.context is None:
+            return token_logps(model, batch, self.cfg.temperature)
+        return token_logps(model, batch, self.cfg.temperature, self.context)
+
     @torch.no_grad()
     def _reference_logps(self, batch: GrpoBatch) -> torch.Tensor:
         with self.autocast:
             if self.reference is not None:
-                return token_logps(self.reference, batch, self.cfg.temperature)
+                return self._token_logps(self.reference, batch)
             training = self.policy.training
             self.policy.eval()  # as the policy samples: the adapters' dropout off, as the reference's is
             try:
                 with self.peft.disable_adapter():
-                    return token_logps(self.policy, batch, self.cfg.temperature)
+                    return self._token_logps(self.policy, batch)
             finally:
                 self.policy.train(training)
 
@@ -581,8 +664,11 @@ class GrpoData:
     def loss(self, model: torch.nn.Module, batch: GrpoBatch) -> torch.Tensor:
         """The micro-batch's share of the global batch's loss, times the accumulation count and the world size:
         the trainer divides by the one and DDP averages over the other, so the gradients add up to the global
-        batch's and the logged loss (the ranks' sum over the world size) is its loss."""
-        logps = token_logps(model, batch, self.cfg.temperature)
+        batch's and the logged loss (the ranks' sum over the world size) is its loss. Under context parallelism each
+        rank of a group computes the micro-batch's whole loss from every token's log-prob (:func:`token_logps`) and
+        returns its 1/C share: the shares add up to the loss, and the backward of the log-probs' sum hands each
+        piece the whole loss's gradient of its tokens (the metrics, whole on every rank, count once a group)."""
+        logps = self._token_logps(model, batch)
         if self._first is not None:
             # A generation's first step with num_iterations > 1: the old policy is the model as it is now, before
             # this step's update, in train mode (its dropout as the later steps', TRL's). batch has no old yet:
@@ -595,7 +681,8 @@ class GrpoData:
         if len(batch.old) or self.cfg.loss_type == "cispo":  # else the ratio is 1: nothing clipped
             low = SUMS.index("clip_low")
             self._step[low:low + 3] += clipped_tokens(logps, batch, self.cfg)
-        return part * (self.global_batch // self.micro_batch)  # accumulation count × world size
+        scale = self.global_batch // self.micro_batch  # accumulation count × world size
+        return part * scale if self.context is None else part * scale / self.context.size
 
     def step_stats(self) -> torch.Tensor:
         """The step's sums, then this rank's shares of clipped tokens (low, then high) at its place among
@@ -667,14 +754,16 @@ class GrpoData:
         try:
             for batch in batches:
                 with self.autocast:
-                    part, kl = grpo_loss(token_logps(self.policy, batch, self.cfg.temperature), batch, self.cfg,
-                                         totals)
+                    logps = self._token_logps(self.policy, batch)
+                    part, kl = grpo_loss(logps, batch, self.cfg, totals)
                 loss += part.float()
                 sums[SUMS.index("kl")] += kl
         finally:
             self.policy.train(training)
         stats = torch.cat([loss, sums])
-        if is_distributed():  # over the data-parallel ranks: a tensor-parallel group's score the same prompts
+        # over the data-parallel ranks: a tensor-parallel group's score the same prompts, and every rank of a
+        # context-parallel group holds all of its group's
+        if is_distributed():
             torch.distributed.all_reduce(stats, group=self.group)
         return {"val_loss": stats[0].item(), **self._means(stats[1:].tolist(), "val_")}
 

@@ -21,21 +21,12 @@ from .conftest import micro_args
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["--train.context_parallel=0"], r"train\.context_parallel must be >= 1.*got 0"),
-    # DPO and reward models train split along time (test_context_parallel_preference_paths.py), not beside a split
-    # of the layers too
-    (["--train.context_parallel=2", "--train.tensor_parallel=2", "--data.format=preference",
-      "--data.dataset=pairs.jsonl"], r"train\.context_parallel > 1 is not supported with DPO \(data\.format "
-     r"'preference'\) beside train\.tensor_parallel > 1 yet.*got 2"),
-    (["--train.context_parallel=2", "--train.tensor_parallel=2", "--data.format=preference",
-      "--data.dataset=pairs.jsonl", "--reward.enabled=true"],
-     r"not supported with a reward model \(reward\.enabled\) beside train\.tensor_parallel > 1 yet"),
-    (["--train.context_parallel=2", "--data.format=prompts", "--data.dataset=prompts.jsonl"], r"not supported with GRPO \(data\.format 'prompts'\) yet"),
     # packed too: evaluation's last micro-batch may hold fewer blocks, so a block must split (2 × 33 would not do)
     (["--train.context_parallel=2", "--data.seq_len=33", "--train.micro_batch_size=2",
       "--train.global_batch_size=2"], r"train\.context_parallel must divide data\.seq_len = 33 .*got 2"),
     (["--train.context_parallel=2", "--data.seq_len=33", "--data.document_boundaries=false"],
      r"train\.context_parallel must divide data\.seq_len = 33.*got 2"),
-], ids=["zero", "dpo", "reward", "grpo", "packed-row", "plain-row"])
+], ids=["zero", "packed-row", "plain-row"])
 def test_settings_context_parallelism_cannot_train_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", overrides)

@@ -1,7 +1,7 @@
 """Context parallelism (``train.context_parallel``) on preference pairs: two torchrun gloo ranks splitting each
 micro-batch's packed row of pairs along time log one process's DPO and reward-model records (training and
 validation losses, every metric, the gradient norms) and, for DPO, compute its reference log-probs; a row the pieces
-do not divide is padded with a sequence of its own; GRPO stays refused."""
+do not divide is padded with a sequence of its own."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from retnet.model.context_parallel import ContextGroup
-from retnet.train.config import ConfigError, load_config
+from retnet.train.config import load_config
 from retnet.train.preference import METRICS as DPO_METRICS
 from retnet.train.preference import REFERENCE_FILE
 from retnet.train.reward import METRICS as REWARD_METRICS
@@ -41,15 +41,6 @@ def test_a_row_the_pieces_do_not_divide_gets_a_sequence_of_padding():
     assert second_shard.offsets == (0, 1)  # the second piece goes on one token into the second sequence
     _, even, _ = ContextGroup(1, 2).shard(row[:, :6], torch.tensor([0, 3, 6], dtype=torch.int32))
     assert even.offsets == (0, 0) and even.lengths == (3, 3)  # divided: no padding
-
-
-def test_grpo_stays_refused():
-    """Its completions are sampled with the cache, a whole sequence a rank (DPO and reward models beside tensor
-    parallelism: test_context_parallel.py's refusals)."""
-    with pytest.raises(ConfigError, match=r"train\.context_parallel > 1 is not supported with GRPO \(data\.format "
-                                          r"'prompts'\) yet: its completions are sampled with the cache"):
-        load_config("tiny", ["--train.context_parallel=2", "--model.init_from=base", "--data.format=prompts",
-                             "--data.dataset=prompts.jsonl"])
 
 
 def test_pairs_of_any_length_are_taken():

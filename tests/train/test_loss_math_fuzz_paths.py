@@ -511,8 +511,9 @@ def test_a_grpo_run_logs_the_reference_formula_of_its_model(toy, tmp_path, monke
     policy = padded(torch.cat([token_logps(moved, p, c) for p, c in zip(prompts, completions)]), lengths)
     tokens = float(sum(n for n, a in zip(lengths, active) if a))
     records = {r["step"]: r for r in metrics(out)}
-    expected = {1: trl_grpo(reference, None, reference, advantage, mask, cfg, 8.0, tokens),
-                2: trl_grpo(policy, reference, reference, advantage, mask, cfg, 8.0, tokens)}
+    every_token = float(sum(lengths))  # dapo's normaliser, TRL's num_items_in_batch: counted before the masking
+    expected = {1: trl_grpo(reference, None, reference, advantage, mask, cfg, 8.0, every_token),
+                2: trl_grpo(policy, reference, reference, advantage, mask, cfg, 8.0, every_token)}
     assert abs(expected[2][0] - expected[1][0]) > 1e-4 and expected[2][2][2] > 0  # moved, and clipped
     for step, (loss, kl, clipped) in expected.items():
         record = records[step]
@@ -540,7 +541,7 @@ def test_a_grpo_run_logs_the_reference_formula_of_its_model(toy, tmp_path, monke
     active = [int(ids[-1]) in stops for ids in completions]
     mask = padded(torch.cat([torch.full((n,), float(a)) for n, a in zip(lengths, active)]), lengths)
     tokens = float(sum(n for n, a in zip(lengths, active) if a))
-    loss, kl, _ = trl_grpo(policy, None, reference, advantage, mask, cfg, 4.0, tokens)
+    loss, kl, _ = trl_grpo(policy, None, reference, advantage, mask, cfg, 4.0, float(sum(lengths)))
     validation = next(r for r in metrics(out, "val") if r["step"] == 2)
     assert validation["val_loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
     assert validation["val_kl"] == pytest.approx(kl.item() / max(tokens, 1.0), rel=1e-3, abs=1e-6)

@@ -80,8 +80,9 @@ def test_bnpo_is_a_loss_type_and_unknown_ones_name_the_supported():
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
 def test_truncated_completions_are_masked_out_of_the_loss(loss_type):
     """TRL's mask_truncated_completions: a completion that reached max_completion_length without a stop token
-    (here the second) has its tokens' completion mask zeroed: no loss, no gradient, no KL; dapo's global token
-    count (Totals.tokens, the generation's) and bnpo's micro-batch count leave them out; grpo still counts the
+    (here the second) has its tokens' completion mask zeroed: no loss, no gradient, no KL; bnpo's micro-batch
+    count leaves them out (dapo's global one is the generation's Totals.tokens: every token, TRL's
+    num_items_in_batch, counted before the masking); grpo still counts the
     sequence (its mean is 0), dr_grpo its place (TRL's denominators)."""
     advantage = torch.tensor([0.5, -1.0, 2.0])
     prompts = [np.array([1]), np.array([2]), np.array([3])]
@@ -128,7 +129,8 @@ def test_mask_truncated_completions_is_a_grpo_setting():
 
 def test_a_generation_masks_its_truncated_completions(toy, monkeypatch):  # noqa: F811
     """Through GrpoData: the generation's micro-batches mark the completions without a stop token inactive, the
-    loss's token count (Totals.tokens) and the logged "tokens" leave them out, their advantages are computed with
+    logged "tokens" leave them out while the loss's token count (Totals.tokens) holds every completion token (TRL
+    counts num_items_in_batch before masking), their advantages are computed with
     the others' (TRL masks the loss only), and the loss is the masked formula's."""
     from types import SimpleNamespace
 
@@ -150,15 +152,15 @@ def test_a_generation_masks_its_truncated_completions(toy, monkeypatch):  # noqa
                                     mask_truncated_completions=True, loss_type="dapo")).grpo
     trainer = SimpleNamespace(cfg=SimpleNamespace(grpo=cfg, train=SimpleNamespace(steps=1)),
                               device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False),
-                              raw_model=model, peft_model=None, fsdp=False, tp_mesh=None)
+                              raw_model=model, peft_model=None, fsdp=False, tp_mesh=None, cp_size=1)
     data.start(trainer)
     batches = data.micro_batches(2)
     active = torch.cat([b.active for b in batches])
     assert active.tolist() == [i % 2 == 0 for i in range(16)]
-    assert data._totals == Totals(16, 8 * 3)
+    assert data._totals == Totals(16, 56)
     assert data._step[SUMS.index("tokens")].item() == 8 * 3 and data._step[SUMS.index("length")].item() == 56
     loss = sum(data.loss(model, b) / 2 for b in batches)
-    expected = sum(grpo_loss(grpo.token_logps(model, b), b, cfg, Totals(16, 24))[0] for b in batches)
+    expected = sum(grpo_loss(grpo.token_logps(model, b), b, cfg, Totals(16, 56))[0] for b in batches)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -576,7 +578,7 @@ def test_a_generation_samples_with_the_overridden_settings(toy, monkeypatch, cap
                                                                                "max_new_tokens": 6})).grpo
     trainer = SimpleNamespace(cfg=SimpleNamespace(grpo=cfg, train=SimpleNamespace(steps=1)),
                               device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False),
-                              raw_model=model, peft_model=None, fsdp=False, tp_mesh=None)
+                              raw_model=model, peft_model=None, fsdp=False, tp_mesh=None, cp_size=1)
     with caplog.at_level("INFO", logger="retnet.train.grpo"):
         data.start(trainer)
     assert "at most 6 tokens each (temperature 1, top_p 1, top_k 9, repetition_penalty 1.4" in caplog.text
