@@ -30,6 +30,7 @@ GRPO_CLIPPED_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "luspo")
 # implements. Any other (num_beams, suppress_tokens ...) would change what TRL samples and not what this one does.
 GRPO_GENERATION_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "do_sample")
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: rewards are weighted and summed in it
 GRPO_IMPORTANCE_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level; sequence is GSPO
 # TRL's scale_rewards before 0.22 was a boolean, which its GRPOConfig still takes as these
 _SCALE_REWARDS_BOOLEANS = {True: "group", False: "none", "true": "group", "false": "none"}
@@ -259,8 +260,9 @@ class GrpoConfig(_Section):
                     else math.nan
             except (ValueError, OverflowError):  # (an int beyond float's range, 10**400)
                 number = math.nan
-            if not math.isfinite(number):
-                _refuse("grpo.reward_weights", f"must be finite numbers (not: {weight!r})", self.reward_weights)
+            if not math.isfinite(number) or abs(number) > FLOAT32_MAX:  # rewards are weighted in float32
+                _refuse("grpo.reward_weights", f"must be finite numbers within float32's range (not: {weight!r})",
+                        self.reward_weights)
             weights.append(number)
         self.reward_weights = weights
 

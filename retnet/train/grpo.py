@@ -504,6 +504,10 @@ class GrpoData:
             self._warned_unscored = True
             logger.warning("%s", warning)
         rewards = torch.nansum(per_source * self.sources.weights, dim=1)
+        if not bool(rewards.isfinite().all()):  # each source's finite, the weighted sum past float32's range
+            first = int((~rewards.isfinite()).nonzero()[0, 0])
+            raise RuntimeError(f"the weighted rewards of completion {first} are not finite in float32: rewards "
+                               f"{per_source[first].tolist()} × grpo.reward_weights {self.sources.weights.tolist()}")
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
         counted = lengths * torch.from_numpy(self._active(completions))  # the tokens the loss is computed on
         prompt_tokens = float(sum(len(split.tokens[i]) for i in rows))

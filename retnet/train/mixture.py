@@ -312,7 +312,12 @@ def _naming(label: str, dataset: str) -> Iterator[None]:
     except (ConfigError, FileNotFoundError) as error:
         if str(error).startswith("data.mixture."):
             raise
-        raise type(error)(f"data.mixture.{label} (dataset {dataset!r}): {error}") from error
+        message = f"data.mixture.{label} (dataset {dataset!r}): {error}"
+        try:
+            renamed = type(error)(message)
+        except TypeError:  # a subclass whose constructor takes more (huggingface_hub's IncompleteSnapshotError)
+            renamed = (ConfigError if isinstance(error, ConfigError) else FileNotFoundError)(message)
+        raise renamed from error
 
 
 def _mixture_tokenizer(cfg: DataConfig, *, vocab_size: int, local_rank: int, barrier: Callable[[], None],

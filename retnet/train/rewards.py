@@ -91,7 +91,7 @@ def length_target(completions: list, target_length: list | None = None, **kwargs
     out: list[float | None] = []
     for completion, target in zip(completions, target_length, strict=True):
         if target is not None and (isinstance(target, bool) or not isinstance(target, numbers.Real)
-                                   or math.isinf(target)):
+                                   or abs(target) == math.inf):  # (no float(): 10**400 is a length too)
             # a quoted number ("4") would otherwise stop the run with a TypeError naming neither column nor value;
             # an infinite one would score every completion NaN, silently left out as None
             raise ValueError(f"length_target: the 'target_length' column holds {type(target).__name__} "
@@ -194,7 +194,7 @@ def reward_values(name: str, values: Any, count: int) -> torch.Tensor:
         raise RuntimeError(f"{where} a reward that is not a number ({type(text).__name__} {text!r:.40}) {expected}")
     try:
         rewards = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as error:  # a list, a tensor of several numbers
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:  # a list, a tensor of numbers, 10**400
         raise RuntimeError(f"{where} a reward that is not a number ({type(error).__name__}: {error}) "
                            f"{expected}") from None
     if bool(rewards.isinf().any()):

@@ -867,6 +867,8 @@ def merged(**sections) -> dict:
     (merged(grpo={"num_generations": 1}), r"grpo.num_generations must be >= 2.*; got 1"),
     (merged(grpo={"reward_weights": [1.0, 2.0]}), r"grpo.reward_weights must give one weight per reward source \(1"),
     (merged(grpo={"reward_weights": [float("nan")]}), r"grpo.reward_weights must be finite numbers"),
+    # finite as a float64, inf once the rewards are weighted in float32
+    (merged(grpo={"reward_weights": [1e39]}), r"grpo.reward_weights must be finite numbers within float32's range"),
     (merged(grpo={"loss_type": "gspo"}),
      r"grpo.loss_type must be one of \('dapo', 'grpo', 'dr_grpo', 'bnpo', 'cispo', 'sapo', 'luspo'\); got 'gspo'"),
     (merged(grpo={"scale_rewards": "rank"}), r"grpo.scale_rewards must be one of \('group', 'batch', 'none'\)"),
@@ -924,7 +926,7 @@ def test_reward_weights_from_the_command_line_are_numbers():
                                                      "retnet.train.rewards:length_target"],
                                     "reward_weights": ["2", "0.5"]}))
     assert cfg.grpo.reward_weights == [2.0, 0.5] and cfg.grpo.sources == 2
-    with pytest.raises(ConfigError, match=r"grpo.reward_weights must be finite numbers \(not: 'x'\)"):
+    with pytest.raises(ConfigError, match=r"grpo.reward_weights must be finite numbers within float32's range \(not: 'x'\)"):
         build_config(merged(grpo={"reward_weights": ["x"]}))
 
 

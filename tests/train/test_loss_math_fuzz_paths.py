@@ -320,6 +320,10 @@ def test_rewards_that_are_text_or_infinite_are_refused_naming_the_function():
     assert length_target(["abc", "ab"], target_length=[float("nan"), 2]) == [None, 0.0]
     with pytest.raises(ValueError, match=r"'target_length' column holds float inf"):
         length_target(["abc"], target_length=[float("inf")])
+    # an int beyond float's range: named, not a bare OverflowError; as a target length, a length (no float())
+    with pytest.raises(RuntimeError, match=r"grpo.reward_funcs: f returned .*not a number \(OverflowError"):
+        reward_values("f", [10**400, 1], 2)
+    assert length_target(["abc"], target_length=[10**400]) == [-1.0]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -275,3 +275,22 @@ def test_a_streamed_validation_split_too_short_is_refused_naming_the_data_and_it
                                           rf"data\.val_documents \(2\) rows: {held}\) is shorter than one block of "
                                           rf"data\.seq_len \(512\) tokens"):
         build(cfg, tokenizer)
+
+
+def test_a_renamed_error_whose_constructor_takes_more_keeps_its_kind():
+    """A source's FileNotFoundError subclass that needs more than a message (huggingface_hub's
+    IncompleteSnapshotError) is renamed as a FileNotFoundError, not turned into a TypeError (which would miss the
+    launcher's exit status 2 and end in a traceback)."""
+    from retnet.train.mixture import _naming
+
+    class IncompleteSnapshot(FileNotFoundError):
+        def __init__(self, message, snapshot_path):
+            super().__init__(message)
+            self.snapshot_path = snapshot_path
+
+    renamed = pytest.raises(FileNotFoundError, match=r"^data.mixture.web \(dataset 'org/set'\): incomplete")
+    with renamed as caught, _naming("web", "org/set"):
+        raise IncompleteSnapshot("incomplete", "/cache/x")
+    assert isinstance(caught.value.__cause__, IncompleteSnapshot)
+    with pytest.raises(ConfigError, match=r"^data.mixture.web \(dataset 'x'\): bad"), _naming("web", "x"):
+        raise ConfigError("bad")

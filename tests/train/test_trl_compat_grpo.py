@@ -164,6 +164,30 @@ def test_a_generation_masks_its_truncated_completions(toy, monkeypatch):  # noqa
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_weighted_rewards_past_float32_stop_the_run_naming_the_weights(toy, monkeypatch):  # noqa: F811
+    """Each source's reward finite, their weighted sum past float32's range: every advantage of the batch would be
+    NaN (the loss too), so the generation stops naming the completion, its rewards and the weights."""
+    from types import SimpleNamespace
+
+    from retnet.model import RetNetForCausalLM
+    from retnet.train import grpo
+
+    data = prompts_data(toy)
+    monkeypatch.setattr(grpo, "sample", lambda model, prompts, noise, **kwargs: (
+        [np.array([5, 6, data.tokenizer.eos_token_id])] * len(noise), [False] * len(noise)))
+    model = RetNetForCausalLM.from_pretrained(toy / "base").train()
+    cfg = build_config(grpo_section(reward_funcs=["toy_rewards:a_share"], max_completion_length=4)).grpo
+    trainer = SimpleNamespace(cfg=SimpleNamespace(grpo=cfg, train=SimpleNamespace(steps=1)),
+                              device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False),
+                              raw_model=model, peft_model=None, fsdp=False, tp_mesh=None, cp_size=1)
+    data.start(trainer)
+    data.sources.weights = torch.tensor([1.0, 1.0])
+    monkeypatch.setattr(data, "_score", lambda split, rows, completions: torch.full((len(completions), 2), 3e38))
+    with pytest.raises(RuntimeError, match=r"weighted rewards of completion 0 are not finite in float32: rewards "
+                                           r"\[3\.\d+e\+38, 3\.\d+e\+38\] × grpo.reward_weights \[1\.0, 1\.0\]"):
+        data.micro_batches(2)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # top_k, min_p
 # ----------------------------------------------------------------------------------------------------------
