@@ -2,7 +2,7 @@
 
     retnet-train --config tiny                                  # CPU demo, ~2-3 minutes on 2 cores
     python -m retnet.train --config tiny --train.output_dir=runs/demo --optim.lr=3e-3
-    python -m retnet.train --config my.toml --data.dataset=corpus/*.jsonl --data.tokenizer=tok/
+    python -m retnet.train --config my.toml --data.dataset='corpus/*.jsonl' --data.tokenizer=tok/
     torchrun --standalone --nproc_per_node=8 -m retnet.train --config small
     torchrun --standalone --nproc_per_node=8 -m retnet.train --config retnet-1.3b --train.parallelism=fsdp
 
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retnet-train", description="Train a RetNet language model.",
         epilog="Overrides: --section.key=value, e.g. --optim.lr=3e-4 --train.steps=2000 "
-               "--data.dataset=data/*.jsonl --model.extra.use_xpos=true",
+               "--data.dataset='data/*.jsonl' --model.extra.use_xpos=true",
     )
     parser.add_argument("--config", default="tiny",
                         help=f"a preset ({', '.join(preset_names())}) or a TOML file (default: tiny)")

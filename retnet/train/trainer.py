@@ -219,8 +219,9 @@ class Trainer:
                             ", ".join(p.name for p in stale))
             # An export here is another run's: left until this one's replaced it, it would pass for this run's
             if not self.resumed and retire_export(self.output_dir / "export") is not None:
-                logger.warning("removed %s, the export of an earlier run in this train.output_dir (this run writes "
-                               "its own when it finishes)", self.output_dir / "export")
+                logger.warning("removed %s, the export of an earlier run in this train.output_dir (%s)",
+                               self.output_dir / "export", "this run writes its own when it finishes"
+                               if self.cfg.checkpoint.export else "this run writes none: checkpoint.export=false")
         barrier()
 
         # Data (and tokenizer): a resumed run keeps using the tokenizer its checkpoints were trained with; a

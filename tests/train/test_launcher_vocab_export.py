@@ -15,7 +15,7 @@ def _stale_export(out):
     return export
 
 
-def test_padded_vocab_return_dict_false_and_stale_exports(micro, tmp_path, tokenizer_dir):
+def test_padded_vocab_return_dict_false_and_stale_exports(micro, tmp_path, tokenizer_dir, capfd):
     """model.vocab_size above the tokenizer's size pads the embedding (nanoGPT's 50257 -> 50304); a config with
     return_dict False trains (the trainer asks for the outputs by name); a fresh run removes the export an earlier
     run left in its output_dir, and an explicit resume that abandons later checkpoints sets their export aside."""
@@ -26,6 +26,8 @@ def test_padded_vocab_return_dict_false_and_stale_exports(micro, tmp_path, token
                  **{"model.extra.return_dict": "false"})
     assert main(args) == 0
     assert not (out / "export").exists()  # another run's: gone as soon as this one started
+    # (micro runs write no export: the warning does not promise one)
+    assert "earlier run in this train.output_dir (this run writes none: checkpoint.export=false)" in capfd.readouterr().err
     state = load_checkpoint(out / "checkpoints" / "step_00000002")["model"]
     assert state["model.embed_tokens.weight"].shape[0] == bound + 88
     assert state["lm_head.weight"].shape[0] == bound + 88
