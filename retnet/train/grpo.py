@@ -449,7 +449,8 @@ class GrpoData:
                     "step(s) on each (%s), at most %d tokens each (temperature %g, top_p %g%s, stop ids "
                     "%s); rewards: %s; advantages scaled by the %s std; loss %s%s, beta %g, reference: %s",
                     self.global_batch // cfg.num_generations, cfg.num_generations, self.global_batch,
-                    self.global_batch // cfg.num_generations // self.world_size, cfg.num_iterations, region,
+                    self.global_batch // cfg.num_generations // self.world_size // (
+                        1 if self.context is None else self.context.size), cfg.num_iterations, region,
                     drawn["max_new_tokens"], drawn["temperature"], drawn["top_p"],
                     (f", top_k {drawn['top_k']}" if drawn["top_k"] else "")
                     + (f", min_p {drawn['min_p']:g}" if drawn["min_p"] else "")
@@ -490,7 +491,10 @@ class GrpoData:
         cfg, generations = self.cfg, self.cfg.num_generations
         own = np.arange(len(ids)) if self.context is None else self._context_share(len(ids))
         completions, clipped = self._sample(split, ids[own], [seeds[i] for i in own])
-        per_source = self._score(split, np.repeat(ids[own], generations), completions)
+        # The padding copies (an evaluation's last shares) are sampled in step with the other pieces but not
+        # scored: a judge's calls and a reward function's side effects once a completion, as in one process
+        real = len(own) if self.context is None else min(max(len(ids) - self.context.rank * len(own), 0), len(own))
+        per_source = self._score(split, np.repeat(ids[own[:real]], generations), completions[:real * generations])
         if self.context is not None:
             shares = [None] * self.context.size
             torch.distributed.all_gather_object(shares, (completions, clipped, per_source), group=self.context.group)
@@ -568,6 +572,8 @@ class GrpoData:
 
     def _score(self, split: Prompts, rows: np.ndarray, completions: list[np.ndarray]) -> torch.Tensor:
         """``[n, sources]`` on the CPU: each completion's value from each reward source (NaN for None)."""
+        if not len(rows):  # a piece holding padding alone (its tensor-parallel ranks alike): nothing to call
+            return torch.zeros((0, len(self.sources.names)))
         if self.tp_group is None:
             return self.sources(split, rows, completions)
         # Scored by the group's first rank alone, its values broadcast: a judge's or an API's calls (and their side

@@ -179,3 +179,51 @@ def test_grpo_and_preference_pairs_beside_tensor_parallelism_are_taken(monkeypat
                   "--data.dataset=pairs.jsonl", "--model.init_from=base"]
     load_config("tiny", preference)
     load_config("tiny", [*preference, "--reward.enabled=true"])
+
+
+def test_a_pieces_padding_copies_are_sampled_but_not_scored(toy, monkeypatch):  # noqa: F811 - toy: the fixture
+    """An evaluation of 1 prompt on 2 pieces: the second piece samples a padding copy of it (its sampling forwards
+    in step with the first's) but calls no reward source for it, so a judge or an API is called once a completion
+    (as in one process), and the group's gathered rewards are the first piece's alone."""
+    from types import SimpleNamespace
+
+    from retnet.model import RetNetForCausalLM
+    from retnet.model.context_parallel import ContextGroup
+    from retnet.train import grpo
+    from retnet.train.config_tuning import GrpoConfig
+
+    data = prompts_data(toy)
+    eos = data.tokenizer.eos_token_id
+    monkeypatch.setattr(grpo, "sample", lambda model, prompts, noise, **kwargs: (
+        [np.array([5, 6, eos])] * len(noise), [False] * len(noise)))
+    model = RetNetForCausalLM.from_pretrained(toy / "base").train()
+    cfg = GrpoConfig(reward_funcs=["toy_rewards:a_share"], num_generations=4, max_completion_length=4)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(grpo=cfg, train=SimpleNamespace(steps=1)),
+                              device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False),
+                              raw_model=model, peft_model=None, fsdp=False, tp_mesh=None, cp_size=1)
+    data.start(trainer)
+
+    class Counting:  # the reward sources, each call's completions counted
+        def __init__(self, sources):
+            self.sources, self.calls = sources, []
+
+        def __call__(self, split, rows, completions):
+            self.calls.append(len(completions))
+            return self.sources(split, rows, completions)
+
+        def __getattr__(self, name):
+            return getattr(self.sources, name)
+
+    data.sources = counting = Counting(data.sources)
+    first_piece = torch.full((4, 1), 0.5)
+
+    def gather(shares, mine, group):  # the group's first piece holds the prompt's completions, scored
+        shares[:] = [(mine[0], mine[1], first_piece), mine]
+
+    data.context = ContextGroup(1, 2, None)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    generation, _ = data._rollout(data.val, np.array([0]), [(0, 1, 0)])
+    assert counting.calls == []  # the padding copy's 4 completions were sampled, not scored
+    assert generation.totals.sequences == 4 and len(generation.completions) == 4
+    # the first piece's rewards, gathered: every completion of the group holds one
+    assert generation.advantages.tolist() == [0.0] * 4
