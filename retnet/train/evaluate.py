@@ -237,15 +237,22 @@ def read_documents(dataset: str, *, name: str | None = None, split: str = "train
     """The non-empty documents of ``dataset``, read by training's own readers (same sources, same order,
     same ``max_documents`` cut, no validation split held out)."""
     from retnet.train.config import ConfigError, DataConfig
-    from retnet.train.data import data_cache_dir, load_documents, local_files
+    from retnet.train.data import (
+        data_cache_dir,
+        default_cache_dir,
+        load_documents,
+        local_files,
+        saved_dataset_dir,
+    )
 
     try:
         cfg = DataConfig(dataset=dataset, name=name, split=split, text_field=text_field,
                          max_documents=max_documents, cache_dir=str(cache_dir or ""))
-        # checked first: a --cache-dir that is a file failed inside datasets, blamed on --dataset's columns
-        cache = data_cache_dir(cfg)
         files = None if dataset == "stdlib" else local_files(dataset)
-        docs = load_documents(cfg, files, cache)
+        # Checked before datasets reads: a --cache-dir that is a file failed inside it, blamed on --dataset's
+        # columns. stdlib and a save_to_disk directory are read in place: no cache to make (a read-only home)
+        cached = dataset != "stdlib" and (files is None or not saved_dataset_dir(files[0]))
+        docs = load_documents(cfg, files, data_cache_dir(cfg) if cached else default_cache_dir())
     except (ConfigError, FileNotFoundError) as error:
         raise EvalError(_as_options(str(error))) from None
     if not docs:

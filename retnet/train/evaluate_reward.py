@@ -60,21 +60,23 @@ def read_pairs(dataset: str, tokenizer, *, name: str | None = None, split: str =
     ``seq_len`` tokens a sequence (None: no cut) with prompts kept to their last ``max_prompt_length`` (0: whole).
     EvalError, naming the option, for what training would refuse."""
     from retnet.train.config import ConfigError, DataConfig
-    from retnet.train.data import _kind, data_cache_dir, local_files, saved_dataset_dir
+    from retnet.train.data import _kind, data_cache_dir, default_cache_dir, local_files, saved_dataset_dir
     from retnet.train.preference import FIELDS, PairEncoder, load_pairs
 
     try:
         cfg = DataConfig(dataset=dataset, name=name, split=split, format="preference", max_documents=max_pairs,
                          seq_len=NO_CUT if seq_len is None else seq_len, max_prompt_length=max_prompt_length,
                          cache_dir=str(cache_dir or ""))
-        cache = data_cache_dir(cfg)  # first: a file there failed inside datasets, blamed on --dataset's columns
         files = local_files(dataset)
         if files is not None and not saved_dataset_dir(files[0]) and _kind(files[0]) in ("text", "csv"):
             # as build_preference_data refuses them
             raise ConfigError(f"data.dataset {dataset!r} is {_kind(files[0])} files; a reward model is scored on "
                               f"the {list(FIELDS)} columns of JSON/JSONL/Parquet rows, a save_to_disk directory or "
                               f"a hub dataset")
-        rows = load_pairs(cfg, files, cache)
+        # checked before datasets reads: a --cache-dir that is a file failed inside it, blamed on --dataset's
+        # columns. A save_to_disk directory is read in place: no cache to make (a read-only home)
+        saved = files is not None and saved_dataset_dir(files[0])
+        rows = load_pairs(cfg, files, default_cache_dir() if saved else data_cache_dir(cfg))
         pairs = PairEncoder(tokenizer, cfg).encode(rows)
     except (ConfigError, FileNotFoundError) as error:
         message = _as_options(str(error))

@@ -43,3 +43,16 @@ def test_reward_eval_cache_dir_that_cannot_be_a_directory_is_named(tmp_path):
     blocker.write_text("")
     with pytest.raises(EvalError, match=r"^--cache-dir '.*not-a-directory' is not a directory"):
         read_pairs(str(pairs), tokenizer=None, cache_dir=str(blocker))
+
+
+def test_eval_of_data_read_in_place_needs_no_cache_dir(tmp_path, monkeypatch):
+    """stdlib and a save_to_disk directory are read in place: retnet-eval on them makes no cache directory, so a
+    home (or --cache-dir) where none can be made, a read-only one, does not stop it."""
+    import datasets
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    assert len(read_documents("stdlib", max_documents=2)) == 2
+    datasets.Dataset.from_dict({"text": ["a b"]}).save_to_disk(str(tmp_path / "saved"))
+    assert read_documents(str(tmp_path / "saved"), cache_dir=str(blocker / "cache")) == ["a b"]
