@@ -15,6 +15,53 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_the_interpreted_language_once_per_launch() -> None:
+    """Let an interpreted launch patch ``triton.language`` once per module namespace, not at every call of a
+    nested ``@triton.jit`` helper.
+
+    The interpreter patches the language's builtins (``inspect.getmembers`` over ``tl``, ``tl.core``, ``tl.math``
+    and the tensor class) at each launch and again at each helper call inside it: thousands of times per kernel
+    launch, about a quarter of an interpreted test's time. Inside a launch a second patch of the same namespaces
+    changes nothing (what is patched is not a builtin any more and is left alone; the rest is set to equivalent
+    values), so it is skipped; a helper whose module sees another namespace (``tl.core`` in triton's own
+    ``standard.py``) still patches that one, as before. What the kernels compute is unchanged.
+    """
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang", None)
+    if original is None or getattr(original, "once_per_launch", False):
+        return
+    patched: list[set[int]] = []  # the namespaces patched in the launch running now (one entry while it runs)
+
+    def patch_lang(fn):
+        namespaces = {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
+        if patched and namespaces <= patched[0]:
+            return interpreter._LangPatchScope()  # nothing to undo: the launch's own patches stay until it ends
+        scope = original(fn)
+        if patched:
+            patched[0] |= namespaces
+            return scope
+        patched.append(set(namespaces))
+        restore = scope.restore
+
+        def end_of_launch():
+            patched.clear()
+            restore()
+
+        scope.restore = end_of_launch
+        return scope
+
+    patch_lang.once_per_launch = True
+    interpreter._patch_lang = patch_lang
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _patch_the_interpreted_language_once_per_launch()
+
 # The paper's decay schedule for 32 heads, γ_h = 1 - 2^(-5-h), as ln γ computed in float64.
 SCHEDULE_32 = torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(32, dtype=torch.float64))).float()
 

@@ -34,7 +34,7 @@ CASES = [
     (1, 20, 1, 256, 256, 16),  # the largest head dims: several K and V tiles
     (1, 33, 1, 64, 200, 32),  # K != V, V spans two output tiles
     (1, 150, 1, 16, 16, 16),  # many chunks
-    (2, 130, 2, 64, 128, 64),  # model-like tiles: 64-token chunks, full 64-wide K tile, V = 128
+    (1, 130, 2, 64, 128, 64),  # model-like tiles: 64-token chunks, full 64-wide K tile, V = 128 (batches: above)
 ]
 
 
@@ -248,7 +248,9 @@ def test_guard_rails_batch_with_cu_seqlens_and_chunk_size():
         chunk_retention(q, q, q, torch.tensor([-0.1, -0.01]), chunk_size=0)
 
 
-@pytest.mark.parametrize("case", [(1, 300, 4, 128, 128, 64), (1, 100, 2, 256, 64, 64)], ids=_case_id)
+# Two heads: the fastest and the slowest decay of the schedule (the heads between add time under the interpreter,
+# not rounding: each head's sums are its own)
+@pytest.mark.parametrize("case", [(1, 300, 2, 128, 128, 64), (1, 100, 2, 256, 64, 64)], ids=_case_id)
 def test_bf16_model_sized_heads(kt, case):
     B, T, H, K, V, chunk_size = case
     q, k, v, log_decay, h0 = kt.make_inputs(B, T, H, K, V, torch.bfloat16, initial_state=True, device=DEVICE)

@@ -299,7 +299,8 @@ def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run_here, 
 
     from .conftest import REPO, train_env
 
-    common = dict(train__steps=30, checkpoint__interval=5, model__dropout=0.1)  # dropout: RNG state matters
+    # 15 steps: the killed run holds after step 12, so it never ends; the resume replays steps 6-15 or 11-15
+    common = dict(train__steps=15, checkpoint__interval=5, model__dropout=0.1)  # dropout: RNG state matters
     reference = tmp_path / "reference"
     done = run_here(micro(reference, **common))
     assert done.returncode == 0, done.stderr
