@@ -48,6 +48,16 @@ def reference(model, ids: list[int], read) -> torch.Tensor:
         return read(model(input_ids=torch.tensor([ids]))).float()
 
 
+def random_inputs(rng: random.Random, tokenizer, count: int, length) -> tuple[list, list[list[int]]]:
+    """``count`` inputs, texts or token-id lists of ``length()`` ids (half the time each), and the ids each runs
+    as."""
+    if rng.random() < 0.5:
+        inputs = [text(rng, 10) for _ in range(count)]
+        return inputs, [tokenizer.encode(t) for t in inputs]
+    inputs = [[rng.randrange(len(tokenizer)) for _ in range(length())] for _ in range(count)]
+    return inputs, [list(x) for x in inputs]
+
+
 def steady_draw(draw, steady: set[int]):
     """``draw()``'s (route, body, the token ids each input runs as, ...), drawn again while an input runs as one
     token that is not steady (:func:`steady_tokens`)."""
@@ -86,7 +96,6 @@ def pair_ids(tokenizer, query: str, document: str) -> list[int]:
 async def test_random_embedding_requests_equal_each_input_embedded_alone(model_dir, tokenizer, pooling_type):
     rng = random.Random(f"embed-{pooling_type}")
     backbone = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    vocab = len(tokenizer)
     pool = (lambda out: out.last_hidden_state[0, -1]) if pooling_type == "LAST" else (
         lambda out: out.last_hidden_state[0].mean(0))
     steady = steady_tokens(backbone, lambda out: out.last_hidden_state[:, 0])
@@ -94,13 +103,7 @@ async def test_random_embedding_requests_equal_each_input_embedded_alone(model_d
     def draw() -> tuple[str, dict, list[list[int]], bool]:
         """(route, body, the token ids each input should run as, normalized?)."""
         count = rng.randint(1, 6)
-        if rng.random() < 0.5:
-            inputs = [text(rng, 10) for _ in range(count)]
-            ids = [tokenizer.encode(t) for t in inputs]
-        else:
-            inputs = [[rng.randrange(vocab) for _ in range(rng.choice((1, rng.randint(2, MAX_TOKENS))))]
-                      for _ in range(count)]
-            ids = [list(x) for x in inputs]
+        inputs, ids = random_inputs(rng, tokenizer, count, lambda: rng.choice((1, rng.randint(2, MAX_TOKENS))))
         body = {"input": inputs[0] if count == 1 and rng.random() < 0.5 else inputs,
                 "encoding_format": rng.choice(("float", "base64"))}
         cut, side = rng.choice((None, None, 1, 3, -1)), rng.choice((None, "left", "right"))
@@ -140,17 +143,10 @@ async def test_random_classify_and_pooling_requests_equal_each_input_scored_alon
     rng = random.Random("classify")
     path = save_classifier(tmp_path_factory.mktemp("classifier"), model_dir, 3, LABELS)
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-    vocab = len(tokenizer)
     steady = steady_tokens(model, lambda out: out.logits)
 
     def draw() -> tuple[str, dict, list[list[int]], bool]:
-        count = rng.randint(1, 6)
-        if rng.random() < 0.5:
-            inputs = [text(rng, 10) for _ in range(count)]
-            ids = [tokenizer.encode(t) for t in inputs]
-        else:
-            inputs = [[rng.randrange(vocab) for _ in range(rng.randint(1, MAX_TOKENS))] for _ in range(count)]
-            ids = inputs
+        inputs, ids = random_inputs(rng, tokenizer, rng.randint(1, 6), lambda: rng.randint(1, MAX_TOKENS))
         route, activation = rng.choice(("/classify", "/pooling")), rng.choice((None, True, False))
         body = {"input": inputs} if activation is None else {"input": inputs, "use_activation": activation}
         return route, body, ids, activation if activation is not None else route == "/classify"
