@@ -489,11 +489,10 @@ class GrpoData:
         the global :class:`Totals`). Under context parallelism the group's ranks sample and score a share of
         ``ids`` each (:meth:`_context_share`), then all-gather them: each holds every completion of its group."""
         cfg, generations = self.cfg, self.cfg.num_generations
-        own = np.arange(len(ids)) if self.context is None else self._context_share(len(ids))
+        own, real = (np.arange(len(ids)), len(ids)) if self.context is None else self._context_share(len(ids))
         completions, clipped = self._sample(split, ids[own], [seeds[i] for i in own])
         # The padding copies (an evaluation's last shares) are sampled in step with the other pieces but not
         # scored: a judge's calls and a reward function's side effects once a completion, as in one process
-        real = len(own) if self.context is None else min(max(len(ids) - self.context.rank * len(own), 0), len(own))
         per_source = self._score(split, np.repeat(ids[own[:real]], generations), completions[:real * generations])
         if self.context is not None:
             shares = [None] * self.context.size
@@ -536,13 +535,15 @@ class GrpoData:
                                 int(tokens + prompt_tokens))
         return generation, sums.float().to(self.device)
 
-    def _context_share(self, count: int) -> np.ndarray:
-        """Which of ``count`` prompts this rank of a context-parallel group samples: a contiguous share of
-        ceil(``count`` / C), the last shares padded with the last prompt (whose completions the gather drops), so
-        that every rank runs as many sampling forwards as the others (under FSDP, or tensor parallelism beside it,
-        each is a collective). Training steps' shares divide (the config refuses others); an evaluation's may not."""
+    def _context_share(self, count: int) -> tuple[np.ndarray, int]:
+        """Which of ``count`` prompts this rank of a context-parallel group samples, and how many of them lead
+        before its padding: a contiguous share of ceil(``count`` / C), the last shares padded with the last prompt
+        (whose completions the gather drops), so that every rank runs as many sampling forwards as the others
+        (under FSDP, or tensor parallelism beside it, each is a collective). Training steps' shares divide (the
+        config refuses others); an evaluation's may not."""
         size = -(-count // self.context.size)
-        return np.minimum(np.arange(self.context.rank * size, (self.context.rank + 1) * size), count - 1)
+        first = self.context.rank * size
+        return np.minimum(np.arange(first, first + size), count - 1), min(max(count - first, 0), size)
 
     def _sample(self, split: Prompts, ids: np.ndarray,
                 seeds: list[tuple[int, ...]]) -> tuple[list[np.ndarray], list[bool]]:
