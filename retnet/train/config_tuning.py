@@ -21,7 +21,16 @@ from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
 if TYPE_CHECKING:
     from retnet.train.config import JobConfig
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
+# TRL's DPOConfig.loss_type names (DPOTrainer.dpo_loss of TRL 0.15 to 0.19); not its bco_pair, whose shift is a
+# running mean of the rewards (state this loss has none of), nor sft, a loss of no pair
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_pair",
+                  "discopop", "apo_zero", "apo_down")
+# Those whose formula reads dpo.label_smoothing in TRL; the others ignore it there, so setting it is a mistake
+DPO_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
+# Those whose TRL formula takes reference_free's zero reference: the others read the reference model's log-probs
+# even with reference_free (TRL still runs it), which a reference-free run here does not compute
+DPO_REFERENCE_FREE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "apo_zero", "apo_down")
+DISCOPOP_TAU = 0.05  # TRL's DPOConfig.discopop_tau default
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")  # TRL's names; dapo is its default
 # Those whose token term is PPO's clipped surrogate (epsilon, epsilon_high, delta): cispo weights the log-probs by the
 # capped ratio instead, sapo gates the ratio softly (sapo_temperature_pos / _neg)
@@ -86,23 +95,42 @@ class LoraConfig(_Section):
 @dataclass(kw_only=True, slots=True)
 class DpoConfig(_Section):
     """Direct Preference Optimization (``data.format = "preference"``, ``retnet.train.preference``), as TRL's
-    DPOTrainer: ``beta`` the strength of the pull towards the reference (the model as the run starts),
-    ``loss_type`` ``"sigmoid"`` (DPO) or ``"ipo"`` (IPO, on length-averaged log-probs), ``label_smoothing``
-    the assumed share of flipped labels (conservative DPO, sigmoid only)."""
+    DPOTrainer, with its names: ``beta`` the strength of the pull towards the reference (the model as the run
+    starts); ``loss_type`` one of :data:`DPO_LOSS_TYPES` (``"sigmoid"``: DPO; ``"ipo"``: IPO, on length-averaged
+    log-probs; the others TRL's formulas, see :func:`~retnet.train.preference.dpo_loss`); ``label_smoothing`` the
+    assumed share of flipped labels, for the loss types whose TRL formula reads it (:data:`DPO_SMOOTHED_LOSS_TYPES`;
+    exo_pair takes 0 as TRL does, as 1e-3); ``discopop_tau`` DiscoPOP's temperature; ``reference_free`` a
+    reference that gives every completion log-prob 0 (no reference pass, no reference file); ``rpo_alpha`` (None:
+    off) adds that times the chosen completions' mean token NLL to each pair's loss (RPO)."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    discopop_tau: float = DISCOPOP_TAU
+    reference_free: bool = False
+    rpo_alpha: float | None = None
 
     def __post_init__(self) -> None:
-        _positive("dpo", self, "beta")
+        _positive("dpo", self, "beta", "discopop_tau")
         if self.loss_type not in DPO_LOSS_TYPES:
-            _refuse("dpo.loss_type", f"must be one of {DPO_LOSS_TYPES}", self.loss_type)
+            _refuse("dpo.loss_type", f"must be one of {DPO_LOSS_TYPES} (TRL's names; its bco_pair and sft are not "
+                    f"implemented)", self.loss_type)
         if not 0.0 <= self.label_smoothing < 0.5:  # 0.5: the labels are noise; nan fails it too
             _refuse("dpo.label_smoothing", "must be in [0, 0.5)", self.label_smoothing)
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            _refuse("dpo.label_smoothing", f"applies to dpo.loss_type 'sigmoid' only (conservative DPO), not "
-                    f"{self.loss_type!r}", self.label_smoothing)
+        if self.label_smoothing and self.loss_type not in DPO_SMOOTHED_LOSS_TYPES:
+            takers = ", ".join(map(repr, DPO_SMOOTHED_LOSS_TYPES))
+            _refuse("dpo.label_smoothing", f"applies to dpo.loss_type {takers} only (TRL's {self.loss_type!r} loss "
+                    f"ignores it), not {self.loss_type!r}", self.label_smoothing)
+        if self.discopop_tau != DISCOPOP_TAU and self.loss_type != "discopop":  # most likely a forgotten loss_type
+            _refuse("dpo.discopop_tau", f"applies to dpo.loss_type 'discopop' only, not {self.loss_type!r}",
+                    self.discopop_tau)
+        if self.reference_free and self.loss_type not in DPO_REFERENCE_FREE_LOSS_TYPES:
+            takers = ", ".join(map(repr, DPO_REFERENCE_FREE_LOSS_TYPES))
+            _refuse("dpo.reference_free", f"applies to dpo.loss_type {takers} only: TRL's {self.loss_type!r} loss "
+                    f"reads the reference model's log-probs even with reference_free, and a reference-free run "
+                    f"computes none", self.reference_free)
+        if self.rpo_alpha is not None:
+            _positive("dpo", self, "rpo_alpha", allow_zero=True)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -593,7 +621,8 @@ def lora_changes(saved: dict[str, Any], current: JobConfig, *,
 
 
 __all__ = [
-    "DISTILL_KINDS", "DPO_LOSS_TYPES", "GRPO_CLIPPED_LOSS_TYPES", "GRPO_GENERATION_KWARGS", "GRPO_IMPORTANCE_LEVELS",
+    "DISCOPOP_TAU", "DISTILL_KINDS", "DPO_LOSS_TYPES", "DPO_REFERENCE_FREE_LOSS_TYPES",
+    "DPO_SMOOTHED_LOSS_TYPES", "GRPO_CLIPPED_LOSS_TYPES", "GRPO_GENERATION_KWARGS", "GRPO_IMPORTANCE_LEVELS",
     "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS",
     "LORA_TARGETS", "DistillConfig", "DpoConfig", "GrpoConfig", "LoraConfig", "RewardConfig", "distill_changes",
     "dpo_changes", "grpo_changes", "lora_changes", "reward_changes",

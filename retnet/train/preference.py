@@ -50,7 +50,11 @@ policy trains without dropout (TRL's ``disable_dropout``, :func:`policy_override
 reference. Rank 0 writes them to ``<output_dir>/reference_logps.pt`` with a content hash of the tokenized pairs
 they are of (:func:`pairs_digest`); checkpoints hold the file's digest, and a resume loads that file (or the one
 beside the checkpoint's run), refuses one of another digest, and one computed for other pairs than the data now
-gives: it never recomputes them from the resumed weights.
+gives: it never recomputes them from the resumed weights. With ``dpo.reference_free`` (TRL's) the reference
+log-probs are 0: none are computed, written or read back.
+
+The loss is TRL's ``dpo.loss_type`` (:func:`dpo_loss`, every parallel layout's), ``dpo.rpo_alpha`` adding RPO's
+NLL of the chosen completions (:func:`chosen_nll`, logged as TRL's ``nll_loss``).
 """
 
 from __future__ import annotations
@@ -411,18 +415,66 @@ def completion_logps(model: torch.nn.Module, batch: PairBatch, context: ContextG
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor,
              cfg: DpoConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(losses ``[B]``, chosen rewards ``[B]``, rejected rewards ``[B]``) of B pairs from the ``[2B]`` summed
-    completion log-probs (chosen then rejected) of the policy and the reference, as TRL computes them. IPO
-    compares length-averaged log-probs (``lengths``: the completions' token counts), as TRL's ``ipo`` does."""
+    completion log-probs (chosen then rejected) of the policy and the reference (zeros for ``reference_free``), as
+    TRL's ``DPOTrainer.dpo_loss`` (0.15 to 0.19) computes each ``loss_type``. IPO compares length-averaged log-probs
+    (``lengths``: the completions' token counts), as TRL's ``ipo`` does. ``aot``/``aot_pair`` sort the log-ratios
+    over the B pairs, as TRL over its per-device batch: their losses depend on the micro-batch's pairs, not one
+    pair alone. With ``rpo_alpha`` every pair's loss adds that times :func:`chosen_nll` (RPO). The rewards are
+    ``beta`` times the policy's log-ratio to the reference, as TRL's."""
+    raw = policy
     if cfg.loss_type == "ipo":
         policy, reference = policy / lengths, reference / lengths
-    chosen, rejected = (policy - reference).chunk(2)
+    chosen, rejected = (policy - reference).chunk(2)  # each completion's log-ratio to the reference
     logits = chosen - rejected  # (π_c − π_r) − (ref_c − ref_r)
-    if cfg.loss_type == "ipo":
-        losses = (logits - 1 / (2 * cfg.beta)) ** 2
-    else:  # with label smoothing ε, conservative DPO: the labels are taken to be flipped with probability ε
-        smoothing = cfg.label_smoothing
-        losses = -F.logsigmoid(cfg.beta * logits) * (1 - smoothing) - F.logsigmoid(-cfg.beta * logits) * smoothing
-    return losses, cfg.beta * chosen.detach(), cfg.beta * rejected.detach()
+    beta, smoothing, kind = cfg.beta, cfg.label_smoothing, cfg.loss_type
+    if kind == "sigmoid":  # label smoothing ε: conservative DPO, labels flipped with probability ε
+        losses = -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
+    elif kind == "robust":  # Robust DPO: unbiased under labels flipped with probability ε
+        losses = (-F.logsigmoid(beta * logits) * (1 - smoothing)
+                  + F.logsigmoid(-beta * logits) * smoothing) / (1 - 2 * smoothing)
+    elif kind == "exo_pair":  # EXO, eq. 16: KL of the policy's pair distribution to (1 − ε, ε); TRL's ε 0 is 1e-3
+        epsilon = smoothing or 1e-3
+        losses = (torch.sigmoid(beta * logits) * (F.logsigmoid(beta * logits) - math.log(1 - epsilon))
+                  + torch.sigmoid(-beta * logits) * (F.logsigmoid(-beta * logits) - math.log(epsilon)))
+    elif kind == "hinge":  # SLiC
+        losses = torch.relu(1 - beta * logits)
+    elif kind == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif kind == "sppo_hard":  # SPPO with the hard probabilities: 1 for the chosen, 0 for the rejected
+        losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+    elif kind == "nca_pair":
+        losses = (-F.logsigmoid(beta * chosen) - 0.5 * F.logsigmoid(-beta * chosen)
+                  - 0.5 * F.logsigmoid(-beta * rejected))
+    elif kind in ("aot", "aot_pair"):  # AOT: the sorted policy margins against the sorted reference margins
+        if kind == "aot":
+            policy_chosen, policy_rejected = policy.chunk(2)
+            reference_chosen, reference_rejected = reference.chunk(2)
+            delta = (torch.sort(policy_chosen - policy_rejected, dim=0).values
+                     - torch.sort(reference_chosen - reference_rejected, dim=0).values)
+        else:  # unpaired: the chosen and the rejected log-ratios sorted apart
+            delta = torch.sort(chosen, dim=0).values - torch.sort(rejected, dim=0).values
+        losses = -F.logsigmoid(beta * delta) * (1 - smoothing) - F.logsigmoid(-beta * delta) * smoothing
+    elif kind == "apo_zero":  # APO, eq. 7: raise the chosen likelihood, lower the rejected one
+        losses = (1 - torch.sigmoid(beta * chosen)) + torch.sigmoid(beta * rejected)
+    elif kind == "apo_down":  # APO, eq. 8: lower both, the rejected more
+        losses = torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * logits))
+    elif kind == "discopop":  # DiscoPOP, eq. 5: logistic and exponential losses mixed by the scaled margin
+        scaled = beta * logits
+        mixing = torch.sigmoid(scaled / cfg.discopop_tau)
+        losses = -F.logsigmoid(scaled) * (1 - mixing) + torch.exp(-scaled) * mixing
+    else:  # the config refuses any other
+        raise ValueError(f"dpo.loss_type {kind!r} is not one of DPO's")
+    if cfg.rpo_alpha is not None:  # RPO (the paper's v3): the chosen completions' NLL beside the preference
+        losses = losses + cfg.rpo_alpha * chosen_nll(raw, lengths)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def chosen_nll(policy: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The chosen completions' mean token negative log-likelihood over the micro-batch (a scalar): TRL's RPO
+    ``nll_loss``, the cross-entropy of every chosen completion token of its batch at once (so a long completion
+    weighs more than a short one). ``policy``: the ``[2B]`` summed log-probs, not length-averaged."""
+    pairs = len(policy) // 2
+    return -policy[:pairs].sum() / lengths[:pairs].sum()
 
 
 def _metric_sums(chosen: torch.Tensor, rejected: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
@@ -619,6 +671,17 @@ class PreferenceData:
         row (:attr:`context`). First refuses pairs without a prompt (:meth:`check_prompted`)."""
         self.check_prompted()
         self.dpo, self.device, self.autocast, self.group, self.context = dpo, device, autocast, group, context
+        if dpo.rpo_alpha is not None:  # TRL logs RPO's NLL term beside the rewards
+            self.metrics = (*METRICS, "nll_loss")
+            # a fresh window (a resumed one has the checkpoint's, of the same objective: dpo_changes holds it)
+            self._window += [0.0] * (len(self.metrics) - len(self._window))
+        if dpo.reference_free:
+            # Every reference log-prob is 0: no pass over the pairs at the start, no file, nothing a resume reads
+            # (its checkpoints' "reference" is None). The saving is that pass's time; the reference itself, two
+            # floats a pair, was never a memory cost (no second model is held).
+            self.reference, self.digest = {}, None
+            logger.info("DPO: dpo.reference_free: the reference log-probs are 0 (TRL's reference_free), not computed")
+            return
         path = Path(output_dir) / REFERENCE_FILE
         if checkpoint is None:
             started = time.perf_counter()
@@ -696,12 +759,19 @@ class PreferenceData:
     def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(the pairs' losses ``[B]``, their metric sums)."""
         policy = completion_logps(model, batch, self.context)
-        reference = self.reference[split][batch.pairs]
-        losses, chosen, rejected = dpo_loss(policy, torch.cat([reference[:, 0], reference[:, 1]]), batch.lengths,
-                                            self.dpo)
+        if self.dpo.reference_free:
+            reference = torch.zeros_like(policy)
+        else:
+            pairs = self.reference[split][batch.pairs]
+            reference = torch.cat([pairs[:, 0], pairs[:, 1]])
+        losses, chosen, rejected = dpo_loss(policy, reference, batch.lengths, self.dpo)
+        nll = chosen_nll(policy.detach(), batch.lengths) if self.dpo.rpo_alpha is not None else None
         if self.dpo.loss_type == "ipo":  # TRL logs the length-averaged log-probs its IPO loss compares
             policy = policy / batch.lengths
-        return losses, _metric_sums(chosen, rejected, policy)
+        sums = _metric_sums(chosen, rejected, policy)
+        if nll is not None:  # the micro-batch's NLL once per pair: the window's mean is over micro-batches, as TRL's
+            sums = torch.cat([sums, (nll * len(batch.pairs)).float()[None]])
+        return losses, sums
 
     def loss(self, model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
         """The micro-batch's mean DPO loss (its metrics are summed for :meth:`step_stats`). Every micro-batch has
@@ -826,5 +896,6 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
 
 
 __all__ = ["FIELDS", "MARGIN", "METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs", "PreferenceData",
-           "SavedReference", "build_preference_data", "check_margin", "check_pair", "completion_logps", "compute_reference",
-           "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs", "pack", "pairs_digest", "policy_overrides", "reference_digest"]
+           "SavedReference", "build_preference_data", "check_margin", "check_pair", "chosen_nll", "completion_logps",
+           "compute_reference", "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs", "pack", "pairs_digest",
+           "policy_overrides", "reference_digest"]
