@@ -1,6 +1,7 @@
 """``create_app(settings)``: the FastAPI app. Routes are thin: they take typed requests and call the
 handlers on ``app.state`` (:class:`~retnet.serve.serving.OpenAIServing`); every error leaves as OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` with a 4xx unless the server itself failed."""
+``{"error": {"message", "type", "param", "code"}}`` (Anthropic's body on the Messages API's routes) with a 4xx
+unless the server itself failed."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ from retnet.serve.classify import (
     PoolingRequest,
 )
 from retnet.serve.engine import Engine
+from retnet.serve.messages import (
+    ANTHROPIC_ROUTES,
+    CountTokensRequest,
+    MessagesRequest,
+    MessagesServing,
+    error_response,
+    is_anthropic_route,
+)
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.pooling import PoolingEngine
 from retnet.serve.protocol import (
@@ -64,7 +73,7 @@ logger = logging.getLogger("retnet.serve")
 
 # vLLM's tokenizer routes, outside /v1 as in vLLM, behind the same API key.
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
-GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", *ANTHROPIC_ROUTES)
 ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items",
           "/v1/models", "/v1/models/{model_id}", "/v1/sessions/{session_id}", "/health", "/metrics",
           *TOKENIZER_ROUTES, "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
@@ -143,12 +152,16 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             return
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
+        anthropic = is_anthropic_route(request.url.path)
+        if anthropic and not (scheme.lower() == "bearer" and key):  # the Anthropic SDK's header
+            scheme, key = "bearer", request.headers.get("x-api-key", "")
         ok = False
         if scheme.lower() == "bearer" and key:
             for allowed in settings.api_keys:  # every key compared: the time says nothing about which matched
                 ok |= hmac.compare_digest(key.strip().encode(), allowed.encode())
         if not ok:
-            raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", "authorization",
+            how = "`x-api-key: <key>` or `Authorization: Bearer <key>`" if anthropic else "`Authorization: Bearer <key>`"
+            raise APIError(401, f"missing or invalid API key: send {how}", "authorization",
                            "invalid_api_key", type="authentication_error")
 
     def key_refusal(request: Request) -> JSONResponse | None:
@@ -159,7 +172,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
         try:
             require_api_key(request)
         except APIError as denied:
-            return _error(denied.status, denied.message, denied.param, denied.code, denied.type, denied.headers)
+            return _error(denied.status, denied.message, denied.param, denied.code, denied.type, denied.headers,
+                          path=request.url.path)
         return None
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, key_refusal=key_refusal)
@@ -238,6 +252,17 @@ def _add_generation_routes(app: FastAPI, settings: ServeSettings, serving: OpenA
     @app.post("/v1/responses", dependencies=json_body)
     async def create_response(request: ResponsesRequest, raw: Request):
         return await responses.create(request, raw)
+
+    # Anthropic's Messages API, translated onto the chat handler (its errors are Anthropic's body: _error's path).
+    messages = MessagesServing(serving)
+
+    @app.post("/v1/messages", dependencies=json_body)
+    async def create_message(request: MessagesRequest, raw: Request):
+        return await messages.create(request, raw)
+
+    @app.post("/v1/messages/count_tokens", dependencies=json_body)
+    async def count_message_tokens(request: CountTokensRequest):
+        return await messages.count_tokens(request)
 
     @app.get("/v1/responses/{response_id}", dependencies=auth)
     async def retrieve_response(response_id: str):
@@ -402,7 +427,10 @@ def require_json(request: Request) -> None:
 # Errors
 # ----------------------------------------------------------------------------------------------------------
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           type: str | None = None, headers: dict | None = None) -> JSONResponse:
+           type: str | None = None, headers: dict | None = None, path: str = "") -> JSONResponse:
+    """OpenAI's error body, or Anthropic's for a request to ``path`` on the Messages API's routes."""
+    if is_anthropic_route(path):
+        return error_response(status, message, headers)
     exc = APIError(status, message, param, code, type)
     return JSONResponse(exc.body(), status_code=status, headers=headers)
 
@@ -416,8 +444,8 @@ def _needs_key(path: str) -> bool:
 
 def _install_error_handlers(app: FastAPI, key_refusal) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError):
-        return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers)
+    async def api_error(request: Request, exc: APIError):
+        return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -427,23 +455,26 @@ def _install_error_handlers(app: FastAPI, key_refusal) -> None:
         denied = key_refusal(request)
         if denied is not None:
             return denied
-        return _error(400, *_describe_validation(exc.errors(), "input" if path in _INPUT_ROUTES else "prompt"))
+        return _error(400, *_describe_validation(exc.errors(), "input" if path in _INPUT_ROUTES else "prompt"),
+                      path=path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         code = None
         if exc.status_code == 400 and "parsing the body" in message:
             message, code = _unreadable_body(exc.__cause__), "invalid_json"
-        return _error(exc.status_code, message, None, code, headers=getattr(exc, "headers", None))
+        return _error(exc.status_code, message, None, code, headers=getattr(exc, "headers", None),
+                      path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception):  # a bug: say so without leaking internals
+    async def unexpected(request: Request, exc: Exception):  # a bug: say so without leaking internals
         if isinstance(exc, ClientDisconnect):  # an ASGI 2.4 server's send failed: the client left, no bug
             logger.info("client disconnected before the response was sent")
-            return _error(499, "client closed the request", None, "client_closed")
+            return _error(499, "client closed the request", None, "client_closed", path=request.url.path)
         logger.exception("unhandled error")
-        return _error(500, f"internal error ({type(exc).__name__})", None, "internal_error", "server_error")
+        return _error(500, f"internal error ({type(exc).__name__})", None, "internal_error", "server_error",
+                      path=request.url.path)
 
 
 def _unreadable_body(cause: BaseException | None) -> str:
@@ -554,7 +585,7 @@ class BodyLimitMiddleware:
         if _is_json_media(None if content_type is None else content_type.decode("latin-1")) \
                 and json_nested_deeper_than(body, MAX_JSON_DEPTH):
             response = _error(400, f"the request body's JSON is nested deeper than {MAX_JSON_DEPTH} levels", None,
-                              "invalid_json")
+                              "invalid_json", path=scope["path"])
             return await self._refuse(response, scope, receive, send)
 
         async def replay():
@@ -567,7 +598,8 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send):
-        response = _error(413, f"the request body is larger than {self.max_bytes} bytes", None, "body_too_large")
+        response = _error(413, f"the request body is larger than {self.max_bytes} bytes", None, "body_too_large",
+                          path=scope["path"])
         await self._refuse(response, scope, receive, send)
 
     async def _refuse(self, response: Response, scope, receive, send):

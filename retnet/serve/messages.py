@@ -1,0 +1,487 @@
+"""Anthropic's Messages API, ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``, as a translation onto
+the chat machinery (as vLLM serves it, so that Anthropic-SDK clients can run on a local model).
+
+A request becomes a :class:`~retnet.serve.protocol.ChatCompletionRequest`: ``system`` a system message first,
+each message's text blocks its content, an assistant's ``tool_use`` blocks its ``tool_calls`` and a user's
+``tool_result`` blocks ``tool`` messages; ``stop_sequences`` chat's ``stop``, ``tools`` (``input_schema``) and
+``tool_choice`` (auto / any / tool / none) chat's. A final assistant message is continued (Anthropic's prefill).
+The chat handler runs it (templating, sampling, tool calls, cancellation are all its own), and its result, whole or
+chunk by chunk, is reshaped here as a Message or the Messages stream's events (``event: <type>`` / ``data: {json}``).
+
+Every error on these routes is Anthropic's body, ``{"type": "error", "error": {"type", "message"}}`` (the app asks
+:func:`is_anthropic_route` which body a path gets). Image, document, thinking and the other block kinds, server tools
+and the fields that would change the output this server does not run (``thinking``, ``output_config`` ...) are
+refused by name, as are chat's own fields this API has no name for (``stop``, ``n`` ...); the chat route's sampling
+extras (``seed``, ``ignore_eos`` ...) are passed on; other fields (``metadata``, ``service_tier``, ``cache_control``
+...) are ignored, as the chat route ignores unknown fields.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from retnet.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    RequestFields,
+    TokenizeChatRequest,
+    _refuse_bool_number,
+    check_finite_json,
+    not_run_unless_no_op,
+)
+from retnet.serve.responses import CHAT_EXTRAS
+from retnet.serve.serving import ChatRun, OpenAIServing
+from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse
+
+ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
+# Anthropic's error type for each status its API answers with (any other 4xx: invalid_request_error, 5xx: api_error).
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+# Anthropic features this server does not run, each with the value that changes nothing (null always passes).
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "thinking": {"type": "disabled"}, "output_format": None, "container": None, "mcp_servers": None,
+    "context_management": None,
+}
+# The chat route's sampling extras a Messages request may send too (the SDK's ``extra_body``), checked by chat.
+# ``stop`` is stop_sequences here; top_k is Anthropic's own field.
+PASSED_EXTRAS = tuple(name for name in CHAT_EXTRAS if name not in ("stop", "top_k"))
+_BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
+
+
+def is_anthropic_route(path: str) -> bool:
+    """Whether ``path`` is one of this API's routes, whose errors are Anthropic's body."""
+    return (path.rstrip("/") or "/") in ANTHROPIC_ROUTES
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """Anthropic's error answer: its body with ``status``, which the SDK maps to its exception classes."""
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------------------
+class InputMessage(BaseModel):
+    """One turn: its text, or a list of content blocks checked by :func:`to_chat_body` (any ``type`` parses here, so
+    that an unsupported one is refused by name, not with a union's type error)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class CountTokensRequest(RequestFields):
+    """``/v1/messages/count_tokens``: the conversation's fields; the rest of a Messages request is ignored, as the
+    chat route ignores unknown fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[InputMessage] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    """The Messages request fields this server reads; any other is in ``model_extra``, checked by
+    :func:`to_chat_body` (a chat extra, an ignored field, or refused by name)."""
+
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any) -> Any:
+        return _refuse_bool_number(value)
+
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    # None (left out, or null): the server's default, as chat's. Anthropic's ranges.
+    temperature: float | None = Field(None, ge=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+
+
+def _unsupported(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param, "unsupported_parameter")
+
+
+def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> tuple[dict[str, Any], list[str]]:
+    """The chat request body that runs ``request``, and for each of its messages the Messages field it came from
+    (``system``, ``messages[2]`` ...), to name it in the chat handler's errors. ``tool_call_parser``: the server's
+    (tool_choice auto needs one)."""
+    for name, no_op in UNSUPPORTED_FIELDS.items():
+        refusal = not_run_unless_no_op((request.model_extra or {}).get(name), no_op)
+        if refusal is not None:
+            raise _unsupported(name, f"not supported by this server {refusal}")
+    # output_config's effort is a hint to a thinking model (none here); its format would hold the text to a schema
+    output_config = (request.model_extra or {}).get("output_config") or {}
+    if not isinstance(output_config, dict) or output_config.get("format") is not None:
+        raise _unsupported("output_config.format", "structured output is not supported on this route (/v1/chat/"
+                           "completions' response_format is)")
+    check_finite_json(request.tools, "tools", "invalid_value")
+    extras = {}
+    if isinstance(request, MessagesRequest):
+        for name, value in (request.model_extra or {}).items():
+            if name in PASSED_EXTRAS:
+                extras[name] = value
+            elif name in ChatCompletionRequest.model_fields and name not in UNSUPPORTED_FIELDS:
+                # chat would run it, and ignored here it would change the output silently
+                raise _unsupported(name, "a chat completions parameter, not one of the Messages API"
+                                   + ("; send stop_sequences" if name == "stop" else ""))
+        if extras.get("stop_token_ids") and request.stop_sequences:
+            # stop_sequences are found by keeping the stop string in the text, which would show a stop token's too
+            raise _unsupported("stop_token_ids", "not together with stop_sequences")
+    messages, origins = _chat_messages(request)
+    # Anthropic's prefill: a final assistant message (without calls) is continued, not answered.
+    prefill = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
+    body: dict[str, Any] = {
+        "model": request.model, "messages": messages, "priority": request.priority,
+        "add_generation_prompt": not prefill, "continue_final_message": prefill, **_tools(request, tool_call_parser),
+    }
+    if isinstance(request, MessagesRequest):
+        stops = request.stop_sequences or []
+        body.update({
+            "max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
+            "top_k": request.top_k, "stream": request.stream,
+            "stream_options": {"include_usage": True} if request.stream else None,
+            # The stop string is kept in the text, so that the one that ended the answer is known (then cut).
+            "stop": stops or None, "include_stop_str_in_output": bool(stops), **extras,
+        })
+    return body, origins
+
+
+def _chat_messages(request: CountTokensRequest) -> tuple[list[dict[str, Any]], list[str]]:
+    messages: list[dict[str, Any]] = []
+    origins: list[str] = []
+    if request.system is not None:
+        messages.append({"role": "system", "content": _text_parts(request.system, "system")})
+        origins.append("system")
+    for i, message in enumerate(request.messages):
+        where = f"messages[{i}]"
+        if isinstance(message.content, str):
+            messages.append({"role": message.role, "content": message.content})
+            origins.append(where)
+            continue
+        texts: list[dict[str, str]] = []
+        calls: list[dict[str, Any]] = []
+        for j, block in enumerate(message.content):
+            place = f"{where}.content[{j}]"
+            kind = _block_type(block, place, message.role)
+            if kind == "text":
+                texts.append({"type": "text", "text": _string(block, "text", place)})
+            elif kind == "tool_use":
+                arguments = block.get("input")
+                if not isinstance(arguments, dict):
+                    raise APIError(400, f"{place}.input: a tool_use block needs an object input", f"{place}.input")
+                calls.append({"id": _string(block, "id", place), "type": "function",
+                              "function": {"name": _string(block, "name", place), "arguments": json.dumps(arguments)}})
+            else:  # a tool_result: a tool message, after the user's text before it (Anthropic's order is kept)
+                if texts:
+                    messages.append({"role": "user", "content": texts})
+                    origins.append(where)
+                    texts = []
+                messages.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", place),
+                                 "content": _tool_result(block, place)})
+                origins.append(place)
+        if message.role == "assistant":
+            entry: dict[str, Any] = {"role": "assistant", "content": texts or (None if calls else "")}
+            if calls:
+                entry["tool_calls"] = calls
+            messages.append(entry)
+            origins.append(where)
+        elif texts or not message.content:
+            messages.append({"role": "user", "content": texts or ""})
+            origins.append(where)
+    return messages, origins
+
+
+def _block_type(block: dict[str, Any], place: str, role: str) -> str:
+    kind = block.get("type")
+    if kind not in _BLOCKS[role]:
+        other = "user" if role == "assistant" else "assistant"
+        where = f"only in an {other} message" if kind in _BLOCKS[other] else "not supported by this server"
+        raise _unsupported(f"{place}.type", f"{kind!r} blocks are {where}; a {role} message takes "
+                           f"{' and '.join(_BLOCKS[role])} blocks")
+    return kind
+
+
+def _string(block: dict[str, Any], key: str, place: str) -> str:
+    value = block.get(key)
+    if not isinstance(value, str):
+        raise APIError(400, f"{place}.{key}: a {block.get('type')} block needs a string {key!r}", f"{place}.{key}",
+                       "missing")
+    return value
+
+
+def _text_parts(content: Any, where: str) -> str | list[dict[str, str]]:
+    """``system``'s or a tool result's content: a string, or text blocks (as chat's parts: chat joins them)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, f"{where} must be a string or a list of text blocks", where)
+    parts = []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind != "text":
+            raise _unsupported(f"{where}[{j}].type", f"only text blocks are supported here; got {kind!r}")
+        parts.append({"type": "text", "text": _string(block, "text", f"{where}[{j}]")})
+    return parts
+
+
+def _tool_result(block: dict[str, Any], place: str) -> str:
+    content = _text_parts(block.get("content", ""), f"{place}.content")
+    text = content if isinstance(content, str) else "\n".join(part["text"] for part in content)
+    # The tool message has no error flag of its own: said in its text, so that the model reads it.
+    return f"Error: {text}" if block.get("is_error") is True else text
+
+
+def _tools(request: CountTokensRequest, parser: str | None) -> dict[str, Any]:
+    """Custom tools (``name``, ``description``, ``input_schema``) and ``tool_choice`` in chat's shape; server tools
+    (web search, bash, text editor ...) are refused by name."""
+    tools = []
+    for i, tool in enumerate(request.tools or ()):
+        where = f"tools[{i}]"
+        if tool.get("type") not in (None, "custom"):
+            raise _unsupported(f"{where}.type", f"only custom tools (name, description, input_schema) are supported; "
+                               f"got {tool.get('type')!r}")
+        schema = tool.get("input_schema")
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise APIError(400, f"{where}.input_schema must be a JSON schema of type 'object'; got "
+                           f"{json.dumps(schema)[:80]}", f"{where}.input_schema")
+        function = {"name": _string(tool, "name", where), "parameters": schema}
+        if tool.get("description") is not None:
+            function["description"] = _string(tool, "description", where)
+        tools.append({"type": "function", "function": function})
+    choice = request.tool_choice
+    if choice is None:
+        return {"tools": tools or None}
+    kind = choice.get("type")
+    parallel = None if choice.get("disable_parallel_tool_use") is not True else False
+    if kind == "tool":
+        chat_choice: Any = {"type": "function", "function": {"name": _string(choice, "name", "tool_choice")}}
+    elif kind in ("auto", "any", "none"):
+        chat_choice = {"auto": "auto", "any": "required", "none": "none"}[kind]
+    else:
+        raise APIError(400, f"tool_choice.type must be one of auto, any, tool, none; got {kind!r}", "tool_choice.type")
+    if kind == "auto" and tools and parser is None:
+        raise _unsupported("tool_choice", "automatic tool use (tool_choice auto, the default with tools) needs the "
+                           "server's parser of the model's own tool-call format (--tool-call-parser hermes); send "
+                           "tool_choice {\"type\": \"any\"} or {\"type\": \"tool\", \"name\": ...} to have the output "
+                           "held to the tools' schemas")
+    return {"tools": tools or None, "tool_choice": chat_choice, "parallel_tool_calls": parallel}
+
+
+# Chat's names for what a Messages request calls otherwise, in the chat handler's errors.
+_RENAMES = (
+    (re.compile(r"\btools\[(\d+)\]\.function\.parameters\b"), r"tools[\1].input_schema"),
+    (re.compile(r"\btools\[(\d+)\]\.function\."), r"tools[\1]."),
+)
+
+
+def _renamed(exc: APIError, origins: list[str]) -> APIError:
+    def rename(text: str) -> str:
+        for pattern, replacement in _RENAMES:
+            text = pattern.sub(replacement, text)
+        return re.sub(r"\bmessages\[(\d+)\]", lambda m: origins[int(m[1])] if int(m[1]) < len(origins) else m[0],
+                      text)
+
+    param = "stop_sequences" if exc.param == "stop" else exc.param and rename(exc.param)
+    return APIError(exc.status, rename(exc.message), param, exc.code, exc.type, exc.headers)
+
+
+def _validated(model, body: dict[str, Any]):
+    """The chat (or tokenize) request of ``body``; a passed extra of the wrong type or range is a 400 naming it."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"]) or None
+        raise APIError(400, f"{param}: {error['msg']} (got {repr(error.get('input'))[:80]})", param,
+                       error["type"]) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Responses
+# ----------------------------------------------------------------------------------------------------------
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def _ending(text: str, finish: str | None, stops: list[str], calls: bool) -> tuple[str, str, str | None]:
+    """(the answer's text without the stop sequence that ended it, stop_reason, stop_sequence) of a chat choice's
+    text and finish_reason; ``calls``: the answer made tool calls."""
+    matched = None
+    if finish in ("stop", "tool_calls"):
+        # The longest: a stop sequence that ends another one ends the text too, but did not stop it first
+        matched = max((s for s in stops if text.endswith(s)), key=len, default=None)
+        if matched is not None:
+            text = text[: len(text) - len(matched)]
+    if calls:
+        return text, "tool_use", None
+    if finish == "length":
+        return text, "max_tokens", None
+    return text, ("stop_sequence" if matched is not None else "end_turn"), matched
+
+
+def _text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text, "citations": None}
+
+
+def _tool_use_block(call: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A chat call as a tool_use block (its input empty) and the input's JSON text."""
+    return {"type": "tool_use", "id": _id("toolu"), "name": call["function"]["name"], "input": {}}, \
+        call["function"]["arguments"]
+
+
+def _message(model: str, content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None,
+             input_tokens: int, output_tokens: int, message_id: str | None = None) -> dict[str, Any]:
+    return {"id": message_id or _id("msg"), "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+
+
+def from_chat(result: ChatCompletionResponse, stops: list[str]) -> dict[str, Any]:
+    """The Message of a whole chat result: a text block (unless empty), then a tool_use block a call."""
+    choice = result.choices[0]
+    calls = choice.message.tool_calls or []
+    text, reason, sequence = _ending(choice.message.content or "", choice.finish_reason, stops, bool(calls))
+    content = [_text_block(text)] if text else []
+    for call in calls:
+        block, arguments = _tool_use_block(call.model_dump())
+        block["input"] = json.loads(arguments)
+        content.append(block)
+    return _message(result.model, content, reason, sequence, result.usage.prompt_tokens,
+                    result.usage.completion_tokens)
+
+
+class _StopHold:
+    """A stream's text, less any tail that may be the start of a stop sequence: the one that ends the answer is kept
+    in the chat text (include_stop_str_in_output) and cut here, as from the whole answer."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held = stops, ""
+
+    def push(self, text: str) -> str:
+        self.held += text
+        keep = max((n for s in self.stops for n in range(1, min(len(s), len(self.held)) + 1)
+                    if self.held.endswith(s[:n])), default=0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out
+
+
+def _event(kind: str, **fields) -> str:
+    data = json.dumps({"type": kind, **fields}, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {kind}\ndata: {data}\n\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The handler
+# ----------------------------------------------------------------------------------------------------------
+class MessagesServing:
+    """``POST /v1/messages`` and ``/v1/messages/count_tokens`` over an :class:`OpenAIServing`'s chat handler."""
+
+    def __init__(self, serving: OpenAIServing):
+        self.serving = serving
+
+    async def create(self, request: MessagesRequest, raw: Request):
+        body, origins = to_chat_body(request, self.serving.settings.tool_call_parser)
+        chat = _validated(ChatCompletionRequest, body)
+        try:
+            run = await self.serving.start_chat(chat)
+        except APIError as exc:
+            raise _renamed(exc, origins) from None
+        stops = request.stop_sequences or []
+        if request.stream:
+            model = self.serving.served_name(request.model)
+            return _stream(self._events(chat, run, model, stops, origins), run)
+        try:
+            result = await self.serving.chat_response(chat, run, raw)
+        except APIError as exc:
+            raise _renamed(exc, origins) from None
+        return JSONResponse(from_chat(result, stops))
+
+    async def count_tokens(self, request: CountTokensRequest) -> dict[str, int]:
+        """``input_tokens``: the templated conversation's tokens, as /v1/messages counts them."""
+        body, origins = to_chat_body(request, self.serving.settings.tool_call_parser)
+        try:
+            counted = await self.serving.tokenize(_validated(TokenizeChatRequest, body))
+        except APIError as exc:
+            raise _renamed(exc, origins) from None
+        return {"input_tokens": counted.count}
+
+    async def _events(self, chat: ChatCompletionRequest, run: ChatRun, model: str, stops: list[str],
+                      origins: list[str]):
+        """The Messages stream of a started chat: a text block filled as the text comes, then a tool_use block a
+        call (held to the end, as the whole Message has them after its text)."""
+        message_id, prompt_tokens = _id("msg"), run.handle.prompt_tokens
+        yield _event("message_start", message=_message(model, [], None, None, prompt_tokens, 0, message_id))
+        yield _event("ping")
+        hold, blocks, text_open = _StopHold(stops), 0, False
+        finish, usage, calls = None, None, []
+        try:
+            async for chunk in self.serving.chat_chunks(chat, run):
+                usage = chunk.get("usage") or usage
+                for choice in chunk["choices"]:
+                    delta = choice["delta"]
+                    finish = choice.get("finish_reason") or finish
+                    calls.extend(delta.get("tool_calls") or ())
+                    piece = hold.push(delta.get("content") or "")
+                    if piece:
+                        if not text_open:
+                            text_open = True
+                            yield _event("content_block_start", index=0, content_block=_text_block(""))
+                        yield _event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+        except APIError as exc:  # the engine failed mid-stream: Anthropic's error event ends the stream
+            yield _event("error", error=error_body(exc.status, _renamed(exc, origins).message)["error"])
+            return
+        tail, reason, sequence = _ending(hold.held, finish, stops, bool(calls))
+        if tail:
+            if not text_open:
+                text_open = True
+                yield _event("content_block_start", index=0, content_block=_text_block(""))
+            yield _event("content_block_delta", index=0, delta={"type": "text_delta", "text": tail})
+        if text_open:
+            yield _event("content_block_stop", index=0)
+            blocks = 1
+        for index, call in enumerate(calls, start=blocks):
+            block, arguments = _tool_use_block(call)
+            yield _event("content_block_start", index=index, content_block=block)
+            yield _event("content_block_delta", index=index, delta={"type": "input_json_delta",
+                                                                    "partial_json": arguments})
+            yield _event("content_block_stop", index=index)
+        output_tokens = usage["completion_tokens"] if usage else 0
+        yield _event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
+                     usage={"input_tokens": prompt_tokens, "output_tokens": output_tokens})
+        yield _event("message_stop")
+
+
+def _stream(events, run: ChatRun) -> EngineStreamingResponse:
+    """SSE of the events; the engine's work is cancelled unless the whole stream was sent (a client that leaves
+    frees its slot)."""
+
+    async def body():
+        async for event in events:
+            yield event
+        response.finished = True
+
+    response = EngineStreamingResponse(body(), run.handle, media_type="text/event-stream", headers=SSE_HEADERS)
+    return response
+
+
+__all__ = ["ANTHROPIC_ROUTES", "CountTokensRequest", "MessagesRequest", "MessagesServing", "error_response",
+           "is_anthropic_route", "to_chat_body"]
