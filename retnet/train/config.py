@@ -4,7 +4,7 @@
 
 ``name_or_path`` is a preset shipped in ``retnet/train/configs/<name>.toml`` (``tiny``, ``small``,
 ``retnet-1.3b`` ...) or a path to a TOML file with the tables ``[model]``, ``[data]``, ``[optim]``,
-``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``, ``[dpo]``, ``[reward]``, ``[grpo]``, ``[distill]``). Overrides are ``--section.key=value``
+``[train]``, ``[checkpoint]``, ``[logging]`` (and ``[lora]``, ``[dpo]``, ``[kto]``, ``[reward]``, ``[grpo]``, ``[distill]``). Overrides are ``--section.key=value``
 (or ``--section.key value``), coerced to the field's type; ``--model.extra.KEY=VALUE`` sets any other
 ``RetNetConfig`` field (VALUE read as a TOML value). Unknown keys and values of the wrong type are refused with the key's name.
 """
@@ -33,15 +33,18 @@ from retnet.train.config_tuning import (
     DistillConfig,
     DpoConfig,
     GrpoConfig,
+    KtoConfig,
     LoraConfig,
     RewardConfig,
     _check_distill,
     _check_dpo,
     _check_grpo,
+    _check_kto,
     _check_reward,
     distill_changes,
     dpo_changes,
     grpo_changes,
+    kto_changes,
     lora_changes,
     reward_changes,
 )
@@ -56,7 +59,7 @@ OPTIMIZERS = ("adamw", "muon")
 PARALLELISMS = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_LAYOUTS = ("auto", "full", "sharded")
-DATA_FORMATS = ("text", "chat", "preference", "prompts")
+DATA_FORMATS = ("text", "chat", "preference", "unpaired", "prompts")
 # What a data.mixture source may set for itself; every other data setting is the [data] section's, for each source.
 MIXTURE_SOURCE_KEYS = ("dataset", "weight", "name", "split", "text_field", "messages_field")
 # A source's label names its metrics (val_loss.<label>) in metrics.jsonl, TensorBoard and W&B.
@@ -176,7 +179,9 @@ class DataConfig(_Section):
     is read as prompt-completion rows, two strings or two lists of messages, and ``assistant_only_loss``, TRL's
     ``completion_only_loss`` there, makes the completion's tokens the targets) or ``"preference"`` (DPO on TRL's ``prompt``/``chosen``/``rejected`` rows,
     ``retnet.train.preference``; ``max_prompt_length`` > 0 cuts longer prompts to their last tokens, 0 keeps them
-    whole and refuses one that leaves no room for a completion in ``seq_len``) or ``"prompts"`` (GRPO, online RL
+    whole and refuses one that leaves no room for a completion in ``seq_len``) or ``"unpaired"`` (KTO on TRL's
+    unpaired ``prompt``/``completion``/``label`` rows, ``retnet.train.kto``; ``max_prompt_length`` as for
+    preference pairs) or ``"prompts"`` (GRPO, online RL
     from rewards, on rows with a ``prompt`` column, ``retnet.train.grpo``; ``max_prompt_length`` > 0 cuts longer
     prompts to their last tokens; ``seq_len`` is not read: a sequence is its prompt and at most
     ``grpo.max_completion_length`` sampled tokens).
@@ -199,7 +204,7 @@ class DataConfig(_Section):
     tokenizer: str | None = None
     tokenizer_train_chars: int = 5_000_000
     seq_len: int = 256
-    max_prompt_length: int = 0  # data.format "preference" and "prompts": 0 = prompts are not cut
+    max_prompt_length: int = 0  # data.format "preference", "unpaired" and "prompts": 0 = prompts are not cut
     # Reset the retention state (and rotary positions) at every EOS inside a packed block, through the
     # kernels' varlen path, so no document is conditioned on the one before it.
     document_boundaries: bool = True
@@ -238,13 +243,13 @@ class DataConfig(_Section):
                 if dataset == "stdlib":
                     _refuse(key, "must hold conversations with data.format 'chat' (rows of JSON/JSONL/Parquet "
                             "files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text", dataset)
-        if self.format == "preference":
+        if self.format in ("preference", "unpaired"):
             self._check_preference()
         elif self.format == "prompts":
             self._check_prompts()
         elif self.max_prompt_length:  # most likely a forgotten data.format: that run would not read pairs
             _refuse("data.max_prompt_length", f"is set but data.format is {self.format!r}; it cuts the prompts of "
-                    f"data.format 'preference' and 'prompts'", self.max_prompt_length)
+                    f"data.format 'preference', 'unpaired' and 'prompts'", self.max_prompt_length)
         if self.streaming and self.mixture:
             for key, dataset in self._datasets():
                 if dataset == "stdlib":  # build_data's refusal would name data.streaming, not the source
@@ -266,18 +271,21 @@ class DataConfig(_Section):
                             f"(its validation documents are held out by data.val_fraction)", value)
 
     def _check_preference(self) -> None:
-        """ConfigError for what preference data cannot be: a pair is read whole and its reference log-probs are
-        computed over the whole (cached) set before the first step."""
+        """ConfigError for what preference data (pairs, or KTO's unpaired rows) cannot be: a row is read whole and
+        its reference log-probs are computed over the whole (cached) set before the first step."""
+        fmt = repr(self.format)
+        paired = self.format == "preference"
+        rows = "preference pairs" if paired else "unpaired prompt/completion/label rows"
         if self.mixture:
-            _refuse("data.mixture", "cannot be used with data.format 'preference' (the reference log-probs are "
-                    "precomputed over one dataset); merge the pairs into one dataset", sorted(self.mixture))
+            _refuse("data.mixture", f"cannot be used with data.format {fmt} (the reference log-probs are "
+                    f"precomputed over one dataset); merge the {'pairs' if paired else 'rows'} into one dataset",
+                    sorted(self.mixture))
         if self.streaming:
-            _refuse("data.streaming", "cannot be used with data.format 'preference' (the reference log-probs of "
-                    "every pair are precomputed before the first step)", self.streaming)
+            _refuse("data.streaming", f"cannot be used with data.format {fmt} (the reference log-probs of "
+                    f"every {'pair' if paired else 'row'} are precomputed before the first step)", self.streaming)
         if self.dataset == "stdlib":
-            _refuse("data.dataset", "must hold preference pairs with data.format 'preference' (rows of "
-                    "JSON/JSONL/Parquet files, a save_to_disk directory or a hub dataset); 'stdlib' is plain text",
-                    self.dataset)
+            _refuse("data.dataset", f"must hold {rows} with data.format {fmt} (rows of JSON/JSONL/Parquet files, "
+                    f"a save_to_disk directory or a hub dataset); 'stdlib' is plain text", self.dataset)
         _positive("data", self, "max_prompt_length", allow_zero=True)
         if self.max_prompt_length >= self.seq_len:
             _refuse("data.max_prompt_length", f"must be < data.seq_len ({self.seq_len}): a completion needs room "
@@ -619,6 +627,7 @@ class JobConfig(_Section):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -630,6 +639,7 @@ class JobConfig(_Section):
         _check_distill(self)  # before the objectives it refuses: its refusal names distill.teacher
         _check_reward(self)  # first of them: its refusals name reward.enabled, not the DPO settings
         _check_dpo(self)
+        _check_kto(self)
         _check_grpo(self)
         # Here, not in OptimConfig: the bound is another section's field. The warmup's last step is the one at
         # optim.lr, so a warmup of more steps than the run has would end below it.
@@ -688,7 +698,7 @@ def _check_context_parallel(job: JobConfig) -> None:
     # A block, not only a packed micro-batch's row (micro_batch_size blocks): evaluation's last batch may hold
     # fewer blocks, and its row must split too. (Pairs and GRPO's prompts and completions, of any lengths: their
     # rows are padded to split.)
-    if job.data.seq_len % size and job.data.format not in ("preference", "prompts"):
+    if job.data.seq_len % size and job.data.format not in ("preference", "unpaired", "prompts"):
         _refuse("train.context_parallel", f"must divide data.seq_len = {job.data.seq_len} into equal pieces (each "
                 f"row is cut from whole blocks, packed or not)", size)
 
@@ -765,6 +775,7 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
     changes = [] if was == current.data.format else [f"data.format: checkpoint {was!r}, now {current.data.format!r}"]
     fields = {"chat": ["data.messages_field", "data.assistant_only_loss"],
               "preference": ["data.max_prompt_length"],
+              "unpaired": ["data.max_prompt_length"],
               "prompts": ["data.max_prompt_length"]}.get(current.data.format, ["data.text_field"])
     keys = ["data.dataset", "data.name", "data.split", *fields, "data.max_documents", "data.seq_len"]
     if current.data.format == "prompts":  # not read: a sequence is its prompt and what is sampled after it
@@ -1149,8 +1160,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 
 __all__ = [
     "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "DistillConfig", "DpoConfig",
-    "GrpoConfig", "JobConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RewardConfig",
-    "TrainConfig", "build_config", "data_changes", "distill_changes", "dpo_changes", "grpo_changes", "load_config",
-    "lora_changes", "mixture_shares", "model_changes", "optim_changes", "parse_overrides", "preset_names",
+    "GrpoConfig", "JobConfig", "KtoConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig",
+    "RewardConfig", "TrainConfig", "build_config", "data_changes", "distill_changes", "dpo_changes", "grpo_changes",
+    "kto_changes", "load_config", "lora_changes", "mixture_shares", "model_changes", "optim_changes", "parse_overrides", "preset_names",
     "reward_changes", "schedule_warnings",
 ]

@@ -1,5 +1,5 @@
-"""The post-training sections of the training configuration: ``[lora]``, ``[dpo]``, ``[reward]``, ``[grpo]``,
-``[distill]``,
+"""The post-training sections of the training configuration: ``[lora]``, ``[dpo]``, ``[kto]``, ``[reward]``,
+``[grpo]``, ``[distill]``,
 their checks against the rest of a :class:`~retnet.train.config.JobConfig`, and what a resume may not change in
 them. :mod:`retnet.train.config` re-exports every public name.
 """
@@ -31,6 +31,8 @@ DPO_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
 # even with reference_free (TRL still runs it), which a reference-free run here does not compute
 DPO_REFERENCE_FREE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "apo_zero", "apo_down")
 DISCOPOP_TAU = 0.05  # TRL's DPOConfig.discopop_tau default
+# TRL's KTOConfig.loss_type names: KTO, and APO-zero's unpaired variant (which estimates no KL term)
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")  # TRL's names; dapo is its default
 # Those whose token term is PPO's clipped surrogate (epsilon, epsilon_high, delta): cispo weights the log-probs by the
 # capped ratio instead, sapo gates the ratio softly (sapo_temperature_pos / _neg)
@@ -131,6 +133,27 @@ class DpoConfig(_Section):
                     f"computes none", self.reference_free)
         if self.rpo_alpha is not None:
             _positive("dpo", self, "rpo_alpha", allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class KtoConfig(_Section):
+    """Kahneman-Tversky Optimization on unpaired binary feedback (``data.format = "unpaired"``,
+    ``retnet.train.kto``), as TRL's KTOTrainer, with its names: ``beta`` the strength of the pull towards the
+    reference (the model as the run starts); ``desirable_weight`` and ``undesirable_weight`` scale the losses of
+    the rows labelled true and false (to make up for a set with more of one kind: the KTO paper's eq. 8 asks for
+    ``desirable_weight · n_desirable / (undesirable_weight · n_undesirable)`` in [1, 4/3]); ``loss_type`` one of
+    :data:`KTO_LOSS_TYPES` (``"kto"``: the paper's, against a KL estimate from mismatched completions;
+    ``"apo_zero_unpaired"``: APO-zero's unpaired form, no KL term)."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    loss_type: str = "kto"
+
+    def __post_init__(self) -> None:
+        _positive("kto", self, "beta", "desirable_weight", "undesirable_weight")
+        if self.loss_type not in KTO_LOSS_TYPES:
+            _refuse("kto.loss_type", f"must be one of {KTO_LOSS_TYPES} (TRL's KTOConfig names)", self.loss_type)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -433,6 +456,7 @@ def _check_distill(job: JobConfig) -> None:
                 "train.output_dir/export) or a hub id; no such directory", distill.teacher)
     mode = ("a reward model (reward.enabled)" if job.reward.enabled else
             "DPO (data.format 'preference')" if job.data.format == "preference" else
+            "KTO (data.format 'unpaired')" if job.data.format == "unpaired" else
             "GRPO (data.format 'prompts')" if job.data.format == "prompts" else None)
     if mode is not None:
         _refuse("distill.teacher", f"cannot be used with {mode}: distillation trains next-token distributions on "
@@ -458,6 +482,26 @@ def _check_dpo(job: JobConfig) -> None:
     elif job.model.init_from is None:
         _refuse("model.init_from", "must name the model to tune with data.format 'preference' (DPO starts from a "
                 "trained model, usually an SFT run's export, which is also its reference)", job.model.init_from)
+
+
+def _check_kto(job: JobConfig) -> None:
+    """ConfigError for ``[kto]`` settings without unpaired data (a forgotten ``data.format``), for unpaired data
+    without ``model.init_from`` (KTO, as DPO, moves a trained model relative to itself), and for KTO's KL estimate
+    with micro-batches of one row: a row's KL completion is another row's of its micro-batch-sized chunk (TRL
+    refuses a ``per_device_train_batch_size`` of 1 so: the KL term would be the row's own reward)."""
+    if job.data.format != "unpaired":
+        for spec in dataclasses.fields(KtoConfig):
+            if getattr(job.kto, spec.name) != spec.default:
+                _refuse(f"kto.{spec.name}", f"is set but data.format is {job.data.format!r}; KTO trains on "
+                        f"data.format 'unpaired'", getattr(job.kto, spec.name))
+        return
+    if job.model.init_from is None:
+        _refuse("model.init_from", "must name the model to tune with data.format 'unpaired' (KTO starts from a "
+                "trained model, usually an SFT run's export, which is also its reference)", job.model.init_from)
+    if job.kto.loss_type == "kto" and job.train.micro_batch_size < 2:
+        _refuse("train.micro_batch_size", "must be >= 2 with kto.loss_type 'kto': each row's KL completion is "
+                "another row's of its micro-batch-sized chunk (TRL's per_device_train_batch_size > 1)",
+                job.train.micro_batch_size)
 
 
 def _check_reward(job: JobConfig) -> None:
@@ -571,6 +615,24 @@ def dpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     return [f"dpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
 
 
+def kto_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
+    """The ``[kto]`` settings that differ between a checkpoint's config (``saved``) and ``current``, as
+    ``"kto.beta: checkpoint 0.1, now 0.2"``: the objective the run optimizes; and ``train.micro_batch_size``: the
+    rows' KL completions are rotated within chunks of that many rows (TRL's per_device_train_batch_size), so
+    another size pairs other completions, whose reference log-probs the run's start did not compute (the reference
+    file holds them whatever the loss type). A checkpoint of another format has none (``data_changes`` reports
+    the format)."""
+    if "kto" not in saved or current.data.format != "unpaired":
+        return []
+    old, now = {**KtoConfig().to_dict(), **saved["kto"]}, current.kto.to_dict()
+    changes = [f"kto.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
+    was = saved.get("train", {}).get("micro_batch_size")
+    if was is not None and was != current.train.micro_batch_size:
+        changes.append(f"train.micro_batch_size: checkpoint {was!r}, now {current.train.micro_batch_size!r} (the "
+                       f"chunk KTO's KL completions are rotated within)")
+    return changes
+
+
 def distill_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     """The ``[distill]`` settings that differ between a checkpoint's config (``saved``; one from before the
     section distilled nothing) and ``current``, as ``"distill.alpha: checkpoint 1.0, now 0.5"``: the objective the
@@ -623,7 +685,7 @@ def lora_changes(saved: dict[str, Any], current: JobConfig, *,
 __all__ = [
     "DISCOPOP_TAU", "DISTILL_KINDS", "DPO_LOSS_TYPES", "DPO_REFERENCE_FREE_LOSS_TYPES",
     "DPO_SMOOTHED_LOSS_TYPES", "GRPO_CLIPPED_LOSS_TYPES", "GRPO_GENERATION_KWARGS", "GRPO_IMPORTANCE_LEVELS",
-    "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS",
-    "LORA_TARGETS", "DistillConfig", "DpoConfig", "GrpoConfig", "LoraConfig", "RewardConfig", "distill_changes",
-    "dpo_changes", "grpo_changes", "lora_changes", "reward_changes",
+    "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS", "KTO_LOSS_TYPES",
+    "LORA_TARGETS", "DistillConfig", "DpoConfig", "GrpoConfig", "KtoConfig", "LoraConfig", "RewardConfig",
+    "distill_changes", "dpo_changes", "grpo_changes", "kto_changes", "lora_changes", "reward_changes",
 ]

@@ -285,7 +285,8 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
         # as null and refused as a null value the file does not hold. A preference margin is a number its own check
         # refuses when non-finite, and GRPO's other columns go to the reward functions as read.
         read = {"text": (cfg.text_field,), "chat": (cfg.messages_field, *ROW_COLUMNS, PROMPT, COMPLETION),
-                "preference": (PROMPT, "chosen", "rejected"), "prompts": (PROMPT,)}[cfg.format]
+                "preference": (PROMPT, "chosen", "rejected"), "unpaired": (PROMPT, COMPLETION),
+                "prompts": (PROMPT,)}[cfg.format]
         _check_finite_json(cfg.dataset, files, read)
     with _reading(cfg.dataset, *_field(cfg)):
         if kind == "csv":  # the text column as written, not as pandas' type inference reads it
@@ -730,7 +731,8 @@ def _reading(dataset: str, text_field: str, key: str = "data.text_field") -> Ite
             raise malformed from error
         detail = f"{type(cause).__name__}: {cause}" if str(cause) else f"{type(cause).__name__} (no rows in any file?)"
         what = {"data.text_field": "as text", "data.messages_field": "as conversations",
-                "data.format 'prompts' column": "as prompts"}.get(key, "with chosen and rejected")
+                "data.format 'prompts' column": "as prompts",
+                "data.format 'unpaired' column": "with completion and label"}.get(key, "with chosen and rejected")
         raise ConfigError(f"data.dataset {dataset!r}: datasets could not read it ({detail}); local files need "
                           f"{key} {text_field!r} in every file, {what}, and the same columns") from error
 
@@ -965,7 +967,7 @@ def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 
 def _field(cfg: DataConfig) -> tuple[str, str]:
     """(the column read, its setting's name): ``data.text_field``, ``data.messages_field`` for chat, TRL's prompt
     column for preference pairs and GRPO prompts."""
-    if cfg.format in ("preference", "prompts"):
+    if cfg.format in ("preference", "unpaired", "prompts"):
         return "prompt", f"data.format {cfg.format!r} column"
     return (cfg.messages_field, "data.messages_field") if cfg.format == "chat" else (cfg.text_field, "data.text_field")
 
@@ -1439,6 +1441,12 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         return build_preference_data(cfg, seed=seed, micro_batch=micro_batch, global_batch=global_batch, rank=rank,
                                      local_rank=local_rank, world_size=world_size, tokenizer_dir=tokenizer_dir,
                                      barrier=barrier, hub_fingerprint=hub_fingerprint)
+    if cfg.format == "unpaired":  # KTO's labelled completions (retnet.train.kto), as DPO pairs
+        from retnet.train.kto import build_kto_data
+
+        return build_kto_data(cfg, seed=seed, micro_batch=micro_batch, global_batch=global_batch, rank=rank,
+                              local_rank=local_rank, world_size=world_size, tokenizer_dir=tokenizer_dir,
+                              barrier=barrier, hub_fingerprint=hub_fingerprint)
     if cfg.format == "prompts":  # GRPO prompts (retnet.train.grpo), sampled from at each step
         from retnet.train.grpo import build_grpo_data
 

@@ -276,6 +276,7 @@ class PairEncoder:
     def __init__(self, tokenizer, cfg: DataConfig):
         self.chat = ChatEncoder(tokenizer, dataset=cfg.dataset)
         self.eos, self.dataset = tokenizer.eos_token_id, cfg.dataset
+        self.format = cfg.format  # what the refusals name: KTO's unpaired rows are encoded as pairs too
         self.seq_len, self.max_prompt_length = cfg.seq_len, cfg.max_prompt_length
         self.dtype = np.uint16 if vocab_bound(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
 
@@ -295,7 +296,7 @@ class PairEncoder:
                 return "", self.chat.render(chosen), self.chat.render(rejected)
             return render_pair(prompt, (chosen, rejected), self.chat.render)
         except Exception as error:  # jinja's own errors, raise_exception in a template, render_pair's check
-            raise ConfigError(f"data.format 'preference': the tokenizer's chat template cannot render row {row} of "
+            raise ConfigError(f"data.format {self.format!r}: the tokenizer's chat template cannot render row {row} of "
                               f"{self.dataset!r} as prompt + completion: {type(error).__name__}: {error}") from None
 
     def encode(self, pairs: list[tuple], batch: int = 256) -> Pairs:
@@ -321,21 +322,23 @@ class PairEncoder:
         return Pairs(flat, np.asarray(lengths, dtype=np.int64).reshape(-1, 3), rows, margins)
 
     def _cut(self, row: int, prompt: list[int], chosen: list[int], rejected: list[int],
-             prompted: bool = True) -> tuple[list, list, list]:
-        """``prompted`` False: a row without a prompt (its ``prompt`` is no tokens, and that is no error)."""
-        where = f"data.format 'preference': row {row} of {self.dataset!r}"
+             prompted: bool = True, distinct: bool = True) -> tuple[list, list, list]:
+        """``prompted`` False: a row without a prompt (its ``prompt`` is no tokens, and that is no error).
+        ``distinct`` False: the two completions may be the same (KTO's completion and KL completion)."""
+        where = f"data.format {self.format!r}: row {row} of {self.dataset!r}"
         if self.max_prompt_length and len(prompt) > self.max_prompt_length:
             prompt = prompt[-self.max_prompt_length:]  # TRL's prompt truncation: the end is what is answered
         if not prompt and prompted:
+            every = "pair" if self.format == "preference" else "row"
             raise ConfigError(f"{where}: its prompt encodes to no tokens: the first completion token would be "
-                              f"predicted from nothing; give every pair a prompt")
+                              f"predicted from nothing; give every {every} a prompt")
         room = self.seq_len - len(prompt)
         if room < 1:
             raise ConfigError(f"{where}: its prompt is {len(prompt)} tokens, which leaves no room for a completion "
                               f"within data.seq_len {self.seq_len}: raise data.seq_len, or set data.max_prompt_length "
                               f"(< data.seq_len) to keep the prompts' last tokens")
         cut = chosen[:room], rejected[:room]
-        if cut[0] == cut[1]:
+        if distinct and cut[0] == cut[1]:
             how = "" if chosen == rejected else (f" once cut to the {room} tokens data.seq_len {self.seq_len} leaves "
                                                  f"after the prompt")
             raise ConfigError(f"{where}: its chosen and rejected completions are the same {len(cut[0])} tokens{how}: "
@@ -588,7 +591,8 @@ def _read_reference(path: Path) -> SavedReference | None:
     return SavedReference(saved["key"], saved["pairs"], reference)
 
 
-def policy_overrides(model: ModelConfig, init_from: Path | None, lora_dropout: float = 0.0) -> dict[str, Any]:
+def policy_overrides(model: ModelConfig, init_from: Path | None, lora_dropout: float = 0.0,
+                     objective: str = "DPO") -> dict[str, Any]:
     """The RetNetConfig settings of a DPO policy on top of ``model.init_from``'s: ``{"dropout": 0.0}``, as TRL's
     ``DPOConfig.disable_dropout`` (on by default), unless ``model.dropout`` (or ``model.extra.dropout``) is set
     in the TOML or on the command line, which then wins. The reference log-probs are computed in eval mode: a
@@ -599,15 +603,16 @@ def policy_overrides(model: ModelConfig, init_from: Path | None, lora_dropout: f
     lora = (f"; lora.dropout {lora_dropout} applies to the adapters as configured (set lora.dropout=0 for none)"
             if lora_dropout else "")
     if explicit is not None:
-        logger.info("DPO: the policy trains with dropout %s, as model.dropout sets it (the reference log-probs are "
-                    "computed without dropout)%s", explicit, lora)
+        logger.info("%s: the policy trains with dropout %s, as model.dropout sets it (the reference log-probs are "
+                    "computed without dropout)%s", objective, explicit, lora)
         return {}
     try:
         pretrained = json.loads((Path(init_from) / "config.json").read_text()).get("dropout", 0.0)
     except (OSError, TypeError, ValueError, AttributeError):  # the model's loading refuses such a directory
         pretrained = "?"
-    logger.info("DPO: dropout off in the policy (model.init_from's %s -> 0; TRL's disable_dropout): at step 1 it "
-                "is the reference, computed without dropout; set model.dropout to train with one%s", pretrained, lora)
+    logger.info("%s: dropout off in the policy (model.init_from's %s -> 0; TRL's disable_dropout): at step 1 it "
+                "is the reference, computed without dropout; set model.dropout to train with one%s", objective,
+                pretrained, lora)
     return {"dropout": 0.0}
 
 
@@ -682,13 +687,19 @@ class PreferenceData:
             self.reference, self.digest = {}, None
             logger.info("DPO: dpo.reference_free: the reference log-probs are 0 (TRL's reference_free), not computed")
             return
+        self._hold_reference(model, output_dir=output_dir, checkpoint=checkpoint, progress=progress, barrier=barrier)
+
+    def _hold_reference(self, model: torch.nn.Module, *, output_dir: Path, checkpoint: Path | None, progress: bool,
+                        barrier: Callable[[], None]) -> None:
+        """:attr:`reference`: computed from ``model`` and written (a start), or read back (a resume), as
+        :meth:`start` says; the device, autocast and process groups are :meth:`start`'s, already held."""
         path = Path(output_dir) / REFERENCE_FILE
         if checkpoint is None:
             started = time.perf_counter()
             reference = compute_reference(model, [self.train, self.val], micro_batch=self.micro_batch, rank=self.rank,
-                                          world_size=self.world_size, device=device, autocast=autocast,
-                                          progress=progress, group=group, context=context)
-            saved = SavedReference(self.key, pairs_digest([self.train, self.val]), reference)
+                                          world_size=self.world_size, device=self.device, autocast=self.autocast,
+                                          progress=progress, group=self.group, context=self.context)
+            saved = SavedReference(self.key, self._content_digest(), reference)
             if _first_rank():
                 _write_reference(path, saved)
                 logger.info("reference log-probs of %d train + %d validation pairs computed in %.1fs, saved to %s",
@@ -697,7 +708,13 @@ class PreferenceData:
             self.digest = reference_digest(saved)
         else:
             reference = self._resumed_reference(path, Path(checkpoint))
-        self.reference = {name: values.to(device) for name, values in zip(("train", "val"), reference, strict=True)}
+        self.reference = {name: values.to(self.device)
+                          for name, values in zip(("train", "val"), reference, strict=True)}
+
+    def _content_digest(self) -> str:
+        """What the reference file says its log-probs are of, which a resume compares with the data it reads:
+        :func:`pairs_digest` of the splits (a subclass may add what else its loss reads of them)."""
+        return pairs_digest([self.train, self.val])
 
     def check_prompted(self) -> None:
         """A ConfigError naming the dataset and its rows when pairs have no prompt (prompt-less rows whose chosen
@@ -723,7 +740,7 @@ class PreferenceData:
             if read is not None and reference_digest(read) == self.digest:
                 # By content, not the cache key: that changes with the files' mtimes, and the same path may hold
                 # other pairs now (of the same count, or not).
-                now = pairs_digest([self.train, self.val])
+                now = self._content_digest()
                 if read.pairs != now:
                     counts = [len(values) for values in read.reference]
                     raise ConfigError(
@@ -753,8 +770,12 @@ class PreferenceData:
         out = []
         for m in range(accum):
             lo = (m * self.world_size + self.rank) * self.micro_batch
-            out.append(self.train.batch(ids[lo:lo + self.micro_batch]))
+            out.append(self._batch(self.train, ids[lo:lo + self.micro_batch]))
         return out
+
+    def _batch(self, pairs: Pairs, ids: np.ndarray) -> PairBatch:
+        """The micro-batch of ``pairs``' rows ``ids`` (a subclass may pack other sequences of them)."""
+        return pairs.batch(ids)
 
     def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(the pairs' losses ``[B]``, their metric sums)."""
@@ -814,12 +835,16 @@ class PreferenceData:
         mine = chosen[self.rank::self.world_size]
         sums = torch.zeros(1 + len(self.metrics), device=self.device)
         for lo in range(0, len(mine), self.micro_batch):
-            batch = self.val.batch(mine[lo:lo + self.micro_batch]).to(self.device)
+            batch = self._batch(self.val, mine[lo:lo + self.micro_batch]).to(self.device)
             with self.autocast:
                 losses, metric_sums = self._pair_loss(model, batch, "val")
             sums += torch.cat([losses.sum().float()[None], metric_sums])
         if is_distributed():
             torch.distributed.all_reduce(sums, group=self.group)
+        return self._val_record(sums, total)
+
+    def _val_record(self, sums: torch.Tensor, total: int) -> dict[str, float]:
+        """:meth:`evaluate`'s record of the summed losses and metric sums of its ``total`` pairs."""
         means = (sums / total).tolist()
         return {"val_loss": means[0],
                 **{f"val_{name}": value for name, value in zip(self.metrics, means[1:], strict=True)}}

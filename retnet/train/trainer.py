@@ -36,7 +36,8 @@ log-probs (computed at the start), the loss per micro-batch and its rewards, whi
 over ``mesh["dp"]``; under context parallelism each rank's piece of the row gives its part of every sequence's
 log-prob or score, summed over the group, its loss its share, the metrics counted by the group's first rank, the
 reference pass and the evaluation over the ranks holding the same piece in each group); with ``reward.enabled``
-``retnet.train.reward`` trains a reward model (a classifier) on them instead. Prompts (``data.format = "prompts"``)
+``retnet.train.reward`` trains a reward model (a classifier) on them instead. Unpaired labelled completions
+(``data.format = "unpaired"``) train with KTO through the same hooks (``retnet.train.kto``). Prompts (``data.format = "prompts"``)
 train with GRPO through the same hooks: ``retnet.train.grpo`` samples and scores each step's completions when it
 hands out the micro-batches (under tensor parallelism a group's ranks the same ones, its sums over ``mesh["dp"]``).
 With ``distill.teacher`` (``retnet.train.distill``) a frozen teacher runs on each training micro-batch and the loss
@@ -101,6 +102,7 @@ from retnet.train.config import (
     distill_changes,
     dpo_changes,
     grpo_changes,
+    kto_changes,
     lora_changes,
     model_changes,
     optim_changes,
@@ -167,7 +169,7 @@ class Trainer:
         # Preference pairs under context parallelism: the ranks of the other groups holding this rank's piece, over
         # which the reference pass gathers and the evaluation sums (each pair once, not once a piece)
         self.dp_group = (data_parallel_group(self.rank, self.world_size, group_size)
-                         if self.cp_size > 1 and cfg.data.format == "preference" else None)
+                         if self.cp_size > 1 and cfg.data.format in ("preference", "unpaired") else None)
         # The ranks that read the same micro-batches (streamed data: one reads, broadcasts to the others)
         if self.cp_size > 1 and self.tp_size > 1:
             self.batch_group = (context_parallel_group(self.rank, self.world_size, group_size)
@@ -379,7 +381,9 @@ class Trainer:
                 from retnet.model.context_parallel import ContextGroup
 
                 dp_group, context = self.dp_group, ContextGroup(self.cp_rank, self.cp_size, self.cp_group)
-            self.data.start(cfg.dpo, self.model, self.autocast, self.device, output_dir=self.output_dir,
+            # KTO's rows (data.format "unpaired") go through the same hooks with their own objective
+            objective = cfg.kto if getattr(self.data, "kto", False) else cfg.dpo
+            self.data.start(objective, self.model, self.autocast, self.device, output_dir=self.output_dir,
                             checkpoint=resume_path, progress=self.is_main and cfg.logging.progress, barrier=barrier,
                             group=dp_group, context=context)
         self.start_step = self.step
@@ -417,6 +421,8 @@ class Trainer:
         each) and GRPO completions, not the packed blocks of data.seq_len tokens of text and chat data."""
         if getattr(self.data, "grpo", False):
             return f"completions (prompt + completion: up to {self.data.seq_len} tokens)"
+        if getattr(self.data, "kto", False):
+            return f"unpaired rows (completion + KL completion: up to {self.data.seq_len} tokens each)"
         if getattr(self.data, "preference", False):
             return f"preference pairs (chosen + rejected: up to {self.data.seq_len} tokens each)"
         return f"blocks of {self.data.seq_len} tokens"
@@ -947,6 +953,7 @@ class Trainer:
                                saved_targets=trainer.get("lora_targets")),
              "other LoRA settings", f"Resume with those settings, {elsewhere}"),
             (dpo_changes, "another DPO objective", f"Resume with those settings, {elsewhere}"),
+            (kto_changes, "another KTO objective", f"Resume with those settings, {elsewhere}"),
             (reward_changes, "other reward-model settings", f"Resume with those settings, {elsewhere}"),
             (grpo_changes, "other GRPO settings", f"Resume with those settings, {elsewhere}"),
             (distill_changes, "another distillation objective", f"Resume with those settings, {elsewhere}"),

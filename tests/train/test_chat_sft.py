@@ -341,7 +341,7 @@ def test_a_pretrained_export_fine_tunes_on_conversations(corpus, tokenizer_dir, 
 # Refusals
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("data", "key"), [
-    ({"format": "xml"}, r"data.format must be one of \('text', 'chat', 'preference', 'prompts'\); got 'xml'"),
+    ({"format": "xml"}, r"data.format must be one of \('text', 'chat', 'preference', 'unpaired', 'prompts'\); got 'xml'"),
     ({"format": "chat", "messages_field": ""}, r"data.messages_field must name the column.*got ''"),
     ({"format": "chat"}, r"data.dataset must hold conversations with data.format 'chat'.*got 'stdlib'"),
 ])
