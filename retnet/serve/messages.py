@@ -57,8 +57,10 @@ _BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
 
 
 def is_anthropic_route(path: str) -> bool:
-    """Whether ``path`` is one of this API's routes, whose errors are Anthropic's body."""
-    return (path.rstrip("/") or "/") in ANTHROPIC_ROUTES
+    """Whether ``path`` is one of this API's routes, or under them (the batches routes the SDK also calls, not
+    served: their 404 is Anthropic's body too, which the SDK reads), whose errors are Anthropic's body."""
+    path = path.rstrip("/") or "/"
+    return path in ANTHROPIC_ROUTES or path.startswith(ANTHROPIC_ROUTES[0] + "/")
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -149,9 +151,16 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
     messages, origins = _chat_messages(request)
     # Anthropic's prefill: a final assistant message (without calls) is continued, not answered.
     prefill = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
+    tools = _tools(request, tool_call_parser)
+    if isinstance(request, MessagesRequest) and prefill and tools["tools"] and \
+            tools.get("tool_choice", "auto") == "auto":
+        # Said here in this API's terms: chat refuses it naming continue_final_message, never sent by this client
+        raise _unsupported(origins[-1], "a final assistant message is continued (prefill), which automatic tool use "
+                           "(tool_choice auto, the default with tools) cannot do: its calls are parsed from the "
+                           "answer alone; end with a user message, or send tool_choice none, any or tool")
     body: dict[str, Any] = {
         "model": request.model, "messages": messages, "priority": request.priority,
-        "add_generation_prompt": not prefill, "continue_final_message": prefill, **_tools(request, tool_call_parser),
+        "add_generation_prompt": not prefill, "continue_final_message": prefill, **tools,
     }
     if isinstance(request, MessagesRequest):
         stops = request.stop_sequences or []
@@ -168,7 +177,7 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
 def _chat_messages(request: CountTokensRequest) -> tuple[list[dict[str, Any]], list[str]]:
     messages: list[dict[str, Any]] = []
     origins: list[str] = []
-    if request.system is not None:
+    if request.system:  # an empty one ("" or no blocks) is no system prompt, not an empty system turn
         messages.append({"role": "system", "content": _text_parts(request.system, "system")})
         origins.append("system")
     for i, message in enumerate(request.messages):
@@ -268,10 +277,17 @@ def _tools(request: CountTokensRequest, parser: str | None) -> dict[str, Any]:
             function["description"] = _string(tool, "description", where)
         tools.append({"type": "function", "function": function})
     choice = request.tool_choice
-    if choice is None:
-        return {"tools": tools or None}
-    kind = choice.get("type")
-    parallel = None if choice.get("disable_parallel_tool_use") is not True else False
+    if choice is None and not tools:
+        return {"tools": None}
+    # Left out with tools: auto, Anthropic's default and chat's, which needs the parser as when sent
+    kind = "auto" if choice is None else choice.get("type")
+    disable_parallel = (choice or {}).get("disable_parallel_tool_use")
+    if disable_parallel is not None and not isinstance(disable_parallel, bool):
+        raise APIError(400, f"tool_choice.disable_parallel_tool_use must be a boolean; got "
+                       f"{json.dumps(disable_parallel)[:80]}", "tool_choice.disable_parallel_tool_use")
+    parallel = False if disable_parallel else None
+    if kind in ("any", "tool") and not tools:  # chat's refusal would call it "required"
+        raise APIError(400, f"tool_choice: {kind!r} needs tools to call; got none", "tool_choice.type")
     if kind == "tool":
         chat_choice: Any = {"type": "function", "function": {"name": _string(choice, "name", "tool_choice")}}
     elif kind in ("auto", "any", "none"):
@@ -283,6 +299,8 @@ def _tools(request: CountTokensRequest, parser: str | None) -> dict[str, Any]:
                            "server's parser of the model's own tool-call format (--tool-call-parser hermes); send "
                            "tool_choice {\"type\": \"any\"} or {\"type\": \"tool\", \"name\": ...} to have the output "
                            "held to the tools' schemas")
+    if choice is None:  # chat's default is the same auto
+        return {"tools": tools}
     return {"tools": tools or None, "tool_choice": chat_choice, "parallel_tool_calls": parallel}
 
 
@@ -331,10 +349,10 @@ def _ending(text: str, finish: str | None, stops: list[str], calls: bool) -> tup
         matched = max((s for s in stops if text.endswith(s)), key=len, default=None)
         if matched is not None:
             text = text[: len(text) - len(matched)]
+    if finish == "length":  # cut short, even after whole calls (chat's finish_reason too): the answer is not done
+        return text, "max_tokens", None
     if calls:
         return text, "tool_use", None
-    if finish == "length":
-        return text, "max_tokens", None
     return text, ("stop_sequence" if matched is not None else "end_turn"), matched
 
 
@@ -401,13 +419,14 @@ class MessagesServing:
     async def create(self, request: MessagesRequest, raw: Request):
         body, origins = to_chat_body(request, self.serving.settings.tool_call_parser)
         chat = _validated(ChatCompletionRequest, body)
+        # Named before the run starts: an adapter unloaded in between would raise after it, leaving it running
+        model = self.serving.served_name(request.model) if request.stream else None
         try:
             run = await self.serving.start_chat(chat)
         except APIError as exc:
             raise _renamed(exc, origins) from None
         stops = request.stop_sequences or []
         if request.stream:
-            model = self.serving.served_name(request.model)
             return _stream(self._events(chat, run, model, stops, origins), run)
         try:
             result = await self.serving.chat_response(chat, run, raw)

@@ -5,7 +5,9 @@ checked against /v1/chat/completions for the same conversation (the route they a
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 
 import httpx
 import pytest
@@ -211,3 +213,233 @@ def test_errors_are_the_sdks_exceptions_with_anthropics_body(client, server):
     bearer = httpx.post(server.url + "/v1/messages", json={"model": "micro", "max_tokens": 2, "messages": ASK},
                         headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert bearer.status_code == 200 and bearer.json()["type"] == "message"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Randomised differential checks, and the regressions they and the review found
+# ----------------------------------------------------------------------------------------------------------
+WORDS = ["def", "add", "(a,", "b):", "return", "class", "Stack", "self.items", "for", "i", "in", "range(10)",
+         "Hello", "world!", "café", "東京", "🙂", "\n   ", "retention", "state"]
+
+
+def random_conversation(draw) -> tuple[dict, list]:
+    """A Messages request's conversation fields (system as a string or blocks, multi-turn, several text blocks,
+    tool_use / tool_result histories, a prefill) and the same conversation as chat's messages."""
+    def text() -> str:
+        return " ".join(draw.choice(WORDS) for _ in range(draw.randint(1, 6)))
+
+    def blocks() -> list:
+        return [{"type": "text", "text": text()} for _ in range(draw.randint(1, 3))]
+
+    fields, chat_messages, messages = {}, [], []
+    if draw.random() < 0.5:
+        system = text() if draw.random() < 0.5 else blocks()
+        fields["system"] = system
+        chat_messages.append({"role": "system", "content": system if isinstance(system, str) else [
+            {"type": "text", "text": block["text"]} for block in system]})
+    for turn in range(draw.randint(0, 2)):
+        ask = text() if draw.random() < 0.5 else blocks()
+        messages.append({"role": "user", "content": ask})
+        chat_messages.append({"role": "user", "content": ask})
+        if draw.random() < 0.4:
+            call_id, arguments = f"toolu_{turn}", {"a": draw.randint(0, 9), "b": draw.randint(0, 9)}
+            messages += [{"role": "assistant", "content": [{"type": "tool_use", "id": call_id, "name": "add",
+                                                            "input": arguments}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id,
+                                                       "content": str(sum(arguments.values())),
+                                                       "is_error": turn == 1}]}]
+            chat_messages += [{"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function",
+                               "function": {"name": "add", "arguments": json.dumps(arguments)}}]},
+                              {"role": "tool", "tool_call_id": call_id,
+                               "content": ("Error: " if turn == 1 else "") + str(sum(arguments.values()))}]
+        else:
+            answer = text() if draw.random() < 0.5 else blocks()
+            messages.append({"role": "assistant", "content": answer})
+            chat_messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": text()})
+    chat_messages.append({"role": "user", "content": messages[-1]["content"]})
+    prefill = draw.random() < 0.3
+    if prefill:
+        messages.append({"role": "assistant", "content": "    return"})
+        chat_messages.append(messages[-1])
+    return {**fields, "messages": messages}, [chat_messages, prefill]
+
+
+def raw_events(server, body) -> list[dict]:
+    """The SSE stream's events, each checked to carry its type as the SSE event name."""
+    events = []
+    with httpx.stream("POST", server.url + "/v1/messages", json={**body, "stream": True},
+                      headers={"x-api-key": KEY}, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+                assert events[-1]["type"] == name, (name, events[-1])
+    return events
+
+
+def well_formed(events) -> str:
+    """The streamed text, after checking the events' order: message_start, ping, blocks indexed from 0, each
+    started, filled and stopped before the next, one message_delta, message_stop."""
+    kinds = [event["type"] for event in events]
+    assert kinds[:2] == ["message_start", "ping"] and kinds[-2:] == ["message_delta", "message_stop"], kinds
+    open_index, count, text = None, 0, ""
+    for event in events[2:-2]:
+        if event["type"] == "content_block_start":
+            assert open_index is None and event["index"] == count, kinds
+            open_index, count = event["index"], count + 1
+        elif event["type"] == "content_block_delta":
+            assert event["index"] == open_index, kinds
+            text += event["delta"].get("text", "")
+        else:
+            assert event["type"] == "content_block_stop" and event["index"] == open_index, kinds
+            open_index = None
+    assert open_index is None, kinds
+    return text
+
+
+def test_random_conversations_match_chat_streamed_and_counted(client, server):
+    draw = random.Random(7)
+    for case in range(6):
+        fields, (chat_messages, prefill) = random_conversation(draw)
+        max_tokens = draw.randint(1, 16)
+        sampling = {"temperature": 0, "ignore_eos": draw.random() < 0.5} if case % 2 else {
+            "temperature": 0.8, "seed": case, "top_k": 20}
+        openai = {"messages": chat_messages, "max_tokens": max_tokens, **sampling,
+                  "add_generation_prompt": not prefill, "continue_final_message": prefill}
+        free = chat(server, **openai)["choices"][0]["message"]["content"]
+        # Stop sequences cut from the free answer: spanning tokens, sharing prefixes, overlapping
+        stops = sorted({free[i : i + draw.randint(1, 3)] for i in draw.sample(range(len(free)), min(3, len(free)))}
+                       ) if case % 3 and len(free) > 1 else []
+        body = {"model": "micro", "max_tokens": max_tokens, **fields, **sampling,
+                **({"stop_sequences": stops} if stops else {})}
+        response = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEY}, timeout=60)
+        assert response.status_code == 200, response.text
+        message = response.json()
+        text = "".join(block["text"] for block in message["content"])
+        same = chat(server, **openai, **({"stop": stops} if stops else {}))
+        context = (case, stops, free, message)
+        assert message["usage"]["input_tokens"] == same["usage"]["prompt_tokens"], context
+        if message["stop_sequence"] is not None:
+            # the stop that ends first in the free answer (the longest of those ending there), cut
+            first = min((free.index(stop) + len(stop), -len(stop), stop) for stop in stops if stop in free)
+            assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", first[2]), context
+            assert free.startswith(text + first[2]) and len(text + first[2]) == first[0], context
+        else:
+            reason = {"length": "max_tokens", "stop": "end_turn"}[same["choices"][0]["finish_reason"]]
+            assert (text, message["stop_reason"]) == (same["choices"][0]["message"]["content"], reason), context
+            assert message["usage"]["output_tokens"] == same["usage"]["completion_tokens"], context
+
+        events = raw_events(server, body)
+        assert well_formed(events) == text, context
+        assert events[-2]["delta"] == {"stop_reason": message["stop_reason"],
+                                       "stop_sequence": message["stop_sequence"]}, context
+        assert events[-2]["usage"] == message["usage"] == events[0]["message"]["usage"] | {
+            "output_tokens": message["usage"]["output_tokens"]}, context
+        counted = client.messages.count_tokens(model="micro", **fields)
+        assert counted.input_tokens == message["usage"]["input_tokens"], context
+
+
+def test_concurrent_streams_and_a_client_that_leaves_mid_stream(server):
+    async def text_of(http, body, stream):
+        if not stream:
+            message = (await http.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEY})).json()
+            return "".join(block["text"] for block in message["content"])
+        text = ""
+        async with http.stream("POST", server.url + "/v1/messages", json={**body, "stream": True},
+                               headers={"x-api-key": KEY}) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and '"text_delta"' in line:
+                    text += json.loads(line.removeprefix("data: "))["delta"]["text"]
+        return text
+
+    def metric(name: str) -> float:
+        lines = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text.splitlines()
+        return float(next(line.split()[-1] for line in lines if line.startswith(name + " ")))
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as http:
+            bodies = [{"model": "micro", "max_tokens": 12 + i, "temperature": 0, "ignore_eos": True,
+                       "messages": [{"role": "user", "content": f"question {i}"}],
+                       "stop_sequences": ["an", "\n"] if i % 2 else []} for i in range(6)]
+            streamed_texts = await asyncio.gather(*(text_of(http, body, True) for body in bodies))
+            assert streamed_texts == [await text_of(http, body, False) for body in bodies]
+
+            cancelled = metric("retnet_sequences_cancelled_total")
+            left = {"model": "micro", "max_tokens": 4000, "ignore_eos": True, "messages": ASK, "stream": True}
+            async with http.stream("POST", server.url + "/v1/messages", json=left,
+                                   headers={"x-api-key": KEY}) as response:
+                async for line in response.aiter_lines():
+                    if "text_delta" in line:
+                        break  # the client leaves mid-stream: its engine work is cancelled
+            for _ in range(100):
+                if metric("retnet_sequences_cancelled_total") > cancelled and not metric("retnet_running_sequences"):
+                    break
+                await asyncio.sleep(0.05)
+            assert metric("retnet_sequences_cancelled_total") == cancelled + 1
+            assert metric("retnet_running_sequences") == 0
+
+    asyncio.run(run())
+
+
+def test_an_empty_system_prompt_is_none(client):
+    plain = client.messages.count_tokens(model="micro", messages=ASK).input_tokens
+    for system in ("", []):
+        assert client.messages.count_tokens(model="micro", messages=ASK, system=system).input_tokens == plain
+        answer = client.messages.create(model="micro", max_tokens=2, messages=ASK, system=system, **GREEDY)
+        assert answer.usage.input_tokens == plain
+
+
+def test_tools_without_tool_choice_need_the_parser_said_in_this_apis_terms():
+    from retnet.serve.messages import MessagesRequest, to_chat_body
+    from retnet.serve.protocol import APIError
+
+    # Tools without tool_choice are tool_choice auto: without the server's parser, refused in this API's terms
+    request = MessagesRequest.model_validate({"model": "micro", "max_tokens": 4, "messages": ASK, "tools": [ADD]})
+    with pytest.raises(APIError) as refused:
+        to_chat_body(request, None)
+    assert refused.value.param == "tool_choice" and '{"type": "any"}' in refused.value.message
+    assert "required" not in refused.value.message
+
+
+def test_a_prefill_with_automatic_tool_use_is_refused_naming_the_message(client):
+    # chat's own refusal would name continue_final_message, which this client never sent
+    prefill = [*ASK, {"role": "assistant", "content": "    return"}]
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(model="micro", max_tokens=4, messages=prefill, tools=[ADD])
+    message = bad.value.body["error"]["message"]
+    assert message.startswith("messages[1]: ") and "prefill" in message and "continue_final_message" not in message
+    assert client.messages.count_tokens(model="micro", messages=prefill, tools=[ADD]).input_tokens > 0
+
+
+def test_tool_choice_any_or_tool_without_tools_is_refused_in_this_apis_terms(client):
+    for choice in ({"type": "any"}, {"type": "tool", "name": "add"}):
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            client.messages.create(model="micro", max_tokens=4, messages=ASK, tool_choice=choice)
+        assert bad.value.body["error"]["message"] == f"tool_choice: {choice['type']!r} needs tools to call; got none"
+
+
+def test_disable_parallel_tool_use_must_be_a_boolean(client):
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(model="micro", max_tokens=4, messages=ASK, tools=[ADD],
+                               tool_choice={"type": "any", "disable_parallel_tool_use": "yes"})
+    assert "disable_parallel_tool_use" in bad.value.body["error"]["message"]
+
+
+def test_calls_cut_short_by_max_tokens_stop_for_max_tokens():
+    from retnet.serve.messages import _ending
+
+    assert _ending("text", "length", [], True) == ("text", "max_tokens", None)
+    assert _ending("text", "tool_calls", [], True) == ("text", "tool_use", None)
+
+
+def test_unserved_messages_routes_answer_anthropics_404(client, server):
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.batches.list()
+    assert missing.value.body["type"] == "error" and missing.value.body["error"]["type"] == "not_found_error"
+    # the OpenAI routes keep their body
+    response = httpx.get(server.url + "/v1/models/none", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 404 and "type" not in response.json()
