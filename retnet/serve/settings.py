@@ -46,8 +46,8 @@ class ServeSettings(BaseSettings):
         "JSON): {\"pooling_type\": \"LAST\" (the last token's) or \"MEAN\" (the tokens' mean), \"normalize\": true "
         "(L2) or false, the default of a request's use_activation}; none or {}: LAST, normalized"
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="the address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="the TCP port to listen on")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1 ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights' dtype; auto: float32 on CPU, bfloat16 on CUDA (states stay float32)"
@@ -87,19 +87,20 @@ class ServeSettings(BaseSettings):
                                     "`unavailable` (a stream: its error event and [DONE])")
 
     # -- request limits ---------------------------------------------------------------------------------------
-    max_prompt_tokens: int = Field(8192, ge=1)
+    max_prompt_tokens: int = Field(8192, ge=1, description="most tokens a prompt may have (a longer one is a 400 "
+                                   "context_length_exceeded); with --max-tokens-limit it makes the card's max_model_len")
     max_tokens_limit: int = Field(4096, ge=1, description="largest `max_tokens` a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="`max_tokens` when a request leaves it out")
-    max_n: int = Field(8, ge=1)
+    max_n: int = Field(8, ge=1, description="largest `n` (choices per prompt) a request may ask for")
     max_prompts: int = Field(16, ge=1, description="prompts in one /v1/completions request")
     max_stop: int = Field(4, ge=0, description="stop strings per request (OpenAI's limit is 4)")
-    max_stop_chars: int = Field(64, ge=1)
+    max_stop_chars: int = Field(64, ge=1, description="longest stop string (and bad word), in characters")
     max_logprobs: int = Field(20, ge=0, description="top alternatives per token a request may ask for: "
                               "`logprobs`, `top_logprobs` (OpenAI's limit) and `prompt_logprobs` (vLLM's default)")
     return_tokens_as_token_ids: bool = Field(
         False, description="vLLM's: logprobs name each token as 'token_id:<id>', not as its text, unless a request "
         "sets return_tokens_as_token_ids itself")
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body; a larger one is a 413")
     max_pooling_inputs: int = Field(1024, ge=1, description="inputs in one /classify, /pooling or "
                                     "/v1/embeddings request (a classifier --model, --convert embed)")
 
@@ -113,7 +114,8 @@ class ServeSettings(BaseSettings):
         "single-turn traffic, whose answers nobody continues, the entries go to prompts)"
     )
     max_sessions: int = Field(256, ge=0, description="resumable sessions kept at once (LRU); 0 turns sessions off")
-    session_bytes: int = Field(2 << 30, ge=0)
+    session_bytes: int = Field(2 << 30, ge=0, description="bytes the sessions held in memory may take (LRU): "
+                               "each session's state and the ids of the tokens it has seen")
     session_ttl_s: float = Field(1800.0, gt=0, allow_inf_nan=False, description="a session expires this long after its last use (its "
                                  "file in --session-dir, after its last turn was written)")
     session_dir: str | None = Field(
