@@ -12,6 +12,11 @@ token and inter-token latency, and the server's peak RSS; then single-stream lon
 are retnet / baseline for throughput, baseline / retnet for latency (> 1: retnet better).
 
     python benchmarks/serve.py [--quick] [--model DIR]       # writes benchmarks/results/serve-<device>.json
+
+``--engine-only`` leaves HTTP out: the engine is made in-process (as the tests make it) and its scheduler driven
+on this thread, each decode step timed (``_decode_step``) with the model's forward inside it, so that the
+per-token cost of the scheduler itself (sampling, stopping rules, detokenisation, delivery) shows apart from
+the model's (``serve-engine-<device>.json``).
 """
 
 from __future__ import annotations
@@ -265,6 +270,11 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+")
     parser.add_argument("--structured", action="store_true",
                         help="retnet-serve alone: streams held to a JSON schema against free ones, alternated")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="no HTTP: time the engine's decode steps in-process (ms per step, and outside the forward)")
+    parser.add_argument("--sampling", choices=["greedy", "mixed"], default="greedy",
+                        help="--engine-only: every stream greedy, or a mix (seeded sampling, top-p/top-k, penalties, "
+                             "logprobs, stop strings)")
     parser.add_argument("--baseline-server", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -287,6 +297,8 @@ def main() -> None:
               "model": {"hidden": hidden, "layers": layers, "vocab": vocab}, "load": {}, "long_context": {}}
     if args.structured:
         return structured_load(report, retnet_dir, prompt, args.concurrency, max_tokens)
+    if args.engine_only:
+        return engine_steps(report, retnet_dir, prompt, args.concurrency, args.max_tokens or 64, args.sampling)
 
     for name, cmd, model in (("retnet", serve_cmd, retnet_dir), ("baseline", baseline_cmd, retnet_dir)):
         port = free_port()
@@ -341,6 +353,95 @@ def main() -> None:
                   f"RSS x{llama['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
 
     out = REPO / "benchmarks" / "results" / f"serve-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out.relative_to(REPO)}")
+
+
+# --engine-only --sampling mixed: the streams take these in turn (seeded, so that two runs sample alike). The stop
+# string is searched for at every token but never met: every stream runs its max_tokens.
+MIXED_SAMPLING = [{"temperature": 0.0}, {"temperature": 0.8}, {"temperature": 0.7, "top_p": 0.9},
+                  {"temperature": 1.0, "top_k": 20, "logprobs": 3},
+                  {"temperature": 0.0, "logprobs": 0, "stop": ["<|not in any text|>"]},
+                  {"temperature": 0.9, "repetition_penalty": 1.2, "presence_penalty": 0.3}]
+
+
+def engine_steps(report: dict, model_dir: Path, prompt: str, concurrency: list[int], max_tokens: int,
+                 sampling: str) -> None:
+    """For each concurrency, that many streams of ``max_tokens`` tokens (EOS ignored) decoded together by an
+    in-process engine: the median time of a decode step (after the first few, while every stream runs), and of
+    what the step spends outside the model's forward."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import retnet  # noqa: F401
+    from retnet.serve.engine import Engine
+    from retnet.serve.metrics import ServeMetrics
+    from retnet.serve.sampling import SamplingParams
+    from retnet.serve.settings import ServeSettings
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer.encode(prompt)
+
+    def params(i: int) -> SamplingParams:
+        kind = {"temperature": 0.0} if sampling == "greedy" else MIXED_SAMPLING[i % len(MIXED_SAMPLING)]
+        return SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=i, **kind)
+
+    async def run(streams: int) -> dict:
+        settings = ServeSettings(model=str(model_dir), served_model_name="bench", max_running=max(streams, 1),
+                                 max_queue=streams, prefix_cache_entries=0)
+        engine = Engine(settings, tokenizer, ServeMetrics(), model=model)
+        engine._load()
+        engine.ready = True
+        handles = [engine.submit([ids], params(i)) for i in range(streams)]
+        steps = []  # (streams in the batch, the step's time, its forward's)
+        forward = [0.0]
+        decode_step = engine._decode_step
+
+        def timed_step():
+            forward[0] = 0.0
+            start = time.perf_counter()
+            decode_step()
+            steps.append((len(engine.running), time.perf_counter() - start, forward[0]))
+
+        def before(module, args, kwargs):
+            forward[0] -= time.perf_counter()
+
+        def after(module, args, kwargs, output):
+            forward[0] += time.perf_counter()
+
+        engine._decode_step = timed_step
+        hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+                 model.register_forward_hook(after, with_kwargs=True)]
+        try:
+            with torch.inference_mode():
+                while engine.waiting or engine.prefilling or engine.joining or engine.running:
+                    engine._iteration()
+                    await asyncio.sleep(0)  # the outputs are delivered on this loop: read them as a client would
+                    for handle in handles:
+                        while not handle.queue.empty():
+                            handle.queue.get_nowait()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # The steps with every stream in the batch, less the first few (caches warming).
+        full = [(t, t - f) for n, t, f in steps if n == streams][3:]
+        step = statistics.median(t for t, _ in full)
+        outside = statistics.median(o for _, o in full)
+        return {"concurrency": streams, "steps": len(full), "ms_per_step": 1000 * step,
+                "ms_outside_forward": 1000 * outside, "tokens_per_s": streams / step}
+
+    report["engine"] = {"sampling": sampling, "max_tokens": max_tokens, "rows": []}
+    for c in concurrency:
+        row = asyncio.run(run(c))
+        report["engine"]["rows"].append(row)
+        print(f"c={c:3d}  {row['ms_per_step']:7.2f} ms/step  {row['tokens_per_s']:8.1f} tok/s  outside the forward "
+              f"{row['ms_outside_forward']:6.2f} ms/step ({100 * row['ms_outside_forward'] / row['ms_per_step']:.0f}%)",
+              flush=True)
+    out = REPO / "benchmarks" / "results" / f"serve-engine-{report['device']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out.relative_to(REPO)}")

@@ -97,9 +97,11 @@ class StopStrings:
         (the text from it on is dropped). ``search=False``: ``delta`` is the text of the first ``min_tokens``
         tokens, where no stop may end; one that starts there and ends in later text is found (as vLLM finds
         it), so its start is held back here too."""
-        self.text += delta
         if not self.stops:
-            return self._release(len(self.text))
+            # Nothing is ever held back: the text need not be kept (appending to it would copy the whole output
+            # every token).
+            return delta
+        self.text += delta
         if not search:
             self.unsearched = len(self.text)
             return self._release(len(self.text) - self._held())

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -995,8 +996,9 @@ class Engine(ModelThread):
             seq.sampler.grammar.check()  # its request fails alone (GrammarFailed), not end on a text it does not admit
         token = sample.tokens[row]
         seq.tokens.append(token)
+        count = len(seq.tokens)
         now = time.perf_counter()
-        if len(seq.tokens) == 1:
+        if count == 1:
             self.metrics.ttft.observe(now - seq.group.handle.arrival)
         else:
             self.metrics.itl.observe(now - seq.t_last)
@@ -1005,7 +1007,7 @@ class Engine(ModelThread):
         params = seq.group.params
         # vLLM's rule: no stop condition is checked on the first min_tokens tokens (their stop tokens were
         # masked, and a stop string wholly in their text does not end the choice, nor is it found later).
-        checked = len(seq.tokens) > params.min_tokens
+        checked = count > params.min_tokens
         stop_token = checked and ((token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids)
         # vLLM's detokenizer leaves a stop token's text out unless include_stop_str_in_output (EOS, a special
         # token, decodes to nothing either way).
@@ -1015,7 +1017,7 @@ class Engine(ModelThread):
         # A grammar that admits nothing more has its text complete (the masks let EOS through only there).
         if seq.stops.stopped or stop_token or (seq.sampler.grammar is not None and seq.sampler.grammar.ended):
             finish = "stop"
-        elif len(seq.tokens) >= params.max_tokens:
+        elif count >= params.max_tokens:
             finish = "length"
         if finish is not None and not seq.stops.stopped:
             text += seq.stops.push(seq.detok.flush(), search=checked)
@@ -1123,7 +1125,9 @@ class Engine(ModelThread):
         no such option, as in HF and vLLM)."""
         skip, spaces = params.skip_special_tokens, params.spaces_between_special_tokens
         if self.backend is not None:
-            return self._decode if skip else lambda ids: self.backend.decode(ids, skip_special_tokens=False)
+            # The Rust decode itself, its option bound: a detokenizer calls it twice a token a stream, and a Python
+            # wrapper between them would cost a frame each time.
+            return functools.partial(self.backend.decode, skip_special_tokens=skip)
         if skip and spaces:  # HF's defaults
             return self._decode
         return lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip, spaces_between_special_tokens=spaces)

@@ -139,27 +139,15 @@ class RowSampler:
         return [last for prefix, last in self.bad_prefixes
                 if len(prefix) <= len(out) and tuple(out[len(out) - len(prefix):]) == prefix]
 
-    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
-        """Apply repetition (prompt + output; CTRL's divide/multiply rule), then presence and frequency
-        (output only; OpenAI's rule) to a ``[V]`` row; returns a new row."""
-        p = self.params
-        logits = logits.clone()
-        if p.repetition_penalty != 1.0:
-            seen = self.seen
-            logits[seen] = torch.where(logits[seen] > 0, logits[seen] / p.repetition_penalty,
-                                       logits[seen] * p.repetition_penalty).clamp(-PENALISED_LOGIT_LIMIT,
-                                                                                  PENALISED_LOGIT_LIMIT)
-        if p.presence_penalty or p.frequency_penalty:
-            logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
-        return logits
-
 
 @dataclass(slots=True)
 class StepSample:
     """One step's result for B rows."""
 
     tokens: list[int]
-    logprobs: list[float] | None  # the chosen tokens' logprobs (raw model distribution)
+    # The chosen tokens' logprobs (raw model distribution); None for a row that asked for none (or all None: no
+    # row asked).
+    logprobs: list[float | None] | None
     top: list[list[tuple[int, float]]] | None  # per row, the top-k alternatives (k per row's request)
 
 
@@ -177,13 +165,15 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
     adjusted = [i for i, r in enumerate(rows) if r.adjusts]
     if adjusted:
         logits = logits.clone()
+        biased = [i for i in adjusted if rows[i].bias_ids is not None]
+        if biased:
+            _add_biases(logits, biased, rows)
+        penalised = [i for i in adjusted if rows[i].params.needs_penalties]
+        if penalised:
+            _penalise(logits, penalised, rows)
         banned, masked, bad = [], [], []
         for i in adjusted:
             row = rows[i]
-            if row.bias_ids is not None:
-                logits[i, row.bias_ids] += row.bias_values
-            if row.params.needs_penalties:
-                logits[i] = row.penalise(logits[i])
             if row.ban_ids is not None:
                 banned.append((i, row.ban_ids))
             if row.blocked is not None:
@@ -216,14 +206,17 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
             _follow_grammars(logits, raw, grammars, rows,
                              grammar_masks if grammar_masks is not None else grammar_masks_of(rows))
 
-    chosen = logits.argmax(-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if len(sampled) < len(rows):
+        # The argmax of the greedy rows alone: a sampled row's would be thrown away (argmax is row-wise).
+        greedy = None if not sampled else torch.tensor([i for i, r in enumerate(rows) if r.params.greedy])
+        chosen = logits.argmax(-1) if greedy is None else logits.index_select(0, greedy).argmax(-1)
     if sampled:
         index = torch.tensor(sampled, dtype=torch.long)
         temperature = torch.tensor([rows[i].params.temperature for i in sampled])
         scaled = logits.index_select(0, index) / temperature[:, None]
         probs = scaled.softmax(-1)
-        order = None
+        cut_order = None
         # Only the truncating rows are sorted: the inverse CDF maps a draw to a different token in sorted
         # order, so sorting a row because ANOTHER row truncates would change its sample with the batch.
         cut = [j for j, i in enumerate(sampled) if rows[i].params.truncates]
@@ -251,35 +244,51 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
             keep &= (kept.cumsum(-1) - kept) < top_p[:, None]
             keep[:, 0] = True
             probs[sub] = cut_probs * keep
-            order = torch.arange(probs.shape[-1]).repeat(len(sampled), 1)
-            order[sub] = cut_order
-        # Inverse-CDF sampling with one uniform draw from each row's own generator.
+        # Inverse-CDF sampling with one uniform draw from each row's own generator. Each draw fills its element of
+        # ``draws`` in place: the value torch.rand(1) would give (rand is uniform_ on a new tensor), without a
+        # tensor, a host read and a list a row.
         cdf = probs.double().cumsum(-1)
-        draws = torch.tensor([torch.rand(1, generator=rows[i].generator, dtype=torch.float64).item()
-                              for i in sampled], dtype=torch.float64)
+        draws = torch.empty(len(sampled), dtype=torch.float64)
+        for j, i in enumerate(sampled):
+            draws[j : j + 1].uniform_(generator=rows[i].generator)
         picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)
         picks = picks.clamp(max=probs.shape[-1] - 1)
-        if order is not None:
-            picks = order.gather(-1, picks[:, None]).squeeze(-1)
-        chosen = chosen.clone()
-        chosen[index] = picks
+        if cut_order is not None:  # a truncating row's pick is a rank in its sorted order: back to a token id
+            picks[sub] = cut_order.gather(-1, picks.index_select(0, sub)[:, None]).squeeze(-1)
+        if len(sampled) == len(rows):
+            chosen = picks
+        else:
+            greedy_picks, chosen = chosen, torch.empty(len(rows), dtype=torch.long)
+            chosen[greedy] = greedy_picks
+            chosen[index] = picks
 
     tokens = chosen.tolist()
-    for row, token in zip(rows, tokens):
-        row.record(token)
+    # A row that adjusts nothing has nothing to record (no counts, bad-word output, grammar or ban): see _adjusts.
+    for i in adjusted:
+        rows[i].record(tokens[i])
 
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not want:
         return StepSample(tokens, None, None)
-    logprobs_all = raw.log_softmax(-1)
-    chosen_lp = logprobs_all.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+    # Only the rows asking for logprobs are scored (every op below is row-wise: a row's values are the same
+    # whichever rows are scored with it); the others get None and no alternatives, which they never read.
+    everyone = len(want) == len(rows)
+    index = None if everyone else torch.tensor(want, dtype=torch.long)
+    logprobs_all = raw.log_softmax(-1) if everyone else raw.index_select(0, index).log_softmax(-1)
+    picked = chosen if everyone else chosen.index_select(0, index)
+    scored = logprobs_all.gather(-1, picked[:, None]).squeeze(-1).tolist()
+    chosen_lp: list[float | None] = scored if everyone else [None] * len(rows)
+    if not everyone:
+        for i, value in zip(want, scored):
+            chosen_lp[i] = value
     top: list[list[tuple[int, float]]] = [[] for _ in rows]
     k_max = max(rows[i].params.logprobs for i in want)
     if k_max > 0:
         values, ids = logprobs_all.topk(min(k_max, logprobs_all.shape[-1]), dim=-1)
-        for i in want:
+        # One host read for all rows, then cut per row in Python (not two reads a row).
+        for i, row_ids, row_values in zip(want, ids.tolist(), values.tolist()):
             k = rows[i].params.logprobs
-            top[i] = list(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
+            top[i] = list(zip(row_ids[:k], row_values[:k]))
     return StepSample(tokens, chosen_lp, top)
 
 
@@ -312,6 +321,39 @@ def _follow_grammars(logits: torch.Tensor, raw: torch.Tensor, indices: list[int]
                 fallback[j, row.bias_ids] += row.bias_values
         masked[dead] = fallback[dead].masked_fill(~allowed[dead], float("-inf"))
     logits[index] = masked
+
+
+def _add_biases(logits: torch.Tensor, indices: list[int], rows: list[RowSampler]) -> None:
+    """Rows ``indices``' ``logit_bias`` added to their logits, in place, in one write (a row names each id once, so
+    each logit gets its one addition, as ``logits[i, ids] += values`` row by row gives)."""
+    which = torch.repeat_interleave(torch.tensor(indices, dtype=torch.long),
+                                    torch.tensor([len(rows[i].bias_ids) for i in indices], dtype=torch.long))
+    ids = torch.cat([rows[i].bias_ids for i in indices])
+    logits.index_put_((which, ids), torch.cat([rows[i].bias_values for i in indices]), accumulate=True)
+
+
+def _penalise(logits: torch.Tensor, indices: list[int], rows: list[RowSampler]) -> None:
+    """Rows ``indices``' penalties applied in place, batched: repetition (prompt + output; CTRL's divide/multiply
+    rule, on the rows asking for it), then presence and frequency (output only; OpenAI's rule). Element by element
+    the same float32 operations as one row at a time (a row's penalty values are float32 either way), so a row's
+    logits do not depend on the rows penalised with it."""
+    params = [rows[i].params for i in indices]
+    repeat = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if repeat:
+        index = torch.tensor([indices[j] for j in repeat], dtype=torch.long)
+        x = logits.index_select(0, index)
+        penalty = torch.tensor([params[j].repetition_penalty for j in repeat], dtype=torch.float32)[:, None]
+        seen = torch.stack([rows[indices[j]].seen for j in repeat])
+        # Only the seen tokens change: the clamp must not touch another logit (a -inf mask stays -inf).
+        penalised = torch.where(x > 0, x / penalty, x * penalty).clamp(-PENALISED_LOGIT_LIMIT, PENALISED_LOGIT_LIMIT)
+        logits[index] = torch.where(seen, penalised, x)
+    additive = [j for j, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+    if additive:
+        index = torch.tensor([indices[j] for j in additive], dtype=torch.long)
+        counts = torch.stack([rows[indices[j]].counts for j in additive])
+        frequency = torch.tensor([params[j].frequency_penalty for j in additive], dtype=torch.float32)[:, None]
+        presence = torch.tensor([params[j].presence_penalty for j in additive], dtype=torch.float32)[:, None]
+        logits[index] = logits.index_select(0, index) - (frequency * counts + presence * (counts > 0).float())
 
 
 def _ban(logits: torch.Tensor, bans: list[tuple[int, torch.Tensor]]):

@@ -1,0 +1,124 @@
+"""The decode step's batched sampling equals the row-by-row rules it replaced, bit for bit: penalties and biases
+applied to every row at once, logprobs scored for the rows asking only, each row's draw written in place."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from retnet.serve.sampling import (
+    PENALISED_LOGIT_LIMIT,
+    RowSampler,
+    SamplingParams,
+    _add_biases,
+    _penalise,
+    sample_step,
+)
+
+VOCAB = 97
+
+
+def penalised_row(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
+    """The per-row rule (CTRL's repetition penalty on the seen tokens, then OpenAI's presence and frequency)."""
+    p = row.params
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0:
+        seen = row.seen
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / p.repetition_penalty,
+                                   logits[seen] * p.repetition_penalty).clamp(-PENALISED_LOGIT_LIMIT,
+                                                                              PENALISED_LOGIT_LIMIT)
+    if p.presence_penalty or p.frequency_penalty:
+        logits -= p.frequency_penalty * row.counts + p.presence_penalty * (row.counts > 0).float()
+    return logits
+
+
+def random_params(rng: random.Random, seed: int) -> dict:
+    kw = {"seed": seed, "temperature": rng.choice([0.0, 0.0, 0.7, 1.0, 1.3])}
+    if rng.random() < 0.4:
+        kw["top_p"] = rng.choice([0.5, 0.9])
+    if rng.random() < 0.3:
+        kw["top_k"] = rng.choice([1, 5, 200])
+    if rng.random() < 0.2:
+        kw["min_p"] = 0.05
+    if rng.random() < 0.5:
+        kw["repetition_penalty"] = rng.choice([0.5, 1.3, 2.0, 1e-9])
+    if rng.random() < 0.4:
+        kw["presence_penalty"] = rng.choice([0.0, 0.5, -1.0])
+    if rng.random() < 0.4:
+        kw["frequency_penalty"] = rng.choice([0.0, 0.3, 2.0])
+    if rng.random() < 0.3:
+        kw["logit_bias"] = {rng.randrange(VOCAB): rng.uniform(-100, 100) for _ in range(rng.randrange(1, 5))}
+    if rng.random() < 0.5:
+        kw["logprobs"] = rng.choice([0, 1, 5])
+    if rng.random() < 0.2:
+        kw["bad_words_ids"] = [[3, 4], [5, 6, 7]]
+    return kw
+
+
+def random_logits(generator: torch.Generator, rows: int, rng: random.Random) -> torch.Tensor:
+    logits = torch.randn(rows, VOCAB, generator=generator) * rng.choice([1.0, 5.0, 30.0])
+    if rng.random() < 0.3:
+        logits[:, -5:] = float("-inf")  # a padded vocabulary's rows
+    return logits
+
+
+def test_batched_penalties_and_biases_equal_the_per_row_rules():
+    rng = random.Random(0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        rows = []
+        for i in range(rng.randrange(1, 9)):
+            params = SamplingParams(**{**random_params(rng, i), "repetition_penalty": rng.choice([1.0, 0.5, 1.3, 1e-9]),
+                                       "presence_penalty": rng.choice([0.0, 0.5]),
+                                       "frequency_penalty": rng.choice([0.0, -0.3, 2.0])})
+            row = RowSampler(params, [rng.randrange(VOCAB) for _ in range(rng.randrange(0, 12))], VOCAB)
+            for _ in range(rng.randrange(0, 6)):
+                row.record(rng.randrange(VOCAB))
+            rows.append(row)
+        logits = random_logits(generator, len(rows), rng)
+        expected = logits.clone()
+        for i, row in enumerate(rows):
+            if row.bias_ids is not None:
+                expected[i, row.bias_ids] += row.bias_values
+            if row.params.needs_penalties:
+                expected[i] = penalised_row(expected[i], row)
+        batched = logits.clone()
+        biased = [i for i, row in enumerate(rows) if row.bias_ids is not None]
+        if biased:
+            _add_biases(batched, biased, rows)
+        penalised = [i for i, row in enumerate(rows) if row.params.needs_penalties]
+        if penalised:
+            _penalise(batched, penalised, rows)
+        assert torch.equal(batched.view(torch.int32), expected.view(torch.int32))  # bits, -inf and -0.0 included
+
+
+def test_each_row_samples_the_same_alone_as_in_any_batch():
+    """Tokens, logprobs and alternatives of a row, step after step, whatever rows (greedy, sampled, truncating,
+    penalised, scored or not) share its step."""
+    rng = random.Random(1)
+    generator = torch.Generator().manual_seed(1)
+    for trial in range(25):
+        kws = [random_params(rng, 100 * trial + i) for i in range(rng.randrange(2, 10))]
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randrange(0, 10))]
+        together = [RowSampler(SamplingParams(**kw), prompt, VOCAB) for kw in kws]
+        alone = [RowSampler(SamplingParams(**kw), prompt, VOCAB) for kw in kws]
+        for _ in range(6):
+            logits = random_logits(generator, len(kws), rng)
+            batch = sample_step(logits, together)
+            for i, row in enumerate(alone):
+                one = sample_step(logits[i : i + 1], [row])
+                assert batch.tokens[i] == one.tokens[0]
+                if row.params.logprobs is None:
+                    assert batch.logprobs is None or (batch.logprobs[i] is None and batch.top[i] == [])
+                else:
+                    assert batch.logprobs[i] == one.logprobs[0] and batch.top[i] == one.top[0]
+
+
+def test_a_draw_written_in_place_is_the_value_rand_gives():
+    in_place, fresh = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    draws = torch.empty(500, dtype=torch.float64)
+    for j in range(500):
+        draws[j : j + 1].uniform_(generator=in_place)
+    expected = [torch.rand(1, generator=fresh, dtype=torch.float64).item() for _ in range(500)]
+    assert draws.tolist() == expected
