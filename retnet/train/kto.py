@@ -232,6 +232,7 @@ class KtoData(PreferenceData):
         self.row_labels = labels  # "train" / "val": [N] bool, the rows' labels (True: desirable)
         self.labels: dict[str, torch.Tensor] = {}
         self.cfg: KtoConfig | None = None
+        self._saved_kl_ranks: int | None = None  # a resumed checkpoint's (state_dict's kl_ranks)
 
     @property
     def with_kl(self) -> bool:
@@ -257,14 +258,21 @@ class KtoData(PreferenceData):
         self.labels = {name: torch.from_numpy(np.asarray(labels, dtype=bool)).to(device)
                        for name, labels in self.row_labels.items()}
         self._warn_of_weights()
+        self._warn_of_kl_ranks()
         self._hold_reference(model, output_dir=output_dir, checkpoint=checkpoint, progress=progress, barrier=barrier)
 
     def _warn_of_weights(self) -> None:
         """TRL's warning when the desirable and undesirable rows' counts differ and neither weight makes up for it
-        (the KTO paper's eq. 8: desirable_weight · n_desirable / (undesirable_weight · n_undesirable) in [1, 4/3])."""
+        (the KTO paper's eq. 8: desirable_weight · n_desirable / (undesirable_weight · n_undesirable) in [1, 4/3]);
+        a set of one kind is said to be so (TRL counts a missing kind as 1 row and gives ranges for it)."""
         labels = np.asarray(self.row_labels["train"], dtype=bool)
-        desirable = max(int(labels.sum()), 1)
-        undesirable = max(len(labels) - desirable, 1)
+        counts = int(labels.sum()), int((~labels).sum())
+        if 0 in counts:  # no weight makes up for a kind the set lacks: TRL's ranges (of a count of 1) would mislead
+            kind, other = ("desirable", "undesirable") if counts[0] else ("undesirable", "desirable")
+            logger.warning("KTO: all %d training rows are %s (none %s): no weight balances the two kinds (the KTO "
+                           "paper's eq. 8); kto.%s_weight only scales the loss", len(labels), kind, other, kind)
+            return
+        desirable, undesirable = counts
         if desirable == undesirable:
             return
         weights = self.cfg.desirable_weight, self.cfg.undesirable_weight
@@ -276,6 +284,17 @@ class KtoData(PreferenceData):
                            "the difference: set EITHER kto.desirable_weight in %s or kto.undesirable_weight in %s "
                            "(not both; the KTO paper's eq. 8, as TRL's KTOTrainer warns)", desirable, undesirable,
                            desirable_range, undesirable_range)
+
+    def _warn_of_kl_ranks(self) -> None:
+        """A resume on another number of data-parallel ranks: the KL estimate is over the ranks' micro-batches of
+        an accumulation index (TRL's gather over the processes), so it takes other rows than the checkpoint's run
+        did, and the run continues on another trajectory than the uninterrupted one (DPO's would not)."""
+        saved = self._saved_kl_ranks
+        if self.with_kl and saved is not None and saved != self.world_size:
+            logger.warning("KTO: resuming on %d data-parallel rank(s) a run whose KL estimates each spanned %d "
+                           "rank(s)' micro-batches: the estimates, and so the steps, are not those the run would "
+                           "have taken (resume on %d data-parallel rank(s) to continue it exactly)", self.world_size,
+                           saved, saved)
 
     def _content_digest(self) -> str:
         """The rows' tokens (:func:`pairs_digest`) and their labels: a resume on relabelled rows is refused too."""
@@ -343,12 +362,14 @@ class KtoData(PreferenceData):
                 **{f"val_{name}": value for name, value in kto_metrics(values[1:]).items()}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "kind": "unpaired"}
+        # kl_ranks: the data-parallel ranks each KL estimate spans, which a resume on other ranks warns of
+        return {**super().state_dict(), "kind": "unpaired", "kl_ranks": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "unpaired":
             raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume an unpaired (KTO) run")
         super().load_state_dict({**state, "kind": "preference"})
+        self._saved_kl_ranks = state.get("kl_ranks")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -278,6 +278,39 @@ def test_a_resume_with_another_objective_batch_or_labels_is_refused(trained, toy
     assert "changed since the reference log-probs were computed" in err and "Traceback" not in err, err
 
 
+def test_a_resume_on_other_data_parallel_ranks_is_warned_of(toy, caplog):
+    """The KL estimate spans the data-parallel ranks' micro-batches (TRL's gather): a resume on another number of
+    them continues on another trajectory (measured: 2 gloo ranks and one process part at step 3), which is
+    warned of; not without a KL term, nor on as many ranks."""
+    saved = build(toy, toy / "rows.jsonl").state_dict()
+    assert saved["kl_ranks"] == 1
+    for kl_ranks, loss_type, warned in ((2, "kto", True), (1, "kto", False), (2, "apo_zero_unpaired", False)):
+        data = build(toy, toy / "rows.jsonl")
+        data.load_state_dict({**saved, "kl_ranks": kl_ranks})
+        data.cfg = KtoConfig(loss_type=loss_type)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="retnet.train.kto"):
+            data._warn_of_kl_ranks()
+        assert ("resuming on 1 data-parallel rank(s) a run whose KL estimates each spanned 2 rank(s)'"
+                in caplog.text) is warned, caplog.text
+
+
+@pytest.mark.parametrize(("desirable", "undesirable", "expected"), [
+    (0, 23, "all 23 training rows are undesirable (none desirable)"),
+    (23, 0, "all 23 training rows are desirable (none undesirable)"),
+    # TRL's ranges where both kinds are there (eq. 8: 5·1 / 10 · [1, 1.33], 10·1 / 5 / [1.33, 1])
+    (10, 5, "10 desirable and 5 undesirable training rows, and the weights do not make up for the difference: set "
+            "EITHER kto.desirable_weight in [0.5, 0.67] or kto.undesirable_weight in [1.5, 2.0]"),
+])
+def test_the_balance_warning_counts_the_rows_as_they_are(desirable, undesirable, expected, caplog):
+    """A set of one kind is said to be so (TRL's max(count, 1) made the log claim "1 desirable and 22 undesirable"
+    of 23 undesirable rows, with ranges for a weight of no row)."""
+    labels = np.array([True] * desirable + [False] * undesirable)
+    with caplog.at_level("WARNING", logger="retnet.train.kto"):
+        KtoData._warn_of_weights(SimpleNamespace(row_labels={"train": labels}, cfg=KtoConfig()))
+    assert expected in caplog.text and " 1 desirable" not in caplog.text and " 1 undesirable" not in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Refusals
 # ----------------------------------------------------------------------------------------------------------
