@@ -31,6 +31,11 @@ DPO_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
 # even with reference_free (TRL still runs it), which a reference-free run here does not compute
 DPO_REFERENCE_FREE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "apo_zero", "apo_down")
 DISCOPOP_TAU = 0.05  # TRL's DPOConfig.discopop_tau default
+# SimPO (TRL's CPOTrainer, loss_type "simpo") and ORPO (TRL's ORPOTrainer): losses of the policy's length-averaged
+# log-probs alone, so reference-free by definition (a run with them computes no reference, whatever
+# dpo.reference_free says); not in DPO_LOSS_TYPES, which are DPOTrainer's
+POLICY_ONLY_LOSS_TYPES = ("simpo", "orpo")
+SIMPO_GAMMA = 0.5  # TRL's CPOConfig.simpo_gamma default
 # TRL's KTOConfig.loss_type names: KTO, and APO-zero's unpaired variant (which estimates no KL term)
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")  # TRL's names; dapo is its default
@@ -103,7 +108,13 @@ class DpoConfig(_Section):
     assumed share of flipped labels, for the loss types whose TRL formula reads it (:data:`DPO_SMOOTHED_LOSS_TYPES`;
     exo_pair takes 0 as TRL does, as 1e-3); ``discopop_tau`` DiscoPOP's temperature; ``reference_free`` a
     reference that gives every completion log-prob 0 (no reference pass, no reference file); ``rpo_alpha`` (None:
-    off) adds that times the chosen completions' mean token NLL to each pair's loss (RPO)."""
+    off) adds that times the chosen completions' mean token NLL to each pair's loss (RPO).
+
+    ``loss_type`` may also be one of :data:`POLICY_ONLY_LOSS_TYPES`, reference-free by definition (no reference
+    pass or file; ``reference_free`` may say so, or not): ``"simpo"``, TRL's CPOTrainer with ``loss_type="simpo"``
+    (``beta`` its β, ``simpo_gamma`` its target margin γ, ``label_smoothing`` as TRL's CPO reads it, ``cpo_alpha``
+    (None: off, pure SimPO; TRL's CPOConfig default 1.0 is CPO-SimPO) the weight of the chosen completions' NLL);
+    ``"orpo"``, TRL's ORPOTrainer (``beta`` its λ; the chosen completions' NLL is part of the loss)."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -111,28 +122,64 @@ class DpoConfig(_Section):
     discopop_tau: float = DISCOPOP_TAU
     reference_free: bool = False
     rpo_alpha: float | None = None
+    simpo_gamma: float = SIMPO_GAMMA
+    cpo_alpha: float | None = None
 
     def __post_init__(self) -> None:
         _positive("dpo", self, "beta", "discopop_tau")
-        if self.loss_type not in DPO_LOSS_TYPES:
-            _refuse("dpo.loss_type", f"must be one of {DPO_LOSS_TYPES} (TRL's names; its bco_pair and sft are not "
-                    f"implemented)", self.loss_type)
+        if self.loss_type not in DPO_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES:
+            _refuse("dpo.loss_type", f"must be one of {DPO_LOSS_TYPES} (TRL's DPOTrainer), 'simpo' (its CPOTrainer) "
+                    f"or 'orpo' (its ORPOTrainer) (TRL's names; its bco_pair and sft are not implemented)",
+                    self.loss_type)
         if not 0.0 <= self.label_smoothing < 0.5:  # 0.5: the labels are noise; nan fails it too
             _refuse("dpo.label_smoothing", "must be in [0, 0.5)", self.label_smoothing)
-        if self.label_smoothing and self.loss_type not in DPO_SMOOTHED_LOSS_TYPES:
-            takers = ", ".join(map(repr, DPO_SMOOTHED_LOSS_TYPES))
+        if self.label_smoothing and self.loss_type == "orpo":
+            _refuse("dpo.label_smoothing", "does not apply to dpo.loss_type 'orpo' (TRL's ORPOTrainer has none)",
+                    self.label_smoothing)
+        # SimPO's is TRL's CPOTrainer's conservative sigmoid, which reads it
+        if self.label_smoothing and self.loss_type not in (*DPO_SMOOTHED_LOSS_TYPES, "simpo"):
+            takers = ", ".join(map(repr, (*DPO_SMOOTHED_LOSS_TYPES, "simpo")))
             _refuse("dpo.label_smoothing", f"applies to dpo.loss_type {takers} only (TRL's {self.loss_type!r} loss "
                     f"ignores it), not {self.loss_type!r}", self.label_smoothing)
         if self.discopop_tau != DISCOPOP_TAU and self.loss_type != "discopop":  # most likely a forgotten loss_type
             _refuse("dpo.discopop_tau", f"applies to dpo.loss_type 'discopop' only, not {self.loss_type!r}",
                     self.discopop_tau)
-        if self.reference_free and self.loss_type not in DPO_REFERENCE_FREE_LOSS_TYPES:
-            takers = ", ".join(map(repr, DPO_REFERENCE_FREE_LOSS_TYPES))
+        if self.reference_free and self.loss_type not in DPO_REFERENCE_FREE_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES:
+            takers = ", ".join(map(repr, DPO_REFERENCE_FREE_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES))
             _refuse("dpo.reference_free", f"applies to dpo.loss_type {takers} only: TRL's {self.loss_type!r} loss "
                     f"reads the reference model's log-probs even with reference_free, and a reference-free run "
                     f"computes none", self.reference_free)
         if self.rpo_alpha is not None:
             _positive("dpo", self, "rpo_alpha", allow_zero=True)
+            if self.loss_type == "simpo":
+                _refuse("dpo.rpo_alpha", "does not apply to dpo.loss_type 'simpo': its NLL weight is dpo.cpo_alpha "
+                        "(TRL's CPOConfig name)", self.rpo_alpha)
+            if self.loss_type == "orpo":
+                _refuse("dpo.rpo_alpha", "does not apply to dpo.loss_type 'orpo': ORPO's loss holds the chosen "
+                        "completions' NLL already (TRL's ORPOTrainer; dpo.beta weighs the odds-ratio term)",
+                        self.rpo_alpha)
+        if isinstance(self.simpo_gamma, bool) or not isinstance(self.simpo_gamma, int | float):
+            _refuse("dpo.simpo_gamma", "must be a number >= 0", self.simpo_gamma)
+        _positive("dpo", self, "simpo_gamma", allow_zero=True)
+        if self.simpo_gamma != SIMPO_GAMMA and self.loss_type != "simpo":  # most likely a forgotten loss_type
+            _refuse("dpo.simpo_gamma", f"applies to dpo.loss_type 'simpo' only, not {self.loss_type!r}",
+                    self.simpo_gamma)
+        if self.cpo_alpha is not None:
+            if self.loss_type != "simpo":
+                _refuse("dpo.cpo_alpha", f"applies to dpo.loss_type 'simpo' only, not {self.loss_type!r} (RPO's "
+                        f"dpo.rpo_alpha adds the same NLL term to DPO's losses)", self.cpo_alpha)
+            _positive("dpo", self, "cpo_alpha", allow_zero=True)
+
+    @property
+    def uses_reference(self) -> bool:
+        """The loss reads reference log-probs: neither ``reference_free`` nor a loss of the policy alone."""
+        return not self.reference_free and self.loss_type not in POLICY_ONLY_LOSS_TYPES
+
+    @property
+    def nll_weight(self) -> float | None:
+        """The weight of the chosen completions' mean token NLL in each pair's loss: RPO's ``rpo_alpha``, SimPO's
+        ``cpo_alpha``, ORPO's 1 (None: none, not logged)."""
+        return 1.0 if self.loss_type == "orpo" else self.cpo_alpha if self.loss_type == "simpo" else self.rpo_alpha
 
 
 @dataclass(kw_only=True, slots=True)
@@ -686,6 +733,7 @@ __all__ = [
     "DISCOPOP_TAU", "DISTILL_KINDS", "DPO_LOSS_TYPES", "DPO_REFERENCE_FREE_LOSS_TYPES",
     "DPO_SMOOTHED_LOSS_TYPES", "GRPO_CLIPPED_LOSS_TYPES", "GRPO_GENERATION_KWARGS", "GRPO_IMPORTANCE_LEVELS",
     "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS", "KTO_LOSS_TYPES",
-    "LORA_TARGETS", "DistillConfig", "DpoConfig", "GrpoConfig", "KtoConfig", "LoraConfig", "RewardConfig",
+    "LORA_TARGETS", "POLICY_ONLY_LOSS_TYPES", "SIMPO_GAMMA", "DistillConfig", "DpoConfig", "GrpoConfig",
+    "KtoConfig", "LoraConfig", "RewardConfig",
     "distill_changes", "dpo_changes", "grpo_changes", "kto_changes", "lora_changes", "reward_changes",
 ]

@@ -54,7 +54,9 @@ gives: it never recomputes them from the resumed weights. With ``dpo.reference_f
 log-probs are 0: none are computed, written or read back.
 
 The loss is TRL's ``dpo.loss_type`` (:func:`dpo_loss`, every parallel layout's), ``dpo.rpo_alpha`` adding RPO's
-NLL of the chosen completions (:func:`chosen_nll`, logged as TRL's ``nll_loss``).
+NLL of the chosen completions (:func:`chosen_nll`, logged as TRL's ``nll_loss``). ``simpo`` (TRL's CPOTrainer's,
+``dpo.cpo_alpha`` its NLL weight) and ``orpo`` (TRL's ORPOTrainer's, the NLL part of it, ``log_odds_ratio`` and
+``log_odds_chosen`` logged) compare the policy's length-averaged log-probs alone: no reference is computed.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ PAIRS_VERSION = 3
 # What each step and evaluation records beside the loss (TRL's names): means over the global batch of pairs.
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
+# ORPO's beside them (TRL's ORPOTrainer's names): the means of log σ(log odds ratio) and of the log odds ratio
+ORPO_METRICS = ("log_odds_ratio", "log_odds_chosen")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,9 +427,17 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tenso
     (``lengths``: the completions' token counts), as TRL's ``ipo`` does. ``aot``/``aot_pair`` sort the log-ratios
     over the B pairs, as TRL over its per-device batch: their losses depend on the micro-batch's pairs, not one
     pair alone. With ``rpo_alpha`` every pair's loss adds that times :func:`chosen_nll` (RPO). The rewards are
-    ``beta`` times the policy's log-ratio to the reference, as TRL's."""
+    ``beta`` times the policy's log-ratio to the reference, as TRL's.
+
+    ``simpo`` (TRL's ``CPOTrainer.cpo_loss``) and ``orpo`` (``ORPOTrainer.odds_ratio_loss``) read the policy's
+    length-averaged log-probs alone (``reference`` is not read; their rewards are ``beta`` times those averages):
+    SimPO adds ``cpo_alpha`` times :func:`chosen_nll`, ORPO the NLL itself (:attr:`DpoConfig.nll_weight`). Under
+    context or tensor parallelism ``policy`` and ``lengths`` are the whole sequences' sums and counts, so each
+    average, and ORPO's log(1 − p) of it, is the sequence's, never a piece's."""
     raw = policy
-    if cfg.loss_type == "ipo":
+    if cfg.loss_type in ("simpo", "orpo"):  # TRL's CPO and ORPO trainers hold no reference model
+        reference = torch.zeros_like(policy)
+    if cfg.loss_type in ("ipo", "simpo", "orpo"):  # length-averaged log-probs, as TRL's average_log_prob
         policy, reference = policy / lengths, reference / lengths
     chosen, rejected = (policy - reference).chunk(2)  # each completion's log-ratio to the reference
     logits = chosen - rejected  # (π_c − π_r) − (ref_c − ref_r)
@@ -465,11 +477,32 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tenso
         scaled = beta * logits
         mixing = torch.sigmoid(scaled / cfg.discopop_tau)
         losses = -F.logsigmoid(scaled) * (1 - mixing) + torch.exp(-scaled) * mixing
+    elif kind == "simpo":  # SimPO: the averaged margin beyond the target γ, as TRL's CPO computes it
+        logits = logits - cfg.simpo_gamma / beta
+        losses = -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
+    elif kind == "orpo":  # ORPO: λ times the log-sigmoid of the log odds ratio (TRL subtracts beta · log σ)
+        losses = -beta * F.logsigmoid(orpo_log_odds(chosen, rejected))
     else:  # the config refuses any other
         raise ValueError(f"dpo.loss_type {kind!r} is not one of DPO's")
-    if cfg.rpo_alpha is not None:  # RPO (the paper's v3): the chosen completions' NLL beside the preference
-        losses = losses + cfg.rpo_alpha * chosen_nll(raw, lengths)
+    if cfg.nll_weight is not None:  # RPO (the paper's v3), CPO-SimPO, ORPO: the chosen completions' NLL beside
+        losses = losses + cfg.nll_weight * chosen_nll(raw, lengths)
     return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def orpo_log_odds(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """ORPO's log odds ratio of ``[B]`` length-averaged log-probs: log(p_c / (1 − p_c)) − log(p_r / (1 − p_r)),
+    TRL's ``(c − r) − (log1p(−exp(c)) − log1p(−exp(r)))``, its log(1 − p) taken without that form's cancellation
+    where p is near 1 (an average near 0, a confident completion)."""
+    return (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) of x ≤ 0: log(−expm1(x)) above −ln 2, log1p(−eˣ) below (Mächler's split, each accurate where
+    used); each branch reads only its own inputs, so the other's infinities put no NaN in the gradient. x = 0
+    (p = 1) gives −inf, as TRL's formula does."""
+    near = x > -math.log(2)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near, -1.0, x))))
 
 
 def chosen_nll(policy: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -676,16 +709,22 @@ class PreferenceData:
         row (:attr:`context`). First refuses pairs without a prompt (:meth:`check_prompted`)."""
         self.check_prompted()
         self.dpo, self.device, self.autocast, self.group, self.context = dpo, device, autocast, group, context
-        if dpo.rpo_alpha is not None:  # TRL logs RPO's NLL term beside the rewards
-            self.metrics = (*METRICS, "nll_loss")
-            # a fresh window (a resumed one has the checkpoint's, of the same objective: dpo_changes holds it)
-            self._window += [0.0] * (len(self.metrics) - len(self._window))
-        if dpo.reference_free:
+        # TRL logs the NLL term of RPO, CPO-SimPO and ORPO beside the rewards, and ORPO's log odds
+        self.metrics = (*METRICS, *(("nll_loss",) if dpo.nll_weight is not None else ()),
+                        *(ORPO_METRICS if dpo.loss_type == "orpo" else ()))
+        # a fresh window (a resumed one has the checkpoint's, of the same objective: dpo_changes holds it)
+        self._window += [0.0] * (len(self.metrics) - len(self._window))
+        if not dpo.uses_reference:
             # Every reference log-prob is 0: no pass over the pairs at the start, no file, nothing a resume reads
             # (its checkpoints' "reference" is None). The saving is that pass's time; the reference itself, two
             # floats a pair, was never a memory cost (no second model is held).
             self.reference, self.digest = {}, None
-            logger.info("DPO: dpo.reference_free: the reference log-probs are 0 (TRL's reference_free), not computed")
+            if dpo.loss_type in ("simpo", "orpo"):
+                logger.info("DPO: dpo.loss_type %r reads the policy's length-averaged log-probs alone: no reference "
+                            "log-probs are computed", dpo.loss_type)
+            else:
+                logger.info("DPO: dpo.reference_free: the reference log-probs are 0 (TRL's reference_free), not "
+                            "computed")
             return
         self._hold_reference(model, output_dir=output_dir, checkpoint=checkpoint, progress=progress, barrier=barrier)
 
@@ -780,18 +819,21 @@ class PreferenceData:
     def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(the pairs' losses ``[B]``, their metric sums)."""
         policy = completion_logps(model, batch, self.context)
-        if self.dpo.reference_free:
+        if not self.dpo.uses_reference:
             reference = torch.zeros_like(policy)
         else:
             pairs = self.reference[split][batch.pairs]
             reference = torch.cat([pairs[:, 0], pairs[:, 1]])
         losses, chosen, rejected = dpo_loss(policy, reference, batch.lengths, self.dpo)
-        nll = chosen_nll(policy.detach(), batch.lengths) if self.dpo.rpo_alpha is not None else None
-        if self.dpo.loss_type == "ipo":  # TRL logs the length-averaged log-probs its IPO loss compares
+        nll = chosen_nll(policy.detach(), batch.lengths) if self.dpo.nll_weight is not None else None
+        if self.dpo.loss_type in ("ipo", "simpo", "orpo"):  # TRL logs the length-averaged log-probs they compare
             policy = policy / batch.lengths
         sums = _metric_sums(chosen, rejected, policy)
         if nll is not None:  # the micro-batch's NLL once per pair: the window's mean is over micro-batches, as TRL's
             sums = torch.cat([sums, (nll * len(batch.pairs)).float()[None]])
+        if self.dpo.loss_type == "orpo":  # TRL's log_odds_ratio (the mean log σ of the log odds) and log_odds_chosen
+            log_odds = orpo_log_odds(*policy.detach().chunk(2))
+            sums = torch.cat([sums, torch.stack([F.logsigmoid(log_odds).sum(), log_odds.sum()]).float()])
         return losses, sums
 
     def loss(self, model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
@@ -920,7 +962,7 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
     return data
 
 
-__all__ = ["FIELDS", "MARGIN", "METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs", "PreferenceData",
-           "SavedReference", "build_preference_data", "check_margin", "check_pair", "chosen_nll", "completion_logps",
-           "compute_reference", "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs", "pack", "pairs_digest",
-           "policy_overrides", "reference_digest"]
+__all__ = ["FIELDS", "MARGIN", "METRICS", "ORPO_METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs",
+           "PreferenceData", "SavedReference", "build_preference_data", "check_margin", "check_pair", "chosen_nll",
+           "completion_logps", "compute_reference", "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs",
+           "orpo_log_odds", "pack", "pairs_digest", "policy_overrides", "reference_digest"]

@@ -279,7 +279,7 @@ def preference(**dpo) -> dict:
      r"'nca_pair', 'sppo_hard', 'aot', 'aot_pair', 'discopop', 'apo_zero', 'apo_down'\) .*; got 'bco_pair'"),
     ({"loss_type": "kto_pair"}, r"dpo.loss_type must be one of .*; got 'kto_pair'"),
     *[({"loss_type": kind, "label_smoothing": 0.1},
-       rf"dpo.label_smoothing applies to dpo.loss_type 'sigmoid', 'robust', 'exo_pair', 'aot', 'aot_pair' only "
+       rf"dpo.label_smoothing applies to dpo.loss_type 'sigmoid', 'robust', 'exo_pair', 'aot', 'aot_pair', 'simpo' only "
        rf"\(TRL's '{kind}' loss ignores it\), not '{kind}'; got 0.1")
       for kind in ("hinge", "ipo", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop")],
     ({"loss_type": "robust", "label_smoothing": 0.5}, r"dpo.label_smoothing must be in \[0, 0.5\); got 0.5"),
