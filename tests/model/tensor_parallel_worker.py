@@ -1,7 +1,8 @@
-"""One rank of ``test_tensor_parallel``'s torchrun groups (gloo): with 2 ranks it runs every case on the model split
-by :func:`~retnet.model.tensor_parallel.parallelize_retnet`, with 4 the 2-D (dp, tp) mesh (FSDP2 over dp, tensor
-parallelism over tp), and saves what the test compares with the unsharded model in one process. The cases (models
-and inputs, built alike on both sides) are defined here too."""
+"""One rank of ``test_tensor_parallel``'s torchrun launch of 4 ranks (gloo): all four run the 2-D (dp, tp) mesh's cases
+(FSDP2 over dp, tensor parallelism over tp; then a (cp, tp) mesh), and the first tp pair runs every case on the model
+split by :func:`~retnet.model.tensor_parallel.parallelize_retnet` over it; each rank saves what the test compares
+with the unsharded model in one process. The cases (models and inputs, built alike on both sides) are defined here
+too."""
 
 from __future__ import annotations
 
@@ -222,6 +223,22 @@ def main(out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    dist.init_process_group("gloo")
+    assert dist.get_world_size() == DP * TP, f"run with --nproc_per_node={DP * TP}"
+    mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
+    main_2d(Path(out_dir), mesh)
+    # The cases of one tensor-parallel pair on the first (ranks 0 and 1; a launch of their own cost another torchrun
+    # start, ~25 s of CPU); the other pair waits for them in the closing barrier
+    if mesh["dp"].get_local_rank() == 0:
+        main_tp(Path(out_dir) / "tp", mesh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main_tp(out: Path, mesh) -> None:
+    """Tensor parallelism alone: every case on ``mesh["tp"]``, a pair of ranks, results under ``out``."""
+    import torch.distributed as dist
+
     from retnet.model.tensor_parallel import (
         clip_grad_norm_,
         full_state_dict,
@@ -229,14 +246,8 @@ def main(out_dir: str) -> None:
         parallelize_retnet,
     )
 
-    dist.init_process_group("gloo")
+    out.mkdir(exist_ok=True)
     rank = dist.get_rank()
-    out = Path(out_dir)
-    if dist.get_world_size() == DP * TP:
-        main_2d(out)
-        return
-    assert dist.get_world_size() == TP, f"run with --nproc_per_node={TP} (or {DP * TP}: the 2-D mesh)"
-    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
     results = {}
     for name in CASES:
         model = build_model(name)
@@ -399,7 +410,7 @@ def main(out_dir: str) -> None:
     results["state_dict_shapes"] = {key: tuple(value.shape) for key, value in state.items()}
     if rank == 0:
         model.save_pretrained(out / "export", state_dict=dict(state))  # transformers empties the dict it writes
-    dist.barrier()
+    dist.barrier(group=mesh["tp"].get_group())
 
     # Load the gathered state dict into another split model (other seed): gathered again, it is the same.
     other = parallelize_retnet(build_model("glu_parallel", seed=5), mesh["tp"])
@@ -414,10 +425,9 @@ def main(out_dir: str) -> None:
         results["reloaded_logits_equal"] = torch.equal(other(**inputs).logits, results["stepped_logits"])
 
     torch.save(results, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
-def main_2d(out: Path) -> None:
+def main_2d(out: Path, mesh) -> None:
     """FSDP2 over the dp dimension of a (dp, tp) mesh after tensor parallelism over its tp dimension: each dp rank
     trains on its own rows; what the test compares with the unsharded model on the dp-averaged batch."""
     import torch.distributed as dist
@@ -426,7 +436,6 @@ def main_2d(out: Path) -> None:
 
     from retnet.model.tensor_parallel import clip_grad_norm_, parallelize_retnet
 
-    mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
     model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"])
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh["dp"])
@@ -459,7 +468,6 @@ def main_2d(out: Path) -> None:
         results[name] = {"loss": output.loss.detach(),
                          "grads": {n: gathered(p.grad) for n, p in model.named_parameters()}}
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Tensor parallelism (retnet/model/tensor_parallel.py): the model split across two real torchrun (gloo) ranks gives
-the unsharded model's logits, loss, gradients, clipped gradients and greedy tokens with 2 all-reduces a layer each
-way, and its gathered state dict exports a model that reproduces it and loads back; on four ranks, FSDP2 over the
-dp dimension of a (dp, tp) mesh gives the unsharded model's gradients and clipped norm on the dp-averaged batch;
-the refusals in one process."""
+"""Tensor parallelism (retnet/model/tensor_parallel.py): the model split across two real torchrun (gloo) ranks (the
+first tensor-parallel pair of one launch of four) gives the unsharded model's logits, loss, gradients, clipped
+gradients and greedy tokens with 2 all-reduces a layer each way, and its gathered state dict exports a model that
+reproduces it and loads back; on the four ranks, FSDP2 over the dp dimension of a (dp, tp) mesh gives the unsharded
+model's gradients and clipped norm on the dp-averaged batch; the refusals in one process."""
 
 from __future__ import annotations
 
@@ -40,23 +40,29 @@ from tensor_parallel_worker import (  # noqa: E402
 )
 
 
-def _launch(out: Path, ranks: int) -> list[dict]:
-    """Run the worker on ``ranks`` torchrun ranks; each rank's results."""
-    launch_worker(HERE / "tensor_parallel_worker.py", out, ranks)
+def _results(out: Path, ranks: int) -> list[dict]:
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One torchrun launch of TP ranks running every case: ``(results per rank, output directory)``."""
+def launched(tmp_path_factory) -> Path:
+    """The one torchrun launch of DP x TP ranks (the worker's cases on both meshes): its output directory."""
     out = tmp_path_factory.mktemp("tp")
-    return _launch(out, TP), out
+    launch_worker(HERE / "tensor_parallel_worker.py", out, DP * TP)
+    return out
 
 
 @pytest.fixture(scope="module")
-def run_2d(tmp_path_factory):
-    """One torchrun launch of DP x TP ranks: FSDP2 over dp after tensor parallelism over tp."""
-    return _launch(tmp_path_factory.mktemp("dp_tp"), DP * TP)
+def run(launched):
+    """Every case on the TP ranks of the launch's first tensor-parallel pair: ``(results per rank, their output
+    directory)``."""
+    return _results(launched / "tp", TP), launched / "tp"
+
+
+@pytest.fixture(scope="module")
+def run_2d(launched):
+    """The launch's DP x TP ranks: FSDP2 over dp after tensor parallelism over tp."""
+    return _results(launched, DP * TP)
 
 
 def _unsharded(name: str):

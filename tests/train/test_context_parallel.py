@@ -58,18 +58,26 @@ def test_a_world_it_does_not_divide_is_refused(micro, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # Resuming on another world: keyed by the data-parallel ranks
 # ----------------------------------------------------------------------------------------------------------
+STREAMED = dict(data__streaming=True, data__val_documents=10)
+
+
+@pytest.fixture(scope="module")
+def streamed_checkpoint(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
+    """The last checkpoint (loaded) of a 2-step one-process run on streamed data: both worlds below move it (they
+    copy what they change)."""
+    out = tmp_path_factory.mktemp("streamed") / "run"
+    assert main(micro_args(corpus, tokenizer_dir, cache_dir, out, **STREAMED, train__steps=2)) == 0
+    return load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+
+
 @pytest.mark.parametrize("world", [2, 4], ids=["one-group", "two-groups"])
 def test_a_streamed_checkpoint_resumes_on_the_same_data_parallel_size(world, micro, tmp_path, capsys,
-                                                                      read_metrics):
+                                                                      read_metrics, streamed_checkpoint):
     """A stream position is a data-parallel rank's: a checkpoint as though 2 ranks of one context-parallel group
     wrote it (one stream) resumes in one process, with a warning; one of 4 ranks in 2 groups (two streams) is
     refused, naming both data-parallel sizes."""
-    out, moved = tmp_path / "run", tmp_path / "moved"
-    args = dict(data__streaming=True, data__val_documents=10)
-    assert main(micro(out, **args, train__steps=2)) == 0
-    state = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
-    trainer = state["trainer"]
-    trainer.update(world_size=world, context_parallel=2, ranks=trainer["ranks"] * world)
+    moved, args, state = tmp_path / "moved", STREAMED, streamed_checkpoint
+    trainer = dict(state["trainer"], world_size=world, context_parallel=2, ranks=state["trainer"]["ranks"] * world)
     save_checkpoint(moved / "checkpoints", state["step"], model=state["model"], optimizer=state["optimizer"],
                     trainer=trainer, keep_last=2)
     capsys.readouterr()

@@ -19,6 +19,7 @@ from retnet.train.checkpoint import list_checkpoints, load_checkpoint, save_chec
 from retnet.train.config import ConfigError, load_config
 from retnet.train.trainer import Trainer
 
+from .conftest import micro_args
 from .test_context_parallel import SPLIT_ROWS
 from .test_grpo import CLIP, grpo_args, strip
 from .test_grpo import toy as grpo_toy  # noqa: F401 - the fixture, as grpo_toy (test_preference's is toy)
@@ -276,12 +277,25 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     assert _losses(read_metrics, tmp_path / "own") == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
 
 
+# The packed rows both parallelisms below split: one process's run of them, trained once for the module
+CP_TP_ROWS = dict(SPLIT_ROWS, data__document_boundaries=True)
+
+
+@pytest.fixture(scope="module")
+def cp_tp_single(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
+    """The one-process run of ``CP_TP_ROWS`` (its output directory) that both parallelisms of
+    test_context_parallel_pieces_split_by_tensor_parallelism... compare with (they only read it)."""
+    single = tmp_path_factory.mktemp("cp-tp") / "single"
+    assert main(micro_args(corpus, tokenizer_dir, cache_dir, single, **CP_TP_ROWS)) == 0
+    return single
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism, splits", [("ddp", {}), ("fsdp", dict(train__vocab_parallel=True,
                                                                             train__sequence_parallel=True))],
                          ids=["gradient-mean", "fsdp-vocab-sequence"])
 def test_context_parallel_pieces_split_by_tensor_parallelism_log_the_losses_of_one_process(
-        parallelism, splits, micro, tmp_path, run, run_here, read_metrics):
+        parallelism, splits, micro, tmp_path, run, run_here, read_metrics, cp_tp_single):
     """4 torchrun ranks: each packed row (micro 3 × 32 tokens) cut in 2 pieces along time (context parallelism,
     the cut inside the second block's document), each piece's layers split across 2 ranks (tensor parallelism):
     one group of 2 × 2 ranks, micro 3 × accum 2, logs one process's training and validation losses and gradient
@@ -289,10 +303,7 @@ def test_context_parallel_pieces_split_by_tensor_parallelism_log_the_losses_of_o
     gradients of the same slice are summed over the pieces (by the trainer, or by FSDP2 over mesh["dp"], which
     holds both pieces' ranks of a slice). Under FSDP2, with the vocabulary and sequence splits too, the step-2
     checkpoint resumes in one process without any split to the last losses."""
-    single, split = tmp_path / "single", tmp_path / "split"
-    common = dict(SPLIT_ROWS, data__document_boundaries=True)
-    one = run_here(micro(single, **common))
-    assert one.returncode == 0, one.stderr[-3000:]
+    single, split, common = cp_tp_single, tmp_path / "split", CP_TP_ROWS
     four = run(micro(split, **common, train__context_parallel=2, train__tensor_parallel=2,
                      train__parallelism=parallelism, **splits), nproc=4)
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]

@@ -16,6 +16,8 @@ import torch
 from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.checkpoint import list_checkpoints, verify_checkpoint
 
+from .conftest import micro_args
+
 
 def _tree_digest(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -210,11 +212,26 @@ def test_triton_kernels_train_the_packed_documents(micro, tmp_path, monkeypatch,
         [r["val_loss"] for r in read_metrics(tmp_path / "reference", "val")], rel=1e-5)
 
 
-def test_train_export_and_checkpoint_contents(micro, tmp_path, read_metrics):
+@pytest.fixture(scope="module")
+def exported_run(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
+    """A 4-step run, evaluated every 2 steps and exported, that two tests read: ``(output directory, the calls of
+    the fused loss it made)``."""
+    from retnet.model import modeling_retnet
+
+    calls = []
+    fused = modeling_retnet.linear_cross_entropy
+    out = tmp_path_factory.mktemp("exported") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling_retnet, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+        assert main(micro_args(corpus, tokenizer_dir, cache_dir, out, train__steps=4, checkpoint__export=True,
+                               train__eval_interval=2)) == 0
+    return out, len(calls)
+
+
+def test_train_export_and_checkpoint_contents(exported_run, read_metrics):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=4, checkpoint__export=True, train__eval_interval=2)) == 0
+    out, _ = exported_run
     assert [r["step"] for r in read_metrics(out, "val")] == [0, 2, 4]
     assert (out / "loss.png").stat().st_size > 1000 and (out / "config.json").exists()
     state = torch.load(out / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=False)
@@ -508,19 +525,19 @@ def test_ranks_wait_for_rank_0_longer_than_the_process_group_timeout(tmp_path):
     assert all(f"rank {r} done" in outputs[r] for r in range(2))
 
 
-def test_training_takes_the_loss_without_logits_and_the_export_returns_them(micro, tmp_path, monkeypatch):
+def test_training_takes_the_loss_without_logits_and_the_export_returns_them(exported_run, micro, tmp_path,
+                                                                            monkeypatch):
     """retnet-train computes the loss from the hidden states (no [B, T, vocab] logits); the model it exports
     is a plain one that returns its logits in training mode too."""
     import json
 
     from retnet.model import modeling_retnet
 
+    out, fused_calls = exported_run
+    assert fused_calls == 4 * 2  # 4 steps of 2 micro-batches (the evaluations, in eval mode, take the logits)
+    assert json.loads((out / "export" / "config.json").read_text())["fuse_linear_cross_entropy"] is False
     calls = []
     fused = modeling_retnet.linear_cross_entropy
     monkeypatch.setattr(modeling_retnet, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2, checkpoint__export=True)) == 0
-    assert len(calls) == 2 * 2  # 2 steps of 2 micro-batches
-    assert json.loads((out / "export" / "config.json").read_text())["fuse_linear_cross_entropy"] is False
     assert main(micro(tmp_path / "plain", train__steps=1, **{"model.extra.fuse_linear_cross_entropy": "false"})) == 0
-    assert len(calls) == 4
+    assert not calls
