@@ -207,10 +207,12 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
                              grammar_masks if grammar_masks is not None else grammar_masks_of(rows))
 
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if len(sampled) < len(rows):
+    if not sampled:  # every row greedy, or no row at all (an empty step picks nothing, as before the batching)
+        chosen = logits.argmax(-1)
+    elif len(sampled) < len(rows):
         # The argmax of the greedy rows alone: a sampled row's would be thrown away (argmax is row-wise).
-        greedy = None if not sampled else torch.tensor([i for i, r in enumerate(rows) if r.params.greedy])
-        chosen = logits.argmax(-1) if greedy is None else logits.index_select(0, greedy).argmax(-1)
+        greedy = torch.tensor([i for i, r in enumerate(rows) if r.params.greedy])
+        chosen = logits.index_select(0, greedy).argmax(-1)
     if sampled:
         index = torch.tensor(sampled, dtype=torch.long)
         temperature = torch.tensor([rows[i].params.temperature for i in sampled])

@@ -122,3 +122,28 @@ def test_a_draw_written_in_place_is_the_value_rand_gives():
         draws[j : j + 1].uniform_(generator=in_place)
     expected = [torch.rand(1, generator=fresh, dtype=torch.float64).item() for _ in range(500)]
     assert draws.tolist() == expected
+
+
+def test_a_step_over_no_rows_picks_nothing():
+    """As before the batching: no row, no token (the greedy-only branch must still bind the picks)."""
+    sample = sample_step(torch.zeros(0, VOCAB), [])
+    assert sample.tokens == [] and sample.logprobs is None and sample.top is None
+
+
+def test_a_row_that_adjusts_nothing_has_no_state_to_record():
+    """sample_step records only the adjusting rows: whatever ``record`` keeps must be absent from a row whose
+    ``adjusts`` is false (from the start, or once its min_tokens ban has lifted)."""
+    def state(row):
+        return [(name, getattr(row, name)) for name in RowSampler.__slots__ if name not in ("generator", "params")]
+
+    ban = torch.tensor([3, 5])
+    for params, ban_ids in [(SamplingParams(), None), (SamplingParams(temperature=0.0, logprobs=5), None),
+                            (SamplingParams(min_tokens=2, seed=1, top_k=3, min_p=0.1), ban),
+                            (SamplingParams(min_tokens=3, bad_words_ids=[[7]]), ban)]:
+        row = RowSampler(params, [1, 2, 3], VOCAB, ban_ids=ban_ids)
+        while row.adjusts:
+            row.record(4)
+        before = repr(state(row))
+        for token in (0, 3, VOCAB - 1):
+            row.record(token)
+        assert repr(state(row)) == before, params
