@@ -165,6 +165,8 @@ class DpoConfig(_Section):
             _refuse("dpo.simpo_gamma", f"applies to dpo.loss_type 'simpo' only, not {self.loss_type!r}",
                     self.simpo_gamma)
         if self.cpo_alpha is not None:
+            if isinstance(self.cpo_alpha, bool) or not isinstance(self.cpo_alpha, int | float):  # True would be 1
+                _refuse("dpo.cpo_alpha", "must be a number >= 0 (or None: off)", self.cpo_alpha)
             if self.loss_type != "simpo":
                 _refuse("dpo.cpo_alpha", f"applies to dpo.loss_type 'simpo' only, not {self.loss_type!r} (RPO's "
                         f"dpo.rpo_alpha adds the same NLL term to DPO's losses)", self.cpo_alpha)

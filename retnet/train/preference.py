@@ -498,8 +498,12 @@ def orpo_log_odds(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 − eˣ) of x ≤ 0: log(−expm1(x)) above −ln 2, log1p(−eˣ) below (Mächler's split, each accurate where
-    used); each branch reads only its own inputs, so the other's infinities put no NaN in the gradient. x = 0
-    (p = 1) gives −inf, as TRL's formula does."""
+    used); each branch reads only its own inputs, so the other's infinities put no NaN in the gradient. x is taken
+    as at most −tiny (the dtype's smallest normal): an average of exactly 0 (p = 1: every token's float32 log-prob
+    rounds to 0 once the model is sure of a short completion) would give TRL's −inf, a NaN gradient for a chosen
+    completion (0 · ∞ through log σ) and an infinite loss for a rejected one; here log(1 − p) ≈ −87 in float32,
+    finite, and the clamp passes no gradient to such an average (it moves through the NLL and c − r alone)."""
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     near = x > -math.log(2)
     return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -1.0))),
                        torch.log1p(-torch.exp(torch.where(near, -1.0, x))))

@@ -176,6 +176,36 @@ def test_orpo_log1mexp_is_accurate_near_p_1_with_finite_gradients():
     torch.testing.assert_close(gradient.double(), -1 / torch.expm1(-x64), rtol=1e-5, atol=0)
 
 
+def test_orpo_of_a_sure_completion_has_a_finite_loss_and_gradient():
+    """A completion the model is sure of has token log-probs of exactly 0 in float32 (the label's logit 30 above
+    the rest: logsumexp rounds to it), so an average of 0, p = 1: TRL's log(1 − p) is −inf there, which made a
+    chosen one's gradient NaN (0 · ∞) and a rejected one's loss inf, poisoning the step. Every combination stays
+    finite, the NLL still reaches the sure chosen tokens, and an unsure pair's loss is unchanged beside them."""
+    vocab, length = 16, 3
+    labels = torch.arange(4 * length) % vocab
+    for sure in ((0,), (1,), (0, 1), (0, 1, 2, 3)):  # which of [chosen 0, chosen 1, rejected 0, rejected 1]
+        base = torch.randn(4 * length, vocab, generator=torch.Generator().manual_seed(len(sure)))
+        for row in sure:
+            base[row * length:(row + 1) * length].scatter_(-1, labels[row * length:(row + 1) * length, None], 30.0)
+        logits = base.requires_grad_(True)
+        token = logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # as completion_logps
+        policy = token.view(4, length).sum(-1)
+        assert all(policy[row].item() == 0.0 for row in sure), policy  # exactly p = 1, not just near it
+        lengths = torch.full((4,), length)
+        losses, _, _ = dpo_loss(policy, torch.zeros_like(policy), lengths, DpoConfig(loss_type="orpo"))
+        (gradient,) = torch.autograd.grad(losses.mean(), logits)
+        assert torch.isfinite(losses).all() and torch.isfinite(gradient).all(), (sure, losses, gradient)
+        log_odds = orpo_log_odds(*(policy.detach() / lengths).chunk(2))  # the logged metrics' input
+        assert torch.isfinite(log_odds).all() and torch.isfinite(F.logsigmoid(log_odds)).all(), (sure, log_odds)
+    # away from p = 1 nothing moved: TRL's formula in float64
+    policy = torch.tensor([-0.3, -2.0, -1.2, -0.01], dtype=torch.float64) * 3
+    lengths = torch.full((4,), 3)
+    losses, _, _ = dpo_loss(policy, torch.zeros_like(policy), lengths, DpoConfig(loss_type="orpo", beta=0.5))
+    want, *_ = trl_odds_ratio_loss(*(policy / lengths).chunk(2), beta=0.5)
+    nll = -policy[:2].sum() / lengths[:2].sum()
+    torch.testing.assert_close(losses, nll - want, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A run
 # ----------------------------------------------------------------------------------------------------------
@@ -268,6 +298,14 @@ def preference(**dpo) -> dict:
 def test_bad_simpo_orpo_settings_are_refused_by_name(dpo, message):
     with pytest.raises(ConfigError, match=message):
         build_config(preference(**dpo))
+
+
+@pytest.mark.parametrize("value", [True, "1", [1.0]])
+def test_a_cpo_alpha_of_another_type_is_refused_by_the_config_itself(value):
+    """Built in code (not through the TOML loader, which types it first), DpoConfig refuses a cpo_alpha that is
+    no number, as it does a simpo_gamma: True was taken as weight 1, a string raised a bare TypeError."""
+    with pytest.raises(ConfigError, match=r"dpo.cpo_alpha must be a number >= 0 \(or None: off\); got "):
+        DpoConfig(loss_type="simpo", cpo_alpha=value)
 
 
 def test_simpo_and_orpo_are_reference_free_whatever_reference_free_says():
