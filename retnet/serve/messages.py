@@ -2,9 +2,10 @@
 the chat machinery (as vLLM serves it, so that Anthropic-SDK clients can run on a local model).
 
 A request becomes a :class:`~retnet.serve.protocol.ChatCompletionRequest`: ``system`` a system message first,
-each message's text blocks its content, an assistant's ``tool_use`` blocks its ``tool_calls`` and a user's
+consecutive messages of one role one turn (as Anthropic combines them: their blocks in order, as one message's),
+each turn's text blocks its content, an assistant's ``tool_use`` blocks its ``tool_calls`` and a user's
 ``tool_result`` blocks ``tool`` messages; ``stop_sequences`` chat's ``stop``, ``tools`` (``input_schema``) and
-``tool_choice`` (auto / any / tool / none) chat's. A final assistant message is continued (Anthropic's prefill).
+``tool_choice`` (auto / any / tool / none) chat's. A final assistant turn is continued (Anthropic's prefill).
 The chat handler runs it (templating, sampling, tool calls, cancellation are all its own), and its result, whole or
 chunk by chunk, is reshaped here as a Message or the Messages stream's events (``event: <type>`` / ``data: {json}``).
 
@@ -180,43 +181,69 @@ def _chat_messages(request: CountTokensRequest) -> tuple[list[dict[str, Any]], l
     if request.system:  # an empty one ("" or no blocks) is no system prompt, not an empty system turn
         messages.append({"role": "system", "content": _text_parts(request.system, "system")})
         origins.append("system")
-    for i, message in enumerate(request.messages):
-        where = f"messages[{i}]"
-        if isinstance(message.content, str):
-            messages.append({"role": message.role, "content": message.content})
+    for role, turn in _turns(request.messages):
+        where = _named(turn)
+        if len(turn) == 1 and isinstance(request.messages[turn[0]].content, str):
+            messages.append({"role": role, "content": request.messages[turn[0]].content})
             origins.append(where)
             continue
         texts: list[dict[str, str]] = []
+        texts_from: list[int] = []  # the messages the pending texts came from, to name their user message
         calls: list[dict[str, Any]] = []
-        for j, block in enumerate(message.content):
-            place = f"{where}.content[{j}]"
-            kind = _block_type(block, place, message.role)
-            if kind == "text":
-                texts.append({"type": "text", "text": _string(block, "text", place)})
-            elif kind == "tool_use":
-                arguments = block.get("input")
-                if not isinstance(arguments, dict):
-                    raise APIError(400, f"{place}.input: a tool_use block needs an object input", f"{place}.input")
-                calls.append({"id": _string(block, "id", place), "type": "function",
-                              "function": {"name": _string(block, "name", place), "arguments": json.dumps(arguments)}})
-            else:  # a tool_result: a tool message, after the user's text before it (Anthropic's order is kept)
-                if texts:
-                    messages.append({"role": "user", "content": texts})
-                    origins.append(where)
-                    texts = []
-                messages.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", place),
-                                 "content": _tool_result(block, place)})
-                origins.append(place)
-        if message.role == "assistant":
+        empty = True
+        for i in turn:
+            content = request.messages[i].content
+            # A string is Anthropic's shorthand for one text block (merged with the turn's other blocks).
+            for j, block in enumerate([{"type": "text", "text": content}] if isinstance(content, str) else content):
+                empty = False
+                place = f"messages[{i}].content[{j}]"
+                kind = _block_type(block, place, role)
+                if kind == "text":
+                    texts.append({"type": "text", "text": _string(block, "text", place)})
+                    texts_from.append(i)
+                elif kind == "tool_use":
+                    arguments = block.get("input")
+                    if not isinstance(arguments, dict):
+                        raise APIError(400, f"{place}.input: a tool_use block needs an object input",
+                                       f"{place}.input")
+                    calls.append({"id": _string(block, "id", place), "type": "function", "function": {
+                        "name": _string(block, "name", place), "arguments": json.dumps(arguments)}})
+                else:  # a tool_result: a tool message, after the user's text before it (Anthropic's order is kept)
+                    if texts:
+                        messages.append({"role": "user", "content": texts})
+                        origins.append(_named(texts_from))
+                        texts, texts_from = [], []
+                    messages.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", place),
+                                     "content": _tool_result(block, place)})
+                    origins.append(place)
+        if role == "assistant":
             entry: dict[str, Any] = {"role": "assistant", "content": texts or (None if calls else "")}
             if calls:
                 entry["tool_calls"] = calls
             messages.append(entry)
             origins.append(where)
-        elif texts or not message.content:
+        elif texts or empty:
             messages.append({"role": "user", "content": texts or ""})
-            origins.append(where)
+            origins.append(_named(texts_from) if texts else where)
     return messages, origins
+
+
+def _turns(messages: list[InputMessage]) -> list[tuple[str, list[int]]]:
+    """The conversation's turns, each a role and the indices of its messages: consecutive messages of one role are
+    one turn, as Anthropic combines them (their blocks in order, as one message's)."""
+    turns: list[tuple[str, list[int]]] = []
+    for i, message in enumerate(messages):
+        if turns and turns[-1][0] == message.role:
+            turns[-1][1].append(i)
+        else:
+            turns.append((message.role, [i]))
+    return turns
+
+
+def _named(indices: list[int]) -> str:
+    """The Messages field a chat message came from: ``messages[2]``, or ``messages[2..4]`` for a merged turn."""
+    first, last = min(indices), max(indices)
+    return f"messages[{first}]" if first == last else f"messages[{first}..{last}]"
 
 
 def _block_type(block: dict[str, Any], place: str, role: str) -> str:

@@ -443,3 +443,83 @@ def test_unserved_messages_routes_answer_anthropics_404(client, server):
     # the OpenAI routes keep their body
     response = httpx.get(server.url + "/v1/models/none", headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 404 and "type" not in response.json()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Consecutive messages of one role: one turn, as Anthropic combines them
+# ----------------------------------------------------------------------------------------------------------
+def text_blocks(*texts: str) -> list[dict]:
+    return [{"type": "text", "text": text} for text in texts]
+
+
+CALL = {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 2, "b": 3}}
+CHAT_CALL = {"id": "toolu_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+# A history split over consecutive messages of each role: strings and blocks, text and calls, results and text
+SPLIT_HISTORY = [
+    {"role": "user", "content": "What is 2 + 3?"}, {"role": "user", "content": text_blocks("Use the tool.")},
+    {"role": "assistant", "content": "Let me add."}, {"role": "assistant", "content": [CALL]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "5"}]},
+    {"role": "user", "content": "Thanks."}, {"role": "user", "content": text_blocks("Again?")},
+]
+# The same as chat's messages: one message a turn, the merged texts as parts (which chat joins with newlines)
+SPLIT_HISTORY_CHAT = [
+    {"role": "user", "content": text_blocks("What is 2 + 3?", "Use the tool.")},
+    {"role": "assistant", "content": text_blocks("Let me add."), "tool_calls": [CHAT_CALL]},
+    {"role": "tool", "tool_call_id": "toolu_1", "content": "5"},
+    {"role": "user", "content": text_blocks("Thanks.", "Again?")},
+]
+
+
+def test_consecutive_messages_of_one_role_are_one_chat_message():
+    from retnet.serve.messages import MessagesRequest, to_chat_body
+    from retnet.serve.protocol import APIError
+
+    def translated(messages, **fields):
+        request = MessagesRequest.model_validate({"model": "micro", "max_tokens": 4, "messages": messages, **fields})
+        return to_chat_body(request, "hermes")
+
+    body, origins = translated(SPLIT_HISTORY, tools=[ADD], tool_choice={"type": "none"})
+    assert body["messages"] == SPLIT_HISTORY_CHAT and body["add_generation_prompt"]
+    assert origins == ["messages[0..1]", "messages[2..3]", "messages[4].content[0]", "messages[5..6]"]
+
+    # a tool_result after a user's text: the text first, then the tool message, as within one message
+    body, origins = translated([{"role": "user", "content": "a"}, {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "5"}, {"type": "text", "text": "b"}]}])
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+        ("user", text_blocks("a")), ("tool", "5"), ("user", text_blocks("b"))]
+    assert origins == ["messages[0]", "messages[1].content[0]", "messages[1]"]
+
+    # a prefill split over assistant messages is one final assistant message, continued
+    body, origins = translated([*ASK, {"role": "assistant", "content": "    return"},
+                                {"role": "assistant", "content": text_blocks(" a")}])
+    assert body["messages"][-1] == {"role": "assistant", "content": text_blocks("    return", " a")}
+    assert body["continue_final_message"] and not body["add_generation_prompt"] and origins[-1] == "messages[1..2]"
+
+    # a block refused in a merged turn is named by the message it was sent in
+    with pytest.raises(APIError) as refused:
+        translated([*ASK, {"role": "user", "content": [{"type": "image", "source": {}}]}])
+    assert refused.value.param == "messages[1].content[0].type"
+
+
+def test_consecutive_messages_are_answered_and_counted_as_one_turn(client, server):
+    split = [{"role": "user", "content": "def add(a, b):"}, {"role": "user", "content": text_blocks("Be brief.")},
+             {"role": "assistant", "content": "    return"}, {"role": "assistant", "content": text_blocks(" a")}]
+    joined = [{"role": "user", "content": text_blocks("def add(a, b):", "Be brief.")},
+              {"role": "assistant", "content": text_blocks("    return", " a")}]
+    message = client.messages.create(model="micro", max_tokens=6, messages=split, **GREEDY)
+    assert without_ids(message) == without_ids(client.messages.create(model="micro", max_tokens=6, messages=joined,
+                                                                      **GREEDY))
+    # chat's answer for one user turn and the prefill continued, their texts joined as one message's blocks
+    same = chat(server, messages=[{"role": "user", "content": "def add(a, b):\nBe brief."},
+                                  {"role": "assistant", "content": "    return\n a"}],
+                max_tokens=6, temperature=0, ignore_eos=True, add_generation_prompt=False, continue_final_message=True)
+    assert same["choices"][0]["message"]["content"] == message.content[0].text
+    assert same["usage"]["prompt_tokens"] == message.usage.input_tokens
+    assert client.messages.count_tokens(model="micro", messages=split).input_tokens == message.usage.input_tokens
+
+    # a tool history split over consecutive messages: counted as chat's one-message-a-turn history
+    tools = {"tools": [ADD], "tool_choice": {"type": "none"}}
+    counted = client.messages.count_tokens(model="micro", messages=SPLIT_HISTORY, **tools).input_tokens
+    answered = client.messages.create(model="micro", max_tokens=1, messages=SPLIT_HISTORY, **tools, **GREEDY)
+    same = chat(server, messages=SPLIT_HISTORY_CHAT, tools=[ADD_CHAT], tool_choice="none", max_tokens=1)
+    assert counted == answered.usage.input_tokens == same["usage"]["prompt_tokens"]
