@@ -127,6 +127,50 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
 
     Raises ``ValueError`` stating what was expected and what was received.
     """
+    if cu_seqlens is not None or not _plainly_valid(q, k, v, log_decay, initial_state):
+        _check_layout(op, q, k, v, log_decay, initial_state, cu_seqlens)
+    if torch.is_grad_enabled() and log_decay.requires_grad:
+        raise ValueError(
+            f"{op}: log_decay gets no gradient (the ops take it as a constant); got one that requires grad "
+            "(pass log_decay.detach())"
+        )
+    _check_log_decay_values(op, log_decay)
+    return check_scale(scale, op)
+
+
+_STRIDED = torch.strided
+
+
+def _plainly_valid(q, k, v, log_decay, initial_state) -> bool:
+    """Whether an unpacked call meets every rule :func:`_check_layout` applies, tested in a few comparisons: a
+    decode step calls an op per layer, and the rules' loops (naming each tensor for the error) cost more than
+    its arithmetic there. False sends the call through those rules, which name what is wrong (or accept what
+    this test was too narrow for)."""
+    tensor = torch.Tensor
+    if not (isinstance(q, tensor) and isinstance(k, tensor) and isinstance(v, tensor)
+            and isinstance(log_decay, tensor) and (initial_state is None or isinstance(initial_state, tensor))):
+        return False
+    if q.dim() != 4 or v.dim() != 4 or k.shape != q.shape:
+        return False
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    device, dtype = q.device, q.dtype
+    if (v.shape[0] != batch or v.shape[1] != length or v.shape[2] != heads or log_decay.shape != (heads,)
+            or not (1 <= key_dim <= MAX_HEAD_DIM and 1 <= value_dim <= MAX_HEAD_DIM)
+            or dtype not in SUPPORTED_DTYPES or k.dtype != dtype or v.dtype != dtype
+            or not log_decay.is_floating_point()
+            or k.device != device or v.device != device or log_decay.device != device
+            or q.layout != _STRIDED or k.layout != _STRIDED or v.layout != _STRIDED or log_decay.layout != _STRIDED
+            or q.is_nested or k.is_nested or v.is_nested or log_decay.is_nested):
+        return False
+    return initial_state is None or (
+        initial_state.is_floating_point() and initial_state.device == device and initial_state.layout == _STRIDED
+        and not initial_state.is_nested and initial_state.shape == (batch, heads, key_dim, value_dim))
+
+
+def _check_layout(op, q, k, v, log_decay, initial_state, cu_seqlens) -> None:
+    """The rules on the tensors' types, layouts, shapes, dtypes and devices, and cu_seqlens' values: a
+    ``ValueError`` naming the first one broken."""
     for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{op}: {name} must be a torch.Tensor; got {type(x).__name__}")
@@ -196,13 +240,6 @@ def check_inputs(op, q, k, v, log_decay, scale=None, initial_state=None, cu_seql
         raise ValueError(
             f"{op}: initial_state must be [B or N, H, K, V] = {list(expected_state)}; got {tuple(initial_state.shape)}"
         )
-    if torch.is_grad_enabled() and log_decay.requires_grad:
-        raise ValueError(
-            f"{op}: log_decay gets no gradient (the ops take it as a constant); got one that requires grad "
-            "(pass log_decay.detach())"
-        )
-    _check_log_decay_values(op, log_decay)
-    return check_scale(scale, op)
 
 
 def log_decay_tensor(values, device: torch.device | str | None = None) -> torch.Tensor:

@@ -49,13 +49,20 @@ def _fp32(op):
         # (a non-tensor q goes on to the input rules' ValueError; a device autocast does not know, "meta" say,
         # has no autocast to turn off)
         device_type = q.device.type if isinstance(q, torch.Tensor) else None
-        if (device_type is None or not torch.amp.is_autocast_available(device_type)
+        if (device_type is None or not _autocast_available(device_type)
                 or not torch.is_autocast_enabled(device_type)):
             return op(q, *args, **kwargs)
         with torch.autocast(device_type, enabled=False):
             return op(q, *args, **kwargs)
 
     return wrapper
+
+
+@functools.cache
+def _autocast_available(device_type: str) -> bool:
+    """Whether torch has an autocast for ``device_type``: fixed per device type, so asked once rather than on
+    every op call (a decode step makes one per layer)."""
+    return torch.amp.is_autocast_available(device_type)
 
 
 # The shapes below come from cu_seqlens' values: under torch.compile every batch would be a new graph with
@@ -334,6 +341,21 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
 _chunkwise_varlen = torch.compiler.disable(_chunkwise)
 
 
+def _decay_factors(log_decay: torch.Tensor) -> torch.Tensor:
+    """γ = exp(ln γ) as ``[1, H, 1, 1]`` fp32, the recurrent form's per-step factor. A decode step calls the op
+    once per layer with the layer's same ln γ tensor: the factors are kept on it, for as long as its version
+    counter says it was not written in place (an inference tensor keeps none, nor is anything kept while
+    compiling or for a tensor in a graph: those compute them each call)."""
+    if log_decay.is_inference() or log_decay.requires_grad or torch.compiler.is_compiling():
+        return torch.exp(log_decay.float())[None, :, None, None]
+    kept = getattr(log_decay, "_retnet_decay_factors", None)
+    if kept is not None and kept[0] == log_decay._version:
+        return kept[1]
+    factors = torch.exp(log_decay.float())[None, :, None, None]
+    log_decay._retnet_decay_factors = (log_decay._version, factors)
+    return factors
+
+
 def check_inplace_state(q, k, v, initial_state, op: str = "recurrent_retention") -> None:
     """What ``update_state_inplace=True`` needs: an fp32 contiguous initial state, no gradient, and no inference
     tensor outside ``torch.inference_mode`` (checked after :func:`retnet.kernels.checks.check_inputs`, on both
@@ -394,12 +416,12 @@ def recurrent_retention(
     value_dim = v.shape[-1]
     rows = batch * heads
     qf, kf, vf = q.float(), k.float(), v.float()
-    decay = torch.exp(log_decay.float())[None, :, None, None]
+    decay = _decay_factors(log_decay)
     # Decoding is bound by passes over the K×V states: decay and update them in place (one pass each, no
     # materialised kᵀv) whenever autograd does not need the earlier ones, and never in the caller's tensor
     # unless asked to (the first decay writes a new one).
-    tracked = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, initial_state))
+    tracked = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+        initial_state is not None and initial_state.requires_grad))
     if initial_state is None:
         state, owned = torch.zeros(batch, heads, key_dim, value_dim, device=q.device, dtype=torch.float32), True
     else:
@@ -409,12 +431,18 @@ def recurrent_retention(
         state = state.mul_(decay) if owned and not tracked else state * decay
         owned = True
         flat = state.view(rows, key_dim, value_dim)
-        step_k, step_v = kf[:, t].reshape(rows, key_dim, 1), vf[:, t].reshape(rows, 1, value_dim)
+        # (one token, a decoding step: its [B, 1, H, D] rows are already the step's, no index)
+        step_q, step_k, step_v = (qf, kf, vf) if length == 1 else (qf[:, t], kf[:, t], vf[:, t])
+        step_k, step_v = step_k.reshape(rows, key_dim, 1), step_v.reshape(rows, 1, value_dim)
         flat = torch.baddbmm(flat, step_k, step_v) if tracked else flat.baddbmm_(step_k, step_v)
         state = flat.view(batch, heads, key_dim, value_dim)
-        outputs.append(torch.bmm(qf[:, t].reshape(rows, 1, key_dim), flat).view(batch, heads, value_dim))
-    # (T = 0 comes here only to update a state in place, which it leaves as it is)
-    o = torch.stack(outputs, dim=1) if outputs else vf.new_zeros(batch, 0, heads, value_dim)
+        outputs.append(torch.bmm(step_q.reshape(rows, 1, key_dim), flat))
+    # (T = 0 comes here only to update a state in place, which it leaves as it is; one token needs no stack)
+    if length == 1:
+        o = outputs[0].view(batch, 1, heads, value_dim)
+    else:
+        o = (torch.stack([x.view(batch, heads, value_dim) for x in outputs], dim=1) if outputs
+             else vf.new_zeros(batch, 0, heads, value_dim))
     if update_state_inplace:
         return (scale * o).to(v.dtype), initial_state  # updated in place above (state is a view of it)
     return (scale * o).to(v.dtype), (state if output_final_state else None)

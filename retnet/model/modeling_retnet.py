@@ -67,8 +67,11 @@ class RetNetRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)
-        return (normed * self.weight.float()).to(hidden_states.dtype)
+        # (no .float() or .to() calls where the dtype is already right: a decode step is mostly such calls)
+        fp32 = hidden_states.dtype == torch.float32
+        normed = F.rms_norm(hidden_states if fp32 else hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)
+        out = normed * (self.weight if self.weight.dtype == torch.float32 else self.weight.float())
+        return out if fp32 else out.to(hidden_states.dtype)
 
 
 def build_norm(config: RetNetConfig, size: int) -> nn.Module:
@@ -93,12 +96,14 @@ class RetNetHeadNorm(nn.Module):
         """o: [B, T, H, V] -> [B, T, H·V]. Under tensor parallelism H is this rank's heads and ``weight`` a
         DTensor sharded along them (:mod:`retnet.model.tensor_parallel`): its local rows are this rank's."""
         shape = (self.head_dim,)
-        of = o.float()
+        # (no .float() or .to() calls where the dtype is already right: a decode step is mostly such calls)
+        of = o if o.dtype == torch.float32 else o.float()
         normed = F.rms_norm(of, shape, eps=self.eps) if self.norm_type == "rmsnorm" else F.layer_norm(
             of, shape, eps=self.eps
         )
         weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight  # (dynamo: not hasattr)
-        return (normed.flatten(-2) * weight.float()).to(o.dtype)
+        out = normed.flatten(-2) * (weight if weight.dtype == torch.float32 else weight.float())
+        return out if out.dtype == o.dtype else out.to(o.dtype)
 
 
 # xPos scales q by ζ^(n/base) and k by ζ^(−n/base) (ζ < 1 per key dimension, the smallest 0.4/1.4): at a large
@@ -135,6 +140,14 @@ class RetNetPositionPiece:
     sin: torch.Tensor  # [B, t, 1, K] float32
     scale: torch.Tensor | None  # [B, t, 1, K] float32 ζ^(n/base), None without xPos
     state_shift: torch.Tensor | None  # [N, 1, K, 1] float32, None when the frame does not move
+    # sin with its first half negated (RetNetPositionEncoding.apply), formed with the piece, outside the layers: a
+    # checkpointed layer's recomputation then runs the ops its forward ran
+    signed_sin: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.signed_sin is None:
+            half = self.sin.shape[-1] // 2
+            self.signed_sin = torch.cat((-self.sin[..., :half], self.sin[..., half:]), -1)
 
 
 @dataclass
@@ -165,9 +178,16 @@ class RetNetPositionEncoding:
     @staticmethod
     def apply(piece: RetNetPositionPiece, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k ``[B, t, H, K]`` -> rotated (and xPos-scaled) q, k in their dtype, computed in fp32."""
-        qf, kf = q.float(), k.float()
-        q_rot = qf * piece.cos + _rotate_half(qf) * piece.sin
-        k_rot = kf * piece.cos + _rotate_half(kf) * piece.sin
+        if q.shape[-1] % 2 or q.shape != k.shape:
+            qf, kf = q.float(), k.float()
+            q_rot = qf * piece.cos + _rotate_half(qf) * piece.sin
+            k_rot = kf * piece.cos + _rotate_half(kf) * piece.sin
+        else:
+            # The same products, in a third of the ops (every layer runs this on each decoding step): q and k in
+            # one tensor, and rotate_half(x) · sin as x with its halves swapped (one roll) times sin with its
+            # first half negated (kept on the piece, which all layers share): -(x₂ · s) either way, bit for bit.
+            qk = torch.stack((q.float(), k.float()))
+            q_rot, k_rot = qk * piece.cos + qk.roll(q.shape[-1] // 2, -1) * piece.signed_sin
         if piece.scale is not None:
             # ζ^(n/base) on q and ζ^(−n/base) on k: the product depends only on the distance.
             q_rot, k_rot = q_rot * piece.scale, k_rot / piece.scale
@@ -346,10 +366,14 @@ class RetNetMultiScaleRetention(nn.Module):
             if state is not None and piece.state_shift is not None:
                 state = state * piece.state_shift
             tokens = piece.tokens
-            q_piece, k_piece = positions.apply(piece, q[:, tokens], k[:, tokens])
+            if tokens.start == 0 and tokens.stop == length:  # (one piece, a decode step's: no slicing ops)
+                q_piece, k_piece, v_piece, mask_piece = q, k, v, token_mask
+            else:
+                q_piece, k_piece, v_piece = q[:, tokens], k[:, tokens], v[:, tokens]
+                mask_piece = None if token_mask is None else token_mask[:, tokens]
+            q_piece, k_piece = positions.apply(piece, q_piece, k_piece)
             last = number == len(positions.pieces) - 1
-            o, state = self._retain(q_piece, k_piece, v[:, tokens],
-                                    None if token_mask is None else token_mask[:, tokens], state,
+            o, state = self._retain(q_piece, k_piece, v_piece, mask_piece, state,
                                     output_final_state or not last or context is not None, mode, cu_seqlens,
                                     packed_rows)
             if number == positions.keep_state_after:
@@ -455,9 +479,12 @@ class RetNetDecoderLayer(nn.Module):
             self.retention_norm(hidden_states), positions, token_mask, initial_state, output_final_state,
             mode, cu_seqlens, packed_rows, context,
         )
-        hidden_states = hidden_states + self.dropout(retained)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.ffn_norm(hidden_states)))
-        return hidden_states, state
+        if self.dropout.training and self.dropout.p > 0:
+            hidden_states = hidden_states + self.dropout(retained)
+            return hidden_states + self.dropout(self.mlp(self.ffn_norm(hidden_states))), state
+        # Dropout that drops nothing returns its input: two module calls per layer saved (decoding runs in eval).
+        hidden_states = hidden_states + retained
+        return hidden_states + self.mlp(self.ffn_norm(hidden_states)), state
 
 
 # ----------------------------------------------------------------------------------------------------------
