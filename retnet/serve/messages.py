@@ -38,7 +38,7 @@ from retnet.serve.protocol import (
     check_finite_json,
     not_run_unless_no_op,
 )
-from retnet.serve.responses import CHAT_EXTRAS
+from retnet.serve.responses import CHAT_EXTRAS, required_string
 from retnet.serve.serving import ChatRun, OpenAIServing
 from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse
 
@@ -257,11 +257,7 @@ def _block_type(block: dict[str, Any], place: str, role: str) -> str:
 
 
 def _string(block: dict[str, Any], key: str, place: str) -> str:
-    value = block.get(key)
-    if not isinstance(value, str):
-        raise APIError(400, f"{place}.{key}: a {block.get('type')} block needs a string {key!r}", f"{place}.{key}",
-                       "missing")
-    return value
+    return required_string(block, key, place, noun="block")
 
 
 def _text_parts(content: Any, where: str) -> str | list[dict[str, str]]:

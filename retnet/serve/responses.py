@@ -175,14 +175,15 @@ def _messages(request: ResponsesRequest, history: Sequence[dict[str, Any]]) -> t
                 raise APIError(400, f"{where}.role must be one of {', '.join(_ROLES)}; got {role!r}", f"{where}.role")
             messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
-            call = {"id": _string(item, "call_id", where), "type": "function",
-                    "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
+            call = {"id": required_string(item, "call_id", where), "type": "function",
+                    "function": {"name": required_string(item, "name", where),
+                                 "arguments": required_string(item, "arguments", where)}}
             if messages and messages[-1]["role"] == "assistant":  # the calls of the answer whose text came first
                 messages[-1].setdefault("tool_calls", []).append(call)
                 continue
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+            messages.append({"role": "tool", "tool_call_id": required_string(item, "call_id", where),
                              "content": _text(item.get("output"), f"{where}.output")})
         else:
             raise _unsupported(f"{where}.type", "only message, function_call and function_call_output input items "
@@ -191,10 +192,12 @@ def _messages(request: ResponsesRequest, history: Sequence[dict[str, Any]]) -> t
     return messages, origins
 
 
-def _string(item: dict[str, Any], key: str, where: str) -> str:
+def required_string(item: dict[str, Any], key: str, where: str, noun: str = "item") -> str:
+    """``item[key]``, which must be a string: else a 400 naming ``where.key`` (an input item here, a content block
+    of Anthropic's Messages API there)."""
     value = item.get(key)
     if not isinstance(value, str):
-        raise APIError(400, f"{where}.{key}: a {item.get('type')} item needs a string {key!r}", f"{where}.{key}",
+        raise APIError(400, f"{where}.{key}: a {item.get('type')} {noun} needs a string {key!r}", f"{where}.{key}",
                        "missing")
     return value
 
@@ -567,4 +570,4 @@ class _Events:
         yield self.emit("response.output_item.done", output_index=index, item=dict(item))
 
 
-__all__ = ["ResponsesRequest", "ResponsesServing", "to_chat_request"]
+__all__ = ["ResponsesRequest", "ResponsesServing", "required_string", "to_chat_request"]
