@@ -53,6 +53,33 @@ def run_train(args: list[str], nproc: int | None = None, timeout: float = 600) -
                           timeout=timeout)
 
 
+def run_train_many(runs: list[list[str]], nproc: int, out: Path, timeout: float = 600
+                   ) -> list[subprocess.CompletedProcess]:
+    """``runs`` (each a ``retnet-train`` argument list), one after another in one torchrun launch of ``nproc``
+    ranks (tests/train/runs_worker.py): each returned as ``run_train`` returns its own launch, stdout and stderr
+    the ranks' in rank order; a run after one that raised was not run (returncode -1, the launch's stderr)."""
+    out.mkdir(parents=True, exist_ok=True)
+    plan = out / "plan.json"
+    plan.write_text(json.dumps({"runs": runs, "out": str(out)}))
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *TORCHRUN_STANDALONE,
+               str(Path(__file__).with_name("runs_worker.py")), str(plan)]
+    launch = subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=timeout)
+    finished = []
+    for index, args in enumerate(runs):
+        directory = out / f"run_{index}"
+        statuses = [directory / f"rank_{rank}.status" for rank in range(nproc)]
+        if not all(path.exists() for path in statuses):
+            finished.append(subprocess.CompletedProcess(args, -1, launch.stdout, launch.stderr))
+            continue
+        codes = [path.read_text() for path in statuses]
+        failed = [code for code in codes if code != "0"]
+        returncode = 0 if not failed else (1 if failed[0] == "raised" else int(failed[0]))
+        stdout, stderr = ("".join((directory / f"rank_{rank}.{name}").read_text() for rank in range(nproc))
+                          for name in ("stdout", "stderr"))
+        finished.append(subprocess.CompletedProcess(args, returncode, stdout, stderr))
+    return finished
+
+
 def save_micro_base(directory: Path, tokenizer) -> None:
     """A seeded micro RetNetForCausalLM (hidden 32, 2 layers) over ``tokenizer``, saved with it to ``directory``:
     the ``model.init_from`` of the fine-tuning tests."""
@@ -148,6 +175,13 @@ def micro(corpus, tokenizer_dir, cache_dir):
 def run():
     """``run(args, nproc=None)``: a finished training process (CompletedProcess)."""
     return run_train
+
+
+@pytest.fixture
+def run_many(tmp_path):
+    """``run_many(runs, nproc)``: ``runs`` in one torchrun launch, each a finished run (see ``run_train_many``)."""
+    launches = iter(range(1_000))
+    return lambda runs, nproc: run_train_many(runs, nproc, tmp_path / f"launch_{next(launches)}")
 
 
 @pytest.fixture

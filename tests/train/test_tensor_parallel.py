@@ -209,8 +209,8 @@ def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(mi
 
 
 @pytest.mark.slow
-def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_resumes(micro, tmp_path, run, run_here,
-                                                                                       read_metrics):
+def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_resumes(micro, tmp_path, run_many,
+                                                                                       run_here, read_metrics):
     """4 torchrun ranks, 2 data-parallel groups of 2 splitting every layer, with FSDP2 sharding the split model over
     the groups (``train.parallelism=fsdp``: micro 2 × accum 1 × 2 groups), log one process's training and validation
     losses and gradient norms (micro 2 × accum 2, the same global batch). The FFN is 70 wide: a rank's 35 rows of
@@ -231,7 +231,14 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     fsdp_tp = dict(train__tensor_parallel=2, train__parallelism="fsdp", train__vocab_parallel=True,
                    train__sequence_parallel=True)
     assert run_here(micro(single, **common)).returncode == 0
-    four = run(micro(split, **common, **fsdp_tp, checkpoint__export=True), nproc=4)
+    checkpoint = split / "checkpoints" / "step_00000002"
+    # one launch of 4 ranks: the split run, then the two resumes checked after it
+    four, again, own = run_many([
+        micro(split, **common, **fsdp_tp, checkpoint__export=True),
+        micro(full, **common, **fsdp_tp, checkpoint__layout="full",
+              train__resume=single / "checkpoints" / "step_00000002"),
+        micro(tmp_path / "own", **common, **fsdp_tp, train__resume=checkpoint),
+    ], nproc=4)
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
     assert ("world 4 / tensor parallel 2 = 2 data-parallel groups × micro 2 × accum 1 = global 4 blocks of 32 "
             "tokens; tensor parallel (vocabulary and sequence split too), fsdp over the data-parallel groups"
@@ -246,7 +253,6 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     assert _losses(read_metrics, split, "val", "val_loss") == pytest.approx(
         _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
 
-    checkpoint = split / "checkpoints" / "step_00000002"
     assert verify_checkpoint(checkpoint)["layout"] == "sharded"
     # the unsharded model's tensors: one process resumes such a checkpoint (the context-parallel test below does)
     assert saved_model_shapes(checkpoint) == saved_model_shapes(single / "checkpoints" / "step_00000002")
@@ -259,8 +265,6 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     with torch.no_grad():
         assert torch.isfinite(exported(tokens).logits).all()
 
-    again = run(micro(full, **common, **fsdp_tp, checkpoint__layout="full",
-                      train__resume=single / "checkpoints" / "step_00000002"), nproc=4)
     assert again.returncode == 0, again.stderr[-3000:] + again.stdout[-2000:]
     assert ("written by 1 ranks (train.tensor_parallel 1), resuming with 4 (train.tensor_parallel 2)"
             in again.stderr)
@@ -271,7 +275,6 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
             == saved_model_shapes(single / "checkpoints" / "step_00000004"))
 
     # A preempted run's own path: the same split resumes its sharded checkpoint
-    own = run(micro(tmp_path / "own", **common, **fsdp_tp, train__resume=checkpoint), nproc=4)
     assert own.returncode == 0, own.stderr[-3000:] + own.stdout[-2000:]
     assert "at step 2" in own.stderr and "resuming with" not in own.stderr  # no other split to warn of
     assert _losses(read_metrics, tmp_path / "own") == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
