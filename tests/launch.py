@@ -35,6 +35,14 @@ def launch_worker(script: Path, out: Path, ranks: int, timeout: float = 600) -> 
     assert done.returncode == 0, done.stderr[-4000:]
 
 
+def selected_tests(request, parameters: bool = False) -> set[str]:
+    """The names of the requesting module's tests this session runs (with their parameters' ids when
+    ``parameters``): a module fixture that starts processes for several tests starts only what the selected
+    ones use."""
+    return {item.name if parameters else item.originalname for item in request.session.items
+            if getattr(item, "module", None) is request.module}
+
+
 def start_logged(command: list[str], logs: Path, **popen) -> subprocess.Popen:
     """``command`` started, its stdout and stderr written to ``logs/stdout`` and ``logs/stderr`` (a pipe that nobody
     reads while the test waits for something else would stop it once full); ``finished`` waits for it."""

@@ -170,8 +170,13 @@ def sample_results(samples: list[dict]) -> list[list]:
 
 
 @pytest.fixture(scope="module")
-def hf_run(export_dir, server, tasks, tmp_path_factory):  # the server starts first: it loads while tasks computes
-    """``retnet-lm-eval --model hf ... --output_path OUT --log_samples`` as a subprocess; its results files."""
+def hf_run(export_dir, tmp_path_factory, request):
+    """``retnet-lm-eval --model hf ... --output_path OUT --log_samples`` as a subprocess; its results files.
+    Where a selected test uses the server, it starts first (it loads while tasks computes and this run runs);
+    where none does (the hf tests alone), no server process starts."""
+    if any("server" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("server")
+    tasks = request.getfixturevalue("tasks")
     script = shutil.which("retnet-lm-eval", path=str(Path(sys.executable).parent))
     assert script, "the retnet-lm-eval console script is not installed: pip install -e '.[dev]'"
     tmp = tmp_path_factory.mktemp("harness-hf")

@@ -133,13 +133,13 @@ def test_bad_requests_then_a_good_one(server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
 
 
-# The processes of the last tests, each its own: a server with an API key, one to shut down gracefully, and the
-# demo (which starts a server, streams one completion and exits).
+# The processes of the last tests: one server with an API key that is then shut down gracefully (the API key test
+# runs first, the shutdown ends it), and the demo (which starts a server, streams one completion and exits).
 OWN_PROCESSES = {
-    "api_key": "test_api_key_on_a_real_server",
-    "graceful": "test_graceful_shutdown_finishes_the_running_stream",
-    "demo": "test_demo_streams_one_completion_and_exits",
+    "keyed": ("test_api_key_on_a_real_server", "test_graceful_shutdown_finishes_the_running_stream"),
+    "demo": ("test_demo_streams_one_completion_and_exits",),
 }
+KEY = {"Authorization": "Bearer secret"}
 
 
 @pytest.fixture(scope="module")
@@ -147,39 +147,38 @@ def processes(request, model_dir, tmp_path_factory):
     """OWN_PROCESSES (those of the selected tests), started together when the first is needed: each start-up
     (imports, the model) keeps one core busy while the test waits for it."""
     selected = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
-    wanted = {name for name, test in OWN_PROCESSES.items() if test in selected}
+    wanted = {name for name, tests in OWN_PROCESSES.items() if selected.intersection(tests)}
     started = {}
-    if "api_key" in wanted:
-        started["api_key"] = ServerProcess(model_dir, "--api-keys", "secret", env={"RETNET_MAX_RUNNING": "4"})
-    if "graceful" in wanted:
-        started["graceful"] = ServerProcess(model_dir, "--shutdown-grace-s", "20")
+    if "keyed" in wanted:
+        started["keyed"] = ServerProcess(model_dir, "--api-keys", "secret", "--shutdown-grace-s", "20",
+                                         env={"RETNET_MAX_RUNNING": "4"})
     if "demo" in wanted:
         started["demo"] = start_logged(
             [sys.executable, "-m", "retnet.serve.demo", "--model", str(model_dir), "--exit-after", "--port", "0",
              "--max-tokens", "12"], tmp_path_factory.mktemp("demo"), cwd=REPO)
     yield started
-    for name in ("api_key", "graceful"):
-        if name in started:
-            started[name].stop()
+    if "keyed" in started:
+        started["keyed"].stop()
     if "demo" in started:
         stop(started["demo"])
 
 
 def test_api_key_on_a_real_server(processes):
-    proc = processes["api_key"]
+    proc = processes["keyed"]
     proc.wait_healthy()
     url = proc.url + "/v1/completions"
     assert httpx.post(url, json={"prompt": "x", "max_tokens": 1}).status_code == 401
-    r = httpx.post(url, json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer secret"})
+    r = httpx.post(url, json={"prompt": "x", "max_tokens": 1}, headers=KEY)
     assert r.status_code == 200
 
 
 def test_graceful_shutdown_finishes_the_running_stream(processes):
-    proc = processes["graceful"]
+    proc = processes["keyed"]  # the API key test's server (that test runs first): this test ends it
     proc.wait_healthy()
     body = {"prompt": "Hello", "max_tokens": 60, "stream": True, **GREEDY}
     lines = []
-    with httpx.Client(timeout=60) as client, client.stream("POST", proc.url + "/v1/completions", json=body) as r:
+    with httpx.Client(timeout=60, headers=KEY) as client, \
+            client.stream("POST", proc.url + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 lines.append(line)

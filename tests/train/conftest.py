@@ -15,6 +15,7 @@ import pytest
 from tests.launch import TORCHRUN_STANDALONE
 
 REPO = Path(__file__).resolve().parents[2]
+RUNS_WORKER = Path(__file__).with_name("runs_worker.py")
 
 
 def micro_args(corpus: Path, tokenizer: Path, cache: Path, output_dir: Path, **overrides) -> list[str]:
@@ -58,12 +59,20 @@ def run_train_many(runs: list[list[str]], nproc: int, out: Path, timeout: float 
     """``runs`` (each a ``retnet-train`` argument list), one after another in one torchrun launch of ``nproc``
     ranks (tests/train/runs_worker.py): each returned as ``run_train`` returns its own launch, stdout and stderr
     the ranks' in rank order; a run after one that raised was not run (returncode -1, the launch's stderr)."""
+    return launch_runs(runs, nproc, out, timeout=timeout)[1]
+
+
+def launch_runs(runs: list[list[str]], nproc: int, out: Path, worker: Path = RUNS_WORKER, timeout: float = 600,
+                **plan) -> tuple[subprocess.CompletedProcess, list[subprocess.CompletedProcess]]:
+    """``run_train_many`` through ``worker`` (runs_worker.py or a script that ends in its ``main``), ``plan``'s
+    other keys in its PLAN.json: (the launch, each run finished)."""
     out.mkdir(parents=True, exist_ok=True)
-    plan = out / "plan.json"
-    plan.write_text(json.dumps({"runs": runs, "out": str(out)}))
+    plan_path = out / "plan.json"
+    plan_path.write_text(json.dumps({**plan, "runs": runs, "out": str(out)}))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *TORCHRUN_STANDALONE,
-               str(Path(__file__).with_name("runs_worker.py")), str(plan)]
-    launch = subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=timeout)
+               str(worker), str(plan_path)]
+    launch = subprocess.run(command, cwd=REPO, env=dict(train_env(), OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=timeout)
     finished = []
     for index, args in enumerate(runs):
         directory = out / f"run_{index}"
@@ -77,7 +86,7 @@ def run_train_many(runs: list[list[str]], nproc: int, out: Path, timeout: float 
         stdout, stderr = ("".join((directory / f"rank_{rank}.{name}").read_text() for rank in range(nproc))
                           for name in ("stdout", "stderr"))
         finished.append(subprocess.CompletedProcess(args, returncode, stdout, stderr))
-    return finished
+    return launch, finished
 
 
 def save_micro_base(directory: Path, tokenizer) -> None:

@@ -295,15 +295,33 @@ def test_a_resumed_chat_run_retraces_its_losses(chat_args, tmp_path, read_metric
     assert again == losses  # bit for bit
 
 
+@pytest.fixture(scope="module")
+def two_rank_runs(chats, chat_tokenizer, tmp_path_factory):
+    """One process's run, then the DDP and the FSDP2 two-rank runs of the same settings in one torchrun launch:
+    ``(single, {parallelism: (output_dir, finished run)})``."""
+    from .conftest import run_train_many
+
+    root = tmp_path_factory.mktemp("two-ranks")
+
+    def args(output_dir, **overrides):
+        values = dict(data__format="chat", data__seq_len=64, optim__lr=1e-2, train__steps=4, train__eval_interval=4)
+        values.update(overrides)
+        return micro_args(chats, chat_tokenizer, root / "cache", output_dir, **values)
+
+    single = root / "single"
+    assert main(args(single)) == 0  # global 4 = micro 2 × accum 2 × 1 rank
+    kinds = ("ddp", "fsdp")  # micro 2 × accum 1 × 2 ranks
+    done = run_train_many([args(root / kind, train__parallelism=kind) for kind in kinds], 2, root / "launch")
+    return single, {kind: (root / kind, run) for kind, run in zip(kinds, done)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_gloo_ranks_match_one_process(chat_args, tmp_path, run, read_metrics, parallelism):
+def test_two_gloo_ranks_match_one_process(two_rank_runs, read_metrics, parallelism):
     """The losses, gradient norms and validation losses of one process accumulating two micro-batches; DDP and
     FSDP2 both average the ranks' gradients, which the target-count scaling undoes."""
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = dict(train__steps=4, train__eval_interval=4)
-    assert main(chat_args(single, **common)) == 0  # global 4 = micro 2 × accum 2 × 1 rank
-    two = run(chat_args(ddp, **common, train__parallelism=parallelism), nproc=2)  # micro 2 × accum 1 × 2 ranks
+    single, runs = two_rank_runs
+    ddp, two = runs[parallelism]
     assert two.returncode == 0, two.stderr + two.stdout
     assert "world 2 × micro 2 × accum 1" in two.stderr
     a, b = [r["loss"] for r in read_metrics(single)], [r["loss"] for r in read_metrics(ddp)]

@@ -13,7 +13,7 @@ from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from retnet.train.config import ConfigError, load_config
 
-from .conftest import micro_args
+from .conftest import micro_args, run_train_many
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,10 +105,72 @@ def _losses(read_metrics, out, kind="train", key="loss"):
     return [r[key] for r in read_metrics(out, kind)]
 
 
+def _conversation(i: int) -> list[dict[str, str]]:
+    a, b = i % 7, (i * 3) % 5
+    return [{"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+
+
+# The chat runs: a packed row of 3 × 48 tokens, cut at 72: inside the second block
+CHAT = dict(data__format="chat", data__seq_len=48, optim__lr=1e-2, train__steps=3, train__eval_interval=3,
+            train__micro_batch_size=3, train__global_batch_size=6)
+STREAMED_CHAT = dict(data__format="chat", data__streaming=True, data__val_documents=10, data__seq_len=48,
+                     optim__lr=1e-2, train__steps=3, train__eval_interval=3, train__micro_batch_size=3,
+                     train__global_batch_size=6)
+# Streamed plain rows of 32 at chunk size 32 (test_streamed_data_is_read_once_per_group_and_resumes)
+STREAMED_ROWS = dict(data__streaming=True, data__val_documents=10, data__document_boundaries=False,
+                     model__chunk_size=32, train__steps=4, train__eval_interval=2, checkpoint__interval=2,
+                     optim__lr=1e-2, optim__schedule="constant", logging__peak_flops=1e12)
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    """160 conversations as JSONL, and a tokenizer trained on them: the chat runs' data."""
+    from retnet.tokenization import train_byte_level_bpe
+    from retnet.train.chat import render_default
+
+    root = tmp_path_factory.mktemp("chats")
+    data = root / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": _conversation(i)}) + "\n" for i in range(160)))
+    train_byte_level_bpe([render_default(_conversation(i)) for i in range(160)],
+                         vocab_size=320).save_pretrained(root / "tokenizer")
+    return data, root / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(corpus, tokenizer_dir, cache_dir, chats, tmp_path_factory):
+    """The module's 2-rank runs in one torchrun launch (each rank's process imports torch once, not five times),
+    after their one-process runs (in this process, first, as each test ran them: the launch reads the caches they
+    wrote): ``name`` -> (the one-process run's output dir, the split run's, the split run finished). The packed rows
+    (SPLIT_ROWS), chat data (CHAT), streamed text (STREAMED_ROWS; then ``streamed-resumed``, the split run resumed
+    from its step-2 checkpoint on 2 ranks) and streamed chat (STREAMED_CHAT)."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    chat_data, chat_tokenizer = chats
+
+    def text(common):
+        return lambda out, **overrides: micro_args(corpus, tokenizer_dir, cache_dir, out, **common, **overrides)
+
+    def chat(common, cache):
+        return lambda out, **overrides: micro_args(chat_data, chat_tokenizer, root / cache, out, **common,
+                                                   **overrides)
+
+    args = {"packed": text(dict(SPLIT_ROWS, data__document_boundaries=True)), "chat": chat(CHAT, "chat-cache"),
+            "streamed": text(STREAMED_ROWS), "streamed-chat": chat(STREAMED_CHAT, "streamed-chat-cache")}
+    for name, of in args.items():
+        assert main(of(root / name / "single")) == 0, name
+    runs = {name: of(root / name / "split", train__context_parallel=2) for name, of in args.items()}
+    runs["streamed-resumed"] = args["streamed"](root / "streamed-resumed" / "split", train__context_parallel=2,
+                                                train__resume=root / "streamed" / "split" / "checkpoints"
+                                                / "step_00000002")
+    finished = run_train_many(list(runs.values()), nproc=2, out=root / "launch")
+    return {name: (root / name / "single", root / name / "split", done)
+            for name, done in zip(runs, finished, strict=True)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("packed, nproc", [(True, 2), (False, 4)], ids=["packed", "plain-4-ranks"])
 def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, micro, tmp_path, run, run_here,
-                                                                read_metrics):
+                                                                read_metrics, request):
     """One process (micro 3 × accum 2) and torchrun ranks that split each micro-batch in two log the same training
     and validation losses and gradient norms: 2 ranks (one group: micro 3 × accum 2 again), and 4 (two
     data-parallel groups of 2: micro 3 × accum 1 × 2 groups).
@@ -119,11 +181,14 @@ def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, m
     learning rate at which the model reads its context: dropping the state that crosses the cut moves the losses
     by 5e-3 (the tolerance is 1e-5). Packed, one process (another world, no context parallelism) resumes the
     split run's step-2 checkpoint to the same last losses."""
-    single, split = tmp_path / "single", tmp_path / "split"
     common = dict(SPLIT_ROWS, data__document_boundaries=packed)
-    one = run_here(micro(single, **common))
-    assert one.returncode == 0, one.stderr[-3000:]
-    many = run(micro(split, **common, train__context_parallel=2), nproc=nproc)
+    if packed:  # 2 ranks: the module's launch (two_ranks)
+        single, split, many = request.getfixturevalue("two_ranks")["packed"]
+    else:
+        single, split = tmp_path / "single", tmp_path / "split"
+        one = run_here(micro(single, **common))
+        assert one.returncode == 0, one.stderr[-3000:]
+        many = run(micro(split, **common, train__context_parallel=2), nproc=nproc)
     assert many.returncode == 0, many.stderr[-3000:] + many.stdout[-2000:]
     groups = nproc // 2
     assert (f"world {nproc} / context parallel 2 = {groups} data-parallel groups × micro 3 × accum {2 // groups}"
@@ -147,34 +212,12 @@ def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, m
     assert _losses(read_metrics, alone)[-2:] == pytest.approx(expected[-2:], rel=1e-5)
 
 
-def _conversation(i: int) -> list[dict[str, str]]:
-    a, b = i % 7, (i * 3) % 5
-    return [{"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
-
-
 @pytest.mark.slow
-def test_chat_data_split_across_two_ranks_logs_the_losses_of_one_process(tmp_path, run, read_metrics):
-    """Chat data: each piece's summed loss over the global batch's target count; the pieces of a row hold its
-    targets once, so the world-size scaling of the gradients holds, and validation counts each block once."""
-    from retnet.tokenization import train_byte_level_bpe
-    from retnet.train.chat import render_default
-
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": _conversation(i)}) + "\n" for i in range(160)))
-    tokenizer = tmp_path / "tokenizer"
-    train_byte_level_bpe([render_default(_conversation(i)) for i in range(160)],
-                         vocab_size=320).save_pretrained(tokenizer)
-    # a packed row of 3 × 48 tokens, cut at 72: inside the second block
-    common = dict(data__format="chat", data__seq_len=48, optim__lr=1e-2, train__steps=3, train__eval_interval=3,
-                  train__micro_batch_size=3, train__global_batch_size=6)
-
-    def args(out, **overrides):
-        return micro_args(chats, tokenizer, tmp_path / "cache", out, **common, **overrides)
-
-    single, split = tmp_path / "single", tmp_path / "split"
-    assert main(args(single)) == 0
-    two = run(args(split, train__context_parallel=2), nproc=2)
+def test_chat_data_split_across_two_ranks_logs_the_losses_of_one_process(two_ranks, read_metrics):
+    """Chat data (CHAT: a packed row of 3 × 48 tokens, cut at 72, inside the second block): each piece's summed loss
+    over the global batch's target count; the pieces of a row hold its targets once, so the world-size scaling of
+    the gradients holds, and validation counts each block once."""
+    single, split, two = two_ranks["chat"]
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
     expected = _losses(read_metrics, single)
     assert len(expected) == 3 and expected[0] != expected[-1]
@@ -187,7 +230,7 @@ def test_chat_data_split_across_two_ranks_logs_the_losses_of_one_process(tmp_pat
 # Streamed data: read by a group's first rank; MFU of the pieces
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_streamed_data_is_read_once_per_group_and_resumes(micro, tmp_path, run, read_metrics, tokenizer_dir):
+def test_streamed_data_is_read_once_per_group_and_resumes(two_ranks, read_metrics, tokenizer_dir):
     """Streamed data under context parallelism: the group's first rank reads and tokenizes its blocks and
     broadcasts them, so the other rank never reads its stream (its checkpointed data position stays 0, where
     each rank reading the stream had the first's), and the 2 ranks log one process's losses and resume from their
@@ -201,12 +244,9 @@ def test_streamed_data_is_read_once_per_group_and_resumes(micro, tmp_path, run, 
     from retnet.train.data import load_tokenizer, vocab_bound
     from retnet.train.flops import flops_per_token
 
-    single, split, resumed = tmp_path / "single", tmp_path / "split", tmp_path / "resumed"
-    common = dict(data__streaming=True, data__val_documents=10, data__document_boundaries=False,
-                  model__chunk_size=32, train__steps=4, train__eval_interval=2, checkpoint__interval=2,
-                  optim__lr=1e-2, optim__schedule="constant", logging__peak_flops=1e12)
-    assert main(micro(single, **common)) == 0
-    many = run(micro(split, **common, train__context_parallel=2), nproc=2)
+    # (the runs' settings: STREAMED_ROWS; the resume: two_ranks' streamed-resumed, from split's step-2 checkpoint)
+    single, split, many = two_ranks["streamed"]
+    _, resumed, again = two_ranks["streamed-resumed"]
     assert many.returncode == 0, many.stderr[-3000:] + many.stdout[-2000:]
     expected = _losses(read_metrics, single)
     assert len(expected) == 4 and expected[-1] < expected[0]
@@ -224,36 +264,17 @@ def test_streamed_data_is_read_once_per_group_and_resumes(micro, tmp_path, run, 
         assert [r["mfu"] for r in records] == pytest.approx(
             [flops_per_token(config, span) * r["tokens_per_s"] / (1e12 * world) for r in records], rel=1e-9)
 
-    again = run(micro(resumed, **common, train__context_parallel=2,
-                      train__resume=split / "checkpoints" / "step_00000002"), nproc=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at step 2" in again.stderr
     assert _losses(read_metrics, resumed) == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
 
 
 @pytest.mark.slow
-def test_streamed_chat_data_read_once_per_group_logs_the_losses_of_one_process(tmp_path, run, read_metrics):
-    """Streamed chat data: the group's second rank gets the blocks and their flags from the first, and the step's
-    target count is counted once per group, by the first rank (counted once and divided by C, as when every rank
-    of a group counted, the losses would double)."""
-    from retnet.tokenization import train_byte_level_bpe
-    from retnet.train.chat import render_default
-
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": _conversation(i)}) + "\n" for i in range(160)))
-    tokenizer = tmp_path / "tokenizer"
-    train_byte_level_bpe([render_default(_conversation(i)) for i in range(160)],
-                         vocab_size=320).save_pretrained(tokenizer)
-    common = dict(data__format="chat", data__streaming=True, data__val_documents=10, data__seq_len=48,
-                  optim__lr=1e-2, train__steps=3, train__eval_interval=3, train__micro_batch_size=3,
-                  train__global_batch_size=6)
-
-    def args(out, **overrides):
-        return micro_args(chats, tokenizer, tmp_path / "cache", out, **common, **overrides)
-
-    single, split = tmp_path / "single", tmp_path / "split"
-    assert main(args(single)) == 0
-    two = run(args(split, train__context_parallel=2), nproc=2)
+def test_streamed_chat_data_read_once_per_group_logs_the_losses_of_one_process(two_ranks, read_metrics):
+    """Streamed chat data (STREAMED_CHAT): the group's second rank gets the blocks and their flags from the first,
+    and the step's target count is counted once per group, by the first rank (counted once and divided by C, as when
+    every rank of a group counted, the losses would double)."""
+    single, split, two = two_ranks["streamed-chat"]
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
     expected = _losses(read_metrics, single)
     assert len(expected) == 3 and expected[0] != expected[-1]

@@ -19,7 +19,7 @@ from retnet.train.config import ConfigError, load_config
 from retnet.train.preference import METRICS as DPO_METRICS
 from retnet.train.reward import METRICS as REWARD_METRICS
 
-from .conftest import metrics, one_thread
+from .conftest import metrics, one_thread, run_train_many
 from .test_context_parallel_preference_paths import uneven  # noqa: F401 - the fixture
 from .test_grpo import grpo_args, prompts_data, toy  # noqa: F401 - toy: the fixture
 from .test_preference import assert_records_match, dpo_args
@@ -99,8 +99,42 @@ def alone(toy, stopping, tmp_path_factory):  # noqa: F811 - toy: the fixture
     return root
 
 
+def preference_common(objective: str, uneven) -> dict:  # noqa: F811 - uneven: the fixture's path
+    """The preference runs' settings: 2 steps of micro 2 × accum 2 with validation at steps 0 and 2 on the uneven
+    pairs, a reward model's or DPO's."""
+    extra = {"reward__enabled": "true"} if objective == "reward" else {}
+    return dict(data__dataset=uneven, train__steps=2, train__eval_interval=2, checkpoint__interval=0, **extra)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(toy, stopping, alone, pairs, uneven, tmp_path_factory):  # noqa: F811 - the fixtures
+    """The module's 4-rank runs (2 pieces × 2 tensor-parallel slices) in one torchrun launch, each rank's process
+    importing torch once, not three times: ``grpo``, the one-process grpo run resumed from its step-3 checkpoint
+    (a copy of ``alone``'s without step 4), then ``dpo`` and ``reward``, each after its one-process run (in this
+    process, on one thread as each rank computes). ``name`` -> (the one-process run's output dir, the split run's,
+    the split run finished)."""
+    from retnet.train.__main__ import main
+
+    root = tmp_path_factory.mktemp("four-ranks")
+    resumed = root / "grpo" / "split"
+    shutil.copytree(alone / "grpo", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    runs = {"grpo": grpo_args(toy, resumed, **GRPO, model__init_from=stopping, train__context_parallel=2,
+                              train__tensor_parallel=2)}
+    for objective in ("dpo", "reward"):
+        common = preference_common(objective, uneven)
+        with one_thread():  # as each rank computes
+            assert main(dpo_args(pairs, root / objective / "single", **common)) == 0, objective
+        runs[objective] = dpo_args(pairs, root / objective / "split", **common, train__context_parallel=2,
+                                   train__tensor_parallel=2)
+    finished = run_train_many(list(runs.values()), nproc=4, out=root / "launch")
+    singles = {"grpo": alone / "grpo", "dpo": root / "dpo" / "single", "reward": root / "reward" / "single"}
+    return {name: (singles[name], root / name / "split", done) for name, done in zip(runs, finished, strict=True)}
+
+
 @pytest.mark.slow
-def test_ranks_splitting_each_row_log_the_grpo_records_of_one_process(toy, stopping, alone, tmp_path, run):  # noqa: F811
+def test_ranks_splitting_each_row_log_the_grpo_records_of_one_process(toy, stopping, alone, four_ranks, tmp_path,  # noqa: F811
+                                                                       run):
     """dapo with GSPO's ratio on 2 ranks from the start: the same completions, rewards, losses, KL, clip ratios and
     gradient norms as one process (each rank sampled half of the prompts, then every rank holds them all; each
     metric counted once a group, each rank's loss its half), the rows of some micro-batches cut inside a
@@ -128,11 +162,8 @@ def test_ranks_splitting_each_row_log_the_grpo_records_of_one_process(toy, stopp
     for name in ("old", "reference"):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
 
-    resumed = tmp_path / "grpo"
-    shutil.copytree(alone / "grpo", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    done = run(grpo_args(toy, resumed, **GRPO, model__init_from=stopping, train__context_parallel=2,
-                         train__tensor_parallel=2), nproc=4)
+    # (four_ranks' grpo: GRPO on 2 pieces × 2 slices, resumed from a copy of alone's grpo run without step 4)
+    _, resumed, done = four_ranks["grpo"]
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     assert "resuming with 4 (train.context_parallel 2, train.tensor_parallel 2)" in done.stderr
     assert_grpo_records_match(alone / "grpo", resumed, "train", {4}, rel=1e-5)  # from the same weights
@@ -145,18 +176,14 @@ def test_ranks_splitting_each_row_log_the_grpo_records_of_one_process(toy, stopp
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "reward"])
 def test_four_ranks_splitting_rows_and_layers_log_the_preference_records_of_one_process(
-        objective, pairs, uneven, tmp_path, run, run_here):  # noqa: F811 - pairs, uneven: the fixtures
+        objective, four_ranks):
     """DPO and a reward model, 2 steps of micro 2 × accum 2 with validation at steps 0 and 2, on the pairs whose rows
     are cut inside a sequence: 4 ranks, 2 pieces of each row × 2 slices of each layer (the pieces' per-sequence
     sums over the ranks holding the same slice), log one process's losses, metrics and gradient norms (the
     tolerances of test_context_parallel_preference_paths.py)."""
-    extra = {"reward__enabled": "true"} if objective == "reward" else {}
     names = REWARD_METRICS if objective == "reward" else DPO_METRICS
-    common = dict(data__dataset=uneven, train__steps=2, train__eval_interval=2, checkpoint__interval=0, **extra)
-    single, split = tmp_path / "single", tmp_path / "split"
-    with one_thread():  # as each rank computes
-        assert run_here(dpo_args(pairs, single, **common)).returncode == 0
-    four = run(dpo_args(pairs, split, **common, train__context_parallel=2, train__tensor_parallel=2), nproc=4)
+    # (four_ranks' runs: preference_common's settings, one process, then 2 pieces × 2 slices)
+    single, split, four = four_ranks[objective]
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
     assert "world 4 / context parallel 2 / tensor parallel 2 = 1 data-parallel groups" in four.stderr
     assert_records_match(single, split, names, tolerance=1e-4 if objective == "reward" else 1e-5)

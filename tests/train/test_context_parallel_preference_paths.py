@@ -14,7 +14,7 @@ from retnet.train.preference import METRICS as DPO_METRICS
 from retnet.train.preference import REFERENCE_FILE
 from retnet.train.reward import METRICS as REWARD_METRICS
 
-from .conftest import one_thread
+from .conftest import one_thread, run_train_many
 from .test_preference import assert_records_match, dpo_args, question, toy, write_jsonl  # noqa: F401 - toy
 
 
@@ -51,24 +51,43 @@ def test_pairs_of_any_length_are_taken():
                          "--data.dataset=pairs.jsonl", "--reward.enabled=true"])
 
 
+def split_common(objective: str, uneven) -> dict:
+    """The split runs' settings: 3 steps of micro 2 × accum 2, validation at steps 0, 2 and 3, on the uneven pairs; a
+    reward model's or DPO's."""
+    extra = {"reward__enabled": "true"} if objective == "reward" else {}
+    return dict(data__dataset=uneven, train__steps=3, train__eval_interval=2, checkpoint__interval=0, **extra)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(toy, uneven, tmp_path_factory):  # noqa: F811 - toy, uneven: the fixtures
+    """The DPO and reward-model runs of 2 ranks in one torchrun launch (each rank's process imports torch once, not
+    twice), each after its one-process run (in this process, on one thread as each rank computes: the thread
+    count's summation order is not the split's): ``objective`` -> (the one-process run's output dir, the split
+    run's, the split run finished)."""
+    from retnet.train.__main__ import main
+
+    root, runs = tmp_path_factory.mktemp("two-ranks"), {}
+    for objective in ("dpo", "reward"):
+        common = split_common(objective, uneven)
+        with one_thread():
+            assert main(dpo_args(toy, root / objective / "single", **common)) == 0, objective
+        runs[objective] = dpo_args(toy, root / objective / "split", **common, train__context_parallel=2)
+    finished = run_train_many(list(runs.values()), nproc=2, out=root / "launch")
+    return {name: (root / name / "single", root / name / "split", done)
+            for name, done in zip(runs, finished, strict=True)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "reward"])
-def test_two_ranks_splitting_each_row_of_pairs_log_the_records_of_one_process(
-        objective, toy, uneven, tmp_path, run, run_here, read_metrics):  # noqa: F811 - toy: the fixture
+def test_two_ranks_splitting_each_row_of_pairs_log_the_records_of_one_process(objective, two_ranks, read_metrics):
     """3 steps of micro 2 × accum 2 (2 pairs a row: 4 sequences cut inside one, which the second piece goes on
     with from the state the first leaves), validation at steps 0, 2 and 3: one process and two ranks of one
     context-parallel group log the same losses, metrics (each pair counted once, not once a piece) and gradient
     norms. DPO: the reference log-probs are one process's (the pieces' sums added up). A reward model: each
     sequence's score read on the piece holding its last token. Dropping the state that crosses the cut, or counting
     the metrics or the gradients C times, moves them by far more than the tolerance."""
-    extra = {"reward__enabled": "true"} if objective == "reward" else {}
     metrics_names = REWARD_METRICS if objective == "reward" else DPO_METRICS
-    common = dict(data__dataset=uneven, train__steps=3, train__eval_interval=2, checkpoint__interval=0, **extra)
-    single, split = tmp_path / "single", tmp_path / "split"
-    with one_thread():  # as each rank computes: the thread count's summation order is not the split's
-        alone = run_here(dpo_args(toy, single, **common))
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    two = run(dpo_args(toy, split, **common, train__context_parallel=2), nproc=2)
+    single, split, two = two_ranks[objective]  # (split_common's settings)
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
     assert "world 2 / context parallel 2 = 1 data-parallel groups × micro 2 × accum 2" in two.stderr
     for kind, key in (("train", "loss"), ("val", "val_loss")):  # measured 1e-7

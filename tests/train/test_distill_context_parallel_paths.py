@@ -32,7 +32,7 @@ def xpos_teacher(tmp_path_factory, corpus, tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_ranks_splitting_each_row_distill_as_one_process(xpos_teacher, micro, tmp_path, run, run_here,
+def test_ranks_splitting_each_row_distill_as_one_process(xpos_teacher, micro, tmp_path, run_many, run_here,
                                                          read_metrics):
     """One process (micro 3 × accum 2) and 2 ranks splitting each packed row of 3 × 32 tokens at token 48 (inside
     the second block's document, which the teacher's and the student's states carry across the cut), at alpha 0.6
@@ -48,7 +48,11 @@ def test_ranks_splitting_each_row_distill_as_one_process(xpos_teacher, micro, tm
 
     one = run_here(args(single))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run(args(split, train__context_parallel=2), nproc=2)
+    # one launch of 2 ranks: the split run, then its resume checked below
+    two, again = run_many([
+        args(split, train__context_parallel=2),
+        args(resumed, train__context_parallel=2, train__resume=split / "checkpoints" / "step_00000002"),
+    ], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
     assert "world 2 / context parallel 2 = 1 data-parallel groups × micro 3 × accum 2" in two.stderr
     expected = read_metrics(single)
@@ -70,8 +74,6 @@ def test_ranks_splitting_each_row_distill_as_one_process(xpos_teacher, micro, tm
     assert [r["mfu"] for r in read_metrics(split)] == pytest.approx(
         [per_token * r["tokens_per_s"] / (1e12 * 2) for r in read_metrics(split)], rel=1e-9)
 
-    again = run(args(resumed, train__context_parallel=2, train__resume=split / "checkpoints" / "step_00000002"),
-                nproc=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at step 2" in again.stderr
     for key in LOGGED:

@@ -34,7 +34,7 @@ from retnet.train.grpo import (
 )
 from retnet.train.grpo_sampling import gathered_weights, sample, stop_tokens, uniforms
 
-from .conftest import metrics, one_thread, save_micro_base
+from .conftest import metrics, one_thread, run_train_many, save_micro_base
 
 # A reward the micro model learns in a few steps: the share of "a" in the completion's text.
 TOY_REWARDS = '''
@@ -197,13 +197,36 @@ def test_a_resume_with_other_grpo_settings_is_refused(trained, toy, tmp_path, ca
     assert "other GRPO settings: grpo.temperature: checkpoint 1.0, now 0.7" in capsys.readouterr().err
 
 
+ITERATED = {"train__steps": 6, "checkpoint__interval": 4, "grpo__num_iterations": 3, "grpo__epsilon_high": 0.28,
+            "train__eval_interval": 6}
+CLIP = ("clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
+        "clip_ratio/region_mean")
+
+
+@pytest.fixture(scope="module")
+def two_gloo_ranks(toy, tmp_path_factory):
+    """The module's 2-rank runs, one after another in one torchrun launch (a rank's start, importing torch and
+    transformers, dwarfs these runs): the DDP run of test_two_gloo_ranks_match_one_process, the FSDP2 run of
+    test_fsdp_matches_one_process_and_resumes_within_a_generation, then that run resumed from its step-4
+    checkpoint (within the generation of step 3) into another directory. ``{name: (output directory, run)}``."""
+    root = tmp_path_factory.mktemp("grpo-two-ranks")
+    ddp, fsdp, resumed = root / "ddp", root / "fsdp", root / "resumed"
+    runs = {
+        "ddp": (ddp, grpo_args(toy, ddp, train__steps=4, checkpoint__interval=0)),
+        "fsdp": (fsdp, grpo_args(toy, fsdp, **ITERATED, train__parallelism="fsdp")),
+        "resumed": (resumed, grpo_args(toy, resumed, **ITERATED, train__parallelism="fsdp",
+                                       train__resume=fsdp / "checkpoints" / "step_00000004")),
+    }
+    done = run_train_many([args for _, args in runs.values()], nproc=2, out=root / "launch")
+    return {name: (out, run) for (name, (out, _)), run in zip(runs.items(), done, strict=True)}
+
+
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(trained, toy, tmp_path, run):
+def test_two_gloo_ranks_match_one_process(trained, two_gloo_ranks):
     """DDP, micro 8 × accum 1 × 2 ranks (2 groups each): the same completions (sampled per group, not per rank),
     rewards, losses and gradient norms (a wrong normalization would scale them) as the one-process run's first
-    steps (micro 8 × accum 2)."""
-    ddp = tmp_path / "ddp"
-    done = run(grpo_args(toy, ddp, train__steps=4, checkpoint__interval=0), nproc=2)
+    steps (micro 8 × accum 2). The run is one of the module's 2-rank launch (two_gloo_ranks)."""
+    ddp, done = two_gloo_ranks["ddp"]
     assert done.returncode == 0, done.stderr + done.stdout
     assert "world 2 × micro 8 × accum 1" in done.stderr and "(2 groups per rank)" in done.stderr
     one, two = metrics(trained)[:4], metrics(ddp)
@@ -211,12 +234,6 @@ def test_two_gloo_ranks_match_one_process(trained, toy, tmp_path, run):
     for key in ("loss", "grad_norm", "reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "kl"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=2e-3, abs=1e-6), key
     assert metrics(ddp, "val")[0]["val_reward"] == pytest.approx(metrics(trained, "val")[0]["val_reward"], rel=1e-5)
-
-
-ITERATED = {"train__steps": 6, "checkpoint__interval": 4, "grpo__num_iterations": 3, "grpo__epsilon_high": 0.28,
-            "train__eval_interval": 6}
-CLIP = ("clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
-        "clip_ratio/region_mean")
 
 
 @pytest.fixture(scope="module")
@@ -353,13 +370,13 @@ def test_the_old_policy_is_the_first_steps_training_forward(toy, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_fsdp_matches_one_process_and_resumes_within_a_generation(iterated, toy, tmp_path, run):
+def test_fsdp_matches_one_process_and_resumes_within_a_generation(iterated, two_gloo_ranks):
     """FSDP2 on two gloo ranks (the policy and the frozen reference sharded per layer; each rank decodes until
     every rank's rows are done), μ 3: the rewards, losses, KL and clip ratios of the one-process run (to 2e-3
-    relative, as DDP); and a resume of its step-4 checkpoint, within the generation of step 3, retraces it."""
-    fsdp = tmp_path / "fsdp"
-    args = grpo_args(toy, fsdp, **ITERATED, train__parallelism="fsdp")
-    done = run(args, nproc=2)
+    relative, as DDP); and a resume of its step-4 checkpoint, within the generation of step 3, retraces it. Both
+    runs are of the module's 2-rank launch (two_gloo_ranks): the resume, into another directory, records steps 5
+    and 6 and the evaluation at 6, compared with the whole run's."""
+    fsdp, done = two_gloo_ranks["fsdp"]
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     assert "reference: model.init_from's weights, frozen" in done.stderr and ", sharded" in done.stderr
     one, two = metrics(iterated), metrics(fsdp)
@@ -374,13 +391,12 @@ def test_fsdp_matches_one_process_and_resumes_within_a_generation(iterated, toy,
     assert [("reward" in r) for r in two] == [("reward" in r) for r in one]
     # at step 0 only: later, weights ~1e-4 apart can flip a sampled token (the draw is discrete)
     assert metrics(fsdp, "val")[0]["val_reward"] == pytest.approx(metrics(iterated, "val")[0]["val_reward"], rel=1e-5)
-    copy = tmp_path / "copy"
-    shutil.copytree(fsdp, copy)
-    shutil.rmtree(copy / "checkpoints" / "step_00000006")
-    done = run(grpo_args(toy, copy, **ITERATED, train__parallelism="fsdp"), nproc=2)
+    resumed, done = two_gloo_ranks["resumed"]
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    assert "at step 4" in done.stderr
     for kind in ("train", "val"):
-        assert strip(metrics(copy, kind)) == strip(metrics(fsdp, kind))
+        after = [r for r in strip(metrics(fsdp, kind)) if r["step"] > 4]
+        assert after and strip(metrics(resumed, kind)) == after
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it

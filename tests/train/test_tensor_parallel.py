@@ -18,8 +18,9 @@ from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from retnet.train.config import ConfigError, load_config
 from retnet.train.trainer import Trainer
+from tests.launch import selected_tests
 
-from .conftest import micro_args
+from .conftest import micro_args, run_train_many
 from .test_context_parallel import SPLIT_ROWS
 from .test_grpo import CLIP, grpo_args, strip
 from .test_grpo import toy as grpo_toy  # noqa: F401 - the fixture, as grpo_toy (test_preference's is toy)
@@ -140,9 +141,94 @@ def _losses(read_metrics, out, kind="train", key="loss"):
     return [r[key] for r in read_metrics(out, kind)]
 
 
+# The torchrun runs of this module's tests, in one launch of 2 ranks and one of 4 (a rank's start, ~10 s of CPU
+# importing torch and transformers, dwarfs a micro run): each test's runs join its launch when the session runs that
+# test (so that one selected alone starts no other test's runs), their outputs under the launch's directory.
+TP_COMMON = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
+                 checkpoint__interval=2, checkpoint__export=True, logging__peak_flops=1e12)
+FSDP_COMMON = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
+                   checkpoint__interval=2, model__intermediate_size=70)
+FSDP_TP = dict(train__tensor_parallel=2, train__parallelism="fsdp", train__vocab_parallel=True,
+               train__sequence_parallel=True)
+CP_TP_ROWS = dict(SPLIT_ROWS, data__document_boundaries=True)
+CP_TP_SPLITS = {"gradient-mean": ("ddp", {}),
+                "fsdp-vocab-sequence": ("fsdp", dict(train__vocab_parallel=True, train__sequence_parallel=True))}
+DPO_COMMON = dict(train__steps=3, train__eval_interval=0, lora__rank=4, lora__alpha=8)
+GRPO_COMMON = dict(train__steps=3, train__eval_interval=3, checkpoint__interval=1, checkpoint__keep_last=3,
+                   grpo__num_iterations=2, grpo__epsilon_high=0.28)
+
+
+def _launch(runs: dict, nproc: int, root) -> SimpleNamespace:
+    """``runs`` ({name: arguments}, in order) in one torchrun launch: each name's finished run (``run_many``'s)."""
+    done = run_train_many(list(runs.values()), nproc, root / f"launch-{nproc}") if runs else []
+    return SimpleNamespace(**dict(zip(runs, done)))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> SimpleNamespace:
+    """The module's 2-rank runs (``root`` their directory): the split of every layer (``tp``, its step-2 checkpoint
+    resumed by ``four_ranks``'s ``tp_resumed``), DPO's split run and its resume under FSDP2 (``dpo``,
+    ``dpo_resumed``), GRPO's split run (``grpo``)."""
+    selected, root = selected_tests(request, parameters=True), tmp_path_factory.mktemp("tp-two")
+    runs = {}
+    if "test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume" in selected:
+        runs["tp"] = micro_args(corpus, tokenizer_dir, cache_dir, root / "split", **TP_COMMON,
+                                train__tensor_parallel=2)
+    if "test_dpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process" in selected:
+        toy = request.getfixturevalue("toy")
+        runs["dpo"] = dpo_args(toy, root / "dpo-split", **DPO_COMMON, checkpoint__interval=2,
+                               train__tensor_parallel=2, train__vocab_parallel=True, train__sequence_parallel=True)
+        # The split run's checkpoint of LoRA adapters resumed under FSDP2 over the split
+        runs["dpo_resumed"] = dpo_args(toy, root / "dpo-resumed", **DPO_COMMON, train__tensor_parallel=2,
+                                       train__parallelism="fsdp",
+                                       train__resume=root / "dpo-split" / "checkpoints" / "step_00000002")
+    if "test_grpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process_and_resumes" in selected:
+        # grpo_toy puts toy_rewards.py on the runs' PYTHONPATH while it is up: requested before the launch
+        runs["grpo"] = grpo_args(request.getfixturevalue("grpo_toy"), root / "grpo-split", **GRPO_COMMON,
+                                 train__tensor_parallel=2, train__vocab_parallel=True)
+    launch = _launch(runs, 2, root)
+    launch.root = root
+    return launch
+
+
+@pytest.fixture(scope="module")
+def four_ranks(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> SimpleNamespace:
+    """The module's 4-rank runs (``root`` their directory): FSDP2 over the data-parallel groups of the split model
+    (``fsdp`` first, whose stderr is checked for a warning torch gives once a process; ``fsdp_full`` resuming
+    ``fsdp-single``, the one-process run made here before the launch; ``fsdp_own`` resuming ``fsdp``'s step 2),
+    context-parallel pieces split by tensor parallelism (``cp_gradient_mean``, ``cp_fsdp_vocab_sequence``), and
+    the resume of ``two_ranks``'s split run on two data-parallel groups (``tp_resumed``)."""
+    selected, root = selected_tests(request, parameters=True), tmp_path_factory.mktemp("tp-four")
+
+    def args(out, **overrides):
+        return micro_args(corpus, tokenizer_dir, cache_dir, out, **overrides)
+
+    runs = {}
+    if "test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_resumes" in selected:
+        assert main(args(root / "fsdp-single", **FSDP_COMMON)) == 0  # resumed by fsdp_full
+        runs["fsdp"] = args(root / "fsdp-split", **FSDP_COMMON, **FSDP_TP, checkpoint__export=True)
+        runs["fsdp_full"] = args(root / "fsdp-full", **FSDP_COMMON, **FSDP_TP, checkpoint__layout="full",
+                                 train__resume=root / "fsdp-single" / "checkpoints" / "step_00000002")
+        runs["fsdp_own"] = args(root / "fsdp-own", **FSDP_COMMON, **FSDP_TP,
+                                train__resume=root / "fsdp-split" / "checkpoints" / "step_00000002")
+    for name, (parallelism, splits) in CP_TP_SPLITS.items():
+        if f"test_context_parallel_pieces_split_by_tensor_parallelism_log_the_losses_of_one_process[{name}]" in selected:
+            runs["cp_" + name.replace("-", "_")] = args(
+                root / f"cp-{name}", **CP_TP_ROWS, train__context_parallel=2, train__tensor_parallel=2,
+                train__parallelism=parallelism, **splits)
+    if "test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume" in selected:
+        # with the vocabulary (the full checkpoint's embedding cut into each rank's rows) and the sequence split too
+        checkpoint = request.getfixturevalue("two_ranks").root / "split" / "checkpoints" / "step_00000002"
+        runs["tp_resumed"] = args(root / "tp-resumed", **TP_COMMON, train__tensor_parallel=2,
+                                  train__vocab_parallel=True, train__sequence_parallel=True, train__resume=checkpoint)
+    launch = _launch(runs, 4, root)
+    launch.root = root
+    return launch
+
+
 @pytest.mark.slow
-def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(micro, tmp_path, run, read_metrics,
-                                                                              capsys, tokenizer_dir):
+def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(micro, tmp_path, two_ranks, four_ranks,
+                                                                              read_metrics, capsys, tokenizer_dir):
     """One process (micro 2 × accum 2) and 2 torchrun ranks splitting each layer's 2 heads and its FFN (one
     tensor-parallel group: micro 2 × accum 2 again) log the same training and validation losses and gradient norms
     on packed text; the MFU divides by both devices and the tokens count once. The checkpoint holds full tensors and
@@ -155,11 +241,9 @@ def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(mi
     from retnet.train.data import load_tokenizer, vocab_bound
     from retnet.train.flops import flops_per_token
 
-    single, split = tmp_path / "single", tmp_path / "split"
-    common = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
-                  checkpoint__interval=2, checkpoint__export=True, logging__peak_flops=1e12)
+    single, split, common = tmp_path / "single", two_ranks.root / "split", TP_COMMON
     assert main(micro(single, **common)) == 0
-    two = run(micro(split, **common, train__tensor_parallel=2), nproc=2)
+    two = two_ranks.tp  # micro(split, **common, train__tensor_parallel=2) on 2 ranks
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
     assert "world 2 / tensor parallel 2 = 1 data-parallel groups × micro 2 × accum 2" in two.stderr
     expected = _losses(read_metrics, single)
@@ -191,10 +275,11 @@ def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(mi
         torch.testing.assert_close(exported(tokens).logits, reference(tokens).logits, rtol=0, atol=3e-3)
 
     checkpoint = split / "checkpoints" / "step_00000002"
-    resumed, alone = tmp_path / "resumed", tmp_path / "alone"
-    # ... with the vocabulary (the full checkpoint's embedding cut into each rank's rows) and the sequence split too
-    four = run(micro(resumed, **common, train__tensor_parallel=2, train__vocab_parallel=True,
-                     train__sequence_parallel=True, train__resume=checkpoint), nproc=4)
+    resumed, alone = four_ranks.root / "tp-resumed", tmp_path / "alone"
+    # ... with the vocabulary (the full checkpoint's embedding cut into each rank's rows) and the sequence split too:
+    # micro(resumed, **common, train__tensor_parallel=2, train__vocab_parallel=True, train__sequence_parallel=True,
+    # train__resume=checkpoint) on 4 ranks
+    four = four_ranks.tp_resumed
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
     assert "world 4 / tensor parallel 2 = 2 data-parallel groups × micro 2 × accum 1" in four.stderr
     assert "at step 2" in four.stderr and "written by 2 ranks, resuming with 4" in four.stderr
@@ -209,8 +294,7 @@ def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(mi
 
 
 @pytest.mark.slow
-def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_resumes(micro, tmp_path, run_many,
-                                                                                       run_here, read_metrics):
+def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_resumes(four_ranks, read_metrics):
     """4 torchrun ranks, 2 data-parallel groups of 2 splitting every layer, with FSDP2 sharding the split model over
     the groups (``train.parallelism=fsdp``: micro 2 × accum 1 × 2 groups), log one process's training and validation
     losses and gradient norms (micro 2 × accum 2, the same global batch). The FFN is 70 wide: a rank's 35 rows of
@@ -225,20 +309,12 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     import retnet  # noqa: F401  (registers the Auto classes)
     from retnet.train.checkpoint import saved_model_shapes, verify_checkpoint
 
-    single, split, full = (tmp_path / name for name in ("single", "split", "full"))
-    common = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
-                  checkpoint__interval=2, model__intermediate_size=70)
-    fsdp_tp = dict(train__tensor_parallel=2, train__parallelism="fsdp", train__vocab_parallel=True,
-                   train__sequence_parallel=True)
-    assert run_here(micro(single, **common)).returncode == 0
+    # four_ranks: one process's run (FSDP_COMMON) to fsdp-single, then in its launch of 4 ranks (FSDP_TP) the split
+    # run to fsdp-split (with the export), then the two resumes checked after it: fsdp-single's step 2 in the full
+    # layout to fsdp-full, and fsdp-split's step 2 to fsdp-own
+    single, split, full, own_dir = (four_ranks.root / f"fsdp-{name}" for name in ("single", "split", "full", "own"))
     checkpoint = split / "checkpoints" / "step_00000002"
-    # one launch of 4 ranks: the split run, then the two resumes checked after it
-    four, again, own = run_many([
-        micro(split, **common, **fsdp_tp, checkpoint__export=True),
-        micro(full, **common, **fsdp_tp, checkpoint__layout="full",
-              train__resume=single / "checkpoints" / "step_00000002"),
-        micro(tmp_path / "own", **common, **fsdp_tp, train__resume=checkpoint),
-    ], nproc=4)
+    four, again, own = four_ranks.fsdp, four_ranks.fsdp_full, four_ranks.fsdp_own
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
     assert ("world 4 / tensor parallel 2 = 2 data-parallel groups × micro 2 × accum 1 = global 4 blocks of 32 "
             "tokens; tensor parallel (vocabulary and sequence split too), fsdp over the data-parallel groups"
@@ -277,11 +353,10 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     # A preempted run's own path: the same split resumes its sharded checkpoint
     assert own.returncode == 0, own.stderr[-3000:] + own.stdout[-2000:]
     assert "at step 2" in own.stderr and "resuming with" not in own.stderr  # no other split to warn of
-    assert _losses(read_metrics, tmp_path / "own") == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
+    assert _losses(read_metrics, own_dir) == pytest.approx(_losses(read_metrics, split)[-2:], rel=1e-6)
 
 
-# The packed rows both parallelisms below split: one process's run of them, trained once for the module
-CP_TP_ROWS = dict(SPLIT_ROWS, data__document_boundaries=True)
+# The packed rows both parallelisms below split (CP_TP_ROWS): one process's run of them, trained once for the module
 
 
 @pytest.fixture(scope="module")
@@ -294,11 +369,9 @@ def cp_tp_single(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallelism, splits", [("ddp", {}), ("fsdp", dict(train__vocab_parallel=True,
-                                                                            train__sequence_parallel=True))],
-                         ids=["gradient-mean", "fsdp-vocab-sequence"])
+@pytest.mark.parametrize("name", list(CP_TP_SPLITS))
 def test_context_parallel_pieces_split_by_tensor_parallelism_log_the_losses_of_one_process(
-        parallelism, splits, micro, tmp_path, run, run_here, read_metrics, cp_tp_single):
+        name, micro, tmp_path, four_ranks, run_here, read_metrics, cp_tp_single):
     """4 torchrun ranks: each packed row (micro 3 × 32 tokens) cut in 2 pieces along time (context parallelism,
     the cut inside the second block's document), each piece's layers split across 2 ranks (tensor parallelism):
     one group of 2 × 2 ranks, micro 3 × accum 2, logs one process's training and validation losses and gradient
@@ -306,9 +379,11 @@ def test_context_parallel_pieces_split_by_tensor_parallelism_log_the_losses_of_o
     gradients of the same slice are summed over the pieces (by the trainer, or by FSDP2 over mesh["dp"], which
     holds both pieces' ranks of a slice). Under FSDP2, with the vocabulary and sequence splits too, the step-2
     checkpoint resumes in one process without any split to the last losses."""
-    single, split, common = cp_tp_single, tmp_path / "split", CP_TP_ROWS
-    four = run(micro(split, **common, train__context_parallel=2, train__tensor_parallel=2,
-                     train__parallelism=parallelism, **splits), nproc=4)
+    parallelism = CP_TP_SPLITS[name][0]
+    single, split, common = cp_tp_single, four_ranks.root / f"cp-{name}", CP_TP_ROWS
+    # micro(split, **common, train__context_parallel=2, train__tensor_parallel=2, train__parallelism=parallelism,
+    # **CP_TP_SPLITS[name][1]) on 4 ranks
+    four = getattr(four_ranks, "cp_" + name.replace("-", "_"))
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]
     assert ("world 4 / context parallel 2 / tensor parallel 2 = 1 data-parallel groups × micro 3 × accum 2"
             in four.stderr)
@@ -332,7 +407,7 @@ def test_context_parallel_pieces_split_by_tensor_parallelism_log_the_losses_of_o
 
 @pytest.mark.slow
 def test_dpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process(
-        toy, tmp_path, run, run_here, read_metrics):  # noqa: F811 - toy: the fixture
+        toy, tmp_path, two_ranks, run_here, read_metrics):  # noqa: F811 - toy: the fixture
     """DPO on the toy preference pairs (test_preference's), 3 steps: 2 torchrun ranks splitting every layer (one
     tensor-parallel group, micro 2 × accum 2; LoRA adapters, the vocabulary and the sequence split too, its log-probs
     taken from the gathered logits) log one process's training and validation losses and metrics: each pair counted
@@ -342,12 +417,13 @@ def test_dpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process(
     from retnet.train.preference import METRICS as DPO_METRICS
     from retnet.train.preference import REFERENCE_FILE
 
-    common = dict(train__steps=3, train__eval_interval=0, lora__rank=4, lora__alpha=8)
-    single, split = tmp_path / "dpo-single", tmp_path / "dpo-split"
+    common = DPO_COMMON
+    single, split, resumed_dir = tmp_path / "dpo-single", two_ranks.root / "dpo-split", two_ranks.root / "dpo-resumed"
     alone = run_here(dpo_args(toy, single, **common, checkpoint__interval=2))
     assert alone.returncode == 0, alone.stderr[-3000:]
-    two = run(dpo_args(toy, split, **common, checkpoint__interval=2, train__tensor_parallel=2,
-                       train__vocab_parallel=True, train__sequence_parallel=True), nproc=2)
+    # dpo_args(toy, split, **common, checkpoint__interval=2, train__tensor_parallel=2, train__vocab_parallel=True,
+    # train__sequence_parallel=True) on 2 ranks
+    two = two_ranks.dpo
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
     assert "world 2 / tensor parallel 2 = 1 data-parallel groups × micro 2 × accum 2" in two.stderr
     assert "LoRA rank 4 on q_proj" in two.stderr
@@ -360,21 +436,21 @@ def test_dpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process(
     assert_records_match(single, split, DPO_METRICS, tolerance=2e-4)
     assert [r["tokens"] for r in read_metrics(split)] == [r["tokens"] for r in read_metrics(single)]
     # The split run's checkpoint of LoRA adapters (gathered whole: the adapters and their optimizer state alone)
-    # resumes under FSDP2 over the split, each rank cutting its own slices of the adapters, to the last loss
-    resumed = run(dpo_args(toy, tmp_path / "dpo-resumed", **common, train__tensor_parallel=2, train__parallelism="fsdp",
-                           train__resume=tmp_path / "dpo-split" / "checkpoints" / "step_00000002"), nproc=2)
+    # resumes under FSDP2 over the split, each rank cutting its own slices of the adapters, to the last loss:
+    # dpo_args(toy, resumed_dir, **common, train__tensor_parallel=2, train__parallelism="fsdp",
+    # train__resume=split / "checkpoints" / "step_00000002") on 2 ranks, after the split run in its launch
+    resumed = two_ranks.dpo_resumed
     assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-2000:]
     assert "at step 2" in resumed.stderr
-    assert _losses(read_metrics, tmp_path / "dpo-resumed") == pytest.approx(
-        _losses(read_metrics, tmp_path / "dpo-single")[-1:], rel=1e-5)
+    assert _losses(read_metrics, resumed_dir) == pytest.approx(_losses(read_metrics, single)[-1:], rel=1e-5)
     for part in ("train", "val"):  # computed by the split model: one process's (measured 3.8e-6 of ~28)
-        torch.testing.assert_close(torch.load(tmp_path / "dpo-split" / REFERENCE_FILE)[part],
-                                   torch.load(tmp_path / "dpo-single" / REFERENCE_FILE)[part], rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.load(split / REFERENCE_FILE)[part],
+                                   torch.load(single / REFERENCE_FILE)[part], rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
 def test_grpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process_and_resumes(
-        grpo_toy, tmp_path, run, run_here, read_metrics):  # noqa: F811 - grpo_toy: the fixture
+        grpo_toy, tmp_path, two_ranks, run_here, read_metrics):  # noqa: F811 - grpo_toy: the fixture
     """GRPO on test_grpo's toy prompts, 3 steps of grpo.num_iterations 2 with a KL term (micro 8 × accum 2, 4 prompts
     × 4 completions a generation): 2 torchrun ranks splitting every layer (one tensor-parallel group, the vocabulary
     split too) sample one process's completions (the same uniforms and whole logits; the group's first rank's tokens
@@ -382,12 +458,12 @@ def test_grpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process_and
     once, not once a rank of the group; the KL reference is split as the policy is. From the split run's step-1
     checkpoint, within the generation of step 0, one process resumes to the one-process run's last records (measured:
     losses 3e-7, KL 1.5e-5, rewards equal). About 10 s on 2 CPU cores."""
-    single, split, alone = tmp_path / "single", tmp_path / "split", tmp_path / "alone"
-    common = dict(train__steps=3, train__eval_interval=3, checkpoint__interval=1, checkpoint__keep_last=3,
-                  grpo__num_iterations=2, grpo__epsilon_high=0.28)
+    single, split, alone = tmp_path / "single", two_ranks.root / "grpo-split", tmp_path / "alone"
+    common = GRPO_COMMON
     done = run_here(grpo_args(grpo_toy, single, **common))
     assert done.returncode == 0, done.stderr[-3000:]
-    two = run(grpo_args(grpo_toy, split, **common, train__tensor_parallel=2, train__vocab_parallel=True), nproc=2)
+    # grpo_args(grpo_toy, split, **common, train__tensor_parallel=2, train__vocab_parallel=True) on 2 ranks
+    two = two_ranks.grpo
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
     assert "world 2 / tensor parallel 2 = 1 data-parallel groups × micro 8 × accum 2" in two.stderr
     assert "(4 groups per rank)" in two.stderr and "split across the 2 tensor-parallel ranks" in two.stderr

@@ -5,18 +5,20 @@ scale. On two torchrun (gloo) ranks the split model gives one process's loss, lo
 takes back an unsplit state dict; ``retnet-train --lora.use_dora=true --train.tensor_parallel=2`` logs one process's
 losses and gradient norms, its checkpoint resumes on 2 ranks to one process's losses and its export is one process's.
 
-This file is also the model-level worker: ``torchrun --nproc_per_node=2 THIS_FILE OUT`` writes each rank's results
-to ``OUT/rank{r}.pt``."""
+The model-level cases (``worker``) and the ``retnet-train`` runs run in one launch of 2 ranks
+(tests/train/tensor_parallel_dora_worker.py), each when the session runs its test."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.launch import launch_worker
+from tests.launch import selected_tests
+
+from .conftest import launch_runs, micro_args
 
 TP = 2
 LENGTH = 37  # not a multiple of the chunk size (16); 19 and 18 tokens a rank under sequence parallelism
@@ -100,14 +102,14 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def worker(out_dir: str) -> None:
-    """One rank: each case split over the 2 ranks, run, its state dict gathered, then an unsplit state dict with
-    other adapters loaded into it and run again."""
+    """One rank (of the process group the caller started): each case split over the 2 ranks, run, its state dict
+    gathered, then an unsplit state dict with other adapters loaded into it and run again; its results written to
+    ``OUT_DIR/rank{r}.pt``."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from retnet.model.tensor_parallel import full_state_dict, load_full_state_dict, parallelize_retnet
 
-    dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (TP,))
     results = {}
     for name, case in CASES.items():
@@ -127,14 +129,52 @@ def worker(out_dir: str) -> None:
         with torch.no_grad():  # the recurrent decode: under sequence parallelism one token, rank 1's share none
             results[name]["generated"] = model.eval().generate(**generation_inputs())
     torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+
+
+CASES_TEST = "test_split_dora_gives_one_process_outputs_and_adapter_gradients"
+TRAINING_TEST = "test_dora_training_on_split_layers_logs_one_process_resumes_and_exports"
+
+
+def training_args(micro, base: Path, out: Path, **overrides) -> list[str]:
+    """DoRA rank 4 on every projection of ``base``, 4 steps (``micro``: conftest's fixture's function)."""
+    from .test_init_from import fine_tune_args
+
+    return fine_tune_args(micro(out, train__steps=4, optim__schedule="constant", checkpoint__interval=2,
+                                checkpoint__export=True, **overrides), base, lora__rank=4, lora__alpha=8,
+                          lora__use_dora="true", optim__lr=2e-2, optim__weight_decay=0.0)
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("tp-dora")
-    launch_worker(Path(__file__), out, TP)
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(TP)]
+def two_ranks(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> SimpleNamespace:
+    """The module's one launch of 2 ranks (tests/train/tensor_parallel_dora_worker.py), the parts of it whose tests
+    the session runs: the model-level cases (``launch``: its process, ``root / "model"`` the ranks' results), then
+    the training test's split run (``split``, to ``root / "split"``) and the resume of its step-2 checkpoint
+    (``again``, to ``root / "resumed"``), each a finished run as ``run_train_many`` returns it."""
+    selected = selected_tests(request)
+    root = tmp_path_factory.mktemp("tp-dora")
+    runs = []
+    if TRAINING_TEST in selected:
+        def args(out: Path, **overrides) -> list[str]:
+            return training_args(lambda output_dir, **more: micro_args(corpus, tokenizer_dir, cache_dir, output_dir,
+                                                                       **more),
+                                 request.getfixturevalue("base"), out, **overrides)
+
+        runs = [args(root / "split", train__tensor_parallel=2, train__sequence_parallel=True,
+                     train__vocab_parallel=True),
+                # on 2 ranks again, without the sequence and vocabulary splits (the row-parallel magnitudes then
+                # scale a replicated output): the full checkpoint's column-parallel magnitudes and their AdamW
+                # moments cut by rows
+                args(root / "resumed", train__tensor_parallel=2,
+                     train__resume=root / "split" / "checkpoints" / "step_00000002")]
+    launch, finished = launch_runs(runs, TP, root, worker=Path(__file__).with_name("tensor_parallel_dora_worker.py"),
+                                   model_cases=CASES_TEST in selected)
+    return SimpleNamespace(root=root, launch=launch, **dict(zip(("split", "again"), finished)))
+
+
+@pytest.fixture(scope="module")
+def ranks(two_ranks) -> list[dict]:
+    assert two_ranks.launch.returncode == 0, two_ranks.launch.stderr[-4000:]
+    return [torch.load(two_ranks.root / "model" / f"rank{rank}.pt", weights_only=False) for rank in range(TP)]
 
 
 def _assert_run_matches(split: dict, alone: dict) -> None:
@@ -204,7 +244,7 @@ def base(tmp_path_factory, tokenizer_dir) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it
-def test_dora_training_on_split_layers_logs_one_process_resumes_and_exports(micro, base, tmp_path, run, run_here,
+def test_dora_training_on_split_layers_logs_one_process_resumes_and_exports(micro, base, tmp_path, two_ranks, run_here,
                                                                             read_metrics):
     """DoRA rank 4 on every projection of ``base``, 4 steps: 2 torchrun ranks splitting every layer (the sequence
     and the vocabulary too) log one process's losses and gradient norms; their step-2 checkpoint (the adapters and
@@ -215,18 +255,13 @@ def test_dora_training_on_split_layers_logs_one_process_resumes_and_exports(micr
     from retnet.model import RetNetForCausalLM
     from retnet.train.checkpoint import load_checkpoint
 
-    from .test_init_from import fine_tune_args
-
-    def args(out: Path, **overrides) -> list[str]:
-        return fine_tune_args(micro(out, train__steps=4, optim__schedule="constant", checkpoint__interval=2,
-                                    checkpoint__export=True, **overrides), base, lora__rank=4, lora__alpha=8,
-                              lora__use_dora="true", optim__lr=2e-2, optim__weight_decay=0.0)
-
-    single, split, resumed = tmp_path / "single", tmp_path / "split", tmp_path / "resumed"
-    alone = run_here(args(single))
+    single, split, resumed = tmp_path / "single", two_ranks.root / "split", two_ranks.root / "resumed"
+    alone = run_here(training_args(micro, base, single))
     assert alone.returncode == 0, alone.stderr[-3000:]
-    two = run(args(split, train__tensor_parallel=2, train__sequence_parallel=True, train__vocab_parallel=True),
-              nproc=2)
+    # two_ranks's launch: training_args(split, train__tensor_parallel=2, train__sequence_parallel=True,
+    # train__vocab_parallel=True), then the resume of its step-2 checkpoint (training_args(resumed,
+    # train__tensor_parallel=2, train__resume=...)) checked below
+    two, again = two_ranks.split, two_ranks.again
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
     assert "DoRA rank 4 on q_proj" in two.stderr
     expected = [r["loss"] for r in read_metrics(single)]
@@ -235,13 +270,10 @@ def test_dora_training_on_split_layers_logs_one_process_resumes_and_exports(micr
     assert [r["grad_norm"] for r in read_metrics(split)] == pytest.approx(
         [r["grad_norm"] for r in read_metrics(single)], rel=1e-5)  # measured 6e-8, the losses 8e-8
 
-    checkpoint = split / "checkpoints" / "step_00000002"
     saved, reference = (load_checkpoint(out / "checkpoints" / "step_00000002")["model"] for out in (split, single))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in reference.items()}
     assert sum(".lora_magnitude_vector." in key for key in saved) == 2 * 7
-    # resumed on 2 ranks again, without the sequence and vocabulary splits (the row-parallel magnitudes then scale
-    # a replicated output): the full checkpoint's column-parallel magnitudes and their AdamW moments cut by rows
-    again = run(args(resumed, train__tensor_parallel=2, train__resume=checkpoint), nproc=2)
+    # the resume on 2 ranks (the launch's second run)
     assert again.returncode == 0, again.stderr[-3000:] + again.stdout[-2000:]
     assert "at step 2" in again.stderr
     assert [r["loss"] for r in read_metrics(resumed)] == pytest.approx(expected[-2:], rel=1e-5)
@@ -255,7 +287,3 @@ def test_dora_training_on_split_layers_logs_one_process_resumes_and_exports(micr
     merged = [RetNetForCausalLM.from_pretrained(out / "export").eval() for out in (split, single)]
     with torch.no_grad():
         torch.testing.assert_close(merged[0](tokens).logits, merged[1](tokens).logits, rtol=0, atol=1e-4)  # 4e-6
-
-
-if __name__ == "__main__":
-    worker(sys.argv[1])

@@ -424,15 +424,6 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(micro, tmp_path,
     assert 2 <= step < 50 and read_metrics(out)[-1]["step"] == step
 
 
-@pytest.mark.slow
-def test_batch_that_does_not_divide_across_two_ranks(micro, tmp_path, run):
-    out = tmp_path / "run"
-    done = run(micro(out, train__global_batch_size=6, train__micro_batch_size=2), nproc=2)
-    assert done.returncode != 0
-    assert "train.global_batch_size (6) must be a multiple of train.micro_batch_size × world_size" in done.stderr
-    assert not (out / "checkpoints").exists()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The tiny preset on the embedded corpus
 # ----------------------------------------------------------------------------------------------------------
