@@ -32,12 +32,12 @@ CASES = [
     ((2, 37, 2, 32, 16, 16), DTYPES),  # batch, a partial last chunk
     ((1, 100, 3, 16, 32, 64), DTYPES),  # partial chunk at the default size, K != V
     ((1, 37, 2, 40, 24, 16), DTYPES),  # head dims that are not powers of two (masked tiles)
-    # The largest head dims: several K and V tiles in every kernel. fp32 (32 K tiles of 16 wide in dq/dk, 19 s
-    # interpreted) has several masked K and V tiles in every kernel in the 64x200 case below and test_input_rules.py's
-    # K=320 / V=512 cases; bf16 K=256 in test_bf16_model_sized_heads, several bf16 V tiles in the 64x200 and
-    # 128x128 cases.
+    # The largest head dims: several K and V tiles in every kernel. fp32 (16 K tiles of 16 wide in dq/dk, 19 s
+    # interpreted) has several K and V tiles in every kernel in the 64x200 case below (its V tiles masked) and
+    # test_input_rules.py's K=320 / V=512 cases, masked K tiles in the K=40 case above; bf16 K=256 in
+    # test_bf16_model_sized_heads, several bf16 V tiles in the 64x200 and 128x128 cases.
     ((1, 20, 1, 256, 256, 16), [torch.float16]),
-    ((1, 33, 1, 64, 200, 32), DTYPES),  # K != V, V spans two output tiles (fp32: 2 K and 4-7 V tiles, masked)
+    ((1, 33, 1, 64, 200, 32), DTYPES),  # K != V, V spans two output tiles (fp32: 2 K and 4-7 V tiles, V masked)
     ((1, 150, 1, 16, 16, 16), DTYPES),  # many chunks
     # Model-like tiles: 64-token chunks, full 64-wide K tile, V = 128 (batches: above). Those are fp16's and bf16's
     # tiles; bf16 runs them (and more chunks) in test_bf16_model_sized_heads' 128x128 case; fp32 tiles K = 64 as the

@@ -58,7 +58,7 @@ def run_train_many(runs: list[list[str]], nproc: int, out: Path, timeout: float 
                    ) -> list[subprocess.CompletedProcess]:
     """``runs`` (each a ``retnet-train`` argument list), one after another in one torchrun launch of ``nproc``
     ranks (tests/train/runs_worker.py): each returned as ``run_train`` returns its own launch, stdout and stderr
-    the ranks' in rank order; a run after one that raised was not run (returncode -1, the launch's stderr)."""
+    the ranks' in rank order; a run after one that failed was not run (returncode -1, the launch's stderr)."""
     return launch_runs(runs, nproc, out, timeout=timeout)[1]
 
 
@@ -71,22 +71,39 @@ def launch_runs(runs: list[list[str]], nproc: int, out: Path, worker: Path = RUN
     plan_path.write_text(json.dumps({**plan, "runs": runs, "out": str(out)}))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *TORCHRUN_STANDALONE,
                str(worker), str(plan_path)]
-    launch = subprocess.run(command, cwd=REPO, env=dict(train_env(), OMP_NUM_THREADS="1"), capture_output=True,
-                            text=True, timeout=timeout)
+    try:
+        launch = subprocess.run(command, cwd=REPO, env=dict(train_env(), OMP_NUM_THREADS="1"), capture_output=True,
+                                text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:  # the runs that finished still report, the rest as not run
+        launch = subprocess.CompletedProcess(command, -9, _text(expired.stdout),
+                                             _text(expired.stderr) + f"\n(launch killed after {timeout} s)")
     finished = []
     for index, args in enumerate(runs):
         directory = out / f"run_{index}"
-        statuses = [directory / f"rank_{rank}.status" for rank in range(nproc)]
-        if not all(path.exists() for path in statuses):
+        codes = [(directory / f"rank_{rank}.status").read_text() if (directory / f"rank_{rank}.status").exists()
+                 else None for rank in range(nproc)]
+        if all(code is None for code in codes):  # not run: the launch ended before it
             finished.append(subprocess.CompletedProcess(args, -1, launch.stdout, launch.stderr))
             continue
-        codes = [path.read_text() for path in statuses]
+        # a rank without a status was stopped by torchrun when another failed (or the launch's timeout)
         failed = [code for code in codes if code != "0"]
-        returncode = 0 if not failed else (1 if failed[0] == "raised" else int(failed[0]))
-        stdout, stderr = ("".join((directory / f"rank_{rank}.{name}").read_text() for rank in range(nproc))
+        reported = [code for code in failed if code not in (None, "raised")]
+        returncode = 0 if not failed else int(reported[0]) if reported else 1
+        stdout, stderr = ("".join(path.read_text() for path in (directory / f"rank_{rank}.{name}"
+                                                                 for rank in range(nproc)) if path.exists())
                           for name in ("stdout", "stderr"))
-        finished.append(subprocess.CompletedProcess(args, returncode, stdout, stderr))
+        finished.append(subprocess.CompletedProcess(args, returncode, stdout, stderr + ("" if all(codes) else
+                                                                                        launch.stderr)))
+    if launch.returncode != 0 and finished and all(run.returncode == 0 for run in finished):
+        # every run reported success, yet the launch failed (a rank's end after its last run): not a pass
+        last = finished[-1]
+        finished[-1] = subprocess.CompletedProcess(last.args, launch.returncode, last.stdout,
+                                                   last.stderr + launch.stderr)
     return launch, finished
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def save_micro_base(directory: Path, tokenizer) -> None:

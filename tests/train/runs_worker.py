@@ -8,8 +8,9 @@ pays it once here. Each run goes through ``retnet.train.__main__.main`` as torch
 the process group the first run starts stays up for the next (``init_distributed`` keeps an initialized one), as
 ``main`` would otherwise end the process there (``_exit_without_teardown``). Each run's stdout and stderr, at the
 file-descriptor level (gloo's and torch's C++ warnings too), go to ``OUT/run_I/rank_R.stdout|.stderr``, its exit
-status to ``rank_R.status``; a run that raises ends the launch (its traceback in its stderr): the process group is
-gone, and later runs would depend on its output.
+status to ``rank_R.status``. A run that fails on a rank (raises, or exits non-zero) ends that rank's process with
+status 1, so that torchrun stops the others, as it stops a launch of one run: ranks that went on to the next run
+would wait for the failed one in its first collective, and later runs depend on the earlier ones' output.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main(plan_path: str) -> int:
     rank = int(os.environ.get("RANK", 0))
     train_main._exit_without_teardown = _end_run
     fresh_filters = list(warnings.filters)
+    status = 0  # (a plan of no runs: the DoRA worker's model cases alone)
     for index, args in enumerate(plan["runs"]):
         # a fresh process's warnings: each run shows the ones a Python warning shows once a process
         warnings.resetwarnings()
@@ -77,10 +79,12 @@ def main(plan_path: str) -> int:
             except BaseException:  # the run's failure is its test's to report
                 traceback.print_exc()
         (directory / f"rank_{rank}.status").write_text("raised" if status is None else str(status))
-        if status is None:
+        if status != 0:
             break
     train_main.logging.shutdown()
-    os._exit(0)  # as main's own end of a distributed run: no teardown of the gloo group
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if status == 0 else 1)  # as main's own end of a distributed run: no teardown of the gloo group
 
 
 if __name__ == "__main__":
