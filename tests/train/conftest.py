@@ -164,6 +164,11 @@ def metrics(output_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def timeless(records: list[dict]) -> list[dict]:
+    """``records`` without the fields a clock measures (mfu: from tokens/s): what a resumed run logs again alike."""
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "mfu")} for r in records]
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """~150 documents of real Python (stdlib sources cut to 3000 characters) as JSONL."""
