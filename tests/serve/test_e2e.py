@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.launch import finished, start_logged, stop
+from tests.launch import finished, selected_tests, start_logged, stop
 from tests.serve.conftest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ KEY = {"Authorization": "Bearer secret"}
 def processes(request, model_dir, tmp_path_factory):
     """OWN_PROCESSES (those of the selected tests), started together when the first is needed: each start-up
     (imports, the model) keeps one core busy while the test waits for it."""
-    selected = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
+    selected = selected_tests(request)
     wanted = {name for name, tests in OWN_PROCESSES.items() if selected.intersection(tests)}
     started = {}
     if "keyed" in wanted:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from retnet.serve.run_batch import parse_lines, run_batch, served_urls
-from tests.launch import finished, start_logged, stop
+from tests.launch import finished, selected_tests, start_logged, stop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def cli_runs(request, model_dir, tmp_path_factory):
     keeps one core busy while the test waits): ``{test name: (process, its directory)}``. The batch: stdin in, a
     file out (both of the CLI's less obvious paths, `-`, and the ordinary one). Bad arguments: a missing input file,
     through the installed ``retnet-run-batch``."""
-    selected = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
+    selected = selected_tests(request)
     root = tmp_path_factory.mktemp("run-batch")
     started = {}
     if "test_batch_file_matches_the_server" in selected:
