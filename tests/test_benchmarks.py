@@ -16,13 +16,15 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # Every script run as ``python benchmarks/NAME.py ARGS`` would be, in one interpreter (torch and transformers
 # imported once, not once a run): benchmarks/ is sys.path[0] when each starts, as it is for a script. Only the
 # first imports transformers with it there, so each is also asked to have moved it away before its imports.
-# argv: a JSON list of [script, [args...]]; prints, per run, [exit status, stdout, stderr, moved].
+# argv: a JSON list of [script, [args...], [folders after sys.path[0], as PYTHONPATH puts them]]; prints, per run,
+# [exit status, stdout, stderr, moved].
 RUN_EACH = """
 import contextlib, io, json, runpy, sys, traceback
 runs = json.loads(sys.argv[1])
 results = []
-for script, args in runs:
+for script, args, python_path in runs:
     sys.path[0] = script.rsplit("/", 1)[0]  # python -c put "" (the current directory) there; each script moves it away
+    sys.path[1:1] = python_path
     out, err = io.StringIO(), io.StringIO()
     sys.argv = [script, *args]
     try:
@@ -39,19 +41,36 @@ print(json.dumps(results))
 """
 SCRIPTS = sorted(path for path in BENCHMARKS.glob("*.py") if not path.name.startswith("_"))  # _x: helpers
 REFUSED_PROVIDERS = ["--providers", "triton,flash"]
+FLA_RUN = ["--triton-on-cpu", "--providers", "triton,fla"]  # (and --out)
 
 
 @pytest.fixture(scope="module")
-def started() -> dict:
-    """Every script with ``--help``, then kernels.py with an unknown provider: ``{(name, *args): [status, stdout,
-    stderr, moved its folder off the path]}``."""
-    runs = [(str(script), ["--help"]) for script in SCRIPTS] + [(str(BENCHMARKS / "kernels.py"), REFUSED_PROVIDERS)]
+def started(tmp_path_factory) -> dict:
+    """Every script with ``--help``, kernels.py with an unknown provider, then kernels.py's GPU comparison interpreted
+    with an fla stand-in on the path (the last run, the only one with that folder on sys.path, as PYTHONPATH would
+    put it): ``{(name, *args): [status, stdout, stderr, moved its folder off the path]}``; the comparison's key
+    without its ``--out``, its result with the JSON it wrote (None if none). TRITON_INTERPRET=1 for all (the
+    suite's own on a CPU machine; the comparison needs it, ``--help`` computes nothing)."""
+    stand_in = tmp_path_factory.mktemp("fla-stand-in")
+    package = stand_in / "fla" / "ops" / "retention"
+    package.mkdir(parents=True)
+    (stand_in / "fla" / "__init__.py").write_text(FLA_STAND_IN)
+    (stand_in / "fla" / "ops" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text(FLA_RETENTION)
+    out = stand_in / "kernels.json"
+    kernels = str(BENCHMARKS / "kernels.py")
+    runs = [(str(script), ["--help"], []) for script in SCRIPTS] + [
+        (kernels, REFUSED_PROVIDERS, []),
+        (kernels, [*FLA_RUN, "--out", str(out)], [str(BENCHMARKS.parent), str(stand_in)]),
+    ]
     done = subprocess.run([sys.executable, "-c", RUN_EACH, json.dumps(runs)], capture_output=True, text=True,
-                          timeout=300, cwd=BENCHMARKS)
+                          timeout=600, cwd=BENCHMARKS, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])
     assert len(results) == len(runs)
-    return {(script.rsplit("/", 1)[1], *args): result for (script, args), result in zip(runs, results)}
+    results[-1].append(json.loads(out.read_text()) if out.exists() else None)
+    keys = [(script.rsplit("/", 1)[1], *args) for script, args, _ in runs[:-1]] + [("kernels.py", *FLA_RUN)]
+    return dict(zip(keys, results))
 
 
 def test_every_benchmark_script_starts(started):
@@ -80,23 +99,12 @@ def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=
 '''
 
 
-def test_kernel_benchmark_times_fla_only_on_the_retention_it_computes(tmp_path):
+def test_kernel_benchmark_times_fla_only_on_the_retention_it_computes(started):
     """The GPU comparison's harness, interpreted on tiny shapes: an importable fla joins the timed providers,
     and its output is checked against the reference first, so a decay or scale convention that differs from
     the one our kernel is timed with shows as an error, not as a speed ratio."""
-    package = tmp_path / "fla" / "ops" / "retention"
-    package.mkdir(parents=True)
-    (tmp_path / "fla" / "__init__.py").write_text(FLA_STAND_IN)
-    (tmp_path / "fla" / "ops" / "__init__.py").write_text("")
-    (package / "__init__.py").write_text(FLA_RETENTION)
-    out = tmp_path / "kernels.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(tmp_path)])}
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernels.py"), "--triton-on-cpu", "--out", str(out),
-                           "--providers", "triton,fla"], capture_output=True, text=True, timeout=300,
-                          cwd=BENCHMARKS, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    code, _, stderr, _, result = started[("kernels.py", *FLA_RUN)]
+    assert code == 0, stderr[-3000:]
     assert result["fla_available"] and result["fla_version"] == "stand-in"
     checked = {check["provider"]: check["max_rel_err_vs_reference"] for check in result["checks"]}
     assert set(checked) == {"triton", "fla"}

@@ -24,8 +24,8 @@ from tests.launch import finished, start_logged, stop
 pytestmark = pytest.mark.slow
 
 
-# The compiling processes of this module: each keeps one core busy (Triton's compiler and ptxas), so all start
-# together, when the first test that needs one is set up, and each test waits for its own.
+# The compiles of this module (``python -m retnet.kernels.aot`` arguments), in one process (COMPILE_EACH below)
+# started when the first test that needs one is set up; it compiles in a pool of a worker per core.
 COMPILES = {
     "report": ["--arch", "90", "--dtypes", "bfloat16", "float32", "--head-dims", "64", "256",
                "--layouts", "packed", "--configs", "extremes"],
@@ -50,9 +50,35 @@ KERNELS = {
 }
 
 
+# The compiling process runs the COMPILES its tests use one after another (torch and Triton imported once, not
+# once a report), each as ``python -m retnet.kernels.aot ARGS`` would: its own stdout and stderr and exit status,
+# in the folder given. retnet.kernels is loaded without retnet/__init__.py, which imports transformers (~7 s of
+# CPU) for nothing the compiler uses.
+COMPILE_EACH = """
+import contextlib, importlib.util, json, sys, traceback, types
+package = types.ModuleType("retnet")
+package.__path__ = list(importlib.util.find_spec("retnet").submodule_search_locations)
+sys.modules["retnet"] = package
+from retnet.kernels import aot
+for args, logs in json.loads(sys.argv[1]):
+    with open(logs + "/stdout", "w") as out, open(logs + "/stderr", "w") as err:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = aot.main(args)
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+    with open(logs + "/returncode", "w") as status:
+        status.write(str(code))
+"""
+
+
 @pytest.fixture(scope="module")
 def compiling(request, tmp_path_factory):
-    """``{name: (process, its JSON report's path)}``: the COMPILES that this session's selected tests use, started."""
+    """``(process, folder)``: one process compiling the COMPILES that this session's selected tests use, started;
+    each one's JSON report is ``folder/NAME.json``, its output and exit status in ``folder/NAME/``."""
     used = {name for item in request.session.items if getattr(item, "module", None) is request.module
             for name in COMPILES if name in item.fixturenames}
     if "report" in used:
@@ -61,19 +87,28 @@ def compiling(request, tmp_path_factory):
     # The interpreter must be off in the compiling process (conftest.py turns it on for this one).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    started = {}
-    for name in sorted(used):
-        out = root / f"{name}.json"
-        command = [sys.executable, "-m", "retnet.kernels.aot", *COMPILES[name], "--json", str(out)]
-        started[name] = (start_logged(command, root / name, env=env), out)
-    yield started
-    for process, _ in started.values():
-        stop(process)
+    jobs = []
+    for name in [name for name in COMPILES if name in used]:
+        (root / name).mkdir()
+        jobs.append(([*COMPILES[name], "--json", str(root / f"{name}.json")], str(root / name)))
+    process = start_logged([sys.executable, "-c", COMPILE_EACH, json.dumps(jobs)], root / "process", env=env)
+    yield process, root
+    stop(process)
 
 
 def _finished(compiling, name: str) -> tuple[subprocess.CompletedProcess, list]:
-    process, out = compiling[name]
-    return finished(process, timeout=600), json.loads(out.read_text()) if out.exists() else []
+    """NAME's compiles as ``python -m retnet.kernels.aot`` would have run them: exit status, stdout, stderr (the
+    process's own, a traceback, where it ended before NAME's) and the JSON report."""
+    process, root = compiling
+    done = finished(process, timeout=900)
+    logs, out = root / name, root / f"{name}.json"
+    if (logs / "returncode").exists():
+        done = subprocess.CompletedProcess(
+            [sys.executable, "-m", "retnet.kernels.aot", *COMPILES[name]], int((logs / "returncode").read_text()),
+            (logs / "stdout").read_text(), (logs / "stderr").read_text())
+    elif done.returncode == 0:  # (ended without compiling NAME)
+        done.returncode = -1
+    return done, json.loads(out.read_text()) if out.exists() else []
 
 
 @pytest.fixture(scope="module")

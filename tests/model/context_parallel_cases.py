@@ -1,5 +1,5 @@
-"""The rows ``test_context_parallel`` (and ``test_context_parallel_xpos_paths``) split across ranks: each case's
-model and inputs, built alike in the test process (the whole row) and in every torchrun rank (its piece)."""
+"""The rows ``test_context_parallel`` splits across ranks: each case's model and
+inputs, built alike in the test process (the whole row) and in every torchrun rank (its piece)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""One rank of a context-parallel torchrun group (``test_context_parallel``, ``test_context_parallel_xpos_paths``):
-runs every case's piece forward and backward and saves what the test compares with the whole row run in one
-process (``cases`` builds both sides). The cases are ``CASES`` on ``PIECES`` ranks, or the ``[name, pieces]`` pairs
-the test lists in ``OUT/cases.json``, each on the first ``pieces`` ranks (saved as ``name@pieces``)."""
+"""One rank of a context-parallel torchrun group (``test_context_parallel``): runs every case's piece forward and
+backward and saves what the test compares with the whole row run in one process (``context_parallel_cases``
+builds both sides). The cases are the ``[name, pieces]`` pairs the test lists in ``OUT/cases.json``, each on the
+first ``pieces`` ranks (saved as ``name@pieces``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from context_parallel_cases import CASES, PIECES, build_case
+from context_parallel_cases import build_case
 
 from retnet.model.context_parallel import shard_sequences
 
@@ -22,12 +22,9 @@ from retnet.model.context_parallel import shard_sequences
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    listed = Path(out_dir) / "cases.json"
-    if listed.exists():
-        runs = [(name, pieces, f"{name}@{pieces}") for name, pieces in json.loads(listed.read_text())]
-    else:
-        assert size == PIECES, f"run with --nproc_per_node={PIECES}"
-        runs = [(name, size, name) for name in CASES]
+    listed = json.loads((Path(out_dir) / "cases.json").read_text())
+    runs = [(name, pieces, f"{name}@{pieces}") for name, pieces in listed]
+    assert max(pieces for _, pieces, _ in runs) <= size, "more pieces than ranks"
     # The collectives on a group of their own, as the trainer runs them beside DDP's (every rank creates each).
     groups = {pieces: dist.new_group(list(range(pieces))) for pieces in sorted({pieces for _, pieces, _ in runs})}
     results = {}

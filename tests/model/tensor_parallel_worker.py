@@ -1,8 +1,8 @@
 """One rank of ``test_tensor_parallel``'s torchrun launch of 4 ranks (gloo): all four run the 2-D (dp, tp) mesh's cases
-(FSDP2 over dp, tensor parallelism over tp; then a (cp, tp) mesh), and the first tp pair runs every case on the model
-split by :func:`~retnet.model.tensor_parallel.parallelize_retnet` over it; each rank saves what the test compares
-with the unsharded model in one process. The cases (models and inputs, built alike on both sides) are defined here
-too."""
+(FSDP2 over dp, tensor parallelism over tp; then a (cp, tp) mesh), then each tp pair its share of the cases on the
+model split by :func:`~retnet.model.tensor_parallel.parallelize_retnet` over it (the compiled layers on the second,
+the rest on the first, side by side); each rank saves what the test compares with the unsharded model in one
+process. The cases (models and inputs, built alike on both sides) are defined here too."""
 
 from __future__ import annotations
 
@@ -76,6 +76,10 @@ CP_TP_CASES = {
                                  mode="chunkwise", vocab_parallel=True, sequence_parallel=True, checkpointing=True),
 }
 MAX_NORM = 0.05  # below the gradients' norm, so clipping scales them
+# the cases whose collectives of one training step are counted too (2 layers, SAU's alpha), each split: the key of
+# their counts in the results
+COUNTED_CASES = {"glu_parallel": "collectives", "vocab_tied_fused": "vocab_collectives",
+                 "sequence_glu": "sequence_collectives"}
 
 
 def build_model(name: str, seed: int = 0):
@@ -227,16 +231,52 @@ def main(out_dir: str) -> None:
     assert dist.get_world_size() == DP * TP, f"run with --nproc_per_node={DP * TP}"
     mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
     main_2d(Path(out_dir), mesh)
-    # The cases of one tensor-parallel pair on the first (ranks 0 and 1; a launch of their own cost another torchrun
-    # start, ~25 s of CPU); the other pair waits for them in the closing barrier
+    # Tensor parallelism alone (a launch of its own cost another torchrun start, ~25 s of CPU), shared by the two
+    # tensor-parallel pairs, side by side: every case but the compiled one on the first (ranks 0 and 1: transformers'
+    # save_pretrained writes the weights on global rank 0 only; ~7 s of CPU a rank), the compiled layers (dynamo,
+    # ~24 s) on the second (ranks 2 and 3); each rank saves its results under tp/, the test takes a tp rank's from
+    # both pairs
+    out = Path(out_dir) / "tp"
+    out.mkdir(exist_ok=True)
     if mesh["dp"].get_local_rank() == 0:
-        main_tp(Path(out_dir) / "tp", mesh)
+        results = main_tp(out, mesh["tp"])
+    else:
+        results = compiled_tp(mesh["tp"])
+    torch.save(results, out / f"rank{dist.get_rank()}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def main_tp(out: Path, mesh) -> None:
-    """Tensor parallelism alone: every case on ``mesh["tp"]``, a pair of ranks, results under ``out``."""
+def compiled_tp(tp_mesh) -> dict:
+    """Per-layer torch.compile of the split layers, as the trainer's train.compile does them (the aot_eager backend:
+    dynamo's and AOTAutograd's traces of the DTensor layers, without inductor's C++ build): sequence parallelism,
+    SAU's alpha summed over the ranks; static shapes, as the trainer compiles under sequence parallelism (a dynamic
+    recompile fails in torch), then a second, shorter row compiled for its own length. On ``tp_mesh``, a pair of
+    ranks: their results."""
+    from torch._dynamo.utils import counters
+
+    model = parallelize_case(COMPILED_CASE, build_model(COMPILED_CASE), tp_mesh)
+    for layer in model.model.layers:
+        layer.compile(backend="aot_eager", dynamic=False)
+    output = model(**build_inputs(COMPILED_CASE))
+    output.loss.backward()
+    results = {"compiled": {"loss": output.loss.detach(), "graphs": counters["stats"]["unique_graphs"],
+                            "grads": {n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None}}}
+    model.zero_grad()
+    shorter = {key: value[:, :SHORTER] if torch.is_tensor(value) else value
+               for key, value in build_inputs(COMPILED_CASE).items()}
+    output = model(**shorter)
+    output.loss.backward()
+    results["compiled_shorter"] = {"loss": output.loss.detach(), "grads": {
+        n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None}}
+    return results
+
+
+def main_tp(out: Path, tp_mesh) -> dict:
+    """Tensor parallelism alone: every case but the compiled one on ``tp_mesh``, a pair of ranks; their results
+    (the exported model under ``out``)."""
+    import contextlib
+
     import torch.distributed as dist
 
     from retnet.model.tensor_parallel import (
@@ -246,18 +286,24 @@ def main_tp(out: Path, mesh) -> None:
         parallelize_retnet,
     )
 
-    out.mkdir(exist_ok=True)
     rank = dist.get_rank()
     results = {}
     for name in CASES:
         model = build_model(name)
         if CASES[name].get("unfreeze_activation_later"):
             set_activation_trainable(model, False)
-        model = parallelize_case(name, model, mesh["tp"])
+        model = parallelize_case(name, model, tp_mesh)
         if CASES[name].get("unfreeze_activation_later"):
             set_activation_trainable(model, True)
-        output = model(**build_inputs(name))
-        output.loss.backward()
+        # (COUNTED_CASES: their collectives counted too, the layouts of sequence_glu's hidden states kept)
+        with CollectiveCounter() if name in COUNTED_CASES else contextlib.nullcontext() as collectives:
+            output = model(**build_inputs(name), output_hidden_states=name == "sequence_glu")
+            forward = collectives.counts.copy() if collectives else None
+            output.loss.backward()
+        if name in COUNTED_CASES:
+            results[COUNTED_CASES[name]] = {"forward": forward, "backward": collectives.counts - forward}
+        if name == "sequence_glu":
+            sequence_output = output
         results[name] = {
             "loss": output.loss.detach(),
             "logits": None if output.logits is None else output.logits.detach(),
@@ -274,30 +320,9 @@ def main_tp(out: Path, mesh) -> None:
             results["clip"] = {"norm": clip_grad_norm_(model.parameters(), MAX_NORM),
                                "grads": {n: gathered(p.grad) for n, p in model.named_parameters()}}
             try:
-                parallelize_retnet(model, mesh["tp"])
+                parallelize_retnet(model, tp_mesh)
             except ValueError as error:
                 results["twice"] = str(error)
-
-    # Per-layer torch.compile of the split layers, as the trainer's train.compile does them (the aot_eager backend:
-    # dynamo's and AOTAutograd's traces of the DTensor layers, without inductor's C++ build): sequence parallelism,
-    # SAU's alpha summed over the ranks; static shapes, as the trainer compiles under sequence parallelism (a
-    # dynamic recompile fails in torch), then a second, shorter row compiled for its own length
-    model = parallelize_case(COMPILED_CASE, build_model(COMPILED_CASE), mesh["tp"])
-    for layer in model.model.layers:
-        layer.compile(backend="aot_eager", dynamic=False)
-    output = model(**build_inputs(COMPILED_CASE))
-    output.loss.backward()
-    from torch._dynamo.utils import counters
-
-    results["compiled"] = {"loss": output.loss.detach(), "graphs": counters["stats"]["unique_graphs"],
-                           "grads": {n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None}}
-    model.zero_grad()
-    shorter = {key: value[:, :SHORTER] if torch.is_tensor(value) else value
-               for key, value in build_inputs(COMPILED_CASE).items()}
-    output = model(**shorter)
-    output.loss.backward()
-    results["compiled_shorter"] = {"loss": output.loss.detach(), "grads": {
-        n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None}}
 
     # LoRA under sequence parallelism and bf16 autocast: every tensor saved that holds the block's gathered input is
     # kept as the rank's shard, the adapters' too (peft's own cast of their input would save a whole copy each)
@@ -323,7 +348,7 @@ def main_tp(out: Path, mesh) -> None:
     model = build_model("lora_sequence_vocab")
     # (not checkpointed: non-reentrant activation checkpointing keeps the layer's input alone, the hooks stand aside)
     (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-    model = parallelize_case("lora_sequence_vocab", model, mesh["tp"])
+    model = parallelize_case("lora_sequence_vocab", model, tp_mesh)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**build_inputs("lora_sequence_vocab")).loss
     loss.backward()
@@ -342,7 +367,7 @@ def main_tp(out: Path, mesh) -> None:
 
     hidden, weight, labels = loss_alone_inputs()
     hidden.requires_grad_()
-    weight = distribute_tensor(weight, mesh["tp"], [Shard(0)]).requires_grad_()
+    weight = distribute_tensor(weight, tp_mesh, [Shard(0)]).requires_grad_()
     loss = linear_cross_entropy(hidden, weight, labels, num_items_in_batch=13, chunk_tokens=5)
     loss.backward()
     results["loss_alone"] = {"loss": loss.detach(), "hidden": hidden.grad, "weight": weight.grad.full_tensor()}
@@ -353,25 +378,15 @@ def main_tp(out: Path, mesh) -> None:
         except IndexError as error:
             refused.append(str(error))
     try:
-        parallelize_case("vocab_tied_fused", build_model("vocab_tied_fused"), mesh["tp"])(
+        parallelize_case("vocab_tied_fused", build_model("vocab_tied_fused"), tp_mesh)(
             input_ids=torch.tensor([[5, 101]]))
     except IndexError as error:
         refused.append(str(error))
 
-    # Collectives of one training step (2 layers, SAU's alpha), each split.
-    for key, name in (("collectives", "glu_parallel"), ("vocab_collectives", "vocab_tied_fused"),
-                      ("sequence_collectives", "sequence_glu")):
-        model = parallelize_case(name, build_model(name), mesh["tp"])
-        with CollectiveCounter() as collectives:
-            output = model(**build_inputs(name), output_hidden_states=True)
-            forward = collectives.counts.copy()
-            output.loss.backward()
-        results[key] = {"forward": forward, "backward": collectives.counts - forward}
-    # (the last: sequence_glu)
-    sequence_output = output
-    # ... and under bf16 autocast, where the blocks' inputs are cast before their gathers (else each projection
-    # would save a cast copy of its own, and the gathered input would not be what they keep)
-    model = parallelize_case("sequence_glu", build_model("sequence_glu"), mesh["tp"])
+    # The collectives of sequence_glu's training step (counted above) under bf16 autocast, where the blocks' inputs
+    # are cast before their gathers (else each projection would save a cast copy of its own, and the gathered input
+    # would not be what they keep)
+    model = parallelize_case("sequence_glu", build_model("sequence_glu"), tp_mesh)
     with CollectiveCounter() as collectives, torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**build_inputs("sequence_glu")).loss
         forward = collectives.counts.copy()
@@ -385,7 +400,7 @@ def main_tp(out: Path, mesh) -> None:
                                      model.model.layers[0].ffn_norm.weight.grad.placements]
 
     # Generation: greedy, left-padded prompts, recurrent steps on each rank's heads.
-    model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"]).eval()
+    model = parallelize_retnet(build_model("glu_parallel"), tp_mesh).eval()
     with torch.no_grad():
         results["generated"] = model.generate(**generation_inputs())
         prompt = generation_inputs()
@@ -393,7 +408,7 @@ def main_tp(out: Path, mesh) -> None:
         results["cache_state_shape"] = tuple(cache.states[0].shape)
 
     # Save: one SGD step (so the weights are not the seed's), then gather the full state dict and export it.
-    model = parallelize_retnet(build_model("glu_parallel"), mesh["tp"])
+    model = parallelize_retnet(build_model("glu_parallel"), tp_mesh)
     inputs = build_inputs("glu_parallel")
     model(**inputs).loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
@@ -410,10 +425,10 @@ def main_tp(out: Path, mesh) -> None:
     results["state_dict_shapes"] = {key: tuple(value.shape) for key, value in state.items()}
     if rank == 0:
         model.save_pretrained(out / "export", state_dict=dict(state))  # transformers empties the dict it writes
-    dist.barrier(group=mesh["tp"].get_group())
+    dist.barrier(group=tp_mesh.get_group())
 
     # Load the gathered state dict into another split model (other seed): gathered again, it is the same.
-    other = parallelize_retnet(build_model("glu_parallel", seed=5), mesh["tp"])
+    other = parallelize_retnet(build_model("glu_parallel", seed=5), tp_mesh)
     passed = dict(state)
     keys = load_full_state_dict(other, passed)
     results["load_keys"] = (keys.missing_keys, keys.unexpected_keys)
@@ -423,8 +438,7 @@ def main_tp(out: Path, mesh) -> None:
     other.eval()
     with torch.no_grad():
         results["reloaded_logits_equal"] = torch.equal(other(**inputs).logits, results["stepped_logits"])
-
-    torch.save(results, out / f"rank{rank}.pt")
+    return results
 
 
 def main_2d(out: Path, mesh) -> None:

@@ -1,8 +1,13 @@
 """Context parallelism (retnet/model/context_parallel.py): a row split along time across real torchrun (gloo)
-ranks gives the whole row's outputs, loss and gradients; the layouts and refusals in one process."""
+ranks gives the whole row's outputs, loss and gradients; the layouts and refusals in one process. With xPos each
+piece runs in xPos frames of its own and moves the state crossing a cut into the receiving piece's frame, giving
+the whole row's outputs, loss and gradients too (2 and 3 pieces; packed rows with documents crossing the cuts,
+plain rows in several frames a piece, positions whose scales from one origin lie beyond fp32). (A training run of
+an xPos ``model.init_from`` split in two: tests/train/test_context_parallel.py.)"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,30 +19,44 @@ from tests.launch import launch_worker
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
-from context_parallel_cases import CASES, PIECE, PIECES, build_case  # noqa: E402
+from context_parallel_cases import CASES, PIECE, PIECES, XPOS_CASES, build_case  # noqa: E402
+
+# One launch of 3 ranks for every case: the rows of CASES in 3 pieces, then the xPos rows in 2 pieces (on the first
+# two ranks, a group of their own) and in 3. A rank's start (importing torch and transformers) dwarfs the cases.
+XPOS_RUNS = [(name, pieces) for pieces in (2, 3) for name in XPOS_CASES]
+RUNS = [*((name, PIECES) for name in CASES), *XPOS_RUNS]
 
 
 @pytest.fixture(scope="module")
 def ranks_results(tmp_path_factory):
+    """Each rank's saved pieces, ``name@pieces`` -> its loss, last hidden states and gradients."""
     out = tmp_path_factory.mktemp("cp")
+    (out / "cases.json").write_text(json.dumps(RUNS))
     launch_worker(HERE / "context_parallel_worker.py", out, PIECES)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(PIECES)]
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_pieces_give_the_whole_rows_outputs_loss_and_gradients(ranks_results, name):
-    model, input_ids, labels, cu_seqlens, mode = build_case(name)
+def assert_pieces_give_the_whole_row(ranks_results, name: str, pieces: int, hidden_tol: dict, grad_tol: dict):
+    """The ``pieces`` ranks' hidden states, summed losses and summed gradients of case ``name`` are the whole row's
+    in one process."""
+    model, input_ids, labels, cu_seqlens, mode = build_case(name, pieces)
     whole = model(input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens, retention_mode=mode, use_cache=False,
                   output_hidden_states=True)
     whole.loss.backward()
-    pieces = [results[name] for results in ranks_results]
-    hidden = torch.cat([piece["hidden"] for piece in pieces], 1)
-    torch.testing.assert_close(hidden, whole.hidden_states[-1].detach(), rtol=1e-4, atol=1e-5)
+    results = [ranks_results[rank][f"{name}@{pieces}"] for rank in range(pieces)]
+    hidden = torch.cat([piece["hidden"] for piece in results], 1)
+    assert torch.isfinite(hidden).all()
+    torch.testing.assert_close(hidden, whole.hidden_states[-1].detach(), **hidden_tol)
     # num_items_in_batch = the whole row's targets: the pieces' losses add up to its mean
-    torch.testing.assert_close(sum(piece["loss"] for piece in pieces), whole.loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sum(piece["loss"] for piece in results), whole.loss.detach(), rtol=1e-5, atol=1e-6)
     for param_name, param in model.named_parameters():
-        summed = sum(piece["grads"][param_name] for piece in pieces)
-        torch.testing.assert_close(summed, param.grad, rtol=1e-4, atol=1e-6, msg=param_name)
+        summed = sum(piece["grads"][param_name] for piece in results)
+        torch.testing.assert_close(summed, param.grad, **grad_tol, msg=param_name)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pieces_give_the_whole_rows_outputs_loss_and_gradients(ranks_results, name):
+    assert_pieces_give_the_whole_row(ranks_results, name, PIECES, dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-6))
 
 
 def test_without_the_earlier_pieces_state_the_outputs_differ(ranks_results):
@@ -47,7 +66,7 @@ def test_without_the_earlier_pieces_state_the_outputs_differ(ranks_results):
     alone = model(input_ids=input_ids[:, -PIECE:], position_ids=torch.arange(2 * PIECE, 3 * PIECE)[None],
                   use_cache=False, output_hidden_states=True, retention_mode=mode)
     assert (alone.hidden_states[-1] - whole.hidden_states[-1][:, -PIECE:]).abs().max() > 1e-2
-    torch.testing.assert_close(ranks_results[-1]["rows_chunkwise"]["hidden"], whole.hidden_states[-1][:, -PIECE:],
+    torch.testing.assert_close(ranks_results[-1][f"rows_chunkwise@{PIECES}"]["hidden"], whole.hidden_states[-1][:, -PIECE:],
                                rtol=1e-4, atol=1e-5)
 
 
@@ -182,3 +201,51 @@ def test_the_incoming_share_makes_no_fp32_copy_of_q(monkeypatch):
     kept_bytes = sum(t.numel() * t.element_size() for t in kept if t.untyped_storage().data_ptr() not in inputs)
     assert kept_bytes < copy / 8, (kept_bytes, copy)
     assert peak - out.numel() * out.element_size() < copy / 2, (peak, copy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# xPos
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, pieces", XPOS_RUNS, ids=[f"{name}-{pieces}" for name, pieces in XPOS_RUNS])
+def test_xpos_pieces_give_the_whole_rows_outputs_loss_and_gradients(ranks_results, name, pieces):
+    assert_pieces_give_the_whole_row(ranks_results, name, pieces, dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-5, atol=1e-5))
+
+
+def test_the_fold_moves_each_carried_state_into_the_next_pieces_frame(monkeypatch):
+    """One process: a state carried through a continuing piece is decayed by γ^L and moved by its xPos factor."""
+    states = torch.rand(4, 1, 2, 3, 3)
+    monkeypatch.setattr("retnet.model.context_parallel._GatherStates.apply", lambda state, shard: states)
+    log_decay = torch.log(torch.tensor([0.5, 0.9]))
+    gamma = torch.exp(log_decay)[None, :, None, None]
+    carry_shifts = torch.rand(4, 1, 3, 1)
+    # piece 0 holds two sequences, piece 1 continues the second (single): states[0] passes through it
+    shard = ContextShard(2, 4, (5, 5, 5, 5), (0, 3, 4, 2), (False, True, True, True))
+    torch.testing.assert_close(incoming_state(states[2], log_decay, shard, carry_shifts),
+                               states[0] * gamma ** 5 * carry_shifts[1] + states[1])
+    shard = ContextShard(3, 4, (5, 5, 5, 5), (0, 3, 4, 2), (False, True, True, True))
+    torch.testing.assert_close(incoming_state(states[3], log_decay, shard, carry_shifts),
+                               (states[0] * gamma ** 5 * carry_shifts[1] + states[1]) * gamma ** 5 * carry_shifts[2]
+                               + states[2])
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
+def test_one_xpos_piece_is_the_plain_forward(model_factory, packed):
+    """Its own frames (from the piece's first position, several a piece unpacked) give the plain forward's."""
+    model = model_factory(use_xpos=True, xpos_scale_base=2.0, chunk_size=8)
+    input_ids = torch.randint(2, 101, (1 if packed else 2, 45), generator=torch.Generator().manual_seed(0))
+    cu_seqlens = torch.tensor([0, 7, 30, 45], dtype=torch.int32) if packed else None
+    inputs, shard, targets = shard_sequences(input_ids, input_ids, 0, 1, cu_seqlens)
+    split = model(**inputs, context_parallel=shard, num_items_in_batch=targets)
+    plain = model(input_ids=input_ids, labels=input_ids, cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(split.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.loss, plain.loss)
+
+
+def test_a_packed_piece_past_one_frame_is_refused_by_name(model_factory):
+    """A packed row runs each sequence in one frame (the kernels take no per-sequence frames): a piece holding more
+    of one document than a frame covers (48 positions at xpos_scale_base 1) is refused, naming the way out."""
+    model = model_factory(use_xpos=True, xpos_scale_base=1.0, chunk_size=8)
+    input_ids = torch.randint(2, 101, (1, 120))
+    inputs, shard, _ = shard_sequences(input_ids, None, 0, 2, torch.tensor([0, 100, 120], dtype=torch.int32))
+    with pytest.raises(ValueError, match="more context-parallel ranks"):
+        model(**inputs, context_parallel=shard)

@@ -1,8 +1,9 @@
 """Tensor parallelism (retnet/model/tensor_parallel.py): the model split across two real torchrun (gloo) ranks (the
-first tensor-parallel pair of one launch of four) gives the unsharded model's logits, loss, gradients, clipped
-gradients and greedy tokens with 2 all-reduces a layer each way, and its gathered state dict exports a model that
-reproduces it and loads back; on the four ranks, FSDP2 over the dp dimension of a (dp, tp) mesh gives the unsharded
-model's gradients and clipped norm on the dp-averaged batch; the refusals in one process."""
+two tensor-parallel pairs of one launch of four, each running its share of the cases) gives the unsharded model's
+logits, loss, gradients, clipped gradients and greedy tokens with 2 all-reduces a layer each way, and its gathered
+state dict exports a model that reproduces it and loads back; on the four ranks, FSDP2 over the dp dimension of a
+(dp, tp) mesh gives the unsharded model's gradients and clipped norm on the dp-averaged batch; the refusals in one
+process."""
 
 from __future__ import annotations
 
@@ -54,9 +55,11 @@ def launched(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(launched):
-    """Every case on the TP ranks of the launch's first tensor-parallel pair: ``(results per rank, their output
-    directory)``."""
-    return _results(launched / "tp", TP), launched / "tp"
+    """Every case on a tensor-parallel pair: ``(results per tp rank, their output directory)``; the launch's second
+    pair (ranks 2 and 3) ran the compiled layers, the first (ranks 0 and 1) the other cases, side by side."""
+    pairs = _results(launched / "tp", DP * TP)
+    assert all(pairs[tp_rank].keys().isdisjoint(pairs[TP + tp_rank]) for tp_rank in range(TP))  # neither hides one
+    return [{**pairs[tp_rank], **pairs[TP + tp_rank]} for tp_rank in range(TP)], launched / "tp"
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
 """Shared fixtures: a micro random RetNet and a small BPE tokenizer saved as the training launcher exports
-them (save_pretrained), an in-process app factory, and a real uvicorn server in a subprocess."""
+them (save_pretrained), an in-process app factory, and a real uvicorn server in a subprocess or in a thread."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -136,6 +138,54 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.stdout.read().decode(errors="replace")
+
+
+class ThreadServer:
+    """``retnet-serve``'s own server in a thread of the test's process: its flags read as the command reads them,
+    its app and ``DrainingServer`` made as it makes them, uvicorn serving them over real HTTP on a loopback port (its
+    socket bound here before the thread starts, so no other process can take the port). A ``ServerProcess``'s
+    interface (``url``, ``wait_healthy``, ``stop``) without the ~10 CPU-s of a new interpreter importing torch and
+    transformers: for a module's second server, whose tests are about what it answers, not about its process."""
+
+    def __init__(self, model_dir, *args: str):
+        import uvicorn
+
+        from retnet.serve.__main__ import ANSWER_S, _draining_server, parse_settings
+
+        settings = parse_settings(["--model", str(model_dir), "--served-model-name", "micro", "--log-level",
+                                   "warning", *args])
+        from retnet.serve.app import create_app
+
+        app = create_app(settings)
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        # log_config None: uvicorn leaves the test process's logging as it is
+        config = uvicorn.Config(app, log_config=None, log_level=settings.log_level,
+                                timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + ANSWER_S)
+        self.server = _draining_server()(config, app.state.engine, settings.shutdown_grace_s)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
+                                        name=f"uvicorn-{self.port}", daemon=True)
+        self._thread.start()
+
+    def wait_healthy(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server's thread ended before it was healthy")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError("server did not become healthy")
+
+    def stop(self) -> str:
+        self.server.should_exit = True
+        self._thread.join(60)
+        self._socket.close()
+        assert not self._thread.is_alive(), "the server's thread did not stop"
+        return ""
 
 
 def held_serve_env(tmp_path: Path, name: str, hold: str) -> dict:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from retnet.model import RetNetCache, RetNetForCausalLM
+from tests.launch import selected_tests
 
 from .conftest import ServerProcess, serve_app
 
@@ -98,9 +99,13 @@ def reference(model_dir) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def real_server(model_dir, tmp_path_factory):
+def real_server(request, model_dir, tmp_path_factory):
     """A real uvicorn process on a session directory of its own, started with the module: its imports take ~10 s
-    on two cores, which the other tests' time then covers. Its flag comes from the environment."""
+    on two cores, which the other tests' time then covers. Its flag comes from the environment. Started only when
+    the test that uses it is selected."""
+    if "test_a_real_server_continues_a_session_and_a_killed_one_leaves_it_on_disk" not in selected_tests(request):
+        yield None
+        return
     directory = tmp_path_factory.mktemp("real-sessions")
     server = ServerProcess(model_dir, env={"RETNET_SESSION_DIR": str(directory)})
     yield server, directory

@@ -1,7 +1,8 @@
 """Context parallelism in the trainer (``train.context_parallel``): what the config refuses; torchrun gloo ranks
 splitting every row in two log the losses of one process (packed rows whose documents cross the cut, plain rows
-over two data-parallel groups, chat data, streamed text and chat read by each group's first rank alone) and resume
-them; a checkpoint's stream positions are keyed by the data-parallel ranks; the logged MFU counts the pieces."""
+over two data-parallel groups, chat data, streamed text and chat read by each group's first rank alone, an xPos
+``model.init_from``) and resume them; a checkpoint's stream positions are keyed by the data-parallel ranks; the
+logged MFU counts the pieces."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from retnet.train.config import ConfigError, load_config
 
-from .conftest import micro_args, run_train_many
+from .conftest import metrics, micro_args, one_thread, run_train_many
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -34,7 +35,7 @@ def test_settings_context_parallelism_cannot_train_are_refused(overrides, messag
 
 def test_rows_that_split_evenly_are_taken():
     """A packed row of blocks of 34 splits in 2; a plain row of 32 in 4; xPos too (each piece in frames of its
-    own: tests/model/test_context_parallel_xpos_paths.py)."""
+    own: tests/model/test_context_parallel.py)."""
     load_config("tiny", ["--train.context_parallel=2", "--data.seq_len=34", "--train.micro_batch_size=2"])
     load_config("tiny", ["--train.context_parallel=2", "--model.extra.use_xpos=true"])
     load_config("tiny", ["--train.context_parallel=4", "--data.seq_len=32", "--data.document_boundaries=false"])
@@ -137,15 +138,48 @@ def chats(tmp_path_factory):
     return data, root / "tokenizer"
 
 
+# An xPos model.init_from (xpos_scale_base 4): packed rows of 3 × 32 tokens cut at 48, inside a document
+XPOS = dict(train__steps=3, train__eval_interval=3, train__micro_batch_size=3, train__global_batch_size=6,
+            optim__lr=1e-2, optim__schedule="constant")
+
+
 @pytest.fixture(scope="module")
-def two_ranks(corpus, tokenizer_dir, cache_dir, chats, tmp_path_factory):
-    """The module's 2-rank runs in one torchrun launch (each rank's process imports torch once, not five times),
+def xpos_base(tmp_path_factory):
+    """The xPos run's data and ``model.init_from``: 60 stdlib sources as JSONL, and base/, a micro RetNet saved with
+    xPos (xpos_scale_base 4) beside a BPE trained on them."""
+    import torch
+
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+    from retnet.tokenization import train_byte_level_bpe
+    from retnet.train.data import stdlib_files, vocab_bound
+
+    root = tmp_path_factory.mktemp("xpos")
+    texts = [file.read_text(errors="replace")[:3000] for file in stdlib_files()[:60]]
+    corpus = root / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    base = root / "base"
+    tokenizer = train_byte_level_bpe(texts, vocab_size=512)
+    tokenizer.save_pretrained(base)
+    torch.manual_seed(0)
+    config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      chunk_size=16, vocab_size=vocab_bound(tokenizer), use_xpos=True,
+                                      xpos_scale_base=4.0, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
+    RetNetForCausalLM(config).save_pretrained(base)
+    return corpus, base
+
+
+@pytest.fixture(scope="module")
+def two_ranks(corpus, tokenizer_dir, cache_dir, chats, xpos_base, tmp_path_factory):
+    """The module's 2-rank runs in one torchrun launch (each rank's process imports torch once, not six times),
     after their one-process runs (in this process, first, as each test ran them: the launch reads the caches they
     wrote): ``name`` -> (the one-process run's output dir, the split run's, the split run finished). The packed rows
     (SPLIT_ROWS), chat data (CHAT), streamed text (STREAMED_ROWS; then ``streamed-resumed``, the split run resumed
-    from its step-2 checkpoint on 2 ranks) and streamed chat (STREAMED_CHAT)."""
+    from its step-2 checkpoint on 2 ranks), streamed chat (STREAMED_CHAT) and the xPos ``model.init_from`` (XPOS;
+    its one-process run on one thread, as each rank computes)."""
     root = tmp_path_factory.mktemp("two-ranks")
     chat_data, chat_tokenizer = chats
+    xpos_corpus, xpos_init = xpos_base
 
     def text(common):
         return lambda out, **overrides: micro_args(corpus, tokenizer_dir, cache_dir, out, **common, **overrides)
@@ -154,10 +188,22 @@ def two_ranks(corpus, tokenizer_dir, cache_dir, chats, tmp_path_factory):
         return lambda out, **overrides: micro_args(chat_data, chat_tokenizer, root / cache, out, **common,
                                                    **overrides)
 
+    def xpos(out, **overrides):
+        values = micro_args(xpos_corpus, xpos_init, root / "xpos-cache", out, **XPOS, **overrides)
+        # the architecture is init_from's: micro_args' shape settings are refused beside it
+        shapes = ("--model.hidden_size", "--model.num_hidden_layers", "--model.num_attention_heads")
+        # xPos comes from init_from's config.json alone (the trainer refused it there under context parallelism)
+        return [*(a for a in values if not a.startswith(shapes)), f"--model.init_from={xpos_init}"]
+
     args = {"packed": text(dict(SPLIT_ROWS, data__document_boundaries=True)), "chat": chat(CHAT, "chat-cache"),
-            "streamed": text(STREAMED_ROWS), "streamed-chat": chat(STREAMED_CHAT, "streamed-chat-cache")}
+            "streamed": text(STREAMED_ROWS), "streamed-chat": chat(STREAMED_CHAT, "streamed-chat-cache"),
+            "xpos": xpos}
     for name, of in args.items():
-        assert main(of(root / name / "single")) == 0, name
+        if name == "xpos":
+            with one_thread():
+                assert main(of(root / name / "single")) == 0, name
+        else:
+            assert main(of(root / name / "single")) == 0, name
     runs = {name: of(root / name / "split", train__context_parallel=2) for name, of in args.items()}
     runs["streamed-resumed"] = args["streamed"](root / "streamed-resumed" / "split", train__context_parallel=2,
                                                 train__resume=root / "streamed" / "split" / "checkpoints"
@@ -281,3 +327,17 @@ def test_streamed_chat_data_read_once_per_group_logs_the_losses_of_one_process(t
     assert _losses(read_metrics, split) == pytest.approx(expected, rel=1e-5)
     assert _losses(read_metrics, split, "val", "val_loss") == pytest.approx(
         _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_xpos_model_split_across_two_ranks_logs_the_losses_of_one_process(two_ranks):
+    """``--train.context_parallel=2`` on a ``model.init_from`` saved with xPos (XPOS, xpos_base: xpos_scale_base 4):
+    packed rows of 3 × 32 tokens cut at 48, inside a document, log one process's training and validation losses
+    (each piece in xPos frames of its own: tests/model/test_context_parallel.py)."""
+    single, split, two = two_ranks["xpos"]
+    assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
+    expected = [r["loss"] for r in metrics(single)]
+    assert len(expected) == 3 and expected[0] != expected[-1]
+    assert [r["loss"] for r in metrics(split)] == pytest.approx(expected, rel=1e-5)
+    assert [r["val_loss"] for r in metrics(split, "val")] == pytest.approx(
+        [r["val_loss"] for r in metrics(single, "val")], rel=1e-5)

@@ -197,15 +197,20 @@ def test_the_config_checks_the_loss_s_kinds():
 # ----------------------------------------------------------------------------------------------------------
 # Training runs
 # ----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, corpus, tokenizer_dir) -> Path:
-    """A micro teacher (hidden 64, twice the students') trained 60 steps and exported with its tokenizer."""
+def train_teacher(root: Path, corpus, tokenizer_dir) -> Path:
+    """A micro teacher (hidden 64, twice the students') trained 60 steps in this process under ``root`` and
+    exported with its tokenizer: the export."""
     from .conftest import micro_args
 
-    root = tmp_path_factory.mktemp("teacher")
     assert main(micro_args(corpus, tokenizer_dir, root / "cache", root / "run", checkpoint__export=True,
                            train__steps=60, optim__lr=1e-2, model__hidden_size=64)) == 0
     return root / "run" / "export"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, corpus, tokenizer_dir) -> Path:
+    """``train_teacher``'s export."""
+    return train_teacher(tmp_path_factory.mktemp("teacher"), corpus, tokenizer_dir)
 
 
 def distill_args(args: list[str], teacher, **overrides) -> list[str]:
@@ -283,13 +288,11 @@ def test_at_alpha_0_a_distillation_run_is_a_plain_run(teacher, tokenizer_dir, mi
         pytest.approx([r["val_loss"] for r in read_metrics(tmp_path / "plain", "val")], rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def chats(tmp_path_factory) -> Path:
+def write_chats(path: Path) -> Path:
     """Conversations (``test_chat_sft``'s), which the teacher's BPE renders with its default chat template."""
     from .test_chat_sft import conversation, write_jsonl
 
-    return write_jsonl(tmp_path_factory.mktemp("chats") / "chats.jsonl",
-                       [{"messages": conversation(i)} for i in range(240)])
+    return write_jsonl(path, [{"messages": conversation(i)} for i in range(240)])
 
 
 def chat_args(chats, tokenizer_dir, output_dir, **overrides) -> list[str]:
@@ -299,24 +302,9 @@ def chat_args(chats, tokenizer_dir, output_dir, **overrides) -> list[str]:
                       data__seq_len=64, **overrides)
 
 
-def test_on_chat_data_only_the_assistant_targets_count(teacher, chats, tokenizer_dir, tmp_path, read_metrics):
-    """Chat data (packed conversations, assistant-only targets, the global batch's target count as the
-    denominator): at alpha 0 the plain chat run's losses; at alpha 0.5, two gloo ranks under DDP log the one
-    process's loss, kd_loss, ce_loss and gradient norms."""
-    assert main(distill_args(chat_args(chats, tokenizer_dir, tmp_path / "kd0"), teacher, distill__alpha=0.0)) == 0
-    assert main(chat_args(chats, tokenizer_dir, tmp_path / "plain")) == 0
-    assert [r["loss"] for r in read_metrics(tmp_path / "kd0")] == \
-        pytest.approx([r["loss"] for r in read_metrics(tmp_path / "plain")], rel=1e-5)
-    from .conftest import run_train
-
-    common = {"distill__alpha": 0.5, "distill__temperature": 2.0, "train__steps": 4}
-    assert main(distill_args(chat_args(chats, tokenizer_dir, tmp_path / "single"), teacher, **common)) == 0
-    two = run_train(distill_args(chat_args(chats, tokenizer_dir, tmp_path / "ddp"), teacher, **common), nproc=2)
-    assert two.returncode == 0, two.stderr[-3000:]
-    single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
-    for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
-        assert [r[key] for r in ddp] == pytest.approx([r[key] for r in single], rel=1e-4), key
-    assert all(r["loss"] == pytest.approx(0.5 * r["kd_loss"] + 0.5 * r["ce_loss"], rel=1e-5) for r in single)
+# test_on_chat_data_only_the_assistant_targets_count (at alpha 0.5, two gloo ranks under DDP against one process) is
+# in test_two_ranks_match_one_process.py (TestDistill): its run shares one torchrun launch with other modules' 2-rank
+# runs.
 
 
 def test_a_distillation_run_resumes_exactly(teacher, micro, tmp_path, read_metrics, capsys):

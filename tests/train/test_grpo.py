@@ -1,7 +1,7 @@
 """GRPO (``data.format = "prompts"``): a run that learns a reward, the loss and advantage formulas by hand, the
-seeded sampler, exact resume, two gloo ranks against one process (DDP and FSDP2), several steps on a generation
-(``num_iterations``) and a resume between them, LoRA's adapters-disabled reference, the reward model source
-scoring as the reward trainer does, conversational prompts, and the refusals."""
+seeded sampler, exact resume, two gloo ranks against one process (DDP, FSDP2, and context parallelism splitting
+each row), several steps on a generation (``num_iterations``) and a resume between them, LoRA's adapters-disabled
+reference, the reward model source scoring as the reward trainer does, conversational prompts, and the refusals."""
 
 from __future__ import annotations
 
@@ -204,18 +204,21 @@ CLIP = ("clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "cl
 
 
 @pytest.fixture(scope="module")
-def two_gloo_ranks(toy, tmp_path_factory):
+def two_gloo_ranks(toy, stopping, tmp_path_factory):
     """The module's 2-rank runs, one after another in one torchrun launch (a rank's start, importing torch and
     transformers, dwarfs these runs): the DDP run of test_two_gloo_ranks_match_one_process, the FSDP2 run of
     test_fsdp_matches_one_process_and_resumes_within_a_generation, then that run resumed from its step-4
-    checkpoint (within the generation of step 3) into another directory. ``{name: (output directory, run)}``."""
+    checkpoint (within the generation of step 3) into another directory, and the context-parallel run of
+    test_ranks_splitting_each_row_log_the_grpo_records_of_one_process. ``{name: (output directory, run)}``."""
     root = tmp_path_factory.mktemp("grpo-two-ranks")
-    ddp, fsdp, resumed = root / "ddp", root / "fsdp", root / "resumed"
+    ddp, fsdp, resumed, split = root / "ddp", root / "fsdp", root / "resumed", root / "context-parallel"
     runs = {
         "ddp": (ddp, grpo_args(toy, ddp, train__steps=4, checkpoint__interval=0)),
         "fsdp": (fsdp, grpo_args(toy, fsdp, **ITERATED, train__parallelism="fsdp")),
         "resumed": (resumed, grpo_args(toy, resumed, **ITERATED, train__parallelism="fsdp",
                                        train__resume=fsdp / "checkpoints" / "step_00000004")),
+        "context-parallel": (split, grpo_args(toy, split, **DAPO, model__init_from=stopping,
+                                              train__context_parallel=2)),
     }
     done = run_train_many([args for _, args in runs.values()], nproc=2, out=root / "launch")
     return {name: (out, run) for (name, (out, _)), run in zip(runs.items(), done, strict=True)}
@@ -397,6 +400,109 @@ def test_fsdp_matches_one_process_and_resumes_within_a_generation(iterated, two_
     for kind in ("train", "val"):
         after = [r for r in strip(metrics(fsdp, kind)) if r["step"] > 4]
         assert after and strip(metrics(resumed, kind)) == after
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Context parallelism (train.context_parallel) on GRPO: 2 ranks, a run of the module's 2-rank launch (2 pieces × 2
+# tensor-parallel slices on 4 ranks: test_context_parallel_grpo_paths.py, which takes these settings)
+# ----------------------------------------------------------------------------------------------------------
+# Two steps on each generation (sampled for steps 1 and 3; steps 2 and 4 train with a ratio off 1), a KL term,
+# validation at steps 0 and 4 of 3 prompts (the second piece samples the third and a padding copy of it), a
+# checkpoint at every step (steps 1 and 3 within a generation). AdamW's eps raised: a step of eps 1e-8 takes a gradient component near 0 to about ±lr whatever its size, so the split's other summation order
+# moved a few weights by 5e-5 after two steps, and the next generation drew another token (rounding amplified into
+# a discrete draw); a component below 1e-5 now moves in proportion to it.
+COMMON = {"train__steps": 4, "grpo__num_iterations": 2, "grpo__beta": 0.05, "grpo__epsilon_high": 0.28,
+          "train__eval_interval": 4, "checkpoint__interval": 1, "checkpoint__keep_last": 4,
+          "optim__eps": 1e-5, "train__eval_blocks": 3}
+# A per-token normalization (over the global batch's unmasked completion tokens) with GSPO's sequence-level ratio,
+# whose mean log ratio runs over both pieces of a completion the cut falls in
+DAPO = {**COMMON, "grpo__loss_type": "dapo", "grpo__importance_sampling_level": "sequence",
+        "grpo__mask_truncated_completions": "true"}
+METRICS = ("loss", "grad_norm", "kl", "reward", "reward_std", "rewards/a_share/mean", "completions/mean_length",
+           "completions/clipped_ratio", "frac_reward_zero_std", "clip_ratio/low_mean", "clip_ratio/low_min",
+           "clip_ratio/high_mean", "clip_ratio/high_max", "clip_ratio/region_mean")
+
+
+def assert_grpo_records_match(expected, got, kind: str, steps: set[int], rel: float) -> None:
+    """The ``kind`` records of ``got`` at ``steps`` are ``expected``'s to ``rel``: every metric of them, present in
+    the same records (a generation's metrics at its first step only)."""
+    names = METRICS if kind == "train" else ["val_loss", *(f"val_{m}" for m in METRICS)]
+    one = [r for r in metrics(expected, kind) if r["step"] in steps]
+    two = [r for r in metrics(got, kind) if r["step"] in steps]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == sorted(steps)
+    for name in names:
+        assert [name in r for r in two] == [name in r for r in one], (kind, name)
+        values = [r[name] for r in one if name in r]
+        assert [r[name] for r in two if name in r] == pytest.approx(values, rel=rel, abs=1e-7), (kind, name)
+
+
+def cuts_inside_a_completion(toy, run) -> int:
+    """How many of the micro-batches (of 8) of the generations a run's step-1 and step-3 checkpoints hold have their
+    row's halfway point, where the two pieces split it, strictly inside a completion (the prompt and the
+    completion's first tokens on the first piece, its last tokens on the second)."""
+    inside, train = 0, prompts_data(toy).train
+    for step in (1, 3):
+        saved = torch.load(run / "checkpoints" / f"step_{step:08d}" / "trainer.pt", weights_only=False)
+        generation = saved["ranks"][0]["data"]["generation"]
+        prompts = [len(train.tokens[row]) for row in generation["rows"]]
+        for lo in range(0, len(prompts), 8):
+            sequences = list(zip(prompts[lo:lo + 8], generation["lengths"][lo:lo + 8], strict=True))
+            starts = np.cumsum([0, *(prompt + length for prompt, length in sequences)])
+            cut = -(-starts[-1] // 2)  # (a row of odd length padded)
+            inside += any(start + prompt < cut < start + prompt + length
+                          for start, (prompt, length) in zip(starts, sequences, strict=False))
+    return inside
+
+
+@pytest.fixture(scope="module")
+def stopping(toy):
+    """The toy base, whose ``generation_config`` stops a completion at every fourth id too: the random model then
+    ends most completions within their 8 tokens, at lengths of all sorts (at its EOS alone it runs every one to 8,
+    the rows of equal sequences, which two pieces cut between two of them), and masks some (the truncated ones)."""
+    from transformers import GenerationConfig
+
+    base = toy / "stopping"
+    shutil.copytree(toy / "base", base)
+    GenerationConfig(eos_token_id=list(range(0, 300, 4))).save_pretrained(base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def dapo_alone(toy, stopping, tmp_path_factory):
+    """The one-process DAPO run (on one thread, as each rank computes: _as_launched_ranks_compute): its output
+    dir."""
+    out = tmp_path_factory.mktemp("grpo-alone") / "dapo"
+    assert main(grpo_args(toy, out, **DAPO, model__init_from=stopping)) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_ranks_splitting_each_row_log_the_grpo_records_of_one_process(toy, dapo_alone, two_gloo_ranks):
+    """dapo with GSPO's ratio on 2 ranks of one context-parallel group (each sampling half of its prompts, then
+    every completion's row split along time for the policy, reference and old-policy passes): the same
+    completions, rewards, losses, KL, clip ratios and gradient norms as one process (each rank sampled half of the
+    prompts, then every rank holds them all; each metric counted once a group, each rank's loss its half), the rows
+    of some micro-batches cut inside a completion; a checkpoint within a generation holds the one process's (the
+    same completions, old and reference log-probs). Counting the metrics or the loss on both ranks, or leaving out
+    the sum of the pieces' log-probs, moves them by far more than the tolerance. The run is one of the module's
+    2-rank launch (two_gloo_ranks)."""
+    split, done = two_gloo_ranks["context-parallel"]
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    assert "world 2 / context parallel 2 = 1 data-parallel groups × micro 8 × accum 2" in done.stderr
+    assert cuts_inside_a_completion(toy, split) > 0
+    # The first generation's steps (the weights 3e-7 apart at step 2) and the validation at step 0: measured 6e-7.
+    # Then, the same completions drawn again: the weights' drift (AdamW's steps normalized) moves the gradient norm
+    # and the KL by up to 4e-5 at step 4 (as test_context_parallel_preference_paths.py's gradient norms, 1e-4).
+    assert_grpo_records_match(dapo_alone, split, "train", {1, 2}, rel=1e-5)
+    assert_grpo_records_match(dapo_alone, split, "val", {0}, rel=1e-5)
+    assert_grpo_records_match(dapo_alone, split, "train", {3, 4}, rel=2e-4)
+    assert_grpo_records_match(dapo_alone, split, "val", {4}, rel=2e-4)
+    assert max(r["clip_ratio/region_mean"] for r in metrics(split)) > 0  # the ratio left the clip's region
+    ours, theirs = (torch.load(run / "checkpoints" / "step_00000003" / "trainer.pt", weights_only=False)
+                    ["ranks"][0]["data"]["generation"] for run in (split, dapo_alone))
+    assert np.array_equal(ours["completions"], theirs["completions"])
+    for name in ("old", "reference"):
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.config import ConfigError, build_config
@@ -22,16 +21,21 @@ def fine_tune_args(args: list[str], init_from, **overrides) -> list[str]:
     return [*kept, f"--model.init_from={init_from}", *[f"--{k.replace('__', '.')}={v}" for k, v in overrides.items()]]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, corpus, tokenizer_dir):
-    """A micro run trained 60 steps and exported, with its metrics."""
+def pretrain(root: Path, corpus, tokenizer_dir) -> Path:
+    """A micro run trained 60 steps in this process under ``root`` and exported, with its metrics: its output
+    directory."""
     from .conftest import micro_args
 
-    root = tmp_path_factory.mktemp("pretrained")
     out = root / "run"
     assert main(micro_args(corpus, tokenizer_dir, root / "cache", out, checkpoint__export=True, train__steps=60,
                            optim__lr=1e-2)) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus, tokenizer_dir):
+    """``pretrain``'s run: its output directory."""
+    return pretrain(tmp_path_factory.mktemp("pretrained"), corpus, tokenizer_dir)
 
 
 def test_a_fine_tune_starts_from_the_exported_weights(pretrained, micro, tmp_path, read_metrics, hub_cache):
@@ -126,12 +130,6 @@ def test_a_bad_init_from_is_refused_naming_it(pretrained, micro, tmp_path, capsy
         assert not (out / "checkpoints").exists()
 
 
-def test_fine_tuning_under_ddp_matches_one_process(pretrained, micro, tmp_path, run, read_metrics):
-    """Every rank loads the same weights before DDP wraps them: two gloo ranks follow one process."""
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    assert main(fine_tune_args(micro(single), pretrained / "export")) == 0
-    done = run(fine_tune_args(micro(ddp), pretrained / "export"), nproc=2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [r["loss"] for r in read_metrics(ddp)] == pytest.approx([r["loss"] for r in read_metrics(single)],
-                                                                   rel=1e-4)
-    assert torch.isfinite(torch.tensor([r["loss"] for r in read_metrics(ddp)])).all()
+# test_fine_tuning_under_ddp_matches_one_process (two gloo ranks under DDP against one process) is in
+# test_two_ranks_match_one_process.py (TestInitFrom): its run shares one torchrun launch with other modules' 2-rank
+# runs.

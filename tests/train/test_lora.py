@@ -19,21 +19,18 @@ from .test_init_from import fine_tune_args
 LORA = {"lora__rank": 4, "lora__alpha": 8, "optim__lr": 2e-2, "optim__weight_decay": 0.0}
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, corpus, tokenizer_dir, cache_dir):
-    """A micro model trained 10 steps and exported (the base the adapters are trained on)."""
+def train_base(root: Path, corpus, tokenizer_dir, cache_dir) -> Path:
+    """A micro model trained 10 steps in this process under ``root`` and exported: the export (the base the
+    adapters are trained on)."""
     from .conftest import micro_args
 
-    root = tmp_path_factory.mktemp("lora-base")
     assert main(micro_args(corpus, tokenizer_dir, cache_dir, root / "run", checkpoint__export=True,
                            train__steps=10, optim__lr=1e-2)) == 0
     return root / "run" / "export"
 
 
-@pytest.fixture(scope="module")
-def domain(tmp_path_factory):
+def write_domain(path: Path) -> Path:
     """A narrow domain to adapt to: 80 documents of near-identical small Python functions."""
-    path = tmp_path_factory.mktemp("lora-domain") / "domain.jsonl"
     with open(path, "w") as handle:
         for i in range(80):
             text = "".join(f"def f{j}(x):\n    return x + {j}\n\n" for j in range(i % 7, i % 7 + 12))
@@ -41,12 +38,27 @@ def domain(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory, domain, tokenizer_dir, pretrained):
+def tune(out: Path, domain, tokenizer_dir, pretrained):
     """A LoRA fine-tune of ``pretrained`` on ``domain`` run in this process (8 steps, a checkpoint at 4 and 8,
     exported): its output directory, arguments and the trained model (the trainer's, adapters injected)."""
-    return _fine_tune(tmp_path_factory.mktemp("lora") / "tuned", domain, tokenizer_dir, pretrained, interval=4,
-                      steps=8)
+    return _fine_tune(out, domain, tokenizer_dir, pretrained, interval=4, steps=8)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus, tokenizer_dir, cache_dir):
+    """``train_base``'s export."""
+    return train_base(tmp_path_factory.mktemp("lora-base"), corpus, tokenizer_dir, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    return write_domain(tmp_path_factory.mktemp("lora-domain") / "domain.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, domain, tokenizer_dir, pretrained):
+    """``tune``'s run: (output directory, arguments, the trained model)."""
+    return tune(tmp_path_factory.mktemp("lora") / "tuned", domain, tokenizer_dir, pretrained)
 
 
 def _fine_tune(out: Path, domain, tokenizer_dir, pretrained, *, interval: int, steps: int, **lora):
@@ -222,26 +234,8 @@ def test_lora_fine_tunes_on_conversations(pretrained, tmp_path, read_metrics):
     assert val[-1] < val[0] - 0.05, val  # 5.72 to 5.60 (four steps gave only 5.72 to 5.68 once the pad row started at zero)
 
 
-def test_fsdp_lora_follows_one_process(tuned, tmp_path, run, read_metrics):
-    """Two gloo ranks under FSDP2 (fully_shard per layer over frozen weights and adapters together) retrace the
-    one-process run: the same losses, sharded checkpoints of only the adapters, the same merged export."""
-    from safetensors.torch import load_file
-
-    out, args, model = tuned
-    fsdp = tmp_path / "fsdp"
-    args = [a if not a.startswith("--train.output_dir=") else f"--train.output_dir={fsdp}" for a in args]
-    done = run([*args, "--train.parallelism=fsdp"], nproc=2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [r["loss"] for r in read_metrics(fsdp)] == pytest.approx([r["loss"] for r in read_metrics(out)], rel=1e-6)
-    last = list_checkpoints(fsdp / "checkpoints")[-1]
-    assert json.loads((last / "manifest.json").read_text())["layout"] == "sharded"
-    saved = load_checkpoint(last)["model"]
-    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
-    merged, expected = load_file(fsdp / "export" / "model.safetensors"), load_file(out / "export" / "model.safetensors")
-    assert merged.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(merged[key], expected[key], rtol=1e-6, atol=1e-6)
-    assert (fsdp / "export" / "adapter" / "adapter_model.safetensors").is_file()
+# test_fsdp_lora_follows_one_process (two gloo ranks under FSDP2 against the one-process run) is in
+# test_two_ranks_match_one_process.py (TestLora): its run shares one torchrun launch with other modules' 2-rank runs.
 
 
 def _in(args: list[str], output_dir) -> list[str]:

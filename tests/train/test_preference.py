@@ -1,6 +1,7 @@
 """Preference tuning (``data.format = "preference"``, DPO): the completion tokens, the summed log-probs, the loss
 formulas, a run that learns a toy preference from log(2), exact resume against the saved reference, LoRA (the
-reference is the base model), dropout off in the policy, two gloo ranks against one process, and the refusals."""
+reference is the base model), dropout off in the policy, and the refusals (two gloo ranks against one process: in
+test_two_ranks_match_one_process.py)."""
 
 from __future__ import annotations
 
@@ -101,12 +102,16 @@ def tokenizer_of(toy: Path):
     return AutoTokenizer.from_pretrained(toy / "base")
 
 
-@pytest.fixture(scope="module")
-def trained(toy, tmp_path_factory):
-    """The 8-step run (checkpoints at 4 and 8, exported): its output directory."""
-    out = tmp_path_factory.mktemp("dpo") / "run"
+def train_dpo(toy: Path, out: Path) -> Path:
+    """The 8-step run (checkpoints at 4 and 8, exported) in this process: its output directory ``out``."""
     assert main(dpo_args(toy, out, checkpoint__export=True)) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    """``train_dpo``'s run: its output directory."""
+    return train_dpo(toy, tmp_path_factory.mktemp("dpo") / "run")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,17 +471,9 @@ def assert_records_match(expected: Path, got: Path, names, tolerance: float) -> 
             assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=tolerance, abs=tolerance), key
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(trained, toy, tmp_path, run):
-    """DDP, micro 2 × accum 1 × 2 ranks: the reference split over the ranks and all-gathered, the losses, rewards
-    and validation records of the one-process run (micro 2 × accum 2)."""
-    ddp = tmp_path / "ddp"
-    done = run(dpo_args(toy, ddp), nproc=2)
-    assert done.returncode == 0, done.stderr + done.stdout
-    assert "world 2 × micro 2 × accum 1" in done.stderr
-    assert_records_match(trained, ddp, METRICS, tolerance=1e-5)
-    assert torch.load(ddp / REFERENCE_FILE)["train"].allclose(torch.load(trained / REFERENCE_FILE)["train"],
-                                                              atol=1e-5)
+# test_two_gloo_ranks_match_one_process (DDP on two gloo ranks against the one-process run) is in
+# test_two_ranks_match_one_process.py (TestPreference): its run shares one torchrun launch with other modules' 2-rank
+# runs.
 
 
 # ----------------------------------------------------------------------------------------------------------

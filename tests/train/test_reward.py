@@ -21,7 +21,6 @@ from retnet.train.reward import METRICS, reward_loss, sequence_rewards
 
 from .conftest import metrics, timeless, train_fsdp_in_process
 from .test_preference import (  # noqa: F401 - toy: the fixture
-    assert_records_match,
     build,
     dpo_args,
     question,
@@ -34,12 +33,17 @@ def reward_args(toy, out, **overrides) -> list[str]:  # noqa: F811 - toy: the fi
     return dpo_args(toy, out, reward__enabled="true", **overrides)
 
 
-@pytest.fixture(scope="module")
-def trained(toy, tmp_path_factory):  # noqa: F811
-    """An 8-step reward-model run (checkpoints at 4 and 8, exported): its output directory."""
-    out = tmp_path_factory.mktemp("reward") / "run"
+def train_reward(toy, out):  # noqa: F811 - toy: the fixture's value
+    """An 8-step reward-model run (checkpoints at 4 and 8, exported) in this process: its output directory
+    ``out``."""
     assert main(reward_args(toy, out, checkpoint__export=True)) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):  # noqa: F811
+    """``train_reward``'s run: its output directory."""
+    return train_reward(toy, tmp_path_factory.mktemp("reward") / "run")
 
 
 def first_step_rewards(trainer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,17 +153,8 @@ def test_a_resume_retraces_the_run_bit_for_bit(trained, toy, tmp_path, capsys): 
         assert timeless(metrics(copy, kind)) == timeless(metrics(trained, kind))
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(trained, toy, tmp_path, run):  # noqa: F811
-    """DDP, micro 2 × accum 1 × 2 ranks: the losses, rewards and validation records of the one-process run
-    (micro 2 × accum 2): the metrics are global-batch means. (To 1e-3: the gradients are summed in another order,
-    and at lr 1e-2 the steps' rounding differences grow, by step 6, to 1e-5..2e-4 of a reward, depending on the
-    CPU's vector width; a metric averaged wrongly across ranks is off by far more.)"""
-    ddp = tmp_path / "ddp"
-    done = run(reward_args(toy, ddp), nproc=2)
-    assert done.returncode == 0, done.stderr + done.stdout
-    assert "world 2 × micro 2 × accum 1" in done.stderr
-    assert_records_match(trained, ddp, METRICS, tolerance=1e-3)
+# test_two_gloo_ranks_match_one_process (DDP on two gloo ranks against the one-process run) is in
+# test_two_ranks_match_one_process.py (TestReward): its run shares one torchrun launch with other modules' 2-rank runs.
 
 
 def test_a_resume_with_other_reward_settings_is_refused(trained, toy, tmp_path, capsys):  # noqa: F811

@@ -197,8 +197,11 @@ def test_triton_kernels_train_the_packed_documents(micro, tmp_path, monkeypatch,
         return forward(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens, chunks)
 
     monkeypatch.setattr(chunk, "chunk_retention_fwd", spy)
-    # one validation micro-batch at each evaluation (it runs the forward kernels only; 4 cost half of the test)
-    common = dict(train__steps=2, train__eval_blocks=2, model__extra__retention_mode="chunkwise")
+    # one micro-batch of 2 blocks a step (a packed row of two segments at least: a varlen launch however the documents
+    # fall) and one validation micro-batch at each evaluation (it runs the forward kernels only; 4 cost half of the
+    # test): each interpreted micro-batch costs seconds
+    common = dict(train__steps=2, train__global_batch_size=2, train__eval_blocks=2,
+                  model__extra__retention_mode="chunkwise")
     monkeypatch.setenv("RETNET_KERNELS", "torch")
     assert main(micro(tmp_path / "reference", **common)) == 0
     assert not varlen_launches
@@ -472,10 +475,20 @@ def test_a_tokenizer_with_ids_beyond_its_length_trains(micro, tmp_path, tokenize
 
 
 _WAIT_SCRIPT = """
-import datetime, sys, time
+import datetime, importlib.util, sys, time, types
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+# retnet.train.distributed (and retnet.train.__main__, stdlib only at its top) without the packages' __init__ files,
+# which import transformers (~9.5 s of CPU a rank, nothing used here), nor retnet.train.config (its tokenizer imports
+# transformers): distributed.py takes only ConfigError from it, config_base's class that config re-exports
+root = importlib.util.find_spec("retnet").submodule_search_locations[0]
+for name, path in (("retnet", root), ("retnet.train", root + "/train")):
+    sys.modules[name] = types.ModuleType(name)
+    sys.modules[name].__path__ = [path]
+from retnet.train.config_base import ConfigError
+sys.modules["retnet.train.config"] = types.SimpleNamespace(ConfigError=ConfigError)
 from retnet.train.distributed import barrier, init_distributed
+assert "transformers" not in sys.modules
 rank, _, _, _ = init_distributed("cpu")
 # The training group's timeout (10 min for NCCL, 30 for gloo) cut short once both ranks are in the group: while they
 # start, a rank that imported torch seconds after the other (a loaded machine) would miss a short one
