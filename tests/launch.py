@@ -20,6 +20,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The start of a subprocess's script that imports retnet's subpackages without retnet/__init__.py, which imports
+# transformers (~9.5 s of CPU) to register the Auto classes: for a process that uses none of the model classes.
+WITHOUT_RETNET_INIT = """import importlib.util, sys, types
+package = types.ModuleType("retnet")
+package.__path__ = list(importlib.util.find_spec("retnet").submodule_search_locations)
+sys.modules["retnet"] = package
+"""
+
 # torchrun's own rendezvous store on a port the OS gives it when it binds (the ranks' MASTER_PORT is that store's)
 TORCHRUN_STANDALONE = ("--standalone", "--nnodes=1")
 
@@ -38,9 +46,9 @@ def launch_worker(script: Path, out: Path, ranks: int, timeout: float = 600) -> 
 def selected_tests(request, parameters: bool = False) -> set[str]:
     """The names of the requesting module's tests this session runs (with their parameters' ids when
     ``parameters``): a module fixture that starts processes for several tests starts only what the selected
-    ones use."""
-    return {item.name if parameters else item.originalname for item in request.session.items
-            if getattr(item, "module", None) is request.module}
+    ones use. A test in a class is named ``CLASS::TEST`` (two classes may have a test of the same name)."""
+    return {(f"{item.cls.__name__}::" if item.cls else "") + (item.name if parameters else item.originalname)
+            for item in request.session.items if getattr(item, "module", None) is request.module}
 
 
 def start_logged(command: list[str], logs: Path, **popen) -> subprocess.Popen:

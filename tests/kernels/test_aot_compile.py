@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import pytest
 
-from tests.launch import finished, start_logged, stop
+from tests.launch import WITHOUT_RETNET_INIT, finished, start_logged, stop
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +54,8 @@ KERNELS = {
 # once a report), each as ``python -m retnet.kernels.aot ARGS`` would: its own stdout and stderr and exit status,
 # in the folder given. retnet.kernels is loaded without retnet/__init__.py, which imports transformers (~7 s of
 # CPU) for nothing the compiler uses.
-COMPILE_EACH = """
-import contextlib, importlib.util, json, sys, traceback, types
-package = types.ModuleType("retnet")
-package.__path__ = list(importlib.util.find_spec("retnet").submodule_search_locations)
-sys.modules["retnet"] = package
+COMPILE_EACH = WITHOUT_RETNET_INIT + """
+import contextlib, json, traceback
 from retnet.kernels import aot
 for args, logs in json.loads(sys.argv[1]):
     with open(logs + "/stdout", "w") as out, open(logs + "/stderr", "w") as err:

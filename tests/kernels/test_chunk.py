@@ -17,6 +17,7 @@ import retnet.kernels as kernels
 from retnet.kernels import naive
 from retnet.kernels.chunk import chunk_retention
 from retnet.kernels.recurrent import recurrent_retention
+from tests.launch import WITHOUT_RETNET_INIT
 
 # Real kernels on a GPU; the interpreter (conftest.py sets TRITON_INTERPRET=1 without one) on the CPU.
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -370,11 +371,8 @@ def test_forcing_triton_on_cpu_without_the_interpreter_says_so():
     import sys
 
     # retnet.kernels without retnet/__init__.py, which imports transformers (~10 s of CPU) for nothing the ops use
-    script = (
-        "import importlib.util, sys, types, torch\n"
-        "package = types.ModuleType('retnet')\n"
-        "package.__path__ = list(importlib.util.find_spec('retnet').submodule_search_locations)\n"
-        "sys.modules['retnet'] = package\n"
+    script = WITHOUT_RETNET_INIT + (
+        "import torch\n"
         "import retnet.kernels as K\n"
         "assert 'transformers' not in sys.modules\n"
         "q = torch.randn(1, 4, 2, 16)\n"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from retnet.kernels import naive
+from tests.launch import WITHOUT_RETNET_INIT
 
 FORMS = {
     "parallel": naive.parallel_retention,
@@ -183,14 +184,11 @@ def test_chunkwise_batch_without_rows_but_tokens():
     assert o.shape == (0, 37, 2, 8) and ht.shape == (0, 2, 8, 8)
 
 
-MEMORY_PROBE = """
-import importlib.util, resource, sys, types
+# retnet.kernels.naive without retnet/__init__.py (transformers' import is nothing the probe measures: the peak is
+# read after a warm-up, as the growth of this process's own maximum).
+MEMORY_PROBE = WITHOUT_RETNET_INIT + """
+import resource
 import torch
-# retnet.kernels.naive without retnet/__init__.py, which imports transformers (~10 s of CPU here, nothing the
-# probe measures: the peak is read after a warm-up, as the growth of this process's own maximum).
-package = types.ModuleType("retnet")
-package.__path__ = list(importlib.util.find_spec("retnet").submodule_search_locations)
-sys.modules["retnet"] = package
 from retnet.kernels import naive
 assert "transformers" not in sys.modules
 torch.set_num_threads(1)

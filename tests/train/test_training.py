@@ -15,6 +15,7 @@ import torch
 
 from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.checkpoint import list_checkpoints, verify_checkpoint
+from tests.launch import WITHOUT_RETNET_INIT
 
 from .conftest import micro_args
 
@@ -474,17 +475,15 @@ def test_a_tokenizer_with_ids_beyond_its_length_trains(micro, tmp_path, tokenize
     assert model["model.embed_tokens.weight"].shape[0] == 901
 
 
-_WAIT_SCRIPT = """
-import datetime, importlib.util, sys, time, types
+_WAIT_SCRIPT = WITHOUT_RETNET_INIT + """
+import datetime, time
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 # retnet.train.distributed (and retnet.train.__main__, stdlib only at its top) without the packages' __init__ files,
 # which import transformers (~9.5 s of CPU a rank, nothing used here), nor retnet.train.config (its tokenizer imports
 # transformers): distributed.py takes only ConfigError from it, config_base's class that config re-exports
-root = importlib.util.find_spec("retnet").submodule_search_locations[0]
-for name, path in (("retnet", root), ("retnet.train", root + "/train")):
-    sys.modules[name] = types.ModuleType(name)
-    sys.modules[name].__path__ = [path]
+sys.modules["retnet.train"] = types.ModuleType("retnet.train")
+sys.modules["retnet.train"].__path__ = [package.__path__[0] + "/train"]
 from retnet.train.config_base import ConfigError
 sys.modules["retnet.train.config"] = types.SimpleNamespace(ConfigError=ConfigError)
 from retnet.train.distributed import barrier, init_distributed

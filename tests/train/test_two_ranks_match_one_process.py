@@ -17,6 +17,7 @@ from retnet.train.checkpoint import list_checkpoints, load_checkpoint
 from retnet.train.preference import METRICS as DPO_METRICS
 from retnet.train.preference import REFERENCE_FILE
 from retnet.train.reward import METRICS as REWARD_METRICS
+from tests.launch import selected_tests
 
 from .conftest import micro_args, run_train_many
 from .test_distill import chat_args, distill_args, train_teacher, write_chats
@@ -31,12 +32,6 @@ LORA = "TestLora::test_fsdp_lora_follows_one_process"
 INIT_FROM = "TestInitFrom::test_fine_tuning_under_ddp_matches_one_process"
 DISTILL = "TestDistill::test_on_chat_data_only_the_assistant_targets_count"
 DISTILL_COMMON = {"distill__alpha": 0.5, "distill__temperature": 2.0, "train__steps": 4}
-
-
-def selected(request) -> set[str]:
-    """``tests.launch.selected_tests``, each as CLASS::TEST (two classes here have a test of the same name)."""
-    return {f"{item.cls.__name__}::{item.originalname}" for item in request.session.items
-            if getattr(item, "module", None) is request.module and item.cls is not None}
 
 
 # The one-process runs the 2-rank runs are compared with (the original modules' fixtures, by their helpers)
@@ -80,7 +75,7 @@ def two_ranks(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> Si
     (``dpo``, ``reward``, ``lora``, ``init_from``, ``distill``), after the one-process runs they are compared with
     (as each test ran them before its own launch: the token caches they share are written by one process);
     ``init_from_single`` and ``distill_single``: the one-process runs made here."""
-    chosen, root = selected(request), tmp_path_factory.mktemp("two-ranks")
+    chosen, root = selected_tests(request), tmp_path_factory.mktemp("two-ranks")
     runs, done = {}, SimpleNamespace()
     if PREFERENCE in chosen:  # micro 2 × accum 1 × 2 ranks; the one-process run: micro 2 × accum 2
         request.getfixturevalue("dpo_trained")
