@@ -58,11 +58,17 @@ def _fp32(op):
     return wrapper
 
 
-@functools.cache
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}
+
+
 def _autocast_available(device_type: str) -> bool:
     """Whether torch has an autocast for ``device_type``: fixed per device type, so asked once rather than on
-    every op call (a decode step makes one per layer)."""
-    return torch.amp.is_autocast_available(device_type)
+    every op call (a decode step makes one per layer). A dict rather than ``functools.cache``, which dynamo
+    traces through with a warning under ``torch.compile``."""
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return available
 
 
 # The shapes below come from cu_seqlens' values: under torch.compile every batch would be a new graph with

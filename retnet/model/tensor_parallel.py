@@ -593,7 +593,10 @@ class _GatheredInputSavedSharded:
         if dtype is not None:
             shard = shard.to(dtype)
         whole = shard.redistribute(self.mesh, [Replicate()])
-        if torch.is_grad_enabled() and _no_saved_tensor_hooks_in_force() and whole.to_local().is_contiguous():
+        # Compiled (train.compile), the hooks would see AOTAutograd's plain tensors, not the gathered DTensor, and
+        # keep them all whole: the compiled graph decides what it saves, and pushing hooks would break it in pieces.
+        if (not torch.compiler.is_compiling() and torch.is_grad_enabled() and _no_saved_tensor_hooks_in_force()
+                and whole.to_local().is_contiguous()):
             saved = _ShardOfSavedInput(shard.detach(), whole.to_local())
             self.hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack_saved_input)
             self.hooks.__enter__()

@@ -261,6 +261,7 @@ def compiled_tp(tp_mesh) -> dict:
     output = model(**build_inputs(COMPILED_CASE))
     output.loss.backward()
     results = {"compiled": {"loss": output.loss.detach(), "graphs": counters["stats"]["unique_graphs"],
+                            "graph_breaks": [reason.splitlines()[0:4] for reason in counters["graph_break"]],
                             "grads": {n: gathered(p.grad) for n, p in model.named_parameters() if p.grad is not None}}}
     model.zero_grad()
     shorter = {key: value[:, :SHORTER] if torch.is_tensor(value) else value

@@ -99,6 +99,9 @@ def test_compiled_split_layers_give_the_unsharded_loss_and_gradients(run):
     model, whole = _unsharded(COMPILED_CASE)
     for rank, results in enumerate(ranks):
         assert results["compiled"]["graphs"] >= 2  # dynamo compiled (a graph a layer at least), not only eager
+        # the sequence split's saved-tensor hooks stand aside while compiling: they broke each layer in ~6 graphs
+        assert not [reason for reason in results["compiled"]["graph_breaks"]
+                    if re.search(r"saved_tensors|data_ptr", " ".join(reason))], results["compiled"]["graph_breaks"]
         torch.testing.assert_close(results["compiled"]["loss"], whole.loss.detach(), rtol=1e-5, atol=1e-6)
         grads = results["compiled"]["grads"]
         assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
