@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,25 +59,43 @@ def run_train_many(runs: list[list[str]], nproc: int, out: Path, timeout: float 
                    ) -> list[subprocess.CompletedProcess]:
     """``runs`` (each a ``retnet-train`` argument list), one after another in one torchrun launch of ``nproc``
     ranks (tests/train/runs_worker.py): each returned as ``run_train`` returns its own launch, stdout and stderr
-    the ranks' in rank order; a run after one that failed was not run (returncode -1, the launch's stderr)."""
+    the ranks' in rank order; a run after one that failed was not run (returncode -1, the launch's stderr).
+    Two ranks take them in this test process's launch kept up for its session (``RunsPool``)."""
+    if nproc in POOLED_WORLD_SIZES:
+        return RunsPool.of(nproc).run(runs, out, timeout)
     return launch_runs(runs, nproc, out, timeout=timeout)[1]
+
+
+def _launch_command(nproc: int, *worker_args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *TORCHRUN_STANDALONE,
+            *worker_args]
+
+
+def _launch_env() -> dict[str, str]:
+    return dict(train_env(), OMP_NUM_THREADS="1")
 
 
 def launch_runs(runs: list[list[str]], nproc: int, out: Path, worker: Path = RUNS_WORKER, timeout: float = 600,
                 **plan) -> tuple[subprocess.CompletedProcess, list[subprocess.CompletedProcess]]:
     """``run_train_many`` through ``worker`` (runs_worker.py or a script that ends in its ``main``), ``plan``'s
-    other keys in its PLAN.json: (the launch, each run finished)."""
+    other keys in its PLAN.json, in a launch of its own: (the launch, each run finished)."""
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     plan_path.write_text(json.dumps({**plan, "runs": runs, "out": str(out)}))
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *TORCHRUN_STANDALONE,
-               str(worker), str(plan_path)]
+    command = _launch_command(nproc, str(worker), str(plan_path))
     try:
-        launch = subprocess.run(command, cwd=REPO, env=dict(train_env(), OMP_NUM_THREADS="1"), capture_output=True,
-                                text=True, timeout=timeout)
+        launch = subprocess.run(command, cwd=REPO, env=_launch_env(), capture_output=True, text=True,
+                                timeout=timeout)
     except subprocess.TimeoutExpired as expired:  # the runs that finished still report, the rest as not run
         launch = subprocess.CompletedProcess(command, -9, _text(expired.stdout),
                                              _text(expired.stderr) + f"\n(launch killed after {timeout} s)")
+    return launch, _finished_runs(runs, nproc, out, launch)
+
+
+def _finished_runs(runs: list[list[str]], nproc: int, out: Path, launch: subprocess.CompletedProcess
+                   ) -> list[subprocess.CompletedProcess]:
+    """Each of ``runs`` as its ranks reported it under ``out`` (``launch``: the launch that ran them, or their job
+    in a pool's, its output appended where a rank did not report)."""
     finished = []
     for index, args in enumerate(runs):
         directory = out / f"run_{index}"
@@ -99,7 +118,105 @@ def launch_runs(runs: list[list[str]], nproc: int, out: Path, worker: Path = RUN
         last = finished[-1]
         finished[-1] = subprocess.CompletedProcess(last.args, launch.returncode, last.stdout,
                                                    last.stderr + launch.stderr)
-    return launch, finished
+    return finished
+
+
+# The world sizes whose runs go to a launch kept up for the test process's session: each of the 2-rank launches
+# in eight modules cost ~22 s of CPU to start (torchrun, then torch and transformers imported in each rank), a
+# micro run a second or two. (4 ranks: a launch of their own, one module checks a warning torch gives once a
+# process.)
+POOLED_WORLD_SIZES = (2,)
+
+
+class RunsPool:
+    """One torchrun launch of ``nproc`` ranks (runs_worker.py ``--pool``) that runs each test's runs as a job when
+    it comes, for the rest of this test process: the process group, the imports and the worker kept between them.
+    A job whose run fails ends the launch (as a launch of its own ends), the next job starts another; so does a
+    job past its timeout (the launch killed)."""
+
+    _pools: dict[int, RunsPool] = {}
+
+    @classmethod
+    def of(cls, nproc: int) -> RunsPool:
+        pool = cls._pools.get(nproc)
+        if pool is None or pool.process.poll() is not None:
+            pool = cls._pools[nproc] = cls(nproc)
+        return pool
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for pool in cls._pools.values():
+            pool.stop()
+        cls._pools.clear()
+
+    def __init__(self, nproc: int):
+        import tempfile
+
+        self.nproc, self.jobs = nproc, 0
+        self.directory = Path(tempfile.mkdtemp(prefix=f"runs-pool-{nproc}-"))
+        self.env = _launch_env()
+        self.log = self.directory / "launch.log"
+        output = open(self.log, "wb")  # noqa: SIM115 - the launch's; never moved here (it shares the offset)
+        self.command = _launch_command(nproc, str(RUNS_WORKER), "--pool", str(self.directory), str(os.getpid()))
+        # its own process group: a timed-out job's launch is killed with its ranks
+        self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=output,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        output.close()
+
+    def run(self, runs: list[list[str]], out: Path, timeout: float) -> list[subprocess.CompletedProcess]:
+        import time
+
+        out.mkdir(parents=True, exist_ok=True)
+        environment = {key: value for key, value in train_env().items() if self.env.get(key) != value}
+        environment.update({key: None for key in self.env if key not in train_env() and key != "OMP_NUM_THREADS"})
+        job, self.jobs = self.directory / f"job_{self.jobs}", self.jobs + 1
+        log_start = self.log.stat().st_size
+        written = job.with_suffix(".tmp")
+        written.write_text(json.dumps({"runs": runs, "out": str(out), "environment": environment}))
+        written.rename(job.with_suffix(".json"))  # whole when the ranks see it
+        done = [job.with_name(f"{job.name}.rank_{rank}.done") for rank in range(self.nproc)]
+        deadline = time.monotonic() + timeout
+        while not all(path.exists() for path in done):
+            if self.process.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                self._kill()
+                break
+            time.sleep(0.05)
+        else:
+            if any(path.read_text() != "0" for path in done):  # the ranks end the launch: the next job starts one
+                self._wait_for_end()
+            return _finished_runs(runs, self.nproc, out, subprocess.CompletedProcess(self.command, 0, "", ""))
+        output = self.log.read_bytes()[log_start:].decode(errors="replace")
+        if self.process.returncode == -9:
+            output += f"\n(launch killed after {timeout} s)"
+        return _finished_runs(runs, self.nproc, out,
+                              subprocess.CompletedProcess(self.command, self.process.returncode, output, output))
+
+    def _kill(self) -> None:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def _wait_for_end(self) -> None:
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._kill()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            (self.directory / "stop").touch()
+            self._wait_for_end()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_runs_pools():
+    yield
+    RunsPool.stop_all()
 
 
 def _text(output: str | bytes | None) -> str:

@@ -11,14 +11,23 @@ file-descriptor level (gloo's and torch's C++ warnings too), go to ``OUT/run_I/r
 status to ``rank_R.status``. A run that fails on a rank (raises, or exits non-zero) ends that rank's process with
 status 1, so that torchrun stops the others, as it stops a launch of one run: ranks that went on to the next run
 would wait for the failed one in its first collective, and later runs depend on the earlier ones' output.
+
+    torchrun --nproc_per_node=N tests/train/runs_worker.py --pool DIR HOST_PID
+
+keeps the ranks up for the test process's whole session (tests/train/conftest.py's ``RunsPool``): they take one job
+after another, ``DIR/job_J.json`` (a plan, and the test process's environment where it differs from the launch's,
+a ``PYTHONPATH`` entry on ``sys.path`` too, for the job's length), each rank writing ``DIR/job_J.rank_R.done`` when
+it has run the job's runs; they end when ``DIR/stop`` appears or the test process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -57,11 +66,10 @@ def _output_to(directory: Path, rank: int):
             os.close(saved[1])
 
 
-def main(plan_path: str) -> int:
+def run_plan(plan: dict, rank: int) -> int:
+    """The plan's runs in this process, one after another (the first failure ends them): the last one's status."""
     from retnet.train import __main__ as train_main
 
-    plan = json.loads(Path(plan_path).read_text())
-    rank = int(os.environ.get("RANK", 0))
     train_main._exit_without_teardown = _end_run
     fresh_filters = list(warnings.filters)
     status = 0  # (a plan of no runs: the DoRA worker's model cases alone)
@@ -81,11 +89,74 @@ def main(plan_path: str) -> int:
         (directory / f"rank_{rank}.status").write_text("raised" if status is None else str(status))
         if status != 0:
             break
+    warnings.filters[:] = fresh_filters
+    return 1 if status is None else status
+
+
+def _end(status: int):
+    from retnet.train import __main__ as train_main
+
     train_main.logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if status == 0 else 1)  # as main's own end of a distributed run: no teardown of the gloo group
 
 
+def main(plan_path: str) -> int:
+    _end(run_plan(json.loads(Path(plan_path).read_text()), int(os.environ.get("RANK", 0))))
+
+
+@contextlib.contextmanager
+def _job_environment(changes: dict[str, str | None]):
+    """The test process's environment where it differs from the launch's, for one job: a new ``PYTHONPATH``
+    entry (a test's reward functions' module) on ``sys.path`` as well, and the modules imported from it forgotten
+    after the job (another test's module of that name may follow)."""
+    saved = {key: os.environ.get(key) for key in changes}
+    added = [entry for entry in (changes.get("PYTHONPATH") or "").split(os.pathsep)
+             if entry and entry not in sys.path]
+    for key, value in changes.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    sys.path[:0] = added
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for entry in added:
+            sys.path.remove(entry)
+            for name, module in list(sys.modules.items()):
+                if (getattr(module, "__file__", None) or "").startswith(entry + os.sep):
+                    del sys.modules[name]
+
+
+def serve(pool: Path, host_pid: int) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    for index in range(1_000_000):
+        job = pool / f"job_{index}.json"
+        while not job.exists():
+            if (pool / "stop").exists():
+                _end(0)
+            try:
+                os.kill(host_pid, 0)
+            except ProcessLookupError:  # the test process is gone (killed): nothing will stop the launch
+                _end(1)
+            time.sleep(0.05)
+        spec = json.loads(job.read_text())
+        with _job_environment(spec["environment"]):
+            status = run_plan(spec, rank)
+        (pool / f"job_{index}.rank_{rank}.done").write_text(str(status))
+        if status != 0:
+            _end(status)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--pool":
+        serve(Path(sys.argv[2]), int(sys.argv[3]))
     sys.exit(main(sys.argv[1]))
