@@ -65,6 +65,8 @@ def _autocast_available(device_type: str) -> bool:
     """Whether torch has an autocast for ``device_type``: fixed per device type, so asked once rather than on
     every op call (a decode step makes one per layer). A dict rather than ``functools.cache``, which dynamo
     traces through with a warning under ``torch.compile``."""
+    if torch.compiler.is_compiling():  # traced: the store below would fail the dict's guard on the next call
+        return torch.amp.is_autocast_available(device_type)
     available = _AUTOCAST_AVAILABLE.get(device_type)
     if available is None:
         available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)

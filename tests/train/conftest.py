@@ -34,8 +34,8 @@ def micro_args(corpus: Path, tokenizer: Path, cache: Path, output_dir: Path, **o
     return ["--config", "tiny", *[f"--{k}={v}" for k, v in values.items()]]
 
 
-def train_env() -> dict[str, str]:
-    env = dict(os.environ)
+def train_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if environ is None else environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return env
@@ -71,8 +71,8 @@ def _launch_command(nproc: int, *worker_args: str) -> list[str]:
             *worker_args]
 
 
-def _launch_env() -> dict[str, str]:
-    return dict(train_env(), OMP_NUM_THREADS="1")
+def _launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    return dict(train_env(environ), OMP_NUM_THREADS="1")
 
 
 def launch_runs(runs: list[list[str]], nproc: int, out: Path, worker: Path = RUNS_WORKER, timeout: float = 600,
@@ -128,11 +128,19 @@ def _finished_runs(runs: list[list[str]], nproc: int, out: Path, launch: subproc
 POOLED_WORLD_SIZES = (2,)
 
 
+# The environment as the session began (before any test's monkeypatch): a kept launch starts with it, and each job
+# carries its own differences (a test's PYTHONPATH entry, say).
+_SESSION_ENVIRON = dict(os.environ)
+# Set by torchrun in each rank, or fixed for the launch: a job never carries them.
+_LAUNCH_KEYS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"}
+
+
 class RunsPool:
     """One torchrun launch of ``nproc`` ranks (runs_worker.py ``--pool``) that runs each test's runs as a job when
     it comes, for the rest of this test process: the process group, the imports and the worker kept between them.
     A job whose run fails ends the launch (as a launch of its own ends), the next job starts another; so does a
-    job past its timeout (the launch killed)."""
+    job past its timeout (the launch and its ranks killed)."""
 
     _pools: dict[int, RunsPool] = {}
 
@@ -140,6 +148,8 @@ class RunsPool:
     def of(cls, nproc: int) -> RunsPool:
         pool = cls._pools.get(nproc)
         if pool is None or pool.process.poll() is not None:
+            if pool is not None:
+                pool.stop()
             pool = cls._pools[nproc] = cls(nproc)
         return pool
 
@@ -154,21 +164,24 @@ class RunsPool:
 
         self.nproc, self.jobs = nproc, 0
         self.directory = Path(tempfile.mkdtemp(prefix=f"runs-pool-{nproc}-"))
-        self.env = _launch_env()
+        self.env = _launch_env(_SESSION_ENVIRON)
         self.log = self.directory / "launch.log"
         output = open(self.log, "wb")  # noqa: SIM115 - the launch's; never moved here (it shares the offset)
         self.command = _launch_command(nproc, str(RUNS_WORKER), "--pool", str(self.directory), str(os.getpid()))
-        # its own process group: a timed-out job's launch is killed with its ranks
         self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=output,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         output.close()
 
-    def run(self, runs: list[list[str]], out: Path, timeout: float) -> list[subprocess.CompletedProcess]:
+    def run(self, runs: list[list[str]], out: Path, timeout: float, retry: bool = True
+            ) -> list[subprocess.CompletedProcess]:
         import time
 
         out.mkdir(parents=True, exist_ok=True)
-        environment = {key: value for key, value in train_env().items() if self.env.get(key) != value}
-        environment.update({key: None for key in self.env if key not in train_env() and key != "OMP_NUM_THREADS"})
+        now = train_env()
+        environment = {key: value for key, value in now.items() if self.env.get(key) != value}
+        environment.update({key: None for key in self.env if key not in now})
+        environment = {key: value for key, value in environment.items()
+                       if key not in _LAUNCH_KEYS and not key.startswith("TORCHELASTIC_")}
         job, self.jobs = self.directory / f"job_{self.jobs}", self.jobs + 1
         log_start = self.log.stat().st_size
         written = job.with_suffix(".tmp")
@@ -184,18 +197,25 @@ class RunsPool:
                 break
             time.sleep(0.05)
         else:
-            if any(path.read_text() != "0" for path in done):  # the ranks end the launch: the next job starts one
-                self._wait_for_end()
-            return _finished_runs(runs, self.nproc, out, subprocess.CompletedProcess(self.command, 0, "", ""))
+            if all(path.read_text() == "0" for path in done):
+                return _finished_runs(runs, self.nproc, out, subprocess.CompletedProcess(self.command, 0, "", ""))
+            self._wait_for_end()  # a run failed: its ranks end the launch, as they end a launch of its own
         output = self.log.read_bytes()[log_start:].decode(errors="replace")
         if self.process.returncode == -9:
             output += f"\n(launch killed after {timeout} s)"
+        elif retry and not any(path.exists() for path in done) and not any(out.glob("run_*/rank_*.status")):
+            # the launch ended before a rank took the job (between two jobs): the job on a new one
+            return RunsPool.of(self.nproc).run(runs, out, timeout, retry=False)
         return _finished_runs(runs, self.nproc, out,
                               subprocess.CompletedProcess(self.command, self.process.returncode, output, output))
 
     def _kill(self) -> None:
         import signal
 
+        # torchrun starts each rank in a session of its own: each is killed by its pid, then the launch
+        for pid_file in self.directory.glob("rank_*.pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()

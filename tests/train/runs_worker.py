@@ -17,13 +17,14 @@ would wait for the failed one in its first collective, and later runs depend on 
 keeps the ranks up for the test process's whole session (tests/train/conftest.py's ``RunsPool``): they take one job
 after another, ``DIR/job_J.json`` (a plan, and the test process's environment where it differs from the launch's,
 a ``PYTHONPATH`` entry on ``sys.path`` too, for the job's length), each rank writing ``DIR/job_J.rank_R.done`` when
-it has run the job's runs; they end when ``DIR/stop`` appears or the test process is gone.
+it has run the job's runs; they end when ``DIR/stop`` appears, ``DIR`` goes or the test process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import json
 import os
 import sys
@@ -102,7 +103,7 @@ def _end(status: int):
     os._exit(0 if status == 0 else 1)  # as main's own end of a distributed run: no teardown of the gloo group
 
 
-def main(plan_path: str) -> int:
+def main(plan_path: str) -> None:
     _end(run_plan(json.loads(Path(plan_path).read_text()), int(os.environ.get("RANK", 0))))
 
 
@@ -138,10 +139,13 @@ def _job_environment(changes: dict[str, str | None]):
 
 def serve(pool: Path, host_pid: int) -> None:
     rank = int(os.environ.get("RANK", 0))
-    for index in range(1_000_000):
+    # torchrun starts each rank in a session of its own: killing the launch's process group leaves them, so the
+    # test process kills them by these
+    (pool / f"rank_{rank}.pid").write_text(str(os.getpid()))
+    for index in itertools.count():
         job = pool / f"job_{index}.json"
         while not job.exists():
-            if (pool / "stop").exists():
+            if (pool / "stop").exists() or not pool.exists():  # (removed: the test process gave the launch up)
                 _end(0)
             try:
                 os.kill(host_pid, 0)
@@ -151,7 +155,9 @@ def serve(pool: Path, host_pid: int) -> None:
         spec = json.loads(job.read_text())
         with _job_environment(spec["environment"]):
             status = run_plan(spec, rank)
-        (pool / f"job_{index}.rank_{rank}.done").write_text(str(status))
+        done = pool / f"job_{index}.rank_{rank}.done"
+        done.with_suffix(".tmp").write_text(str(status))
+        done.with_suffix(".tmp").replace(done)  # whole when the test process sees it
         if status != 0:
             _end(status)
 
@@ -159,4 +165,5 @@ def serve(pool: Path, host_pid: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--pool":
         serve(Path(sys.argv[2]), int(sys.argv[3]))
-    sys.exit(main(sys.argv[1]))
+    else:
+        main(sys.argv[1])
