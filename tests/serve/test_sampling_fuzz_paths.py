@@ -10,10 +10,19 @@ import random
 import pytest
 import torch
 
+from retnet.serve import sampling
 from retnet.serve.sampling import RowSampler, SamplingParams, prompt_logprobs, sample_step
 from tests.serve.conftest import serve_app
 
 DRAWS = 3000
+
+
+@pytest.fixture(params=[None, (1, 3)], ids=["candidates", "few-candidates"])
+def candidates(request, monkeypatch):
+    """The sampler's truncation candidates as shipped, and 1 then 3: the vocabularies here (5 to 40 tokens) then
+    take each path, the first candidates, the second and the full sort for the rows that keep more."""
+    if request.param is not None:
+        monkeypatch.setattr(sampling, "TRUNCATION_CANDIDATES", request.param)
 
 
 def reference_probs(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
@@ -77,7 +86,7 @@ def assert_matches(counts: torch.Tensor, reference: tuple[torch.Tensor, bool], w
         assert abs(count - n * p) < 6 * math.sqrt(n * p * (1 - p)) + 1, (where, token, counts.tolist(), probs.tolist())
 
 
-def test_truncation_order_and_cumulative_cuts_match_the_reference():
+def test_truncation_order_and_cumulative_cuts_match_the_reference(candidates):
     logits = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625]).log()
     cases = [
         # top_p exactly at a cumulative boundary: the mass before the third token is 0.75, not below it.
@@ -104,7 +113,7 @@ def test_penalties_count_the_prompt_for_repetition_and_the_output_for_presence_a
         assert_matches(counts, reference_probs(logits, params, prompt, output, set()), str(case))
 
 
-def test_top_p_exactly_at_a_cumulative_boundary_drops_the_token_after_it():
+def test_top_p_exactly_at_a_cumulative_boundary_drops_the_token_after_it(candidates):
     # Equal logits give exactly 0.25 each in float32: the mass before the third token is exactly 0.5, which is
     # not below top_p 0.5 (README: a token stays while the mass before it is below top_p), so two tokens stay.
     logits = torch.zeros(4)
@@ -114,14 +123,14 @@ def test_top_p_exactly_at_a_cumulative_boundary_drops_the_token_after_it():
         assert counts[counts > 0].min() > 600 / kept - 6 * math.sqrt(600 / kept), (top_p, counts.tolist())
 
 
-def test_ties_at_a_top_k_cut_keep_exactly_k_tokens_and_greedy_takes_the_lowest_id():
+def test_ties_at_a_top_k_cut_keep_exactly_k_tokens_and_greedy_takes_the_lowest_id(candidates):
     logits = torch.tensor([0.2, 0.3, 0.3, 0.2]).log()
     counts = draw(logits, SamplingParams(top_k=3))
     assert counts[1] > 0 and counts[2] > 0 and (counts[0] > 0) != (counts[3] > 0), counts.tolist()
     assert sample_step(logits[None], [RowSampler(SamplingParams(temperature=0.0), [], 4)]).tokens == [1]
 
 
-def test_random_settings_with_penalties_bias_and_masks_sample_as_the_reference():
+def test_random_settings_with_penalties_bias_and_masks_sample_as_the_reference(candidates):
     rng = random.Random(0)
     for trial in range(30):
         vocab = rng.choice([5, 12, 40])

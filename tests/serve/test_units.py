@@ -136,6 +136,37 @@ def test_a_seeded_row_samples_the_same_next_to_a_row_that_truncates():
         assert together[1] == sample_step(logits[1:], [RowSampler(truncating, [], 50)]).tokens[0]
 
 
+def test_truncation_candidates_settle_a_row_only_when_its_rules_drop_the_next_token():
+    """A truncating row draws from its most probable tokens (TRUNCATION_CANDIDATES) when its rules drop the one
+    after them (so all after it); otherwise from more, or its whole vocabulary sorted."""
+    from retnet.serve.sampling import _kept
+
+    top_two = torch.tensor([[0.5, 0.25]])  # of a vocabulary of 4: 0.5, 0.25, 0.125, 0.125
+    for params, settled in ((SamplingParams(top_p=0.75), True), (SamplingParams(top_p=0.7500001), False),
+                            (SamplingParams(top_k=2), True), (SamplingParams(top_k=3), False),
+                            (SamplingParams(min_p=0.6), True), (SamplingParams(min_p=0.5), False),
+                            # top_k 3 renormalises over a third token the two do not hold: unknown mass
+                            (SamplingParams(top_k=3, top_p=0.1), False), (SamplingParams(min_p=0.6, top_p=0.9), True)):
+        keep, done = _kept(top_two, [params], vocab=4)
+        assert done.tolist() == [settled], params
+    keep, done = _kept(torch.tensor([[0.5, 0.25, 0.125, 0.125]]), [SamplingParams(top_p=0.8)], vocab=4)
+    assert done.tolist() == [True] and keep.tolist() == [[True, True, True, False]]
+
+
+def test_rows_on_the_candidates_and_sorted_rows_sample_the_same_alone_or_together():
+    torch.manual_seed(0)
+    vocab = 1500  # over the 64, then 1024 candidates
+    logits = torch.randn(5, vocab) * torch.tensor([[3.0], [0.01], [3.0], [1.0], [0.3]])
+    settings = [SamplingParams(top_k=20, seed=1), SamplingParams(top_p=0.99, seed=2),  # 64 candidates; sorted
+                SamplingParams(top_p=0.5, min_p=0.05, seed=3), SamplingParams(seed=4),
+                SamplingParams(top_p=0.3, seed=5)]  # 1024 candidates (~300 kept)
+    for step in range(5):
+        alone = [sample_step(logits[i : i + 1], [RowSampler(settings[i], [], vocab)]).tokens[0] for i in range(5)]
+        together = sample_step(logits, [RowSampler(params, [], vocab) for params in settings]).tokens
+        assert together == alone, step
+        logits = logits.roll(7, -1)
+
+
 def test_top_k_one_is_greedy_and_penalties_change_the_choice():
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
     assert sample_step(logits, [RowSampler(SamplingParams(top_k=1, seed=1), [], 4)]).tokens == [1]
