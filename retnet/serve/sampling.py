@@ -67,9 +67,9 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    @property
-    def truncates(self) -> bool:
-        return (self.top_k > 0) or self.top_p < 1.0 or self.min_p > 0.0
+    def truncates(self, vocab: int) -> bool:
+        """Whether top_k, top_p or min_p can cut a vocabulary of ``vocab`` tokens (a top_k past it cannot)."""
+        return 0 < self.top_k < vocab or self.top_p < 1.0 or self.min_p > 0.0
 
 
 class RowSampler:
@@ -226,9 +226,9 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
             draws[j : j + 1].uniform_(generator=rows[i].generator)
         picks = torch.empty(len(sampled), dtype=torch.long)
         whole = list(range(len(sampled)))  # the rows drawn over the whole vocabulary
-        cut = [j for j, i in enumerate(sampled) if rows[i].params.truncates]
+        cut = [j for j, i in enumerate(sampled) if rows[i].params.truncates(probs.shape[-1])]
         if cut:
-            whole = _sample_truncated(scaled, probs, cut, [rows[sampled[j]].params for j in cut], draws, picks)
+            whole = _sample_truncated(probs, cut, [rows[sampled[j]].params for j in cut], draws, picks)
         if whole:
             rest = torch.tensor(whole, dtype=torch.long)
             picks[rest] = _inverse_cdf(probs.index_select(0, rest), draws.index_select(0, rest))
@@ -272,70 +272,85 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
 # A truncating row keeps a prefix of its tokens by descending probability. Its most probable ones come from topk, a
 # fraction of a full sort's time at a real vocabulary (64 rows of 32k tokens on one CPU thread: ~50 ms against ~430
 # ms for a sort; 11 rows: 1 ms for 64 candidates, 4 for 1024, 33 for a sort): first 64, then, for the rows whose
-# rules keep more (a wide top_p nucleus), 1024; only a row that keeps more still is sorted whole.
+# rules keep more (a wide top_p nucleus), 1024; only a row that keeps more still is sorted whole. A level is taken
+# where the vocabulary holds at least CANDIDATES_SHARE times its candidates (below, a sort costs about as much).
 TRUNCATION_CANDIDATES = (64, 1024)
+CANDIDATES_SHARE = 8
 
 
-def _sample_truncated(scaled: torch.Tensor, probs: torch.Tensor, cut: list[int], params: list[SamplingParams],
-                      draws: torch.Tensor, picks: torch.Tensor) -> list[int]:
-    """Write the picks of the truncating rows ``cut`` (of ``scaled`` / ``probs``, ``params`` theirs): over their
-    candidates where their kept tokens are all among them, else over their whole vocabulary sorted. Returns the
-    other rows, to draw over the whole vocabulary as it is."""
+def _sample_truncated(probs: torch.Tensor, cut: list[int], params: list[SamplingParams], draws: torch.Tensor,
+                      picks: torch.Tensor) -> list[int]:
+    """Write the picks of the truncating rows ``cut`` of ``probs`` (``params`` theirs): over their candidates where
+    their kept tokens are all among them, else over their whole vocabulary sorted. Returns the other rows, to draw
+    over the whole vocabulary as it is."""
     vocab = probs.shape[-1]
     pending = list(zip(cut, params))
     for candidates in TRUNCATION_CANDIDATES:
-        if not pending:
+        if candidates * CANDIDATES_SHARE > vocab:
             break
-        sub = torch.tensor([j for j, _ in pending], dtype=torch.long)
-        top_probs, top_ids = probs.index_select(0, sub).topk(min(candidates, vocab), -1)
-        keep, settled = _kept(top_probs, [p for _, p in pending], vocab)
+        able = [(j, p) for j, p in pending if _may_settle(p, candidates, vocab)]
+        if not able:
+            continue
+        sub = torch.tensor([j for j, _ in able], dtype=torch.long)
+        # one more than the candidates: whether the rules drop it decides whether the row's kept tokens are all in
+        top_probs, top_ids = probs.index_select(0, sub).topk(candidates + 1, -1)
+        keep, settled = _kept(top_probs, [p for _, p in able], vocab)
         fast = settled.nonzero().squeeze(-1)
         if len(fast):
-            ranks = _inverse_cdf((top_probs * keep).index_select(0, fast), draws.index_select(0, sub[fast]))
+            kept = (top_probs[:, :-1] * keep[:, :-1]).index_select(0, fast)
+            ranks = _inverse_cdf(kept, draws.index_select(0, sub[fast]))
             picks[sub[fast]] = top_ids.index_select(0, fast).gather(-1, ranks[:, None]).squeeze(-1)
-        pending = [row for row, done in zip(pending, settled.tolist()) if not done]
+            done = {j for (j, _), row_done in zip(able, settled.tolist()) if row_done}
+            pending = [(j, p) for j, p in pending if j not in done]
     if pending:
         # Sorted in a batch of their own: the inverse CDF maps a draw to a different token in sorted order, so a
         # row is sorted for its own rules only, never because another row is.
         rows = torch.tensor([j for j, _ in pending], dtype=torch.long)
-        cut_scaled, order = scaled.index_select(0, rows).sort(-1, descending=True)
-        cut_probs = cut_scaled.softmax(-1)
-        keep, _ = _kept(cut_probs, [p for _, p in pending], vocab)
-        ranks = _inverse_cdf(cut_probs * keep, draws.index_select(0, rows))
+        sorted_probs, order = probs.index_select(0, rows).sort(-1, descending=True)
+        keep, _ = _kept(sorted_probs, [p for _, p in pending], vocab)
+        ranks = _inverse_cdf(sorted_probs * keep, draws.index_select(0, rows))
         picks[rows] = order.gather(-1, ranks[:, None]).squeeze(-1)
     truncated = set(cut)
     return [j for j in range(len(probs)) if j not in truncated]
 
 
-def _kept(sorted_probs: torch.Tensor, params: list[SamplingParams], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens top_k, min_p and top_p keep of each row's most probable ``L`` (``sorted_probs``, ``[n, L]``,
-    descending; ``L`` may be the vocabulary), and whether the rules drop the ``L+1``-th (so everything after it: the
-    row's kept tokens are all among the ``L``)."""
-    length = sorted_probs.shape[-1]
-    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
-    ranks = torch.arange(length)[None]
+def _top_k(params: SamplingParams, vocab: int) -> int:
     # Clamped: a top_k past the vocabulary means no truncation, and past int64 it would not fit.
-    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params])
-    keep &= ranks < top_k[:, None]
+    return min(params.top_k, vocab) if params.top_k > 0 else vocab
+
+
+def _may_settle(params: SamplingParams, candidates: int, vocab: int) -> bool:
+    """Whether a row's rules can show on its ``candidates`` most probable tokens that they keep no more: top_k within
+    them, a min_p, or top_p alone (a top_k beyond them renormalises top_p's measure over tokens they do not hold)."""
+    top_k = _top_k(params, vocab)
+    return top_k <= candidates or params.min_p > 0 or top_k == vocab
+
+
+def _kept(sorted_probs: torch.Tensor, params: list[SamplingParams], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens top_k, min_p and top_p keep of each row's ``L`` most probable (``sorted_probs``, ``[n, L]``,
+    descending; ``L`` may be the vocabulary), and whether they drop the ``L``-th (so every one after it: the row's
+    kept tokens are all among the ``L - 1`` before it; always true when ``L`` is the vocabulary)."""
+    length = sorted_probs.shape[-1]
+    ranks = torch.arange(length)[None]
+    top_k = torch.tensor([_top_k(p, vocab) for p in params])
     top_p = torch.tensor([p.top_p for p in params])
     # min_p is relative to the top token, which every rule keeps: it can go first, as vLLM (V1) runs it.
     min_p = torch.tensor([p.min_p for p in params])
-    keep &= sorted_probs >= min_p[:, None] * sorted_probs[:, :1]
+    cut_by_k_and_min_p = (ranks < top_k[:, None]) & (sorted_probs >= min_p[:, None] * sorted_probs[:, :1])
     # top_p measures what top_k and min_p kept, renormalised (vLLM's order; transformers' for top_k); rows without
     # either keep their probabilities bit for bit. Keep a token while the mass strictly before it is below top_p
-    # (the top token always stays).
-    kept = sorted_probs * keep
+    # (the top token always stays). The renormalising total is a cumulative sum's last: a row's own sum, which a
+    # sum over a long row split between threads is not (a row alone and in a batch would round it apart).
+    kept = sorted_probs * cut_by_k_and_min_p
     renormalise = (top_k < vocab) | (min_p > 0)
-    kept = torch.where(renormalise[:, None], kept / kept.sum(-1, keepdim=True), sorted_probs)
-    mass = kept.cumsum(-1)
-    keep &= (mass - kept) < top_p[:, None]
+    kept = torch.where(renormalise[:, None], kept / kept.cumsum(-1)[:, -1:], sorted_probs)
+    keep = cut_by_k_and_min_p & ((kept.cumsum(-1) - kept) < top_p[:, None])
     keep[:, 0] = True
     if length == vocab:
         return keep, torch.ones(len(params), dtype=torch.bool)
-    # The token after the L: top_k or min_p drop it (and so the renormalised mass above is the kept set's), or,
-    # without renormalising, the L's mass (of the whole vocabulary's) reaches top_p before it.
-    by_k_or_min_p = (top_k <= length) | (sorted_probs[:, -1] < min_p * sorted_probs[:, 0])
-    return keep, by_k_or_min_p | (~renormalise & (mass[:, -1] >= top_p))
+    # The last token dropped, by the same float arithmetic as over the whole vocabulary; where top_p measured
+    # renormalised, only once top_k or min_p dropped it (else the renormalising total misses the tokens after it).
+    return keep, ~keep[:, -1] & (~renormalise | ~cut_by_k_and_min_p[:, -1])
 
 
 def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,12 @@ DRAWS = 3000
 
 @pytest.fixture(params=[None, (1, 3)], ids=["candidates", "few-candidates"])
 def candidates(request, monkeypatch):
-    """The sampler's truncation candidates as shipped, and 1 then 3: the vocabularies here (5 to 40 tokens) then
-    take each path, the first candidates, the second and the full sort for the rows that keep more."""
+    """The sampler's truncation candidates as shipped, and 1 then 3 (taken from twice as many tokens): the
+    vocabularies here (5 to 40 tokens) then take each path, the first candidates, the second and the full sort for
+    the rows that keep more."""
     if request.param is not None:
         monkeypatch.setattr(sampling, "TRUNCATION_CANDIDATES", request.param)
+        monkeypatch.setattr(sampling, "CANDIDATES_SHARE", 2)
 
 
 def reference_probs(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],

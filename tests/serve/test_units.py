@@ -137,17 +137,18 @@ def test_a_seeded_row_samples_the_same_next_to_a_row_that_truncates():
 
 
 def test_truncation_candidates_settle_a_row_only_when_its_rules_drop_the_next_token():
-    """A truncating row draws from its most probable tokens (TRUNCATION_CANDIDATES) when its rules drop the one
-    after them (so all after it); otherwise from more, or its whole vocabulary sorted."""
+    """A truncating row draws from its most probable tokens (TRUNCATION_CANDIDATES, and one more) when its rules drop
+    that one more (so all after it); otherwise from more, or its whole vocabulary sorted."""
     from retnet.serve.sampling import _kept
 
-    top_two = torch.tensor([[0.5, 0.25]])  # of a vocabulary of 4: 0.5, 0.25, 0.125, 0.125
+    top_three = torch.tensor([[0.5, 0.25, 0.125]])  # of a vocabulary of 4: 0.5, 0.25, 0.125, 0.125
     for params, settled in ((SamplingParams(top_p=0.75), True), (SamplingParams(top_p=0.7500001), False),
                             (SamplingParams(top_k=2), True), (SamplingParams(top_k=3), False),
-                            (SamplingParams(min_p=0.6), True), (SamplingParams(min_p=0.5), False),
-                            # top_k 3 renormalises over a third token the two do not hold: unknown mass
-                            (SamplingParams(top_k=3, top_p=0.1), False), (SamplingParams(min_p=0.6, top_p=0.9), True)):
-        keep, done = _kept(top_two, [params], vocab=4)
+                            (SamplingParams(min_p=0.3), True), (SamplingParams(min_p=0.25), False),
+                            # top_k 3 renormalises over a fourth token the three do not hold: unknown mass
+                            (SamplingParams(top_k=3, top_p=0.1), False), (SamplingParams(min_p=0.3, top_p=0.9), True),
+                            (SamplingParams(top_k=2, top_p=0.9), True)):
+        keep, done = _kept(top_three, [params], vocab=4)
         assert done.tolist() == [settled], params
     keep, done = _kept(torch.tensor([[0.5, 0.25, 0.125, 0.125]]), [SamplingParams(top_p=0.8)], vocab=4)
     assert done.tolist() == [True] and keep.tolist() == [[True, True, True, False]]
@@ -155,16 +156,39 @@ def test_truncation_candidates_settle_a_row_only_when_its_rules_drop_the_next_to
 
 def test_rows_on_the_candidates_and_sorted_rows_sample_the_same_alone_or_together():
     torch.manual_seed(0)
-    vocab = 1500  # over the 64, then 1024 candidates
-    logits = torch.randn(5, vocab) * torch.tensor([[3.0], [0.01], [3.0], [1.0], [0.3]])
+    vocab = 9000  # the 64 and the 1024 candidates both taken (a vocabulary of 8 times them at least)
+    logits = torch.randn(5, vocab) * torch.tensor([[3.0], [0.01], [3.0], [1.0], [1.0]])
     settings = [SamplingParams(top_k=20, seed=1), SamplingParams(top_p=0.99, seed=2),  # 64 candidates; sorted
                 SamplingParams(top_p=0.5, min_p=0.05, seed=3), SamplingParams(seed=4),
-                SamplingParams(top_p=0.3, seed=5)]  # 1024 candidates (~300 kept)
+                SamplingParams(top_p=0.2, seed=5)]  # 1024 candidates
     for step in range(5):
         alone = [sample_step(logits[i : i + 1], [RowSampler(settings[i], [], vocab)]).tokens[0] for i in range(5)]
         together = sample_step(logits, [RowSampler(params, [], vocab) for params in settings]).tokens
         assert together == alone, step
         logits = logits.roll(7, -1)
+
+
+def test_a_long_sorted_row_keeps_the_same_tokens_alone_or_in_a_batch_on_two_threads():
+    """top_p's renormalising total is the row's own: a sum over a row of 32k tokens or more is split between
+    threads, rounded apart from the same row's sum in a batch, which moved top_p's cut at a boundary."""
+    from retnet.serve.sampling import _kept
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vocab = 50_000
+        for seed in range(3):
+            torch.manual_seed(seed)
+            probs = torch.randn(2, vocab).softmax(-1).sort(-1, descending=True).values
+            kept = probs[:1] * (torch.arange(vocab) < 40_000)
+            mass_before = (kept / kept.cumsum(-1)[:, -1:]).cumsum(-1) - kept / kept.cumsum(-1)[:, -1:]
+            for rank in (5_000, 10_000, 20_000, 30_000):  # top_p exactly at a token's mass before it
+                params = SamplingParams(top_k=40_000, top_p=mass_before[0, rank].item())
+                alone, _ = _kept(probs[:1], [params], vocab)
+                paired, _ = _kept(probs, [params, SamplingParams(top_k=30_000, top_p=0.999)], vocab)
+                assert torch.equal(alone[0], paired[0]), (seed, rank)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_top_k_one_is_greedy_and_penalties_change_the_choice():
