@@ -336,21 +336,21 @@ def _kept(sorted_probs: torch.Tensor, params: list[SamplingParams], vocab: int) 
     top_p = torch.tensor([p.top_p for p in params])
     # min_p is relative to the top token, which every rule keeps: it can go first, as vLLM (V1) runs it.
     min_p = torch.tensor([p.min_p for p in params])
-    cut_by_k_and_min_p = (ranks < top_k[:, None]) & (sorted_probs >= min_p[:, None] * sorted_probs[:, :1])
+    kept_by_k_and_min_p = (ranks < top_k[:, None]) & (sorted_probs >= min_p[:, None] * sorted_probs[:, :1])
     # top_p measures what top_k and min_p kept, renormalised (vLLM's order; transformers' for top_k); rows without
     # either keep their probabilities bit for bit. Keep a token while the mass strictly before it is below top_p
     # (the top token always stays). The renormalising total is a cumulative sum's last: a row's own sum, which a
     # sum over a long row split between threads is not (a row alone and in a batch would round it apart).
-    kept = sorted_probs * cut_by_k_and_min_p
+    kept = sorted_probs * kept_by_k_and_min_p
     renormalise = (top_k < vocab) | (min_p > 0)
     kept = torch.where(renormalise[:, None], kept / kept.cumsum(-1)[:, -1:], sorted_probs)
-    keep = cut_by_k_and_min_p & ((kept.cumsum(-1) - kept) < top_p[:, None])
+    keep = kept_by_k_and_min_p & ((kept.cumsum(-1) - kept) < top_p[:, None])
     keep[:, 0] = True
     if length == vocab:
         return keep, torch.ones(len(params), dtype=torch.bool)
     # The last token dropped, by the same float arithmetic as over the whole vocabulary; where top_p measured
     # renormalised, only once top_k or min_p dropped it (else the renormalising total misses the tokens after it).
-    return keep, ~keep[:, -1] & (~renormalise | ~cut_by_k_and_min_p[:, -1])
+    return keep, ~keep[:, -1] & (~renormalise | ~kept_by_k_and_min_p[:, -1])
 
 
 def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -358,6 +358,7 @@ def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(-1)
     picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)
     return picks.clamp(max=probs.shape[-1] - 1)
+
 
 def grammar_masks_of(rows: list[RowSampler]) -> torch.Tensor | None:
     """``[rows with a grammar, V]`` bool, in row order: the tokens each grammar allows next (None: no grammar).
