@@ -214,7 +214,9 @@ class RetNetRotaryEmbedding(nn.Module):
         """(inverse frequencies [K/2], ln ζ [K]), float64."""
         if device not in self._tables:
             pair = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device)
-            inv_freq = 1.0 / self.config.rope_theta ** (pair / self.head_dim)
+            # float(): a whole rope_theta of 2**63 or more (config.json may write it so; the config takes any finite
+            # number) is a Python int torch cannot convert (OverflowError naming no field)
+            inv_freq = 1.0 / float(self.config.rope_theta) ** (pair / self.head_dim)
             log_zeta = torch.log((pair + 0.4 * self.head_dim) / (1.4 * self.head_dim))
             self._tables[device] = (inv_freq, torch.cat([log_zeta] * 2))
         return self._tables[device]
@@ -246,7 +248,7 @@ class RetNetRotaryEmbedding(nn.Module):
                 state_shift = self.state_factor(new_frame - frame)
                 frame = new_frame
             scale = torch.exp((relative[:, tokens] - frame[:, None]).double()[:, :, None, None]
-                              / self.config.xpos_scale_base * log_zeta).float()
+                              / float(self.config.xpos_scale_base) * log_zeta).float()  # (as rope_theta)
             pieces.append(RetNetPositionPiece(tokens, cos[:, tokens], sin[:, tokens], scale, state_shift))
         final_shift = None if target is None else self.state_factor(target - frame)
         return RetNetPositionEncoding(pieces, final_shift)
@@ -255,7 +257,7 @@ class RetNetRotaryEmbedding(nn.Module):
         """``[N, 1, K, 1]`` fp32: a state ``[N, H, K, V]`` times it moves ``shift`` ``[N]`` positions later
         (key rows × ζ^(shift/base), a decay)."""
         _, log_zeta = self._table(shift.device)
-        return torch.exp(shift.double()[:, None] / self.config.xpos_scale_base * log_zeta).float()[:, None, :, None]
+        return torch.exp(shift.double()[:, None] / float(self.config.xpos_scale_base) * log_zeta).float()[:, None, :, None]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -591,6 +593,22 @@ class RetNetPreTrainedModel(PreTrainedModel):
                 kwargs["state_dict"] = state_dict
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        """transformers' hook behind ``activation_checkpointing_enable(every_n_layers=N)`` (Trainer's
+        ``gradient_checkpointing_kwargs={"every_n_layers": N}``): it picks the layers to checkpoint only among
+        ``GradientCheckpointingLayer`` modules, which RetNet's layers are not (``RetNetModel.forward`` checkpoints
+        them itself), so ``every_n_layers`` was silently ignored and every layer recomputed. ``RetNetModel`` keeps it
+        and checkpoints layers 0, N, 2N, ... as transformers' models do."""
+        every = kwargs.get("every_n_layers", 1)
+        if enable and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"every_n_layers must be a positive integer; got {every!r}")
+        if gradient_checkpointing_func is not None:
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable=enable, **kwargs)
+        for module in self.modules():
+            if isinstance(module, RetNetModel):
+                module.checkpoint_every_n_layers = every if enable else 1
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -665,6 +683,9 @@ class RetNetModel(RetNetPreTrainedModel):
         self.norm = build_norm(config, config.hidden_size)
         self.rotary_emb = RetNetRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # With checkpointing on, the layers checkpointed are those whose index is a multiple of this
+        # (activation_checkpointing_enable's every_n_layers; see _set_gradient_checkpointing).
+        self.checkpoint_every_n_layers = 1
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -863,7 +884,7 @@ class RetNetModel(RetNetPreTrainedModel):
             args = (hidden_states, positions, token_mask, initial_state, cache is not None, mode, cu_seqlens,
                     packed_rows, context_parallel)
             run = _sharing_host_offsets(layer.__call__, shared_offsets) if packed else layer.__call__
-            if checkpointing:
+            if checkpointing and index % self.checkpoint_every_n_layers == 0:
                 # (the recomputation in backward runs `run` again, so it shares the forward's read too)
                 hidden_states, state = self._gradient_checkpointing_func(run, *args)
             else:
