@@ -328,9 +328,14 @@ class DataConfig(_Section):
                 _refuse(key, "must be labelled with letters, digits, '_', '-' and '.' only (the label names the "
                         "source's metrics, val_loss.<label>)", label)
             owner, _, part = label.rpartition(".")
-            if owner in self.mixture and part in MIXTURE_SOURCE_KEYS:
-                # --data.mixture.code.weight=0.5 arrives as a source labelled "code.weight" (an override sets one
-                # key of the table), not as code's weight
+            # --data.mixture.code.weight=0.5 arrives as a source labelled "code.weight" (an override sets one key of
+            # the table), not as code's weight: beside a source "code", or, with no such source, as a bare weight
+            # (a label with no table) naming no local file: "code.weight" would be read as a hub dataset of that
+            # name, and --data.mixture.code.dataset=DIR was refused as a weight that is no number (DIR). A label
+            # naming a local file ("notes.split" ...) stays a bare weight.
+            dotted_key = bool(owner) and part in MIXTURE_SOURCE_KEYS and (
+                owner in self.mixture or (not isinstance(source, dict) and not Path(label).exists()))
+            if dotted_key:
                 _refuse(key, f"looks like the {part!r} of source {owner!r}; set that source whole: "
                         f"--data.mixture.{owner}='{{dataset=\"...\", weight=...}}'", source)
             if not isinstance(source, dict):
@@ -982,6 +987,11 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
         if expected is list:  # --lora.target_modules=q_proj,v_proj (or a TOML/JSON list)
             if text.strip().startswith("["):
                 value = _parse_toml_value(text)
+                if isinstance(value, str) and text.strip().endswith("]"):
+                    # not TOML: names unquoted, [q_proj,v_proj], or ["sau","smelu"] after the shell took the
+                    # quotes (an unquoted --model.hidden_act=["sau","smelu"]): the names, as q_proj,v_proj gives them
+                    value = [item.strip().strip("'\"").strip() for item in text.strip()[1:-1].split(",")]
+                    value = [item for item in value if item]
                 if not isinstance(value, list):
                     raise ValueError(text)
                 return value

@@ -293,7 +293,9 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
             options = _csv_options(files, cfg.text_field)
         elif kind == "parquet":
             options = _parquet_options(files)
-        loaded = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train",
+        # data_files are glob patterns to datasets (fsspec): a path holding [, * or ? (a directory "data[v1]")
+        # matched nothing, or other files, and the set was refused as holding no rows: each file escaped
+        loaded = datasets.load_dataset(kind, data_files=[glob.escape(str(p)) for p in files], split="train",
                                        streaming=streaming, cache_dir=str(cache_dir / "hf"), **options)
     if not streaming:
         # datasets keeps no row's file: the files it read, in order, let an error name a row's (column_values)
@@ -959,6 +961,13 @@ def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 
         if cfg.split not in loaded:
             raise ConfigError(f"data.split {cfg.split!r} is not a split of {str(path)!r}; splits: {sorted(loaded)}")
         loaded = loaded[cfg.split]
+    elif cfg.split not in ("train", str(loaded.split)):
+        # One Dataset is one set, as local files are: another data.split was ignored, and the run trained on all of
+        # it (the split it was saved as, Dataset.split, names it as well as the default)
+        raise ConfigError(f"data.split {cfg.split!r} picks a split of a hub dataset or of a save_to_disk "
+                          f"DatasetDict; {str(path)!r} is one saved Dataset (its validation documents are held out "
+                          f"by data.val_fraction, or data.val_documents when streaming): leave data.split unset, or "
+                          f"point data.dataset at a directory of that split")
     # One shard per rank: split_dataset_by_node gives each a whole one. Not one per CPU: ranks on machines with
     # other counts would read overlapping parts, and a resume elsewhere would skip blocks of other documents.
     return loaded.to_iterable_dataset(num_shards=min(len(loaded), world_size)) if streaming else loaded
@@ -1007,7 +1016,13 @@ def load_documents(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, l
         dataset = first_rows(dataset, limit)
     texts = column_values(dataset, cfg.text_field, cfg.dataset, "data.text_field")
     _check_texts(cfg.dataset, cfg.text_field, texts)
-    return [t for t in texts if is_document(t)]
+    documents = [t for t in texts if is_document(t)]
+    if len(documents) < len(texts):
+        # rows without the field (a JSON row with other keys), null, empty or of whitespace are no documents; said,
+        # so a set whose rows spell the field otherwise does not lose them unseen
+        logger.info("data: %d of %d rows of %s hold no text in data.text_field %r (missing, null, empty or "
+                    "whitespace): left out", len(texts) - len(documents), len(texts), cfg.dataset, cfg.text_field)
+    return documents
 
 
 def load_conversations(cfg: DataConfig, files: list[Path] | None, cache_dir: Path,
@@ -1247,15 +1262,34 @@ def document_encoder(tokenizer):
     return backend
 
 
+def document_prefix(tokenizer) -> list[int]:
+    """The ids ``tokenizer``'s post-processor puts before a text (Llama's and Mistral's BOS, ``"<s> $A"``), which a
+    plain-text document then starts with, as ``tokenizer(text)``, generate's prompts and ``/v1/completions`` start
+    with them (and HF's run_clm and TRL encode pretraining text); [] for the byte-level BPE a run trains. A token
+    equal to the EOS is left out (GPT-2's ``add_bos_token``, BOS == EOS): the EOS closing the previous document
+    already opens the next one (:func:`packed_segments` starts a segment at every EOS). Probed on text, not "", as
+    :func:`~retnet.train.chat.appends_eos` is; ``special_tokens_mask`` marks the post-processor's tokens only."""
+    encoding = tokenizer.backend_tokenizer.encode("a", add_special_tokens=True)
+    prefix = []
+    for token, special in zip(encoding.ids, encoding.special_tokens_mask):
+        if not special:
+            break
+        if token != tokenizer.eos_token_id:
+            prefix.append(token)
+    return prefix
+
+
 def encode_documents(tokenizer, texts: list[str], batch: int = 512) -> np.ndarray:
-    """Every document's ids followed by EOS, concatenated; uint16 when every id fits."""
+    """Every document as ``[*document_prefix(tokenizer), *ids, EOS]``, concatenated; uint16 when every id fits. The
+    byte-level BPE a run trains has no prefix: its ids followed by EOS."""
     dtype = np.uint16 if vocab_bound(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     eos = tokenizer.eos_token_id
+    prefix = document_prefix(tokenizer)
     backend = document_encoder(tokenizer)
     pieces = []
     for start in range(0, len(texts), batch):
         for encoding in backend.encode_batch(texts[start:start + batch], add_special_tokens=False):
-            pieces.append(np.asarray([*encoding.ids, eos], dtype=dtype))
+            pieces.append(np.asarray([*prefix, *encoding.ids, eos], dtype=dtype))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
@@ -1510,9 +1544,18 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
             _atomic_dir(tokenizer_cache, lambda tmp: trained.save_pretrained(tmp))
         barrier()
         tokenizer = load_tokenizer(tokenizer_cache)
+        if rank == 0 and len(tokenizer) < vocab_size:
+            # the data held fewer merges than asked for: the model's vocabulary is the tokenizer's, smaller than
+            # model.vocab_size (which config.json still records), said rather than left to the parameter count
+            logger.info("data: the training split gave the byte-level BPE %d tokens, fewer than model.vocab_size "
+                        "%d: the model's vocabulary is %d", len(tokenizer), vocab_size, len(tokenizer))
     # Keyed by the tokenizer itself, not where it came from: a resumed run loads the copy saved in its
     # output_dir, and must find the tokens its first run cached (not tokenize the whole dataset again).
     key = _hash(fingerprint, tokenizer_fingerprint(tokenizer), cfg.seq_len)
+    if not chat and document_prefix(tokenizer):
+        # documents open with the tokenizer's BOS: a cache of before holds them without it (keys of tokenizers
+        # without one stay as they were)
+        key = _hash(key, {"document_prefix": document_prefix(tokenizer)})
     if chat:  # what renders the conversations and which tokens are targets (text keys stay as they were)
         key = _hash(key, chat_template_identity(tokenizer), cfg.assistant_only_loss)
     token_cache = cache_dir / f"tokens-{key}"
