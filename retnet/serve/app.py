@@ -51,7 +51,7 @@ from retnet.serve.protocol import (
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.responses import ResponsesRequest, ResponsesServing
 from retnet.serve.score import RERANK_ROUTES, SCORE_ROUTES, RerankRequest, ScoreRequest, ScoreServing
-from retnet.serve.serving import OpenAIServing
+from retnet.serve.serving import OpenAIServing, json_built
 from retnet.serve.session_store import check_session_id
 from retnet.serve.settings import (
     ServeSettings,
@@ -350,13 +350,16 @@ def _add_embed_routes(app: FastAPI, serving: EmbedServing, auth: list, json_body
     """An embedding server's routes (``--convert embed``): OpenAI's /v1/embeddings and vLLM's /pooling; the
     classification and generation routes answer 400."""
 
+    # 1024 embeddings of 2048 floats are 40 MB of JSON, 4 s of json.dumps: written off the event loop (json_built).
     @app.post("/v1/embeddings", dependencies=json_body)
     async def embeddings(request: EmbeddingRequest, raw: Request):
-        return JSONResponse((await unless_disconnected(serving.embeddings(request), raw)).model_dump())
+        result = await unless_disconnected(serving.embeddings(request), raw)
+        return await json_built(_pooled_size(result), result.model_dump)
 
     @app.post("/pooling", dependencies=json_body)
     async def pooling(request: PoolingRequest, raw: Request):
-        return JSONResponse((await unless_disconnected(serving.pooling(request), raw)).model_dump())
+        result = await unless_disconnected(serving.pooling(request), raw)
+        return await json_built(_pooled_size(result), result.model_dump)
 
     _add_score_routes(app, ScoreServing(serving), json_body)
 
@@ -374,6 +377,12 @@ def _add_embed_routes(app: FastAPI, serving: EmbedServing, auth: list, json_body
         app.post(path, dependencies=auth)(not_a_classifier)
     for path in GENERATION_ROUTES:
         app.post(path, dependencies=auth)(not_generative)
+
+
+def _pooled_size(result) -> int:
+    """The values a pooling response's rows list (an embedding's floats; base64 text counts as none)."""
+    return sum(len(row) for item in result.data
+               for row in (getattr(item, "embedding", None), getattr(item, "data", None)) if isinstance(row, list))
 
 
 def _add_score_routes(app: FastAPI, scoring: ScoreServing, json_body: list) -> None:

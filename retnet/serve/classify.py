@@ -40,7 +40,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.request_checks import TEMPLATE_CALL_ARGUMENTS, check_content_parts
 from retnet.serve.sequence import EngineUnavailable, QueueFull
-from retnet.serve.serving import OpenAIServing, _size
+from retnet.serve.serving import OpenAIServing, _chat_size, _size
 from retnet.serve.settings import ServeSettings
 from retnet.serve.tools import template_message
 from retnet.tokenization import closed_by_eos, render_pair
@@ -262,7 +262,7 @@ class ClassifyServing(OpenAIServing):
             _check_chat_options(request)
         if messages is not None:
             check_content_parts(request)
-            size = _size([m.text() for m in messages])
+            size = _chat_size(request)
         else:
             self._check_input_count(request.input)
             size = _size(request.input)

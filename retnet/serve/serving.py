@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from retnet.model.hub import ADAPTER_FILES, HubError, resolve_pretrained
 from retnet.serve.engine import Engine
@@ -234,6 +235,12 @@ class OpenAIServing:
         if request.stream:
             return sse_response(self._completion_chunks(request, handle, choice_prompts), handle)
         outputs = await collect_outputs(handle, raw)
+        return await json_built(_answer_size(outputs, request.logprobs, request.prompt_logprobs),
+                                 self._completion_response, request, handle, choice_prompts, outputs)
+
+    def _completion_response(self, request: CompletionRequest, handle: RequestHandle,
+                             choice_prompts: list[CompletionPrompt], outputs: list[list[SeqOutput]]) -> dict:
+        """The whole completion of ``outputs`` (its JSON), each choice's prompt ``choice_prompts[i]``."""
         choices = []
         for index, seq in enumerate(outputs):
             prompt = choice_prompts[index]
@@ -256,7 +263,7 @@ class OpenAIServing:
             ))
         response = CompletionResponse(id=random_id("cmpl"), model=self._response_name(request.model), choices=choices,
                                       usage=self._usage(handle, outputs), session_id=request.session_id)
-        return JSONResponse(dump(response))
+        return dump(response)
 
     def _completion_prompts(self, prompt, truncate: int | None = None, add_special_tokens: bool = True,
                             followed: bool = True) -> list[CompletionPrompt]:
@@ -371,7 +378,10 @@ class OpenAIServing:
         run = await self.start_chat(request)
         if request.stream:
             return sse_response((sse(chunk) async for chunk in self.chat_chunks(request, run)), run.handle)
-        return JSONResponse(dump(await self.chat_response(request, run, raw)))
+        outputs = await collect_outputs(run.handle, raw)
+        return await json_built(_answer_size(outputs, (request.top_logprobs or 0) if request.logprobs else None,
+                                              request.prompt_logprobs),
+                                 lambda: dump(self._chat_response(request, run, outputs)))
 
     async def start_chat(self, request: ChatCompletionRequest) -> ChatRun:
         """Check the request, template and tokenize its conversation, and submit it to the engine (the Responses
@@ -405,7 +415,7 @@ class OpenAIServing:
             # The session keeps its pending token until this turn's answer replaces it: a turn that never ends
             # (cancelled while queued, failed) leaves the session as it was, in memory and in its file.
             leaves_pending = bool(closes) and await self._tokenizing(0, self._closer_leaves_out, request, session)
-            prompt, hint = await self._tokenizing(_size([m.text() for m in request.messages]), self._chat_prompt,
+            prompt, hint = await self._tokenizing(_chat_size(request), self._chat_prompt,
                                                   request, _continues(session), closes)
             if session is not None:
                 session.answering_assistant = _answers_in_assistant_message(request)
@@ -425,8 +435,14 @@ class OpenAIServing:
 
     async def chat_response(self, request: ChatCompletionRequest, run: ChatRun, raw: Request) -> ChatCompletionResponse:
         """The whole response of a started chat (a client gone meanwhile cancels it: 499)."""
+        outputs = await collect_outputs(run.handle, raw)
+        return await _built(_answer_size(outputs, (request.top_logprobs or 0) if request.logprobs else None,
+                                         request.prompt_logprobs),
+                            self._chat_response, request, run, outputs)
+
+    def _chat_response(self, request: ChatCompletionRequest, run: ChatRun,
+                       outputs: list[list[SeqOutput]]) -> ChatCompletionResponse:
         handle, calling, prompt = run.handle, run.calling, run.prompt
-        outputs = await collect_outputs(handle, raw)
         choices = []
         for index, seq in enumerate(outputs):
             logprobs = None
@@ -675,7 +691,7 @@ class OpenAIServing:
             check_content_parts(request)
             check_chat_features(request)
             tool_calling(request, self.settings.tool_call_parser)
-            size = _size([m.text() for m in request.messages])
+            size = _chat_size(request)
         else:
             size = len(request.prompt)
         return await self._tokenizing(size, self._tokenize, request)
@@ -959,6 +975,137 @@ def _size(value) -> int:
     if isinstance(value, list):
         return sum(_size(item) if isinstance(item, (str, list)) else 1 for item in value)
     return 0
+
+
+# A whole response listing this many logprob entries (a token's, or one of its alternatives) is built and encoded
+# on a worker thread: about 5 us an entry, and n=8 choices of 4096 tokens with 20 alternatives each (a request the
+# default limits take) held every running stream ~3 s on the event loop when it ended.
+OFF_LOOP_ANSWER_SIZE = 1 << 13
+
+
+def _answer_size(outputs: list[list[SeqOutput]], *alternatives: int | None) -> int:
+    """The logprob entries a whole response of ``outputs`` lists, ``alternatives``: the top-k each asks for (None:
+    not asked); 0 without logprobs (text is cheap to write)."""
+    asked = [k for k in alternatives if k is not None]
+    if not asked:
+        return 0
+    scored = sum(len(o.logprobs or ()) + len(o.prompt_logprobs or ()) for seq in outputs for o in seq)
+    return scored * (1 + max(asked))
+
+
+async def _built(size: int, function, *args):
+    """``function(*args)``, building a response: on a worker thread when it lists ``size`` entries past
+    :data:`OFF_LOOP_ANSWER_SIZE` (the streams on the event loop go on meanwhile), else here."""
+    if size <= OFF_LOOP_ANSWER_SIZE:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
+
+
+async def json_built(size: int, function, *args) -> Response:
+    """The JSON response of the dict ``function(*args)`` builds, built as :func:`_built` builds it. Off the event
+    loop it is encoded in pieces (:func:`_json_pieces`): one json.dumps of the whole holds the GIL, so the event
+    loop too, for as long as it takes (~0.1 s for every 5 MB of logprobs; 4 s for 1024 embeddings of 2048 floats)."""
+    if size <= OFF_LOOP_ANSWER_SIZE:
+        return JSONResponse(function(*args))
+
+    def build() -> bytes:
+        pieces: list[str] = []
+        _json_pieces(function(*args), pieces)
+        return "".join(pieces).encode("utf-8")
+
+    return Response(await asyncio.to_thread(build), media_type="application/json")
+
+
+# Values (numbers, strings ...) one json.dumps call writes at most in a large response (each call holds the GIL).
+_JSON_PIECE = 4096
+
+
+def json_weight(value, cap: int = _JSON_PIECE) -> int:
+    """The values and containers in ``value``, counted until past ``cap``."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    total = len(value)
+    for item in value.values() if isinstance(value, dict) else value:
+        if isinstance(item, (dict, list)):
+            total += json_weight(item, cap - total)
+            if total > cap:
+                break
+    return total
+
+
+def _json_pieces(value, out: list[str]) -> None:
+    """``value`` as JSONResponse writes it, appended to ``out`` in pieces of about :data:`_JSON_PIECE` values
+    each, one json.dumps call a piece."""
+    if json_weight(value) <= _JSON_PIECE:
+        out.append(_dumps(value))
+    elif isinstance(value, dict):
+        out.append("{")
+        for i, (key, item) in enumerate(value.items()):
+            # (as json.dumps writes the key: a number, vLLM's prompt_logprobs' token ids, as a string)
+            out.append(("," if i else "") + _dumps({key: 0})[1:-2])
+            _json_pieces(item, out)
+        out.append("}")
+    else:  # a list: its items in runs that fit a piece, an item that does not fit one taken apart
+        out.append("[")
+        run, weight, first = [], 0, True
+
+        def flush() -> None:
+            nonlocal first
+            if run:
+                out.append(("" if first else ",") + _dumps(run)[1:-1])
+                first = False
+                run.clear()
+
+        for item in value:
+            size = json_weight(item)
+            if size > _JSON_PIECE:
+                flush()
+                if not first:
+                    out.append(",")
+                _json_pieces(item, out)
+                first, weight = False, 0
+                continue
+            if weight + size > _JSON_PIECE:
+                flush()
+                weight = 0
+            run.append(item)
+            weight += size
+        flush()
+        out.append("]")
+
+
+def _dumps(value) -> str:
+    """JSONResponse's encoding of ``value``."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+
+# What templating a conversation costs per message besides its texts (the template's own text around each, the
+# rendering), in characters of encoding: ~60 us a message on the reference machine, about what 100 characters take.
+MESSAGE_SIZE = 128
+
+
+def _chat_size(request) -> int:
+    """A conversation's size as :data:`OFF_LOOP_PROMPT_SIZE` counts it: what its template renders (each message's
+    texts, reasoning, name and calls, and its cost of its own; the tools, documents and template variables) and
+    encodes. Its contents alone were counted before: 30,000 empty messages (a megabyte) were templated and encoded
+    on the event loop, every running stream held for seconds."""
+    size = 0
+    for message in request.messages:
+        size += MESSAGE_SIZE + len(message.text()) + len(message.reasoning_text() or "") + len(message.name or "")
+        for call in message.tool_calls or ():
+            size += len(call.function.name) + _json_size(call.function.arguments)
+    extras = [getattr(request, name, None) for name in ("tools", "documents", "chat_template_kwargs")]
+    return size + sum(_json_size(extra) for extra in extras if extra)
+
+
+def _json_size(value) -> int:
+    """Characters of ``value`` written as JSON (a string: its own); what cannot be written counts 0."""
+    if isinstance(value, str):
+        return len(value)
+    try:
+        return len(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return 0
 
 
 @dataclass(slots=True)
