@@ -1268,10 +1268,13 @@ def document_prefix(tokenizer) -> list[int]:
     with them (and HF's run_clm and TRL encode pretraining text); [] for the byte-level BPE a run trains. A token
     equal to the EOS is left out (GPT-2's ``add_bos_token``, BOS == EOS): the EOS closing the previous document
     already opens the next one (:func:`packed_segments` starts a segment at every EOS). Probed on text, not "", as
-    :func:`~retnet.train.chat.appends_eos` is; ``special_tokens_mask`` marks the post-processor's tokens only."""
+    :func:`~retnet.train.chat.appends_eos` is; ``special_tokens_mask`` marks the post-processor's tokens only (and
+    pads, which a left padding saved in a tokenizer.json puts first: left out by their attention mask)."""
     encoding = tokenizer.backend_tokenizer.encode("a", add_special_tokens=True)
     prefix = []
-    for token, special in zip(encoding.ids, encoding.special_tokens_mask):
+    for token, special, attended in zip(encoding.ids, encoding.special_tokens_mask, encoding.attention_mask):
+        if not attended:
+            continue
         if not special:
             break
         if token != tokenizer.eos_token_id:
@@ -1552,10 +1555,9 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
     # Keyed by the tokenizer itself, not where it came from: a resumed run loads the copy saved in its
     # output_dir, and must find the tokens its first run cached (not tokenize the whole dataset again).
     key = _hash(fingerprint, tokenizer_fingerprint(tokenizer), cfg.seq_len)
-    if not chat and document_prefix(tokenizer):
-        # documents open with the tokenizer's BOS: a cache of before holds them without it (keys of tokenizers
-        # without one stay as they were)
-        key = _hash(key, {"document_prefix": document_prefix(tokenizer)})
+    prefix = [] if chat else document_prefix(tokenizer)
+    if prefix:  # documents open with the tokenizer's BOS: a cache of before holds them without it (others' keys stay)
+        key = _hash(key, {"document_prefix": prefix})
     if chat:  # what renders the conversations and which tokens are targets (text keys stay as they were)
         key = _hash(key, chat_template_identity(tokenizer), cfg.assistant_only_loss)
     token_cache = cache_dir / f"tokens-{key}"
@@ -1649,7 +1651,8 @@ def _local_changed(cfg: DataConfig, documents: list[int] | None) -> ConfigError:
     why = ("this interpreter's standard library is not the one it was trained on" if cfg.dataset == "stdlib" else
            "its files changed since (documents added, removed or edited), or this version tokenizes them otherwise "
            "(chat: answers opening with whitespace are encoded apart from their prompt since 2026-12-05, and the "
-           "default template closes each message with EOS)")
+           "default template closes each message with EOS; plain text: documents start with the BOS a tokenizer's "
+           "post-processor puts before a text since 2026-12-06)")
     return ConfigError(
         f"data.dataset {cfg.dataset!r} now gives other token blocks than the checkpoint was trained on: {why}{now}. "
         f"The checkpoint's data position would point into other blocks, and documents held out for validation could "

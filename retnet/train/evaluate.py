@@ -12,9 +12,10 @@
 file, directory or glob, a ``save_to_disk`` directory or a hub dataset.
 
 Each document is scored as training presents it: the tokenizer's EOS opens it (every packed training
-segment starts at an EOS, so that is the state a document starts from), and the model predicts its tokens
-and the EOS that closes it, so a document of n tokens counts n + 1 targets. The loss is the mean next-token
-cross-entropy over every target of every document (nats), the perplexity its exponential.
+segment starts at an EOS, so that is the state a document starts from), or the BOS of a tokenizer that puts
+one before every text (Llama's, Mistral's: training's documents start with it, as a server's prompts do), and
+the model predicts its tokens and the EOS that closes it, so a document of n tokens counts n + 1 targets. The
+loss is the mean next-token cross-entropy over every target of every document (nats), the perplexity its exponential.
 
 No context window: a document is run in pieces of ``--segment-tokens`` tokens, each continuing the recurrent
 state the previous piece left, so every token is conditioned on the whole document before it, at memory
@@ -115,19 +116,24 @@ class PositionBuckets:
 # Scoring
 # ----------------------------------------------------------------------------------------------------------
 def encode(tokenizer, texts: list[str], batch: int = 512) -> list[np.ndarray]:
-    """Each document as ``[EOS, *ids, EOS]``, encoded as training encodes it (whole, special tokens' text as
-    text): the sequence whose every token after the first is a target. int32 arrays: 4 bytes a token where a
-    list of Python ints takes about 36, the difference between fitting an evaluation set in memory or not."""
-    from retnet.train.data import document_encoder
+    """Each document encoded as training encodes it (whole, special tokens' text as text): the sequence whose every
+    token after the first is a target. A tokenizer whose post-processor puts a BOS before a text (Llama's, Mistral's:
+    :func:`~retnet.train.data.document_prefix`) gives ``[BOS, *ids, EOS]``, the BOS the first token, context only,
+    as a server's prompt starts (a prefix of several tokens: those after its first are targets too); others
+    ``[EOS, *ids, EOS]``, the EOS that opens a document in training. int32 arrays: 4 bytes a token where a list of
+    Python ints takes about 36, the difference between fitting an evaluation set in memory or not."""
+    from retnet.train.data import document_encoder, document_prefix
 
     eos = tokenizer.eos_token_id
     encoder = document_encoder(tokenizer)
+    prefix = document_prefix(tokenizer) or [eos]
     out = []
     for start in range(0, len(texts), batch):
         for encoding in encoder.encode_batch(texts[start:start + batch], add_special_tokens=False):
-            ids = np.empty(len(encoding.ids) + 2, dtype=np.int32)
-            ids[0] = ids[-1] = eos
-            ids[1:-1] = encoding.ids
+            ids = np.empty(len(prefix) + len(encoding.ids) + 1, dtype=np.int32)
+            ids[:len(prefix)] = prefix
+            ids[len(prefix):-1] = encoding.ids
+            ids[-1] = eos
             out.append(ids)
     return out
 

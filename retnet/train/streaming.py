@@ -43,6 +43,7 @@ from retnet.train.data import (
     _require_targets,
     chat_blocks,
     document_encoder,
+    document_prefix,
     encode_documents,
     indexed_conversations,
     is_document,
@@ -78,6 +79,7 @@ class StreamingData:
         self.hub_fingerprint: str | None = None  # of a hub dataset: a checkpoint keeps it for its resume
         self.train_tokens = None
         self._encoder = document_encoder(tokenizer)
+        self._prefix = document_prefix(tokenizer)  # each document's first ids, as encode_documents'
         self._epoch = 0
         self._documents = 0  # examples of this epoch read, empty ones too: they count in the stream's order
         self._seen = False  # a non-empty document in this epoch: an epoch without one would loop for ever
@@ -124,9 +126,9 @@ class StreamingData:
                 return example
 
     def _append(self, example: dict) -> None:
-        """Tokenize ``example`` onto the end of the buffer."""
+        """Tokenize ``example`` onto the end of the buffer, as :func:`~retnet.train.data.encode_documents` does."""
         ids = self._encoder.encode(example[self.text_field], add_special_tokens=False).ids
-        self._buffer.extend([*ids, self.tokenizer.eos_token_id])
+        self._buffer.extend([*self._prefix, *ids, self.tokenizer.eos_token_id])
 
     def _drop_packed(self) -> None:
         # Packed tokens are dropped only here, once per document read: deleting each block from the front
