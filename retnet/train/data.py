@@ -1296,19 +1296,20 @@ def encode_documents(tokenizer, texts: list[str], batch: int = 512) -> np.ndarra
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
-def packed_segments(blocks: torch.Tensor, eos_token_id: int,
+def packed_segments(blocks: torch.Tensor, start_token_id: int,
                     flags: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Model inputs for ``[B, T]`` packed blocks as one varlen row ``[1, B·T]``.
 
-    A segment starts at every block start and at every EOS: the EOS opens the next document (like a BOS),
-    so the last token of a document still learns to predict EOS while its state stays behind. The label of
+    A segment starts at every block start and at every ``start_token_id``: the EOS, which then opens the next
+    document (like a BOS), or the BOS of a tokenizer whose documents open with one (:func:`document_prefix`), so
+    the last token of a document still learns to predict EOS while its state stays behind. The label of
     each block's first token is -100, because in the flattened row it would be predicted from the previous
     block; the loss then averages over exactly the B·(T−1) targets of the unflattened batch.
 
     ``flags`` ``[B, T]`` (chat data, ``retnet.train.chat``): segments start at the conversations' closing EOS
     (``BOUNDARY``) instead of every EOS, and only the ``TARGET`` tokens keep their labels."""
     batch, length = blocks.shape
-    starts = blocks == eos_token_id if flags is None else (flags & BOUNDARY) != 0
+    starts = blocks == start_token_id if flags is None else (flags & BOUNDARY) != 0
     starts[:, 0] = True
     bounds = starts.flatten().nonzero().flatten()
     cu_seqlens = torch.cat([bounds, bounds.new_tensor([batch * length])]).to(torch.int32)

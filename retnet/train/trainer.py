@@ -111,6 +111,7 @@ from retnet.train.config import (
 )
 from retnet.train.data import (
     build_data,
+    document_prefix,
     masked_labels,
     model_vocab_size,
     packed_segments,
@@ -196,6 +197,9 @@ class Trainer:
         # The evaluation a stop left undone at its step (a preemption's grace period is for the checkpoint);
         # checkpoints carry it, and the resumed run evaluates that step before its first step.
         self.pending_eval = False
+        # The step whose validation metrics.jsonl holds last: this run's evaluations, or (rank 0's) the record kept
+        # of a resumed checkpoint's step. A run ends by evaluating its final step unless that step has one.
+        self.evaluated_step = -1
         # A signal only marks this rank; the loop stops on stop_requested, which every rank takes from the same
         # all-reduce, because a rank that left alone would leave the others waiting in the next collective.
         self.signal_received = False
@@ -269,6 +273,10 @@ class Trainer:
 
             self.data = RewardData.of(self.data, cfg.reward)
         self.tokenizer = self.data.tokenizer
+        # A packed text segment starts at the BOS that opens each document (document_prefix: a Llama-style
+        # tokenizer's), from a fresh state as a served prompt does; else at the EOS before it, which then opens it.
+        prefix = document_prefix(self.tokenizer)
+        self.segment_start_id = prefix[0] if prefix else self.tokenizer.eos_token_id
         if self.is_main and not reuse:
             # Replacing what was there: files of another tokenizer left beside these could be what a load picks.
             replace_directory(saved_tokenizer, self.tokenizer.save_pretrained)
@@ -680,6 +688,8 @@ class Trainer:
             tmp = self.metrics_path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in keep))
             os.replace(tmp, self.metrics_path)
+            if any(_record_key(line) == (self.step, "val") for line in keep):
+                self.evaluated_step = self.step
         self._metrics = open(self.metrics_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if self.cfg.logging.tensorboard:
             try:
@@ -1135,7 +1145,7 @@ class Trainer:
         (the whole row's targets without ``num_items``), so the group's shares add up to the loss above; a
         distillation's KD and CE parts likewise."""
         if self.cfg.data.document_boundaries:
-            inputs = packed_segments(blocks, self.tokenizer.eos_token_id, flags)
+            inputs = packed_segments(blocks, self.segment_start_id, flags)
         else:
             inputs = {"input_ids": blocks, "labels": blocks if flags is None else masked_labels(blocks, flags)}
         extra = {} if num_items is None else {"num_items_in_batch": num_items}
@@ -1303,6 +1313,7 @@ class Trainer:
         over their target tokens. A data mixture's sources are also measured one by one (``val_loss.<label>``
         in the record); ``val_loss`` pools their blocks."""
         self.model.eval()
+        self.evaluated_step = self.step
         eval_blocks = self.cfg.train.eval_blocks
         if getattr(self.data, "preference", False):  # DPO: the loss and rewards of validation pairs
             record = self.data.evaluate(self.model, eval_blocks)
@@ -1381,7 +1392,7 @@ class Trainer:
                 self.save()
         interrupted = self.stop_requested
         val_loss = None
-        if not interrupted and self.step > self.start_step:  # (a finished run resumed again only re-exports)
+        if not interrupted and not self._final_step_evaluated():  # (a finished run resumed again only re-exports)
             val_loss = self.evaluate()
         self.save()
         summary = {"step": self.step, "loss": loss, "interrupted": interrupted}
@@ -1403,7 +1414,7 @@ class Trainer:
             self._metrics.flush()
             try:
                 plot_losses(self.metrics_path, self.output_dir / "loss.png",
-                            title=f"RetNet {self.model_name} ({self.n_params / 1e6:.1f}M params"
+                            title=f"RetNet {self.model_name} ({self.n_params / 1e6:.2f}M params"
                                   + (f", LoRA rank {cfg.lora.rank})" if cfg.lora.enabled else ")"))
             except ImportError:  # a bring-your-own-torch machine without the [train] extra: keep the run
                 logger.warning("matplotlib is not installed; no loss.png (metrics.jsonl has the curve)")
@@ -1416,6 +1427,18 @@ class Trainer:
         barrier()
         self._completed = True
         return summary
+
+    def _final_step_evaluated(self) -> bool:
+        """Whether metrics.jsonl holds the validation of the step the run ends at. A run that trained evaluates
+        its last step at the end (the loop evaluates no final step); one resumed at train.steps has it only if
+        the records kept of its checkpoint's step do (a checkpoint of a shortened run may have none): rank 0 read
+        them, and its answer is every rank's."""
+        evaluated = self.evaluated_step == self.step
+        if self.step == self.start_step and is_distributed():
+            answer = [evaluated]
+            dist.broadcast_object_list(answer, src=0)
+            evaluated = bool(answer[0])
+        return evaluated
 
     def _log_window(self) -> float:
         """Write the record of the steps since the last one and start the next window; returns its mean loss."""

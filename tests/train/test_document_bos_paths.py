@@ -192,3 +192,30 @@ def test_a_token_cache_written_without_the_bos_is_not_reused(bpe_dir, llama_dir,
             assert bos is None and np.array_equal(before, now)
     caches = sorted(p.name for p in cache.glob("tokens-*"))
     assert len(caches) == 3  # the BOS tokenizer's old and new, the default's one
+
+
+def test_training_segments_start_at_the_bos_as_a_served_prompt_does(micro, tokenizer_dir, tmp_path, monkeypatch):
+    """Each packed document runs from a fresh state at its BOS (the EOS before it closes the document before),
+    as a prompt the server gets starts; the trained BPE's segments start at the EOS, as before."""
+    from transformers import AutoTokenizer
+
+    from retnet.train import trainer
+    from retnet.train.__main__ import main
+
+    llama = saved_with(tokenizer_dir, tmp_path / "llama", f"{BOS} $A")
+    bos = AutoTokenizer.from_pretrained(llama).bos_token_id
+    starts = []
+
+    def recording(blocks, start_token_id, flags=None):
+        inputs = trainer.packed_segments.__wrapped__(blocks, start_token_id, flags)
+        row = inputs["input_ids"][0]
+        block_starts = set(range(0, row.numel(), blocks.shape[1]))
+        starts.extend(row[i].item() for i in inputs["cu_seqlens"][:-1].tolist() if i not in block_starts)
+        return inputs
+
+    recording.__wrapped__ = trainer.packed_segments
+    monkeypatch.setattr(trainer, "packed_segments", recording)
+    corpus = tmp_path / "short.jsonl"  # documents of a few tokens: several in every 32-token block
+    corpus.write_text("".join(json.dumps({"text": f"doc {i}: {TEXTS[i % len(TEXTS)][:40]}"}) + "\n" for i in range(200)))
+    assert main(micro(tmp_path / "run", data__dataset=corpus, data__tokenizer=llama, train__steps=2)) == 0
+    assert starts and set(starts) == {bos}
