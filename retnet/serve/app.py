@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from retnet.serve.classify import (
@@ -178,6 +179,10 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, key_refusal=key_refusal)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # Outermost (vLLM's, always on): a browser's preflight is answered here, before the key check (a preflight
+    # carries no key) and the routes (their 405); every answer, a 401 or 413 included, carries the CORS headers.
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,
+                       allow_headers=settings.allowed_headers, allow_credentials=settings.allow_credentials)
     _install_error_handlers(app, key_refusal)
     auth = [Depends(require_api_key)]
     json_body = [*auth, Depends(require_json)]

@@ -99,11 +99,16 @@ class OpenAIServing:
         self.grammars = GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids, self.tokenizer_lock)
 
     def models(self) -> ModelList:
-        """The base model's card, then each LoRA adapter's (vLLM's: ``parent`` its base, ``root`` its path)."""
-        return ModelList(data=[self._card(), *(self._card(a) for a in self.engine.adapters.values())])
+        """The base model's card under each served name (vLLM lists every --served-model-name), then each LoRA
+        adapter's (vLLM's: ``parent`` its base, ``root`` its path)."""
+        aliases = (self.settings.served_model_name or [])[1:]
+        return ModelList(data=[self._card(), *(self._card(name=alias) for alias in aliases),
+                               *(self._card(a) for a in self.engine.adapters.values())])
 
     def model(self, model_id: str) -> ModelCard:
-        return self._card(self.engine.adapters.get(self._check_model(model_id)))
+        name = self._check_model(model_id)
+        alias = model_id if model_id in (self.settings.served_model_name or [])[1:] else None
+        return self._card(self.engine.adapters.get(name), name=alias)
 
     def _is_base(self, model: str | None) -> bool:
         # "" too: unconfigured clients send it, and vLLM serves it as the base model (_is_model_supported).
@@ -136,12 +141,13 @@ class OpenAIServing:
         request was checked is 404 as any unknown model."""
         return 0 if self._is_base(model) else self.engine.adapters[self._check_model(model)].slot
 
-    def _card(self, adapter: LoraAdapter | None = None) -> ModelCard:
+    def _card(self, adapter: LoraAdapter | None = None, name: str | None = None) -> ModelCard:
+        """An adapter's card, else the base model's (under ``name``, one of its served names; default the first)."""
         prompt, completion = self.settings.max_prompt_tokens, self.settings.max_tokens_limit
         limits = dict(created=self.created, max_model_len=prompt + completion, max_prompt_tokens=prompt,
                       max_completion_tokens=completion)
         if adapter is None:
-            return ModelCard(id=self.model_name, root=self.settings.model, **limits)
+            return ModelCard(id=name or self.model_name, root=self.settings.model, **limits)
         return ModelCard(id=adapter.name, root=adapter.path, parent=adapter.base_model_name or self.model_name,
                          **limits)
 

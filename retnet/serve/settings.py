@@ -26,8 +26,12 @@ class ServeSettings(BaseSettings):
     # -- model and network ------------------------------------------------------------------------------------
     model: str = Field(description="directory written by save_pretrained (config.json, model.safetensors, "
                        "tokenizer), or a hub id (org/name), fetched into the HF cache")
-    served_model_name: str | None = Field(None, description="the name clients pass as `model` (default: the "
-                                          "directory's name, or the hub id as given)")
+    # NoDecode: as api_keys' (RETNET_SERVED_MODEL_NAME=123 is the name "123", as the flag's is).
+    served_model_name: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="the name clients pass as `model` (default: the directory's name, or the hub id as given); "
+        "several (vLLM's --served-model-name a b, or RETNET_SERVED_MODEL_NAME='[\"a\", \"b\"]'): a request may "
+        "name the model by any of them, responses carry the first"
+    )
     revision: str | None = Field(None, description="of a hub id --model: the branch, tag or commit (default main)")
     download_dir: str | None = Field(None, description="where hub ids are downloaded (default: the HF cache, "
                                      "HF_HUB_CACHE)")
@@ -65,6 +69,17 @@ class ServeSettings(BaseSettings):
                                       description="accepted `Authorization: Bearer` keys; empty: no auth")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="the server's and uvicorn's log level (any case)")
+    # CORS (vLLM's flags and defaults): a browser's preflight (OPTIONS) is answered, and its cross-origin requests
+    # may read the answers. NoDecode: as api_keys' (a JSON list, as vLLM's flags take, or a comma list).
+    allowed_origins: Annotated[list[str] | str, NoDecode] = Field(
+        default_factory=lambda: ["*"], description="CORS: the origins browsers may call the API from (a JSON list or "
+        "a comma list, e.g. '[\"https://app.example\"]'); * any")
+    allowed_methods: Annotated[list[str] | str, NoDecode] = Field(
+        default_factory=lambda: ["*"], description="CORS: the methods a cross-origin request may use; * any")
+    allowed_headers: Annotated[list[str] | str, NoDecode] = Field(
+        default_factory=lambda: ["*"], description="CORS: the headers a cross-origin request may send; * any")
+    allow_credentials: bool = Field(False, description="CORS: cross-origin requests may carry cookies and "
+                                    "Authorization (Access-Control-Allow-Credentials)")
 
     # -- scheduling -------------------------------------------------------------------------------------------
     max_running: int = Field(64, ge=1, description="sequences decoded together in one batched recurrent step")
@@ -203,7 +218,7 @@ class ServeSettings(BaseSettings):
         "'none' (by default they are rendered, as vLLM and OpenAI show them, and no call is made)"
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_origins", "allowed_methods", "allowed_headers", mode="before")
     @classmethod
     def _split_keys(cls, value):
         # RETNET_API_KEYS=a,b (a plain comma list) as well as JSON.
@@ -211,6 +226,24 @@ class ServeSettings(BaseSettings):
             if value.lstrip().startswith("["):
                 return json.loads(value)
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _served_names(cls, value):
+        # One name (the flag's single value, or the variable's text: a name may hold commas), a JSON list from
+        # RETNET_SERVED_MODEL_NAME, or the flag's several (nargs): None (the default name) or the names, deduplicated.
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.lstrip().startswith("[") else [value]
+            except json.JSONDecodeError:  # "[beta] model": a name
+                value = [value]
+        if isinstance(value, list):
+            names = [name for name in dict.fromkeys(value) if not isinstance(name, str) or name.strip()]
+            if any(not isinstance(name, str) for name in names):
+                raise ValueError(f"served_model_name (--served-model-name) must be names (strings); got "
+                                 f"{json.dumps(value)[:120]}")
+            return names or None
         return value
 
     @field_validator("api_keys", mode="after")
@@ -258,7 +291,7 @@ class ServeSettings(BaseSettings):
             raise ValueError(f"device (--device) must hold the weights; got {value!r} (a meta tensor has no data)")
         return device
 
-    @field_validator("download_dir", "revision", "served_model_name", mode="before")
+    @field_validator("download_dir", "revision", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         # RETNET_DOWNLOAD_DIR= (a compose file's unset ${VAR:-}) downloaded into the working directory.
@@ -407,12 +440,13 @@ class ServeSettings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        """``--served-model-name``, else the directory's name; a hub id (no such directory) is served under the id
-        as given, as resolve_model_source names it (so adapter names are checked against it before that)."""
+        """``--served-model-name``'s first name, else the directory's name; a hub id (no such directory) is served
+        under the id as given, as resolve_model_source names it (so adapter names are checked against it before
+        that)."""
         from retnet.model.hub import is_hub_id
 
         if self.served_model_name:
-            return self.served_model_name
+            return self.served_model_name[0]
         if self._hub_id is None and is_hub_id(self.model) and not Path(self.model).expanduser().exists():
             return self.model
         return Path(self.model).resolve().name
@@ -420,8 +454,10 @@ class ServeSettings(BaseSettings):
     @property
     def model_paths(self) -> tuple[str, ...]:
         """What a request's ``model`` may name the base model by besides its served name: ``--model`` (a hub
-        id's snapshot), and the hub id as given."""
-        return (self.model,) if self._hub_id is None else (self.model, self._hub_id)
+        id's snapshot), the hub id as given, and ``--served-model-name``'s other names (vLLM's: a request may name
+        any, responses carry the first)."""
+        aliases = tuple(self.served_model_name[1:]) if self.served_model_name else ()
+        return (self.model, *aliases) if self._hub_id is None else (self.model, self._hub_id, *aliases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,7 +597,7 @@ def resolve_model_source(settings: ServeSettings) -> ServeSettings:
     else:
         logger.info("--model %s: the hub snapshot in %s", settings.model, local)
         resolved = settings.model_copy(update={"model": str(local),
-                                               "served_model_name": settings.served_model_name or settings.model})
+                                               "served_model_name": settings.served_model_name or [settings.model]})
         resolved._hub_id = settings.model
     resolved._resolved = True
     return resolved
