@@ -1031,6 +1031,8 @@ def json_weight(value, cap: int = _JSON_PIECE) -> int:
     if not isinstance(value, (dict, list)):
         return 1
     total = len(value)
+    if total > cap:  # (a long list of numbers: not walked)
+        return total
     for item in value.values() if isinstance(value, dict) else value:
         if isinstance(item, (dict, list)):
             total += json_weight(item, cap - total)

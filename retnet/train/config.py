@@ -987,11 +987,11 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
         if expected is list:  # --lora.target_modules=q_proj,v_proj (or a TOML/JSON list)
             if text.strip().startswith("["):
                 value = _parse_toml_value(text)
-                if isinstance(value, str) and text.strip().endswith("]"):
+                if isinstance(value, str):
                     # not TOML: names unquoted, [q_proj,v_proj], or ["sau","smelu"] after the shell took the
-                    # quotes (an unquoted --model.hidden_act=["sau","smelu"]): the names, as q_proj,v_proj gives them
-                    value = [item.strip().strip("'\"").strip() for item in text.strip()[1:-1].split(",")]
-                    value = [item for item in value if item]
+                    # quotes (an unquoted --model.hidden_act=["sau","smelu"]): each bare name quoted, then TOML again
+                    # (an empty item, [a,,b], is still no list)
+                    value = _parse_toml_value(_BARE_LIST_ITEM.sub(r'"\1"', text))
                 if not isinstance(value, list):
                     raise ValueError(text)
                 return value
@@ -1006,6 +1006,10 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
     except ValueError:
         raise ConfigError(f"{key} expects {expected.__name__}; got {text!r}") from None
     return text
+
+
+# A list item that is a bare word (no quote, bracket, brace, '=' or space in it), between '[' or ',' and ',' or ']'.
+_BARE_LIST_ITEM = re.compile(r"(?<=[\[,])\s*([^\s,\[\]\"'{}=]+)\s*(?=[,\]])")
 
 
 def _parse_toml_value(text: str) -> Any:

@@ -55,6 +55,10 @@ def test_a_bracketed_list_of_unquoted_names_is_that_list(override, key, expected
         assert getattr(getattr(load_config("tiny", [f"--{section}.{name}={spelt}", *extra]), section), name) == expected
     with pytest.raises(ConfigError, match=rf"{section}\.{name} expects list; got '\[{expected[0]}'"):
         load_config("tiny", [f"--{section}.{name}=[{expected[0]}", *extra])
+    # an empty item is no list (a lost name is refused, not dropped: [,] would have been every module)
+    for spelt in ["[,]", f"[{expected[0]},,{expected[-1]}]"]:
+        with pytest.raises(ConfigError, match=rf"{section}\.{name} expects list"):
+            load_config("tiny", [f"--{section}.{name}={spelt}", *extra])
 
 def _write(folder, kind, texts):
     if kind == "jsonl":
