@@ -217,10 +217,10 @@ class ClassifyServing(OpenAIServing):
         """``chat_template``: ``--chat-template``'s, used for ``messages`` instead of the tokenizer's."""
         super().__init__(settings, engine, tokenizer, metrics, None, chat_template)
 
-    def _card(self, adapter=None) -> ModelCard:
+    def _card(self, adapter=None, name: str | None = None) -> ModelCard:
         # Nothing is generated: a request spans its input alone.
         limit = self.settings.max_prompt_tokens
-        return ModelCard(id=self.model_name, root=self.settings.model, created=self.created, max_model_len=limit,
+        return ModelCard(id=name or self.model_name, root=self.settings.model, created=self.created, max_model_len=limit,
                          max_prompt_tokens=limit, max_completion_tokens=0)
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:

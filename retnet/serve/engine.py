@@ -31,6 +31,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
+import gc
 import itertools
 import logging
 import threading
@@ -123,6 +124,8 @@ class Engine(ModelThread):
         self.accepting = True
         self.stopping = False
         self.ready = False
+        # Set by the process entry (retnet-serve), not the app factory: freeze the heap once the model is loaded.
+        self.freeze_heap_when_ready = False
         self.dead: str | None = None
         self.thread: threading.Thread | None = None
         # Owned by the scheduler thread:
@@ -256,6 +259,8 @@ class Engine(ModelThread):
     def _run(self) -> None:
         try:
             self._load()
+            if self.freeze_heap_when_ready:
+                freeze_startup_heap()
             self.ready = True
             self.metrics.engine_ready.set(1)
             logger.info("engine ready on %s", self.device)
@@ -1217,6 +1222,18 @@ def _joined(outputs: list[SeqOutput]) -> SeqOutput:
     logprobs = None if first.logprobs is None else [entry for out in outputs for entry in out.logprobs]
     return SeqOutput(first.index, "".join(out.text for out in outputs), [t for out in outputs for t in out.token_ids],
                      logprobs, outputs[-1].finish_reason)
+
+
+def freeze_startup_heap() -> None:
+    """Move every object alive now (the loaded model's, the tokenizer's, torch's and the libraries' heap) to the
+    garbage collector's permanent generation, as vLLM does before serving. A full collection scans every tracked
+    object, and a request's allocations trigger them: one request (n=8, 1024 tokens, top_logprobs 20) saw 6 of them,
+    2.7 s with every thread stopped (every stream with them); with the heap frozen, 1.8 s. Garbage is collected
+    first, so that it is not kept forever. Called by an engine whose process entry asked for it
+    (``freeze_heap_when_ready``), right after its model loaded: not for every app a process makes (tests,
+    run_batch), where freezing would pin each app's objects."""
+    gc.collect()
+    gc.freeze()
 
 
 def _device(settings: ServeSettings) -> torch.device:

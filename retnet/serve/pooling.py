@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from retnet.model.quantization import quantize_model
-from retnet.serve.engine import _device, _dtype, _load_config
+from retnet.serve.engine import _device, _dtype, _load_config, freeze_startup_heap
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import APIError
 from retnet.serve.sequence import EngineUnavailable, ModelThread, QueueFull
@@ -232,6 +232,7 @@ class PoolingEngine(ModelThread):
         self.running: list[PoolingInput] = []
         self.requests = 0  # requests being answered (queued or running); guarded by cond
         self.accepting, self.stopping, self.ready = True, False, False
+        self.freeze_heap_when_ready = False  # as Engine's
         self.dead: str | None = None
         self.thread: threading.Thread | None = None
         self.device = torch.device("cpu")
@@ -285,6 +286,8 @@ class PoolingEngine(ModelThread):
         kind = self.pooler.kind
         try:
             self._load()
+            if self.freeze_heap_when_ready:
+                freeze_startup_heap()
             self.ready = True
             self.metrics.engine_ready.set(1)
             logger.info("%s ready on %s (rows of %d)", kind, self.device, self.pooler.width)

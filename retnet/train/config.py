@@ -205,8 +205,9 @@ class DataConfig(_Section):
     tokenizer_train_chars: int = 5_000_000
     seq_len: int = 256
     max_prompt_length: int = 0  # data.format "preference", "unpaired" and "prompts": 0 = prompts are not cut
-    # Reset the retention state (and rotary positions) at every EOS inside a packed block, through the
-    # kernels' varlen path, so no document is conditioned on the one before it.
+    # Reset the retention state (and rotary positions) at every document start inside a packed block (its EOS, or
+    # the BOS a tokenizer opens documents with), through the kernels' varlen path, so no document is conditioned on
+    # the one before it.
     document_boundaries: bool = True
     val_fraction: float = 0.02  # of the documents (non-streaming); held out before the tokenizer is trained
     val_documents: int = 200  # streaming: the first N documents are the validation split

@@ -31,7 +31,8 @@ set's.
 
 Packed rows hold several documents separated by EOS. With ``data.document_boundaries`` (the default) the
 trainer flattens each micro-batch into one packed row and passes ``cu_seqlens`` with a segment starting at
-every block start and every EOS (:func:`packed_segments`), so the retention state never crosses a document
+every block start and every EOS, or every document's BOS for a tokenizer that opens documents with one
+(:func:`packed_segments`), so the retention state never crosses a document
 boundary; otherwise the state runs across EOS, as attention does in GPT-2-style packing.
 """
 
@@ -1267,7 +1268,7 @@ def document_prefix(tokenizer) -> list[int]:
     plain-text document then starts with, as ``tokenizer(text)``, generate's prompts and ``/v1/completions`` start
     with them (and HF's run_clm and TRL encode pretraining text); [] for the byte-level BPE a run trains. A token
     equal to the EOS is left out (GPT-2's ``add_bos_token``, BOS == EOS): the EOS closing the previous document
-    already opens the next one (:func:`packed_segments` starts a segment at every EOS). Probed on text, not "", as
+    already opens the next one (:func:`packed_segments` starts a segment at every EOS; with a prefix, at its BOS). Probed on text, not "", as
     :func:`~retnet.train.chat.appends_eos` is; ``special_tokens_mask`` marks the post-processor's tokens only (and
     pads, which a left padding saved in a tokenizer.json puts first: left out by their attention mask)."""
     encoding = tokenizer.backend_tokenizer.encode("a", add_special_tokens=True)
@@ -1296,8 +1297,8 @@ def encode_documents(tokenizer, texts: list[str], batch: int = 512) -> np.ndarra
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
-def packed_segments(blocks: torch.Tensor, start_token_id: int,
-                    flags: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def packed_segments(blocks: torch.Tensor, start_token_id: int, flags: torch.Tensor | None = None,
+                    eos_token_id: int | None = None) -> dict[str, torch.Tensor]:
     """Model inputs for ``[B, T]`` packed blocks as one varlen row ``[1, B·T]``.
 
     A segment starts at every block start and at every ``start_token_id``: the EOS, which then opens the next
@@ -1306,10 +1307,15 @@ def packed_segments(blocks: torch.Tensor, start_token_id: int,
     each block's first token is -100, because in the flattened row it would be predicted from the previous
     block; the loss then averages over exactly the B·(T−1) targets of the unflattened batch.
 
+    ``eos_token_id`` (with a BOS ``start_token_id``): a BOS starts a segment only right after it, where documents
+    start (a tokenizer whose BOS is no special token encodes the text ``<s>`` inside a document as the BOS).
+
     ``flags`` ``[B, T]`` (chat data, ``retnet.train.chat``): segments start at the conversations' closing EOS
     (``BOUNDARY``) instead of every EOS, and only the ``TARGET`` tokens keep their labels."""
     batch, length = blocks.shape
     starts = blocks == start_token_id if flags is None else (flags & BOUNDARY) != 0
+    if flags is None and eos_token_id is not None and eos_token_id != start_token_id:
+        starts[:, 1:] &= blocks[:, :-1] == eos_token_id
     starts[:, 0] = True
     bounds = starts.flatten().nonzero().flatten()
     cu_seqlens = torch.cat([bounds, bounds.new_tensor([batch * length])]).to(torch.int32)

@@ -1145,7 +1145,7 @@ class Trainer:
         (the whole row's targets without ``num_items``), so the group's shares add up to the loss above; a
         distillation's KD and CE parts likewise."""
         if self.cfg.data.document_boundaries:
-            inputs = packed_segments(blocks, self.segment_start_id, flags)
+            inputs = packed_segments(blocks, self.segment_start_id, flags, self.tokenizer.eos_token_id)
         else:
             inputs = {"input_ids": blocks, "labels": blocks if flags is None else masked_labels(blocks, flags)}
         extra = {} if num_items is None else {"num_items_in_batch": num_items}

@@ -1,10 +1,11 @@
 """CORS (vLLM's --allowed-origins, --allowed-methods, --allowed-headers, --allow-credentials): a browser's preflight
 is answered, not 405, without the API key it cannot carry, while a real request still needs the key; several
---served-model-name names (vLLM's aliases); the process entry freezing its startup heap before it serves; and the
+--served-model-name names (vLLM's aliases); the process entry's engine freezing the heap once its model is loaded; and the
 lone-surrogate check's common case building no location."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import time
@@ -122,6 +123,17 @@ def test_an_adapter_may_not_take_a_served_alias():
         ServeSettings(model="m", served_model_name=["micro", "alias"], lora_modules=["alias=/tmp/adapter"])
 
 
+@pytest.mark.parametrize("convert", [None, "embed"])
+async def test_the_model_cards_list_every_served_name(open_app, convert):
+    # (a pooling server's cards, ClassifyServing._card, are its own: their signature must take the name too)
+    async with open_app(served_model_name=["micro", "alias"], **({"convert": convert} if convert else {})) as client:
+        for name in ("micro", "alias"):
+            r = await client.get(f"/v1/models/{name}")
+            assert r.status_code == 200 and r.json()["id"] == name, r.text
+        r = await client.get("/v1/models")
+        assert [card["id"] for card in r.json()["data"]] == ["micro", "alias"], r.text
+
+
 async def test_a_request_may_name_any_served_name_and_the_answer_carries_the_first(open_app):
     async with open_app(served_model_name=["micro", "alias"]) as client:
         for name in ("micro", "alias"):
@@ -135,30 +147,44 @@ async def test_a_request_may_name_any_served_name_and_the_answer_carries_the_fir
         assert r.status_code == 404, r.text
 
 
-# -- the process entry: gc.freeze right before serving ---------------------------------------------------------------
-def test_the_entry_freezes_the_startup_heap_after_loading_right_before_serving(monkeypatch):
+# -- gc.freeze once the model is loaded, asked by the process entry ----------------------------------------------------
+def test_the_entry_asks_its_engine_to_freeze_the_heap_once_loaded(monkeypatch):
     import retnet.serve.__main__ as entry
 
-    events = []
-
-    def create_app(settings):
-        events.append("app")
-        return SimpleNamespace(state=SimpleNamespace(engine=None))
+    engine = SimpleNamespace(freeze_heap_when_ready=False)
+    served = []
 
     class Server:
         def __init__(self, config, engine, grace_s):
             self.started = False
 
         def run(self):
-            events.append("serve")
+            served.append(engine.freeze_heap_when_ready)
             self.started = True
 
-    monkeypatch.setattr("retnet.serve.app.create_app", create_app)
+    monkeypatch.setattr("retnet.serve.app.create_app", lambda settings: SimpleNamespace(state=SimpleNamespace(
+        engine=engine)))
     monkeypatch.setattr(entry, "_draining_server", lambda: Server)
-    monkeypatch.setattr(gc, "collect", lambda *args: events.append("collect") or 0)
-    monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
     entry.main(["--model", "m", "--log-level", "warning"])
-    assert events == ["app", "collect", "freeze", "serve"]
+    assert served == [True]
+
+
+@pytest.mark.parametrize("convert", [None, "embed"])
+async def test_an_engine_asked_to_freezes_the_heap_after_its_model_loaded(model_dir, monkeypatch, convert):
+    from retnet.serve.app import create_app
+
+    from .conftest import make_settings
+
+    events = []
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
+    app = create_app(make_settings(model_dir, **({"convert": convert} if convert else {})))
+    engine = app.state.engine
+    load = engine._load
+    monkeypatch.setattr(engine, "_load", lambda: (load(), events.append("loaded")))
+    engine.freeze_heap_when_ready = True
+    async with app.router.lifespan_context(app):
+        assert await asyncio.to_thread(engine.wait_ready, 60)
+    assert events == ["loaded", "freeze"]
 
 
 # -- the lone-surrogate check ------------------------------------------------------------------------------------------
@@ -180,3 +206,15 @@ def test_a_body_without_surrogates_builds_no_location(monkeypatch):
     assert protocol._lone_surrogate_at({1: "x", "k": {"\ud800": 1}}, "f") == "f.k"
     assert protocol._lone_surrogate_at({"k": ["a", "b"], "j": "ok"}, "f") is None
     assert protocol._lone_surrogate_at(["x", [[], {"y": "\udfff"}]], "f") == "f[1][1].y"
+
+
+@pytest.mark.parametrize("overrides, warned", [({}, True), ({"api_keys": ["sk-1"]}, False),
+                                               ({"allowed_origins": ["https://app.example"]}, False)])
+def test_every_origin_without_a_key_is_warned_of(model_dir, caplog, overrides, warned):
+    from retnet.serve.app import create_app
+
+    from .conftest import make_settings
+
+    with caplog.at_level("WARNING", logger="retnet.serve"):
+        create_app(make_settings(model_dir, **overrides))
+    assert ("CORS allows every origin" in caplog.text) is warned

@@ -206,8 +206,8 @@ def test_training_segments_start_at_the_bos_as_a_served_prompt_does(micro, token
     bos = AutoTokenizer.from_pretrained(llama).bos_token_id
     starts = []
 
-    def recording(blocks, start_token_id, flags=None):
-        inputs = trainer.packed_segments.__wrapped__(blocks, start_token_id, flags)
+    def recording(blocks, start_token_id, *rest):
+        inputs = trainer.packed_segments.__wrapped__(blocks, start_token_id, *rest)
         row = inputs["input_ids"][0]
         block_starts = set(range(0, row.numel(), blocks.shape[1]))
         starts.extend(row[i].item() for i in inputs["cu_seqlens"][:-1].tolist() if i not in block_starts)
@@ -219,3 +219,14 @@ def test_training_segments_start_at_the_bos_as_a_served_prompt_does(micro, token
     corpus.write_text("".join(json.dumps({"text": f"doc {i}: {TEXTS[i % len(TEXTS)][:40]}"}) + "\n" for i in range(200)))
     assert main(micro(tmp_path / "run", data__dataset=corpus, data__tokenizer=llama, train__steps=2)) == 0
     assert starts and set(starts) == {bos}
+
+
+def test_a_bos_inside_a_document_starts_no_segment():
+    """A tokenizer whose BOS is no special token encodes the text ``<s>`` in a document as the BOS: only a BOS right
+    after an EOS (or opening a block) starts a document."""
+    from retnet.train.data import packed_segments
+
+    bos, eos = 7, 9
+    blocks = torch.tensor([[bos, 1, bos, 2, eos, bos, 3, 4], [5, eos, bos, 6, bos, eos, bos, 8]])
+    inputs = packed_segments(blocks, bos, eos_token_id=eos)
+    assert inputs["cu_seqlens"].tolist() == [0, 5, 8, 10, 14, 16]
