@@ -108,9 +108,28 @@ def _wrap(model: nn.Module, config, base_path: Path | None):
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         wrapped = peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
     # get_peft_model takes it from the model's name_or_path (the path as given, or none for a fresh model)
-    wrapped.peft_config[ADAPTER_NAME].base_model_name_or_path = (
-        str(base_path.expanduser().resolve()) if base_path is not None else None)
+    config = wrapped.peft_config[ADAPTER_NAME]
+    config.base_model_name_or_path, revision = adapter_base(base_path)
+    if revision is not None:
+        config.revision = revision
     return wrapped
+
+
+def adapter_base(base_path: Path | None) -> tuple[str | None, str | None]:
+    """(``base_model_name_or_path``, ``revision``) of an adapter trained on ``base_path``: the directory, absolute;
+    but a hub id's snapshot in the HF cache (``…/models--org--name/snapshots/<commit>``, where ``model.init_from``
+    = ``org/name`` is read from) is named as peft names a base loaded by its id, ``org/name``, at that commit: a
+    cache path would name a directory of this machine only (``AutoPeftModelForCausalLM`` elsewhere, or the
+    adapter pushed to the hub, could not find its base)."""
+    if base_path is None:
+        return None, None
+    resolved = base_path.expanduser().resolve()
+    parts = resolved.parts
+    # (a hub id holds no "--": huggingface_hub refuses one, so the folder's name maps back to one id)
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--") and \
+            len(parts[-3]) > len("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/"), parts[-1]
+    return str(resolved), None
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, targets: list[str], base_path: Path | None):
@@ -189,7 +208,9 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
                            f"{unexpected}")
 
     def write(tmp: Path) -> None:
-        wrapped.save_pretrained(tmp / ADAPTER_DIR)  # first: merging replaces the LoRA layers
+        # first: merging replaces the LoRA layers. No embeddings: none is a target and the vocabulary is the base's;
+        # peft's "auto" would look base_model_name_or_path up (a hub id: a hub request at every export)
+        wrapped.save_pretrained(tmp / ADAPTER_DIR, save_embedding_layers=False)
         merged = wrapped.merge_and_unload()
         if causal_lm:  # a classifier does not generate: no generation config to complete
             prepare_export(merged, tokenizer, base_path)  # the base's generation config, completed
@@ -199,5 +220,5 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
     return replace_directory(Path(directory), write)
 
 
-__all__ = ["ADAPTER_DIR", "apply_lora", "base_fingerprint", "default_targets", "export_lora", "peft_config",
+__all__ = ["ADAPTER_DIR", "adapter_base", "apply_lora", "base_fingerprint", "default_targets", "export_lora", "peft_config",
            "resolve_targets", "target_names", "task_type", "trainable_names"]

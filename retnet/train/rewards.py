@@ -270,12 +270,21 @@ class RewardSources:
         prefilled prompt's final assistant message continued by the sampled text, as it was sampled)."""
         backend, eos = self.encoder.chat.backend, self.tokenizer.eos_token_id
         sequences = []
+        whole: dict[int, list[int]] = {}  # row -> its whole prompt's ids, where data.max_prompt_length cut them
         for index, text in zip(rows, texts):
             prompt = split.prompts[index]  # the stored prompt, read only
+            # The whole prompt, not split.tokens' data.max_prompt_length cut (the policy's context budget): TRL's
+            # reward model scores the untruncated prompt + completion, as the reward trainer encoded its pairs;
+            # the cut drops the prompt's beginning (the question, a system turn) the score depends on.
+            prompt_ids = split.tokens[index]
+            if self.encoder.max_prompt_length:
+                if index not in whole:
+                    whole[index] = backend.encode(self.encoder.text(prompt), add_special_tokens=False).ids
+                prompt_ids = whole[index]
             if not isinstance(prompt, str):
                 text = render_pair(prompt, [[{"role": "assistant", "content": text}]], self.encoder.chat.render)[1]
             # the EOS once: a completion the template closed with it (the default's) has it already
-            sequences.append(np.asarray(closed_by_eos([*split.tokens[index],
+            sequences.append(np.asarray(closed_by_eos([*prompt_ids,
                                                        *backend.encode(text, add_special_tokens=False).ids], eos),
                                         dtype=np.int64))
         scores = []
