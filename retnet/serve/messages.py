@@ -25,7 +25,7 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from retnet.serve.protocol import (
@@ -396,18 +396,45 @@ def _message(model: str, content: list[dict[str, Any]], stop_reason: str | None,
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
 
 
+class _RawJSON(str):
+    """A JSON text written into the Message as it is: a call's arguments, which chat has checked are one JSON
+    object (see :func:`render_message`)."""
+
+
 def from_chat(result: ChatCompletionResponse, stops: list[str]) -> dict[str, Any]:
-    """The Message of a whole chat result: a text block (unless empty), then a tool_use block a call."""
+    """The Message of a whole chat result: a text block (unless empty), then a tool_use block a call (its
+    ``input`` the call's arguments as the model wrote them, a :class:`_RawJSON`: :func:`render_message` writes it)."""
     choice = result.choices[0]
     calls = choice.message.tool_calls or []
     text, reason, sequence = _ending(choice.message.content or "", choice.finish_reason, stops, bool(calls))
     content = [_text_block(text)] if text else []
     for call in calls:
         block, arguments = _tool_use_block(call.model_dump())
-        block["input"] = json.loads(arguments)
+        # Not json.loads'ed: a number past a double's range (1e999, which the grammar admits) became inf, which the
+        # JSON answer cannot write (a 500 after the generation), and a \ud800 escape a lone surrogate, which UTF-8
+        # cannot encode (the same); 1e1 was written back as 10.0. The streamed input_json_delta sends this text too.
+        block["input"] = _RawJSON(arguments)
         content.append(block)
     return _message(result.model, content, reason, sequence, result.usage.prompt_tokens,
                     result.usage.completion_tokens)
+
+
+def render_message(message: dict[str, Any]) -> bytes:
+    """The Message's JSON, each tool_use block's :class:`_RawJSON` input written as its text."""
+    raw: dict[str, str] = {}
+    blocks = []
+    for block in message["content"]:
+        if isinstance(block.get("input"), _RawJSON):
+            # a placeholder string that no other text of the answer can be (inside a JSON string its opening and
+            # closing quotes would be escaped), replaced by the input's JSON
+            mark = f"\x00{uuid.uuid4().hex}"
+            raw[json.dumps(mark)] = str(block["input"])
+            block = {**block, "input": mark}
+        blocks.append(block)
+    text = json.dumps({**message, "content": blocks}, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    for mark, value in raw.items():
+        text = text.replace(mark, value, 1)
+    return text.encode("utf-8")
 
 
 class _StopHold:
@@ -455,7 +482,7 @@ class MessagesServing:
             result = await self.serving.chat_response(chat, run, raw)
         except APIError as exc:
             raise _renamed(exc, origins) from None
-        return JSONResponse(from_chat(result, stops))
+        return Response(render_message(from_chat(result, stops)), media_type="application/json")
 
     async def count_tokens(self, request: CountTokensRequest) -> dict[str, int]:
         """``input_tokens``: the templated conversation's tokens, as /v1/messages counts them."""

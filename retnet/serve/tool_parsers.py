@@ -10,6 +10,7 @@ same: what a stream sends equals what the whole response holds.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -190,17 +191,27 @@ def loads_exact(text: str) -> Any:
 
 
 def dumps_exact(value: Any) -> str:
-    """``json.dumps(value, ensure_ascii=False)`` of :func:`loads_exact`'s values, each number as it was written.
-    Recursive, two frames a level: nested past ~330 levels it raises RecursionError, which its callers take as
-    no call."""
+    """``json.dumps(value, ensure_ascii=False)`` of :func:`loads_exact`'s values, each number as it was written
+    and each lone surrogate as its ``\\uXXXX`` escape. Recursive, two frames a level: nested past ~330 levels it
+    raises RecursionError, which its callers take as no call."""
     if isinstance(value, _Number):
         return str(value)
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(key, ensure_ascii=False)}: {dumps_exact(item)}"
-                               for key, item in value.items()) + "}"
+        return "{" + ", ".join(f"{_dumps_scalar(key)}: {dumps_exact(item)}" for key, item in value.items()) + "}"
     if isinstance(value, list):
         return "[" + ", ".join(dumps_exact(item) for item in value) + "]"
-    return json.dumps(value, ensure_ascii=False)
+    return _dumps_scalar(value)
+
+
+# After json.loads a surrogate pair's two escapes are one character: a surrogate left in a string came from a lone
+# escape the model wrote (JSON's syntax, and the grammar's, admit "\ud800").
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _dumps_scalar(value: Any) -> str:
+    # Written back as the escape it was: as a character it is no UTF-8, and the answer holding these arguments
+    # failed to encode (a 500, or a stream cut off, on chat, the Responses API and the Messages API alike).
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(value, ensure_ascii=False))
 
 
 TOOL_CALL_PARSERS = {"hermes": HermesToolParser}

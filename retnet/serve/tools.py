@@ -169,7 +169,13 @@ def developer_role(render: Callable[[list[dict[str, Any]]], str]) -> str:
 def _arguments(arguments: str | dict[str, Any]) -> Any:
     if isinstance(arguments, str):
         with contextlib.suppress(ValueError):
-            return json.loads(arguments)
+            value = json.loads(arguments)
+            # A lone surrogate's escape ("\\ud800", which JSON admits and a call this server answered holds as the
+            # model wrote it) became a character no text can hold: the template's text failed to encode, a 400 "the
+            # chat template rejected the messages" for a Responses continuation of that very answer. Such arguments
+            # are kept as text, as those that are no JSON are (UnicodeEncodeError is a ValueError).
+            json.dumps(value, ensure_ascii=False).encode()
+            return value
     return arguments
 
 
