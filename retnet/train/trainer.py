@@ -277,6 +277,9 @@ class Trainer:
         # tokenizer's), from a fresh state as a served prompt does; else at the EOS before it, which then opens it.
         prefix = document_prefix(self.tokenizer)
         self.segment_start_id = prefix[0] if prefix else self.tokenizer.eos_token_id
+        self.document_prefix = prefix if cfg.data.format == "text" else []  # what text documents open with
+        if resume_path is not None:
+            self._check_resume_prefix(resume_path)
         if self.is_main and not reuse:
             # Replacing what was there: files of another tokenizer left beside these could be what a load picks.
             replace_directory(saved_tokenizer, self.tokenizer.save_pretrained)
@@ -878,6 +881,7 @@ class Trainer:
                 "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
                 "tokenizer_vocab_sha256": self._tokenizer_fingerprint(),
+                "document_prefix": self.document_prefix,
             }
             if self.cfg.lora.enabled:  # what peft wrapped: lora.target_modules [] resolved against the model
                 trainer["lora_targets"] = list(self.lora_targets)
@@ -1010,7 +1014,22 @@ class Trainer:
                            "streams are not (no exact replay)", len(ranks), split(saved_cp, saved_tp),
                            self.world_size, split(self.cp_size, self.tp_size))
         self._saved_tokenizer_sha = trainer.get("tokenizer_vocab_sha256")  # (_check_resume_tokenizer)
+        # (_check_resume_prefix; checkpoints written before 2026-12-06 encoded documents without one)
+        self._saved_document_prefix = trainer.get("document_prefix", [])
         return trainer.get("hub_fingerprint")  # absent from checkpoints written before it was saved
+
+    def _check_resume_prefix(self, path: Path) -> None:
+        """Refuse a checkpoint trained on text documents opened otherwise (data.document_prefix: a BOS tokenizer's
+        run from before documents opened with its BOS): its data position counts blocks of the stream those
+        documents made, and a hub set's cache is rebuilt under a new key, so the resume would go on elsewhere
+        (local files are refused by their blocks' digest already)."""
+        saved = getattr(self, "_saved_document_prefix", [])
+        if saved != self.document_prefix:
+            raise ConfigError(
+                f"checkpoint {str(path)!r} was trained on documents opened with {saved or 'no BOS'}, and this "
+                f"version opens them with {self.document_prefix or 'none'} (the ids the tokenizer puts before a "
+                f"text, as its prompts start; since 2026-12-06): its data position counts the blocks those documents "
+                f"made, so the resume would not continue that run. Start a new run in another train.output_dir")
 
     def _check_resume_tokenizer(self, path: Path, directory: Path | None, reused: bool) -> None:
         """ConfigError naming the tokenizer a resume would tokenize with when it cannot be read, or is not the one
