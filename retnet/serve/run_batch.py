@@ -16,6 +16,8 @@ import argparse
 import asyncio
 import json
 import logging
+import math
+import re
 import sys
 import time
 import uuid
@@ -157,13 +159,35 @@ def json_line(line: dict, encoding: str = "utf-8") -> str:
     surrogate (a ``custom_id`` the input line spelled ``"a\\ud83d"``, which its output line echoes) in UTF-8, any
     non-ASCII text on an ASCII stdout (``-o -`` under ``LC_ALL=C``). The UnicodeEncodeError ended the whole batch
     there, no line written for it or any after it. Such a line is written with JSON's escapes instead, which read
-    back as the same string."""
+    back as the same string. A :class:`VerbatimJSON` body is written as the server wrote it."""
+    body = line["response"]["body"]
+    verbatim = body.text if isinstance(body, VerbatimJSON) else None
+    if verbatim is not None:
+        mark = f"\x00{uuid.uuid4().hex}"  # a string no JSON text of the line holds: its NUL is escaped in any string
+        line = {**line, "response": {**line["response"], "body": mark}}
     text = json.dumps(line, ensure_ascii=False)
+    if verbatim is not None:
+        text = text.replace(json.dumps(mark), verbatim, 1)
     try:
         text.encode(encoding)
     except UnicodeEncodeError:
-        return json.dumps(line)
+        text = json.dumps(line)
+        if verbatim is not None:  # its non-ASCII characters, all inside its strings, as JSON's escapes
+            text = text.replace(json.dumps(mark), _NON_ASCII.sub(lambda m: json.dumps(m[0])[1:-1], verbatim), 1)
     return text
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+class VerbatimJSON(dict):
+    """A server's JSON answer holding a number past a double's range (a tool call's ``1e999``, which the server
+    writes as the model did): its items (json.loads' inf), for the summary's usage, and its ``text``, which the
+    output line holds as it is (json.dumps would write ``Infinity``, no JSON: a line no reader could parse)."""
+
+    def __init__(self, items: dict, text: str):
+        super().__init__(items)
+        self.text = text
 
 
 def served_urls(app) -> set[str]:
@@ -207,11 +231,20 @@ async def post(client, entry: BatchLine) -> tuple[int, Any]:
             break
         await asyncio.sleep(delay)
         delay = min(2 * delay, 1.0)
+    huge = []  # numbers past a double's range the server wrote (a tool call's 1e999)
+
+    def parse_float(text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            huge.append(text)
+        return value
+
     try:
-        return response.status_code, response.json()
+        body = json.loads(response.text, parse_float=parse_float)
     except ValueError:
         return 500, APIError(500, f"the server answered {response.status_code} without a JSON body", None,
                              "internal_error").body()
+    return response.status_code, VerbatimJSON(body, response.text) if huge and isinstance(body, dict) else body
 
 
 async def run_batch(app, entries: list[BatchLine], out: IO[str], max_concurrency: int,

@@ -160,3 +160,27 @@ async def test_a_call_holding_a_lone_surrogate_escape_can_be_continued(odd_call_
                                                        "return_token_strs": True})
         assert counted.status_code == 200, counted.text
         assert "ud800x" in "".join(counted.json()["token_strs"])  # the arguments' text, escape and all
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+async def test_run_batch_writes_a_number_past_a_double_as_the_server_wrote_it(encoding):
+    """A Messages answer holding a tool input's 1e999 (the server writes it as the model did) was read back as inf and
+    written as Infinity: a line no JSON reader takes. The line now holds the server's text."""
+    import httpx
+
+    from retnet.serve.run_batch import BatchLine, VerbatimJSON, json_line, output_line, post
+
+    text = '{"content":[{"type":"tool_use","input":{"n":1e999,"s":"é"}}],"usage":{"input_tokens":3}}'
+
+    def answer(request):
+        return httpx.Response(200, content=text.encode(), headers={"Content-Type": "application/json"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://t") as client:
+        entry = BatchLine(line=1, custom_id="c", url="/v1/messages", body={})
+        status, body = await post(client, entry)
+    assert status == 200 and isinstance(body, VerbatimJSON) and body["usage"]["input_tokens"] == 3
+    written = json_line(output_line(entry, status, body), encoding)
+    written.encode(encoding)
+    assert "Infinity" not in written and '"n":1e999' in written
+    assert json.loads(written)["response"]["body"]["content"][0]["input"]["s"] == "é"
