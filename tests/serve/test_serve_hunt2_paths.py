@@ -82,19 +82,28 @@ async def test_a_large_answer_is_built_off_the_event_loop_and_is_the_same_answer
             return _function(*args, **kwargs)
 
         monkeypatch.setattr(serving_module, name, recording)
+    # Pieces small enough that prompt_logprobs' dicts, keyed by token ids (numbers), are taken apart too.
+    small, large = await _on_the_loop_then_off_it(client, path, body, threads, monkeypatch, piece=4)
+    assert large.headers["content-type"] == small.headers["content-type"] == "application/json"
+    # The same bytes but for the id, the time and the prefix cache's hit (the second request's prompt is cached).
+    assert _with_fields_of(small, large, ("id", "created", "usage")) == small.text
+
+
+async def _on_the_loop_then_off_it(client, path, body, threads, monkeypatch, piece: int):
+    """(small, large): ``body``'s answer built on the event loop (``threads`` records where), then with every answer
+    "large", built off it in pieces of ``piece`` values."""
+    from retnet.serve import serving as serving_module
+
     small = await client.post(path, json=body)
     assert small.status_code == 200, small.text
     assert threads and all(t is threading.main_thread() for t in threads)
     threads.clear()
     monkeypatch.setattr(serving_module, "OFF_LOOP_ANSWER_SIZE", 10, raising=False)
-    # Pieces small enough that prompt_logprobs' dicts, keyed by token ids (numbers), are taken apart too.
-    monkeypatch.setattr(serving_module, "_JSON_PIECE", 4, raising=False)
+    monkeypatch.setattr(serving_module, "_JSON_PIECE", piece, raising=False)
     large = await client.post(path, json=body)
     assert large.status_code == 200, large.text
     assert threads and all(t is not threading.main_thread() for t in threads), threads
-    assert large.headers["content-type"] == small.headers["content-type"] == "application/json"
-    # The same bytes but for the id, the time and the prefix cache's hit (the second request's prompt is cached).
-    assert _with_fields_of(small, large, ("id", "created", "usage")) == small.text
+    return small, large
 
 
 def _with_fields_of(small, large, fields) -> str:
@@ -110,7 +119,6 @@ def _with_fields_of(small, large, fields) -> str:
 async def test_large_embeddings_are_written_off_the_event_loop_and_are_the_same_json(open_app, monkeypatch, path):
     # 1024 embeddings of 2048 floats are 40 MB of JSON: json.dumps took 4 s on the event loop, every other request
     # (/health's probe too) waiting. Such an answer is written on a worker thread in pieces (here "large" is lowered).
-    from retnet.serve import serving as serving_module
     from retnet.serve.classify import EmbeddingResponse, PoolingResponse
 
     threads = []
@@ -122,15 +130,7 @@ async def test_large_embeddings_are_written_off_the_event_loop_and_are_the_same_
         monkeypatch.setattr(cls, "model_dump", recording)
     body = {"input": ["Hello world", "def add(a, b):"]}
     async with open_app(convert="embed") as client:
-        small = await client.post(path, json=body)
-        assert small.status_code == 200, small.text
-        assert threads and all(t is threading.main_thread() for t in threads)
-        threads.clear()
-        monkeypatch.setattr(serving_module, "OFF_LOOP_ANSWER_SIZE", 10, raising=False)
-        monkeypatch.setattr(serving_module, "_JSON_PIECE", 16, raising=False)
-        large = await client.post(path, json=body)
-    assert large.status_code == 200, large.text
-    assert threads and all(t is not threading.main_thread() for t in threads), threads
+        small, large = await _on_the_loop_then_off_it(client, path, body, threads, monkeypatch, piece=16)
     assert large.headers["content-type"] == "application/json"
     assert {**large.json(), "id": None, "created": None} == {**small.json(), "id": None, "created": None}
     text = _with_fields_of(small, large, ("id", "created"))
