@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + ANSWER_S)
     server = DrainingServer(config, app.state.engine, settings.shutdown_grace_s)
     app.state.engine.freeze_heap_when_ready = True  # (engine.freeze_startup_heap: this process serves one app)
+    if "*" in settings.allowed_origins and not settings.api_keys:  # (here: retnet-run-batch serves no network)
+        logging.getLogger("retnet.serve").warning(
+            "CORS allows every origin (--allowed-origins, vLLM's default) and no --api-keys are set: any web page a "
+            "browser on this network opens may call this server and read its answers")
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if not server.started:  # uvicorn.run's exit: the port taken, say (uvicorn logged why)

@@ -183,9 +183,6 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     # carries no key) and the routes (their 405); every answer, a 401 or 413 included, carries the CORS headers.
     app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,
                        allow_headers=settings.allowed_headers, allow_credentials=settings.allow_credentials)
-    if "*" in settings.allowed_origins and not settings.api_keys:
-        logger.warning("CORS allows every origin (--allowed-origins, vLLM's default) and no --api-keys are set: any "
-                       "web page a browser on this network opens may call this server and read its answers")
     _install_error_handlers(app, key_refusal)
     auth = [Depends(require_api_key)]
     json_body = [*auth, Depends(require_json)]

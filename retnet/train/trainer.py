@@ -278,8 +278,6 @@ class Trainer:
         prefix = document_prefix(self.tokenizer)
         self.segment_start_id = prefix[0] if prefix else self.tokenizer.eos_token_id
         self.document_prefix = prefix if cfg.data.format == "text" else []  # what text documents open with
-        if resume_path is not None:
-            self._check_resume_prefix(resume_path)
         if self.is_main and not reuse:
             # Replacing what was there: files of another tokenizer left beside these could be what a load picks.
             replace_directory(saved_tokenizer, self.tokenizer.save_pretrained)
@@ -1018,16 +1016,16 @@ class Trainer:
         self._saved_document_prefix = trainer.get("document_prefix", [])
         return trainer.get("hub_fingerprint")  # absent from checkpoints written before it was saved
 
-    def _check_resume_prefix(self, path: Path) -> None:
-        """Refuse a checkpoint trained on text documents opened otherwise (data.document_prefix: a BOS tokenizer's
-        run from before documents opened with its BOS): its data position counts blocks of the stream those
-        documents made, and a hub set's cache is rebuilt under a new key, so the resume would go on elsewhere
-        (local files are refused by their blocks' digest already)."""
+    def _check_resume_prefix(self, path: Path, prefix: list[int]) -> None:
+        """Refuse a checkpoint trained on text documents opened otherwise than with ``prefix`` (data.document_prefix
+        of the resume's tokenizer: a BOS tokenizer's run from before documents opened with its BOS): its data
+        position counts blocks of the stream those documents made (a hub set's cache would be rebuilt under a new
+        key, and the resume go on elsewhere). Before the data is read, as the other resume checks."""
         saved = getattr(self, "_saved_document_prefix", [])
-        if saved != self.document_prefix:
+        if saved != prefix:
             raise ConfigError(
                 f"checkpoint {str(path)!r} was trained on documents opened with {saved or 'no BOS'}, and this "
-                f"version opens them with {self.document_prefix or 'none'} (the ids the tokenizer puts before a "
+                f"version opens them with {prefix or 'none'} (the ids the tokenizer puts before a "
                 f"text, as its prompts start; since 2026-12-06): its data position counts the blocks those documents "
                 f"made, so the resume would not continue that run. Start a new run in another train.output_dir")
 
@@ -1062,6 +1060,7 @@ class Trainer:
             raise ConfigError(
                 f"resuming from {str(path)!r}: {where} is not the tokenizer the checkpoint trained with (other "
                 f"tokens, or another EOS): its token ids would mean other tokens to the model; {advice}")
+        self._check_resume_prefix(path, document_prefix(tokenizer) if self.cfg.data.format == "text" else [])
 
     def _load(self, path: Path) -> None:
         self._check_fits(path, saved_model_shapes(path))

@@ -208,13 +208,21 @@ def test_a_body_without_surrogates_builds_no_location(monkeypatch):
     assert protocol._lone_surrogate_at(["x", [[], {"y": "\udfff"}]], "f") == "f[1][1].y"
 
 
-@pytest.mark.parametrize("overrides, warned", [({}, True), ({"api_keys": ["sk-1"]}, False),
-                                               ({"allowed_origins": ["https://app.example"]}, False)])
-def test_every_origin_without_a_key_is_warned_of(model_dir, caplog, overrides, warned):
-    from retnet.serve.app import create_app
+@pytest.mark.parametrize("flags, warned", [([], True), (["--api-keys", "sk-1"], False),
+                                           (["--allowed-origins", '["https://app.example"]'], False)])
+def test_every_origin_without_a_key_is_warned_of_by_the_server(monkeypatch, caplog, flags, warned):
+    import retnet.serve.__main__ as entry
 
-    from .conftest import make_settings
+    class Server:
+        def __init__(self, config, engine, grace_s):
+            self.started = True
 
+        def run(self):
+            pass
+
+    monkeypatch.setattr("retnet.serve.app.create_app", lambda settings: SimpleNamespace(state=SimpleNamespace(
+        engine=SimpleNamespace())))
+    monkeypatch.setattr(entry, "_draining_server", lambda: Server)
     with caplog.at_level("WARNING", logger="retnet.serve"):
-        create_app(make_settings(model_dir, **overrides))
+        entry.main(["--model", "m", "--log-level", "warning", *flags])
     assert ("CORS allows every origin" in caplog.text) is warned

@@ -232,16 +232,18 @@ def test_a_bos_inside_a_document_starts_no_segment():
     assert inputs["cu_seqlens"].tolist() == [0, 5, 8, 10, 14, 16]
 
 
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "cached"])
 def test_a_checkpoint_of_documents_without_the_bos_is_not_resumed_on_documents_with_it(
-        micro, tokenizer_dir, tmp_path, monkeypatch, capsys):
-    """A BOS tokenizer's streamed run checkpointed before documents opened with its BOS (simulated: no prefix):
-    its data position counts other blocks, so resuming it is refused, naming why (it went on silently)."""
+        micro, tokenizer_dir, tmp_path, monkeypatch, capsys, streamed):
+    """A BOS tokenizer's run checkpointed before documents opened with its BOS (simulated: no prefix): its data
+    position counts other blocks, so resuming it is refused, naming why, before the data is read (streamed, it went
+    on silently; cached, its local files' digest refused it after tokenizing them again)."""
     from retnet.train import data, streaming, trainer
     from retnet.train.__main__ import main
 
     llama = saved_with(tokenizer_dir, tmp_path / "llama", f"{BOS} $A")
     out = tmp_path / "run"
-    args = dict(data__tokenizer=llama, data__streaming=True, data__val_documents=8, checkpoint__interval=2)
+    args = dict(data__tokenizer=llama, data__streaming=streamed, data__val_documents=8, checkpoint__interval=2)
     with monkeypatch.context() as old_version:
         for module in (data, streaming, trainer):
             old_version.setattr(module, "document_prefix", lambda tokenizer: [])
@@ -250,6 +252,7 @@ def test_a_checkpoint_of_documents_without_the_bos_is_not_resumed_on_documents_w
     assert main(micro(out, **args, train__steps=4)) == 2
     err = capsys.readouterr().err
     assert "was trained on documents opened with no BOS" in err and "Start a new run" in err, err[-2000:]
+    assert "data: tokenizing" not in err and "data: reading" not in err
     # the same run's own checkpoints resume
     fresh = tmp_path / "fresh"
     assert main(micro(fresh, **args, train__steps=2)) == 0
