@@ -385,8 +385,7 @@ class OpenAIServing:
         if request.stream:
             return sse_response((sse(chunk) async for chunk in self.chat_chunks(request, run)), run.handle)
         outputs = await collect_outputs(run.handle, raw)
-        return await json_built(_answer_size(outputs, (request.top_logprobs or 0) if request.logprobs else None,
-                                              request.prompt_logprobs),
+        return await json_built(_chat_answer_size(request, outputs),
                                  lambda: dump(self._chat_response(request, run, outputs)))
 
     async def start_chat(self, request: ChatCompletionRequest) -> ChatRun:
@@ -442,9 +441,7 @@ class OpenAIServing:
     async def chat_response(self, request: ChatCompletionRequest, run: ChatRun, raw: Request) -> ChatCompletionResponse:
         """The whole response of a started chat (a client gone meanwhile cancels it: 499)."""
         outputs = await collect_outputs(run.handle, raw)
-        return await _built(_answer_size(outputs, (request.top_logprobs or 0) if request.logprobs else None,
-                                         request.prompt_logprobs),
-                            self._chat_response, request, run, outputs)
+        return await _built(_chat_answer_size(request, outputs), self._chat_response, request, run, outputs)
 
     def _chat_response(self, request: ChatCompletionRequest, run: ChatRun,
                        outputs: list[list[SeqOutput]]) -> ChatCompletionResponse:
@@ -997,6 +994,11 @@ def _answer_size(outputs: list[list[SeqOutput]], *alternatives: int | None) -> i
         return 0
     scored = sum(len(o.logprobs or ()) + len(o.prompt_logprobs or ()) for seq in outputs for o in seq)
     return scored * (1 + max(asked))
+
+
+def _chat_answer_size(request: ChatCompletionRequest, outputs: list[list[SeqOutput]]) -> int:
+    """:func:`_answer_size` of a chat answer: ``top_logprobs`` counts only with ``logprobs`` on."""
+    return _answer_size(outputs, (request.top_logprobs or 0) if request.logprobs else None, request.prompt_logprobs)
 
 
 async def _built(size: int, function, *args):
