@@ -2,7 +2,8 @@
 (FSDP2 over dp, tensor parallelism over tp; then a (cp, tp) mesh), then each tp pair its share of the cases on the
 model split by :func:`~retnet.model.tensor_parallel.parallelize_retnet` over it (the compiled layers on the second,
 the rest on the first, side by side); each rank saves what the test compares with the unsharded model in one
-process. The cases (models and inputs, built alike on both sides) are defined here too."""
+process. The cases (models and inputs, built alike on both sides) are defined here too; DoRA's (``DORA_CASES``) with
+them, run on the first pair after its other cases."""
 
 from __future__ import annotations
 
@@ -199,6 +200,82 @@ def generation_inputs() -> dict:
     return dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=GENERATE_TOKENS, do_sample=False)
 
 
+# DoRA (peft's ``use_dora``) split with its projections: each output row's norm ``||W + s·B A||`` is whole on a
+# column-parallel rank and summed over the ranks' columns on a row-parallel one, the magnitudes split as the rows
+# they scale. (Run on the first pair, beside the compiled layers on the second: a launch of its own cost another
+# torchrun start.)
+DORA_CASES = {
+    # biases on the FFN's projections: the column-parallel gate/up's split with their rows, the row-parallel
+    # down_proj's added after the sum, outside DoRA's scaling; SAU's alpha (frozen), parallel form
+    "columns_and_rows": dict(config=dict(ffn_glu=True, ffn_bias=True, hidden_act="sau"), mode="parallel"),
+    # the row-parallel outputs reduce-scattered along time (DoRA's scale then applies to the rank's tokens and its
+    # magnitudes' gradient is summed over the ranks), the vocabulary split, RMSNorm, chunkwise, a padded row, and
+    # activation checkpointing (each layer's norm all-reduces replayed in the backward)
+    "sequence_vocab": dict(config=dict(ffn_glu=False, norm_type="rmsnorm"), mode="chunkwise", padded=True,
+                           sequence_parallel=True, vocab_parallel=True, checkpointing=True),
+}
+
+
+def build_dora_model(name: str):
+    """The DoRA case's micro model with peft's DoRA (rank 4) on every projection, only the adapters trainable. The
+    adapters are drawn at random (``B`` too) and the magnitudes moved off the rows' norms, so that DoRA's scale
+    ``m / ||W + s·B A||`` is not 1 and every part changes the outputs."""
+    import peft
+
+    from retnet.train.config import LORA_TARGETS
+
+    case = DORA_CASES[name]
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(RetNetConfig(
+        vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        chunk_size=CHUNK, use_output_gate=True, pad_token_id=0, eos_token_id=1, **case["config"])).train()
+    if case.get("checkpointing"):
+        # transformers 5.2x's name; 5.17 has only the older one
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    torch.manual_seed(7)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS),
+                                                 init_lora_weights=False, use_dora=True), model)
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in param_name)
+        if ".lora_magnitude_vector." in param_name:
+            with torch.no_grad():
+                param.mul_(1 + 0.2 * torch.randn(param.shape))
+    return model
+
+
+def build_dora_inputs(name: str) -> dict:
+    case = DORA_CASES[name]
+    input_ids = torch.randint(2, 101, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    inputs = dict(input_ids=input_ids, labels=labels, retention_mode=case["mode"], use_cache=False)
+    if case.get("padded"):
+        mask = torch.ones_like(input_ids)
+        mask[1, -9:] = 0
+        labels[1, -9:] = -100
+        inputs["attention_mask"] = mask
+    return inputs
+
+
+def dora_generation_inputs() -> dict:
+    input_ids = torch.randint(2, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=4, do_sample=False)
+
+
+def other_adapters(state: dict) -> dict:
+    """``state`` (an unsplit model's) with every adapter tensor changed: what a checkpoint of a later step holds."""
+    return {key: value * 1.1 + 0.01 if ".lora_" in key else value for key, value in state.items()}
+
+
+def run_dora_case(model, name: str) -> dict:
+    """The loss, logits and the trainable parameters' gradients of one forward and backward."""
+    output = model(**build_dora_inputs(name))
+    output.loss.backward()
+    return {"loss": output.loss.detach(), "logits": output.logits.detach(),
+            "grads": {n: gathered(p.grad) for n, p in model.named_parameters() if p.requires_grad}}
+
+
 class CollectiveCounter(TorchDispatchMode):
     """Counts the collectives run while it is active, by name (``all_reduce``), forward and backward alike.
     (torch's ``CommDebugMode`` trips over the model's module hooks.)"""
@@ -232,19 +309,45 @@ def main(out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
     main_2d(Path(out_dir), mesh)
     # Tensor parallelism alone (a launch of its own cost another torchrun start, ~25 s of CPU), shared by the two
-    # tensor-parallel pairs, side by side: every case but the compiled one on the first (ranks 0 and 1: transformers'
-    # save_pretrained writes the weights on global rank 0 only; ~7 s of CPU a rank), the compiled layers (dynamo,
-    # ~24 s) on the second (ranks 2 and 3); each rank saves its results under tp/, the test takes a tp rank's from
-    # both pairs
+    # tensor-parallel pairs, side by side: every case but the compiled one, then DoRA's, on the first (ranks 0 and 1:
+    # transformers' save_pretrained writes the weights on global rank 0 only; ~11 s of CPU a rank), the compiled
+    # layers (dynamo, ~25 s) on the second (ranks 2 and 3); each rank saves its results under tp/, the test takes a
+    # tp rank's from both pairs
     out = Path(out_dir) / "tp"
     out.mkdir(exist_ok=True)
     if mesh["dp"].get_local_rank() == 0:
         results = main_tp(out, mesh["tp"])
+        results["dora"] = dora_tp(mesh["tp"])
     else:
         results = compiled_tp(mesh["tp"])
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def dora_tp(tp_mesh) -> dict:
+    """Each DoRA case split over ``tp_mesh`` (a pair of ranks), run, its state dict gathered, then an unsplit state
+    dict with other adapters loaded into it and run again, then its greedy tokens: ``{case: its results}``."""
+    from retnet.model.tensor_parallel import full_state_dict, load_full_state_dict, parallelize_retnet
+
+    results = {}
+    for name, case in DORA_CASES.items():
+        model = build_dora_model(name)
+        unsplit = {key: value.clone() for key, value in model.state_dict().items()}
+        parallelize_retnet(model, tp_mesh, vocab_parallel=bool(case.get("vocab_parallel")),
+                           sequence_parallel=bool(case.get("sequence_parallel")))
+        results[name] = run_dora_case(model, name)
+        results[name]["local_magnitudes"] = {
+            n: tuple(getattr(p, "_local_tensor", p).shape) for n, p in model.named_parameters()
+            if ".lora_magnitude_vector." in n}
+        # cloned: the replicated tensors of it are the parameters themselves, which the load below overwrites
+        results[name]["state"] = {key: value.clone() for key, value in full_state_dict(model).items()}
+        load_full_state_dict(model, other_adapters(unsplit))
+        model.zero_grad()
+        results[name]["loaded"] = run_dora_case(model, name)
+        with torch.no_grad():  # the recurrent decode: under sequence parallelism one token, rank 1's share none
+            results[name]["generated"] = model.eval().generate(**dora_generation_inputs())
+    return results
 
 
 def compiled_tp(tp_mesh) -> dict:

@@ -1,9 +1,10 @@
 """Tensor parallelism (retnet/model/tensor_parallel.py): the model split across two real torchrun (gloo) ranks (the
 two tensor-parallel pairs of one launch of four, each running its share of the cases) gives the unsharded model's
 logits, loss, gradients, clipped gradients and greedy tokens with 2 all-reduces a layer each way, and its gathered
-state dict exports a model that reproduces it and loads back; on the four ranks, FSDP2 over the dp dimension of a
-(dp, tp) mesh gives the unsharded model's gradients and clipped norm on the dp-averaged batch; the refusals in one
-process."""
+state dict exports a model that reproduces it and loads back; DoRA's adapters split with their projections give one
+process's loss, logits and adapter gradients and take back an unsplit state dict; on the four ranks, FSDP2 over the
+dp dimension of a (dp, tp) mesh gives the unsharded model's gradients and clipped norm on the dp-averaged batch; the
+refusals in one process."""
 
 from __future__ import annotations
 
@@ -27,17 +28,22 @@ from tensor_parallel_worker import (  # noqa: E402
     COMPILED_CASE,
     CP,
     CP_TP_CASES,
+    DORA_CASES,
     DP,
     MAX_NORM,
     SHORTER,
     SPLIT_IO_CASES,
     TP,
     build_cp_tp_case,
+    build_dora_model,
     build_inputs,
     build_model,
+    dora_generation_inputs,
     dp_batch,
     generation_inputs,
     loss_alone_inputs,
+    other_adapters,
+    run_dora_case,
 )
 
 
@@ -56,7 +62,8 @@ def launched(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(launched):
     """Every case on a tensor-parallel pair: ``(results per tp rank, their output directory)``; the launch's second
-    pair (ranks 2 and 3) ran the compiled layers, the first (ranks 0 and 1) the other cases, side by side."""
+    pair (ranks 2 and 3) ran the compiled layers, the first (ranks 0 and 1) the other cases and DoRA's (under
+    ``"dora"``), side by side."""
     pairs = _results(launched / "tp", DP * TP)
     assert all(pairs[tp_rank].keys().isdisjoint(pairs[TP + tp_rank]) for tp_rank in range(TP))  # neither hides one
     return [{**pairs[tp_rank], **pairs[TP + tp_rank]} for tp_rank in range(TP)], launched / "tp"
@@ -354,6 +361,53 @@ def test_fsdp2_over_dp_after_tensor_parallelism_over_tp(run_2d):
                                        msg=f"rank {rank} {name}")
 
 
+def _assert_dora_run_matches(split: dict, alone: dict) -> None:
+    torch.testing.assert_close(split["loss"], alone["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split["logits"], alone["logits"], rtol=1e-5, atol=1e-5)
+    assert split["grads"].keys() == alone["grads"].keys()
+    for name, grad in alone["grads"].items():  # measured 1.5e-5 of the largest: the split's summation order
+        torch.testing.assert_close(split["grads"][name], grad, rtol=1e-4, atol=5e-5 * grad.abs().max().item(),
+                                   msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's read of it
+@pytest.mark.parametrize("name", list(DORA_CASES))
+def test_split_dora_gives_one_process_outputs_and_adapter_gradients(run, name):
+    """DoRA (``lora.use_dora``) under tensor parallelism (its training runs: tests/train/
+    test_tensor_parallel_dora_paths.py): both ranks' loss, logits and gradients of every adapter are one process's:
+    ``lora_A``, ``lora_B`` and the magnitudes of the column-parallel ``q/k/v/g/gate/up_proj`` (magnitudes split by
+    rows: 64 or 96 numbers, 32 or 48 a rank) and the row-parallel ``o/down_proj`` (magnitudes whole on each rank).
+    The gathered state dict is the unsplit model's; an unsplit state dict with other adapters loads into the split
+    model, which then computes what the unsplit model does with it, and generates its greedy tokens."""
+    ranks = [results["dora"] for results in run[0]]
+    model = build_dora_model(name)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    alone = run_dora_case(model, name)
+    magnitudes = [n for n in alone["grads"] if ".lora_magnitude_vector." in n]
+    projections = 8 if DORA_CASES[name]["config"]["ffn_glu"] else 7  # gate_proj with the GLU FFN
+    assert len(magnitudes) == 2 * projections and all(alone["grads"][n].abs().sum() > 0 for n in magnitudes)
+    for split in ranks:
+        _assert_dora_run_matches(split[name], alone)
+        shapes = split[name]["local_magnitudes"]
+        for key in magnitudes:
+            rows = state[key].shape[0]
+            row_parallel = ".o_proj." in key or ".down_proj." in key
+            assert shapes[key] == ((rows,) if row_parallel else (rows // TP,)), key
+        assert split[name]["state"].keys() == state.keys()
+        for key, value in state.items():
+            torch.testing.assert_close(split[name]["state"][key], value, rtol=0, atol=0, msg=key)
+
+    model.load_state_dict(other_adapters(state))
+    model.zero_grad()
+    loaded = run_dora_case(model, name)
+    assert not torch.allclose(loaded["loss"], alone["loss"])
+    with torch.no_grad():
+        generated = model.eval().generate(**dora_generation_inputs())
+    for split in ranks:
+        _assert_dora_run_matches(split[name]["loaded"], loaded)
+        assert torch.equal(split[name]["generated"], generated)
+
+
 # -- refusals, in one process (a stand-in for the mesh: they are checked before anything is sharded) ------------
 def _mesh(size: int = 2, ndim: int = 1):
     return SimpleNamespace(ndim=ndim, shape=(size,) * ndim, size=lambda: size ** ndim, device_type="cpu")
@@ -400,10 +454,9 @@ def test_dropout_modules_are_checked_not_only_the_config(model_factory):
                              "the LoRA adapters with lora_dropout=0"),
 ], ids=["variant", "bias", "merged", "dropout"])
 def test_lora_the_split_cannot_take_is_refused(model_factory, settings, message):
-    """Plain LoRA and DoRA split with their projections (the torchrun cases here and in
-    tests/train/test_tensor_parallel_dora_paths.py); other LoRA variants (aLoRA here: each computes its own way),
-    biased adapters, adapters merged into the weights and LoRA's dropout (each rank would draw its own mask on the
-    replicated input) are refused, naming the module."""
+    """Plain LoRA and DoRA split with their projections (the torchrun cases here); other LoRA variants (aLoRA here:
+    each computes its own way), biased adapters, adapters merged into the weights and LoRA's dropout (each rank would
+    draw its own mask on the replicated input) are refused, naming the module."""
     peft = pytest.importorskip("peft")
     merged = settings.pop("merged", False)
     model = peft.get_peft_model(model_factory(), peft.LoraConfig(target_modules=["q_proj"], r=4, **settings,
