@@ -1,8 +1,8 @@
 """Context parallelism in the trainer (``train.context_parallel``): what the config refuses; torchrun gloo ranks
 splitting every row in two log the losses of one process (packed rows whose documents cross the cut, plain rows
-over two data-parallel groups, chat data, streamed text and chat read by each group's first rank alone, an xPos
-``model.init_from``) and resume them; a checkpoint's stream positions are keyed by the data-parallel ranks; the
-logged MFU counts the pieces."""
+over two data-parallel groups (a run of test_context_parallel_grpo_paths.py's 4-rank launch), chat data, streamed
+text and chat read by each group's first rank alone, an xPos ``model.init_from``) and resume them; a checkpoint's
+stream positions are keyed by the data-parallel ranks; the logged MFU counts the pieces."""
 
 from __future__ import annotations
 
@@ -213,28 +213,10 @@ def two_ranks(corpus, tokenizer_dir, cache_dir, chats, xpos_base, tmp_path_facto
             for name, done in zip(runs, finished, strict=True)}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("packed, nproc", [(True, 2), (False, 4)], ids=["packed", "plain-4-ranks"])
-def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, micro, tmp_path, run, run_here,
-                                                                read_metrics, request):
-    """One process (micro 3 × accum 2) and torchrun ranks that split each micro-batch in two log the same training
-    and validation losses and gradient norms: 2 ranks (one group: micro 3 × accum 2 again), and 4 (two
-    data-parallel groups of 2: micro 3 × accum 1 × 2 groups).
-
-    Packed (data.document_boundaries): a micro-batch is one row of 3 × 32 tokens, cut at 48, inside the second
-    block, whose document then goes on in the second piece from the state the first leaves it; the first piece
-    holds two sequences (every block starts one). Plain rows of 32 are cut at 16, inside their document. A
-    learning rate at which the model reads its context: dropping the state that crosses the cut moves the losses
-    by 5e-3 (the tolerance is 1e-5). Packed, one process (another world, no context parallelism) resumes the
-    split run's step-2 checkpoint to the same last losses."""
-    common = dict(SPLIT_ROWS, data__document_boundaries=packed)
-    if packed:  # 2 ranks: the module's launch (two_ranks)
-        single, split, many = request.getfixturevalue("two_ranks")["packed"]
-    else:
-        single, split = tmp_path / "single", tmp_path / "split"
-        one = run_here(micro(single, **common))
-        assert one.returncode == 0, one.stderr[-3000:]
-        many = run(micro(split, **common, train__context_parallel=2), nproc=nproc)
+def assert_split_rows_log_one_process(read_metrics, single, split, many, nproc: int) -> None:
+    """The split run (``many``, on ``nproc`` ranks splitting each row in two, output in ``split``) logs the training
+    and validation losses, gradient norms and token counts of the one-process run in ``single`` (micro 3 × accum 2),
+    on ``nproc // 2`` data-parallel groups (micro 3 × accum ``2 // groups``)."""
     assert many.returncode == 0, many.stderr[-3000:] + many.stdout[-2000:]
     groups = nproc // 2
     assert (f"world {nproc} / context parallel 2 = {groups} data-parallel groups × micro 3 × accum {2 // groups}"
@@ -248,14 +230,31 @@ def test_ranks_splitting_each_row_log_the_losses_of_one_process(packed, nproc, m
         _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
     # every token once: the global batch's, not C times
     assert [r["tokens"] for r in read_metrics(split)] == [r["tokens"] for r in read_metrics(single)]
-    if not packed:
-        return
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2], ids=["packed"])
+def test_ranks_splitting_each_row_log_the_losses_of_one_process(nproc, two_ranks, micro, tmp_path, run_here,
+                                                                read_metrics):
+    """One process (micro 3 × accum 2) and torchrun ranks that split each micro-batch in two log the same training
+    and validation losses and gradient norms: 2 ranks (one group: micro 3 × accum 2 again), and 4 (two
+    data-parallel groups of 2: micro 3 × accum 1 × 2 groups; plain rows, ``[plain-4-ranks]``: a run of
+    test_context_parallel_grpo_paths.py's 4-rank launch, whose test of this name checks it as here).
+
+    Packed (data.document_boundaries, 2 ranks: the module's launch, two_ranks): a micro-batch is one row of
+    3 × 32 tokens, cut at 48, inside the second block, whose document then goes on in the second piece from the
+    state the first leaves it; the first piece holds two sequences (every block starts one). Plain rows of 32 are
+    cut at 16, inside their document. A learning rate at which the model reads its context: dropping the state that
+    crosses the cut moves the losses by 5e-3 (the tolerance is 1e-5). Packed, one process (another world, no context
+    parallelism) resumes the split run's step-2 checkpoint to the same last losses."""
+    single, split, many = two_ranks["packed"]
+    assert_split_rows_log_one_process(read_metrics, single, split, many, nproc)
     # (2 ranks resuming their own checkpoint: test_streamed_data_is_read_once_per_group_and_resumes)
     checkpoint, alone = split / "checkpoints" / "step_00000002", tmp_path / "alone"
-    once = run_here(micro(alone, **common, train__resume=checkpoint))
+    once = run_here(micro(alone, **SPLIT_ROWS, data__document_boundaries=True, train__resume=checkpoint))
     assert once.returncode == 0, once.stderr[-3000:]
     assert "written by 2 ranks (train.context_parallel 2), resuming with 1 (train.context_parallel 1)" in once.stderr
-    assert _losses(read_metrics, alone)[-2:] == pytest.approx(expected[-2:], rel=1e-5)
+    assert _losses(read_metrics, alone)[-2:] == pytest.approx(_losses(read_metrics, single)[-2:], rel=1e-5)
 
 
 @pytest.mark.slow

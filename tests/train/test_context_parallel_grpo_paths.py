@@ -2,7 +2,9 @@
 torchrun gloo ranks (two pieces × two tensor-parallel slices) resume one process's GRPO checkpoint within a
 generation under a per-sequence normalization and log its next step, and log one process's DPO and reward-model
 records; the refusals of a GRPO batch the pieces cannot share, and a piece's padding copies of a prompt sampled but
-not scored. (Two ranks splitting each row on GRPO from the start: test_grpo.py, in its 2-rank launch.)"""
+not scored. (Two ranks splitting each row on GRPO from the start: test_grpo.py, in its 2-rank launch.) The launch
+also runs test_context_parallel.py's 4-rank case: plain rows split over two data-parallel groups of 2 ranks, checked
+here by a test of its name (``[plain-4-ranks]``), one 4-rank launch for both modules' runs."""
 
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from retnet.train.checkpoint import load_checkpoint
 from retnet.train.config import ConfigError, load_config
 from retnet.train.preference import METRICS as DPO_METRICS
 from retnet.train.reward import METRICS as REWARD_METRICS
+from tests.launch import selected_tests
 
-from .conftest import metrics, one_thread, run_train_many
+from .conftest import metrics, micro_args, one_thread, run_train_many
+from .test_context_parallel import SPLIT_ROWS, assert_split_rows_log_one_process
 from .test_context_parallel_preference_paths import uneven  # noqa: F401 - the fixture
 from .test_grpo import COMMON, assert_grpo_records_match, grpo_args, prompts_data, stopping, toy  # noqa: F401 - the fixtures
 from .test_preference import assert_records_match, dpo_args
@@ -46,28 +50,47 @@ def preference_common(objective: str, uneven) -> dict:  # noqa: F811 - uneven: t
 
 
 @pytest.fixture(scope="module")
-def four_ranks(toy, stopping, alone, pairs, uneven, tmp_path_factory):  # noqa: F811 - the fixtures
-    """The module's 4-rank runs (2 pieces × 2 tensor-parallel slices) in one torchrun launch, each rank's process
-    importing torch once, not three times: ``grpo``, the one-process grpo run resumed from its step-3 checkpoint
-    (a copy of ``alone``'s without step 4), then ``dpo`` and ``reward``, each after its one-process run (in this
-    process, on one thread as each rank computes). ``name`` -> (the one-process run's output dir, the split run's,
+def four_ranks(request, corpus, tokenizer_dir, cache_dir, tmp_path_factory):
+    """The module's 4-rank runs in one torchrun launch, each rank's process importing torch once, not four times (the
+    selected tests' runs): ``grpo``, the one-process grpo run (``alone``) resumed from its step-3 checkpoint (a copy
+    of ``alone``'s without step 4) on 2 pieces × 2 tensor-parallel slices, then ``dpo`` and ``reward`` (2 × 2 too),
+    each after its one-process run (in this process, on one thread as each rank computes), and ``plain``: the plain
+    rows of test_context_parallel.py's SPLIT_ROWS split in two on two data-parallel groups, after its one-process
+    run (in this process, as that module's runs). ``name`` -> (the one-process run's output dir, the split run's,
     the split run finished)."""
     from retnet.train.__main__ import main
 
-    root = tmp_path_factory.mktemp("four-ranks")
-    resumed = root / "grpo" / "split"
-    shutil.copytree(alone / "grpo", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    runs = {"grpo": grpo_args(toy, resumed, **GRPO, model__init_from=stopping, train__context_parallel=2,
-                              train__tensor_parallel=2)}
+    selected, root = selected_tests(request, parameters=True), tmp_path_factory.mktemp("four-ranks")
+    runs, singles = {}, {}
+    if "test_four_ranks_splitting_rows_and_layers_resume_the_grpo_records_of_one_process" in selected:
+        # toy puts toy_rewards.py on the runs' PYTHONPATH while it is up: requested before the launch
+        prompts, init, one = (request.getfixturevalue(name) for name in ("toy", "stopping", "alone"))
+        resumed = root / "grpo" / "split"
+        shutil.copytree(one / "grpo", resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+        runs["grpo"] = grpo_args(prompts, resumed, **GRPO, model__init_from=init, train__context_parallel=2,
+                                 train__tensor_parallel=2)
+        singles["grpo"] = one / "grpo"
+    preference = "test_four_ranks_splitting_rows_and_layers_log_the_preference_records_of_one_process"
     for objective in ("dpo", "reward"):
-        common = preference_common(objective, uneven)
+        if f"{preference}[{objective}]" not in selected:
+            continue
+        data = request.getfixturevalue("pairs")
+        common = preference_common(objective, request.getfixturevalue("uneven"))
+        singles[objective] = root / objective / "single"
         with one_thread():  # as each rank computes
-            assert main(dpo_args(pairs, root / objective / "single", **common)) == 0, objective
-        runs[objective] = dpo_args(pairs, root / objective / "split", **common, train__context_parallel=2,
+            assert main(dpo_args(data, singles[objective], **common)) == 0, objective
+        runs[objective] = dpo_args(data, root / objective / "split", **common, train__context_parallel=2,
                                    train__tensor_parallel=2)
-    finished = run_train_many(list(runs.values()), nproc=4, out=root / "launch")
-    singles = {"grpo": alone / "grpo", "dpo": root / "dpo" / "single", "reward": root / "reward" / "single"}
+    if "test_ranks_splitting_each_row_log_the_losses_of_one_process[plain-4-ranks]" in selected:
+        def plain(out, **overrides):
+            return micro_args(corpus, tokenizer_dir, cache_dir, out, **SPLIT_ROWS, data__document_boundaries=False,
+                              **overrides)
+
+        singles["plain"] = root / "plain" / "single"
+        assert main(plain(singles["plain"])) == 0
+        runs["plain"] = plain(root / "plain" / "split", train__context_parallel=2)
+    finished = run_train_many(list(runs.values()), nproc=4, out=root / "launch") if runs else []
     return {name: (singles[name], root / name / "split", done) for name, done in zip(runs, finished, strict=True)}
 
 
@@ -105,6 +128,17 @@ def test_four_ranks_splitting_rows_and_layers_log_the_preference_records_of_one_
     assert_records_match(single, split, names, tolerance=1e-4 if objective == "reward" else 1e-5)
     norms = [r["grad_norm"] for r in metrics(single)]
     assert [r["grad_norm"] for r in metrics(split)] == pytest.approx(norms, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [4], ids=["plain-4-ranks"])
+def test_ranks_splitting_each_row_log_the_losses_of_one_process(nproc, four_ranks, read_metrics):
+    """test_context_parallel.py's test of this name on 4 ranks, a run of this module's 4-rank launch: one process
+    (micro 3 × accum 2) and 4 ranks splitting each plain row of 32 at 16, inside its document (two data-parallel
+    groups of 2: micro 3 × accum 1 × 2 groups), log the same training and validation losses, gradient norms and
+    token counts."""
+    single, split, many = four_ranks["plain"]
+    assert_split_rows_log_one_process(read_metrics, single, split, many, nproc)
 
 
 def test_grpo_and_preference_pairs_beside_tensor_parallelism_are_taken(monkeypatch):
