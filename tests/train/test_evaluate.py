@@ -219,14 +219,77 @@ def test_a_segments_logits_are_freed_before_the_next_segment_runs(model_and_toke
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
-def test_cli_subprocess_json_matches_direct_computation(export_dir, jsonl, texts, tmp_path):
+# `python -m retnet.train.evaluate ARGS` of several tests, one after another in one interpreter (importing torch
+# and transformers, ~10 CPU-s, dwarfs a micro model's evaluation). Each run as the interpreter runs a module
+# (runpy, the module as a fresh __main__, sys.argv[0] its file), its stdout and stderr files of its own; its exit
+# status as the interpreter's: SystemExit's code, or 1 after an uncaught exception's traceback.
+PYTHON_M_RUNS = """import json, runpy, sys, traceback
+for argv, stdout, stderr, status in json.loads(sys.argv[1]):
+    with open(stdout, "w") as sys.stdout, open(stderr, "w") as sys.stderr:
+        sys.argv = ["-m", *argv]
+        try:
+            runpy.run_module("retnet.train.evaluate", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit_:
+            code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    with open(status, "w") as file:
+        file.write(str(code))
+"""
+
+
+def reward_model_of(export_dir: Path, path: Path) -> Path:
+    """A random one-label sequence classifier of ``export_dir``'s config, with its tokenizer: a reward model."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(export_dir)
+    config.num_labels, config.architectures = 1, None
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    for file in export_dir.iterdir():
+        if file.name.startswith("tokenizer") or file.name.startswith("special_tokens"):
+            shutil.copy(file, path / file.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def python_m_evaluate(export_dir, texts, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """The module's ``python -m retnet.train.evaluate`` runs in one process (PYTHON_M_RUNS), each as
+    ``subprocess.run`` returns a process: ``bad_pairs``, a reward model over a pair whose chosen and rejected
+    completions are the same (first: the interpreter as fresh as a process of its own), then ``json``, the micro
+    model's loss over the documents."""
+    root = tmp_path_factory.mktemp("python-m")
+    pairs = root / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": " same", "rejected": " same"}) + "\n")
+    documents = root / "docs.jsonl"  # as the jsonl fixture writes it: an empty row is no document
+    documents.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*texts[:4], "", *texts[4:]]))
+    argvs = {
+        "bad_pairs": ["--model", str(reward_model_of(export_dir, root / "rm")), "--dataset", str(pairs),
+                      "--no-progress", "--device", "cpu"],
+        "json": ["--model", str(export_dir), "--dataset", str(documents), "--segment-tokens", "97", "--batch-size",
+                 "3", "--device", "cpu", "--cache-dir", str(root / "cache"), "--json"],
+    }
+    runs = [[argv, *(str(root / f"{name}.{part}") for part in ("stdout", "stderr", "status"))]
+            for name, argv in argvs.items()]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(
-        [sys.executable, "-m", "retnet.train.evaluate", "--model", str(export_dir), "--dataset", str(jsonl),
-         "--segment-tokens", "97", "--batch-size", "3", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
-         "--json"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    process = subprocess.run([sys.executable, "-c", PYTHON_M_RUNS, json.dumps(runs)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    done = {}
+    for name, (argv, stdout, stderr, status) in zip(argvs, runs, strict=True):
+        if not Path(status).exists():  # the process ended before this run ended: its own output says why
+            done[name] = subprocess.CompletedProcess(argv, -1, process.stdout, process.stderr)
+            continue
+        done[name] = subprocess.CompletedProcess(argv, int(Path(status).read_text()), Path(stdout).read_text(),
+                                                 Path(stderr).read_text())
+    return done
+
+
+def test_cli_subprocess_json_matches_direct_computation(python_m_evaluate, export_dir, texts):
+    done = python_m_evaluate["json"]
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout.strip().splitlines()[-1])
     loss, count = direct_loss(export_dir, texts)
@@ -237,6 +300,15 @@ def test_cli_subprocess_json_matches_direct_computation(export_dir, jsonl, texts
     assert record["tokens_per_second"] > 0 and record["seconds"] > 0
     assert record["segment_tokens"] == 97 and record["batch_size"] == 3 and record["device"] == "cpu"
     assert "tok/s" in done.stderr  # the progress bar
+
+
+def test_python_m_evaluate_reports_a_reward_models_bad_pairs_as_an_error(python_m_evaluate):
+    # Under `python -m retnet.train.evaluate` the module is __main__, and evaluate_reward raised the EvalError of
+    # a second copy of it, which main's `except EvalError` did not catch: a traceback and status 1. Not in this
+    # process: here the modules other tests imported would hold yet another copy's class (python_m_evaluate).
+    done = python_m_evaluate["bad_pairs"]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "chosen and rejected completions are the same" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_csv_text_cells_are_read_as_written(export_dir, tmp_path, capsys):

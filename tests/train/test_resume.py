@@ -25,6 +25,8 @@ from retnet.train.checkpoint import (
     verify_checkpoint,
 )
 
+from .conftest import micro_args
+
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -34,14 +36,28 @@ def _tree_digest(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): _digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def two_steps(corpus, tokenizer_dir, cache_dir, tmp_path_factory) -> Path:
+    """The output directory of ``micro(out, train__steps=2)``, trained once for the module: the many tests that
+    start from that run (its checkpoint of step 2, its records) take a copy of it (``copy_of``) to change."""
+    out = tmp_path_factory.mktemp("two-steps") / "run"
+    assert main(micro_args(corpus, tokenizer_dir, cache_dir, out, train__steps=2)) == 0
+    return out
+
+
+def copy_of(run: Path, out: Path) -> Path:
+    """``run``'s output directory copied to ``out`` (a run resumes from a moved output directory): ``out``."""
+    shutil.copytree(run, out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Stale temp directories
 # ----------------------------------------------------------------------------------------------------------
-def test_stale_temp_checkpoints_are_removed_at_start(micro, tmp_path, capsys):
+def test_stale_temp_checkpoints_are_removed_at_start(micro, two_steps, tmp_path, capsys):
     """A process killed mid-save leaves ``.tmp-step_…`` behind; the next start removes it (a preemption loop
     would otherwise fill the disk), and leaves checkpoints and moved-aside corrupt ones alone."""
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2)) == 0
+    out = copy_of(two_steps, tmp_path / "run")
     root = out / "checkpoints"
     stale = [root / ".tmp-step_00000004-424242", root / ".tmp-step_00000006-7"]
     for path in stale:
@@ -118,9 +134,8 @@ def test_a_failed_sharded_save_removes_its_temp_directory(micro, tmp_path, monke
 # 2. A checkpoint that does not fit the configured model
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("resume", ["auto", "explicit"])
-def test_model_shape_mismatch_is_a_checkpoint_error(resume, micro, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2)) == 0
+def test_model_shape_mismatch_is_a_checkpoint_error(resume, micro, two_steps, tmp_path, capsys):
+    out = copy_of(two_steps, tmp_path / "run")
     before = _tree_digest(out / "checkpoints")
     target = "auto" if resume == "auto" else out / "checkpoints" / "step_00000002"
     capsys.readouterr()
@@ -133,11 +148,11 @@ def test_model_shape_mismatch_is_a_checkpoint_error(resume, micro, tmp_path, cap
     assert _tree_digest(out / "checkpoints") == before
 
 
-def test_model_settings_that_change_what_the_weights_compute_are_refused(micro, tmp_path, capsys, read_metrics):
+def test_model_settings_that_change_what_the_weights_compute_are_refused(micro, two_steps, tmp_path, capsys,
+                                                                          read_metrics):
     """Same shapes, another function (rotary base, activation, xPos): the resumed run would silently train
     another model from the checkpoint's weights. How the model is computed or regularized may change."""
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2)) == 0
+    out = copy_of(two_steps, tmp_path / "run")
     before = _tree_digest(out / "checkpoints")
     capsys.readouterr()
     assert main([*micro(out, train__steps=4), "--model.extra.rope_theta=500", "--model.hidden_act=silu"]) \
@@ -153,11 +168,11 @@ def test_model_settings_that_change_what_the_weights_compute_are_refused(micro, 
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
-def test_weights_of_another_shape_are_refused_when_the_checkpoint_config_does_not_say(micro, tmp_path, capsys):
+def test_weights_of_another_shape_are_refused_when_the_checkpoint_config_does_not_say(micro, two_steps, tmp_path,
+                                                                                       capsys):
     """A checkpoint whose config holds no model section (written by another tool, or an older version) is
     not compared setting by setting: the weights' shapes are, when they load."""
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2)) == 0
+    out = copy_of(two_steps, tmp_path / "run")
     root = out / "checkpoints"
     state = load_checkpoint(root / "step_00000002")
     del state["trainer"]["config"]["model"]
@@ -344,11 +359,10 @@ def test_cpu_training_does_not_keep_the_resumed_checkpoint_mapped(micro, tmp_pat
         trainer.close()
 
 
-def test_a_resume_trains_with_the_optim_settings_configured_now(micro, tmp_path):
+def test_a_resume_trains_with_the_optim_settings_configured_now(micro, two_steps, tmp_path):
     """optim.* may change on resume (README): the optimizer state's param groups hold the checkpoint's
     weight_decay, betas and eps, which silently replaced the configured ones."""
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2)) == 0
+    out = copy_of(two_steps, tmp_path / "run")
     # from the full checkpoint of step 2, saving step 4 sharded; then from that sharded one
     for layout, steps in (("sharded", 4), ("full", 6)):
         trainer = _resumed_trainer(micro(out, train__steps=steps, optim__weight_decay=0.25, optim__beta2=0.99,
@@ -448,9 +462,8 @@ def test_resuming_in_the_other_data_mode_is_a_config_error(streamed_first, micro
     assert _tree_digest(out / "checkpoints") == before
 
 
-def test_packed_data_resumes_on_another_world_size(micro, tmp_path, capsys, read_metrics):
-    out, moved = tmp_path / "run", tmp_path / "moved"
-    assert main(micro(out, train__steps=2)) == 0
+def test_packed_data_resumes_on_another_world_size(micro, two_steps, tmp_path, capsys, read_metrics):
+    out, moved = copy_of(two_steps, tmp_path / "run"), tmp_path / "moved"
     _as_if_two_ranks(out / "checkpoints", moved / "checkpoints")
     shutil.copy(out / "metrics.jsonl", moved / "metrics.jsonl")
     assert main(micro(moved, train__steps=4)) == 0
@@ -572,15 +585,38 @@ def _records(out: Path, read_metrics, kind: str) -> list[tuple]:
     return [tuple(r[k] for k in keys) for r in read_metrics(out, kind)]
 
 
+# The settings of the runs never stopped that several tests compare their stopped runs with: each such run is
+# trained once for the module (``uninterrupted``) and only read
+LOGGED_EVERY_4 = dict(train__steps=8, logging__log_interval=4, checkpoint__interval=3)
+EVALUATED_EVERY_2 = dict(train__steps=4, train__eval_interval=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
+    """``uninterrupted(**settings)``: the output directory of ``micro(out, **settings)`` trained once for the
+    module (the same settings, the same run)."""
+    runs = {}
+
+    def run(**settings) -> Path:
+        key = json.dumps(settings, sort_keys=True, default=str)
+        if key not in runs:
+            out = tmp_path_factory.mktemp("uninterrupted") / "whole"
+            assert main(micro_args(corpus, tokenizer_dir, cache_dir, out, **settings)) == 0
+            runs[key] = out
+        return runs[key]
+
+    return run
+
+
 @pytest.mark.parametrize("how", ["crash", "signal"])
-def test_a_resumed_run_logs_the_records_of_an_uninterrupted_one(how, micro, tmp_path, monkeypatch, read_metrics):
+def test_a_resumed_run_logs_the_records_of_an_uninterrupted_one(how, micro, uninterrupted, tmp_path, monkeypatch,
+                                                                read_metrics):
     """A record every 4 steps, checkpoints every 3: a crash in step 5 resumes from step 3, a SIGTERM in step 6
     saves step 6, both inside a record's window. The record closing that window averages the steps before the
     checkpoint too (it carries them), so the losses are those of the run never stopped, bit for bit, and a
     stop adds no record of its own."""
-    common = dict(train__steps=8, logging__log_interval=4, checkpoint__interval=3)
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    assert main(micro(whole, **common)) == 0
+    common = LOGGED_EVERY_4
+    whole, stopped = uninterrupted(**common), tmp_path / "stopped"
     with monkeypatch.context() as patch:
         _interrupt(patch, during_step=5 if how == "crash" else 6, how=how)
         if how == "crash":
@@ -596,14 +632,13 @@ def test_a_resumed_run_logs_the_records_of_an_uninterrupted_one(how, micro, tmp_
 
 
 @pytest.mark.parametrize("during_step", [2, 4], ids=["eval-step", "final-step"])
-def test_a_stop_on_an_eval_step_saves_first_and_the_resume_evaluates(during_step, micro, tmp_path, monkeypatch,
-                                                                     read_metrics):
+def test_a_stop_on_an_eval_step_saves_first_and_the_resume_evaluates(during_step, micro, uninterrupted, tmp_path,
+                                                                     monkeypatch, read_metrics):
     """A SIGTERM in a step that ends with an evaluation (step 2 of eval_interval=2, or the final step with its
     evaluation and export) saves and exits without evaluating: a preemption's grace period is short. The
     resumed run evaluates that step first, and ends with the metrics and export of a run never stopped."""
-    common = dict(train__steps=4, train__eval_interval=2, checkpoint__export=True)
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    assert main(micro(whole, **common)) == 0
+    common = dict(EVALUATED_EVERY_2, checkpoint__export=True)
+    whole, stopped = uninterrupted(**common), tmp_path / "stopped"
     with monkeypatch.context() as patch:
         _interrupt(patch, during_step=during_step, how="signal")
         assert main(micro(stopped, **common)) == 0
@@ -632,13 +667,14 @@ def _stop_at_2_then_crash_at_4(monkeypatch, args: list[str]) -> None:
                 assert main(args) == 0
 
 
-def test_the_evaluation_left_by_a_stop_is_not_logged_twice(micro, tmp_path, monkeypatch, read_metrics):
+def test_the_evaluation_left_by_a_stop_is_not_logged_twice(micro, uninterrupted, tmp_path, monkeypatch, read_metrics):
     """The resumed run evaluates the step a SIGTERM left unevaluated, then crashes before its next checkpoint:
     the run after it resumes from the same checkpoint and evaluates that step again, in place of the record
     the crashed run wrote, not beside it."""
-    common = dict(train__steps=4, train__eval_interval=2)
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    assert main(micro(whole, **common)) == 0
+    common = EVALUATED_EVERY_2
+    # the run never stopped: the export test_a_stop_on_an_eval_step_saves_first_and_the_resume_evaluates's (an
+    # export after the last step changes none of its records)
+    whole, stopped = uninterrupted(**common, checkpoint__export=True), tmp_path / "stopped"
     _stop_at_2_then_crash_at_4(monkeypatch, micro(stopped, **common))
     assert [r["step"] for r in read_metrics(stopped, "val")] == [0, 2]
     assert main(micro(stopped, **common)) == 0
@@ -646,13 +682,13 @@ def test_the_evaluation_left_by_a_stop_is_not_logged_twice(micro, tmp_path, monk
     assert _records(stopped, read_metrics, "train") == _records(whole, read_metrics, "train")
 
 
-@pytest.mark.parametrize("checkpoint_holds", ["stream-place", "blocks-only"])
-def test_a_streamed_resume_replays_the_losses_without_tokenizing_what_it_read(checkpoint_holds, micro, tmp_path,
-                                                                              monkeypatch, read_metrics):
-    """A streamed run stopped at step 3 and resumed trains on the blocks of a run never stopped (bit-equal
-    losses), and tokenizes only the documents after its checkpoint's place in the stream: those of the two
-    runs add up to those of the uninterrupted one. A checkpoint written before that place was saved (only the
-    number of blocks read) still resumes, by tokenizing the stream again up to it."""
+# 16 blocks of 128 tokens a step: a few of the corpus's documents (up to 3000 characters each)
+STREAMED_6 = dict(data__streaming=True, data__val_documents=10, train__steps=6, data__seq_len=128,
+                  train__global_batch_size=16, train__micro_batch_size=8)
+
+
+def _count_encodes(patch: pytest.MonkeyPatch) -> list[int]:
+    """[the documents the stream's encoder tokenized], counted from now on (``patch`` undoes it)."""
     from retnet.train import streaming as streaming_module
 
     counter, real = [0], streaming_module.document_encoder
@@ -668,13 +704,32 @@ def test_a_streamed_resume_replays_the_losses_without_tokenizing_what_it_read(ch
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-    monkeypatch.setattr(streaming_module, "document_encoder", Counting)
-    # 16 blocks of 128 tokens a step: a few of the corpus's documents (up to 3000 characters each)
-    common = dict(data__streaming=True, data__val_documents=10, train__steps=6, data__seq_len=128,
-                  train__global_batch_size=16, train__micro_batch_size=8)
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    assert main(micro(whole, **common)) == 0
-    uninterrupted, counter[0] = counter[0], 0
+    patch.setattr(streaming_module, "document_encoder", Counting)
+    return counter
+
+
+@pytest.fixture(scope="module")
+def streamed_uninterrupted(corpus, tokenizer_dir, cache_dir, tmp_path_factory) -> tuple[Path, int]:
+    """The streamed run of STREAMED_6 never stopped, trained once for the module: (its output directory, the
+    documents it tokenized)."""
+    out = tmp_path_factory.mktemp("streamed") / "whole"
+    with pytest.MonkeyPatch.context() as patch:
+        counter = _count_encodes(patch)
+        assert main(micro_args(corpus, tokenizer_dir, cache_dir, out, **STREAMED_6)) == 0
+    return out, counter[0]
+
+
+@pytest.mark.parametrize("checkpoint_holds", ["stream-place", "blocks-only"])
+def test_a_streamed_resume_replays_the_losses_without_tokenizing_what_it_read(checkpoint_holds, micro,
+                                                                              streamed_uninterrupted, tmp_path,
+                                                                              monkeypatch, read_metrics):
+    """A streamed run stopped at step 3 and resumed trains on the blocks of a run never stopped (bit-equal
+    losses), and tokenizes only the documents after its checkpoint's place in the stream: those of the two
+    runs add up to those of the uninterrupted one. A checkpoint written before that place was saved (only the
+    number of blocks read) still resumes, by tokenizing the stream again up to it."""
+    counter = _count_encodes(monkeypatch)
+    common = STREAMED_6
+    (whole, uninterrupted), stopped = streamed_uninterrupted, tmp_path / "stopped"
     with monkeypatch.context() as patch:
         _interrupt(patch, during_step=3, how="signal")
         assert main(micro(stopped, **common)) == 0
@@ -724,12 +779,11 @@ def test_tensorboard_shows_the_evaluation_left_by_a_stop_once(micro, tmp_path, m
 # ----------------------------------------------------------------------------------------------------------
 # 8. Data settings: a resume continues the same token stream, or is refused
 # ----------------------------------------------------------------------------------------------------------
-def test_resuming_with_other_data_settings_is_refused_naming_each(micro, corpus, tmp_path, capsys):
+def test_resuming_with_other_data_settings_is_refused_naming_each(micro, two_steps, corpus, tmp_path, capsys):
     """A checkpoint's data position counts blocks of the token stream its settings made: with another dataset,
     block length, text field, validation split or shuffling seed it would point into other blocks, and the run
     would silently stop being a continuation. Refused with each changed setting named, nothing written."""
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2)) == 0
+    out = copy_of(two_steps, tmp_path / "run")
     root = out / "checkpoints"
     before = _tree_digest(root)
     moved = tmp_path / "elsewhere" / "docs.jsonl"
@@ -753,12 +807,11 @@ def test_resuming_with_other_data_settings_is_refused_naming_each(micro, corpus,
         assert _tree_digest(root) == before
 
 
-def test_resuming_with_settings_that_keep_the_data_is_allowed(micro, tokenizer_dir, tmp_path, read_metrics):
+def test_resuming_with_settings_that_keep_the_data_is_allowed(micro, two_steps, tokenizer_dir, tmp_path, read_metrics):
     """What does not change the blocks or their order stays free on a resume: the steps (extending a run),
     logging, evaluation, checkpointing, the batch split, the optimizer, the cache location, the streaming
     split size of a packed run, and tokenizer settings while the run's saved tokenizer is the one it uses."""
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2)) == 0
+    out = copy_of(two_steps, tmp_path / "run")
     copy = tmp_path / "tokenizer-copy"
     shutil.copytree(tokenizer_dir, copy)
     assert main(micro(out, train__steps=4, logging__log_interval=2, train__eval_interval=3, train__eval_blocks=4,
@@ -768,11 +821,10 @@ def test_resuming_with_settings_that_keep_the_data_is_allowed(micro, tokenizer_d
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 4]
 
 
-def test_a_resume_without_its_saved_tokenizer_refuses_another_one(micro, tokenizer_dir, tmp_path, capsys):
+def test_a_resume_without_its_saved_tokenizer_refuses_another_one(micro, two_steps, tokenizer_dir, tmp_path, capsys):
     """A resume tokenizes with the copy saved in output_dir; where that copy is gone it takes the configured
     tokenizer, which must then be the one the checkpoint was trained with."""
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2)) == 0
+    out = copy_of(two_steps, tmp_path / "run")
     shutil.rmtree(out / "tokenizer")
     copy = tmp_path / "tokenizer-copy"
     shutil.copytree(tokenizer_dir, copy)
@@ -832,7 +884,8 @@ def test_a_hub_dataset_run_resumes_offline_from_its_token_cache(micro, corpus, t
     assert "data.dataset 'someone/corpus' now holds other data than the checkpoint" in capsys.readouterr().err
 
 
-def test_tokens_count_what_each_step_trained_on_across_a_batch_change(micro, tmp_path, monkeypatch, read_metrics):
+def test_tokens_count_what_each_step_trained_on_across_a_batch_change(micro, two_steps, tmp_path, monkeypatch,
+                                                                       read_metrics):
     """A resume may change the global batch: the "tokens" of a record count the tokens trained on, not the
     step times the current batch, and tokens/s counts each step of a window at its own batch."""
     import itertools
@@ -841,8 +894,7 @@ def test_tokens_count_what_each_step_trained_on_across_a_batch_change(micro, tmp
 
     from retnet.train import trainer as trainer_module
 
-    out = tmp_path / "run"
-    assert main(micro(out, train__steps=2, logging__log_interval=1)) == 0  # 4 blocks of 32 tokens a step
+    out = copy_of(two_steps, tmp_path / "run")  # logging.log_interval 1: 4 blocks of 32 tokens a step
     assert main(micro(out, train__steps=4, logging__log_interval=1, train__global_batch_size=8)) == 0
     assert [r["tokens"] for r in read_metrics(out)] == [128, 256, 512, 768]
 
