@@ -17,7 +17,6 @@ import retnet.kernels as kernels
 from retnet.kernels import naive
 from retnet.kernels.chunk import chunk_retention
 from retnet.kernels.recurrent import recurrent_retention
-from tests.launch import WITHOUT_RETNET_INIT
 
 # Real kernels on a GPU; the interpreter (conftest.py sets TRITON_INTERPRET=1 without one) on the CPU.
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -41,7 +40,7 @@ CASES = [
     ((1, 33, 1, 64, 200, 32), DTYPES),  # K != V, V spans two output tiles (fp32: 2 K and 4-7 V tiles, V masked)
     ((1, 150, 1, 16, 16, 16), DTYPES),  # many chunks
     # Model-like tiles: 64-token chunks, full 64-wide K tile, V = 128 (batches: above). Those are fp16's and bf16's
-    # tiles; bf16 runs them (and more chunks) in test_bf16_model_sized_heads' 128x128 case; fp32 tiles K = 64 as the
+    # tiles; bf16 runs them (three chunks too) in test_bf16_model_sized_heads' 128x128 case; fp32 tiles K = 64 as the
     # 64x200 case above does, and 64-token chunks in the 100-token case.
     ((1, 130, 2, 64, 128, 64), [torch.float16]),
 ]
@@ -109,7 +108,9 @@ def test_matches_reference(kt, case, dtype):
     "initial_state, output_final_state", [(False, False), (False, True), (True, False)]
 )
 def test_state_options(kt, initial_state, output_final_state):
-    q, k, v, log_decay, h0 = kt.make_inputs(2, 37, 2, 32, 16, initial_state=initial_state, device=DEVICE)
+    # One sequence: test_matches_reference runs this shape as a batch of two with both states (the kernels index
+    # h0 and ht by sequence the same whichever of them is present); each interpreted sequence costs ~1 s of CPU
+    q, k, v, log_decay, h0 = kt.make_inputs(1, 37, 2, 32, 16, initial_state=initial_state, device=DEVICE)
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, output_final_state, chunk_size=16)
     ref = _reference(kt, q, k, v, log_decay, h0, output_final_state)
     _compare(kt, got, ref, TOL[torch.float32])
@@ -261,8 +262,9 @@ def test_guard_rails_batch_with_cu_seqlens_and_chunk_size():
 
 
 # Two heads: the fastest and the slowest decay of the schedule (the heads between add time under the interpreter,
-# not rounding: each head's sums are its own)
-@pytest.mark.parametrize("case", [(1, 300, 2, 128, 128, 64), (1, 100, 2, 256, 64, 64)], ids=_case_id)
+# not rounding: each head's sums are its own). 172 tokens: two whole 64-token chunks and a 44-token tail, a state
+# carried across two chunk edges (an interpreted chunk costs ~0.7 s here: 300 tokens' five chunks added nothing)
+@pytest.mark.parametrize("case", [(1, 172, 2, 128, 128, 64), (1, 100, 2, 256, 64, 64)], ids=_case_id)
 def test_bf16_model_sized_heads(kt, case):
     B, T, H, K, V, chunk_size = case
     q, k, v, log_decay, h0 = kt.make_inputs(B, T, H, K, V, torch.bfloat16, initial_state=True, device=DEVICE)
@@ -363,29 +365,32 @@ def test_log_decay_or_scale_requiring_grad_is_refused(kt, op):
     kt.assert_close_scaled(o, ref_o, TOL[torch.float32], "o")
 
 
-def test_forcing_triton_on_cpu_without_the_interpreter_says_so():
+def test_forcing_triton_on_cpu_without_the_interpreter_says_so(monkeypatch):
     """RETNET_KERNELS=triton with CPU tensors and compiled (not interpreted) kernels: a ValueError naming the
-    fix, not Triton's "0 active drivers" from deep in its launcher. In a process of its own (this one
-    interprets)."""
-    import subprocess
+    fix, not Triton's "0 active drivers" from deep in its launcher.
+
+    ``@triton.jit`` compiles or interprets as ``TRITON_INTERPRET`` says when a kernel is defined, so this process
+    (which interprets) defines the kernel module once more with the variable unset: the module a process without
+    the interpreter imports, standing in for the interpreted one during the call (a process of its own spent ~6 s
+    of CPU importing torch and the kernels for this one call)."""
+    import importlib.util
     import sys
 
-    # retnet.kernels without retnet/__init__.py, which imports transformers (~10 s of CPU) for nothing the ops use
-    script = WITHOUT_RETNET_INIT + (
-        "import torch\n"
-        "import retnet.kernels as K\n"
-        "assert 'transformers' not in sys.modules\n"
-        "q = torch.randn(1, 4, 2, 16)\n"
-        "try:\n"
-        "    K.chunk_retention(q, q, q, torch.tensor([-0.1, -0.01]))\n"
-        "except ValueError as e:\n"
-        "    print('refused:', e)\n"
-    )
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["RETNET_KERNELS"] = "triton"
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "refused: RETNET_KERNELS=triton on cpu tensors needs Triton's interpreter" in done.stdout, done.stdout
+    from triton.runtime.jit import JITFunction
+
+    import retnet.kernels.chunk as loaded
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location(loaded.__name__, loaded.__file__)
+    compiled = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compiled)
+    assert isinstance(compiled._load_tile, JITFunction)  # (an interpreted kernel is an InterpretedFunction)
+    monkeypatch.setitem(sys.modules, loaded.__name__, compiled)
+    monkeypatch.setattr(kernels, "chunk", compiled)
+    monkeypatch.setenv("RETNET_KERNELS", "triton")
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"^RETNET_KERNELS=triton on cpu tensors needs Triton's interpreter"):
+        kernels.chunk_retention(q, q, q, torch.tensor([-0.1, -0.01]))
 
 
 @pytest.mark.parametrize("T", [0, 7])
