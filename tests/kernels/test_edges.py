@@ -41,8 +41,9 @@ def _compare(kt, got, ref, label):
 # one past, one short of and exactly a chunk (test_chunk.py runs longer, multi-chunk rows)
 @pytest.mark.parametrize("T, chunk_size", [(17, 16), (31, 32), (64, 64)])
 def test_lengths_at_the_chunk_edge(kt, T, chunk_size):
-    """T = C - 1, C, C + 1 for each tile length, K != V (V spans part of a second 32-wide fp32 tile)."""
-    q, k, v, log_decay, h0 = kt.make_inputs(2, T, 3, 32, 48, initial_state=True, seed=T, device=DEVICE)
+    """T = C - 1, C, C + 1 for each tile length, K != V (V spans part of a second 32-wide fp32 tile). One row of two
+    heads: more rows and heads are more programs of the same kind (test_chunk.py runs them)."""
+    q, k, v, log_decay, h0 = kt.make_inputs(1, T, 2, 32, 48, initial_state=True, seed=T, device=DEVICE)
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=chunk_size)
     ref = kt.run_with_grads(naive.chunk_retention, q, k, v, log_decay, h0, True)
     _compare(kt, got, ref, f"T={T} C={chunk_size}")
@@ -54,10 +55,11 @@ def test_lengths_at_the_chunk_edge(kt, T, chunk_size):
     ids=["empty-first-int64", "whole-row-int32", "empty-last-int64"],
 )
 def test_packed_rows_with_empty_and_whole_row_sequences(kt, bounds, dtype):
-    """One initial state per sequence; an empty sequence's state (and its gradient) passes straight through."""
+    """One initial state per sequence; an empty sequence's state (and its gradient) passes straight through. One
+    head (K spanning two tiles): test_chunk.py's varlen test runs packed rows of several heads."""
     cu_seqlens = torch.tensor(bounds, dtype=dtype, device=DEVICE)
     q, k, v, log_decay, h0 = kt.make_inputs(
-        1, 20, 2, 40, 24, initial_state=True, num_states=len(bounds) - 1, device=DEVICE
+        1, 20, 1, 40, 24, initial_state=True, num_states=len(bounds) - 1, device=DEVICE
     )
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=16, cu_seqlens=cu_seqlens)
     ref = kt.run_with_grads(naive.chunk_retention, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)

@@ -21,14 +21,14 @@ def _run(model, ids, monkeypatch, backend):
 
 
 # One chunk length: what the model adds to the kernels (dispatch, layout, gradients through the layers, decode on a
-# Triton prefill's cache) does not depend on it. 16 gives three chunks of 37 tokens, a partial last one; the kernels'
-# 32-token tiles (chunk_size 32, once run here too) are checked against the reference in tests/kernels/test_chunk.py
-# (the K=64, V=200 case in every dtype, the strong-decay test) and test_edges.py (T=31).
+# Triton prefill's cache) does not depend on it. 16 gives two chunks of 21 tokens, a partial last one (the prefill
+# of 18 too); the kernels' 32-token tiles (chunk_size 32, once run here too) are checked against the reference in
+# tests/kernels/test_chunk.py (the K=64, V=200 case in every dtype, the strong-decay test) and test_edges.py (T=31).
 @pytest.mark.parametrize("chunk_size", (16,))
 def test_model_on_triton_kernels_matches_the_reference(model_factory, monkeypatch, chunk_size):
     pytest.importorskip("triton")
     model = model_factory(chunk_size=chunk_size).to(DEVICE)
-    ids = torch.randint(2, 101, (2, 37), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ids = torch.randint(2, 101, (2, 21), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     reference = _run(model, ids, monkeypatch, "torch")
     fast = _run(model, ids, monkeypatch, "triton")
     torch.testing.assert_close(fast[0], reference[0], rtol=1e-4, atol=1e-4)
@@ -41,10 +41,11 @@ def test_model_on_triton_kernels_matches_the_reference(model_factory, monkeypatc
 def test_bf16_autocast_training_step_on_triton_matches_the_fp32_reference(model_factory, monkeypatch):
     """What training on a GPU runs: bf16 autocast, so the Triton kernels see bf16 q, k, v (and store bf16
     chunk states). Loss within 1% of the fp32 reference's, every gradient at cosine > 0.99 (bf16 autocast on
-    the reference path itself: 2e-6 and 0.9999 on CPU; a wrong state or decay is far off both)."""
+    the reference path itself: 2e-6 and 0.9999 on CPU; a wrong state or decay is far off both). 100 tokens: two
+    64-token chunks, the second partial and starting from the first's stored bf16 state."""
     pytest.importorskip("triton")
     model = model_factory(chunk_size=64).to(DEVICE)
-    ids = torch.randint(2, 101, (2, 300), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ids = torch.randint(2, 101, (2, 100), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     monkeypatch.setenv("RETNET_KERNELS", "torch")
     model.zero_grad()
     reference = model(ids, labels=ids, retention_mode="chunkwise").loss
