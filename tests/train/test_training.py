@@ -201,8 +201,9 @@ def test_triton_kernels_train_the_packed_documents(micro, tmp_path, monkeypatch,
     monkeypatch.setattr(chunk, "chunk_retention_fwd", spy)
     # one micro-batch of 2 blocks a step (a packed row of two segments at least: a varlen launch however the documents
     # fall) and one validation micro-batch at each evaluation (it runs the forward kernels only; 4 cost half of the
-    # test): each interpreted micro-batch costs seconds
-    common = dict(train__steps=2, train__global_batch_size=2, train__eval_blocks=2,
+    # test): each interpreted micro-batch costs seconds, each layer its own launches (one layer: half of them; the
+    # kernels' backward still feeds every gradient of the layer's projections)
+    common = dict(train__steps=2, train__global_batch_size=2, train__eval_blocks=2, model__num_hidden_layers=1,
                   model__extra__retention_mode="chunkwise")
     monkeypatch.setenv("RETNET_KERNELS", "torch")
     assert main(micro(tmp_path / "reference", **common)) == 0
@@ -314,15 +315,15 @@ sys.exit(main(sys.argv[2:]))
 @pytest.mark.slow
 def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run_here, read_metrics):
     """The killed run is a process of its own; the reference and the resume need none (in this process). The killed
-    run holds after step 12 (its checkpoints of steps 5 and 10 written): the SIGKILL, sent once a checkpoint is
+    run holds after step 7 (its checkpoints of steps 3 and 6 written): the SIGKILL, sent once a checkpoint is
     complete, lands before the run ends however slowly this process gets to send it (the run left after its first
     checkpoint takes a few seconds: a loaded machine can keep this process from sending it that long)."""
     import subprocess
 
     from .conftest import REPO, train_env
 
-    # 15 steps: the killed run holds after step 12, so it never ends; the resume replays steps 6-15 or 11-15
-    common = dict(train__steps=15, checkpoint__interval=5, model__dropout=0.1)  # dropout: RNG state matters
+    # 8 steps: the killed run holds after step 7, so it never ends; the resume replays steps 4-8 or 7-8
+    common = dict(train__steps=8, checkpoint__interval=3, model__dropout=0.1)  # dropout: RNG state matters
     reference = tmp_path / "reference"
     done = run_here(micro(reference, **common))
     assert done.returncode == 0, done.stderr
@@ -331,13 +332,13 @@ def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run_here, 
     script = tmp_path / "hold_after_step.py"
     script.write_text(HOLD_AFTER_STEP)
     with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen([sys.executable, str(script), "12", *micro(out, **common)], cwd=REPO,
+        process = subprocess.Popen([sys.executable, str(script), "7", *micro(out, **common)], cwd=REPO,
                                    env=train_env(), stdout=log, stderr=log)
     _wait_for(lambda: any((p / "manifest.json").exists() for p in list_checkpoints(out / "checkpoints")), process)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     resumed_from = max(int(p.name[5:]) for p in list_checkpoints(out / "checkpoints"))
-    assert resumed_from in (5, 10)
+    assert resumed_from in (3, 6)
 
     done = run_here(micro(out, **common))  # --train.resume=auto is the default
     assert done.returncode == 0, done.stderr
