@@ -4,9 +4,9 @@ loglikelihood; generate_until) on a micro random RetNet, through both ways in.
 - ``retnet-lm-eval --model hf`` as a real subprocess (RetNet registered by the script): its results JSON, its
   per-sample loglikelihoods against the model's own fp32 forward (lm-eval runs right-padded batches), its
   generations against greedy ``model.generate`` one prompt at a time (lm-eval runs left-padded batches);
-- ``local-completions`` against a real ``retnet-serve`` process (token-id prompts, several per request, with
-  echo + logprobs + ``max_tokens: 1``), through lm-eval's Python API: the same loglikelihoods, greedy flags,
-  accuracy and generations as ``hf``.
+- ``local-completions`` against a real ``retnet-serve`` server (its uvicorn over loopback HTTP, in a thread of
+  the test's process: token-id prompts, several per request, with echo + logprobs + ``max_tokens: 1``), through
+  lm-eval's Python API: the same loglikelihoods, greedy flags, accuracy and generations as ``hf``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import retnet  # noqa: F401  (registers the Auto classes)
-from tests.serve.conftest import CORPUS, ServerProcess, save_micro_model
+from tests.serve.conftest import CORPUS, ThreadServer, save_micro_model
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 4  # hf: padded batches of 4; local-completions: 4 prompts per request (retnet-serve allows 16)
@@ -144,9 +144,10 @@ def tasks(export_dir, reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(export_dir):
-    """A real ``retnet-serve`` (uvicorn) process. Started before the hf run, which needs no server, so its
-    start-up overlaps that run; waited for where used."""
-    proc = ServerProcess(export_dir)
+    """``retnet-serve``'s server (its flags, app and uvicorn, real HTTP on a loopback port) in a thread of this
+    process: what it answers is the test, not its process (a process would import torch and transformers again,
+    ~10 CPU-s; the suite's ``retnet-serve`` process tests are in tests/serve)."""
+    proc = ThreadServer(export_dir)
     yield proc
     proc.stop()
 
@@ -170,13 +171,8 @@ def sample_results(samples: list[dict]) -> list[list]:
 
 
 @pytest.fixture(scope="module")
-def hf_run(export_dir, tmp_path_factory, request):
-    """``retnet-lm-eval --model hf ... --output_path OUT --log_samples`` as a subprocess; its results files.
-    Where a selected test uses the server, it starts first (it loads while tasks computes and this run runs);
-    where none does (the hf tests alone), no server process starts."""
-    if any("server" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("server")
-    tasks = request.getfixturevalue("tasks")
+def hf_run(export_dir, tasks, tmp_path_factory):
+    """``retnet-lm-eval --model hf ... --output_path OUT --log_samples`` as a subprocess; its results files."""
     script = shutil.which("retnet-lm-eval", path=str(Path(sys.executable).parent))
     assert script, "the retnet-lm-eval console script is not installed: pip install -e '.[dev]'"
     tmp = tmp_path_factory.mktemp("harness-hf")

@@ -26,16 +26,62 @@ def line(custom_id, url, body, method="POST") -> str:
     return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
 
 
-def start_cli(*args: str, stdin: str = "", script: bool = False, logs: Path) -> subprocess.Popen:
-    """``python -m retnet.serve.run_batch``, or with ``script`` the installed ``retnet-run-batch``, started (its
-    stdout and stderr in ``logs``): ``finished`` waits for it."""
+# The module's CLI runs one after another in ONE interpreter (torch and transformers imported once, not once a run:
+# ~10 CPU-s each), each as its command runs it: ``-m retnet.serve.run_batch`` through runpy as ``python -m`` does, or
+# the installed ``retnet-run-batch`` script's own file. Each run's stdout and stderr go to its logs' files (file
+# descriptors 1 and 2 moved there, so a handler the CLI binds to sys.stderr writes there too), its exit status to
+# ``logs/status``. argv: a JSON list of [command ("-m" or the script's path), [args...], logs directory].
+RUN_EACH = """
+import json, os, runpy, sys, traceback
+for command, args, logs in json.loads(sys.argv[1]):
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(os.path.join(logs, "stdout"), "w") as out, open(os.path.join(logs, "stderr"), "w") as err:
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        try:
+            if command == "-m":
+                sys.argv = ["-m", *args]
+                runpy.run_module("retnet.serve.run_batch", run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = [command, *args]
+                runpy.run_path(command, run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+    os.close(saved[0]); os.close(saved[1])
+    with open(os.path.join(logs, "status"), "w") as status:
+        status.write(str(code))
+"""
+
+
+def start_clis(runs: list[tuple[str, list[str], Path]], stdin: str, logs: Path) -> subprocess.Popen:
+    """``runs`` (each: "-m" for ``python -m retnet.serve.run_batch`` or "script" for the installed
+    ``retnet-run-batch``, its arguments, its logs directory) started in one process, reading ``stdin``:
+    ``cli_result`` waits for a run."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [str(Path(sys.executable).parent / "retnet-run-batch")] if script else \
-        [sys.executable, "-m", "retnet.serve.run_batch"]
-    process = start_logged([*command, *args], logs, stdin=subprocess.PIPE, cwd=REPO, env=env)
+    script = Path(sys.executable).parent / "retnet-run-batch"
+    spec = []
+    for command, args, run_logs in runs:
+        run_logs.mkdir(parents=True, exist_ok=True)
+        spec.append([str(script) if command == "script" else command, args, str(run_logs)])
+    process = start_logged([sys.executable, "-c", RUN_EACH, json.dumps(spec)], logs, stdin=subprocess.PIPE,
+                           cwd=REPO, env=env)
     process.stdin.write(stdin)  # a few KiB: the pipe holds them
     process.stdin.close()
     return process
+
+
+def cli_result(process: subprocess.Popen, logs: Path, timeout: float) -> subprocess.CompletedProcess:
+    """The run of ``process`` logged in ``logs``, once the process has ended, as ``subprocess.run`` returns it."""
+    runner = finished(process, timeout=timeout)
+    assert runner.returncode == 0 and (logs / "status").exists(), runner.stderr[-3000:]
+    stdout, stderr, status = ((logs / name).read_text() for name in ("stdout", "stderr", "status"))
+    return subprocess.CompletedProcess(process.args, int(status), stdout, stderr)
 
 
 def without_ids(body: dict) -> dict:
@@ -84,33 +130,33 @@ LINES = [
 
 @pytest.fixture(scope="module")
 def cli_runs(request, model_dir, tmp_path_factory):
-    """The CLI processes of this module's selected tests, started together when the first is needed (each start-up
-    keeps one core busy while the test waits): ``{test name: (process, its directory)}``. The batch: stdin in, a
-    file out (both of the CLI's less obvious paths, `-`, and the ordinary one). Bad arguments: a missing input file,
+    """The CLI runs of this module's selected tests, in one process started when the first is needed:
+    ``{test name: (process, the run's directory)}``, its logs in ``directory / "logs"``. The batch: stdin in, a file
+    out (both of the CLI's less obvious paths, `-`, and the ordinary one). Bad arguments: a missing input file,
     through the installed ``retnet-run-batch``."""
     selected = selected_tests(request)
     root = tmp_path_factory.mktemp("run-batch")
-    started = {}
+    runs, directories = [], {}
     if "test_batch_file_matches_the_server" in selected:
         out = root / "batch" / "results.jsonl"
-        started["test_batch_file_matches_the_server"] = (start_cli(
-            "-i", "-", "-o", str(out), "--model", str(model_dir), "--served-model-name", "micro",
-            "--log-level", "warning", "--max-concurrency", "4", stdin="\n".join(LINES) + "\n",
-            logs=root / "batch" / "logs"), out.parent)
+        directories["test_batch_file_matches_the_server"] = out.parent
+        runs.append(("-m", ["-i", "-", "-o", str(out), "--model", str(model_dir), "--served-model-name", "micro",
+                            "--log-level", "warning", "--max-concurrency", "4"], out.parent / "logs"))
     if "test_bad_arguments_exit_2" in selected:
         bad = root / "bad"
-        started["test_bad_arguments_exit_2"] = (start_cli(
-            "-i", str(bad / "missing.jsonl"), "-o", str(bad / "out.jsonl"), "--model", str(model_dir), script=True,
-            logs=bad / "logs"), bad)
-    yield started
-    for process, _ in started.values():
+        directories["test_bad_arguments_exit_2"] = bad
+        runs.append(("script", ["-i", str(bad / "missing.jsonl"), "-o", str(bad / "out.jsonl"), "--model",
+                                str(model_dir)], bad / "logs"))
+    process = start_clis(runs, "\n".join(LINES) + "\n", root / "logs") if runs else None
+    yield {name: (process, directory) for name, directory in directories.items()}
+    if process is not None:
         stop(process)
 
 
 async def test_batch_file_matches_the_server(cli_runs, open_app):
     process, directory = cli_runs["test_batch_file_matches_the_server"]
     out = directory / "results.jsonl"
-    proc = finished(process, timeout=120)
+    proc = cli_result(process, directory / "logs", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "run_batch: 10 requests, 6 failed" in proc.stderr  # the summary line
     results = [json.loads(text) for text in out.read_text().splitlines()]
@@ -152,7 +198,7 @@ async def test_batch_file_matches_the_server(cli_runs, open_app):
 
 def test_bad_arguments_exit_2(cli_runs):
     process, directory = cli_runs["test_bad_arguments_exit_2"]
-    proc = finished(process, timeout=120)
+    proc = cli_result(process, directory / "logs", timeout=180)  # after the batch's run where both are selected
     assert proc.returncode == 2
     assert proc.stderr.startswith("retnet-run-batch: cannot read the input file") and "missing.jsonl" in proc.stderr
     assert not (directory / "out.jsonl").exists()  # nothing written, the model never loaded

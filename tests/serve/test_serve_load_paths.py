@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from retnet.serve.serving import OFF_LOOP_PROMPT_SIZE
 from tests.serve.conftest import held_serve_env
 
 pytestmark = pytest.mark.anyio
@@ -66,7 +67,10 @@ async def test_sigterm_serves_the_requests_it_has_read_that_are_not_yet_in_the_e
     env = {**held_serve_env(tmp_path, "held_serve", HELD_UNTIL_SHUTDOWN), "HELD_READS": str(reads)}
     proc = server_process("--shutdown-grace-s", "30", "--max-prompt-tokens", "60000", module="held_serve", env=env)
     proc.wait_healthy()
-    body = {"model": "micro", "prompt": "def add(a, b): return a + b\n" * 2500, "max_tokens": 3, "temperature": 0}
+    # More characters than OFF_LOOP_PROMPT_SIZE, so tokenized off the loop, in few tokens since each is prefilled
+    # (5.5 characters a token: ~13k, where as much code was 40k).
+    body = {"model": "micro", "prompt": " recurrence" * (OFF_LOOP_PROMPT_SIZE // 11 + 1), "max_tokens": 3,
+            "temperature": 0}
     async with httpx.AsyncClient(base_url=proc.url, timeout=120) as client:
         sent = [asyncio.create_task(client.post("/v1/completions", json={**body, "prompt": f"# {i}\n{body['prompt']}"}))
                 for i in range(4)]
