@@ -53,8 +53,26 @@ def _interpreted_bf16_dots_in_fp32() -> None:
     builder.create_dot = create_dot
 
 
+def _interpreted_integers_unchecked() -> None:
+    """Turn off the interpreter's check of every integer add, subtract and multiply for int32 overflow
+    (``InterpreterOptions.sanitize_overflow``): a fifth of each interpreted kernel's time here, and a check that
+    compiled kernels make only in debug builds. The suite's shapes keep every offset far below 2**31; the large-
+    offset arithmetic is checked where it matters, in the compiled IR (test_aot_compile.py: int64 base offsets)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    import dataclasses
+
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if dataclasses.is_dataclass(options) and hasattr(options, "sanitize_overflow"):
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _interpreted_bf16_dots_in_fp32()
+    _interpreted_integers_unchecked()
 
 
 @pytest.fixture
