@@ -108,7 +108,8 @@ def test_packed_prefill_into_an_empty_cache_starts_every_prompt_at_zero(tiny_mod
 @torch.no_grad()
 def test_packed_prefill_on_the_triton_kernels_matches_the_reference(tiny_model, monkeypatch):
     pytest.importorskip("triton")
-    # the packed forward on the histories each backend gave (the prompts run alone are the tests above)
+    # the packed forward on the histories each backend gave (the tests above check the packed run against each prompt
+    # run alone)
     monkeypatch.setenv("RETNET_KERNELS", "torch")
     reference = _packed_vs_alone(tiny_model, "chunkwise", alone=False)[1]
     monkeypatch.setenv("RETNET_KERNELS", "triton")

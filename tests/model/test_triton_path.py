@@ -21,7 +21,7 @@ def _run(model, ids, monkeypatch, backend):
 
 
 # One chunk length: what the model adds to the kernels (dispatch, layout, gradients through the layers, decode on a
-# Triton prefill's cache) does not depend on it. 16 gives two chunks of 21 tokens, a partial last one (the prefill
+# Triton prefill's cache) does not depend on it. 21 tokens give two chunks of 16, a partial last one (the prefill
 # of 18 too); the kernels' 32-token tiles (chunk_size 32, once run here too) are checked against the reference in
 # tests/kernels/test_chunk.py (the K=64, V=200 case in every dtype, the strong-decay test) and test_edges.py (T=31).
 @pytest.mark.parametrize("chunk_size", (16,))

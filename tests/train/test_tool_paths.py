@@ -216,8 +216,8 @@ def test_lm_eval_refuses_a_reward_model_named_in_its_config_file(tmp_path, form)
     check_pretrained(["run", "--config", str(tmp_path / "run.yaml"), "--model_args", f"pretrained={lm}"])
 
 
-# test_python_m_evaluate_reports_a_reward_models_bad_pairs_as_an_error: in test_evaluate, its `python -m` run in that
-# module's process of them (python_m_evaluate)
+# test_python_m_evaluate_reports_a_reward_models_bad_pairs_as_an_error moved to test_evaluate.py: its `python -m` run
+# shares one interpreter with that module's own (the python_m_evaluate fixture)
 
 
 @pytest.mark.parametrize(("field", "value"), [("expand_k", "1"), ("expand_v", None), ("norm_eps", None),

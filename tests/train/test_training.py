@@ -210,7 +210,7 @@ def test_triton_kernels_train_the_packed_documents(micro, tmp_path, monkeypatch,
     assert not varlen_launches
     monkeypatch.setenv("RETNET_KERNELS", "triton")
     assert main(micro(tmp_path / "triton", **common)) == 0
-    assert varlen_launches and all(varlen_launches)  # several documents per row, every layer, every step
+    assert varlen_launches and all(varlen_launches)  # several documents per row, every launch, every step
     reference = [r["loss"] for r in read_metrics(tmp_path / "reference")]
     assert [r["loss"] for r in read_metrics(tmp_path / "triton")] == pytest.approx(reference, rel=1e-5)
     assert len(reference) == 2 and reference[0] != reference[-1]
