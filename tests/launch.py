@@ -32,6 +32,47 @@ sys.modules["retnet"] = package
 TORCHRUN_STANDALONE = ("--standalone", "--nnodes=1")
 
 
+# Command-line runs one after another in ONE interpreter (torch and transformers imported once, not once a run:
+# ~10 CPU-s each), each as its command runs it: ["-m", MODULE] through runpy as ``python -m`` does, or [SCRIPT], a
+# script's own file. Each run's stdout and stderr go to its logs directory's files (file descriptors 1 and 2 moved
+# there, so a handler bound to sys.stderr writes there too), its exit status to ``logs/status``. argv[1]: a JSON
+# list of [command, [args...], logs directory]; :func:`logged_run` reads a run back.
+RUN_EACH = """import json, os, runpy, sys, traceback
+for command, args, logs in json.loads(sys.argv[1]):
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(os.path.join(logs, "stdout"), "w") as out, open(os.path.join(logs, "stderr"), "w") as err:
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        try:
+            if command[0] == "-m":
+                sys.argv = ["-m", *args]
+                runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = [command[0], *args]
+                runpy.run_path(command[0], run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+    os.close(saved[0]); os.close(saved[1])
+    with open(os.path.join(logs, "status"), "w") as status:
+        status.write(str(code))
+"""
+
+
+def logged_run(args, logs: Path) -> subprocess.CompletedProcess | None:
+    """The :data:`RUN_EACH` run logged in ``logs``, as ``subprocess.run`` returns a process; None when its process
+    ended before the run did (the process's own output says why)."""
+    if not (logs / "status").exists():
+        return None
+    stdout, stderr, status = ((logs / name).read_text() for name in ("stdout", "stderr", "status"))
+    return subprocess.CompletedProcess(args, int(status), stdout, stderr)
+
+
 def launch_worker(script: Path, out: Path, ranks: int, timeout: float = 600) -> None:
     """``torchrun --nproc_per_node=RANKS SCRIPT OUT`` (gloo, one thread a rank), run to its end; the worker
     writes its results under ``out``. A failed launch fails the test with the ranks' last output."""

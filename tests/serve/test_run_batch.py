@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from retnet.serve.run_batch import parse_lines, run_batch, served_urls
-from tests.launch import finished, selected_tests, start_logged, stop
+from tests.launch import RUN_EACH, finished, logged_run, selected_tests, start_logged, stop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,39 +26,6 @@ def line(custom_id, url, body, method="POST") -> str:
     return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
 
 
-# The module's CLI runs one after another in ONE interpreter (torch and transformers imported once, not once a run:
-# ~10 CPU-s each), each as its command runs it: ``-m retnet.serve.run_batch`` through runpy as ``python -m`` does, or
-# the installed ``retnet-run-batch`` script's own file. Each run's stdout and stderr go to its logs' files (file
-# descriptors 1 and 2 moved there, so a handler the CLI binds to sys.stderr writes there too), its exit status to
-# ``logs/status``. argv: a JSON list of [command ("-m" or the script's path), [args...], logs directory].
-RUN_EACH = """
-import json, os, runpy, sys, traceback
-for command, args, logs in json.loads(sys.argv[1]):
-    sys.stdout.flush(); sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(os.path.join(logs, "stdout"), "w") as out, open(os.path.join(logs, "stderr"), "w") as err:
-        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
-        try:
-            if command == "-m":
-                sys.argv = ["-m", *args]
-                runpy.run_module("retnet.serve.run_batch", run_name="__main__", alter_sys=True)
-            else:
-                sys.argv = [command, *args]
-                runpy.run_path(command, run_name="__main__")
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush(); sys.stderr.flush()
-        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
-    os.close(saved[0]); os.close(saved[1])
-    with open(os.path.join(logs, "status"), "w") as status:
-        status.write(str(code))
-"""
-
-
 def start_clis(runs: list[tuple[str, list[str], Path]], stdin: str, logs: Path) -> subprocess.Popen:
     """``runs`` (each: "-m" for ``python -m retnet.serve.run_batch`` or "script" for the installed
     ``retnet-run-batch``, its arguments, its logs directory) started in one process, reading ``stdin``:
@@ -68,7 +35,7 @@ def start_clis(runs: list[tuple[str, list[str], Path]], stdin: str, logs: Path) 
     spec = []
     for command, args, run_logs in runs:
         run_logs.mkdir(parents=True, exist_ok=True)
-        spec.append([str(script) if command == "script" else command, args, str(run_logs)])
+        spec.append([[str(script)] if command == "script" else ["-m", "retnet.serve.run_batch"], args, str(run_logs)])
     process = start_logged([sys.executable, "-c", RUN_EACH, json.dumps(spec)], logs, stdin=subprocess.PIPE,
                            cwd=REPO, env=env)
     process.stdin.write(stdin)  # a few KiB: the pipe holds them
@@ -79,9 +46,9 @@ def start_clis(runs: list[tuple[str, list[str], Path]], stdin: str, logs: Path) 
 def cli_result(process: subprocess.Popen, logs: Path, timeout: float) -> subprocess.CompletedProcess:
     """The run of ``process`` logged in ``logs``, once the process has ended, as ``subprocess.run`` returns it."""
     runner = finished(process, timeout=timeout)
-    assert runner.returncode == 0 and (logs / "status").exists(), runner.stderr[-3000:]
-    stdout, stderr, status = ((logs / name).read_text() for name in ("stdout", "stderr", "status"))
-    return subprocess.CompletedProcess(process.args, int(status), stdout, stderr)
+    run = logged_run(process.args, logs)
+    assert runner.returncode == 0 and run is not None, runner.stderr[-3000:]
+    return run
 
 
 def without_ids(body: dict) -> dict:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from retnet.train.evaluate import EXIT_USAGE, encode, evaluate, load_model, main, score_documents
+from tests.launch import RUN_EACH, logged_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -223,23 +224,6 @@ def test_a_segments_logits_are_freed_before_the_next_segment_runs(model_and_toke
 # and transformers, ~10 CPU-s, dwarfs a micro model's evaluation). Each run as the interpreter runs a module
 # (runpy, the module as a fresh __main__, sys.argv[0] its file), its stdout and stderr files of its own; its exit
 # status as the interpreter's: SystemExit's code, or 1 after an uncaught exception's traceback.
-PYTHON_M_RUNS = """import json, runpy, sys, traceback
-for argv, stdout, stderr, status in json.loads(sys.argv[1]):
-    with open(stdout, "w") as sys.stdout, open(stderr, "w") as sys.stderr:
-        sys.argv = ["-m", *argv]
-        try:
-            runpy.run_module("retnet.train.evaluate", run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as exit_:
-            code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    with open(status, "w") as file:
-        file.write(str(code))
-"""
-
-
 def reward_model_of(export_dir: Path, path: Path) -> Path:
     """A random one-label sequence classifier of ``export_dir``'s config, with its tokenizer: a reward model."""
     import shutil
@@ -257,7 +241,7 @@ def reward_model_of(export_dir: Path, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def python_m_evaluate(export_dir, texts, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """The module's ``python -m retnet.train.evaluate`` runs in one process (PYTHON_M_RUNS), each as
+    """The module's ``python -m retnet.train.evaluate`` runs in one process (``RUN_EACH``), each as
     ``subprocess.run`` returns a process: ``bad_pairs``, a reward model over a pair whose chosen and rejected
     completions are the same (first: the interpreter as fresh as a process of its own), then ``json``, the micro
     model's loss over the documents."""
@@ -272,20 +256,17 @@ def python_m_evaluate(export_dir, texts, tmp_path_factory) -> dict[str, subproce
         "json": ["--model", str(export_dir), "--dataset", str(documents), "--segment-tokens", "97", "--batch-size",
                  "3", "--device", "cpu", "--cache-dir", str(root / "cache"), "--json"],
     }
-    runs = [[argv, *(str(root / f"{name}.{part}") for part in ("stdout", "stderr", "status"))]
-            for name, argv in argvs.items()]
+    runs = [[["-m", "retnet.train.evaluate"], argv, str(root / name)] for name, argv in argvs.items()]
+    for _, _, logs in runs:
+        Path(logs).mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    process = subprocess.run([sys.executable, "-c", PYTHON_M_RUNS, json.dumps(runs)], cwd=REPO, env=env,
+    process = subprocess.run([sys.executable, "-c", RUN_EACH, json.dumps(runs)], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
-    done = {}
-    for name, (argv, stdout, stderr, status) in zip(argvs, runs, strict=True):
-        if not Path(status).exists():  # the process ended before this run ended: its own output says why
-            done[name] = subprocess.CompletedProcess(argv, -1, process.stdout, process.stderr)
-            continue
-        done[name] = subprocess.CompletedProcess(argv, int(Path(status).read_text()), Path(stdout).read_text(),
-                                                 Path(stderr).read_text())
-    return done
+    # a run its process did not finish: the process's own output says why
+    return {name: logged_run(argv, root / name) or subprocess.CompletedProcess(argv, -1, process.stdout,
+                                                                                process.stderr)
+            for name, argv in argvs.items()}
 
 
 def test_cli_subprocess_json_matches_direct_computation(python_m_evaluate, export_dir, texts):
