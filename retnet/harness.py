@@ -143,7 +143,8 @@ def check_pretrained(argv: Sequence[str]) -> None:
     lists it as unexpected) and its tied embedding taken for an LM head it never trained, and would be scored
     without a word."""
     for value in _pretrained_values(argv):
-        config = Path(value).expanduser() / "config.json"
+        root = Path(value).expanduser()
+        config = root / "config.json"
         if not config.is_file():
             continue  # a hub id, or a path lm-eval will report missing itself
         try:
@@ -152,6 +153,14 @@ def check_pretrained(argv: Sequence[str]) -> None:
             continue  # transformers' own error says what is wrong with it
         if not isinstance(saved, dict):
             continue
+        export = root / "export"
+        if "model_type" not in saved and ((export / "config.json").is_file() or (root / "checkpoints").is_dir()):
+            # a run's train.output_dir given for the export inside it (its config.json is the run's configuration):
+            # lm-eval ended in transformers' traceback "Unrecognized model ... Should have a `model_type` key"
+            which = (f"did you mean pretrained={export}, the run's export?" if (export / "config.json").is_file() else
+                     f"its export, {export}, is not written yet: the run writes it when it finishes")
+            raise SystemExit(f"retnet-lm-eval: --model_args pretrained={value} is a training run's train.output_dir, "
+                             f"not a model ({which})")
         architectures = saved.get("architectures") or []
         if saved.get("model_type") == "retnet" and architectures and not any(
                 str(name).endswith("ForCausalLM") for name in architectures):

@@ -149,6 +149,13 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
         if extras.get("stop_token_ids") and request.stop_sequences:
             # stop_sequences are found by keeping the stop string in the text, which would show a stop token's too
             raise _unsupported("stop_token_ids", "not together with stop_sequences")
+        if extras.get("min_tokens") and request.stop_sequences:
+            # Nor can a stop sequence that ended the answer be told from one that min_tokens passed over (vLLM's
+            # rule: one wholly in the first min_tokens tokens does not stop it): when EOS came right after such a
+            # one, it ended the text all the same, and was cut off as if it had stopped the answer (stop_reason
+            # stop_sequence for an answer the model ended itself). The chat route takes stop with min_tokens.
+            raise _unsupported("min_tokens", "not together with stop_sequences (send either; /v1/chat/completions "
+                               "takes stop with min_tokens)")
     messages, origins = _chat_messages(request)
     # Anthropic's prefill: a final assistant message (without calls) is continued, not answered.
     prefill = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")

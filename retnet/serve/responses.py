@@ -59,6 +59,9 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
     "conversation": None, "prompt": None, "reasoning": None, "background": False,
     "include": [], "truncation": "disabled", "max_tool_calls": None, "top_logprobs": 0, "stream_options": None,
 }
+# Of those, the objects whose fields are all optional settings: one that sets none of them (``{}``, or its fields
+# all null, as a client's settings object with nothing set is sent) changes nothing, as null, and was refused.
+EMPTY_OBJECT_FIELDS = ("reasoning", "stream_options")
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text")
 _FORMATS = ("text", "json_object", "json_schema")
@@ -115,7 +118,10 @@ def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]]
     came from (``instructions``, ``input``, ``input[2]``, ``previous_response_id`` ...), to name it in the chat
     handler's errors."""
     for name, no_op in UNSUPPORTED_FIELDS.items():
-        refusal = not_run_unless_no_op(getattr(request, name), no_op)
+        value = getattr(request, name)
+        if name in EMPTY_OBJECT_FIELDS and isinstance(value, dict) and all(v is None for v in value.values()):
+            value = None  # {} or {"effort": null, ...}: every setting at its default, which is what null asks
+        refusal = not_run_unless_no_op(value, no_op)
         if refusal is not None:
             raise _unsupported(name, f"not supported by this server {refusal}")
     for name in ("input", "tools", "tool_choice", "text"):

@@ -114,7 +114,7 @@ def _line_error(number: int, item: dict, urls: set[str], seen: set[str]) -> APIE
         return APIError(400, f"{where}: url {url!r} is not run in a batch (its lines run concurrently, so none could "
                         "count on an adapter loaded by another); name the adapters with --lora-modules",
                         "url", "unsupported_url")
-    if url not in urls:
+    if not _served(url, urls):
         return APIError(400, f"{where}: url {url!r} is not served; expected one of {', '.join(sorted(urls))}",
                         "url", "unsupported_url")
     if not isinstance(body, dict):
@@ -192,14 +192,26 @@ class VerbatimJSON(dict):
 
 def served_urls(app) -> set[str]:
     """The app's POST routes under ``/v1`` without path parameters: what a batch line may name (not the runtime
-    LoRA routes, NOT_IN_A_BATCH). An embedding server's are its embedding routes and /v1/score, /v1/rerank (the
-    cosine of two embeddings, as vLLM's run_batch takes them): its generation and classification routes only
-    answer 400, so a line naming one is refused listing the routes that embed."""
+    LoRA routes, NOT_IN_A_BATCH; a line may also name the score and rerank routes' other names: :func:`_served`).
+    An embedding server's are its embedding routes and /v1/score, /v1/rerank (the cosine of two embeddings, as vLLM's
+    run_batch takes them): its generation and classification routes only answer 400, so a line naming one is
+    refused listing the routes that embed."""
     from retnet.serve.classify import EMBEDDING_ROUTES
 
     urls = {route.path for route in app.routes if "POST" in (getattr(route, "methods", None) or ())
             and route.path.startswith("/v1/") and "{" not in route.path and route.path not in NOT_IN_A_BATCH}
     return urls & {*EMBEDDING_ROUTES, "/v1/score", "/v1/rerank"} if app.state.settings.convert == "embed" else urls
+
+
+def _served(url: str, urls: set[str]) -> bool:
+    """Whether a line may name ``url``: one of ``urls``, or another name the app serves a score or rerank route under
+    (``/score``; ``/rerank``, ``/v2/rerank``: the app registers every name of a route with its ``/v1`` one).
+    vLLM's run_batch takes any url ending in ``/score`` or ``/rerank`` and its own error lists ``/score, /rerank``:
+    a vLLM batch file naming them was refused as "not served"."""
+    from retnet.serve.score import RERANK_ROUTES, SCORE_ROUTES
+
+    return url in urls or (url in SCORE_ROUTES and "/v1/score" in urls) or (
+        url in RERANK_ROUTES and "/v1/rerank" in urls)
 
 
 def _request_body(body: dict) -> dict:
@@ -362,17 +374,49 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(settings.model).is_dir():
         parser.exit(2, f"{PROG}: --model {settings.model!r} is not a directory (expected save_pretrained's output)\n")
     try:
-        out = sys.stdout if args.output_file == "-" else open(args.output_file, "w", encoding="utf-8")  # noqa: SIM115
+        output = OutputFile(args.output_file)
     except OSError as exc:
         parser.exit(2, f"{PROG}: cannot write the output file {args.output_file!r}: {exc}\n")
     try:
-        return asyncio.run(_run(settings, text_lines, out, max_concurrency, parser))
+        return asyncio.run(_run(settings, text_lines, output, max_concurrency, parser))
     finally:
-        if out is not sys.stdout:
-            out.close()
+        output.close()
 
 
-async def _run(settings, text_lines: list[str], out: IO[str], max_concurrency: int, parser) -> int:
+class OutputFile:
+    """``-o``: checked writable at once (a bad path exits 2 before the model loads), but a regular file is opened
+    (truncated) only by :meth:`open`, once the engine is ready. Opened with "w" at start, a results file kept from an
+    earlier run was emptied by a run that then stopped before writing a line: a --chat-template or
+    --generation-config refused, a tokenizer that does not load, an engine that does not start. ``-`` is stdout; a
+    path that is no regular file (a FIFO, /dev/stdout) is opened at once, as nothing of it can be lost (and a FIFO
+    opened twice would give its reader an end of file between the two)."""
+
+    def __init__(self, path: str):
+        self.path, self.file = path, None
+        if path == "-":
+            self.file = sys.stdout
+            return
+        target = Path(path)
+        existed = target.exists()
+        if existed and not target.is_file():
+            self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115  (closed by close())
+            return
+        with open(path, "a", encoding="utf-8"):  # the check: creates a missing file, truncates nothing
+            pass
+        if not existed:  # created by the check alone: gone again if the run stops before writing
+            target.unlink(missing_ok=True)
+
+    def open(self) -> IO[str]:
+        if self.file is None:
+            self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115  (closed by close())
+        return self.file
+
+    def close(self) -> None:
+        if self.file is not None and self.file is not sys.stdout:
+            self.file.close()
+
+
+async def _run(settings, text_lines: list[str], output: OutputFile, max_concurrency: int, parser) -> int:
     import retnet  # noqa: F401  (registers the Auto classes)
     from retnet.serve.app import create_app
     from retnet.serve.settings import StartupError
@@ -390,6 +434,11 @@ async def _run(settings, text_lines: list[str], out: IO[str], max_concurrency: i
             print(f"{PROG}: the engine did not start: {engine.dead or 'timed out after 600 s'}", file=sys.stderr)
             return 1
         entries = parse_lines(text_lines, served_urls(app))
+        try:
+            out = output.open()
+        except OSError as exc:  # removed or made read-only while the model loaded
+            print(f"{PROG}: cannot write the output file {output.path!r}: {exc}", file=sys.stderr)
+            return 2
         summary = await run_batch(app, entries, out, max_concurrency)
     print(summary.line(), file=sys.stderr)
     if engine.dead:  # lines after the failure were answered 503: the file was not processed

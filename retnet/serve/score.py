@@ -291,10 +291,13 @@ class ScoreServing:
         checked and cut as the request says; an error names the field and place the text was first found at.
         Takes the tokenizer's lock."""
         pooling, add_special = self.pooling, request.add_special_tokens is not False
-        found: dict[str, tuple[str, int]] = {}
+        found: dict[str, tuple[str, int | None]] = {}
         for name, side in ((first, left), (second, right)):
+            # A first text shared by every pair (1:N; rerank's query always) is named alone, "query", not "query[0]",
+            # as a reward model's pairs name it (_pair_ids); the second side's texts by their place, as its scores.
+            indexed = name == second or len(left) > 1
             for index, text in enumerate(side):
-                found.setdefault(text, (name, index))
+                found.setdefault(text, (name, index if indexed else None))
         cut = pooling._cutter(request)
         return [cut(pooling._encode(text, add_special), found[text][0], index=found[text][1]) for text in texts]
 

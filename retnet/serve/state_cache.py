@@ -59,7 +59,11 @@ class PrefixCache:
 
     def __init__(self, max_entries: int, max_bytes: int, min_tokens: int = 1):
         self.max_entries, self.max_bytes, self.min_tokens = max_entries, max_bytes, min_tokens
-        self.entries: OrderedDict[tuple, PrefixEntry] = OrderedDict()  # keyed by _key
+        # Keyed by _key, least recently used first. A plain dict, not an OrderedDict: iterating an OrderedDict's
+        # values looks each key up again, hashing it, and a tuple of token ids caches no hash, so every lookup
+        # hashed every cached prefix whole (64 entries of 8k tokens: ~6 ms of the scheduler's time, the GIL held,
+        # for each prompt that arrived). A dict keeps its keys' hashes; an entry used is moved to the end by hand.
+        self.entries: dict[tuple, PrefixEntry] = {}
         self.nbytes = 0
         self.evictions = 0  # entries evicted to stay within the bounds (not those of an adapter unloaded)
 
@@ -75,13 +79,14 @@ class PrefixCache:
         best: PrefixEntry | None = None
         for entry in self.entries.values():
             n = len(entry.tokens)
+            # The prefix's last token first: ``tokens[:n]`` copies n ids whatever it is compared with.
             if (entry.adapter == adapter and n <= len(tokens) and (best is None or n > len(best.tokens))
-                    and tokens[:n] == entry.tokens):
+                    and tokens[n - 1] == entry.tokens[-1] and tokens[:n] == entry.tokens):
                 if n == len(tokens) and entry.logits is None:
                     continue  # an exact match is only useful with the logits that follow it
                 best = entry
         if best is not None:
-            self.entries.move_to_end(_key(best.tokens, adapter))
+            self._touch(_key(best.tokens, adapter))
         return best
 
     def insert(self, tokens: list[int] | tuple[int, ...], cache: RetNetCache, logits: torch.Tensor | None,
@@ -92,7 +97,7 @@ class PrefixCache:
         key = _key(tokens, adapter)
         old = self.entries.get(key)
         if old is not None:
-            self.entries.move_to_end(key)
+            self._touch(key)
             grown = held_bytes(old.cache, logits)
             if old.logits is None and logits is not None and grown <= self.max_bytes:
                 old.logits = logits.detach().clone()
@@ -108,6 +113,10 @@ class PrefixCache:
         self.nbytes += nbytes
         self._evict()
 
+    def _touch(self, key: tuple) -> None:
+        """Entry ``key`` made the most recently used (OrderedDict.move_to_end)."""
+        self.entries[key] = self.entries.pop(key)
+
     def drop_adapter(self, adapter: int) -> None:
         """Free the entries computed under LoRA ``adapter`` (unloaded: no lookup can ask for its slot again)."""
         for key in [key for key, entry in self.entries.items() if entry.adapter == adapter]:
@@ -117,7 +126,7 @@ class PrefixCache:
         # The entry just inserted (or given its logits) is the most recently used and fits alone: it is never
         # the one evicted.
         while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
-            _, evicted = self.entries.popitem(last=False)
+            evicted = self.entries.pop(next(iter(self.entries)))
             self.nbytes -= evicted.nbytes
             self.evictions += 1
 
