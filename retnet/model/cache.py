@@ -38,6 +38,11 @@ class RetNetCache:
         self.snapshot: RetNetCache | None = None
         # After a crop: how many of the next forward's tokens were fed before (kept ones the snapshot predates).
         self.refeed = 0
+        # A draft model's cache (_prepare_cache_for_generation): transformers' candidate generators hand its generate
+        # the whole sequence every round, so a crop further back than the snapshot can go back to nothing, every token
+        # fed again, rather than fail. Assisted generation across tokenizers (tokenizer=, assistant_tokenizer=) counts
+        # the draft's tokens to crop in the target's tokens and asks for such crops (see crop).
+        self.restartable = False
 
     # -- what transformers' generate() asks of a cache --------------------------------------------------------
     def __len__(self) -> int:
@@ -109,6 +114,10 @@ class RetNetCache:
         target = seen + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, seen)
         if target >= seen:
             return
+        if (self.snapshot is None or self.snapshot.seen_tokens > target) and self.restartable and self.recording:
+            # (a draft's: its next forward gets the whole sequence, the first `target` tokens fed again)
+            self.restart(refeed=target)
+            return
         if self.snapshot is None or self.snapshot.seen_tokens > target:
             kept = "none" if self.snapshot is None else f"one at {self.snapshot.seen_tokens} tokens"
             raise ValueError(
@@ -119,6 +128,12 @@ class RetNetCache:
         restored = self.snapshot
         self.states, self.offsets, self.seen_tokens = list(restored.states), restored.offsets, restored.seen_tokens
         self.refeed = target - restored.seen_tokens
+
+    def restart(self, refeed: int = 0) -> None:
+        """Back to nothing seen (no states, no offsets, no snapshot), keeping the recording: the next forward feeds
+        the whole sequence, its first ``refeed`` tokens counted as answered (their outputs left out)."""
+        self.states = [None] * len(self.states)
+        self.offsets, self.seen_tokens, self.snapshot, self.refeed = None, 0, None, refeed
 
     # -- what the server's batching engine needs ------------------------------------------------------------
     @property
@@ -147,6 +162,7 @@ class RetNetCache:
         # (the snapshot's tensors are never written, so the copy may share them; not the snapshot itself, which
         # `to` moves in place)
         out.recording, out.snapshot, out.refeed = self.recording, copy.copy(self.snapshot), self.refeed
+        out.restartable = self.restartable
         return out
 
     @classmethod

@@ -1418,6 +1418,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         drafting = getattr(kwargs.get("generation_config"), "is_assistant", False)
         if drafting:
             kwargs = self._drafting_inputs(args, kwargs)
+        aligned = None if drafting else _left_aligned(args, kwargs)
+        if aligned is not None:
+            args, kwargs, restore = aligned
         # transformers warns that right padding gives incorrect results; this model continues each right-padded
         # row from its last real token (_prefill), so that warning would mislead: it is dropped while this model
         # generates (in this thread: another model's generate elsewhere still gets it)
@@ -1436,7 +1439,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                         cache.recording, cache.snapshot, cache.refeed = 0, None, 0
         if drafting and not ASSISTED_ROLLBACK and returned is not None:
             output = dataclasses.replace(output, **{CACHE_KWARG: None})  # nothing for transformers to crop
-        return output
+        return output if aligned is None else restore(output)
 
     @staticmethod
     def _drafting_inputs(args, kwargs) -> dict:
@@ -1447,12 +1450,18 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         generate hands no cache back."""
         if not ASSISTED_ROLLBACK:
             kwargs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
+        inputs = kwargs.get("input_ids", args[0] if args else None)
         for cache in (kwargs.get("cache"), kwargs.get("past_key_values")):
             if isinstance(cache, RetNetCache) and cache.recording:
                 # The round's drafted tokens are cropped next: its first forward (the prefill, even of one token)
                 # takes a snapshot before them, as the first forward of a recording does (RetNetModel.forward).
                 cache.snapshot = None
-        inputs = kwargs.get("input_ids", args[0] if args else None)
+                if cache.restartable and inputs is not None and cache.seen_tokens >= inputs.shape[-1]:
+                    # Assisted generation across tokenizers crops by the target's token counts: it may leave the
+                    # draft's cache uncropped, holding as many tokens as the round's sequence or more (some of them
+                    # since replaced). The whole sequence is here: it is fed again from nothing, rather than refused
+                    # as holding nothing new (a draft's tokens only ever cost time, the target verifies them).
+                    cache.restart()
         if inputs is not None:
             width = inputs.shape[-1]
             # Without a cache transformers no longer grows these with the accepted tokens (all of them real).
@@ -1484,6 +1493,16 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 f"sequence, what the cache saw and then the new tokens; got {input_ids.shape[1]} input columns and "
                 f"an attention_mask of {width}. transformers' assisted decoding cuts the mask to the inputs, so only "
                 "the new tokens cannot be told from the seen ones"
+            )
+        # transformers' assisted loop verifies the first candidate with the logits of the prompt's last column and
+        # appends the accepted tokens after it: after trailing padding (right padding, say a tokenizer's
+        # pad_to_multiple_of) those are a padding column's, and the tokens differed from plain generate's, silently
+        # (transformers' right-padding warning is dropped while this model generates, as _prefill handles it there).
+        if mask is not None and mask.shape[-1] and bool((mask[:, -1] == 0).any()):
+            raise ValueError(
+                f"assisted decoding of {type(self).__name__} needs the prompt to end with a real token: its "
+                "attention_mask ends in padding (right padding), and transformers' assisted loop would take the next "
+                "token's logits from a padding column. Pass the prompt without its trailing padding, or left-padded"
             )
         return super()._assisted_decoding(input_ids, *args, **kwargs)
 
@@ -1629,6 +1648,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             model_kwargs[CACHE_KWARG] = RetNetCache(self.config.num_hidden_layers)
             if drafting:
                 model_kwargs[CACHE_KWARG].activate_past_recording(generation_config.num_assistant_tokens)
+                model_kwargs[CACHE_KWARG].restartable = True  # (every round gets the whole sequence: RetNetCache.crop)
         return result
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
@@ -1665,6 +1685,55 @@ class _RightPaddingWarningFilter(logging_std.Filter):
 
 _RIGHT_PADDING_HANDLED = threading.local()  # .depth: how many RetNet generate calls this thread is inside
 logging.get_logger(generation_utils.__name__).addFilter(_RightPaddingWarningFilter())
+
+
+def _left_aligned(args: tuple, kwargs: dict) -> tuple[tuple, dict, object] | None:
+    """A right-padded prompt (padding after a real token: right padding, holes) given to ``generate`` as token ids
+    with its ``attention_mask``, on no cache: ``(args, kwargs, restore)`` with each row's padding moved before its
+    real tokens, and ``restore(output)`` giving ``generate``'s output its prompt columns back as given (the new tokens
+    follow them, the hidden states of the prompt in its columns). None otherwise.
+
+    The state and positions are the same either way (the forward runs each row's real tokens alone), and _prefill
+    takes a right-padded row's first logits at its last real token; but transformers' logits processors read the
+    context from ``input_ids``: with the padding between a row's prompt and its new tokens, ``no_repeat_ngram_size``
+    (and multi-token ``sequence_bias`` / ``bad_words_ids``) matched n-grams across it, so a row repeated what its
+    prompt alone forbade. Left-aligned, they read each row as its prompt alone, as transformers' models expect."""
+    ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    mask = kwargs.get("attention_mask")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if (not isinstance(ids, torch.Tensor) or not isinstance(mask, torch.Tensor) or ids.dim() != 2
+            or mask.shape != ids.shape or ids.is_floating_point() or kwargs.get("inputs_embeds") is not None
+            or kwargs.get("position_ids") is not None or kwargs.get("streamer") is not None
+            or (cache is not None and (not isinstance(cache, RetNetCache) or cache.get_seq_length()))):
+        return None  # (a continued cache's new columns, given positions, a streamer's prompt: as given)
+    real = mask != 0
+    if not bool((real[:, :-1] & ~real[:, 1:]).any()):
+        return None  # no padding after a real token (one host read)
+    order = torch.argsort(real.to(torch.int8), dim=-1, stable=True)  # padding first, the real tokens in order
+    inverse = torch.argsort(order, dim=-1)
+    aligned_ids, aligned_mask = ids.gather(1, order), mask.gather(1, order)
+    if args:
+        args = (aligned_ids, *args[1:])
+    else:
+        kwargs = {**kwargs, ("inputs" if "inputs" in kwargs else "input_ids"): aligned_ids}
+    kwargs = {**kwargs, "attention_mask": aligned_mask}
+    width = ids.shape[1]
+
+    def restore(output):
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        rows = sequences.shape[0] // ids.shape[0]  # (beams, num_return_sequences: each prompt's rows together)
+        sequences = torch.cat([ids.repeat_interleave(rows, 0).to(sequences.device), sequences[:, width:]], 1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        states = output.get("hidden_states")
+        if states and states[0] and states[0][0].dim() == 3 and states[0][0].shape[1] == width:
+            index = inverse.repeat_interleave(rows, 0)
+            first = tuple(h.gather(1, index.to(h.device)[..., None].expand(-1, -1, h.shape[-1])) for h in states[0])
+            output.hidden_states = (first, *states[1:])
+        return output
+
+    return args, kwargs, restore
 
 
 def _last_real_columns(attention_mask: torch.Tensor | None, width: int) -> torch.Tensor | None:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -285,20 +285,20 @@ def _holds(value: Any) -> str:
     return "holds None (a missing value)" if value is None else f"holds {type(value).__name__} {value!r:.80}"
 
 
-def check_template_kwargs(dataset: str, row: int, value: Any) -> dict[str, Any] | None:
-    """A row's ``chat_template_kwargs`` (TRL's SFTTrainer passes them to the template): None or an empty dict for
-    none; ``datasets``' None fills left out. A ConfigError naming the row for anything but a dict of the
-    template's variables."""
+def check_template_kwargs(dataset: str, row: int, value: Any, data_format: str = "chat") -> dict[str, Any] | None:
+    """A row's ``chat_template_kwargs`` (TRL's trainers pass them to the template with the row's conversations):
+    None or an empty dict for none; ``datasets``' None fills left out. A ConfigError naming ``data_format`` (the
+    ``data.format`` that reads the row) and the row for anything but a dict of the template's variables."""
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ConfigError(f"data.format 'chat': column {KWARGS_COLUMN!r} of {dataset!r}, row {row}: holds "
+        raise ConfigError(f"data.format {data_format!r}: column {KWARGS_COLUMN!r} of {dataset!r}, row {row}: holds "
                           f"{type(value).__name__} {value!r:.80}; expected a dict of the template's variables "
                           f"({{'enable_thinking': false}})")
     value = _without_none(value)
     reserved = sorted(_TEMPLATING_ARGUMENTS & set(value))
     if reserved:
-        raise ConfigError(f"data.format 'chat': column {KWARGS_COLUMN!r} of {dataset!r}, row {row}: "
+        raise ConfigError(f"data.format {data_format!r}: column {KWARGS_COLUMN!r} of {dataset!r}, row {row}: "
                           f"{reserved[0]!r} is an argument of the templating, not a template variable")
     return value or None
 
@@ -469,6 +469,22 @@ class ChatEncoder:
                                                   continue_final_message=continue_final_message,
                                                   chat_template=self.template, **({"tools": tools} if tools else {}),
                                                   **variables)
+
+    def renderer(self, template_kwargs: dict[str, Any] | None) -> Callable[..., str]:
+        """:meth:`render` with a row's template variables (its ``chat_template_kwargs``), for
+        :func:`~retnet.tokenization.render_pair`: the DPO, KTO and GRPO rows' prompt, prompt + chosen, prompt +
+        rejected and prompt + completion, as TRL's ``apply_chat_template`` renders each with them. (render_pair
+        joins the prompt's and a completion's messages into a plain list, which has no Conversation's variables.)"""
+        if not template_kwargs:
+            return self.render
+
+        def render(messages: list[dict[str, Any]], **options: Any) -> str:
+            conversation = Conversation(messages)
+            conversation.tools = getattr(messages, "tools", None)
+            conversation.template_kwargs = template_kwargs
+            return self.render(conversation, **options)
+
+        return render
 
     def spans(self, messages: list[dict[str, Any]], index: int = 0) -> tuple[str, list[tuple[int, int]]]:
         """(the rendered conversation, the character spans of its assistant messages). ``index``: the row's,

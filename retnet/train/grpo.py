@@ -5,7 +5,8 @@ GRPOTrainer.
         --data.dataset=prompts.jsonl --grpo.reward_funcs=retnet.train.rewards:exact_match \\
         --grpo.num_generations=8 --train.global_batch_size=64 --train.output_dir=runs/grpo
 
-Rows (:mod:`retnet.train.prompts`): a ``prompt`` column, every other column passed to the reward functions.
+Rows (:mod:`retnet.train.prompts`): a ``prompt`` column, every other column passed to the reward functions; a
+conversational prompt is rendered with its row's ``chat_template_kwargs`` (TRL's ``maybe_apply_chat_template``).
 
 One generation: ``train.global_batch_size`` completions, ``global_batch_size / num_generations`` prompts
 drawn as :class:`~retnet.train.data.PackedData` draws blocks (a seeded per-epoch permutation, the position one

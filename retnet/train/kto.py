@@ -5,11 +5,12 @@
 
 Rows are TRL's unpaired preference format, the columns ``prompt``, ``completion`` and ``label`` (a boolean: true
 for a desirable completion, false for an undesirable one): two strings (*standard*) or two lists of
-``{"role", "content"}`` messages (*conversational*), templated and cut as DPO's pairs are (see
-:mod:`retnet.train.preference`: the prompt rendered with the generation prompt, or continued when it ends with an
-assistant message; the completion what ``render(prompt + completion)`` adds; EOS once; ``data.max_prompt_length``
-keeps a long prompt's end, ``data.seq_len`` cuts the completion). A row is refused, naming the dataset and the row,
-for a missing or mistyped field, a label that is no boolean, and a prompt that encodes to no tokens.
+``{"role", "content"}`` messages (*conversational*, with the row's ``chat_template_kwargs`` if it has one), templated
+and cut as DPO's pairs are (see :mod:`retnet.train.preference`: the prompt rendered with the generation prompt, or
+continued when it ends with an assistant message; the completion what ``render(prompt + completion)`` adds; EOS
+once; ``data.max_prompt_length`` keeps a long prompt's end, ``data.seq_len`` cuts the completion). A row is
+refused, naming the dataset and the row, for a missing or mistyped field, a label that is no boolean, and a prompt
+that encodes to no tokens.
 
 KTO's KL term: each row's prompt is also paired with another row's completion (TRL's KL dataset): the completions
 are rotated by one within consecutive chunks of ``train.micro_batch_size`` rows of each split (TRL's ``map`` over
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 
 from retnet.tokenization import closed_by_eos
-from retnet.train.chat import conversation_problem, template_messages
+from retnet.train.chat import KWARGS_COLUMN, check_template_kwargs, conversation_problem, template_messages
 from retnet.train.chat import template_identity as chat_template_identity
 from retnet.train.config import ConfigError, DataConfig, KtoConfig, ModelConfig
 from retnet.train.data import (
@@ -77,6 +78,7 @@ from retnet.train.preference import (
     PairEncoder,
     Pairs,
     PreferenceData,
+    _with_variables,
     completion_logps,
     pack_completions,
     pairs_digest,
@@ -90,7 +92,8 @@ logger = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "completion", "label")  # TRL's unpaired preference columns
 # Bumped when the cached rows change for the same key, so an old cache is not misread.
-ROWS_VERSION = 1
+# 2: a conversational row's chat_template_kwargs column rendered with it (a cache of before rendered without)
+ROWS_VERSION = 2
 # The sums each micro-batch adds up (over the ranks and the log window), from which the metrics are taken: the
 # desirable rows' rewards, log-probs and count, the undesirable rows' likewise, then the KL estimates' sum and count
 # (each data-parallel rank adds its share, 1 / world, of a micro-batch's estimate and of one micro-batch).
@@ -101,10 +104,13 @@ SUMS = ("rewards/chosen_sum", "logps/chosen_sum", "count/chosen", "rewards/rejec
 # ----------------------------------------------------------------------------------------------------------
 # Rows -> tokens
 # ----------------------------------------------------------------------------------------------------------
-def check_row(dataset: str, row: int, prompt: Any, completion: Any, label: Any) -> tuple[tuple, bool]:
+def check_row(dataset: str, row: int, prompt: Any, completion: Any, label: Any,
+              template_kwargs: Any = None) -> tuple[tuple, bool]:
     """A row's ((prompt, completion), label), messages as the template reads them; a ConfigError naming the dataset,
     the row and the field when they are neither two strings nor two non-empty lists of messages, or the label no
-    boolean (TRL tells the rows by ``label is True`` / ``is False``: a 1 or "yes" would be neither)."""
+    boolean (TRL tells the rows by ``label is True`` / ``is False``: a 1 or "yes" would be neither).
+    ``template_kwargs``: the row's ``chat_template_kwargs`` (TRL's column), carried by a conversational row's
+    messages for the template (:func:`~retnet.train.preference.check_pair`'s); a standard row's has no effect."""
     where = lambda name: f"data.format 'unpaired': {name!r} of {dataset!r}, row {row}"
     if isinstance(label, np.bool_):
         label = bool(label)
@@ -124,6 +130,9 @@ def check_row(dataset: str, row: int, prompt: Any, completion: Any, label: Any) 
                         "(conversational format), the prompt and completion alike")
             raise ConfigError(f"{where(name)}: {problem}; expected {expected}")
         checked.append(value if standard else template_messages(value))
+    variables = None if standard else check_template_kwargs(dataset, row, template_kwargs, "unpaired")
+    if variables:
+        checked = [_with_variables(value, variables) for value in checked]
     return tuple(checked), label
 
 
@@ -140,6 +149,10 @@ def load_rows(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loaded
     if cfg.max_documents:
         dataset = first_rows(dataset, cfg.max_documents)
     columns = [column_values(dataset, name, cfg.dataset) for name in FIELDS]
+    # TRL's apply_chat_template renders a conversational row's prompt and prompt + completion with its
+    # chat_template_kwargs (the KL completions are rotated after, as encoded after their own prompts)
+    columns.append(column_values(dataset, KWARGS_COLUMN, cfg.dataset) if KWARGS_COLUMN in dataset.column_names
+                   else [None] * len(dataset))
     return [(row, *check_row(cfg.dataset, row, *values)) for row, values in enumerate(zip(*columns, strict=True))]
 
 
@@ -262,8 +275,9 @@ class KtoData(PreferenceData):
         self._hold_reference(model, output_dir=output_dir, checkpoint=checkpoint, progress=progress, barrier=barrier)
 
     def _warn_of_weights(self) -> None:
-        """TRL's warning when the desirable and undesirable rows' counts differ and neither weight makes up for it
-        (the KTO paper's eq. 8: desirable_weight · n_desirable / (undesirable_weight · n_undesirable) in [1, 4/3]);
+        """TRL's warning when the weighted counts of the desirable and undesirable rows are out of balance and
+        neither weight alone would restore it (the KTO paper's eq. 8: desirable_weight · n_desirable /
+        (undesirable_weight · n_undesirable) in [1, 4/3]; equal counts under unequal weights too);
         a set of one kind is said to be so (TRL counts a missing kind as 1 row and gives ranges for it)."""
         labels = np.asarray(self.row_labels["train"], dtype=bool)
         counts = int(labels.sum()), int((~labels).sum())
@@ -273,17 +287,19 @@ class KtoData(PreferenceData):
                            "paper's eq. 8); kto.%s_weight only scales the loss", len(labels), kind, other, kind)
             return
         desirable, undesirable = counts
-        if desirable == undesirable:
-            return
+        # Equal counts are checked too: weights that differ (kto.desirable_weight=2 on a balanced set) unbalance
+        # them, which TRL warns of as well (its check is of the weighted ratio, not of the counts)
         weights = self.cfg.desirable_weight, self.cfg.undesirable_weight
         desirable_range = [round(undesirable * weights[1] / desirable * bound, 2) for bound in (1, 1.33)]
         undesirable_range = [round(desirable * weights[0] / undesirable / bound, 2) for bound in (1.33, 1)]
         if not (desirable_range[0] <= weights[0] <= desirable_range[1]
                 or undesirable_range[0] <= weights[1] <= undesirable_range[1]):
-            logger.warning("KTO: %d desirable and %d undesirable training rows, and the weights do not make up for "
-                           "the difference: set EITHER kto.desirable_weight in %s or kto.undesirable_weight in %s "
-                           "(not both; the KTO paper's eq. 8, as TRL's KTOTrainer warns)", desirable, undesirable,
-                           desirable_range, undesirable_range)
+            how = (f"kto.desirable_weight {weights[0]:g} and kto.undesirable_weight {weights[1]:g} unbalance them"
+                   if desirable == undesirable else "the weights do not make up for the difference")
+            logger.warning("KTO: %d desirable and %d undesirable training rows, and %s: set EITHER "
+                           "kto.desirable_weight in %s or kto.undesirable_weight in %s (not both; the KTO paper's "
+                           "eq. 8, as TRL's KTOTrainer warns)", desirable, undesirable, how, desirable_range,
+                           undesirable_range)
 
     def _warn_of_kl_ranks(self) -> None:
         """A resume on another number of data-parallel ranks: the KL estimate is over the ranks' micro-batches of

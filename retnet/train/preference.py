@@ -19,7 +19,10 @@ refused). A prompt that ends with an assistant message (a prefill) is rendered a
 ``continue_final_message=True`` and no generation prompt, the message left open; a completion whose first
 message is an assistant one then continues it (its content appended to the prefill's, as the server continues a
 ``continue_final_message`` request) instead of opening a second assistant turn. Templates and special tokens as
-the chat SFT path takes them (:class:`~retnet.train.chat.ChatEncoder`'s ``render`` and tokenizer backend). The
+the chat SFT path takes them (:class:`~retnet.train.chat.ChatEncoder`'s ``render`` and tokenizer backend); a
+conversational row's ``chat_template_kwargs`` (TRL's column, a dict of the template's variables: Qwen3's
+``enable_thinking``) goes to the template with each of its renderings, as TRL's ``apply_chat_template`` passes it
+(a standard row's has no effect). The
 prompt and each completion are encoded apart, as TRL does, so the two sequences of a pair share the prompt's
 tokens and a completion starts where the server's generation would.
 
@@ -80,7 +83,14 @@ import torch
 import torch.nn.functional as F
 
 from retnet.tokenization import closed_by_eos, render_pair
-from retnet.train.chat import ChatEncoder, conversation_problem, template_messages
+from retnet.train.chat import (
+    KWARGS_COLUMN,
+    ChatEncoder,
+    Conversation,
+    check_template_kwargs,
+    conversation_problem,
+    template_messages,
+)
 from retnet.train.chat import template_identity as chat_template_identity
 from retnet.train.checkpoint import _fsync_dir, _write_durable
 from retnet.train.config import ConfigError, DataConfig, DpoConfig, ModelConfig
@@ -116,8 +126,9 @@ FIELDS = ("prompt", "chosen", "rejected")  # TRL's column names
 MARGIN = "margin"
 REFERENCE_FILE = "reference_logps.pt"
 # Bumped when the cached pairs change for the same key, so an old cache is not misread.
-# 2: a prefilled prompt is continued (continue_final_message), not given a second turn; 3: the margin column kept
-PAIRS_VERSION = 3
+# 2: a prefilled prompt is continued (continue_final_message), not given a second turn; 3: the margin column kept;
+# 4: a conversational row's chat_template_kwargs column rendered with it (a cache of before rendered without)
+PAIRS_VERSION = 4
 # What each step and evaluation records beside the loss (TRL's names): means over the global batch of pairs.
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -128,12 +139,15 @@ ORPO_METRICS = ("log_odds_ratio", "log_odds_chosen")
 # ----------------------------------------------------------------------------------------------------------
 # Rows -> tokens
 # ----------------------------------------------------------------------------------------------------------
-def check_pair(dataset: str, row: int, values: tuple[Any, Any, Any], *,
-               implicit: bool = False) -> tuple[Any, Any, Any]:
+def check_pair(dataset: str, row: int, values: tuple[Any, Any, Any], *, implicit: bool = False,
+               template_kwargs: Any = None) -> tuple[Any, Any, Any]:
     """A row's (prompt, chosen, rejected), messages as the template reads them; a ConfigError naming the dataset,
     the row and the field when they are neither three strings nor three non-empty lists of messages. ``implicit``:
     the dataset has no ``prompt`` column, and a prompt of None (:func:`implicit_pair`: the row has none) stays None,
-    chosen and rejected checked alone; a given prompt column's null is refused as any mistyped field."""
+    chosen and rejected checked alone; a given prompt column's null is refused as any mistyped field.
+    ``template_kwargs``: the row's ``chat_template_kwargs`` value (TRL's column): a conversational row's lists are
+    then :class:`~retnet.train.chat.Conversation` s carrying them (checked by ``check_template_kwargs``), which
+    :meth:`PairEncoder.texts` renders with; a standard row's has no effect (no template), as TRL's."""
     prompted = not (implicit and values[0] is None)
     standard = isinstance(values[0] if prompted else values[1], str)
     checked = [] if prompted else [None]
@@ -151,7 +165,20 @@ def check_pair(dataset: str, row: int, values: tuple[Any, Any, Any], *,
             raise ConfigError(f"data.format 'preference': {name!r} of {dataset!r}, row {row}: {problem}; expected "
                               f"{expected}")
         checked.append(value if standard else template_messages(value))
+    variables = None if standard else check_template_kwargs(dataset, row, template_kwargs, "preference")
+    if variables:
+        checked = [_with_variables(value, variables) for value in checked]
     return tuple(checked)
+
+
+def _with_variables(messages: list[dict[str, Any]] | None, variables: dict[str, Any]) -> Conversation | None:
+    """``messages`` as a :class:`~retnet.train.chat.Conversation` carrying a row's template variables (None: a
+    prompt-less row's prompt, kept None)."""
+    if messages is None:
+        return None
+    conversation = Conversation(messages)
+    conversation.template_kwargs = variables
+    return conversation
 
 
 def check_margin(dataset: str, row: int, value: Any) -> float:
@@ -204,6 +231,10 @@ def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loade
                           f"the prompt implicit: their common beginning)")
     if cfg.max_documents:
         dataset = first_rows(dataset, cfg.max_documents)
+    # TRL's apply_chat_template renders a conversational row's prompt, prompt + chosen and prompt + rejected (an
+    # implicit prompt's chosen and rejected) with the row's chat_template_kwargs
+    variables = (column_values(dataset, KWARGS_COLUMN, cfg.dataset) if KWARGS_COLUMN in dataset.column_names
+                 else [None] * len(dataset))
     if missing:  # TRL's implicit prompt
         rows = zip(*(column_values(dataset, name, cfg.dataset) for name in ("chosen", "rejected")), strict=True)
         triples = [implicit_pair(cfg.dataset, row, chosen, rejected) for row, (chosen, rejected) in enumerate(rows)]
@@ -224,7 +255,8 @@ def load_pairs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loade
             logger.info("data: %d of %d rows of %s have a text 'prompt' beside conversations in 'chosen' and "
                         "'rejected': their prompt is the conversations' common beginning (TRL's "
                         "maybe_extract_prompt), the text column unused", restated, len(triples), cfg.dataset)
-    pairs = [(row, check_pair(cfg.dataset, row, values, implicit=bool(missing))) for row, values in enumerate(triples)]
+    pairs = [(row, check_pair(cfg.dataset, row, values, implicit=bool(missing), template_kwargs=variables[row]))
+             for row, values in enumerate(triples)]
     if MARGIN not in dataset.column_names:
         return pairs
     margins = column_values(dataset, MARGIN, cfg.dataset)
@@ -287,18 +319,20 @@ class PairEncoder:
     def texts(self, row: int, pair: tuple) -> tuple[str, str, str]:
         """(prompt, chosen, rejected) as text: a standard row's own, a conversational row rendered
         (:func:`render_pair`). Without a prompt (None) the prompt is "" and each completion the whole text, or the
-        whole conversation rendered without a generation prompt (TRL's RewardTrainer's ``apply_chat_template``)."""
+        whole conversation rendered without a generation prompt (TRL's RewardTrainer's ``apply_chat_template``).
+        Every rendering with the row's template variables (:func:`check_pair`'s, TRL's ``chat_template_kwargs``)."""
         prompt, chosen, rejected = pair
         if prompt is None and isinstance(chosen, str):
             return "", chosen, rejected
         if isinstance(prompt, str):
             return pair
+        render = self.chat.renderer(getattr(chosen, "template_kwargs", None))
         try:
             if prompt is None:
                 # Not render_pair of an empty prompt: a template may render [] as text of its own (a BOS, a
                 # system turn) that the whole conversation's rendering does not begin with.
-                return "", self.chat.render(chosen), self.chat.render(rejected)
-            return render_pair(prompt, (chosen, rejected), self.chat.render)
+                return "", render(chosen), render(rejected)
+            return render_pair(prompt, (chosen, rejected), render)
         except Exception as error:  # jinja's own errors, raise_exception in a template, render_pair's check
             raise ConfigError(f"data.format {self.format!r}: the tokenizer's chat template cannot render row {row} of "
                               f"{self.dataset!r} as prompt + completion: {type(error).__name__}: {error}") from None

@@ -3,8 +3,10 @@
 A row's ``prompt`` is a string (*standard*: its tokens are the string's) or a conversation, a list of ``{"role",
 "content"}`` messages (*conversational*: rendered with the tokenizer's chat template and the generation prompt, as
 the DPO path and the server render a prompt: :func:`~retnet.tokenization.render_pair`, which leaves a final
-assistant message open, ``continue_final_message``). Every other column of the row is kept as it is, for the
-reward functions (TRL's rule). A prompt longer than ``data.max_prompt_length`` (when > 0) keeps its last tokens
+assistant message open, ``continue_final_message``), with the row's ``chat_template_kwargs`` (TRL's column: a dict
+of the template's variables, Qwen3's ``enable_thinking``), as TRL's ``maybe_apply_chat_template`` renders it; a
+standard prompt's has no effect. Every other column of the row, ``chat_template_kwargs`` too, is kept as it is, for
+the reward functions (TRL's rule). A prompt longer than ``data.max_prompt_length`` (when > 0) keeps its last tokens
 (TRL's ``keep_end``: the end is what the completion answers). The rows are held in memory, tokens and columns.
 """
 
@@ -16,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from retnet.tokenization import render_pair
-from retnet.train.chat import ChatEncoder, conversation_problem, template_messages
+from retnet.train.chat import (
+    KWARGS_COLUMN,
+    ChatEncoder,
+    check_template_kwargs,
+    conversation_problem,
+    template_messages,
+)
 from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import _hf_dataset, _kind, column_values, first_rows, saved_dataset_dir
 
@@ -38,10 +46,13 @@ def check_prompt(dataset: str, row: int, value: Any) -> str | list[dict[str, Any
 
 class Prompts:
     """A split's prompts: ``prompts[i]`` (as checked), ``columns[i]`` (the row's other columns), ``tokens[i]``
-    (int64 ids), ``rows[i]`` (the dataset row)."""
+    (int64 ids), ``rows[i]`` (the dataset row), ``template_kwargs[i]`` (the template variables its conversational
+    prompt was rendered with, its ``chat_template_kwargs``; None: none)."""
 
-    def __init__(self, prompts: list, columns: list[dict[str, Any]], tokens: list[np.ndarray], rows: list[int]):
+    def __init__(self, prompts: list, columns: list[dict[str, Any]], tokens: list[np.ndarray], rows: list[int],
+                 template_kwargs: list[dict[str, Any] | None] | None = None):
         self.prompts, self.columns, self.tokens, self.rows = prompts, columns, tokens, rows
+        self.template_kwargs = [None] * len(prompts) if template_kwargs is None else template_kwargs
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -77,17 +88,31 @@ class PromptEncoder:
         self.chat = ChatEncoder(tokenizer, dataset=cfg.dataset)
         self.dataset, self.max_prompt_length = cfg.dataset, cfg.max_prompt_length
 
-    def text(self, prompt: str | list[dict[str, Any]]) -> str:
-        return prompt if isinstance(prompt, str) else render_pair(prompt, [], self.chat.render)[0]
+    def text(self, prompt: str | list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None) -> str:
+        """The prompt's text: a standard one's own, a conversation rendered with ``template_kwargs`` (the row's
+        checked ``chat_template_kwargs``; None: without, as TRL's GRPOTrainer renders the conversation its reward
+        model scores)."""
+        if isinstance(prompt, str):
+            return prompt
+        return render_pair(prompt, [], self.chat.renderer(template_kwargs))[0]
+
+    def template_kwargs(self, row: int, prompt: str | list[dict[str, Any]], columns: dict[str, Any]
+                        ) -> dict[str, Any] | None:
+        """The template variables a row's prompt is rendered with: its ``chat_template_kwargs`` column's, checked
+        (a ConfigError naming the row), for a conversational prompt; None for a standard one (no template)."""
+        if isinstance(prompt, str):
+            return None
+        return check_template_kwargs(self.dataset, row, columns.get(KWARGS_COLUMN), "prompts")
 
     def split(self, rows: list[tuple], batch: int = 256) -> Prompts:
-        tokens = []
+        tokens, variables = [], []
         for start in range(0, len(rows), batch):
             chunk = rows[start:start + batch]
             texts = []
-            for row, prompt, _ in chunk:
+            for row, prompt, columns in chunk:
+                variables.append(self.template_kwargs(row, prompt, columns))
                 try:
-                    texts.append(self.text(prompt))
+                    texts.append(self.text(prompt, variables[-1]))
                 except Exception as error:  # jinja's own errors, raise_exception in a template
                     raise ConfigError(f"data.format 'prompts': the tokenizer's chat template cannot render row {row}"
                                       f" of {self.dataset!r}: {type(error).__name__}: {error}") from None
@@ -98,7 +123,7 @@ class PromptEncoder:
                     raise ConfigError(f"data.format 'prompts': row {row} of {self.dataset!r}: its prompt encodes to "
                                       f"no tokens: the first completion token would be sampled from nothing")
                 tokens.append(np.asarray(ids, dtype=np.int64))
-        return Prompts([p for _, p, _ in rows], [c for _, _, c in rows], tokens, [r for r, _, _ in rows])
+        return Prompts([p for _, p, _ in rows], [c for _, _, c in rows], tokens, [r for r, _, _ in rows], variables)
 
 
 __all__ = ["FIELD", "RESERVED", "PromptEncoder", "Prompts", "check_prompt", "load_prompt_rows"]

@@ -242,11 +242,23 @@ class RewardSources:
             raise ConfigError(f"{where}: its tokenizer (or chat template) is not the policy's: it would score other "
                               f"tokens than those sampled; train the reward model from the same base")
         try:
-            model = RetNetForSequenceClassification.from_pretrained(str(path), dtype=torch.float32,
-                                                                    local_files_only=True)
+            model, info = RetNetForSequenceClassification.from_pretrained(str(path), dtype=torch.float32,
+                                                                          local_files_only=True,
+                                                                          output_loading_info=True)
         except (OSError, RuntimeError, ValueError) as error:
             raise ConfigError(f"{where}: cannot be loaded as a RetNetForSequenceClassification: "
                               f"{type(error).__name__}: {str(error)[:300]}") from None
+        # from_pretrained draws the weights a checkpoint lacks at random and only reports them: a causal LM's export
+        # (no score head: what an SFT run writes) or a reward model missing a layer would score every completion
+        # with noise, the run training on it without a word
+        missing = sorted(set(info.get("missing_keys", ())))
+        if missing:
+            what = ("holds no trained score head (it is no reward model's export: a causal LM's? architectures "
+                    f"{model.config.architectures})" if any(k.startswith("score.") for k in missing) else
+                    "lacks weights of its config's model")
+            raise ConfigError(f"{where}: {what}: missing {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''}; give a reward model run's export "
+                              f"(reward.enabled)")
         if model.config.num_labels != 1:
             raise ConfigError(f"{where}: has {model.config.num_labels} labels; a reward model has one")
         return model.to(self.device).eval().requires_grad_(False)
@@ -277,7 +289,9 @@ class RewardSources:
             # reward model scores the untruncated prompt + completion, as the reward trainer encoded its pairs;
             # the cut drops the prompt's beginning (the question, a system turn) the score depends on.
             prompt_ids = split.tokens[index]
-            if self.encoder.max_prompt_length:
+            # A row's chat_template_kwargs are the policy prompt's only: TRL's GRPOTrainer renders the conversation
+            # its reward model scores without them (apply_chat_template of {"messages": prompt + completion})
+            if self.encoder.max_prompt_length or split.template_kwargs[index]:
                 if index not in whole:
                     whole[index] = backend.encode(self.encoder.text(prompt), add_special_tokens=False).ids
                 prompt_ids = whole[index]
