@@ -128,14 +128,24 @@ def start_problems(config) -> list[str]:
         if config.data.tokenizer and not init_from and not saved:
             resolve_tokenizer_dir(config.data.tokenizer, download=False)
 
-    def dataset_problems() -> None:
-        for source in [s for _, _, s in config.data.sources()] or [config.data]:
-            if source.dataset != "stdlib":
-                local_files(source.dataset)
+    def dataset_problem(label: str | None, source) -> None:
+        if source.dataset == "stdlib":
+            return
+        if label is None:
+            local_files(source.dataset)
+            return
+        from retnet.train.mixture import _naming
 
+        # A mixture source's refusal in the start's words (data.mixture.<label> (dataset ...): ...), each source's
+        # own: the first bad source no longer hides the others
+        with _naming(label, source.dataset):
+            local_files(source.dataset)
+
+    sources = [(label, source) for label, _, source in config.data.sources()] or [(None, config.data)]
     problems = []
     for check in (lambda: make_output_dir(output_dir, create=False), resume_problem, init_from_problem,
-                  tokenizer_problem, lambda: data_cache_dir(config.data, create=False), dataset_problems):
+                  tokenizer_problem, lambda: data_cache_dir(config.data, create=False),
+                  *(lambda label=label, source=source: dataset_problem(label, source) for label, source in sources)):
         try:
             check()
         except (ConfigError, CheckpointError, FileNotFoundError) as error:

@@ -680,6 +680,25 @@ def schedule_warnings(job: JobConfig) -> list[str]:
             f"the decay, or optim.schedule=constant to mean no decay"]
 
 
+def validation_split_warnings(job: JobConfig) -> list[str]:
+    """What the trainer warns of in the validation split's settings: the other mode's one, set but not read.
+    ``data.val_fraction`` holds out a share of the documents only when they are not streamed, and a stream holds out
+    its first ``data.val_documents`` documents: either set for the other mode was ignored without a word (a stream
+    told ``val_fraction = 0.1`` held out 200 documents). Warned, not refused: a preset may set its own mode's
+    (``val_documents`` in the streamed ones) for a run that switches ``data.streaming``."""
+    data = job.data
+    if data.format not in ("text", "chat"):  # (pairs, prompts: their own splits)
+        return []
+    unread, read = ("val_fraction", "val_documents") if data.streaming else ("val_documents", "val_fraction")
+    default = next(f.default for f in dataclasses.fields(DataConfig) if f.name == unread)
+    if getattr(data, unread) == default:
+        return []
+    mode = "streamed" if data.streaming else "not streamed (data.streaming=false)"
+    return [f"data.{unread} ({getattr(data, unread)}) is not read: the data is {mode}, and its validation split is "
+            f"data.{read} ({getattr(data, read)})" + (" documents, the first of the stream" if data.streaming
+                                                       else " of the documents")]
+
+
 def _check_context_parallel(job: JobConfig) -> None:
     """ConfigError for ``train.context_parallel`` > 1 with what the pieces cannot be trained under: a row that does not
     cut into equal pieces, and GRPO prompts that do not deal out to its pieces. DPO and reward models train (beside
@@ -1084,6 +1103,13 @@ def _field_hint(section: str, key: str) -> str:
 
         if key in RetNetConfig().to_dict() and key not in ("eos_token_id", "pad_token_id"):  # the tokenizer's
             return f" (did you mean 'model.extra.{key}'? [model] sets the other RetNetConfig fields through extra)"
+    if key in _OTHER_LAUNCHERS:
+        # Another launcher's name under a section (--train.save_steps, --optim.learning_rate, a TOML [train] table
+        # written from HF's TrainingArguments): the field doing its work, as the name without a section gets. The
+        # closest spelling was no such field, or a wrong one a user might well set: train.save_steps -> train.steps,
+        # train.eval_steps -> train.steps, data.max_seq_length -> data.max_prompt_length
+        target, _, note = _OTHER_LAUNCHERS[key].partition(" ")
+        return f" (did you mean {target!r}{' ' + note if note else ''}?)"
     return _did_you_mean(key, sorted(_section_types(_section_types(JobConfig)[section])), f"{section}.{{}}")
 
 
@@ -1100,7 +1126,13 @@ _OTHER_LAUNCHERS = {
     "n_embd": "model.hidden_size", "dtype": "train.mixed_precision", "bf16": "train.mixed_precision",
     "gradient_checkpointing": "train.activation_checkpointing", "torch_compile": "train.compile",
     "report_to": "logging.wandb", "wandb_log": "logging.wandb", "adam_beta1": "optim.beta1",
-    "adam_beta2": "optim.beta2", "adam_epsilon": "optim.eps",
+    "adam_beta2": "optim.beta2", "adam_epsilon": "optim.eps", "save_interval": "checkpoint.interval",
+    "dataset_text_field": "data.text_field", "text_column": "data.text_field", "text_column_name": "data.text_field",
+    "validation_split_percentage": "data.val_fraction (a fraction: 5 percent is 0.05)",
+    "validation_split": "data.val_fraction", "val_split": "data.val_fraction",  # (Keras' fraction; not data.split)
+    "warmup_ratio": "optim.warmup_steps (a number of steps)", "num_train_epochs": "train.steps (there are no epochs)",
+    "model_name_or_path": "model.init_from", "tokenizer_name": "data.tokenizer", "dataset_name": "data.dataset",
+    "dataset_config_name": "data.name",
 }
 
 
@@ -1132,9 +1164,14 @@ def build_config(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) -> 
         if section not in sections:
             # a key above every table (a flat file's "steps = 100") is the field of that name, in its table
             fields = sorted(name for name in _field_names() if name.split(".", 1)[1] == section)
-            hint = (f" (did you mean {' or '.join(map(repr, fields))}? A key goes in its table: "
-                    f"[{fields[0].split('.')[0]}] {section} = ...)" if fields
-                    else _did_you_mean(section, sorted(sections)))
+            if not fields and section in _OTHER_LAUNCHERS:  # a flat file of another launcher's names
+                target, _, note = _OTHER_LAUNCHERS[section].partition(" ")
+                hint = (f" (did you mean {target!r}{' ' + note if note else ''}? A key goes in its table: "
+                        f"[{target.split('.')[0]}] {target.split('.')[1]} = ...)")
+            else:
+                hint = (f" (did you mean {' or '.join(map(repr, fields))}? A key goes in its table: "
+                        f"[{fields[0].split('.')[0]}] {section} = ...)" if fields
+                        else _did_you_mean(section, sorted(sections)))
             raise ConfigError(f"unknown config section {section!r}{hint}; "
                               f"known: {sorted(sections)}")
         if not isinstance(table, dict):
@@ -1178,5 +1215,5 @@ __all__ = [
     "GrpoConfig", "JobConfig", "KtoConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig",
     "RewardConfig", "TrainConfig", "build_config", "data_changes", "distill_changes", "dpo_changes", "grpo_changes",
     "kto_changes", "load_config", "lora_changes", "mixture_shares", "model_changes", "optim_changes", "parse_overrides", "preset_names",
-    "reward_changes", "schedule_warnings",
+    "reward_changes", "schedule_warnings", "validation_split_warnings",
 ]

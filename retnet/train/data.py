@@ -294,10 +294,25 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
             options = _csv_options(files, cfg.text_field)
         elif kind == "parquet":
             options = _parquet_options(files)
-        # data_files are glob patterns to datasets (fsspec): a path holding [, * or ? (a directory "data[v1]")
-        # matched nothing, or other files, and the set was refused as holding no rows: each file escaped
-        loaded = datasets.load_dataset(kind, data_files=[glob.escape(str(p)) for p in files], split="train",
-                                       streaming=streaming, cache_dir=str(cache_dir / "hf"), **options)
+
+        def load(options: dict[str, Any]):
+            # data_files are glob patterns to datasets (fsspec): a path holding [, * or ? (a directory "data[v1]")
+            # matched nothing, or other files, and the set was refused as holding no rows: each file escaped
+            return datasets.load_dataset(kind, data_files=[glob.escape(str(p)) for p in files], split="train",
+                                         streaming=streaming, cache_dir=str(cache_dir / "hf"), **options)
+
+        try:
+            loaded = load(options)
+        except Exception:
+            # CSV text: columns the run never reads refused the set (an id of numbers in one file and of words in
+            # the next, or files with other columns beside the text), which its stream reads: read as a hub set's
+            # CSV files are, its text column only (the same documents, so the same caches). Not a file pandas
+            # cannot parse: read for one column, a row of a field too many passes (its error names the file).
+            only_text = _csv_options(files, cfg.text_field, only_text=True) \
+                if kind == "csv" and cfg.format == "text" else {}
+            if not only_text or any(_csv_file_problem(path) is not None for path in files):
+                raise
+            loaded = load(only_text)
     if not streaming:
         # datasets keeps no row's file: the files it read, in order, let an error name a row's (column_values)
         loaded.retnet_files = files
@@ -613,7 +628,7 @@ PANDAS_NA_SPELLINGS = frozenset({
 })
 
 
-def _csv_options(files: list[Path], text_field: str) -> dict[str, Any]:
+def _csv_options(files: list[Path], text_field: str, only_text: bool = False) -> dict[str, Any]:
     """Options of datasets' csv builder (``pandas.read_csv``'s) that read the ``text_field`` column as written.
 
     pandas infers each column's type from its cells: a text column of numbers ("007", "1e5") becomes int or
@@ -621,21 +636,33 @@ def _csv_options(files: list[Path], text_field: str) -> dict[str, Any]:
     "NA", "null" ...) become NaN. The text column gets ``str`` of each cell and no NA spellings, so an empty cell
     is an empty document (skipped, as every source skips them) and "NaN" is the text "NaN". The other columns
     keep pandas' defaults: ``keep_default_na=False`` turns them off for every column, so they are given back
-    per column by name, from the header of each file (a file without a header row, empty, has no columns)."""
+    per column by name, from the header of each file (a file without a header row, empty, has no columns).
+
+    ``only_text`` (text runs, which read nothing else): only that column, as a hub set's CSV files are read
+    (:func:`_hub_options`); a file without it is refused naming it. Its other columns, never read, refused a set over what pandas
+    inferred of them: an ``id`` of numbers in one file and of words in the next (``Failed to parse string``), or
+    files whose other columns differ, which a stream of the same files reads."""
     import pandas as pd
 
     columns: set[str] = set()
     for path in files:
         try:
-            columns.update(pd.read_csv(path, nrows=0).columns)
+            header = pd.read_csv(path, nrows=0).columns
         except pd.errors.EmptyDataError:
             continue
+        columns.update(header)
+        if only_text and text_field not in header:
+            # (the set's refusal, datasets' "columns do not match", named neither the file nor the column)
+            raise ConfigError(f"data.text_field {text_field!r} is not a column of CSV file {str(path)!r}; its "
+                              f"columns: {list(header)}")
         _check_first_csv_row(path)
-    spellings = sorted(PANDAS_NA_SPELLINGS)
     # pandas takes a first row of one field more than the header for an index column and shifts every column one
     # to the left (the text read from the next column, the first column's text lost): no column is an index
-    return {"converters": {text_field: str}, "keep_default_na": False, "index_col": False,
-            "na_values": {column: spellings for column in sorted(columns) if column != text_field}}
+    options = {"converters": {text_field: str}, "keep_default_na": False, "index_col": False}
+    if only_text:
+        return {**options, "usecols": [text_field]}
+    spellings = sorted(PANDAS_NA_SPELLINGS)
+    return {**options, "na_values": {column: spellings for column in sorted(columns) if column != text_field}}
 
 
 def _check_first_csv_row(path: Path) -> None:

@@ -108,6 +108,7 @@ from retnet.train.config import (
     optim_changes,
     reward_changes,
     schedule_warnings,
+    validation_split_warnings,
 )
 from retnet.train.data import (
     build_data,
@@ -208,7 +209,7 @@ class Trainer:
         self._previous_handlers: dict[int, Any] = {}
         _setup_logging(self.rank)
         if self.is_main:
-            for warning in schedule_warnings(cfg):
+            for warning in [*schedule_warnings(cfg), *validation_split_warnings(cfg)]:
                 logger.warning(warning)
 
         resume_path = self._resolve_resume()  # (rank 0 also creates output_dir)
