@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -133,7 +134,8 @@ def output_line(entry: BatchLine, status: int, body: Any) -> dict:
     error = None
     if status != 200:
         info = body.get("error", {}) if isinstance(body, dict) else {}
-        error = {"code": info.get("code"), "message": info.get("message"), "param": info.get("param"),
+        # (an Anthropic error body, /v1/messages', names its kind as "type" and has no "code")
+        error = {"code": info.get("code", info.get("type")), "message": info.get("message"), "param": info.get("param"),
                  "line": entry.line}
     return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": entry.custom_id,
             "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex[:24]}", "body": body},
@@ -355,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     max_concurrency = args.max_concurrency or settings.max_running
     logging.basicConfig(level=settings.logging_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The lines go to the app in this process through httpx, which logs each request at INFO: one log line a line
+    # of the file, breaking the progress bar (the summary and the output file already account for every line)
+    # (--log-level debug or trace keeps them)
+    if settings.logging_level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     # A batch keeps no session across runs, and RETNET_SESSION_DIR set for a live server beside it would have this
     # process sweep and write that server's directory (one server a directory).
     if settings.session_dir is not None:
@@ -379,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{PROG}: cannot write the output file {args.output_file!r}: {exc}\n")
     try:
         return asyncio.run(_run(settings, text_lines, output, max_concurrency, parser))
+    except BrokenPipeError:
+        # The reader went away (`-o - | head`): one line, not a traceback; stdout pointed at /dev/null so that
+        # Python's own flush at exit does not fail again
+        if output.file is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{PROG}: the output was closed by its reader (broken pipe); the lines after it were not written",
+              file=sys.stderr)
+        return 1
     finally:
         output.close()
 

@@ -83,3 +83,45 @@ def test_lm_eval_refuses_a_training_runs_output_dir_naming_its_export(tmp_path, 
         check_pretrained(["--model", "hf", "--model_args", f"pretrained={run}", "--tasks", "t"])
     assert f"did you mean pretrained={run / 'export'}, the run's export" in str(refusal.value)
     check_pretrained(["--model", "hf", "--model_args", f"pretrained={run / 'export'}", "--tasks", "t"])  # a model
+
+
+def test_run_batch_error_line_names_an_anthropic_errors_kind_as_its_code():
+    """A failed /v1/messages line's body is Anthropic's ``{"type": "error", "error": {"type", "message"}}``, which has
+    no ``code``: the output line's ``error.code`` was null, so a failure could not be told by its kind."""
+    from retnet.serve.run_batch import BatchLine, output_line
+
+    entry = BatchLine(line=3, custom_id="m", url="/v1/messages", body={})
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: required"}}
+    assert output_line(entry, 400, body)["error"] == {"code": "invalid_request_error",
+                                                      "message": "max_tokens: required", "param": None, "line": 3}
+    openai = {"error": {"message": "m", "type": "BadRequestError", "param": "n", "code": None}}
+    assert output_line(entry, 400, openai)["error"]["code"] is None  # an OpenAI body's own code, null or not
+
+
+def test_run_batch_into_a_closed_pipe_says_so_in_one_line(micro_dir, tmp_path, capsys, monkeypatch):
+    """``retnet-run-batch -o - | head -1``: the reader going away ended the run in a BrokenPipeError traceback; and
+    every line's request was logged at INFO by httpx (the app is reached through it in the process), one log line a
+    line of the file, breaking the progress bar."""
+    import logging
+    import os
+    import sys
+
+    from retnet.serve.run_batch import main
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(batch_line(f"c{i}", "/v1/completions", {"prompt": "x", "max_tokens": 1}) + "\n"
+                                for i in range(3)))
+    httpx_logger = logging.getLogger("httpx")
+    monkeypatch.setattr(httpx_logger, "level", httpx_logger.level)  # (restored after the test)
+    reader, writer = os.pipe()
+    os.close(reader)
+    pipe = open(writer, "w", encoding="utf-8")  # noqa: SIM115  (closed below)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    try:
+        status = main(["--model", str(micro_dir), "-i", str(requests), "-o", "-"])
+    finally:
+        monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+        pipe.close()
+    assert status == 1
+    assert "the output was closed by its reader (broken pipe)" in capsys.readouterr().err
+    assert httpx_logger.level == logging.WARNING
