@@ -91,6 +91,7 @@ class StopStrings:
         self.unsearched = 0  # the end of the text no stop may end in (the first min_tokens tokens')
         self.stopped = False
         self.cut = ""  # once stopped: the text dropped after the kept part (the stop string, unless included, on)
+        self.matched: str | None = None  # once stopped: the stop string met (vLLM's stop_reason)
 
     def push(self, delta: str, search: bool = True) -> str:
         """Add ``delta``; return the text now safe to emit. Sets ``stopped`` when a stop string appeared
@@ -112,6 +113,7 @@ class StopStrings:
             # earliest start would make the cut depend on how the tokens split the text.
             self.stopped = True
             end, start = min(hits)
+            self.matched = self.text[start:end]
             self.cut = self.text[end if self.include else start :]
             self.text = self.text[: end if self.include else start]
             return self._release(len(self.text))

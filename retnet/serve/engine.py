@@ -1029,18 +1029,26 @@ class Engine(ModelThread):
             text += "" if seq.stops.stopped else seq.stops.flush()
             finish = "stop" if seq.stops.stopped else finish
         seq.finish_reason = finish
+        stop_reason = None
         if finish is not None:
             # A special token the output leaves out (a stop token's, or any with skip_special_tokens, as an EOS
             # with include_stop_str_in_output still is) is in the state, not in the text.
             unshown = skip or (params.skip_special_tokens and token in self.skipped_ids)
             seq.hidden_end = seq.stops.cut if seq.stops.stopped else self._decode_all([token]) if unshown else ""
+            # vLLM's stop_reason: the stop string met (it wins over a stop token whose kept text holds it: vLLM's
+            # detokenizer looks for stop strings after the token's check), else the stop_token_ids token; None for
+            # EOS (vLLM checks it first, so also when stop_token_ids lists it), the length and a grammar's end.
+            if seq.stops.stopped:
+                stop_reason = seq.stops.matched
+            elif stop_token and not (token in self.eos_ids and not params.ignore_eos):
+                stop_reason = token
         logprobs = None
         if params.logprobs is not None:
             logprobs = [self._logprob(token, sample.logprobs[row], sample.top[row] if sample.top else [],
                                       seq.at_start)]
         if seq.at_start and (token not in self.skipped_ids or not params.skip_special_tokens):
             seq.at_start = False
-        return SeqOutput(seq.index, text, [token], logprobs, finish)
+        return SeqOutput(seq.index, text, [token], logprobs, finish, stop_reason=stop_reason)
 
     def _finished(self, seq: Sequence, cache: RetNetCache | None, row: int | None = None) -> None:
         """A sequence ended normally: free its slot, save its session (state + the unfed last token), and keep
@@ -1221,7 +1229,7 @@ def _joined(outputs: list[SeqOutput]) -> SeqOutput:
     first = outputs[0]
     logprobs = None if first.logprobs is None else [entry for out in outputs for entry in out.logprobs]
     return SeqOutput(first.index, "".join(out.text for out in outputs), [t for out in outputs for t in out.token_ids],
-                     logprobs, outputs[-1].finish_reason)
+                     logprobs, outputs[-1].finish_reason, stop_reason=outputs[-1].stop_reason)
 
 
 def freeze_startup_heap() -> None:

@@ -146,16 +146,9 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
                 # chat would run it, and ignored here it would change the output silently
                 raise _unsupported(name, "a chat completions parameter, not one of the Messages API"
                                    + ("; send stop_sequences" if name == "stop" else ""))
-        if extras.get("stop_token_ids") and request.stop_sequences:
-            # stop_sequences are found by keeping the stop string in the text, which would show a stop token's too
-            raise _unsupported("stop_token_ids", "not together with stop_sequences")
-        if extras.get("min_tokens") and request.stop_sequences:
-            # Nor can a stop sequence that ended the answer be told from one that min_tokens passed over (vLLM's
-            # rule: one wholly in the first min_tokens tokens does not stop it): when EOS came right after such a
-            # one, it ended the text all the same, and was cut off as if it had stopped the answer (stop_reason
-            # stop_sequence for an answer the model ended itself). The chat route takes stop with min_tokens.
-            raise _unsupported("min_tokens", "not together with stop_sequences (send either; /v1/chat/completions "
-                               "takes stop with min_tokens)")
+        # stop_token_ids and min_tokens go with stop_sequences: the chat choice's stop_reason says which stop
+        # sequence ended the answer (none for one min_tokens passed over, a stop token or EOS), and neither the
+        # stop sequence nor a stop token's text is in the text (include_stop_str_in_output is not sent).
     messages, origins = _chat_messages(request)
     # Anthropic's prefill: a final assistant message (without calls) is continued, not answered.
     prefill = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
@@ -176,8 +169,8 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
             "max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
             "top_k": request.top_k, "stream": request.stream,
             "stream_options": {"include_usage": True} if request.stream else None,
-            # The stop string is kept in the text, so that the one that ended the answer is known (then cut).
-            "stop": stops or None, "include_stop_str_in_output": bool(stops), **extras,
+            # Left out of the text; the one that ended the answer is the chat choice's stop_reason.
+            "stop": stops or None, **extras,
         })
     return body, origins
 
@@ -370,20 +363,17 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def _ending(text: str, finish: str | None, stops: list[str], calls: bool) -> tuple[str, str, str | None]:
-    """(the answer's text without the stop sequence that ended it, stop_reason, stop_sequence) of a chat choice's
-    text and finish_reason; ``calls``: the answer made tool calls."""
-    matched = None
-    if finish in ("stop", "tool_calls"):
-        # The longest: a stop sequence that ends another one ends the text too, but did not stop it first
-        matched = max((s for s in stops if text.endswith(s)), key=len, default=None)
-        if matched is not None:
-            text = text[: len(text) - len(matched)]
+def _ending(finish: str | None, stop: int | str | None, calls: bool) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) of a chat choice's finish_reason and (vLLM's) stop_reason ``stop``;
+    ``calls``: the answer made tool calls."""
     if finish == "length":  # cut short, even after whole calls (chat's finish_reason too): the answer is not done
-        return text, "max_tokens", None
+        return "max_tokens", None
     if calls:
-        return text, "tool_use", None
-    return text, ("stop_sequence" if matched is not None else "end_turn"), matched
+        return "tool_use", None
+    if isinstance(stop, str):  # the stop sequence that ended it, as the engine met it (not in the text)
+        return "stop_sequence", stop
+    # EOS, or a stop_token_ids token (the chat extra; usually a template's end-of-turn token): the model's end
+    return "end_turn", None
 
 
 def _text_block(text: str) -> dict[str, Any]:
@@ -408,12 +398,13 @@ class _RawJSON(str):
     object (see :func:`render_message`)."""
 
 
-def from_chat(result: ChatCompletionResponse, stops: list[str]) -> dict[str, Any]:
+def from_chat(result: ChatCompletionResponse) -> dict[str, Any]:
     """The Message of a whole chat result: a text block (unless empty), then a tool_use block a call (its
     ``input`` the call's arguments as the model wrote them, a :class:`_RawJSON`: :func:`render_message` writes it)."""
     choice = result.choices[0]
     calls = choice.message.tool_calls or []
-    text, reason, sequence = _ending(choice.message.content or "", choice.finish_reason, stops, bool(calls))
+    text = choice.message.content or ""
+    reason, sequence = _ending(choice.finish_reason, choice.stop_reason, bool(calls))
     content = [_text_block(text)] if text else []
     for call in calls:
         block, arguments = _tool_use_block(call.model_dump())
@@ -444,21 +435,6 @@ def render_message(message: dict[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
-class _StopHold:
-    """A stream's text, less any tail that may be the start of a stop sequence: the one that ends the answer is kept
-    in the chat text (include_stop_str_in_output) and cut here, as from the whole answer."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.held = stops, ""
-
-    def push(self, text: str) -> str:
-        self.held += text
-        keep = max((n for s in self.stops for n in range(1, min(len(s), len(self.held)) + 1)
-                    if self.held.endswith(s[:n])), default=0)
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
-        return out
-
-
 def _event(kind: str, **fields) -> str:
     data = json.dumps({"type": kind, **fields}, ensure_ascii=False, separators=(",", ":"))
     return f"event: {kind}\ndata: {data}\n\n"
@@ -482,14 +458,13 @@ class MessagesServing:
             run = await self.serving.start_chat(chat)
         except APIError as exc:
             raise _renamed(exc, origins) from None
-        stops = request.stop_sequences or []
         if request.stream:
-            return _stream(self._events(chat, run, model, stops, origins), run)
+            return _stream(self._events(chat, run, model, origins), run)
         try:
             result = await self.serving.chat_response(chat, run, raw)
         except APIError as exc:
             raise _renamed(exc, origins) from None
-        return Response(render_message(from_chat(result, stops)), media_type="application/json")
+        return Response(render_message(from_chat(result)), media_type="application/json")
 
     async def count_tokens(self, request: CountTokensRequest) -> dict[str, int]:
         """``input_tokens``: the templated conversation's tokens, as /v1/messages counts them."""
@@ -500,23 +475,24 @@ class MessagesServing:
             raise _renamed(exc, origins) from None
         return {"input_tokens": counted.count}
 
-    async def _events(self, chat: ChatCompletionRequest, run: ChatRun, model: str, stops: list[str],
-                      origins: list[str]):
+    async def _events(self, chat: ChatCompletionRequest, run: ChatRun, model: str, origins: list[str]):
         """The Messages stream of a started chat: a text block filled as the text comes, then a tool_use block a
         call (held to the end, as the whole Message has them after its text)."""
         message_id, prompt_tokens = _id("msg"), run.handle.prompt_tokens
         yield _event("message_start", message=_message(model, [], None, None, prompt_tokens, 0, message_id))
         yield _event("ping")
-        hold, blocks, text_open = _StopHold(stops), 0, False
-        finish, usage, calls = None, None, []
+        blocks, text_open = 0, False
+        finish, stop, usage, calls = None, None, None, []
         try:
             async for chunk in self.serving.chat_chunks(chat, run):
                 usage = chunk.get("usage") or usage
                 for choice in chunk["choices"]:
                     delta = choice["delta"]
-                    finish = choice.get("finish_reason") or finish
+                    if choice.get("finish_reason"):  # the choice's last chunk
+                        finish, stop = choice["finish_reason"], choice.get("stop_reason")
                     calls.extend(delta.get("tool_calls") or ())
-                    piece = hold.push(delta.get("content") or "")
+                    # The chat stream holds back text that may open a stop sequence, and never sends the stop
+                    piece = delta.get("content") or ""
                     if piece:
                         if not text_open:
                             text_open = True
@@ -525,12 +501,7 @@ class MessagesServing:
         except APIError as exc:  # the engine failed mid-stream: Anthropic's error event ends the stream
             yield _event("error", error=error_body(exc.status, _renamed(exc, origins).message)["error"])
             return
-        tail, reason, sequence = _ending(hold.held, finish, stops, bool(calls))
-        if tail:
-            if not text_open:
-                text_open = True
-                yield _event("content_block_start", index=0, content_block=_text_block(""))
-            yield _event("content_block_delta", index=0, delta={"type": "text_delta", "text": tail})
+        reason, sequence = _ending(finish, stop, bool(calls))
         if text_open:
             yield _event("content_block_stop", index=0)
             blocks = 1

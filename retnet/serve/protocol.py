@@ -570,6 +570,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
+    # vLLM's: the stop string or stop_token_ids token that ended the choice; null when it ended otherwise (EOS,
+    # its length, a grammar's end) and on a stream's chunks before the choice's last.
+    stop_reason: int | str | None = None
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
     prompt_logprobs: PromptLogprobs | None = None
@@ -640,6 +643,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None = None
+    stop_reason: int | str | None = None  # as CompletionChoice's
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
 
@@ -660,6 +664,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None = None
+    stop_reason: int | str | None = None  # as CompletionChoice's
     token_ids: list[int] | None = None
 
 

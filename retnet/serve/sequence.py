@@ -102,7 +102,8 @@ class TokenLogprob:
 
 @dataclass(slots=True)
 class SeqOutput:
-    """New output of one choice: text safe to show, the tokens sampled, and ``finish_reason`` on the last."""
+    """New output of one choice: text safe to show, the tokens sampled, and ``finish_reason`` (with
+    ``stop_reason``) on the last."""
 
     index: int
     text: str
@@ -111,6 +112,9 @@ class SeqOutput:
     finish_reason: str | None = None
     # The prompt's scores (SamplingParams.prompt_logprobs), one entry a prompt token, on each choice's first output.
     prompt_logprobs: list[TokenLogprob] | None = None
+    # vLLM's CompletionOutput.stop_reason, on the last output: the stop string that ended the choice, or the
+    # stop_token_ids token it sampled; None when it ended otherwise (its EOS, its length, a grammar's end, abort).
+    stop_reason: int | str | None = None
 
 
 @dataclass(slots=True)

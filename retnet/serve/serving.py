@@ -264,6 +264,7 @@ class OpenAIServing:
                 text = prompt.text + text
             choices.append(CompletionChoice(
                 index=index, text=text, logprobs=logprobs, finish_reason=seq[-1].finish_reason,
+                stop_reason=seq[-1].stop_reason,
                 prompt_logprobs=vllm_prompt_logprobs(seq[0].prompt_logprobs, request.prompt_logprobs),
                 **self._ids(request, prompt.ids, seq),
             ))
@@ -358,6 +359,7 @@ class OpenAIServing:
             if not (text or out.finish_reason or logprobs or request.return_token_ids):
                 continue
             choice = CompletionChoice(index=out.index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
+                                      stop_reason=out.stop_reason,
                                       token_ids=out.token_ids if request.return_token_ids else None)
             usage = self._usage_counts(handle, sum(counts)) if continuous else None
             chunk = dump(CompletionResponse(id=rid, created=created, model=served, choices=[choice],
@@ -464,7 +466,7 @@ class OpenAIServing:
             else:  # free text, or calls cut short (no whole JSON to read them from): the text as it is
                 message = AssistantMessage(content=_chat_echo(request) + text)
             choices.append(ChatChoice(
-                index=index, message=message, logprobs=logprobs, finish_reason=finish,
+                index=index, message=message, logprobs=logprobs, finish_reason=finish, stop_reason=seq[-1].stop_reason,
                 **self._ids(request, prompt, seq),
             ))
         response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self._response_name(request.model),
@@ -679,7 +681,8 @@ class OpenAIServing:
             if delta.content or delta.tool_calls or logprobs or ids:
                 yield chunk(ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs, token_ids=ids))
             if finish:
-                yield chunk(ChatChunkChoice(index=out.index, delta=DeltaMessage(), finish_reason=finish))
+                yield chunk(ChatChunkChoice(index=out.index, delta=DeltaMessage(), finish_reason=finish,
+                                            stop_reason=out.stop_reason))
         if usage_opt:
             yield chunk(None, self._usage_counts(handle, total))
 

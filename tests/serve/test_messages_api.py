@@ -432,8 +432,8 @@ def test_disable_parallel_tool_use_must_be_a_boolean(client):
 def test_calls_cut_short_by_max_tokens_stop_for_max_tokens():
     from retnet.serve.messages import _ending
 
-    assert _ending("text", "length", [], True) == ("text", "max_tokens", None)
-    assert _ending("text", "tool_calls", [], True) == ("text", "tool_use", None)
+    assert _ending("length", None, True) == ("max_tokens", None)
+    assert _ending("tool_calls", None, True) == ("tool_use", None)
 
 
 def test_unserved_messages_routes_answer_anthropics_404(client, server):

@@ -40,26 +40,3 @@ async def test_an_embedding_models_empty_text_is_named_as_its_side_was_sent(mode
             assert response.status_code == 400, response.text
             error = response.json()["error"]
             assert error["code"] == "empty_input" and error["message"].startswith(told), (body, error)
-
-
-@pytest.mark.anyio
-async def test_a_messages_request_with_min_tokens_and_stop_sequences_is_refused(model_dir, tokenizer):
-    """With min_tokens (a chat extra the Messages API passes on) a stop sequence wholly in the first tokens does not
-    end the answer (vLLM's rule, the chat route's); when EOS came right after one, the text ended with it, and the
-    Messages API, which finds the stop sequence that ended an answer at the end of its text, cut it off and answered
-    stop_reason "stop_sequence" for an answer the model ended itself. Such a request is now refused by name, as
-    stop_token_ids with stop_sequences already was; either alone is served."""
-    base = {"model": "micro", "max_tokens": 40, "temperature": 0, "messages": [{"role": "user", "content": "Hello"}],
-            # the greedy answer: the min_tokens tokens, then EOS (biased to come first as soon as it may)
-            "logit_bias": {str(tokenizer.eos_token_id): 100}}
-    async with serve_app(model_dir) as client:
-        plain = (await client.post("/v1/messages", json={**base, "min_tokens": 6})).json()
-        assert plain["stop_reason"] == "end_turn" and plain["usage"]["output_tokens"] == 7, plain
-        stop = plain["content"][0]["text"][-2:]
-        for stream in (False, True):
-            response = await client.post("/v1/messages", json={**base, "min_tokens": 6, "stop_sequences": [stop],
-                                                                "stream": stream})
-            assert response.status_code == 400, response.text  # was 200, the text cut before `stop`
-            assert response.json()["error"]["message"].startswith("min_tokens: not together with stop_sequences")
-        served = (await client.post("/v1/messages", json={**base, "stop_sequences": [stop]})).json()
-        assert served["type"] == "message", served

@@ -34,7 +34,7 @@ def test_a_messages_tool_use_input_is_written_as_the_model_wrote_it(arguments):
     input_json_delta sends), not their json.loads written back."""
     from retnet.serve.messages import from_chat, render_message
 
-    body = render_message(from_chat(_chat_result(arguments, "Sure: "), []))
+    body = render_message(from_chat(_chat_result(arguments, "Sure: ")))
     assert f'"input":{arguments}}}]' in body.decode()
     message = json.loads(body)
     assert [block["type"] for block in message["content"]] == ["text", "tool_use"]
