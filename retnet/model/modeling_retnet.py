@@ -1700,7 +1700,7 @@ def _left_aligned(args: tuple, kwargs: dict) -> tuple[tuple, dict, object] | Non
     prompt alone forbade. Left-aligned, they read each row as its prompt alone, as transformers' models expect."""
     ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
     mask = kwargs.get("attention_mask")
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
     if (not isinstance(ids, torch.Tensor) or not isinstance(mask, torch.Tensor) or ids.dim() != 2
             or mask.shape != ids.shape or ids.is_floating_point() or kwargs.get("inputs_embeds") is not None
             or kwargs.get("position_ids") is not None or kwargs.get("streamer") is not None
@@ -1727,13 +1727,25 @@ def _left_aligned(args: tuple, kwargs: dict) -> tuple[tuple, dict, object] | Non
             return sequences
         output.sequences = sequences
         states = output.get("hidden_states")
-        if states and states[0] and states[0][0].dim() == 3 and states[0][0].shape[1] == width:
-            index = inverse.repeat_interleave(rows, 0)
-            first = tuple(h.gather(1, index.to(h.device)[..., None].expand(-1, -1, h.shape[-1])) for h in states[0])
-            output.hidden_states = (first, *states[1:])
+        if states:
+            # Every step's states that span the prompt (the first step's; each step's without a cache), their prompt
+            # columns put back; each row of a tensor its prompt's (beams: num_beams rows a prompt, however many
+            # sequences are returned)
+            output.hidden_states = tuple(tuple(_unaligned(h, inverse, width) for h in step) for step in states)
         return output
 
     return args, kwargs, restore
+
+
+def _unaligned(hidden: torch.Tensor, inverse: torch.Tensor, width: int) -> torch.Tensor:
+    """``hidden`` ``[rows, T, D]`` of a left-aligned prompt with its first ``width`` columns in the prompt's order
+    again (``inverse``: ``[B, width]``, each prompt's; its rows repeated for the prompt's rows in ``hidden``)."""
+    if hidden.dim() != 3 or hidden.shape[1] < width or hidden.shape[0] % inverse.shape[0]:
+        return hidden
+    index = inverse.repeat_interleave(hidden.shape[0] // inverse.shape[0], 0).to(hidden.device)
+    columns = torch.arange(width, hidden.shape[1], device=hidden.device).expand(index.shape[0], -1)
+    index = torch.cat([index, columns], 1)
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def _last_real_columns(attention_mask: torch.Tensor | None, width: int) -> torch.Tensor | None:

@@ -416,10 +416,13 @@ class OutputFile:
         if existed and not target.is_file():
             self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115  (closed by close())
             return
-        with open(path, "a", encoding="utf-8"):  # the check: creates a missing file, truncates nothing
+        if existed:  # the check: opened for writing as "w" will, truncating nothing (an append-only file fails)
+            os.close(os.open(path, os.O_WRONLY))
+            return
+        created = Path(os.path.realpath(path))  # (a dangling link's target: what the check creates)
+        with open(path, "a", encoding="utf-8"):
             pass
-        if not existed:  # created by the check alone: gone again if the run stops before writing
-            target.unlink(missing_ok=True)
+        created.unlink(missing_ok=True)  # gone again if the run stops before writing
 
     def open(self) -> IO[str]:
         if self.file is None:

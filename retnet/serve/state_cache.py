@@ -81,7 +81,7 @@ class PrefixCache:
             n = len(entry.tokens)
             # The prefix's last token first: ``tokens[:n]`` copies n ids whatever it is compared with.
             if (entry.adapter == adapter and n <= len(tokens) and (best is None or n > len(best.tokens))
-                    and tokens[n - 1] == entry.tokens[-1] and tokens[:n] == entry.tokens):
+                    and (not n or tokens[n - 1] == entry.tokens[-1]) and tokens[:n] == entry.tokens):
                 if n == len(tokens) and entry.logits is None:
                     continue  # an exact match is only useful with the logits that follow it
                 best = entry

@@ -277,7 +277,8 @@ class KtoData(PreferenceData):
     def _warn_of_weights(self) -> None:
         """TRL's warning when the weighted counts of the desirable and undesirable rows are out of balance and
         neither weight alone would restore it (the KTO paper's eq. 8: desirable_weight · n_desirable /
-        (undesirable_weight · n_undesirable) in [1, 4/3]; equal counts under unequal weights too);
+        (undesirable_weight · n_undesirable) in [1, 4/3]; equal counts under unequal weights too, which TRL
+        does not check);
         a set of one kind is said to be so (TRL counts a missing kind as 1 row and gives ranges for it)."""
         labels = np.asarray(self.row_labels["train"], dtype=bool)
         counts = int(labels.sum()), int((~labels).sum())
@@ -288,7 +289,7 @@ class KtoData(PreferenceData):
             return
         desirable, undesirable = counts
         # Equal counts are checked too: weights that differ (kto.desirable_weight=2 on a balanced set) unbalance
-        # them, which TRL warns of as well (its check is of the weighted ratio, not of the counts)
+        # them as eq. 8 reads (TRL checks only sets whose counts differ)
         weights = self.cfg.desirable_weight, self.cfg.undesirable_weight
         desirable_range = [round(undesirable * weights[1] / desirable * bound, 2) for bound in (1, 1.33)]
         undesirable_range = [round(desirable * weights[0] / undesirable / bound, 2) for bound in (1.33, 1)]
@@ -296,10 +297,10 @@ class KtoData(PreferenceData):
                 or undesirable_range[0] <= weights[1] <= undesirable_range[1]):
             how = (f"kto.desirable_weight {weights[0]:g} and kto.undesirable_weight {weights[1]:g} unbalance them"
                    if desirable == undesirable else "the weights do not make up for the difference")
+            source = "the KTO paper's eq. 8" if desirable == undesirable else "the KTO paper's eq. 8, as TRL's KTOTrainer warns"
             logger.warning("KTO: %d desirable and %d undesirable training rows, and %s: set EITHER "
-                           "kto.desirable_weight in %s or kto.undesirable_weight in %s (not both; the KTO paper's "
-                           "eq. 8, as TRL's KTOTrainer warns)", desirable, undesirable, how, desirable_range,
-                           undesirable_range)
+                           "kto.desirable_weight in %s or kto.undesirable_weight in %s (not both; %s)", desirable,
+                           undesirable, how, desirable_range, undesirable_range, source)
 
     def _warn_of_kl_ranks(self) -> None:
         """A resume on another number of data-parallel ranks: the KL estimate is over the ranks' micro-batches of

@@ -58,6 +58,16 @@ def test_a_right_padded_row_is_not_let_repeat_what_no_repeat_ngram_size_forbids_
     assert torch.equal(out.sequences[:, :10], ids)  # the prompt's columns as given, the new tokens after them
     alone_states = model(prompt, output_hidden_states=True).hidden_states[-1][0]
     assert torch.allclose(out.hidden_states[0][-1][1, :7], alone_states, atol=1e-5)  # in the prompt's columns
+    # Beams (num_beams rows a prompt, fewer sequences returned) and steps without a cache (each spanning the
+    # prompt): every step's prompt columns back in place, each row its own prompt's
+    for options in ({"num_beams": 3, "num_return_sequences": 2}, {"use_cache": False}):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=2, return_dict_in_generate=True,
+                             output_hidden_states=True, **GREEDY, **options)
+        for step in out.hidden_states if "use_cache" in options else out.hidden_states[:1]:
+            rows = step[-1].shape[0] // 2
+            assert step[-1].shape[0] == 2 * options.get("num_beams", 1)
+            assert all(torch.allclose(step[-1][row, :7], alone_states, atol=1e-5)
+                       for row in range(rows, 2 * rows))
 
 
 @torch.no_grad()

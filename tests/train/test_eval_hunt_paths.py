@@ -50,7 +50,9 @@ def test_run_batch_keeps_an_earlier_results_file_when_it_stops_before_writing(mi
     results = tmp_path / "results.jsonl"
     results.write_text('{"earlier": "results"}\n')
     fresh = tmp_path / "fresh.jsonl"
-    for output in (results, fresh):
+    link = tmp_path / "link.jsonl"  # a dangling link: the results go to its target (the check removed the link)
+    link.symlink_to(tmp_path / "target.jsonl")
+    for output in (results, fresh, link):
         with pytest.raises(SystemExit) as exit_info:
             main(["--model", str(micro_dir), "-i", str(requests), "-o", str(output),
                   "--chat-template", str(tmp_path / "missing.jinja")])
@@ -58,6 +60,7 @@ def test_run_batch_keeps_an_earlier_results_file_when_it_stops_before_writing(mi
         assert "--chat-template" in capsys.readouterr().err
     assert results.read_text() == '{"earlier": "results"}\n'
     assert not fresh.exists()  # the writability check leaves no empty file behind
+    assert link.is_symlink() and not (tmp_path / "target.jsonl").exists()
     # a path that cannot be written is still refused before the model loads
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(micro_dir), "-i", str(requests), "-o", str(tmp_path / "no" / "such" / "dir.jsonl")])

@@ -67,10 +67,10 @@ def test_a_reward_model_without_its_trained_weights_is_refused(micro, tmp_path):
 
 
 @pytest.mark.parametrize("weights", [(2.0, 1.0), (1.0, 2.0)])
-def test_unequal_kto_weights_on_equal_counts_are_warned_of_as_trl_does(weights, caplog):
-    """TRL's KTOTrainer checks the weighted ratio (eq. 8: desirable_weight · n_d / (undesirable_weight · n_u) in
-    [1, 4/3]) whatever the counts; equal counts returned before the weights were looked at, so
-    kto.desirable_weight=2 on a balanced set (a ratio of 2) was never warned of."""
+def test_unequal_kto_weights_on_equal_counts_are_warned_of(weights, caplog):
+    """The KTO paper's eq. 8 bounds the weighted ratio (desirable_weight · n_d / (undesirable_weight · n_u) in
+    [1, 4/3]) whatever the counts (TRL checks it only when the counts differ); equal counts returned before the
+    weights were looked at, so kto.desirable_weight=2 on a balanced set (a ratio of 2) was never warned of."""
     from types import SimpleNamespace
 
     import numpy as np
