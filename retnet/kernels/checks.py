@@ -340,6 +340,9 @@ class SharedHostOffsets:
     def __init__(self):
         self._entries: dict[int, HostOffsets] = {}
 
+    # Host bookkeeping, never traced: dynamo would guard the compiled frame on this dict's entry for the tensor's
+    # id(), which every micro-batch's new cu_seqlens misses, recompiling each step up to its recompile limit.
+    @torch.compiler.disable
     def get(self, cu_seqlens: torch.Tensor) -> HostOffsets:
         """The host values of ``cu_seqlens``: those read before in this scope while they still describe it."""
         entry = self._entries.get(id(cu_seqlens))
@@ -357,6 +360,7 @@ class SharedHostOffsets:
             _ACTIVE.reset(token)
 
 
+@torch.compiler.disable  # a host read (a graph break anyway), kept out of the graph (SharedHostOffsets.get)
 def host_offsets(cu_seqlens: torch.Tensor) -> HostOffsets:
     """``cu_seqlens``' values on the host: through the active :class:`SharedHostOffsets`, else a new read.
 

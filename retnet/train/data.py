@@ -252,12 +252,15 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
 
     if files is None:  # a hub name
         try:
-            options = _hub_options(cfg, datasets.load_dataset_builder(cfg.dataset, cfg.name,
-                                                                      cache_dir=str(cache_dir / "hf")))
-            return datasets.load_dataset(cfg.dataset, cfg.name, split=cfg.split, streaming=streaming,
-                                         cache_dir=str(cache_dir / "hf"), **options)
+            builder = datasets.load_dataset_builder(cfg.dataset, cfg.name, cache_dir=str(cache_dir / "hf"))
+            options = _hub_options(cfg, builder)
+            loaded = datasets.load_dataset(cfg.dataset, cfg.name, split=cfg.split, streaming=streaming,
+                                           cache_dir=str(cache_dir / "hf"), **options)
         except Exception as error:  # offline, unknown name, private ...
             raise _hub_error(cfg, error) from None
+        if options and not streaming:
+            _check_hub_csv_files(cfg, builder)
+        return loaded
     if cfg.name is not None:
         # a hub dataset's configuration: local data has none, and ignoring it would read what was not asked for
         raise ConfigError(f"data.name {cfg.name!r} names a configuration of a hub dataset; data.dataset "
@@ -697,6 +700,53 @@ def _hub_options(cfg: DataConfig, builder) -> dict[str, Any]:
             "index_col": False}
 
 
+# A hub dataset's data file as datasets resolves it: hf://datasets/<repo id>@<commit>/<path in the repository>
+_HUB_FILE = re.compile(r"hf://datasets/(?P<repo>[^@]+)@(?P<revision>[^/]+)/(?P<path>.+)")
+
+
+def _check_hub_csv_files(cfg: DataConfig, builder) -> None:
+    """A ConfigError naming the file and line when a CSV file of the hub dataset (``data.split``'s, as the HF hub
+    cache holds it at the commit read) cannot be parsed (:func:`_csv_file_problem`). Read for its text column
+    alone (``usecols``, :func:`_hub_options`), pandas takes a row with a field too many, an unquoted comma, and its
+    text ends at that comma without an error, where a local file's read of every column refuses it. The options
+    stay as they are (they are part of the set's fingerprint, which earlier runs' resumes are held to): the files
+    are parsed again instead. A file not in the HF hub cache (a set read from the datasets cache alone) is not."""
+    import warnings
+    from urllib.parse import unquote
+
+    import pandas as pd
+    from huggingface_hub import try_to_load_from_cache
+
+    # how the repository's files are written (a .tsv's sep, its README's csv settings), not what is read of them
+    written = {key: value for key, value in getattr(builder.config, "pd_read_csv_kwargs", {}).items()
+               if key not in ("usecols", "converters", "nrows", "chunksize", "index_col", "dtype")}
+    data_files = getattr(builder.config, "data_files", None) or {}
+    split = cfg.split.split("[")[0]  # (a slice of it, "train[:10%]", reads its files)
+    urls = data_files[split] if split in data_files else [url for urls in data_files.values() for url in urls]
+    for url in urls:
+        found = _HUB_FILE.fullmatch(str(url))
+        if found is None:
+            continue
+        path = try_to_load_from_cache(found["repo"], found["path"], revision=unquote(found["revision"]),
+                                      repo_type="dataset")
+        if not isinstance(path, str):  # not cached (None), or cached as missing
+            continue
+        with warnings.catch_warnings():
+            # a first row of a field too many: read for one column, its text is cut too, without this warning
+            warnings.filterwarnings("error", message="Length of header or names does not match",
+                                    category=pd.errors.ParserWarning)
+            try:
+                problem = _csv_file_problem(Path(path), written)
+            except pd.errors.ParserWarning:
+                problem = "its first row holds more fields than its header"
+            except (ValueError, TypeError):  # settings a chunked read takes no part of (skipfooter): as read
+                problem = None
+        if problem is not None:
+            raise ConfigError(f"data.dataset {cfg.dataset!r}: its CSV file {found['path']!r} ({path}), {problem}. "
+                              f"Read for data.text_field {cfg.text_field!r} alone, a row of a field too many passes "
+                              f"with its text cut at the unquoted separator: quote the fields that hold one")
+
+
 def _no_text_column(dataset: str, text_field: str, error: Exception) -> ConfigError | None:
     """pandas' refusal of ``usecols`` (:func:`_hub_options`) as the setting it comes from."""
     cause = error.__cause__ or error
@@ -818,12 +868,14 @@ def _malformed_file(dataset: str) -> ConfigError | None:
     return None
 
 
-def _csv_file_problem(path: Path) -> str | None:
-    """Why pandas cannot parse the CSV file ``path`` (its message names the line), or None."""
+def _csv_file_problem(path: Path, options: dict[str, Any] | None = None) -> str | None:
+    """Why pandas cannot parse the CSV file ``path`` (its message names the line), or None. ``options``: how the
+    file is written, ``read_csv``'s (a hub repository's ``sep``, ``quotechar`` ...)."""
     import pandas as pd
 
+    read = {**(options or {}), "dtype": str, "keep_default_na": False, "index_col": False, "chunksize": 1 << 16}
     try:
-        with pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, chunksize=1 << 16) as chunks:
+        with pd.read_csv(path, **read) as chunks:
             for _ in chunks:  # (a chunk at a time: parsed, not held)
                 pass
     except pd.errors.EmptyDataError:

@@ -93,7 +93,7 @@ from retnet.train.data import (
 from retnet.train.distributed import data_parallel_group, is_distributed
 from retnet.train.grpo_sampling import gathered_weights, sample, stop_tokens, uniforms
 from retnet.train.preference import pack_completions
-from retnet.train.prompts import PromptEncoder, Prompts, load_prompt_rows
+from retnet.train.prompts import PromptEncoder, Prompts, load_prompt_rows, prompts_digest
 from retnet.train.rewards import RewardSources, reward_arguments, reward_values
 
 if TYPE_CHECKING:  # (the model package imports transformers)
@@ -351,6 +351,7 @@ class GrpoData:
         self.stops = [tokenizer.eos_token_id]  # the ids that end a completion; the model's added at start()
         self.vocab = vocab_bound(tokenizer)  # the ids the sampler draws from (a padded vocabulary's rows: none)
         self.reference_fingerprint: str | None = None
+        self._prompts_sha256: str | None = None  # prompts_digest of train and val, once computed (:meth:`prompts_sha256`)
         self._window: list[float] | None = None
         self._step: torch.Tensor | None = None
         self._totals: Totals | None = None
@@ -780,13 +781,20 @@ class GrpoData:
         return {"val_loss": stats[0].item(), **self._means(stats[1:].tolist(), "val_")}
 
     # -- position ---------------------------------------------------------------------------------------
+    def prompts_sha256(self) -> str:
+        """:func:`~retnet.train.prompts.prompts_digest` of the train and validation prompts, computed once."""
+        if self._prompts_sha256 is None:
+            self._prompts_sha256 = prompts_digest([self.train, self.val])
+        return self._prompts_sha256
+
     def state_dict(self) -> dict[str, Any]:
         """The position, the sampler's step, the log window and, between the ``num_iterations`` steps of a
         generation, this rank's share of it: prompt rows, completion ids, advantages and the old and reference
         log-probs (8 bytes per completion token, 12 with ``beta`` > 0), from which :meth:`_restore` rebuilds its
         micro-batches."""
         state = {"kind": "prompts", "consumed": self.consumed, "steps": self.steps,
-                 "window": list(self._window or []), "reference": self.reference_fingerprint}
+                 "window": list(self._window or []), "reference": self.reference_fingerprint,
+                 "prompts": {"sha256": self.prompts_sha256(), "train": len(self.train), "val": len(self.val)}}
         generation = self._generation
         if generation is not None:
             state["generation"] = {
@@ -808,9 +816,12 @@ class GrpoData:
         self._window = [float(v) for v in state["window"]] or None
         self.reference_fingerprint = state.get("reference")
         self._generation, self._saved_generation = None, state.get("generation")
-        saved = self._saved_generation
-        if saved is None:
-            return
+        if self._saved_generation is not None:
+            self._check_generation(self._saved_generation)
+        self._check_prompts(state.get("prompts"))  # (after: the settings' refusals name what to set)
+
+    def _check_generation(self, saved: dict[str, Any]) -> None:
+        """A ConfigError when this run cannot go on with the generation a checkpoint taken within it holds."""
         within = f"the checkpoint at GRPO step {self.steps} is within the grpo.num_iterations steps on the " \
                  f"generation of step {saved['step']}"
         between = "or from a checkpoint between generations (at a step that is a multiple of grpo.num_iterations)"
@@ -827,6 +838,26 @@ class GrpoData:
             raise ConfigError(f"{within}, sampled with train.global_batch_size {sampled}; this run has "
                               f"train.global_batch_size {self.global_batch}: resume it with "
                               f"train.global_batch_size={sampled}, {between}")
+
+    def _check_prompts(self, saved: dict[str, Any] | None) -> None:
+        """A ConfigError when the data now gives other prompts than the checkpoint's run was trained on (the same
+        path edited in place: data_changes compares only the settings, and a local set has no revision the hub
+        fingerprint would name). Its position counts prompts of the shuffled train split: it would go on in other
+        prompts, and prompts held out for validation could now be trained on. Every rank reads all the prompts,
+        so each refuses alike. A checkpoint written before it held the digest resumes unchecked."""
+        if saved is None:
+            logger.info("the checkpoint was written before GRPO checkpoints held a digest of their prompts: the "
+                        "prompts of %s are not compared with those it was trained on", self.dataset)
+            return
+        now = self.prompts_sha256()
+        if saved["sha256"] != now:
+            raise ConfigError(
+                f"data.dataset {self.dataset!r}: the prompts changed since the checkpoint was written: it was trained "
+                f"on {saved['train']} train + {saved['val']} validation prompts (sha256 {saved['sha256'][:16]}…), the "
+                f"data now gives {len(self.train)} + {len(self.val)} other ones (sha256 {now[:16]}…): prompts "
+                f"edited, added or removed, or their other columns, which the reward functions get. Its data "
+                f"position would point into other prompts, and prompts held out for validation could now be "
+                f"trained on. Restore the data, or start a new run in another train.output_dir")
 
 
 def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch: int, rank: int, local_rank: int,

@@ -12,6 +12,8 @@ the reward functions (TRL's rule). A prompt longer than ``data.max_prompt_length
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,35 @@ class Prompts:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def _opaque(value: Any) -> str:
+    """A column value JSON has no form for, as :func:`prompts_digest` hashes it: bytes by their digest, anything
+    else by its type alone (its repr may hold an address, which would refuse the same rows read again)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes-sha256:" + hashlib.sha256(bytes(value)).hexdigest()
+    return f"<{type(value).__name__}>"
+
+
+def prompts_digest(splits: list[Prompts]) -> str:
+    """SHA-256 of the splits' prompts as a run trains on them, split by split: their count, each prompt's token
+    ids and the row's other columns (which the reward functions get: a changed ``solution`` is other data too), in
+    order; not the files they came from. What a GRPO checkpoint's data position counts prompts of, which a resume
+    compares with the data it reads: the same rows read again from a rewritten file hash alike, other rows under
+    the same path do not."""
+    digest = hashlib.sha256()
+    for split in splits:
+        digest.update(np.int64(len(split)).tobytes())
+        for tokens, columns in zip(split.tokens, split.columns, strict=True):
+            digest.update(np.int64(len(tokens)).tobytes())
+            digest.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
+            try:  # (sorted: the same rows with their keys in another order are the same rows)
+                text = json.dumps(columns, sort_keys=True, default=_opaque)
+            except TypeError:  # keys of several types (a map column's), which do not sort: in their order
+                text = json.dumps(columns, default=_opaque)
+            digest.update(text.encode())
+            digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def load_prompt_rows(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, loaded=None) -> list[tuple]:
@@ -126,4 +157,4 @@ class PromptEncoder:
         return Prompts([p for _, p, _ in rows], [c for _, _, c in rows], tokens, [r for r, _, _ in rows], variables)
 
 
-__all__ = ["FIELD", "RESERVED", "PromptEncoder", "Prompts", "check_prompt", "load_prompt_rows"]
+__all__ = ["FIELD", "RESERVED", "PromptEncoder", "Prompts", "check_prompt", "load_prompt_rows", "prompts_digest"]

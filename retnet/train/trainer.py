@@ -250,7 +250,7 @@ class Trainer:
         preset_vocab = RetNetConfig.from_preset(cfg.model.preset).vocab_size
         init_from = self._init_from_dir()
         if init_from is not None:  # a resume reads its architecture there too (its weights: the checkpoint's)
-            _check_pretrained_dir(init_from)
+            _check_pretrained_dir(init_from, causal_lm=not cfg.reward.enabled)
         teacher_dir = self._teacher_dir()
         # Distilling into a new model without data.tokenizer: the teacher's tokenizer, whose ids its head predicts
         tokenizer_dir = init_from
@@ -1694,8 +1694,9 @@ def _init_from_dir(init_from: str | None) -> Path | None:
                           f"train.output_dir/export) or a hub id") from None
 
 
-def _check_pretrained_dir(path: Path) -> None:
-    """``model.init_from`` holds a model and its tokenizer (what ``train.output_dir/export`` holds)."""
+def _check_pretrained_dir(path: Path, causal_lm: bool = False) -> None:
+    """``model.init_from`` holds a model and its tokenizer (what ``train.output_dir/export`` holds); with
+    ``causal_lm`` (the run trains a RetNetForCausalLM, not a reward model's classifier) not a classifier's export."""
     if not path.is_dir():
         raise ConfigError(f"model.init_from {str(path)!r} is no directory; give a save_pretrained directory "
                           f"(another run's train.output_dir/export)")
@@ -1703,6 +1704,18 @@ def _check_pretrained_dir(path: Path) -> None:
     if missing:
         raise ConfigError(f"model.init_from {str(path)!r} holds no {' and no '.join(missing)}; give a "
                           f"save_pretrained directory with its tokenizer (another run's train.output_dir/export)")
+    if causal_lm:
+        # Before the data is built. A reward model's export loaded as a causal LM drops its score head and takes the
+        # tied embedding (or, untied, a random matrix) for an LM head it never trained (as distill.teacher refuses)
+        try:
+            architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError, AttributeError):  # _pretrained_config reports an unreadable config.json
+            architectures = []
+        if not any(str(name).endswith("ForCausalLM") for name in architectures) and \
+                any(str(name).endswith("ForSequenceClassification") for name in architectures):
+            raise ConfigError(f"model.init_from {str(path)!r} holds a {', '.join(map(str, architectures))} (a reward "
+                              f"model's export: a score head, no LM head), not a RetNetForCausalLM; give a causal "
+                              f"LM's export (a pre-training or SFT run's train.output_dir/export)")
 
 
 def _pretrained_config(path: Path, overrides: dict[str, Any], tokenizer):
@@ -1725,15 +1738,38 @@ def _pretrained_config(path: Path, overrides: dict[str, Any], tokenizer):
 
 def _pretrained_model(path: Path, config, model_class=None) -> nn.Module:
     """The pretrained weights in fp32 (the master weights; autocast or FSDP's policy casts for compute), as a
-    ``model_class`` (a reward model's classifier: the backbone's; its new head drawn from torch's RNG)."""
-    from retnet.model import RetNetForCausalLM
+    ``model_class`` (a reward model's classifier: the backbone's; its new head drawn from torch's RNG). A
+    ConfigError naming the weights unless ``path`` holds every weight of the model and no other (but for the
+    classifier's head): from_pretrained draws the weights a checkpoint lacks at random and only reports them."""
+    from safetensors import SafetensorError
 
+    from retnet.model import RetNetForCausalLM, RetNetForSequenceClassification
+
+    model_class = model_class or RetNetForCausalLM
     try:
-        return (model_class or RetNetForCausalLM).from_pretrained(str(path), config=config, dtype=torch.float32,
-                                                                  local_files_only=True)
-    except (OSError, RuntimeError, ValueError) as error:  # no weights, or weights of other shapes
+        model, info = model_class.from_pretrained(str(path), config=config, dtype=torch.float32,
+                                                  local_files_only=True, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # no weights, or of other shapes
         raise ConfigError(f"model.init_from {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
                           f"{str(error).strip()[:400]}") from None
+    missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
+    if config.tie_word_embeddings:  # a tied head is the embedding, not a weight of its own
+        missing -= set(getattr(model, "_tied_weights_keys", None) or ())
+    if issubclass(model_class, RetNetForSequenceClassification):
+        # A reward model from a causal LM's export: its score head is new (drawn at random, as TRL's), the LM head
+        # it drops is no weight of the classifier
+        missing = {key for key in missing if not key.startswith("score.")}
+        unexpected.discard("lm_head.weight")
+    problems = {"missing": sorted(missing), "unexpected": sorted(unexpected),
+                "mismatched": sorted(str(key) for key in info.get("mismatched_keys", ()))}
+    wrong = {what: keys for what, keys in problems.items() if keys}
+    if wrong:
+        shown = "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                          for what, keys in wrong.items())
+        raise ConfigError(f"model.init_from {str(path)!r}: its weights do not match its config.json's "
+                          f"{model_class.__name__} ({shown}); give a save_pretrained directory whose weights are all "
+                          f"there (another run's train.output_dir/export)")
+    return model
 
 
 def _setup_logging(rank: int) -> None:
