@@ -61,8 +61,11 @@ def _port(text: str) -> int:
     return value
 
 
-def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | None = None) -> None:
-    """Stream one completion, printing it as it arrives; raises StreamFailed on an error from the server."""
+def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | None = None,
+                api_key: str | None = None) -> None:
+    """Stream one completion, printing it as it arrives; raises StreamFailed on an error from the server.
+    ``api_key``: sent as ``Authorization: Bearer`` (a server with ``--api-keys`` / ``RETNET_API_KEYS``)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.95, "seed": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -71,7 +74,7 @@ def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | N
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(httpx.Client(timeout=120))
-        r = stack.enter_context(client.stream("POST", url + "/v1/completions", json=body))
+        r = stack.enter_context(client.stream("POST", url + "/v1/completions", json=body, headers=headers))
         if r.status_code != 200:
             r.read()
             try:
@@ -107,19 +110,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import uvicorn
+    from pydantic import ValidationError
 
     import retnet  # noqa: F401  (registers the Auto classes)
+    from retnet.serve.__main__ import describe_settings_error
     from retnet.serve.app import create_app
+    from retnet.serve.lora import LoraError
     from retnet.serve.settings import ServeSettings, StartupError
 
     try:
         port = pick_port(args.host, args.port)
     except OSError as exc:  # (socket.gaierror: a host name that does not resolve)
         parser.exit(2, f"{parser.prog}: error: --host {args.host!r} cannot be bound: {exc.strerror or exc}\n")
-    settings = ServeSettings(model=args.model, host=args.host, port=port)
+    # The settings read the RETNET_* environment as retnet-serve's do: a bad variable (RETNET_MAX_RUNNING=0) was a
+    # pydantic traceback, and a --lora-modules adapter that cannot be served (RETNET_LORA_MODULES) a LoraError one.
+    given = {"model": args.model, "host": args.host, "port": port}
+    try:
+        settings = ServeSettings(**given)
+    except ValidationError as exc:
+        parser.exit(2, f"{parser.prog}: error: {describe_settings_error(exc, given)}\n")
     try:
         app = create_app(settings)
-    except StartupError as exc:  # as retnet-serve reports it: one line naming the flag, not a traceback
+    except (StartupError, LoraError) as exc:  # as retnet-serve reports it: one line naming the flag, not a traceback
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
@@ -141,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"retnet-serve is up at {url} serving {settings.model_name!r}")
     try:
-        stream_once(url, args.prompt, args.max_tokens)
+        # RETNET_API_KEYS makes the server require a key: the demo's own request sends one (it was a 401).
+        stream_once(url, args.prompt, args.max_tokens, api_key=settings.api_keys[0] if settings.api_keys else None)
     except (StreamFailed, httpx.HTTPError) as exc:
         print(f"\n--- the completion failed: {exc} ---", file=sys.stderr, flush=True)
         server.should_exit = True
@@ -149,17 +162,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     body = json.dumps({"model": settings.model_name, "prompt": "def add(a, b):", "max_tokens": 32, "stream": True})
     print("Try it yourself:")
-    print(f"  curl -N {url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    # With keys set, each /v1 command below needs one too (the key itself is not printed: it is a secret).
+    auth = " -H \"Authorization: Bearer $KEY\"" if settings.api_keys else ""
+    if auth:
+        print("  (KEY: one of the server's keys, RETNET_API_KEYS)")
+    print(f"  curl -N {url}/v1/completions{auth} -H 'Content-Type: application/json' -d {shlex.quote(body)}")
     chat = json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
-    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(chat)}")
+    print(f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d {shlex.quote(chat)}")
     # Structured output: whatever the tiny model would write, the reply is JSON of this schema.
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                                "lines": {"type": "integer", "minimum": 1, "maximum": 99}},
               "required": ["name", "lines"], "additionalProperties": False}
     structured = json.dumps({"messages": [{"role": "user", "content": "Describe a function."}], "max_tokens": 200,
                              "response_format": {"type": "json_schema", "json_schema": {"name": "f", "schema": schema}}})
-    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(structured)}")
-    print(f"  curl {url}/metrics")
+    print(f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d {shlex.quote(structured)}")
+    print(f"  curl {url}/metrics")  # (no key: /metrics and /health are outside --api-keys)
     if args.exit_after:
         server.should_exit = True
         thread.join(timeout=30)

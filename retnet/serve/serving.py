@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -174,6 +175,13 @@ class OpenAIServing:
             what = "is not a directory" if not directory.is_dir() else f"lacks {CONFIG_FILE} or {WEIGHTS_FILE}"
             raise APIError(404, f"The lora adapter path {path!r} {what} (expected peft's save_pretrained directory, "
                            "on the server)", "lora_path", "lora_adapter_not_found")
+        if self.settings.session_dir is not None and self.settings.max_sessions > 0:
+            # As a startup adapter's (session_files): a session named adapter_model would be written over its weights,
+            # or DELETEd as them
+            sessions = Path(self.settings.session_dir).resolve()
+            if sessions == directory.resolve() or directory.resolve() in sessions.parents:
+                raise APIError(400, f"The lora adapter path {path!r} holds --session-dir: a session named adapter_model "
+                               "would be written over its weights", "lora_path", "invalid_lora_adapter")
         module = LoraModule(name, str(directory))  # the snapshot found above: the hub is not asked twice
         try:
             # Reading the weights may take a while: off the event loop, which serves the other requests meanwhile.

@@ -669,6 +669,11 @@ def session_files(settings: ServeSettings, config, metrics: ServeMetrics,
     # The sweep only ever removes session files, but a directory of other files is still no place for them.
     owners = [("--model's directory", settings.model)]
     owners += [(f"the directory of the LoRA adapter {module.name!r}", module.path) for module in settings.lora]
+    # The draft model's too (resolved to its directory by now): a session "model" was written over, or DELETEd as,
+    # its model.safetensors, as --model's would be.
+    spec = settings.speculative
+    if spec is not None and spec.model is not None:
+        owners.append(("--speculative-config's draft model directory", spec.model))
     for what, owner in owners:
         if _inside(directory, Path(owner).expanduser().resolve()):
             raise StartupError(f"--session-dir {settings.session_dir!r} is {what} {owner!r} or inside it; give "
