@@ -281,7 +281,15 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
 
     The weights keep their dtype unless ``dtype`` is given. Returns the new config.
     """
-    src, dst = resolve_pretrained(source), Path(destination)
+    # Path("") is ".": an unset variable ("$DST") wrote the converted model into the working directory, as the
+    # source's own check (resolve_pretrained) refuses for the source
+    if not str(destination).strip():
+        raise ValueError("destination is empty; give the directory to write the converted checkpoint to")
+    try:  # "~/out" as the source is read (resolve_pretrained expands it), not a directory "~" made in the cwd
+        dst = Path(destination).expanduser()
+    except RuntimeError:  # "~name" of no such user, or no home directory
+        dst = Path(destination)
+    src = resolve_pretrained(source)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{str(source)!r} is not a checkpoint directory (no config.json in it)")
     if dst.exists() and dst.resolve() == src.resolve():
@@ -314,9 +322,16 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # (permissions, a read-only file system): a message, not a traceback
         raise ValueError(f"destination {str(destination)!r} cannot be created: {error.strerror or error}") from None
-    model.save_pretrained(dst)
-    for path in _copied(src):
-        shutil.copy2(path, dst / path.name)
+    try:
+        model.save_pretrained(dst)
+        for path in _copied(src):
+            shutil.copy2(path, dst / path.name)
+    except OSError as error:
+        # An existing directory that cannot be written (mkdir above passes it), a full disk: the PermissionError or
+        # OSError came out of the command as a traceback, where mkdir's own failure is a message.
+        where = f" ({error.filename})" if error.filename else ""
+        raise ValueError(f"destination {str(destination)!r} cannot be written{where}: "
+                         f"{error.strerror or error}") from None
     return config
 
 
