@@ -15,12 +15,19 @@ from retnet.train.config import ConfigError
 def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
     """(rank, local_rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1.
     NCCL on CUDA, gloo on CPU."""
+    setting = device_kind
     if device_kind == "auto":
         device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device_kind == "cuda" and local_rank >= torch.cuda.device_count():
+        # More ranks on this node than GPUs it shows (torchrun's --nproc_per_node above the GPU count, or
+        # CUDA_VISIBLE_DEVICES hiding some): set_device raised a bare "CUDA error: invalid device ordinal" traceback
+        raise ConfigError(f"train.device is {setting!r} (CUDA) and this process is local rank {local_rank} (LOCAL_RANK), "
+                          f"but torch sees {torch.cuda.device_count()} CUDA device(s) on this node: launch at most "
+                          f"one process per GPU (torchrun --nproc_per_node)")
     device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
