@@ -210,6 +210,11 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
     def write(tmp: Path) -> None:
         # first: merging replaces the LoRA layers. No embeddings: none is a target and the vocabulary is the base's;
         # peft's "auto" would look base_model_name_or_path up (a hub id: a hub request at every export)
+        # peft holds target_modules as a set: written in its hash order, which PYTHONHASHSEED changes every run
+        # (the same adapter, another adapter_config.json); sorted, an export is byte-for-byte reproducible
+        for adapter_config in wrapped.peft_config.values():
+            if isinstance(adapter_config.target_modules, set):
+                adapter_config.target_modules = sorted(adapter_config.target_modules)
         wrapped.save_pretrained(tmp / ADAPTER_DIR, save_embedding_layers=False)
         merged = wrapped.merge_and_unload()
         if causal_lm:  # a classifier does not generate: no generation config to complete
