@@ -58,6 +58,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is incomplete or corrupt; the message names the directory and the file."""
 
 
+def loading_mismatches(model, info: dict, config, new_head: str | None = None) -> str:
+    """What ``from_pretrained(..., output_loading_info=True)`` left unmatched, for a refusal ("missing: a, b;
+    unexpected: c"; "" when every weight matched): from_pretrained draws the weights a directory lacks at random and
+    only reports them. A tied head is the embedding, not a weight of its own (older transformers list it as
+    missing). ``new_head``: the prefix of a head the model draws anew (a classifier's ``score.`` over a causal LM's
+    export, whose ``lm_head.weight`` it then drops)."""
+    missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
+    if config.tie_word_embeddings:
+        missing -= set(getattr(model, "_tied_weights_keys", None) or ())
+    if new_head:
+        missing = {key for key in missing if not key.startswith(new_head)}
+        unexpected.discard("lm_head.weight")
+    problems = {"missing": sorted(missing), "unexpected": sorted(unexpected),
+                "mismatched": sorted(str(key) for key in info.get("mismatched_keys", ()))}
+    return "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                     for what, keys in problems.items() if keys)
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 

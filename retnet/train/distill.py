@@ -167,6 +167,7 @@ def load_teacher(cfg: DistillConfig, path: Path, config, device: torch.device, d
     from safetensors import SafetensorError
 
     from retnet.model import RetNetForCausalLM
+    from retnet.train.checkpoint import loading_mismatches
 
     try:
         model, info = RetNetForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True,
@@ -174,15 +175,8 @@ def load_teacher(cfg: DistillConfig, path: Path, config, device: torch.device, d
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # no weights, damaged or other-shaped ones
         raise ConfigError(f"distill.teacher {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
                           f"{str(error).strip()[:400]}") from None
-    # A tied head is the embedding, not a weight of its own (older transformers list it as missing)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if config.tie_word_embeddings else set()
-    problems = {"missing": sorted(set(info.get("missing_keys", ())) - tied),
-                "unexpected": sorted(info.get("unexpected_keys", ())),
-                "mismatched": sorted(str(key) for key in info.get("mismatched_keys", ()))}
-    wrong = {what: keys for what, keys in problems.items() if keys}
-    if wrong:
-        shown = "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                          for what, keys in wrong.items())
+    shown = loading_mismatches(model, info, config)
+    if shown:
         raise ConfigError(f"distill.teacher {str(path)!r}: its weights do not match its config.json ({shown}); give a "
                           f"RetNetForCausalLM save_pretrained directory whose weights are all there (another run's "
                           f"train.output_dir/export)")

@@ -80,6 +80,7 @@ from retnet.train.checkpoint import (
     load_checkpoint,
     load_checkpoint_trainer,
     load_sharded_state,
+    loading_mismatches,
     new_temp_dir,
     note_verified,
     remove_stale_export,
@@ -1752,20 +1753,10 @@ def _pretrained_model(path: Path, config, model_class=None) -> nn.Module:
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # no weights, or of other shapes
         raise ConfigError(f"model.init_from {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
                           f"{str(error).strip()[:400]}") from None
-    missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
-    if config.tie_word_embeddings:  # a tied head is the embedding, not a weight of its own
-        missing -= set(getattr(model, "_tied_weights_keys", None) or ())
-    if issubclass(model_class, RetNetForSequenceClassification):
-        # A reward model from a causal LM's export: its score head is new (drawn at random, as TRL's), the LM head
-        # it drops is no weight of the classifier
-        missing = {key for key in missing if not key.startswith("score.")}
-        unexpected.discard("lm_head.weight")
-    problems = {"missing": sorted(missing), "unexpected": sorted(unexpected),
-                "mismatched": sorted(str(key) for key in info.get("mismatched_keys", ()))}
-    wrong = {what: keys for what, keys in problems.items() if keys}
-    if wrong:
-        shown = "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                          for what, keys in wrong.items())
+    # A reward model from a causal LM's export: its score head is new (drawn at random, as TRL's)
+    classifier = issubclass(model_class, RetNetForSequenceClassification)
+    shown = loading_mismatches(model, info, config, new_head="score." if classifier else None)
+    if shown:
         raise ConfigError(f"model.init_from {str(path)!r}: its weights do not match its config.json's "
                           f"{model_class.__name__} ({shown}); give a save_pretrained directory whose weights are all "
                           f"there (another run's train.output_dir/export)")
