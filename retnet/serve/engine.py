@@ -95,6 +95,11 @@ class Engine(ModelThread):
         self.vocab_size = int(self.config.vocab_size)
         self.tokenizer_bound = vocab_bound(tokenizer)  # see token_bound
         self.eos_ids = _eos_ids(settings.model, tokenizer, self.config)
+        # vLLM's EOS proper (the tokenizer's): the other EOS ids (generation_config's, a chat model's end of turn)
+        # are stop tokens there, each named as the stop_reason of a choice it ends
+        self.primary_eos = getattr(tokenizer, "eos_token_id", None)
+        if not isinstance(self.primary_eos, int):
+            self.primary_eos = getattr(self.config, "eos_token_id", None)
         self.speculative = settings.speculative  # None: every step decodes one token a sequence
         self.drafter: DraftModel | None = None  # method draft_model's proposer, loaded with the model
         self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
@@ -1036,11 +1041,13 @@ class Engine(ModelThread):
             unshown = skip or (params.skip_special_tokens and token in self.skipped_ids)
             seq.hidden_end = seq.stops.cut if seq.stops.stopped else self._decode_all([token]) if unshown else ""
             # vLLM's stop_reason: the stop string met (it wins over a stop token whose kept text holds it: vLLM's
-            # detokenizer looks for stop strings after the token's check), else the stop_token_ids token; None for
-            # EOS (vLLM checks it first, so also when stop_token_ids lists it), the length and a grammar's end.
+            # detokenizer looks for stop strings after the token's check), else the stop token (stop_token_ids',
+            # or an EOS id other than the tokenizer's: generation_config's, which vLLM adds to the stop tokens);
+            # None for the tokenizer's EOS (vLLM checks it first, so also when stop_token_ids lists it), the length
+            # and a grammar's end.
             if seq.stops.stopped:
                 stop_reason = seq.stops.matched
-            elif stop_token and not (token in self.eos_ids and not params.ignore_eos):
+            elif stop_token and not (token == self.primary_eos and not params.ignore_eos):
                 stop_reason = token
         logprobs = None
         if params.logprobs is not None:

@@ -58,6 +58,21 @@ async def test_completions_name_the_stop_string_or_token_that_ended_a_choice(mod
             assert streamed_ending(items) == ("stop", expected), (extra, items)
 
 
+async def test_a_generation_configs_other_eos_is_named_as_a_stop_token(model_dir, tokenizer, tmp_path):
+    # vLLM adds generation_config's EOS ids other than the tokenizer's to the stop tokens: a choice one of them ends
+    # names it (a chat model's end-of-turn id); the tokenizer's EOS stays null
+    import shutil
+
+    other = 7
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_token_id, other]}))
+    base = {"model": "micro", "prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0}
+    async with serve_app(model) as client:
+        for token, expected in ((other, other), (tokenizer.eos_token_id, None)):
+            whole = (await client.post("/v1/completions", json={**base, "logit_bias": {str(token): 100}})).json()
+            assert (whole["choices"][0]["finish_reason"], whole["choices"][0]["stop_reason"]) == ("stop", expected)
+
+
 async def test_chat_choices_name_the_stop_string_or_token_that_ended_them(model_dir, tokenizer):
     base = {"model": "micro", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12, **GREEDY}
     async with serve_app(model_dir) as client:
