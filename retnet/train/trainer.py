@@ -1753,6 +1753,14 @@ def _pretrained_model(path: Path, config, model_class=None) -> nn.Module:
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # no weights, or of other shapes
         raise ConfigError(f"model.init_from {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
                           f"{str(error).strip()[:400]}") from None
+    # Weights this run's model.* settings add or drop (hidden_act "sau" adds its alpha and sigma, extra.ffn_bias its
+    # biases; each new one starts at its constructor's value, as before this check): not the export's fault
+    added, dropped = _weights_of_overrides(path, config, model_class)
+    if added & set(info.get("missing_keys", ())) or dropped & set(info.get("unexpected_keys", ())):
+        logger.info("model.init_from: this run's model settings add %d weight(s) (new: %s) and drop %d",
+                    len(added), ", ".join(sorted(added)[:3]) or "none", len(dropped))
+    info = {**info, "missing_keys": [key for key in info.get("missing_keys", ()) if key not in added],
+            "unexpected_keys": [key for key in info.get("unexpected_keys", ()) if key not in dropped]}
     # A reward model from a causal LM's export: its score head is new (drawn at random, as TRL's)
     classifier = issubclass(model_class, RetNetForSequenceClassification)
     shown = loading_mismatches(model, info, config, new_head="score." if classifier else None)
@@ -1761,6 +1769,22 @@ def _pretrained_model(path: Path, config, model_class=None) -> nn.Module:
                           f"{model_class.__name__} ({shown}); give a save_pretrained directory whose weights are all "
                           f"there (another run's train.output_dir/export)")
     return model
+
+
+def _weights_of_overrides(path: Path, config, model_class) -> tuple[set[str], set[str]]:
+    """The weight names ``config`` (the saved config with this run's settings on top) adds to and drops from those
+    of ``path``'s own config.json, for ``model_class`` (both models built on the meta device: no memory)."""
+    from retnet.model import RetNetConfig
+
+    try:
+        saved = RetNetConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            before = set(model_class(saved).state_dict())
+    except (OSError, TypeError, ValueError):  # a saved config only this run's settings make valid: nothing excused
+        return set(), set()
+    with torch.device("meta"):
+        after = set(model_class(copy.deepcopy(config)).state_dict())
+    return after - before, before - after
 
 
 def _setup_logging(rank: int) -> None:

@@ -141,3 +141,24 @@ def test_a_damaged_weights_file_is_refused_naming_init_from(tmp_path):
     with pytest.raises(ConfigError, match="its weights could not be loaded: SafetensorError") as refusal:
         _pretrained_model(export, _tiny(True))
     assert f"model.init_from {str(export)!r}" in str(refusal.value)
+
+
+@pytest.mark.parametrize("override", [{"hidden_act": "sau"}, {"hidden_act": ["gelu", "sau"]}, {"ffn_bias": True}])
+def test_model_settings_that_add_weights_still_load_over_an_init_from(tmp_path, override):
+    # model.* settings apply on top of init_from's config: weights they add (SAU's alpha and sigma, FFN biases)
+    # start at their constructor's values, as before the weight check; it refused them as "missing"
+    import torch
+
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+    from retnet.train.trainer import _pretrained_model
+
+    export = tmp_path / "export"
+    RetNetForCausalLM(_tiny(tie=True)).save_pretrained(export)
+    config = RetNetConfig.from_dict({**RetNetConfig.from_pretrained(export).to_dict(), **override})
+    model = _pretrained_model(export, config)
+    saved = RetNetForCausalLM.from_pretrained(export)
+    assert torch.equal(model.model.layers[1].retention.q_proj.weight, saved.model.layers[1].retention.q_proj.weight)
+    # ... while a weight the export's own config names stays required
+    holed = _holed(export, tmp_path / "holed")
+    with pytest.raises(ConfigError, match=f"missing: {re.escape(HOLE)}"):
+        _pretrained_model(holed, config)
