@@ -376,7 +376,8 @@ class SAU(Activation):
         self.log_sigma.fill_(math.log(self.init_sigma))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints and exports written before the parameters became [1] hold them 0-dim.
+        # Checkpoints written before the parameters became [1] hold them 0-dim (training resumes load them here;
+        # transformers 5's from_pretrained does not call this hook, so such an export is refused as mismatched).
         for key in ("alpha", "log_sigma"):
             value = state_dict.get(prefix + key)
             if isinstance(value, torch.Tensor) and value.dim() == 0:

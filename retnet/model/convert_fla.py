@@ -330,6 +330,8 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
         # An existing directory that cannot be written (mkdir above passes it), a full disk: the PermissionError or
         # OSError came out of the command as a traceback, where mkdir's own failure is a message.
         where = f" ({error.filename})" if error.filename else ""
+        if error.filename and Path(error.filename).parent == src:  # a source file copied (the tokenizer's) unreadable
+            raise ValueError(f"source file {error.filename!r} cannot be read: {error.strerror or error}") from None
         raise ValueError(f"destination {str(destination)!r} cannot be written{where}: "
                          f"{error.strerror or error}") from None
     return config

@@ -247,7 +247,8 @@ def data_fingerprint(cfg: DataConfig, files: list[Path] | None, hub_fingerprint:
 # ----------------------------------------------------------------------------------------------------------
 # Documents
 # ----------------------------------------------------------------------------------------------------------
-def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, streaming: bool, world_size: int = 1):
+def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, streaming: bool, world_size: int = 1,
+                check_files: bool = True):
     import datasets
 
     if files is None:  # a hub name
@@ -258,7 +259,7 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
                                            cache_dir=str(cache_dir / "hf"), **options)
         except Exception as error:  # offline, unknown name, private ...
             raise _hub_error(cfg, error) from None
-        if options and not streaming:
+        if options and not streaming and check_files:  # (load_hub: local rank 0's, the others wait for it)
             _check_hub_csv_files(cfg, builder)
         return loaded
     if cfg.name is not None:
@@ -1278,7 +1279,7 @@ def load_hub(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: Callabl
     loaded = _hf_dataset(cfg, None, cache_dir, streaming=False) if local_rank == 0 else None
     barrier()
     if loaded is None:
-        loaded = _hf_dataset(cfg, None, cache_dir, streaming=False)
+        loaded = _hf_dataset(cfg, None, cache_dir, streaming=False, check_files=False)  # (checked by local rank 0)
     # datasets' private attribute: the public API exposes no identity of the loaded data
     return loaded, getattr(loaded, "_fingerprint", None)
 

@@ -78,3 +78,21 @@ def test_a_destination_under_home_is_expanded_as_the_source_is(tmp_path, monkeyp
     main([str(tmp_path / "fla"), "~/converted"])
     assert not (tmp_path / "cwd" / "~").exists()
     assert RetNetForCausalLM.from_pretrained(tmp_path / "home" / "converted").config.hidden_size == 32
+
+
+def test_an_unreadable_source_file_is_named_as_the_source(tmp_path, capsys, monkeypatch):
+    """A tokenizer file of the source that cannot be read was reported as the destination that cannot be written."""
+    import shutil
+
+    _fake_fla_checkpoint(tmp_path / "fla")
+    (tmp_path / "fla" / "tokenizer.json").write_text("{}")
+
+    def unreadable(source, target, *args, **kwargs):  # (root reads through chmod: the failure is simulated)
+        raise PermissionError(13, "Permission denied", str(source))
+
+    monkeypatch.setattr(shutil, "copy2", unreadable)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "fla"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"source file {str(tmp_path / 'fla' / 'tokenizer.json')!r} cannot be read" in err, err
