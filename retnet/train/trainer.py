@@ -1755,7 +1755,9 @@ def _pretrained_model(path: Path, config, model_class=None) -> nn.Module:
                           f"{str(error).strip()[:400]}") from None
     # Weights this run's model.* settings add or drop (hidden_act "sau" adds its alpha and sigma, extra.ffn_bias its
     # biases; each new one starts at its constructor's value, as before this check): not the export's fault
-    added, dropped = _weights_of_overrides(path, config, model_class)
+    # (two meta models built only when something did not match: the common load pays nothing)
+    unmatched = info.get("missing_keys") or info.get("unexpected_keys")
+    added, dropped = _weights_of_overrides(path, config, model_class) if unmatched else (set(), set())
     if added & set(info.get("missing_keys", ())) or dropped & set(info.get("unexpected_keys", ())):
         logger.info("model.init_from: this run's model settings add %d weight(s) (new: %s) and drop %d",
                     len(added), ", ".join(sorted(added)[:3]) or "none", len(dropped))
