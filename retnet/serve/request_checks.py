@@ -184,6 +184,10 @@ class RequestChecks:
             if not _TOKEN_ID_KEY.fullmatch(key):
                 raise APIError(400, f"logit_bias: the keys must be token ids; got {key!r}", "logit_bias")
             token = int(key)
+            # "5" and "05" both name token 5: one would silently override the other's bias.
+            if token in bias:
+                named = next(k for k in request.logit_bias if k != key and int(k) == token)
+                raise APIError(400, f"logit_bias: keys {named!r} and {key!r} both name token {token}", "logit_bias")
             if not 0 <= token < self.engine.vocab_size:
                 raise APIError(400, f"logit_bias: token id {token} is out of the vocabulary (size "
                                f"{self.engine.vocab_size})", "logit_bias", "invalid_token_id")

@@ -657,7 +657,7 @@ async def test_logit_bias_is_applied_on_both_routes(client):
     vocab = client.app.state.engine.vocab_size
     # int() would take "1_0" as token 10 and "٣" (an Arabic-Indic 3) as token 3.
     for bad in ({"abc": 1}, {str(vocab): 1}, {"-1": 1}, {"5": 101}, {"5": -100.5}, {"1_0": 1}, {"٣": 1},
-                {" 5": 1}):
+                {" 5": 1}, {"5": 1, "05": -1}):
         r = await client.post("/v1/completions", json={**req, "logit_bias": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", (bad, r.text)
 
