@@ -97,7 +97,10 @@ def _padded_batch(form, q, k, v, log_decay, scale, initial_state, output_final_s
     steps = torch.arange(longest, device=q.device)
     valid = steps[None] < lengths[:, None]  # [N, longest]
     rows = (cu_seqlens[:-1].long()[:, None] + steps[None]).clamp(max=q.shape[1] - 1)
-    qb, kb, vb = q[0][rows], k[0][rows] * valid[..., None, None].to(k.dtype), v[0][rows]
+    # The padding repeats real tokens (the next sequence's): set to 0, not multiplied by a 0/1 mask, so that an inf
+    # or NaN there (0 · inf) stays out of the other sequences' outputs, final states and gradients, as unpacked.
+    padding = ~valid[..., None, None]
+    qb, kb, vb = (x[0][rows].masked_fill(padding, 0) for x in (q, k, v))
     o, _ = form(qb, kb, vb, log_decay, scale, initial_state, False, **kw)
     # Each packed token's place in the padded [N · longest] rows (segments are contiguous and in order). Not
     # o[valid]: a boolean index sizes its output from the data, a device sync per layer.

@@ -377,7 +377,8 @@ class SAU(Activation):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the parameters became [1] hold them 0-dim (training resumes load them here;
-        # transformers 5's from_pretrained does not call this hook, so such an export is refused as mismatched).
+        # transformers 5's from_pretrained does not call this hook: modeling_retnet registers a checkpoint conversion
+        # that reshapes them there).
         for key in ("alpha", "log_sigma"):
             value = state_dict.get(prefix + key)
             if isinstance(value, torch.Tensor) and value.dim() == 0:

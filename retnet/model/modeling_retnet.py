@@ -21,6 +21,11 @@ from torch.distributed.tensor import DTensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import __version__ as transformers_version
 from transformers.cache_utils import Cache
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.generation import utils as generation_utils
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutputWithPast
@@ -539,6 +544,33 @@ class RetNetSequenceClassifierOutput(_CacheAlias, SequenceClassifierOutputWithPa
         past_key_values: RetNetCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class _SAUScalarToOneElement(ConversionOps):
+    """An SAU ``alpha``/``log_sigma`` written 0-dim (exports from before they became ``[1]``) loads as ``[1]``.
+
+    ``SAU._load_from_state_dict`` does this for ``load_state_dict`` (training resumes), but transformers 5's
+    ``from_pretrained`` sets parameters itself and refused the 0-dim ones as size mismatches; its checkpoint
+    conversion mapping is the hook it offers for a model's older layouts. Saving keeps ``[1]`` (the reverse is this
+    same op, which leaves a one-element tensor as it is)."""
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        tensors = next(iter(input_dict.values()))
+        tensor = tensors[0] if isinstance(tensors, list) else tensors
+        return {target_patterns[0]: tensor.reshape(1) if tensor.dim() == 0 else tensor}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return self
+
+
+if get_checkpoint_conversion_mapping(RetNetConfig.model_type) is None:  # a reloaded module registered it already
+    register_checkpoint_conversion_mapping(RetNetConfig.model_type, [
+        WeightConverter(source_patterns=[pattern], target_patterns=[pattern],
+                        operations=[_SAUScalarToOneElement()])
+        for pattern in ("mlp.act_fn.alpha", "mlp.act_fn.log_sigma")
+    ])
 
 
 class RetNetPreTrainedModel(PreTrainedModel):

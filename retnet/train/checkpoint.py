@@ -21,7 +21,8 @@ parent directory fsynced. A crash at any point leaves either no ``step_*`` direc
 ``step_*`` directory without a manifest, or whose files do not match it, is refused with the file named.
 Saving a step that already has a checkpoint replaces it (the running process's state wins), swapped in with
 one ``renameat2(RENAME_EXCHANGE)`` where the OS has it. ``.tmp-*`` directories left by a process that died
-mid-save are removed by :func:`remove_stale_temp` when the next run starts.
+mid-save are removed by :func:`remove_stale_temp` when the next run starts (the checkpoint such a replacement
+had moved aside put back in its place).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ SHARDED_STATE = "state"  # the sharded layout's torch.distributed.checkpoint dir
 SHARDED_FILES = ("trainer.pt", f"{SHARDED_STATE}/.metadata")  # with the shards, which the manifest lists
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
+SUPERSEDED_SUFFIX = "-old"  # _replace's name for the checkpoint it replaces, between its two renames
 
 
 class CheckpointError(RuntimeError):
@@ -236,11 +238,11 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _replace(new: Path, final: Path) -> None:
     """Put the complete checkpoint ``new`` at ``final``, which holds a valid one. With an atomic swap there is
-    never a moment without a valid ``final``; without one there is a short gap between two renames, and a
-    crash inside it loses this step (``remove_stale_temp`` deletes both ``.tmp-`` copies; resume falls back to
-    the step before), never leaves a half-written ``step_*``."""
+    never a moment without a valid ``final``; without one (macOS, NFS) there is a short gap between two renames,
+    and a crash inside it leaves the valid one under its ``…-old`` name, which ``remove_stale_temp`` puts back
+    at the next start, never a half-written ``step_*``."""
     if not _exchange(new, final):
-        old = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}-old")
+        old = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}{SUPERSEDED_SUFFIX}")
         os.rename(final, old)
         os.rename(new, final)
         new = old
@@ -255,6 +257,16 @@ def remove_stale_temp(root: Path) -> list[Path]:
     one of them belongs to a process that died mid-save (a preemption loop would otherwise fill the disk)."""
     if not root.is_dir():
         return []
+    for path in sorted(root.glob(f"{TMP_PREFIX}step_*{SUPERSEDED_SUFFIX}")):
+        # _replace's process died between its two renames: this valid checkpoint had been moved aside and its
+        # replacement not yet put in, so its step has none; removed, it took with it the checkpoint a resume
+        # needs (with checkpoint.keep_last 1, the only one)
+        final = root / path.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if STEP_DIR.match(final.name) and path.is_dir() and not final.exists():
+            os.rename(path, final)
+            _fsync_dir(root)
+            logger.warning("restored checkpoint %s, moved aside by a save of the same step that was interrupted",
+                           final)
     stale = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir()]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)

@@ -888,18 +888,39 @@ def model_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
         return []
     configs = [RetNetConfig.from_preset(m.preset, **m.overrides(), vocab_size=_ANY_VOCAB_SIZE)
                for m in (old, current.model)]
-    resolved = [config.to_dict() for config in configs]
-    # "gelu" and ["gelu", "gelu"] (or kwargs per layer or for all) are the same activations, written two ways
-    same_activations = configs[0].layer_activations == configs[1].layer_activations
     fixed = {f.name for f in dataclasses.fields(ModelConfig)}
+    return [f"{f'model.{name}' if name in fixed else f'model.extra.{name}'}: checkpoint {was!r}, now {now!r}"
+            for name, was, now in _differing_fields(*configs)]
+
+
+def architecture_changes(saved: dict[str, Any], current) -> list[str]:
+    """The RetNetConfig fields that differ between the model a checkpoint trained (``saved``, its config's
+    ``to_dict()``) and ``current`` (a RetNetConfig), as ``"hidden_act: checkpoint 'gelu', now 'relu'"``,
+    ``FREE_MODEL_FIELDS`` and the tokenizer's aside: a fine-tune's architecture is its ``model.init_from``'s
+    config.json, which :func:`model_changes` does not see. A saved config that no longer loads is not compared."""
+    from retnet.model import RetNetConfig
+
+    try:
+        old = RetNetConfig.from_dict(dict(saved))
+    except (TypeError, ValueError):
+        return []
+    return [f"{name}: checkpoint {was!r}, now {now!r}" for name, was, now in _differing_fields(old, current)]
+
+
+def _differing_fields(old, new) -> list[tuple[str, Any, Any]]:
+    """(name, old value, new value) of the RetNetConfig fields that change what the weights compute."""
+    from retnet.model import RetNetConfig
+
+    resolved = [old.to_dict(), new.to_dict()]
+    # "gelu" and ["gelu", "gelu"] (or kwargs per layer or for all) are the same activations, written two ways
+    same_activations = old.layer_activations == new.layer_activations
     changes = []
     for name in RetNetConfig.__annotations__:
         if name in FREE_MODEL_FIELDS | _TOKENIZER_FIELDS or resolved[0].get(name) == resolved[1].get(name):
             continue
         if name in ("hidden_act", "hidden_act_kwargs") and same_activations:
             continue
-        key = f"model.{name}" if name in fixed else f"model.extra.{name}"
-        changes.append(f"{key}: checkpoint {resolved[0].get(name)!r}, now {resolved[1].get(name)!r}")
+        changes.append((name, resolved[0].get(name), resolved[1].get(name)))
     return changes
 
 
@@ -1213,7 +1234,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 __all__ = [
     "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "DistillConfig", "DpoConfig",
     "GrpoConfig", "JobConfig", "KtoConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig",
-    "RewardConfig", "TrainConfig", "build_config", "data_changes", "distill_changes", "dpo_changes", "grpo_changes",
-    "kto_changes", "load_config", "lora_changes", "mixture_shares", "model_changes", "optim_changes", "parse_overrides", "preset_names",
-    "reward_changes", "schedule_warnings", "validation_split_warnings",
+    "RewardConfig", "TrainConfig", "architecture_changes", "build_config", "data_changes", "distill_changes",
+    "dpo_changes", "grpo_changes", "kto_changes", "load_config", "lora_changes", "mixture_shares", "model_changes",
+    "optim_changes", "parse_overrides", "preset_names", "reward_changes", "schedule_warnings", "validation_split_warnings",
 ]

@@ -89,6 +89,9 @@ CACHE_VERSION = 2
 # first row with a field too many refused, where pandas shifted the columns): their caches alone are keyed by it, so
 # the caches of other sources are kept. A well-formed file's documents, and so its blocks, are the same again.
 CSV_READING = 3
+# Bumped when the check of a hub set's CSV files (_check_hub_csv_files) judges a file otherwise: the passes it
+# recorded in data.cache_dir are then not trusted, and the files are parsed again.
+HUB_CSV_CHECK = 1
 # A checkpoint's data fingerprint of local files: the digest of the token blocks it trained on (blocks_digest).
 LOCAL_BLOCKS = "blocks-sha256:"
 SPLIT_SEED = 20240601  # fixed: the held-out documents do not change with the training seed
@@ -260,7 +263,7 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
         except Exception as error:  # offline, unknown name, private ...
             raise _hub_error(cfg, error) from None
         if options and not streaming and check_files:  # (load_hub: local rank 0's, the others wait for it)
-            _check_hub_csv_files(cfg, builder)
+            _check_hub_csv_files(cfg, builder, cache_dir)
         return loaded
     if cfg.name is not None:
         # a hub dataset's configuration: local data has none, and ignoring it would read what was not asked for
@@ -282,7 +285,7 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     # (Windows editors write one) is no text of the document, as JSON and CSV readers drop it from their rows
     options = {"sample_by": "document", "encoding": "utf-8-sig", "encoding_errors": "replace"} if kind == "text" else {}
     field, key = _field(cfg)
-    files = _files_with_rows(cfg.dataset, files, kind, _skipped_if_null(key, field))
+    files = _files_with_rows(cfg.dataset, files, kind, _skipped_if_null(key, field), streaming)
     if cfg.format == "text" and kind in ("json", "parquet"):
         _check_later_files(files[1:], kind, cfg.text_field)
     if kind == "json" and not streaming:  # (streamed: a read of the whole set at every start, resumes included)
@@ -376,12 +379,13 @@ def _skipped_if_null(key: str, field: str) -> tuple[str, ...] | None:
 
 
 def _files_with_rows(dataset: str, files: list[Path], kind: str,
-                     text_field: str | tuple[str, ...] | None = None) -> list[Path]:
+                     text_field: str | tuple[str, ...] | None = None, streaming: bool = False) -> list[Path]:
     """``files`` without the Parquet or CSV files that hold nothing to read, which datasets does not skip as it
     skips an empty JSON file: it fails the whole set on one. A Parquet file is read in batches of its first row
     group's rows, 0 in the empty partition that pyarrow (pandas too) writes ("BatchSize must be greater than 0"; a
     file with rows after an empty first row group is read with :func:`_parquet_options`);
-    an empty CSV file has no header for pandas ("No columns to parse from file"). With ``text_field`` (text data),
+    an empty CSV file has no header for pandas ("No columns to parse from file"). Leading CSV files of a header
+    alone are skipped too, not ``streaming``: read first, they type every column null. With ``text_field`` (text data),
     also the leading Parquet files whose column is of type null (pandas writes an all-None column so): the first
     file types the column, and every later file's text fails to cast to null. A later null file is cast to text
     (its rows dropped as empty documents) and stays, so that a stream's saved position, which counts files and
@@ -393,6 +397,8 @@ def _files_with_rows(dataset: str, files: list[Path], kind: str,
         return _without_leading_null_json(files, text_field) if text_field else files
     if kind not in ("parquet", "csv"):
         return files
+    import warnings
+
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -406,7 +412,13 @@ def _files_with_rows(dataset: str, files: list[Path], kind: str,
                 schema = metadata.schema.to_arrow_schema()
                 present = [schema.field(index) for field in fields if (index := schema.get_field_index(field)) >= 0]
                 return metadata.num_rows > 0, bool(present) and all(pa.types.is_null(f.type) for f in present)
-            pd.read_csv(path, nrows=0)
+            # A header alone (pandas' to_csv of an empty frame): read first, its columns of no values are typed
+            # null, and every later file's text failed to cast to null. Not for a stream, which read such a file
+            # (its values cast): skipped, the files after it would move in a saved stream state that counts them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (a first row of a field too many: refused by _csv_options)
+                header_only = pd.read_csv(path, nrows=1, dtype=str, keep_default_na=False, index_col=False).empty
+            return True, header_only and not streaming
         except pd.errors.EmptyDataError:
             return False, False
         except (OSError, ValueError, pa.ArrowException):
@@ -501,8 +513,8 @@ def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
     """ConfigError naming the file whose ``text_field`` holds no text. datasets types a column from the first file
     and casts every later file to it: numbers or booleans there become strings ("5", "true") and train as
     documents, where the same values in the first file are refused (:func:`_check_texts`). A Parquet file's
-    schema says its column's type; a JSON file is judged by its first row (a JSON array file, whose first line is
-    no row, is not)."""
+    schema says its column's type; a JSON file is judged by its first row, after any blank lines (a JSON array
+    file, whose first line is no row, is not)."""
     import pyarrow as pa
 
     for path in files:
@@ -526,7 +538,11 @@ def _check_later_files(files: list[Path], kind: str, text_field: str) -> None:
         else:
             try:
                 with open(path, "rb") as handle:
-                    row = json.loads(handle.readline(1 << 20))
+                    # pyarrow skips blank lines: a file's first row is its first line that holds anything
+                    line = handle.readline(1 << 20)
+                    while line and not line.strip():
+                        line = handle.readline(1 << 20)
+                    row = json.loads(line)
             except ValueError:  # an empty file, a JSON array or a row longer than the line read: datasets reads it
                 continue
             value = row.get(text_field) if isinstance(row, dict) else None
@@ -705,13 +721,18 @@ def _hub_options(cfg: DataConfig, builder) -> dict[str, Any]:
 _HUB_FILE = re.compile(r"hf://datasets/(?P<repo>[^@]+)@(?P<revision>[^/]+)/(?P<path>.+)")
 
 
-def _check_hub_csv_files(cfg: DataConfig, builder) -> None:
+def _check_hub_csv_files(cfg: DataConfig, builder, cache_dir: Path, streaming: bool = False) -> None:
     """A ConfigError naming the file and line when a CSV file of the hub dataset (``data.split``'s, as the HF hub
     cache holds it at the commit read) cannot be parsed (:func:`_csv_file_problem`). Read for its text column
     alone (``usecols``, :func:`_hub_options`), pandas takes a row with a field too many, an unquoted comma, and its
     text ends at that comma without an error, where a local file's read of every column refuses it. The options
     stay as they are (they are part of the set's fingerprint, which earlier runs' resumes are held to): the files
-    are parsed again instead. A file not in the HF hub cache (a set read from the datasets cache alone) is not."""
+    are parsed again instead. A file not in the HF hub cache (a set read from the datasets cache alone, or
+    streamed: ``streaming``, whose files are read over the network) is not; a stream's are named in a warning.
+
+    A file that passed is recorded in ``cache_dir``/``hub-csv-checked`` (a marker per file, keyed by its blob's
+    resolved path, size and mtime, the repository's read settings and :data:`HUB_CSV_CHECK`), so the next start
+    does not parse it again; a file changed since, or read otherwise, is parsed again."""
     import warnings
     from urllib.parse import unquote
 
@@ -724,13 +745,19 @@ def _check_hub_csv_files(cfg: DataConfig, builder) -> None:
     data_files = getattr(builder.config, "data_files", None) or {}
     split = cfg.split.split("[")[0]  # (a slice of it, "train[:10%]", reads its files)
     urls = data_files[split] if split in data_files else [url for urls in data_files.values() for url in urls]
+    unchecked = []
     for url in urls:
         found = _HUB_FILE.fullmatch(str(url))
         if found is None:
             continue
+        repo = found["repo"]
         path = try_to_load_from_cache(found["repo"], found["path"], revision=unquote(found["revision"]),
                                       repo_type="dataset")
         if not isinstance(path, str):  # not cached (None), or cached as missing
+            unchecked.append(found["path"])
+            continue
+        marker = _hub_csv_marker(cache_dir, Path(path), written)
+        if marker is not None and marker.exists():
             continue
         with warnings.catch_warnings():
             # a first row of a field too many: read for one column, its text is cut too, without this warning
@@ -746,6 +773,42 @@ def _check_hub_csv_files(cfg: DataConfig, builder) -> None:
             raise ConfigError(f"data.dataset {cfg.dataset!r}: its CSV file {found['path']!r} ({path}), {problem}. "
                               f"Read for data.text_field {cfg.text_field!r} alone, a row of a field too many passes "
                               f"with its text cut at the unquoted separator: quote the fields that hold one")
+        if marker is not None:
+            _write_marker(marker, {"file": found["path"], "blob": str(Path(path).resolve())})
+    if streaming and unchecked:
+        # pandas gives no sign of such a row when reading one column, and a stream reads each file once, over the
+        # network: parsing it twice would double what a set too large to download is streamed to avoid
+        shown = ", ".join(repr(name) for name in unchecked[:3]) + (", ..." if len(unchecked) > 3 else "")
+        logger.warning("data: %d CSV file(s) of the streamed hub dataset %r are not in the HF hub cache (%s) and are "
+                       "not checked: a row with an unquoted separator is read with its text cut there, without an "
+                       "error. Download the repository once (hf download %s --repo-type dataset) to have them "
+                       "checked at the next start", len(unchecked), cfg.dataset, shown, repo)
+
+
+def _hub_csv_marker(cache_dir: Path, path: Path, written: dict[str, Any]) -> Path | None:
+    """Where a pass of :func:`_check_hub_csv_files` on ``path`` read with ``written`` is recorded, or None when the
+    file cannot be stat'ed. The hub's snapshot entry is a link to a blob named by its content's hash: resolved,
+    the path names the content; its size and mtime_ns catch a blob edited in place."""
+    try:
+        resolved = path.resolve()
+        stat = resolved.stat()
+    except OSError:
+        return None
+    key = _hash(HUB_CSV_CHECK, str(resolved), stat.st_size, stat.st_mtime_ns, written)
+    return cache_dir / "hub-csv-checked" / key
+
+
+def _write_marker(marker: Path, record: dict[str, Any]) -> None:
+    """Write ``marker`` whole or not at all (local rank 0 of several nodes may write the same one)."""
+    tmp = marker.with_name(f".tmp-{marker.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, marker)
+    except OSError as error:  # a cache that cannot be written: the file is parsed again at the next start
+        logger.warning("data: could not record the check of %s in %s: %s", record.get("file"), marker.parent, error)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _no_text_column(dataset: str, text_field: str, error: Exception) -> ConfigError | None:
@@ -764,14 +827,16 @@ def _hub_error(cfg: DataConfig, error: Exception) -> ConfigError:
                        f"{type(error).__name__}: {error}")
 
 
-def _hub_stream(cfg: DataConfig, cache_dir: Path):
+def _hub_stream(cfg: DataConfig, cache_dir: Path, check_files: bool = True):
     """(stream, fingerprint) of a hub dataset: ``load_dataset(streaming=True)`` is these two calls, and the
     builder tells what is streamed. An IterableDataset has no fingerprint; the builder's config id and hash
-    cover its data files, resolved at the hub commit, as the fingerprint of a non-streamed load does."""
+    cover its data files, resolved at the hub commit, as the fingerprint of a non-streamed load does.
+    ``check_files`` (local rank 0): a CSV set's files in the HF hub cache are checked as a non-streamed set's are,
+    the others named in a warning (:func:`_check_hub_csv_files`)."""
     import datasets
 
     try:
-        builder = datasets.load_dataset_builder(cfg.dataset, cfg.name, cache_dir=str(cache_dir / "hf"))
+        repository = builder = datasets.load_dataset_builder(cfg.dataset, cfg.name, cache_dir=str(cache_dir / "hf"))
         options = _hub_options(cfg, builder)
         if options:
             builder = datasets.load_dataset_builder(cfg.dataset, cfg.name, cache_dir=str(cache_dir / "hf"),
@@ -779,6 +844,8 @@ def _hub_stream(cfg: DataConfig, cache_dir: Path):
         stream = builder.as_streaming_dataset(split=cfg.split)
     except Exception as error:
         raise _hub_error(cfg, error) from None
+    if options and check_files:  # (the builder of the repository's own settings: how its files are written)
+        _check_hub_csv_files(cfg, repository, cache_dir, streaming=True)
     return stream, _hash(builder.config_id, str(builder.config.version), builder.hash)
 
 
@@ -1586,7 +1653,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
         if cfg.dataset == "stdlib":
             raise ConfigError("data.streaming is for large local/hub datasets; the stdlib corpus is not streamed")
         if files is None:
-            stream, hub_fingerprint = _hub_stream(cfg, cache_dir)
+            stream, hub_fingerprint = _hub_stream(cfg, cache_dir, check_files=local_rank == 0)
         else:
             stream, hub_fingerprint = _hf_dataset(cfg, files, cache_dir, streaming=True, world_size=world_size), None
     elif files is None and expected is None:

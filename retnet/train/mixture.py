@@ -366,7 +366,7 @@ def _source_reader(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: C
     # a non-streamed set (offline, the HF cache cleared); it loads one only to read its documents
     hub, loaded = expected, None
     if files is None and cfg.streaming:
-        stream, hub = _hub_stream(cfg, cache_dir)
+        stream, hub = _hub_stream(cfg, cache_dir, check_files=local_rank == 0)
     elif files is None and expected is None:
         loaded, hub = load_hub(cfg, cache_dir, local_rank, barrier)
     if files is None and expected is not None and hub != expected:

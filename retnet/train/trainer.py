@@ -99,6 +99,7 @@ from retnet.train.checkpoint import (
 from retnet.train.config import (
     ConfigError,
     JobConfig,
+    architecture_changes,
     data_changes,
     distill_changes,
     dpo_changes,
@@ -484,30 +485,34 @@ class Trainer:
         """What an empty ``lora.target_modules`` adapts on this run's model, known before the model is built (a
         resume compares it with its checkpoint's before the data is read): the architecture of ``model.init_from``,
         else the preset's with ``[model]`` on top."""
-        from retnet.model import RetNetConfig
         from retnet.train.lora import default_targets
 
         if getattr(self, "_lora_defaults", None) is not None:
             return self._lora_defaults
+        self._lora_defaults = default_targets(self._planned_model_config())
+        return self._lora_defaults
+
+    def _planned_model_config(self):
+        """The RetNetConfig this run's model will have but for the tokenizer's ids, known before the data is read:
+        ``model.init_from``'s config.json, else the preset's, with ``[model]`` on top."""
+        from retnet.model import RetNetConfig
+
         overrides = self.cfg.model.overrides()
         init_from = self._init_from_dir()
         try:
             if init_from is None:
-                config = RetNetConfig.from_preset(self.cfg.model.preset, **overrides)
-            else:
-                _check_pretrained_dir(init_from)
-                saved, _ = RetNetConfig.get_config_dict(str(init_from), local_files_only=True)
-                if saved.get("model_type") != RetNetConfig.model_type:  # _pretrained_config's refusal, first here
-                    raise ConfigError(f"model.init_from {str(init_from)!r} holds a {saved.get('model_type')!r} model, "
-                                      "not a RetNet")
-                config = RetNetConfig.from_dict({**saved, **overrides})
+                return RetNetConfig.from_preset(self.cfg.model.preset, **overrides)
+            _check_pretrained_dir(init_from)
+            saved, _ = RetNetConfig.get_config_dict(str(init_from), local_files_only=True)
+            if saved.get("model_type") != RetNetConfig.model_type:  # _pretrained_config's refusal, first here
+                raise ConfigError(f"model.init_from {str(init_from)!r} holds a {saved.get('model_type')!r} model, "
+                                  "not a RetNet")
+            return RetNetConfig.from_dict({**saved, **overrides})
         except ConfigError:
             raise
         except (TypeError, ValueError) as error:  # as the model's own build reports it, once the data is read
             where = f" (on model.init_from {str(init_from)!r})" if init_from is not None else ""
             raise ConfigError(f"model{where}: {error}") from None
-        self._lora_defaults = default_targets(config)
-        return self._lora_defaults
 
     def _teacher_dir(self) -> Path | None:
         """``distill.teacher``'s directory, resolved once (None without distillation)."""
@@ -882,6 +887,7 @@ class Trainer:
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
                 "tokenizer_vocab_sha256": self._tokenizer_fingerprint(),
                 "document_prefix": self.document_prefix,
+                "model_config": self.model_config.to_dict(),  # a fine-tune's: its model.init_from's config.json
             }
             if self.cfg.lora.enabled:  # what peft wrapped: lora.target_modules [] resolved against the model
                 trainer["lora_targets"] = list(self.lora_targets)
@@ -978,6 +984,18 @@ class Trainer:
             changes = changed(trainer.get("config", {}), self.cfg)
             if changes:
                 raise ConfigError(f"checkpoint {str(path)!r} was trained with {what}: {'; '.join(changes)}. {advice}")
+        saved_model = trainer.get("model_config")  # (absent from older checkpoints)
+        if saved_model is not None and self.cfg.model.init_from is not None:
+            # model_changes compares the [model] settings; a fine-tune's architecture is the config.json of
+            # model.init_from, which may name another model now, or have been rewritten, with weights of the same
+            # shapes: the checkpoint's weights would load, and compute another model
+            changes = architecture_changes(saved_model, self._planned_model_config())
+            if changes:
+                raise ConfigError(
+                    f"checkpoint {str(path)!r} was trained on another architecture than model.init_from "
+                    f"{self.cfg.model.init_from!r} has now (its config.json): {'; '.join(changes)}. With it its "
+                    f"weights would compute another model: resume with the model.init_from it was trained from, "
+                    f"{elsewhere}")
         base = trainer.get("lora_base")
         if base is not None and not self.adapters_only:  # lora.rank 0 is lora_changes'
             raise ConfigError(

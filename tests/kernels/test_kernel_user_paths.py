@@ -182,6 +182,32 @@ def test_an_infinite_input_spoils_only_the_rows_that_see_it(dtype):
         assert bad_rows == [5], (fn.__module__, bad_rows)
 
 
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("op", ALL_OPS, ids=_name)
+def test_a_non_finite_token_stays_in_its_own_packed_sequence(op, which):
+    """A NaN query, key or value in one packed sequence leaves the others' outputs, final states and gradients as
+    they are alone. The references ran [0, 2, 5] as a padded batch whose padding (the next sequence's tokens) was
+    multiplied by 0, or kept: a NaN there made the first sequence's outputs, final state or gradients NaN (a prefill
+    burst: one prompt spoiled the others)."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = {name: torch.randn(1, 5, 1, 4, generator=gen).to(DEVICE) for name in "qkv"}
+    inputs[which][0, 2, 0, 0] = math.nan  # the second sequence's first token
+    h0 = torch.randn(2, 1, 4, 4, generator=gen).to(DEVICE)
+    log_decay = torch.tensor([-0.1], device=DEVICE)
+    results = {}
+    for label, fn, tokens, state, cu_seqlens in (
+        ("packed", op, slice(None), h0, torch.tensor([0, 2, 5], device=DEVICE)),
+        ("alone", naive.recurrent_retention, slice(0, 2), h0[:1], None),
+    ):
+        leaves = [x[:, tokens].clone().requires_grad_() for x in inputs.values()] + [state.clone().requires_grad_()]
+        o, ht = fn(*leaves[:3], log_decay, None, leaves[3], True, cu_seqlens=cu_seqlens)
+        (o[:, :2].sum() + ht[0].sum()).backward()  # the first sequence's alone
+        results[label] = [o[:, :2].detach(), ht[:1].detach()] + [x.grad[:, :2] for x in leaves[:3]] + [leaves[3].grad[:1]]
+    for name, got, want in zip(("o", "final state", "dq", "dk", "dv", "dh0"), results["packed"], results["alone"],
+                               strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("bad", [0.25, math.nan], ids=["positive", "nan"])
 @pytest.mark.parametrize("op", ALL_OPS, ids=_name)
 def test_a_log_decay_above_zero_or_nan_is_refused_on_every_path(kt, op, bad):
