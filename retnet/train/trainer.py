@@ -1143,6 +1143,14 @@ class Trainer:
         # build_optimizer's AdamW groups: the decayed parameters, then the others
         for group, decay in zip(adamw_groups, (cfg.weight_decay, 0.0), strict=True):
             group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
+            if kernel.get("fused") or group.get("capturable"):
+                # load_state_dict leaves the step counts on the CPU unless the saved groups were fused (a CPU run's,
+                # or tensor parallelism's without FSDP): the fused kernel wants them on the parameter's device
+                for param in group["params"]:
+                    state = self.optimizer.state.get(param, {})
+                    step = state.get("step")
+                    if isinstance(step, torch.Tensor) and step.device != param.device:
+                        state["step"] = step.to(device=param.device, dtype=torch.float32)
 
     def _check_fits(self, path: Path, got: dict[str, list[int]]) -> None:
         """CheckpointError naming the tensors when the saved model (``got``: its tensors' shapes) is not the

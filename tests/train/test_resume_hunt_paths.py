@@ -79,3 +79,27 @@ def test_a_fine_tune_resumed_on_an_init_from_of_another_architecture_is_refused(
     assert "Traceback" not in err
     assert main(_fine_tune_args(micro, out, base, train__steps=2)) == 0
     assert "at step 1" in capsys.readouterr().err
+
+
+def test_a_resume_switching_to_the_fused_kernel_moves_the_step_counts_to_the_parameters(monkeypatch):
+    # A CPU run's (or tensor parallelism's) checkpoint holds AdamW unfused: load_state_dict leaves its step counts
+    # on the CPU, where the fused kernel a CUDA resume switches on refuses them. Parameters on the meta device stand
+    # in for the GPU's here: the counts must follow them.
+    from types import SimpleNamespace
+
+    from retnet.train import trainer as trainer_module
+    from retnet.train.config import OptimConfig
+
+    params = [torch.nn.Parameter(torch.ones(3, device="meta")), torch.nn.Parameter(torch.ones(2, device="meta"))]
+    optimizer = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1e-3)
+    for param in params:
+        optimizer.state[param] = {"step": torch.tensor(4.0), "exp_avg": torch.zeros_like(param),
+                                  "exp_avg_sq": torch.zeros_like(param)}
+    monkeypatch.setattr(trainer_module, "adamw_kernel", lambda model, device: {"fused": True})
+    fake = SimpleNamespace(cfg=SimpleNamespace(optim=OptimConfig()), optimizer=optimizer, model=None,
+                           device=torch.device("cpu"))
+    trainer_module.Trainer._apply_optim_settings(fake)
+    for param in params:
+        step = optimizer.state[param]["step"]
+        assert step.device == param.device and step.dtype == torch.float32
+    assert all(group["fused"] for group in optimizer.param_groups)
