@@ -20,7 +20,7 @@ import torch
 from retnet.model import RetNetCache
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
 from retnet.serve.sampling import RowSampler, SamplingParams
-from retnet.serve.speculative import DraftState, NgramIndex
+from retnet.serve.speculative import DraftState, NgramIndex, PromptNgrams
 from retnet.serve.state_cache import Session
 
 
@@ -198,6 +198,8 @@ class Group:
     cacheable: bool = True  # False when the state continues a session: its tokens are not a prompt prefix
     continues: bool = False  # True when it continues its session's saved state
     prompt_lp: list[TokenLogprob] = field(default_factory=list)
+    # --speculative-config ngram: the n-grams of ``inputs``, indexed once for its n choices (at the first to draft).
+    ngrams: PromptNgrams | None = None
 
     @property
     def rank(self) -> tuple[int, int]:

@@ -27,39 +27,75 @@ VERIFY_MODE = "recurrent"
 DRAFT_PREFILL_MODE = "chunkwise"
 
 
-class NgramIndex:
-    """Prompt lookup (vLLM's n-gram proposer): where each n-gram of a sequence's tokens (prompt, then generated)
-    last ended, for n in ``sizes``, so that a step finds the most recent earlier occurrence of the last n tokens
-    in O(n) rather than by a scan of the context. Tokens are added as they are generated."""
+class PromptNgrams:
+    """Where each n-gram of a prompt last ended, for n in ``sizes``: the part of prompt lookup that a request's
+    ``n`` choices share (their prompt is one), built once for them all; each choice's :class:`NgramIndex` adds the
+    n-grams of its own tokens. The n-gram ending at the prompt's last token is left to the choices: looked up before
+    any token is generated, it is the suffix itself, not an earlier occurrence."""
 
-    __slots__ = ("ends", "indexed", "tokens")
+    __slots__ = ("ends", "tokens")
 
     def __init__(self, tokens: list[int], sizes: range):
-        self.tokens = list(tokens)
+        self.tokens = tokens  # the group's inputs, never changed once it decodes: not copied
+        last = len(tokens) - 1
+        # zip of the shifted lists gives the n-grams in order, so a later occurrence overwrites an earlier one.
+        self.ends: dict[int, dict[tuple[int, ...], int]] = {
+            n: dict(zip(zip(*(tokens[i:] for i in range(n))), range(n - 1, last))) for n in sizes}
+
+
+class NgramIndex:
+    """Prompt lookup (vLLM's n-gram proposer) for one choice: where each n-gram of its tokens (prompt, then
+    generated) last ended, for n in ``sizes``, so that a step finds the most recent earlier occurrence of the last n
+    tokens in O(n) rather than by a scan of the context. The n-grams within the prompt ``tokens`` are ``prompt``'s,
+    their :class:`PromptNgrams` shared with the other choices of its request (made here when not given); those
+    reaching into the choice's generated tokens are its own, added as they are generated, so that no choice
+    proposes another's tokens."""
+
+    __slots__ = ("ends", "generated", "indexed", "prompt")
+
+    def __init__(self, tokens: list[int], sizes: range, prompt: PromptNgrams | None = None):
+        self.prompt = prompt if prompt is not None else PromptNgrams(list(tokens), sizes)
+        self.generated: list[int] = []
+        # The n-grams ending before this position are indexed: in ``prompt`` up to the prompt's last token (not
+        # included), in ``ends`` from there on.
         self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in sizes}
-        self.indexed = 0  # the n-grams ending before this position are in ``ends``
+        self.indexed = max(len(self.prompt.tokens) - 1, 0)
+
+    def _span(self, start: int, end: int) -> list[int]:
+        """``(prompt + generated)[start:end]``, without building the whole list."""
+        prompt = self.prompt.tokens
+        head = prompt[start:end] if start < len(prompt) else []
+        return head + self.generated[max(0, start - len(prompt)) : max(0, end - len(prompt))]
 
     def propose(self, new_tokens: list[int], count: int) -> list[int]:
         """Append ``new_tokens``, then the ``count`` tokens that followed the latest earlier occurrence of the
         last n tokens, the longest n that has one first; [] when none has."""
-        tokens = self.tokens
-        tokens.extend(new_tokens)
-        last = len(tokens) - 1
+        self.generated.extend(new_tokens)
+        total = len(self.prompt.tokens) + len(self.generated)
+        last = total - 1
+        # The tokens this step reads, from ``start`` on: the n-grams to add and the suffixes to look up.
+        longest = max(self.ends)
+        start = max(0, min(self.indexed, total - longest) - longest + 1)
+        tail = self._span(start, total)
         # Every n-gram ending before the last token (the one ending at it is the suffix looked up).
         for end in range(self.indexed, last):
             for n, table in self.ends.items():
                 if end + 1 >= n:
-                    table[tuple(tokens[end + 1 - n : end + 1])] = end
+                    table[tuple(tail[end + 1 - n - start : end + 1 - start])] = end
         self.indexed = max(self.indexed, last)
         for n in sorted(self.ends, reverse=True):
-            if n > len(tokens):
+            if n > total:
                 continue
-            end = self.ends[n].get(tuple(tokens[len(tokens) - n :]))
+            suffix = tuple(tail[total - n - start :])
+            # The choice's own n-grams all end after the prompt's: the latest occurrence is one of them if any.
+            end = self.ends[n].get(suffix)
+            if end is None:
+                end = self.prompt.ends[n].get(suffix)
             if end is not None:
                 # Past the last token, what followed the occurrence is the drafts themselves: a match ``period``
                 # tokens back proposes the last ``period`` tokens repeated (a loop of one token, its repeats),
                 # not just the few tokens up to the end.
-                draft = tokens[end + 1 : end + 1 + count]
+                draft = self._span(end + 1, end + 1 + count)
                 period = last - end
                 while len(draft) < count:
                     draft.append(draft[len(draft) - period])
@@ -70,7 +106,8 @@ class NgramIndex:
 def propose_drafts(running: list[Sequence], config: SpeculativeConfig) -> list[list[int]]:
     """Each of ``running``'s draft tokens by prompt lookup ([]: it decodes one token), never more than its
     ``max_tokens`` leaves after the token the step samples anyway; its :class:`NgramIndex` is made at its first
-    step with room for drafts, then fed the tokens sampled since."""
+    step with room for drafts, then fed the tokens sampled since. A prompt's n-grams are indexed once
+    (``Group.ngrams``), at the first of its choices to draft: its ``n`` choices share them."""
     drafts = []
     for seq in running:
         room = min(config.num_speculative_tokens, seq.group.params.max_tokens - len(seq.tokens) - 1)
@@ -79,10 +116,12 @@ def propose_drafts(running: list[Sequence], config: SpeculativeConfig) -> list[l
             drafts.append([])
             continue
         if seq.ngrams is None:
-            seq.ngrams = NgramIndex(seq.group.inputs,
-                                    range(config.prompt_lookup_min, config.prompt_lookup_max + 1))
-        known = len(seq.ngrams.tokens) - len(seq.group.inputs)
-        drafts.append(seq.ngrams.propose(seq.tokens[known:], room))
+            sizes = range(config.prompt_lookup_min, config.prompt_lookup_max + 1)
+            group = seq.group
+            if group.ngrams is None:
+                group.ngrams = PromptNgrams(group.inputs, sizes)
+            seq.ngrams = NgramIndex(group.inputs, sizes, group.ngrams)
+        drafts.append(seq.ngrams.propose(seq.tokens[len(seq.ngrams.generated) :], room))
     return drafts
 
 
@@ -227,4 +266,5 @@ def accepted_drafts(draft: list[int], outputs: list[SeqOutput]) -> int:
     return next((p for p, token in enumerate(draft) if p >= len(tokens) or tokens[p] != token), len(draft))
 
 
-__all__ = ["VERIFY_MODE", "DraftModel", "DraftState", "NgramIndex", "accepted_drafts", "propose_drafts"]
+__all__ = ["VERIFY_MODE", "DraftModel", "DraftState", "NgramIndex", "PromptNgrams", "accepted_drafts",
+           "propose_drafts"]
