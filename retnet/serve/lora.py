@@ -216,9 +216,16 @@ def load_adapter(module: LoraModule, linears: dict[str, nn.Linear], max_rank: in
         if alpha is None:
             raise LoraError(f"{where}: lora_alpha / alpha_pattern: {name!r} has no alpha (null)")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        adapter.weights[name] = (a.float().contiguous(), (b.float() * scale).contiguous())
+        a, b = a.float().contiguous(), (b.float() * scale).contiguous()
+        magnitude = None if magnitude is None else magnitude.float().contiguous()
+        # A diverged run's export: its tokens would all decode as NaN logits (garbage text, a logprobs answer a 500).
+        for part, tensor in (("lora_A", a), ("lora_B", b), ("lora_magnitude_vector", magnitude)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise LoraError(f"{where}: {name!r} has a {part} holding values that are not finite (NaN or inf); "
+                                "an adapter from a training run that diverged cannot be served")
+        adapter.weights[name] = (a, b)
         if magnitude is not None:
-            adapter.magnitudes[name] = magnitude.float().contiguous()
+            adapter.magnitudes[name] = magnitude
         adapter.rank = max(adapter.rank, r)
     return adapter
 
@@ -285,10 +292,10 @@ def _check_config(where: str, config: dict) -> None:
     for name, why in UNSUPPORTED_WHEN_SET.items():
         if config.get(name):
             refuse(name, why)
-    # PiSSA, CorDA, OLoRA and LoftQ start from (and save beside) changed base weights: their adapters hold the
-    # difference to those, not to this model's, unless peft converted them back (it then writes True here).
+    # PiSSA, CorDA, OLoRA, LoRA-GA and LoftQ start from (and save beside) changed base weights: their adapters hold
+    # the difference to those, not to this model's, unless peft converted them back (it then writes True here).
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "loftq")):
+    if isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "lora_ga", "loftq")):
         refuse("init_lora_weights", "the adapter was trained on changed base weights; convert it to a plain LoRA "
                "adapter with peft's save_pretrained(path_initial_model_for_weight_conversion=...)")
     # Newer LoRA variants whose forward is not base + scale * B A x (activated LoRA, routing, quantized or block
