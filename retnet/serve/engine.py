@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from retnet.model import RetNetCache
+from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
 from retnet.model.quantization import quantize_model
 from retnet.serve.adapter_slots import AdapterSlots
 from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings, unfinished_character
@@ -93,6 +94,7 @@ class Engine(ModelThread):
         self.model = model
         self.config = model.config if model is not None else _load_config(settings.model)
         self.vocab_size = int(self.config.vocab_size)
+        self.piece_tokens = _piece_tokens(self.config, settings.prefill_chunk_tokens)
         self.tokenizer_bound = vocab_bound(tokenizer)  # see token_bound
         self.eos_ids = _eos_ids(settings.model, tokenizer, self.config)
         # vLLM's EOS proper (the tokenizer's): the other EOS ids (generation_config's, a chat model's end of turn)
@@ -288,8 +290,10 @@ class Engine(ModelThread):
                                                               dtype=getattr(torch, _dtype(self.settings, self.device)))
         self.model = self.model.to(self.device).eval()
         if self.speculative is not None and self.speculative.method == "draft_model":
-            self.drafter = DraftModel(self._load_draft(next(self.model.parameters()).dtype), self.speculative,
-                                      self.settings.prefill_chunk_tokens, self.settings.prefill_token_budget)
+            draft = self._load_draft(next(self.model.parameters()).dtype)
+            self.drafter = DraftModel(draft, self.speculative,
+                                      _piece_tokens(draft.config, self.settings.prefill_chunk_tokens),
+                                      self.settings.prefill_token_budget)
         if self.settings.quantization != "none":  # on the device: torchao quantizes where the weight is
             quantize_model(self.model, self.settings.quantization)
         bound = vocab_bound(self.tokenizer)
@@ -553,7 +557,7 @@ class Engine(ModelThread):
                 self._start(group)
             if group.pos >= len(group.inputs):
                 continue  # the whole prompt was cached: nothing to feed
-            end = min(group.pos + self.settings.prefill_chunk_tokens, len(group.inputs))
+            end = min(group.pos + self.piece_tokens, len(group.inputs))
             if group.prefix_hint is not None and group.pos < group.prefix_hint < end:
                 end = group.prefix_hint  # stop at the boundary worth caching
             pieces.append((group, end))
@@ -1210,6 +1214,15 @@ def _mask_padded_vocabulary(model, bound: int) -> None:
         return logits
 
     head.register_forward_hook(mask)
+
+
+def _piece_tokens(config, chunk_tokens: int) -> int:
+    """The most tokens of a prompt one prefill forward feeds: ``--prefill-chunk-tokens``, and with xPos at most one
+    packed frame (28 288 positions at ``xpos_scale_base`` 512): a packed forward refuses a longer sequence, and two
+    long prompts prefilled in one round (or a draft model catching up on one) would take the engine down."""
+    if getattr(config, "use_xpos", False):
+        return min(chunk_tokens, xpos_span(config, XPOS_PACKED_MAX_GROWTH))
+    return chunk_tokens
 
 
 def _group_rank(group: Group) -> tuple[int, int]:
