@@ -119,6 +119,10 @@ def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]]
     handler's errors."""
     for name, no_op in UNSUPPORTED_FIELDS.items():
         value = getattr(request, name)
+        if name == "stream_options" and isinstance(value, dict) and isinstance(value.get("include_obfuscation"), bool):
+            # OpenAI's padding of a stream's deltas against side channels (on unless false): this server pads none
+            # and a client reads none, so either value changes nothing; false, the bandwidth setting, was refused
+            value = {key: item for key, item in value.items() if key != "include_obfuscation"}
         if name in EMPTY_OBJECT_FIELDS and isinstance(value, dict) and all(v is None for v in value.values()):
             value = None  # {} or {"effort": null, ...}: every setting at its default, which is what null asks
         refusal = not_run_unless_no_op(value, no_op)

@@ -418,6 +418,12 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
         error = LLMatcher.validate_grammar(_json(param, schema))
         if error:
             raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")
+        for key in ("$id", "id"):  # (draft-04's name for it)
+            if isinstance(schema.get(key), str):
+                # Its refs ("#/$defs/B", "#") are to itself, as below; left in, the id made it a resource of its own
+                # that they resolved in, where the definitions gathered at the root, or a rerooted ref, are not: a
+                # 400 "Pointer '/$defs/B' does not exist" for a schema a named tool_choice takes.
+                del schema[key]
         # As JSON, not as Python compares them: {"const": 1} and {"const": true} differ
         clash = any(_as_json(definition) != _as_json(defs.get(key, {}).get(def_name, definition))
                     for key in _DEFINITIONS for def_name, definition in (schema.get(key) or {}).items())
