@@ -251,7 +251,7 @@ def _block_type(block: dict[str, Any], place: str, role: str) -> str:
     if kind not in _BLOCKS[role]:
         other = "user" if role == "assistant" else "assistant"
         where = f"only in an {other} message" if kind in _BLOCKS[other] else "not supported by this server"
-        raise _unsupported(f"{place}.type", f"{kind!r} blocks are {where}; a {role} message takes "
+        raise _unsupported(f"{place}.type", f"{kind!r} blocks are {where}; {'an' if role == 'assistant' else 'a'} {role} message takes "
                            f"{' and '.join(_BLOCKS[role])} blocks")
     return kind
 
