@@ -126,6 +126,12 @@ XPOS_PACKED_MAX_GROWTH = 2.0**100
 XPOS_MIN_ZETA = 0.4 / 1.4
 
 
+class XPosFrameError(ValueError):
+    """A packed (or padded) sequence reaches past the one xPos frame a packed forward gives it (:func:`xpos_span`
+    at :data:`XPOS_PACKED_MAX_GROWTH`): raised by the forward, for what the data holds, so that a training run can
+    stop on it with its message alone."""
+
+
 def xpos_span(config: RetNetConfig, growth: float = XPOS_MAX_GROWTH) -> int:
     """Positions one xPos frame covers with q/k scales within ``growth`` (2 240 at ``xpos_scale_base=512``,
     chunk_size 64, for :data:`XPOS_MAX_GROWTH`); a multiple of ``chunk_size`` when it is longer than a chunk."""
@@ -1096,7 +1102,7 @@ class RetNetModel(RetNetPreTrainedModel):
                           "cache, at its first real token's position): give position_ids that number each row's "
                           "real tokens on from there, as generate builds them from the attention_mask, or leave "
                           "position_ids out (the model counts them so)")
-                raise ValueError(
+                raise XPosFrameError(
                     f"use_xpos: a packed or padded sequence reaches position {high if high >= span else low} from "
                     f"its start, but one forward covers at most {span} positions per sequence when packed "
                     f"(xpos_scale_base={self.config.xpos_scale_base}: q/k scales stay within "

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     import retnet  # noqa: F401 - registers the Auto classes
+    from retnet.model.modeling_retnet import XPosFrameError
     from retnet.train.checkpoint import CheckpointError
     from retnet.train.config import ConfigError, load_config
     from retnet.train.trainer import NonFiniteLossError, Trainer
@@ -86,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"retnet-train: error: {error}", file=sys.stderr)
         status = EXIT_NONFINITE
+    except XPosFrameError as error:
+        # The data's: a document longer than a packed xPos frame, met when a batch holds one (the start warned);
+        # the checkpoints saved before it are kept
+        print(f"retnet-train: error: {error}", file=sys.stderr)
+        status = EXIT_CONFIG
     finally:
         if trainer is not None:
             trainer.close()

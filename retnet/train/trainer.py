@@ -347,6 +347,8 @@ class Trainer:
                 else torch.float32
             self.teacher = load_teacher(cfg.distill, teacher_dir, teacher_config, self.device, dtype)
             self._teacher_fingerprint()  # of the weights just loaded, as LoRA's base (a resume's: already)
+        if self.is_main:
+            self._warn_of_xpos_frames()
         self.n_params = sum(p.numel() for p in self.raw_model.parameters())
         self.n_trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         # GRPO: a sequence is a prompt and its completion, whose length the data learns from [grpo] only at start()
@@ -513,6 +515,28 @@ class Trainer:
         except (TypeError, ValueError) as error:  # as the model's own build reports it, once the data is read
             where = f" (on model.init_from {str(init_from)!r})" if init_from is not None else ""
             raise ConfigError(f"model{where}: {error}") from None
+
+    def _warn_of_xpos_frames(self) -> None:
+        """Warn when a packed row piece can hold a document longer than one packed xPos frame: the forward stops the
+        run at the first batch that holds one (XPosFrameError), maybe hours in. Warned, not refused: a corpus of
+        shorter documents never meets it."""
+        from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
+
+        cfg = self.cfg
+        if (not self.model_config.use_xpos or not cfg.data.document_boundaries
+                or getattr(self.data, "preference", False) or getattr(self.data, "grpo", False)):
+            return
+        # a micro-batch's blocks are one packed row, in which a document's consecutive blocks stay one sequence
+        piece = self.data.seq_len * cfg.train.micro_batch_size // self.cp_size
+        span = xpos_span(self.model_config, XPOS_PACKED_MAX_GROWTH)
+        if piece > span:
+            where = " per context-parallel rank" if self.cp_size > 1 else ""
+            logger.warning(
+                "model use_xpos with data.document_boundaries: a packed row holds %d tokens%s (data.seq_len %d x "
+                "train.micro_batch_size %d), and a document longer than one packed xPos frame, %d positions at "
+                "xpos_scale_base %s, stops the run when a batch holds it; data.document_boundaries=false (or more "
+                "context-parallel ranks) keeps every piece within a frame", piece, where, self.data.seq_len,
+                cfg.train.micro_batch_size, span, self.model_config.xpos_scale_base)
 
     def _teacher_dir(self) -> Path | None:
         """``distill.teacher``'s directory, resolved once (None without distillation)."""
