@@ -263,7 +263,10 @@ def remove_stale_temp(root: Path) -> list[Path]:
         # needs (with checkpoint.keep_last 1, the only one)
         final = root / path.name[len(TMP_PREFIX):].split("-", 1)[0]
         if STEP_DIR.match(final.name) and path.is_dir() and not final.exists():
-            os.rename(path, final)
+            try:
+                os.rename(path, final)
+            except FileNotFoundError:  # another start on this output_dir put it back first
+                continue
             _fsync_dir(root)
             logger.warning("restored checkpoint %s, moved aside by a save of the same step that was interrupted",
                            final)

@@ -54,7 +54,8 @@ reference. Rank 0 writes them to ``<output_dir>/reference_logps.pt`` with a cont
 they are of (:func:`pairs_digest`); checkpoints hold the file's digest, and a resume loads that file (or the one
 beside the checkpoint's run), refuses one of another digest, and one computed for other pairs than the data now
 gives: it never recomputes them from the resumed weights. With ``dpo.reference_free`` (TRL's) the reference
-log-probs are 0: none are computed, written or read back.
+log-probs are 0: none are computed, written or read back; checkpoints also hold the pairs' hash, which a resume
+without a reference file compares with the data it reads (:meth:`PreferenceData.check_pairs`).
 
 The loss is TRL's ``dpo.loss_type`` (:func:`dpo_loss`, every parallel layout's), ``dpo.rpo_alpha`` adding RPO's
 NLL of the chosen completions (:func:`chosen_nll`, logged as TRL's ``nll_loss``). ``simpo`` (TRL's CPOTrainer's,
@@ -700,6 +701,7 @@ class PreferenceData:
     preference = True
     masked = False  # (chat data's flag: these batches are PairBatch, whose loss is this class's)
     metrics = METRICS  # the names of _pair_loss's metric sums (a subclass's objective logs its own)
+    changed = "pairs edited, added or removed"  # what makes _content_digest differ, as check_pairs says it
     model_class = None  # what the trainer builds from model.init_from: None, its RetNetForCausalLM
     _permutation = PackedData._permutation
     block_rows = PackedData.block_rows
@@ -725,6 +727,8 @@ class PreferenceData:
         self.reference: dict[str, torch.Tensor] = {}
         self.digest: str | None = None  # of the reference: this run's, or the checkpoint's until start() checks it
         self._step: torch.Tensor | None = None  # this rank's metric sums of the step so far
+        self._pairs_sha256: str | None = None  # _content_digest, once computed (:meth:`pairs_sha256`)
+        self._saved_pairs: dict[str, Any] | None = None  # a resumed checkpoint's (state_dict's "pairs")
         self._window, self._window_steps = [0.0] * len(self.metrics), 0
 
     def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
@@ -753,6 +757,7 @@ class PreferenceData:
         # a fresh window (a resumed one has the checkpoint's, of the same objective: dpo_changes holds it)
         self._window += [0.0] * (len(self.metrics) - len(self._window))
         if not dpo.uses_reference:
+            self.check_pairs(checkpoint)  # (else the reference file, which holds their digest, is checked)
             # Every reference log-prob is 0: no pass over the pairs at the start, no file, nothing a resume reads
             # (its checkpoints' "reference" is None). The saving is that pass's time; the reference itself, two
             # floats a pair, was never a memory cost (no second model is held).
@@ -792,6 +797,35 @@ class PreferenceData:
         """What the reference file says its log-probs are of, which a resume compares with the data it reads:
         :func:`pairs_digest` of the splits (a subclass may add what else its loss reads of them)."""
         return pairs_digest([self.train, self.val])
+
+    def pairs_sha256(self) -> str:
+        """:meth:`_content_digest` of the splits, computed once: what a checkpoint's data position counts pairs of."""
+        if self._pairs_sha256 is None:
+            self._pairs_sha256 = self._content_digest()
+        return self._pairs_sha256
+
+    def check_pairs(self, checkpoint: Path | None) -> None:
+        """A ConfigError when a resume (from ``checkpoint``) reads other pairs than its run was trained on: the same
+        path edited in place (data_changes compares only the settings; a cache miss re-reads the file). Its position
+        counts pairs of the shuffled train split, so it would go on in other pairs, and ones held out for validation
+        could now be trained on. A reference file holds the same digest (a DPO run's is checked against it); this is
+        what a run without one (a reward model, a reference-free objective) has. A checkpoint written before it held
+        the digest resumes unchecked."""
+        if checkpoint is None:
+            return
+        saved = self._saved_pairs
+        if saved is None:
+            logger.info("the checkpoint was written before preference checkpoints held a digest of their pairs: the "
+                        "pairs of %s are not compared with those it was trained on", self.dataset)
+            return
+        now = self.pairs_sha256()
+        if saved["sha256"] != now:
+            raise ConfigError(
+                f"data.dataset {self.dataset!r}: the pairs changed since the checkpoint was written: it was trained on "
+                f"{saved['train']} train + {saved['val']} validation pairs (sha256 {saved['sha256'][:16]}…), the data "
+                f"now gives {len(self.train)} + {len(self.val)} other ones (sha256 {now[:16]}…): {self.changed}. Its "
+                f"data position would point into other pairs, and pairs held out for validation could now be trained "
+                f"on. Restore the data, or start a new run in another train.output_dir")
 
     def check_prompted(self) -> None:
         """A ConfigError naming the dataset and its rows when pairs have no prompt (prompt-less rows whose chosen
@@ -932,13 +966,15 @@ class PreferenceData:
     # -- position ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "preference", "consumed": self.consumed, "reference": self.digest,
-                "window": list(self._window), "window_steps": self._window_steps}
+                "window": list(self._window), "window_steps": self._window_steps,
+                "pairs": {"sha256": self.pairs_sha256(), "train": len(self.train), "val": len(self.val)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "preference":
             raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a preference run")
         self.consumed, self.digest = int(state["consumed"]), state["reference"]
         self._window, self._window_steps = [float(v) for v in state["window"]], int(state["window_steps"])
+        self._saved_pairs = state.get("pairs")  # (start() compares it with the pairs read now)
 
 
 def _first_rank() -> bool:

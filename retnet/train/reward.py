@@ -28,6 +28,7 @@ the adapters and the new ``score`` head trains in full beside them (:mod:`retnet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -100,6 +101,7 @@ class RewardData(PreferenceData):
     metrics of :func:`reward_loss`, nothing to start (no reference)."""
 
     metrics = METRICS
+    changed = f"pairs edited, added or removed, or their {MARGIN!r} values"  # (the loss reads them too)
 
     @classmethod
     def of(cls, data: PreferenceData, cfg: RewardConfig) -> RewardData:
@@ -110,6 +112,7 @@ class RewardData(PreferenceData):
         reward.__dict__.update(data.__dict__)
         reward.reward = cfg
         reward._window = [0.0] * len(cls.metrics)
+        reward._pairs_sha256 = None  # its digest holds the margins too (_content_digest)
         reward.margins = None  # on the device from start(): the margin column's values, by split
         if data.train.margins is not None or data.val.margins is not None:
             logger.info("reward model: each pair's loss is -logsigmoid(r_chosen - r_rejected - margin), margin the "
@@ -160,12 +163,21 @@ class RewardData(PreferenceData):
         is None), and takes pairs without a prompt, which DPO's start refuses
         (:meth:`~retnet.train.preference.PreferenceData.check_prompted`)."""
         self.device, self.autocast, self.group, self.context = device, autocast, group, context
+        self.check_pairs(checkpoint)  # a resume on other pairs (or margins) at the same path is refused
         splits = {"train": self.train, "val": self.val}
         if any(pairs.margins is not None for pairs in splits.values()):
             # (a split of no pairs is encoded without its dataset's columns: no margins, and none needed)
             self.margins = {name: torch.zeros(len(pairs), device=device) if pairs.margins is None else
                             torch.as_tensor(np.asarray(pairs.margins), dtype=torch.float32, device=device)
                             for name, pairs in splits.items()}
+
+    def _content_digest(self) -> str:
+        """The pairs' tokens (:func:`~retnet.train.preference.pairs_digest`) and their ``margin`` values, which the
+        loss reads too: a resume on changed margins is refused as one on changed pairs."""
+        digest = hashlib.sha256(super()._content_digest().encode())
+        for pairs in (self.train, self.val):
+            digest.update(b"-" if pairs.margins is None else np.ascontiguousarray(pairs.margins, np.float32).tobytes())
+        return digest.hexdigest()
 
     def _pair_loss(self, model: torch.nn.Module, batch: PairBatch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(the pairs' losses ``[B]``, the sums of :data:`METRICS`, in that order)."""

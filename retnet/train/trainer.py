@@ -217,10 +217,6 @@ class Trainer:
         resume_path = self._resolve_resume()  # (rank 0 also creates output_dir)
         self.resumed = resume_path is not None
         if self.is_main:
-            stale = remove_stale_temp(self.ckpt_root)
-            if stale:
-                logger.info("removed stale temporary checkpoint directories of an interrupted save: %s",
-                            ", ".join(p.name for p in stale))
             stale = [*remove_stale_export(self.output_dir / "export"),
                      *remove_stale_export(self.output_dir / "tokenizer")]
             if stale:
@@ -675,6 +671,12 @@ class Trainer:
         if self.is_main:
             try:
                 self._make_output_dir()
+                # Before the pick: it puts back a checkpoint that an interrupted save of the same step moved aside,
+                # which the pick (resume=auto, or that step's path) is to find
+                stale = remove_stale_temp(self.ckpt_root)
+                if stale:
+                    logger.info("removed stale temporary checkpoint directories of an interrupted save: %s",
+                                ", ".join(p.name for p in stale))
                 picked = self._pick_checkpoint()
                 answer[0] = ("ok", picked, picked and verified_identity(Path(picked)))
             except (CheckpointError, ConfigError) as error:
@@ -1009,17 +1011,6 @@ class Trainer:
             if changes:
                 raise ConfigError(f"checkpoint {str(path)!r} was trained with {what}: {'; '.join(changes)}. {advice}")
         saved_model = trainer.get("model_config")  # (absent from older checkpoints)
-        if saved_model is not None and self.cfg.model.init_from is not None:
-            # model_changes compares the [model] settings; a fine-tune's architecture is the config.json of
-            # model.init_from, which may name another model now, or have been rewritten, with weights of the same
-            # shapes: the checkpoint's weights would load, and compute another model
-            changes = architecture_changes(saved_model, self._planned_model_config())
-            if changes:
-                raise ConfigError(
-                    f"checkpoint {str(path)!r} was trained on another architecture than model.init_from "
-                    f"{self.cfg.model.init_from!r} has now (its config.json): {'; '.join(changes)}. With it its "
-                    f"weights would compute another model: resume with the model.init_from it was trained from, "
-                    f"{elsewhere}")
         base = trainer.get("lora_base")
         if base is not None and not self.adapters_only:  # lora.rank 0 is lora_changes'
             raise ConfigError(
@@ -1033,6 +1024,21 @@ class Trainer:
                 f"{str(path)!r} trained its LoRA adapters on (it holds only the adapters; their base was "
                 f"{base['path']!r}, sha256 {base['sha256'][:16]}…, now {self._base_fingerprint()[:16]}…): restore "
                 f"that model, or start in another train.output_dir")
+        trained_from = trainer.get("config", {}).get("model", {}).get("init_from")
+        if saved_model is not None and (self.cfg.model.init_from is not None or trained_from is not None):
+            # model_changes compares the [model] settings; a fine-tune's architecture is the config.json of
+            # model.init_from, which may name another model now, or have been rewritten, or be left out (the
+            # preset's then), with weights of the same shapes: the checkpoint's weights would load, and compute
+            # another model
+            changes = architecture_changes(saved_model, self._planned_model_config())
+            if changes:
+                now = (f"model.init_from {self.cfg.model.init_from!r} has now (its config.json)"
+                       if self.cfg.model.init_from is not None else
+                       f"model.preset {self.cfg.model.preset!r} gives without model.init_from")
+                raise ConfigError(
+                    f"checkpoint {str(path)!r} was trained on another architecture than {now}: "
+                    f"{'; '.join(changes)}. With it its weights would compute another model: resume with the "
+                    f"model.init_from it was trained from ({trained_from!r}), {elsewhere}")
         taught = trainer.get("distill_teacher")
         if taught is not None and self.cfg.distill.enabled and taught["sha256"] != self._teacher_fingerprint():
             raise ConfigError(

@@ -124,7 +124,7 @@ def test_a_streamed_mixture_source_without_column_names_samples_its_rows_for_the
 
     rows = [{"prompt": f"Q: What is {i} plus 3?\nA:", "completion": f" {i + 3}."} for i in range(4)]
     stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
-    monkeypatch.setattr(mixture, "_hub_stream", lambda cfg, cache_dir: (stream, "fingerprint"))
+    monkeypatch.setattr(mixture, "_hub_stream", lambda cfg, cache_dir, **_: (stream, "fingerprint"))
     config = DataConfig(dataset="someone/pairs", format="chat", streaming=True, val_documents=1,
                         cache_dir=str(tmp_path / "cache"))
     _, documents = mixture._source_reader(config, tmp_path / "cache", 0, lambda: None, None)

@@ -44,6 +44,25 @@ def test_a_crash_between_the_two_renames_of_a_replacement_keeps_the_checkpoint(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]
 
 
+def test_a_relaunch_resumes_from_the_checkpoint_an_interrupted_replacement_moved_aside(micro, run_here, read_metrics,
+                                                                                     tmp_path):
+    """The relaunch itself must find the checkpoint put back: it picked its checkpoint before removing the stale
+    directories, so with keep_last 1 it started from nothing (its metrics.jsonl rewritten from step 0)."""
+    out = tmp_path / "run"
+    args = micro(out, train__steps=2, checkpoint__interval=2, checkpoint__keep_last=1)
+    assert run_here(args).returncode == 0
+    first = read_metrics(out)
+    step = out / "checkpoints" / "step_00000002"
+    os.rename(step, step.with_name(f".tmp-{step.name}-4242-old"))  # killed between _replace's two renames
+
+    done = run_here(micro(out, train__steps=3, checkpoint__interval=2, checkpoint__keep_last=1))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "restored checkpoint" in done.stderr
+    records = read_metrics(out)
+    # resumed at step 2: the records up to it are the first run's (times included), not those of a new start
+    assert [r["step"] for r in records] == [1, 2, 3] and records[:2] == first
+
+
 def _fine_tune_args(micro, out, init_from, **overrides) -> list[str]:
     """``micro``'s arguments for a fine-tune of ``init_from`` (its architecture and tokenizer are the model's)."""
     return [arg for arg in micro(out, **overrides) if not arg.startswith(("--data.tokenizer=", "--model."))] + [
@@ -79,6 +98,15 @@ def test_a_fine_tune_resumed_on_an_init_from_of_another_architecture_is_refused(
     assert "Traceback" not in err
     assert main(_fine_tune_args(micro, out, base, train__steps=2)) == 0
     assert "at step 1" in capsys.readouterr().err
+
+    # model.init_from left out on resume: the model would be the preset's (its [model] settings unchanged)
+    out = tmp_path / "relu"
+    assert main(_fine_tune_args(micro, out, other, train__steps=1)) == 0
+    capsys.readouterr()
+    without = [arg for arg in _fine_tune_args(micro, out, other, train__steps=2) if "init_from" not in arg]
+    assert main(without) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "without model.init_from" in err and "hidden_act: checkpoint 'relu'" in err, err[-2000:]
 
 
 def test_a_resume_switching_to_the_fused_kernel_moves_the_step_counts_to_the_parameters(monkeypatch):
