@@ -11,7 +11,9 @@ forward and hands each input one pooled row. What a row is depends on the pooler
 segment an input) of at most ``--prefill-token-budget`` tokens (an input longer than the budget runs alone), taken
 round-robin across the waiting requests so that a request of many inputs does not hold back those behind it (under
 ``--scheduling-policy priority`` the requests of the best priority first, round-robin among them); each input's row
-reaches its request on the event loop (``call_soon_threadsafe``). The handlers are in
+reaches its request on the event loop (``call_soon_threadsafe``). With xPos an input longer than one packed frame
+(:func:`~retnet.model.modeling_retnet.xpos_span` at ``XPOS_PACKED_MAX_GROWTH``) runs alone and unpacked, in the
+model's own frames: packed, the model refuses it, and with it every input of its forward. The handlers are in
 :mod:`retnet.serve.classify`.
 """
 
@@ -31,6 +33,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
 from retnet.model.quantization import quantize_model
 from retnet.serve.engine import _device, _dtype, _load_config, freeze_startup_heap
 from retnet.serve.metrics import ServeMetrics
@@ -86,7 +89,8 @@ class Pooler(Protocol):
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
-    def __call__(self, model: torch.nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor: ...
+    # cu_seqlens None: ids hold one input, run unpacked (an xPos input longer than a packed frame).
+    def __call__(self, model: torch.nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor: ...
 
 
 class ScorePooler:
@@ -108,8 +112,14 @@ class ScorePooler:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def __call__(self, model, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]``: the score rows ``[N, num_labels]`` in fp32."""
+    def __call__(self, model, ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]`` (None: one input, unpacked): the score rows
+        ``[N, num_labels]`` in fp32."""
+        if cu_seqlens is None:
+            # The mask makes the last token the scored one: without it transformers' rule would skip a final EOS
+            # that is also the pad id.
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
+                         return_dict=True).logits.float()
         return model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False, return_dict=True).logits.float()
 
     def activate(self, rows: torch.Tensor) -> torch.Tensor:
@@ -163,11 +173,13 @@ class EmbedPooler:
         # A causal LM or a classifier given already loaded (tests): its backbone, as load() takes it.
         return model.base_model
 
-    def __call__(self, model, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]``: the embeddings ``[N, hidden_size]`` in fp32,
-        not normalized (:meth:`activate`)."""
+    def __call__(self, model, ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """``ids`` ``[1, T]`` packed by ``cu_seqlens`` ``[N + 1]`` (None: one input, unpacked): the embeddings
+        ``[N, hidden_size]`` in fp32, not normalized (:meth:`activate`)."""
         hidden = model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False,
                        return_dict=True).last_hidden_state[0].float()  # [T, d]
+        if cu_seqlens is None:
+            return hidden[-1:] if self.pooling_type == "LAST" else hidden.mean(0, keepdim=True)
         if self.pooling_type == "LAST":
             rows = hidden[cu_seqlens[1:] - 1]
         else:  # each segment's sum over its own tokens, divided by its length
@@ -220,6 +232,10 @@ class PoolingEngine(ModelThread):
             pooler = EmbedPooler(self.config, **settings.pooler) if embed else ScorePooler(self.config)
         self.pooler = pooler
         self.vocab_size = int(self.config.vocab_size)
+        # The longest input a packed forward takes: with xPos one packed frame (the model refuses a longer packed
+        # sequence, failing every input beside it); a longer one runs alone, unpacked, in the model's own frames.
+        self.packed_tokens = (xpos_span(self.config, XPOS_PACKED_MAX_GROWTH) if getattr(self.config, "use_xpos", False)
+                              else None)
         # What OpenAIServing's /tokenize, /detokenize and model card read of an engine: no LoRA adapter is served
         # here, and nothing is generated that could stop.
         self.adapters: dict = {}
@@ -322,11 +338,12 @@ class PoolingEngine(ModelThread):
         return sum(len(request.inputs) for request in self.waiting)
 
     def _next_batch(self) -> list[PoolingInput] | None:
-        """Waiting inputs whose tokens fit the budget together (an input over it alone), one from each waiting
-        request in turn (each request's in its own order), so that a request of many inputs does not hold back the
-        requests behind it: they are run within a forward or two. The turn goes on where the last batch stopped.
-        Under --scheduling-policy priority the turn goes round the requests of the best priority until their inputs
-        are all taken, then to the next priority's. None once the engine stops."""
+        """Waiting inputs whose tokens fit the budget together (an input over it alone, as one over an xPos packed
+        frame: ``packed_tokens``), one from each waiting request in turn (each request's in its own order), so that
+        a request of many inputs does not hold back the requests behind it: they are run within a forward or two.
+        The turn goes on where the last batch stopped. Under --scheduling-policy priority the turn goes round the
+        requests of the best priority until their inputs are all taken, then to the next priority's. None once the
+        engine stops."""
         budget = self.settings.prefill_token_budget
         with self.cond:
             while not self.waiting and not self.stopping:
@@ -341,7 +358,8 @@ class PoolingEngine(ModelThread):
                     queue.popleft()
                 if not queue:
                     continue
-                if batch and tokens + len(queue[0].ids) > budget:
+                alone = self._unpacked(len(queue[0].ids))
+                if batch and (alone or tokens + len(queue[0].ids) > budget):
                     self.waiting.appendleft(request)  # its turn comes first in the next batch
                     break
                 item = queue.popleft()
@@ -351,18 +369,26 @@ class PoolingEngine(ModelThread):
                     # Its next turn: after the other requests of its priority, before any of a worse one (the
                     # queue is in priority order and it came first, so none is better).
                     bisect.insort(self.waiting, request, key=_priority)
+                if alone:
+                    break
             self.metrics.queue_depth.set(self._queued())
         return batch
 
+    def _unpacked(self, tokens: int) -> bool:
+        """Whether an input of ``tokens`` runs alone and unpacked: longer than an xPos packed frame."""
+        return self.packed_tokens is not None and tokens > self.packed_tokens
+
     def _forward(self, batch: list[PoolingInput]) -> None:
-        """Run ``batch`` packed into one row. A forward that raises, or that does not answer one row of
-        ``pooler.width`` values per input, fails this batch's requests alone (500 ``forward_failed``); an input
-        given inf or NaN fails its own request alone (500 ``non_finite_score``: JSON cannot carry the value)."""
+        """Run ``batch`` packed into one row (an input over an xPos packed frame: alone, unpacked). A forward that
+        raises, or that does not answer one row of ``pooler.width`` values per input, fails this batch's requests
+        alone (500 ``forward_failed``); an input given inf or NaN fails its own request alone (500
+        ``non_finite_score``: JSON cannot carry the value)."""
         lengths = [len(item.ids) for item in batch]
         kind, noun, width = self.pooler.kind, self.pooler.noun, self.pooler.width
         try:
             ids = torch.tensor([[token for item in batch for token in item.ids]], dtype=torch.long, device=self.device)
-            cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.long, device=self.device)
+            cu_seqlens = (None if len(batch) == 1 and self._unpacked(lengths[0]) else
+                          torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.long, device=self.device))
             rows = self.pooler(self.model, ids, cu_seqlens).cpu()
             # Checked here: an input without its row would never be answered, its request waiting forever.
             if tuple(rows.shape) != (len(batch), width):
