@@ -363,11 +363,13 @@ class OpenAIServing:
                                         as_ids=self._as_ids(request))
             if first[out.index] and request.echo:
                 text = prompts[out.index].text + text
+            # vLLM's: a choice's first chunk carries its prompt's ids (never skipped below with return_token_ids).
+            prompt_ids = prompts[out.index].ids if first[out.index] and request.return_token_ids else None
             first[out.index] = False
             if not (text or out.finish_reason or logprobs or request.return_token_ids):
                 continue
             choice = CompletionChoice(index=out.index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
-                                      stop_reason=out.stop_reason,
+                                      stop_reason=out.stop_reason, prompt_token_ids=prompt_ids,
                                       token_ids=out.token_ids if request.return_token_ids else None)
             usage = self._usage_counts(handle, sum(counts)) if continuous else None
             chunk = dump(CompletionResponse(id=rid, created=created, model=served, choices=[choice],
@@ -640,7 +642,8 @@ class OpenAIServing:
         usage_opt, continuous = _usage_options(request)
         total = 0
 
-        def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> dict:
+        def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None, opening: bool = False) -> dict:
+            """``opening``: a choice's first chunk, which carries the prompt's ids with ``return_token_ids``."""
             if continuous and usage is None:
                 usage = self._usage_counts(handle, total)
             data = dump(ChatCompletionChunk(id=rid, created=created, model=served,
@@ -648,13 +651,15 @@ class OpenAIServing:
                                             session_id=request.session_id))
             if not usage_opt:
                 data.pop("usage", None)
+            if opening and request.return_token_ids:
+                data["prompt_token_ids"] = run.prompt  # where vLLM puts a chat chunk's: beside choices, not in one
             for item in data["choices"]:
                 item["delta"] = {key: value for key, value in item["delta"].items() if value is not None}
             return data
 
         echo = _chat_echo(request)
         for index in range(handle.num_choices):
-            yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
+            yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")), opening=True)
             if echo:
                 yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(content=echo)))
         held = [""] * handle.num_choices
