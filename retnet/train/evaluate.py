@@ -149,9 +149,16 @@ def score_documents(model, documents: Sequence[Sequence[int]], *, segment_tokens
     queue takes over its cache row in the next segment, from a fresh state (zero, position 0: what a document
     scored alone starts from), so the row holds ``batch_size`` documents until the queue is empty (continuous
     batching). The result is batch_size=1's, up to the rounding of the sums. ``buckets`` also gets each
-    target's loss by its position in its document."""
+    target's loss by its position in its document. An xPos model's segments are at most one packed xPos frame."""
     if segment_tokens < 1 or batch_size < 1:
         raise ValueError(f"segment_tokens and batch_size must be >= 1; got {segment_tokens}, {batch_size}")
+    config = getattr(model, "config", None)
+    if getattr(config, "use_xpos", False):
+        # The packed forward runs each piece in one xPos frame and refuses a longer one (XPosFrameError, a traceback
+        # after the model had loaded); shorter pieces carry the same state, so the loss is the same
+        from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
+
+        segment_tokens = min(segment_tokens, xpos_span(config, XPOS_PACKED_MAX_GROWTH))
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per segment
     targets = 0
@@ -402,6 +409,12 @@ def _device(name: str | None) -> torch.device:
         raise EvalError(f"--device {name!r} is no torch device (cpu, cuda, cuda:1 ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {name!r}: CUDA is not available here")
+    try:  # (as retnet-serve checks it) cuda:3 on a machine with fewer GPUs, or xpu/mps torch was not built with,
+        # failed only as the loaded model moved there, a traceback
+        torch.empty(1, device=device)
+    except (AssertionError, RuntimeError, NotImplementedError, ImportError) as error:
+        raise EvalError(f"--device {name!r} is not available here: {(str(error).strip() or type(error).__name__).splitlines()[0][:200]} "
+                        f"(use cpu, or cuda:N below the GPU count)") from None
     return device
 
 
