@@ -422,8 +422,9 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
             if isinstance(schema.get(key), str):
                 # Its refs ("#/$defs/B", "#") are to itself, as below; left in, the id made it a resource of its own
                 # that they resolved in, where the definitions gathered at the root, or a rerooted ref, are not: a
-                # 400 "Pointer '/$defs/B' does not exist" for a schema a named tool_choice takes.
-                del schema[key]
+                # 400 "Pointer '/$defs/B' does not exist" for a schema a named tool_choice takes. Refs that name
+                # it by its id ("https://e.com/s.json#/properties/a") become the local refs they mean.
+                schema = _local_refs(schema, schema.pop(key))
         # As JSON, not as Python compares them: {"const": 1} and {"const": true} differ
         clash = any(_as_json(definition) != _as_json(defs.get(key, {}).get(def_name, definition))
                     for key in _DEFINITIONS for def_name, definition in (schema.get(key) or {}).items())
@@ -451,6 +452,25 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
 # still resolve there.
 _DEFINITIONS = ("$defs", "definitions")
 _GATHERED_REFS = ("#/$defs/", "#/definitions/")
+
+
+def _local_refs(node: Any, base: str) -> Any:
+    """``node`` with each ``$ref`` that resolves against ``base`` (a schema's own id) to that schema written as the
+    local ref it means: ``base#/properties/a`` (or a relative form of it) as ``#/properties/a``, ``base`` as ``#``."""
+    from urllib.parse import urldefrag, urljoin
+
+    if isinstance(node, list):
+        return [_local_refs(value, base) for value in node]
+    if not isinstance(node, dict):
+        return node
+    own = urldefrag(base).url
+    local = {}
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+            target, fragment = urldefrag(urljoin(base, value))
+            value = f"#{fragment}" if target == own else value
+        local[key] = _local_refs(value, base)
+    return local
 
 
 def _own_root_ref(value: Any) -> bool:

@@ -781,7 +781,7 @@ class PreferenceData:
             reference = compute_reference(model, [self.train, self.val], micro_batch=self.micro_batch, rank=self.rank,
                                           world_size=self.world_size, device=self.device, autocast=self.autocast,
                                           progress=progress, group=self.group, context=self.context)
-            saved = SavedReference(self.key, self._content_digest(), reference)
+            saved = SavedReference(self.key, self.pairs_sha256(), reference)  # (the checkpoints' digest too)
             if _first_rank():
                 _write_reference(path, saved)
                 logger.info("reference log-probs of %d train + %d validation pairs computed in %.1fs, saved to %s",
@@ -851,7 +851,7 @@ class PreferenceData:
             if read is not None and reference_digest(read) == self.digest:
                 # By content, not the cache key: that changes with the files' mtimes, and the same path may hold
                 # other pairs now (of the same count, or not).
-                now = self._content_digest()
+                now = self.pairs_sha256()
                 if read.pairs != now:
                     counts = [len(values) for values in read.reference]
                     raise ConfigError(

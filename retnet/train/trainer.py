@@ -522,17 +522,19 @@ class Trainer:
         if (not self.model_config.use_xpos or not cfg.data.document_boundaries
                 or getattr(self.data, "preference", False) or getattr(self.data, "grpo", False)):
             return
-        # a micro-batch's blocks are one packed row, in which a document's consecutive blocks stay one sequence
-        piece = self.data.seq_len * cfg.train.micro_batch_size // self.cp_size
+        # A packed sequence is a document's part within one block (each block starts one), cut further by a
+        # context-parallel rank's piece of the micro-batch's row
+        longest = min(self.data.seq_len, self.data.seq_len * cfg.train.micro_batch_size // self.cp_size)
         span = xpos_span(self.model_config, XPOS_PACKED_MAX_GROWTH)
-        if piece > span:
-            where = " per context-parallel rank" if self.cp_size > 1 else ""
+        if longest > span:
             logger.warning(
-                "model use_xpos with data.document_boundaries: a packed row holds %d tokens%s (data.seq_len %d x "
-                "train.micro_batch_size %d), and a document longer than one packed xPos frame, %d positions at "
-                "xpos_scale_base %s, stops the run when a batch holds it; data.document_boundaries=false (or more "
-                "context-parallel ranks) keeps every piece within a frame", piece, where, self.data.seq_len,
-                cfg.train.micro_batch_size, span, self.model_config.xpos_scale_base)
+                "model use_xpos with data.document_boundaries: a packed sequence may hold %d tokens (data.seq_len "
+                "%d%s), more than one packed xPos frame, %d positions at xpos_scale_base %s: a batch holding a "
+                "document that long stops the run. A data.seq_len of at most %d keeps every sequence within a "
+                "frame (data.document_boundaries=false runs whole rows in frames of their own, the state flowing "
+                "across documents)", longest, self.data.seq_len,
+                ", cut to a context-parallel rank's piece of the row" if longest < self.data.seq_len else "", span,
+                self.model_config.xpos_scale_base, span)
 
     def _teacher_dir(self) -> Path | None:
         """``distill.teacher``'s directory, resolved once (None without distillation)."""

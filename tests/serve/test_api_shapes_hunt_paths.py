@@ -29,6 +29,12 @@ NAMED_TREE = {"$id": "tree.json", "type": "object",
               "properties": {"kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}},
               "required": ["kids"], "additionalProperties": False}
 
+# Refs that name the schema by its id, absolute and relative to it.
+BY_ID = {"$id": "https://example.com/schemas/pair.json", "type": "object",
+         "properties": {"a": {"type": "integer"}, "b": {"$ref": "https://example.com/schemas/pair.json#/properties/a"},
+                        "c": {"$ref": "pair.json#/$defs/Flag"}},
+         "required": ["a", "b", "c"], "additionalProperties": False, "$defs": {"Flag": {"type": "boolean"}}}
+
 
 def test_required_tool_calls_take_a_schema_with_an_id_and_refs(compiler, tokenizer):
     """tool_choice "required" nests each tool's parameters in an array of calls and gathers their $defs at its
@@ -45,6 +51,11 @@ def test_required_tool_calls_take_a_schema_with_an_id_and_refs(compiler, tokeniz
     assert not accepts(tokenizer, grammar,
                        '[{"name":"tree","parameters":{"kids":[[{"name":"tree","parameters":{"kids":[]}}]]}}]')
     assert accepts(tokenizer, grammar, '[{"name":"mode","parameters":{"mode":"slow"}}]')
+    # a ref by the schema's own id (which compiled before its id was dropped) still means the schema's own part
+    by_id = compiler.compile(*tool_call_grammar([("pair", BY_ID), ("switch", NAMED_SCHEMA)], None))
+    assert accepts(tokenizer, by_id, '[{"name":"pair","parameters":{"a":1,"b":2,"c":true}}]')
+    assert not accepts(tokenizer, by_id, '[{"name":"pair","parameters":{"a":1,"b":"x","c":true}}]')
+    assert not accepts(tokenizer, by_id, '[{"name":"pair","parameters":{"a":1,"b":2,"c":3}}]')
     assert not accepts(tokenizer, grammar, '[{"name":"mode","parameters":{"mode":"any"}}]')
     named = compiler.compile(*tool_call_grammar([("switch", NAMED_SCHEMA)], "switch"))
     assert accepts(tokenizer, named, '{"on":false}')

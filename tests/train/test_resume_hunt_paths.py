@@ -99,11 +99,21 @@ def test_a_fine_tune_resumed_on_an_init_from_of_another_architecture_is_refused(
     assert main(_fine_tune_args(micro, out, base, train__steps=2)) == 0
     assert "at step 1" in capsys.readouterr().err
 
-    # model.init_from left out on resume: the model would be the preset's (its [model] settings unchanged)
+    # model.init_from left out on resume: the model would be the preset's, here of the same shapes as the base, with
+    # another activation: it resumed silently as that other model
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+    from retnet.train.data import vocab_bound
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    preset_shaped = tmp_path / "preset-shaped"
+    tokenizer.save_pretrained(preset_shaped)
+    RetNetForCausalLM(RetNetConfig.from_preset(
+        "tiny", vocab_size=vocab_bound(tokenizer), hidden_act="relu", eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).save_pretrained(preset_shaped)
     out = tmp_path / "relu"
-    assert main(_fine_tune_args(micro, out, other, train__steps=1)) == 0
+    assert main(_fine_tune_args(micro, out, preset_shaped, train__steps=1)) == 0
     capsys.readouterr()
-    without = [arg for arg in _fine_tune_args(micro, out, other, train__steps=2) if "init_from" not in arg]
+    without = [arg for arg in _fine_tune_args(micro, out, preset_shaped, train__steps=2) if "init_from" not in arg]
     assert main(without) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "without model.init_from" in err and "hidden_act: checkpoint 'relu'" in err, err[-2000:]

@@ -12,6 +12,12 @@ def test_a_document_past_a_packed_xpos_frame_stops_the_run_in_one_line(micro, ru
     warning = next((line for line in done.stderr.splitlines() if "packed xPos frame" in line), "")
     assert "16 positions" in warning and "data.document_boundaries=false" in warning, done.stderr[-2000:]
 
+    # a frame of 48 positions: a packed row of 2 blocks holds 64 tokens, but no sequence in it more than a block's 32
+    done = run_here(micro(tmp_path / "within", model__extra__use_xpos="true", model__extra__xpos_scale_base=0.9,
+                          train__steps=2))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "packed xPos frame" not in done.stderr
+
     # unpacked, every row runs in frames of its own: the same data trains, and nothing is warned
     done = run_here(micro(tmp_path / "unpacked", **xpos, data__document_boundaries="false", train__steps=2))
     assert done.returncode == 0, done.stderr[-2000:]
