@@ -638,7 +638,9 @@ def _is_session_file(path: Path) -> bool:
             if size > MAX_HEADER_BYTES:
                 return False
             meta = json.loads(f.read(size)).get("__metadata__")
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+    # unreadable, not JSON, not an object; nested too deep for the parser (a header of a few KB of "[[[..."), which
+    # would otherwise abort the whole sweep and fail the request on that id with a 500 instead of a 409
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
