@@ -331,12 +331,15 @@ def _kept(sorted_probs: torch.Tensor, params: list[SamplingParams], vocab: int) 
     descending; ``L`` may be the vocabulary), and whether they drop the ``L``-th (so every one after it: the row's
     kept tokens are all among the ``L - 1`` before it; always true when ``L`` is the vocabulary)."""
     length = sorted_probs.shape[-1]
-    ranks = torch.arange(length)[None]
     top_k = torch.tensor([_top_k(p, vocab) for p in params])
     top_p = torch.tensor([p.top_p for p in params])
     # min_p is relative to the top token, which every rule keeps: it can go first, as vLLM (V1) runs it.
     min_p = torch.tensor([p.min_p for p in params])
-    kept_by_k_and_min_p = (ranks < top_k[:, None]) & (sorted_probs >= min_p[:, None] * sorted_probs[:, :1])
+    # top_k keeps every token as likely as the k-th, as vLLM's (its cut is `< the k-th value`): bf16 logits tie
+    # often, and exactly k would keep one of equals by where topk or sort happened to put it. Equal logits give
+    # equal float32 probabilities, so the tie shows here. A top_k beyond L keeps all L.
+    kth = sorted_probs.gather(1, (top_k.clamp(max=length) - 1)[:, None])
+    kept_by_k_and_min_p = (sorted_probs >= kth) & (sorted_probs >= min_p[:, None] * sorted_probs[:, :1])
     # top_p measures what top_k and min_p kept, renormalised (vLLM's order; transformers' for top_k); rows without
     # either keep their probabilities bit for bit. Keep a token while the mass strictly before it is below top_p
     # (the top token always stays). The renormalising total is a cumulative sum's last: a row's own sum, which a

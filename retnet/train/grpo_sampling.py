@@ -40,14 +40,17 @@ def _distribution(logits: torch.Tensor, temperature: float, top_p: float, top_k:
     """(``[R, V]`` the probabilities sampled from, sorted in descending order, what the cuts drop 0 and what they
     keep not yet renormalized; ``[R, V]`` their token ids) of ``[R, V]`` logits. In transformers' order (TRL's
     generate): ``repetition_penalty`` (1: off) on the tokens ``seen`` ``[R, V]`` marks, the temperature, then the
-    cuts: ``top_k`` (0: off), ``top_p`` of what it kept, ``min_p`` (None or 0: off) against the most likely token."""
+    cuts: ``top_k`` (0: off; the tokens tied with the k-th stay too), ``top_p`` of what it kept, ``min_p`` (None or
+    0: off) against the most likely token."""
     logits = logits.float()  # transformers' generate processes the scores in fp32
     if repetition_penalty != 1.0:
         logits = penalize(logits, seen, repetition_penalty)
     probs = torch.softmax(logits / temperature, dim=-1)
     probs, order = probs.sort(dim=-1, descending=True, stable=True)
     if 0 < top_k < probs.shape[-1]:
-        probs = probs * (torch.arange(probs.shape[-1], device=probs.device) < top_k)
+        # every token as likely as the k-th stays, as TopKLogitsWarper keeps them: bf16 logits tie often, and a
+        # cut after exactly k would keep one of equals by its position in the sort
+        probs = probs * (probs >= probs[:, top_k - 1:top_k])
     if top_p < 1.0:  # the most likely tokens until their mass reaches top_p (at least one)
         # of the mass top_k left (transformers renormalizes between its warpers); without it, as it always was
         limit = top_p * probs.sum(dim=-1, keepdim=True) if 0 < top_k < probs.shape[-1] else top_p
