@@ -139,3 +139,98 @@ def test_a_quick_decode_run_writes_only_to_an_output_given(tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["decode.py", "--quick", "--device", "cpu", "--output", str(tmp_path / "d.json")])
     decode.main()
     assert [row["model"] for row in json.loads((tmp_path / "d.json").read_text())["rows"]] == ["retnet", "llama"] * 2
+
+
+def test_the_kernel_benchmarks_fla_pass_times_nothing_without_fla(tmp_path, monkeypatch):
+    # gpu_check.sh's second pass (--providers triton,fla) once timed triton alone again when fla was missing:
+    # up to 80 s of a 15-minute GPU session on what the first pass had measured.
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository first on it
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", BENCHMARKS / "kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    monkeypatch.setattr(kernels, "_fla_op", lambda: None)
+    out = tmp_path / "kernels.json"
+    assert kernels.main(["--triton-on-cpu", "--providers", "triton,fla", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] == [] and result["fla_available"] is False
+
+
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
+
+
+def _gpu_check_pytest_steps() -> list[list[str]]:
+    """The arguments gpu_check.sh gives pytest in each of its test steps."""
+    import shlex
+
+    script = GPU_CHECK.read_text().replace("\\\n", " ")
+    steps = [line.split('"${PYTEST[@]}"', 1)[1].split("2>&1")[0] for line in script.splitlines()
+             if line.startswith("timeout") and '"${PYTEST[@]}"' in line]
+    return [shlex.split(step) for step in steps]
+
+
+def test_gpu_check_test_steps_collect_without_fla():
+    # The GPU machine has no fla unless its wheels are carried: step 1's collection stopped at a test file that
+    # imports from the conversion's tests (which skip themselves without fla), and the step ran no test at all.
+    steps = _gpu_check_pytest_steps()
+    assert len(steps) == 2
+    hide_fla = ("import sys; sys.modules['fla'] = None; import pytest; "
+                "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', *sys.argv[1:]]))")
+    running = [subprocess.Popen([sys.executable, "-c", hide_fla, *args], cwd=BENCHMARKS.parent, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for args in steps]
+    for args, process in zip(steps, running):
+        output = process.communicate(timeout=300)[0]
+        assert process.returncode == 0, (args, output[-3000:])
+        assert " collected" in output.splitlines()[-1], output[-3000:]
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "python $*"
+previous=""
+for arg in "$@"; do
+    if [ "$previous" = --out ]; then echo '{}' > "$arg"; fi
+    previous=$arg
+done
+case "$*" in
+    *benchmarks/decode.py*) echo '{}' > benchmarks/results/decode-cuda.json ;;
+    *benchmarks/train.py*) echo '{}' > benchmarks/results/train-cuda.json ;;
+esac
+"""
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+for arg in "$@"; do
+    case $arg in --train.output_dir=*)
+        dir=${arg#*=}
+        mkdir -p "$dir/tokenizer" "$dir/checkpoints/step_00000100" "$dir/export"
+        for file in config.json metrics.jsonl loss.png tokenizer/tokenizer.json tokenizer/tokenizer_config.json \\
+                checkpoints/step_00000100/model.pt export/model.safetensors; do echo x > "$dir/$file"; done ;;
+    esac
+done
+"""
+
+
+def test_gpu_check_leaves_what_run_brings_back(tmp_path):
+    # `run` brings back at most 8 files from $OUT, none more than 2 folders down: gpu_check.sh once wrote some 20
+    # there (a log and a JSON a step, and the training run's folder), and most would have stayed on the machine.
+    import tarfile
+
+    tree, fake_bin, out = tmp_path / "tree", tmp_path / "bin", tmp_path / "out"
+    (tree / "benchmarks" / "results").mkdir(parents=True)
+    (tree / "benchmarks" / "gpu_check.sh").write_text(GPU_CHECK.read_text())
+    fake_bin.mkdir()
+    for name, text in [("python", FAKE_PYTHON), ("torchrun", FAKE_TORCHRUN), ("nvidia-smi", "#!/bin/sh\necho H200\n")]:
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "OUT": str(out), "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    brought = [path.relative_to(out) for path in out.rglob("*") if path.is_file()]
+    assert len(brought) <= 8 and all(len(path.parts) <= 3 for path in brought), brought
+    with tarfile.open(out / "gpu-check.tar.gz") as archive:
+        packed = {name.removeprefix("gpu-check/") for name in archive.getnames()}
+    for step in ["gpu.txt", "gpu-tests-bf16.txt", "gpu-kernels.txt", "kernels-cuda.json", "gpu-kernels-fla.txt",
+                 "kernels-cuda-fla.json", "gpu-tests.txt", "gpu-train.txt", "train-gpu/metrics.jsonl",
+                 "gpu-eval.txt", "gpu-decode.txt", "decode-cuda.json", "gpu-train-bench.txt", "train-cuda.json"]:
+        assert step in packed, (step, sorted(packed))
+    assert not any(name.startswith(("train-gpu/export", "train-gpu/checkpoints")) for name in packed)

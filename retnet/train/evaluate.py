@@ -489,13 +489,18 @@ def _parser() -> argparse.ArgumentParser:
 def _library_bars(shown: bool) -> Iterator[None]:
     """transformers (loading weights) and datasets (reading files) draw bars of their own: hidden with ours,
     then restored, since ``main`` also runs inside other programs (the tests)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:  # the standard library is read without it (the GPU image lacks it)
+        datasets = None
     from transformers.utils import logging as transformers_logging
 
-    before = transformers_logging.is_progress_bar_enabled(), not datasets.are_progress_bars_disabled()
+    before = (transformers_logging.is_progress_bar_enabled(),
+              datasets is not None and not datasets.are_progress_bars_disabled())
     if not shown:
         transformers_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+        if datasets is not None:
+            datasets.disable_progress_bars()
     try:
         yield
     finally:

@@ -15,6 +15,7 @@ from retnet.model.hub import HubError, is_hub_id, resolve_pretrained
 from retnet.train.config import ConfigError, DistillConfig
 
 from .conftest import make_model
+from .test_quantization import needs_torchao
 
 
 def _ids(batch=2, length=19, vocab=101):
@@ -24,6 +25,7 @@ def _ids(batch=2, length=19, vocab=101):
 # ----------------------------------------------------------------------------------------------------------
 # int8
 # ----------------------------------------------------------------------------------------------------------
+@needs_torchao
 @torch.no_grad()
 def test_a_quantized_model_saves_the_weights_it_computes_with(tmp_path):
     """save_pretrained of a quantized model failed inside safetensors ("Attempted to access the data pointer on an

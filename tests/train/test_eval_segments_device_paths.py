@@ -70,3 +70,15 @@ def test_a_device_this_machine_lacks_is_refused_naming_it(export, monkeypatch):
                            "--device", "cuda:99"])
     assert code == EXIT_USAGE and not out
     assert "--device 'cuda:99' is not available here" in err and "Traceback" not in err
+
+
+def test_the_library_bars_are_hidden_without_datasets(monkeypatch):
+    # The GPU image has no `datasets`, and retnet-eval imported it only to hide its bars: the stdlib corpus, which
+    # needs no datasets, failed to score there with an ImportError traceback
+    import sys
+
+    from retnet.train import evaluate
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with evaluate._library_bars(shown=False):
+        pass
