@@ -337,9 +337,12 @@ def _kept(sorted_probs: torch.Tensor, params: list[SamplingParams], vocab: int) 
     min_p = torch.tensor([p.min_p for p in params])
     # top_k keeps every token as likely as the k-th, as vLLM's (its cut is `< the k-th value`): bf16 logits tie
     # often, and exactly k would keep one of equals by where topk or sort happened to put it. Equal logits give
-    # equal float32 probabilities, so the tie shows here. A top_k beyond L keeps all L.
+    # equal float32 probabilities, so the tie shows here. A top_k beyond L keeps all L. Tokens of probability 0
+    # (masked, or underflowed at a low temperature) are never drawn: counted as tied with a k-th of 0, they kept
+    # every row with fewer likely tokens than k from settling on its candidates (a full sort at every step).
     kth = sorted_probs.gather(1, (top_k.clamp(max=length) - 1)[:, None])
-    kept_by_k_and_min_p = (sorted_probs >= kth) & (sorted_probs >= min_p[:, None] * sorted_probs[:, :1])
+    kept_by_k_and_min_p = ((sorted_probs >= kth) & (sorted_probs > 0)
+                           & (sorted_probs >= min_p[:, None] * sorted_probs[:, :1]))
     # top_p measures what top_k and min_p kept, renormalised (vLLM's order; transformers' for top_k); rows without
     # either keep their probabilities bit for bit. Keep a token while the mass strictly before it is below top_p
     # (the top token always stays). The renormalising total is a cumulative sum's last: a row's own sum, which a

@@ -86,3 +86,12 @@ def test_bf16_logits_tie_at_the_cuts_as_vllm(candidates, monkeypatch):
     for settings in (dict(top_k=10), dict(top_k=40), dict(top_k=70, top_p=0.8), dict(top_k=20, min_p=0.2),
                      dict(top_k=40, temperature=0.7), dict(top_p=0.3), dict(top_k=5, top_p=0.95)):
         assert_same_cut(monkeypatch, logits, **settings)
+
+
+def test_a_row_with_fewer_likely_tokens_than_top_k_settles_on_its_candidates():
+    # 3 tokens allowed (a grammar, allowed_token_ids, or a low temperature's underflow), top_k 20, 8 candidates:
+    # the k-th probability is 0, and every 0 counted as tied with it, so the row never settled on its candidates
+    # and took a sort of the whole vocabulary at every step. (Never drawn, the zeros change no sample.)
+    sorted_probs = torch.tensor([[0.5, 0.3, 0.2, 0, 0, 0, 0, 0]])
+    keep, settled = sampling._kept(sorted_probs, [SamplingParams(top_k=20)], vocab=1000)
+    assert keep[0].tolist() == [True, True, True] + [False] * 5 and settled.tolist() == [True]
