@@ -192,9 +192,21 @@ class Distillation:
         self.parts: torch.Tensor | None = None
 
     def loss(self, hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.LongTensor,
-             num_items_in_batch: int | torch.Tensor | None = None, shifted: bool = False) -> torch.Tensor:
+             num_items_in_batch: int | torch.Tensor | None = None, shifted: bool = False,
+             kept: slice | torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
+        """The loss of the student's ``hidden_states`` and head ``weight`` (as :func:`linear_distillation_loss`).
+        ``kept`` (``logits_to_keep``'s cut): the positions of the forward's ``tokens`` that ``hidden_states`` and
+        ``labels`` hold; the teacher's hidden states, for all ``tokens``, are cut to the same positions."""
+        teacher = self.hidden_states
+        if kept is not None:
+            if teacher.shape[1] != tokens:
+                # checked before the cut: a slice of other tokens' states can have the kept length, and misalign
+                raise ValueError(f"distill with logits_to_keep: the teacher's hidden states cover {teacher.shape[1]} "
+                                 f"tokens, the forward's input {tokens}: logits_to_keep cuts both to the same "
+                                 f"positions, so give the teacher's states for every input token")
+            teacher = teacher[:, kept if isinstance(kept, slice) else kept.to(teacher.device)]
         loss, self.parts = linear_distillation_loss(
-            hidden_states, weight, self.hidden_states, self.weight, labels, num_items_in_batch,
+            hidden_states, weight, teacher, self.weight, labels, num_items_in_batch,
             temperature=self.temperature, alpha=self.alpha, kind=self.kind, chunk_tokens=self.chunk_tokens,
             shifted=shifted)
         return loss

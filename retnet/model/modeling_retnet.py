@@ -1322,7 +1322,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         predicting the next piece's first. ``distill`` (training, with labels): the loss is
         :func:`~retnet.model.distillation.linear_distillation_loss` towards its teacher's distribution instead
         (chunked like the fused head, whatever ``fuse_linear_cross_entropy`` says; no logits returned), its parts
-        left in ``distill.parts``. Other arguments as :meth:`RetNetModel.forward`."""
+        left in ``distill.parts``; with ``logits_to_keep`` over the kept positions, the teacher's states (given for
+        every token) cut to them. Other arguments as :meth:`RetNetModel.forward`."""
         # A keyword, not a parameter (as in transformers' models): Trainer takes every parameter named like a label
         # for one it must be given, and without shift_labels in a batch evaluate() would compute no loss.
         shift_labels = kwargs.pop("shift_labels", None)
@@ -1375,7 +1376,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 if isinstance(self.lm_head.weight, DTensor):
                     raise ValueError("distill is not supported with a vocabulary-parallel LM head (tensor "
                                      "parallelism's vocab_parallel): split the model without it")
-                loss = distill.loss(hidden_states, self.lm_head.weight, labels, num_items_in_batch, shifted=shifted)
+                loss = distill.loss(hidden_states, self.lm_head.weight, labels, num_items_in_batch, shifted=shifted,
+                                    kept=None if keeps_all else kept, tokens=outputs.last_hidden_state.shape[1])
             else:
                 loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, num_items_in_batch,
                                             shifted=shifted)

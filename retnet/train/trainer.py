@@ -513,28 +513,33 @@ class Trainer:
             raise ConfigError(f"model{where}: {error}") from None
 
     def _warn_of_xpos_frames(self) -> None:
-        """Warn when a packed row piece can hold a document longer than one packed xPos frame: the forward stops the
-        run at the first batch that holds one (XPosFrameError), maybe hours in. Warned, not refused: a corpus of
-        shorter documents never meets it."""
+        """Warn when a packed row piece can hold a document longer than one packed xPos frame of the model or of the
+        distillation teacher (which runs the same packed rows): the forward stops the run at the first batch that
+        holds one (XPosFrameError), maybe hours in. Warned, not refused: a corpus of shorter documents never meets it."""
         from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
 
         cfg = self.cfg
-        if (not self.model_config.use_xpos or not cfg.data.document_boundaries
+        models = [("model", self.model_config)]
+        if self.teacher is not None:
+            models.append(("distill.teacher", self.teacher.model.config))
+        models = [(name, config) for name, config in models if getattr(config, "use_xpos", False)]
+        if (not models or not cfg.data.document_boundaries
                 or getattr(self.data, "preference", False) or getattr(self.data, "grpo", False)):
             return
         # A packed sequence is a document's part within one block (each block starts one), cut further by a
         # context-parallel rank's piece of the micro-batch's row
         longest = min(self.data.seq_len, self.data.seq_len * cfg.train.micro_batch_size // self.cp_size)
-        span = xpos_span(self.model_config, XPOS_PACKED_MAX_GROWTH)
-        if longest > span:
-            logger.warning(
-                "model use_xpos with data.document_boundaries: a packed sequence may hold %d tokens (data.seq_len "
-                "%d%s), more than one packed xPos frame, %d positions at xpos_scale_base %s: a batch holding a "
-                "document that long stops the run. A data.seq_len of at most %d keeps every sequence within a "
-                "frame (data.document_boundaries=false runs whole rows in frames of their own, the state flowing "
-                "across documents)", longest, self.data.seq_len,
-                ", cut to a context-parallel rank's piece of the row" if longest < self.data.seq_len else "", span,
-                self.model_config.xpos_scale_base, span)
+        for name, config in models:
+            span = xpos_span(config, XPOS_PACKED_MAX_GROWTH)
+            if longest > span:
+                logger.warning(
+                    "%s use_xpos with data.document_boundaries: a packed sequence may hold %d tokens (data.seq_len "
+                    "%d%s), more than one packed xPos frame of the %s, %d positions at xpos_scale_base %s: a batch "
+                    "holding a document that long stops the run. A data.seq_len of at most %d keeps every sequence "
+                    "within a frame (data.document_boundaries=false runs whole rows in frames of their own, the state "
+                    "flowing across documents)", name, longest, self.data.seq_len,
+                    ", cut to a context-parallel rank's piece of the row" if longest < self.data.seq_len else "",
+                    "teacher" if name == "distill.teacher" else "model", span, config.xpos_scale_base, span)
 
     def _teacher_dir(self) -> Path | None:
         """``distill.teacher``'s directory, resolved once (None without distillation)."""
