@@ -234,3 +234,28 @@ def test_gpu_check_leaves_what_run_brings_back(tmp_path):
                  "gpu-eval.txt", "gpu-decode.txt", "decode-cuda.json", "gpu-train-bench.txt", "train-cuda.json"]:
         assert step in packed, (step, sorted(packed))
     assert not any(name.startswith(("train-gpu/export", "train-gpu/checkpoints")) for name in packed)
+
+
+def test_gpu_check_stand_ins_keep_the_venv_of_python3(tmp_path):
+    # The GPU image documents its Python as a venv's python3: where no `python` is on PATH the script makes one.
+    # A link to python3 from its own folder started the base interpreter, without the venv (pyvenv.cfg is looked
+    # up beside the path a Python is started by), and so without torch.
+    import shutil
+    import venv
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False, symlinks=True)
+    (env_dir / "bin" / "python").unlink()
+    tools = tmp_path / "tools"  # what the stand-ins' lines run, and no python of the system's
+    tools.mkdir()
+    for tool in ("mktemp", "chmod", "sh", "cat"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    text = GPU_CHECK.read_text()
+    shims = text[text.index("SHIMS=$(mktemp -d)"):text.index('export PATH="$PATH:$SHIMS"\n')]
+    script = shims + 'export PATH="$PATH:$SHIMS"\npython -c "import sys; print(sys.prefix)"\ncat "$SHIMS/torchrun"\n'
+    done = subprocess.run([shutil.which("bash"), "-c", script], capture_output=True, text=True, timeout=60,
+                          env={"PATH": f"{env_dir / 'bin'}:{tools}", "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    prefix, *torchrun = done.stdout.splitlines()
+    assert Path(prefix).resolve() == env_dir.resolve()
+    assert "python -m torch.distributed.run" in "\n".join(torchrun)

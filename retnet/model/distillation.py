@@ -198,12 +198,14 @@ class Distillation:
         ``kept`` (``logits_to_keep``'s cut): the positions of the forward's ``tokens`` that ``hidden_states`` and
         ``labels`` hold; the teacher's hidden states, for all ``tokens``, are cut to the same positions."""
         teacher = self.hidden_states
-        if kept is not None:
+        if kept is not None and teacher.shape[1] != hidden_states.shape[1]:
+            # States given already cut to the kept positions are taken as they are (as before the cut existed)
             if teacher.shape[1] != tokens:
                 # checked before the cut: a slice of other tokens' states can have the kept length, and misalign
                 raise ValueError(f"distill with logits_to_keep: the teacher's hidden states cover {teacher.shape[1]} "
-                                 f"tokens, the forward's input {tokens}: logits_to_keep cuts both to the same "
-                                 f"positions, so give the teacher's states for every input token")
+                                 f"tokens, the forward's input {tokens} and the kept positions "
+                                 f"{hidden_states.shape[1]}: give the teacher's states for every input token (cut "
+                                 f"to the same positions) or for the kept ones")
             teacher = teacher[:, kept if isinstance(kept, slice) else kept.to(teacher.device)]
         loss, self.parts = linear_distillation_loss(
             hidden_states, weight, teacher, self.weight, labels, num_items_in_batch,

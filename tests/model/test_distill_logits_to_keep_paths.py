@@ -42,6 +42,11 @@ def test_the_teacher_states_are_cut_as_the_students(models, keep):
     torch.testing.assert_close(loss, whole)
     torch.testing.assert_close(parts, whole_parts)
     assert parts[0] > 0
+    # states given already cut to the kept positions are taken as they are
+    positions = list(kept)
+    precut, precut_parts = _loss(models, ids, hidden=models[3][:, positions], logits_to_keep=keep)
+    torch.testing.assert_close(precut, whole)
+    torch.testing.assert_close(precut_parts, whole_parts)
 
 
 def test_teacher_states_of_other_tokens_are_refused_naming_both(models):

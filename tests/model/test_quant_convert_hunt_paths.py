@@ -14,7 +14,7 @@ from retnet.model import RetNetForCausalLM
 from retnet.model.convert_fla import convert_fla_checkpoint
 
 from .conftest import make_model
-from .test_convert_fla import _synthetic_fla_checkpoint
+from .fla_checkpoints import _synthetic_fla_checkpoint
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
                                    reason="torchao is not installed (pip install 'retnet-stack[quant]')")
