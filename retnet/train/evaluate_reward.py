@@ -116,9 +116,11 @@ def _batch_rewards(model, batch: PairBatch, frame: int | None) -> torch.Tensor:
     """:func:`~retnet.train.reward.sequence_rewards` of ``batch``, where a sequence longer than ``frame`` (an xPos
     model's packed frame; None: no limit) is scored alone and unpacked, in the model's own frames, as the pooling
     server scores such an input: packed, the model refuses it (XPosFrameError), and with it the whole batch."""
+    if frame is None:  # (no host read of the bounds: a model without xPos packs every batch whole)
+        return sequence_rewards(model, batch)
     bounds = batch.cu_seqlens.tolist()
     lengths = [hi - lo for lo, hi in itertools.pairwise(bounds)]
-    if frame is None or max(lengths) <= frame:
+    if max(lengths) <= frame:
         return sequence_rewards(model, batch)
     rewards = torch.empty(len(lengths), dtype=torch.float32, device=batch.input_ids.device)
     short = [i for i, length in enumerate(lengths) if length <= frame]
