@@ -92,7 +92,7 @@ from retnet.train.data import (
 )
 from retnet.train.distributed import data_parallel_group, is_distributed
 from retnet.train.grpo_sampling import gathered_weights, sample, stop_tokens, uniforms
-from retnet.train.preference import pack_completions
+from retnet.train.preference import check_rows_digest, pack_completions
 from retnet.train.prompts import PromptEncoder, Prompts, load_prompt_rows, prompts_digest
 from retnet.train.rewards import RewardSources, reward_arguments, reward_values
 
@@ -845,19 +845,10 @@ class GrpoData:
         fingerprint would name). Its position counts prompts of the shuffled train split: it would go on in other
         prompts, and prompts held out for validation could now be trained on. Every rank reads all the prompts,
         so each refuses alike. A checkpoint written before it held the digest resumes unchecked."""
-        if saved is None:
-            logger.info("the checkpoint was written before GRPO checkpoints held a digest of their prompts: the "
-                        "prompts of %s are not compared with those it was trained on", self.dataset)
-            return
-        now = self.prompts_sha256()
-        if saved["sha256"] != now:
-            raise ConfigError(
-                f"data.dataset {self.dataset!r}: the prompts changed since the checkpoint was written: it was trained "
-                f"on {saved['train']} train + {saved['val']} validation prompts (sha256 {saved['sha256'][:16]}…), the "
-                f"data now gives {len(self.train)} + {len(self.val)} other ones (sha256 {now[:16]}…): prompts "
-                f"edited, added or removed, or their other columns, which the reward functions get. Its data "
-                f"position would point into other prompts, and prompts held out for validation could now be "
-                f"trained on. Restore the data, or start a new run in another train.output_dir")
+        check_rows_digest(saved, self.prompts_sha256, dataset=self.dataset, kind="GRPO", rows="prompts",
+                          counts=(len(self.train), len(self.val)),
+                          changed="prompts edited, added or removed, or their other columns, which the reward "
+                                  "functions get")
 
 
 def build_grpo_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch: int, rank: int, local_rank: int,

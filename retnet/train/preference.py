@@ -811,21 +811,9 @@ class PreferenceData:
         could now be trained on. A reference file holds the same digest (a DPO run's is checked against it); this is
         what a run without one (a reward model, a reference-free objective) has. A checkpoint written before it held
         the digest resumes unchecked."""
-        if checkpoint is None:
-            return
-        saved = self._saved_pairs
-        if saved is None:
-            logger.info("the checkpoint was written before preference checkpoints held a digest of their pairs: the "
-                        "pairs of %s are not compared with those it was trained on", self.dataset)
-            return
-        now = self.pairs_sha256()
-        if saved["sha256"] != now:
-            raise ConfigError(
-                f"data.dataset {self.dataset!r}: the pairs changed since the checkpoint was written: it was trained on "
-                f"{saved['train']} train + {saved['val']} validation pairs (sha256 {saved['sha256'][:16]}…), the data "
-                f"now gives {len(self.train)} + {len(self.val)} other ones (sha256 {now[:16]}…): {self.changed}. Its "
-                f"data position would point into other pairs, and pairs held out for validation could now be trained "
-                f"on. Restore the data, or start a new run in another train.output_dir")
+        if checkpoint is not None:
+            check_rows_digest(self._saved_pairs, self.pairs_sha256, dataset=self.dataset, kind="preference",
+                              rows="pairs", counts=(len(self.train), len(self.val)), changed=self.changed)
 
     def check_prompted(self) -> None:
         """A ConfigError naming the dataset and its rows when pairs have no prompt (prompt-less rows whose chosen
@@ -975,6 +963,27 @@ class PreferenceData:
         self.consumed, self.digest = int(state["consumed"]), state["reference"]
         self._window, self._window_steps = [float(v) for v in state["window"]], int(state["window_steps"])
         self._saved_pairs = state.get("pairs")  # (start() compares it with the pairs read now)
+
+
+def check_rows_digest(saved: dict[str, Any] | None, digest: Callable[[], str], *, dataset: str, kind: str, rows: str,
+                      counts: tuple[int, int], changed: str) -> None:
+    """A ConfigError when a resume reads other ``rows`` (pairs, prompts) than its checkpoint's run was trained on:
+    ``saved`` is the checkpoint's record (``sha256``, ``train``, ``val``; None: written before ``kind`` checkpoints
+    held it, resumed unchecked), ``digest`` computes the data's now, ``counts`` its (train, validation) sizes and
+    ``changed`` says what makes the digest differ. Its position counts rows of the shuffled train split: it would go
+    on in other rows, and rows held out for validation could now be trained on."""
+    if saved is None:
+        logger.info("the checkpoint was written before %s checkpoints held a digest of their %s: the %s of %s are not "
+                    "compared with those it was trained on", kind, rows, rows, dataset)
+        return
+    now = digest()
+    if saved["sha256"] != now:
+        raise ConfigError(
+            f"data.dataset {dataset!r}: the {rows} changed since the checkpoint was written: it was trained on "
+            f"{saved['train']} train + {saved['val']} validation {rows} (sha256 {saved['sha256'][:16]}…), the data "
+            f"now gives {counts[0]} + {counts[1]} other ones (sha256 {now[:16]}…): {changed}. Its data position "
+            f"would point into other {rows}, and {rows} held out for validation could now be trained on. Restore the "
+            f"data, or start a new run in another train.output_dir")
 
 
 def _first_rank() -> bool:
