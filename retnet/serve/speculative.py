@@ -170,11 +170,13 @@ class DraftModel:
 
         A row's steady feed (the tokens of its last step, at most k + 1) is fed whatever the budget: charging it
         would leave the rows past the budget without drafts, further behind each step. Only catching up (more
-        than k + 1 tokens behind) is charged to the budget, round robin."""
+        than k + 1 tokens behind) is charged to the budget, round robin.
+
+        The choices of one prompt (its ``n``) at the same place in it catch up on it together: one piece fed once,
+        in a forward of its own before the rows' (the prompt's states of its choices are one, as the target's
+        prefill is), its state then shared by them; past the prompt each feeds its own tokens."""
         drafts: list[list[int]] = [[] for _ in running]
-        ends: dict[int, int] = {}  # row -> how many of its tokens its draft state holds after this step's feed
         room_of: dict[int, int] = {}
-        behind: dict[int, int] = {}  # id(seq) -> row
         for i, seq in enumerate(running):
             room = min(self.k, seq.group.params.max_tokens - len(seq.tokens) - 1)
             if room <= 0 or seq.done:
@@ -184,51 +186,69 @@ class DraftModel:
             if total <= fed:  # every step samples a token: a state holding them all is a bug, not a case
                 raise AssertionError(f"the draft state holds {fed} tokens of {total}")
             room_of[i] = room
-            if total - fed <= self.k + 1:
+        # The rows still within their prompt, by (prompt, tokens held): those of one key hold the same state.
+        in_prompt: dict[tuple[int, int], list[int]] = {}
+        for i in room_of:
+            seq = running[i]
+            if _fed(seq) < len(seq.group.inputs):
+                in_prompt.setdefault((id(seq.group), _fed(seq)), []).append(i)
+        sharing = {i for rows in in_prompt.values() if len(rows) > 1 for i in rows}
+        ends: dict[int, int] = {}  # row -> how many of its tokens its draft state holds after this step's feed
+        # What catches up, by the id of its first sequence: a row alone, or the choices sharing a prompt's piece.
+        behind: dict[int, list[int]] = {}
+        for i in room_of:
+            seq = running[i]
+            if i in sharing:
+                continue
+            total = len(seq.group.inputs) + len(seq.tokens)
+            if total - _fed(seq) <= self.k + 1:
                 ends[i] = total
             else:
-                behind[id(seq)] = i
+                behind[id(seq)] = [i]
+        behind.update((id(running[rows[0]]), rows) for rows in in_prompt.values() if len(rows) > 1)
         # Those still behind keep their turn; the others are forgotten (they left, or caught up).
         self.behind = {key: None for key in self.behind if key in behind}
         self.behind.update(dict.fromkeys(behind))
         budget = self.budget_tokens
+        shared: list[tuple[list[int], int]] = []  # the choices sharing a piece, and where it ends
         for key in list(self.behind):
             if budget <= 0:
                 break
-            i = behind[key]
-            seq = running[i]
+            rows = behind[key]
+            seq = running[rows[0]]
             fed = _fed(seq)
-            piece = min(len(seq.group.inputs) + len(seq.tokens) - fed, self.chunk_tokens)
-            ends[i] = fed + min(piece, budget)
-            budget -= ends[i] - fed
-            if ends[i] - fed == piece:  # a row cut short by the budget keeps its turn
+            # Shared, a piece stops at the prompt's end: past it the choices' tokens differ.
+            last = len(seq.group.inputs) + (0 if len(rows) > 1 else len(seq.tokens))
+            piece = min(last - fed, self.chunk_tokens)
+            end = fed + min(piece, budget)
+            budget -= end - fed
+            if len(rows) > 1:
+                shared.append((rows, end))
+            else:
+                ends[rows[0]] = end
+            if end - fed == piece:  # a row cut short by the budget keeps its turn
                 del self.behind[key]
                 self.behind[key] = None
+        if shared:
+            states = [running[rows[0]].draft_state for rows, _ in shared]
+            out, _ = self._forward(states, [_context(running[rows[0]], _fed(running[rows[0]]), end)
+                                            for rows, end in shared])
+            # The choices' states are one object, never written into (see below): each forward copies its rows.
+            for (rows, end), row in zip(shared, out.cache.split()):
+                for i in rows:
+                    seq = running[i]
+                    seq.draft_state = DraftState(row, end)
+                    total = len(seq.group.inputs) + len(seq.tokens)
+                    if end == len(seq.group.inputs) and total - end <= self.k + 1:  # its own tokens: fed below
+                        ends[i] = total
         rows = sorted(ends)
+        if not rows:
+            return drafts
         feeds = [_context(running[i], _fed(running[i]), ends[i]) for i in rows]
         # A row proposes once its draft state holds every token (a row still catching up decodes one).
         rooms = [room_of[i] if ends[i] == len(running[i].group.inputs) + len(running[i].tokens) else 0 for i in rows]
-        if not rows:
-            return drafts
         states = [running[i].draft_state for i in rows]
-        if all(state is None for state in states):
-            cache = RetNetCache(self.model.config.num_hidden_layers)  # the model starts every row from zero
-        else:
-            cache = RetNetCache.concat([state.cache if state is not None
-                                        else RetNetCache.zeros(self.model.config, 1, self.device) for state in states])
-        longest = max(len(feed) for feed in feeds)
-        if longest == 1:  # every draft refused last step: a decode step's shape, with no packing to do
-            out = self.model(input_ids=torch.tensor(feeds, dtype=torch.long, device=self.device), cache=cache,
-                             use_cache=True, retention_mode="recurrent", logits_to_keep=1, return_dict=True)
-            first = out.logits[:, -1]
-        else:
-            cu_seqlens = torch.tensor([0, *itertools.accumulate(len(feed) for feed in feeds)], dtype=torch.long,
-                                      device=self.device)
-            ids = torch.tensor([[token for feed in feeds for token in feed]], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, cu_seqlens=cu_seqlens,
-                             retention_mode=VERIFY_MODE if longest <= self.k + 1 else DRAFT_PREFILL_MODE,
-                             logits_to_keep=cu_seqlens[1:] - 1, return_dict=True)
-            first = out.logits[0]
+        out, first = self._forward(states, feeds)
         # Views of the forward's rows: the forwards below replace the cache's tensors, never write into them.
         for i, state, feed, row in zip(rows, states, feeds, out.cache.split()):
             running[i].draft_state = DraftState(row, (0 if state is None else state.fed) + len(feed))
@@ -247,6 +267,27 @@ class DraftModel:
         for i, room, proposed in zip(rows, rooms, torch.stack(tokens, 1).tolist()):
             drafts[i] = proposed[:room]
         return drafts
+
+    def _forward(self, states: list[DraftState | None], feeds: list[list[int]]):
+        """One forward of the draft feeding row r ``feeds[r]`` from ``states[r]`` (None: from nothing): the output,
+        and each row's logits at its last token ``[rows, V]``."""
+        if all(state is None for state in states):
+            cache = RetNetCache(self.model.config.num_hidden_layers)  # the model starts every row from zero
+        else:
+            cache = RetNetCache.concat([state.cache if state is not None
+                                        else RetNetCache.zeros(self.model.config, 1, self.device) for state in states])
+        longest = max(len(feed) for feed in feeds)
+        if longest == 1:  # every draft refused last step: a decode step's shape, with no packing to do
+            out = self.model(input_ids=torch.tensor(feeds, dtype=torch.long, device=self.device), cache=cache,
+                             use_cache=True, retention_mode="recurrent", logits_to_keep=1, return_dict=True)
+            return out, out.logits[:, -1]
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(len(feed) for feed in feeds)], dtype=torch.long,
+                                  device=self.device)
+        ids = torch.tensor([[token for feed in feeds for token in feed]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, cu_seqlens=cu_seqlens,
+                         retention_mode=VERIFY_MODE if longest <= self.k + 1 else DRAFT_PREFILL_MODE,
+                         logits_to_keep=cu_seqlens[1:] - 1, return_dict=True)
+        return out, out.logits[0]
 
 
 def _fed(seq: Sequence) -> int:

@@ -244,6 +244,55 @@ async def test_a_one_token_prefill_chunk_still_drafts(model_dir):
     assert metrics.spec_accepted_tokens._value.get() == metrics.spec_draft_tokens._value.get() > 0
 
 
+def count_draft_tokens(engine) -> list[int]:
+    """How many tokens the engine's draft model is fed, counted as it runs."""
+    fed = [0]
+    engine.drafter.model.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.__setitem__(0, fed[0] + kwargs["input_ids"].numel()), with_kwargs=True)
+    return fed
+
+
+async def test_the_choices_of_a_prompt_share_its_draft_prefill(model_dir):
+    # n = 4 choices catch up on their prompt as one (in pieces, over several steps), then each on its own tokens:
+    # the draft is fed the prompt once, and each choice's tokens as a request of n = 1 has them fed (greedy: the
+    # four are that request's tokens). Before, each choice fed the whole prompt again. A draft equal to the target
+    # still has every draft accepted: a shared state is each choice's own.
+    prompt = list(range(20, 120))
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    fed, tokens, drafted = {}, {}, {}
+    for n in (1, 4):
+        engine = engine_with(model_dir, prefill_chunk_tokens=32, speculative_config=draft_config(model_dir))
+        counted = count_draft_tokens(engine)
+        outputs = Outputs(only=engine.submit([prompt], params, n=n))
+        await run_out(engine, outputs)
+        fed[n], tokens[n] = counted[0], [outputs.tokens["only", i] for i in range(n)]
+        metrics = engine.metrics
+        assert metrics.spec_accepted_tokens._value.get() == metrics.spec_draft_tokens._value.get() > 0
+        drafted[n] = metrics.spec_drafts._value.get()
+    assert tokens[4] == tokens[1] * 4 and len(tokens[1][0]) == 12
+    assert drafted[4] == 4 * drafted[1] > 0  # drafting as soon as alone
+    assert fed[4] - len(prompt) == 4 * (fed[1] - len(prompt)), fed
+
+
+async def test_seeded_choices_sharing_a_draft_prefill_sample_as_without_drafts(model_dir, drafts):
+    # Two prompts of n choices each at once, the prompts caught up in pieces under a budget that serves one piece a
+    # step: every choice's tokens are plain decoding's.
+    prompts = [list(range(20, 90)), list(range(40, 95))]
+    params = SamplingParams(max_tokens=10, temperature=0.9, seed=11, ignore_eos=True)
+    expected = [await alone(model_dir, prompt, params, n=3) for prompt in prompts]
+    engine = engine_with(model_dir, prefill_chunk_tokens=16, prefill_token_budget=16,
+                         speculative_config=draft_config(drafts["other"]))
+    counted = count_draft_tokens(engine)
+    outputs = Outputs(only=engine.submit(prompts, params, n=3))
+    await run_out(engine, outputs)
+    for p, choices in enumerate(expected):
+        for i, (ids, text) in choices.items():
+            assert (outputs.tokens["only", 3 * p + i], outputs.text["only", 3 * p + i]) == (ids, text), (p, i)
+    assert engine.metrics.spec_drafts._value.get() > 0
+    # Each prompt fed once, not once a choice (three times: 375 tokens and more), then the choices' few tokens.
+    assert counted[0] < 2 * sum(map(len, prompts)), counted[0]
+
+
 async def test_the_step_time_includes_the_drafts(model_dir):
     # retnet_decode_step_seconds is a step's whole time, the draft model's forwards included, whether the step
     # then verifies drafts or (a row still catching up) decodes one token.
