@@ -98,6 +98,9 @@ SPLIT_SEED = 20240601  # fixed: the held-out documents do not change with the tr
 # A cache temp directory untouched this long was left by a killed writer. Not less: another node may be writing
 # one into the shared cache right now, and a large split is written only after all of it is encoded.
 ABANDONED_TEMP_SECONDS = 24 * 3600
+# The files whose presence marks a complete cache directory: a token or pair cache's meta.json (written last), a BPE's
+# tokenizer.json (what a start checks for before training one)
+CACHE_MARKERS = ("meta.json", "tokenizer.json")
 
 
 def default_cache_dir() -> Path:
@@ -1317,7 +1320,21 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
         except OSError:
             if not final.is_dir():
                 raise
-            # another node's rank wrote the same cache first
+            # Another node's rank wrote the same cache first, whole (only complete ones are renamed in). One
+            # without the file that marks a complete cache, which every reader checks for (a copy cut short,
+            # files removed by hand), was kept, and every start failed to read it: replaced.
+            if all((final / name).exists() for name in CACHE_MARKERS if (tmp / name).exists()):
+                return
+            aside = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}-incomplete")
+            logger.warning("data: replacing the incomplete cache %s (without the file that marks a complete one)", final)
+            with contextlib.suppress(FileNotFoundError):  # another writer moved it first
+                os.rename(final, aside)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write must not leave its half in the cache
 
@@ -1326,8 +1343,8 @@ def _remove_abandoned_temp_dirs(cache_dir: Path) -> None:
     """Delete the temp directories of cache writers that were killed (``_atomic_dir`` cleans up after any
     failure it sees, not after SIGKILL or a lost node); recent ones may belong to a writer still running."""
     now = time.time()
-    for tmp in [*cache_dir.glob(".tmp-tokens-*"), *cache_dir.glob(".tmp-tokenizer-*"),
-                *cache_dir.glob(".tmp-preferences-*")]:  # (retnet.train.preference's pair caches)
+    # every cache writer's (tokens-, tokenizer-, preferences-, KTO's unpaired- ...): a list of prefixes missed new ones
+    for tmp in cache_dir.glob(".tmp-*"):
         try:
             if not tmp.is_dir():
                 continue
