@@ -15,14 +15,16 @@ head is at hand (an FSDP2-sharded head is whole only inside its forward).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from retnet.model.loss import CHUNK_BYTES, IGNORE_INDEX, scaled_saved_gradients
 
 DISTILL_KINDS = ("kl", "reverse_kl")
+# The temperatures whose T²·KL the fp32 loss computes: below, T² leaves float32's normal range (the loss comes out
+# 0, then nan once logits / T overflow); above, the log-softmaxes of logits / T, all within float32's rounding of
+# log(vocab), no longer resolve the KL (1% off at 1e3, 30% at 1e4, then even negative; nan past 1e19)
+DISTILL_TEMPERATURES = (1e-18, 1e3)
 
 
 def _chunk_tokens(vocab_size: int) -> int:
@@ -150,10 +152,11 @@ def linear_distillation_loss(
                          f"the student's {weight.shape[0]}: distillation compares their distributions token by token")
     if kind not in DISTILL_KINDS:
         raise ValueError(f"linear_distillation_loss: kind must be one of {DISTILL_KINDS}; got {kind!r}")
-    # inf passes `> 0` but makes T² · KL inf · 0 = nan (both softmaxes uniform), and nan fails every comparison
-    if not (math.isfinite(temperature) and temperature > 0) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"linear_distillation_loss: temperature must be finite and > 0, and alpha in [0, 1]; got "
-                         f"{temperature!r} and {alpha!r}")
+    # (inf would make T² · KL inf · 0 = nan, both softmaxes uniform; nan fails every comparison)
+    low, high = DISTILL_TEMPERATURES
+    if not low <= temperature <= high or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"linear_distillation_loss: temperature must be finite and > 0, in [{low:g}, {high:g}] (where "
+                         f"float32 computes T² · KL), and alpha in [0, 1]; got {temperature!r} and {alpha!r}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"linear_distillation_loss: chunk_tokens must be at least 1; got {chunk_tokens}")
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -214,4 +217,4 @@ class Distillation:
         return loss
 
 
-__all__ = ["DISTILL_KINDS", "Distillation", "linear_distillation_loss"]
+__all__ = ["DISTILL_KINDS", "DISTILL_TEMPERATURES", "Distillation", "linear_distillation_loss"]

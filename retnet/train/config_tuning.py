@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retnet.model.distillation import DISTILL_KINDS  # the loss's own: torch only, no retnet.train
+from retnet.model.distillation import DISTILL_KINDS, DISTILL_TEMPERATURES  # the loss's own: torch only
 from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
 
 if TYPE_CHECKING:
@@ -471,6 +471,10 @@ class DistillConfig(_Section):
 
     def __post_init__(self) -> None:
         _positive("distill", self, "temperature")
+        low, high = DISTILL_TEMPERATURES
+        if not low <= self.temperature <= high:  # refused here, not a nan loss after the teacher and data load
+            _refuse("distill.temperature", f"must be in [{low:g}, {high:g}]: outside it the float32 loss does not "
+                    f"compute temperature² · KL (0, wrong, or nan)", self.temperature)
         if not 0.0 <= self.alpha <= 1.0:  # nan fails it too
             _refuse("distill.alpha", "must be in [0, 1] (the KD term's weight, 1 - alpha the cross-entropy's)",
                     self.alpha)

@@ -513,9 +513,11 @@ class Trainer:
             raise ConfigError(f"model{where}: {error}") from None
 
     def _warn_of_xpos_frames(self) -> None:
-        """Warn when a packed row piece can hold a document longer than one packed xPos frame of the model or of the
+        """Warn when a packed row piece can hold a sequence longer than one packed xPos frame of the model or of the
         distillation teacher (which runs the same packed rows): the forward stops the run at the first batch that
-        holds one (XPosFrameError), maybe hours in. Warned, not refused: a corpus of shorter documents never meets it."""
+        holds one (XPosFrameError), maybe hours in. Warned, not refused: shorter documents never meet it. Text rows
+        are packed with data.document_boundaries; preference pairs (DPO and its variants, reward models), KTO's rows
+        and GRPO's completions always, a prompt and its completion a segment."""
         from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
 
         cfg = self.cfg
@@ -523,23 +525,44 @@ class Trainer:
         if self.teacher is not None:
             models.append(("distill.teacher", self.teacher.model.config))
         models = [(name, config) for name, config in models if getattr(config, "use_xpos", False)]
-        if (not models or not cfg.data.document_boundaries
-                or getattr(self.data, "preference", False) or getattr(self.data, "grpo", False)):
+        grpo, pairs = getattr(self.data, "grpo", False), getattr(self.data, "preference", False)
+        if not models or not (cfg.data.document_boundaries or grpo or pairs):
             return
-        # A packed sequence is a document's part within one block (each block starts one), cut further by a
-        # context-parallel rank's piece of the micro-batch's row
-        longest = min(self.data.seq_len, self.data.seq_len * cfg.train.micro_batch_size // self.cp_size)
+        mb = cfg.train.micro_batch_size
+        if grpo:
+            seq_len = self.data.sequence_length(cfg.grpo)
+            source = (f"the longest prompt, {self.data.longest_prompt} tokens, and "
+                      f"{cfg.grpo.sampling['max_new_tokens']} sampled ones")
+            what, row = "a prompt and its completion", seq_len * mb
+            advice = ("Prompts and completions of at most {span} tokens together keep every sequence within a frame "
+                      "(data.max_prompt_length cuts the prompts, grpo.max_completion_length the completions)")
+        elif pairs:
+            seq_len, source = self.data.seq_len, f"data.seq_len {self.data.seq_len}"
+            # two sequences a pair (KTO: a completion and a KL completion, but for a loss without the KL term)
+            unpaired = getattr(self.data, "kto", False) and cfg.kto.loss_type != "kto"
+            what, row = "a prompt and its completion", seq_len * (1 if unpaired else 2) * mb
+            advice = ("A data.seq_len of at most {span} keeps every sequence within a frame (a completion is cut to "
+                      "fit it after its prompt)")
+        else:
+            seq_len, source = self.data.seq_len, f"data.seq_len {self.data.seq_len}"
+            what, row = "a document", seq_len * mb
+            advice = ("A data.seq_len of at most {span} keeps every sequence within a frame "
+                      "(data.document_boundaries=false runs whole rows in frames of their own, the state flowing "
+                      "across documents)")
+        # A packed sequence is one within a row (a text block starts a document's part), cut further by a
+        # context-parallel rank's piece of the micro-batch's row (a row of pairs padded to a length the ranks divide)
+        longest = min(seq_len, -(-row // self.cp_size))
+        how = "with data.document_boundaries" if not (grpo or pairs) else f"on data.format {cfg.data.format!r}"
         for name, config in models:
             span = xpos_span(config, XPOS_PACKED_MAX_GROWTH)
             if longest > span:
                 logger.warning(
-                    "%s use_xpos with data.document_boundaries: a packed sequence may hold %d tokens (data.seq_len "
-                    "%d%s), more than one packed xPos frame of the %s, %d positions at xpos_scale_base %s: a batch "
-                    "holding a document that long stops the run. A data.seq_len of at most %d keeps every sequence "
-                    "within a frame (data.document_boundaries=false runs whole rows in frames of their own, the state "
-                    "flowing across documents)", name, longest, self.data.seq_len,
-                    ", cut to a context-parallel rank's piece of the row" if longest < self.data.seq_len else "",
-                    "teacher" if name == "distill.teacher" else "model", span, config.xpos_scale_base, span)
+                    "%s use_xpos %s: a packed sequence may hold %d tokens (%s%s), more than one packed xPos frame of "
+                    "the %s, %d positions at xpos_scale_base %s: a batch holding %s that long stops the run. %s",
+                    name, how, longest, source,
+                    ", cut to a context-parallel rank's piece of the row" if longest < seq_len else "",
+                    "teacher" if name == "distill.teacher" else "model", span, config.xpos_scale_base, what,
+                    advice.format(span=span))
 
     def _teacher_dir(self) -> Path | None:
         """``distill.teacher``'s directory, resolved once (None without distillation)."""

@@ -1,5 +1,6 @@
-"""No Docker engine here: the images are checked by linting their Dockerfiles with hadolint."""
+"""No Docker engine here: the images are checked by linting their Dockerfiles with hadolint, and by reading them."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,16 @@ def test_dockerfile_passes_hadolint(name):
     out = subprocess.run([hadolint(), "--config", str(REPO / ".hadolint.yaml"), str(REPO / "docker" / name)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_cpu_training_image_has_the_compiler_torch_compile_builds_with():
+    # --train.compile=true on a CPU: inductor builds its kernels as C++, and python:*-slim has no compiler, so the
+    # first compiled forward failed there (the CUDA stage's devel base has one)
+    text = (REPO / "docker" / "Dockerfile.train").read_text()
+    stage = re.search(r"^FROM python:\S+ AS base-cpu\n(.*?)(?=^FROM )", text, re.M | re.S)
+    assert stage, "Dockerfile.train has no base-cpu stage"
+    installed = set(re.findall(r"[\w.+-]+", " ".join(re.findall(r"apt-get install[^&]*", stage.group(1)))))
+    assert installed & {"g++", "build-essential"}, installed
 
 
 def test_compose_trains_then_serves_the_export():
