@@ -21,15 +21,16 @@ from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
 if TYPE_CHECKING:
     from retnet.train.config import JobConfig
 
-# TRL's DPOConfig.loss_type names (DPOTrainer.dpo_loss of TRL 0.15 to 0.19); not its bco_pair, whose shift is a
-# running mean of the rewards (state this loss has none of), nor sft, a loss of no pair
+# TRL's DPOConfig.loss_type names (DPOTrainer.dpo_loss of TRL 0.15 to 0.19; bco_pair, whose shift is a running mean
+# of the rewards, and sft, the chosen completions' NLL, as TRL 0.20 to 0.28 compute them: TRL 1's rewrite dropped
+# bco_pair's shift and renamed aot_pair aot_unpaired)
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_pair",
-                  "discopop", "apo_zero", "apo_down")
+                  "discopop", "bco_pair", "sft", "apo_zero", "apo_down")
 # Those whose formula reads dpo.label_smoothing in TRL; the others ignore it there, so setting it is a mistake
 DPO_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
 # Those whose TRL formula takes reference_free's zero reference: the others read the reference model's log-probs
 # even with reference_free (TRL still runs it), which a reference-free run here does not compute
-DPO_REFERENCE_FREE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "apo_zero", "apo_down")
+DPO_REFERENCE_FREE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "apo_zero", "apo_down", "sft")
 DISCOPOP_TAU = 0.05  # TRL's DPOConfig.discopop_tau default
 # SimPO (TRL's CPOTrainer, loss_type "simpo") and ORPO (TRL's ORPOTrainer): losses of the policy's length-averaged
 # log-probs alone, so reference-free by definition (a run with them computes no reference, whatever
@@ -108,7 +109,11 @@ class DpoConfig(_Section):
     assumed share of flipped labels, for the loss types whose TRL formula reads it (:data:`DPO_SMOOTHED_LOSS_TYPES`;
     exo_pair takes 0 as TRL does, as 1e-3); ``discopop_tau`` DiscoPOP's temperature; ``reference_free`` a
     reference that gives every completion log-prob 0 (no reference pass, no reference file); ``rpo_alpha`` (None:
-    off) adds that times the chosen completions' mean token NLL to each pair's loss (RPO).
+    off) adds that times the chosen completions' mean token NLL to each pair's loss (RPO). ``"bco_pair"`` shifts
+    its rewards by their running mean (part of the checkpoint); ``"sft"`` is the chosen completions' mean token NLL.
+    ``loss_type`` may be a list of those names (TRL 0.20's combined losses, MPO: ``["sigmoid", "bco_pair",
+    "sft"]``), each pair's loss their sum weighted by ``loss_weights`` (None: 1 each; one weight a name); a list of
+    one is its name, as TRL's DPOConfig makes it.
 
     ``loss_type`` may also be one of :data:`POLICY_ONLY_LOSS_TYPES`, reference-free by definition (no reference
     pass or file; ``reference_free`` may say so, or not): ``"simpo"``, TRL's CPOTrainer with ``loss_type="simpo"``
@@ -117,7 +122,8 @@ class DpoConfig(_Section):
     ``"orpo"``, TRL's ORPOTrainer (``beta`` its λ; the chosen completions' NLL is part of the loss)."""
 
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str | list = "sigmoid"  # a list: TRL's combined losses
+    loss_weights: list | None = None  # of numbers, one per loss_type; None: 1 each
     label_smoothing: float = 0.0
     discopop_tau: float = DISCOPOP_TAU
     reference_free: bool = False
@@ -127,26 +133,25 @@ class DpoConfig(_Section):
 
     def __post_init__(self) -> None:
         _positive("dpo", self, "beta", "discopop_tau")
-        if self.loss_type not in DPO_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES:
-            _refuse("dpo.loss_type", f"must be one of {DPO_LOSS_TYPES} (TRL's DPOTrainer), 'simpo' (its CPOTrainer) "
-                    f"or 'orpo' (its ORPOTrainer) (TRL's names; its bco_pair and sft are not implemented)",
-                    self.loss_type)
+        self._check_loss_types()
+        kinds = self.types
         if not 0.0 <= self.label_smoothing < 0.5:  # 0.5: the labels are noise; nan fails it too
             _refuse("dpo.label_smoothing", "must be in [0, 0.5)", self.label_smoothing)
         if self.label_smoothing and self.loss_type == "orpo":
             _refuse("dpo.label_smoothing", "does not apply to dpo.loss_type 'orpo' (TRL's ORPOTrainer has none)",
                     self.label_smoothing)
         # SimPO's is TRL's CPOTrainer's conservative sigmoid, which reads it
-        if self.label_smoothing and self.loss_type not in (*DPO_SMOOTHED_LOSS_TYPES, "simpo"):
+        if self.label_smoothing and not set(kinds) & {*DPO_SMOOTHED_LOSS_TYPES, "simpo"}:
             takers = ", ".join(map(repr, (*DPO_SMOOTHED_LOSS_TYPES, "simpo")))
             _refuse("dpo.label_smoothing", f"applies to dpo.loss_type {takers} only (TRL's {self.loss_type!r} loss "
                     f"ignores it), not {self.loss_type!r}", self.label_smoothing)
-        if self.discopop_tau != DISCOPOP_TAU and self.loss_type != "discopop":  # most likely a forgotten loss_type
+        if self.discopop_tau != DISCOPOP_TAU and "discopop" not in kinds:  # most likely a forgotten loss_type
             _refuse("dpo.discopop_tau", f"applies to dpo.loss_type 'discopop' only, not {self.loss_type!r}",
                     self.discopop_tau)
-        if self.reference_free and self.loss_type not in DPO_REFERENCE_FREE_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES:
+        reading = [kind for kind in kinds if kind not in DPO_REFERENCE_FREE_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES]
+        if self.reference_free and reading:
             takers = ", ".join(map(repr, DPO_REFERENCE_FREE_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES))
-            _refuse("dpo.reference_free", f"applies to dpo.loss_type {takers} only: TRL's {self.loss_type!r} loss "
+            _refuse("dpo.reference_free", f"applies to dpo.loss_type {takers} only: TRL's {reading[0]!r} loss "
                     f"reads the reference model's log-probs even with reference_free, and a reference-free run "
                     f"computes none", self.reference_free)
         if self.rpo_alpha is not None:
@@ -171,6 +176,72 @@ class DpoConfig(_Section):
                 _refuse("dpo.cpo_alpha", f"applies to dpo.loss_type 'simpo' only, not {self.loss_type!r} (RPO's "
                         f"dpo.rpo_alpha adds the same NLL term to DPO's losses)", self.cpo_alpha)
             _positive("dpo", self, "cpo_alpha", allow_zero=True)
+
+    def _check_loss_types(self) -> None:
+        """ConfigError for a ``loss_type`` that is no DPO loss, or a list (TRL's combined losses) naming one that
+        is not of :data:`DPO_LOSS_TYPES`, or one twice; and for ``loss_weights`` that are not one finite number
+        >= 0 per loss type. A list of one becomes its name (TRL's DPOConfig normalizes it so)."""
+        if isinstance(self.loss_type, list) and len(self.loss_type) == 1 and isinstance(self.loss_type[0], str):
+            self.loss_type = self.loss_type[0]
+        if isinstance(self.loss_type, list):
+            unknown = [kind for kind in self.loss_type if not isinstance(kind, str) or kind not in DPO_LOSS_TYPES]
+            if unknown or not self.loss_type:
+                # SimPO and ORPO are TRL's CPO and ORPO trainers' losses, which combine with no other
+                other = " ('simpo' and 'orpo' are not DPOTrainer's: they combine with none)" if set(unknown) & set(
+                    POLICY_ONLY_LOSS_TYPES) else ""
+                _refuse("dpo.loss_type", f"as a list (TRL's combined losses) must name loss types of "
+                        f"{DPO_LOSS_TYPES}{other} (unknown: {unknown})", self.loss_type)
+            if len(set(self.loss_type)) != len(self.loss_type):
+                _refuse("dpo.loss_type", "must not name a loss type twice (weigh it with dpo.loss_weights instead)",
+                        self.loss_type)
+        elif self.loss_type not in DPO_LOSS_TYPES + POLICY_ONLY_LOSS_TYPES:
+            _refuse("dpo.loss_type", f"must be one of {DPO_LOSS_TYPES} (TRL's DPOTrainer), 'simpo' (its CPOTrainer) "
+                    f"or 'orpo' (its ORPOTrainer) (TRL's names; or a list of DPOTrainer's, its combined losses)",
+                    self.loss_type)
+        if self.loss_weights is None:
+            return
+        if not isinstance(self.loss_weights, list):
+            _refuse("dpo.loss_weights", "must be a list of numbers, one per dpo.loss_type (or None: 1 each)",
+                    self.loss_weights)
+        if self.loss_type in POLICY_ONLY_LOSS_TYPES:
+            _refuse("dpo.loss_weights", f"does not apply to dpo.loss_type {self.loss_type!r} (TRL's DPOTrainer weighs "
+                    f"its own losses only)", self.loss_weights)
+        weights = []
+        for weight in self.loss_weights:  # --dpo.loss_weights=0.8,0.2,1 arrives as strings
+            try:
+                number = float(weight) if isinstance(weight, int | float | str) and not isinstance(weight, bool) \
+                    else math.nan
+            except (ValueError, OverflowError):
+                number = math.nan
+            if not (math.isfinite(number) and number >= 0):  # a negative weight would maximize its loss
+                _refuse("dpo.loss_weights", f"must be finite numbers >= 0 (not: {weight!r})", self.loss_weights)
+            weights.append(number)
+        if len(weights) != len(self.types):
+            _refuse("dpo.loss_weights", f"must give one weight per loss type of dpo.loss_type {self.loss_type!r} "
+                    f"({len(self.types)}), not {len(weights)}", self.loss_weights)
+        self.loss_weights = weights
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The loss types, one or (TRL's combined losses) more."""
+        return tuple(self.loss_type) if isinstance(self.loss_type, list) else (self.loss_type,)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Each of :attr:`types`' weight in the loss: ``loss_weights``, or 1 each."""
+        return tuple(self.loss_weights) if self.loss_weights is not None else (1.0,) * len(self.types)
+
+    @property
+    def length_averaged(self) -> bool:
+        """The loss compares length-averaged log-probs: IPO's (every type of a list holding it, as TRL averages
+        its concatenated_forward's log-probs for all of them then), SimPO's, ORPO's."""
+        return bool({"ipo", *POLICY_ONLY_LOSS_TYPES} & set(self.types))
+
+    @property
+    def logs_nll(self) -> bool:
+        """The chosen completions' NLL is part of the loss, logged as TRL's ``nll_loss``: RPO, SimPO's
+        ``cpo_alpha``, ORPO, or the ``sft`` loss type."""
+        return self.nll_weight is not None or "sft" in self.types
 
     @property
     def uses_reference(self) -> bool:

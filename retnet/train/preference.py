@@ -57,8 +57,10 @@ gives: it never recomputes them from the resumed weights. With ``dpo.reference_f
 log-probs are 0: none are computed, written or read back; checkpoints also hold the pairs' hash, which a resume
 without a reference file compares with the data it reads (:meth:`PreferenceData.check_pairs`).
 
-The loss is TRL's ``dpo.loss_type`` (:func:`dpo_loss`, every parallel layout's), ``dpo.rpo_alpha`` adding RPO's
-NLL of the chosen completions (:func:`chosen_nll`, logged as TRL's ``nll_loss``). ``simpo`` (TRL's CPOTrainer's,
+The loss is TRL's ``dpo.loss_type`` (:func:`dpo_loss`, every parallel layout's; a list of them weighted by
+``dpo.loss_weights``, TRL's combined losses), ``dpo.rpo_alpha`` adding RPO's NLL of the chosen completions
+(:func:`chosen_nll`, logged as TRL's ``nll_loss``, as for the ``sft`` loss type). ``bco_pair``'s running mean of
+the rewards (:class:`RunningMean`) is part of the data state in the checkpoints. ``simpo`` (TRL's CPOTrainer's,
 ``dpo.cpo_alpha`` its NLL weight) and ``orpo`` (TRL's ORPOTrainer's, the NLL part of it, ``log_odds_ratio`` and
 ``log_odds_chosen`` logged) compare the policy's length-averaged log-probs alone: no reference is computed.
 """
@@ -454,15 +456,21 @@ def completion_logps(model: torch.nn.Module, batch: PairBatch, context: ContextG
     return sums if context is None else context.sum(sums)
 
 
-def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor,
-             cfg: DpoConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor, cfg: DpoConfig,
+             bco_shift: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(losses ``[B]``, chosen rewards ``[B]``, rejected rewards ``[B]``) of B pairs from the ``[2B]`` summed
     completion log-probs (chosen then rejected) of the policy and the reference (zeros for ``reference_free``), as
-    TRL's ``DPOTrainer.dpo_loss`` (0.15 to 0.19) computes each ``loss_type``. IPO compares length-averaged log-probs
-    (``lengths``: the completions' token counts), as TRL's ``ipo`` does. ``aot``/``aot_pair`` sort the log-ratios
-    over the B pairs, as TRL over its per-device batch: their losses depend on the micro-batch's pairs, not one
-    pair alone. With ``rpo_alpha`` every pair's loss adds that times :func:`chosen_nll` (RPO). The rewards are
-    ``beta`` times the policy's log-ratio to the reference, as TRL's.
+    TRL's ``DPOTrainer.dpo_loss`` (0.15 to 0.19; ``bco_pair``, ``sft`` and a list of loss types as 0.20 to 0.28's)
+    computes each ``loss_type``. IPO compares length-averaged log-probs (``lengths``: the completions' token
+    counts), as TRL's ``ipo`` does (every type of a list holding it, as TRL's). ``aot``/``aot_pair`` sort the
+    log-ratios over the B pairs, as TRL over its per-device batch: their losses depend on the micro-batch's pairs,
+    not one pair alone. ``bco_pair`` shifts the rewards by ``bco_shift`` of the batch's mean reward (the running
+    mean, :class:`RunningMean`, that mean taken in; None: a fresh one's, the batch's own mean). ``sft`` is
+    :func:`chosen_nll`, the same for every pair. A list of loss types (TRL's combined losses) sums their losses
+    weighted by ``cfg.weights``. With ``rpo_alpha`` every pair's loss adds that times :func:`chosen_nll` (RPO). The
+    rewards are ``beta`` times the policy's log-ratio to the reference, as TRL's (not, for a list, the weights'
+    sum times it, as TRL's combined metrics are).
 
     ``simpo`` (TRL's ``CPOTrainer.cpo_loss``) and ``orpo`` (``ORPOTrainer.odds_ratio_loss``) read the policy's
     length-averaged log-probs alone (``reference`` is not read; their rewards are ``beta`` times those averages):
@@ -472,30 +480,45 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tenso
     raw = policy
     if cfg.loss_type in ("simpo", "orpo"):  # TRL's CPO and ORPO trainers hold no reference model
         reference = torch.zeros_like(policy)
-    if cfg.loss_type in ("ipo", "simpo", "orpo"):  # length-averaged log-probs, as TRL's average_log_prob
+    if cfg.length_averaged:  # length-averaged log-probs, as TRL's average_log_prob
         policy, reference = policy / lengths, reference / lengths
     chosen, rejected = (policy - reference).chunk(2)  # each completion's log-ratio to the reference
     logits = chosen - rejected  # (π_c − π_r) − (ref_c − ref_r)
-    beta, smoothing, kind = cfg.beta, cfg.label_smoothing, cfg.loss_type
+    beta = cfg.beta
+    losses = 0
+    for kind, weight in zip(cfg.types, cfg.weights, strict=True):
+        losses = losses + _type_losses(kind, chosen, rejected, logits, policy, reference, raw, lengths, cfg,
+                                       bco_shift) * weight
+    if cfg.nll_weight is not None:  # RPO (the paper's v3), CPO-SimPO, ORPO: the chosen completions' NLL beside
+        losses = losses + cfg.nll_weight * chosen_nll(raw, lengths)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def _type_losses(kind: str, chosen: torch.Tensor, rejected: torch.Tensor, logits: torch.Tensor, policy: torch.Tensor,
+                 reference: torch.Tensor, raw: torch.Tensor, lengths: torch.Tensor, cfg: DpoConfig,
+                 bco_shift: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """:func:`dpo_loss`'s ``[B]`` losses of one loss type, from its log-ratios (``chosen``, ``rejected``, their
+    difference ``logits``), the log-probs they are of (``policy``, ``reference``; averaged where the loss is) and
+    the summed ones (``raw``)."""
+    beta, smoothing = cfg.beta, cfg.label_smoothing
     if kind == "sigmoid":  # label smoothing ε: conservative DPO, labels flipped with probability ε
-        losses = -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
-    elif kind == "robust":  # Robust DPO: unbiased under labels flipped with probability ε
-        losses = (-F.logsigmoid(beta * logits) * (1 - smoothing)
-                  + F.logsigmoid(-beta * logits) * smoothing) / (1 - 2 * smoothing)
-    elif kind == "exo_pair":  # EXO, eq. 16: KL of the policy's pair distribution to (1 − ε, ε); TRL's ε 0 is 1e-3
+        return -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
+    if kind == "robust":  # Robust DPO: unbiased under labels flipped with probability ε
+        return (-F.logsigmoid(beta * logits) * (1 - smoothing)
+                + F.logsigmoid(-beta * logits) * smoothing) / (1 - 2 * smoothing)
+    if kind == "exo_pair":  # EXO, eq. 16: KL of the policy's pair distribution to (1 − ε, ε); TRL's ε 0 is 1e-3
         epsilon = smoothing or 1e-3
-        losses = (torch.sigmoid(beta * logits) * (F.logsigmoid(beta * logits) - math.log(1 - epsilon))
-                  + torch.sigmoid(-beta * logits) * (F.logsigmoid(-beta * logits) - math.log(epsilon)))
-    elif kind == "hinge":  # SLiC
-        losses = torch.relu(1 - beta * logits)
-    elif kind == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
-    elif kind == "sppo_hard":  # SPPO with the hard probabilities: 1 for the chosen, 0 for the rejected
-        losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
-    elif kind == "nca_pair":
-        losses = (-F.logsigmoid(beta * chosen) - 0.5 * F.logsigmoid(-beta * chosen)
-                  - 0.5 * F.logsigmoid(-beta * rejected))
-    elif kind in ("aot", "aot_pair"):  # AOT: the sorted policy margins against the sorted reference margins
+        return (torch.sigmoid(beta * logits) * (F.logsigmoid(beta * logits) - math.log(1 - epsilon))
+                + torch.sigmoid(-beta * logits) * (F.logsigmoid(-beta * logits) - math.log(epsilon)))
+    if kind == "hinge":  # SLiC
+        return torch.relu(1 - beta * logits)
+    if kind == "ipo":
+        return (logits - 1 / (2 * beta)) ** 2
+    if kind == "sppo_hard":  # SPPO with the hard probabilities: 1 for the chosen, 0 for the rejected
+        return (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+    if kind == "nca_pair":
+        return -F.logsigmoid(beta * chosen) - 0.5 * F.logsigmoid(-beta * chosen) - 0.5 * F.logsigmoid(-beta * rejected)
+    if kind in ("aot", "aot_pair"):  # AOT: the sorted policy margins against the sorted reference margins
         if kind == "aot":
             policy_chosen, policy_rejected = policy.chunk(2)
             reference_chosen, reference_rejected = reference.chunk(2)
@@ -503,25 +526,64 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tenso
                      - torch.sort(reference_chosen - reference_rejected, dim=0).values)
         else:  # unpaired: the chosen and the rejected log-ratios sorted apart
             delta = torch.sort(chosen, dim=0).values - torch.sort(rejected, dim=0).values
-        losses = -F.logsigmoid(beta * delta) * (1 - smoothing) - F.logsigmoid(-beta * delta) * smoothing
-    elif kind == "apo_zero":  # APO, eq. 7: raise the chosen likelihood, lower the rejected one
-        losses = (1 - torch.sigmoid(beta * chosen)) + torch.sigmoid(beta * rejected)
-    elif kind == "apo_down":  # APO, eq. 8: lower both, the rejected more
-        losses = torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * logits))
-    elif kind == "discopop":  # DiscoPOP, eq. 5: logistic and exponential losses mixed by the scaled margin
+        return -F.logsigmoid(beta * delta) * (1 - smoothing) - F.logsigmoid(-beta * delta) * smoothing
+    if kind == "apo_zero":  # APO, eq. 7: raise the chosen likelihood, lower the rejected one
+        return (1 - torch.sigmoid(beta * chosen)) + torch.sigmoid(beta * rejected)
+    if kind == "apo_down":  # APO, eq. 8: lower both, the rejected more
+        return torch.sigmoid(beta * chosen) + (1 - torch.sigmoid(beta * logits))
+    if kind == "discopop":  # DiscoPOP, eq. 5: logistic and exponential losses mixed by the scaled margin
         scaled = beta * logits
         mixing = torch.sigmoid(scaled / cfg.discopop_tau)
-        losses = -F.logsigmoid(scaled) * (1 - mixing) + torch.exp(-scaled) * mixing
-    elif kind == "simpo":  # SimPO: the averaged margin beyond the target γ, as TRL's CPO computes it
+        return -F.logsigmoid(scaled) * (1 - mixing) + torch.exp(-scaled) * mixing
+    if kind == "bco_pair":  # BCO on pairs: chosen rewards above, rejected below the rewards' running mean δ
+        mean = torch.cat([beta * chosen, beta * rejected]).mean().detach()
+        delta = (bco_shift or RunningMean().update)(mean).to(chosen.dtype)
+        return -F.logsigmoid(beta * chosen - delta) - F.logsigmoid(-(beta * rejected - delta))
+    if kind == "sft":  # the chosen completions' NLL (MPO's generation loss), each pair's the batch's
+        return chosen_nll(raw, lengths).expand(len(chosen))
+    if kind == "simpo":  # SimPO: the averaged margin beyond the target γ, as TRL's CPO computes it
         logits = logits - cfg.simpo_gamma / beta
-        losses = -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
-    elif kind == "orpo":  # ORPO: λ times the log-sigmoid of the log odds ratio (TRL subtracts beta · log σ)
-        losses = -beta * F.logsigmoid(orpo_log_odds(chosen, rejected))
-    else:  # the config refuses any other
-        raise ValueError(f"dpo.loss_type {kind!r} is not one of DPO's")
-    if cfg.nll_weight is not None:  # RPO (the paper's v3), CPO-SimPO, ORPO: the chosen completions' NLL beside
-        losses = losses + cfg.nll_weight * chosen_nll(raw, lengths)
-    return losses, beta * chosen.detach(), beta * rejected.detach()
+        return -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
+    if kind == "orpo":  # ORPO: λ times the log-sigmoid of the log odds ratio (TRL subtracts beta · log σ)
+        return -beta * F.logsigmoid(orpo_log_odds(chosen, rejected))
+    raise ValueError(f"dpo.loss_type {kind!r} is not one of DPO's")  # (the config refuses any other)
+
+
+class RunningMean:
+    """The running mean of the rewards that ``bco_pair`` shifts them by: TRL's ``RunningMoments`` (its
+    ``trl.trainer.utils``) as its DPOTrainer updates it, once per micro-batch with the batch's mean reward (of its
+    2B chosen and rejected rewards), the mean over the ranks when distributed (its ``get_global_statistics``: the
+    ranks' means summed by an all-reduce, divided by their count) and a count starting at 1e-24. Its arithmetic:
+    each increment computed in float32, added to a float64 mean (TRL's Python float). Only the mean and the count:
+    TRL's variance and std are not read by the loss. Part of the data state: a resume goes on with it."""
+
+    def __init__(self):
+        self.mean: float | torch.Tensor = 0.0  # a float64 tensor once updated: no host read per micro-batch
+        self.count = 1e-24
+
+    def update(self, value: torch.Tensor, group=None, world_size: int = 1) -> torch.Tensor:
+        """The mean with ``value`` (this rank's micro-batch's mean reward, a scalar) taken in, over the
+        ``world_size`` ranks of ``group`` (None: the world) when distributed; every rank holds the same after."""
+        value = value.detach().float()
+        if world_size > 1 and is_distributed():
+            value = value.clone()
+            torch.distributed.all_reduce(value, group=group)
+            value = value / world_size
+        total = self.count + world_size
+        current = self.value(value.device)
+        self.mean = current + ((value - current.float()) * world_size / total).double()
+        self.count = total
+        return self.mean
+
+    def value(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The mean as a float64 scalar on ``device`` (not updated: what an evaluation shifts by)."""
+        return torch.as_tensor(self.mean, dtype=torch.float64, device=device)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": float(self.mean), "count": float(self.count)}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.count = float(state["mean"]), float(state["count"])
 
 
 def orpo_log_odds(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -730,6 +792,7 @@ class PreferenceData:
         self._pairs_sha256: str | None = None  # _content_digest, once computed (:meth:`pairs_sha256`)
         self._saved_pairs: dict[str, Any] | None = None  # a resumed checkpoint's (state_dict's "pairs")
         self._window, self._window_steps = [0.0] * len(self.metrics), 0
+        self.running = RunningMean()  # bco_pair's shift: the training rewards' running mean (TRL's RunningMoments)
 
     def model_overrides(self, model: ModelConfig, init_from: Path | None, lora_dropout: float) -> dict[str, Any]:
         """The RetNetConfig settings of the trained model on top of ``model.init_from``'s: :func:`policy_overrides`."""
@@ -752,7 +815,7 @@ class PreferenceData:
         self.check_prompted()
         self.dpo, self.device, self.autocast, self.group, self.context = dpo, device, autocast, group, context
         # TRL logs the NLL term of RPO, CPO-SimPO and ORPO beside the rewards, and ORPO's log odds
-        self.metrics = (*METRICS, *(("nll_loss",) if dpo.nll_weight is not None else ()),
+        self.metrics = (*METRICS, *(("nll_loss",) if dpo.logs_nll else ()),
                         *(ORPO_METRICS if dpo.loss_type == "orpo" else ()))
         # a fresh window (a resumed one has the checkpoint's, of the same objective: dpo_changes holds it)
         self._window += [0.0] * (len(self.metrics) - len(self._window))
@@ -884,9 +947,13 @@ class PreferenceData:
         else:
             pairs = self.reference[split][batch.pairs]
             reference = torch.cat([pairs[:, 0], pairs[:, 1]])
-        losses, chosen, rejected = dpo_loss(policy, reference, batch.lengths, self.dpo)
-        nll = chosen_nll(policy.detach(), batch.lengths) if self.dpo.nll_weight is not None else None
-        if self.dpo.loss_type in ("ipo", "simpo", "orpo"):  # TRL logs the length-averaged log-probs they compare
+        # bco_pair's running mean takes in the training batches' rewards: an evaluation reads it as it stands, and
+        # changes no later step (TRL's evaluation updates it too)
+        shift = (lambda mean: self.running.update(mean, self.group, self.world_size)) if split == "train" else \
+            (lambda mean: self.running.value(mean.device))
+        losses, chosen, rejected = dpo_loss(policy, reference, batch.lengths, self.dpo, shift)
+        nll = chosen_nll(policy.detach(), batch.lengths) if self.dpo.logs_nll else None
+        if self.dpo.length_averaged:  # TRL logs the length-averaged log-probs they compare
             policy = policy / batch.lengths
         sums = _metric_sums(chosen, rejected, policy)
         if nll is not None:  # the micro-batch's NLL once per pair: the window's mean is over micro-batches, as TRL's
@@ -953,9 +1020,12 @@ class PreferenceData:
 
     # -- position ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "preference", "consumed": self.consumed, "reference": self.digest,
-                "window": list(self._window), "window_steps": self._window_steps,
-                "pairs": {"sha256": self.pairs_sha256(), "train": len(self.train), "val": len(self.val)}}
+        state = {"kind": "preference", "consumed": self.consumed, "reference": self.digest,
+                 "window": list(self._window), "window_steps": self._window_steps,
+                 "pairs": {"sha256": self.pairs_sha256(), "train": len(self.train), "val": len(self.val)}}
+        if self.dpo is not None and "bco_pair" in self.dpo.types:  # its shift: a resume goes on from it
+            state["running"] = self.running.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "preference":
@@ -963,6 +1033,8 @@ class PreferenceData:
         self.consumed, self.digest = int(state["consumed"]), state["reference"]
         self._window, self._window_steps = [float(v) for v in state["window"]], int(state["window_steps"])
         self._saved_pairs = state.get("pairs")  # (start() compares it with the pairs read now)
+        if "running" in state:
+            self.running.load_state_dict(state["running"])
 
 
 def check_rows_digest(saved: dict[str, Any] | None, digest: Callable[[], str], *, dataset: str, kind: str, rows: str,
@@ -1046,6 +1118,6 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
 
 
 __all__ = ["FIELDS", "MARGIN", "METRICS", "ORPO_METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs",
-           "PreferenceData", "SavedReference", "build_preference_data", "check_margin", "check_pair", "chosen_nll",
-           "completion_logps", "compute_reference", "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs",
+           "PreferenceData", "RunningMean", "SavedReference", "build_preference_data", "check_margin", "check_pair",
+           "chosen_nll", "completion_logps", "compute_reference", "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs",
            "orpo_log_odds", "pack", "pairs_digest", "policy_overrides", "reference_digest"]

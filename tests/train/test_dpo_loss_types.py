@@ -1,6 +1,7 @@
 """TRL's other DPO loss types, reference-free DPO and RPO: every ``dpo.loss_type`` against an independent float64
 transcription of TRL's ``DPOTrainer.dpo_loss`` (TRL 0.15 to 0.19: ``loss_type`` one string, ``reference_free``,
-``rpo_alpha``), gradients included; RPO's NLL against TRL's cross-entropy over token logits; a reference-free RPO
+``rpo_alpha``; bco_pair's running mean and sft as TRL 0.20 to 0.28 compute them, test_dpo_combined_losses.py
+holding the rest of their tests), gradients included; RPO's NLL against TRL's cross-entropy over token logits; a reference-free RPO
 run that starts at the formula's loss, learns, logs TRL's metrics and resumes bit for bit without a reference
 file; and the refused settings."""
 
@@ -27,8 +28,40 @@ from .test_preference import build, dpo_args, toy  # noqa: F401 - toy: the modul
 # TRL, transcribed (its variable names; the losses of DPOTrainer.dpo_loss, RPO's term of
 # get_batch_loss_metrics, IPO's length averaging of concatenated_forward)
 # ----------------------------------------------------------------------------------------------------------
+class TrlRunningMoments:
+    """TRL's ``RunningMoments`` (``trl/trainer/utils.py``, 0.20 to 0.28) and its ``update``'s arithmetic: Python
+    floats, each update's values as float32 tensors. ``update(*xs)``: one value a rank, several as its
+    ``get_global_statistics`` reduces them over an accelerator of that many processes."""
+
+    def __init__(self):
+        self.mean, self.std, self.var, self.count = 0, 1, 1, 1e-24
+
+    @torch.no_grad()
+    def update(self, *xs):
+        if len(xs) > 1:
+            global_sum = torch.stack([x.sum() for x in xs]).sum()
+            count = torch.tensor(float(sum(x.numel() for x in xs)), dtype=global_sum.dtype)
+            global_mean = global_sum / count
+            global_var = torch.stack([((x - global_mean) ** 2).sum() for x in xs]).sum() / count
+            xs_mean, xs_var, xs_count = global_mean, global_var, count.item()
+        else:
+            xs_count = xs[0].numel()
+            xs_var, xs_mean = torch.var_mean(xs[0], unbiased=False)
+        xs_mean, xs_var = xs_mean.float(), xs_var.float()
+        delta = xs_mean - self.mean
+        tot_count = self.count + xs_count
+        new_sum = xs_var * xs_count
+        old_sum = self.var * self.count + delta**2 * self.count * xs_count / tot_count
+        tot_sum = old_sum + new_sum
+        self.mean += (delta * xs_count / tot_count).item()
+        new_var = tot_sum / tot_count
+        self.std = (new_var * tot_count / (tot_count - 1)).float().sqrt().item()
+        self.var = new_var.item()
+        self.count = tot_count
+
+
 def trl_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, label_smoothing,
-                 loss_type, reference_free=False, discopop_tau=0.05):
+                 loss_type, reference_free=False, discopop_tau=0.05, running=None, nll_loss=None):
     chosen_logratios = chosen_logps - (not reference_free) * ref_chosen_logps
     rejected_logratios = rejected_logps - (not reference_free) * ref_rejected_logps
     logratios = chosen_logps - rejected_logps
@@ -76,6 +109,16 @@ def trl_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_lo
         logits = (chosen_logps - rejected_logps - (ref_chosen_logps - ref_rejected_logps)) * beta
         log_ratio_modulation = torch.sigmoid(logits / discopop_tau)
         losses = -F.logsigmoid(logits) * (1 - log_ratio_modulation) + torch.exp(-logits) * log_ratio_modulation
+    elif loss_type == "bco_pair":  # TRL 0.20 to 0.28 (its DPOTrainer's self.running; a fresh one when not given)
+        running = running or TrlRunningMoments()
+        chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+        rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+        running.update(torch.cat((chosen_rewards, rejected_rewards), 0).mean().detach())
+        delta = running.mean
+        losses = -F.logsigmoid(beta * (chosen_logps - ref_chosen_logps) - delta) \
+            - F.logsigmoid(-(beta * (rejected_logps - ref_rejected_logps) - delta))
+    elif loss_type == "sft":  # its concatenated_forward's nll_loss, every pair's
+        losses = nll_loss.expand(chosen_logps.shape[0])
     else:
         raise ValueError(loss_type)
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
@@ -99,8 +142,9 @@ def smoothings(loss_type):
 
 
 def cases():
-    """(loss_type, beta, label_smoothing, discopop_tau) of every loss type."""
-    for loss_type in DPO_LOSS_TYPES:
+    """(loss_type, beta, label_smoothing, discopop_tau) of every loss type but sft, whose TRL loss is of the token
+    logits (test_dpo_combined_losses.py)."""
+    for loss_type in (kind for kind in DPO_LOSS_TYPES if kind != "sft"):
         for beta in (0.05, 0.5, 2.0):
             for smoothing in smoothings(loss_type):
                 for tau in ((0.05, 0.5) if loss_type == "discopop" else (0.05,)):
@@ -148,7 +192,7 @@ def test_every_loss_type_is_trls_with_its_gradients(reference_free):
                 for got, expected in zip(ours[1:], want[1:], strict=True):
                     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=what)
             tested.add(loss_type)
-    assert tested == set(DPO_REFERENCE_FREE_LOSS_TYPES if reference_free else DPO_LOSS_TYPES)
+    assert tested == set(DPO_REFERENCE_FREE_LOSS_TYPES if reference_free else DPO_LOSS_TYPES) - {"sft"}
 
 
 def test_the_loss_types_refused_reference_free_read_the_reference_in_trl():
@@ -159,7 +203,8 @@ def test_the_loss_types_refused_reference_free_read_the_reference_in_trl():
     one, other = (-torch.rand(10, generator=generator, dtype=torch.float64) * 20 for _ in range(2))
     for loss_type in DPO_LOSS_TYPES:
         losses = [trl_dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=0.5, label_smoothing=0.0,
-                               loss_type=loss_type, reference_free=True)[0] for reference in (one, other)]
+                               loss_type=loss_type, reference_free=True, nll_loss=torch.tensor(1.5))[0]
+                  for reference in (one, other)]
         assert torch.equal(*losses) == (loss_type in DPO_REFERENCE_FREE_LOSS_TYPES), loss_type
 
 
@@ -274,8 +319,9 @@ def preference(**dpo) -> dict:
 
 
 @pytest.mark.parametrize(("dpo", "message"), [
-    ({"loss_type": "bco_pair"}, r"dpo.loss_type must be one of \('sigmoid', 'ipo', 'hinge', 'robust', 'exo_pair', "
-     r"'nca_pair', 'sppo_hard', 'aot', 'aot_pair', 'discopop', 'apo_zero', 'apo_down'\) .*; got 'bco_pair'"),
+    ({"loss_type": "sigmoid_norm"}, r"dpo.loss_type must be one of \('sigmoid', 'ipo', 'hinge', 'robust', "
+     r"'exo_pair', 'nca_pair', 'sppo_hard', 'aot', 'aot_pair', 'discopop', 'bco_pair', 'sft', 'apo_zero', "
+     r"'apo_down'\) .*; got 'sigmoid_norm'"),
     ({"loss_type": "kto_pair"}, r"dpo.loss_type must be one of .*; got 'kto_pair'"),
     *[({"loss_type": kind, "label_smoothing": 0.1},
        rf"dpo.label_smoothing applies to dpo.loss_type 'sigmoid', 'robust', 'exo_pair', 'aot', 'aot_pair', 'simpo' only "
@@ -288,7 +334,7 @@ def preference(**dpo) -> dict:
     *[({"loss_type": kind, "reference_free": True},
        rf"dpo.reference_free applies to dpo.loss_type .* only: TRL's '{kind}' loss reads the reference model's "
        rf"log-probs even with reference_free.*; got True")
-      for kind in ("nca_pair", "sppo_hard", "aot", "aot_pair", "discopop")],
+      for kind in ("nca_pair", "sppo_hard", "aot", "aot_pair", "discopop", "bco_pair")],
     ({"rpo_alpha": -1.0}, r"dpo.rpo_alpha must be >= 0; got -1.0"),
     ({"rpo_alpha": float("inf")}, r"dpo.rpo_alpha must be >= 0; got inf"),
     ({"rpo_alpha": "one"}, r"dpo.rpo_alpha"),
