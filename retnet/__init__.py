@@ -3,11 +3,25 @@
 Importing ``retnet`` registers ``RetNetConfig`` / ``RetNetModel`` / ``RetNetForCausalLM`` /
 ``RetNetForSequenceClassification`` with transformers' Auto classes, so ``AutoModelForCausalLM.from_pretrained(dir)``
 (or ``AutoModelForSequenceClassification``) loads a saved RetNet without ``trust_remote_code``.
+
+A process started as one of retnet's commands (``retnet-train``, ``python -m retnet.serve`` ...) is the exception:
+its ``main`` calls :func:`register` once it has read its command line, so that ``--help`` and a mistyped option
+answer without importing torch and transformers.
 """
 
 import logging
+import os
+import sys
 
 __version__ = "0.1.0"
+
+# The console scripts of pyproject.toml's [project.scripts], and the modules `python -m` runs them as.
+_COMMANDS = frozenset({"retnet-train", "retnet-serve", "retnet-eval", "retnet-lm-eval", "retnet-run-batch",
+                       "retnet-convert-fla"})
+_COMMAND_MODULES = frozenset({"retnet.train", "retnet.train.__main__", "retnet.serve", "retnet.serve.__main__",
+                              "retnet.train.evaluate", "retnet.harness", "retnet.serve.run_batch",
+                              "retnet.model.convert_fla"})
+_registered = False
 
 
 def _register_auto_classes() -> None:
@@ -51,5 +65,29 @@ def _register_peft_targets() -> None:
     constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("retnet", list(LORA_TARGETS))
 
 
-_register_auto_classes()
-_register_peft_targets()
+def register() -> None:
+    """Register RetNet with transformers' Auto classes and peft's default LoRA targets (once; ``import retnet``
+    has done it, but in a process started as one of retnet's commands, whose ``main`` calls it)."""
+    global _registered
+    if not _registered:
+        _register_auto_classes()
+        _register_peft_targets()
+        _registered = True
+
+
+def _started_as_command() -> bool:
+    """Whether this import is a retnet command's on the way to its ``main``, which registers after its parse.
+
+    A registration at import pays torch and transformers (seconds) before argparse could answer ``--help``;
+    every package module imports this one first, so the entry modules cannot avoid it on their own. Only the
+    start of the process is told apart, from its command line: any other import registers as before."""
+    if not sys.argv:
+        return False
+    if sys.argv[0] == "-m":  # python -m: runpy imports the packages before argv[0] becomes the module's path
+        words = getattr(sys, "orig_argv", [])
+        return "-m" in words[:-1] and words[words.index("-m") + 1] in _COMMAND_MODULES
+    return os.path.basename(sys.argv[0]).removesuffix(".exe").removesuffix("-script.py") in _COMMANDS
+
+
+if not _started_as_command():
+    register()

@@ -1,7 +1,8 @@
 """`retnet-lm-eval`: EleutherAI's lm-evaluation-harness (``lm_eval``) with RetNet registered.
 
 lm-eval's ``--model hf`` loads ``pretrained=`` with ``AutoModelForCausalLM``, which knows RetNet only once
-``retnet`` is imported (that import registers the Auto classes). This script imports it, then runs lm-eval's
+``retnet`` is imported (that import registers the Auto classes). This script registers them for a ``pretrained=``
+it is given (``retnet.register``: as a command, its ``import retnet`` leaves that to it), then runs lm-eval's
 own command line with the arguments unchanged, so every lm-eval flag and subcommand works as documented::
 
     retnet-lm-eval --model hf --model_args pretrained=runs/demo/export,dtype=float32 \\
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
-import retnet  # noqa: F401  (registers RetNetConfig / RetNetForCausalLM with the Auto classes)
+import retnet  # (imported from Python, it registers RetNet with the Auto classes; as retnet-lm-eval, main does)
 
 # lm-eval's console scripts, as its package metadata names them (both point at one function in 0.4.x).
 _LM_EVAL_SCRIPTS = ("lm-eval", "lm_eval")
@@ -176,7 +177,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     Exits as lm-eval does: status 0 after writing its table (and ``--output_path`` files), an exception or
     ``SystemExit`` from it otherwise; a ``pretrained=`` RetNet that is not a causal LM is refused first
     (:func:`check_pretrained`)."""
-    check_pretrained(sys.argv[1:] if argv is None else argv)
+    words = sys.argv[1:] if argv is None else argv
+    check_pretrained(words)
+    if _pretrained_values(words):
+        # a model lm-eval loads through transformers' Auto classes; without one (--help, a mistyped option,
+        # --model local-completions) no torch is imported here
+        retnet.register()
     cli = lm_eval_cli()
     if argv is None:
         cli()

@@ -100,13 +100,17 @@ def _with_variables(message: str, given: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)  # first: --help and a bad flag answer without importing torch
+    import retnet
+
+    # before the settings' checks import torch and transformers: it quiets torchao's import-time warnings
+    retnet.register()
+    settings = settings_from_args(args)
     import uvicorn
 
-    import retnet  # noqa: F401  (registers the Auto classes)
     from retnet.serve.app import create_app
 
     DrainingServer = _draining_server()
-    settings = parse_settings(argv)
     logging.basicConfig(level=settings.logging_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from retnet.serve.lora import LoraError
     from retnet.serve.settings import StartupError

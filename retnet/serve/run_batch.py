@@ -351,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    import retnet
+
+    # after the parse (--help and a bad flag answer without torch), before the settings' checks import torch and
+    # transformers: it quiets torchao's import-time warnings
+    retnet.register()
     settings = settings_from_args(args, PROG)
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error(f"--max-concurrency must be at least 1; got {args.max_concurrency}")
@@ -435,7 +440,6 @@ class OutputFile:
 
 
 async def _run(settings, text_lines: list[str], output: OutputFile, max_concurrency: int, parser) -> int:
-    import retnet  # noqa: F401  (registers the Auto classes)
     from retnet.serve.app import create_app
     from retnet.serve.settings import StartupError
 

@@ -32,16 +32,22 @@ from pathlib import Path
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
 
 
-def _parser() -> argparse.ArgumentParser:
-    from retnet.train.config import preset_names
+def _preset_names() -> list[str]:
+    # config.preset_names' listing, read without importing the configuration (torch): --help answers at once
+    from importlib import resources
 
+    folder = resources.files("retnet.train") / "configs"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retnet-train", description="Train a RetNet language model.",
         epilog="Overrides: --section.key=value, e.g. --optim.lr=3e-4 --train.steps=2000 "
                "--data.dataset='data/*.jsonl' --model.extra.use_xpos=true",
     )
     parser.add_argument("--config", default="tiny",
-                        help=f"a preset ({', '.join(preset_names())}) or a TOML file (default: tiny)")
+                        help=f"a preset ({', '.join(_preset_names())}) or a TOML file (default: tiny)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration (preset + file + overrides) as JSON and exit; "
                              "exit status 2, the errors on stderr, for a path a start would refuse (a dataset "
@@ -53,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     """Build the trainer from the config, run it, and always close it and the process group."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers would warn after DataLoader forks
     args, overrides = _parser().parse_known_args(argv)
+    import retnet
 
+    # first, before torch and transformers are imported: it quiets torchao's import-time warnings (see there)
+    retnet.register()
     import torch.distributed as dist
 
-    import retnet  # noqa: F401 - registers the Auto classes
     from retnet.model.modeling_retnet import XPosFrameError
     from retnet.train.checkpoint import CheckpointError
     from retnet.train.config import ConfigError, load_config

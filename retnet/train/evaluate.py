@@ -280,9 +280,11 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
     or a reward model (:func:`is_reward_model`) when config.json's ``architectures`` names a
     ``*ForSequenceClassification`` with one label (what ``reward.enabled`` exports). ``quantization``: its
     decoder's Linear weights quantized as ``retnet-serve --quantization`` does (:mod:`retnet.model.quantization`)."""
+    import retnet
+
+    retnet.register()  # (a retnet-eval process registers here, its first import of transformers: see there)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    import retnet  # noqa: F401 - registers RetNet with the Auto classes
     from retnet.model.hub import HubError, resolve_pretrained
     from retnet.train.config import ConfigError
     from retnet.train.data import load_tokenizer, tokenizer_mismatch
