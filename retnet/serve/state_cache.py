@@ -320,13 +320,18 @@ class SessionStore:
 
     def _evict(self) -> None:
         self._expire()
+        # Only sessions holding a state count: a first turn under way holds none until it saves one. Counted, a
+        # burst of first turns that never did (refused with 429, cancelled, failed) evicted the idle sessions of
+        # others, their histories lost for states that never came.
+        held = sum(1 for s in self.sessions.values() if s.cache is not None)
         total = sum(s.nbytes for s in self.sessions.values())
         for key in list(self.sessions):
-            if len(self.sessions) <= self.max_sessions and total <= self.max_bytes:
+            if held <= self.max_sessions and total <= self.max_bytes:
                 break
             session = self.sessions[key]
             if not session.busy:
                 total -= session.nbytes
+                held -= session.cache is not None
                 del self.sessions[key]
 
 
