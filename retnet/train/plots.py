@@ -33,12 +33,42 @@ def _points(records: list[dict], kind: str, key: str) -> list[tuple[float, float
             if r.get("kind") == kind and number(r.get("step")) and number(r.get(key))]
 
 
+def loss_label(config: dict) -> str:
+    """The y-axis label of a run's loss, from its resolved config (the ``config.json`` the trainer writes): a
+    language model's is a cross-entropy, the post-training objectives' are not (GRPO's is often negative)."""
+    section = lambda name: config.get(name) if isinstance(config.get(name), dict) else {}
+    kind = section("data").get("format")
+    if kind == "prompts":
+        return "GRPO loss"
+    if kind == "unpaired":
+        return "KTO loss"
+    if kind == "preference":
+        if section("reward").get("enabled"):
+            return "reward model loss"
+        loss_type = section("dpo").get("loss_type") or "sigmoid"
+        return f"preference loss ({'+'.join(map(str, loss_type)) if isinstance(loss_type, list) else loss_type})"
+    if section("distill").get("teacher"):
+        return "distillation loss (nats/token)"
+    return "cross-entropy (nats/token)"
+
+
+def _run_config(metrics_path: Path) -> dict:
+    """The ``config.json`` beside ``metrics_path`` ({} when there is none or it is unreadable)."""
+    try:
+        config = json.loads((Path(metrics_path).parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
-    """Train loss per logged step and validation loss per evaluation against the step; None if no data."""
+    """Train loss per logged step and validation loss per evaluation against the step; None if no data. The
+    y-axis names the run's objective (:func:`loss_label` of the ``config.json`` beside ``metrics_path``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(metrics_path)
     train, val = _points(records, "train", "loss"), _points(records, "val", "val_loss")
@@ -52,7 +82,8 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     if val:
         ax.plot(*zip(*val), label="validation", color="tab:orange", marker="o", markersize=3.5, linewidth=1.5)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a short run's ticks would fall between its steps
+    ax.set_ylabel(loss_label(_run_config(metrics_path)))
     ax.set_title(title or "RetNet training loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -62,4 +93,4 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     return Path(out_png)
 
 
-__all__ = ["plot_losses", "read_metrics"]
+__all__ = ["loss_label", "plot_losses", "read_metrics"]

@@ -20,18 +20,23 @@ the completion's (TRL's ``bootstrap``). Each call gets its own deep copies of th
 completion, so a function may change them (TRL's examples ``prompt.pop()``). It returns one number per completion
 (a list, a numpy array or a tensor), or None where it does not apply (TRL's rule: such a reward is left out of the
 weighted sum, and of its mean in the logs). Accept ``**kwargs``: TRL adds arguments over time, and so may this
-trainer. The metrics name a function by its ``__name__``: two of the same name are refused.
+trainer. An ``async def`` function is awaited, a call's async functions together (TRL's: on one event loop, in a
+thread of its own, kept for the run). The metrics name a function by its ``__name__``: two of the same name are
+refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import importlib
+import inspect
 import math
 import numbers
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,13 +59,33 @@ def completion_text(completion: Any) -> str:
     return "".join(message.get("content", "") for message in completion)
 
 
+def solution_texts(answer: Any) -> set[str] | None:
+    """The texts a completion may be to match ``answer`` (:func:`exact_match`), stripped; None for no answer (None,
+    or NaN: a missing value as pandas and Parquet write one). A whole number read as a float matches its integer
+    text too: a JSON column of answers 42 and 3.5 is read as floats (42.0), the completion says "42"."""
+    if answer is None:
+        return None
+    texts = {str(answer).strip()}
+    if isinstance(answer, numbers.Real) and not isinstance(answer, numbers.Integral):
+        value = float(answer)
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            texts.add(str(int(value)))
+    return texts
+
+
 def exact_match(completions: list, solution: list | None = None, **kwargs) -> list[float | None]:
     """1.0 where the completion's text, stripped of surrounding whitespace, is the row's ``solution`` column
-    (stripped too), else 0.0; None for a row without one (and for every row of a dataset without the column)."""
+    (stripped too; a whole number read as a float, 42.0, is also its integer's text), else 0.0; None for a row
+    without one (and for every row of a dataset without the column, or a NaN one)."""
     if solution is None:
         return [None] * len(completions)
-    return [None if answer is None else float(completion_text(c).strip() == str(answer).strip())
-            for c, answer in zip(completions, solution, strict=True)]
+    out: list[float | None] = []
+    for completion, answer in zip(completions, solution, strict=True):
+        texts = solution_texts(answer)
+        out.append(None if texts is None else float(completion_text(completion).strip() in texts))
+    return out
 
 
 def matches_pattern(completions: list, pattern: list | None = None, **kwargs) -> list[float | None]:
@@ -219,6 +244,7 @@ class RewardSources:
         self.funcs = [resolve(spec) for spec in cfg.reward_funcs]
         self.names = source_names(cfg.reward_funcs, self.funcs, cfg.reward_model)
         self.model = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # async reward functions': started at their first call
         if cfg.reward_model:
             self.model = self._reward_model(Path(cfg.reward_model).expanduser())
         self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.names), dtype=torch.float32)
@@ -267,14 +293,35 @@ class RewardSources:
         ids = [c[:-1].tolist() if len(c) and c[-1] in self.stops else c.tolist() for c in completions]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         out = torch.full((len(rows), len(self.names)), float("nan"))
-        for number, (func, name) in enumerate(zip(self.funcs, self.names)):
+        returned = []
+        for func in self.funcs:
             prompts, given, columns = reward_arguments(split, rows, texts)  # fresh for each function
-            values = func(prompts=prompts, completions=given, completion_ids=[c.tolist() for c in completions],
-                          trainer_state=self.state, **columns)
+            returned.append(func(prompts=prompts, completions=given,
+                                 completion_ids=[c.tolist() for c in completions], trainer_state=self.state,
+                                 **columns))
+        pending = [number for number, values in enumerate(returned) if inspect.isawaitable(values)]
+        if pending:  # TRL's async reward functions (a judge's API calls ...): awaited together
+            for number, values in zip(pending, self._await([returned[n] for n in pending]), strict=True):
+                returned[number] = values
+        for number, (name, values) in enumerate(zip(self.names[:len(returned)], returned, strict=True)):
             out[:, number] = reward_values(name, values, len(rows))
         if self.model is not None:
             out[:, -1] = self._scores(split, rows, texts)
         return out
+
+    def _await(self, awaitables: list) -> list:
+        """The results of ``awaitables`` (what ``async def`` reward functions returned), run concurrently on this
+        object's event loop, as TRL runs its async reward functions: one loop in a thread of its own for the whole
+        run (so that a client a function keeps, an ``httpx.AsyncClient``, stays on one loop), which also serves a
+        caller that has a loop running already (a notebook's)."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="reward-functions", daemon=True).start()
+
+        async def together() -> list:
+            return await asyncio.gather(*awaitables)
+
+        return asyncio.run_coroutine_threadsafe(together(), self._loop).result()
 
     @torch.no_grad()
     def _scores(self, split: Prompts, rows, texts, chunk: int = 64) -> torch.Tensor:
@@ -313,4 +360,4 @@ class RewardSources:
 
 
 __all__ = ["RewardSources", "completion_text", "exact_match", "length_target", "matches_pattern", "resolve",
-           "reward_arguments", "reward_values", "source_names"]
+           "reward_arguments", "reward_values", "solution_texts", "source_names"]
