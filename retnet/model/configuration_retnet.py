@@ -19,6 +19,8 @@ from retnet.model.activations import validate_activation
 RETENTION_MODES = ("auto", "parallel", "chunkwise", "recurrent")
 NORM_TYPES = ("layernorm", "rmsnorm")
 DECAY_SCHEDULES = ("paper", "linspace")
+# transformers' sequence-classification losses (ForSequenceClassificationLoss), which the server's scores follow.
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 # The retention ops' largest head dim (retnet.kernels.checks.MAX_HEAD_DIM; a test keeps them equal), here
 # so that loading a config does not import the kernels.
 MAX_HEAD_DIM = 512
@@ -143,6 +145,11 @@ class RetNetConfig(PretrainedConfig):
         if self.intermediate_size is None and _is_int(self.hidden_size):
             self.intermediate_size = 2 * self.hidden_size
         self._check_transformers_fields(kwargs.get("torch_dtype"))
+        # PretrainedConfig builds id2label from it with range(): "2" raised a TypeError, -1 gave a classifier of 0 labels
+        # (and from_pretrained then a size mismatch on score.weight). from_pretrained(path, num_labels=...) comes here too.
+        if "num_labels" in kwargs and not (_is_int(kwargs["num_labels"]) and kwargs["num_labels"] >= 1):
+            raise ValueError(f"RetNetConfig.num_labels must be a positive integer (the classifier's outputs); got "
+                             f"{kwargs['num_labels']!r}")
         super().__post_init__(**kwargs)
         self.validate_retnet()
 
@@ -279,6 +286,13 @@ class RetNetConfig(PretrainedConfig):
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             refuse("pad_token_id", f"must be None or a token id in [0, vocab_size={self.vocab_size}) (the "
                    "embedding's padding row)")
+        # transformers reads it only in the classifier's loss (RuntimeError at the first labelled batch) and the server
+        # only to pick the scores' activation, where a misspelt one fell silently to softmax.
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            refuse("problem_type", f"must be None (inferred from the labels) or one of {PROBLEM_TYPES}")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            # (transformers refuses it at construction only, not set by from_pretrained(path, problem_type=...))
+            refuse("problem_type", "needs num_labels > 1 (a single output is problem_type 'regression')")
         if self.hidden_act_kwargs is not None and not isinstance(self.hidden_act_kwargs, (dict, list)):
             refuse("hidden_act_kwargs", "must be None, one dict of activation parameters or a list of one per layer")
         # A tuple (or any other non-list) would reach the per-layer check below as one name, refused as "(layer 0):
