@@ -181,7 +181,10 @@ class SessionStore:
         self.lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.sessions)
+        # The sessions holding a saved state (the retnet_sessions gauge, what --max-sessions bounds): a first turn
+        # under way holds none yet
+        with self.lock:
+            return sum(1 for s in self.sessions.values() if s.cache is not None)
 
     @property
     def nbytes(self) -> int:

@@ -33,6 +33,7 @@ def test_first_turns_that_save_no_state_evict_no_session():
         store.release(sid, _state(), [token], tokens=2)
     store.acquire("c")  # two first turns under way: busy, no state yet
     store.acquire("d")
+    assert len(store) == 2  # (the retnet_sessions gauge: the sessions holding a state, not the turns under way)
     store.release("c")  # refused, cancelled or failed: nothing saved
     assert sorted(store.sessions) == ["a", "b", "d"]
     store.release("d")
