@@ -30,6 +30,7 @@ import typing
 from pathlib import Path
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
 def _preset_names() -> list[str]:
@@ -95,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"retnet-train: error: {error}", file=sys.stderr)
         status = EXIT_NONFINITE
+    except KeyboardInterrupt:
+        # The second Ctrl-C (the first asks for a save after the step): one line, not the traceback of wherever the
+        # step was
+        last = getattr(trainer, "last_checkpoint", None)
+        print("retnet-train: interrupted: stopped without saving; "
+              + (f"the last checkpoint is {last}" if last else "no checkpoint was saved"), file=sys.stderr)
+        status = EXIT_INTERRUPTED
     except XPosFrameError as error:
         # The data's: a document longer than a packed xPos frame, met when a batch holds one (the start warned);
         # the checkpoints saved before it are kept

@@ -187,8 +187,8 @@ class DpoConfig(_Section):
             unknown = [kind for kind in self.loss_type if not isinstance(kind, str) or kind not in DPO_LOSS_TYPES]
             if unknown or not self.loss_type:
                 # SimPO and ORPO are TRL's CPO and ORPO trainers' losses, which combine with no other
-                other = " ('simpo' and 'orpo' are not DPOTrainer's: they combine with none)" if set(unknown) & set(
-                    POLICY_ONLY_LOSS_TYPES) else ""
+                other = " ('simpo' and 'orpo' are not DPOTrainer's: they combine with none)" if any(
+                    kind in POLICY_ONLY_LOSS_TYPES for kind in unknown if isinstance(kind, str)) else ""
                 _refuse("dpo.loss_type", f"as a list (TRL's combined losses) must name loss types of "
                         f"{DPO_LOSS_TYPES}{other} (unknown: {unknown})", self.loss_type)
             if len(set(self.loss_type)) != len(self.loss_type):

@@ -173,6 +173,7 @@ def job(**dpo) -> dict:
     ({"loss_type": ["sigmoid", "simpo"]}, r"dpo.loss_type .*'simpo' and 'orpo' are not DPOTrainer's.*; got "
      r"\['sigmoid', 'simpo'\]"),
     ({"loss_type": []}, r"dpo.loss_type as a list .* \(unknown: \[\]\); got \[\]"),
+    ({"loss_type": [[1]]}, r"dpo.loss_type as a list .* \(unknown: \[\[1\]\]\); got \[\[1\]\]"),  # (was a TypeError)
     ({"loss_type": ["sigmoid", "sft", "sigmoid"]}, r"dpo.loss_type must not name a loss type twice .*; got "
      r"\['sigmoid', 'sft', 'sigmoid'\]"),
     ({"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2]},
