@@ -186,11 +186,12 @@ class DraftModel:
             if total <= fed:  # every step samples a token: a state holding them all is a bug, not a case
                 raise AssertionError(f"the draft state holds {fed} tokens of {total}")
             room_of[i] = room
-        # The rows still within their prompt, by (prompt, tokens held): those of one key hold the same state.
+        # The rows catching up within their prompt, by (prompt, tokens held): those of one key hold the same state.
+        # A row at most k + 1 tokens behind is fed them at once, whatever the budget (below), not queued as a group.
         in_prompt: dict[tuple[int, int], list[int]] = {}
         for i in room_of:
             seq = running[i]
-            if _fed(seq) < len(seq.group.inputs):
+            if _fed(seq) < len(seq.group.inputs) and len(seq.group.inputs) + len(seq.tokens) - _fed(seq) > self.k + 1:
                 in_prompt.setdefault((id(seq.group), _fed(seq)), []).append(i)
         sharing = {i for rows in in_prompt.values() if len(rows) > 1 for i in rows}
         ends: dict[int, int] = {}  # row -> how many of its tokens its draft state holds after this step's feed

@@ -209,6 +209,32 @@ async def test_every_row_drafts_whatever_the_budget(model_dir):
     assert metrics.spec_drafts._value.get() == 8 * 8
 
 
+async def test_the_choices_of_a_short_prompt_draft_among_rows_behind(model_dir):
+    # A prompt at most k + 1 tokens ahead of the draft is fed whatever the budget, as any row's steady feed: its n
+    # choices sharing it were queued as a group behind rows far behind, charged to the budget, and with a budget of
+    # one piece a step never drafted.
+    engine = engine_with(model_dir, max_running=10, prefill_chunk_tokens=16, prefill_token_budget=256,
+                         speculative_config=draft_config(model_dir))
+    engine.drafter.chunk_tokens = engine.drafter.budget_tokens = K + 2
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    outputs = Outputs()
+    for i in range(6):
+        outputs.add(f"long{i}", engine.submit([list(range(20 + i, 80 + i))], params))
+    await step(engine, outputs, 8)
+    short = []
+    propose = engine.drafter.propose
+
+    def logged(running):
+        drafts = propose(running)
+        short.append([len(d) for seq, d in zip(running, drafts) if seq.group.inputs == [7, 8]])
+        return drafts
+
+    engine.drafter.propose = logged
+    outputs.add("short", engine.submit([[7, 8]], params, n=2))
+    await run_out(engine, outputs)
+    assert [K, K] in short, short
+
+
 async def test_rows_catch_up_in_turn(model_dir):
     # A budget of one piece a step: the rows far behind are served round robin, none waiting for the others to
     # be caught up.
