@@ -75,7 +75,7 @@ from retnet.train.chat import (
     without_spilled_targets,
 )
 from retnet.train.chat import template_identity as chat_template_identity
-from retnet.train.checkpoint import fsync_tree
+from retnet.train.checkpoint import _exchange, fsync_tree
 from retnet.train.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,8 @@ ABANDONED_TEMP_SECONDS = 24 * 3600
 # The files whose presence marks a complete cache directory: a token or pair cache's meta.json (written last), a BPE's
 # tokenizer.json (what a start checks for before training one)
 CACHE_MARKERS = ("meta.json", "tokenizer.json")
+# _atomic_dir's temp directories: .tmp-<cache>-<pid>-<8 hex>, -incomplete/-replaced for a cache it moved aside
+TEMP_DIR_NAME = re.compile(r"\.tmp-.+-\d+-[0-9a-f]{8}(-incomplete|-replaced)?")
 
 
 def default_cache_dir() -> Path:
@@ -1325,8 +1327,15 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
             # files removed by hand), was kept, and every start failed to read it: replaced.
             if all((final / name).exists() for name in CACHE_MARKERS if (tmp / name).exists()):
                 return
-            aside = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}-incomplete")
             logger.warning("data: replacing the incomplete cache %s (without the file that marks a complete one)", final)
+            aside = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}-replaced")
+            # One atomic swap where the OS has it: ``final`` is never missing for another node's ranks reading it,
+            # and a complete cache another writer swapped in meanwhile is what comes out.
+            if _exchange(tmp, final):
+                if all((tmp / name).exists() for name in CACHE_MARKERS if (final / name).exists()):
+                    # complete: another writer's, which its ranks may have open; left to the 24-hour sweep
+                    os.rename(tmp, aside)
+                return
             with contextlib.suppress(FileNotFoundError):  # another writer moved it first
                 os.rename(final, aside)
             try:
@@ -1343,10 +1352,11 @@ def _remove_abandoned_temp_dirs(cache_dir: Path) -> None:
     """Delete the temp directories of cache writers that were killed (``_atomic_dir`` cleans up after any
     failure it sees, not after SIGKILL or a lost node); recent ones may belong to a writer still running."""
     now = time.time()
-    # every cache writer's (tokens-, tokenizer-, preferences-, KTO's unpaired- ...): a list of prefixes missed new ones
+    # every cache writer's (tokens-, tokenizer-, preferences-, KTO's unpaired- ...: a list of prefixes missed new
+    # ones), by the name _atomic_dir gives them, not another program's .tmp-* in a shared folder
     for tmp in cache_dir.glob(".tmp-*"):
         try:
-            if not tmp.is_dir():
+            if not TEMP_DIR_NAME.fullmatch(tmp.name) or not tmp.is_dir():
                 continue
             touched = max([tmp.stat().st_mtime, *(p.stat().st_mtime for p in tmp.iterdir())])
         except OSError:  # its writer renamed or removed it meanwhile

@@ -50,3 +50,34 @@ def test_every_writers_abandoned_temp_directory_is_removed(tmp_path):
     build_data(config(tmp_path), **BUILD)
     assert [directory.exists() for directory in abandoned] == [False] * 3  # KTO's unpaired- one was kept for ever
     assert (live / "train.bin").exists()
+
+
+def test_another_programs_temp_directory_in_a_shared_cache_folder_is_kept(tmp_path):
+    cache = tmp_path / "cache"
+    theirs = cache / ".tmp-build"  # not named as a cache writer's: .tmp-<cache>-<pid>-<8 hex>
+    theirs.mkdir(parents=True)
+    old = time.time() - 25 * 3600
+    os.utime(theirs, (old, old))
+    build_data(config(tmp_path), **BUILD)
+    assert theirs.is_dir()
+
+
+def test_a_complete_cache_another_writer_swapped_in_meanwhile_is_left_aside_not_deleted(tmp_path, monkeypatch):
+    from retnet.train import data
+
+    first = build_data(config(tmp_path), **BUILD)
+    cache = tmp_path / "cache"
+    (tokens,) = cache.glob("tokens-*")
+    (tokens / "meta.json").unlink()
+    swap = data._exchange
+
+    def swap_after_another_writer(a, b):
+        (b / "meta.json").write_text("{}")  # another node renamed its complete cache in after the check
+        return swap(a, b)
+
+    monkeypatch.setattr(data, "_exchange", swap_after_another_writer)
+    again = build_data(config(tmp_path), **BUILD)
+    assert np.array_equal(np.asarray(again.train), np.asarray(first.train))
+    if swap(tmp_path, tmp_path):  # (an OS with an atomic swap; elsewhere the two renames run)
+        (kept,) = cache.glob(".tmp-tokens-*-replaced")  # its ranks may be reading it: the 24-hour sweep takes it
+        assert (kept / "meta.json").is_file()
