@@ -259,14 +259,41 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
         for i, value in zip(want, scored):
             chosen_lp[i] = value
     top: list[list[tuple[int, float]]] = [[] for _ in rows]
-    k_max = max(rows[i].params.logprobs for i in want)
-    if k_max > 0:
-        values, ids = logprobs_all.topk(min(k_max, logprobs_all.shape[-1]), dim=-1)
-        # One host read for all rows, then cut per row in Python (not two reads a row).
-        for i, row_ids, row_values in zip(want, ids.tolist(), values.tolist()):
-            k = rows[i].params.logprobs
-            top[i] = list(zip(row_ids[:k], row_values[:k]))
+    if any(rows[i].params.logprobs for i in want):
+        for i, alternatives in zip(want, _top_alternatives(logprobs_all, [rows[i].params.logprobs for i in want])):
+            top[i] = alternatives
     return StepSample(tokens, chosen_lp, top)
+
+
+def _top_alternatives(logprobs: torch.Tensor, ks: list[int]) -> list[list[tuple[int, float]]]:
+    """Each row's ``ks[i]`` most likely ``(token, logprob)`` of ``logprobs`` (``[n, V]``), best first, equal
+    logprobs by ascending id (greedy's pick of them first). topk alone orders equal values, and picks which of them
+    reach its cut, by k and by the rows beside: bf16 logits tie often, and a request's alternatives changed with the
+    k other requests in its batch asked for (or, for an echoed prompt, with its own prompt_logprobs)."""
+    if not ks:  # a one-token prompt: no token scored
+        return []
+    vocab = logprobs.shape[-1]
+    ks = [min(k, vocab) for k in ks]
+    # One more than the most asked: a row whose k-th value that one equals may have ties topk left out.
+    listed = min(max(ks) + 1, vocab)
+    values, ids = logprobs.topk(listed, dim=-1)
+    by_id = ids.argsort(-1)
+    ids, values = ids.gather(-1, by_id), values.gather(-1, by_id)
+    values, by_value = values.sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(-1, by_value)
+    rows_ids, rows_values = ids.tolist(), values.tolist()
+    if listed == vocab:  # every token listed
+        return [list(zip(row_ids[:k], row_values[:k])) for row_ids, row_values, k in zip(rows_ids, rows_values, ks)]
+    # A row whose k-th value the extra token ties: the listed ones of that tie may not be its lowest ids, so that row
+    # is ranked again from every token at least as likely (rare; the other rows take one host read).
+    wanted = torch.tensor(ks)
+    kth = values.gather(-1, (wanted.clamp(min=1) - 1)[:, None]).squeeze(-1)
+    short = (values[:, -1] >= kth) & (wanted > 0)
+    for i in short.nonzero().flatten().tolist():
+        candidates = (logprobs[i] >= kth[i]).nonzero().flatten()  # ascending ids
+        row, order = logprobs[i, candidates].sort(descending=True, stable=True)
+        rows_ids[i], rows_values[i] = candidates[order].tolist(), row.tolist()
+    return [list(zip(row_ids[:k], row_values[:k])) for row_ids, row_values, k in zip(rows_ids, rows_values, ks)]
 
 
 # A truncating row keeps a prefix of its tokens by descending probability. Its most probable ones come from topk, a
@@ -450,11 +477,7 @@ def prompt_logprobs(logits: torch.Tensor, next_ids: list[int],
     chosen_lp = lp.gather(-1, ids[:, None])
     ranks = (lp > chosen_lp).sum(-1).add(1).tolist()
     chosen = chosen_lp.squeeze(-1).tolist()
-    if k > 0:
-        values, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
-        tops = [list(zip(a, b)) for a, b in zip(top_ids.tolist(), values.tolist())]
-    else:
-        tops = [[] for _ in chosen]
+    tops = _top_alternatives(lp, [k] * len(chosen)) if k > 0 else [[] for _ in chosen]
     return list(zip(chosen, ranks, tops))
 
 
