@@ -1525,13 +1525,17 @@ def _blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[: n * seq_len].reshape(n, seq_len)
 
 
-def _require_targets(split: str, flags: np.ndarray) -> None:
+def _require_targets(split: str, flags: np.ndarray, dataset: str = "", held_out_by: str = "") -> None:
     """ConfigError when no block of a chat split holds a target after its first token: a split that teaches
-    nothing, or whose validation loss is 0/0."""
+    nothing, or whose validation loss is 0/0. ``dataset`` and ``held_out_by`` (the setting that sizes the validation
+    split) are named when given."""
     if not np.any(np.asarray(flags)[:, 1:] & TARGET):
-        raise ConfigError(f"data: the {split} split's blocks hold no target tokens (assistant messages' "
-                          f"tokens after the first of a block): nothing to learn or measure; use more "
-                          f"conversations with assistant messages, or data.assistant_only_loss=false")
+        # a small validation split may hold only unanswered conversations of a set that has answered ones
+        larger = f"raise {held_out_by}, " if held_out_by and split == "validation" else ""
+        raise ConfigError(f"{f'data.dataset {dataset!r}' if dataset else 'data'}: the {split} split's blocks hold no "
+                          f"target tokens (assistant messages' tokens after the first of a block): nothing to learn or "
+                          f"measure; {larger}use more conversations with assistant messages, or "
+                          f"data.assistant_only_loss=false")
 
 
 class PackedData:
@@ -1545,7 +1549,7 @@ class PackedData:
 
     def __init__(self, train: np.ndarray, val: np.ndarray, tokenizer, *, seed: int, micro_batch: int,
                  global_batch: int, rank: int, world_size: int, train_flags: np.ndarray | None = None,
-                 val_flags: np.ndarray | None = None):
+                 val_flags: np.ndarray | None = None, dataset: str = ""):
         if len(train) == 0:
             raise ConfigError("data: the training split is shorter than one block of data.seq_len tokens; "
                               "use more data or a shorter data.seq_len")
@@ -1556,7 +1560,7 @@ class PackedData:
         self.train_flags, self.val_flags = train_flags, val_flags
         for name, flags in (("training", train_flags), ("validation", val_flags)):
             if flags is not None:
-                _require_targets(name, flags)
+                _require_targets(name, flags, dataset, "data.val_fraction")
         self.step_targets: int | None = None
         self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
         self.rank, self.world_size = rank, world_size
@@ -1790,7 +1794,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
                 len(arrays["val"]), cfg.seq_len, token_cache)
     data = PackedData(arrays["train"], arrays["val"], tokenizer, seed=seed, micro_batch=micro_batch,
                       global_batch=global_batch, rank=rank, world_size=world_size,
-                      train_flags=arrays.get("train_flags"), val_flags=arrays.get("val_flags"))
+                      train_flags=arrays.get("train_flags"), val_flags=arrays.get("val_flags"), dataset=cfg.dataset)
     data.hub_fingerprint = hub_fingerprint
     if files is not None:
         # Local files (and the stdlib corpus, which another interpreter changes) have no revision a checkpoint can

@@ -19,6 +19,7 @@ from retnet.train.chat import (
     COMPLETION,
     PROMPT,
     ROW_COLUMNS,
+    TARGET,
     ChatEncoder,
     Completion,
     check_conversations,
@@ -116,14 +117,18 @@ class StreamingData:
                 with _reading(self.dataset, self.text_field, self.field_key):
                     raise error
             if example is None:
-                if not self._seen:
-                    raise _no_training_documents(self.dataset, self.val_documents, self.rank, self.world_size)
-                self._epoch, self._documents, self._seen, self._examples = self._epoch + 1, 0, False, None
+                self._end_epoch()
                 continue
             self._documents += 1
             if is_document(example[self.text_field]):
                 self._seen = True
                 return example
+
+    def _end_epoch(self) -> None:
+        """The end of this rank's part of the stream: the next epoch starts over it."""
+        if not self._seen:  # (an epoch without a document would loop for ever)
+            raise _no_training_documents(self.dataset, self.val_documents, self.rank, self.world_size)
+        self._epoch, self._documents, self._seen, self._examples = self._epoch + 1, 0, False, None
 
     def _append(self, example: dict) -> None:
         """Tokenize ``example`` onto the end of the buffer, as :func:`~retnet.train.data.encode_documents` does."""
@@ -240,12 +245,13 @@ class StreamingChatData(StreamingData):
         super().__init__(stream, val_blocks, tokenizer, text_field=messages_field, seq_len=seq_len,
                          micro_batch=micro_batch, rank=rank, world_size=world_size, dataset=dataset,
                          val_documents=val_documents)
-        _require_targets("validation", val_flags)
+        _require_targets("validation", val_flags, dataset, "data.val_documents")
         self.val_flags, self.pairs = val_flags, pairs
         self.step_targets: int | None = None
         self._chat = ChatEncoder(tokenizer, assistant_only_loss, dataset)
         self._flags: list[int] = []  # those of _buffer, index for index
         self._continued = False  # the last block packed ended inside a conversation
+        self._taught = False  # a block packed so far held a target
 
     def _append(self, example: dict) -> None:
         conversation = stream_conversation(self.dataset, self.text_field, example, self.pairs)
@@ -262,7 +268,18 @@ class StreamingChatData(StreamingData):
         flags = np.asarray(self._flags[self._head - self.seq_len: self._head], dtype=np.uint8)
         flags = without_spilled_targets(flags[None], continued=self._continued)[0]
         self._continued = not (flags[-1] & BOUNDARY)
+        self._taught = self._taught or target_count(flags[None]) > 0
         return tokens, flags
+
+    def _end_epoch(self) -> None:
+        # A whole pass without a target trains on nothing (every step's loss 0, its gradient 0), as a cached
+        # training split without targets would, which is refused at the start: a stream is known only once read.
+        # The buffered tokens, not packed yet, count with their flags as encoded. Only the first pass: a later one
+        # packs the stream at other offsets, where its few answers may all spill into a next block.
+        if self._seen and not (self._taught or any(f & TARGET for f in self._flags[self._head:])):
+            raise _no_training_targets(self.dataset, self.val_documents, self.rank, self.world_size)
+        self._taught = True
+        super()._end_epoch()
 
     def micro_batches(self, accum: int) -> list[MaskedBlocks]:
         """This rank's ``accum`` micro-batches of the next step, as :class:`MaskedBlocks`."""
@@ -273,18 +290,21 @@ class StreamingChatData(StreamingData):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if "buffer" in state:
-            state.update(flags=np.asarray(self._flags[self._head:], dtype=np.uint8), continued=self._continued)
+            state.update(flags=np.asarray(self._flags[self._head:], dtype=np.uint8), continued=self._continued,
+                         taught=self._taught)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if "documents" not in state:  # regenerated from the stream's start, as the blocks are
-            self._flags, self._continued = [], False
+            self._flags, self._continued, self._taught = [], False, False
             return
         if "flags" not in state or len(state["flags"]) != len(state["buffer"]):
             raise ValueError(f"streamed chat data state without the flags of its {len(state['buffer'])} buffered "
                              f"tokens (a text run's state?): it cannot resume chat data")
         self._flags, self._continued = [int(f) for f in state["flags"]], bool(state["continued"])
+        # a checkpoint of before it was kept: its epoch is taken as taught (not refused on a guess)
+        self._taught = bool(state.get("taught", True))
 
 
 def group_micro_batches(data, accum: int, *, source: int, group, device: torch.device) -> list:
@@ -441,6 +461,15 @@ def _validation_too_short(dataset: str, val_documents: int, seq_len: int, docume
     return ConfigError(f"data.dataset {dataset!r}: the validation split (the first data.val_documents "
                        f"({val_documents}) rows{held}) is shorter than one block of data.seq_len ({seq_len}) tokens; "
                        f"raise data.val_documents or lower data.seq_len")
+
+
+def _no_training_targets(dataset: str, val_documents: int, rank: int, world_size: int) -> ConfigError:
+    whose = f" to rank {rank} of {world_size}" if world_size > 1 else ""
+    return ConfigError(f"data.dataset {dataset!r} streams no target tokens{whose}: a whole pass over the stream after "
+                       f"its first data.val_documents ({val_documents}) rows held no block with a target (assistant "
+                       f"messages' tokens after the first of a block, in a conversation's first block): every step's "
+                       f"loss was 0, nothing was learnt; use conversations with assistant messages, or "
+                       f"data.assistant_only_loss=false")
 
 
 def _no_training_documents(dataset: str, val_documents: int, rank: int | None = None,
