@@ -204,6 +204,12 @@ class RetNetConfig(PretrainedConfig):
         def refuse(field: str, expected: str) -> None:
             raise ValueError(f"RetNetConfig.{field} {expected}; got {getattr(self, field)!r}")
 
+        # A list of no stop ids (config.json "eos_token_id": []) means no EOS, as None does: kept as a list,
+        # generate failed on an IndexError taking its first id for the pad, and the tokenizer check
+        # (retnet.train.data) found the tokenizer's EOS "not the one the model was trained with".
+        if isinstance(self.eos_token_id, list) and not self.eos_token_id:
+            self.eos_token_id = None
+
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                       "chunk_size"):
             value = getattr(self, field)

@@ -853,6 +853,11 @@ class RetNetModel(RetNetPreTrainedModel):
         # so a replayed layer cannot update it twice.
         if use_cache and cache is None and not checkpointing:
             cache = RetNetCache(len(self.layers))
+        if checkpointing and asked_for_cache and cache is None:
+            # Asked for by name, a cache that is not returned is said so, as transformers' models do (they warn on
+            # the config's default too, which every checkpointed training step would hit here).
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing in training: no cache "
+                                "is returned (a cache passed in is continued and updated)")
         if cache is not None:
             _check_cache_fits(cache, len(self.layers), batch if cu_seqlens is None else None)
 
@@ -1350,6 +1355,11 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         shifted = shift_labels is not None
         labels = shift_labels if shifted else labels
+        # Checked on every path: [T] labels for a batch of one raised an IndexError from the shift, and a [B, T']
+        # batch cross_entropy's ValueError counting the flattened B·T logits against B·T' labels.
+        if labels is not None and tuple(labels.shape) != tuple(hidden_states.shape[:2]):
+            raise ValueError(f"{'shift_labels' if shifted else 'labels'} must be [B, T] like the inputs, "
+                             f"{tuple(hidden_states.shape[:2])}; got {tuple(labels.shape)}")
         keeps_all = isinstance(logits_to_keep, int) and (logits_to_keep <= 0 or logits_to_keep >= hidden_states.shape[1])
         if not keeps_all:
             # (a list of positions as a tensor: it indexes the labels too)
@@ -1358,9 +1368,6 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             if labels is not None:
                 # Each kept position's loss is its next-token prediction: the labels move left first, then are cut
                 # like the hidden states (else cross_entropy fails on B·k logits against B·T labels).
-                if labels.shape[:2] != outputs.last_hidden_state.shape[:2]:
-                    raise ValueError(f"{'shift_labels' if shifted else 'labels'} must be [B, T] like the inputs, "
-                                     f"{tuple(outputs.last_hidden_state.shape[:2])}; got {tuple(labels.shape)}")
                 if not shifted:
                     labels, shifted = F.pad(labels, (0, 1), value=-100)[:, 1:], True
                 labels = labels[:, kept if isinstance(kept, slice) else kept.to(labels.device)]
@@ -1557,6 +1564,13 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 "generation_config.bos_token_id"
             )
         return inputs_tensor, input_name, model_kwargs
+
+    def _prepare_special_tokens(self, generation_config, *args, **kwargs):
+        # An empty list of stop ids (generate(eos_token_id=[]), a generation_config.json of []) means no EOS, as the
+        # model's config reads it: transformers took its first id for the pad, an IndexError.
+        if isinstance(generation_config.eos_token_id, list) and not generation_config.eos_token_id:
+            generation_config.eos_token_id = None
+        return super()._prepare_special_tokens(generation_config, *args, **kwargs)
 
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
         # Continuing a cache, `input_ids` is the whole sequence or only the new tokens; the attention mask (or,
