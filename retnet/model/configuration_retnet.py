@@ -147,9 +147,13 @@ class RetNetConfig(PretrainedConfig):
         self._check_transformers_fields(kwargs.get("torch_dtype"))
         # PretrainedConfig builds id2label from it with range(): "2" raised a TypeError, -1 gave a classifier of 0 labels
         # (and from_pretrained then a size mismatch on score.weight). from_pretrained(path, num_labels=...) comes here too.
-        if "num_labels" in kwargs and not (_is_int(kwargs["num_labels"]) and kwargs["num_labels"] >= 1):
-            raise ValueError(f"RetNetConfig.num_labels must be a positive integer (the classifier's outputs); got "
-                             f"{kwargs['num_labels']!r}")
+        # (None is transformers' own: the labels of id2label, or its default)
+        labels = kwargs.get("num_labels")
+        if labels is not None:
+            if not (isinstance(labels, numbers.Integral) and not isinstance(labels, bool) and labels >= 1):
+                raise ValueError(f"RetNetConfig.num_labels must be a positive integer (the classifier's outputs); "
+                                 f"got {labels!r}")
+            kwargs["num_labels"] = int(labels)  # (a NumPy integer too)
         super().__post_init__(**kwargs)
         self.validate_retnet()
 
@@ -296,9 +300,9 @@ class RetNetConfig(PretrainedConfig):
         # only to pick the scores' activation, where a misspelt one fell silently to softmax.
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             refuse("problem_type", f"must be None (inferred from the labels) or one of {PROBLEM_TYPES}")
-        if self.problem_type == "single_label_classification" and self.num_labels == 1:
-            # (transformers refuses it at construction only, not set by from_pretrained(path, problem_type=...))
-            refuse("problem_type", "needs num_labels > 1 (a single output is problem_type 'regression')")
+        # (single_label_classification with num_labels 1 is left to transformers, which refuses it at construction
+        # only: its loss writes the type into a trained classifier's config, which from_pretrained(path,
+        # num_labels=1, ignore_mismatched_sizes=True) re-heads, a reward model's start, as for its own models)
         if self.hidden_act_kwargs is not None and not isinstance(self.hidden_act_kwargs, (dict, list)):
             refuse("hidden_act_kwargs", "must be None, one dict of activation parameters or a list of one per layer")
         # A tuple (or any other non-list) would reach the per-layer check below as one name, refused as "(layer 0):

@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         # The second Ctrl-C (the first asks for a save after the step): one line, not the traceback of wherever the
         # step was
         last = getattr(trainer, "last_checkpoint", None)
-        print("retnet-train: interrupted: stopped without saving; "
-              + (f"the last checkpoint is {last}" if last else "no checkpoint was saved"), file=sys.stderr)
+        if trainer is None:  # (a Ctrl-C at the start, before the handler that turns the first into a save)
+            print("retnet-train: interrupted before training started", file=sys.stderr)
+        else:
+            print("retnet-train: interrupted: stopped without saving; "
+                  + (f"the last checkpoint is {last}" if last else "no checkpoint was saved"), file=sys.stderr)
         status = EXIT_INTERRUPTED
     except XPosFrameError as error:
         # The data's: a document longer than a packed xPos frame, met when a batch holds one (the start warned);

@@ -1331,7 +1331,11 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
             aside = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}-replaced")
             # One atomic swap where the OS has it: ``final`` is never missing for another node's ranks reading it,
             # and a complete cache another writer swapped in meanwhile is what comes out.
-            if _exchange(tmp, final):
+            try:
+                swapped = _exchange(tmp, final)
+            except FileNotFoundError:  # the incomplete one was moved or removed meanwhile: the renames below
+                swapped = False
+            if swapped:
                 if all((tmp / name).exists() for name in CACHE_MARKERS if (final / name).exists()):
                     # complete: another writer's, which its ranks may have open; left to the 24-hour sweep
                     os.rename(tmp, aside)

@@ -81,3 +81,23 @@ def test_a_complete_cache_another_writer_swapped_in_meanwhile_is_left_aside_not_
     if swap(tmp_path, tmp_path):  # (an OS with an atomic swap; elsewhere the two renames run)
         (kept,) = cache.glob(".tmp-tokens-*-replaced")  # its ranks may be reading it: the 24-hour sweep takes it
         assert (kept / "meta.json").is_file()
+
+
+def test_an_incomplete_cache_removed_meanwhile_is_no_error(tmp_path, monkeypatch):
+    import shutil
+
+    from retnet.train import data
+
+    first = build_data(config(tmp_path), **BUILD)
+    (tokens,) = (tmp_path / "cache").glob("tokens-*")
+    (tokens / "meta.json").unlink()
+    swap = data._exchange
+
+    def swap_after_removal(a, b):
+        shutil.rmtree(b)  # removed by hand, or moved aside by another writer, after the check
+        return swap(a, b)
+
+    monkeypatch.setattr(data, "_exchange", swap_after_removal)
+    again = build_data(config(tmp_path), **BUILD)  # was the swap's FileNotFoundError, a traceback
+    assert np.array_equal(np.asarray(again.train), np.asarray(first.train))
+    assert (tokens / "meta.json").is_file()
