@@ -22,8 +22,10 @@ import torch
 from retnet.serve.protocol import APIError, check_finite_json
 
 # JSON as OpenAI's structured outputs write it, without whitespace between tokens: with any whitespace allowed a
-# model unsure of what comes next can fill max_tokens with blank lines. A schema's "x-guidance" key overrides it.
-JSON_DEFAULTS = {"whitespace_flexible": False}
+# model unsure of what comes next can fill max_tokens with blank lines. A oneOf whose branches llguidance cannot
+# prove disjoint is read as anyOf, as vLLM's default backend (xgrammar) reads every oneOf, rather than refused: a
+# 400 for schemas that vLLM serves. A schema's "x-guidance" key overrides these ({"coerce_one_of": false}: the 400).
+JSON_DEFAULTS = {"whitespace_flexible": False, "coerce_one_of": True}
 # The response_format types and structured_outputs keys compiled here (others, e.g. vLLM's structural_tag: a 400).
 _FORMAT_KINDS = ("text", "json_object", "json_schema")
 _STRUCTURED_OUTPUT_KEYS = ("json", "regex", "choice", "grammar", "json_object")
@@ -316,7 +318,7 @@ def _json(param: str, schema: Any) -> str:
     """A JSON schema (an object, or its JSON text as vLLM's guided_json also takes it)."""
     from llguidance import LLMatcher
 
-    schema = _schema(param, schema)
+    schema = _tags_required(_schema(param, schema))
     # llguidance would write NaN and Infinity as null: an enum of [NaN] held the text to `null`, and a minimum of
     # Infinity failed naming a null
     check_finite_json(schema, param, "invalid_grammar")
@@ -325,6 +327,28 @@ def _json(param: str, schema: Any) -> str:
         return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
     except ValueError as error:
         raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
+
+
+def _tags_required(node: Any) -> Any:
+    """The schema with each discriminated union's tag required: OpenAPI's ``discriminator`` beside a ``oneOf`` (or
+    ``anyOf``), as pydantic writes a ``Field(discriminator=...)`` union, names a property every value holds. pydantic
+    writes a tag with a default (``kind: Literal["cat"] = "cat"``) as optional: open branches then overlap, and the
+    oneOf was a 400; closed ones compiled, but a text could leave the tag out, which pydantic refuses ("Unable to
+    extract tag"). Required, the branches are disjoint by their tags' ``const``s, and the oneOf is exact."""
+    if isinstance(node, list):
+        return [_tags_required(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: value if key in _DATA_KEYWORDS
+           else {name: _tags_required(sub) for name, sub in value.items()}
+           if key in _SCHEMA_MAPS and isinstance(value, dict)
+           else _tags_required(value) for key, value in node.items()}
+    discriminator, required = out.get("discriminator"), out.get("required", [])
+    tag = discriminator.get("propertyName") if isinstance(discriminator, dict) else None
+    if (isinstance(tag, str) and ("oneOf" in out or "anyOf" in out) and isinstance(required, list)
+            and tag not in required):
+        out["required"] = [*required, tag]
+    return out
 
 
 def _check_patterns(param: str, node: Any) -> None:
