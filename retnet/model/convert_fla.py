@@ -375,7 +375,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="retnet-convert-fla", description=__doc__.split("\n\n")[0])
+    # (not the module docstring's first paragraph: --help printed its reST markup, ``...`` and :class:)
+    parser = argparse.ArgumentParser(
+        prog="retnet-convert-fla", description="Convert a flash-linear-attention RetNet checkpoint "
+        "(fla.models.RetNetForCausalLM, e.g. the fla-hub models) into this package's format, loadable by "
+        "retnet-serve, retnet-train --model.init_from and RetNetForCausalLM.from_pretrained.")
     parser.add_argument("source", help="fla RetNet checkpoint: a local directory or a hub id (org/name)")
     parser.add_argument("destination", help="directory to write the retnet-stack checkpoint to")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep theirs)")

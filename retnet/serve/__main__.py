@@ -18,18 +18,35 @@ from retnet.serve.settings import ServeSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retnet-serve", description=__doc__.splitlines()[0])
+    # (not the module docstring's first line: --help printed its reST markup, ``retnet-serve --model DIR``)
+    parser = argparse.ArgumentParser(
+        prog="retnet-serve", description="Serve a RetNet model over an OpenAI-compatible HTTP API; every flag is "
+        "also a RETNET_* environment variable (flags win).")
     for name, info in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        # A list's default as its factory makes it (--allowed-origins ['*']; was "none" for every one).
-        default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
-        help_text = f"{info.description or name} ({default}; env RETNET_{name.upper()})"
+        help_text = _help_text(name, info)
         # A boolean flag alone means true (vLLM's --enable-auto-tool-choice); "--flag false" is read too.
         toggle = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
         if name in ("lora_modules", "served_model_name"):  # vLLM's syntax: --lora-modules a=/path b=/other
             toggle = {"nargs": "+"}
         parser.add_argument(flag, dest=name, default=None, help=help_text, **toggle)
     return parser
+
+
+def _help_text(name: str, info) -> str:
+    """The setting's description, then its default and its variable: ``... (default 64; env RETNET_MAX_RUNNING)``."""
+    description, env = info.description or name, f"env RETNET_{name.upper()}"
+    if info.is_required():
+        return f"{description} (required; {env})"
+    if "(default" not in description:
+        # A list's default as its factory makes it (--allowed-origins ['*']; was "none" for every one).
+        return f"{description} (default {info.get_default(call_default_factory=True)!r}; {env})"
+    # The description says what leaving the setting out does (--revision: main): the field's own default, None,
+    # printed after it was a second default, and a wrong one. A description ending in it takes the variable inside.
+    head, _, last = description.rpartition(" (")
+    if last.startswith("default") and last.endswith(")"):
+        return f"{head} ({last[:-1]}; {env})"
+    return f"{description} ({env})"
 
 
 def parse_settings(argv: list[str] | None = None) -> ServeSettings:

@@ -102,10 +102,14 @@ def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m retnet.serve.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a save_pretrained directory (the training export)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=_port, default=8000, help="0: any free port")
-    parser.add_argument("--prompt", default="def fibonacci(n):\n")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=_port, default=8000,
+                        help="the TCP port to listen on, a free one if it is taken; 0: any free port "
+                             "(default: %(default)s)")
+    parser.add_argument("--prompt", default="def fibonacci(n):\n",
+                        help="the prompt of the streamed completion (default: %(default)r)")
+    parser.add_argument("--max-tokens", type=int, default=64,
+                        help="most tokens the completion generates (default: %(default)s)")
     parser.add_argument("--exit-after", action="store_true", help="stop after the one completion")
     args = parser.parse_args(argv)
 

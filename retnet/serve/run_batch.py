@@ -316,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     from retnet.serve.__main__ import build_parser as build_serve_parser
 
     parser = build_serve_parser()
-    parser.prog, parser.description = PROG, __doc__.split("\n\n")[0].split(": ", 1)[1]
+    # (the module docstring's first line, cut after its reST usage, left "offline batch inference." alone)
+    parser.prog = PROG
+    parser.description = ("Run a file of OpenAI batch requests (JSONL) through a RetNet model offline, as vLLM's "
+                          "run_batch does, and write one result a line; every retnet-serve flag is accepted.")
     parser.add_argument("-i", "--input-file", required=True,
                         help="the requests, one JSON object a line (OpenAI's batch input format); - reads stdin")
     parser.add_argument("-o", "--output-file", required=True,
