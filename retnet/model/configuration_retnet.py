@@ -147,9 +147,12 @@ class RetNetConfig(PretrainedConfig):
         self._check_transformers_fields(kwargs.get("torch_dtype"))
         # PretrainedConfig builds id2label from it with range(): "2" raised a TypeError, -1 gave a classifier of 0 labels
         # (and from_pretrained then a size mismatch on score.weight). from_pretrained(path, num_labels=...) comes here too.
-        # (None is transformers' own: the labels of id2label, or its default)
+        # None: as if left out (the labels of id2label, or transformers' default), where transformers' range(None)
+        # raised a TypeError
         labels = kwargs.get("num_labels")
-        if labels is not None:
+        if labels is None:
+            kwargs.pop("num_labels", None)
+        else:
             if not (isinstance(labels, numbers.Integral) and not isinstance(labels, bool) and labels >= 1):
                 raise ValueError(f"RetNetConfig.num_labels must be a positive integer (the classifier's outputs); "
                                  f"got {labels!r}")
@@ -351,6 +354,8 @@ class RetNetConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
         # transformers sets from_pretrained's overrides (from_pretrained(path, chunk_size=0)) on the config
         # after building it, past __post_init__'s validation: check again with them applied.
+        if "num_labels" in kwargs and kwargs["num_labels"] is None:  # as if left out (its setter: range(None))
+            del kwargs["num_labels"]
         result = super().from_dict(config_dict, **kwargs)
         (result[0] if isinstance(result, tuple) else result).validate_retnet()
         return result

@@ -277,7 +277,13 @@ class StreamingChatData(StreamingData):
         # The buffered tokens, not packed yet, count with their flags as encoded. Only the first pass: a later one
         # packs the stream at other offsets, where its few answers may all spill into a next block.
         if self._seen and not (self._taught or any(f & TARGET for f in self._flags[self._head:])):
-            raise _no_training_targets(self.dataset, self.val_documents, self.rank, self.world_size)
+            if self.world_size == 1:
+                raise _no_training_targets(self.dataset, self.val_documents)
+            # One rank's part alone: the others' targets may still teach (the loss is over the global batch's
+            # targets), which this rank cannot know without a collective here; its blocks add nothing.
+            logger.warning("data: data.dataset %r streamed no target tokens to rank %d of %d in a whole pass: its "
+                           "blocks add nothing to the loss (a run whose ranks all say so learns nothing)",
+                           self.dataset, self.rank, self.world_size)
         self._taught = True
         super()._end_epoch()
 
@@ -463,9 +469,8 @@ def _validation_too_short(dataset: str, val_documents: int, seq_len: int, docume
                        f"raise data.val_documents or lower data.seq_len")
 
 
-def _no_training_targets(dataset: str, val_documents: int, rank: int, world_size: int) -> ConfigError:
-    whose = f" to rank {rank} of {world_size}" if world_size > 1 else ""
-    return ConfigError(f"data.dataset {dataset!r} streams no target tokens{whose}: a whole pass over the stream after "
+def _no_training_targets(dataset: str, val_documents: int) -> ConfigError:
+    return ConfigError(f"data.dataset {dataset!r} streams no target tokens: a whole pass over the stream after "
                        f"its first data.val_documents ({val_documents}) rows held no block with a target (assistant "
                        f"messages' tokens after the first of a block, in a conversation's first block): every step's "
                        f"loss was 0, nothing was learnt; use conversations with assistant messages, or "

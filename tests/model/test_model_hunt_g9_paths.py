@@ -69,3 +69,9 @@ def test_a_trained_classifier_is_re_headed_to_one_output_as_transformers_does(tm
     model.save_pretrained(tmp_path)
     one = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1, ignore_mismatched_sizes=True)
     assert one.config.num_labels == 1 and one.score.weight.shape == (1, 16)
+
+
+def test_num_labels_none_is_as_if_left_out(classifier_dir):
+    assert RetNetConfig(**TINY, num_labels=None).num_labels == 2  # transformers' default
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_dir, num_labels=None)
+    assert model.config.num_labels == 3  # the saved id2label's
