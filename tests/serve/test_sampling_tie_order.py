@@ -61,3 +61,54 @@ def test_prompt_alternatives_do_not_depend_on_k():
 
 def test_a_one_token_prompt_has_no_alternatives_to_rank():
     assert prompt_logprobs(torch.zeros(0, VOCAB), [], 5) == []
+
+
+def ranked(row: list[float], k: int) -> list[tuple[int, float]]:
+    """The brute-force answer: every token sorted by logprob, then by id."""
+    return sorted(((token, value) for token, value in enumerate(row)), key=lambda item: (-item[1], item[0]))[:k]
+
+
+def heavily_tied(generator: torch.Generator, rows: int, vocab: int) -> torch.Tensor:
+    """Logprobs of a few distinct values each (ties across every cut, longer than topk's slack), some rows with a
+    -inf tail longer than the k asked (a grammar's mask), one row all -inf."""
+    levels = torch.randint(1, 5, (rows, 1), generator=generator)
+    logprobs = -torch.randint(0, 6, (rows, vocab), generator=generator).float() / levels
+    for row in range(rows):
+        if row % 3 == 1:  # only a few finite tokens
+            allowed = torch.randperm(vocab, generator=generator)[: int(torch.randint(0, 4, (), generator=generator))]
+            logprobs[row, [t for t in range(vocab) if t not in allowed.tolist()]] = float("-inf")
+    logprobs[-1] = float("-inf")
+    return logprobs
+
+
+def test_alternatives_match_a_full_ranking_by_logprob_then_id_whatever_the_k_and_the_ties():
+    from retnet.serve.sampling import _top_alternatives
+
+    generator = torch.Generator().manual_seed(1)
+    for vocab in (1, 3, 12, 40, 300):
+        for _ in range(12):
+            logprobs = heavily_tied(generator, 7, vocab)
+            ks = torch.randint(0, vocab + 3, (7,), generator=generator).tolist()
+            ks[0] = 0
+            rows = logprobs.tolist()
+            assert _top_alternatives(logprobs, ks) == [ranked(row, k) for row, k in zip(rows, ks)], (vocab, ks)
+            small = [min(k, 3) for k in ks]  # a k well inside the topk the batch lists
+            assert _top_alternatives(logprobs, small) == [ranked(row, k) for row, k in zip(rows, small)]
+    # More tied rows than one block of the re-ranking (an echoed prompt's, of a flat model).
+    logprobs = heavily_tied(generator, 150, 30)
+    ks = torch.randint(1, 12, (150,), generator=generator).tolist()
+    assert _top_alternatives(logprobs, ks) == [ranked(row, k) for row, k in zip(logprobs.tolist(), ks)]
+
+
+def test_sampled_and_prompt_alternatives_match_a_full_ranking():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randint(0, 3, (6, VOCAB), generator=generator).float()  # ~100 tokens tied at each level
+    logits[2, 50:] = float("-inf")  # a -inf tail: fewer finite tokens than the largest k asked
+    logits[3, 5:] = float("-inf")
+    lp = logits.log_softmax(-1).tolist()
+    ks = [1, 20, 70, 0, 150, 9]
+    top, _ = step_top(logits, ks)
+    assert top == [ranked(row, k) for row, k in zip(lp, ks)]
+    for k in (1, 9, 70):
+        scored = prompt_logprobs(logits, [0] * 6, k)
+        assert [alternatives for _, _, alternatives in scored] == [ranked(row, k) for row in lp]
