@@ -557,7 +557,9 @@ class Engine(ModelThread):
                 self._start(group)
             if group.pos >= len(group.inputs):
                 continue  # the whole prompt was cached: nothing to feed
-            end = min(group.pos + self.piece_tokens, len(group.inputs))
+            # Cut to the budget left: a whole piece past it would stall the running streams for up to
+            # --prefill-chunk-tokens tokens whatever --prefill-token-budget says (512 under a budget of 10).
+            end = min(group.pos + self.piece_tokens, len(group.inputs), group.pos + budget)
             if group.prefix_hint is not None and group.pos < group.prefix_hint < end:
                 end = group.prefix_hint  # stop at the boundary worth caching
             pieces.append((group, end))

@@ -80,7 +80,8 @@ async def test_long_prompts_in_pieces_over_several_rounds_and_iterations(open_ap
         together = await burst(engine, requests)
         after = forwards(engine)
     pieces = sum(-(-n // 8) for n in (41, 5, 23, 9, 30))
-    assert after[1] - before[1] == pieces
+    # ceil(n / 8) pieces each, and one more: a piece is cut to what the budget leaves, the 9 tokens run as 4, 4, 1
+    assert after[1] - before[1] == pieces + 1
     assert after[0] - before[0] < pieces
     async with open_app(prefix_cache_entries=0) as client:  # one piece per prompt, one prompt at a time
         alone = await one_at_a_time(client.app.state.engine, requests)

@@ -196,7 +196,7 @@ async def test_every_row_drafts_whatever_the_budget(model_dir):
     outputs = Outputs()
     for i in range(8):
         outputs.add(f"r{i}", engine.submit([[10 + i, 11, 12, 13]], params))
-    await step(engine, outputs, 4)
+    await step(engine, outputs, 6)  # the 32 prompt tokens, 6 a step
     assert len(engine.running) == 8
     for _ in range(4):
         await step(engine, outputs)
