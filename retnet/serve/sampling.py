@@ -347,8 +347,12 @@ def _sample_truncated(probs: torch.Tensor, cut: list[int], params: list[Sampling
         fast = settled.nonzero().squeeze(-1)
         if len(fast):
             kept = (top_probs[:, :-1] * keep[:, :-1]).index_select(0, fast)
-            ranks = _inverse_cdf(kept, draws.index_select(0, sub[fast]))
-            picks[sub[fast]] = top_ids.index_select(0, fast).gather(-1, ranks[:, None]).squeeze(-1)
+            # Drawn in token-id order, as the rows drawn over the whole vocabulary are: in probability order two
+            # nearly equal tokens swap places with a batch's float noise, and a seeded draw far from any cut took
+            # the other token alone than batched (vLLM draws over the masked vocabulary in its order too).
+            ids, by_id = top_ids[:, :-1].index_select(0, fast).sort(-1)
+            ranks = _inverse_cdf(kept.gather(-1, by_id), draws.index_select(0, sub[fast]))
+            picks[sub[fast]] = ids.gather(-1, ranks[:, None]).squeeze(-1)
             done = {j for (j, _), row_done in zip(able, settled.tolist()) if row_done}
             pending = [(j, p) for j, p in pending if j not in done]
     if pending:
@@ -357,8 +361,8 @@ def _sample_truncated(probs: torch.Tensor, cut: list[int], params: list[Sampling
         rows = torch.tensor([j for j, _ in pending], dtype=torch.long)
         sorted_probs, order = probs.index_select(0, rows).sort(-1, descending=True)
         keep, _ = _kept(sorted_probs, [p for _, p in pending], vocab)
-        ranks = _inverse_cdf(sorted_probs * keep, draws.index_select(0, rows))
-        picks[rows] = order.gather(-1, ranks[:, None]).squeeze(-1)
+        kept = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs * keep)  # in token-id order (above)
+        picks[rows] = _inverse_cdf(kept, draws.index_select(0, rows))
     truncated = set(cut)
     return [j for j in range(len(probs)) if j not in truncated]
 
@@ -412,7 +416,10 @@ def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """Each row's index at its uniform draw (``[n]`` float64) of its (unnormalised) probabilities' CDF."""
     cdf = probs.double().cumsum(-1)
     picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    return picks.clamp(max=probs.shape[-1] - 1)
+    # (a draw rounding to the total lands past the end: the last token of non-zero probability, which a zero-width
+    # entry never is otherwise)
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(picks, last)
 
 
 def grammar_masks_of(rows: list[RowSampler]) -> torch.Tensor | None:

@@ -38,11 +38,13 @@ def vllm_kept(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
 
 
 def sampler_kept(logits: torch.Tensor, params: SamplingParams, monkeypatch) -> torch.Tensor:
-    """``[V]`` bool: the tokens the sampler's truncating path keeps. Its kept tokens are a prefix of each row's
-    (candidates or whole) descending order, so row r of V copies, given r as its draw, is made to take its r-th
-    kept token (its last past them): the drawn ids are exactly the kept ones, whatever level settles the row."""
+    """``[V]`` bool: the tokens the sampler's truncating path keeps. Row r of V copies, given r as its draw, is made
+    to take its r-th kept token (its last past them; the kept ones are those of non-zero probability, in whatever
+    order the sampler draws over): the drawn ids are exactly the kept ones, whatever level settles the row."""
     def rank_of_row(kept: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(draws.long(), (kept > 0).sum(-1) - 1)
+        nonzero_first = (kept > 0).int().sort(dim=-1, descending=True, stable=True).indices
+        nth = torch.minimum(draws.long(), (kept > 0).sum(-1) - 1)
+        return nonzero_first.gather(-1, nth[:, None]).squeeze(-1)
 
     monkeypatch.setattr(sampling, "_inverse_cdf", rank_of_row)
     vocab = len(logits)
@@ -95,3 +97,19 @@ def test_a_row_with_fewer_likely_tokens_than_top_k_settles_on_its_candidates():
     sorted_probs = torch.tensor([[0.5, 0.3, 0.2, 0, 0, 0, 0, 0]])
     keep, settled = sampling._kept(sorted_probs, [SamplingParams(top_k=20)], vocab=1000)
     assert keep[0].tolist() == [True, True, True] + [False] * 5 and settled.tolist() == [True]
+
+
+def test_a_seeded_draw_takes_the_same_token_whatever_the_order_of_nearly_equal_ones():
+    # Two nearly equal tokens (5 and 9) in either order, as a batch's float noise may leave them: the same draw, far
+    # from any cut, takes the same token (drawn in token-id order; in probability order it took 5 in one, 9 in the
+    # other).
+    base = torch.full((12,), 0.01)
+    first, second = base.clone(), base.clone()
+    first[5], first[9] = 0.4 + 1e-6, 0.4
+    second[5], second[9] = 0.4, 0.4 + 1e-6
+    probs = torch.stack([first, second])
+    params = [SamplingParams(top_k=3)] * 2
+    for draw in (0.05, 0.3, 0.6, 0.9):
+        picks = torch.empty(2, dtype=torch.long)
+        sampling._sample_truncated(probs, [0, 1], params, torch.tensor([draw, draw], dtype=torch.float64), picks)
+        assert picks[0] == picks[1], (draw, picks)
