@@ -416,9 +416,9 @@ def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """Each row's index at its uniform draw (``[n]`` float64) of its (unnormalised) probabilities' CDF."""
     cdf = probs.double().cumsum(-1)
     picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    # (a draw rounding to the total lands past the end: the last token of non-zero probability, which a zero-width
-    # entry never is otherwise)
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    # (a draw rounding to the total lands past the end: the first token where the CDF reaches its total, of non-zero
+    # probability, as every pick of a zero-width entry's neighbours is otherwise)
+    last = torch.searchsorted(cdf, cdf[:, -1:]).squeeze(-1)
     return torch.minimum(picks, last)
 
 

@@ -113,3 +113,10 @@ def test_a_seeded_draw_takes_the_same_token_whatever_the_order_of_nearly_equal_o
         picks = torch.empty(2, dtype=torch.long)
         sampling._sample_truncated(probs, [0, 1], params, torch.tensor([draw, draw], dtype=torch.float64), picks)
         assert picks[0] == picks[1], (draw, picks)
+
+
+def test_a_draw_rounding_to_the_total_takes_no_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]])
+    for draw in (0.0, 0.5, 1 - 2**-53, 1.0):  # (1.0: past every draw's range, the clamp's case)
+        picks = sampling._inverse_cdf(probs, torch.tensor([draw, draw], dtype=torch.float64))
+        assert (probs.gather(-1, picks[:, None]) > 0).all(), (draw, picks)
