@@ -184,7 +184,10 @@ class SessionStore:
         # The sessions holding a saved state (the retnet_sessions gauge, what --max-sessions bounds): a first turn
         # under way holds none yet
         with self.lock:
-            return sum(1 for s in self.sessions.values() if s.cache is not None)
+            return self._held()
+
+    def _held(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.cache is not None)
 
     @property
     def nbytes(self) -> int:
@@ -326,7 +329,7 @@ class SessionStore:
         # Only sessions holding a state count: a first turn under way holds none until it saves one. Counted, a
         # burst of first turns that never did (refused with 429, cancelled, failed) evicted the idle sessions of
         # others, their histories lost for states that never came.
-        held = sum(1 for s in self.sessions.values() if s.cache is not None)
+        held = self._held()
         total = sum(s.nbytes for s in self.sessions.values())
         for key in list(self.sessions):
             if held <= self.max_sessions and total <= self.max_bytes:

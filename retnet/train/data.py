@@ -1317,39 +1317,49 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         # the next run trusts a cache by its presence: it must not be renamed in before its data is on disk
         fsync_tree(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            # Another node's rank wrote the same cache first, whole (only complete ones are renamed in). One
-            # without the file that marks a complete cache, which every reader checks for (a copy cut short,
-            # files removed by hand), was kept, and every start failed to read it: replaced.
-            if all((final / name).exists() for name in CACHE_MARKERS if (tmp / name).exists()):
-                return
-            logger.warning("data: replacing the incomplete cache %s (without the file that marks a complete one)", final)
-            aside = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}-replaced")
-            # One atomic swap where the OS has it: ``final`` is never missing for another node's ranks reading it,
-            # and a complete cache another writer swapped in meanwhile is what comes out.
-            try:
-                swapped = _exchange(tmp, final)
-            except FileNotFoundError:  # the incomplete one was moved or removed meanwhile: the renames below
-                swapped = False
-            if swapped:
-                if all((tmp / name).exists() for name in CACHE_MARKERS if (final / name).exists()):
-                    # complete: another writer's, which its ranks may have open; left to the 24-hour sweep
-                    os.rename(tmp, aside)
-                return
-            with contextlib.suppress(FileNotFoundError):  # another writer moved it first
-                os.rename(final, aside)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.is_dir():
-                    raise
-            shutil.rmtree(aside, ignore_errors=True)
+        # Another node's rank may have written the same cache first, whole (only complete ones are renamed in). One
+        # without the file that marks a complete cache, which every reader checks for (a copy cut short, files
+        # removed by hand), was kept, and every start failed to read it: replaced.
+        if not _renamed_in(tmp, final) and not _holds_markers_of(final, tmp):
+            _replace_incomplete(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write must not leave its half in the cache
+
+
+def _renamed_in(tmp: Path, final: Path) -> bool:
+    """Rename ``tmp`` to ``final``; False where ``final`` is a directory already (another writer's)."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        return False
+    return True
+
+
+def _holds_markers_of(directory: Path, reference: Path) -> bool:
+    """Whether ``directory`` holds each of :data:`CACHE_MARKERS` that ``reference`` (a complete cache) holds."""
+    return all((directory / name).exists() for name in CACHE_MARKERS if (reference / name).exists())
+
+
+def _replace_incomplete(tmp: Path, final: Path) -> None:
+    """Put the complete cache ``tmp`` in place of the incomplete ``final``."""
+    logger.warning("data: replacing the incomplete cache %s (without the file that marks a complete one)", final)
+    aside = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}-replaced")
+    # One atomic swap where the OS has it: ``final`` is never missing for another node's ranks reading it, and a
+    # complete cache another writer swapped in meanwhile is what comes out.
+    try:
+        swapped = _exchange(tmp, final)
+    except FileNotFoundError:  # the incomplete one was moved or removed meanwhile: the renames below
+        swapped = False
+    if swapped:
+        if _holds_markers_of(tmp, final):  # another writer's, which its ranks may have open: left to the sweep
+            os.rename(tmp, aside)
+        return
+    with contextlib.suppress(FileNotFoundError):  # another writer moved it first
+        os.rename(final, aside)
+    _renamed_in(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_abandoned_temp_dirs(cache_dir: Path) -> None:
