@@ -211,7 +211,50 @@ def local_files(spec: str) -> list[Path] | None:
         most = max(groups.values(), key=len)[0]
         hint = f", e.g. the glob {os.path.join(spec, '**', '*' + most.suffix)!r}" if path.is_dir() else ""
         raise ConfigError(f"data.dataset: {spec!r} mixes file kinds ({listed}); select one kind per run{hint}")
+    if len(files) > 1 and kinds != {"text"}:
+        _refuse_several_splits(spec, files)
     return files
+
+
+# The words by which datasets' load_dataset(directory) tells a data file's split (datasets.data_files' patterns): the
+# file's name opening with one, or holding one between separators, else a directory of that name
+_SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                "test": ("test", "testing", "eval", "evaluation")}
+_SPLIT_IN_NAME = {split: re.compile(rf"(?:^|[-._ 0-9])(?:{'|'.join(words)})[-._ 0-9]")
+                  for split, words in _SPLIT_WORDS.items()}
+_SPLIT_DIR = {split: re.compile(rf"(?:{'|'.join(words)})(?:$|[-._ 0-9])") for split, words in _SPLIT_WORDS.items()}
+
+
+def _refuse_several_splits(spec: str, files: list[Path]) -> None:
+    """ConfigError when ``files`` (of a directory or glob) are named as the splits of a dataset are, of more than one
+    split (a hub dataset downloaded as it is: ``train-00000-of-00001.parquet`` beside ``test-00000-of-00001.parquet``).
+    Read as one set, its test and validation rows were trained on, unseen; load_dataset(directory) reads its train
+    split. Plain-text files (a document each: ``testing.md`` beside ``training.md``) are not judged."""
+    root = Path(os.path.commonpath([str(p) for p in files]))
+    found: dict[str, list[Path]] = {}
+    hints: dict[str, str] = {}  # a glob of each split's files
+    for path in files:
+        parts = path.relative_to(root).parts
+        split = next((split for split, name in _SPLIT_IN_NAME.items() if name.search(parts[-1])), None)
+        if split is not None:
+            word = next(w for w in _SPLIT_WORDS[split] if re.search(rf"(?:^|[-._ 0-9]){w}[-._ 0-9]", parts[-1]))
+            hint = os.path.join(root, "**", f"*{word}*{path.suffix}")
+        else:
+            depth = next((i for i, d in enumerate(parts[:-1]) for split in _SPLIT_DIR if _SPLIT_DIR[split].match(d)),
+                         None)
+            if depth is None:
+                continue
+            split = next(split for split, name in _SPLIT_DIR.items() if name.match(parts[depth]))
+            hint = os.path.join(root, *parts[:depth + 1], "**", f"*{path.suffix}")
+        found.setdefault(split, []).append(path)
+        hints.setdefault(split, hint)
+    if len(found) > 1:
+        listed = "; ".join(f"{split}: {len(group)} file(s), e.g. {str(group[0])!r}" for split, group in found.items())
+        first = "train" if "train" in found else next(iter(found))
+        raise ConfigError(f"data.dataset {spec!r} holds the files of several splits, as datasets names them ({listed}): "
+                          f"read as one set, the rows of every split would be read together. Name one "
+                          f"split's files with a glob, e.g. {hints[first]!r}, or give each as a data.mixture source to "
+                          f"train on several")
 
 
 def saved_dataset_dir(path: Path) -> bool:
@@ -1108,13 +1151,23 @@ def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 
     """A ``save_to_disk`` directory: a Dataset, or a DatasetDict from which ``data.split`` is taken."""
     import datasets
 
-    with _reading(cfg.dataset, *_field(cfg)):  # an empty saved Dataset fails with a bare IndexError
+    splits = _saved_splits(path)
+    if splits is not None:
+        # Only data.split's directory is loaded: datasets' load of the whole DatasetDict failed on any empty split
+        # (a filtered "test" left with no rows) with a bare IndexError, whichever split the run asked for
+        if cfg.split not in splits:
+            raise ConfigError(f"data.split {cfg.split!r} is not a split of {str(path)!r}; splits: {sorted(splits)}")
+        path = path / cfg.split
+    if _saved_without_rows(path):  # datasets fails on it with a bare IndexError
+        which = f"its split {cfg.split!r}" if splits is not None else "it"
+        raise ConfigError(f"data.dataset {cfg.dataset!r}: {which} holds no rows (a save_to_disk of an empty Dataset)")
+    with _reading(cfg.dataset, *_field(cfg)):
         loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if cfg.split not in loaded:
             raise ConfigError(f"data.split {cfg.split!r} is not a split of {str(path)!r}; splits: {sorted(loaded)}")
         loaded = loaded[cfg.split]
-    elif cfg.split not in ("train", str(loaded.split)):
+    elif splits is None and cfg.split not in ("train", str(loaded.split)):
         # One Dataset is one set, as local files are: another data.split was ignored, and the run trained on all of
         # it (the split it was saved as, Dataset.split, names it as well as the default)
         raise ConfigError(f"data.split {cfg.split!r} picks a split of a hub dataset or of a save_to_disk "
@@ -1124,6 +1177,27 @@ def _load_saved(cfg: DataConfig, path: Path, streaming: bool, world_size: int = 
     # One shard per rank: split_dataset_by_node gives each a whole one. Not one per CPU: ranks on machines with
     # other counts would read overlapping parts, and a resume elsewhere would skip blocks of other documents.
     return loaded.to_iterable_dataset(num_shards=min(len(loaded), world_size)) if streaming else loaded
+
+
+def _saved_splits(path: Path) -> list[str] | None:
+    """The splits a ``DatasetDict.save_to_disk`` directory lists (each saved in a directory of its name), None for a
+    saved Dataset or a list that cannot be read (datasets' own load then says what is wrong)."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(splits, list) or not all(isinstance(s, str) and (path / s / "state.json").is_file()
+                                               for s in splits):
+        return None
+    return splits
+
+
+def _saved_without_rows(path: Path) -> bool:
+    """Whether the saved Dataset in ``path`` has no data file (``save_to_disk`` of an empty Dataset writes none)."""
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8"))["_data_files"] == []
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _field(cfg: DataConfig) -> tuple[str, str]:
