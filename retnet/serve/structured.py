@@ -318,15 +318,21 @@ def _json(param: str, schema: Any) -> str:
     """A JSON schema (an object, or its JSON text as vLLM's guided_json also takes it)."""
     from llguidance import LLMatcher
 
+    try:
+        return LLMatcher.grammar_from_json_schema(_checked(param, schema), defaults=JSON_DEFAULTS)
+    except ValueError as error:
+        raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
+
+
+def _checked(param: str, schema: Any) -> dict:
+    """The schema as it is compiled (discriminated unions' tags required), a 400 naming ``param`` for what
+    llguidance would misread."""
     schema = _tags_required(_schema(param, schema))
     # llguidance would write NaN and Infinity as null: an enum of [NaN] held the text to `null`, and a minimum of
     # Infinity failed naming a null
     check_finite_json(schema, param, "invalid_grammar")
     _check_patterns(param, schema)
-    try:
-        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
-    except ValueError as error:
-        raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
+    return schema
 
 
 def _tags_required(node: Any) -> Any:
@@ -423,110 +429,37 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
     ``named``: one call to that function, the text its arguments (its parameters' schema). None
     (``tool_choice: "required"``): vLLM's format, a JSON array of at least one ``{"name": ..., "parameters":
     {...}}``, the name one of the functions' and the parameters that function's (at most one item unless
-    ``parallel``). Each schema is checked on its own first, so that an error names its tool; their ``$defs``
-    are gathered at the array's root, where their ``$ref``s (``#/$defs/...``) then point. A schema whose refs
-    point into itself otherwise (``#``, a recursive tree; ``#/properties/...``) is moved into the root's ``$defs``
-    whole and those refs follow it: left nested, they would point into the array of calls. So is one with a
-    definition that differs from another tool's of the same name (two pydantic models' ``Location``), its own
-    definitions kept inside it and every ref following it."""
+    ``parallel``), written as JSON_DEFAULTS write JSON (no whitespace). Each schema is checked on its own first, so
+    that an error names its tool, and is then a grammar of its own inside the array's (Lark's ``%json``), as a
+    named call compiles it: its refs (``#``, ``#/$defs/...``, by its ``$id``) resolve in it alone, whatever the
+    other tools define, and its ``"x-guidance"`` options apply to it alone (llguidance reads them at a schema's
+    root only, so nested in one schema of the whole array they were ignored: ``whitespace_flexible``, ``lenient``
+    ...)."""
     LLMatcher = _llguidance("tool_choice").LLMatcher
 
     if named is not None:
         index = [name for name, _ in functions].index(named)
         param = f"tools[{index}].function.parameters"
         return _json(param, _parameters(param, functions[index][1])), param
-    calls, defs = [], {}
+    calls, rules = [], []
     for index, (name, parameters) in enumerate(functions):
         param = f"tools[{index}].function.parameters"
-        schema = dict(_parameters(param, parameters))
+        schema = _checked(param, _parameters(param, parameters))
         error = LLMatcher.validate_grammar(_json(param, schema))
         if error:
             raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")
-        for key in ("$id", "id"):  # (draft-04's name for it)
-            if isinstance(schema.get(key), str):
-                # Its refs ("#/$defs/B", "#") are to itself, as below; left in, the id made it a resource of its own
-                # that they resolved in, where the definitions gathered at the root, or a rerooted ref, are not: a
-                # 400 "Pointer '/$defs/B' does not exist" for a schema a named tool_choice takes. Refs that name
-                # it by its id ("https://e.com/s.json#/properties/a") become the local refs they mean.
-                schema = _local_refs(schema, schema.pop(key))
-        # As JSON, not as Python compares them: {"const": 1} and {"const": true} differ
-        clash = any(_as_json(definition) != _as_json(defs.get(key, {}).get(def_name, definition))
-                    for key in _DEFINITIONS for def_name, definition in (schema.get(key) or {}).items())
-        home = None
-        if clash or _refs_own_root(schema):
-            home = f"retnet-tool-{index}-parameters"
-            while home in (defs.get("$defs") or {}) or home in (schema.get("$defs") or {}):
-                home += "_"
-            schema = _rerooted(schema, f"#/$defs/{home}", every_ref=clash)
-        if not clash:
-            for key in _DEFINITIONS:
-                defs.setdefault(key, {}).update(schema.pop(key, None) or {})
-        if home is not None:
-            defs.setdefault("$defs", {})[home] = schema
-            schema = {"$ref": f"#/$defs/{home}"}
-        calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
-                      "required": ["name", "parameters"], "additionalProperties": False})
-    root = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **defs}
-    if not parallel:
-        root["maxItems"] = 1
-    return _json("tools", root), "tools"
-
-
-# A schema's definitions, gathered from every tool at the root of the array of calls; the refs to them that
-# still resolve there.
-_DEFINITIONS = ("$defs", "definitions")
-_GATHERED_REFS = ("#/$defs/", "#/definitions/")
-
-
-def _local_refs(node: Any, base: str) -> Any:
-    """``node`` with each ``$ref`` that resolves against ``base`` (a schema's own id) to that schema written as the
-    local ref it means: ``base#/properties/a`` (or a relative form of it) as ``#/properties/a``, ``base`` as ``#``."""
-    from urllib.parse import urldefrag, urljoin
-
-    if isinstance(node, list):
-        return [_local_refs(value, base) for value in node]
-    if not isinstance(node, dict):
-        return node
-    own = urldefrag(base).url
-    local = {}
-    for key, value in node.items():
-        if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
-            target, fragment = urldefrag(urljoin(base, value))
-            value = f"#{fragment}" if target == own else value
-        local[key] = _local_refs(value, base)
-    return local
-
-
-def _own_root_ref(value: Any) -> bool:
-    return _local_ref(value) and not value.startswith(_GATHERED_REFS)
-
-
-def _refs_own_root(node: Any) -> bool:
-    if isinstance(node, dict):
-        return any((key == "$ref" and _own_root_ref(value)) or _refs_own_root(value) for key, value in node.items())
-    return isinstance(node, list) and any(_refs_own_root(value) for value in node)
-
-
-def _rerooted(node: Any, root: str, every_ref: bool = False) -> Any:
-    """``node`` with each ref into its own root (``#``, ``#/properties/...``) pointing below ``root`` instead;
-    ``every_ref``: its refs to its definitions too (``#/$defs/...``, which then stay inside it)."""
-    if isinstance(node, list):
-        return [_rerooted(value, root, every_ref) for value in node]
-    if not isinstance(node, dict):
-        return node
-    return {key: root + value[1:] if key == "$ref" and (_local_ref(value) if every_ref else _own_root_ref(value))
-            else value if key in _DATA_KEYWORDS  # data, not a schema: {"const": {"$ref": "#/$defs/V"}} is kept
-            else {name: _rerooted(sub, root, every_ref) for name, sub in value.items()}
-            if key in _SCHEMA_MAPS and isinstance(value, dict)  # a property named "const" is a schema
-            else _rerooted(value, root, every_ref) for key, value in node.items()}
-
-
-def _as_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def _local_ref(value: Any) -> bool:
-    return isinstance(value, str) and (value == "#" or value.startswith("#/"))
+        # (a %json takes no defaults: the schema's own options go over them, as grammar_from_json_schema's would)
+        options = schema.get("x-guidance")
+        schema = {**schema, "x-guidance": {**JSON_DEFAULTS, **(options if isinstance(options, dict) else {})}}
+        # One literal up to the parameters (the name is the text json.dumps writes, as a const of it was): a
+        # shorter one shared by the calls, followed by the name, let llguidance's lexer take it where a longer
+        # literal was meant, and no call could be written
+        head = "{" + f'"name":{json.dumps(name, ensure_ascii=False)},"parameters":'
+        calls.append(f"{json.dumps(head)} parameters_{index} \"}}\"")
+        rules.append(f"parameters_{index}: %json {json.dumps(schema)}")
+    items = "call" if not parallel else 'call ("," call)*'
+    lark = "\n".join([f'start: "[" {items} "]"', "call: " + " | ".join(calls), *rules])
+    return LLMatcher.grammar_from_lark(lark), "tools"
 
 
 def _choice(param: str, choices: Any) -> str:

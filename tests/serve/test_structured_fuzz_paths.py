@@ -473,15 +473,13 @@ def test_definitions_that_differ_as_json_but_not_as_python_each_keep_their_own(c
     assert accepts(compiler, tokenizer, grammar, '[{"name":"b","parameters":{"v":true}}]')
 
 
-def test_a_rerooted_tool_keeps_a_ref_that_is_data():
-    from retnet.serve.structured import _rerooted
-
-    schema = {"properties": {"v": {"$ref": "#/$defs/V"}, "const": {"$ref": "#/$defs/V"},
-                             "doc": {"const": {"$ref": "#/$defs/V"}}}}
-    moved = _rerooted(schema, "#/$defs/home", every_ref=True)
-    assert moved["properties"]["v"] == {"$ref": "#/$defs/home/$defs/V"}
-    assert moved["properties"]["const"] == {"$ref": "#/$defs/home/$defs/V"}  # a property named const: a schema
-    assert moved["properties"]["doc"] == {"const": {"$ref": "#/$defs/V"}}  # data, as sent
+def test_a_tool_keeps_a_ref_that_is_data(compiler, tokenizer):
+    # A "$ref" inside a const is data, not a reference: under "required" it is matched as sent
+    schema = {"type": "object", "properties": {"doc": {"const": {"$ref": "#/$defs/V"}}}, "required": ["doc"],
+              "$defs": {"V": {"type": "integer"}}}
+    grammar = compiler.compile(*ToolCalling([("a", schema)], None, True).grammar())
+    assert accepts(compiler, tokenizer, grammar, '[{"name":"a","parameters":{"doc":{"$ref":"#/$defs/V"}}}]')
+    assert not accepts(compiler, tokenizer, grammar, '[{"name":"a","parameters":{"doc":1}}]')
 
 
 @pytest.mark.parametrize("schema", [
