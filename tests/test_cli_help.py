@@ -78,6 +78,7 @@ def test_demo_help_describes_every_option_with_its_default(capsys):
     assert set(options) == {"-h, --help", "--model MODEL", "--host HOST", "--port PORT", "--prompt PROMPT",
                             "--max-tokens MAX_TOKENS", "--exit-after"}
     assert all(options.values()), options
-    assert options["--host HOST"].endswith("(default: 127.0.0.1)")
+    assert options["--host HOST"].endswith("(default: RETNET_HOST, else 127.0.0.1)")
+    assert options["--port PORT"].endswith("(default: RETNET_PORT, else 8000)")
     assert options["--prompt PROMPT"].endswith("(default: 'def fibonacci(n):\\n')")
     assert options["--max-tokens MAX_TOKENS"].endswith("(default: 64)")

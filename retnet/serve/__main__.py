@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> None:
             "browser on this network opens may call this server and read its answers")
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
+    if server.load_failure is not None:
+        spec = settings.speculative
+        draft = " (or --speculative-config's draft model)" if spec is not None and spec.model is not None else ""
+        print(f"retnet-serve: error: --model {settings.model!r}{draft} did not load: {server.load_failure}",
+              file=sys.stderr)
+        raise SystemExit(STARTUP_FAILURE)
     if not server.started:  # uvicorn.run's exit: the port taken, say (uvicorn logged why)
         raise SystemExit(STARTUP_FAILURE)
 
@@ -175,6 +181,17 @@ def _draining_server():
         def __init__(self, config, engine, grace_s: float):
             super().__init__(config)
             self.engine, self.grace_s = engine, grace_s
+            self.load_failure: str | None = None
+
+        async def on_tick(self, counter: int) -> bool:
+            # The model loads on the engine's thread once the server listens (/health says "loading" meanwhile). A
+            # model that never loaded (weights missing or corrupt, out of memory) left a server running with every
+            # request 503 for good, which only a health check would notice: it stops, as vLLM's does. An engine
+            # that dies after serving is /health's "failed" instead (README).
+            if self.engine.dead is not None and not self.engine.ready and self.load_failure is None:
+                self.load_failure = self.engine.dead.removeprefix("engine failed: ")
+                return True
+            return await super().on_tick(counter)
 
         async def shutdown(self, sockets=None) -> None:
             # A daemon thread, not the loop's executor: a forced exit (a second Ctrl-C) must not wait for it.

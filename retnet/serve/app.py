@@ -10,6 +10,7 @@ import json
 import logging
 import re
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -125,6 +126,11 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
         try:
             tokenizer = AutoTokenizer.from_pretrained(settings.model)
         except Exception as exc:  # no tokenizer files, or ones that do not load
+            if not any(Path(settings.model).glob("tokenizer*")):
+                # transformers' own message asked to install sentencepiece or tiktoken, for a missing file
+                raise StartupError(f"--model {settings.model!r} holds no tokenizer (tokenizer.json, "
+                                   "tokenizer_config.json): save it beside the model, tokenizer.save_pretrained(DIR), "
+                                   "as retnet-train's export does") from None
             raise StartupError(f"--model {settings.model!r}: the tokenizer did not load: "
                                f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
     metrics = ServeMetrics()

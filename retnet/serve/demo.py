@@ -46,6 +46,17 @@ def _error_message(data) -> str:
     return str(data)
 
 
+def _load_failure(health: httpx.Response) -> str | None:
+    """Why the engine died, when /health says it did (``failed``); None while it loads."""
+    try:
+        body = health.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("status") != "failed":
+        return None
+    return str(body.get("detail") or "unknown").removeprefix("engine failed: ")
+
+
 def base_url(host: str, port: int) -> str:
     """An IPv6 literal goes in brackets: ``http://::1:8000`` is no URL (httpx reads the port as ``:1:8000``)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -102,10 +113,12 @@ def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m retnet.serve.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a save_pretrained directory (the training export)")
-    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=_port, default=8000,
+    # None: RETNET_HOST / RETNET_PORT, else retnet-serve's defaults (the explicit defaults here hid the variables).
+    parser.add_argument("--host", default=None, help="the address to listen on (default: RETNET_HOST, else "
+                        "127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=None,
                         help="the TCP port to listen on, a free one if it is taken; 0: any free port "
-                             "(default: %(default)s)")
+                             "(default: RETNET_PORT, else 8000)")
     parser.add_argument("--prompt", default="def fibonacci(n):\n",
                         help="the prompt of the streamed completion (default: %(default)r)")
     parser.add_argument("--max-tokens", type=int, default=64,
@@ -122,33 +135,42 @@ def main(argv: list[str] | None = None) -> None:
     from retnet.serve.lora import LoraError
     from retnet.serve.settings import ServeSettings, StartupError
 
-    try:
-        port = pick_port(args.host, args.port)
-    except OSError as exc:  # (socket.gaierror: a host name that does not resolve)
-        parser.exit(2, f"{parser.prog}: error: --host {args.host!r} cannot be bound: {exc.strerror or exc}\n")
     # The settings read the RETNET_* environment as retnet-serve's do: a bad variable (RETNET_MAX_RUNNING=0) was a
     # pydantic traceback, and a --lora-modules adapter that cannot be served (RETNET_LORA_MODULES) a LoraError one.
-    given = {"model": args.model, "host": args.host, "port": port}
+    given = {"model": args.model, **{name: value for name in ("host", "port")
+                                     if (value := getattr(args, name)) is not None}}
     try:
         settings = ServeSettings(**given)
     except ValidationError as exc:
         parser.exit(2, f"{parser.prog}: error: {describe_settings_error(exc, given)}\n")
+    host = settings.host
+    try:
+        port = pick_port(host, settings.port)
+    except OSError as exc:  # (socket.gaierror: a host name that does not resolve)
+        parser.exit(2, f"{parser.prog}: error: --host {host!r} cannot be bound: {exc.strerror or exc}\n")
+    settings = settings.model_copy(update={"port": port})
     try:
         app = create_app(settings)
     except (StartupError, LoraError) as exc:  # as retnet-serve reports it: one line naming the flag, not a traceback
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
-    url = base_url(args.host, port)
+    url = base_url(host, port)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            health = httpx.get(url + "/health", timeout=2)
+            if health.status_code == 200:
                 break
+            failed = _load_failure(health)
         except httpx.HTTPError:
-            pass
+            failed = None
+        if failed is not None:  # the model did not load: waiting the 120 s out would change nothing
+            server.should_exit = True
+            thread.join(timeout=30)
+            sys.exit(f"the server failed to start: --model {args.model!r} did not load: {failed}")
         if not thread.is_alive():
             sys.exit("the server failed to start")
         time.sleep(0.1)

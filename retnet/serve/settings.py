@@ -66,7 +66,8 @@ class ServeSettings(BaseSettings):
     # first: RETNET_API_KEYS=123456 became the number (refused, where --api-keys 123456 is a key), and
     # RETNET_API_KEYS=null no key at all (auth off, where --api-keys null is the key "null").
     api_keys: Annotated[list[str] | str, NoDecode] = Field(default_factory=list,
-                                      description="accepted `Authorization: Bearer` keys; empty: no auth")
+                                      description="accepted `Authorization: Bearer` keys; empty: vLLM's "
+                                      "VLLM_API_KEY when set, else no auth")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="the server's and uvicorn's log level (any case)")
     # CORS (vLLM's flags and defaults): a browser's preflight (OPTIONS) is answered, and its cross-origin requests
@@ -405,6 +406,15 @@ class ServeSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _vllm_api_key_variable(self):
+        # vLLM requires VLLM_API_KEY when no --api-key is given; a vLLM deployment's environment moved here served
+        # with no auth at all. --api-keys and RETNET_API_KEYS still win (vLLM's `args.api_key or VLLM_API_KEY`).
+        key = os.environ.get("VLLM_API_KEY", "").strip()
+        if key and not self.api_keys:
+            self.api_keys = [key]
+        return self
+
+    @model_validator(mode="after")
     def _adapter_names_free(self):
         # A request's `model` picks the adapter: its name must not be the base model's.
         for module in self.lora_modules:
@@ -616,6 +626,9 @@ def check_model_dir(model: str, flag: str = "--model") -> bool:
     if not path.is_dir():
         raise StartupError(f"{flag} {model!r} is not a directory (expected save_pretrained's output)")
     config_file = path / "config.json"
+    training_output = _training_output(path)
+    if training_output is not None:
+        raise StartupError(f"{flag} {model!r} is {training_output}")
     if not config_file.is_file():
         raise StartupError(f"{flag} {model!r} has no config.json (expected save_pretrained's output)")
     try:
@@ -633,6 +646,41 @@ def check_model_dir(model: str, flag: str = "--model") -> bool:
     except Exception as exc:  # RetNetConfig's errors name the field and the value (fla's: retnet-convert-fla)
         raise StartupError(f"{flag} {model!r}: config.json is refused: {_one_line(exc)}") from None
     return is_classifier(raw.get("architectures"))
+
+
+def _training_output(path: Path) -> str | None:
+    """What ``path`` is when it is something retnet-train wrote other than a model (a run's output directory, one
+    of its checkpoints, a LoRA run's adapter), said with the directory to serve instead; None otherwise. The run's
+    own config.json is its training configuration: it was refused as "not a RetNet: model_type None", and a
+    checkpoint as having no config.json, neither saying which directory is the model."""
+    if _is_model_config(path):
+        return None
+    export = path / "export"
+    if (export / "config.json").is_file() or (path / "checkpoints").is_dir():
+        which = (f"did you mean {str(export)!r}, the run's export?" if (export / "config.json").is_file() else
+                 f"its export, {str(export)!r}, is not written yet: the run writes it when it finishes")
+        return f"a training run's train.output_dir, not a model ({which})"
+    if any((path / name).is_file() for name in ("trainer.pt", "model.pt")) or (
+            path.name.startswith("step_") and path.parent.name == "checkpoints"):
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        where = f"{str(run / 'export')!r}" if run is not None else "train.output_dir/export"
+        return (f"a training checkpoint (retnet-train's checkpoints/step_*, for resuming), not a model: serve the "
+                f"run's export, {where}")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        # A LoRA run exports the merged model with the adapter inside it (export/adapter).
+        merged = f", or the merged model beside it, {str(path.parent)!r}" if _is_model_config(path.parent) else ""
+        return (f"a peft adapter (adapter_config.json), not a model: serve its base with --lora-modules "
+                f"NAME={path}{merged}")
+    return None
+
+
+def _is_model_config(directory: Path) -> bool:
+    """Whether ``directory`` holds a model's config.json (it names a ``model_type``), not a training run's."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and "model_type" in raw
 
 
 def resolve_draft_model(settings: ServeSettings, target_config=None) -> ServeSettings:
