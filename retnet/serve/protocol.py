@@ -5,7 +5,8 @@ server's settings (``max_tokens``, ``n``, prompt length ...) are checked in :mod
 the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
 ``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id``, ``return_token_ids``,
-``prompt_logprobs``, ``skip_special_tokens``, ``spaces_between_special_tokens`` and ``add_special_tokens``;
+``prompt_logprobs``, ``skip_special_tokens``, ``spaces_between_special_tokens``, ``add_special_tokens``,
+``use_beam_search`` and ``length_penalty``;
 chat's ``add_generation_prompt``, ``continue_final_message``, ``echo``, ``chat_template_kwargs`` and
 ``documents``. vLLM's ``/tokenize`` and ``/detokenize`` are here too.
 Tool calls (``tools`` with ``tool_choice`` ``"required"`` or a named function, or ``"auto"`` with the server's
@@ -27,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictBool,
     Tag,
     ValidationInfo,
     field_validator,
@@ -102,9 +104,7 @@ STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "g
                             "structured_outputs", "grammar", "json_schema")
 # vLLM's other extras that change the output, each with the value that changes nothing (what passes; null always
 # does): a client sending another one would get output it did not ask for if they were ignored.
-UNSUPPORTED_EXTRAS: dict[str, Any] = {
-    "use_beam_search": False, "length_penalty": 1.0, "logits_processors": None,
-}
+UNSUPPORTED_EXTRAS: dict[str, Any] = {"logits_processors": None}
 
 
 def not_run_unless_no_op(value: Any, no_op: Any) -> str | None:
@@ -174,8 +174,8 @@ class SamplingFields(RequestFields):
     # would silently become 1 where OpenAI answers 400. check_fields=False: some are the endpoints' own.
     @field_validator("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty", "seed", "n", "best_of", "max_completion_tokens",
-                     "top_logprobs", "min_tokens", "truncate_prompt_tokens", "prompt_logprobs", mode="before",
-                     check_fields=False)
+                     "top_logprobs", "min_tokens", "truncate_prompt_tokens", "prompt_logprobs", "length_penalty",
+                     mode="before", check_fields=False)
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any) -> Any:
         return _refuse_bool_number(value)
@@ -244,9 +244,11 @@ class SamplingFields(RequestFields):
     # does; spaces_between_special_tokens is passed to a slow tokenizer's decode (fast ones have no such option).
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    # UNSUPPORTED_EXTRAS, refused likewise unless they hold the value that changes nothing.
-    use_beam_search: Any = None
-    length_penalty: Any = None
+    # vLLM's beam search (retnet.serve.beam_search): n beams, ranked by cum_logprob / length ** length_penalty;
+    # a length_penalty other than 1 without it is refused. Strict: lax validation reads "yes" as true.
+    use_beam_search: StrictBool = False
+    length_penalty: float = 1.0
+    # UNSUPPORTED_EXTRAS, refused likewise unless it holds the value that changes nothing.
     logits_processors: Any = None
     # vLLM's: each logprobs entry's token (and its alternatives') as "token_id:<id>" rather than its text, which a
     # client cannot map back to an id when tokens decode alike (a byte split across tokens, U+FFFD); null: the
@@ -333,6 +335,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
+    # OpenAI's: best_of candidates generated, the n with the highest mean logprob per token returned (not streamed).
     best_of: int | None = Field(None, ge=1)
     # vLLM's: the tokenizer's special tokens (a BOS) around the prompt text; false: the text's tokens alone.
     add_special_tokens: bool = True

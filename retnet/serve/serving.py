@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -25,6 +26,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from retnet.model.hub import ADAPTER_FILES, HubError, resolve_pretrained
+from retnet.serve.beam_search import BeamSearch, beam_step_params, best_of_choices, check_beam_search
+from retnet.serve.detokenize import IncrementalDetokenizer
 from retnet.serve.engine import Engine
 from retnet.serve.logprobs import TextOffsets, add_completion_logprobs, chat_logprob, vllm_prompt_logprobs
 from retnet.serve.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraError, LoraModule, load_adapter
@@ -62,6 +65,7 @@ from retnet.serve.protocol import (
     random_id,
 )
 from retnet.serve.request_checks import RequestChecks, check_chat_features, check_content_parts
+from retnet.serve.sampling import SamplingParams
 from retnet.serve.sequence import EngineUnavailable, QueueFull, RequestHandle, SeqOutput
 from retnet.serve.settings import ServeSettings
 from retnet.serve.state_cache import Session, SessionBusy
@@ -216,10 +220,8 @@ class OpenAIServing:
         self._check_common(request)
         if request.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
-        if request.best_of is not None and request.best_of != request.n:
-            # best_of > n would need the candidates ranked; OpenAI refuses best_of < n (and vLLM's V1 best_of).
-            raise APIError(400, f"best_of is supported only equal to n ({request.n}); got {request.best_of}",
-                           "best_of", "unsupported_parameter")
+        check_beam_search(request)
+        best_of = self._best_of(request)
         if request.logprobs is not None and request.logprobs > self.settings.max_logprobs:
             raise APIError(400, f"logprobs must be <= {self.settings.max_logprobs}; got {request.logprobs}", "logprobs")
         self._check_prompt_logprobs(request)
@@ -235,26 +237,54 @@ class OpenAIServing:
             params = self.checks.params(request, request.max_tokens, request.logprobs,
                                         bad_words=await self._bad_words(request))
             params.grammar = await self._grammar(request)
+            if best_of > request.n and params.logprobs is None:
+                params.logprobs = 0  # the candidates are ranked by their tokens' logprobs (not shown unless asked)
             # Scored once for both asks: the echo's logprobs and vLLM's prompt_logprobs, each keeping its top-k.
             asked = [k for k in (request.logprobs if request.echo else None, request.prompt_logprobs) if k is not None]
             params.prompt_logprobs = max(asked, default=None)
-            handle = self._submit([p.ids for p in prompts], params, request, session=session,
-                                  text_starts=[0 if p.decoded else None for p in prompts])
+            text_starts = [0 if p.decoded else None for p in prompts]
+            if request.use_beam_search:
+                handle = self._beam_search([p.ids for p in prompts], params, request, text_starts=text_starts)
+            else:
+                handle = self._submit([p.ids for p in prompts], params, request, session=session,
+                                      text_starts=text_starts, n=best_of)
         except BaseException:
             self._release_session(request, session)
             raise
         # Each choice's prompt: its text is echoed before the completion, and where its text_offset starts either
         # way (OpenAI's offsets index prompt + completion, echoed or not).
-        choice_prompts = [prompts[i // request.n] for i in range(handle.num_choices)]
+        choice_prompts = [prompts[i // request.n] for i in range(len(prompts) * request.n)]
         if request.stream:
             return sse_response(self._completion_chunks(request, handle, choice_prompts), handle)
-        outputs = await collect_outputs(handle, raw)
+        outputs = billed = await collect_outputs(handle, raw)
+        if best_of > request.n:
+            outputs = best_of_choices(billed, request.n, best_of)
         return await json_built(_answer_size(outputs, request.logprobs, request.prompt_logprobs),
-                                 self._completion_response, request, handle, choice_prompts, outputs)
+                                 self._completion_response, request, handle, choice_prompts, outputs, billed)
+
+    def _best_of(self, request: CompletionRequest) -> int:
+        """The candidates each prompt of the completion generates: ``best_of`` (OpenAI's), at least ``n``."""
+        if request.best_of is None:
+            return request.n
+        best_of = request.best_of
+        if best_of < request.n:
+            raise APIError(400, f"best_of must be >= n ({request.n}); got {best_of}", "best_of")
+        n_limit = min(self.settings.max_n, self.settings.max_running)
+        if best_of > n_limit:
+            raise APIError(400, f"best_of must be <= {n_limit}; got {best_of}", "best_of")
+        if best_of > request.n and request.stream:
+            # OpenAI's rule: the candidates are ranked once they are whole, so nothing can be sent before.
+            raise APIError(400, "best_of: results cannot be streamed when best_of > n", "best_of",
+                           "unsupported_parameter")
+        if best_of > 1 and request.session_id is not None:
+            raise APIError(400, "session_id needs best_of = 1 (one continuation to save)", "best_of")
+        return best_of
 
     def _completion_response(self, request: CompletionRequest, handle: RequestHandle,
-                             choice_prompts: list[CompletionPrompt], outputs: list[list[SeqOutput]]) -> dict:
-        """The whole completion of ``outputs`` (its JSON), each choice's prompt ``choice_prompts[i]``."""
+                             choice_prompts: list[CompletionPrompt], outputs: list[list[SeqOutput]],
+                             billed: list[list[SeqOutput]] | None = None) -> dict:
+        """The whole completion of ``outputs`` (its JSON), each choice's prompt ``choice_prompts[i]``; the usage
+        counts the tokens of ``billed`` (best_of's candidates, all generated), by default ``outputs``'."""
         choices = []
         for index, seq in enumerate(outputs):
             prompt = choice_prompts[index]
@@ -277,7 +307,8 @@ class OpenAIServing:
                 **self._ids(request, prompt.ids, seq),
             ))
         response = CompletionResponse(id=random_id("cmpl"), model=self._response_name(request.model), choices=choices,
-                                      usage=self._usage(handle, outputs), session_id=request.session_id)
+                                      usage=self._usage(handle, outputs if billed is None else billed),
+                                      session_id=request.session_id)
         return dump(response)
 
     def _completion_prompts(self, prompt, truncate: int | None = None, add_special_tokens: bool = True,
@@ -407,6 +438,7 @@ class OpenAIServing:
         check_content_parts(request)
         check_chat_features(request)
         calling = tool_calling(request, self.settings.tool_call_parser)
+        check_beam_search(request, tool_grammar=calling is not None and calling.parser is None)
         if calling is not None and request.echo:
             raise APIError(400, "echo: not with tool calls (the answer is calls, not text continuing the last "
                            "message)", "echo")
@@ -444,7 +476,11 @@ class OpenAIServing:
                 # A tokenizer that marks the call tags as special tokens (Hermes 2 Pro) would drop them from the
                 # text the parser reads; vLLM's parser turns skipping off for such requests too.
                 params.skip_special_tokens = not self._special_tool_tags(calling)
-            handle = self._submit([prompt], params, request, [hint], session=session, leaves_pending=leaves_pending)
+            if request.use_beam_search:
+                handle = self._beam_search([prompt], params, request, [hint])
+            else:
+                handle = self._submit([prompt], params, request, [hint], session=session,
+                                      leaves_pending=leaves_pending)
         except BaseException:
             self._release_session(request, session)
             raise
@@ -832,14 +868,19 @@ class OpenAIServing:
             self.engine.sessions.release(request.session_id)
 
     def _submit(self, prompts, params, request: SamplingFields, hints=None, session: Session | None = None,
-                text_starts: list[int | None] | None = None, leaves_pending: bool = False) -> RequestHandle:
+                text_starts: list[int | None] | None = None, leaves_pending: bool = False,
+                n: int | None = None) -> RequestHandle:
+        """``n``: the sequences each prompt runs (best_of's candidates, one for a beam search's step); default the
+        request's ``n``."""
         if request.session_id is not None and len(prompts) != 1:
             raise APIError(400, "session_id needs a single prompt", "session_id")
+        n = request.n if n is None else n
         # More sequences than the server ever holds would get 429 (retry later) forever.
-        limit, wanted = self.settings.max_running + self.settings.max_queue, len(prompts) * request.n
+        limit, wanted = self.settings.max_running + self.settings.max_queue, len(prompts) * n
         if wanted > limit:
-            raise APIError(400, f"prompts × n is {wanted}; this server holds at most {limit} sequences",
-                           "n" if request.n > 1 else "prompt")
+            name = "n" if n == request.n else "best_of"
+            raise APIError(400, f"prompts × {name} is {wanted}; this server holds at most {limit} sequences",
+                           name if n > 1 else "prompt")
         adapter = self._adapter(request.model)
         if session is not None and session.adapter != adapter:
             if session.cache is not None:  # the caller releases the session
@@ -849,7 +890,7 @@ class OpenAIServing:
                                "session_id", "session_stale")
             session.adapter = adapter
         try:
-            handle = self.engine.submit(prompts, params, request.n, request.session_id, hints, session, text_starts,
+            handle = self.engine.submit(prompts, params, n, request.session_id, hints, session, text_starts,
                                         adapter, self.checked_priority(request), leaves_pending=leaves_pending)
         except (QueueFull, EngineUnavailable) as exc:
             raise self.refused(exc) from exc
@@ -859,6 +900,46 @@ class OpenAIServing:
                            "session_busy") from exc
         self.metrics.model_requests.labels(model_name=self._response_name(request.model)).inc()
         return handle
+
+    def _beam_search(self, prompts: list[list[int]], params: SamplingParams, request: SamplingFields, hints=None,
+                     text_starts: list[int | None] | None = None) -> RequestHandle:
+        """Start a beam search of ``request.n`` beams after each prompt (:mod:`retnet.serve.beam_search`): its
+        first step submitted here (so that a full or stopping engine refuses the request at once), the others by
+        the search as it goes. Its handle answers as the engine's for ``n`` choices a prompt."""
+        width = request.n
+        limit, wanted = self.settings.max_running + self.settings.max_queue, len(prompts) * width
+        if wanted > limit:  # every step runs them all
+            raise APIError(400, f"prompts × n is {wanted} beams; this server holds at most {limit} sequences",
+                           "n" if width > 1 else "prompt")
+        step = beam_step_params(params, width)
+        first = self._submit(prompts, dataclasses.replace(step, prompt_logprobs=params.prompt_logprobs), request,
+                             hints, text_starts=text_starts, n=1)
+        adapter, priority = self._adapter(request.model), self.checked_priority(request)
+
+        def submit(beams: list[list[int]], step_params: SamplingParams) -> RequestHandle:
+            try:
+                return self.engine.submit(beams, step_params, 1, adapter=adapter, priority=priority)
+            except (QueueFull, EngineUnavailable) as exc:
+                raise self.refused(exc) from exc
+            except ValueError as exc:  # its LoRA adapter was unloaded (or replaced) while it searched
+                raise APIError(404, f"the beam search stopped: {exc}", "model", "model_not_found") from exc
+
+        decode = self.engine._decoder(params)  # the engine's own, so the text is what it would answer
+
+        def decoded(prompt: list[int], tokens: list[int]) -> str:
+            with self.tokenizer_lock:
+                detokenizer = IncrementalDetokenizer(decode, prompt, unfinished=self.engine.unfinished_tail(prompt))
+                detokenizer.ids.extend(tokens)  # the whole answer, decoded once
+                return detokenizer.flush()
+
+        async def text(prompt: list[int], tokens: list[int]) -> str:
+            return await self._tokenizing(len(tokens), decoded, prompt, tokens)
+
+        search = BeamSearch(prompts, width, params.max_tokens, request.length_penalty,
+                            frozenset() if params.ignore_eos else frozenset(self.engine.eos_ids),
+                            self.engine.primary_eos, params.logprobs, params.include_stop_str_in_output, step, submit,
+                            text)
+        return search.start(first)
 
     def refused(self, exc: QueueFull | EngineUnavailable) -> APIError:
         """The answer to work an engine did not take (counted by reason): 429 when it is full, 503 while it is

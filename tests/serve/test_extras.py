@@ -517,10 +517,9 @@ STRUCTURED = ["response_format", "guided_json", "guided_regex", "guided_choice",
 
 
 # -- vLLM's other output-changing extras: refused unless they would change nothing -----------------------------
+# (use_beam_search runs, tests/serve/test_beam_search.py; length_penalty is refused without it)
 REFUSED_EXTRAS = [
-    ("use_beam_search", True),
     ("length_penalty", 0.5),
-    ("length_penalty", True),
     ("logits_processors", ["x"]),
 ]
 
