@@ -1450,6 +1450,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 new_ids = input_ids[:, input_ids.shape[1] - new:]
             model_inputs["input_ids"] = new_ids.contiguous()
         model_inputs["cache"] = cache
+        if seen:
+            # peft's prompt learning (prompt tuning, p-tuning) wraps this method and reads the cache under its old
+            # name to tell a decoding step from the prefill: without it every step prepended the virtual tokens
+            # again, into the state (the tokens after the first were wrong). An empty cache stays unnamed there,
+            # so the prefill still gets them. (The forward takes `cache` first: the same object.)
+            model_inputs["past_key_values"] = cache
         model_inputs["attention_mask"] = attention_mask
         for key in ("use_cache", "output_hidden_states", "output_attentions", "retention_mode", "logits_to_keep",
                     "position_ids"):
@@ -1551,6 +1557,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 "attention_mask ends in padding (right padding), and transformers' assisted loop would take the next "
                 "token's logits from a padding column. Pass the prompt without its trailing padding, or left-padded"
             )
+        _refuse_under_prompt_learning(self, "assisted decoding (assistant_model=, prompt_lookup_num_tokens=)")
         return super()._assisted_decoding(input_ids, *args, **kwargs)
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
@@ -1641,6 +1648,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         return self._chunked_prefill(input_ids, model_kwargs, chunk_size, last_real)
 
     def _chunked_prefill(self, input_ids, model_kwargs, chunk_size, last_real=None):
+        _refuse_under_prompt_learning(self, "prefill_chunk_size")
         # transformers' own chunked prefill counts the chunks' mask columns from 0 (5.17), which ends the first
         # chunk's mask before the tokens a continued cache holds, and splits input_ids, which are empty with
         # inputs_embeds. The state carries any split, so the chunks are the new inputs' and the mask and
@@ -1726,6 +1734,17 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if outputs.cache is not None:
             model_kwargs[CACHE_KWARG] = outputs.cache
         return model_kwargs
+
+
+def _refuse_under_prompt_learning(model: RetNetForCausalLM, what: str) -> None:
+    """peft's prompt learning (prompt tuning, p-tuning) generates through its own prepare_inputs_for_generation, set
+    on the model: once the cache holds tokens it feeds only the last of the new ones, so a forward of several (a
+    prefill chunk after the first, assisted decoding's candidates) dropped the others, silently."""
+    wrapper = getattr(vars(model).get("prepare_inputs_for_generation"), "__self__", None)
+    if getattr(getattr(wrapper, "active_peft_config", None), "is_prompt_learning", False):
+        peft_type = wrapper.active_peft_config.peft_type
+        raise ValueError(f"{what} is not supported with peft's prompt learning ({getattr(peft_type, 'value', peft_type)}): "
+                         "peft's generation feeds one token per forward after the prefill; generate without it")
 
 
 class _RightPaddingWarningFilter(logging_std.Filter):
