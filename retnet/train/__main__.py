@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -61,17 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers would warn after DataLoader forks
     args, overrides = _parser().parse_known_args(argv)
     import retnet
+    from retnet.train.config import ConfigError, check_config, load_config  # (neither imports torch)
 
+    try:
+        # before torch and transformers are imported (~5 s): a mistyped key or value is refused at once
+        check_config(args.config, overrides)
+    except ConfigError as error:
+        return _config_error(error)
     # first, before torch and transformers are imported: it quiets torchao's import-time warnings (see there)
     retnet.register()
     import torch.distributed as dist
 
     from retnet.model.modeling_retnet import XPosFrameError
     from retnet.train.checkpoint import CheckpointError
-    from retnet.train.config import ConfigError, load_config
     from retnet.train.trainer import NonFiniteLossError, Trainer
 
-    trainer, status = None, None
+    trainer, status, config = None, None, None
     try:
         config = load_config(args.config, overrides)
         if args.print_config:
@@ -84,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         status = EXIT_OK
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
-        print(f"retnet-train: error: {error}", file=sys.stderr)
-        status = EXIT_CONFIG
+        if config is None and isinstance(error, ConfigError):  # the configuration's, which every rank reads alike
+            status = _config_error(error)
+        else:  # (a rank's own files, its own state: printed by each rank that met it)
+            print(f"retnet-train: error: {error}", file=sys.stderr)
+            status = EXIT_CONFIG
     except OSError as error:
         if error.errno != errno.ENAMETOOLONG:
             raise
@@ -119,6 +128,24 @@ def main(argv: list[str] | None = None) -> int:
                 _exit_without_teardown(status)
             dist.destroy_process_group()  # an unexpected error: let its traceback through
     return status
+
+
+# How long a rank other than its node's first waits before printing a configuration error itself (_config_error).
+PEER_WAIT_S = 30.0
+
+
+def _config_error(error: Exception) -> int:
+    """Print a configuration's error once a node; returns the exit status. Every rank of a torchrun launch reads
+    the same configuration and meets the same error: the node's first rank (``LOCAL_RANK``, else ``RANK``, 0; a
+    process of its own is one) prints it and exits, and torchrun then stops the others. Those wait meanwhile rather
+    than exit at once: torchrun stops the rest of a launch within 0.1 s of a rank's end, which could be before the
+    first rank printed. One not stopped within :data:`PEER_WAIT_S` (no torchrun, or the first rank got past the
+    error) prints the error itself."""
+    rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")).strip()
+    if rank not in ("", "0"):
+        time.sleep(PEER_WAIT_S)
+    print(f"retnet-train: error: {error}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def start_problems(config) -> list[str]:

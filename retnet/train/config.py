@@ -26,7 +26,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from retnet.tokenization import MIN_VOCAB_SIZE
 from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
 from retnet.train.config_tuning import (
     LORA_TARGETS,
@@ -660,6 +659,9 @@ class JobConfig(_Section):
                 Path(self.data.tokenizer).expanduser().resolve() != Path(self.model.init_from).expanduser().resolve():
             _refuse("data.tokenizer", f"cannot be set with model.init_from {self.model.init_from!r}: the run uses "
                     f"that model's tokenizer, saved beside it", self.data.tokenizer)
+        # (imports transformers: here, not at the module's import, which retnet-train's check of its overrides makes)
+        from retnet.tokenization import MIN_VOCAB_SIZE
+
         if not self.data.tokenizer and self.model.vocab_size is not None \
                 and self.model.vocab_size < MIN_VOCAB_SIZE:
             _refuse("model.vocab_size", f"must be >= {MIN_VOCAB_SIZE} (256 bytes + EOS + pad) for the byte-level "
@@ -1120,6 +1122,9 @@ def _field_hint(section: str, key: str) -> str:
     if elsewhere:
         return f" (did you mean {' or '.join(map(repr, elsewhere))}?)"
     if section == "model":  # [model] sets a few RetNetConfig fields itself; model.extra takes any other
+        import retnet
+
+        retnet.register()  # (as a command's main would before transformers' import: check_config may come first)
         from retnet.model import RetNetConfig
 
         if key in RetNetConfig().to_dict() and key not in ("eos_token_id", "pad_token_id"):  # the tokenizer's
@@ -1176,8 +1181,10 @@ def _sectioned_hint(arg: str) -> str:
     return f" (did you mean --{next(f for f in fields if f.split('.', 1)[1] == close[0])}?)" if close else ""
 
 
-def build_config(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) -> JobConfig:
-    """A validated JobConfig from a TOML-shaped dict plus ``(dotted key, text)`` overrides."""
+def _checked_values(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) -> dict[str, dict[str, Any]]:
+    """Each section's values from a TOML-shaped dict plus ``(dotted key, text)`` overrides, every key a field and
+    every value of its field's type, or a ConfigError naming the first that is not; what the sections check when
+    built (ranges, combinations) is left to them. Imports neither torch nor transformers (:func:`check_config`)."""
     sections = {f.name: f.type for f in dataclasses.fields(JobConfig)}
     section_types = _section_types(JobConfig)
     values: dict[str, dict[str, Any]] = {name: {} for name in sections}
@@ -1219,11 +1226,23 @@ def build_config(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) -> 
             values[section].setdefault(field_name, {})[subkey] = _parse_toml_value(text)
         else:
             values[section][field_name] = _coerce_string(dotted, hints[field_name], text)
+    return values
+
+
+def build_config(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) -> JobConfig:
+    """A validated JobConfig from a TOML-shaped dict plus ``(dotted key, text)`` overrides."""
+    values, section_types = _checked_values(raw, overrides), _section_types(JobConfig)
     try:
-        built = {name: section_types[name](**values[name]) for name in sections}
+        built = {name: section_types[name](**table) for name, table in values.items()}
     except TypeError as error:  # pragma: no cover - keys are checked above
         raise ConfigError(str(error)) from None
     return JobConfig(**built)
+
+
+def check_config(name_or_path: str, overrides: list[str] | None = None) -> None:
+    """:func:`load_config`'s refusals of the TOML and of the overrides' spelling, keys and value types, in its
+    words, without importing torch or transformers (seconds): retnet-train answers a mistyped override at once."""
+    _checked_values(_read_toml(name_or_path), parse_overrides(list(overrides or [])))
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobConfig:
@@ -1234,7 +1253,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> JobCon
 __all__ = [
     "LORA_TARGETS", "OPTIMIZERS", "CheckpointConfig", "ConfigError", "DataConfig", "DistillConfig", "DpoConfig",
     "GrpoConfig", "JobConfig", "KtoConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig",
-    "RewardConfig", "TrainConfig", "architecture_changes", "build_config", "data_changes", "distill_changes",
-    "dpo_changes", "grpo_changes", "kto_changes", "load_config", "lora_changes", "mixture_shares", "model_changes",
-    "optim_changes", "parse_overrides", "preset_names", "reward_changes", "schedule_warnings", "validation_split_warnings",
+    "RewardConfig", "TrainConfig", "architecture_changes", "build_config", "check_config", "data_changes",
+    "distill_changes", "dpo_changes", "grpo_changes", "kto_changes", "load_config", "lora_changes", "mixture_shares",
+    "model_changes", "optim_changes", "parse_overrides", "preset_names", "reward_changes", "schedule_warnings",
+    "validation_split_warnings",
 ]

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retnet.model.distillation import DISTILL_KINDS, DISTILL_TEMPERATURES  # the loss's own: torch only
 from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
 
 if TYPE_CHECKING:
@@ -541,6 +540,8 @@ class DistillConfig(_Section):
     kind: str = "kl"
 
     def __post_init__(self) -> None:
+        from retnet.model.distillation import DISTILL_KINDS, DISTILL_TEMPERATURES  # the loss's own (torch)
+
         _positive("distill", self, "temperature")
         low, high = DISTILL_TEMPERATURES
         if not low <= self.temperature <= high:  # refused here, not a nan loss after the teacher and data load
@@ -732,11 +733,19 @@ def reward_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
 def dpo_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     """The ``[dpo]`` settings that differ between a checkpoint's config (``saved``) and ``current``, as
     ``"dpo.beta: checkpoint 0.1, now 0.2"``: the objective the run optimizes. A checkpoint of another format has
-    none (``data_changes`` reports the format)."""
+    none (``data_changes`` reports the format). ``loss_weights`` are compared as used: None is 1 for each loss
+    type, the same as those ones spelled out."""
     if "dpo" not in saved:
         return []
     old, now = {**DpoConfig().to_dict(), **saved["dpo"]}, current.dpo.to_dict()
-    return [f"dpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now if old[name] != now[name]]
+
+    def used(table: dict[str, Any], name: str) -> Any:
+        if name != "loss_weights" or table[name] is not None:
+            return table[name]
+        return [1.0] * (len(table["loss_type"]) if isinstance(table["loss_type"], list) else 1)
+
+    return [f"dpo.{name}: checkpoint {old[name]!r}, now {now[name]!r}" for name in now
+            if old[name] != now[name] and used(old, name) != used(now, name)]
 
 
 def kto_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
@@ -806,8 +815,18 @@ def lora_changes(saved: dict[str, Any], current: JobConfig, *,
     return changes
 
 
+def __getattr__(name: str):
+    # The distillation loss's own names, imported at first use (not in __all__ for that): that imports torch,
+    # which retnet-train's check of its overrides is done without (its __main__, before the heavy imports)
+    if name in ("DISTILL_KINDS", "DISTILL_TEMPERATURES"):
+        from retnet.model import distillation
+
+        return getattr(distillation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "DISCOPOP_TAU", "DISTILL_KINDS", "DPO_LOSS_TYPES", "DPO_REFERENCE_FREE_LOSS_TYPES",
+    "DISCOPOP_TAU", "DPO_LOSS_TYPES", "DPO_REFERENCE_FREE_LOSS_TYPES",
     "DPO_SMOOTHED_LOSS_TYPES", "GRPO_CLIPPED_LOSS_TYPES", "GRPO_GENERATION_KWARGS", "GRPO_IMPORTANCE_LEVELS",
     "GRPO_LOSS_TYPES", "GRPO_SCALE_REWARDS", "KTO_LOSS_TYPES",
     "LORA_TARGETS", "POLICY_ONLY_LOSS_TYPES", "SIMPO_GAMMA", "DistillConfig", "DpoConfig", "GrpoConfig",

@@ -8,7 +8,7 @@ shape). :func:`sample` packs the prompts into one row (``cu_seqlens``), repeats 
 runs one token per forward for every row at once, until every row has sampled a stop token (the tokenizer's EOS and
 the model's ``generation_config.eos_token_id``, :func:`stop_tokens`) or the uniforms' length. A token is picked by
 inverse CDF over the (``repetition_penalty``-adjusted, ``temperature``-scaled; ``top_k``-, ``top_p``-,
-``min_p``-cut) distribution sorted by probability; the penalty counts the row's own prompt and completion only.
+``min_p``-cut) distribution in token-id order; the penalty counts the row's own prompt and completion only.
 Under FSDP every
 forward is a collective: each rank decodes until every rank's rows are done (a max all-reduce per token), its
 finished rows fed a stop id and their draws dropped; :func:`gathered_weights` all-gathers each layer's weights
@@ -64,11 +64,14 @@ def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p
           min_p: float | None = None, repetition_penalty: float = 1.0,
           seen: torch.Tensor | None = None) -> torch.Tensor:
     """``[R]`` tokens drawn from ``[R, V]`` logits by inverse CDF at ``uniform`` ``[R]`` in [0, 1) over
-    :func:`_distribution` (what it keeps renormalized)."""
+    :func:`_distribution` (what it keeps renormalized), its tokens in id order."""
     probs, order = _distribution(logits, temperature, top_p, top_k, min_p, repetition_penalty, seen)
-    cdf = probs.cumsum(dim=-1)
-    index = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
-    return order.gather(-1, index[:, None]).squeeze(-1)
+    # In token-id order, as the server's seeded draw: in probability order two nearly equal tokens swap places with
+    # the float noise of another batch shape, and a uniform far from any boundary took the other one
+    cdf = torch.zeros_like(probs).scatter_(-1, order, probs).double().cumsum(dim=-1)
+    index = torch.searchsorted(cdf, uniform.double()[:, None] * cdf[:, -1:], right=True)
+    # (a uniform that rounds to the total lands past the end: the first id where the CDF reaches it, a kept one)
+    return torch.minimum(index, torch.searchsorted(cdf, cdf[:, -1:].contiguous())).squeeze(-1)
 
 
 @contextlib.contextmanager

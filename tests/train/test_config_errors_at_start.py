@@ -1,0 +1,70 @@
+"""retnet-train's refusals of its configuration at the start: a mistyped override is answered before torch and
+transformers are imported, in the config loader's words; under torchrun a configuration's error is printed once a
+node (every rank reads the same configuration and meets the same error), while a rank's own error is printed by the
+rank that met it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+from retnet.train import __main__ as train_main
+
+from .conftest import REPO, run_train, train_env
+
+
+@pytest.mark.parametrize(("override", "error"), [
+    ("--train.lrr=1", "retnet-train: error: unknown config key 'train.lrr'; known in [train]: "
+                      "['activation_checkpointing', "),
+    ("--nosection.x=1", "retnet-train: error: unknown config key 'nosection.x': no section 'nosection'; known: "
+                        "['checkpoint', 'data', "),
+    ("--optim.lr=fast", "retnet-train: error: optim.lr expects float; got 'fast'"),
+])
+def test_a_mistyped_override_is_refused_before_torch_is_imported(override, error):
+    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "retnet.train", override], cwd=REPO,
+                             env=train_env(), capture_output=True, text=True, timeout=120)
+    lines = process.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    printed = [line for line in lines if not line.startswith("import time:")]
+    assert process.returncode == 2 and len(printed) == 1 and printed[0].startswith(error), printed
+    assert "retnet.train.config" in imported and not {"torch", "transformers"} & imported
+
+
+def test_torchrun_prints_a_configuration_error_once():
+    done = run_train(["--train.lrr=1"], nproc=2, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and output.count("retnet-train: error: unknown config key 'train.lrr'") == 1, output
+
+
+@pytest.fixture
+def second_rank(monkeypatch):
+    """This process as a launch's second rank on its node; the waits ``_config_error`` would sleep, recorded."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    slept = []
+    monkeypatch.setattr(train_main, "time", types.SimpleNamespace(sleep=slept.append))
+    return slept
+
+
+def test_another_rank_waits_for_the_first_to_print_the_configurations_error(second_rank, capsys):
+    """A rank that is not its node's first leaves the error to the first (torchrun stops it meanwhile); if it is
+    still running after the wait, it prints the error itself."""
+    assert train_main.main(["--optim.lr=-1"]) == 2
+    assert second_rank == [train_main.PEER_WAIT_S]
+    assert capsys.readouterr().err == "retnet-train: error: optim.lr must be > 0; got -1.0\n"
+
+
+def test_a_ranks_own_error_is_printed_at_once(second_rank, capsys, monkeypatch):
+    from retnet.train import trainer
+    from retnet.train.config import ConfigError
+
+    def fails(config):
+        raise ConfigError("data.dataset: this rank's shard is unreadable")
+
+    monkeypatch.setattr(trainer, "Trainer", fails)
+    assert train_main.main(["--config", "tiny"]) == 2
+    assert second_rank == []
+    assert capsys.readouterr().err == "retnet-train: error: data.dataset: this rank's shard is unreadable\n"
