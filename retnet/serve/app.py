@@ -146,9 +146,13 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        yield
-        # uvicorn has already let open streams finish (timeout_graceful_shutdown); cancel what is left.
-        engine.shutdown(grace_s=0.0)
+        try:
+            yield
+        finally:
+            # uvicorn has already let open streams finish (timeout_graceful_shutdown); cancel what is left. Also when
+            # the block ends by an exception (run_batch's broken pipe or Ctrl-C): a scheduler thread left running
+            # the model as the interpreter exits aborts it ("terminate called without an active exception", 134).
+            engine.shutdown(grace_s=0.0)
 
     # strict_content_type=False: a body without a Content-Type is read as JSON (other types: require_json).
     app = FastAPI(title="retnet-serve", version="0.1.0", lifespan=lifespan, strict_content_type=False)

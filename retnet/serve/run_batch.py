@@ -402,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: the output was closed by its reader (broken pipe); the lines after it were not written",
               file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the lines written before it are kept, the others were not run to the end",
+              file=sys.stderr)
+        return 130
     finally:
         output.close()
 
