@@ -51,21 +51,45 @@ def _register_auto_classes() -> None:
     AutoModelForSequenceClassification.register(RetNetConfig, RetNetForSequenceClassification, exist_ok=True)
 
 
+# LN tuning trains norms, not Linears: the decoder layers' two and the final one (not the retention's head_norm,
+# which Llama has no counterpart of).
+_LN_TUNING_TARGETS = ("retention_norm", "ffn_norm", "norm")
+
+
 def _register_peft_targets() -> None:
-    # peft picks a model's default LoRA targets by its model_type and has none for "retnet" (get_peft_model then
-    # asks for target_modules): the ones retnet-train adapts by default, every Linear of the decoder layers (a
-    # name a model lacks, g_proj without the output gate, matches nothing). The same dict peft's tuners read.
+    # peft picks a model's default targets by its model_type and has none for "retnet" (get_peft_model then asks
+    # for target_modules). LoRA's: the ones retnet-train adapts by default, every Linear of the decoder layers (a
+    # name a model lacks, g_proj without the output gate, matches nothing). Each other tuner reads a dict of its
+    # own, most of them copies of LoRA's made when peft was imported, so LoRA's entry alone reached none of them.
+    # Which dicts a peft has changes with its version, so they are found by name. RetNet's Linears bear Llama's
+    # names: where a tuner's Llama default is LoRA's or every Linear (OSF's), RetNet's is LoRA's; where it is some of
+    # them (IA3's k/v and FFN down projection, and its feed-forward subset; BEFT's v_proj) it is taken as it stands.
+    # A dict whose Llama entry is neither (a new kind of tuner) is left alone: peft then asks for target_modules.
     try:
         from peft.utils import constants
     except ImportError:  # (peft comes with the [train] extra)
         return
     from retnet.train.config_tuning import LORA_TARGETS
 
-    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("retnet", list(LORA_TARGETS))
+    lora = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    lora.setdefault("retnet", list(LORA_TARGETS))
+    llama_linears = set(LORA_TARGETS) - {"g_proj"}
+    for name, mapping in vars(constants).items():
+        if not (name.startswith("TRANSFORMERS_MODELS_TO_") and name.endswith("_MODULES_MAPPING")
+                and isinstance(mapping, dict)) or mapping is lora:
+            continue
+        llama = mapping.get("llama")
+        names = set(llama) if isinstance(llama, list) else set()
+        if name == "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING":
+            mapping.setdefault("retnet", list(_LN_TUNING_TARGETS))
+        elif (llama is not None and llama == lora.get("llama")) or names >= llama_linears:
+            mapping.setdefault("retnet", list(LORA_TARGETS))
+        elif names and names <= llama_linears:
+            mapping.setdefault("retnet", list(llama))
 
 
 def register() -> None:
-    """Register RetNet with transformers' Auto classes and peft's default LoRA targets (once; ``import retnet``
+    """Register RetNet with transformers' Auto classes and peft's default adapter targets (once; ``import retnet``
     has done it, but in a process started as one of retnet's commands, whose ``main`` calls it)."""
     global _registered
     if not _registered:

@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 import retnet  # (imported from Python, it registers RetNet with the Auto classes; as retnet-lm-eval, main does)
+from retnet.model.hub import training_output
 
 # lm-eval's console scripts, as its package metadata names them (both point at one function in 0.4.x).
 _LM_EVAL_SCRIPTS = ("lm-eval", "lm_eval")
@@ -145,6 +146,11 @@ def check_pretrained(argv: Sequence[str]) -> None:
     without a word."""
     for value in _pretrained_values(argv):
         root = Path(value).expanduser()
+        # a run's train.output_dir, checkpoint or adapter: lm-eval ended in transformers' traceback ("Unrecognized
+        # model ... Should have a `model_type` key", or no config.json)
+        written = training_output(root) if root.is_dir() else None
+        if written is not None:
+            raise SystemExit(f"retnet-lm-eval: --model_args pretrained={value} is {written}")
         config = root / "config.json"
         if not config.is_file():
             continue  # a hub id, or a path lm-eval will report missing itself
@@ -154,14 +160,6 @@ def check_pretrained(argv: Sequence[str]) -> None:
             continue  # transformers' own error says what is wrong with it
         if not isinstance(saved, dict):
             continue
-        export = root / "export"
-        if "model_type" not in saved and ((export / "config.json").is_file() or (root / "checkpoints").is_dir()):
-            # a run's train.output_dir given for the export inside it (its config.json is the run's configuration):
-            # lm-eval ended in transformers' traceback "Unrecognized model ... Should have a `model_type` key"
-            which = (f"did you mean pretrained={export}, the run's export?" if (export / "config.json").is_file() else
-                     f"its export, {export}, is not written yet: the run writes it when it finishes")
-            raise SystemExit(f"retnet-lm-eval: --model_args pretrained={value} is a training run's train.output_dir, "
-                             f"not a model ({which})")
         architectures = saved.get("architectures") or []
         if saved.get("model_type") == "retnet" and architectures and not any(
                 str(name).endswith("ForCausalLM") for name in architectures):

@@ -9,6 +9,7 @@ that says both what was looked for and why the hub could not provide it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -89,3 +90,38 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
 
 
 __all__ = ["ADAPTER_FILES", "MODEL_FILES", "PICKLED_WEIGHTS", "TOKENIZER_FILES", "HubError", "is_hub_id", "resolve_pretrained"]
+
+
+def training_output(path: Path) -> str | None:
+    """What ``path`` is when it is something retnet-train wrote other than a model, said with the directory to give
+    instead: a run's ``train.output_dir`` (its config.json is the run's configuration, no model's: loaders refused
+    it as "not a RetNet: model_type None"), one of its ``checkpoints/step_*`` (for resuming) or a LoRA run's
+    adapter; None for anything else (a model, or something its loader describes itself)."""
+    if _holds_model_config(path):
+        return None
+    export = path / "export"
+    if (export / "config.json").is_file() or (path / "checkpoints").is_dir():
+        which = (f"did you mean {str(export)!r}, the run's export?" if (export / "config.json").is_file() else
+                 f"its export, {str(export)!r}, is not written yet: the run writes it when it finishes")
+        return f"a training run's train.output_dir, not a model ({which})"
+    if any((path / name).is_file() for name in ("trainer.pt", "model.pt")) or (
+            path.name.startswith("step_") and path.parent.name == "checkpoints"):
+        where = (repr(str(path.parent.parent / "export")) if path.parent.name == "checkpoints" else
+                 "train.output_dir/export")
+        return f"a training checkpoint (retnet-train's checkpoints/step_*, for resuming), not a model: give the run's export, {where}"
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        # A LoRA run exports the merged model with its adapter inside it (export/adapter).
+        parent = path.resolve().parent
+        merged = (f": the merged model a LoRA run exports is beside it, {str(parent)!r}"
+                  if path.name == "adapter" or _holds_model_config(parent) else "")
+        return f"a peft adapter (adapter_config.json), not a model{merged}"
+    return None
+
+
+def _holds_model_config(directory: Path) -> bool:
+    """Whether ``directory`` holds a model's config.json (it names a ``model_type``), not a training run's."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+        return False
+    return isinstance(raw, dict) and "model_type" in raw

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = _help_text(name, info)
         # A boolean flag alone means true (vLLM's --enable-auto-tool-choice); "--flag false" is read too.
         toggle = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
-        if name in ("lora_modules", "served_model_name"):  # vLLM's syntax: --lora-modules a=/path b=/other
+        # vLLM's syntax: --lora-modules a=/path b=/other, --api-key k1 k2 (the comma and JSON forms still read)
+        if name in ("lora_modules", "served_model_name", "api_keys"):
             toggle = {"nargs": "+"}
         parser.add_argument(flag, dest=name, default=None, help=help_text, **toggle)
     return parser

@@ -417,8 +417,9 @@ def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(-1)
     picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)
     # (a draw rounding to the total lands past the end: the first token where the CDF reaches its total, of non-zero
-    # probability, as every pick of a zero-width entry's neighbours is otherwise)
-    last = torch.searchsorted(cdf, cdf[:, -1:]).squeeze(-1)
+    # probability, as every pick of a zero-width entry's neighbours is otherwise; contiguous: a column slice is not,
+    # and torch warns of the copy it makes of one, on the first sampled request of every server)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous()).squeeze(-1)
     return torch.minimum(picks, last)
 
 

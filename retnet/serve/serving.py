@@ -126,8 +126,15 @@ class OpenAIServing:
             return self.model_name
         if model in self.engine.adapters:
             return model
-        served = [self.model_name, *self.engine.adapters]
-        what = f"{served[0]!r}" if len(served) == 1 else f"{served[0]!r} and the LoRA adapters {served[1:]!r}"
+        # Every name a request may give (vLLM's says none): the served one, its aliases, the adapters, a few of
+        # each where there are many (a server may hold hundreds of adapters; GET /v1/models lists them all).
+        what = repr(self.model_name)
+        aliases = (self.settings.served_model_name or [])[1:]
+        if aliases:
+            what += f" (also named {_some(aliases)})"
+        adapters = list(self.engine.adapters)
+        if adapters:
+            what += f" and the LoRA adapter{'s' if len(adapters) > 1 else ''} {_some(adapters)}"
         raise APIError(404, f"the model {model!r} does not exist; this server serves {what}", "model",
                        "model_not_found")
 
@@ -995,6 +1002,15 @@ class ChatRun:
     handle: RequestHandle
     calling: ToolCalling | None
     prompt: list[int]
+
+
+NAMES_SHOWN = 5
+
+
+def _some(names: list[str]) -> str:
+    """``names`` quoted and joined, the first :data:`NAMES_SHOWN` only where there are more, with their count."""
+    shown = ", ".join(map(repr, names[:NAMES_SHOWN]))
+    return shown if len(names) <= NAMES_SHOWN else f"{shown} and {len(names) - NAMES_SHOWN} more (GET /v1/models)"
 
 
 def _continues(session: Session | None) -> bool:

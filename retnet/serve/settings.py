@@ -221,12 +221,15 @@ class ServeSettings(BaseSettings):
 
     @field_validator("api_keys", "allowed_origins", "allowed_methods", "allowed_headers", mode="before")
     @classmethod
-    def _split_keys(cls, value):
+    def _split_keys(cls, value, info):
         # RETNET_API_KEYS=a,b (a plain comma list) as well as JSON.
         if isinstance(value, str):
-            if value.lstrip().startswith("["):
-                return json.loads(value)
-            return [key.strip() for key in value.split(",") if key.strip()]
+            return _split_list(value)
+        if info.field_name == "api_keys" and isinstance(value, list):
+            # The flag's several values (vLLM's --api-key k1 k2), each read as a single one is: `--api-keys k1,k2 k3`
+            # is three keys. An item neither form splits stays as given, so that a blank one is still refused.
+            return [key for item in value
+                    for key in (_split_list(item) if isinstance(item, str) and _is_list_text(item) else [item])]
         return value
 
     @field_validator("served_model_name", mode="before")
@@ -470,6 +473,17 @@ class ServeSettings(BaseSettings):
         return (self.model, *aliases) if self._hub_id is None else (self.model, self._hub_id, *aliases)
 
 
+def _is_list_text(text: str) -> bool:
+    return "," in text or text.lstrip().startswith("[")
+
+
+def _split_list(text: str) -> list:
+    """A list setting's text: a JSON list, or a comma list (empty items skipped)."""
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 @dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
     """Speculative decoding: up to ``num_speculative_tokens`` draft tokens a step, looked up by the last
@@ -625,10 +639,14 @@ def check_model_dir(model: str, flag: str = "--model") -> bool:
                            "the weights, the tokenizer)")
     if not path.is_dir():
         raise StartupError(f"{flag} {model!r} is not a directory (expected save_pretrained's output)")
+    from retnet.model.hub import training_output
+
     config_file = path / "config.json"
-    training_output = _training_output(path)
-    if training_output is not None:
-        raise StartupError(f"{flag} {model!r} is {training_output}")
+    written = training_output(path)
+    if written is not None:
+        if (path / "adapter_config.json").is_file():
+            written += f" (or serve its base with --lora-modules NAME={path})"
+        raise StartupError(f"{flag} {model!r} is {written}")
     if not config_file.is_file():
         raise StartupError(f"{flag} {model!r} has no config.json (expected save_pretrained's output)")
     try:
@@ -646,41 +664,6 @@ def check_model_dir(model: str, flag: str = "--model") -> bool:
     except Exception as exc:  # RetNetConfig's errors name the field and the value (fla's: retnet-convert-fla)
         raise StartupError(f"{flag} {model!r}: config.json is refused: {_one_line(exc)}") from None
     return is_classifier(raw.get("architectures"))
-
-
-def _training_output(path: Path) -> str | None:
-    """What ``path`` is when it is something retnet-train wrote other than a model (a run's output directory, one
-    of its checkpoints, a LoRA run's adapter), said with the directory to serve instead; None otherwise. The run's
-    own config.json is its training configuration: it was refused as "not a RetNet: model_type None", and a
-    checkpoint as having no config.json, neither saying which directory is the model."""
-    if _is_model_config(path):
-        return None
-    export = path / "export"
-    if (export / "config.json").is_file() or (path / "checkpoints").is_dir():
-        which = (f"did you mean {str(export)!r}, the run's export?" if (export / "config.json").is_file() else
-                 f"its export, {str(export)!r}, is not written yet: the run writes it when it finishes")
-        return f"a training run's train.output_dir, not a model ({which})"
-    if any((path / name).is_file() for name in ("trainer.pt", "model.pt")) or (
-            path.name.startswith("step_") and path.parent.name == "checkpoints"):
-        run = path.parent.parent if path.parent.name == "checkpoints" else None
-        where = f"{str(run / 'export')!r}" if run is not None else "train.output_dir/export"
-        return (f"a training checkpoint (retnet-train's checkpoints/step_*, for resuming), not a model: serve the "
-                f"run's export, {where}")
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        # A LoRA run exports the merged model with the adapter inside it (export/adapter).
-        merged = f", or the merged model beside it, {str(path.parent)!r}" if _is_model_config(path.parent) else ""
-        return (f"a peft adapter (adapter_config.json), not a model: serve its base with --lora-modules "
-                f"NAME={path}{merged}")
-    return None
-
-
-def _is_model_config(directory: Path) -> bool:
-    """Whether ``directory`` holds a model's config.json (it names a ``model_type``), not a training run's."""
-    try:
-        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(raw, dict) and "model_type" in raw
 
 
 def resolve_draft_model(settings: ServeSettings, target_config=None) -> ServeSettings:

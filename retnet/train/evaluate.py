@@ -285,7 +285,7 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
     retnet.register()  # (a retnet-eval process registers here, its first import of transformers: see there)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from retnet.model.hub import HubError, resolve_pretrained
+    from retnet.model.hub import HubError, resolve_pretrained, training_output
     from retnet.train.config import ConfigError
     from retnet.train.data import load_tokenizer, tokenizer_mismatch
 
@@ -296,18 +296,9 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
     if not root.is_dir():
         raise EvalError(f"--model {path!r} is not a directory; give a save_pretrained directory "
                         f"(train.output_dir/export)")
-    export = root / "export"
-    if ((export / "config.json").is_file() or (root / "checkpoints").is_dir()) and not _is_model_config(
-            root / "config.json"):
-        # a run's train.output_dir given for the export it writes inside it: its config.json is the run's resolved
-        # configuration, no model's (the tokenizer check below named a missing tokenizer instead)
-        which = (f"did you mean {str(export)!r}, the run's export?" if (export / "config.json").is_file() else
-                 f"its export, {str(export)!r}, is not written yet: the run writes it when it finishes")
-        raise EvalError(f"--model {path!r} is a training run's train.output_dir, not a model ({which})")
-    if not (root / "config.json").is_file() and (root / "adapter_config.json").is_file():
-        # a LoRA run's export/adapter, peft's adapter without its base: the merged model is the directory above
-        raise EvalError(f"--model {path!r} is a peft adapter (adapter_config.json), not a model: give the merged "
-                        f"model a LoRA run exports beside it, {str(root.resolve().parent)!r} (train.output_dir/export)")
+    written = training_output(root)
+    if written is not None:
+        raise EvalError(f"--model {path!r} is {written}")
     if not (root / "config.json").is_file():
         raise EvalError(f"--model {path!r} holds no config.json; give a save_pretrained directory "
                         f"(train.output_dir/export)")
@@ -366,14 +357,6 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
     if quantization != "none":  # on the device: torchao quantizes where the weight is
         quantize_model(model, quantization)
     return model, tokenizer
-
-
-def _is_model_config(path: Path) -> bool:
-    """Whether ``path`` is a model's config.json (it names a ``model_type``), not a training run's."""
-    try:
-        return "model_type" in json.loads(path.read_text())
-    except (OSError, ValueError, TypeError):  # missing, unreadable, or JSON that is no object
-        return False
 
 
 def _weights_not_matching(model, info: dict) -> str:

@@ -155,6 +155,8 @@ def test_the_entry_asks_its_engine_to_freeze_the_heap_once_loaded(monkeypatch):
     served = []
 
     class Server:
+        load_failure = None  # the real one's: set when the model did not load
+
         def __init__(self, config, engine, grace_s):
             self.started = False
 
@@ -214,6 +216,8 @@ def test_every_origin_without_a_key_is_warned_of_by_the_server(monkeypatch, capl
     import retnet.serve.__main__ as entry
 
     class Server:
+        load_failure = None  # the real one's: set when the model did not load
+
         def __init__(self, config, engine, grace_s):
             self.started = True
 

@@ -64,7 +64,7 @@ def test_a_training_runs_output_directory_names_its_export(model_dir, tmp_path):
     checkpoint.mkdir(parents=True)
     for name in ("model.pt", "optimizer.pt", "trainer.pt"):
         (checkpoint / name).touch()
-    with pytest.raises(StartupError, match=r"is a training checkpoint .*serve the run's export, .*run/export"):
+    with pytest.raises(StartupError, match=r"is a training checkpoint .*give the run's export, .*run/export"):
         check_model_dir(str(checkpoint))
     shutil.rmtree(run / "export")
     with pytest.raises(StartupError, match=r"its export, .*, is not written yet"):
@@ -76,7 +76,7 @@ def test_an_adapter_directory_says_to_serve_it_with_lora_modules(model_dir, tmp_
     shutil.copytree(model_dir, tmp_path / "export")
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    with pytest.raises(StartupError, match=r"peft adapter .*--lora-modules NAME=.*the merged model beside it"):
+    with pytest.raises(StartupError, match=r"peft adapter .*the merged model a LoRA run exports is beside it.*--lora-modules NAME="):
         check_model_dir(str(adapter))
 
 

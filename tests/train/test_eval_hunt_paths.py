@@ -84,7 +84,7 @@ def test_lm_eval_refuses_a_training_runs_output_dir_naming_its_export(tmp_path, 
     shutil.copytree(micro_dir, run / "export")
     with pytest.raises(SystemExit) as refusal:
         check_pretrained(["--model", "hf", "--model_args", f"pretrained={run}", "--tasks", "t"])
-    assert f"did you mean pretrained={run / 'export'}, the run's export" in str(refusal.value)
+    assert f"did you mean {str(run / 'export')!r}, the run's export" in str(refusal.value)
     check_pretrained(["--model", "hf", "--model_args", f"pretrained={run / 'export'}", "--tasks", "t"])  # a model
 
 
