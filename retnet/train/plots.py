@@ -52,6 +52,14 @@ def loss_label(config: dict) -> str:
     return "cross-entropy (nats/token)"
 
 
+def distilled(config: dict) -> bool:
+    """Whether a run's resolved config is a distillation whose training loss is not its cross-entropy (a
+    ``distill.teacher`` at ``distill.alpha`` above 0): its validation loss is the plain cross-entropy, as every run's."""
+    distill = config.get("distill") if isinstance(config.get("distill"), dict) else {}
+    alpha = distill.get("alpha", 1.0)
+    return bool(distill.get("teacher")) and not (isinstance(alpha, (int, float)) and alpha == 0)
+
+
 def _run_config(metrics_path: Path) -> dict:
     """The ``config.json`` beside ``metrics_path`` ({} when there is none or it is unreadable)."""
     try:
@@ -63,7 +71,8 @@ def _run_config(metrics_path: Path) -> dict:
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
     """Train loss per logged step and validation loss per evaluation against the step; None if no data. The
-    y-axis names the run's objective (:func:`loss_label` of the ``config.json`` beside ``metrics_path``)."""
+    y-axis names the run's objective (:func:`loss_label` of the ``config.json`` beside ``metrics_path``); a
+    distillation's training cross-entropy is drawn too, the quantity its validation loss measures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,16 +83,24 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     train, val = _points(records, "train", "loss"), _points(records, "val", "val_loss")
     if not train and not val:
         return None
+    config = _run_config(metrics_path)
+    # A distillation's training loss is its KD mix, its validation the plain cross-entropy (comparable across runs):
+    # drawn alone, the two would show a gap of nats that is no overfitting. Its records' ce_loss is the comparable one.
+    train_ce = _points(records, "train", "ce_loss") if distilled(config) else []
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         # a lone point is a line of no length: only a marker shows it (a run of one logged step)
-        ax.plot(*zip(*train), label="train", color="tab:blue", linewidth=1.2, marker="o" if len(train) == 1 else None,
-                markersize=3.5)
+        ax.plot(*zip(*train), label="train (distillation loss)" if train_ce else "train", color="tab:blue",
+                linewidth=1.2, marker="o" if len(train) == 1 else None, markersize=3.5)
+    if train_ce:
+        ax.plot(*zip(*train_ce), label="train (cross-entropy)", color="tab:blue", linestyle="--", linewidth=1.2,
+                marker="o" if len(train_ce) == 1 else None, markersize=3.5)
     if val:
-        ax.plot(*zip(*val), label="validation", color="tab:orange", marker="o", markersize=3.5, linewidth=1.5)
+        ax.plot(*zip(*val), label="validation (cross-entropy)" if distilled(config) else "validation",
+                color="tab:orange", marker="o", markersize=3.5, linewidth=1.5)
     ax.set_xlabel("optimizer step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a short run's ticks would fall between its steps
-    ax.set_ylabel(loss_label(_run_config(metrics_path)))
+    ax.set_ylabel(loss_label(config))
     ax.set_title(title or "RetNet training loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -93,4 +110,4 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     return Path(out_png)
 
 
-__all__ = ["loss_label", "plot_losses", "read_metrics"]
+__all__ = ["distilled", "loss_label", "plot_losses", "read_metrics"]

@@ -284,9 +284,15 @@ class Trainer:
         # Model: the same init on every rank (one seed), then per-rank seeds for anything random after.
         # The loss without the [B, T, vocab] logits unless the config says otherwise (the export resets it)
         overrides = {"fuse_linear_cross_entropy": True, **cfg.model.overrides()}
+        # The settings the export writes back: TRL's disable_dropout zeroes the training's dropout, not the model's
+        # config, so a model tuned further from the export (an SFT after DPO) trains with the dropout it had.
+        self.export_overrides: dict[str, Any] = {}
         if getattr(self.data, "preference", False):  # DPO, reward model: without dropout (TRL disable_dropout)
-            overrides.update(self.data.model_overrides(cfg.model, init_from,
-                                                       cfg.lora.dropout if cfg.lora.enabled else 0.0))
+            training_only = self.data.model_overrides(cfg.model, init_from,
+                                                      cfg.lora.dropout if cfg.lora.enabled else 0.0)
+            if "dropout" in training_only:
+                self.export_overrides["dropout"] = _config_dropout(init_from, cfg.model.preset)
+            overrides.update(training_only)
         torch.manual_seed(cfg.train.seed)
         if init_from is not None:
             # Loaded on every rank (the same file, the same weights), before DDP or FSDP wraps it. A resume
@@ -1583,6 +1589,8 @@ class Trainer:
         # a training-time choice: a model loaded from the export returns its logits in training mode too
         config = copy.deepcopy(self.model_config)
         config.fuse_linear_cross_entropy = False
+        for key, value in self.export_overrides.items():
+            setattr(config, key, value)
         tokenizer = self.export_tokenizer()
         init_from = self._init_from_dir()
         if self.cfg.lora.enabled:
@@ -1779,6 +1787,20 @@ def _init_from_dir(init_from: str | None) -> Path | None:
     except HubError as error:
         raise ConfigError(f"model.init_from {error}; give a save_pretrained directory (another run's "
                           f"train.output_dir/export) or a hub id") from None
+
+
+def _config_dropout(init_from: Path | None, preset: str) -> float:
+    """The dropout of the model a run starts from, before any override: ``init_from``'s config.json (RetNetConfig's
+    default where it names none), else the preset's."""
+    from retnet.model import RetNetConfig
+
+    if init_from is None:
+        return RetNetConfig.from_preset(preset).dropout
+    try:
+        saved = json.loads((Path(init_from) / "config.json").read_text()).get("dropout")
+    except (OSError, ValueError, AttributeError):  # the model's loading refuses such a directory first
+        saved = None
+    return RetNetConfig().dropout if saved is None else saved
 
 
 def _check_pretrained_dir(path: Path, causal_lm: bool = False) -> None:
