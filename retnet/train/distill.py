@@ -19,7 +19,6 @@ The teacher is not checkpointed: a checkpoint records its path and the fingerpri
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ METRICS = ("kd_loss", "ce_loss")
 def resolve_teacher(cfg: DistillConfig) -> Path:
     """``distill.teacher``'s directory (a hub id's snapshot, downloaded or from the HF cache offline), holding a
     RetNet causal LM's ``config.json``; a ConfigError naming the setting otherwise."""
-    from retnet.model.hub import HubError, resolve_pretrained
+    from retnet.model.hub import HubError, resolve_pretrained, training_output
 
     try:
         path = resolve_pretrained(cfg.teacher)
@@ -48,27 +47,13 @@ def resolve_teacher(cfg: DistillConfig) -> Path:
     if not path.is_dir():  # e.g. the config.json or model.safetensors file named instead of its directory
         raise ConfigError(f"distill.teacher {str(path)!r} is a file, not a directory; give the save_pretrained "
                           f"directory that holds it (another run's train.output_dir/export)")
-    export = path / "export"
-    if ((export / "config.json").is_file() or (path / "checkpoints").is_dir()) and not _model_config(
-            path / "config.json"):
-        # the likeliest slip: a run's train.output_dir given for the export it writes inside it. Its config.json
-        # is the run's resolved configuration, no model's, so its presence says nothing
-        which = (f"did you mean {str(export)!r}, the run's export?" if (export / "config.json").is_file() else
-                 f"its export, {str(export)!r}, is not written yet: the run writes it when it finishes")
-        raise ConfigError(f"distill.teacher {str(path)!r} is a training run's train.output_dir, not a model "
-                          f"({which})")
+    written = training_output(path)  # the likeliest slip: a run's train.output_dir for the export inside it
+    if written is not None:
+        raise ConfigError(f"distill.teacher {str(path)!r} is {written}")
     if not (path / "config.json").is_file():
         raise ConfigError(f"distill.teacher {str(path)!r} holds no config.json; give a save_pretrained directory "
                           f"(another run's train.output_dir/export, or a retnet-convert-fla output)")
     return path
-
-
-def _model_config(path: Path) -> bool:
-    """Whether ``path`` is a model's config.json (it names a ``model_type``): not a training run's config.json."""
-    try:
-        return "model_type" in json.loads(path.read_text())
-    except (OSError, ValueError, TypeError):  # missing, unreadable, or JSON that is no object
-        return False
 
 
 def teacher_tokenizer(path: Path) -> Path:
