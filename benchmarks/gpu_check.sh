@@ -60,6 +60,10 @@ pack
 # 3. The rest of the kernel and model tests, compiled for real (the compile-only check, test_aot_compile.py,
 #    already runs on every CPU machine).
 #    (Not the fla conversion's: fla would spend the step autotuning its own kernels.)
+#    Compiling is most of it: ~270 kernel specializations at 0.3-0.7 s of CPU each (Triton 3.6, sm_90), and the
+#    CPU-only model files queue first (longest first), so one process would not reach most kernel tests in 85 s.
+#    Spread over pytest-xdist workers (in the image), by file as `make test` spreads them.
+if python -c "import xdist" 2>/dev/null; then PYTEST+=(-n 8 --dist loadfile); fi
 timeout 85 "${PYTEST[@]}" tests/kernels tests/model --ignore=tests/kernels/test_aot_compile.py \
     --ignore=tests/model/test_convert_fla.py --deselect tests/model/test_triton_path.py -k "not bf16 and not real_autotuning" 2>&1 \
     | tee "$LOGS/gpu-tests.txt" | grep -E "FAILED|ERROR|passed|failed" | tail -25

@@ -5,6 +5,7 @@ would: the same last-token logits, per-layer states and positions, and the same 
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -20,15 +21,16 @@ PREFIX_LENGTHS = (5, 0, 9)
 DECODE_STEPS = 6
 
 
-def _ids(length: int, seed: int) -> torch.Tensor:
-    return torch.randint(2, 101, (1, length), generator=torch.Generator().manual_seed(seed))
+def _ids(length: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randint(2, 101, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def _history(model, length: int, seed: int, mode: str) -> RetNetCache:
     """A one-row cache after ``length`` tokens (a zero state at offset 0 when ``length`` is 0)."""
+    device = model.device
     if length == 0:
-        return RetNetCache.zeros(model.config, 1)
-    return model(_ids(length, seed), use_cache=True, retention_mode=mode).cache
+        return RetNetCache.zeros(model.config, 1, device)
+    return model(_ids(length, seed, device), use_cache=True, retention_mode=mode).cache
 
 
 def _greedy(model, cache: RetNetCache, first: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +45,7 @@ def _greedy(model, cache: RetNetCache, first: torch.Tensor, steps: int) -> tuple
 
 def _packed_vs_alone(model, mode: str, alone: bool = True):
     """(each prompt run alone on its history: [(last logits, cache)], or [] without ``alone``; the packed run)."""
-    prompts = [_ids(n, seed=100 + i) for i, n in enumerate(PROMPT_LENGTHS)]
+    prompts = [_ids(n, seed=100 + i, device=model.device) for i, n in enumerate(PROMPT_LENGTHS)]
     histories = [_history(model, n, seed=i, mode=mode) for i, n in enumerate(PREFIX_LENGTHS)]
 
     runs = []
@@ -53,7 +55,7 @@ def _packed_vs_alone(model, mode: str, alone: bool = True):
             runs.append((out.logits[0, -1], out.cache))
 
     lengths = torch.tensor(PROMPT_LENGTHS)
-    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(model.device)
     packed = model(torch.cat(prompts, dim=1), cache=RetNetCache.concat(histories), use_cache=True,
                    retention_mode=mode, cu_seqlens=cu_seqlens, logits_to_keep=cu_seqlens[1:] - 1)
     return runs, packed
@@ -110,10 +112,12 @@ def test_packed_prefill_on_the_triton_kernels_matches_the_reference(tiny_model, 
     pytest.importorskip("triton")
     # the packed forward on the histories each backend gave (the tests above check the packed run against each prompt
     # run alone)
+    # compiled on a GPU (Triton runs CPU tensors only interpreted), interpreted here
+    model = copy.deepcopy(tiny_model).cuda() if torch.cuda.is_available() else tiny_model
     monkeypatch.setenv("RETNET_KERNELS", "torch")
-    reference = _packed_vs_alone(tiny_model, "chunkwise", alone=False)[1]
+    reference = _packed_vs_alone(model, "chunkwise", alone=False)[1]
     monkeypatch.setenv("RETNET_KERNELS", "triton")
-    fast = _packed_vs_alone(tiny_model, "chunkwise", alone=False)[1]
+    fast = _packed_vs_alone(model, "chunkwise", alone=False)[1]
     torch.testing.assert_close(fast.logits, reference.logits, rtol=1e-4, atol=1e-4)
     assert fast.cache.offsets.tolist() == reference.cache.offsets.tolist()
     for got, want in zip(fast.cache.states, reference.cache.states):
