@@ -105,7 +105,7 @@ def test_the_demo_listens_where_retnet_host_and_retnet_port_say(model_dir, monke
     from tests.launch import free_port
 
     port = free_port()
-    monkeypatch.setenv("RETNET_HOST", "127.0.0.1")
+    monkeypatch.setenv("RETNET_HOST", "127.0.0.2")
     monkeypatch.setenv("RETNET_PORT", str(port))
     demo.main(["--model", str(model_dir), "--max-tokens", "2", "--exit-after"])
-    assert f"retnet-serve is up at http://127.0.0.1:{port} " in capsys.readouterr().out
+    assert f"retnet-serve is up at http://127.0.0.2:{port} " in capsys.readouterr().out
