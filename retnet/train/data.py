@@ -216,45 +216,70 @@ def local_files(spec: str) -> list[Path] | None:
     return files
 
 
-# The words by which datasets' load_dataset(directory) tells a data file's split (datasets.data_files' patterns): the
-# file's name opening with one, or holding one between separators, else a directory of that name
-_SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
-                "test": ("test", "testing", "eval", "evaluation")}
-_SPLIT_IN_NAME = {split: re.compile(rf"(?:^|[-._ 0-9])(?:{'|'.join(words)})[-._ 0-9]")
-                  for split, words in _SPLIT_WORDS.items()}
-_SPLIT_DIR = {split: re.compile(rf"(?:{'|'.join(words)})(?:$|[-._ 0-9])") for split, words in _SPLIT_WORDS.items()}
+# The words by which datasets' load_dataset(directory) tells a data file's split (datasets.data_files' patterns), kept
+# to the layouts that name a split unmistakably: a hub shard (train-00000-of-00001.parquet, its old names with a hash
+# after), a stem that is the word or ends in ".word" (train.jsonl, wiki.valid.jsonl), a folder of that name (train/).
+# datasets' looser patterns (a word between separators: train_config.json, unit_test_cases.jsonl) name too many files
+# a user means as one set.
+_SPLIT_OF = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation",
+             "val": "validation", "test": "test"}
+_HUB_SHARD = re.compile(rf"({'|'.join(_SPLIT_OF)})-[0-9]+-of-[0-9]+(?:-[0-9a-f]+)?\.[^.]+")
+
+
+def _split_layout(parts: tuple[str, ...]) -> tuple[str, list[tuple[str, ...]]] | None:
+    """The split a data file's path (relative to the files' common folder) names unmistakably, with globs (relative,
+    escaped) that may select that split's files alone; None for a file named otherwise."""
+    name = parts[-1]
+    suffix = Path(name).suffix
+    dirs = tuple(glob.escape(d) for d in parts[:-1])
+    shard = _HUB_SHARD.fullmatch(name)
+    if shard:
+        word = shard.group(1)
+        return _SPLIT_OF[word], [(*dirs, f"{word}-*-of-*{suffix}"), ("**", f"{word}-*-of-*{suffix}")]
+    stem = name[:-len(suffix)] if suffix else name
+    word = stem.rsplit(".", 1)[-1]
+    if word in _SPLIT_OF:
+        pattern = glob.escape(word + suffix) if word == stem else f"*.{glob.escape(word + suffix)}"
+        return _SPLIT_OF[word], [(*dirs, pattern), ("**", pattern)]
+    depth = next((i for i, d in enumerate(parts[:-1]) if d in _SPLIT_OF), None)
+    if depth is None:
+        return None
+    return _SPLIT_OF[parts[depth]], [(*dirs[:depth + 1], "**", "*" + glob.escape(suffix)),
+                                     (*dirs[:depth + 1], "**", "*")]
 
 
 def _refuse_several_splits(spec: str, files: list[Path]) -> None:
     """ConfigError when ``files`` (of a directory or glob) are named as the splits of a dataset are, of more than one
     split (a hub dataset downloaded as it is: ``train-00000-of-00001.parquet`` beside ``test-00000-of-00001.parquet``).
     Read as one set, its test and validation rows were trained on, unseen; load_dataset(directory) reads its train
-    split. Plain-text files (a document each: ``testing.md`` beside ``training.md``) are not judged."""
-    root = Path(os.path.commonpath([str(p) for p in files]))
+    split. Plain-text files (a document each: ``test.md`` beside ``train.md``) are not judged."""
+    root = os.path.commonpath([str(p) for p in files])
     found: dict[str, list[Path]] = {}
-    hints: dict[str, str] = {}  # a glob of each split's files
+    globs: dict[str, list[str]] = {}  # globs that may select each split's files
     for path in files:
-        parts = path.relative_to(root).parts
-        split = next((split for split, name in _SPLIT_IN_NAME.items() if name.search(parts[-1])), None)
-        if split is not None:
-            word = next(w for w in _SPLIT_WORDS[split] if re.search(rf"(?:^|[-._ 0-9]){w}[-._ 0-9]", parts[-1]))
-            hint = os.path.join(root, "**", f"*{word}*{path.suffix}")
-        else:
-            depth = next((i for i, d in enumerate(parts[:-1]) for split in _SPLIT_DIR if _SPLIT_DIR[split].match(d)),
-                         None)
-            if depth is None:
-                continue
-            split = next(split for split, name in _SPLIT_DIR.items() if name.match(parts[depth]))
-            hint = os.path.join(root, *parts[:depth + 1], "**", f"*{path.suffix}")
+        layout = _split_layout(path.relative_to(root).parts)
+        if layout is None:
+            continue
+        split, patterns = layout
         found.setdefault(split, []).append(path)
-        hints.setdefault(split, hint)
-    if len(found) > 1:
-        listed = "; ".join(f"{split}: {len(group)} file(s), e.g. {str(group[0])!r}" for split, group in found.items())
-        first = "train" if "train" in found else next(iter(found))
-        raise ConfigError(f"data.dataset {spec!r} holds the files of several splits, as datasets names them ({listed}): "
-                          f"read as one set, the rows of every split would be read together. Name one "
-                          f"split's files with a glob, e.g. {hints[first]!r}, or give each as a data.mixture source to "
-                          f"train on several")
+        for pattern in patterns:
+            pattern = os.path.join(glob.escape(root), *pattern)
+            if pattern not in globs.setdefault(split, []):
+                globs[split].append(pattern)
+    if len(found) <= 1:
+        return
+    order = [split for split in ("train", "validation", "test") if split in found]
+    listed = "; ".join(f"{split}: {len(found[split])} file(s), e.g. {str(found[split][0])!r}" for split in order)
+    first = order[0]
+    # Only a glob checked to select that split's files, and none beside them, is suggested (a "*dev*" took devices.csv)
+    wanted = set(found[first])
+    hint = next((pattern for pattern in globs[first]
+                 if {Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)} == wanted), None)
+    name = (f"with a glob, e.g. {hint!r}," if hint else
+            f"with globs given as data.mixture sources (no one glob selects the {first} files alone here),")
+    raise ConfigError(f"data.dataset {spec!r} holds the files of several splits, as datasets names them ({listed}): "
+                      f"read as one set, the rows of every split would be read together. Name one split's files "
+                      f"{name} or give each as a data.mixture source to train on several")
 
 
 def saved_dataset_dir(path: Path) -> bool:
