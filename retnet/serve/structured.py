@@ -12,9 +12,11 @@ nothing more ends the choice there (``finish_reason: "stop"``). Chat's tool call
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -316,10 +318,15 @@ def _regex(param: str, regex: Any) -> str:
 
 def _json(param: str, schema: Any) -> str:
     """A JSON schema (an object, or its JSON text as vLLM's guided_json also takes it)."""
+    return _checked_json(param, _checked(param, schema))
+
+
+def _checked_json(param: str, schema: dict) -> str:
+    """The grammar of a schema :func:`_checked` already returned."""
     from llguidance import LLMatcher
 
     try:
-        return LLMatcher.grammar_from_json_schema(_checked(param, schema), defaults=JSON_DEFAULTS)
+        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
     except ValueError as error:
         raise APIError(400, f"{param} cannot be used: {error}", param, "invalid_grammar") from None
 
@@ -434,7 +441,42 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
     named call compiles it: its refs (``#``, ``#/$defs/...``, by its ``$id``) resolve in it alone, whatever the
     other tools define, and its ``"x-guidance"`` options apply to it alone (llguidance reads them at a schema's
     root only, so nested in one schema of the whole array they were ignored: ``whitespace_flexible``, ``lenient``
-    ...)."""
+    ...).
+
+    The grammars of the last TOOL_GRAMMAR_CACHE_SIZE tool sets are kept (TOOL_GRAMMAR_CACHE_CHARS of text at
+    most): an agent loop sends the same tools with every turn, and building 128 tools' grammar takes ~60 ms of
+    CPU (checking each schema on its own, mostly)."""
+    _llguidance("tool_choice")  # (without it: the 400, cached or not)
+    try:
+        # As JSON, not as Python compares them ({"const": 1} and {"const": true} differ), keys in their order (a
+        # schema's properties are written in it); a digest, so that the keys kept hold no schemas
+        key = hashlib.sha256(json.dumps([functions, named, parallel]).encode()).digest()
+    except (TypeError, ValueError, RecursionError):  # no JSON (called with other values): built, not kept
+        return _tool_call_grammar(functions, named, parallel)
+    global _tool_grammar_chars
+    with _tool_grammars_lock:
+        built = _tool_grammars.get(key)
+        if built is not None:
+            _tool_grammars.move_to_end(key)
+            return built
+    built = _tool_call_grammar(functions, named, parallel)  # (an error is raised anew each time, not kept)
+    with _tool_grammars_lock:
+        if key not in _tool_grammars and len(built[0]) <= TOOL_GRAMMAR_CACHE_CHARS:
+            _tool_grammars[key] = built
+            _tool_grammar_chars += len(built[0])
+            while len(_tool_grammars) > TOOL_GRAMMAR_CACHE_SIZE or _tool_grammar_chars > TOOL_GRAMMAR_CACHE_CHARS:
+                _tool_grammar_chars -= len(_tool_grammars.popitem(last=False)[1][0])
+    return built
+
+
+TOOL_GRAMMAR_CACHE_SIZE = 32
+TOOL_GRAMMAR_CACHE_CHARS = 1 << 24
+_tool_grammars: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+_tool_grammar_chars = 0
+_tool_grammars_lock = threading.Lock()
+
+
+def _tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, parallel: bool) -> tuple[str, str]:
     LLMatcher = _llguidance("tool_choice").LLMatcher
 
     if named is not None:
@@ -445,7 +487,7 @@ def tool_call_grammar(functions: list[tuple[str, Any]], named: str | None, paral
     for index, (name, parameters) in enumerate(functions):
         param = f"tools[{index}].function.parameters"
         schema = _checked(param, _parameters(param, parameters))
-        error = LLMatcher.validate_grammar(_json(param, schema))
+        error = LLMatcher.validate_grammar(_checked_json(param, schema))
         if error:
             raise APIError(400, f"{param} cannot be used: {error.strip()}", param, "invalid_grammar")
         # (a %json takes no defaults: the schema's own options go over them, as grammar_from_json_schema's would)
