@@ -176,7 +176,7 @@ def test_a_model_directory_that_cannot_be_served_is_one_line(case, tmp_path, cap
     expected = {"missing": "no such directory", "file": "not a directory", "no-config": "no config.json",
                 "llama": "is not a RetNet", "fla": "retnet-convert-fla", "refused": "hidden_size",
                 # a classifier is served (/classify, /pooling): this one gets as far as its missing tokenizer
-                "classifier": "the tokenizer did not load"}[case]
+                "classifier": "holds no tokenizer (tokenizer.json"}[case]
     assert expected in err
 
 
