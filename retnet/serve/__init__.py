@@ -4,9 +4,24 @@
 :mod:`protocol`, the batching scheduler in :mod:`engine`); ``retnet-serve --model DIR`` runs it under uvicorn.
 """
 
-from retnet.serve.settings import ServeSettings
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from retnet.serve.settings import ServeSettings
 
 __all__ = ["ServeSettings", "create_app"]
+
+
+def __getattr__(name: str):
+    # Lazily: the settings import pydantic, and every module of this package (its commands' among them) imports this
+    # one first; without the [serve] extra they failed at import, before their main could say what to install.
+    if name == "ServeSettings":
+        from retnet.serve.settings import ServeSettings
+
+        return ServeSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_app(settings: ServeSettings | None = None, **overrides):

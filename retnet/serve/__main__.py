@@ -13,11 +13,15 @@ import math
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from retnet.serve.settings import ServeSettings
+if TYPE_CHECKING:
+    from retnet.serve.settings import ServeSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from retnet.serve.settings import ServeSettings  # (pydantic: main's refusal names the [serve] extra)
+
     # (not the module docstring's first line: --help printed its reST markup, ``retnet-serve --model DIR``)
     parser = argparse.ArgumentParser(
         prog="retnet-serve", description="Serve a RetNet model over an OpenAI-compatible HTTP API; every flag is "
@@ -59,6 +63,8 @@ def settings_from_args(args: argparse.Namespace, prog: str = "retnet-serve") -> 
     Attributes that are not settings (another command's own flags) are ignored."""
     from pydantic import ValidationError
 
+    from retnet.serve.settings import ServeSettings
+
     given = {k: v for k, v in vars(args).items() if v is not None and k in ServeSettings.model_fields}
     try:
         return ServeSettings(**given)
@@ -74,7 +80,7 @@ def describe_settings_error(exc, given: dict) -> str:
     """pydantic's errors on one line, each naming the setting as the operator gave it: its flag, or its
     ``RETNET_*`` variable when no flag set it (pydantic's own text named the field alone, on several lines, with
     a link), and the value received."""
-    from retnet.serve.settings import _environment_variable
+    from retnet.serve.settings import ServeSettings, _environment_variable
 
     described, named = [], set()
     for error in exc.errors():
@@ -105,7 +111,7 @@ def describe_settings_error(exc, given: dict) -> str:
 def _with_variables(message: str, given: dict) -> str:
     """``message`` with each ``name (--flag)`` it holds whose value came from its ``RETNET_*`` variable, not a flag,
     written ``name (RETNET_NAME, --flag)``: an operator who set the variable never typed that flag."""
-    from retnet.serve.settings import _environment_variable
+    from retnet.serve.settings import ServeSettings, _environment_variable
 
     for name in ServeSettings.model_fields:
         flag = "--" + name.replace("_", "-")
@@ -118,6 +124,13 @@ def _with_variables(message: str, given: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from retnet.extras import needs_extra
+
+    with needs_extra("retnet-serve", "serve"):
+        _run_command(argv)
+
+
+def _run_command(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)  # first: --help and a bad flag answer without importing torch
     import retnet
 

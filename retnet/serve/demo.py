@@ -18,8 +18,12 @@ import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
-import httpx
+if TYPE_CHECKING:  # (imported where used: main names the [serve] extra when httpx is missing)
+    import httpx
+
+PROG = "python -m retnet.serve.demo"
 
 
 def pick_port(host: str, wanted: int) -> int:
@@ -84,6 +88,8 @@ def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | N
     print(f"\n--- streaming from {url}/v1/completions ---\n{prompt}", end="", flush=True)
     with contextlib.ExitStack() as stack:
         if client is None:
+            import httpx
+
             client = stack.enter_context(httpx.Client(timeout=120))
         r = stack.enter_context(client.stream("POST", url + "/v1/completions", json=body, headers=headers))
         if r.status_code != 200:
@@ -111,7 +117,14 @@ def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m retnet.serve.demo", description=__doc__.splitlines()[0])
+    from retnet.extras import needs_extra
+
+    with needs_extra(PROG, "serve"):
+        _run_command(argv)
+
+
+def _run_command(argv: list[str] | None) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a save_pretrained directory (the training export)")
     # None: RETNET_HOST / RETNET_PORT, else retnet-serve's defaults (the explicit defaults here hid the variables).
     parser.add_argument("--host", default=None, help="the address to listen on (default: RETNET_HOST, else "
@@ -126,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exit-after", action="store_true", help="stop after the one completion")
     args = parser.parse_args(argv)
 
+    import httpx
     import uvicorn
     from pydantic import ValidationError
 

@@ -24,9 +24,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from retnet.serve.protocol import APIError
+if TYPE_CHECKING:  # (imported where used: pydantic; main names the [serve] extra when it is missing)
+    from retnet.serve.protocol import APIError
 
 logger = logging.getLogger("retnet.serve.run_batch")
 PROG = "retnet-run-batch"
@@ -66,6 +67,7 @@ def parse_lines(text_lines: list[str], urls: set[str]) -> list[BatchLine]:
     """Read each non-blank line into a :class:`BatchLine`; a line that cannot run gets its ``error`` (400 naming
     the field) and the others are unaffected. ``urls``: the POST routes the app answers."""
     from retnet.serve.app import MAX_JSON_DEPTH, json_nested_deeper_than
+    from retnet.serve.protocol import APIError
 
     parsed, seen = [], set()
     for number, text in enumerate(text_lines, start=1):
@@ -98,6 +100,8 @@ def parse_lines(text_lines: list[str], urls: set[str]) -> list[BatchLine]:
 
 
 def _line_error(number: int, item: dict, urls: set[str], seen: set[str]) -> APIError | None:
+    from retnet.serve.protocol import APIError
+
     custom_id, method, url, body = (item.get(key) for key in ("custom_id", "method", "url", "body"))
     where = f"line {number}"
     if not isinstance(custom_id, str) or not custom_id:
@@ -233,6 +237,8 @@ async def post(client, entry: BatchLine) -> tuple[int, Any]:
     """``entry``'s request through the app: (status, JSON body). The batch's own concurrency can outrun the
     server's queue when requests ask for several choices: a 429 is retried, and written only after
     ``RETRY_429_S`` seconds of them (a server that never frees its queue must not hang the batch)."""
+    from retnet.serve.protocol import APIError
+
     delay, give_up = 0.02, time.monotonic() + RETRY_429_S
     sent = _request_body(entry.body)
     while True:
@@ -349,6 +355,13 @@ def _read_input(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from retnet.extras import needs_extra
+
+    with needs_extra(PROG, "serve"):
+        return _run_command(argv)
+
+
+def _run_command(argv: list[str] | None) -> int:
     from retnet.serve.__main__ import settings_from_args
     from retnet.serve.settings import StartupError, check_quantization_settings, resolve_model_source
 

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers would warn after DataLoader forks
     args, overrides = _parser().parse_known_args(argv)
     import retnet
+    from retnet.extras import missing_extra
     from retnet.train.config import ConfigError, check_config, load_config  # (neither imports torch)
 
     try:
@@ -105,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"retnet-train: error: {error}", file=sys.stderr)
         status = EXIT_NONFINITE
+    except ModuleNotFoundError as error:
+        # datasets (a local file or a hub dataset), tensorboard, matplotlib ... met where the run first needs them
+        message = missing_extra(error, "train")
+        if message is None:
+            raise
+        status = _config_error(ConfigError(message))  # (the same environment on every rank of a node)
     except KeyboardInterrupt:
         # The second Ctrl-C (the first asks for a save after the step): one line, not the traceback of wherever the
         # step was

@@ -517,6 +517,14 @@ def _refuse_options(args: argparse.Namespace, names: Sequence[str], what: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from retnet.extras import needs_extra
+
+    # datasets (a local file, a hub dataset) and tqdm come with the [train] extra
+    with needs_extra("retnet-eval", "train"):
+        return _run_command(argv)
+
+
+def _run_command(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = _parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,43 @@
+"""The optional extras (pyproject.toml's ``[project.optional-dependencies]``) the commands need, and the refusal of
+one run where its extra is not installed: a line naming the extra to install, not an import's traceback.
+
+Lazily imported by each command's ``main``, whose module itself imports none of its extra's packages at the top:
+an import failed there before ``main`` could answer, ``--help`` included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+# Each extra's top-level modules that retnet imports, by their import names (pydantic_settings for
+# pydantic-settings); tests/test_extras_missing.py holds them to pyproject.toml's lists.
+EXTRA_MODULES: dict[str, frozenset[str]] = {
+    "train": frozenset({"datasets", "tqdm", "matplotlib", "tensorboard", "peft"}),
+    "serve": frozenset({"fastapi", "uvicorn", "pydantic", "pydantic_settings", "prometheus_client", "llguidance",
+                        "tqdm", "httpx"}),
+}
+EXIT_USAGE = 2
+
+
+def missing_extra(error: ModuleNotFoundError, extra: str) -> str | None:
+    """The refusal's words when the module ``error`` could not import comes with ``extra``; None for any other (a
+    missing submodule of an installed package is a version mismatch, whose traceback says more)."""
+    if error.name not in EXTRA_MODULES[extra]:
+        return None
+    return f"{error.name} is not installed; it comes with the [{extra}] extra: pip install 'retnet-stack[{extra}]'"
+
+
+@contextlib.contextmanager
+def needs_extra(prog: str, extra: str) -> Iterator[None]:
+    """Run the block; a module of ``extra`` that is not installed ends the command with one line on stderr and
+    status 2 (every command's status for a usage error). Other import errors pass through."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        message = missing_extra(error, extra)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
