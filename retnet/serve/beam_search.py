@@ -18,6 +18,8 @@ off (``--prefix-cache-entries 0``) or too small for a step's states, a step pref
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -37,6 +39,7 @@ _NOT_WITH_BEAMS = {
     "frequency_penalty": (0.0,), "min_tokens": (0,), "logit_bias": (None, {}), "stop": (None, "", []),
     "stop_token_ids": (None, []), "bad_words": (None, []), "allowed_token_ids": (None,), "session_id": (None,),
 }
+_SEARCH_IDS = itertools.count(1)  # BeamSearch.search_id
 
 
 def check_beam_search(request: SamplingFields, tool_grammar: bool = False) -> None:
@@ -163,6 +166,8 @@ class BeamSearch:
     step_params: SamplingParams
     submit: Callable[[list[list[int]], SamplingParams], RequestHandle]
     text: Callable[[list[int], list[int]], Awaitable[str]]
+    # Tags its steps' prefix cache entries, of which the cache keeps the last two steps' (PrefixCache.insert).
+    search_id: int = dataclasses.field(default_factory=lambda: next(_SEARCH_IDS))
 
     def start(self, first: RequestHandle) -> BeamSearchHandle:
         """Run the search from its first step, ``first`` (each prompt alone, already submitted)."""
@@ -200,13 +205,15 @@ class BeamSearch:
             if count == self.max_tokens or not any(live):
                 break
             handle = self.submit([prompt + beam.tokens for prompt, beams in zip(self.prompts, live) for beam in beams],
-                                 self.step_params)
+                                 dataclasses.replace(self.step_params, prefix_cache_tag=(self.search_id, count)))
             steps = await self._outputs(result, handle)
             if steps is None:
                 return
         outputs = []
         for i, prompt in enumerate(self.prompts):
             ranked = best_beams(finished[i] + live[i], self.width, len(prompt), self.length_penalty)
+            if len(ranked) < self.width:  # fewer tokens than beams: the answer would wait for choices never sent
+                raise APIError(400, f"n: {self.width} beams found only {len(ranked)} distinct sequences", "n")
             for rank, beam in enumerate(ranked):
                 outputs.append(await self._output(i * self.width + rank, prompt, beam, prompt_logprobs[i]))
         result.queue.put_nowait(outputs)

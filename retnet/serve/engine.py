@@ -682,7 +682,8 @@ class Engine(ModelThread):
         group.last_logits = last_logits
         at_boundary = end == group.prefix_hint or end == len(group.inputs)
         if group.cacheable and self.settings.prefix_cache_entries and not keep_all and at_boundary:
-            self.prefix_cache.insert(group.inputs[:end], group.cache, group.last_logits, group.adapter)
+            self.prefix_cache.insert(group.inputs[:end], group.cache, group.last_logits, group.adapter,
+                                     group.params.prefix_cache_tag)
             self._prefix_cache_metrics()
 
     def _lp_entries(self, logits: torch.Tensor, ids: list[int], k: int | None) -> list[TokenLogprob]:

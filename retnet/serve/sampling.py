@@ -52,6 +52,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     grammar: Any = None  # structured output: a compiled retnet.serve.structured.Grammar, a matcher per choice
+    # A beam search's step, (search, step): the prefix cache keeps the states of its last two steps only, the ones
+    # the next step can start from (retnet.serve.beam_search); None: an ordinary request.
+    prefix_cache_tag: tuple[int, int] | None = None
 
     @property
     def scores_prompt(self) -> bool:

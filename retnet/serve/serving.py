@@ -918,6 +918,9 @@ class OpenAIServing:
         if wanted > limit:  # every step runs them all
             raise APIError(400, f"prompts × n is {wanted} beams; this server holds at most {limit} sequences",
                            "n" if width > 1 else "prompt")
+        if width > self.engine.token_bound:  # n distinct sequences need at least n tokens to choose from
+            raise APIError(400, f"n must be <= {self.engine.token_bound} (the vocabulary) for a beam search; got "
+                           f"{width}", "n")
         step = beam_step_params(params, width)
         first = self._submit(prompts, dataclasses.replace(step, prompt_logprobs=params.prompt_logprobs), request,
                              hints, text_starts=text_starts, n=1)

@@ -44,6 +44,7 @@ class PrefixEntry:
     logits: torch.Tensor | None
     nbytes: int  # held_bytes(cache, logits)
     adapter: int = 0  # the LoRA adapter's slot the state was computed under (0: the base model)
+    tag: tuple[int, int] | None = None  # a beam search's (search, step) (SamplingParams.prefix_cache_tag)
 
 
 def _key(tokens: tuple[int, ...], adapter: int):
@@ -90,10 +91,12 @@ class PrefixCache:
         return best
 
     def insert(self, tokens: list[int] | tuple[int, ...], cache: RetNetCache, logits: torch.Tensor | None,
-               adapter: int = 0) -> None:
+               adapter: int = 0, tag: tuple[int, int] | None = None) -> None:
         tokens = tuple(tokens)
         if self.max_entries == 0 or len(tokens) < self.min_tokens:
             return
+        if tag is not None:
+            self._drop_stale_steps(tag)
         key = _key(tokens, adapter)
         old = self.entries.get(key)
         if old is not None:
@@ -109,13 +112,22 @@ class PrefixCache:
         if nbytes > self.max_bytes:
             return  # checked before cloning: an entry that cannot fit must not cost a copy of the state
         self.entries[key] = PrefixEntry(tokens, cache.clone(), None if logits is None else logits.detach().clone(),
-                                        nbytes, adapter)
+                                        nbytes, adapter, tag)
         self.nbytes += nbytes
         self._evict()
 
     def _touch(self, key: tuple) -> None:
         """Entry ``key`` made the most recently used (OrderedDict.move_to_end)."""
         self.entries[key] = self.entries.pop(key)
+
+    def _drop_stale_steps(self, tag: tuple[int, int]) -> None:
+        """Free the entries of beam search ``tag[0]`` two or more steps before step ``tag[1]``: a step starts from
+        the states of the one before it, never from older ones. Kept, a search left ``n`` states a step, and one
+        70-token search pushed every other prompt's entry out of the LRU."""
+        search, step = tag
+        for key in [key for key, entry in self.entries.items()
+                    if entry.tag is not None and entry.tag[0] == search and entry.tag[1] <= step - 2]:
+            self.nbytes -= self.entries.pop(key).nbytes
 
     def drop_adapter(self, adapter: int) -> None:
         """Free the entries computed under LoRA ``adapter`` (unloaded: no lookup can ask for its slot again)."""

@@ -207,3 +207,49 @@ async def test_chat_tool_grammar_is_refused_with_beams_and_no_ops_pass(client):
     r = await client.post("/v1/chat/completions", json={**base, "use_beam_search": True, "temperature": 0.7,
                                                         "top_k": 0, "length_penalty": 1, "n": 2})
     assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+
+
+async def test_a_beam_search_keeps_its_last_two_steps_in_the_prefix_cache_and_other_prompts_theirs(client):
+    """A search's steps' states are freed two steps on (a step starts from the one before it): kept, one 30-token
+    search left n states a step and pushed every other prompt's entry out of the LRU (64 entries)."""
+    engine = client.app.state.engine
+    other = {"prompt": "for i in range(10): print(i)", "max_tokens": 1, **GREEDY}
+    await client.post("/v1/completions", json=other)
+    again = (await client.post("/v1/completions", json=other)).json()
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0
+    width, tokens = 3, 30
+    r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": tokens, "n": width, **BEAMS})
+    assert r.status_code == 200, r.text
+    tagged = [entry for entry in engine.prefix_cache.entries.values() if entry.tag is not None]
+    assert 0 < len(tagged) <= 2 * width and {entry.tag[1] for entry in tagged} == {tokens - 2, tokens - 1}
+    after = (await client.post("/v1/completions", json=other)).json()
+    assert after["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+
+
+async def test_more_beams_than_tokens_is_refused_by_name(client):
+    bound = client.app.state.engine.token_bound
+    client.app.state.serving.settings.max_n = bound + 1  # (the limits would refuse it first otherwise)
+    client.app.state.serving.settings.max_running = bound + 1
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "n": bound + 1, **BEAMS})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "n" and f"<= {bound}" in r.json()["error"]["message"]
+
+
+def test_the_prefix_cache_frees_a_searchs_steps_two_back_and_nothing_else():
+    from retnet.model import RetNetCache
+    from retnet.serve.state_cache import PrefixCache
+
+    class Config:
+        num_hidden_layers, num_attention_heads, head_dim, value_head_dim = 1, 1, 2, 2
+
+    cache, prefix = RetNetCache.zeros(Config, 1), PrefixCache(64, 1 << 30)
+    prefix.insert((1, 2), cache, None)  # an ordinary prompt's
+    for step in (1, 2, 3):
+        for beam in (7, 8):
+            prefix.insert((1, 2, *[beam] * step), cache, None, tag=(5, step))
+    prefix.insert((1, 2, 9), cache, None, tag=(6, 1))  # another search's
+    prefix.insert((1, 2, 9, 9, 9, 9), cache, None, tag=(6, 9))  # ... frees its own step 1 only
+    assert sorted(prefix.entries) == sorted([(1, 2), (1, 2, 7, 7), (1, 2, 8, 8), (1, 2, 7, 7, 7), (1, 2, 8, 8, 8),
+                                             (1, 2, 9, 9, 9, 9)])
+    assert prefix.nbytes == sum(entry.nbytes for entry in prefix.entries.values())
