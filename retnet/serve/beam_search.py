@@ -56,8 +56,10 @@ def check_beam_search(request: SamplingFields, tool_grammar: bool = False) -> No
     for name, no_ops in _NOT_WITH_BEAMS.items():
         value = getattr(request, name)
         if value not in no_ops:
-            raise APIError(400, f"{name}: not with use_beam_search (the beams are ranked by the model's logprobs "
-                           f"alone); got {value!r}", name, "unsupported_parameter")
+            why = ("a search's beams are not one continuation to save" if name == "session_id" else
+                   "the search does not run it: its beams are the model's likeliest tokens, ranked by their logprobs")
+            raise APIError(400, f"{name}: not with use_beam_search ({why}); got {value!r}", name,
+                           "unsupported_parameter")
     held = [name for name in STRUCTURED_OUTPUT_FIELDS if getattr(request, name) is not None and not (
         name == "response_format" and isinstance(request.response_format, dict)
         and request.response_format.get("type") == "text")]
