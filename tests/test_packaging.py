@@ -11,8 +11,6 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import pytest
-
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -96,7 +94,6 @@ def _build(kind: str, source: Path, out: Path) -> Path:
 
 
 def test_sdist_carries_the_suite_and_its_wheel_the_package_data(tmp_path):
-    pytest.importorskip("setuptools")
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "wheels")
     source.mkdir()

@@ -143,13 +143,14 @@ PEER_WAIT_S = 30.0
 
 def _config_error(error: Exception) -> int:
     """Print a configuration's error once a node; returns the exit status. Every rank of a torchrun launch reads
-    the same configuration and meets the same error: the node's first rank (``LOCAL_RANK``, else ``RANK``, 0; a
-    process of its own is one) prints it and exits, and torchrun then stops the others. Those wait meanwhile rather
-    than exit at once: torchrun stops the rest of a launch within 0.1 s of a rank's end, which could be before the
-    first rank printed. One not stopped within :data:`PEER_WAIT_S` (no torchrun, or the first rank got past the
-    error) prints the error itself."""
-    rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")).strip()
-    if rank not in ("", "0"):
+    the same configuration and meets the same error: the node's first rank (``LOCAL_RANK`` 0) prints it and exits,
+    and torchrun then stops the others. Those wait meanwhile rather than exit at once: torchrun stops the rest of a
+    launch within 0.1 s of a rank's end, which could be before the first rank printed. One not stopped within
+    :data:`PEER_WAIT_S` (the first rank got past the error) prints the error itself. Only under torchrun's agent
+    (``TORCHELASTIC_RUN_ID``) with several ranks on the node: a process of its own with a leftover ``LOCAL_RANK``, or
+    one of a launcher that stops no one (a Kubeflow pod, srun setting ``RANK``), prints at once."""
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_WORLD_SIZE", "1").strip() != "1"
+    if under_torchrun and os.environ.get("LOCAL_RANK", "0").strip() not in ("", "0"):
         time.sleep(PEER_WAIT_S)
     print(f"retnet-train: error: {error}", file=sys.stderr)
     return EXIT_CONFIG

@@ -44,6 +44,8 @@ def second_rank(monkeypatch):
     """This process as a launch's second rank on its node; the waits ``_config_error`` would sleep, recorded."""
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     slept = []
     monkeypatch.setattr(train_main, "time", types.SimpleNamespace(sleep=slept.append))
     return slept
@@ -68,3 +70,17 @@ def test_a_ranks_own_error_is_printed_at_once(second_rank, capsys, monkeypatch):
     assert train_main.main(["--config", "tiny"]) == 2
     assert second_rank == []
     assert capsys.readouterr().err == "retnet-train: error: data.dataset: this rank's shard is unreadable\n"
+
+
+@pytest.mark.parametrize("env", [{"LOCAL_RANK": "1"}, {"RANK": "3"}, {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}])
+def test_a_process_not_launched_by_torchrun_prints_at_once(env, monkeypatch, capsys):
+    # a leftover LOCAL_RANK, or a launcher that sets RANK and stops no one: no one would cut a wait short
+    for name in ("LOCAL_RANK", "RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    slept = []
+    monkeypatch.setattr(train_main, "time", types.SimpleNamespace(sleep=slept.append))
+    assert train_main.main(["--optim.lr=-1"]) == 2
+    assert slept == []
+    assert capsys.readouterr().err == "retnet-train: error: optim.lr must be > 0; got -1.0\n"

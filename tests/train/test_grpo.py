@@ -417,7 +417,8 @@ COMMON = {"train__steps": 4, "grpo__num_iterations": 2, "grpo__beta": 0.05, "grp
 # A per-token normalization (over the global batch's unmasked completion tokens) with GSPO's sequence-level ratio,
 # whose mean log ratio runs over both pieces of a completion the cut falls in
 DAPO = {**COMMON, "grpo__loss_type": "dapo", "grpo__importance_sampling_level": "sequence",
-        "grpo__mask_truncated_completions": "true", "train__seed": 2}
+        "grpo__mask_truncated_completions": "true",
+        "train__seed": 2}  # a seed whose completions some 2-rank micro-batch cuts inside (the test needs one)
 METRICS = ("loss", "grad_norm", "kl", "reward", "reward_std", "rewards/a_share/mean", "completions/mean_length",
            "completions/clipped_ratio", "frac_reward_zero_std", "clip_ratio/low_mean", "clip_ratio/low_min",
            "clip_ratio/high_mean", "clip_ratio/high_max", "clip_ratio/region_mean")
