@@ -89,9 +89,6 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
     return Path(snapshot)
 
 
-__all__ = ["ADAPTER_FILES", "MODEL_FILES", "PICKLED_WEIGHTS", "TOKENIZER_FILES", "HubError", "is_hub_id", "resolve_pretrained"]
-
-
 def training_output(path: Path) -> str | None:
     """What ``path`` is when it is something retnet-train wrote other than a model, said with the directory to give
     instead: a run's ``train.output_dir`` (its config.json is the run's configuration, no model's: loaders refused
@@ -125,3 +122,7 @@ def _holds_model_config(directory: Path) -> bool:
     except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
         return False
     return isinstance(raw, dict) and "model_type" in raw
+
+
+__all__ = ["ADAPTER_FILES", "MODEL_FILES", "PICKLED_WEIGHTS", "TOKENIZER_FILES", "HubError", "is_hub_id",
+           "resolve_pretrained", "training_output"]

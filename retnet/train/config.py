@@ -938,7 +938,11 @@ def preset_names() -> list[str]:
 def _read_toml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path).expanduser()
     if os.path.isfile(path):  # (Path.is_file raised OSError on a name longer than the OS takes)
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:  # (TOML is UTF-8; a traceback before)
+            raise ConfigError(f"--config {name_or_path!r} is not UTF-8 text, as TOML is: {error.reason} at byte "
+                              f"{error.start}") from None
     elif name_or_path in preset_names():
         text = (resources.files("retnet.train") / "configs" / f"{name_or_path}.toml").read_text()
     else:

@@ -1809,6 +1809,11 @@ def _check_pretrained_dir(path: Path, causal_lm: bool = False) -> None:
     if not path.is_dir():
         raise ConfigError(f"model.init_from {str(path)!r} is no directory; give a save_pretrained directory "
                           f"(another run's train.output_dir/export)")
+    from retnet.model.hub import training_output
+
+    written = training_output(path)  # a run's output_dir holds a config.json and a tokenizer too: no model
+    if written is not None:
+        raise ConfigError(f"model.init_from {str(path)!r} is {written}")
     missing = [name for name in ("config.json", "tokenizer_config.json") if not (path / name).is_file()]
     if missing:
         raise ConfigError(f"model.init_from {str(path)!r} holds no {' and no '.join(missing)}; give a "
