@@ -118,3 +118,16 @@ def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+def run_into_a_closed_pipe(main, argv: list[str], monkeypatch) -> int:
+    """``main(argv)`` writing its standard output into a pipe whose reader has gone (``| head -1``); its status."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    pipe = open(writer, "w", encoding="utf-8")  # noqa: SIM115  (closed below)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    try:
+        return main(argv)
+    finally:
+        monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+        pipe.close()

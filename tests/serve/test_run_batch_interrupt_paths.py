@@ -4,12 +4,11 @@ pipe or Ctrl-C. Each test failed before its fix."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.launch import run_into_a_closed_pipe
 from tests.serve.conftest import CORPUS, save_micro_model
 
 
@@ -51,15 +50,8 @@ def test_a_closed_output_pipe_stops_the_engine(micro_dir, requests_file, engines
     without an active exception" and SIGABRT (exit status 134), not the one line and status 1 the README gives."""
     from retnet.serve.run_batch import main
 
-    reader, writer = os.pipe()
-    os.close(reader)
-    pipe = open(writer, "w", encoding="utf-8")  # noqa: SIM115  (closed below)
-    monkeypatch.setattr(sys, "stdout", pipe)
-    try:
-        status = main(["--model", str(micro_dir), "-i", str(requests_file), "-o", "-"])
-    finally:
-        monkeypatch.setattr(sys, "stdout", sys.__stdout__)
-        pipe.close()
+    status = run_into_a_closed_pipe(main, ["--model", str(micro_dir), "-i", str(requests_file), "-o", "-"],
+                                    monkeypatch)
     assert status == 1
     assert "broken pipe" in capsys.readouterr().err
     (engine,) = engines

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch import run_into_a_closed_pipe
 from tests.serve.conftest import CORPUS, make_settings, save_micro_model
 
 
@@ -106,8 +107,6 @@ def test_run_batch_into_a_closed_pipe_says_so_in_one_line(micro_dir, tmp_path, c
     every line's request was logged at INFO by httpx (the app is reached through it in the process), one log line a
     line of the file, breaking the progress bar."""
     import logging
-    import os
-    import sys
 
     from retnet.serve.run_batch import main
 
@@ -116,15 +115,7 @@ def test_run_batch_into_a_closed_pipe_says_so_in_one_line(micro_dir, tmp_path, c
                                 for i in range(3)))
     httpx_logger = logging.getLogger("httpx")
     monkeypatch.setattr(httpx_logger, "level", httpx_logger.level)  # (restored after the test)
-    reader, writer = os.pipe()
-    os.close(reader)
-    pipe = open(writer, "w", encoding="utf-8")  # noqa: SIM115  (closed below)
-    monkeypatch.setattr(sys, "stdout", pipe)
-    try:
-        status = main(["--model", str(micro_dir), "-i", str(requests), "-o", "-"])
-    finally:
-        monkeypatch.setattr(sys, "stdout", sys.__stdout__)
-        pipe.close()
+    status = run_into_a_closed_pipe(main, ["--model", str(micro_dir), "-i", str(requests), "-o", "-"], monkeypatch)
     assert status == 1
     assert "the output was closed by its reader (broken pipe)" in capsys.readouterr().err
     assert httpx_logger.level == logging.WARNING
