@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from retnet.serve.protocol import STRUCTURED_OUTPUT_FIELDS, APIError, CompletionRequest, SamplingFields
 from retnet.serve.sampling import SamplingParams
-from retnet.serve.sequence import EngineFailure, RequestHandle, SeqOutput, TokenLogprob
+from retnet.serve.sequence import EngineFailure, QueueFull, RequestHandle, SeqOutput, TokenLogprob
 
 logger = logging.getLogger("retnet.serve")
 
@@ -153,7 +153,8 @@ class BeamSearchHandle(RequestHandle):
 @dataclass
 class BeamSearch:
     """The search of ``width`` beams after each of ``prompts``, one step a generated token. ``submit``: queue a
-    step's prompts (``step_params``) with the engine, raising :class:`APIError` when it cannot (full, stopping);
+    step's prompts (``step_params``) with the engine, raising :class:`QueueFull` when the server is full (the step
+    waits for places) and :class:`APIError` when it cannot take them at all (stopping);
     ``text``: a prompt's and its answer's tokens -> the answer's text (awaited: it may wait for the tokenizer). ``alternatives``: how many each returned
     token's logprobs entry lists (None: no logprobs)."""
 
@@ -206,8 +207,12 @@ class BeamSearch:
                 finished[i] = best_beams(finished[i] + ended, self.width, len(self.prompts[i]), self.length_penalty)
             if count == self.max_tokens or not any(live):
                 break
-            handle = self.submit([prompt + beam.tokens for prompt, beams in zip(self.prompts, live) for beam in beams],
-                                 dataclasses.replace(self.step_params, prefix_cache_tag=(self.search_id, count)))
+            handle = await self._step(result, [prompt + beam.tokens for prompt, beams in zip(self.prompts, live)
+                                               for beam in beams],
+                                      dataclasses.replace(self.step_params, prefix_cache_tag=(self.search_id, count)))
+            if handle is None:  # cancelled while it waited for places
+                result.queue.put_nowait([SeqOutput(i, "", [], finish_reason="abort") for i in range(result.num_choices)])
+                return
             steps = await self._outputs(result, handle)
             if steps is None:
                 return
@@ -219,6 +224,20 @@ class BeamSearch:
             for rank, beam in enumerate(ranked):
                 outputs.append(await self._output(i * self.width + rank, prompt, beam, prompt_logprobs[i]))
         result.queue.put_nowait(outputs)
+
+    async def _step(self, result: BeamSearchHandle, beams: list[list[int]], params: SamplingParams
+                    ) -> RequestHandle | None:
+        """A step's beams submitted, waiting while the server is full: the search was admitted on its first step, and
+        between two steps it holds no places, which other requests may take (a 429 then came after the search had
+        run, without Retry-After). None when the search is cancelled meanwhile."""
+        delay = 0.005
+        while not result.cancelled:
+            try:
+                return self.submit(beams, params)
+            except QueueFull:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.2)
+        return None
 
     async def _outputs(self, result: BeamSearchHandle, handle: RequestHandle) -> list[SeqOutput] | None:
         """A step's one output per prompt; None when the search was cancelled (each choice then ends ``abort``)."""

@@ -929,8 +929,8 @@ class OpenAIServing:
         def submit(beams: list[list[int]], step_params: SamplingParams) -> RequestHandle:
             try:
                 return self.engine.submit(beams, step_params, 1, adapter=adapter, priority=priority)
-            except (QueueFull, EngineUnavailable) as exc:
-                raise self.refused(exc) from exc
+            except EngineUnavailable as exc:
+                raise self.refused(exc) from exc  # (QueueFull: the search waits for places, BeamSearch._step)
             except ValueError as exc:  # its LoRA adapter was unloaded (or replaced) while it searched
                 raise APIError(404, f"the beam search stopped: {exc}", "model", "model_not_found") from exc
 

@@ -253,3 +253,25 @@ def test_the_prefix_cache_frees_a_searchs_steps_two_back_and_nothing_else():
     assert sorted(prefix.entries) == sorted([(1, 2), (1, 2, 7, 7), (1, 2, 8, 8), (1, 2, 7, 7, 7), (1, 2, 8, 8, 8),
                                              (1, 2, 9, 9, 9, 9)])
     assert prefix.nbytes == sum(entry.nbytes for entry in prefix.entries.values())
+
+
+async def test_a_step_refused_by_a_full_server_waits_for_places(client, monkeypatch):
+    """A search is admitted on its first step and holds no places between steps, which other requests may take: a
+    later step found the server full and the client got a 429 after the search had run. It now waits."""
+    from retnet.serve.sequence import QueueFull
+
+    engine = client.app.state.engine
+    body = {"prompt": PROMPT, "max_tokens": 4, "n": 2, "return_token_ids": True, **BEAMS}
+    alone = (await client.post("/v1/completions", json=body)).json()["choices"]
+    submit, refused = engine.submit, []
+
+    def full_twice(prompts, params, *args, **kwargs):
+        if params.prefix_cache_tag is not None and len(refused) < 2:  # a later step's
+            refused.append(params.prefix_cache_tag)
+            raise QueueFull("6 sequences in the server; the limit is 8")
+        return submit(prompts, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "submit", full_twice)
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"] == alone and len(refused) == 2
