@@ -61,6 +61,15 @@ def test_a_serve_command_without_pydantic_names_the_serve_extra_even_for_help(sc
     assert process.stderr.startswith(f"{script}: error: pydantic is not installed")
 
 
+def test_a_package_the_settings_validation_imports_names_the_serve_extra(tmp_path):
+    # the settings' validators import the engine (prometheus_client): it was "invalid settings: No module named ..."
+    args = ["prometheus_client"], "retnet-serve", "retnet.serve.__main__", ["--model", str(tmp_path)]
+    process = subprocess.run([sys.executable, "-c", _AS_SCRIPT, json.dumps(args)], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.startswith("retnet-serve: error: prometheus_client is not installed"), process.stderr
+
+
 def test_the_demo_without_pydantic_names_the_serve_extra(monkeypatch, capsys, tmp_path):
     from retnet.serve import demo
 

@@ -71,6 +71,8 @@ def settings_from_args(args: argparse.Namespace, prog: str = "retnet-serve") -> 
     except ValidationError as exc:
         print(f"{prog}: error: {describe_settings_error(exc, given)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ModuleNotFoundError:  # a validator's import of an extra's package (the engine's): main names the extra
+        raise
     except Exception as exc:  # a validator's own bug: still one line, naming what it could
         print(f"{prog}: error: invalid settings: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -101,6 +101,8 @@ class PrefixCache:
         old = self.entries.get(key)
         if old is not None:
             self._touch(key)
+            if tag is None:  # an ordinary request's too now: not freed with the beam search's steps
+                old.tag = None
             grown = held_bytes(old.cache, logits)
             if old.logits is None and logits is not None and grown <= self.max_bytes:
                 old.logits = logits.detach().clone()

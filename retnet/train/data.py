@@ -222,8 +222,11 @@ def local_files(spec: str) -> list[Path] | None:
 # datasets' looser patterns (a word between separators: train_config.json, unit_test_cases.jsonl) name too many files
 # a user means as one set.
 _SPLIT_OF = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation",
-             "val": "validation", "test": "test"}
-_HUB_SHARD = re.compile(rf"({'|'.join(_SPLIT_OF)})-[0-9]+-of-[0-9]+(?:-[0-9a-f]+)?\.[^.]+")
+             "val": "validation", "test": "test", "eval": "test", "evaluation": "test"}
+# A file's own name may also be datasets' other words (train.jsonl beside testing.jsonl); a folder named "training"
+# or "testing" holds a set of that topic as often as a split.
+_FILE_SPLIT_OF = {**_SPLIT_OF, "training": "train", "testing": "test"}
+_HUB_SHARD = re.compile(rf"({'|'.join(_FILE_SPLIT_OF)})-[0-9]+-of-[0-9]+(?:-[0-9a-f]+)?\.[^.]+")
 
 
 def _split_layout(parts: tuple[str, ...]) -> tuple[str, list[tuple[str, ...]]] | None:
@@ -235,12 +238,12 @@ def _split_layout(parts: tuple[str, ...]) -> tuple[str, list[tuple[str, ...]]] |
     shard = _HUB_SHARD.fullmatch(name)
     if shard:
         word = shard.group(1)
-        return _SPLIT_OF[word], [(*dirs, f"{word}-*-of-*{suffix}"), ("**", f"{word}-*-of-*{suffix}")]
+        return _FILE_SPLIT_OF[word], [(*dirs, f"{word}-*-of-*{suffix}"), ("**", f"{word}-*-of-*{suffix}")]
     stem = name[:-len(suffix)] if suffix else name
     word = stem.rsplit(".", 1)[-1]
-    if word in _SPLIT_OF:
+    if word in _FILE_SPLIT_OF:
         pattern = glob.escape(word + suffix) if word == stem else f"*.{glob.escape(word + suffix)}"
-        return _SPLIT_OF[word], [(*dirs, pattern), ("**", pattern)]
+        return _FILE_SPLIT_OF[word], [(*dirs, pattern), ("**", pattern)]
     depth = next((i for i, d in enumerate(parts[:-1]) if d in _SPLIT_OF), None)
     if depth is None:
         return None

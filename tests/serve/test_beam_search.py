@@ -253,6 +253,11 @@ def test_the_prefix_cache_frees_a_searchs_steps_two_back_and_nothing_else():
     assert sorted(prefix.entries) == sorted([(1, 2), (1, 2, 7, 7), (1, 2, 8, 8), (1, 2, 7, 7, 7), (1, 2, 8, 8, 8),
                                              (1, 2, 9, 9, 9, 9)])
     assert prefix.nbytes == sum(entry.nbytes for entry in prefix.entries.values())
+    # an ordinary request's prefill of a beam's very tokens makes the entry its own: no longer freed with the search
+    prefix.insert((1, 2, 7, 7, 7), cache, None)
+    for beam in (7, 8):
+        prefix.insert((1, 2, *[beam] * 5), cache, None, tag=(5, 5))
+    assert (1, 2, 7, 7, 7) in prefix.entries and (1, 2, 8, 8, 8) not in prefix.entries
 
 
 async def test_a_step_refused_by_a_full_server_waits_for_places(client, monkeypatch):

@@ -65,6 +65,9 @@ def _write(root: Path, names) -> None:
     (["train.jsonl"], ["test.jsonl", "val.jsonl"], ["latest.jsonl"]),
     (["train/part-0.csv"], ["dev/part-0.csv"], ["devices.csv", "latest.csv"]),
     (["data/validation/a.jsonl"], ["data/test/a.jsonl"], ["data/eval-harness/a.jsonl"]),
+    (["train.jsonl"], ["eval.jsonl"], ["retrieval.jsonl"]),  # datasets' other words for the test split
+    (["training.jsonl"], ["testing.jsonl"], []),
+    (["train/a.jsonl"], ["evaluation/a.jsonl"], []),
 ])
 def test_a_directory_of_several_splits_files_is_refused_not_trained_on_whole(tmp_path, train, other, beside):
     """Read as one set, the test (or validation) files of a dataset laid out as datasets names its splits were
