@@ -234,7 +234,7 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampler], grammar_masks: tor
             whole = _sample_truncated(probs, cut, [rows[sampled[j]].params for j in cut], draws, picks)
         if whole:
             rest = torch.tensor(whole, dtype=torch.long)
-            picks[rest] = _inverse_cdf(probs.index_select(0, rest), draws.index_select(0, rest))
+            picks[rest] = inverse_cdf(probs.index_select(0, rest), draws.index_select(0, rest))
         if len(sampled) == len(rows):
             chosen = picks
         else:
@@ -354,7 +354,7 @@ def _sample_truncated(probs: torch.Tensor, cut: list[int], params: list[Sampling
             # nearly equal tokens swap places with a batch's float noise, and a seeded draw far from any cut took
             # the other token alone than batched (vLLM draws over the masked vocabulary in its order too).
             ids, by_id = top_ids[:, :-1].index_select(0, fast).sort(-1)
-            ranks = _inverse_cdf(kept.gather(-1, by_id), draws.index_select(0, sub[fast]))
+            ranks = inverse_cdf(kept.gather(-1, by_id), draws.index_select(0, sub[fast]))
             picks[sub[fast]] = ids.gather(-1, ranks[:, None]).squeeze(-1)
             done = {j for (j, _), row_done in zip(able, settled.tolist()) if row_done}
             pending = [(j, p) for j, p in pending if j not in done]
@@ -365,7 +365,7 @@ def _sample_truncated(probs: torch.Tensor, cut: list[int], params: list[Sampling
         sorted_probs, order = probs.index_select(0, rows).sort(-1, descending=True)
         keep, _ = _kept(sorted_probs, [p for _, p in pending], vocab)
         kept = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs * keep)  # in token-id order (above)
-        picks[rows] = _inverse_cdf(kept, draws.index_select(0, rows))
+        picks[rows] = inverse_cdf(kept, draws.index_select(0, rows))
     truncated = set(cut)
     return [j for j in range(len(probs)) if j not in truncated]
 
@@ -415,7 +415,7 @@ def _kept(sorted_probs: torch.Tensor, params: list[SamplingParams], vocab: int) 
     return keep, ~keep[:, -1] & (~renormalise | ~kept_by_k_and_min_p[:, -1])
 
 
-def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """Each row's index at its uniform draw (``[n]`` float64) of its (unnormalised) probabilities' CDF."""
     cdf = probs.double().cumsum(-1)
     picks = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)

@@ -26,6 +26,8 @@ import contextlib
 import numpy as np
 import torch
 
+from retnet.serve.sampling import inverse_cdf  # (the server's seeded draw: one inverse CDF for both)
+
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """``[R, V]`` logits with transformers' repetition penalty (``RepetitionPenaltyLogitsProcessor``, CTRL's rule)
@@ -68,10 +70,7 @@ def _pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_p
     probs, order = _distribution(logits, temperature, top_p, top_k, min_p, repetition_penalty, seen)
     # In token-id order, as the server's seeded draw: in probability order two nearly equal tokens swap places with
     # the float noise of another batch shape, and a uniform far from any boundary took the other one
-    cdf = torch.zeros_like(probs).scatter_(-1, order, probs).double().cumsum(dim=-1)
-    index = torch.searchsorted(cdf, uniform.double()[:, None] * cdf[:, -1:], right=True)
-    # (a uniform that rounds to the total lands past the end: the first id where the CDF reaches it, a kept one)
-    return torch.minimum(index, torch.searchsorted(cdf, cdf[:, -1:].contiguous())).squeeze(-1)
+    return inverse_cdf(torch.zeros_like(probs).scatter_(-1, order, probs), uniform.double())
 
 
 @contextlib.contextmanager

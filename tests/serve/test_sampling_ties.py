@@ -46,7 +46,7 @@ def sampler_kept(logits: torch.Tensor, params: SamplingParams, monkeypatch) -> t
         nth = torch.minimum(draws.long(), (kept > 0).sum(-1) - 1)
         return nonzero_first.gather(-1, nth[:, None]).squeeze(-1)
 
-    monkeypatch.setattr(sampling, "_inverse_cdf", rank_of_row)
+    monkeypatch.setattr(sampling, "inverse_cdf", rank_of_row)
     vocab = len(logits)
     probs = (logits.float() / params.temperature).softmax(-1)
     picks = torch.empty(vocab, dtype=torch.long)
@@ -118,5 +118,5 @@ def test_a_seeded_draw_takes_the_same_token_whatever_the_order_of_nearly_equal_o
 def test_a_draw_rounding_to_the_total_takes_no_zero_probability_token():
     probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]])
     for draw in (0.0, 0.5, 1 - 2**-53, 1.0):  # (1.0: past every draw's range, the clamp's case)
-        picks = sampling._inverse_cdf(probs, torch.tensor([draw, draw], dtype=torch.float64))
+        picks = sampling.inverse_cdf(probs, torch.tensor([draw, draw], dtype=torch.float64))
         assert (probs.gather(-1, picks[:, None]) > 0).all(), (draw, picks)
