@@ -882,12 +882,7 @@ class OpenAIServing:
         if request.session_id is not None and len(prompts) != 1:
             raise APIError(400, "session_id needs a single prompt", "session_id")
         n = request.n if n is None else n
-        # More sequences than the server ever holds would get 429 (retry later) forever.
-        limit, wanted = self.settings.max_running + self.settings.max_queue, len(prompts) * n
-        if wanted > limit:
-            name = "n" if n == request.n else "best_of"
-            raise APIError(400, f"prompts × {name} is {wanted}; this server holds at most {limit} sequences",
-                           name if n > 1 else "prompt")
+        self._check_room(request, len(prompts), n)
         adapter = self._adapter(request.model)
         if session is not None and session.adapter != adapter:
             if session.cache is not None:  # the caller releases the session
@@ -908,16 +903,22 @@ class OpenAIServing:
         self.metrics.model_requests.labels(model_name=self._response_name(request.model)).inc()
         return handle
 
+    def _check_room(self, request: SamplingFields, prompts: int, n: int) -> None:
+        """A 400 for more sequences (``prompts × n``) than the server ever holds: they would get 429 (retry later)
+        forever."""
+        limit, wanted = self.settings.max_running + self.settings.max_queue, prompts * n
+        if wanted > limit:
+            name = "n" if n == request.n else "best_of"
+            raise APIError(400, f"prompts × {name} is {wanted}; this server holds at most {limit} sequences",
+                           name if n > 1 else "prompt")
+
     def _beam_search(self, prompts: list[list[int]], params: SamplingParams, request: SamplingFields, hints=None,
                      text_starts: list[int | None] | None = None) -> RequestHandle:
         """Start a beam search of ``request.n`` beams after each prompt (:mod:`retnet.serve.beam_search`): its
         first step submitted here (so that a full or stopping engine refuses the request at once), the others by
         the search as it goes. Its handle answers as the engine's for ``n`` choices a prompt."""
         width = request.n
-        limit, wanted = self.settings.max_running + self.settings.max_queue, len(prompts) * width
-        if wanted > limit:  # every step runs them all
-            raise APIError(400, f"prompts × n is {wanted} beams; this server holds at most {limit} sequences",
-                           "n" if width > 1 else "prompt")
+        self._check_room(request, len(prompts), width)  # every step runs them all
         if width > self.engine.token_bound:  # n distinct sequences need at least n tokens to choose from
             raise APIError(400, f"n must be <= {self.engine.token_bound} (the vocabulary) for a beam search; got "
                            f"{width}", "n")
