@@ -89,6 +89,11 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
     return Path(snapshot)
 
 
+def holds_tokenizer(path: Path) -> bool:
+    """Whether ``path`` holds a tokenizer's files of any kind (a fast one's, sentencepiece's, a vocabulary)."""
+    return any(next(path.glob(pattern), None) for pattern in ("tokenizer*", "*.model", "vocab.*"))
+
+
 def training_output(path: Path) -> str | None:
     """What ``path`` is when it is something retnet-train wrote other than a model, said with the directory to give
     instead: a run's ``train.output_dir`` (its config.json is the run's configuration, no model's: loaders refused
@@ -124,5 +129,14 @@ def _holds_model_config(directory: Path) -> bool:
     return isinstance(raw, dict) and "model_type" in raw
 
 
-__all__ = ["ADAPTER_FILES", "MODEL_FILES", "PICKLED_WEIGHTS", "TOKENIZER_FILES", "HubError", "is_hub_id",
-           "resolve_pretrained", "training_output"]
+__all__ = [
+    "ADAPTER_FILES",
+    "MODEL_FILES",
+    "PICKLED_WEIGHTS",
+    "TOKENIZER_FILES",
+    "HubError",
+    "holds_tokenizer",
+    "is_hub_id",
+    "resolve_pretrained",
+    "training_output",
+]

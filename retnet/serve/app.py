@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
+from retnet.model.hub import holds_tokenizer
 from retnet.serve.classify import (
     EMBEDDING_ROUTES,
     POOLING_ROUTES,
@@ -126,7 +127,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
         try:
             tokenizer = AutoTokenizer.from_pretrained(settings.model)
         except Exception as exc:  # no tokenizer files, or ones that do not load
-            if not any(Path(settings.model).glob("tokenizer*")):
+            if not holds_tokenizer(Path(settings.model)):
                 # transformers' own message asked to install sentencepiece or tiktoken, for a missing file
                 raise StartupError(f"--model {settings.model!r} holds no tokenizer (tokenizer.json, "
                                    "tokenizer_config.json): save it beside the model, tokenizer.save_pretrained(DIR), "

@@ -21,7 +21,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -51,8 +50,6 @@ def check_beam_search(request: SamplingFields, tool_grammar: bool = False) -> No
             raise APIError(400, f"length_penalty: applies to beam search only (use_beam_search: true); got {penalty}",
                            "length_penalty", "unsupported_parameter")
         return
-    if not math.isfinite(penalty):
-        raise APIError(400, f"length_penalty must be a finite number; got {penalty}", "length_penalty")
     for name, no_ops in _NOT_WITH_BEAMS.items():
         value = getattr(request, name)
         if value not in no_ops:

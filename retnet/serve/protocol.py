@@ -247,7 +247,7 @@ class SamplingFields(RequestFields):
     # vLLM's beam search (retnet.serve.beam_search): n beams, ranked by cum_logprob / length ** length_penalty;
     # a length_penalty other than 1 without it is refused. Strict: lax validation reads "yes" as true.
     use_beam_search: StrictBool = False
-    length_penalty: float = 1.0
+    length_penalty: float = Field(1.0, allow_inf_nan=False)
     # UNSUPPORTED_EXTRAS, refused likewise unless it holds the value that changes nothing.
     logits_processors: Any = None
     # vLLM's: each logprobs entry's token (and its alternatives') as "token_id:<id>" rather than its text, which a

@@ -285,7 +285,7 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
     retnet.register()  # (a retnet-eval process registers here, its first import of transformers: see there)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from retnet.model.hub import HubError, resolve_pretrained, training_output
+    from retnet.model.hub import HubError, holds_tokenizer, resolve_pretrained, training_output
     from retnet.train.config import ConfigError
     from retnet.train.data import load_tokenizer, tokenizer_mismatch
 
@@ -309,7 +309,7 @@ def load_model(path: str, *, device: str | None = None, dtype: str = "float32", 
         check_quantization(quantization)
     except ValueError as error:
         raise EvalError(str(error)) from None
-    if not any(next(root.glob(pattern), None) for pattern in ("tokenizer*", "*.model", "vocab.*")):
+    if not holds_tokenizer(root):
         # transformers' own error for it is a paragraph on converting slow tokenizers, cut mid-word
         raise EvalError(f"--model {path!r} holds no tokenizer (no tokenizer.json, tokenizer_config.json, "
                         f"*.model or vocab.* file); export the model with its tokenizer")

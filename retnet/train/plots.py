@@ -47,7 +47,7 @@ def loss_label(config: dict) -> str:
             return "reward model loss"
         loss_type = section("dpo").get("loss_type") or "sigmoid"
         return f"preference loss ({'+'.join(map(str, loss_type)) if isinstance(loss_type, list) else loss_type})"
-    if section("distill").get("teacher"):
+    if distilled(config):  # (at alpha 0 its loss is the cross-entropy)
         return "distillation loss (nats/token)"
     return "cross-entropy (nats/token)"
 
@@ -86,7 +86,8 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     config = _run_config(metrics_path)
     # A distillation's training loss is its KD mix, its validation the plain cross-entropy (comparable across runs):
     # drawn alone, the two would show a gap of nats that is no overfitting. Its records' ce_loss is the comparable one.
-    train_ce = _points(records, "train", "ce_loss") if distilled(config) else []
+    distillation = distilled(config)
+    train_ce = _points(records, "train", "ce_loss") if distillation else []
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         # a lone point is a line of no length: only a marker shows it (a run of one logged step)
@@ -96,7 +97,7 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
         ax.plot(*zip(*train_ce), label="train (cross-entropy)", color="tab:blue", linestyle="--", linewidth=1.2,
                 marker="o" if len(train_ce) == 1 else None, markersize=3.5)
     if val:
-        ax.plot(*zip(*val), label="validation (cross-entropy)" if distilled(config) else "validation",
+        ax.plot(*zip(*val), label="validation (cross-entropy)" if distillation else "validation",
                 color="tab:orange", marker="o", markersize=3.5, linewidth=1.5)
     ax.set_xlabel("optimizer step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a short run's ticks would fall between its steps

@@ -181,6 +181,7 @@ async def test_best_of_returns_the_n_candidates_of_highest_mean_logprob(client):
     ({"best_of": 9}, "best_of"),  # past --max-n (8)
     ({"length_penalty": 0.5}, "length_penalty"),
     ({"length_penalty": True}, "length_penalty"),
+    ({"use_beam_search": True, "length_penalty": "inf"}, "length_penalty"),
     ({"use_beam_search": "yes"}, "use_beam_search"),
     ({"use_beam_search": 1}, "use_beam_search"),
     ({"use_beam_search": True, "top_p": 0.5}, "top_p"),
