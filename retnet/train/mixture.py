@@ -50,6 +50,7 @@ from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import (
     MaskedBlocks,
     _atomic_dir,
+    _check_text_field,
     _field,
     _hash,
     _hf_dataset,
@@ -392,9 +393,11 @@ def _source_reader(cfg: DataConfig, cache_dir: Path, local_rank: int, barrier: C
             rows = rows.take(cfg.max_documents)
         # TRL's ShareGPT column stands in for a missing default one; TRL's prompt-completion rows for either
         with _reading(cfg.dataset, *_field(cfg)):  # (stream_columns may read the first row)
-            columns = stream_columns(rows) if chat else rows.column_names
+            columns = stream_columns(rows)
         pairs = chat and prompt_completion(cfg.messages_field, columns)
         field = messages_column(cfg.messages_field, columns) if chat else cfg.text_field
+        if not chat:  # refused as build_data refuses it, not after a read of the whole stream finding no text
+            _check_text_field(cfg, columns)
         with _reading(cfg.dataset, field, "data.messages_field" if chat else "data.text_field"):
             for index, row in enumerate(rows):
                 if index < cfg.val_documents or not row.get(COMPLETION if pairs else field):

@@ -348,7 +348,9 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
                      world_size, barrier):
     chat = cfg.format == "chat"
     with _reading(cfg.dataset, *_field(cfg)):  # a stream reads its files from here on, lazily
-        columns = stream_columns(stream) if chat else stream.column_names
+        # text too: a stream of CSV or text files names no columns before it is read, and a data.text_field that is
+        # none of them failed at the first row as a bare KeyError
+        columns = stream_columns(stream)
     pairs = chat and prompt_completion(cfg.messages_field, columns)  # TRL's prompt-completion rows
     if chat:  # TRL's ShareGPT column stands in for a missing default one
         cfg = dataclasses.replace(cfg, messages_field=messages_column(cfg.messages_field, columns))
@@ -443,7 +445,8 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
 def stream_columns(stream) -> list[str] | None:
     """A stream's column names; a stream that names none before it is read (a generator's, a hub set's without
     features) those of its first row, None when it has none. Chat data needs them to tell TRL's prompt-completion
-    and ShareGPT layouts from a messages column: without them every row would be read as ``messages``."""
+    and ShareGPT layouts from a messages column: without them every row would be read as ``messages``; text data
+    checks its ``data.text_field`` against them (CSV and text files name none before they are read)."""
     if stream.column_names is not None:
         return stream.column_names
     first = next(iter(stream.take(1)), None)
