@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import json
@@ -938,11 +939,14 @@ def preset_names() -> list[str]:
 def _read_toml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path).expanduser()
     if os.path.isfile(path):  # (Path.is_file raised OSError on a name longer than the OS takes)
+        raw = path.read_bytes()
+        # A Windows editor's UTF-8 starts with a byte-order mark, which tomllib refuses as an invalid statement
+        bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
         try:
-            text = path.read_text(encoding="utf-8")
+            text = raw[bom:].decode("utf-8")
         except UnicodeDecodeError as error:  # (TOML is UTF-8; a traceback before)
             raise ConfigError(f"--config {name_or_path!r} is not UTF-8 text, as TOML is: {error.reason} at byte "
-                              f"{error.start}") from None
+                              f"{bom + error.start}") from None
     elif name_or_path in preset_names():
         text = (resources.files("retnet.train") / "configs" / f"{name_or_path}.toml").read_text()
     else:

@@ -97,6 +97,7 @@ from retnet.train.checkpoint import (
     verified_identity,
 )
 from retnet.train.config import (
+    FREE_MODEL_FIELDS,
     ConfigError,
     JobConfig,
     architecture_changes,
@@ -282,17 +283,17 @@ class Trainer:
             replace_directory(saved_tokenizer, self.tokenizer.save_pretrained)
 
         # Model: the same init on every rank (one seed), then per-rank seeds for anything random after.
-        # The loss without the [B, T, vocab] logits unless the config says otherwise (the export resets it)
+        # The loss without the [B, T, vocab] logits unless the config says otherwise
         overrides = {"fuse_linear_cross_entropy": True, **cfg.model.overrides()}
-        # The settings the export writes back: TRL's disable_dropout zeroes the training's dropout, not the model's
-        # config, so a model tuned further from the export (an SFT after DPO) trains with the dropout it had.
-        self.export_overrides: dict[str, Any] = {}
-        if getattr(self.data, "preference", False):  # DPO, reward model: without dropout (TRL disable_dropout)
-            training_only = self.data.model_overrides(cfg.model, init_from,
-                                                      cfg.lora.dropout if cfg.lora.enabled else 0.0)
-            if "dropout" in training_only:
-                self.export_overrides["dropout"] = _config_dropout(init_from, cfg.model.preset)
-            overrides.update(training_only)
+        # Settings of the training alone, which the export writes back as the starting model had them: TRL's
+        # disable_dropout zeroes the training's dropout, not the model's config, so a model tuned further from the
+        # export (an SFT after DPO) trains with the dropout it had, and one loaded from it returns its logits in
+        # training mode. An objective's setting of what the model is (a reward model's num_labels) stays.
+        training_only = {"fuse_linear_cross_entropy"}
+        if hasattr(self.data, "model_overrides"):  # DPO, KTO, reward model: without dropout (TRL disable_dropout)
+            objective = self.data.model_overrides(cfg.model, init_from, cfg.lora.dropout if cfg.lora.enabled else 0.0)
+            training_only |= objective.keys() & FREE_MODEL_FIELDS
+            overrides.update(objective)
         torch.manual_seed(cfg.train.seed)
         if init_from is not None:
             # Loaded on every rank (the same file, the same weights), before DDP or FSDP wraps it. A resume
@@ -333,6 +334,7 @@ class Trainer:
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"model: {error}") from None
             self.raw_model = RetNetForCausalLM(self.model_config).to(self.device)
+        self.export_overrides = _starting_values(init_from, cfg.model.preset, training_only)
         # LoRA: the adapters injected in place (the model keeps its class and forward), before DDP or FSDP,
         # activation checkpointing and compile see it; initialized alike on every rank (the seed above).
         self.peft_model, self.lora_targets = None, []
@@ -1586,9 +1588,7 @@ class Trainer:
         """save_pretrained model + tokenizer into ``<output_dir>/export`` (rank 0, after ``save``): a fine-tune's
         generation config is its base's (``model.init_from``'s, else a distillation's teacher's), completed from the
         tokenizer (:func:`~retnet.train.checkpoint.prepare_export`); the tokenizer is :meth:`export_tokenizer`."""
-        # a training-time choice: a model loaded from the export returns its logits in training mode too
         config = copy.deepcopy(self.model_config)
-        config.fuse_linear_cross_entropy = False
         for key, value in self.export_overrides.items():
             setattr(config, key, value)
         tokenizer = self.export_tokenizer()
@@ -1789,18 +1789,18 @@ def _init_from_dir(init_from: str | None) -> Path | None:
                           f"train.output_dir/export) or a hub id") from None
 
 
-def _config_dropout(init_from: Path | None, preset: str) -> float:
-    """The dropout of the model a run starts from, before any override: ``init_from``'s config.json (RetNetConfig's
-    default where it names none), else the preset's."""
+def _starting_values(init_from: Path | None, preset: str, keys: set[str]) -> dict[str, Any]:
+    """The RetNetConfig fields ``keys`` of the model a run starts from, before any override: ``init_from``'s
+    config.json (RetNetConfig's defaults for those it names none of, as save_pretrained leaves them out), else the
+    preset's."""
     from retnet.model import RetNetConfig
 
     if init_from is None:
-        return RetNetConfig.from_preset(preset).dropout
-    try:
-        saved = json.loads((Path(init_from) / "config.json").read_text()).get("dropout")
-    except (OSError, ValueError, AttributeError):  # the model's loading refuses such a directory first
-        saved = None
-    return RetNetConfig().dropout if saved is None else saved
+        start = RetNetConfig.from_preset(preset)
+        return {key: getattr(start, key) for key in sorted(keys)}
+    saved, _ = RetNetConfig.get_config_dict(str(init_from), local_files_only=True)
+    default = RetNetConfig()
+    return {key: getattr(default, key) if saved.get(key) is None else saved[key] for key in sorted(keys)}
 
 
 def _check_pretrained_dir(path: Path, causal_lm: bool = False) -> None:

@@ -357,6 +357,18 @@ def test_a_config_file_of_another_format_is_refused_saying_configs_are_toml(name
         load_config(str(path))
 
 
+def test_a_config_file_written_with_a_byte_order_mark_loads(tmp_path):
+    """A Windows editor's UTF-8 starts with a BOM, which was refused as "invalid TOML: Invalid statement (at line 1,
+    column 1)"; a byte that is no UTF-8 after one is still refused at its offset in the file."""
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"\xef\xbb\xbf[optim]\nlr = 2e-3\n[train]\nsteps = 300\n")
+    config = load_config(str(path))
+    assert config.optim.lr == 2e-3 and config.train.steps == 300
+    path.write_bytes(b"\xef\xbb\xbf[optim]\nlr = 2e-3 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"--config .*run.toml' is not UTF-8 text, as TOML is: .* at byte 26$"):
+        load_config(str(path))
+
+
 @pytest.mark.parametrize("arg, meant", [
     ("--learning_rate=3e-4", "--optim.lr"),  # HF TrainingArguments
     ("--max_steps=100", "--train.steps"),
