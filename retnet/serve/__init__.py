@@ -24,6 +24,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # With the names __getattr__ loads: dir() (and a REPL's completion) left ServeSettings out.
+    return sorted({*globals(), *__all__})
+
+
 def create_app(settings: ServeSettings | None = None, **overrides):
     """Build the FastAPI app (imported lazily so ``import retnet.serve`` stays light)."""
     from retnet.serve.app import create_app as _create_app

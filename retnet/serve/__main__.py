@@ -16,7 +16,11 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from retnet.serve.settings import ServeSettings
+
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (retnet-train's too)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = _help_text(name, info)
         # A boolean flag alone means true (vLLM's --enable-auto-tool-choice); "--flag false" is read too.
         toggle = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
-        # vLLM's syntax: --lora-modules a=/path b=/other, --api-key k1 k2 (the comma and JSON forms still read)
+        # vLLM's syntax: --lora-modules a=/path b=/other, --api-key k1 k2 (the comma and JSON forms still read).
+        # A repeated flag adds its values (argparse kept the last one's alone: `--lora-modules a=x --lora-modules
+        # b=y` served b only, and `--lora-modules a=x --lora-modules a=y` a's second path), so that an adapter name
+        # given twice is refused wherever it is given, as vLLM refuses loading one twice.
         if name in ("lora_modules", "served_model_name", "api_keys"):
-            toggle = {"nargs": "+"}
+            toggle = {"nargs": "+", "action": "extend"}
         parser.add_argument(flag, dest=name, default=None, help=help_text, **toggle)
     return parser
 
@@ -125,10 +132,22 @@ def _with_variables(message: str, given: dict) -> str:
     return message
 
 
+@contextlib.contextmanager
+def exits_on_ctrl_c(prog: str) -> Iterator[None]:
+    """Run the block; a Ctrl-C it does not handle itself ends the command with one line and status 130, as one
+    the command handles does. The imports of torch and transformers and a tokenizer's load take seconds, and a
+    Ctrl-C in them was a traceback of wherever the import was."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     from retnet.extras import needs_extra
 
-    with needs_extra("retnet-serve", "serve"):
+    with exits_on_ctrl_c("retnet-serve"), needs_extra("retnet-serve", "serve"):
         _run_command(argv)
 
 
@@ -204,8 +223,8 @@ def _draining_server():
             # model that never loaded (weights missing or corrupt, out of memory) left a server running with every
             # request 503 for good, which only a health check would notice: it stops, as vLLM's does. An engine
             # that dies after serving is /health's "failed" instead (README).
-            if self.engine.dead is not None and not self.engine.ready and self.load_failure is None:
-                self.load_failure = self.engine.dead.removeprefix("engine failed: ")
+            if self.engine.failure is not None and not self.engine.ready and self.load_failure is None:
+                self.load_failure = self.engine.failure
                 return True
             return await super().on_tick(counter)
 

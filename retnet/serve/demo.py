@@ -50,17 +50,6 @@ def _error_message(data) -> str:
     return str(data)
 
 
-def _load_failure(health: httpx.Response) -> str | None:
-    """Why the engine died, when /health says it did (``failed``); None while it loads."""
-    try:
-        body = health.json()
-    except ValueError:
-        return None
-    if not isinstance(body, dict) or body.get("status") != "failed":
-        return None
-    return str(body.get("detail") or "unknown").removeprefix("engine failed: ")
-
-
 def base_url(host: str, port: int) -> str:
     """An IPv6 literal goes in brackets: ``http://::1:8000`` is no URL (httpx reads the port as ``:1:8000``)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -118,8 +107,9 @@ def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | N
 
 def main(argv: list[str] | None = None) -> None:
     from retnet.extras import needs_extra
+    from retnet.serve.__main__ import exits_on_ctrl_c
 
-    with needs_extra(PROG, "serve"):
+    with exits_on_ctrl_c(PROG), needs_extra(PROG, "serve"):
         _run_command(argv)
 
 
@@ -172,24 +162,19 @@ def _run_command(argv: list[str] | None) -> None:
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     url = base_url(host, port)
+    # The engine runs in this process: its state is read here (what /health would answer), and its failure bare.
+    engine = app.state.engine
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            health = httpx.get(url + "/health", timeout=2)
-            if health.status_code == 200:
-                break
-            failed = _load_failure(health)
-        except httpx.HTTPError:
-            failed = None
-        if failed is not None:  # the model did not load: waiting the 120 s out would change nothing
+    while not (server.started and engine.healthy):
+        if engine.failure is not None:  # the model did not load: waiting the 120 s out would change nothing
             server.should_exit = True
             thread.join(timeout=30)
-            sys.exit(f"the server failed to start: --model {args.model!r} did not load: {failed}")
+            sys.exit(f"the server failed to start: --model {args.model!r} did not load: {engine.failure}")
         if not thread.is_alive():
             sys.exit("the server failed to start")
+        if time.monotonic() > deadline:
+            sys.exit("the server did not become ready in 120 s")
         time.sleep(0.1)
-    else:
-        sys.exit("the server did not become ready in 120 s")
 
     print(f"retnet-serve is up at {url} serving {settings.model_name!r}")
     try:

@@ -133,7 +133,7 @@ class Engine(ModelThread):
         self.ready = False
         # Set by the process entry (retnet-serve), not the app factory: freeze the heap once the model is loaded.
         self.freeze_heap_when_ready = False
-        self.dead: str | None = None
+        self.failure: str | None = None
         self.thread: threading.Thread | None = None
         # Owned by the scheduler thread:
         self.prefilling: list[Group] = []
@@ -277,7 +277,7 @@ class Engine(ModelThread):
             self._fail_all("the server is shutting down", shutdown=True)
         except Exception as exc:  # the engine is dead: fail every request, /health turns 503
             logger.exception("engine failed")
-            self.dead = f"engine failed: {type(exc).__name__}: {exc}"
+            self.failure = f"{type(exc).__name__}: {exc}"
             self.metrics.engine_ready.set(0)
             self._fail_all(self.dead)
 

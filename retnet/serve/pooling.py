@@ -249,7 +249,7 @@ class PoolingEngine(ModelThread):
         self.requests = 0  # requests being answered (queued or running); guarded by cond
         self.accepting, self.stopping, self.ready = True, False, False
         self.freeze_heap_when_ready = False  # as Engine's
-        self.dead: str | None = None
+        self.failure: str | None = None
         self.thread: threading.Thread | None = None
         self.device = torch.device("cpu")
 
@@ -316,7 +316,7 @@ class PoolingEngine(ModelThread):
             self._fail_waiting(503, "the server is shutting down", "unavailable")
         except Exception as exc:  # the model did not load (or a bug): /health turns 503, requests are answered
             logger.exception("%s engine failed", kind)
-            self.dead = f"engine failed: {type(exc).__name__}: {exc}"
+            self.failure = f"{type(exc).__name__}: {exc}"
             self.metrics.engine_ready.set(0)
             # The batch in hand too: its requests wait on it, and nothing else would settle it. Those of its
             # futures already settled keep their results (_set_results skips them).

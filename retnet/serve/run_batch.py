@@ -356,13 +356,15 @@ def _read_input(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from retnet.extras import needs_extra
+    from retnet.serve.__main__ import exits_on_ctrl_c
 
-    with needs_extra(PROG, "serve"):
+    # (a Ctrl-C in the batch itself: _run_command's own line, which says what was kept)
+    with exits_on_ctrl_c(PROG), needs_extra(PROG, "serve"):
         return _run_command(argv)
 
 
 def _run_command(argv: list[str] | None) -> int:
-    from retnet.serve.__main__ import settings_from_args
+    from retnet.serve.__main__ import EXIT_INTERRUPTED, settings_from_args
     from retnet.serve.settings import StartupError, check_quantization_settings, resolve_model_source
 
     parser = build_parser()
@@ -418,7 +420,7 @@ def _run_command(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the lines written before it are kept, the others were not run to the end",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         output.close()
 
@@ -473,7 +475,7 @@ async def _run(settings, text_lines: list[str], output: OutputFile, max_concurre
     # The app's own lifespan: the engine starts here and is shut down (its thread joined) on the way out.
     async with app.router.lifespan_context(app):
         if not await asyncio.to_thread(engine.wait_ready, 600.0):
-            print(f"{PROG}: the engine did not start: {engine.dead or 'timed out after 600 s'}", file=sys.stderr)
+            print(f"{PROG}: the engine did not start: {engine.failure or 'timed out after 600 s'}", file=sys.stderr)
             return 1
         entries = parse_lines(text_lines, served_urls(app))
         try:

@@ -35,8 +35,18 @@ class QueueFull(Exception):
 class ModelThread:
     """The lifecycle both engines share (the generation :class:`~retnet.serve.engine.Engine` and the
     :class:`~retnet.serve.pooling.PoolingEngine`): one thread owns the model, ``healthy`` from its load until it dies
-    or stops. A subclass sets ``cond``, ``accepting``, ``stopping``, ``ready``, ``dead``, ``thread`` and ``metrics``,
-    and says what it has in flight."""
+    or stops. A subclass sets ``cond``, ``accepting``, ``stopping``, ``ready``, ``failure``, ``thread`` and
+    ``metrics``, and says what it has in flight."""
+
+    # Why the model's thread died (``RuntimeError: ...``), None while it lives: the bare cause, which the commands
+    # put in their own sentence (``--model DIR did not load: ...``); ``dead`` is the one form requests and /health
+    # give (the commands stripped its prefix, and retnet-run-batch printed "did not start: engine failed: ...").
+    failure: str | None = None
+
+    @property
+    def dead(self) -> str | None:
+        """What a request the dead engine fails and /health say: ``engine failed: <failure>``; None while it lives."""
+        return None if self.failure is None else f"engine failed: {self.failure}"
 
     def _in_flight(self) -> int:
         """Work admitted and not finished (read without the lock: a stale count only ends the wait a poll later)."""

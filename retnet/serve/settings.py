@@ -224,12 +224,12 @@ class ServeSettings(BaseSettings):
     def _split_keys(cls, value, info):
         # RETNET_API_KEYS=a,b (a plain comma list) as well as JSON.
         if isinstance(value, str):
-            return _split_list(value)
+            return _api_keys_list(value) if info.field_name == "api_keys" else _split_list(value)
         if info.field_name == "api_keys" and isinstance(value, list):
             # The flag's several values (vLLM's --api-key k1 k2), each read as a single one is: `--api-keys k1,k2 k3`
             # is three keys. An item neither form splits stays as given, so that a blank one is still refused.
             return [key for item in value
-                    for key in (_split_list(item) if isinstance(item, str) and _is_list_text(item) else [item])]
+                    for key in (_api_keys_list(item) if isinstance(item, str) and _is_list_text(item) else [item])]
         return value
 
     @field_validator("served_model_name", mode="before")
@@ -475,6 +475,16 @@ class ServeSettings(BaseSettings):
 
 def _is_list_text(text: str) -> bool:
     return "," in text or text.lstrip().startswith("[")
+
+
+def _api_keys_list(text: str) -> list:
+    """``--api-keys``' text as its keys. A comma list of blanks (``,``) is refused: it read as no key at all, and
+    the server, asked for keys, ran without auth. (An empty or unset value is still no auth, as is ``[]``.)"""
+    keys = _split_list(text)
+    if not keys and text.strip() and not text.lstrip().startswith("["):
+        raise ValueError(f"api_keys (--api-keys) names no key; got {text[:120]!r} (give the keys, k1,k2; leave it "
+                         "unset for no auth)")
+    return keys
 
 
 def _split_list(text: str) -> list:

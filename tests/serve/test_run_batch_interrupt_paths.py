@@ -1,5 +1,6 @@
 """Evaluation and batch tools found wanting by a second bug hunt: ``retnet-run-batch`` stopped by a closed output
-pipe or Ctrl-C. Each test failed before its fix."""
+pipe, Ctrl-C (in the batch, or in the imports before it) or an engine that does not start. Each test failed before
+its fix."""
 
 from __future__ import annotations
 
@@ -79,3 +80,51 @@ def test_ctrl_c_ends_the_run_in_one_line_with_the_engine_stopped(micro_dir, requ
     assert output.read_text() == "first\n"
     (engine,) = engines
     assert engine.thread is not None and not engine.thread.is_alive()
+
+
+@pytest.mark.parametrize("command", ["retnet-run-batch", "retnet-serve", "python -m retnet.serve.demo"])
+def test_ctrl_c_during_the_imports_is_the_same_one_line_and_status_130(command, micro_dir, requests_file, tmp_path,
+                                                                       capsys, monkeypatch):
+    """The imports of torch and transformers (retnet.register) take seconds before any model loads: a Ctrl-C then was
+    a traceback of wherever the import was, not the one line and status 130 of a Ctrl-C in the batch."""
+    import retnet
+    from retnet.serve import demo, run_batch
+    from retnet.serve.__main__ import main as serve_main
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retnet, "register", interrupted)
+    main, args = {"retnet-run-batch": (run_batch.main, ["-i", str(requests_file), "-o", str(tmp_path / "out.jsonl")]),
+                  "retnet-serve": (serve_main, []), "python -m retnet.serve.demo": (demo.main, [])}[command]
+    if command == "python -m retnet.serve.demo":  # (its import of retnet registers; its main imports the rest)
+        monkeypatch.setattr(demo, "pick_port", lambda *args: interrupted())
+    try:  # (a KeyboardInterrupt let through would end the whole test session)
+        main(["--model", str(micro_dir), *args])
+        status = "returned"
+    except SystemExit as exited:
+        status = exited.code
+    except KeyboardInterrupt:
+        status = "KeyboardInterrupt raised"
+    assert status == 130
+    assert capsys.readouterr().err == f"{command}: interrupted\n"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_engine_that_does_not_start_is_named_once(micro_dir, requests_file, engines, tmp_path, capsys, monkeypatch):
+    """The engine's failure is its bare cause (``failure``); the text requests and /health give (``dead``) is built
+    from it in one place. retnet-run-batch printed "the engine did not start: engine failed: ...", and retnet-serve
+    and the demo cut that prefix off the text again."""
+    from retnet.serve.engine import Engine
+    from retnet.serve.run_batch import main
+
+    def fail(self):
+        raise RuntimeError("no weights")
+
+    monkeypatch.setattr(Engine, "_load", fail)
+    status = main(["--model", str(micro_dir), "-i", str(requests_file), "-o", str(tmp_path / "out.jsonl")])
+    assert status == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "retnet-run-batch: the engine did not start: RuntimeError: no weights")
+    (engine,) = engines
+    assert (engine.failure, engine.dead) == ("RuntimeError: no weights", "engine failed: RuntimeError: no weights")

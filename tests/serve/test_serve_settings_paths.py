@@ -106,3 +106,41 @@ def test_a_null_max_new_tokens_override_drops_the_files_value(tmp_path):
     defaults = generation_defaults(settings)
     assert defaults == {"temperature": 0.3}
     assert resolve_max_tokens(settings, defaults) == 256
+
+
+@pytest.mark.parametrize(("flags", "variable", "shown"), [
+    (["--api-keys", ","], None, ","), (["--api-keys", " , "], None, " , "), (["--api-keys", "k1", ","], None, ","),
+    ([], ",", ","),
+])
+def test_api_keys_that_name_no_key_are_refused_not_read_as_no_auth(flags, variable, shown, monkeypatch, capsys):
+    # `--api-keys ,` was the empty list: the server, asked for keys, ran without auth.
+    if variable is not None:
+        monkeypatch.setenv("RETNET_API_KEYS", variable)
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--model", "m", *flags])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    source = "RETNET_API_KEYS, --api-keys" if variable is not None else "--api-keys"
+    assert f"api_keys ({source}) names no key; got {shown!r}" in err, err
+    monkeypatch.setenv("RETNET_API_KEYS", "")  # empty (a compose file's unset ${VAR:-}): still no auth, as unset
+    assert parse_settings(["--model", "m"]).api_keys == []
+
+
+def test_a_repeated_lora_modules_flag_adds_and_a_name_given_twice_is_refused(capsys):
+    # argparse kept the last flag's values alone: the first flag's adapters were dropped, and a name given again
+    # in a second flag silently took its new path.
+    settings = parse_settings(["--model", "m", "--lora-modules", "a=/x", "--lora-modules", "b=/y"])
+    assert [(m["name"], m["path"]) for m in settings.lora_modules] == [("a", "/x"), ("b", "/y")]
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--model", "m", "--lora-modules", "a=/x", "--lora-modules", "a=/y"])
+    assert exited.value.code == 2
+    assert "'a' is given twice" in capsys.readouterr().err
+    assert parse_settings(["--model", "m", "--api-keys", "k1", "--api-keys", "k2"]).api_keys == ["k1", "k2"]
+
+
+def test_dir_of_the_package_lists_its_lazy_exports():
+    # ServeSettings is loaded on first use (__getattr__); dir() and a REPL's completion left it out.
+    import retnet.serve
+
+    assert set(retnet.serve.__all__) <= set(dir(retnet.serve))
+    assert all(hasattr(retnet.serve, name) for name in dir(retnet.serve))

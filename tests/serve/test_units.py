@@ -440,7 +440,7 @@ async def test_a_request_submitted_as_the_engine_dies_is_refused_not_left_hangin
 
         def __enter__(self):
             engine.cond = lock
-            engine.dead = "engine failed: simulated"
+            engine.failure = "simulated"
             engine._fail_all(engine.dead)
             return lock.__enter__()
 
