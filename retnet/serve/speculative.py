@@ -177,6 +177,7 @@ class DraftModel:
         prefill is), its state then shared by them; past the prompt each feeds its own tokens."""
         drafts: list[list[int]] = [[] for _ in running]
         room_of: dict[int, int] = {}
+        steady: set[int] = set()  # the rows at most k + 1 tokens behind: their steady feed
         for i, seq in enumerate(running):
             room = min(self.k, seq.group.params.max_tokens - len(seq.tokens) - 1)
             if room <= 0 or seq.done:
@@ -186,12 +187,14 @@ class DraftModel:
             if total <= fed:  # every step samples a token: a state holding them all is a bug, not a case
                 raise AssertionError(f"the draft state holds {fed} tokens of {total}")
             room_of[i] = room
+            if total - fed <= self.k + 1:
+                steady.add(i)
         # The rows catching up within their prompt, by (prompt, tokens held): those of one key hold the same state.
-        # A row at most k + 1 tokens behind is fed them at once, whatever the budget (below), not queued as a group.
+        # A steady row is fed its tokens at once, whatever the budget (below), not queued as a group.
         in_prompt: dict[tuple[int, int], list[int]] = {}
         for i in room_of:
             seq = running[i]
-            if _fed(seq) < len(seq.group.inputs) and len(seq.group.inputs) + len(seq.tokens) - _fed(seq) > self.k + 1:
+            if i not in steady and _fed(seq) < len(seq.group.inputs):
                 in_prompt.setdefault((id(seq.group), _fed(seq)), []).append(i)
         sharing = {i for rows in in_prompt.values() if len(rows) > 1 for i in rows}
         ends: dict[int, int] = {}  # row -> how many of its tokens its draft state holds after this step's feed
@@ -199,12 +202,9 @@ class DraftModel:
         behind: dict[int, list[int]] = {}
         for i in room_of:
             seq = running[i]
-            if i in sharing:
-                continue
-            total = len(seq.group.inputs) + len(seq.tokens)
-            if total - _fed(seq) <= self.k + 1:
-                ends[i] = total
-            else:
+            if i in steady:
+                ends[i] = len(seq.group.inputs) + len(seq.tokens)
+            elif i not in sharing:
                 behind[id(seq)] = [i]
         behind.update((id(running[rows[0]]), rows) for rows in in_prompt.values() if len(rows) > 1)
         # Those still behind keep their turn; the others are forgotten (they left, or caught up).

@@ -278,19 +278,31 @@ _SUBSCHEMAS = ("items", "prefixItems", "additionalItems", "contains", "additiona
                "unevaluatedItems", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "not", "if", "then", "else")
 
 
-def _closed(node: Any) -> Any:
-    """vLLM's ``disable_additional_properties``: the schema with ``additionalProperties: false`` on every object
-    that lists its properties and does not say otherwise (vLLM's guidance backend does the same)."""
+def _schema_map(node: Any, transform) -> Any:
+    """The schema with ``transform`` applied to each of its objects, innermost first: it is handed a new dict
+    (its to change) whose subschemas are already transformed. Every value but data (``_DATA_KEYWORDS``) is
+    walked; a ``_SCHEMA_MAPS`` value's keys are names, not a schema, and only its values are walked."""
     if isinstance(node, list):
-        return [_closed(item) for item in node]
+        return [_schema_map(item, transform) for item in node]
     if not isinstance(node, dict):
         return node
     out = {key: value if key in _DATA_KEYWORDS
-           else {name: _closed(sub) for name, sub in value.items()} if key in _SCHEMA_MAPS and isinstance(value, dict)
-           else _closed(value) for key, value in node.items()}
-    if "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
-        out["additionalProperties"] = False
-    return out
+           else {name: _schema_map(sub, transform) for name, sub in value.items()}
+           if key in _SCHEMA_MAPS and isinstance(value, dict)
+           else _schema_map(value, transform) for key, value in node.items()}
+    return transform(out)
+
+
+def _closed(node: Any) -> Any:
+    """vLLM's ``disable_additional_properties``: the schema with ``additionalProperties: false`` on every object
+    that lists its properties and does not say otherwise (vLLM's guidance backend does the same)."""
+    return _schema_map(node, _close)
+
+
+def _close(node: dict) -> dict:
+    if "additionalProperties" not in node and ("properties" in node or "patternProperties" in node):
+        node["additionalProperties"] = False
+    return node
 
 
 def _text(param: str, value: Any) -> str:
@@ -348,20 +360,16 @@ def _tags_required(node: Any) -> Any:
     writes a tag with a default (``kind: Literal["cat"] = "cat"``) as optional: open branches then overlap, and the
     oneOf was a 400; closed ones compiled, but a text could leave the tag out, which pydantic refuses ("Unable to
     extract tag"). Required, the branches are disjoint by their tags' ``const``s, and the oneOf is exact."""
-    if isinstance(node, list):
-        return [_tags_required(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: value if key in _DATA_KEYWORDS
-           else {name: _tags_required(sub) for name, sub in value.items()}
-           if key in _SCHEMA_MAPS and isinstance(value, dict)
-           else _tags_required(value) for key, value in node.items()}
-    discriminator, required = out.get("discriminator"), out.get("required", [])
+    return _schema_map(node, _tag_required)
+
+
+def _tag_required(node: dict) -> dict:
+    discriminator, required = node.get("discriminator"), node.get("required", [])
     tag = discriminator.get("propertyName") if isinstance(discriminator, dict) else None
-    if (isinstance(tag, str) and ("oneOf" in out or "anyOf" in out) and isinstance(required, list)
+    if (isinstance(tag, str) and ("oneOf" in node or "anyOf" in node) and isinstance(required, list)
             and tag not in required):
-        out["required"] = [*required, tag]
-    return out
+        node["required"] = [*required, tag]
+    return node
 
 
 def _check_patterns(param: str, node: Any) -> None:
