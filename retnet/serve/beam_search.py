@@ -105,10 +105,12 @@ def next_beams(live: list[Beam], steps: list[TokenLogprob], width: int, eos_ids:
                alternatives: int | None) -> tuple[list[Beam], list[Beam]]:
     """One step: ``steps[i]`` is beam i's next-token entry, its ``top`` the likeliest tokens best first. Returns the
     ``width`` beams that go on (the highest cumulative logprobs; ties in beam order, then the token's rank) and
-    those each candidate EOS ends (vLLM keeps every one of them among the finished)."""
+    those each candidate EOS ends (vLLM keeps every one of them among the finished). A beam's candidates are its
+    ``2 * width`` likeliest tokens, however many ``top`` lists (the request's logprobs may ask for more): an EOS
+    further down ended a beam only when logprobs were asked for, and so changed the answer."""
     candidates, ended = [], []
     for order, (beam, step) in enumerate(zip(live, steps)):
-        for rank, choice in enumerate(step.top):
+        for rank, choice in enumerate(step.top[: 2 * width]):
             if choice.token_id in eos_ids:
                 ended.append(beam.extended(step, choice, alternatives, ended=True))
             else:
@@ -168,6 +170,9 @@ class BeamSearch:
     text: Callable[[list[int], list[int]], Awaitable[str]]
     # Tags its steps' prefix cache entries, of which the cache keeps the last two steps' (PrefixCache.insert).
     search_id: int = dataclasses.field(default_factory=lambda: next(_SEARCH_IDS))
+    # Called with search_id once the search has ended and no step of it runs: its entries can go
+    # (PrefixCache.end_search).
+    ended: Callable[[int], None] | None = None
 
     def start(self, first: RequestHandle) -> BeamSearchHandle:
         """Run the search from its first step, ``first`` (each prompt alone, already submitted)."""
@@ -185,6 +190,9 @@ class BeamSearch:
             logger.error("a beam search failed", exc_info=exc)
             result.queue.put_nowait(EngineFailure(f"the request failed: {type(exc).__name__}: {exc}", 500,
                                                   "internal_error"))
+        finally:
+            if self.ended is not None:
+                self.ended(self.search_id)
 
     async def _search(self, result: BeamSearchHandle, first: RequestHandle) -> None:
         steps = await self._outputs(result, first)

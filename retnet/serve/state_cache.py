@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,6 +67,8 @@ class PrefixCache:
         self.entries: dict[tuple, PrefixEntry] = {}
         self.nbytes = 0
         self.evictions = 0  # entries evicted to stay within the bounds (not those of an adapter unloaded)
+        # Beam searches ended (end_search, from the event loop), whose steps' entries the scheduler thread frees.
+        self.ended_searches: deque[int] = deque()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -74,6 +76,7 @@ class PrefixCache:
     def lookup(self, tokens: list[int] | tuple[int, ...], adapter: int = 0) -> PrefixEntry | None:
         """The entry of the longest cached prefix of ``tokens`` (the whole of it included) computed under LoRA
         ``adapter`` (0: the base model; a state depends on the weights that made it), or None."""
+        self._drop_ended_searches()
         if not self.entries:
             return None
         tokens = tuple(tokens)
@@ -93,6 +96,7 @@ class PrefixCache:
     def insert(self, tokens: list[int] | tuple[int, ...], cache: RetNetCache, logits: torch.Tensor | None,
                adapter: int = 0, tag: tuple[int, int] | None = None) -> None:
         tokens = tuple(tokens)
+        self._drop_ended_searches()
         if self.max_entries == 0 or len(tokens) < self.min_tokens:
             return
         if tag is not None:
@@ -103,6 +107,10 @@ class PrefixCache:
             self._touch(key)
             if tag is None:  # an ordinary request's too now: not freed with the beam search's steps
                 old.tag = None
+            elif old.tag is not None:
+                # Another search's, at the same step (the same prompt): it is this one's now, which inserted it
+                # last and needs it next step, when the other may have moved on (or ended) and freed it.
+                old.tag = tag
             grown = held_bytes(old.cache, logits)
             if old.logits is None and logits is not None and grown <= self.max_bytes:
                 old.logits = logits.detach().clone()
@@ -129,6 +137,23 @@ class PrefixCache:
         search, step = tag
         for key in [key for key, entry in self.entries.items()
                     if entry.tag is not None and entry.tag[0] == search and entry.tag[1] <= step - 2]:
+            self.nbytes -= self.entries.pop(key).nbytes
+
+    def end_search(self, search: int) -> None:
+        """Beam search ``search`` has ended (answered, cancelled or failed): its last two steps' entries are freed at
+        the cache's next use. No step of it starts from them again, and kept, every search left ``2n`` dead states
+        in the LRU (ten searches of 3 beams filled 60 of its 64 entries, evicting the prompts of others). Safe from
+        any thread: the scheduler thread frees them."""
+        if self.max_entries:  # (a cache of none is never used, nor drained)
+            self.ended_searches.append(search)
+
+    def _drop_ended_searches(self) -> None:
+        if not self.ended_searches:
+            return
+        ended = set()
+        while self.ended_searches:
+            ended.add(self.ended_searches.popleft())
+        for key in [key for key, entry in self.entries.items() if entry.tag is not None and entry.tag[0] in ended]:
             self.nbytes -= self.entries.pop(key).nbytes
 
     def drop_adapter(self, adapter: int) -> None:

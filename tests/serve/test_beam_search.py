@@ -149,6 +149,33 @@ async def test_a_cancelled_beam_search_ends_every_choice_and_frees_its_slots(cli
             break
         await asyncio.sleep(0.01)
     assert engine.in_system == 0
+    # its steps' prefix cache entries are freed at the cache's next use, not left to the LRU
+    r = await client.post("/v1/completions", json={"prompt": "for i in", "max_tokens": 1, **GREEDY})
+    assert r.status_code == 200, r.text
+    assert all(entry.tag is None for entry in engine.prefix_cache.entries.values())
+
+
+async def test_the_logprobs_asked_for_change_no_beam(client):
+    """A beam's candidates are its 2n likeliest tokens, as vLLM's: with logprobs asking for more, an EOS ranked
+    past 2n ended a beam (and, short, it ranked first), so that asking for logprobs changed the answer."""
+    engine = client.app.state.engine
+    prompt, width = "Hello world", 2
+    first = (await client.post("/v1/completions", json={
+        "prompt": prompt, "max_tokens": 1, "logprobs": 20, "return_tokens_as_token_ids": True, **GREEDY})).json()
+    ranked = list(first["choices"][0]["logprobs"]["top_logprobs"][0])
+    engine.eos_ids = {int(ranked[2 * width + 2].removeprefix("token_id:"))}  # the 7th likeliest first token
+    answers = []
+    for extra in ({}, {"logprobs": 20}, {"logprobs": 0}):
+        r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "n": width, **extra,
+                                                       **BEAMS})
+        assert r.status_code == 200, r.text
+        answers.append([(c["token_ids"], c["finish_reason"]) for c in r.json()["choices"]])
+    assert answers[0] == answers[1] == answers[2]
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                        "max_tokens": 4, "n": width, "logprobs": True,
+                                                        "top_logprobs": 20, **BEAMS})
+    assert r.status_code == 200, r.text
+    assert all(len(entry["top_logprobs"]) == 20 for c in r.json()["choices"] for entry in c["logprobs"]["content"])
 
 
 async def test_best_of_returns_the_n_candidates_of_highest_mean_logprob(client):
@@ -212,7 +239,8 @@ async def test_chat_tool_grammar_is_refused_with_beams_and_no_ops_pass(client):
 
 async def test_a_beam_search_keeps_its_last_two_steps_in_the_prefix_cache_and_other_prompts_theirs(client):
     """A search's steps' states are freed two steps on (a step starts from the one before it): kept, one 30-token
-    search left n states a step and pushed every other prompt's entry out of the LRU (64 entries)."""
+    search left n states a step and pushed every other prompt's entry out of the LRU (64 entries). Once it has
+    ended, its last two steps' go too: kept, ten searches of 3 beams filled the LRU with 60 dead states."""
     engine = client.app.state.engine
     other = {"prompt": "for i in range(10): print(i)", "max_tokens": 1, **GREEDY}
     await client.post("/v1/completions", json=other)
@@ -226,6 +254,8 @@ async def test_a_beam_search_keeps_its_last_two_steps_in_the_prefix_cache_and_ot
     assert 0 < len(tagged) <= 2 * width and {entry.tag[1] for entry in tagged} == {tokens - 2, tokens - 1}
     after = (await client.post("/v1/completions", json=other)).json()
     assert after["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+    assert all(entry.tag is None for entry in engine.prefix_cache.entries.values())
+    assert engine.prefix_cache.nbytes == sum(entry.nbytes for entry in engine.prefix_cache.entries.values())
 
 
 async def test_more_beams_than_tokens_is_refused_by_name(client):
@@ -259,6 +289,18 @@ def test_the_prefix_cache_frees_a_searchs_steps_two_back_and_nothing_else():
     for beam in (7, 8):
         prefix.insert((1, 2, *[beam] * 5), cache, None, tag=(5, 5))
     assert (1, 2, 7, 7, 7) in prefix.entries and (1, 2, 8, 8, 8) not in prefix.entries
+    # a search ended: its entries go at the next lookup (or insert), another search's and the ordinary ones stay
+    prefix.end_search(5)
+    assert prefix.lookup((3,)) is None
+    assert sorted(prefix.entries) == sorted([(1, 2), (1, 2, 7, 7, 7), (1, 2, 9, 9, 9, 9)])
+    assert prefix.nbytes == sum(entry.nbytes for entry in prefix.entries.values())
+    # two searches of one prompt make the same entries: the one that inserted an entry last keeps it, freed neither
+    # by the other's later steps nor by its end (it needs it next step)
+    prefix.insert((4, 1), cache, None, tag=(10, 1))
+    prefix.insert((4, 1), cache, None, tag=(11, 1))
+    prefix.insert((4, 1, 1, 1), cache, None, tag=(10, 3))
+    prefix.end_search(10)
+    assert prefix.lookup((4, 1, 5)) is prefix.entries[(4, 1)] and prefix.entries[(4, 1)].tag == (11, 1)
 
 
 async def test_a_step_refused_by_a_full_server_waits_for_places(client, monkeypatch):
