@@ -257,6 +257,17 @@ def smelu(x: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
 # -- modules ---------------------------------------------------------------------------------------------
 
 
+def _former_scalars_as_one_element(state_dict: dict, prefix: str, keys: tuple[str, ...]) -> None:
+    """Reshape to ``[1]``, in ``state_dict``, the parameters ``keys`` that checkpoints written before they became
+    one-element tensors (for FSDP2) hold 0-dim: SAU's and a trainable gSmeLU's. Training resumes load them through
+    this; transformers 5's ``from_pretrained`` does not call ``_load_from_state_dict``: modeling_retnet registers a
+    checkpoint conversion that reshapes them there."""
+    for key in keys:
+        value = state_dict.get(prefix + key)
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            state_dict[prefix + key] = value.reshape(1)
+
+
 class Activation(nn.Module):
     """Base class of the registered activations: elementwise, shape-preserving."""
 
@@ -376,13 +387,7 @@ class SAU(Activation):
         self.log_sigma.fill_(math.log(self.init_sigma))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before the parameters became [1] hold them 0-dim (training resumes load them here;
-        # transformers 5's from_pretrained does not call this hook: modeling_retnet registers a checkpoint conversion
-        # that reshapes them there).
-        for key in ("alpha", "log_sigma"):
-            value = state_dict.get(prefix + key)
-            if isinstance(value, torch.Tensor) and value.dim() == 0:
-                state_dict[prefix + key] = value.reshape(1)
+        _former_scalars_as_one_element(state_dict, prefix, ("alpha", "log_sigma"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -450,6 +455,11 @@ class GeneralizedSmeLU(Activation):
         if self.trainable:
             for key, value in self.init_values.items():
                 getattr(self, key).fill_(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.trainable:  # (fixed, there is nothing in the state dict)
+            _former_scalars_as_one_element(state_dict, prefix, _GSMELU_PARAMETERS)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.trainable:

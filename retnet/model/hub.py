@@ -43,7 +43,8 @@ class HubError(FileNotFoundError):
 
 def is_hub_id(source: str | os.PathLike) -> bool:
     text = str(source)
-    return (bool(_HUB_ID.match(text)) and "--" not in text and ".." not in text and not text.endswith(".")
+    # fullmatch: match's $ also matches before a final newline, which the hub refuses ("org/name\n")
+    return (bool(_HUB_ID.fullmatch(text)) and "--" not in text and ".." not in text and not text.endswith(".")
             and not text.endswith(".git"))
 
 

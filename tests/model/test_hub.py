@@ -12,6 +12,7 @@ from retnet.model.hub import HubError, is_hub_id, resolve_pretrained
     ("org/name", True), ("name", True), ("Org-1/retnet_1.3B-v2", True),
     ("/abs/path", False), ("./relative", False), ("a/b/c", False), ("~/model", False), ("org/", False),
     ("-org/name", False), ("org/na--me", False), ("org/..", False), ("org/name.", False), ("", False),
+    ("org/name\n", False),  # (a regex $ matches before a final newline; the hub refuses it)
 ])
 def test_what_counts_as_a_hub_id(source, expected):
     assert is_hub_id(source) is expected
