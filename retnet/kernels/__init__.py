@@ -23,6 +23,8 @@ triton installed and tests can set ``TRITON_INTERPRET`` first.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
@@ -39,6 +41,13 @@ def use_triton(x) -> bool:
         raise ValueError(f"RETNET_KERNELS must be auto, torch or triton; got {choice!r}")
     if choice == "torch" or not isinstance(x, torch.Tensor):
         return False  # (a non-tensor q goes to the reference, whose input rules refuse it with a ValueError)
+    if (choice == "triton" or x.is_cuda) and not torch.compiler.is_compiling() and not _triton_installed():
+        # (else a ModuleNotFoundError from deep inside the first layer, naming neither the setting nor the way out;
+        # compiling, torch's own kernels need triton, so it is there)
+        raise ValueError(
+            f"RETNET_KERNELS={choice}: {x.device} tensors go to the Triton kernels, but triton is not installed: "
+            "pip install 'retnet-stack[triton]', or set RETNET_KERNELS=torch for the PyTorch references"
+        )
     if choice == "triton":
         if not x.is_cuda and not _kernels_interpreted():
             # Compiled kernels can't read host memory: Triton would fail deep in its launcher with a
@@ -49,6 +58,11 @@ def use_triton(x) -> bool:
             )
         return True
     return x.is_cuda
+
+
+@functools.cache  # (the ops ask per call, a decode step once per layer)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _kernels_interpreted() -> bool:

@@ -32,8 +32,10 @@ from unittest import mock
 
 import torch
 
-# Largest shared memory one block can opt into, in bytes, per compute capability (CUDA programming guide).
-MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Largest shared memory one block can opt into, in bytes, per compute capability (CUDA programming guide). An arch
+# not listed is refused: its limit read as 0 reported every launch as fitting no config (sm_100, sm_120).
+MAX_SHARED_BYTES = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                    120: 101376}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
                   torch.int32: "*i32", torch.int64: "*i64"}
@@ -189,9 +191,10 @@ def narrow_offsets(ttir: str, pointer_args: Iterable[str]) -> list[str]:
 
 
 def _matmul_instructions(ptx: str) -> str:
-    """Which tensor-core path the dots took: ``wgmma`` needs sm_90 and 4-warp groups, ``mma`` is the
-    sm_80 path, ``fma`` means no tensor cores at all."""
-    found = [name for name, marker in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if marker in ptx]
+    """Which tensor-core path the dots took: ``tcgen05`` is sm_100's (Blackwell data center), ``wgmma`` needs
+    sm_90 and 4-warp groups, ``mma`` is the sm_80 path, ``fma`` means no tensor cores at all."""
+    markers = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"))
+    found = [name for name, marker in markers if marker in ptx]
     return "+".join(found) or "fma"
 
 
@@ -238,6 +241,11 @@ def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int],
     padded (False) and/or packed (True) layouts."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("retnet.kernels.aot compiles real kernels: unset TRITON_INTERPRET")
+    archs = list(archs)
+    unknown = sorted(set(archs) - set(MAX_SHARED_BYTES))
+    if unknown:
+        raise ValueError(f"arch {', '.join(map(str, unknown))}: no shared-memory limit known to check launches "
+                         f"against; known: {', '.join(map(str, sorted(MAX_SHARED_BYTES)))}")
     launches: set[Launch] = set()
     for dtype in dtypes:
         for head_dim in head_dims:
@@ -286,7 +294,8 @@ def unusable_launches(results: list[CompileResult]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 80 89 90")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(MAX_SHARED_BYTES),
+                        metavar="ARCH", help=f"compute capabilities among {sorted(MAX_SHARED_BYTES)}, e.g. 80 89 90")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--configs", choices=["all", "extremes", "default"], default="all")

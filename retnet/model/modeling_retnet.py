@@ -33,7 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from retnet import kernels
-from retnet.kernels.checks import SharedHostOffsets, log_decay_tensor
+from retnet.kernels.checks import CU_SEQLENS_DTYPES, SharedHostOffsets, log_decay_tensor
 from retnet.model.activations import SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
@@ -863,7 +863,8 @@ class RetNetModel(RetNetPreTrainedModel):
 
         token_mask = None
         if attention_mask is not None:
-            token_mask = attention_mask[:, -length:]
+            # (not [:, -length:]: with no new tokens, -0 kept the whole [B, past] mask for a [B, 0] input)
+            token_mask = attention_mask[:, attention_mask.shape[1] - length:]
         if position_ids is not None:
             if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
                 # Otherwise a broadcasting error deep in the rotary embedding, naming neither argument.
@@ -1262,10 +1263,17 @@ def _pack_padded_rows(token_mask: torch.Tensor, has_state: bool) -> tuple[torch.
 
 def _check_packed(cu_seqlens: torch.Tensor, batch: int, attention_mask, cache: RetNetCache | None) -> None:
     """A packed row has no padding to mask, and a cache must hold one row per packed sequence."""
+    if not isinstance(cu_seqlens, torch.Tensor):  # (a list of offsets failed on an AttributeError)
+        raise ValueError(f"cu_seqlens must be a torch.Tensor of [N + 1] offsets; got {type(cu_seqlens).__name__}")
     if batch != 1:
         raise ValueError(f"cu_seqlens needs the sequences packed into one row (B=1); got B={batch}")
     if attention_mask is not None:
         raise ValueError("cu_seqlens takes no attention_mask: a packed row has no padding")
+    if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
+        # the ops' rule, checked here before the positions are built from it (uint16 failed there on a RuntimeError
+        # of torch's type promotion, a float tensor on the ops' error naming an op the caller never called)
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in CU_SEQLENS_DTYPES)
+        raise ValueError(f"cu_seqlens must be an integer tensor of {names}; got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
         raise ValueError(f"cu_seqlens must be [N + 1] offsets with N >= 1; got shape {tuple(cu_seqlens.shape)}")
     sequences = len(cu_seqlens) - 1
