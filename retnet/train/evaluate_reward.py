@@ -27,7 +27,6 @@ their 2B sequences packed into one row with ``cu_seqlens`` (chosen then rejected
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -39,10 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
 from retnet.train.evaluate import DTYPES, EXIT_OK, EvalError, _as_options, _finite_or_null, _refuse_options
-from retnet.train.preference import PairBatch, Pairs
-from retnet.train.reward import METRICS, cut_pairs, sequence_rewards
+from retnet.train.preference import Pairs
+from retnet.train.reward import METRICS, cut_pairs, scores_within_frames
 
 NO_CUT = 2**62  # the seq_len that cuts no pair: PairEncoder's room for the completions after the prompt
 
@@ -96,46 +94,19 @@ def read_pairs(dataset: str, tokenizer, *, name: str | None = None, split: str =
 def score_pairs(model, pairs: Pairs, *, batch_size: int = 1, progress=None) -> torch.Tensor:
     """``[N, 2]`` fp32 on the model's device: each pair's (chosen, rejected) rewards, ``batch_size`` pairs a
     forward packed as training packs them (:meth:`Pairs.batch`: one row of 2B ``cu_seqlens`` sequences). With xPos
-    a sequence longer than one packed frame runs alone, unpacked (:func:`_batch_rewards`)."""
+    a sequence longer than one packed frame runs alone, unpacked (:func:`~retnet.train.reward.scores_within_frames`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     device = next(model.parameters()).device
-    config = getattr(model, "config", None)
-    frame = xpos_span(config, XPOS_PACKED_MAX_GROWTH) if getattr(config, "use_xpos", False) else None
     out = torch.empty(len(pairs), 2, dtype=torch.float32, device=device)
     for lo in range(0, len(pairs), batch_size):
         ids = np.arange(lo, min(lo + batch_size, len(pairs)))
-        chosen, rejected = _batch_rewards(model, pairs.batch(ids).to(device), frame).chunk(2)
+        batch = pairs.batch(ids).to(device)
+        chosen, rejected = scores_within_frames(model, batch.input_ids, batch.cu_seqlens).chunk(2)
         out[lo:lo + len(ids)] = torch.stack([chosen, rejected], dim=1)
         if progress is not None:
             progress.update(len(ids))
     return out
-
-
-def _batch_rewards(model, batch: PairBatch, frame: int | None) -> torch.Tensor:
-    """:func:`~retnet.train.reward.sequence_rewards` of ``batch``, where a sequence longer than ``frame`` (an xPos
-    model's packed frame; None: no limit) is scored alone and unpacked, in the model's own frames, as the pooling
-    server scores such an input: packed, the model refuses it (XPosFrameError), and with it the whole batch."""
-    if frame is None:  # (no host read of the bounds: a model without xPos packs every batch whole)
-        return sequence_rewards(model, batch)
-    bounds = batch.cu_seqlens.tolist()
-    lengths = [hi - lo for lo, hi in itertools.pairwise(bounds)]
-    if max(lengths) <= frame:
-        return sequence_rewards(model, batch)
-    rewards = torch.empty(len(lengths), dtype=torch.float32, device=batch.input_ids.device)
-    short = [i for i, length in enumerate(lengths) if length <= frame]
-    if short:
-        ids = torch.cat([batch.input_ids[:, bounds[i]:bounds[i + 1]] for i in short], dim=1)
-        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths[i] for i in short)], dtype=batch.cu_seqlens.dtype,
-                                  device=batch.cu_seqlens.device)
-        rewards[short] = model(input_ids=ids, cu_seqlens=cu_seqlens, use_cache=False,
-                               return_dict=True).logits[:, 0].float()
-    for i in (i for i, length in enumerate(lengths) if length > frame):
-        ids = batch.input_ids[:, bounds[i]:bounds[i + 1]]
-        # The mask makes the last token the scored one (transformers' rule would skip a final EOS that is the pad id)
-        rewards[i] = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                           return_dict=True).logits[0, 0].float()
-    return rewards
 
 
 def reward_metrics(rewards: torch.Tensor, margins: torch.Tensor | None = None) -> dict[str, float]:

@@ -449,7 +449,7 @@ class GrpoData:
             cfg.loss_type, f"clip [{1 - cfg.epsilon:g}, {1 + cfg.epsilon_upper:g}]")
         logger.info("GRPO: %d prompts × %d generations = %d completions a generation (%d groups per rank), %d "
                     "step(s) on each (%s), at most %d tokens each (temperature %g, top_p %g%s, stop ids "
-                    "%s); rewards: %s; advantages scaled by the %s std; loss %s%s, beta %g, reference: %s",
+                    "%s); rewards: %s; advantages %s; loss %s%s, beta %g, reference: %s",
                     self.global_batch // cfg.num_generations, cfg.num_generations, self.global_batch,
                     self.global_batch // cfg.num_generations // self.world_size // (
                         1 if self.context is None else self.context.size), cfg.num_iterations, region,
@@ -458,7 +458,8 @@ class GrpoData:
                     + (f", min_p {drawn['min_p']:g}" if drawn["min_p"] else "")
                     + (f", repetition_penalty {drawn['repetition_penalty']:g}"
                        if drawn["repetition_penalty"] != 1.0 else ""),
-                    self.stops, weights, cfg.scale_rewards, cfg.loss_type,
+                    self.stops, weights, "not scaled (grpo.scale_rewards 'none')" if cfg.scale_rewards == "none" else
+                    f"scaled by the {cfg.scale_rewards} std", cfg.loss_type,
                     " (truncated completions masked)" if cfg.mask_truncated_completions else "", cfg.beta, what)
 
     def _reference(self, init_from: Path, config) -> torch.nn.Module:

@@ -49,6 +49,7 @@ from retnet.train.chat import template_identity
 from retnet.train.config import ConfigError, GrpoConfig
 from retnet.train.data import load_tokenizer, tokenizer_fingerprint
 from retnet.train.prompts import PromptEncoder, Prompts
+from retnet.train.reward import scores_within_frames
 
 
 def completion_text(completion: Any) -> str:
@@ -62,9 +63,15 @@ def completion_text(completion: Any) -> str:
 def solution_texts(answer: Any) -> set[str] | None:
     """The texts a completion may be to match ``answer`` (:func:`exact_match`), stripped; None for no answer (None,
     or NaN: a missing value as pandas and Parquet write one). A whole number read as a float matches its integer
-    text too: a JSON column of answers 42 and 3.5 is read as floats (42.0), the completion says "42"."""
+    text too: a JSON column of answers 42 and 3.5 is read as floats (42.0), the completion says "42". A
+    ValueError naming the column for an answer that is neither text nor a number (a list, a dict)."""
     if answer is None:
         return None
+    if not isinstance(answer, (str, numbers.Number)):
+        # str() of a list of accepted answers (or a message dict) is no completion's text: every completion would
+        # score 0.0, a flat reward curve with no word of why
+        raise ValueError(f"exact_match: the 'solution' column holds {type(answer).__name__} {answer!r:.80}; "
+                         f"expected the answer's text (or a number), or None to skip the row")
     texts = {str(answer).strip()}
     if isinstance(answer, numbers.Real) and not isinstance(answer, numbers.Integral):
         value = float(answer)
@@ -352,10 +359,9 @@ class RewardSources:
         for lo in range(0, len(sequences), chunk):
             part = sequences[lo:lo + chunk]
             bounds = torch.tensor(np.cumsum([0, *map(len, part)]), dtype=torch.long, device=self.device)
-            with self.autocast:
-                logits = self.model(input_ids=torch.from_numpy(np.concatenate(part)).to(self.device)[None],
-                                    cu_seqlens=bounds, use_cache=False, return_dict=True).logits
-            scores.append(logits[:, 0].float().cpu())
+            with self.autocast:  # (an xPos model's sequence past a packed frame: scored alone, not refused)
+                scores.append(scores_within_frames(self.model, torch.from_numpy(np.concatenate(part)).to(
+                    self.device)[None], bounds).cpu())
         return torch.cat(scores)
 
 
