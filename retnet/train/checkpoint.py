@@ -436,6 +436,13 @@ def _verify(path: Path) -> dict[str, Any]:
     if not isinstance(files, dict) or type(manifest.get("step")) is not int:
         raise CheckpointError(f"checkpoint {str(manifest_path)!r} is malformed: not an object with an integer "
                               f"'step' and a 'files' object")
+    # resume=auto and keep_last go by the name: a copy put by hand under a higher step_N would be resumed from at
+    # every relaunch, going back to its own step each time
+    named = STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != manifest["step"]:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds step {manifest['step']} ({MANIFEST}), not step "
+                              f"{int(named.group(1))} as its name says (copied or renamed by hand?): rename it "
+                              f"{step_dir_name(manifest['step'])}")
     layout = manifest.get("layout", "full")  # absent: written before the sharded layout
     if layout not in ("full", "sharded"):
         raise CheckpointError(f"checkpoint {str(manifest_path)!r} is malformed: unknown layout {layout!r}")

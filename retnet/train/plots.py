@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+PLOT_TEMP_PREFIX = ".tmp-"
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -106,9 +110,31 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return Path(out_png)
+    out_png = Path(out_png)
+    # Redrawn while the run goes on: a viewer (or a run killed mid-write) must never meet half a PNG
+    tmp = out_png.with_name(f"{PLOT_TEMP_PREFIX}{out_png.name}-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out_png)
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return out_png
 
 
-__all__ = ["distilled", "loss_label", "plot_losses", "read_metrics"]
+def remove_stale_plots(out_png: Path, *, keep: bool) -> list[Path]:
+    """Remove the temporary files of draws of ``out_png`` cut short (a process killed while writing) and, unless
+    ``keep``, ``out_png`` itself: the plot of an earlier run in that directory, which would pass for this run's
+    until this one draws its own. Returns what was removed."""
+    out_png = Path(out_png)
+    stale = [*out_png.parent.glob(f"{PLOT_TEMP_PREFIX}{out_png.name}-*"), *([] if keep else [out_png])]
+    removed = []
+    for path in stale:
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+__all__ = ["distilled", "loss_label", "plot_losses", "read_metrics", "remove_stale_plots"]

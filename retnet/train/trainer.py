@@ -62,6 +62,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from time import monotonic
 from typing import Any, NoReturn
 
 import numpy as np
@@ -209,6 +210,7 @@ class Trainer:
         self.signal_received = False
         self._writer = self._progress = self._metrics = self._wandb = None
         self._completed = False  # train() returned: the W&B run finishes as finished, else as failed
+        self._plotted_at: float | None = None  # when loss.png was last drawn (math.inf: matplotlib is missing)
         self._previous_handlers: dict[int, Any] = {}
         _setup_logging(self.rank)
         if self.is_main:
@@ -228,6 +230,16 @@ class Trainer:
                 logger.warning("removed %s, the export of an earlier run in this train.output_dir (%s)",
                                self.output_dir / "export", "this run writes its own when it finishes"
                                if self.cfg.checkpoint.export else "this run writes none: checkpoint.export=false")
+            # likewise an earlier run's loss.png, drawn again by this run at its first evaluation or checkpoint (a
+            # resumed run's is its own: its metrics.jsonl keeps the records up to the checkpoint)
+            from retnet.train.plots import remove_stale_plots
+
+            try:
+                if self.output_dir / "loss.png" in remove_stale_plots(self.output_dir / "loss.png", keep=self.resumed):
+                    logger.info("removed %s, the loss plot of an earlier run in this train.output_dir",
+                                self.output_dir / "loss.png")
+            except OSError as error:  # a convenience: the run goes on
+                logger.warning("could not remove the loss plot of an earlier run: %s", error)
         barrier()
 
         # Data (and tokenizer): a resumed run keeps using the tokenizer its checkpoints were trained with; a
@@ -1416,6 +1428,7 @@ class Trainer:
         # The one this run saved or resumed from, not the newest step_* directory: that may be one resume=auto
         # skipped as invalid (a save cut short), which a resume would skip again (train.resume=PATH: elsewhere)
         last = self.last_checkpoint
+        self._plot(final=True)  # the curve up to the stop, for finding where it went wrong
         raise NonFiniteLossError(
             f"{problem} at step {self.step + 1}; stopping without saving. The last good checkpoint "
             f"is {str(last) if last else 'none (no checkpoint yet)'}; lower optim.lr or raise "
@@ -1502,8 +1515,11 @@ class Trainer:
                 break
             if eval_due and not final:
                 self.evaluate()
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not final:
+            save_due = bool(cfg.checkpoint.interval) and self.step % cfg.checkpoint.interval == 0
+            if save_due and not final:
                 self.save()
+            if (eval_due or save_due) and not final:
+                self._plot()
         interrupted = self.stop_requested
         val_loss = None
         if not interrupted and not self._final_step_evaluated():  # (a finished run resumed again only re-exports)
@@ -1523,15 +1539,7 @@ class Trainer:
                         f"could not write the export {str(self.output_dir / 'export')!r}: {error}. The checkpoint of "
                         f"step {self.step} is saved ({self.last_checkpoint}): free disk space (or fix the "
                         f"permissions) and rerun the command, which exports it again") from error
-            from retnet.train.plots import plot_losses
-
-            self._metrics.flush()
-            try:
-                plot_losses(self.metrics_path, self.output_dir / "loss.png",
-                            title=f"RetNet {self.model_name} ({self.n_params / 1e6:.2f}M params"
-                                  + (f", LoRA rank {cfg.lora.rank})" if cfg.lora.enabled else ")"))
-            except ImportError:  # a bring-your-own-torch machine without the [train] extra: keep the run
-                logger.warning("matplotlib is not installed; no loss.png (metrics.jsonl has the curve)")
+            self._plot(final=True)
             summary["val_loss"] = val_loss
             if interrupted:
                 logger.info("stopped by signal at step %d; outputs in %s%s", self.step, self.output_dir,
@@ -1541,6 +1549,33 @@ class Trainer:
         barrier()
         self._completed = True
         return summary
+
+    def _plot(self, final: bool = False) -> None:
+        """Draw loss.png again from metrics.jsonl (rank 0), so that it follows the run: after an evaluation or a
+        checkpoint, at most once every ``_PLOT_EVERY_S`` seconds (a draw takes a tenth of a second or more), and
+        at the end. A plot that cannot be written (a full disk) is a warning: it is a convenience, and
+        metrics.jsonl holds the curve."""
+        if not self.is_main or self._plotted_at == math.inf:
+            return
+        now = monotonic()
+        if not final and self._plotted_at is not None and now - self._plotted_at < _PLOT_EVERY_S:
+            return
+        self._plotted_at = now
+        self._metrics.flush()
+        try:
+            from retnet.train.plots import plot_losses
+
+            plot_losses(self.metrics_path, self.output_dir / "loss.png",
+                        title=f"RetNet {self.model_name} ({self.n_params / 1e6:.2f}M params"
+                              + (f", LoRA rank {self.cfg.lora.rank})" if self.cfg.lora.enabled else ")"))
+        except ImportError:  # a bring-your-own-torch machine without the [train] extra: keep the run
+            logger.warning("matplotlib is not installed; no loss.png (metrics.jsonl has the curve)")
+            self._plotted_at = math.inf
+        except Exception as failure:
+            if (error := _os_error(failure)) is None:
+                raise
+            logger.warning("could not write %s: %s (metrics.jsonl has the curve)", self.output_dir / "loss.png",
+                           error)
 
     def _final_step_evaluated(self) -> bool:
         """Whether metrics.jsonl holds the validation of the step the run ends at. A run that trained evaluates
@@ -1667,6 +1702,10 @@ class Trainer:
             # error ended it (a non-finite loss, an exception, also after the last step: W&B's "failed")
             self._wandb.finish(exit_code=0 if self._completed else 1)
             self._wandb = None
+
+
+# The least time between two draws of loss.png while a run goes on (evaluations may come every few seconds)
+_PLOT_EVERY_S = 30.0
 
 
 def _vocab_fingerprint(tokenizer) -> str:

@@ -491,6 +491,24 @@ def test_pruning_keeps_the_checkpoint_just_saved_under_a_newer_invalid_one(tmp_p
     assert len(list(tmp_path.glob("step_00000010.corrupt-*"))) == 1
 
 
+def test_a_checkpoint_copied_under_another_steps_name_is_skipped(tmp_path, caplog):
+    """resume=auto picks by the step_N name: step 2 copied by hand to step_00000009 verified (its files match its
+    manifest) and was resumed from at every relaunch, going back to step 2 each time. Its manifest's step must be
+    its name's: skipped under auto with a warning naming both, refused by name."""
+    state = dict(model={"w": torch.zeros(2)}, optimizer={}, trainer={})
+    save_checkpoint(tmp_path, 2, **state, keep_last=3)
+    shutil.copytree(tmp_path / "step_00000002", tmp_path / "step_00000009")
+    with pytest.raises(CheckpointError, match=r"step_00000009'.* holds step 2 .*not step 9 .*rename it step_00000002"):
+        verify_checkpoint(tmp_path / "step_00000009")
+    with caplog.at_level("WARNING", logger="retnet.train.checkpoint"):
+        assert find_resume_checkpoint(tmp_path) == tmp_path / "step_00000002"
+    assert "holds step 2" in caplog.text and "not step 9" in caplog.text
+    (tmp_path / "step_00000002").rename(tmp_path / "only")
+    with pytest.raises(CheckpointError, match=r"no valid checkpoint.*holds step 2"):
+        find_resume_checkpoint(tmp_path)
+    assert verify_checkpoint(tmp_path / "only")["step"] == 2  # under a name that is no step_N: taken as it says
+
+
 def test_pruning_counts_only_valid_checkpoints(tmp_path, monkeypatch):
     """keep_last counts checkpoints that verify: an invalid step 3 (a file corrupted in place, same size) must
     not take the place of the valid step 2, which would leave step 4 the only one to resume from. The invalid

@@ -1,0 +1,118 @@
+"""loss.png while a run goes on: drawn again at its checkpoints and evaluations (not only when it ends), an earlier
+run's removed at the start, written whole or not at all, and a plot that cannot be written only a warning."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from retnet.train.trainer import Trainer
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The train curve's steps of each loss plot drawn, in order (the figures caught as pyplot closes them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps: list[list[float]] = []
+    close = plt.close
+
+    def caught(fig=None):
+        if fig is not None:
+            steps.append(next(list(line.get_xdata()) for line in fig.axes[0].get_lines() if line.get_label() == "train"))
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", caught)
+    return steps
+
+
+def _fail_before_step(monkeypatch, step: int, fail) -> None:
+    """Make the run call ``fail(trainer)`` instead of training step ``step``."""
+    train_step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step",
+                        lambda self: fail(self) if self.step + 1 == step else train_step(self))
+
+
+def test_the_plot_follows_the_run_and_a_resumed_one_keeps_the_steps_before(micro, run_here, drawn, tmp_path,
+                                                                           monkeypatch):
+    """loss.png was drawn only when a run ended: a run in an output_dir holding an earlier run's plot showed that
+    old curve until it finished, and for good when it crashed. It is removed at the start and drawn at each
+    checkpoint; the resumed run's plot has the steps before the resume too (metrics.jsonl keeps them)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"an earlier run's curve")
+
+    def crash(trainer):
+        raise RuntimeError("killed")
+
+    train_step = Trainer.train_step
+    _fail_before_step(monkeypatch, 3, crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_here(micro(out, train__steps=4, checkpoint__interval=2))
+    assert (out / "loss.png").read_bytes().startswith(PNG)
+    assert drawn == [[1, 2]]  # at the checkpoint of step 2
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert run_here(micro(out, train__steps=4, checkpoint__interval=2)).returncode == 0
+    assert (out / "loss.png").read_bytes().startswith(PNG)
+    assert drawn[-1] == [1, 2, 3, 4]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_a_run_stopped_on_a_nan_loss_plots_its_curve_up_to_the_stop(micro, run_here, drawn, tmp_path, monkeypatch):
+    """A non-finite loss stops the run (exit status 3) before its end, where the plot was drawn: an earlier run's
+    loss.png stayed, passing for this run's curve."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"an earlier run's curve")
+    _fail_before_step(monkeypatch, 3, lambda trainer: trainer._stop_nonfinite("non-finite loss nan"))
+    assert run_here(micro(out, train__steps=4)).returncode == 3
+    assert (out / "loss.png").read_bytes().startswith(PNG)
+    assert drawn == [[1, 2]]
+
+
+def _full_disk(monkeypatch):
+    """Figure.savefig writing half a file, then failing as a full disk does."""
+    from matplotlib.figure import Figure
+
+    def savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(PNG[:4])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+
+
+def test_a_plot_that_cannot_be_written_is_a_warning(micro, run_here, tmp_path, monkeypatch):
+    """A full disk while drawing loss.png, after the checkpoint and the export were written, raised its OSError out
+    of the run: a traceback and a failing exit for a run that succeeded."""
+    out = tmp_path / "run"
+    _full_disk(monkeypatch)
+    done = run_here(micro(out, train__steps=2, checkpoint__export=True))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "could not write" in done.stderr and "No space left on device" in done.stderr
+    assert (out / "export" / "config.json").is_file() and (out / "checkpoints" / "step_00000002").is_dir()
+    assert not (out / "loss.png").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_a_plot_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Drawn while the run goes on, loss.png must never be half a PNG to whoever looks at it, nor after a draw
+    that failed: the earlier plot stays as it was."""
+    import json
+
+    from retnet.train.plots import plot_losses
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"kind": "train", "step": 1, "loss": 5.0}) + "\n")
+    assert plot_losses(metrics, tmp_path / "loss.png") == tmp_path / "loss.png"
+    before = (tmp_path / "loss.png").read_bytes()
+    _full_disk(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        plot_losses(metrics, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes() == before and before.startswith(PNG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
