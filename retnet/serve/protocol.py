@@ -6,7 +6,7 @@ the bounds here are the ones no setting changes. Extra fields beyond OpenAI's: `
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``include_stop_str_in_output``,
 ``allowed_token_ids``, ``truncate_prompt_tokens``, ``bad_words``, ``session_id``, ``return_token_ids``,
 ``prompt_logprobs``, ``skip_special_tokens``, ``spaces_between_special_tokens``, ``add_special_tokens``,
-``use_beam_search`` and ``length_penalty``;
+``use_beam_search``, ``length_penalty`` and ``best_of`` (OpenAI's for completions, vLLM's for chat too);
 chat's ``add_generation_prompt``, ``continue_final_message``, ``echo``, ``chat_template_kwargs`` and
 ``documents``. vLLM's ``/tokenize`` and ``/detokenize`` are here too.
 Tool calls (``tools`` with ``tool_choice`` ``"required"`` or a named function, or ``"auto"`` with the server's
@@ -104,7 +104,7 @@ STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "g
                             "structured_outputs", "grammar", "json_schema")
 # vLLM's other extras that change the output, each with the value that changes nothing (what passes; null always
 # does): a client sending another one would get output it did not ask for if they were ignored.
-UNSUPPORTED_EXTRAS: dict[str, Any] = {"logits_processors": None}
+UNSUPPORTED_EXTRAS: dict[str, Any] = {"logits_processors": None, "structural_tag": None}
 
 
 def not_run_unless_no_op(value: Any, no_op: Any) -> str | None:
@@ -166,8 +166,10 @@ class SamplingFields(RequestFields):
     """What both endpoints share: sampling, stopping, streaming and the server's extras."""
 
     # Unknown fields (user, metadata, ...) are accepted and ignored, as vLLM does, so clients that send them
-    # still work. Fields that would change the output (response_format, tools, best_of ...) are declared, so
-    # that serving can refuse the values it does not support by name instead of ignoring them.
+    # still work; so are vLLM's that change no answer here (request_id, cache_salt, kv_transfer_params, vllm_xargs,
+    # mm_processor_kwargs, guided_decoding_backend, guided_whitespace_pattern: see the README). Fields that would
+    # change the output (response_format, tools, best_of ...) are declared, so that serving can refuse the values
+    # it does not support by name instead of ignoring them.
     model_config = ConfigDict(extra="ignore")
 
     # bool is an int subclass, and lax validation takes JSON true as 1: n, max_tokens, seed, temperature ...
@@ -248,8 +250,12 @@ class SamplingFields(RequestFields):
     # a length_penalty other than 1 without it is refused. Strict: lax validation reads "yes" as true.
     use_beam_search: StrictBool = False
     length_penalty: float = Field(1.0, allow_inf_nan=False)
+    # OpenAI's (completions) and vLLM's (both endpoints): best_of candidates generated, the n with the highest mean
+    # logprob per token returned (not streamed).
+    best_of: int | None = Field(None, ge=1)
     # UNSUPPORTED_EXTRAS, refused likewise unless it holds the value that changes nothing.
     logits_processors: Any = None
+    structural_tag: Any = None
     # vLLM's: each logprobs entry's token (and its alternatives') as "token_id:<id>" rather than its text, which a
     # client cannot map back to an id when tokens decode alike (a byte split across tokens, U+FFFD); null: the
     # server's --return-tokens-as-token-ids.
@@ -335,8 +341,8 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
-    # OpenAI's: best_of candidates generated, the n with the highest mean logprob per token returned (not streamed).
-    best_of: int | None = Field(None, ge=1)
+    # vLLM's: prompts as embeddings, run beside the prompt's; refused (serving): dropped, their choices would be missing.
+    prompt_embeds: Any = None
     # vLLM's: the tokenizer's special tokens (a BOS) around the prompt text; false: the text's tokens alone.
     add_special_tokens: bool = True
 

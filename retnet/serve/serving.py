@@ -227,6 +227,9 @@ class OpenAIServing:
         self._check_common(request)
         if request.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
+        if request.prompt_embeds is not None:
+            raise APIError(400, "prompt_embeds: prompts as embeddings are not supported (send prompt: text or token "
+                           "ids)", "prompt_embeds", "unsupported_parameter")
         check_beam_search(request)
         best_of = self._best_of(request)
         if request.logprobs is not None and request.logprobs > self.settings.max_logprobs:
@@ -244,8 +247,7 @@ class OpenAIServing:
             params = self.checks.params(request, request.max_tokens, request.logprobs,
                                         bad_words=await self._bad_words(request))
             params.grammar = await self._grammar(request)
-            if best_of > request.n and params.logprobs is None:
-                params.logprobs = 0  # the candidates are ranked by their tokens' logprobs (not shown unless asked)
+            _score_candidates(params, request.n, best_of)
             # Scored once for both asks: the echo's logprobs and vLLM's prompt_logprobs, each keeping its top-k.
             asked = [k for k in (request.logprobs if request.echo else None, request.prompt_logprobs) if k is not None]
             params.prompt_logprobs = max(asked, default=None)
@@ -263,14 +265,14 @@ class OpenAIServing:
         choice_prompts = [prompts[i // request.n] for i in range(len(prompts) * request.n)]
         if request.stream:
             return sse_response(self._completion_chunks(request, handle, choice_prompts), handle)
-        outputs = billed = await collect_outputs(handle, raw)
-        if best_of > request.n:
-            outputs = best_of_choices(billed, request.n, best_of)
+        billed = await collect_outputs(handle, raw)
+        outputs = _chosen(billed, request.n, best_of)
         return await json_built(_answer_size(outputs, request.logprobs, request.prompt_logprobs),
                                  self._completion_response, request, handle, choice_prompts, outputs, billed)
 
-    def _best_of(self, request: CompletionRequest) -> int:
-        """The candidates each prompt of the completion generates: ``best_of`` (OpenAI's), at least ``n``."""
+    def _best_of(self, request: SamplingFields) -> int:
+        """The candidates each prompt of the request generates: ``best_of`` (OpenAI's; vLLM's for chat too), at
+        least ``n``."""
         if request.best_of is None:
             return request.n
         best_of = request.best_of
@@ -434,9 +436,10 @@ class OpenAIServing:
         run = await self.start_chat(request)
         if request.stream:
             return sse_response((sse(chunk) async for chunk in self.chat_chunks(request, run)), run.handle)
-        outputs = await collect_outputs(run.handle, raw)
+        billed = await collect_outputs(run.handle, raw)
+        outputs = _chosen(billed, request.n, run.best_of)
         return await json_built(_chat_answer_size(request, outputs),
-                                 lambda: dump(self._chat_response(request, run, outputs)))
+                                 lambda: dump(self._chat_response(request, run, outputs, billed)))
 
     async def start_chat(self, request: ChatCompletionRequest) -> ChatRun:
         """Check the request, template and tokenize its conversation, and submit it to the engine (the Responses
@@ -446,6 +449,7 @@ class OpenAIServing:
         check_chat_features(request)
         calling = tool_calling(request, self.settings.tool_call_parser)
         check_beam_search(request, tool_grammar=calling is not None and calling.parser is None)
+        best_of = self._best_of(request)
         if calling is not None and request.echo:
             raise APIError(400, "echo: not with tool calls (the answer is calls, not text continuing the last "
                            "message)", "echo")
@@ -483,23 +487,27 @@ class OpenAIServing:
                 # A tokenizer that marks the call tags as special tokens (Hermes 2 Pro) would drop them from the
                 # text the parser reads; vLLM's parser turns skipping off for such requests too.
                 params.skip_special_tokens = not self._special_tool_tags(calling)
+            _score_candidates(params, request.n, best_of)
             if request.use_beam_search:
                 handle = self._beam_search([prompt], params, request, [hint])
             else:
                 handle = self._submit([prompt], params, request, [hint], session=session,
-                                      leaves_pending=leaves_pending)
+                                      leaves_pending=leaves_pending, n=best_of)
         except BaseException:
             self._release_session(request, session)
             raise
-        return ChatRun(handle, calling, prompt)
+        return ChatRun(handle, calling, prompt, best_of)
 
     async def chat_response(self, request: ChatCompletionRequest, run: ChatRun, raw: Request) -> ChatCompletionResponse:
         """The whole response of a started chat (a client gone meanwhile cancels it: 499)."""
-        outputs = await collect_outputs(run.handle, raw)
-        return await _built(_chat_answer_size(request, outputs), self._chat_response, request, run, outputs)
+        billed = await collect_outputs(run.handle, raw)
+        outputs = _chosen(billed, request.n, run.best_of)
+        return await _built(_chat_answer_size(request, outputs), self._chat_response, request, run, outputs, billed)
 
-    def _chat_response(self, request: ChatCompletionRequest, run: ChatRun,
-                       outputs: list[list[SeqOutput]]) -> ChatCompletionResponse:
+    def _chat_response(self, request: ChatCompletionRequest, run: ChatRun, outputs: list[list[SeqOutput]],
+                       billed: list[list[SeqOutput]] | None = None) -> ChatCompletionResponse:
+        """The whole response of ``outputs``; the usage counts the tokens of ``billed`` (best_of's candidates, all
+        generated), by default ``outputs``'."""
         handle, calling, prompt = run.handle, run.calling, run.prompt
         choices = []
         for index, seq in enumerate(outputs):
@@ -524,7 +532,8 @@ class OpenAIServing:
             ))
         response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self._response_name(request.model),
                                           choices=choices,
-                                          usage=self._usage(handle, outputs), session_id=request.session_id,
+                                          usage=self._usage(handle, outputs if billed is None else billed),
+                                          session_id=request.session_id,
                                           prompt_logprobs=vllm_prompt_logprobs(outputs[0][0].prompt_logprobs,
                                                                                request.prompt_logprobs))
         return response
@@ -1006,6 +1015,7 @@ class ChatRun:
     handle: RequestHandle
     calling: ToolCalling | None
     prompt: list[int]
+    best_of: int = 1  # the candidates generated, of which the n best are answered (OpenAIServing._best_of)
 
 
 NAMES_SHOWN = 5
@@ -1015,6 +1025,17 @@ def _some(names: list[str]) -> str:
     """``names`` quoted and joined, the first :data:`NAMES_SHOWN` only where there are more, with their count."""
     shown = ", ".join(map(repr, names[:NAMES_SHOWN]))
     return shown if len(names) <= NAMES_SHOWN else f"{shown} and {len(names) - NAMES_SHOWN} more (GET /v1/models)"
+
+
+def _score_candidates(params: SamplingParams, n: int, best_of: int) -> None:
+    """Have ``best_of`` candidates (above ``n``) carry their tokens' logprobs, which rank them (shown only when asked)."""
+    if best_of > n and params.logprobs is None:
+        params.logprobs = 0
+
+
+def _chosen(billed: list[list[SeqOutput]], n: int, best_of: int) -> list[list[SeqOutput]]:
+    """The outputs answered of the ``best_of`` candidates generated a prompt (``billed``): the ``n`` best of each."""
+    return best_of_choices(billed, n, best_of) if best_of > n else billed
 
 
 def _continues(session: Session | None) -> bool:

@@ -670,6 +670,9 @@ async def test_logit_bias_is_applied_on_both_routes(client):
     ("/v1/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
     ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 1}, "best_of"),  # best_of > n runs: test_beam_search
+    ("/v1/chat/completions", {"n": 2, "best_of": 1}, "best_of"),
+    # vLLM's: run beside the prompt, their choices dropped with them
+    ("/v1/completions", {"prompt": "hi", "prompt_embeds": "AAAAAA=="}, "prompt_embeds"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 async def test_unsupported_openai_features_are_refused_by_name(client, path, extra, param):
     base = CHAT if path.endswith("chat/completions") else {"max_tokens": 3}
@@ -679,13 +682,20 @@ async def test_unsupported_openai_features_are_refused_by_name(client, path, ext
     assert error["param"] == param and param in error["message"] and error["type"] == "invalid_request_error"
 
 
+# vLLM's fields that change no answer here (see the README): accepted and ignored on both routes.
+VLLM_HINTS = {"request_id": "req-1", "cache_salt": "c2FsdA", "kv_transfer_params": {"do_remote_decode": False},
+              "vllm_xargs": {"x": 1}, "mm_processor_kwargs": {}, "guided_decoding_backend": "xgrammar",
+              "guided_whitespace_pattern": " ", "prompt_embeds": None}
+
+
 async def test_no_op_values_of_unsupported_features_are_accepted(client):
     for extra in ({"response_format": {"type": "text"}}, {"tools": []}, {"tool_choice": "none"},
                   {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
-                  {"tool_choice": "auto"}, {"user": "someone"}, {"parallel_tool_calls": False}):
+                  {"tool_choice": "auto"}, {"user": "someone"}, {"parallel_tool_calls": False}, {"best_of": 1},
+                  VLLM_HINTS):
         r = await client.post("/v1/chat/completions", json={**CHAT, **extra})
         assert r.status_code == 200, (extra, r.text)
-    for extra in ({"best_of": 1}, {"best_of": 2, "n": 2}, {"user": "someone"}):
+    for extra in ({"best_of": 1}, {"best_of": 2, "n": 2}, {"user": "someone"}, VLLM_HINTS):
         r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra})
         assert r.status_code == 200, (extra, r.text)
 

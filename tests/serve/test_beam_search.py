@@ -202,6 +202,35 @@ async def test_best_of_returns_the_n_candidates_of_highest_mean_logprob(client):
             len(c["token_ids"]) for c in answer["choices"])
 
 
+async def test_chat_best_of_returns_the_n_candidates_of_highest_mean_logprob(client):
+    """Chat's best_of (vLLM's; LangChain's VLLMChatOpenAI sends it) runs as the completion's: the n of the best_of
+    candidates (the n=best_of request's of the same seed) with the highest mean logprob per token, best first, usage
+    billing them all; ignored, it returned one ordinary sample. Streamed only when best_of is n."""
+    base = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6, "seed": 11, "temperature": 1.0,
+            "ignore_eos": True, "return_token_ids": True}
+    candidates = (await client.post("/v1/chat/completions", json={**base, "n": 4, "logprobs": True})).json()
+
+    def mean(choice):
+        values = [entry["logprob"] for entry in choice["logprobs"]["content"]]
+        return sum(values) / len(values)
+
+    ranked = sorted(candidates["choices"], key=lambda c: -mean(c))[:2]
+    for extra in ({}, {"logprobs": True}):
+        r = await client.post("/v1/chat/completions", json={**base, **extra, "n": 2, "best_of": 4})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert [c["token_ids"] for c in answer["choices"]] == [c["token_ids"] for c in ranked]
+        assert [c["message"]["content"] for c in answer["choices"]] == [c["message"]["content"] for c in ranked]
+        assert [c["index"] for c in answer["choices"]] == [0, 1]
+        assert [c["logprobs"] is None for c in answer["choices"]] == [not extra] * 2
+        assert answer["usage"]["completion_tokens"] == candidates["usage"]["completion_tokens"] == 4 * 6
+    r = await client.post("/v1/chat/completions", json={**base, "n": 2, "best_of": 2, "stream": True})
+    assert r.status_code == 200 and len(sse_choices(r.text, chat=True)) == 2, r.text
+    for body in ({"best_of": 3, "stream": True}, {"n": 2, "best_of": 1}, {"best_of": 9}):
+        r = await client.post("/v1/chat/completions", json={**base, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of", (body, r.text)
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"best_of": 3, "stream": True}, "best_of"),
     ({"n": 2, "best_of": 1}, "best_of"),

@@ -521,6 +521,7 @@ STRUCTURED = ["response_format", "guided_json", "guided_regex", "guided_choice",
 REFUSED_EXTRAS = [
     ("length_penalty", 0.5),
     ("logits_processors", ["x"]),
+    ("structural_tag", '{"structures": [], "triggers": ["<f>"]}'),  # vLLM's (chat): dropped, the text was free
 ]
 
 
