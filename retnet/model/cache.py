@@ -142,13 +142,28 @@ class RetNetCache:
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> RetNetCache:
         """A new cache with rows ``indices`` (copies of those rows only; the original is unchanged); a boolean
-        mask of ``batch_size`` rows selects the rows where it is true."""
+        mask of ``batch_size`` rows selects the rows where it is true. A negative index counts from the end, as
+        Python's do."""
         indices = torch.as_tensor(indices)
         if indices.dtype == torch.bool:  # a cast to long would read True/False as the rows 1 and 0
             if indices.shape != (self.batch_size,):
                 raise ValueError(f"select got a boolean mask of {indices.shape[0] if indices.dim() else 0} rows for "
                                  f"a cache of {self.batch_size} rows")
             indices = indices.nonzero().squeeze(-1)
+        elif indices.numel():  # ([] is a float tensor, and selects no row)
+            # index_select took a float index as its integer part (0.5: row 0), and a negative one raised a bare
+            # IndexError
+            if indices.is_floating_point() or indices.is_complex():
+                shown = indices.tolist() if indices.numel() <= 8 else f"a {indices.dtype} tensor"
+                raise ValueError(f"select takes integer row indices (or a boolean mask); got {shown}")
+            if indices.dim() > 1:
+                raise ValueError(f"select takes a list of row indices; got shape {list(indices.shape)}")
+            if self.offsets is not None:  # (a cache no forward filled has no rows to check against)
+                rows = self.batch_size
+                outside = indices[(indices < -rows) | (indices >= rows)]
+                if outside.numel():
+                    raise ValueError(f"select got row index {outside[0].item()} for a cache of {rows} rows")
+                indices = torch.where(indices < 0, indices + rows, indices)
         out = RetNetCache(len(self.states))
         out.states, out.offsets, out.seen_tokens = self.states, self.offsets, self.seen_tokens
         out.reorder_cache(indices.long())  # index_select: new tensors

@@ -34,7 +34,7 @@ from transformers.utils import logging
 
 from retnet import kernels
 from retnet.kernels.checks import CU_SEQLENS_DTYPES, SharedHostOffsets, log_decay_tensor
-from retnet.model.activations import SAU, GeneralizedSmeLU, get_activation
+from retnet.model.activations import _GSMELU_PARAMETERS, SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
 from retnet.model.context_parallel import ContextShard, add_incoming, incoming_state
@@ -552,13 +552,18 @@ class RetNetSequenceClassifierOutput(_CacheAlias, SequenceClassifierOutputWithPa
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-class _SAUScalarToOneElement(ConversionOps):
-    """An SAU ``alpha``/``log_sigma`` written 0-dim (exports from before they became ``[1]``) loads as ``[1]``.
+# The activation parameters (names under ``mlp.act_fn``) that exports and training checkpoints written before they
+# became one-element tensors hold 0-dim: SAU's and a trainable gSmeLU's (a fixed gSmeLU has none)
+FORMER_SCALAR_ACT_PARAMETERS = tuple(dict.fromkeys(("alpha", "log_sigma", *_GSMELU_PARAMETERS)))
 
-    ``SAU._load_from_state_dict`` does this for ``load_state_dict`` (training resumes), but transformers 5's
-    ``from_pretrained`` sets parameters itself and refused the 0-dim ones as size mismatches; its checkpoint
-    conversion mapping is the hook it offers for a model's older layouts. Saving keeps ``[1]`` (the reverse is this
-    same op, which leaves a one-element tensor as it is)."""
+
+class _FormerScalarToOneElement(ConversionOps):
+    """An activation parameter written 0-dim (exports from before they became ``[1]``) loads as ``[1]``.
+
+    ``SAU._load_from_state_dict`` (and gSmeLU's) do this for ``load_state_dict`` (training resumes), but
+    transformers 5's ``from_pretrained`` sets parameters itself and refused the 0-dim ones as size mismatches; its
+    checkpoint conversion mapping is the hook it offers for a model's older layouts. Saving keeps ``[1]`` (the
+    reverse is this same op, which leaves a one-element tensor as it is)."""
 
     @torch.no_grad()
     def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
@@ -574,8 +579,8 @@ class _SAUScalarToOneElement(ConversionOps):
 if get_checkpoint_conversion_mapping(RetNetConfig.model_type) is None:  # a reloaded module registered it already
     register_checkpoint_conversion_mapping(RetNetConfig.model_type, [
         WeightConverter(source_patterns=[pattern], target_patterns=[pattern],
-                        operations=[_SAUScalarToOneElement()])
-        for pattern in ("mlp.act_fn.alpha", "mlp.act_fn.log_sigma")
+                        operations=[_FormerScalarToOneElement()])
+        for pattern in (f"mlp.act_fn.{name}" for name in FORMER_SCALAR_ACT_PARAMETERS)
     ])
 
 

@@ -888,6 +888,33 @@ class Trainer:
                 "param_groups": [{**group, "params": [name_of[index] for index in group["params"]]}
                                  for group in groups]}
 
+    def _former_scalars_as_one_element(self, model_state: dict, optim_state: dict) -> None:
+        """Reshape to ``[1]`` the activation parameters that a checkpoint written before they became one-element
+        tensors holds 0-dim (``_former_scalar``), and their optimizer state with them: AdamW's moments of a 0-dim
+        parameter are 0-dim, and the first step, updating them in place by a ``[1]`` gradient, failed. (SAU's and
+        gSmeLU's ``_load_from_state_dict`` reshape the parameters for a plain ``load_state_dict``, but neither the
+        optimizer's load nor torch's full-state load of split parameters goes through it.)"""
+        shapes = {k: list(v.shape) for k, v in self._checkpointed(self.raw_model.state_dict()).items()}
+        former = {key for key, value in model_state.items()
+                  if _former_scalar(key, list(value.shape), shapes.get(key))}
+        if not former:
+            return
+        for key in former:
+            model_state[key] = model_state[key].reshape(1)
+        groups = optim_state.get("param_groups", [])
+        names = {}
+        if any(isinstance(index, int) for group in groups for index in group["params"]):
+            # written without FSDP: keyed by index in the order of build_optimizer's groups, which this optimizer's
+            # follow (a count that differs is refused when the state loads)
+            by_id = {id(param): name for name, param in self.raw_model.named_parameters()}
+            mine = [by_id[id(param)] for group in self.optimizer.param_groups for param in group["params"]]
+            names = dict(zip((index for group in groups for index in group["params"]), mine, strict=False))
+        for key, entry in optim_state.get("state", {}).items():
+            if names.get(key, key) in former:
+                for name, value in entry.items():
+                    if name != "step" and torch.is_tensor(value) and value.dim() == 0:
+                        entry[name] = value.reshape(1)
+
     @property
     def sharded_checkpoints(self) -> bool:
         layout = self.cfg.checkpoint.layout
@@ -1163,9 +1190,11 @@ class Trainer:
         self._check_resume_prefix(path, document_prefix(tokenizer) if self.cfg.data.format == "text" else [])
 
     def _load(self, path: Path) -> None:
-        self._check_fits(path, saved_model_shapes(path))
+        saved_shapes = saved_model_shapes(path)
+        self._check_fits(path, saved_shapes)
         if checkpoint_layout(path) == "full":
             state = load_checkpoint(path)
+            self._former_scalars_as_one_element(state["model"], state["optimizer"])
             self._set_full_state(state["model"], state["optimizer"])
             trainer = state["trainer"]
         else:
@@ -1178,7 +1207,10 @@ class Trainer:
             trainer = load_checkpoint_trainer(path)
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             model_state = self._checkpointed(model_state)
+            former = _former_scalar_slots(saved_shapes, model_state, optim_state)
             load_sharded_state(path, model_state, optim_state, distributed=is_distributed())
+            for entries, key, template in former:
+                entries[key] = _like(entries[key].reshape(1), template)
             set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                            options=StateDictOptions(strict=not self.adapters_only))
             # torch's set_state_dict matches the saved groups by their parameters, and maps a group of none (Muon's
@@ -1239,7 +1271,7 @@ class Trainer:
         # DTensor: global shape. Adapters only: the checkpoint holds those, the rest comes from init_from.
         expected = {k: list(v.shape) for k, v in self._checkpointed(self.raw_model.state_dict()).items()}
         problems = [f"{k}: checkpoint {got[k]}, model {shape}" for k, shape in expected.items()
-                    if k in got and got[k] != shape]
+                    if k in got and got[k] != shape and not _former_scalar(k, got[k], shape)]
         missing, unexpected = [k for k in expected if k not in got], [k for k in got if k not in expected]
         if missing:
             problems.append(f"missing from the checkpoint: {', '.join(missing[:3])}"
@@ -1752,6 +1784,41 @@ def _saved_context_parallel(trainer: dict[str, Any]) -> int:
 def _saved_tensor_parallel(trainer: dict[str, Any]) -> int:
     """The ``train.tensor_parallel`` a checkpoint's ``trainer.pt`` was written under (1 before it was saved)."""
     return int(trainer.get("tensor_parallel", 1))
+
+
+def _former_scalar(key: str, saved: list[int] | None, now: list[int] | None) -> bool:
+    """Whether the model's ``key`` (shape ``now``) is an activation parameter that a checkpoint written before it
+    became a one-element tensor (SAU's, a trainable gSmeLU's; FSDP2 shards no 0-dim parameter) holds 0-dim
+    (``saved``): such a checkpoint still resumes, the parameter reshaped."""
+    from retnet.model.modeling_retnet import FORMER_SCALAR_ACT_PARAMETERS
+
+    module, _, name = key.rpartition(".")
+    return saved == [] and now == [1] and module.endswith("mlp.act_fn") and name in FORMER_SCALAR_ACT_PARAMETERS
+
+
+def _former_scalar_slots(saved: dict[str, list[int]], model_state: dict, optim_state: dict
+                         ) -> list[tuple[dict, str, torch.Tensor]]:
+    """The entries of a sharded load's state dicts that the checkpoint holds 0-dim (``_former_scalar``: ``saved``
+    its model's shapes), each replaced by a 0-dim tensor for torch's loader to read into (it refuses ``[]`` into
+    ``[1]``): ``(state dict, key, the tensor replaced)``. The parameters and their optimizer state (AdamW's moments
+    were 0-dim with them; its ``step`` is 0-dim either way)."""
+    former = [key for key, value in model_state.items() if _former_scalar(key, saved.get(key), list(value.shape))]
+    slots = [(model_state, key, model_state[key]) for key in former]
+    for key in former:
+        entry = optim_state.get("state", {}).get(key, {})
+        slots += [(entry, name, value) for name, value in entry.items() if name != "step" and torch.is_tensor(value)]
+    for entries, key, template in slots:
+        entries[key] = torch.empty((), dtype=template.dtype)
+    return slots
+
+
+def _like(value: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) placed as ``template`` is: on its device, or a DTensor split as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(template, DTensor):
+        return distribute_tensor(value.to(template.device), template.device_mesh, template.placements)
+    return value.to(template.device)
 
 
 def _record_key(line: str) -> tuple[int, str | None]:

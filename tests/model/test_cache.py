@@ -57,3 +57,20 @@ def test_concat_of_caches_of_other_models_or_dtypes_names_the_layer():
     half.states = [state.half() for state in half.states]
     with pytest.raises(ValueError, match=r"concat needs caches of one model.*torch\.float16"):
         RetNetCache.concat([_filled(2), half])
+
+
+def test_select_counts_negative_rows_from_the_end_and_refuses_what_is_no_row():
+    # -1 raised a bare IndexError from index_select, and 0.5 selected row 0 (its integer part)
+    cache = _filled(3)
+    assert cache.select([-1, 0, -3]).offsets.tolist() == [5, 3, 3]
+    assert torch.equal(cache.select(torch.tensor([-2])).states[0], cache.states[0][[1]])
+    assert cache.select([]).batch_size == 0 and cache.select(2).offsets.tolist() == [5]
+    for indices, message in [([0.5], r"integer row indices \(or a boolean mask\); got \[0\.5\]"),
+                             (torch.tensor([1.0]), r"integer row indices .*got \[1\.0\]"),
+                             ([3], "row index 3 for a cache of 3 rows"), ([0, -4], "row index -4 for a cache of 3"),
+                             ([[0, 1]], r"a list of row indices; got shape \[1, 2\]")]:
+        with pytest.raises(ValueError, match=message):
+            cache.select(indices)
+    picked = _filled(3)
+    picked.batch_select_indices(torch.tensor([-1]))  # transformers' in-place form goes through select
+    assert picked.offsets.tolist() == [5]
