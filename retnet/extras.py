@@ -1,5 +1,6 @@
 """The optional extras (pyproject.toml's ``[project.optional-dependencies]``) the commands need, and the refusal of
-one run where its extra is not installed: a line naming the extra to install, not an import's traceback.
+one run where its extra is not installed: a line naming the extra to install, not an import's traceback. Also
+every command's end on a Ctrl-C it does not handle itself (:func:`exits_on_ctrl_c`), which wraps the same ``main``.
 
 Lazily imported by each command's ``main``, whose module itself imports none of its extra's packages at the top:
 an import failed there before ``main`` could answer, ``--help`` included.
@@ -19,6 +20,7 @@ EXTRA_MODULES: dict[str, frozenset[str]] = {
                         "tqdm", "httpx"}),
 }
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
 def missing_extra(error: ModuleNotFoundError, extra: str) -> str | None:
@@ -41,3 +43,15 @@ def needs_extra(prog: str, extra: str) -> Iterator[None]:
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+
+
+@contextlib.contextmanager
+def exits_on_ctrl_c(prog: str) -> Iterator[None]:
+    """Run the block; a Ctrl-C it does not handle itself ends the command with one line and status 130, as one
+    the command handles does. The imports of torch and transformers and a tokenizer's load take seconds, and a
+    Ctrl-C in them was a traceback of wherever the import was."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None

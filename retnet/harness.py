@@ -174,7 +174,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     Exits as lm-eval does: status 0 after writing its table (and ``--output_path`` files), an exception or
     ``SystemExit`` from it otherwise; a ``pretrained=`` RetNet that is not a causal LM is refused first
-    (:func:`check_pretrained`)."""
+    (:func:`check_pretrained`). A Ctrl-C ends it as every retnet command: one line, status 130."""
+    from retnet.extras import exits_on_ctrl_c
+
+    with exits_on_ctrl_c("retnet-lm-eval"):
+        _run_command(argv)
+
+
+def _run_command(argv: Sequence[str] | None) -> None:
     words = sys.argv[1:] if argv is None else argv
     check_pretrained(words)
     if _pretrained_values(words):

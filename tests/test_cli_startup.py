@@ -58,7 +58,7 @@ def test_retnet_eval_help_imports_no_transformers():
     assert imported["status"] == 0 and not imported["transformers"]
 
 
-@pytest.mark.parametrize("module", ["retnet.train", "retnet.serve"])
+@pytest.mark.parametrize("module", ["retnet.train", "retnet.serve", "retnet.serve.demo"])
 def test_python_dash_m_help_imports_no_torch(module):
     process = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], cwd=REPO,
                              capture_output=True, text=True, timeout=120)

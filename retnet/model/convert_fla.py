@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from retnet.extras import exits_on_ctrl_c
 from retnet.model.configuration_retnet import RetNetConfig
 from retnet.model.hub import MODEL_FILES, resolve_pretrained
 from retnet.model.modeling_retnet import RetNetForCausalLM
@@ -385,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep theirs)")
     args = parser.parse_args(argv)
     try:
-        config = convert_fla_checkpoint(args.source, args.destination, DTYPES.get(args.dtype))
+        # (a hub download or a large checkpoint's read: minutes)
+        with exits_on_ctrl_c("retnet-convert-fla"):
+            config = convert_fla_checkpoint(args.source, args.destination, DTYPES.get(args.dtype))
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"retnet-convert-fla: error: {error}\n")
     print(f"wrote {args.destination}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "

@@ -16,11 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from retnet.serve.settings import ServeSettings
-
-EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (retnet-train's too)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,20 +128,8 @@ def _with_variables(message: str, given: dict) -> str:
     return message
 
 
-@contextlib.contextmanager
-def exits_on_ctrl_c(prog: str) -> Iterator[None]:
-    """Run the block; a Ctrl-C it does not handle itself ends the command with one line and status 130, as one
-    the command handles does. The imports of torch and transformers and a tokenizer's load take seconds, and a
-    Ctrl-C in them was a traceback of wherever the import was."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-
-
 def main(argv: list[str] | None = None) -> None:
-    from retnet.extras import needs_extra
+    from retnet.extras import exits_on_ctrl_c, needs_extra
 
     with exits_on_ctrl_c("retnet-serve"), needs_extra("retnet-serve", "serve"):
         _run_command(argv)

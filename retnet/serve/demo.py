@@ -106,8 +106,7 @@ def stream_once(url: str, prompt: str, max_tokens: int, client: httpx.Client | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    from retnet.extras import needs_extra
-    from retnet.serve.__main__ import exits_on_ctrl_c
+    from retnet.extras import exits_on_ctrl_c, needs_extra
 
     with exits_on_ctrl_c(PROG), needs_extra(PROG, "serve"):
         _run_command(argv)
@@ -133,7 +132,11 @@ def _run_command(argv: list[str] | None) -> None:
     import uvicorn
     from pydantic import ValidationError
 
-    import retnet  # noqa: F401  (registers the Auto classes)
+    import retnet
+
+    # after the parse (--help and a bad flag answer without torch), before the imports of torch and transformers:
+    # it quiets torchao's import-time warnings
+    retnet.register()
     from retnet.serve.__main__ import describe_settings_error
     from retnet.serve.app import create_app
     from retnet.serve.lora import LoraError

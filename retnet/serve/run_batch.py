@@ -355,8 +355,7 @@ def _read_input(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from retnet.extras import needs_extra
-    from retnet.serve.__main__ import exits_on_ctrl_c
+    from retnet.extras import exits_on_ctrl_c, needs_extra
 
     # (a Ctrl-C in the batch itself: _run_command's own line, which says what was kept)
     with exits_on_ctrl_c(PROG), needs_extra(PROG, "serve"):
@@ -364,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(argv: list[str] | None) -> int:
-    from retnet.serve.__main__ import EXIT_INTERRUPTED, settings_from_args
+    from retnet.extras import EXIT_INTERRUPTED
+    from retnet.serve.__main__ import settings_from_args
     from retnet.serve.settings import StartupError, check_quantization_settings, resolve_model_source
 
     parser = build_parser()

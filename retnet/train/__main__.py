@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Build the trainer from the config, run it, and always close it and the process group."""
+    from retnet.extras import exits_on_ctrl_c
+
+    # (a Ctrl-C from the trainer's start on: _run_command's own line, which says what was saved)
+    with exits_on_ctrl_c("retnet-train"):
+        return _run_command(argv)
+
+
+def _run_command(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers would warn after DataLoader forks
     args, overrides = _parser().parse_known_args(argv)
     import retnet

@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import codecs
+import copy
 import dataclasses
 import difflib
 import json
 import math
 import os
 import re
+import shlex
 import sys
 import types
 import typing
@@ -343,8 +345,13 @@ class DataConfig(_Section):
                 source = {"dataset": label, "weight": source}
             unknown = sorted(set(source) - set(MIXTURE_SOURCE_KEYS))
             if unknown:
-                _refuse(key, f"has unknown keys {unknown}; a source may set {list(MIXTURE_SOURCE_KEYS)} (every other "
-                        f"data setting is the [data] section's, for each source)", source)
+                # TOML reads `notes.jsonl = 2` as the key jsonl of a table notes: a label with a dot is quoted
+                first = source[unknown[0]]
+                hint = "" if {"dataset", "weight"} & set(source) else (
+                    f" (a label holding a dot is quoted in TOML: \"{label}.{unknown[0]}\" = "
+                    f"{json.dumps(first) if isinstance(first, (int, float, str)) else '...'})")
+                _refuse(key, f"has unknown keys {unknown}{hint}; a source may set {list(MIXTURE_SOURCE_KEYS)} (every "
+                        f"other data setting is the [data] section's, for each source)", source)
             if not source.get("dataset") or not isinstance(source["dataset"], str):
                 _refuse(f"{key}.dataset", "must name the source's dataset ('stdlib', a local path or a hub dataset)",
                         source.get("dataset"))
@@ -1196,6 +1203,9 @@ def _checked_values(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) 
     sections = {f.name: f.type for f in dataclasses.fields(JobConfig)}
     section_types = _section_types(JobConfig)
     values: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    # The tables are the caller's own (a file's, a checkpoint's): an override of one key of a table (--model.extra.X,
+    # --data.mixture.X) set it in the caller's dict, and the config built shared them
+    raw = copy.deepcopy(raw)
     for section, table in raw.items():
         if section not in sections:
             # a key above every table (a flat file's "steps = 100") is the field of that name, in its table
@@ -1231,10 +1241,31 @@ def _checked_values(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) 
         if subkey:
             if hints[field_name] is not dict:
                 raise ConfigError(f"unknown config key {dotted!r}: {section}.{field_name} is not a table")
-            values[section].setdefault(field_name, {})[subkey] = _parse_toml_value(text)
+            value = _parse_toml_value(text)
+            if (section, field_name) == ("data", "mixture"):
+                _check_bare_weight(subkey, value, values[section].get(field_name))
+            values[section].setdefault(field_name, {})[subkey] = value
         else:
             values[section][field_name] = _coerce_string(dotted, hints[field_name], text)
     return values
+
+
+def _check_bare_weight(label: str, weight: Any, mixture: dict[str, Any] | None) -> None:
+    """Refuse ``--data.mixture.<label>=<number>`` beside a source ``label`` the file (or an earlier override) sets
+    whole: the number is short for ``{dataset = <label>, weight = <number>}`` and replaced that source, its dataset
+    and fields, with a dataset named like the label, silently, where its weight was surely meant. A source that is
+    itself that shorthand keeps taking a new number."""
+    source = (mixture or {}).get(label)
+    if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not isinstance(source, dict)
+            or "dataset" not in source or {k: v for k, v in source.items() if k != "weight"} == {"dataset": label}):
+        return
+    def inline(table: dict[str, Any]) -> str:
+        return "{" + ", ".join(f"{key}={json.dumps(value)}" for key, value in table.items()) + "}"
+
+    raise ConfigError(f"data.mixture.{label}: --data.mixture.{label}={weight!r} is short for the source "
+                      f"{inline({'dataset': label, 'weight': weight})} and would replace the configured source "
+                      f"{label!r}, {inline(source)}; to change its weight, set it whole: "
+                      f"--data.mixture.{label}={shlex.quote(inline({**source, 'weight': weight}))}")
 
 
 def build_config(raw: dict[str, Any], overrides: list[tuple[str, str]] = ()) -> JobConfig:

@@ -517,10 +517,10 @@ def _refuse_options(args: argparse.Namespace, names: Sequence[str], what: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from retnet.extras import needs_extra
+    from retnet.extras import exits_on_ctrl_c, needs_extra
 
     # datasets (a local file, a hub dataset) and tqdm come with the [train] extra
-    with needs_extra("retnet-eval", "train"):
+    with exits_on_ctrl_c("retnet-eval"), needs_extra("retnet-eval", "train"):
         return _run_command(argv)
 
 

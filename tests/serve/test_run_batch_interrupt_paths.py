@@ -1,6 +1,6 @@
 """Evaluation and batch tools found wanting by a second bug hunt: ``retnet-run-batch`` stopped by a closed output
-pipe, Ctrl-C (in the batch, or in the imports before it) or an engine that does not start. Each test failed before
-its fix."""
+pipe, Ctrl-C (in the batch, or in the imports before it, as every other command) or an engine that does not start.
+Each test failed before its fix."""
 
 from __future__ import annotations
 
@@ -82,33 +82,62 @@ def test_ctrl_c_ends_the_run_in_one_line_with_the_engine_stopped(micro_dir, requ
     assert engine.thread is not None and not engine.thread.is_alive()
 
 
-@pytest.mark.parametrize("command", ["retnet-run-batch", "retnet-serve", "python -m retnet.serve.demo"])
+@pytest.mark.parametrize("command", ["retnet-run-batch", "retnet-serve", "python -m retnet.serve.demo", "retnet-train",
+                                     "retnet-eval", "retnet-lm-eval"])
 def test_ctrl_c_during_the_imports_is_the_same_one_line_and_status_130(command, micro_dir, requests_file, tmp_path,
                                                                        capsys, monkeypatch):
     """The imports of torch and transformers (retnet.register) take seconds before any model loads: a Ctrl-C then was
-    a traceback of wherever the import was, not the one line and status 130 of a Ctrl-C in the batch."""
+    a traceback of wherever the import was, not the one line and status 130 of a Ctrl-C in the batch (or, for
+    retnet-train, in the training). The demo registered at its import of retnet, before its main."""
     import retnet
+    from retnet import harness
     from retnet.serve import demo, run_batch
     from retnet.serve.__main__ import main as serve_main
+    from retnet.train import evaluate
+    from retnet.train.__main__ import main as train_main
 
     def interrupted():
         raise KeyboardInterrupt
 
     monkeypatch.setattr(retnet, "register", interrupted)
-    main, args = {"retnet-run-batch": (run_batch.main, ["-i", str(requests_file), "-o", str(tmp_path / "out.jsonl")]),
-                  "retnet-serve": (serve_main, []), "python -m retnet.serve.demo": (demo.main, [])}[command]
-    if command == "python -m retnet.serve.demo":  # (its import of retnet registers; its main imports the rest)
-        monkeypatch.setattr(demo, "pick_port", lambda *args: interrupted())
+    monkeypatch.chdir(tmp_path)
+    model = ["--model", str(micro_dir)]
+    main, args = {
+        "retnet-run-batch": (run_batch.main, [*model, "-i", str(requests_file), "-o", str(tmp_path / "out.jsonl")]),
+        "retnet-serve": (serve_main, model),
+        "python -m retnet.serve.demo": (demo.main, [*model, "--exit-after", "--port=0"]),
+        "retnet-train": (train_main, ["--config", "tiny", f"--train.output_dir={tmp_path / 'run'}"]),
+        "retnet-eval": (evaluate.main, [*model, "--no-progress"]),
+        "retnet-lm-eval": (harness.main, ["--model", "hf", "--model_args", "pretrained=org/name", "--tasks", "x"]),
+    }[command]
     try:  # (a KeyboardInterrupt let through would end the whole test session)
-        main(["--model", str(micro_dir), *args])
-        status = "returned"
+        status = main(args)
     except SystemExit as exited:
         status = exited.code
     except KeyboardInterrupt:
         status = "KeyboardInterrupt raised"
     assert status == 130
     assert capsys.readouterr().err == f"{command}: interrupted\n"
-    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_in_retnet_convert_fla_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Its conversion (a hub download, a large checkpoint's read) takes minutes: a Ctrl-C was a traceback."""
+    from retnet.model import convert_fla
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_fla, "convert_fla_checkpoint", interrupted)
+    try:  # (a KeyboardInterrupt let through would end the whole test session)
+        convert_fla.main([str(tmp_path / "fla"), str(tmp_path / "out")])
+        status = "returned"
+    except SystemExit as exited:
+        status = exited.code
+    except KeyboardInterrupt:
+        status = "KeyboardInterrupt raised"
+    assert status == 130
+    assert capsys.readouterr().err == "retnet-convert-fla: interrupted\n"
 
 
 def test_an_engine_that_does_not_start_is_named_once(micro_dir, requests_file, engines, tmp_path, capsys, monkeypatch):

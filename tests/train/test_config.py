@@ -388,3 +388,44 @@ def test_a_fine_tunes_lr_below_the_presets_min_lr_says_what_to_set():
     with pytest.raises(ConfigError, match=r"optim.min_lr.*needs optim.min_lr set too"):
         load_config("small", ["--optim.lr=5e-5"])
     assert load_config("small", ["--optim.lr=5e-5", "--optim.min_lr=0"]).optim.min_lr == 0
+
+
+def test_a_bare_number_beside_a_configured_mixture_source_is_refused_with_the_whole_source(tmp_path):
+    """``--data.mixture.code=2`` beside a file's source ``code`` of another dataset replaced that source with a
+    dataset named "code" (a bare number is short for {dataset = <label>, weight = <number>}), silently, where its
+    weight was meant; the refusal gives the source whole with the new weight, which loads."""
+    import shlex
+
+    path = tmp_path / "mix.toml"
+    path.write_text('[data.mixture]\ncode = {dataset = "stdlib", weight = 0.3, text_field = "body"}\nweb = 1\n')
+    with pytest.raises(ConfigError, match=r"data\.mixture\.code: --data\.mixture\.code=2 .* would replace the "
+                                          r"configured source 'code', \{dataset=\"stdlib\"") as refused:
+        load_config(str(path), ["--data.mixture.code=2"])
+    suggested = shlex.split(str(refused.value).rsplit("set it whole: ", 1)[1])
+    assert suggested == ['--data.mixture.code={dataset="stdlib", weight=2, text_field="body"}']
+    assert load_config(str(path), suggested).data.mixture["code"] == {"dataset": "stdlib", "weight": 2,
+                                                                      "text_field": "body"}
+    # the shorthand's own source, and a bare weight, take a new number as before
+    path.write_text('[data.mixture]\ncode = {dataset = "code", weight = 0.3}\nstdlib = 1\n')
+    mixture = load_config(str(path), ["--data.mixture.code=2", "--data.mixture.stdlib=3"]).data.mixture
+    assert mixture == {"code": {"dataset": "code", "weight": 2}, "stdlib": {"dataset": "stdlib", "weight": 3}}
+
+
+def test_a_dotted_mixture_label_in_toml_is_refused_with_how_to_quote_it():
+    """TOML reads ``notes.jsonl = 2`` under [data.mixture] as the key ``jsonl`` of a source ``notes``: refused as
+    "unknown keys ['jsonl']" without a word of the quotes the label needs."""
+    import tomllib
+
+    with pytest.raises(ConfigError, match=r"data\.mixture\.notes has unknown keys \['jsonl'\] \(a label holding a "
+                                          r"dot is quoted in TOML: \"notes\.jsonl\" = 2\)"):
+        build_config(tomllib.loads("[data.mixture]\nnotes.jsonl = 2\n"))
+    quoted = build_config(tomllib.loads('[data.mixture]\n"notes.jsonl" = 2\n')).data.mixture
+    assert quoted == {"notes.jsonl": {"dataset": "notes.jsonl", "weight": 2}}
+
+
+def test_build_config_leaves_the_callers_dict_as_it_was():
+    """An override of one key of a table (``model.extra.X``, ``data.mixture.X``) was set in the caller's own dict."""
+    raw = {"model": {"extra": {"use_xpos": True}}, "data": {"mixture": {"a": 1}}}
+    config = build_config(raw, [("model.extra.rope_theta", "5.0"), ("data.mixture.b", "2")])
+    assert config.model.extra == {"use_xpos": True, "rope_theta": 5.0} and list(config.data.mixture) == ["a", "b"]
+    assert raw == {"model": {"extra": {"use_xpos": True}}, "data": {"mixture": {"a": 1}}}
