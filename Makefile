@@ -74,5 +74,6 @@ FLA_WHEELS ?= flash-linear-attention==0.6.0 fla-core==0.6.0 einops==0.8.2
 gpu-wheels: setup
 	$(PIP) download --quiet --no-deps --only-binary=:all: --dest benchmarks/wheels $(FLA_WHEELS)
 
+# Only the demo's run: runs/ also holds the models of the README's own walkthrough (runs/mine, runs/base ...).
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache .test-durations.xml

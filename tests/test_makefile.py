@@ -42,3 +42,15 @@ def test_bench_runs_every_benchmark_script():
     scripts = {path.name for path in (REPO / "benchmarks").glob("*.py") if not path.name.startswith("_")}
     missing = sorted(name for name in scripts if f"benchmarks/{name}" not in done.stdout)
     assert not missing, f"make bench does not run {missing}"
+
+
+def test_clean_removes_the_demo_run_not_every_run():
+    # runs/ is where the README's walkthrough trains a user's own models (runs/mine, runs/base, runs/domain):
+    # `make clean` removed all of them with the demo's.
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    done = subprocess.run(["make", "-n", "-C", str(REPO), "clean"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    removed = done.stdout.split()
+    assert "runs/demo" in removed
+    assert not {"runs", "runs/", "./runs"} & set(removed), done.stdout
