@@ -211,6 +211,7 @@ class Trainer:
         self._writer = self._progress = self._metrics = self._wandb = None
         self._completed = False  # train() returned: the W&B run finishes as finished, else as failed
         self._plotted_at: float | None = None  # when loss.png was last drawn (math.inf: matplotlib is missing)
+        self._plot_gap = _PLOT_EVERY_S  # the least time before the next draw while the run goes on (_plot)
         self._previous_handlers: dict[int, Any] = {}
         _setup_logging(self.rank)
         if self.is_main:
@@ -1584,15 +1585,16 @@ class Trainer:
 
     def _plot(self, final: bool = False) -> None:
         """Draw loss.png again from metrics.jsonl (rank 0), so that it follows the run: after an evaluation or a
-        checkpoint, at most once every ``_PLOT_EVERY_S`` seconds (a draw takes a tenth of a second or more), and
-        at the end. A plot that cannot be written (a full disk) is a warning: it is a convenience, and
-        metrics.jsonl holds the curve."""
+        checkpoint, at most once every ``_PLOT_EVERY_S`` seconds or ``_PLOT_COST_SHARE`` times the last draw's
+        time, whichever is longer (a draw reads the whole file: seconds, late in a long run, which every rank waits
+        out at the next step's all-reduce), and at the end. A plot that cannot be drawn is a warning: it is a
+        convenience, metrics.jsonl holds the curve, and the run goes on (at the end, only an OS error is)."""
         if not self.is_main or self._plotted_at == math.inf:
             return
-        now = monotonic()
-        if not final and self._plotted_at is not None and now - self._plotted_at < _PLOT_EVERY_S:
+        start = monotonic()
+        if not final and self._plotted_at is not None and start - self._plotted_at < self._plot_gap:
             return
-        self._plotted_at = now
+        self._plotted_at = start
         self._metrics.flush()
         try:
             from retnet.train.plots import plot_losses
@@ -1604,10 +1606,12 @@ class Trainer:
             logger.warning("matplotlib is not installed; no loss.png (metrics.jsonl has the curve)")
             self._plotted_at = math.inf
         except Exception as failure:
-            if (error := _os_error(failure)) is None:
+            error = _os_error(failure)
+            if error is None and final:
                 raise
             logger.warning("could not write %s: %s (metrics.jsonl has the curve)", self.output_dir / "loss.png",
-                           error)
+                           error if error is not None else f"{type(failure).__name__}: {failure}")
+        self._plot_gap = max(_PLOT_EVERY_S, _PLOT_COST_SHARE * (monotonic() - start))
 
     def _final_step_evaluated(self) -> bool:
         """Whether metrics.jsonl holds the validation of the step the run ends at. A run that trained evaluates
@@ -1738,6 +1742,8 @@ class Trainer:
 
 # The least time between two draws of loss.png while a run goes on (evaluations may come every few seconds)
 _PLOT_EVERY_S = 30.0
+# ... and at least this many times the last draw's own time: the draws take at most 2 % of the run
+_PLOT_COST_SHARE = 50
 
 
 def _vocab_fingerprint(tokenizer) -> str:

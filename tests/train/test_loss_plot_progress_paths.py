@@ -116,3 +116,44 @@ def test_a_plot_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         plot_losses(metrics, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes() == before and before.startswith(PNG)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+def test_a_draw_while_the_run_goes_on_waits_in_proportion_to_its_cost_and_never_stops_the_run(tmp_path, monkeypatch,
+                                                                                              caplog):
+    """A draw reads the whole metrics.jsonl: late in a long run it takes seconds, which every rank waits out at the
+    next step's all-reduce, so the next waits at least 50 times as long (not only 30 s); and one that fails while the
+    run goes on (a matplotlib error, not only an OS error) is a warning, not the end of the training."""
+    import types
+
+    from retnet.train import plots
+    from retnet.train import trainer as trainer_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(trainer_module, "monotonic", lambda: clock[0])
+    calls = []
+
+    def slow_draw(*args, **kwargs):
+        calls.append(clock[0])
+        clock[0] += 2.0  # a draw of 2 s: the next no sooner than 100 s after it began
+        if len(calls) == 2:
+            raise ValueError("a matplotlib error")
+
+    monkeypatch.setattr(plots, "plot_losses", slow_draw)
+    fake = types.SimpleNamespace(
+        is_main=True, _plotted_at=None, _plot_gap=trainer_module._PLOT_EVERY_S, metrics_path=tmp_path / "m.jsonl",
+        _metrics=types.SimpleNamespace(flush=lambda: None), output_dir=tmp_path, model_name="micro", n_params=1e6,
+        cfg=types.SimpleNamespace(lora=types.SimpleNamespace(enabled=False)))
+
+    def plot(at: float, final: bool = False) -> None:
+        clock[0] = at
+        Trainer._plot(fake, final)
+
+    plot(1000.0)
+    plot(1040.0)  # past 30 s, within 100 s of the last draw's start: skipped
+    assert calls == [1000.0]
+    plot(1101.0)  # the draw fails: a warning
+    assert calls == [1000.0, 1101.0] and "a matplotlib error" in caplog.text
+    with pytest.raises(ValueError, match="a matplotlib error"):
+        calls.clear()
+        calls.append(0.0)  # the second call raises again: at the end a failure that is no OS error is raised
+        plot(1102.0, final=True)
