@@ -71,9 +71,10 @@ def test_the_start_up_line_says_how_the_advantages_are_scaled(toy, caplog, scale
 def test_exact_match_refuses_a_solution_that_is_no_text_naming_the_column():
     """A list of accepted answers (or a message dict) in the ``solution`` column was compared as its str(): no
     completion ever matched, every reward 0.0 and no warning (0.0 is a score, not None)."""
+    from retnet.train.config import ConfigError
     from retnet.train.rewards import exact_match
 
     assert exact_match(["42", " 3.5 ", "True", "x"], solution=[42, 3.5, True, None]) == [1.0, 1.0, 1.0, None]
     for answer in (["42", "forty-two"], {"content": "42"}):
-        with pytest.raises(ValueError, match=rf"exact_match: the 'solution' column holds {type(answer).__name__} "):
+        with pytest.raises(ConfigError, match=rf"exact_match: the 'solution' column holds {type(answer).__name__} "):
             exact_match(["42"], solution=[answer])

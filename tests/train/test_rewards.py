@@ -36,11 +36,11 @@ def test_a_missing_reward_module_is_still_refused_naming_it(tmp_path, monkeypatc
 def test_builtin_rewards_name_a_column_value_they_cannot_read():
     # a CSV or a JSON row written with quotes gives strings: not a TypeError from deep inside a training step
     assert length_target(["abcd"], target_length=[4]) == [0.0]
-    with pytest.raises(ValueError, match=r"length_target: the 'target_length' column holds str '4'"):
+    with pytest.raises(ConfigError, match=r"length_target: the 'target_length' column holds str '4'"):
         length_target(["abcd"], target_length=["4"])
-    with pytest.raises(ValueError, match=r"length_target: the 'target_length' column holds bool True"):
+    with pytest.raises(ConfigError, match=r"length_target: the 'target_length' column holds bool True"):
         length_target(["abcd"], target_length=[True])
     assert matches_pattern(["<a>x</a>"], pattern=["<a>.*</a>"]) == [1.0]
-    with pytest.raises(ValueError, match=r"matches_pattern: the 'pattern' column holds '\(unclosed', no regular "
+    with pytest.raises(ConfigError, match=r"matches_pattern: the 'pattern' column holds '\(unclosed', no regular "
                                          r"expression"):
         matches_pattern(["x"], pattern=["(unclosed"])
