@@ -583,7 +583,7 @@ class Engine(ModelThread):
         inputs = group.prompt_ids
         for other in self.prefilling:
             if not (other.started and other.cacheable and not other.params.scores_prompt
-                    and other.adapter == group.adapter):
+                    and other.adapter == group.adapter and other.params.cache_salt == group.params.cache_salt):
                 continue
             hint = other.prefix_hint
             boundary = hint if hint is not None and other.pos < hint else len(other.inputs)
@@ -616,7 +616,7 @@ class Engine(ModelThread):
         # A prompt to score is run whole: a cached prefix would leave its positions without logits.
         if group.params.scores_prompt or self.settings.prefix_cache_entries == 0:
             return
-        entry = self.prefix_cache.lookup(group.inputs, group.adapter)
+        entry = self.prefix_cache.lookup(group.inputs, group.adapter, group.params.cache_salt)
         if entry is None:
             self.metrics.prefix_cache_misses.inc()
             return
@@ -683,7 +683,7 @@ class Engine(ModelThread):
         at_boundary = end == group.prefix_hint or end == len(group.inputs)
         if group.cacheable and self.settings.prefix_cache_entries and not keep_all and at_boundary:
             self.prefix_cache.insert(group.inputs[:end], group.cache, group.last_logits, group.adapter,
-                                     group.params.prefix_cache_tag)
+                                     group.params.prefix_cache_tag, group.params.cache_salt)
             self._prefix_cache_metrics()
 
     def _lp_entries(self, logits: torch.Tensor, ids: list[int], k: int | None) -> list[TokenLogprob]:
@@ -1110,7 +1110,8 @@ class Engine(ModelThread):
             return
         # A view of the row: the insert copies it only if the entry fits (``select`` would copy it first).
         state = cache if cache is not None else _row_view(self.batch, row)
-        self.prefix_cache.insert(group.inputs + seq.tokens[:-1], state, None, group.adapter)
+        self.prefix_cache.insert(group.inputs + seq.tokens[:-1], state, None, group.adapter,
+                                 salt=group.params.cache_salt)
         self._prefix_cache_metrics()
 
     # -- helpers -----------------------------------------------------------------------------------------------

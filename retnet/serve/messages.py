@@ -54,6 +54,8 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
 # The chat route's sampling extras a Messages request may send too (the SDK's ``extra_body``), checked by chat.
 # ``stop`` is stop_sequences here; top_k is Anthropic's own field.
 PASSED_EXTRAS = tuple(name for name in CHAT_EXTRAS if name not in ("stop", "top_k"))
+# Chat fields that change no answer here: ignored, as any field unknown (the id is Anthropic's msg_...).
+IGNORED_CHAT_FIELDS = ("request_id",)
 _BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
 
 
@@ -142,7 +144,8 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
         for name, value in (request.model_extra or {}).items():
             if name in PASSED_EXTRAS:
                 extras[name] = value
-            elif name in ChatCompletionRequest.model_fields and name not in UNSUPPORTED_FIELDS:
+            elif (name in ChatCompletionRequest.model_fields and name not in UNSUPPORTED_FIELDS
+                  and name not in IGNORED_CHAT_FIELDS):
                 # chat would run it, and ignored here it would change the output silently
                 raise _unsupported(name, "a chat completions parameter, not one of the Messages API"
                                    + ("; send stop_sequences" if name == "stop" else ""))

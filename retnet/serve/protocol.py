@@ -166,8 +166,8 @@ class SamplingFields(RequestFields):
     """What both endpoints share: sampling, stopping, streaming and the server's extras."""
 
     # Unknown fields (user, metadata, ...) are accepted and ignored, as vLLM does, so clients that send them
-    # still work; so are vLLM's that change no answer here (request_id, cache_salt, kv_transfer_params, vllm_xargs,
-    # mm_processor_kwargs, guided_decoding_backend, guided_whitespace_pattern: see the README). Fields that would
+    # still work; so are vLLM's that change no answer here (kv_transfer_params, vllm_xargs, mm_processor_kwargs,
+    # guided_decoding_backend, guided_whitespace_pattern: see the README). Fields that would
     # change the output (response_format, tools, best_of ...) are declared, so that serving can refuse the values
     # it does not support by name instead of ignoring them.
     model_config = ConfigDict(extra="ignore")
@@ -260,6 +260,19 @@ class SamplingFields(RequestFields):
     # client cannot map back to an id when tokens decode alike (a byte split across tokens, U+FFFD); null: the
     # server's --return-tokens-as-token-ids.
     return_tokens_as_token_ids: bool | None = None
+    # vLLM's: the response's id is cmpl-<request_id> / chatcmpl-<request_id> (an X-Request-Id header wins over it);
+    # none or "": the server's own.
+    request_id: str | None = None
+    # vLLM's: only requests of the same salt share cached prompt prefixes (Engine: the prefix cache's key), so that
+    # one tenant cannot learn from cached_tokens or the timing what another's prompts begin with.
+    cache_salt: str | None = None
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _salt_is_not_empty(cls, value: str | None) -> str | None:
+        if value == "":  # refused as vLLM refuses it: a client sending "" meant a salt and would get none
+            raise PydanticCustomError("invalid_value", "must be a non-empty string if provided")
+        return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -50,7 +50,7 @@ from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse
 # reach the chat request as they are, and are checked there.
 CHAT_EXTRAS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
                "logit_bias", "ignore_eos", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids",
-               "chat_template_kwargs")
+               "chat_template_kwargs", "cache_salt")
 # Responses fields that change nothing here, beside the declared metadata, user and store: accepted and ignored.
 IGNORED_FIELDS = ("safety_identifier", "prompt_cache_key", "service_tier")
 # Responses features this server does not run, each with the value that changes nothing (what passes; null

@@ -55,6 +55,8 @@ class SamplingParams:
     # A beam search's step, (search, step): the prefix cache keeps the states of its last two steps only, the ones
     # the next step can start from (retnet.serve.beam_search); None: an ordinary request.
     prefix_cache_tag: tuple[int, int] | None = None
+    # vLLM's cache_salt: the prefix cache shares states only between requests of the same salt (None: the unsalted)
+    cache_salt: str | None = None
 
     @property
     def scores_prompt(self) -> bool:

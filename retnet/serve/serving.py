@@ -247,6 +247,7 @@ class OpenAIServing:
             params = self.checks.params(request, request.max_tokens, request.logprobs,
                                         bad_words=await self._bad_words(request))
             params.grammar = await self._grammar(request)
+            params.cache_salt = request.cache_salt
             _score_candidates(params, request.n, best_of)
             # Scored once for both asks: the echo's logprobs and vLLM's prompt_logprobs, each keeping its top-k.
             asked = [k for k in (request.logprobs if request.echo else None, request.prompt_logprobs) if k is not None]
@@ -263,12 +264,15 @@ class OpenAIServing:
         # Each choice's prompt: its text is echoed before the completion, and where its text_offset starts either
         # way (OpenAI's offsets index prompt + completion, echoed or not).
         choice_prompts = [prompts[i // request.n] for i in range(len(prompts) * request.n)]
+        rid = response_id("cmpl", request, raw)
         if request.stream:
-            return sse_response(self._completion_chunks(request, handle, choice_prompts), handle)
+            return _echo_request_id(sse_response(self._completion_chunks(request, handle, choice_prompts, rid),
+                                                 handle), raw)
         billed = await collect_outputs(handle, raw)
         outputs = _chosen(billed, request.n, best_of)
-        return await json_built(_answer_size(outputs, request.logprobs, request.prompt_logprobs),
-                                 self._completion_response, request, handle, choice_prompts, outputs, billed)
+        response = await json_built(_answer_size(outputs, request.logprobs, request.prompt_logprobs),
+                                    self._completion_response, request, handle, choice_prompts, outputs, billed, rid)
+        return _echo_request_id(response, raw)
 
     def _best_of(self, request: SamplingFields) -> int:
         """The candidates each prompt of the request generates: ``best_of`` (OpenAI's; vLLM's for chat too), at
@@ -291,9 +295,10 @@ class OpenAIServing:
 
     def _completion_response(self, request: CompletionRequest, handle: RequestHandle,
                              choice_prompts: list[CompletionPrompt], outputs: list[list[SeqOutput]],
-                             billed: list[list[SeqOutput]] | None = None) -> dict:
+                             billed: list[list[SeqOutput]] | None = None, rid: str | None = None) -> dict:
         """The whole completion of ``outputs`` (its JSON), each choice's prompt ``choice_prompts[i]``; the usage
-        counts the tokens of ``billed`` (best_of's candidates, all generated), by default ``outputs``'."""
+        counts the tokens of ``billed`` (best_of's candidates, all generated), by default ``outputs``'. ``rid``: its
+        id (:func:`response_id`), by default a new one."""
         choices = []
         for index, seq in enumerate(outputs):
             prompt = choice_prompts[index]
@@ -315,7 +320,8 @@ class OpenAIServing:
                 prompt_logprobs=vllm_prompt_logprobs(seq[0].prompt_logprobs, request.prompt_logprobs),
                 **self._ids(request, prompt.ids, seq),
             ))
-        response = CompletionResponse(id=random_id("cmpl"), model=self._response_name(request.model), choices=choices,
+        response = CompletionResponse(id=rid or random_id("cmpl"), model=self._response_name(request.model),
+                                      choices=choices,
                                       usage=self._usage(handle, outputs if billed is None else billed),
                                       session_id=request.session_id)
         return dump(response)
@@ -383,9 +389,9 @@ class OpenAIServing:
         self.tokenizing_off_loop -= 1
 
     async def _completion_chunks(self, request: CompletionRequest, handle: RequestHandle,
-                                 prompts: list[CompletionPrompt]) -> AsyncIterator[str]:
-        """``prompts``: each choice's."""
-        rid, created, served = random_id("cmpl"), int(time.time()), self._response_name(request.model)
+                                 prompts: list[CompletionPrompt], rid: str | None = None) -> AsyncIterator[str]:
+        """``prompts``: each choice's; ``rid``: every chunk's id (:func:`response_id`), by default a new one."""
+        rid, created, served = rid or random_id("cmpl"), int(time.time()), self._response_name(request.model)
         usage_opt, continuous = _usage_options(request)
         offsets = [self._offsets(len(p.text), held=p.held, shown=not request.skip_special_tokens) for p in prompts]
         first = [True] * handle.num_choices
@@ -434,12 +440,15 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest, raw: Request):
         run = await self.start_chat(request)
+        rid = response_id("chatcmpl", request, raw)
         if request.stream:
-            return sse_response((sse(chunk) async for chunk in self.chat_chunks(request, run)), run.handle)
+            chunks = (sse(chunk) async for chunk in self.chat_chunks(request, run, rid))
+            return _echo_request_id(sse_response(chunks, run.handle), raw)
         billed = await collect_outputs(run.handle, raw)
         outputs = _chosen(billed, request.n, run.best_of)
-        return await json_built(_chat_answer_size(request, outputs),
-                                 lambda: dump(self._chat_response(request, run, outputs, billed)))
+        response = await json_built(_chat_answer_size(request, outputs),
+                                    lambda: dump(self._chat_response(request, run, outputs, billed, rid)))
+        return _echo_request_id(response, raw)
 
     async def start_chat(self, request: ChatCompletionRequest) -> ChatRun:
         """Check the request, template and tokenize its conversation, and submit it to the engine (the Responses
@@ -482,6 +491,7 @@ class OpenAIServing:
             params = self.checks.params(request, max_tokens, top if request.logprobs else None, name,
                                         bad_words=await self._bad_words(request))
             params.grammar = await self._grammar(request, calling)
+            params.cache_salt = request.cache_salt
             if calling is not None and calling.parser is not None and "skip_special_tokens" not in \
                     request.model_fields_set:
                 # A tokenizer that marks the call tags as special tokens (Hermes 2 Pro) would drop them from the
@@ -505,9 +515,9 @@ class OpenAIServing:
         return await _built(_chat_answer_size(request, outputs), self._chat_response, request, run, outputs, billed)
 
     def _chat_response(self, request: ChatCompletionRequest, run: ChatRun, outputs: list[list[SeqOutput]],
-                       billed: list[list[SeqOutput]] | None = None) -> ChatCompletionResponse:
+                       billed: list[list[SeqOutput]] | None = None, rid: str | None = None) -> ChatCompletionResponse:
         """The whole response of ``outputs``; the usage counts the tokens of ``billed`` (best_of's candidates, all
-        generated), by default ``outputs``'."""
+        generated), by default ``outputs``'. ``rid``: its id (:func:`response_id`), by default a new one."""
         handle, calling, prompt = run.handle, run.calling, run.prompt
         choices = []
         for index, seq in enumerate(outputs):
@@ -530,7 +540,7 @@ class OpenAIServing:
                 index=index, message=message, logprobs=logprobs, finish_reason=finish, stop_reason=seq[-1].stop_reason,
                 **self._ids(request, prompt, seq),
             ))
-        response = ChatCompletionResponse(id=random_id("chatcmpl"), model=self._response_name(request.model),
+        response = ChatCompletionResponse(id=rid or random_id("chatcmpl"), model=self._response_name(request.model),
                                           choices=choices,
                                           usage=self._usage(handle, outputs if billed is None else billed),
                                           session_id=request.session_id,
@@ -684,13 +694,15 @@ class OpenAIServing:
                 self.tokenizer.apply_chat_template, tokenize=False, chat_template=resolved))
         return self.developer_as[resolved]
 
-    async def chat_chunks(self, request: ChatCompletionRequest, run: ChatRun) -> AsyncIterator[dict]:
-        """A started chat's stream, each chunk's JSON before its SSE framing. With tool calls (``run.calling``)
+    async def chat_chunks(self, request: ChatCompletionRequest, run: ChatRun,
+                          rid: str | None = None) -> AsyncIterator[dict]:
+        """A started chat's stream, each chunk's JSON before its SSE framing, each chunk's id ``rid``
+        (:func:`response_id`; by default a new one). With tool calls (``run.calling``)
         each choice's text is held, and sent when it ends as its calls, in one chunk (or as content, cut short:
         no whole JSON to read calls from); with a parser ("auto") the content streams as it is decided, and each
         call is sent whole in one chunk when it closes."""
         handle, calling = run.handle, run.calling
-        rid, created, served = random_id("chatcmpl"), int(time.time()), self._response_name(request.model)
+        rid, created, served = rid or random_id("chatcmpl"), int(time.time()), self._response_name(request.model)
         usage_opt, continuous = _usage_options(request)
         total = 0
 
@@ -932,6 +944,7 @@ class OpenAIServing:
             raise APIError(400, f"n must be <= {self.engine.token_bound} (the vocabulary) for a beam search; got "
                            f"{width}", "n")
         step = beam_step_params(params, width)
+        step.cache_salt = params.cache_salt  # each step starts from the last one's states, cached under the salt
         first = self._submit(prompts, dataclasses.replace(step, prompt_logprobs=params.prompt_logprobs), request,
                              hints, text_starts=text_starts, n=1)
         adapter, priority = self._adapter(request.model), self.checked_priority(request)
@@ -1145,6 +1158,24 @@ async def _built(size: int, function, *args):
     if size <= OFF_LOOP_ANSWER_SIZE:
         return function(*args)
     return await asyncio.to_thread(function, *args)
+
+
+def response_id(prefix: str, request: SamplingFields, raw: Request | None) -> str:
+    """A completion's (``cmpl``) or chat's (``chatcmpl``) id, as vLLM's: ``<prefix>-`` and the request's
+    ``X-Request-Id`` header, else its body's ``request_id``, else the server's own (a gateway's id then finds the
+    request in the answer, and the answer's id in the gateway's logs)."""
+    header = raw.headers.get("x-request-id") if raw is not None else None
+    given = header or request.request_id
+    return f"{prefix}-{given}" if given else random_id(prefix)
+
+
+def _echo_request_id(response: Response, raw: Request | None) -> Response:
+    """``response`` with the request's ``X-Request-Id`` header, when it sent one (vLLM's
+    --enable-request-id-headers answers it on every response)."""
+    header = raw.headers.get("x-request-id") if raw is not None else None
+    if header:
+        response.headers["X-Request-Id"] = header
+    return response
 
 
 async def json_built(size: int, function, *args) -> Response:

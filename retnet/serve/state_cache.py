@@ -45,11 +45,12 @@ class PrefixEntry:
     nbytes: int  # held_bytes(cache, logits)
     adapter: int = 0  # the LoRA adapter's slot the state was computed under (0: the base model)
     tag: tuple[int, int] | None = None  # a beam search's (search, step) (SamplingParams.prefix_cache_tag)
+    salt: str | None = None  # the cache_salt of the requests that made it (None: the shared, unsalted space)
 
 
-def _key(tokens: tuple[int, ...], adapter: int):
-    """An entry's key: the base model's are the tokens themselves, an adapter's ``(slot, tokens)``."""
-    return tokens if adapter == 0 else (adapter, tokens)
+def _key(tokens: tuple[int, ...], adapter: int, salt: str | None = None):
+    """An entry's key: the base model's unsalted are the tokens themselves, others ``(slot, salt, tokens)``."""
+    return tokens if adapter == 0 and salt is None else (adapter, salt, tokens)
 
 
 class PrefixCache:
@@ -73,9 +74,12 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def lookup(self, tokens: list[int] | tuple[int, ...], adapter: int = 0) -> PrefixEntry | None:
+    def lookup(self, tokens: list[int] | tuple[int, ...], adapter: int = 0,
+               salt: str | None = None) -> PrefixEntry | None:
         """The entry of the longest cached prefix of ``tokens`` (the whole of it included) computed under LoRA
-        ``adapter`` (0: the base model; a state depends on the weights that made it), or None."""
+        ``adapter`` (0: the base model; a state depends on the weights that made it) for requests of cache
+        ``salt`` (vLLM's cache_salt: a tenant's requests share prefixes only among themselves, so that another
+        cannot tell from the timing or ``cached_tokens`` what they sent), or None."""
         self._drop_ended_searches()
         if not self.entries:
             return None
@@ -84,24 +88,25 @@ class PrefixCache:
         for entry in self.entries.values():
             n = len(entry.tokens)
             # The prefix's last token first: ``tokens[:n]`` copies n ids whatever it is compared with.
-            if (entry.adapter == adapter and n <= len(tokens) and (best is None or n > len(best.tokens))
+            if (entry.adapter == adapter and entry.salt == salt and n <= len(tokens)
+                    and (best is None or n > len(best.tokens))
                     and (not n or tokens[n - 1] == entry.tokens[-1]) and tokens[:n] == entry.tokens):
                 if n == len(tokens) and entry.logits is None:
                     continue  # an exact match is only useful with the logits that follow it
                 best = entry
         if best is not None:
-            self._touch(_key(best.tokens, adapter))
+            self._touch(_key(best.tokens, adapter, salt))
         return best
 
     def insert(self, tokens: list[int] | tuple[int, ...], cache: RetNetCache, logits: torch.Tensor | None,
-               adapter: int = 0, tag: tuple[int, int] | None = None) -> None:
+               adapter: int = 0, tag: tuple[int, int] | None = None, salt: str | None = None) -> None:
         tokens = tuple(tokens)
         self._drop_ended_searches()
         if self.max_entries == 0 or len(tokens) < self.min_tokens:
             return
         if tag is not None:
             self._drop_stale_steps(tag)
-        key = _key(tokens, adapter)
+        key = _key(tokens, adapter, salt)
         old = self.entries.get(key)
         if old is not None:
             self._touch(key)
@@ -122,7 +127,7 @@ class PrefixCache:
         if nbytes > self.max_bytes:
             return  # checked before cloning: an entry that cannot fit must not cost a copy of the state
         self.entries[key] = PrefixEntry(tokens, cache.clone(), None if logits is None else logits.detach().clone(),
-                                        nbytes, adapter, tag)
+                                        nbytes, adapter, tag, salt)
         self.nbytes += nbytes
         self._evict()
 

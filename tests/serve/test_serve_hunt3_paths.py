@@ -33,7 +33,7 @@ def test_a_lookup_hashes_no_cached_prefix(monkeypatch):
     # The cache was an OrderedDict keyed by the prefixes' token tuples, and iterating its values looks every key
     # up again: each lookup hashed every cached prefix whole, on the scheduler's thread with the GIL held (64
     # entries of 8k tokens: ~6 ms for every prompt that arrived, whether or not one matched).
-    monkeypatch.setattr(state_cache, "_key", lambda tokens, adapter: _CountedKey(tokens))
+    monkeypatch.setattr(state_cache, "_key", lambda tokens, adapter, salt=None: _CountedKey(tokens))
     rng = random.Random(0)
     cache = PrefixCache(max_entries=64, max_bytes=1 << 30)
     shared = [rng.randrange(32000) for _ in range(50)]

@@ -1,0 +1,154 @@
+"""vLLM's ``cache_salt`` (the prefix cache shared only between requests of one salt, as cached_tokens shows) and
+``request_id`` / ``X-Request-Id`` (the response's id, streamed or not), against an in-process app."""
+
+import json
+
+import pytest
+import torch
+
+from retnet.model import RetNetCache
+from retnet.serve.state_cache import PrefixCache
+from tests.serve.conftest import serve_app
+
+pytestmark = pytest.mark.anyio
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+PROMPT = "The retention mechanism replaces attention with a decaying recurrence. " * 2
+SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers about Python code. " * 3}
+
+
+@pytest.fixture(scope="module")
+async def client(model_dir):
+    async with serve_app(model_dir) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+def sse_events(text: str) -> list:
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def cached(body: dict) -> int:
+    return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+async def complete(client, prompt: str, **extra) -> dict:
+    r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, **GREEDY, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_salted_entry_is_found_only_under_its_salt():
+    cache = PrefixCache(8, 1 << 30)
+    state = RetNetCache(1)
+    cache.insert([1, 2, 3], state, torch.zeros(4))
+    cache.insert([1, 2], state, torch.zeros(4), salt="a")
+    cache.insert([1, 2, 3, 4], state, torch.zeros(4), adapter=2, salt="a")
+    assert cache.lookup([1, 2, 3, 9]).tokens == (1, 2, 3) and cache.lookup([1, 2, 3, 9]).salt is None
+    assert cache.lookup([1, 2, 3, 9], salt="a").tokens == (1, 2)
+    assert cache.lookup([1, 2, 3], salt="b") is None
+    assert cache.lookup([1, 2, 3, 4, 5], adapter=2) is None
+    assert cache.lookup([1, 2, 3, 4, 5], adapter=2, salt="a").tokens == (1, 2, 3, 4)
+
+
+async def test_a_salted_completion_hits_only_its_own_salts_prefixes(client):
+    prompt = PROMPT + "(completions)"
+    plain = await complete(client, prompt)
+    assert cached(plain) == 0
+    # Made by an unsalted request, the prompt's state is no hit for a salted one (it was: a full hit)
+    first_a = await complete(client, prompt, cache_salt="tenant-a")
+    assert cached(first_a) == 0
+    again_a = await complete(client, prompt, cache_salt="tenant-a")
+    assert cached(again_a) == again_a["usage"]["prompt_tokens"]
+    assert cached(await complete(client, prompt, cache_salt="tenant-b")) == 0
+    # The unsalted space keeps its own entry; a longer prompt starts from it, not from a salt's
+    again = await complete(client, prompt)
+    assert cached(again) == again["usage"]["prompt_tokens"]
+    longer = await complete(client, prompt + " more", cache_salt="tenant-a")
+    assert 0 < cached(longer) < longer["usage"]["prompt_tokens"]
+    assert cached(await complete(client, prompt + " more", cache_salt="tenant-c")) == 0
+    # The salt changes what is reused, never the answer
+    texts = {b["choices"][0]["text"] for b in (plain, first_a, again_a, again)}
+    assert len(texts) == 1
+
+
+async def test_a_salted_chat_and_its_system_prompt(client):
+    def body(question: str, **extra) -> dict:
+        return {"messages": [SYSTEM, {"role": "user", "content": question}], "max_tokens": 2, **GREEDY, **extra}
+
+    r = await client.post("/v1/chat/completions", json=body("def add(a, b)"))
+    assert r.status_code == 200, r.text
+    salted = (await client.post("/v1/chat/completions", json=body("class Stack", cache_salt="s1"))).json()
+    assert cached(salted) == 0  # the system prompt's state is the unsalted requests'
+    other = (await client.post("/v1/chat/completions", json=body("for i in range(3)", cache_salt="s1"))).json()
+    assert cached(other) > 20  # the salt's own system prompt state
+    stream = await client.post("/v1/chat/completions", json=body("print(1)", cache_salt="s2", stream=True,
+                                                                  stream_options={"include_usage": True}))
+    assert cached(sse_events(stream.text)[-1]) == 0
+
+
+async def test_beam_search_best_of_and_sessions_run_salted(client):
+    prompt = PROMPT + "(beams)"
+    beams = await complete(client, prompt, n=2, use_beam_search=True, max_tokens=3, cache_salt="b1")
+    assert len(beams["choices"]) == 2 and cached(beams) == 0
+    again = await complete(client, prompt, n=2, use_beam_search=True, max_tokens=3, cache_salt="b1")
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in beams["choices"]]
+    assert cached(again) > 0
+    assert cached(await complete(client, prompt, n=2, use_beam_search=True, max_tokens=3)) == 0
+    best = await complete(client, prompt + "(best)", n=1, best_of=2, cache_salt="b2", temperature=1.0, seed=3)
+    assert len(best["choices"]) == 1 and cached(best) == 0
+    r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "session_id": "salted-session",
+                                                   "cache_salt": "b3", **GREEDY})
+    assert r.status_code == 200 and cached(r.json()) == 0, r.text
+    r = await client.post("/v1/completions", json={"prompt": " next", "max_tokens": 2, "session_id": "salted-session",
+                                                   "cache_salt": "b3", **GREEDY})
+    assert r.status_code == 200 and r.json()["session_id"] == "salted-session", r.text
+
+
+@pytest.mark.parametrize("salt", ["", 7, ["a"]])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_salt_must_be_a_non_empty_string(client, path, salt):
+    body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    r = await client.post(path, json={**body, "max_tokens": 1, "cache_salt": salt})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "cache_salt"
+
+
+async def test_the_responses_and_messages_routes_pass_the_salt(client):
+    body = {"input": PROMPT + "(responses)", "max_output_tokens": 2, "temperature": 0}
+    first = await client.post("/v1/responses", json=body)
+    assert first.status_code == 200, first.text
+    salted = await client.post("/v1/responses", json={**body, "cache_salt": "r1"})
+    assert salted.status_code == 200, salted.text  # was refused as no parameter of the route
+    assert salted.json()["usage"]["input_tokens_details"]["cached_tokens"] == 0
+    messages = {"model": "micro", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    for extra in ({"cache_salt": "m1"}, {"request_id": "m2"}):
+        r = await client.post("/v1/messages", json={**messages, **extra})
+        assert r.status_code == 200, (extra, r.text)
+
+
+@pytest.mark.parametrize("path, prefix", [("/v1/completions", "cmpl"), ("/v1/chat/completions", "chatcmpl")])
+async def test_request_id_names_the_response(client, path, prefix):
+    body = {"prompt": "hi"} if prefix == "cmpl" else {"messages": [{"role": "user", "content": "hi"}]}
+    body = {**body, "max_tokens": 3, **GREEDY}
+    r = await client.post(path, json={**body, "request_id": "req-42"})
+    assert r.status_code == 200 and r.json()["id"] == f"{prefix}-req-42", r.text
+    assert "x-request-id" not in r.headers
+    # vLLM's: the header wins over the body's field, and is sent back
+    r = await client.post(path, json={**body, "request_id": "req-42"}, headers={"X-Request-Id": "hdr-7"})
+    assert r.json()["id"] == f"{prefix}-hdr-7" and r.headers["x-request-id"] == "hdr-7"
+    r = await client.post(path, json={**body, "n": 2, "stream": True, "stream_options": {"include_usage": True},
+                                      "request_id": "req-s"})
+    events = sse_events(r.text)
+    assert len(events) > 2 and {e["id"] for e in events} == {f"{prefix}-req-s"}
+    r = await client.post(path, json={**body, "stream": True}, headers={"X-Request-Id": "hdr-s"})
+    assert {e["id"] for e in sse_events(r.text)} == {f"{prefix}-hdr-s"} and r.headers["x-request-id"] == "hdr-s"
+    # Neither (or an empty one): the server's own, a new one each time
+    ids = {(await client.post(path, json={**body, **extra})).json()["id"] for extra in ({}, {"request_id": ""})}
+    assert len(ids) == 2 and all(i.startswith(f"{prefix}-") and len(i) > len(prefix) + 8 for i in ids)
