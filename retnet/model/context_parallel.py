@@ -123,6 +123,12 @@ def shard_sequences(input_ids: torch.Tensor, labels: torch.Tensor | None, rank: 
         return inputs, shard, targets
     if batch != 1:
         raise ValueError(f"shard_sequences: cu_seqlens needs the sequences packed into one row (B=1); got B={batch}")
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
+            or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool):
+        # (a list failed on an AttributeError; a float tensor's offsets became the shard's floats)
+        got = (f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor)
+               else type(cu_seqlens).__name__)
+        raise ValueError(f"shard_sequences: cu_seqlens must be a 1-D integer torch.Tensor of [N + 1] offsets; got {got}")
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length or any(b <= a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"shard_sequences: cu_seqlens must rise strictly from 0 to the row length {length}; "
@@ -228,6 +234,10 @@ class _IncomingShare(torch.autograd.Function):
         return grad, grad_q, grad_state, None
 
 
+# Eager inside a compiled layer too: its chunks of time are counted from first_length in Python, so dynamo guarded on
+# the exact length, and each new one (a packed piece's first sequence: a new length every micro-batch) compiled the
+# part of the layer after the state exchange again, up to torch's recompile limit.
+@torch.compiler.disable
 def add_incoming(o: torch.Tensor, q: torch.Tensor, state: torch.Tensor, log_decay: torch.Tensor, scale: float,
                  first_length: int, start: int = 0) -> torch.Tensor:
     """``o`` ``[B, T, H, V]`` plus the share of ``state`` ``[B, H, K, V]`` in the first ``first_length`` tokens'
