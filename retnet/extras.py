@@ -55,3 +55,19 @@ def exits_on_ctrl_c(prog: str) -> Iterator[None]:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+@contextlib.contextmanager
+def transformers_bars_hidden() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards": noise for a model of a few MB,
+    drawn among the command's lines) hidden for the block, then as they were: a program that imports retnet keeps
+    its own setting. Also huggingface_hub's, which transformers switches with them: a block holds no download."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()

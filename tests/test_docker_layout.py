@@ -54,6 +54,42 @@ def test_what_the_images_copy_exists(name):
             assert not missing, f"{name} copies {missing}, not in the repository"
 
 
+def dockerignored(path: str) -> bool:
+    """Whether the build leaves ``path`` (relative to the context, the repository root) out, by .dockerignore's
+    rules as Docker reads them: the last pattern that matches the path or a folder above it decides (``!``: kept);
+    ``*`` and ``?`` stay within one path element, ``**`` crosses them."""
+    excluded = False
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        keep = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        wildcards = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+        regex = "".join(wildcards.get(part, part if part.startswith("[") else re.escape(part))
+                        for part in re.split(r"(\*\*/|\*\*|\*|\?|\[[^]]*\])", pattern))
+        parts = path.split("/")
+        if any(re.fullmatch(regex, "/".join(parts[:i + 1])) for i in range(len(parts))):
+            excluded = not keep
+    return excluded
+
+
+def test_the_build_context_leaves_out_the_venv_runs_and_caches_and_keeps_what_the_images_copy():
+    """Without a .dockerignore the legacy builder and podman sent the whole repository as the context (its .venv
+    alone 3 GB, the runs, the caches, .git) at every build."""
+    for path in (".venv/bin/python", ".git/HEAD", "runs/demo/export/model.safetensors", ".pytest_cache/README.md",
+                 "retnet/__pycache__/__init__.cpython-311.pyc", "retnet_stack.egg-info/PKG-INFO"):
+        assert dockerignored(path), path
+    for name in DOCKERFILES:
+        for instruction, args in instructions(name):
+            if instruction == "COPY" and "--from" not in args:
+                *sources, _ = args.split()
+                files = [path for source in sources for path in [REPO / source, *(REPO / source).rglob("*")]
+                         if path.is_file() and "__pycache__" not in path.parts]
+                left_out = [str(path.relative_to(REPO)) for path in files if dockerignored(str(path.relative_to(REPO)))]
+                assert files and not left_out, f"{name} copies {left_out[:5]}, which .dockerignore leaves out"
+
+
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_the_extras_the_images_install_are_the_projects(name):
     extras = set(PYPROJECT["project"]["optional-dependencies"])

@@ -97,7 +97,8 @@ def test_sdist_carries_the_suite_and_its_wheel_the_package_data(tmp_path):
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "wheels")
     source.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "Makefile", ".hadolint.yaml"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "Makefile", ".hadolint.yaml",
+                 ".dockerignore"):
         if (REPO / name).exists():  # (without MANIFEST.in the assertions below say what the sdist lacks)
             shutil.copy(REPO / name, source / name)
     for folder in ("retnet", "tests", "benchmarks", "docker"):
@@ -112,7 +113,7 @@ def test_sdist_carries_the_suite_and_its_wheel_the_package_data(tmp_path):
     # the suite as it runs: its conftest, every subfolder, and the files the tests read beside it
     wanted = {str(path.relative_to(source)) for folder in ("tests", "retnet")
               for path in (source / folder).rglob("*") if path.is_file()}
-    wanted |= {"README.md", "LICENSE", "Makefile", ".hadolint.yaml", "docker/Dockerfile.serve",
+    wanted |= {"README.md", "LICENSE", "Makefile", ".hadolint.yaml", ".dockerignore", "docker/Dockerfile.serve",
                "docker/Dockerfile.train", "docker/compose.yaml", "benchmarks/decode.py"}
     assert sorted(wanted - members) == []
 

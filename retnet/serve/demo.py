@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # (imported where used: main names the [serve] extra when httpx is missing)
@@ -37,6 +39,14 @@ def pick_port(host: str, wanted: int) -> int:
         except OSError:
             sock.bind((host, 0))
             return sock.getsockname()[1]
+
+
+def run_name(model: str) -> str | None:
+    """The name of the training run whose export ``model`` is (``runs/demo/export``: ``demo``), which the demo serves
+    it under (RETNET_SERVED_MODEL_NAME still wins): every export is a folder named ``export``, the name the server
+    would give it. None for any other directory."""
+    path = Path(os.path.abspath(os.path.expanduser(model)))
+    return (path.parent.name or None) if path.name == "export" and path.is_dir() else None
 
 
 class StreamFailed(Exception):
@@ -148,6 +158,9 @@ def _run_command(argv: list[str] | None) -> None:
                                      if (value := getattr(args, name)) is not None}}
     try:
         settings = ServeSettings(**given)
+        if settings.served_model_name is None and (run := run_name(settings.model)) is not None:
+            # "export" still names it too, as retnet-serve's README examples do
+            settings = ServeSettings(**given, served_model_name=[run, "export"])
     except ValidationError as exc:
         parser.exit(2, f"{parser.prog}: error: {describe_settings_error(exc, given)}\n")
     host = settings.host

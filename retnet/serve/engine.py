@@ -284,10 +284,13 @@ class Engine(ModelThread):
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM
 
+        from retnet.extras import transformers_bars_hidden
+
         self.device = _device(self.settings)
         if self.model is None:
-            self.model = AutoModelForCausalLM.from_pretrained(self.settings.model,
-                                                              dtype=getattr(torch, _dtype(self.settings, self.device)))
+            with transformers_bars_hidden():  # (a hub id is a local snapshot by now: no download bar is hidden)
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    self.settings.model, dtype=getattr(torch, _dtype(self.settings, self.device)))
         self.model = self.model.to(self.device).eval()
         if self.speculative is not None and self.speculative.method == "draft_model":
             draft = self._load_draft(next(self.model.parameters()).dtype)
@@ -309,8 +312,11 @@ class Engine(ModelThread):
         """The draft model (checked at startup by ``resolve_draft_model``), on the target's device in its dtype."""
         from transformers import AutoModelForCausalLM
 
+        from retnet.extras import transformers_bars_hidden
+
         path = self.speculative.model
-        draft = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        with transformers_bars_hidden():
+            draft = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         if int(draft.config.vocab_size) != self.vocab_size:  # an Engine made without create_app's check
             raise ValueError(f"--speculative-config's model {path!r} has a vocabulary of {draft.config.vocab_size} "
                              f"tokens, the target model one of {self.vocab_size}")

@@ -326,9 +326,12 @@ class PoolingEngine(ModelThread):
             self._fail_waiting(*failure)
 
     def _load(self) -> None:
+        from retnet.extras import transformers_bars_hidden
+
         self.device = _device(self.settings)
         if self.model is None:
-            self.model = self.pooler.load(self.settings.model, getattr(torch, _dtype(self.settings, self.device)))
+            with transformers_bars_hidden():  # ("Loading weights", as the generation engine's load)
+                self.model = self.pooler.load(self.settings.model, getattr(torch, _dtype(self.settings, self.device)))
         self.model = self.pooler.prepare(self.model).to(self.device).eval()
         if self.settings.quantization != "none":  # on the device: torchao quantizes where the weight is
             quantize_model(self.model, self.settings.quantization)

@@ -793,11 +793,6 @@ class Trainer:
         if self._wandb is not None:  # a new W&B run gets the records up to here; a resumed one those it lacks
             for line in keep:
                 self._wandb.log(json.loads(line))
-        if self.cfg.logging.progress:
-            from tqdm.auto import tqdm
-
-            self._progress = tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step",
-                                  dynamic_ncols=True, mininterval=0.5)
         (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
 
     def _install_signal_handlers(self) -> None:
@@ -1521,6 +1516,13 @@ class Trainer:
         self.model.train()
         # The global batch's, once: the C ranks of a context-parallel group each read a piece of the same blocks
         tokens_per_step = cfg.train.global_batch_size * self.data.seq_len
+        # Opened after the start-up lines and closed before the final ones: log records written while it is open go
+        # through tqdm.write (_CurrentStderrHandler), and a bar still open at the end was drawn again below them.
+        if self.is_main and cfg.logging.progress:
+            from tqdm.auto import tqdm
+
+            self._progress = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step",
+                                  dynamic_ncols=True, mininterval=0.5)
         if self.step == 0 or self.pending_eval:
             self.evaluate()
             if self.pending_eval:
@@ -1553,6 +1555,7 @@ class Trainer:
                 self.save()
             if (eval_due or save_due) and not final:
                 self._plot()
+        self._close_progress()
         interrupted = self.stop_requested
         val_loss = None
         if not interrupted and not self._final_step_evaluated():  # (a finished run resumed again only re-exports)
@@ -1562,9 +1565,13 @@ class Trainer:
         exporting = not interrupted and cfg.checkpoint.export
         export_state = self.export_state() if exporting else None
         if self.is_main:
+            written = []  # what the last line names besides the output directory
             if exporting:
+                from retnet.extras import transformers_bars_hidden
+
                 try:
-                    self.export(export_state)
+                    with transformers_bars_hidden():
+                        written.append(f"model: {self.export(export_state)}")
                 except Exception as failure:
                     if (error := _os_error(failure)) is None:
                         raise
@@ -1572,28 +1579,31 @@ class Trainer:
                         f"could not write the export {str(self.output_dir / 'export')!r}: {error}. The checkpoint of "
                         f"step {self.step} is saved ({self.last_checkpoint}): free disk space (or fix the "
                         f"permissions) and rerun the command, which exports it again") from error
-            self._plot(final=True)
+            if self._plot(final=True):
+                written.append(f"loss plot: {self.output_dir / 'loss.png'}")
             summary["val_loss"] = val_loss
+            outputs = f"{self.output_dir}" + (f" ({', '.join(written)})" if written else "")
             if interrupted:
-                logger.info("stopped by signal at step %d; outputs in %s%s", self.step, self.output_dir,
+                logger.info("stopped by signal at step %d; outputs in %s%s", self.step, outputs,
                             "; the resumed run evaluates this step first" if self.pending_eval else "")
             else:
-                logger.info("finished at step %d; outputs in %s", self.step, self.output_dir)
+                logger.info("finished at step %d; outputs in %s", self.step, outputs)
         barrier()
         self._completed = True
         return summary
 
-    def _plot(self, final: bool = False) -> None:
+    def _plot(self, final: bool = False) -> bool:
         """Draw loss.png again from metrics.jsonl (rank 0), so that it follows the run: after an evaluation or a
         checkpoint, at most once every ``_PLOT_EVERY_S`` seconds or ``_PLOT_COST_SHARE`` times the last draw's
         time, whichever is longer (a draw reads the whole file: seconds, late in a long run, which every rank waits
         out at the next step's all-reduce), and at the end. A plot that cannot be drawn is a warning: it is a
-        convenience, metrics.jsonl holds the curve, and the run goes on (at the end, only an OS error is)."""
+        convenience, metrics.jsonl holds the curve, and the run goes on (at the end, only an OS error is). Whether
+        it drew loss.png."""
         if not self.is_main or self._plotted_at == math.inf:
-            return
+            return False
         start = monotonic()
         if not final and self._plotted_at is not None and start - self._plotted_at < self._plot_gap:
-            return
+            return False
         self._plotted_at = start
         self._metrics.flush()
         try:
@@ -1605,13 +1615,18 @@ class Trainer:
         except ImportError:  # a bring-your-own-torch machine without the [train] extra: keep the run
             logger.warning("matplotlib is not installed; no loss.png (metrics.jsonl has the curve)")
             self._plotted_at = math.inf
+            return False
         except Exception as failure:
             error = _os_error(failure)
             if error is None and final:
                 raise
             logger.warning("could not write %s: %s (metrics.jsonl has the curve)", self.output_dir / "loss.png",
                            error if error is not None else f"{type(failure).__name__}: {failure}")
+            drawn = False
+        else:
+            drawn = True
         self._plot_gap = max(_PLOT_EVERY_S, _PLOT_COST_SHARE * (monotonic() - start))
+        return drawn
 
     def _final_step_evaluated(self) -> bool:
         """Whether metrics.jsonl holds the validation of the step the run ends at. A run that trained evaluates
@@ -1723,12 +1738,16 @@ class Trainer:
         wandb_logger.start()
         self._wandb = wandb_logger if wandb_logger.run is not None else None
 
+    def _close_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
     def close(self) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers.clear()
-        if self._progress is not None:
-            self._progress.close()
+        self._close_progress()
         if self._writer is not None:
             self._writer.close()
         if self._metrics is not None:
@@ -1848,6 +1867,22 @@ class _CurrentStderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass  # StreamHandler.__init__ and setStream assign it; the current sys.stderr always wins
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Written as is, a record went on the line of an open progress bar (after its "tok_s=536]"), and the bar's
+        # next frame over it; tqdm.write takes the bars off the terminal, writes the line and draws them again.
+        # Without tqdm imported no bar is open.
+        auto = sys.modules.get("tqdm.auto")
+        if auto is None:
+            super().emit(record)
+            return
+        try:
+            auto.tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
 
 
 def make_output_dir(output_dir: Path, *, create: bool = True) -> None:

@@ -59,3 +59,22 @@ async def test_the_commands_the_demo_prints_are_answered(model_dir, open_app, ca
             if "response_format" in body:
                 reply = json.loads(r.json()["choices"][0]["message"]["content"])
                 assert isinstance(reply["name"], str) and 1 <= reply["lines"] <= 99
+
+
+def test_a_training_export_is_served_under_its_runs_name_without_the_loading_bar(model_dir, tmp_path, capsys):
+    """``make demo`` serves runs/demo/export, which was named 'export' (the folder) in its banner, its curl
+    commands and /v1/models; and transformers drew its "Loading weights" bar for the 1M-parameter model."""
+    import shutil
+
+    from transformers.utils import logging as transformers_logging
+
+    export = tmp_path / "demo" / "export"
+    shutil.copytree(model_dir, export)
+    demo.main(["--model", str(export), "--port", "0", "--max-tokens", "4", "--exit-after"])
+    captured = capsys.readouterr()
+    assert "serving 'demo'" in captured.out
+    bodies = [line for line in captured.out.splitlines() if "/v1/completions" in line and "-d" in line]
+    assert bodies and all('"model": "demo"' in line for line in bodies)
+    assert "Loading weights" not in captured.err
+    assert transformers_logging.is_progress_bar_enabled()  # hidden for the load only
+    assert demo.run_name(str(model_dir)) is None  # any other directory keeps its own name

@@ -157,3 +157,25 @@ def test_a_draw_while_the_run_goes_on_waits_in_proportion_to_its_cost_and_never_
         calls.clear()
         calls.append(0.0)  # the second call raises again: at the end a failure that is no OS error is raised
         plot(1102.0, final=True)
+
+
+def test_log_lines_stand_apart_from_the_progress_bar_and_the_last_names_what_was_written(micro, run_here, tmp_path):
+    """With the progress bar (the default) each log line began on the bar's line (``tok_s=536][17:57:01 rank0] step
+    20: val loss ...``; the start-up line on its 0% frame), the export drew transformers' "Writing model shards" bar,
+    and closing the bar drew it again under the final ``finished`` line, which named the output directory only."""
+    import re
+
+    from transformers.utils import logging as transformers_logging
+
+    out = tmp_path / "run"
+    done = run_here(micro(out, train__steps=4, train__eval_interval=2, checkpoint__interval=2,
+                          checkpoint__export=True, logging__progress=True))
+    assert done.returncode == 0, done.stderr
+    pieces = [piece for piece in re.split(r"[\r\n]", done.stderr) if piece.strip()]
+    assert any(piece.startswith("train:") for piece in pieces)  # the bar was drawn
+    glued = [piece for piece in pieces if " rank0] " in piece and not piece.startswith("[")]
+    assert not glued, glued
+    assert "Writing model shards" not in done.stderr
+    assert transformers_logging.is_progress_bar_enabled()  # hidden for the export only
+    assert pieces[-1].endswith(f"] finished at step 4; outputs in {out} (model: {out / 'export'}, loss plot: "
+                               f"{out / 'loss.png'})"), pieces[-3:]
