@@ -178,29 +178,36 @@ def _run_command(argv: list[str] | None) -> None:
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     url = base_url(host, port)
-    # The engine runs in this process: its state is read here (what /health would answer), and its failure bare.
-    engine = app.state.engine
-    deadline = time.monotonic() + 120
-    while not (server.started and engine.healthy):
-        if engine.failure is not None:  # the model did not load: waiting the 120 s out would change nothing
+    try:
+        # The engine runs in this process: its state is read here (what /health would answer), and its failure bare.
+        engine = app.state.engine
+        deadline = time.monotonic() + 120
+        while not (server.started and engine.healthy):
+            if engine.failure is not None:  # the model did not load: waiting the 120 s out would change nothing
+                server.should_exit = True
+                thread.join(timeout=30)
+                sys.exit(f"the server failed to start: --model {args.model!r} did not load: {engine.failure}")
+            if not thread.is_alive():
+                sys.exit("the server failed to start")
+            if time.monotonic() > deadline:
+                sys.exit("the server did not become ready in 120 s")
+            time.sleep(0.1)
+
+        print(f"retnet-serve is up at {url} serving {settings.model_name!r}")
+        try:
+            # RETNET_API_KEYS makes the server require a key: the demo's own request sends one (it was a 401).
+            stream_once(url, args.prompt, args.max_tokens, api_key=settings.api_keys[0] if settings.api_keys else None)
+        except (StreamFailed, httpx.HTTPError) as exc:
+            print(f"\n--- the completion failed: {exc} ---", file=sys.stderr, flush=True)
             server.should_exit = True
             thread.join(timeout=30)
-            sys.exit(f"the server failed to start: --model {args.model!r} did not load: {engine.failure}")
-        if not thread.is_alive():
-            sys.exit("the server failed to start")
-        if time.monotonic() > deadline:
-            sys.exit("the server did not become ready in 120 s")
-        time.sleep(0.1)
-
-    print(f"retnet-serve is up at {url} serving {settings.model_name!r}")
-    try:
-        # RETNET_API_KEYS makes the server require a key: the demo's own request sends one (it was a 401).
-        stream_once(url, args.prompt, args.max_tokens, api_key=settings.api_keys[0] if settings.api_keys else None)
-    except (StreamFailed, httpx.HTTPError) as exc:
-        print(f"\n--- the completion failed: {exc} ---", file=sys.stderr, flush=True)
+            sys.exit(1)
+    except KeyboardInterrupt:
+        # Stopped as at the end: the server's and the engine's threads run torch (a model loading, a completion),
+        # and left running as the process exits they aborted it (status 134 after the one "interrupted" line)
         server.should_exit = True
         thread.join(timeout=30)
-        sys.exit(1)
+        raise
     body = json.dumps({"model": settings.model_name, "prompt": "def add(a, b):", "max_tokens": 32, "stream": True})
     print("Try it yourself:")
     # With keys set, each /v1 command below needs one too (the key itself is not printed: it is a secret).

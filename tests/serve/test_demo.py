@@ -78,3 +78,38 @@ def test_a_training_export_is_served_under_its_runs_name_without_the_loading_bar
     assert "Loading weights" not in captured.err
     assert transformers_logging.is_progress_bar_enabled()  # hidden for the load only
     assert demo.run_name(str(model_dir)) is None  # any other directory keeps its own name
+
+
+def test_ctrl_c_while_the_model_loads_stops_the_server_first_and_exits_130(model_dir, tmp_path):
+    """A Ctrl-C while the demo waited for the model to load printed its one line, then the process aborted (status
+    134, "terminate called without an active exception"): the server's and the engine's threads were left running
+    torch as the interpreter exited. They are stopped first, as at the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    wrapper = tmp_path / "slow_load.py"
+    wrapper.write_text(
+        "import sys, time, torch\n"
+        "from retnet.serve.engine import Engine\n"
+        "load = Engine._load\n"
+        "def slow(self, *args, **kwargs):\n"
+        "    print('LOADING', file=sys.stderr, flush=True)\n"
+        "    x, end = torch.randn(256, 256), time.monotonic() + 4\n"
+        "    while time.monotonic() < end:\n"
+        "        x = (x @ x).tanh()  # torch at work in the engine's thread, as a real load is\n"
+        "    return load(self, *args, **kwargs)\n"
+        "Engine._load = slow\n"
+        "from retnet.serve.demo import main\n"
+        "main(sys.argv[1:])\n")
+    process = subprocess.Popen([sys.executable, str(wrapper), "--model", str(model_dir), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "LOADING" in line:
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "terminate called" not in err and "Traceback" not in err
