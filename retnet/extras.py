@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Iterator
 
 # Each extra's top-level modules that retnet imports, by their import names (pydantic_settings for
@@ -57,17 +58,30 @@ def exits_on_ctrl_c(prog: str) -> Iterator[None]:
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
+_bars_lock = threading.Lock()
+_bars_hidden_depth = 0  # blocks open now (several threads' loads: the engine's, a draft's, a pooling engine's)
+_bars_shown_before = False  # the setting as the first of them found it, which the last restores
+
+
 @contextlib.contextmanager
 def transformers_bars_hidden() -> Iterator[None]:
     """transformers' own progress bars ("Loading weights", "Writing model shards": noise for a model of a few MB,
     drawn among the command's lines) hidden for the block, then as they were: a program that imports retnet keeps
-    its own setting. Also huggingface_hub's, which transformers switches with them: a block holds no download."""
+    its own setting. Also huggingface_hub's, which transformers switches with them: a block holds no download.
+    Blocks of several threads nest: the last to end restores what the first found (each restoring what it found,
+    one opened while another was open read "hidden" and left the bars off for good)."""
+    global _bars_hidden_depth, _bars_shown_before
     from transformers.utils import logging as transformers_logging
 
-    shown = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
+    with _bars_lock:
+        if _bars_hidden_depth == 0:
+            _bars_shown_before = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()
+        _bars_hidden_depth += 1
     try:
         yield
     finally:
-        if shown:
-            transformers_logging.enable_progress_bar()
+        with _bars_lock:
+            _bars_hidden_depth -= 1
+            if _bars_hidden_depth == 0 and _bars_shown_before:
+                transformers_logging.enable_progress_bar()

@@ -124,3 +124,21 @@ def test_evaluating_a_jsonl_without_datasets_names_the_train_extra(monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert _refusal("train").match(err), err
     assert err.startswith("retnet-eval: error: datasets is not installed")
+
+
+def test_transformers_bars_hidden_by_overlapping_blocks_come_back():
+    """Two threads' loads overlapping (an engine's and a pooling engine's, a draft's): the block opened second read
+    the bars as hidden and, ending last, left them off for good. The last block to end restores what the first
+    found."""
+    from transformers.utils import logging as transformers_logging
+
+    from retnet.extras import transformers_bars_hidden
+
+    assert transformers_logging.is_progress_bar_enabled()
+    first, second = transformers_bars_hidden(), transformers_bars_hidden()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not transformers_logging.is_progress_bar_enabled()  # the second is still open
+    second.__exit__(None, None, None)
+    assert transformers_logging.is_progress_bar_enabled()

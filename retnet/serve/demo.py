@@ -158,8 +158,11 @@ def _run_command(argv: list[str] | None) -> None:
                                      if (value := getattr(args, name)) is not None}}
     try:
         settings = ServeSettings(**given)
-        if settings.served_model_name is None and (run := run_name(settings.model)) is not None:
-            # "export" still names it too, as retnet-serve's README examples do
+        run = run_name(settings.model)
+        # "export" still names it too, as retnet-serve's README examples do; an adapter's name stays the adapter's
+        # (retnet-serve takes RETNET_LORA_MODULES=demo=... beside runs/demo/export)
+        if settings.served_model_name is None and run is not None and all(
+                module["name"] != run for module in settings.lora_modules):
             settings = ServeSettings(**given, served_model_name=[run, "export"])
     except ValidationError as exc:
         parser.exit(2, f"{parser.prog}: error: {describe_settings_error(exc, given)}\n")

@@ -96,6 +96,9 @@ def _refuse_bool(value: Any) -> Any:
     return value
 
 
+# A request id's longest (vLLM's request_id, X-Request-Id): every streamed chunk's id repeats it
+REQUEST_ID_MAX_CHARS = 256
+
 TokenId = Annotated[int, BeforeValidator(_refuse_bool), Field(ge=0)]
 
 
@@ -261,8 +264,8 @@ class SamplingFields(RequestFields):
     # server's --return-tokens-as-token-ids.
     return_tokens_as_token_ids: bool | None = None
     # vLLM's: the response's id is cmpl-<request_id> / chatcmpl-<request_id> (an X-Request-Id header wins over it);
-    # none or "": the server's own.
-    request_id: str | None = None
+    # none or "": the server's own. Bounded: every streamed chunk repeats it (1 MB of id, a megabyte a token).
+    request_id: str | None = Field(None, max_length=REQUEST_ID_MAX_CHARS)
     # vLLM's: only requests of the same salt share cached prompt prefixes (Engine: the prefix cache's key), so that
     # one tenant cannot learn from cached_tokens or the timing what another's prompts begin with.
     cache_salt: str | None = None

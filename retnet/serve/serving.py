@@ -33,6 +33,7 @@ from retnet.serve.logprobs import TextOffsets, add_completion_logprobs, chat_log
 from retnet.serve.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraError, LoraModule, load_adapter
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import (
+    REQUEST_ID_MAX_CHARS,
     STRUCTURED_OUTPUT_FIELDS,
     APIError,
     AssistantMessage,
@@ -225,6 +226,7 @@ class OpenAIServing:
     # -- /v1/completions ---------------------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest, raw: Request):
         self._check_common(request)
+        rid = response_id("cmpl", request, raw)  # (refused before the request is submitted)
         if request.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
         if request.prompt_embeds is not None:
@@ -264,7 +266,6 @@ class OpenAIServing:
         # Each choice's prompt: its text is echoed before the completion, and where its text_offset starts either
         # way (OpenAI's offsets index prompt + completion, echoed or not).
         choice_prompts = [prompts[i // request.n] for i in range(len(prompts) * request.n)]
-        rid = response_id("cmpl", request, raw)
         if request.stream:
             return _echo_request_id(sse_response(self._completion_chunks(request, handle, choice_prompts, rid),
                                                  handle), raw)
@@ -439,8 +440,8 @@ class OpenAIServing:
                    for tag in calling.text_parser().tags())
 
     async def chat(self, request: ChatCompletionRequest, raw: Request):
+        rid = response_id("chatcmpl", request, raw)  # (refused before the request is submitted)
         run = await self.start_chat(request)
-        rid = response_id("chatcmpl", request, raw)
         if request.stream:
             chunks = (sse(chunk) async for chunk in self.chat_chunks(request, run, rid))
             return _echo_request_id(sse_response(chunks, run.handle), raw)
@@ -1165,6 +1166,9 @@ def response_id(prefix: str, request: SamplingFields, raw: Request | None) -> st
     ``X-Request-Id`` header, else its body's ``request_id``, else the server's own (a gateway's id then finds the
     request in the answer, and the answer's id in the gateway's logs)."""
     header = raw.headers.get("x-request-id") if raw is not None else None
+    if header is not None and len(header) > REQUEST_ID_MAX_CHARS:  # (the body's field: its own max_length)
+        raise APIError(400, f"X-Request-Id: at most {REQUEST_ID_MAX_CHARS} characters (every streamed chunk repeats "
+                       f"it); got {len(header)}", "X-Request-Id")
     given = header or request.request_id
     return f"{prefix}-{given}" if given else random_id(prefix)
 

@@ -152,3 +152,10 @@ async def test_request_id_names_the_response(client, path, prefix):
     # Neither (or an empty one): the server's own, a new one each time
     ids = {(await client.post(path, json={**body, **extra})).json()["id"] for extra in ({}, {"request_id": ""})}
     assert len(ids) == 2 and all(i.startswith(f"{prefix}-") and len(i) > len(prefix) + 8 for i in ids)
+    # Bounded, the body's and the header's: every streamed chunk repeats it (a 900 KB id streamed 13 MB for 20 tokens)
+    r = await client.post(path, json={**body, "stream": True, "request_id": "r" * 257})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "request_id", r.text
+    r = await client.post(path, json={**body, "stream": True}, headers={"X-Request-Id": "h" * 257})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Id", r.text
+    r = await client.post(path, json={**body, "request_id": "r" * 256})
+    assert r.json()["id"] == f"{prefix}-{'r' * 256}"

@@ -113,3 +113,17 @@ def test_ctrl_c_while_the_model_loads_stops_the_server_first_and_exits_130(model
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     assert "interrupted" in err and "terminate called" not in err and "Traceback" not in err
+
+
+def test_an_adapter_named_as_the_run_keeps_its_name(model_dir, tmp_path, monkeypatch, capsys):
+    """retnet-serve takes RETNET_LORA_MODULES=demo=... beside runs/demo/export; the demo, naming the model after the
+    run, refused it as "the base model's name" although the user named no model 'demo'."""
+    import shutil
+
+    export = tmp_path / "demo" / "export"
+    shutil.copytree(model_dir, export)
+    monkeypatch.setenv("RETNET_LORA_MODULES", f"demo={tmp_path / 'no-adapter-here'}")
+    with pytest.raises(SystemExit):  # (the adapter's path holds none: refused as retnet-serve refuses it)
+        demo.main(["--model", str(export), "--port", "0", "--max-tokens", "4", "--exit-after"])
+    err = capsys.readouterr().err
+    assert "base model's name" not in err and "no-adapter-here" in err, err[-1500:]
