@@ -18,12 +18,16 @@ class IncrementalDetokenizer:
     window of recent tokens minus the decoding of the same window without the newest ones, so tokenisers
     whose pieces depend on their neighbours (leading spaces, byte fallback) still decode exactly."""
 
-    def __init__(self, decode, context_ids: list[int] | None = None, window: int = 6, unfinished: int = 0):
+    def __init__(self, decode, context_ids: list[int] | None = None, window: int = 6, unfinished: int = 0,
+                 texts: dict[int, str] | None = None):
         """``unfinished``: how many of the context's last tokens hold a character it leaves unfinished (a prompt
         sent as token ids may end inside one; see :func:`unfinished_character`). Their text is not read yet, so
         the tokens after them finish the character; read, they would decode as U+FFFD in the prefix and the
-        character's first bytes would be lost from the text of the token that completes it."""
+        character's first bytes would be lost from the text of the token that completes it.
+
+        ``texts``: ``decode([token])`` by token, filled as met and shared by the detokenizers of one ``decode``."""
         self.decode = decode  # ids -> str
+        self.texts = texts
         context = list(context_ids or [])
         start = max(0, len(context) - max(window, unfinished + 1))
         # Tokens the decoding drops (special tokens with skip_special_tokens) give the decoder no neighbour: a
@@ -55,16 +59,27 @@ class IncrementalDetokenizer:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        prefix = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        prefix = self._prefix()
         full = self.decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix) :]
         return ""
 
+    def _prefix(self) -> str:
+        # Once text flows, the prefix is the one token released last: its text alone is the same wherever it
+        # comes, so it is looked up, not decoded again (half the decode calls of a stream's every token).
+        if self.texts is not None and self.read_offset - self.prefix_offset == 1:
+            token = self.ids[self.prefix_offset]
+            text = self.texts.get(token)
+            if text is None:
+                text = self.texts[token] = self.decode([token])
+            return text
+        return self.decode(self.ids[self.prefix_offset : self.read_offset])
+
     def flush(self) -> str:
         """Whatever is still held (an unfinished character decodes as U+FFFD)."""
-        prefix = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        prefix = self._prefix()
         full = self.decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :] if len(full) > len(prefix) else ""

@@ -85,6 +85,9 @@ class Engine(ModelThread):
         self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.token_bytes = TokenBytes(tokenizer)
+        # Each token's text alone, by (skip_special_tokens, spaces_between_special_tokens): the detokenizers' shared
+        # memo (IncrementalDetokenizer's ``texts``), at most a vocabulary's strings each.
+        self.token_texts: dict[tuple[bool, bool], dict[int, str]] = {}
         # What _decode leaves out of the text: the tokenizer's own special tokens, which are more than the ones
         # transformers names (Llama 3's reserved and header tokens are special to the tokenizer alone).
         self.skipped_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -738,6 +741,7 @@ class Engine(ModelThread):
             (i for i, token in enumerate(group.inputs) if token not in self.skipped_ids), len(group.inputs))
         unfinished = self.unfinished_tail(group.inputs)
         decode = self._decoder(params)
+        texts = self.token_texts.setdefault((params.skip_special_tokens, params.spaces_between_special_tokens), {})
         seqs = []
         for j in range(group.n):
             # seed + j, j counted within this prompt's n (vLLM's rule): a prompt samples the same alone or
@@ -746,7 +750,7 @@ class Engine(ModelThread):
                                  grammar=params.grammar.matcher() if params.grammar is not None else None,
                                  history=group.session.seen if group.continues else None)
             seqs.append(Sequence(group, group.first_index + j, sampler,
-                                 IncrementalDetokenizer(decode, group.inputs, unfinished=unfinished),
+                                 IncrementalDetokenizer(decode, group.inputs, unfinished=unfinished, texts=texts),
                                  StopStrings(group.params.stop, group.params.include_stop_str_in_output),
                                  # Special tokens shown, even a prompt of them alone is text before it.
                                  at_start=start == len(group.inputs) and params.skip_special_tokens))
@@ -776,6 +780,8 @@ class Engine(ModelThread):
                 out = self._advance(seq, i, sample)
             out.prompt_logprobs = prompt_lp
             outputs.append(out)
+        if not score_only:
+            self.metrics.generation_tokens.inc(len(seqs))
         return seqs, outputs
 
     def _blocked(self, params: SamplingParams) -> torch.Tensor | None:
@@ -869,6 +875,7 @@ class Engine(ModelThread):
                 self._finished(seq, None, row=i)
             handle = seq.group.handle
             per_handle.setdefault(id(handle), (handle, []))[1].append(output)
+        self.metrics.generation_tokens.inc(sum(len(outputs) for _, outputs in per_handle.values()))
         emit_all(list(per_handle.values()))
         self.metrics.step.observe(time.perf_counter() - start)
 
@@ -978,6 +985,7 @@ class Engine(ModelThread):
         self.metrics.spec_drafts.inc(len(proposed))
         self.metrics.spec_draft_tokens.inc(sum(len(drafts[i]) for i in proposed))
         self.metrics.spec_accepted_tokens.inc(sum(accepted_drafts(drafts[i], outputs[i]) for i in proposed))
+        self.metrics.generation_tokens.inc(sum(len(row_outputs) for row_outputs in outputs))
         per_handle: dict[int, tuple[RequestHandle, list[SeqOutput]]] = {}
         for i, seq in enumerate(running):
             if i in failed:
@@ -1014,7 +1022,8 @@ class Engine(ModelThread):
                               cu_seqlens=cu_seqlens, logits_to_keep=keep, return_dict=True)
 
     def _advance(self, seq: Sequence, row: int, sample) -> SeqOutput:
-        """Record the token sampled for ``seq`` (row ``row`` of ``sample``) and apply the stopping rules."""
+        """Record the token sampled for ``seq`` (row ``row`` of ``sample``) and apply the stopping rules. The caller
+        counts the step's tokens in ``generation_tokens``, once a step (the counter takes a lock each call)."""
         if seq.sampler.grammar is not None:
             seq.sampler.grammar.check()  # its request fails alone (GrammarFailed), not end on a text it does not admit
         token = sample.tokens[row]
@@ -1026,7 +1035,6 @@ class Engine(ModelThread):
         else:
             self.metrics.itl.observe(now - seq.t_last)
         seq.t_last = now
-        self.metrics.generation_tokens.inc()
         params = seq.group.params
         # vLLM's rule: no stop condition is checked on the first min_tokens tokens (their stop tokens were
         # masked, and a stop string wholly in their text does not end the choice, nor is it found later).

@@ -81,7 +81,7 @@ class RowSampler:
     """One sequence's sampling state: its generator and the token counts the penalties need."""
 
     __slots__ = ("adjusts", "bad_prefixes", "ban_ids", "ban_left", "bias_ids", "bias_values", "blocked", "counts",
-                 "generator", "grammar", "output", "params", "seen")
+                 "counts_view", "generator", "grammar", "output", "params", "seen", "seen_view")
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, seed_offset: int = 0,
                  ban_ids: torch.Tensor | None = None, blocked: torch.Tensor | None = None,
@@ -98,6 +98,7 @@ class RowSampler:
         self.generator = torch.Generator().manual_seed((seed + seed_offset) % (2**63))
         self.counts: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
+        self.counts_view = self.seen_view = None
         self.bias_ids = self.bias_values = None
         if params.logit_bias:
             self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
@@ -109,6 +110,9 @@ class RowSampler:
             self.seen[ids] = True
             if history is not None:
                 self.seen[history[history < vocab_size]] = True
+            # record() writes one element of each a step through these views of the same (CPU) memory: a tensor's
+            # element write costs 7-14 µs in torch's indexing, a numpy one well under 1.
+            self.counts_view, self.seen_view = self.counts.numpy(), self.seen.numpy()
         self.ban_left = params.min_tokens
         self.ban_ids = ban_ids if ban_ids is not None and ban_ids.numel() and self.ban_left > 0 else None
         self.blocked = blocked
@@ -125,9 +129,9 @@ class RowSampler:
                 or self.blocked is not None or bool(self.bad_prefixes) or self.grammar is not None)
 
     def record(self, token: int) -> None:
-        if self.counts is not None and token < self.counts.shape[0]:
-            self.counts[token] += 1
-            self.seen[token] = True
+        if self.counts is not None and token < len(self.counts_view):
+            self.counts_view[token] += 1
+            self.seen_view[token] = True
         if self.output is not None:
             self.output.append(token)
         if self.grammar is not None:
