@@ -65,7 +65,7 @@ def check_beam_search(request: SamplingFields, tool_grammar: bool = False) -> No
     if held:
         raise APIError(400, f"{held[0]}: not with use_beam_search (the beams are not held to a grammar)", held[0],
                        "unsupported_parameter")
-    best_of = getattr(request, "best_of", None)
+    best_of = request.best_of
     if best_of is not None and best_of != request.n:
         raise APIError(400, f"best_of: not with use_beam_search (its width is n, {request.n}); got {best_of}",
                        "best_of", "unsupported_parameter")

@@ -136,7 +136,6 @@ class Engine(ModelThread):
         self.ready = False
         # Set by the process entry (retnet-serve), not the app factory: freeze the heap once the model is loaded.
         self.freeze_heap_when_ready = False
-        self.failure: str | None = None
         self.thread: threading.Thread | None = None
         # Owned by the scheduler thread:
         self.prefilling: list[Group] = []

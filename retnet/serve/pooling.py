@@ -249,7 +249,6 @@ class PoolingEngine(ModelThread):
         self.requests = 0  # requests being answered (queued or running); guarded by cond
         self.accepting, self.stopping, self.ready = True, False, False
         self.freeze_heap_when_ready = False  # as Engine's
-        self.failure: str | None = None
         self.thread: threading.Thread | None = None
         self.device = torch.device("cpu")
 

@@ -58,7 +58,7 @@ class ModelThread:
     @property
     def healthy(self) -> bool:
         # Not while a shutdown drains it either: it takes no new work then, and a load balancer must hear so.
-        return self.ready and self.dead is None and not self.stopping and self.accepting
+        return self.ready and self.failure is None and not self.stopping and self.accepting
 
     def unavailable(self) -> str:
         """Why the engine takes no work now (``healthy`` is false): what the client's 503 says."""
@@ -68,9 +68,9 @@ class ModelThread:
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
         deadline = time.monotonic() + timeout
-        while not self.ready and self.dead is None and time.monotonic() < deadline:
+        while not self.ready and self.failure is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        return self.ready and self.dead is None
+        return self.ready and self.failure is None
 
     def shutdown(self, grace_s: float = 0.0) -> None:
         """Stop accepting work, let what is in flight finish for up to ``grace_s``, then stop the thread (which
@@ -85,7 +85,7 @@ class ModelThread:
         with self.cond:
             self.accepting = False
         deadline = time.monotonic() + grace_s
-        while self._in_flight() > 0 and time.monotonic() < deadline and self.dead is None:
+        while self._in_flight() > 0 and time.monotonic() < deadline and self.failure is None:
             time.sleep(0.02)
         with self.cond:
             self.stopping = True

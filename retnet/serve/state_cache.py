@@ -25,6 +25,8 @@ import torch
 from retnet.model import RetNetCache
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from retnet.serve.session_store import SessionFiles
 
 
@@ -110,11 +112,10 @@ class PrefixCache:
         old = self.entries.get(key)
         if old is not None:
             self._touch(key)
-            if tag is None:  # an ordinary request's too now: not freed with the beam search's steps
-                old.tag = None
-            elif old.tag is not None:
-                # Another search's, at the same step (the same prompt): it is this one's now, which inserted it
-                # last and needs it next step, when the other may have moved on (or ended) and freed it.
+            # An ordinary request's too now (tag None): not freed with the beam search's steps. Another search's, at
+            # the same step (the same prompt): this one's now, which inserted it last and needs it next step, when
+            # the other may have moved on (or ended) and freed it.
+            if tag is None or old.tag is not None:
                 old.tag = tag
             grown = held_bytes(old.cache, logits)
             if old.logits is None and logits is not None and grown <= self.max_bytes:
@@ -140,9 +141,7 @@ class PrefixCache:
         the states of the one before it, never from older ones. Kept, a search left ``n`` states a step, and one
         70-token search pushed every other prompt's entry out of the LRU."""
         search, step = tag
-        for key in [key for key, entry in self.entries.items()
-                    if entry.tag is not None and entry.tag[0] == search and entry.tag[1] <= step - 2]:
-            self.nbytes -= self.entries.pop(key).nbytes
+        self._drop_where(lambda entry: entry.tag is not None and entry.tag[0] == search and entry.tag[1] <= step - 2)
 
     def end_search(self, search: int) -> None:
         """Beam search ``search`` has ended (answered, cancelled or failed): its last two steps' entries are freed at
@@ -158,12 +157,14 @@ class PrefixCache:
         ended = set()
         while self.ended_searches:
             ended.add(self.ended_searches.popleft())
-        for key in [key for key, entry in self.entries.items() if entry.tag is not None and entry.tag[0] in ended]:
-            self.nbytes -= self.entries.pop(key).nbytes
+        self._drop_where(lambda entry: entry.tag is not None and entry.tag[0] in ended)
 
     def drop_adapter(self, adapter: int) -> None:
         """Free the entries computed under LoRA ``adapter`` (unloaded: no lookup can ask for its slot again)."""
-        for key in [key for key, entry in self.entries.items() if entry.adapter == adapter]:
+        self._drop_where(lambda entry: entry.adapter == adapter)
+
+    def _drop_where(self, doomed: Callable[[PrefixEntry], bool]) -> None:
+        for key in [key for key, entry in self.entries.items() if doomed(entry)]:
             self.nbytes -= self.entries.pop(key).nbytes
 
     def _evict(self) -> None:

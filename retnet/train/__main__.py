@@ -30,8 +30,9 @@ import time
 import typing
 from pathlib import Path
 
+from retnet.extras import EXIT_INTERRUPTED
+
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
-EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
 def _preset_names() -> list[str]:
