@@ -9,6 +9,7 @@ import hmac
 import json
 import logging
 import re
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from typing import Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
@@ -195,6 +197,10 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,
                        allow_headers=settings.allowed_headers, allow_credentials=settings.allow_credentials)
     _install_error_handlers(app, key_refusal)
+    if settings.enable_request_id_headers:
+        # Around Starlette's own outermost layer too, which answers the 500s: app.add_middleware goes inside it.
+        build_stack = app.build_middleware_stack
+        app.build_middleware_stack = lambda: RequestIdMiddleware(build_stack())
     auth = [Depends(require_api_key)]
     json_body = [*auth, Depends(require_json)]
 
@@ -669,6 +675,26 @@ def _route(path: str) -> str:
     if path in ROUTES:
         return path
     return next((route for pattern, route in _ROUTE_TEMPLATES if pattern.match(path)), "other")
+
+
+class RequestIdMiddleware:
+    """vLLM's --enable-request-id-headers: every answer carries ``X-Request-Id``, the request's own, else a new
+    one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class MetricsMiddleware:

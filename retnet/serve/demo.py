@@ -187,8 +187,7 @@ def _run_command(argv: list[str] | None) -> None:
         deadline = time.monotonic() + 120
         while not (server.started and engine.healthy):
             if engine.failure is not None:  # the model did not load: waiting the 120 s out would change nothing
-                server.should_exit = True
-                thread.join(timeout=30)
+                _stop(server, thread)
                 sys.exit(f"the server failed to start: --model {args.model!r} did not load: {engine.failure}")
             if not thread.is_alive():
                 sys.exit("the server failed to start")
@@ -202,14 +201,12 @@ def _run_command(argv: list[str] | None) -> None:
             stream_once(url, args.prompt, args.max_tokens, api_key=settings.api_keys[0] if settings.api_keys else None)
         except (StreamFailed, httpx.HTTPError) as exc:
             print(f"\n--- the completion failed: {exc} ---", file=sys.stderr, flush=True)
-            server.should_exit = True
-            thread.join(timeout=30)
+            _stop(server, thread)
             sys.exit(1)
     except KeyboardInterrupt:
         # Stopped as at the end: the server's and the engine's threads run torch (a model loading, a completion),
         # and left running as the process exits they aborted it (status 134 after the one "interrupted" line)
-        server.should_exit = True
-        thread.join(timeout=30)
+        _stop(server, thread)
         raise
     body = json.dumps({"model": settings.model_name, "prompt": "def add(a, b):", "max_tokens": 32, "stream": True})
     print("Try it yourself:")
@@ -229,17 +226,31 @@ def _run_command(argv: list[str] | None) -> None:
     print(f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d {shlex.quote(structured)}")
     print(f"  curl {url}/metrics")  # (no key: /metrics and /health are outside --api-keys)
     if args.exit_after:
-        server.should_exit = True
-        thread.join(timeout=30)
+        _stop(server, thread)
         return
     print("Serving until Ctrl-C.")
     try:
         while thread.is_alive():
-            thread.join(timeout=0.5)
+            time.sleep(0.5)  # (not thread.join: see _stop)
     except KeyboardInterrupt:
         print("\nstopping ...")
-        server.should_exit = True
-        thread.join(timeout=30)
+        _stop(server, thread)
+
+
+def _stop(server, thread: threading.Thread, timeout_s: float = 30.0) -> None:
+    """Stop the server and wait, up to ``timeout_s``, for its thread to end (its lifespan stops the engine's). A
+    Ctrl-C meanwhile (a second one, as a user presses again) waits on: the threads left running torch as the
+    process exits abort it (status 134). Polled, not joined: Python 3.11's Thread.join interrupted by a Ctrl-C
+    marks the thread stopped while it still runs (is_alive() False from then on)."""
+    server.should_exit = True
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            continue
 
 
 if __name__ == "__main__":

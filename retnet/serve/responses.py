@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from retnet.serve.protocol import (
+    REQUEST_ID_MAX_CHARS,
     APIError,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -95,6 +96,8 @@ class ResponsesRequest(RequestFields):
     user: str | None = None
     store: bool = True
     previous_response_id: str | None = None
+    # vLLM's: the Response's id as sent (stored, streamed and continued by it); empty or left out: resp_<uuid>.
+    request_id: str | None = Field(None, max_length=REQUEST_ID_MAX_CHARS)
     # UNSUPPORTED_FIELDS: declared so that they are refused by name unless at their no-op value.
     conversation: Any = None
     prompt: Any = None
@@ -494,7 +497,8 @@ class _Shape:
     """The Response object of one request: its id, creation time and the request's settings it echoes."""
 
     def __init__(self, request: ResponsesRequest, model: str, sampling: dict[str, Any] | None = None):
-        self.id, self.created_at, self.request, self.model = _id("resp"), int(time.time()), request, model
+        self.id, self.created_at, self.request, self.model = (request.request_id or _id("resp"), int(time.time()),
+                                                             request, model)
         sampling = sampling or {}
         self.temperature = sampling.get("temperature", request.temperature)
         self.top_p = sampling.get("top_p", request.top_p)

@@ -267,13 +267,11 @@ class OpenAIServing:
         # way (OpenAI's offsets index prompt + completion, echoed or not).
         choice_prompts = [prompts[i // request.n] for i in range(len(prompts) * request.n)]
         if request.stream:
-            return _echo_request_id(sse_response(self._completion_chunks(request, handle, choice_prompts, rid),
-                                                 handle), raw)
+            return sse_response(self._completion_chunks(request, handle, choice_prompts, rid), handle)
         billed = await collect_outputs(handle, raw)
         outputs = _chosen(billed, request.n, best_of)
-        response = await json_built(_answer_size(outputs, request.logprobs, request.prompt_logprobs),
-                                    self._completion_response, request, handle, choice_prompts, outputs, billed, rid)
-        return _echo_request_id(response, raw)
+        return await json_built(_answer_size(outputs, request.logprobs, request.prompt_logprobs),
+                                self._completion_response, request, handle, choice_prompts, outputs, billed, rid)
 
     def _best_of(self, request: SamplingFields) -> int:
         """The candidates each prompt of the request generates: ``best_of`` (OpenAI's; vLLM's for chat too), at
@@ -444,12 +442,11 @@ class OpenAIServing:
         run = await self.start_chat(request)
         if request.stream:
             chunks = (sse(chunk) async for chunk in self.chat_chunks(request, run, rid))
-            return _echo_request_id(sse_response(chunks, run.handle), raw)
+            return sse_response(chunks, run.handle)
         billed = await collect_outputs(run.handle, raw)
         outputs = _chosen(billed, request.n, run.best_of)
-        response = await json_built(_chat_answer_size(request, outputs),
-                                    lambda: dump(self._chat_response(request, run, outputs, billed, rid)))
-        return _echo_request_id(response, raw)
+        return await json_built(_chat_answer_size(request, outputs),
+                                lambda: dump(self._chat_response(request, run, outputs, billed, rid)))
 
     async def start_chat(self, request: ChatCompletionRequest) -> ChatRun:
         """Check the request, template and tokenize its conversation, and submit it to the engine (the Responses
@@ -1171,15 +1168,6 @@ def response_id(prefix: str, request: SamplingFields, raw: Request | None) -> st
                        f"it); got {len(header)}", "X-Request-Id")
     given = header or request.request_id
     return f"{prefix}-{given}" if given else random_id(prefix)
-
-
-def _echo_request_id(response: Response, raw: Request | None) -> Response:
-    """``response`` with the request's ``X-Request-Id`` header, when it sent one (vLLM's
-    --enable-request-id-headers answers it on every response)."""
-    header = raw.headers.get("x-request-id") if raw is not None else None
-    if header:
-        response.headers["X-Request-Id"] = header
-    return response
 
 
 async def json_built(size: int, function, *args) -> Response:

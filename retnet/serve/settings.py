@@ -81,6 +81,8 @@ class ServeSettings(BaseSettings):
         default_factory=lambda: ["*"], description="CORS: the headers a cross-origin request may send; * any")
     allow_credentials: bool = Field(False, description="CORS: cross-origin requests may carry cookies and "
                                     "Authorization (Access-Control-Allow-Credentials)")
+    enable_request_id_headers: bool = Field(False, description="vLLM's: every response, an error's included, "
+                                            "carries an X-Request-Id header: the request's, else a new one")
 
     # -- scheduling -------------------------------------------------------------------------------------------
     max_running: int = Field(64, ge=1, description="sequences decoded together in one batched recurrent step")

@@ -140,15 +140,15 @@ async def test_request_id_names_the_response(client, path, prefix):
     r = await client.post(path, json={**body, "request_id": "req-42"})
     assert r.status_code == 200 and r.json()["id"] == f"{prefix}-req-42", r.text
     assert "x-request-id" not in r.headers
-    # vLLM's: the header wins over the body's field, and is sent back
+    # vLLM's: the header wins over the body's field; sent back only with --enable-request-id-headers (below)
     r = await client.post(path, json={**body, "request_id": "req-42"}, headers={"X-Request-Id": "hdr-7"})
-    assert r.json()["id"] == f"{prefix}-hdr-7" and r.headers["x-request-id"] == "hdr-7"
+    assert r.json()["id"] == f"{prefix}-hdr-7" and "x-request-id" not in r.headers
     r = await client.post(path, json={**body, "n": 2, "stream": True, "stream_options": {"include_usage": True},
                                       "request_id": "req-s"})
     events = sse_events(r.text)
     assert len(events) > 2 and {e["id"] for e in events} == {f"{prefix}-req-s"}
     r = await client.post(path, json={**body, "stream": True}, headers={"X-Request-Id": "hdr-s"})
-    assert {e["id"] for e in sse_events(r.text)} == {f"{prefix}-hdr-s"} and r.headers["x-request-id"] == "hdr-s"
+    assert {e["id"] for e in sse_events(r.text)} == {f"{prefix}-hdr-s"} and "x-request-id" not in r.headers
     # Neither (or an empty one): the server's own, a new one each time
     ids = {(await client.post(path, json={**body, **extra})).json()["id"] for extra in ({}, {"request_id": ""})}
     assert len(ids) == 2 and all(i.startswith(f"{prefix}-") and len(i) > len(prefix) + 8 for i in ids)
@@ -159,3 +159,58 @@ async def test_request_id_names_the_response(client, path, prefix):
     assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Id", r.text
     r = await client.post(path, json={**body, "request_id": "r" * 256})
     assert r.json()["id"] == f"{prefix}-{'r' * 256}"
+
+
+async def test_request_id_headers_answer_every_response_errors_included(model_dir):
+    """vLLM's --enable-request-id-headers: every answer carries X-Request-Id, the request's else a new one; a 401,
+    a 400, a 404 and a 500 too (a completion's or chat's alone echoed a sent one, and without the option)."""
+    import httpx
+
+    async with serve_app(model_dir, enable_request_id_headers=True, api_keys=["k"]) as client:
+        key = {"Authorization": "Bearer k"}
+        body = {"prompt": "hi", "max_tokens": 2, **GREEDY}
+        r = await client.post("/v1/completions", json=body, headers={**key, "X-Request-Id": "hdr-1"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "hdr-1", r.text
+        r = await client.post("/v1/completions", json={**body, "stream": True}, headers={**key, "X-Request-Id": "s"})
+        assert r.headers["x-request-id"] == "s" and sse_events(r.text)
+        for method, path, headers, status in [("POST", "/v1/completions", {}, 401),
+                                              ("POST", "/v1/completions", {**key, "Content-Type": "text/plain"}, 415),
+                                              ("GET", "/no/such/route", key, 404), ("GET", "/health", {}, 200)]:
+            r = await client.request(method, path, json=body, headers={**headers, "X-Request-Id": f"e-{status}"})
+            assert r.status_code == status and r.headers["x-request-id"] == f"e-{status}", (path, status, r.text)
+        r = await client.post("/v1/completions", json={**body, "max_tokens": -1}, headers=key)
+        assert r.status_code == 400 and len(r.headers["x-request-id"]) == 32, r.headers  # a new one: uuid4's hex
+        second = await client.get("/health")
+        assert second.headers["x-request-id"] != r.headers["x-request-id"]
+        serving = client.app.state.serving
+
+        async def broken(request, raw):
+            raise RuntimeError("a bug")
+
+        serving.chat = broken  # (the route calls the serving's chat: an instance attribute wins)
+        transport = httpx.ASGITransport(app=client.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as plain:
+            r = await plain.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                                 headers={**key, "X-Request-Id": "e-500"})
+        del serving.chat
+        assert r.status_code == 500 and r.headers["x-request-id"] == "e-500", r.text
+
+
+async def test_a_responses_request_id_is_the_responses_id(client):
+    """vLLM's ResponsesRequest.request_id (its default resp_<uuid>) is the Response's id: was a 400 (no parameter
+    of the route)."""
+    body = {"model": "micro", "input": "hi", "max_output_tokens": 2, "temperature": 0}
+    r = await client.post("/v1/responses", json={**body, "request_id": "resp_mine"})
+    assert r.status_code == 200 and r.json()["id"] == "resp_mine", r.text
+    stored = await client.get("/v1/responses/resp_mine")
+    assert stored.status_code == 200 and stored.json()["id"] == "resp_mine"
+    r = await client.post("/v1/responses", json={**body, "request_id": "gw-7", "previous_response_id": "resp_mine"})
+    assert r.status_code == 200 and r.json()["id"] == "gw-7" and r.json()["previous_response_id"] == "resp_mine"
+    r = await client.post("/v1/responses", json={**body, "request_id": "s-1", "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert {e["response"]["id"] for e in events if "response" in e} == {"s-1"}
+    ids = {(await client.post("/v1/responses", json={**body, **extra})).json()["id"] for extra in
+           ({}, {"request_id": ""}, {"request_id": None})}
+    assert len(ids) == 3 and all(i.startswith("resp_") for i in ids)
+    r = await client.post("/v1/responses", json={**body, "request_id": "r" * 257})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "request_id", r.text

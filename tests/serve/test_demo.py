@@ -83,7 +83,8 @@ def test_a_training_export_is_served_under_its_runs_name_without_the_loading_bar
 def test_ctrl_c_while_the_model_loads_stops_the_server_first_and_exits_130(model_dir, tmp_path):
     """A Ctrl-C while the demo waited for the model to load printed its one line, then the process aborted (status
     134, "terminate called without an active exception"): the server's and the engine's threads were left running
-    torch as the interpreter exited. They are stopped first, as at the end."""
+    torch as the interpreter exited. They are stopped first, as at the end; a second Ctrl-C while they stop (the
+    load still running) escaped that wait, and aborted the process as before."""
     import signal
     import subprocess
     import sys
@@ -108,6 +109,8 @@ def test_ctrl_c_while_the_model_loads_stops_the_server_first_and_exits_130(model
     for line in process.stderr:
         if "LOADING" in line:
             break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
