@@ -127,10 +127,12 @@ def best_beams(beams: list[Beam], width: int, prompt_tokens: int, length_penalty
 
 def beam_step_params(params: SamplingParams, width: int) -> SamplingParams:
     """A step's request: one token (greedy: the token sampled is never used) and the ``2 * width`` likeliest
-    next tokens, at least as many as the request's logprobs list."""
+    next tokens, at least as many as the request's logprobs list; under the request's cache salt, as each step
+    starts from the last one's cached states."""
     return SamplingParams(max_tokens=1, temperature=0.0, logprobs=max(2 * width, params.logprobs or 0),
                           skip_special_tokens=params.skip_special_tokens,
-                          spaces_between_special_tokens=params.spaces_between_special_tokens)
+                          spaces_between_special_tokens=params.spaces_between_special_tokens,
+                          cache_salt=params.cache_salt)
 
 
 class BeamSearchHandle(RequestHandle):

@@ -294,9 +294,9 @@ class OpenAIServing:
 
     def _completion_response(self, request: CompletionRequest, handle: RequestHandle,
                              choice_prompts: list[CompletionPrompt], outputs: list[list[SeqOutput]],
-                             billed: list[list[SeqOutput]] | None = None, rid: str | None = None) -> dict:
+                             billed: list[list[SeqOutput]], rid: str | None = None) -> dict:
         """The whole completion of ``outputs`` (its JSON), each choice's prompt ``choice_prompts[i]``; the usage
-        counts the tokens of ``billed`` (best_of's candidates, all generated), by default ``outputs``'. ``rid``: its
+        counts the tokens of ``billed`` (best_of's candidates, all generated; else ``outputs`` themselves). ``rid``: its
         id (:func:`response_id`), by default a new one."""
         choices = []
         for index, seq in enumerate(outputs):
@@ -321,7 +321,7 @@ class OpenAIServing:
             ))
         response = CompletionResponse(id=rid or random_id("cmpl"), model=self._response_name(request.model),
                                       choices=choices,
-                                      usage=self._usage(handle, outputs if billed is None else billed),
+                                      usage=self._usage(handle, billed),
                                       session_id=request.session_id)
         return dump(response)
 
@@ -513,9 +513,9 @@ class OpenAIServing:
         return await _built(_chat_answer_size(request, outputs), self._chat_response, request, run, outputs, billed)
 
     def _chat_response(self, request: ChatCompletionRequest, run: ChatRun, outputs: list[list[SeqOutput]],
-                       billed: list[list[SeqOutput]] | None = None, rid: str | None = None) -> ChatCompletionResponse:
+                       billed: list[list[SeqOutput]], rid: str | None = None) -> ChatCompletionResponse:
         """The whole response of ``outputs``; the usage counts the tokens of ``billed`` (best_of's candidates, all
-        generated), by default ``outputs``'. ``rid``: its id (:func:`response_id`), by default a new one."""
+        generated; else ``outputs`` themselves). ``rid``: its id (:func:`response_id`), by default a new one."""
         handle, calling, prompt = run.handle, run.calling, run.prompt
         choices = []
         for index, seq in enumerate(outputs):
@@ -540,7 +540,7 @@ class OpenAIServing:
             ))
         response = ChatCompletionResponse(id=rid or random_id("chatcmpl"), model=self._response_name(request.model),
                                           choices=choices,
-                                          usage=self._usage(handle, outputs if billed is None else billed),
+                                          usage=self._usage(handle, billed),
                                           session_id=request.session_id,
                                           prompt_logprobs=vllm_prompt_logprobs(outputs[0][0].prompt_logprobs,
                                                                                request.prompt_logprobs))
@@ -942,7 +942,6 @@ class OpenAIServing:
             raise APIError(400, f"n must be <= {self.engine.token_bound} (the vocabulary) for a beam search; got "
                            f"{width}", "n")
         step = beam_step_params(params, width)
-        step.cache_salt = params.cache_salt  # each step starts from the last one's states, cached under the salt
         first = self._submit(prompts, dataclasses.replace(step, prompt_logprobs=params.prompt_logprobs), request,
                              hints, text_starts=text_starts, n=1)
         adapter, priority = self._adapter(request.model), self.checked_priority(request)
