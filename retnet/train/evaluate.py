@@ -474,24 +474,23 @@ def _parser() -> argparse.ArgumentParser:
 def _library_bars(shown: bool) -> Iterator[None]:
     """transformers (loading weights) and datasets (reading files) draw bars of their own: hidden with ours,
     then restored, since ``main`` also runs inside other programs (the tests)."""
+    from retnet.extras import transformers_bars_hidden
+
     try:
         import datasets
     except ImportError:  # the standard library is read without it (the GPU image lacks it)
         datasets = None
-    from transformers.utils import logging as transformers_logging
-
-    before = (transformers_logging.is_progress_bar_enabled(),
-              datasets is not None and not datasets.are_progress_bars_disabled())
-    if not shown:
-        transformers_logging.disable_progress_bar()
-        if datasets is not None:
-            datasets.disable_progress_bars()
-    try:
+    if shown:
         yield
+        return
+    datasets_shown = datasets is not None and not datasets.are_progress_bars_disabled()
+    if datasets_shown:
+        datasets.disable_progress_bars()
+    try:
+        with transformers_bars_hidden():
+            yield
     finally:
-        if not shown and before[0]:
-            transformers_logging.enable_progress_bar()
-        if not shown and before[1]:
+        if datasets_shown:
             datasets.enable_progress_bars()
 
 
