@@ -43,9 +43,9 @@ import weakref
 import torch
 
 __all__ = [
-    "CU_SEQLENS_DTYPES", "MAX_HEAD_DIM", "MIN_LOG_DECAY", "SUPPORTED_DTYPES", "HostOffsets", "SharedHostOffsets",
-    "check_chunk_size", "check_inputs", "check_scale", "host_offsets", "log_decay_tensor", "shares_host_offsets",
-    "usable_log_decay",
+    "CU_SEQLENS_DTYPES", "CU_SEQLENS_NAMES", "MAX_HEAD_DIM", "MIN_LOG_DECAY", "SUPPORTED_DTYPES", "HostOffsets",
+    "SharedHostOffsets", "check_chunk_size", "check_inputs", "check_scale", "host_offsets", "is_cu_seqlens",
+    "log_decay_tensor", "shares_host_offsets", "usable_log_decay",
 ]
 
 # The paper's presets have V = 2 · K = 512. The kernels tile K and V in at most 128-wide tiles (the recurrent
@@ -57,9 +57,20 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The integer types cu_seqlens may have: those torch's arithmetic supports on every device. (uint16/32/64 are
 # integers too, but subtracting them, as the ops do to form the lengths, is not implemented.)
 CU_SEQLENS_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+CU_SEQLENS_NAMES = ", ".join(str(dtype).removeprefix("torch.") for dtype in CU_SEQLENS_DTYPES[:-1]) + (
+    f" or {str(CU_SEQLENS_DTYPES[-1]).removeprefix('torch.')}")  # as a refusal lists them
 # ln γ at or below this is γ = 0 to fp32 at every distance n >= 1 (e^-104 is below its smallest subnormal),
 # and -1e4 · log2(e) · n stays finite for any chunk distance.
 MIN_LOG_DECAY = -1e4
+
+
+def is_cu_seqlens(cu_seqlens) -> bool:
+    """Whether ``cu_seqlens`` passes the ops' rule on the offsets' form (their values are read later): a 1-D
+    ``torch.Tensor`` of at least one offset, in one of :data:`CU_SEQLENS_DTYPES`. The model and
+    ``shard_sequences`` check the same rule before they build on the offsets, so none of them accepts a
+    packed row the ops would refuse."""
+    return (isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and len(cu_seqlens) > 0
+            and cu_seqlens.dtype in CU_SEQLENS_DTYPES)
 
 
 def usable_log_decay(log_decay: torch.Tensor) -> torch.Tensor:
@@ -207,11 +218,9 @@ def _check_layout(op, q, k, v, log_decay, initial_state, cu_seqlens) -> None:
         raise ValueError(f"{op}: log_decay must be floating point (float32); got {log_decay.dtype}")
     if initial_state is not None and not initial_state.is_floating_point():
         raise ValueError(f"{op}: initial_state must be floating point (float32); got {initial_state.dtype}")
-    if cu_seqlens is not None and (
-        cu_seqlens.dim() != 1 or len(cu_seqlens) == 0 or cu_seqlens.dtype not in CU_SEQLENS_DTYPES
-    ):
+    if cu_seqlens is not None and not is_cu_seqlens(cu_seqlens):
         raise ValueError(
-            f"{op}: cu_seqlens must be a 1-D integer tensor [N + 1] of int8, uint8, int16, int32 or int64; "
+            f"{op}: cu_seqlens must be a 1-D integer tensor [N + 1] of {CU_SEQLENS_NAMES}; "
             f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
         )
     # Before cu_seqlens is read on the host (a meta or foreign-device tensor would fail there otherwise).

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from retnet.kernels.checks import CU_SEQLENS_NAMES, is_cu_seqlens
+
 IGNORE_INDEX = -100
 
 
@@ -123,12 +125,12 @@ def shard_sequences(input_ids: torch.Tensor, labels: torch.Tensor | None, rank: 
         return inputs, shard, targets
     if batch != 1:
         raise ValueError(f"shard_sequences: cu_seqlens needs the sequences packed into one row (B=1); got B={batch}")
-    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
-            or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool):
+    if not is_cu_seqlens(cu_seqlens):
         # (a list failed on an AttributeError; a float tensor's offsets became the shard's floats)
         got = (f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor)
                else type(cu_seqlens).__name__)
-        raise ValueError(f"shard_sequences: cu_seqlens must be a 1-D integer torch.Tensor of [N + 1] offsets; got {got}")
+        raise ValueError(f"shard_sequences: cu_seqlens must be a 1-D integer torch.Tensor of [N + 1] offsets "
+                         f"({CU_SEQLENS_NAMES}); got {got}")
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length or any(b <= a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"shard_sequences: cu_seqlens must rise strictly from 0 to the row length {length}; "

@@ -33,7 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from retnet import kernels
-from retnet.kernels.checks import CU_SEQLENS_DTYPES, SharedHostOffsets, log_decay_tensor
+from retnet.kernels.checks import CU_SEQLENS_NAMES, SharedHostOffsets, is_cu_seqlens, log_decay_tensor
 from retnet.model.activations import _GSMELU_PARAMETERS, SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
@@ -1274,13 +1274,11 @@ def _check_packed(cu_seqlens: torch.Tensor, batch: int, attention_mask, cache: R
         raise ValueError(f"cu_seqlens needs the sequences packed into one row (B=1); got B={batch}")
     if attention_mask is not None:
         raise ValueError("cu_seqlens takes no attention_mask: a packed row has no padding")
-    if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
+    if not is_cu_seqlens(cu_seqlens) or len(cu_seqlens) < 2:
         # the ops' rule, checked here before the positions are built from it (uint16 failed there on a RuntimeError
         # of torch's type promotion, a float tensor on the ops' error naming an op the caller never called)
-        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in CU_SEQLENS_DTYPES)
-        raise ValueError(f"cu_seqlens must be an integer tensor of {names}; got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
-        raise ValueError(f"cu_seqlens must be [N + 1] offsets with N >= 1; got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"cu_seqlens must be an integer tensor of {CU_SEQLENS_NAMES}, [N + 1] offsets with N >= 1; "
+                         f"got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
     sequences = len(cu_seqlens) - 1
     if cache is not None and cache.offsets is not None and cache.batch_size != sequences:
         raise ValueError(

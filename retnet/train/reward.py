@@ -75,35 +75,39 @@ def sequence_rewards(model: torch.nn.Module, batch: PairBatch, context: ContextG
     return context.sum(rewards[:-1])
 
 
-def scores_within_frames(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def scores_within_frames(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                         lengths: list[int] | None = None) -> torch.Tensor:
     """``[S]`` fp32: the score at the last token of each of the ``cu_seqlens`` sequences packed in ``input_ids``
     ``[1, N]`` (``model`` a one-label classifier, no gradient needed). With xPos a sequence longer than one packed
     frame (:func:`~retnet.model.modeling_retnet.xpos_span`) is scored alone and unpacked, in the model's own frames,
     as the pooling server scores such an input: packed, the model refuses it (XPosFrameError), and with it the
-    others. What ``retnet-eval`` scores pairs with, and GRPO's ``grpo.reward_model`` its completions."""
+    others. ``lengths``: the sequences' lengths, where the caller holds them on the host (then cu_seqlens is not
+    read back from the device). What ``retnet-eval`` scores pairs with, and GRPO's ``grpo.reward_model`` its
+    completions."""
     from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
 
+    def score(ids: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        # Alone, the mask makes the last token the scored one (transformers' rule would skip a final EOS that is
+        # the pad id)
+        rows = {"attention_mask": torch.ones_like(ids)} if offsets is None else {"cu_seqlens": offsets}
+        return model(input_ids=ids, use_cache=False, return_dict=True, **rows).logits[:, 0].float()
+
     config = getattr(model, "config", None)
-    if not getattr(config, "use_xpos", False):  # (no host read of the bounds: every batch packs whole)
-        return model(input_ids=input_ids, cu_seqlens=cu_seqlens, use_cache=False, return_dict=True).logits[:, 0].float()
-    frame = xpos_span(config, XPOS_PACKED_MAX_GROWTH)
-    bounds = cu_seqlens.tolist()
-    lengths = [hi - lo for lo, hi in itertools.pairwise(bounds)]
-    if max(lengths) <= frame:
-        return model(input_ids=input_ids, cu_seqlens=cu_seqlens, use_cache=False, return_dict=True).logits[:, 0].float()
+    frame = xpos_span(config, XPOS_PACKED_MAX_GROWTH) if getattr(config, "use_xpos", False) else None
+    if frame is not None and lengths is None:  # (without xPos no host read of the bounds: every batch packs whole)
+        lengths = [hi - lo for lo, hi in itertools.pairwise(cu_seqlens.tolist())]
+    if frame is None or max(lengths) <= frame:
+        return score(input_ids, cu_seqlens)
+    bounds = [0, *itertools.accumulate(lengths)]
     rewards = torch.empty(len(lengths), dtype=torch.float32, device=input_ids.device)
     short = [i for i, length in enumerate(lengths) if length <= frame]
     if short:
         ids = torch.cat([input_ids[:, bounds[i]:bounds[i + 1]] for i in short], dim=1)
         packed = torch.tensor([0, *itertools.accumulate(lengths[i] for i in short)], dtype=cu_seqlens.dtype,
                               device=cu_seqlens.device)
-        rewards[short] = model(input_ids=ids, cu_seqlens=packed, use_cache=False,
-                               return_dict=True).logits[:, 0].float()
+        rewards[short] = score(ids, packed)
     for i in (i for i, length in enumerate(lengths) if length > frame):
-        ids = input_ids[:, bounds[i]:bounds[i + 1]]
-        # The mask makes the last token the scored one (transformers' rule would skip a final EOS that is the pad id)
-        rewards[i] = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                           return_dict=True).logits[0, 0].float()
+        rewards[i] = score(input_ids[:, bounds[i]:bounds[i + 1]])[0]
     return rewards
 
 

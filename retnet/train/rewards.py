@@ -359,10 +359,11 @@ class RewardSources:
         scores = []
         for lo in range(0, len(sequences), chunk):
             part = sequences[lo:lo + chunk]
-            bounds = torch.tensor(np.cumsum([0, *map(len, part)]), dtype=torch.long, device=self.device)
+            lengths = [len(sequence) for sequence in part]
+            bounds = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.long, device=self.device)
             with self.autocast:  # (an xPos model's sequence past a packed frame: scored alone, not refused)
                 scores.append(scores_within_frames(self.model, torch.from_numpy(np.concatenate(part)).to(
-                    self.device)[None], bounds).cpu())
+                    self.device)[None], bounds, lengths).cpu())
         return torch.cat(scores)
 
 

@@ -871,11 +871,10 @@ class Trainer:
         written without FSDP (one process, DDP) holds ``optimizer.state_dict()``, keyed by index in the order of
         build_optimizer's groups, which this optimizer's follow (_check_fits checked the model is the same)."""
         groups = optim_state.get("param_groups", [])
-        if not any(isinstance(index, int) for group in groups for index in group["params"]):
+        indexed = self._saved_indices_and_names(groups)
+        if indexed is None:
             return optim_state  # written under FSDP: already by name
-        names = {id(param): name for name, param in self.raw_model.named_parameters()}
-        saved = [index for group in groups for index in group["params"]]
-        mine = [names[id(param)] for group in self.optimizer.param_groups for param in group["params"]]
+        saved, mine = indexed
         if len(saved) != len(mine):
             raise CheckpointError(f"the checkpoint's optimizer holds {len(saved)} parameters, this model's "
                                   f"{len(mine)}: resume with the settings it was saved with")
@@ -884,27 +883,30 @@ class Trainer:
                 "param_groups": [{**group, "params": [name_of[index] for index in group["params"]]}
                                  for group in groups]}
 
-    def _former_scalars_as_one_element(self, model_state: dict, optim_state: dict) -> None:
+    def _saved_indices_and_names(self, groups: list[dict]) -> tuple[list[int], list[str]] | None:
+        """For a saved optimizer's ``param_groups`` keyed by index (written without FSDP, in the order of
+        build_optimizer's groups, which this optimizer's follow): its indices and this optimizer's parameter
+        names, each in that order (not checked to be as many). None when keyed by name (written under FSDP)."""
+        if not any(isinstance(index, int) for group in groups for index in group["params"]):
+            return None
+        by_id = {id(param): name for name, param in self.raw_model.named_parameters()}
+        return ([index for group in groups for index in group["params"]],
+                [by_id[id(param)] for group in self.optimizer.param_groups for param in group["params"]])
+
+    def _former_scalars_as_one_element(self, model_state: dict, optim_state: dict, former: set[str]) -> None:
         """Reshape to ``[1]`` the activation parameters that a checkpoint written before they became one-element
         tensors holds 0-dim (``_former_scalar``), and their optimizer state with them: AdamW's moments of a 0-dim
         parameter are 0-dim, and the first step, updating them in place by a ``[1]`` gradient, failed. (SAU's and
         gSmeLU's ``_load_from_state_dict`` reshape the parameters for a plain ``load_state_dict``, but neither the
-        optimizer's load nor torch's full-state load of split parameters goes through it.)"""
-        shapes = {k: list(v.shape) for k, v in self._checkpointed(self.raw_model.state_dict()).items()}
-        former = {key for key, value in model_state.items()
-                  if _former_scalar(key, list(value.shape), shapes.get(key))}
+        optimizer's load nor torch's full-state load of split parameters goes through it.) ``former``: their keys,
+        as ``_check_fits`` found them."""
         if not former:
             return
         for key in former:
             model_state[key] = model_state[key].reshape(1)
-        groups = optim_state.get("param_groups", [])
-        names = {}
-        if any(isinstance(index, int) for group in groups for index in group["params"]):
-            # written without FSDP: keyed by index in the order of build_optimizer's groups, which this optimizer's
-            # follow (a count that differs is refused when the state loads)
-            by_id = {id(param): name for name, param in self.raw_model.named_parameters()}
-            mine = [by_id[id(param)] for group in self.optimizer.param_groups for param in group["params"]]
-            names = dict(zip((index for group in groups for index in group["params"]), mine, strict=False))
+        indexed = self._saved_indices_and_names(optim_state.get("param_groups", []))
+        # (a count that differs is refused when the state loads)
+        names = {} if indexed is None else dict(zip(*indexed, strict=False))
         for key, entry in optim_state.get("state", {}).items():
             if names.get(key, key) in former:
                 for name, value in entry.items():
@@ -1187,10 +1189,10 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         saved_shapes = saved_model_shapes(path)
-        self._check_fits(path, saved_shapes)
+        former = self._check_fits(path, saved_shapes)
         if checkpoint_layout(path) == "full":
             state = load_checkpoint(path)
-            self._former_scalars_as_one_element(state["model"], state["optimizer"])
+            self._former_scalars_as_one_element(state["model"], state["optimizer"], former)
             self._set_full_state(state["model"], state["optimizer"])
             trainer = state["trainer"]
         else:
@@ -1260,10 +1262,10 @@ class Trainer:
                     if isinstance(step, torch.Tensor) and step.device != param.device:
                         state["step"] = step.to(device=param.device, dtype=torch.float32)
 
-    def _check_fits(self, path: Path, got: dict[str, list[int]]) -> None:
+    def _check_fits(self, path: Path, got: dict[str, list[int]]) -> set[str]:
         """CheckpointError naming the tensors when the saved model (``got``: its tensors' shapes) is not the
         configured one (loading would stop with a bare traceback). Under resume=auto too: the checkpoint is
-        valid, the config changed."""
+        valid, the config changed. Returns the keys it holds 0-dim that now are ``[1]`` (``_former_scalar``)."""
         # DTensor: global shape. Adapters only: the checkpoint holds those, the rest comes from init_from.
         expected = {k: list(v.shape) for k, v in self._checkpointed(self.raw_model.state_dict()).items()}
         problems = [f"{k}: checkpoint {got[k]}, model {shape}" for k, shape in expected.items()
@@ -1281,6 +1283,7 @@ class Trainer:
                 f"checkpoint {str(path)!r} does not fit the configured model: {'; '.join(shown)}. The model "
                 f"settings differ from those it was saved with (its trainer.pt holds its config): resume with "
                 f"those, or start in another train.output_dir")
+        return {k for k, shape in expected.items() if k in got and _former_scalar(k, got[k], shape)}
 
     # -- loop --------------------------------------------------------------------------------------------
     def _set_grad_sync(self, sync: bool) -> None:
