@@ -285,7 +285,10 @@ def mean_logprob(seq: list[SeqOutput]) -> float:
 
 def best_of_choices(outputs: list[list[SeqOutput]], n: int, best_of: int) -> list[list[SeqOutput]]:
     """Of each prompt's ``best_of`` candidates (``outputs``, prompt after prompt), the ``n`` with the highest
-    :func:`mean_logprob`, best first (ties in candidate order)."""
+    :func:`mean_logprob`, best first (ties in candidate order); ``outputs`` as they are without candidates to
+    choose from (``best_of`` at most ``n``)."""
+    if best_of <= n:
+        return outputs
     chosen = []
     for start in range(0, len(outputs), best_of):
         candidates = outputs[start : start + best_of]

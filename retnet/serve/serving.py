@@ -269,7 +269,7 @@ class OpenAIServing:
         if request.stream:
             return sse_response(self._completion_chunks(request, handle, choice_prompts, rid), handle)
         billed = await collect_outputs(handle, raw)
-        outputs = _chosen(billed, request.n, best_of)
+        outputs = best_of_choices(billed, request.n, best_of)
         return await json_built(_answer_size(outputs, request.logprobs, request.prompt_logprobs),
                                 self._completion_response, request, handle, choice_prompts, outputs, billed, rid)
 
@@ -444,7 +444,7 @@ class OpenAIServing:
             chunks = (sse(chunk) async for chunk in self.chat_chunks(request, run, rid))
             return sse_response(chunks, run.handle)
         billed = await collect_outputs(run.handle, raw)
-        outputs = _chosen(billed, request.n, run.best_of)
+        outputs = best_of_choices(billed, request.n, run.best_of)
         return await json_built(_chat_answer_size(request, outputs),
                                 lambda: dump(self._chat_response(request, run, outputs, billed, rid)))
 
@@ -509,7 +509,7 @@ class OpenAIServing:
     async def chat_response(self, request: ChatCompletionRequest, run: ChatRun, raw: Request) -> ChatCompletionResponse:
         """The whole response of a started chat (a client gone meanwhile cancels it: 499)."""
         billed = await collect_outputs(run.handle, raw)
-        outputs = _chosen(billed, request.n, run.best_of)
+        outputs = best_of_choices(billed, request.n, run.best_of)
         return await _built(_chat_answer_size(request, outputs), self._chat_response, request, run, outputs, billed)
 
     def _chat_response(self, request: ChatCompletionRequest, run: ChatRun, outputs: list[list[SeqOutput]],
@@ -1041,11 +1041,6 @@ def _score_candidates(params: SamplingParams, n: int, best_of: int) -> None:
     """Have ``best_of`` candidates (above ``n``) carry their tokens' logprobs, which rank them (shown only when asked)."""
     if best_of > n and params.logprobs is None:
         params.logprobs = 0
-
-
-def _chosen(billed: list[list[SeqOutput]], n: int, best_of: int) -> list[list[SeqOutput]]:
-    """The outputs answered of the ``best_of`` candidates generated a prompt (``billed``): the ``n`` best of each."""
-    return best_of_choices(billed, n, best_of) if best_of > n else billed
 
 
 def _continues(session: Session | None) -> bool:

@@ -123,18 +123,17 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     return out_png
 
 
-def remove_stale_plots(out_png: Path, *, keep: bool) -> list[Path]:
+def remove_stale_plots(out_png: Path, *, keep: bool) -> bool:
     """Remove the temporary files of draws of ``out_png`` cut short (a process killed while writing) and, unless
     ``keep``, ``out_png`` itself: the plot of an earlier run in that directory, which would pass for this run's
-    until this one draws its own. Returns what was removed."""
+    until this one draws its own. Whether ``out_png`` was removed."""
     out_png = Path(out_png)
-    stale = [*out_png.parent.glob(f"{PLOT_TEMP_PREFIX}{out_png.name}-*"), *([] if keep else [out_png])]
-    removed = []
-    for path in stale:
-        if path.is_file() or path.is_symlink():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    for path in out_png.parent.glob(f"{PLOT_TEMP_PREFIX}{out_png.name}-*"):
+        path.unlink(missing_ok=True)
+    if keep or not (out_png.is_file() or out_png.is_symlink()):
+        return False
+    out_png.unlink(missing_ok=True)
+    return True
 
 
 __all__ = ["distilled", "loss_label", "plot_losses", "read_metrics", "remove_stale_plots"]

@@ -236,7 +236,7 @@ class Trainer:
             from retnet.train.plots import remove_stale_plots
 
             try:
-                if self.output_dir / "loss.png" in remove_stale_plots(self.output_dir / "loss.png", keep=self.resumed):
+                if remove_stale_plots(self.output_dir / "loss.png", keep=self.resumed):
                     logger.info("removed %s, the loss plot of an earlier run in this train.output_dir",
                                 self.output_dir / "loss.png")
             except OSError as error:  # a convenience: the run goes on
