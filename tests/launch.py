@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -131,3 +132,25 @@ def run_into_a_closed_pipe(main, argv: list[str], monkeypatch) -> int:
     finally:
         monkeypatch.setattr(sys, "stdout", sys.__stdout__)
         pipe.close()
+
+
+@contextlib.contextmanager
+def fake_two_rank_group(rank: int):
+    """Rank ``rank`` of a fake two-rank process group in this process, with a tiny 2-layer model to run in it: the
+    traced graphs of a distributed path, not its values, are what such a test looks at. Dynamo's caches are reset
+    on the way out so the next test compiles afresh."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from retnet.model import RetNetConfig, RetNetForCausalLM
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        config = RetNetConfig(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                              chunk_size=4, pad_token_id=0, eos_token_id=1)
+        yield RetNetForCausalLM(config).train()
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()

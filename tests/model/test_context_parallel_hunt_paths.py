@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.context_parallel import shard_sequences
+from tests.launch import fake_two_rank_group
 
 
 def test_a_pieces_first_sequence_of_a_new_length_compiles_nothing_new():
@@ -20,20 +19,13 @@ def test_a_pieces_first_sequence_of_a_new_length_compiles_nothing_new():
     warning (with inductor, 8 builds in the first steps). It runs eagerly now, as the state exchange before it does:
     after the first two micro-batches (the second makes the lengths dynamic) nothing is compiled again. One rank in
     a fake two-rank group: the traced graphs matter, not the values."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     compiled = []
 
     def counting(graph_module, example_inputs):
         compiled.append(graph_module)
         return graph_module.forward
 
-    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
-    try:
-        torch.manual_seed(0)
-        config = RetNetConfig(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                              chunk_size=4, pad_token_id=0, eos_token_id=1)
-        model = RetNetForCausalLM(config).train()
+    with fake_two_rank_group(rank=1) as model:
         for layer in model.model.layers:
             layer.compile(backend=counting)
         generator = torch.Generator().manual_seed(1)
@@ -45,9 +37,6 @@ def test_a_pieces_first_sequence_of_a_new_length_compiles_nothing_new():
             assert shard.first_length == first
             model(**inputs, context_parallel=shard, num_items_in_batch=targets, use_cache=False).loss.backward()
             counts.append(len(compiled))
-    finally:
-        dist.destroy_process_group()
-        torch._dynamo.reset()
     assert counts[0] > 0, "no layer was compiled"
     assert counts[2:] == [counts[1]] * 8, counts
 

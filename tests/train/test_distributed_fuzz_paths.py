@@ -4,10 +4,9 @@ against one process, at model level and through torchrun): what they found, as t
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.context_parallel import shard_sequences
+from tests.launch import fake_two_rank_group
 
 
 def _collectives(graph_module: torch.fx.GraphModule) -> list[str]:
@@ -21,29 +20,19 @@ def _collectives(graph_module: torch.fx.GraphModule) -> list[str]:
 def _graphs_compiled_for_a_piece(rank: int) -> list[torch.fx.GraphModule]:
     """The dynamo graphs of a 2-layer model's layers, each compiled, running piece ``rank`` of 2 of a packed row
     forward and backward in a fake two-rank group (one process: the traced graphs matter, not the values)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     graphs = []
 
     def recording(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
 
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        config = RetNetConfig(vocab_size=61, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                              chunk_size=4, pad_token_id=0, eos_token_id=1)
-        model = RetNetForCausalLM(config).train()
+    with fake_two_rank_group(rank) as model:
         for layer in model.model.layers:
             layer.compile(backend=recording, dynamic=False)
         input_ids = torch.randint(2, 61, (1, 14), generator=torch.Generator().manual_seed(1))
         cu_seqlens = torch.tensor([0, 3, 10, 14], dtype=torch.int32)  # a document crossing the cut at 7
         inputs, shard, targets = shard_sequences(input_ids, input_ids, rank, 2, cu_seqlens)
         model(**inputs, context_parallel=shard, num_items_in_batch=targets, use_cache=False).loss.backward()
-    finally:
-        dist.destroy_process_group()
-        torch._dynamo.reset()
     return graphs
 
 
