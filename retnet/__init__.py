@@ -17,11 +17,11 @@ __version__ = "0.1.0"
 
 # The console scripts of pyproject.toml's [project.scripts], and the modules `python -m` runs them as (and the
 # demo's, which has no script).
-# (Not retnet-convert-fla: its module imports the model, and so torch, before its parser runs.)
-_COMMANDS = frozenset({"retnet-train", "retnet-serve", "retnet-eval", "retnet-lm-eval", "retnet-run-batch"})
+_COMMANDS = frozenset({"retnet-train", "retnet-serve", "retnet-eval", "retnet-lm-eval", "retnet-run-batch",
+                       "retnet-convert-fla"})
 _COMMAND_MODULES = frozenset({"retnet.train", "retnet.train.__main__", "retnet.serve", "retnet.serve.__main__",
                               "retnet.train.evaluate", "retnet.harness", "retnet.serve.run_batch",
-                              "retnet.serve.demo"})
+                              "retnet.serve.demo", "retnet.model.convert_fla"})
 _registered = False
 
 

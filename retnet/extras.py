@@ -9,8 +9,10 @@ an import failed there before ``main`` could answer, ``--help`` included.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 
 # Each extra's top-level modules that retnet imports, by their import names (pydantic_settings for
@@ -58,6 +60,15 @@ def exits_on_ctrl_c(prog: str) -> Iterator[None]:
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
+def retnet_eval(argv: list[str] | None = None) -> int:
+    """retnet-eval's console script: :func:`retnet.train.evaluate.main` once its module is imported, which imports
+    torch at its top (seconds). As that module's ``main`` the script imported it before ``main`` ran: a Ctrl-C in
+    the import was a traceback, where every other command's is one line and status 130."""
+    with exits_on_ctrl_c("retnet-eval"):
+        from retnet.train.evaluate import main
+    return main(argv)
+
+
 _bars_lock = threading.Lock()
 _bars_hidden_depth = 0  # blocks open now (several threads' loads: the engine's, a draft's, a pooling engine's)
 _bars_shown_before = False  # the setting as the first of them found it, which the last restores
@@ -85,3 +96,81 @@ def transformers_bars_hidden() -> Iterator[None]:
             _bars_hidden_depth -= 1
             if _bars_hidden_depth == 0 and _bars_shown_before:
                 transformers_logging.enable_progress_bar()
+
+
+_above_lock = threading.Lock()
+_above_depth = 0  # blocks open now (the command's, the trainer's around its bar: they nest)
+_showwarning_before = None  # warnings.showwarning and logging.lastResort as the first block found them
+_last_resort_before: logging.Handler | None = None
+# warnings' own (writes to stderr): a program's replacement is left to show its warnings its way
+_DEFAULT_SHOWWARNING = getattr(warnings, "_showwarning_orig", warnings.showwarning)
+
+
+def _bar_open() -> bool:
+    """A tqdm bar is drawn now (without tqdm imported none is)."""
+    module = sys.modules.get("tqdm")
+    return module is not None and bool(getattr(module.tqdm, "_instances", None))
+
+
+def _write_above_bars(text: str) -> None:
+    # tqdm.write takes the bars off the terminal, writes the line and draws them again
+    sys.modules["tqdm"].tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+
+def _showwarning_above_bars(message, category, filename, lineno, file=None, line=None) -> None:
+    before = _showwarning_before or _DEFAULT_SHOWWARNING
+    # As before: a warning to a file of its own, none open, a program's own showwarning (logging.captureWarnings')
+    if file is not None or not _bar_open() or before is not _DEFAULT_SHOWWARNING:
+        before(message, category, filename, lineno, file, line)
+        return
+    _write_above_bars(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+class _LastResortAboveBars(logging.Handler):
+    """logging's last resort (a library's record where no handler is configured: matplotlib's, peft's ...)."""
+
+    def __init__(self, before: logging.Handler) -> None:
+        super().__init__(before.level)
+        self.before = before
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if not _bar_open():
+            return self.before.handle(record)
+        return super().handle(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write_above_bars(self.format(record))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def warnings_above_bars() -> Iterator[None]:
+    """Python warnings (``warnings.warn``: torch's, transformers' ...) and logging's last-resort records printed
+    above an open tqdm bar for the block, as the commands' own log lines are (tqdm.write): written as they were,
+    one went on the bar's line, and the bar's next frame over it. With no bar open they are shown as before. Blocks
+    of several threads nest: the last to end restores what the first found, where no one replaced it since."""
+    global _above_depth, _showwarning_before, _last_resort_before
+
+    with _above_lock:
+        if _above_depth == 0:
+            _showwarning_before = warnings.showwarning
+            warnings.showwarning = _showwarning_above_bars
+            _last_resort_before = logging.lastResort
+            if _last_resort_before is not None:
+                logging.lastResort = _LastResortAboveBars(_last_resort_before)
+        _above_depth += 1
+    try:
+        yield
+    finally:
+        with _above_lock:
+            _above_depth -= 1
+            if _above_depth == 0:
+                if warnings.showwarning is _showwarning_above_bars:
+                    warnings.showwarning = _showwarning_before
+                if isinstance(logging.lastResort, _LastResortAboveBars):
+                    logging.lastResort = _last_resort_before
+                _showwarning_before = _last_resort_before = None

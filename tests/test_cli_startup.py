@@ -46,6 +46,8 @@ def _as_script(script: str, module: str, args: list[str]) -> dict:
     ("retnet-run-batch", "retnet.serve.run_batch", ["--help"], 0),
     ("retnet-run-batch", "retnet.serve.run_batch", ["--no-such-option"], 2),
     ("/some/venv/bin/retnet-lm-eval", "retnet.harness", ["--help"], 0),
+    ("retnet-convert-fla", "retnet.model.convert_fla", ["--help"], 0),
+    ("retnet-convert-fla", "retnet.model.convert_fla", ["--no-such-option"], 2),
 ])
 def test_help_and_usage_errors_import_no_torch(script, module, args, status):
     imported = _as_script(script, module, args)
@@ -87,3 +89,50 @@ print(json.dumps([before, known(), type(AutoConfig.for_model("retnet")).__name__
         assert process.returncode == 0, process.stderr[-2000:]
         results[name] = json.loads(process.stdout.splitlines()[-1])
     assert results == {"retnet-serve": [False, True, "RetNetConfig"], "my-script.py": [True, True, "RetNetConfig"]}
+
+
+# A console script as installed (pyproject's [project.scripts] target), with a Ctrl-C arriving in torch's import
+_CTRL_C_IN_TORCH = """
+import importlib, json, sys
+try:
+    import tomllib
+except ModuleNotFoundError:  # (Python 3.10)
+    import tomli as tomllib
+
+class CtrlCInTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+script, args = sys.argv[1], json.loads(sys.argv[2])
+with open("pyproject.toml", "rb") as file:
+    module, attr = tomllib.load(file)["project"]["scripts"][script].split(":")
+sys.meta_path.insert(0, CtrlCInTorch())
+sys.argv = [script, *args]
+sys.exit(getattr(importlib.import_module(module), attr)())
+"""
+
+_SCRIPT_ARGS = {
+    "retnet-train": ["--config", "tiny"],
+    "retnet-serve": ["--model", "some/model"],
+    "retnet-eval": ["--model", "some/model"],
+    "retnet-lm-eval": ["--model", "hf", "--model_args", "pretrained=org/name", "--tasks", "x"],
+    "retnet-run-batch": ["--model", "some/model", "-i", "requests.jsonl", "-o", "results.jsonl"],
+    "retnet-convert-fla": ["fla-checkpoint", "converted"],
+}
+
+
+def test_every_console_script_is_its_one_line_and_status_130_on_a_ctrl_c_in_torchs_import():
+    """retnet-eval's and retnet-convert-fla's modules imported torch at their top, before their ``main`` (the
+    installed script's import): a Ctrl-C in that second was a traceback, not the other commands' one line."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # (Python 3.10)
+        import tomli as tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert set(scripts) == set(_SCRIPT_ARGS)  # (a new command is checked too)
+    for script, args in _SCRIPT_ARGS.items():
+        process = subprocess.run([sys.executable, "-c", _CTRL_C_IN_TORCH, script, json.dumps(args)], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+        assert (process.returncode, process.stderr) == (130, f"{script}: interrupted\n"), script

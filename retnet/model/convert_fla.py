@@ -29,14 +29,16 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from retnet.extras import exits_on_ctrl_c
-from retnet.model.configuration_retnet import RetNetConfig
 from retnet.model.hub import MODEL_FILES, resolve_pretrained
-from retnet.model.modeling_retnet import RetNetForCausalLM
+
+# torch and transformers (the model, its configuration) are imported where used: the command answers --help and
+# a Ctrl-C in those imports (seconds) as the other commands do (main)
+if TYPE_CHECKING:
+    import torch
+
+    from retnet.model.configuration_retnet import RetNetConfig
 
 # Copied beside the converted weights: everything but fla's own config and weights.
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja")
@@ -125,6 +127,8 @@ def retnet_config_from_fla(fla: dict[str, Any], intermediate_size: int | None = 
 
 
 def _retnet_config(fla, hidden, heads, key_dim, value_dim, intermediate_size, dtype) -> RetNetConfig:
+    from retnet.model.configuration_retnet import RetNetConfig
+
     get = fla.get
     return RetNetConfig(
         vocab_size=get("vocab_size", 32000), hidden_size=hidden, num_hidden_layers=get("num_hidden_layers", 24),
@@ -142,6 +146,8 @@ def _retnet_config(fla, hidden, heads, key_dim, value_dim, intermediate_size, dt
 def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, Any],
                                config: RetNetConfig) -> dict[str, torch.Tensor]:
     """Our state dict (``RetNetForCausalLM``'s names) from an fla RetNet one; every fla tensor is used."""
+    import torch
+
     heads, hidden = config.num_attention_heads, config.hidden_size
     groups = heads // (fla.get("num_kv_heads") or heads)
     remaining = dict(weights)
@@ -254,6 +260,8 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -314,6 +322,10 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
     dtype = dtype or state["model.embed_tokens.weight"].dtype
     state = {name: tensor.to(dtype) for name, tensor in state.items()}
     config.dtype = dtype
+    import torch
+
+    from retnet.model.modeling_retnet import RetNetForCausalLM
+
     with torch.device("meta"):
         model = RetNetForCausalLM(config)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
@@ -372,7 +384,7 @@ def _check_destination(destination: Path, copied: set[str]) -> None:
                          "tokenizer or weights would be loaded with the converted one; give a new or empty directory")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype's choices: torch's dtypes of these names
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -385,10 +397,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("destination", help="directory to write the retnet-stack checkpoint to")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep theirs)")
     args = parser.parse_args(argv)
+    from retnet.extras import exits_on_ctrl_c
+
     try:
-        # (a hub download or a large checkpoint's read: minutes)
+        # (the imports of torch and transformers: seconds; a hub download or a large checkpoint's read: minutes)
         with exits_on_ctrl_c("retnet-convert-fla"):
-            config = convert_fla_checkpoint(args.source, args.destination, DTYPES.get(args.dtype))
+            import torch
+
+            import retnet
+
+            retnet.register()  # (a process started as the command registers here: see retnet/__init__)
+            dtype = None if args.dtype is None else getattr(torch, args.dtype)
+            config = convert_fla_checkpoint(args.source, args.destination, dtype)
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"retnet-convert-fla: error: {error}\n")
     print(f"wrote {args.destination}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "

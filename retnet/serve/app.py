@@ -44,6 +44,7 @@ from retnet.serve.messages import (
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.pooling import PoolingEngine
 from retnet.serve.protocol import (
+    REQUEST_ID_MAX_CHARS,
     TOKENIZE_FORMS,
     APIError,
     ChatCompletionRequest,
@@ -191,6 +192,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
         return None
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, key_refusal=key_refusal)
+    if settings.enable_request_id_headers:  # inside CORS and the metrics: the refusal is an answer like the others
+        app.add_middleware(RequestIdLimitMiddleware, key_refusal=key_refusal)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     # Outermost (vLLM's, always on): a browser's preflight is answered here, before the key check (a preflight
     # carries no key) and the routes (their 405); every answer, a 401 or 413 included, carries the CORS headers.
@@ -679,7 +682,7 @@ def _route(path: str) -> str:
 
 class RequestIdMiddleware:
     """vLLM's --enable-request-id-headers: every answer carries ``X-Request-Id``, the request's own, else a new
-    one."""
+    one (also for one over ``REQUEST_ID_MAX_CHARS``, which :class:`RequestIdLimitMiddleware` refuses)."""
 
     def __init__(self, app):
         self.app = app
@@ -687,7 +690,8 @@ class RequestIdMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+        sent = Headers(scope=scope).get("x-request-id")
+        request_id = sent if sent and len(sent) <= REQUEST_ID_MAX_CHARS else uuid.uuid4().hex
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -695,6 +699,27 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class RequestIdLimitMiddleware:
+    """With --enable-request-id-headers, an ``X-Request-Id`` over ``REQUEST_ID_MAX_CHARS`` is a 400 on every route,
+    the limit completions and chat hold it to (their ids repeat it): echoed, a megabyte's id went back in the
+    answer's headers of any route (the 401 of a request without the key its route needs wins, as over the body
+    limits)."""
+
+    def __init__(self, app, key_refusal=None):
+        self.app, self.key_refusal = app, key_refusal
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent = Headers(scope=scope).get("x-request-id")
+        if sent is None or len(sent) <= REQUEST_ID_MAX_CHARS:
+            return await self.app(scope, receive, send)
+        denied = None if self.key_refusal is None else self.key_refusal(Request(scope))
+        response = denied or _error(400, f"X-Request-Id: at most {REQUEST_ID_MAX_CHARS} characters; got {len(sent)}",
+                                    "X-Request-Id", path=scope["path"])
+        await response(scope, receive, send)
 
 
 class MetricsMiddleware:

@@ -54,8 +54,9 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
 # The chat route's sampling extras a Messages request may send too (the SDK's ``extra_body``), checked by chat.
 # ``stop`` is stop_sequences here; top_k is Anthropic's own field.
 PASSED_EXTRAS = tuple(name for name in CHAT_EXTRAS if name not in ("stop", "top_k"))
-# Chat fields that change no answer here: ignored, as any field unknown (the id is Anthropic's msg_...).
-IGNORED_CHAT_FIELDS = ("request_id",)
+# Chat fields that change no answer here: ignored, as any field unknown (the id is Anthropic's msg_...; no reasoning
+# parser splits reasoning off the text, to include or not).
+IGNORED_CHAT_FIELDS = ("request_id", "include_reasoning")
 _BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
 
 

@@ -442,6 +442,20 @@ class ChatMessage(BaseModel):
         return "\n".join(part.text or "" for part in self.content)
 
 
+# OpenAI's reasoning_effort values, and vLLM's "max".
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
+def _effort_for_template(request: ChatCompletionRequest | TokenizeChatRequest):
+    """vLLM's ``reasoning_effort``: a chat template variable (gpt-oss's template reads it) and the
+    ``enable_thinking`` it implies ("none": off); a value ``chat_template_kwargs`` sets itself wins, as it does over
+    ``add_generation_prompt``. Folded into ``chat_template_kwargs``, which everything that templates reads."""
+    if request.reasoning_effort is not None:
+        implied = {"reasoning_effort": request.reasoning_effort, "enable_thinking": request.reasoning_effort != "none"}
+        request.chat_template_kwargs = {**implied, **(request.chat_template_kwargs or {})}
+    return request
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -458,6 +472,11 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
     add_special_tokens: bool = False
+    # Template variables (_effort_for_template). include_reasoning: vLLM's, which drops the reasoning its reasoning
+    # parser splits off; there is no parser here, no reasoning apart from the content, so either value changes nothing.
+    reasoning_effort: ReasoningEffort | None = None
+    include_reasoning: bool = True
+    _effort_in_template = model_validator(mode="after")(_effort_for_template)
     # A template sent by the client is refused (serving): it would run client-written Jinja on the server.
     chat_template: Any = None
     # Tool calling: with tool_choice "required" or a named function the output is held to the tools' schemas
@@ -498,6 +517,8 @@ class TokenizeChatRequest(TokenizerFields):
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    _effort_in_template = model_validator(mode="after")(_effort_for_template)
     return_token_strs: bool = False
     # Checked as chat checks them (request_checks.check_chat_features, tools.tool_calling): a conversation chat
     # refuses is refused, not counted without its template or tools; tools chat shows the template are shown here

@@ -25,6 +25,7 @@ from retnet.serve.sampling import SamplingParams
 from retnet.serve.settings import ServeSettings, resolve_max_tokens
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # a logit_bias key
+_MAX_KEY_DIGITS = 20  # a longer one names no token of any vocabulary
 # Each bad word is tokenised (twice) for every request: bounded like the stop strings, with more room.
 MAX_BAD_WORDS = 64
 # apply_chat_template's own arguments: chat_template_kwargs holds the template's variables, not these (it may
@@ -183,6 +184,9 @@ class RequestChecks:
             # the client never named.
             if not _TOKEN_ID_KEY.fullmatch(key):
                 raise APIError(400, f"logit_bias: the keys must be token ids; got {key!r}", "logit_bias")
+            if len(key.lstrip("-0")) > _MAX_KEY_DIGITS:  # int() refuses over 4300 digits (a ValueError: was a 500)
+                raise APIError(400, f"logit_bias: token id {key[:_MAX_KEY_DIGITS]}... is out of the vocabulary (size "
+                               f"{self.engine.vocab_size})", "logit_bias", "invalid_token_id")
             token = int(key)
             # "5" and "05" both name token 5: one would silently override the other's bias.
             if token in bias:

@@ -60,10 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Build the trainer from the config, run it, and always close it and the process group."""
-    from retnet.extras import exits_on_ctrl_c
+    from retnet.extras import exits_on_ctrl_c, warnings_above_bars
 
-    # (a Ctrl-C from the trainer's start on: _run_command's own line, which says what was saved)
-    with exits_on_ctrl_c("retnet-train"):
+    # (a Ctrl-C from the trainer's start on: _run_command's own line, which says what was saved; the bars: the
+    # trainer's and a preference run's reference log-probs at its start)
+    with exits_on_ctrl_c("retnet-train"), warnings_above_bars():
         return _run_command(argv)
 
 

@@ -412,8 +412,10 @@ def _count(minimum: int):
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {text!r}")
+        # (--batch-size 2**63 reached itertools.islice, which takes none past sys.maxsize: a ValueError traceback
+        # after the whole model had loaded)
+        if value is None or not minimum <= value <= sys.maxsize:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} and below 2**63; got {text!r}")
         return value
 
     return parse
@@ -516,10 +518,11 @@ def _refuse_options(args: argparse.Namespace, names: Sequence[str], what: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from retnet.extras import exits_on_ctrl_c, needs_extra
+    from retnet.extras import exits_on_ctrl_c, needs_extra, warnings_above_bars
 
-    # datasets (a local file, a hub dataset) and tqdm come with the [train] extra
-    with exits_on_ctrl_c("retnet-eval"), needs_extra("retnet-eval", "train"):
+    # datasets (a local file, a hub dataset) and tqdm come with the [train] extra; the bars are ours and a reward
+    # model's (evaluate_reward)
+    with exits_on_ctrl_c("retnet-eval"), needs_extra("retnet-eval", "train"), warnings_above_bars():
         return _run_command(argv)
 
 

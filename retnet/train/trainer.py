@@ -70,6 +70,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from retnet.extras import warnings_above_bars
 from retnet.train.chat import target_count
 from retnet.train.checkpoint import (
     CheckpointError,
@@ -209,6 +210,7 @@ class Trainer:
         # all-reduce, because a rank that left alone would leave the others waiting in the next collective.
         self.signal_received = False
         self._writer = self._progress = self._metrics = self._wandb = None
+        self._progress_hooks = contextlib.ExitStack()  # what the bar holds while open (warnings_above_bars)
         self._completed = False  # train() returned: the W&B run finishes as finished, else as failed
         self._plotted_at: float | None = None  # when loss.png was last drawn (math.inf: matplotlib is missing)
         self._plot_gap = _PLOT_EVERY_S  # the least time before the next draw while the run goes on (_plot)
@@ -1524,6 +1526,8 @@ class Trainer:
         if self.is_main and cfg.logging.progress:
             from tqdm.auto import tqdm
 
+            # (a library's warnings and last-resort log records too, which went on the bar's line)
+            self._progress_hooks.enter_context(warnings_above_bars())
             self._progress = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step",
                                   dynamic_ncols=True, mininterval=0.5)
         if self.step == 0 or self.pending_eval:
@@ -1745,6 +1749,7 @@ class Trainer:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        self._progress_hooks.close()
 
     def close(self) -> None:
         for sig, handler in self._previous_handlers.items():

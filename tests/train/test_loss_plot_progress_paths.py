@@ -179,3 +179,33 @@ def test_log_lines_stand_apart_from_the_progress_bar_and_the_last_names_what_was
     assert transformers_logging.is_progress_bar_enabled()  # hidden for the export only
     assert pieces[-1].endswith(f"] finished at step 4; outputs in {out} (model: {out / 'export'}, loss plot: "
                                f"{out / 'loss.png'})"), pieces[-3:]
+
+
+def test_a_library_warning_mid_run_goes_above_the_progress_bar(micro, run_here, tmp_path, monkeypatch):
+    """A ``warnings.warn`` of a library while the bar was open (torch's, transformers') was printed on the bar's
+    line (``| 2/4 [00:01<00:01, ...]/.../x.py:3: UserWarning: ...``) and the bar's next frame over it."""
+    import re
+    import sys
+    import warnings
+
+    # As outside pytest, which records warnings instead of printing them
+    monkeypatch.setattr(warnings, "_showwarnmsg_impl",
+                        lambda message: sys.stderr.write(warnings._formatwarnmsg(message)))
+    train_step = Trainer.train_step
+
+    def step_and_warn(self):
+        loss = train_step(self)
+        if self.step == 2:
+            warnings.warn("a library's warning mid-run", UserWarning, stacklevel=1)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_and_warn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        done = run_here(micro(tmp_path / "run", train__steps=4, logging__progress=True))
+    assert done.returncode == 0, done.stderr
+    pieces = [piece for piece in re.split(r"[\r\n]", done.stderr) if piece.strip()]
+    assert any(piece.startswith("train:") for piece in pieces)  # the bar was drawn
+    warned = [piece for piece in pieces if "UserWarning: " in piece]
+    assert len(warned) == 1 and re.match(r"\S+\.py:\d+: UserWarning: ", warned[0]), warned
+    assert warnings.showwarning is warnings._showwarning_orig  # the run's end put it back
