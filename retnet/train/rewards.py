@@ -123,15 +123,15 @@ def length_target(completions: list, target_length: list | None = None, **kwargs
         return [None] * len(completions)
     out: list[float | None] = []
     for completion, target in zip(completions, target_length, strict=True):
-        if target is not None and (isinstance(target, bool) or not isinstance(target, numbers.Real)
-                                   or abs(target) == math.inf):  # (no float(): 10**400 is a length too)
-            # a quoted number ("4") would otherwise stop the run with a TypeError naming neither column nor value;
-            # an infinite one would score every completion NaN, silently left out as None
-            raise ConfigError(f"length_target: the 'target_length' column holds {type(target).__name__} "
-                             f"{target!r:.80}; expected a number of characters (> 0), or None to skip the row")
-        if target is None or not target > 0:  # NaN too: a missing value as pandas and Parquet write one
+        if target is None or target != target:  # NaN too: a missing value as pandas and Parquet write one
             out.append(None)
             continue
+        if isinstance(target, bool) or not isinstance(target, numbers.Real) or not 0 < target < math.inf:
+            # (no float(): 10**400 is a length too) A quoted number ("4") would otherwise stop the run with a
+            # TypeError naming neither column nor value; an infinite one would score every completion NaN, and a
+            # length <= 0 (no length to aim at) None, both silently left out
+            raise ConfigError(f"length_target: the 'target_length' column holds {type(target).__name__} "
+                              f"{target!r:.80}; expected a number of characters (> 0), or None to skip the row")
         out.append(max(-abs(len(completion_text(completion)) - target) / target, -1.0))
     return out
 
@@ -263,8 +263,14 @@ class RewardSources:
 
     def _reward_model(self, path: Path):
         from retnet.model import RetNetForSequenceClassification
+        from retnet.model.hub import training_output
 
         where = f"grpo.reward_model {str(path)!r}"
+        # the likeliest slip, a run's train.output_dir for the export inside it, named as such: its config.json is the
+        # run's (the config-load check passes) and its tokenizer is one level down (a sentencepiece error otherwise)
+        written = training_output(path)
+        if written is not None:
+            raise ConfigError(f"{where} is {written}")
         try:
             theirs = load_tokenizer(path)
         except (ConfigError, FileNotFoundError) as error:  # its messages name data.tokenizer, not the setting given

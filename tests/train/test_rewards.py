@@ -44,3 +44,34 @@ def test_builtin_rewards_name_a_column_value_they_cannot_read():
     with pytest.raises(ConfigError, match=r"matches_pattern: the 'pattern' column holds '\(unclosed', no regular "
                                          r"expression"):
         matches_pattern(["x"], pattern=["(unclosed"])
+
+
+def test_length_target_refuses_a_length_it_cannot_aim_at():
+    # a length <= 0 scored None silently: a column of such lengths trained on a flat reward without a word
+    assert length_target(["abc", "ab"], target_length=[float("nan"), None]) == [None, None]
+    for bad in (0, -4, -2.5):
+        with pytest.raises(ConfigError, match=rf"'target_length' column holds \w+ {bad}; expected a number of "
+                                              r"characters \(> 0\)"):
+            length_target(["abcd"], target_length=[bad])
+
+
+def test_a_runs_output_dir_as_the_reward_model_points_to_its_export(tmp_path):
+    # the run's config.json (no model's) passes the config-load check, and its tokenizer lies in a subdirectory:
+    # the start quoted transformers' sentencepiece error instead of naming the export
+    import json
+
+    import torch
+
+    from retnet.train.config_tuning import GrpoConfig
+    from retnet.train.rewards import RewardSources
+
+    run = tmp_path / "rm"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "tokenizer").mkdir()
+    (run / "export").mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"preset": "tiny"}, "train": {"steps": 2}}))
+    (run / "export" / "config.json").write_text(json.dumps({"model_type": "retnet"}))
+    with pytest.raises(ConfigError, match=rf"grpo.reward_model '{run}' is a training run's train.output_dir, not a "
+                                          rf"model \(did you mean '{run / 'export'}', the run's export\?\)"):
+        RewardSources(GrpoConfig(reward_model=str(run)), tokenizer=None, encoder=None,
+                      device=torch.device("cpu"), autocast=None, stops=[0])
