@@ -32,6 +32,8 @@ from unittest import mock
 
 import torch
 
+from retnet.kernels.checks import MAX_HEAD_DIM, check_chunk_size
+
 # Largest shared memory one block can opt into, in bytes, per compute capability (CUDA programming guide). An arch
 # not listed is refused: its limit read as 0 reported every launch as fitting no config (sm_100, sm_120).
 MAX_SHARED_BYTES = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
@@ -246,6 +248,15 @@ def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int],
     if unknown:
         raise ValueError(f"arch {', '.join(map(str, unknown))}: no shared-memory limit known to check launches "
                          f"against; known: {', '.join(map(str, sorted(MAX_SHARED_BYTES)))}")
+    # The launchers are called directly here, past the ops' input rules: a head dim or chunk size the ops refuse
+    # was compiled (or failed on a ZeroDivisionError) and reported as if a model could launch it.
+    head_dims, chunk_sizes = list(head_dims), list(chunk_sizes)
+    outside = [dim for dim in head_dims if not 1 <= dim <= MAX_HEAD_DIM]
+    if outside:
+        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], as the retention ops take them; got "
+                         f"{', '.join(map(str, outside))}")
+    for chunk_size in chunk_sizes:
+        check_chunk_size(chunk_size, "retnet.kernels.aot")
     launches: set[Launch] = set()
     for dtype in dtypes:
         for head_dim in head_dims:
@@ -307,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     varlen = [layout == "packed" for layout in args.layouts]
-    results = check(args.arch, args.dtypes, args.head_dims, varlen, configs=args.configs, workers=args.workers,
-                    kernels=args.kernels, chunk_sizes=args.chunk_sizes)
+    try:
+        results = check(args.arch, args.dtypes, args.head_dims, varlen, configs=args.configs, workers=args.workers,
+                        kernels=args.kernels, chunk_sizes=args.chunk_sizes)
+    except ValueError as error:  # (a bad --head-dims or --chunk-sizes: the usage line and the reason, exit 2)
+        parser.error(str(error))
     print(format_report(results))
     if args.json:
         with open(args.json, "w") as handle:

@@ -32,3 +32,24 @@ def test_an_arch_of_unknown_shared_memory_is_refused_before_compiling(capsys, mo
         assert "61" in capsys.readouterr().err
         with pytest.raises(ValueError, match="arch 61: no shared-memory limit"):
             aot.check([90, 61], ["bfloat16"], [64])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--head-dims", "513", "head dims must be in [1, 512]"),
+    ("--head-dims", "0", "head dims must be in [1, 512]"),
+    ("--chunk-sizes", "0", "chunk_size must be an int >= 1"),
+])
+def test_a_head_dim_or_chunk_size_the_ops_refuse_is_refused_before_compiling(flag, value, message, capsys,
+                                                                             monkeypatch):
+    # (513 compiled for minutes and reported launches no model can make; 0 as a head dim was a ZeroDivisionError
+    # traceback, 0 as a chunk size compiled 16-token tiles)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with mock.patch.object(aot, "record_launches", side_effect=AssertionError("recorded a refused launch")):
+        with pytest.raises(SystemExit) as exit_info:
+            aot.main(["--arch", "90", flag, value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and value in err
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            aot.check([90], ["bfloat16"], [64] if flag == "--chunk-sizes" else [int(value)],
+                      chunk_sizes=[int(value)] if flag == "--chunk-sizes" else [64])
