@@ -140,10 +140,12 @@ class RetNetCache:
     def batch_size(self) -> int:
         return 0 if self.offsets is None else self.offsets.shape[0]
 
-    def select(self, indices: Sequence[int] | torch.Tensor) -> RetNetCache:
+    def select(self, indices: Sequence[int] | torch.Tensor | slice) -> RetNetCache:
         """A new cache with rows ``indices`` (copies of those rows only; the original is unchanged); a boolean
-        mask of ``batch_size`` rows selects the rows where it is true. A negative index counts from the end, as
-        Python's do."""
+        mask of ``batch_size`` rows selects the rows where it is true, a slice the rows it spans. A negative index
+        counts from the end, as Python's do."""
+        if isinstance(indices, slice):  # (torch.as_tensor: "Could not infer dtype of slice")
+            indices = torch.tensor(range(self.batch_size)[indices], dtype=torch.long)
         indices = torch.as_tensor(indices)
         if indices.dtype == torch.bool:  # a cast to long would read True/False as the rows 1 and 0
             if indices.shape != (self.batch_size,):

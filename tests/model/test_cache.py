@@ -74,3 +74,12 @@ def test_select_counts_negative_rows_from_the_end_and_refuses_what_is_no_row():
     picked = _filled(3)
     picked.batch_select_indices(torch.tensor([-1]))  # transformers' in-place form goes through select
     assert picked.offsets.tolist() == [5]
+
+
+def test_select_takes_a_slice_as_python_does():
+    # torch.as_tensor(slice(...)) raised "Could not infer dtype of slice"
+    cache = _filled(4)
+    assert cache.select(slice(1, 3)).offsets.tolist() == [4, 5]
+    assert cache.select(slice(None, None, -2)).offsets.tolist() == [6, 4]
+    assert torch.equal(cache.select(slice(-1, None)).states[0], cache.states[0][3:])
+    assert cache.select(slice(9, 12)).batch_size == 0
