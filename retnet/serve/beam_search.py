@@ -11,8 +11,9 @@ tokens alone).
 
 A beam's prompt is its parent's and one token more, and the parent's step left the state after it (and the logits
 that follow) in the prefix cache: each step feeds one token a beam, the engine prefilling the beams of a step as
-one packed forward between two decode steps of the other requests, which run on meanwhile. With the prefix cache
-off (``--prefix-cache-entries 0``) or too small for a step's states, a step prefills its beams whole.
+one packed forward between two decode steps of the other requests, which run on meanwhile. The cache keeps a
+search's states past its bounds, up to ``2 × --max-n`` (PrefixCache); with it off (``--prefix-cache-entries 0``), a
+step prefills its beams whole.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from retnet.serve.protocol import STRUCTURED_OUTPUT_FIELDS, APIError, CompletionRequest, SamplingFields
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.sequence import EngineFailure, QueueFull, RequestHandle, SeqOutput, TokenLogprob
+
+if TYPE_CHECKING:
+    from retnet.serve.metrics import ServeMetrics
 
 logger = logging.getLogger("retnet.serve")
 
@@ -132,7 +138,7 @@ def beam_step_params(params: SamplingParams, width: int) -> SamplingParams:
     return SamplingParams(max_tokens=1, temperature=0.0, logprobs=max(2 * width, params.logprobs or 0),
                           skip_special_tokens=params.skip_special_tokens,
                           spaces_between_special_tokens=params.spaces_between_special_tokens,
-                          cache_salt=params.cache_salt)
+                          cache_salt=params.cache_salt, beam_step=True)
 
 
 class BeamSearchHandle(RequestHandle):
@@ -175,24 +181,54 @@ class BeamSearch:
     # Called with search_id once the search has ended and no step of it runs: its entries can go
     # (PrefixCache.end_search).
     ended: Callable[[int], None] | None = None
+    # The metrics (the engine's, from the first step's handle) the search counts itself in, once, as an ordinary
+    # request of ``prompts × width`` choices: the engine counts none of its steps, which were each a request of
+    # every beam, their prompts and their one token counted again a step (an n=4 search of 5 tokens and a 9-token
+    # prompt counted 17 sequences, 193 prompt tokens and 17 generated ones). None once counted.
+    metrics: ServeMetrics | None = None
 
     def start(self, first: RequestHandle) -> BeamSearchHandle:
         """Run the search from its first step, ``first`` (each prompt alone, already submitted)."""
         result = BeamSearchHandle(asyncio.get_running_loop(), len(self.prompts) * self.width)
         result.prompt_tokens = first.prompt_tokens
+        result.arrival = first.arrival
+        self.metrics = first.metrics
+        if self.metrics is not None:
+            self.metrics.submitted.inc(result.num_choices)
+            self.metrics.prompt_tokens.inc(result.prompt_tokens)
         result.task = asyncio.ensure_future(self._run(result, first))
         return result
+
+    def _answer(self, result: BeamSearchHandle, item: list[SeqOutput] | EngineFailure) -> None:
+        """Send the search's one answer, and count how its choices ended (as the engine counts a request's)."""
+        result.queue.put_nowait(item)
+        metrics, self.metrics = self.metrics, None
+        if metrics is None:
+            return
+        if isinstance(item, EngineFailure):
+            # (the engine stopping cancels what it leaves, as it does a request's sequences)
+            (metrics.cancelled if item.code == "unavailable" else metrics.failed).inc(result.num_choices)
+        elif any(out.finish_reason == "abort" for out in item):
+            metrics.cancelled.inc(result.num_choices)
+        else:
+            waited = time.perf_counter() - result.arrival  # every choice's first token arrives with the answer
+            for out in item:
+                metrics.finished.labels(out.finish_reason).inc()
+                metrics.ttft.observe(waited)
+            metrics.generation_tokens.inc(sum(len(out.token_ids) for out in item))
 
     async def _run(self, result: BeamSearchHandle, first: RequestHandle) -> None:
         try:
             await self._search(result, first)
         except APIError as exc:
-            result.queue.put_nowait(EngineFailure(exc.message, exc.status, exc.code or "beam_search_failed", exc.param))
+            self._answer(result, EngineFailure(exc.message, exc.status, exc.code or "beam_search_failed", exc.param))
         except Exception as exc:  # a bug of the search's own: its request fails, the server goes on
             logger.error("a beam search failed", exc_info=exc)
-            result.queue.put_nowait(EngineFailure(f"the request failed: {type(exc).__name__}: {exc}", 500,
-                                                  "internal_error"))
+            self._answer(result, EngineFailure(f"the request failed: {type(exc).__name__}: {exc}", 500,
+                                               "internal_error"))
         finally:
+            if self.metrics is not None:  # ended unanswered (its task cancelled: the event loop closing)
+                self.metrics.cancelled.inc(result.num_choices)
             if self.ended is not None:
                 self.ended(self.search_id)
 
@@ -218,7 +254,7 @@ class BeamSearch:
                                                for beam in beams],
                                       dataclasses.replace(self.step_params, prefix_cache_tag=(self.search_id, count)))
             if handle is None:  # cancelled while it waited for places
-                result.queue.put_nowait([SeqOutput(i, "", [], finish_reason="abort") for i in range(result.num_choices)])
+                self._answer(result, [SeqOutput(i, "", [], finish_reason="abort") for i in range(result.num_choices)])
                 return
             steps = await self._outputs(result, handle)
             if steps is None:
@@ -230,7 +266,7 @@ class BeamSearch:
                 raise APIError(400, f"n: {self.width} beams found only {len(ranked)} distinct sequences", "n")
             for rank, beam in enumerate(ranked):
                 outputs.append(await self._output(i * self.width + rank, prompt, beam, prompt_logprobs[i]))
-        result.queue.put_nowait(outputs)
+        self._answer(result, outputs)
 
     async def _step(self, result: BeamSearchHandle, beams: list[list[int]], params: SamplingParams
                     ) -> RequestHandle | None:
@@ -256,13 +292,13 @@ class BeamSearch:
         while remaining:
             item = await handle.queue.get()
             if isinstance(item, EngineFailure):
-                result.queue.put_nowait(item)
+                self._answer(result, item)
                 return None
             for out in item:
                 outputs[out.index] = out
                 remaining -= out.finish_reason is not None
         if result.cancelled or any(out.finish_reason == "abort" for out in outputs):
-            result.queue.put_nowait([SeqOutput(i, "", [], finish_reason="abort") for i in range(result.num_choices)])
+            self._answer(result, [SeqOutput(i, "", [], finish_reason="abort") for i in range(result.num_choices)])
             return None
         return outputs
 

@@ -107,11 +107,14 @@ class Engine(ModelThread):
             self.primary_eos = getattr(self.config, "eos_token_id", None)
         self.speculative = settings.speculative  # None: every step decodes one token a sequence
         self.drafter: DraftModel | None = None  # method draft_model's proposer, loaded with the model
-        self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
-                                        settings.prefix_cache_min_tokens)
-        self.prefix_cache_evictions_seen = 0  # of prefix_cache.evictions, counted in the metrics
         # A prompt's entry: one row of fp32 state and the [V] fp32 logits after it (see _awaits_shared_prefix).
         self.prefix_entry_bytes = RetNetCache.zeros(self.config, 1, device="meta").nbytes() + 4 * self.vocab_size
+        # A beam search of a prompt keeps its last two steps' states, 2 × n: the widest one keeps them all, however
+        # few states the bounds hold (PrefixCache).
+        self.prefix_cache = PrefixCache(settings.prefix_cache_entries, settings.prefix_cache_bytes,
+                                        settings.prefix_cache_min_tokens, 2 * settings.max_n,
+                                        2 * settings.max_n * self.prefix_entry_bytes)
+        self.prefix_cache_evictions_seen = 0  # of prefix_cache.evictions, counted in the metrics
         # --session-dir: a state is tied to the dtype its weights are served in (the model's own when given).
         dtype = str(next(model.parameters()).dtype) if model is not None else _dtype(settings, _device(settings))
         if settings.quantization != "none":  # a state made with quantized weights is another model's
@@ -131,6 +134,7 @@ class Engine(ModelThread):
         self.waiting: deque[Group] = deque()
         self.arrivals = itertools.count()  # Group.order; guarded by cond
         self.in_system = 0  # sequences admitted and not finished; guarded by cond
+        self.beam_steps_in_system = 0  # of in_system, the beam searches' steps' (not counted in the metrics)
         self.accepting = True
         self.stopping = False
         self.ready = False
@@ -259,8 +263,12 @@ class Engine(ModelThread):
                 # Under fcfs every priority is 0 and the orders grow: this is an append.
                 bisect.insort(self.waiting, group, key=_group_rank)
             self.in_system += handle.num_choices
-            self.metrics.submitted.inc(handle.num_choices)
-            self.metrics.prompt_tokens.inc(handle.prompt_tokens)
+            if params.beam_step:
+                self.beam_steps_in_system += handle.num_choices
+                handle.metrics = self.metrics  # the search's to count itself in
+            else:
+                self.metrics.submitted.inc(handle.num_choices)
+                self.metrics.prompt_tokens.inc(handle.prompt_tokens)
             self.cond.notify_all()
         return handle
 
@@ -412,8 +420,7 @@ class Engine(ModelThread):
                 return
             self.waiting = deque(g for g in self.waiting if g.adapter != slot)
             for group in failed:
-                self.in_system -= group.n
-                self.metrics.failed.inc(group.n)
+                self._release_slots(group.n, group, self.metrics.failed)
                 if group.session_id is not None:
                     self.sessions.release(group.session_id)  # left as it was
             self.metrics.queue_depth.set(self._queued())
@@ -490,8 +497,7 @@ class Engine(ModelThread):
         them (a non-streaming one that noticed its client leave) learns from the engine whether its work
         was cancelled or had finished first (see :meth:`_finished`). The choices of a request that failed
         (:meth:`_request_failed` cancels them) are counted as failed, as the request is."""
-        (self.metrics.failed if group.handle.failed else self.metrics.cancelled).inc(len(indices))
-        self._release_slots(len(indices))
+        self._release_slots(len(indices), group, self.metrics.failed if group.handle.failed else self.metrics.cancelled)
         if group.session_id is not None:
             self.sessions.release(group.session_id)
         group.handle.emit([SeqOutput(i, "", [], finish_reason="abort") for i in indices])
@@ -500,8 +506,7 @@ class Engine(ModelThread):
         """Something of ``seq``'s request's own raised at its step: the sequence ends (``abort``, so that the
         batch's rebuild drops it without releasing it again), its slot is free and its session left as it was."""
         seq.finish_reason = "abort"
-        self._release_slots(1)
-        self.metrics.failed.inc()
+        self._release_slots(1, seq.group, self.metrics.failed)
         if seq.group.session_id is not None:
             self.sessions.release(seq.group.session_id)
         self._request_failed(seq.group.handle, exc)
@@ -522,9 +527,15 @@ class Engine(ModelThread):
             handle.failed = True
             handle.emit(failure)
 
-    def _release_slots(self, count: int) -> None:
+    def _release_slots(self, count: int, group: Group, ended) -> None:
+        """``count`` of ``group``'s sequences ended: their places are free, and they are counted in ``ended`` (a
+        counter of the metrics), but a beam search's step's, whose search counts itself (BeamSearch)."""
         with self.cond:
             self.in_system -= count
+            if group.params.beam_step:
+                self.beam_steps_in_system -= count
+        if not group.params.beam_step:
+            ended.inc(count)
 
     # -- prefill -----------------------------------------------------------------------------------------------
     def _prefill(self) -> None:
@@ -624,7 +635,8 @@ class Engine(ModelThread):
         # A prompt to score is run whole: a cached prefix would leave its positions without logits.
         if group.params.scores_prompt or self.settings.prefix_cache_entries == 0:
             return
-        entry = self.prefix_cache.lookup(group.inputs, group.adapter, group.params.cache_salt)
+        entry = self.prefix_cache.lookup(group.inputs, group.adapter, group.params.cache_salt,
+                                         group.params.prefix_cache_tag)
         if entry is None:
             self.metrics.prefix_cache_misses.inc()
             return
@@ -707,8 +719,7 @@ class Engine(ModelThread):
             seqs, outputs = self._first_tokens(group)
         except Exception as exc:
             # Nothing of it was committed yet: its slots and session are released here, once.
-            self._release_slots(group.n)
-            self.metrics.failed.inc(group.n)
+            self._release_slots(group.n, group, self.metrics.failed)
             if group.session_id is not None:
                 self.sessions.release(group.session_id)
             self._request_failed(group.handle, exc)
@@ -779,7 +790,7 @@ class Engine(ModelThread):
                 out = self._advance(seq, i, sample)
             out.prompt_logprobs = prompt_lp
             outputs.append(out)
-        if not score_only:
+        if not score_only and not group.params.beam_step:
             self.metrics.generation_tokens.inc(len(seqs))
         return seqs, outputs
 
@@ -1030,7 +1041,8 @@ class Engine(ModelThread):
         count = len(seq.tokens)
         now = time.perf_counter()
         if count == 1:
-            self.metrics.ttft.observe(now - seq.group.handle.arrival)
+            if not seq.group.params.beam_step:
+                self.metrics.ttft.observe(now - seq.group.handle.arrival)
         else:
             self.metrics.itl.observe(now - seq.t_last)
         seq.t_last = now
@@ -1090,7 +1102,6 @@ class Engine(ModelThread):
         updated.
         """
         group = seq.group
-        self.metrics.finished.labels(seq.finish_reason).inc()
         if group.session_id is not None:
             state = cache.clone() if cache is not None else self.batch.select([row])
             earlier = group.session.seen if group.continues else None
@@ -1103,7 +1114,7 @@ class Engine(ModelThread):
                                   hidden_end=seq.hidden_end)
             self.metrics.sessions.set(len(self.sessions))
         self._cache_answer(seq, cache, row)
-        self._release_slots(1)
+        self._release_slots(1, group, self.metrics.finished.labels(seq.finish_reason))
 
     def _cache_answer(self, seq: Sequence, cache: RetNetCache | None, row: int | None) -> None:
         """Keep the state after ``seq``'s prompt and answer as a prefix entry, so that a continuation (a chat's
@@ -1193,7 +1204,8 @@ class Engine(ModelThread):
         (``shutdown``) it stopped with these left after the grace, which are cancelled and told the server is
         going, as a request refused then is (``unavailable``), not that the engine failed."""
         with self.cond:
-            (self.metrics.cancelled if shutdown else self.metrics.failed).inc(self.in_system)
+            # (a beam search's steps fail or are cancelled with their search, which counts itself)
+            (self.metrics.cancelled if shutdown else self.metrics.failed).inc(self.in_system - self.beam_steps_in_system)
             self.adapter_slots.fail_installs(message)
             groups = list(self.waiting) + list(self.prefilling)
             self.waiting.clear()
@@ -1209,7 +1221,7 @@ class Engine(ModelThread):
                     self.sessions.release(seq.group.session_id)
             self.prefilling, self.running, self.joining, self.batch = [], [], [], None
             self.preempting, self.preempted = [], []
-            self.in_system = 0
+            self.in_system = self.beam_steps_in_system = 0
         for handle in handles.values():
             handle.emit(EngineFailure(message, code="unavailable" if shutdown else "engine_failure"))
         self.metrics.running.set(0)

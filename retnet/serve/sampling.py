@@ -55,6 +55,9 @@ class SamplingParams:
     # A beam search's step, (search, step): the prefix cache keeps the states of its last two steps only, the ones
     # the next step can start from (retnet.serve.beam_search); None: an ordinary request.
     prefix_cache_tag: tuple[int, int] | None = None
+    # A beam search's step, its first included: the engine leaves it out of the request metrics (sequences, prompt
+    # and generated tokens, TTFT), where the search counts itself once, as a request of its n choices.
+    beam_step: bool = False
     # vLLM's cache_salt: the prefix cache shares states only between requests of the same salt (None: the unsalted)
     cache_salt: str | None = None
 

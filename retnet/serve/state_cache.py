@@ -46,7 +46,10 @@ class PrefixEntry:
     logits: torch.Tensor | None
     nbytes: int  # held_bytes(cache, logits)
     adapter: int = 0  # the LoRA adapter's slot the state was computed under (0: the base model)
-    tag: tuple[int, int] | None = None  # a beam search's (search, step) (SamplingParams.prefix_cache_tag)
+    # The beam searches whose steps made it or started from it whole: search -> the last such step
+    # (SamplingParams.prefix_cache_tag). Freed once none of them needs it any more (two steps on, or ended); None: an
+    # ordinary request's, which only the LRU evicts.
+    searches: dict[int, int] | None = None
     salt: str | None = None  # the cache_salt of the requests that made it (None: the shared, unsalted space)
 
 
@@ -58,11 +61,19 @@ def _key(tokens: tuple[int, ...], adapter: int, salt: str | None = None):
 class PrefixCache:
     """Longest-prefix lookup over at most ``max_entries`` states and ``max_bytes`` bytes (LRU eviction).
 
+    The beam searches' states (their last two steps') are evicted after the others, and may take up to
+    ``search_entries`` states and ``search_bytes`` bytes more than the bounds: a search's next step starts from its
+    last step's states, and on a model whose states the bounds hold fewer of than the search makes (the default
+    1 GiB holds 6 states of a 2.7B RetNet, a search of 8 beams makes 8 a step), every step evicted the states the
+    next one needed, which then prefilled every beam whole.
+
     Used only from the scheduler thread.
     """
 
-    def __init__(self, max_entries: int, max_bytes: int, min_tokens: int = 1):
+    def __init__(self, max_entries: int, max_bytes: int, min_tokens: int = 1, search_entries: int = 0,
+                 search_bytes: int = 0):
         self.max_entries, self.max_bytes, self.min_tokens = max_entries, max_bytes, min_tokens
+        self.search_entries, self.search_bytes = search_entries, search_bytes
         # Keyed by _key, least recently used first. A plain dict, not an OrderedDict: iterating an OrderedDict's
         # values looks each key up again, hashing it, and a tuple of token ids caches no hash, so every lookup
         # hashed every cached prefix whole (64 entries of 8k tokens: ~6 ms of the scheduler's time, the GIL held,
@@ -77,11 +88,13 @@ class PrefixCache:
         return len(self.entries)
 
     def lookup(self, tokens: list[int] | tuple[int, ...], adapter: int = 0,
-               salt: str | None = None) -> PrefixEntry | None:
+               salt: str | None = None, tag: tuple[int, int] | None = None) -> PrefixEntry | None:
         """The entry of the longest cached prefix of ``tokens`` (the whole of it included) computed under LoRA
         ``adapter`` (0: the base model; a state depends on the weights that made it) for requests of cache
         ``salt`` (vLLM's cache_salt: a tenant's requests share prefixes only among themselves, so that another
-        cannot tell from the timing or ``cached_tokens`` what they sent), or None."""
+        cannot tell from the timing or ``cached_tokens`` what they sent), or None. ``tag``: a beam search's step
+        (search, step) looking up one of its beams: a search's entry of the whole beam is its own from now, as if
+        it had inserted it (another search of the same prompt made it first, and its end must not free it)."""
         self._drop_ended_searches()
         if not self.entries:
             return None
@@ -98,6 +111,8 @@ class PrefixCache:
                 best = entry
         if best is not None:
             self._touch(_key(best.tokens, adapter, salt))
+            if tag is not None and best.searches is not None and len(best.tokens) == len(tokens):
+                best.searches[tag[0]] = tag[1]
         return best
 
     def insert(self, tokens: list[int] | tuple[int, ...], cache: RetNetCache, logits: torch.Tensor | None,
@@ -112,11 +127,13 @@ class PrefixCache:
         old = self.entries.get(key)
         if old is not None:
             self._touch(key)
-            # An ordinary request's too now (tag None): not freed with the beam search's steps. Another search's, at
-            # the same step (the same prompt): this one's now, which inserted it last and needs it next step, when
-            # the other may have moved on (or ended) and freed it.
-            if tag is None or old.tag is not None:
-                old.tag = tag
+            # An ordinary request's too now (tag None): not freed with the beam searches' steps. Another search's, at
+            # the same step (the same prompt): this one's too, freed once neither needs it (the other may move on,
+            # or end, first).
+            if tag is None:
+                old.searches = None
+            elif old.searches is not None:
+                old.searches[tag[0]] = tag[1]
             grown = held_bytes(old.cache, logits)
             if old.logits is None and logits is not None and grown <= self.max_bytes:
                 old.logits = logits.detach().clone()
@@ -125,10 +142,10 @@ class PrefixCache:
                 self._evict()
             return
         nbytes = held_bytes(cache, logits)
-        if nbytes > self.max_bytes:
+        if nbytes > self.max_bytes + (0 if tag is None else self.search_bytes):
             return  # checked before cloning: an entry that cannot fit must not cost a copy of the state
         self.entries[key] = PrefixEntry(tokens, cache.clone(), None if logits is None else logits.detach().clone(),
-                                        nbytes, adapter, tag, salt)
+                                        nbytes, adapter, None if tag is None else {tag[0]: tag[1]}, salt)
         self.nbytes += nbytes
         self._evict()
 
@@ -141,7 +158,7 @@ class PrefixCache:
         the states of the one before it, never from older ones. Kept, a search left ``n`` states a step, and one
         70-token search pushed every other prompt's entry out of the LRU."""
         search, step = tag
-        self._drop_where(lambda entry: entry.tag is not None and entry.tag[0] == search and entry.tag[1] <= step - 2)
+        self._release(lambda searches: {search} if searches.get(search, step) <= step - 2 else set())
 
     def end_search(self, search: int) -> None:
         """Beam search ``search`` has ended (answered, cancelled or failed): its last two steps' entries are freed at
@@ -157,7 +174,16 @@ class PrefixCache:
         ended = set()
         while self.ended_searches:
             ended.add(self.ended_searches.popleft())
-        self._drop_where(lambda entry: entry.tag is not None and entry.tag[0] in ended)
+        self._release(lambda searches: ended.intersection(searches))
+
+    def _release(self, released: Callable[[dict[int, int]], set[int]]) -> None:
+        """Take the searches ``released(entry.searches)`` off each search's entry; free those no search needs any
+        more (an entry two searches of one prompt made stays for the one still running)."""
+        for entry in self.entries.values():
+            if entry.searches is not None:
+                for search in released(entry.searches):
+                    del entry.searches[search]
+        self._drop_where(lambda entry: entry.searches == {})
 
     def drop_adapter(self, adapter: int) -> None:
         """Free the entries computed under LoRA ``adapter`` (unloaded: no lookup can ask for its slot again)."""
@@ -168,10 +194,17 @@ class PrefixCache:
             self.nbytes -= self.entries.pop(key).nbytes
 
     def _evict(self) -> None:
-        # The entry just inserted (or given its logits) is the most recently used and fits alone: it is never
-        # the one evicted.
+        # The least recently used ordinary entry first, then (past the searches' allowance) the least recently used
+        # of all. An entry just inserted (or given its logits) is the most recently used and fits alone: it is
+        # evicted only when it is an ordinary one that the searches' states leave no room for.
         while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
-            evicted = self.entries.pop(next(iter(self.entries)))
+            key = next((key for key, entry in self.entries.items() if entry.searches is None), None)
+            if key is None:
+                if (len(self.entries) <= self.max_entries + self.search_entries
+                        and self.nbytes <= self.max_bytes + self.search_bytes):
+                    return
+                key = next(iter(self.entries))
+            evicted = self.entries.pop(key)
             self.nbytes -= evicted.nbytes
             self.evictions += 1
 

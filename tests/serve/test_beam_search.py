@@ -152,7 +152,7 @@ async def test_a_cancelled_beam_search_ends_every_choice_and_frees_its_slots(cli
     # its steps' prefix cache entries are freed at the cache's next use, not left to the LRU
     r = await client.post("/v1/completions", json={"prompt": "for i in", "max_tokens": 1, **GREEDY})
     assert r.status_code == 200, r.text
-    assert all(entry.tag is None for entry in engine.prefix_cache.entries.values())
+    assert all(entry.searches is None for entry in engine.prefix_cache.entries.values())
 
 
 async def test_the_logprobs_asked_for_change_no_beam(client):
@@ -279,11 +279,12 @@ async def test_a_beam_search_keeps_its_last_two_steps_in_the_prefix_cache_and_ot
     width, tokens = 3, 30
     r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": tokens, "n": width, **BEAMS})
     assert r.status_code == 200, r.text
-    tagged = [entry for entry in engine.prefix_cache.entries.values() if entry.tag is not None]
-    assert 0 < len(tagged) <= 2 * width and {entry.tag[1] for entry in tagged} == {tokens - 2, tokens - 1}
+    tagged = [entry for entry in engine.prefix_cache.entries.values() if entry.searches is not None]
+    steps = {step for entry in tagged for step in entry.searches.values()}
+    assert 0 < len(tagged) <= 2 * width and steps == {tokens - 2, tokens - 1}
     after = (await client.post("/v1/completions", json=other)).json()
     assert after["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
-    assert all(entry.tag is None for entry in engine.prefix_cache.entries.values())
+    assert all(entry.searches is None for entry in engine.prefix_cache.entries.values())
     assert engine.prefix_cache.nbytes == sum(entry.nbytes for entry in engine.prefix_cache.entries.values())
 
 
@@ -323,13 +324,13 @@ def test_the_prefix_cache_frees_a_searchs_steps_two_back_and_nothing_else():
     assert prefix.lookup((3,)) is None
     assert sorted(prefix.entries) == sorted([(1, 2), (1, 2, 7, 7, 7), (1, 2, 9, 9, 9, 9)])
     assert prefix.nbytes == sum(entry.nbytes for entry in prefix.entries.values())
-    # two searches of one prompt make the same entries: the one that inserted an entry last keeps it, freed neither
-    # by the other's later steps nor by its end (it needs it next step)
+    # two searches of one prompt make the same entries: each holds them, freed neither by the other's later steps
+    # nor by its end
     prefix.insert((4, 1), cache, None, tag=(10, 1))
     prefix.insert((4, 1), cache, None, tag=(11, 1))
     prefix.insert((4, 1, 1, 1), cache, None, tag=(10, 3))
     prefix.end_search(10)
-    assert prefix.lookup((4, 1, 5)) is prefix.entries[(4, 1)] and prefix.entries[(4, 1)].tag == (11, 1)
+    assert prefix.lookup((4, 1, 5)) is prefix.entries[(4, 1)] and prefix.entries[(4, 1)].searches == {11: 1}
 
 
 async def test_a_step_refused_by_a_full_server_waits_for_places(client, monkeypatch):
