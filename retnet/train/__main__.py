@@ -97,6 +97,12 @@ def _run_command(argv: list[str] | None) -> int:
             for problem in problems:
                 print(f"retnet-train: error: {problem}", file=sys.stderr)
             return EXIT_CONFIG if problems else EXIT_OK
+        try:
+            # torchrun's world size is every rank's, so its refusals (C or T not dividing it, a global batch that
+            # does not split) are the configuration's, printed once a node: met in the trainer, each rank printed
+            config.train.grad_accum_steps(int(os.environ.get("WORLD_SIZE", 1)))
+        except ConfigError as error:
+            return _config_error(error)
         trainer = Trainer(config)
         trainer.train()
         status = EXIT_OK

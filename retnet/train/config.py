@@ -320,6 +320,10 @@ class DataConfig(_Section):
             _refuse("data.mixture", "must be a table of sources, label -> {dataset = \"...\", weight = ...} or a "
                     "bare weight", self.mixture)
         default = next(f.default for f in dataclasses.fields(DataConfig) if f.name == "dataset")
+        if isinstance(self.dataset, str) and not self.dataset.strip():
+            # an empty data.dataset is refused without a mixture too, never read as unset
+            _refuse("data.dataset", "is empty; with data.mixture leave it out (each source names its own dataset: "
+                    "data.mixture.<label>.dataset)", self.dataset)
         if self.dataset != default:
             raise ConfigError(f"data.dataset and data.mixture cannot both be set: a mixture names each source's "
                               f"dataset (data.mixture.<label>.dataset); got data.dataset {self.dataset!r} and "
@@ -357,7 +361,7 @@ class DataConfig(_Section):
                         source.get("dataset"))
             weight = source.get("weight")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
-                _refuse(f"{key}.weight", "must be a number > 0 (the weights are normalized to shares)", weight)
+                _refuse(f"{key}.weight", "must be a finite number > 0 (the weights are normalized to shares)", weight)
             for name in ("name", "split", "text_field", "messages_field"):  # name may be absent, not empty
                 if name in source and (not isinstance(source[name], str) or not source[name]):
                     _refuse(f"{key}.{name}", "must be a non-empty string", source[name])
@@ -946,7 +950,10 @@ def preset_names() -> list[str]:
 def _read_toml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path).expanduser()
     if os.path.isfile(path):  # (Path.is_file raised OSError on a name longer than the OS takes)
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as error:  # (no read permission, an I/O error: a traceback before)
+            raise ConfigError(f"--config {name_or_path!r} cannot be read: {error.strerror or error}") from None
         # A Windows editor's UTF-8 starts with a byte-order mark, which tomllib refuses as an invalid statement
         bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
         try:
@@ -1105,7 +1112,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
             key, value = arg[2:].split("=", 1)
         else:
             if index + 1 >= len(args):
-                raise ConfigError(f"override {arg!r} has no value")
+                raise ConfigError(f"override {arg!r} has no value; write {arg}=VALUE (a boolean too: =true, not a "
+                                  f"bare flag)")
             key, value = arg[2:], args[index + 1]
             if value.startswith("--"):
                 # the value was forgotten (or a boolean written as a bare flag): taking the next override as the

@@ -25,8 +25,11 @@ def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> 
         value = getattr(obj, name)
         # an int is finite (math.isfinite would raise OverflowError on one beyond float's range); nan passes both
         # comparisons
-        if (isinstance(value, float) and not math.isfinite(value)) or value < 0 or (value == 0 and not allow_zero):
-            _refuse(f"{section}.{name}", "must be >= 0" if allow_zero else "must be > 0", value)
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not finite or value < 0 or (value == 0 and not allow_zero):
+            # "must be > 0; got inf" read as a contradiction: say finite where the value is not
+            _refuse(f"{section}.{name}", ("must be >= 0" if allow_zero else "must be > 0") + ("" if finite else
+                    " and finite"), value)
 
 
 class _Section:

@@ -329,14 +329,14 @@ def preference(**dpo) -> dict:
       for kind in ("hinge", "ipo", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop")],
     ({"loss_type": "robust", "label_smoothing": 0.5}, r"dpo.label_smoothing must be in \[0, 0.5\); got 0.5"),
     ({"loss_type": "discopop", "discopop_tau": 0.0}, r"dpo.discopop_tau must be > 0; got 0.0"),
-    ({"loss_type": "discopop", "discopop_tau": float("nan")}, r"dpo.discopop_tau must be > 0; got nan"),
+    ({"loss_type": "discopop", "discopop_tau": float("nan")}, r"dpo.discopop_tau must be > 0 and finite; got nan"),
     ({"discopop_tau": 0.1}, r"dpo.discopop_tau applies to dpo.loss_type 'discopop' only, not 'sigmoid'; got 0.1"),
     *[({"loss_type": kind, "reference_free": True},
        rf"dpo.reference_free applies to dpo.loss_type .* only: TRL's '{kind}' loss reads the reference model's "
        rf"log-probs even with reference_free.*; got True")
       for kind in ("nca_pair", "sppo_hard", "aot", "aot_pair", "discopop", "bco_pair")],
     ({"rpo_alpha": -1.0}, r"dpo.rpo_alpha must be >= 0; got -1.0"),
-    ({"rpo_alpha": float("inf")}, r"dpo.rpo_alpha must be >= 0; got inf"),
+    ({"rpo_alpha": float("inf")}, r"dpo.rpo_alpha must be >= 0 and finite; got inf"),
     ({"rpo_alpha": "one"}, r"dpo.rpo_alpha"),
 ])
 def test_bad_dpo_settings_are_refused_by_name(dpo, message):

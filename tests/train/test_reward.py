@@ -190,7 +190,7 @@ VALID = {"data": {"format": "preference", "dataset": "p.jsonl"}, "model": {"init
     ({**VALID, "reward": {"center_rewards_coefficient": 0.1}},
      r"reward.center_rewards_coefficient is set but reward.enabled is false.*; got 0.1"),
     ({**VALID, "reward": {"enabled": True, "center_rewards_coefficient": float("nan")}},
-     r"reward.center_rewards_coefficient must be >= 0; got nan"),
+     r"reward.center_rewards_coefficient must be >= 0 and finite; got nan"),
 ])
 def test_bad_reward_configs_are_refused_by_name(sections, message):
     with pytest.raises(ConfigError, match=message):

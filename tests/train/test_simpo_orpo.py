@@ -285,13 +285,13 @@ def preference(**dpo) -> dict:
     ({"loss_type": "orpo", "simpo_gamma": 1.0},
      r"dpo.simpo_gamma applies to dpo.loss_type 'simpo' only, not 'orpo'; got 1.0"),
     ({"loss_type": "simpo", "simpo_gamma": -0.5}, r"dpo.simpo_gamma must be >= 0; got -0.5"),
-    ({"loss_type": "simpo", "simpo_gamma": float("nan")}, r"dpo.simpo_gamma must be >= 0; got nan"),
+    ({"loss_type": "simpo", "simpo_gamma": float("nan")}, r"dpo.simpo_gamma must be >= 0 and finite; got nan"),
     ({"loss_type": "simpo", "simpo_gamma": "big"}, r"dpo.simpo_gamma"),
     ({"cpo_alpha": 1.0}, r"dpo.cpo_alpha applies to dpo.loss_type 'simpo' only, not 'sigmoid' \(RPO's "
      r"dpo.rpo_alpha adds the same NLL term to DPO's losses\); got 1.0"),
     ({"loss_type": "orpo", "cpo_alpha": 1.0}, r"dpo.cpo_alpha applies to dpo.loss_type 'simpo' only, not 'orpo'"),
     ({"loss_type": "simpo", "cpo_alpha": -1.0}, r"dpo.cpo_alpha must be >= 0; got -1.0"),
-    ({"loss_type": "simpo", "cpo_alpha": float("inf")}, r"dpo.cpo_alpha must be >= 0; got inf"),
+    ({"loss_type": "simpo", "cpo_alpha": float("inf")}, r"dpo.cpo_alpha must be >= 0 and finite; got inf"),
     ({"loss_type": "simpo", "beta": 0.0}, r"dpo.beta must be > 0; got 0.0"),
 ])
 def test_bad_simpo_orpo_settings_are_refused_by_name(dpo, message):
