@@ -104,6 +104,9 @@ _showwarning_before = None  # warnings.showwarning and logging.lastResort as the
 _last_resort_before: logging.Handler | None = None
 # warnings' own (writes to stderr): a program's replacement is left to show its warnings its way
 _DEFAULT_SHOWWARNING = getattr(warnings, "_showwarning_orig", warnings.showwarning)
+# ... and where it sends them: catch_warnings(record=True) (pytest.warns, pytest's own capture) swaps this one for a
+# list's append and leaves showwarning as warnings' own
+_DEFAULT_SHOWWARNMSG_IMPL = getattr(warnings, "_showwarnmsg_impl", None)
 
 
 def _bar_open() -> bool:
@@ -119,8 +122,10 @@ def _write_above_bars(text: str) -> None:
 
 def _showwarning_above_bars(message, category, filename, lineno, file=None, line=None) -> None:
     before = _showwarning_before or _DEFAULT_SHOWWARNING
-    # As before: a warning to a file of its own, none open, a program's own showwarning (logging.captureWarnings')
-    if file is not None or not _bar_open() or before is not _DEFAULT_SHOWWARNING:
+    # As before: a warning to a file of its own, none open, a program's own showwarning (logging.captureWarnings'),
+    # warnings being recorded
+    recording = getattr(warnings, "_showwarnmsg_impl", None) is not _DEFAULT_SHOWWARNMSG_IMPL
+    if file is not None or not _bar_open() or before is not _DEFAULT_SHOWWARNING or recording:
         before(message, category, filename, lineno, file, line)
         return
     _write_above_bars(warnings.formatwarning(message, category, filename, lineno, line))

@@ -64,3 +64,16 @@ def test_blocks_nest_and_the_last_restores_what_the_first_found():
     release.set()
     thread.join(10)
     assert warnings.showwarning is showwarning and logging.lastResort is last_resort
+
+
+def test_recorded_warnings_stay_recorded_with_a_bar_open():
+    # catch_warnings(record=True) (pytest.warns, a program's own) leaves showwarning as warnings' own and records
+    # through another hook: the warning was printed above the bar and never recorded ("DID NOT WARN")
+    from tqdm.auto import tqdm
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with warnings_above_bars(), tqdm(total=2, disable=False, file=sys.stderr) as bar:
+            bar.update(1)
+            warnings.warn("recorded, not printed", stacklevel=1)
+    assert [str(w.message) for w in caught] == ["recorded, not printed"]

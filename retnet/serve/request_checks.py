@@ -26,6 +26,15 @@ from retnet.serve.settings import ServeSettings, resolve_max_tokens
 
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # a logit_bias key
 _MAX_KEY_DIGITS = 20  # a longer one names no token of any vocabulary
+
+
+def _token_id(key: str) -> int | None:
+    """A logit_bias key's token id (a ``_TOKEN_ID_KEY``), None for one of more than ``_MAX_KEY_DIGITS`` digits past
+    its leading zeros: int() refuses over 4300 digits, leading zeros included (a ValueError: was a 500)."""
+    digits = key.lstrip("-").lstrip("0") or "0"
+    if len(digits) > _MAX_KEY_DIGITS:
+        return None
+    return -int(digits) if key.startswith("-") else int(digits)
 # Each bad word is tokenised (twice) for every request: bounded like the stop strings, with more room.
 MAX_BAD_WORDS = 64
 # apply_chat_template's own arguments: chat_template_kwargs holds the template's variables, not these (it may
@@ -184,13 +193,13 @@ class RequestChecks:
             # the client never named.
             if not _TOKEN_ID_KEY.fullmatch(key):
                 raise APIError(400, f"logit_bias: the keys must be token ids; got {key!r}", "logit_bias")
-            if len(key.lstrip("-0")) > _MAX_KEY_DIGITS:  # int() refuses over 4300 digits (a ValueError: was a 500)
+            token = _token_id(key)
+            if token is None:
                 raise APIError(400, f"logit_bias: token id {key[:_MAX_KEY_DIGITS]}... is out of the vocabulary (size "
                                f"{self.engine.vocab_size})", "logit_bias", "invalid_token_id")
-            token = int(key)
             # "5" and "05" both name token 5: one would silently override the other's bias.
             if token in bias:
-                named = next(k for k in request.logit_bias if k != key and int(k) == token)
+                named = next(k for k in request.logit_bias if k != key and _token_id(k) == token)
                 raise APIError(400, f"logit_bias: keys {named!r} and {key!r} both name token {token}", "logit_bias")
             if not 0 <= token < self.engine.vocab_size:
                 raise APIError(400, f"logit_bias: token id {token} is out of the vocabulary (size "

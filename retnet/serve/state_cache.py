@@ -96,6 +96,8 @@ class PrefixCache:
         (search, step) looking up one of its beams: a search's entry of the whole beam is its own from now, as if
         it had inserted it (another search of the same prompt made it first, and its end must not free it)."""
         self._drop_ended_searches()
+        if tag is not None:  # a step that prefills nothing (another search's states) inserts nothing to drop them
+            self._drop_stale_steps(tag)
         if not self.entries:
             return None
         tokens = tuple(tokens)

@@ -181,3 +181,33 @@ def test_ordinary_states_are_evicted_before_a_search_s():
     prefix.insert((9, 9, 9), cache, None, tag=(3, 1))  # past the allowance: the least recently used goes
     assert sorted(prefix.entries) == [(9, 9, 6), (9, 9, 7), (9, 9, 8), (9, 9, 9)]
     assert prefix.nbytes == 4 * one and prefix.evictions == 3
+
+
+def test_a_search_trailing_another_of_its_prompt_keeps_only_its_last_two_steps():
+    # Every step of the trailing search found its beams whole in the leading one's states, so it inserted nothing,
+    # and only an insert dropped a search's older steps: it held every step's states until it ended (76 here),
+    # evicting every ordinary entry first
+    import torch
+
+    from retnet.model import RetNetCache
+    from retnet.serve.state_cache import PrefixCache
+
+    class Config:
+        num_hidden_layers, num_attention_heads, head_dim, value_head_dim = 1, 1, 2, 2
+
+    cache, prefix = RetNetCache.zeros(Config, 1), PrefixCache(64, 1 << 30, search_entries=16, search_bytes=1 << 20)
+    prefix.insert((1, 2), cache, None)  # an ordinary prompt's
+    prompt, logits = (9, 9), torch.zeros(8)  # (a whole beam's hit needs the logits after it)
+
+    def beams(step):
+        return [prompt + (token,) * step for token in (3, 4)]
+
+    for step in range(1, 40):
+        for beam in beams(step):
+            prefix.insert(beam, cache, logits, tag=(1, step))  # the leading search's step
+        for beam in beams(step - 1) if step > 1 else []:
+            assert prefix.lookup(beam, tag=(2, step - 1)).tokens == beam  # the trailing one's: whole beams
+    prefix.end_search(1)
+    prefix.lookup((0,))
+    held = sorted(len(entry.tokens) for entry in prefix.entries.values() if entry.searches)
+    assert held == [2 + 37] * 2 + [2 + 38] * 2 and (1, 2) in prefix.entries

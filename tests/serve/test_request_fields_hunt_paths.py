@@ -95,8 +95,13 @@ async def test_a_logit_bias_key_of_thousands_of_digits_is_a_400(client):
         r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logit_bias": {key: 1}},
                               headers=KEY)
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_token_id", r.text
-    # Leading zeros name the token all the same
-    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logit_bias": {"0" * 30 + "5": 1}},
-                          headers=KEY)
-    assert r.status_code == 200, r.text
+    # Leading zeros name the token all the same, past int()'s 4300 digits too (a 500), and two names of one token
+    # are refused naming both
+    for zeros in (30, 5000):
+        r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1,
+                                                       "logit_bias": {"0" * zeros + "5": 1}}, headers=KEY)
+        assert r.status_code == 200, r.text
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1,
+                                                   "logit_bias": {"5": 1, "0" * 5000 + "5": 2}}, headers=KEY)
+    assert r.status_code == 400 and "both name token 5" in r.json()["error"]["message"], r.text
 
