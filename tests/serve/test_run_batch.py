@@ -216,3 +216,34 @@ def test_a_url_that_is_not_a_string_is_a_400_line_of_its_own():
     entries = parse_lines([*lines, line("ok", COMPLETIONS, {"prompt": "x"})], {COMPLETIONS, CHAT})
     assert [(e.error.status, e.error.param, e.error.code) for e in entries[:3]] == [(400, "url", "unsupported_url")] * 3
     assert entries[3].error is None
+
+
+async def test_an_output_that_fails_ends_the_run_there(open_app, monkeypatch):
+    """``-o - | head -1``: the write that fails (the reader gone) ends the run. The BrokenPipeError stayed in its
+    request's task until every line had been sent, so a file ran to its end for output nobody could read."""
+    from retnet.serve import run_batch as module
+
+    class ClosedAfterOneLine(io.StringIO):
+        def write(self, text):
+            if self.getvalue():
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    posted, post = [], module.post
+
+    async def counting(client, entry):
+        posted.append(entry.custom_id)
+        return await post(client, entry)
+
+    monkeypatch.setattr(module, "post", counting)
+    text = "\n".join(line(f"r{i}", COMPLETIONS, {"prompt": "x", "max_tokens": 2, **GREEDY}) for i in range(24))
+    async with open_app() as client:
+        entries = parse_lines(text.splitlines(), served_urls(client.app))
+        out = ClosedAfterOneLine()
+        with pytest.raises(BrokenPipeError):
+            await run_batch(client.app, entries, out, max_concurrency=2, progress=False)
+        # the engine serves on: the requests the early end cancelled freed their places
+        answer = await client.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2})
+    assert answer.status_code == 200
+    assert [json.loads(text)["custom_id"] for text in out.getvalue().splitlines()] == ["r0"]
+    assert len(posted) <= 4, posted  # the two in flight when the write failed, and at most the two after them
