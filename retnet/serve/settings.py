@@ -569,7 +569,8 @@ def parse_speculative_config(value) -> dict[str, Any] | None:
             out["revision"] = revision
         lookup = sorted(set(value) & {"prompt_lookup_max", "prompt_lookup_min"})
         if lookup:  # vLLM ignores them; here a flag that does nothing is refused
-            raise ValueError(f"{where}: {', '.join(lookup)} only apply to method 'ngram'; got method 'draft_model'")
+            raise ValueError(f"{where}: {' and '.join(lookup)} {'apply' if len(lookup) > 1 else 'applies'} only to "
+                             "method 'ngram'; got method 'draft_model'")
     else:
         for name in ("model", "revision"):
             if value.get(name) is not None:

@@ -348,8 +348,10 @@ def test_settings(model_dir, tmp_path):
         ({"method": "draft_model", "model": "", "num_speculative_tokens": 2}, "method 'draft_model' needs model"),
         ({"model": "x"}, "num_speculative_tokens is required"),
         ({"model": "x", "num_speculative_tokens": 0}, "num_speculative_tokens must be a whole number >= 1; got 0"),
-        ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "prompt_lookup_max only apply to "
-         "method 'ngram'"),
+        ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "prompt_lookup_max applies only "
+         "to method 'ngram'"),
+        ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 1},
+         "prompt_lookup_max and prompt_lookup_min apply only to method 'ngram'"),
         ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "model is only read by method "
          "'draft_model'"),
         ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "got 'eagle'"),
