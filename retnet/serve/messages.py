@@ -5,13 +5,14 @@ A request becomes a :class:`~retnet.serve.protocol.ChatCompletionRequest`: ``sys
 consecutive messages of one role one turn (as Anthropic combines them: their blocks in order, as one message's),
 each turn's text blocks its content, an assistant's ``tool_use`` blocks its ``tool_calls`` and a user's
 ``tool_result`` blocks ``tool`` messages; ``stop_sequences`` chat's ``stop``, ``tools`` (``input_schema``) and
-``tool_choice`` (auto / any / tool / none) chat's. A final assistant turn is continued (Anthropic's prefill).
-The chat handler runs it (templating, sampling, tool calls, cancellation are all its own), and its result, whole or
-chunk by chunk, is reshaped here as a Message or the Messages stream's events (``event: <type>`` / ``data: {json}``).
+``tool_choice`` (auto / any / tool / none) chat's, ``output_config.effort`` its ``reasoning_effort``. A final
+assistant turn is continued (Anthropic's prefill). The chat handler runs it (templating, sampling, tool calls,
+cancellation are all its own), and its result, whole or chunk by chunk, is reshaped here as a Message or the Messages
+stream's events (``event: <type>`` / ``data: {json}``).
 
 Every error on these routes is Anthropic's body, ``{"type": "error", "error": {"type", "message"}}`` (the app asks
 :func:`is_anthropic_route` which body a path gets). Image, document, thinking and the other block kinds, server tools
-and the fields that would change the output this server does not run (``thinking``, ``output_config`` ...) are
+and the fields that would change the output this server does not run (``thinking``, ``output_config.format`` ...) are
 refused by name, as are chat's own fields this API has no name for (``stop``, ``n`` ...); the chat route's sampling
 extras (``seed``, ``ignore_eos`` ...) are passed on; other fields (``metadata``, ``service_tier``, ``cache_control``
 ...) are ignored, as the chat route ignores unknown fields.
@@ -29,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from retnet.serve.protocol import (
+    REASONING_EFFORTS,
     APIError,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -134,11 +136,16 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
         refusal = not_run_unless_no_op((request.model_extra or {}).get(name), no_op)
         if refusal is not None:
             raise _unsupported(name, f"not supported by this server {refusal}")
-    # output_config's effort is a hint to a thinking model (none here); its format would hold the text to a schema
+    # output_config's format would hold the text to a schema; its effort is chat's reasoning_effort (a template
+    # variable), in count_tokens too: it may change the prompt
     output_config = (request.model_extra or {}).get("output_config") or {}
     if not isinstance(output_config, dict) or output_config.get("format") is not None:
         raise _unsupported("output_config.format", "structured output is not supported on this route (/v1/chat/"
                            "completions' response_format is)")
+    effort = output_config.get("effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise APIError(400, f"output_config.effort must be one of {', '.join(REASONING_EFFORTS)}; got "
+                       f"{json.dumps(effort)[:80]}", "output_config.effort", "invalid_value")
     check_finite_json(request.tools, "tools", "invalid_value")
     extras = {}
     if isinstance(request, MessagesRequest):
@@ -148,8 +155,9 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
             elif (name in ChatCompletionRequest.model_fields and name not in UNSUPPORTED_FIELDS
                   and name not in IGNORED_CHAT_FIELDS):
                 # chat would run it, and ignored here it would change the output silently
+                hint = {"stop": "; send stop_sequences", "reasoning_effort": "; send output_config.effort"}
                 raise _unsupported(name, "a chat completions parameter, not one of the Messages API"
-                                   + ("; send stop_sequences" if name == "stop" else ""))
+                                   + hint.get(name, ""))
         # stop_token_ids and min_tokens go with stop_sequences: the chat choice's stop_reason says which stop
         # sequence ended the answer (none for one min_tokens passed over, a stop token or EOS), and neither the
         # stop sequence nor a stop token's text is in the text (include_stop_str_in_output is not sent).
@@ -165,7 +173,7 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
                            "answer alone; end with a user message, or send tool_choice none, any or tool")
     body: dict[str, Any] = {
         "model": request.model, "messages": messages, "priority": request.priority,
-        "add_generation_prompt": not prefill, "continue_final_message": prefill, **tools,
+        "add_generation_prompt": not prefill, "continue_final_message": prefill, "reasoning_effort": effort, **tools,
     }
     if isinstance(request, MessagesRequest):
         stops = request.stop_sequences or []

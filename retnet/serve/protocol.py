@@ -20,7 +20,7 @@ import math
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -444,6 +444,7 @@ class ChatMessage(BaseModel):
 
 # OpenAI's reasoning_effort values, and vLLM's "max".
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+REASONING_EFFORTS: tuple[str, ...] = get_args(ReasoningEffort)
 
 
 def _effort_for_template(request: ChatCompletionRequest | TokenizeChatRequest):

@@ -2,8 +2,8 @@
 
 A request becomes a :class:`~retnet.serve.protocol.ChatCompletionRequest`: ``instructions`` a system message
 first, ``input`` (a string, or message / ``function_call`` / ``function_call_output`` items) the conversation,
-``max_output_tokens`` chat's ``max_completion_tokens``, ``text.format`` its ``response_format``, the function tools
-and ``tool_choice`` chat's. The chat handler runs it (templating, sampling, structured output, tool calls,
+``max_output_tokens`` chat's ``max_completion_tokens``, ``reasoning.effort`` its ``reasoning_effort``, ``text.format``
+its ``response_format``, the function tools and ``tool_choice`` chat's. The chat handler runs it (templating, sampling, structured output, tool calls,
 cancellation are all its own), and its result, whole or chunk by chunk, is reshaped here as a Response object or
 the Responses stream's events (``event: <type>`` / ``data: {json}``, each with its ``sequence_number``).
 
@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from retnet.serve.protocol import (
+    REASONING_EFFORTS,
     REQUEST_ID_MAX_CHARS,
     APIError,
     ChatCompletionRequest,
@@ -57,12 +58,15 @@ IGNORED_FIELDS = ("safety_identifier", "prompt_cache_key", "service_tier")
 # Responses features this server does not run, each with the value that changes nothing (what passes; null
 # always does).
 UNSUPPORTED_FIELDS: dict[str, Any] = {
-    "conversation": None, "prompt": None, "reasoning": None, "background": False,
+    "conversation": None, "prompt": None, "background": False,
     "include": [], "truncation": "disabled", "max_tool_calls": None, "top_logprobs": 0, "stream_options": None,
 }
 # Of those, the objects whose fields are all optional settings: one that sets none of them (``{}``, or its fields
 # all null, as a client's settings object with nothing set is sent) changes nothing, as null, and was refused.
-EMPTY_OBJECT_FIELDS = ("reasoning", "stream_options")
+EMPTY_OBJECT_FIELDS = ("stream_options",)
+# reasoning.summary's values (generate_summary: its older name). A summary of the reasoning apart from the answer: the
+# model has none apart from its text (as chat's include_reasoning), so any of them changes nothing.
+_SUMMARIES = ("auto", "concise", "detailed")
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text")
 _FORMATS = ("text", "json_object", "json_schema")
@@ -98,10 +102,11 @@ class ResponsesRequest(RequestFields):
     previous_response_id: str | None = None
     # vLLM's: the Response's id as sent (stored, streamed and continued by it); empty or left out: resp_<uuid>.
     request_id: str | None = Field(None, max_length=REQUEST_ID_MAX_CHARS)
+    # {"effort", "summary"}: checked by _reasoning_effort.
+    reasoning: Any = None
     # UNSUPPORTED_FIELDS: declared so that they are refused by name unless at their no-op value.
     conversation: Any = None
     prompt: Any = None
-    reasoning: Any = None
     background: Any = None
     include: Any = None
     truncation: Any = None
@@ -147,7 +152,7 @@ def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]]
         "stream": request.stream, "priority": request.priority,
         "stream_options": {"include_usage": True} if request.stream else None,
         "response_format": _response_format(request.text), "parallel_tool_calls": request.parallel_tool_calls,
-        **_tools(request), **extras,
+        "reasoning_effort": _reasoning_effort(request.reasoning), **_tools(request), **extras,
     }
     try:
         return ChatCompletionRequest.model_validate(body), origins
@@ -156,6 +161,31 @@ def to_chat_request(request: ResponsesRequest, history: Sequence[dict[str, Any]]
         param = str(error["loc"][0]) if error["loc"] else None
         raise APIError(400, f"{param}: {error['msg']} (got {repr(error.get('input'))[:80]})", param,
                        error["type"]) from None
+
+
+def _reasoning_effort(reasoning: Any) -> str | None:
+    """``reasoning.effort``, which vLLM reads as chat's ``reasoning_effort`` (a chat template variable); a summary is
+    accepted (there is none to give), any other setting refused by name."""
+    if reasoning is None:
+        return None
+    if not isinstance(reasoning, dict):
+        raise APIError(400, f"reasoning must be an object; got {json.dumps(reasoning)[:80]}", "reasoning",
+                       "invalid_type")
+    for key, value in reasoning.items():
+        if value is None:
+            continue
+        if key in ("summary", "generate_summary"):
+            if value not in _SUMMARIES:
+                raise APIError(400, f"reasoning.{key} must be one of {', '.join(_SUMMARIES)}; got "
+                               f"{json.dumps(value)[:80]}", f"reasoning.{key}", "invalid_value")
+        elif key != "effort":
+            raise _unsupported(f"reasoning.{key}", f"not supported by this server (only effort and summary are); got "
+                               f"{json.dumps(value)[:80]}")
+    effort = reasoning.get("effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise APIError(400, f"reasoning.effort must be one of {', '.join(REASONING_EFFORTS)}; got "
+                       f"{json.dumps(effort)[:80]}", "reasoning.effort", "invalid_value")
+    return effort
 
 
 def _messages(request: ResponsesRequest, history: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -493,6 +523,13 @@ def _call_item(call_id: str, name: str, arguments: str, status: str) -> dict[str
             "status": status}
 
 
+def _reasoning_echo(reasoning: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The Response's ``reasoning``: the request's settings (checked by :func:`_reasoning_effort`), as OpenAI's."""
+    if reasoning is None:
+        return None
+    return {"effort": reasoning.get("effort"), "summary": reasoning.get("summary", reasoning.get("generate_summary"))}
+
+
 class _Shape:
     """The Response object of one request: its id, creation time and the request's settings it echoes."""
 
@@ -510,7 +547,8 @@ class _Shape:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": r.instructions, "max_output_tokens": r.max_output_tokens, "model": self.model,
             "output": copy.deepcopy(output), "parallel_tool_calls": r.parallel_tool_calls,
-            "previous_response_id": r.previous_response_id, "reasoning": None, "temperature": self.temperature,
+            "previous_response_id": r.previous_response_id, "reasoning": _reasoning_echo(r.reasoning),
+            "temperature": self.temperature,
             "text": {"format": (r.text or {}).get("format") or {"type": "text"}},
             "tool_choice": r.tool_choice or "auto",
             "tools": r.tools or [], "top_p": self.top_p, "truncation": "disabled", "usage": usage,

@@ -950,6 +950,8 @@ class OpenAIServing:
             try:
                 return self.engine.submit(beams, step_params, 1, adapter=adapter, priority=priority)
             except EngineUnavailable as exc:
+                if self.engine.dead is not None:  # died between two steps: failed, as a step in flight is
+                    raise APIError(503, self.engine.dead, None, "engine_failure", type="server_error") from exc
                 raise self.refused(exc) from exc  # (QueueFull: the search waits for places, BeamSearch._step)
             except ValueError as exc:  # its LoRA adapter was unloaded (or replaced) while it searched
                 raise APIError(404, f"the beam search stopped: {exc}", "model", "model_not_found") from exc

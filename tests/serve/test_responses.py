@@ -177,7 +177,7 @@ async def test_a_streamed_text_message_opens_fills_and_closes_its_part(client):
     ({"previous_response_id": 5}, "previous_response_id", None),
     ({"background": True}, "background", "unsupported_parameter"),
     ({"include": ["message.output_text.logprobs"]}, "include", "unsupported_parameter"),
-    ({"reasoning": {"effort": "low"}}, "reasoning", "unsupported_parameter"),
+    ({"reasoning": {"effort": "low", "budget_tokens": 5}}, "reasoning.budget_tokens", "unsupported_parameter"),
     ({"conversation": "conv_1"}, "conversation", "unsupported_parameter"),
     ({"truncation": "auto"}, "truncation", "unsupported_parameter"),
     ({"n": 2}, "n", "unsupported_parameter"),

@@ -20,8 +20,8 @@ def test_a_responses_setting_object_that_sets_nothing_is_taken_as_null():
         chat, _ = to_chat_request(ResponsesRequest.model_validate({"input": "hi", field: value}))
         assert chat.messages[0].content == "hi"
     with pytest.raises(APIError) as refused:
-        to_chat_request(ResponsesRequest.model_validate({"input": "hi", "reasoning": {"effort": "high"}}))
-    assert (refused.value.status, refused.value.param, refused.value.code) == (400, "reasoning",
+        to_chat_request(ResponsesRequest.model_validate({"input": "hi", "stream_options": {"include_usage": True}}))
+    assert (refused.value.status, refused.value.param, refused.value.code) == (400, "stream_options",
                                                                               "unsupported_parameter")
 
 
