@@ -297,43 +297,44 @@ async def run_batch(app, entries: list[BatchLine], out: IO[str], max_concurrency
         bar.set_postfix_str(f"{summary.completion_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
         bar.update()
 
-    # A write that failed (the reader of `-o -` gone, a full disk) ends the run at once: raised only by gather
-    # after the last line was sent, it let every line of the file run to the end for output nobody could read.
-    write_failed: list[OSError] = []
+    # A line that failed (its output's write: the reader of `-o -` gone, a full disk; or anything else raised) ends
+    # the run at once: raised only by gather after the last line was sent, it let every line of the file run to the
+    # end for output nobody could read, the later answers held in the writer's memory.
+    failed: list[Exception] = []
 
     async def run_one(client, index: int, entry: BatchLine) -> None:
         try:
-            answer = await post(client, entry)
-            try:
-                done(index, entry, *answer)
-            except OSError as exc:
-                write_failed.append(exc)
+            done(index, entry, *await post(client, entry))
+        except Exception as exc:
+            failed.append(exc)
         finally:
             slots.release()
 
-    async with httpx.AsyncClient(transport=transport, base_url="http://run-batch", headers=headers,
-                                 timeout=None) as client:
-        tasks = []
-        try:
-            for index, entry in enumerate(entries):
-                if entry.error is not None:
-                    done(index, entry, entry.error.status, entry.error.body())
-                    continue
-                await slots.acquire()  # bounded in flight: the engine batches these, the rest wait here
-                if write_failed:
-                    break
-                tasks.append(asyncio.create_task(run_one(client, index, entry)))
-            for task in asyncio.as_completed(tasks):
-                await task
-                if write_failed:
-                    break
-        finally:
-            for task in tasks:
-                task.cancel()  # the requests still running, when the run ends early (their engine slots freed)
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if write_failed:
-            raise write_failed[0]
-    bar.close()
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://run-batch", headers=headers,
+                                     timeout=None) as client:
+            tasks = []
+            try:
+                for index, entry in enumerate(entries):
+                    if entry.error is not None:
+                        done(index, entry, entry.error.status, entry.error.body())
+                        continue
+                    await slots.acquire()  # bounded in flight: the engine batches these, the rest wait here
+                    if failed:
+                        break
+                    tasks.append(asyncio.create_task(run_one(client, index, entry)))
+                for task in asyncio.as_completed(tasks):
+                    await task
+                    if failed:
+                        break
+            finally:
+                for task in tasks:
+                    task.cancel()  # the requests still running, when the run ends early (their engine slots freed)
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if failed:
+                raise failed[0]
+    finally:
+        bar.close()  # (left open, the command's error line went on the bar's, and the bar drew again below it)
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -83,6 +83,9 @@ class PrefixCache:
         self.evictions = 0  # entries evicted to stay within the bounds (not those of an adapter unloaded)
         # Beam searches ended (end_search, from the event loop), whose steps' entries the scheduler thread frees.
         self.ended_searches: deque[int] = deque()
+        # A running search's step whose older steps' entries were dropped (_drop_stale_steps): each beam's lookup and
+        # insert of the step asked again, two passes over every entry each.
+        self.dropped_before: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -160,6 +163,9 @@ class PrefixCache:
         the states of the one before it, never from older ones. Kept, a search left ``n`` states a step, and one
         70-token search pushed every other prompt's entry out of the LRU."""
         search, step = tag
+        if self.dropped_before.get(search) == step:  # done already for this step (a lookup and insert a beam)
+            return
+        self.dropped_before[search] = step
         self._release(lambda searches: {search} if searches.get(search, step) <= step - 2 else set())
 
     def end_search(self, search: int) -> None:
@@ -176,6 +182,8 @@ class PrefixCache:
         ended = set()
         while self.ended_searches:
             ended.add(self.ended_searches.popleft())
+        for search in ended:
+            self.dropped_before.pop(search, None)
         self._release(lambda searches: ended.intersection(searches))
 
     def _release(self, released: Callable[[dict[int, int]], set[int]]) -> None:

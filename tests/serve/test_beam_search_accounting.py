@@ -211,3 +211,25 @@ def test_a_search_trailing_another_of_its_prompt_keeps_only_its_last_two_steps()
     prefix.lookup((0,))
     held = sorted(len(entry.tokens) for entry in prefix.entries.values() if entry.searches)
     assert held == [2 + 37] * 2 + [2 + 38] * 2 and (1, 2) in prefix.entries
+
+
+def test_a_search_s_older_steps_are_dropped_once_a_step(monkeypatch):
+    # each beam's lookup and insert passed over every entry twice to drop what the first beam's had dropped already
+    from retnet.model import RetNetCache
+    from retnet.serve.state_cache import PrefixCache
+
+    class Config:
+        num_hidden_layers, num_attention_heads, head_dim, value_head_dim = 1, 1, 2, 2
+
+    cache, prefix = RetNetCache.zeros(Config, 1), PrefixCache(64, 1 << 30)
+    passes = []
+    release = PrefixCache._release
+    monkeypatch.setattr(PrefixCache, "_release", lambda self, released: passes.append(1) or release(self, released))
+    for step in (1, 2, 3):
+        for token in range(4):
+            prefix.lookup((9,) + (token,) * step, tag=(7, step))
+            prefix.insert((9,) + (token,) * step, cache, None, tag=(7, step))
+    assert len(passes) == 3 and sorted(len(entry.tokens) for entry in prefix.entries.values()) == [3] * 4 + [4] * 4
+    prefix.end_search(7)
+    prefix.lookup((1,))
+    assert not prefix.entries and not prefix.dropped_before

@@ -247,3 +247,33 @@ async def test_an_output_that_fails_ends_the_run_there(open_app, monkeypatch):
     assert answer.status_code == 200
     assert [json.loads(text)["custom_id"] for text in out.getvalue().splitlines()] == ["r0"]
     assert len(posted) <= 4, posted  # the two in flight when the write failed, and at most the two after them
+
+
+async def test_any_line_that_raises_ends_the_run_there_and_closes_the_bar(open_app, monkeypatch):
+    """Not only a failed write: anything a line raises ends the run at once (it ran the whole file first, the later
+    answers held in memory), and the progress bar is closed on the way out (the command's error line went on the
+    bar's, which then drew itself again below it)."""
+    from tqdm import tqdm
+
+    from retnet.serve import run_batch as module
+
+    posted, post, output_line = [], module.post, module.output_line
+
+    async def counting(client, entry):
+        posted.append(entry.custom_id)
+        return await post(client, entry)
+
+    def failing(entry, status, body):
+        if entry.custom_id == "r1":
+            raise RuntimeError("a line's own failure")
+        return output_line(entry, status, body)
+
+    monkeypatch.setattr(module, "post", counting)
+    monkeypatch.setattr(module, "output_line", failing)
+    text = "\n".join(line(f"r{i}", COMPLETIONS, {"prompt": "x", "max_tokens": 2, **GREEDY}) for i in range(24))
+    async with open_app() as client:
+        entries = parse_lines(text.splitlines(), served_urls(client.app))
+        with pytest.raises(RuntimeError, match="a line's own failure"):
+            await run_batch(client.app, entries, io.StringIO(), max_concurrency=2, progress=True)
+    assert len(posted) <= 5, posted
+    assert not [bar for bar in tqdm._instances if bar.desc == "run_batch"]
