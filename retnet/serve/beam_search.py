@@ -181,7 +181,7 @@ class BeamSearch:
     # Called with search_id once the search has ended and no step of it runs: its entries can go
     # (PrefixCache.end_search).
     ended: Callable[[int], None] | None = None
-    # The metrics (the engine's, from the first step's handle) the search counts itself in, once, as an ordinary
+    # The metrics (the engine's) the search counts itself in, once, as an ordinary
     # request of ``prompts × width`` choices: the engine counts none of its steps, which were each a request of
     # every beam, their prompts and their one token counted again a step (an n=4 search of 5 tokens and a 9-token
     # prompt counted 17 sequences, 193 prompt tokens and 17 generated ones). None once counted.
@@ -192,7 +192,6 @@ class BeamSearch:
         result = BeamSearchHandle(asyncio.get_running_loop(), len(self.prompts) * self.width)
         result.prompt_tokens = first.prompt_tokens
         result.arrival = first.arrival
-        self.metrics = first.metrics
         if self.metrics is not None:
             self.metrics.submitted.inc(result.num_choices)
             self.metrics.prompt_tokens.inc(result.prompt_tokens)

@@ -264,8 +264,7 @@ class Engine(ModelThread):
                 bisect.insort(self.waiting, group, key=_group_rank)
             self.in_system += handle.num_choices
             if params.beam_step:
-                self.beam_steps_in_system += handle.num_choices
-                handle.metrics = self.metrics  # the search's to count itself in
+                self.beam_steps_in_system += handle.num_choices  # (the search counts itself: BeamSearch.metrics)
             else:
                 self.metrics.submitted.inc(handle.num_choices)
                 self.metrics.prompt_tokens.inc(handle.prompt_tokens)

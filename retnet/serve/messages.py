@@ -30,7 +30,6 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from retnet.serve.protocol import (
-    REASONING_EFFORTS,
     APIError,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -38,6 +37,7 @@ from retnet.serve.protocol import (
     TokenizeChatRequest,
     _refuse_bool_number,
     check_finite_json,
+    checked_effort,
     not_run_unless_no_op,
 )
 from retnet.serve.responses import CHAT_EXTRAS, required_string
@@ -142,10 +142,7 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
     if not isinstance(output_config, dict) or output_config.get("format") is not None:
         raise _unsupported("output_config.format", "structured output is not supported on this route (/v1/chat/"
                            "completions' response_format is)")
-    effort = output_config.get("effort")
-    if effort is not None and effort not in REASONING_EFFORTS:
-        raise APIError(400, f"output_config.effort must be one of {', '.join(REASONING_EFFORTS)}; got "
-                       f"{json.dumps(effort)[:80]}", "output_config.effort", "invalid_value")
+    effort = checked_effort(output_config.get("effort"), "output_config.effort")
     check_finite_json(request.tools, "tools", "invalid_value")
     extras = {}
     if isinstance(request, MessagesRequest):

@@ -447,6 +447,15 @@ ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "
 REASONING_EFFORTS: tuple[str, ...] = get_args(ReasoningEffort)
 
 
+def checked_effort(effort: Any, param: str) -> str | None:
+    """A reasoning effort the Responses and Messages APIs name their own way (``reasoning.effort``,
+    ``output_config.effort``), checked as chat's ``reasoning_effort`` is, the 400 naming theirs."""
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise APIError(400, f"{param} must be one of {', '.join(REASONING_EFFORTS)}; got {json.dumps(effort)[:80]}",
+                       param, "invalid_value")
+    return effort
+
+
 def _effort_for_template(request: ChatCompletionRequest | TokenizeChatRequest):
     """vLLM's ``reasoning_effort``: a chat template variable (gpt-oss's template reads it) and the
     ``enable_thinking`` it implies ("none": off); a value ``chat_template_kwargs`` sets itself wins, as it does over

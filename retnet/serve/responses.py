@@ -34,7 +34,6 @@ from pydantic import (
 )
 
 from retnet.serve.protocol import (
-    REASONING_EFFORTS,
     REQUEST_ID_MAX_CHARS,
     APIError,
     ChatCompletionRequest,
@@ -42,6 +41,7 @@ from retnet.serve.protocol import (
     RequestFields,
     _refuse_bool_number,
     check_finite_json,
+    checked_effort,
     not_run_unless_no_op,
 )
 from retnet.serve.response_store import ResponseStore
@@ -181,11 +181,7 @@ def _reasoning_effort(reasoning: Any) -> str | None:
         elif key != "effort":
             raise _unsupported(f"reasoning.{key}", f"not supported by this server (only effort and summary are); got "
                                f"{json.dumps(value)[:80]}")
-    effort = reasoning.get("effort")
-    if effort is not None and effort not in REASONING_EFFORTS:
-        raise APIError(400, f"reasoning.effort must be one of {', '.join(REASONING_EFFORTS)}; got "
-                       f"{json.dumps(effort)[:80]}", "reasoning.effort", "invalid_value")
-    return effort
+    return checked_effort(reasoning.get("effort"), "reasoning.effort")
 
 
 def _messages(request: ResponsesRequest, history: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -22,9 +22,6 @@ from retnet.serve.detokenize import IncrementalDetokenizer, StopStrings
 from retnet.serve.sampling import RowSampler, SamplingParams
 from retnet.serve.speculative import DraftState, NgramIndex, PromptNgrams
 from retnet.serve.state_cache import Session
-
-if TYPE_CHECKING:
-    from retnet.serve.metrics import ServeMetrics
 
 
 class EngineUnavailable(Exception):
@@ -154,8 +151,6 @@ class RequestHandle:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.session_tokens = 0
-        # A beam search's first step's: the metrics the search counts itself in, as the engine counts no step of it.
-        self.metrics: ServeMetrics | None = None
 
     def cancel(self) -> None:
         """Stop generating (the client left); the scheduler drops the sequences at its next iteration."""

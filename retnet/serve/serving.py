@@ -970,7 +970,7 @@ class OpenAIServing:
         search = BeamSearch(prompts, width, params.max_tokens, request.length_penalty,
                             frozenset() if params.ignore_eos else frozenset(self.engine.eos_ids),
                             self.engine.primary_eos, params.logprobs, params.include_stop_str_in_output, step, submit,
-                            text, ended=self.engine.prefix_cache.end_search)
+                            text, ended=self.engine.prefix_cache.end_search, metrics=self.metrics)
         return search.start(first)
 
     def refused(self, exc: QueueFull | EngineUnavailable) -> APIError:
