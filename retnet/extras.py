@@ -104,12 +104,9 @@ _showwarning_before = None  # warnings.showwarning and logging.lastResort as the
 _last_resort_before: logging.Handler | None = None
 # warnings' own (writes to stderr): a program's replacement is left to show its warnings its way
 _DEFAULT_SHOWWARNING = getattr(warnings, "_showwarning_orig", warnings.showwarning)
-# ... and where it sends them: catch_warnings(record=True) (pytest.warns, pytest's own capture) swaps this one for a
-# list's append and leaves showwarning as warnings' own
-_DEFAULT_SHOWWARNMSG_IMPL = getattr(warnings, "_showwarnmsg_impl", None)
 
 
-def _bar_open() -> bool:
+def bar_open() -> bool:
     """A tqdm bar is drawn now (without tqdm imported none is)."""
     module = sys.modules.get("tqdm")
     return module is not None and bool(getattr(module.tqdm, "_instances", None))
@@ -120,12 +117,24 @@ def _write_above_bars(text: str) -> None:
     sys.modules["tqdm"].tqdm.write(text.rstrip("\n"), file=sys.stderr)
 
 
+def emit_above_bars(handler: logging.Handler, record: logging.LogRecord) -> None:
+    """``handler``'s record written above the open bars (:func:`bar_open`), as a handler's emit fails."""
+    try:
+        _write_above_bars(handler.format(record))
+    except RecursionError:
+        raise
+    except Exception:
+        handler.handleError(record)
+
+
 def _showwarning_above_bars(message, category, filename, lineno, file=None, line=None) -> None:
     before = _showwarning_before or _DEFAULT_SHOWWARNING
     # As before: a warning to a file of its own, none open, a program's own showwarning (logging.captureWarnings'),
     # warnings being recorded
-    recording = getattr(warnings, "_showwarnmsg_impl", None) is not _DEFAULT_SHOWWARNMSG_IMPL
-    if file is not None or not _bar_open() or before is not _DEFAULT_SHOWWARNING or recording:
+    # (catch_warnings(record=True), pytest.warns and pytest's own capture: warnings' showwarning, and its
+    # _showwarnmsg_impl a list's append)
+    recording = isinstance(getattr(getattr(warnings, "_showwarnmsg_impl", None), "__self__", None), list)
+    if file is not None or not bar_open() or before is not _DEFAULT_SHOWWARNING or recording:
         before(message, category, filename, lineno, file, line)
         return
     _write_above_bars(warnings.formatwarning(message, category, filename, lineno, line))
@@ -139,17 +148,12 @@ class _LastResortAboveBars(logging.Handler):
         self.before = before
 
     def handle(self, record: logging.LogRecord) -> bool:
-        if not _bar_open():
+        if not bar_open():
             return self.before.handle(record)
         return super().handle(record)
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            _write_above_bars(self.format(record))
-        except RecursionError:
-            raise
-        except Exception:
-            self.handleError(record)
+        emit_above_bars(self, record)
 
 
 @contextlib.contextmanager

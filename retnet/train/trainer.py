@@ -70,7 +70,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from retnet.extras import warnings_above_bars
+from retnet.extras import bar_open, emit_above_bars, warnings_above_bars
 from retnet.train.chat import target_count
 from retnet.train.checkpoint import (
     CheckpointError,
@@ -1878,19 +1878,11 @@ class _CurrentStderrHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         # Written as is, a record went on the line of an open progress bar (after its "tok_s=536]"), and the bar's
-        # next frame over it; tqdm.write takes the bars off the terminal, writes the line and draws them again.
-        # Without tqdm imported no bar is open.
-        auto = sys.modules.get("tqdm.auto")
-        if auto is None:
+        # next frame over it.
+        if bar_open():
+            emit_above_bars(self, record)
+        else:
             super().emit(record)
-            return
-        try:
-            auto.tqdm.write(self.format(record), file=self.stream)
-            self.flush()
-        except RecursionError:
-            raise
-        except Exception:
-            self.handleError(record)
 
 
 def make_output_dir(output_dir: Path, *, create: bool = True) -> None:
