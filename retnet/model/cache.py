@@ -234,12 +234,16 @@ class RetNetCache:
         """Bytes this cache holds (states and offsets): constant in the context length."""
         return sum(t.numel() * t.element_size() for t in (*self.states, self.offsets) if t is not None)
 
-    def to(self, device: torch.device | str) -> RetNetCache:
+    def to(self, device: torch.device | str | None = None, *, dtype: torch.dtype | None = None) -> RetNetCache:
         """Move the cache to ``device``, in place. Only a device: the states are fp32 whatever the model's dtype,
         and the offsets count tokens (``to(torch.bfloat16)`` made them bf16, where 300 + 1 is 300)."""
+        if dtype is not None:  # (refused as the positional one is, not with Python's unexpected-keyword TypeError)
+            device = dtype
         if isinstance(device, torch.dtype):
             raise ValueError(f"RetNetCache.to takes a device, not a dtype; got {device} (the states stay float32 "
                              "for a model of any dtype, and the offsets int64)")
+        if device is None:
+            return self
         self.states = [None if s is None else s.to(device) for s in self.states]
         self.offsets = None if self.offsets is None else self.offsets.to(device)
         if self.snapshot is not None:

@@ -33,6 +33,9 @@ def test_cache_to_a_dtype_is_refused_by_name(model_factory):
         cache = model(torch.randint(2, 101, (1, 4)), use_cache=True).past_key_values
     with pytest.raises(ValueError, match=r"RetNetCache\.to takes a device, not a dtype"):
         cache.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"RetNetCache\.to takes a device, not a dtype"):
+        cache.to(dtype=torch.bfloat16)  # (was Python's unexpected-keyword TypeError)
+    assert cache.to() is cache
     assert cache.offsets.dtype == torch.int64 and all(s.dtype == torch.float32 for s in cache.states)
     assert cache.to("cpu") is cache
 
