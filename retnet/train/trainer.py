@@ -1749,7 +1749,7 @@ class Trainer:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        self._progress_hooks.close()
+            self._progress_hooks.close()  # (entered with the bar)
 
     def close(self) -> None:
         for sig, handler in self._previous_handlers.items():
