@@ -1207,9 +1207,9 @@ class Trainer:
             trainer = load_checkpoint_trainer(path)
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             model_state = self._checkpointed(model_state)
-            former = _former_scalar_slots(saved_shapes, model_state, optim_state)
+            slots = _former_scalar_slots(saved_shapes, model_state, optim_state)
             load_sharded_state(path, model_state, optim_state, distributed=is_distributed())
-            for entries, key, template in former:
+            for entries, key, template in slots:
                 entries[key] = _like(entries[key].reshape(1), template)
             set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                            options=StateDictOptions(strict=not self.adapters_only))
@@ -1270,8 +1270,9 @@ class Trainer:
         valid, the config changed. Returns the keys it holds 0-dim that now are ``[1]`` (``_former_scalar``)."""
         # DTensor: global shape. Adapters only: the checkpoint holds those, the rest comes from init_from.
         expected = {k: list(v.shape) for k, v in self._checkpointed(self.raw_model.state_dict()).items()}
+        former = {k for k, shape in expected.items() if k in got and _former_scalar(k, got[k], shape)}
         problems = [f"{k}: checkpoint {got[k]}, model {shape}" for k, shape in expected.items()
-                    if k in got and got[k] != shape and not _former_scalar(k, got[k], shape)]
+                    if k in got and got[k] != shape and k not in former]
         missing, unexpected = [k for k in expected if k not in got], [k for k in got if k not in expected]
         if missing:
             problems.append(f"missing from the checkpoint: {', '.join(missing[:3])}"
@@ -1285,7 +1286,7 @@ class Trainer:
                 f"checkpoint {str(path)!r} does not fit the configured model: {'; '.join(shown)}. The model "
                 f"settings differ from those it was saved with (its trainer.pt holds its config): resume with "
                 f"those, or start in another train.output_dir")
-        return {k for k, shape in expected.items() if k in got and _former_scalar(k, got[k], shape)}
+        return former
 
     # -- loop --------------------------------------------------------------------------------------------
     def _set_grad_sync(self, sync: bool) -> None:
