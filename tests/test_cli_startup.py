@@ -8,6 +8,7 @@ runs a fresh interpreter, started as the console script (its name in ``sys.argv[
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,23 @@ def test_every_console_script_is_its_one_line_and_status_130_on_a_ctrl_c_in_torc
         process = subprocess.run([sys.executable, "-c", _CTRL_C_IN_TORCH, script, json.dumps(args)], cwd=REPO,
                                  capture_output=True, text=True, timeout=120)
         assert (process.returncode, process.stderr) == (130, f"{script}: interrupted\n"), script
+
+
+def test_python_dash_m_evaluate_is_retnet_evals_script_on_a_ctrl_c_in_torchs_import(tmp_path):
+    """``python -m retnet.train.evaluate`` (the README's other name of retnet-eval) imported torch at its top, outside
+    the script's Ctrl-C guard: a Ctrl-C in that second was a KeyboardInterrupt traceback, not retnet-eval's line."""
+    # (a sitecustomize runs at the interpreter's start, before `-m` finds the module)
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class CtrlCInTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlCInTorch())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    process = subprocess.run([sys.executable, "-m", "retnet.train.evaluate", "--model", "some/model"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert (process.returncode, process.stderr) == (130, "retnet-eval: interrupted\n")
+    help_run = subprocess.run([sys.executable, "-m", "retnet.train.evaluate", "--help"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    assert help_run.returncode == 0 and help_run.stdout.startswith("usage: retnet-eval "), help_run.stderr[-2000:]

@@ -74,9 +74,13 @@ def _run_command(argv: list[str] | None) -> int:
     import retnet
     from retnet.extras import missing_extra
     from retnet.train.config import ConfigError, check_config, load_config  # (neither imports torch)
+    from retnet.train.config_base import launch_env_int
 
     try:
-        # before torch and transformers are imported (~5 s): a mistyped key or value is refused at once
+        # before torch and transformers are imported (~5 s): a mistyped key or value is refused at once, and so is
+        # a launcher's variable that is no count (the trainer reads them once torch is imported)
+        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            launch_env_int(name, 0)
         check_config(args.config, overrides)
     except ConfigError as error:
         return _config_error(error)
@@ -100,7 +104,7 @@ def _run_command(argv: list[str] | None) -> int:
         try:
             # torchrun's world size is every rank's, so its refusals (C or T not dividing it, a global batch that
             # does not split) are the configuration's, printed once a node: met in the trainer, each rank printed
-            config.train.grad_accum_steps(int(os.environ.get("WORLD_SIZE", 1)))
+            config.train.grad_accum_steps(launch_env_int("WORLD_SIZE", 1))
         except ConfigError as error:
             return _config_error(error)
         trainer = Trainer(config)

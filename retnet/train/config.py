@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
+from retnet.train.config_base import ConfigError, _positive, _refuse, _Section, launch_env_int
 from retnet.train.config_tuning import (
     LORA_TARGETS,
     DistillConfig,
@@ -727,7 +727,7 @@ def _check_context_parallel(job: JobConfig) -> None:
     if job.data.format == "prompts":
         # torchrun sets WORLD_SIZE before the process starts: the split is known before the data is read. Every
         # piece (a tensor-parallel group's ranks together) samples a share of its group's prompts.
-        samplers = max(int(os.environ.get("WORLD_SIZE", "1") or 1) // job.train.tensor_parallel, size)
+        samplers = max(launch_env_int("WORLD_SIZE", 1) // job.train.tensor_parallel, size)
         if job.train.global_batch_size % (generations * samplers):
             _refuse("train.global_batch_size", f"(completions per step) must split into whole groups of "
                     f"grpo.num_generations ({generations}) on each of the {samplers} pieces sampling them "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from typing import Any
 
@@ -32,6 +33,24 @@ def _positive(section: str, obj: Any, *names: str, allow_zero: bool = False) -> 
                     " and finite"), value)
 
 
+def launch_env_int(name: str, default: int) -> int:
+    """The integer of a launcher's variable (torchrun's ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE``), ``default`` where it is unset or empty (as torch's own ``env://`` start reads an empty
+    one: not set); ConfigError naming it for another value (``WORLD_SIZE=two`` was int()'s traceback)."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    least = 1 if name.endswith("WORLD_SIZE") else 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise ConfigError(f"environment variable {name} must be an integer >= {least} (as torchrun sets it), or unset "
+                          f"for a single process; got {text!r}")
+    return value
+
+
 class _Section:
     """``to_dict()`` for logging and checkpoints (a plain, JSON-able dict)."""
 
@@ -41,4 +60,4 @@ class _Section:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "launch_env_int"]

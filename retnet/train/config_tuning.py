@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retnet.train.config_base import ConfigError, _positive, _refuse, _Section
+from retnet.train.config_base import ConfigError, _positive, _refuse, _Section, launch_env_int
 
 if TYPE_CHECKING:
     from retnet.train.config import JobConfig
@@ -680,7 +680,7 @@ def _check_grpo(job: JobConfig) -> None:
                 f"{' (set)' if grpo.reward_model else ' (unset)'}), or none for 1 each", grpo.reward_weights)
     # torchrun sets WORLD_SIZE before the process starts: the split is known now, before the data is read. Under
     # tensor parallelism the prompts are dealt to the data-parallel ranks (a group's ranks sample the same ones).
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = launch_env_int("WORLD_SIZE", 1)
     ranks = max(world // job.train.group_size, 1)  # (a world the group does not divide is refused at start-up)
     what = "rank(s)" if ranks == world else f"data-parallel ranks (world {world} / train.tensor_parallel " \
                                              f"{job.train.tensor_parallel})"

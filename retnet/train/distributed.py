@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from retnet.train.config import ConfigError
+from retnet.train.config_base import launch_env_int
 
 
 def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
@@ -20,8 +21,8 @@ def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
         device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = launch_env_int("RANK", 0), launch_env_int("LOCAL_RANK", 0)
+    world_size = launch_env_int("WORLD_SIZE", 1)
     if device_kind == "cuda" and local_rank >= torch.cuda.device_count():
         # More ranks on this node than GPUs it shows (torchrun's --nproc_per_node above the GPU count, or
         # CUDA_VISIBLE_DEVICES hiding some): set_device raised a bare "CUDA error: invalid device ordinal" traceback
@@ -31,7 +32,8 @@ def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
     device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "RANK" in os.environ and world_size > 1 and not dist.is_initialized():
+    # (an empty RANK is an unset one, as for launch_env_int: env:// would refuse it as not set)
+    if os.environ.get("RANK") and world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 **({"device_id": device} if device.type == "cuda" else {}))
         global _wait_group

@@ -52,6 +52,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+if __name__ == "__main__":
+    # `python -m retnet.train.evaluate` is retnet-eval's script, before this file's imports of torch (seconds): a
+    # Ctrl-C in them is its one line and status 130, not a traceback. The script imports this module again as
+    # retnet.train.evaluate, whose EvalError is the one evaluate_reward's imports raise (run as `__main__`, this
+    # file's own was another class, which escaped main's `except` as a traceback).
+    from retnet.extras import retnet_eval
+
+    sys.exit(retnet_eval())
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -579,11 +588,3 @@ def _run_command(argv: list[str] | None) -> int:
             print(f"  positions {span:>16}: {row['tokens']:>10} tokens, loss {row['loss']:.4f}, "
                   f"perplexity {row['perplexity']:.2f}")
     return EXIT_OK
-
-
-if __name__ == "__main__":
-    # Run as `python -m`, this file is `__main__`, and evaluate_reward's imports load it again as
-    # retnet.train.evaluate: its EvalError, another class than this one, escaped main's `except` as a traceback.
-    from retnet.train.evaluate import main as _main
-
-    sys.exit(_main())

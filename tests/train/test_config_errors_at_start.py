@@ -84,3 +84,33 @@ def test_a_process_not_launched_by_torchrun_prints_at_once(env, monkeypatch, cap
     assert train_main.main(["--optim.lr=-1"]) == 2
     assert slept == []
     assert capsys.readouterr().err == "retnet-train: error: optim.lr must be > 0; got -1.0\n"
+
+
+@pytest.mark.parametrize(("name", "value", "least"), [
+    ("WORLD_SIZE", "two", 1), ("WORLD_SIZE", "0", 1), ("RANK", "x", 0), ("LOCAL_RANK", "-1", 0),
+])
+def test_a_launchers_variable_that_is_no_count_is_one_line_naming_it(name, value, least, tmp_path):
+    """``WORLD_SIZE=two retnet-train`` was int()'s ValueError traceback (RANK's and LOCAL_RANK's met in the trainer)."""
+    env = train_env()
+    env[name] = value
+    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "retnet.train", "--config", "tiny",
+                              f"--train.output_dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)
+    lines = process.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    printed = [line for line in lines if not line.startswith("import time:")]
+    assert process.returncode == 2 and printed == [
+        f"retnet-train: error: environment variable {name} must be an integer >= {least} (as torchrun sets it), or "
+        f"unset for a single process; got {value!r}"], process.stderr[-3000:]
+    assert not {"torch", "transformers"} & imported
+
+
+def test_empty_launcher_variables_are_unset_as_torchs_env_start_reads_them(monkeypatch):
+    """torch's ``env://`` rendezvous takes an empty ``RANK``/``WORLD_SIZE`` for one not set: a plain process,
+    rank 0 of 1 (``int('')`` was a ValueError traceback)."""
+    from retnet.train.distributed import init_distributed
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(name, "")
+    rank, local_rank, world_size, device = init_distributed("cpu")
+    assert (rank, local_rank, world_size, device.type) == (0, 0, 1, "cpu")
