@@ -318,6 +318,73 @@ def test_a_pattern_ending_in_an_escaped_backslash_and_data_that_ends_in_one_are_
     assert accepts(compiler, tokenizer, grammar, '{"p":"a\\\\","c":"b\\\\","e":"pattern\\\\"}')
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Surrogate escapes: a pair is one character; half of one is no Unicode (jiter refuses it, UTF-8 cannot write it).
+# The JSON grammar is llguidance's: 1.8 pairs them; 1.7 took "\ud800" as a key (these tests fail on it).
+# ----------------------------------------------------------------------------------------------------------
+PAIR, HIGH, LOW = "\\ud83d\\ude00", "\\ud800", "\\udc00"
+NOT_PAIRED = [HIGH, LOW, HIGH + "x", HIGH + "\\u0041", HIGH + HIGH, LOW + HIGH, "\\uDBFF", "\\uDFFF"]
+# An object's key past its properties (the open additionalProperties of most tools' parameters) may be any text
+# written with \u escapes; so may a string whose schema asks for them (llguidance's json_allow_general_unicode_escapes).
+OPEN = {"type": "object", "properties": {"a": {"type": "integer"}}}
+ESCAPED = {"type": "object", "properties": {"s": {"type": "string"}},
+           "x-guidance": {"json_allow_general_unicode_escapes": True}}
+KEY = '{"a":1,"ESCAPE":2}'  # ESCAPE: where each case's escape goes
+SURROGATE_GRAMMARS = {
+    "guided_json": (lambda: requested_grammar({"guided_json": OPEN}), KEY),
+    "json_schema": (lambda: requested_grammar({"response_format": {
+        "type": "json_schema", "json_schema": {"name": "r", "schema": ESCAPED}}}), '{"s":"ESCAPE"}'),
+    "required": (lambda: ToolCalling([("f", OPEN)], None, True).grammar(), '[{"name":"f","parameters":' + KEY + "}]"),
+    "named": (lambda: ToolCalling([("f", OPEN)], "f", True).grammar(), KEY),
+}
+
+
+@pytest.mark.parametrize(("grammar_of", "form"), SURROGATE_GRAMMARS.values(), ids=SURROGATE_GRAMMARS.keys())
+def test_a_surrogate_escape_is_taken_only_as_a_pair(compiler, tokenizer, grammar_of, form):
+    """A lone surrogate escape (``"\\ud800"``, or a low one alone) is JSON's syntax but no text: a strict parser
+    (the anthropic SDK's jiter) refuses it, Python's json takes it and then cannot encode it, and this server's
+    own checks refuse it sent back. The grammar takes a high surrogate only followed by a low one."""
+    grammar = compiler.compile(*grammar_of())
+    assert accepts(compiler, tokenizer, grammar, form.replace("ESCAPE", PAIR))
+    for escape in NOT_PAIRED:
+        assert not accepts(compiler, tokenizer, grammar, form.replace("ESCAPE", escape)), escape
+
+
+def test_the_sampler_pushed_to_end_a_string_after_a_high_surrogate_writes_its_pair(compiler, tokenizer):
+    """Logits that favour closing the key right after ``\\ud800``: the masks leave only the low surrogate's escape."""
+    grammar = compiler.compile(*ToolCalling([("f", OPEN)], None, True).grammar())
+    sampler = RowSampler(SamplingParams(temperature=1.0, seed=0), [], compiler.vocab_size, grammar=grammar.matcher())
+    wanted = '[{"name":"f","parameters":{"a":1,"' + HIGH + '":2}}]'
+    tokens = []
+    for want in tokenizer.encode(wanted, add_special_tokens=False):
+        logits = torch.zeros(1, compiler.vocab_size)
+        logits[0, want] = 50.0
+        tokens.append(sample_step(logits, [sampler]).tokens[0])
+        sampler.grammar.check()
+        if sampler.grammar.ended:
+            break
+    text = tokenizer.decode(tokens)
+    pushed_to = wanted.index(HIGH) + len(HIGH)
+    assert text[:pushed_to] == wanted[:pushed_to] and text[pushed_to] == "\\", text
+
+
+def test_numbers_strings_and_blanks_are_only_those_strict_json_parsers_take(compiler, tokenizer):
+    """RFC 8259's numbers (no leading zero, sign "+", bare "-", "." or exponent), escapes (\\u with four hex
+    digits), no raw control characters in a string, and no whitespace (JSON_DEFAULTS) around or inside."""
+    number = compiler.compile(*requested_grammar({"guided_json": {"type": "object", "properties": {
+        "n": {"type": "number"}}, "required": ["n"], "additionalProperties": False}}))
+    for taken in ("0", "-0", "10", "1.5e-3", "2E+10"):
+        assert accepts(compiler, tokenizer, number, f'{{"n":{taken}}}'), taken
+    for refused in ("01", "-01", "+1", ".5", "1.", "1e", "1e+", "-", "0x1", " 1", "1 "):
+        assert not accepts(compiler, tokenizer, number, f'{{"n":{refused}}}'), refused
+    string = compiler.compile(*requested_grammar({"response_format": {"type": "json_object"}}))
+    assert accepts(compiler, tokenizer, string, '{"s":"\\u001f\\n\\"\\\\"}')
+    for refused in ("\\u12", "\\u12g4", "\\x41", "a\x00", "a\x1f", "a\n"):
+        assert not accepts(compiler, tokenizer, string, f'{{"s":"{refused}"}}'), refused
+    for refused in ('{ "s":1}', '{"s": 1}', '{"s":1}\n', ' {"s":1}'):
+        assert not accepts(compiler, tokenizer, string, refused), refused
+
+
 def test_a_grammar_stuck_on_a_part_that_admits_no_text_says_so(compiler, tokenizer):
     """A $ref that leads only to itself compiles (the text can start), and nothing can follow '{"v":': the
     request fails, by its field, saying why rather than blaming llguidance's limits."""
