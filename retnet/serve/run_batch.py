@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
+import errno
 import json
 import logging
 import math
@@ -151,13 +153,31 @@ class OrderedWriter:
 
     def __init__(self, out: IO[str]):
         self.out, self.next, self.buffer = out, 0, {}
+        # JSONL is UTF-8. An output in another encoding (`-o -` under a Latin-1 locale) is written ASCII alone, the
+        # rest as JSON's escapes: its own encoding wrote "é" as one Latin-1 byte, no UTF-8, on the lines that held
+        # nothing it could not encode (the others escaped), so a file mixed both.
+        encoding = getattr(out, "encoding", None) or "utf-8"
+        self.encoding = "utf-8" if codecs.lookup(encoding).name == "utf-8" else "ascii"
 
     def put(self, index: int, line: dict) -> None:
         self.buffer[index] = line
-        while self.next in self.buffer:
-            self.out.write(json_line(self.buffer.pop(self.next), getattr(self.out, "encoding", None) or "utf-8") + "\n")
-            self.next += 1
-        self.out.flush()
+        try:
+            while self.next in self.buffer:
+                self.out.write(json_line(self.buffer.pop(self.next), self.encoding) + "\n")
+                self.next += 1
+            self.out.flush()
+        except OSError as exc:
+            raise OutputError(exc, "the lines after it were not written") from exc
+
+
+class OutputError(Exception):
+    """Writing the output failed (``error``: the OSError: a full disk, EIO, the reader of ``-o -`` gone): the run
+    ends there, in one line naming the output, the error and ``lost``, what it cost (it was a traceback, but for a
+    broken pipe)."""
+
+    def __init__(self, error: OSError, lost: str):
+        super().__init__(f"{error}; {lost}")
+        self.error, self.lost = error, lost
 
 
 def json_line(line: dict, encoding: str = "utf-8") -> str:
@@ -367,12 +387,27 @@ def split_lines(text: str) -> list[str]:
 
 
 def _read_input(path: str) -> list[str]:
-    if path == "-":
+    """The lines of ``path`` (``-``: stdin's bytes, UTF-8 as a file's: stdin's text decodes with the locale's
+    encoding, and a Latin-1 locale ran "café" as "cafÃ©"). Bytes, not text: the file's own line ends, so that
+    split_lines alone decides where a line ends. A byte-order mark (Windows tools write one) is skipped: it would
+    make line 1 no JSON. A byte that is not UTF-8 is a ValueError naming its line (the codec's error gave its
+    offset in the file)."""
+    if path == "-" and sys.stdin is None:  # (`<&-`: Python's stdin is None, whose .read() was a traceback)
+        raise OSError(errno.EBADF, "standard input is closed")
+    stdin = getattr(sys.stdin, "buffer", None)
+    if path == "-" and stdin is None:  # (a text stream put in its place)
         return split_lines(sys.stdin.read().removeprefix("\ufeff"))
-    # newline="": the file's own line ends, so that split_lines alone decides where a line ends. utf-8-sig: a
-    # byte-order mark (Windows tools write one) would make line 1 no JSON.
-    with open(path, encoding="utf-8-sig", newline="") as file:
-        return split_lines(file.read())
+    if path == "-":
+        data = stdin.read()
+    else:
+        with open(path, "rb") as file:
+            data = file.read()
+    data = data.removeprefix(codecs.BOM_UTF8)  # (utf-8-sig's offsets would count from after it)
+    try:
+        return split_lines(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        number = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"line {number} is not UTF-8 (byte {data[exc.start]:#04x}, {exc.reason})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,7 +450,7 @@ def _run_command(argv: list[str] | None) -> int:
     # Everything a bad argument can break is checked before the model loads (seconds to minutes).
     try:
         text_lines = _read_input(args.input_file)
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         parser.exit(2, f"{PROG}: cannot read the input file {args.input_file!r}: {exc}\n")
     try:
         check_quantization_settings(settings)  # before a hub download
@@ -429,21 +464,27 @@ def _run_command(argv: list[str] | None) -> int:
     except OSError as exc:
         parser.exit(2, f"{PROG}: cannot write the output file {args.output_file!r}: {exc}\n")
     try:
-        return asyncio.run(_run(settings, text_lines, output, max_concurrency, parser))
-    except BrokenPipeError:
-        # The reader went away (`-o - | head`): one line, not a traceback; stdout pointed at /dev/null so that
-        # Python's own flush at exit does not fail again
+        status = asyncio.run(_run(settings, text_lines, output, max_concurrency, parser))
+        output.close()
+        return status
+    except OutputError as exc:
+        # One line, not a traceback; stdout pointed at /dev/null so that Python's own flush at exit does not fail
+        # again (the text the failed write left in its buffer)
         if output.file is sys.stdout:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"{PROG}: the output was closed by its reader (broken pipe); the lines after it were not written",
-              file=sys.stderr)
+        if isinstance(exc.error, BrokenPipeError):  # the reader went away (`-o - | head`)
+            print(f"{PROG}: the output was closed by its reader (broken pipe); the lines after it were not written",
+                  file=sys.stderr)
+        else:
+            name = "to standard output" if output.path == "-" else f"the output file {output.path!r}"
+            print(f"{PROG}: cannot write {name}: {exc.error.strerror or exc.error}; {exc.lost}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the lines written before it are kept, the others were not run to the end",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        output.close()
+        output.close(quiet=True)
 
 
 class OutputFile:
@@ -457,6 +498,8 @@ class OutputFile:
     def __init__(self, path: str):
         self.path, self.file = path, None
         if path == "-":
+            if sys.stdout is None:  # (`>&-`: with no file here, open() made one named "-" and wrote the results there)
+                raise OSError(errno.EBADF, "standard output is closed")
             self.file = sys.stdout
             return
         target = Path(path)
@@ -477,9 +520,16 @@ class OutputFile:
             self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115  (closed by close())
         return self.file
 
-    def close(self) -> None:
-        if self.file is not None and self.file is not sys.stdout:
-            self.file.close()
+    def close(self, quiet: bool = False) -> None:
+        """Close the file (not stdout); an OSError of its last flush raises :class:`OutputError`, or with ``quiet``
+        (the run already ending on an error: a failed write's text is still in the buffer) is dropped."""
+        if self.file is None or self.file is sys.stdout or self.file.closed:
+            return
+        try:
+            self.file.close()  # (the file is closed even when its flush fails)
+        except OSError as exc:
+            if not quiet:
+                raise OutputError(exc, "its last lines may be lost") from exc
 
 
 async def _run(settings, text_lines: list[str], output: OutputFile, max_concurrency: int, parser) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from retnet.serve.run_batch import parse_lines, run_batch, served_urls
+from retnet.serve.run_batch import OutputError, parse_lines, run_batch, served_urls
 from tests.launch import RUN_EACH, finished, logged_run, selected_tests, start_logged, stop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,6 +114,13 @@ def cli_runs(request, model_dir, tmp_path_factory):
         directories["test_bad_arguments_exit_2"] = bad
         runs.append(("script", ["-i", str(bad / "missing.jsonl"), "-o", str(bad / "out.jsonl"), "--model",
                                 str(model_dir)], bad / "logs"))
+    if "test_a_full_disk_ends_the_run_in_one_line" in selected:
+        full = root / "full"
+        directories["test_a_full_disk_ends_the_run_in_one_line"] = full
+        full.mkdir()
+        (full / "requests.jsonl").write_text("\n".join(LINES) + "\n")
+        runs.append(("script", ["-i", str(full / "requests.jsonl"), "-o", "/dev/full", "--model", str(model_dir),
+                                "--log-level", "warning", "--max-concurrency", "2"], full / "logs"))
     process = start_clis(runs, "\n".join(LINES) + "\n", root / "logs") if runs else None
     yield {name: (process, directory) for name, directory in directories.items()}
     if process is not None:
@@ -169,6 +176,19 @@ def test_bad_arguments_exit_2(cli_runs):
     assert proc.returncode == 2
     assert proc.stderr.startswith("retnet-run-batch: cannot read the input file") and "missing.jsonl" in proc.stderr
     assert not (directory / "out.jsonl").exists()  # nothing written, the model never loaded
+
+
+def test_a_full_disk_ends_the_run_in_one_line(cli_runs):
+    """``-o`` on a full disk (Linux's /dev/full: every write is ENOSPC), or any other OSError writing it (EIO,
+    EACCES): one line naming the output and the error, the bar closed before it, exit status 1. It was a
+    traceback, twice over (the file's close at the end flushed the failed text again); only a broken pipe was one
+    line."""
+    process, directory = cli_runs["test_a_full_disk_ends_the_run_in_one_line"]
+    proc = cli_result(process, directory / "logs", timeout=240)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == ("retnet-run-batch: cannot write the output file '/dev/full': No space "
+                                            "left on device; the lines after it were not written")
 
 
 async def test_requests_are_decoded_together(open_app):
@@ -240,8 +260,9 @@ async def test_an_output_that_fails_ends_the_run_there(open_app, monkeypatch):
     async with open_app() as client:
         entries = parse_lines(text.splitlines(), served_urls(client.app))
         out = ClosedAfterOneLine()
-        with pytest.raises(BrokenPipeError):
+        with pytest.raises(OutputError) as failed:
             await run_batch(client.app, entries, out, max_concurrency=2, progress=False)
+        assert isinstance(failed.value.error, BrokenPipeError)
         # the engine serves on: the requests the early end cancelled freed their places
         answer = await client.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2})
     assert answer.status_code == 200
@@ -277,3 +298,55 @@ async def test_any_line_that_raises_ends_the_run_there_and_closes_the_bar(open_a
             await run_batch(client.app, entries, io.StringIO(), max_concurrency=2, progress=True)
     assert len(posted) <= 5, posted
     assert not [bar for bar in tqdm._instances if bar.desc == "run_batch"]
+
+
+def test_stdin_and_stdout_are_utf_8_whatever_the_locale(monkeypatch):
+    """``-i -`` and ``-o -`` under a Latin-1 locale: stdin's text decoded the UTF-8 file as Latin-1 (the requests ran on
+    "cafÃ©"), and stdout wrote "é" as one Latin-1 byte on the lines whose text it could encode (the others escaped),
+    a results file neither UTF-8 nor Latin-1. Now both are UTF-8, as ``-i FILE`` and ``-o FILE`` are."""
+    from retnet.serve.run_batch import OrderedWriter, _read_input
+
+    request = line("café-1", COMPLETIONS, {"prompt": "café"}).replace("\\u00e9", "é")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"{request}\n".encode()), encoding="latin-1"))
+    (text,) = _read_input("-")
+    assert json.loads(text)["body"]["prompt"] == "café"
+
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
+    writer = OrderedWriter(stdout)
+    for index, body in enumerate([{"text": "café"}, {"text": "café ☕"}]):
+        writer.put(index, {"id": f"batch_req_{index}", "custom_id": "é", "response": {"status_code": 200,
+                                                                                   "request_id": "r", "body": body},
+                           "error": None})
+    lines = stdout.buffer.getvalue().decode("utf-8").splitlines()
+    assert [json.loads(text)["response"]["body"]["text"] for text in lines] == ["café", "café ☕"]
+
+
+def test_a_byte_that_is_not_utf_8_is_refused_naming_its_line(tmp_path, monkeypatch):
+    """The input is refused before the model loads, as before, but naming the line: the codec's own error gave the
+    byte's offset in the file, no help finding it in a file of a million lines. Stdin the same."""
+    from retnet.serve.run_batch import _read_input
+
+    good = line("a", COMPLETIONS, {"prompt": "café"}).encode()
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + good + b"\n" + good.replace(b"caf", b"caf\xe9") + b"\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(path.read_bytes()), encoding="utf-8"))
+    for source in (str(path), "-"):
+        with pytest.raises(ValueError, match=r"^line 3 is not UTF-8 \(byte 0xe9, invalid continuation byte\)$"):
+            _read_input(source)
+
+
+def test_a_closed_stdin_or_stdout_is_refused(tmp_path, monkeypatch):
+    """``-o - >&-`` (a job started with no stdout: Python's sys.stdout is None) wrote the results to a file named "-"
+    in the working directory, exit status 0; ``-i - <&-`` was an AttributeError's traceback. Both are now refused
+    before the model loads (exit status 2, ``cannot write the output file '-': ...``)."""
+    from retnet.serve.run_batch import OutputFile, _read_input
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(OSError, match="standard output is closed"):
+        OutputFile("-").open()
+    monkeypatch.undo()
+    assert not (tmp_path / "-").exists()
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(OSError, match="standard input is closed"):
+        _read_input("-")

@@ -4,6 +4,7 @@ Each test failed before its fix."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -157,3 +158,44 @@ def test_an_engine_that_does_not_start_is_named_once(micro_dir, requests_file, e
         "retnet-run-batch: the engine did not start: RuntimeError: no weights")
     (engine,) = engines
     assert (engine.failure, engine.dead) == ("RuntimeError: no weights", "engine failed: RuntimeError: no weights")
+
+
+@pytest.mark.parametrize("fails", ["write", "close"])
+def test_an_output_that_fails_with_eio_is_one_line_and_status_1(fails, micro_dir, requests_file, engines, tmp_path,
+                                                                capsys, monkeypatch):
+    """Any OSError writing ``-o`` (EIO, a full disk), not only a broken pipe, ends the run in one line naming the
+    output and the error, exit status 1, the bar closed and the engine stopped: it was a traceback. The file's
+    close at the end can fail too (a network file system reports a failed write there)."""
+    import errno
+    import os
+
+    from tqdm import tqdm
+
+    import retnet.serve.run_batch as module
+
+    class Failing(io.StringIO):
+        def write(self, text):
+            if fails == "write" and self.getvalue():
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return super().write(text)
+
+        def close(self):
+            super().close()
+            if fails == "close":
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def failing_open(self):
+        self.file = Failing()
+        return self.file
+
+    monkeypatch.setattr(module.OutputFile, "open", failing_open)
+    output = tmp_path / "results.jsonl"
+    status = module.main(["--model", str(micro_dir), "-i", str(requests_file), "-o", str(output)])
+    assert status == 1
+    lost = "the lines after it were not written" if fails == "write" else "its last lines may be lost"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == f"retnet-run-batch: cannot write the output file {str(output)!r}: Input/output error; {lost}"
+    assert not [bar for bar in tqdm._instances if bar.desc == "run_batch"]
+    (engine,) = engines
+    assert engine.thread is not None and not engine.thread.is_alive()
