@@ -16,7 +16,7 @@ position is one integer (blocks consumed) that a checkpoint stores and a resume 
 
 Streaming (``data.streaming = true``, for sets too large to cache): the first ``val_documents`` documents are
 the validation split (kept out of training wherever they occur), the rest is split by node
-(``datasets.distributed.split_dataset_by_node``) and packed on the fly; each rank's position is its place in
+(``datasets.distributed.split_dataset_by_node``; local files by document) and packed on the fly; each rank's position is its place in
 its stream (``datasets``' stream state, the documents read and the tokens not yet packed), from which a resume
 continues without tokenizing what was read before (``retnet.train.streaming``). Streamed chat data is packed the same way, its flags in
 lockstep with its tokens (:class:`~retnet.train.streaming.StreamingChatData`).
@@ -1816,7 +1816,9 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, micro_batch: int,
 
         data = build_streaming(cfg, stream, cache_dir, fingerprint, source, vocab_size=vocab_size,
                                 micro_batch=micro_batch, rank=rank, local_rank=local_rank,
-                                world_size=world_size, barrier=barrier)
+                                world_size=world_size, barrier=barrier,
+                                # (a save_to_disk directory is cut into equal shards, one a rank: _load_saved)
+                                local_files=files is not None and not saved_dataset_dir(files[0]))
         data.hub_fingerprint = hub_fingerprint
         return data
 

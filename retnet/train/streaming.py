@@ -66,12 +66,14 @@ class StreamingData:
     field_key = "data.text_field"  # the setting of text_field, which a read error names
 
     def __init__(self, stream, val_blocks: np.ndarray, tokenizer, *, text_field: str, seq_len: int,
-                 micro_batch: int, rank: int, world_size: int, dataset: str = "", val_documents: int = 0):
-        from datasets.distributed import split_dataset_by_node
-
+                 micro_batch: int, rank: int, world_size: int, dataset: str = "", val_documents: int = 0,
+                 by_examples: bool = False):
         if len(val_blocks) == 0:  # (build_streaming refuses it first, with its documents and tokens)
             raise _validation_too_short(dataset, val_documents, seq_len)
-        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        # Local files split by example (:func:`_rank_split`); a checkpoint's own split is kept on resume
+        self._whole = stream
+        self._split = "examples" if by_examples and world_size > 1 and _splits_by_examples() else "auto"
+        self.stream = _rank_split(stream, rank, world_size, self._split)
         self.val, self.tokenizer, self.text_field = val_blocks, tokenizer, text_field
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
@@ -170,7 +172,7 @@ class StreamingData:
         stream = self.stream.state_dict() if self._examples is not None else self._stream_state
         return {"kind": "streaming", "position": self.position, "epoch": self._epoch, "documents": self._documents,
                 "seen": self._seen, "buffer": np.asarray(self._buffer[self._head:], dtype=np.uint32), "stream": stream,
-                "datasets_version": datasets.__version__}
+                "datasets_version": datasets.__version__, "split": self._split}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import datasets
@@ -178,6 +180,15 @@ class StreamingData:
         if state.get("kind") != "streaming":
             raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume a streaming run")
         self.position, self._examples = int(state["position"]), None
+        # A checkpoint of before the split by example read its ranks' parts as datasets' default split gave them
+        split = state.get("split", "auto") if "documents" in state else "auto"
+        if split != self._split:
+            if split == "examples" and not _splits_by_examples():
+                raise ValueError(f"this streamed checkpoint split its local files between the ranks by example, "
+                                 f"which datasets {datasets.__version__} cannot: install the datasets it was "
+                                 f"written with ({state.get('datasets_version')})")
+            self._split = split
+            self.stream = _rank_split(self._whole, self.rank, self.world_size, split)
         if "documents" not in state:
             # Written before the stream's place was saved: tokenize the stream again up to the position.
             if self.position:
@@ -202,6 +213,29 @@ class StreamingData:
                         "documents by reading them", state.get("datasets_version"), datasets.__version__,
                         self._documents)
         self._stream_state = stream if usable else None
+
+
+def _splits_by_examples() -> bool:
+    """Whether this ``datasets``' split_dataset_by_node takes a ``strategy`` (newer ones)."""
+    import inspect
+
+    from datasets.distributed import split_dataset_by_node
+
+    return "strategy" in inspect.signature(split_dataset_by_node).parameters
+
+
+def _rank_split(stream, rank: int, world_size: int, split: str):
+    """This rank's part of ``stream``: ``"auto"`` is datasets' default, whole shards (files) per rank when their
+    number is a multiple of the world size, else every ``world_size``-th example; ``"examples"`` always the latter.
+    Local files of unequal sizes are split by example: by shards, a rank given a small file trained on its few
+    documents pass after pass (half of every global batch, on two ranks), while a large file's rank read a part of
+    it. Each rank then reads every file, which local files afford; a hub set's shards, streamed over the network
+    and written to be of equal sizes, are still handed out whole."""
+    from datasets.distributed import split_dataset_by_node
+
+    if split == "auto":
+        return split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    return split_dataset_by_node(stream, rank=rank, world_size=world_size, strategy=split)
 
 
 # The column a streamed chat set gets with each row's index in the stream, which its errors name: datasets counts
@@ -241,10 +275,11 @@ class StreamingChatData(StreamingData):
 
     def __init__(self, stream, val_blocks: np.ndarray, val_flags: np.ndarray, tokenizer, *, messages_field: str,
                  seq_len: int, micro_batch: int, rank: int, world_size: int, dataset: str = "",
-                 val_documents: int = 0, assistant_only_loss: bool = True, pairs: bool = False):
+                 val_documents: int = 0, assistant_only_loss: bool = True, pairs: bool = False,
+                 by_examples: bool = False):
         super().__init__(stream, val_blocks, tokenizer, text_field=messages_field, seq_len=seq_len,
                          micro_batch=micro_batch, rank=rank, world_size=world_size, dataset=dataset,
-                         val_documents=val_documents)
+                         val_documents=val_documents, by_examples=by_examples)
         _require_targets("validation", val_flags, dataset, "data.val_documents")
         self.val_flags, self.pairs = val_flags, pairs
         self.step_targets: int | None = None
@@ -345,7 +380,9 @@ def group_micro_batches(data, accum: int, *, source: int, group, device: torch.d
 
 
 def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, micro_batch, rank, local_rank,
-                     world_size, barrier):
+                     world_size, barrier, local_files: bool = False):
+    """Streamed data of ``stream`` for this rank. ``local_files``: the stream reads local data files, which the
+    ranks split by example (:func:`_rank_split`)."""
     chat = cfg.format == "chat"
     with _reading(cfg.dataset, *_field(cfg)):  # a stream reads its files from here on, lazily
         # text too: a stream of CSV or text files names no columns before it is read, and a data.text_field that is
@@ -426,7 +463,7 @@ def build_streaming(cfg, stream, cache_dir, fingerprint, source, *, vocab_size, 
     barrier()
     tokenizer = load_tokenizer(source if source is not None else tokenizer_cache)
     common = dict(seq_len=cfg.seq_len, micro_batch=micro_batch, rank=rank, world_size=world_size,
-                  dataset=cfg.dataset, val_documents=cfg.val_documents)
+                  dataset=cfg.dataset, val_documents=cfg.val_documents, by_examples=local_files)
     if chat:
         encoder = ChatEncoder(tokenizer, cfg.assistant_only_loss, cfg.dataset)
         val, val_flags = chat_blocks(encoder, val_conversations, cfg.seq_len)

@@ -123,7 +123,7 @@ def test_streaming_validation_shorter_than_a_block_is_refused(tokenizer_dir, tmp
 
 
 def test_streaming_ranks_hold_out_the_validation_documents(tokenizer_dir, tmp_path):
-    """Two ranks streaming two files (one whole file each): the first data.val_documents documents are the
+    """Two ranks streaming two files: the first data.val_documents documents are the
     validation split for every world size, so no rank trains on them and no rank drops other documents."""
     import json
 
