@@ -73,6 +73,9 @@ class StreamingData:
         # Local files split by example (:func:`_rank_split`); a checkpoint's own split is kept on resume
         self._whole = stream
         self._split = "examples" if by_examples and world_size > 1 and _splits_by_examples() else "auto"
+        if by_examples and world_size > 1 and self._split == "auto" and rank == 0:
+            logger.warning("data: this datasets' split_dataset_by_node takes no strategy: the ranks are handed "
+                           "whole files, of unequal sizes unequal parts (a newer datasets splits them by document)")
         self.stream = _rank_split(stream, rank, world_size, self._split)
         self.val, self.tokenizer, self.text_field = val_blocks, tokenizer, text_field
         self.seq_len, self.micro_batch = seq_len, micro_batch
@@ -184,7 +187,8 @@ class StreamingData:
         split = state.get("split", "auto") if "documents" in state else "auto"
         if split != self._split:
             if split == "examples" and not _splits_by_examples():
-                raise ValueError(f"this streamed checkpoint split its local files between the ranks by example, "
+                # (ConfigError: one line from retnet-train, not a traceback on every rank)
+                raise ConfigError(f"this streamed checkpoint split its local files between the ranks by example, "
                                  f"which datasets {datasets.__version__} cannot: install the datasets it was "
                                  f"written with ({state.get('datasets_version')})")
             self._split = split

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 
-from retnet.train.config import DataConfig
+import pytest
+
+import retnet.train.streaming as streaming
+from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import build_data
 from retnet.train.streaming import StreamingData
 
@@ -57,3 +60,20 @@ def test_a_checkpoint_of_the_split_by_files_resumes_with_it(tokenizer_dir, tmp_p
         resumed.load_state_dict(state)
         assert all((resumed.micro_batches(1)[0] == block).all() for block in expected[5:])
         assert resumed.state_dict()["split"] == "auto"
+
+
+def test_a_split_by_examples_on_a_datasets_without_it_is_one_config_error(tokenizer_dir, tmp_path, monkeypatch,
+                                                                           caplog):
+    """Resumed where datasets cannot split by example (an older one): a ConfigError, which retnet-train prints as
+    one line (a ValueError was a traceback on every rank); a new run there warns that files go whole."""
+    _files(tmp_path)
+    data = _build(tmp_path, tokenizer_dir, 0)
+    data.micro_batches(1)
+    state = data.state_dict()
+    assert state["split"] == "examples"
+    monkeypatch.setattr(streaming, "_splits_by_examples", lambda: False)
+    with caplog.at_level("WARNING", logger="retnet.train.data"):
+        resumed = _build(tmp_path, tokenizer_dir, 0)
+    assert "takes no strategy" in caplog.text
+    with pytest.raises(ConfigError, match="split its local files between the ranks by example"):
+        resumed.load_state_dict(state)
