@@ -27,6 +27,13 @@ class RetNetCache:
 
     # Read by transformers' generation utilities: the state is not a sliceable KV cache.
     is_compileable = False
+    # Opt-in for a decode loop that owns these state tensors (the server's batch: Engine._decode_step):
+    # a one-token recurrent step then writes each layer's new state over the old one rather than allocating it
+    # (kernels' update_state_inplace). Off by default, as every copy of a cache (clone, select, concat, split,
+    # zeros) starts: a state a user or another cache holds (a snapshot, a prefix entry, a split's view) is never
+    # written behind their back. The model falls back to a new tensor where the write could reach one
+    # (see RetNetModel.forward).
+    update_in_place = False
 
     def __init__(self, num_layers: int):
         self.states: list[torch.Tensor | None] = [None] * num_layers

@@ -293,6 +293,18 @@ def resolve_retention_mode(mode: str, length: int, q: torch.Tensor) -> str:
     return "parallel"
 
 
+def _inplace_state_allowed(q, k, v, initial_state) -> bool:
+    """Whether the kernels take ``update_state_inplace`` for this call (:func:`retnet.kernels.naive.check_inplace_state`
+    refuses it otherwise): asked of a cache, a state that breaks these rules is replaced as usual, not refused."""
+    if initial_state is None or initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
+        return False
+    if initial_state.is_inference() and not torch.is_inference_mode_enabled():
+        return False
+    if torch.compiler.is_compiling():  # (a traced graph's input written behind it)
+        return False
+    return not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial_state)))
+
+
 class RetNetMultiScaleRetention(nn.Module):
     """Multi-scale retention: per-head decays γ_h, per-head norm, swish output gate (paper §2.2)."""
 
@@ -356,13 +368,15 @@ class RetNetMultiScaleRetention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         packed_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
         context: ContextShard | None = None,
+        update_state_inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``positions``: the forward's :class:`RetNetPositionEncoding`; each of its pieces runs in its own xPos
         frame, the state carried from piece to piece. ``packed_rows``: ``(index, row_cu_seqlens)`` of the real
         tokens of a padded batch (see :func:`_pack_padded_rows`); retention then runs on those alone, one packed
         sequence per row (in one piece). ``context``: this rank's piece of a row split across ranks
         (:mod:`retnet.model.context_parallel`); its first sequence then also reads the state the earlier pieces
-        leave, and no state is returned."""
+        leave, and no state is returned. ``update_state_inplace``: the caller owns ``initial_state`` alone (see
+        :attr:`RetNetCache.update_in_place`); a recurrent step in one piece may write its new state over it."""
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
@@ -374,6 +388,9 @@ class RetNetMultiScaleRetention(nn.Module):
             # (NaN after the head norm). In fp32 they reach the head norm, which brings them back to its scale.
             q, k, v = q.float(), k.float(), v.float()
         mode = resolve_retention_mode(mode, length, q)
+        # In several pieces a state kept between two of them (a snapshot) would be the one the next overwrites.
+        update_state_inplace = (update_state_inplace and len(positions.pieces) == 1 and context is None
+                                and positions.keep_state_after is None)
         outputs, rotated_q, state = [], [], initial_state
         for number, piece in enumerate(positions.pieces):
             if state is not None and piece.state_shift is not None:
@@ -388,7 +405,7 @@ class RetNetMultiScaleRetention(nn.Module):
             last = number == len(positions.pieces) - 1
             o, state = self._retain(q_piece, k_piece, v_piece, mask_piece, state,
                                     output_final_state or not last or context is not None, mode, cu_seqlens,
-                                    packed_rows)
+                                    packed_rows, update_state_inplace)
             if number == positions.keep_state_after:
                 positions.kept_states.append(state)
             outputs.append(o)
@@ -432,8 +449,10 @@ class RetNetMultiScaleRetention(nn.Module):
                                            start)
         return outputs
 
-    def _retain(self, q, k, v, token_mask, initial_state, output_final_state, mode, cu_seqlens, packed_rows):
-        """Retention of rotated q, k -> (o [B, T, H, V], final state or None)."""
+    def _retain(self, q, k, v, token_mask, initial_state, output_final_state, mode, cu_seqlens, packed_rows,
+                update_state_inplace=False):
+        """Retention of rotated q, k -> (o [B, T, H, V], final state or None); ``update_state_inplace`` where the
+        kernels' rules for it hold (else a new state, silently: it only saves an allocation)."""
         batch, length = q.shape[:2]
         if token_mask is not None:
             # A padded position writes nothing into the state (its kᵀv is zero).
@@ -450,6 +469,9 @@ class RetNetMultiScaleRetention(nn.Module):
         elif mode == "chunkwise":
             o, state = kernels.chunk_retention(q, k, v, log_decay, chunk_size=self.config.chunk_size, **common)
         else:
+            if (update_state_inplace and output_final_state and cu_seqlens is None
+                    and _inplace_state_allowed(q, k, v, initial_state)):
+                common["update_state_inplace"] = True
             o, state = kernels.recurrent_retention(q, k, v, log_decay, **common)
         if packed_rows is not None:
             o = o.new_zeros(batch * length, *o.shape[2:]).index_copy(0, index, o[0]).view(batch, length, *o.shape[2:])
@@ -487,10 +509,10 @@ class RetNetDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, positions, token_mask, initial_state, output_final_state, mode, cu_seqlens,
-                packed_rows=None, context=None):
+                packed_rows=None, context=None, update_state_inplace=False):
         retained, state = self.retention(
             self.retention_norm(hidden_states), positions, token_mask, initial_state, output_final_state,
-            mode, cu_seqlens, packed_rows, context,
+            mode, cu_seqlens, packed_rows, context, update_state_inplace,
         )
         if self.dropout.training and self.dropout.p > 0:
             hidden_states = hidden_states + self.dropout(retained)
@@ -922,6 +944,11 @@ class RetNetModel(RetNetPreTrainedModel):
 
         all_hidden_states = ()
         packed = cu_seqlens is not None or packed_rows is not None
+        # Only a cache whose owner opted in, and never while it keeps a snapshot (record_snapshot and crop share
+        # its tensors with the cache's list) or packed (the server's speculative step keeps the states from before
+        # its packed verify forward; the reference would copy a packed step's states back anyway).
+        in_place = (cache is not None and cache.update_in_place and not cache.recording and cache.snapshot is None
+                    and snapshot_at is None and not packed and context_parallel is None and not checkpointing)
         for layer in self.layers:
             # Filled out here, not first inside a compiled layer: a checkpoint's recomputation would find it filled,
             # trace another graph and save other tensors than the forward did (CheckpointError in backward).
@@ -931,7 +958,7 @@ class RetNetModel(RetNetPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             initial_state = None if cache is None else cache.states[index]
             args = (hidden_states, positions, token_mask, initial_state, cache is not None, mode, cu_seqlens,
-                    packed_rows, context_parallel)
+                    packed_rows, context_parallel, in_place)
             run = _sharing_host_offsets(layer.__call__, shared_offsets) if packed else layer.__call__
             if checkpointing and index % self.checkpoint_every_n_layers == 0:
                 # (the recomputation in backward runs `run` again, so it shares the forward's read too)
