@@ -257,6 +257,13 @@ def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int],
                          f"{', '.join(map(str, outside))}")
     for chunk_size in chunk_sizes:
         check_chunk_size(chunk_size, "retnet.kernels.aot")
+    if kernels is not None:
+        # A name that matches no kernel (a typo) compiled nothing and exited 0: a check that passed checking nothing.
+        kernels = list(kernels)
+        names = [name for _, name in KERNELS]
+        unmatched = [wanted for wanted in kernels if not any(wanted in name for name in names)]
+        if unmatched:
+            raise ValueError(f"--kernels {', '.join(unmatched)}: matches no kernel; the kernels: {', '.join(names)}")
     launches: set[Launch] = set()
     for dtype in dtypes:
         for head_dim in head_dims:

@@ -362,7 +362,10 @@ def _decay_factors(log_decay: torch.Tensor) -> torch.Tensor:
     kept = getattr(log_decay, "_retnet_decay_factors", None)
     if kept is not None and kept[0] == log_decay._version:
         return kept[1]
-    factors = torch.exp(log_decay.float())[None, :, None, None]
+    # A plain tensor even when first asked under inference_mode (a generate before training, say): kept as an
+    # inference tensor, every later step with grad failed "Inference tensors cannot be saved for backward".
+    with torch.inference_mode(False):
+        factors = torch.exp(log_decay.float())[None, :, None, None]
     log_decay._retnet_decay_factors = (log_decay._version, factors)
     return factors
 
@@ -436,7 +439,9 @@ def recurrent_retention(
     if initial_state is None:
         state, owned = torch.zeros(batch, heads, key_dim, value_dim, device=q.device, dtype=torch.float32), True
     else:
-        state, owned = initial_state.float(), update_state_inplace
+        # Contiguous: the steps view the state as [B·H, K, V], and a permuted one (a state kept [H, B, K, V] and
+        # transposed) raised a view error here, where the Triton op copies it to contiguous anyway.
+        state, owned = initial_state.float().contiguous(), update_state_inplace
     outputs = []
     for t in range(length):
         state = state.mul_(decay) if owned and not tracked else state * decay

@@ -53,3 +53,14 @@ def test_a_head_dim_or_chunk_size_the_ops_refuse_is_refused_before_compiling(fla
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             aot.check([90], ["bfloat16"], [64] if flag == "--chunk-sizes" else [int(value)],
                       chunk_sizes=[int(value)] if flag == "--chunk-sizes" else [64])
+
+
+def test_a_kernels_filter_that_matches_no_kernel_is_refused(capsys, monkeypatch):
+    # (a typo such as "dkq" compiled nothing and reported "0 compiles", exit status 0: a check that passed unrun)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with mock.patch.object(aot, "record_launches", side_effect=AssertionError("recorded for a filter of nothing")):
+        with pytest.raises(SystemExit) as exit_info:
+            aot.main(["--kernels", "dqk", "dkq"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--kernels dkq: matches no kernel" in err and "_chunk_dqk_bwd_kernel" in err
