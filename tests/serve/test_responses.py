@@ -572,3 +572,15 @@ def test_the_official_client_retrieves_continues_and_deletes(api):
         api.responses.retrieve(first.id)
     with pytest.raises(openai.NotFoundError):
         api.responses.create(model="micro", input="x", previous_response_id=first.id)
+
+
+@pytest.mark.parametrize("retention", ["in-memory", "24h", None])
+def test_prompt_cache_retention_is_accepted_as_a_cache_hint(retention):
+    # The official client's create(prompt_cache_retention=...): a hint to OpenAI's prompt cache, as
+    # prompt_cache_key is, so it changes nothing here; it was refused as an unknown parameter.
+    from retnet.serve.responses import ResponsesRequest, to_chat_request
+
+    request = ResponsesRequest.model_validate({"input": "hi", "prompt_cache_retention": retention,
+                                               "prompt_cache_key": "k"})
+    chat, origins = to_chat_request(request)
+    assert [m.text() for m in chat.messages] == ["hi"] and origins == ["input"]
