@@ -39,9 +39,15 @@ class TextOffsets:
         pending = bool(self.decoder.getstate()[0])
         # A character begun by earlier tokens is already counted: one U+FFFD if it never completes.
         offset = self.position + pending
-        if token_id in self.special_ids and (self.echoed is None or pending
-                                             or not self.echoed.startswith(label, self.position)):
-            return offset
+        if token_id in self.special_ids:
+            if self.echoed is None or not self.echoed.startswith(label, offset):
+                return offset
+            if pending:
+                # A special token an echoed token-id prompt shows ends the character before it: the decoding
+                # writes that one as U+FFFD and the bytes after the token as characters of their own (a
+                # continuation byte there is another U+FFFD, not the end of the character).
+                self.position += len(self.decoder.decode(b"", final=True))
+                self.decoder.reset()
         self.position += len(self.decoder.decode(raw))
         return offset
 

@@ -181,7 +181,7 @@ async def test_prompt_logprobs_are_checked(client, path):
     for bad in (21, -1, True, 1.5, "x", [1]):
         r = await client.post(path, json={**base, "prompt_logprobs": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", (bad, r.text)
-    for stream_k in (0, 2):  # vLLM refuses it with stream too: no chunk carries them
+    for stream_k in (0, 2):  # no chunk carries them (vLLM refuses k > 0 with stream; 0 it takes, sending nothing)
         r = await client.post(path, json={**base, "prompt_logprobs": stream_k, "stream": True})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "prompt_logprobs" and "stream" in r.json()["error"]["message"]
