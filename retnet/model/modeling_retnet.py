@@ -1465,7 +1465,29 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         seen = 0 if cache is None else cache.get_seq_length()
         model_inputs: dict = {}
-        if inputs_embeds is not None and (seen == 0 or is_first_iteration):
+        embeds_prompt = kwargs.get("_embeds_prompt") if inputs_embeds is not None else None
+        if embeds_prompt is not None:
+            # Assisted decoding from inputs_embeds (_assisted_decoding): the sequence is the embedded prompt, then
+            # input_ids' columns after the first `ids_width` (the prompt's ids given with the embeddings, or none).
+            # transformers cuts or pads the mask to input_ids' columns; the whole sequence's is the prompt's, then
+            # one real column for each token after it.
+            ids_width, prompt_mask = embeds_prompt
+            after, prompt_length = input_ids[:, ids_width:], inputs_embeds.shape[1]
+            if prompt_mask is not None:
+                attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(after.shape)], -1)
+            if next_sequence_length and isinstance(cache, RetNetCache) and cache.recording:
+                first = prompt_length + after.shape[1] - next_sequence_length - cache.refeed
+            else:
+                first = seen
+            if first < prompt_length:
+                # The first forward verifies the candidates after the prompt: the embeddings alone gave the prompt's
+                # logits to verify them by (silently wrong tokens). A crop back into the prompt feeds its
+                # embeddings again, not its ids.
+                drafted = self.get_input_embeddings()(after.to(inputs_embeds.device)).to(inputs_embeds.dtype)
+                model_inputs["inputs_embeds"] = torch.cat([inputs_embeds[:, first:], drafted], 1)
+            else:
+                model_inputs["input_ids"] = after[:, first - prompt_length:].contiguous()
+        elif inputs_embeds is not None and (seen == 0 or is_first_iteration):
             model_inputs["inputs_embeds"] = inputs_embeds
         else:
             if next_sequence_length and isinstance(cache, RetNetCache) and cache.recording:
@@ -1596,7 +1618,28 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
                 "token's logits from a padding column. Pass the prompt without its trailing padding, or left-padded"
             )
         _refuse_under_prompt_learning(self, "assisted decoding (assistant_model=, prompt_lookup_num_tokens=)")
+        if kwargs.get("inputs_embeds") is not None:
+            if kwargs.get("assistant_model") is not None and input_ids.shape[1] == 0:
+                # transformers hands the draft the target's embeddings (of another width for a smaller draft: a
+                # shape error), with no token of the prompt for it to read
+                raise ValueError(
+                    "assisted decoding with assistant_model= from inputs_embeds alone: the draft model gets no "
+                    "token of the prompt, only the target's embeddings. Pass the prompt's input_ids with the "
+                    "inputs_embeds (the draft reads the ids), or use prompt_lookup_num_tokens="
+                )
+            # (how many of input_ids' columns the embeddings stand for, and the prompt's mask: see
+            # prepare_inputs_for_generation)
+            kwargs["_embeds_prompt"] = (input_ids.shape[1], mask)
         return super()._assisted_decoding(input_ids, *args, **kwargs)
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        # A draft model reads the prompt's token ids: the target's embeddings are not its own (transformers passes
+        # them on to it), and the bookkeeping of _assisted_decoding is the target's.
+        model_kwargs = kwargs.get("model_kwargs")
+        if isinstance(model_kwargs, dict) and "_embeds_prompt" in model_kwargs:
+            kwargs["model_kwargs"] = {key: value for key, value in model_kwargs.items()
+                                      if key not in ("inputs_embeds", "_embeds_prompt")}
+        return super()._get_candidate_generator(*args, **kwargs)
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
         # An empty prompt would fail on an IndexError inside transformers' generate (its right-padding check, or
