@@ -5,7 +5,8 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_00000100`` holding
     model.pt       the full (unsharded) model state dict
     optimizer.pt   the full optimizer state dict (FQN-keyed under FSDP2)
     trainer.pt     step, tokens trained on, per-rank data positions and RNG states (python, numpy, torch,
-                   cuda), config, the losses, seconds and tokens of the steps since the last metrics record,
+                   cuda), config, the losses, seconds and tokens of the steps since the last metrics record
+                   (and the last step's learning rate and gradient norm, which that record reports),
                    whether this step's evaluation is still to run (a stop signal skipped it), the
                    fingerprint of the hub data trained on (a resume reads the same), the SHA-256 of the
                    tokenizer's vocabulary (a resume tokenizes with the same) and, under LoRA, the

@@ -8,8 +8,9 @@ import torch
 # torch.cuda.get_device_name(), the longest first. Set logging.peak_flops for anything else (or a CPU).
 PEAK_FLOPS = {
     "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+    "GB200": 2500e12,  # the Grace-Blackwell superchip's GPUs run faster than the HGX B200's
     # the PCIe and NVL cards run at lower clocks than the SXM modules: taken for those, their MFU reads a quarter low
-    "H100 PCIe": 756e12, "H800 PCIe": 756e12, "H100 NVL": 835e12,
+    "H100 PCIe": 756e12, "H800 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12,
     "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
     "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }

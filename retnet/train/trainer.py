@@ -198,6 +198,9 @@ class Trainer:
         # them, so a resumed run's next record averages the same steps as that of a run never stopped.
         self.window_losses: list[float] = []
         self.window_seconds = 0.0
+        # The learning rate(s) and gradient norm of the last step trained, which its record reports: checkpoints carry
+        # them with the window, whose record a run resumed at train.steps writes without training a step.
+        self._last: dict[str, float] = {}
         # Counted, not step × global batch: a resume may change the batch (and so the tokens of a step).
         self.tokens = self.window_tokens = 0
         # The evaluation a stop left undone at its step (a preemption's grace period is for the checkpoint);
@@ -206,6 +209,7 @@ class Trainer:
         # The step whose validation metrics.jsonl holds last: this run's evaluations, or (rank 0's) the record kept
         # of a resumed checkpoint's step. A run ends by evaluating its final step unless that step has one.
         self.evaluated_step = -1
+        self.logged_step = -1  # likewise the step of the last training record (rank 0's)
         # A signal only marks this rank; the loop stops on stop_requested, which every rank takes from the same
         # all-reduce, because a rank that left alone would leave the others waiting in the next collective.
         self.signal_received = False
@@ -777,6 +781,8 @@ class Trainer:
             os.replace(tmp, self.metrics_path)
             if any(_record_key(line) == (self.step, "val") for line in keep):
                 self.evaluated_step = self.step
+            if any(_record_key(line) == (self.step, "train") for line in keep):
+                self.logged_step = self.step
         self._metrics = open(self.metrics_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if self.cfg.logging.tensorboard:
             try:
@@ -984,7 +990,7 @@ class Trainer:
                 "tensor_parallel": self.tp_size, "ranks": ranks,
                 "config": self.cfg.to_dict(),
                 "log_window": {"losses": list(self.window_losses), "seconds": self.window_seconds,
-                               "tokens": self.window_tokens,
+                               "tokens": self.window_tokens, "last": dict(self._last),
                                **({"distill": self.teacher.state_dict()} if self.teacher is not None else {})},
                 "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
@@ -1225,6 +1231,7 @@ class Trainer:
         self.step = self.last_saved_step = int(trainer["step"])
         window = trainer.get("log_window", {})  # absent from checkpoints written before it was saved
         self.window_losses, self.window_seconds = list(window.get("losses", [])), float(window.get("seconds", 0.0))
+        self._last = dict(window.get("last", {}))
         if self.teacher is not None:
             self.teacher.load_state_dict(window.get("distill", {}))
         tokens_per_step = self.cfg.train.global_batch_size * self.data.seq_len  # older checkpoints: as counted then
@@ -1565,6 +1572,11 @@ class Trainer:
                 self._plot()
         self._close_progress()
         interrupted = self.stop_requested
+        if not interrupted and self.window_losses and self._last and self.logged_step != self.step:
+            # Resumed at train.steps from a checkpoint taken inside a log window (a run shortened to a checkpoint's
+            # step): the final record a run never stopped writes, of the steps the checkpoint carries, before the
+            # final validation as there. (A checkpoint from before it carried the last step's values: none.)
+            loss = self._log_window()
         val_loss = None
         if not interrupted and not self._final_step_evaluated():  # (a finished run resumed again only re-exports)
             val_loss = self.evaluate()
@@ -1667,6 +1679,7 @@ class Trainer:
         elif self.is_main:
             logger.info("step %d: loss %.4f lr %.2e %.0f tok/s", self.step, loss, self._last["lr"], tokens_per_s)
         self.window_losses, self.window_seconds, self.window_tokens = [], 0.0, 0
+        self.logged_step = self.step
         return loss
 
     def export_state(self) -> dict:
@@ -1856,11 +1869,12 @@ def _like(value: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
 
 
 def _record_key(line: str) -> tuple[int, str | None]:
-    """(step, kind) of a metrics.jsonl line; a line cut short by a crash sorts after every step."""
+    """(step, kind) of a metrics.jsonl line; a line cut short by a crash, or any other that is no record (JSON but
+    no object, a step that is no number: a hand-edited file), sorts after every step."""
     try:
         record = json.loads(line)
         return int(record.get("step", 0)), record.get("kind")
-    except ValueError:
+    except (ValueError, TypeError, AttributeError, OverflowError):
         return 1 << 62, None
 
 

@@ -11,7 +11,8 @@ from retnet.train.flops import peak_flops
 @pytest.mark.parametrize(("name", "peak"), [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H800 PCIe", 756e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA A10", 125e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA A10", 125e12), ("NVIDIA L40S", 362e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA B200", 2250e12), ("NVIDIA GB200", 2500e12),
 ])
 def test_the_mfu_peak_is_the_cards_own(monkeypatch, name, peak):
     """The PCIe and NVL H100s have a lower dense bf16 peak than the SXM module (756 and 835 TFLOP/s, not 989): taken

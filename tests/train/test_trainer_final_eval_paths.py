@@ -4,12 +4,15 @@ an evaluation at a checkpoint's step); the loss plot's title counts the paramete
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
 import pytest
 
 from retnet.train.__main__ import main
+
+from .conftest import timeless
 
 CHECKPOINTED = dict(checkpoint__interval=3)
 
@@ -67,6 +70,37 @@ def test_two_ranks_resumed_at_train_steps_evaluate_once(micro, tmp_path, run_man
         assert done.returncode == 0, done.stderr[-3000:]
     assert "finished at step 3" in runs[1].stderr
     assert _val_steps(read_metrics, out) == [0, 3]
+
+
+def test_a_run_shortened_to_a_checkpoint_inside_a_log_window_writes_its_final_record(micro, tmp_path, read_metrics):
+    """The checkpoint of step 5 holds step 5's loss, not yet logged (logging.log_interval 4): a run shortened to it
+    writes the record of step 5 a 5-step run writes (loss, lr, grad norm, tokens), before its validation, once."""
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    common = dict(checkpoint__interval=5, logging__log_interval=4, optim__schedule="constant")
+    assert main(micro(out, **common, train__steps=6)) == 0
+    step_5 = out / "checkpoints" / "step_00000005"
+    assert main(micro(out, **common, train__steps=5, train__resume=step_5)) == 0
+    assert main(micro(straight, **common, train__steps=5)) == 0
+    records = [(r["kind"], r["step"]) for r in read_metrics(out, "train") + read_metrics(out, "val")]
+    assert sorted(records) == [("train", 4), ("train", 5), ("val", 0), ("val", 5)]
+    assert timeless(read_metrics(out)) == timeless(read_metrics(straight))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines[-2:]] == ["train", "val"]
+
+    # the finished run again, its metrics.jsonl holding lines that are JSON but no record (hand-edited): only those go
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('null\n[5]\n{"kind": "train", "step": null}\n')
+    assert main(micro(out, **common, train__steps=5)) == 0
+    assert (out / "metrics.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.parametrize("line", ["null", "[5]", "7", '"text"', '{"kind": "train", "step": null}',
+                                  '{"kind": "train", "step": Infinity}', '{"kind": "val", "step": [3]}'])
+def test_a_metrics_line_that_is_no_record_is_dropped_at_a_resume_not_a_traceback(line):
+    from retnet.train.trainer import _record_key
+
+    assert _record_key(line)[0] > 10**15  # after every step: a resume keeps none of it
+    assert _record_key('{"kind": "val", "step": 3}') == (3, "val")
 
 
 def test_the_loss_plot_title_counts_parameters_as_the_log_does(micro, tmp_path, monkeypatch, capsys):
