@@ -54,7 +54,7 @@ CHAT_EXTRAS = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty
                "logit_bias", "ignore_eos", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids",
                "chat_template_kwargs", "cache_salt")
 # Responses fields that change nothing here, beside the declared metadata, user and store: accepted and ignored.
-# prompt_cache_retention ("in-memory", "24h") is a hint to OpenAI's prompt cache, as prompt_cache_key is.
+# prompt_cache_retention ("in_memory", "24h") is a hint to OpenAI's prompt cache, as prompt_cache_key is.
 IGNORED_FIELDS = ("safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier")
 # Responses features this server does not run, each with the value that changes nothing (what passes; null
 # always does).

@@ -574,7 +574,7 @@ def test_the_official_client_retrieves_continues_and_deletes(api):
         api.responses.create(model="micro", input="x", previous_response_id=first.id)
 
 
-@pytest.mark.parametrize("retention", ["in-memory", "24h", None])
+@pytest.mark.parametrize("retention", ["in_memory", "24h", None])
 def test_prompt_cache_retention_is_accepted_as_a_cache_hint(retention):
     # The official client's create(prompt_cache_retention=...): a hint to OpenAI's prompt cache, as
     # prompt_cache_key is, so it changes nothing here; it was refused as an unknown parameter.
