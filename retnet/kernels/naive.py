@@ -356,8 +356,10 @@ def _decay_factors(log_decay: torch.Tensor) -> torch.Tensor:
     """γ = exp(ln γ) as ``[1, H, 1, 1]`` fp32, the recurrent form's per-step factor. A decode step calls the op
     once per layer with the layer's same ln γ tensor: the factors are kept on it, for as long as its version
     counter says it was not written in place (an inference tensor keeps none, nor is anything kept while
-    compiling or for a tensor in a graph: those compute them each call)."""
-    if log_decay.is_inference() or log_decay.requires_grad or torch.compiler.is_compiling():
+    compiling, capturing a CUDA graph (kept there, they would be written only when the graph replays) or for a
+    tensor in a graph: those compute them each call)."""
+    if log_decay.is_inference() or log_decay.requires_grad or torch.compiler.is_compiling() or (
+            log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
         return torch.exp(log_decay.float())[None, :, None, None]
     kept = getattr(log_decay, "_retnet_decay_factors", None)
     if kept is not None and kept[0] == log_decay._version:
