@@ -372,28 +372,31 @@ def _decay_factors(log_decay: torch.Tensor) -> torch.Tensor:
     return factors
 
 
-def check_inplace_state(q, k, v, initial_state, op: str = "recurrent_retention") -> None:
-    """What ``update_state_inplace=True`` needs: an fp32 contiguous initial state, no gradient, and no inference
-    tensor outside ``torch.inference_mode`` (checked after :func:`retnet.kernels.checks.check_inputs`, on both
-    paths)."""
+def inplace_state_refusal(q, k, v, initial_state, op: str = "recurrent_retention") -> str | None:
+    """Why ``update_state_inplace=True`` can't be had for this call, or None: it needs an fp32 contiguous initial
+    state, no gradient, and no inference tensor outside ``torch.inference_mode`` (the model asks before it opts in,
+    and falls back to a new state where this says why not)."""
     if initial_state is None:
-        raise ValueError(f"{op}: update_state_inplace=True needs an initial_state to update; got None")
+        return f"{op}: update_state_inplace=True needs an initial_state to update; got None"
     if initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
-        raise ValueError(
-            f"{op}: update_state_inplace=True needs a contiguous float32 initial_state; "
-            f"got {initial_state.dtype}, contiguous={initial_state.is_contiguous()}"
-        )
+        return (f"{op}: update_state_inplace=True needs a contiguous float32 initial_state; "
+                f"got {initial_state.dtype}, contiguous={initial_state.is_contiguous()}")
     if initial_state.is_inference() and not torch.is_inference_mode_enabled():
         # torch refuses this write (an inference tensor keeps no version counter, so a graph that saved it could
         # not notice); the Triton kernel writes through a raw pointer and would not be stopped.
-        raise ValueError(
-            f"{op}: update_state_inplace=True can't write an inference tensor outside torch.inference_mode(); "
-            "got an initial_state created under inference_mode (step under inference_mode too, or pass a clone)"
-        )
+        return (f"{op}: update_state_inplace=True can't write an inference tensor outside torch.inference_mode(); "
+                "got an initial_state created under inference_mode (step under inference_mode too, or pass a clone)")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial_state)):
-        raise ValueError(
-            f"{op}: update_state_inplace=True is for inference: no input may require grad under grad mode"
-        )
+        return f"{op}: update_state_inplace=True is for inference: no input may require grad under grad mode"
+    return None
+
+
+def check_inplace_state(q, k, v, initial_state, op: str = "recurrent_retention") -> None:
+    """What ``update_state_inplace=True`` needs (:func:`inplace_state_refusal`), refused by ValueError (checked
+    after :func:`retnet.kernels.checks.check_inputs`, on both paths)."""
+    refusal = inplace_state_refusal(q, k, v, initial_state, op)
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 @_fp32

@@ -34,6 +34,7 @@ from transformers.utils import logging
 
 from retnet import kernels
 from retnet.kernels.checks import CU_SEQLENS_NAMES, SharedHostOffsets, is_cu_seqlens, log_decay_tensor
+from retnet.kernels.naive import inplace_state_refusal
 from retnet.model.activations import _GSMELU_PARAMETERS, SAU, GeneralizedSmeLU, get_activation
 from retnet.model.cache import RetNetCache
 from retnet.model.configuration_retnet import RETENTION_MODES, RetNetConfig
@@ -294,15 +295,9 @@ def resolve_retention_mode(mode: str, length: int, q: torch.Tensor) -> str:
 
 
 def _inplace_state_allowed(q, k, v, initial_state) -> bool:
-    """Whether the kernels take ``update_state_inplace`` for this call (:func:`retnet.kernels.naive.check_inplace_state`
-    refuses it otherwise): asked of a cache, a state that breaks these rules is replaced as usual, not refused."""
-    if initial_state is None or initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
-        return False
-    if initial_state.is_inference() and not torch.is_inference_mode_enabled():
-        return False
-    if torch.compiler.is_compiling():  # (a traced graph's input written behind it)
-        return False
-    return not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial_state)))
+    """Whether the kernels take ``update_state_inplace`` for this call: asked of a cache, a state that breaks their
+    rules is replaced as usual, not refused; nor is a traced graph's input written behind it."""
+    return not torch.compiler.is_compiling() and inplace_state_refusal(q, k, v, initial_state) is None
 
 
 class RetNetMultiScaleRetention(nn.Module):
@@ -388,9 +383,9 @@ class RetNetMultiScaleRetention(nn.Module):
             # (NaN after the head norm). In fp32 they reach the head norm, which brings them back to its scale.
             q, k, v = q.float(), k.float(), v.float()
         mode = resolve_retention_mode(mode, length, q)
-        # In several pieces a state kept between two of them (a snapshot) would be the one the next overwrites.
-        update_state_inplace = (update_state_inplace and len(positions.pieces) == 1 and context is None
-                                and positions.keep_state_after is None)
+        # (the forward opts in only without a snapshot, packing or a context shard; in one piece, nothing else
+        # holds a state between two of them)
+        update_state_inplace = update_state_inplace and len(positions.pieces) == 1
         outputs, rotated_q, state = [], [], initial_state
         for number, piece in enumerate(positions.pieces):
             if state is not None and piece.state_shift is not None:
@@ -469,8 +464,7 @@ class RetNetMultiScaleRetention(nn.Module):
         elif mode == "chunkwise":
             o, state = kernels.chunk_retention(q, k, v, log_decay, chunk_size=self.config.chunk_size, **common)
         else:
-            if (update_state_inplace and output_final_state and cu_seqlens is None
-                    and _inplace_state_allowed(q, k, v, initial_state)):
+            if update_state_inplace and _inplace_state_allowed(q, k, v, initial_state):
                 common["update_state_inplace"] = True
             o, state = kernels.recurrent_retention(q, k, v, log_decay, **common)
         if packed_rows is not None:
