@@ -823,12 +823,12 @@ class Engine(ModelThread):
                 seq.finish_reason = "abort"
                 self._finish_cancelled(seq.group, [seq.index])
         joining = [(s, c) for s, c in self.joining if s.finish_reason is None]
-        self.joining = []
         leaving = set(self.preempting)
         self.preempting = []
         if leaving:
             keep = [i for i in keep if self.running[i] not in leaving]
         if len(keep) == len(self.running) and not joining:
+            self.joining = []
             return
         # Views of the rows, copied once by concat (``select`` would first copy every row).
         rows = self.batch.split() if leaving or 0 < len(keep) < len(self.running) else None
@@ -850,6 +850,8 @@ class Engine(ModelThread):
                 parts.extend(rows[i] for i in keep)
         parts.extend(cache for _, cache in joining)
         self.running = [self.running[i] for i in keep] + [s for s, _ in joining]
+        # Only now: should a copy above fail (a GPU out of memory), _fail_all still finds the joining requests.
+        self.joining = []
         self.batch = RetNetCache.concat(parts) if parts else None
 
     def _decode_step(self) -> None:

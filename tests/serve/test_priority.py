@@ -272,6 +272,32 @@ async def test_a_slot_freed_by_a_finished_sequence_is_taken_without_a_preemption
     assert engine.in_system == 0 and preemptions(engine) == 0
 
 
+async def test_an_engine_dying_as_it_preempts_answers_the_request_joining_the_batch(model_dir, monkeypatch):
+    # The preempted row's copy fails (a GPU out of memory): the engine dies, and every request in it gets its 503,
+    # the better one too, prefilled and joining the batch as the copy failed (it was in no list _fail_all reads: its
+    # client waited forever).
+    from retnet.model import RetNetCache
+
+    engine = engine_with(model_dir, scheduling_policy="priority", max_running=1)
+    low = engine.submit([LOW_PROMPT], SamplingParams(max_tokens=30, **GREEDY), priority=1)
+    await step(engine, Outputs(low=low), 2)
+    high = engine.submit([HIGH_PROMPT], SamplingParams(max_tokens=8, **GREEDY), priority=0)
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RetNetCache, "clone", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError), torch.inference_mode():
+            engine._iteration()  # admits `high`, prefills it (joining) and preempts `low`, whose copy fails
+    engine._fail_all("engine failed: OutOfMemoryError")  # as the dying scheduler thread does
+    await asyncio.sleep(0)
+    for handle in (low, high):
+        items = [handle.queue.get_nowait() for _ in range(handle.queue.qsize())]
+        assert isinstance(items[-1], EngineFailure), items
+    assert engine.in_system == 0
+
+
 async def test_a_resuming_sequence_may_preempt_with_max_running_states_preempted(model_dir):
     # --max-running 2: A (3) runs while X (9, a long prompt) is prefilled; B (0) preempts A, then G (-1) preempts
     # B: two states preempted, the cap. Once X joins, B is the better: it resumes in X's place, its own state
