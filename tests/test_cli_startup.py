@@ -8,7 +8,6 @@ runs a fresh interpreter, started as the console script (its name in ``sys.argv[
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,23 +91,29 @@ print(json.dumps([before, known(), type(AutoConfig.for_model("retnet")).__name__
     assert results == {"retnet-serve": [False, True, "RetNetConfig"], "my-script.py": [True, True, "RetNetConfig"]}
 
 
-# A console script as installed (pyproject's [project.scripts] target), with a Ctrl-C arriving in torch's import
-_CTRL_C_IN_TORCH = """
-import importlib, json, sys
-try:
-    import tomllib
-except ModuleNotFoundError:  # (Python 3.10)
-    import tomli as tomllib
+# A Ctrl-C arriving in torch's import, from the next import on
+_CTRL_C_IN_TORCH_FINDER = """
+import sys
 
 class CtrlCInTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
             raise KeyboardInterrupt
 
+sys.meta_path.insert(0, CtrlCInTorch())
+"""
+
+# A console script as installed (pyproject's [project.scripts] target), with a Ctrl-C arriving in torch's import
+_CTRL_C_IN_TORCH = _CTRL_C_IN_TORCH_FINDER + """
+import importlib, json
+try:
+    import tomllib
+except ModuleNotFoundError:  # (Python 3.10)
+    import tomli as tomllib
+
 script, args = sys.argv[1], json.loads(sys.argv[2])
 with open("pyproject.toml", "rb") as file:
     module, attr = tomllib.load(file)["project"]["scripts"][script].split(":")
-sys.meta_path.insert(0, CtrlCInTorch())
 sys.argv = [script, *args]
 sys.exit(getattr(importlib.import_module(module), attr)())
 """
@@ -139,21 +144,19 @@ def test_every_console_script_is_its_one_line_and_status_130_on_a_ctrl_c_in_torc
         assert (process.returncode, process.stderr) == (130, f"{script}: interrupted\n"), script
 
 
-def test_python_dash_m_evaluate_is_retnet_evals_script_on_a_ctrl_c_in_torchs_import(tmp_path):
+def test_python_dash_m_evaluate_is_retnet_evals_script_on_a_ctrl_c_in_torchs_import():
     """``python -m retnet.train.evaluate`` (the README's other name of retnet-eval) imported torch at its top, outside
     the script's Ctrl-C guard: a Ctrl-C in that second was a KeyboardInterrupt traceback, not retnet-eval's line."""
-    # (a sitecustomize runs at the interpreter's start, before `-m` finds the module)
-    (tmp_path / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class CtrlCInTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch':\n"
-        "            raise KeyboardInterrupt\n"
-        "sys.meta_path.insert(0, CtrlCInTorch())\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
-    process = subprocess.run([sys.executable, "-m", "retnet.train.evaluate", "--model", "some/model"], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=120)
-    assert (process.returncode, process.stderr) == (130, "retnet-eval: interrupted\n")
+    # (runpy's run as __main__ is what `-m` does, with the finder installed before it; `import retnet` reads the
+    # command line `-m` leaves to tell a command's start apart)
+    code = _CTRL_C_IN_TORCH_FINDER + """
+import runpy
+sys.argv = ["-m", "--model", "some/model"]
+sys.orig_argv = [sys.executable, "-m", "retnet.train.evaluate", *sys.argv[1:]]
+runpy.run_module("retnet.train.evaluate", run_name="__main__", alter_sys=True)
+"""
+    process = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (process.returncode, process.stderr) == (130, "retnet-eval: interrupted\n"), process.stderr[-2000:]
     help_run = subprocess.run([sys.executable, "-m", "retnet.train.evaluate", "--help"], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
     assert help_run.returncode == 0 and help_run.stdout.startswith("usage: retnet-eval "), help_run.stderr[-2000:]

@@ -95,6 +95,25 @@ def assert_close_scaled(actual, expected, tol, name=""):
     )
 
 
+
+def compare(got, want, tol, label=""):
+    """``got`` against ``want``, each (o, final state[, {name: grad}]) as an op or ``run_with_grads`` returns them:
+    each close to within ``tol`` (``assert_close_scaled``), the state None in both or fp32 (every op's state is),
+    the same gradients taken."""
+    assert len(got) == len(want), f"{label}: {len(got)} results, want {len(want)}"
+    assert_close_scaled(got[0], want[0], tol, f"{label} o")
+    if want[1] is None:
+        assert got[1] is None, f"{label}: final state should be None"
+    else:
+        assert got[1] is not None, f"{label}: no final state"
+        assert got[1].dtype == torch.float32, f"{label}: final state is {got[1].dtype}"
+        assert_close_scaled(got[1], want[1], tol, f"{label} final state")
+    if len(want) > 2:
+        assert got[2].keys() == want[2].keys(), label
+        for name in want[2]:
+            assert_close_scaled(got[2][name], want[2][name], tol, f"{label} d{name}")
+
+
 def run_with_grads(fn, q, k, v, log_decay, h0, output_final_state, seed=1, **kwargs):
     """Run ``fn`` in fp32-comparable form and return (o, ht, {name: grad}) for random upstream grads.
 
@@ -131,4 +150,5 @@ def kt():
         make_inputs=make_inputs,
         assert_close_scaled=assert_close_scaled,
         run_with_grads=run_with_grads,
+        compare=compare,
     )

@@ -76,20 +76,6 @@ def _reference(kt, q, k, v, log_decay, h0, output_final_state, **kwargs):
     )
 
 
-def _compare(kt, got, ref, tol, label=""):
-    o, ht, grads = got
-    ref_o, ref_ht, ref_grads = ref
-    kt.assert_close_scaled(o, ref_o, tol, f"{label} o")
-    if ref_ht is None:
-        assert ht is None
-    else:
-        assert ht.dtype == torch.float32
-        kt.assert_close_scaled(ht, ref_ht, tol, f"{label} final state")
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        kt.assert_close_scaled(grads[name], ref_grads[name], tol, f"{label} d{name}")
-
-
 @pytest.mark.parametrize(
     "case, dtype",
     [pytest.param(case, dtype, id=f"{_case_id(case)}-{DTYPE_IDS[DTYPES.index(dtype)]}")
@@ -101,7 +87,7 @@ def test_matches_reference(kt, case, dtype):
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=chunk_size)
     assert got[0].dtype == dtype and got[0].shape == (B, T, H, V)
     assert got[2]["q"].dtype == dtype and got[2]["h0"].dtype == torch.float32
-    _compare(kt, got, _reference(kt, q, k, v, log_decay, h0, True), TOL[dtype])
+    kt.compare(got, _reference(kt, q, k, v, log_decay, h0, True), TOL[dtype])
 
 
 @pytest.mark.parametrize(
@@ -113,7 +99,7 @@ def test_state_options(kt, initial_state, output_final_state):
     q, k, v, log_decay, h0 = kt.make_inputs(1, 37, 2, 32, 16, initial_state=initial_state, device=DEVICE)
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, output_final_state, chunk_size=16)
     ref = _reference(kt, q, k, v, log_decay, h0, output_final_state)
-    _compare(kt, got, ref, TOL[torch.float32])
+    kt.compare(got, ref, TOL[torch.float32])
 
 
 def test_final_state_alone_carries_gradient(kt):
@@ -138,7 +124,7 @@ def test_strong_decay_and_explicit_scale(kt):
     for x in (got[0], got[1], *got[2].values()):
         assert torch.isfinite(x).all()
     ref = _reference(kt, q, k, v, log_decay, h0, True)
-    _compare(kt, got, ref, TOL[torch.float32])
+    kt.compare(got, ref, TOL[torch.float32])
     o, _ = chunk_retention(q, k, v, log_decay, scale=0.3, chunk_size=32)
     ref_o, _ = naive.chunk_retention(q, k, v, log_decay, scale=0.3)
     kt.assert_close_scaled(o, ref_o, TOL[torch.float32], "scale=0.3")
@@ -162,7 +148,7 @@ def test_varlen_equals_each_sequence_alone(kt, dtype):
     )
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=16, cu_seqlens=cu_seqlens)
     assert got[1].shape == (4, 2, 24, 16)
-    _compare(kt, got, _reference(kt, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens), TOL[dtype], "varlen")
+    kt.compare(got, _reference(kt, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens), TOL[dtype], "varlen")
     # The same sequences one by one through the Triton op: no state leaks across documents.
     with torch.no_grad():
         o, ht = got[0], got[1]
@@ -269,7 +255,7 @@ def test_bf16_model_sized_heads(kt, case):
     B, T, H, K, V, chunk_size = case
     q, k, v, log_decay, h0 = kt.make_inputs(B, T, H, K, V, torch.bfloat16, initial_state=True, device=DEVICE)
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=chunk_size)
-    _compare(kt, got, _reference(kt, q, k, v, log_decay, h0, True), TOL[torch.bfloat16], "bf16")
+    kt.compare(got, _reference(kt, q, k, v, log_decay, h0, True), TOL[torch.bfloat16], "bf16")
 
 
 @pytest.mark.parametrize(

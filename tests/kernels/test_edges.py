@@ -26,18 +26,6 @@ TOL = 1e-4  # fp32, relative to the largest reference value
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 
 
-def _compare(kt, got, ref, label):
-    for name in ("o", "final state"):
-        index = 0 if name == "o" else 1
-        if ref[index] is None:
-            assert got[index] is None, f"{label}: {name} should be None"
-        else:
-            kt.assert_close_scaled(got[index], ref[index], TOL, f"{label} {name}")
-    assert got[2].keys() == ref[2].keys()
-    for name in ref[2]:
-        kt.assert_close_scaled(got[2][name], ref[2][name], TOL, f"{label} d{name}")
-
-
 # one past, one short of and exactly a chunk (test_chunk.py runs longer, multi-chunk rows)
 @pytest.mark.parametrize("T, chunk_size", [(17, 16), (31, 32), (64, 64)])
 def test_lengths_at_the_chunk_edge(kt, T, chunk_size):
@@ -46,7 +34,7 @@ def test_lengths_at_the_chunk_edge(kt, T, chunk_size):
     q, k, v, log_decay, h0 = kt.make_inputs(1, T, 2, 32, 48, initial_state=True, seed=T, device=DEVICE)
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=chunk_size)
     ref = kt.run_with_grads(naive.chunk_retention, q, k, v, log_decay, h0, True)
-    _compare(kt, got, ref, f"T={T} C={chunk_size}")
+    kt.compare(got, ref, TOL, f"T={T} C={chunk_size}")
 
 
 @pytest.mark.parametrize(
@@ -63,7 +51,7 @@ def test_packed_rows_with_empty_and_whole_row_sequences(kt, bounds, dtype):
     )
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=16, cu_seqlens=cu_seqlens)
     ref = kt.run_with_grads(naive.chunk_retention, q, k, v, log_decay, h0, True, cu_seqlens=cu_seqlens)
-    _compare(kt, got, ref, str(bounds))
+    kt.compare(got, ref, TOL, str(bounds))
     with torch.no_grad():
         o, ht = recurrent_retention(q, k, v, log_decay, None, h0, True, cu_seqlens)
     kt.assert_close_scaled(o, ref[0], TOL, "recurrent o")
@@ -129,7 +117,7 @@ def test_zero_decay_gradients(kt):
     got = kt.run_with_grads(chunk_retention, q, k, v, log_decay, h0, True, chunk_size=16)
     ref = kt.run_with_grads(naive.recurrent_retention, q, k, v, log_decay, h0, True)
     assert all(torch.isfinite(g).all() for g in got[2].values())
-    _compare(kt, got, ref, "γ=0")
+    kt.compare(got, ref, TOL, "γ=0")
 
 
 @pytest.mark.parametrize("log_decay", [-20.0, -1e-9], ids=["decay-0", "decay-1"])
@@ -140,7 +128,7 @@ def test_extreme_decays(kt, log_decay):
     decay = torch.tensor([log_decay], device=DEVICE)
     got = kt.run_with_grads(chunk_retention, q, k, v, decay, h0, True, chunk_size=16)
     assert all(torch.isfinite(x).all() for x in (got[0], got[1], *got[2].values()))
-    _compare(kt, got, kt.run_with_grads(naive.chunk_retention, q, k, v, decay, h0, True), f"ln γ={log_decay}")
+    kt.compare(got, kt.run_with_grads(naive.chunk_retention, q, k, v, decay, h0, True), TOL, f"ln γ={log_decay}")
 
 
 @pytest.mark.parametrize("op", RECURRENT_OPS, ids=["reference", "triton"])

@@ -5,6 +5,7 @@ rank that met it."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import types
@@ -12,8 +13,20 @@ import types
 import pytest
 
 from retnet.train import __main__ as train_main
+from retnet.train.config_base import ConfigError, launch_env_int
 
 from .conftest import REPO, run_train, train_env
+
+
+def _train_importtime(args, env):
+    """``python -X importtime -m retnet.train ARGS``: its exit status, the stderr lines it printed (the import
+    timings left out), the modules it imported and its stderr."""
+    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "retnet.train", *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    lines = process.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    printed = [line for line in lines if not line.startswith("import time:")]
+    return process.returncode, printed, imported, process.stderr
 
 
 @pytest.mark.parametrize(("override", "error"), [
@@ -24,12 +37,8 @@ from .conftest import REPO, run_train, train_env
     ("--optim.lr=fast", "retnet-train: error: optim.lr expects float; got 'fast'"),
 ])
 def test_a_mistyped_override_is_refused_before_torch_is_imported(override, error):
-    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "retnet.train", override], cwd=REPO,
-                             env=train_env(), capture_output=True, text=True, timeout=120)
-    lines = process.stderr.splitlines()
-    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
-    printed = [line for line in lines if not line.startswith("import time:")]
-    assert process.returncode == 2 and len(printed) == 1 and printed[0].startswith(error), printed
+    returncode, printed, imported, _ = _train_importtime([override], train_env())
+    assert returncode == 2 and len(printed) == 1 and printed[0].startswith(error), printed
     assert "retnet.train.config" in imported and not {"torch", "transformers"} & imported
 
 
@@ -86,23 +95,37 @@ def test_a_process_not_launched_by_torchrun_prints_at_once(env, monkeypatch, cap
     assert capsys.readouterr().err == "retnet-train: error: optim.lr must be > 0; got -1.0\n"
 
 
-@pytest.mark.parametrize(("name", "value", "least"), [
-    ("WORLD_SIZE", "two", 1), ("WORLD_SIZE", "0", 1), ("RANK", "x", 0), ("LOCAL_RANK", "-1", 0),
-])
-def test_a_launchers_variable_that_is_no_count_is_one_line_naming_it(name, value, least, tmp_path):
+def test_a_launchers_variable_that_is_no_count_is_one_line_naming_it(tmp_path):
     """``WORLD_SIZE=two retnet-train`` was int()'s ValueError traceback (RANK's and LOCAL_RANK's met in the trainer)."""
     env = train_env()
-    env[name] = value
-    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "retnet.train", "--config", "tiny",
-                              f"--train.output_dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=120)
-    lines = process.stderr.splitlines()
-    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
-    printed = [line for line in lines if not line.startswith("import time:")]
-    assert process.returncode == 2 and printed == [
-        f"retnet-train: error: environment variable {name} must be an integer >= {least} (as torchrun sets it), or "
-        f"unset for a single process; got {value!r}"], process.stderr[-3000:]
+    env["WORLD_SIZE"] = "two"
+    returncode, printed, imported, stderr = _train_importtime(
+        ["--config", "tiny", f"--train.output_dir={tmp_path / 'run'}"], env)
+    assert returncode == 2 and printed == [
+        "retnet-train: error: environment variable WORLD_SIZE must be an integer >= 1 (as torchrun sets it), or "
+        "unset for a single process; got 'two'"], stderr[-3000:]
     assert not {"torch", "transformers"} & imported
+
+
+@pytest.mark.parametrize(("name", "value", "least"), [
+    ("WORLD_SIZE", "two", 1), ("WORLD_SIZE", "0", 1), ("LOCAL_WORLD_SIZE", "0", 1), ("RANK", "x", 0),
+    ("LOCAL_RANK", "-1", 0),
+])
+def test_launch_env_int_refuses_a_value_that_is_no_count_naming_it(name, value, least, monkeypatch):
+    monkeypatch.setenv(name, value)
+    message = (f"environment variable {name} must be an integer >= {least} (as torchrun sets it), or unset for a "
+               f"single process; got {value!r}")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        launch_env_int(name, 7)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 7), ("", 7), ("3", 3)])
+def test_launch_env_int_reads_an_unset_or_empty_variable_as_its_default(value, expected, monkeypatch):
+    if value is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", value)
+    assert launch_env_int("RANK", 7) == expected
 
 
 def test_empty_launcher_variables_are_unset_as_torchs_env_start_reads_them(monkeypatch):
