@@ -48,6 +48,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/inplace_decode.py
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/serve.py

@@ -84,6 +84,15 @@ def test_torch_floor_has_the_torch_apis_the_model_imports():
     assert floor >= (2, 5), torch_req
 
 
+def test_readme_states_the_declared_torch_floor():
+    # the README's opening line said torch >= 2.4 after the floor became 2.5 (on 2.4 `import retnet` fails)
+    torch_req = next(req for req in PROJECT["dependencies"] if _names([req]) == {"torch"})
+    floor = re.search(r">=\s*([\d.]+)", torch_req).group(1)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    stated = re.findall(r"\bon torch ≥ ([\d.]+)", readme) + re.findall(r"only asks for `torch>=([\d.]+)`", readme)
+    assert len(stated) == 2 and set(stated) == {floor}, (stated, torch_req)
+
+
 def _build(kind: str, source: Path, out: Path) -> Path:
     # setuptools from this environment (no isolated build env: no index needed); a child process, since
     # setuptools' build changes the working directory and its logging
