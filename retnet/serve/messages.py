@@ -138,8 +138,13 @@ def to_chat_body(request: CountTokensRequest, tool_call_parser: str | None) -> t
             raise _unsupported(name, f"not supported by this server {refusal}")
     # output_config's format would hold the text to a schema; its effort is chat's reasoning_effort (a template
     # variable), in count_tokens too: it may change the prompt
-    output_config = (request.model_extra or {}).get("output_config") or {}
-    if not isinstance(output_config, dict) or output_config.get("format") is not None:
+    output_config = (request.model_extra or {}).get("output_config")
+    if output_config is None:
+        output_config = {}
+    elif not isinstance(output_config, dict):  # ([] and "" too: not read as the empty object)
+        raise APIError(400, f"output_config must be an object; got {json.dumps(output_config)[:80]}",
+                       "output_config", "invalid_type")
+    if output_config.get("format") is not None:
         raise _unsupported("output_config.format", "structured output is not supported on this route (/v1/chat/"
                            "completions' response_format is)")
     effort = checked_effort(output_config.get("effort"), "output_config.effort")

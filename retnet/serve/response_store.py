@@ -7,6 +7,9 @@ whole conversation it ran, as Responses items: the conversation it continued, it
 item dicts of the conversation they continue, and none is changed once stored, so a long chain costs a list of
 references per response, not copies.
 
+The items of the stored responses (their input and output items) are found by id too, for an ``item_reference``
+input item: an item goes with the response that holds it (evicted or deleted).
+
 Only the event loop reads and writes the store (every route is a coroutine), so it takes no lock.
 """
 
@@ -38,6 +41,8 @@ class ResponseStore:
     def __init__(self, entries: int, max_bytes: int = 256 << 20):
         self.entries, self.max_bytes = entries, max_bytes
         self._stored: OrderedDict[str, StoredResponse] = OrderedDict()
+        # item id -> (the id of the response that holds it, the item); the newest response holding an id wins
+        self._items: dict[str, tuple[str, dict[str, Any]]] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -55,11 +60,15 @@ class ResponseStore:
         size = sum(len(json.dumps(part, ensure_ascii=False).encode()) for part in (response, conversation))
         if size > self.max_bytes:  # alone over the bound: kept out, and nothing else evicted for it
             return
-        old = self._stored.pop(response["id"], None)
-        self.bytes += size - (old.size if old else 0)
-        self._stored[response["id"]] = StoredResponse(response, input_items, conversation, size)
+        if response["id"] in self._stored:
+            self._drop(response["id"])
+        entry = StoredResponse(response, input_items, conversation, size)
+        self._stored[response["id"]] = entry
+        self.bytes += size
+        for item in self._own_items(entry):
+            self._items[item["id"]] = (response["id"], item)
         while len(self._stored) > self.entries or self.bytes > self.max_bytes:
-            self.bytes -= self._stored.popitem(last=False)[1].size
+            self._drop(next(iter(self._stored)))
 
     def get(self, response_id: str, param: str = "response_id") -> StoredResponse:
         """The stored response (now the most recently used), or 404 naming ``param``."""
@@ -69,11 +78,27 @@ class ResponseStore:
         self._stored.move_to_end(response_id)
         return entry
 
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        """The stored input or output item with this id (shared: not to be changed), or None."""
+        found = self._items.get(item_id)
+        return found[1] if found is not None else None
+
     def delete(self, response_id: str) -> None:
-        entry = self._stored.pop(response_id, None)
-        if entry is None:
+        if response_id not in self._stored:
             raise not_found(response_id, "response_id")
+        self._drop(response_id)
+
+    def _drop(self, response_id: str) -> None:
+        entry = self._stored.pop(response_id)
         self.bytes -= entry.size
+        for item in self._own_items(entry):
+            # (a later response may hold an item of the same id, sent again as its input: that one stays)
+            if self._items.get(item["id"], (None,))[0] == response_id:
+                del self._items[item["id"]]
+
+    @staticmethod
+    def _own_items(entry: StoredResponse) -> list[dict[str, Any]]:
+        return [item for item in (*entry.input_items, *entry.response["output"]) if isinstance(item.get("id"), str)]
 
 
 def not_found(response_id: str, param: str) -> APIError:

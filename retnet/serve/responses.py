@@ -9,7 +9,8 @@ the Responses stream's events (``event: <type>`` / ``data: {json}``, each with i
 
 With ``store`` (the default) a finished response is kept (:mod:`retnet.serve.response_store`): ``GET`` /
 ``DELETE /v1/responses/{id}``, its ``input_items``, and ``previous_response_id``, which puts the stored
-conversation (its input and output items, not its ``instructions``) before the request's ``input``.
+conversation (its input and output items, not its ``instructions``) before the request's ``input``, and an
+``item_reference`` input item is the stored item it names.
 ``conversation``, ``background`` and the other hosted features are refused by name (400
 ``unsupported_parameter``), as is any field this module does not know.
 """
@@ -363,6 +364,7 @@ class ResponsesServing:
         history: list[dict[str, Any]] = []
         if request.previous_response_id is not None:
             history = self.store.get(request.previous_response_id, "previous_response_id").conversation
+        request = self._referenced(request)
         chat, origins = to_chat_request(request, history)
         try:
             run = await self.serving.start_chat(chat)
@@ -379,6 +381,26 @@ class ResponsesServing:
         response = shape.from_chat(result)
         self._keep(request, response, history)
         return JSONResponse(response)
+
+    def _referenced(self, request: ResponsesRequest) -> ResponsesRequest:
+        """``request`` with each ``item_reference`` input item replaced by the stored item it names (an input or
+        output item of a stored response), as OpenAI reads it: the new response's input holds that item."""
+        if isinstance(request.input, str) or not any(_is_reference(item) for item in request.input):
+            return request
+        items = []
+        for i, item in enumerate(request.input):
+            if _is_reference(item):
+                item_id = item.get("id")
+                if not isinstance(item_id, str):
+                    raise APIError(400, f"input[{i}].id: an item_reference needs a string id; got "
+                                   f"{json.dumps(item_id)[:80]}", f"input[{i}].id", "invalid_type")
+                item = self.store.item(item_id)
+                if item is None:
+                    raise APIError(400, f"input[{i}].id: Item with id {item_id!r} not found (never stored, sent "
+                                   f"with store: false, deleted, or evicted with its response)", f"input[{i}].id",
+                                   "not_found")
+            items.append(copy.deepcopy(item))  # the stored items are shared: the request's own copies
+        return request.model_copy(update={"input": items})
 
     def _keep(self, request: ResponsesRequest, response: dict[str, Any], history: list[dict[str, Any]]) -> None:
         """Store a finished response (completed or incomplete) unless the request sent ``store: false``."""
@@ -448,6 +470,12 @@ class ResponsesServing:
 
 
 _ITEM_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def _is_reference(item: dict[str, Any]) -> bool:
+    # OpenAI's ItemReference: its type may be left out, which leaves an item of an id alone
+    return item.get("type") == "item_reference" or (item.get("type") is None and "id" in item
+                                                    and set(item) <= {"id", "type"})
 
 
 def _input_items(request: ResponsesRequest) -> list[dict[str, Any]]:

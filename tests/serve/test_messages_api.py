@@ -405,6 +405,24 @@ def test_tools_without_tool_choice_need_the_parser_said_in_this_apis_terms():
     assert "required" not in refused.value.message
 
 
+def test_an_output_config_that_is_not_an_object_is_refused_by_its_name():
+    from retnet.serve.messages import MessagesRequest, to_chat_body
+    from retnet.serve.protocol import APIError
+
+    # [] was read as no settings, and "x" refused as if it were a format
+    for value in ([], "x", 3, "", False):
+        request = MessagesRequest.model_validate({"model": "micro", "max_tokens": 4, "messages": ASK,
+                                                  "output_config": value})
+        with pytest.raises(APIError) as refused:
+            to_chat_body(request, None)
+        assert (refused.value.status, refused.value.param) == (400, "output_config"), value
+        assert refused.value.message.startswith("output_config must be an object")
+    for value in (None, {}, {"effort": None}):
+        request = MessagesRequest.model_validate({"model": "micro", "max_tokens": 4, "messages": ASK,
+                                                  "output_config": value})
+        assert to_chat_body(request, None)[0]["reasoning_effort"] is None
+
+
 def test_a_prefill_with_automatic_tool_use_is_refused_naming_the_message(client):
     # chat's own refusal would name continue_final_message, which this client never sent
     prefill = [*ASK, {"role": "assistant", "content": "    return"}]

@@ -489,6 +489,38 @@ async def test_a_tool_call_is_continued_with_its_output(client):
     assert r.json()["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
 
 
+async def test_an_item_reference_is_the_stored_item_it_names(client):
+    call = (await client.post("/v1/responses", json={"input": "1 + 2?", "tools": [ADD], "tool_choice": "required",
+                                                     "parallel_tool_calls": False, "max_output_tokens": 80,
+                                                     "temperature": 1.0, "seed": 1})).json()
+    (item,) = call["output"]
+    question = (await client.get(f"/v1/responses/{call['id']}/input_items")).json()["data"][0]
+    output = {"type": "function_call_output", "call_id": item["call_id"], "output": "3"}
+    body = {"tools": [ADD], "tool_choice": "none", "max_output_tokens": 4, **GREEDY}
+    sent = (await client.post("/v1/responses", json={**body, "store": False, "input": [
+        {"role": "user", "content": "1 + 2?"}, item, output]})).json()
+    # the stored input message and the output call by id (the call's type left out, as OpenAI's type allows)
+    r = await client.post("/v1/responses", json={**body, "input": [
+        {"type": "item_reference", "id": question["id"]}, {"id": item["id"]}, output]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["input_tokens"] == sent["usage"]["input_tokens"]
+    assert r.json()["output"][0]["content"][0]["text"] == sent["output"][0]["content"][0]["text"]
+    listed = (await client.get(f"/v1/responses/{r.json()['id']}/input_items?order=asc")).json()["data"]
+    assert listed[1] == item and listed[0]["id"] == question["id"]  # the new response's input holds them
+    # an unknown id, or one gone with the responses that held it (the call's, and the one it was input to)
+    await client.delete(f"/v1/responses/{call['id']}")
+    assert (await client.post("/v1/responses", json={**body, "store": False, "input": [
+        {"type": "item_reference", "id": item["id"]}, output]})).status_code == 200
+    await client.delete(f"/v1/responses/{r.json()['id']}")
+    for i, ref in enumerate(({"type": "item_reference", "id": "fc_nope"}, {"type": "item_reference", "id": item["id"]})):
+        r = await client.post("/v1/responses", json={**body, "input": [*[output] * i, ref]})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == f"input[{i}].id" and ref["id"] in error["message"], error
+    r = await client.post("/v1/responses", json={**body, "input": [{"type": "item_reference", "id": 5}]})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "input[0].id")
+
+
 async def test_the_store_keeps_the_most_recent_entries(open_app):
     async with open_app(responses_store_entries=1) as c:
         old = (await c.post("/v1/responses", json={"input": "a", "max_output_tokens": 1})).json()
@@ -520,6 +552,16 @@ def test_the_store_keeps_within_its_bytes():
     store.delete("a")
     store.delete("c")
     assert store.bytes == 0
+
+
+def test_the_stores_items_go_with_their_response():
+    from retnet.serve.response_store import ResponseStore
+
+    store = ResponseStore(entries=1)
+    store.put({"id": "r1", "output": [{"type": "message", "id": "msg_1"}]}, [{"type": "message", "id": "msg_0"}], [])
+    assert store.item("msg_0")["id"] == "msg_0" and store.item("msg_1")["id"] == "msg_1"
+    store.put({"id": "r2", "output": [{"type": "message", "id": "msg_2"}]}, [], [])  # r1 evicted
+    assert store.item("msg_0") is None and store.item("msg_1") is None and store.item("msg_2") is not None
 
 
 # -- the official client, against a real uvicorn process -------------------------------------------------------
