@@ -41,8 +41,9 @@ class ResponseStore:
     def __init__(self, entries: int, max_bytes: int = 256 << 20):
         self.entries, self.max_bytes = entries, max_bytes
         self._stored: OrderedDict[str, StoredResponse] = OrderedDict()
-        # item id -> (the id of the response that holds it, the item); the newest response holding an id wins
-        self._items: dict[str, tuple[str, dict[str, Any]]] = {}
+        # item id -> {id of a response holding it: the item}, oldest first: a reference reads the newest holder's,
+        # and a dropped response takes only its own (an item it referenced stays found in the response it came from)
+        self._items: dict[str, dict[str, dict[str, Any]]] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -66,7 +67,7 @@ class ResponseStore:
         self._stored[response["id"]] = entry
         self.bytes += size
         for item in self._own_items(entry):
-            self._items[item["id"]] = (response["id"], item)
+            self._items.setdefault(item["id"], {})[response["id"]] = item
         while len(self._stored) > self.entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._stored)))
 
@@ -80,8 +81,8 @@ class ResponseStore:
 
     def item(self, item_id: str) -> dict[str, Any] | None:
         """The stored input or output item with this id (shared: not to be changed), or None."""
-        found = self._items.get(item_id)
-        return found[1] if found is not None else None
+        holders = self._items.get(item_id)
+        return next(reversed(holders.values())) if holders else None
 
     def delete(self, response_id: str) -> None:
         if response_id not in self._stored:
@@ -92,9 +93,10 @@ class ResponseStore:
         entry = self._stored.pop(response_id)
         self.bytes -= entry.size
         for item in self._own_items(entry):
-            # (a later response may hold an item of the same id, sent again as its input: that one stays)
-            if self._items.get(item["id"], (None,))[0] == response_id:
-                del self._items[item["id"]]
+            holders = self._items.get(item["id"], {})
+            holders.pop(response_id, None)
+            if not holders:
+                self._items.pop(item["id"], None)
 
     @staticmethod
     def _own_items(entry: StoredResponse) -> list[dict[str, Any]]:

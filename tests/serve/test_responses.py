@@ -562,6 +562,15 @@ def test_the_stores_items_go_with_their_response():
     assert store.item("msg_0")["id"] == "msg_0" and store.item("msg_1")["id"] == "msg_1"
     store.put({"id": "r2", "output": [{"type": "message", "id": "msg_2"}]}, [], [])  # r1 evicted
     assert store.item("msg_0") is None and store.item("msg_1") is None and store.item("msg_2") is not None
+    # A response that referenced an item holds it too; dropped, it leaves the item found in the one it came from
+    store = ResponseStore(entries=4)
+    store.put({"id": "a", "output": [{"type": "message", "id": "msg_a", "from": "a"}]}, [], [])
+    store.put({"id": "b", "output": []}, [{"type": "message", "id": "msg_a", "from": "b"}], [])
+    assert store.item("msg_a")["from"] == "b"  # the newest holder's
+    store.delete("b")
+    assert store.item("msg_a")["from"] == "a"
+    store.delete("a")
+    assert store.item("msg_a") is None and not store._items
 
 
 # -- the official client, against a real uvicorn process -------------------------------------------------------
