@@ -385,7 +385,18 @@ class ResponsesServing:
     def _referenced(self, request: ResponsesRequest) -> ResponsesRequest:
         """``request`` with each ``item_reference`` input item replaced by the stored item it names (an input or
         output item of a stored response), as OpenAI reads it: the new response's input holds that item."""
-        if isinstance(request.input, str) or not any(_is_reference(item) for item in request.input):
+        if isinstance(request.input, str):
+            return request
+        seen: set[str] = set()
+        for i, item in enumerate(request.input):
+            # An id twice (an item sent twice, or referenced twice) is refused as OpenAI does: input_items pages by
+            # id, and a page ending on the second copy started the next one again after the first, forever
+            item_id = item.get("id")
+            if isinstance(item_id, str):
+                if item_id in seen:
+                    raise APIError(400, f"input[{i}].id: Duplicate item found with id {item_id!r}", f"input[{i}].id")
+                seen.add(item_id)
+        if not any(_is_reference(item) for item in request.input):
             return request
         items = []
         for i, item in enumerate(request.input):

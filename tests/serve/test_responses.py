@@ -519,6 +519,9 @@ async def test_an_item_reference_is_the_stored_item_it_names(client):
         assert error["param"] == f"input[{i}].id" and ref["id"] in error["message"], error
     r = await client.post("/v1/responses", json={**body, "input": [{"type": "item_reference", "id": 5}]})
     assert (r.status_code, r.json()["error"]["param"]) == (400, "input[0].id")
+    # an id twice (input_items pages by id: a page ending on the second copy began the next after the first, forever)
+    r = await client.post("/v1/responses", json={**body, "input": [{"type": "item_reference", "id": "fc_x"}] * 2})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "input[1].id") and "Duplicate" in r.text
 
 
 async def test_the_store_keeps_the_most_recent_entries(open_app):
