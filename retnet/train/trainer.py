@@ -1534,10 +1534,11 @@ class Trainer:
         if self.is_main and cfg.logging.progress:
             from tqdm.auto import tqdm
 
-            # (a library's warnings and last-resort log records too, which went on the bar's line)
-            self._progress_hooks.enter_context(warnings_above_bars())
             self._progress = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step",
                                   dynamic_ncols=True, mininterval=0.5)
+            # (a library's warnings and last-resort log records too, which went on the bar's line; entered once the
+            # bar is, as _close_progress closes them with it: entered first, a bar that failed left them patched)
+            self._progress_hooks.enter_context(warnings_above_bars())
         if self.step == 0 or self.pending_eval:
             self.evaluate()
             if self.pending_eval:

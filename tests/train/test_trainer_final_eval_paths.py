@@ -115,3 +115,24 @@ def test_the_loss_plot_title_counts_parameters_as_the_log_does(micro, tmp_path, 
     assert logged is not None and 0 < float(logged.group(1)) < 0.05
     (title,) = titles
     assert f"({logged.group(1)}M params)" in title
+
+
+def test_a_progress_bar_that_fails_to_open_leaves_no_warning_hooks(micro, tmp_path, monkeypatch):
+    """The warning hooks are the bar's, closed with it: entered before it, a bar that raised left warnings.showwarning
+    and logging.lastResort patched for the rest of the process."""
+    import logging
+    import warnings
+
+    import tqdm.auto
+
+    class NoTrainingBar(tqdm.auto.tqdm):  # (a class: datasets subclasses tqdm.auto.tqdm when imported)
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("desc") == "train":
+                raise RuntimeError("no terminal for the bar")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", NoTrainingBar)
+    before = warnings.showwarning, logging.lastResort
+    with pytest.raises(RuntimeError, match="no terminal for the bar"):
+        main(micro(tmp_path / "run", logging__progress=True, train__steps=1))
+    assert (warnings.showwarning, logging.lastResort) == before
