@@ -83,6 +83,7 @@ from retnet.train.preference import (
     pack_completions,
     pairs_digest,
     policy_overrides,
+    prompt_tokens_key,
 )
 
 if TYPE_CHECKING:
@@ -174,10 +175,12 @@ def encode_rows(encoder: PairEncoder, rows: list[tuple], chunk: int, batch: int 
         chunk_rows = rows[start:start + batch]
         texts = [text for row, (prompt, completion), _ in chunk_rows
                  for text in encoder.texts(row, (prompt, completion, completion))[:2]]
-        encodings = encoder.chat.backend.encode_batch(texts, add_special_tokens=False)
-        prompts += [encodings[2 * i].ids for i in range(len(chunk_rows))]
+        # a standard row's prompt with the tokenizer's added special tokens (a BOS), as DPO's
+        encodings = encoder.encode_texts(texts, [added for _, (prompt, completion), _ in chunk_rows
+                                                 for added in encoder.added((prompt, completion, completion))[:2]])
+        prompts += [encodings[2 * i] for i in range(len(chunk_rows))]
         # a completion the template already closed with the EOS gets no second one
-        completions += [closed_by_eos(encodings[2 * i + 1].ids, encoder.eos) for i in range(len(chunk_rows))]
+        completions += [closed_by_eos(encodings[2 * i + 1], encoder.eos) for i in range(len(chunk_rows))]
     tokens, lengths = [], []
     for (row, *_), prompt, completion, other in zip(rows, prompts, completions, kl_order(len(rows), chunk),
                                                     strict=True):
@@ -416,8 +419,9 @@ def build_kto_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch
     if source is None:  # the config refuses it first (model.init_from is required)
         raise ConfigError("data.format 'unpaired' needs the tokenizer of the model it tunes: set model.init_from")
     tokenizer = load_tokenizer(source)
-    key = _hash(ROWS_VERSION, data_fingerprint(cfg, files, fingerprint), tokenizer_fingerprint(tokenizer),
-                chat_template_identity(tokenizer), cfg.seq_len, cfg.max_prompt_length, micro_batch)
+    key = prompt_tokens_key(tokenizer, _hash(ROWS_VERSION, data_fingerprint(cfg, files, fingerprint),
+                                             tokenizer_fingerprint(tokenizer), chat_template_identity(tokenizer),
+                                             cfg.seq_len, cfg.max_prompt_length, micro_batch))
     cache = cache_dir / f"unpaired-{key}"
     if local_rank == 0 and not (cache / "meta.json").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)

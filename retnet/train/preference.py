@@ -11,7 +11,9 @@ share no beginning has no prompt (None): each completion is the whole text, or t
 with the chat template (no generation prompt), as TRL's RewardTrainer tokenizes every row; a reward model scores
 it so, and DPO refuses it when it starts (:meth:`PreferenceData.check_prompted`: no token would predict the first
 completion token). *Standard*: three strings; a sequence is the prompt's tokens, then the completion's, then
-EOS (in either format, a completion whose tokens already end with the EOS, as a conversation's rendered with a
+EOS, the prompt (or a prompt-less row's whole texts) encoded with the special tokens the tokenizer adds, as
+``/v1/completions`` encodes a prompt and the SFT and pretraining data start (a Llama-style BOS; TRL's DPOTrainer
+leaves it out) (:func:`encode_texts`) (in either format, a completion whose tokens already end with the EOS, as a conversation's rendered with a
 template that ends each message with it, the default's, gets no second). *Conversational*: three lists of ``{"role", "content"}`` messages (``chosen``/``rejected`` normally one assistant message). The prompt is rendered with the
 tokenizer's chat template and the generation prompt, as the server renders a chat request, and a completion is
 what ``render(prompt + chosen)`` adds after it (the template must render the prompt as a prefix, or the row is
@@ -90,6 +92,7 @@ from retnet.train.chat import (
     KWARGS_COLUMN,
     ChatEncoder,
     Conversation,
+    _ends_with_added_eos,
     check_template_kwargs,
     conversation_problem,
     template_messages,
@@ -309,6 +312,23 @@ class Pairs:
                    np.load(margins) if margins.is_file() else None)
 
 
+def encode_texts(backend, eos: int | None, texts: list[str], added: list[bool]) -> list[list[int]]:
+    """Each text's ids (``backend``: a :class:`~retnet.train.chat.ChatEncoder`'s). Where ``added``, with the
+    special tokens the tokenizer's post-processor puts around a text (a Llama tokenizer's BOS), less an EOS it
+    appends (a completion follows): a standard row's text starts as ``/v1/completions`` encodes a prompt, and as SFT's
+    standard prompt-completion rows and the pretraining documents start. Elsewhere the text's own tokens: a
+    conversation's template writes its own, as for a chat request."""
+    out: list[list[int]] = [[] for _ in texts]
+    for flag in (False, True):
+        picked = [i for i, value in enumerate(added) if value == flag]
+        if not picked:
+            continue
+        for i, encoding in zip(picked, backend.encode_batch([texts[i] for i in picked], add_special_tokens=flag),
+                               strict=True):
+            out[i] = encoding.ids[:-1] if flag and _ends_with_added_eos(encoding, eos) else encoding.ids
+    return out
+
+
 class PairEncoder:
     """(row, pair) -> :class:`Pairs` with ``tokenizer``, cut to ``cfg.seq_len`` (see the module's docstring)."""
 
@@ -340,15 +360,27 @@ class PairEncoder:
             raise ConfigError(f"data.format {self.format!r}: the tokenizer's chat template cannot render row {row} of "
                               f"{self.dataset!r} as prompt + completion: {type(error).__name__}: {error}") from None
 
+    @staticmethod
+    def added(pair: tuple) -> tuple[bool, bool, bool]:
+        """Which of :meth:`texts`' three get the tokenizer's added special tokens (:meth:`encode_texts`): a
+        standard row's prompt, or, without one, its two whole texts; none of a conversation's renderings."""
+        if not isinstance(pair[1], str):
+            return False, False, False
+        return (True, False, False) if pair[0] is not None else (False, True, True)
+
+    def encode_texts(self, texts: list[str], added: list[bool]) -> list[list[int]]:
+        """:func:`encode_texts` with this encoder's tokenizer."""
+        return encode_texts(self.chat.backend, self.eos, texts, added)
+
     def encode(self, pairs: list[tuple], batch: int = 256) -> Pairs:
         """``pairs``: (row, pair) or, as :func:`load_pairs` reads a ``margin`` column, (row, pair, margin) each."""
         tokens, lengths = [], []
         for start in range(0, len(pairs), batch):
             chunk = pairs[start:start + batch]
             texts = [text for row, pair, *_ in chunk for text in self.texts(row, pair)]
-            encodings = self.chat.backend.encode_batch(texts, add_special_tokens=False)
+            encodings = self.encode_texts(texts, [added for _, pair, *_ in chunk for added in self.added(pair)])
             for number, (row, pair, *_) in enumerate(chunk):
-                prompt, chosen, rejected = (encodings[3 * number + i].ids for i in range(3))
+                prompt, chosen, rejected = (encodings[3 * number + i] for i in range(3))
                 # a completion the template already closed with the EOS (the default's ends each message so) gets
                 # no second one
                 parts = self._cut(row, prompt, closed_by_eos(chosen, self.eos), closed_by_eos(rejected, self.eos),
@@ -1067,6 +1099,16 @@ def _first_rank() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------------------
+def prompt_tokens_key(tokenizer, key: str) -> str:
+    """``key``, the token cache's, for a tokenizer whose post-processor adds tokens to a text (a BOS), which a
+    standard row's prompt now carries (:meth:`PairEncoder.encode_texts`): a cache of before holds it without them.
+    Others' keys stay."""
+    backend = tokenizer.backend_tokenizer
+    if backend.encode("a", add_special_tokens=True).ids == backend.encode("a", add_special_tokens=False).ids:
+        return key
+    return _hash(key, {"prompt_special_tokens": 1})
+
+
 def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch: int, rank: int,
                           local_rank: int, world_size: int, tokenizer_dir: Path | None, barrier: Callable[[], None],
                           hub_fingerprint: str | None = None) -> PreferenceData:
@@ -1091,8 +1133,9 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
     if source is None:  # the config refuses it first (model.init_from is required)
         raise ConfigError("data.format 'preference' needs the tokenizer of the model it tunes: set model.init_from")
     tokenizer = load_tokenizer(source)
-    key = _hash(PAIRS_VERSION, data_fingerprint(cfg, files, fingerprint), tokenizer_fingerprint(tokenizer),
-                chat_template_identity(tokenizer), cfg.seq_len, cfg.max_prompt_length)
+    key = prompt_tokens_key(tokenizer, _hash(PAIRS_VERSION, data_fingerprint(cfg, files, fingerprint),
+                                             tokenizer_fingerprint(tokenizer), chat_template_identity(tokenizer),
+                                             cfg.seq_len, cfg.max_prompt_length))
     cache = cache_dir / f"preferences-{key}"
     if local_rank == 0 and not (cache / "meta.json").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -1119,5 +1162,5 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
 
 __all__ = ["FIELDS", "MARGIN", "METRICS", "ORPO_METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs",
            "PreferenceData", "RunningMean", "SavedReference", "build_preference_data", "check_margin", "check_pair",
-           "chosen_nll", "completion_logps", "compute_reference", "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs",
-           "orpo_log_odds", "pack", "pairs_digest", "policy_overrides", "reference_digest"]
+           "chosen_nll", "completion_logps", "compute_reference", "dpo_loss", "encode_texts", "extract_prompt", "implicit_pair", "load_pairs",
+           "orpo_log_odds", "pack", "pairs_digest", "policy_overrides", "prompt_tokens_key", "reference_digest"]

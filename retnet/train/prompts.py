@@ -29,6 +29,7 @@ from retnet.train.chat import (
 )
 from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import _hf_dataset, _kind, column_values, first_rows, saved_dataset_dir
+from retnet.train.preference import encode_texts
 
 FIELD = "prompt"  # TRL's column name
 # the reward functions' own arguments (rewards.py)
@@ -127,6 +128,13 @@ class PromptEncoder:
             return prompt
         return render_pair(prompt, [], self.chat.renderer(template_kwargs))[0]
 
+    def ids(self, prompts: list, texts: list[str]) -> list[list[int]]:
+        """The ids of ``prompts``' ``texts`` (:meth:`text`), uncut: a standard prompt's with the tokenizer's added
+        special tokens (a BOS), as DPO's and ``/v1/completions`` encode a text prompt; a rendered conversation's its
+        template's own (:func:`~retnet.train.preference.encode_texts`)."""
+        return encode_texts(self.chat.backend, self.chat.tokenizer.eos_token_id, texts,
+                            [isinstance(prompt, str) for prompt in prompts])
+
     def template_kwargs(self, row: int, prompt: str | list[dict[str, Any]], columns: dict[str, Any]
                         ) -> dict[str, Any] | None:
         """The template variables a row's prompt is rendered with: its ``chat_template_kwargs`` column's, checked
@@ -147,9 +155,8 @@ class PromptEncoder:
                 except Exception as error:  # jinja's own errors, raise_exception in a template
                     raise ConfigError(f"data.format 'prompts': the tokenizer's chat template cannot render row {row}"
                                       f" of {self.dataset!r}: {type(error).__name__}: {error}") from None
-            for (row, _, _), encoding in zip(chunk, self.chat.backend.encode_batch(texts, add_special_tokens=False),
-                                             strict=True):
-                ids = encoding.ids[-self.max_prompt_length:] if self.max_prompt_length else encoding.ids
+            for (row, _, _), whole in zip(chunk, self.ids([prompt for _, prompt, _ in chunk], texts), strict=True):
+                ids = whole[-self.max_prompt_length:] if self.max_prompt_length else whole
                 if not ids:
                     raise ConfigError(f"data.format 'prompts': row {row} of {self.dataset!r}: its prompt encodes to "
                                       f"no tokens: the first completion token would be sampled from nothing")

@@ -354,7 +354,7 @@ class RewardSources:
             # its reward model scores without them (apply_chat_template of {"messages": prompt + completion})
             if self.encoder.max_prompt_length or split.template_kwargs[index]:
                 if index not in whole:
-                    whole[index] = backend.encode(self.encoder.text(prompt), add_special_tokens=False).ids
+                    whole[index] = self.encoder.ids([prompt], [self.encoder.text(prompt)])[0]
                 prompt_ids = whole[index]
             if not isinstance(prompt, str):
                 text = render_pair(prompt, [[{"role": "assistant", "content": text}]], self.encoder.chat.render)[1]
