@@ -1052,7 +1052,9 @@ class Engine(ModelThread):
         count = len(seq.tokens)
         now = time.perf_counter()
         if count == 1:
-            if not seq.group.params.beam_step:
+            # Time to first token is a request's (vLLM's, where each prompt is one): its n choices sample their
+            # first tokens together, and observing each would weigh a request by its n.
+            if not seq.group.params.beam_step and seq.index == seq.group.first_index:
                 self.metrics.ttft.observe(now - seq.group.handle.arrival)
         else:
             self.metrics.itl.observe(now - seq.t_last)
