@@ -321,11 +321,19 @@ def _number(where: str, field: str, value, kind):
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise LoraError(f"{where}: {field} must be a number; got {json.dumps(value)[:80]}")
     try:
-        number = kind(value)
+        # float first: int(2.7) would silently serve a rank-2.7 config as 2, and int() of an infinity (JSON's
+        # 1e400 or Infinity) or float() of a 400-digit integer raise OverflowError, which was a 500 / traceback
+        number = float(value)
     except ValueError:
         raise LoraError(f"{where}: {field} must be a number; got {json.dumps(value)[:80]}") from None
-    if kind is float and not math.isfinite(number):
+    except OverflowError:  # an integer past float's range
+        number = math.inf
+    if not math.isfinite(number):
         raise LoraError(f"{where}: {field} must be finite; got {json.dumps(value)[:80]}")
+    if kind is int:
+        if not number.is_integer():
+            raise LoraError(f"{where}: {field} must be a whole number (a rank); got {json.dumps(value)[:80]}")
+        return int(number)
     return number
 
 

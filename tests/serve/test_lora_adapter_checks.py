@@ -1,5 +1,6 @@
 """Adapters ``load_adapter`` refuses rather than serves wrong: one trained on changed base weights (LoRA-GA, as
-PiSSA/CorDA/OLoRA) and one whose weights hold a NaN or an infinity (a diverged run's export)."""
+PiSSA/CorDA/OLoRA), one whose weights hold a NaN or an infinity (a diverged run's export), and one whose config's
+numbers are no rank or alpha (infinite, too large for a float, a fractional rank)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,24 @@ def test_weights_that_are_not_finite_are_refused_naming_the_module(saved, linear
         load_adapter(LoraModule("bad", str(bad)), linears, 16)
 
 
+@pytest.mark.parametrize(("config", "field", "why"), [
+    ({"r": math.inf}, "r / rank_pattern", "must be finite"),  # json writes Infinity; int(inf) is an OverflowError
+    ({"r": 10**400}, "r / rank_pattern", "must be finite"),  # float() of it overflows
+    ({"rank_pattern": {"v_proj": math.inf}}, "r / rank_pattern", "must be finite"),
+    ({"lora_alpha": 10**400}, "lora_alpha / alpha_pattern", "must be finite"),
+    ({"alpha_pattern": {"v_proj": -(10**400)}}, "lora_alpha / alpha_pattern", "must be finite"),
+    ({"r": 2.5}, "r / rank_pattern", "must be a whole number"),  # was served as rank 2
+])
+def test_config_numbers_that_are_no_rank_or_alpha_are_refused_naming_the_field(saved, linears, tmp_path, config,
+                                                                                field, why):
+    bad = _edited(saved["lora"], tmp_path / "bad", config=config)
+    with pytest.raises(LoraError, match=rf"'bad'.*{field} {why}.*; got "):
+        load_adapter(LoraModule("bad", str(bad)), linears, 16)
+    # A whole number written as a float (or a string) is still a rank.
+    good = _edited(saved["lora"], tmp_path / "good", config={"r": 2.0, "rank_pattern": {"v_proj": "2"}})
+    assert load_adapter(LoraModule("good", str(good)), linears, 16).rank == 2
+
+
 @pytest.mark.anyio
 async def test_a_runtime_load_of_a_nan_adapter_is_a_400_and_the_server_goes_on(model_dir, saved, tmp_path):
     # It was loaded and served: its answers were one token repeated, and asking for logprobs was a 500 (NaN is no
@@ -75,6 +94,10 @@ async def test_a_runtime_load_of_a_nan_adapter_is_a_400_and_the_server_goes_on(m
         error = error_of(await load(client, "nan", bad), 400)
         assert error["code"] == "invalid_lora_adapter" and "not finite" in error["message"], error
         assert "nan" not in [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+        # An infinite rank was an OverflowError out of the route: a 500
+        huge = _edited(saved["lora"], tmp_path / "huge", config={"r": math.inf})
+        error = error_of(await load(client, "huge", huge), 400)
+        assert error["code"] == "invalid_lora_adapter" and "r / rank_pattern must be finite" in error["message"]
         assert (await load(client, "ok", saved["lora"])).status_code == 200
         response = await client.post("/v1/completions", json={"model": "ok", "prompt": "def add(a, b):",
                                                                 "max_tokens": 4, "logprobs": 1})
