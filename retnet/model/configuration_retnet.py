@@ -31,6 +31,9 @@ BOOL_FIELDS = ("ffn_glu", "ffn_bias", "use_head_norm", "use_output_gate", "use_x
 # JSON or TOML may give a whole number as an int (value_factor = 2), which is fine; a bool or a string is not.
 FLOAT_FIELDS = ("value_factor", "rms_norm_eps", "rope_theta", "xpos_scale_base", "decay_exponent_min",
                 "decay_exponent_max", "initializer_range", "dropout")
+# The sizes of torchscale's RetNet config, which its transformers ports save under model_type "retnet" as well.
+FOREIGN_RETNET_FIELDS = frozenset({"decoder_embed_dim", "decoder_value_embed_dim", "decoder_ffn_embed_dim",
+                                   "decoder_layers", "decoder_retention_heads"})
 
 
 def _is_int(value: Any) -> bool:
@@ -130,6 +133,15 @@ class RetNetConfig(PretrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        # torchscale's RetNet as its transformers ports write it (syncdoth/RetNet, model_type "retnet" too): with
+        # trust_remote_code off, AutoConfig took its config.json for ours, every size the default's, and
+        # from_pretrained built a random 1.3B model. No converter maps its layout (sub-LN, its own FFN and xPos).
+        foreign = sorted(kwargs.keys() & FOREIGN_RETNET_FIELDS)
+        if foreign:
+            raise ValueError(f"RetNetConfig has no fields {', '.join(foreign)} (sizes are hidden_size, "
+                             "num_hidden_layers, num_attention_heads, value_factor and intermediate_size): they are "
+                             "torchscale's RetNet config (as syncdoth/RetNet writes it), another implementation, "
+                             "whose checkpoints do not load here")
         # flash-linear-attention's RetNet config.json has the same model_type; its fields would be ignored
         # here and the weights fail to load under other names: say what to do instead.
         fla_fields = sorted(kwargs.keys() & {"expand_k", "expand_v", "attn_mode", "num_heads"})

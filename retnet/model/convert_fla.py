@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retnet.model.hub import MODEL_FILES, resolve_pretrained
+from retnet.model.hub import MODEL_FILES, resolve_pretrained, training_output
 
 # torch and transformers (the model, its configuration) are imported where used: the command answers --help and
 # a Ctrl-C in those imports (seconds) as the other commands do (main)
@@ -56,6 +56,23 @@ def is_fla_retnet_config(config: dict[str, Any]) -> bool:
     """Whether a ``config.json`` dict is flash-linear-attention's RetNet (its model_type is also ``retnet``)."""
     return "expand_k" in config or "attn_mode" in config or ("num_heads" in config
                                                              and "num_attention_heads" not in config)
+
+
+def _what_instead(config: Any) -> str:
+    """What a ``config.json`` that is no fla RetNet's is instead: each was told it was a retnet-stack checkpoint
+    that "needs no conversion" (a Llama's, torchscale's RetNet, a JSON list)."""
+    from retnet.model.configuration_retnet import FOREIGN_RETNET_FIELDS
+
+    if not isinstance(config, dict):
+        return f"not a JSON object ({type(config).__name__})"
+    if "model_type" not in config:
+        return "it names no model_type (not a model's config.json)"
+    if config.get("model_type") != "retnet":
+        return f"model_type {config.get('model_type')!r}, not a RetNet"
+    if config.keys() & FOREIGN_RETNET_FIELDS:
+        return (f"its {', '.join(sorted(config.keys() & FOREIGN_RETNET_FIELDS))} are torchscale's RetNet config (as "
+                "syncdoth/RetNet writes it), another implementation, which this command does not convert")
+    return "no expand_k, attn_mode or num_heads; a retnet-stack checkpoint needs no conversion"
 
 
 def retnet_config_from_fla(fla: dict[str, Any], intermediate_size: int | None = None) -> RetNetConfig:
@@ -237,25 +254,27 @@ def retnet_state_dict_from_fla(weights: dict[str, torch.Tensor], fla: dict[str, 
 
 
 def load_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory: one or sharded safetensors files, else PyTorch ``.bin`` ones."""
+    """Every tensor of a checkpoint directory, found as transformers finds them: ``model.safetensors``, else its
+    sharded index, else ``pytorch_model.bin``, else its index. (The index read first, a directory saved sharded and
+    then whole, where save_pretrained removes the old shards but leaves their index, was refused for shards no longer
+    there, though transformers and fla load it.)"""
     from safetensors.torch import load_file
 
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", _load_bin)):
-        index = directory / index_name
-        if index.is_file():
-            weights: dict[str, torch.Tensor] = {}
-            weight_map = _read_json(index)
-            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-            if not isinstance(weight_map, dict):  # (a KeyError or AttributeError naming neither file nor field)
-                raise ValueError(f"{str(index)!r} has no weight_map of tensor names to shard files")
-            for shard in sorted(set(weight_map.values())):
-                weights.update(_read(loader, directory / shard))
-            return weights
-    if (directory / "model.safetensors").is_file():
-        return _read(load_file, directory / "model.safetensors")
-    if (directory / "pytorch_model.bin").is_file():
-        return _read(_load_bin, directory / "pytorch_model.bin")
+    for name, loader in (("model.safetensors", load_file), ("model.safetensors.index.json", load_file),
+                         ("pytorch_model.bin", _load_bin), ("pytorch_model.bin.index.json", _load_bin)):
+        path = directory / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return _read(loader, path)
+        weights: dict[str, torch.Tensor] = {}
+        weight_map = _read_json(path)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):  # (a KeyError or AttributeError naming neither file nor field)
+            raise ValueError(f"{str(path)!r} has no weight_map of tensor names to shard files")
+        for shard in sorted(set(weight_map.values())):
+            weights.update(_read(loader, directory / shard))
+        return weights
     raise FileNotFoundError(f"{directory} holds no model.safetensors, pytorch_model.bin or a sharded index of them")
 
 
@@ -309,8 +328,9 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
     _check_destination(dst, {path.name for path in _copied(src)})
     fla = _read_json(src / "config.json")
     if not isinstance(fla, dict) or not is_fla_retnet_config(fla):
-        raise ValueError(f"{src / 'config.json'} is not a flash-linear-attention RetNet config (no expand_k, "
-                         "attn_mode or num_heads); a retnet-stack checkpoint needs no conversion")
+        written = training_output(src)  # (its config.json is the run's configuration, of no model_type)
+        raise ValueError(f"{src / 'config.json'} is not a flash-linear-attention RetNet config: "
+                         f"{_what_instead(fla) if written is None else f'{str(source)!r} is {written}'}")
     weights = load_weights(src)
     down = weights.get("model.layers.0.mlp.down_proj.weight")
     if down is not None and down.dim() != 2:  # (its second dimension is the FFN's width, read here)

@@ -14,10 +14,13 @@ import os
 import re
 from pathlib import Path
 
+# transformers' folder of a tokenizer's named chat templates beside its default chat_template.jinja (a template
+# dict's "tool_use", which apply_chat_template takes for a request with tools): its save_pretrained writes it.
+CHAT_TEMPLATES = "additional_chat_templates/*.jinja"
 # A tokenizer of any kind (a pretraining run's data.tokenizer): config.json too, where AutoTokenizer may find its
-# class, and the chat template.
+# class, and the chat templates.
 TOKENIZER_FILES = ["config.json", "tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt",
-                   "added_tokens.json", "chat_template.*"]
+                   "added_tokens.json", "chat_template.*", CHAT_TEMPLATES]
 # What a model directory holds: the tokenizer's files, the generation config and the weights (safetensors, or .bin
 # for older checkpoints); not the other formats a hub repository may carry (GGUF, ONNX, ...).
 MODEL_FILES = [*TOKENIZER_FILES, "generation_config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
@@ -26,9 +29,16 @@ ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 # Pickled weights, fetched only for a repository without safetensors: many carry both (gpt2: model.safetensors and
 # pytorch_model.bin), and transformers loads the safetensors alone, so both would be twice the download and disk.
 PICKLED_WEIGHTS = ["*.bin", "*.bin.index.json"]
-# huggingface_hub's patterns let "*" cross "/": "*.safetensors" alone would also fetch a repository's subfolders
-# (original/consolidated.safetensors, intermediate checkpoints), which from_pretrained never reads.
-TOP_LEVEL_ONLY = ["*/*"]
+
+
+def top_level_only(patterns: list[str]) -> list[str]:
+    """The ignore patterns that keep ``patterns`` to a repository's top level: huggingface_hub's patterns let "*"
+    cross "/", and "*.safetensors" alone would also fetch its subfolders (original/consolidated.safetensors,
+    intermediate checkpoints), which from_pretrained never reads. Each pattern ignored under a folder, rather than
+    every file there ("*/*"), which also dropped the named chat templates: served by hub id, a model rendered a
+    request with tools with the default template where its directory gave the tool_use one."""
+    return [f"*/{pattern}" for pattern in patterns if pattern != CHAT_TEMPLATES]
+
 
 # huggingface_hub's repository id (its validate_repo_id): an optional namespace and a name, of ASCII word
 # characters, '-' and '.', each starting and ending with a word character; anything else given (an absolute or
@@ -79,14 +89,22 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
     first = [p for p in patterns if p not in PICKLED_WEIGHTS] if "*.safetensors" in patterns else patterns
     try:
         snapshot = snapshot_download(str(source), revision=revision, cache_dir=cache_dir, allow_patterns=first,
-                                     ignore_patterns=TOP_LEVEL_ONLY)
+                                     ignore_patterns=top_level_only(first))
         if first != patterns and not any(Path(snapshot).glob("*.safetensors")):
             snapshot = snapshot_download(str(source), revision=revision, cache_dir=cache_dir,
-                                         allow_patterns=patterns, ignore_patterns=TOP_LEVEL_ONLY)
+                                         allow_patterns=patterns, ignore_patterns=top_level_only(patterns))
     except Exception as exc:  # offline, unknown or gated repository, a revision that is not there, an HTTP error
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise HubError(f"{str(source)!r}: no such directory, and the hub could not provide it "
                        f"({type(exc).__name__}{': ' + reason if reason else ''})") from None
+    # Offline, snapshot_download answers with whatever an earlier download cached of the repository: after a
+    # data.tokenizer download (TOKENIZER_FILES, config.json among them) a model's snapshot held no weights, and its
+    # loader said "no file named model.safetensors" in a cache folder, or "holds no tokenizer" of a model's export.
+    if "*.safetensors" in patterns and not any(next(Path(snapshot).glob(p), None) for p in ("*.safetensors", "*.bin")):
+        raise HubError(f"{str(source)!r}: the hub's snapshot of it ({snapshot}) holds no weights (*.safetensors or "
+                       "*.bin); offline (HF_HUB_OFFLINE, or no network) it holds only what an earlier download "
+                       "fetched, which for a data.tokenizer is the tokenizer's files alone: download the model once "
+                       "with network access")
     return Path(snapshot)
 
 
@@ -132,6 +150,7 @@ def _holds_model_config(directory: Path) -> bool:
 
 __all__ = [
     "ADAPTER_FILES",
+    "CHAT_TEMPLATES",
     "MODEL_FILES",
     "PICKLED_WEIGHTS",
     "TOKENIZER_FILES",
@@ -139,5 +158,6 @@ __all__ = [
     "holds_tokenizer",
     "is_hub_id",
     "resolve_pretrained",
+    "top_level_only",
     "training_output",
 ]
