@@ -23,6 +23,17 @@ def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
         raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
     rank, local_rank = launch_env_int("RANK", 0), launch_env_int("LOCAL_RANK", 0)
     world_size = launch_env_int("WORLD_SIZE", 1)
+    # torch's env:// start needs both, as torchrun sets them. A WORLD_SIZE without RANK trained a lone process as
+    # rank 0 of that world, on 1 / WORLD_SIZE of the global batch, its logged loss divided by WORLD_SIZE; a RANK
+    # without WORLD_SIZE failed later on a TypeError traceback (a rank other than 0 of a world of 1).
+    if world_size > 1 and not os.environ.get("RANK"):
+        raise ConfigError(f"environment variable WORLD_SIZE is {world_size} but RANK is unset: each process of a "
+                          f"{world_size}-rank launch needs both (torchrun sets them); unset WORLD_SIZE to train in a "
+                          f"single process")
+    if rank >= world_size:
+        raise ConfigError(f"environment variable RANK is {rank} but WORLD_SIZE is "
+                          f"{os.environ.get('WORLD_SIZE') or 'unset (1)'}: a rank must be below the world size "
+                          f"(torchrun sets both); unset RANK to train in a single process")
     if device_kind == "cuda" and local_rank >= torch.cuda.device_count():
         # More ranks on this node than GPUs it shows (torchrun's --nproc_per_node above the GPU count, or
         # CUDA_VISIBLE_DEVICES hiding some): set_device raised a bare "CUDA error: invalid device ordinal" traceback
