@@ -628,10 +628,12 @@ class RetNetPreTrainedModel(PreTrainedModel):
             except ValueError as error:
                 raise ValueError(f"save_pretrained: the config would not load: {error}") from None
         state_dict = kwargs.get("state_dict", args[1] if len(args) > 1 else None)
-        if state_dict is None and not kwargs.get("distributed_checkpoint") and torch.distributed.is_available():
+        if not kwargs.get("distributed_checkpoint") and torch.distributed.is_available():
             from torch.distributed.tensor import DTensor
 
-            sharded = next((name for name, param in self.named_parameters() if isinstance(param, DTensor)), None)
+            # the model's own state dict, or one given that is still its (model.state_dict() of a split model)
+            tensors = self.named_parameters() if state_dict is None else state_dict.items()
+            sharded = next((name for name, tensor in tensors if isinstance(tensor, DTensor)), None)
             if sharded is not None:
                 raise ValueError(
                     f"save_pretrained: {sharded} is a DTensor (the model is parallelized or sharded), so its state "

@@ -524,6 +524,11 @@ def main_tp(out: Path, tp_mesh) -> dict:
     except ValueError as error:
         results["save_refused"] = str(error)
         results["save_refused_wrote"] = (out / f"refused{rank}").exists()
+    try:  # with the model's own (still sharded) state dict, as refused
+        model.save_pretrained(out / f"refused_own{rank}", state_dict=model.state_dict())
+    except ValueError as error:
+        results["save_own_refused"] = str(error)
+        results["save_own_refused_wrote"] = (out / f"refused_own{rank}").exists()
     state = full_state_dict(model)
     results["state_dict_types"] = sorted({type(value).__name__ for value in state.values()})
     results["state_dict_shapes"] = {key: tuple(value.shape) for key, value in state.items()}

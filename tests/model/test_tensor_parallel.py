@@ -225,6 +225,9 @@ def test_save_pretrained_without_a_state_dict_is_refused_before_writing(run):
         assert "state_dict = retnet.model.tensor_parallel.full_state_dict(model)" in results["save_refused"]
         assert "on rank 0 only" in results["save_refused"]
         assert results["save_refused_wrote"] is False  # not even the directory
+        # model.state_dict() given is still the rank's shards (failed after config.json, "invalid python storage")
+        assert "model.layers.0.retention.q_proj.weight is a DTensor" in results["save_own_refused"]
+        assert results["save_own_refused_wrote"] is False
 
 
 def test_two_all_reduces_per_layer_each_way(run):
