@@ -371,12 +371,18 @@ class CompletionRequest(SamplingFields):
 
 class ContentPart(BaseModel):
     """One part of a message's ``content`` list. Any ``type`` parses, so that serving can refuse the ones it
-    does not support (only ``text``) by name instead of with a union's type error."""
+    does not support (only ``text``, and an assistant message's ``refusal``) by name instead of with a union's
+    type error."""
 
     model_config = ConfigDict(extra="allow")
 
     type: str
     text: str | None = None
+    # OpenAI's assistant content holds text and refusal parts: a history sent back holds them (vLLM reads its text)
+    refusal: str | None = None
+
+    def part_text(self) -> str:
+        return (self.refusal if self.type == "refusal" else self.text) or ""
 
 
 class FunctionCallParam(BaseModel):
@@ -439,7 +445,7 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         # vLLM's chat_utils joins a message's text parts with newlines (a template sees one string either way).
-        return "\n".join(part.text or "" for part in self.content)
+        return "\n".join(part.part_text() for part in self.content)
 
 
 # OpenAI's reasoning_effort values, and vLLM's "max".

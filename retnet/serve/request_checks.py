@@ -8,6 +8,7 @@ is an :class:`~retnet.serve.protocol.APIError` (400) naming the field.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from typing import Any
@@ -241,18 +242,21 @@ class RequestChecks:
 
 
 def check_content_parts(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
-    """Only text parts are supported (no images, audio or files): refuse any other by its place."""
+    """Only text parts are supported (no images, audio or files), and an assistant message's refusal parts (OpenAI's,
+    read as text as vLLM reads them): refuse any other by its place."""
     for i, message in enumerate(request.messages):
         if not isinstance(message.content, list):
             continue
         for j, part in enumerate(message.content):
             where = f"messages[{i}].content[{j}]"
-            if part.type != "text":
-                raise APIError(400, f"{where}.type: only text content parts are supported (type 'text'); got type "
-                               f"{part.type!r}", f"{where}.type", "unsupported_content_type")
-            if part.text is None:
-                raise APIError(400, f"{where}.text: a text content part needs a string 'text'", f"{where}.text",
-                               "missing")
+            field = "refusal" if part.type == "refusal" and message.role == "assistant" else "text"
+            if part.type != field:
+                raise APIError(400, f"{where}.type: only text content parts are supported (type 'text'; 'refusal' in "
+                               f"an assistant message); got type {part.type!r}", f"{where}.type",
+                               "unsupported_content_type")
+            if getattr(part, field) is None:
+                raise APIError(400, f"{where}.{field}: a {field} content part needs a string '{field}'",
+                               f"{where}.{field}", "missing")
 
 
 def _check_unsupported_extras(request: SamplingFields) -> None:
@@ -285,3 +289,13 @@ def check_chat_features(request: ChatCompletionRequest | TokenizeChatRequest) ->
         raise APIError(400, "functions: the legacy functions are not supported (send tools with tool_choice "
                        "'required' or a named function instead, or function_call: 'none' to have the functions "
                        "ignored)", "functions", "unsupported_parameter")
+
+
+def check_tool_choice_has_tools(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
+    """OpenAI's rule, and vLLM's: a ``tool_choice`` other than "none" needs tools. Chat's routes only: the choices
+    that call one ("required", a named function) are tools.tool_calling's to refuse on every route, and the Responses
+    and Messages APIs keep their own readings of an "auto" without tools."""
+    if request.tool_choice is not None and request.tool_choice != "none" and not request.tools:
+        raise APIError(400, f"tool_choice is only allowed when tools are specified; got "
+                       f"{json.dumps(request.tool_choice)[:80]} and no tools (send tools, or tool_choice 'none')",
+                       "tool_choice")

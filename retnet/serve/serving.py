@@ -65,7 +65,12 @@ from retnet.serve.protocol import (
     dump,
     random_id,
 )
-from retnet.serve.request_checks import RequestChecks, check_chat_features, check_content_parts
+from retnet.serve.request_checks import (
+    RequestChecks,
+    check_chat_features,
+    check_content_parts,
+    check_tool_choice_has_tools,
+)
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.sequence import EngineUnavailable, QueueFull, RequestHandle, SeqOutput
 from retnet.serve.settings import ServeSettings
@@ -439,6 +444,7 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest, raw: Request):
         rid = response_id("chatcmpl", request, raw)  # (refused before the request is submitted)
+        check_tool_choice_has_tools(request)
         run = await self.start_chat(request)
         if request.stream:
             chunks = (sse(chunk) async for chunk in self.chat_chunks(request, run, rid))
@@ -771,6 +777,7 @@ class OpenAIServing:
                 raise APIError(400, "send prompt (a text) or messages (a conversation), not both", "prompt")
             check_content_parts(request)
             check_chat_features(request)
+            check_tool_choice_has_tools(request)
             tool_calling(request, self.settings.tool_call_parser)
             size = _chat_size(request)
         else:

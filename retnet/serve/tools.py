@@ -72,8 +72,11 @@ def tool_calling(request: ChatCompletionRequest | TokenizeChatRequest,
             raise APIError(400, f"tools[{i}].function.name: a function tool needs a name", f"tools[{i}].function.name",
                            "missing")
         parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, (dict, str)):  # a str: a schema's JSON text
-            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object; got "
+        # Not a schema's JSON text either, as OpenAI and vLLM refuse it: the grammar read the text, but the chat
+        # template was given it as a string (a template's `tool | tojson` showed the model an escaped string).
+        if parameters is not None and not isinstance(parameters, dict):
+            text = " (send the schema itself, not its JSON text)" if isinstance(parameters, str) else ""
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object{text}; got "
                            f"{json.dumps(parameters)[:80]}", f"tools[{i}].function.parameters", "invalid_grammar")
         if choice != "none" and name in (known for known, _ in functions):
             raise APIError(400, f"tools[{i}].function.name: {name!r} names an earlier tool too",
@@ -167,6 +170,8 @@ def developer_role(render: Callable[[list[dict[str, Any]]], str]) -> str:
 
 
 def _arguments(arguments: str | dict[str, Any]) -> Any:
+    if arguments == "":  # a call without arguments, as vLLM reads it (a template's `arguments | tojson` wrote "")
+        return {}
     if isinstance(arguments, str):
         with contextlib.suppress(ValueError):
             value = json.loads(arguments)

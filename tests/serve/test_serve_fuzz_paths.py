@@ -34,9 +34,6 @@ def _error(response, status: int = 400) -> dict:
 @pytest.mark.parametrize(("path", "body", "param"), [
     ("/v1/completions", {**PROMPT, "guided_json": _nested_enum(2000)}, "guided_json"),
     ("/v1/completions", {**PROMPT, "structured_outputs": {"json": _nested_enum(2000)}}, "structured_outputs.json"),
-    ("/v1/chat/completions", {**CHAT, "tool_choice": "required", "tools": [
-        {"type": "function", "function": {"name": "f", "parameters": _nested_enum(2000)}}]},
-     "tools[0].function.parameters"),
 ])
 async def test_a_schema_sent_as_deeply_nested_json_text_is_a_400(open_app, path, body, param):
     # The body's own nesting is capped before it is read, but a schema sent as a string was json.loads'ed as it came:
@@ -53,10 +50,7 @@ def _as_shallow(body: dict) -> dict:
     shallow = _nested_enum(3)
     if "guided_json" in body:
         return {"guided_json": shallow}
-    if "structured_outputs" in body:
-        return {"structured_outputs": {"json": shallow}}
-    return {"tools": [{"type": "function", "function": {"name": "f", "parameters": json.dumps(
-        {"type": "object", "properties": {"a": json.loads(shallow)}})}}]}
+    return {"structured_outputs": {"json": shallow}}
 
 
 @pytest.mark.parametrize(("field", "schema_at", "param"), [
