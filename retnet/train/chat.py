@@ -124,11 +124,12 @@ CHAT_COLUMNS = (TOOLS_COLUMN, KWARGS_COLUMN)
 # What check_conversations' columns takes (a data loader passes those the set has): CHAT_COLUMNS, and ShareGPT's
 # column beside a default messages one, whose conversation a row with empty messages would lose unseen
 ROW_COLUMNS = (*CHAT_COLUMNS, SHAREGPT_COLUMN)
-# apply_chat_template's own arguments, which a row's chat_template_kwargs must not set (the server refuses them so)
+# apply_chat_template's own arguments, which a row's chat_template_kwargs must not set (the server refuses them so),
+# and render_jinja_template's "conversations", which every rendering passes itself (a TypeError, not a variable)
 _TEMPLATING_ARGUMENTS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "tokenize", "add_generation_prompt",
-    "continue_final_message", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+    "conversation", "conversations", "messages", "tools", "documents", "chat_template", "tokenize",
+    "add_generation_prompt", "continue_final_message", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 class Conversation(list):

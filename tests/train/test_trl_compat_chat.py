@@ -251,6 +251,10 @@ def test_a_rows_chat_template_kwargs_reach_the_template(tokenizer):
 @pytest.mark.parametrize(("value", "problem"), [
     ("enable_thinking", "holds str 'enable_thinking'; expected a dict of the template's variables"),
     ({"add_generation_prompt": True}, "'add_generation_prompt' is an argument of the templating"),
+    # render_jinja_template's own (a TypeError in every rendering, the BPE's sample's included) and an argument of
+    # transformers 5's apply_chat_template (which refuses it without tokenize=True: a misleading template error)
+    ({"conversations": []}, "'conversations' is an argument of the templating"),
+    ({"sanitize_control_tokens": True}, "'sanitize_control_tokens' is an argument of the templating"),
 ])
 def test_bad_chat_template_kwargs_are_refused_naming_the_row(value, problem):
     expected = re.escape(f"column 'chat_template_kwargs' of 'k.jsonl', row 0: {problem}")
