@@ -39,9 +39,10 @@ def _token_id(key: str) -> int | None:
 # Each bad word is tokenised (twice) for every request: bounded like the stop strings, with more room.
 MAX_BAD_WORDS = 64
 # apply_chat_template's own arguments: chat_template_kwargs holds the template's variables, not these (it may
-# set add_generation_prompt and continue_final_message, as vLLM lets it: they win over the request's fields).
+# set add_generation_prompt and continue_final_message, as vLLM lets it: they win over the request's fields), and
+# render_jinja_template's "conversations", which every rendering passes itself (the training data's rule, chat.py's)
 TEMPLATE_CALL_ARGUMENTS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "tokenize", "sanitize_control_tokens",
+    "conversation", "conversations", "messages", "tools", "documents", "chat_template", "tokenize", "sanitize_control_tokens",
     "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
     "tokenizer_kwargs",
 })

@@ -668,8 +668,10 @@ async def test_chat_template_kwargs_and_documents_reach_the_template(client):
     assert await prompt_text(chat_template_kwargs={"style": "terse"}) == "[hi]<terse>"
     assert await prompt_text(documents=[{"title": "t", "text": "doc"}]) == "(doc)[hi]"
     # Arguments of the templating itself are not template variables: refused by name, not half applied.
-    r = await client.post("/v1/chat/completions", json={**req, "chat_template_kwargs": {"tokenize": True}})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+    for argument in ("tokenize", "conversations"):  # (render_jinja_template's own: the template rejected "messages")
+        r = await client.post("/v1/chat/completions", json={**req, "chat_template_kwargs": {argument: True}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+        assert f"{argument!r} is not a template variable" in r.json()["error"]["message"], r.text
     # A template sent by the client is not run.
     r = await client.post("/v1/chat/completions", json={**req, "chat_template": "{{ 'x' }}"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", r.text
