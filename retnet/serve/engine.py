@@ -337,6 +337,7 @@ class Engine(ModelThread):
         with self.cond:
             while not (self.waiting or self.prefilling or self.running or self.joining or self.preempted
                        or self.stopping or self.adapter_slots.changes_pending()):
+                self._free_idle_states()
                 self.cond.wait(timeout=1.0)
             if self.stopping:
                 return False
@@ -410,6 +411,14 @@ class Engine(ModelThread):
         if self.running:
             self._decode_step()
         return True
+
+    def _free_idle_states(self) -> None:
+        """While waiting for work (each second): free the states of the beam searches that ended and of the sessions
+        past --session-ttl-s, which were freed only by the next request's use of the prefix cache or sessions."""
+        if self.prefix_cache.free_ended_searches():
+            self._prefix_cache_metrics()
+        if self.sessions.expire():
+            self.metrics.sessions.set(len(self.sessions))
 
     def _fail_waiting(self, slot: int, failure: EngineFailure) -> None:
         """End every waiting request of adapter ``slot`` with ``failure``; the others go on."""

@@ -144,7 +144,10 @@ class PrefixCache:
                 old.logits = logits.detach().clone()
                 self.nbytes += grown - old.nbytes
                 old.nbytes = grown
-                self._evict()
+            # Also when a search's entry just became an ordinary one: it no longer counts in the searches' allowance,
+            # and left unchecked, ordinary entries stayed past --prefix-cache-entries / --prefix-cache-bytes by up to
+            # 2 × --max-n states after the search ended, until some later insert.
+            self._evict()
             return
         nbytes = held_bytes(cache, logits)
         if nbytes > self.max_bytes + (0 if tag is None else self.search_bytes):
@@ -175,6 +178,15 @@ class PrefixCache:
         any thread: the scheduler thread frees them."""
         if self.max_entries:  # (a cache of none is never used, nor drained)
             self.ended_searches.append(search)
+
+    def free_ended_searches(self) -> bool:
+        """Free the states of the beam searches ended since the last use (:meth:`end_search`); whether any ended.
+        The scheduler calls it while it waits for work too: freed only at the next lookup or insert, an idle server
+        held an ended search's ``2n`` states, past the bounds, until the next request came."""
+        if not self.ended_searches:
+            return False
+        self._drop_ended_searches()
+        return True
 
     def _drop_ended_searches(self) -> None:
         if not self.ended_searches:
@@ -406,6 +418,16 @@ class SessionStore:
             for key in keys:
                 del self.sessions[key]
             return len(keys)
+
+    def expire(self) -> bool:
+        """Drop the sessions idle past the TTL (their copy in memory: a file stays until its own expiry); whether
+        any was. The scheduler calls it while it waits for work: expired only when a session was acquired or
+        released, an idle server held the expired states (and counted them in ``retnet_sessions``) until the next
+        session request."""
+        with self.lock:
+            count = len(self.sessions)
+            self._expire()
+            return len(self.sessions) != count
 
     def _expire(self) -> None:
         now = time.monotonic()

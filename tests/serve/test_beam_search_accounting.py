@@ -233,3 +233,57 @@ def test_a_search_s_older_steps_are_dropped_once_a_step(monkeypatch):
     prefix.end_search(7)
     prefix.lookup((1,))
     assert not prefix.entries and not prefix.dropped_before
+
+
+def test_a_search_s_state_that_an_ordinary_request_makes_its_own_counts_in_the_bounds_at_once():
+    # An ordinary request reaching a running search's beam (its prompt, or its answer, those very tokens) makes the
+    # entry an ordinary one: it left the searches' allowance, so the bounds are enforced then, not at some later
+    # insert (the cache held 2 ordinary entries under --prefix-cache-entries 1 after the search had ended)
+    from retnet.model import RetNetCache
+    from retnet.serve.state_cache import PrefixCache
+
+    class Config:
+        num_hidden_layers, num_attention_heads, head_dim, value_head_dim = 1, 1, 2, 2
+
+    cache = RetNetCache.zeros(Config, 1)
+    one = cache.nbytes()
+    prefix = PrefixCache(1, one, search_entries=2, search_bytes=2 * one)
+    prefix.insert((1, 2), cache, None)
+    for beam in (5, 6):
+        prefix.insert((9, 9, beam), cache, None, tag=(3, 1))
+    assert list(prefix.entries) == [(9, 9, 5), (9, 9, 6)]  # past the bounds, within the searches' allowance
+    prefix.insert((9, 9, 5), cache, None)
+    prefix.insert((9, 9, 6), cache, None)
+    assert list(prefix.entries) == [(9, 9, 6)]  # the most recently used ordinary entry alone, as the bounds say
+    assert prefix.nbytes == one
+    prefix.end_search(3)
+    prefix.lookup((9, 9, 6, 1))
+    assert list(prefix.entries) == [(9, 9, 6)] and prefix.nbytes == one
+
+
+def test_an_idle_server_frees_an_ended_search_s_states(model_dir):
+    # An ended search's last two steps' states were freed at the cache's next lookup or insert only: a server left
+    # idle after a search held its 2n states (past --prefix-cache-entries and --prefix-cache-bytes, up to
+    # 2 x --max-n of them) and reported them in its gauges until the next request came. The scheduler frees them while
+    # it waits for work.
+    import torch
+
+    from tests.serve.test_units import standalone_engine
+
+    engine = standalone_engine(model_dir)
+    prefix = engine.prefix_cache
+    state = engine.model(input_ids=torch.tensor([[5, 6, 7, 8]]), use_cache=True, return_dict=True).cache
+    prefix.insert((5, 6, 7, 8), state, None)  # an ordinary prompt's, which stays
+    for beam in (9, 10, 11):
+        prefix.insert((5, 6, 7, 8, beam), state, None, tag=(7, 1))
+    engine._prefix_cache_metrics()
+    prefix.end_search(7)  # (the event loop, as the search's answer went out)
+
+    def one_wait(timeout=None):  # the scheduler's idle wait, once: then it is told to stop
+        engine.stopping = True
+
+    engine.cond.wait = one_wait
+    assert engine._iteration() is False
+    assert list(prefix.entries) == [(5, 6, 7, 8)] and prefix.nbytes == state.nbytes()
+    assert sample(engine, "retnet_prefix_cache_entries") == 1
+    assert sample(engine, "retnet_prefix_cache_bytes") == state.nbytes()
