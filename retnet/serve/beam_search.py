@@ -210,10 +210,10 @@ class BeamSearch:
         elif any(out.finish_reason == "abort" for out in item):
             metrics.cancelled.inc(result.num_choices)
         else:
-            waited = time.perf_counter() - result.arrival  # every choice's first token arrives with the answer
+            # every choice's first token arrives with the answer; observed once, as the engine observes a prompt's
+            metrics.ttft.observe(time.perf_counter() - result.arrival)
             for out in item:
                 metrics.finished.labels(out.finish_reason).inc()
-                metrics.ttft.observe(waited)
             metrics.generation_tokens.inc(sum(len(out.token_ids) for out in item))
 
     async def _run(self, result: BeamSearchHandle, first: RequestHandle) -> None:
