@@ -33,7 +33,8 @@ the reward trainer logs. ``--seq-len``/``--max-prompt-length`` are its options, 
 ``--position-edges`` and ``--text-field`` the causal LM's; either given to the other model is refused.
 
 Exit status: 0 on success, 2 for bad options or input (a missing model directory, a dataset without
-documents, a non-positive size ...), with a message naming the option.
+documents, a non-positive size ...), with a message naming the option; 1 when the output's reader went away
+(``| head -1``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ import torch.nn.functional as F
 
 from retnet.model.quantization import QUANTIZATION_METHODS, check_quantization, quantize_model
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_BROKEN_PIPE, EXIT_USAGE = 0, 1, 2
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -532,7 +533,31 @@ def main(argv: list[str] | None = None) -> int:
     # datasets (a local file, a hub dataset) and tqdm come with the [train] extra; the bars are ours and a reward
     # model's (evaluate_reward)
     with exits_on_ctrl_c("retnet-eval"), needs_extra("retnet-eval", "train"), warnings_above_bars():
-        return _run_command(argv)
+        try:
+            status = _run_command(argv)
+            # Flushed here, not by Python at exit: a reader gone then (`retnet-eval ... | head -1`) was "Exception
+            # ignored ... BrokenPipeError" and status 120, or a traceback with PYTHONUNBUFFERED set
+            sys.stdout.flush()
+            return status
+        except BrokenPipeError:
+            _to_devnull(sys.stdout)
+            try:
+                print("retnet-eval: the output was closed by its reader (broken pipe); the lines after it were not "
+                      "written", file=sys.stderr)
+            except OSError:  # (`2>&1 | head -1`: stderr went with it)
+                _to_devnull(sys.stderr)
+            return EXIT_BROKEN_PIPE
+
+
+def _to_devnull(stream) -> None:
+    """``stream``'s file descriptor pointed at /dev/null, so that Python's own flush at exit does not fail again on
+    the text left in its buffer."""
+    with contextlib.suppress(OSError, ValueError):  # (a stream without a descriptor: a test's StringIO)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
 
 
 def _run_command(argv: list[str] | None) -> int:

@@ -551,3 +551,15 @@ def test_a_peft_adapter_directory_is_refused_pointing_to_the_merged_export(tmp_p
     assert run_main(["--model", str(adapter), "--dataset", str(jsonl)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "is a peft adapter (adapter_config.json)" in err and repr(str(tmp_path / "export")) in err
+
+
+def test_cli_output_closed_by_its_reader_is_one_line(export_dir, jsonl, tmp_path, capsys, monkeypatch):
+    """``retnet-eval ... | head -1``: the lines left in stdout's buffer were flushed by Python at exit, into the closed
+    pipe: "Exception ignored ... BrokenPipeError" and status 120 (a traceback with PYTHONUNBUFFERED set)."""
+    from tests.launch import run_into_a_closed_pipe
+
+    status = run_into_a_closed_pipe(main, ["--model", str(export_dir), "--dataset", str(jsonl), "--no-progress",
+                                           "--device", "cpu", "--max-documents", "2", "--position-edges", "8",
+                                           "--cache-dir", str(tmp_path / "cache")], monkeypatch)
+    assert status == 1
+    assert "the output was closed by its reader (broken pipe)" in capsys.readouterr().err
