@@ -394,11 +394,18 @@ def _read_input(path: str) -> list[str]:
     offset in the file)."""
     if path == "-" and sys.stdin is None:  # (`<&-`: Python's stdin is None, whose .read() was a traceback)
         raise OSError(errno.EBADF, "standard input is closed")
-    stdin = getattr(sys.stdin, "buffer", None)
-    if path == "-" and stdin is None:  # (a text stream put in its place)
-        return split_lines(sys.stdin.read().removeprefix("\ufeff"))
-    if path == "-":
-        data = stdin.read()
+    if path == "-" and not hasattr(sys.stdin, "buffer"):
+        # A text stream put in its place (IDLE's shell, a caller of main() that set an io.StringIO) has no bytes:
+        # its text is encoded back, so that the rules below are the same. A byte its reader could not decode is
+        # held as a lone surrogate (surrogateescape) and becomes that byte again; any other lone surrogate is made
+        # bytes UTF-8 refuses. Both are then named by their line: read as text, they reached the requests.
+        text = sys.stdin.read()
+        try:
+            data = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = text.encode("utf-8", "surrogatepass")
+    elif path == "-":
+        data = sys.stdin.buffer.read()
     else:
         with open(path, "rb") as file:
             data = file.read()

@@ -9,7 +9,6 @@ templates read them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,8 +132,8 @@ class ToolCalling:
 
 def template_message(message: ChatMessage, developer: str = "developer") -> dict[str, Any]:
     """A message as chat templates read it. HF's templates take a tool call's arguments as an object: the
-    JSON text is parsed (kept as text when it is not JSON). ``developer``: the role a developer message is given
-    ("system" for a template that does not render developer messages, see :func:`developer_role`)."""
+    JSON text is parsed ({} when it is no JSON, as vLLM reads it). ``developer``: the role a developer message is
+    given ("system" for a template that does not render developer messages, see :func:`developer_role`)."""
     role = developer if message.role == "developer" else message.role
     out: dict[str, Any] = {"role": role, "content": message.text()}
     if message.name:
@@ -170,18 +169,24 @@ def developer_role(render: Callable[[list[dict[str, Any]]], str]) -> str:
 
 
 def _arguments(arguments: str | dict[str, Any]) -> Any:
-    if arguments == "":  # a call without arguments, as vLLM reads it (a template's `arguments | tojson` wrote "")
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        # {} as vLLM reads text that is no JSON: "" (a call without arguments) and text a model cut short alike. The
+        # text itself reached the template, which wrote it as an escaped string (`arguments | tojson`) or failed
+        # iterating it as an object: a 400 for every later turn of a conversation that holds such a call.
         return {}
-    if isinstance(arguments, str):
-        with contextlib.suppress(ValueError):
-            value = json.loads(arguments)
-            # A lone surrogate's escape ("\\ud800", which JSON admits and a call this server answered holds as the
-            # model wrote it) became a character no text can hold: the template's text failed to encode, a 400 "the
-            # chat template rejected the messages" for a Responses continuation of that very answer. Such arguments
-            # are kept as text, as those that are no JSON are (UnicodeEncodeError is a ValueError).
-            json.dumps(value, ensure_ascii=False).encode()
-            return value
-    return arguments
+    try:
+        # A lone surrogate's escape ("\\ud800", which JSON admits and a call this server answered holds as the model
+        # wrote it) became a character no text can hold: the template's text failed to encode, a 400 "the chat
+        # template rejected the messages" for a Responses continuation of that very answer. Such arguments are
+        # kept as text.
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return arguments
+    return value
 
 
 __all__ = ["DEVELOPER_PROBE", "ToolCalling", "developer_role", "template_message", "tool_calling"]

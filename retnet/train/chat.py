@@ -416,8 +416,8 @@ def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
         return call
     try:
         parsed = json.loads(arguments)
-    except ValueError:  # kept as text, as the server keeps it
-        return call
+    except ValueError:  # {} as the server (and vLLM) reads text that is no JSON: "" (no arguments) or a call cut short
+        parsed = {}
     target = {**target, "arguments": parsed}
     return {**call, "function": target} if isinstance(function, dict) else target
 

@@ -87,3 +87,15 @@ async def test_an_assistant_history_reaches_the_template_as_vllm_passes_it(open_
                 {"role": "tool", "tool_call_id": "call_1", "content": "pong"}]
 
         assert await ids(called("")) == await ids(called("{}"))
+        # Text that is no JSON (a call a model cut short): {} too, as vLLM reads it (it was the string itself, which
+        # a template writes escaped or fails iterating); the chat and Responses routes answer the conversation.
+        assert await ids(called('{"city": 1}')) != await ids(called("{}"))
+        for text in ("{oops", '{"city": "Par', " "):
+            assert await ids(called(text)) == await ids(called("{}")), text
+        r = await client.post("/v1/chat/completions", json={**CHAT, "messages": called("{oops")})
+        assert r.status_code == 200, r.text
+        items = [{"role": "user", "content": "hi"},
+                 {"type": "function_call", "call_id": "call_1", "name": "ping", "arguments": "{oops"},
+                 {"type": "function_call_output", "call_id": "call_1", "output": "pong"}]
+        r = await client.post("/v1/responses", json={"model": "micro", "input": items, "max_output_tokens": 2})
+        assert r.status_code == 200, r.text

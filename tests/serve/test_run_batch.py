@@ -335,6 +335,22 @@ def test_a_byte_that_is_not_utf_8_is_refused_naming_its_line(tmp_path, monkeypat
             _read_input(source)
 
 
+def test_a_text_stream_in_stdins_place_is_read_by_the_same_rules(monkeypatch):
+    """A text stream set as sys.stdin (IDLE's shell, a caller of main() with an io.StringIO) has no bytes: a byte its
+    reader could not decode (held as a lone surrogate) reached the requests, where stdin's bytes are refused naming
+    the line. Now its text is encoded back and read by the bytes' rules, a byte-order mark and CRLF included."""
+    from retnet.serve.run_batch import _read_input
+
+    good = line("a", COMPLETIONS, {"prompt": "café"}).replace("\\u00e9", "é")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"\ufeff{good}\r\n{good}\n"))
+    assert _read_input("-") == [good, good]
+    undecoded = good.encode().replace(b"caf", b"caf\xe9").decode("utf-8", "surrogateescape")
+    for bad, byte in ((undecoded, r"0xe9"), (good.replace("caf", "caf\ud800"), r"0xed")):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(f"{good}\n{bad}\n"))
+        with pytest.raises(ValueError, match=rf"^line 2 is not UTF-8 \(byte {byte}, invalid continuation byte\)$"):
+            _read_input("-")
+
+
 def test_a_closed_stdin_or_stdout_is_refused(tmp_path, monkeypatch):
     """``-o - >&-`` (a job started with no stdout: Python's sys.stdout is None) wrote the results to a file named "-"
     in the working directory, exit status 0; ``-i - <&-`` was an AttributeError's traceback. Both are now refused

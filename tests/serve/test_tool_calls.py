@@ -220,7 +220,8 @@ async def test_a_history_of_calls_and_results_reaches_the_template(client):
         "{% if c['function']['arguments'] is mapping %}(a={{ c['function']['arguments']['a'] }})"
         "{% else %}({{ c['function']['arguments'] }}){% endif %}{% endfor %}"
         "{% if m['tool_call_id'] %}#{{ m['tool_call_id'] }}{% endif %}]{% endfor %}")
-    expected = "[user:Add 2 and 3, then paint it.][assistant:call_1=add(a=2)call_2=paint(not json)][tool:5#call_1]" \
+    # Arguments that are no JSON reach it as {}, as vLLM reads them (they were the text itself)
+    expected = "[user:Add 2 and 3, then paint it.][assistant:call_1=add(a=2)call_2=paint(a=)][tool:5#call_1]" \
                "[tool:done#call_2]"
     r = await client.post("/tokenize", json={"messages": HISTORY})
     assert r.status_code == 200, r.text

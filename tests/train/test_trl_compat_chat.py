@@ -116,6 +116,12 @@ def test_tool_call_messages_are_accepted_as_the_server_renders_them():
               for m in TOOL_CHAT]
     filled[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Oslo", "unit": None}
     assert check_conversations("tools.jsonl", "messages", [filled]) == [messages]
+    # arguments that are no JSON text reach the template as {}, as the server's template_message passes them
+    for text in ("", "{oops"):
+        cut = [*TOOL_CHAT[:1], {**TOOL_CHAT[1], "tool_calls": [
+            {**TOOL_CHAT[1]["tool_calls"][0], "function": {"name": "get_weather", "arguments": text}}]}, *TOOL_CHAT[2:]]
+        (rendered,) = check_conversations("tools.jsonl", "messages", [cut])
+        assert rendered[1]["tool_calls"][0]["function"]["arguments"] == {}
 
 
 @pytest.mark.parametrize(("message", "problem"), [
