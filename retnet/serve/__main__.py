@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import math
+import socket
 import sys
 import threading
 import time
@@ -142,6 +144,10 @@ def _run_command(argv: list[str] | None) -> None:
     # before the settings' checks import torch and transformers: it quiets torchao's import-time warnings
     retnet.register()
     settings = settings_from_args(args)
+    refusal = listen_refusal(settings.host, settings.port)
+    if refusal is not None:
+        print(f"retnet-serve: error: {refusal}", file=sys.stderr)
+        raise SystemExit(STARTUP_FAILURE)
     import uvicorn
 
     from retnet.serve.app import create_app
@@ -184,6 +190,39 @@ STARTUP_FAILURE = 3
 # Past --shutdown-grace-s, how long the requests the engine then ends have to send their answers before uvicorn
 # cancels what is left.
 ANSWER_S = 5
+
+_LISTEN_HINTS = {errno.EADDRINUSE: "another process listens there: stop it or pick another --port",
+                 errno.EACCES: "a port below 1024 needs privileges: pick a higher --port",
+                 errno.EADDRNOTAVAIL: "no interface of this machine has that address: 0.0.0.0 listens on every one"}
+
+
+def listen_refusal(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on ``host``:``port``, found by binding the addresses it binds (asyncio's
+    create_server: every address the host resolves to, SO_REUSEADDR, IPv6 sockets IPv6-only) and letting them go;
+    None when it can. Asked before the model loads: uvicorn binds once the engine's thread is loading it, and its
+    refusal was a log line naming neither flag (none at all under --log-level critical), then the nanobind leak reports of
+    the interpreter ending under that thread."""
+    try:
+        infos = set(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
+    except (socket.gaierror, UnicodeError) as exc:  # (UnicodeError: a name no IDNA label can encode)
+        return f"--host {host!r}: not an address or a name this machine resolves ({getattr(exc, 'strerror', None) or exc})"
+    with contextlib.ExitStack() as held:  # all bound at once, as uvicorn holds them
+        for family, kind, proto, _, address in infos:
+            try:
+                sock = held.enter_context(socket.socket(family, kind, proto))
+            except OSError:  # a family this kernel lacks (IPv6 off): asyncio skips it too
+                continue
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                hint = _LISTEN_HINTS.get(exc.errno)
+                return (f"cannot listen on --host {host} --port {port} ({address[0]} port {address[1]}): {reason}"
+                        + (f"; {hint}" if hint else ""))
+    return None
 
 
 def _draining_server():

@@ -160,6 +160,9 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
 
     # strict_content_type=False: a body without a Content-Type is read as JSON (other types: require_json).
     app = FastAPI(title="retnet-serve", version="0.1.0", lifespan=lifespan, strict_content_type=False)
+    # vLLM's --root-path (an attribute: FastAPI's argument is deprecated for uvicorn's, which would take requests with
+    # the prefix no more): /docs asks for the schema under it, and the routes are matched with or without it.
+    app.root_path = settings.root_path
     app.state.settings, app.state.engine, app.state.serving, app.state.metrics = settings, engine, serving, metrics
 
     def require_api_key(request: Request) -> None:
@@ -167,7 +170,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             return
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        anthropic = is_anthropic_route(request.url.path)
+        anthropic = is_anthropic_route(_route_path(request.scope))
         if anthropic and not (scheme.lower() == "bearer" and key):  # the Anthropic SDK's header
             scheme, key = "bearer", request.headers.get("x-api-key", "")
         ok = False
@@ -182,13 +185,13 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     def key_refusal(request: Request) -> JSONResponse | None:
         """The 401 a request to a keyed route without a valid key gets, whatever else is wrong with it; None
         when it has the key or its route needs none."""
-        if not _needs_key(request.url.path):
+        if not _needs_key(_route_path(request.scope)):
             return None
         try:
             require_api_key(request)
         except APIError as denied:
             return _error(denied.status, denied.message, denied.param, denied.code, denied.type, denied.headers,
-                          path=request.url.path)
+                          path=_route_path(request.scope))
         return None
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, key_refusal=key_refusal)
@@ -469,6 +472,15 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(exc.body(), status_code=status, headers=headers)
 
 
+def _route_path(scope) -> str:
+    """The path the routes match (as Starlette's router reads it): without --root-path's prefix where a proxy passed
+    it on, so that the key, the error body and the metrics label are the route's."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
+
+
 def _needs_key(path: str) -> bool:
     """Whether ``path`` is behind ``--api-keys``: /v1 and vLLM's routes outside it (/health and /metrics are not)."""
     # (a trailing slash too: the router redirects /tokenize/ to the keyed /tokenize)
@@ -479,13 +491,13 @@ def _needs_key(path: str) -> bool:
 def _install_error_handlers(app: FastAPI, key_refusal) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers, path=request.url.path)
+        return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers, path=_route_path(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         # FastAPI parses a JSON body before the route's dependencies run: without this a client with no key
         # would be told how its body was read (400) instead of 401, as OpenAI answers. Every keyed route wants it.
-        path = request.url.path
+        path = _route_path(request.scope)
         denied = key_refusal(request)
         if denied is not None:
             return denied
@@ -499,16 +511,16 @@ def _install_error_handlers(app: FastAPI, key_refusal) -> None:
         if exc.status_code == 400 and "parsing the body" in message:
             message, code = _unreadable_body(exc.__cause__), "invalid_json"
         return _error(exc.status_code, message, None, code, headers=getattr(exc, "headers", None),
-                      path=request.url.path)
+                      path=_route_path(request.scope))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # a bug: say so without leaking internals
         if isinstance(exc, ClientDisconnect):  # an ASGI 2.4 server's send failed: the client left, no bug
             logger.info("client disconnected before the response was sent")
-            return _error(499, "client closed the request", None, "client_closed", path=request.url.path)
+            return _error(499, "client closed the request", None, "client_closed", path=_route_path(request.scope))
         logger.exception("unhandled error")
         return _error(500, f"internal error ({type(exc).__name__})", None, "internal_error", "server_error",
-                      path=request.url.path)
+                      path=_route_path(request.scope))
 
 
 def _unreadable_body(cause: BaseException | None) -> str:
@@ -619,7 +631,7 @@ class BodyLimitMiddleware:
         if _is_json_media(None if content_type is None else content_type.decode("latin-1")) \
                 and json_nested_deeper_than(body, MAX_JSON_DEPTH):
             response = _error(400, f"the request body's JSON is nested deeper than {MAX_JSON_DEPTH} levels", None,
-                              "invalid_json", path=scope["path"])
+                              "invalid_json", path=_route_path(scope))
             return await self._refuse(response, scope, receive, send)
 
         async def replay():
@@ -633,7 +645,7 @@ class BodyLimitMiddleware:
 
     async def _too_large(self, scope, receive, send):
         response = _error(413, f"the request body is larger than {self.max_bytes} bytes", None, "body_too_large",
-                          path=scope["path"])
+                          path=_route_path(scope))
         await self._refuse(response, scope, receive, send)
 
     async def _refuse(self, response: Response, scope, receive, send):
@@ -718,7 +730,7 @@ class RequestIdLimitMiddleware:
             return await self.app(scope, receive, send)
         denied = None if self.key_refusal is None else self.key_refusal(Request(scope))
         response = denied or _error(400, f"X-Request-Id: at most {REQUEST_ID_MAX_CHARS} characters; got {len(sent)}",
-                                    "X-Request-Id", path=scope["path"])
+                                    "X-Request-Id", path=_route_path(scope))
         await response(scope, receive, send)
 
 
@@ -731,7 +743,7 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = _route(scope["path"])
+        route = _route(_route_path(scope))
         status = {"code": None}
 
         async def capture(message):

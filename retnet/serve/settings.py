@@ -52,6 +52,9 @@ class ServeSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="the address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="the TCP port to listen on")
+    root_path: str = Field(
+        "", description="the path prefix a reverse proxy serves the API under (vLLM's --root-path), e.g. /llm: /docs "
+        "asks for its schema there, and requests are answered with the prefix or without it (a proxy that strips it)")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1 ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights' dtype; auto: float32 on CPU, bfloat16 on CUDA (states stay float32)"
@@ -261,6 +264,46 @@ class ServeSettings(BaseSettings):
         if any(not key for key in keys):
             raise ValueError(f"api_keys (--api-keys) must not hold a blank key; got {json.dumps(value)[:120]}")
         return keys
+
+    @field_validator("allowed_methods", mode="after")
+    @classmethod
+    def _methods_as_browsers_send(cls, value):
+        # CORSMiddleware compares a preflight's Access-Control-Request-Method, which browsers send uppercase, to
+        # these as text: --allowed-methods get,post refused every preflight (400 "Disallowed CORS method").
+        return [method.strip().upper() for method in value]
+
+    @field_validator("allowed_origins", mode="after")
+    @classmethod
+    def _origins_as_browsers_send(cls, value):
+        # As the methods: a browser's Origin is scheme://host[:port], lowercase, without a path or its scheme's
+        # default port, and is compared as text: https://App.example/ (a copied URL) matched no request.
+        origins = []
+        for origin in value:
+            text = origin.strip()
+            scheme, sep, rest = text.partition("://")
+            if not sep:  # "*", or "null" (a sandboxed page's or a file's origin)
+                origins.append(text)
+                continue
+            authority, slash, path = rest.partition("/")
+            if slash and path:
+                raise ValueError(f"allowed_origins (--allowed-origins): an origin is scheme://host[:port], without a "
+                                 f"path; got {origin!r}")
+            scheme, authority = scheme.lower(), authority.lower()
+            default_port = {"http": ":80", "https": ":443"}.get(scheme)
+            if default_port and authority.endswith(default_port):
+                authority = authority.removesuffix(default_port)
+            origins.append(f"{scheme}://{authority}")
+        return origins
+
+    @field_validator("root_path", mode="after")
+    @classmethod
+    def _a_path_prefix(cls, value):
+        # A prefix is matched against request paths, which begin with "/": "llm" would never match, and "/llm/"
+        # left "//docs" links.
+        prefix = value.strip().rstrip("/")
+        if prefix and not prefix.startswith("/"):
+            raise ValueError(f"root_path (--root-path) must be a path beginning with '/', e.g. /llm; got {value!r}")
+        return prefix
 
     @field_validator("log_level", mode="before")
     @classmethod
