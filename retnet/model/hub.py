@@ -34,10 +34,11 @@ PICKLED_WEIGHTS = ["*.bin", "*.bin.index.json"]
 def top_level_only(patterns: list[str]) -> list[str]:
     """The ignore patterns that keep ``patterns`` to a repository's top level: huggingface_hub's patterns let "*"
     cross "/", and "*.safetensors" alone would also fetch its subfolders (original/consolidated.safetensors,
-    intermediate checkpoints), which from_pretrained never reads. Each pattern ignored under a folder, rather than
-    every file there ("*/*"), which also dropped the named chat templates: served by hub id, a model rendered a
-    request with tools with the default template where its directory gave the tool_use one."""
-    return [f"*/{pattern}" for pattern in patterns if pattern != CHAT_TEMPLATES]
+    intermediate checkpoints), which from_pretrained never reads. Each pattern ignored under a folder, and as a
+    folder ("tokenizer*" would take tokenizer_2/), rather than every file below one ("*/*"), which also dropped the
+    named chat templates: served by hub id, a model rendered a request with tools with the default template where its
+    directory gave the tool_use one."""
+    return [f"*/{pattern}" for pattern in patterns] + [f"{pattern}/*" for pattern in patterns]
 
 
 # huggingface_hub's repository id (its validate_repo_id): an optional namespace and a name, of ASCII word
@@ -102,9 +103,10 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
     # loader said "no file named model.safetensors" in a cache folder, or "holds no tokenizer" of a model's export.
     if "*.safetensors" in patterns and not any(next(Path(snapshot).glob(p), None) for p in ("*.safetensors", "*.bin")):
         raise HubError(f"{str(source)!r}: the hub's snapshot of it ({snapshot}) holds no weights (*.safetensors or "
-                       "*.bin); offline (HF_HUB_OFFLINE, or no network) it holds only what an earlier download "
-                       "fetched, which for a data.tokenizer is the tokenizer's files alone: download the model once "
-                       "with network access")
+                       "*.bin at its top level): the repository has none there (GGUF or .pth alone, or weights in a "
+                       "subfolder), or, offline (HF_HUB_OFFLINE, or no network), the snapshot holds only what an "
+                       "earlier download fetched, which for a data.tokenizer is the tokenizer's files alone: "
+                       "download the model once with network access")
     return Path(snapshot)
 
 

@@ -537,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
             status = _run_command(argv)
             # Flushed here, not by Python at exit: a reader gone then (`retnet-eval ... | head -1`) was "Exception
             # ignored ... BrokenPipeError" and status 120, or a traceback with PYTHONUNBUFFERED set
-            sys.stdout.flush()
+            if sys.stdout is not None:  # (closed: `>&-`)
+                sys.stdout.flush()
             return status
         except BrokenPipeError:
             _to_devnull(sys.stdout)

@@ -1085,9 +1085,10 @@ def check_rows_digest(saved: dict[str, Any] | None, digest: Callable[[], str], *
         raise ConfigError(
             f"data.dataset {dataset!r}: the {rows} changed since the checkpoint was written: it was trained on "
             f"{saved['train']} train + {saved['val']} validation {rows} (sha256 {saved['sha256'][:16]}…), the data "
-            f"now gives {counts[0]} + {counts[1]} other ones (sha256 {now[:16]}…): {changed}. Its data position "
-            f"would point into other {rows}, and {rows} held out for validation could now be trained on. Restore the "
-            f"data, or start a new run in another train.output_dir")
+            f"now gives {counts[0]} + {counts[1]} other ones (sha256 {now[:16]}…): {changed}, or the same rows "
+            f"encoded otherwise (a standard row's prompt now starts with the BOS its tokenizer adds, as SFT's and "
+            f"/v1/completions' do). Its data position would point into other {rows}, and {rows} held out for "
+            f"validation could now be trained on. Restore the data, or start a new run in another train.output_dir")
 
 
 def _first_rank() -> bool:

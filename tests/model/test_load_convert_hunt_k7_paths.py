@@ -97,7 +97,7 @@ def test_a_hub_download_fetches_the_named_chat_templates_and_nothing_else_below_
     repository = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                   "additional_chat_templates/tool_use.jinja", "original/consolidated.safetensors",
                   "checkpoint-100/model.safetensors", "checkpoint-100/tokenizer.json", "onnx/model.onnx",
-                  "pytorch_model.bin", "README.md"]
+                  "pytorch_model.bin", "README.md", "tokenizer/README.md", "tokenizer_2/model.onnx", "vocab.d/x"]
     fetched = {}
 
     def snapshot_download(repo_id, allow_patterns, ignore_patterns, **kwargs):

@@ -563,3 +563,11 @@ def test_cli_output_closed_by_its_reader_is_one_line(export_dir, jsonl, tmp_path
                                            "--cache-dir", str(tmp_path / "cache")], monkeypatch)
     assert status == 1
     assert "the output was closed by its reader (broken pipe)" in capsys.readouterr().err
+
+
+def test_cli_with_stdout_closed_is_its_usual_one_line(tmp_path, capsys, monkeypatch):
+    """``retnet-eval ... >&-``: Python's stdout is None, which the flush before exit took for a stream (an
+    AttributeError traceback, status 1, in place of the usage error and its status 2)."""
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["--model", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert "no such directory" in capsys.readouterr().err
