@@ -210,8 +210,11 @@ class BeamSearch:
         elif any(out.finish_reason == "abort" for out in item):
             metrics.cancelled.inc(result.num_choices)
         else:
-            # every choice's first token arrives with the answer; observed once, as the engine observes a prompt's
-            metrics.ttft.observe(time.perf_counter() - result.arrival)
+            # every choice's first token arrives with the answer; observed once a prompt, as the engine observes
+            # a prompt's n choices
+            waited = time.perf_counter() - result.arrival
+            for _ in self.prompts:
+                metrics.ttft.observe(waited)
             for out in item:
                 metrics.finished.labels(out.finish_reason).inc()
             metrics.generation_tokens.inc(sum(len(out.token_ids) for out in item))

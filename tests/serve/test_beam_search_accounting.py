@@ -74,6 +74,11 @@ async def test_a_beam_search_counts_once_as_a_request_of_its_n_choices(open_app)
             await asyncio.sleep(0.01)
         assert sample(engine, "retnet_sequences_cancelled_total") - cancelled == 2
         assert ended(engine) == sample(engine, "retnet_sequences_submitted_total") == 6
+        before = [sample(engine, name) for name in names]
+        r = await client.post("/v1/completions", json={"prompt": [PROMPT, "x = 1"], "max_tokens": 3, "n": 2, **BEAMS})
+        assert r.status_code == 200, r.text
+        counted = [sample(engine, name) - was for name, was in zip(names, before)]
+        assert counted[0] == 4 and counted[3] == 2  # once a prompt, as a sampled request of two prompts
 
 
 async def test_two_searches_of_one_prompt_never_cost_each_other_a_beam_prefilled_again(open_app, monkeypatch):
