@@ -379,6 +379,12 @@ def conversation_problem(row: Any) -> str | None:
         if calls is not None and _call_problem(calls):
             return (f"message {number} has tool_calls {calls!r:.80}, not a list of {{'type': 'function', "
                     f"'function': {{'name': str, 'arguments': ...}}}} calls")
+        for arguments in [] if calls is None else [call.get("function", call).get("arguments") for call in calls]:
+            # Trained on, they are the answer: text that is no JSON (a Python repr "{'city': 'Oslo'}") would be
+            # rendered as the server reads it in a history, {}, and the model taught calls without arguments.
+            if isinstance(arguments, str) and arguments.strip() and not _is_json(arguments):
+                return (f"message {number} has a tool call whose arguments {arguments!r:.80} are no JSON text "
+                        f"(an object, or its JSON text)")
         content = message.get("content")
         if isinstance(content, list):
             for part in content:
@@ -414,12 +420,23 @@ def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
     arguments = target.get("arguments")
     if not isinstance(arguments, str):
         return call
-    try:
-        parsed = json.loads(arguments)
-    except ValueError:  # {} as the server (and vLLM) reads text that is no JSON: "" (no arguments) or a call cut short
+    if not arguments.strip():  # a call without arguments: {}, as the server (and vLLM) reads it
         parsed = {}
+    else:
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:  # (refused by conversation_problem)
+            return call
     target = {**target, "arguments": parsed}
     return {**call, "function": target} if isinstance(function, dict) else target
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _untrimmed(processor: dict | None) -> None:

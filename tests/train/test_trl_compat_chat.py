@@ -116,10 +116,14 @@ def test_tool_call_messages_are_accepted_as_the_server_renders_them():
               for m in TOOL_CHAT]
     filled[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Oslo", "unit": None}
     assert check_conversations("tools.jsonl", "messages", [filled]) == [messages]
-    # arguments that are no JSON text reach the template as {}, as the server's template_message passes them
-    for text in ("", "{oops"):
+    # empty arguments reach the template as {}, as the server's template_message passes them; other text that is
+    # no JSON (a Python repr) is refused: rendered {}, the model would be taught calls without arguments
+    for text in ("", " ", "{'city': 'Oslo'}"):
         cut = [*TOOL_CHAT[:1], {**TOOL_CHAT[1], "tool_calls": [
             {**TOOL_CHAT[1]["tool_calls"][0], "function": {"name": "get_weather", "arguments": text}}]}, *TOOL_CHAT[2:]]
+        if text.strip():
+            assert "message 1 has a tool call whose arguments" in conversation_problem(cut)
+            continue
         (rendered,) = check_conversations("tools.jsonl", "messages", [cut])
         assert rendered[1]["tool_calls"][0]["function"]["arguments"] == {}
 
