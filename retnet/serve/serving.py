@@ -967,7 +967,9 @@ class OpenAIServing:
 
         def decoded(prompt: list[int], tokens: list[int]) -> str:
             with self.tokenizer_lock:
-                detokenizer = IncrementalDetokenizer(decode, prompt, unfinished=self.engine.unfinished_tail(prompt))
+                detokenizer = IncrementalDetokenizer(decode,
+                                                     self.engine.detokenizer_context(prompt, params.skip_special_tokens),
+                                                     unfinished=self.engine.unfinished_tail(prompt))
                 detokenizer.ids.extend(tokens)  # the whole answer, decoded once
                 return detokenizer.flush()
 
