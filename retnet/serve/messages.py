@@ -42,7 +42,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.responses import CHAT_EXTRAS, required_string
 from retnet.serve.serving import ChatRun, OpenAIServing
-from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse
+from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse
 
 ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 # Anthropic's error type for each status its API answers with (any other 4xx: invalid_request_error, 5xx: api_error).
@@ -450,8 +450,7 @@ def render_message(message: dict[str, Any]) -> bytes:
 
 
 def _event(kind: str, **fields) -> str:
-    data = json.dumps({"type": kind, **fields}, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {kind}\ndata: {data}\n\n"
+    return sse({"type": kind, **fields}, kind)
 
 
 # ----------------------------------------------------------------------------------------------------------

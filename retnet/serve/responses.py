@@ -47,7 +47,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.serving import ChatRun, OpenAIServing
-from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse
+from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse
 
 # The chat route's sampling extras a Responses request may send too (the official client: ``extra_body``); they
 # reach the chat request as they are, and are checked there.
@@ -615,7 +615,7 @@ class _Events:
     def emit(self, kind: str, **fields) -> str:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        return sse(data, kind)
 
     def _where(self, item: dict[str, Any]) -> dict[str, Any]:
         return {"item_id": item["id"], "output_index": self.output.index(item)}

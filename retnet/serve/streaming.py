@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -17,16 +18,27 @@ from fastapi.responses import StreamingResponse
 from retnet.serve.protocol import APIError
 from retnet.serve.sequence import EngineFailure, RequestHandle, SeqOutput
 
+logger = logging.getLogger("retnet.serve")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_S = 0.5
 T = TypeVar("T")
 
 
-def sse(data: dict | str) -> str:
-    """One SSE event carrying ``data`` (a dict as compact JSON, a string as it is)."""
+# Characters that JSON leaves raw but str.splitlines() breaks a line at: clients that read an SSE stream line by
+# line with it (httpx's iter_lines, which the demo client uses; requests' with decode_unicode) would cut an event
+# whose text holds one, and fail on half a JSON document. Escaped, the JSON reads back the same.
+_LINE_BREAKERS = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
+
+
+def sse(data: dict | str, event: str | None = None) -> str:
+    """One SSE event carrying ``data`` (a dict as compact JSON, a string as it is); ``event``: its ``event:`` line
+    (the Anthropic and Responses streams name their events; OpenAI's chat and completion streams do not)."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n"
+    for char, escaped in _LINE_BREAKERS:
+        if char in payload:
+            payload = payload.replace(char, escaped)
+    return f"data: {payload}\n\n" if event is None else f"event: {event}\ndata: {payload}\n\n"
 
 
 async def stream_outputs(handle: RequestHandle) -> AsyncIterator[SeqOutput]:
@@ -100,14 +112,18 @@ async def unless_disconnected(work: Awaitable[T], raw: Request) -> T:
 
 def sse_response(chunks: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:
     """The SSE response of ``chunks`` (events already), ending ``data: [DONE]``; an engine failure mid-stream is
-    sent as an error event before it."""
+    sent as an error event before it, and so is a bug while the chunks are built (the 500 a whole answer gets)."""
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
                 yield chunk
         except APIError as exc:  # the engine failed mid-stream: an error event, then the end
             yield sse(exc.body())
-        response.finished = True  # every choice has ended: nothing left to cancel
+        except Exception as exc:  # the headers are sent: a cut connection would be all the client saw
+            logger.exception("unhandled error in a stream")
+            handle.cancel()  # its choices may still be running
+            yield sse(APIError(500, f"internal error ({type(exc).__name__})", None, "internal_error").body())
+        response.finished = True  # every choice has ended (or was cancelled above): nothing left to cancel
         yield sse("[DONE]")
 
     response = EngineStreamingResponse(body(), handle, media_type="text/event-stream", headers=SSE_HEADERS)
