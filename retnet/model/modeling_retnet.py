@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging as logging_std
 import math
+import numbers
 import threading
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from transformers.generation import utils as generation_utils
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
 from retnet import kernels
@@ -808,6 +810,11 @@ class RetNetModel(RetNetPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        # (a [T] row of ids embedded to [T, d] was read as T rows of d tokens, and failed deep in a layer)
+        given, name, shape, dims = (input_ids, "input_ids", "[B, T]", 2) if inputs_embeds is None else (
+            inputs_embeds, "inputs_embeds", "[B, T, hidden_size]", 3)
+        if given.dim() != dims:
+            raise ValueError(f"{name} must be {shape} (a batch of one: x[None]); got shape {tuple(given.shape)}")
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden_states.shape[:2]
         mode = retention_mode or self.config.retention_mode
@@ -1358,7 +1365,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         no label counts, all −100 or T = 0, on the fused head as on the plain one; see :func:`causal_lm_loss`).
         ``shift_labels`` ``[B, T]`` instead: labels already moved left (position t's is the token after t), as
         transformers names them; a piece of a row split by ``context_parallel`` needs them, its last token
-        predicting the next piece's first. ``distill`` (training, with labels): the loss is
+        predicting the next piece's first. ``ignore_index`` (a keyword, as transformers' loss takes it): a label id
+        ignored besides −100. ``distill`` (training, with labels): the loss is
         :func:`~retnet.model.distillation.linear_distillation_loss` towards its teacher's distribution instead
         (chunked like the fused head, whatever ``fuse_linear_cross_entropy`` says; no logits returned), its parts
         left in ``distill.parts``; with ``logits_to_keep`` over the kept positions, the teacher's states (given for
@@ -1366,6 +1374,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         # A keyword, not a parameter (as in transformers' models): Trainer takes every parameter named like a label
         # for one it must be given, and without shift_labels in a batch evaluate() would compute no loss.
         shift_labels = kwargs.pop("shift_labels", None)
+        # transformers' causal-LM loss takes it as a keyword too; left in kwargs it was dropped, and the tokens it
+        # names (a pad id used as label) counted in the loss
+        ignore_index = kwargs.pop("ignore_index", -100)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise ValueError(f"ignore_index must be an int label id; got ignore_index={ignore_index!r}")
+        ignore_index = int(ignore_index)
         _check_cache_and_outputs(cache if cache is not None else past_key_values, kwargs)
         cu_seqlens = _flattened_offsets(cu_seqlens, kwargs)
         if distill is not None and ((labels is None and shift_labels is None) or not self.training):
@@ -1389,15 +1403,24 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         shifted = shift_labels is not None
         labels = shift_labels if shifted else labels
+        if labels is not None and ignore_index != -100:
+            # −100 stays ignored too: the losses below (fused, distilled, plain) know that one id only
+            labels = labels.masked_fill(labels == ignore_index, -100)
         # Checked on every path: [T] labels for a batch of one raised an IndexError from the shift, and a [B, T']
         # batch cross_entropy's ValueError counting the flattened B·T logits against B·T' labels.
         if labels is not None and tuple(labels.shape) != tuple(hidden_states.shape[:2]):
             raise ValueError(f"{'shift_labels' if shifted else 'labels'} must be [B, T] like the inputs, "
                              f"{tuple(hidden_states.shape[:2])}; got {tuple(labels.shape)}")
         keeps_all = isinstance(logits_to_keep, int) and (logits_to_keep <= 0 or logits_to_keep >= hidden_states.shape[1])
+        one_position = False
         if not keeps_all:
             # (a list of positions as a tensor: it indexes the labels too)
             kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else torch.as_tensor(logits_to_keep)
+            # A 0-dim index gives [B, V] logits, as transformers' models index with it; the fused and distilled
+            # losses, which need a time axis, refused it where the plain one ran. They take it as [1].
+            one_position = not isinstance(kept, slice) and kept.dim() == 0
+            if one_position:
+                kept = kept.reshape(1)
             hidden_states = hidden_states[:, kept]
             if labels is not None:
                 # Each kept position's loss is its next-token prediction: the labels move left first, then are cut
@@ -1426,6 +1449,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden_states)
             if labels is not None:
                 loss = causal_lm_loss(logits, labels, num_items_in_batch, shifted=shifted)
+            if one_position:
+                logits = logits[:, 0]
         output = RetNetCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -1811,6 +1836,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if outputs.cache is not None:
             model_kwargs[CACHE_KWARG] = outputs.cache
         return model_kwargs
+
+
+# Trainer's label smoothing (label_smoothing_factor) moves the labels left only for the causal LMs whose class names
+# this table of transformers' own lists; RetNet's, not there, was trained to predict each token itself. ("retnet" is
+# no config name of transformers', so the lazy Auto mapping built on this table skips it, importing nothing.)
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(RetNetConfig.model_type, RetNetForCausalLM.__name__)
 
 
 def _refuse_under_prompt_learning(model: RetNetForCausalLM, what: str) -> None:
