@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import warnings
@@ -46,6 +47,21 @@ def needs_extra(prog: str, extra: str) -> Iterator[None]:
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+
+
+# What a command writing lines says when their reader went away (`... | head -1`), ending with status 1.
+BROKEN_PIPE = "the output was closed by its reader (broken pipe); the lines after it were not written"
+
+
+def to_devnull(stream) -> None:
+    """``stream``'s file descriptor pointed at /dev/null, so that Python's own flush at exit does not fail again on
+    the text left in its buffer (a closed pipe's)."""
+    with contextlib.suppress(OSError, ValueError):  # (a stream without a descriptor: a test's StringIO)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
 
 
 @contextlib.contextmanager

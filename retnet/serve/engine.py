@@ -38,6 +38,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -757,7 +758,6 @@ class Engine(ModelThread):
         # Where the text starts: the first token not skipped by decoding, unless a session's history precedes.
         start = None if group.continues else next(
             (i for i, token in enumerate(group.inputs) if token not in self.skipped_ids), len(group.inputs))
-        unfinished = self.unfinished_tail(group.inputs)
         context = self.detokenizer_context(group.inputs, params.skip_special_tokens)
         decode = self._decoder(params)
         texts = self.token_texts.setdefault((params.skip_special_tokens, params.spaces_between_special_tokens), {})
@@ -769,7 +769,7 @@ class Engine(ModelThread):
                                  grammar=params.grammar.matcher() if params.grammar is not None else None,
                                  history=group.session.seen if group.continues else None)
             seqs.append(Sequence(group, group.first_index + j, sampler,
-                                 IncrementalDetokenizer(decode, context, unfinished=unfinished, texts=texts),
+                                 IncrementalDetokenizer(decode, **context, texts=texts),
                                  StopStrings(group.params.stop, group.params.include_stop_str_in_output),
                                  # Special tokens shown, even a prompt of them alone is text before it.
                                  at_start=start == len(group.inputs) and params.skip_special_tokens))
@@ -1183,8 +1183,16 @@ class Engine(ModelThread):
                 if missing <= 0:
                     break
 
-    def detokenizer_context(self, ids: list[int], skip_special_tokens: bool) -> list[int]:
-        """The context a completion's text is decoded after (an IncrementalDetokenizer's): ``ids``, unless a special
+    def detokenizer_context(self, ids: list[int], skip_special_tokens: bool) -> dict[str, Any]:
+        """An IncrementalDetokenizer's ``context_ids`` and ``unfinished`` for an answer after the prompt ``ids``
+        (the engine's sequences and the beam search's answers alike): :meth:`unfinished_tail`, and ``ids``, unless a
+        special token the decoding drops (``skip_special_tokens``) ends a character the prompt leaves unfinished before
+        it (:meth:`_closed_before_special`)."""
+        return {"context_ids": self._closed_before_special(ids, skip_special_tokens),
+                "unfinished": self.unfinished_tail(ids)}
+
+    def _closed_before_special(self, ids: list[int], skip_special_tokens: bool) -> list[int]:
+        """``ids``, unless a special
         token the decoding drops (``skip_special_tokens``) ends a character the prompt leaves unfinished before it.
         Shown, a special token ends that character (the echo has it as U+FFFD, as HF's decode with special tokens
         shown); dropped, the decoding would join its bytes to those after the token, the generated ones too: the
@@ -1193,13 +1201,15 @@ class Engine(ModelThread):
         token of one ASCII letter before the special token ends the character as the special token does; it adds
         the same text to both decodings the detokenizer subtracts, so the completion's text is unchanged by it."""
         letter = self.letter_token if skip_special_tokens else None
+        if letter is None:
+            return ids
         # Only the detokenizer's window is decoded (at most MAX_WINDOW tokens and the 3 of a character before them):
         # a special token or character further back is not in it, and a prompt of many tokens is not read through.
         low = max(0, len(ids) - MAX_WINDOW - 3)
         last = len(ids)
         while last > low and ids[last - 1] not in self.skipped_ids:
             last -= 1
-        if letter is None or last == low:
+        if last == low:
             return ids
         at, before = last - 1, b""  # the bytes before it, other special tokens passed over; 3 can be unfinished
         while at > low and len(before) < 3:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from retnet.extras import BROKEN_PIPE, to_devnull
+
 if TYPE_CHECKING:  # (imported where used: pydantic; main names the [serve] extra when it is missing)
     from retnet.serve.protocol import APIError
 
@@ -478,10 +480,9 @@ def _run_command(argv: list[str] | None) -> int:
         # One line, not a traceback; stdout pointed at /dev/null so that Python's own flush at exit does not fail
         # again (the text the failed write left in its buffer)
         if output.file is sys.stdout:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            to_devnull(sys.stdout)
         if isinstance(exc.error, BrokenPipeError):  # the reader went away (`-o - | head`)
-            print(f"{PROG}: the output was closed by its reader (broken pipe); the lines after it were not written",
-                  file=sys.stderr)
+            print(f"{PROG}: {BROKEN_PIPE}", file=sys.stderr)
         else:
             name = "to standard output" if output.path == "-" else f"the output file {output.path!r}"
             print(f"{PROG}: cannot write {name}: {exc.error.strerror or exc.error}; {exc.lost}", file=sys.stderr)

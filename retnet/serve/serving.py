@@ -968,8 +968,7 @@ class OpenAIServing:
         def decoded(prompt: list[int], tokens: list[int]) -> str:
             with self.tokenizer_lock:
                 detokenizer = IncrementalDetokenizer(decode,
-                                                     self.engine.detokenizer_context(prompt, params.skip_special_tokens),
-                                                     unfinished=self.engine.unfinished_tail(prompt))
+                                                     **self.engine.detokenizer_context(prompt, params.skip_special_tokens))
                 detokenizer.ids.extend(tokens)  # the whole answer, decoded once
                 return detokenizer.flush()
 

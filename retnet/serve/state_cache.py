@@ -98,7 +98,7 @@ class PrefixCache:
         cannot tell from the timing or ``cached_tokens`` what they sent), or None. ``tag``: a beam search's step
         (search, step) looking up one of its beams: a search's entry of the whole beam is its own from now, as if
         it had inserted it (another search of the same prompt made it first, and its end must not free it)."""
-        self._drop_ended_searches()
+        self.free_ended_searches()
         if tag is not None:  # a step that prefills nothing (another search's states) inserts nothing to drop them
             self._drop_stale_steps(tag)
         if not self.entries:
@@ -123,7 +123,7 @@ class PrefixCache:
     def insert(self, tokens: list[int] | tuple[int, ...], cache: RetNetCache, logits: torch.Tensor | None,
                adapter: int = 0, tag: tuple[int, int] | None = None, salt: str | None = None) -> None:
         tokens = tuple(tokens)
-        self._drop_ended_searches()
+        self.free_ended_searches()
         if self.max_entries == 0 or len(tokens) < self.min_tokens:
             return
         if tag is not None:
@@ -181,22 +181,17 @@ class PrefixCache:
 
     def free_ended_searches(self) -> bool:
         """Free the states of the beam searches ended since the last use (:meth:`end_search`); whether any ended.
-        The scheduler calls it while it waits for work too: freed only at the next lookup or insert, an idle server
-        held an ended search's ``2n`` states, past the bounds, until the next request came."""
+        Each lookup and insert calls it, and the scheduler while it waits for work: an idle server held an ended
+        search's ``2n`` states, past the bounds, until the next request came."""
         if not self.ended_searches:
             return False
-        self._drop_ended_searches()
-        return True
-
-    def _drop_ended_searches(self) -> None:
-        if not self.ended_searches:
-            return
         ended = set()
         while self.ended_searches:
             ended.add(self.ended_searches.popleft())
         for search in ended:
             self.dropped_before.pop(search, None)
         self._release(lambda searches: ended.intersection(searches))
+        return True
 
     def _release(self, released: Callable[[dict[int, int]], set[int]]) -> None:
         """Take the searches ``released(entry.searches)`` off each search's entry; free those no search needs any

@@ -528,7 +528,7 @@ def _refuse_options(args: argparse.Namespace, names: Sequence[str], what: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from retnet.extras import exits_on_ctrl_c, needs_extra, warnings_above_bars
+    from retnet.extras import BROKEN_PIPE, exits_on_ctrl_c, needs_extra, to_devnull, warnings_above_bars
 
     # datasets (a local file, a hub dataset) and tqdm come with the [train] extra; the bars are ours and a reward
     # model's (evaluate_reward)
@@ -541,24 +541,12 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()
             return status
         except BrokenPipeError:
-            _to_devnull(sys.stdout)
+            to_devnull(sys.stdout)
             try:
-                print("retnet-eval: the output was closed by its reader (broken pipe); the lines after it were not "
-                      "written", file=sys.stderr)
+                print(f"retnet-eval: {BROKEN_PIPE}", file=sys.stderr)
             except OSError:  # (`2>&1 | head -1`: stderr went with it)
-                _to_devnull(sys.stderr)
+                to_devnull(sys.stderr)
             return EXIT_BROKEN_PIPE
-
-
-def _to_devnull(stream) -> None:
-    """``stream``'s file descriptor pointed at /dev/null, so that Python's own flush at exit does not fail again on
-    the text left in its buffer."""
-    with contextlib.suppress(OSError, ValueError):  # (a stream without a descriptor: a test's StringIO)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, stream.fileno())
-        finally:
-            os.close(devnull)
 
 
 def _run_command(argv: list[str] | None) -> int:

@@ -61,8 +61,7 @@ def unfinished(tokenizer, context) -> int:
 def streamed(tokenizer, context, generated, stops=(), include=False, skip=True) -> str:
     """What the engine's _advance streams for ``generated`` after the prompt ``context``, concatenated."""
     detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=skip),
-                                   engine_of(tokenizer).detokenizer_context(context, skip),
-                                   unfinished=unfinished(tokenizer, context))
+                                   **engine_of(tokenizer).detokenizer_context(context, skip))
     stop_strings = StopStrings(list(stops), include)
     text = ""
     for token in generated:
