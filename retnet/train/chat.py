@@ -604,22 +604,33 @@ class ChatEncoder:
         conversation's rendering without the tokenizer's added special tokens (the template writes its own, as for
         a chat request), a standard prompt-completion row's text with them, as a completion request's prompt (and
         TRL's text) is encoded, less an EOS the tokenizer appends (the closing EOS is that one)."""
+        added = [isinstance(sequence, Completion) for sequence in sequences]
+        out = self.encode_texts([text for text, _ in rendered], added)
+        for i, (text, spans) in enumerate(rendered):
+            if spans:
+                out[i] = self._cut_at_answers(text, spans, out[i], added[i])
+        return out
+
+    def encode_texts(self, texts: list[str], added: list[bool]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character offsets) of each text; where ``added``, with the special tokens the tokenizer's
+        post-processor puts around a text (a Llama tokenizer's BOS), as ``/v1/completions`` encodes a prompt (SFT's and
+        the preference and RL trainers' standard rows, the pretraining documents), less an EOS it appends (a
+        completion, or the closing EOS, follows); elsewhere the text's own tokens (a conversation's template writes its
+        own, as for a chat request)."""
         eos = self.tokenizer.eos_token_id
-        out: list = [None] * len(sequences)
-        for added in (False, True):
-            picked = [i for i, sequence in enumerate(sequences) if isinstance(sequence, Completion) == added]
+        out: list = [None] * len(texts)
+        for flag in (False, True):
+            picked = [i for i, value in enumerate(added) if value == flag]
             if not picked:
                 continue
-            encoded = self.backend.encode_batch([rendered[i][0] for i in picked], add_special_tokens=added)
+            encoded = self.backend.encode_batch([texts[i] for i in picked], add_special_tokens=flag)
             for i, encoding in zip(picked, encoded, strict=True):
                 ids, offsets = encoding.ids, encoding.offsets
-                if added and _ends_with_added_eos(encoding, eos):
+                if flag and _ends_with_added_eos(encoding, eos):
                     # A tokenizer that appends EOS: the closing EOS is that one. Kept, the completion's last token
                     # would predict an EOS that is no target (the row never learns to stop), and EOS would follow EOS.
                     ids, offsets = ids[:-1], offsets[:-1]
                 out[i] = (ids, offsets)
-                if rendered[i][1]:
-                    out[i] = self._cut_at_answers(rendered[i][0], rendered[i][1], out[i], added)
         return out
 
     def _cut_at_answers(self, text: str, spans: list[tuple[int, int]], whole: tuple[list[int], list[tuple[int, int]]],

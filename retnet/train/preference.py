@@ -13,7 +13,7 @@ it so, and DPO refuses it when it starts (:meth:`PreferenceData.check_prompted`:
 completion token). *Standard*: three strings; a sequence is the prompt's tokens, then the completion's, then
 EOS, the prompt (or a prompt-less row's whole texts) encoded with the special tokens the tokenizer adds, as
 ``/v1/completions`` encodes a prompt and the SFT and pretraining data start (a Llama-style BOS; TRL's DPOTrainer
-leaves it out) (:func:`encode_texts`) (in either format, a completion whose tokens already end with the EOS, as a conversation's rendered with a
+leaves it out) (:meth:`PairEncoder.encode_texts`) (in either format, a completion whose tokens already end with the EOS, as a conversation's rendered with a
 template that ends each message with it, the default's, gets no second). *Conversational*: three lists of ``{"role", "content"}`` messages (``chosen``/``rejected`` normally one assistant message). The prompt is rendered with the
 tokenizer's chat template and the generation prompt, as the server renders a chat request, and a completion is
 what ``render(prompt + chosen)`` adds after it (the template must render the prompt as a prefix, or the row is
@@ -92,7 +92,6 @@ from retnet.train.chat import (
     KWARGS_COLUMN,
     ChatEncoder,
     Conversation,
-    _ends_with_added_eos,
     check_template_kwargs,
     conversation_problem,
     template_messages,
@@ -312,23 +311,6 @@ class Pairs:
                    np.load(margins) if margins.is_file() else None)
 
 
-def encode_texts(backend, eos: int | None, texts: list[str], added: list[bool]) -> list[list[int]]:
-    """Each text's ids (``backend``: a :class:`~retnet.train.chat.ChatEncoder`'s). Where ``added``, with the
-    special tokens the tokenizer's post-processor puts around a text (a Llama tokenizer's BOS), less an EOS it
-    appends (a completion follows): a standard row's text starts as ``/v1/completions`` encodes a prompt, and as SFT's
-    standard prompt-completion rows and the pretraining documents start. Elsewhere the text's own tokens: a
-    conversation's template writes its own, as for a chat request."""
-    out: list[list[int]] = [[] for _ in texts]
-    for flag in (False, True):
-        picked = [i for i, value in enumerate(added) if value == flag]
-        if not picked:
-            continue
-        for i, encoding in zip(picked, backend.encode_batch([texts[i] for i in picked], add_special_tokens=flag),
-                               strict=True):
-            out[i] = encoding.ids[:-1] if flag and _ends_with_added_eos(encoding, eos) else encoding.ids
-    return out
-
-
 class PairEncoder:
     """(row, pair) -> :class:`Pairs` with ``tokenizer``, cut to ``cfg.seq_len`` (see the module's docstring)."""
 
@@ -369,8 +351,8 @@ class PairEncoder:
         return (True, False, False) if pair[0] is not None else (False, True, True)
 
     def encode_texts(self, texts: list[str], added: list[bool]) -> list[list[int]]:
-        """:func:`encode_texts` with this encoder's tokenizer."""
-        return encode_texts(self.chat.backend, self.eos, texts, added)
+        """The ids of :meth:`~retnet.train.chat.ChatEncoder.encode_texts`."""
+        return [ids for ids, _ in self.chat.encode_texts(texts, added)]
 
     def encode(self, pairs: list[tuple], batch: int = 256) -> Pairs:
         """``pairs``: (row, pair) or, as :func:`load_pairs` reads a ``margin`` column, (row, pair, margin) each."""
@@ -1163,5 +1145,5 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
 
 __all__ = ["FIELDS", "MARGIN", "METRICS", "ORPO_METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs",
            "PreferenceData", "RunningMean", "SavedReference", "build_preference_data", "check_margin", "check_pair",
-           "chosen_nll", "completion_logps", "compute_reference", "dpo_loss", "encode_texts", "extract_prompt", "implicit_pair", "load_pairs",
+           "chosen_nll", "completion_logps", "compute_reference", "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs",
            "orpo_log_odds", "pack", "pairs_digest", "policy_overrides", "prompt_tokens_key", "reference_digest"]

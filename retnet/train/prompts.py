@@ -29,7 +29,6 @@ from retnet.train.chat import (
 )
 from retnet.train.config import ConfigError, DataConfig
 from retnet.train.data import _hf_dataset, _kind, column_values, first_rows, saved_dataset_dir
-from retnet.train.preference import encode_texts
 
 FIELD = "prompt"  # TRL's column name
 # the reward functions' own arguments (rewards.py)
@@ -131,9 +130,8 @@ class PromptEncoder:
     def ids(self, prompts: list, texts: list[str]) -> list[list[int]]:
         """The ids of ``prompts``' ``texts`` (:meth:`text`), uncut: a standard prompt's with the tokenizer's added
         special tokens (a BOS), as DPO's and ``/v1/completions`` encode a text prompt; a rendered conversation's its
-        template's own (:func:`~retnet.train.preference.encode_texts`)."""
-        return encode_texts(self.chat.backend, self.chat.tokenizer.eos_token_id, texts,
-                            [isinstance(prompt, str) for prompt in prompts])
+        template's own (:meth:`~retnet.train.chat.ChatEncoder.encode_texts`)."""
+        return [ids for ids, _ in self.chat.encode_texts(texts, [isinstance(prompt, str) for prompt in prompts])]
 
     def template_kwargs(self, row: int, prompt: str | list[dict[str, Any]], columns: dict[str, Any]
                         ) -> dict[str, Any] | None:
