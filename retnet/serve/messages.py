@@ -42,7 +42,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.responses import CHAT_EXTRAS, required_string
 from retnet.serve.serving import ChatRun, OpenAIServing
-from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse
+from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse, stream_failure
 
 ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 # Anthropic's error type for each status its API answers with (any other 4xx: invalid_request_error, 5xx: api_error).
@@ -489,31 +489,41 @@ class MessagesServing:
         return {"input_tokens": counted.count}
 
     async def _events(self, chat: ChatCompletionRequest, run: ChatRun, model: str, origins: list[str]):
-        """The Messages stream of a started chat: a text block filled as the text comes, then a tool_use block a
-        call (held to the end, as the whole Message has them after its text)."""
+        """The Messages stream of a started chat (:meth:`_message_events`); a failure mid-stream ends it with
+        Anthropic's error event."""
+        try:
+            async for event in self._message_events(chat, run, model):
+                yield event
+        except APIError as exc:  # the engine failed mid-stream
+            error = _renamed(exc, origins)
+        except Exception as exc:  # a bug of ours
+            error = stream_failure(exc, run.handle)
+        else:
+            return
+        yield _event("error", error=error_body(error.status, error.message)["error"])
+
+    async def _message_events(self, chat: ChatCompletionRequest, run: ChatRun, model: str):
+        """A text block filled as the text comes, then a tool_use block a call (held to the end, as the whole
+        Message has them after its text)."""
         message_id, prompt_tokens = _id("msg"), run.handle.prompt_tokens
         yield _event("message_start", message=_message(model, [], None, None, prompt_tokens, 0, message_id))
         yield _event("ping")
         blocks, text_open = 0, False
         finish, stop, usage, calls = None, None, None, []
-        try:
-            async for chunk in self.serving.chat_chunks(chat, run):
-                usage = chunk.get("usage") or usage
-                for choice in chunk["choices"]:
-                    delta = choice["delta"]
-                    if choice.get("finish_reason"):  # the choice's last chunk
-                        finish, stop = choice["finish_reason"], choice.get("stop_reason")
-                    calls.extend(delta.get("tool_calls") or ())
-                    # The chat stream holds back text that may open a stop sequence, and never sends the stop
-                    piece = delta.get("content") or ""
-                    if piece:
-                        if not text_open:
-                            text_open = True
-                            yield _event("content_block_start", index=0, content_block=_text_block(""))
-                        yield _event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
-        except APIError as exc:  # the engine failed mid-stream: Anthropic's error event ends the stream
-            yield _event("error", error=error_body(exc.status, _renamed(exc, origins).message)["error"])
-            return
+        async for chunk in self.serving.chat_chunks(chat, run):
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                delta = choice["delta"]
+                if choice.get("finish_reason"):  # the choice's last chunk
+                    finish, stop = choice["finish_reason"], choice.get("stop_reason")
+                calls.extend(delta.get("tool_calls") or ())
+                # The chat stream holds back text that may open a stop sequence, and never sends the stop
+                piece = delta.get("content") or ""
+                if piece:
+                    if not text_open:
+                        text_open = True
+                        yield _event("content_block_start", index=0, content_block=_text_block(""))
+                    yield _event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
         reason, sequence = _ending(finish, stop, bool(calls))
         if text_open:
             yield _event("content_block_stop", index=0)

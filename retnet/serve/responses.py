@@ -47,7 +47,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.serving import ChatRun, OpenAIServing
-from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse
+from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse, stream_failure
 
 # The chat route's sampling extras a Responses request may send too (the official client: ``extra_body``); they
 # reach the chat request as they are, and are checked there.
@@ -442,30 +442,41 @@ class ResponsesServing:
 
     async def _events(self, chat: ChatCompletionRequest, run: ChatRun, shape: _Shape, origins: list[str],
                       history: list[dict[str, Any]]):
-        """The Responses stream of a started chat: its chunks as items opened, filled and closed."""
+        """The Responses stream of a started chat (:meth:`_response_events`); a failure mid-stream ends it with
+        OpenAI's error event, then the failed response."""
         events = _Events(shape)
+        try:
+            async for event in self._response_events(chat, run, events, history):
+                yield event
+        except APIError as exc:  # the engine failed mid-stream
+            error = _renamed(exc, origins)
+        except Exception as exc:  # a bug of ours
+            error = stream_failure(exc, run.handle)
+        else:
+            return
+        yield events.emit("error", code=error.code, message=error.message, param=error.param)
+        failed = shape.response(events.output, "failed")
+        failed["error"] = {"code": "server_error", "message": error.message}
+        yield events.emit("response.failed", response=failed)
+
+    async def _response_events(self, chat: ChatCompletionRequest, run: ChatRun, events: _Events,
+                               history: list[dict[str, Any]]):
+        """The chat's chunks as items opened, filled and closed."""
+        shape = events.shape
         yield events.emit("response.created", response=shape.response([], "in_progress"))
         yield events.emit("response.in_progress", response=shape.response([], "in_progress"))
         finish, usage, calls = None, None, []
-        try:
-            async for chunk in self.serving.chat_chunks(chat, run):
-                usage = chunk.get("usage") or usage
-                for choice in chunk["choices"]:
-                    delta = choice["delta"]
-                    if delta.get("content"):
-                        for event in events.text(delta["content"]):
-                            yield event
-                    # The calls are sent after the message, as the whole response has them: its one message holds
-                    # all the text, also text written after a call ("auto"), and comes first.
-                    calls.extend(delta.get("tool_calls") or ())
-                    finish = choice.get("finish_reason") or finish
-        except APIError as exc:  # the engine failed mid-stream: OpenAI's error event, then the failed response
-            exc = _renamed(exc, origins)
-            yield events.emit("error", code=exc.code, message=exc.message, param=exc.param)
-            failed = shape.response(events.output, "failed")
-            failed["error"] = {"code": "server_error", "message": exc.message}
-            yield events.emit("response.failed", response=failed)
-            return
+        async for chunk in self.serving.chat_chunks(chat, run):
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                delta = choice["delta"]
+                if delta.get("content"):
+                    for event in events.text(delta["content"]):
+                        yield event
+                # The calls are sent after the message, as the whole response has them: its one message holds
+                # all the text, also text written after a call ("auto"), and comes first.
+                calls.extend(delta.get("tool_calls") or ())
+                finish = choice.get("finish_reason") or finish
         if not events.output and not calls:  # nothing generated: an empty message, as the whole response has
             for event in events.text(""):
                 yield event
