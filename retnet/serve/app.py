@@ -197,6 +197,10 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, key_refusal=key_refusal)
     if settings.enable_request_id_headers:  # inside CORS and the metrics: the refusal is an answer like the others
         app.add_middleware(RequestIdLimitMiddleware, key_refusal=key_refusal)
+    # Before routing (inside the metrics: counted), as vLLM's key check: a keyless request to any keyed path, unknown
+    # or of another method, is a 401, not the router's 404, 405 or trailing-slash redirect, which told a client
+    # without the key which routes exist.
+    app.add_middleware(ApiKeyMiddleware, key_refusal=key_refusal)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     # Outermost (vLLM's, always on): a browser's preflight is answered here, before the key check (a preflight
     # carries no key) and the routes (their 405); every answer, a 401 or 413 included, carries the CORS headers.
@@ -231,6 +235,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
     # ``path``: a served name may contain "/" (an HF id, the model directory), as the client sends it.
     @app.get("/v1/models/{model_id:path}", dependencies=auth)
     async def retrieve_model(model_id: str):
+        if not model_id.strip("/"):  # /v1/models/ matches here with no id: it is the list, not the first card
+            return serving.models()
         return serving.model(model_id)
 
     @app.post("/tokenize", dependencies=json_body)
@@ -321,8 +327,11 @@ def _add_generation_routes(app: FastAPI, settings: ServeSettings, serving: OpenA
 
     @app.delete("/v1/sessions/{session_id}", dependencies=auth)
     async def delete_session(session_id: str):
+        check_session_id(session_id)
+        # One past --session-ttl-s is gone (404), as a request finds it, even before the scheduler's next expiry
+        engine.sessions.expire()
         try:  # --session-dir: its file goes first (a file that cannot be removed: 500, the session kept)
-            deleted = await engine.sessions.remove(check_session_id(session_id))
+            deleted = await engine.sessions.remove(session_id)
         except SessionBusy:  # the same answer as a second request on it
             raise APIError(409, f"session {session_id!r} is in use by a request", "session_id",
                            "session_busy") from None
@@ -690,6 +699,22 @@ def _route(path: str) -> str:
     if path in ROUTES:
         return path
     return next((route for pattern, route in _ROUTE_TEMPLATES if pattern.match(path)), "other")
+
+
+class ApiKeyMiddleware:
+    """With --api-keys, the 401 of a request without the key its path needs (``key_refusal``), answered before the
+    router: whether the path is a route, or takes that method, is told only to a client with the key. An ``OPTIONS``
+    passes, as in vLLM: a browser's preflight carries no key (CORS answers it, outside this)."""
+
+    def __init__(self, app, key_refusal):
+        self.app, self.key_refusal = app, key_refusal
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS":
+            denied = self.key_refusal(Request(scope))
+            if denied is not None:
+                return await denied(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class RequestIdMiddleware:

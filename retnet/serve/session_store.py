@@ -528,6 +528,8 @@ class SessionFiles:
         path = self.path(session_id)
         if job.state is None:
             try:
+                # A file past --session-ttl-s not swept yet is a session gone all the same (DELETE: 404): removed, not counted
+                live = time.time() - path.stat().st_mtime <= self.ttl_s
                 path.unlink()
             except FileNotFoundError:
                 existed = False
@@ -538,7 +540,7 @@ class SessionFiles:
                         self.lost.add(session_id)
                 return True, exc
             else:
-                existed = True
+                existed = live
             with self.cond:
                 self.lost.discard(session_id)
             return existed, None

@@ -160,7 +160,7 @@ def test_the_entry_asks_its_engine_to_freeze_the_heap_once_loaded(monkeypatch):
         def __init__(self, config, engine, grace_s):
             self.started = False
 
-        def run(self):
+        def run(self, sockets=None):
             served.append(engine.freeze_heap_when_ready)
             self.started = True
 
@@ -221,7 +221,7 @@ def test_every_origin_without_a_key_is_warned_of_by_the_server(monkeypatch, capl
         def __init__(self, config, engine, grace_s):
             self.started = True
 
-        def run(self):
+        def run(self, sockets=None):
             pass
 
     monkeypatch.setattr("retnet.serve.app.create_app", lambda settings: SimpleNamespace(state=SimpleNamespace(
