@@ -144,11 +144,10 @@ def _run_command(argv: list[str] | None) -> None:
     # before the settings' checks import torch and transformers: it quiets torchao's import-time warnings
     retnet.register()
     settings = settings_from_args(args)
-    try:
-        listeners = bind_listeners(settings.host, settings.port)
-    except ListenError as exc:
-        print(f"retnet-serve: error: {exc}", file=sys.stderr)
-        raise SystemExit(STARTUP_FAILURE) from None
+    refusal = listen_refusal(settings.host, settings.port)
+    if refusal is not None:
+        print(f"retnet-serve: error: {refusal}", file=sys.stderr)
+        raise SystemExit(STARTUP_FAILURE)
     import uvicorn
 
     from retnet.serve.app import create_app
@@ -175,7 +174,7 @@ def _run_command(argv: list[str] | None) -> None:
             "CORS allows every origin (--allowed-origins, vLLM's default) and no --api-keys are set: any web page a "
             "browser on this network opens may call this server and read its answers")
     with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=listeners)
+        server.run()
     if server.load_failure is not None:
         spec = settings.speculative
         draft = " (or --speculative-config's draft model)" if spec is not None and spec.model is not None else ""
@@ -197,30 +196,22 @@ _LISTEN_HINTS = {errno.EADDRINUSE: "another process listens there: stop it or pi
                  errno.EADDRNOTAVAIL: "no interface of this machine has that address: 0.0.0.0 listens on every one"}
 
 
-class ListenError(Exception):
-    """An address retnet-serve cannot listen on, the message naming --host and --port."""
-
-
-def bind_listeners(host: str, port: int) -> list[socket.socket]:
-    """The sockets uvicorn serves on (``Server.run(sockets=...)``), bound as it would bind them (asyncio's
-    create_server: every address the host resolves to, SO_REUSEADDR, IPv6 sockets IPv6-only) before the model loads:
-    uvicorn bound its own once the engine's thread was loading it, and its refusal was a log line naming neither flag
-    (none at all under --log-level critical), then the nanobind leak reports of the interpreter ending under that
-    thread. Held from here on, they cannot be taken by another process meanwhile."""
+def listen_refusal(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on ``host``:``port``, found by binding the addresses it binds (asyncio's
+    create_server: every address the host resolves to, SO_REUSEADDR, IPv6 sockets IPv6-only) and letting them go;
+    None when it can. Asked before the model loads: uvicorn binds once the engine's thread is loading it, and its
+    refusal was a log line naming neither flag (none at all under --log-level critical), then the nanobind leak reports of
+    the interpreter ending under that thread."""
     try:
-        infos = list(dict.fromkeys(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                      flags=socket.AI_PASSIVE)))
+        infos = set(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
     except (socket.gaierror, UnicodeError) as exc:  # (UnicodeError: a name no IDNA label can encode)
-        raise ListenError(f"--host {host!r}: not an address or a name this machine resolves "
-                          f"({getattr(exc, 'strerror', None) or exc})") from None
-    bound: list[socket.socket] = []
-    try:
+        return f"--host {host!r}: not an address or a name this machine resolves ({getattr(exc, 'strerror', None) or exc})"
+    with contextlib.ExitStack() as held:  # all bound at once, as uvicorn holds them
         for family, kind, proto, _, address in infos:
             try:
-                sock = socket.socket(family, kind, proto)
+                sock = held.enter_context(socket.socket(family, kind, proto))
             except OSError:  # a family this kernel lacks (IPv6 off): asyncio skips it too
                 continue
-            bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -229,13 +220,9 @@ def bind_listeners(host: str, port: int) -> list[socket.socket]:
             except OSError as exc:
                 reason = (exc.strerror or str(exc)).lower()
                 hint = _LISTEN_HINTS.get(exc.errno)
-                raise ListenError(f"cannot listen on --host {host} --port {port} ({address[0]} port {address[1]}): "
-                                  f"{reason}" + (f"; {hint}" if hint else "")) from None
-    except BaseException:
-        for sock in bound:
-            sock.close()
-        raise
-    return bound
+                return (f"cannot listen on --host {host} --port {port} ({address[0]} port {address[1]}): {reason}"
+                        + (f"; {hint}" if hint else ""))
+    return None
 
 
 def _draining_server():

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from retnet.serve import app as app_module
-from retnet.serve.__main__ import STARTUP_FAILURE, bind_listeners, main
+from retnet.serve.__main__ import STARTUP_FAILURE, listen_refusal, main
 from retnet.serve.settings import ServeSettings
 
 ORIGIN = "https://app.example"
@@ -40,18 +40,13 @@ def test_an_address_the_server_cannot_listen_on_is_one_line_before_the_model_loa
     assert ("address already in use" if host == "127.0.0.1" else "cannot assign requested address") in lines[0]
 
 
-def test_a_free_address_is_bound_for_uvicorn():
-    for sock in bind_listeners("127.0.0.1", 0):
-        sock.close()
+def test_a_free_address_is_no_refusal():
+    assert listen_refusal("127.0.0.1", 0) is None
     with socket.socket() as held:  # bound, not listening (a closed server's port in TIME_WAIT reads the same)
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         held.bind(("127.0.0.1", 0))
         port = held.getsockname()[1]
-    (sock,) = bind_listeners("127.0.0.1", port)
-    with sock:  # held: the model's load cannot lose the port to another process
-        assert sock.getsockname() == ("127.0.0.1", port)
-        with socket.socket() as other, pytest.raises(OSError):
-            other.bind(("127.0.0.1", port))
+    assert listen_refusal("127.0.0.1", port) is None
 
 
 def test_cors_methods_and_origins_are_read_as_browsers_send_them():
