@@ -42,7 +42,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.responses import CHAT_EXTRAS, required_string
 from retnet.serve.serving import ChatRun, OpenAIServing
-from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse, stream_failure
+from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse, until_failure
 
 ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 # Anthropic's error type for each status its API answers with (any other 4xx: invalid_request_error, 5xx: api_error).
@@ -491,16 +491,11 @@ class MessagesServing:
     async def _events(self, chat: ChatCompletionRequest, run: ChatRun, model: str, origins: list[str]):
         """The Messages stream of a started chat (:meth:`_message_events`); a failure mid-stream ends it with
         Anthropic's error event."""
-        try:
-            async for event in self._message_events(chat, run, model):
-                yield event
-        except APIError as exc:  # the engine failed mid-stream
-            error = _renamed(exc, origins)
-        except Exception as exc:  # a bug of ours
-            error = stream_failure(exc, run.handle)
-        else:
-            return
-        yield _event("error", error=error_body(error.status, error.message)["error"])
+        async for event in until_failure(self._message_events(chat, run, model), run.handle):
+            if isinstance(event, APIError):  # Anthropic's error event ends the stream
+                error = _renamed(event, origins)
+                event = _event("error", error=error_body(error.status, error.message)["error"])
+            yield event
 
     async def _message_events(self, chat: ChatCompletionRequest, run: ChatRun, model: str):
         """A text block filled as the text comes, then a tool_use block a call (held to the end, as the whole

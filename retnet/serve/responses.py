@@ -47,7 +47,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.serving import ChatRun, OpenAIServing
-from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse, stream_failure
+from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse, until_failure
 
 # The chat route's sampling extras a Responses request may send too (the official client: ``extra_body``); they
 # reach the chat request as they are, and are checked there.
@@ -445,19 +445,15 @@ class ResponsesServing:
         """The Responses stream of a started chat (:meth:`_response_events`); a failure mid-stream ends it with
         OpenAI's error event, then the failed response."""
         events = _Events(shape)
-        try:
-            async for event in self._response_events(chat, run, events, history):
+        async for event in until_failure(self._response_events(chat, run, events, history), run.handle):
+            if not isinstance(event, APIError):
                 yield event
-        except APIError as exc:  # the engine failed mid-stream
-            error = _renamed(exc, origins)
-        except Exception as exc:  # a bug of ours
-            error = stream_failure(exc, run.handle)
-        else:
-            return
-        yield events.emit("error", code=error.code, message=error.message, param=error.param)
-        failed = shape.response(events.output, "failed")
-        failed["error"] = {"code": "server_error", "message": error.message}
-        yield events.emit("response.failed", response=failed)
+                continue
+            error = _renamed(event, origins)
+            yield events.emit("error", code=error.code, message=error.message, param=error.param)
+            failed = shape.response(events.output, "failed")
+            failed["error"] = {"code": "server_error", "message": error.message}
+            yield events.emit("response.failed", response=failed)
 
     async def _response_events(self, chat: ChatCompletionRequest, run: ChatRun, events: _Events,
                                history: list[dict[str, Any]]):

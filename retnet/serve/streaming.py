@@ -110,26 +110,28 @@ async def unless_disconnected(work: Awaitable[T], raw: Request) -> T:
             task.exception()  # retrieved: a failure after the client left is nobody's to report
 
 
-def stream_failure(exc: Exception, handle: RequestHandle) -> APIError:
-    """The 500 a stream ends with (in its API's error event) on a bug of ours while its events are built, as a whole
-    answer gets it (the headers are sent: a cut connection would be all the client saw), logged, and the request
-    cancelled (its choices may still be running)."""
-    logger.exception("unhandled error in a stream")
-    handle.cancel()
-    return APIError(500, f"internal error ({type(exc).__name__})", None, "internal_error")
+async def until_failure(events: AsyncIterator[str], handle: RequestHandle) -> AsyncIterator[str | APIError]:
+    """``events``, then the :class:`APIError` that ended them, if one did, for the stream to send in its API's error
+    event: the engine's failure mid-stream, or the 500 a whole answer gets for a bug of ours while they are built (the
+    headers are sent: a cut connection would be all the client saw), logged, and the request cancelled (its choices
+    may still be running)."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as exc:
+        yield exc
+    except Exception as exc:
+        logger.exception("unhandled error in a stream")
+        handle.cancel()
+        yield APIError(500, f"internal error ({type(exc).__name__})", None, "internal_error")
 
 
 def sse_response(chunks: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:
     """The SSE response of ``chunks`` (events already), ending ``data: [DONE]``; an engine failure mid-stream is
     sent as an error event before it, and so is a bug while the chunks are built (the 500 a whole answer gets)."""
     async def body() -> AsyncIterator[str]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except APIError as exc:  # the engine failed mid-stream: an error event, then the end
-            yield sse(exc.body())
-        except Exception as exc:  # the headers are sent: a cut connection would be all the client saw
-            yield sse(stream_failure(exc, handle).body())
+        async for chunk in until_failure(chunks, handle):
+            yield sse(chunk.body()) if isinstance(chunk, APIError) else chunk  # (an error event, then the end)
         response.finished = True  # every choice has ended (or was cancelled above): nothing left to cancel
         yield sse("[DONE]")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -289,7 +290,8 @@ async def test_text_after_a_call_streams_the_unstreamed_output():
 
     serving = ResponsesServing(Chat(), ResponseStore(8))
     request = ResponsesRequest(input="1 + 2?", tools=[ADD], stream=True)
-    sent = [event async for event in serving._events(None, None, _Shape(request, "micro"), [], [])]
+    run = SimpleNamespace(handle=None)  # (the stream's request, which only a failure would cancel)
+    sent = [event async for event in serving._events(None, run, _Shape(request, "micro"), [], [])]
     events = stream_events("".join(sent))
     final = events[-1]["response"]
     whole = _Shape(request, "micro").from_chat(ChatCompletionResponse(
