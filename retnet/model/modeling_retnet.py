@@ -815,7 +815,8 @@ class RetNetModel(RetNetPreTrainedModel):
             inputs_embeds, "inputs_embeds", "[B, T, hidden_size]", 3)
         if given.dim() != dims:
             raise ValueError(f"{name} must be {shape} (a batch of one: x[None]); got shape {tuple(given.shape)}")
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else self._embeds_in_model_dtype(
+            inputs_embeds)
         batch, length = hidden_states.shape[:2]
         mode = retention_mode or self.config.retention_mode
         if attention_mask is not None and (
@@ -1030,6 +1031,22 @@ class RetNetModel(RetNetPreTrainedModel):
             if rel.numel() == 0 or (int(rel.min()) >= 0 and int(rel.max()) < span):
                 return None
         return span
+
+    def _embeds_in_model_dtype(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """``inputs_embeds`` in the dtype ``embed_tokens`` gives (the layers' norms take no other): cast where
+        transformers' LlamaForCausalLM takes them too (a narrower float into a wider model, as its norms promote; any
+        float under autocast), else a ``ValueError`` naming both dtypes (a wider float into a narrower model, which
+        would round them, and fp16 against bf16), where a layer raised a cryptic dtype error deep inside."""
+        weight = getattr(self.embed_tokens, "weight", None)
+        dtype, given = (self.dtype if weight is None else weight.dtype), inputs_embeds.dtype
+        if given == dtype:
+            return inputs_embeds
+        if given.is_floating_point and (torch.promote_types(given, dtype) == dtype
+                                        or torch.is_autocast_enabled(inputs_embeds.device.type)):
+            return inputs_embeds.to(dtype)
+        raise ValueError(f"inputs_embeds is {given}, the model is {dtype}: pass inputs_embeds.to({dtype}) (or run "
+                         f"under torch.autocast)" if given.is_floating_point else
+                         f"inputs_embeds must be floating point ({dtype}, the model's); got {given}")
 
     def _snapshot_in_layers(self, attention_mask, length) -> bool:
         """Whether assisted decoding's snapshot can be taken inside the layers (RetNetPositionEncoding.split_at):

@@ -525,18 +525,37 @@ class ChatEncoder:
                     raise ValueError(f"message 0 is an assistant's, and the template renders no prompt without a "
                                      f"message before it ({type(error).__name__}: {error}); drop the row's "
                                      f"leading assistant message") from None
-                turn = self.render(prefix(messages[: i + 1]))
-                if not (text.startswith(prompt) and text.startswith(turn) and len(prompt) <= len(turn)):
-                    raise ValueError(f"the rendering of its first {i} messages (with the generation prompt) or of "
-                                     f"its first {i + 1} is not where the whole conversation's rendering has them")
-                spans.append((len(prompt), len(turn)))
-        except Exception as error:  # jinja's own errors, raise_exception in a template, the check above
+                if not text.startswith(prompt):
+                    raise ValueError(f"the rendering of its first {i} messages with the generation prompt "
+                                     f"{_divergence(prompt, text)}")
+                end = self._turn_end(text, self.render(prefix(messages[: i + 1])), i)
+                if end < len(prompt):
+                    raise ValueError(f"the rendering of its first {i + 1} messages is shorter than that of its "
+                                     f"first {i} with the generation prompt")
+                spans.append((len(prompt), end))
+        except Exception as error:  # jinja's own errors, raise_exception in a template, the checks above
             raise ConfigError(
                 f"data.format 'chat': the tokenizer's chat template cannot be masked on row {index} of "
                 f"{self.dataset!r}: {type(error).__name__}: {error}. Each assistant message must render in the "
-                f"same place in every prefix of its conversation (a template that rewrites earlier turns cannot "
-                f"be masked); data.assistant_only_loss=false trains on every token instead") from None
+                f"same place in every prefix of its conversation; data.assistant_only_loss=false trains on every "
+                f"token instead") from None
         return text, spans
+
+    def _turn_end(self, text: str, turn: str, i: int) -> int:
+        """Where assistant message ``i`` ends in ``text`` (the whole conversation's rendering), given ``turn``, the
+        rendering of the conversation up to it. A template that writes the EOS once, at the conversation's end, not
+        after each answer (Phi-3's ``{% else %}{{ eos_token }}``), ends ``turn`` with an EOS that the whole
+        conversation has only at its own end: the answer ends before it (the end-of-turn markers the template writes
+        before the next message are the answer's, as in every other turn), and the closing EOS stays the last
+        answer's target."""
+        if text.startswith(turn):
+            return len(turn)
+        eos = self.tokenizer.eos_token
+        closing = turn.rfind(eos) if eos else -1
+        if closing >= 0 and text.startswith(turn[:closing]) and text.endswith(turn[closing:]):
+            return closing
+        raise ValueError(f"the rendering of its first {i + 1} messages (up to assistant message {i}) "
+                         f"{_divergence(turn, text)}")
 
     def encode(self, conversations: list[list[dict[str, Any]] | Completion], batch: int = 256,
                rows: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -671,6 +690,16 @@ class ChatEncoder:
         except Exception as error:
             raise ConfigError(f"data.format 'chat': the tokenizer's chat template refused row {index} of "
                               f"{self.dataset!r}: {type(error).__name__}: {error}") from None
+
+
+def _divergence(prefix: str, text: str) -> str:
+    """Why ``prefix`` (a prefix of a conversation, rendered) is not a prefix of ``text`` (the whole conversation,
+    rendered): what each has where they part, as an error shows it."""
+    at = next((k for k, (a, b) in enumerate(zip(prefix, text)) if a != b), min(len(prefix), len(text)))
+    return (f"is not a prefix of the whole conversation's: at character {at} it has {prefix[at:at + 40]!r} where the "
+            f"whole conversation has {text[at:at + 40]!r} (a template that rewrites earlier turns, or writes "
+            f"something after the last message that it does not write after the same message followed by others, "
+            f"cannot be masked; one that only ends the conversation with the tokenizer's EOS can)")
 
 
 def without_spilled_targets(blocks: np.ndarray, continued: bool = False) -> np.ndarray:

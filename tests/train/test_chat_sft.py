@@ -204,6 +204,40 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
     ChatEncoder(tokenizer, assistant_only_loss=False).encode([conversation(0)])  # unmasked, it renders
 
 
+# Phi-3's template: each turn ends with <|end|>, the EOS is written once, after the last message
+PHI3 = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_a_template_that_writes_the_eos_only_at_the_conversations_end_is_masked(chat_tokenizer):
+    """A prefix ending with an answer renders that EOS after it, where the whole conversation goes on with the
+    next turn. It was refused as a template that rewrites earlier turns; an answer ends before that EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer)
+    tokenizer.add_tokens(["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], special_tokens=True)
+    tokenizer.chat_template = PHI3
+    conversations = [conversation(i) for i in range(5)]  # 0 and 4 have two turns
+    ids, flags = ChatEncoder(tokenizer).encode(conversations)
+    served = []
+    for messages in conversations:  # the template's own EOS closes each: no second one
+        served += tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+    assert ids.tolist() == served
+    assert target_runs(tokenizer, ids, flags) == expected_runs(conversations, "<|end|>\n", "<|endoftext|>")
+    assert ids[flags & BOUNDARY != 0].tolist() == [tokenizer.eos_token_id] * len(conversations)
+
+
+def test_a_template_that_closes_with_other_text_is_refused_naming_where_the_renderings_part(chat_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer)
+    tokenizer.chat_template = PHI3.replace("{{ eos_token }}", "[done]")
+    with pytest.raises(ConfigError, match=r"first 3 messages \(up to assistant message 2\) is not a prefix of the "
+                                          r"whole conversation's: at character \d+ it has '\[done\]' where the whole "
+                                          r"conversation has '<\|user\|>\\nAnd times\?"):
+        ChatEncoder(tokenizer, dataset="set.jsonl").encode([conversation(0)])
+
+
 def test_a_refused_template_names_the_conversations_row_in_the_dataset(chat_tokenizer, tmp_path):
     """build_data encodes the shuffled train/val splits, without the empty rows: the error names the row of the
     dataset (7 here), not the conversation's index in its split."""
