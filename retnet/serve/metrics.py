@@ -7,6 +7,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Time to first token includes the wait in the queue (--max-queue), minutes on a loaded server: ended at 30 s, every
+# such wait fell in +Inf and histogram_quantile reported 30 s for any of them (vLLM's buckets reach 2560 s).
+TTFT_BUCKETS = (*LATENCY_BUCKETS, 60.0, 120.0, 300.0, 600.0, 1200.0, 2400.0)
 
 
 class ServeMetrics:
@@ -95,8 +98,8 @@ class ServeMetrics:
                                        "forward (a classifier's or an embedding model's)", buckets=BATCH_BUCKETS,
                                        registry=r)
         self.engine_ready = Gauge("retnet_engine_ready", "1 while the engine serves", registry=r)
-        self.ttft = Histogram("retnet_time_to_first_token_seconds", "arrival to first token", buckets=LATENCY_BUCKETS,
-                              registry=r)
+        self.ttft = Histogram("retnet_time_to_first_token_seconds", "arrival to first token (the queue's wait "
+                              "included)", buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("retnet_inter_token_latency_seconds", "time between a sequence's tokens",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.prefill_batch = Histogram("retnet_prefill_batch_prompts",

@@ -324,9 +324,13 @@ async def run_batch(app, entries: list[BatchLine], out: IO[str], max_concurrency
     # end for output nobody could read, the later answers held in the writer's memory.
     failed: list[Exception] = []
 
-    async def run_one(client, index: int, entry: BatchLine) -> None:
+    async def run_one(client, index: int, entry: BatchLine, after: asyncio.Task | None = None) -> None:
+        if after is not None:  # its session's previous turn: this turn takes its place only once that one ended
+            await asyncio.wait([after])
+            await slots.acquire()
         try:
-            done(index, entry, *await post(client, entry))
+            if not failed:
+                done(index, entry, *await post(client, entry))
         except Exception as exc:
             failed.append(exc)
         finally:
@@ -336,15 +340,27 @@ async def run_batch(app, entries: list[BatchLine], out: IO[str], max_concurrency
         async with httpx.AsyncClient(transport=transport, base_url="http://run-batch", headers=headers,
                                      timeout=None) as client:
             tasks = []
+            # The lines of one session (the body's session_id) run one after another, in the file's order: a session
+            # serves one request at a time, so run together all but one were 409 session_busy, and the turns that
+            # ran continued it in any order. A turn waiting for the one before it holds no place in flight.
+            turns: dict[str, asyncio.Task] = {}
             try:
                 for index, entry in enumerate(entries):
                     if entry.error is not None:
                         done(index, entry, entry.error.status, entry.error.body())
                         continue
-                    await slots.acquire()  # bounded in flight: the engine batches these, the rest wait here
-                    if failed:
-                        break
-                    tasks.append(asyncio.create_task(run_one(client, index, entry)))
+                    session = entry.body.get("session_id")
+                    after = turns.get(session) if isinstance(session, str) else None
+                    if after is not None and not after.done():
+                        task = asyncio.create_task(run_one(client, index, entry, after))
+                    else:
+                        await slots.acquire()  # bounded in flight: the engine batches these, the rest wait here
+                        if failed:
+                            break
+                        task = asyncio.create_task(run_one(client, index, entry))
+                    tasks.append(task)
+                    if isinstance(session, str):
+                        turns[session] = task
                 for task in asyncio.as_completed(tasks):
                     await task
                     if failed:

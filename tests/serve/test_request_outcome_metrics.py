@@ -46,3 +46,18 @@ async def test_a_choice_ending_in_the_step_its_sibling_fails_counts_as_finished(
     assert now["retnet_sequences_finished_total[('finished_reason', 'length')]"] == 1
     assert now["retnet_sequences_failed_total"] == 1
     assert now.get("retnet_sequences_cancelled_total", 0) == 0
+
+
+def test_a_first_token_after_minutes_in_the_queue_falls_in_a_bucket_of_its_own():
+    # Time to first token counts the queue's wait: the buckets ended at 30 s, so a wait of minutes fell in +Inf and a
+    # quantile of any such waits read 30 s.
+    from retnet.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    for seconds in (45.0, 200.0, 900.0):
+        metrics.ttft.observe(seconds)
+    now = samples(metrics.render()[0].decode())
+    buckets = {key: value for key, value in now.items() if key.startswith("retnet_time_to_first_token_seconds_bucket")}
+    counts = [buckets[f"retnet_time_to_first_token_seconds_bucket[('le', '{le}')]"] for le in ("30.0", "60.0", "300.0",
+                                                                                               "1200.0", "+Inf")]
+    assert counts == [0, 1, 2, 3, 3]

@@ -366,3 +366,28 @@ def test_a_closed_stdin_or_stdout_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdin", None)
     with pytest.raises(OSError, match="standard input is closed"):
         _read_input("-")
+
+
+async def test_the_lines_of_a_session_run_in_order_one_at_a_time(open_app):
+    """Lines continuing one session run one after another, in the file's order, the others beside them: run together,
+    all but one turn of a session were 409 session_busy (a session serves one request at a time)."""
+    turns = {"a": [" def", " add(a, b):", " return"], "b": [" class", " Stack:"]}
+    order = [("a", 0), ("b", 0), ("a", 1), (None, 0), ("b", 1), ("a", 2)]
+    lines = [line(f"{session}-{turn}", COMPLETIONS, {"prompt": turns[session][turn] if session else "for i in",
+                                                     "max_tokens": 4, **GREEDY, **({"session_id": session} if session
+                                                                                   else {})})
+             for session, turn in order]
+    async with open_app() as client:
+        entries = parse_lines(lines, served_urls(client.app))
+        out = io.StringIO()
+        summary = await run_batch(client.app, entries, out, max_concurrency=4, progress=False)
+        results = [json.loads(text) for text in out.getvalue().splitlines()]
+        assert summary.failed == 0, [r["error"] for r in results]
+        # The same turns sent one at a time, on sessions of other names: the same texts.
+        for session, texts in turns.items():
+            for turn, prompt in enumerate(texts):
+                alone = await client.post(COMPLETIONS, json={"prompt": prompt, "max_tokens": 4, **GREEDY,
+                                                             "session_id": f"{session}-alone"})
+                got = results[order.index((session, turn))]["response"]["body"]
+                assert got["choices"][0]["text"] == alone.json()["choices"][0]["text"], (session, turn)
+                assert got["usage"]["prompt_tokens"] == alone.json()["usage"]["prompt_tokens"], (session, turn)
