@@ -6,6 +6,7 @@ unless the server itself failed."""
 from __future__ import annotations
 
 import hmac
+import importlib.metadata
 import json
 import logging
 import re
@@ -81,7 +82,7 @@ logger = logging.getLogger("retnet.serve")
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", *ANTHROPIC_ROUTES)
 ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items",
-          "/v1/models", "/v1/models/{model_id}", "/v1/sessions/{session_id}", "/health", "/metrics",
+          "/v1/models", "/v1/models/{model_id}", "/v1/sessions/{session_id}", "/health", "/ping", "/version", "/metrics",
           *TOKENIZER_ROUTES, "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
           *POOLING_ROUTES, *EMBEDDING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES)
 # Routes whose `input` is the completions' `prompt` union (the Responses API's `input` is not).
@@ -159,7 +160,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             engine.shutdown(grace_s=0.0)
 
     # strict_content_type=False: a body without a Content-Type is read as JSON (other types: require_json).
-    app = FastAPI(title="retnet-serve", version="0.1.0", lifespan=lifespan, strict_content_type=False)
+    app = FastAPI(title="retnet-serve", version=package_version(), lifespan=lifespan, strict_content_type=False)
     # vLLM's --root-path (an attribute: FastAPI's argument is deprecated for uvicorn's, which would take requests with
     # the prefix no more): /docs asks for the schema under it, and the routes are matched with or without it.
     app.root_path = settings.root_path
@@ -194,19 +195,20 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
                           path=_route_path(request.scope))
         return None
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, key_refusal=key_refusal)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.enable_request_id_headers:  # inside CORS and the metrics: the refusal is an answer like the others
-        app.add_middleware(RequestIdLimitMiddleware, key_refusal=key_refusal)
+        app.add_middleware(RequestIdLimitMiddleware)
     # Before routing (inside the metrics: counted), as vLLM's key check: a keyless request to any keyed path, unknown
     # or of another method, is a 401, not the router's 404, 405 or trailing-slash redirect, which told a client
-    # without the key which routes exist.
+    # without the key which routes exist. Outside the body and X-Request-Id limits and the body's validation, so its
+    # 401 wins over their 400s and 413s: a client without the key learns nothing of its body or of the limits.
     app.add_middleware(ApiKeyMiddleware, key_refusal=key_refusal)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     # Outermost (vLLM's, always on): a browser's preflight is answered here, before the key check (a preflight
     # carries no key) and the routes (their 405); every answer, a 401 or 413 included, carries the CORS headers.
     app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,
                        allow_headers=settings.allowed_headers, allow_credentials=settings.allow_credentials)
-    _install_error_handlers(app, key_refusal)
+    _install_error_handlers(app)
     if settings.enable_request_id_headers:
         # Around Starlette's own outermost layer too, which answers the 500s: app.add_middleware goes inside it.
         build_stack = app.build_middleware_stack
@@ -220,6 +222,14 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             return JSONResponse({"status": "ok"})
         status = "failed" if engine.dead else ("stopping" if engine.stopping or not engine.accepting else "loading")
         return JSONResponse({"status": status, "detail": engine.dead}, status_code=503)
+
+    # vLLM's (SageMaker's health check, which may POST): /health's answer. Like /health, no API key.
+    app.get("/ping")(health)
+    app.post("/ping")(health)  # a route of its own: one route of both methods is one OpenAPI operation id, twice
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": package_version()}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -481,6 +491,16 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(exc.body(), status_code=status, headers=headers)
 
 
+def package_version() -> str:
+    """retnet-stack's installed version; the source tree's (``retnet.__version__``) where it runs uninstalled."""
+    try:
+        return importlib.metadata.version("retnet-stack")
+    except importlib.metadata.PackageNotFoundError:
+        import retnet
+
+        return retnet.__version__
+
+
 def _route_path(scope) -> str:
     """The path the routes match (as Starlette's router reads it): without --root-path's prefix where a proxy passed
     it on, so that the key, the error body and the metrics label are the route's."""
@@ -497,19 +517,14 @@ def _needs_key(path: str) -> bool:
     return path.startswith("/v1/") or path in (*TOKENIZER_ROUTES, *POOLING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES)
 
 
-def _install_error_handlers(app: FastAPI, key_refusal) -> None:
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return _error(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers, path=_route_path(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        # FastAPI parses a JSON body before the route's dependencies run: without this a client with no key
-        # would be told how its body was read (400) instead of 401, as OpenAI answers. Every keyed route wants it.
         path = _route_path(request.scope)
-        denied = key_refusal(request)
-        if denied is not None:
-            return denied
         return _error(400, *_describe_validation(exc.errors(), "input" if path in _INPUT_ROUTES else "prompt"),
                       path=path)
 
@@ -607,14 +622,10 @@ def _describe_validation(errors, prompt_field: str = "prompt") -> tuple[str, str
 # ----------------------------------------------------------------------------------------------------------
 class BodyLimitMiddleware:
     """Refuse bodies over ``max_bytes`` with 413, and JSON nested deeper than ``MAX_JSON_DEPTH`` with 400, before the
-    app sees them (the body is read here, at most ``max_bytes + 1`` bytes of it, and replayed to the app).
+    app sees them (the body is read here, at most ``max_bytes + 1`` bytes of it, and replayed to the app)."""
 
-    ``key_refusal(request)``: the 401 of a request that lacks the API key its route needs, answered instead of
-    either refusal (as vLLM, whose key check reads the headers alone, and OpenAI answer): a client without the key
-    learns nothing of the body it sent, nor of the server's limits; a body declared too large is not read."""
-
-    def __init__(self, app, max_bytes: int, key_refusal=None):
-        self.app, self.max_bytes, self.key_refusal = app, max_bytes, key_refusal
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -641,7 +652,7 @@ class BodyLimitMiddleware:
                 and json_nested_deeper_than(body, MAX_JSON_DEPTH):
             response = _error(400, f"the request body's JSON is nested deeper than {MAX_JSON_DEPTH} levels", None,
                               "invalid_json", path=_route_path(scope))
-            return await self._refuse(response, scope, receive, send)
+            return await response(scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -655,12 +666,7 @@ class BodyLimitMiddleware:
     async def _too_large(self, scope, receive, send):
         response = _error(413, f"the request body is larger than {self.max_bytes} bytes", None, "body_too_large",
                           path=_route_path(scope))
-        await self._refuse(response, scope, receive, send)
-
-    async def _refuse(self, response: Response, scope, receive, send):
-        """Send ``response``, or the 401 of a request without the key its route needs."""
-        denied = None if self.key_refusal is None else self.key_refusal(Request(scope))
-        await (response if denied is None else denied)(scope, receive, send)
+        await response(scope, receive, send)
 
 
 # Far beyond any real request (OpenAI's structured outputs allow 10 levels of schema nesting), and far below
@@ -741,11 +747,10 @@ class RequestIdMiddleware:
 class RequestIdLimitMiddleware:
     """With --enable-request-id-headers, an ``X-Request-Id`` over ``REQUEST_ID_MAX_CHARS`` is a 400 on every route,
     the limit completions and chat hold it to (their ids repeat it): echoed, a megabyte's id went back in the
-    answer's headers of any route (the 401 of a request without the key its route needs wins, as over the body
-    limits)."""
+    answer's headers of any route."""
 
-    def __init__(self, app, key_refusal=None):
-        self.app, self.key_refusal = app, key_refusal
+    def __init__(self, app):
+        self.app = app
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -753,9 +758,8 @@ class RequestIdLimitMiddleware:
         sent = Headers(scope=scope).get("x-request-id")
         if sent is None or len(sent) <= REQUEST_ID_MAX_CHARS:
             return await self.app(scope, receive, send)
-        denied = None if self.key_refusal is None else self.key_refusal(Request(scope))
-        response = denied or _error(400, f"X-Request-Id: at most {REQUEST_ID_MAX_CHARS} characters; got {len(sent)}",
-                                    "X-Request-Id", path=_route_path(scope))
+        response = _error(400, f"X-Request-Id: at most {REQUEST_ID_MAX_CHARS} characters; got {len(sent)}",
+                          "X-Request-Id", path=_route_path(scope))
         await response(scope, receive, send)
 
 

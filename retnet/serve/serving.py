@@ -421,7 +421,7 @@ class OpenAIServing:
             choice = CompletionChoice(index=out.index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
                                       stop_reason=out.stop_reason, prompt_token_ids=prompt_ids,
                                       token_ids=out.token_ids if request.return_token_ids else None)
-            usage = self._usage_counts(handle, sum(counts)) if continuous else None
+            usage = self._choice_usage(handle, prompts, request.n, out.index, counts[out.index]) if continuous else None
             chunk = dump(CompletionResponse(id=rid, created=created, model=served, choices=[choice],
                                             usage=usage, session_id=request.session_id))
             if not usage_opt:
@@ -708,12 +708,12 @@ class OpenAIServing:
         handle, calling = run.handle, run.calling
         rid, created, served = rid or random_id("chatcmpl"), int(time.time()), self._response_name(request.model)
         usage_opt, continuous = _usage_options(request)
-        total = 0
+        counts = [0] * handle.num_choices
 
         def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None, opening: bool = False) -> dict:
             """``opening``: a choice's first chunk, which carries the prompt's ids with ``return_token_ids``."""
-            if continuous and usage is None:
-                usage = self._usage_counts(handle, total)
+            if continuous and usage is None:  # vLLM's: the tokens of the chunk's choice so far
+                usage = self._usage_counts(handle, counts[choice.index])
             data = dump(ChatCompletionChunk(id=rid, created=created, model=served,
                                             choices=[choice] if choice else [], usage=usage,
                                             session_id=request.session_id))
@@ -733,7 +733,7 @@ class OpenAIServing:
         held = [""] * handle.num_choices
         parsers = [calling.text_parser() for _ in range(handle.num_choices)] if calling and calling.parser else None
         async for out in stream_outputs(handle):
-            total += len(out.token_ids)
+            counts[out.index] += len(out.token_ids)
             logprobs = (ChatLogprobs(content=[chat_logprob(t, self._as_ids(request)) for t in out.logprobs])
                         if out.logprobs else None)
             ids = out.token_ids if request.return_token_ids else None
@@ -765,7 +765,7 @@ class OpenAIServing:
                 yield chunk(ChatChunkChoice(index=out.index, delta=DeltaMessage(), finish_reason=finish,
                                             stop_reason=out.stop_reason))
         if usage_opt:
-            yield chunk(None, self._usage_counts(handle, total))
+            yield chunk(None, self._usage_counts(handle, sum(counts)))
 
     # -- /tokenize, /detokenize (vLLM's) -----------------------------------------------------------------------
     async def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
@@ -995,6 +995,16 @@ class OpenAIServing:
 
     def _usage(self, handle: RequestHandle, outputs: list[list[SeqOutput]]) -> Usage:
         return self._usage_counts(handle, sum(len(o.token_ids) for seq in outputs for o in seq))
+
+    def _choice_usage(self, handle: RequestHandle, prompts: list[CompletionPrompt], n: int, index: int,
+                      completion: int) -> Usage:
+        """A streamed completion chunk's usage under ``continuous_usage_stats``, as vLLM counts it: its choice's
+        prompt and tokens so far (``prompts``: each choice's; ``n`` choices a prompt), not the request's."""
+        if len(prompts) == n:  # one prompt: the request's, with its cached tokens
+            return self._usage_counts(handle, completion)
+        # Of several prompts: the request's cached tokens are not told apart by prompt (vLLM sends no details here)
+        prompt_tokens = len(prompts[index].ids)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
 
     def _usage_counts(self, handle: RequestHandle, completion: int) -> Usage:
         details = PromptTokensDetails(cached_tokens=handle.cached_tokens)  # OpenAI sends it, 0 included
