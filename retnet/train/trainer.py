@@ -1382,10 +1382,6 @@ class Trainer:
             stats[2:] = 0
         if is_distributed():
             dist.all_reduce(stats)
-        if preference:
-            self.data.record_step(stats[2:])
-        elif self.teacher is not None:
-            self.teacher.record_step(stats[2:] / (1 if masked else self.dp_size))
         # text: the mean of the groups' means (equal token counts; a group's pieces sum to its mean); chat: the
         # ranks' parts of the global mean
         loss_value = stats[0].item() / (1 if masked else self.dp_size)
@@ -1404,6 +1400,12 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         if not math.isfinite(float(grad_norm)):  # a finite loss can still backpropagate NaN/inf into the weights
             self._stop_nonfinite(f"gradient norm is {float(grad_norm)} (loss {loss_value})")
+        # Into the log window only once the step is known good: a step stopped as non-finite is in no record, and
+        # the record _stop_nonfinite writes of the steps before it must not average its metrics in
+        if preference:
+            self.data.record_step(stats[2:])
+        elif self.teacher is not None:
+            self.teacher.record_step(stats[2:] / (1 if masked else self.dp_size))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -1469,6 +1471,12 @@ class Trainer:
         # The one this run saved or resumed from, not the newest step_* directory: that may be one resume=auto
         # skipped as invalid (a save cut short), which a resume would skip again (train.resume=PATH: elsewhere)
         last = self.last_checkpoint
+        # The steps since the last record (finite, trained): those just before the divergence, which the curve is
+        # for, left out with logging.log_interval above 1. Not when a checkpoint of this step carries them, whose
+        # resume writes their record itself (a record here too would count them twice).
+        checkpointed = self.step == self.last_saved_step or (self.resumed and self.step == self.start_step)
+        if self.window_losses and self._last and not checkpointed:
+            self._log_window()
         self._plot(final=True)  # the curve up to the stop, for finding where it went wrong
         raise NonFiniteLossError(
             f"{problem} at step {self.step + 1}; stopping without saving. The last good checkpoint "

@@ -77,6 +77,69 @@ def test_a_run_stopped_on_a_nan_loss_plots_its_curve_up_to_the_stop(micro, run_h
     assert drawn == [[1, 2]]
 
 
+def test_a_nan_stop_records_the_steps_since_the_last_record(micro, run_here, drawn, read_metrics, tmp_path,
+                                                           monkeypatch):
+    """With logging.log_interval above 1 the finite steps between the last record and a non-finite loss (up to 9 at
+    the default 10), those just before the divergence, were in neither metrics.jsonl nor the plot drawn at the stop.
+    They get their record, as the window a run never stopped would average so far."""
+    out = tmp_path / "run"
+    losses = []
+    train_step = Trainer.train_step
+
+    def step(trainer):
+        if trainer.step + 1 == 7:
+            trainer._stop_nonfinite("loss is nan")
+        losses.append(train_step(trainer))
+        return losses[-1]
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert run_here(micro(out, train__steps=8, logging__log_interval=4)).returncode == 3
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [4, 6]
+    assert records[1]["loss"] == pytest.approx(sum(losses[4:6]) / 2, rel=1e-12)
+    assert records[1]["tokens"] == 6 * 4 * 32 and records[1]["tokens_per_s"] > 0
+    assert drawn[-1] == [4, 6]
+
+
+def test_a_nan_stop_right_after_a_checkpoint_leaves_its_window_to_the_resume(micro, run_here, read_metrics, tmp_path,
+                                                                           monkeypatch):
+    """The checkpoint of the step before the stop carries the steps since the last record, and its resume writes
+    their record: one written at the stop too would have counted them twice."""
+    out = tmp_path / "run"
+    args = micro(out, train__steps=8, logging__log_interval=4, checkpoint__interval=6)
+    with monkeypatch.context() as patch:
+        _fail_before_step(patch, 7, lambda trainer: trainer._stop_nonfinite("loss is nan"))
+        assert run_here(args).returncode == 3
+    assert [r["step"] for r in read_metrics(out)] == [4]
+    assert run_here(args).returncode == 0
+    assert [r["step"] for r in read_metrics(out)] == [4, 8]
+
+
+def test_the_record_at_a_nan_stop_leaves_the_stopped_steps_metrics_out(micro, run_here, read_metrics, tmp_path,
+                                                                       monkeypatch):
+    """A distillation's kd_loss and ce_loss went into the log window before the step's gradient norm was checked:
+    the record written at the stop would have averaged a step that never trained (loss = alpha·kd + (1−alpha)·ce
+    no longer held)."""
+    import torch
+
+    assert run_here(micro(tmp_path / "teacher", train__steps=1, checkpoint__export=True)).returncode == 0
+    out = tmp_path / "run"
+    args = [a for a in micro(out, train__steps=4, logging__log_interval=2) if not a.startswith("--data.tokenizer=")]
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip_or_nan(*args, **kwargs):
+        calls.append(clip(*args, **kwargs))
+        return torch.tensor(float("nan")) if len(calls) == 4 else calls[-1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_or_nan)
+    stopped = run_here([*args, f"--distill.teacher={tmp_path / 'teacher' / 'export'}", "--distill.alpha=0.5"])
+    assert stopped.returncode == 3 and "gradient norm is nan" in stopped.stderr
+    record = read_metrics(out)[-1]
+    assert record["step"] == 3
+    assert record["loss"] == pytest.approx(0.5 * record["kd_loss"] + 0.5 * record["ce_loss"], rel=1e-6)
+
+
 def _full_disk(monkeypatch):
     """Figure.savefig writing half a file, then failing as a full disk does."""
     from matplotlib.figure import Figure
