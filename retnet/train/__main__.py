@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="tiny",
                         help=f"a preset ({', '.join(_preset_names())}) or a TOML file (default: tiny)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration (preset + file + overrides) as JSON and exit; "
-                             "exit status 2, the errors on stderr, for a path a start would refuse (a dataset "
+                        help="print the resolved configuration (the preset or TOML file, with the overrides) as "
+                             "JSON and exit; exit status 2, the errors on stderr, for a path a start would refuse (a dataset "
                              "glob that matches nothing, an output_dir that is a file, a missing init_from ...)")
     return parser
 

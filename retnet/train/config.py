@@ -847,8 +847,9 @@ def data_changes(saved: dict[str, Any], current: JobConfig, *, tokenizer_reused:
 def _path_spelling(value: Any) -> Any:
     """A path setting as the files it names: './corpus/', 'corpus' and 'corpus//' are one directory (lexically,
     as written: a relative path means the same files only from the same directory, which the blocks' digest
-    checks). Hub ids ('owner/name') and 'stdlib' are their own normal form."""
-    return os.path.normpath(value) if isinstance(value, str) and value else value
+    checks), and so are '~/corpus' and its expansion, which every path setting is read as. Hub ids ('owner/name')
+    and 'stdlib' are their own normal form; '' is None (a TOML file's unset data.tokenizer)."""
+    return os.path.normpath(os.path.expanduser(value)) if isinstance(value, str) and value else None
 
 
 def _mixture_changes(saved: dict[str, Any], current: DataConfig) -> list[str]:
@@ -962,7 +963,9 @@ def _read_toml(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(f"--config {name_or_path!r} is not UTF-8 text, as TOML is: {error.reason} at byte "
                               f"{bom + error.start}") from None
     elif name_or_path in preset_names():
-        text = (resources.files("retnet.train") / "configs" / f"{name_or_path}.toml").read_text()
+        # UTF-8, as TOML is and as a file is read above: the paper presets' comments hold "×" and "β", which the
+        # locale's codec (ASCII where UTF-8 mode is off) could not decode
+        text = (resources.files("retnet.train") / "configs" / f"{name_or_path}.toml").read_text(encoding="utf-8")
     else:
         raise ConfigError(f"--config {name_or_path!r} is neither a TOML file nor a preset; presets: {preset_names()}")
     try:
@@ -1062,7 +1065,13 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
                 return value
             return [item.strip() for item in text.split(",") if item.strip()]
         if expected is dict:
-            value = json.loads(text)
+            # A TOML inline table, as the file and --section.table.KEY=VALUE write one ('{use_xpos = true}' was
+            # refused as no dict), or a JSON object, as HF's and TRL's launchers take one
+            try:
+                document = tomllib.loads(f"v = {text}")
+                value = document["v"] if list(document) == ["v"] else None
+            except tomllib.TOMLDecodeError:
+                value = json.loads(text)
             if not isinstance(value, dict):
                 raise ValueError(text)
             return value
