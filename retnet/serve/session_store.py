@@ -373,7 +373,8 @@ class SessionFiles:
                                 "session_corrupt") from exc
         changed = [label for part, label in MODEL_PARTS.items() if meta.get(f"model.{part}") != self.model[part]]
         if changed:
-            raise self._refused(session_id, f"was saved by another model: its {' and '.join(changed)} differ from "
+            verb = "differ" if len(changed) > 1 or changed == [MODEL_PARTS["weights"]] else "differs"  # "its dtype differs"
+            raise self._refused(session_id, f"was saved by another model: its {' and '.join(changed)} {verb} from "
                                 "this server's --model (a state is never continued on other weights); serve that "
                                 "model to continue it", "session_model_changed")
         try:
