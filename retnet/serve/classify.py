@@ -135,6 +135,10 @@ class EncodingFields(InputFields):
 class PoolingRequest(ClassifyRequest, EncodingFields):
     """``/pooling``'s body: ``/classify``'s, and how the rows are written (:class:`EncodingFields`)."""
 
+    # vLLM's pooling task: declared so that a task other than the one served (token_embed's per-token rows, say)
+    # is refused by name rather than answered with one row an input (_pooling_task).
+    task: str | None = None
+
 
 class EmbeddingRequest(EncodingFields):
     """OpenAI's ``/v1/embeddings`` body (``input`` required, checked by the handler so that its 400 names it), with
@@ -238,6 +242,8 @@ class ClassifyServing(OpenAIServing):
         """vLLM's ``/pooling``: per input the score head's output, raw unless ``use_activation`` is true (the
         default is false here: a reward model's reward is its raw score, as the trainer's loss reads it)."""
         activation = _asked_activation(request)
+        if _pooling_task(request, "classify") is not None and activation is None:
+            activation = True  # vLLM's classify task applies the activation unless told not to, as /classify
         if request.dimensions is not None:  # vLLM's classify task refuses it too
             raise APIError(400, f"dimensions: not supported by a classifier (its rows are its "
                            f"{self.engine.pooler.width} scores); it applies to an embedding server (--convert "
@@ -388,6 +394,7 @@ class EmbedServing(ClassifyServing):
         if request.messages is not None:  # the reward trainer's templating has no meaning for an embedding
             raise APIError(400, "messages: an embedding server embeds input (texts or token ids) only", "messages",
                            "unsupported_parameter")
+        _pooling_task(request, "embed")  # its defaults are this route's: --pooler-config's normalize
         given = next((name for name in ("softmax", "activation") if getattr(request, name) is not None), None)
         if given is not None:
             raise APIError(400, f"{given}: not supported by an embedding server (a classifier's name of "
@@ -451,6 +458,16 @@ def _asked_activation(request: InputFields, fields: tuple[str, ...] = ACTIVATION
                            f"both set use_activation (vLLM's deprecated names of it: {', '.join(fields[1:])}); "
                            "send one", name, "invalid_value")
     return given[0][1] if given else None
+
+
+def _pooling_task(request: PoolingRequest, served: str) -> str | None:
+    """``/pooling``'s ``task`` (vLLM's): null or the one task this server serves (``served``); any other is 400
+    naming ``task``, as vLLM answers a task its model does not support (token_embed and token_classify give one row
+    a token, which no route here serves)."""
+    if request.task is not None and request.task != served:
+        raise APIError(400, f"task: this server serves the {served!r} task alone (one row an input); got "
+                       f"{json.dumps(request.task)}", "task", "unsupported_parameter")
+    return request.task
 
 
 def _check_chat_options(request: ClassifyRequest) -> None:
