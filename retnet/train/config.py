@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ast
 import codecs
 import copy
 import dataclasses
@@ -894,14 +895,19 @@ def model_changes(saved: dict[str, Any], current: JobConfig) -> list[str]:
     ``JobConfig.to_dict()``) and ``current``'s, as ``"model.extra.rope_theta: checkpoint 10000.0, now 500.0"``.
     The trainer checks the shapes on the model; these change what the same weights compute, so a resume would
     train another model. ``FREE_MODEL_FIELDS`` may change. A checkpoint of a version whose model section no
-    longer loads is not compared."""
+    longer loads is not compared. Where either run has ``model.init_from``, only the settings on top of the
+    architecture are compared: a fine-tune's is its ``init_from`` model's, whatever ``model.preset`` says, and
+    :func:`architecture_changes` compares it."""
     from retnet.model import RetNetConfig
 
     try:
         old = ModelConfig(**saved["model"])
     except (KeyError, TypeError, ConfigError):
         return []
-    configs = [RetNetConfig.from_preset(m.preset, **m.overrides(), vocab_size=_ANY_VOCAB_SIZE)
+    # (a fine-tune's model.preset is read by nothing: another one was refused as another model)
+    fine_tune = old.init_from is not None or current.model.init_from is not None
+    configs = [RetNetConfig.from_preset(current.model.preset if fine_tune else m.preset, **m.overrides(),
+                                        vocab_size=_ANY_VOCAB_SIZE)
                for m in (old, current.model)]
     fixed = {f.name for f in dataclasses.fields(ModelConfig)}
     return [f"{f'model.{name}' if name in fixed else f'model.extra.{name}'}: checkpoint {was!r}, now {now!r}"
@@ -1153,14 +1159,9 @@ def _field_hint(section: str, key: str) -> str:
     elsewhere = sorted(name for name in _field_names() if name.split(".", 1)[1] == key)
     if elsewhere:
         return f" (did you mean {' or '.join(map(repr, elsewhere))}?)"
-    if section == "model":  # [model] sets a few RetNetConfig fields itself; model.extra takes any other
-        import retnet
-
-        retnet.register()  # (as a command's main would before transformers' import: check_config may come first)
-        from retnet.model import RetNetConfig
-
-        if key in RetNetConfig().to_dict() and key not in ("eos_token_id", "pad_token_id"):  # the tokenizer's
-            return f" (did you mean 'model.extra.{key}'? [model] sets the other RetNetConfig fields through extra)"
+    # [model] sets a few RetNetConfig fields itself; model.extra takes any other (but the tokenizer's ids)
+    if section == "model" and key in _retnet_config_keys() and key not in ("eos_token_id", "pad_token_id"):
+        return f" (did you mean 'model.extra.{key}'? [model] sets the other RetNetConfig fields through extra)"
     if key in _OTHER_LAUNCHERS:
         # Another launcher's name under a section (--train.save_steps, --optim.learning_rate, a TOML [train] table
         # written from HF's TrainingArguments): the field doing its work, as the name without a section gets. The
@@ -1169,6 +1170,23 @@ def _field_hint(section: str, key: str) -> str:
         target, _, note = _OTHER_LAUNCHERS[key].partition(" ")
         return f" (did you mean {target!r}{' ' + note if note else ''}?)"
     return _did_you_mean(key, sorted(_section_types(_section_types(JobConfig)[section])), f"{section}.{{}}")
+
+
+# The keys PretrainedConfig adds to RetNetConfig's own fields in RetNetConfig().to_dict() (a test keeps them equal).
+_PRETRAINED_CONFIG_KEYS = frozenset({
+    "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "id2label", "is_encoder_decoder", "label2id",
+    "model_type", "output_attentions", "output_hidden_states", "problem_type", "return_dict", "transformers_version"})
+
+
+def _retnet_config_keys() -> frozenset[str]:
+    """RetNetConfig().to_dict()'s keys, read without importing it: its own fields from the annotations of its
+    class in its module's source, and PretrainedConfig's. Building one imported torch and transformers (seconds)
+    before a mistyped [model] key was answered."""
+    source = (resources.files("retnet") / "model" / "configuration_retnet.py").read_text(encoding="utf-8")
+    body = next(node.body for node in ast.parse(source).body
+                if isinstance(node, ast.ClassDef) and node.name == "RetNetConfig")
+    own = {node.target.id for node in body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    return frozenset(own) | _PRETRAINED_CONFIG_KEYS
 
 
 # Settings of HF's TrainingArguments and nanoGPT's train.py by the field that does their work here.

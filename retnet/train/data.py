@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import json
@@ -130,12 +131,22 @@ def data_cache_dir(cfg: DataConfig, create: bool = True) -> Path:
 
 
 def creation_problem(path: Path) -> str | None:
-    """Why ``mkdir -p path`` would fail, found without making it: its nearest existing parent is a file, or a
-    directory this process may not write into; None when it exists or can be made."""
+    """Why ``mkdir -p path`` would fail, found without making it: a name in it longer than the file system takes
+    (in mkdir's words), its nearest existing parent is a file, or a directory this process may not write into;
+    None when it exists or can be made."""
     # (os.path's: no OSError on a name too long or a parent this process may not read)
     existing = next(p for p in (path, *path.absolute().parents) if os.path.exists(p))
     if existing is path:
         return None
+    try:
+        limits = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (AttributeError, OSError, ValueError):  # (no pathconf on Windows, or no such limit here)
+        limits = -1, -1
+    # os.path.exists takes a name too long for a missing one: mkdir then refused it as ENAMETOOLONG
+    new_names = path.absolute().relative_to(existing).parts
+    if (0 < limits[1] <= len(os.fsencode(path))
+            or any(0 < limits[0] < len(os.fsencode(name)) for name in new_names)):
+        return str(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path)))
     if not os.path.isdir(existing):
         return f"{str(existing)!r} is not a directory"
     return None if os.access(existing, os.W_OK | os.X_OK) else f"{str(existing)!r} is not writable"

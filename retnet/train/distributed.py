@@ -34,6 +34,14 @@ def init_distributed(device_kind: str) -> tuple[int, int, int, torch.device]:
         raise ConfigError(f"environment variable RANK is {rank} but WORLD_SIZE is "
                           f"{os.environ.get('WORLD_SIZE') or 'unset (1)'}: a rank must be below the world size "
                           f"(torchrun sets both); unset RANK to train in a single process")
+    if world_size == 1 and local_rank:
+        # torchrun gives a world of 1 local rank 0. A leftover LOCAL_RANK made a plain process leave the tokenizer
+        # and token cache to a local rank 0 that does not exist (a fresh cache then failed as a missing tokenizer
+        # directory) and take GPU LOCAL_RANK
+        raise ConfigError(f"environment variable LOCAL_RANK is {local_rank} but WORLD_SIZE is "
+                          f"{os.environ.get('WORLD_SIZE') or 'unset (1)'}: a single process is local rank 0 (torchrun "
+                          f"sets them together); unset LOCAL_RANK to train in a single process (CUDA_VISIBLE_DEVICES "
+                          f"picks its GPU)")
     if device_kind == "cuda" and local_rank >= torch.cuda.device_count():
         # More ranks on this node than GPUs it shows (torchrun's --nproc_per_node above the GPU count, or
         # CUDA_VISIBLE_DEVICES hiding some): set_device raised a bare "CUDA error: invalid device ordinal" traceback

@@ -35,6 +35,11 @@ def _train_importtime(args, env):
     ("--nosection.x=1", "retnet-train: error: unknown config key 'nosection.x': no section 'nosection'; known: "
                         "['checkpoint', 'data', "),
     ("--optim.lr=fast", "retnet-train: error: optim.lr expects float; got 'fast'"),
+    # (the hint for a [model] key took seconds: it built a RetNetConfig, importing torch and transformers)
+    ("--model.hiden_size=1", "retnet-train: error: unknown config key 'model.hiden_size' (did you mean "
+                             "'model.hidden_size'?); known in [model]: "),
+    ("--model.use_xpos=true", "retnet-train: error: unknown config key 'model.use_xpos' (did you mean "
+                              "'model.extra.use_xpos'? [model] sets the other RetNetConfig fields through extra)"),
 ])
 def test_a_mistyped_override_is_refused_before_torch_is_imported(override, error):
     returncode, printed, imported, _ = _train_importtime([override], train_env())
