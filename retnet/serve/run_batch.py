@@ -476,18 +476,18 @@ def _run_command(argv: list[str] | None) -> int:
     try:
         text_lines = _read_input(args.input_file)
     except (OSError, ValueError) as exc:
-        parser.exit(2, f"{PROG}: cannot read the input file {args.input_file!r}: {exc}\n")
+        parser.exit(2, f"{PROG}: error: cannot read the input file {args.input_file!r}: {exc}\n")
     try:
         check_quantization_settings(settings)  # before a hub download
         settings = resolve_model_source(settings)  # a hub id: its snapshot, fetched before the input is served
     except StartupError as exc:
         parser.exit(2, f"{PROG}: error: {exc}\n")
     if not Path(settings.model).is_dir():
-        parser.exit(2, f"{PROG}: --model {settings.model!r} is not a directory (expected save_pretrained's output)\n")
+        parser.exit(2, f"{PROG}: error: --model {settings.model!r} is not a directory (expected save_pretrained's output)\n")
     try:
         output = OutputFile(args.output_file)
     except OSError as exc:
-        parser.exit(2, f"{PROG}: cannot write the output file {args.output_file!r}: {exc}\n")
+        parser.exit(2, f"{PROG}: error: cannot write the output file {args.output_file!r}: {exc}\n")
     try:
         status = asyncio.run(_run(settings, text_lines, output, max_concurrency, parser))
         output.close()
@@ -565,7 +565,7 @@ async def _run(settings, text_lines: list[str], output: OutputFile, max_concurre
     except StartupError as exc:  # --model, --generation-config, --chat-template: the message names the flag
         parser.exit(2, f"{PROG}: error: {exc}\n")
     except (OSError, ValueError) as exc:  # the tokenizer did not load from --model
-        parser.exit(2, f"{PROG}: cannot load {settings.model!r}: {exc}\n")
+        parser.exit(2, f"{PROG}: error: cannot load {settings.model!r}: {exc}\n")
     engine = app.state.engine
     # The app's own lifespan: the engine starts here and is shut down (its thread joined) on the way out.
     async with app.router.lifespan_context(app):

@@ -174,7 +174,7 @@ def test_bad_arguments_exit_2(cli_runs):
     process, directory = cli_runs["test_bad_arguments_exit_2"]
     proc = cli_result(process, directory / "logs", timeout=180)  # after the batch's run where both are selected
     assert proc.returncode == 2
-    assert proc.stderr.startswith("retnet-run-batch: cannot read the input file") and "missing.jsonl" in proc.stderr
+    assert proc.stderr.startswith("retnet-run-batch: error: cannot read the input file") and "missing.jsonl" in proc.stderr
     assert not (directory / "out.jsonl").exists()  # nothing written, the model never loaded
 
 
