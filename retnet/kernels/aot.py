@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     varlen = [layout == "packed" for layout in args.layouts]
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # (check() raises it too: here a usage line, not a traceback)
+        parser.error("TRITON_INTERPRET=1 is set: the interpreter replaces the kernels this compiles; "
+                     "run it without (env -u TRITON_INTERPRET ...)")
     try:
         results = check(args.arch, args.dtypes, args.head_dims, varlen, configs=args.configs, workers=args.workers,
                         kernels=args.kernels, chunk_sizes=args.chunk_sizes)

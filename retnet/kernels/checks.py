@@ -161,6 +161,11 @@ def _plainly_valid(q, k, v, log_decay, initial_state) -> bool:
     if not (isinstance(q, tensor) and isinstance(k, tensor) and isinstance(v, tensor)
             and isinstance(log_decay, tensor) and (initial_state is None or isinstance(initial_state, tensor))):
         return False
+    # Before any shape is read: a (non-jagged) nested tensor's .shape raises torch's "Internal error:
+    # NestedTensorImpl doesn't support sizes" instead of the rules' refusal naming it.
+    if (q.is_nested or k.is_nested or v.is_nested or log_decay.is_nested
+            or q.layout != _STRIDED or k.layout != _STRIDED or v.layout != _STRIDED or log_decay.layout != _STRIDED):
+        return False
     if q.dim() != 4 or v.dim() != 4 or k.shape != q.shape:
         return False
     batch, length, heads, key_dim = q.shape
@@ -170,9 +175,7 @@ def _plainly_valid(q, k, v, log_decay, initial_state) -> bool:
             or not (1 <= key_dim <= MAX_HEAD_DIM and 1 <= value_dim <= MAX_HEAD_DIM)
             or dtype not in SUPPORTED_DTYPES or k.dtype != dtype or v.dtype != dtype
             or not log_decay.is_floating_point()
-            or k.device != device or v.device != device or log_decay.device != device
-            or q.layout != _STRIDED or k.layout != _STRIDED or v.layout != _STRIDED or log_decay.layout != _STRIDED
-            or q.is_nested or k.is_nested or v.is_nested or log_decay.is_nested):
+            or k.device != device or v.device != device or log_decay.device != device):
         return False
     return initial_state is None or (
         initial_state.is_floating_point() and initial_state.device == device and initial_state.layout == _STRIDED
