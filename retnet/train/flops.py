@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # Dense bf16 tensor-core peak per device (FLOP/s), for the MFU estimate; matched as substrings of
@@ -37,6 +39,26 @@ def flops_per_token(config, seq_len: int, adapter_params: int | None = None, out
     if adapter_params is not None:
         return 4.0 * n_matmul + 6.0 * adapter_params + 3.0 * retention
     return 6.0 * n_matmul + 3.0 * retention
+
+
+def head_flops_per_token(config, adapter_params: int | None = None) -> float:
+    """The vocabulary projection's part of :func:`flops_per_token` (6·V·d; 4·V·d frozen under LoRA): what each
+    token whose logits a step does not compute (``logits_to_keep``: DPO's, KTO's and GRPO's prompts) saves."""
+    return (4.0 if adapter_params is not None else 6.0) * config.vocab_size * config.hidden_size
+
+
+class StepFlops(NamedTuple):
+    """The FLOPs of a step from its token counts: ``per_token`` (:func:`flops_per_token`) at every token, less
+    ``head`` (:func:`head_flops_per_token`) at each whose logits are not computed."""
+
+    per_token: float
+    head: float
+
+    def __call__(self, tokens: int, head_tokens: int | None = None) -> float:
+        """``head_tokens``: the tokens whose logits are computed (None: every one)."""
+        if head_tokens is None:
+            return tokens * self.per_token
+        return tokens * (self.per_token - self.head) + head_tokens * self.head
 
 
 def peak_flops(device: torch.device, configured: float) -> float | None:

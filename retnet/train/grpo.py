@@ -346,6 +346,8 @@ class GrpoData:
         self._perm_epoch, self._perm = -1, None
         self.hub_fingerprint: str | None = None
         self.step_tokens: int | None = None  # the tokens of the last step's global batch (prompts and completions)
+        self.step_head_tokens: int | None = None  # its completions' tokens, whose logits are computed (the MFU's)
+        self.step_reference = False  # whether the step ran the reference's forward over them (a sampling step's)
         self.longest_prompt = max(len(t) for t in [*train.tokens, *val.tokens])
         self.seq_len = self.longest_prompt  # the longest sequence, with its completion from start() on
         self.stops = [tokenizer.eos_token_id]  # the ids that end a completion; the model's added at start()
@@ -633,6 +635,7 @@ class GrpoData:
         in order (the trainer's accumulation)."""
         iterations = self.cfg.num_iterations
         self._first = None
+        self.step_reference = self.steps % iterations == 0 and self.cfg.beta > 0
         if self.steps % iterations == 0:
             prompts = self.global_batch // self.cfg.num_generations
             ids = self.block_rows(self.consumed, prompts)
@@ -654,6 +657,7 @@ class GrpoData:
         self._generation = generation if self.steps - generation.step < iterations else None
         self._saved_generation = None
         self._totals, self.step_tokens = generation.totals, generation.tokens
+        self.step_head_tokens = int(generation.totals.tokens)
         if len(generation.batches) != accum:  # load_state_dict refuses another global batch; not an assert: -O
             raise RuntimeError(f"GRPO step {self.steps}: {len(generation.batches)} micro-batches for an "
                                f"accumulation of {accum}")

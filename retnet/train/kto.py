@@ -336,7 +336,7 @@ class KtoData(PreferenceData):
         batches = super().micro_batches(accum)
         if not self.with_kl:  # the step's tokens are the completions' sequences alone
             lengths = self.train.lengths[self.block_rows(self.consumed - self.global_batch, self.global_batch)]
-            self.step_tokens = int(lengths[:, :2].sum())
+            self.step_tokens, self.step_head_tokens = int(lengths[:, :2].sum()), int(lengths[:, 1].sum())
         return batches
 
     def _kl(self, logratios: torch.Tensor) -> torch.Tensor:

@@ -296,6 +296,10 @@ class Pairs:
         lengths = self.lengths[ids]
         return int(2 * lengths[:, 0].sum() + lengths[:, 1:].sum())
 
+    def completion_tokens(self, ids: np.ndarray) -> int:
+        """The tokens of the pairs' completions: the positions whose logits :func:`completion_logps` computes."""
+        return int(self.lengths[ids, 1:].sum())
+
     def save(self, directory: Path, name: str) -> None:
         np.save(directory / f"{name}.tokens.npy", self.tokens)
         np.save(directory / f"{name}.lengths.npy", self.lengths)
@@ -798,6 +802,7 @@ class PreferenceData:
         self.consumed = 0  # global pairs consumed: the data position
         self.hub_fingerprint: str | None = None
         self.step_tokens: int | None = None  # the tokens of the last step's global batch (both sequences of each pair)
+        self.step_head_tokens: int | None = None  # of those, the ones whose logits are computed (the MFU's head)
         self._perm_epoch, self._perm = -1, None
         self.dpo: DpoConfig | None = None
         self.reference: dict[str, torch.Tensor] = {}
@@ -943,6 +948,7 @@ class PreferenceData:
         ids = self.block_rows(self.consumed, self.global_batch)
         self.consumed += self.global_batch
         self.step_tokens = self.train.sequence_tokens(ids)
+        self.step_head_tokens = self.train.completion_tokens(ids)
         out = []
         for m in range(accum):
             lo = (m * self.world_size + self.rank) * self.micro_batch

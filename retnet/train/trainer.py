@@ -133,7 +133,7 @@ from retnet.train.distributed import (
     is_distributed,
     tensor_parallel_mesh,
 )
-from retnet.train.flops import flops_per_token, peak_flops
+from retnet.train.flops import StepFlops, flops_per_token, head_flops_per_token, peak_flops
 from retnet.train.muon import MuonWithAdamW
 from retnet.train.optim import adamw_kernel, build_optimizer, get_lr, optimizer_note, set_lr
 from retnet.train.wandb_logging import WandbLogger, scalars
@@ -203,6 +203,7 @@ class Trainer:
         self._last: dict[str, float] = {}
         # Counted, not step × global batch: a resume may change the batch (and so the tokens of a step).
         self.tokens = self.window_tokens = 0
+        self.window_flops = 0.0  # the window's tokens' (:attr:`step_flops`), for the MFU
         # The evaluation a stop left undone at its step (a preemption's grace period is for the checkpoint);
         # checkpoints carry it, and the resumed run evaluates that step before its first step.
         self.pending_eval = False
@@ -387,6 +388,14 @@ class Trainer:
                                                output_head=not cfg.reward.enabled)
         if teacher_config is not None:  # the teacher's forward: a third of its training FLOPs
             self.flops_per_token += flops_per_token(teacher_config, seq_len) / 3
+        # DPO, KTO and GRPO compute the logits at the completion tokens alone (the data's step_head_tokens); a
+        # reward model's head is a score, no vocabulary projection
+        adapters = self.n_trainable if cfg.lora.enabled else None
+        self.step_flops = StepFlops(self.flops_per_token, 0.0 if cfg.reward.enabled
+                                    else head_flops_per_token(self.model_config, adapters))
+        # GRPO's reference log-probs (grpo.beta > 0): a forward without grad of the model as it started
+        self.reference_flops = StepFlops(flops_per_token(self.model_config, seq_len) / 3,
+                                         head_flops_per_token(self.model_config) / 3)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
         self._seed_rank()
         self.model = self._wrap(self.raw_model)
@@ -990,7 +999,7 @@ class Trainer:
                 "tensor_parallel": self.tp_size, "ranks": ranks,
                 "config": self.cfg.to_dict(),
                 "log_window": {"losses": list(self.window_losses), "seconds": self.window_seconds,
-                               "tokens": self.window_tokens, "last": dict(self._last),
+                               "tokens": self.window_tokens, "flops": self.window_flops, "last": dict(self._last),
                                **({"distill": self.teacher.state_dict()} if self.teacher is not None else {})},
                 "tokens": self.tokens,
                 "pending_eval": self.pending_eval, "hub_fingerprint": self.data.hub_fingerprint,
@@ -1237,6 +1246,7 @@ class Trainer:
         tokens_per_step = self.cfg.train.global_batch_size * self.data.seq_len  # older checkpoints: as counted then
         self.tokens = int(trainer.get("tokens", self.step * tokens_per_step))
         self.window_tokens = int(window.get("tokens", len(self.window_losses) * tokens_per_step))
+        self.window_flops = float(window.get("flops", self.window_tokens * self.flops_per_token))
         self.pending_eval = bool(trainer.get("pending_eval", False))
         # The data position of this data-parallel rank, held alike by every rank of its group then: the group's
         # first (streamed data resumes only on the same data-parallel size, _check_resume_data)
@@ -1563,6 +1573,10 @@ class Trainer:
             step_tokens = getattr(self.data, "step_tokens", None) or tokens_per_step  # DPO pairs' lengths vary
             self.tokens += step_tokens
             self.window_tokens += step_tokens
+            head_tokens = getattr(self.data, "step_head_tokens", None)
+            self.window_flops += self.step_flops(step_tokens, head_tokens)
+            if getattr(self.data, "step_reference", False):
+                self.window_flops += self.reference_flops(step_tokens, head_tokens)
             final = self.step == cfg.train.steps
             if self.step % cfg.logging.log_interval == 0 or final:
                 loss = self._log_window()
@@ -1674,7 +1688,7 @@ class Trainer:
         loss = sum(self.window_losses) / len(self.window_losses)
         tokens_per_s = self.window_tokens / max(self.window_seconds, 1e-9)
         # Over every device, context and tensor parallelism included: a group's devices share its tokens' FLOPs
-        mfu = (self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+        mfu = (self.window_flops / max(self.window_seconds, 1e-9) / (self.peak_flops * self.world_size)
                if self.peak_flops else None)
         muon_lr = {"muon_lr": self._last["muon_lr"]} if "muon_lr" in self._last else {}
         self._log({"kind": "train", "step": self.step, "loss": loss, "lr": self._last["lr"], **muon_lr,
@@ -1687,7 +1701,7 @@ class Trainer:
                                        else f"{100 * mfu:.1f}%", refresh=False)
         elif self.is_main:
             logger.info("step %d: loss %.4f lr %.2e %.0f tok/s", self.step, loss, self._last["lr"], tokens_per_s)
-        self.window_losses, self.window_seconds, self.window_tokens = [], 0.0, 0
+        self.window_losses, self.window_seconds, self.window_tokens, self.window_flops = [], 0.0, 0, 0.0
         self.logged_step = self.step
         return loss
 
