@@ -1259,10 +1259,33 @@ def _sharing_host_offsets(fn, shared: SharedHostOffsets):
 def _flattened_offsets(cu_seqlens: torch.Tensor | None, kwargs: dict) -> torch.Tensor | None:
     """``cu_seqlens``, else transformers' packed offsets: ``DataCollatorWithFlattening(return_flash_attn_kwargs=
     True)`` marks the documents of a packed row by ``cu_seq_lens_q`` (which its flash-attention models honour), and
-    without restarting position_ids nothing else would keep them apart."""
+    without restarting position_ids nothing else would keep them apart. With ``return_seq_idx=True`` (and
+    ``return_position_ids=False``) it marks them only by ``seq_idx``, what its recurrent models (Mamba-2's) read."""
     if cu_seqlens is None and kwargs.get("cu_seq_lens_q") is not None:
         return kwargs["cu_seq_lens_q"]
+    if cu_seqlens is None and kwargs.get("seq_idx") is not None:
+        return _packed_from_seq_idx(kwargs["seq_idx"])
     return cu_seqlens
+
+
+def _packed_from_seq_idx(seq_idx) -> torch.Tensor | None:
+    """``cu_seqlens`` of the sequences ``seq_idx`` ``[1, T]`` numbers (a sequence starts wherever the number changes);
+    None when it never does. Taken as a keyword like any other, it was ignored: the documents ran as one sequence,
+    each one's state carried into the next."""
+    if not isinstance(seq_idx, torch.Tensor) or seq_idx.dim() != 2 or seq_idx.is_floating_point() \
+            or seq_idx.is_complex() or seq_idx.dtype == torch.bool:
+        shape = tuple(seq_idx.shape) if isinstance(seq_idx, torch.Tensor) else type(seq_idx).__name__
+        raise ValueError(f"seq_idx must be an integer tensor [1, T] numbering the packed sequences of one row "
+                         f"(DataCollatorWithFlattening's); got {shape}")
+    starts = seq_idx[:, 1:] != seq_idx[:, :-1]
+    if not bool(starts.any()):  # (one host read, only where seq_idx is given)
+        return None
+    if seq_idx.shape[0] != 1:
+        raise ValueError(f"seq_idx marks packed sequences in one row (B=1); got shape {tuple(seq_idx.shape)}: pack "
+                         "them into one row, or give each sequence its own row with an attention_mask")
+    firsts = starts[0].nonzero().squeeze(-1) + 1
+    edges = torch.tensor([0, seq_idx.shape[1]], dtype=firsts.dtype, device=firsts.device)
+    return torch.cat([edges[:1], firsts, edges[1:]])
 
 
 def _return_dict(config: RetNetConfig, return_dict: bool | None) -> bool:
@@ -2072,6 +2095,12 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
         cu_seqlens = _flattened_offsets(cu_seqlens, kwargs)
+        given = input_ids if input_ids is not None else inputs_embeds
+        if (cu_seqlens is None and position_ids is not None and attention_mask is None and cache is None
+                and context_parallel is None and given is not None and given.dim() >= 2):
+            # The backbone runs restarting positions (DataCollatorWithFlattening's) as packed sequences: each is
+            # scored, as with cu_seqlens (only the row's last sequence was, the others' scores dropped).
+            cu_seqlens = _packed_from_positions(position_ids, given.shape[0], given.shape[1])
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
