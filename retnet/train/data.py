@@ -138,6 +138,8 @@ def creation_problem(path: Path) -> str | None:
     existing = next(p for p in (path, *path.absolute().parents) if os.path.exists(p))
     if existing is path:
         return None
+    if not os.path.isdir(existing):  # (first, as mkdir: ENOTDIR before a name's length)
+        return f"{str(existing)!r} is not a directory"
     try:
         limits = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
     except (AttributeError, OSError, ValueError):  # (no pathconf on Windows, or no such limit here)
@@ -147,8 +149,6 @@ def creation_problem(path: Path) -> str | None:
     if (0 < limits[1] <= len(os.fsencode(path))
             or any(0 < limits[0] < len(os.fsencode(name)) for name in new_names)):
         return str(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path)))
-    if not os.path.isdir(existing):
-        return f"{str(existing)!r} is not a directory"
     return None if os.access(existing, os.W_OK | os.X_OK) else f"{str(existing)!r} is not writable"
 
 

@@ -85,3 +85,11 @@ def test_the_retnet_config_keys_read_without_importing_it_are_its_to_dicts():
     from retnet.model import RetNetConfig
 
     assert _retnet_config_keys() == set(RetNetConfig().to_dict())
+
+
+def test_a_long_name_under_a_file_is_refused_as_mkdir_refuses_it(tmp_path):
+    """Under a file, mkdir fails with ENOTDIR before it reads a new name's length."""
+    from retnet.train.data import creation_problem
+
+    (tmp_path / "f").write_text("")
+    assert creation_problem(tmp_path / "f" / ("y" * 300)) == f"{str(tmp_path / 'f')!r} is not a directory"
