@@ -70,6 +70,7 @@ from retnet.serve.settings import (
     generation_defaults,
     is_classifier,
     load_chat_template,
+    override_source,
     resolve_draft_model,
     resolve_model_source,
 )
@@ -448,16 +449,33 @@ def _add_score_routes(app: FastAPI, scoring: ScoreServing, json_body: list) -> N
 
 
 def _log_defaults(settings: ServeSettings, serving: OpenAIServing, defaults: dict) -> None:
-    """Say at startup which request defaults the model's generation config set (vLLM logs the same)."""
+    """Say at startup which request defaults the generation config set (vLLM logs the same), each with where it
+    came from: the model's generation_config.json (which --generation-config vllm leaves out), or
+    --override-generation-config (or its variable), which applies with vllm too. A --default-max-tokens that
+    replaced the file's max_new_tokens is the server's own setting, named as such."""
     if defaults:
-        # max_tokens as requests get it: --default-max-tokens (when set) and --max-tokens-limit have their say.
-        shown = {**serving.checks.sampling_defaults,
-                 **({"max_tokens": serving.checks.default_max_tokens} if "max_tokens" in defaults else {})}
-        logger.warning("Default sampling parameters have been overridden by the model's generation config "
-                       "(--generation-config %s%s): %s. Requests that leave these out get them; start with "
-                       "--generation-config vllm for the server's own defaults.", settings.generation_config,
-                       ", --override-generation-config" if settings.override_generation_config else "",
-                       ", ".join(f"{name}={value}" for name, value in shown.items()))
+        overrides = settings.override_generation_config
+        override = override_source(settings) if overrides else ""
+        file = f"generation_config.json, --generation-config {settings.generation_config}"
+        shown = {name: (value, override if overrides.get(name) is not None else file)
+                 for name, value in serving.checks.sampling_defaults.items()}
+        if "max_tokens" in defaults:
+            # As requests get it: --default-max-tokens (when set) and --max-tokens-limit have their say.
+            value, read = serving.checks.default_max_tokens, defaults["max_tokens"]
+            if overrides.get("max_new_tokens") is not None:
+                shown["max_tokens"] = (value, f"{override}'s max_new_tokens")
+            elif "default_max_tokens" in settings.model_fields_set:
+                shown["max_tokens"] = (value, f"--default-max-tokens, over generation_config.json's max_new_tokens "
+                                              f"{read}")
+            elif value != read:
+                shown["max_tokens"] = (value, f"{file}: its max_new_tokens {read}, lowered to --max-tokens-limit")
+            else:
+                shown["max_tokens"] = (value, f"{file}: its max_new_tokens")
+        from_file = any(source.startswith("generation_config.json") for _, source in shown.values())
+        way_out = "; start with --generation-config vllm to leave out generation_config.json's" if from_file else ""
+        logger.warning("Default sampling parameters have been overridden: %s. Requests that leave these out get "
+                       "them%s.", ", ".join(f"{name}={value} ({source})" for name, (value, source) in shown.items()),
+                       way_out)
     if settings.chat_template is not None:
         logger.info("chat template: --chat-template's, instead of the tokenizer's")
 

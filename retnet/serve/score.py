@@ -258,7 +258,8 @@ class ScoreServing:
         # Jinja renders text without entering the Rust tokenizer, so only encoding holds the lock: rendering a
         # long first text again for each pair (the template decides how a turn follows it) takes seconds, in
         # which other requests encode theirs.
-        render = functools.partial(tokenizer.apply_chat_template, tokenize=False, chat_template=pooling.chat_template)
+        # (each turn's text in the form the template reads: --chat-template-content-format)
+        render = functools.partial(pooling._render, template=pooling.chat_template)
         cut = pooling._cutter(request)
         ids: list[list[int]] = [[] for _ in right]
         for prompt, indexes in by_prompt.items():

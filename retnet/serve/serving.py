@@ -43,6 +43,7 @@ from retnet.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
+    ChatMessage,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -104,6 +105,7 @@ class OpenAIServing:
         self.bos_per_turn: dict[str, bool] = {}  # see _bos_per_turn
         self.developer_as: dict[str, str] = {}  # see _developer_role
         self.assistant_closers: dict[str, str | None] = {}  # see _closing
+        self.content_formats: dict[str, str] = {}  # see _content_format
         # Tokenizations running on worker threads (counted on the event loop): while one may hold the lock, the
         # loop must not wait for it.
         self.tokenizing_off_loop = 0
@@ -585,10 +587,9 @@ class OpenAIServing:
             with self.tokenizer_lock:
                 developer = self._developer_role(template, variables.get("tools")) \
                     if any(m.role == "developer" for m in request.messages) else "developer"
-                messages = [template_message(m, developer) for m in request.messages]
-                text = self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                    continue_final_message=continue_final, chat_template=template, **variables)
+                messages = [{**template_message(m, developer), "content": content_parts(m)} for m in request.messages]
+                text = self._render(messages, template, add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final, **variables)
                 bos = self.tokenizer.bos_token
                 if continues and bos and text.startswith(bos) and not self._bos_per_turn(template, variables):
                     # A template that opens the conversation with {{ bos_token }} would put a BOS in the
@@ -607,8 +608,7 @@ class OpenAIServing:
         with contextlib.suppress(Exception), self.tokenizer_lock:
             # A session's turn starts from its state, not a prefix.
             if with_hint and len(messages) > 1 and not continues:
-                head = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=False,
-                                                          chat_template=template, **variables)
+                head = self._render(messages[:-1], template, add_generation_prompt=False, **variables)
                 head_ids = self.tokenizer.encode(head, add_special_tokens=add_special)
                 if 0 < len(head_ids) < len(ids) and ids[: len(head_ids)] == head_ids:
                     hint = len(head_ids)
@@ -656,8 +656,7 @@ class OpenAIServing:
             probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                      {"role": "user", "content": "c"}]
             try:
-                text = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True,
-                                                          chat_template=resolved, **variables)
+                text = self._render(probe, resolved, add_generation_prompt=True, **variables)
             except Exception:  # a template that wants other messages: treat its BOS as the conversation's
                 text = ""
             self.bos_per_turn[resolved] = text.count(self.tokenizer.bos_token) > 1
@@ -676,8 +675,7 @@ class OpenAIServing:
         resolved = self.tokenizer.get_chat_template(template, tools)
         if resolved not in self.assistant_closers:
             self.assistant_closers[resolved] = assistant_closer(functools.partial(
-                self.tokenizer.apply_chat_template, tokenize=False, add_generation_prompt=False,
-                chat_template=resolved))
+                self._render, template=resolved, add_generation_prompt=False))
         closer = self.assistant_closers[resolved]
         if not closer:
             return ""
@@ -694,9 +692,31 @@ class OpenAIServing:
         named "tool_use" one for a request with tools), with the tokenizer's lock held."""
         resolved = self.tokenizer.get_chat_template(template, tools)
         if resolved not in self.developer_as:
-            self.developer_as[resolved] = developer_role(functools.partial(
-                self.tokenizer.apply_chat_template, tokenize=False, chat_template=resolved))
+            self.developer_as[resolved] = developer_role(functools.partial(self._render, template=resolved))
         return self.developer_as[resolved]
+
+    def _render(self, messages: list[dict], template: str | None, **options) -> str:
+        """``apply_chat_template(messages, tokenize=False, **options)`` with ``template`` (None: the tokenizer's),
+        each message's content in the form that template reads (:meth:`_content_format`): every rendering of a
+        conversation on this server goes through here, the probes of the template included. A message's content:
+        a string, or a list of text parts (:func:`content_parts`)."""
+        form = self._content_format(template, options.get("tools"))
+        return self.tokenizer.apply_chat_template([_in_form(message, form) for message in messages], tokenize=False,
+                                                  chat_template=template, **options)
+
+    def _content_format(self, template: str | None, tools) -> str:
+        """The content form, "string" or "openai": --chat-template-content-format's, or with auto the one the template
+        transformers picks reads (:func:`detect_content_format`), found once per template."""
+        chosen = self.settings.chat_template_content_format
+        if chosen != "auto":
+            return chosen
+        try:
+            resolved = self.tokenizer.get_chat_template(template, tools)
+        except Exception:  # no template at all: apply_chat_template answers that
+            return "string"
+        if resolved not in self.content_formats:
+            self.content_formats[resolved] = detect_content_format(resolved)
+        return self.content_formats[resolved]
 
     async def chat_chunks(self, request: ChatCompletionRequest, run: ChatRun,
                           rid: str | None = None) -> AsyncIterator[dict]:
@@ -1087,6 +1107,75 @@ def _answers_in_assistant_message(request: ChatCompletionRequest) -> bool:
     return bool(continue_final) and request.messages[-1].role == "assistant"
 
 
+def content_parts(message: ChatMessage) -> list[dict[str, str]]:
+    """A message's content as a list of text parts, ``[{"type": "text", "text": ...}]``: a list's parts as they
+    came (a refusal part's text as a text part, as vLLM reads it), a string as one part, none as no part."""
+    if message.content is None:
+        return []
+    if isinstance(message.content, str):
+        return [{"type": "text", "text": message.content}]
+    return [{"type": "text", "text": part.part_text()} for part in message.content]
+
+
+def _in_form(message: dict, form: str) -> dict:
+    """``message`` with its content as a template of ``form`` reads it: "openai", a list of text parts (a string
+    is one); "string", one text (a list's texts joined by newlines, as vLLM joins them)."""
+    if "content" not in message:
+        return message
+    content = message["content"]
+    if form == "openai" and (content is None or isinstance(content, str)):
+        return {**message, "content": [] if content is None else [{"type": "text", "text": content}]}
+    if form == "string" and isinstance(content, list):
+        return {**message, "content": "\n".join(part["text"] for part in content)}
+    return message
+
+
+def detect_content_format(template: str) -> str:
+    """vLLM's auto content format: "openai" when the Jinja template loops over a message's content
+    (``{% for part in message['content'] %}``, the message being a loop variable over ``messages`` or over a
+    variable set from it, such as ``loop_messages = messages[1:]``), else "string", the form most templates read;
+    "string" too for a template this cannot read."""
+    try:
+        from jinja2 import nodes
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        tree = _compile_jinja_template(template).environment.parse(template)
+
+        def base(node):
+            # What an expression is taken from, through filters, tests and slices (messages[1:] | reverse).
+            while ((isinstance(node, (nodes.Filter, nodes.Test)) and node.node is not None)
+                   or (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice))):
+                node = node.node
+            return node
+
+        def named(node, names: set[str]) -> bool:
+            node = base(node)
+            return isinstance(node, nodes.Name) and node.name in names
+
+        conversations = {"messages"}
+        grown = True
+        while grown:  # variables set from the messages, and from those
+            before = len(conversations)
+            conversations |= {assign.target.name for assign in tree.find_all(nodes.Assign)
+                              if isinstance(assign.target, nodes.Name) and named(assign.node, conversations)}
+            grown = len(conversations) > before
+        turns = {loop.target.name for loop in tree.find_all(nodes.For)
+                 if isinstance(loop.target, nodes.Name) and named(loop.iter, conversations)}
+        for loop in tree.find_all(nodes.For):
+            source = base(loop.iter)
+            if isinstance(source, nodes.Getitem) and isinstance(source.arg, nodes.Const):
+                key, owner = source.arg.value, source.node
+            elif isinstance(source, nodes.Getattr):
+                key, owner = source.attr, source.node
+            else:
+                continue
+            if key == "content" and isinstance(owner, nodes.Name) and owner.name in turns:
+                return "openai"
+    except Exception:  # a template jinja cannot parse here: apply_chat_template answers for it
+        return "string"
+    return "string"
+
+
 # The probe's message contents: texts no template writes itself, so that the answer's end is found exactly.
 _CLOSER_PROBE = ("Qx7Ask", "Zr4Answer", "Wv9Next")
 
@@ -1316,4 +1405,4 @@ def _chat_echo(request: ChatCompletionRequest) -> str:
     return last.text() if last.role == "assistant" or not opened else ""
 
 
-__all__ = ["OpenAIServing"]
+__all__ = ["OpenAIServing", "content_parts", "detect_content_format"]

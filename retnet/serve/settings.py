@@ -208,6 +208,12 @@ class ServeSettings(BaseSettings):
         None, description="a Jinja chat template, as a file or inline (vLLM's --chat-template), used instead of the "
         "tokenizer's own and of the built-in default; none: the tokenizer's"
     )
+    chat_template_content_format: Literal["auto", "string", "openai"] = Field(
+        "auto", description="how the chat template sees a message's content (vLLM's --chat-template-content-format): "
+        "string: one text (a list of text parts joined by newlines); openai: a list of parts, "
+        "[{\"type\": \"text\", \"text\": ...}] (a string is one part); auto: openai for a template that loops over "
+        "a message's content, else string"
+    )
 
     # -- tool calls -------------------------------------------------------------------------------------------
     tool_call_parser: Literal["hermes"] | None = Field(
@@ -925,12 +931,12 @@ def generation_defaults(settings: ServeSettings) -> dict[str, Any]:
                                    "fix it or start with --generation-config vllm") from None
             if not isinstance(config, dict):
                 raise StartupError(f"--generation-config {source!r}: {file} is not a JSON object")
-    origin = {name: "file" for name in config} | dict.fromkeys(settings.override_generation_config,
-                                                              "--override-generation-config")
+    overrides = override_source(settings) if settings.override_generation_config else None
+    origin = {name: "file" for name in config} | dict.fromkeys(settings.override_generation_config, "override")
     config = {**config, **settings.override_generation_config}
     ignored = sorted(set(settings.override_generation_config) - set(GENERATION_FIELDS))
     if ignored:
-        logger.warning("--override-generation-config: %s not read (only %s are request defaults)",
+        logger.warning("%s: %s not read (only %s are request defaults)", overrides,
                        ", ".join(ignored), ", ".join(GENERATION_FIELDS))
     defaults = {name: config[name] for name in GENERATION_FIELDS if config.get(name) is not None}
     if "max_new_tokens" in defaults:
@@ -942,7 +948,7 @@ def generation_defaults(settings: ServeSettings) -> dict[str, Any]:
 
     for name, value in defaults.items():
         field = "max_new_tokens" if name == "max_tokens" else name
-        where = (f"--override-generation-config's {field}" if origin[field] == "--override-generation-config"
+        where = (f"{overrides}'s {field}" if origin[field] == "override"
                  else f"generation_config.json's {field} (--generation-config {source})")
         if name == "max_tokens" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise StartupError(f"{where} must be a whole number >= 1; got {value!r}")
@@ -950,7 +956,7 @@ def generation_defaults(settings: ServeSettings) -> dict[str, Any]:
             SamplingFields.model_validate({name: value})
         except ValidationError as exc:
             # (a fine-tune's export carries its base's sampling defaults, which transformers takes more widely)
-            way_out = ("" if origin[field] == "--override-generation-config" else
+            way_out = ("" if origin[field] == "override" else
                        f" (start with --generation-config vllm, or --override-generation-config '{{\"{field}\": ...}}')")
             raise StartupError(f"{where}: {exc.errors()[0]['msg']}; got {value!r}{way_out}") from None
     return {name: (int(v) if name in ("top_k", "max_tokens") else float(v)) for name, v in defaults.items()}
@@ -964,7 +970,7 @@ def resolve_max_tokens(settings: ServeSettings, defaults: dict[str, Any]) -> int
     # An override's null removes the file's value (vLLM's rule), leaving the server's default.
     if settings.override_generation_config.get("max_new_tokens") is not None:
         if from_file > settings.max_tokens_limit:
-            raise StartupError(f"--override-generation-config's max_new_tokens ({from_file}) is over --max-tokens-limit "
+            raise StartupError(f"{override_source(settings)}'s max_new_tokens ({from_file}) is over --max-tokens-limit "
                                f"({settings.max_tokens_limit})")
         return from_file
     if from_file is None or "default_max_tokens" in settings.model_fields_set:
@@ -974,6 +980,13 @@ def resolve_max_tokens(settings: ServeSettings, defaults: dict[str, Any]) -> int
                        "out max_tokens get %d", from_file, settings.max_tokens_limit)
         return settings.max_tokens_limit
     return from_file
+
+
+def override_source(settings: ServeSettings) -> str:
+    """--override-generation-config as the operator set it, to name it so: its ``RETNET_*`` variable when the value
+    came from there, else the flag."""
+    variable = _environment_source(settings, "override_generation_config")
+    return "--override-generation-config" if variable is None else variable[0]
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -1004,5 +1017,5 @@ def _one_line(exc: BaseException) -> str:
 
 __all__ = ["GENERATION_ONLY_SETTINGS", "ServeSettings", "SpeculativeConfig", "StartupError", "check_classifier_settings",
            "check_device_settings", "check_draft_tokenizer", "check_model_dir", "check_quantization_settings", "generation_defaults",
-           "is_classifier", "load_chat_template", "parse_speculative_config", "resolve_draft_model",
+           "is_classifier", "load_chat_template", "override_source", "parse_speculative_config", "resolve_draft_model",
            "resolve_max_tokens"]

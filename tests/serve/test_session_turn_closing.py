@@ -132,7 +132,9 @@ def test_the_closer_is_written_past_what_the_answer_generated_of_it(model_dir, t
 
     from retnet.serve.serving import OpenAIServing
 
-    serving = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir), assistant_closers={})
+    serving = OpenAIServing.__new__(OpenAIServing)  # the attributes _closing reads, no engine
+    serving.tokenizer, serving.assistant_closers, serving.content_formats = AutoTokenizer.from_pretrained(model_dir), {}, {}
+    serving.settings = SimpleNamespace(chat_template_content_format="auto")
     template = LLAMA2 if template == "LLAMA2" else template
     assert OpenAIServing._closing(serving, template, None, hidden) == written
 
