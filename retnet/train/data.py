@@ -14,7 +14,7 @@ next ``global_batch_size`` blocks of a per-epoch seeded permutation; rank ``r``'
 ``(m · world + r)`` of it, so the global batch is the same set of blocks for any world size and the data
 position is one integer (blocks consumed) that a checkpoint stores and a resume restores.
 
-Streaming (``data.streaming = true``, for sets too large to cache): the first ``val_documents`` documents are
+Streaming (``data.streaming = true``, for sets too large to cache): the first ``val_documents`` rows are
 the validation split (kept out of training wherever they occur), the rest is split by node
 (``datasets.distributed.split_dataset_by_node``; local files by document) and packed on the fly; each rank's position is its place in
 its stream (``datasets``' stream state, the documents read and the tokens not yet packed), from which a resume
@@ -1065,7 +1065,8 @@ def _json_file_problem(path: Path) -> str | None:
             if not line.strip():
                 continue  # pyarrow skips blank lines
             try:
-                row = json.loads(line.decode("utf-8"))
+                # without its line end: a line cut short stops at its end, not at "column 1" of a line after it
+                row = json.loads(line.decode("utf-8").rstrip("\r\n"))
             except UnicodeDecodeError as error:
                 return (f"line {number}: not UTF-8 text ({error.reason}); JSON files are read as UTF-8: re-encode "
                         f"the file (e.g. iconv -f latin1 -t utf-8)")
@@ -1331,7 +1332,10 @@ def column_values(dataset, name: str, source: str, key: str = "column") -> list:
         row, files = len(values), getattr(dataset, "retnet_files", None)
         # a row of several files is named in its own: its index in the set counts the rows of every file before
         found = _row_in_files(files, row) if files and len(files) > 1 else None
-        where = f"{source!r}, row {row}" if found is None else f"{str(found[0])!r}, row {found[1]} (row {row} of {source!r})"
+        if found is not None:
+            where = f"{str(found[0])!r}, row {found[1]} (row {row} of {source!r})"
+        else:  # a directory or glob of one file is named by that file, which is what to re-encode
+            where = f"{str(files[0]) if files and len(files) == 1 else source!r}, row {row}"
         raise ConfigError(f"{key} {name!r} of {where}: not UTF-8 text ({error.reason}: byte "
                           f"{error.object[error.start:error.start + 1]!r}); JSON files are read as UTF-8: re-encode "
                           f"the file (e.g. iconv -f latin1 -t utf-8)") from None
