@@ -9,7 +9,8 @@ model's loss says nothing about what rounding costs. The loss is retnet-eval's o
 then ``--steps`` greedy recurrent steps at batch 1 and ``--batch``, steps alternating between the two models
 so that load from other processes hits both alike; the median step. Ratios are int8 / float32.
 
-    python benchmarks/quantization.py [--model DIR] [--hidden 768] [--layers 4] [--train-steps 150] [--quick]
+    python benchmarks/quantization.py [--model DIR] [--hidden 768] [--layers 4] [--train-steps 150] [--quick] [--output PATH]
+    # writes benchmarks/results/quantization-<device>.json (--quick writes only to an --output given)
 
 Needs torchao (``pip install 'retnet-stack[quant]'``).
 """
@@ -122,7 +123,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="the larger decode batch (the other is 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="hidden 512, 30 training steps of 8 x 64 tokens, 16 "
-                        "eval documents, 16 decode steps")
+                        "eval documents, 16 decode steps; writes only to an --output given")
+    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/"
+                        "quantization-<device>.json; with --quick nothing is written unless given)")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.train_steps, args.train_seq_len, args.eval_documents, args.steps = 512, 30, 64, 16, 16
@@ -162,9 +165,12 @@ def main() -> None:
         print(f"decode batch {batch:>3}: float32 {rate['float32']:.0f} tok/s, int8 {rate['int8']:.0f} tok/s "
               f"(ratio int8/float32 {rate['int8'] / rate['float32']:.2f}x)")
 
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"quantization-{device.type}.json"
+    # A quick run's figures are not the recorded ones: it must not overwrite the committed full run, which the
+    # README's table quotes.
+    path = args.output or (None if args.quick else Path(__file__).parent / "results" / f"quantization-{device.type}.json")
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "device": str(device), "torch": torch.__version__, "model": source, "parameters": params,
         "quick": args.quick, "report": {k: getattr(report, k) for k in report.__slots__},
