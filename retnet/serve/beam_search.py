@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -80,8 +81,21 @@ def check_beam_search(request: SamplingFields, tool_grammar: bool = False) -> No
 
 
 def beam_score(cum_logprob: float, length: int, length_penalty: float) -> float:
-    """vLLM's sort key of a finished beam: ``cum_logprob / length ** length_penalty``."""
+    """vLLM's sort key of a finished beam: ``cum_logprob / length ** length_penalty``. Raises ArithmeticError where
+    the power leaves the floats (a length_penalty of 400 or -400: see :func:`beam_rank`)."""
     return cum_logprob / (max(length, 1) ** length_penalty)
+
+
+def beam_rank(cum_logprob: float, length: int, length_penalty: float) -> tuple[int, float]:
+    """:func:`beam_score`'s order without computing ``length ** length_penalty``, which overflows (or underflows to
+    a division by zero) for a large penalty of either sign: the search then failed with a 500 after it had run.
+    The score's sign first, then its log magnitude, ``log|cum_logprob| - length_penalty * log(length)``, divided by
+    ``|length_penalty|`` above 1 (the same order; the product overflowed at 1e308)."""
+    if cum_logprob == 0:
+        return 0, 0.0
+    scale = max(abs(length_penalty), 1.0)
+    magnitude = math.log(abs(cum_logprob)) / scale - length_penalty / scale * math.log(max(length, 1))
+    return (1, magnitude) if cum_logprob > 0 else (-1, -magnitude)
 
 
 @dataclass(slots=True)
@@ -128,7 +142,16 @@ def next_beams(live: list[Beam], steps: list[TokenLogprob], width: int, eos_ids:
 
 def best_beams(beams: list[Beam], width: int, prompt_tokens: int, length_penalty: float) -> list[Beam]:
     """The ``width`` best of ``beams`` by :meth:`Beam.score`, best first (ties in their order)."""
-    return sorted(beams, key=lambda beam: -beam.score(prompt_tokens, length_penalty))[:width]
+    try:
+        scores = [beam.score(prompt_tokens, length_penalty) for beam in beams]
+    except ArithmeticError:
+        scores = None
+    if scores is None or not all(map(math.isfinite, scores)):
+        # the same order, from logs (beam_rank): the formula's floats would not hold it
+        scores = [beam_rank(beam.cum_logprob, prompt_tokens + len(beam.tokens) - beam.ended, length_penalty)
+                  for beam in beams]
+    order = sorted(range(len(beams)), key=lambda i: scores[i], reverse=True)
+    return [beams[i] for i in order[:width]]
 
 
 def beam_step_params(params: SamplingParams, width: int) -> SamplingParams:
