@@ -161,7 +161,8 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
             engine.shutdown(grace_s=0.0)
 
     # strict_content_type=False: a body without a Content-Type is read as JSON (other types: require_json).
-    app = FastAPI(title="retnet-serve", version=package_version(), lifespan=lifespan, strict_content_type=False)
+    release = package_version()  # (a scan of the installed distributions: once)
+    app = FastAPI(title="retnet-serve", version=release, lifespan=lifespan, strict_content_type=False)
     # vLLM's --root-path (an attribute: FastAPI's argument is deprecated for uvicorn's, which would take requests with
     # the prefix no more): /docs asks for the schema under it, and the routes are matched with or without it.
     app.root_path = settings.root_path
@@ -230,7 +231,7 @@ def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=N
 
     @app.get("/version")
     async def version() -> dict:
-        return {"version": package_version()}
+        return {"version": release}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -40,7 +40,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.request_checks import TEMPLATE_CALL_ARGUMENTS, check_content_parts
 from retnet.serve.sequence import EngineUnavailable, QueueFull
-from retnet.serve.serving import OpenAIServing, _chat_size, _size, content_parts
+from retnet.serve.serving import OpenAIServing, _chat_size, _in_form, _size
 from retnet.serve.settings import ServeSettings
 from retnet.serve.tools import template_message
 from retnet.tokenization import closed_by_eos, render_pair
@@ -354,11 +354,10 @@ class ClassifyServing(OpenAIServing):
         """The tokens the reward trainer scores for ``messages`` (see the module's docstring): a conversation that
         ends with an assistant message after others is the pair (its history, that message); any other is rendered
         whole, no generation prompt. EOS follows, as in training. ``chat_template_kwargs`` reach the template."""
-        messages = [{**template_message(m), "content": content_parts(m)} for m in request.messages]
+        messages = [template_message(m) for m in request.messages]
         if len(messages) > 1 and messages[-2]["role"] == messages[-1]["role"] == "assistant":
             # render_pair continues a prefilled assistant message with the next one's content as text
-            for message in messages[-2:]:
-                message["content"] = "\n".join(part["text"] for part in message["content"])
+            messages[-2:] = [_in_form(message, "string") for message in messages[-2:]]
         # _check_chat_options refused their other values: the templating's own arguments are render_pair's.
         variables = {name: value for name, value in (request.chat_template_kwargs or {}).items()
                      if name not in ("add_generation_prompt", "continue_final_message")}

@@ -43,7 +43,6 @@ from retnet.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatMessage,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -587,7 +586,7 @@ class OpenAIServing:
             with self.tokenizer_lock:
                 developer = self._developer_role(template, variables.get("tools")) \
                     if any(m.role == "developer" for m in request.messages) else "developer"
-                messages = [{**template_message(m, developer), "content": content_parts(m)} for m in request.messages]
+                messages = [template_message(m, developer) for m in request.messages]
                 text = self._render(messages, template, add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final, **variables)
                 bos = self.tokenizer.bos_token
@@ -699,7 +698,7 @@ class OpenAIServing:
         """``apply_chat_template(messages, tokenize=False, **options)`` with ``template`` (None: the tokenizer's),
         each message's content in the form that template reads (:meth:`_content_format`): every rendering of a
         conversation on this server goes through here, the probes of the template included. A message's content:
-        a string, or a list of text parts (:func:`content_parts`)."""
+        a string, or a list of text parts (:func:`~retnet.serve.tools.template_message`'s)."""
         form = self._content_format(template, options.get("tools"))
         return self.tokenizer.apply_chat_template([_in_form(message, form) for message in messages], tokenize=False,
                                                   chat_template=template, **options)
@@ -1107,16 +1106,6 @@ def _answers_in_assistant_message(request: ChatCompletionRequest) -> bool:
     return bool(continue_final) and request.messages[-1].role == "assistant"
 
 
-def content_parts(message: ChatMessage) -> list[dict[str, str]]:
-    """A message's content as a list of text parts, ``[{"type": "text", "text": ...}]``: a list's parts as they
-    came (a refusal part's text as a text part, as vLLM reads it), a string as one part, none as no part."""
-    if message.content is None:
-        return []
-    if isinstance(message.content, str):
-        return [{"type": "text", "text": message.content}]
-    return [{"type": "text", "text": part.part_text()} for part in message.content]
-
-
 def _in_form(message: dict, form: str) -> dict:
     """``message`` with its content as a template of ``form`` reads it: "openai", a list of text parts (a string
     is one); "string", one text (a list's texts joined by newlines, as vLLM joins them)."""
@@ -1405,4 +1394,4 @@ def _chat_echo(request: ChatCompletionRequest) -> str:
     return last.text() if last.role == "assistant" or not opened else ""
 
 
-__all__ = ["OpenAIServing", "content_parts", "detect_content_format"]
+__all__ = ["OpenAIServing", "detect_content_format"]

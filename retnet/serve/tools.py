@@ -135,7 +135,11 @@ def template_message(message: ChatMessage, developer: str = "developer") -> dict
     JSON text is parsed ({} when it is no JSON, as vLLM reads it). ``developer``: the role a developer message is
     given ("system" for a template that does not render developer messages, see :func:`developer_role`)."""
     role = developer if message.role == "developer" else message.role
-    out: dict[str, Any] = {"role": role, "content": message.text()}
+    # A string as sent; text parts as a list of them (none for no content), which the chat template sees joined or
+    # as parts by --chat-template-content-format (OpenAIServing._render)
+    content = message.content if isinstance(message.content, str) else [
+        {"type": "text", "text": part.part_text()} for part in message.content or ()]
+    out: dict[str, Any] = {"role": role, "content": content}
     if message.name:
         out["name"] = message.name
     if message.tool_calls:
