@@ -251,7 +251,13 @@ _OPTION_OF_KEY = {"dataset": "--dataset", "name": "--name", "split": "--split", 
                   "max_prompt_length": "--max-prompt-length"}
 
 
+# Training's refusals of a split point at the validation documents a run holds out; retnet-eval holds none out (it
+# scores the whole set) and has no such option, so that aside would mislead here.
+_HELD_OUT_ASIDE = re.compile(r" \(its validation documents are held out by data\.val_fraction[^)]*\)")
+
+
 def _as_options(message: str) -> str:
+    message = _HELD_OUT_ASIDE.sub("", message)
     return re.sub(rf"\bdata\.({'|'.join(_OPTION_OF_KEY)})\b", lambda m: _OPTION_OF_KEY[m.group(1)], message)
 
 
@@ -402,6 +408,8 @@ def _device(name: str | None) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise EvalError(f"--device {name!r} is no torch device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "meta":  # every torch has it, but it holds no data: the scoring failed in a traceback
+        raise EvalError(f"--device {name!r} holds no data to compute with (use cpu, or cuda:N below the GPU count)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {name!r}: CUDA is not available here")
     try:  # (as retnet-serve checks it) cuda:3 on a machine with fewer GPUs, or xpu/mps torch was not built with,
