@@ -241,8 +241,9 @@ def check(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int],
     (``"extremes"``): the fewest warps with the most stages, the heaviest on registers per thread and on
     shared memory, the most warps with the fewest stages, the lightest, and the default. ``varlen`` picks the
     padded (False) and/or packed (True) layouts."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("retnet.kernels.aot compiles real kernels: unset TRITON_INTERPRET")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # (a ValueError: main() gives it as a usage line)
+        raise ValueError("TRITON_INTERPRET=1 is set: the interpreter replaces the kernels this compiles; "
+                         "run it without (env -u TRITON_INTERPRET ...)")
     archs = list(archs)
     unknown = sorted(set(archs) - set(MAX_SHARED_BYTES))
     if unknown:
@@ -325,13 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     varlen = [layout == "packed" for layout in args.layouts]
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # (check() raises it too: here a usage line, not a traceback)
-        parser.error("TRITON_INTERPRET=1 is set: the interpreter replaces the kernels this compiles; "
-                     "run it without (env -u TRITON_INTERPRET ...)")
     try:
         results = check(args.arch, args.dtypes, args.head_dims, varlen, configs=args.configs, workers=args.workers,
                         kernels=args.kernels, chunk_sizes=args.chunk_sizes)
-    except ValueError as error:  # (a bad --head-dims or --chunk-sizes: the usage line and the reason, exit 2)
+    except ValueError as error:  # (a bad --head-dims or --chunk-sizes, TRITON_INTERPRET=1: the usage line, exit 2)
         parser.error(str(error))
     print(format_report(results))
     if args.json:

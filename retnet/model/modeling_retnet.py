@@ -13,6 +13,7 @@ import logging as logging_std
 import math
 import numbers
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -863,9 +864,7 @@ class RetNetModel(RetNetPreTrainedModel):
             context_parallel = self._check_context(context_parallel, length, cache, asked_for_cache, attention_mask,
                                                    position_ids, cu_seqlens)
             use_cache = False
-        if (cu_seqlens is None and position_ids is not None and attention_mask is None and cache is None
-                and context_parallel is None):
-            cu_seqlens = _packed_from_positions(position_ids, batch, length)
+        cu_seqlens = _offsets_from_restarts(cu_seqlens, position_ids, given, attention_mask, cache, context_parallel)
         # Every layer's ops read the packed offsets on the host (to check them, to size their work): through
         # this, once per forward rather than a few device syncs per layer (retnet.kernels.checks).
         shared_offsets = SharedHostOffsets()
@@ -1231,16 +1230,23 @@ def _packed_from_positions(position_ids: torch.Tensor, batch: int, length: int) 
     if position_ids.dim() != 2 or position_ids.shape[1] != length or length < 2:
         return None  # refused by name further on (or a single position, which starts nothing)
     starts = position_ids[:, 1:] - position_ids[:, :-1] != 1
-    if not bool(starts.any()):  # one host read, only for positions given without a mask or a cache
+    return _offsets_from_starts(starts, length, lambda: (
+        f"position_ids restart inside a row (row {int(starts.any(-1).nonzero()[0])}: a position that does not "
+        "follow the one before by 1 starts a packed sequence, as transformers' DataCollatorWithFlattening makes "
+        f"them); packed sequences run apart in one row (B=1), got B={batch}: pack them into one row, pass "
+        "cu_seqlens, or give each sequence its own row with an attention_mask"
+    ), batch=batch)
+
+
+def _offsets_from_starts(starts: torch.Tensor, length: int, refusal_message: Callable[[], str],
+                         batch: int = 1) -> torch.Tensor | None:
+    """``cu_seqlens`` of a row of ``length`` tokens whose sequences begin after each True of ``starts``
+    ``[rows, length - 1]``; None when none does. More than one row (or a ``batch`` of them) is refused with
+    ``refusal_message()``, built only then (it may read the device)."""
+    if not bool(starts.any()):  # one host read, only for inputs that can mark packed sequences
         return None
-    if batch != 1 or position_ids.shape[0] != 1:
-        row = int(starts.any(-1).nonzero()[0])
-        raise ValueError(
-            f"position_ids restart inside a row (row {row}: a position that does not follow the one before by 1 "
-            "starts a packed sequence, as transformers' DataCollatorWithFlattening makes them); packed sequences "
-            f"run apart in one row (B=1), got B={batch}: pack them into one row, pass cu_seqlens, or give each "
-            "sequence its own row with an attention_mask"
-        )
+    if batch != 1 or starts.shape[0] != 1:
+        raise ValueError(refusal_message())
     firsts = starts[0].nonzero().squeeze(-1) + 1
     edges = torch.tensor([0, length], dtype=firsts.dtype, device=firsts.device)
     return torch.cat([edges[:1], firsts, edges[1:]])
@@ -1268,6 +1274,17 @@ def _flattened_offsets(cu_seqlens: torch.Tensor | None, kwargs: dict) -> torch.T
     return cu_seqlens
 
 
+def _offsets_from_restarts(cu_seqlens, position_ids, given, attention_mask, cache, context_parallel):
+    """``cu_seqlens``, else the packed sequences restarting ``position_ids`` mark (``_packed_from_positions``) when
+    nothing else places the tokens: no attention mask, cache or ``context_parallel``. ``given`` is the input
+    (``input_ids`` or ``inputs_embeds``), refused by name further on when not at least ``[B, T]``. One rule for
+    the backbone and the heads that score each packed sequence, so that they agree on what a row holds."""
+    if (cu_seqlens is None and position_ids is not None and attention_mask is None and cache is None
+            and context_parallel is None and given is not None and given.dim() >= 2):
+        return _packed_from_positions(position_ids, given.shape[0], given.shape[1])
+    return cu_seqlens
+
+
 def _packed_from_seq_idx(seq_idx) -> torch.Tensor | None:
     """``cu_seqlens`` of the sequences ``seq_idx`` ``[1, T]`` numbers (a sequence starts wherever the number changes);
     None when it never does. Taken as a keyword like any other, it was ignored: the documents ran as one sequence,
@@ -1278,14 +1295,9 @@ def _packed_from_seq_idx(seq_idx) -> torch.Tensor | None:
         raise ValueError(f"seq_idx must be an integer tensor [1, T] numbering the packed sequences of one row "
                          f"(DataCollatorWithFlattening's); got {shape}")
     starts = seq_idx[:, 1:] != seq_idx[:, :-1]
-    if not bool(starts.any()):  # (one host read, only where seq_idx is given)
-        return None
-    if seq_idx.shape[0] != 1:
-        raise ValueError(f"seq_idx marks packed sequences in one row (B=1); got shape {tuple(seq_idx.shape)}: pack "
-                         "them into one row, or give each sequence its own row with an attention_mask")
-    firsts = starts[0].nonzero().squeeze(-1) + 1
-    edges = torch.tensor([0, seq_idx.shape[1]], dtype=firsts.dtype, device=firsts.device)
-    return torch.cat([edges[:1], firsts, edges[1:]])
+    return _offsets_from_starts(starts, seq_idx.shape[1], lambda: (
+        f"seq_idx marks packed sequences in one row (B=1); got shape {tuple(seq_idx.shape)}: pack them into one "
+        "row, or give each sequence its own row with an attention_mask"))
 
 
 def _return_dict(config: RetNetConfig, return_dict: bool | None) -> bool:
@@ -2095,12 +2107,10 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         _check_cache_and_outputs(cache, kwargs)
         cu_seqlens = _flattened_offsets(cu_seqlens, kwargs)
-        given = input_ids if input_ids is not None else inputs_embeds
-        if (cu_seqlens is None and position_ids is not None and attention_mask is None and cache is None
-                and context_parallel is None and given is not None and given.dim() >= 2):
-            # The backbone runs restarting positions (DataCollatorWithFlattening's) as packed sequences: each is
-            # scored, as with cu_seqlens (only the row's last sequence was, the others' scores dropped).
-            cu_seqlens = _packed_from_positions(position_ids, given.shape[0], given.shape[1])
+        # The backbone runs restarting positions (DataCollatorWithFlattening's) as packed sequences: each is
+        # scored, as with cu_seqlens (only the row's last sequence was, the others' scores dropped).
+        cu_seqlens = _offsets_from_restarts(cu_seqlens, position_ids, input_ids if input_ids is not None
+                                            else inputs_embeds, attention_mask, cache, context_parallel)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

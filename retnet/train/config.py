@@ -1073,10 +1073,8 @@ def _coerce_string(key: str, annotation: Any, text: str) -> Any:
         if expected is dict:
             # A TOML inline table, as the file and --section.table.KEY=VALUE write one ('{use_xpos = true}' was
             # refused as no dict), or a JSON object, as HF's and TRL's launchers take one
-            try:
-                document = tomllib.loads(f"v = {text}")
-                value = document["v"] if list(document) == ["v"] else None
-            except tomllib.TOMLDecodeError:
+            value = _parse_toml_value(text)
+            if not isinstance(value, dict):
                 value = json.loads(text)
             if not isinstance(value, dict):
                 raise ValueError(text)
@@ -1095,9 +1093,12 @@ _BARE_LIST_ITEM = re.compile(r"(?<=[\[,])\s*([^\s,\[\]\"'{}=]+)\s*(?=[,\]])")
 def _parse_toml_value(text: str) -> Any:
     """``--model.extra.KEY=VALUE``: VALUE as a TOML value (``true``, ``3``, ``[1, 2]``), a number TOML spells
     otherwise (``.9``, as the plain fields take it), None for ``none``/``null`` (TOML has no null), else the
-    string."""
+    string. A value that ends one line and writes more keys or tables ('1\\n[x]') is no TOML value: it is the
+    string, not 1 with the rest dropped."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        document = tomllib.loads(f"v = {text}")
+        if list(document) == ["v"]:
+            return document["v"]
     except tomllib.TOMLDecodeError:
         pass
     if text.strip().lower() in ("none", "null"):
