@@ -18,6 +18,7 @@ from typing import Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -89,12 +90,30 @@ ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}", "/v1/responses/{res
 # Routes whose `input` is the completions' `prompt` union (the Responses API's `input` is not).
 _INPUT_ROUTES = (*POOLING_ROUTES, *EMBEDDING_ROUTES)
 # Routes with an id in the path, counted by their template (one label per route, not per id).
-# A model id may hold "/" (an HF id, served as the route's `{model_id:path}`); the other ids are one path segment.
-_ROUTE_TEMPLATES = tuple((re.compile("^" + re.sub(r"\{\w+\}", lambda m: ".+" if m[0] == "{model_id}" else "[^/]+",
-                                                  route) + "$"), route)
+# A model id may hold "/" (an HF id); a session's route takes any path, "" and "a/b" included, for check_session_id's
+# 400 (`{session_id:any}`); the other ids are one path segment.
+_ANY = "(?s:.*)"
+_ID_PATTERNS = {"{model_id}": ".+", "{session_id}": _ANY}
+_ROUTE_TEMPLATES = tuple((re.compile("^" + re.sub(r"\{\w+\}", lambda m: _ID_PATTERNS.get(m[0], "[^/]+"), route) + "$"),
+                          route)
                          for route in ROUTES if "{" in route)
 # pydantic's names for union members in an error's location; they are not fields.
 _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+class _AnyConvertor(Convertor[str]):
+    """A route parameter of any text, "/" and newlines included (Starlette's ``path`` is ``.*``)."""
+
+    regex = _ANY
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return str(value)
+
+
+register_url_convertor("any", _AnyConvertor())
 
 
 def create_app(settings: ServeSettings | None = None, *, model=None, tokenizer=None) -> FastAPI:
@@ -337,7 +356,9 @@ def _add_generation_routes(app: FastAPI, settings: ServeSettings, serving: OpenA
         async def unload_lora_adapter(request: UnloadLoraAdapterRequest):
             return PlainTextResponse(serving.unload_lora_adapter(request))
 
-    @app.delete("/v1/sessions/{session_id}", dependencies=auth)
+    # :any: an id with "/" (a%2Fb, decoded before routing) or none reaches check_session_id's 400, not the router's
+    # 404 (:path's ".*" would match "abc\n" as "abc", its "$" before a trailing newline: another session's DELETE)
+    @app.delete("/v1/sessions/{session_id:any}", dependencies=auth)
     async def delete_session(session_id: str):
         check_session_id(session_id)
         # One past --session-ttl-s is gone (404), as a request finds it, even before the scheduler's next expiry

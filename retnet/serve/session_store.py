@@ -104,15 +104,16 @@ def check_session_id(session_id: str) -> str:
 
 
 def model_fingerprint(model_dir: str | Path, config, chat_template: str | None = None,
-                      dtype: str = "float32") -> dict[str, str]:
+                      dtype: str = "float32", content_format: str = "auto") -> dict[str, str]:
     """``{"config", "weights", "tokenizer", "chat_template", "dtype"}``: what a session's state depends on, of the
     model served from ``model_dir``. ``config``: a SHA-256 of its JSON file (``transformers_version`` left out),
     or of the loaded ``config`` when the directory has none; ``weights``: of each weights file's name, size and
     modification time (two ``stat``: any rewrite changes it, as ``lora.files_fingerprint``; a copy that keeps the
     times, ``cp -p``, keeps it); ``tokenizer``: of the tokenizer files' contents (tokenizer_config.json without
     :data:`TOKENIZER_CONFIG_IGNORED`); ``chat_template``: of ``chat_template`` (``--chat-template``'s) or else the
-    directory's own (``chat_template.jinja`` / ``.json``, tokenizer_config.json's); ``dtype``: the weights' dtype
-    as served (``float32``, ``bfloat16`` ...), as it is."""
+    directory's own (``chat_template.jinja`` / ``.json``, tokenizer_config.json's), and ``content_format``
+    (``--chat-template-content-format``) unless ``auto``; ``dtype``: the weights' dtype as served (``float32``,
+    ``bfloat16`` ...), as it is."""
     root = Path(model_dir)
     try:
         values = json.loads((root / "config.json").read_text())
@@ -142,6 +143,10 @@ def model_fingerprint(model_dir: str | Path, config, chat_template: str | None =
     else:
         template = [inline_template, *((root / name).read_text(errors="replace") if (root / name).is_file()
                                        else None for name in TEMPLATE_FILES)]
+    # The form renders a history's messages as another text. Only a chosen one is hashed: auto's follows from the
+    # template, already hashed, and the sessions saved before the setting existed keep their fingerprint.
+    if content_format != "auto":
+        template.append(["--chat-template-content-format", content_format])
     hashed = {part: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
               for part, value in (("config", values), ("weights", weights), ("tokenizer", tokenizer),
                                   ("chat_template", template))}
@@ -684,7 +689,8 @@ def session_files(settings: ServeSettings, config, metrics: ServeMetrics,
             raise StartupError(f"--session-dir {settings.session_dir!r} is {what} {owner!r} or inside it; give "
                                "the sessions a directory of their own")
     shape = (1, config.num_attention_heads, config.head_dim, config.value_head_dim)
-    model = model_fingerprint(settings.model, config, load_chat_template(settings.chat_template), dtype)
+    model = model_fingerprint(settings.model, config, load_chat_template(settings.chat_template), dtype,
+                              settings.chat_template_content_format)
     try:
         return SessionFiles(directory, model, settings.session_ttl_s, metrics, shape, config.num_hidden_layers,
                             adapter_identity, int(config.vocab_size), settings.retry_after_s)
