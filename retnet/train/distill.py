@@ -155,8 +155,9 @@ def load_teacher(cfg: DistillConfig, path: Path, config, device: torch.device, d
     from retnet.train.checkpoint import loading_mismatches
 
     try:
+        # other-shaped weights reported (and refused below by name), not transformers' bare "see the report above"
         model, info = RetNetForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True,
-                                                        output_loading_info=True)
+                                                        output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # no weights, damaged or other-shaped ones
         raise ConfigError(f"distill.teacher {str(path)!r}: its weights could not be loaded: {type(error).__name__}: "
                           f"{str(error).strip()[:400]}") from None

@@ -469,7 +469,7 @@ class GrpoData:
         from retnet.model import RetNetForCausalLM
         from retnet.train.lora import base_fingerprint
 
-        fingerprint = base_fingerprint(init_from)
+        fingerprint = base_fingerprint(init_from, "model.init_from")
         if self.reference_fingerprint not in (None, fingerprint):
             raise ConfigError(f"model.init_from {str(init_from)!r}: its weights are not those the checkpoint's run "
                               f"started from, its KL reference (grpo.beta > 0): restore that model, or start in "

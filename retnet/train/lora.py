@@ -147,29 +147,52 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
-def base_fingerprint(path: Path) -> str:
+def base_fingerprint(path: Path, setting: str | None = None) -> str:
     """SHA-256 over the weights of a pretrained directory: every tensor's name, shape and values as the trainer
     loads them (floats in fp32), in name order. What a checkpoint that holds only adapters was trained on top of:
     the same weights saved in other shards, another file format or a dtype that holds them exactly give the same
     fingerprint; other values do not. Reads the safetensors files (without any, the .bin files: what
-    ``from_pretrained`` reads) once, a tensor at a time."""
+    ``from_pretrained`` reads) once, a tensor at a time. A file that cannot be read (truncated, damaged) is a
+    ConfigError naming it, and ``setting`` (the option that named ``path``, e.g. ``model.init_from``) when given."""
+    import pickle
+
     import torch
+    from safetensors import SafetensorError
 
     files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix == ".safetensors")
-    readers = {}  # tensor name -> a function returning it
+    readers = {}  # tensor name -> (its file, a function returning it)
+    unreadable = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+    def refuse(file: Path, error: Exception) -> ConfigError:
+        # a resume hashes these weights before anything else reads them: a raw safetensors/pickle traceback
+        # would name neither the setting nor the file
+        named = f"{setting} {str(path)!r}" if setting else repr(str(path))
+        return ConfigError(f"{named}: its weight file {file.name} could not be read ({type(error).__name__}: "
+                           f"{str(error).strip()[:300]}); restore it (a truncated copy or download?)")
+
     if files:
         from safetensors import safe_open
 
         for file in files:
-            handle = safe_open(str(file), framework="pt")
-            readers.update({key: (lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})  # noqa: SIM118 - no dict
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except unreadable as error:
+                raise refuse(file, error) from None
+            readers.update({key: (file, lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})  # noqa: SIM118 - no dict
     else:
         for file in sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix == ".bin"):
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            readers.update({key: (lambda v=value: v) for key, value in state.items() if torch.is_tensor(value)})
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except unreadable as error:
+                raise refuse(file, error) from None
+            readers.update({key: (file, lambda v=value: v) for key, value in state.items() if torch.is_tensor(value)})
     digest = hashlib.sha256()
     for name in sorted(readers):
-        tensor = readers[name]()
+        file, read = readers[name]
+        try:
+            tensor = read()
+        except unreadable as error:
+            raise refuse(file, error) from None
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
         digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())

@@ -512,7 +512,7 @@ class Trainer:
 
             path = self._init_from_dir()
             _check_pretrained_dir(path)  # a resume checks it here, before the data is built (a ConfigError naming it)
-            self._fingerprint = base_fingerprint(path)
+            self._fingerprint = base_fingerprint(path, "model.init_from")
         return self._fingerprint
 
     def _default_lora_targets(self) -> list[str]:
@@ -635,7 +635,7 @@ class Trainer:
             failure = None
             if self.is_main:
                 try:
-                    answer[0] = base_fingerprint(self._teacher_dir())
+                    answer[0] = base_fingerprint(self._teacher_dir(), "distill.teacher")
                 except Exception as error:  # told to the others (answer None) before it is raised here
                     failure = error
             if is_distributed():
