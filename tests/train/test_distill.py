@@ -464,7 +464,7 @@ def test_only_rank_0_fingerprints_the_teacher(teacher, monkeypatch):
     from retnet.train.trainer import Trainer
 
     hashed = []
-    monkeypatch.setattr(retnet.train.lora, "base_fingerprint", lambda path: hashed.append(path) or "a" * 64)
+    monkeypatch.setattr(retnet.train.lora, "base_fingerprint", lambda path, setting=None: hashed.append(path) or "a" * 64)
     calls = []
 
     def stand_in(is_main: bool) -> Trainer:  # what the method reads of a trainer
