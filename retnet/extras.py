@@ -21,7 +21,7 @@ from collections.abc import Iterator
 EXTRA_MODULES: dict[str, frozenset[str]] = {
     "train": frozenset({"datasets", "tqdm", "matplotlib", "tensorboard", "peft"}),
     "serve": frozenset({"fastapi", "uvicorn", "pydantic", "pydantic_settings", "prometheus_client", "llguidance",
-                        "tqdm", "httpx"}),
+                        "tqdm", "httpx", "jinja2"}),
 }
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
