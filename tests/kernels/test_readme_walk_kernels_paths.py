@@ -5,22 +5,10 @@ Tiny shapes: the Triton ops run under the interpreter on CPU.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from retnet.kernels import chunk, naive, recurrent
-
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-ALL_OPS = [naive.parallel_retention, naive.chunk_retention, naive.recurrent_retention,
-           chunk.chunk_retention, recurrent.recurrent_retention]
-
-
-def _name(op) -> str:
-    return f"{op.__module__.rsplit('.', 1)[-1]}.{op.__name__}"
+from tests.kernels.test_kernel_fuzz_paths import ALL_OPS, DEVICE, _name
 
 
 @pytest.mark.parametrize("op", ALL_OPS, ids=_name)
