@@ -10,7 +10,7 @@ On a CPU: the fp32 references only, to show the chunkwise form's linear cost in 
 form's quadratic one.
 
     python benchmarks/kernels.py            # full run (GPU: < 3 minutes on one H200)
-    python benchmarks/kernels.py --quick    # a few shapes
+    python benchmarks/kernels.py --quick    # a few shapes, written only to an --out given
 
 Results are printed as a table and written to ``benchmarks/results/kernels-<device>.json``.
 """
@@ -286,10 +286,11 @@ def run_gpu(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run; writes only to an --out given)")
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per step on the GPU (B = tokens / T)")
     parser.add_argument("--max-ref-T", type=int, default=16384, help="longest T for the PyTorch reference on GPU")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels-<device>.json; "
+                        "with --quick nothing is written unless given)")
     parser.add_argument("--head-dims", type=int, nargs="+", help="GPU: head dims, in this order (default 128 256)")
     parser.add_argument("--lengths", type=int, nargs="+", help="GPU: sequence lengths (default 1k to 16k)")
     parser.add_argument(
@@ -317,7 +318,11 @@ def main(argv=None) -> int:
         result["triton"] = triton.__version__
     except ImportError:
         result["triton"] = None
-    out = args.out or RESULTS_DIR / f"kernels-{device}.json"
+    # A smoke run's few shapes are not the recorded figures: it must not overwrite the full run the README quotes.
+    out = args.out or (None if args.quick else RESULTS_DIR / f"kernels-{device}.json")
+    if out is None:
+        print(f"\n--quick: nothing written (give --out to keep it) ({result['seconds']} s)")
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out} ({result['seconds']} s)")

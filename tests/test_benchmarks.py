@@ -259,3 +259,47 @@ def test_gpu_check_stand_ins_keep_the_venv_of_python3(tmp_path):
     prefix, *torchrun = done.stdout.splitlines()
     assert Path(prefix).resolve() == env_dir.resolve()
     assert "python -m torch.distributed.run" in "\n".join(torchrun)
+
+
+def _load_benchmark(name: str, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository first on it
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_quick_kernels_run_writes_only_to_an_out_given(tmp_path, monkeypatch):
+    # The README's CPU table comes from a full run; a smoke run's four lengths once overwrote it.
+    kernels = _load_benchmark("kernels", monkeypatch)
+    monkeypatch.setattr(kernels, "run_cpu", lambda args: {"mode": "cpu-reference", "rows": [{"T": 256}]})
+    recorded = BENCHMARKS / "results" / "kernels-cpu.json"
+    before = recorded.read_bytes()
+    assert kernels.main(["--quick"]) == 0
+    assert recorded.read_bytes() == before
+    assert kernels.main(["--quick", "--out", str(tmp_path / "k.json")]) == 0
+    assert json.loads((tmp_path / "k.json").read_text())["quick"] is True
+
+
+def test_a_quick_context_parallel_run_writes_only_to_an_output_given(tmp_path, monkeypatch):
+    context_parallel = _load_benchmark("context_parallel", monkeypatch)
+
+    def launched(tokens, size, cores, repeats):
+        return {"tokens": tokens, "size": size, "median_s": 1.0 / size, "activation_bytes_per_rank": 100 // size + 10,
+                "grad_bytes": 10, "loss": 5.0, "cp_forward_bytes": 0, "cp_backward_bytes": 0,
+                "piece_kv_bytes_per_layer": 0}
+
+    monkeypatch.setattr(context_parallel, "launch", launched)
+    monkeypatch.setattr(context_parallel, "summarize", lambda row: dict(row))
+    recorded = BENCHMARKS / "results" / "context_parallel-cpu.json"
+    before = recorded.read_bytes()
+    monkeypatch.setattr(sys, "argv", ["context_parallel.py", "--quick", "--repeats", "1"])
+    context_parallel.main()
+    assert recorded.read_bytes() == before
+    out = tmp_path / "cp.json"
+    monkeypatch.setattr(sys, "argv", ["context_parallel.py", "--quick", "--repeats", "1", "--output", str(out)])
+    context_parallel.main()
+    assert [(row["tokens"], row["size"]) for row in json.loads(out.read_text())["rows"]] == \
+        [(4096, 1), (4096, 2), (16384, 1), (16384, 2)]
