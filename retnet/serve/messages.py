@@ -60,6 +60,7 @@ PASSED_EXTRAS = tuple(name for name in CHAT_EXTRAS if name not in ("stop", "top_
 # parser splits reasoning off the text, to include or not).
 IGNORED_CHAT_FIELDS = ("request_id", "include_reasoning")
 _BLOCKS = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
+_A = {"user": "a", "assistant": "an"}
 
 
 def is_anthropic_route(path: str) -> bool:
@@ -264,14 +265,24 @@ def _block_type(block: dict[str, Any], place: str, role: str) -> str:
     kind = block.get("type")
     if kind not in _BLOCKS[role]:
         other = "user" if role == "assistant" else "assistant"
-        where = f"only in an {other} message" if kind in _BLOCKS[other] else "not supported by this server"
-        raise _unsupported(f"{place}.type", f"{kind!r} blocks are {where}; {'an' if role == 'assistant' else 'a'} {role} message takes "
+        where = f"only in {_A[other]} {other} message" if kind in _BLOCKS[other] else "not supported by this server"
+        raise _unsupported(f"{place}.type", f"{kind!r} blocks are {where}; {_A[role]} {role} message takes "
                            f"{' and '.join(_BLOCKS[role])} blocks")
     return kind
 
 
 def _string(block: dict[str, Any], key: str, place: str) -> str:
     return required_string(block, key, place, noun="block")
+
+
+def _named_string(item: dict[str, Any], key: str, where: str, what: str) -> str:
+    """``item[key]`` of a tool or ``tool_choice``, which must be a string: said as what ``item`` is (its ``type``,
+    the word a content block's error uses, is none or "custom" there)."""
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise APIError(400, f"{where}.{key}: {what} needs a string {key!r}; got {json.dumps(value)[:80]}",
+                       f"{where}.{key}", "missing")
+    return value
 
 
 def _text_parts(content: Any, where: str) -> str | list[dict[str, str]]:
@@ -309,9 +320,9 @@ def _tools(request: CountTokensRequest, parser: str | None) -> dict[str, Any]:
         if not isinstance(schema, dict) or schema.get("type") != "object":
             raise APIError(400, f"{where}.input_schema must be a JSON schema of type 'object'; got "
                            f"{json.dumps(schema)[:80]}", f"{where}.input_schema")
-        function = {"name": _string(tool, "name", where), "parameters": schema}
+        function = {"name": _named_string(tool, "name", where, "a tool"), "parameters": schema}
         if tool.get("description") is not None:
-            function["description"] = _string(tool, "description", where)
+            function["description"] = _named_string(tool, "description", where, "a tool")
         tools.append({"type": "function", "function": function})
     choice = request.tool_choice
     if choice is None and not tools:
@@ -326,7 +337,8 @@ def _tools(request: CountTokensRequest, parser: str | None) -> dict[str, Any]:
     if kind in ("any", "tool") and not tools:  # chat's refusal would call it "required"
         raise APIError(400, f"tool_choice: {kind!r} needs tools to call; got none", "tool_choice.type")
     if kind == "tool":
-        chat_choice: Any = {"type": "function", "function": {"name": _string(choice, "name", "tool_choice")}}
+        name = _named_string(choice, "name", "tool_choice", "a tool_choice of type 'tool'")
+        chat_choice: Any = {"type": "function", "function": {"name": name}}
     elif kind in ("auto", "any", "none"):
         chat_choice = {"auto": "auto", "any": "required", "none": "none"}[kind]
     else:
