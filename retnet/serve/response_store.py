@@ -59,10 +59,10 @@ class ResponseStore:
         input_items = copy.deepcopy(input_items)
         conversation = [*history, *input_items, *response["output"]]
         size = sum(len(json.dumps(part, ensure_ascii=False).encode()) for part in (response, conversation))
+        if response["id"] in self._stored:  # an id sent again (vLLM's request_id): the older answer is not it
+            self._drop(response["id"])
         if size > self.max_bytes:  # alone over the bound: kept out, and nothing else evicted for it
             return
-        if response["id"] in self._stored:
-            self._drop(response["id"])
         entry = StoredResponse(response, input_items, conversation, size)
         self._stored[response["id"]] = entry
         self.bytes += size

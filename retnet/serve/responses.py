@@ -243,13 +243,14 @@ def required_string(item: dict[str, Any], key: str, where: str, noun: str = "ite
     return value
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's (or a call output's) text: a string, or text parts; images, files and audio are refused."""
+def _text(content: Any, where: str) -> str | list[dict[str, str]]:
+    """A message's (or a call output's) text: a string, or text parts as chat's text parts; images, files and audio
+    are refused."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise APIError(400, f"{where} must be a string or a list of input_text parts", where)
-    texts = []
+    parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in _TEXT_PARTS:
@@ -258,8 +259,10 @@ def _text(content: Any, where: str) -> str:
         if not isinstance(part.get("text"), str):
             raise APIError(400, f"{where}[{j}].text: a text part needs a string 'text'", f"{where}[{j}].text",
                            "missing")
-        texts.append(part["text"])
-    return "\n".join(texts)  # as chat's parts (ChatMessage.text), as vLLM joins both
+        parts.append({"type": "text", "text": part["text"]})
+    # Chat's parts, not their joined text: the template sees them joined with newlines or as parts by
+    # --chat-template-content-format, as a chat request's, so the same conversation is the same prompt either way
+    return parts
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
