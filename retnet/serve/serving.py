@@ -109,6 +109,9 @@ class OpenAIServing:
         # loop must not wait for it.
         self.tokenizing_off_loop = 0
         self.grammars = GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids, self.tokenizer_lock)
+        # /v1/load_lora_adapter's per-name locks (vLLM's): two loads of one name run one after the other, so a
+        # second load_inplace replaces the first instead of being refused as a name "already loaded".
+        self.lora_load_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, its loads)
 
     def models(self) -> ModelList:
         """The base model's card under each served name (vLLM lists every --served-model-name), then each LoRA
@@ -182,6 +185,20 @@ class OpenAIServing:
         if self._is_base(name):
             raise APIError(400, f"The lora adapter name {name!r} is the base model's name; an adapter needs a name "
                            "of its own", "lora_name", "invalid_lora_adapter")
+        lock, users = self.lora_load_locks.get(name, (asyncio.Lock(), 0))
+        self.lora_load_locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._load_lora_adapter(request)
+        finally:
+            lock, users = self.lora_load_locks[name]
+            if users == 1:  # no other load of the name holds or awaits the lock: forget it (names come and go)
+                del self.lora_load_locks[name]
+            else:
+                self.lora_load_locks[name] = (lock, users - 1)
+
+    async def _load_lora_adapter(self, request: LoadLoraAdapterRequest) -> str:
+        name, path = request.lora_name, request.lora_path
         if name in self.engine.loading or (name in self.engine.adapters and not request.load_inplace):
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name",
                            "lora_adapter_exists")
