@@ -270,6 +270,12 @@ class Trainer:
         init_from = self._init_from_dir()
         if init_from is not None:  # a resume reads its architecture there too (its weights: the checkpoint's)
             _check_pretrained_dir(init_from, causal_lm=not cfg.reward.enabled)
+            if self.tp_size > 1:  # its heads, FFN width and dropout are known now, not after hours of tokenizing
+                planned = self._planned_model_config()
+                if "dropout" not in cfg.model.overrides() and (cfg.reward.enabled or
+                                                                 cfg.data.format in ("preference", "unpaired")):
+                    planned.dropout = 0.0  # the objective turns it off (TRL's disable_dropout; model_overrides)
+                self._check_splits(planned, f"model.init_from {str(init_from)!r}")
         teacher_dir = self._teacher_dir()
         # Distilling into a new model without data.tokenizer: the teacher's tokenizer, whose ids its head predicts
         tokenizer_dir = init_from
