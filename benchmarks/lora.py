@@ -6,7 +6,8 @@ on q/k/v/o/up/down with random matrices (their values do not change the cost). F
 mixes are timed interleaved, one step each in turn, so load from other processes hits all alike; the ratios are
 against the unwrapped model of the same round (> 1: slower).
 
-    python benchmarks/lora.py [--models micro h768] [--batches 1 32] [--steps 40] [--rank 16] [--quick]
+    python benchmarks/lora.py [--models micro h768] [--batches 1 32] [--steps 40] [--rank 16] [--quick] [--output PATH]
+    # writes benchmarks/results/lora-cpu.json (--quick writes only to an --output given)
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    parser.add_argument("--quick", action="store_true", help="the micro model only, 12 steps")
+    parser.add_argument("--quick", action="store_true", help="the micro model only, 12 steps; writes only to an "
+                        "--output given")
+    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/lora-cpu.json; "
+                        "with --quick nothing is written unless given)")
     args = parser.parse_args()
     if args.quick:
         args.models, args.steps = ["micro"], 12
@@ -116,9 +120,12 @@ def main() -> None:
             rows.extend(results)
             print(f"{name}, batch {batch}: " + " | ".join(
                 f"{r['mix']} {r['ms_per_step']:.2f} ms ({r['ratio_vs_no_adapters']:.2f}x)" for r in results))
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / "lora-cpu.json"
+    # A quick run's figures are not the recorded ones: it must not overwrite the committed full run the README quotes.
+    path = args.output or (None if args.quick else Path(__file__).parent / "results" / "lora-cpu.json")
+    if path is None:
+        print("--quick: nothing written (pass --output PATH to keep it)")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"rank": args.rank, "threads": args.threads, "steps": args.steps, "rows": rows},
                                indent=2))
     print(f"wrote {path}")

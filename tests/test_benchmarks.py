@@ -303,3 +303,30 @@ def test_a_quick_context_parallel_run_writes_only_to_an_output_given(tmp_path, m
     context_parallel.main()
     assert [(row["tokens"], row["size"]) for row in json.loads(out.read_text())["rows"]] == \
         [(4096, 1), (4096, 2), (16384, 1), (16384, 2)]
+
+
+def test_a_quick_lora_run_writes_only_to_an_output_given(tmp_path, monkeypatch):
+    # `lora.py --quick` (the micro model, 12 steps) once wrote over lora-cpu.json, the full run the README's table
+    # of adapter costs quotes (both models, 40 steps).
+    lora = _load_benchmark("lora", monkeypatch)
+    # The script's results folder, moved under tmp_path: a failing run must not touch the recorded file.
+    monkeypatch.setattr(lora, "__file__", str(tmp_path / "benchmarks" / "lora.py"))
+    recorded = tmp_path / "benchmarks" / "results" / "lora-cpu.json"
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the script's 1 thread would outlive the test
+    monkeypatch.setattr(lora, "measure", lambda name, batch, steps, rank: [
+        {"model": name, "batch": batch, "mix": "no adapters", "ms_per_step": 1.0, "ratio_vs_no_adapters": 1.0}])
+    monkeypatch.setattr(sys, "argv", ["lora.py", "--quick"])
+    lora.main()
+    assert not recorded.exists()
+    out = tmp_path / "sub" / "lora.json"
+    monkeypatch.setattr(sys, "argv", ["lora.py", "--quick", "--output", str(out)])
+    lora.main()
+    written = json.loads(out.read_text())
+    assert written["steps"] == 12 and [(r["model"], r["batch"]) for r in written["rows"]] == [("micro", 1), ("micro", 32)]
+    assert not recorded.exists()
+    # A full run (no --quick) still writes the recorded file by default.
+    monkeypatch.setattr(sys, "argv", ["lora.py", "--models", "micro", "--batches", "1"])
+    lora.main()
+    assert json.loads(recorded.read_text())["steps"] == 40
