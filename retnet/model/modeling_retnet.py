@@ -1600,6 +1600,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         return model_inputs
 
     def generate(self, *args, **kwargs):
+        if kwargs.get("cache_implementation") == "paged":
+            # transformers hands this one to its continuous batching before anything else: refused there
+            # (init_continuous_batching), not after its switch's warning
+            self.init_continuous_batching()
         # Drafting for another model's assisted generation (assistant_model=): see _drafting_inputs.
         drafting = getattr(kwargs.get("generation_config"), "is_assistant", False)
         if drafting:
@@ -1626,6 +1630,17 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if drafting and not ASSISTED_ROLLBACK and returned is not None:
             output = dataclasses.replace(output, **{CACHE_KWARG: None})  # nothing for transformers to crop
         return output if aligned is None else restore(output)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        # transformers' continuous batching (generate_batch, generate(cache_implementation="paged")) runs the model on
+        # its paged key/value cache: every request failed inside its worker thread on the forward's refusal, logged
+        # there, and generate returned the prompts without a new token.
+        raise ValueError(
+            "transformers' continuous batching (cache_implementation='paged', generate_batch, "
+            f"init_continuous_batching) is not supported by {type(self).__name__}: it pages a key/value cache, and "
+            "RetNet carries a fixed-size recurrent state instead. Generate a padded batch with generate() (any other "
+            "cache_implementation is ignored), or serve the model with retnet-serve, which batches continuously"
+        )
 
     @staticmethod
     def _drafting_inputs(args, kwargs) -> dict:
