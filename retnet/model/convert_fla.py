@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retnet.model.hub import MODEL_FILES, resolve_pretrained, training_output
+from retnet.model.hub import CHAT_TEMPLATES, MODEL_FILES, resolve_pretrained, training_output
 
 # torch and transformers (the model, its configuration) are imported where used: the command answers --help and
 # a Ctrl-C in those imports (seconds) as the other commands do (main)
@@ -325,7 +325,8 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
         # itself then fails: the fla checkpoint lost, ours half written.
         raise ValueError(f"destination {str(destination)!r} is the checkpoint being converted; give a directory "
                          "of its own (writing there would overwrite fla's config.json and weights)")
-    _check_destination(dst, {path.name for path in _copied(src)})
+    copied = _copied(src)
+    _check_destination(dst, {path.relative_to(src).as_posix() for path in copied})
     fla = _read_json(src / "config.json")
     if not isinstance(fla, dict) or not is_fla_retnet_config(fla):
         written = training_output(src)  # (its config.json is the run's configuration, of no model_type)
@@ -357,13 +358,14 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
         raise ValueError(f"destination {str(destination)!r} cannot be created: {error.strerror or error}") from None
     try:
         model.save_pretrained(dst)
-        for path in _copied(src):
-            shutil.copy2(path, dst / path.name)
+        for path in copied:
+            (dst / path.relative_to(src)).parent.mkdir(exist_ok=True)
+            shutil.copy2(path, dst / path.relative_to(src))
     except OSError as error:
         # An existing directory that cannot be written (mkdir above passes it), a full disk: the PermissionError or
         # OSError came out of the command as a traceback, where mkdir's own failure is a message.
         where = f" ({error.filename})" if error.filename else ""
-        if error.filename and Path(error.filename).parent == src:  # a source file copied (the tokenizer's) unreadable
+        if str(error.filename) in {str(path) for path in copied}:  # a source file copied (the tokenizer's) unreadable
             raise ValueError(f"source file {error.filename!r} cannot be read: {error.strerror or error}") from None
         raise ValueError(f"destination {str(destination)!r} cannot be written{where}: "
                          f"{error.strerror or error}") from None
@@ -371,8 +373,11 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
 
 
 def _copied(src: Path) -> list[Path]:
+    # The tokenizer's named chat templates too (transformers keeps them in a folder of their own): the top level
+    # alone gave the converted model the default template only, and a request with tools lost its tool_use one.
     return [path for path in sorted(src.iterdir())
-            if path.is_file() and path.suffix in COPIED_SUFFIXES and path.name not in NOT_COPIED]
+            if path.is_file() and path.suffix in COPIED_SUFFIXES and path.name not in NOT_COPIED] + [
+            path for path in sorted(src.glob(CHAT_TEMPLATES)) if path.is_file()]
 
 
 # What save_pretrained writes (its shards' names depend on the size; it deletes stale shards of its own).
@@ -398,6 +403,9 @@ def _check_destination(destination: Path, copied: set[str]) -> None:
     stale = sorted(path.name for path in destination.iterdir()
                    if path.name not in copied and not _WRITTEN.fullmatch(path.name)
                    and (path.suffix == ".py" or any(fnmatch.fnmatch(path.name, p) for p in MODEL_FILES)))
+    # (another tokenizer's named chat templates, in their folder, are loaded with the copied ones)
+    stale += sorted(name for name in (path.relative_to(destination).as_posix()
+                                      for path in destination.glob(CHAT_TEMPLATES)) if name not in copied)
     if stale:
         raise ValueError(f"destination {str(destination)!r} holds files this conversion would not overwrite "
                          f"({', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}): another checkpoint's "
