@@ -719,6 +719,8 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
     session_id: str | None = None
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's place for chat's: the response's, not a choice's
+    # return_token_ids: vLLM's place for a chat's prompt ids, beside choices (each choice keeps its copy too)
+    prompt_token_ids: list[int] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -567,7 +567,8 @@ class OpenAIServing:
                                           usage=self._usage(handle, billed),
                                           session_id=request.session_id,
                                           prompt_logprobs=vllm_prompt_logprobs(outputs[0][0].prompt_logprobs,
-                                                                               request.prompt_logprobs))
+                                                                               request.prompt_logprobs),
+                                          prompt_token_ids=prompt if request.return_token_ids else None)
         return response
 
     def _chat_prompt(self, request: ChatCompletionRequest, continues: bool = False,

@@ -101,6 +101,8 @@ async def test_chat_prompt_logprobs_are_the_responses(client, model):
     data = r.json()
     assert data["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     ids = data["choices"][0]["prompt_token_ids"]
+    # vLLM's place for a chat's prompt ids is the response's, beside choices (as its stream's role chunk has them)
+    assert data["prompt_token_ids"] == ids == data["choices"][1]["prompt_token_ids"]
     check_prompt_logprobs(data["prompt_logprobs"], ids, log_softmax(model, ids), 0)
     assert all(len(entry) == 1 for entry in data["prompt_logprobs"][1:])  # k = 0: the prompt token's own
     assert "prompt_logprobs" not in data["choices"][0]
