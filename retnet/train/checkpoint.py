@@ -327,6 +327,54 @@ def _unused(path: Path) -> Path:
     return candidate
 
 
+LOCK_FILE = ".lock"  # in train.output_dir: held (flock) by the rank 0 of the run writing there
+_held_locks: dict[Path, int] = {}
+
+
+def lock_output_dir(directory: Path) -> None:
+    """Hold ``directory``'s lock for this process (rank 0), or CheckpointError when another live process holds
+    it. A torchrun killed with SIGKILL leaves its ranks training on: relaunched, the two runs pruned each other's
+    checkpoints (the relaunch died on a file gone from the one it picked, or both went on writing one directory).
+    The kernel drops the lock with the process, so a killed run never leaves it behind. Held again by the same
+    process it is a no-op (runs one after another in one process); a filesystem without locks is not checked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    key = Path(directory).absolute()
+    if key in _held_locks:
+        return
+    try:
+        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        logger.debug("no lock on %s: %s", key, error)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise CheckpointError(
+            f"train.output_dir {str(key)!r} is in use by another training run that is still running"
+            f"{f' ({holder})' if holder else ''}: wait for it or stop it (a torchrun killed with SIGKILL leaves "
+            f"its ranks running), or give another train.output_dir") from None
+    except OSError as error:  # (a Lustre mounted without flock, some FUSE filesystems)
+        os.close(fd)
+        logger.debug("no lock on %s: %s", key, error)
+        return
+    import socket
+
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _held_locks[key] = fd
+
+
+def unlock_output_dir(directory: Path) -> None:
+    fd = _held_locks.pop(Path(directory).absolute(), None)
+    if fd is not None:
+        os.close(fd)  # (the file stays: removing it would race a run that opened it meanwhile)
+
+
 def supersede_after(root: Path, step: int) -> list[Path]:
     """Move ``step_*`` checkpoints newer than ``step`` aside to ``step_….abandoned-<time>``: a run resumed
     explicitly from ``step`` replaces their trajectory, and left in place they would be what ``resume=auto``
@@ -699,8 +747,8 @@ def replace_directory(directory: Path, write) -> Path:
 __all__ = [
     "CheckpointError", "checkpoint_layout", "commit_checkpoint", "export_pretrained", "file_entries",
     "find_resume_checkpoint", "fsync_tree", "list_checkpoints", "load_checkpoint", "load_checkpoint_trainer",
-    "load_sharded_state", "new_temp_dir", "note_verified", "prepare_export", "remove_stale_export",
+    "load_sharded_state", "lock_output_dir", "new_temp_dir", "note_verified", "prepare_export", "remove_stale_export",
     "remove_stale_temp", "replace_directory", "retire_export", "rng_state", "save_checkpoint",
     "save_sharded_state", "saved_model_shapes", "set_rng_state",
-    "supersede_after", "verified_identity", "verify_checkpoint",
+    "supersede_after", "unlock_output_dir", "verified_identity", "verify_checkpoint",
 ]

@@ -83,6 +83,7 @@ from retnet.train.checkpoint import (
     load_checkpoint_trainer,
     load_sharded_state,
     loading_mismatches,
+    lock_output_dir,
     new_temp_dir,
     note_verified,
     remove_stale_export,
@@ -96,6 +97,7 @@ from retnet.train.checkpoint import (
     set_rng_state,
     step_dir_name,
     supersede_after,
+    unlock_output_dir,
     verified_identity,
 )
 from retnet.train.config import (
@@ -743,6 +745,7 @@ class Trainer:
         if self.is_main:
             try:
                 self._make_output_dir()
+                lock_output_dir(self.output_dir)  # before anything here is removed or picked: see its doc
                 # Before the pick: it puts back a checkpoint that an interrupted save of the same step moved aside,
                 # which the pick (resume=auto, or that step's path) is to find
                 stale = remove_stale_temp(self.ckpt_root)
@@ -1798,6 +1801,7 @@ class Trainer:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers.clear()
+        unlock_output_dir(self.output_dir)
         self._close_progress()
         if self._writer is not None:
             self._writer.close()
