@@ -149,7 +149,9 @@ def _run_command(argv: list[str] | None) -> int:
         status = EXIT_CONFIG
     finally:
         if trainer is not None:
-            trainer.close()
+            # After a stop a signal asked for, this process's own command exits next: a SIGTERM until then (Slurm's
+            # to a rank beside the one torchrun passes on) is only logged, as during the save, not the default's 143
+            trainer.close(log_sigterm=trainer.signal_received and argv is None)
         if dist.is_available() and dist.is_initialized():
             if status is not None:
                 _exit_without_teardown(status)

@@ -153,6 +153,10 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------
+def _log_sigterm(signum, frame) -> None:
+    logger.warning("received SIGTERM again: the run has stopped and saved; exiting")
+
+
 class Trainer:
     """Builds everything from a JobConfig; ``train()`` runs to ``train.steps`` (or a stop signal);
     ``close()`` releases loggers and signal handlers."""
@@ -1797,8 +1801,12 @@ class Trainer:
             self._progress = None
             self._progress_hooks.close()  # (entered with the bar)
 
-    def close(self) -> None:
+    def close(self, log_sigterm: bool = False) -> None:
+        """``log_sigterm``: leave a handler that only logs a SIGTERM instead of the one before the run (a process
+        about to exit after a signal stop: the default's would end it with 143)."""
         for sig, handler in self._previous_handlers.items():
+            if sig == signal.SIGTERM and log_sigterm:
+                handler = _log_sigterm
             signal.signal(sig, handler)
         self._previous_handlers.clear()
         unlock_output_dir(self.output_dir)
