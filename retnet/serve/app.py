@@ -83,7 +83,7 @@ logger = logging.getLogger("retnet.serve")
 # vLLM's tokenizer routes, outside /v1 as in vLLM, behind the same API key.
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", *ANTHROPIC_ROUTES)
-ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items",
+ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}/input_items", "/v1/responses/{response_id}",
           "/v1/models", "/v1/models/{model_id}", "/v1/sessions/{session_id}", "/health", "/ping", "/version", "/metrics",
           *TOKENIZER_ROUTES, "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
           *POOLING_ROUTES, *EMBEDDING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES)
@@ -91,9 +91,10 @@ ROUTES = (*GENERATION_ROUTES, "/v1/responses/{response_id}", "/v1/responses/{res
 _INPUT_ROUTES = (*POOLING_ROUTES, *EMBEDDING_ROUTES)
 # Routes with an id in the path, counted by their template (one label per route, not per id).
 # A model id may hold "/" (an HF id); a session's route takes any path, "" and "a/b" included, for check_session_id's
-# 400 (`{session_id:any}`); the other ids are one path segment.
+# 400 (`{session_id:any}`), and a response's any id (a request_id is any string); the other ids are one path segment.
+# (the first template that matches names the route: a response's input_items before the response)
 _ANY = "(?s:.*)"
-_ID_PATTERNS = {"{model_id}": ".+", "{session_id}": _ANY}
+_ID_PATTERNS = {"{model_id}": ".+", "{session_id}": _ANY, "{response_id}": _ANY}
 _ROUTE_TEMPLATES = tuple((re.compile("^" + re.sub(r"\{\w+\}", lambda m: _ID_PATTERNS.get(m[0], "[^/]+"), route) + "$"),
                           route)
                          for route in ROUTES if "{" in route)
@@ -329,18 +330,20 @@ def _add_generation_routes(app: FastAPI, settings: ServeSettings, serving: OpenA
     async def count_message_tokens(request: CountTokensRequest):
         return await messages.count_tokens(request)
 
-    @app.get("/v1/responses/{response_id}", dependencies=auth)
-    async def retrieve_response(response_id: str):
-        return responses.retrieve(response_id)
-
-    @app.delete("/v1/responses/{response_id}", dependencies=auth)
-    async def delete_response(response_id: str):
-        return responses.delete(response_id)
-
-    @app.get("/v1/responses/{response_id}/input_items", dependencies=auth)
+    # :any: a response's id is its request_id, any string as in vLLM: one holding "/" was stored but answered the
+    # router's 404. input_items is matched first, so that its path is not taken for an id ending in "/input_items".
+    @app.get("/v1/responses/{response_id:any}/input_items", dependencies=auth)
     async def list_input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
                                order: Literal["asc", "desc"] = "desc", after: str | None = None):
         return responses.input_items(response_id, limit, order, after)
+
+    @app.get("/v1/responses/{response_id:any}", dependencies=auth)
+    async def retrieve_response(response_id: str):
+        return responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id:any}", dependencies=auth)
+    async def delete_response(response_id: str):
+        return responses.delete(response_id)
 
     if settings.allow_runtime_lora_updating:  # as in vLLM, the routes exist only when allowed
         logger.warning("Runtime LoRA updating is enabled (--allow-runtime-lora-updating or "

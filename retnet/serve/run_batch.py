@@ -124,7 +124,8 @@ def _line_error(number: int, item: dict, urls: set[str], seen: set[str]) -> APIE
                         "count on an adapter loaded by another); name the adapters with --lora-modules",
                         "url", "unsupported_url")
     if not _served(url, urls):
-        return APIError(400, f"{where}: url {url!r} is not served; expected one of {', '.join(sorted(urls))}",
+        listed = getattr(urls, "listed", urls)
+        return APIError(400, f"{where}: url {url!r} is not served; expected one of {', '.join(sorted(listed))}",
                         "url", "unsupported_url")
     if not isinstance(body, dict):
         return APIError(400, f"{where}: body must be a JSON object; got {type(body).__name__}", "body",
@@ -218,28 +219,48 @@ class VerbatimJSON(dict):
         self.text = text
 
 
-def served_urls(app) -> set[str]:
+class ServedURLs(set):
+    """:func:`served_urls`' answer: the urls a line may name, and ``listed``, those of them that serve this model,
+    which a line naming another url is told to use."""
+
+    def __init__(self, urls: set[str], listed: set[str]):
+        super().__init__(urls)
+        self.listed = listed
+
+
+def served_urls(app) -> ServedURLs:
     """The app's POST routes under ``/v1`` without path parameters: what a batch line may name (not the runtime
-    LoRA routes, NOT_IN_A_BATCH; a line may also name the score and rerank routes' other names: :func:`_served`).
-    An embedding server's are its embedding routes and /v1/score, /v1/rerank (the cosine of two embeddings, as vLLM's
-    run_batch takes them): its generation and classification routes only answer 400, so a line naming one is
-    refused listing the routes that embed."""
-    from retnet.serve.classify import EMBEDDING_ROUTES
+    LoRA routes, NOT_IN_A_BATCH; a line may also name the score, rerank and classify routes' other names:
+    :func:`_served`). An embedding server's are its embedding routes and /v1/score, /v1/rerank (the cosine of two
+    embeddings, as vLLM's run_batch takes them): its generation and classification routes only answer 400, so a line
+    naming one is refused listing the routes that embed. On a language model or a classifier, a line naming a route
+    of another kind of model gets the app's own 400 saying so (vLLM's "the model does not support" line), but a
+    refused url's message lists only the routes that serve the model: it listed a classifier's generation routes."""
+    from retnet.serve.classify import EMBEDDING_ROUTES, POOLING_ROUTES
+    from retnet.serve.score import RERANK_ROUTES, SCORE_ROUTES
 
     urls = {route.path for route in app.routes if "POST" in (getattr(route, "methods", None) or ())
             and route.path.startswith("/v1/") and "{" not in route.path and route.path not in NOT_IN_A_BATCH}
-    return urls & {*EMBEDDING_ROUTES, "/v1/score", "/v1/rerank"} if app.state.settings.convert == "embed" else urls
+    scoring = {"/v1/score", "/v1/rerank"}
+    if app.state.settings.convert == "embed":
+        urls &= {*EMBEDDING_ROUTES, *scoring}
+        return ServedURLs(urls, urls)
+    pooler = getattr(app.state.engine, "pooler", None)
+    if pooler is not None:  # a classifier: /score and /rerank give a score only for one label
+        return ServedURLs(urls, urls & {"/v1/classify", *(scoring if pooler.width == 1 else ())})
+    return ServedURLs(urls, urls - {*POOLING_ROUTES, *EMBEDDING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES})
 
 
 def _served(url: str, urls: set[str]) -> bool:
-    """Whether a line may name ``url``: one of ``urls``, or another name the app serves a score or rerank route under
-    (``/score``; ``/rerank``, ``/v2/rerank``: the app registers every name of a route with its ``/v1`` one).
-    vLLM's run_batch takes any url ending in ``/score`` or ``/rerank`` and its own error lists ``/score, /rerank``:
-    a vLLM batch file naming them was refused as "not served"."""
+    """Whether a line may name ``url``: one of ``urls``, or another name the app serves a score, rerank or classify
+    route under (``/score``; ``/rerank``, ``/v2/rerank``; ``/classify``: the app registers every name of a route
+    with its ``/v1`` one). vLLM's run_batch takes any url ending in ``/score`` or ``/rerank`` and its own error lists
+    ``/score, /rerank``: a vLLM batch file naming them was refused as "not served"; and a classifier's answer to a
+    generation line says to use ``/classify``."""
     from retnet.serve.score import RERANK_ROUTES, SCORE_ROUTES
 
     return url in urls or (url in SCORE_ROUTES and "/v1/score" in urls) or (
-        url in RERANK_ROUTES and "/v1/rerank" in urls)
+        url in RERANK_ROUTES and "/v1/rerank" in urls) or (url == "/classify" and "/v1/classify" in urls)
 
 
 def _request_body(body: dict) -> dict:

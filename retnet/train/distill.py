@@ -90,9 +90,10 @@ def _own_vocabulary(path: Path) -> dict[str, int] | None:
                           f"run's: {type(error).__name__}: {str(error).strip()[:300]}") from None
 
 
-def teacher_config(path: Path, tokenizer):
+def teacher_config(path: Path, tokenizer, init_from: str | None = None):
     """The teacher's RetNetConfig, with ``tokenizer`` (the run's) checked against it and against the teacher's own
-    tokenizer, when it has one: the same ids must mean the same tokens to both models."""
+    tokenizer, when it has one: the same ids must mean the same tokens to both models. ``init_from``: the
+    ``model.init_from`` whose tokenizer is the run's (it takes no data.tokenizer), for the refusal's advice."""
     from retnet.model import RetNetConfig
     from retnet.model.convert_fla import is_fla_retnet_config
     from retnet.train.data import tokenizer_mismatch
@@ -121,9 +122,15 @@ def teacher_config(path: Path, tokenizer):
     except (TypeError, ValueError) as error:
         raise ConfigError(f"distill.teacher {str(path)!r}: its config.json is not a valid RetNet config: "
                           f"{error}") from None
+    # A model.init_from student's tokenizer is its own (data.tokenizer is refused beside it): only another pair fits
+    advice = (f"the student, model.init_from {init_from!r}, keeps its own tokenizer: pick a teacher and a student "
+              f"trained with one tokenizer" if init_from is not None else
+              "train the student with the teacher's tokenizer (leave data.tokenizer unset, or give the teacher's)")
     problem = tokenizer_mismatch(tokenizer, config)
     if problem is not None:
-        raise ConfigError(f"distill.teacher {str(path)!r}: the run's tokenizer does not fit it: {problem}")
+        where = " (the student's)" if init_from is not None else ""
+        raise ConfigError(f"distill.teacher {str(path)!r}: the run's tokenizer{where} does not fit it: {problem}"
+                          + (f"; {advice}" if init_from is not None else ""))
     own = _own_vocabulary(path)
     if own is not None:
         mine = tokenizer.get_vocab()
@@ -131,8 +138,7 @@ def teacher_config(path: Path, tokenizer):
         if differ:
             raise ConfigError(
                 f"distill.teacher {str(path)!r}: its tokenizer is not the run's ({len(differ)} tokens differ, e.g. "
-                f"{differ[:3]!r}): distillation compares the two models' distributions id by id; train the student "
-                f"with the teacher's tokenizer (leave data.tokenizer unset, or give the teacher's)")
+                f"{differ[:3]!r}): distillation compares the two models' distributions id by id; {advice}")
     return config
 
 

@@ -464,7 +464,8 @@ def _parser() -> argparse.ArgumentParser:
     # None: not given (the defaults are set in main), so a reward model can refuse the LM's options by name
     parser.add_argument("--text-field", default=None, help="as data.text_field (default: text)")
     parser.add_argument("--max-documents", type=_count(0), default=0,
-                        help="the first N documents, or a reward model's first N pairs (default 0: all)")
+                        help="as data.max_documents: the first N rows of --dataset (stdlib: files), those without "
+                             "text among them then left out; a reward model's first N pairs (default 0: all)")
     parser.add_argument("--segment-tokens", type=_count(1), default=None,
                         help="tokens per forward; the recurrent state carries across (default: 2048)")
     parser.add_argument("--batch-size", type=_count(1), default=1,

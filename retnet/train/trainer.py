@@ -628,8 +628,9 @@ class Trainer:
         from retnet.train.data import load_tokenizer
         from retnet.train.distill import check_vocab, teacher_config
 
-        config = teacher_config(path, load_tokenizer(tokenizer_dir or self.cfg.data.tokenizer))
         init_from = self._init_from_dir()
+        config = teacher_config(path, load_tokenizer(tokenizer_dir or self.cfg.data.tokenizer),
+                                self.cfg.model.init_from if init_from is not None else None)
         if init_from is not None:  # a preset student takes the teacher's vocabulary
             saved, _ = RetNetConfig.get_config_dict(str(init_from), local_files_only=True)
             check_vocab(path, config, saved.get("vocab_size", RetNetConfig().vocab_size),
