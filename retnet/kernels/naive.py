@@ -358,7 +358,8 @@ def _decay_factors(log_decay: torch.Tensor) -> torch.Tensor:
     counter says it was not written in place (an inference tensor keeps none, nor is anything kept while
     compiling, capturing a CUDA graph (kept there, they would be written only when the graph replays) or for a
     tensor in a graph: those compute them each call)."""
-    if log_decay.is_inference() or log_decay.requires_grad or torch.compiler.is_compiling() or (
+    # is_compiling() first: dynamo cannot trace is_inference(), a graph break in every traced call
+    if torch.compiler.is_compiling() or log_decay.is_inference() or log_decay.requires_grad or (
             log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
         return torch.exp(log_decay.float())[None, :, None, None]
     kept = getattr(log_decay, "_retnet_decay_factors", None)

@@ -37,7 +37,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # No token counts (all labels −100): zero gradients, as F.cross_entropy's mean (its loss is nan alike)
         inverse = torch.where(denominator == 0, 0.0, 1.0 / denominator)
         ctx.late_mean = False
-        for start in range(0, hidden.shape[0], chunk):
+        # Counted in chunks, not range(0, N, chunk): dynamo specializes such a range on N, and a compiled loss was
+        # traced again for every new token count (a batch of another length), up to its recompile limit
+        for index in range(-(-hidden.shape[0] // chunk)):
+            start = index * chunk
             rows = hidden[start:start + chunk]
             target = labels[start:start + chunk]
             logits = F.linear(rows, weight)  # the head's dtype (bf16 under autocast), as the unfused head
