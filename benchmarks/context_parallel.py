@@ -59,6 +59,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import retnet  # noqa: F401
 from benchmarks._launch import threads_per_rank, torchrun, write_rank_result
+from benchmarks._results import output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.context_parallel import shard_sequences
 
@@ -201,8 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="T in 4096, 16384 (about 2 minutes on 2 idle cores); "
                         "writes only to an --output given")
-    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/"
-                        "context_parallel-cpu.json; with --quick nothing is written unless given)")
+    parser.add_argument("--output", type=Path, help=output_help("context_parallel-cpu.json"))
     parser.add_argument("--tokens", type=int, nargs="+", help="row lengths T (default 8192 32768; quick 4096 16384)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="context parallel sizes C (1 needed: "
                         "the baseline)")
@@ -275,10 +275,8 @@ def main() -> None:
               "memory": "peak of torch CPU allocations during forward+backward (profiler memory events) above "
                         "those live before it; rss_peak_delta_bytes: ru_maxrss above the RSS before, approximate",
               "checks": checks, "rows": rows}
-    # A quick run's shorter rows are not the recorded figures: it must not overwrite the full run the README quotes.
-    out = args.output or (None if args.quick else REPO / "benchmarks" / "results" / "context_parallel-cpu.json")
+    out = results_path(args.output, args.quick, REPO / "benchmarks" / "results" / "context_parallel-cpu.json")
     if out is None:
-        print("--quick: nothing written (give --output to keep it)")
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

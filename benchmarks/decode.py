@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import retnet  # noqa: F401
+from benchmarks._results import output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 
 VOCAB, HIDDEN, LAYERS = 16384, 512, 6
@@ -104,8 +105,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="contexts 128 and 1024, 8 steps; writes only to an "
                         "--output given")
-    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/"
-                        "decode-<device>.json; with --quick nothing is written unless given)")
+    parser.add_argument("--output", type=Path, help=output_help("decode-<device>.json"))
     args = parser.parse_args()
     if args.quick:
         args.contexts, args.steps = [128, 1024], 8
@@ -124,8 +124,7 @@ def main() -> None:
               f" | llama {ll['ms_per_token']:.2f} ms/token, {ll['state_bytes'] / 2**20:.2f} MiB KV"
               f" | latency ratio llama/retnet {ll['ms_per_token'] / r['ms_per_token']:.2f}x,"
               f" memory ratio {ll['state_bytes'] / r['state_bytes']:.2f}x")
-    # A quick run's figures are not the recorded ones: it must not overwrite the committed full run.
-    path = args.output or (None if args.quick else Path(__file__).parent / "results" / f"decode-{device.type}.json")
+    path = results_path(args.output, args.quick, Path(__file__).parent / "results" / f"decode-{device.type}.json")
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)

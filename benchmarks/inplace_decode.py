@@ -26,6 +26,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 
 import retnet  # noqa: F401
+from benchmarks._results import output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 
 VOCAB, HIDDEN, LAYERS, PROMPT = 32000, 512, 8, 32
@@ -69,8 +70,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="8 steps; writes only to an --output given")
-    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/"
-                        "inplace_decode-<device>.json; with --quick nothing is written unless given)")
+    parser.add_argument("--output", type=Path, help=output_help("inplace_decode-<device>.json"))
     args = parser.parse_args()
     if args.quick:
         args.steps = 8
@@ -87,9 +87,7 @@ def main() -> None:
         rows.append(row)
         print(f"batch {batch:>3}: new state {row['new_state_ms']:.2f} ms/step | in place {row['in_place_ms']:.2f} "
               f"ms/step | ratio {row['ratio']:.3f}x | same states: {row['same_states']}")
-    # A quick run's figures are not the recorded ones: it must not overwrite the committed full run.
-    path = args.output or (None if args.quick else Path(__file__).parent / "results"
-                           / f"inplace_decode-{device.type}.json")
+    path = results_path(args.output, args.quick, Path(__file__).parent / "results" / f"inplace_decode-{device.type}.json")
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
+from benchmarks._results import output_help, results_path
 from retnet.kernels import naive
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -289,8 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run; writes only to an --out given)")
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per step on the GPU (B = tokens / T)")
     parser.add_argument("--max-ref-T", type=int, default=16384, help="longest T for the PyTorch reference on GPU")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels-<device>.json; "
-                        "with --quick nothing is written unless given)")
+    parser.add_argument("--out", type=Path, default=None, help=output_help("kernels-<device>.json"))
     parser.add_argument("--head-dims", type=int, nargs="+", help="GPU: head dims, in this order (default 128 256)")
     parser.add_argument("--lengths", type=int, nargs="+", help="GPU: sequence lengths (default 1k to 16k)")
     parser.add_argument(
@@ -318,14 +318,14 @@ def main(argv=None) -> int:
         result["triton"] = triton.__version__
     except ImportError:
         result["triton"] = None
-    # A smoke run's few shapes are not the recorded figures: it must not overwrite the full run the README quotes.
-    out = args.out or (None if args.quick else RESULTS_DIR / f"kernels-{device}.json")
+    print()
+    out = results_path(args.out, args.quick, RESULTS_DIR / f"kernels-{device}.json", flag="--out",
+                       note=f" ({result['seconds']} s)")
     if out is None:
-        print(f"\n--quick: nothing written (give --out to keep it) ({result['seconds']} s)")
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out} ({result['seconds']} s)")
+    print(f"wrote {out} ({result['seconds']} s)")
     return 0
 
 

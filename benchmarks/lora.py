@@ -27,6 +27,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 
 import retnet  # noqa: F401
+from benchmarks._results import output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.serve.lora import LoraAdapter, install, linear_modules
 
@@ -107,8 +108,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="the micro model only, 12 steps; writes only to an "
                         "--output given")
-    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/lora-cpu.json; "
-                        "with --quick nothing is written unless given)")
+    parser.add_argument("--output", type=Path, help=output_help("lora-cpu.json"))
     args = parser.parse_args()
     if args.quick:
         args.models, args.steps = ["micro"], 12
@@ -120,10 +120,8 @@ def main() -> None:
             rows.extend(results)
             print(f"{name}, batch {batch}: " + " | ".join(
                 f"{r['mix']} {r['ms_per_step']:.2f} ms ({r['ratio_vs_no_adapters']:.2f}x)" for r in results))
-    # A quick run's figures are not the recorded ones: it must not overwrite the committed full run the README quotes.
-    path = args.output or (None if args.quick else Path(__file__).parent / "results" / "lora-cpu.json")
+    path = results_path(args.output, args.quick, Path(__file__).parent / "results" / "lora-cpu.json")
     if path is None:
-        print("--quick: nothing written (pass --output PATH to keep it)")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"rank": args.rank, "threads": args.threads, "steps": args.steps, "rows": rows},

@@ -32,6 +32,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 
 import retnet  # noqa: F401
+from benchmarks._results import output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.quantization import quantize_model
 from retnet.train.data import stdlib_files
@@ -124,8 +125,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="hidden 512, 30 training steps of 8 x 64 tokens, 16 "
                         "eval documents, 16 decode steps; writes only to an --output given")
-    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/"
-                        "quantization-<device>.json; with --quick nothing is written unless given)")
+    parser.add_argument("--output", type=Path, help=output_help("quantization-<device>.json"))
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.train_steps, args.train_seq_len, args.eval_documents, args.steps = 512, 30, 64, 16, 16
@@ -165,9 +165,7 @@ def main() -> None:
         print(f"decode batch {batch:>3}: float32 {rate['float32']:.0f} tok/s, int8 {rate['int8']:.0f} tok/s "
               f"(ratio int8/float32 {rate['int8'] / rate['float32']:.2f}x)")
 
-    # A quick run's figures are not the recorded ones: it must not overwrite the committed full run, which the
-    # README's table quotes.
-    path = args.output or (None if args.quick else Path(__file__).parent / "results" / f"quantization-{device.type}.json")
+    path = results_path(args.output, args.quick, Path(__file__).parent / "results" / f"quantization-{device.type}.json")
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)

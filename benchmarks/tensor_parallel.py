@@ -61,6 +61,7 @@ from torch.utils._pytree import tree_leaves
 
 import retnet  # noqa: F401
 from benchmarks._launch import threads_per_rank, torchrun, write_rank_result
+from benchmarks._results import output_help, results_path
 from benchmarks.context_parallel import _allocation_peak, mib
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.loss import _chunk_tokens
@@ -270,8 +271,7 @@ def main() -> None:
                              "none: the flag alone)")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores shared by a launch's ranks")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
-    parser.add_argument("--output", type=Path, help="where the JSON goes (default benchmarks/results/"
-                        "tensor_parallel-cpu.json; with --quick nothing is written unless given)")
+    parser.add_argument("--output", type=Path, help=output_help("tensor_parallel-cpu.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -348,9 +348,8 @@ def main() -> None:
         raise SystemExit(f"the split run's loss is not the whole run's ({checks}, allowed {LOSS_RTOL} relative): "
                          f"tensor parallelism computed something else")
 
-    out = args.output or (None if args.quick else REPO / "benchmarks" / "results" / "tensor_parallel-cpu.json")
+    out = results_path(args.output, args.quick, REPO / "benchmarks" / "results" / "tensor_parallel-cpu.json")
     if out is None:
-        print("--quick: nothing written (pass --output PATH to keep it)")
         return
     report = {"device": "cpu", "quick": args.quick, "cores": args.cores, "torch": torch.__version__,
               "spec": spec, "model": model_config(spec), "params": params, "vocab_params": vocab_params,

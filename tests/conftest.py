@@ -103,6 +103,27 @@ def hub_cache(tmp_path, monkeypatch):
     return publish
 
 
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    """``load_benchmark(name)``: ``benchmarks/<name>.py`` as a module, imported as a test calls its functions. The
+    script puts the repository root at sys.path[0] (where a script's own folder would be), so sys.path is this
+    test's own copy."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", benchmarks / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 def pytest_collection_modifyitems(config, items):
     """Files longest first, by their measured seconds (tests/file_durations.py: the longest-processing-time order for
     ``make test``'s xdist workers, which take it with ``--no-loadscope-reorder``); each file's own order is kept."""

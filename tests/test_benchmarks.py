@@ -120,14 +120,9 @@ def test_kernel_benchmark_refuses_an_unknown_provider(started):
     assert "--providers" in stderr and "'triton,flash'" in stderr
 
 
-def test_a_quick_decode_run_writes_only_to_an_output_given(tmp_path, monkeypatch):
+def test_a_quick_decode_run_writes_only_to_an_output_given(tmp_path, monkeypatch, load_benchmark):
     # A quick run's figures are not the recorded ones: it once overwrote the committed full run's results.
-    import importlib.util
-
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository first on it
-    spec = importlib.util.spec_from_file_location("decode_benchmark", BENCHMARKS / "decode.py")
-    decode = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(decode)
+    decode = load_benchmark("decode")
     measured = {name: {"model": name, "ms_per_token": 1.0, "state_bytes": 1} for name in ("retnet", "llama")}
     monkeypatch.setattr(decode, "build_models", lambda device, dtype: [])
     monkeypatch.setattr(decode, "measure", lambda models, context, steps, device: measured)
@@ -141,15 +136,10 @@ def test_a_quick_decode_run_writes_only_to_an_output_given(tmp_path, monkeypatch
     assert [row["model"] for row in json.loads((tmp_path / "d.json").read_text())["rows"]] == ["retnet", "llama"] * 2
 
 
-def test_the_kernel_benchmarks_fla_pass_times_nothing_without_fla(tmp_path, monkeypatch):
+def test_the_kernel_benchmarks_fla_pass_times_nothing_without_fla(tmp_path, monkeypatch, load_benchmark):
     # gpu_check.sh's second pass (--providers triton,fla) once timed triton alone again when fla was missing:
     # up to 80 s of a 15-minute GPU session on what the first pass had measured.
-    import importlib.util
-
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository first on it
-    spec = importlib.util.spec_from_file_location("kernels_benchmark", BENCHMARKS / "kernels.py")
-    kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels)
+    kernels = load_benchmark("kernels")
     monkeypatch.setattr(kernels, "_fla_op", lambda: None)
     out = tmp_path / "kernels.json"
     assert kernels.main(["--triton-on-cpu", "--providers", "triton,fla", "--out", str(out)]) == 0
@@ -261,19 +251,9 @@ def test_gpu_check_stand_ins_keep_the_venv_of_python3(tmp_path):
     assert "python -m torch.distributed.run" in "\n".join(torchrun)
 
 
-def _load_benchmark(name: str, monkeypatch):
-    import importlib.util
-
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository first on it
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_quick_kernels_run_writes_only_to_an_out_given(tmp_path, monkeypatch):
+def test_a_quick_kernels_run_writes_only_to_an_out_given(tmp_path, monkeypatch, load_benchmark):
     # The README's CPU table comes from a full run; a smoke run's four lengths once overwrote it.
-    kernels = _load_benchmark("kernels", monkeypatch)
+    kernels = load_benchmark("kernels")
     monkeypatch.setattr(kernels, "run_cpu", lambda args: {"mode": "cpu-reference", "rows": [{"T": 256}]})
     recorded = BENCHMARKS / "results" / "kernels-cpu.json"
     before = recorded.read_bytes()
@@ -283,8 +263,8 @@ def test_a_quick_kernels_run_writes_only_to_an_out_given(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "k.json").read_text())["quick"] is True
 
 
-def test_a_quick_context_parallel_run_writes_only_to_an_output_given(tmp_path, monkeypatch):
-    context_parallel = _load_benchmark("context_parallel", monkeypatch)
+def test_a_quick_context_parallel_run_writes_only_to_an_output_given(tmp_path, monkeypatch, load_benchmark):
+    context_parallel = load_benchmark("context_parallel")
 
     def launched(tokens, size, cores, repeats):
         return {"tokens": tokens, "size": size, "median_s": 1.0 / size, "activation_bytes_per_rank": 100 // size + 10,
@@ -305,10 +285,10 @@ def test_a_quick_context_parallel_run_writes_only_to_an_output_given(tmp_path, m
         [(4096, 1), (4096, 2), (16384, 1), (16384, 2)]
 
 
-def test_a_quick_lora_run_writes_only_to_an_output_given(tmp_path, monkeypatch):
+def test_a_quick_lora_run_writes_only_to_an_output_given(tmp_path, monkeypatch, load_benchmark):
     # `lora.py --quick` (the micro model, 12 steps) once wrote over lora-cpu.json, the full run the README's table
     # of adapter costs quotes (both models, 40 steps).
-    lora = _load_benchmark("lora", monkeypatch)
+    lora = load_benchmark("lora")
     # The script's results folder, moved under tmp_path: a failing run must not touch the recorded file.
     monkeypatch.setattr(lora, "__file__", str(tmp_path / "benchmarks" / "lora.py"))
     recorded = tmp_path / "benchmarks" / "results" / "lora-cpu.json"

@@ -1,6 +1,5 @@
 """benchmarks/quantization.py's output: the README's *Weight-only int8* table quotes its recorded full run."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,12 +11,9 @@ from retnet.model.quantization import QuantizationReport
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _benchmark(monkeypatch):
+def _benchmark(monkeypatch, load_benchmark):
     """The script as a module, its training, quantization, eval and timing replaced by instant stand-ins."""
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository first on it
-    spec = importlib.util.spec_from_file_location("quantization_benchmark", BENCHMARKS / "quantization.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("quantization")
     config = RetNetConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=1)
     monkeypatch.setattr(bench, "build_trained", lambda *args: (RetNetForCausalLM(config).eval(), None))
     monkeypatch.setattr(bench, "quantize_model", lambda model, method: QuantizationReport(method, 7, 4, 1, 5, 2))
@@ -28,9 +24,9 @@ def _benchmark(monkeypatch):
     return bench
 
 
-def test_a_quick_run_writes_only_to_an_output_given(tmp_path, monkeypatch):
+def test_a_quick_run_writes_only_to_an_output_given(tmp_path, monkeypatch, load_benchmark):
     # A quick run once overwrote benchmarks/results/quantization-cpu.json, the full run the README's table quotes.
-    bench = _benchmark(monkeypatch)
+    bench = _benchmark(monkeypatch, load_benchmark)
     recorded = BENCHMARKS / "results" / "quantization-cpu.json"
     before = recorded.read_bytes()
     monkeypatch.setattr(sys, "argv", ["quantization.py", "--quick", "--device", "cpu"])
