@@ -275,16 +275,6 @@ def _string(block: dict[str, Any], key: str, place: str) -> str:
     return required_string(block, key, place, noun="block")
 
 
-def _named_string(item: dict[str, Any], key: str, where: str, what: str) -> str:
-    """``item[key]`` of a tool or ``tool_choice``, which must be a string: said as what ``item`` is (its ``type``,
-    the word a content block's error uses, is none or "custom" there)."""
-    value = item.get(key)
-    if not isinstance(value, str):
-        raise APIError(400, f"{where}.{key}: {what} needs a string {key!r}; got {json.dumps(value)[:80]}",
-                       f"{where}.{key}", "missing")
-    return value
-
-
 def _text_parts(content: Any, where: str) -> str | list[dict[str, str]]:
     """``system``'s or a tool result's content: a string, or text blocks (as chat's parts: chat joins them)."""
     if isinstance(content, str):
@@ -320,9 +310,9 @@ def _tools(request: CountTokensRequest, parser: str | None) -> dict[str, Any]:
         if not isinstance(schema, dict) or schema.get("type") != "object":
             raise APIError(400, f"{where}.input_schema must be a JSON schema of type 'object'; got "
                            f"{json.dumps(schema)[:80]}", f"{where}.input_schema")
-        function = {"name": _named_string(tool, "name", where, "a tool"), "parameters": schema}
+        function = {"name": required_string(tool, "name", where, what="a tool"), "parameters": schema}
         if tool.get("description") is not None:
-            function["description"] = _named_string(tool, "description", where, "a tool")
+            function["description"] = required_string(tool, "description", where, what="a tool")
         tools.append({"type": "function", "function": function})
     choice = request.tool_choice
     if choice is None and not tools:
@@ -337,7 +327,7 @@ def _tools(request: CountTokensRequest, parser: str | None) -> dict[str, Any]:
     if kind in ("any", "tool") and not tools:  # chat's refusal would call it "required"
         raise APIError(400, f"tool_choice: {kind!r} needs tools to call; got none", "tool_choice.type")
     if kind == "tool":
-        name = _named_string(choice, "name", "tool_choice", "a tool_choice of type 'tool'")
+        name = required_string(choice, "name", "tool_choice", what="a tool_choice of type 'tool'")
         chat_choice: Any = {"type": "function", "function": {"name": name}}
     elif kind in ("auto", "any", "none"):
         chat_choice = {"auto": "auto", "any": "required", "none": "none"}[kind]

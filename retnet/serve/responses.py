@@ -233,13 +233,15 @@ def _messages(request: ResponsesRequest, history: Sequence[dict[str, Any]]) -> t
     return messages, origins
 
 
-def required_string(item: dict[str, Any], key: str, where: str, noun: str = "item") -> str:
+def required_string(item: dict[str, Any], key: str, where: str, noun: str = "item", what: str | None = None) -> str:
     """``item[key]``, which must be a string: else a 400 naming ``where.key`` (an input item here, a content block
-    of Anthropic's Messages API there)."""
+    of Anthropic's Messages API there). ``what``: the item as the message says it (default: its type and ``noun``;
+    a tool's ``type`` is none or "custom", so it is said otherwise), the value given then shown too."""
     value = item.get(key)
     if not isinstance(value, str):
-        raise APIError(400, f"{where}.{key}: a {item.get('type')} {noun} needs a string {key!r}", f"{where}.{key}",
-                       "missing")
+        said = f"a {item.get('type')} {noun} needs a string {key!r}" if what is None else \
+            f"{what} needs a string {key!r}; got {json.dumps(value)[:80]}"
+        raise APIError(400, f"{where}.{key}: {said}", f"{where}.{key}", "missing")
     return value
 
 

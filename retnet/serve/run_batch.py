@@ -236,8 +236,8 @@ def served_urls(app) -> ServedURLs:
     naming one is refused listing the routes that embed. On a language model or a classifier, a line naming a route
     of another kind of model gets the app's own 400 saying so (vLLM's "the model does not support" line), but a
     refused url's message lists only the routes that serve the model: it listed a classifier's generation routes."""
-    from retnet.serve.classify import EMBEDDING_ROUTES, POOLING_ROUTES
-    from retnet.serve.score import RERANK_ROUTES, SCORE_ROUTES
+    from retnet.serve.app import GENERATION_ROUTES
+    from retnet.serve.classify import EMBEDDING_ROUTES
 
     urls = {route.path for route in app.routes if "POST" in (getattr(route, "methods", None) or ())
             and route.path.startswith("/v1/") and "{" not in route.path and route.path not in NOT_IN_A_BATCH}
@@ -248,7 +248,7 @@ def served_urls(app) -> ServedURLs:
     pooler = getattr(app.state.engine, "pooler", None)
     if pooler is not None:  # a classifier: /score and /rerank give a score only for one label
         return ServedURLs(urls, urls & {"/v1/classify", *(scoring if pooler.width == 1 else ())})
-    return ServedURLs(urls, urls - {*POOLING_ROUTES, *EMBEDDING_ROUTES, *SCORE_ROUTES, *RERANK_ROUTES})
+    return ServedURLs(urls, urls & set(GENERATION_ROUTES))
 
 
 def _served(url: str, urls: set[str]) -> bool:
@@ -259,8 +259,9 @@ def _served(url: str, urls: set[str]) -> bool:
     generation line says to use ``/classify``."""
     from retnet.serve.score import RERANK_ROUTES, SCORE_ROUTES
 
-    return url in urls or (url in SCORE_ROUTES and "/v1/score" in urls) or (
-        url in RERANK_ROUTES and "/v1/rerank" in urls) or (url == "/classify" and "/v1/classify" in urls)
+    other_names = {**dict.fromkeys(SCORE_ROUTES, "/v1/score"), **dict.fromkeys(RERANK_ROUTES, "/v1/rerank"),
+                   "/classify": "/v1/classify"}
+    return url in urls or other_names.get(url) in urls
 
 
 def _request_body(body: dict) -> dict:

@@ -17,6 +17,7 @@ import itertools
 import json
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,8 @@ class OpenAIServing:
         self.grammars = GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids, self.tokenizer_lock)
         # /v1/load_lora_adapter's per-name locks (vLLM's): two loads of one name run one after the other, so a
         # second load_inplace replaces the first instead of being refused as a name "already loaded".
-        self.lora_load_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, its loads)
+        # Weak: a name's lock lives while a load holds or awaits it (names come and go).
+        self.lora_load_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def models(self) -> ModelList:
         """The base model's card under each served name (vLLM lists every --served-model-name), then each LoRA
@@ -185,17 +187,8 @@ class OpenAIServing:
         if self._is_base(name):
             raise APIError(400, f"The lora adapter name {name!r} is the base model's name; an adapter needs a name "
                            "of its own", "lora_name", "invalid_lora_adapter")
-        lock, users = self.lora_load_locks.get(name, (asyncio.Lock(), 0))
-        self.lora_load_locks[name] = (lock, users + 1)
-        try:
-            async with lock:
-                return await self._load_lora_adapter(request)
-        finally:
-            lock, users = self.lora_load_locks[name]
-            if users == 1:  # no other load of the name holds or awaits the lock: forget it (names come and go)
-                del self.lora_load_locks[name]
-            else:
-                self.lora_load_locks[name] = (lock, users - 1)
+        async with self.lora_load_locks.setdefault(name, asyncio.Lock()):
+            return await self._load_lora_adapter(request)
 
     async def _load_lora_adapter(self, request: LoadLoraAdapterRequest) -> str:
         name, path = request.lora_name, request.lora_path
@@ -224,10 +217,6 @@ class OpenAIServing:
         except LoraError as exc:
             raise APIError(400, str(exc), "lora_path", "invalid_lora_adapter") from None
         adapter.path = path  # its card's root: the path or hub id as the client gave it
-        # Checked again: another load of the name may have been queued while this one read its files.
-        if name in self.engine.loading or (name in self.engine.adapters and not request.load_inplace):
-            raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name",
-                           "lora_adapter_exists")
         try:
             await self.engine.add_adapter(adapter)
         except EngineUnavailable as exc:
