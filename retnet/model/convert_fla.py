@@ -359,8 +359,9 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
     try:
         model.save_pretrained(dst)
         for path in copied:
-            (dst / path.relative_to(src)).parent.mkdir(exist_ok=True)
-            shutil.copy2(path, dst / path.relative_to(src))
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy2(path, target)
     except OSError as error:
         # An existing directory that cannot be written (mkdir above passes it), a full disk: the PermissionError or
         # OSError came out of the command as a traceback, where mkdir's own failure is a message.
@@ -400,12 +401,12 @@ def _check_destination(destination: Path, copied: set[str]) -> None:
     if not destination.is_dir():
         return
     # Only what transformers would load from the directory (a clone's .git, README.md or .gitattributes is fine).
-    stale = sorted(path.name for path in destination.iterdir()
-                   if path.name not in copied and not _WRITTEN.fullmatch(path.name)
-                   and (path.suffix == ".py" or any(fnmatch.fnmatch(path.name, p) for p in MODEL_FILES)))
-    # (another tokenizer's named chat templates, in their folder, are loaded with the copied ones)
-    stale += sorted(name for name in (path.relative_to(destination).as_posix()
-                                      for path in destination.glob(CHAT_TEMPLATES)) if name not in copied)
+    # (another tokenizer's named chat templates, in their folder, are loaded with the copied ones: MODEL_FILES
+    # names them)
+    names = (path.relative_to(destination).as_posix()
+             for path in (*destination.iterdir(), *destination.glob(CHAT_TEMPLATES)))
+    stale = sorted(name for name in names if name not in copied and not _WRITTEN.fullmatch(name)
+                   and (name.endswith(".py") or any(fnmatch.fnmatch(name, p) for p in MODEL_FILES)))
     if stale:
         raise ValueError(f"destination {str(destination)!r} holds files this conversion would not overwrite "
                          f"({', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}): another checkpoint's "

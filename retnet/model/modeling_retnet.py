@@ -1601,8 +1601,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, **kwargs):
         if kwargs.get("cache_implementation") == "paged":
-            # transformers hands this one to its continuous batching before anything else: refused there
-            # (init_continuous_batching), not after its switch's warning
+            # init_continuous_batching below refuses it either way; asked here, before transformers logs its switch
+            # to continuous batching, so the refusal is the only thing the user sees
             self.init_continuous_batching()
         # Drafting for another model's assisted generation (assistant_model=): see _drafting_inputs.
         drafting = getattr(kwargs.get("generation_config"), "is_assistant", False)

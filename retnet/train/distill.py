@@ -128,9 +128,7 @@ def teacher_config(path: Path, tokenizer, init_from: str | None = None):
               "train the student with the teacher's tokenizer (leave data.tokenizer unset, or give the teacher's)")
     problem = tokenizer_mismatch(tokenizer, config)
     if problem is not None:
-        where = " (the student's)" if init_from is not None else ""
-        raise ConfigError(f"distill.teacher {str(path)!r}: the run's tokenizer{where} does not fit it: {problem}"
-                          + (f"; {advice}" if init_from is not None else ""))
+        raise ConfigError(f"distill.teacher {str(path)!r}: the run's tokenizer does not fit it: {problem}; {advice}")
     own = _own_vocabulary(path)
     if own is not None:
         mine = tokenizer.get_vocab()
