@@ -91,8 +91,9 @@ class LoraConfig(_Section):
         if self.target_modules and not self.rank:  # most likely a forgotten lora.rank: that run trains every weight
             _refuse("lora.target_modules", "is set but lora.rank is 0 (LoRA off); set lora.rank > 0",
                     self.target_modules)
-        if self.use_dora and not self.rank:  # as above: DoRA asked for, the run would train every weight instead
-            _refuse("lora.use_dora", "is set but lora.rank is 0 (LoRA off); set lora.rank > 0", self.use_dora)
+        for name in ("use_dora", "use_rslora"):  # as above: asked for, the run would train every weight instead
+            if getattr(self, name) and not self.rank:
+                _refuse(f"lora.{name}", "is set but lora.rank is 0 (LoRA off); set lora.rank > 0", getattr(self, name))
 
     @property
     def enabled(self) -> bool:

@@ -238,7 +238,14 @@ def export_lora(directory: Path, model_config, state_dict: dict, tokenizer, cfg:
         for adapter_config in wrapped.peft_config.values():
             if isinstance(adapter_config.target_modules, set):
                 adapter_config.target_modules = sorted(adapter_config.target_modules)
+        # peft's model card (adapter/README.md) names the base by the model's name_or_path (its `base_model` and
+        # `base_model:adapter:` tag): the fresh model's is "", an empty base beside an adapter_config.json naming it
+        base_name, _ = adapter_base(base_path)
+        own = model.name_or_path, model.config.name_or_path
+        if base_name is not None:
+            model.name_or_path = model.config.name_or_path = base_name
         wrapped.save_pretrained(tmp / ADAPTER_DIR, save_embedding_layers=False)
+        model.name_or_path, model.config.name_or_path = own
         merged = wrapped.merge_and_unload()
         if causal_lm:  # a classifier does not generate: no generation config to complete
             prepare_export(merged, tokenizer, base_path)  # the base's generation config, completed
