@@ -162,6 +162,16 @@ class Trainer:
     ``close()`` releases loggers and signal handlers."""
 
     def __init__(self, cfg: JobConfig):
+        try:
+            self._set_up(cfg)
+        except BaseException:
+            # The lock rank 0 took on output_dir (_resolve_resume) goes with a run that never starts: a program of
+            # its own that built this trainer lives on, and would keep the directory from every other run
+            if hasattr(self, "output_dir"):
+                unlock_output_dir(self.output_dir)
+            raise
+
+    def _set_up(self, cfg: JobConfig) -> None:
         from retnet.model import RetNetConfig, RetNetForCausalLM
 
         self.cfg = cfg

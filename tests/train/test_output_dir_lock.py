@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from retnet.train.checkpoint import list_checkpoints
 
 HOLD = """
@@ -38,3 +40,28 @@ def test_a_run_in_an_output_dir_a_live_run_holds_is_refused(micro, tmp_path, run
     assert run_here(micro(out, train__steps=2, checkpoint__interval=1)).returncode == 0
     assert run_here(micro(out, train__steps=3, checkpoint__interval=1)).returncode == 0
     assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "step_00000003"
+
+
+def test_a_trainer_that_fails_to_start_leaves_its_output_dir_unlocked(micro, tmp_path, monkeypatch):
+    # A program of its own building the Trainer lives on after the refusal: the lock went with it only at exit.
+    import fcntl
+    import os
+
+    from retnet.train.__main__ import _parser
+    from retnet.train.config import load_config
+    from retnet.train.trainer import Trainer
+
+    out = tmp_path / "run"
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("refused after the lock")
+
+    monkeypatch.setattr(Trainer, "_init_from_dir", refuse)
+    args, overrides = _parser().parse_known_args(micro(out, train__steps=2))
+    with pytest.raises(RuntimeError, match="refused after the lock"):
+        Trainer(load_config(args.config, overrides))
+    fd = os.open(out / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (flock: a held lock refuses another open, this process's too)
+    finally:
+        os.close(fd)
