@@ -150,7 +150,7 @@ class RetNetPositionPiece:
     """One run of tokens in one xPos frame: the rotation (and xPos scale) of its q and k, and the factor that
     moves the state carried into it from the previous frame into its own."""
 
-    tokens: slice
+    tokens: slice  # stop None: to the end of the sequence
     cos: torch.Tensor  # [B, t, 1, K] float32
     sin: torch.Tensor  # [B, t, 1, K] float32
     scale: torch.Tensor | None  # [B, t, 1, K] float32 ζ^(n/base), None without xPos
@@ -250,12 +250,18 @@ class RetNetRotaryEmbedding(nn.Module):
         sin = torch.cat([angles.sin()] * 2, -1).float()
         length = position_ids.shape[1]
         if xpos is None:
-            return RetNetPositionEncoding([RetNetPositionPiece(slice(0, length), cos, sin, None, None)], None)
+            # slice(0, None), not slice(0, length): dynamo specializes a slice holding a symbolic length (a guard
+            # Eq(T, 13)), so a compiled whole model was traced again for every new sequence length
+            return RetNetPositionEncoding([RetNetPositionPiece(slice(0, None), cos, sin, None, None)], None)
         relative, target = xpos
         span = max(length, 1) if packed else xpos_span(self.config)
         pieces, frame = [], relative.new_zeros(relative.shape[0])
-        for start in range(0, max(length, 1), span):
-            tokens = slice(start, min(start + span, length))
+        # The count of pieces, not range(0, length, span), and the last piece to the end (as the one piece
+        # above): dynamo guards on that count, rather than on the length
+        count = -(-max(length, 1) // span)
+        for number in range(count):
+            start = number * span
+            tokens = slice(start, start + span if number < count - 1 else None)
             state_shift = None
             if length and not packed and (start or not starts_at_origin):
                 # Skipped when the frame stays: a multiply by ones would be a whole pass over each layer's state.
@@ -394,7 +400,7 @@ class RetNetMultiScaleRetention(nn.Module):
             if state is not None and piece.state_shift is not None:
                 state = state * piece.state_shift
             tokens = piece.tokens
-            if tokens.start == 0 and tokens.stop == length:  # (one piece, a decode step's: no slicing ops)
+            if tokens.start == 0 and tokens.stop in (None, length):  # (one piece, a decode step's: no slicing ops)
                 q_piece, k_piece, v_piece, mask_piece = q, k, v, token_mask
             else:
                 q_piece, k_piece, v_piece = q[:, tokens], k[:, tokens], v[:, tokens]
@@ -438,12 +444,13 @@ class RetNetMultiScaleRetention(nn.Module):
         outputs = list(outputs)
         for number, piece in enumerate(positions.pieces):
             start = piece.tokens.start
+            stop = start + piece.cos.shape[1]  # (tokens.stop may be None)
             if start >= context.first_length:
                 break
             if piece.state_shift is not None:
                 incoming = incoming * piece.state_shift
             outputs[number] = add_incoming(outputs[number], rotated_q[number], incoming, log_decay,
-                                           self.head_dim ** -0.5, min(piece.tokens.stop, context.first_length) - start,
+                                           self.head_dim ** -0.5, min(stop, context.first_length) - start,
                                            start)
         return outputs
 
