@@ -10,7 +10,7 @@ import pytest
 
 from . import test_lora_runtime
 from .conftest import decoding_held, serve_app
-from .test_lora_runtime import PROMPT, RUNTIME, eventually, listed, load
+from .test_lora_runtime import RUNTIME, eventually, listed, load, running_request
 
 adapter_dirs = test_lora_runtime.adapter_dirs  # its fixture: peft directories "a" and "b"
 
@@ -23,9 +23,7 @@ async def test_an_in_place_load_sent_while_another_of_the_name_waits_replaces_it
         engine = client.app.state.engine
         with decoding_held(engine, monkeypatch):
             # A running request holds the scheduler, so the first load waits, queued, for it to install.
-            running = asyncio.create_task(client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4,
-                                                                               "ignore_eos": True}))
-            await eventually(lambda: bool(engine.running))
+            running = await running_request(client, 4)
             first = asyncio.create_task(load(client, "x", path_a, load_inplace=True))
             await eventually(lambda: "x" in engine.loading)
             second = asyncio.create_task(load(client, "x", path_b, load_inplace=True))

@@ -75,6 +75,15 @@ async def eventually(condition, timeout: float = 120.0) -> None:
         await asyncio.sleep(0.01)
 
 
+
+async def running_request(client, max_tokens: int) -> asyncio.Task:
+    """A completion started and running (under decoding_held it holds the scheduler, so a load waits, queued)."""
+    task = asyncio.create_task(client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": max_tokens,
+                                                                    "ignore_eos": True}))
+    await eventually(lambda: bool(client.app.state.engine.running))
+    return task
+
+
 async def test_the_routes_exist_only_when_allowed(model_dir, monkeypatch):
     monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
     async with serve_app(model_dir) as client:

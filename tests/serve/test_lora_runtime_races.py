@@ -17,7 +17,7 @@ from retnet.serve.settings import ServeSettings, resolve_model_source
 
 from . import test_lora_runtime
 from .conftest import decoding_held, make_settings, serve_app
-from .test_lora_runtime import PROMPT, RUNTIME, eventually, installed_slots, load, unload
+from .test_lora_runtime import PROMPT, RUNTIME, eventually, installed_slots, load, running_request, unload
 
 adapter_dirs = test_lora_runtime.adapter_dirs  # its fixture: peft directories "a" and "b"
 
@@ -150,9 +150,7 @@ async def test_a_load_queued_at_shutdown_is_answered(model_dir, adapter_dirs, mo
     async with serve_app(model_dir, **RUNTIME) as client:
         engine = client.app.state.engine
         with decoding_held(engine, monkeypatch):
-            running = asyncio.create_task(client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 20,
-                                                                               "ignore_eos": True}))
-            await eventually(lambda: bool(engine.running))
+            running = await running_request(client, 20)
             loading = asyncio.create_task(load(client, "a", adapter_dirs["a"]))
             await eventually(lambda: bool(engine.adapter_slots.installs))
             stopping = threading.Thread(target=engine.shutdown)
