@@ -78,9 +78,11 @@ class RequestChecks:
                                f"got {len(stop)}", "stop")
         _check_unsupported_extras(request)
         if request.prompt_logprobs is not None and request.stream:
-            # vLLM refuses it too (it has no chunk of a stream to carry them).
-            raise APIError(400, "prompt_logprobs: not available with stream: true", "prompt_logprobs",
-                           "unsupported_parameter")
+            # vLLM refuses it too (it has no chunk of a stream to carry them). 0 as well, which vLLM takes and drops:
+            # it still asks for each prompt token's own logprob, which the client would silently not get.
+            raise APIError(400, f"prompt_logprobs: not available with stream: true (no chunk carries the prompt's "
+                           f"logprobs; 0 asks for each prompt token's own); got {request.prompt_logprobs}",
+                           "prompt_logprobs", "unsupported_parameter")
         if request.truncate_prompt_tokens == -1:
             request.truncate_prompt_tokens = s.max_prompt_tokens  # vLLM's -1: as many as the server runs
         if request.truncate_prompt_tokens is not None and request.truncate_prompt_tokens > s.max_prompt_tokens:
@@ -244,8 +246,18 @@ class RequestChecks:
 
 def check_content_parts(request: ChatCompletionRequest | TokenizeChatRequest) -> None:
     """Only text parts are supported (no images, audio or files), and an assistant message's refusal parts (OpenAI's,
-    read as text as vLLM reads them): refuse any other by its place."""
+    read as text as vLLM reads them): refuse any other by its place. And OpenAI's required fields of a message: a
+    tool message's ``tool_call_id``, and content ("" and [] are content) but in an assistant message."""
     for i, message in enumerate(request.messages):
+        # OpenAI refuses both (vLLM passes them on): a tool result the template cannot pair with its call, and a
+        # message of no content at all, more often a client's lost text (a tool that returned None) than a turn
+        # meant empty, which "" says.
+        if message.role == "tool" and message.tool_call_id is None:
+            raise APIError(400, f"messages[{i}].tool_call_id: a tool message needs the id of the call it answers "
+                           "(its tool_call_id)", f"messages[{i}].tool_call_id", "missing")
+        if message.content is None and message.role != "assistant":
+            raise APIError(400, f"messages[{i}].content: a {message.role} message needs content, a string or a list "
+                           "of text parts (\"\" for none); got null", f"messages[{i}].content", "missing")
         if not isinstance(message.content, list):
             continue
         for j, part in enumerate(message.content):
