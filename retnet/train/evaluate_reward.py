@@ -164,7 +164,8 @@ def report(args: argparse.Namespace, model, pairs: Pairs, eos_token_id: int | No
     if args.json:
         record = {"model": args.model, "dataset": args.dataset, "name": args.name, "split": args.split,
                   "max_documents": args.max_documents, "pairs": result.pairs, **metrics, "cut": result.cut,
-                  "seq_len": args.seq_len, "max_prompt_length": args.max_prompt_length or 0,
+                  # as given, null when not (the whole prompt): --max-prompt-length refuses 0
+                  "seq_len": args.seq_len, "max_prompt_length": args.max_prompt_length,
                   "pairs_per_second": result.pairs_per_second, "seconds": result.seconds,
                   "batch_size": args.batch_size, "device": str(next(model.parameters()).device),
                   "dtype": str(DTYPES[args.dtype]).split(".")[-1], "quantization": args.quantization}

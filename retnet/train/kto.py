@@ -242,6 +242,7 @@ class KtoData(PreferenceData):
 
     kto = True
     metrics = SUMS
+    rows_called = "rows"  # (labelled rows, each scored alone: no pairs)
 
     def __init__(self, train: Pairs, val: Pairs, labels: dict[str, np.ndarray], tokenizer, **settings):
         super().__init__(train, val, tokenizer, **settings)

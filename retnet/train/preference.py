@@ -782,6 +782,7 @@ class PreferenceData:
     masked = False  # (chat data's flag: these batches are PairBatch, whose loss is this class's)
     metrics = METRICS  # the names of _pair_loss's metric sums (a subclass's objective logs its own)
     changed = "pairs edited, added or removed"  # what makes _content_digest differ, as check_pairs says it
+    rows_called = "pairs"  # what its messages call the rows (KTO's are labelled rows, not pairs)
     model_class = None  # what the trainer builds from model.init_from: None, its RetNetForCausalLM
     _permutation = PackedData._permutation
     block_rows = PackedData.block_rows
@@ -866,8 +867,8 @@ class PreferenceData:
             saved = SavedReference(self.key, self.pairs_sha256(), reference)  # (the checkpoints' digest too)
             if _first_rank():
                 _write_reference(path, saved)
-                logger.info("reference log-probs of %d train + %d validation pairs computed in %.1fs, saved to %s",
-                            len(self.train), len(self.val), time.perf_counter() - started, path)
+                logger.info("reference log-probs of %d train + %d validation %s computed in %.1fs, saved to %s",
+                            len(self.train), len(self.val), self.rows_called, time.perf_counter() - started, path)
             barrier()
             self.digest = reference_digest(saved)
         else:
@@ -925,12 +926,12 @@ class PreferenceData:
                 if read.pairs != now:
                     counts = [len(values) for values in read.reference]
                     raise ConfigError(
-                        f"data.dataset {self.dataset!r}: the pairs changed since the reference log-probs were "
-                        f"computed: {str(candidate)!r} holds those of {counts[0]} train + {counts[1]} validation "
-                        f"pairs (sha256 {read.pairs[:16]}…), the data now gives {len(self.train)} + {len(self.val)} "
-                        f"other ones (sha256 {now[:16]}…); the resumed run would compare its policy with the "
-                        f"reference of other pairs. Restore the data, or start a new run in another "
-                        f"train.output_dir")
+                        f"data.dataset {self.dataset!r}: the {self.rows_called} changed since the reference "
+                        f"log-probs were computed: {str(candidate)!r} holds those of {counts[0]} train + "
+                        f"{counts[1]} validation {self.rows_called} (sha256 {read.pairs[:16]}…), the data now gives "
+                        f"{len(self.train)} + {len(self.val)} other ones (sha256 {now[:16]}…); the resumed run would "
+                        f"compare its policy with the reference of other {self.rows_called}. Restore the data, or "
+                        f"start a new run in another train.output_dir")
                 if candidate != path and _first_rank():  # for this output_dir's own later resumes
                     _write_reference(path, read)
                 logger.info("resuming with the reference log-probs of the run's start (%s)", candidate)

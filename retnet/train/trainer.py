@@ -405,18 +405,19 @@ class Trainer:
             # token of a piece's first document) is the split's overhead, not counted, as recomputation is not.
             row = seq_len * (cfg.train.micro_batch_size if cfg.data.document_boundaries else 1)
             seq_len = min(seq_len, row // self.cp_size)
+        # (the retention's in the form it runs in on this device: parallel on a CPU up to 256 tokens)
         self.flops_per_token = flops_per_token(self.model_config, seq_len,
                                                self.n_trainable if cfg.lora.enabled else None,
-                                               output_head=not cfg.reward.enabled)
+                                               output_head=not cfg.reward.enabled, device=self.device)
         if teacher_config is not None:  # the teacher's forward: a third of its training FLOPs
-            self.flops_per_token += flops_per_token(teacher_config, seq_len) / 3
+            self.flops_per_token += flops_per_token(teacher_config, seq_len, device=self.device) / 3
         # DPO, KTO and GRPO compute the logits at the completion tokens alone (the data's step_head_tokens); a
         # reward model's head is a score, no vocabulary projection
         adapters = self.n_trainable if cfg.lora.enabled else None
         self.step_flops = StepFlops(self.flops_per_token, 0.0 if cfg.reward.enabled
                                     else head_flops_per_token(self.model_config, adapters))
         # GRPO's reference log-probs (grpo.beta > 0): a forward without grad of the model as it started
-        self.reference_flops = StepFlops(flops_per_token(self.model_config, seq_len) / 3,
+        self.reference_flops = StepFlops(flops_per_token(self.model_config, seq_len, device=self.device) / 3,
                                          head_flops_per_token(self.model_config) / 3)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_flops)
         self._seed_rank()
@@ -838,6 +839,10 @@ class Trainer:
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
+            if self._completed:  # train() returned, saved: no step left to stop, and the closing is not cut short
+                logger.warning("received %s%s: the run has %s and saved; exiting", signal.Signals(signum).name,
+                               *((" again", "stopped") if self.signal_received else ("", "finished")))
+                return
             if self.signal_received and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.signal_received = True
@@ -1815,22 +1820,29 @@ class Trainer:
     def close(self, log_sigterm: bool = False) -> None:
         """``log_sigterm``: leave a handler that only logs a SIGTERM instead of the one before the run (a process
         about to exit after a signal stop: the default's would end it with 143)."""
-        for sig, handler in self._previous_handlers.items():
-            if sig == signal.SIGTERM and log_sigterm:
-                handler = _log_sigterm
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
-        unlock_output_dir(self.output_dir)
-        self._close_progress()
-        if self._writer is not None:
-            self._writer.close()
-        if self._metrics is not None:
-            self._metrics.close()
-        if self._wandb is not None:
-            # As the process exits: 0 when train() returned (train.steps reached, or stopped by a signal), else an
-            # error ended it (a non-finite loss, an exception, also after the last step: W&B's "failed")
-            self._wandb.finish(exit_code=0 if self._completed else 1)
-            self._wandb = None
+        previous = self._previous_handlers
+        # The log-only handler first: a SIGTERM from here on finds it, never the default's 143. The others are given
+        # back last, once all is closed: until then this run's handler only logs (train() returned), where the
+        # default SIGINT's KeyboardInterrupt cut the closing short (the lock, the W&B run left behind).
+        if log_sigterm and signal.SIGTERM in previous:
+            signal.signal(signal.SIGTERM, _log_sigterm)
+        try:
+            unlock_output_dir(self.output_dir)
+            self._close_progress()
+            if self._writer is not None:
+                self._writer.close()
+            if self._metrics is not None:
+                self._metrics.close()
+            if self._wandb is not None:
+                # As the process exits: 0 when train() returned (train.steps reached, or stopped by a signal), else
+                # an error ended it (a non-finite loss, an exception, also after the last step: W&B's "failed")
+                self._wandb.finish(exit_code=0 if self._completed else 1)
+                self._wandb = None
+        finally:
+            for sig, handler in previous.items():
+                if not (sig == signal.SIGTERM and log_sigterm):
+                    signal.signal(sig, handler)
+            previous.clear()
 
 
 # The least time between two draws of loss.png while a run goes on (evaluations may come every few seconds)

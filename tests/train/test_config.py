@@ -162,8 +162,9 @@ def test_flops_count_every_projection_the_model_has(extra):
     import retnet  # noqa: F401
     from retnet.model import RetNetConfig, RetNetForCausalLM
 
+    # (chunkwise: on a CPU auto would run 64 tokens in the parallel form, test_mfu_retention_form_paths.py)
     config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      vocab_size=300, **extra)
+                                      vocab_size=300, retention_mode="chunkwise", **extra)
     model = RetNetForCausalLM(config)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     heads, k_dim, v_dim, chunk = 2, config.head_dim, config.value_head_dim, min(config.chunk_size, 64)
