@@ -1266,7 +1266,10 @@ class Trainer:
                     group.update({key: value for key, value in saved.items() if key != "params"})
         self._apply_optim_settings()
         ranks = trainer["ranks"]
-        self.step = self.last_saved_step = int(trainer["step"])
+        self.step = int(trainer["step"])
+        # Saved already only where this run keeps its checkpoints: one resumed from another run's (train.resume=PATH
+        # into a new output_dir) saves its final step there too, or a relaunch of it would find none and start afresh
+        self.last_saved_step = self.step if path.resolve().parent == self.ckpt_root.resolve() else -1
         window = trainer.get("log_window", {})  # absent from checkpoints written before it was saved
         self.window_losses, self.window_seconds = list(window.get("losses", [])), float(window.get("seconds", 0.0))
         self._last = dict(window.get("last", {}))
