@@ -116,7 +116,7 @@ class RetNetHeadNorm(nn.Module):
 
 
 # xPos scales q by ζ^(n/base) and k by ζ^(−n/base) (ζ < 1 per key dimension, the smallest 0.4/1.4): at a large
-# position n one underflows and the other overflows (fp32 from n ≈ 70·base, fp16 from n ≈ 9.7·base). Only n − m
+# position n one underflows and the other overflows (fp32 from n ≈ 71·base, fp16 from n ≈ 8.9·base). Only n − m
 # enters q_n·k_m, so positions are taken relative to a frame near the tokens; a frame moves forward by scaling
 # the state's key rows by ζ^(shift/base) (a decay, ≤ 1). Within one frame the scales stay within this factor:
 XPOS_MAX_GROWTH = 2.0**8
@@ -370,14 +370,15 @@ class RetNetMultiScaleRetention(nn.Module):
         output_final_state: bool,
         mode: str,
         cu_seqlens: torch.Tensor | None = None,
-        packed_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+        packed_rows: tuple[torch.Tensor, torch.Tensor] | _PaddingInFront | None = None,
         context: ContextShard | None = None,
         update_state_inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``positions``: the forward's :class:`RetNetPositionEncoding`; each of its pieces runs in its own xPos
         frame, the state carried from piece to piece. ``packed_rows``: ``(index, row_cu_seqlens)`` of the real
         tokens of a padded batch (see :func:`_pack_padded_rows`); retention then runs on those alone, one packed
-        sequence per row (in one piece). ``context``: this rank's piece of a row split across ranks
+        sequence per row (in one piece); compiled, a :class:`_PaddingInFront` order of each row instead.
+        ``context``: this rank's piece of a row split across ranks
         (:mod:`retnet.model.context_parallel`); its first sequence then also reads the state the earlier pieces
         leave, and no state is returned. ``update_state_inplace``: the caller owns ``initial_state`` alone (see
         :attr:`RetNetCache.update_in_place`); a recurrent step in one piece may write its new state over it."""
@@ -463,6 +464,11 @@ class RetNetMultiScaleRetention(nn.Module):
             # A padded position writes nothing into the state (its kᵀv is zero).
             k = k * token_mask[:, :, None, None].to(k.dtype)
         log_decay = self.log_decay(q.device)
+        in_front = packed_rows if isinstance(packed_rows, _PaddingInFront) else None
+        if in_front is not None:
+            packed_rows = None
+            order = in_front.order[:, :, None, None]
+            q, k, v = (x.gather(1, order.expand(x.shape)) for x in (q, k, v))
         if packed_rows is not None:
             # The decay runs per position, padding included: a pad after real tokens (or after a cached state)
             # would decay the state it does not write to. Packed, the pads are simply not there.
@@ -479,6 +485,9 @@ class RetNetMultiScaleRetention(nn.Module):
             o, state = kernels.recurrent_retention(q, k, v, log_decay, **common)
         if packed_rows is not None:
             o = o.new_zeros(batch * length, *o.shape[2:]).index_copy(0, index, o[0]).view(batch, length, *o.shape[2:])
+        if in_front is not None:  # back in place, 0 at the padding as packed (q there may be anything)
+            o = torch.zeros_like(o).scatter(1, order.expand(o.shape), o).masked_fill(
+                ~in_front.real[:, :, None, None], 0)
         return o, state
 
 
@@ -953,7 +962,7 @@ class RetNetModel(RetNetPreTrainedModel):
                                 else torch.zeros(batch, dtype=torch.long, device=hidden_states.device)) + snapshot_at
 
         all_hidden_states = ()
-        packed = cu_seqlens is not None or packed_rows is not None
+        packed = cu_seqlens is not None or (packed_rows is not None and not isinstance(packed_rows, _PaddingInFront))
         # Only a cache whose owner opted in, and never while it keeps a snapshot (record_snapshot and crop share
         # its tensors with the cache's list) or packed (the server's speculative step keeps the states from before
         # its packed verify forward; the reference would copy a packed step's states back anyway).
@@ -1134,11 +1143,14 @@ class RetNetModel(RetNetPreTrainedModel):
         elif cu_seqlens is None and packed_rows is not None:
             # A packed row's frame starts at its first real token's position: its first column may be padding,
             # whose position (0, or 1 in older transformers) says nothing of where the real tokens start.
-            index, row_offsets = packed_rows
-            starts = index[row_offsets[:-1].clamp(max=max(index.numel() - 1, 0))] if index.numel() else None
             rows = torch.arange(position_ids.shape[0], device=device)
-            column = torch.zeros_like(rows) if starts is None else torch.where(
-                row_offsets[1:] > row_offsets[:-1], starts.to(device) - rows * length, 0)
+            if isinstance(packed_rows, _PaddingInFront):  # (a row of padding only: its column 0, as below)
+                column = packed_rows.real.int().argmax(-1).to(device)
+            else:
+                index, row_offsets = packed_rows
+                starts = index[row_offsets[:-1].clamp(max=max(index.numel() - 1, 0))] if index.numel() else None
+                column = torch.zeros_like(rows) if starts is None else torch.where(
+                    row_offsets[1:] > row_offsets[:-1], starts.to(device) - rows * length, 0)
             origin = position_ids[rows, column]
         elif cu_seqlens is None:
             origin = position_ids[:, 0]
@@ -1153,7 +1165,8 @@ class RetNetModel(RetNetPreTrainedModel):
         if packed and (custom_positions or length > span):
             # A packed row runs in one frame per sequence: its positions must stay within one span of it. Only
             # real tokens are packed, so padding's positions (generate gives them 0) do not count.
-            real = relative if packed_rows is None else relative.flatten()[packed_rows[0]]
+            real = (relative if packed_rows is None else relative[packed_rows.real]
+                    if isinstance(packed_rows, _PaddingInFront) else relative.flatten()[packed_rows[0]])
             low, high = (int(real.min()), int(real.max())) if real.numel() else (0, 0)
             if low < 0 or high >= span:
                 # A padded batch is already fed in pieces of `span` columns (_padded_xpos_pieces): only positions
@@ -1341,11 +1354,28 @@ def _check_cache_fits(cache: RetNetCache, num_layers: int, batch: int | None) ->
         )
 
 
-def _pack_padded_rows(token_mask: torch.Tensor, has_state: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+@dataclass
+class _PaddingInFront:
+    """A padded batch on a fresh state as a compiled forward runs it (:func:`_pack_padded_rows`): ``order``
+    ``[B, T]`` permutes each row so that its padding comes first (stably: the real tokens keep their order),
+    ``real`` ``[B, T]`` is the mask in the row's own order."""
+
+    order: torch.Tensor
+    real: torch.Tensor
+
+
+def _pack_padded_rows(token_mask: torch.Tensor, has_state: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor] | _PaddingInFront | None:
     """``(index, cu_seqlens)`` packing each row's real tokens as one sequence, when some padding would meet a
     non-zero state: padding after a real token, or any padding with a cached state. Leading padding on a fresh
-    state decays only zeros, so it keeps the plain batched path (None)."""
+    state decays only zeros, so it keeps the plain batched path (None).
+
+    Compiled, on a fresh state: :class:`_PaddingInFront`. Whether and how to pack is read from the mask on the
+    host (each read a graph break, and the packed sizes a shape from the data); moved in front of each row's real
+    tokens, where it writes and decays nothing, padding needs neither, and the real tokens run as packed."""
     real = token_mask.bool()
+    if not has_state and torch.compiler.is_compiling():
+        return _PaddingInFront(torch.sort(real.to(torch.uint8), dim=1, stable=True).indices, real)
     if bool(real.all()):
         return None
     if not has_state and not bool((real[:, :-1] & ~real[:, 1:]).any()):

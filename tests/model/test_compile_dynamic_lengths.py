@@ -37,7 +37,5 @@ def test_compiled_model_is_not_traced_again_for_each_sequence_length(case):
             torch.testing.assert_close(got.grad, expected.grad, msg=name)
     torch._dynamo.reset()
     # Each frame is compiled for the first length, then once with the length dynamic: the third compiles nothing.
-    # (Padded rows are packed, with data-dependent sizes: graph breaks, hence several frames.)
-    assert frames[2] == frames[1], f"compiled frames after each length: {frames}"
-    if case != "padded":
-        assert frames[2] <= 2, f"compiled frames after each length: {frames}"
+    # (A padded batch too: its padding is moved in front, no host read of the mask, test_compile_padded_batch.py.)
+    assert frames[2] == frames[1] <= 2, f"compiled frames after each length: {frames}"
