@@ -87,7 +87,7 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, device: torch.dev
     for name, model in models.items():
         seconds = statistics.median(times[name])
         tokens_per_s = batch * seq_len / seconds
-        flops = flops_per_token(config, seq_len) if name == "retnet" else llama_flops_per_token(model, seq_len)
+        flops = flops_per_token(config, seq_len, device=device) if name == "retnet" else llama_flops_per_token(model, seq_len)
         rows.append({
             "preset": preset, "model": name, "seq_len": seq_len, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()), "step_s": seconds,
