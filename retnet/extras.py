@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import warnings
@@ -30,7 +31,8 @@ EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 def missing_extra(error: ModuleNotFoundError, extra: str) -> str | None:
     """The refusal's words when the module ``error`` could not import comes with ``extra``; None for any other (a
     missing submodule of an installed package is a version mismatch, whose traceback says more)."""
-    if error.name not in EXTRA_MODULES[extra]:
+    if error.name not in EXTRA_MODULES[extra] or _interrupted():
+        # (after a Ctrl-C a library swallowed, a module it left half-imported is no missing extra)
         return None
     return f"{error.name} is not installed; it comes with the [{extra}] extra: pip install 'retnet-stack[{extra}]'"
 
@@ -64,25 +66,75 @@ def to_devnull(stream) -> None:
             os.close(devnull)
 
 
+_sigint_lock = threading.Lock()
+_sigint_depth = 0  # blocks open now in the main thread (retnet-eval's script nests main's in its own)
+_sigint_before = None  # the handler the first block found, which the last restores
+_sigint_received = False
+
+
+def _record_sigint(signum, frame) -> None:
+    global _sigint_received
+    _sigint_received = True
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> bool:
+    """A SIGINT reached the handler of an open :func:`exits_on_ctrl_c` block."""
+    return _sigint_received and _sigint_depth > 0
+
+
 @contextlib.contextmanager
 def exits_on_ctrl_c(prog: str) -> Iterator[None]:
     """Run the block; a Ctrl-C it does not handle itself ends the command with one line and status 130, as one
     the command handles does. The imports of torch and transformers and a tokenizer's load take seconds, and a
-    Ctrl-C in them was a traceback of wherever the import was."""
+    Ctrl-C in them was a traceback of wherever the import was.
+
+    Any exception that follows a SIGINT received in the block ends it so too, not only a KeyboardInterrupt: a
+    library's import that swallows the interrupt leaves a module half-imported, and what failed next was the
+    traceback (numpy's RecursionError as transformers' "Could not import module 'GenerationMixin'"). The signal
+    is recorded by a handler of this block's, installed only over Python's own (a handler of the program's, or
+    SIGINT ignored as in a background job, is left as it is) and only in the main thread, where signals run.
+    Without a SIGINT an error passes through as it is."""
+    global _sigint_depth, _sigint_before, _sigint_received
+
+    installed = False
+    if threading.current_thread() is threading.main_thread():
+        with _sigint_lock:
+            current = signal.getsignal(signal.SIGINT)
+            if current is _record_sigint:
+                _sigint_depth += 1
+                installed = True
+            elif current is signal.default_int_handler:
+                _sigint_before, _sigint_received, _sigint_depth = current, False, 1
+                signal.signal(signal.SIGINT, _record_sigint)
+                installed = True
     try:
         yield
-    except KeyboardInterrupt:
+    except SystemExit:  # (a status the command chose, a Ctrl-C it handled itself included)
+        raise
+    except BaseException as error:
+        if not (isinstance(error, KeyboardInterrupt) or (installed and _sigint_received)):
+            raise
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    finally:
+        if installed:
+            with _sigint_lock:
+                _sigint_depth -= 1
+                # (a handler the block's code installed and left is its own to restore)
+                if _sigint_depth == 0 and signal.getsignal(signal.SIGINT) is _record_sigint:
+                    signal.signal(signal.SIGINT, _sigint_before)
 
 
 def retnet_eval(argv: list[str] | None = None) -> int:
     """retnet-eval's console script: :func:`retnet.train.evaluate.main` once its module is imported, which imports
     torch at its top (seconds). As that module's ``main`` the script imported it before ``main`` ran: a Ctrl-C in
     the import was a traceback, where every other command's is one line and status 130."""
+    # (main's own block nests in this one: a Ctrl-C the import swallowed still counts for an error main meets)
     with exits_on_ctrl_c("retnet-eval"):
         from retnet.train.evaluate import main
-    return main(argv)
+
+        return main(argv)
 
 
 _bars_lock = threading.Lock()
