@@ -267,15 +267,47 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
             continue
         if not name.endswith(".index.json"):
             return _read(loader, path)
-        weights: dict[str, torch.Tensor] = {}
-        weight_map = _read_json(path)
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict):  # (a KeyError or AttributeError naming neither file nor field)
-            raise ValueError(f"{str(path)!r} has no weight_map of tensor names to shard files")
-        for shard in sorted(set(weight_map.values())):
-            weights.update(_read(loader, directory / shard))
-        return weights
+        return _read_shards(path, loader)
     raise FileNotFoundError(f"{directory} holds no model.safetensors, pytorch_model.bin or a sharded index of them")
+
+
+def _read_shards(index: Path, loader) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards the index file ``index`` names, each read from the shard it names. A shard
+    missing, a tensor it lists under a shard that does not hold it, a tensor a shard holds that it lists elsewhere
+    or not at all, or a shard file beside them it does not name, is refused naming both files: the index and the
+    shards disagree (a leftover of another save), and the tensors read merged whatever the shards held, the last
+    shard's copy of a tensor in two of them the one converted."""
+    directory = index.parent
+    weight_map = _read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):  # (a KeyError or AttributeError naming neither file nor field)
+        raise ValueError(f"{str(index)!r} has no weight_map of tensor names to shard files")
+    listed: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:  # (a TypeError when sorted)
+            raise ValueError(f"{str(index)!r}: weight_map[{name!r}] is {shard!r}, not a shard file's name")
+        listed.setdefault(shard, set()).add(name)
+    # (model-00001-of-00002.safetensors beside the index's model.safetensors.index.json)
+    stem, suffix = index.name.removesuffix(".index.json").rsplit(".", 1)
+    shard_name = re.compile(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.{re.escape(suffix)}")
+    unnamed = sorted(path.name for path in directory.iterdir() if shard_name.fullmatch(path.name)
+                     and path.name not in listed)
+    if unnamed:
+        raise ValueError(f"{str(index)!r} does not name the shard file(s) {', '.join(unnamed[:3])} beside it: the index "
+                         "and the shards come from different saves; remove the shards it does not name, or give "
+                         "the index that names them")
+    weights: dict[str, torch.Tensor] = {}
+    for shard, names in sorted(listed.items()):
+        if not (directory / shard).is_file():
+            raise ValueError(f"{str(index)!r} names the shard {shard!r}, which is not in {str(directory)!r}")
+        tensors = _read(loader, directory / shard)
+        for problem, found in (("lists under it but it does not hold", names - tensors.keys()),
+                               ("does not list under it but it holds", tensors.keys() - names)):
+            if found:
+                raise ValueError(f"{str(index)!r} and its shard {shard!r} disagree: tensor(s) the index {problem}: "
+                                 f"{', '.join(sorted(found)[:3])}{' ...' if len(found) > 3 else ''}")
+        weights.update(tensors)
+    return weights
 
 
 def _load_bin(path: str) -> dict[str, torch.Tensor]:
@@ -357,6 +389,7 @@ def convert_fla_checkpoint(source: str | os.PathLike, destination: str | os.Path
     except OSError as error:  # (permissions, a read-only file system): a message, not a traceback
         raise ValueError(f"destination {str(destination)!r} cannot be created: {error.strerror or error}") from None
     try:
+        _remove_earlier_weights(dst)
         model.save_pretrained(dst)
         for path in copied:
             target = dst / path.relative_to(src)
@@ -382,8 +415,19 @@ def _copied(src: Path) -> list[Path]:
 
 
 # What save_pretrained writes (its shards' names depend on the size; it deletes stale shards of its own).
-_WRITTEN = re.compile(r"config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors"
-                      r"|model\.safetensors\.index\.json")
+_WEIGHTS = r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+_WRITTEN = re.compile(rf"config\.json|generation_config\.json|{_WEIGHTS}")
+
+
+def _remove_earlier_weights(destination: Path) -> None:
+    """The weights an earlier conversion into ``destination`` wrote, removed before this one's are: save_pretrained
+    removes only the shards of its own naming it does not write again. Written whole over a sharded save (a smaller
+    model's over one above the shard size, 50 GB), it left the old model.safetensors.index.json, which loaders that
+    read the index first (vLLM) take; written sharded over a whole save, the old model.safetensors, which
+    transformers reads before the index: the earlier model was loaded."""
+    for path in destination.iterdir():
+        if re.fullmatch(_WEIGHTS, path.name) and path.is_file():
+            path.unlink()
 
 
 def _check_destination(destination: Path, copied: set[str]) -> None:

@@ -107,7 +107,32 @@ def resolve_pretrained(source: str | os.PathLike, *, revision: str | None = None
                        "subfolder), or, offline (HF_HUB_OFFLINE, or no network), the snapshot holds only what an "
                        "earlier download fetched, which for a data.tokenizer is the tokenizer's files alone: "
                        "download the model once with network access")
+    missing = _missing_shards(Path(snapshot)) if "*.safetensors" in patterns else []
+    if missing:
+        # (a download cut short, then read offline: transformers' FileNotFoundError named one blob path of the cache)
+        raise HubError(f"{str(source)!r}: the hub's snapshot of it ({snapshot}) lacks {len(missing)} shard(s) its "
+                       f"weights' index names ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): a "
+                       "download cut short, or, offline, one that fetched only part of the repository: download "
+                       "the model again with network access")
     return Path(snapshot)
+
+
+def _missing_shards(snapshot: Path) -> list[str]:
+    """The shard files the weights' index in ``snapshot`` names that are not there, as transformers reads it: a
+    ``model.safetensors`` there is read instead of the index (and the .bin files only without safetensors)."""
+    for whole, index in (("model.safetensors", "model.safetensors.index.json"),
+                         ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (snapshot / whole).is_file():
+            return []
+        try:
+            weight_map = json.loads((snapshot / index).read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, ValueError, AttributeError):  # no index (or one the loader refuses in its own words)
+            continue
+        if not isinstance(weight_map, dict):
+            return []
+        shards = {shard for shard in weight_map.values() if isinstance(shard, str)}
+        return sorted(shard for shard in shards if not (snapshot / shard).is_file())
+    return []
 
 
 def holds_tokenizer(path: Path) -> bool:
