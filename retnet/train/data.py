@@ -342,12 +342,17 @@ def _hf_dataset(cfg: DataConfig, files: list[Path] | None, cache_dir: Path, stre
     import datasets
 
     if files is None:  # a hub name
+        options = None
         try:
             builder = datasets.load_dataset_builder(cfg.dataset, cfg.name, cache_dir=str(cache_dir / "hf"))
             options = _hub_options(cfg, builder)
             loaded = datasets.load_dataset(cfg.dataset, cfg.name, split=cfg.split, streaming=streaming,
                                            cache_dir=str(cache_dir / "hf"), **options)
         except Exception as error:  # offline, unknown name, private ...
+            if options and not streaming and check_files:
+                # a CSV file pandas cannot parse (an unclosed quote, not UTF-8) fails the load as datasets' "An
+                # error occurred while generating the dataset": the check names the file and line instead
+                _check_hub_csv_files(cfg, builder, cache_dir)
             raise _hub_error(cfg, error) from None
         if options and not streaming and check_files:  # (load_hub: local rank 0's, the others wait for it)
             _check_hub_csv_files(cfg, builder, cache_dir)

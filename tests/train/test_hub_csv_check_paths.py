@@ -117,3 +117,12 @@ def test_a_streamed_hub_csv_set_checks_its_cached_files_and_names_the_others(hub
     assert "hf download someone/csvset --repo-type dataset" in warned[0]
     _load(tmp_path)  # the pass of the stream's check holds for a non-streamed start too
     assert hub["parsed"] == ["a.csv", "a.csv"]
+
+
+@pytest.mark.parametrize("content", [b'text,id\n"an open quote,1\nb,2\n', b"text,id\n\xff\xfe not utf-8,1\n"],
+                         ids=["open-quote", "not-utf-8"])
+def test_a_file_the_load_cannot_parse_is_named(hub, tmp_path, content):
+    # datasets' own failure said only "An error occurred while generating the dataset", no file
+    hub["file"].write_bytes(content)
+    with pytest.raises(ConfigError, match=r"its CSV file 'data/a\.csv' .*(not CSV|not UTF-8)"):
+        _load(tmp_path)
