@@ -88,10 +88,11 @@ class ServeMetrics:
                                     "(--max-cpu-loras), by outcome: ok, failed, changed", ["outcome"], registry=r)
         self.lora_evictions = Counter("retnet_lora_evictions", "LoRA adapters evicted to make room "
                                       "(--max-cpu-loras)", registry=r)
-        # The pooling engine (a classifier's /classify and /pooling, --convert embed's /v1/embeddings and /pooling):
-        # what its forwards ran.
+        # The pooling engine (a classifier's /classify and /pooling, --convert embed's /v1/embeddings and /pooling,
+        # and both's /score and /rerank): what its forwards ran.
         self.pooling_inputs = Counter("retnet_pooling_inputs", "inputs pooled: scored by a classifier or embedded "
-                                      "(/classify, /pooling, /v1/embeddings)", registry=r)
+                                      "(/classify, /pooling, /v1/embeddings; /score and /rerank: each distinct pair, "
+                                      "or an embedding model's distinct text)", registry=r)
         self.pooling_tokens = Counter("retnet_pooling_tokens", "tokens of the inputs pooled (scored or embedded)",
                                       registry=r)
         self.pooling_batch = Histogram("retnet_pooling_batch_inputs", "inputs packed together in one pooling "
