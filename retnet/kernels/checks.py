@@ -44,8 +44,8 @@ import torch
 
 __all__ = [
     "CU_SEQLENS_DTYPES", "CU_SEQLENS_NAMES", "MAX_HEAD_DIM", "MIN_LOG_DECAY", "SUPPORTED_DTYPES", "HostOffsets",
-    "SharedHostOffsets", "check_chunk_size", "check_inputs", "check_scale", "host_offsets", "is_cu_seqlens",
-    "log_decay_tensor", "shares_host_offsets", "usable_log_decay",
+    "SharedHostOffsets", "check_chunk_size", "check_inputs", "check_scale", "contents_mark", "host_offsets",
+    "is_cu_seqlens", "log_decay_tensor", "shares_host_offsets", "unchanged_since", "usable_log_decay",
 ]
 
 # The paper's presets have V = 2 · K = 512. The kernels tile K and V in at most 128-wide tiles (the recurrent
@@ -270,19 +270,20 @@ def _log_decay_refusal(values: list[float]) -> str:
     return f"log_decay must be ln γ <= 0 (γ in [0, 1]; -inf for γ = 0); got [{', '.join(f'{x:.6g}' for x in values)}]"
 
 
-# The version counter of a log_decay tensor whose values were read and found valid, kept on the tensor itself.
+# The contents_mark of a log_decay tensor whose values were read and found valid, kept on the tensor itself.
 def _values_checked(log_decay: torch.Tensor) -> bool:
-    return getattr(log_decay, "_retnet_checked_version", ()) == _version(log_decay)
+    return unchanged_since(getattr(log_decay, "_retnet_checked_version", None), log_decay)
 
 
 def _mark_values_checked(log_decay: torch.Tensor) -> None:
-    log_decay._retnet_checked_version = _version(log_decay)
+    log_decay._retnet_checked_version = contents_mark(log_decay)
 
 
 def _check_log_decay_values(op: str, log_decay: torch.Tensor) -> None:
     """ln γ <= 0 (γ in [0, 1]; -inf is γ = 0): a positive one makes the state grow by γ^T and a NaN spreads, into
     outputs that are inf or NaN with nothing naming why. Its values are read on the host once per tensor (a
-    device sync; the model passes the same [H] tensor to every call) and again after an in-place write;
+    device sync; the model passes the same [H] tensor to every call) and again after an in-place write or a swap of
+    its data (:func:`unchanged_since`);
     skipped while compiling or capturing a CUDA graph, where nothing may be read."""
     if log_decay.is_meta or torch.compiler.is_compiling() or (
         log_decay.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -298,6 +299,29 @@ def _check_log_decay_values(op: str, log_decay: torch.Tensor) -> None:
 def _version(x: torch.Tensor) -> int | None:
     """``x``'s in-place write counter; None for an inference tensor, which keeps none."""
     return None if x.is_inference() else x._version
+
+
+def contents_mark(x: torch.Tensor) -> tuple:
+    """A mark of ``x``'s values as they are now, for :func:`unchanged_since`: its in-place write counter
+    (:func:`_version`) and the address of its data. ``x.data = other`` swaps the data without counting a write, and
+    ``nn.Module.to()`` / ``.cuda()`` / ``.half()`` do just that to a parameter, keeping the object: by the counter
+    alone a ln γ parameter moved or given new values kept the old values' check and, in the recurrent reference, the
+    old γ (wrong outputs, or a tensor on the old device). The mark holds the data's storage, so no later allocation
+    can take its address while it is kept (a tensor: torch.save refuses a storage beside its own tensor)."""
+    address = _address(x)
+    return _version(x), address, None if address is None else x.detach()
+
+
+def unchanged_since(mark, x: torch.Tensor) -> bool:
+    """Whether ``x`` holds the data it held when ``mark`` (:func:`contents_mark`, or None) was taken, unwritten."""
+    return mark is not None and mark[0] == _version(x) and mark[1] == _address(x)
+
+
+def _address(x: torch.Tensor) -> int | None:
+    try:
+        return x.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage of its own: its write counter alone
+        return None
 
 
 class HostOffsets:

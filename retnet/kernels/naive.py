@@ -30,8 +30,10 @@ import torch
 from retnet.kernels.checks import (
     check_chunk_size,
     check_inputs,
+    contents_mark,
     host_offsets,
     shares_host_offsets,
+    unchanged_since,
     usable_log_decay,
 )
 
@@ -354,22 +356,23 @@ _chunkwise_varlen = torch.compiler.disable(_chunkwise)
 
 def _decay_factors(log_decay: torch.Tensor) -> torch.Tensor:
     """γ = exp(ln γ) as ``[1, H, 1, 1]`` fp32, the recurrent form's per-step factor. A decode step calls the op
-    once per layer with the layer's same ln γ tensor: the factors are kept on it, for as long as its version
-    counter says it was not written in place (an inference tensor keeps none, nor is anything kept while
-    compiling, capturing a CUDA graph (kept there, they would be written only when the graph replays) or for a
-    tensor in a graph: those compute them each call)."""
+    once per layer with the layer's same ln γ tensor: the factors are kept on it, for as long as it was neither
+    written in place nor given other data (``checks.unchanged_since``; an inference tensor keeps no write counter,
+    nor is anything kept while compiling, capturing a CUDA graph (kept there, they would be written only when the
+    graph replays) or for a tensor in a graph: those compute them each call)."""
     # is_compiling() first: dynamo cannot trace is_inference(), a graph break in every traced call
     if torch.compiler.is_compiling() or log_decay.is_inference() or log_decay.requires_grad or (
             log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
         return torch.exp(log_decay.float())[None, :, None, None]
     kept = getattr(log_decay, "_retnet_decay_factors", None)
-    if kept is not None and kept[0] == log_decay._version:
+    # (not the write counter alone: Module.to() swaps a parameter's data without a write)
+    if kept is not None and unchanged_since(kept[0], log_decay):
         return kept[1]
     # A plain tensor even when first asked under inference_mode (a generate before training, say): kept as an
     # inference tensor, every later step with grad failed "Inference tensors cannot be saved for backward".
     with torch.inference_mode(False):
         factors = torch.exp(log_decay.float())[None, :, None, None]
-    log_decay._retnet_decay_factors = (log_decay._version, factors)
+    log_decay._retnet_decay_factors = (contents_mark(log_decay), factors)
     return factors
 
 
