@@ -93,7 +93,7 @@ class RequestChecks:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
         if request.session_id is not None:
             if s.max_sessions == 0:
-                raise APIError(400, "sessions are turned off on this server", "session_id")
+                raise APIError(400, "sessions are turned off on this server (--max-sessions 0)", "session_id")
             if request.n != 1:
                 raise APIError(400, "session_id needs n = 1 (one continuation to save)", "session_id")
 
@@ -109,8 +109,8 @@ class RequestChecks:
         if not ids:
             raise APIError(400, "prompt must not be empty", param, "empty_prompt")
         if len(ids) > self.settings.max_prompt_tokens:
-            what = "the prompt" if param == "prompt" else "the templated messages"
-            raise APIError(400, f"{what} has {len(ids)} tokens; this server accepts at most "
+            what = "the prompt has" if param == "prompt" else "the templated messages have"
+            raise APIError(400, f"{what} {len(ids)} tokens; this server accepts at most "
                            f"{self.settings.max_prompt_tokens}", param, "context_length_exceeded")
         # The tokenizer's ids, as vLLM checks a prompt: a padded vocabulary's extra rows are no token.
         bound = self.engine.token_bound
@@ -125,7 +125,7 @@ class RequestChecks:
         """``name``: the field ``max_tokens`` came from, for the error; ``bad_words``: their token ids."""
         max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > self.settings.max_tokens_limit:
-            raise APIError(400, f"{name} must be <= {self.settings.max_tokens_limit}; got {max_tokens}", name)
+            raise APIError(400, f"{name} must be <= {self.settings.max_tokens_limit} (--max-tokens-limit); got {max_tokens}", name)
         if request.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens must be <= {name} ({max_tokens}); got {request.min_tokens}",
                            "min_tokens")
