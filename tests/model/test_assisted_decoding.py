@@ -142,7 +142,9 @@ def test_crop_goes_back_to_the_snapshot_and_no_further(model_factory):
     cache.crop(-2)  # to 8: back to 6, two to feed again
     assert (cache.get_seq_length(), cache.refeed, int(cache.offsets)) == (6, 2, 6)
     plain = model(torch.arange(2, 8)[None]).get(CACHE_KWARG)
-    assert all(torch.equal(a, b) for a, b in zip(cache.states, plain.states))
+    # (close, not equal: on several threads the ten-token forward's matmuls split otherwise than the six-token one's)
+    for kept, fed in zip(cache.states, plain.states, strict=True):
+        torch.testing.assert_close(kept, fed, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"go back from 6 to 4 tokens.*one at 6 tokens"):
         cache.crop(-2)
     cache.crop(9)  # a positive count keeps that many: more than seen is no crop
