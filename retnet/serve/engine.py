@@ -882,7 +882,9 @@ class Engine(ModelThread):
         # session's select, a prefix entry's insert); only this forward writes in place (a speculative step keeps
         # the states from before it).
         batch = self.batch
-        batch.update_in_place = True
+        # Except after a speculative step that caught rows up: its batch is views of that forward's states, the
+        # catch-up rows after them, which writes in place would keep alive; this step's new states let them go.
+        batch.update_in_place = all(s is None or s.untyped_storage().nbytes() == s.nbytes for s in batch.states)
         try:
             with self.adapter_slots.applied([s.group.adapter for s in self.running]):
                 out = self.model(input_ids=last, cache=batch, use_cache=True, retention_mode="recurrent",
