@@ -28,6 +28,7 @@ from transformers.conversion_mapping import (
     register_checkpoint_conversion_mapping,
 )
 from transformers.core_model_loading import ConversionOps, WeightConverter
+from transformers.generation import candidate_generator
 from transformers.generation import utils as generation_utils
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutputWithPast
@@ -1764,7 +1765,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if isinstance(model_kwargs, dict) and "_embeds_prompt" in model_kwargs:
             kwargs["model_kwargs"] = {key: value for key, value in model_kwargs.items()
                                       if key not in ("inputs_embeds", "_embeds_prompt")}
-        return super()._get_candidate_generator(*args, **kwargs)
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        if type(generator) is candidate_generator.AssistedCandidateGeneratorDifferentTokenizers:
+            _crop_draft_cache_by_its_own_tokens(generator)
+        return generator
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
         # An empty prompt would fail on an IndexError inside transformers' generate (its right-padding check, or
@@ -2228,3 +2232,34 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
 
 __all__ = ["RetNetForCausalLM", "RetNetForSequenceClassification", "RetNetModel", "RetNetPreTrainedModel",
            "RetNetSequenceClassifierOutput", "causal_lm_loss"]
+
+
+def _crop_draft_cache_by_its_own_tokens(generator) -> None:
+    """Across tokenizers (``tokenizer=``, ``assistant_tokenizer=``) transformers crops the draft's cache by a count
+    of the target's tokens (the length of the target's last candidates less the draft's new input), which leaves
+    a draft's key/value cache holding tokens its next input replaced or lacks, or no new token at all: a Llama
+    draft then failed on a forward of 0 tokens, or drafted from a cache of another sequence. Here the cache keeps
+    the draft's tokens it holds that its next input starts with, as a crop within one tokenizer does. (A RetNet
+    draft's cache copes on its own: ``RetNetCache.restartable``.)"""
+    held: list[torch.Tensor | None] = [None]  # the draft's tokens in its cache
+
+    def update_past(assistant_input_ids, num_extra_tokens_to_remove=0):
+        cache = generator.assistant_kwargs.get("cache")
+        if cache is None or isinstance(cache, RetNetCache) or held[0] is None:
+            return type(generator)._update_past_and_masks(generator, assistant_input_ids, num_extra_tokens_to_remove)
+        tokens = held[0][:, : assistant_input_ids.shape[1] - 1]  # the last input token is always fed
+        differs = (tokens != assistant_input_ids[:, : tokens.shape[1]]).any(0).nonzero()
+        extra = cache.get_seq_length() - (int(differs[0]) if len(differs) else tokens.shape[1])
+        if extra > 0:  # (transformers' crop takes the count to drop)
+            cache.crop(-extra)
+        return True
+
+    def get_candidates(input_ids, **kwargs):
+        out = type(generator).get_candidates(generator, input_ids, **kwargs)
+        cache = generator.assistant_kwargs.get("cache")
+        previous = getattr(generator, "prev_assistant_ids", None)  # (a transformers without it: its own crop)
+        held[0] = None if cache is None or previous is None else previous[:, : cache.get_seq_length()].clone()
+        return out
+
+    generator._update_past_and_masks = update_past
+    generator.get_candidates = get_candidates
