@@ -233,6 +233,7 @@ class Trainer:
         self._writer = self._progress = self._metrics = self._wandb = None
         self._progress_hooks = contextlib.ExitStack()  # what the bar holds while open (warnings_above_bars)
         self._completed = False  # train() returned: the W&B run finishes as finished, else as failed
+        self._closing_interrupts = 0  # Ctrl-Cs since train() returned: the second leaves the closing
         self._plotted_at: float | None = None  # when loss.png was last drawn (math.inf: matplotlib is missing)
         self._plot_gap = _PLOT_EVERY_S  # the least time before the next draw while the run goes on (_plot)
         self._previous_handlers: dict[int, Any] = {}
@@ -840,8 +841,11 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
             if self._completed:  # train() returned, saved: no step left to stop, and the closing is not cut short
-                logger.warning("received %s%s: the run has %s and saved; exiting", signal.Signals(signum).name,
-                               *((" again", "stopped") if self.signal_received else ("", "finished")))
+                if signum == signal.SIGINT and self._closing_interrupts:
+                    raise KeyboardInterrupt  # a second Ctrl-C: the closing hangs (a W&B upload), leave it
+                self._closing_interrupts += signum == signal.SIGINT
+                logger.warning("received %s: the run has %s and saved; closing (Ctrl-C again to leave it)",
+                               signal.Signals(signum).name, "stopped" if self.signal_received else "finished")
                 return
             if self.signal_received and signum == signal.SIGINT:
                 raise KeyboardInterrupt

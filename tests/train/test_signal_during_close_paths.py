@@ -31,6 +31,7 @@ def _bare_trainer(output_dir: Path) -> Trainer:
     trainer = Trainer.__new__(Trainer)
     trainer.output_dir = output_dir
     trainer.signal_received = trainer._completed = False
+    trainer._closing_interrupts = 0
     trainer._writer = trainer._progress = trainer._metrics = trainer._wandb = None
     trainer._previous_handlers = {}
     return trainer
@@ -75,7 +76,7 @@ def test_a_signal_between_the_stop_and_close_is_only_logged(sig, tmp_path, handl
     with caplog.at_level(logging.WARNING, logger="retnet.train.trainer"):
         _deliver(sig)
     name = signal.Signals(sig).name
-    assert f"received {name} again: the run has stopped and saved; exiting" in caplog.text
+    assert f"received {name}: the run has stopped and saved; closing (Ctrl-C again to leave it)" in caplog.text
     assert "saving a checkpoint" not in caplog.text
     trainer.close(log_sigterm=True)
 
@@ -101,7 +102,9 @@ def test_a_signal_inside_close_after_a_signal_stop_lets_it_finish(sig, tmp_path,
         trainer.close(log_sigterm=True)  # old: KeyboardInterrupt out of finish() (SIGINT given back first)
     assert run.finished == [0] and trainer._wandb is None and released == [tmp_path]
     assert seen == [_log_sigterm]
-    assert f"received {signal.Signals(sig).name} again" in caplog.text
+    # (SIGTERM finds the log-only handler close() installs first; SIGINT still the run's)
+    assert ("received SIGTERM again: the run has stopped and saved; exiting" if sig == signal.SIGTERM
+            else "received SIGINT: the run has stopped and saved; closing") in caplog.text
     assert signal.getsignal(signal.SIGTERM) is _log_sigterm
     assert signal.getsignal(signal.SIGINT) is handlers[signal.SIGINT]
     assert trainer._previous_handlers == {}
@@ -120,7 +123,7 @@ def test_close_without_a_signal_stop_gives_every_handler_back(tmp_path, handlers
     trainer._wandb = run = _Run(lambda: _deliver(signal.SIGINT))
     with caplog.at_level(logging.WARNING, logger="retnet.train.trainer"):
         trainer.close()
-    assert run.finished == [0] and "received SIGINT: the run has finished and saved; exiting" in caplog.text
+    assert run.finished == [0] and "received SIGINT: the run has finished and saved; closing" in caplog.text
     assert not trainer.signal_received
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
@@ -133,3 +136,20 @@ def test_a_second_sigint_during_the_stop_still_stops_at_once(tmp_path, handlers)
     with pytest.raises(AssertionError, match="raised KeyboardInterrupt"):
         _deliver(signal.SIGINT)
     trainer.close()
+
+
+def test_a_second_ctrl_c_leaves_a_closing_that_hangs(tmp_path, handlers, caplog):
+    """The first Ctrl-C after train() returned is only logged; a second one leaves close() (a W&B upload that
+    hangs could not be left at all), the handlers given back all the same."""
+    trainer = _bare_trainer(tmp_path)
+    trainer._install_signal_handlers()
+    trainer._completed = True
+
+    def twice():
+        _deliver(signal.SIGINT)
+        _deliver(signal.SIGINT)
+
+    trainer._wandb = _Run(twice)
+    with pytest.raises(AssertionError, match="raised KeyboardInterrupt"):
+        trainer.close()
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
