@@ -30,9 +30,9 @@ EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 def missing_extra(error: ModuleNotFoundError, extra: str) -> str | None:
     """The refusal's words when the module ``error`` could not import comes with ``extra``; None for any other (a
-    missing submodule of an installed package is a version mismatch, whose traceback says more)."""
+    missing submodule of an installed package is a version mismatch, whose traceback says more), and None after a
+    Ctrl-C a library swallowed (:func:`exits_on_ctrl_c`: the module is half-imported, not missing)."""
     if error.name not in EXTRA_MODULES[extra] or _interrupted():
-        # (after a Ctrl-C a library swallowed, a module it left half-imported is no missing extra)
         return None
     return f"{error.name} is not installed; it comes with the [{extra}] extra: pip install 'retnet-stack[{extra}]'"
 
@@ -68,7 +68,6 @@ def to_devnull(stream) -> None:
 
 _sigint_lock = threading.Lock()
 _sigint_depth = 0  # blocks open now in the main thread (retnet-eval's script nests main's in its own)
-_sigint_before = None  # the handler the first block found, which the last restores
 _sigint_received = False
 
 
@@ -95,7 +94,7 @@ def exits_on_ctrl_c(prog: str) -> Iterator[None]:
     is recorded by a handler of this block's, installed only over Python's own (a handler of the program's, or
     SIGINT ignored as in a background job, is left as it is) and only in the main thread, where signals run.
     Without a SIGINT an error passes through as it is."""
-    global _sigint_depth, _sigint_before, _sigint_received
+    global _sigint_depth, _sigint_received
 
     installed = False
     if threading.current_thread() is threading.main_thread():
@@ -105,7 +104,7 @@ def exits_on_ctrl_c(prog: str) -> Iterator[None]:
                 _sigint_depth += 1
                 installed = True
             elif current is signal.default_int_handler:
-                _sigint_before, _sigint_received, _sigint_depth = current, False, 1
+                _sigint_received, _sigint_depth = False, 1
                 signal.signal(signal.SIGINT, _record_sigint)
                 installed = True
     try:
@@ -123,7 +122,7 @@ def exits_on_ctrl_c(prog: str) -> Iterator[None]:
                 _sigint_depth -= 1
                 # (a handler the block's code installed and left is its own to restore)
                 if _sigint_depth == 0 and signal.getsignal(signal.SIGINT) is _record_sigint:
-                    signal.signal(signal.SIGINT, _sigint_before)
+                    signal.signal(signal.SIGINT, signal.default_int_handler)  # (the only one it replaces)
 
 
 def retnet_eval(argv: list[str] | None = None) -> int:

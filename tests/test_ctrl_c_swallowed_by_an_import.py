@@ -64,7 +64,7 @@ def _run(script: str, send_sigint: bool, name: str = "") -> subprocess.Completed
                           timeout=120)
 
 
-def test_every_console_script_is_its_one_line_and_130_after_a_ctrl_c_an_import_swallowed():
+def test_every_console_script_is_checked():
     try:
         import tomllib
     except ModuleNotFoundError:  # (Python 3.10)
@@ -72,9 +72,12 @@ def test_every_console_script_is_its_one_line_and_130_after_a_ctrl_c_an_import_s
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
     assert set(scripts) == set(_SCRIPT_ARGS)  # (a new command is checked too)
-    for script in _SCRIPT_ARGS:
-        process = _run(script, send_sigint=True)
-        assert (process.returncode, process.stderr) == (130, f"{script}: interrupted\n"), process.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", list(_SCRIPT_ARGS))
+def test_a_console_script_is_its_one_line_and_130_after_a_ctrl_c_an_import_swallowed(script):
+    process = _run(script, send_sigint=True)
+    assert (process.returncode, process.stderr) == (130, f"{script}: interrupted\n"), process.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script", ["retnet-train", "retnet-serve"])
@@ -113,22 +116,22 @@ def test_the_block_leaves_a_programs_own_sigint_handler_and_restores_pythons():
             signal.signal(signal.SIGINT, before)
 
 
-def test_a_real_error_passes_through_and_a_block_in_another_thread_works():
+def test_a_real_error_passes_through_and_a_block_off_the_main_thread_installs_nothing():
     with pytest.raises(ValueError, match="real"), extras.exits_on_ctrl_c("prog"):
         raise ValueError("real")
     with pytest.raises(SystemExit) as exited, extras.exits_on_ctrl_c("prog"):
         raise KeyboardInterrupt
     assert exited.value.code == 130
-    errors = []
+    errors, seen = [], []
 
     def in_thread():
         try:
             with extras.exits_on_ctrl_c("prog"):
-                pass
+                seen.append(signal.getsignal(signal.SIGINT))
         except BaseException as error:  # (signal.signal outside the main thread: ValueError)
             errors.append(error)
 
     thread = threading.Thread(target=in_thread)
     thread.start()
     thread.join()
-    assert errors == []
+    assert errors == [] and seen == [signal.default_int_handler]

@@ -89,7 +89,7 @@ class ServeMetrics:
         self.lora_evictions = Counter("retnet_lora_evictions", "LoRA adapters evicted to make room "
                                       "(--max-cpu-loras)", registry=r)
         # The pooling engine (a classifier's /classify and /pooling, --convert embed's /v1/embeddings and /pooling,
-        # and both's /score and /rerank): what its forwards ran.
+        # and /score and /rerank on either): what its forwards ran.
         self.pooling_inputs = Counter("retnet_pooling_inputs", "inputs pooled: scored by a classifier or embedded "
                                       "(/classify, /pooling, /v1/embeddings; /score and /rerank: each distinct pair, "
                                       "or an embedding model's distinct text)", registry=r)

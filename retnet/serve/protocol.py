@@ -485,6 +485,7 @@ class ChatCompletionRequest(SamplingFields):
         # vLLM's rule (and 0 its default, which clients written for it send): only a count above 0 needs logprobs:
         # true. 0 without it asks for nothing, and is read as left out rather than refused (serving's check).
         return None if value == 0 and not info.data.get("logprobs") else value
+
     add_generation_prompt: bool = True
     # vLLM's chat extras. continue_final_message: the last message is left open for the model to continue
     # (a prefilled answer); echo: that message's text starts the answer's; chat_template_kwargs and

@@ -125,7 +125,8 @@ class RequestChecks:
         """``name``: the field ``max_tokens`` came from, for the error; ``bad_words``: their token ids."""
         max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > self.settings.max_tokens_limit:
-            raise APIError(400, f"{name} must be <= {self.settings.max_tokens_limit} (--max-tokens-limit); got {max_tokens}", name)
+            raise APIError(400, f"{name} must be <= {self.settings.max_tokens_limit} (--max-tokens-limit); "
+                           f"got {max_tokens}", name)
         if request.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens must be <= {name} ({max_tokens}); got {request.min_tokens}",
                            "min_tokens")

@@ -36,9 +36,10 @@ async def refused(client, messages: list[dict]) -> list[dict]:
 
 async def test_a_tool_message_needs_its_call_id(open_app):
     async with open_app(chat_template=TOJSON) as client:
-        for tool in ({"tool_call_id": None}, {"tool_call_id": None, "content": ""}):
-            messages = history(tool=tool)
-            del messages[2]["tool_call_id"]
+        for tool, left_out in (({"tool_call_id": None}, True), ({"tool_call_id": None, "content": ""}, False)):
+            messages = history(tool=tool)  # (left out, or sent as null)
+            if left_out:
+                del messages[2]["tool_call_id"]
             for error in await refused(client, messages):
                 assert error["param"] == "messages[2].tool_call_id" and error["code"] == "missing", error
                 assert "tool_call_id" in error["message"], error
