@@ -36,6 +36,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # No token counts (all labels −100): zero gradients, as F.cross_entropy's mean (its loss is nan alike)
         inverse = torch.where(denominator == 0, 0.0, 1.0 / denominator)
+        grads = grad_hidden is not None or grad_weight is not None
         ctx.late_mean = False
         # Counted in chunks, not range(0, N, chunk): dynamo specializes such a range on N, and a compiled loss was
         # traced again for every new token count (a batch of another length), up to its recompile limit
@@ -55,25 +56,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # vocabulary fails in gather as in the unfused loss (the mesh's are checked before the loop)
             here = valid & (local_target >= 0) & (local_target < weight.shape[0]) if mesh is not None else valid
             safe_target = torch.where(here, local_target, 0)
-            log_norm = torch.logsumexp(logits_fp32, dim=-1)
-            picked = torch.where(here, logits_fp32.gather(1, safe_target[:, None]).squeeze(1), 0.0)
-            if mesh is not None:
+            if mesh is None:
+                # One log_softmax kernel (the max, the sum of exponentials, the output), where logsumexp and then
+                # the softmax's subtraction took five passes over the logits and a temporary of their size: on a
+                # CPU the head's elementwise work was a fifth of its time, and scaled worse than its matmuls
+                log_probs = torch.log_softmax(logits_fp32, dim=-1)
+                total -= torch.where(valid, log_probs.gather(1, safe_target[:, None]).squeeze(1), 0.0).sum()
+                del logits_fp32  # (logits itself when fp32: the exponentials below are taken of log_probs)
+            else:
+                log_norm = torch.logsumexp(logits_fp32, dim=-1)
+                picked = torch.where(here, logits_fp32.gather(1, safe_target[:, None]).squeeze(1), 0.0)
                 log_norm, picked = _combine_vocab_shards(log_norm, picked, mesh)
-            total += torch.where(valid, log_norm - picked, 0.0).sum()
-            if grad_hidden is None and grad_weight is None:
-                del logits, logits_fp32  # as below
+                total += torch.where(valid, log_norm - picked, 0.0).sum()
+                # this rank's columns of the log-softmax, over the whole vocabulary (logits_fp32: not used again)
+                log_probs = logits_fp32.sub_(log_norm[:, None]) if grads else None
+                del logits_fp32
+            matmul_dtype = logits.dtype
+            del logits  # as below
+            if not grads:
+                del log_probs
                 continue
             # d loss / d logits = (softmax − one-hot) / denominator on the tokens that count, 0 elsewhere
-            grad_logits = logits_fp32.sub_(log_norm[:, None]).exp_()  # (logits itself when fp32: not used again)
+            grad_logits = log_probs.exp_()
             grad_logits.scatter_add_(1, safe_target[:, None], -here[:, None].to(grad_logits.dtype))
             grad_logits.mul_(valid[:, None] if ctx.late_mean else (valid * inverse)[:, None])
             # in the head's matmul dtype, as the unfused backward (autocast casts the fp32 operands alike)
-            grad_logits = grad_logits.to(logits.dtype)
+            grad_logits = grad_logits.to(matmul_dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ rows
-            del logits, logits_fp32, grad_logits  # else alive through the next chunk's peak
+            del log_probs, grad_logits  # else alive through the next chunk's peak
         if mesh is not None and grad_hidden is not None:
             # each rank's rows of the head give a part of the hidden states' gradient: summed once, not per chunk
             grad_hidden = DTensor.from_local(grad_hidden, mesh, [Partial()], run_check=False).full_tensor()
