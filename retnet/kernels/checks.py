@@ -270,13 +270,14 @@ def _log_decay_refusal(values: list[float]) -> str:
     return f"log_decay must be ln γ <= 0 (γ in [0, 1]; -inf for γ = 0); got [{', '.join(f'{x:.6g}' for x in values)}]"
 
 
-# The contents_mark of a log_decay tensor whose values were read and found valid, kept on the tensor itself.
+# The contents_mark of a log_decay tensor whose values were read and found valid, kept on the tensor itself (under
+# a name of its own: a tensor torch.save kept with the older write-counter int would fail to compare).
 def _values_checked(log_decay: torch.Tensor) -> bool:
-    return unchanged_since(getattr(log_decay, "_retnet_checked_version", None), log_decay)
+    return unchanged_since(getattr(log_decay, "_retnet_checked_mark", None), log_decay)
 
 
 def _mark_values_checked(log_decay: torch.Tensor) -> None:
-    log_decay._retnet_checked_version = contents_mark(log_decay)
+    log_decay._retnet_checked_mark = contents_mark(log_decay)
 
 
 def _check_log_decay_values(op: str, log_decay: torch.Tensor) -> None:

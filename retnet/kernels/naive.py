@@ -364,7 +364,7 @@ def _decay_factors(log_decay: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling() or log_decay.is_inference() or log_decay.requires_grad or (
             log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
         return torch.exp(log_decay.float())[None, :, None, None]
-    kept = getattr(log_decay, "_retnet_decay_factors", None)
+    kept = getattr(log_decay, "_retnet_marked_decay_factors", None)
     # (not the write counter alone: Module.to() swaps a parameter's data without a write)
     if kept is not None and unchanged_since(kept[0], log_decay):
         return kept[1]
@@ -372,7 +372,7 @@ def _decay_factors(log_decay: torch.Tensor) -> torch.Tensor:
     # inference tensor, every later step with grad failed "Inference tensors cannot be saved for backward".
     with torch.inference_mode(False):
         factors = torch.exp(log_decay.float())[None, :, None, None]
-    log_decay._retnet_decay_factors = (contents_mark(log_decay), factors)
+    log_decay._retnet_marked_decay_factors = (contents_mark(log_decay), factors)
     return factors
 
 

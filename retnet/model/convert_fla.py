@@ -293,7 +293,8 @@ def _read_shards(index: Path, loader) -> dict[str, torch.Tensor]:
     unnamed = sorted(path.name for path in directory.iterdir() if shard_name.fullmatch(path.name)
                      and path.name not in listed)
     if unnamed:
-        raise ValueError(f"{str(index)!r} does not name the shard file(s) {', '.join(unnamed[:3])} beside it: the index "
+        more = " ..." if len(unnamed) > 3 else ""
+        raise ValueError(f"{str(index)!r} does not name the shard file(s) {', '.join(unnamed[:3])}{more} beside it: the index "
                          "and the shards come from different saves; remove the shards it does not name, or give "
                          "the index that names them")
     weights: dict[str, torch.Tensor] = {}

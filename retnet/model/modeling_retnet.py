@@ -355,7 +355,7 @@ class RetNetMultiScaleRetention(nn.Module):
         if device not in self._log_decay:
             decays = self.config.log_decays()[self.head_start:self.head_start + self.num_heads]
             # Not an inference tensor when the first forward runs under torch.inference_mode(): one keeps no
-            # version counter, so the ops (which re-read ln γ only after an in-place write) would take a write made
+            # version counter, so the ops (which re-read ln γ only after an in-place write or a swap of its data) would take a write made
             # to it inside inference_mode (say a positive ln γ, a state growing as γᵀ) as already checked. (Traced
             # by torch.compile it may still be one; the ops check nothing while compiling anyway.)
             with torch.inference_mode(False):
@@ -2230,9 +2230,6 @@ class RetNetForSequenceClassification(RetNetPreTrainedModel):
         return rows, (positions * real.to(torch.int32)).argmax(-1)
 
 
-__all__ = ["RetNetForCausalLM", "RetNetForSequenceClassification", "RetNetModel", "RetNetPreTrainedModel",
-           "RetNetSequenceClassifierOutput", "causal_lm_loss"]
-
 
 def _crop_draft_cache_by_its_own_tokens(generator) -> None:
     """Across tokenizers (``tokenizer=``, ``assistant_tokenizer=``) transformers crops the draft's cache by a count
@@ -2240,26 +2237,39 @@ def _crop_draft_cache_by_its_own_tokens(generator) -> None:
     a draft's key/value cache holding tokens its next input replaced or lacks, or no new token at all: a Llama
     draft then failed on a forward of 0 tokens, or drafted from a cache of another sequence. Here the cache keeps
     the draft's tokens it holds that its next input starts with, as a crop within one tokenizer does. (A RetNet
-    draft's cache copes on its own: ``RetNetCache.restartable``.)"""
-    held: list[torch.Tensor | None] = [None]  # the draft's tokens in its cache
+    draft's cache copes on its own: ``RetNetCache.restartable``.) Only this class, not its sampling subclass
+    (``UniversalSpeculativeDecodingGenerator``), which keeps transformers' own crop."""
+    held = None  # the draft's tokens in its cache
 
     def update_past(assistant_input_ids, num_extra_tokens_to_remove=0):
         cache = generator.assistant_kwargs.get("cache")
-        if cache is None or isinstance(cache, RetNetCache) or held[0] is None:
+        if cache is None or isinstance(cache, RetNetCache) or held is None:
             return type(generator)._update_past_and_masks(generator, assistant_input_ids, num_extra_tokens_to_remove)
-        tokens = held[0][:, : assistant_input_ids.shape[1] - 1]  # the last input token is always fed
+        tokens = held[:, : assistant_input_ids.shape[1] - 1]  # the last input token is always fed
         differs = (tokens != assistant_input_ids[:, : tokens.shape[1]]).any(0).nonzero()
         extra = cache.get_seq_length() - (int(differs[0]) if len(differs) else tokens.shape[1])
         if extra > 0:  # (transformers' crop takes the count to drop)
             cache.crop(-extra)
+        # the masks transformers' own update prepares after its crop
+        length, kwargs = assistant_input_ids.shape[-1], generator.assistant_kwargs
+        encoder_decoder = generator.assistant_model.config.is_encoder_decoder
+        kwargs = candidate_generator._prepare_attention_mask(kwargs, length, encoder_decoder)
+        kwargs = candidate_generator._prepare_position_ids(kwargs, length, encoder_decoder)
+        generator.assistant_kwargs = candidate_generator._prepare_token_type_ids(kwargs, length)
         return True
 
     def get_candidates(input_ids, **kwargs):
+        nonlocal held
         out = type(generator).get_candidates(generator, input_ids, **kwargs)
         cache = generator.assistant_kwargs.get("cache")
         previous = getattr(generator, "prev_assistant_ids", None)  # (a transformers without it: its own crop)
-        held[0] = None if cache is None or previous is None else previous[:, : cache.get_seq_length()].clone()
+        held = None if cache is None or previous is None else previous[:, : cache.get_seq_length()].clone()
         return out
 
     generator._update_past_and_masks = update_past
     generator.get_candidates = get_candidates
+
+
+__all__ = ["RetNetForCausalLM", "RetNetForSequenceClassification", "RetNetModel", "RetNetPreTrainedModel",
+           "RetNetSequenceClassifierOutput", "causal_lm_loss"]
+

@@ -69,7 +69,7 @@ def test_a_checked_decay_is_still_read_once():
     q = torch.randn(1, 1, 2, 4, device=DEVICE)
     log_decay = torch.tensor([-0.1, -0.2], device=DEVICE)
     naive.recurrent_retention(q, q, q, log_decay)
-    factors = log_decay._retnet_decay_factors[1]
+    factors = log_decay._retnet_marked_decay_factors[1]
     reads = []
     original = torch.Tensor.all
 
@@ -83,7 +83,7 @@ def test_a_checked_decay_is_still_read_once():
     finally:
         torch.Tensor.all = original
     assert reads == []
-    assert log_decay._retnet_decay_factors[1] is factors
+    assert log_decay._retnet_marked_decay_factors[1] is factors
 
 
 def test_a_used_decay_still_saves_and_copies(kt):

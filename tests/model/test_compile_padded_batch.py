@@ -46,7 +46,7 @@ def test_compiled_padded_batch_is_one_graph_with_the_eager_results(xpos):
         # the final states a generation would continue from (padding neither writes nor decays them)
         for got, expected in zip(out.past_key_values.states, want.past_key_values.states, strict=True):
             torch.testing.assert_close(got, expected, msg=case)
-        for (name, got), expected in zip(model.named_parameters(), eager.parameters()):
+        for (name, got), expected in zip(model.named_parameters(), eager.parameters(), strict=True):
             torch.testing.assert_close(got.grad, expected.grad, msg=f"{case}: {name}")
     assert counter.frame_count == 1, f"{counter.frame_count} frames compiled for padded batches"
     torch._dynamo.reset()
