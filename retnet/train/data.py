@@ -862,9 +862,11 @@ def _check_hub_csv_files(cfg: DataConfig, builder, cache_dir: Path, streaming: b
             except (ValueError, TypeError):  # settings a chunked read takes no part of (skipfooter): as read
                 problem = None
         if problem is not None:
-            raise ConfigError(f"data.dataset {cfg.dataset!r}: its CSV file {found['path']!r} ({path}), {problem}. "
-                              f"Read for data.text_field {cfg.text_field!r} alone, a row of a field too many passes "
-                              f"with its text cut at the unquoted separator: quote the fields that hold one")
+            # (the advice on a row of a field too many: not for an unclosed quote or text that is not UTF-8)
+            advice = (f". Read for data.text_field {cfg.text_field!r} alone, a row of a field too many passes with its "
+                      f"text cut at the unquoted separator: quote the fields that hold one") if "fields" in problem else ""
+            raise ConfigError(f"data.dataset {cfg.dataset!r}: its CSV file {found['path']!r} ({path}), {problem}"
+                              f"{advice}")
         if marker is not None:
             _write_marker(marker, {"file": found["path"], "blob": str(Path(path).resolve())})
     if streaming and unchecked:

@@ -52,7 +52,9 @@ def retention_flops(config, seq_len: int, device: torch.device | str | None = No
     :func:`retention_form` says runs. Chunkwise, chunk C: the state multiplied in and out (q·S, kᵀ·v: 2·2·K·V)
     and the intra-chunk q·kᵀ and (q·kᵀ)·v (2·C·K + 2·C·V). Parallel, sequence length T: the whole T × T scores,
     masked after the matmul (2·T·K + 2·T·V), no state. Recurrent: the state alone (4·K·V). ``seq_len`` is the
-    longest a sequence runs: documents packed shorter cost the parallel form less than counted."""
+    longest a sequence runs: documents packed shorter cost the parallel form less than counted, and on a CPU
+    a block of documents all within 256 tokens runs the parallel form where the block's length counts chunkwise
+    (the model picks the form by the longest document)."""
     form, span = retention_form(config, seq_len, device)
     k_dim, v_dim = config.head_dim, config.value_head_dim
     per_head = 2 * span * (k_dim + v_dim) + (0 if form == "parallel" else 4 * k_dim * v_dim)

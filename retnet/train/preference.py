@@ -896,7 +896,7 @@ class PreferenceData:
         the digest resumes unchecked."""
         if checkpoint is not None:
             check_rows_digest(self._saved_pairs, self.pairs_sha256, dataset=self.dataset, kind="preference",
-                              rows="pairs", counts=(len(self.train), len(self.val)), changed=self.changed)
+                              rows=self.rows_called, counts=(len(self.train), len(self.val)), changed=self.changed)
 
     def check_prompted(self) -> None:
         """A ConfigError naming the dataset and its rows when pairs have no prompt (prompt-less rows whose chosen

@@ -63,8 +63,11 @@ def test_the_triton_kernels_run_chunkwise_in_their_own_tiles(monkeypatch):
     assert retention_form(_config(retention_mode="recurrent"), 512) == ("recurrent", 0)
 
 
-def test_a_device_the_triton_path_cannot_take_counts_as_the_references():
-    """(RETNET_KERNELS=torch, or a CPU: the references; the trainer passes its device)"""
+@pytest.mark.parametrize("setting", ["torch", "neither"])
+def test_a_device_the_triton_path_cannot_take_counts_as_the_references(setting, monkeypatch):
+    """RETNET_KERNELS=torch, or a setting the ops refuse (the first forward says so, not the count): the references,
+    on a CPU as without a device."""
+    monkeypatch.setenv("RETNET_KERNELS", setting)
     assert retention_form(_config(), 48, torch.device("cpu")) == retention_form(_config(), 48) == ("parallel", 48)
 
 
