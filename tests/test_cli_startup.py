@@ -103,8 +103,8 @@ class CtrlCInTorch:
 sys.meta_path.insert(0, CtrlCInTorch())
 """
 
-# A console script as installed (pyproject's [project.scripts] target), with a Ctrl-C arriving in torch's import
-_CTRL_C_IN_TORCH = _CTRL_C_IN_TORCH_FINDER + """
+# A console script as installed (pyproject's [project.scripts] target): argv[1] the script, argv[2] its arguments
+_RUN_CONSOLE_SCRIPT = """
 import importlib, json
 try:
     import tomllib
@@ -117,6 +117,9 @@ with open("pyproject.toml", "rb") as file:
 sys.argv = [script, *args]
 sys.exit(getattr(importlib.import_module(module), attr)())
 """
+
+# ... with a Ctrl-C arriving in torch's import
+_CTRL_C_IN_TORCH = _CTRL_C_IN_TORCH_FINDER + _RUN_CONSOLE_SCRIPT
 
 _SCRIPT_ARGS = {
     "retnet-train": ["--config", "tiny"],

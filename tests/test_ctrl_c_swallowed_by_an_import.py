@@ -18,17 +18,14 @@ from pathlib import Path
 import pytest
 
 from retnet import extras
+from tests.test_cli_startup import _RUN_CONSOLE_SCRIPT, _SCRIPT_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 
 _SCRIPT = """
-import importlib, json, os, signal, sys
-try:
-    import tomllib
-except ModuleNotFoundError:  # (Python 3.10)
-    import tomli as tomllib
+import os, signal, sys
 
-script, args, send_sigint, name = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] or None
+send_sigint, name = sys.argv.pop(3) == "1", sys.argv.pop(3) or None
 
 class SwallowedCtrlCInTorch:
     def find_spec(self, fullname, path=None, target=None):
@@ -42,20 +39,7 @@ class SwallowedCtrlCInTorch:
         raise ModuleNotFoundError("Could not import module 'GenerationMixin'", name=name)
 
 sys.meta_path.insert(0, SwallowedCtrlCInTorch())
-with open("pyproject.toml", "rb") as file:
-    module, attr = tomllib.load(file)["project"]["scripts"][script].split(":")
-sys.argv = [script, *args]
-sys.exit(getattr(importlib.import_module(module), attr)())
-"""
-
-_SCRIPT_ARGS = {
-    "retnet-train": ["--config", "tiny"],
-    "retnet-serve": ["--model", "some/model"],
-    "retnet-eval": ["--model", "some/model"],
-    "retnet-lm-eval": ["--model", "hf", "--model_args", "pretrained=org/name", "--tasks", "x"],
-    "retnet-run-batch": ["--model", "some/model", "-i", "requests.jsonl", "-o", "results.jsonl"],
-    "retnet-convert-fla": ["fla-checkpoint", "converted"],
-}
+""" + _RUN_CONSOLE_SCRIPT
 
 
 def _run(script: str, send_sigint: bool, name: str = "") -> subprocess.CompletedProcess:

@@ -63,25 +63,17 @@ def test_a_positive_decay_swapped_in_is_refused(kt, op):
             op(q, k, v, decays.log_decay)
 
 
-def test_a_checked_decay_is_still_read_once():
+def test_a_checked_decay_is_still_read_once(monkeypatch):
     """The mark still spares the read (a device sync) of an unchanged ln γ, and the recurrent reference still keeps
     its γ."""
     q = torch.randn(1, 1, 2, 4, device=DEVICE)
     log_decay = torch.tensor([-0.1, -0.2], device=DEVICE)
     naive.recurrent_retention(q, q, q, log_decay)
     factors = log_decay._retnet_marked_decay_factors[1]
-    reads = []
-    original = torch.Tensor.all
-
-    def counting(self, *args, **kwargs):
-        reads.append(self.shape)
-        return original(self, *args, **kwargs)
-
-    torch.Tensor.all = counting
-    try:
-        naive.recurrent_retention(q, q, q, log_decay)
-    finally:
-        torch.Tensor.all = original
+    reads, original = [], torch.Tensor.all
+    monkeypatch.setattr(torch.Tensor, "all", lambda self, *a, **k: reads.append(self.shape) or original(self, *a, **k))
+    naive.recurrent_retention(q, q, q, log_decay)
+    monkeypatch.undo()
     assert reads == []
     assert log_decay._retnet_marked_decay_factors[1] is factors
 
