@@ -283,3 +283,18 @@ def test_local_completions_against_the_server_equals_hf(api_run, hf_run):
     assert api_run["results"]["tiny_mc"]["acc,none"] == hf_run["results"]["results"]["tiny_mc"]["acc,none"]
     assert sample_results(api_run["samples"]["tiny_gen"]) == sample_results(hf_run["samples"]["tiny_gen"])
     assert api_run["results"]["tiny_gen"]["exact_match,none"] == 1.0
+
+
+def test_hf_picks_the_causal_backend_for_retnet_without_a_warning(monkeypatch):
+    """``import retnet`` lists RetNet among transformers' causal LMs, the table lm-eval's ``hf`` reads to pick its
+    backend: no "HF model type is neither marked as CausalLM or Seq2SeqLM" warning, no ``backend=causal`` needed."""
+    import lm_eval.models.huggingface as hf
+
+    from retnet.model import RetNetConfig
+
+    warned = []
+    monkeypatch.setattr(hf.eval_logger, "warning", lambda message, *args, **kwargs: warned.append(message))
+    model = hf.HFLM.__new__(hf.HFLM)  # only the backend guess runs: no weights loaded
+    model._get_backend(RetNetConfig.from_preset("tiny"))
+    assert model.backend == "causal"
+    assert not [m for m in warned if "neither marked" in m], warned

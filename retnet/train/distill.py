@@ -19,6 +19,7 @@ The teacher is not checkpointed: a checkpoint records its path and the fingerpri
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,11 @@ def resolve_teacher(cfg: DistillConfig) -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(f"distill.teacher {str(path)!r} holds no config.json; give a save_pretrained directory "
                           f"(another run's train.output_dir/export, or a retnet-convert-fla output)")
+    try:  # here, before the tokenizer's loader reads it too: its refusal then blamed the tokenizer (data.tokenizer)
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # not JSON, not UTF-8, unreadable
+        raise ConfigError(f"distill.teacher {str(path)!r}: its config.json could not be read: "
+                          f"{type(error).__name__}: {str(error).strip()[:300]}") from None
     return path
 
 
