@@ -169,7 +169,7 @@ class DataConfig(_Section):
     """Where the text comes from and how it becomes token blocks.
 
     ``dataset``: ``"stdlib"`` (the running interpreter's standard-library ``*.py`` sources: needs no
-    download), a local file, directory or glob of .txt/.md/.py/.json/.jsonl/.parquet/.csv files, a directory
+    download), a local file, directory or glob of .txt/.md/.py/.rst/.json/.jsonl/.parquet/.csv files, a directory
     written by ``datasets``' ``save_to_disk`` (``split`` picks from a DatasetDict), or a hub dataset name
     (with ``name`` and ``split``). ``tokenizer``: a tokenizer directory to load; when empty a
     byte-level BPE of ``model.vocab_size`` tokens is trained on up to ``tokenizer_train_chars`` characters

@@ -1043,10 +1043,37 @@ def _csv_file_problem(path: Path, options: dict[str, Any] | None = None) -> str 
     except pd.errors.EmptyDataError:
         return None  # an empty file is skipped (_files_with_rows)
     except pd.errors.ParserError as error:
+        # pandas' "EOF inside string starting at row N" counts records from the header's 0, not lines (a quoted
+        # field spans lines): N was one line short at best
+        if "EOF inside string" in str(error) and (line := _last_record_line(path, options or {})) is not None:
+            return (f"not CSV: line {line} opens a quoted field that is never closed (close it, or double a quote "
+                    f"meant inside a quoted field)")
         return f"not CSV: {str(error).strip()}"
     except UnicodeDecodeError as error:
         return f"not UTF-8 text ({error.reason}); CSV files are read as UTF-8: re-encode the file"
     return None
+
+
+def _last_record_line(path: Path, options: dict[str, Any]) -> int | None:
+    """The line where the last record of the CSV file ``path`` starts (where an unclosed quote that runs to the end of
+    the file opened), as Python's ``csv`` reads it with ``options``' separator and quote; None if it cannot say."""
+    import csv
+
+    begins, last = 1, None
+    # (the open field runs to the end of the file: past csv's 128 KiB field limit in all but a small one)
+    limit = csv.field_size_limit(2**31 - 1)
+    try:
+        with open(path, newline="", encoding=options.get("encoding") or "utf-8") as file:
+            reader = csv.reader(file, delimiter=options.get("sep") or options.get("delimiter") or ",",
+                                quotechar=options.get("quotechar") or '"', escapechar=options.get("escapechar"),
+                                doublequote=options.get("doublequote", True))
+            for _ in reader:
+                last, begins = begins, reader.line_num + 1
+    except (csv.Error, TypeError, UnicodeDecodeError, LookupError, OSError):  # (a regex separator, not one character)
+        return None
+    finally:
+        csv.field_size_limit(limit)
+    return last
 
 
 def _json_file_problem(path: Path) -> str | None:
