@@ -259,6 +259,10 @@ def _without_tokens(q, k, v, log_decay, scale, initial_state, output_final_state
 
 # The most bytes of chunk states (and as many of the chunks' kᵀv) the chunkwise reference forms at once.
 STATE_BLOCK_BYTES = 64 * 2**20
+# The most chunks whose states it forms from one another at once (the hand-over matmul grows as their square),
+# for states of at least SMALL_STATE_ELEMENTS (torch's grain for splitting an elementwise op across threads).
+HAND_OVER_CHUNKS = 32
+SMALL_STATE_ELEMENTS = 2**15
 
 
 def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_size, lengths):
@@ -295,6 +299,7 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
     for first, count, pad in zip(first_chunks, counts, pads, strict=True):
         if count:
             chunk_pad[first] = pad
+    carry_exponents = [chunk_size - pad for pad in chunk_pad]  # (on the host, for _states_before)
     chunk_pad = torch.tensor(chunk_pad, device=q.device, dtype=torch.long)
     # Decays (all ≤ 1): inside a chunk; from a token to its chunk's end; from the chunk's start to a query.
     intra_decay = _causal_decay_mask(log_decay, chunk_size)[:, None]  # [H, 1, C, C]
@@ -303,29 +308,52 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
     query_decay = torch.exp(log_decay[:, None, None] * query_exponent)[..., None]  # [H, chunks, C, 1]
     carry = _decay_powers(log_decay, chunk_size - chunk_pad).T[:, None, :, None, None]  # [chunks, 1, H, 1, 1]
 
+    # Each chunk's sequence, and the chunks where sequences start and end.
+    sequence_of = [i for i, count in enumerate(counts) for _ in range(count)]
     starts = {first: i for i, (first, count) in enumerate(zip(first_chunks, counts, strict=True)) if count}
     ends = {first + count - 1: i for i, (first, count) in enumerate(zip(first_chunks, counts, strict=True)) if count}
     finals = [None] * len(lengths)
-    state = None
+    state = None  # the state after the previous block's last chunk
     # The chunks' kᵀv and the states before them are [B, H, K, V] each: formed for a block of chunks at a time
     # (at most STATE_BLOCK_BYTES of each), so that without autograd the memory does not grow as T/C · K·V.
-    block = max(1, STATE_BLOCK_BYTES // max(1, batch * heads * key_dim * value_dim * 4))
+    # States below torch's parallel grain are handed over chunk by chunk (each step a small single-threaded
+    # op); larger ones by one [n, n] matmul per head (_states_before): the loop's 2n steps (and as many in its
+    # backward) would each be a parallel region over the whole state, and its stack a copy of all of them. That
+    # matmul grows as n², which blocks of at most HAND_OVER_CHUNKS keep below the chunks' own kᵀv products.
+    state_elements = batch * heads * key_dim * value_dim
+    small_states = state_elements < SMALL_STATE_ELEMENTS
+    block = max(1, STATE_BLOCK_BYTES // max(1, state_elements * 4))
+    if not small_states:
+        block = min(block, HAND_OVER_CHUNKS)
     outputs = []
     for begin in range(0, num_chunks, block):
         part = slice(begin, min(begin + block, num_chunks))
         qp, kp, vp = qc[:, :, part], kc[:, :, part], vc[:, :, part]
         intra = ((qp @ kp.transpose(-1, -2)) * intra_decay) @ vp
         writes = (kp * key_decay).transpose(-1, -2) @ vp  # each chunk's kᵀv decayed to its end: [B, H, n, K, V]
-        states = []  # the state before each chunk of the block
-        for index, write in enumerate(writes.unbind(2), start=begin):
-            if index in starts:
-                start_state = initial[starts[index]]
-                state = writes.new_zeros(write.shape) if start_state is None else start_state.float()
-            states.append(state)
-            state = carry[index] * state + write
-            if index in ends:
-                finals[ends[index]] = state
-        outputs.append(intra + (qp * query_decay[:, part]) @ torch.stack(states, 2))
+        if small_states:
+            states = []  # the state before each chunk of the block
+            for index, write in enumerate(writes.unbind(2), start=begin):
+                if index in starts:
+                    start_state = initial[starts[index]]
+                    state = writes.new_zeros(write.shape) if start_state is None else start_state.float()
+                states.append(state)
+                state = carry[index] * state + write
+                if index in ends:
+                    finals[ends[index]] = state
+            states = torch.stack(states, 2)
+        else:
+            entering = {} if state is None or begin in starts else {0: state}
+            for index in range(part.start, part.stop):
+                if index in starts and initial[starts[index]] is not None:
+                    entering[index - begin] = initial[starts[index]].float()
+            states = _states_before(writes, log_decay, carry_exponents[part], sequence_of[part], entering)
+            for index in range(part.start, part.stop):
+                if index in ends:
+                    finals[ends[index]] = carry[index] * states[:, :, index - begin] + writes[:, :, index - begin]
+            if part.stop < num_chunks:
+                state = carry[part.stop - 1] * states[:, :, -1] + writes[:, :, -1]
+        outputs.append(intra + (qp * query_decay[:, part]) @ states)
     if len(outputs) == 1:
         o = outputs[0]
     elif outputs:
@@ -348,6 +376,35 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
         else:
             final_state = finals[0] if len(finals) == 1 else torch.cat(finals)
     return (scale * o).to(v.dtype), final_state
+
+
+def _states_before(writes, log_decay, carry_exponents, sequence_of, entering):
+    """The state before each chunk of a block, ``[B, H, n, K, V]``, from the chunks' decayed kᵀv ``writes``
+    ``[B, H, n, K, V]``: chunk m's write reaches a later chunk j of its sequence decayed by γ^(e_{m+1} + … + e_{j−1})
+    (``carry_exponents`` e, each C less the chunk's padding in front), and the states ``entering`` (local chunk →
+    ``[B or 1, H, K, V]``: an initial state, or the one carried from the block before) by γ^(e_f + … + e_{j−1}).
+    One [n, n] matmul per head rather than a loop of n multiply-adds: its backward is one matmul too, where the
+    loop's was n steps and a copy of every state."""
+    n = len(carry_exponents)
+    device = writes.device
+    before = torch.tensor(list(itertools.accumulate(carry_exponents, initial=0))[:-1], device=device,
+                          dtype=torch.float32)  # the exponents' sum before each chunk
+    sequence = torch.tensor(sequence_of, device=device)
+    index = torch.arange(n, device=device)
+    # -inf before exp (as in _causal_decay_mask), so that other sequences' and later chunks' weights are exactly 0
+    reach = (index[:, None] > index[None, :]) & (sequence[:, None] == sequence[None, :])  # [j, m]
+    exponent = before[:, None] - before[None, :] - torch.tensor(carry_exponents, device=device, dtype=torch.float32)
+    mix = torch.exp((log_decay[:, None, None] * exponent).masked_fill(~reach, float("-inf")))  # [H, n, n]
+    shape = writes.shape
+    states = (mix @ writes.flatten(-2)).view(shape)
+    if entering:
+        firsts = torch.tensor(list(entering), device=device)
+        reach = (index[:, None] >= firsts[None, :]) & (sequence[:, None] == sequence[firsts][None, :])  # [j, f]
+        exponent = before[:, None] - before[firsts][None, :]
+        weights = torch.exp((log_decay[:, None, None] * exponent).masked_fill(~reach, float("-inf")))  # [H, n, E]
+        given = torch.stack(list(entering.values()), 2).flatten(-2)  # [B or 1, H, E, K·V]
+        states = states + (weights @ given).view(given.shape[0], *shape[1:])
+    return states
 
 
 # The chunking comes from cu_seqlens' values: run eagerly, like _varlen.
