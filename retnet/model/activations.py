@@ -126,6 +126,7 @@ _SAU_Z_LIMIT = 40.0
 # A trainable gSmeLU's width α + β is floored at this fraction of its initial value (module docstring).
 _GSMELU_MIN_WIDTH_FRACTION = 1e-3
 _GSMELU_PARAMETERS = ("alpha", "beta", "g_minus", "g_plus", "t")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 # -- parameter checks ------------------------------------------------------------------------------------
@@ -137,9 +138,13 @@ def _real(activation: str, param: str, value: Any) -> float:
             number = float(value)
         except OverflowError:  # an int beyond float's range (10**400 from a config.json or TOML file)
             number = math.inf
-        if math.isfinite(number):
+        # Within float32's range too: the activations compute in float32 (for every dtype but float64), where a
+        # larger value (beta=1e39) raised a RuntimeError at the first forward ("cannot be converted to type float
+        # without overflow") or made every output nan, after the config had accepted it.
+        if math.isfinite(number) and abs(number) <= _FLOAT32_MAX:
             return number
-    raise ValueError(f"activation {activation!r}: {param} must be a finite real number; got {param}={value!r}")
+    raise ValueError(f"activation {activation!r}: {param} must be a finite real number within float32's range "
+                     f"(|{param}| <= {_FLOAT32_MAX:.4g}, where the activation computes); got {param}={value!r}")
 
 
 def _positive(activation: str, param: str, value: Any) -> float:
@@ -438,6 +443,10 @@ class GeneralizedSmeLU(Activation):
         if not alpha + beta > 0:
             raise ValueError(f"activation {self.name!r}: alpha + beta must be > 0; got alpha={alpha!r}, "
                              f"beta={beta!r}")
+        # (a width past float32's range put every input on the left piece: the quadratic's position rounded to 0)
+        if alpha + beta > _FLOAT32_MAX:
+            raise ValueError(f"activation {self.name!r}: alpha + beta must be within float32's range (<= "
+                             f"{_FLOAT32_MAX:.4g}, where the activation computes); got alpha={alpha!r}, beta={beta!r}")
         self.init_values = {"alpha": alpha, "beta": beta, "g_minus": _real(self.name, "g_minus", g_minus),
                             "g_plus": _real(self.name, "g_plus", g_plus), "t": _real(self.name, "t", t)}
         self.trainable = _flag(self.name, "trainable", trainable)
