@@ -40,8 +40,9 @@ class ServeMetrics:
         self.session_loads = Counter("retnet_session_loads", "sessions not in memory read back from --session-dir",
                                      registry=r)
         self.session_load_failures = Counter("retnet_session_load_failures", "session files refused, by reason: "
-                                             "session_model_changed, session_corrupt, session_lost (409), "
-                                             "session_unavailable (503, the file could not be read now)", ["reason"],
+                                             "session_model_changed, session_corrupt, session_lost, "
+                                             "session_not_a_file (409), session_unavailable (503, the file could "
+                                             "not be read now)", ["reason"],
                                              registry=r)
         self.session_sweep_failures = Counter("retnet_session_sweep_failures", "sweeps of --session-dir for "
                                               "expired files that failed (the directory removed or unreadable); the "

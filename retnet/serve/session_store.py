@@ -32,7 +32,8 @@ either is refused (409 ``session_lost``) until the session is deleted or written
 continued under another model, chat template, dtype or adapter, nor when it does not hold a whole, consistent
 state: 409 naming ``session_id`` (``session_model_changed``, ``session_corrupt``), the file kept (serve that model
 again, or DELETE the session). A file that cannot be read now (EIO, too many open files, a permission) is 503
-``session_unavailable``, to be retried. Expiry (``--session-ttl-s`` after the last turn was written, the file's
+``session_unavailable``, to be retried; something else where the file goes (a directory, a FIFO) is 409
+``session_not_a_file``, never read (a FIFO's open would wait for a writer forever) nor removed. Expiry (``--session-ttl-s`` after the last turn was written, the file's
 modification time): at startup, every ``min(ttl, 60 s)`` on the writer thread, and when a request finds its
 session's file expired; only files named and tagged as session files (and the writer's own temp files) are ever
 removed, and ``--session-dir`` may not be the model's or an adapter's directory.
@@ -47,6 +48,7 @@ import json
 import logging
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -280,6 +282,8 @@ class SessionFiles:
         the writer without holding a thread. Raises 500 ``session_delete_failed`` when the file is still there."""
         job = self.delete(session_id)
         await self._wait(job)
+        if isinstance(job.error, _NotAFile):  # retried, it fails the same way
+            raise self._not_a_file(session_id, self.path(session_id), job.error.mode)
         if job.error is not None:
             why = getattr(job.error, "strerror", None) or str(job.error)
             raise APIError(500, f"session {session_id!r}: its file in --session-dir could not be removed ({why}); "
@@ -350,7 +354,10 @@ class SessionFiles:
     def _read(self, session_id: str, device: torch.device) -> SavedState | None:
         path = self.path(session_id)
         try:
-            mtime = path.stat().st_mtime
+            status = path.stat()
+            if not stat.S_ISREG(status.st_mode):
+                raise _NotAFile(status.st_mode)
+            mtime = status.st_mtime
             if time.time() - mtime > self.ttl_s and _is_session_file(path):
                 self._remove_expired(session_id, path)
                 return None
@@ -360,9 +367,12 @@ class SessionFiles:
                 raise self._refused(session_id, "lost its last turns: they could not be written to --session-dir "
                                     "and are no longer in memory, and the older file could not be removed",
                                     "session_lost")
-            data = path.read_bytes()
+            data = path.read_bytes()  # (a regular file, by the stat above)
         except FileNotFoundError:
             return None
+        except _NotAFile as exc:
+            self.metrics.session_load_failures.labels("session_not_a_file").inc()
+            raise self._not_a_file(session_id, path, exc.mode) from None
         except OSError as exc:  # EIO, EMFILE, a permission: the file may be whole, so it is not called corrupt
             self.metrics.session_load_failures.labels("session_unavailable").inc()
             logger.warning("session %r: its file in --session-dir could not be read: %s", session_id, exc)
@@ -458,6 +468,15 @@ class SessionFiles:
                                    "adapter_model.safetensors)", "session_model_changed")
         return adapter.slot
 
+    def _not_a_file(self, session_id: str, path: Path, mode: int) -> APIError:
+        """409 ``session_not_a_file``: a directory, a FIFO, a device where the session's file goes. Not 503 "retry
+        later" (a directory answered so, forever), nor read (a FIFO's read waited for a writer forever, the session
+        held busy); and not removed by a DELETE either, which only ever removes a file: the operator's to move."""
+        logger.warning("session %r: %s in --session-dir is %s", session_id, path, _kind(mode))
+        return APIError(409, f"session {session_id!r}: {str(path)!r}, where its file goes in --session-dir, is "
+                        f"{_kind(mode)}, not a session file; move it away to use this session id", "session_id",
+                        "session_not_a_file")
+
     def _refused(self, session_id: str, why: str, code: str) -> SessionFileError:
         self.metrics.session_load_failures.labels(code).inc()
         logger.warning("session %r not loaded from --session-dir: %s", session_id, why)
@@ -539,7 +558,11 @@ class SessionFiles:
                 path.unlink()
             except FileNotFoundError:
                 existed = False
-            except OSError as exc:
+            except OSError as removal:
+                exc = removal
+                with contextlib.suppress(OSError):
+                    if path.is_dir() and not path.is_symlink():  # (a link to one is removed as a file is)
+                        exc = _NotAFile(os.lstat(path).st_mode)
                 logger.error("session %r: its file in --session-dir could not be removed: %s", session_id, exc)
                 if any(replaced.state is not None for replaced in job.replaced):
                     with self.cond:  # a newer state than the file's was queued, and is no longer
@@ -635,10 +658,41 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
+class _NotAFile(OSError):
+    """What is at a session file's path is no regular file (``mode``: its ``st_mode``)."""
+
+    def __init__(self, mode: int):
+        super().__init__(f"{_kind(mode)}, not a regular file")
+        self.mode = mode
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading, if it is a regular file (else :class:`_NotAFile`). Opened without blocking:
+    a FIFO's open waits for a writer, forever, which held the sweep, and with it the server's startup (or the
+    writer thread, and every write after it)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotAFile(mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _is_session_file(path: Path) -> bool:
     """Whether ``path``'s safetensors header carries this format's tag (reads the header only)."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 return False

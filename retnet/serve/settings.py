@@ -236,6 +236,10 @@ class ServeSettings(BaseSettings):
         # RETNET_API_KEYS=a,b (a plain comma list) as well as JSON.
         if isinstance(value, str):
             return _api_keys_list(value) if info.field_name == "api_keys" else _split_list(value)
+        if info.field_name == "api_keys" and isinstance(value, list) and not all(isinstance(k, str) for k in value):
+            bad = next(i for i, key in enumerate(value, start=1) if not isinstance(key, str))
+            raise ValueError(f"api_keys (--api-keys) key {bad} of {len(value)} is {type(value[bad - 1]).__name__}, "
+                             "not a string (the keys are not shown: they are secrets)")
         if info.field_name == "api_keys" and isinstance(value, list):
             # The flag's several values (vLLM's --api-key k1 k2), each read as a single one is: `--api-keys k1,k2 k3`
             # is three keys. An item neither form splits stays as given, so that a blank one is still refused.
@@ -265,10 +269,14 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _no_blank_keys(cls, value):
         # The header's key is compared stripped: a blank key would let "Authorization: Bearer  " in, and one with
-        # spaces around it would match no header.
+        # spaces around it would match no header. A refusal names the key by its place: the keys are secrets.
         keys = [key.strip() for key in value]
-        if any(not key for key in keys):
-            raise ValueError(f"api_keys (--api-keys) must not hold a blank key; got {json.dumps(value)[:120]}")
+        for number, key in enumerate(keys, start=1):
+            if not key:
+                raise ValueError(f"api_keys (--api-keys) must not hold a blank key; key {number} of {len(keys)} is "
+                                 "blank")
+            if (why := _unsendable_key(key)) is not None:
+                raise ValueError(f"api_keys (--api-keys) key {number} of {len(keys)} {why}")
         return keys
 
     @field_validator("allowed_methods", mode="after")
@@ -464,6 +472,8 @@ class ServeSettings(BaseSettings):
         # vLLM requires VLLM_API_KEY when no --api-key is given; a vLLM deployment's environment moved here served
         # with no auth at all. --api-keys and RETNET_API_KEYS still win (vLLM's `args.api_key or VLLM_API_KEY`).
         key = os.environ.get("VLLM_API_KEY", "").strip()
+        if key and not self.api_keys and (why := _unsendable_key(key)) is not None:
+            raise ValueError(f"VLLM_API_KEY (the API key with no --api-keys) {why}")
         if key and not self.api_keys:
             self.api_keys = [key]
         return self
@@ -531,11 +541,32 @@ def _is_list_text(text: str) -> bool:
 def _api_keys_list(text: str) -> list:
     """``--api-keys``' text as its keys. A comma list of blanks (``,``) is refused: it read as no key at all, and
     the server, asked for keys, ran without auth. (An empty or unset value is still no auth, as is ``[]``.)"""
-    keys = _split_list(text)
+    try:
+        keys = _split_list(text)
+    except json.JSONDecodeError as exc:  # (pydantic's message would show the text: the keys)
+        raise ValueError(f"api_keys (--api-keys) is not a JSON list: {exc} (the keys are not shown: they are "
+                         "secrets)") from None
+    if isinstance(keys, list) and not all(isinstance(key, str) for key in keys):
+        bad = next(i for i, key in enumerate(keys, start=1) if not isinstance(key, str))
+        raise ValueError(f"api_keys (--api-keys) key {bad} of {len(keys)} is {type(keys[bad - 1]).__name__}, not a "
+                         "string (the keys are not shown: they are secrets)")
     if not keys and text.strip() and not text.lstrip().startswith("["):
         raise ValueError(f"api_keys (--api-keys) names no key; got {text[:120]!r} (give the keys, k1,k2; leave it "
                          "unset for no auth)")
     return keys
+
+
+def _unsendable_key(key: str) -> str | None:
+    """Why no client can send ``key`` in ``Authorization: Bearer``, or None. A header holds printable ASCII, spaces
+    and tabs (which the server's compare keeps: ``Bearer a b`` is the key ``a b``); a control character cannot be
+    sent at all, and beyond ASCII the OpenAI clients refuse to send it and a UTF-8 one (curl) is read as Latin-1,
+    another key: such a key let no request in."""
+    for char in key:
+        if char != "\t" and not " " <= char <= "~":
+            what = "a control character" if char < " " or char == "\x7f" else "a character beyond ASCII"
+            return (f"holds {what} (U+{ord(char):04X}), which an `Authorization: Bearer` header cannot carry (the "
+                    "keys are not shown: they are secrets)")
+    return None
 
 
 def _split_list(text: str) -> list:

@@ -131,9 +131,10 @@ def settings_error(capsys, *argv: str) -> str:
     ("--shutdown-grace-s", "nan", "shutdown_grace_s (--shutdown-grace-s): Input should be a finite number; got 'nan'"),
     ("--prefix-cache-answers", "maybe", "prefix_cache_answers (--prefix-cache-answers): Input should be a valid "
      "boolean"),
-    ("--api-keys", "[1, 2]", "api_keys (--api-keys) item 0: Input should be a valid string; got '[1, 2]'"),
-    # A validator's message that names nothing (json's) is given the setting's name and the value.
-    ("--api-keys", "[bad", "api_keys (--api-keys): Expecting value: line 1 column 2 (char 1); got '[bad'"),
+    # The keys are secrets: a refusal names the key by its place, never shows the value.
+    ("--api-keys", "[1, 2]", "api_keys (--api-keys) key 1 of 2 is int, not a string (the keys are not shown"),
+    ("--api-keys", "[bad", "api_keys (--api-keys) is not a JSON list: Expecting value: line 1 column 2 (char 1) (the "
+     "keys are not shown"),
     ("--lora-modules", "{bad", "lora_modules (--lora-modules): Expecting property name"),
     # One that names the setting and the value is shown as it is.
     ("--device", "x", "retnet-serve: error: device (--device) must be auto, cpu, cuda, cuda:N or another torch "
