@@ -276,10 +276,7 @@ class Engine(ModelThread):
     def _run(self) -> None:
         try:
             self._load()
-            if self.freeze_heap_when_ready:
-                freeze_startup_heap()
-            self.ready = True
-            self.metrics.engine_ready.set(1)
+            mark_ready(self)
             logger.info("engine ready on %s", self.device)
             with torch.inference_mode():
                 while self._iteration():
@@ -1365,6 +1362,15 @@ def freeze_startup_heap() -> None:
     run_batch), where freezing would pin each app's objects."""
     gc.collect()
     gc.freeze()
+
+
+def mark_ready(engine: ModelThread) -> None:
+    """An engine whose model has just loaded (either one: this and the pooling engine) turns ready, its heap frozen
+    first where its process asked for it (``freeze_heap_when_ready``)."""
+    if engine.freeze_heap_when_ready:
+        freeze_startup_heap()
+    engine.ready = True
+    engine.metrics.engine_ready.set(1)
 
 
 def _device(settings: ServeSettings) -> torch.device:

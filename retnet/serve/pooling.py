@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from retnet.model.modeling_retnet import XPOS_PACKED_MAX_GROWTH, xpos_span
 from retnet.model.quantization import quantize_model
-from retnet.serve.engine import _device, _dtype, _load_config, freeze_startup_heap
+from retnet.serve.engine import _device, _dtype, _load_config, mark_ready
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.protocol import APIError
 from retnet.serve.sequence import EngineUnavailable, ModelThread, QueueFull
@@ -301,10 +301,7 @@ class PoolingEngine(ModelThread):
         kind = self.pooler.kind
         try:
             self._load()
-            if self.freeze_heap_when_ready:
-                freeze_startup_heap()
-            self.ready = True
-            self.metrics.engine_ready.set(1)
+            mark_ready(self)
             logger.info("%s ready on %s (rows of %d)", kind, self.device, self.pooler.width)
             with torch.inference_mode():
                 while (batch := self._next_batch()) is not None:

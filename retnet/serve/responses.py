@@ -378,7 +378,7 @@ class ResponsesServing:
         # The Response echoes the temperature and top_p the answer was sampled with (the defaults when left out).
         shape = _Shape(request, self.serving.served_name(request.model), self.serving.checks.sampling_fields(chat))
         if request.stream:
-            return _stream(self._events(chat, run, shape, origins, history), run)
+            return event_stream(self._events(chat, run, shape, origins, history), run)
         try:
             result = await self.serving.chat_response(chat, run, raw)
         except APIError as exc:
@@ -534,9 +534,9 @@ def _listed_part(part: dict[str, Any], assistant: bool) -> dict[str, Any]:
     return {"type": "input_text", **rest}
 
 
-def _stream(events, run: ChatRun) -> EngineStreamingResponse:
-    """SSE of the events; the engine's work is cancelled unless the whole stream was sent (the chat stream's
-    rule: a client that leaves frees its slot)."""
+def event_stream(events, run: ChatRun) -> EngineStreamingResponse:
+    """SSE of the events (this API's and Anthropic's Messages'); the engine's work is cancelled unless the whole
+    stream was sent (the chat stream's rule: a client that leaves frees its slot)."""
 
     async def body():
         async for event in events:
@@ -670,4 +670,4 @@ class _Events:
         yield self.emit("response.output_item.done", output_index=index, item=dict(item))
 
 
-__all__ = ["ResponsesRequest", "ResponsesServing", "required_string", "to_chat_request"]
+__all__ = ["ResponsesRequest", "ResponsesServing", "event_stream", "required_string", "to_chat_request"]

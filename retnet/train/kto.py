@@ -51,24 +51,16 @@ import numpy as np
 import torch
 
 from retnet.tokenization import closed_by_eos
-from retnet.train.chat import KWARGS_COLUMN, check_template_kwargs, conversation_problem, template_messages
+from retnet.train.chat import KWARGS_COLUMN, check_template_kwargs, template_messages
 from retnet.train.chat import template_identity as chat_template_identity
 from retnet.train.config import ConfigError, DataConfig, KtoConfig, ModelConfig
 from retnet.train.data import (
     _atomic_dir,
     _hash,
     _hf_dataset,
-    _hub_changed,
-    _kind,
-    _remove_abandoned_temp_dirs,
     column_values,
-    data_cache_dir,
     data_fingerprint,
     first_rows,
-    load_hub,
-    load_tokenizer,
-    local_files,
-    saved_dataset_dir,
     split_documents,
     tokenizer_fingerprint,
 )
@@ -80,6 +72,8 @@ from retnet.train.preference import (
     PreferenceData,
     _with_variables,
     completion_logps,
+    field_problem,
+    open_rows,
     pack_completions,
     pairs_digest,
     policy_overrides,
@@ -121,15 +115,9 @@ def check_row(dataset: str, row: int, prompt: Any, completion: Any, label: Any,
     standard = isinstance(prompt, str)
     checked = []
     for name, value in (("prompt", prompt), ("completion", completion)):
-        if standard:
-            problem = None if isinstance(value, str) else f"holds {type(value).__name__} {value!r:.80}"
-        else:
-            problem = "is an empty list" if value == [] else conversation_problem(value)
+        problem = field_problem(name, value, standard, "the prompt and completion")
         if problem:
-            expected = ("a string, as the prompt is (standard format)" if standard and name != "prompt" else
-                        "a string (standard format) or a list of {'role': str, 'content': str} messages "
-                        "(conversational format), the prompt and completion alike")
-            raise ConfigError(f"{where(name)}: {problem}; expected {expected}")
+            raise ConfigError(f"{where(name)}: {problem}")
         checked.append(value if standard else template_messages(value))
     variables = None if standard else check_template_kwargs(dataset, row, template_kwargs, "unpaired")
     if variables:
@@ -365,17 +353,11 @@ class KtoData(PreferenceData):
 
     def record_step(self, sums: torch.Tensor) -> None:
         """The global batch's :data:`SUMS` (every rank's) go into the log window as they are."""
-        for index, value in enumerate(sums.tolist()):
-            self._window[index] += value
-        self._window_steps += 1
+        self._add_to_window(sums)
 
-    def window_metrics(self) -> dict[str, float]:
-        """The metrics over the steps since the last record (:func:`kto_metrics`), and a fresh window."""
-        if not self._window_steps:
-            return {}
-        metrics = kto_metrics(self._window)
-        self._window, self._window_steps = [0.0] * len(self.metrics), 0
-        return metrics
+    def _window_record(self) -> dict[str, float]:
+        """:func:`kto_metrics` of the window's sums (they carry their own counts)."""
+        return kto_metrics(self._window)
 
     def _val_record(self, sums: torch.Tensor, total: int) -> dict[str, float]:
         values = sums.tolist()
@@ -403,23 +385,9 @@ def build_kto_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch
     :func:`~retnet.train.preference.build_preference_data` builds pairs: a held-out ``val_fraction`` of the rows,
     tokenized by local rank 0 into a cache keyed by the data, the tokenizer, its template, ``seq_len``,
     ``max_prompt_length`` and ``micro_batch`` (the KL completions' chunk); the other ranks wait at ``barrier``."""
-    cache_dir = data_cache_dir(cfg)
-    if local_rank == 0:  # a tokenization killed mid-write leaves its temp directory
-        _remove_abandoned_temp_dirs(cache_dir)
-    files = local_files(cfg.dataset)
-    if files is not None and not saved_dataset_dir(files[0]) and _kind(files[0]) in ("text", "csv"):
-        raise ConfigError(f"data.dataset {cfg.dataset!r} is {_kind(files[0])} files; data.format 'unpaired' reads "
-                          f"the {list(FIELDS)} columns of JSON/JSONL/Parquet rows, a save_to_disk directory or a "
-                          f"hub dataset")
-    loaded, fingerprint = None, None
-    if files is None:
-        loaded, fingerprint = load_hub(cfg, cache_dir, local_rank, barrier)
-        if hub_fingerprint is not None and fingerprint != hub_fingerprint:
-            raise _hub_changed(cfg)
-    source = tokenizer_dir or (Path(cfg.tokenizer).expanduser() if cfg.tokenizer else None)
-    if source is None:  # the config refuses it first (model.init_from is required)
-        raise ConfigError("data.format 'unpaired' needs the tokenizer of the model it tunes: set model.init_from")
-    tokenizer = load_tokenizer(source)
+    cache_dir, files, loaded, fingerprint, tokenizer = open_rows(
+        cfg, "unpaired", FIELDS, local_rank=local_rank, tokenizer_dir=tokenizer_dir, barrier=barrier,
+        hub_fingerprint=hub_fingerprint)
     key = prompt_tokens_key(tokenizer, _hash(ROWS_VERSION, data_fingerprint(cfg, files, fingerprint),
                                              tokenizer_fingerprint(tokenizer), chat_template_identity(tokenizer),
                                              cfg.seq_len, cfg.max_prompt_length, micro_batch))

@@ -159,21 +159,30 @@ def check_pair(dataset: str, row: int, values: tuple[Any, Any, Any], *, implicit
     for name, value in zip(FIELDS, values, strict=True):
         if name == "prompt" and not prompted:
             continue
-        if standard:
-            problem = None if isinstance(value, str) else f"holds {type(value).__name__} {value!r:.80}"
-        else:
-            problem = "is an empty list" if value == [] else conversation_problem(value)
+        problem = field_problem(name, value, standard, "the prompt, chosen and rejected")
         if problem:
-            expected = ("a string, as the prompt is (standard format)" if standard and name != "prompt" else
-                        "a string (standard format) or a list of {'role': str, 'content': str} messages "
-                        "(conversational format), the prompt, chosen and rejected alike")
-            raise ConfigError(f"data.format 'preference': {name!r} of {dataset!r}, row {row}: {problem}; expected "
-                              f"{expected}")
+            raise ConfigError(f"data.format 'preference': {name!r} of {dataset!r}, row {row}: {problem}")
         checked.append(value if standard else template_messages(value))
     variables = None if standard else check_template_kwargs(dataset, row, template_kwargs, "preference")
     if variables:
         checked = [_with_variables(value, variables) for value in checked]
     return tuple(checked)
+
+
+def field_problem(name: str, value: Any, standard: bool, alike: str) -> str | None:
+    """What is wrong with a row's field ``name`` (this module's rows' and :mod:`retnet.train.kto`'s), and what was
+    expected, in the row's format (``standard``: strings, else non-empty lists of messages; ``alike``: the fields
+    that share it); None when nothing is."""
+    if standard:
+        problem = None if isinstance(value, str) else f"holds {type(value).__name__} {value!r:.80}"
+    else:
+        problem = "is an empty list" if value == [] else conversation_problem(value)
+    if not problem:
+        return None
+    expected = ("a string, as the prompt is (standard format)" if standard and name != "prompt" else
+                "a string (standard format) or a list of {'role': str, 'content': str} messages "
+                f"(conversational format), {alike} alike")
+    return f"{problem}; expected {expected}"
 
 
 def _with_variables(messages: list[dict[str, Any]] | None, variables: dict[str, Any]) -> Conversation | None:
@@ -1001,17 +1010,24 @@ class PreferenceData:
 
     def record_step(self, sums: torch.Tensor) -> None:
         """The global batch's metric sums (every rank's): their means go into the log window."""
-        for index, value in enumerate((sums / self.global_batch).tolist()):
+        self._add_to_window(sums / self.global_batch)
+
+    def _add_to_window(self, values: torch.Tensor) -> None:
+        for index, value in enumerate(values.tolist()):
             self._window[index] += value
         self._window_steps += 1
 
     def window_metrics(self) -> dict[str, float]:
-        """The metrics' means over the steps since the last record (TRL's names), and a fresh window."""
+        """The metrics over the steps since the last record (:meth:`_window_record`), and a fresh window."""
         if not self._window_steps:
             return {}
-        means = {name: total / self._window_steps for name, total in zip(self.metrics, self._window, strict=True)}
+        metrics = self._window_record()
         self._window, self._window_steps = [0.0] * len(self.metrics), 0
-        return means
+        return metrics
+
+    def _window_record(self) -> dict[str, float]:
+        """The metrics' means over the window's steps (TRL's names)."""
+        return {name: total / self._window_steps for name, total in zip(self.metrics, self._window, strict=True)}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, max_pairs: int) -> dict[str, float]:
@@ -1099,20 +1115,20 @@ def prompt_tokens_key(tokenizer, key: str) -> str:
     return _hash(key, {"prompt_special_tokens": 1})
 
 
-def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch: int, rank: int,
-                          local_rank: int, world_size: int, tokenizer_dir: Path | None, barrier: Callable[[], None],
-                          hub_fingerprint: str | None = None) -> PreferenceData:
-    """:func:`~retnet.train.data.build_data` of ``data.format = "preference"``: the rows read through data.py's
-    loaders, a held-out ``val_fraction`` of them, tokenized by local rank 0 into a cache keyed by the data, the
-    tokenizer (``tokenizer_dir``: the run's, ``model.init_from``'s), its template, ``seq_len`` and
-    ``max_prompt_length``; the other ranks wait at ``barrier`` and read it."""
+def open_rows(cfg: DataConfig, kind: str, fields: tuple[str, ...], *, local_rank: int, tokenizer_dir: Path | None,
+              barrier: Callable[[], None],
+              hub_fingerprint: str | None) -> tuple[Path, list[Path] | None, Any, str | None, Any]:
+    """What :func:`build_preference_data` and :func:`~retnet.train.kto.build_kto_data` start from, for
+    ``data.format = kind`` rows of the ``fields`` columns: (the cache directory, the local files or None, the hub
+    dataset loaded or None, its fingerprint or None, the tokenizer). Local rank 0 clears abandoned temp directories
+    first; text and CSV files are refused, and so is a hub dataset changed since ``hub_fingerprint`` (a resume's)."""
     cache_dir = data_cache_dir(cfg)
     if local_rank == 0:  # a tokenization killed mid-write (SIGKILL, a lost node) leaves its temp directory
         _remove_abandoned_temp_dirs(cache_dir)
     files = local_files(cfg.dataset)
     if files is not None and not saved_dataset_dir(files[0]) and _kind(files[0]) in ("text", "csv"):
-        raise ConfigError(f"data.dataset {cfg.dataset!r} is {_kind(files[0])} files; data.format 'preference' reads "
-                          f"the {list(FIELDS)} columns of JSON/JSONL/Parquet rows, a save_to_disk directory or a "
+        raise ConfigError(f"data.dataset {cfg.dataset!r} is {_kind(files[0])} files; data.format {kind!r} reads "
+                          f"the {list(fields)} columns of JSON/JSONL/Parquet rows, a save_to_disk directory or a "
                           f"hub dataset")
     loaded, fingerprint = None, None
     if files is None:
@@ -1121,8 +1137,20 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
             raise _hub_changed(cfg)
     source = tokenizer_dir or (Path(cfg.tokenizer).expanduser() if cfg.tokenizer else None)
     if source is None:  # the config refuses it first (model.init_from is required)
-        raise ConfigError("data.format 'preference' needs the tokenizer of the model it tunes: set model.init_from")
-    tokenizer = load_tokenizer(source)
+        raise ConfigError(f"data.format {kind!r} needs the tokenizer of the model it tunes: set model.init_from")
+    return cache_dir, files, loaded, fingerprint, load_tokenizer(source)
+
+
+def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, global_batch: int, rank: int,
+                          local_rank: int, world_size: int, tokenizer_dir: Path | None, barrier: Callable[[], None],
+                          hub_fingerprint: str | None = None) -> PreferenceData:
+    """:func:`~retnet.train.data.build_data` of ``data.format = "preference"``: the rows read through data.py's
+    loaders, a held-out ``val_fraction`` of them, tokenized by local rank 0 into a cache keyed by the data, the
+    tokenizer (``tokenizer_dir``: the run's, ``model.init_from``'s), its template, ``seq_len`` and
+    ``max_prompt_length``; the other ranks wait at ``barrier`` and read it."""
+    cache_dir, files, loaded, fingerprint, tokenizer = open_rows(
+        cfg, "preference", FIELDS, local_rank=local_rank, tokenizer_dir=tokenizer_dir, barrier=barrier,
+        hub_fingerprint=hub_fingerprint)
     key = prompt_tokens_key(tokenizer, _hash(PAIRS_VERSION, data_fingerprint(cfg, files, fingerprint),
                                              tokenizer_fingerprint(tokenizer), chat_template_identity(tokenizer),
                                              cfg.seq_len, cfg.max_prompt_length))
@@ -1152,5 +1180,6 @@ def build_preference_data(cfg: DataConfig, *, seed: int, micro_batch: int, globa
 
 __all__ = ["FIELDS", "MARGIN", "METRICS", "ORPO_METRICS", "REFERENCE_FILE", "PairBatch", "PairEncoder", "Pairs",
            "PreferenceData", "RunningMean", "SavedReference", "build_preference_data", "check_margin", "check_pair",
-           "chosen_nll", "completion_logps", "compute_reference", "dpo_loss", "extract_prompt", "implicit_pair", "load_pairs",
-           "orpo_log_odds", "pack", "pairs_digest", "policy_overrides", "prompt_tokens_key", "reference_digest"]
+           "chosen_nll", "completion_logps", "compute_reference", "dpo_loss", "extract_prompt", "field_problem",
+           "implicit_pair", "load_pairs", "open_rows", "orpo_log_odds", "pack", "pairs_digest", "policy_overrides",
+           "prompt_tokens_key", "reference_digest"]
