@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import contextlib
 import errno
 import json
 import logging
 import math
 import os
 import re
+import signal
+import stat
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,6 +43,7 @@ RETRY_429_S = 600.0  # how long a line waits out the server's queue (429s) befor
 # Routes the app may serve (--allow-runtime-lora-updating) that a batch line may not name: they answer plain text,
 # not a JSON body, and the lines run concurrently, so no other line could count on the adapter one loads.
 NOT_IN_A_BATCH = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+INTERRUPTED_STOP_S = 30.0  # how long a Ctrl-C's cleanup (the engine stopped, the requests cancelled) may take
 
 
 @dataclass
@@ -466,7 +471,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(argv: list[str] | None) -> int:
-    from retnet.extras import EXIT_INTERRUPTED
     from retnet.serve.__main__ import settings_from_args
     from retnet.serve.settings import StartupError, check_quantization_settings, resolve_model_source
 
@@ -510,6 +514,13 @@ def _run_command(argv: list[str] | None) -> int:
         output = OutputFile(args.output_file)
     except OSError as exc:
         parser.exit(2, f"{PROG}: error: cannot write the output file {args.output_file!r}: {exc}\n")
+    with BoundedInterrupt(output):
+        return _run_to_the_end(settings, text_lines, output, max_concurrency, parser)
+
+
+def _run_to_the_end(settings, text_lines: list[str], output: OutputFile, max_concurrency: int, parser) -> int:
+    from retnet.extras import EXIT_INTERRUPTED
+
     try:
         status = asyncio.run(_run(settings, text_lines, output, max_concurrency, parser))
         output.close()
@@ -531,6 +542,117 @@ def _run_command(argv: list[str] | None) -> int:
         return EXIT_INTERRUPTED
     finally:
         output.close(quiet=True)
+
+
+class BoundedInterrupt:
+    """The block's Ctrl-C ends the process within :data:`INTERRUPTED_STOP_S`, whatever its timing. The first raises
+    KeyboardInterrupt, as before (the requests cancelled, the engine stopped, the line saying what was kept); a
+    second one, or that cleanup still running at the deadline, ends the process at once: the output flushed, a
+    regular file cut back to its last complete line, status 130 (``os._exit``). A second Ctrl-C that cut asyncio's
+    cleanup short left it undone: AnyIO's worker threads (FastAPI runs every request's API-key check there), not
+    daemons, are only stopped by the event loop once its main task ends, and the interpreter waited for them at
+    exit for good. Threads this block started that outlive an interrupted run end it so too, once the deadline passes.
+
+    Installed only over Python's own handler or :func:`~retnet.extras.exits_on_ctrl_c`'s, in the main thread (a
+    program's own handler, or SIGINT ignored in a background job, is left as it is)."""
+
+    def __init__(self, output: OutputFile, stop_s: float | None = None):
+        self.output, self.stop_s = output, INTERRUPTED_STOP_S if stop_s is None else stop_s
+        self.previous = None
+        self.interrupted, self.deadline = False, math.inf
+        self.ended = threading.Event()  # the block is over: the watchdog has nothing to bound
+        self.wake = threading.Event()  # the watchdog's: interrupted, or the block ended
+
+    def __enter__(self) -> BoundedInterrupt:
+        from retnet.extras import _record_sigint
+
+        self.threads = set(threading.enumerate())
+        if threading.current_thread() is threading.main_thread():
+            current = signal.getsignal(signal.SIGINT)
+            if current is _record_sigint or current is signal.default_int_handler:
+                self.previous = current
+                # Started now, not in the handler: a thread started there could wait on the lock that the code it
+                # interrupted holds (threading's own, while the event loop starts a worker).
+                threading.Thread(target=self._watch, name="retnet-run-batch-interrupt", daemon=True).start()
+                signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            if self.interrupted:
+                current = threading.current_thread()
+                for thread in threading.enumerate():
+                    if thread not in self.threads and not thread.daemon and thread is not current:
+                        thread.join(max(0.0, self.deadline - time.monotonic()))
+                        if thread.is_alive():  # the interpreter would wait for it at exit
+                            self.stop_now(None)
+        finally:
+            self.ended.set()
+            self.wake.set()
+            if self.previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+                signal.signal(signal.SIGINT, self.previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:
+            self.stop_now("interrupted again")
+        self.deadline, self.interrupted = time.monotonic() + self.stop_s, True
+        self.wake.set()
+        self.previous(signum, frame)  # (KeyboardInterrupt, exits_on_ctrl_c's record of the signal)
+
+    def _watch(self) -> None:
+        self.wake.wait()
+        if not self.ended.is_set() and not self.ended.wait(max(0.0, self.deadline - time.monotonic())):
+            self.stop_now(f"the interrupted run did not stop within {self.stop_s:g} s")
+
+    def stop_now(self, why: str | None) -> None:
+        """End the process with status 130, the output's complete lines kept."""
+        from retnet.extras import EXIT_INTERRUPTED
+
+        file = self.output.file
+        # In a thread of its own, bounded: a flush can wait for good on the lock of a write the main thread is in
+        # (a FIFO whose reader stopped reading), and from the handler, which interrupted that write, it raises.
+        flushing = threading.Thread(target=_flush_all, args=(file,), daemon=True)
+        flushing.start()
+        flushing.join(1.0)
+        if file is not None and file is not sys.stdout:
+            with contextlib.suppress(OSError, ValueError):
+                _cut_to_last_line(file.fileno(), self.output.path)
+        if why is not None:
+            with contextlib.suppress(OSError):
+                os.write(2, f"\n{PROG}: {why}; stopped at once, the complete lines written before it kept\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+
+
+def _flush_all(file: IO[str] | None) -> None:
+    for stream in (file, sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # (closed, a broken pipe, a reentrant call)
+            if stream is not None:
+                stream.flush()
+
+
+def _cut_to_last_line(fd: int, path: str) -> None:
+    """Truncate the regular file ``fd`` (written, not read: ``path`` is opened to read it) after its last newline: a
+    line whose write was cut short is no JSON."""
+    written = os.fstat(fd)
+    if not stat.S_ISREG(written.st_mode):
+        return
+    reader = os.open(path, os.O_RDONLY)
+    try:
+        read = os.fstat(reader)
+        if (read.st_dev, read.st_ino) != (written.st_dev, written.st_ino):  # (the path removed or replaced since)
+            return
+        end = keep = read.st_size
+        while end > 0:
+            start = max(0, end - 65536)
+            newline = os.pread(reader, end - start, start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = keep = start
+    finally:
+        os.close(reader)
+    if keep < read.st_size:
+        os.ftruncate(fd, keep)
 
 
 class OutputFile:
