@@ -19,7 +19,6 @@ candidate accepted but where the bias forces the target, at a draft's cost as la
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -35,6 +34,7 @@ sys.path[0] = str(REPO)
 import torch
 
 import retnet  # noqa: F401
+from benchmarks._results import BenchmarkParser
 from retnet.model import RetNetConfig, RetNetForCausalLM
 
 
@@ -65,21 +65,23 @@ def _run(model, prompts, new_tokens: int, **settings) -> tuple[float, list[torch
     return len(prompts) * new_tokens / seconds, outputs, len(forwards)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0],
+                             quick_help="small: 32 new tokens, a lead of 32, 2 prompts, 1 round")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lookup", type=int, default=4, help="prompt_lookup_num_tokens")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--lead", type=int, default=64)
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_sized("--new-tokens", type=int, full=128, quick=32)
+    parser.add_sized("--lead", type=int, full=64, quick=32)
+    parser.add_sized("--prompts", type=int, full=4, quick=2)
+    parser.add_sized("--rounds", type=int, full=3, quick=1)
     parser.add_argument("--no-draft", dest="draft", action="store_false", help="skip the self-draft variant")
-    parser.add_argument("--quick", action="store_true", help="small: 32 new tokens, 2 prompts, 1 round")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.new_tokens, args.prompts, args.rounds, args.lead = 32, 2, 1, 32
+    parser.add_argument("--out", type=Path, help="where the JSON goes (default: nowhere)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = RetNetConfig(vocab_size=512, hidden_size=args.hidden, num_hidden_layers=args.layers,

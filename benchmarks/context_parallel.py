@@ -59,7 +59,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import retnet  # noqa: F401
 from benchmarks._launch import threads_per_rank, torchrun, write_rank_result
-from benchmarks._results import output_help, results_path
+from benchmarks._results import BenchmarkParser, output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.context_parallel import shard_sequences
 
@@ -198,12 +198,12 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.1f}" if n >= 2**20 else f"{n / 2**20:.2f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="T in 4096, 16384 (about 2 minutes on 2 idle cores); "
-                        "writes only to an --output given")
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_help="T in 4096, 16384 (about 2 minutes on 2 idle cores); writes only to an "
+                             "--output given")
     parser.add_argument("--output", type=Path, help=output_help("context_parallel-cpu.json"))
-    parser.add_argument("--tokens", type=int, nargs="+", help="row lengths T (default 8192 32768; quick 4096 16384)")
+    parser.add_sized("--tokens", type=int, nargs="+", full=[8192, 32768], quick=[4096, 16384], help="row lengths T")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="context parallel sizes C (1 needed: "
                         "the baseline)")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores shared by a launch's ranks")
@@ -211,11 +211,16 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return
-    tokens = args.tokens or ([4096, 16384] if args.quick else [8192, 32768])
+    tokens = args.tokens
     if 1 not in args.sizes:
         parser.error("--sizes needs 1: every ratio is against the whole row on one rank")
     for t in tokens:

@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import retnet  # noqa: F401
-from benchmarks._results import output_help, results_path
+from benchmarks._results import BenchmarkParser, output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 
 VOCAB, HIDDEN, LAYERS = 16384, 512, 6
@@ -98,17 +98,18 @@ def measure(models, context: int, steps: int, device: torch.device) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
-    parser.add_argument("--steps", type=int, default=32)
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_help="contexts 128 and 1024, 8 steps; writes only to an --output given")
+    parser.add_sized("--contexts", type=int, nargs="+", full=[128, 1024, 4096], quick=[128, 1024])
+    parser.add_sized("--steps", type=int, full=32, quick=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="contexts 128 and 1024, 8 steps; writes only to an "
-                        "--output given")
     parser.add_argument("--output", type=Path, help=output_help("decode-<device>.json"))
-    args = parser.parse_args()
-    if args.quick:
-        args.contexts, args.steps = [128, 1024], 8
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

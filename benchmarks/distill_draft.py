@@ -14,7 +14,6 @@ same sources, and the drafts' validation loss.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import subprocess
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import retnet  # noqa: F401
+from benchmarks._results import BenchmarkParser
 from retnet.serve.app import create_app
 from retnet.serve.settings import ServeSettings
 
@@ -109,24 +109,26 @@ async def acceptance(target_dir: Path, draft_dir: Path, prompts: list[str], k: i
             "draft_tokens": int(drafted)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short runs, few prompts (a smoke run)")
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__.splitlines()[0],
+                             quick_help="short runs (target 60 steps, drafts 30), 4 prompts of 16 tokens (a smoke run)")
     parser.add_argument("--target", type=Path, default=None, help="a trained export to draft for (default: train "
                         "--config tiny for --target-steps)")
-    parser.add_argument("--target-steps", type=int, default=600)
+    parser.add_sized("--target-steps", type=int, full=600, quick=60)
     parser.add_argument("--draft-hidden", type=int, default=64)
     parser.add_argument("--draft-layers", type=int, default=1)
-    parser.add_argument("--draft-steps", type=int, default=300)
+    parser.add_sized("--draft-steps", type=int, full=300, quick=30)
     parser.add_argument("--temperature", type=float, default=1.0, help="distill.temperature")
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-    parser.add_argument("--prompts", type=int, default=24)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_sized("--prompts", type=int, full=24, quick=4)
+    parser.add_sized("--max-tokens", type=int, full=64, quick=16)
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
-    args = parser.parse_args()
-    if args.quick:
-        args.target_steps, args.draft_steps, args.prompts, args.max_tokens = 60, 30, 4, 16
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON results here (default: nowhere)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 
 import retnet  # noqa: F401
-from benchmarks._results import output_help, results_path
+from benchmarks._results import BenchmarkParser, output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 
 VOCAB, HIDDEN, LAYERS, PROMPT = 32000, 512, 8, 32
@@ -64,16 +64,18 @@ def measure(model, batch: int, steps: int, device: torch.device) -> dict:
     return {"batch": batch, "new_state_ms": new, "in_place_ms": kept, "ratio": new / kept, "same_states": same}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_help="8 steps; writes only to an --output given")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
-    parser.add_argument("--steps", type=int, default=64)
+    parser.add_sized("--steps", type=int, full=64, quick=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="8 steps; writes only to an --output given")
     parser.add_argument("--output", type=Path, help=output_help("inplace_decode-<device>.json"))
-    args = parser.parse_args()
-    if args.quick:
-        args.steps = 8
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

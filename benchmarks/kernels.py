@@ -33,7 +33,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
-from benchmarks._results import output_help, results_path
+from benchmarks._results import BenchmarkParser, output_help, results_path
 from retnet.kernels import naive
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -204,12 +204,11 @@ def run_gpu(args) -> dict:
         print("nothing to compare triton with here: no shapes timed")
         return dict(mode="gpu", providers=list(args.providers), fla_available=False, fla_version=None, checks=[],
                     rows=[])
-    lengths = args.lengths or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384])
-    head_dims = args.head_dims or ([128] if args.quick else [128, 256])
+    lengths, head_dims = args.lengths, args.head_dims
     tokens, width, dtype, device = args.tokens, 2048, torch.bfloat16, "cuda"
     if args.triton_on_cpu:  # harness smoke test under TRITON_INTERPRET=1 (numbers meaningless)
         lengths, head_dims, tokens, width, dtype, device = [64, 128], [16], 128, 32, torch.float32, "cpu"
-    max_ref_T = min(args.max_ref_T, 4096 if args.quick else args.max_ref_T)
+    max_ref_T = args.max_ref_T
 
     def providers(log_decay):
         """The timed ops (those of ``--providers``) and the fp32 reference the outputs are checked against."""
@@ -285,14 +284,17 @@ def run_gpu(args) -> dict:
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run; writes only to an --out given)")
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0], quick_help="fewer shapes (CPU: T up to 2048; "
+                             "GPU: T 1024 and 4096, head dim 128, the reference up to 4096); writes only to an --out "
+                             "given")
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per step on the GPU (B = tokens / T)")
-    parser.add_argument("--max-ref-T", type=int, default=16384, help="longest T for the PyTorch reference on GPU")
+    parser.add_sized("--max-ref-T", type=int, full=16384, quick=4096, help="longest T for the PyTorch reference on GPU")
     parser.add_argument("--out", type=Path, default=None, help=output_help("kernels-<device>.json"))
-    parser.add_argument("--head-dims", type=int, nargs="+", help="GPU: head dims, in this order (default 128 256)")
-    parser.add_argument("--lengths", type=int, nargs="+", help="GPU: sequence lengths (default 1k to 16k)")
+    parser.add_sized("--head-dims", type=int, nargs="+", full=[128, 256], quick=[128], help="GPU: head dims, in this "
+                     "order")
+    parser.add_sized("--lengths", type=int, nargs="+", full=[1024, 2048, 4096, 8192, 16384], quick=[1024, 4096],
+                     help="GPU: sequence lengths")
     parser.add_argument(
         "--providers", type=_providers, default=PROVIDERS,
         help=f"comma-separated ops to time on the GPU, of {','.join(PROVIDERS)} (default: all; fla when importable)",
@@ -301,7 +303,11 @@ def main(argv=None) -> int:
         "--triton-on-cpu", action="store_true",
         help="smoke-test the GPU comparison on tiny shapes through Triton's interpreter (set TRITON_INTERPRET=1)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     started = time.perf_counter()
     device = device_name()

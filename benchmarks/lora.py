@@ -27,7 +27,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 
 import retnet  # noqa: F401
-from benchmarks._results import output_help, results_path
+from benchmarks._results import BenchmarkParser, output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.serve.lora import LoraAdapter, install, linear_modules
 
@@ -99,19 +99,20 @@ def measure(name: str, batch: int, steps: int, rank: int) -> list[dict]:
              "ratio_vs_no_adapters": ms[mix] / ms["no adapters"]} for mix in runs]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["micro", "h768"])
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_help="the micro model only, 12 steps; writes only to an --output given")
+    parser.add_sized("--models", nargs="+", choices=sorted(MODELS), full=["micro", "h768"], quick=["micro"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_sized("--steps", type=int, full=40, quick=12)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    parser.add_argument("--quick", action="store_true", help="the micro model only, 12 steps; writes only to an "
-                        "--output given")
     parser.add_argument("--output", type=Path, help=output_help("lora-cpu.json"))
-    args = parser.parse_args()
-    if args.quick:
-        args.models, args.steps = ["micro"], 12
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:

@@ -5,7 +5,8 @@ the peak resident set above the process's after the inputs exist. Times are medi
 default shape is the ``small`` preset's head (hidden 512, vocab 16384) at 8 × 512 tokens; ``--gpu`` takes a
 1.3B-like head (hidden 2048, vocab 50k) at 8 × 2048 tokens in bf16.
 
-    python benchmarks/loss.py [--batch 8] [--seq-len 512] [--hidden 512] [--vocab 16384] [--steps 5]
+    python benchmarks/loss.py [--batch 8] [--seq-len 512] [--hidden 512] [--vocab 16384] [--steps 5] [--out PATH]
+    # writes only to an --out given: the recorded benchmarks/results/loss-cpu.json is not the default shape's run
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 import torch.nn.functional as F
 
+from benchmarks._results import BenchmarkParser
 from retnet.model.loss import linear_cross_entropy
 from retnet.model.modeling_retnet import causal_lm_loss
 
@@ -71,27 +73,32 @@ def run_variant(variant: str, args) -> dict:
     return {"variant": variant, "loss": loss, "seconds": times, "peak_bytes": peak}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_flag="--gpu", quick_help="a 1.3B-like head: hidden 2048, vocab 50304, 8 × 2048")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_sized("--seq-len", type=int, full=512, quick=2048)
+    parser.add_sized("--hidden", type=int, full=512, quick=2048)
+    parser.add_sized("--vocab", type=int, full=16384, quick=50304)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="alternated runs of each variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    parser.add_argument("--gpu", action="store_true", help="a 1.3B-like head: hidden 2048, vocab 50k, 8 × 2048")
+    parser.add_argument("--out", "--output", type=Path, metavar="PATH", help="where the JSON goes (default: nowhere; "
+                        "benchmarks/results/loss-cpu.json records a run of --seq-len 1024 --vocab 32768)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # the child process: one variant, JSON out
-    args = parser.parse_args()
-    if args.gpu:
-        args.batch, args.seq_len, args.hidden, args.vocab = 8, 2048, 2048, 50304
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    given = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(given)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return
     results: dict[str, list[dict]] = {"logits": [], "chunked": []}
-    forwarded = [a for a in sys.argv[1:] if a != "--gpu"] + [
+    forwarded = [a for a in given if a != "--gpu"] + [
         f"--batch={args.batch}", f"--seq-len={args.seq_len}", f"--hidden={args.hidden}", f"--vocab={args.vocab}",
         f"--dtype={args.dtype}", f"--device={args.device}"]
     for _ in range(args.rounds):
@@ -110,8 +117,11 @@ def main() -> None:
     ratio_time = summary["logits"]["seconds"] / summary["chunked"]["seconds"]
     ratio_memory = summary["logits"]["peak_bytes"] / max(1, summary["chunked"]["peak_bytes"])
     print(f"chunked vs logits: {ratio_time:.2f}× the speed, {ratio_memory:.1f}× less peak memory")
-    out = Path(__file__).resolve().parent / "results" / f"loss-{torch.device(args.device).type}.json"
-    out.parent.mkdir(exist_ok=True)
+    if args.out is None:
+        print("nothing written (give --out to keep it)")
+        return
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"shape": {"batch": args.batch, "seq_len": args.seq_len, "hidden": args.hidden,
                                          "vocab": args.vocab, "dtype": args.dtype}, "summary": summary,
                                "speed_ratio": ratio_time, "memory_ratio": ratio_memory}, indent=2))

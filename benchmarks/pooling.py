@@ -15,7 +15,8 @@ Each repeat runs the three in turn (so load from other processes on a shared mac
 over repeats is reported, as inputs/s and real tokens/s, with the ratios packed / one_by_one and packed / padded
 (> 1: packing faster). Before timing, every path's embeddings are checked against one_by_one's (``checks``).
 
-    python benchmarks/pooling.py [--quick] [--inputs 64] [--repeats 3]   # writes benchmarks/results/pooling-<device>.json
+    python benchmarks/pooling.py [--quick] [--inputs 64] [--repeats 3] [--out PATH]
+    # writes benchmarks/results/pooling-<device>.json (--quick writes only to an --out given)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 from transformers import AutoModel
 
 import retnet  # noqa: F401
+from benchmarks._results import BenchmarkParser, output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.serve.metrics import ServeMetrics
 from retnet.serve.pooling import PoolingEngine
@@ -153,23 +155,28 @@ def timed(run) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="hidden 256 x 4 layers, 64 inputs, 5 repeats (CPU, "
-                        "under a minute)")
-    parser.add_argument("--inputs", type=int, help="inputs a round (default 64 quick, 256)")
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_help="hidden 256 x 4 layers, 64 inputs, 5 repeats (CPU, under a minute); writes "
+                             "only to an --out given")
+    parser.add_sized("--inputs", type=int, full=256, quick=64, help="inputs a round")
     parser.add_argument("--min-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--prefill-token-budget", type=int, default=2048, help="the engine's (the server's default)")
-    parser.add_argument("--repeats", type=int, help="rounds of the three paths (default 5 quick, 3)")
-    args = parser.parse_args()
+    parser.add_sized("--repeats", type=int, full=3, quick=5, help="rounds of the three paths")
+    parser.add_argument("--out", "--output", type=Path, metavar="PATH", help=output_help("pooling-<device>.json"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not 1 <= args.min_tokens <= args.max_tokens:
         parser.error(f"--min-tokens and --max-tokens must satisfy 1 <= min <= max; got {args.min_tokens} and "
                      f"{args.max_tokens}")
     device = "cpu"  # the engine picks its own device (cuda when there is one); the baselines run beside it
     hidden, layers, vocab = (256, 4, 2048) if args.quick else (512, 6, 8192)
-    count = args.inputs or (64 if args.quick else 256)
-    repeats = args.repeats or (5 if args.quick else 3)
+    count, repeats = args.inputs, args.repeats
 
     tmp = Path(tempfile.mkdtemp(prefix="retnet-pooling-bench-"))
     tokenizer, params = build_model(tmp, hidden, layers, vocab)
@@ -229,10 +236,13 @@ def main() -> None:
               "inputs": count, "tokens": tokens, "padded_tokens": padded_tokens,
               "lengths": [args.min_tokens, args.max_tokens], "prefill_token_budget": args.prefill_token_budget,
               "repeats": repeats, "checks": checks, "rows": list(rows.values()), "ratios": ratios}
-    out = REPO / "benchmarks" / "results" / f"pooling-{device.split(':')[0]}.json"
+    out = results_path(args.out, args.quick, REPO / "benchmarks" / "results" / f"pooling-{device.split(':')[0]}.json",
+                       flag="--out")
+    if out is None:
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out.relative_to(REPO)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

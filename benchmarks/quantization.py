@@ -32,7 +32,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 
 import retnet  # noqa: F401
-from benchmarks._results import output_help, results_path
+from benchmarks._results import BenchmarkParser, output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.quantization import quantize_model
 from retnet.train.data import stdlib_files
@@ -110,25 +110,27 @@ def decode_rates(models: dict, batch: int, steps: int, vocab: int, device: torch
     return {name: batch / statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_help="hidden 512, 30 training steps of 8 x 64 tokens, 16 eval documents, 16 decode "
+                             "steps; writes only to an --output given")
     parser.add_argument("--model", default=None, help="an export to measure instead of training one here")
-    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_sized("--hidden", type=int, full=768, quick=512)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--train-steps", type=int, default=150)
-    parser.add_argument("--train-seq-len", type=int, default=128)
+    parser.add_sized("--train-steps", type=int, full=150, quick=30)
+    parser.add_sized("--train-seq-len", type=int, full=128, quick=64)
     parser.add_argument("--train-batch", type=int, default=8)
-    parser.add_argument("--eval-documents", type=int, default=40)
+    parser.add_sized("--eval-documents", type=int, full=40, quick=16)
     parser.add_argument("--eval-chars", type=int, default=4000, help="each held-out file cut to this many characters")
-    parser.add_argument("--steps", type=int, default=64, help="decode steps timed per model and batch size")
+    parser.add_sized("--steps", type=int, full=64, quick=16, help="decode steps timed per model and batch size")
     parser.add_argument("--batch", type=int, default=16, help="the larger decode batch (the other is 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="hidden 512, 30 training steps of 8 x 64 tokens, 16 "
-                        "eval documents, 16 decode steps; writes only to an --output given")
     parser.add_argument("--output", type=Path, help=output_help("quantization-<device>.json"))
-    args = parser.parse_args()
-    if args.quick:
-        args.hidden, args.train_steps, args.train_seq_len, args.eval_documents, args.steps = 512, 30, 64, 16, 16
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     random.seed(0)

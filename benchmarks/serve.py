@@ -11,12 +11,14 @@ For 1, 8, 32 and 64 concurrent streaming clients it reports aggregate tokens/s, 
 token and inter-token latency, and the server's peak RSS; then single-stream long-context runs. Ratios
 are retnet / baseline for throughput, baseline / retnet for latency (> 1: retnet better).
 
-    python benchmarks/serve.py [--quick] [--model DIR]       # writes benchmarks/results/serve-<device>.json
+    python benchmarks/serve.py [--quick] [--model DIR] [--out PATH]
+    # writes benchmarks/results/serve-<device>.json (--quick writes only to an --out given)
 
 ``--engine-only`` leaves HTTP out: the engine is made in-process (as the tests make it) and its scheduler driven
 on this thread, each decode step timed (``_decode_step``) with the model's forward inside it, so that the
 per-token cost of the scheduler itself (sampling, stopping rules, detokenisation, delivery) shows apart from
-the model's (``serve-engine-<device>.json``).
+the model's (``serve-engine-<device>.json``; ``--structured``: ``serve-structured-<device>.json``; under
+``--quick`` either only to an ``--out`` given).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from fastapi import Request
 REPO = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == REPO / "benchmarks":
     sys.path[0] = str(REPO)
+
+from benchmarks._results import BenchmarkParser, output_help, results_path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,13 +265,16 @@ def baseline_cmd(model_dir: Path, port: int) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_dir), "--port", str(port)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small model, short outputs (CPU, a few minutes)")
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__.splitlines()[0],
+                             quick_help="small model (hidden 256 x 4 layers, vocab 2048), 32 tokens a request, contexts "
+                             "512 and 2048 (CPU, a few minutes); writes only to an --out given")
     parser.add_argument("--model", help="a saved RetNet to serve instead of a random one (no Llama run then)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--max-tokens", type=int)
-    parser.add_argument("--contexts", type=int, nargs="+")
+    parser.add_argument("--max-tokens", type=int, help="new tokens a request (default 128; --quick 32; --engine-only "
+                        "64)")
+    parser.add_sized("--contexts", type=int, nargs="+", full=[1024, 4096, 16384], quick=[512, 2048],
+                     help="the single-stream runs' prompt lengths")
     parser.add_argument("--structured", action="store_true",
                         help="retnet-serve alone: streams held to a JSON schema against free ones, alternated")
     parser.add_argument("--engine-only", action="store_true",
@@ -275,9 +282,16 @@ def main() -> None:
     parser.add_argument("--sampling", choices=["greedy", "mixed"], default="greedy",
                         help="--engine-only: every stream greedy, or a mix (seeded sampling, top-p/top-k, penalties, "
                              "logprobs, stop strings)")
+    parser.add_argument("--out", "--output", type=Path, metavar="PATH", help=output_help(
+        "serve-<device>.json, serve-engine-<device>.json with --engine-only, serve-structured-<device>.json with "
+        "--structured"))
     parser.add_argument("--baseline-server", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.baseline_server:
         return baseline_server(args.baseline_server, args.port)
 
@@ -286,7 +300,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, layers, vocab = (256, 4, 2048) if args.quick else (512, 6, 8192)
     max_tokens = args.max_tokens or (32 if args.quick else 128)
-    contexts = args.contexts or ([512, 2048] if args.quick else [1024, 4096, 16384])
+    contexts = args.contexts
     tmp = Path(tempfile.mkdtemp(prefix="retnet-serve-bench-"))
     if args.model:
         retnet_dir, llama_dir, params = Path(args.model), None, {}
@@ -296,9 +310,11 @@ def main() -> None:
     report = {"device": device, "quick": args.quick, "max_tokens": max_tokens, "params": params,
               "model": {"hidden": hidden, "layers": layers, "vocab": vocab}, "load": {}, "long_context": {}}
     if args.structured:
-        return structured_load(report, retnet_dir, prompt, args.concurrency, max_tokens)
+        structured_load(report, retnet_dir, prompt, args.concurrency, max_tokens)
+        return write_report(report, args.out, args.quick, f"serve-structured-{device}.json")
     if args.engine_only:
-        return engine_steps(report, retnet_dir, prompt, args.concurrency, args.max_tokens or 64, args.sampling)
+        engine_steps(report, retnet_dir, prompt, args.concurrency, args.max_tokens or 64, args.sampling)
+        return write_report(report, args.out, args.quick, f"serve-engine-{device}.json")
 
     for name, cmd, model in (("retnet", serve_cmd, retnet_dir), ("baseline", baseline_cmd, retnet_dir)):
         port = free_port()
@@ -352,10 +368,17 @@ def main() -> None:
                   f"TTFT x{llama['ttft_p50_ms'] / ours['ttft_p50_ms']:.2f}  "
                   f"RSS x{llama['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
 
-    out = REPO / "benchmarks" / "results" / f"serve-{device}.json"
+    write_report(report, args.out, args.quick, f"serve-{device}.json")
+
+
+def write_report(report: dict, given: Path | None, quick: bool, recorded: str) -> None:
+    """``report`` to the path given, else (not under --quick) to ``benchmarks/results/<recorded>``."""
+    out = results_path(given, quick, REPO / "benchmarks" / "results" / recorded, flag="--out")
+    if out is None:
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out.relative_to(REPO)}")
+    print(f"\nwrote {out}")
 
 
 # --engine-only --sampling mixed: the streams take these in turn (seeded, so that two runs sample alike). The stop
@@ -441,10 +464,6 @@ def engine_steps(report: dict, model_dir: Path, prompt: str, concurrency: list[i
         print(f"c={c:3d}  {row['ms_per_step']:7.2f} ms/step  {row['tokens_per_s']:8.1f} tok/s  outside the forward "
               f"{row['ms_outside_forward']:6.2f} ms/step ({100 * row['ms_outside_forward'] / row['ms_per_step']:.0f}%)",
               flush=True)
-    out = REPO / "benchmarks" / "results" / f"serve-engine-{report['device']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out.relative_to(REPO)}")
 
 
 # A JSON string the grammar cannot close before max_tokens: every step of every stream is masked, to the
@@ -474,10 +493,6 @@ def structured_load(report: dict, model_dir: Path, prompt: str, concurrency: lis
                   f"  x{row['throughput_ratio']:.2f}", flush=True)
     finally:
         server.stop()
-    out = REPO / "benchmarks" / "results" / f"serve-structured-{report['device']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

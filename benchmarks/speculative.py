@@ -24,7 +24,6 @@ over the rounds' medians. Both give the same text (checked). Cases:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -42,6 +41,7 @@ import httpx
 import torch
 
 import retnet  # noqa: F401
+from benchmarks._results import BenchmarkParser
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.serve.app import create_app
 from retnet.serve.settings import ServeSettings
@@ -157,10 +157,9 @@ async def measure(model_dir: Path, spec: dict, cases: dict[str, list[str]], conc
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two small cases (repeats, forced), 1 stream, 2 rounds, "
-                        "32 tokens: a smoke run")
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__.splitlines()[0],
+                             quick_help="two small cases (repeats, forced), 1 stream, 2 rounds, 32 tokens: a smoke run")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--method", choices=["ngram", "draft_model"], default="ngram",
@@ -169,14 +168,18 @@ def main() -> None:
                         "hidden size (its drafts are another model's: the cost of a draft that is rarely right)")
     parser.add_argument("--draft-layers", type=int, default=1)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_sized("--max-tokens", type=int, full=128, quick=32)
     parser.add_argument("--lead", type=int, default=64, help="repeats: the model's own continuation put in the "
                         "prompt, in tokens (0: the passages alone)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_sized("--rounds", type=int, full=5, quick=2)
+    parser.add_sized("--concurrency", type=int, nargs="+", full=[1, 8], quick=[1])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the figures: 1, as lora.py)")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON results here (default: nowhere)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     cases = {"repeats": [p * 4 for p in PASSAGES], "distinct": DISTINCT, "forced": [p * 4 for p in PASSAGES]}
     concurrencies, rounds, max_tokens = args.concurrency, args.rounds, args.max_tokens
@@ -184,7 +187,7 @@ def main() -> None:
         # 32 tokens of the repeats case alone may find no n-gram to draft from, leaving the check that speculation
         # keeps the text with nothing to check: the forced case drafts every step (by lookup, all accepted; a
         # draft model, blind to the bias, has them refused).
-        cases, concurrencies, rounds, max_tokens = {k: cases[k] for k in ("repeats", "forced")}, [1], 2, 32
+        cases = {k: cases[k] for k in ("repeats", "forced")}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(Path(tmp) / "target", args.hidden, args.layers)
         if args.method == "draft_model":

@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_leaves
 
 import retnet  # noqa: F401
 from benchmarks._launch import threads_per_rank, torchrun, write_rank_result
-from benchmarks._results import output_help, results_path
+from benchmarks._results import BenchmarkParser, output_help, results_path
 from benchmarks.context_parallel import _allocation_peak, mib
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.model.loss import _chunk_tokens
@@ -254,14 +254,13 @@ def describe(phases: dict[str, dict[str, list[int]]]) -> str:
     return "; ".join(parts) or "none"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (hidden 128, 2 layers, 4 heads, vocab "
-                        f"{QUICK['vocab']}, 2 x 384 tokens; under a minute on 2 cores); writes only to an "
-                        "--output given")
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_help=f"tiny sizes (hidden 128, 2 layers, 4 heads, vocab {QUICK['vocab']}, 2 x 384 "
+                             "tokens; under a minute on 2 cores); writes only to an --output given")
     for name, what in (("hidden", "hidden size"), ("layers", "decoder layers"), ("heads", "retention heads"),
                        ("vocab", "vocabulary size"), ("batch", "rows a step"), ("seq", "tokens a row")):
-        parser.add_argument(f"--{name}", type=int, help=f"{what} (default {DEFAULT[name]}; quick {QUICK[name]})")
+        parser.add_sized(f"--{name}", type=int, full=DEFAULT[name], quick=QUICK[name], help=what)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="tensor parallel sizes TP (1 needed: "
                         "the baseline)")
     parser.add_argument("--vocab-parallel", type=int, nargs="*", default=[2], metavar="TP",
@@ -275,12 +274,16 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.spec), Path(args.out))
         return
-    base = QUICK if args.quick else DEFAULT
-    spec = {name: getattr(args, name) or base[name] for name in base} | {"repeats": args.repeats}
+    spec = {name: getattr(args, name) for name in DEFAULT} | {"repeats": args.repeats}
     if 1 not in args.sizes:
         parser.error("--sizes needs 1: every ratio is against the whole model in one process")
     configs = [(tp, False, False) for tp in sorted(set(args.sizes))]

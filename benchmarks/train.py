@@ -8,7 +8,8 @@ FFN (4d²) = 12d² = Llama's 4d² attention + 3·d·I with I = 8d/3; same hidden
 The ratio is RetNet / Llama tokens/s (> 1: RetNet trains faster). MFU uses ``retnet.train.trainer``'s
 FLOP count for RetNet and 6N + 12·L·d·T (nanoGPT's) for Llama, against ``--peak-flops`` or the GPU table.
 
-    python benchmarks/train.py [--presets tiny small] [--seq-lens 512 2048] [--steps 5] [--quick]
+    python benchmarks/train.py [--presets tiny small] [--seq-lens 512 2048] [--steps 5] [--quick] [--out PATH]
+    # writes benchmarks/results/train-<device>.json (--quick writes only to an --out given)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import retnet  # noqa: F401
+from benchmarks._results import BenchmarkParser, output_help, results_path
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.train.flops import flops_per_token, peak_flops
 
@@ -98,18 +100,21 @@ def measure(preset: str, seq_len: int, batch: int, steps: int, device: torch.dev
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> BenchmarkParser:
+    parser = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             quick_help="2 timed steps of 2048 tokens; writes only to an --out given")
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = tokens / seq_len)")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_sized("--tokens", type=int, full=8192, quick=2048, help="tokens per step (batch = tokens / seq_len)")
+    parser.add_sized("--steps", type=int, full=5, quick=2, help="timed steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU")
-    parser.add_argument("--quick", action="store_true", help="2 timed steps of 2048 tokens")
-    args = parser.parse_args()
-    if args.quick:
-        args.steps, args.tokens = 2, 2048
+    parser.add_argument("--out", "--output", type=Path, metavar="PATH", help=output_help("train-<device>.json"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     peak = peak_flops(device, args.peak_flops)
     rows = []
@@ -125,9 +130,11 @@ def main() -> None:
                 print(f"{preset:<7} {seq_len:>5} {row['model']:<7} {row['params'] / 1e6:>7.1f}M "
                       f"{row['tokens_per_s']:>10,.0f} {mfu:>7}")
             print(f"{'':<7} {'':>5} ratio retnet/llama tokens/s: {pair[0]['tokens_per_s'] / pair[1]['tokens_per_s']:.2f}")
-    out_dir = Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"train-{device.type}.json"
+    path = results_path(args.out, args.quick, Path(__file__).resolve().parent / "results" / f"train-{device.type}.json",
+                        flag="--out")
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": str(device), "tokens_per_step": args.tokens, "steps": args.steps,
                                 "quick": args.quick, "peak_flops": peak, "rows": rows}, indent=2))
     print(f"wrote {path}")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -310,3 +311,179 @@ def test_a_quick_lora_run_writes_only_to_an_output_given(tmp_path, monkeypatch, 
     monkeypatch.setattr(sys, "argv", ["lora.py", "--models", "micro", "--batches", "1"])
     lora.main()
     assert json.loads(recorded.read_text())["steps"] == 40
+
+
+# An option given beside --quick (loss.py: --gpu) and the value the run must keep: --quick once overwrote them
+# after parsing (`decode.py --quick --contexts 128` still ran 1024 too; `quantization.py --quick --train-steps 2`
+# trained 30 steps).
+GIVEN_BESIDE_QUICK = [
+    ("assisted", ["--new-tokens", "7", "--lead", "5", "--prompts", "3", "--rounds", "2"],
+     {"new_tokens": 7, "lead": 5, "prompts": 3, "rounds": 2}),
+    ("context_parallel", ["--tokens", "256"], {"tokens": [256]}),
+    ("decode", ["--contexts", "128", "--steps", "3"], {"contexts": [128], "steps": 3}),
+    ("distill_draft", ["--target-steps", "5", "--draft-steps", "4", "--prompts", "2", "--max-tokens", "9"],
+     {"target_steps": 5, "draft_steps": 4, "prompts": 2, "max_tokens": 9}),
+    ("inplace_decode", ["--steps", "3"], {"steps": 3}),
+    ("kernels", ["--max-ref-T", "16384", "--lengths", "2048", "--head-dims", "64"],
+     {"max_ref_T": 16384, "lengths": [2048], "head_dims": [64]}),
+    ("lora", ["--models", "h768", "--steps", "3"], {"models": ["h768"], "steps": 3}),
+    ("quantization", ["--hidden", "64", "--train-steps", "2", "--train-seq-len", "32", "--eval-documents", "2",
+                      "--steps", "3"],
+     {"hidden": 64, "train_steps": 2, "train_seq_len": 32, "eval_documents": 2, "steps": 3}),
+    ("speculative", ["--concurrency", "1", "8", "--rounds", "4", "--max-tokens", "64"],
+     {"concurrency": [1, 8], "rounds": 4, "max_tokens": 64}),
+    ("pooling", ["--inputs", "10", "--repeats", "1"], {"inputs": 10, "repeats": 1}),
+    ("serve", ["--contexts", "4096", "--max-tokens", "16"], {"contexts": [4096], "max_tokens": 16}),
+    ("tensor_parallel", ["--hidden", "256", "--seq", "128"], {"hidden": 256, "seq": 128, "layers": 2}),
+    ("train", ["--steps", "4", "--tokens", "4096"], {"steps": 4, "tokens": 4096}),
+    ("loss", ["--seq-len", "1024", "--vocab", "32768"], {"seq_len": 1024, "vocab": 32768, "hidden": 2048}),
+]
+
+
+def _preset_flag(name: str) -> str:
+    return "--gpu" if name == "loss" else "--quick"
+
+
+def test_every_script_with_a_preset_is_checked_for_the_options_given_beside_it():
+    presets = {path.stem for path in SCRIPTS if "--quick" in path.read_text() or "--gpu" in path.read_text()}
+    assert presets == {name for name, _, _ in GIVEN_BESIDE_QUICK}
+
+
+@pytest.fixture
+def with_repo_on_path(monkeypatch):
+    # serve.py, imported rather than run, leaves sys.path as it is; the others put the repository first themselves.
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent))
+
+
+@pytest.mark.parametrize("name, given, kept", GIVEN_BESIDE_QUICK, ids=[case[0] for case in GIVEN_BESIDE_QUICK])
+def test_an_option_given_beside_quick_keeps_its_value(name, given, kept, load_benchmark, with_repo_on_path):
+    script = load_benchmark(name)
+    preset = _preset_flag(name)
+    args = script.build_parser().parse_args([preset, *given])
+    assert {dest: getattr(args, dest) for dest in kept} == kept
+    # Left out, the preset still sizes them; the full run's values otherwise differ from it.
+    quick, full = script.build_parser().parse_args([preset]), script.build_parser().parse_args([])
+    sized = [dest for dest in kept if getattr(full, dest) is not None]  # serve.py's --max-tokens: per mode
+    assert sized and all(getattr(quick, dest) != getattr(full, dest) for dest in sized)
+
+
+def _results_untouched(tmp_path, module, monkeypatch):
+    """``module``'s results folder, moved under tmp_path (through its ``__file__`` and ``REPO``): a run that writes
+    there on the old code must not overwrite a recorded file."""
+    monkeypatch.setattr(module, "__file__", str(tmp_path / "repo" / "benchmarks" / "script.py"))
+    if hasattr(module, "REPO"):
+        monkeypatch.setattr(module, "REPO", tmp_path / "repo")
+    results = tmp_path / "repo" / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    return results
+
+
+def test_a_quick_train_run_writes_only_to_an_out_given(tmp_path, monkeypatch, load_benchmark):
+    # benchmarks/results/train-cpu.json, which the README's training table quotes, was rewritten by every run.
+    train = load_benchmark("train")
+    results = _results_untouched(tmp_path, train, monkeypatch)
+    monkeypatch.setattr(train, "measure", lambda preset, seq_len, batch, steps, device, peak: [
+        {"model": name, "tokens_per_s": 1.0, "params": 1, "mfu": None} for name in ("retnet", "llama")])
+    monkeypatch.setattr(sys, "argv", ["train.py", "--quick", "--presets", "tiny", "--seq-lens", "512",
+                                      "--device", "cpu"])
+    train.main()
+    assert not any(results.iterdir())
+    out = tmp_path / "t.json"
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--out", str(out)])
+    train.main()
+    assert json.loads(out.read_text())["steps"] == 2 and not any(results.iterdir())
+    # gpu_check.sh's run (no --quick, no --out) still writes the recorded file's place.
+    monkeypatch.setattr(sys, "argv", ["train.py", "--steps", "3", "--presets", "tiny", "--seq-lens", "512",
+                                      "--device", "cpu"])
+    train.main()
+    assert json.loads((results / "train-cpu.json").read_text())["steps"] == 3
+
+
+def test_a_loss_run_writes_only_to_an_out_given(tmp_path, monkeypatch, load_benchmark):
+    # benchmarks/results/loss-cpu.json records a --seq-len 1024 --vocab 32768 run: any other run overwrote it.
+    loss = load_benchmark("loss")
+    results = _results_untouched(tmp_path, loss, monkeypatch)
+    children = []
+
+    def child(command, **kwargs):
+        children.append(command)
+        run = {"variant": "x", "loss": 1.0, "seconds": [1.0], "peak_bytes": 1}
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(run) + "\n")
+
+    monkeypatch.setattr(loss.subprocess, "run", child)
+    monkeypatch.setattr(sys, "argv", ["loss.py", "--seq-len", "64", "--vocab", "128", "--device", "cpu"])
+    loss.main()
+    assert not any(results.iterdir())
+    out = tmp_path / "l.json"
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--out", str(out)])
+    loss.main()
+    assert json.loads(out.read_text())["shape"]["seq_len"] == 64 and not any(results.iterdir())
+    assert all("--seq-len=64" in command for command in children)
+
+
+class _FakePacked:
+    forwards = 0
+
+    def __init__(self, model_dir, budget, requests):
+        import torch
+
+        self.engine = SimpleNamespace(device=torch.device("cpu"))
+
+    def __call__(self, inputs):
+        import torch
+
+        self.forwards += 1
+        return torch.ones(len(inputs), 4)
+
+    def close(self):
+        pass
+
+
+def test_a_quick_pooling_run_writes_only_to_an_out_given(tmp_path, monkeypatch, load_benchmark):
+    # pooling-cpu.json, the README's pooling table, was rewritten by every run, --quick or not.
+    import torch
+
+    pooling = load_benchmark("pooling")
+    results = _results_untouched(tmp_path, pooling, monkeypatch)
+    monkeypatch.setattr(pooling, "build_model", lambda out, hidden, layers, vocab: (
+        SimpleNamespace(pad_token_id=0), 1000))
+    monkeypatch.setattr(pooling, "make_inputs", lambda tokenizer, count, low, high: [[1] * low] * count)
+    monkeypatch.setattr(pooling, "Packed", _FakePacked)
+    monkeypatch.setattr(pooling.AutoModel, "from_pretrained", lambda *a, **k: torch.nn.Identity())
+    monkeypatch.setattr(pooling, "one_by_one", lambda model, inputs: torch.ones(len(inputs), 4))
+    monkeypatch.setattr(pooling, "padded", lambda model, groups, pad: torch.ones(sum(map(len, groups)), 4))
+    monkeypatch.setattr(sys, "argv", ["pooling.py", "--quick", "--repeats", "1"])
+    pooling.main()
+    assert not any(results.iterdir())
+    out = tmp_path / "p.json"
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--out", str(out)])
+    pooling.main()
+    written = json.loads(out.read_text())
+    assert written["quick"] is True and written["inputs"] == 64 and written["repeats"] == 1
+    assert not any(results.iterdir())
+
+
+def test_a_quick_serve_run_writes_only_to_an_out_given(tmp_path, monkeypatch, load_benchmark, with_repo_on_path):
+    # serve-cpu.json (the README's serving table), and --engine-only's and --structured's files, were rewritten
+    # by every run.
+    serve = load_benchmark("serve")
+    results = _results_untouched(tmp_path, serve, monkeypatch)
+    monkeypatch.setattr(serve, "build_models", lambda tmp, hidden, layers, vocab: (tmp, None, {"retnet": 1}))
+    monkeypatch.setattr(serve, "free_port", lambda: 0)
+    monkeypatch.setattr(serve, "Server", lambda cmd, port: SimpleNamespace(stop=lambda: None))
+
+    async def load(server, concurrency, prompt, max_tokens, extra=None):
+        return {"concurrency": concurrency, "tokens_per_s": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 1.0,
+                "itl_p50_ms": 1.0, "itl_p99_ms": 1.0, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(serve, "load", load)
+    monkeypatch.setattr(serve, "engine_steps", lambda report, *args: report.update(engine={"rows": []}))
+    for mode in ([], ["--engine-only"], ["--structured"]):
+        run = ["serve.py", "--quick", "--concurrency", "1", *mode]
+        monkeypatch.setattr(sys, "argv", run)
+        serve.main()
+        assert not any(results.iterdir()), mode
+        out = tmp_path / f"s{len(mode)}{mode and mode[0]}.json"
+        monkeypatch.setattr(sys, "argv", [*run, "--out", str(out)])
+        serve.main()
+        assert json.loads(out.read_text())["quick"] is True and not any(results.iterdir()), mode
