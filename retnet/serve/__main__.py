@@ -11,6 +11,8 @@ import contextlib
 import errno
 import logging
 import math
+import os
+import signal
 import socket
 import sys
 import threading
@@ -150,6 +152,7 @@ def _run_command(argv: list[str] | None) -> None:
         raise SystemExit(STARTUP_FAILURE)
     import uvicorn
 
+    from retnet.extras import EXIT_INTERRUPTED
     from retnet.serve.app import create_app
 
     DrainingServer = _draining_server()
@@ -173,8 +176,12 @@ def _run_command(argv: list[str] | None) -> None:
         logging.getLogger("retnet.serve").warning(
             "CORS allows every origin (--allowed-origins, vLLM's default) and no --api-keys are set: any web page a "
             "browser on this network opens may call this server and read its answers")
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+    server.run()
+    if signal.SIGINT in server.signals:
+        # As every retnet-* command's Ctrl-C, now that the shutdown has drained the requests (uvicorn's own ending,
+        # the signal raised again, was a KeyboardInterrupt in its event loop: status 0, or tracebacks).
+        print("retnet-serve: interrupted; the server stopped after its graceful shutdown", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
     if server.load_failure is not None:
         spec = settings.speculative
         draft = " (or --speculative-config's draft model)" if spec is not None and spec.model is not None else ""
@@ -227,6 +234,9 @@ def listen_refusal(host: str, port: int) -> str | None:
 
 def _draining_server():
     import uvicorn
+    from uvicorn.server import HANDLED_SIGNALS
+
+    from retnet.extras import EXIT_INTERRUPTED
 
     class DrainingServer(uvicorn.Server):
         """uvicorn's server, whose shutdown (SIGTERM, Ctrl-C) drains the engine itself. uvicorn's own graceful
@@ -240,6 +250,34 @@ def _draining_server():
             super().__init__(config)
             self.engine, self.grace_s = engine, grace_s
             self.load_failure: str | None = None
+            self.signals: list[int] = []  # those that stopped it (main reads SIGINT's status off them)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's, without raising the signals again once its shutdown is over: a SIGINT so raised was a
+            # KeyboardInterrupt inside the event loop, whose cancelled tasks logged their tracebacks, and the command
+            # ended with status 0; a SIGTERM killed the process after its drain (status -15). main ends it instead:
+            # 130 after a Ctrl-C, as every retnet-* command; 0 after SIGTERM, as vLLM's server.
+            if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
+                yield
+                return
+            before = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in before.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                # A second Ctrl-C ends the process at once (uvicorn's force_exit cancelled the handlers as asyncio
+                # ended, each logging a CancelledError's traceback, with the engine's thread still running the model
+                # as the interpreter finalized). Its clients see their connections closed.
+                with contextlib.suppress(OSError):
+                    os.write(2, b"\nretnet-serve: interrupted again; stopped at once, the requests in flight cut\n")
+                os._exit(EXIT_INTERRUPTED)
+            self.signals.append(sig)
+            self.should_exit = True
 
         async def on_tick(self, counter: int) -> bool:
             # The model loads on the engine's thread once the server listens (/health says "loading" meanwhile). A
