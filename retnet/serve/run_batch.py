@@ -579,13 +579,11 @@ class BoundedInterrupt:
 
     def __exit__(self, *exc_info) -> None:
         try:
-            if self.interrupted:
+            if self.interrupted:  # the interpreter would wait for these at exit: the watchdog bounds the wait
                 current = threading.current_thread()
                 for thread in threading.enumerate():
                     if thread not in self.threads and not thread.daemon and thread is not current:
-                        thread.join(max(0.0, self.deadline - time.monotonic()))
-                        if thread.is_alive():  # the interpreter would wait for it at exit
-                            self.stop_now(None)
+                        thread.join()
         finally:
             self.ended.set()
             self.wake.set()
@@ -604,7 +602,7 @@ class BoundedInterrupt:
         if not self.ended.is_set() and not self.ended.wait(max(0.0, self.deadline - time.monotonic())):
             self.stop_now(f"the interrupted run did not stop within {self.stop_s:g} s")
 
-    def stop_now(self, why: str | None) -> None:
+    def stop_now(self, why: str) -> None:
         """End the process with status 130, the output's complete lines kept."""
         from retnet.extras import EXIT_INTERRUPTED
 
@@ -614,12 +612,13 @@ class BoundedInterrupt:
         flushing = threading.Thread(target=_flush_all, args=(file,), daemon=True)
         flushing.start()
         flushing.join(1.0)
+        kept = "what was written before it kept"  # (a pipe's last line may be cut short: nothing to take back)
         if file is not None and file is not sys.stdout:
             with contextlib.suppress(OSError, ValueError):
-                _cut_to_last_line(file.fileno(), self.output.path)
-        if why is not None:
-            with contextlib.suppress(OSError):
-                os.write(2, f"\n{PROG}: {why}; stopped at once, the complete lines written before it kept\n".encode())
+                if _cut_to_last_line(file.fileno(), self.output.path):
+                    kept = "the complete lines written before it kept"
+        with contextlib.suppress(OSError):
+            os.write(2, f"\n{PROG}: {why}; stopped at once, {kept}\n".encode())
         os._exit(EXIT_INTERRUPTED)
 
 
@@ -630,17 +629,17 @@ def _flush_all(file: IO[str] | None) -> None:
                 stream.flush()
 
 
-def _cut_to_last_line(fd: int, path: str) -> None:
+def _cut_to_last_line(fd: int, path: str) -> bool:
     """Truncate the regular file ``fd`` (written, not read: ``path`` is opened to read it) after its last newline: a
-    line whose write was cut short is no JSON."""
+    line whose write was cut short is no JSON. False where it is no regular file, or ``path`` is another one now."""
     written = os.fstat(fd)
     if not stat.S_ISREG(written.st_mode):
-        return
+        return False
     reader = os.open(path, os.O_RDONLY)
     try:
         read = os.fstat(reader)
         if (read.st_dev, read.st_ino) != (written.st_dev, written.st_ino):  # (the path removed or replaced since)
-            return
+            return False
         end = keep = read.st_size
         while end > 0:
             start = max(0, end - 65536)
@@ -653,6 +652,7 @@ def _cut_to_last_line(fd: int, path: str) -> None:
         os.close(reader)
     if keep < read.st_size:
         os.ftruncate(fd, keep)
+    return True
 
 
 class OutputFile:

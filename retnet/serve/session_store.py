@@ -33,9 +33,9 @@ continued under another model, chat template, dtype or adapter, nor when it does
 state: 409 naming ``session_id`` (``session_model_changed``, ``session_corrupt``), the file kept (serve that model
 again, or DELETE the session). A file that cannot be read now (EIO, too many open files, a permission) is 503
 ``session_unavailable``, to be retried; something else where the file goes (a directory, a FIFO) is 409
-``session_not_a_file``, never read (a FIFO's open would wait for a writer forever) nor removed. Expiry (``--session-ttl-s`` after the last turn was written, the file's
-modification time): at startup, every ``min(ttl, 60 s)`` on the writer thread, and when a request finds its
-session's file expired; only files named and tagged as session files (and the writer's own temp files) are ever
+``session_not_a_file``, never read (a FIFO's open would wait for a writer forever) nor removed. Expiry
+(``--session-ttl-s`` after the last turn was written, the file's modification time): at startup, every
+``min(ttl, 60 s)`` on the writer thread, and when a request finds its session's file expired; only files named and tagged as session files (and the writer's own temp files) are ever
 removed, and ``--session-dir`` may not be the model's or an adapter's directory.
 """
 
@@ -354,20 +354,20 @@ class SessionFiles:
     def _read(self, session_id: str, device: torch.device) -> SavedState | None:
         path = self.path(session_id)
         try:
-            status = path.stat()
-            if not stat.S_ISREG(status.st_mode):
-                raise _NotAFile(status.st_mode)
-            mtime = status.st_mtime
-            if time.time() - mtime > self.ttl_s and _is_session_file(path):
-                self._remove_expired(session_id, path)
-                return None
-            with self.cond:
-                lost = session_id in self.lost
-            if lost:
-                raise self._refused(session_id, "lost its last turns: they could not be written to --session-dir "
-                                    "and are no longer in memory, and the older file could not be removed",
-                                    "session_lost")
-            data = path.read_bytes()  # (a regular file, by the stat above)
+            # Opened, then its type checked on the open file: a FIFO put there between a stat and a read would
+            # hold the read for good.
+            with _open_regular(path) as file:
+                mtime = os.fstat(file.fileno()).st_mtime
+                if time.time() - mtime > self.ttl_s and _is_session_file(path):
+                    self._remove_expired(session_id, path)
+                    return None
+                with self.cond:
+                    lost = session_id in self.lost
+                if lost:
+                    raise self._refused(session_id, "lost its last turns: they could not be written to "
+                                        "--session-dir and are no longer in memory, and the older file could not be "
+                                        "removed", "session_lost")
+                data = file.read()
         except FileNotFoundError:
             return None
         except _NotAFile as exc:
@@ -554,15 +554,15 @@ class SessionFiles:
         if job.state is None:
             try:
                 # A file past --session-ttl-s not swept yet is a session gone all the same (DELETE: 404): removed, not counted
+                found = os.lstat(path)
+                # Only a file (or a link, removed as one) goes: unlink would take a FIFO or a socket too
+                if not (stat.S_ISREG(found.st_mode) or stat.S_ISLNK(found.st_mode)):
+                    raise _NotAFile(found.st_mode)
                 live = time.time() - path.stat().st_mtime <= self.ttl_s
                 path.unlink()
             except FileNotFoundError:
                 existed = False
-            except OSError as removal:
-                exc = removal
-                with contextlib.suppress(OSError):
-                    if path.is_dir() and not path.is_symlink():  # (a link to one is removed as a file is)
-                        exc = _NotAFile(os.lstat(path).st_mode)
+            except OSError as exc:
                 logger.error("session %r: its file in --session-dir could not be removed: %s", session_id, exc)
                 if any(replaced.state is not None for replaced in job.replaced):
                     with self.cond:  # a newer state than the file's was queued, and is no longer
