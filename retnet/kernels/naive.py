@@ -228,7 +228,8 @@ def chunk_retention(
 
     All chunks of all sequences (the batch rows, or the sequences packed by ``cu_seqlens``) are computed
     as batched matmuls, in blocks of chunks whose K×V states fit :data:`STATE_BLOCK_BYTES` (so inference
-    memory does not grow as T/C · K·V); only the hand-over of the state from chunk to chunk is a loop. Each
+    memory does not grow as T/C · K·V); the hand-over of the state from chunk to chunk is a loop for a batch's
+    states below :data:`SMALL_STATE_ELEMENTS` (B·H·K·V), one [n, n] matmul per head and block at or above it. Each
     sequence is padded in front to whole chunks: in its first chunk, which starts ``pad`` zero tokens
     early, the queries see the initial state decayed by γ^(j+1−pad) and the state is carried on by
     γ^(C−pad), so the padding neither writes nor decays anything.
@@ -260,7 +261,8 @@ def _without_tokens(q, k, v, log_decay, scale, initial_state, output_final_state
 # The most bytes of chunk states (and as many of the chunks' kᵀv) the chunkwise reference forms at once.
 STATE_BLOCK_BYTES = 64 * 2**20
 # The most chunks whose states it forms from one another at once (the hand-over matmul grows as their square),
-# for states of at least SMALL_STATE_ELEMENTS (torch's grain for splitting an elementwise op across threads).
+# for a batch's states (B·H·K·V elements) of at least SMALL_STATE_ELEMENTS (torch's grain for splitting an
+# elementwise op across threads).
 HAND_OVER_CHUNKS = 32
 SMALL_STATE_ELEMENTS = 2**15
 
@@ -319,12 +321,12 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
     # States below torch's parallel grain are handed over chunk by chunk (each step a small single-threaded
     # op); larger ones by one [n, n] matmul per head (_states_before): the loop's 2n steps (and as many in its
     # backward) would each be a parallel region over the whole state, and its stack a copy of all of them. That
-    # matmul grows as n², which blocks of at most HAND_OVER_CHUNKS keep below the chunks' own kᵀv products.
+    # matmul grows as n², which blocks of at most HAND_OVER_CHUNKS (and about C) keep below the chunks' own kᵀv.
     state_elements = batch * heads * key_dim * value_dim
     small_states = state_elements < SMALL_STATE_ELEMENTS
     block = max(1, STATE_BLOCK_BYTES // max(1, state_elements * 4))
-    if not small_states:
-        block = min(block, HAND_OVER_CHUNKS)
+    if not small_states:  # (n·K·V a chunk for the hand-over, against C·K·V for its kᵀv; 8 at least, for the
+        block = min(block, HAND_OVER_CHUNKS, max(chunk_size, 8))  # tiny chunks' sake: a block has its own set-up)
     outputs = []
     for begin in range(0, num_chunks, block):
         part = slice(begin, min(begin + block, num_chunks))
@@ -349,9 +351,9 @@ def _chunkwise(q, k, v, log_decay, scale, initial, output_final_state, chunk_siz
                     entering[index - begin] = initial[starts[index]].float()
             states = _states_before(writes, log_decay, carry_exponents[part], sequence_of[part], entering)
             for index in range(part.start, part.stop):
-                if index in ends:
+                if output_final_state and index in ends:
                     finals[ends[index]] = carry[index] * states[:, :, index - begin] + writes[:, :, index - begin]
-            if part.stop < num_chunks:
+            if part.stop < num_chunks and part.stop not in starts:  # (a state the next block's chunks continue)
                 state = carry[part.stop - 1] * states[:, :, -1] + writes[:, :, -1]
         outputs.append(intra + (qp * query_decay[:, part]) @ states)
     if len(outputs) == 1:
