@@ -1,7 +1,8 @@
 """What a benchmark's run measures and where its JSON goes: the rules the scripts share.
 
-A ``--quick`` run's figures are not the recorded ones, so it must not overwrite the committed run the README
-quotes: it writes only to a path given. ``--quick`` sizes a run down only where the user did not choose: an
+A ``--quick`` run writes only to a path given, never over a committed run the README quotes; a full run writes
+the script's own file under ``benchmarks/results/`` (``train``'s, ``pooling``'s and ``serve``'s recorded figures
+are a quick run's, written with ``--out`` as the README's headings show: a full run of those replaces them). ``--quick`` sizes a run down only where the user did not choose: an
 option given explicitly keeps its value beside it (``BenchmarkParser``). Imported after the script has put the
 repository root on ``sys.path`` (as ``_launch.py`` is).
 """

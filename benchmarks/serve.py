@@ -311,10 +311,12 @@ def main(argv: list[str] | None = None) -> None:
               "model": {"hidden": hidden, "layers": layers, "vocab": vocab}, "load": {}, "long_context": {}}
     if args.structured:
         structured_load(report, retnet_dir, prompt, args.concurrency, max_tokens)
-        return write_report(report, args.out, args.quick, f"serve-structured-{device}.json")
+        write_report(report, args.out, args.quick, f"serve-structured-{device}.json")
+        return
     if args.engine_only:
         engine_steps(report, retnet_dir, prompt, args.concurrency, args.max_tokens or 64, args.sampling)
-        return write_report(report, args.out, args.quick, f"serve-engine-{device}.json")
+        write_report(report, args.out, args.quick, f"serve-engine-{device}.json")
+        return
 
     for name, cmd, model in (("retnet", serve_cmd, retnet_dir), ("baseline", baseline_cmd, retnet_dir)):
         port = free_port()

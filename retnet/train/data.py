@@ -1059,16 +1059,19 @@ def _last_record_line(path: Path, options: dict[str, Any]) -> int | None:
     the file opened), as Python's ``csv`` reads it with ``options``' separator and quote; None if it cannot say."""
     import csv
 
-    begins, last = 1, None
+    if options.get("comment"):  # (pandas drops comment lines that csv would count as records)
+        return None
+    next_start, last = 1, None
     # (the open field runs to the end of the file: past csv's 128 KiB field limit in all but a small one)
     limit = csv.field_size_limit(2**31 - 1)
     try:
         with open(path, newline="", encoding=options.get("encoding") or "utf-8") as file:
             reader = csv.reader(file, delimiter=options.get("sep") or options.get("delimiter") or ",",
                                 quotechar=options.get("quotechar") or '"', escapechar=options.get("escapechar"),
-                                doublequote=options.get("doublequote", True))
+                                doublequote=options.get("doublequote", True),
+                                skipinitialspace=bool(options.get("skipinitialspace")))
             for _ in reader:
-                last, begins = begins, reader.line_num + 1
+                last, next_start = next_start, reader.line_num + 1
     except (csv.Error, TypeError, UnicodeDecodeError, LookupError, OSError):  # (a regex separator, not one character)
         return None
     finally:

@@ -55,10 +55,13 @@ def resolve_teacher(cfg: DistillConfig) -> Path:
         raise ConfigError(f"distill.teacher {str(path)!r} holds no config.json; give a save_pretrained directory "
                           f"(another run's train.output_dir/export, or a retnet-convert-fla output)")
     try:  # here, before the tokenizer's loader reads it too: its refusal then blamed the tokenizer (data.tokenizer)
-        json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # not JSON, not UTF-8, unreadable
         raise ConfigError(f"distill.teacher {str(path)!r}: its config.json could not be read: "
                           f"{type(error).__name__}: {str(error).strip()[:300]}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"distill.teacher {str(path)!r}: its config.json holds a JSON {type(config).__name__}, "
+                          f"not an object of the model's settings")
     return path
 
 

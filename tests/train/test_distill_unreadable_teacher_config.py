@@ -28,5 +28,5 @@ def test_an_unreadable_teacher_config_is_named_not_its_tokenizer(content, error,
     assert main([*args, f"--distill.teacher={teacher}"]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert f"distill.teacher {str(teacher)!r}: its config.json could not be read: {error}" in err, err
-    assert "tokenizer" not in err.splitlines()[-1] and "Traceback" not in err, err
+    assert "tokenizer" not in err.splitlines()[-1].replace(str(teacher), "") and "Traceback" not in err, err
     assert not (out / "checkpoints").exists()
