@@ -10,7 +10,8 @@ from retnet.model.convert_fla import main
 from .fla_checkpoints import _synthetic_fla_checkpoint
 
 
-def test_a_hub_id_converts_as_its_directory(tmp_path, hub_cache, capsys):
+def test_a_hub_id_converts_as_its_directory(tmp_path, hub_cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (a folder of the id's name where the test runs would be read as that folder)
     source = tmp_path / "fla"
     save_file(_synthetic_fla_checkpoint(source), source / "model.safetensors")
     hub_cache("fla-hub/retnet-tiny", source)
@@ -22,7 +23,8 @@ def test_a_hub_id_converts_as_its_directory(tmp_path, hub_cache, capsys):
     assert (tmp_path / "by-id" / "config.json").read_text() == (tmp_path / "by-dir" / "config.json").read_text()
 
 
-def test_a_cached_snapshot_without_weights_is_refused(tmp_path, hub_cache, capsys):
+def test_a_cached_snapshot_without_weights_is_refused(tmp_path, hub_cache, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     source = tmp_path / "fla"
     _synthetic_fla_checkpoint(source)  # config.json alone, as a tokenizer download leaves a snapshot
     hub_cache("fla-hub/config-only", source)
