@@ -40,9 +40,9 @@ from retnet.serve.protocol import (
     checked_effort,
     not_run_unless_no_op,
 )
-from retnet.serve.responses import CHAT_EXTRAS, event_stream, required_string
+from retnet.serve.responses import CHAT_EXTRAS, required_string
 from retnet.serve.serving import ChatRun, OpenAIServing
-from retnet.serve.streaming import sse, until_failure
+from retnet.serve.streaming import event_stream, sse, until_failure
 
 ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 # Anthropic's error type for each status its API answers with (any other 4xx: invalid_request_error, 5xx: api_error).
@@ -474,7 +474,7 @@ class MessagesServing:
         except APIError as exc:
             raise _renamed(exc, origins) from None
         if request.stream:
-            return event_stream(self._events(chat, run, model, origins), run)
+            return event_stream(self._events(chat, run, model, origins), run.handle)
         try:
             result = await self.serving.chat_response(chat, run, raw)
         except APIError as exc:

@@ -47,7 +47,7 @@ from retnet.serve.protocol import (
 )
 from retnet.serve.response_store import ResponseStore
 from retnet.serve.serving import ChatRun, OpenAIServing
-from retnet.serve.streaming import SSE_HEADERS, EngineStreamingResponse, sse, until_failure
+from retnet.serve.streaming import event_stream, sse, until_failure
 
 # The chat route's sampling extras a Responses request may send too (the official client: ``extra_body``); they
 # reach the chat request as they are, and are checked there.
@@ -378,7 +378,7 @@ class ResponsesServing:
         # The Response echoes the temperature and top_p the answer was sampled with (the defaults when left out).
         shape = _Shape(request, self.serving.served_name(request.model), self.serving.checks.sampling_fields(chat))
         if request.stream:
-            return event_stream(self._events(chat, run, shape, origins, history), run)
+            return event_stream(self._events(chat, run, shape, origins, history), run.handle)
         try:
             result = await self.serving.chat_response(chat, run, raw)
         except APIError as exc:
@@ -534,19 +534,6 @@ def _listed_part(part: dict[str, Any], assistant: bool) -> dict[str, Any]:
     return {"type": "input_text", **rest}
 
 
-def event_stream(events, run: ChatRun) -> EngineStreamingResponse:
-    """SSE of the events (this API's and Anthropic's Messages'); the engine's work is cancelled unless the whole
-    stream was sent (the chat stream's rule: a client that leaves frees its slot)."""
-
-    async def body():
-        async for event in events:
-            yield event
-        response.finished = True
-
-    response = EngineStreamingResponse(body(), run.handle, media_type="text/event-stream", headers=SSE_HEADERS)
-    return response
-
-
 def _status(finish: str | None) -> Literal["completed", "incomplete"]:
     return "incomplete" if finish == "length" else "completed"
 
@@ -670,4 +657,4 @@ class _Events:
         yield self.emit("response.output_item.done", output_index=index, item=dict(item))
 
 
-__all__ = ["ResponsesRequest", "ResponsesServing", "event_stream", "required_string", "to_chat_request"]
+__all__ = ["ResponsesRequest", "ResponsesServing", "required_string", "to_chat_request"]

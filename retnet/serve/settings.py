@@ -236,10 +236,8 @@ class ServeSettings(BaseSettings):
         # RETNET_API_KEYS=a,b (a plain comma list) as well as JSON.
         if isinstance(value, str):
             return _api_keys_list(value) if info.field_name == "api_keys" else _split_list(value)
-        if info.field_name == "api_keys" and isinstance(value, list) and not all(isinstance(k, str) for k in value):
-            bad = next(i for i, key in enumerate(value, start=1) if not isinstance(key, str))
-            raise ValueError(f"api_keys (--api-keys) key {bad} of {len(value)} is {type(value[bad - 1]).__name__}, "
-                             "not a string (the keys are not shown: they are secrets)")
+        if info.field_name == "api_keys" and isinstance(value, list):
+            _check_key_types(value)
         if info.field_name == "api_keys" and isinstance(value, list):
             # The flag's several values (vLLM's --api-key k1 k2), each read as a single one is: `--api-keys k1,k2 k3`
             # is three keys. An item neither form splits stays as given, so that a blank one is still refused.
@@ -472,9 +470,9 @@ class ServeSettings(BaseSettings):
         # vLLM requires VLLM_API_KEY when no --api-key is given; a vLLM deployment's environment moved here served
         # with no auth at all. --api-keys and RETNET_API_KEYS still win (vLLM's `args.api_key or VLLM_API_KEY`).
         key = os.environ.get("VLLM_API_KEY", "").strip()
-        if key and not self.api_keys and (why := _unsendable_key(key)) is not None:
-            raise ValueError(f"VLLM_API_KEY (the API key with no --api-keys) {why}")
         if key and not self.api_keys:
+            if (why := _unsendable_key(key)) is not None:
+                raise ValueError(f"VLLM_API_KEY (the API key with no --api-keys) {why}")
             self.api_keys = [key]
         return self
 
@@ -546,14 +544,21 @@ def _api_keys_list(text: str) -> list:
     except json.JSONDecodeError as exc:  # (pydantic's message would show the text: the keys)
         raise ValueError(f"api_keys (--api-keys) is not a JSON list: {exc} (the keys are not shown: they are "
                          "secrets)") from None
-    if isinstance(keys, list) and not all(isinstance(key, str) for key in keys):
-        bad = next(i for i, key in enumerate(keys, start=1) if not isinstance(key, str))
-        raise ValueError(f"api_keys (--api-keys) key {bad} of {len(keys)} is {type(keys[bad - 1]).__name__}, not a "
-                         "string (the keys are not shown: they are secrets)")
+    if isinstance(keys, list):
+        _check_key_types(keys)
     if not keys and text.strip() and not text.lstrip().startswith("["):
         raise ValueError(f"api_keys (--api-keys) names no key; got {text[:120]!r} (give the keys, k1,k2; leave it "
                          "unset for no auth)")
     return keys
+
+
+def _check_key_types(keys: list) -> None:
+    """Refuse a key that is no string, by its place (the keys are secrets)."""
+    for number, key in enumerate(keys, start=1):
+        if not isinstance(key, str):
+            kind = "null" if key is None else type(key).__name__
+            raise ValueError(f"api_keys (--api-keys) key {number} of {len(keys)} is {kind}, not a string (the keys "
+                             "are not shown: they are secrets)")
 
 
 def _unsendable_key(key: str) -> str | None:

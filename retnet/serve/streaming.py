@@ -162,6 +162,19 @@ class EngineStreamingResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+def event_stream(events: AsyncIterator[str], handle: RequestHandle) -> EngineStreamingResponse:
+    """SSE of ``events`` (the Responses API's and Anthropic's Messages'); the engine's work is cancelled unless the
+    whole stream was sent (the chat stream's rule: a client that leaves frees its slot)."""
+
+    async def body():
+        async for event in events:
+            yield event
+        response.finished = True
+
+    response = EngineStreamingResponse(body(), handle, media_type="text/event-stream", headers=SSE_HEADERS)
+    return response
+
+
 def _failure_error(failure: EngineFailure) -> APIError:
     """The error a request the engine could not answer gets: 503 when the engine died, else the failure's own
     (an evicted LoRA adapter that could not be read again: 500; a grammar that failed while generating: 400, an
