@@ -156,6 +156,7 @@ def test_the_entry_asks_its_engine_to_freeze_the_heap_once_loaded(monkeypatch):
 
     class Server:
         load_failure = None  # the real one's: set when the model did not load
+        signals = ()  # the real one's: the signals that stopped it
 
         def __init__(self, config, engine, grace_s):
             self.started = False
@@ -217,6 +218,7 @@ def test_every_origin_without_a_key_is_warned_of_by_the_server(monkeypatch, capl
 
     class Server:
         load_failure = None  # the real one's: set when the model did not load
+        signals = ()  # the real one's: the signals that stopped it
 
         def __init__(self, config, engine, grace_s):
             self.started = True

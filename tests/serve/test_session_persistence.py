@@ -525,12 +525,14 @@ async def test_a_file_the_model_cannot_run_is_409_and_one_unreadable_now_is_503(
            "seen_dtype": ({}, {"seen": torch.tensor([0.5])})}
     for name, (meta, tensors) in bad.items():
         rewrite(saved, tmp_path / f"{name}.safetensors", {"session_id": name, **meta}, tensors)
-    read_bytes = Path.read_bytes
+    from retnet.serve import session_store
 
-    def io_error(self):
-        if self.name == "s.safetensors":
-            raise OSError(errno.EIO, "Input/output error", str(self))
-        return read_bytes(self)
+    open_regular = session_store._open_regular
+
+    def io_error(path):
+        if path.name == "s.safetensors":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return open_regular(path)
 
     async with serve_app(model_dir, session_dir=str(tmp_path)) as client:
         for name in bad:
@@ -539,7 +541,7 @@ async def test_a_file_the_model_cannot_run_is_409_and_one_unreadable_now_is_503(
             assert r.json()["error"]["param"] == "session_id"
         assert (await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})).status_code == 200
         assert (await client.get("/health")).status_code == 200  # the engine ran none of them
-        monkeypatch.setattr(Path, "read_bytes", io_error)
+        monkeypatch.setattr(session_store, "_open_regular", io_error)
         r = await client.post("/v1/completions", json={"prompt": "x", "session_id": "s", "max_tokens": 2})
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "server_error",
