@@ -1,73 +1,18 @@
-"""Context parallelism (retnet/model/context_parallel.py): a row split along time across real torchrun (gloo)
-ranks gives the whole row's outputs, loss and gradients; the layouts and refusals in one process. With xPos each
-piece runs in xPos frames of its own and moves the state crossing a cut into the receiving piece's frame, giving
-the whole row's outputs, loss and gradients too (2 and 3 pieces; packed rows with documents crossing the cuts,
-plain rows in several frames a piece, positions whose scales from one origin lie beyond fp32). (A training run of
-an xPos ``model.init_from`` split in two: tests/train/test_context_parallel.py.)"""
+"""Context parallelism (retnet/model/context_parallel.py): the layouts, the folds and the refusals in one process.
+With xPos each piece runs in xPos frames of its own and moves the state crossing a cut into the receiving piece's
+frame. A row split along time across real torchrun (gloo) ranks gives the whole row's outputs, loss and gradients,
+with xPos too (2 and 3 pieces; packed rows with documents crossing the cuts, plain rows in several frames a piece,
+positions whose scales from one origin lie beyond fp32): the rows of context_parallel_cases.py, checked by
+tests/train/test_context_parallel_grpo_paths.py, whose 4-rank launch splits them on its first 2 and 3 ranks (a
+launch of their own cost its ranks' start, ~25 s of CPU; the cases take under a second). (A training run of an xPos
+``model.init_from`` split in two: tests/train/test_context_parallel.py.)"""
 
 from __future__ import annotations
-
-import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from retnet.model.context_parallel import ContextShard, add_incoming, incoming_state, shard_sequences
-from tests.launch import launch_worker
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # the cases, shared with the torchrun worker (pytest runs in importlib mode)
-from context_parallel_cases import CASES, PIECE, PIECES, XPOS_CASES, build_case  # noqa: E402
-
-# One launch of 3 ranks for every case: the rows of CASES in 3 pieces, then the xPos rows in 2 pieces (on the first
-# two ranks, a group of their own) and in 3. A rank's start (importing torch and transformers) dwarfs the cases.
-XPOS_RUNS = [(name, pieces) for pieces in (2, 3) for name in XPOS_CASES]
-RUNS = [*((name, PIECES) for name in CASES), *XPOS_RUNS]
-
-
-@pytest.fixture(scope="module")
-def ranks_results(tmp_path_factory):
-    """Each rank's saved pieces, ``name@pieces`` -> its loss, last hidden states and gradients."""
-    out = tmp_path_factory.mktemp("cp")
-    (out / "cases.json").write_text(json.dumps(RUNS))
-    launch_worker(HERE / "context_parallel_worker.py", out, PIECES)
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(PIECES)]
-
-
-def assert_pieces_give_the_whole_row(ranks_results, name: str, pieces: int, hidden_tol: dict, grad_tol: dict):
-    """The ``pieces`` ranks' hidden states, summed losses and summed gradients of case ``name`` are the whole row's
-    in one process."""
-    model, input_ids, labels, cu_seqlens, mode = build_case(name, pieces)
-    whole = model(input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens, retention_mode=mode, use_cache=False,
-                  output_hidden_states=True)
-    whole.loss.backward()
-    results = [ranks_results[rank][f"{name}@{pieces}"] for rank in range(pieces)]
-    hidden = torch.cat([piece["hidden"] for piece in results], 1)
-    assert torch.isfinite(hidden).all()
-    torch.testing.assert_close(hidden, whole.hidden_states[-1].detach(), **hidden_tol)
-    # num_items_in_batch = the whole row's targets: the pieces' losses add up to its mean
-    torch.testing.assert_close(sum(piece["loss"] for piece in results), whole.loss.detach(), rtol=1e-5, atol=1e-6)
-    for param_name, param in model.named_parameters():
-        summed = sum(piece["grads"][param_name] for piece in results)
-        torch.testing.assert_close(summed, param.grad, **grad_tol, msg=param_name)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_pieces_give_the_whole_rows_outputs_loss_and_gradients(ranks_results, name):
-    assert_pieces_give_the_whole_row(ranks_results, name, PIECES, dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-6))
-
-
-def test_without_the_earlier_pieces_state_the_outputs_differ(ranks_results):
-    """The check above can fail: the last piece run alone from a zero state (positions as in the row) is off."""
-    model, input_ids, _, _, mode = build_case("rows_chunkwise")
-    whole = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, retention_mode=mode)
-    alone = model(input_ids=input_ids[:, -PIECE:], position_ids=torch.arange(2 * PIECE, 3 * PIECE)[None],
-                  use_cache=False, output_hidden_states=True, retention_mode=mode)
-    assert (alone.hidden_states[-1] - whole.hidden_states[-1][:, -PIECE:]).abs().max() > 1e-2
-    torch.testing.assert_close(ranks_results[-1][f"rows_chunkwise@{PIECES}"]["hidden"], whole.hidden_states[-1][:, -PIECE:],
-                               rtol=1e-4, atol=1e-5)
 
 
 def test_one_piece_is_the_plain_forward(model_factory):
@@ -206,11 +151,6 @@ def test_the_incoming_share_makes_no_fp32_copy_of_q(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------
 # xPos
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, pieces", XPOS_RUNS, ids=[f"{name}-{pieces}" for name, pieces in XPOS_RUNS])
-def test_xpos_pieces_give_the_whole_rows_outputs_loss_and_gradients(ranks_results, name, pieces):
-    assert_pieces_give_the_whole_row(ranks_results, name, pieces, dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-5, atol=1e-5))
-
-
 def test_the_fold_moves_each_carried_state_into_the_next_pieces_frame(monkeypatch):
     """One process: a state carried through a continuing piece is decayed by γ^L and moved by its xPos factor."""
     states = torch.rand(4, 1, 2, 3, 3)

@@ -4,11 +4,14 @@ generation under a per-sequence normalization and log its next step, and log one
 records; the refusals of a GRPO batch the pieces cannot share, and a piece's padding copies of a prompt sampled but
 not scored. (Two ranks splitting each row on GRPO from the start: test_grpo.py, in its 2-rank launch.) The launch
 also runs test_context_parallel.py's 4-rank case: plain rows split over two data-parallel groups of 2 ranks, checked
-here by a test of its name (``[plain-4-ranks]``), one 4-rank launch for both modules' runs."""
+here by a test of its name (``[plain-4-ranks]``), and on its first 2 and 3 ranks tests/model/test_context_parallel.py's
+rows split along time (context_parallel_cases.py), checked here by the tests of their names: one 4-rank launch for
+the three modules' ranks."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,16 +22,27 @@ from retnet.train.config import ConfigError, load_config
 from retnet.train.preference import METRICS as DPO_METRICS
 from retnet.train.reward import METRICS as REWARD_METRICS
 from tests.launch import selected_tests
+from tests.model.context_parallel_cases import CASES, PIECE, PIECES, XPOS_CASES, build_case
 
-from .conftest import metrics, micro_args, one_thread, run_train_many
+from .conftest import launch_runs, metrics, micro_args, one_thread
 from .test_context_parallel import SPLIT_ROWS, assert_split_rows_log_one_process
 from .test_context_parallel_preference_paths import uneven  # noqa: F401 - the fixture
 from .test_grpo import COMMON, assert_grpo_records_match, grpo_args, prompts_data, stopping, toy  # noqa: F401 - the fixtures
 from .test_preference import assert_records_match, dpo_args
 from .test_preference import toy as pairs  # noqa: F401 - the fixture
 
-# test_grpo.py's settings of its 2-rank run (COMMON), under a per-sequence normalization with the token ratio
-GRPO = {**COMMON, "grpo__loss_type": "grpo"}
+# tests/model/test_context_parallel.py's rows, on the launch's first ranks: those of CASES in 3 pieces, then the xPos
+# rows in 2 pieces (on the first two ranks, a group of their own) and in 3
+XPOS_RUNS = [(name, pieces) for pieces in (2, 3) for name in XPOS_CASES]
+PIECE_RUNS = [*((name, PIECES) for name in CASES), *XPOS_RUNS]
+PIECE_TESTS = ("test_pieces_give_the_whole_rows_outputs_loss_and_gradients",
+               "test_without_the_earlier_pieces_state_the_outputs_differ",
+               "test_xpos_pieces_give_the_whole_rows_outputs_loss_and_gradients")
+PIECES_WORKER = Path(__file__).with_name("context_parallel_pieces_worker.py")
+
+# test_grpo.py's settings of its 2-rank run (COMMON), under a per-sequence normalization with the token ratio, over
+# its first generation's 2 steps (a checkpoint at step 1 within it; validation at steps 0 and 2)
+GRPO = {**COMMON, "grpo__loss_type": "grpo", "train__steps": 2, "train__eval_interval": 2}
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +66,13 @@ def preference_common(objective: str, uneven) -> dict:  # noqa: F811 - uneven: t
 @pytest.fixture(scope="module")
 def four_ranks(request, corpus, tokenizer_dir, cache_dir, tmp_path_factory):
     """The module's 4-rank runs in one torchrun launch, each rank's process importing torch once, not four times (the
-    selected tests' runs): ``grpo``, the one-process grpo run (``alone``) resumed from its step-3 checkpoint (a copy
-    of ``alone``'s without step 4) on 2 pieces × 2 tensor-parallel slices, then ``dpo`` and ``reward`` (2 × 2 too),
+    selected tests' runs): ``grpo``, the one-process grpo run (``alone``) resumed from its step-1 checkpoint (a copy
+    of ``alone``'s without step 2) on 2 pieces × 2 tensor-parallel slices, then ``dpo`` and ``reward`` (2 × 2 too),
     each after its one-process run (in this process, on one thread as each rank computes), and ``plain``: the plain
     rows of test_context_parallel.py's SPLIT_ROWS split in two on two data-parallel groups, after its one-process
-    run (in this process, as that module's runs). ``name`` -> (the one-process run's output dir, the split run's,
-    the split run finished)."""
+    run (in this process, as that module's runs); before them, on the first ranks, tests/model/test_context_parallel.py's
+    rows split along time (PIECE_RUNS, into ``pieces``). ``name`` -> (the one-process run's output dir, the split
+    run's, the split run finished); ``"pieces"`` -> (the launch finished, the ranks' results' dir) where they ran."""
     from retnet.train.__main__ import main
 
     selected, root = selected_tests(request, parameters=True), tmp_path_factory.mktemp("four-ranks")
@@ -67,7 +82,7 @@ def four_ranks(request, corpus, tokenizer_dir, cache_dir, tmp_path_factory):
         prompts, init, one = (request.getfixturevalue(name) for name in ("toy", "stopping", "alone"))
         resumed = root / "grpo" / "split"
         shutil.copytree(one / "grpo", resumed)
-        shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+        shutil.rmtree(resumed / "checkpoints" / "step_00000002")
         runs["grpo"] = grpo_args(prompts, resumed, **GRPO, model__init_from=init, train__context_parallel=2,
                                  train__tensor_parallel=2)
         singles["grpo"] = one / "grpo"
@@ -90,25 +105,30 @@ def four_ranks(request, corpus, tokenizer_dir, cache_dir, tmp_path_factory):
         singles["plain"] = root / "plain" / "single"
         assert main(plain(singles["plain"])) == 0
         runs["plain"] = plain(root / "plain" / "split", train__context_parallel=2)
-    finished = run_train_many(list(runs.values()), nproc=4, out=root / "launch") if runs else []
-    return {name: (singles[name], root / name / "split", done) for name, done in zip(runs, finished, strict=True)}
+    cases = PIECE_RUNS if any(name.startswith(PIECE_TESTS) for name in selected) else []
+    if not (runs or cases):
+        return {}
+    launch, finished = launch_runs(list(runs.values()), 4, root / "launch", worker=PIECES_WORKER, cases=cases,
+                                   cases_out=str(root / "pieces"))
+    done = {name: (singles[name], root / name / "split", run) for name, run in zip(runs, finished, strict=True)}
+    return {**done, "pieces": (launch, root / "pieces")} if cases else done
 
 
 @pytest.mark.slow
 def test_four_ranks_splitting_rows_and_layers_resume_the_grpo_records_of_one_process(alone, four_ranks):
-    """grpo with the token ratio, resumed on 2 pieces × 2 tensor-parallel slices from one process's step-3
-    checkpoint within the generation sampled for step 3 (its old and reference log-probs restored): step 4, its
+    """grpo with the token ratio, resumed on 2 pieces × 2 tensor-parallel slices from one process's step-1
+    checkpoint within the generation sampled for step 1 (its old and reference log-probs restored): step 2, its
     weights and its validation as the one process's. (2 ranks splitting each row from the start, under dapo with
     GSPO's ratio: test_grpo.py's test_ranks_splitting_each_row_log_the_grpo_records_of_one_process, a run of its
     2-rank launch.)"""
-    # (four_ranks' grpo: GRPO on 2 pieces × 2 slices, resumed from a copy of alone's grpo run without step 4)
+    # (four_ranks' grpo: GRPO on 2 pieces × 2 slices, resumed from a copy of alone's grpo run without step 2)
     _, resumed, done = four_ranks["grpo"]
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     assert "resuming with 4 (train.context_parallel 2, train.tensor_parallel 2)" in done.stderr
-    assert_grpo_records_match(alone / "grpo", resumed, "train", {4}, rel=1e-5)  # from the same weights
-    assert_grpo_records_match(alone / "grpo", resumed, "val", {4}, rel=2e-4)  # after its update
-    for name, tensor in load_checkpoint(alone / "grpo" / "checkpoints" / "step_00000004")["model"].items():
-        torch.testing.assert_close(load_checkpoint(resumed / "checkpoints" / "step_00000004")["model"][name], tensor,
+    assert_grpo_records_match(alone / "grpo", resumed, "train", {2}, rel=1e-5)  # from the same weights
+    assert_grpo_records_match(alone / "grpo", resumed, "val", {2}, rel=2e-4)  # after its update
+    for name, tensor in load_checkpoint(alone / "grpo" / "checkpoints" / "step_00000002")["model"].items():
+        torch.testing.assert_close(load_checkpoint(resumed / "checkpoints" / "step_00000002")["model"][name], tensor,
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -204,3 +224,58 @@ def test_a_pieces_padding_copies_are_sampled_but_not_scored(toy, monkeypatch):  
     assert generation.totals.sequences == 4 and len(generation.completions) == 4
     # the first piece's rewards, gathered: every completion of the group holds one
     assert generation.advantages.tolist() == [0.0] * 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tests/model/test_context_parallel.py's rows split along time on the launch's first ranks (context_parallel_cases)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ranks_results(four_ranks):
+    """Each rank's saved pieces (of the first 3 ranks of four_ranks' launch), ``name@pieces`` -> its loss, last hidden
+    states and gradients."""
+    launch, out = four_ranks["pieces"]
+    missing = [rank for rank in range(PIECES) if not (out / f"rank{rank}.pt").exists()]
+    assert not missing, f"ranks {missing} saved no pieces: " + launch.stderr[-4000:]
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(PIECES)]
+
+
+def assert_pieces_give_the_whole_row(ranks_results, name: str, pieces: int, hidden_tol: dict, grad_tol: dict):
+    """The ``pieces`` ranks' hidden states, summed losses and summed gradients of case ``name`` are the whole row's
+    in one process."""
+    model, input_ids, labels, cu_seqlens, mode = build_case(name, pieces)
+    whole = model(input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens, retention_mode=mode, use_cache=False,
+                  output_hidden_states=True)
+    whole.loss.backward()
+    results = [ranks_results[rank][f"{name}@{pieces}"] for rank in range(pieces)]
+    hidden = torch.cat([piece["hidden"] for piece in results], 1)
+    assert torch.isfinite(hidden).all()
+    torch.testing.assert_close(hidden, whole.hidden_states[-1].detach(), **hidden_tol)
+    # num_items_in_batch = the whole row's targets: the pieces' losses add up to its mean
+    torch.testing.assert_close(sum(piece["loss"] for piece in results), whole.loss.detach(), rtol=1e-5, atol=1e-6)
+    for param_name, param in model.named_parameters():
+        summed = sum(piece["grads"][param_name] for piece in results)
+        torch.testing.assert_close(summed, param.grad, **grad_tol, msg=param_name)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pieces_give_the_whole_rows_outputs_loss_and_gradients(ranks_results, name):
+    """tests/model/test_context_parallel.py's rows (context_parallel_cases.CASES) in 3 pieces on 3 gloo ranks: the
+    whole row's outputs, loss and gradients in one process."""
+    assert_pieces_give_the_whole_row(ranks_results, name, PIECES, dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-6))
+
+
+def test_without_the_earlier_pieces_state_the_outputs_differ(ranks_results):
+    """The check above can fail: the last piece run alone from a zero state (positions as in the row) is off."""
+    model, input_ids, _, _, mode = build_case("rows_chunkwise")
+    whole = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, retention_mode=mode)
+    alone = model(input_ids=input_ids[:, -PIECE:], position_ids=torch.arange(2 * PIECE, 3 * PIECE)[None],
+                  use_cache=False, output_hidden_states=True, retention_mode=mode)
+    assert (alone.hidden_states[-1] - whole.hidden_states[-1][:, -PIECE:]).abs().max() > 1e-2
+    torch.testing.assert_close(ranks_results[-1][f"rows_chunkwise@{PIECES}"]["hidden"], whole.hidden_states[-1][:, -PIECE:],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, pieces", XPOS_RUNS, ids=[f"{name}-{pieces}" for name, pieces in XPOS_RUNS])
+def test_xpos_pieces_give_the_whole_rows_outputs_loss_and_gradients(ranks_results, name, pieces):
+    """tests/model/test_context_parallel.py's xPos rows (XPOS_CASES) in 2 and 3 pieces: the whole row's."""
+    assert_pieces_give_the_whole_row(ranks_results, name, pieces, dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-5, atol=1e-5))
