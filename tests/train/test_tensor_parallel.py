@@ -144,10 +144,12 @@ def _losses(read_metrics, out, kind="train", key="loss"):
 # The torchrun runs of this module's tests, in one launch of 2 ranks and one of 4 (a rank's start, ~10 s of CPU
 # importing torch and transformers, dwarfs a micro run): each test's runs join its launch when the session runs that
 # test (so that one selected alone starts no other test's runs), their outputs under the launch's directory.
-TP_COMMON = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
-                 checkpoint__interval=2, checkpoint__export=True, logging__peak_flops=1e12)
-FSDP_COMMON = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
-                   checkpoint__interval=2, model__intermediate_size=70)
+# The split of every layer and FSDP2 over it train the same model (the FFN 70 wide: see the FSDP2 test) on the same
+# batches, so that one one-process run (``single``) is what both compare with; only the runs whose export a test
+# reads export.
+COMMON = dict(train__steps=4, train__eval_interval=2, optim__lr=1e-2, optim__schedule="constant",
+              checkpoint__interval=2, model__intermediate_size=70, logging__peak_flops=1e12)
+TP_COMMON = FSDP_COMMON = COMMON
 FSDP_TP = dict(train__tensor_parallel=2, train__parallelism="fsdp", train__vocab_parallel=True,
                train__sequence_parallel=True)
 CP_TP_ROWS = dict(SPLIT_ROWS, data__document_boundaries=True)
@@ -156,6 +158,15 @@ CP_TP_SPLITS = {"gradient-mean": ("ddp", {}),
 DPO_COMMON = dict(train__steps=3, train__eval_interval=0, lora__rank=4, lora__alpha=8)
 GRPO_COMMON = dict(train__steps=3, train__eval_interval=3, checkpoint__interval=1, checkpoint__keep_last=3,
                    grpo__num_iterations=2, grpo__epsilon_high=0.28)
+
+
+@pytest.fixture(scope="module")
+def single(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir):
+    """The one-process run of ``COMMON`` (exported; its output directory) that the split of every layer and FSDP2
+    over it compare with, and whose step-2 checkpoint ``fsdp_full`` resumes (they only read it)."""
+    out = tmp_path_factory.mktemp("tp-single") / "single"
+    assert main(micro_args(corpus, tokenizer_dir, cache_dir, out, **COMMON, checkpoint__export=True)) == 0
+    return out
 
 
 def _launch(runs: dict, nproc: int, root) -> SimpleNamespace:
@@ -173,7 +184,7 @@ def two_ranks(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> Si
     runs = {}
     if "test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume" in selected:
         runs["tp"] = micro_args(corpus, tokenizer_dir, cache_dir, root / "split", **TP_COMMON,
-                                train__tensor_parallel=2)
+                                train__tensor_parallel=2, checkpoint__export=True)
     if "test_dpo_on_ranks_splitting_every_layer_logs_the_records_of_one_process" in selected:
         toy = request.getfixturevalue("toy")
         runs["dpo"] = dpo_args(toy, root / "dpo-split", **DPO_COMMON, checkpoint__interval=2,
@@ -195,7 +206,7 @@ def two_ranks(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> Si
 def four_ranks(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> SimpleNamespace:
     """The module's 4-rank runs (``root`` their directory): FSDP2 over the data-parallel groups of the split model
     (``fsdp`` first, whose stderr is checked for a warning torch gives once a process; ``fsdp_full`` resuming
-    ``fsdp-single``, the one-process run made here before the launch; ``fsdp_own`` resuming ``fsdp``'s step 2),
+    ``single``, the one-process run made before the launch; ``fsdp_own`` resuming ``fsdp``'s step 2),
     context-parallel pieces split by tensor parallelism (``cp_gradient_mean``, ``cp_fsdp_vocab_sequence``), and
     the resume of ``two_ranks``'s split run on two data-parallel groups (``tp_resumed``)."""
     selected, root = selected_tests(request, parameters=True), tmp_path_factory.mktemp("tp-four")
@@ -205,10 +216,10 @@ def four_ranks(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> S
 
     runs = {}
     if "test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_resumes" in selected:
-        assert main(args(root / "fsdp-single", **FSDP_COMMON)) == 0  # resumed by fsdp_full
+        checkpoint = request.getfixturevalue("single") / "checkpoints" / "step_00000002"  # resumed by fsdp_full
         runs["fsdp"] = args(root / "fsdp-split", **FSDP_COMMON, **FSDP_TP, checkpoint__export=True)
         runs["fsdp_full"] = args(root / "fsdp-full", **FSDP_COMMON, **FSDP_TP, checkpoint__layout="full",
-                                 train__resume=root / "fsdp-single" / "checkpoints" / "step_00000002")
+                                 train__resume=checkpoint)
         runs["fsdp_own"] = args(root / "fsdp-own", **FSDP_COMMON, **FSDP_TP,
                                 train__resume=root / "fsdp-split" / "checkpoints" / "step_00000002")
     for name, (parallelism, splits) in CP_TP_SPLITS.items():
@@ -227,8 +238,9 @@ def four_ranks(request, tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> S
 
 
 @pytest.mark.slow
-def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(micro, tmp_path, two_ranks, four_ranks,
-                                                                              read_metrics, capsys, tokenizer_dir):
+def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(micro, tmp_path, single, two_ranks,
+                                                                              four_ranks, read_metrics, capsys,
+                                                                              tokenizer_dir):
     """One process (micro 2 × accum 2) and 2 torchrun ranks splitting each layer's 2 heads and its FFN (one
     tensor-parallel group: micro 2 × accum 2 again) log the same training and validation losses and gradient norms
     on packed text; the MFU divides by both devices and the tokens count once. The checkpoint holds full tensors and
@@ -241,9 +253,8 @@ def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(mi
     from retnet.train.data import load_tokenizer, vocab_bound
     from retnet.train.flops import flops_per_token
 
-    single, split, common = tmp_path / "single", two_ranks.root / "split", TP_COMMON
-    assert main(micro(single, **common)) == 0
-    two = two_ranks.tp  # micro(split, **common, train__tensor_parallel=2) on 2 ranks
+    split, common = two_ranks.root / "split", TP_COMMON  # single: micro(single, **common, checkpoint__export=True)
+    two = two_ranks.tp  # micro(split, **common, train__tensor_parallel=2, checkpoint__export=True) on 2 ranks
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-2000:]
     assert "world 2 / tensor parallel 2 = 1 data-parallel groups × micro 2 × accum 2" in two.stderr
     expected = _losses(read_metrics, single)
@@ -255,7 +266,8 @@ def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(mi
         _losses(read_metrics, single, "val", "val_loss"), rel=1e-5)
     assert [r["tokens"] for r in read_metrics(split)] == [r["tokens"] for r in read_metrics(single)]
     config = RetNetConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      chunk_size=16, vocab_size=vocab_bound(load_tokenizer(tokenizer_dir)))
+                                      chunk_size=16, intermediate_size=70,
+                                      vocab_size=vocab_bound(load_tokenizer(tokenizer_dir)))
     records = read_metrics(split)
     assert [r["mfu"] for r in records] == pytest.approx(
         [flops_per_token(config, 32) * r["tokens_per_s"] / (1e12 * 2) for r in records], rel=1e-9)
@@ -294,7 +306,8 @@ def test_ranks_splitting_every_layer_log_the_losses_of_one_process_and_resume(mi
 
 
 @pytest.mark.slow
-def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_resumes(four_ranks, read_metrics):
+def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_resumes(single, four_ranks,
+                                                                                        read_metrics):
     """4 torchrun ranks, 2 data-parallel groups of 2 splitting every layer, with FSDP2 sharding the split model over
     the groups (``train.parallelism=fsdp``: micro 2 × accum 1 × 2 groups), log one process's training and validation
     losses and gradient norms (micro 2 × accum 2, the same global batch). The FFN is 70 wide: a rank's 35 rows of
@@ -309,10 +322,10 @@ def test_fsdp_over_the_data_parallel_groups_logs_the_losses_of_one_process_and_r
     import retnet  # noqa: F401  (registers the Auto classes)
     from retnet.train.checkpoint import saved_model_shapes, verify_checkpoint
 
-    # four_ranks: one process's run (FSDP_COMMON) to fsdp-single, then in its launch of 4 ranks (FSDP_TP) the split
-    # run to fsdp-split (with the export), then the two resumes checked after it: fsdp-single's step 2 in the full
+    # single: the module's one-process run (FSDP_COMMON); four_ranks: in its launch of 4 ranks (FSDP_TP) the split
+    # run to fsdp-split (with the export), then the two resumes checked after it: single's step 2 in the full
     # layout to fsdp-full, and fsdp-split's step 2 to fsdp-own
-    single, split, full, own_dir = (four_ranks.root / f"fsdp-{name}" for name in ("single", "split", "full", "own"))
+    split, full, own_dir = (four_ranks.root / f"fsdp-{name}" for name in ("split", "full", "own"))
     checkpoint = split / "checkpoints" / "step_00000002"
     four, again, own = four_ranks.fsdp, four_ranks.fsdp_full, four_ranks.fsdp_own
     assert four.returncode == 0, four.stderr[-3000:] + four.stdout[-2000:]

@@ -16,7 +16,6 @@ import torch
 
 from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.checkpoint import list_checkpoints, verify_checkpoint
-from tests.launch import WITHOUT_RETNET_INIT
 
 from .conftest import micro_args
 
@@ -36,14 +35,6 @@ def _wait_for(predicate, process, timeout=600.0):
         assert process.poll() is None, f"training exited early with {process.returncode}"
         time.sleep(0.02)
     raise AssertionError("timed out")
-
-
-def _written_records(output_dir: Path) -> list[dict]:
-    """The records of metrics.jsonl a running trainer has written whole (its last line may be half written)."""
-    import json
-
-    text = (output_dir / "metrics.jsonl").read_text() if (output_dir / "metrics.jsonl").exists() else ""
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def test_a_second_run_in_the_process_logs_to_the_current_stderr(micro, tmp_path, monkeypatch):
@@ -349,21 +340,6 @@ def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run_here, 
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(micro, tmp_path, launch, read_metrics):
-    out = tmp_path / "run"
-    process = launch(micro(out, train__steps=100000, checkpoint__export=True), log=tmp_path / "log")
-    _wait_for(lambda: sum(r["kind"] == "train" for r in _written_records(out)) >= 3, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=600) == 0, (tmp_path / "log").read_text()
-    ckpts = list_checkpoints(out / "checkpoints")
-    assert len(ckpts) == 1
-    step = verify_checkpoint(ckpts[0])["step"]
-    assert 3 <= step < 100000 and read_metrics(out)[-1]["step"] == step
-    assert not (out / "export").exists()  # an interrupted run is resumed, not exported
-    assert "SIGTERM" in (tmp_path / "log").read_text()
-
-
-@pytest.mark.slow
 def test_torch_compile_matches_eager(micro, tmp_path, run_here, read_metrics):
     """``train.compile`` (per-layer torch.compile, inductor on CPU) trains the packed varlen batches and
     follows the eager run's losses. Both in this process: only the run's own modules are compiled."""
@@ -388,10 +364,30 @@ def test_torch_compile_matches_eager(micro, tmp_path, run_here, read_metrics):
     assert b == pytest.approx(a, rel=1e-4)
 
 
-SIGNAL_ONE_RANK = """
-import os, signal, sys
+# One torchrun launch of 2 ranks (each start imports torch and transformers: ~10 s of CPU a rank) checks two things
+# in turn: the ranks waiting in the barrier for rank 0 longer than the process group's timeout, then a run whose
+# SIGTERM reaches rank 1 alone
+TWO_RANKS = """
+import datetime, os, signal, sys, time
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+from torch.distributed.constants import default_pg_timeout
 from retnet.train.__main__ import main
+from retnet.train.distributed import barrier, init_distributed
 from retnet.train.trainer import Trainer
+
+rank, _, _, _ = init_distributed("cpu")  # main's own call keeps this process group
+# The training group's timeout (10 min for NCCL, 30 for gloo) cut short once both ranks are in the group: while they
+# start, a rank that imported torch seconds after the other (a loaded machine) would miss a short one
+c10d._set_pg_timeout(datetime.timedelta(seconds=3))
+barrier()
+if rank == 0:
+    time.sleep(5)  # tokenizing the dataset, downloading it, writing a checkpoint or the export
+barrier()
+dist.all_reduce(torch.ones(1))  # the training collectives still run on the default group
+print("rank", rank, "waited", flush=True)
+c10d._set_pg_timeout(default_pg_timeout)  # the run's collectives: the timeout a launch gives them
 
 step = Trainer.train_step
 
@@ -406,22 +402,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
-def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(micro, tmp_path, read_metrics):
-    """A SIGTERM that reaches one rank between the step's all-reduce and the loop's check must not let that
-    rank leave the loop alone (the others would wait in the next step's collectives for ever): every rank
-    stops at the step they agree on, saves and exits 0."""
+@pytest.fixture(scope="module")
+def two_rank_launch(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
+    """The finished ``TWO_RANKS`` launch: ``(its return code, its output, the run's output directory)``."""
     import subprocess
-    import sys
 
+    tmp_path = tmp_path_factory.mktemp("two-ranks")
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    script = tmp_path / "signal_one_rank.py"
-    script.write_text(SIGNAL_ONE_RANK)
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script),
-               *micro(out, train__steps=50)]
+               *micro_args(corpus, tokenizer_dir, cache_dir, out, train__steps=50)]
     log = tmp_path / "log"
     with open(log, "w") as handle:
         process = subprocess.Popen(command, cwd=repo, env=env, stdout=handle, stderr=handle)
@@ -430,8 +424,26 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(micro, tmp_path,
     except subprocess.TimeoutExpired:
         process.terminate()  # torchrun passes it on to its workers and kills them after a grace period
         process.wait(timeout=120)
-        pytest.fail("the ranks did not stop together (hung):\n" + log.read_text()[-3000:])
-    assert process.returncode == 0, log.read_text()[-3000:]
+        pytest.fail("the ranks hung (in the wait for rank 0, or did not stop together):\n" + log.read_text()[-3000:])
+    return process.returncode, log.read_text(), out
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_rank_0_longer_than_the_process_group_timeout(two_rank_launch):
+    """Local rank 0 prepares the data caches (hours for a large set) and rank 0 writes checkpoints and the export
+    while the other ranks wait in a barrier: that wait must not end in the process group's timeout."""
+    returncode, log, _ = two_rank_launch
+    assert all(f"rank {r} waited" in log for r in range(2)), log[-3000:]
+    assert returncode == 0, log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(two_rank_launch, read_metrics):
+    """A SIGTERM that reaches one rank between the step's all-reduce and the loop's check must not let that
+    rank leave the loop alone (the others would wait in the next step's collectives for ever): every rank
+    stops at the step they agree on, saves and exits 0."""
+    returncode, log, out = two_rank_launch
+    assert returncode == 0, log[-3000:]
     (checkpoint,) = list_checkpoints(out / "checkpoints")
     step = verify_checkpoint(checkpoint)["step"]
     assert 2 <= step < 50 and read_metrics(out)[-1]["step"] == step
@@ -445,12 +457,14 @@ def test_tiny_preset_learns_on_stdlib_and_exports(tmp_path, run_here, read_metri
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "tiny"
-    # The tiny preset, shortened: fewer steps, shorter blocks, the first 120 stdlib files. 80 steps take the
-    # validation loss from uniform (8.3 nats) to ~6.5.
+    # The tiny preset, shortened: fewer steps, shorter blocks, the first 40 stdlib files (4 of them the validation
+    # split; ~4000 training blocks, more than the 640 it trains on). 40 steps take the validation loss from uniform
+    # (8.3 nats) to ~6.2.
     done = run_here(["--config", "tiny", f"--train.output_dir={out}", f"--data.cache_dir={tmp_path / 'cache'}",
-                "--data.max_documents=120", "--data.seq_len=64", "--data.tokenizer_train_chars=400000",
-                "--train.steps=80", "--train.eval_interval=40", "--train.eval_blocks=64", "--optim.warmup_steps=8",
-                "--logging.progress=false", "--logging.tensorboard=false"])
+                "--data.max_documents=40", "--data.val_fraction=0.1", "--data.seq_len=64",
+                "--data.tokenizer_train_chars=150000", "--train.steps=40", "--train.eval_interval=40",
+                "--train.eval_blocks=32", "--optim.warmup_steps=4", "--logging.progress=false",
+                "--logging.tensorboard=false"])
     assert done.returncode == 0, done.stderr
     val = [r["val_loss"] for r in read_metrics(out, "val")]
     assert val[0] > 7.5 and val[-1] < val[0] - 1.5, val
@@ -482,59 +496,6 @@ def test_a_tokenizer_with_ids_beyond_its_length_trains(micro, tmp_path, tokenize
     assert main(micro(out, train__steps=3, data__tokenizer=gappy, data__cache_dir=tmp_path / "cache")) == 0
     model = load_checkpoint(out / "checkpoints" / "step_00000003")["model"]
     assert model["model.embed_tokens.weight"].shape[0] == 901
-
-
-_WAIT_SCRIPT = WITHOUT_RETNET_INIT + """
-import datetime, time
-import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
-# retnet.train.distributed (and retnet.train.__main__, stdlib only at its top) without the packages' __init__ files,
-# which import transformers (~9.5 s of CPU a rank, nothing used here), nor retnet.train.config (its tokenizer imports
-# transformers): distributed.py takes only ConfigError from it, config_base's class that config re-exports
-sys.modules["retnet.train"] = types.ModuleType("retnet.train")
-sys.modules["retnet.train"].__path__ = [package.__path__[0] + "/train"]
-from retnet.train.config_base import ConfigError
-sys.modules["retnet.train.config"] = types.SimpleNamespace(ConfigError=ConfigError)
-from retnet.train.distributed import barrier, init_distributed
-assert "transformers" not in sys.modules
-rank, _, _, _ = init_distributed("cpu")
-# The training group's timeout (10 min for NCCL, 30 for gloo) cut short once both ranks are in the group: while they
-# start, a rank that imported torch seconds after the other (a loaded machine) would miss a short one
-c10d._set_pg_timeout(datetime.timedelta(seconds=3))
-barrier()
-if rank == 0:
-    time.sleep(5)  # tokenizing the dataset, downloading it, writing a checkpoint or the export
-barrier()
-dist.all_reduce(__import__("torch").ones(1))  # the training collectives still run on the default group
-print("rank", rank, "done", flush=True)
-# retnet-train's own exit: letting the interpreter tear the gloo groups down may abort the process
-# ("terminate called without an active exception") after everything has finished
-from retnet.train.__main__ import _exit_without_teardown
-_exit_without_teardown(0)
-"""
-
-
-@pytest.mark.slow
-def test_ranks_wait_for_rank_0_longer_than_the_process_group_timeout(tmp_path):
-    """Local rank 0 prepares the data caches (hours for a large set) and rank 0 writes checkpoints and the export
-    while the other ranks wait in a barrier: that wait must not end in the process group's timeout."""
-    import subprocess
-
-    import torch.distributed as dist
-
-    # The ranks' store held here, as torchrun's agent holds it (TORCHELASTIC_USE_AGENT_STORE: each rank a client), on
-    # the port the OS gives it as it binds: a free port picked first might be another process's by the time rank 0
-    # had imported torch and bound it.
-    store = dist.TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False)
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": "2",
-           "TORCHELASTIC_USE_AGENT_STORE": "True"}
-    ranks = [subprocess.Popen([sys.executable, "-c", _WAIT_SCRIPT], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in ranks]  # a hang's bound, not the expected time
-    assert [p.returncode for p in ranks] == [0, 0], outputs
-    assert all(f"rank {r} done" in outputs[r] for r in range(2))
 
 
 def test_training_takes_the_loss_without_logits_and_the_export_returns_them(exported_run, micro, tmp_path,

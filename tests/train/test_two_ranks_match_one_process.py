@@ -20,8 +20,8 @@ from retnet.train.reward import METRICS as REWARD_METRICS
 from tests.launch import selected_tests
 
 from .conftest import micro_args, run_train_many
-from .test_distill import chat_args, distill_args, train_teacher, write_chats
-from .test_init_from import fine_tune_args, pretrain
+from .test_distill import chat_args, distill_args, write_chats
+from .test_init_from import fine_tune_args
 from .test_lora import train_base, tune, write_domain
 from .test_preference import assert_records_match, dpo_args, toy, train_dpo  # noqa: F401 - toy: the fixture
 from .test_reward import reward_args, train_reward
@@ -53,15 +53,25 @@ def lora_tuned(tmp_path_factory, corpus, tokenizer_dir, cache_dir):
     return tune(tmp_path_factory.mktemp("lora") / "tuned", domain, tokenizer_dir, pretrained)
 
 
+# The exports the fine-tune and the distillation start from: test_init_from's pretrain and test_distill's
+# train_teacher, trained 10 steps instead of 60 on the session's token cache (those modules' tests read how far
+# their 60 steps got; here only that two ranks and one process start from the same weights, not the seed's)
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, corpus, tokenizer_dir):
-    """test_init_from's: a micro run trained 60 steps and exported."""
-    return pretrain(tmp_path_factory.mktemp("pretrained"), corpus, tokenizer_dir)
+def pretrained(tmp_path_factory, corpus, tokenizer_dir, cache_dir):
+    """A micro run trained 10 steps and exported: its output directory."""
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    assert main(micro_args(corpus, tokenizer_dir, cache_dir, out, checkpoint__export=True, train__steps=10,
+                           optim__lr=1e-2)) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, corpus, tokenizer_dir):
-    return train_teacher(tmp_path_factory.mktemp("teacher"), corpus, tokenizer_dir)
+def teacher(tmp_path_factory, corpus, tokenizer_dir, cache_dir):
+    """A micro teacher (hidden 64, twice the students') trained 10 steps and exported: the export."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    assert main(micro_args(corpus, tokenizer_dir, cache_dir, out, checkpoint__export=True, train__steps=10,
+                           optim__lr=1e-2, model__hidden_size=64)) == 0
+    return out / "export"
 
 
 @pytest.fixture(scope="module")
