@@ -15,7 +15,7 @@ import torch
 
 from retnet.serve.tool_parsers import HermesToolParser
 
-from .conftest import CORPUS, ServerProcess, ThreadServer
+from .conftest import CORPUS, ThreadServer
 from .test_extras import CHAT, sse_events
 
 TOOLS = ("add", "paint")
@@ -219,15 +219,11 @@ def learn(model, ids, targets) -> None:
 
 
 @pytest.fixture(scope="module")
-def hermes_server(request, hermes_model_dir):
-    """A real uvicorn process serving the trained model with vLLM's flags for "auto". While it starts (one core),
-    the module's other server is made too when a selected test uses it: its model trains on one thread, then it
-    starts (in this process)."""
-    proc = ServerProcess(hermes_model_dir, "--tool-call-parser", "hermes", "--enable-auto-tool-choice")
+def hermes_server(hermes_model_dir):
+    """uvicorn serving the trained model with vLLM's flags for "auto", as ``retnet-serve`` would, in this process
+    (``ThreadServer``: what is checked is what it answers, not its process)."""
+    proc = ThreadServer(hermes_model_dir, "--tool-call-parser", "hermes", "--enable-auto-tool-choice")
     try:
-        if any(getattr(item, "module", None) is request.module and "special_tags_server" in item.fixturenames
-               for item in request.session.items):
-            request.getfixturevalue("special_tags_server")
         proc.wait_healthy()
         yield proc
     finally:
@@ -237,8 +233,8 @@ def hermes_server(request, hermes_model_dir):
 @pytest.fixture(scope="module")
 def special_tags_server(special_tags_model_dir):
     """uvicorn serving the model whose tokenizer makes the call tags special tokens, with the hermes parser (and not
-    --enable-auto-tool-choice), in this process as ``retnet-serve`` would (``ThreadServer``; the module's real
-    process is ``hermes_server``'s): started, not waited for."""
+    --enable-auto-tool-choice), in this process as ``retnet-serve`` would (``ThreadServer``): started, not waited
+    for."""
     proc = ThreadServer(special_tags_model_dir, "--tool-call-parser", "hermes")
     yield proc
     proc.stop()
