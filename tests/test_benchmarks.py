@@ -166,14 +166,25 @@ def test_gpu_check_test_steps_collect_without_fla():
     # imports from the conversion's tests (which skip themselves without fla), and the step ran no test at all.
     steps = _gpu_check_pytest_steps()
     assert len(steps) == 2
-    hide_fla = ("import sys; sys.modules['fla'] = None; import pytest; "
-                "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', *sys.argv[1:]]))")
-    running = [subprocess.Popen([sys.executable, "-c", hide_fla, *args], cwd=BENCHMARKS.parent, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for args in steps]
-    for args, process in zip(steps, running):
-        output = process.communicate(timeout=300)[0]
-        assert process.returncode == 0, (args, output[-3000:])
-        assert " collected" in output.splitlines()[-1], output[-3000:]
+    # Both steps' collections in one interpreter (torch, transformers and triton imported once): the second
+    # session reuses the test modules the first imported, and a module whose import failed is not kept, so a
+    # collection error shows in each step it would stop. Each step's output ends with a line of its status.
+    hide_fla = """
+import json, sys
+sys.modules["fla"] = None
+import pytest
+for args in json.loads(sys.argv[1]):
+    status = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *args])
+    print(f"\\n<<step status>> {int(status)}", flush=True)
+"""
+    process = subprocess.run([sys.executable, "-c", hide_fla, json.dumps(steps)], cwd=BENCHMARKS.parent,
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert process.returncode == 0, process.stdout[-3000:]
+    outputs = process.stdout.split("<<step status>> ")
+    assert len(outputs) == len(steps) + 1, process.stdout[-3000:]
+    for args, before, after in zip(steps, outputs, outputs[1:]):
+        assert after.split("\n", 1)[0] == "0", (args, before[-3000:])
+        assert " collected" in before.strip().splitlines()[-1], before[-3000:]
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash

@@ -72,22 +72,43 @@ def test_python_dash_m_help_imports_no_torch(module):
 def test_a_command_registers_after_its_parse_and_a_library_import_at_once():
     """As a command, ``import retnet`` leaves the Auto classes to ``retnet.register()`` (which ``main`` calls);
     any other import registers them, the documented ``import retnet`` then ``AutoConfig`` (no trust_remote_code)."""
+    # One interpreter imports what registering imports (torch, transformers' Auto classes, peft), then forks a
+    # child per command line: each child's ``import retnet`` is its first, and nothing is registered before it.
     code = """
-import json, sys
-sys.argv = [sys.argv[1]]
-import retnet
-from transformers import AutoConfig
-known = lambda: "retnet" in __import__("transformers").models.auto.configuration_auto.CONFIG_MAPPING
-before = known()
-retnet.register()
-print(json.dumps([before, known(), type(AutoConfig.for_model("retnet")).__name__]))
+import json, os, sys, traceback
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+try:
+    import peft.utils.constants
+except ImportError:
+    pass
+assert not any(name == "retnet" or name.startswith("retnet.") for name in sys.modules)
+known = lambda: "retnet" in transformers.models.auto.configuration_auto.CONFIG_MAPPING
+for name in sys.argv[1:]:
+    sys.stdout.flush()
+    if os.fork() == 0:
+        status = 1
+        try:
+            sys.argv = [name]
+            import retnet
+            before = known()
+            retnet.register()
+            print(json.dumps([name, before, known(), type(AutoConfig.for_model("retnet")).__name__]), flush=True)
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(status)
+    _, wait_status = os.wait()
+    if os.waitstatus_to_exitcode(wait_status) != 0:
+        sys.exit(f"the child started as {name} failed")
 """
-    results = {}
-    for name in ("retnet-serve", "my-script.py"):
-        process = subprocess.run([sys.executable, "-c", code, name], cwd=REPO, capture_output=True, text=True,
-                                 timeout=120)
-        assert process.returncode == 0, process.stderr[-2000:]
-        results[name] = json.loads(process.stdout.splitlines()[-1])
+    process = subprocess.run([sys.executable, "-c", code, "retnet-serve", "my-script.py"], cwd=REPO,
+                             capture_output=True, text=True, timeout=240)  # (both children's work)
+    assert process.returncode == 0, process.stderr[-2000:]
+    results = {name: rest for name, *rest in map(json.loads, (line for line in process.stdout.splitlines()
+                                                                if line.startswith('["')))}
     assert results == {"retnet-serve": [False, True, "RetNetConfig"], "my-script.py": [True, True, "RetNetConfig"]}
 
 
