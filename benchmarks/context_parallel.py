@@ -5,7 +5,7 @@ A random RetNet (hidden 256, 4 layers, 4 heads, vocab 4096, chunk 64, dropout 0,
 into documents at random boundaries (``cu_seqlens``; one document is longer than a piece, so its state crosses
 the cut). C = 1 is the baseline: the plain forward of the whole row (``labels=``, ``cu_seqlens=``). C = 2
 splits the row with ``shard_sequences`` and runs ``model(**inputs, context_parallel=shard, ...)`` on each rank,
-as ``tests/model/context_parallel_worker.py`` does. Every configuration is its own
+as ``tests/train/context_parallel_pieces_worker.py`` does. Every configuration is its own
 ``python -m torch.distributed.run`` launch (fresh processes, so one configuration's memory never shows in
 another's), on the same total cores: ``OMP_NUM_THREADS`` = cores / C per rank (2 for C = 1, 1 a rank for C = 2
 on a 2-core machine). A CPU has no second device to give the second rank, so the time ratio here measures what
