@@ -1,5 +1,6 @@
-"""The rows ``test_context_parallel`` splits across ranks: each case's model and
-inputs, built alike in the test process (the whole row) and in every torchrun rank (its piece)."""
+"""The rows split across ranks (by tests/train/context_parallel_pieces_worker.py, checked in
+test_context_parallel_grpo_paths.py): each case's model and inputs, built alike in the test process (the whole row)
+and in every torchrun rank (its piece)."""
 
 from __future__ import annotations
 

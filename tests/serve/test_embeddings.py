@@ -259,7 +259,7 @@ def test_models_tokenize_health_and_metrics_in_embedding_mode(client, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# In-process: other pooler configs, other exports, failures
+# Apps without a server (serve_app): other pooler configs, other exports, failures
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("config", "pooling", "normalize"), [
     ('{"pooling_type": "mean"}', "MEAN", True),

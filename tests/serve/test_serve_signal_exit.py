@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.serve.conftest import ServerProcess, running_servers
+from tests.serve.test_serve_load_paths import metric
 
 # A stream far longer than the test: the drain's grace ends it, with its error event and [DONE].
 ENDLESS = {"prompt": "Hello", "max_tokens": 100000, "ignore_eos": True, "stream": True}
@@ -74,13 +75,6 @@ def test_a_second_ctrl_c_exits_at_once_130_closing_the_stream_without_a_tracebac
     assert status == 130, output
     assert "Traceback" not in output and "CancelledError" not in output, output
     assert "retnet-serve: interrupted again" in output, output
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.fixture(scope="module")

@@ -369,15 +369,5 @@ def run_here(capsys):
 
 
 @pytest.fixture
-def launch():
-    """``launch(args, nproc=None)``: a running training process (Popen), output in a temp file."""
-    def start(args: list[str], nproc: int | None = None, log: Path | None = None) -> subprocess.Popen:
-        out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
-        return subprocess.Popen(train_command(args, nproc), cwd=REPO, env=train_env(), stdout=out, stderr=out)
-
-    return start
-
-
-@pytest.fixture
 def read_metrics():
     return metrics

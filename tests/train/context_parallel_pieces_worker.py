@@ -25,6 +25,7 @@ import runs_worker  # noqa: E402
 from context_parallel_cases import build_case  # noqa: E402
 
 from retnet.model.context_parallel import shard_sequences  # noqa: E402
+from retnet.train.distributed import init_distributed  # noqa: E402
 
 
 def run_cases(cases: list[list], out: Path) -> None:
@@ -52,8 +53,9 @@ def run_cases(cases: list[list], out: Path) -> None:
 def main(plan_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
     if plan.get("cases"):
-        # the runs after the cases keep this group (init_distributed keeps an initialized one)
-        dist.init_process_group("gloo")
+        # the training runs' own setup (its wait group for rank 0's long barriers too), which the runs after the
+        # cases keep: init_distributed keeps an initialized group
+        init_distributed("cpu")
         run_cases(plan["cases"], Path(plan["cases_out"]))
     runs_worker._end(runs_worker.run_plan(plan, int(os.environ.get("RANK", 0))))
 

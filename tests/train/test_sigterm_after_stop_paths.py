@@ -106,6 +106,7 @@ def test_a_sigterm_after_a_signal_stop_is_only_logged(signalled):
     assert returncode == 0 and returncode != -signal.SIGTERM, rest[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(signalled, read_metrics):
     returncode, _, _, err, out = signalled
     assert returncode == 0, err[-3000:]

@@ -1,4 +1,4 @@
-"""End-to-end runs: real processes (``python -m retnet.train`` and ``torchrun``), checkpoints, resume,
+"""End-to-end runs: real processes (``torchrun`` and scripts calling ``main``), checkpoints, resume,
 signals, bad input, and the tiny preset learning on the embedded stdlib corpus."""
 
 import hashlib
@@ -386,7 +386,7 @@ if rank == 0:
     time.sleep(5)  # tokenizing the dataset, downloading it, writing a checkpoint or the export
 barrier()
 dist.all_reduce(torch.ones(1))  # the training collectives still run on the default group
-print("rank", rank, "waited", flush=True)
+os.write(1, f"rank {rank} waited\\n".encode())  # one write: the ranks share torchrun's stdout, print() interleaves
 c10d._set_pg_timeout(default_pg_timeout)  # the run's collectives: the timeout a launch gives them
 
 step = Trainer.train_step
