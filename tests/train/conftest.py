@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -366,6 +367,18 @@ def run_here(capsys):
         return subprocess.CompletedProcess(args, status, out.out, out.err)
 
     return start
+
+
+def wait_while_running(predicate, process, timeout=600.0):
+    """Poll ``predicate`` while ``process`` runs; the deadline only bounds a run that hangs (a loaded CI machine
+    takes minutes to import torch and tokenize)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        assert process.poll() is None, f"training exited early with {process.returncode}"
+        time.sleep(0.02)
+    raise AssertionError("timed out")
 
 
 @pytest.fixture

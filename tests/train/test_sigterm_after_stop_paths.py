@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from retnet.train.checkpoint import list_checkpoints, verify_checkpoint
 
-from .conftest import micro_args
+from .conftest import micro_args, wait_while_running
 
 # argv[1]: the two runs' arguments (JSON). The first run signals itself twice; the second runs until the test's
 # SIGTERM. Each through main() without arguments, as the command calls it (what decides the handler it leaves).
@@ -50,18 +49,6 @@ sys.exit(main())
 MARK = "first run ended with status"
 
 
-def _wait_for(predicate, process, timeout=600.0):
-    """Poll ``predicate`` while ``process`` runs; the deadline only bounds a run that hangs (a loaded CI machine
-    takes minutes to import torch and tokenize)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        assert process.poll() is None, f"training exited early with {process.returncode}"
-        time.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 def _train_records(output_dir: Path) -> int:
     """The training records of metrics.jsonl a running trainer has written whole (its last line may be half
     written)."""
@@ -85,7 +72,7 @@ def signalled(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
                                         "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                         "HF_DATASETS_OFFLINE": "1"})
     try:
-        _wait_for(lambda: _train_records(second) >= 3, process)
+        wait_while_running(lambda: _train_records(second) >= 3, process)
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=600)
     finally:

@@ -17,24 +17,12 @@ import torch
 from retnet.train.__main__ import EXIT_CONFIG, main
 from retnet.train.checkpoint import list_checkpoints, verify_checkpoint
 
-from .conftest import micro_args
+from .conftest import micro_args, wait_while_running
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def _wait_for(predicate, process, timeout=600.0):
-    """Poll ``predicate`` while ``process`` runs; the deadline only bounds a run that hangs (a loaded CI machine
-    takes minutes to import torch and tokenize)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        assert process.poll() is None, f"training exited early with {process.returncode}"
-        time.sleep(0.02)
-    raise AssertionError("timed out")
 
 
 def test_a_second_run_in_the_process_logs_to_the_current_stderr(micro, tmp_path, monkeypatch):
@@ -325,7 +313,7 @@ def test_sigkill_then_resume_replays_the_same_losses(micro, tmp_path, run_here, 
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen([sys.executable, str(script), "7", *micro(out, **common)], cwd=REPO,
                                    env=train_env(), stdout=log, stderr=log)
-    _wait_for(lambda: any((p / "manifest.json").exists() for p in list_checkpoints(out / "checkpoints")), process)
+    wait_while_running(lambda: any((p / "manifest.json").exists() for p in list_checkpoints(out / "checkpoints")), process)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     resumed_from = max(int(p.name[5:]) for p in list_checkpoints(out / "checkpoints"))
