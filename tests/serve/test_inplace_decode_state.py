@@ -67,7 +67,9 @@ async def answers(client) -> dict:
     out.update(zip(first, await asyncio.gather(*(completion(client, body) for body in first.values()))))
     engine = client.app.state.engine
     # Their states as the prefix cache holds them now: decoding on from them below must leave them as they are.
-    kept = {key: [state.clone() for state in entry.cache.states] for key, entry in engine.prefix_cache.entries.items()}
+    # (a snapshot of the entries first: the engine's thread may still be adding the last request's as its answer comes)
+    kept = {key: [state.clone() for state in entry.cache.states]
+            for key, entry in list(engine.prefix_cache.entries.items())}
     assert kept
     then = {
         "continued": {"prompt": REPEATS + "The state of", "max_tokens": 16, **GREEDY},
@@ -77,8 +79,9 @@ async def answers(client) -> dict:
     session = {"max_tokens": 10, "session_id": "s-in-place", **GREEDY}
     out["turn1"] = await completion(client, {**session, "prompt": REPEATS})
     out["turn2"] = await completion(client, {**session, "prompt": " The retention"})
-    changed = [key for key, states in kept.items() if key in engine.prefix_cache.entries
-               and not all(torch.equal(a, b) for a, b in zip(states, engine.prefix_cache.entries[key].cache.states))]
+    entries = dict(engine.prefix_cache.entries)  # a snapshot, as above
+    changed = [key for key, states in kept.items() if key in entries
+               and not all(torch.equal(a, b) for a, b in zip(states, entries[key].cache.states))]
     assert not changed, f"{len(changed)} prefix-cache entries changed by the decoding that continued from them"
     return out
 
