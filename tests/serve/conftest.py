@@ -145,7 +145,7 @@ class ThreadServer:
     its app and ``DrainingServer`` made as it makes them, uvicorn serving them over real HTTP on a loopback port (its
     socket bound here before the thread starts, so no other process can take the port). A ``ServerProcess``'s
     interface (``url``, ``wait_healthy``, ``stop``) without the ~10 CPU-s of a new interpreter importing torch and
-    transformers: for a module's server whose tests are about what it answers, not about its process."""
+    transformers: for a module's second server, whose tests are about what it answers, not about its process."""
 
     def __init__(self, model_dir, *args: str):
         import uvicorn

@@ -24,7 +24,7 @@ from retnet.serve.classify import ClassifyRequest
 from retnet.serve.pooling import PoolingEngine as ClassifyEngine
 from retnet.serve.protocol import APIError
 from retnet.serve.settings import ServeSettings, StartupError
-from tests.serve.conftest import ThreadServer, make_settings, running_servers, serve_app
+from tests.serve.conftest import ServerProcess, ThreadServer, make_settings, running_servers, serve_app
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 KEY = "sk-classify"
@@ -66,12 +66,12 @@ def reward_dir(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(classifier_dir, reward_dir):
-    """(the classifier's, the reward model's) servers: uvicorn serving each in this process as ``retnet-serve``
-    would (``ThreadServer``: what is checked is what they answer, not their processes), the classifier's routes
-    keyed."""
-    procs = [ThreadServer(classifier_dir, "--prefill-token-budget", str(BUDGET), "--max-prompt-tokens",
-                          str(MAX_TOKENS), "--max-pooling-inputs", str(MAX_INPUTS), "--api-keys", KEY),
-             ThreadServer(reward_dir)]
+    """(the classifier's, the reward model's) servers, started together: a real uvicorn process (its routes keyed,
+    so a real process checks what it answers without a key) and, in this process, uvicorn serving the reward model
+    as ``retnet-serve`` would (``ThreadServer``)."""
+    reward = ThreadServer(reward_dir)  # the first: loading in this process may fail, and leave no process behind
+    procs = [ServerProcess(classifier_dir, "--prefill-token-budget", str(BUDGET), "--max-prompt-tokens",
+                           str(MAX_TOKENS), "--max-pooling-inputs", str(MAX_INPUTS), "--api-keys", KEY), reward]
     with running_servers(*procs):
         yield procs
 

@@ -22,7 +22,7 @@ from retnet.serve.__main__ import parse_settings
 from retnet.serve.app import create_app
 from retnet.serve.run_batch import parse_lines, served_urls
 from retnet.serve.settings import StartupError
-from tests.serve.conftest import ThreadServer, make_settings, running_servers, save_micro_model, serve_app
+from tests.serve.conftest import ServerProcess, make_settings, running_servers, save_micro_model, serve_app
 from tests.serve.test_classify import refused, save_classifier
 
 BUDGET = 40  # --prefill-token-budget of the embedding server: requests' inputs pack into several forwards
@@ -37,10 +37,9 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    """uvicorn serving the micro causal LM's backbone as an embedding model (LAST, normalized), as ``retnet-serve``
-    would, in this process (``ThreadServer``: what is checked is what it answers, not its process)."""
-    proc = ThreadServer(model_dir, "--convert", "embed", "--prefill-token-budget", str(BUDGET), "--max-prompt-tokens",
-                        str(MAX_TOKENS), "--max-pooling-inputs", str(MAX_INPUTS))
+    """A real uvicorn process serving the micro causal LM's backbone as an embedding model (LAST, normalized)."""
+    proc = ServerProcess(model_dir, "--convert", "embed", "--prefill-token-budget", str(BUDGET), "--max-prompt-tokens",
+                         str(MAX_TOKENS), "--max-pooling-inputs", str(MAX_INPUTS))
     with running_servers(proc):
         yield proc
 
@@ -259,7 +258,7 @@ def test_models_tokenize_health_and_metrics_in_embedding_mode(client, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Apps without a server (serve_app): other pooler configs, other exports, failures
+# In-process: other pooler configs, other exports, failures
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("config", "pooling", "normalize"), [
     ('{"pooling_type": "mean"}', "MEAN", True),

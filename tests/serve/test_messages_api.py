@@ -1,6 +1,5 @@
 """Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens) driven by the official ``anthropic`` SDK,
-unchanged, against ``retnet-serve``'s own server over real HTTP (its flags, app and uvicorn, in a thread of the
-test's process: ``ThreadServer``; what is checked is what it answers): the SDK's own types read the answers, its
+unchanged, against a real ``python -m retnet.serve`` (uvicorn) process: the SDK's own types read the answers, its
 stream helper accumulates the events, and its exception classes are chosen by the status codes. The answers are
 checked against /v1/chat/completions for the same conversation (the route they are translated onto)."""
 
@@ -13,7 +12,7 @@ import random
 import httpx
 import pytest
 
-from .conftest import ThreadServer, running_servers
+from .conftest import ServerProcess, running_servers
 
 anthropic = pytest.importorskip("anthropic", reason="the anthropic client is in the [dev] extra")
 
@@ -32,7 +31,7 @@ ADD_CHAT = {"type": "function", "function": {"name": ADD["name"], "description":
 @pytest.fixture(scope="module")
 def server(model_dir):
     """One server for the module: keyed (the SDK sends x-api-key), with the Hermes parser (tool_choice auto)."""
-    with running_servers(ThreadServer(model_dir, "--api-keys", KEY, "--tool-call-parser", "hermes")) as (proc,):
+    with running_servers(ServerProcess(model_dir, "--api-keys", KEY, "--tool-call-parser", "hermes")) as (proc,):
         yield proc
 
 

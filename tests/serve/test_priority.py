@@ -14,7 +14,7 @@ import torch
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.sequence import EngineFailure
 from tests.serve import test_lora_runtime
-from tests.serve.conftest import ThreadServer, decoding_held, make_settings
+from tests.serve.conftest import decoding_held, held_serve_env, make_settings
 
 adapter_dirs = test_lora_runtime.adapter_dirs  # its fixture: peft directories "a" and "b"
 
@@ -451,38 +451,35 @@ async def test_the_pooling_routes_read_the_priority(model_dir, policy):
 
 
 # -- a real server ----------------------------------------------------------------------------------------------
-def held_until_a_second_request(monkeypatch) -> None:
-    """Until the first preemption, a lone request's decode steps wait (for two minutes at most) once 8 tokens are
-    out, until a second request is in the server: the one streaming cannot finish before the better one arrives,
-    however slowly a loaded machine sends it."""
-    from retnet.serve.engine import Engine
+# Until the first preemption, a lone request's decode steps wait (for two minutes at most) once 8 tokens are out,
+# until a second request is in the server: the one streaming cannot finish before the better one arrives, however
+# slowly a loaded machine sends it.
+HELD_UNTIL_A_SECOND_REQUEST = """
+import time
 
-    decode_step = Engine._decode_step
+from retnet.serve.engine import Engine
 
-    def held(self):
-        sample = self.metrics.registry.get_sample_value
-        deadline = time.monotonic() + 120
-        while (sample("retnet_generation_tokens_total") >= 8 and self.in_system < 2
-               and not sample("retnet_preemptions_total") and time.monotonic() < deadline):
-            time.sleep(0.01)
-        decode_step(self)
-
-    monkeypatch.setattr(Engine, "_decode_step", held)
+decode_step = Engine._decode_step
 
 
-async def test_a_high_priority_request_finishes_first_and_the_preempted_stream_is_unchanged(model_dir, monkeypatch):
-    # retnet-serve's own server (its flags, app and uvicorn) over real HTTP, in a thread of this process: what is
-    # checked is what it answers, and a second interpreter would cost ~10 CPU-s to import torch.
-    held_until_a_second_request(monkeypatch)
-    proc = ThreadServer(model_dir, "--max-running", "1", "--scheduling-policy", "priority")
-    try:
-        await asyncio.to_thread(proc.wait_healthy)
-        await served_first_and_unchanged(proc)
-    finally:
-        proc.stop()
+def held(self):
+    sample = self.metrics.registry.get_sample_value
+    deadline = time.monotonic() + 120
+    while (sample("retnet_generation_tokens_total") >= 8 and self.in_system < 2
+           and not sample("retnet_preemptions_total") and time.monotonic() < deadline):
+        time.sleep(0.01)
+    decode_step(self)
 
 
-async def served_first_and_unchanged(proc) -> None:
+Engine._decode_step = held
+"""
+
+
+async def test_a_high_priority_request_finishes_first_and_the_preempted_stream_is_unchanged(server_process,
+                                                                                          tmp_path):
+    proc = server_process("--max-running", "1", "--scheduling-policy", "priority", module="held_serve",
+                          env=held_serve_env(tmp_path, "held_serve", HELD_UNTIL_A_SECOND_REQUEST))
+    proc.wait_healthy()
     low = {"prompt": "The retention mechanism", "max_tokens": 250, "priority": 10, **GREEDY}
     loop = asyncio.get_running_loop()
     async with httpx.AsyncClient(base_url=proc.url, timeout=60) as client:

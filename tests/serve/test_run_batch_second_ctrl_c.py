@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.serve.conftest import CORPUS, save_micro_model
+
 REPO = Path(__file__).resolve().parents[2]
 
 # argv[1]: a JSON list of [mode, output path, retnet-run-batch's arguments]. Each run is a child forked once the
@@ -71,13 +73,16 @@ print(json.dumps(statuses))
 
 
 @pytest.fixture(scope="module")
-def runs(model_dir, tmp_path_factory) -> dict[str, tuple[int | None, str, str]]:
+def runs(tmp_path_factory) -> dict[str, tuple[int | None, str, str]]:
     """Both runs, by mode: the exit status (None: the process did not end), its stderr and its output's text."""
+    from retnet.tokenization import train_byte_level_bpe
+
     root = tmp_path_factory.mktemp("second_ctrl_c")
+    model = save_micro_model(root / "micro", train_byte_level_bpe(CORPUS, vocab_size=384, min_frequency=1))
     requests = root / "requests.jsonl"
     requests.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
                                             "body": {"prompt": "x", "max_tokens": 2}}) + "\n" for i in range(4)))
-    spec = [[mode, str(root / f"{mode}.jsonl"), ["--model", str(model_dir), "-i", str(requests), "-o",
+    spec = [[mode, str(root / f"{mode}.jsonl"), ["--model", str(model), "-i", str(requests), "-o",
                                                  str(root / f"{mode}.jsonl"), "--max-concurrency", "1"]]
             for mode in ("again", "stuck")]
     parent = subprocess.run([sys.executable, "-c", INTERRUPTED_RUNS, json.dumps(spec)], cwd=REPO, capture_output=True,

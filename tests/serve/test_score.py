@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from retnet.serve.app import create_app
 from retnet.serve.run_batch import parse_lines, run_batch, served_urls
-from tests.serve.conftest import ThreadServer, make_settings, running_servers, serve_app
+from tests.serve.conftest import ServerProcess, ThreadServer, make_settings, running_servers, serve_app
 from tests.serve.test_classify import refused, save_classifier
 
 PROMPTS = ["What replaces attention in a RetNet?", "Name a prime number."]
@@ -34,9 +34,10 @@ def reward_dir(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(model_dir, reward_dir):
-    """(the reward model's, the micro LM's as an embedding model) servers: uvicorn serving each in this process as
-    ``retnet-serve`` would (``ThreadServer``: what is checked is what they answer, not their processes)."""
-    with running_servers(ThreadServer(reward_dir), ThreadServer(model_dir, "--convert", "embed")) as procs:
+    """(the reward model's, the micro LM's as an embedding model) servers, started together: a real uvicorn process,
+    and uvicorn serving the embedding model in this process as ``retnet-serve`` would (``ThreadServer``)."""
+    embedder = ThreadServer(model_dir, "--convert", "embed")  # the first: loading here may fail, and leave no process
+    with running_servers(ServerProcess(reward_dir), embedder) as procs:
         yield procs
 
 

@@ -26,8 +26,33 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-# (SIGTERM with a stream running and a request queued behind it, past --shutdown-grace-s: in
-# test_serve_signal_exit.py, on the server its other SIGTERM check signals.)
+async def test_sigterm_answers_every_request_in_flight_before_the_process_exits(server_process):
+    # uvicorn's graceful shutdown cancels the handlers still running when its timeout ends: a stream was cut
+    # without its end and a queued request got its connection closed without a response. Past
+    # --shutdown-grace-s each is answered instead: the stream's error event and [DONE], the queued one a 503.
+    proc = server_process("--max-running", "1", "--max-queue", "4", "--shutdown-grace-s", "1",
+                          "--max-tokens-limit", "100000")
+    proc.wait_healthy()
+    body = {**LONG, "max_tokens": 100000, "stream": True}
+    async with httpx.AsyncClient(base_url=proc.url, timeout=60) as client, \
+            client.stream("POST", "/v1/completions", json=body) as stream:
+        lines = stream.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")
+        queued = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 5}))
+        deadline = time.monotonic() + 120
+        while metric((await client.get("/metrics")).text, "retnet_queue_depth") < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            await asyncio.sleep(0.05)
+        proc.proc.send_signal(signal.SIGTERM)
+        events = [line[6:] async for line in lines if line.startswith("data: ")]
+        answer = await queued
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "shutting down" in error["message"] and error["type"] == "server_error", error
+    assert answer.status_code == 503, answer.text
+    assert "shutting down" in answer.json()["error"]["message"]
+    # The stream was cut by the drain (its error event above), not run to its 100000 tokens; the process then exits.
+    proc.proc.wait(timeout=120)
 
 
 async def test_sigterm_serves_the_requests_it_has_read_that_are_not_yet_in_the_engine(server_process, tmp_path):

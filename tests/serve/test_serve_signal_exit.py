@@ -5,22 +5,17 @@ tracebacks of a KeyboardInterrupt in the event loop and of the handlers it cance
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
-import time
 
 import httpx
 import pytest
 
 from tests.serve.conftest import ServerProcess, running_servers
-from tests.serve.test_serve_load_paths import metric
 
 # A stream far longer than the test: the drain's grace ends it, with its error event and [DONE].
 ENDLESS = {"prompt": "Hello", "max_tokens": 100000, "ignore_eos": True, "stream": True}
 FLAGS = ("--shutdown-grace-s", "1", "--max-tokens-limit", "100000")
-# SIGTERM's server runs one sequence at a time, so that a second request waits in its queue when the signal comes.
-ONE_RUNNING = (*FLAGS, "--max-running", "1", "--max-queue", "4")
 # The grace of the server given two: the first's drain would outlast the test, the second must end it.
 LONG_GRACE = ("--shutdown-grace-s", "60", "--max-tokens-limit", "100000")
 
@@ -29,7 +24,7 @@ LONG_GRACE = ("--shutdown-grace-s", "60", "--max-tokens-limit", "100000")
 def servers(model_dir):
     # Started together, so that their imports of torch overlap.
     procs = {"ctrl_c": ServerProcess(model_dir, *FLAGS), "twice": ServerProcess(model_dir, *LONG_GRACE),
-             "sigterm": ServerProcess(model_dir, *ONE_RUNNING)}
+             "sigterm": ServerProcess(model_dir, *FLAGS)}
     with running_servers(*procs.values()):
         yield procs
 
@@ -77,50 +72,10 @@ def test_a_second_ctrl_c_exits_at_once_130_closing_the_stream_without_a_tracebac
     assert "retnet-serve: interrupted again" in output, output
 
 
-@pytest.fixture(scope="module")
-def sigterm_ended(servers) -> dict:
-    """SIGTERM's server signalled with a stream running and a request queued behind it: the stream's data lines, the
-    error that cut it (if one did), the queued request's answer, and the process's exit status and output."""
+def test_sigterm_drains_the_stream_then_exits_0_without_a_traceback(servers):
     proc = servers["sigterm"]
-    long = dict(model="micro", prompt="Hello", temperature=0, ignore_eos=True)
-
-    async def run() -> dict:
-        lines, error, queued = [], None, None
-        async with httpx.AsyncClient(base_url=proc.url, timeout=60) as client:
-            try:
-                async with client.stream("POST", "/v1/completions", json=ENDLESS) as stream:
-                    data = (line async for line in stream.aiter_lines() if line.startswith("data: "))
-                    lines.append((await anext(data))[len("data: "):])
-                    queued = asyncio.create_task(client.post("/v1/completions", json={**long, "max_tokens": 5}))
-                    deadline = time.monotonic() + 120
-                    while metric((await client.get("/metrics")).text, "retnet_queue_depth") < 1:
-                        assert time.monotonic() < deadline, "the second request never queued"
-                        await asyncio.sleep(0.05)
-                    proc.proc.send_signal(signal.SIGTERM)
-                    lines += [line[len("data: "):] async for line in data]
-            except httpx.TransportError as exc:  # (httpx.ReadTimeout is one: a hang fails below, as an error)
-                error = type(exc).__name__
-            return {"lines": lines, "error": error, "queued": queued and await queued}
-
-    ran = asyncio.run(run())
-    ran["status"], ran["output"] = ended(proc)
-    return ran
-
-
-def test_sigterm_drains_the_stream_then_exits_0_without_a_traceback(sigterm_ended):
-    lines, error, output = sigterm_ended["lines"], sigterm_ended["error"], sigterm_ended["output"]
+    lines, error = stream_until_signalled(proc, signal.SIGTERM)
     assert error is None and lines[-1] == "[DONE]", (error, lines[-3:])
-    assert sigterm_ended["status"] == 0, output
+    status, output = ended(proc)
+    assert status == 0, output
     assert "Traceback" not in output, output
-
-
-def test_sigterm_answers_every_request_in_flight_before_the_process_exits(sigterm_ended):
-    # uvicorn's graceful shutdown cancels the handlers still running when its timeout ends: a stream was cut
-    # without its end and a queued request got its connection closed without a response. Past
-    # --shutdown-grace-s each is answered instead: the stream's error event and [DONE], the queued one a 503.
-    lines, answer = sigterm_ended["lines"], sigterm_ended["queued"]
-    assert lines[-1] == "[DONE]", (sigterm_ended["error"], lines[-3:])
-    error = json.loads(lines[-2])["error"]
-    assert "shutting down" in error["message"] and error["type"] == "server_error", error
-    assert answer.status_code == 503, answer.text
-    assert "shutting down" in answer.json()["error"]["message"]

@@ -18,7 +18,7 @@ from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.serve.sampling import SamplingParams
 from retnet.serve.settings import ServeSettings, StartupError, resolve_draft_model
 
-from .conftest import ThreadServer, running_servers, serve_app
+from .conftest import running_servers, serve_app
 from .test_lora import _peft_model
 from .test_priority import HIGH_PROMPT, Outputs, alone, engine_with, preemptions, run_out, step
 from .test_speculative import GREEDY, OTHERS, REPEATS, counted_model, metric, post
@@ -435,11 +435,9 @@ def test_a_hub_id_draft_at_a_revision(model_dir, drafts, hub_cache):
         resolve_draft_model(make_settings(model_dir, speculative_config=spec))
 
 
-def test_a_real_server_with_a_draft_model(model_dir, adapter_dir):
-    """``retnet-serve --speculative-config`` over real HTTP: its flags read, its app and uvicorn made as the command
-    makes them, in this process (``ThreadServer``: a new interpreter importing torch would only add the seconds)."""
+def test_a_real_server_with_a_draft_model(model_dir, adapter_dir, server_process):
     plain = asyncio.run(plain_answers(model_dir, adapter_dir))["greedy"]["repeats"]["choices"][0]["text"]
-    proc = ThreadServer(model_dir, "--speculative-config", draft_config(model_dir))
+    proc = server_process("--speculative-config", draft_config(model_dir))
     with running_servers(proc):
         body = {"model": "micro", "prompt": REPEATS, "max_tokens": 24, "logprobs": 2, **GREEDY}
         answer = httpx.post(proc.url + "/v1/completions", json=body, timeout=60).json()

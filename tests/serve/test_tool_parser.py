@@ -15,7 +15,7 @@ import torch
 
 from retnet.serve.tool_parsers import HermesToolParser
 
-from .conftest import CORPUS, ThreadServer
+from .conftest import CORPUS, ServerProcess, ThreadServer
 from .test_extras import CHAT, sse_events
 
 TOOLS = ("add", "paint")
@@ -219,11 +219,15 @@ def learn(model, ids, targets) -> None:
 
 
 @pytest.fixture(scope="module")
-def hermes_server(hermes_model_dir):
-    """uvicorn serving the trained model with vLLM's flags for "auto", as ``retnet-serve`` would, in this process
-    (``ThreadServer``: what is checked is what it answers, not its process)."""
-    proc = ThreadServer(hermes_model_dir, "--tool-call-parser", "hermes", "--enable-auto-tool-choice")
+def hermes_server(request, hermes_model_dir):
+    """A real uvicorn process serving the trained model with vLLM's flags for "auto". While it starts (one core),
+    the module's other server is made too when a selected test uses it: its model trains on one thread, then it
+    starts (in this process)."""
+    proc = ServerProcess(hermes_model_dir, "--tool-call-parser", "hermes", "--enable-auto-tool-choice")
     try:
+        if any(getattr(item, "module", None) is request.module and "special_tags_server" in item.fixturenames
+               for item in request.session.items):
+            request.getfixturevalue("special_tags_server")
         proc.wait_healthy()
         yield proc
     finally:
@@ -233,13 +237,11 @@ def hermes_server(hermes_model_dir):
 @pytest.fixture(scope="module")
 def special_tags_server(special_tags_model_dir):
     """uvicorn serving the model whose tokenizer makes the call tags special tokens, with the hermes parser (and not
-    --enable-auto-tool-choice), in this process as ``retnet-serve`` would (``ThreadServer``)."""
+    --enable-auto-tool-choice), in this process as ``retnet-serve`` would (``ThreadServer``; the module's real
+    process is ``hermes_server``'s): started, not waited for."""
     proc = ThreadServer(special_tags_model_dir, "--tool-call-parser", "hermes")
-    try:
-        proc.wait_healthy()
-        yield proc
-    finally:
-        proc.stop()
+    yield proc
+    proc.stop()
 
 
 def chat(server, asked: str, **extra) -> httpx.Response:
@@ -356,17 +358,21 @@ def test_call_tags_that_are_special_tokens_are_kept_for_the_parser(special_tags_
     """A tokenizer whose call tags are special tokens would drop them from the text: with "auto" the server
     keeps special tokens' text unless the request says otherwise (vLLM's rule), so the calls are still read."""
     proc = special_tags_server
-    choice = chat(proc, ASKED).json()["choices"][0]
-    assert (choice["message"]["content"], choice["finish_reason"]) == ("I will paint it.\n", "tool_calls")
-    assert calls_of(choice["message"]["tool_calls"]) == [("paint", PAINT_ARGS), ("add", ADD_ARGS)]
-    (mine,) = streamed(sse_events(chat(proc, ASKED, stream=True).text)).values()
-    assert calls_of(list(mine["calls"].values())) == [("paint", PAINT_ARGS), ("add", ADD_ARGS)]
-    # Asked to skip them, the tags are gone from the text, and with them the calls.
-    choice = chat(proc, ASKED, skip_special_tokens=True).json()["choices"][0]
-    assert "tool_calls" not in choice["message"] and "<tool_call>" not in choice["message"]["content"]
-    assert '"name": "paint"' in choice["message"]["content"]
-    # Plain text (the EOS is a special token too) is unchanged.
-    assert chat(proc, PLAIN).json()["choices"][0]["message"]["content"] == PLAIN_ANSWER
+    try:
+        proc.wait_healthy()
+        choice = chat(proc, ASKED).json()["choices"][0]
+        assert (choice["message"]["content"], choice["finish_reason"]) == ("I will paint it.\n", "tool_calls")
+        assert calls_of(choice["message"]["tool_calls"]) == [("paint", PAINT_ARGS), ("add", ADD_ARGS)]
+        (mine,) = streamed(sse_events(chat(proc, ASKED, stream=True).text)).values()
+        assert calls_of(list(mine["calls"].values())) == [("paint", PAINT_ARGS), ("add", ADD_ARGS)]
+        # Asked to skip them, the tags are gone from the text, and with them the calls.
+        choice = chat(proc, ASKED, skip_special_tokens=True).json()["choices"][0]
+        assert "tool_calls" not in choice["message"] and "<tool_call>" not in choice["message"]["content"]
+        assert '"name": "paint"' in choice["message"]["content"]
+        # Plain text (the EOS is a special token too) is unchanged.
+        assert chat(proc, PLAIN).json()["choices"][0]["message"]["content"] == PLAIN_ANSWER
+    finally:
+        proc.stop()
 
 
 def test_call_tags_added_as_special_tokens_not_named_ones_are_kept_too(tmp_path):
