@@ -9,7 +9,6 @@ import math
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import retnet  # noqa: F401  (registers the Auto classes)
 from retnet.model import RetNetConfig, RetNetForCausalLM
 from retnet.serve.settings import ServeSettings
 from tests.launch import free_port
+from tests.serve.warm_servers import start_server
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = [
@@ -99,16 +99,16 @@ async def serve_app(model_dir: Path, model=None, **overrides):
 class ServerProcess:
     def __init__(self, model_dir: Path, *args: str, env: dict | None = None, module: str = "retnet.serve"):
         """``module``: run instead of ``retnet.serve`` (a test's wrapper around it, on ``env``'s PYTHONPATH)."""
-        self._command = [sys.executable, "-m", module, "--model", str(model_dir), "--served-model-name", "micro",
-                         "--log-level", "warning", *args]
+        self._module = module
+        self._args = ["--model", str(model_dir), "--served-model-name", "micro", "--log-level", "warning", *args]
         self._env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self._start()
 
     def _start(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([*self._command, "--port", str(self.port)], cwd=REPO, env=self._env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # forked from a warm interpreter (tests/serve/warm_servers.py) unless the test gives variables of its own
+        self.proc = start_server(self._module, [*self._args, "--port", str(self.port)], self._env)
 
     def wait_healthy(self, timeout: float = 600.0) -> None:
         # A server that exits is seen at once (poll); the deadline only bounds one that hangs, so it leaves a loaded
