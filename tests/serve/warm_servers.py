@@ -206,9 +206,9 @@ def start_server(module: str, args: list[str], env: dict[str, str]) -> subproces
 
 
 if __name__ == "__main__":
-    sys.path[0] = os.getcwd()  # as python -m puts it (this script's folder would shadow nothing, but is not there)
+    sys.path[0] = os.getcwd()  # as python -m puts it (not this script's folder)
     _become(_zygote())
     import runpy
 
-    del _become, _zygote  # (the module's code runs with this file's globals left behind only as a fresh -m's)
+    # (at this file's top level, as python -m runs a module: what escapes it ends the process as it would end that one)
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)

@@ -1,0 +1,35 @@
+"""The suite's forked server processes (tests/serve/warm_servers.py): a server of the suite's own environment is
+forked from the warm interpreter, not started afresh (the point of it), and ends as the command would: its output,
+its exit status, a signal's negative status; a test's own variables get a fresh process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+from tests.serve.warm_servers import REPO, ForkedProcess, start_server
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def test_a_server_of_the_suites_environment_is_forked_and_ends_as_the_command_would():
+    helped = start_server("retnet.serve", ["--help"], _env())
+    assert isinstance(helped, ForkedProcess)
+    assert helped.wait(60) == 0
+    assert "usage:" in helped.stdout.read().decode()
+    refused = start_server("retnet.serve", ["--no-such-flag"], _env())
+    assert refused.wait(60) == 2 and b"--no-such-flag" in refused.stdout.read()
+    # a module that waits: the signal ends it, reported as Popen reports it
+    waiting = start_server("http.server", ["--bind", "127.0.0.1", "0"], _env())
+    assert waiting.poll() is None
+    waiting.send_signal(signal.SIGKILL)
+    assert waiting.wait(60) == -signal.SIGKILL
+
+
+def test_a_tests_own_variables_get_a_fresh_process():
+    process = start_server("retnet.serve", ["--help"], _env(RETNET_PORT="8123"))
+    assert isinstance(process, subprocess.Popen)
+    assert process.wait(60) == 0 and b"usage:" in process.stdout.read()
