@@ -1,5 +1,6 @@
 """Shared fixtures: a micro random RetNet and a small BPE tokenizer saved as the training launcher exports
-them (save_pretrained), an in-process app factory, and a real uvicorn server in a subprocess or in a thread."""
+them (save_pretrained), an in-process app factory, and a real uvicorn server in a subprocess (forked from a warm
+interpreter: warm_servers.py) or in a thread."""
 
 from __future__ import annotations
 
