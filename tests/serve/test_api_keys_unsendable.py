@@ -5,19 +5,20 @@ it was accepted, a server no request could enter. Spaces and tabs inside a key a
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
 
 import pytest
 
 from retnet.serve.settings import ServeSettings
+from tests.serve.warm_servers import run_python
 
 SECRET = "s3cret-key"
 
 
 def test_a_key_no_header_can_carry_stops_the_server_by_its_place(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "retnet.serve", "--model", str(tmp_path), "--api-keys", "ok",
-                          f"{SECRET}\nx"], capture_output=True, text=True, timeout=120)
+    # (forked from the suite's warm interpreter: warm_servers.py)
+    run = run_python(["-m", "retnet.serve", "--model", str(tmp_path), "--api-keys", "ok", f"{SECRET}\nx"],
+                     dict(os.environ), timeout=120)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == ("retnet-serve: error: api_keys (--api-keys) key 2 of 2 holds a control character "
                                   "(U+000A), which an `Authorization: Bearer` header cannot carry (the keys are not "

@@ -2,16 +2,17 @@
 
 import asyncio
 import json
+import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.launch import finished, selected_tests, start_logged, stop
+from tests.launch import finished, selected_tests, stop
 from tests.serve.conftest import ServerProcess
+from tests.serve.warm_servers import start_python
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,9 +154,9 @@ def processes(request, model_dir, tmp_path_factory):
         started["keyed"] = ServerProcess(model_dir, "--api-keys", "secret", "--shutdown-grace-s", "20",
                                          env={"RETNET_MAX_RUNNING": "4"})
     if "demo" in wanted:
-        started["demo"] = start_logged(
-            [sys.executable, "-m", "retnet.serve.demo", "--model", str(model_dir), "--exit-after", "--port", "0",
-             "--max-tokens", "12"], tmp_path_factory.mktemp("demo"), cwd=REPO)
+        started["demo"] = start_python(  # (forked from the suite's warm interpreter: warm_servers.py)
+            ["-m", "retnet.serve.demo", "--model", str(model_dir), "--exit-after", "--port", "0", "--max-tokens",
+             "12"], dict(os.environ), tmp_path_factory.mktemp("demo"))
     yield started
     if "keyed" in started:
         started["keyed"].stop()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.serve.conftest import CORPUS, save_micro_model
+from tests.serve.warm_servers import run_python
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,8 +84,9 @@ def runs(tmp_path_factory) -> dict[str, tuple[int | None, str, str]]:
     spec = [[mode, str(root / f"{mode}.jsonl"), ["--model", str(model), "-i", str(requests), "-o",
                                                  str(root / f"{mode}.jsonl"), "--max-concurrency", "1"]]
             for mode in ("again", "stuck")]
-    parent = subprocess.run([sys.executable, "-c", INTERRUPTED_RUNS, json.dumps(spec)], cwd=REPO, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    # (forked from the suite's warm interpreter, warm_servers.py: the imports INTERRUPTED_RUNS makes are done there)
+    parent = run_python(["-c", INTERRUPTED_RUNS, json.dumps(spec)], {**os.environ, "PYTHONPATH": str(REPO)},
+                        timeout=120)
     assert parent.returncode == 0, parent.stderr[-3000:]
     statuses = json.loads(parent.stdout.splitlines()[-1])
 

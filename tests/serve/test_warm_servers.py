@@ -1,14 +1,16 @@
 """The suite's forked server processes (tests/serve/warm_servers.py): a server of the suite's own environment is
 forked from the warm interpreter, not started afresh (the point of it), and ends as the command would: its output,
-its exit status, a signal's negative status; a test's own variables get a fresh process."""
+its exit status, a signal's negative status; a test's own variables get a fresh process; ``-c`` code runs as
+``python -c`` runs it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 
-from tests.serve.warm_servers import REPO, ForkedProcess, start_server
+from tests.serve.warm_servers import REPO, ForkedProcess, run_python, start_server
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -33,3 +35,15 @@ def test_a_tests_own_variables_get_a_fresh_process():
     process = start_server("retnet.serve", ["--help"], _env(RETNET_PORT="8123"))
     assert isinstance(process, subprocess.Popen)
     assert process.wait(60) == 0 and b"usage:" in process.stdout.read()
+
+
+def test_code_runs_as_python_dash_c_would_run_it():
+    code = ("import json, os, sys\nprint(json.dumps([sys.argv, sys.path[0], os.getcwd(), __name__]))\n"
+            "print('to stderr', file=sys.stderr)\nraise SystemExit(int(sys.argv[1]))")
+    run = run_python(["-c", code, "3"], _env(), timeout=60, cwd=REPO / "tests")
+    assert run.returncode == 3
+    assert json.loads(run.stdout) == [["-c", "3"], "", str(REPO / "tests"), "__main__"]
+    assert run.stderr == "to stderr\n"
+    # what escapes the code: a traceback and status 1
+    failed = run_python(["-c", "raise ValueError('no')"], _env(), timeout=60)
+    assert failed.returncode == 1 and failed.stderr.rstrip().endswith("ValueError: no")

@@ -1,18 +1,20 @@
-"""``python -m retnet.serve`` processes forked from a warm interpreter: the suite's server processes without each one's
-~10 s of CPU importing torch, transformers and the server's modules (on 2 cores, that start was most of a serve
-file's time).
+"""The suite's ``python -m retnet.serve`` processes (and a few other ``python -m`` / ``python -c`` runs of the suite's
+environment) forked from a warm interpreter: without each one's ~10 s of CPU importing torch, transformers and the
+server's modules (on 2 cores, that start was most of a serve file's time).
 
 Run as a script, this file is that interpreter (the *zygote*): it imports what a server imports, then reads requests
-(one JSON line each: the command's module and arguments, its environment, working directory and output file) and
-forks a child for each. The child becomes the command as ``python -m`` would run it (``runpy``, ``sys.argv``, its
-stdout and stderr the output file, stdin ``/dev/null``), so an exception, ``SystemExit`` or a signal ends it as it
-would end a fresh process. The zygote stays the child's parent: it reaps it and writes its status (``Popen``'s:
-``-N`` for signal N) to a file beside the output, which :class:`ForkedProcess` (``subprocess.Popen``'s interface, the
-part the tests use) reads.
+(one JSON line each: the module or code and its arguments, the environment, working directory, PYTHONPATH and files
+for stdin, stdout and stderr) and forks a child for each. The child becomes the command as ``python -m`` (or ``-c``)
+would run it: ``runpy`` (or the code in a fresh ``__main__``) at this file's top level, ``sys.argv`` and ``sys.path``
+as that command's, its output to the files, stdin ``/dev/null`` (or the file). So an exception, ``SystemExit`` or a
+signal ends it as it would end a fresh process. The zygote stays the child's parent: it reaps it and writes its
+status (``Popen``'s: ``-N`` for signal N) to a file, which :class:`ForkedProcess` (``subprocess.Popen``'s interface,
+the part the tests use) reads.
 
 Only the environment the zygote started with can be forked: torch, transformers and retnet read some variables at
-import. :func:`start_server` forks when a server's environment is the zygote's (beyond ``PYTHONPATH`` entries added
-after the repository, a test's wrapper module), and starts a fresh process otherwise."""
+import. :func:`start_server`, :func:`start_python` and :func:`run_python` fork when a command's environment is the
+zygote's (PYTHONPATH aside), and start a fresh process otherwise. Not for a test of what a command imports or when
+(the zygote has imported it all already)."""
 
 from __future__ import annotations
 
@@ -90,34 +92,52 @@ def _zygote() -> dict:
 
 
 def _become(request: dict) -> None:
-    """In the forked child: the process ``python -m MODULE ARGS`` would be, up to running the module."""
+    """In the forked child: the process ``python -m MODULE ARGS`` (or ``python -c CODE ARGS``) would be, up to running
+    its module or code."""
     import random
 
     random.seed()  # a fresh interpreter's own seed, not the zygote's state shared by every child
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
+    stdin = os.open(request["stdin"] or os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.close(stdin)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(out, fd)
+        os.close(out)
     os.chdir(request["cwd"])
+    # sys.path as that command's: its first entry (-m: the working directory; -c: ""), then its PYTHONPATH's entries
+    # in place of the zygote's
+    zygote_path = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    rest = [entry for entry in sys.path[1:] if entry not in zygote_path]
+    sys.path[:] = [os.getcwd() if request["module"] else "", *request["python_path"], *rest]
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.path[1:1] = request["python_path"]
-    sys.argv = [request["module"], *request["args"]]
+    sys.argv = [request["module"] or "-c", *request["args"]]
+
+
+def _run(request: dict) -> None:
+    import runpy
+
+    if request["module"]:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        return
+    import types
+
+    main = types.ModuleType("__main__")  # (-c's code runs in a fresh __main__, not among this file's globals)
+    sys.modules["__main__"] = main
+    exec(compile(request["code"], "<string>", "exec"), main.__dict__)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The test process's side
 # ---------------------------------------------------------------------------------------------------------------
 class ForkedProcess:
-    """A forked server: the parts of ``subprocess.Popen``'s interface the tests use (``pid``, ``stdout``, ``poll``,
-    ``wait``, ``send_signal``, ``terminate``, ``kill``, ``returncode``)."""
+    """A forked process: the parts of ``subprocess.Popen``'s interface the tests use (``args``, ``pid``, ``stdout``,
+    ``poll``, ``wait``, ``send_signal``, ``terminate``, ``kill``, ``returncode``); ``stdout`` reads its output file."""
 
-    def __init__(self, pid: int, out: Path, status: Path):
-        self.pid, self._status, self.returncode = pid, status, None
-        self.stdout = open(out, "rb")  # noqa: SIM115 - read after the process ends, as Popen's pipe is
+    def __init__(self, args: list[str], pid: int, stdout: Path, status: Path):
+        self.args, self.pid, self._status, self.returncode = args, pid, status, None
+        self.stdout = open(stdout, "rb")  # noqa: SIM115 - read after the process ends, as Popen's pipe is
 
     def poll(self) -> int | None:
         if self.returncode is None and self._status.exists():
@@ -128,7 +148,7 @@ class ForkedProcess:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"forked server {self.pid}", timeout)
+                raise subprocess.TimeoutExpired(self.args, timeout)
             time.sleep(0.02)
         return self.returncode
 
@@ -144,7 +164,7 @@ class ForkedProcess:
 
 
 class _Zygote:
-    """This test process's zygote, started at its first forked server."""
+    """This test process's zygote, started at its first forked process."""
 
     _lock = threading.Lock()
     _current: _Zygote | None = None
@@ -154,7 +174,7 @@ class _Zygote:
         self.dir = Path(tempfile.mkdtemp(prefix="warm-servers-"))
         self.process = subprocess.Popen([sys.executable, __file__], cwd=REPO, env=env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=None)
-        assert self.process.stdout.readline().strip() == b"ready", "the warm server interpreter did not start"
+        assert self.process.stdout.readline().strip() == b"ready", "the warm interpreter did not start"
         self.count = 0
         atexit.register(self.close)
 
@@ -165,17 +185,27 @@ class _Zygote:
                 cls._current = cls(env)
             return cls._current
 
-    def fork(self, module: str, args: list[str], env: dict[str, str], python_path: list[str]) -> ForkedProcess:
+    def fork(self, command: list[str], env: dict[str, str], cwd: Path, stdout: Path | None, stderr: Path | None,
+             stdin: Path | None) -> ForkedProcess:
+        """``command`` (``["-m", module, *args]`` or ``["-c", code, *args]``) forked, its stdout written to
+        ``stdout`` (a file of the zygote's when None) and its stderr to ``stderr`` (None: with stdout)."""
         with self._lock:
             self.count += 1
-            out, status = self.dir / f"{self.count}.log", self.dir / f"{self.count}.status"
-            out.touch()  # (the child opens it after the zygote has answered)
-            request = {"module": module, "args": args, "env": env, "cwd": str(REPO), "python_path": python_path,
-                       "out": str(out), "status": str(status)}
+            stdout = stdout or self.dir / f"{self.count}.log"
+            for path in (stdout, stderr):
+                if path is not None:
+                    Path(path).touch()  # (the child opens them after the zygote has answered)
+            status = self.dir / f"{self.count}.status"
+            kind, first, *args = command
+            request = {"module": first if kind == "-m" else None, "code": first if kind == "-c" else None,
+                       "args": args, "env": env, "cwd": str(cwd),
+                       "python_path": [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry],
+                       "stdout": str(stdout), "stderr": str(stderr or stdout),
+                       "stdin": None if stdin is None else str(stdin), "status": str(status)}
             self.process.stdin.write(json.dumps(request).encode() + b"\n")
             self.process.stdin.flush()
             pid = int(self.process.stdout.readline())
-        return ForkedProcess(pid, out, status)
+        return ForkedProcess([sys.executable, *command], pid, stdout, status)
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -185,30 +215,66 @@ class _Zygote:
 
 
 def _imported_under(env: dict[str, str]) -> dict[str, str]:
-    """What of ``env`` the zygote's imports may have read: all of it but PYTHONPATH (compared on its own) and
-    pytest's name of the running test (the child gets the test's own)."""
+    """What of ``env`` the zygote's imports may have read: all of it but PYTHONPATH (a child's own sys.path is made
+    from its own) and pytest's name of the running test (the child gets the test's own)."""
     return {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTEST_CURRENT_TEST")}
 
 
-def start_server(module: str, args: list[str], env: dict[str, str]) -> subprocess.Popen | ForkedProcess:
-    """``python -m module *args`` (cwd the repository, stdout and stderr together): forked from this process's
-    zygote when ``env`` is the environment the zygote imported under, its ``PYTHONPATH`` perhaps with entries after
-    the repository's; otherwise (a test's own variables) a fresh process."""
+def _zygote_for(env: dict[str, str]) -> _Zygote | None:
+    """This process's zygote when ``env`` is the environment it imported under (the suite's own, the repository on
+    PYTHONPATH); None for a test's own variables, or once a test's monkeypatch changed os.environ since it started."""
     base = {**os.environ, "PYTHONPATH": str(REPO)}
-    extra = env.get("PYTHONPATH", "").split(os.pathsep)
-    if _imported_under(env) == _imported_under(base) and extra[0] == str(REPO):
-        zygote = _Zygote.of(base)
-        # (a test's monkeypatch of os.environ since the zygote started: a fresh process)
-        if _imported_under(zygote.env) == _imported_under(base):
-            return zygote.fork(module, args, env, extra[1:])
+    if _imported_under(env) != _imported_under(base):
+        return None
+    zygote = _Zygote.of(base)
+    return zygote if _imported_under(zygote.env) == _imported_under(base) else None
+
+
+def start_server(module: str, args: list[str], env: dict[str, str]) -> subprocess.Popen | ForkedProcess:
+    """``python -m module *args`` (cwd the repository, stdout and stderr together, as a pipe or a file that
+    ``.stdout`` reads): forked when :func:`_zygote_for` allows, otherwise a fresh process."""
+    zygote = _zygote_for(env)
+    if zygote is not None:
+        return zygote.fork(["-m", module, *args], env, REPO, None, None, None)
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
 
 
+def start_python(command: list[str], env: dict[str, str], logs: Path, cwd: Path = REPO
+                 ) -> subprocess.Popen | ForkedProcess:
+    """``python *command`` (``-m module ...`` or ``-c code ...``), its stdout and stderr written to ``logs/stdout``
+    and ``logs/stderr`` (as ``tests.launch.start_logged``: ``finished`` waits for it): forked when
+    :func:`_zygote_for` allows, otherwise a fresh process."""
+    from tests.launch import start_logged
+
+    zygote = _zygote_for(env)
+    if zygote is None:
+        return start_logged([sys.executable, *command], logs, cwd=cwd, env=env)
+    logs.mkdir(parents=True, exist_ok=True)
+    process = zygote.fork(command, env, cwd, logs / "stdout", logs / "stderr", None)
+    process.logs = logs
+    return process
+
+
+def run_python(command: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO
+               ) -> subprocess.CompletedProcess:
+    """``python *command`` run to its end as ``subprocess.run(..., capture_output=True, text=True)`` returns it
+    (forked when :func:`_zygote_for` allows)."""
+    from tests.launch import finished
+
+    logs = Path(tempfile.mkdtemp(prefix="warm-run-"))
+    try:
+        return finished(start_python(command, env, logs, cwd), timeout)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
 if __name__ == "__main__":
     sys.path[0] = os.getcwd()  # as python -m puts it (not this script's folder)
-    _become(_zygote())
-    import runpy
-
-    # (at this file's top level, as python -m runs a module: what escapes it ends the process as it would end that one)
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    # At this file's top level, as python runs a module or -c's code: what escapes it ends the process as it would
+    # end that one (a traceback and status 1, SystemExit's status). (A KeyboardInterrupt that escapes ends it with
+    # status 1, as it ends a fresh process that imported retnet: peft's and torchao's imports make it so; retnet's
+    # commands exit 130 on a Ctrl-C themselves.)
+    _request = _zygote()
+    _become(_request)
+    _run(_request)
