@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.serve.warm_servers import run_python
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -177,8 +179,9 @@ for args in json.loads(sys.argv[1]):
     status = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *args])
     print(f"\\n<<step status>> {int(status)}", flush=True)
 """
-    process = subprocess.run([sys.executable, "-c", hide_fla, json.dumps(steps)], cwd=BENCHMARKS.parent,
-                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    # (forked from the suite's warm interpreter, tests/serve/warm_servers.py, which has not imported fla either)
+    process = run_python(["-c", hide_fla, json.dumps(steps)], dict(os.environ), timeout=300, cwd=BENCHMARKS.parent,
+                         merged=True)
     assert process.returncode == 0, process.stdout[-3000:]
     outputs = process.stdout.split("<<step status>> ")
     assert len(outputs) == len(steps) + 1, process.stdout[-3000:]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from retnet.serve.run_batch import OutputError, parse_lines, run_batch, served_urls
-from tests.launch import RUN_EACH, finished, logged_run, selected_tests, start_logged, stop
+from tests.launch import RUN_EACH, finished, logged_run, selected_tests, stop
+from tests.serve.warm_servers import start_python
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,11 +37,8 @@ def start_clis(runs: list[tuple[str, list[str], Path]], stdin: str, logs: Path) 
     for command, args, run_logs in runs:
         run_logs.mkdir(parents=True, exist_ok=True)
         spec.append([[str(script)] if command == "script" else ["-m", "retnet.serve.run_batch"], args, str(run_logs)])
-    process = start_logged([sys.executable, "-c", RUN_EACH, json.dumps(spec)], logs, stdin=subprocess.PIPE,
-                           cwd=REPO, env=env)
-    process.stdin.write(stdin)  # a few KiB: the pipe holds them
-    process.stdin.close()
-    return process
+    # (forked from the suite's warm interpreter: tests/serve/warm_servers.py)
+    return start_python(["-c", RUN_EACH, json.dumps(spec)], env, logs, stdin=stdin)
 
 
 def cli_result(process: subprocess.Popen, logs: Path, timeout: float) -> subprocess.CompletedProcess:

@@ -216,8 +216,10 @@ class _Zygote:
 
 def _imported_under(env: dict[str, str]) -> dict[str, str]:
     """What of ``env`` the zygote's imports may have read: all of it but PYTHONPATH (a child's own sys.path is made
-    from its own) and pytest's name of the running test (the child gets the test's own)."""
-    return {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTEST_CURRENT_TEST")}
+    from its own), pytest's name of the running test (the child gets the test's own) and the variables of
+    ``datasets``, which the zygote does not import."""
+    return {k: v for k, v in env.items()
+            if k not in ("PYTHONPATH", "PYTEST_CURRENT_TEST") and not k.startswith("HF_DATASETS_")}
 
 
 def _zygote_for(env: dict[str, str]) -> _Zygote | None:
@@ -240,31 +242,40 @@ def start_server(module: str, args: list[str], env: dict[str, str]) -> subproces
                             stderr=subprocess.STDOUT)
 
 
-def start_python(command: list[str], env: dict[str, str], logs: Path, cwd: Path = REPO
-                 ) -> subprocess.Popen | ForkedProcess:
-    """``python *command`` (``-m module ...`` or ``-c code ...``), its stdout and stderr written to ``logs/stdout``
-    and ``logs/stderr`` (as ``tests.launch.start_logged``: ``finished`` waits for it): forked when
-    :func:`_zygote_for` allows, otherwise a fresh process."""
-    from tests.launch import start_logged
-
-    zygote = _zygote_for(env)
-    if zygote is None:
-        return start_logged([sys.executable, *command], logs, cwd=cwd, env=env)
+def start_python(command: list[str], env: dict[str, str], logs: Path, cwd: Path = REPO, stdin: str | None = None,
+                 merged: bool = False) -> subprocess.Popen | ForkedProcess:
+    """``python *command`` (``-m module ...`` or ``-c code ...``) reading ``stdin`` (None: nothing), its stdout and
+    stderr written to ``logs/stdout`` and ``logs/stderr`` (``merged``: both to ``logs/stdout``, in the order written,
+    ``logs/stderr`` left empty), as ``tests.launch.start_logged`` writes them (``finished`` waits for it): forked
+    when :func:`_zygote_for` allows, otherwise a fresh process."""
     logs.mkdir(parents=True, exist_ok=True)
-    process = zygote.fork(command, env, cwd, logs / "stdout", logs / "stderr", None)
+    stdout, stderr = logs / "stdout", logs / "stderr"
+    stderr.touch()
+    stdin_file = None
+    if stdin is not None:
+        stdin_file = logs / "stdin"
+        stdin_file.write_text(stdin)
+    zygote = _zygote_for(env)
+    if zygote is not None:
+        process = zygote.fork(command, env, cwd, stdout, None if merged else stderr, stdin_file)
+    else:
+        with open(stdout, "w") as out, open(stderr, "w") as err, \
+                open(stdin_file or os.devnull) as given:
+            process = subprocess.Popen([sys.executable, *command], cwd=cwd, env=env, stdin=given, stdout=out,
+                                       stderr=out if merged else err, text=True)
     process.logs = logs
     return process
 
 
-def run_python(command: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO
+def run_python(command: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO, merged: bool = False
                ) -> subprocess.CompletedProcess:
     """``python *command`` run to its end as ``subprocess.run(..., capture_output=True, text=True)`` returns it
-    (forked when :func:`_zygote_for` allows)."""
+    (``merged``: as with ``stderr=subprocess.STDOUT``), forked when :func:`_zygote_for` allows."""
     from tests.launch import finished
 
     logs = Path(tempfile.mkdtemp(prefix="warm-run-"))
     try:
-        return finished(start_python(command, env, logs, cwd), timeout)
+        return finished(start_python(command, env, logs, cwd, merged=merged), timeout)
     finally:
         shutil.rmtree(logs, ignore_errors=True)
 

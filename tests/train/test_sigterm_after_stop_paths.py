@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from retnet.train.checkpoint import list_checkpoints, verify_checkpoint
+from tests.serve.warm_servers import start_python
 
 from .conftest import micro_args, wait_while_running
 
@@ -64,13 +64,10 @@ def signalled(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
     first, second = root / "stopped-twice", root / "terminated"
     runs = [micro_args(corpus, tokenizer_dir, cache_dir, first, train__steps=4, checkpoint__interval=0),
             micro_args(corpus, tokenizer_dir, cache_dir, second, train__steps=100000, checkpoint__export=True)]
-    log = root / "log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "-c", RUNS.replace("{MARK}", MARK), json.dumps(runs)],
-                                   stdout=handle, stderr=handle,
-                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-                                        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                                        "HF_DATASETS_OFFLINE": "1"})
+    # (forked from the suite's warm interpreter, tests/serve/warm_servers.py: its stdout and stderr in one log)
+    process = start_python(["-c", RUNS.replace("{MARK}", MARK), json.dumps(runs)],
+                           {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TOKENIZERS_PARALLELISM": "false",
+                            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, root / "logs", merged=True)
     try:
         wait_while_running(lambda: _train_records(second) >= 3, process)
         process.send_signal(signal.SIGTERM)
@@ -79,7 +76,7 @@ def signalled(corpus, tokenizer_dir, cache_dir, tmp_path_factory):
         if process.poll() is None:
             process.kill()
             process.wait()
-    before, _, after = log.read_text().partition(MARK)
+    before, _, after = (root / "logs" / "stdout").read_text().partition(MARK)
     return returncode, before, first, after, second
 
 
