@@ -194,7 +194,7 @@ class _Zygote:
             stdout = stdout or self.dir / f"{self.count}.log"
             for path in (stdout, stderr):
                 if path is not None:
-                    Path(path).touch()  # (the child opens them after the zygote has answered)
+                    Path(path).write_bytes(b"")  # (emptied as Popen's "w" would; the child opens them later)
             status = self.dir / f"{self.count}.status"
             kind, first, *args = command
             request = {"module": first if kind == "-m" else None, "code": first if kind == "-c" else None,
