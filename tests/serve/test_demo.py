@@ -90,15 +90,17 @@ def test_ctrl_c_while_the_model_loads_stops_the_server_first_and_exits_130(model
     import sys
     import time
 
-    wrapper = tmp_path / "slow_load.py"
+    wrapper, loaded = tmp_path / "slow_load.py", tmp_path / "loaded"
+    # The load runs until both Ctrl-Cs were sent and had half a second to land (a minute at most): a fixed 4 s could
+    # end before them on a loaded machine, and a quiet one waited all of it.
     wrapper.write_text(
-        "import sys, time, torch\n"
+        "import os, sys, time, torch\n"
         "from retnet.serve.engine import Engine\n"
         "load = Engine._load\n"
         "def slow(self, *args, **kwargs):\n"
         "    print('LOADING', file=sys.stderr, flush=True)\n"
-        "    x, end = torch.randn(256, 256), time.monotonic() + 4\n"
-        "    while time.monotonic() < end:\n"
+        "    x, end = torch.randn(256, 256), time.monotonic() + 60\n"
+        f"    while time.monotonic() < end and not os.path.exists({str(loaded)!r}):\n"
         "        x = (x @ x).tanh()  # torch at work in the engine's thread, as a real load is\n"
         "    return load(self, *args, **kwargs)\n"
         "Engine._load = slow\n"
@@ -113,6 +115,8 @@ def test_ctrl_c_while_the_model_loads_stops_the_server_first_and_exits_130(model
     process.send_signal(signal.SIGINT)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    loaded.touch()
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     assert "interrupted" in err and "terminate called" not in err and "Traceback" not in err

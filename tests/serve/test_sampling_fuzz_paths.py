@@ -66,9 +66,10 @@ def draw(logits: torch.Tensor, params: SamplingParams, prompt=(), output=(), ban
          draws: int = DRAWS) -> torch.Tensor:
     """How often each token is sampled in ``draws`` seeded rows of one batch (rows are independent)."""
     rows = []
+    # Row i's generator is seeded with i, as the server seeds a request's choices (seed + choice index).
+    seeded = SamplingParams(**{**{f: getattr(params, f) for f in SamplingParams.__slots__}, "seed": 0})
     for seed in range(draws):
-        row = RowSampler(SamplingParams(**{**{f: getattr(params, f) for f in SamplingParams.__slots__}, "seed": seed}),
-                         list(prompt), logits.shape[-1], ban_ids=ban, blocked=blocked)
+        row = RowSampler(seeded, list(prompt), logits.shape[-1], seed_offset=seed, ban_ids=ban, blocked=blocked)
         for token in output:
             row.record(token)
         rows.append(row)
