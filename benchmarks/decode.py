@@ -23,7 +23,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import retnet  # noqa: F401
 from benchmarks._results import BenchmarkParser, output_help, results_path
@@ -33,6 +32,9 @@ VOCAB, HIDDEN, LAYERS = 16384, 512, 6
 
 
 def build_models(device: torch.device, dtype: torch.dtype):
+    # (here, after retnet's import: transformers imported first logs torchao's CUDA-extension warnings)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     retnet_model = RetNetForCausalLM(RetNetConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
         tie_word_embeddings=True,
@@ -61,6 +63,8 @@ def cache_kwarg(model) -> str:
 @torch.no_grad()
 def prefill(name, model, context: int, device: torch.device):
     """Run the prompt once; returns (cache, next token)."""
+    from transformers import DynamicCache
+
     prompt = torch.randint(0, VOCAB, (1, context), device=device)
     cache = None if name == "retnet" else DynamicCache(config=model.config)
     out = model(prompt, **({cache_kwarg(model): cache} if cache is not None else {}), use_cache=True,

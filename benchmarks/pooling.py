@@ -39,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[0] = str(REPO)
 
 import torch
-from transformers import AutoModel
 
 import retnet  # noqa: F401
 from benchmarks._results import BenchmarkParser, output_help, results_path
@@ -169,6 +168,8 @@ def build_parser() -> BenchmarkParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoModel  # (after retnet's import: see decode.py's build_models)
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not 1 <= args.min_tokens <= args.max_tokens:

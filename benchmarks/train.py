@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import retnet  # noqa: F401
 from benchmarks._results import BenchmarkParser, output_help, results_path
@@ -35,6 +34,9 @@ from retnet.train.flops import flops_per_token, peak_flops
 
 
 def build(preset: str, device: torch.device):
+    # (here, after retnet's import: transformers imported first logs torchao's CUDA-extension warnings)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = RetNetConfig.from_preset(preset, fuse_linear_cross_entropy=True)  # as retnet-train trains it
     torch.manual_seed(0)
     ret = RetNetForCausalLM(config).to(device)

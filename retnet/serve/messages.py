@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi import Request
@@ -403,10 +404,18 @@ def _tool_use_block(call: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 
 def _message(model: str, content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None,
-             input_tokens: int, output_tokens: int, message_id: str | None = None) -> dict[str, Any]:
+             usage: dict[str, int], message_id: str | None = None) -> dict[str, Any]:
     return {"id": message_id or _id("msg"), "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
+
+
+def _usage(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> dict[str, int]:
+    """Anthropic's usage of a prompt of which ``cached_tokens`` came from the prefix cache: its ``input_tokens`` are
+    the rest, as Anthropic's count only the tokens read from no cache and written to none (clients add the three for
+    the prompt). The prefix cache saves prompts by itself, with no ``cache_control`` and at no cost: no request
+    writes a cache entry in Anthropic's sense, so ``cache_creation_input_tokens`` is 0."""
+    return {"input_tokens": prompt_tokens - cached_tokens, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached_tokens}
 
 
 class _RawJSON(str):
@@ -429,8 +438,9 @@ def from_chat(result: ChatCompletionResponse) -> dict[str, Any]:
         # cannot encode (the same); 1e1 was written back as 10.0. The streamed input_json_delta sends this text too.
         block["input"] = _RawJSON(arguments)
         content.append(block)
-    return _message(result.model, content, reason, sequence, result.usage.prompt_tokens,
-                    result.usage.completion_tokens)
+    details = result.usage.prompt_tokens_details
+    return _message(result.model, content, reason, sequence, _usage(
+        result.usage.prompt_tokens, details.cached_tokens if details else 0, result.usage.completion_tokens))
 
 
 def render_message(message: dict[str, Any]) -> bytes:
@@ -501,13 +511,26 @@ class MessagesServing:
 
     async def _message_events(self, chat: ChatCompletionRequest, run: ChatRun, model: str):
         """A text block filled as the text comes, then a tool_use block a call (held to the end, as the whole
-        Message has them after its text)."""
-        message_id, prompt_tokens = _id("msg"), run.handle.prompt_tokens
-        yield _event("message_start", message=_message(model, [], None, None, prompt_tokens, 0, message_id))
-        yield _event("ping")
-        blocks, text_open = 0, False
+        Message has them after its text). message_start waits for the chat's first chunk after its opening one:
+        the prompt's tokens read from the prefix cache are known once the engine has taken the request in, and
+        message_start's usage is Anthropic's final one for the prompt."""
+        message_id, handle = _id("msg"), run.handle
+        blocks, text_open, opening, started = 0, False, True, False
         finish, stop, usage, calls = None, None, None, []
+
+        def start() -> Iterator[str]:
+            yield _event("message_start", message=_message(
+                model, [], None, None, _usage(handle.prompt_tokens, handle.cached_tokens, 0), message_id))
+            yield _event("ping")
+
         async for chunk in self.serving.chat_chunks(chat, run):
+            if opening:  # the assistant role, sent before the engine has the request: nothing of the Message's
+                opening = False
+                continue
+            if not started:
+                started = True
+                for event in start():
+                    yield event
             usage = chunk.get("usage") or usage
             for choice in chunk["choices"]:
                 delta = choice["delta"]
@@ -521,6 +544,9 @@ class MessagesServing:
                         text_open = True
                         yield _event("content_block_start", index=0, content_block=_text_block(""))
                     yield _event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+        if not started:
+            for event in start():
+                yield event
         reason, sequence = _ending(finish, stop, bool(calls))
         if text_open:
             yield _event("content_block_stop", index=0)
@@ -533,7 +559,7 @@ class MessagesServing:
             yield _event("content_block_stop", index=index)
         output_tokens = usage["completion_tokens"] if usage else 0
         yield _event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                     usage={"input_tokens": prompt_tokens, "output_tokens": output_tokens})
+                     usage=_usage(handle.prompt_tokens, handle.cached_tokens, output_tokens))
         yield _event("message_stop")
 
 

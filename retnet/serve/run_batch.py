@@ -43,6 +43,9 @@ RETRY_429_S = 600.0  # how long a line waits out the server's queue (429s) befor
 # Routes the app may serve (--allow-runtime-lora-updating) that a batch line may not name: they answer plain text,
 # not a JSON body, and the lines run concurrently, so no other line could count on the adapter one loads.
 NOT_IN_A_BATCH = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+# A prompt's tokens in the Responses API's usage (input_tokens) and in Anthropic's, whose input_tokens leave out
+# those read from the prefix cache.
+INPUT_COUNTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 INTERRUPTED_STOP_S = 30.0  # how long a Ctrl-C's cleanup (the engine stopped, the requests cancelled) may take
 
 
@@ -338,8 +341,9 @@ async def run_batch(app, entries: list[BatchLine], out: IO[str], max_concurrency
         if status != 200:
             summary.failed += 1
         elif isinstance(body, dict) and isinstance(body.get("usage"), dict):
-            usage = body["usage"]  # chat/completions' names, or the Responses API's
-            summary.prompt_tokens += int(usage.get("prompt_tokens", usage.get("input_tokens")) or 0)
+            usage = body["usage"]  # chat/completions' names, or the Responses API's, or Anthropic's
+            summary.prompt_tokens += int(usage["prompt_tokens"] or 0) if "prompt_tokens" in usage else sum(
+                int(usage.get(name) or 0) for name in INPUT_COUNTS)
             summary.completion_tokens += int(usage.get("completion_tokens", usage.get("output_tokens")) or 0)
         writer.put(index, output_line(entry, status, body))
         elapsed = time.perf_counter() - started

@@ -56,11 +56,21 @@ def streamed(client, **kwargs):
         return stream.get_final_message(), kinds
 
 
+def prompt_tokens(usage) -> int:
+    """A Message's prompt tokens: Anthropic's ``input_tokens`` leave out those read from a cache (and written to one),
+    and the server's prefix cache holds the prompts of this module's earlier requests."""
+    usage = usage if isinstance(usage, dict) else usage.model_dump()
+    return usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"]
+
+
 def without_ids(message) -> dict:
+    """The message without its ids, its usage as its prompt's and its answer's tokens (how many of the prompt's
+    the prefix cache held differs between requests)."""
     dumped = message.model_dump()
     dumped.pop("id")
     for block in dumped["content"]:
         block.pop("id", None)
+    dumped["usage"] = (prompt_tokens(dumped["usage"]), dumped["usage"]["output_tokens"])
     return dumped
 
 
@@ -81,7 +91,7 @@ def test_text_streamed_equals_whole_equals_chat(client, server):
                   ignore_eos=True)
     assert answer["choices"][0]["message"]["content"] == message.content[0].text
     assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (
-        message.usage.input_tokens, message.usage.output_tokens)
+        prompt_tokens(message.usage), message.usage.output_tokens)
 
 
 def test_system_prompt_as_string_or_text_blocks_and_count_tokens(client):
@@ -90,13 +100,32 @@ def test_system_prompt_as_string_or_text_blocks_and_count_tokens(client):
     with_blocks = client.messages.create(model="micro", max_tokens=6, messages=ASK, **GREEDY,
                                          system=[{"type": "text", "text": "Be brief.",
                                                   "cache_control": {"type": "ephemeral"}}])
-    assert with_string.usage.input_tokens > plain.usage.input_tokens  # the system prompt is rendered
+    assert prompt_tokens(with_string.usage) > prompt_tokens(plain.usage)  # the system prompt is rendered
     assert without_ids(with_blocks) == without_ids(with_string)
     for message, system in ((plain, None), (with_string, "Be brief.")):
         counted = client.messages.count_tokens(model="micro", messages=ASK,
                                                **({"system": system} if system else {}))
-        assert counted.input_tokens == message.usage.input_tokens
+        assert counted.input_tokens == prompt_tokens(message.usage)
 
+
+
+def test_prompt_tokens_read_from_the_prefix_cache_are_cache_read_input_tokens(client, server):
+    """A prompt the server has not seen is all input_tokens; the same prompt again is read from the prefix cache,
+    which Anthropic's usage counts apart (``cache_read_input_tokens``; input_tokens the rest), streamed too, in
+    message_start as in message_delta. count_tokens counts the whole prompt, as Anthropic's does."""
+    ask = [{"role": "user", "content": f"def unseen_{random.randrange(10**9)}(a, b):"}]
+    counted = client.messages.count_tokens(model="micro", messages=ask).input_tokens
+    first = client.messages.create(model="micro", max_tokens=2, messages=ask, **GREEDY).usage
+    assert (first.input_tokens, first.cache_read_input_tokens, first.cache_creation_input_tokens) == (counted, 0, 0)
+    again = client.messages.create(model="micro", max_tokens=2, messages=ask, **GREEDY).usage
+    assert again.cache_read_input_tokens > 0 and again.cache_creation_input_tokens == 0
+    assert again.input_tokens + again.cache_read_input_tokens == counted
+    events = raw_events(server, {"model": "micro", "max_tokens": 2, "messages": ask, **GREEDY["extra_body"]})
+    start, delta = events[0]["message"]["usage"], events[-2]["usage"]
+    assert start["cache_read_input_tokens"] > 0 and start == delta | {"output_tokens": 0}, events
+    assert prompt_tokens(start) == counted
+    final, _ = streamed(client, model="micro", max_tokens=2, messages=ask, **GREEDY)
+    assert final.usage.cache_read_input_tokens > 0 and prompt_tokens(final.usage) == counted
 
 def test_end_turn_when_the_model_ends_its_answer(client, tokenizer):
     # EOS forced first: the answer ends on its own, with no text
@@ -149,9 +178,9 @@ def test_tool_use_round_trip(client, server):
     same = chat(server, messages=openai_history, tools=[ADD_CHAT], tool_choice="none", max_tokens=8, temperature=0,
                 ignore_eos=True)
     assert same["choices"][0]["message"]["content"] == answer.content[0].text
-    assert same["usage"]["prompt_tokens"] == answer.usage.input_tokens
+    assert same["usage"]["prompt_tokens"] == prompt_tokens(answer.usage)
     counted = client.messages.count_tokens(model="micro", messages=history, tools=[ADD], tool_choice={"type": "none"})
-    assert counted.input_tokens == answer.usage.input_tokens
+    assert counted.input_tokens == prompt_tokens(answer.usage)
 
     # tool_choice auto (the default with tools) runs on the server's parser: the micro model writes text
     auto = client.messages.create(model="micro", max_tokens=6, messages=ask, tools=[ADD], **GREEDY)
@@ -322,7 +351,7 @@ def test_random_conversations_match_chat_streamed_and_counted(client, server):
         text = "".join(block["text"] for block in message["content"])
         same = chat(server, **openai, **({"stop": stops} if stops else {}))
         context = (case, stops, free, message)
-        assert message["usage"]["input_tokens"] == same["usage"]["prompt_tokens"], context
+        assert prompt_tokens(message["usage"]) == same["usage"]["prompt_tokens"], context
         if message["stop_sequence"] is not None:
             # the stop that ends first in the free answer (the longest of those ending there), cut
             first = min((free.index(stop) + len(stop), -len(stop), stop) for stop in stops if stop in free)
@@ -337,10 +366,12 @@ def test_random_conversations_match_chat_streamed_and_counted(client, server):
         assert well_formed(events) == text, context
         assert events[-2]["delta"] == {"stop_reason": message["stop_reason"],
                                        "stop_sequence": message["stop_sequence"]}, context
-        assert events[-2]["usage"] == message["usage"] == events[0]["message"]["usage"] | {
+        # message_start's usage is the prompt's final counts (sent once the engine has taken the request in)
+        assert events[-2]["usage"] == events[0]["message"]["usage"] | {
             "output_tokens": message["usage"]["output_tokens"]}, context
+        assert prompt_tokens(events[-2]["usage"]) == prompt_tokens(message["usage"]), context
         counted = client.messages.count_tokens(model="micro", **fields)
-        assert counted.input_tokens == message["usage"]["input_tokens"], context
+        assert counted.input_tokens == prompt_tokens(message["usage"]), context
 
 
 def test_concurrent_streams_and_a_client_that_leaves_mid_stream(server):
@@ -390,7 +421,7 @@ def test_an_empty_system_prompt_is_none(client):
     for system in ("", []):
         assert client.messages.count_tokens(model="micro", messages=ASK, system=system).input_tokens == plain
         answer = client.messages.create(model="micro", max_tokens=2, messages=ASK, system=system, **GREEDY)
-        assert answer.usage.input_tokens == plain
+        assert prompt_tokens(answer.usage) == plain
 
 
 def test_tools_without_tool_choice_need_the_parser_said_in_this_apis_terms():
@@ -532,12 +563,12 @@ def test_consecutive_messages_are_answered_and_counted_as_one_turn(client, serve
                                   {"role": "assistant", "content": "    return\n a"}],
                 max_tokens=6, temperature=0, ignore_eos=True, add_generation_prompt=False, continue_final_message=True)
     assert same["choices"][0]["message"]["content"] == message.content[0].text
-    assert same["usage"]["prompt_tokens"] == message.usage.input_tokens
-    assert client.messages.count_tokens(model="micro", messages=split).input_tokens == message.usage.input_tokens
+    assert same["usage"]["prompt_tokens"] == prompt_tokens(message.usage)
+    assert client.messages.count_tokens(model="micro", messages=split).input_tokens == prompt_tokens(message.usage)
 
     # a tool history split over consecutive messages: counted as chat's one-message-a-turn history
     tools = {"tools": [ADD], "tool_choice": {"type": "none"}}
     counted = client.messages.count_tokens(model="micro", messages=SPLIT_HISTORY, **tools).input_tokens
     answered = client.messages.create(model="micro", max_tokens=1, messages=SPLIT_HISTORY, **tools, **GREEDY)
     same = chat(server, messages=SPLIT_HISTORY_CHAT, tools=[ADD_CHAT], tool_choice="none", max_tokens=1)
-    assert counted == answered.usage.input_tokens == same["usage"]["prompt_tokens"]
+    assert counted == prompt_tokens(answered.usage) == same["usage"]["prompt_tokens"]
