@@ -483,7 +483,9 @@ def test_a_quick_pooling_run_writes_only_to_an_out_given(tmp_path, monkeypatch, 
         SimpleNamespace(pad_token_id=0), 1000))
     monkeypatch.setattr(pooling, "make_inputs", lambda tokenizer, count, low, high: [[1] * low] * count)
     monkeypatch.setattr(pooling, "Packed", _FakePacked)
-    monkeypatch.setattr(pooling.AutoModel, "from_pretrained", lambda *a, **k: torch.nn.Identity())
+    import transformers  # (pooling.main imports AutoModel from it when it runs, after retnet's import)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda *a, **k: torch.nn.Identity())
     monkeypatch.setattr(pooling, "one_by_one", lambda model, inputs: torch.ones(len(inputs), 4))
     monkeypatch.setattr(pooling, "padded", lambda model, groups, pad: torch.ones(sum(map(len, groups)), 4))
     monkeypatch.setattr(sys, "argv", ["pooling.py", "--quick", "--repeats", "1"])
