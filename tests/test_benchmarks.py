@@ -84,7 +84,6 @@ def test_every_benchmark_script_starts(started):
         assert moved_its_folder_off_the_path, script
 
 
-
 def test_no_script_imports_transformers_before_retnet():
     """``import retnet`` quiets the warnings torchao logs when transformers imports it (one per CUDA extension a CPU
     build of torch cannot load, one per enum torch's pytree registers): a script whose top imports transformers or
@@ -101,8 +100,10 @@ def test_no_script_imports_transformers_before_retnet():
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 order.append(node.module.split(".")[0])
         first_retnet = order.index("retnet") if "retnet" in order else len(order)
-        late[script.name] = sorted({name for name in order[:first_retnet] if name in ("transformers", "peft", "torchao")})
+        late[script.name] = sorted({name for name in order[:first_retnet]
+                                    if name in ("transformers", "peft", "torchao")})
     assert not {name: found for name, found in late.items() if found}, late
+
 
 FLA_STAND_IN = '''
 """flash-linear-attention's ``chunk_retention`` as it documents itself (0.6.0): decays and scale fixed inside

@@ -108,7 +108,6 @@ def test_system_prompt_as_string_or_text_blocks_and_count_tokens(client):
         assert counted.input_tokens == prompt_tokens(message.usage)
 
 
-
 def test_prompt_tokens_read_from_the_prefix_cache_are_cache_read_input_tokens(client, server):
     """A prompt the server has not seen is all input_tokens; the same prompt again is read from the prefix cache,
     which Anthropic's usage counts apart (``cache_read_input_tokens``; input_tokens the rest), streamed too, in
@@ -126,6 +125,7 @@ def test_prompt_tokens_read_from_the_prefix_cache_are_cache_read_input_tokens(cl
     assert prompt_tokens(start) == counted
     final, _ = streamed(client, model="micro", max_tokens=2, messages=ask, **GREEDY)
     assert final.usage.cache_read_input_tokens > 0 and prompt_tokens(final.usage) == counted
+
 
 def test_end_turn_when_the_model_ends_its_answer(client, tokenizer):
     # EOS forced first: the answer ends on its own, with no text

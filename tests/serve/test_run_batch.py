@@ -206,7 +206,6 @@ async def test_requests_are_decoded_together(open_app):
     assert 0 < steps <= requests * tokens // 2, steps  # one at a time would take about requests × tokens
 
 
-
 async def test_the_summary_counts_every_prompt_token_of_anthropic_and_responses_lines(open_app):
     """Anthropic's ``input_tokens`` leave out the prompt's tokens read from the prefix cache: the summary adds
     ``cache_read_input_tokens`` back, so that a Messages line counts its whole prompt, as a chat line does. One
@@ -220,13 +219,15 @@ async def test_the_summary_counts_every_prompt_token_of_anthropic_and_responses_
         entries = parse_lines(text.splitlines(), served_urls(client.app))
         out = io.StringIO()
         summary = await run_batch(client.app, entries, out, max_concurrency=1, progress=False)
-    usage = {item["custom_id"]: item["response"]["body"]["usage"] for item in map(json.loads, out.getvalue().splitlines())}
+    usage = {item["custom_id"]: item["response"]["body"]["usage"]
+             for item in map(json.loads, out.getvalue().splitlines())}
     prompt = usage["c"]["prompt_tokens"]
     assert usage["m2"]["cache_read_input_tokens"] > 0 and usage["m2"]["input_tokens"] < prompt, usage
     for name in ("m1", "m2"):
         assert usage[name]["input_tokens"] + usage[name]["cache_read_input_tokens"] == prompt, usage
     assert usage["r"]["input_tokens"] == prompt, usage
     assert (summary.failed, summary.prompt_tokens, summary.completion_tokens) == (0, 4 * prompt, 8), summary
+
 
 async def test_a_queue_that_never_frees_is_written_as_its_429(monkeypatch):
     """429s are retried, but not forever: after RETRY_429_S the line gets the server's 429."""
