@@ -16,6 +16,7 @@ import signal
 import struct
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -268,8 +269,10 @@ async def test_expired_files_are_removed_at_startup_on_request_and_periodically(
 def adapter_dir(model_dir, tmp_path_factory) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(RetNetForCausalLM.from_pretrained(model_dir),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "o_proj"]))
+    with warnings.catch_warnings():  # peft's read of transformers' renamed is_gradient_checkpointing
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        peft_model = get_peft_model(RetNetForCausalLM.from_pretrained(model_dir),
+                                    LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "o_proj"]))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

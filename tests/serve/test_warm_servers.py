@@ -1,7 +1,7 @@
 """The suite's forked server processes (tests/serve/warm_servers.py): a server of the suite's own environment is
 forked from the warm interpreter, not started afresh (the point of it), and ends as the command would: its output,
-its exit status, a signal's negative status; a test's own variables get a fresh process; ``-c`` code runs as
-``python -c`` runs it."""
+its exit status, a signal's negative status; a test's own variables get a fresh process, but for retnet-serve's
+settings' variables, which the child reads; ``-c`` code runs as ``python -c`` runs it."""
 
 from __future__ import annotations
 
@@ -32,9 +32,19 @@ def test_a_server_of_the_suites_environment_is_forked_and_ends_as_the_command_wo
 
 
 def test_a_tests_own_variables_get_a_fresh_process():
-    process = start_server("retnet.serve", ["--help"], _env(RETNET_PORT="8123"))
+    # (transformers reads its verbosity when the zygote imports it)
+    process = start_server("retnet.serve", ["--help"], _env(TRANSFORMERS_VERBOSITY="error"))
     assert isinstance(process, subprocess.Popen)
     assert process.wait(60) == 0 and b"usage:" in process.stdout.read()
+
+
+def test_a_servers_setting_variable_is_forked_and_read_by_the_child():
+    """retnet-serve's settings read their RETNET_* variables when the command builds them (in the child, under the
+    test's environment), not at import: a server given one is forked, and the variable is the child's."""
+    process = start_server("retnet.serve", ["--model", str(REPO / "no-such-model")], _env(RETNET_MAX_RUNNING="0"))
+    assert isinstance(process, ForkedProcess)
+    assert process.wait(60) == 2
+    assert b"max_running (RETNET_MAX_RUNNING, --max-running)" in process.stdout.read()
 
 
 def test_code_runs_as_python_dash_c_would_run_it():

@@ -19,6 +19,7 @@ zygote's (PYTHONPATH aside), and start a fresh process otherwise. Not for a test
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import select
@@ -216,10 +217,21 @@ class _Zygote:
 
 def _imported_under(env: dict[str, str]) -> dict[str, str]:
     """What of ``env`` the zygote's imports may have read: all of it but PYTHONPATH (a child's own sys.path is made
-    from its own), pytest's name of the running test (the child gets the test's own) and the variables of
-    ``datasets``, which the zygote does not import."""
+    from its own), pytest's name of the running test (the child gets the test's own), the variables of
+    ``datasets``, which the zygote does not import, and retnet-serve's settings' (``RETNET_MAX_RUNNING``), which
+    its settings read when the command builds them, in the child."""
+    settings = _settings_variables()
     return {k: v for k, v in env.items()
-            if k not in ("PYTHONPATH", "PYTEST_CURRENT_TEST") and not k.startswith("HF_DATASETS_")}
+            if k not in ("PYTHONPATH", "PYTEST_CURRENT_TEST") and not k.startswith("HF_DATASETS_")
+            and k.upper() not in settings}
+
+
+@functools.cache
+def _settings_variables() -> frozenset[str]:
+    from retnet.serve.settings import ServeSettings
+
+    prefix = ServeSettings.model_config.get("env_prefix", "")
+    return frozenset(f"{prefix}{name}".upper() for name in ServeSettings.model_fields)
 
 
 def _zygote_for(env: dict[str, str]) -> _Zygote | None:
